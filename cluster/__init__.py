@@ -1,0 +1,1 @@
+"""Everything Ray: actors, the Serve API, the launcher CLI and placement."""

@@ -1,0 +1,63 @@
+"""The ``shardex`` command: up | engine | feed | status | audit | bench KIND.
+
+Each subcommand imports its implementation lazily so ``shardex --help`` stays instant and the
+feed half never imports Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+BENCHES = ("engine", "feed", "api", "durability", "chaos")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardex", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start the whole platform in the foreground (Ctrl-C stops it)")
+    sub.add_parser("engine", help="start everything but the feed source")
+    sub.add_parser("feed", help="run the market data service alone (source -> Kafka)")
+    sub.add_parser("status", help="print the live layout: actors, nodes, tick ages, positions")
+    audit = sub.add_parser("audit", help="check the ledger invariant; non-zero exit on a difference")
+    audit.add_argument("--json", action="store_true", help="print the totals as JSON")
+    audit.add_argument("--offline", action="store_true",
+                       help="audit the state recovered from DATA_DIR instead of a live cluster")
+    bench = sub.add_parser("bench", help="run a benchmark; prints a JSON line last")
+    bench.add_argument("kind", choices=BENCHES)
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "bench":
+        module = importlib.import_module(f"bench.{args.kind}")
+        return int(module.main(args.rest) or 0)
+    from cluster.config import ConfigError, Settings
+
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"shardex: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "feed":
+        from feed.service import run_feed_service
+
+        return run_feed_service(settings)
+    from cluster import launcher
+
+    if args.command == "up":
+        return launcher.up(settings, with_feed=True)
+    if args.command == "engine":
+        return launcher.up(settings, with_feed=False)
+    if args.command == "status":
+        return launcher.status(settings)
+    if args.command == "audit":
+        return launcher.audit(settings, as_json=args.json, offline=args.offline)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

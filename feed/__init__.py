@@ -1,0 +1,1 @@
+"""Market data: Backpack client, normalisation, sources, Kafka glue and the embedded broker."""
