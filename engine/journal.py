@@ -1,0 +1,485 @@
+"""The journal: an append-only, checksummed, segmented record log with group commit.
+
+A journal is a directory of segment files named by the sequence number of their first record
+(``00000000000000000001.wal``). Each record is framed as::
+
+    [u32 payload length][u32 crc32(seq || payload)][u64 seq][payload bytes]   (little-endian)
+
+Sequence numbers start at 1 and increase by exactly one per record across segments, so the
+name of a segment plus its records always tell where the log stands, even when a snapshot let
+every older segment be deleted.
+
+Durability model: :meth:`Journal.append` only buffers a record in memory and returns its seq;
+:meth:`Journal.commit` writes everything buffered since the last commit with one ``write`` and
+one ``fdatasync`` (group commit: a batch of requests costs one disk flush). A caller
+acknowledges a request only after the commit that covers its records has returned.
+
+Crash model: a process killed at any instant leaves at most one torn (partially written) tail.
+Opening the journal for writing scans it, keeps every record up to the first one that is
+incomplete, fails its checksum or breaks the seq chain, and truncates the segment there, so a
+torn record is dropped whole and never applied in part. Bytes cut off after a *complete* but
+corrupt record (not a torn tail: something damaged durable data) are first copied aside to a
+``.corrupt`` file, as are later segments that no longer continue the chain, so nothing is
+silently destroyed. A failed write or fsync poisons the journal: the page cache may have
+dropped the data, so retrying would be a lie; the owner must crash and recover from disk.
+
+Only one writer may hold a journal (an exclusive ``flock`` on ``LOCK``); readers open it with
+``readonly=True``, which never writes and simply stops at the first bad record.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SEGMENT_SUFFIX = ".wal"
+CORRUPT_SUFFIX = ".corrupt"
+LOCK_NAME = "LOCK"
+# [u32 length][u32 crc][u64 seq]
+HEADER = struct.Struct("<IIQ")
+HEADER_BYTES = HEADER.size
+_SEQ = struct.Struct("<Q")
+# A record larger than this is treated as garbage when scanning (a corrupted length field must
+# not make the scanner trust gigabytes of whatever follows).
+MAX_RECORD_BYTES = 64 * 1024 * 1024
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+
+_crc32 = zlib.crc32
+_pack_header = HEADER.pack
+_pack_seq = _SEQ.pack
+_fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
+class JournalError(Exception):
+    """The journal cannot do what was asked: poisoned by an I/O error, locked, closed, or a gap."""
+
+
+class JournalLockedError(JournalError):
+    """Another process holds this journal for writing."""
+
+
+class JournalGapError(JournalError):
+    """Records that were asked for are no longer in the journal (deleted after a snapshot)."""
+
+
+@dataclass(slots=True)
+class Repair:
+    """What opening the journal had to cut off (all zero for a clean log).
+
+    ``torn_bytes``: an incomplete last record (the normal trace of a crash mid-write), dropped.
+    ``corrupt_bytes``: bytes after a complete but invalid record, copied aside then dropped.
+    ``orphaned_segments``: later segment files that no longer continued the chain, set aside.
+    """
+
+    torn_bytes: int = 0
+    corrupt_bytes: int = 0
+    orphaned_segments: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return self.torn_bytes == 0 and self.corrupt_bytes == 0 and not self.orphaned_segments
+
+
+def frame(seq: int, payload: bytes) -> bytes:
+    """One record exactly as it is stored (header + payload)."""
+    return _pack_header(len(payload), _crc32(payload, _crc32(_pack_seq(seq))), seq) + payload
+
+
+def _segment_name(first_seq: int) -> str:
+    return f"{first_seq:020d}{SEGMENT_SUFFIX}"
+
+
+def _segment_base(path: Path) -> int | None:
+    stem = path.name[: -len(SEGMENT_SUFFIX)]
+    if not path.name.endswith(SEGMENT_SUFFIX) or not stem.isdigit() or len(stem) != 20:
+        return None
+    return int(stem)
+
+
+def _list_segments(directory: Path) -> list[tuple[int, Path]]:
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        base = _segment_base(p)
+        if base is not None and p.is_file():
+            found.append((base, p))
+    found.sort()
+    return found
+
+
+def _scan(data: bytes | memoryview, expected_seq: int) -> tuple[int, int, bool]:
+    """Walk the valid prefix of one segment's bytes.
+
+    Returns ``(good_end, next_seq, torn)``: the byte offset just past the last valid record, the
+    seq the next record must carry, and whether the first invalid record was merely incomplete
+    (a torn tail) rather than complete-but-wrong (corruption). ``good_end == len(data)`` when
+    the whole segment is valid.
+    """
+    view = memoryview(data)
+    size = len(view)
+    pos = 0
+    unpack = HEADER.unpack_from
+    while pos < size:
+        if size - pos < HEADER_BYTES:
+            return pos, expected_seq, True
+        length, crc, seq = unpack(view, pos)
+        if length > MAX_RECORD_BYTES:
+            return pos, expected_seq, False
+        end = pos + HEADER_BYTES + length
+        if end > size:
+            return pos, expected_seq, True
+        if seq != expected_seq:
+            return pos, expected_seq, False
+        if _crc32(view[pos + HEADER_BYTES : end], _crc32(_pack_seq(seq))) != crc:
+            return pos, expected_seq, False
+        expected_seq += 1
+        pos = end
+    return pos, expected_seq, False
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    """A segmented append-only record log in ``path`` (a directory, created if missing).
+
+    ``fsync=False`` skips the disk flush in :meth:`commit` (tests and benchmarks only: such a
+    journal survives a process kill but not a power loss). ``segment_bytes`` is the size after
+    which a commit starts a new segment. ``readonly=True`` opens without the lock, never
+    repairs or writes, and replays only the valid prefix.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fsync: bool = True, *,
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES, readonly: bool = False) -> None:
+        if segment_bytes < HEADER_BYTES:
+            raise ValueError("segment_bytes is too small")
+        self.path = Path(path)
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self.readonly = readonly
+        self.repair = Repair()
+        self._buf = bytearray()
+        self._failed: BaseException | None = None
+        self._closed = False
+        self._lock_fd = -1
+        self._fd = -1
+        self._size = 0
+        # (first_seq, path) of every segment, oldest first; the last one is the active segment.
+        self._segments: list[tuple[int, Path]] = []
+        if readonly:
+            self._open_readonly()
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock()
+            try:
+                self._open_for_writing()
+            except BaseException:
+                self.close()
+                raise
+        self._last_seq = self._durable_seq
+
+    # -- opening -------------------------------------------------------------------------------
+
+    def _lock(self) -> None:
+        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JournalLockedError(f"journal {self.path} is held by another writer") from None
+        self._lock_fd = fd
+
+    def _open_readonly(self) -> None:
+        segments = _list_segments(self.path)
+        kept: list[tuple[int, Path]] = []
+        next_seq = segments[0][0] if segments else 1
+        for base, p in segments:
+            if base != next_seq:
+                break
+            data = p.read_bytes()
+            good_end, next_seq, _ = _scan(data, base)
+            kept.append((base, p))
+            if good_end != len(data):
+                break
+        self._segments = kept
+        self._durable_seq = next_seq - 1
+
+    def _open_for_writing(self) -> None:
+        segments = _list_segments(self.path)
+        kept: list[tuple[int, Path]] = []
+        next_seq = segments[0][0] if segments else 1
+        changed_dir = False
+        for i, (base, p) in enumerate(segments):
+            if base != next_seq:
+                for _, orphan in segments[i:]:
+                    self._set_aside(orphan, orphan.read_bytes())
+                    orphan.unlink()
+                    self.repair.orphaned_segments.append(orphan.name)
+                changed_dir = True
+                break
+            data = p.read_bytes()
+            good_end, next_seq, torn = _scan(data, base)
+            kept.append((base, p))
+            if good_end != len(data):
+                if torn:
+                    self.repair.torn_bytes += len(data) - good_end
+                else:
+                    self.repair.corrupt_bytes += len(data) - good_end
+                    self._set_aside(p, data[good_end:], offset=good_end)
+                    changed_dir = True
+                with open(p, "r+b") as f:
+                    f.truncate(good_end)
+                    f.flush()
+                    os.fsync(f.fileno())
+                for _, orphan in segments[i + 1 :]:
+                    self._set_aside(orphan, orphan.read_bytes())
+                    orphan.unlink()
+                    self.repair.orphaned_segments.append(orphan.name)
+                    changed_dir = True
+                break
+        self._durable_seq = next_seq - 1
+        if not kept:
+            kept.append((next_seq, self.path / _segment_name(next_seq)))
+            changed_dir = True
+        self._segments = kept
+        active = kept[-1][1]
+        self._fd = os.open(active, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._size = os.fstat(self._fd).st_size
+        if changed_dir:
+            _fsync_dir(self.path)
+
+    def _set_aside(self, segment: Path, data: bytes, offset: int = 0) -> None:
+        aside = segment.with_name(f"{segment.name}.{offset}{CORRUPT_SUFFIX}")
+        with open(aside, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        """Seq of the newest record appended (committed or not); 0 for an empty journal."""
+        return self._last_seq
+
+    @property
+    def durable_seq(self) -> int:
+        """Seq of the newest record a returned :meth:`commit` made durable."""
+        return self._durable_seq
+
+    @property
+    def first_seq(self) -> int:
+        """Seq of the oldest record still stored (``durable_seq + 1`` when none is)."""
+        return self._segments[0][0] if self._segments else self._durable_seq + 1
+
+    @property
+    def pending(self) -> int:
+        """Records appended since the last commit."""
+        return self._last_seq - self._durable_seq
+
+    @property
+    def segments(self) -> list[Path]:
+        return [p for _, p in self._segments]
+
+    def disk_bytes(self) -> int:
+        """Bytes the stored segments take (the durable log, without pending records)."""
+        return sum(p.stat().st_size for _, p in self._segments if p.exists())
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise JournalError("journal is closed")
+        if self.readonly:
+            raise JournalError("journal is open read-only")
+        if self._failed is not None:
+            raise JournalError("journal is poisoned by an earlier I/O error; recover from disk") \
+                from self._failed
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def append(self, payload: bytes) -> int:
+        """Buffer one record and return its seq. Not durable until :meth:`commit` returns."""
+        if self._fd < 0 or self._failed is not None:
+            self._check_writable()
+        seq = self._last_seq + 1
+        n = len(payload)
+        if n > MAX_RECORD_BYTES:
+            raise ValueError(f"record of {n} bytes exceeds {MAX_RECORD_BYTES}")
+        buf = self._buf
+        buf += _pack_header(n, _crc32(payload, _crc32(_pack_seq(seq))), seq)
+        buf += payload
+        self._last_seq = seq
+        return seq
+
+    def commit(self) -> int:
+        """Write and flush every pending record (one write, one fdatasync); return durable_seq.
+
+        A no-op when nothing is pending. On an I/O error the journal is poisoned and raises
+        :class:`JournalError` from then on: nothing pending may be acknowledged.
+        """
+        self._check_writable()
+        if not self._buf:
+            return self._durable_seq
+        data = self._buf
+        self._buf = bytearray()
+        try:
+            view = memoryview(data)
+            written = 0
+            while written < len(view):
+                written += os.write(self._fd, view[written:])
+            if self.fsync:
+                _fdatasync(self._fd)
+        except BaseException as exc:
+            self._failed = exc
+            raise JournalError(f"journal commit failed: {exc}") from exc
+        self._size += len(data)
+        self._durable_seq = self._last_seq
+        if self._size >= self.segment_bytes:
+            self._roll()
+        return self._durable_seq
+
+    def _roll(self) -> None:
+        """Start a new empty segment after the last durable record (nothing may be pending)."""
+        assert not self._buf
+        base = self._durable_seq + 1
+        if self._segments[-1][0] == base and self._size == 0:
+            return
+        path = self.path / _segment_name(base)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)
+            _fsync_dir(self.path)
+        except BaseException as exc:
+            self._failed = exc
+            raise JournalError(f"journal roll failed: {exc}") from exc
+        os.close(self._fd)
+        self._fd = fd
+        self._size = 0
+        self._segments.append((base, path))
+
+    def truncate_before(self, seq: int) -> int:
+        """Delete stored records with a seq below ``seq`` that whole segments allow; return count.
+
+        Call it after a snapshot covering everything before ``seq`` is durable. Commits pending
+        records first; when even the active segment holds only records below ``seq`` it is
+        rolled so it can go too. A segment is deleted only when every record in it is below
+        ``seq``, so the journal may keep a few older records, never lose a newer one.
+        """
+        self._check_writable()
+        self.commit()
+        if self._size > 0 and self._durable_seq < seq:
+            self._roll()
+        removed = 0
+        while len(self._segments) > 1 and self._segments[1][0] <= seq:
+            _, p = self._segments.pop(0)
+            p.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            _fsync_dir(self.path)
+        return removed
+
+    def advance_to(self, seq: int) -> None:
+        """Make the next record get seq ``seq + 1`` (after restoring a snapshot at ``seq``).
+
+        Only allowed forward and with nothing pending; the records in between are considered
+        covered by that snapshot. Used when the journal is behind a snapshot (it was removed or
+        lost its tail), so new records never reuse a seq the snapshot already contains.
+        """
+        self._check_writable()
+        if self._buf:
+            raise JournalError("advance_to with records pending")
+        if seq < self._durable_seq:
+            raise JournalError(f"cannot move the journal back from {self._durable_seq} to {seq}")
+        if seq == self._durable_seq:
+            return
+        # Old segments end before the jump and can never be replayed past it: delete them first,
+        # so a crash midway leaves either the old chain or an empty directory, never a gap.
+        os.close(self._fd)
+        self._fd = -1
+        for _, p in self._segments:
+            p.unlink(missing_ok=True)
+        self._segments = []
+        path = self.path / _segment_name(seq + 1)
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)
+            _fsync_dir(self.path)
+        except BaseException as exc:
+            self._failed = exc
+            raise JournalError(f"journal advance failed: {exc}") from exc
+        self._segments.append((seq + 1, path))
+        self._size = 0
+        self._durable_seq = seq
+        self._last_seq = seq
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def replay(self, after_seq: int = 0) -> Iterator[tuple[int, bytes]]:
+        """Yield ``(seq, payload)`` for every durable record with seq > ``after_seq``, in order.
+
+        Raises :class:`JournalGapError` when records right after ``after_seq`` were already
+        deleted. Pending (uncommitted) records are not replayed. Stops at the first invalid
+        record (only possible for a read-only journal; a writer repaired it on open).
+        """
+        if after_seq + 1 < self.first_seq and after_seq < self._durable_seq:
+            raise JournalGapError(
+                f"records {after_seq + 1}..{self.first_seq - 1} are no longer in {self.path}"
+            )
+        end_seq = self._durable_seq
+        segments = list(self._segments)
+        unpack = HEADER.unpack_from
+        for i, (base, p) in enumerate(segments):
+            next_base = segments[i + 1][0] if i + 1 < len(segments) else end_seq + 1
+            if next_base <= after_seq + 1 or base > end_seq:
+                continue
+            data = p.read_bytes()
+            view = memoryview(data)
+            size = len(data)
+            pos = 0
+            expected = base
+            while pos < size and expected <= end_seq:
+                if size - pos < HEADER_BYTES:
+                    return
+                length, crc, seq = unpack(view, pos)
+                end = pos + HEADER_BYTES + length
+                if length > MAX_RECORD_BYTES or end > size or seq != expected:
+                    return
+                payload = view[pos + HEADER_BYTES : end]
+                if _crc32(payload, _crc32(_pack_seq(seq))) != crc:
+                    return
+                if seq > after_seq:
+                    yield seq, payload.tobytes()
+                expected += 1
+                pos = end
+
+    # -- lifetime --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the file and the lock. Pending records are dropped (never acknowledged)."""
+        self._buf = bytearray()
+        self._last_seq = getattr(self, "_durable_seq", 0)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+        self._closed = True
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Journal({str(self.path)!r}, first_seq={self.first_seq}, "
+                f"durable_seq={self.durable_seq}, pending={self.pending})")
