@@ -1,0 +1,281 @@
+"""Binary codecs of the events that shards and the ledger write to their journals.
+
+Every encoded event starts with one type byte that names both the event and its layout version
+(a changed layout gets a new type byte; old bytes keep decoding with the old layout). The fixed
+fields follow as little-endian ``struct`` values in declaration order, then the variable-length
+fields (text as UTF-8, each with a length prefix), and nothing else: :func:`decode` rejects
+trailing or missing bytes.
+
+Integer widths: ids, users and sequence numbers are u64; prices (ticks), quantities (steps),
+money (micros) and times (us) are i64; side and close reason u8; leverage u16. Events are
+NamedTuples: cheap to build, and ``encode`` packs one with a single ``struct`` call.
+
+Shard events (one journal per shard): :class:`PositionOpened`, :class:`PositionClosed`,
+:class:`TickApplied`. Ledger events (the ledger's journal): :class:`AccountCreated`,
+:class:`MarginLocked`, :class:`MarginReleased`, :class:`SettlementApplied`,
+:class:`ClientOrderStored`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import NamedTuple
+
+# --------------------------------------------------------------------------- shard events
+
+
+class PositionOpened(NamedTuple):
+    """A position was added to a shard's book (all fields of engine.book.PositionRecord).
+
+    ``request_id`` is the opening request's id, so a resend of the same open (or a ledger lock
+    whose answer was lost) can be matched to the position it created.
+    """
+
+    position_id: int
+    owner: int
+    side: int  # engine.orders.Side value
+    entry_ticks: int
+    qty_steps: int
+    margin_micros: int
+    leverage: int
+    liq_ticks: int
+    tp_ticks: int  # 0 = not set (engine.orders.NO_LEVEL)
+    sl_ticks: int
+    opened_ts_us: int
+    request_id: int = 0
+
+
+class PositionClosed(NamedTuple):
+    """A position left a shard's book; its settlement is the shard's ``settlement_seq``-th.
+
+    The amounts follow from the opened position and ``exit_ticks`` (engine.settlement.settle),
+    so they are not repeated here.
+    """
+
+    position_id: int
+    reason: int  # engine.orders.CloseReason value
+    exit_ticks: int
+    ts_us: int
+    settlement_seq: int
+
+
+class TickApplied(NamedTuple):
+    """The top of book a shard swept with (``asset_index``: engine.assets.Asset.index)."""
+
+    asset_index: int
+    bid_ticks: int
+    ask_ticks: int
+    ts_us: int
+
+
+# --------------------------------------------------------------------------- ledger events
+
+
+class AccountCreated(NamedTuple):
+    """A user was created with a signup deposit (funding -> user free)."""
+
+    user: int
+    deposit_micros: int
+    account_id: str
+    key_hash: str  # the stored form of the API key (never the key)
+
+
+class MarginLocked(NamedTuple):
+    """``amount_micros`` moved from the user's free to margin account for request ``request_id``."""
+
+    user: int
+    amount_micros: int
+    request_id: int
+
+
+class MarginReleased(NamedTuple):
+    """A lock was undone (margin -> free): the open of ``request_id`` did not happen."""
+
+    user: int
+    amount_micros: int
+    request_id: int
+
+
+class SettlementApplied(NamedTuple):
+    """Settlement number ``seq`` of shard ``shard`` was applied to the ledger.
+
+    Carries the whole closed position (the fields after ``seq`` mirror the close the shard
+    reported) so the ledger's history survives a restart, and the four SPEC amounts so a replay
+    applies exactly what was applied, with no recomputation.
+    """
+
+    shard: str
+    seq: int
+    position_id: int
+    owner: int
+    asset_index: int
+    side: int
+    entry_ticks: int
+    qty_steps: int
+    margin_micros: int
+    leverage: int
+    liq_ticks: int
+    tp_ticks: int
+    sl_ticks: int
+    opened_ts_us: int
+    exit_ticks: int
+    pnl_micros: int
+    payout_micros: int
+    house_micros: int
+    insurance_micros: int
+    reason: int
+    closed_ts_us: int
+
+
+class ClientOrderStored(NamedTuple):
+    """The first answer to ``(user, kind, client_order_id)``, returned to every retry.
+
+    ``kind``: ``"open"``/``"close"``; ``response``: the answer as the API layer serialised it.
+    """
+
+    user: int
+    kind: str
+    client_order_id: str
+    response: bytes
+
+
+Event = (PositionOpened | PositionClosed | TickApplied | AccountCreated | MarginLocked
+         | MarginReleased | SettlementApplied | ClientOrderStored)
+SHARD_EVENTS = (PositionOpened, PositionClosed, TickApplied)
+LEDGER_EVENTS = (AccountCreated, MarginLocked, MarginReleased, SettlementApplied,
+                 ClientOrderStored)
+
+
+class EventError(ValueError):
+    """Bytes that are not an encoded event, or an event whose values do not fit its layout."""
+
+
+# --------------------------------------------------------------------------- layouts
+# type byte -> (class, struct of the fixed fields after the type byte, variable fields)
+# A variable field is (kind, length-prefix struct code): "s" = UTF-8 text, "b" = raw bytes.
+
+_VarSpec = tuple[tuple[str, str], ...]
+
+_LAYOUTS: dict[int, tuple[type, str, tuple[str, ...], _VarSpec]] = {
+    0x11: (PositionOpened, "QQBqqqHqqqqQ", (), ()),
+    0x12: (PositionClosed, "QBqqQ", (), ()),
+    0x13: (TickApplied, "Hqqq", (), ()),
+    0x21: (AccountCreated, "Qq", ("account_id", "key_hash"), (("s", "B"), ("s", "B"))),
+    0x22: (MarginLocked, "QqQ", (), ()),
+    0x23: (MarginReleased, "QqQ", (), ()),
+    0x24: (SettlementApplied, "QQQHBqqqHqqqqqqqqqBq", ("shard",), (("s", "B"),)),
+    0x25: (ClientOrderStored, "Q", ("kind", "client_order_id", "response"),
+           (("s", "B"), ("s", "H"), ("b", "I"))),
+}
+
+_Encoder = Callable[[tuple[object, ...]], bytes]
+_Decoder = Callable[[bytes | memoryview], tuple[object, ...]]
+_ENCODERS: dict[type, _Encoder] = {}
+_DECODERS: dict[int, _Decoder] = {}
+TYPE_CODES: dict[type, int] = {}
+
+
+def _fixed_codec(code: int, cls: type, fmt: str) -> tuple[_Encoder, _Decoder]:
+    packer = struct.Struct("<B" + fmt)
+    pack = packer.pack
+    unpack = packer.unpack
+    size = packer.size
+    make = cls._make  # type: ignore[attr-defined]
+
+    def encode(event: tuple[object, ...]) -> bytes:
+        return pack(code, *event)
+
+    def decode(data: bytes | memoryview) -> tuple[object, ...]:
+        if len(data) != size:
+            raise EventError(f"{cls.__name__}: {len(data)} bytes, expected {size}")
+        return make(unpack(data)[1:])
+
+    return encode, decode
+
+
+def _var_codec(code: int, cls: type, fmt: str, var_names: tuple[str, ...],
+               var_spec: _VarSpec) -> tuple[_Encoder, _Decoder]:
+    fields: tuple[str, ...] = cls._fields  # type: ignore[attr-defined]
+    var_index = [fields.index(n) for n in var_names]
+    fixed_index = [i for i in range(len(fields)) if i not in var_index]
+    prefixes = "".join(p for _, p in var_spec)
+    head = struct.Struct("<B" + fmt + prefixes)
+    n_fixed = len(fixed_index)
+    make = cls._make  # type: ignore[attr-defined]
+
+    def encode(event: tuple[object, ...]) -> bytes:
+        blobs = []
+        for i, (kind, _) in zip(var_index, var_spec, strict=True):
+            value = event[i]
+            if kind == "s":
+                if not isinstance(value, str):
+                    raise EventError(f"{cls.__name__}.{fields[i]} must be str")
+                blobs.append(value.encode("utf-8", "surrogatepass"))
+            else:
+                if not isinstance(value, bytes | bytearray | memoryview):
+                    raise EventError(f"{cls.__name__}.{fields[i]} must be bytes")
+                blobs.append(bytes(value))
+        fixed = [event[i] for i in fixed_index]
+        return head.pack(code, *fixed, *(len(b) for b in blobs)) + b"".join(blobs)
+
+    def decode(data: bytes | memoryview) -> tuple[object, ...]:
+        if len(data) < head.size:
+            raise EventError(f"{cls.__name__}: {len(data)} bytes, shorter than its header")
+        values = head.unpack_from(data)
+        lengths = values[1 + n_fixed :]
+        if head.size + sum(lengths) != len(data):
+            raise EventError(f"{cls.__name__}: length prefixes do not match the data")
+        out: list[object] = [None] * len(fields)
+        for i, v in zip(fixed_index, values[1 : 1 + n_fixed], strict=True):
+            out[i] = v
+        pos = head.size
+        view = memoryview(data)
+        for i, (kind, _), n in zip(var_index, var_spec, lengths, strict=True):
+            blob = bytes(view[pos : pos + n])
+            pos += n
+            if kind == "s":
+                try:
+                    out[i] = blob.decode("utf-8", "surrogatepass")
+                except UnicodeDecodeError as exc:
+                    raise EventError(f"{cls.__name__}.{fields[i]}: not UTF-8") from exc
+            else:
+                out[i] = blob
+        return make(out)
+
+    return encode, decode
+
+
+for _code, (_cls, _fmt, _var_names, _var_spec) in _LAYOUTS.items():
+    if _var_names:
+        _enc, _dec = _var_codec(_code, _cls, _fmt, _var_names, _var_spec)
+    else:
+        _enc, _dec = _fixed_codec(_code, _cls, _fmt)
+    _ENCODERS[_cls] = _enc
+    _DECODERS[_code] = _dec
+    TYPE_CODES[_cls] = _code
+
+
+def encode(event: Event) -> bytes:
+    """The bytes of ``event``: type byte, then fields (EventError if a value does not fit)."""
+    try:
+        encoder = _ENCODERS[type(event)]
+    except KeyError:
+        raise EventError(f"not an event: {type(event).__name__}") from None
+    try:
+        return encoder(event)
+    except struct.error as exc:
+        raise EventError(f"{type(event).__name__}: {exc}") from exc
+
+
+def decode(data: bytes | memoryview) -> Event:
+    """The event encoded in ``data`` (exactly one; raises EventError on anything else)."""
+    if len(data) == 0:
+        raise EventError("empty event")
+    decoder = _DECODERS.get(data[0])
+    if decoder is None:
+        raise EventError(f"unknown event type byte 0x{data[0]:02x}")
+    try:
+        return decoder(data)  # type: ignore[return-value]
+    except struct.error as exc:
+        raise EventError(str(exc)) from exc
