@@ -1,0 +1,135 @@
+"""The Backpack WebSocket client: subscribe to bookTicker, validate, reconnect forever.
+
+Protocol pings from the server are answered by the ``websockets`` library itself (it replies to
+every Ping with a Pong while the connection is read), so the 120 s pong deadline is met as long
+as the read loop runs; we also send our own pings so a silently dead socket is noticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import AsyncIterator
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from engine.assets import AssetRegistry
+from feed.frames import ErrorFrame, FrameNormalizer, subscribe_request
+from feed.message import MarketDataMessage
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "wss://ws.backpack.exchange"
+
+
+class Backoff:
+    """Jittered exponential backoff: ``initial_s * 2**attempt`` capped at ``max_s``, "full jitter"
+    in ``[delay/2, delay]`` so many clients do not reconnect in lockstep."""
+
+    def __init__(self, initial_s: float = 0.5, max_s: float = 30.0,
+                 rng: random.Random | None = None) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def next_delay_s(self) -> float:
+        delay = min(self.max_s, self.initial_s * (2 ** min(self.attempt, 30)))
+        self.attempt += 1
+        return delay / 2 + self._rng.random() * delay / 2
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class BackpackClient:
+    """Stream validated bookTicker updates of ``assets`` from ``url``.
+
+    ``stream(stop)`` yields :class:`MarketDataMessage` until ``stop`` is set; after any close or
+    error it waits a jittered backoff, reconnects and resubscribes. Counters: ``connects``,
+    ``disconnects``, ``error_frames`` and the normaliser's drop counts (``stats()``).
+    """
+
+    name = "backpack"
+
+    def __init__(self, url: str, assets: AssetRegistry, *, backoff_initial_s: float = 0.5,
+                 backoff_max_s: float = 30.0, open_timeout_s: float = 10.0,
+                 ping_interval_s: float | None = 20.0, rng: random.Random | None = None) -> None:
+        self.url = url
+        self.assets = assets
+        self.normalizer = FrameNormalizer(assets, source="backpack")
+        self.backoff = Backoff(backoff_initial_s, backoff_max_s, rng)
+        self.open_timeout_s = open_timeout_s
+        self.ping_interval_s = ping_interval_s
+        self.connects = 0
+        self.disconnects = 0
+        self.connected = False
+        self.last_error: str | None = None
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "url": self.url,
+            "connected": self.connected,
+            "connects": self.connects,
+            "disconnects": self.disconnects,
+            "last_error": self.last_error,
+            **self.normalizer.stats(),
+        }
+
+    async def stream(self, stop: asyncio.Event) -> AsyncIterator[MarketDataMessage]:
+        while not stop.is_set():
+            try:
+                async with websockets.connect(
+                    self.url,
+                    open_timeout=self.open_timeout_s,
+                    ping_interval=self.ping_interval_s,
+                    max_size=2**22,
+                ) as ws:
+                    self.connects += 1
+                    self.connected = True
+                    self.normalizer.reset_sequences()
+                    await ws.send(json.dumps(subscribe_request(self.assets)))
+                    log.info("backpack: connected to %s, subscribed %d bookTicker streams",
+                             self.url, len(self.assets))
+                    async for msg in self._frames(ws, stop):
+                        self.backoff.reset()
+                        yield msg
+            except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("backpack: connection to %s lost: %s", self.url, self.last_error)
+            finally:
+                if self.connected:
+                    self.disconnects += 1
+                self.connected = False
+            if stop.is_set():
+                return
+            delay = self.backoff.next_delay_s()
+            log.info("backpack: reconnecting in %.2f s", delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+    async def _frames(self, ws: ClientConnection,
+                      stop: asyncio.Event) -> AsyncIterator[MarketDataMessage]:
+        """Messages of one connection; returns when the server closes or ``stop`` is set."""
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            while True:
+                recv = asyncio.create_task(ws.recv())
+                done, _ = await asyncio.wait({recv, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if recv not in done:
+                    recv.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await recv
+                    return
+                raw = recv.result()  # raises ConnectionClosed when the socket closed
+                out = self.normalizer.feed(raw)
+                if isinstance(out, MarketDataMessage):
+                    yield out
+                elif isinstance(out, ErrorFrame):
+                    log.error("backpack: error frame %s: %s", out.code, out.message)
+        finally:
+            stopper.cancel()

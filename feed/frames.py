@@ -1,0 +1,149 @@
+"""Backpack WebSocket frames: routing, validation and normalisation into MarketDataMessages.
+
+Wire format (see tests/fixtures/backpack/README.md): every data frame is
+``{"data": {...}, "stream": "<name>"}``; errors are ``{"id": null, "error": {"code", "message"}}``.
+Frames are routed on ``data.e`` (event type) and ``data.s`` (symbol), never on the stream name,
+because symbols may contain dots and several event types share a socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from engine.amounts import AmountError
+from engine.assets import Asset, AssetRegistry
+from feed.message import MarketDataMessage, mid_price
+
+log = logging.getLogger(__name__)
+
+# Drop reasons of a bookTicker frame, in the order they are checked.
+DROP_REASONS = ("malformed", "unknown_symbol", "null_side", "bad_price", "crossed", "stale_seq")
+
+
+def subscribe_request(assets: AssetRegistry) -> dict[str, Any]:
+    """The SUBSCRIBE frame for the bookTicker stream of every asset."""
+    return {"method": "SUBSCRIBE", "params": [f"bookTicker.{a.symbol}" for a in assets.assets]}
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame:
+    """An error the server answered with (4002 parse error, 4006 invalid stream, ...)."""
+
+    code: int | None
+    message: str
+
+
+class FrameNormalizer:
+    """Turn raw Backpack frames into SPEC messages, dropping and counting invalid ones.
+
+    ``feed(raw)`` returns a :class:`MarketDataMessage` for a valid bookTicker of a known symbol,
+    an :class:`ErrorFrame` for a server error frame, or None. Counters: ``dropped[reason]`` (see
+    :data:`DROP_REASONS`: a null side, a zero/negative/non-finite/unparsable/off-step price,
+    bid > ask, an unknown symbol or an update id older than the last one seen for that symbol),
+    ``ignored[event]`` for other event types (depth, ticker, markPrice...), ``errors`` for error
+    frames, ``accepted`` for messages produced. A dropped frame never becomes a price, least of
+    all a price of 0.
+    """
+
+    def __init__(self, assets: AssetRegistry, source: str = "backpack") -> None:
+        self.assets = assets
+        self.source = source
+        self.dropped: Counter[str] = Counter()
+        self.ignored: Counter[str] = Counter()
+        self.errors = 0
+        self.accepted = 0
+        self._last_seq: dict[str, int] = {}
+
+    def reset_sequences(self) -> None:
+        """Forget the last update id per symbol (on a new connection the exchange may restart)."""
+        self._last_seq.clear()
+
+    def feed(self, raw: str | bytes) -> MarketDataMessage | ErrorFrame | None:
+        try:
+            frame = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            self.dropped["malformed"] += 1
+            return None
+        return self.feed_frame(frame)
+
+    def feed_frame(self, frame: object) -> MarketDataMessage | ErrorFrame | None:
+        if not isinstance(frame, dict):
+            self.dropped["malformed"] += 1
+            return None
+        if "error" in frame:
+            err = frame.get("error")
+            err = err if isinstance(err, dict) else {}
+            code = err.get("code")
+            self.errors += 1
+            return ErrorFrame(code if isinstance(code, int) else None, str(err.get("message", "")))
+        data = frame.get("data")
+        if not isinstance(data, dict):
+            self.dropped["malformed"] += 1
+            return None
+        event = data.get("e")
+        if event != "bookTicker":
+            self.ignored[str(event)] += 1
+            return None
+        return self.book_ticker(data)
+
+    def book_ticker(self, data: dict[str, Any]) -> MarketDataMessage | None:
+        """Validate and normalise the ``data`` of one bookTicker frame."""
+        symbol = data.get("s")
+        asset = self.assets.by_symbol(symbol) if isinstance(symbol, str) else None
+        if asset is None:
+            self.dropped["unknown_symbol"] += 1
+            return None
+        ts_us = data.get("T")
+        seq = data.get("u")
+        if not isinstance(ts_us, int) or not isinstance(seq, int) or not (
+                _is_int(ts_us) and _is_int(seq)):
+            self.dropped["malformed"] += 1
+            return None
+        raw_bid, raw_ask = data.get("b"), data.get("a")
+        if raw_bid is None or raw_ask is None:
+            self.dropped["null_side"] += 1
+            return None
+        bid_ticks = _ticks(asset, raw_bid)
+        ask_ticks = _ticks(asset, raw_ask)
+        if bid_ticks is None or ask_ticks is None:
+            self.dropped["bad_price"] += 1
+            return None
+        if bid_ticks > ask_ticks:
+            self.dropped["crossed"] += 1
+            return None
+        last = self._last_seq.get(asset.symbol)
+        if last is not None and seq < last:
+            self.dropped["stale_seq"] += 1
+            return None
+        self._last_seq[asset.symbol] = seq
+        bid = asset.ticks_to_price(bid_ticks)
+        ask = asset.ticks_to_price(ask_ticks)
+        self.accepted += 1
+        return MarketDataMessage(asset.symbol, asset.name, bid, ask, mid_price(bid, ask), ts_us,
+                                 seq, self.source)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "dropped": dict(self.dropped),
+            "ignored": dict(self.ignored),
+            "error_frames": self.errors,
+        }
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ticks(asset: Asset, value: object) -> int | None:
+    """A Backpack price string as positive ticks, or None (prices on the wire are strings)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return asset.price_to_ticks(value)
+    except AmountError:
+        return None

@@ -1,0 +1,88 @@
+"""Batch conflation and the bounded per-shard fan-out bookkeeping."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from engine.assets import DEFAULT_ASSETS
+from engine.market import Tick
+from feed.conflation import BatchConflator, ShardFanout
+from feed.message import message_from_ticks
+
+
+class Rec(NamedTuple):
+    key: bytes | None
+    value: bytes | None
+
+
+def rec(asset: str, bid: int, ts: int, seq: int = 0) -> Rec:
+    a = DEFAULT_ASSETS[asset]
+    msg = message_from_ticks(a, bid, bid + 1, ts, seq or ts, "sim")
+    return Rec(msg.key, msg.to_json_bytes())
+
+
+def test_newest_per_asset_within_a_partition() -> None:
+    c = BatchConflator(DEFAULT_ASSETS)
+    part = [rec("SOL", 100 + i, 1000 + i) for i in range(50)]
+    out = c.newest([part])
+    assert out == {"SOL": Tick("SOL", 149, 150, 1049, 1049, "sim")}
+    assert c.consumed == 50 and c.conflated == 49
+    assert c.decoder.decoded == 1  # older records are skipped by key, never decoded
+
+
+def test_malformed_newest_falls_back_to_previous_valid() -> None:
+    c = BatchConflator(DEFAULT_ASSETS)
+    part = [rec("SOL", 100, 1), rec("SOL", 101, 2), Rec(b"SOL_USDC", b"garbage"),
+            Rec(b"SOL_USDC", rec("SOL", 102, 3).value.replace(b'"bid":"1.02"', b'"bid":"0"'))]  # type: ignore[union-attr]
+    out = c.newest([part])
+    assert out["SOL"].bid_ticks == 101
+    assert c.decoder.dropped == {"not_json": 1, "bad_price": 1}
+    assert c.conflated == 1
+
+
+def test_several_assets_and_partitions() -> None:
+    c = BatchConflator(DEFAULT_ASSETS)
+    p0 = [rec("SOL", 1, 1), rec("BTC", 5, 2), rec("SOL", 2, 3)]
+    p1 = [rec("ETH", 9, 4), rec("SOL", 7, 0)]  # an older SOL tick in another partition loses
+    out = c.newest([p0, p1])
+    assert {k: v.bid_ticks for k, v in out.items()} == {"SOL": 2, "BTC": 5, "ETH": 9}
+    assert c.consumed == 5 and c.conflated == 2
+
+
+def test_early_stop_counts_the_rest_as_conflated() -> None:
+    c = BatchConflator(DEFAULT_ASSETS)
+    part = [rec(a, 10 + i, i) for i in range(300) for a in ("SOL", "BTC", "ETH")]
+    c.newest([part])
+    assert c.decoder.decoded == 3 and c.conflated == 897
+
+
+def tick(asset: str, ts: int) -> Tick:
+    return Tick(asset, ts, ts + 1, ts, ts, "sim")
+
+
+def test_fanout_bounds_in_flight_and_keeps_newest_pending() -> None:
+    f = ShardFanout({"SOL": ["s0", "s1"], "BTC": ["s1"]}, max_in_flight=1)
+    f.offer([tick("SOL", 1), tick("BTC", 1)])
+    calls = dict(f.take_ready())
+    assert calls == {"s0": [tick("SOL", 1)], "s1": [tick("SOL", 1), tick("BTC", 1)]}
+    # both busy: newer ticks wait, older pending ones are replaced
+    for ts in range(2, 100):
+        f.offer([tick("SOL", ts)])
+        assert f.take_ready() == []
+    assert f.pending_count() == 2 and f.conflated == 2 * 97
+    f.done("s0", calls["s0"], ok=True)
+    assert f.take_ready() == [("s0", [tick("SOL", 99)])]
+    f.done("s1", calls["s1"], ok=False)  # failed: BTC goes back, SOL was superseded
+    assert f.take_ready() == [("s1", [tick("SOL", 99), tick("BTC", 1)])]
+    assert f.delivered == 1 and f.failed_calls == 1
+
+
+def test_fanout_only_to_available_shards() -> None:
+    f = ShardFanout({"SOL": ["s0"], "ETH": ["s2"]}, max_in_flight=2)
+    f.offer([tick("SOL", 1), tick("ETH", 1), tick("DOGE", 1)])
+    assert f.take_ready(available=["s2"]) == [("s2", [tick("ETH", 1)])]
+    assert f.unrouted == 1
+    f.offer([tick("ETH", 2)])
+    assert f.take_ready(available=["s2"]) == [("s2", [tick("ETH", 2)])]  # second slot
+    f.offer([tick("ETH", 3)])
+    assert f.take_ready(available=["s2"]) == []  # bound reached

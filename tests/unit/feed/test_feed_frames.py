@@ -1,0 +1,124 @@
+"""Backpack frame routing, validation and normalisation (every drop reason)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.assets import DEFAULT_ASSETS
+from feed.frames import ErrorFrame, FrameNormalizer, subscribe_request
+from feed.message import MarketDataMessage
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "backpack"
+
+
+def book(**over: object) -> dict[str, object]:
+    data: dict[str, object] = {"A": "1.00", "B": "2.00", "E": 1788367430247487,
+                               "T": 1788367430246081, "a": "98.97", "b": "98.96",
+                               "e": "bookTicker", "s": "SOL_USDC", "u": 100}
+    data.update(over)
+    return {"data": data, "stream": "bookTicker.SOL_USDC"}
+
+
+def test_fixture_yields_exactly_the_booktickers_in_order() -> None:
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    lines = (FIXTURES / "recorded_ws_frames.jsonl").read_text().splitlines()
+    out = [norm.feed(line) for line in lines if line.strip()]
+    msgs = [m for m in out if isinstance(m, MarketDataMessage)]
+    expected = [json.loads(line)["data"] for line in lines
+                if line.strip() and json.loads(line)["data"]["e"] == "bookTicker"]
+    assert [m.seq for m in msgs] == [d["u"] for d in expected]
+    assert [m.ts_us for m in msgs] == [d["T"] for d in expected]
+    first = msgs[0]
+    assert first.to_dict() == {"v": 1, "symbol": "SOL_USDC", "asset": "SOL", "bid": "98.96",
+                               "ask": "98.97", "price": "98.965", "ts_us": 1788367430246081,
+                               "seq": 4330360995, "source": "backpack"}
+    assert norm.ignored == {"depth": 4, "markPrice": 2, "ticker": 2}
+    assert not norm.dropped
+    assert norm.accepted == len(expected) == 13
+
+
+def test_error_frames_are_reported_not_prices() -> None:
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    out = [norm.feed(line) for line in
+           (FIXTURES / "error_frames.jsonl").read_text().splitlines() if line.strip()]
+    assert out == [ErrorFrame(4002, "Parse error"), ErrorFrame(4006, "Invalid stream"),
+                   ErrorFrame(4008, "Invalid depth window")]
+    assert norm.errors == 3 and norm.accepted == 0
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (book(b=None), "null_side"),
+        (book(a=None), "null_side"),
+        (book(b="0"), "bad_price"),
+        (book(b="0.00"), "bad_price"),
+        (book(b="-1.00"), "bad_price"),
+        (book(a="NaN"), "bad_price"),
+        (book(a="Infinity"), "bad_price"),
+        (book(a="abc"), "bad_price"),
+        (book(a=""), "bad_price"),
+        (book(a=98.97), "bad_price"),  # prices on the wire are strings
+        (book(a="98.975"), "bad_price"),  # off the 0.01 step
+        (book(b="98.98"), "crossed"),
+        (book(s="DOGE_USDC"), "unknown_symbol"),
+        (book(s="SOL_USDC_PERP"), "unknown_symbol"),
+        (book(u=None), "malformed"),
+        (book(T="1788367430246081"), "malformed"),
+        ({"stream": "bookTicker.SOL_USDC"}, "malformed"),
+        ([1, 2], "malformed"),
+    ],
+)
+def test_invalid_booktickers_are_dropped_and_counted(frame: object, reason: str) -> None:
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    assert norm.feed(json.dumps(frame)) is None
+    assert norm.dropped == {reason: 1}
+    assert norm.accepted == 0
+
+
+def test_garbage_is_malformed() -> None:
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    assert norm.feed("not json{") is None
+    assert norm.feed(b"\xff\xfe") is None
+    assert norm.dropped == {"malformed": 2}
+
+
+def test_older_update_id_is_dropped_equal_and_newer_pass() -> None:
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    assert isinstance(norm.feed(json.dumps(book(u=10))), MarketDataMessage)
+    assert norm.feed(json.dumps(book(u=9))) is None
+    assert isinstance(norm.feed(json.dumps(book(u=10))), MarketDataMessage)
+    assert isinstance(norm.feed(json.dumps(book(u=11))), MarketDataMessage)
+    # Sequences are per symbol: an ETH id below SOL's is fine.
+    eth = book(s="ETH_USDC", u=1, a="3000.00", b="2999.99")
+    assert isinstance(norm.feed(json.dumps(eth)), MarketDataMessage)
+    assert norm.dropped == {"stale_seq": 1}
+    norm.reset_sequences()
+    assert isinstance(norm.feed(json.dumps(book(u=5))), MarketDataMessage)
+
+
+def test_routing_uses_data_not_stream_name() -> None:
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    frame = book(s="BTC_USDC", a="95000.1", b="95000.0")
+    frame["stream"] = "bookTicker.SOL_USDC"  # lies: data.s decides
+    msg = norm.feed(json.dumps(frame))
+    assert isinstance(msg, MarketDataMessage) and msg.asset == "BTC" and msg.price == "95000.05"
+    depth = {"data": {"e": "depth", "s": "SOL_USDC", "a": [], "b": []},
+             "stream": "bookTicker.SOL_USDC"}
+    assert norm.feed(json.dumps(depth)) is None and norm.ignored == {"depth": 1}
+
+
+def test_prices_are_normalised_to_the_asset_step() -> None:
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    msg = norm.feed(json.dumps(book(a="99.000", b="99")))
+    assert isinstance(msg, MarketDataMessage)
+    assert (msg.bid, msg.ask, msg.price) == ("99.00", "99.00", "99")
+
+
+def test_subscribe_request_names_every_asset() -> None:
+    assert subscribe_request(DEFAULT_ASSETS) == {
+        "method": "SUBSCRIBE",
+        "params": ["bookTicker.SOL_USDC", "bookTicker.BTC_USDC", "bookTicker.ETH_USDC"]}

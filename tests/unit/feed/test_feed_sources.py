@@ -1,0 +1,138 @@
+"""Sim determinism, replay parsing, FEED_SOURCE parsing, backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.config import Settings
+from engine.assets import DEFAULT_ASSETS
+from feed.backpack import Backoff, BackpackClient
+from feed.frames import FrameNormalizer
+from feed.replay import ReplaySource, parse_replay
+from feed.sim import SimSource, SimWalk
+from feed.source import AutoSource, make_source, parse_source
+
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "backpack" / "recorded_ws_frames.jsonl"
+
+
+def walk(seed: int, order: list[str], n: int) -> dict[str, list[tuple[int, int]]]:
+    w = SimWalk(DEFAULT_ASSETS, seed)
+    out: dict[str, list[tuple[int, int]]] = {a: [] for a in order}
+    for i in range(n):
+        name = order[i % len(order)]
+        out[name].append(w.next(DEFAULT_ASSETS[name]))
+    return out
+
+
+def test_sim_is_deterministic_by_seed_and_per_asset() -> None:
+    a = walk(7, ["SOL", "BTC", "ETH"], 3000)
+    b = walk(7, ["ETH", "SOL", "BTC"], 3000)  # another interleaving, same paths
+    assert a == b
+    c = walk(8, ["SOL", "BTC", "ETH"], 3000)
+    assert a["SOL"] != c["SOL"]
+
+
+def test_sim_prices_are_valid_with_realistic_spread() -> None:
+    paths = walk(1, ["SOL", "BTC", "ETH"], 30000)
+    for name, path in paths.items():
+        asset = DEFAULT_ASSETS[name]
+        spreads = [ask - bid for bid, ask in path]
+        assert all(bid > 0 and ask > bid for bid, ask in path)
+        assert max(spreads) <= 10
+        mids = [(bid + ask) / 2 for bid, ask in path]
+        # a random walk moves, but not absurdly (well within 2x over 10k updates at ~2 bp)
+        assert mids[0] != mids[-1]
+        assert 0.5 < mids[-1] / mids[0] < 2.0, (asset.name, mids[0], mids[-1])
+
+
+@pytest.mark.asyncio
+async def test_sim_source_rate_and_shape() -> None:
+    src = SimSource(DEFAULT_ASSETS, seed=3, rate_hz=100)
+    stop = asyncio.Event()
+    got = []
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    async for msg in src.stream(stop):
+        got.append(msg)
+        if loop.time() - t0 >= 0.5:
+            stop.set()
+    assert 100 <= len(got) <= 200  # 300 per second over 0.5 s, give or take a wake-up
+    assert {m.asset for m in got} == {"SOL", "BTC", "ETH"}
+    assert all(m.source == "sim" for m in got)
+    assert [m.seq for m in got] == sorted(m.seq for m in got)
+
+
+def test_replay_parses_fixture() -> None:
+    norm = FrameNormalizer(DEFAULT_ASSETS, source="replay")
+    items = parse_replay(FIXTURE.read_text().splitlines(), norm)
+    assert len(items) == 13
+    assert items[0].at_us == 1788367430246081 and items[0].message.source == "replay"
+    assert [i.message.seq for i in items] == sorted(i.message.seq for i in items)
+
+
+@pytest.mark.asyncio
+async def test_replay_source_fast_and_restamped() -> None:
+    src = ReplaySource(FIXTURE, DEFAULT_ASSETS, speed=0, loop=True)
+    stop = asyncio.Event()
+    got = []
+    async for msg in src.stream(stop):
+        got.append(msg)
+        if len(got) == 26:
+            stop.set()
+    assert [m.bid for m in got] == ["98.96"] * 26
+    seqs = [m.seq for m in got]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 26  # the loop never goes backwards
+    now_us = time.time_ns() // 1000
+    assert all(now_us - 5_000_000 < m.ts_us <= now_us for m in got)  # stamped at playback
+
+
+@pytest.mark.asyncio
+async def test_replay_recorded_speed_takes_the_recorded_time() -> None:
+    src = ReplaySource(FIXTURE, DEFAULT_ASSETS, speed=4.0)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    got = [m async for m in src.stream(asyncio.Event())]
+    elapsed = loop.time() - t0
+    recorded_s = (1788367431694506 - 1788367430246081) / 1e6
+    assert len(got) == 13
+    assert recorded_s / 4 * 0.9 <= elapsed <= recorded_s / 4 + 1.0
+
+
+def test_parse_source() -> None:
+    assert parse_source("sim").kind == "sim"
+    spec = parse_source("sim?seed=7&rate=50")
+    assert spec.kind == "sim" and spec.number("seed", 0) == 7 and spec.number("rate", 1) == 50
+    spec = parse_source("replay:/data/x?y.jsonl")
+    assert spec.kind == "replay" and spec.path == "/data/x?y.jsonl"
+    spec = parse_source("replay:a.jsonl?speed=10&loop=1")
+    assert spec.path == "a.jsonl" and spec.options == {"speed": "10", "loop": "1"}
+    assert parse_source("AUTO").kind == "auto"
+    for bad in ("kafka", "replay", "replay:", "sim:x"):
+        with pytest.raises(ValueError):
+            parse_source(bad)
+
+
+def test_make_source_kinds() -> None:
+    s = Settings()
+    assert make_source(s, "none") is None
+    assert isinstance(make_source(s, "backpack"), BackpackClient)
+    assert isinstance(make_source(s, "sim?rate=9"), SimSource)
+    assert isinstance(make_source(s, f"replay:{FIXTURE}"), ReplaySource)
+    auto = make_source(s, "auto?wait=3")
+    assert isinstance(auto, AutoSource) and auto.wait_s == 3 and auto.name == "backpack"
+
+
+def test_backoff_is_exponential_jittered_and_capped() -> None:
+    b = Backoff(0.5, 8.0, random.Random(1))
+    delays = [b.next_delay_s() for _ in range(10)]
+    caps = [min(8.0, 0.5 * 2**i) for i in range(10)]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, caps, strict=True))
+    assert max(delays) <= 8.0 and delays[-1] >= 4.0
+    assert len({round(d, 9) for d in delays[5:]}) > 1  # jitter
+    b.reset()
+    assert b.next_delay_s() <= 0.5
