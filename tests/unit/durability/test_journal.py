@@ -1,0 +1,343 @@
+"""The journal: round trips, group commit, torn and corrupt tails, rotation, locking, kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from engine import journal as journal_module
+from engine.journal import (
+    HEADER_BYTES,
+    Journal,
+    JournalError,
+    JournalGapError,
+    JournalLockedError,
+    frame,
+)
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def payloads(n: int) -> list[bytes]:
+    # varied sizes, including an empty payload
+    return [bytes([i % 251]) * (i % 37) for i in range(n)]
+
+
+def write(path: Path, items: list[bytes], **kwargs: object) -> None:
+    with Journal(path, fsync=False, **kwargs) as j:  # type: ignore[arg-type]
+        for p in items:
+            j.append(p)
+        j.commit()
+
+
+def replayed(path: Path, after_seq: int = 0) -> list[tuple[int, bytes]]:
+    with Journal(path, fsync=False) as j:
+        return list(j.replay(after_seq))
+
+
+def only_segment(path: Path) -> Path:
+    (segment,) = sorted(path.glob("*.wal"))
+    return segment
+
+
+def test_round_trip_and_reopen(tmp_path: Path) -> None:
+    items = payloads(200)
+    with Journal(tmp_path / "j") as j:
+        seqs = [j.append(p) for p in items]
+        assert seqs == list(range(1, 201))
+        assert j.durable_seq == 0 and j.pending == 200
+        assert list(j.replay()) == []  # nothing is durable before commit
+        assert j.commit() == 200
+        assert list(j.replay()) == list(enumerate(items, start=1))
+        assert list(j.replay(after_seq=150)) == list(enumerate(items, start=1))[150:]
+    with Journal(tmp_path / "j") as j:
+        assert (j.first_seq, j.durable_seq, j.last_seq) == (1, 200, 200)
+        assert j.repair.clean
+        assert list(j.replay()) == list(enumerate(items, start=1))
+        assert j.append(b"next") == 201
+
+
+def test_record_framing_is_exact(tmp_path: Path) -> None:
+    write(tmp_path / "j", [b"abc", b""])
+    data = only_segment(tmp_path / "j").read_bytes()
+    assert data == frame(1, b"abc") + frame(2, b"")
+    assert len(data) == 2 * HEADER_BYTES + 3
+
+
+def test_uncommitted_records_are_not_durable(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j", fsync=False) as j:
+        j.append(b"a")
+        j.commit()
+        j.append(b"lost")
+    with Journal(tmp_path / "j", fsync=False) as j:
+        assert list(j.replay()) == [(1, b"a")]
+        assert j.append(b"b") == 2
+
+
+def test_missing_and_empty_journal(tmp_path: Path) -> None:
+    ro = Journal(tmp_path / "absent", readonly=True)
+    assert (ro.durable_seq, ro.first_seq, list(ro.replay())) == (0, 1, [])
+    with pytest.raises(JournalError):
+        ro.append(b"x")
+    assert not (tmp_path / "absent").exists()  # a reader creates nothing
+    with Journal(tmp_path / "j") as j:
+        assert j.commit() == 0  # committing nothing is a no-op
+        assert list(j.replay()) == []
+    with Journal(tmp_path / "j") as j:
+        assert (j.durable_seq, j.append(b"x")) == (0, 1)
+
+
+def test_group_commit_is_one_write_and_one_fsync(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    syncs: list[int] = []
+    real = journal_module._fdatasync
+
+    def counting_fdatasync(fd: int) -> None:
+        syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(journal_module, "_fdatasync", counting_fdatasync)
+    with Journal(tmp_path / "j") as j:
+        for p in payloads(64):
+            j.append(p)
+        j.commit()
+        assert len(syncs) == 1
+        j.commit()
+        assert len(syncs) == 1  # nothing pending: no flush
+        j.append(b"x")
+        j.commit()
+        assert len(syncs) == 2
+    with Journal(tmp_path / "j", fsync=False) as j:
+        j.append(b"y")
+        j.commit()
+        assert len(syncs) == 2
+
+
+@pytest.mark.parametrize("last_size", [0, 1, 40])
+def test_torn_last_record_at_every_byte_offset(tmp_path: Path, last_size: int) -> None:
+    items = [*payloads(5), b"L" * last_size]
+    write(tmp_path / "orig", items)
+    name = only_segment(tmp_path / "orig").name
+    data = only_segment(tmp_path / "orig").read_bytes()
+    last_len = HEADER_BYTES + last_size
+    for cut in range(1, last_len):  # keep 1..last_len-1 bytes of the last record
+        case = tmp_path / f"cut{cut}"
+        case.mkdir()
+        (case / name).write_bytes(data[: len(data) - last_len + cut])
+        with Journal(case, fsync=False) as j:
+            assert j.repair.torn_bytes == cut and j.repair.corrupt_bytes == 0
+            assert list(j.replay()) == list(enumerate(items[:-1], start=1))
+            assert j.append(b"after") == len(items)
+            j.commit()
+        assert replayed(case) == [*enumerate(items[:-1], start=1), (len(items), b"after")]
+
+
+def test_flipped_byte_in_last_record_drops_exactly_it(tmp_path: Path) -> None:
+    items = [*payloads(5), b"last-record"]
+    write(tmp_path / "orig", items)
+    name = only_segment(tmp_path / "orig").name
+    data = only_segment(tmp_path / "orig").read_bytes()
+    start = len(data) - HEADER_BYTES - len(items[-1])
+    for offset in range(start, len(data)):
+        for mask in (0x01, 0x80):
+            case = tmp_path / f"flip{offset}_{mask}"
+            case.mkdir()
+            damaged = bytearray(data)
+            damaged[offset] ^= mask
+            (case / name).write_bytes(bytes(damaged))
+            with Journal(case, fsync=False) as j:
+                assert not j.repair.clean
+                assert j.durable_seq == len(items) - 1
+                assert list(j.replay()) == list(enumerate(items[:-1], start=1))
+                assert j.append(b"after") == len(items)
+                j.commit()
+            assert replayed(case)[-1] == (len(items), b"after")
+            assert len(replayed(case)) == len(items)
+
+
+def test_crc_mismatch_mid_file_stops_replay_there_and_keeps_the_rest_aside(
+        tmp_path: Path) -> None:
+    items = payloads(10)
+    items[4] = b"fifth record"
+    write(tmp_path / "j", items)
+    segment = only_segment(tmp_path / "j")
+    data = bytearray(segment.read_bytes())
+    fifth = sum(HEADER_BYTES + len(p) for p in items[:4])
+    data[fifth + HEADER_BYTES + 2] ^= 0xFF  # a payload byte of seq 5
+    segment.write_bytes(bytes(data))
+
+    ro = Journal(tmp_path / "j", readonly=True)  # a reader stops there and changes nothing
+    assert list(ro.replay()) == list(enumerate(items[:4], start=1))
+    assert segment.stat().st_size == len(data)
+
+    with Journal(tmp_path / "j", fsync=False) as j:
+        assert j.repair.corrupt_bytes == len(data) - fifth
+        assert list(j.replay()) == list(enumerate(items[:4], start=1))
+        assert j.append(b"new five") == 5
+        j.commit()
+    (aside,) = (tmp_path / "j").glob("*.corrupt")
+    assert aside.read_bytes() == bytes(data[fifth:])
+    assert replayed(tmp_path / "j") == [*enumerate(items[:4], start=1), (5, b"new five")]
+
+
+def test_seq_chain_break_is_corruption(tmp_path: Path) -> None:
+    seg = tmp_path / "j" / "00000000000000000001.wal"
+    seg.parent.mkdir()
+    seg.write_bytes(frame(1, b"a") + frame(2, b"b") + frame(4, b"d"))  # valid crcs, seq 3 missing
+    with Journal(tmp_path / "j", fsync=False) as j:
+        assert list(j.replay()) == [(1, b"a"), (2, b"b")]
+        assert j.append(b"c") == 3
+
+
+def test_seq_stays_monotonic_across_reopens(tmp_path: Path) -> None:
+    seen: list[int] = []
+    for round_ in range(5):
+        with Journal(tmp_path / "j", fsync=False) as j:
+            for i in range(round_ + 1):
+                seen.append(j.append(b"%d" % i))
+            if round_ % 2 == 0:
+                j.commit()
+            else:
+                seen = seen[: -(round_ + 1)]  # closed without commit: those seqs never existed
+    assert seen == list(range(1, len(seen) + 1))
+    assert [s for s, _ in replayed(tmp_path / "j")] == seen
+
+
+def test_rotation_and_truncate_before(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    items = [b"%04d" % i + b"x" * 30 for i in range(100)]
+    with Journal(path, fsync=False, segment_bytes=400) as j:
+        for i, p in enumerate(items):
+            j.append(p)
+            if i % 3 == 2:
+                j.commit()
+        j.commit()
+        assert len(j.segments) > 5
+        bases = [int(p.name[:20]) for p in j.segments]
+        assert bases == sorted(bases) and bases[0] == 1
+        assert list(j.replay()) == list(enumerate(items, start=1))
+        assert list(j.replay(after_seq=57)) == list(enumerate(items, start=1))[57:]
+
+        removed = j.truncate_before(60)
+        assert removed > 0
+        assert 1 < j.first_seq <= 60
+        assert list(j.replay(after_seq=59)) == list(enumerate(items, start=1))[59:]
+        with pytest.raises(JournalGapError):
+            list(j.replay(after_seq=0))
+        first = j.first_seq
+    with Journal(path, fsync=False, segment_bytes=400) as j:
+        assert (j.first_seq, j.durable_seq) == (first, 100)
+        assert list(j.replay(after_seq=first - 1)) == list(enumerate(items, start=1))[first - 1 :]
+        # everything is covered by a snapshot: the active segment rolls and all go
+        j.truncate_before(101)
+        assert (j.first_seq, j.durable_seq, j.disk_bytes()) == (101, 100, 0)
+        assert list(j.replay(after_seq=100)) == []
+    with Journal(path, fsync=False) as j:
+        assert (j.first_seq, j.durable_seq) == (101, 100)  # the seq survives an empty log
+        assert j.append(b"z") == 101
+
+
+def test_corruption_in_an_old_segment_sets_later_segments_aside(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    items = [b"r%03d" % i + b"." * 40 for i in range(40)]
+    with Journal(path, fsync=False, segment_bytes=300) as j:
+        for p in items:
+            j.append(p)
+            j.commit()
+    segments = sorted(path.glob("*.wal"))
+    assert len(segments) >= 3
+    first = bytearray(segments[0].read_bytes())
+    first[-1] ^= 0x55  # last record of the first segment
+    segments[0].write_bytes(bytes(first))
+    with Journal(path, fsync=False) as j:
+        kept = int(segments[1].name[:20]) - 2
+        assert j.durable_seq == kept
+        assert [s.name for s in j.segments] == [segments[0].name]
+        assert sorted(j.repair.orphaned_segments) == sorted(s.name for s in segments[1:])
+        assert list(j.replay()) == list(enumerate(items[:kept], start=1))
+        assert j.append(b"x") == kept + 1
+        j.commit()
+    assert len(list(path.glob("*.corrupt"))) == len(segments)  # the cut bytes + every orphan
+
+
+def test_advance_to_skips_seqs_a_snapshot_covers(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j", fsync=False) as j:
+        j.append(b"a")
+        j.commit()
+        with pytest.raises(JournalError):
+            j.advance_to(0)
+        j.advance_to(50)
+        assert (j.first_seq, j.durable_seq) == (51, 50)
+        assert j.append(b"b") == 51
+        j.commit()
+    assert replayed(tmp_path / "j", after_seq=50) == [(51, b"b")]
+
+
+def test_single_writer_lock_and_concurrent_reader(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j", fsync=False) as j:
+        j.append(b"a")
+        j.commit()
+        with pytest.raises(JournalLockedError):
+            Journal(tmp_path / "j")
+        j.append(b"half")  # a reader never sees uncommitted records
+        assert list(Journal(tmp_path / "j", readonly=True).replay()) == [(1, b"a")]
+    with Journal(tmp_path / "j") as j:  # the lock goes with the writer
+        assert j.durable_seq == 1
+
+
+def test_failed_commit_poisons_the_journal(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j")
+    j.append(b"a")
+    os.close(j._fd)  # the disk goes away under the writer
+    with pytest.raises(JournalError):
+        j.commit()
+    with pytest.raises(JournalError):
+        j.append(b"b")
+    with pytest.raises(JournalError):
+        j.commit()
+    j._fd = -1
+    j.close()
+    assert replayed(tmp_path / "j") == []
+
+
+def test_rejects_oversized_records(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j", fsync=False) as j, pytest.raises(ValueError):
+        j.append(b"\0" * (journal_module.MAX_RECORD_BYTES + 1))
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from engine.journal import Journal
+    j = Journal(sys.argv[1], segment_bytes=4096)
+    n = j.durable_seq
+    while True:
+        for _ in range(1 + n % 7):
+            n += 1
+            j.append(b"%d" % n * (n % 13))
+        print(j.commit(), flush=True)  # acknowledged only once the commit returned
+    """
+)
+
+
+def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    for round_ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "j")],
+                                stdout=subprocess.PIPE, cwd=REPO, text=True)
+        assert proc.stdout is not None
+        acked = 0
+        for _ in range(200 + 150 * round_):
+            acked = int(proc.stdout.readline())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with Journal(tmp_path / "j", fsync=False) as j:
+            records = list(j.replay())
+        assert j.durable_seq >= acked
+        assert [s for s, _ in records] == list(range(1, j.durable_seq + 1))
+        assert all(p == b"%d" % s * (s % 13) for s, p in records)
