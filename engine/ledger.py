@@ -1,0 +1,215 @@
+"""The double-entry ledger: every balance change is a transfer between accounts summing to 0.
+
+Accounts (all int micro-dollars)::
+
+    funding          external money in (negative: what was deposited from outside)
+    user:<n>:free    what user n can spend
+    user:<n>:margin  what user n has locked in open positions
+    house            the counterparty of every trade (gets -pnl)
+    insurance        leftover equity of liquidations, minus shortfalls of gapped prices
+
+Invariants: the sum over all accounts is exactly 0, and no free balance is ever negative.
+A refused operation (overdraft) returns :class:`~engine.results.Rejected` and changes nothing;
+an operation that would break an invariant raises :class:`LedgerError` before changing anything.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+from typing import Any
+
+from engine.results import Code, Rejected
+from engine.settlement import Settlement
+
+FUNDING = "funding"
+HOUSE = "house"
+INSURANCE = "insurance"
+_SYSTEM = (FUNDING, HOUSE, INSURANCE)
+STATE_VERSION = 1
+
+
+class LedgerError(AssertionError):
+    """A ledger invariant would break: a bug in the caller, never a client error."""
+
+
+def free_account(user: int) -> str:
+    return f"user:{int(user)}:free"
+
+
+def margin_account(user: int) -> str:
+    return f"user:{int(user)}:margin"
+
+
+def parse_account(account: str) -> tuple[str, int | None]:
+    """``"user:7:free"`` -> ``("free", 7)``; ``"house"`` -> ``("house", None)``; ValueError
+    otherwise."""
+    if account in _SYSTEM:
+        return account, None
+    parts = account.split(":")
+    if len(parts) == 3 and parts[0] == "user" and parts[2] in ("free", "margin") \
+            and parts[1].isdigit():
+        return parts[2], int(parts[1])
+    raise ValueError(f"not a ledger account: {account!r}")
+
+
+def _amount(value: int) -> int:
+    amount = operator.index(value)
+    if isinstance(value, bool) or amount < 0:
+        raise LedgerError(f"amounts moved must be ints >= 0, got {value!r}")
+    return amount
+
+
+class Ledger:
+    """Balances of every account; users are ints >= 0."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, int] = {}
+        self._margin: dict[int, int] = {}
+        self._system: dict[str, int] = dict.fromkeys(_SYSTEM, 0)
+
+    # -- reads -----------------------------------------------------------------------------
+    def has_user(self, user: int) -> bool:
+        return user in self._free
+
+    def users(self) -> list[int]:
+        return sorted(self._free)
+
+    def free_micros(self, user: int) -> int:
+        return self._free.get(user, 0)
+
+    def margin_micros(self, user: int) -> int:
+        return self._margin.get(user, 0)
+
+    def balance(self, account: str) -> int:
+        """Balance of any account by name (0 for an account that never moved)."""
+        kind, user = parse_account(account)
+        if user is None:
+            return self._system[kind]
+        return (self._free if kind == "free" else self._margin).get(user, 0)
+
+    def accounts(self) -> dict[str, int]:
+        """Every account and its balance, system accounts first then users ascending."""
+        out = dict(self._system)
+        for user in sorted(self._free):
+            out[free_account(user)] = self._free[user]
+            out[margin_account(user)] = self._margin[user]
+        return out
+
+    def total_micros(self) -> int:
+        """Sum over all accounts: 0 unless something is badly wrong."""
+        return sum(self._system.values()) + sum(self._free.values()) + sum(self._margin.values())
+
+    # -- operations (each a balanced transfer) ---------------------------------------------------
+    def open_user(self, user: int, deposit_micros: int) -> None:
+        """Create the user's accounts (if new) and move ``deposit`` from funding to free."""
+        user = operator.index(user)
+        if user < 0:
+            raise LedgerError("user ids are ints >= 0")
+        deposit = _amount(deposit_micros)
+        self._free.setdefault(user, 0)
+        self._margin.setdefault(user, 0)
+        self._system[FUNDING] -= deposit
+        self._free[user] += deposit
+
+    deposit = open_user
+
+    def lock_margin(self, user: int, amount_micros: int) -> Rejected | None:
+        """Move ``amount`` from the user's free balance to their margin account; refused with
+        INSUFFICIENT_BALANCE (nothing changes) when free < amount, NOT_FOUND for an unknown
+        user."""
+        amount = _amount(amount_micros)
+        free = self._free.get(user)
+        if free is None:
+            return Rejected(Code.NOT_FOUND, "account not found")
+        if free < amount:
+            return Rejected(Code.INSUFFICIENT_BALANCE, "insufficient free balance")
+        self._free[user] = free - amount
+        self._margin[user] += amount
+        return None
+
+    def release_margin(self, user: int, amount_micros: int) -> None:
+        """Undo a :meth:`lock_margin` (margin -> free); LedgerError if margin < amount."""
+        amount = _amount(amount_micros)
+        margin = self._margin.get(user)
+        if margin is None or margin < amount:
+            raise LedgerError(f"user {user} has {margin} margin locked, cannot release {amount}")
+        self._margin[user] = margin - amount
+        self._free[user] += amount
+
+    def settle(self, user: int, margin_micros: int, settlement: Settlement) -> None:
+        """Book a close: margin account ``-margin``, free ``+payout``, house ``+house``,
+        insurance ``+insurance``. LedgerError (nothing changed) if the split does not add up
+        to the margin, the payout is negative, or the user has less margin locked."""
+        margin = _amount(margin_micros)
+        s = settlement
+        if s.payout_micros < 0 or s.payout_micros + s.house_micros + s.insurance_micros \
+                != margin:
+            raise LedgerError(f"unbalanced settlement {s} for margin {margin}")
+        locked = self._margin.get(user)
+        if locked is None or locked < margin:
+            raise LedgerError(f"user {user} has {locked} margin locked, cannot settle {margin}")
+        self._margin[user] = locked - margin
+        self._free[user] += s.payout_micros
+        self._system[HOUSE] += s.house_micros
+        self._system[INSURANCE] += s.insurance_micros
+
+    # -- checks and snapshots ----------------------------------------------------------------
+    def audit(self, open_margins_by_user: Mapping[int, int]) -> list[str]:
+        """Problems found ([] when sound): total != 0, a negative free balance, a margin
+        account that differs from the sum of the user's open margins."""
+        problems: list[str] = []
+        total = self.total_micros()
+        if total != 0:
+            problems.append(f"accounts sum to {total} micros, expected 0")
+        for user, free in self._free.items():
+            if free < 0:
+                problems.append(f"{free_account(user)} is negative: {free}")
+        for user in sorted(set(self._margin) | set(open_margins_by_user)):
+            expected = int(open_margins_by_user.get(user, 0))
+            actual = self._margin.get(user)
+            if actual is None:
+                problems.append(f"user {user} has open positions but no account")
+            elif actual != expected:
+                problems.append(f"{margin_account(user)} is {actual}, open margins sum to "
+                                f"{expected}")
+        return problems
+
+    def to_state(self) -> dict[str, Any]:
+        """JSON-ready state: ``{"version": 1, "accounts": {name: micros}}``."""
+        return {"version": STATE_VERSION, "accounts": self.accounts()}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Ledger:
+        """Rebuild from :meth:`to_state`; LedgerError if malformed or not summing to 0."""
+        if state.get("version") != STATE_VERSION:
+            raise LedgerError(f"unsupported ledger state version {state.get('version')!r}")
+        ledger = cls()
+        for name, value in dict(state["accounts"]).items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise LedgerError(f"balance of {name} is not an int")
+            try:
+                kind, user = parse_account(name)
+            except ValueError as exc:
+                raise LedgerError(str(exc)) from None
+            if user is None:
+                ledger._system[kind] = value
+            else:
+                ledger._free.setdefault(user, 0)
+                ledger._margin.setdefault(user, 0)
+                (ledger._free if kind == "free" else ledger._margin)[user] = value
+        if ledger.total_micros() != 0:
+            raise LedgerError("ledger state does not sum to 0")
+        return ledger
+
+
+__all__ = [
+    "FUNDING",
+    "HOUSE",
+    "INSURANCE",
+    "Ledger",
+    "LedgerError",
+    "free_account",
+    "margin_account",
+    "parse_account",
+]

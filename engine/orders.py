@@ -1,0 +1,317 @@
+"""Opening a position: sides, close reasons, and the exact maths of an open (quantity,
+liquidation price, take-profit / stop-loss validation).
+
+All arithmetic is on Python ints: prices in ticks, quantities in steps, money in micro-dollars.
+The exact liquidation price in ticks of an asset with ``pd`` price and ``qd`` quantity
+decimals is ``entry -/+ (margin * 10**(pd+qd) - ppm * entry * qty) / (10**6 * qty)`` (long/short);
+:func:`liquidation_ticks` floors it for a long and ceils it for a short, so that comparing an
+integer tick price with the rounded level gives exactly the same answer as comparing it with
+the exact price.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from engine.amounts import MONEY_DECIMALS, ceil_div
+from engine.assets import Asset
+from engine.results import Code, Rejected
+
+NO_LEVEL = 0
+"""``tp_ticks``/``sl_ticks`` value meaning "not set" (prices are always > 0)."""
+
+PPM = 1_000_000
+"""Parts per million: the unit of ``maintenance_margin_ppm`` (rate 0.5% == 5_000 ppm)."""
+
+MAX_COLUMN_VALUE = 2**62
+"""Largest price, quantity or amount a plan may carry, so int64 columns never overflow."""
+
+
+class Side(IntEnum):
+    """Direction of a position; the int value is what the book's ``side`` column (int8) holds."""
+
+    LONG = 0
+    SHORT = 1
+
+    @property
+    def label(self) -> str:
+        return "long" if self is Side.LONG else "short"
+
+    @classmethod
+    def parse(cls, text: str) -> Side:
+        """``"long"``/``"short"`` (case-insensitive) -> Side; ValueError otherwise."""
+        lowered = text.strip().lower() if isinstance(text, str) else ""
+        if lowered == "long":
+            return cls.LONG
+        if lowered == "short":
+            return cls.SHORT
+        raise ValueError(f"side must be 'long' or 'short', got {text!r}")
+
+
+_REASON_LABELS = ("manual", "take_profit", "stop_loss", "liquidation")
+
+
+class CloseReason(IntEnum):
+    """Why a position closed; the int value is what sweeps return (int8)."""
+
+    MANUAL = 0
+    TAKE_PROFIT = 1
+    STOP_LOSS = 2
+    LIQUIDATION = 3
+
+    @property
+    def label(self) -> str:
+        return _REASON_LABELS[self.value]
+
+    @classmethod
+    def parse(cls, text: str) -> CloseReason:
+        try:
+            return cls(_REASON_LABELS.index(text))
+        except ValueError:
+            raise ValueError(f"unknown close reason {text!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class OpenPlan:
+    """Everything needed to open a position, computed from the request and the current tick.
+
+    ``entry_ticks`` is the ask for a long, the bid for a short; ``liq_ticks`` the liquidation
+    price rounded to a tick so that comparing a tick price with it is exact (0 for a long that
+    can never be liquidated at a positive price); ``tp_ticks``/``sl_ticks`` are ``NO_LEVEL`` when
+    not set; ``mm_micros`` is the maintenance margin floored to a micro-dollar (informational);
+    ``maintenance_margin_ppm`` the rate it came from (kept so the book can recompute it exactly).
+    """
+
+    side: Side
+    entry_ticks: int
+    qty_steps: int
+    margin_micros: int
+    leverage: int
+    liq_ticks: int
+    tp_ticks: int
+    sl_ticks: int
+    mm_micros: int
+    maintenance_margin_ppm: int = 0
+
+
+def quantity_steps(asset: Asset, margin_micros: int, leverage: int, entry_ticks: int) -> int:
+    """``floor_to_step(margin * leverage / entry_price)`` in quantity steps (exact)."""
+    scale = asset.price_decimals + asset.qty_decimals - MONEY_DECIMALS
+    if scale >= 0:
+        return (margin_micros * leverage * 10**scale) // entry_ticks
+    return (margin_micros * leverage) // (entry_ticks * 10**-scale)
+
+
+def maintenance_margin_micros(asset: Asset, entry_ticks: int, qty_steps: int, ppm: int) -> int:
+    """``rate * entry * quantity`` in micro-dollars, floored."""
+    mul, div = asset.notional_scale
+    return (ppm * entry_ticks * qty_steps * mul) // (div * PPM)
+
+
+def liquidation_ticks(asset: Asset, side: Side, entry_ticks: int, qty_steps: int,
+                      margin_micros: int, maintenance_margin_ppm: int) -> int:
+    """Liquidation price in ticks: floor (long, at least 0) / ceil (short) of the exact price
+    ``entry -/+ (margin - mm) / quantity``, so that ``bid <= liq_ticks`` (long) and
+    ``ask >= liq_ticks`` (short) hold exactly when the tick price crosses the exact price.
+    """
+    scale = 10 ** (asset.price_decimals + asset.qty_decimals)
+    numerator = margin_micros * scale - maintenance_margin_ppm * entry_ticks * qty_steps
+    distance = ceil_div(numerator, PPM * qty_steps)
+    if side is Side.LONG or side == 0:
+        return max(0, entry_ticks - distance)
+    return entry_ticks + distance
+
+
+def _trigger_problem(side: Side, entry_ticks: int, liq_ticks: int, tp_ticks: int,
+                     sl_ticks: int) -> str | None:
+    """Why a TP/SL pair is invalid for this position, or None when valid (or not set)."""
+    if side == Side.LONG:
+        if tp_ticks != NO_LEVEL and tp_ticks <= entry_ticks:
+            return "take-profit of a long must be above the entry price"
+        if sl_ticks != NO_LEVEL and not liq_ticks < sl_ticks < entry_ticks:
+            return "stop-loss of a long must lie between the liquidation price and the entry"
+    else:
+        if tp_ticks != NO_LEVEL and not 0 < tp_ticks < entry_ticks:
+            return "take-profit of a short must be below the entry price"
+        if sl_ticks != NO_LEVEL and not entry_ticks < sl_ticks < liq_ticks:
+            return "stop-loss of a short must lie between the entry and the liquidation price"
+    return None
+
+
+def plan_open(asset: Asset, side: Side, margin_micros: int, leverage: int, bid_ticks: int,
+              ask_ticks: int, tp_ticks: int | None, sl_ticks: int | None,
+              maintenance_margin_ppm: int = 0) -> OpenPlan | Rejected:
+    """Plan an open at the current top of book, or say why it is refused.
+
+    Long enters at ``ask_ticks``, short at ``bid_ticks``. Refusals: LEVERAGE_OUT_OF_RANGE
+    (outside ``1..asset.max_leverage``), PRICE_UNAVAILABLE (no sane bid/ask), INVALID_REQUEST
+    (margin <= 0, quantity below one step, margin not above the maintenance margin, values too
+    large for the book), INVALID_TRIGGER (TP not on the profit side, SL not strictly between
+    the liquidation price and the entry; a level <= 0 is invalid, ``None`` means not set).
+    ``maintenance_margin_ppm`` is a configuration value; outside ``0..10**6`` raises ValueError.
+    """
+    if not 0 <= maintenance_margin_ppm < PPM:
+        raise ValueError("maintenance_margin_ppm must be in 0..999999")
+    side = Side(side)
+    if isinstance(leverage, bool) or not isinstance(leverage, int) \
+            or not 1 <= leverage <= asset.max_leverage:
+        return Rejected(Code.LEVERAGE_OUT_OF_RANGE,
+                        f"leverage must be an integer in 1..{asset.max_leverage}")
+    if margin_micros <= 0:
+        return Rejected(Code.INVALID_REQUEST, "margin must be greater than zero")
+    if margin_micros > MAX_COLUMN_VALUE:
+        return Rejected(Code.INVALID_REQUEST, "margin too large")
+    if not 0 < bid_ticks <= ask_ticks or ask_ticks > MAX_COLUMN_VALUE // 4:
+        return Rejected(Code.PRICE_UNAVAILABLE, "no valid price for this asset")
+    entry = ask_ticks if side is Side.LONG else bid_ticks
+    qty = quantity_steps(asset, margin_micros, leverage, entry)
+    if qty < 1:
+        return Rejected(Code.INVALID_REQUEST,
+                        f"margin * leverage buys less than one step ({asset.qty_step})")
+    if qty > MAX_COLUMN_VALUE:
+        return Rejected(Code.INVALID_REQUEST, "position too large")
+    mm = maintenance_margin_micros(asset, entry, qty, maintenance_margin_ppm)
+    scale = 10 ** (asset.price_decimals + asset.qty_decimals)
+    if margin_micros * scale <= maintenance_margin_ppm * entry * qty:
+        return Rejected(Code.INVALID_REQUEST, "margin does not exceed the maintenance margin")
+    liq = liquidation_ticks(asset, side, entry, qty, margin_micros, maintenance_margin_ppm)
+    tp = NO_LEVEL if tp_ticks is None else tp_ticks
+    sl = NO_LEVEL if sl_ticks is None else sl_ticks
+    if (tp_ticks is not None and tp_ticks <= 0) or (sl_ticks is not None and sl_ticks <= 0):
+        return Rejected(Code.INVALID_TRIGGER, "take-profit and stop-loss must be positive prices")
+    if tp > MAX_COLUMN_VALUE or sl > MAX_COLUMN_VALUE:
+        return Rejected(Code.INVALID_TRIGGER, "take-profit or stop-loss too large")
+    problem = _trigger_problem(side, entry, liq, tp, sl)
+    if problem is not None:
+        return Rejected(Code.INVALID_TRIGGER, problem)
+    return OpenPlan(side, entry, qty, margin_micros, leverage, liq, tp, sl, mm,
+                    maintenance_margin_ppm)
+
+
+def check_plan(asset: Asset, plan: OpenPlan) -> None:
+    """Raise ValueError unless ``plan`` is internally consistent (what :func:`plan_open` makes).
+
+    The book calls this on every open: a plan that did not come from ``plan_open`` (or a
+    corrupted journal record) must not enter the book with a wrong liquidation price.
+    """
+    if plan.side not in (Side.LONG, Side.SHORT):
+        raise ValueError("bad side")
+    if not (0 < plan.entry_ticks <= MAX_COLUMN_VALUE and 0 < plan.qty_steps <= MAX_COLUMN_VALUE
+            and 0 < plan.margin_micros <= MAX_COLUMN_VALUE):
+        raise ValueError("entry, quantity and margin must be positive and in range")
+    if not 1 <= plan.leverage <= min(asset.max_leverage, 2**31 - 1):
+        raise ValueError("leverage out of range")
+    if not 0 <= plan.maintenance_margin_ppm < PPM:
+        raise ValueError("maintenance margin rate out of range")
+    liq = liquidation_ticks(asset, plan.side, plan.entry_ticks, plan.qty_steps,
+                            plan.margin_micros, plan.maintenance_margin_ppm)
+    if liq != plan.liq_ticks:
+        raise ValueError(f"liquidation price {plan.liq_ticks} does not match the plan ({liq})")
+    if plan.tp_ticks < 0 or plan.sl_ticks < 0 or max(plan.tp_ticks, plan.sl_ticks) \
+            > MAX_COLUMN_VALUE:
+        raise ValueError("trigger levels out of range")
+    problem = _trigger_problem(plan.side, plan.entry_ticks, liq, plan.tp_ticks, plan.sl_ticks)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+_INT64_SAFE = float(2**62)
+
+
+def liquidation_ticks_array(asset: Asset, side: np.ndarray, entry_ticks: np.ndarray,
+                            qty_steps: np.ndarray, margin_micros: np.ndarray,
+                            maintenance_margin_ppm: np.ndarray) -> np.ndarray:
+    """Vectorised :func:`liquidation_ticks` (int64 arrays in, int64 out, bit-for-bit equal);
+    computes on Python ints where int64 could overflow."""
+    side = np.asarray(side, dtype=np.int64)
+    entry = np.asarray(entry_ticks, dtype=np.int64)
+    qty = np.asarray(qty_steps, dtype=np.int64)
+    margin = np.asarray(margin_micros, dtype=np.int64)
+    ppm = np.asarray(maintenance_margin_ppm, dtype=np.int64)
+    if entry.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    scale = 10 ** (asset.price_decimals + asset.qty_decimals)
+    bound = max(float(np.max(margin)) * scale,
+                float(np.max(ppm)) * float(np.max(entry)) * float(np.max(qty)),
+                float(PPM) * float(np.max(qty)), float(np.max(entry)) * 4.0)
+    if bound < _INT64_SAFE:
+        numerator = margin * scale - ppm * entry * qty
+        distance = -((-numerator) // (PPM * qty))
+        return np.where(side == 0, np.maximum(entry - distance, 0), entry + distance)
+    exact = [liquidation_ticks(asset, Side(s), e, q, m, p) for s, e, q, m, p in
+             zip(side.tolist(), entry.tolist(), qty.tolist(), margin.tolist(), ppm.tolist(),
+                 strict=True)]
+    return np.array(exact, dtype=np.int64)
+
+
+def plan_open_arrays(asset: Asset, side: np.ndarray, margin_micros: np.ndarray,
+                     leverage: np.ndarray, bid_ticks: int, ask_ticks: int, tp_ticks: np.ndarray,
+                     sl_ticks: np.ndarray, maintenance_margin_ppm: int = 0
+                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Vectorised :func:`plan_open` for bulk loads and benchmarks, at one top of book.
+
+    Arrays are one entry per request (int64; ``tp_ticks``/``sl_ticks`` use ``NO_LEVEL`` for
+    "not set"). Returns the plan columns (keys as :class:`OpenPlan` fields, int64) and a bool
+    mask of the requests :func:`plan_open` would accept; the columns of refused rows are
+    meaningless. ValueError if values are so large that int64 could overflow.
+    """
+    side = np.asarray(side, dtype=np.int64)
+    margin = np.asarray(margin_micros, dtype=np.int64)
+    lev = np.asarray(leverage, dtype=np.int64)
+    tp = np.asarray(tp_ticks, dtype=np.int64)
+    sl = np.asarray(sl_ticks, dtype=np.int64)
+    if not 0 <= maintenance_margin_ppm < PPM:
+        raise ValueError("maintenance_margin_ppm must be in 0..999999")
+    if not 0 < bid_ticks <= ask_ticks:
+        raise ValueError("invalid top of book")
+    n = side.size
+    entry = np.where(side == 0, np.int64(ask_ticks), np.int64(bid_ticks))
+    shift = asset.price_decimals + asset.qty_decimals - MONEY_DECIMALS
+    bound = float(np.max(margin, initial=0)) * float(np.max(lev, initial=0)) \
+        * 10.0 ** max(shift, 0) * max(1.0, float(maintenance_margin_ppm))
+    if bound >= _INT64_SAFE or ask_ticks > MAX_COLUMN_VALUE // 4:
+        raise ValueError("values too large for the vectorised planner; use plan_open")
+    safe_lev = np.clip(lev, 1, None)
+    if shift >= 0:
+        qty = (margin * safe_lev * 10**shift) // entry
+    else:
+        qty = (margin * safe_lev) // (entry * 10**-shift)
+    ok = (lev >= 1) & (lev <= asset.max_leverage) & (margin > 0) & (qty >= 1) & ((side == 0)
+                                                                                 | (side == 1))
+    safe_qty = np.clip(qty, 1, None)
+    ppm = np.full(n, maintenance_margin_ppm, dtype=np.int64)
+    scale = 10 ** (asset.price_decimals + asset.qty_decimals)
+    ok &= margin * scale > ppm * entry * safe_qty
+    liq = liquidation_ticks_array(asset, side, entry, safe_qty, np.clip(margin, 1, None), ppm)
+    mul, div = asset.notional_scale
+    mm = (ppm * entry * safe_qty * mul) // (div * PPM)
+    long = side == 0
+    tp_ok = (tp == 0) | np.where(long, tp > entry, (tp > 0) & (tp < entry))
+    sl_ok = (sl == 0) | np.where(long, (sl > liq) & (sl < entry), (sl > entry) & (sl < liq))
+    ok &= tp_ok & sl_ok & (tp >= 0) & (sl >= 0)
+    plans = {
+        "side": side, "entry_ticks": entry, "qty_steps": qty, "margin_micros": margin,
+        "leverage": lev, "liq_ticks": liq, "tp_ticks": tp, "sl_ticks": sl, "mm_micros": mm,
+        "maintenance_margin_ppm": ppm,
+    }
+    return plans, ok
+
+
+__all__ = [
+    "MAX_COLUMN_VALUE",
+    "NO_LEVEL",
+    "PPM",
+    "CloseReason",
+    "OpenPlan",
+    "Side",
+    "check_plan",
+    "liquidation_ticks",
+    "liquidation_ticks_array",
+    "maintenance_margin_micros",
+    "plan_open",
+    "plan_open_arrays",
+    "quantity_steps",
+]

@@ -1,0 +1,208 @@
+"""A slow, obviously-correct reference of the trading rules, straight from the SPEC formulas.
+
+Prices, quantities and money are :class:`fractions.Fraction` in USD and asset units; nothing is
+rounded except where the SPEC says so (quantity floored to a step, realized PnL floored to a
+micro-dollar). Positions are plain objects in a dict; the sweep compares each position's exact
+liquidation price with the bid/ask. Tests run the fast kernels and this reference through the
+same cases and check they agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+from engine.assets import Asset
+from engine.orders import NO_LEVEL, CloseReason, OpenPlan, Side
+from engine.results import Code, Rejected
+from engine.settlement import Settlement
+
+MICRO = Fraction(1, 10**6)
+
+
+def _price(asset: Asset, ticks: int) -> Fraction:
+    return Fraction(ticks, 10**asset.price_decimals)
+
+
+def _qty(asset: Asset, steps: int) -> Fraction:
+    return Fraction(steps, 10**asset.qty_decimals)
+
+
+def exact_liquidation_price(asset: Asset, side: Side, entry_ticks: int, qty_steps: int,
+                            margin_micros: int, maintenance_margin_ppm: int) -> Fraction:
+    """SPEC: long ``entry - (margin - mm) / quantity``, short ``entry + (margin - mm) /
+    quantity``, ``mm = rate * entry * quantity`` (USD)."""
+    entry = _price(asset, entry_ticks)
+    qty = _qty(asset, qty_steps)
+    mm = Fraction(maintenance_margin_ppm, 10**6) * entry * qty
+    distance = (margin_micros * MICRO - mm) / qty
+    return entry - distance if side == Side.LONG else entry + distance
+
+
+def plan_open(asset: Asset, side: Side, margin_micros: int, leverage: int, bid_ticks: int,
+              ask_ticks: int, tp_ticks: int | None, sl_ticks: int | None,
+              maintenance_margin_ppm: int = 0) -> OpenPlan | Rejected:
+    """Reference of :func:`engine.orders.plan_open` (same answers, Fractions inside)."""
+    if not 0 <= maintenance_margin_ppm < 10**6:
+        raise ValueError("maintenance_margin_ppm must be in 0..999999")
+    side = Side(side)
+    if isinstance(leverage, bool) or not isinstance(leverage, int) \
+            or not 1 <= leverage <= asset.max_leverage:
+        return Rejected(Code.LEVERAGE_OUT_OF_RANGE, "leverage out of range")
+    if margin_micros <= 0 or margin_micros > 2**62:
+        return Rejected(Code.INVALID_REQUEST, "bad margin")
+    if not 0 < bid_ticks <= ask_ticks or ask_ticks > 2**60:
+        return Rejected(Code.PRICE_UNAVAILABLE, "no valid price")
+    entry_ticks = ask_ticks if side == Side.LONG else bid_ticks
+    entry = _price(asset, entry_ticks)
+    margin = margin_micros * MICRO
+    qty_steps = math.floor(margin * leverage / entry / _qty(asset, 1))
+    if qty_steps < 1:
+        return Rejected(Code.INVALID_REQUEST, "less than one step")
+    if qty_steps > 2**62:
+        return Rejected(Code.INVALID_REQUEST, "position too large")
+    qty = _qty(asset, qty_steps)
+    mm = Fraction(maintenance_margin_ppm, 10**6) * entry * qty
+    if margin <= mm:
+        return Rejected(Code.INVALID_REQUEST, "margin does not exceed the maintenance margin")
+    liq = exact_liquidation_price(asset, side, entry_ticks, qty_steps, margin_micros,
+                                  maintenance_margin_ppm)
+    tick = _price(asset, 1)
+    liq_ticks = max(0, math.floor(liq / tick)) if side == Side.LONG else math.ceil(liq / tick)
+    if (tp_ticks is not None and tp_ticks <= 0) or (sl_ticks is not None and sl_ticks <= 0):
+        return Rejected(Code.INVALID_TRIGGER, "levels must be positive")
+    if max(tp_ticks or 0, sl_ticks or 0) > 2**62:
+        return Rejected(Code.INVALID_TRIGGER, "level too large")
+    tp = None if tp_ticks is None else _price(asset, tp_ticks)
+    sl = None if sl_ticks is None else _price(asset, sl_ticks)
+    if side == Side.LONG:
+        if tp is not None and not tp > entry:
+            return Rejected(Code.INVALID_TRIGGER, "TP not above entry")
+        if sl is not None and not liq < sl < entry:
+            return Rejected(Code.INVALID_TRIGGER, "SL not between liquidation and entry")
+    else:
+        if tp is not None and not tp < entry:
+            return Rejected(Code.INVALID_TRIGGER, "TP not below entry")
+        if sl is not None and not entry < sl < liq:
+            return Rejected(Code.INVALID_TRIGGER, "SL not between entry and liquidation")
+    mm_micros = math.floor(mm / MICRO)
+    return OpenPlan(side, entry_ticks, qty_steps, margin_micros, leverage, liq_ticks,
+                    tp_ticks or NO_LEVEL, sl_ticks or NO_LEVEL, mm_micros, maintenance_margin_ppm)
+
+
+def pnl_micros(asset: Asset, side: Side, entry_ticks: int, qty_steps: int,
+               exit_ticks: int) -> int:
+    """SPEC: long ``(exit - entry) * quantity``, short ``(entry - exit) * quantity``, in
+    micro-dollars rounded toward minus infinity."""
+    move = _price(asset, exit_ticks) - _price(asset, entry_ticks)
+    pnl = move * _qty(asset, qty_steps) if side == Side.LONG else -move * _qty(asset, qty_steps)
+    return math.floor(pnl / MICRO)
+
+
+def settle(asset: Asset, side: Side, entry_ticks: int, qty_steps: int, margin_micros: int,
+           exit_ticks: int, reason: CloseReason) -> Settlement:
+    """SPEC settlement of a close."""
+    pnl = pnl_micros(asset, side, entry_ticks, qty_steps, exit_ticks)
+    payout = 0 if reason == CloseReason.LIQUIDATION else max(0, margin_micros + pnl)
+    return Settlement(pnl, payout, -pnl, margin_micros + pnl - payout)
+
+
+@dataclass(frozen=True, slots=True)
+class ReferencePosition:
+    position_id: int
+    owner: int
+    side: Side
+    entry_ticks: int
+    qty_steps: int
+    margin_micros: int
+    leverage: int
+    liq_ticks: int
+    tp_ticks: int
+    sl_ticks: int
+    opened_ts_us: int
+    maintenance_margin_ppm: int
+    liq_price: Fraction  # exact, USD
+
+
+class ReferenceBook:
+    """Open positions of one asset as a dict of objects; ids count up from 1."""
+
+    def __init__(self, asset: Asset, book_tag: int = 0, capacity: int = 0) -> None:
+        del capacity
+        self.asset = asset
+        self.book_tag = book_tag
+        self.positions: dict[int, ReferencePosition] = {}
+        self._next_id = 1
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def open(self, owner: int, plan: OpenPlan, opened_ts_us: int) -> int:
+        pid = self._next_id
+        self._next_id += 1
+        liq = exact_liquidation_price(self.asset, plan.side, plan.entry_ticks, plan.qty_steps,
+                                      plan.margin_micros, plan.maintenance_margin_ppm)
+        self.positions[pid] = ReferencePosition(
+            pid, owner, Side(plan.side), plan.entry_ticks, plan.qty_steps, plan.margin_micros,
+            plan.leverage, plan.liq_ticks, plan.tp_ticks, plan.sl_ticks, opened_ts_us,
+            plan.maintenance_margin_ppm, liq)
+        return pid
+
+    def close(self, position_id: int) -> ReferencePosition | None:
+        return self.positions.pop(position_id, None)
+
+    def get(self, position_id: int) -> ReferencePosition | None:
+        return self.positions.get(position_id)
+
+    def reason(self, position: ReferencePosition, bid_ticks: int, ask_ticks: int
+               ) -> CloseReason | None:
+        """Why this tick closes the position (TP/SL before liquidation), or None."""
+        p = position
+        if p.side == Side.LONG:
+            price = _price(self.asset, bid_ticks)
+            if p.tp_ticks and price >= _price(self.asset, p.tp_ticks):
+                return CloseReason.TAKE_PROFIT
+            if p.sl_ticks and price <= _price(self.asset, p.sl_ticks):
+                return CloseReason.STOP_LOSS
+            if price <= p.liq_price:
+                return CloseReason.LIQUIDATION
+        else:
+            price = _price(self.asset, ask_ticks)
+            if p.tp_ticks and price <= _price(self.asset, p.tp_ticks):
+                return CloseReason.TAKE_PROFIT
+            if p.sl_ticks and price >= _price(self.asset, p.sl_ticks):
+                return CloseReason.STOP_LOSS
+            if price >= p.liq_price:
+                return CloseReason.LIQUIDATION
+        return None
+
+    def sweep(self, bid_ticks: int, ask_ticks: int) -> list[tuple[int, CloseReason]]:
+        """(id, reason) of every position this tick closes, ids ascending."""
+        out = []
+        for pid in sorted(self.positions):
+            why = self.reason(self.positions[pid], bid_ticks, ask_ticks)
+            if why is not None:
+                out.append((pid, why))
+        return out
+
+    def unrealized_pnl_micros(self, position_id: int, bid_ticks: int, ask_ticks: int) -> int:
+        p = self.positions[position_id]
+        exit_ticks = bid_ticks if p.side == Side.LONG else ask_ticks
+        return pnl_micros(self.asset, p.side, p.entry_ticks, p.qty_steps, exit_ticks)
+
+    def open_margin_by_owner(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for p in self.positions.values():
+            out[p.owner] = out.get(p.owner, 0) + p.margin_micros
+        return out
+
+
+__all__ = [
+    "ReferenceBook",
+    "ReferencePosition",
+    "exact_liquidation_price",
+    "plan_open",
+    "pnl_micros",
+    "settle",
+]
