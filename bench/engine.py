@@ -1,0 +1,227 @@
+"""Engine benchmark: the per-tick trigger sweep of one big position book.
+
+Builds a book of N random open positions of one asset (longs and shorts, leverage 1..100, some
+with take-profit / stop-loss, entries spread around the current price, none already triggered),
+then walks the price a tick at a time. Each step times ``book.sweep`` (sorted trigger indexes),
+the naive full PnL recompute over the same book, and a floor (``np.max`` over a float64 array
+of N). Triggered positions are closed and similar ones reopened between ticks (not timed), so
+the book stays at N. Finally times single ``open``/``close`` calls on the full book.
+
+``shardex bench engine --positions 1000000 [--ticks 60] [--seed 1] [--json]``; the last line
+printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from engine.assets import DEFAULT_ASSETS, Asset
+from engine.book import PositionBook
+from engine.orders import OpenPlan, Side, plan_open, plan_open_arrays
+from engine.triggers import naive_sweep
+
+_MID_TICKS = 10_000  # price 100.00 for SOL
+
+
+def _random_requests(rng: np.random.Generator, n: int, entry_lo: int, entry_hi: int
+                     ) -> tuple[np.ndarray, ...]:
+    side = rng.integers(0, 2, n)
+    margin = rng.integers(10_000_000, 1_000_000_000, n)  # $10 .. $1000
+    lev = rng.integers(1, 101, n)
+    entry = rng.integers(entry_lo, entry_hi + 1, n)
+    return side, margin, lev, entry
+
+
+def build_plans(asset: Asset, n: int, rng: np.random.Generator, mid: int
+                ) -> dict[str, np.ndarray]:
+    """``n`` valid plans (int64 columns) opened at prices within +-10% of ``mid``, with none
+    of their triggers crossed at ``mid`` (a book as a running market would leave it)."""
+    out: list[dict[str, np.ndarray]] = []
+    have = 0
+    while have < n:
+        m = (n - have) * 2 + 1024
+        side, margin, lev, entry = _random_requests(rng, m, mid * 9 // 10, mid * 11 // 10)
+        # vectorised plan at each row's own entry price (bid == ask == entry)
+        plans, ok = _plans_at_entries(asset, side, margin, lev, entry)
+        liq = plans["liq_ticks"]
+        long = side == 0
+        # about a third with a TP, a third with an SL, both drawn on the valid side
+        u = rng.random(m)
+        frac = rng.uniform(0.02, 0.3, m)
+        tp = np.where(long, entry + np.maximum(1, (entry * frac).astype(np.int64)),
+                      entry - np.maximum(1, (entry * frac / 2).astype(np.int64)))
+        tp = np.where(u < 0.33, tp, 0)
+        gap = np.abs(entry - liq)
+        sl_off = 1 + (rng.random(m) * np.maximum(gap - 2, 0)).astype(np.int64)
+        sl = np.where(long, entry - sl_off, entry + sl_off)
+        sl = np.where((rng.random(m) < 0.33) & (gap >= 2), sl, 0)
+        plans["tp_ticks"], plans["sl_ticks"] = tp, sl
+        stop = np.where(sl != 0, sl, liq)
+        alive_at_mid = np.where(long, (stop < mid) & ((tp == 0) | (tp > mid)),
+                                (stop > mid + 1) & ((tp == 0) | (tp < mid + 1)))
+        keep = ok & alive_at_mid & (np.where(long, tp > entry, (tp < entry) & (tp > 0))
+                                    | (tp == 0))
+        keep &= (sl == 0) | np.where(long, (sl > liq) & (sl < entry), (sl > entry) & (sl < liq))
+        chunk = {k: v[keep] for k, v in plans.items()}
+        out.append(chunk)
+        have += int(keep.sum())
+    merged = {k: np.concatenate([c[k] for c in out])[:n] for k in out[0]}
+    return merged
+
+
+def _plans_at_entries(asset: Asset, side: np.ndarray, margin: np.ndarray, lev: np.ndarray,
+                      entry: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """plan_open_arrays for rows with different entry prices (grouped by price)."""
+    n = side.size
+    cols: dict[str, np.ndarray] = {}
+    ok = np.zeros(n, dtype=bool)
+    order = np.argsort(entry, kind="stable")
+    prices, starts = np.unique(entry[order], return_index=True)
+    bounds = [*starts.tolist(), n]
+    zeros = np.zeros(n, dtype=np.int64)
+    for i, price in enumerate(prices.tolist()):
+        rows = order[bounds[i]:bounds[i + 1]]
+        plans, good = plan_open_arrays(asset, side[rows], margin[rows], lev[rows], price, price,
+                                       zeros[rows], zeros[rows])
+        for k, v in plans.items():
+            if k not in cols:
+                cols[k] = np.zeros(n, dtype=np.int64)
+            cols[k][rows] = v
+        ok[rows] = good
+    return cols, ok
+
+
+def _random_plan(asset: Asset, rng: np.random.Generator, bid: int, ask: int) -> OpenPlan:
+    """A random valid single plan at the current price (for reopens and open timing)."""
+    while True:
+        side = Side(int(rng.integers(0, 2)))
+        lev = int(rng.integers(1, 101))
+        margin = int(rng.integers(10_000_000, 1_000_000_000))
+        plan = plan_open(asset, side, margin, lev, bid, ask, None, None)
+        if isinstance(plan, OpenPlan):
+            return plan
+
+
+def _median_ms(samples_ns: list[int]) -> float:
+    return statistics.median(samples_ns) / 1e6
+
+
+def run(positions: int, ticks: int, seed: int, asset_name: str = "SOL") -> dict[str, Any]:
+    asset = DEFAULT_ASSETS[asset_name]
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    plans = build_plans(asset, positions, rng, _MID_TICKS)
+    owners = rng.integers(0, max(1, positions // 10), positions)
+    t1 = time.perf_counter()
+    book = PositionBook(asset, book_tag=1, capacity=positions)
+    book.open_many(owners, plans, 1_700_000_000_000_000)
+    t2 = time.perf_counter()
+
+    floor_array = rng.random(positions)
+    sweep_ns: list[int] = []
+    naive_ns: list[int] = []
+    floor_ns: list[int] = []
+    triggered: list[int] = []
+    mismatches = 0
+    price = _MID_TICKS
+    lo, hi = _MID_TICKS - 25, _MID_TICKS + 25
+    for step in range(ticks + 3):
+        price = min(hi, max(lo, price + int(rng.choice((-1, 1)))))
+        bid, ask = price, price + 1
+        a = time.perf_counter_ns()
+        ids, reasons = book.sweep(bid, ask)
+        b = time.perf_counter_ns()
+        naive_ids, naive_reasons = naive_sweep(book, bid, ask)
+        c = time.perf_counter_ns()
+        float(np.max(floor_array))
+        d = time.perf_counter_ns()
+        if not (np.array_equal(ids, naive_ids) and np.array_equal(reasons, naive_reasons)):
+            mismatches += 1
+        if step >= 3:  # the first ticks warm caches and clear the band around the start price
+            sweep_ns.append(b - a)
+            naive_ns.append(c - b)
+            floor_ns.append(d - c)
+            triggered.append(int(ids.size))
+        for pid in ids.tolist():
+            record = book.close(pid)
+            assert record is not None
+            book.open(record.owner, _random_plan(asset, rng, bid, ask), 1_700_000_000_000_001)
+
+    # single-op latency on the full book: close random positions, then open as many
+    live = book.ids()
+    victims = rng.choice(live, size=min(5000, live.size), replace=False).tolist()
+    spare = [_random_plan(asset, rng, price, price + 1) for _ in victims]
+    close_ns: list[int] = []
+    open_ns: list[int] = []
+    for pid in victims:
+        a = time.perf_counter_ns()
+        book.close(pid)
+        close_ns.append(time.perf_counter_ns() - a)
+    for i, plan in enumerate(spare):
+        a = time.perf_counter_ns()
+        book.open(i, plan, 1_700_000_000_000_002)
+        open_ns.append(time.perf_counter_ns() - a)
+
+    sweep_ms = _median_ms(sweep_ns)
+    naive_ms = _median_ms(naive_ns)
+    floor_ms = _median_ms(floor_ns)
+    return {
+        "bench": "engine",
+        "asset": asset.name,
+        "positions": len(book),
+        "ticks": len(sweep_ns),
+        "triggered_per_tick_mean": round(statistics.mean(triggered), 2),
+        "sweep_ms_median": round(sweep_ms, 4),
+        "naive_ms_median": round(naive_ms, 4),
+        "floor_ms_median": round(floor_ms, 4),
+        "speedup_vs_naive": round(naive_ms / sweep_ms, 1),
+        "sweep_vs_floor": round(sweep_ms / floor_ms, 3),
+        "bytes_per_position": round(book.nbytes / len(book), 1),
+        "open_us_median": round(statistics.median(open_ns) / 1e3, 2),
+        "close_us_median": round(statistics.median(close_ns) / 1e3, 2),
+        "sweep_mismatches_vs_naive": mismatches,
+        "plan_s": round(t1 - t0, 2),
+        "bulk_load_s": round(t2 - t1, 2),
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="shardex bench engine", description=__doc__)
+    parser.add_argument("--positions", type=int, default=1_000_000)
+    parser.add_argument("--ticks", type=int, default=60, help="timed ticks (>= 30 advised)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--asset", default="SOL", choices=list(DEFAULT_ASSETS))
+    parser.add_argument("--json", action="store_true", help="(the JSON line is always last)")
+    args = parser.parse_args(argv)
+    result = run(args.positions, args.ticks, args.seed, args.asset)
+    rows = [
+        ("per-tick trigger sweep (sorted indexes)", f"{result['sweep_ms_median']:.4f} ms"),
+        ("naive full PnL recompute", f"{result['naive_ms_median']:.4f} ms"),
+        ("floor: np.max over N float64", f"{result['floor_ms_median']:.4f} ms"),
+        ("speedup vs naive", f"{result['speedup_vs_naive']}x"),
+        ("sweep / floor", f"{result['sweep_vs_floor']}"),
+        ("triggered rows per tick (mean)", f"{result['triggered_per_tick_mean']}"),
+        ("bytes per position (all book memory)", f"{result['bytes_per_position']}"),
+        ("open (single, median)", f"{result['open_us_median']} us"),
+        ("close (single, median)", f"{result['close_us_median']} us"),
+        ("sweep answers differing from naive", f"{result['sweep_mismatches_vs_naive']}"),
+    ]
+    print(f"engine benchmark: {result['positions']} {result['asset']} positions, "
+          f"{result['ticks']} ticks (medians)")
+    width = max(len(r[0]) for r in rows)
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value:>14}")
+    print(json.dumps(result))
+    return 0 if result["sweep_mismatches_vs_naive"] == 0 else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))
