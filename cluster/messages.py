@@ -1,0 +1,176 @@
+"""The records that cross the boundaries between the API, the service, the shards and the ledger.
+
+Everything is an integer in engine units (``*_micros``, ``*_ticks``, ``*_steps``, ``*_us``);
+conversion to decimal strings happens only in the API layer. NamedTuples because they pickle
+small and fast across Ray calls and compare by value in tests.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from engine.orders import Side
+
+
+class OpenOrder(NamedTuple):
+    """An open request as the service receives it (already parsed and unit-converted).
+
+    ``tp_ticks``/``sl_ticks``/``current_price_ticks`` are ``None`` when not given;
+    ``max_slippage_bps`` only matters with a ``current_price_ticks``.
+    """
+
+    asset: str
+    side: Side
+    margin_micros: int
+    leverage: int
+    tp_ticks: int | None = None
+    sl_ticks: int | None = None
+    current_price_ticks: int | None = None
+    max_slippage_bps: int = 100
+    client_order_id: str | None = None
+
+
+class CloseOrder(NamedTuple):
+    """A manual close request of one of the caller's positions."""
+
+    position_id: int
+    current_price_ticks: int | None = None
+    max_slippage_bps: int = 100
+    client_order_id: str | None = None
+
+
+class ShardOpen(NamedTuple):
+    """One open as a shard executes it; ``request_id`` makes a resend return the first result."""
+
+    request_id: int
+    owner: int
+    side: Side
+    margin_micros: int
+    leverage: int
+    tp_ticks: int | None
+    sl_ticks: int | None
+    current_price_ticks: int | None
+    max_slippage_bps: int
+
+
+class ShardClose(NamedTuple):
+    """One manual close as a shard executes it (``owner`` must own ``position_id``)."""
+
+    owner: int
+    position_id: int
+    current_price_ticks: int | None
+    max_slippage_bps: int
+
+
+class OpenPosition(NamedTuple):
+    """An open position with its mark-to-market.
+
+    ``tp_ticks``/``sl_ticks`` are 0 when not set (engine.orders.NO_LEVEL); ``liq_ticks`` 0 means
+    the position cannot be liquidated by any positive price. ``unrealized_pnl_micros`` is
+    ``None`` when the shard has no price yet.
+    """
+
+    position_id: int
+    owner: int
+    asset: str
+    side: Side
+    entry_ticks: int
+    qty_steps: int
+    margin_micros: int
+    leverage: int
+    liq_ticks: int
+    tp_ticks: int
+    sl_ticks: int
+    opened_ts_us: int
+    unrealized_pnl_micros: int | None
+
+
+class ClosedPosition(NamedTuple):
+    """A closed position and its settlement (SPEC: ledger moves of one close).
+
+    ``reason`` is an engine.orders.CloseReason value; ``exit_ticks`` the closing-side price of
+    the tick (or of the last tick for a manual close).
+    """
+
+    position_id: int
+    owner: int
+    asset: str
+    side: Side
+    entry_ticks: int
+    qty_steps: int
+    margin_micros: int
+    leverage: int
+    liq_ticks: int
+    tp_ticks: int
+    sl_ticks: int
+    opened_ts_us: int
+    exit_ticks: int
+    pnl_micros: int
+    payout_micros: int
+    house_micros: int
+    insurance_micros: int
+    reason: int
+    closed_ts_us: int
+
+
+class SettlementItem(NamedTuple):
+    """A close waiting to reach the ledger; ``seq`` is 1, 2, 3... per shard, never reused."""
+
+    seq: int
+    closed: ClosedPosition
+
+
+class IdemKey(NamedTuple):
+    """A clientOrderId scoped to its account and operation (``"open"`` / ``"close"``)."""
+
+    user: int
+    kind: str
+    client_order_id: str
+
+
+class MarginLock(NamedTuple):
+    """Lock ``margin_micros`` of ``user``'s free balance; ``idem_key`` (or None) dedups retries."""
+
+    user: int
+    margin_micros: int
+    idem_key: IdemKey | None = None
+
+
+class IdemHit(NamedTuple):
+    """The stored first answer of a clientOrderId; ``answer`` is None while the first is pending."""
+
+    answer: object
+
+
+class NewAccount(NamedTuple):
+    """A freshly created account: the API key is returned once and stored only as a hash."""
+
+    user: int
+    account_id: str
+    api_key: str
+    balance_micros: int
+
+
+class Principal(NamedTuple):
+    """An authenticated caller."""
+
+    user: int
+    account_id: str
+
+
+class ShardStats(NamedTuple):
+    """Counters of one shard (for /metrics, `shardex status` and health)."""
+
+    name: str
+    asset: str
+    positions: int
+    book_nbytes: int
+    last_tick_ts_us: int | None
+    ticks_applied: int
+    opens: int
+    closes_manual: int
+    closes_take_profit: int
+    closes_stop_loss: int
+    closes_liquidation: int
+    outbox_len: int
+    last_seq: int
