@@ -7,13 +7,13 @@ fields (text as UTF-8, each with a length prefix), and nothing else: :func:`deco
 trailing or missing bytes.
 
 Integer widths: ids, users and sequence numbers are u64; prices (ticks), quantities (steps),
-money (micros) and times (us) are i64; side and close reason u8; leverage u16. Events are
-NamedTuples: cheap to build, and ``encode`` packs one with a single ``struct`` call.
+money (micros) and times (us) are i64; side and close reason u8; leverage u16; rates (ppm)
+u32. Events are NamedTuples: cheap to build, and ``encode`` packs one with one ``struct`` call.
 
 Shard events (one journal per shard): :class:`PositionOpened`, :class:`PositionClosed`,
-:class:`TickApplied`. Ledger events (the ledger's journal): :class:`AccountCreated`,
-:class:`MarginLocked`, :class:`MarginReleased`, :class:`SettlementApplied`,
-:class:`ClientOrderStored`.
+:class:`TickApplied`, :class:`OpenFenced`. Ledger events (the ledger's journal):
+:class:`AccountCreated`, :class:`MarginLocked`, :class:`MarginReleased`,
+:class:`SettlementApplied`, :class:`ClientOrderStored`.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class PositionOpened(NamedTuple):
     tp_ticks: int  # 0 = not set (engine.orders.NO_LEVEL)
     sl_ticks: int
     opened_ts_us: int
+    maintenance_margin_ppm: int = 0  # rate the liquidation price was computed with
     request_id: int = 0
 
 
@@ -61,12 +62,21 @@ class PositionClosed(NamedTuple):
 
 
 class TickApplied(NamedTuple):
-    """The top of book a shard swept with (``asset_index``: engine.assets.Asset.index)."""
+    """The top of book a shard swept with (a shard journal belongs to one asset)."""
 
-    asset_index: int
     bid_ticks: int
     ask_ticks: int
     ts_us: int
+
+
+class OpenFenced(NamedTuple):
+    """Open request ``request_id`` was given up by its caller before it reached the shard.
+
+    Journaled so the fence survives a restart: a late (or retried) delivery of that request is
+    refused instead of opening a position whose margin the ledger already released.
+    """
+
+    request_id: int
 
 
 # --------------------------------------------------------------------------- ledger events
@@ -109,7 +119,7 @@ class SettlementApplied(NamedTuple):
     seq: int
     position_id: int
     owner: int
-    asset_index: int
+    asset: str  # engine.assets.Asset.name (a name survives a change of the registry order)
     side: int
     entry_ticks: int
     qty_steps: int
@@ -140,9 +150,9 @@ class ClientOrderStored(NamedTuple):
     response: bytes
 
 
-Event = (PositionOpened | PositionClosed | TickApplied | AccountCreated | MarginLocked
-         | MarginReleased | SettlementApplied | ClientOrderStored)
-SHARD_EVENTS = (PositionOpened, PositionClosed, TickApplied)
+Event = (PositionOpened | PositionClosed | TickApplied | OpenFenced | AccountCreated
+         | MarginLocked | MarginReleased | SettlementApplied | ClientOrderStored)
+SHARD_EVENTS = (PositionOpened, PositionClosed, TickApplied, OpenFenced)
 LEDGER_EVENTS = (AccountCreated, MarginLocked, MarginReleased, SettlementApplied,
                  ClientOrderStored)
 
@@ -158,13 +168,15 @@ class EventError(ValueError):
 _VarSpec = tuple[tuple[str, str], ...]
 
 _LAYOUTS: dict[int, tuple[type, str, tuple[str, ...], _VarSpec]] = {
-    0x11: (PositionOpened, "QQBqqqHqqqqQ", (), ()),
+    0x11: (PositionOpened, "QQBqqqHqqqqIQ", (), ()),
     0x12: (PositionClosed, "QBqqQ", (), ()),
-    0x13: (TickApplied, "Hqqq", (), ()),
+    0x13: (TickApplied, "qqq", (), ()),
+    0x14: (OpenFenced, "Q", (), ()),
     0x21: (AccountCreated, "Qq", ("account_id", "key_hash"), (("s", "B"), ("s", "B"))),
     0x22: (MarginLocked, "QqQ", (), ()),
     0x23: (MarginReleased, "QqQ", (), ()),
-    0x24: (SettlementApplied, "QQQHBqqqHqqqqqqqqqBq", ("shard",), (("s", "B"),)),
+    0x24: (SettlementApplied, "QQQBqqqHqqqqqqqqqBq", ("shard", "asset"),
+           (("s", "B"), ("s", "B"))),
     0x25: (ClientOrderStored, "Q", ("kind", "client_order_id", "response"),
            (("s", "B"), ("s", "H"), ("b", "I"))),
 }
