@@ -83,8 +83,8 @@ def test_slippage_is_checked_against_the_client_price_but_never_used_as_price() 
     assert isinstance(r, Rejected) and r.code is Code.PRICE_MOVED
     [pos] = core.open_many([req(2, current="100.00", bps=200)], NOW)
     assert not isinstance(pos, Rejected) and pos.entry_ticks == 10101
-    [r] = core.close_many([ShardClose(1, pos.position_id, SOL.price_to_ticks("90"), 100)], NOW)
-    assert isinstance(r, Rejected) and r.code is Code.PRICE_MOVED
+    [c] = core.close_many([ShardClose(1, pos.position_id, SOL.price_to_ticks("90"), 100)], NOW)
+    assert isinstance(c, Rejected) and c.code is Code.PRICE_MOVED
     assert len(core.book) == 1
 
 

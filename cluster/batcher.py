@@ -1,0 +1,81 @@
+"""MicroBatcher: coalesce concurrent single-item calls into one batched call.
+
+Every request that submits while no batch is due joins the batch flushed on the next event-loop
+turn; while ``max_in_flight`` batches are already under way, new items wait and leave together
+when one returns. At low load that adds no latency (one loop turn); under load it turns N actor
+round trips into one, which is what keeps the API's per-request cost low.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class MicroBatcher(Generic[T, R]):
+    """``await batcher.submit(item)`` -> the result of ``fn(batch)`` for that item.
+
+    ``fn`` takes a list of items and returns one result per item, in order; an exception from
+    ``fn`` is raised in every submitter of that batch.
+    """
+
+    def __init__(self, fn: Callable[[list[T]], Awaitable[Sequence[R]]], *,
+                 max_batch: int = 2048, max_in_flight: int = 4) -> None:
+        self._fn = fn
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._items: list[T] = []
+        self._futures: list[asyncio.Future[R]] = []
+        self._scheduled = False
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0
+        self.items = 0
+
+    async def submit(self, item: T) -> R:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        self._items.append(item)
+        self._futures.append(future)
+        if not self._scheduled and self._in_flight < self._max_in_flight:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        while self._items and self._in_flight < self._max_in_flight:
+            items, futures = self._items[:self._max_batch], self._futures[:self._max_batch]
+            del self._items[:self._max_batch], self._futures[:self._max_batch]
+            self._in_flight += 1
+            self.batches += 1
+            self.items += len(items)
+            task = asyncio.get_running_loop().create_task(self._run(items, futures))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, items: list[T], futures: list[asyncio.Future[R]]) -> None:
+        try:
+            results = await self._fn(items)
+            if len(results) != len(items):
+                raise RuntimeError(f"batched call returned {len(results)} results "
+                                   f"for {len(items)} items")
+        except BaseException as exc:  # delivered to every waiter, never lost
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for future, result in zip(futures, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+        finally:
+            self._in_flight -= 1
+            if self._items and not self._scheduled:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)

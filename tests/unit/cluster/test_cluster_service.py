@@ -1,0 +1,295 @@
+"""TradingService over in-process ports: the open/close/sweep flows and their money invariants."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from cluster.messages import (
+    CloseOrder,
+    OpenOrder,
+    OpenPosition,
+    Principal,
+    SettlementItem,
+    ShardOpen,
+)
+from cluster.ports import LocalShardPort, Unavailable
+from cluster.service import TradingService
+from engine.orders import CloseReason, Side
+from engine.results import Code, Rejected
+from tests.unit.cluster.local_platform import Platform, build_platform
+
+pytestmark = pytest.mark.asyncio
+USD = 10**6
+SIGNUP = 10_000 * USD
+
+
+async def signup(service: TradingService) -> Principal:
+    account = await service.create_account()
+    who = await service.authenticate(account.api_key)
+    assert who is not None and who.account_id == account.account_id
+    return who
+
+
+def sol_long(margin_usd: int = 100, leverage: int = 10, **kw: object) -> OpenOrder:
+    return OpenOrder("SOL", Side.LONG, margin_usd * USD, leverage, **kw)  # type: ignore[arg-type]
+
+
+async def test_open_state_close_history(platform: Platform) -> None:
+    svc = platform.service
+    who = await signup(svc)
+    await platform.push_tick("SOL", "100.00", "100.01")
+    pos = await svc.open_position(who, sol_long())
+    assert isinstance(pos, OpenPosition) and pos.entry_ticks == 10001
+    state = await svc.state(who)
+    assert (state.free_micros, state.margin_micros) == (SIGNUP - 100 * USD, 100 * USD)
+    assert [p.position_id for p in state.positions] == [pos.position_id]
+    assert state.equity_micros == SIGNUP - 99_900
+    assert await platform.audit() == []
+    await platform.push_tick("SOL", "102.00", "102.01")
+    closed = await svc.close_position(who, CloseOrder(pos.position_id))
+    assert not isinstance(closed, Rejected)
+    assert closed.exit_ticks == 10200 and closed.reason == CloseReason.MANUAL
+    pnl = (10200 - 10001) * 999 * 100  # ticks * steps -> micros (0.01 * 0.01 = 100 micros)
+    assert closed.pnl_micros == pnl
+    state = await svc.state(who)
+    assert (state.free_micros, state.margin_micros, state.positions) == (SIGNUP + pnl, 0, [])
+    history = await svc.history(who)
+    assert isinstance(history, list) and [h.position_id for h in history] == [pos.position_id]
+    assert await platform.audit() == []
+
+
+async def test_unknown_key_is_none(platform: Platform) -> None:
+    assert await platform.service.authenticate("nope") is None
+
+
+async def test_refusals_before_the_ledger(platform: Platform) -> None:
+    svc = platform.service
+    who = await signup(svc)
+    r = await svc.open_position(who, OpenOrder("DOGE", Side.LONG, USD, 10))
+    assert isinstance(r, Rejected) and r.code is Code.UNKNOWN_ASSET
+    for lev in (0, 101, 1000):
+        r = await svc.open_position(who, sol_long(leverage=lev))
+        assert isinstance(r, Rejected) and r.code is Code.LEVERAGE_OUT_OF_RANGE
+    r = await svc.open_position(who, OpenOrder("SOL", Side.LONG, 0, 10))
+    assert isinstance(r, Rejected) and r.code is Code.INVALID_REQUEST
+    r = await svc.open_position(who, sol_long(margin_usd=SIGNUP))
+    assert isinstance(r, Rejected) and r.code is Code.INSUFFICIENT_BALANCE
+
+
+@pytest.mark.parametrize("case", ["no_price", "stale", "slippage", "bad_trigger", "tiny"])
+async def test_lock_is_released_when_the_shard_refuses(platform: Platform, case: str) -> None:
+    svc = platform.service
+    who = await signup(svc)
+    if case == "no_price":
+        order, code = sol_long(), Code.PRICE_UNAVAILABLE
+    elif case == "stale":
+        await platform.push_tick("SOL", "100.00", "100.01", age_us=16_000_000)
+        order, code = sol_long(), Code.PRICE_UNAVAILABLE
+    elif case == "slippage":
+        await platform.push_tick("SOL", "100.00", "100.01")
+        order, code = sol_long(current_price_ticks=9000), Code.PRICE_MOVED
+    elif case == "bad_trigger":
+        await platform.push_tick("SOL", "100.00", "100.01")
+        order, code = sol_long(tp_ticks=9000), Code.INVALID_TRIGGER
+    else:
+        await platform.push_tick("SOL", "100.00", "100.01")
+        order, code = OpenOrder("SOL", Side.LONG, 1, 1), Code.INVALID_REQUEST
+    r = await svc.open_position(who, order)
+    assert isinstance(r, Rejected) and r.code is code
+    state = await svc.state(who)
+    assert (state.free_micros, state.margin_micros, state.positions) == (SIGNUP, 0, [])
+    assert await platform.audit() == []
+
+
+async def test_users_are_isolated(platform: Platform) -> None:
+    svc = platform.service
+    alice, bob = await signup(svc), await signup(svc)
+    await platform.push_tick("SOL", "100.00", "100.01")
+    pos = await svc.open_position(alice, sol_long())
+    assert isinstance(pos, OpenPosition)
+    assert (await svc.state(bob)).positions == []
+    theirs = await svc.close_position(bob, CloseOrder(pos.position_id))
+    missing = await svc.close_position(bob, CloseOrder(pos.position_id + (1 << 34)))
+    garbage = await svc.close_position(bob, CloseOrder(7))
+    assert theirs == missing == garbage
+    assert isinstance(theirs, Rejected) and theirs.code is Code.NOT_FOUND
+    assert len((await svc.state(alice)).positions) == 1
+
+
+async def test_client_order_id_makes_opens_and_closes_idempotent(platform: Platform) -> None:
+    svc = platform.service
+    who = await signup(svc)
+    await platform.push_tick("SOL", "100.00", "100.01")
+    order = sol_long(client_order_id="o-1")
+    first = await svc.open_position(who, order)
+    again = await svc.open_position(who, order)
+    concurrent = await asyncio.gather(*(svc.open_position(who, order) for _ in range(5)))
+    assert isinstance(first, OpenPosition)
+    assert again == first and all(c == first for c in concurrent)
+    state = await svc.state(who)
+    assert len(state.positions) == 1 and state.margin_micros == 100 * USD
+    # the same id on another account is another request
+    other = await signup(svc)
+    theirs = await svc.open_position(other, order)
+    assert isinstance(theirs, OpenPosition) and theirs.position_id != first.position_id
+    # a refused first answer is the answer
+    big = sol_long(margin_usd=20_000, client_order_id="o-big")
+    r1 = await svc.open_position(who, big)
+    assert isinstance(r1, Rejected) and r1.code is Code.INSUFFICIENT_BALANCE
+    assert await svc.open_position(who, big) == r1
+    # closes
+    close = CloseOrder(first.position_id, client_order_id="c-1")
+    c1 = await svc.close_position(who, close)
+    await platform.push_tick("SOL", "150.00", "150.01")
+    c2 = await svc.close_position(who, close)
+    assert not isinstance(c1, Rejected) and c1 == c2
+    state = await svc.state(who)
+    assert state.free_micros == SIGNUP + c1.pnl_micros and state.margin_micros == 0
+    history = await svc.history(who)
+    assert isinstance(history, list) and len(history) == 1
+    assert await platform.audit() == []
+
+
+async def test_transient_refusal_is_not_stored_as_the_first_answer(platform: Platform) -> None:
+    svc = platform.service
+    who = await signup(svc)
+    order = sol_long(client_order_id="early")
+    r = await svc.open_position(who, order)
+    assert isinstance(r, Rejected) and r.code is Code.PRICE_UNAVAILABLE
+    await platform.push_tick("SOL", "100.00", "100.01")
+    pos = await svc.open_position(who, order)
+    assert isinstance(pos, OpenPosition)
+    assert await svc.open_position(who, order) == pos
+
+
+async def test_sweep_settles_through_the_ledger_exactly_once(platform: Platform) -> None:
+    svc = platform.service
+    who = await signup(svc)
+    await platform.push_tick("SOL", "100.00", "100.01")
+    tp = await svc.open_position(who, sol_long(tp_ticks=10500))
+    sl = await svc.open_position(who, sol_long(sl_ticks=9500))
+    short = await svc.open_position(who, OpenOrder("SOL", Side.SHORT, 100 * USD, 50))
+    assert all(isinstance(p, OpenPosition) for p in (tp, sl, short))
+    assert await platform.push_tick("SOL", "105.00", "105.01") == 2  # TP long, liquidate short
+    state = await svc.state(who)
+    assert [p.position_id for p in state.positions] == [sl.position_id]  # type: ignore[union-attr]
+    assert await platform.audit() == []
+    # resend the shard's settlements (e.g. a lost ack): nothing changes
+    port = platform.shard_of("SOL")
+    history = await svc.history(who)
+    assert isinstance(history, list) and len(history) == 2
+    before = await svc.state(who)
+    resend = [SettlementItem(i + 1, c) for i, c in enumerate(reversed(history))]
+    assert await platform.ledger.apply_settlements(port.name, resend) == 2
+    assert await svc.state(who) == before
+    reasons = {h.position_id: CloseReason(h.reason) for h in history}
+    assert reasons == {tp.position_id: CloseReason.TAKE_PROFIT,  # type: ignore[union-attr]
+                       short.position_id: CloseReason.LIQUIDATION}  # type: ignore[union-attr]
+    await platform.push_tick("SOL", "95.00", "95.01")
+    assert (await svc.state(who)).positions == []
+    assert await platform.audit() == []
+
+
+async def test_close_waits_for_an_earlier_tick_settlement_still_in_the_outbox() -> None:
+    # a shard port whose tick settlements never reach the ledger by themselves
+    p = build_platform()
+    for port in p.shards.values():
+        port.ledger = None
+    svc = p.service
+    who = await signup(svc)
+    await p.push_tick("SOL", "100.00", "100.01")
+    a = await svc.open_position(who, sol_long(tp_ticks=10100))
+    b = await svc.open_position(who, sol_long())
+    assert isinstance(a, OpenPosition) and isinstance(b, OpenPosition)
+    await p.push_tick("SOL", "101.00", "101.01")  # a closes (seq 1), stays in the outbox
+    closed = await svc.close_position(who, CloseOrder(b.position_id))  # seq 2
+    assert not isinstance(closed, Rejected)
+    state = await svc.state(who)
+    assert state.margin_micros == 0 and state.positions == []
+    history = await svc.history(who)
+    assert isinstance(history, list) and len(history) == 2
+    assert await p.audit() == []
+
+
+async def test_concurrent_opens_are_micro_batched(platform: Platform) -> None:
+    svc = platform.service
+    users = [await signup(svc) for _ in range(20)]
+    await platform.push_tick("SOL", "100.00", "100.01")
+    await platform.push_tick("BTC", "60000.0", "60000.1")
+    orders = [sol_long() if i % 2 else OpenOrder("BTC", Side.SHORT, 50 * USD, 5)
+              for i in range(len(users))]
+    locks_before = svc.batch_stats()["lock_margins"]
+    results = await asyncio.gather(*(svc.open_position(u, o) for u, o in zip(users, orders,
+                                                                               strict=True)))
+    assert all(isinstance(r, OpenPosition) for r in results)
+    batches, items = svc.batch_stats()["lock_margins"]
+    assert items - locks_before[1] == 20 and batches - locks_before[0] <= 2
+    states = await asyncio.gather(*(svc.state(u) for u in users))
+    assert all(len(s.positions) == 1 for s in states)
+    assert await platform.audit() == []
+
+
+class FlakyShard:
+    """A shard port whose next ``failures`` open_many calls fail; ``deliver`` says whether the
+    failed call reached the core first (a lost reply) or not (a lost request)."""
+
+    def __init__(self, inner: LocalShardPort, failures: int, deliver: bool) -> None:
+        self.inner, self.failures, self.deliver = inner, failures, deliver
+        self.name = inner.name
+
+    async def open_many(self, requests: Sequence[ShardOpen]) -> list[object]:
+        if self.failures > 0:
+            self.failures -= 1
+            if self.deliver:
+                await self.inner.open_many(requests)
+            raise Unavailable(self.name, "test")
+        return await self.inner.open_many(requests)  # type: ignore[return-value]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("deliver", [False, True])
+async def test_lost_reply_is_resent_with_the_same_request_id(deliver: bool) -> None:
+    flaky: list[FlakyShard] = []
+
+    def wrap(port: LocalShardPort) -> FlakyShard:
+        flaky.append(FlakyShard(port, failures=1, deliver=deliver))
+        return flaky[-1]
+
+    p = build_platform(wrap=wrap)  # type: ignore[arg-type]
+    who = await signup(p.service)
+    await p.push_tick("SOL", "100.00", "100.01")
+    pos = await p.service.open_position(who, sol_long())
+    assert isinstance(pos, OpenPosition)
+    state = await p.service.state(who)
+    assert len(state.positions) == 1 and state.margin_micros == 100 * USD
+    assert await p.audit() == []
+
+
+@pytest.mark.parametrize("deliver", [False, True])
+async def test_open_in_doubt_keeps_the_lock_until_the_shard_answers(deliver: bool) -> None:
+    flaky: list[FlakyShard] = []
+
+    def wrap(port: LocalShardPort) -> FlakyShard:
+        flaky.append(FlakyShard(port, failures=3, deliver=deliver))
+        return flaky[-1]
+
+    p = build_platform(wrap=wrap)  # type: ignore[arg-type]
+    svc = p.service
+    who = await signup(svc)
+    await p.push_tick("SOL", "100.00", "100.01")
+    with pytest.raises(Unavailable):
+        await svc.open_position(who, sol_long())
+    state = await svc.state(who)
+    assert state.margin_micros == 100 * USD  # in doubt: still locked
+    assert await svc.reconcile() == 0
+    state = await svc.state(who)
+    if deliver:  # it did open: the lock stays with the position
+        assert len(state.positions) == 1 and state.margin_micros == 100 * USD
+    else:  # it never arrived: released, and fenced against a late arrival
+        assert state.positions == [] and (state.free_micros, state.margin_micros) == (SIGNUP, 0)
+    assert await p.audit() == []
