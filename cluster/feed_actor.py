@@ -1,0 +1,351 @@
+"""The feed actor: consumes the market data topic, conflates, fans ticks out to the shards.
+
+Create it with Ray (shards are looked up by their actor name, ``ShardSpec.name``, in
+``namespace``; or pass ``shard_handles={name: handle}``)::
+
+    feed = FeedActor.options(name="feed", namespace="shardex").remote(
+        settings, bootstrap, namespace="shardex")
+    ray.get(feed.start.remote())          # returns once partitions are assigned
+    ray.get(feed.stats.remote())          # counters, lag, tick ages, last prices
+
+Every shard receives ``shard.apply_ticks.remote(ticks: list[engine.market.Tick])``: one call
+carrying the newest tick of each of its assets; at most ``max_in_flight_per_shard`` calls are
+outstanding per shard, and while they are, newer ticks replace older pending ones (so a slow
+shard costs bounded memory and only superseded ticks are ever skipped). A shard that is missing
+or dead keeps its newest pending ticks and is looked up again every ``lookup_retry_s``.
+
+Consumption starts from the newest offsets on every partition assignment (the last message of
+each partition is re-read so the newest price is delivered at once); ticks older (``ts_us``)
+than the last one delivered for their asset are dropped as ``stale``. A broker restart (the
+embedded broker forgets every topic) is survived by aiokafka's reconnects plus recreating the
+topic when nothing is assigned; any consumer failure rebuilds the consumer after a backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import ray
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+
+from cluster.config import CONSUMER_GROUP, MARKET_TOPIC, Settings
+from cluster.placement import shards_for_asset
+from engine.market import Tick
+from feed.broker import ensure_topic
+from feed.conflation import BatchConflator, ShardFanout
+
+log = logging.getLogger(__name__)
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class _SeekOnAssign(ConsumerRebalanceListener):
+    """Position newly assigned partitions at the newest message (or the beginning)."""
+
+    def __init__(self, owner: FeedActorCore) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.owner.position(list(assigned))
+
+
+class FeedActorCore:
+    """The feed actor's logic on an asyncio loop; :class:`FeedActor` is its Ray shell.
+
+    Kept free of Ray calls except through ``call_shard``/``lookup_shard`` so it can run in a
+    plain process as well (the benchmark and tests use it through the actor).
+    """
+
+    def __init__(self, settings: Settings, bootstrap: str | None = None, *,
+                 namespace: str | None = None, shard_handles: Mapping[str, Any] | None = None,
+                 topic: str = MARKET_TOPIC, group_id: str = CONSUMER_GROUP,
+                 max_in_flight_per_shard: int = 1, start_from: str = "latest",
+                 max_batch: int = 20_000, fetch_max_wait_ms: int = 5,
+                 lookup_retry_s: float = 1.0) -> None:
+        if start_from not in ("latest", "earliest"):
+            raise ValueError("start_from must be 'latest' or 'earliest'")
+        self.settings = settings
+        self.assets = settings.assets
+        self.bootstrap = bootstrap or settings.bootstrap_servers
+        self.namespace = namespace
+        self.topic = topic
+        self.group_id = group_id
+        self.start_from = start_from
+        self.max_batch = max_batch
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.lookup_retry_s = lookup_retry_s
+        routes = {a.name: [s.name for s in shards_for_asset(settings, a.name)]
+                  for a in self.assets.assets}
+        self.fanout = ShardFanout(routes, max_in_flight_per_shard)
+        self.conflator = BatchConflator(self.assets)
+        self.handles: dict[str, Any] = dict(shard_handles or {})
+        self._fixed_handles = shard_handles is not None
+        self._lookup_after: dict[str, float] = {}
+        self.last: dict[str, Tick] = {}
+        self.dropped: Counter[str] = Counter()
+        self.consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._calls: set[asyncio.Task[None]] = set()
+        self._assigned = asyncio.Event()
+        self._stopping = False
+        self._next_offset: dict[TopicPartition, int] = {}
+        self.consumer_restarts = 0
+        self.topic_recreations = 0
+        self.last_error: str | None = None
+        self.first_record_s: float | None = None
+        self.last_record_s: float | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def ensure_started(self) -> None:
+        if self._task is None or self._task.done():
+            self._stopping = False
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def start(self, timeout_s: float = 30.0) -> bool:
+        """Start consuming; True once partitions are assigned (False after ``timeout_s``)."""
+        self.ensure_started()
+        try:
+            await asyncio.wait_for(self._assigned.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self._close_consumer()
+
+    async def _close_consumer(self) -> None:
+        consumer, self.consumer = self.consumer, None
+        self._assigned.clear()
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(consumer.stop(), 10.0)
+
+    async def _open_consumer(self) -> AIOKafkaConsumer:
+        with contextlib.suppress(Exception):
+            await ensure_topic(self.bootstrap, len(self.assets), self.topic, timeout_s=5.0)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=self.group_id,
+            auto_offset_reset="latest", enable_auto_commit=True,
+            fetch_max_wait_ms=self.fetch_max_wait_ms, metadata_max_age_ms=2000,
+            max_partition_fetch_bytes=4 * 1024 * 1024, request_timeout_ms=10_000,
+            retry_backoff_ms=100,
+        )
+        await consumer.start()
+        self.consumer = consumer
+        consumer.subscribe([self.topic], listener=_SeekOnAssign(self))
+        return consumer
+
+    async def position(self, partitions: list[TopicPartition]) -> None:
+        """Seek ``partitions`` to their newest message (``latest``) or their beginning."""
+        consumer = self.consumer
+        if consumer is None or not partitions:
+            return
+        if self.start_from == "earliest":
+            await consumer.seek_to_beginning(*partitions)
+        else:
+            ends = await consumer.end_offsets(partitions)
+            begins = await consumer.beginning_offsets(partitions)
+            for tp in partitions:
+                consumer.seek(tp, max(begins.get(tp, 0), ends.get(tp, 0) - 1))
+        self._assigned.set()
+
+    # -- the consume loop ------------------------------------------------------------------
+    async def _run(self) -> None:
+        backoff_s = 0.2
+        while not self._stopping:
+            try:
+                consumer = await self._open_consumer()
+                backoff_s = 0.2
+                await self._consume(consumer)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("feed actor: consumer failed (%s); rebuilding in %.1f s",
+                            self.last_error, backoff_s)
+            await self._close_consumer()
+            if self._stopping:
+                return
+            self.consumer_restarts += 1
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 5.0)
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+        unassigned_since = time.monotonic()
+        while not self._stopping:
+            batch = await consumer.getmany(timeout_ms=100, max_records=self.max_batch)
+            if batch:
+                now_s = time.time()
+                if self.first_record_s is None:
+                    self.first_record_s = now_s
+                self.last_record_s = now_s
+                for tp, records in batch.items():
+                    self._next_offset[tp] = records[-1].offset + 1
+                self._deliver(self.conflator.newest(batch.values()))
+            else:
+                self._pump()
+            if consumer.assignment():
+                self._assigned.set()
+                unassigned_since = time.monotonic()
+            elif time.monotonic() - unassigned_since > 3.0:
+                # The embedded broker forgets topics on restart; nobody may be producing yet.
+                unassigned_since = time.monotonic()
+                with contextlib.suppress(Exception):
+                    if await ensure_topic(self.bootstrap, len(self.assets), self.topic, 5.0):
+                        self.topic_recreations += 1
+
+    def _deliver(self, ticks: Mapping[str, Tick]) -> None:
+        fresh = []
+        for asset, tick in ticks.items():
+            prev = self.last.get(asset)
+            if prev is not None and tick.ts_us < prev.ts_us:
+                self.dropped["stale"] += 1
+                continue
+            self.last[asset] = tick
+            fresh.append(tick)
+        self.fanout.offer(fresh)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start every call the in-flight bound allows, for shards whose handle is known."""
+        if not self.fanout.pending_count():
+            return
+        for name in self.fanout.shards:
+            if name not in self.handles and self.fanout.pending[name]:
+                self._lookup(name)
+        for name, ticks in self.fanout.take_ready(self.handles):
+            task = asyncio.get_running_loop().create_task(self._call(name, ticks))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    def _lookup(self, name: str) -> None:
+        if self._fixed_handles or time.monotonic() < self._lookup_after.get(name, 0.0):
+            return
+        try:
+            self.handles[name] = ray.get_actor(name, namespace=self.namespace)
+        except ValueError:
+            self._lookup_after[name] = time.monotonic() + self.lookup_retry_s
+
+    async def _call(self, name: str, ticks: list[Tick]) -> None:
+        ok = False
+        try:
+            await self.handles[name].apply_ticks.remote(ticks)
+            ok = True
+        except Exception as exc:  # a dead or failing shard: look it up again later
+            self.last_error = f"shard {name}: {type(exc).__name__}: {exc}"
+            log.warning("feed actor: %s", self.last_error)
+            if not self._fixed_handles:
+                self.handles.pop(name, None)
+                self._lookup_after[name] = time.monotonic() + self.lookup_retry_s
+        finally:
+            self.fanout.done(name, ticks, ok)
+        self._pump()
+
+    # -- what others read ------------------------------------------------------------------
+    def lag(self) -> int | None:
+        """Messages on the broker not yet read, over the assigned partitions (None: unknown)."""
+        consumer = self.consumer
+        if consumer is None:
+            return None
+        total = 0
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            nxt = self._next_offset.get(tp)
+            if high is None or nxt is None:
+                continue
+            total += max(0, high - nxt)
+        return total
+
+    def prices(self) -> dict[str, dict[str, Any]]:
+        """``{asset: {"bid", "ask", "ts_us", "seq", "source"}}`` of the last delivered ticks."""
+        out = {}
+        for name, tick in self.last.items():
+            asset = self.assets[name]
+            out[name] = {"bid": asset.ticks_to_price(tick.bid_ticks),
+                         "ask": asset.ticks_to_price(tick.ask_ticks),
+                         "ts_us": tick.ts_us, "seq": tick.seq, "source": tick.source}
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        now_us = _now_us()
+        dropped = Counter(self.conflator.decoder.dropped)
+        dropped.update(self.dropped)
+        return {
+            "consumed": self.conflator.consumed,
+            "decoded": self.conflator.decoder.decoded,
+            "dropped": dict(dropped),
+            "conflated": self.conflator.conflated + self.fanout.conflated,
+            "conflated_batch": self.conflator.conflated,
+            "conflated_pending": self.fanout.conflated,
+            "delivered": self.fanout.delivered,
+            "calls": self.fanout.calls,
+            "failed_calls": self.fanout.failed_calls,
+            "pending": self.fanout.pending_count(),
+            "in_flight": sum(self.fanout.in_flight.values()),
+            "lag": self.lag(),
+            "assigned": self.consumer is not None and bool(self.consumer.assignment()),
+            "tick_age_s": {a: (now_us - t.ts_us) / 1e6 for a, t in self.last.items()},
+            "prices": self.prices(),
+            "shards_known": sorted(self.handles),
+            "consumer_restarts": self.consumer_restarts,
+            "topic_recreations": self.topic_recreations,
+            "last_error": self.last_error,
+            "first_record_s": self.first_record_s,
+            "last_record_s": self.last_record_s,
+            "bootstrap": self.bootstrap,
+            "topic": self.topic,
+        }
+
+
+class FeedActorShell:
+    """Ray shell of :class:`FeedActorCore` (same constructor arguments); use :data:`FeedActor`.
+
+    Methods (all async; any of them starts consumption if it is not running, so a restarted
+    actor resumes on the first call): ``start(timeout_s=30) -> bool``, ``stats() -> dict``,
+    ``prices() -> dict``, ``stop()``, ``set_shard_handles({name: handle})``.
+    """
+
+    def __init__(self, settings: Settings, bootstrap: str | None = None, **kwargs: Any) -> None:
+        self.core = FeedActorCore(settings, bootstrap, **kwargs)
+
+    async def start(self, timeout_s: float = 30.0) -> bool:
+        return await self.core.start(timeout_s)
+
+    async def stats(self) -> dict[str, Any]:
+        self.core.ensure_started()
+        return self.core.stats()
+
+    async def prices(self) -> dict[str, dict[str, Any]]:
+        self.core.ensure_started()
+        return self.core.prices()
+
+    async def set_shard_handles(self, handles: Mapping[str, Any]) -> None:
+        self.core.handles.update(handles)
+        self.core._fixed_handles = True
+
+    async def stop(self) -> None:
+        await self.core.stop()
+
+
+# The Ray actor class (``FeedActor.remote(...)``, ``FeedActor.options(name=...)``). It asks for
+# no CPU slot: it is I/O bound and must not take one of the shards' slots on a small machine.
+# Typed Any because Ray's decorator typing does not model actor classes with options.
+_ray_remote: Any = ray.remote
+FeedActor: Any = _ray_remote(num_cpus=0)(FeedActorShell)

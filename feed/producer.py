@@ -1,0 +1,124 @@
+"""Publishing MarketDataMessages to Kafka with aiokafka, recovering from broker restarts.
+
+Each asset goes to its own partition (``asset.index % partitions``) with key = the Backpack
+symbol, so per-asset order is kept and the consumer can conflate per partition. When the broker
+restarts (the embedded one forgets every topic), a failed send recreates the topic and the
+producer, and publishing goes on; messages lost in the gap are only superseded prices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from cluster.config import MARKET_TOPIC
+from engine.assets import AssetRegistry
+from feed.broker import ensure_topic
+from feed.message import MarketDataMessage
+
+log = logging.getLogger(__name__)
+
+
+class MarketDataProducer:
+    """``await start()``, ``await publish(msg)`` (many), ``await stop()``.
+
+    ``publish`` only enqueues (aiokafka batches in the background, ``linger_ms``); delivery
+    failures are counted in ``errors`` and trigger a recovery on the next publish.
+    ``create_topic`` makes the producer create the topic (one partition per asset) when missing.
+    """
+
+    def __init__(self, bootstrap: str, assets: AssetRegistry, *, topic: str = MARKET_TOPIC,
+                 linger_ms: int = 1, create_topic: bool = True,
+                 request_timeout_ms: int = 5000) -> None:
+        self.bootstrap = bootstrap
+        self.assets = assets
+        self.topic = topic
+        self.linger_ms = linger_ms
+        self.create_topic = create_topic
+        self.request_timeout_ms = request_timeout_ms
+        self._producer: AIOKafkaProducer | None = None
+        self._partitions = 0
+        self._broken = False
+        self.sent = 0
+        self.errors = 0
+        self.recoveries = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {"sent": self.sent, "errors": self.errors, "recoveries": self.recoveries,
+                "topic": self.topic, "bootstrap": self.bootstrap}
+
+    async def start(self) -> None:
+        """Connect (retrying until the broker answers) and make sure the topic exists."""
+        delay = 0.1
+        while True:
+            try:
+                await self._connect()
+                return
+            except (KafkaError, OSError) as exc:
+                log.warning("producer: cannot reach %s (%s); retrying in %.1f s", self.bootstrap,
+                            exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _connect(self) -> None:
+        if self.create_topic:
+            await ensure_topic(self.bootstrap, len(self.assets), self.topic)
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=self.linger_ms,
+                                    acks=1, request_timeout_ms=self.request_timeout_ms,
+                                    max_batch_size=256 * 1024)
+        await producer.start()
+        try:
+            parts = await producer.partitions_for(self.topic)
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer = producer
+        self._partitions = max(1, len(parts or ()))
+        self._broken = False
+
+    async def stop(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                await producer.stop()
+            except KafkaError as exc:  # pending batches to a dead broker: nothing to save
+                log.warning("producer: stop: %s", exc)
+
+    async def _recover(self) -> None:
+        self.recoveries += 1
+        log.warning("producer: recovering (broker restart or topic loss?)")
+        await self.stop()
+        await self.start()
+
+    def _on_done(self, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            self.errors += 1
+            self._broken = True
+
+    async def publish(self, msg: MarketDataMessage) -> None:
+        """Enqueue ``msg`` (key = symbol, partition = the asset's); recovers and retries once."""
+        for _attempt in range(2):
+            if self._producer is None or self._broken:
+                await self._recover()
+            assert self._producer is not None
+            asset = self.assets.get(msg.asset)
+            partition = (asset.index if asset else 0) % self._partitions
+            try:
+                fut = await self._producer.send(self.topic, msg.to_json_bytes(), key=msg.key,
+                                                partition=partition)
+            except KafkaError as exc:
+                self.errors += 1
+                self._broken = True
+                log.warning("producer: send failed: %s", exc)
+                continue
+            fut.add_done_callback(self._on_done)
+            self.sent += 1
+            return
+
+    async def flush(self) -> None:
+        if self._producer is not None:
+            await self._producer.flush()

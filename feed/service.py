@@ -1,0 +1,66 @@
+"""``shardex feed``: the market data service alone (source -> Kafka), no Ray.
+
+Starts the embedded broker unless ``KAFKA_BROKERS`` is set, creates the topic (one partition per
+asset), runs the FEED_SOURCE source until Ctrl-C / SIGTERM, then stops everything in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from cluster.config import EMBEDDED_BROKER, Settings
+from feed.broker import BrokerError, EmbeddedBroker
+from feed.source import make_source, run_source
+
+log = logging.getLogger(__name__)
+
+
+def embedded_broker_for(settings: Settings) -> EmbeddedBroker | None:
+    """The broker to start for ``settings``: None when ``KAFKA_BROKERS`` names an external one."""
+    if settings.kafka_brokers:
+        return None
+    host, _, port = EMBEDDED_BROKER.rpartition(":")
+    return EmbeddedBroker(host, int(port))
+
+
+async def _serve(settings: Settings, bootstrap: str) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    source = make_source(settings)
+    stats = await run_source(settings, stop, bootstrap=bootstrap, source=source)
+    log.info("feed: stopped: %s", stats)
+
+
+def run_feed_service(settings: Settings) -> int:
+    """Run the market data service in the foreground; returns the process exit code."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        make_source(settings)  # fail on a bad FEED_SOURCE before starting anything
+    except (ValueError, OSError) as exc:
+        print(f"shardex feed: {exc}", file=sys.stderr)
+        return 2
+    broker = embedded_broker_for(settings)
+    try:
+        if broker is not None:
+            broker.start()
+    except BrokerError as exc:
+        print(f"shardex feed: {exc}", file=sys.stderr)
+        return 1
+    bootstrap = broker.bootstrap if broker is not None else settings.bootstrap_servers
+    try:
+        asyncio.run(_serve(settings, bootstrap))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if broker is not None:
+            broker.stop()
+    return 0

@@ -1,0 +1,33 @@
+"""Shared fixtures for the whole suite (keep this file small and generic)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[str]:
+    """The embedded Tansu broker on a free loopback port, once per session; yields the bootstrap
+    string (``"127.0.0.1:PORT"``). Memory-only: a test that restarts it (``kafka_broker_process``)
+    loses every topic, as in production."""
+    from feed.broker import EmbeddedBroker, free_port
+
+    broker = EmbeddedBroker("127.0.0.1", free_port())
+    broker.start()
+    _BROKERS[broker.bootstrap] = broker
+    try:
+        yield broker.bootstrap
+    finally:
+        _BROKERS.pop(broker.bootstrap, None)
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker_process(kafka_broker: str) -> object:
+    """The :class:`feed.broker.EmbeddedBroker` behind ``kafka_broker`` (to restart it)."""
+    return _BROKERS[kafka_broker]
+
+
+_BROKERS: dict[str, object] = {}

@@ -1,0 +1,47 @@
+"""A stand-in shard actor for the feed tests and benchmark: records what ``apply_ticks`` gets."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import ray
+
+from engine.market import Tick
+
+
+class _RecordingShard:
+    """Records every ``apply_ticks`` call: receive time (us), the ticks; sleeps ``delay_s`` per
+    call and tracks the most calls ever running at once (threaded actor, so the feed actor's
+    in-flight bound is what limits concurrency)."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.calls: list[tuple[int, list[Tick]]] = []
+        self._lock = threading.Lock()
+        self._running = 0
+        self.max_running = 0
+
+    def apply_ticks(self, ticks: list[Tick]) -> int:
+        now_us = time.time_ns() // 1000
+        with self._lock:
+            self._running += 1
+            self.max_running = max(self.max_running, self._running)
+            self.calls.append((now_us, list(ticks)))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        with self._lock:
+            self._running -= 1
+        return len(ticks)
+
+    def received(self) -> list[tuple[int, list[Tick]]]:
+        with self._lock:
+            return list(self.calls)
+
+    def max_concurrent(self) -> int:
+        return self.max_running
+
+
+_ray_remote: Any = ray.remote
+RecordingShard: Any = _ray_remote(num_cpus=0, max_concurrency=8)(_RecordingShard)

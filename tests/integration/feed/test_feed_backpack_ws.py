@@ -1,0 +1,145 @@
+"""The Backpack client against a real WebSocket server on loopback that plays Backpack.
+
+The server replays the recorded fixture frames across three connections, interleaved with error
+frames, garbage, invalid bookTickers and a protocol ping, drops the first connection abruptly and
+closes the second; the client must publish exactly the valid bookTicker prices, in order, to a
+real (embedded) Kafka, reconnecting and resubscribing each time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from websockets.asyncio.server import ServerConnection
+
+from cluster.config import Settings
+from feed.backpack import BackpackClient
+from feed.source import run_source
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "backpack"
+FRAMES = [ln for ln in (FIXTURES / "recorded_ws_frames.jsonl").read_text().splitlines() if ln]
+ERRORS = [ln for ln in (FIXTURES / "error_frames.jsonl").read_text().splitlines() if ln]
+BOOK = [json.loads(ln)["data"] for ln in FRAMES if json.loads(ln)["data"]["e"] == "bookTicker"]
+
+
+def bad_book(**over: object) -> str:
+    data = dict(BOOK[0])
+    data.update(over)
+    return json.dumps({"data": data, "stream": "bookTicker.SOL_USDC"})
+
+
+class FakeBackpack:
+    """Plays three connections; records every subscribe request and whether pings got pongs."""
+
+    def __init__(self) -> None:
+        self.subscribes: list[object] = []
+        self.pong_ok: list[bool] = []
+        self.connections = 0
+        self.done = asyncio.Event()
+
+    async def handler(self, ws: ServerConnection) -> None:
+        self.connections += 1
+        n = self.connections
+        self.subscribes.append(json.loads(await ws.recv()))
+        if n == 1:
+            await ws.send(ERRORS[1])
+            await ws.send("}{ not json")
+            for line in FRAMES[:8]:
+                await ws.send(line)
+            await ws.send(bad_book(b=None, u=BOOK[3]["u"] + 1))
+            await ws.send(bad_book(b="99.99", u=BOOK[3]["u"] + 1))
+            pong = await ws.ping()
+            try:
+                await asyncio.wait_for(pong, 5)
+                self.pong_ok.append(True)
+            except TimeoutError:
+                self.pong_ok.append(False)
+            await ws.send(bad_book(u=BOOK[0]["u"] - 1))  # older update id
+            await asyncio.sleep(0.3)
+            ws.transport.abort()  # drop mid-stream, no close handshake
+            return
+        if n == 2:
+            for line in FRAMES[8:14]:
+                await ws.send(line)
+            await ws.close(1001, "going away")
+            return
+        for line in FRAMES[14:]:
+            await ws.send(line)
+        self.done.set()
+        await ws.wait_closed()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_client_publishes_exactly_the_valid_prices_in_order(kafka_broker: str) -> None:
+    fake = FakeBackpack()
+    topic = f"ws-{uuid.uuid4().hex[:8]}"
+    async with websockets.serve(fake.handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        url = f"ws://127.0.0.1:{port}"
+        settings = Settings(backpack_ws_url=url)
+        client = BackpackClient(url, settings.assets, backoff_initial_s=0.05, backoff_max_s=0.2)
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            run_source(settings, stop, bootstrap=kafka_broker, topic=topic, source=client))
+        await asyncio.wait_for(fake.done.wait(), 30)
+        await asyncio.sleep(0.3)
+        stop.set()
+        result = await asyncio.wait_for(task, 10)
+
+    assert fake.connections == 3 and client.connects == 3
+    expected_sub = {"method": "SUBSCRIBE",
+                    "params": ["bookTicker.SOL_USDC", "bookTicker.BTC_USDC", "bookTicker.ETH_USDC"]}
+    assert fake.subscribes == [expected_sub] * 3
+    assert fake.pong_ok == [True]
+    stats = client.stats()
+    assert stats["error_frames"] == 1
+    assert stats["dropped"] == {"malformed": 1, "null_side": 1, "crossed": 1, "stale_seq": 1}
+    assert result["published"] == len(BOOK) == 13
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_broker, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(3)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        got: list[Any] = []
+        while len(got) < 13:
+            batch = await consumer.getmany(timeout_ms=2000)
+            assert batch, f"only {len(got)} messages on the topic"
+            for records in batch.values():
+                got.extend(records)
+    finally:
+        await consumer.stop()
+    assert {r.key for r in got} == {b"SOL_USDC"}
+    values = [json.loads(r.value) for r in sorted(got, key=lambda r: r.offset)]
+    assert [v["seq"] for v in values] == [d["u"] for d in BOOK]
+    assert [v["ts_us"] for v in values] == [d["T"] for d in BOOK]
+    assert [(v["bid"], v["ask"]) for v in values] == [(d["b"], d["a"]) for d in BOOK]
+    assert all(v["source"] == "backpack" and v["symbol"] == "SOL_USDC" for v in values)
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_auto_falls_back_to_sim_when_backpack_is_unreachable(kafka_broker: str) -> None:
+    from feed.broker import free_port
+    from feed.source import make_source
+
+    settings = Settings(backpack_ws_url=f"ws://127.0.0.1:{free_port()}")  # nobody listens
+    source = make_source(settings, "auto?wait=1&rate=20")
+    assert source is not None
+    stop = asyncio.Event()
+    got = []
+    async for msg in source.stream(stop):
+        got.append(msg)
+        if len(got) == 5:
+            stop.set()
+    assert source.name == "sim"
+    assert {m.source for m in got} == {"sim"}

@@ -1,0 +1,59 @@
+"""The embedded broker: start/stop, a clear error on a busy port, topic creation."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from feed.broker import BrokerError, EmbeddedBroker, accepts_connections, ensure_topic, free_port
+
+
+def test_busy_port_is_a_clear_error_not_a_hang() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(BrokerError, match="already in use"):
+            EmbeddedBroker("127.0.0.1", port).start()
+        assert time.monotonic() - t0 < 2.0
+
+
+def test_start_stop_and_context_manager() -> None:
+    port = free_port()
+    with EmbeddedBroker("127.0.0.1", port) as broker:
+        assert broker.running and accepts_connections("127.0.0.1", port)
+        assert broker.bootstrap == f"127.0.0.1:{port}"
+        with pytest.raises(BrokerError):  # a second broker on the same port
+            EmbeddedBroker("127.0.0.1", port).start()
+    assert not broker.running
+    assert not accepts_connections("127.0.0.1", port)
+
+
+def test_missing_binary_is_a_clear_error() -> None:
+    with pytest.raises(BrokerError, match="cannot run the broker binary"):
+        EmbeddedBroker("127.0.0.1", free_port(), binary="/nonexistent/tansu").start()
+
+
+def test_broker_that_exits_at_start_is_reported() -> None:
+    with pytest.raises(BrokerError, match="exited at start"):
+        EmbeddedBroker("127.0.0.1", free_port(), binary="/bin/false").start()
+
+
+@pytest.mark.asyncio
+async def test_ensure_topic_one_partition_per_asset_idempotent(kafka_broker: str) -> None:
+    topic = f"topic-{free_port()}"
+    assert await ensure_topic(kafka_broker, 3, topic) is True
+    assert await ensure_topic(kafka_broker, 3, topic) is False
+    results = await asyncio.gather(*(ensure_topic(kafka_broker, 3, f"{topic}-x") for _ in range(3)))
+    assert sorted(results) in ([False, False, True], [False, False, False])
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker)
+    await producer.start()
+    try:
+        assert await producer.partitions_for(topic) == {0, 1, 2}
+    finally:
+        await producer.stop()

@@ -1,0 +1,69 @@
+"""``shardex feed`` as a real process: source -> external Kafka, stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from cluster.config import MARKET_TOPIC
+
+ROOT = Path(__file__).resolve().parents[3]
+FIXTURE = ROOT / "tests" / "fixtures" / "backpack" / "recorded_ws_frames.jsonl"
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_feed_service_replays_to_kafka_and_stops_on_sigterm(kafka_broker: str) -> None:
+    consumer = AIOKafkaConsumer(MARKET_TOPIC, bootstrap_servers=kafka_broker,
+                                group_id="service-test", auto_offset_reset="earliest",
+                                metadata_max_age_ms=500)
+    await consumer.start()
+    env = {**os.environ, "KAFKA_BROKERS": kafka_broker, "PYTHONPATH": str(ROOT),
+           "FEED_SOURCE": f"replay:{FIXTURE}?speed=0&loop=1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "feed"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        values = []
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(values) < 30 and asyncio.get_running_loop().time() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                values.extend(json.loads(r.value) for r in records)
+        assert len(values) >= 30
+        assert {v["source"] for v in values} == {"replay"}
+        assert {(v["symbol"], v["bid"], v["ask"]) for v in values} == {
+            ("SOL_USDC", "98.96", "98.97")}
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=15)
+        assert proc.returncode == 0, out.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        await consumer.stop()
+        # Leave the shared session broker as we found it for later tests on the real topic.
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker)
+        await admin.start()
+        try:
+            await admin.delete_topics([MARKET_TOPIC])
+            assert MARKET_TOPIC not in await admin.list_topics()
+        finally:
+            await admin.close()
+
+
+def test_feed_service_rejects_a_bad_source() -> None:
+    env = {**os.environ, "KAFKA_BROKERS": "127.0.0.1:1", "PYTHONPATH": str(ROOT),
+           "FEED_SOURCE": "carrier-pigeon"}
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "feed"], cwd=ROOT, env=env,
+                          capture_output=True, timeout=30)
+    assert proc.returncode == 2
+    assert b"unknown FEED_SOURCE" in proc.stderr
