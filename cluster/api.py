@@ -1,0 +1,520 @@
+"""The HTTP API (SPEC "HTTP API"): a FastAPI app over a TradingService.
+
+``create_app(service)`` is all a host needs: the Ray Serve deployment wraps it as its ingress,
+the no-Ray baseline and the e2e tests serve it with plain uvicorn. This is the only place where
+integers become decimal strings and decimal input becomes integers.
+
+Every error, including FastAPI's own (validation, unknown route, wrong method, malformed JSON),
+has the SPEC shape ``{"error": {"code", "message"}}``. Responses are built as plain dicts and
+serialised once (no response-model validation on the hot path); the pydantic models below
+validate requests and document the responses in the OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictFloat, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cluster.messages import ClosedPosition, CloseOrder, OpenOrder, OpenPosition, Principal
+from cluster.ports import Unavailable
+from cluster.service import TradingService
+from engine.amounts import AmountError, micros_to_money, money_to_micros
+from engine.assets import Asset
+from engine.market import Tick
+from engine.orders import CloseReason, Side
+from engine.results import Code, Rejected
+
+log = logging.getLogger("shardex.api")
+
+STATUS_OF_CODE: dict[Code, int] = {
+    Code.UNAUTHORIZED: 401,
+    Code.NOT_FOUND: 404,
+    Code.INSUFFICIENT_BALANCE: 409,
+    Code.PRICE_MOVED: 409,
+    Code.INVALID_REQUEST: 422,
+    Code.UNKNOWN_ASSET: 422,
+    Code.LEVERAGE_OUT_OF_RANGE: 422,
+    Code.INVALID_TRIGGER: 422,
+    Code.PRICE_UNAVAILABLE: 503,
+}
+UNAVAILABLE = "SERVICE_UNAVAILABLE"  # a component (ledger, shard) did not answer
+MAX_API_KEY_CHARS = 256
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# --------------------------------------------------------------------------- request models
+# A decimal input: a JSON number or a decimal string ("12.5"); converted exactly, never via a
+# float's binary value (a JSON number is taken as written, through its shortest repr).
+Decimalish = StrictInt | StrictFloat | Annotated[StrictStr, Field(min_length=1, max_length=64)]
+
+
+class OpenBody(BaseModel):
+    """POST /api/v1/positions/open."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "asset": "SOL", "type": "long", "margin": "100", "leverage": 10,
+        "takeProfit": "120", "stopLoss": "95", "currentPrice": "100", "maxSlippageBps": 100,
+        "clientOrderId": "my-order-1"}})
+
+    asset: Annotated[StrictStr, Field(min_length=1, max_length=32)]
+    type: Literal["long", "short"]
+    margin: Decimalish = Field(description="USD, > 0, at most 6 decimals")
+    leverage: StrictInt = Field(description="integer in 1..maxLeverage of the asset")
+    takeProfit: Decimalish | None = None
+    stopLoss: Decimalish | None = None
+    currentPrice: Decimalish | None = Field(
+        None, description="the price the client saw; only used for the slippage check")
+    maxSlippageBps: Annotated[StrictInt, Field(ge=0, le=10_000)] = 100
+    clientOrderId: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = None
+
+
+class CloseBody(BaseModel):
+    """POST /api/v1/positions/close."""
+
+    positionId: StrictInt | Annotated[StrictStr, Field(min_length=1, max_length=32)]
+    currentPrice: Decimalish | None = None
+    maxSlippageBps: Annotated[StrictInt, Field(ge=0, le=10_000)] = 100
+    clientOrderId: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = None
+
+
+# --------------------------------------------------------------------------- response models
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
+class AccountOut(BaseModel):
+    accountId: str
+    apiKey: str
+    balance: str
+
+
+class PositionOut(BaseModel):
+    positionId: str = Field(description="decimal string of a 63-bit id")
+    asset: str
+    type: Literal["long", "short"]
+    margin: str
+    leverage: int
+    quantity: str
+    entryPrice: str
+    liquidationPrice: str | None = Field(description="null: no positive price liquidates it")
+    takeProfit: str | None
+    stopLoss: str | None
+    unrealizedPnl: str | None = Field(description="null when there is no price yet / closed")
+    openedAt: str
+
+
+class ClosedPositionOut(PositionOut):
+    exitPrice: str
+    realizedPnl: str
+    payout: str
+    closeReason: Literal["manual", "take_profit", "stop_loss", "liquidation"]
+    closedAt: str
+
+
+class BalancesOut(BaseModel):
+    free: str
+    margin: str
+    equity: str
+
+
+class StateOut(BaseModel):
+    accountId: str
+    balances: BalancesOut
+    positions: list[PositionOut]
+
+
+class HistoryOut(BaseModel):
+    positions: list[ClosedPositionOut]
+
+
+class AssetOut(BaseModel):
+    name: str
+    symbol: str
+    priceStep: str
+    quantityStep: str
+    maxLeverage: int
+
+
+class AssetsOut(BaseModel):
+    assets: list[AssetOut]
+
+
+class PriceOut(BaseModel):
+    bid: str
+    ask: str
+    ts: str
+    source: str
+
+
+class PricesOut(RootModel[dict[str, PriceOut]]):
+    pass
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "unavailable"]
+    components: dict[str, str]
+    error: ErrorDetail | None = None
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {400: "malformed request", 401: "missing or wrong API key",
+                    404: "not found", 409: "conflict (balance, price moved)",
+                    422: "invalid request", 503: "price or component unavailable"}
+    return {s: {"model": ErrorOut, "description": descriptions[s]} for s in statuses}
+
+
+# --------------------------------------------------------------------------- formatting
+def iso_us(ts_us: int) -> str:
+    """Microseconds since the epoch as ISO 8601 UTC with microseconds (``...T..:..:...Z``)."""
+    return (_EPOCH + timedelta(microseconds=ts_us)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def position_json(p: OpenPosition | ClosedPosition, asset: Asset) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "positionId": str(p.position_id),
+        "asset": p.asset,
+        "type": Side(p.side).label,
+        "margin": micros_to_money(p.margin_micros),
+        "leverage": p.leverage,
+        "quantity": asset.steps_to_qty(p.qty_steps),
+        "entryPrice": asset.ticks_to_price(p.entry_ticks),
+        "liquidationPrice": asset.ticks_to_price(p.liq_ticks) if p.liq_ticks > 0 else None,
+        "takeProfit": asset.ticks_to_price(p.tp_ticks) if p.tp_ticks > 0 else None,
+        "stopLoss": asset.ticks_to_price(p.sl_ticks) if p.sl_ticks > 0 else None,
+        "unrealizedPnl": None,
+        "openedAt": iso_us(p.opened_ts_us),
+    }
+    if isinstance(p, ClosedPosition):
+        out["exitPrice"] = asset.ticks_to_price(p.exit_ticks)
+        out["realizedPnl"] = micros_to_money(p.pnl_micros)
+        out["payout"] = micros_to_money(p.payout_micros)
+        out["closeReason"] = CloseReason(p.reason).label
+        out["closedAt"] = iso_us(p.closed_ts_us)
+    elif p.unrealized_pnl_micros is not None:
+        out["unrealizedPnl"] = micros_to_money(p.unrealized_pnl_micros)
+    return out
+
+
+def _json(content: Any, status_code: int = 200) -> Response:
+    body = json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode()
+    return Response(body, status_code=status_code, media_type="application/json")
+
+
+def error_response(status_code: int, code: str, message: str,
+                   headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":"))
+    return Response(body.encode(), status_code=status_code, media_type="application/json",
+                    headers=headers)
+
+
+def rejected_response(rejected: Rejected) -> Response:
+    return error_response(STATUS_OF_CODE.get(rejected.code, 422), rejected.code.value,
+                          rejected.message)
+
+
+class ApiError(Exception):
+    """An error answer raised from a dependency or a parser."""
+
+    def __init__(self, status_code: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status_code, self.code, self.message = status_code, code, message
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(422, Code.INVALID_REQUEST.value, message)
+
+
+def _money(value: Any, field: str) -> int:
+    try:
+        return money_to_micros(value, allow_zero=False)
+    except AmountError as exc:
+        raise _invalid(f"{field}: {exc}") from None
+
+
+def _price(asset: Asset, value: Any, field: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return asset.price_to_ticks(value)
+    except AmountError as exc:
+        raise _invalid(f"{field}: {exc}") from None
+
+
+def _position_id(value: int | str) -> int | None:
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.isascii() or not text.isdigit():
+            return None
+        value = int(text)
+    return value if 0 < value < 2**63 else None
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+# --------------------------------------------------------------------------- metrics
+class _HttpCounter:
+    """Pure-ASGI counter of responses by route and status (a few us per request)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], routes: set[str],
+                 counts: dict[tuple[str, str, int], int]) -> None:
+        self.app = app
+        self.routes = routes
+        self.counts = counts
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"] if scope["path"] in self.routes else "other"
+        method = scope["method"]
+
+        async def counting_send(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                key = (method, path, int(message["status"]))
+                self.counts[key] = self.counts.get(key, 0) + 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+# --------------------------------------------------------------------------- auth
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <apiKey>")
+
+
+async def _principal(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None or not credentials.credentials \
+            or len(credentials.credentials) > MAX_API_KEY_CHARS:
+        raise ApiError(401, Code.UNAUTHORIZED.value, "missing or malformed API key")
+    service: TradingService = request.app.state.service
+    who = await service.authenticate(credentials.credentials)
+    if who is None:
+        raise ApiError(401, Code.UNAUTHORIZED.value, "unknown API key")
+    return who
+
+
+Caller = Annotated[Principal, Depends(_principal)]
+
+
+# --------------------------------------------------------------------------- the app
+def create_app(service: TradingService, *, title: str = "shardex") -> FastAPI:
+    """The SPEC's HTTP API over ``service`` (routes, OpenAPI at /openapi.json and /docs)."""
+    app = FastAPI(title=title, version="1.0.0",
+                  description="Leveraged crypto trading (isolated margin). Money and prices are "
+                              "decimal strings; requests accept a JSON number or a decimal "
+                              "string.")
+    assets = service.assets
+    app.state.service = service
+
+    # ------------------------------------------------------------------ errors
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> Response:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return error_response(exc.status_code, exc.code, exc.message, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return error_response(422, Code.INVALID_REQUEST.value, _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        code = {401: Code.UNAUTHORIZED.value, 404: Code.NOT_FOUND.value,
+                405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, Code.INVALID_REQUEST.value)
+        message = exc.detail if isinstance(exc.detail, str) else "request refused"
+        if exc.status_code >= 500:
+            code = UNAVAILABLE
+        return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(_: Request, exc: Unavailable) -> Response:
+        return error_response(503, UNAVAILABLE, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> Response:
+        log.exception("internal error")
+        return error_response(500, "INTERNAL_ERROR", "internal error")
+
+    # ------------------------------------------------------------------ accounts
+    @app.post("/api/v1/accounts", status_code=201, tags=["accounts"],
+              responses={201: {"model": AccountOut}, **_errors(422, 503)},
+              openapi_extra={"requestBody": {"required": False, "content": {
+                  "application/json": {"schema": {"type": "object"}}}}})
+    async def create_account(request: Request) -> Response:
+        """Create an account with the signup balance; the API key is shown only here."""
+        raw = await request.body()
+        if raw.strip():
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                raise _invalid("body must be a JSON object (or empty)") from None
+            if not isinstance(parsed, dict):
+                raise _invalid("body must be a JSON object (or empty)")
+        account = await service.create_account()
+        return _json({"accountId": account.account_id, "apiKey": account.api_key,
+                      "balance": micros_to_money(account.balance_micros)}, 201)
+
+    @app.get("/api/v1/state", tags=["accounts"],
+             responses={200: {"model": StateOut}, **_errors(401, 503)})
+    async def get_state(who: Caller) -> Response:
+        """Balances (free, margin, equity = free + margin + unrealized PnL) and open positions."""
+        state = await service.state(who)
+        return _json({
+            "accountId": state.account_id,
+            "balances": {"free": micros_to_money(state.free_micros),
+                         "margin": micros_to_money(state.margin_micros),
+                         "equity": micros_to_money(state.equity_micros)},
+            "positions": [position_json(p, assets[p.asset]) for p in state.positions],
+        })
+
+    # ------------------------------------------------------------------ positions
+    @app.post("/api/v1/positions/open", status_code=201, tags=["positions"],
+              responses={201: {"model": PositionOut}, **_errors(400, 401, 409, 422, 503)})
+    async def open_position(body: OpenBody, who: Caller) -> Response:
+        """Open a long (at the ask) or a short (at the bid) with an isolated margin."""
+        asset = assets.get(body.asset)
+        if asset is None:
+            raise ApiError(422, Code.UNKNOWN_ASSET.value, f"unknown asset {body.asset!r}")
+        order = OpenOrder(
+            asset=asset.name,
+            side=Side.LONG if body.type == "long" else Side.SHORT,
+            margin_micros=_money(body.margin, "margin"),
+            leverage=body.leverage,
+            tp_ticks=_price(asset, body.takeProfit, "takeProfit"),
+            sl_ticks=_price(asset, body.stopLoss, "stopLoss"),
+            current_price_ticks=_price(asset, body.currentPrice, "currentPrice"),
+            max_slippage_bps=body.maxSlippageBps,
+            client_order_id=body.clientOrderId)
+        result = await service.open_position(who, order)
+        if isinstance(result, Rejected):
+            return rejected_response(result)
+        return _json(position_json(result, asset), 201)
+
+    @app.post("/api/v1/positions/close", tags=["positions"],
+              responses={200: {"model": ClosedPositionOut}, **_errors(400, 401, 404, 409, 422,
+                                                                      503)})
+    async def close_position(body: CloseBody, who: Caller) -> Response:
+        """Close one of your positions at the current bid (long) or ask (short)."""
+        position_id = _position_id(body.positionId)
+        asset = None if position_id is None else service.asset_of_position(position_id)
+        if position_id is None or asset is None:
+            return rejected_response(Rejected(Code.NOT_FOUND, "no such open position"))
+        order = CloseOrder(position_id, _price(asset, body.currentPrice, "currentPrice"),
+                           body.maxSlippageBps, body.clientOrderId)
+        result = await service.close_position(who, order)
+        if isinstance(result, Rejected):
+            return rejected_response(result)
+        return _json(position_json(result, asset))
+
+    @app.get("/api/v1/positions/history", tags=["positions"],
+             responses={200: {"model": HistoryOut}, **_errors(401, 422, 503)})
+    async def history(who: Caller,
+                      limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                      before: Annotated[str | None, Query(
+                          max_length=32, description="positionId of the last item of the "
+                                                     "previous page")] = None) -> Response:
+        """Your closed positions, newest first."""
+        before_id = None
+        if before is not None:
+            before_id = _position_id(before)
+            if before_id is None:
+                raise _invalid("before: not a position id")
+        result = await service.history(who, limit, before_id)
+        if isinstance(result, Rejected):
+            return rejected_response(result)
+        return _json({"positions": [position_json(p, assets[p.asset]) for p in result]})
+
+    # ------------------------------------------------------------------ market
+    assets_body = json.dumps({"assets": [
+        {"name": a.name, "symbol": a.symbol, "priceStep": a.price_step,
+         "quantityStep": a.qty_step, "maxLeverage": a.max_leverage} for a in assets.assets]},
+        separators=(",", ":")).encode()
+
+    @app.get("/api/v1/assets", tags=["market"], responses={200: {"model": AssetsOut}})
+    async def get_assets() -> Response:
+        """The tradable assets, their steps and leverage limits."""
+        return Response(assets_body, media_type="application/json")
+
+    @app.get("/api/v1/prices", tags=["market"],
+             responses={200: {"model": PricesOut}, **_errors(503)})
+    async def get_prices() -> Response:
+        """The newest bid/ask of each asset that has one."""
+        ticks: dict[str, Tick] = await service.prices()
+        return _json({name: {"bid": assets[name].ticks_to_price(t.bid_ticks),
+                             "ask": assets[name].ticks_to_price(t.ask_ticks),
+                             "ts": iso_us(t.ts_us), "source": t.source}
+                      for name, t in ticks.items()})
+
+    # ------------------------------------------------------------------ operations
+    @app.get("/healthz", tags=["operations"],
+             responses={200: {"model": HealthOut}, 503: {"model": HealthOut}})
+    async def healthz() -> Response:
+        """200 when the ledger, every shard and the extra checks answer; 503 names the failures."""
+        health = await service.health()
+        body: dict[str, Any] = {"status": "ok" if health.ok else "unavailable",
+                                "components": health.components}
+        if not health.ok:
+            failed = [f"{k}: {v}" for k, v in health.components.items() if v != "ok"]
+            body["error"] = {"code": UNAVAILABLE, "message": "; ".join(failed)}
+        return _json(body, 200 if health.ok else 503)
+
+    http_counts: dict[tuple[str, str, int], int] = {}
+
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        """Prometheus text exposition."""
+        lines = ["# TYPE shardex_http_responses_total counter"]
+        for (method, path, status), n in sorted(http_counts.items()):
+            lines.append(f'shardex_http_responses_total{{method="{method}",path="{path}",'
+                         f'status="{status}"}} {n}')
+        lines.append("# TYPE shardex_service_events_total counter")
+        for name, n in sorted(service.counters.items()):
+            lines.append(f'shardex_service_events_total{{event="{name}"}} {n}')
+        lines.append("# TYPE shardex_batches_total counter")
+        lines.append("# TYPE shardex_batched_items_total counter")
+        for name, (batches, items) in sorted(service.batch_stats().items()):
+            lines.append(f'shardex_batches_total{{call="{name}"}} {batches}')
+            lines.append(f'shardex_batched_items_total{{call="{name}"}} {items}')
+        stats = await service.shard_stats()
+        lines.append("# TYPE shardex_shard_up gauge")
+        lines.append("# TYPE shardex_open_positions gauge")
+        lines.append("# TYPE shardex_ticks_applied_total counter")
+        lines.append("# TYPE shardex_closes_total counter")
+        for name, s in stats.items():
+            lines.append(f'shardex_shard_up{{shard="{name}"}} {0 if s is None else 1}')
+            if s is None:
+                continue
+            lines.append(f'shardex_open_positions{{shard="{name}",asset="{s.asset}"}} '
+                         f'{s.positions}')
+            lines.append(f'shardex_ticks_applied_total{{shard="{name}"}} {s.ticks_applied}')
+            for reason, n in (("manual", s.closes_manual), ("take_profit", s.closes_take_profit),
+                              ("stop_loss", s.closes_stop_loss),
+                              ("liquidation", s.closes_liquidation)):
+                lines.append(f'shardex_closes_total{{shard="{name}",reason="{reason}"}} {n}')
+        return PlainTextResponse("\n".join(lines) + "\n",
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    routes = {getattr(r, "path", "") for r in app.routes}
+    app.add_middleware(_HttpCounter, routes=routes, counts=http_counts)
+    return app

@@ -1,0 +1,81 @@
+"""Small HTTP helpers for the e2e scenarios (they only speak the public API)."""
+
+from __future__ import annotations
+
+import time
+from decimal import ROUND_FLOOR, Decimal
+from typing import Any
+
+import httpx
+
+from tests.e2e.http_platform import HttpPlatform
+
+WAIT_S = 15.0
+
+
+def signup(http: httpx.Client) -> dict[str, str]:
+    """A new account; returns its Authorization header."""
+    r = http.post("/api/v1/accounts", json={})
+    assert r.status_code == 201, r.text
+    return {"Authorization": f"Bearer {r.json()['apiKey']}"}
+
+
+def tick(platform: HttpPlatform, http: httpx.Client, asset: str, bid: str, ask: str,
+         age_s: float = 0.0) -> None:
+    """Push a tick and wait until the shard has applied it (its price is served)."""
+    platform.push_tick(asset, bid, ask, age_s)
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        prices = http.get("/api/v1/prices").json()
+        p = prices.get(asset)
+        if p is not None and Decimal(p["bid"]) == Decimal(bid) and \
+                Decimal(p["ask"]) == Decimal(ask):
+            return
+        assert time.monotonic() < deadline, f"tick {asset} {bid}/{ask} never applied"
+        time.sleep(0.02)
+
+
+def open_position(http: httpx.Client, headers: dict[str, str], **body: Any) -> dict[str, Any]:
+    r = http.post("/api/v1/positions/open", json=body, headers=headers)
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def state(http: httpx.Client, headers: dict[str, str]) -> dict[str, Any]:
+    r = http.get("/api/v1/state", headers=headers)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def open_ids(http: httpx.Client, headers: dict[str, str]) -> list[str]:
+    return [p["positionId"] for p in state(http, headers)["positions"]]
+
+
+def wait_closed(http: httpx.Client, headers: dict[str, str], position_id: str) -> dict[str, Any]:
+    """The history entry of ``position_id`` once it has settled (closes by ticks are async
+    on a real cluster)."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        r = http.get("/api/v1/positions/history", headers=headers)
+        assert r.status_code == 200, r.text
+        for p in r.json()["positions"]:
+            if p["positionId"] == position_id:
+                return dict(p)
+        assert time.monotonic() < deadline, f"position {position_id} never closed"
+        time.sleep(0.02)
+
+
+def error_code(r: httpx.Response) -> str:
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert isinstance(body["error"]["message"], str)
+    return str(body["error"]["code"])
+
+
+def floor_to(value: Decimal, step: Decimal) -> Decimal:
+    return (value / step).to_integral_value(rounding=ROUND_FLOOR) * step
+
+
+def money(value: Decimal) -> Decimal:
+    """Round toward minus infinity to a micro-dollar (SPEC)."""
+    return floor_to(value, Decimal("0.000001"))

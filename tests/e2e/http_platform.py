@@ -1,0 +1,108 @@
+"""The platform behind a real HTTP socket, for the e2e tests.
+
+``LocalHttpPlatform``: create_app(TradingService over in-process ports) served by uvicorn on
+127.0.0.1 in a background thread; prices are driven by ``push_tick`` (apply_ticks on the shard
+cores, then the settlements to the ledger, as the shard actor does). A Ray/Kafka variant only
+has to offer the same four members: ``base_url``, ``push_tick``, ``audit``, ``totals``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from typing import Any, Protocol
+
+import uvicorn
+
+from cluster.api import create_app
+from cluster.config import Settings
+from cluster.ledger_core import LedgerCore
+from cluster.placement import shard_layout
+from cluster.ports import LocalLedgerPort, LocalShardPort, ShardPort
+from cluster.service import TradingService
+from cluster.shard_core import ShardCore
+from engine.market import Tick
+
+
+class HttpPlatform(Protocol):
+    base_url: str
+
+    def push_tick(self, asset: str, bid: str, ask: str, age_s: float = 0.0) -> None:
+        """Publish a top of book for ``asset`` (decimal strings), ``age_s`` seconds old."""
+
+    def audit(self) -> list[str]:
+        """Ledger invariant differences once every tick pushed so far has settled ([] = ok)."""
+
+    def totals(self) -> dict[str, Any]:
+        """The ledger totals (house_micros, insurance_micros, sum_micros, ...)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalHttpPlatform:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        ledger = LocalLedgerPort(LedgerCore(self.settings.signup_balance_micros))
+        self.ledger = ledger
+        self.shards: dict[str, LocalShardPort] = {}
+        for spec in shard_layout(self.settings):
+            core = ShardCore(spec, self.settings.assets[spec.asset],
+                             self.settings.maintenance_margin_ppm,
+                             self.settings.max_price_age_us)
+            self.shards[spec.name] = LocalShardPort(core, ledger)
+        ports: dict[str, ShardPort] = dict(self.shards)
+        self.service = TradingService(ledger, ports, self.settings)
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(self.service), host="127.0.0.1", port=self.port,
+                                log_level="warning", lifespan="off", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="uvicorn", daemon=True)
+        self._seq = 0
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.server.serve())
+
+    def start(self) -> LocalHttpPlatform:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        for port in self.shards.values():
+            port.serial.shutdown()
+        self.ledger.serial.shutdown()
+
+    def push_tick(self, asset: str, bid: str, ask: str, age_s: float = 0.0) -> None:
+        a = self.settings.assets[asset]
+        self._seq += 1
+        ts_us = time.time_ns() // 1000 - int(age_s * 1_000_000)
+        tick = Tick(asset, a.price_to_ticks(bid), a.price_to_ticks(ask), ts_us, self._seq, "test")
+        for port in self.shards.values():
+            if port.core.spec.asset == asset:
+                port.apply_ticks_blocking([tick])
+
+    def _on_loop(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def audit(self) -> list[str]:
+        problems, _ = self._on_loop(self.service.audit())
+        return list(problems)
+
+    def totals(self) -> dict[str, Any]:
+        _, totals = self._on_loop(self.service.audit())
+        return dict(totals)

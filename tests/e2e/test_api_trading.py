@@ -1,0 +1,277 @@
+"""The SPEC's trading rules over real HTTP: entries, quantities, liquidation, TP/SL, payouts.
+
+Every expectation is computed here from the SPEC formulas with Decimal, independently of the
+engine. Positions close asynchronously on a real cluster, hence ``tick`` (wait until the shard
+applied the price) and ``wait_closed`` (wait until the close settled into the history).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal as D
+
+import httpx
+
+from tests.e2e.api_client import (
+    error_code,
+    floor_to,
+    money,
+    open_ids,
+    open_position,
+    signup,
+    state,
+    tick,
+    wait_closed,
+)
+from tests.e2e.http_platform import HttpPlatform
+
+SIGNUP = D("10000")
+SOL_STEP = D("0.01")
+
+
+def test_signup_gives_the_demo_balance(http: httpx.Client) -> None:
+    r = http.post("/api/v1/accounts", json={})
+    assert r.status_code == 201
+    body = r.json()
+    assert set(body) == {"accountId", "apiKey", "balance"} and D(body["balance"]) == SIGNUP
+    assert len(body["apiKey"]) >= 22  # >= 128 bits in base64url
+    headers = {"Authorization": f"Bearer {body['apiKey']}"}
+    s = state(http, headers)
+    assert s["accountId"] == body["accountId"] and s["positions"] == []
+    assert {k: D(v) for k, v in s["balances"].items()} == {"free": SIGNUP, "margin": 0,
+                                                            "equity": SIGNUP}
+    assert http.post("/api/v1/accounts").status_code == 201  # an empty body is {}
+
+
+def test_long_enters_at_the_ask_and_is_liquidated_on_the_exact_tick(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    h = signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+    p = open_position(http, h, asset="SOL", type="long", margin="100", leverage=10)
+    entry = D("100.01")
+    qty = floor_to(D(100) * 10 / entry, SOL_STEP)
+    assert D(p["entryPrice"]) == entry and D(p["quantity"]) == qty == D("9.99")
+    exact_liq = entry - D(100) / qty
+    liq = D(p["liquidationPrice"])
+    assert liq <= exact_liq < liq + SOL_STEP
+    s = state(http, h)
+    assert D(s["balances"]["free"]) == SIGNUP - 100 and D(s["balances"]["margin"]) == 100
+    # one tick above the liquidation price: still open
+    above = liq + SOL_STEP
+    tick(platform, http, "SOL", str(above), str(above + SOL_STEP))
+    assert open_ids(http, h) == [p["positionId"]]
+    tick(platform, http, "SOL", str(liq), str(liq + SOL_STEP))
+    closed = wait_closed(http, h, p["positionId"])
+    assert closed["closeReason"] == "liquidation" and D(closed["exitPrice"]) == liq
+    assert D(closed["realizedPnl"]) == money((liq - entry) * qty)
+    assert D(closed["payout"]) == 0
+    s = state(http, h)
+    assert s["positions"] == [] and D(s["balances"]["margin"]) == 0
+    assert D(s["balances"]["free"]) == SIGNUP - 100
+
+
+def test_short_enters_at_the_bid_and_is_liquidated_when_the_ask_reaches_it(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    h = signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+    p = open_position(http, h, asset="SOL", type="short", margin="100", leverage=10)
+    entry = D("100.00")
+    qty = floor_to(D(1000) / entry, SOL_STEP)
+    assert D(p["entryPrice"]) == entry and D(p["quantity"]) == qty == D("10.00")
+    liq = D(p["liquidationPrice"])
+    assert liq == entry + D(100) / qty == D("110.00")
+    tick(platform, http, "SOL", "109.98", "109.99")
+    assert open_ids(http, h) == [p["positionId"]]
+    tick(platform, http, "SOL", "109.99", "110.00")
+    closed = wait_closed(http, h, p["positionId"])
+    assert closed["closeReason"] == "liquidation" and D(closed["exitPrice"]) == D("110.00")
+    assert D(closed["realizedPnl"]) == D(-100) and D(closed["payout"]) == 0
+
+
+def test_take_profit_executes_at_the_tick_price_not_the_level(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    h = signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+    p = open_position(http, h, asset="SOL", type="long", margin=100, leverage=10,
+                      takeProfit="105", stopLoss="95.5")
+    assert D(p["takeProfit"]) == 105 and D(p["stopLoss"]) == D("95.5")
+    tick(platform, http, "SOL", "104.99", "105.00")
+    assert open_ids(http, h) == [p["positionId"]]
+    tick(platform, http, "SOL", "106.00", "106.01")  # gaps past the TP
+    closed = wait_closed(http, h, p["positionId"])
+    pnl = money((D("106.00") - D("100.01")) * D("9.99"))
+    assert closed["closeReason"] == "take_profit" and D(closed["exitPrice"]) == D("106.00")
+    assert D(closed["realizedPnl"]) == pnl and D(closed["payout"]) == 100 + pnl
+    assert D(state(http, h)["balances"]["free"]) == SIGNUP + pnl
+
+
+def test_stop_loss_of_a_short_closes_at_the_ask(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    h = signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+    p = open_position(http, h, asset="SOL", type="short", margin="100", leverage=10,
+                      stopLoss="103", takeProfit="90")
+    tick(platform, http, "SOL", "102.98", "102.99")
+    assert open_ids(http, h) == [p["positionId"]]
+    tick(platform, http, "SOL", "102.99", "103.00")
+    closed = wait_closed(http, h, p["positionId"])
+    assert closed["closeReason"] == "stop_loss" and D(closed["exitPrice"]) == D("103.00")
+    assert D(closed["realizedPnl"]) == D(-30) and D(closed["payout"]) == D(70)
+    assert D(state(http, h)["balances"]["free"]) == SIGNUP - 30
+
+
+def test_gap_through_the_liquidation_price_charges_the_insurance_fund(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    h = signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+    p = open_position(http, h, asset="SOL", type="long", margin="100", leverage=10)
+    before = platform.totals()
+    tick(platform, http, "SOL", "80.00", "80.01")
+    closed = wait_closed(http, h, p["positionId"])
+    pnl = money((D("80.00") - D("100.01")) * D("9.99"))
+    assert closed["closeReason"] == "liquidation" and D(closed["exitPrice"]) == D("80.00")
+    assert D(closed["realizedPnl"]) == pnl and D(closed["payout"]) == 0
+    after = platform.totals()
+    micros = D("1000000")
+    assert after["house_micros"] - before["house_micros"] == int(-pnl * micros)
+    # margin + pnl - payout: negative, the shortfall the insurance fund absorbs
+    assert after["insurance_micros"] - before["insurance_micros"] == int((100 + pnl) * micros)
+    assert after["sum_micros"] == 0
+
+
+def test_stop_loss_wins_over_liquidation_on_the_same_tick(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    h = signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+    p = open_position(http, h, asset="SOL", type="long", margin="100", leverage=10,
+                      stopLoss="90.00")
+    tick(platform, http, "SOL", "85.00", "85.01")
+    closed = wait_closed(http, h, p["positionId"])
+    assert closed["closeReason"] == "stop_loss" and D(closed["exitPrice"]) == D("85.00")
+    pnl = money((D("85.00") - D("100.01")) * D("9.99"))
+    assert D(closed["payout"]) == max(D(0), 100 + pnl)
+
+
+def test_manual_close_pays_margin_plus_pnl(platform: HttpPlatform, http: httpx.Client) -> None:
+    h = signup(http)
+    tick(platform, http, "BTC", "60000.0", "60000.5")
+    p = open_position(http, h, asset="BTC", type="long", margin="250.5", leverage=20)
+    qty = floor_to(D("250.5") * 20 / D("60000.5"), D("0.00001"))
+    assert D(p["quantity"]) == qty
+    tick(platform, http, "BTC", "60500.0", "60500.5")
+    s = state(http, h)
+    unrealized = money((D("60500.0") - D("60000.5")) * qty)
+    assert D(s["positions"][0]["unrealizedPnl"]) == unrealized
+    assert D(s["balances"]["equity"]) == SIGNUP + unrealized
+    r = http.post("/api/v1/positions/close", json={"positionId": p["positionId"]}, headers=h)
+    assert r.status_code == 200, r.text
+    closed = r.json()
+    assert closed["closeReason"] == "manual" and D(closed["exitPrice"]) == D("60500.0")
+    assert D(closed["payout"]) == D("250.5") + unrealized
+    s = state(http, h)
+    assert s["positions"] == [] and D(s["balances"]["free"]) == SIGNUP + unrealized
+    again = http.post("/api/v1/positions/close", json={"positionId": p["positionId"]}, headers=h)
+    assert again.status_code == 404 and error_code(again) == "NOT_FOUND"
+
+
+def test_client_order_id_retries_return_the_first_answer(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    h = signup(http)
+    tick(platform, http, "ETH", "3000.00", "3000.01")
+    body = {"asset": "ETH", "type": "short", "margin": "10", "leverage": 5,
+            "clientOrderId": "retry-me"}
+    first = http.post("/api/v1/positions/open", json=body, headers=h)
+    tick(platform, http, "ETH", "3100.00", "3100.01")
+    second = http.post("/api/v1/positions/open", json=body, headers=h)
+    assert first.status_code == second.status_code == 201
+    assert first.json() == second.json()
+    s = state(http, h)
+    assert len(s["positions"]) == 1 and D(s["balances"]["margin"]) == 10
+    close = {"positionId": first.json()["positionId"], "clientOrderId": "close-1"}
+    c1 = http.post("/api/v1/positions/close", json=close, headers=h)
+    c2 = http.post("/api/v1/positions/close", json=close, headers=h)
+    assert c1.status_code == c2.status_code == 200 and c1.json() == c2.json()
+    history = http.get("/api/v1/positions/history", headers=h).json()["positions"]
+    assert len(history) == 1
+    assert D(state(http, h)["balances"]["free"]) == SIGNUP + D(c1.json()["realizedPnl"])
+
+
+def test_stale_price_refuses_opens_and_closes_with_503(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    h = signup(http)
+    tick(platform, http, "ETH", "3000.00", "3000.01")
+    p = open_position(http, h, asset="ETH", type="long", margin="10", leverage=2)
+    tick(platform, http, "ETH", "3000.00", "3000.01", age_s=60)
+    r = http.post("/api/v1/positions/open", headers=h,
+                  json={"asset": "ETH", "type": "long", "margin": "10", "leverage": 2})
+    assert r.status_code == 503 and error_code(r) == "PRICE_UNAVAILABLE"
+    r = http.post("/api/v1/positions/close", json={"positionId": p["positionId"]}, headers=h)
+    assert r.status_code == 503 and error_code(r) == "PRICE_UNAVAILABLE"
+    s = state(http, h)
+    assert len(s["positions"]) == 1 and D(s["balances"]["margin"]) == 10
+    assert D(s["balances"]["free"]) == SIGNUP - 10
+    tick(platform, http, "ETH", "3000.00", "3000.01")
+    r = http.post("/api/v1/positions/close", json={"positionId": p["positionId"]}, headers=h)
+    assert r.status_code == 200
+
+
+def test_slippage_beyond_the_limit_is_409_and_changes_nothing(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    h = signup(http)
+    tick(platform, http, "SOL", "100.00", "102.00")
+    r = http.post("/api/v1/positions/open", headers=h, json={
+        "asset": "SOL", "type": "long", "margin": "100", "leverage": 10,
+        "currentPrice": "100.00"})  # ask is 200 bps away, default limit 100
+    assert r.status_code == 409 and error_code(r) == "PRICE_MOVED"
+    s = state(http, h)
+    assert s["positions"] == [] and D(s["balances"]["free"]) == SIGNUP
+    ok = open_position(http, h, asset="SOL", type="long", margin="100", leverage=10,
+                       currentPrice="100.00", maxSlippageBps=200)
+    assert D(ok["entryPrice"]) == D("102.00")  # the engine's price, never the client's
+
+
+def test_insufficient_balance_is_409(platform: HttpPlatform, http: httpx.Client) -> None:
+    h = signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+    r = http.post("/api/v1/positions/open", headers=h, json={
+        "asset": "SOL", "type": "long", "margin": "10000.000001", "leverage": 1})
+    assert r.status_code == 409 and error_code(r) == "INSUFFICIENT_BALANCE"
+    open_position(http, h, asset="SOL", type="long", margin="10000", leverage=1)
+    assert D(state(http, h)["balances"]["free"]) == 0
+
+
+def test_another_users_position_is_404_like_a_missing_one(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    alice, bob = signup(http), signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+    p = open_position(http, alice, asset="SOL", type="long", margin="100", leverage=10)
+    assert state(http, bob)["positions"] == []
+    theirs = http.post("/api/v1/positions/close", json={"positionId": p["positionId"]},
+                       headers=bob)
+    missing = http.post("/api/v1/positions/close", json={"positionId": "123456789012345"},
+                        headers=bob)
+    assert theirs.status_code == missing.status_code == 404
+    assert theirs.json() == missing.json()
+    assert open_ids(http, alice) == [p["positionId"]]
+    r = http.post("/api/v1/positions/close", json={"positionId": p["positionId"]}, headers=alice)
+    assert r.status_code == 200
+    r = http.get("/api/v1/positions/history", headers=bob,
+                 params={"before": p["positionId"]})
+    assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST"
+    assert http.get("/api/v1/positions/history", headers=bob).json() == {"positions": []}
+
+
+def test_history_is_newest_first_with_limit_and_before(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    h = signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+    ids = []
+    for _ in range(4):
+        p = open_position(http, h, asset="SOL", type="long", margin="10", leverage=2)
+        r = http.post("/api/v1/positions/close", json={"positionId": p["positionId"]}, headers=h)
+        assert r.status_code == 200
+        ids.append(p["positionId"])
+    page = http.get("/api/v1/positions/history", headers=h, params={"limit": 3}).json()
+    assert [p["positionId"] for p in page["positions"]] == ids[::-1][:3]
+    rest = http.get("/api/v1/positions/history", headers=h,
+                    params={"limit": 3, "before": ids[1]}).json()
+    assert [p["positionId"] for p in rest["positions"]] == [ids[0]]
