@@ -1,7 +1,8 @@
 """The HTTP API (SPEC "HTTP API"): a FastAPI app over a TradingService.
 
-``create_app(service)`` is all a host needs: the Ray Serve deployment wraps it as its ingress,
-the no-Ray baseline and the e2e tests serve it with plain uvicorn. This is the only place where
+``create_app(service)`` is all a host needs: the no-Ray baseline and the e2e tests serve it with
+plain uvicorn; a Ray Serve deployment builds ``create_app(assets=...)`` for ``serve.ingress``
+and calls ``bind_service(app, service)`` in its replica constructor. This is the only place where
 integers become decimal strings and decimal input becomes integers.
 
 Every error, including FastAPI's own (validation, unknown route, wrong method, malformed JSON),
@@ -29,7 +30,7 @@ from cluster.messages import ClosedPosition, CloseOrder, OpenOrder, OpenPosition
 from cluster.ports import Unavailable
 from cluster.service import TradingService
 from engine.amounts import AmountError, micros_to_money, money_to_micros
-from engine.assets import Asset
+from engine.assets import Asset, AssetRegistry
 from engine.market import Tick
 from engine.orders import CloseReason, Side
 from engine.results import Code, Rejected
@@ -297,6 +298,33 @@ class _HttpCounter:
         await self.app(scope, receive, counting_send)
 
 
+# --------------------------------------------------------------------------- service slot
+class ServiceSlot:
+    """Where the handlers find the service: given to create_app, or bound later."""
+
+    def __init__(self, service: TradingService | None = None) -> None:
+        self._service = service
+
+    def bind(self, service: TradingService) -> None:
+        self._service = service
+
+    @property
+    def service(self) -> TradingService:
+        service = self._service
+        if service is None:
+            raise Unavailable("api", "the service is starting")
+        return service
+
+
+def bind_service(app: FastAPI, service: TradingService) -> None:
+    """Give an app made by ``create_app(assets=...)`` its service."""
+    built_for: AssetRegistry = app.state.assets
+    if [a.name for a in service.assets.assets] != [a.name for a in built_for.assets]:
+        raise ValueError("the service trades other assets than the app was built for")
+    slot: ServiceSlot = app.state.slot
+    slot.bind(service)
+
+
 # --------------------------------------------------------------------------- auth
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <apiKey>")
 
@@ -308,8 +336,8 @@ async def _principal(
     if credentials is None or not credentials.credentials \
             or len(credentials.credentials) > MAX_API_KEY_CHARS:
         raise ApiError(401, Code.UNAUTHORIZED.value, "missing or malformed API key")
-    service: TradingService = request.app.state.service
-    who = await service.authenticate(credentials.credentials)
+    slot: ServiceSlot = request.app.state.slot
+    who = await slot.service.authenticate(credentials.credentials)
     if who is None:
         raise ApiError(401, Code.UNAUTHORIZED.value, "unknown API key")
     return who
@@ -319,14 +347,25 @@ Caller = Annotated[Principal, Depends(_principal)]
 
 
 # --------------------------------------------------------------------------- the app
-def create_app(service: TradingService, *, title: str = "shardex") -> FastAPI:
-    """The SPEC's HTTP API over ``service`` (routes, OpenAPI at /openapi.json and /docs)."""
+def create_app(service: TradingService | None = None, *, assets: AssetRegistry | None = None,
+               title: str = "shardex") -> FastAPI:
+    """The SPEC's HTTP API over ``service`` (routes, OpenAPI at /openapi.json and /docs).
+
+    Without a service (``assets`` then required) the app answers 503 until
+    :func:`bind_service` gives it one: a Ray Serve replica builds the app at import time
+    (``serve.ingress(app)``) and its service in its constructor.
+    """
+    if service is None and assets is None:
+        raise ValueError("create_app needs a service or the asset registry")
     app = FastAPI(title=title, version="1.0.0",
                   description="Leveraged crypto trading (isolated margin). Money and prices are "
                               "decimal strings; requests accept a JSON number or a decimal "
                               "string.")
-    assets = service.assets
-    app.state.service = service
+    assets = service.assets if service is not None else assets
+    assert assets is not None
+    slot = ServiceSlot(service)
+    app.state.slot = slot
+    app.state.assets = assets
 
     # ------------------------------------------------------------------ errors
     @app.exception_handler(ApiError)
@@ -371,7 +410,7 @@ def create_app(service: TradingService, *, title: str = "shardex") -> FastAPI:
                 raise _invalid("body must be a JSON object (or empty)") from None
             if not isinstance(parsed, dict):
                 raise _invalid("body must be a JSON object (or empty)")
-        account = await service.create_account()
+        account = await slot.service.create_account()
         return _json({"accountId": account.account_id, "apiKey": account.api_key,
                       "balance": micros_to_money(account.balance_micros)}, 201)
 
@@ -379,7 +418,7 @@ def create_app(service: TradingService, *, title: str = "shardex") -> FastAPI:
              responses={200: {"model": StateOut}, **_errors(401, 503)})
     async def get_state(who: Caller) -> Response:
         """Balances (free, margin, equity = free + margin + unrealized PnL) and open positions."""
-        state = await service.state(who)
+        state = await slot.service.state(who)
         return _json({
             "accountId": state.account_id,
             "balances": {"free": micros_to_money(state.free_micros),
@@ -406,7 +445,7 @@ def create_app(service: TradingService, *, title: str = "shardex") -> FastAPI:
             current_price_ticks=_price(asset, body.currentPrice, "currentPrice"),
             max_slippage_bps=body.maxSlippageBps,
             client_order_id=body.clientOrderId)
-        result = await service.open_position(who, order)
+        result = await slot.service.open_position(who, order)
         if isinstance(result, Rejected):
             return rejected_response(result)
         return _json(position_json(result, asset), 201)
@@ -417,12 +456,12 @@ def create_app(service: TradingService, *, title: str = "shardex") -> FastAPI:
     async def close_position(body: CloseBody, who: Caller) -> Response:
         """Close one of your positions at the current bid (long) or ask (short)."""
         position_id = _position_id(body.positionId)
-        asset = None if position_id is None else service.asset_of_position(position_id)
+        asset = None if position_id is None else slot.service.asset_of_position(position_id)
         if position_id is None or asset is None:
             return rejected_response(Rejected(Code.NOT_FOUND, "no such open position"))
         order = CloseOrder(position_id, _price(asset, body.currentPrice, "currentPrice"),
                            body.maxSlippageBps, body.clientOrderId)
-        result = await service.close_position(who, order)
+        result = await slot.service.close_position(who, order)
         if isinstance(result, Rejected):
             return rejected_response(result)
         return _json(position_json(result, asset))
@@ -440,7 +479,7 @@ def create_app(service: TradingService, *, title: str = "shardex") -> FastAPI:
             before_id = _position_id(before)
             if before_id is None:
                 raise _invalid("before: not a position id")
-        result = await service.history(who, limit, before_id)
+        result = await slot.service.history(who, limit, before_id)
         if isinstance(result, Rejected):
             return rejected_response(result)
         return _json({"positions": [position_json(p, assets[p.asset]) for p in result]})
@@ -460,7 +499,7 @@ def create_app(service: TradingService, *, title: str = "shardex") -> FastAPI:
              responses={200: {"model": PricesOut}, **_errors(503)})
     async def get_prices() -> Response:
         """The newest bid/ask of each asset that has one."""
-        ticks: dict[str, Tick] = await service.prices()
+        ticks: dict[str, Tick] = await slot.service.prices()
         return _json({name: {"bid": assets[name].ticks_to_price(t.bid_ticks),
                              "ask": assets[name].ticks_to_price(t.ask_ticks),
                              "ts": iso_us(t.ts_us), "source": t.source}
@@ -471,7 +510,7 @@ def create_app(service: TradingService, *, title: str = "shardex") -> FastAPI:
              responses={200: {"model": HealthOut}, 503: {"model": HealthOut}})
     async def healthz() -> Response:
         """200 when the ledger, every shard and the extra checks answer; 503 names the failures."""
-        health = await service.health()
+        health = await slot.service.health()
         body: dict[str, Any] = {"status": "ok" if health.ok else "unavailable",
                                 "components": health.components}
         if not health.ok:
@@ -489,14 +528,14 @@ def create_app(service: TradingService, *, title: str = "shardex") -> FastAPI:
             lines.append(f'shardex_http_responses_total{{method="{method}",path="{path}",'
                          f'status="{status}"}} {n}')
         lines.append("# TYPE shardex_service_events_total counter")
-        for name, n in sorted(service.counters.items()):
+        for name, n in sorted(slot.service.counters.items()):
             lines.append(f'shardex_service_events_total{{event="{name}"}} {n}')
         lines.append("# TYPE shardex_batches_total counter")
         lines.append("# TYPE shardex_batched_items_total counter")
-        for name, (batches, items) in sorted(service.batch_stats().items()):
+        for name, (batches, items) in sorted(slot.service.batch_stats().items()):
             lines.append(f'shardex_batches_total{{call="{name}"}} {batches}')
             lines.append(f'shardex_batched_items_total{{call="{name}"}} {items}')
-        stats = await service.shard_stats()
+        stats = await slot.service.shard_stats()
         lines.append("# TYPE shardex_shard_up gauge")
         lines.append("# TYPE shardex_open_positions gauge")
         lines.append("# TYPE shardex_ticks_applied_total counter")

@@ -218,6 +218,13 @@ class ShardCore:
         return item
 
     # ----------------------------------------------------------------- outbox
+    def resume_seq(self, applied_seq: int) -> None:
+        """Continue numbering after ``applied_seq`` (what the ledger already applied from this
+        shard), so a restarted shard never reuses a number the ledger would ignore."""
+        if applied_seq > self._last_seq:
+            self._last_seq = self._acked_seq = applied_seq
+            self._outbox = []
+
     def outbox(self) -> list[SettlementItem]:
         """The settlements not yet acknowledged by the ledger, oldest first (a copy)."""
         return list(self._outbox)
