@@ -143,12 +143,30 @@ def _scan(data: bytes | memoryview, expected_seq: int) -> tuple[int, int, bool]:
     return pos, expected_seq, False
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_directory(directory: str | os.PathLike[str]) -> None:
+    """Flush a directory's entries (new, renamed or deleted files) to disk."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def create_directory(directory: str | os.PathLike[str]) -> Path:
+    """``mkdir -p`` whose new entries are durable: each created level's parent is fsynced."""
+    path = Path(directory)
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):
+        fsync_directory(created.parent)
+    return path
+
+
+_fsync_dir = fsync_directory
 
 
 class Journal:
@@ -180,7 +198,7 @@ class Journal:
         if readonly:
             self._open_readonly()
         else:
-            self.path.mkdir(parents=True, exist_ok=True)
+            create_directory(self.path)
             self._lock()
             try:
                 self._open_for_writing()

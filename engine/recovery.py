@@ -11,6 +11,21 @@ Used the same way by the ledger and by every shard:
   the newest snapshots and deletes journal segments only the oldest kept snapshot still covers,
   so the fallback to the previous snapshot (when the newest turns out corrupt) always finds
   its journal tail.
+
+How a (sync, single-threaded) actor uses this:
+
+1. ``__init__``: open its own ``Journal(DATA_DIR/<name>/journal)`` (exclusive), then
+   ``recover(journal, DATA_DIR/<name>/snapshots, restore, apply)``; serve nothing before.
+2. Every batched call: validate and perform each request on the in-memory state, append one
+   event per change (``journal.append(encode(event))``), then ``journal.commit()`` once for
+   the batch, and only then return the answers. A commit that raises means the journal is
+   poisoned: the actor must exit (Ray restarts it and it recovers from disk), never answer.
+3. Every N records or T seconds of records (the shell decides; the engine has no clock),
+   ``checkpoint(journal, snapshot_dir, arrays, meta)`` between batches.
+4. Work that must reach another actor (a shard's settlements to the ledger) is journaled by
+   the sender first, numbered by a per-sender seq, resent until acknowledged, and applied by
+   the receiver only if it is the next seq it expects (journaling the applied seq with the
+   change), so it takes effect exactly once.
 """
 
 from __future__ import annotations

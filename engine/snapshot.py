@@ -24,6 +24,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from engine.journal import create_directory
+from engine.journal import fsync_directory as _fsync_dir
+
 SNAPSHOT_FORMAT = 1
 SNAPSHOT_SUFFIX = ".npz"
 TEMP_SUFFIX = ".tmp"
@@ -65,14 +68,6 @@ def _canonical(body: Mapping[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_snapshot(directory: str | os.PathLike[str], seq: int,
                    arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
     """Durably write the snapshot covering journal records ``<= seq``; return its path.
@@ -83,8 +78,7 @@ def write_snapshot(directory: str | os.PathLike[str], seq: int,
     """
     if seq < 0:
         raise ValueError("seq must be >= 0")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = create_directory(directory)
     described: dict[str, Any] = {}
     prepared: dict[str, np.ndarray] = {}
     for name, value in arrays.items():
