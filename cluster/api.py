@@ -13,6 +13,7 @@ validate requests and document the responses in the OpenAPI schema.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -29,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.messages import ClosedPosition, CloseOrder, OpenOrder, OpenPosition, Principal
 from cluster.ports import Unavailable
 from cluster.service import TradingService
-from engine.amounts import AmountError, micros_to_money, money_to_micros
+from engine.amounts import MONEY_DECIMALS, AmountError, micros_to_money, money_to_micros
 from engine.assets import Asset, AssetRegistry
 from engine.market import Tick
 from engine.orders import CloseReason, Side
@@ -179,34 +180,60 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- formatting
+@functools.lru_cache(maxsize=4096)
+def _iso_second(ts_s: int) -> str:
+    return (_EPOCH + timedelta(seconds=ts_s)).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def iso_us(ts_us: int) -> str:
     """Microseconds since the epoch as ISO 8601 UTC with microseconds (``...T..:..:...Z``)."""
-    return (_EPOCH + timedelta(microseconds=ts_us)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    seconds, micros = divmod(ts_us, 1_000_000)
+    return f"{_iso_second(seconds)}.{micros:06d}Z"
+
+
+def decimal_text(units: int, decimals: int) -> str:
+    """``engine.amounts.from_units`` on the hot path (same output, a third of the cost)."""
+    if decimals == 0:
+        return str(units)
+    if units >= 0:
+        whole, frac = divmod(units, _SCALES[decimals])
+        return f"{whole}.{frac:0{decimals}d}"
+    whole, frac = divmod(-units, _SCALES[decimals])
+    return f"-{whole}.{frac:0{decimals}d}"
+
+
+_SCALES = tuple(10**d for d in range(19))
+
+
+def money(micros: int) -> str:
+    return decimal_text(micros, MONEY_DECIMALS)
 
 
 def position_json(p: OpenPosition | ClosedPosition, asset: Asset) -> dict[str, Any]:
+    """A SPEC ``Position`` (or ``ClosedPosition``) as JSON-ready values."""
+    pd = asset.price_decimals
     out: dict[str, Any] = {
         "positionId": str(p.position_id),
         "asset": p.asset,
-        "type": Side(p.side).label,
-        "margin": micros_to_money(p.margin_micros),
+        "type": "long" if p.side == Side.LONG else "short",
+        "margin": money(p.margin_micros),
         "leverage": p.leverage,
-        "quantity": asset.steps_to_qty(p.qty_steps),
-        "entryPrice": asset.ticks_to_price(p.entry_ticks),
-        "liquidationPrice": asset.ticks_to_price(p.liq_ticks) if p.liq_ticks > 0 else None,
-        "takeProfit": asset.ticks_to_price(p.tp_ticks) if p.tp_ticks > 0 else None,
-        "stopLoss": asset.ticks_to_price(p.sl_ticks) if p.sl_ticks > 0 else None,
+        "quantity": decimal_text(p.qty_steps, asset.qty_decimals),
+        "entryPrice": decimal_text(p.entry_ticks, pd),
+        "liquidationPrice": decimal_text(p.liq_ticks, pd) if p.liq_ticks > 0 else None,
+        "takeProfit": decimal_text(p.tp_ticks, pd) if p.tp_ticks > 0 else None,
+        "stopLoss": decimal_text(p.sl_ticks, pd) if p.sl_ticks > 0 else None,
         "unrealizedPnl": None,
         "openedAt": iso_us(p.opened_ts_us),
     }
     if isinstance(p, ClosedPosition):
-        out["exitPrice"] = asset.ticks_to_price(p.exit_ticks)
-        out["realizedPnl"] = micros_to_money(p.pnl_micros)
-        out["payout"] = micros_to_money(p.payout_micros)
+        out["exitPrice"] = decimal_text(p.exit_ticks, pd)
+        out["realizedPnl"] = money(p.pnl_micros)
+        out["payout"] = money(p.payout_micros)
         out["closeReason"] = CloseReason(p.reason).label
         out["closedAt"] = iso_us(p.closed_ts_us)
     elif p.unrealized_pnl_micros is not None:
-        out["unrealizedPnl"] = micros_to_money(p.unrealized_pnl_micros)
+        out["unrealizedPnl"] = money(p.unrealized_pnl_micros)
     return out
 
 
@@ -421,9 +448,9 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         state = await slot.service.state(who)
         return _json({
             "accountId": state.account_id,
-            "balances": {"free": micros_to_money(state.free_micros),
-                         "margin": micros_to_money(state.margin_micros),
-                         "equity": micros_to_money(state.equity_micros)},
+            "balances": {"free": money(state.free_micros),
+                         "margin": money(state.margin_micros),
+                         "equity": money(state.equity_micros)},
             "positions": [position_json(p, assets[p.asset]) for p in state.positions],
         })
 

@@ -25,6 +25,7 @@ from engine.assets import Asset
 from engine.book import PositionBook, PositionRecord
 from engine.market import Tick
 from engine.orders import CloseReason, Side, plan_open
+from engine.position_ids import rows_of
 from engine.results import Code, Rejected
 from engine.settlement import exit_price_ticks, pnl_micros, settle
 
@@ -32,6 +33,10 @@ from engine.settlement import exit_price_ticks, pnl_micros, settle
 # (or the service's in-doubt resolution) gets the first answer instead of a second position.
 REMEMBERED_OPENS = 65_536
 BPS = 10_000
+
+_POSITION_COLUMNS = ("position_id", "owner", "side", "entry_ticks", "qty_steps", "margin_micros",
+                     "leverage", "liq_ticks", "tp_ticks", "sl_ticks", "opened_ts_us")
+_SIDES = (Side.LONG, Side.SHORT)
 
 _ABANDONED = Rejected(Code.PRICE_UNAVAILABLE, "the open request was abandoned after a timeout")
 
@@ -238,7 +243,8 @@ class ShardCore:
 
     # ----------------------------------------------------------------- reads
     def positions_of(self, owner: int) -> list[OpenPosition]:
-        """``owner``'s open positions here, marked to the last tick (None without a tick)."""
+        """``owner``'s open positions here, marked to the last tick (None without a tick),
+        oldest first. Reads the columns once for all of them (no per-position lookup)."""
         ids = self.book.ids_of_owner(owner)
         if not len(ids):
             return []
@@ -247,16 +253,15 @@ class ShardCore:
         if tick is None:
             pnls = [None] * len(ids)
         else:
-            pnls = [int(p) for p in
-                    self.book.unrealized_pnl_micros(ids, tick.bid_ticks, tick.ask_ticks).tolist()]
-        out: list[OpenPosition] = []
-        for position_id, pnl in zip(ids.tolist(), pnls, strict=True):
-            r = self.book.get(int(position_id))
-            if r is None:  # pragma: no cover - ids_of_owner only returns open ids
-                continue
-            out.append(OpenPosition(r.position_id, r.owner, self.asset.name, Side(r.side),
-                                    r.entry_ticks, r.qty_steps, r.margin_micros, r.leverage,
-                                    r.liq_ticks, r.tp_ticks, r.sl_ticks, r.opened_ts_us, pnl))
+            pnls = self.book.unrealized_pnl_micros(ids, tick.bid_ticks, tick.ask_ticks).tolist()
+        rows = rows_of(ids)
+        cols = self.book.columns()
+        fields = [cols[name][rows].tolist() for name in _POSITION_COLUMNS]
+        name = self.asset.name
+        out = [OpenPosition(pid, own, name, _SIDES[side], entry, qty, margin, lev, liq, tp, sl,
+                            ts, pnl)
+               for pid, own, side, entry, qty, margin, lev, liq, tp, sl, ts, pnl
+               in zip(*fields, pnls, strict=True)]
         out.sort(key=lambda p: (p.opened_ts_us, p.position_id))
         return out
 
