@@ -1,0 +1,499 @@
+"""``shardex up | engine | status | audit``: the platform as a running Ray cluster.
+
+``up`` starts (or joins, ``RAY_ADDRESS``) Ray, the embedded broker (unless ``KAFKA_BROKERS``),
+the ledger actor, one shard actor per ``cluster.placement.shard_layout`` spread over the
+cluster's nodes, the feed actor (Kafka -> shards), the feed source (unless ``engine``), and the
+Serve API on ``PORT``; prints one banner and runs in the foreground. Ctrl-C / SIGTERM stops, in
+reverse order, exactly what it started. ``Platform`` is the same thing as an object, for tests
+and benchmarks.
+
+Actors are named (``cluster.actor_names``) in the ``shardex`` namespace and owned by the ``up``
+process (not detached): ``status`` and ``audit`` find them by name while it runs, and a killed
+``up`` takes them with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.actor_names import FEED, LEDGER, NAMESPACE
+from cluster.config import MARKET_TOPIC, Settings
+from cluster.placement import ShardSpec, shard_layout
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 120.0  # actors and the API must be up within this
+ADDRESS_FILE = "ray-address.json"  # in DATA_DIR while a local `up` runs
+
+
+class LaunchError(RuntimeError):
+    """The platform could not start (port in use, broker failed, actor failed, ...)."""
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class Platform:
+    """Everything ``up`` starts, as one object: ``start()``, then ``stop()`` (or ``with``).
+
+    ``with_feed``: run the FEED_SOURCE source in this process (a background thread publishing
+    to the topic). ``bootstrap``: use this Kafka instead of starting the embedded broker (tests
+    pass their session broker). ``ray_init``: extra ``ray.init`` keyword arguments for a local
+    Ray. ``host``: where the API listens.
+    """
+
+    settings: Settings
+    with_feed: bool = True
+    bootstrap: str | None = None
+    host: str = "127.0.0.1"
+    namespace: str = NAMESPACE
+    ray_init: dict[str, Any] = field(default_factory=dict)
+    topic: str = MARKET_TOPIC
+
+    url: str = ""
+    layout: tuple[ShardSpec, ...] = ()
+    ledger: Any = None
+    feed: Any = None
+    shards: dict[str, Any] = field(default_factory=dict)
+    source_name: str = "none"
+    _broker: Any = None
+    _ray_started: bool = False
+    _serve_started: bool = False
+    _feed_thread: threading.Thread | None = None
+    _feed_loop: asyncio.AbstractEventLoop | None = None
+    _feed_stop: asyncio.Event | None = None
+    _feed_result: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ start
+    def start(self) -> Platform:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        import ray
+
+        from cluster.serve_app import deploy_api, export_serve_env
+        from feed.source import make_source, parse_source
+
+        settings = self.settings
+        self.layout = shard_layout(settings)
+        source = None
+        if self.with_feed:
+            source = make_source(settings)  # a bad FEED_SOURCE fails before anything starts
+            self.source_name = parse_source(settings.feed_source).kind if source else "none"
+        if not port_is_free(self.host, settings.port):
+            raise LaunchError(f"port {settings.port} on {self.host} is already in use "
+                              "(set PORT, or stop what holds it)")
+        self._start_broker()
+        assert self.bootstrap is not None
+        asyncio.run(self._ensure_topic(self.bootstrap))
+
+        env = export_serve_env(settings.port)
+        if ray.is_initialized():
+            log.info("using the Ray this process is already connected to")
+        elif settings.ray_address:
+            ray.init(address=settings.ray_address, namespace=self.namespace,
+                     runtime_env={"env_vars": env}, log_to_driver=False,
+                     logging_level=logging.WARNING)
+        else:
+            options: dict[str, Any] = {
+                "num_cpus": max(2, os.cpu_count() or 2),
+                "include_dashboard": False,
+                "object_store_memory": 1 << 30,  # positions move as numpy arrays; 1 GiB is ample
+                "log_to_driver": False,  # actor logs stay in the Ray session's log directory
+                "logging_level": logging.WARNING,
+            }
+            options.update(self.ray_init)
+            ray.init(namespace=self.namespace, runtime_env={"env_vars": env}, **options)
+            self._ray_started = True
+            self._write_address_file()
+        self._start_actors()
+        self._serve_started = True
+        self.url = deploy_api(settings, self.bootstrap, namespace=self.namespace, host=self.host,
+                              timeout_s=READY_TIMEOUT_S)
+        if source is not None:
+            self._start_feed_thread(source)
+
+    @property
+    def address_file(self) -> Any:
+        return self.settings.data_dir / ADDRESS_FILE
+
+    def _write_address_file(self) -> None:
+        """Record the local Ray's address so ``status``/``audit`` join this cluster, not
+        whichever local Ray started last."""
+        import ray
+
+        with contextlib.suppress(OSError):
+            self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+            self.address_file.write_text(json.dumps({
+                "ray_address": ray.get_runtime_context().gcs_address,
+                # a new local Ray enables token auth (token in ~/.ray); joiners need the mode
+                "ray_auth_mode": os.environ.get("RAY_AUTH_MODE"),
+                "url": f"http://{self.host}:{self.settings.port}", "pid": os.getpid()}))
+
+    def _start_broker(self) -> None:
+        from feed.broker import BrokerError
+        from feed.service import embedded_broker_for
+
+        if self.bootstrap is not None:
+            return
+        broker = embedded_broker_for(self.settings)
+        if broker is None:
+            self.bootstrap = self.settings.bootstrap_servers
+            return
+        try:
+            broker.start()
+        except BrokerError as exc:
+            raise LaunchError(str(exc)) from exc
+        self._broker = broker
+        self.bootstrap = broker.bootstrap
+
+    async def _ensure_topic(self, bootstrap: str) -> None:
+        from feed.broker import ensure_topic
+
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                await ensure_topic(bootstrap, len(self.settings.assets.assets), topic=self.topic)
+                return
+            except Exception as exc:  # the broker may still be electing itself
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"cannot create topic {self.topic} on {bootstrap}: "
+                                      f"{exc}") from exc
+                await asyncio.sleep(0.2)
+
+    def _start_actors(self) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from cluster.feed_actor import FeedActor
+        from cluster.ledger_actor import LedgerActor
+        from cluster.shard_actor import ShardActor
+
+        settings = self.settings
+        self.ledger = LedgerActor.options(  # type: ignore[attr-defined]
+            name=LEDGER, namespace=self.namespace).remote(settings.signup_balance_micros)
+        ray.get(self.ledger.ping.remote(), timeout=READY_TIMEOUT_S)
+        nodes = placement_nodes()
+        for i, spec in enumerate(self.layout):
+            # Round-robin over the nodes, workers first: the sweep work of a multi-node cluster
+            # is spread and the head (Serve, feed, ledger) gets a shard last. Soft affinity: a
+            # node that is gone does not stop a restart elsewhere.
+            strategy = NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True)
+            self.shards[spec.name] = ShardActor.options(  # type: ignore[attr-defined]
+                name=spec.name, namespace=self.namespace, scheduling_strategy=strategy,
+            ).remote(spec, settings.assets[spec.asset], settings.maintenance_margin_ppm,
+                     settings.max_price_age_us, self.ledger)
+        ray.get([h.stats.remote() for h in self.shards.values()], timeout=READY_TIMEOUT_S)
+        self.feed = FeedActor.options(
+            name=FEED, namespace=self.namespace).remote(
+            settings, self.bootstrap, namespace=self.namespace, topic=self.topic)
+        if not ray.get(self.feed.start.remote(), timeout=READY_TIMEOUT_S):
+            raise LaunchError(f"the feed actor could not consume {self.topic} on "
+                              f"{self.bootstrap}")
+
+    def _start_feed_thread(self, source: Any) -> None:
+        from feed.source import run_source
+
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._feed_loop = loop
+            stop = asyncio.Event()
+            self._feed_stop = stop
+            ready.set()
+            try:
+                self._feed_result = loop.run_until_complete(run_source(
+                    self.settings, stop, bootstrap=self.bootstrap, topic=self.topic,
+                    source=source))
+            except Exception:
+                log.exception("the feed source stopped with an error")
+            finally:
+                loop.close()
+
+        self._feed_thread = threading.Thread(target=run, name="feed-source", daemon=True)
+        self._feed_thread.start()
+        ready.wait(5.0)
+
+    # ------------------------------------------------------------------ stop
+    def stop_feed_source(self) -> None:
+        """Stop publishing the FEED_SOURCE source (the rest keeps running)."""
+        if self._feed_thread is not None:
+            loop, stop = self._feed_loop, self._feed_stop
+            if loop is not None and stop is not None and not loop.is_closed():
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(stop.set)
+            self._feed_thread.join(10.0)
+            self._feed_thread = None
+
+    def stop(self) -> None:
+        """Stop what ``start`` started, newest first; safe to call twice or after a failure."""
+        self.stop_feed_source()
+        import ray
+
+        if ray.is_initialized():
+            if self._serve_started:
+                from cluster.serve_app import shutdown_api
+
+                shutdown_api()
+                self._serve_started = False
+            if self.feed is not None:
+                with contextlib.suppress(Exception):
+                    ray.get(self.feed.stop.remote(), timeout=10.0)
+            for handle in [self.feed, *self.shards.values(), self.ledger]:
+                if handle is not None:
+                    with contextlib.suppress(Exception):
+                        ray.kill(handle)
+            self.feed, self.ledger, self.shards = None, None, {}
+            if self._ray_started:
+                ray.shutdown()
+                self._ray_started = False
+                with contextlib.suppress(OSError):
+                    self.address_file.unlink()
+        if self._broker is not None:
+            self._broker.stop()
+            self._broker = None
+
+    def __enter__(self) -> Platform:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ views
+    def shard_nodes(self) -> dict[str, str]:
+        """Shard actor name -> id of the node it runs on."""
+        return {name: _actor_node(handle) for name, handle in self.shards.items()}
+
+    def banner(self) -> str:
+        import ray
+
+        nodes = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
+        where = self.shard_nodes()
+        lines = [
+            f"shardex is up: {self.url}   (docs {self.url}/docs, Ctrl-C stops)",
+            f"  feed source: {self.source_name if self.with_feed else 'none (engine only)'}"
+            f"  -> topic {self.topic} on {self.bootstrap}"
+            + (" (embedded broker)" if self._broker is not None else ""),
+            f"  ray: {len(nodes)} node(s), namespace {self.namespace}"
+            + ("" if self._ray_started else " (joined)"),
+            "  shards:",
+        ]
+        for spec in self.layout:
+            node = nodes.get(where.get(spec.name, ""), {})
+            split = f" split {spec.split}/{spec.split_count}" if spec.split_count > 1 else ""
+            lines.append(f"    {spec.name:<16} {spec.asset}{split}  node "
+                         f"{where.get(spec.name, '?')[:12]} {node.get('NodeManagerAddress', '')}")
+        return "\n".join(lines)
+
+
+def placement_nodes() -> list[str]:
+    """Alive node ids in shard placement order: worker nodes first, then the head."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    head_key = "node:__internal_head__"
+    alive.sort(key=lambda n: (head_key in n.get("Resources", {}), n["NodeID"]))
+    return [n["NodeID"] for n in alive]
+
+
+def _actor_node(handle: Any) -> str:
+    """The node id an actor runs on, from the GCS (no dashboard needed)."""
+    import ray
+
+    actor_id = handle._actor_id.hex()
+    info = ray._private.state.actors(actor_id)
+    return str(info.get("Address", {}).get("NodeID", "")) if info else ""
+
+
+# ---------------------------------------------------------------------- commands
+def up(settings: Settings, with_feed: bool) -> int:
+    """Start everything, print the banner, run until Ctrl-C / SIGTERM; returns the exit code."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    platform = Platform(settings, with_feed=with_feed)
+    try:
+        try:
+            platform.start()
+        except (LaunchError, ValueError, OSError, TimeoutError) as exc:
+            print(f"shardex: cannot start: {exc}", file=sys.stderr)
+            return 1
+        if stopping.is_set():
+            return 0
+        print(platform.banner(), flush=True)
+        while not stopping.wait(0.5):
+            pass
+        print("shardex: stopping ...", flush=True)
+        return 0
+    finally:
+        platform.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if stopping.is_set():
+            print("shardex: stopped", flush=True)
+
+
+def _recorded_address(settings: Settings) -> str:
+    """``RAY_ADDRESS``, else the address a local ``up`` recorded in DATA_DIR, else "auto".
+
+    Also restores the recorded auth mode: it must be in the environment before Ray is
+    imported, since Ray reads it once at import.
+    """
+    if settings.ray_address:
+        return settings.ray_address
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        recorded = json.loads((settings.data_dir / ADDRESS_FILE).read_text())
+        if recorded.get("ray_auth_mode") and "RAY_AUTH_MODE" not in os.environ:
+            os.environ["RAY_AUTH_MODE"] = recorded["ray_auth_mode"]
+        return str(recorded["ray_address"])
+    return "auto"
+
+
+@contextlib.contextmanager
+def _connected(settings: Settings) -> Iterator[None]:
+    """Connect this process to the running platform's Ray (see ``_recorded_address``)."""
+    address = _recorded_address(settings)
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
+             logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def service_for(settings: Settings, namespace: str = NAMESPACE) -> Any:
+    """A TradingService over the running platform's named actors (for audit and tests)."""
+    from cluster.ray_service import service_from_names
+
+    return service_from_names(settings, namespace=namespace, ledger_name=LEDGER)
+
+
+def status(settings: Settings) -> int:
+    """Print the live layout: nodes, actors, tick ages, positions per shard."""
+    try:
+        ctx = _connected(settings)
+        ctx.__enter__()
+    except (ConnectionError, RuntimeError) as exc:
+        print(f"shardex status: no running cluster ({exc})", file=sys.stderr)
+        return 1
+    import ray
+
+    try:
+        nodes = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
+        print(f"ray: {len(nodes)} node(s)")
+        for node_id, node in nodes.items():
+            cpus = node.get("Resources", {}).get("CPU", 0)
+            print(f"  node {node_id[:12]} {node.get('NodeManagerAddress', '')} cpus {cpus:g}")
+        code = 0
+        try:
+            feed = ray.get_actor(FEED, namespace=NAMESPACE)
+            fstats: Any = ray.get(feed.stats.remote(), timeout=10)
+            ages = fstats.get("tick_age_s", {})
+            print(f"feed: node {_actor_node(feed)[:12]} assigned={fstats.get('assigned')} "
+                  f"lag={fstats.get('lag')} bootstrap={fstats.get('bootstrap')}")
+            for asset, price in sorted(fstats.get("prices", {}).items()):
+                age = ages.get(asset)
+                age_text = f"{age:.1f}s" if isinstance(age, (int, float)) else "?"
+                print(f"  {asset:<5} bid {price.get('bid')} ask {price.get('ask')} "
+                      f"age {age_text} source {price.get('source')}")
+        except (ValueError, ray.exceptions.RayError) as exc:
+            print(f"feed: not available ({exc})")
+            code = 1
+        try:
+            ledger = ray.get_actor(LEDGER, namespace=NAMESPACE)
+            print(f"ledger: node {_actor_node(ledger)[:12]}")
+        except ValueError:
+            print("ledger: not running")
+            code = 1
+        print("shards:")
+        for spec in shard_layout(settings):
+            try:
+                handle = ray.get_actor(spec.name, namespace=NAMESPACE)
+                stats: Any = ray.get(handle.stats.remote(), timeout=10)
+            except (ValueError, ray.exceptions.RayError) as exc:
+                print(f"  {spec.name:<16} not available ({type(exc).__name__})")
+                code = 1
+                continue
+            print(f"  {spec.name:<16} node {_actor_node(handle)[:12]} {_stats_text(stats)}")
+        return code
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def _stats_text(stats: Any) -> str:
+    """One line of a shard's ShardStats: positions, tick age, counters."""
+    fields = dict(stats._asdict() if hasattr(stats, "_asdict") else stats)
+    ts_us = fields.pop("last_tick_ts_us", None)
+    age = f"{(time.time_ns() // 1000 - ts_us) / 1e6:.1f}s" if ts_us else "no tick yet"
+    head = f"positions={fields.pop('positions', '?')} tick_age={age}"
+    fields.pop("name", None)
+    return head + " " + " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def audit(settings: Settings, as_json: bool, offline: bool) -> int:
+    """Check the ledger invariant on the live cluster; non-zero exit on any difference."""
+    if offline:
+        print("shardex audit --offline: not available in this build (audit the live cluster)",
+              file=sys.stderr)
+        return 2
+    try:
+        ctx = _connected(settings)
+        ctx.__enter__()
+    except (ConnectionError, RuntimeError) as exc:
+        print(f"shardex audit: no running cluster ({exc})", file=sys.stderr)
+        return 2
+    import ray
+
+    try:
+        try:
+            problems, totals = asyncio.run(service_for(settings).audit())
+        except (ValueError, ray.exceptions.RayError) as exc:
+            print(f"shardex audit: the platform does not answer: {exc}", file=sys.stderr)
+            return 2
+        if as_json:
+            print(json.dumps({"ok": not problems, "differences": problems, "totals": totals},
+                             default=str))
+        else:
+            for line in problems:
+                print(f"DIFFERENCE: {line}")
+            print(f"audit: {'OK' if not problems else f'{len(problems)} difference(s)'}; "
+                  f"totals {totals}")
+        return 0 if not problems else 1
+    finally:
+        ctx.__exit__(None, None, None)
