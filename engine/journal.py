@@ -458,7 +458,10 @@ class Journal:
             next_base = segments[i + 1][0] if i + 1 < len(segments) else end_seq + 1
             if next_base <= after_seq + 1 or base > end_seq:
                 continue
-            data = p.read_bytes()
+            try:
+                data = p.read_bytes()
+            except FileNotFoundError:  # a reader raced the writer's truncate_before
+                raise JournalGapError(f"segment {p.name} was deleted during replay") from None
             view = memoryview(data)
             size = len(data)
             pos = 0

@@ -341,3 +341,16 @@ def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
         assert j.durable_seq >= acked
         assert [s for s, _ in records] == list(range(1, j.durable_seq + 1))
         assert all(p == b"%d" % s * (s % 13) for s, p in records)
+
+
+def test_a_reader_that_loses_a_segment_to_the_writer_gets_a_gap_error(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j", fsync=False, segment_bytes=64) as writer:
+        for i in range(10):
+            writer.append(b"%02d" % i * 20)
+            writer.commit()
+        reader = Journal(tmp_path / "j", readonly=True)
+        assert reader.durable_seq == 10
+        writer.truncate_before(8)
+        with pytest.raises(JournalGapError):
+            list(reader.replay())
+        assert [s for s, _ in reader.replay(after_seq=7)] == [8, 9, 10]
