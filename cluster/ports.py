@@ -87,6 +87,7 @@ class ShardPort(Protocol):
     async def outbox(self) -> list[SettlementItem]: ...
     async def ack_outbox(self, upto_seq: int) -> int: ...
     async def open_margins_by_user(self) -> dict[int, int]: ...
+    async def audit_view(self) -> tuple[dict[int, int], list[SettlementItem]]: ...
     async def stats(self) -> ShardStats: ...
 
 
@@ -219,6 +220,9 @@ class LocalShardPort:
     async def open_margins_by_user(self) -> dict[int, int]:
         return await self.serial.run(self.core.open_margins_by_user)
 
+    async def audit_view(self) -> tuple[dict[int, int], list[SettlementItem]]:
+        return await self.serial.run(self.core.audit_view)
+
     async def stats(self) -> ShardStats:
         return await self.serial.run(self.core.stats)
 
@@ -332,6 +336,9 @@ class RayShardPort:
 
     async def open_margins_by_user(self) -> dict[int, int]:
         return await self._call("open_margins_by_user")
+
+    async def audit_view(self) -> tuple[dict[int, int], list[SettlementItem]]:
+        return await self._call("audit_view")
 
     async def stats(self) -> ShardStats:
         return await self._call("stats")

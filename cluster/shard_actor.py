@@ -119,6 +119,9 @@ class ShardActor:
     def open_margins_by_user(self) -> dict[int, int]:
         return self.core.open_margins_by_user()
 
+    def audit_view(self) -> tuple[dict[int, int], list[SettlementItem]]:
+        return self.core.audit_view()
+
     def stats(self) -> ShardStats:
         return self.core.stats()
 

@@ -9,6 +9,7 @@ import pytest
 
 from cluster.messages import (
     CloseOrder,
+    MarginLock,
     OpenOrder,
     OpenPosition,
     Principal,
@@ -293,3 +294,16 @@ async def test_open_in_doubt_keeps_the_lock_until_the_shard_answers(deliver: boo
     else:  # it never arrived: released, and fenced against a late arrival
         assert state.positions == [] and (state.free_micros, state.margin_micros) == (SIGNUP, 0)
     assert await p.audit() == []
+
+
+async def test_audit_reports_a_margin_without_a_position() -> None:
+    p = build_platform()
+    who = await signup(p.service)
+    await p.push_tick("SOL", "100.00", "100.01")
+    assert isinstance(await p.service.open_position(who, sol_long()), OpenPosition)
+    assert await p.audit() == []
+    # money locked behind the service's back: the invariant no longer holds
+    await p.ledger.lock_margins([MarginLock(who.user, 5 * USD)])
+    problems, totals = await p.service.audit(attempts=2, retry_delay_s=0)
+    assert len(problems) == 1 and f"user:{who.user}:margin" in problems[0]
+    assert totals["sum_micros"] == 0
