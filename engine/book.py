@@ -106,7 +106,10 @@ class PositionBook:
     books of a cluster; :func:`book_tag_of` reads it back.
     """
 
-    def __init__(self, asset: Asset, book_tag: int = 0, capacity: int = 1024) -> None:
+    def __init__(self, asset: Asset, book_tag: int = 0, capacity: int = 1024, *,
+                 min_pending: int = 1024, min_dead: int = 4096) -> None:
+        """``capacity``: rows allocated up front (grows by doubling). ``min_pending`` and
+        ``min_dead`` floor the trigger indexes' merge and compaction thresholds."""
         if not 0 <= book_tag <= MAX_BOOK_TAG:
             raise ValueError(f"book_tag must be in 0..{MAX_BOOK_TAG}")
         self.asset = asset
@@ -129,10 +132,11 @@ class PositionBook:
         self._live = 0
         self._free_head = -1
         self._free_count = 0
-        self._long_stop = TriggerIndex()  # key -level: bid <= level  <=>  -level <= -bid
-        self._long_tp = TriggerIndex()  # key level:  bid >= level  <=>  level <= bid
-        self._short_stop = TriggerIndex()  # key level: ask >= level
-        self._short_tp = TriggerIndex()  # key -level: ask <= level
+        tuning = {"min_pending": min_pending, "min_dead": min_dead}
+        self._long_stop = TriggerIndex(**tuning)  # key -level: bid <= level <=> -level <= -bid
+        self._long_tp = TriggerIndex(**tuning)  # key level: bid >= level <=> level <= bid
+        self._short_stop = TriggerIndex(**tuning)  # key level: ask >= level
+        self._short_tp = TriggerIndex(**tuning)  # key -level: ask <= level
 
     # -- size ----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -435,14 +439,15 @@ class PositionBook:
         return out
 
     @classmethod
-    def from_arrays(cls, asset: Asset, book_tag: int, arrays: Mapping[str, np.ndarray]
-                    ) -> PositionBook:
+    def from_arrays(cls, asset: Asset, book_tag: int, arrays: Mapping[str, np.ndarray], *,
+                    min_pending: int = 1024, min_dead: int = 4096) -> PositionBook:
         """Rebuild a book from :meth:`to_arrays`; ValueError if the arrays are inconsistent."""
         missing = [n for n in (*COLUMN_NAMES, "free_head") if n not in arrays]
         if missing:
             raise ValueError(f"missing arrays: {missing}")
         hw = int(np.asarray(arrays["position_id"]).size)
-        book = cls(asset, book_tag, capacity=max(hw, 1024))
+        book = cls(asset, book_tag, capacity=max(hw, 1024), min_pending=min_pending,
+                   min_dead=min_dead)
         for name, attr in zip(COLUMN_NAMES, _ATTRS, strict=True):
             col = np.asarray(arrays[name])
             if col.shape != (hw,):

@@ -56,10 +56,14 @@ class TriggerIndex:
     which every entry is dead, and pending ``keys``/``ids`` buffers for recent additions.
     """
 
-    __slots__ = ("_entries", "_head", "_ids", "_keys", "_live", "_pend_ids", "_pend_keys",
-                 "_pend_min", "_pend_n")
+    __slots__ = ("_entries", "_head", "_ids", "_keys", "_live", "_min_dead", "_min_pending",
+                 "_pend_ids", "_pend_keys", "_pend_min", "_pend_n")
 
-    def __init__(self) -> None:
+    def __init__(self, min_pending: int = _MIN_PENDING, min_dead: int = _MIN_DEAD) -> None:
+        """``min_pending``/``min_dead``: floors of the merge and compaction thresholds (tests
+        use tiny ones to exercise merges on small books)."""
+        self._min_pending = max(1, min_pending)
+        self._min_dead = max(1, min_dead)
         self._keys = _EMPTY
         self._ids = _EMPTY
         self._head = 0
@@ -101,7 +105,7 @@ class TriggerIndex:
             self._pend_min = key
         self._live += 1
         self._entries += 1
-        if self._pend_n > max(_MIN_PENDING, self._live >> _PENDING_SHIFT):
+        if self._pend_n > max(self._min_pending, self._live >> _PENDING_SHIFT):
             self.merge(id_column)
 
     def add_many(self, keys: np.ndarray, ids: np.ndarray, id_column: np.ndarray) -> None:
@@ -113,7 +117,7 @@ class TriggerIndex:
         """Note that one live entry died (its position closed); compacts when dead entries
         pile up. Call after the row's id changed."""
         self._live -= 1
-        if self._entries - self._live > max(_MIN_DEAD, self._live >> _DEAD_SHIFT):
+        if self._entries - self._live > max(self._min_dead, self._live >> _DEAD_SHIFT):
             self.merge(id_column, compact=True)
 
     def merge(self, id_column: np.ndarray, *, compact: bool = False,
@@ -146,7 +150,7 @@ class TriggerIndex:
         self._head = 0
         self._pend_n = 0
         self._pend_min = _INT64_MAX
-        if self._pend_keys.shape[0] > 4 * max(64, _MIN_PENDING, self._live >> _PENDING_SHIFT):
+        if self._pend_keys.shape[0] > 4 * max(64, self._min_pending, self._live >> _PENDING_SHIFT):
             # the pending buffer only needs to hold up to the merge threshold
             self._pend_keys = np.zeros(64, dtype=np.int64)
             self._pend_ids = np.zeros(64, dtype=np.int64)
