@@ -98,6 +98,9 @@ def recover(journal: Journal, snapshot_dir: str | os.PathLike[str],
         raise
     except JournalError as exc:
         raise RecoveryError(f"cannot replay after snapshot {base}: {exc}") from exc
+    if expected - 1 < journal.durable_seq:  # the log changed under a reader, or was damaged
+        raise RecoveryError(f"journal replay stopped at {expected - 1}, "
+                            f"before its last record {journal.durable_seq}")
     return Recovered(state, base, expected - 1 - base, max(expected - 1, base))
 
 

@@ -465,3 +465,18 @@ def test_fresh_start_without_anything(tmp_path: Path) -> None:
     assert (result.snapshot_seq, result.replayed, result.last_seq) == (0, 0, 0)
     assert len(result.state.book) == 0
     assert not snapshot_path(tmp_path / "snaps", 0).exists()
+
+
+def test_a_replay_that_ends_early_is_an_error(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j", fsync=False) as j:
+        for i in range(5):
+            j.append(encode(OpenFenced(i)))
+        j.commit()
+    reader = Journal(tmp_path / "j", readonly=True)
+    assert reader.durable_seq == 5
+    (segment,) = (tmp_path / "j").glob("*.wal")
+    data = bytearray(segment.read_bytes())
+    data[-3] ^= 0xFF  # damaged after the reader opened: the last record no longer checks out
+    segment.write_bytes(bytes(data))
+    with pytest.raises(RecoveryError, match="stopped at 4"):
+        recover(reader, tmp_path / "snaps", ShardState.restore, ShardState.apply)
