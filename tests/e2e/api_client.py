@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
@@ -22,14 +23,17 @@ def signup(http: httpx.Client) -> dict[str, str]:
 
 def tick(platform: HttpPlatform, http: httpx.Client, asset: str, bid: str, ask: str,
          age_s: float = 0.0) -> None:
-    """Push a tick and wait until the shard has applied it (its price is served)."""
+    """Push a tick and wait until the shard has applied it: its price is served, with a
+    timestamp no older than the push (an earlier tick may have had the same bid/ask)."""
+    pushed_at = datetime.now(UTC) - timedelta(seconds=age_s, milliseconds=1)
     platform.push_tick(asset, bid, ask, age_s)
     deadline = time.monotonic() + WAIT_S
     while True:
         prices = http.get("/api/v1/prices").json()
         p = prices.get(asset)
         if p is not None and Decimal(p["bid"]) == Decimal(bid) and \
-                Decimal(p["ask"]) == Decimal(ask):
+                Decimal(p["ask"]) == Decimal(ask) and \
+                datetime.fromisoformat(p["ts"].replace("Z", "+00:00")) >= pushed_at:
             return
         assert time.monotonic() < deadline, f"tick {asset} {bid}/{ask} never applied"
         time.sleep(0.02)
