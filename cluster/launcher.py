@@ -125,6 +125,7 @@ class Platform:
                 "object_store_memory": 1 << 30,  # positions move as numpy arrays; 1 GiB is ample
                 "log_to_driver": False,  # actor logs stay in the Ray session's log directory
                 "logging_level": logging.WARNING,
+                "_node_ip_address": "127.0.0.1",  # a local Ray needs no other interface
             }
             options.update(self.ray_init)
             ray.init(namespace=self.namespace, runtime_env={"env_vars": env}, **options)

@@ -1,0 +1,118 @@
+"""The whole platform on Ray for e2e tests: launcher pieces, a Kafka broker, Serve over HTTP.
+
+``RayHttpPlatform`` offers the same members as ``tests.e2e.http_platform.HttpPlatform``
+(``base_url``, ``push_tick``, ``audit``, ``totals``). Prices travel the production path: a
+MarketDataMessage produced to the topic, consumed by the feed actor, fanned out to the shard
+actors. A tick with ``age_s > 0`` is the exception: the feed actor drops ticks older than the
+newest it delivered (by design), so an aged tick is handed to the shard actors directly, which
+is what "the last price the shard saw is this old" means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cluster.config import Settings
+from cluster.launcher import Platform
+from engine.market import Tick
+
+
+def free_port() -> int:
+    from feed.broker import free_port as _free_port
+
+    return _free_port("127.0.0.1")
+
+
+class RayHttpPlatform:
+    """``start()`` brings up Ray (or joins ``settings.ray_address``), the actors and Serve."""
+
+    def __init__(self, bootstrap: str, settings: Settings | None = None,
+                 topic: str | None = None, ray_init: dict[str, Any] | None = None) -> None:
+        base = settings or Settings()
+        self.settings = dataclasses.replace(
+            base, port=free_port(), feed_source="none", kafka_brokers=bootstrap,
+            data_dir=Path(tempfile.mkdtemp(prefix="shardex-e2e-")))
+        self.bootstrap = bootstrap
+        options: dict[str, Any] = {"num_cpus": 2}
+        options.update(ray_init or {})
+        self.platform = Platform(self.settings, with_feed=False, bootstrap=bootstrap,
+                                 ray_init=options)
+        if topic:
+            self.platform.topic = topic
+        self.base_url = ""
+        self._seq = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="e2e-producer",
+                                        daemon=True)
+        self._producer: Any = None
+
+    def start(self) -> RayHttpPlatform:
+        from feed.producer import MarketDataProducer
+
+        self.platform.start()
+        self.base_url = self.platform.url
+        self._thread.start()
+        self._producer = MarketDataProducer(self.bootstrap, self.settings.assets,
+                                            topic=self.platform.topic)
+        self._run(self._producer.start())
+        return self
+
+    def _run(self, coro: Any, timeout_s: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    def stop(self) -> None:
+        if self._producer is not None:
+            self._run(self._producer.stop())
+            self._producer = None
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+        self.platform.stop()
+
+    def push_tick(self, asset: str, bid: str, ask: str, age_s: float = 0.0) -> None:
+        from feed.message import message_from_ticks
+
+        a = self.settings.assets[asset]
+        self._seq += 1
+        ts_us = time.time_ns() // 1000 - int(age_s * 1_000_000)
+        bid_ticks, ask_ticks = a.price_to_ticks(bid), a.price_to_ticks(ask)
+        if age_s > 0:
+            import ray
+
+            tick = Tick(asset, bid_ticks, ask_ticks, ts_us, self._seq, "test")
+            ray.get([h.apply_ticks.remote([tick])
+                     for spec, h in self._shards_of(asset)], timeout=30)
+            return
+        msg = message_from_ticks(a, bid_ticks, ask_ticks, ts_us, self._seq, "test")
+
+        async def send() -> None:
+            await self._producer.publish(msg)
+            await self._producer.flush()
+
+        self._run(send())
+
+    def _shards_of(self, asset: str) -> list[tuple[Any, Any]]:
+        return [(spec, self.platform.shards[spec.name]) for spec in self.platform.layout
+                if spec.asset == asset]
+
+    def _audit(self) -> tuple[list[str], dict[str, Any]]:
+        from cluster.launcher import service_for
+
+        service = service_for(self.settings, self.platform.namespace)
+        problems, totals = asyncio.run(service.audit())
+        return list(problems), dict(totals)
+
+    def audit(self) -> list[str]:
+        return self._audit()[0]
+
+    def totals(self) -> dict[str, Any]:
+        return self._audit()[1]
+
+    def shard_nodes(self) -> dict[str, str]:
+        return self.platform.shard_nodes()

@@ -1,0 +1,68 @@
+"""The platform on Ray over real HTTP: Serve (direct ingress), Kafka-driven prices, actors.
+
+A smoke scenario (account -> open -> liquidation by a produced tick -> history -> audit), then
+the whole SPEC trading scenario suite of ``test_api_trading`` run again against this platform
+(the same test functions, collected here with this module's ``platform`` fixture).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from decimal import Decimal as D
+
+import httpx
+import pytest
+
+from tests.e2e import test_api_trading as _trading
+from tests.e2e.api_client import open_position, signup, state, tick, wait_closed
+from tests.e2e.ray_platform import RayHttpPlatform
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def platform(kafka_broker: str) -> Iterator[RayHttpPlatform]:
+    p = RayHttpPlatform(kafka_broker, topic=f"ray-e2e-{os.getpid()}",
+                        ray_init={"_node_ip_address": "127.0.0.1"})
+    p.start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def test_smoke_open_liquidate_history_audit_through_serve_and_kafka(
+        platform: RayHttpPlatform, http: httpx.Client) -> None:
+    health = http.get("/healthz")
+    assert health.status_code == 200, health.text
+    assert set(health.json()["components"]) >= {"ledger", "feed", "broker", "shard-SOL-0"}
+    h = signup(http)
+    tick(platform, http, "SOL", "200.00", "200.02")  # produced to Kafka, via the feed actor
+    p = open_position(http, h, asset="SOL", type="long", margin="50", leverage=20)
+    assert D(p["entryPrice"]) == D("200.02")
+    liq = D(p["liquidationPrice"])
+    s = state(http, h)
+    assert D(s["balances"]["margin"]) == 50 and len(s["positions"]) == 1
+    started = time.monotonic()
+    tick(platform, http, "SOL", str(liq), str(liq + D("0.01")))
+    closed = wait_closed(http, h, p["positionId"])
+    assert closed["closeReason"] == "liquidation"
+    assert D(closed["exitPrice"]) == liq and D(closed["payout"]) == 0
+    assert time.monotonic() - started < 10
+    history = http.get("/api/v1/positions/history", headers=h).json()["positions"]
+    assert [c["positionId"] for c in history] == [p["positionId"]]
+    s = state(http, h)
+    assert s["positions"] == [] and D(s["balances"]["margin"]) == 0
+    assert D(s["balances"]["free"]) == D("10000") - 50
+    assert platform.audit() == []
+    totals = platform.totals()
+    assert totals["sum_micros"] == 0 and int(str(totals["closed_positions"])) >= 1
+
+
+# The SPEC trading scenarios, again on Ray (same functions; this module's `platform` fixture).
+for _name in dir(_trading):
+    if _name.startswith("test_"):
+        globals()[f"{_name}_on_ray"] = getattr(_trading, _name)
+del _name
