@@ -17,10 +17,10 @@ acknowledges a request only after the commit that covers its records has returne
 Crash model: a process killed at any instant leaves at most one torn (partially written) tail.
 Opening the journal for writing scans it, keeps every record up to the first one that is
 incomplete, fails its checksum or breaks the seq chain, and truncates the segment there, so a
-torn record is dropped whole and never applied in part. Bytes cut off after a *complete* but
-corrupt record (not a torn tail: something damaged durable data) are first copied aside to a
-``.corrupt`` file, as are later segments that no longer continue the chain, so nothing is
-silently destroyed. A failed write or fsync poisons the journal: the page cache may have
+torn record is dropped whole and never applied in part. The bytes cut off are first copied
+aside to a ``.corrupt`` file (a torn tail is the normal trace of a crash, but a damaged length
+field mid-file looks the same), as are later segments that no longer continue the chain, so
+nothing is silently destroyed. A failed write or fsync poisons the journal: the page cache may have
 dropped the data, so retrying would be a lie; the owner must crash and recover from disk.
 
 Only one writer may hold a journal (an exclusive ``flock`` on ``LOCK``); readers open it with
@@ -71,8 +71,9 @@ class JournalGapError(JournalError):
 class Repair:
     """What opening the journal had to cut off (all zero for a clean log).
 
-    ``torn_bytes``: an incomplete last record (the normal trace of a crash mid-write), dropped.
-    ``corrupt_bytes``: bytes after a complete but invalid record, copied aside then dropped.
+    ``torn_bytes``: an incomplete last record (the normal trace of a crash mid-write).
+    ``corrupt_bytes``: a complete but invalid record and everything after it.
+    Both are copied aside to ``<segment>.<offset>.corrupt`` before being cut off.
     ``orphaned_segments``: later segment files that no longer continued the chain, set aside.
     """
 
@@ -254,8 +255,9 @@ class Journal:
                     self.repair.torn_bytes += len(data) - good_end
                 else:
                     self.repair.corrupt_bytes += len(data) - good_end
-                    self._set_aside(p, data[good_end:], offset=good_end)
-                    changed_dir = True
+                # Kept even for a torn tail: a damaged length field mid-file also looks torn.
+                self._set_aside(p, data[good_end:], offset=good_end)
+                changed_dir = True
                 with open(p, "r+b") as f:
                     f.truncate(good_end)
                     f.flush()

@@ -132,6 +132,8 @@ def test_torn_last_record_at_every_byte_offset(tmp_path: Path, last_size: int) -
         (case / name).write_bytes(data[: len(data) - last_len + cut])
         with Journal(case, fsync=False) as j:
             assert j.repair.torn_bytes == cut and j.repair.corrupt_bytes == 0
+            (aside,) = case.glob("*.corrupt")  # what was cut is kept, not destroyed
+            assert aside.read_bytes() == data[len(data) - last_len : len(data) - last_len + cut]
             assert list(j.replay()) == list(enumerate(items[:-1], start=1))
             assert j.append(b"after") == len(items)
             j.commit()
