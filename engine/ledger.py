@@ -200,6 +200,8 @@ class Ledger:
                 (ledger._free if kind == "free" else ledger._margin)[user] = value
         if ledger.total_micros() != 0:
             raise LedgerError("ledger state does not sum to 0")
+        if any(free < 0 for free in ledger._free.values()):
+            raise LedgerError("ledger state has a negative free balance")
         return ledger
 
 
