@@ -26,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,6 +47,16 @@ log = logging.getLogger(__name__)
 
 def _now_us() -> int:
     return time.time_ns() // 1000
+
+
+def _quantiles_ms(values_us: deque[int]) -> dict[str, float] | None:
+    """p50/p99/max in milliseconds of a window of microsecond samples (None when empty)."""
+    if not values_us:
+        return None
+    ordered = sorted(values_us)
+    n = len(ordered)
+    return {"p50": ordered[n // 2] / 1000, "p99": ordered[min(n - 1, int(n * 0.99))] / 1000,
+            "max": ordered[-1] / 1000, "n": n}
 
 
 class _SeekOnAssign(ConsumerRebalanceListener):
@@ -101,6 +113,11 @@ class FeedActorCore:
         self._stopping = False
         self._next_offset: dict[TopicPartition, int] = {}
         self.consumer_restarts = 0
+        # now - ts_us of each tick as the actor reads it (produce-to-read latency when the
+        # producer stamps ts_us, exchange-to-read latency for live data), last 4096 ticks
+        self._read_age_us: deque[int] = deque(maxlen=4096)
+        self.polls = 0  # getmany calls
+        self.batches = 0  # getmany calls that returned records
         self.topic_recreations = 0
         self.last_error: str | None = None
         self.first_record_s: float | None = None
@@ -191,7 +208,9 @@ class FeedActorCore:
         unassigned_since = time.monotonic()
         while not self._stopping:
             batch = await consumer.getmany(timeout_ms=100, max_records=self.max_batch)
+            self.polls += 1
             if batch:
+                self.batches += 1
                 now_s = time.time()
                 if self.first_record_s is None:
                     self.first_record_s = now_s
@@ -213,7 +232,9 @@ class FeedActorCore:
 
     def _deliver(self, ticks: Mapping[str, Tick]) -> None:
         fresh = []
+        now_us = _now_us()
         for asset, tick in ticks.items():
+            self._read_age_us.append(now_us - tick.ts_us)
             prev = self.last.get(asset)
             if prev is not None and tick.ts_us < prev.ts_us:
                 self.dropped["stale"] += 1
@@ -296,12 +317,15 @@ class FeedActorCore:
             "conflated_pending": self.fanout.conflated,
             "delivered": self.fanout.delivered,
             "calls": self.fanout.calls,
+            "polls": self.polls,
+            "batches": self.batches,
             "failed_calls": self.fanout.failed_calls,
             "pending": self.fanout.pending_count(),
             "in_flight": sum(self.fanout.in_flight.values()),
             "lag": self.lag(),
             "assigned": self.consumer is not None and bool(self.consumer.assignment()),
             "tick_age_s": {a: (now_us - t.ts_us) / 1e6 for a, t in self.last.items()},
+            "read_age_ms": _quantiles_ms(self._read_age_us),
             "prices": self.prices(),
             "shards_known": sorted(self.handles),
             "consumer_restarts": self.consumer_restarts,
@@ -314,15 +338,40 @@ class FeedActorCore:
         }
 
 
+def _renice(nice: int) -> None:
+    """Best effort: set this process's nice value (Ray starts workers at nice 15).
+
+    Every price the engine acts on passes through this one actor, so under CPU contention it
+    must not be the first process starved; without the privilege to lower the value, keep it.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except (OSError, AttributeError) as exc:
+        log.info("feed actor: cannot set nice %d (%s); keeping %d", nice, exc,
+                 os.getpriority(os.PRIO_PROCESS, 0))
+
+
 class FeedActorShell:
     """Ray shell of :class:`FeedActorCore` (same constructor arguments); use :data:`FeedActor`.
+
+    Extra arguments: ``nice`` (default 0) is applied to the actor's process, best effort (see
+    :func:`_renice`; ``None`` keeps Ray's nice 15); ``switch_interval_s`` sets the process's GIL
+    switch interval (``None`` keeps Python's 5 ms).
 
     Methods (all async; any of them starts consumption if it is not running, so a restarted
     actor resumes on the first call): ``start(timeout_s=30) -> bool``, ``stats() -> dict``,
     ``prices() -> dict``, ``stop()``, ``set_shard_handles({name: handle})``.
     """
 
-    def __init__(self, settings: Settings, bootstrap: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, settings: Settings, bootstrap: str | None = None, *,
+                 nice: int | None = 0, switch_interval_s: float | None = 0.0005,
+                 **kwargs: Any) -> None:
+        if nice is not None:
+            _renice(nice)
+        if switch_interval_s is not None:
+            # The asyncio loop shares the GIL with Ray's worker threads; with the default 5 ms
+            # switch interval every wake-up of the consume loop can wait that long for it.
+            sys.setswitchinterval(switch_interval_s)
         self.core = FeedActorCore(settings, bootstrap, **kwargs)
 
     async def start(self, timeout_s: float = 30.0) -> bool:

@@ -10,6 +10,7 @@ it never goes backwards).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -80,7 +81,8 @@ class ReplaySource:
                 if self.speed > 0:
                     delay = start_mono + offset_us / 1e6 / self.speed - time.monotonic()
                     if delay > 0:
-                        await asyncio.sleep(delay)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), delay)
                 if stop.is_set():
                     return
                 msg = item.message

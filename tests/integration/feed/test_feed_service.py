@@ -32,7 +32,7 @@ async def test_feed_service_replays_to_kafka_and_stops_on_sigterm(kafka_broker: 
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "feed"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        values = []
+        values: list[dict[str, object]] = []
         deadline = asyncio.get_running_loop().time() + 30
         while len(values) < 30 and asyncio.get_running_loop().time() < deadline:
             batch = await consumer.getmany(timeout_ms=500)

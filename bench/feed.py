@@ -1,0 +1,228 @@
+"""``shardex bench feed``: Kafka -> feed actor -> shard actors, throughput and latency.
+
+Two phases on the embedded broker (free loopback port) and a local Ray:
+
+1. ingest: ``--ticks`` messages for 3 assets produced as fast as possible (produce rate), then
+   a feed actor reads them from the beginning (``start_from="earliest"``) and conflates and
+   delivers them to counting shard actors; ingest rate = messages consumed / time between the
+   first and the last record the actor read.
+2. latency: a steady ``--rate`` ticks/s for ``--seconds``; every message carries its produce
+   time in ``ts_us`` and the shard computes ``receive - ts_us``: the time from produce to
+   delivery at the shard (p50/p99 over delivered ticks; conflated ticks are not delivered).
+
+Prints a table, then one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+import uuid
+from typing import Any
+
+import ray
+
+from cluster.config import Settings
+from cluster.feed_actor import FeedActor
+from engine.assets import DEFAULT_ASSETS
+from engine.market import Tick
+from feed.broker import EmbeddedBroker, free_port
+from feed.message import message_from_ticks
+from feed.producer import MarketDataProducer
+from feed.sim import SimWalk
+
+
+class _CountingShard:
+    """Counts ticks and records ``now - ts_us`` (us) of each, as a shard would receive them."""
+
+    def __init__(self, nice: int | None = 0) -> None:
+        if nice is not None:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)  # like the feed actor; see the table note
+        self.ticks = 0
+        self.calls = 0
+        self.latency_us: list[int] = []
+
+    def apply_ticks(self, ticks: list[Tick]) -> int:
+        now_us = time.time_ns() // 1000
+        self.calls += 1
+        self.ticks += len(ticks)
+        self.latency_us.extend(now_us - t.ts_us for t in ticks)
+        return len(ticks)
+
+    def report(self) -> dict[str, Any]:
+        return {"ticks": self.ticks, "calls": self.calls, "latency_us": self.latency_us}
+
+
+_ray_remote: Any = ray.remote
+CountingShard: Any = _ray_remote(num_cpus=0)(_CountingShard)
+
+
+def _percentile(values: list[int], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
+
+
+async def _produce_burst(bootstrap: str, topic: str, n: int) -> float:
+    """Produce ``n`` ticks round-robin over the assets as fast as possible; returns seconds."""
+    assets = DEFAULT_ASSETS.assets
+    walk = SimWalk(DEFAULT_ASSETS, seed=1)
+    producer = MarketDataProducer(bootstrap, DEFAULT_ASSETS, topic=topic, linger_ms=5)
+    await producer.start()
+    t0 = time.perf_counter()
+    base_us = time.time_ns() // 1000
+    for i in range(n):
+        asset = assets[i % len(assets)]
+        bid, ask = walk.next(asset)
+        await producer.publish(message_from_ticks(asset, bid, ask, base_us + i, i + 1, "bench"))
+    await producer.flush()
+    elapsed = time.perf_counter() - t0
+    await producer.stop()
+    return elapsed
+
+
+async def _produce_steady(bootstrap: str, topic: str, rate: float, seconds: float) -> int:
+    """Produce ``rate`` ticks/s for ``seconds``, each stamped with its produce time."""
+    assets = DEFAULT_ASSETS.assets
+    walk = SimWalk(DEFAULT_ASSETS, seed=2)
+    producer = MarketDataProducer(bootstrap, DEFAULT_ASSETS, topic=topic, linger_ms=0)
+    await producer.start()
+    start = time.perf_counter()
+    n = 0
+    total = int(rate * seconds)
+    while n < total:
+        due = min(total, int((time.perf_counter() - start) * rate) + 1)
+        while n < due:
+            asset = assets[n % len(assets)]
+            bid, ask = walk.next(asset)
+            n += 1
+            await producer.publish(message_from_ticks(asset, bid, ask, time.time_ns() // 1000, n,
+                                                      "bench"))
+        await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
+    await producer.flush()
+    await producer.stop()
+    return n
+
+
+async def _wait_consumed(feed: Any, n: int, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    stats: dict[str, Any] = await feed.stats.remote()
+    while stats["consumed"] < n and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        stats = await feed.stats.remote()
+    return stats
+
+
+async def _run(args: argparse.Namespace, bootstrap: str, ns: str) -> dict[str, Any]:
+    settings = Settings(kafka_brokers=bootstrap)
+    names = [f"shard-{a.name}-0" for a in settings.assets.assets]
+
+    # -- phase 1: ingest ------------------------------------------------------------------
+    topic = f"bench-ingest-{ns}"
+    produce_s = await _produce_burst(bootstrap, topic, args.ticks)
+    shards = {n: CountingShard.options(name=n, namespace=ns).remote() for n in names}
+    feed = FeedActor.remote(settings, bootstrap, namespace=ns, topic=topic, group_id=topic,
+                            start_from="earliest")
+    await feed.start.remote(30)
+    stats = await _wait_consumed(feed, args.ticks, 120)
+    await asyncio.sleep(0.2)
+    stats = await feed.stats.remote()
+    span_s = max(1e-9, (stats["last_record_s"] or 0) - (stats["first_record_s"] or 0))
+    ingest = {
+        "consumed": stats["consumed"], "conflated": stats["conflated"],
+        "delivered": stats["delivered"], "calls": stats["calls"], "span_s": span_s,
+        "dropped": stats["dropped"],
+    }
+    await feed.stop.remote()
+    ray.kill(feed)
+    for h in shards.values():
+        ray.kill(h)
+
+    # -- phase 2: latency at a steady rate -----------------------------------------------
+    topic = f"bench-latency-{ns}"
+    ns2 = ns + "-lat"
+    shards = {n: CountingShard.options(name=n, namespace=ns2).remote() for n in names}
+    feed = FeedActor.remote(settings, bootstrap, namespace=ns2, topic=topic, group_id=topic)
+    await feed.start.remote(30)
+    await _produce_steady(bootstrap, topic, args.rate, 1.0)  # warm-up: connections, handles
+    await asyncio.sleep(0.5)
+    before = [await h.report.remote() for h in shards.values()]
+    stats0 = await feed.stats.remote()
+    sent = await _produce_steady(bootstrap, topic, args.rate, args.seconds)
+    await asyncio.sleep(1.0)
+    after = [await h.report.remote() for h in shards.values()]
+    lat_stats = await feed.stats.remote()
+    await feed.stop.remote()
+    latencies = [v for b, a in zip(before, after, strict=True)
+                 for v in a["latency_us"][len(b["latency_us"]):]]
+    return {
+        "produce_s": produce_s, "ingest": ingest, "latency_sent": sent,
+        "latency_delivered": len(latencies),
+        "latency_calls": sum(a["calls"] - b["calls"] for b, a in zip(before, after, strict=True)),
+        "latency_conflated": lat_stats["conflated"] - stats0["conflated"],
+        "read_age_ms": lat_stats["read_age_ms"] or {},
+        "p50_ms": _percentile(latencies, 0.50) / 1000,
+        "p99_ms": _percentile(latencies, 0.99) / 1000,
+        "max_ms": (max(latencies) / 1000) if latencies else float("nan"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shardex bench feed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ticks", type=int, default=300_000, help="ticks of the ingest phase")
+    parser.add_argument("--rate", type=float, default=2000.0, help="ticks/s of the latency phase")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of the latency phase")
+    parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
+    args = parser.parse_args(argv or [])
+
+    broker = EmbeddedBroker("127.0.0.1", free_port()).start()
+    ns = uuid.uuid4().hex[:8]
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace=ns)
+        r = asyncio.run(_run(args, broker.bootstrap, ns))
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        broker.stop()
+
+    ing = r["ingest"]
+    ingest_rate = ing["consumed"] / ing["span_s"]
+    produce_rate = args.ticks / r["produce_s"]
+    rows = [
+        ("ticks produced (ingest phase)", f"{args.ticks:,}"),
+        ("produce rate (ticks/s)", f"{produce_rate:,.0f}"),
+        ("feed actor ingest (ticks/s)", f"{ingest_rate:,.0f}   target >= 100,000"),
+        ("  consumed / conflated / delivered", f"{ing['consumed']:,} / {ing['conflated']:,} / "
+                                               f"{ing['delivered']:,} in {ing['calls']:,} calls"),
+        (f"steady {args.rate:,.0f} ticks/s for {args.seconds:g} s: sent / delivered",
+         f"{r['latency_sent']:,} / {r['latency_delivered']:,} "
+         f"({r['latency_calls']:,} calls, {r['latency_conflated']:,} conflated)"),
+        ("produce -> feed actor read p50 / p99 (ms)",
+         f"{r['read_age_ms'].get('p50', float('nan')):.2f} / "
+         f"{r['read_age_ms'].get('p99', float('nan')):.2f}"),
+        ("produce -> shard p50 (ms)", f"{r['p50_ms']:.2f}"),
+        ("produce -> shard p99 (ms)", f"{r['p99_ms']:.2f}   target <= 20"),
+        ("produce -> shard max (ms)", f"{r['max_ms']:.2f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("shardex bench feed (embedded Tansu broker, local Ray, 3 assets, 1 shard each)")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    print(json.dumps({
+        "bench": "feed", "ticks": args.ticks,
+        "produce_ticks_per_s": round(produce_rate), "ingest_ticks_per_s": round(ingest_rate),
+        "consumed": ing["consumed"], "conflated": ing["conflated"], "delivered": ing["delivered"],
+        "steady_rate": args.rate, "steady_sent": r["latency_sent"],
+        "steady_delivered": r["latency_delivered"],
+        "deliver_p50_ms": round(r["p50_ms"], 3), "deliver_p99_ms": round(r["p99_ms"], 3),
+        "deliver_max_ms": round(r["max_ms"], 3),
+        "read_p50_ms": r["read_age_ms"].get("p50"), "read_p99_ms": r["read_age_ms"].get("p99"),
+        "load_avg_1m": os.getloadavg()[0],
+        "ingest_target_met": ingest_rate >= 100_000, "latency_target_met": r["p99_ms"] <= 20,
+    }))
+    return 0
