@@ -117,7 +117,19 @@ def checkpoint(journal: Journal, snapshot_dir: str | os.PathLike[str],
     seq = journal.commit()
     path = write_snapshot(snapshot_dir, seq, arrays, meta)
     prune_snapshots(snapshot_dir, keep)
-    kept = list_snapshots(snapshot_dir)
-    oldest = min(s for s, _ in kept) if kept else seq
-    journal.truncate_before(oldest + 1)
+    trim_journal(journal, snapshot_dir)
     return path
+
+
+def trim_journal(journal: Journal, snapshot_dir: str | os.PathLike[str]) -> int:
+    """Delete the journal segments that even the oldest kept snapshot no longer needs.
+
+    The second half of :func:`checkpoint`, for an actor that writes big snapshots off its
+    thread: ``seq = journal.commit()``, copy the state, hand ``write_snapshot`` +
+    ``prune_snapshots`` to a worker thread, and once that finished call this on the actor's
+    thread (a Journal is not thread-safe). Returns the number of segments deleted.
+    """
+    kept = list_snapshots(snapshot_dir)
+    if not kept:
+        return 0
+    return journal.truncate_before(min(s for s, _ in kept) + 1)

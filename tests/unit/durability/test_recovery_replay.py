@@ -10,6 +10,7 @@ journal that was never truncated) must equal the live state.
 from __future__ import annotations
 
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,15 @@ from engine.events import (
 from engine.journal import Journal
 from engine.ledger import Ledger
 from engine.orders import CloseReason, OpenPlan, Side, plan_open
-from engine.recovery import RecoveryError, checkpoint, recover
+from engine.recovery import RecoveryError, checkpoint, recover, trim_journal
 from engine.settlement import Settlement, exit_price_ticks, settle
-from engine.snapshot import Snapshot, list_snapshots, snapshot_path
+from engine.snapshot import (
+    Snapshot,
+    list_snapshots,
+    prune_snapshots,
+    snapshot_path,
+    write_snapshot,
+)
 
 ASSET = DEFAULT_ASSETS["SOL"]
 SHARD = "SOL-0"
@@ -480,3 +487,29 @@ def test_a_replay_that_ends_early_is_an_error(tmp_path: Path) -> None:
     segment.write_bytes(bytes(data))
     with pytest.raises(RecoveryError, match="stopped at 4"):
         recover(reader, tmp_path / "snaps", ShardState.restore, ShardState.apply)
+
+
+def test_snapshot_written_off_thread_while_the_actor_keeps_journaling(tmp_path: Path) -> None:
+    p = scripted_platform(tmp_path)
+    journal = p.shard_journal
+    seq = journal.commit()
+    arrays, meta = p.shard.snapshot()  # a copy: the live state may move on
+    snaps = tmp_path / "shard" / "snapshots"
+
+    def write() -> None:
+        write_snapshot(snaps, seq, arrays, meta)
+        prune_snapshots(snaps)
+
+    worker = threading.Thread(target=write)
+    worker.start()
+    for i in range(20):  # the actor goes on serving while the snapshot is written
+        p.run(("open", i, Side(i % 2), 3, 50 + i, None, None, False))
+        p.run(("tick", (-1) ** i * 150, 1))
+    worker.join()
+    assert trim_journal(journal, snaps) > 0  # the segments only the pruned snapshot needed
+    assert journal.first_seq <= min(s for s, _ in list_snapshots(snaps)) + 1
+    p._close_journals()
+    shard, ledger = p.recover()
+    assert shard.settlement_seq >= 1 and list_snapshots(snaps)[0][0] == seq
+    assert_same_shard(p.shard, shard, p.ledger.applied.get(SHARD, 0))
+    assert_same_ledger(p.ledger, ledger)
