@@ -491,8 +491,12 @@ def test_a_replay_that_ends_early_is_an_error(tmp_path: Path) -> None:
 
 def test_snapshot_written_off_thread_while_the_actor_keeps_journaling(tmp_path: Path) -> None:
     p = scripted_platform(tmp_path)
+    for i in range(10):  # records after the last checkpoint, so this snapshot is a new one
+        p.run(("open", i, Side(i % 2), 3, 60, None, None, False))
+        p.run(("tick", (-1) ** i * 120, 1))
     journal = p.shard_journal
     seq = journal.commit()
+    assert seq > list_snapshots(tmp_path / "shard" / "snapshots")[0][0]
     arrays, meta = p.shard.snapshot()  # a copy: the live state may move on
     snaps = tmp_path / "shard" / "snapshots"
 
