@@ -1,0 +1,107 @@
+"""Fixed-point amounts: exact decimal text <-> integer steps, and every way input can be bad."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.amounts import (
+    MAX_UNITS,
+    AmountError,
+    ceil_div,
+    floor_div,
+    from_units,
+    micros_to_money,
+    money_to_micros,
+    to_units,
+)
+from engine.assets import DEFAULT_ASSETS
+
+
+@pytest.mark.parametrize(("value", "decimals", "units"), [
+    ("123.45", 2, 12_345),
+    ("123.4", 2, 12_340),
+    ("0.01", 2, 1),
+    ("100", 2, 10_000),
+    (" 7.5 ", 1, 75),
+    ("1e2", 0, 100),
+    ("1.50000", 2, 150),  # trailing zeros are not extra precision
+    (100, 6, 100_000_000),
+    (0.1, 2, 10),  # a float is read as the shortest text that round-trips: "0.1"
+    (98.97, 2, 9_897),
+    (Decimal("0.000001"), 6, 1),
+    ("0", 2, 0),
+])
+def test_valid_amounts(value: object, decimals: int, units: int) -> None:
+    assert to_units(value, decimals) == units  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("value", "decimals"), [
+    ("1.001", 2),  # too many decimals
+    ("0.0000001", 6),
+    (0.1 + 0.2, 2),  # 0.30000000000000004
+    ("NaN", 2), ("nan", 2), ("Infinity", 2), ("-inf", 2), ("sNaN", 2),
+    (float("nan"), 2), (float("inf"), 2), (float("-inf"), 2),
+    ("-1", 2), (-1, 2), (-0.01, 2), (Decimal("-5"), 2),  # negative
+    ("1e50", 0), ("9" * 30, 2), (2**62 + 1, 0), ("1e-50", 2),  # huge or absurdly small
+    (True, 2), (False, 2),  # bools are not numbers here
+    ("", 2), ("   ", 2), ("abc", 2), ("1,5", 2), ("0x10", 2), ("1" * 65, 0),
+    (None, 2), ([1], 2), (b"1", 2),
+])
+def test_invalid_amounts(value: object, decimals: int) -> None:
+    with pytest.raises(AmountError):
+        to_units(value, decimals)  # type: ignore[arg-type]
+
+
+def test_sign_and_zero_options() -> None:
+    assert to_units("-1.5", 1, allow_negative=True) == -15
+    assert to_units("-0", 2) == 0  # negative zero is zero
+    with pytest.raises(AmountError):
+        to_units("0", 2, allow_zero=False)
+    with pytest.raises(AmountError):
+        to_units("0.00", 2, allow_zero=False)
+    assert to_units(MAX_UNITS, 0) == MAX_UNITS
+
+
+@pytest.mark.parametrize(("units", "decimals", "text"), [
+    (12_345, 2, "123.45"), (-5, 3, "-0.005"), (0, 6, "0.000000"), (7, 0, "7"),
+    (1, 6, "0.000001"), (-1_000_000, 6, "-1.000000"),
+])
+def test_format(units: int, decimals: int, text: str) -> None:
+    assert from_units(units, decimals) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(-MAX_UNITS, MAX_UNITS), st.integers(0, 12))
+def test_format_then_parse_round_trips(units: int, decimals: int) -> None:
+    assert to_units(from_units(units, decimals), decimals, allow_negative=True) == units
+
+
+def test_money() -> None:
+    assert money_to_micros("10000") == 10_000_000_000
+    assert money_to_micros(0.000001) == 1
+    assert micros_to_money(-1_500_000) == "-1.500000"
+    with pytest.raises(AmountError):
+        money_to_micros("0.0000005")
+
+
+def test_rounding_divisions() -> None:
+    assert (floor_div(7, 2), floor_div(-7, 2), ceil_div(7, 2), ceil_div(-7, 2)) == (3, -4, 4, -3)
+    assert ceil_div(6, 3) == floor_div(6, 3) == 2
+
+
+def test_asset_steps() -> None:
+    btc, eth = DEFAULT_ASSETS["BTC"], DEFAULT_ASSETS["ETH"]
+    assert btc.price_to_ticks("60000.1") == 600_001
+    assert btc.qty_to_steps("0.00001") == 1 and btc.steps_to_qty(1_666) == "0.01666"
+    assert eth.price_to_ticks("3000.01") == 300_001 and eth.qty_to_steps("0.1166") == 1_166
+    with pytest.raises(AmountError):
+        btc.price_to_ticks("60000.05")  # finer than BTC's 0.1 step
+    with pytest.raises(AmountError):
+        eth.qty_to_steps("0.00001")
+    with pytest.raises(AmountError):
+        btc.price_to_ticks("0")
+    assert btc.notional_micros(600_000, 1_666) == 999_600_000  # 60000.0 * 0.01666

@@ -1,0 +1,150 @@
+"""Vectorised kernels against their scalar definitions, and the scalar kernels against the
+Fraction reference: open plans, liquidation prices, PnL, settlement."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine import reference
+from engine.assets import DEFAULT_ASSETS, Asset
+from engine.marking import unrealized_pnl_atoms, unrealized_pnl_micros
+from engine.orders import (
+    CloseReason,
+    OpenPlan,
+    Side,
+    liquidation_ticks,
+    liquidation_ticks_array,
+    plan_open,
+    plan_open_arrays,
+)
+from engine.results import Rejected
+from engine.settlement import exit_price_ticks, pnl_micros, settle
+
+ASSETS = [*DEFAULT_ASSETS.assets,
+          Asset("FINE", "FINE_USDC", price_decimals=4, qty_decimals=4, max_leverage=100),
+          Asset("COARSE", "COARSE_USDC", price_decimals=0, qty_decimals=0, max_leverage=20)]
+SETTINGS = settings(max_examples=200, deadline=None)
+sides = st.sampled_from([Side.LONG, Side.SHORT])
+ticks = st.one_of(st.integers(1, 10**7), st.integers(1, 2**60))
+
+
+@SETTINGS
+@given(st.sampled_from(ASSETS), sides, st.integers(1, 10**13), st.integers(-5, 120), ticks,
+       st.integers(0, 10), st.one_of(st.none(), ticks), st.one_of(st.none(), ticks),
+       st.sampled_from([0, 1, 4_999, 5_000, 100_000, 999_999]))
+def test_plan_open_equals_reference(asset: Asset, side: Side, margin: int, leverage: int,
+                                    bid: int, spread: int, tp: int | None, sl: int | None,
+                                    ppm: int) -> None:
+    fast = plan_open(asset, side, margin, leverage, bid, bid + spread, tp, sl, ppm)
+    slow = reference.plan_open(asset, side, margin, leverage, bid, bid + spread, tp, sl, ppm)
+    if isinstance(fast, Rejected):
+        assert isinstance(slow, Rejected) and fast.code == slow.code
+    else:
+        assert fast == slow
+
+
+@SETTINGS
+@given(st.sampled_from(ASSETS), sides, st.integers(1, 10**9), st.integers(-5, 120),
+       st.integers(1, 10**6), st.data())
+def test_plan_open_equals_reference_near_the_trigger_boundaries(
+        asset: Asset, side: Side, margin: int, leverage: int, price: int,
+        data: st.DataObject) -> None:
+    base = plan_open(asset, side, margin, leverage, price, price, None, None)
+    if not isinstance(base, OpenPlan):
+        return
+    near = st.sampled_from(sorted({max(1, v + d) for v in (base.liq_ticks, base.entry_ticks)
+                                   for d in (-1, 0, 1)}))
+    tp, sl = data.draw(near), data.draw(near)
+    fast = plan_open(asset, side, margin, leverage, price, price, tp, sl)
+    slow = reference.plan_open(asset, side, margin, leverage, price, price, tp, sl)
+    assert fast == slow or (isinstance(fast, Rejected) and isinstance(slow, Rejected)
+                            and fast.code == slow.code)
+
+
+@SETTINGS
+@given(st.sampled_from(ASSETS), sides, ticks, st.integers(1, 10**12), ticks,
+       st.integers(0, 10**13), st.sampled_from(list(CloseReason)))
+def test_settle_equals_reference(asset: Asset, side: Side, entry: int, qty: int, exit_: int,
+                                 margin: int, reason: CloseReason) -> None:
+    fast = settle(asset, side, entry, qty, margin, exit_, reason)
+    assert fast == reference.settle(asset, side, entry, qty, margin, exit_, reason)
+    assert fast.payout_micros >= 0
+    assert fast.payout_micros + fast.house_micros + fast.insurance_micros == margin
+    if reason == CloseReason.LIQUIDATION:
+        assert fast.payout_micros == 0
+    assert exit_price_ticks(side, 5, 7) == (5 if side == Side.LONG else 7)
+
+
+@SETTINGS
+@given(st.sampled_from(ASSETS), st.integers(0, 40), st.booleans(), st.data())
+def test_vectorised_pnl_equals_scalar(asset: Asset, n: int, huge: bool,
+                                      data: st.DataObject) -> None:
+    top = 2**61 if huge else 10**7  # huge values take the exact Python-int path
+    entry = data.draw(st.lists(st.integers(1, top), min_size=n, max_size=n))
+    qty = data.draw(st.lists(st.integers(1, top), min_size=n, max_size=n))
+    side = data.draw(st.lists(sides, min_size=n, max_size=n))
+    bid = data.draw(st.integers(1, top))
+    ask = bid + data.draw(st.integers(0, 100))
+    want = [pnl_micros(asset, s, e, q, bid if s == Side.LONG else ask)
+            for s, e, q in zip(side, entry, qty, strict=True)]
+    arrays = (np.array(side, dtype=np.int8), np.array(entry, dtype=np.int64),
+              np.array(qty, dtype=np.int64))
+    if any(abs(w) >= 2**63 for w in want):
+        return  # not representable as int64 at all
+    got = unrealized_pnl_micros(asset, *arrays, bid, ask)
+    assert got.dtype == np.int64 and got.tolist() == want
+
+
+def test_pnl_atoms_are_exact_for_fine_assets() -> None:
+    fine = ASSETS[3]
+    got = unrealized_pnl_atoms(fine, np.array([0, 1], dtype=np.int8),
+                               np.array([10_000, 10_000]), np.array([3, 3]), 9_999, 10_001)
+    assert got.tolist() == [-3, -3]  # in 1e-8 USD
+    micros = unrealized_pnl_micros(fine, np.array([0, 1], dtype=np.int8),
+                                   np.array([10_000, 10_000]), np.array([3, 3]), 9_999, 10_001)
+    assert micros.tolist() == [-1, -1]  # -3e-8 USD floored to a micro-dollar
+
+
+@SETTINGS
+@given(st.sampled_from(ASSETS), st.integers(1, 30), st.booleans(), st.data())
+def test_vectorised_liquidation_equals_scalar(asset: Asset, n: int, huge: bool,
+                                              data: st.DataObject) -> None:
+    top = 2**60 if huge else 10**8
+    draw = data.draw
+    side = np.array(draw(st.lists(st.integers(0, 1), min_size=n, max_size=n)))
+    entry = np.array(draw(st.lists(st.integers(1, top), min_size=n, max_size=n)))
+    qty = np.array(draw(st.lists(st.integers(1, top), min_size=n, max_size=n)))
+    margin = np.array(draw(st.lists(st.integers(1, top), min_size=n, max_size=n)))
+    ppm = np.array(draw(st.lists(st.integers(0, 999_999), min_size=n, max_size=n)))
+    want = [liquidation_ticks(asset, Side(int(s)), int(e), int(q), int(m), int(p))
+            for s, e, q, m, p in zip(side, entry, qty, margin, ppm, strict=True)]
+    if any(abs(w) >= 2**63 for w in want):
+        return
+    got = liquidation_ticks_array(asset, side, entry, qty, margin, ppm)
+    assert got.tolist() == want
+
+
+@SETTINGS
+@given(st.sampled_from(ASSETS), st.integers(1, 30), st.integers(1, 10**6),
+       st.integers(0, 3), st.sampled_from([0, 5_000]), st.data())
+def test_plan_open_arrays_equals_plan_open(asset: Asset, n: int, bid: int, spread: int,
+                                           ppm: int, data: st.DataObject) -> None:
+    draw = data.draw
+    side = draw(st.lists(st.integers(0, 1), min_size=n, max_size=n))
+    margin = draw(st.lists(st.integers(-2, 10**10), min_size=n, max_size=n))
+    lev = draw(st.lists(st.integers(-1, 120), min_size=n, max_size=n))
+    level = st.one_of(st.just(0), st.integers(1, 2 * bid + 10))
+    tp = draw(st.lists(level, min_size=n, max_size=n))
+    sl = draw(st.lists(level, min_size=n, max_size=n))
+    plans, ok = plan_open_arrays(asset, np.array(side), np.array(margin), np.array(lev), bid,
+                                 bid + spread, np.array(tp), np.array(sl), ppm)
+    for i in range(n):
+        want = plan_open(asset, Side(side[i]), margin[i], lev[i], bid, bid + spread,
+                         tp[i] or None, sl[i] or None, ppm)
+        assert bool(ok[i]) == isinstance(want, OpenPlan)
+        if isinstance(want, OpenPlan):
+            got = OpenPlan(**{f: Side(int(v[i])) if f == "side" else int(v[i])
+                              for f, v in plans.items()})
+            assert got == want
