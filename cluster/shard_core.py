@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
+
 from cluster.messages import (
     ClosedPosition,
     OpenPosition,
@@ -25,7 +27,6 @@ from engine.assets import Asset
 from engine.book import PositionBook, PositionRecord
 from engine.market import Tick
 from engine.orders import CloseReason, Side, plan_open
-from engine.position_ids import rows_of
 from engine.results import Code, Rejected
 from engine.settlement import exit_price_ticks, pnl_micros, settle
 
@@ -244,29 +245,40 @@ class ShardCore:
     # ----------------------------------------------------------------- reads
     def positions_of(self, owner: int) -> list[OpenPosition]:
         """``owner``'s open positions here, marked to the last tick (None without a tick),
-        oldest first. Reads the columns once for all of them (no per-position lookup)."""
-        ids = self.book.ids_of_owner(owner)
-        if not len(ids):
-            return []
+        oldest first."""
+        return self.positions_of_many([owner])[0]
+
+    def positions_of_many(self, owners: Sequence[int]) -> list[list[OpenPosition]]:
+        """The open positions of each owner (one list per owner, in order).
+
+        One vectorised pass over the book for the whole batch (not one per owner): the rows
+        of all asked owners, marked together, then grouped in Python.
+        """
+        out: list[list[OpenPosition]] = [[] for _ in owners]
+        if not owners or not len(self.book):
+            return out
+        cols = self.book.columns()
+        pid_col, owner_col = cols["position_id"], cols["owner"]
+        wanted = np.asarray(sorted(set(owners)), dtype=np.int64)
+        rows = np.flatnonzero((pid_col > 0) & np.isin(owner_col, wanted))
+        if not rows.size:
+            return out
+        rows = rows[np.lexsort((pid_col[rows], cols["opened_ts_us"][rows], owner_col[rows]))]
         tick = self.last_tick
         pnls: list[int | None]
         if tick is None:
-            pnls = [None] * len(ids)
+            pnls = [None] * rows.size
         else:
-            pnls = self.book.unrealized_pnl_micros(ids, tick.bid_ticks, tick.ask_ticks).tolist()
-        rows = rows_of(ids)
-        cols = self.book.columns()
+            pnls = self.book.unrealized_pnl_micros(pid_col[rows], tick.bid_ticks,
+                                                   tick.ask_ticks).tolist()
         fields = [cols[name][rows].tolist() for name in _POSITION_COLUMNS]
         name = self.asset.name
-        out = [OpenPosition(pid, own, name, _SIDES[side], entry, qty, margin, lev, liq, tp, sl,
-                            ts, pnl)
-               for pid, own, side, entry, qty, margin, lev, liq, tp, sl, ts, pnl
-               in zip(*fields, pnls, strict=True)]
-        out.sort(key=lambda p: (p.opened_ts_us, p.position_id))
-        return out
-
-    def positions_of_many(self, owners: Sequence[int]) -> list[list[OpenPosition]]:
-        return [self.positions_of(owner) for owner in owners]
+        by_owner: dict[int, list[OpenPosition]] = {}
+        for pid, own, side, entry, qty, margin, lev, liq, tp, sl, ts, pnl in zip(
+                *fields, pnls, strict=True):
+            by_owner.setdefault(own, []).append(OpenPosition(
+                pid, own, name, _SIDES[side], entry, qty, margin, lev, liq, tp, sl, ts, pnl))
+        return [list(by_owner.get(owner, ())) for owner in owners]
 
     def open_margins_by_user(self) -> dict[int, int]:
         """Sum of open margins per owner (micros), for the ledger audit."""

@@ -12,7 +12,8 @@ import ray
 def ray_session() -> Iterator[None]:
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True,
+        # address="local": always a fresh local Ray, never a cluster someone else started
+        ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True,
                  log_to_driver=False, _node_ip_address="127.0.0.1")
         started = True
     try:

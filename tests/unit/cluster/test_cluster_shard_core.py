@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from cluster.messages import ShardClose, ShardOpen
 from cluster.placement import ShardSpec
 from cluster.shard_core import ShardCore, slippage_exceeded
@@ -163,3 +167,34 @@ def test_ticks_of_other_assets_and_insane_ticks_are_ignored() -> None:
     core.apply_ticks([Tick("BTC", 10, 11, NOW, 1, "test"), Tick("SOL", 0, 5, NOW, 2, "test"),
                       Tick("SOL", 6, 5, NOW, 3, "test")], NOW)
     assert core.last_tick is None
+
+
+@given(st.lists(st.tuples(st.integers(1, 5), st.booleans()), min_size=1, max_size=40),
+       st.lists(st.integers(0, 6), max_size=8))
+@settings(max_examples=40, deadline=None)
+def test_positions_of_many_matches_a_per_position_reading(
+        actions: list[tuple[int, bool]], asked: list[int]) -> None:
+    core = shard()
+    core.apply_ticks([tick("100.00", "100.01")], NOW)
+    opened: list[int] = []
+    for i, (owner, close_one) in enumerate(actions):
+        if close_one and opened:
+            victim = core.book.get(opened.pop(0))
+            assert victim is not None
+            core.close_many([ShardClose(victim.owner, victim.position_id, None, 100)], NOW + i)
+        else:
+            [p] = core.open_many([req(i + 1, owner=owner, margin_usd=1, leverage=2)], NOW + i)
+            assert not isinstance(p, Rejected)
+            opened.append(p.position_id)
+    got = core.positions_of_many(asked)
+    for owner, positions in zip(asked, got, strict=True):
+        records = [core.book.get(int(i)) for i in core.book.ids_of_owner(owner)]
+        expected = sorted((r.opened_ts_us, r.position_id) for r in records if r is not None)
+        assert [(p.opened_ts_us, p.position_id) for p in positions] == expected
+        for p in positions:
+            r = core.book.get(p.position_id)
+            assert r is not None and (p.owner, p.entry_ticks, p.qty_steps, p.margin_micros,
+                                      p.liq_ticks) == (r.owner, r.entry_ticks, r.qty_steps,
+                                                       r.margin_micros, r.liq_ticks)
+            assert p.unrealized_pnl_micros == int(core.book.unrealized_pnl_micros(
+                np.array([p.position_id]), 10000, 10001)[0])
