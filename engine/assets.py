@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from engine.amounts import MONEY_DECIMALS, AmountError, from_units, to_units
@@ -85,7 +85,7 @@ class AssetRegistry(Mapping[str, Asset]):
     def __getitem__(self, name: str) -> Asset:
         return self._by_name[name]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[str]:
         return iter(self._by_name)
 
     def __len__(self) -> int:
