@@ -26,21 +26,26 @@ def atom_decimals(asset: Asset) -> int:
 def _signed_moves(sides: np.ndarray, entry_ticks: np.ndarray, bid_ticks: int,
                   ask_ticks: int) -> np.ndarray:
     """Per position, the favourable price move in ticks: ``bid - entry`` for a long (side 0),
-    ``entry - ask`` for a short (int64)."""
-    long = sides == 0
-    exit_ticks = np.where(long, np.int64(bid_ticks), np.int64(ask_ticks))
-    move = exit_ticks - entry_ticks
-    return np.where(long, move, -move)
+    ``entry - ask`` for a short (int64, a new array)."""
+    return np.where(sides == 0, np.int64(bid_ticks) - entry_ticks,
+                    entry_ticks - np.int64(ask_ticks))
 
 
-def _scaled_product(moves: np.ndarray, qty_steps: np.ndarray, mul: int, div: int) -> np.ndarray:
+def _magnitude(values: np.ndarray) -> float:
+    return max(abs(float(values.max())), abs(float(values.min())))
+
+
+def _scaled_product(entry_ticks: np.ndarray, moves: np.ndarray, qty_steps: np.ndarray,
+                    mul: int, div: int, price_bound: int) -> np.ndarray:
     """``floor(moves * qty * mul / div)`` as int64, exact (Python ints when int64 could
-    overflow)."""
+    overflow). ``moves`` is overwritten."""
     if moves.size == 0:
         return np.zeros(0, dtype=np.int64)
-    bound = float(np.max(np.abs(moves))) * float(np.max(qty_steps)) * float(mul)
+    # |move| <= max(|entry|, |bid|, |ask|), so two cheap reductions bound every product
+    bound = (max(_magnitude(entry_ticks), float(price_bound)) * 2.0 * _magnitude(qty_steps)
+             * float(mul))
     if bound < _INT64_SAFE:
-        out = moves * qty_steps
+        out = np.multiply(moves, qty_steps, out=moves)
         if mul != 1:
             out *= mul
         if div != 1:
@@ -55,19 +60,21 @@ def unrealized_pnl_micros(asset: Asset, sides: np.ndarray, entry_ticks: np.ndarr
                           qty_steps: np.ndarray, bid_ticks: int, ask_ticks: int) -> np.ndarray:
     """Unrealized PnL (int64 micro-dollars, floored) of each position at ``bid``/``ask``:
     long ``(bid - entry) * qty``, short ``(entry - ask) * qty``."""
-    moves = _signed_moves(np.asarray(sides), np.asarray(entry_ticks, dtype=np.int64),
-                          bid_ticks, ask_ticks)
+    entry = np.asarray(entry_ticks, dtype=np.int64)
+    moves = _signed_moves(np.asarray(sides), entry, bid_ticks, ask_ticks)
     mul, div = asset.notional_scale
-    return _scaled_product(moves, np.asarray(qty_steps, dtype=np.int64), mul, div)
+    return _scaled_product(entry, moves, np.asarray(qty_steps, dtype=np.int64), mul, div,
+                           max(abs(bid_ticks), abs(ask_ticks)))
 
 
 def unrealized_pnl_atoms(asset: Asset, sides: np.ndarray, entry_ticks: np.ndarray,
                          qty_steps: np.ndarray, bid_ticks: int, ask_ticks: int) -> np.ndarray:
     """Unrealized PnL in exact atoms (``10**-atom_decimals(asset)`` USD), int64, no rounding."""
-    moves = _signed_moves(np.asarray(sides), np.asarray(entry_ticks, dtype=np.int64),
-                          bid_ticks, ask_ticks)
+    entry = np.asarray(entry_ticks, dtype=np.int64)
+    moves = _signed_moves(np.asarray(sides), entry, bid_ticks, ask_ticks)
     mul = 10 ** (atom_decimals(asset) - asset.price_decimals - asset.qty_decimals)
-    return _scaled_product(moves, np.asarray(qty_steps, dtype=np.int64), mul, 1)
+    return _scaled_product(entry, moves, np.asarray(qty_steps, dtype=np.int64), mul, 1,
+                           max(abs(bid_ticks), abs(ask_ticks)))
 
 
 def equity_micros(margin_micros: np.ndarray, pnl_micros: np.ndarray) -> np.ndarray:
