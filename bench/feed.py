@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     broker = EmbeddedBroker("127.0.0.1", free_port()).start()
     ns = uuid.uuid4().hex[:8]
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace=ns)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 namespace=ns, _node_ip_address="127.0.0.1")
         r = asyncio.run(_run(args, broker.bootstrap, ns))
     finally:
         if ray.is_initialized():

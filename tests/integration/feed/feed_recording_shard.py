@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any
@@ -42,6 +43,9 @@ class _RecordingShard:
     def max_concurrent(self) -> int:
         return self.max_running
 
+
+# Ray workers cannot import test modules: ship this module's classes by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 _ray_remote: Any = ray.remote
 RecordingShard: Any = _ray_remote(num_cpus=0, max_concurrency=8)(_RecordingShard)
