@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
@@ -184,14 +185,24 @@ class TradingService:
         return await self.ledger.history(who.user, limit, before)
 
     async def prices(self) -> dict[str, Tick]:
-        """The newest tick of each asset that has one (over its splits)."""
+        """The newest tick of each asset that has one (over its splits). A shard that does
+        not answer only hides its own asset; Unavailable if none answers."""
         names = [s.name for s in self.layout]
-        ticks = await asyncio.gather(*(self.shards[n].last_tick() for n in names))
+        answers = await asyncio.gather(*(self.shards[n].last_tick() for n in names),
+                                       return_exceptions=True)
         newest: dict[str, Tick] = {}
-        for tick in ticks:
-            if tick is not None and (tick.asset not in newest
-                                     or tick.ts_us > newest[tick.asset].ts_us):
-                newest[tick.asset] = tick
+        failures = 0
+        for answer in answers:
+            if isinstance(answer, Unavailable):
+                failures += 1
+                continue
+            if isinstance(answer, BaseException):
+                raise answer
+            if answer is not None and (answer.asset not in newest
+                                       or answer.ts_us > newest[answer.asset].ts_us):
+                newest[answer.asset] = answer
+        if failures == len(answers):
+            raise Unavailable("shards", "no shard answered")
         return {a.name: newest[a.name] for a in self.assets.assets if a.name in newest}
 
     def asset_of_position(self, position_id: int) -> Asset | None:
@@ -321,6 +332,14 @@ class TradingService:
     async def _reconcile_loop(self, interval_s: float = 1.0) -> None:
         while await self.reconcile() > 0:
             await asyncio.sleep(interval_s)
+
+    async def aclose(self) -> None:
+        """Stop the background resolution of in-doubt opens (they stay locked, in doubt)."""
+        task, self._reconcile_task = self._reconcile_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def reconcile(self) -> int:
         """Resolve opens in doubt: keep the lock of those that opened, release the others.

@@ -168,3 +168,4 @@ async def test_a_dead_shard_is_unavailable_and_the_lock_stays_in_doubt(rp: RayPl
     health = await svc.health()
     assert not health.ok and health.components["shard-ETH-0"] != "ok"
     assert health.components["ledger"] == "ok"
+    await svc.aclose()

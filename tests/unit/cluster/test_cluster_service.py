@@ -266,6 +266,7 @@ async def test_lost_reply_is_resent_with_the_same_request_id(deliver: bool) -> N
     await p.push_tick("SOL", "100.00", "100.01")
     pos = await p.service.open_position(who, sol_long())
     assert isinstance(pos, OpenPosition)
+    await p.service.aclose()
     state = await p.service.state(who)
     assert len(state.positions) == 1 and state.margin_micros == 100 * USD
     assert await p.audit() == []
@@ -294,6 +295,7 @@ async def test_open_in_doubt_keeps_the_lock_until_the_shard_answers(deliver: boo
     else:  # it never arrived: released, and fenced against a late arrival
         assert state.positions == [] and (state.free_micros, state.margin_micros) == (SIGNUP, 0)
     assert await p.audit() == []
+    await svc.aclose()
 
 
 async def test_audit_reports_a_margin_without_a_position() -> None:
@@ -307,3 +309,33 @@ async def test_audit_reports_a_margin_without_a_position() -> None:
     problems, totals = await p.service.audit(attempts=2, retry_delay_s=0)
     assert len(problems) == 1 and f"user:{who.user}:margin" in problems[0]
     assert totals["sum_micros"] == 0
+
+
+class DeadShard:
+    """A shard port whose every call fails as an unreachable actor does."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getattr__(self, method: str) -> object:
+        async def fail(*_: object) -> None:
+            raise Unavailable(self.name, "dead")
+        return fail
+
+
+async def test_a_dead_shard_hides_only_its_own_asset_and_fails_health() -> None:
+    p = build_platform(wrap=lambda port: DeadShard(port.name) if "BTC" in port.name  # type: ignore[arg-type, return-value]
+                       else port)
+    await p.push_tick("SOL", "100.00", "100.01")
+    prices = await p.service.prices()
+    assert list(prices) == ["SOL"]
+    health = await p.service.health()
+    assert not health.ok and health.components["shard-BTC-0"] == "unavailable"
+    assert health.components["shard-SOL-0"] == "ok"
+    who = await signup(p.service)
+    with pytest.raises(Unavailable):
+        await p.service.open_position(who, OpenOrder("BTC", Side.LONG, 100 * USD, 2))
+    assert await p.service.reconcile() == 1  # BTC's outcome stays unknown, its lock kept
+    pos = await p.service.open_position(who, sol_long())
+    assert isinstance(pos, OpenPosition)
+    await p.service.aclose()
