@@ -19,7 +19,8 @@ MAX_UNITS = 2**62
 
 
 class AmountError(ValueError):
-    """A value that cannot be an amount: not a number, non-finite, negative, too precise or too large."""
+    """A value that cannot be an amount: not a number, non-finite, negative, too precise or
+    too large."""
 
 
 def to_units(value: str | int | float | Decimal, decimals: int, *, allow_zero: bool = True,
@@ -37,9 +38,7 @@ def to_units(value: str | int | float | Decimal, decimals: int, *, allow_zero: b
         if not math.isfinite(value):
             raise AmountError("amount must be finite")
         text = repr(value)
-    elif isinstance(value, int):
-        text = str(value)
-    elif isinstance(value, Decimal):
+    elif isinstance(value, int | Decimal):
         text = str(value)
     elif isinstance(value, str):
         text = value.strip()
