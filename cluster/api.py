@@ -51,6 +51,7 @@ STATUS_OF_CODE: dict[Code, int] = {
 }
 UNAVAILABLE = "SERVICE_UNAVAILABLE"  # a component (ledger, shard) did not answer
 MAX_API_KEY_CHARS = 256
+MAX_BODY_BYTES = 64 * 1024  # every valid request body is < 1 KiB
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # --------------------------------------------------------------------------- request models
@@ -301,7 +302,8 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 # --------------------------------------------------------------------------- metrics
 class _HttpCounter:
-    """Pure-ASGI counter of responses by route and status (a few us per request)."""
+    """Pure-ASGI counter of responses by route and status (a few us per request); it also
+    refuses a declared body larger than MAX_BODY_BYTES (413) before anything reads it."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], routes: set[str],
                  counts: dict[tuple[str, str, int], int]) -> None:
@@ -315,6 +317,12 @@ class _HttpCounter:
             return
         path = scope["path"] if scope["path"] in self.routes else "other"
         method = scope["method"]
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > MAX_BODY_BYTES:
+                    await self._too_large(method, path, send)
+                    return
+                break
 
         async def counting_send(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -323,6 +331,16 @@ class _HttpCounter:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+    async def _too_large(self, method: str, path: str, send: Any) -> None:
+        key = (method, path, 413)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        body = error_response(413, Code.INVALID_REQUEST.value,
+                              f"request body larger than {MAX_BODY_BYTES} bytes").body
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 # --------------------------------------------------------------------------- service slot

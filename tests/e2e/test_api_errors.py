@@ -105,6 +105,7 @@ RAW_BODIES: list[tuple[str, bytes, str | None]] = [
      "application/x-www-form-urlencoded"),
     ("text/plain", b'{"asset":"SOL","type":"long","margin":"10","leverage":5}', "text/plain"),
     ("no content type", b"\x00\x01\x02", None),
+    ("oversized", b'{"asset":"' + b"S" * 200_000 + b'"}', "application/json"),
 ]
 
 
