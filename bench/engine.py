@@ -26,7 +26,8 @@ from engine.book import PositionBook
 from engine.orders import OpenPlan, Side, plan_open, plan_open_arrays
 from engine.triggers import naive_sweep
 
-_MID_TICKS = 10_000  # price 100.00 for SOL
+# a realistic current price per asset, in its ticks (SOL 150.00, BTC 60000.0, ETH 3000.00)
+_MID_PRICE = {"SOL": "150.00", "BTC": "60000.0", "ETH": "3000.00"}
 
 
 def _random_requests(rng: np.random.Generator, n: int, entry_lo: int, entry_hi: int
@@ -77,24 +78,9 @@ def build_plans(asset: Asset, n: int, rng: np.random.Generator, mid: int
 
 def _plans_at_entries(asset: Asset, side: np.ndarray, margin: np.ndarray, lev: np.ndarray,
                       entry: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """plan_open_arrays for rows with different entry prices (grouped by price)."""
-    n = side.size
-    cols: dict[str, np.ndarray] = {}
-    ok = np.zeros(n, dtype=bool)
-    order = np.argsort(entry, kind="stable")
-    prices, starts = np.unique(entry[order], return_index=True)
-    bounds = [*starts.tolist(), n]
-    zeros = np.zeros(n, dtype=np.int64)
-    for i, price in enumerate(prices.tolist()):
-        rows = order[bounds[i]:bounds[i + 1]]
-        plans, good = plan_open_arrays(asset, side[rows], margin[rows], lev[rows], price, price,
-                                       zeros[rows], zeros[rows])
-        for k, v in plans.items():
-            if k not in cols:
-                cols[k] = np.zeros(n, dtype=np.int64)
-            cols[k][rows] = v
-        ok[rows] = good
-    return cols, ok
+    """Vectorised plans of rows opened at different prices (bid == ask == entry)."""
+    zeros = np.zeros(side.size, dtype=np.int64)
+    return plan_open_arrays(asset, side, margin, lev, entry, entry, zeros, zeros)
 
 
 def _random_plan(asset: Asset, rng: np.random.Generator, bid: int, ask: int) -> OpenPlan:
@@ -116,7 +102,8 @@ def run(positions: int, ticks: int, seed: int, asset_name: str = "SOL") -> dict[
     asset = DEFAULT_ASSETS[asset_name]
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    plans = build_plans(asset, positions, rng, _MID_TICKS)
+    mid = asset.price_to_ticks(_MID_PRICE.get(asset.name, "100"))
+    plans = build_plans(asset, positions, rng, mid)
     owners = rng.integers(0, max(1, positions // 10), positions)
     t1 = time.perf_counter()
     book = PositionBook(asset, book_tag=1, capacity=positions)
@@ -129,8 +116,8 @@ def run(positions: int, ticks: int, seed: int, asset_name: str = "SOL") -> dict[
     floor_ns: list[int] = []
     triggered: list[int] = []
     mismatches = 0
-    price = _MID_TICKS
-    lo, hi = _MID_TICKS - 25, _MID_TICKS + 25
+    price = mid
+    lo, hi = mid - 25, mid + 25
     for step in range(ticks + 3):
         price = min(hi, max(lo, price + int(rng.choice((-1, 1)))))
         bid, ask = price, price + 1

@@ -248,15 +248,17 @@ def liquidation_ticks_array(asset: Asset, side: np.ndarray, entry_ticks: np.ndar
 
 
 def plan_open_arrays(asset: Asset, side: np.ndarray, margin_micros: np.ndarray,
-                     leverage: np.ndarray, bid_ticks: int, ask_ticks: int, tp_ticks: np.ndarray,
+                     leverage: np.ndarray, bid_ticks: int | np.ndarray,
+                     ask_ticks: int | np.ndarray, tp_ticks: np.ndarray,
                      sl_ticks: np.ndarray, maintenance_margin_ppm: int = 0
                      ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Vectorised :func:`plan_open` for bulk loads and benchmarks, at one top of book.
+    """Vectorised :func:`plan_open` for bulk loads and benchmarks.
 
     Arrays are one entry per request (int64; ``tp_ticks``/``sl_ticks`` use ``NO_LEVEL`` for
-    "not set"). Returns the plan columns (keys as :class:`OpenPlan` fields, int64) and a bool
-    mask of the requests :func:`plan_open` would accept; the columns of refused rows are
-    meaningless. ValueError if values are so large that int64 could overflow.
+    "not set"); ``bid_ticks``/``ask_ticks`` are one top of book or one per request. Returns
+    the plan columns (keys as :class:`OpenPlan` fields, int64) and a bool mask of the requests
+    :func:`plan_open` would accept; the columns of refused rows are meaningless.
+    ValueError if values are so large that int64 could overflow.
     """
     side = np.asarray(side, dtype=np.int64)
     margin = np.asarray(margin_micros, dtype=np.int64)
@@ -265,14 +267,16 @@ def plan_open_arrays(asset: Asset, side: np.ndarray, margin_micros: np.ndarray,
     sl = np.asarray(sl_ticks, dtype=np.int64)
     if not 0 <= maintenance_margin_ppm < PPM:
         raise ValueError("maintenance_margin_ppm must be in 0..999999")
-    if not 0 < bid_ticks <= ask_ticks:
+    bid = np.asarray(bid_ticks, dtype=np.int64)
+    ask = np.asarray(ask_ticks, dtype=np.int64)
+    if not ((bid > 0) & (bid <= ask)).all():
         raise ValueError("invalid top of book")
     n = side.size
-    entry = np.where(side == 0, np.int64(ask_ticks), np.int64(bid_ticks))
+    entry = np.broadcast_to(np.where(side == 0, ask, bid), (n,)).astype(np.int64)
     shift = asset.price_decimals + asset.qty_decimals - MONEY_DECIMALS
     bound = float(np.max(margin, initial=0)) * float(np.max(lev, initial=0)) \
         * 10.0 ** max(shift, 0) * max(1.0, float(maintenance_margin_ppm))
-    if bound >= _INT64_SAFE or ask_ticks > MAX_COLUMN_VALUE // 4:
+    if bound >= _INT64_SAFE or int(np.max(ask, initial=0)) > MAX_COLUMN_VALUE // 4:
         raise ValueError("values too large for the vectorised planner; use plan_open")
     safe_lev = np.clip(lev, 1, None)
     if shift >= 0:

@@ -138,10 +138,14 @@ def test_plan_open_arrays_equals_plan_open(asset: Asset, n: int, bid: int, sprea
     level = st.one_of(st.just(0), st.integers(1, 2 * bid + 10))
     tp = draw(st.lists(level, min_size=n, max_size=n))
     sl = draw(st.lists(level, min_size=n, max_size=n))
-    plans, ok = plan_open_arrays(asset, np.array(side), np.array(margin), np.array(lev), bid,
-                                 bid + spread, np.array(tp), np.array(sl), ppm)
+    per_row = data.draw(st.booleans())  # one top of book, or one per request
+    bids = [bid + data.draw(st.integers(0, 50)) if per_row else bid for _ in range(n)]
+    plans, ok = plan_open_arrays(asset, np.array(side), np.array(margin), np.array(lev),
+                                 np.array(bids) if per_row else bid,
+                                 np.array(bids) + spread if per_row else bid + spread,
+                                 np.array(tp), np.array(sl), ppm)
     for i in range(n):
-        want = plan_open(asset, Side(side[i]), margin[i], lev[i], bid, bid + spread,
+        want = plan_open(asset, Side(side[i]), margin[i], lev[i], bids[i], bids[i] + spread,
                          tp[i] or None, sl[i] or None, ppm)
         assert bool(ok[i]) == isinstance(want, OpenPlan)
         if isinstance(want, OpenPlan):
