@@ -367,6 +367,12 @@ class PositionBook:
         """:func:`engine.triggers.naive_sweep` of this book (same answer, O(N))."""
         return naive_sweep(self, bid_ticks, ask_ticks)
 
+    def compact(self) -> None:
+        """Merge every pending trigger entry and drop every dead one now (O(N)); opens and
+        closes do this on their own in small doses, a caller may prefer an idle moment."""
+        for index in self._indexes():
+            index.merge(self._pid, compact=True)
+
     def index_sizes(self) -> dict[str, tuple[int, int, int]]:
         """Per trigger index: (live entries, pending entries, dead entries), for tests and
         metrics."""

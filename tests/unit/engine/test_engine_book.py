@@ -176,9 +176,16 @@ def test_merge_and_compaction_keep_the_indexes_exact() -> None:
     assert all(pending <= max(4, live_n // 32) for live_n, pending, _ in sizes.values())
     assert all(dead <= max(4, live_n // 4) for live_n, _, dead in sizes.values())
     assert book.check() == []
-    for bid in range(8_000, 12_000, 97):
-        fast, naive = book.sweep(bid, bid + 2), naive_sweep(book, bid, bid + 2)
-        assert np.array_equal(fast[0], naive[0]) and np.array_equal(fast[1], naive[1])
+    before = [book.sweep(bid, bid + 2) for bid in range(8_000, 12_000, 97)]
+    for (ids, reasons), bid in zip(before, range(8_000, 12_000, 97), strict=True):
+        naive = naive_sweep(book, bid, bid + 2)
+        assert np.array_equal(ids, naive[0]) and np.array_equal(reasons, naive[1])
+    book.compact()
+    assert all(pending == dead == 0 for _, pending, dead in book.index_sizes().values())
+    after = [book.sweep(bid, bid + 2) for bid in range(8_000, 12_000, 97)]
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+               for a, b in zip(before, after, strict=True))
+    assert book.check() == []
 
 
 def test_open_many_equals_single_opens() -> None:
