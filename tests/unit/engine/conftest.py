@@ -9,4 +9,5 @@ from engine_impls import IMPLS, Impl
 
 @pytest.fixture(params=IMPLS, ids=lambda i: i.name)
 def impl(request: pytest.FixtureRequest) -> Impl:
-    return request.param  # type: ignore[no-any-return]
+    impl: Impl = request.param
+    return impl

@@ -3,6 +3,8 @@ Fraction reference alike (``impl``)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from engine_impls import Impl
 
@@ -19,7 +21,7 @@ USD = 1_000_000
 
 def opened(impl: Impl, asset: Asset, side: Side, margin_usd: int, leverage: int, bid: str,
            ask: str, tp: str | None = None, sl: str | None = None, ppm: int = 0
-           ) -> tuple[object, int, OpenPlan]:
+           ) -> tuple[Any, int, OpenPlan]:
     plan = impl.plan_open(asset, side, margin_usd * USD, leverage, asset.price_to_ticks(bid),
                           asset.price_to_ticks(ask),
                           None if tp is None else asset.price_to_ticks(tp),
@@ -29,7 +31,7 @@ def opened(impl: Impl, asset: Asset, side: Side, margin_usd: int, leverage: int,
     return book, book.open(42, plan, 1_000), plan
 
 
-def swept(impl: Impl, book: object, asset: Asset, bid: str, ask: str) -> list[CloseReason]:
+def swept(impl: Impl, book: Any, asset: Asset, bid: str, ask: str) -> list[CloseReason]:
     return [why for _, why in impl.sweep(book, asset.price_to_ticks(bid),
                                           asset.price_to_ticks(ask))]
 

@@ -3,6 +3,8 @@ Fraction reference: open plans, liquidation prices, PnL, settlement."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -149,6 +151,6 @@ def test_plan_open_arrays_equals_plan_open(asset: Asset, n: int, bid: int, sprea
                          tp[i] or None, sl[i] or None, ppm)
         assert bool(ok[i]) == isinstance(want, OpenPlan)
         if isinstance(want, OpenPlan):
-            got = OpenPlan(**{f: Side(int(v[i])) if f == "side" else int(v[i])
-                              for f, v in plans.items()})
+            fields: dict[str, Any] = {f: int(v[i]) for f, v in plans.items()}
+            got = OpenPlan(**{**fields, "side": Side(fields["side"])})
             assert got == want
