@@ -265,3 +265,37 @@ def test_position_id_helpers() -> None:
             make_position_id(*args)
     with pytest.raises(ValueError):
         PositionBook(SOL, book_tag=256)
+
+
+def test_replay_is_deterministic_whatever_the_index_maintenance() -> None:
+    """The same operations give the same ids and the same sweeps whether the indexes merge
+    eagerly, lazily, or the book was restored from a snapshot half way (journal replay)."""
+    rng = np.random.default_rng(5)
+    eager = PositionBook(SOL, 2, min_pending=1, min_dead=1)
+    lazy = PositionBook(SOL, 2)
+    books = [eager, lazy]
+    live: list[int] = []
+    for step in range(1_500):
+        if step == 700:
+            books.append(PositionBook.from_arrays(SOL, 2, lazy.to_arrays()))
+        r = rng.random()
+        if r < 0.5:
+            p = plan(Side(int(rng.integers(2))), int(rng.integers(1, 500)),
+                     int(rng.integers(1, 101)), int(rng.integers(9_500, 10_500)))
+            owner = int(rng.integers(5))
+            ids = {b.open(owner, p, step) for b in books}
+            assert len(ids) == 1
+            live.append(ids.pop())
+        elif r < 0.8 and live:
+            pid = live.pop(int(rng.integers(len(live))))
+            assert len({b.close(pid) for b in books}) == 1
+        else:
+            bid = int(rng.integers(9_000, 11_000))
+            results = [b.sweep(bid, bid + 1) for b in books]
+            for ids, reasons in results[1:]:
+                assert np.array_equal(ids, results[0][0])
+                assert np.array_equal(reasons, results[0][1])
+            for pid in results[0][0].tolist():
+                assert len({b.close(pid) for b in books}) == 1
+                live.remove(pid)
+    assert all(b.check() == [] for b in books)
