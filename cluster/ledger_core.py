@@ -10,7 +10,6 @@ to brute-force, unlike a password).
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -34,21 +33,12 @@ from cluster.messages import (
     Principal,
     SettlementItem,
 )
-from engine.events import (
-    AccountCreated,
-    ClientOrderStored,
-    MarginLocked,
-    MarginReleased,
-    SettlementApplied,
-)
 from engine.ledger import FUNDING, HOUSE, INSURANCE, Ledger
-from engine.orders import Side
 from engine.results import Code, Rejected
 from engine.settlement import Settlement
 
 HISTORY_MAX_LIMIT = 500
 SNAPSHOT_VERSION = 1
-LedgerEvent = AccountCreated | MarginLocked | MarginReleased | SettlementApplied | ClientOrderStored
 
 
 def hash_api_key(api_key: str) -> str:
@@ -80,9 +70,6 @@ class LedgerCore:
         self._history_index: dict[int, dict[int, int]] = {}  # user -> position id -> index
         self._answers: dict[IdemKey, object] = {}  # None while the first request is pending
         self._closed_count = 0
-        # Journaling: when a list, every change appends its engine.events record here; the
-        # shell writes and commits them before it answers (see apply_event for the replay).
-        self.events: list[LedgerEvent] | None = None
 
     # ----------------------------------------------------------------- accounts
     def create_account(self) -> NewAccount:
@@ -91,19 +78,11 @@ class LedgerCore:
         self._next_user += 1
         account_id = "acc_" + secrets.token_hex(12)
         api_key = secrets.token_urlsafe(32)
-        event = AccountCreated(user, self.signup_balance_micros, account_id,
-                               hash_api_key(api_key))
-        self._create(event)
-        if self.events is not None:
-            self.events.append(event)
+        self._users_by_key_hash[hash_api_key(api_key)] = user
+        self._account_ids[user] = account_id
+        self._users_by_account_id[account_id] = user
+        self.ledger.open_user(user, self.signup_balance_micros)
         return NewAccount(user, account_id, api_key, self.signup_balance_micros)
-
-    def _create(self, event: AccountCreated) -> None:
-        self._users_by_key_hash[event.key_hash] = event.user
-        self._account_ids[event.user] = event.account_id
-        self._users_by_account_id[event.account_id] = event.user
-        self._next_user = max(self._next_user, event.user + 1)
-        self.ledger.open_user(event.user, event.deposit_micros)
 
     def principal_of_key_hash(self, key_hash: str) -> Principal | None:
         user = self._users_by_key_hash.get(key_hash)
@@ -136,12 +115,8 @@ class LedgerCore:
                                                    "margin must be greater than zero")
             else:
                 result = self.ledger.lock_margin(item.user, item.margin_micros)
-                if result is None and self.events is not None:
-                    self.events.append(MarginLocked(item.user, item.margin_micros, 0))
             if key is not None:
                 self._answers[key] = result  # None = pending until remember()/forget()
-                if result is not None:
-                    self._journal_answer(key, result)
             out.append(result)
         return out
 
@@ -150,8 +125,6 @@ class LedgerCore:
         """Undo locks ``(user, margin_micros)`` of opens a shard refused; store their answers."""
         for user, margin_micros in items:
             self.ledger.release_margin(user, margin_micros)
-            if self.events is not None:
-                self.events.append(MarginReleased(user, margin_micros, 0))
         self.remember(answers)
 
     # ----------------------------------------------------------------- idempotency
@@ -171,13 +144,6 @@ class LedgerCore:
         for key, answer in answers:
             if self._answers.get(key) is None:
                 self._answers[key] = answer
-                self._journal_answer(key, answer)
-
-    def _journal_answer(self, key: IdemKey, answer: object) -> None:
-        if self.events is not None:
-            self.events.append(ClientOrderStored(
-                key.user, key.kind, key.client_order_id,
-                json.dumps(answer_to_json(answer), separators=(",", ":")).encode()))
 
     def forget(self, keys: Iterable[IdemKey]) -> None:
         """Drop pending reservations whose request failed transiently (a retry may run again)."""
@@ -203,12 +169,8 @@ class LedgerCore:
             if item.seq > last:
                 ahead.setdefault(item.seq, item)
         while last + 1 in ahead:
-            closed = ahead.pop(last + 1).closed
-            self._apply(closed)
+            self._apply(ahead.pop(last + 1).closed)
             last += 1
-            if self.events is not None:
-                self.events.append(SettlementApplied(shard_name, last, *closed[:3],
-                                                     int(closed.side), *closed[4:]))
         self._applied_seq[shard_name] = last
         self.remember(answers)
         return last
@@ -238,31 +200,6 @@ class LedgerCore:
             end = index
         start = max(0, end - limit)
         return history[start:end][::-1]
-
-    # ----------------------------------------------------------------- replay
-    def apply_event(self, event: LedgerEvent) -> None:
-        """Redo one journaled change (engine.recovery's ``apply``), without its checks."""
-        if isinstance(event, AccountCreated):
-            self._create(event)
-        elif isinstance(event, MarginLocked):
-            refused = self.ledger.lock_margin(event.user, event.amount_micros)
-            if refused is not None:
-                raise ValueError(f"journaled lock does not fit the replayed ledger: {refused}")
-        elif isinstance(event, MarginReleased):
-            self.ledger.release_margin(event.user, event.amount_micros)
-        elif isinstance(event, SettlementApplied):
-            if event.seq != self._applied_seq.get(event.shard, 0) + 1:
-                raise ValueError(f"journaled settlement {event.shard}#{event.seq} is out of "
-                                 f"order")
-            self._apply(ClosedPosition._make([event.position_id, event.owner, event.asset,
-                                              Side(event.side), *event[6:]]))
-            self._applied_seq[event.shard] = event.seq
-            self._ahead.get(event.shard, {}).pop(event.seq, None)
-        elif isinstance(event, ClientOrderStored):
-            key = IdemKey(event.user, event.kind, event.client_order_id)
-            self._answers[key] = answer_from_json(json.loads(event.response))
-        else:
-            raise ValueError(f"not a ledger event: {type(event).__name__}")
 
     # ----------------------------------------------------------------- snapshots
     def to_snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

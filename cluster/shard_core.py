@@ -34,9 +34,8 @@ from cluster.messages import (
 from cluster.placement import ShardSpec
 from engine.assets import Asset
 from engine.book import PositionBook, PositionRecord
-from engine.events import OpenFenced, PositionClosed, PositionOpened, TickApplied
 from engine.market import Tick
-from engine.orders import CloseReason, OpenPlan, Side, maintenance_margin_micros, plan_open
+from engine.orders import CloseReason, Side, plan_open
 from engine.results import Code, Rejected
 from engine.settlement import exit_price_ticks, pnl_micros, settle
 
@@ -44,7 +43,6 @@ from engine.settlement import exit_price_ticks, pnl_micros, settle
 # (or the service's in-doubt resolution) gets the first answer instead of a second position.
 REMEMBERED_OPENS = 65_536
 BPS = 10_000
-ShardEvent = PositionOpened | PositionClosed | TickApplied | OpenFenced
 
 _POSITION_COLUMNS = ("position_id", "owner", "side", "entry_ticks", "qty_steps", "margin_micros",
                      "leverage", "liq_ticks", "tp_ticks", "sl_ticks", "opened_ts_us")
@@ -85,9 +83,6 @@ class ShardCore:
         self._ticks_applied = 0
         self._opens = 0
         self._closes = [0, 0, 0, 0]  # by CloseReason value
-        # Journaling: when a list, every change appends its engine.events record here; the
-        # shell writes and commits them before it answers (see apply_event for the replay).
-        self.events: list[ShardEvent] | None = None
 
     # ----------------------------------------------------------------- market data
     def apply_ticks(self, ticks: Iterable[Tick], now_us: int) -> int:
@@ -108,15 +103,12 @@ class ShardCore:
             if not len(self.book):
                 continue
             ids, reasons = self.book.sweep(tick.bid_ticks, tick.ask_ticks)
-            if len(ids) and self.events is not None:
-                self.events.append(TickApplied(tick.bid_ticks, tick.ask_ticks, tick.ts_us))
             for position_id, reason in zip(ids.tolist(), reasons.tolist(), strict=True):
                 record = self.book.close(int(position_id))
                 if record is None:  # pragma: no cover - sweep only returns open ids
                     raise AssertionError(f"sweep returned {position_id}, which is not open")
-                self._settle(record, exit_price_ticks(record.side, tick.bid_ticks,
-                                                      tick.ask_ticks),
-                             CloseReason(reason), tick.ts_us)
+                self._settle(record, tick.bid_ticks, tick.ask_ticks, CloseReason(reason),
+                             tick.ts_us)
                 closed += 1
         return closed
 
@@ -171,11 +163,6 @@ class ShardCore:
             return plan
         position_id = self.book.open(req.owner, plan, now_us)
         self._opens += 1
-        if self.events is not None:
-            self.events.append(PositionOpened(
-                position_id, req.owner, int(side), plan.entry_ticks, plan.qty_steps,
-                plan.margin_micros, plan.leverage, plan.liq_ticks, plan.tp_ticks, plan.sl_ticks,
-                now_us, plan.maintenance_margin_ppm, req.request_id))
         mark = pnl_micros(self.asset, side, plan.entry_ticks, plan.qty_steps,
                           exit_price_ticks(side, tick.bid_ticks, tick.ask_ticks))
         return OpenPosition(position_id, req.owner, self.asset.name, side, plan.entry_ticks,
@@ -193,8 +180,6 @@ class ShardCore:
             previous = self._open_results.get(request_id)
             if previous is None:
                 self._remember(request_id, _ABANDONED)
-                if self.events is not None:
-                    self.events.append(OpenFenced(request_id))
             out.append(None if previous is None or previous is _ABANDONED else previous)
         return out
 
@@ -228,11 +213,12 @@ class ShardCore:
         closed = self.book.close(req.position_id)
         if closed is None:  # pragma: no cover - checked above, single-threaded
             raise AssertionError(f"position {req.position_id} vanished")
-        return self._settle(closed, exit_ticks, CloseReason.MANUAL, now_us)
+        return self._settle(closed, tick.bid_ticks, tick.ask_ticks, CloseReason.MANUAL, now_us)
 
-    def _settle(self, record: PositionRecord, exit_ticks: int, reason: CloseReason,
-                closed_ts_us: int) -> SettlementItem:
+    def _settle(self, record: PositionRecord, bid_ticks: int, ask_ticks: int,
+                reason: CloseReason, closed_ts_us: int) -> SettlementItem:
         side = Side(record.side)
+        exit_ticks = exit_price_ticks(side, bid_ticks, ask_ticks)
         s = settle(self.asset, side, record.entry_ticks, record.qty_steps, record.margin_micros,
                    exit_ticks, reason)
         closed = ClosedPosition(
@@ -244,47 +230,7 @@ class ShardCore:
         item = SettlementItem(self._last_seq, closed)
         self._outbox.append(item)
         self._closes[int(reason)] += 1
-        if self.events is not None:
-            self.events.append(PositionClosed(record.position_id, int(reason), exit_ticks,
-                                              closed_ts_us, self._last_seq))
         return item
-
-    # ----------------------------------------------------------------- replay
-    def apply_event(self, event: ShardEvent) -> None:
-        """Redo one journaled change (engine.recovery's ``apply``): the same state changes
-        the live call made, without its checks. Raises ValueError if the journal does not fit
-        this shard's state (a position id or a settlement number that differs)."""
-        if isinstance(event, PositionOpened):
-            asset = self.asset
-            plan = OpenPlan(Side(event.side), event.entry_ticks, event.qty_steps,
-                            event.margin_micros, event.leverage, event.liq_ticks,
-                            event.tp_ticks, event.sl_ticks,
-                            maintenance_margin_micros(asset, event.entry_ticks, event.qty_steps,
-                                                      event.maintenance_margin_ppm),
-                            event.maintenance_margin_ppm)
-            position_id = self.book.open(event.owner, plan, event.opened_ts_us)
-            if position_id != event.position_id:
-                raise ValueError(f"replayed open got id {position_id}, journal says "
-                                 f"{event.position_id}")
-            self._opens += 1
-            if event.request_id:
-                self._remember(event.request_id, OpenPosition(
-                    position_id, event.owner, asset.name, plan.side, plan.entry_ticks,
-                    plan.qty_steps, plan.margin_micros, plan.leverage, plan.liq_ticks,
-                    plan.tp_ticks, plan.sl_ticks, event.opened_ts_us, None))
-        elif isinstance(event, PositionClosed):
-            record = self.book.close(event.position_id)
-            if record is None or event.settlement_seq != self._last_seq + 1:
-                raise ValueError(f"journaled close of {event.position_id} (settlement "
-                                 f"{event.settlement_seq}) does not fit the replayed book")
-            self._settle(record, event.exit_ticks, CloseReason(event.reason), event.ts_us)
-        elif isinstance(event, TickApplied):
-            self.last_tick = Tick(self.asset.name, event.bid_ticks, event.ask_ticks,
-                                  event.ts_us, 0, "journal")
-        elif isinstance(event, OpenFenced):
-            self._remember(event.request_id, _ABANDONED)
-        else:
-            raise ValueError(f"not a shard event: {type(event).__name__}")
 
     # ----------------------------------------------------------------- outbox
     def resume_seq(self, applied_seq: int) -> None:
