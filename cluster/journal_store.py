@@ -1,0 +1,264 @@
+"""JournalStore: the journal, snapshots and checkpoint cadence one durable actor state owns.
+
+A durable core (cluster.ledger_store.DurableLedger, cluster.shard_store.DurableShard) keeps its
+state in memory exactly like the plain core and hands every change to a JournalStore as an
+event. The store implements the recipe of engine.recovery:
+
+* ``open`` takes the journal's exclusive lock and rebuilds the state: newest valid snapshot
+  plus every durable journal record after it (``engine.recovery.recover``).
+* ``append(event)`` buffers one event; ``commit()`` writes everything buffered as ONE journal
+  record (a batch: :func:`encode_batch`) with one write and one fdatasync (group commit). A
+  durable core commits once per batched call, before it returns, so an answer is only ever
+  given for changes that are on disk, and a crash mid-write (a torn record is dropped whole by
+  the journal) leaves either all of a call's changes or none of them, never a part.
+* ``maybe_checkpoint(snapshot_fn)`` runs after a commit: every ``snapshot_every_records``
+  records or ``snapshot_every_s`` seconds (whichever first; only if something was journaled)
+  it snapshots the state. ``snapshot_fn()`` must return *copies* (arrays, meta) taken now;
+  the file is written on a background thread (a 1M-position book is ~100 MB) while the actor
+  keeps serving, and the journal segments the snapshot covers are trimmed on the actor's
+  thread once it is on disk (a Journal is not thread-safe).
+* A commit that fails poisons the journal: the store raises :class:`DurabilityError` for every
+  later call, and the actor shell must exit so Ray restarts it and it recovers from disk.
+
+Layout under the state's directory (``DATA_DIR/<actor name>/``)::
+
+    journal/00000000000000000001.wal ...   checksummed records (engine.journal)
+    journal/LOCK                           flock of the one writer
+    snapshots/00000000000000004242.npz     state after record 4242 (engine.snapshot)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from engine.events import Event, decode, encode
+from engine.journal import Journal, JournalError
+from engine.recovery import Recovered, recover, trim_journal
+from engine.snapshot import DEFAULT_KEEP, Snapshot, prune_snapshots, write_snapshot
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S")
+
+SNAPSHOT_EVERY_RECORDS = 100_000  # journal records between snapshots (bounds replay time)
+SNAPSHOT_EVERY_S = 60.0  # and at least this often while records are written
+JOURNAL_DIR = "journal"
+SNAPSHOT_DIR = "snapshots"
+
+SnapshotFn = Callable[[], tuple[Mapping[str, np.ndarray], Mapping[str, Any]]]
+
+# A batch record: this tag byte (never an event type byte), then per event [u32 length][bytes].
+BATCH_TAG = 0xB0
+_LENGTH = struct.Struct("<I")
+
+
+def encode_batch(encoded_events: list[bytes]) -> bytes:
+    """One journal record holding every event of one call (already encoded)."""
+    parts = [bytes((BATCH_TAG,))]
+    for data in encoded_events:
+        parts.append(_LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def decode_batch(payload: bytes) -> list[Event]:
+    """The events of one journal record: a batch, or a single encoded event."""
+    if not payload or payload[0] != BATCH_TAG:
+        return [decode(payload)]
+    view = memoryview(payload)
+    events: list[Event] = []
+    pos = 1
+    while pos < len(view):
+        (n,) = _LENGTH.unpack_from(view, pos)
+        pos += _LENGTH.size
+        if pos + n > len(view):
+            raise ValueError("batch record shorter than its length fields")
+        events.append(decode(view[pos : pos + n]))
+        pos += n
+    return events
+
+
+class DurabilityError(RuntimeError):
+    """The journal can no longer make changes durable (I/O error): crash and recover."""
+
+
+class JournalStore:
+    """Journal + snapshots of one actor state in ``directory`` (see the module docstring).
+
+    ``fsync=False`` skips the disk flush (benchmarks and tests only: survives a process kill,
+    not a power loss). ``clock`` returns seconds (monotonic); injected by tests.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True,
+                 snapshot_every_records: int = SNAPSHOT_EVERY_RECORDS,
+                 snapshot_every_s: float = SNAPSHOT_EVERY_S, keep: int = DEFAULT_KEEP,
+                 background_snapshots: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.directory = Path(directory)
+        self.snapshot_dir = self.directory / SNAPSHOT_DIR
+        self.snapshot_every_records = snapshot_every_records
+        self.snapshot_every_s = snapshot_every_s
+        self.keep = keep
+        self.background_snapshots = background_snapshots
+        self._clock = clock
+        self.journal = Journal(self.directory / JOURNAL_DIR, fsync=fsync)
+        self._events: list[bytes] = []  # encoded events of the call in progress
+        self._events_since_snapshot = 0
+        self.events_written = 0
+        self._failed: BaseException | None = None
+        self._snapshot_seq = 0  # journal seq of the newest snapshot written (or restored)
+        self._snapshot_at_s = clock()
+        self._writer: threading.Thread | None = None
+        self._writer_error: BaseException | None = None
+        self.snapshots_written = 0
+        self.recovered: Recovered[Any] | None = None
+
+    # ----------------------------------------------------------------- recovery
+    def recover(self, restore: Callable[[Snapshot | None], S],
+                apply: Callable[[S, Any], object]) -> Recovered[S]:
+        """Rebuild the state (engine.recovery.recover); call once, before serving anything.
+
+        ``apply(state, event)`` is called for every event of every batch after the snapshot.
+        """
+        def apply_batch(state: S, events: list[Event]) -> None:
+            for event in events:
+                apply(state, event)
+            self._events_since_snapshot += len(events)
+
+        recovered = recover(self.journal, self.snapshot_dir, restore, apply_batch,
+                            decode=decode_batch)
+        self._snapshot_seq = recovered.snapshot_seq
+        self.recovered = recovered
+        return recovered
+
+    # ----------------------------------------------------------------- writing
+    def append(self, event: Event) -> None:
+        """Buffer one event (durable at the next :meth:`commit`)."""
+        self._check()
+        self._events.append(encode(event))
+
+    def commit(self) -> int:
+        """Make every appended event durable (one record); returns the journal's durable seq."""
+        self._check()
+        try:
+            if self._events:
+                events, self._events = self._events, []
+                self.journal.append(encode_batch(events))
+                self._events_since_snapshot += len(events)
+                self.events_written += len(events)
+            return self.journal.commit()
+        except JournalError as exc:
+            self._failed = exc
+            raise DurabilityError(f"journal commit failed: {exc}") from exc
+
+    @property
+    def pending(self) -> int:
+        """Events appended and not yet committed."""
+        return len(self._events) + self.journal.pending
+
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise DurabilityError("the journal failed earlier; the state must be recovered "
+                                  "from disk") from self._failed
+
+    # ----------------------------------------------------------------- snapshots
+    def checkpoint_due(self) -> bool:
+        since = self._events_since_snapshot
+        if since <= 0 or self.journal.durable_seq <= self._snapshot_seq:
+            return False
+        return (since >= self.snapshot_every_records
+                or self._clock() - self._snapshot_at_s >= self.snapshot_every_s)
+
+    def maybe_checkpoint(self, snapshot_fn: SnapshotFn) -> bool:
+        """Snapshot when due (see the module docstring); True if one was started."""
+        self._reap()
+        if self._writer is not None or not self.checkpoint_due():
+            return False
+        self.checkpoint(snapshot_fn, wait=not self.background_snapshots)
+        return True
+
+    def checkpoint(self, snapshot_fn: SnapshotFn, wait: bool = True) -> int:
+        """Snapshot the state now at the journal's last seq; returns that seq.
+
+        Commits first (a snapshot must never hold a change whose record could still be lost).
+        ``wait=False`` writes the file on a background thread; trimming happens on a later
+        call once it is done (:meth:`maybe_checkpoint`, :meth:`close`).
+        """
+        self.wait_snapshot()
+        seq = self.commit()
+        arrays, meta = snapshot_fn()
+        self._snapshot_seq = seq
+        self._events_since_snapshot = 0
+        self._snapshot_at_s = self._clock()
+        if wait:
+            self._write(seq, arrays, meta)
+            self._trim()
+        else:
+            self._writer = threading.Thread(target=self._write_bg, args=(seq, arrays, meta),
+                                            name="snapshot-writer", daemon=True)
+            self._writer.start()
+        return seq
+
+    def _write(self, seq: int, arrays: Mapping[str, np.ndarray],
+               meta: Mapping[str, Any]) -> None:
+        write_snapshot(self.snapshot_dir, seq, arrays, meta)
+        prune_snapshots(self.snapshot_dir, self.keep)
+        self.snapshots_written += 1
+
+    def _write_bg(self, seq: int, arrays: Mapping[str, np.ndarray],
+                  meta: Mapping[str, Any]) -> None:
+        try:
+            self._write(seq, arrays, meta)
+        except BaseException as exc:  # reported on the actor's thread by _reap
+            self._writer_error = exc
+
+    def _reap(self) -> None:
+        writer = self._writer
+        if writer is None or writer.is_alive():
+            return
+        self._writer = None
+        error, self._writer_error = self._writer_error, None
+        if error is not None:
+            # the journal still holds everything: nothing is lost, the next one retries
+            log.warning("snapshot of %s failed: %s", self.directory, error)
+            self._snapshot_seq = 0
+            return
+        self._trim()
+
+    def _trim(self) -> None:
+        try:
+            trim_journal(self.journal, self.snapshot_dir)
+        except JournalError as exc:
+            self._failed = exc
+            raise DurabilityError(f"journal trim failed: {exc}") from exc
+
+    def wait_snapshot(self) -> None:
+        """Block until a background snapshot write finished (and trim after it)."""
+        writer = self._writer
+        if writer is not None:
+            writer.join()
+            self._reap()
+
+    def disk_bytes(self) -> int:
+        return self.journal.disk_bytes()
+
+    # ----------------------------------------------------------------- lifetime
+    def close(self, snapshot_fn: SnapshotFn | None = None) -> None:
+        """Clean stop: finish any snapshot, optionally write a final one, release the lock."""
+        try:
+            if snapshot_fn is not None and self._failed is None \
+                    and (self._events or self.journal.durable_seq > self._snapshot_seq):
+                self.checkpoint(snapshot_fn, wait=True)
+            else:
+                self.wait_snapshot()
+        finally:
+            self.journal.close()
