@@ -3,6 +3,7 @@ async one, and its calls run one at a time, which is what the core needs)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,10 +27,23 @@ LEDGER_ACTOR_NAME = "ledger"
 
 @ray.remote
 class LedgerActor:
-    """Every method forwards to LedgerCore (see there for the semantics)."""
+    """Every method forwards to LedgerCore (see there for the semantics).
 
-    def __init__(self, signup_balance_micros: int) -> None:
-        self.core = LedgerCore(signup_balance_micros)
+    With ``data_dir`` the core is the journaled ``cluster.ledger_store.DurableLedger`` in
+    ``data_dir/ledger`` (recovered before the first call; ``store_options`` go to it);
+    without, the ledger lives in memory only.
+    """
+
+    def __init__(self, signup_balance_micros: int, data_dir: str | None = None,
+                 **store_options: Any) -> None:
+        if data_dir is None:
+            self.core = LedgerCore(signup_balance_micros)
+        else:
+            from cluster.ledger_store import DurableLedger
+
+            self.core = DurableLedger(signup_balance_micros,
+                                      os.path.join(data_dir, LEDGER_ACTOR_NAME),
+                                      **store_options)
 
     def ping(self) -> bool:
         return True
@@ -77,10 +91,17 @@ class LedgerActor:
     def totals(self) -> dict[str, object]:
         return self.core.totals()
 
+    def reconcile_at_start(self, open_margins_by_user: Mapping[int, int],
+                           unsettled: Mapping[str, Sequence[SettlementItem]]) -> dict[int, int]:
+        """Release locks left by requests a crash cut off (durable ledger only; call before
+        the API serves). Returns the released micros per user."""
+        reconcile = getattr(self.core, "reconcile_at_start", None)
+        return {} if reconcile is None else dict(reconcile(open_margins_by_user, unsettled))
+
 
 def create_ledger_actor(settings: Settings, name: str = LEDGER_ACTOR_NAME,
-                        **options: Any) -> Any:
+                        data_dir: str | None = None, **options: Any) -> Any:
     """Start the (named) ledger actor; ``options`` go to ``.options()`` (namespace, lifetime,
-    scheduling...). Returns its handle."""
+    scheduling...); ``data_dir`` makes it durable. Returns its handle."""
     return LedgerActor.options(name=name, **options).remote(  # type: ignore[attr-defined]
-        settings.signup_balance_micros)
+        settings.signup_balance_micros, data_dir)

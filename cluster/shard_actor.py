@@ -9,6 +9,7 @@ batch of ticks or by ``flush_outbox``: the ledger ignores what it already applie
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -36,17 +37,32 @@ def _now_us() -> int:
 
 @ray.remote
 class ShardActor:
-    """One shard (``spec``) of ``asset``; ``ledger`` is the ledger actor's handle (or None)."""
+    """One shard (``spec``) of ``asset``; ``ledger`` is the ledger actor's handle (or None).
+
+    With ``data_dir`` the core is the journaled ``cluster.shard_store.DurableShard`` in
+    ``data_dir/<spec.name>`` (recovered before the first call; ``store_options`` go to it);
+    without, the book lives in memory only.
+    """
 
     def __init__(self, spec: ShardSpec, asset: Asset, maintenance_margin_ppm: int,
-                 max_price_age_us: int, ledger: Any = None) -> None:
+                 max_price_age_us: int, ledger: Any = None, data_dir: str | None = None,
+                 **store_options: Any) -> None:
         self.spec = spec
-        self.core = ShardCore(spec, asset, maintenance_margin_ppm, max_price_age_us)
+        if data_dir is None:
+            self.core = ShardCore(spec, asset, maintenance_margin_ppm, max_price_age_us)
+        else:
+            from cluster.shard_store import DurableShard
+
+            self.core = DurableShard(spec, asset, maintenance_margin_ppm, max_price_age_us,
+                                     os.path.join(data_dir, spec.name), **store_options)
         self.ledger = ledger
         self._delivery: Any = None  # ObjectRef of the settlement delivery in flight
         if ledger is not None:
-            # a restarted shard continues the numbering the ledger knows
-            self.core.resume_seq(ray.get(ledger.applied_seq.remote(spec.name)))
+            # A restarted shard continues the numbering the ledger knows, and drops (a
+            # recovered one) what the ledger already applied; the rest is resent.
+            applied = int(ray.get(ledger.applied_seq.remote(spec.name)))
+            self.core.resume_seq(applied)
+            self.core.ack_outbox(applied)
 
     def ping(self) -> bool:
         return True
@@ -126,13 +142,14 @@ class ShardActor:
         return self.core.stats()
 
 
-def create_shard_actors(settings: Settings, ledger: Any, **options: Any) -> dict[str, Any]:
+def create_shard_actors(settings: Settings, ledger: Any, data_dir: str | None = None,
+                        **options: Any) -> dict[str, Any]:
     """Start one named actor per ShardSpec of the layout (name = ``spec.name``); ``options``
-    go to ``.options()``. Returns ``{spec.name: handle}``."""
+    go to ``.options()``; ``data_dir`` makes them durable. Returns ``{spec.name: handle}``."""
     handles: dict[str, Any] = {}
     for spec in shard_layout(settings):
         handles[spec.name] = ShardActor.options(  # type: ignore[attr-defined]
             name=spec.name, **options).remote(
             spec, settings.assets[spec.asset], settings.maintenance_margin_ppm,
-            settings.max_price_age_us, ledger)
+            settings.max_price_age_us, ledger, data_dir)
     return handles
