@@ -12,18 +12,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
-import numpy as np
-
-from cluster.message_codec import (
-    answer_from_json,
-    answer_to_json,
-    closed_from_json,
-    closed_to_json,
-    item_from_json,
-    item_to_json,
-)
 from cluster.messages import (
     ClosedPosition,
     IdemHit,
@@ -38,7 +27,6 @@ from engine.results import Code, Rejected
 from engine.settlement import Settlement
 
 HISTORY_MAX_LIMIT = 500
-SNAPSHOT_VERSION = 1
 
 
 def hash_api_key(api_key: str) -> str:
@@ -200,58 +188,6 @@ class LedgerCore:
             end = index
         start = max(0, end - limit)
         return history[start:end][::-1]
-
-    # ----------------------------------------------------------------- snapshots
-    def to_snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """``(arrays, meta)`` for engine.snapshot (everything is JSON in ``meta``): balances,
-        accounts with their key hashes, applied settlement numbers and the ones waiting for a
-        gap, histories and the stored clientOrderId answers. Pending reservations are not
-        kept: after a restart a retry simply runs again."""
-        meta = {
-            "version": SNAPSHOT_VERSION,
-            "signup_balance_micros": self.signup_balance_micros,
-            "ledger": self.ledger.to_state(),
-            "next_user": self._next_user,
-            "accounts": [[u, a, h] for h, u in self._users_by_key_hash.items()
-                         for a in (self._account_ids[u],)],
-            "applied_seq": dict(self._applied_seq),
-            "ahead": {shard: [item_to_json(i) for i in items.values()]
-                      for shard, items in self._ahead.items() if items},
-            "history": [closed_to_json(c) for c in self._history_in_order()],
-            "answers": [[k.user, k.kind, k.client_order_id, answer_to_json(a)]
-                        for k, a in self._answers.items() if a is not None],
-        }
-        return {}, meta
-
-    def _history_in_order(self) -> list[ClosedPosition]:
-        return [c for user in sorted(self._history) for c in self._history[user]]
-
-    @classmethod
-    def from_snapshot(cls, meta: Mapping[str, Any]) -> LedgerCore:
-        """Rebuild from :meth:`to_snapshot`'s ``meta``; ValueError if it does not add up."""
-        if meta.get("version") != SNAPSHOT_VERSION:
-            raise ValueError(f"unsupported ledger snapshot version {meta.get('version')!r}")
-        core = cls(int(meta["signup_balance_micros"]), Ledger.from_state(meta["ledger"]))
-        core._next_user = int(meta["next_user"])
-        for user, account_id, key_hash in meta["accounts"]:
-            core._users_by_key_hash[str(key_hash)] = int(user)
-            core._account_ids[int(user)] = str(account_id)
-            core._users_by_account_id[str(account_id)] = int(user)
-        core._applied_seq = {str(k): int(v) for k, v in meta["applied_seq"].items()}
-        for shard, items in meta["ahead"].items():
-            core._ahead[str(shard)] = {i.seq: i for i in map(item_from_json, items)}
-        for v in meta["history"]:
-            closed = closed_from_json(v)
-            history = core._history.setdefault(closed.owner, [])
-            core._history_index.setdefault(closed.owner, {})[closed.position_id] = len(history)
-            history.append(closed)
-            core._closed_count += 1
-        for user, kind, client_order_id, answer in meta["answers"]:
-            core._answers[IdemKey(int(user), str(kind), str(client_order_id))] = \
-                answer_from_json(answer)
-        if core.ledger.total_micros() != 0:
-            raise ValueError("the snapshot's accounts do not sum to 0")
-        return core
 
     # ----------------------------------------------------------------- audit
     def audit(self, open_margins_by_user: Mapping[int, int],

@@ -11,18 +11,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
-from cluster.message_codec import (
-    answer_from_json,
-    answer_to_json,
-    item_from_json,
-    item_to_json,
-    tick_from_json,
-    tick_to_json,
-)
 from cluster.messages import (
     ClosedPosition,
     OpenPosition,
@@ -297,47 +288,6 @@ class ShardCore:
         """Open margins per owner and the unacknowledged settlements, read together (a close
         moves a margin from the first to the second, so reading them apart could miss it)."""
         return self.open_margins_by_user(), self.outbox()
-
-    # ----------------------------------------------------------------- snapshots
-    def to_snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """``(arrays, meta)`` for engine.snapshot: the book's columns, and as JSON the last
-        tick, the settlement numbering, the unacknowledged outbox, the remembered open
-        results (so a resend after a restart still gets its first answer) and the counters."""
-        meta = {
-            "shard": self.spec.name,
-            "last_tick": tick_to_json(self.last_tick),
-            "last_seq": self._last_seq,
-            "acked_seq": self._acked_seq,
-            "outbox": [item_to_json(i) for i in self._outbox],
-            "open_results": [[rid, answer_to_json(r)] for rid, r in self._open_results.items()],
-            "ticks_applied": self._ticks_applied,
-            "opens": self._opens,
-            "closes": list(self._closes),
-        }
-        return self.book.to_arrays(), meta
-
-    @classmethod
-    def from_snapshot(cls, spec: ShardSpec, asset: Asset, maintenance_margin_ppm: int,
-                      max_price_age_us: int, arrays: Mapping[str, np.ndarray],
-                      meta: Mapping[str, Any]) -> ShardCore:
-        """Rebuild a shard from :meth:`to_snapshot`; ValueError if it is another shard's."""
-        if meta.get("shard") != spec.name:
-            raise ValueError(f"snapshot of {meta.get('shard')!r}, not of {spec.name!r}")
-        core = cls(spec, asset, maintenance_margin_ppm, max_price_age_us)
-        core.book = PositionBook.from_arrays(asset, spec.book_tag, arrays)
-        core.last_tick = tick_from_json(meta["last_tick"])
-        core._last_seq = int(meta["last_seq"])
-        core._acked_seq = int(meta["acked_seq"])
-        core._outbox = [item_from_json(v) for v in meta["outbox"]]
-        for rid, answer in meta["open_results"]:
-            result = answer_from_json(answer)
-            if isinstance(result, ClosedPosition):
-                raise ValueError("an open result cannot be a closed position")
-            core._open_results[int(rid)] = result
-        core._ticks_applied = int(meta["ticks_applied"])
-        core._opens = int(meta["opens"])
-        core._closes = [int(x) for x in meta["closes"]]
-        return core
 
     def stats(self) -> ShardStats:
         tick = self.last_tick
