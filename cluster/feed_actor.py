@@ -159,7 +159,7 @@ class FeedActorCore:
             await ensure_topic(self.bootstrap, len(self.assets), self.topic, timeout_s=5.0)
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=self.group_id,
-            auto_offset_reset="latest", enable_auto_commit=True,
+            auto_offset_reset="latest", enable_auto_commit=False,
             fetch_max_wait_ms=self.fetch_max_wait_ms, metadata_max_age_ms=2000,
             max_partition_fetch_bytes=4 * 1024 * 1024, request_timeout_ms=10_000,
             retry_backoff_ms=100,

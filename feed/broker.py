@@ -65,6 +65,7 @@ class EmbeddedBroker:
         self.ready_timeout_s = ready_timeout_s
         self.log_path = Path(log_path) if log_path else None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._own_log = False
 
     @property
     def bootstrap(self) -> str:
@@ -112,6 +113,7 @@ class EmbeddedBroker:
             with contextlib.suppress(OSError):
                 os.close(fd)
             self.log_path = Path(name)
+            self._own_log = True
         url = f"tcp://{self.host}:{self.port}"
         with self.log_path.open("ab") as out:
             try:
@@ -127,7 +129,7 @@ class EmbeddedBroker:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 tail = self._log_tail()
-                self._proc = None
+                self.stop()
                 raise BrokerError(f"the embedded broker exited at start on {self.bootstrap}: "
                                   f"{tail}")
             if accepts_connections(self.host, self.port):
@@ -139,16 +141,21 @@ class EmbeddedBroker:
         raise BrokerError(f"the embedded broker did not accept connections on {self.bootstrap} "
                           f"within {self.ready_timeout_s} s")
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 1.0) -> None:
+        """Terminate the broker; kill it after ``timeout_s`` (with clients connected Tansu may
+        wait for them to leave, and a memory-only broker has nothing to flush)."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout_s)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5.0)
+        if self._own_log and self.log_path is not None:
+            with contextlib.suppress(OSError):
+                self.log_path.unlink()
+            self.log_path, self._own_log = None, False
         log.info("embedded broker on %s stopped", self.bootstrap)
 
     def restart(self) -> None:

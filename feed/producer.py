@@ -9,6 +9,7 @@ producer, and publishing goes on; messages lost in the gap are only superseded p
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -43,6 +44,8 @@ class MarketDataProducer:
         self._producer: AIOKafkaProducer | None = None
         self._partitions = 0
         self._broken = False
+        self._generation = 0
+        self._recover_delay_s = 0.0
         self.sent = 0
         self.errors = 0
         self.recoveries = 0
@@ -77,6 +80,7 @@ class MarketDataProducer:
             await producer.stop()
             raise
         self._producer = producer
+        self._generation += 1
         self._partitions = max(1, len(parts or ()))
         self._broken = False
 
@@ -90,13 +94,26 @@ class MarketDataProducer:
 
     async def _recover(self) -> None:
         self.recoveries += 1
+        if self._recover_delay_s:
+            # Right after a restart the broker may refuse a while (Tansu answers UnknownError
+            # for a second or two): back off instead of rebuilding a producer per message.
+            await asyncio.sleep(self._recover_delay_s)
+        self._recover_delay_s = min(2.0, max(0.05, self._recover_delay_s * 2))
         log.warning("producer: recovering (broker restart or topic loss?)")
         await self.stop()
         await self.start()
 
-    def _on_done(self, fut: asyncio.Future[Any]) -> None:
-        if fut.cancelled() or fut.exception() is not None:
-            self.errors += 1
+    def _on_done(self, generation: int, fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            if generation == self._generation:
+                self._recover_delay_s = 0.0
+            return
+        self.errors += 1
+        # A batch of a producer already replaced must not condemn its successor.
+        if generation == self._generation:
+            if not self._broken:
+                log.warning("producer: delivery failed: %r",
+                            None if fut.cancelled() else fut.exception())
             self._broken = True
 
     async def publish(self, msg: MarketDataMessage) -> None:
@@ -115,7 +132,7 @@ class MarketDataProducer:
                 self._broken = True
                 log.warning("producer: send failed: %s", exc)
                 continue
-            fut.add_done_callback(self._on_done)
+            fut.add_done_callback(functools.partial(self._on_done, self._generation))
             self.sent += 1
             return
 

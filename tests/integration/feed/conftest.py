@@ -11,10 +11,12 @@ import pytest
 def ray_local() -> Iterator[None]:
     """A local Ray (2 CPUs, no dashboard), started once per session and shared."""
     import ray
+    from ray._private.worker import init as ray_init
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+        # The real ray.init even if a unit-test guard replaced ``ray.init`` for the session.
+        ray_init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  _node_ip_address="127.0.0.1")
     yield None
     if started:
