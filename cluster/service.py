@@ -109,6 +109,7 @@ class TradingService:
         self._in_flight_idem: dict[IdemKey, asyncio.Future[object]] = {}
         self._in_doubt: dict[str, list[_InDoubt]] = {s.name: [] for s in self.layout}
         self._reconcile_task: asyncio.Task[None] | None = None
+        self._reconcile_lock = asyncio.Lock()
         self.counters: collections.Counter[str] = collections.Counter()
 
         self._auth = MicroBatcher(ledger.principals_of_key_hashes)
@@ -344,6 +345,10 @@ class TradingService:
     async def reconcile(self) -> int:
         """Resolve opens in doubt: keep the lock of those that opened, release the others.
         Returns how many remain in doubt (their shard still does not answer)."""
+        async with self._reconcile_lock:  # two rounds must never release the same lock
+            return await self._reconcile()
+
+    async def _reconcile(self) -> int:
         remaining = 0
         for shard_name, doubts in self._in_doubt.items():
             if not doubts:

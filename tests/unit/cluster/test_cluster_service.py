@@ -286,8 +286,10 @@ async def test_open_in_doubt_keeps_the_lock_until_the_shard_answers(deliver: boo
     await p.push_tick("SOL", "100.00", "100.01")
     with pytest.raises(Unavailable):
         await svc.open_position(who, sol_long())
-    state = await svc.state(who)
-    assert state.margin_micros == 100 * USD  # in doubt: still locked
+    # in doubt: still locked (read before the background resolution gets a turn)
+    assert p.ledger.core.balances_many([who.user]) == [(SIGNUP - 100 * USD, 100 * USD)]
+    # the background round and this one run one after the other, never both on one doubt
+    assert await svc.reconcile() == 0
     assert await svc.reconcile() == 0
     state = await svc.state(who)
     if deliver:  # it did open: the lock stays with the position
