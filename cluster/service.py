@@ -429,6 +429,9 @@ class TradingService:
             # The close happened and sits in the shard's outbox, which the shard resends: the
             # ledger will apply it; the caller still gets the fact.
             self.counters["settlements_deferred"] += 1
+            if key is not None:  # best effort, or the key would stay pending
+                with contextlib.suppress(Unavailable):
+                    await self.ledger.remember([(key, closed)])
         return closed
 
     # ----------------------------------------------------------------- operations

@@ -341,3 +341,38 @@ async def test_a_dead_shard_hides_only_its_own_asset_and_fails_health() -> None:
     pos = await p.service.open_position(who, sol_long())
     assert isinstance(pos, OpenPosition)
     await p.service.aclose()
+
+
+class LedgerDroppingSettlements:
+    """A ledger port whose next ``apply_settlements`` call is lost (an unreachable ledger)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner, self.drop = inner, 1
+
+    async def apply_settlements(self, *args: object) -> int:
+        if self.drop:
+            self.drop -= 1
+            raise Unavailable("ledger", "test")
+        return await self.inner.apply_settlements(*args)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+async def test_a_close_whose_settlement_is_lost_still_settles_once() -> None:
+    p = build_platform()
+    who = await signup(p.service)
+    await p.push_tick("SOL", "100.00", "100.01")
+    pos = await p.service.open_position(who, sol_long())
+    assert isinstance(pos, OpenPosition)
+    flaky = TradingService(LedgerDroppingSettlements(p.ledger), dict(p.shards),  # type: ignore[arg-type]
+                           p.settings)
+    order = CloseOrder(pos.position_id, client_order_id="lost")
+    closed = await flaky.close_position(who, order)
+    assert not isinstance(closed, Rejected)
+    assert await flaky.close_position(who, order) == closed  # the answer was kept anyway
+    assert (await flaky.state(who)).margin_micros == 100 * USD  # not settled yet
+    await p.push_tick("SOL", "100.00", "100.02")  # the shard resends its outbox
+    state = await flaky.state(who)
+    assert state.margin_micros == 0 and state.free_micros == SIGNUP + closed.pnl_micros
+    assert await p.audit() == []
