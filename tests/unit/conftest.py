@@ -16,16 +16,13 @@ def _refuse(*args: object, **kwargs: object) -> None:
     raise RayInUnitTestError("ray.init called from a unit test; move it to tests/integration")
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _no_ray() -> Iterator[None]:
+@pytest.fixture(autouse=True)
+def _no_ray(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # Per test, not per session: integration tests collected in the same run still start Ray.
     try:
         import ray
     except ImportError:  # pragma: no cover - ray is a runtime dependency
         yield
         return
-    original = ray.init
-    setattr(ray, "init", _refuse)  # noqa: B010 - replace the typed function wholesale
-    try:
-        yield
-    finally:
-        setattr(ray, "init", original)  # noqa: B010
+    monkeypatch.setattr(ray, "init", _refuse)
+    yield
