@@ -1,0 +1,110 @@
+"""DurablePlatform: the launcher's Platform with journaled actors that Ray restarts.
+
+Differences from ``cluster.launcher.Platform`` (everything else is inherited):
+
+* the ledger and every shard are created with ``data_dir = settings.data_dir``, so their cores
+  are the journaled ``DurableLedger``/``DurableShard`` (``DATA_DIR/ledger``,
+  ``DATA_DIR/<shard name>``) and rebuild their state when (re)started;
+* every actor has ``max_restarts=-1``: Ray restarts a killed process and its ``__init__``
+  recovers from disk. ``max_task_retries=0`` for the ledger and the shards: a call that was
+  running when the process died fails (the API answers 503) instead of being silently run a
+  second time (a lock or a manual close is not idempotent); calls made while the actor
+  recovers fail fast with ``ActorUnavailableError`` (503) too. The feed actor's calls are
+  harmless to repeat, so it retries them;
+* before the API serves, ``LedgerActor.reconcile_at_start`` releases margin locked by
+  requests a crash cut off (see ``DurableLedger.reconcile_at_start``);
+* a supervisor thread pings the feed actor every ``supervise_interval_s``: a restarted feed
+  actor resumes consuming on its first call, from the newest offsets, so the shards get the
+  newest prices again within about a second of a feed crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.actor_names import FEED, LEDGER
+from cluster.launcher import READY_TIMEOUT_S, LaunchError, Platform, placement_nodes
+from cluster.shard_core import merge_margins
+
+RESTART = {"max_restarts": -1, "max_task_retries": 0}  # ledger and shards
+FEED_RESTART = {"max_restarts": -1, "max_task_retries": -1}
+
+
+@dataclass
+class DurablePlatform(Platform):
+    """``Platform`` whose state lives in ``settings.data_dir`` (see the module docstring).
+
+    ``released_at_start``: what the start-time reconciliation released (user -> micros).
+    """
+
+    supervise_interval_s: float = 1.0
+    released_at_start: dict[int, int] = field(default_factory=dict)
+    _supervisor: threading.Thread | None = None
+    _supervising: threading.Event = field(default_factory=threading.Event)
+
+    def _start_actors(self) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from cluster.feed_actor import FeedActor
+        from cluster.ledger_actor import LedgerActor
+        from cluster.shard_actor import ShardActor
+
+        settings = self.settings
+        data_dir = str(settings.data_dir.resolve())
+        self.ledger = LedgerActor.options(  # type: ignore[attr-defined]
+            name=LEDGER, namespace=self.namespace, **RESTART,
+        ).remote(settings.signup_balance_micros, data_dir)
+        ray.get(self.ledger.ping.remote(), timeout=READY_TIMEOUT_S)
+        nodes = placement_nodes()
+        for i, spec in enumerate(self.layout):
+            strategy = NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True)
+            self.shards[spec.name] = ShardActor.options(  # type: ignore[attr-defined]
+                name=spec.name, namespace=self.namespace, scheduling_strategy=strategy,
+                **RESTART,
+            ).remote(spec, settings.assets[spec.asset], settings.maintenance_margin_ppm,
+                     settings.max_price_age_us, self.ledger, data_dir)
+        names = list(self.shards)
+        views = ray.get([self.shards[n].audit_view.remote() for n in names],
+                        timeout=READY_TIMEOUT_S)
+        self.released_at_start = ray.get(self.ledger.reconcile_at_start.remote(
+            merge_margins(margins for margins, _ in views),
+            {n: outbox for n, (_, outbox) in zip(names, views, strict=True)}),
+            timeout=READY_TIMEOUT_S)
+        self.feed = FeedActor.options(
+            name=FEED, namespace=self.namespace, **FEED_RESTART).remote(
+            settings, self.bootstrap, namespace=self.namespace, topic=self.topic)
+        if not ray.get(self.feed.start.remote(), timeout=READY_TIMEOUT_S):
+            raise LaunchError(f"the feed actor could not consume {self.topic} on "
+                              f"{self.bootstrap}")
+        self._supervising.clear()
+        self._supervisor = threading.Thread(target=self._supervise, name="feed-supervisor",
+                                            daemon=True)
+        self._supervisor.start()
+
+    def _supervise(self) -> None:
+        import ray
+
+        pending: Any = None
+        while not self._supervising.wait(self.supervise_interval_s):
+            feed = self.feed
+            if feed is None:
+                continue
+            if pending is not None:
+                ready, _ = ray.wait([pending], timeout=0)
+                if not ready:
+                    continue
+                with contextlib.suppress(Exception):
+                    ray.get(pending)
+            with contextlib.suppress(Exception):
+                pending = feed.stats.remote()
+
+    def stop(self) -> None:
+        self._supervising.set()
+        if self._supervisor is not None:
+            self._supervisor.join(5.0)
+            self._supervisor = None
+        super().stop()
