@@ -1,0 +1,401 @@
+"""``shardex bench api``: the HTTP API through Ray Serve vs the same engine without Ray.
+
+1. Starts the platform (local Ray, its own embedded broker, sim prices, Serve on a free port)
+   and drives a closed loop over HTTP: every worker has its own account and alternates
+   ``POST /positions/open`` and ``POST /positions/close`` (one op = one request) at concurrency
+   1 and 64.
+2. The same loop against the baseline: the same engine objects (TradingService over the
+   in-process ports of cluster.ports) behind a plain FastAPI + uvicorn process, no Ray.
+3. ``tick_to_close``: ``--positions`` open positions (leverage 100, entries spread over a band
+   of prices) are bulk-loaded straight into the shard actors' books (margins locked in the
+   ledger in one call per user), the sim source is stopped, and ``--ticks`` falling ticks are
+   produced to the topic, each liquidating the next slice; the time from producing a tick to
+   the ledger counting all of that tick's closes is one sample.
+
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.http_load import Connection, LoadResult, closed_loop
+from cluster.config import Settings
+from cluster.placement import ShardSpec, shard_layout
+
+HOST = "127.0.0.1"
+OPEN_BODY = {"asset": "SOL", "type": "long", "margin": "10", "leverage": 2}
+SIGNUP_USD = 10_000
+
+
+def _free_port() -> int:
+    from feed.broker import free_port
+
+    return free_port(HOST)
+
+
+# ---------------------------------------------------------------------- the HTTP loop
+async def _wait_prices(port: int, assets: list[str], timeout_s: float = 60.0) -> None:
+    conn = Connection(HOST, port)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ConnectionError):
+                r = await conn.request("GET", "/api/v1/prices")
+                if r.status == 200 and all(a in r.json() for a in assets):
+                    return
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+    raise TimeoutError(f"no prices for {assets} on port {port} within {timeout_s} s")
+
+
+async def _accounts(port: int, n: int) -> list[dict[str, str]]:
+    conn = Connection(HOST, port)
+    try:
+        out = []
+        for _ in range(n):
+            r = await conn.request("POST", "/api/v1/accounts", {})
+            if r.status != 201:
+                raise RuntimeError(f"account creation failed: {r.status} {r.body[:200]!r}")
+            out.append({"Authorization": f"Bearer {r.json()['apiKey']}"})
+        return out
+    finally:
+        await conn.close()
+
+
+async def drive(port: int, concurrency: int, duration_s: float) -> LoadResult:
+    """Closed loop of open/close requests; each worker owns one account."""
+    headers = await _accounts(port, concurrency)
+    pending: list[str | None] = [None] * concurrency
+    failures: dict[str, int] = {}
+
+    async def op(conn: Connection, i: int) -> bool:
+        pid = pending[i]
+        if pid is None:
+            r = await conn.request("POST", "/api/v1/positions/open", OPEN_BODY, headers[i])
+            if r.status == 201:
+                pending[i] = r.json()["positionId"]
+                return True
+        else:
+            r = await conn.request("POST", "/api/v1/positions/close", {"positionId": pid},
+                                   headers[i])
+            if r.status == 200:
+                pending[i] = None
+                return True
+            if r.status == 404:
+                pending[i] = None
+        key = f"{r.status}"
+        failures[key] = failures.get(key, 0) + 1
+        return False
+
+    result = await closed_loop(HOST, port, op, concurrency, duration_s)
+    if failures:
+        print(f"  (failed requests at concurrency {concurrency}: {failures})", file=sys.stderr)
+    return result
+
+
+async def drive_all(port: int, concurrencies: list[int], duration_s: float,
+                    assets: list[str]) -> dict[int, LoadResult]:
+    await _wait_prices(port, assets)
+    await drive(port, 4, 1.0)  # warm up routes, batchers and actor connections
+    return {c: await drive(port, c, duration_s) for c in concurrencies}
+
+
+# ---------------------------------------------------------------------- baseline server
+def serve_baseline(port: int) -> None:
+    """The no-Ray baseline: create_app(TradingService over in-process ports) under uvicorn.
+
+    Prices: a tick per asset every 250 ms at a fixed book, applied to the shard cores.
+    """
+    import uvicorn
+
+    from cluster.api import create_app
+    from cluster.ledger_core import LedgerCore
+    from cluster.ports import LocalLedgerPort, LocalShardPort, ShardPort, now_us
+    from cluster.service import TradingService
+    from cluster.shard_core import ShardCore
+    from engine.market import Tick
+
+    settings = Settings.from_env()
+    ledger = LocalLedgerPort(LedgerCore(settings.signup_balance_micros))
+    shards: dict[str, LocalShardPort] = {
+        s.name: LocalShardPort(ShardCore(s, settings.assets[s.asset],
+                                         settings.maintenance_margin_ppm,
+                                         settings.max_price_age_us), ledger)
+        for s in shard_layout(settings)}
+    ports: dict[str, ShardPort] = dict(shards)
+    service = TradingService(ledger, ports, settings)
+    app = create_app(service)
+    books = {"SOL": ("150.00", "150.01"), "BTC": ("100000.0", "100000.1"),
+             "ETH": ("3500.00", "3500.01")}
+
+    async def ticker() -> None:
+        seq = 0
+        while True:
+            seq += 1
+            for spec in shard_layout(settings):
+                asset = settings.assets[spec.asset]
+                bid, ask = books.get(spec.asset, ("100.00", "100.01"))
+                tick = Tick(spec.asset, asset.price_to_ticks(bid), asset.price_to_ticks(ask),
+                            now_us(), seq, "bench")
+                await shards[spec.name].apply_ticks([tick])
+            await asyncio.sleep(0.25)
+
+    async def run() -> None:
+        config = uvicorn.Config(app, host=HOST, port=port, log_level="warning",
+                                access_log=False, lifespan="off")
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(ticker())
+        try:
+            await server.serve()
+        finally:
+            task.cancel()
+
+    asyncio.run(run())
+
+
+def _start_baseline(port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "bench.api", "--serve-baseline", str(port)],
+                            cwd=str(Path(__file__).resolve().parents[1]),
+                            stdin=subprocess.DEVNULL)
+
+
+# ---------------------------------------------------------------------- tick -> close
+def _load_shard(actor: Any, spec: ShardSpec, owners: list[int], per_owner: int,
+                levels: int, margin_micros: int, bid_ticks: int, ask_ticks: int,
+                maintenance_margin_ppm: int) -> list[int]:
+    """Runs inside the shard actor (``__ray_call__``): open ``len(owners) * per_owner`` longs
+    at leverage 100 with entries on ``levels`` consecutive price ticks below ``ask_ticks``,
+    straight into the book. Returns the liquidation tick of every position (for the driver
+    to compute how many each tick will close)."""
+    from engine.orders import OpenPlan, Side, plan_open
+
+    core = getattr(actor, "core", None) or getattr(actor, "_core", None)
+    if core is None:
+        raise RuntimeError("the shard actor exposes no core")
+    book = core.book
+    asset = core.asset
+    plans: list[OpenPlan] = []
+    for level in range(levels):
+        entry = ask_ticks - level
+        plan = plan_open(asset, Side.LONG, margin_micros, 100, entry - 1, entry, None, None,
+                         maintenance_margin_ppm)
+        if not isinstance(plan, OpenPlan):
+            raise RuntimeError(f"bench plan refused: {plan}")
+        plans.append(plan)
+    now_us = time.time_ns() // 1000
+    liqs: list[int] = []
+    i = 0
+    for owner in owners:
+        for _ in range(per_owner):
+            plan = plans[i % levels]
+            book.open(owner, plan, now_us)
+            liqs.append(plan.liq_ticks)
+            i += 1
+    return liqs
+
+
+async def tick_to_close(platform: Any, bootstrap: str, positions: int, ticks: int,
+                        closes_per_tick: int = 300) -> dict[str, Any]:
+    import ray
+
+    from cluster.messages import MarginLock
+    from feed.message import message_from_ticks
+    from feed.producer import MarketDataProducer
+
+    settings: Settings = platform.settings
+    layout = platform.layout
+    margin_micros = 1_000_000  # 1 USD at leverage 100 = 100 USD notional
+    per_user = SIGNUP_USD // 2  # positions per user (half its balance locked)
+    users_needed = max(len(layout), -(-positions // per_user))
+    ledger = platform.ledger
+    accounts = [ledger.create_account.remote() for _ in range(users_needed)]
+    users = [a.user if hasattr(a, "user") else a[0] for a in await asyncio.gather(*accounts)]
+    # where each shard's prices are now (the sim's last book)
+    last = {}
+    for spec in layout:
+        tick = await platform.shards[spec.name].last_tick.remote()
+        if tick is None:
+            raise RuntimeError(f"{spec.name} has no price yet")
+        last[spec.name] = tick
+    per_shard_users = {spec.name: users[i::len(layout)] for i, spec in enumerate(layout)}
+    # one entry level per tick step: each falling tick crosses the next level on every shard,
+    # closing ~closes_per_tick positions in all
+    per_level = max(1, closes_per_tick // len(layout))
+    levels = max(ticks + 2, (positions // len(layout)) // per_level)
+    t0 = time.perf_counter()
+    loads = []
+    for spec in layout:
+        owners = per_shard_users[spec.name]
+        n_shard = positions // len(layout)
+        per_owner = max(1, n_shard // max(1, len(owners)))
+        loads.append(platform.shards[spec.name].__ray_call__.remote(
+            _load_shard, spec, owners, per_owner, levels, margin_micros,
+            last[spec.name].bid_ticks, last[spec.name].ask_ticks,
+            settings.maintenance_margin_ppm))
+    liqs_by_shard = dict(zip([s.name for s in layout], await asyncio.gather(*loads), strict=True))
+    loaded = sum(len(v) for v in liqs_by_shard.values())
+    locks: list[MarginLock] = []
+    for spec in layout:
+        owners = per_shard_users[spec.name]
+        per_owner = len(liqs_by_shard[spec.name]) // max(1, len(owners))
+        locks.extend(MarginLock(u, per_owner * margin_micros) for u in owners)
+    refused = [r for r in await ledger.lock_margins.remote(locks) if r is not None]
+    if refused:
+        raise RuntimeError(f"margin locks refused: {refused[:3]}")
+    load_s = time.perf_counter() - t0
+
+    # falling ticks: tick j crosses the next `step` liquidation levels on every shard
+    import numpy as np
+
+    producer = MarketDataProducer(bootstrap, settings.assets, topic=platform.topic)
+    await producer.start()
+    samples_ms: list[float] = []
+    closed_total = 0
+    try:
+        base = int((await ledger.totals.remote())["closed_positions"])
+        sorted_liqs = {n: np.sort(np.asarray(v, dtype=np.int64))[::-1]
+                       for n, v in liqs_by_shard.items()}
+        distinct = {n: np.unique(v)[::-1] for n, v in sorted_liqs.items()}
+        step = 1
+        seq = 10**12
+        for j in range(ticks):
+            expected = 0
+            msgs = []
+            for spec in layout:
+                levels_desc = distinct[spec.name]
+                bid = int(levels_desc[min(len(levels_desc) - 1, (j + 1) * step - 1)])
+                expected += int((sorted_liqs[spec.name] >= bid).sum())
+                seq += 1
+                asset = settings.assets[spec.asset]
+                msgs.append(message_from_ticks(asset, bid, bid + 1, time.time_ns() // 1000, seq,
+                                               "bench"))
+            target = base + expected
+            start = time.perf_counter()
+            for msg in msgs:
+                await producer.publish(msg)
+            await producer.flush()
+            while True:
+                done = int((await ledger.totals.remote())["closed_positions"])
+                if done >= target:
+                    break
+                if time.perf_counter() - start > 30:
+                    raise TimeoutError(f"tick {j}: {done - base} of {expected} closes after 30 s")
+            samples_ms.append((time.perf_counter() - start) * 1000)
+            closed_total = done - base
+    finally:
+        await producer.stop()
+    samples_ms.sort()
+    p99 = samples_ms[min(len(samples_ms) - 1, max(0, -(-99 * len(samples_ms) // 100) - 1))]
+    del ray
+    return {"positions": loaded, "load_s": load_s, "ticks": ticks, "closed": closed_total,
+            "p50_ms": samples_ms[len(samples_ms) // 2], "p99_ms": p99, "max_ms": samples_ms[-1]}
+
+
+# ---------------------------------------------------------------------- main
+def _settings(port: int, data_dir: str) -> Settings:
+    base = Settings.from_env()
+    return dataclasses.replace(base, port=port, feed_source="sim", data_dir=Path(data_dir),
+                               kafka_brokers=None, ray_address=base.ray_address)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shardex bench api", description=__doc__)
+    parser.add_argument("--duration-s", type=float, default=8.0, help="per concurrency level")
+    parser.add_argument("--concurrency", default="1,64", help="comma-separated levels")
+    parser.add_argument("--positions", type=int, default=1_000_000,
+                        help="open positions for tick_to_close (0 skips it)")
+    parser.add_argument("--ticks", type=int, default=30, help="liquidating ticks to time")
+    parser.add_argument("--closes-per-tick", type=int, default=300,
+                        help="positions each liquidating tick closes (over all shards)")
+    parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
+    parser.add_argument("--serve-baseline", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_baseline:
+        serve_baseline(args.serve_baseline)
+        return 0
+    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    top = max(levels)
+
+    from cluster.launcher import Platform
+    from feed.broker import EmbeddedBroker
+
+    data_dir = tempfile.mkdtemp(prefix="shardex-bench-")
+    settings = _settings(_free_port(), data_dir)
+    assets = [a.name for a in settings.assets.assets]
+    broker = EmbeddedBroker(HOST, _free_port()).start()
+    serve_results: dict[int, LoadResult] = {}
+    sweep: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    platform = Platform(settings, with_feed=True, bootstrap=broker.bootstrap)
+    try:
+        platform.start()
+        startup_s = time.perf_counter() - t0
+        serve_results = asyncio.run(drive_all(settings.port, levels, args.duration_s, assets))
+        if args.positions > 0:
+            platform.stop_feed_source()
+            sweep = asyncio.run(tick_to_close(platform, broker.bootstrap, args.positions,
+                                              args.ticks, args.closes_per_tick))
+    finally:
+        platform.stop()
+        broker.stop()
+
+    port = _free_port()
+    proc = _start_baseline(port)
+    try:
+        base_results = asyncio.run(drive_all(port, levels, args.duration_s, assets))
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        if proc.poll() is None:
+            proc.kill()
+
+    print(f"platform start: {startup_s:.1f} s; one op = one HTTP request (open or close)")
+    print(f"{'path':<28}{'conc':>6}{'ops/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    for name, results in (("ray serve (direct ingress)", serve_results),
+                          ("baseline uvicorn, no ray", base_results)):
+        for c in levels:
+            r = results[c]
+            print(f"{name:<28}{c:>6}{r.ops_per_s:>10.0f}{r.percentile_ms(50):>10.2f}"
+                  f"{r.percentile_ms(99):>10.2f}{r.errors:>8}")
+    if sweep:
+        print(f"tick -> close visible in ledger: {sweep['positions']:,} positions "
+              f"(loaded in {sweep['load_s']:.1f} s), {sweep['ticks']} ticks, "
+              f"{sweep['closed']:,} closes: p50 {sweep['p50_ms']:.1f} ms, "
+              f"p99 {sweep['p99_ms']:.1f} ms, max {sweep['max_ms']:.1f} ms")
+    s, b = serve_results[top], base_results[top]
+    out = {
+        "bench": "api",
+        "concurrency": top,
+        "serve_ops_per_s": round(s.ops_per_s, 1),
+        "serve_p50_ms": round(s.percentile_ms(50), 2),
+        "serve_p99_ms": round(s.percentile_ms(99), 2),
+        "serve_c1_ops_per_s": round(serve_results[min(levels)].ops_per_s, 1),
+        "serve_c1_p50_ms": round(serve_results[min(levels)].percentile_ms(50), 2),
+        "baseline_ops_per_s": round(b.ops_per_s, 1),
+        "baseline_p50_ms": round(b.percentile_ms(50), 2),
+        "baseline_p99_ms": round(b.percentile_ms(99), 2),
+        "ratio_vs_baseline": round(s.ops_per_s / b.ops_per_s, 3) if b.ops_per_s else None,
+        "sweep_positions": sweep.get("positions", 0),
+        "tick_to_close_p50_ms": round(sweep["p50_ms"], 2) if sweep else None,
+        "tick_to_close_p99_ms": round(sweep["p99_ms"], 2) if sweep else None,
+        "errors": s.errors + b.errors,
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
