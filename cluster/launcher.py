@@ -257,11 +257,13 @@ class Platform:
         import ray
 
         if ray.is_initialized():
-            if self._serve_started:
+            if self._serve_started and not self._ray_started:
+                # on a joined cluster remove the app and Serve's actors; a Ray we started goes
+                # down whole below (serve.shutdown can wait 30 s on the controller's drain)
                 from cluster.serve_app import shutdown_api
 
                 shutdown_api()
-                self._serve_started = False
+            self._serve_started = False
             if self.feed is not None:
                 with contextlib.suppress(Exception):
                     ray.get(self.feed.stop.remote(), timeout=10.0)
@@ -350,6 +352,9 @@ def up(settings: Settings, with_feed: bool) -> int:
         except (LaunchError, ValueError, OSError, TimeoutError) as exc:
             print(f"shardex: cannot start: {exc}", file=sys.stderr)
             return 1
+        # ray.init installs its own SIGTERM handler (exit without cleanup): take it back
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
         if stopping.is_set():
             return 0
         print(platform.banner(), flush=True)
