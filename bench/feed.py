@@ -146,7 +146,9 @@ async def _run(args: argparse.Namespace, bootstrap: str, ns: str) -> dict[str, A
     topic = f"bench-latency-{ns}"
     ns2 = ns + "-lat"
     shards = {n: CountingShard.options(name=n, namespace=ns2).remote() for n in names}
-    feed = FeedActor.remote(settings, bootstrap, namespace=ns2, topic=topic, group_id=topic)
+    feed = FeedActor.remote(settings, bootstrap, namespace=ns2, topic=topic, group_id=topic,
+                            fetch_max_wait_ms=args.fetch_wait_ms,
+                            max_in_flight_per_shard=args.in_flight)
     await feed.start.remote(30)
     await _produce_steady(bootstrap, topic, args.rate, 1.0)  # warm-up: connections, handles
     await asyncio.sleep(0.5)
@@ -177,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ticks", type=int, default=300_000, help="ticks of the ingest phase")
     parser.add_argument("--rate", type=float, default=2000.0, help="ticks/s of the latency phase")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the latency phase")
+    parser.add_argument("--fetch-wait-ms", type=int, default=5,
+                        help="the feed actor's fetch_max_wait_ms (Tansu holds a fetch that long)")
+    parser.add_argument("--in-flight", type=int, default=1, help="calls in flight per shard")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     args = parser.parse_args(argv or [])
 

@@ -1,1 +1,21 @@
-"""Market data: Backpack client, normalisation, sources, Kafka glue and the embedded broker."""
+"""Market data: Backpack client, normalisation, sources, Kafka glue and the embedded broker.
+
+Modules (one concept each):
+
+- ``feed.message``: :class:`MarketDataMessage` (the SPEC wire format) and :class:`TickDecoder`
+  (JSON -> ``engine.market.Tick``, drops and counts malformed messages).
+- ``feed.frames``: :class:`FrameNormalizer` (Backpack frames -> messages; drops per reason).
+- ``feed.backpack``: :class:`BackpackClient` (WebSocket, resubscribes, jittered backoff).
+- ``feed.sim`` / ``feed.replay``: :class:`SimSource` (seeded random walk) and
+  :class:`ReplaySource` (jsonl of Backpack frames).
+- ``feed.source``: ``parse_source``/``make_source`` (FEED_SOURCE) and
+  ``async run_source(settings, stop, bootstrap=...)`` (source -> Kafka until ``stop`` is set).
+- ``feed.producer``: :class:`MarketDataProducer` (aiokafka; recreates the topic after a restart).
+- ``feed.broker``: :class:`EmbeddedBroker` (Tansu; start/stop/restart, context manager),
+  ``async ensure_topic(bootstrap, partitions)``, ``free_port()``.
+- ``feed.conflation``: :class:`BatchConflator` and :class:`ShardFanout`, the Ray-free logic of
+  the feed actor (``cluster.feed_actor``).
+- ``feed.service``: ``run_feed_service(settings)`` behind ``shardex feed``.
+
+Nothing here imports Ray.
+"""
