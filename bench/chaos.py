@@ -105,6 +105,8 @@ class ChaosRun:
         self.kills: Counter[str] = Counter()
         self.recovery_s: list[float] = []
         self.timings: dict[str, float] = {}
+        self.feed_resume_s: list[float] = []
+        self._feed_kills_us: list[int] = []
         self._stop = threading.Event()  # ticker
         self._clients_stop = threading.Event()
         self._broker: Any = None
@@ -153,6 +155,7 @@ class ChaosRun:
         pid = self._actor_pid(handle)
         started = time.monotonic()
         os.kill(pid, signal.SIGKILL)
+        killed_us = time.time_ns() // 1000
         self.kills[name if name in (LEDGER, FEED) else "shard"] += 1
         # wait for Ray's restart and the recovery to finish before the next kill
         while time.monotonic() - started < 60.0:
@@ -163,6 +166,23 @@ class ChaosRun:
                     break
             time.sleep(0.05)
         self.recovery_s.append(time.monotonic() - started)
+        if name == FEED:  # the price watcher times how long until prices are fresh again
+            self._feed_kills_us.append(killed_us)
+
+    def _wait_fresh_prices(self, since_us: int, timeout_s: float = 60.0) -> float:
+        """Seconds until /prices shows a tick newer than ``since_us`` for every asset."""
+        from datetime import datetime
+
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            with contextlib.suppress(*RETRYABLE, ValueError, KeyError):
+                prices = httpx.get(self.url + "/api/v1/prices", timeout=5.0).json()
+                ts = [datetime.fromisoformat(prices[a]["ts"].replace("Z", "+00:00"))
+                      for a in self.config.assets]
+                if all(t.timestamp() * 1e6 >= since_us for t in ts):
+                    return time.monotonic() - started
+            time.sleep(0.1)
+        raise TimeoutError(f"no fresh prices within {timeout_s} s")
 
     def _kill_whole_platform(self) -> None:
         """SIGKILL every process of the Ray session at once, then start again."""
@@ -190,6 +210,8 @@ class ChaosRun:
         self._start_platform()
         self.recovery_s.append(time.monotonic() - started)
         self.timings["platform_restart_s"] = time.monotonic() - started
+        self._wait_fresh_prices(time.time_ns() // 1000)
+        self.timings["platform_restart_to_fresh_prices_s"] = time.monotonic() - started
 
     # ------------------------------------------------------------------ traffic
     async def _ticker(self) -> None:
@@ -219,6 +241,24 @@ class ChaosRun:
                 await asyncio.sleep(0.05)
         finally:
             await producer.stop()
+
+    async def _price_watcher(self) -> None:
+        """Time from each feed kill to the first prices newer than it for every asset."""
+        from datetime import datetime
+
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            while not self._stop.is_set():
+                await asyncio.sleep(0.1)
+                if not self._feed_kills_us:
+                    continue
+                with contextlib.suppress(*RETRYABLE, ValueError, KeyError):
+                    prices = (await http.get(self.url + "/api/v1/prices")).json()
+                    oldest_us = min(
+                        datetime.fromisoformat(prices[a]["ts"].replace("Z", "+00:00"))
+                        .timestamp() * 1e6 for a in self.config.assets)
+                    now_us = time.time_ns() // 1000
+                    while self._feed_kills_us and self._feed_kills_us[0] <= oldest_us:
+                        self.feed_resume_s.append((now_us - self._feed_kills_us.pop(0)) / 1e6)
 
     async def _request(self, http: httpx.AsyncClient, method: str, path: str,
                        **kwargs: Any) -> httpx.Response | None:
@@ -258,13 +298,18 @@ class ChaosRun:
                     await self._close(http, book, rng.choice(sorted(book.open_ids)))
                 await asyncio.sleep(rng.uniform(0.01, 0.05))
 
-    async def _drain(self) -> None:
+    async def _drain(self, timeout_s: float = 45.0) -> None:
+        deadline = time.monotonic() + timeout_s
         async with httpx.AsyncClient(timeout=10.0) as http:
-            for book in self.books:
-                for coid, body in sorted(book.unknown_opens.items()):
-                    await self._open(http, book, coid, body)
-                for pid in sorted(book.unknown_closes):
-                    await self._close(http, book, pid)
+            while time.monotonic() < deadline:
+                for book in self.books:
+                    for coid, body in sorted(book.unknown_opens.items()):
+                        await self._open(http, book, coid, body)
+                    for pid in sorted(book.unknown_closes):
+                        await self._close(http, book, pid)
+                if not any(b.unknown_opens or b.unknown_closes for b in self.books):
+                    return
+                await asyncio.sleep(1.0)
 
     async def _open(self, http: httpx.AsyncClient, book: ClientBook, coid: str,
                     body: dict[str, Any]) -> None:
@@ -273,6 +318,7 @@ class ChaosRun:
         if r is None or r.status_code >= 500:
             book.unknown_opens[coid] = body
             self.counters["opens_unanswered"] += 1
+            self.counters[f"open_{_status(r)}"] += 1
             return
         book.unknown_opens.pop(coid, None)
         if r.status_code != 201:
@@ -296,6 +342,7 @@ class ChaosRun:
         if r is None or r.status_code >= 500:
             book.unknown_closes.add(pid)
             self.counters["closes_unanswered"] += 1
+            self.counters[f"close_{_status(r)}"] += 1
             return
         book.unknown_closes.discard(pid)
         book.open_ids.discard(pid)
@@ -398,6 +445,8 @@ class ChaosRun:
             self._start_platform()
             self._thread.start()
             self._tasks.append(asyncio.run_coroutine_threadsafe(self._ticker(), self._loop))
+            self._tasks.append(asyncio.run_coroutine_threadsafe(self._price_watcher(),
+                                                                self._loop))
             for i, book in enumerate(self.books):
                 self._tasks.append(asyncio.run_coroutine_threadsafe(
                     self._client(book, self.config.seed * 1000 + i), self._loop))
@@ -411,13 +460,16 @@ class ChaosRun:
                 time.sleep(self.config.interval_s)
             time.sleep(self.config.settle_s)
             self._clients_stop.set()
-            for task in self._tasks[1:]:
+            for task in self._tasks[2:]:
                 task.result(timeout=30.0)
-            # every request that got no answer is retried once more with its clientOrderId:
-            # one that was executed must answer with its first result
+            # every request that got no answer is retried with its clientOrderId until it gets
+            # one (once prices are fresh): one that was executed must answer its first result
+            self.timings["final_wait_for_fresh_prices_s"] = self._wait_fresh_prices(
+                time.time_ns() // 1000, timeout_s=90.0)
             asyncio.run_coroutine_threadsafe(self._drain(), self._loop).result(timeout=120.0)
             self._stop.set()
-            self._tasks[0].result(timeout=30.0)
+            for task in self._tasks[:2]:
+                task.result(timeout=30.0)
             time.sleep(1.0)  # ticks in flight reach the shards, outboxes reach the ledger
             report = self._check()
             report.update({
@@ -434,6 +486,9 @@ class ChaosRun:
                 "released_at_start_micros": self.counters["released_at_start_micros"],
                 "open_replays_acked": self.counters["open_replays_acked"],
                 "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
+                "feed_resume_s_max": round(max(self.feed_resume_s, default=0.0), 2),
+                "answers": {k: v for k, v in sorted(self.counters.items())
+                            if k.startswith(("open_", "close_"))},
                 "duration_s": round(time.monotonic() - started, 1),
             })
             return report
@@ -449,6 +504,17 @@ class ChaosRun:
                 self.platform.stop()
             if self._broker is not None:
                 self._broker.stop()
+
+
+def _status(r: httpx.Response | None) -> str:
+    """``"503_PRICE_UNAVAILABLE"``-style label of an answer (``"transport"`` for none)."""
+    if r is None:
+        return "transport"
+    try:
+        code = r.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        code = "?"
+    return f"{r.status_code}_{code}"
 
 
 def _descendants(pid: int) -> set[int]:
@@ -499,6 +565,8 @@ def main(argv: list[str]) -> int:
             ("  by target", report["kills_by_target"]),
             ("recovery after a kill, mean / max s",
              f"{report['recovery_s_mean']} / {report['recovery_s_max']}"),
+            ("fresh prices after a feed kill, max s", report["feed_resume_s_max"]),
+            ("timings s", report["timings_s"]),
             ("opens acknowledged", report["opens_acked"]),
             ("manual closes acknowledged", report["closes_acked"]),
             ("closes in history (all reasons)", report["history_closes"]),

@@ -121,6 +121,7 @@ class JournalStore:
         self._writer_error: BaseException | None = None
         self.snapshots_written = 0
         self.recovered: Recovered[Any] | None = None
+        self.recovery_s = 0.0  # how long recover() took
 
     # ----------------------------------------------------------------- recovery
     def recover(self, restore: Callable[[Snapshot | None], S],
@@ -134,8 +135,10 @@ class JournalStore:
                 apply(state, event)
             self._events_since_snapshot += len(events)
 
+        started = time.perf_counter()
         recovered = recover(self.journal, self.snapshot_dir, restore, apply_batch,
                             decode=decode_batch)
+        self.recovery_s = time.perf_counter() - started
         self._snapshot_seq = recovered.snapshot_seq
         self.recovered = recovered
         return recovered

@@ -360,6 +360,7 @@ class Pair:
         self.shard = open_shard(root / "shard", snapshot_every_records=5)
         self.users = [self.ledger.create_account().user for _ in range(3)]
         self.rid = 0
+        self.opened: list[tuple[ShardOpen, OpenPosition | Rejected]] = []
         self.ts = NOW
 
     def restart(self, which: str) -> None:
@@ -386,14 +387,18 @@ class Pair:
             if self.ledger.lock_margins([MarginLock(user, margin * USD)]) != [None]:
                 return
             self.rid += 1
-            [result] = self.shard.open_many([shard_open(self.rid, user, side, margin, leverage)],
-                                            self.ts)
+            request = shard_open(self.rid, user, side, margin, leverage)
+            [result] = self.shard.open_many([request], self.ts)
             if isinstance(result, Rejected):
                 self.ledger.release_margins([(user, margin * USD)])
+            else:
+                self.opened.append((request, result))
         elif kind in ("close", "resend"):
             ids = self.shard.book.ids().tolist()
-            if kind == "resend" and self.rid:
-                self.shard.open_many([shard_open(max(1, self.rid - op[1]))], self.ts)
+            if kind == "resend" and self.opened:
+                # the answer to an open was lost: the resend gets the first answer again
+                request, first = self.opened[-1 - op[1] % len(self.opened)]
+                assert self.shard.open_many([request], self.ts) == [first]
             elif ids:
                 pid = ids[op[1] % len(ids)]
                 owner = self.shard.book.get(pid).owner  # type: ignore[union-attr]
@@ -406,7 +411,7 @@ class Pair:
             self.restart(op[1])
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(OPS)
 def test_any_sequence_with_crashes_keeps_exactly_the_acknowledged_state(
         ops: list[tuple[Any, ...]]) -> None:
