@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ticks", type=int, default=30, help="liquidating ticks to time")
     parser.add_argument("--closes-per-tick", type=int, default=300,
                         help="positions each liquidating tick closes (over all shards)")
+    parser.add_argument("--proxy", action="store_true",
+                        help="serve through Serve's proxy instead of direct ingress (comparison)")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     parser.add_argument("--serve-baseline", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -338,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     serve_results: dict[int, LoadResult] = {}
     sweep: dict[str, Any] = {}
     t0 = time.perf_counter()
-    platform = Platform(settings, with_feed=True, bootstrap=broker.bootstrap)
+    platform = Platform(settings, with_feed=True, bootstrap=broker.bootstrap,
+                        direct_ingress=not args.proxy)
     try:
         platform.start()
         startup_s = time.perf_counter() - t0
@@ -364,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"platform start: {startup_s:.1f} s; one op = one HTTP request (open or close)")
     print(f"{'path':<28}{'conc':>6}{'ops/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
-    for name, results in (("ray serve (direct ingress)", serve_results),
+    serve_path = "proxy" if args.proxy else "direct ingress"
+    for name, results in ((f"ray serve ({serve_path})", serve_results),
                           ("baseline uvicorn, no ray", base_results)):
         for c in levels:
             r = results[c]
@@ -379,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "bench": "api",
         "concurrency": top,
+        "serve_path": serve_path,
         "serve_ops_per_s": round(s.ops_per_s, 1),
         "serve_p50_ms": round(s.percentile_ms(50), 2),
         "serve_p99_ms": round(s.percentile_ms(99), 2),

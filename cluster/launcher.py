@@ -68,6 +68,7 @@ class Platform:
     namespace: str = NAMESPACE
     ray_init: dict[str, Any] = field(default_factory=dict)
     topic: str = MARKET_TOPIC
+    direct_ingress: bool = True  # False: Serve's proxy on the port (measured ~4.8x slower)
 
     url: str = ""
     layout: tuple[ShardSpec, ...] = ()
@@ -111,7 +112,7 @@ class Platform:
         assert self.bootstrap is not None
         asyncio.run(self._ensure_topic(self.bootstrap))
 
-        env = export_serve_env(settings.port)
+        env = export_serve_env(settings.port) if self.direct_ingress else {}
         if ray.is_initialized():
             log.info("using the Ray this process is already connected to")
         elif settings.ray_address:
@@ -134,6 +135,7 @@ class Platform:
         self._start_actors()
         self._serve_started = True
         self.url = deploy_api(settings, self.bootstrap, namespace=self.namespace, host=self.host,
+                              direct_ingress=self.direct_ingress,
                               timeout_s=READY_TIMEOUT_S)
         if source is not None:
             self._start_feed_thread(source)

@@ -4,13 +4,14 @@ The deployment is a FastAPI ingress around ``cluster.api.create_app(service)``; 
 ``TradingService`` is built inside the replica from Ray ports over the named ledger and shard
 actors, so the replica holds no trading state and can be restarted at any time.
 
-Fast path (measured on 2 cores; see ``bench/api.py`` and the README): Serve's proxy adds an
-extra process hop and a handle call per request (~260 req/s at concurrency 64 for a handler
-that calls two actors). With ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` the ingress replica runs its
-own HTTP server ("direct ingress") on a port the controller hands out from
-``[RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT)`` (half-open);
-setting that range to ``[port, port + 1)`` makes the replica itself listen on the public port
-(~700 req/s for the same handler, p99 ~145 ms at 64). These variables are read at import time
+Fast path (measured on 2 cores, ``shardex bench api`` and a two-actor probe): Serve's proxy
+adds a process hop and a handle call per request: the real API did 251 open/close req/s at
+concurrency 64 (p99 376 ms) through the proxy, a handler calling two actors ~260 req/s. With
+``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` the ingress replica runs its own HTTP server ("direct
+ingress") on a port the controller hands out from ``[RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT,
+RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT)`` (half-open); setting that range to ``[port, port + 1)``
+makes the replica itself listen on the public port: 1,207 req/s at 64 (p99 95 ms) for the API,
+~700 req/s for the two-actor handler. These variables are read at import time
 by the Serve controller and by the replica, so they must be in those processes' environment:
 ``serve_env(port)`` is exported before ``ray.init`` (a local Ray's workers inherit it) and passed
 as ``runtime_env`` to the job, the controller and the deployment (so it also holds when joining
@@ -115,24 +116,30 @@ def _pin_to_this_node() -> dict[str, Any]:
 
 def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE,
                host: str = "127.0.0.1", extra_env: Mapping[str, str] | None = None,
-               timeout_s: float = 120.0) -> str:
+               timeout_s: float = 120.0, direct_ingress: bool = True) -> str:
     """Start Serve and deploy the API so the replica answers ``host:settings.port``.
 
     Requires a connected Ray driver whose job runtime_env carries ``serve_env`` (see
     ``cluster.launcher``). Returns the URL. Idempotent for an already running app.
+    ``direct_ingress=False`` deploys the classic way instead (Serve's proxy on the port, the
+    replica behind it; for comparison, and for a driver without ``serve_env``).
     """
     from feed.broker import free_port
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one banner, no Serve chatter
-    env = {**serve_env(settings.port), **(extra_env or {})}
+    env = {**serve_env(settings.port), **(extra_env or {})} if direct_ingress else {}
     logging_config = {"enable_access_log": False, "log_level": "WARNING"}
+    # with direct ingress the head's proxy is unused: park it on a spare port
+    proxy_port = free_port(host) if direct_ingress else settings.port
     serve.start(
-        http_options={"host": host, "port": free_port(host)},  # the (unused) head proxy
+        http_options={"host": host, "port": proxy_port},
         proxy_location="HeadOnly",
         logging_config=logging_config,
-        controller_options={"runtime_env": {"env_vars": env}},
+        controller_options={"runtime_env": {"env_vars": env}} if env else None,
     )
-    options: dict[str, Any] = {"num_cpus": 0, "runtime_env": {"env_vars": env}}
+    options: dict[str, Any] = {"num_cpus": 0}
+    if env:
+        options["runtime_env"] = {"env_vars": env}
     options.update(_pin_to_this_node())
     deployment: Any = ApiIngress  # a serve.Deployment once decorated
     app = deployment.options(ray_actor_options=options, logging_config=logging_config).bind(
