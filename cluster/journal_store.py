@@ -125,14 +125,20 @@ class JournalStore:
 
     # ----------------------------------------------------------------- recovery
     def recover(self, restore: Callable[[Snapshot | None], S],
-                apply: Callable[[S, Any], object]) -> Recovered[S]:
+                apply: Callable[[S, Any], object],
+                apply_many: Callable[[S, list[Event]], object] | None = None) -> Recovered[S]:
         """Rebuild the state (engine.recovery.recover); call once, before serving anything.
 
-        ``apply(state, event)`` is called for every event of every batch after the snapshot.
+        ``apply(state, event)`` is called for every event of every batch after the snapshot,
+        or ``apply_many(state, events)`` once per batch when given (a state that can replay
+        runs of events vectorised).
         """
         def apply_batch(state: S, events: list[Event]) -> None:
-            for event in events:
-                apply(state, event)
+            if apply_many is not None:
+                apply_many(state, events)
+            else:
+                for event in events:
+                    apply(state, event)
             self._events_since_snapshot += len(events)
 
         started = time.perf_counter()

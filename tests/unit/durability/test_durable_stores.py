@@ -297,6 +297,29 @@ def test_shard_batches_survive_a_crash_at_every_byte(tmp_path: Path) -> None:
     crash(sh)
 
 
+def test_big_open_batches_replay_vectorised_to_the_same_ids_rows_and_answers(
+        tmp_path: Path) -> None:
+    sh = open_shard(tmp_path, snapshot_every_records=10**9)
+    sh.apply_ticks([tick(10_000)], NOW)
+    first = sh.open_many([shard_open(i, owner=i % 7, side=Side(i % 2), leverage=1 + i % 40,
+                                     tp=10_600 if i % 5 == 0 else None)
+                          for i in range(1, 301)], NOW)
+    # free some rows in the middle so the next batch reuses them before fresh rows
+    ids = [p.position_id for p in first if isinstance(p, OpenPosition)]
+    sh.close_many([ShardClose(sh.book.get(i).owner, i, None, 100)  # type: ignore[union-attr]
+                   for i in ids[50:120]], NOW)
+    sh.apply_ticks([tick(10_050, ts_us=NOW + 1)], NOW + 1)
+    second = sh.open_many([shard_open(1000 + i, owner=i % 3) for i in range(200)], NOW + 1)
+    want = shard_state(sh)
+    crash(sh)
+    again = open_shard(tmp_path)
+    assert shard_state(again) == want
+    assert again.open_many([shard_open(i) for i in (1, 2, 1000, 1199)], NOW + 1) == \
+        [first[0], first[1], second[0], second[199]]
+    assert again.book.check() == []
+    crash(again)
+
+
 def test_open_answers_and_fences_survive_restarts_and_snapshots(tmp_path: Path) -> None:
     sh = open_shard(tmp_path, snapshot_every_records=2)
     sh.apply_ticks([tick(10_000)], NOW)

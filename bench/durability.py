@@ -1,0 +1,218 @@
+"""``shardex bench durability``: what journaling costs, and how fast a big shard comes back.
+
+1. API throughput, journaling off versus on, in the same run: the whole platform (local Ray,
+   its own embedded broker, sim prices, Serve on a free port) is started once with in-memory
+   actors (cluster.launcher.Platform) and once with journaled ones
+   (cluster.durable_platform.DurablePlatform: every acknowledged change fdatasync'ed under
+   DATA_DIR before the answer), and driven by the same closed loop of HTTP opens and closes
+   (bench.api.drive: each worker alternates open and close on its own account). One op = one
+   acknowledged HTTP request.
+2. Journal bytes per op: the bytes the durable run's journals grew by (ledger and shards,
+   including the tick records of the sim feed) divided by the operations they acknowledged
+   (accounts, opens, closes, as counted by the ledger and the shards).
+3. Recovery of a shard holding 1,000,000 positions after kill -9: a journaled shard actor is
+   filled through its own batched ``open_many`` (so every position is journaled and snapshots
+   are taken on their normal cadence), its process is SIGKILLed, and Ray restarts it. Reported:
+   the time from the kill until the actor answers again with all positions, and the part of it
+   spent rebuilding the state (newest snapshot + journal tail) inside the new process.
+
+Prints a table, then one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.api import HOST, drive_all
+from bench.http_load import LoadResult
+from cluster.config import Settings
+from cluster.launcher import Platform
+
+ONE_MILLION = 1_000_000
+
+
+def _free_port() -> int:
+    from feed.broker import free_port
+
+    return free_port(HOST)
+
+
+def _journal_bytes(data_dir: Path) -> int:
+    return sum(p.stat().st_size for p in data_dir.glob("*/journal/*.wal"))
+
+
+# ---------------------------------------------------------------------- 1 + 2: the API
+def api_phase(durable: bool, bootstrap: str, concurrency: int,
+              duration_s: float) -> dict[str, Any]:
+    """Start the platform (journaled or not), drive it, stop it; returns the figures."""
+    import ray
+
+    from cluster.durable_platform import DurablePlatform
+
+    data_dir = Path(tempfile.mkdtemp(prefix="shardex-bench-durability-"))
+    settings = dataclasses.replace(Settings.from_env(), port=_free_port(), feed_source="sim",
+                                   data_dir=data_dir, kafka_brokers=bootstrap, ray_address=None)
+    assets = [a.name for a in settings.assets.assets]
+    cls = DurablePlatform if durable else Platform
+    platform = cls(settings, with_feed=True, bootstrap=bootstrap,
+                   ray_init={"address": "local", "num_cpus": 2})
+    try:
+        platform.start()
+        results = asyncio.run(drive_all(settings.port, [concurrency], duration_s, assets))
+        result: LoadResult = results[concurrency]
+        stats = ray.get([h.stats.remote() for h in platform.shards.values()], timeout=60)
+        totals = ray.get(platform.ledger.totals.remote(), timeout=60)
+        ops = int(totals["users"]) + sum(s.opens + s.closes_manual for s in stats)
+        journal = _journal_bytes(data_dir) if durable else 0
+    finally:
+        platform.stop()
+    return {"ops_per_s": result.ops_per_s, "p50_ms": result.percentile_ms(50),
+            "p99_ms": result.percentile_ms(99), "errors": result.errors, "ops_total": ops,
+            "journal_bytes": journal, "data_dir": str(data_dir)}
+
+
+# ---------------------------------------------------------------------- 3: recovery
+def _fill_shard(actor: Any, positions: int, batch: int) -> dict[str, Any]:
+    """Runs inside the shard actor (``__ray_call__``): open ``positions`` positions through the
+    journaled ``open_many`` in batches of ``batch`` requests (one commit per batch)."""
+    from cluster.messages import ShardOpen
+    from engine.market import Tick
+    from engine.orders import Side
+
+    core = actor.core
+    asset = core.asset
+    bid = asset.price_to_ticks("100.00")
+    now_us = time.time_ns() // 1000
+    core.apply_ticks([Tick(asset.name, bid, bid + 1, now_us, 1, "bench")], now_us)
+    started = time.perf_counter()
+    rid = 0
+    while rid < positions:
+        requests = []
+        for _ in range(min(batch, positions - rid)):
+            rid += 1
+            # leverage 1..50 on both sides: entries, quantities and trigger levels all differ
+            requests.append(ShardOpen(rid, rid % 10_000, Side(rid & 1), (10 + rid % 90) * 10**6,
+                                      1 + rid % 50, None, None, None, 100))
+        core.open_many(requests, now_us)
+    return {"positions": len(core.book), "fill_s": time.perf_counter() - started,
+            "journal_bytes": core.journal_bytes(),
+            "snapshots_written": core.store.snapshots_written}
+
+
+def _recovery_info(actor: Any) -> dict[str, Any]:
+    core = actor.core
+    rec = core.store.recovered
+    return {"positions": len(core.book), "recovery_s": core.store.recovery_s,
+            "snapshot_seq": rec.snapshot_seq, "replayed_records": rec.replayed,
+            "pid": os.getpid()}
+
+
+def recovery_phase(positions: int) -> dict[str, Any]:
+    """Fill a journaled shard actor, kill -9 it, time Ray's restart plus its recovery."""
+    import ray
+
+    from cluster.placement import shard_layout
+    from cluster.shard_actor import ShardActor
+
+    settings = Settings.from_env()
+    spec = shard_layout(settings)[0]
+    data_dir = Path(tempfile.mkdtemp(prefix="shardex-bench-recovery-"))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING, _node_ip_address=HOST)
+    try:
+        actor = ShardActor.options(max_restarts=-1, max_task_retries=0).remote(  # type: ignore[attr-defined]
+            spec, settings.assets[spec.asset], settings.maintenance_margin_ppm, 10**15, None,
+            str(data_dir))
+        filled = ray.get(actor.__ray_call__.remote(_fill_shard, positions, 10_000))
+        info = ray._private.state.actors(actor._actor_id.hex())
+        pid = int(info["Pid"])
+        killed = time.perf_counter()
+        os.kill(pid, signal.SIGKILL)
+        while True:
+            try:
+                after = ray.get(actor.__ray_call__.remote(_recovery_info), timeout=60)
+                if after["pid"] != pid:
+                    break
+            except ray.exceptions.RayError:
+                time.sleep(0.01)
+        ready_s = time.perf_counter() - killed
+    finally:
+        ray.shutdown()
+    return {**filled, "kill_to_ready_s": ready_s, "rebuild_s": after["recovery_s"],
+            "recovered_positions": after["positions"], "snapshot_seq": after["snapshot_seq"],
+            "replayed_records": after["replayed_records"], "data_dir": str(data_dir)}
+
+
+# ---------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shardex bench durability", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration-s", type=float, default=8.0, help="load per API phase")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--positions", type=int, default=ONE_MILLION,
+                        help="positions in the shard killed for the recovery figure")
+    parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
+    args = parser.parse_args(argv)
+
+    from feed.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(HOST, _free_port()).start()
+    try:
+        memory = api_phase(False, broker.bootstrap, args.concurrency, args.duration_s)
+        durable = api_phase(True, broker.bootstrap, args.concurrency, args.duration_s)
+    finally:
+        broker.stop()
+    recovery = recovery_phase(args.positions)
+
+    ratio = durable["ops_per_s"] / memory["ops_per_s"] if memory["ops_per_s"] else 0.0
+    bytes_per_op = durable["journal_bytes"] / max(1, durable["ops_total"])
+    print(f"HTTP open/close closed loop at concurrency {args.concurrency}, "
+          f"{args.duration_s:g} s each; one op = one acknowledged request")
+    print(f"{'actors':<34}{'ops/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    for name, r in (("in memory (no journal)", memory),
+                    ("journaled (fdatasync per batch)", durable)):
+        print(f"{name:<34}{r['ops_per_s']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
+              f"{r['errors']:>8}")
+    print(f"durable / in-memory throughput: {ratio:.2f} (target >= 0.70)")
+    print(f"journal bytes per op: {bytes_per_op:.0f} ({durable['journal_bytes']:,} bytes for "
+          f"{durable['ops_total']:,} ops incl. the sim feed's tick records)")
+    print(f"shard with {recovery['positions']:,} positions: filled in "
+          f"{recovery['fill_s']:.1f} s ({recovery['journal_bytes'] / 1e6:.0f} MB of journal, "
+          f"{recovery['snapshots_written']} snapshots); after kill -9 answering again in "
+          f"{recovery['kill_to_ready_s']:.2f} s (target <= 3), of which rebuilding the state "
+          f"{recovery['rebuild_s']:.2f} s (snapshot at record {recovery['snapshot_seq']:,} + "
+          f"{recovery['replayed_records']:,} journal records); "
+          f"{recovery['recovered_positions']:,} positions recovered")
+    out = {
+        "bench": "durability",
+        "concurrency": args.concurrency,
+        "acked_ops_per_s_durable": round(durable["ops_per_s"], 1),
+        "acked_ops_per_s_memory": round(memory["ops_per_s"], 1),
+        "durable_over_memory": round(ratio, 3),
+        "p50_ms_durable": round(durable["p50_ms"], 2),
+        "p50_ms_memory": round(memory["p50_ms"], 2),
+        "journal_bytes_per_op": round(bytes_per_op, 1),
+        "recovery_s_1m_positions": round(recovery["kill_to_ready_s"], 3),
+        "recovery_rebuild_s": round(recovery["rebuild_s"], 3),
+        "recovered_positions": recovery["recovered_positions"],
+        "recovery_replayed_records": recovery["replayed_records"],
+        "errors": memory["errors"] + durable["errors"],
+    }
+    print(json.dumps(out))
+    return 0 if recovery["recovered_positions"] == recovery["positions"] else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
