@@ -126,14 +126,16 @@ class JournalStore:
     # ----------------------------------------------------------------- recovery
     def recover(self, restore: Callable[[Snapshot | None], S],
                 apply: Callable[[S, Any], object],
-                apply_many: Callable[[S, list[Event]], object] | None = None) -> Recovered[S]:
+                apply_many: Callable[[S, list[Any]], object] | None = None,
+                decode: Callable[[bytes], list[Any]] = decode_batch) -> Recovered[S]:
         """Rebuild the state (engine.recovery.recover); call once, before serving anything.
 
         ``apply(state, event)`` is called for every event of every batch after the snapshot,
-        or ``apply_many(state, events)`` once per batch when given (a state that can replay
-        runs of events vectorised).
+        or ``apply_many(state, items)`` once per batch when given, with the batch as
+        ``decode(payload)`` returns it (a state that replays runs of events vectorised can
+        decode them into arrays).
         """
-        def apply_batch(state: S, events: list[Event]) -> None:
+        def apply_batch(state: S, events: list[Any]) -> None:
             if apply_many is not None:
                 apply_many(state, events)
             else:
@@ -143,7 +145,7 @@ class JournalStore:
 
         started = time.perf_counter()
         recovered = recover(self.journal, self.snapshot_dir, restore, apply_batch,
-                            decode=decode_batch)
+                            decode=decode)
         self.recovery_s = time.perf_counter() - started
         self._snapshot_seq = recovered.snapshot_seq
         self.recovered = recovered

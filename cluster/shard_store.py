@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cluster.journal_store import JournalStore
+from cluster.journal_store import BATCH_TAG, JournalStore, decode_batch
 from cluster.messages import (
     ClosedPosition,
     OpenPosition,
@@ -48,7 +49,14 @@ from cluster.placement import ShardSpec
 from cluster.shard_core import _ABANDONED, REMEMBERED_OPENS, ShardCore
 from engine.assets import Asset
 from engine.book import PositionBook
-from engine.events import OpenFenced, PositionClosed, PositionOpened, TickApplied
+from engine.events import (
+    TYPE_CODES,
+    OpenFenced,
+    PositionClosed,
+    PositionOpened,
+    TickApplied,
+)
+from engine.events import decode as decode_event
 from engine.market import Tick
 from engine.orders import CloseReason, OpenPlan, Side
 from engine.results import Rejected
@@ -62,6 +70,53 @@ _OPEN_COLUMNS = 15  # request_id, kind, has_pnl, then the OpenPosition fields bu
 _SIDES = (Side.LONG, Side.SHORT)
 _KIND_OPEN = 1
 _KIND_FENCED = 2
+
+
+# One PositionOpened inside a batch record, byte for byte: the batch's u32 length prefix,
+# then engine.events' layout 0x11 ("<B" + "QQBqqqHqqqqIQ", packed little-endian).
+OPENED_RECORD = np.dtype([
+    ("length", "<u4"), ("type", "u1"), ("position_id", "<u8"), ("owner", "<u8"),
+    ("side", "u1"), ("entry_ticks", "<i8"), ("qty_steps", "<i8"), ("margin_micros", "<i8"),
+    ("leverage", "<u2"), ("liq_ticks", "<i8"), ("tp_ticks", "<i8"), ("sl_ticks", "<i8"),
+    ("opened_ts_us", "<i8"), ("maintenance_margin_ppm", "<u4"), ("request_id", "<u8")])
+_OPENED_TYPE = TYPE_CODES[PositionOpened]
+_OPENED_LENGTH = OPENED_RECORD.itemsize - 4
+MIN_VECTOR_RUN = 64  # shorter runs of opens are decoded and replayed one by one
+_PLAN_FIELDS = ("side", "entry_ticks", "qty_steps", "margin_micros", "leverage", "liq_ticks",
+                "tp_ticks", "sl_ticks", "maintenance_margin_ppm")
+_ANSWER_FIELDS = ("request_id", "position_id", "owner", "side", "entry_ticks", "qty_steps",
+                  "margin_micros", "leverage", "liq_ticks", "tp_ticks", "sl_ticks",
+                  "opened_ts_us")
+_LENGTH = struct.Struct("<I")
+
+
+def decode_shard_batch(payload: bytes) -> list[Any]:
+    """The items of one shard journal record: events, except that a run of at least
+    ``MIN_VECTOR_RUN`` consecutive ``PositionOpened`` comes as one read-only structured array
+    (``OPENED_RECORD``) decoded without a Python object per position."""
+    if not payload or payload[0] != BATCH_TAG:
+        return decode_batch(payload)
+    items: list[Any] = []
+    size = len(payload)
+    pos = 1
+    while pos < size:
+        (n,) = _LENGTH.unpack_from(payload, pos)
+        if n == _OPENED_LENGTH and payload[pos + 4] == _OPENED_TYPE:
+            count = (size - pos) // OPENED_RECORD.itemsize
+            if count >= MIN_VECTOR_RUN:
+                run = np.frombuffer(payload, OPENED_RECORD, count=count, offset=pos)
+                ok = (run["length"] == _OPENED_LENGTH) & (run["type"] == _OPENED_TYPE)
+                stop = count if ok.all() else int(np.argmin(ok))
+                if stop >= MIN_VECTOR_RUN:
+                    items.append(run[:stop])
+                    pos += stop * OPENED_RECORD.itemsize
+                    continue
+        end = pos + 4 + n
+        if end > size:
+            raise ValueError("batch record shorter than its length fields")
+        items.append(decode_event(payload[pos + 4 : end]))
+        pos = end
+    return items
 
 
 class ShardRecoveryError(RuntimeError):
@@ -82,7 +137,8 @@ class DurableShard(ShardCore):
         self.store = JournalStore(Path(directory), **store_options)
         try:
             self.recovered = self.store.recover(self._restore, DurableShard._apply_event,
-                                                DurableShard._apply_events)
+                                                DurableShard._apply_events,
+                                                decode_shard_batch)
         except BaseException:
             self.store.close()
             raise
@@ -165,55 +221,42 @@ class DurableShard(ShardCore):
         self.ack_outbox(applied_seq)
 
     # ----------------------------------------------------------------- replay
-    def _apply_events(self, events: list[Any]) -> None:
-        """Re-apply one journaled batch: runs of opens go into the book in one vectorised
-        ``open_many`` (the same rows and ids as one open after the other: free rows are
-        reused in the same order), everything else one by one."""
-        run: list[PositionOpened] = []
-        for event in events:
-            if isinstance(event, PositionOpened):
-                run.append(event)
-                continue
-            if run:
-                self._apply_opens(run)
-                run = []
-            self._apply_event(event)
-        if run:
-            self._apply_opens(run)
+    def _apply_events(self, items: list[Any]) -> None:
+        """Re-apply one journaled batch as :func:`decode_shard_batch` returns it: a run of
+        opens (a structured array) goes into the book with one vectorised ``open_many``, which
+        gives the same rows and ids as one open after the other (free rows are reused in the
+        same order); every other event is applied on its own."""
+        for item in items:
+            if isinstance(item, np.ndarray):
+                self._apply_open_run(item)
+            else:
+                self._apply_event(item)
 
-    def _apply_opens(self, run: list[PositionOpened]) -> None:
-        if len(run) < 64:  # not worth the array set-up
-            for event in run:
-                self._apply_event(event)
-            return
-        cols = np.array([e[:12] for e in run], dtype=np.int64)  # every field but request_id
-        plans = {"side": cols[:, 2], "entry_ticks": cols[:, 3], "qty_steps": cols[:, 4],
-                 "margin_micros": cols[:, 5], "leverage": cols[:, 6], "liq_ticks": cols[:, 7],
-                 "tp_ticks": cols[:, 8], "sl_ticks": cols[:, 9],
-                 "maintenance_margin_ppm": cols[:, 11]}
-        ids = self.book.open_many(cols[:, 1], plans, cols[:, 10])
-        if not np.array_equal(ids, cols[:, 0]):
+    def _apply_open_run(self, run: np.ndarray) -> None:
+        plans = {name: run[name].astype(np.int64) for name in _PLAN_FIELDS}
+        ids = self.book.open_many(run["owner"].astype(np.int64), plans,
+                                  run["opened_ts_us"].astype(np.int64))
+        if not np.array_equal(ids, run["position_id"].astype(np.int64)):
             raise ShardRecoveryError("replayed opens got other ids than the journaled ones")
-        self._opens += len(run)
+        self._opens += int(run.size)
         # only the newest REMEMBERED_OPENS answers are kept: build just those
-        keep = [i for i in range(max(0, len(run) - REMEMBERED_OPENS), len(run))
-                if run[i].request_id]
-        if not keep:
+        tail = run[max(0, run.size - REMEMBERED_OPENS):]
+        tail = tail[tail["request_id"] != 0]
+        if not tail.size:
             return
         tick = self.last_tick
         marks: list[int | None]
         if tick is None:
-            marks = [None] * len(keep)
+            marks = [None] * int(tail.size)
         else:
-            marks = self.book.unrealized_pnl_micros(
-                cols[keep, 0], tick.bid_ticks, tick.ask_ticks).tolist()
+            marks = self.book.unrealized_pnl_micros(tail["position_id"].astype(np.int64),
+                                                    tick.bid_ticks, tick.ask_ticks).tolist()
         name = self.asset.name
-        for i, mark in zip(keep, marks, strict=True):
-            e = run[i]
-            self._remember(e.request_id, OpenPosition(
-                e.position_id, e.owner, name, _SIDES[e.side], e.entry_ticks, e.qty_steps,
-                e.margin_micros, e.leverage, e.liq_ticks, e.tp_ticks, e.sl_ticks,
-                e.opened_ts_us, mark))
+        columns = [tail[f].tolist() for f in _ANSWER_FIELDS]
+        for (rid, pid, owner, side, entry, qty, margin, lev, liq, tp, sl, ts), mark in zip(
+                zip(*columns, strict=True), marks, strict=True):
+            self._remember(rid, OpenPosition(pid, owner, name, _SIDES[side], entry, qty,
+                                             margin, lev, liq, tp, sl, ts, mark))
 
     def _apply_event(self, event: Any) -> None:
         """Re-apply one journaled event (recovery only)."""

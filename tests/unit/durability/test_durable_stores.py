@@ -34,9 +34,22 @@ from cluster.messages import (
     ShardOpen,
 )
 from cluster.placement import ShardSpec
-from cluster.shard_store import RECOVERED_TICK_SOURCE, DurableShard
+from cluster.shard_store import (
+    MIN_VECTOR_RUN,
+    RECOVERED_TICK_SOURCE,
+    DurableShard,
+    decode_shard_batch,
+)
 from engine.assets import DEFAULT_ASSETS
-from engine.events import Event, MarginLocked, TickApplied, encode
+from engine.events import (
+    Event,
+    MarginLocked,
+    OpenFenced,
+    PositionClosed,
+    PositionOpened,
+    TickApplied,
+    encode,
+)
 from engine.market import Tick
 from engine.orders import CloseReason, Side
 from engine.results import Code, Rejected
@@ -295,6 +308,29 @@ def test_shard_batches_survive_a_crash_at_every_byte(tmp_path: Path) -> None:
                     shard_state, open_shard)
     assert len(sh.book) == 0 and [i.seq for i in sh.outbox()] == [1, 2]
     crash(sh)
+
+
+def test_shard_batches_decode_runs_of_opens_into_arrays_equal_to_the_events() -> None:
+    opens = [PositionOpened(i << 34 | 3, i, i % 2, 10_000 + i, 5 + i, 10**8, 1 + i % 90,
+                            9_000 - i, 0, 0, NOW + i, 5_000, 2**64 - 1 - i)
+             for i in range(1, 3 * MIN_VECTOR_RUN)]
+    events: list[Event] = [TickApplied(1, 2, 3), *opens[:MIN_VECTOR_RUN - 1],
+                           PositionClosed(7, 3, 9_000, NOW, 1), *opens[MIN_VECTOR_RUN - 1:],
+                           OpenFenced(9)]
+    payload = encode_batch([encode(e) for e in events])
+    items = decode_shard_batch(payload)
+    flat: list[Any] = []
+    for item in items:
+        if isinstance(item, np.ndarray):
+            flat.extend(PositionOpened(*(int(row[f]) for f in PositionOpened._fields))
+                        for row in item)
+        else:
+            flat.append(item)
+    assert flat == decode_batch(payload) == events
+    # the short run stays events, the long one is one array
+    assert [type(i).__name__ for i in items] == \
+        ["TickApplied"] + ["PositionOpened"] * (MIN_VECTOR_RUN - 1) + \
+        ["PositionClosed", "ndarray", "OpenFenced"]
 
 
 def test_big_open_batches_replay_vectorised_to_the_same_ids_rows_and_answers(
