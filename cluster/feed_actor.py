@@ -19,6 +19,13 @@ each partition is re-read so the newest price is delivered at once); ticks older
 than the last one delivered for their asset are dropped as ``stale``. A broker restart (the
 embedded broker forgets every topic) is survived by aiokafka's reconnects plus recreating the
 topic when nothing is assigned; any consumer failure rebuilds the consumer after a backoff.
+Offsets are never committed: every assignment seeks to the newest anyway.
+
+``fetch_max_wait_ms`` stays at 5: Tansu holds an empty fetch that long, and shorter waits
+(2 ms) were measured to cause second-long stalls (p99 1.4-2.3 s in ``shardex bench feed``).
+
+:data:`FeedSource` is the market data source as a Ray actor, for a launcher that wants the
+source inside the cluster rather than in its own process.
 """
 
 from __future__ import annotations
@@ -393,8 +400,60 @@ class FeedActorShell:
         await self.core.stop()
 
 
+class FeedSourceShell:
+    """The market data source (FEED_SOURCE -> Kafka) as a Ray actor; use :data:`FeedSource`.
+
+    ``FeedSource.remote(settings, bootstrap=None, source=None, topic=MARKET_TOPIC)`` (``source``
+    overrides ``settings.feed_source``, e.g. ``"sim?rate=50"``). Methods: ``start()`` (returns
+    at once, publishing runs in the background), ``stats() -> dict``, ``stop() -> dict`` (the
+    final counters).
+    The launcher may as well run ``feed.source.run_source`` in its own process instead.
+    """
+
+    def __init__(self, settings: Settings, bootstrap: str | None = None,
+                 source: str | None = None, *, topic: str = MARKET_TOPIC,
+                 nice: int | None = 0) -> None:
+        from feed.source import make_source
+
+        if nice is not None:
+            _renice(nice)
+        self.settings = settings
+        self.bootstrap = bootstrap or settings.bootstrap_servers
+        self.source = make_source(settings, source)
+        self.topic = topic
+        self._stop: asyncio.Event | None = None
+        self._task: asyncio.Task[dict[str, Any]] | None = None
+
+    async def start(self) -> None:
+        from feed.source import run_source
+
+        if self._task is None or self._task.done():
+            self._stop = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(
+                run_source(self.settings, self._stop, bootstrap=self.bootstrap,
+                           topic=self.topic, source=self.source))
+
+    async def stats(self) -> dict[str, Any]:
+        running = self._task is not None and not self._task.done()
+        return {"running": running, "bootstrap": self.bootstrap,
+                "source": self.source.name if self.source is not None else "none",
+                "source_stats": self.source.stats() if self.source is not None else None}
+
+    async def stop(self) -> dict[str, Any]:
+        task, self._task = self._task, None
+        if task is None:
+            return {}
+        if self._stop is not None:
+            self._stop.set()
+        try:
+            return await asyncio.wait_for(task, 15.0)
+        except TimeoutError:
+            return {"error": "source did not stop within 15 s"}
+
+
 # The Ray actor class (``FeedActor.remote(...)``, ``FeedActor.options(name=...)``). It asks for
 # no CPU slot: it is I/O bound and must not take one of the shards' slots on a small machine.
 # Typed Any because Ray's decorator typing does not model actor classes with options.
 _ray_remote: Any = ray.remote
 FeedActor: Any = _ray_remote(num_cpus=0)(FeedActorShell)
+FeedSource: Any = _ray_remote(num_cpus=0)(FeedSourceShell)

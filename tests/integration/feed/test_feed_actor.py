@@ -13,7 +13,7 @@ import ray
 from feed_recording_shard import RecordingShard
 
 from cluster.config import Settings
-from cluster.feed_actor import FeedActor
+from cluster.feed_actor import FeedActor, FeedSource
 from engine.assets import DEFAULT_ASSETS
 from engine.market import Tick
 from feed.broker import EmbeddedBroker, free_port
@@ -186,3 +186,35 @@ async def test_survives_a_broker_restart(ray_local: None) -> None:
         ray.kill(feed)
     finally:
         broker.stop()
+
+
+async def test_source_actor_feeds_the_feed_actor(kafka_broker: str, ray_local: None) -> None:
+    ns = f"src-{uuid.uuid4().hex[:8]}"
+    settings = Settings(assets=DEFAULT_ASSETS.subset(["SOL", "ETH"]), kafka_brokers=kafka_broker)
+    shards = {a: RecordingShard.options(name=f"shard-{a}-0", namespace=ns).remote()
+              for a in ("SOL", "ETH")}
+    topic = f"md-{ns}"
+    feed = FeedActor.remote(settings, namespace=ns, topic=topic, group_id=ns)
+    assert await feed.start.remote(30)
+    source = FeedSource.remote(settings, source="sim?rate=40&seed=3", topic=topic)
+    await source.start.remote()
+    stats = await source.stats.remote()
+    assert stats["running"] and stats["source"] == "sim"
+
+    async def both_ticked() -> bool:
+        for shard in shards.values():
+            got = await ticks_of(shard)
+            if len(got) < 3 or {t.source for t in got} != {"sim"}:
+                return False
+        return True
+
+    await wait_for(both_ticked, what="sim ticks from the source actor at both shards")
+    assert "sim" in {p["source"] for p in (await feed.prices.remote()).values()}
+    result = await source.stop.remote()
+    assert result["published"] > 0 and result["source"] == "sim"
+    assert not (await source.stats.remote())["running"]
+    await feed.stop.remote()
+    for shard in shards.values():
+        ray.kill(shard)
+    ray.kill(feed)
+    ray.kill(source)
