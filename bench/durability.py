@@ -113,12 +113,14 @@ def _recovery_info(actor: Any) -> dict[str, Any]:
     core = actor.core
     rec = core.store.recovered
     return {"positions": len(core.book), "recovery_s": core.store.recovery_s,
+            "opened_at_s": core.store.opened_at_s,
             "snapshot_seq": rec.snapshot_seq, "replayed_records": rec.replayed,
             "pid": os.getpid()}
 
 
-def recovery_phase(positions: int) -> dict[str, Any]:
-    """Fill a journaled shard actor, kill -9 it, time Ray's restart plus its recovery."""
+def recovery_phase(positions: int, kills: int = 3) -> dict[str, Any]:
+    """Fill a journaled shard actor, kill -9 it ``kills`` times (each after the previous
+    recovery), time Ray's restart plus its recovery; reports the median kill."""
     import ray
 
     from cluster.placement import shard_layout
@@ -134,22 +136,30 @@ def recovery_phase(positions: int) -> dict[str, Any]:
             spec, settings.assets[spec.asset], settings.maintenance_margin_ppm, 10**15, None,
             str(data_dir))
         filled = ray.get(actor.__ray_call__.remote(_fill_shard, positions, 10_000))
-        info = ray._private.state.actors(actor._actor_id.hex())
-        pid = int(info["Pid"])
-        killed = time.perf_counter()
-        os.kill(pid, signal.SIGKILL)
-        while True:
-            try:
-                after = ray.get(actor.__ray_call__.remote(_recovery_info), timeout=60)
-                if after["pid"] != pid:
-                    break
-            except ray.exceptions.RayError:
-                time.sleep(0.01)
-        ready_s = time.perf_counter() - killed
+        samples: list[tuple[float, float, dict[str, Any]]] = []
+        for _ in range(kills):
+            info = ray._private.state.actors(actor._actor_id.hex())
+            pid = int(info["Pid"])
+            killed = time.perf_counter()
+            killed_wall_s = time.time()
+            os.kill(pid, signal.SIGKILL)
+            while True:
+                try:
+                    after = ray.get(actor.__ray_call__.remote(_recovery_info), timeout=60)
+                    if after["pid"] != pid:
+                        break
+                except ray.exceptions.RayError:
+                    time.sleep(0.01)
+            samples.append((time.perf_counter() - killed, after["opened_at_s"] - killed_wall_s,
+                            after))
     finally:
         ray.shutdown()
-    return {**filled, "kill_to_ready_s": ready_s, "rebuild_s": after["recovery_s"],
-            "recovered_positions": after["positions"], "snapshot_seq": after["snapshot_seq"],
+    samples.sort(key=lambda x: x[0])
+    ready_s, init_s, after = samples[len(samples) // 2]  # the median kill
+    return {**filled, "kill_to_ready_s": ready_s, "kill_to_ready_max_s": samples[-1][0],
+            "kills": kills, "rebuild_s": after["recovery_s"], "kill_to_init_s": init_s,
+            "recovered_positions": min(s[2]["positions"] for s in samples),
+            "snapshot_seq": after["snapshot_seq"],
             "replayed_records": after["replayed_records"], "data_dir": str(data_dir)}
 
 
@@ -161,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--positions", type=int, default=ONE_MILLION,
                         help="positions in the shard killed for the recovery figure")
+    parser.add_argument("--kills", type=int, default=3,
+                        help="kill -9 of the full shard, each after the previous recovery")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     args = parser.parse_args(argv)
 
@@ -172,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         durable = api_phase(True, broker.bootstrap, args.concurrency, args.duration_s)
     finally:
         broker.stop()
-    recovery = recovery_phase(args.positions)
+    recovery = recovery_phase(args.positions, args.kills)
 
     ratio = durable["ops_per_s"] / memory["ops_per_s"] if memory["ops_per_s"] else 0.0
     bytes_per_op = durable["journal_bytes"] / max(1, durable["ops_total"])
@@ -189,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shard with {recovery['positions']:,} positions: filled in "
           f"{recovery['fill_s']:.1f} s ({recovery['journal_bytes'] / 1e6:.0f} MB of journal, "
           f"{recovery['snapshots_written']} snapshots); after kill -9 answering again in "
-          f"{recovery['kill_to_ready_s']:.2f} s (target <= 3), of which rebuilding the state "
+          f"{recovery['kill_to_ready_s']:.2f} s (median of {recovery['kills']}, max "
+          f"{recovery['kill_to_ready_max_s']:.2f}; target <= 3): Ray restarting the process and "
+          f"entering __init__ {recovery['kill_to_init_s']:.2f} s, rebuilding the state "
           f"{recovery['rebuild_s']:.2f} s (snapshot at record {recovery['snapshot_seq']:,} + "
           f"{recovery['replayed_records']:,} journal records); "
           f"{recovery['recovered_positions']:,} positions recovered")
@@ -203,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         "p50_ms_memory": round(memory["p50_ms"], 2),
         "journal_bytes_per_op": round(bytes_per_op, 1),
         "recovery_s_1m_positions": round(recovery["kill_to_ready_s"], 3),
+        "recovery_s_1m_positions_max": round(recovery["kill_to_ready_max_s"], 3),
         "recovery_rebuild_s": round(recovery["rebuild_s"], 3),
+        "recovery_ray_restart_s": round(recovery["kill_to_init_s"], 3),
         "recovered_positions": recovery["recovered_positions"],
         "recovery_replayed_records": recovery["replayed_records"],
         "errors": memory["errors"] + durable["errors"],

@@ -122,6 +122,7 @@ class JournalStore:
         self.snapshots_written = 0
         self.recovered: Recovered[Any] | None = None
         self.recovery_s = 0.0  # how long recover() took
+        self.opened_at_s = time.time()  # wall clock when this incarnation opened the journal
 
     # ----------------------------------------------------------------- recovery
     def recover(self, restore: Callable[[Snapshot | None], S],
