@@ -94,6 +94,10 @@ class Platform:
         return self
 
     def _start(self) -> None:
+        if not self.settings.ray_address and "ray" not in sys.modules:
+            # A Ray started here is single-host: without this, Ray advertises the host's first
+            # interface instead of the loopback address it was asked for. Read at import.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
 
         from cluster.serve_app import deploy_api, export_serve_env
@@ -384,7 +388,10 @@ def _recorded_address(settings: Settings) -> str:
         recorded = json.loads((settings.data_dir / ADDRESS_FILE).read_text())
         if recorded.get("ray_auth_mode") and "RAY_AUTH_MODE" not in os.environ:
             os.environ["RAY_AUTH_MODE"] = recorded["ray_auth_mode"]
-        return str(recorded["ray_address"])
+        address = str(recorded["ray_address"])
+        if address.startswith("127."):  # a single-host Ray on loopback (see Platform._start)
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        return address
     return "auto"
 
 
