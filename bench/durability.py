@@ -143,15 +143,17 @@ def recovery_phase(positions: int, kills: int = 3) -> dict[str, Any]:
             killed = time.perf_counter()
             killed_wall_s = time.time()
             os.kill(pid, signal.SIGKILL)
-            while True:
+            while True:  # until the new incarnation answers a plain call (stats)
                 try:
-                    after = ray.get(actor.__ray_call__.remote(_recovery_info), timeout=60)
-                    if after["pid"] != pid:
-                        break
+                    stats = ray.get(actor.stats.remote(), timeout=60)
+                    break
                 except ray.exceptions.RayError:
                     time.sleep(0.01)
-            samples.append((time.perf_counter() - killed, after["opened_at_s"] - killed_wall_s,
-                            after))
+            ready_s = time.perf_counter() - killed
+            after = ray.get(actor.__ray_call__.remote(_recovery_info), timeout=60)
+            if after["pid"] == pid or stats.positions != after["positions"]:
+                raise RuntimeError("the shard did not come back as a new process")
+            samples.append((ready_s, after["opened_at_s"] - killed_wall_s, after))
     finally:
         ray.shutdown()
     samples.sort(key=lambda x: x[0])
