@@ -31,3 +31,21 @@ def kafka_broker_process(kafka_broker: str) -> object:
 
 
 _BROKERS: dict[str, object] = {}
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """A fresh local Ray (2 CPUs, no dashboard, loopback only), started once per session and
+    shared by the integration tests that need a running Ray; shut down at session end."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        # address="local": always a new local Ray, never attach to a cluster someone else runs
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
+    try:
+        yield None
+    finally:
+        if started:
+            ray.shutdown()

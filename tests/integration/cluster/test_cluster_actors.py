@@ -56,7 +56,7 @@ class RayPlatform:
 
 
 @pytest.fixture
-def rp(ray_session: None) -> Iterator[RayPlatform]:
+def rp(ray_local: None) -> Iterator[RayPlatform]:
     namespace = f"test-{uuid.uuid4().hex[:8]}"
     ledger = create_ledger_actor(SETTINGS, namespace=namespace)
     shards = create_shard_actors(SETTINGS, ledger, namespace=namespace)
