@@ -6,11 +6,12 @@ Differences from ``cluster.launcher.Platform`` (everything else is inherited):
   are the journaled ``DurableLedger``/``DurableShard`` (``DATA_DIR/ledger``,
   ``DATA_DIR/<shard name>``) and rebuild their state when (re)started;
 * every actor has ``max_restarts=-1``: Ray restarts a killed process and its ``__init__``
-  recovers from disk. ``max_task_retries=0`` for the ledger and the shards: a call that was
-  running when the process died fails (the API answers 503) instead of being silently run a
-  second time (a lock or a manual close is not idempotent); calls made while the actor
-  recovers fail fast with ``ActorUnavailableError`` (503) too. The feed actor's calls are
-  harmless to repeat, so it retries them;
+  recovers from disk (a journal write that fails ends the process the same way).
+  ``max_task_retries=0`` for the ledger and the shards: a call that was running when the
+  process died fails (the API answers 503) instead of being silently run a second time (a
+  lock or a manual close is not idempotent); calls made while the actor recovers fail fast
+  with ``ActorUnavailableError`` (503) too. The feed actor's calls are harmless to repeat,
+  so it retries them;
 * before the API serves, ``LedgerActor.reconcile_at_start`` releases margin locked by
   requests a crash cut off (see ``DurableLedger.reconcile_at_start``);
 * a supervisor thread pings the feed actor every ``supervise_interval_s``: a restarted feed
@@ -30,6 +31,7 @@ from cluster.launcher import READY_TIMEOUT_S, LaunchError, Platform, placement_n
 from cluster.shard_core import merge_margins
 
 RESTART = {"max_restarts": -1, "max_task_retries": 0}  # ledger and shards
+STORE_OPTIONS = {"exit_on_failure": True}  # a failed fdatasync ends the process (Ray restarts)
 FEED_RESTART = {"max_restarts": -1, "max_task_retries": -1}
 
 
@@ -57,7 +59,7 @@ class DurablePlatform(Platform):
         data_dir = str(settings.data_dir.resolve())
         self.ledger = LedgerActor.options(  # type: ignore[attr-defined]
             name=LEDGER, namespace=self.namespace, **RESTART,
-        ).remote(settings.signup_balance_micros, data_dir)
+        ).remote(settings.signup_balance_micros, data_dir, **STORE_OPTIONS)
         ray.get(self.ledger.ping.remote(), timeout=READY_TIMEOUT_S)
         nodes = placement_nodes()
         for i, spec in enumerate(self.layout):
@@ -66,7 +68,7 @@ class DurablePlatform(Platform):
                 name=spec.name, namespace=self.namespace, scheduling_strategy=strategy,
                 **RESTART,
             ).remote(spec, settings.assets[spec.asset], settings.maintenance_margin_ppm,
-                     settings.max_price_age_us, self.ledger, data_dir)
+                     settings.max_price_age_us, self.ledger, data_dir, **STORE_OPTIONS)
         names = list(self.shards)
         views = ray.get([self.shards[n].audit_view.remote() for n in names],
                         timeout=READY_TIMEOUT_S)

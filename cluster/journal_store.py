@@ -18,7 +18,8 @@ event. The store implements the recipe of engine.recovery:
   keeps serving, and the journal segments the snapshot covers are trimmed on the actor's
   thread once it is on disk (a Journal is not thread-safe).
 * A commit that fails poisons the journal: the store raises :class:`DurabilityError` for every
-  later call, and the actor shell must exit so Ray restarts it and it recovers from disk.
+  later call, and the process must exit so Ray restarts it and it recovers from disk; with
+  ``exit_on_failure=True`` (what an actor passes) the store ends the process itself.
 
 Layout under the state's directory (``DATA_DIR/<actor name>/``)::
 
@@ -101,7 +102,7 @@ class JournalStore:
     def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True,
                  snapshot_every_records: int = SNAPSHOT_EVERY_RECORDS,
                  snapshot_every_s: float = SNAPSHOT_EVERY_S, keep: int = DEFAULT_KEEP,
-                 background_snapshots: bool = True,
+                 background_snapshots: bool = True, exit_on_failure: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.directory = Path(directory)
         self.snapshot_dir = self.directory / SNAPSHOT_DIR
@@ -109,6 +110,7 @@ class JournalStore:
         self.snapshot_every_s = snapshot_every_s
         self.keep = keep
         self.background_snapshots = background_snapshots
+        self.exit_on_failure = exit_on_failure
         self._clock = clock
         self.journal = Journal(self.directory / JOURNAL_DIR, fsync=fsync)
         self._events: list[bytes] = []  # encoded events of the call in progress
@@ -169,13 +171,23 @@ class JournalStore:
                 self.events_written += len(events)
             return self.journal.commit()
         except JournalError as exc:
-            self._failed = exc
+            self._fail(exc)
             raise DurabilityError(f"journal commit failed: {exc}") from exc
 
     @property
     def pending(self) -> int:
         """Events appended and not yet committed."""
         return len(self._events) + self.journal.pending
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failed = exc
+        if self.exit_on_failure:
+            # nothing in memory may be trusted or acknowledged any more: die, let Ray restart
+            # the actor, which recovers exactly what reached the disk
+            log.critical("journal of %s failed (%s); exiting to recover from disk",
+                         self.directory, exc)
+            logging.shutdown()
+            os._exit(70)
 
     def _check(self) -> None:
         if self._failed is not None:
@@ -250,7 +262,7 @@ class JournalStore:
         try:
             trim_journal(self.journal, self.snapshot_dir)
         except JournalError as exc:
-            self._failed = exc
+            self._fail(exc)
             raise DurabilityError(f"journal trim failed: {exc}") from exc
 
     def wait_snapshot(self) -> None:

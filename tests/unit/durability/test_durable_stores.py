@@ -9,7 +9,10 @@ between. No Ray: the cores run in-process.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.journal_store import JOURNAL_DIR, decode_batch, encode_batch
+from cluster.journal_store import JOURNAL_DIR, DurabilityError, decode_batch, encode_batch
 from cluster.ledger_core import LedgerCore
 from cluster.ledger_store import DurableLedger, decode_answer, encode_answer
 from cluster.messages import (
@@ -54,6 +57,7 @@ from engine.market import Tick
 from engine.orders import CloseReason, Side
 from engine.results import Code, Rejected
 
+REPO = Path(__file__).resolve().parents[3]
 SOL = DEFAULT_ASSETS["SOL"]
 SPEC = ShardSpec("shard-SOL-0", "SOL", 0, 1, 3)
 NOW = 1_800_000_000_000_000
@@ -493,3 +497,38 @@ def test_any_sequence_with_crashes_keeps_exactly_the_acknowledged_state(
         crash(pair.ledger)
         crash(pair.shard)
         shutil.rmtree(root)
+
+
+# ----------------------------------------------------------------------------- disk failure
+def break_journal(obj: DurableLedger) -> None:
+    """Make the journal's next write fail like a dead disk (its fd now reads /dev/null)."""
+    ro = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(ro, obj.store.journal._fd)
+    os.close(ro)
+
+
+def test_a_failed_commit_is_never_acknowledged_and_can_end_the_process(tmp_path: Path) -> None:
+    led = open_ledger(tmp_path / "a")
+    break_journal(led)
+    with pytest.raises(DurabilityError):
+        led.create_account()
+    with pytest.raises(DurabilityError):  # poisoned: nothing more is answered
+        led.lock_margins([MarginLock(1, USD)])
+    crash(led)
+    assert ledger_state(open_ledger(tmp_path / "a")) == ledger_state(LedgerCore(SIGNUP))
+    # what an actor does: the process ends, so Ray restarts it and it recovers from disk
+    script = (
+        "import os, sys\n"
+        "from cluster.ledger_store import DurableLedger\n"
+        f"led = DurableLedger(1, {str(tmp_path / 'b')!r}, fsync=False, exit_on_failure=True)\n"
+        "led.create_account()\n"
+        "ro = os.open(os.devnull, os.O_RDONLY)\n"
+        "os.dup2(ro, led.store.journal._fd)\n"
+        "led.create_account()\n"
+        "sys.exit(0)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert proc.returncode == 70, proc.stderr
+    again = open_ledger(tmp_path / "b")
+    assert again.totals()["users"] == 1  # the acknowledged account, not the failed one
+    again.close()
