@@ -9,7 +9,9 @@ and benchmarks.
 
 Actors are named (``cluster.actor_names``) in the ``shardex`` namespace and owned by the ``up``
 process (not detached): ``status`` and ``audit`` find them by name while it runs, and a killed
-``up`` takes them with it.
+``up`` takes them with it. ``up`` runs ``cluster.durable_platform.DurablePlatform`` (journaled
+ledger and shards in DATA_DIR, restarted by Ray); ``audit --offline`` recovers that state from
+DATA_DIR without Ray.
 """
 
 from __future__ import annotations
@@ -351,7 +353,10 @@ def up(settings: Settings, with_feed: bool) -> int:
         stopping.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    platform = Platform(settings, with_feed=with_feed)
+    # the platform users run keeps its state in DATA_DIR (journaled actors Ray restarts)
+    from cluster.durable_platform import DurablePlatform
+
+    platform = DurablePlatform(settings, with_feed=with_feed)
     try:
         try:
             platform.start()
@@ -484,9 +489,7 @@ def _stats_text(stats: Any) -> str:
 def audit(settings: Settings, as_json: bool, offline: bool) -> int:
     """Check the ledger invariant on the live cluster; non-zero exit on any difference."""
     if offline:
-        print("shardex audit --offline: not available in this build (audit the live cluster)",
-              file=sys.stderr)
-        return 2
+        return _audit_offline(settings, as_json)
     try:
         ctx = _connected(settings)
         ctx.__enter__()
@@ -512,3 +515,47 @@ def audit(settings: Settings, as_json: bool, offline: bool) -> int:
         return 0 if not problems else 1
     finally:
         ctx.__exit__(None, None, None)
+
+
+def _audit_offline(settings: Settings, as_json: bool) -> int:
+    """The audit over the state recovered from DATA_DIR (the platform must be stopped)."""
+    from cluster.actor_names import LEDGER as LEDGER_DIR
+    from cluster.ledger_store import DurableLedger
+    from cluster.shard_core import merge_margins
+    from cluster.shard_store import DurableShard
+
+    root = settings.data_dir
+    if not (root / LEDGER_DIR).is_dir():
+        print(f"shardex audit --offline: no recorded state in {root}", file=sys.stderr)
+        return 2
+    opened: list[Any] = []
+    try:
+        try:
+            views = {}
+            for spec in shard_layout(settings):
+                shard = DurableShard(spec, settings.assets[spec.asset],
+                                     settings.maintenance_margin_ppm, settings.max_price_age_us,
+                                     root / spec.name)
+                opened.append(shard)
+                views[spec.name] = shard.audit_view()
+            ledger = DurableLedger(settings.signup_balance_micros, root / LEDGER_DIR)
+            opened.append(ledger)
+        except Exception as exc:  # a held lock (platform running) or an unreadable store
+            print(f"shardex audit --offline: cannot recover {root}: {exc}", file=sys.stderr)
+            return 2
+        problems = ledger.audit(merge_margins(m for m, _ in views.values()),
+                                {name: outbox for name, (_, outbox) in views.items()})
+        totals = ledger.totals()
+    finally:
+        for store in opened:
+            with contextlib.suppress(Exception):
+                store.close()
+    if as_json:
+        print(json.dumps({"ok": not problems, "differences": problems, "totals": totals,
+                          "source": str(root)}, default=str))
+    else:
+        for line in problems:
+            print(f"DIFFERENCE: {line}")
+        print(f"audit (offline, {root}): {'OK' if not problems else f'{len(problems)} '}"
+              f"{'' if not problems else 'difference(s)'}; totals {totals}")
+    return 0 if not problems else 1

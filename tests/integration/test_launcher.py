@@ -1,5 +1,6 @@
 """``shardex up`` as a user runs it: foreground process, one banner, prices served, ``status``
-and ``audit --json`` against it from other processes, and a clean stop on Ctrl-C."""
+and ``audit --json`` against it from other processes, a clean stop on Ctrl-C, and
+``audit --offline`` over the journaled state it left in DATA_DIR."""
 
 from __future__ import annotations
 
@@ -64,10 +65,18 @@ def test_up_serves_prices_reports_status_and_audit_and_stops_cleanly(
             assert name in status.stdout
         assert "tick_age=" in status.stdout and "feed: node" in status.stdout
 
+        base = f"http://127.0.0.1:{port}/api/v1"
+        key = httpx.post(f"{base}/accounts", json={}, timeout=10).json()["apiKey"]
+        opened = httpx.post(f"{base}/positions/open", timeout=10,
+                            headers={"Authorization": f"Bearer {key}"},
+                            json={"asset": "BTC", "type": "long", "margin": "25", "leverage": 3})
+        assert opened.status_code == 201, opened.text
+
         audit = _cli("audit", "--json", env=env)
         assert audit.returncode == 0, audit.stdout + audit.stderr
         report = json.loads(audit.stdout.strip().splitlines()[-1])
         assert report["ok"] is True and report["totals"]["sum_micros"] == 0
+        assert report["totals"]["users_margin_micros"] == 25_000_000
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -81,3 +90,8 @@ def test_up_serves_prices_reports_status_and_audit_and_stops_cleanly(
     with socket.socket() as s:  # the API port is free again
         s.bind(("127.0.0.1", port))
     assert not (tmp_path / "ray-address.json").exists()
+    # the journaled state left in DATA_DIR audits clean offline, with the open position in it
+    offline = _cli("audit", "--offline", "--json", env=env)
+    assert offline.returncode == 0, offline.stdout + offline.stderr
+    report = json.loads(offline.stdout.strip().splitlines()[-1])
+    assert report["ok"] is True and report["totals"]["users_margin_micros"] == 25_000_000
