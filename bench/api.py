@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ticks", type=int, default=30, help="liquidating ticks to time")
     parser.add_argument("--closes-per-tick", type=int, default=300,
                         help="positions each liquidating tick closes (over all shards)")
+    parser.add_argument("--durable", action="store_true",
+                        help="journaled ledger and shards in a temp DATA_DIR, as `shardex up`")
     parser.add_argument("--proxy", action="store_true",
                         help="serve through Serve's proxy instead of direct ingress (comparison)")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
@@ -340,8 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     serve_results: dict[int, LoadResult] = {}
     sweep: dict[str, Any] = {}
     t0 = time.perf_counter()
-    platform = Platform(settings, with_feed=True, bootstrap=broker.bootstrap,
-                        direct_ingress=not args.proxy)
+    if args.durable:
+        from cluster.durable_platform import DurablePlatform
+
+        platform: Platform = DurablePlatform(settings, with_feed=True,
+                                             bootstrap=broker.bootstrap,
+                                             direct_ingress=not args.proxy)
+    else:
+        platform = Platform(settings, with_feed=True, bootstrap=broker.bootstrap,
+                            direct_ingress=not args.proxy)
     try:
         platform.start()
         startup_s = time.perf_counter() - t0
@@ -366,13 +375,14 @@ def main(argv: list[str] | None = None) -> int:
             proc.kill()
 
     print(f"platform start: {startup_s:.1f} s; one op = one HTTP request (open or close)")
-    print(f"{'path':<28}{'conc':>6}{'ops/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
-    serve_path = "proxy" if args.proxy else "direct ingress"
+    print(f"{'path':<38}{'conc':>6}{'ops/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    serve_path = ("proxy" if args.proxy else "direct ingress") + \
+        (", journaled" if args.durable else "")
     for name, results in ((f"ray serve ({serve_path})", serve_results),
                           ("baseline uvicorn, no ray", base_results)):
         for c in levels:
             r = results[c]
-            print(f"{name:<28}{c:>6}{r.ops_per_s:>10.0f}{r.percentile_ms(50):>10.2f}"
+            print(f"{name:<38}{c:>6}{r.ops_per_s:>10.0f}{r.percentile_ms(50):>10.2f}"
                   f"{r.percentile_ms(99):>10.2f}{r.errors:>8}")
     if sweep:
         print(f"tick -> close visible in ledger: {sweep['positions']:,} positions "
