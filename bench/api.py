@@ -10,7 +10,8 @@
    of prices) are bulk-loaded straight into the shard actors' books (margins locked in the
    ledger in one call per user), the sim source is stopped, and ``--ticks`` falling ticks are
    produced to the topic, each liquidating the next slice; the time from producing a tick to
-   the ledger counting all of that tick's closes is one sample.
+   the ledger counting all of that tick's closes is one sample. (With ``--durable`` the bulk
+   load bypasses the shards' journals; the closes the ticks cause are journaled as usual.)
 
 Prints a table, then one JSON line.
 """
