@@ -135,7 +135,9 @@ class Platform:
                 "_node_ip_address": "127.0.0.1",  # a local Ray needs no other interface
             }
             options.update(self.ray_init)
-            ray.init(namespace=self.namespace, runtime_env={"env_vars": env}, **options)
+            # address="local": always a new Ray, never attach to one found on the machine
+            ray.init(address="local", namespace=self.namespace, runtime_env={"env_vars": env},
+                     **options)
             self._ray_started = True
             self._write_address_file()
         self._start_actors()
