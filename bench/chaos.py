@@ -126,7 +126,7 @@ class ChaosRun:
     def _start_platform(self) -> None:
         platform = DurablePlatform(self._settings(), with_feed=False,
                                    bootstrap=self.config.bootstrap,
-                                   ray_init={"num_cpus": 2, "address": "local"})
+                                   ray_init={"num_cpus": 2})
         platform.start()
         self.platform = platform
         self.url = platform.url

@@ -65,7 +65,7 @@ def api_phase(durable: bool, bootstrap: str, concurrency: int,
     assets = [a.name for a in settings.assets.assets]
     cls = DurablePlatform if durable else Platform
     platform = cls(settings, with_feed=True, bootstrap=bootstrap,
-                   ray_init={"address": "local", "num_cpus": 2})
+                   ray_init={"num_cpus": 2})
     try:
         platform.start()
         results = asyncio.run(drive_all(settings.port, [concurrency], duration_s, assets))
