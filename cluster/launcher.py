@@ -136,8 +136,8 @@ class Platform:
             }
             options.update(self.ray_init)
             # address="local": always a new Ray, never attach to one found on the machine
-            ray.init(address="local", namespace=self.namespace, runtime_env={"env_vars": env},
-                     **options)
+            options.setdefault("address", "local")
+            ray.init(namespace=self.namespace, runtime_env={"env_vars": env}, **options)
             self._ray_started = True
             self._write_address_file()
         self._start_actors()
