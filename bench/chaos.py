@@ -386,7 +386,7 @@ class ChaosRun:
         return list(problems), dict(totals)
 
     def _check(self) -> dict[str, Any]:
-        lost = duplicated = balance_mismatches = 0
+        lost = duplicated = balance_mismatches = orphan_positions = 0
         reasons: Counter[str] = Counter()
         details: list[str] = []
         history_total = 0
@@ -408,6 +408,16 @@ class ChaosRun:
                 if pid not in open_ids and pid not in closed:
                     lost += 1
                     details.append(f"{book.name}: acknowledged open {pid} is gone")
+            # A position no client was told about can only come from an open whose answer
+            # never arrived (still unknown): one each at most. More means a clientOrderId ran
+            # twice and the client only heard of one of its positions.
+            orphans = (open_ids | set(closed)) - set(book.acked_opens)
+            orphan_positions += len(orphans)
+            hidden = max(0, len(orphans) - len(book.unknown_opens))
+            duplicated += hidden
+            if hidden:
+                details.append(f"{book.name}: {len(orphans)} positions no answer reported, "
+                               f"only {len(book.unknown_opens)} opens unanswered")
             manual = {p["positionId"] for p in history if p["closeReason"] == "manual"}
             for pid in book.acked_closes:
                 if pid not in manual:
@@ -430,6 +440,7 @@ class ChaosRun:
         return {"lost": lost, "duplicated": duplicated, "balance_mismatches": balance_mismatches,
                 "audit_ok": not problems, "audit_differences": problems[:10],
                 "history_closes": history_total, "close_reasons": dict(reasons),
+                "positions_of_unanswered_opens": orphan_positions,
                 "ledger_closed_positions": totals.get("closed_positions"),
                 "details": details[:20]}
 
