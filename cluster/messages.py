@@ -129,11 +129,17 @@ class IdemKey(NamedTuple):
 
 
 class MarginLock(NamedTuple):
-    """Lock ``margin_micros`` of ``user``'s free balance; ``idem_key`` (or None) dedups retries."""
+    """Lock ``margin_micros`` of ``user``'s free balance; ``idem_key`` (or None) dedups retries.
+
+    ``request_id``: the ShardOpen request this lock pays for (0 = not given). The durable
+    ledger keeps it with a pending clientOrderId, so after a crash the open's outcome can be
+    asked from the shards (``resolve_opens``) instead of being guessed.
+    """
 
     user: int
     margin_micros: int
     idem_key: IdemKey | None = None
+    request_id: int = 0
 
 
 class IdemHit(NamedTuple):

@@ -273,8 +273,12 @@ class TradingService:
 
     async def _open(self, who: Principal, order: OpenOrder,
                     key: IdemKey | None) -> OpenPosition | Rejected:
+        # The request id is fixed before the lock so the ledger can keep it with the lock: a
+        # lock whose open a crash cut off is resolved against the shards by this id.
+        request_id = self._request_prefix | next(self._request_counter)
         for _ in range(3):
-            outcome = await self._locks.submit(MarginLock(who.user, order.margin_micros, key))
+            outcome = await self._locks.submit(
+                MarginLock(who.user, order.margin_micros, key, request_id))
             if isinstance(outcome, IdemHit):
                 assert key is not None
                 answer = await self._replay(outcome, key)
@@ -285,14 +289,14 @@ class TradingService:
             if isinstance(outcome, Rejected):
                 self.counters[f"rejected_{outcome.code.value}"] += 1
                 return outcome
-            return await self._open_locked(who, order, key)
+            return await self._open_locked(who, order, key, request_id)
         raise Unavailable("ledger", "could not settle the clientOrderId of this request")
 
-    async def _open_locked(self, who: Principal, order: OpenOrder,
-                           key: IdemKey | None) -> OpenPosition | Rejected:
+    async def _open_locked(self, who: Principal, order: OpenOrder, key: IdemKey | None,
+                           request_id: int) -> OpenPosition | Rejected:
         splits = self._splits[order.asset]
         spec = splits[next(self._spread) % len(splits)]
-        request = ShardOpen(self._request_prefix | next(self._request_counter), who.user,
+        request = ShardOpen(request_id, who.user,
                             order.side, order.margin_micros, order.leverage, order.tp_ticks,
                             order.sl_ticks, order.current_price_ticks, order.max_slippage_bps)
         result = await self._send_open(spec.name, request)
