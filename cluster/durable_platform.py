@@ -12,8 +12,10 @@ Differences from ``cluster.launcher.Platform`` (everything else is inherited):
   lock or a manual close is not idempotent); calls made while the actor recovers fail fast
   with ``ActorUnavailableError`` (503) too. The feed actor's calls are harmless to repeat,
   so it retries them;
-* before the API serves, ``LedgerActor.reconcile_at_start`` releases margin locked by
-  requests a crash cut off (see ``DurableLedger.reconcile_at_start``);
+* before the API serves, the opens whose clientOrderId the ledger still holds as pending are
+  resolved against every shard (``resolve_opens``: the position if it opened, else fenced),
+  and ``DurableLedger.reconcile_at_start`` stores those answers and releases margin locked by
+  requests a crash cut off;
 * a supervisor thread pings the feed actor every ``supervise_interval_s``: a restarted feed
   actor resumes consuming on its first call, from the newest offsets, so the shards get the
   newest prices again within about a second of a feed crash.
@@ -23,11 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.actor_names import FEED, LEDGER
 from cluster.launcher import READY_TIMEOUT_S, LaunchError, Platform, placement_nodes
+from cluster.messages import OpenPosition, SettlementItem
 from cluster.shard_core import merge_margins
 
 RESTART = {"max_restarts": -1, "max_task_retries": 0}  # ledger and shards
@@ -44,6 +48,7 @@ class DurablePlatform(Platform):
 
     supervise_interval_s: float = 1.0
     released_at_start: dict[int, int] = field(default_factory=dict)
+    resolved_at_start: int = 0  # pending clientOrderIds answered with the position they opened
     _supervisor: threading.Thread | None = None
     _supervising: threading.Event = field(default_factory=threading.Event)
 
@@ -70,12 +75,22 @@ class DurablePlatform(Platform):
             ).remote(spec, settings.assets[spec.asset], settings.maintenance_margin_ppm,
                      settings.max_price_age_us, self.ledger, data_dir, **STORE_OPTIONS)
         names = list(self.shards)
+        pending = ray.get(self.ledger.__ray_call__.remote(_pending_open_requests),
+                          timeout=READY_TIMEOUT_S)
+        resolved: dict[int, Any] = {}
+        if pending:
+            for answers in ray.get([self.shards[n].resolve_opens.remote(pending) for n in names],
+                                   timeout=READY_TIMEOUT_S):
+                for request_id, answer in zip(pending, answers, strict=True):
+                    if isinstance(answer, OpenPosition):
+                        resolved[request_id] = answer
         views = ray.get([self.shards[n].audit_view.remote() for n in names],
                         timeout=READY_TIMEOUT_S)
-        self.released_at_start = ray.get(self.ledger.reconcile_at_start.remote(
-            merge_margins(margins for margins, _ in views),
-            {n: outbox for n, (_, outbox) in zip(names, views, strict=True)}),
+        self.released_at_start = ray.get(self.ledger.__ray_call__.remote(
+            _reconcile_at_start, merge_margins(margins for margins, _ in views),
+            {n: outbox for n, (_, outbox) in zip(names, views, strict=True)}, resolved),
             timeout=READY_TIMEOUT_S)
+        self.resolved_at_start = len(resolved)
         self.feed = FeedActor.options(
             name=FEED, namespace=self.namespace, **FEED_RESTART).remote(
             settings, self.bootstrap, namespace=self.namespace, topic=self.topic)
@@ -110,3 +125,18 @@ class DurablePlatform(Platform):
             self._supervisor.join(5.0)
             self._supervisor = None
         super().stop()
+
+
+# Run inside the ledger actor (``__ray_call__``) on its durable core: the shell need not know.
+def _pending_open_requests(actor: Any) -> list[int]:
+    core = actor.core
+    return list(core.pending_open_requests()) if hasattr(core, "pending_open_requests") else []
+
+
+def _reconcile_at_start(actor: Any, open_margins_by_user: Mapping[int, int],
+                        unsettled: Mapping[str, Sequence[SettlementItem]],
+                        resolved_opens: Mapping[int, OpenPosition]) -> dict[int, int]:
+    reconcile = getattr(actor.core, "reconcile_at_start", None)
+    if reconcile is None:
+        return {}
+    return dict(reconcile(open_margins_by_user, unsettled, resolved_opens))

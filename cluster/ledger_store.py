@@ -15,7 +15,8 @@ Events per change:
   is still ignored: exactly once;
 * clientOrderId reserved / answered / reservation dropped -> ``ClientOrderStored`` whose
   ``response`` is :func:`encode_answer` of the stored answer (``b""`` = reserved, pending;
-  ``FORGOTTEN`` = the pending reservation was dropped).
+  :func:`encode_pending_open` = reserved together with the margin lock of open request
+  ``request_id``; ``FORGOTTEN`` = the pending reservation was dropped).
 
 Settlements that arrive ahead of a gap are not journaled: the shard's outbox is durable and is
 resent until the ledger acknowledges it.
@@ -57,6 +58,7 @@ from engine.snapshot import Snapshot
 
 PENDING = b""  # ClientOrderStored.response of a reservation whose answer is not known yet
 FORGOTTEN = b"\x00"  # ClientOrderStored.response that drops a pending reservation
+PENDING_OPEN = b"\x01"  # prefix of a pending reservation that knows its open's request id
 
 # history rows in a snapshot: the ClosedPosition fields except ``asset`` (an index into the
 # snapshot's asset names instead)
@@ -83,9 +85,22 @@ def encode_answer(answer: object) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def encode_pending_open(request_id: int, margin_micros: int) -> bytes:
+    """A pending open reservation that remembers its open request and the margin locked."""
+    return PENDING_OPEN + json.dumps([request_id, margin_micros]).encode()
+
+
+def decode_pending_open(data: bytes) -> tuple[int, int] | None:
+    """``(request_id, margin_micros)`` of :func:`encode_pending_open` bytes, else None."""
+    if not data.startswith(PENDING_OPEN):
+        return None
+    request_id, margin_micros = json.loads(data[len(PENDING_OPEN):])
+    return int(request_id), int(margin_micros)
+
+
 def decode_answer(data: bytes) -> object:
-    """Inverse of :func:`encode_answer`."""
-    if data == PENDING:
+    """Inverse of :func:`encode_answer` (a pending open reservation decodes to None too)."""
+    if data == PENDING or data.startswith(PENDING_OPEN):
         return None
     kind, *fields = json.loads(data)
     if kind == "rejected":
@@ -118,6 +133,9 @@ class DurableLedger(LedgerCore):
                  **store_options: Any) -> None:
         super().__init__(signup_balance_micros)
         self._depth = 0
+        # pending clientOrderIds of opens whose lock carried the open's request id:
+        # key -> (request_id, margin_micros); resolved against the shards at a platform start
+        self._pending_opens: dict[IdemKey, tuple[int, int]] = {}
         self.store = JournalStore(Path(directory), **store_options)
         try:
             self.recovered = self.store.recover(self._restore, DurableLedger._apply_event)
@@ -154,10 +172,19 @@ class DurableLedger(LedgerCore):
             for item, result in zip(items, out, strict=True):
                 if isinstance(result, IdemHit):
                     continue
+                request_id = getattr(item, "request_id", 0)
                 if result is None:
-                    self.store.append(MarginLocked(item.user, item.margin_micros, 0))
-                if item.idem_key is not None:
-                    self._append_answer(item.idem_key, result)
+                    self.store.append(MarginLocked(item.user, item.margin_micros, request_id))
+                key = item.idem_key
+                if key is None:
+                    continue
+                if result is None and request_id:
+                    self._pending_opens[key] = (request_id, item.margin_micros)
+                    self.store.append(ClientOrderStored(
+                        key.user, key.kind, key.client_order_id,
+                        encode_pending_open(request_id, item.margin_micros)))
+                else:
+                    self._append_answer(key, result)
             return out
 
     def release_margins(self, items: Sequence[tuple[int, int]],
@@ -183,6 +210,7 @@ class DurableLedger(LedgerCore):
             for (key, _), old in zip(answers, before, strict=True):
                 new = self._answers.get(key, _MISSING)
                 if new is not old and new is not None:
+                    self._pending_opens.pop(key, None)
                     self._append_answer(key, new)
 
     def forget(self, keys: Iterable[IdemKey]) -> None:
@@ -192,6 +220,7 @@ class DurableLedger(LedgerCore):
             super().forget(keys)
             for key in pending:
                 if key not in self._answers:
+                    self._pending_opens.pop(key, None)
                     self.store.append(ClientOrderStored(key.user, key.kind, key.client_order_id,
                                                         FORGOTTEN))
 
@@ -207,8 +236,14 @@ class DurableLedger(LedgerCore):
                 self.store.append(_settlement_event(shard_name, seq, pool[seq].closed))
             return last
 
+    def pending_open_requests(self) -> list[int]:
+        """Request ids of the opens whose clientOrderId is still pending (to resolve them
+        against the shards at a platform start: ``ShardCore.resolve_opens``)."""
+        return sorted(request_id for request_id, _ in self._pending_opens.values())
+
     def reconcile_at_start(self, open_margins_by_user: Mapping[int, int],
-                           unsettled: Mapping[str, Sequence[SettlementItem]]
+                           unsettled: Mapping[str, Sequence[SettlementItem]],
+                           resolved_opens: Mapping[int, object] | None = None
                            ) -> dict[int, int]:
         """Undo what requests cut off by a platform crash left half done.
 
@@ -219,8 +254,13 @@ class DurableLedger(LedgerCore):
         process that made it (an API replica killed between lock and open, or a lock whose
         answer was lost with the ledger) leaves more; that excess is released (journaled as
         ``MarginReleased``). clientOrderId reservations still pending belong to requests that
-        no process is working on any more: they are dropped, so a retry runs again instead of
-        waiting forever. Returns ``{user: released_micros}``.
+        no process is working on any more. An open's reservation that knows its request id is
+        settled by ``resolved_opens`` (request id -> what the shards' ``resolve_opens`` said,
+        every shard asked, so the request is fenced everywhere): an OpenPosition becomes the
+        stored answer, so a retry gets that position instead of a second one; anything else
+        means the open never happened and the reservation is dropped. Other pending
+        reservations are dropped too, so a retry runs again instead of waiting forever.
+        Returns ``{user: released_micros}``.
         """
         expected = {int(u): int(m) for u, m in open_margins_by_user.items()}
         for shard_name, outbox in unsettled.items():
@@ -231,6 +271,12 @@ class DurableLedger(LedgerCore):
                     expected[owner] = expected.get(owner, 0) + item.closed.margin_micros
         released: dict[int, int] = {}
         with self._call():
+            for key, (request_id, _) in list(self._pending_opens.items()):
+                outcome = (resolved_opens or {}).get(request_id)
+                if isinstance(outcome, OpenPosition) and self._answers.get(key, 0) is None:
+                    self._answers[key] = outcome
+                    self._append_answer(key, outcome)
+                del self._pending_opens[key]
             for user in self.ledger.users():
                 excess = self.ledger.margin_micros(user) - expected.get(user, 0)
                 if excess > 0:
@@ -278,11 +324,18 @@ class DurableLedger(LedgerCore):
             self._applied_seq[event.shard] = event.seq
         elif isinstance(event, ClientOrderStored):
             key = IdemKey(event.user, event.kind, event.client_order_id)
+            pending_open = decode_pending_open(event.response)
             if event.response == FORGOTTEN:
                 if key in self._answers and self._answers[key] is None:
                     del self._answers[key]
+                self._pending_opens.pop(key, None)
             elif self._answers.get(key) is None:
-                self._answers[key] = decode_answer(event.response)
+                answer = decode_answer(event.response)
+                self._answers[key] = answer
+                if pending_open is not None:
+                    self._pending_opens[key] = pending_open
+                elif answer is not None:
+                    self._pending_opens.pop(key, None)
         else:
             raise LedgerError(f"not a ledger event: {event!r}")
 
@@ -305,6 +358,8 @@ class DurableLedger(LedgerCore):
             "applied_seq": dict(self._applied_seq),
             "answers": [[k.user, k.kind, k.client_order_id, encode_answer(a).decode()]
                         for k, a in self._answers.items()],
+            "pending_opens": [[k.user, k.kind, k.client_order_id, r, m]
+                              for k, (r, m) in self._pending_opens.items()],
             "history_assets": list(assets),
             "closed_count": self._closed_count,
         }
@@ -323,6 +378,8 @@ class DurableLedger(LedgerCore):
         self._applied_seq = {k: int(v) for k, v in meta["applied_seq"].items()}
         for user, kind, client_order_id, answer in meta["answers"]:
             self._answers[IdemKey(user, kind, client_order_id)] = decode_answer(answer.encode())
+        for user, kind, client_order_id, request_id, margin in meta.get("pending_opens", []):
+            self._pending_opens[IdemKey(user, kind, client_order_id)] = (request_id, margin)
         names = meta["history_assets"]
         for row in snapshot.arrays["history"].tolist():
             closed = ClosedPosition(row[0], row[1], names[row[2]], Side(row[3]), *row[4:])

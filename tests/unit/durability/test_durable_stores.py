@@ -89,7 +89,8 @@ def ledger_state(led: LedgerCore) -> tuple[Any, ...]:
     return (led.ledger.accounts(), {k: v for k, v in led._applied_seq.items() if v},
             dict(led._answers),
             {u: list(h) for u, h in led._history.items()}, dict(led._account_ids),
-            dict(led._users_by_key_hash), led._next_user, led._closed_count)
+            dict(led._users_by_key_hash), led._next_user, led._closed_count,
+            dict(getattr(led, "_pending_opens", {})))
 
 
 def shard_state(sh: DurableShard, acked: int = 0) -> tuple[Any, ...]:
@@ -174,8 +175,8 @@ def test_ledger_batches_survive_a_crash_at_every_byte(tmp_path: Path) -> None:
     check_every_cut(path, led, led.create_account, ledger_state, reopen)
     key = IdemKey(1, "open", "c-1")
     check_every_cut(path, led, lambda: led.lock_margins([
-        MarginLock(1, 100 * USD, key), MarginLock(2, 20_000 * USD), MarginLock(2, 50 * USD)]),
-        ledger_state, reopen)
+        MarginLock(1, 100 * USD, key), MarginLock(2, 20_000 * USD), MarginLock(2, 50 * USD),
+        MarginLock(2, 10 * USD, IdemKey(2, "open", "c-2"), 77)]), ledger_state, reopen)
     opened = OpenPosition(7 << 34 | 3, 1, "SOL", Side.LONG, 10001, 999, 100 * USD, 10, 8999, 0,
                           0, NOW, -99_900)
     check_every_cut(path, led, lambda: led.release_margins([(2, 50 * USD)], [(key, opened)]),
@@ -191,7 +192,7 @@ def test_ledger_batches_survive_a_crash_at_every_byte(tmp_path: Path) -> None:
                     reopen)
     check_every_cut(path, led, lambda: led.forget([IdemKey(2, "close", "y")]), ledger_state,
                     reopen)
-    assert led.audit({}) == []
+    assert led.audit({2: 10 * USD}) == []  # the open of "c-2" is still pending
     crash(led)
 
 
@@ -291,6 +292,33 @@ def test_reconcile_at_start_releases_orphaned_locks_and_drops_pending_reservatio
     led = open_ledger(tmp_path)
     assert led.audit({user: 70 * USD}) == []
     assert led.begin([key]) == [None]  # a retry may run again
+    led.close()
+
+
+def test_pending_opens_are_resolved_by_their_request_id_at_start(tmp_path: Path) -> None:
+    led = open_ledger(tmp_path, snapshot_every_records=4)
+    user = led.create_account().user
+    opened_key, lost_key = IdemKey(user, "open", "opened"), IdemKey(user, "open", "lost")
+    # two opens locked; the API process dies before it stores either answer
+    assert led.lock_margins([MarginLock(user, 30 * USD, opened_key, 101),
+                             MarginLock(user, 70 * USD, lost_key, 202)]) == [None, None]
+    led.create_account()  # more records: the pending opens also travel through a snapshot
+    led.create_account()
+    crash(led)
+    led = open_ledger(tmp_path)
+    assert led.pending_open_requests() == [101, 202]
+    assert led.begin([opened_key, lost_key]) == [IdemHit(None), IdemHit(None)]
+    # the shards say: 101 opened (this position), 202 never arrived (now fenced)
+    position = OpenPosition(5 << 34 | 3, user, "SOL", Side.LONG, 10001, 299, 30 * USD, 10,
+                            9000, 0, 0, NOW, 0)
+    assert led.reconcile_at_start({user: 30 * USD}, {}, {101: position}) == {user: 70 * USD}
+    assert led.pending_open_requests() == []
+    crash(led)
+    led = open_ledger(tmp_path)
+    # a retry of the open that happened gets its position; the other may run again
+    assert led.lock_margins([MarginLock(user, 30 * USD, opened_key, 303)]) == [IdemHit(position)]
+    assert led.begin([lost_key]) == [None]
+    assert led.audit({user: 30 * USD}) == []
     led.close()
 
 
