@@ -16,6 +16,10 @@ Differences from ``cluster.launcher.Platform`` (everything else is inherited):
   resolved against every shard (``resolve_opens``: the position if it opened, else fenced),
   and ``DurableLedger.reconcile_at_start`` stores those answers and releases margin locked by
   requests a crash cut off;
+* the same resolution runs every ``pending_check_interval_s`` for opens pending longer than
+  ``STALE_PENDING_S`` (a ledger crash between a lock and its answer, or while the answer was
+  being stored, would otherwise leave the clientOrderId answering "in progress" until the
+  next platform start);
 * a supervisor thread pings the feed actor every ``supervise_interval_s``: a restarted feed
   actor resumes consuming on its first call, from the newest offsets, so the shards get the
   newest prices again within about a second of a feed crash.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +42,7 @@ from cluster.shard_core import merge_margins
 RESTART = {"max_restarts": -1, "max_task_retries": 0}  # ledger and shards
 STORE_OPTIONS = {"exit_on_failure": True}  # a failed fdatasync ends the process (Ray restarts)
 FEED_RESTART = {"max_restarts": -1, "max_task_retries": -1}
+STALE_PENDING_S = 30.0  # longer than any live request keeps a clientOrderId pending
 
 
 @dataclass
@@ -47,6 +53,8 @@ class DurablePlatform(Platform):
     """
 
     supervise_interval_s: float = 1.0
+    pending_check_interval_s: float = 10.0
+    settled_pending: int = 0  # stale pending clientOrderIds settled while running
     released_at_start: dict[int, int] = field(default_factory=dict)
     resolved_at_start: int = 0  # pending clientOrderIds answered with the position they opened
     _supervisor: threading.Thread | None = None
@@ -106,7 +114,12 @@ class DurablePlatform(Platform):
         import ray
 
         pending: Any = None
+        next_check = time.monotonic() + self.pending_check_interval_s
         while not self._supervising.wait(self.supervise_interval_s):
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + self.pending_check_interval_s
+                with contextlib.suppress(Exception):
+                    self.settled_pending += self._settle_stale_pending()
             feed = self.feed
             if feed is None:
                 continue
@@ -119,6 +132,28 @@ class DurablePlatform(Platform):
             with contextlib.suppress(Exception):
                 pending = feed.stats.remote()
 
+    def _settle_stale_pending(self) -> int:
+        """Resolve opens pending longer than STALE_PENDING_S against every shard (a shard
+        that does not answer makes this round skip them: where it is, is unknown)."""
+        import ray
+
+        ledger, shards = self.ledger, dict(self.shards)
+        if ledger is None or not shards:
+            return 0
+        stale = ray.get(ledger.__ray_call__.remote(_pending_open_requests, STALE_PENDING_S),
+                        timeout=10.0)
+        if not stale:
+            return 0
+        opened: dict[int, Any] = {}
+        for answers in ray.get([h.resolve_opens.remote(stale) for h in shards.values()],
+                               timeout=10.0):
+            for request_id, answer in zip(stale, answers, strict=True):
+                if isinstance(answer, OpenPosition):
+                    opened[request_id] = answer
+        absent = [r for r in stale if r not in opened]
+        return int(ray.get(ledger.__ray_call__.remote(_settle_pending_opens, opened, absent),
+                           timeout=10.0))
+
     def stop(self) -> None:
         self._supervising.set()
         if self._supervisor is not None:
@@ -128,9 +163,17 @@ class DurablePlatform(Platform):
 
 
 # Run inside the ledger actor (``__ray_call__``) on its durable core: the shell need not know.
-def _pending_open_requests(actor: Any) -> list[int]:
+def _pending_open_requests(actor: Any, older_than_s: float = 0.0) -> list[int]:
     core = actor.core
-    return list(core.pending_open_requests()) if hasattr(core, "pending_open_requests") else []
+    if not hasattr(core, "pending_open_requests"):
+        return []
+    return list(core.pending_open_requests(older_than_s))
+
+
+def _settle_pending_opens(actor: Any, opened: Mapping[int, OpenPosition],
+                          absent: Sequence[int]) -> int:
+    settle = getattr(actor.core, "settle_pending_opens", None)
+    return 0 if settle is None else int(settle(opened, absent))
 
 
 def _reconcile_at_start(actor: Any, open_margins_by_user: Mapping[int, int],

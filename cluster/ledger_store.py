@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,8 @@ class DurableLedger(LedgerCore):
         # pending clientOrderIds of opens whose lock carried the open's request id:
         # key -> (request_id, margin_micros); resolved against the shards at a platform start
         self._pending_opens: dict[IdemKey, tuple[int, int]] = {}
+        # when each pending open was seen here (monotonic s; recovered ones: at recovery)
+        self._pending_since: dict[IdemKey, float] = {}
         self.store = JournalStore(Path(directory), **store_options)
         try:
             self.recovered = self.store.recover(self._restore, DurableLedger._apply_event)
@@ -180,6 +183,7 @@ class DurableLedger(LedgerCore):
                     continue
                 if result is None and request_id:
                     self._pending_opens[key] = (request_id, item.margin_micros)
+                    self._pending_since[key] = time.monotonic()
                     self.store.append(ClientOrderStored(
                         key.user, key.kind, key.client_order_id,
                         encode_pending_open(request_id, item.margin_micros)))
@@ -210,7 +214,7 @@ class DurableLedger(LedgerCore):
             for (key, _), old in zip(answers, before, strict=True):
                 new = self._answers.get(key, _MISSING)
                 if new is not old and new is not None:
-                    self._pending_opens.pop(key, None)
+                    self._drop_pending(key)
                     self._append_answer(key, new)
 
     def forget(self, keys: Iterable[IdemKey]) -> None:
@@ -220,7 +224,7 @@ class DurableLedger(LedgerCore):
             super().forget(keys)
             for key in pending:
                 if key not in self._answers:
-                    self._pending_opens.pop(key, None)
+                    self._drop_pending(key)
                     self.store.append(ClientOrderStored(key.user, key.kind, key.client_order_id,
                                                         FORGOTTEN))
 
@@ -236,10 +240,51 @@ class DurableLedger(LedgerCore):
                 self.store.append(_settlement_event(shard_name, seq, pool[seq].closed))
             return last
 
-    def pending_open_requests(self) -> list[int]:
-        """Request ids of the opens whose clientOrderId is still pending (to resolve them
-        against the shards at a platform start: ``ShardCore.resolve_opens``)."""
-        return sorted(request_id for request_id, _ in self._pending_opens.values())
+    def pending_open_requests(self, older_than_s: float = 0.0) -> list[int]:
+        """Request ids of the opens whose clientOrderId has been pending here for at least
+        ``older_than_s`` seconds (to resolve them against the shards: ``resolve_opens``)."""
+        now = time.monotonic()
+        return sorted(request_id for key, (request_id, _) in self._pending_opens.items()
+                      if now - self._pending_since.get(key, now) >= older_than_s)
+
+    def settle_pending_opens(self, opened: Mapping[int, object],
+                             absent: Iterable[int]) -> int:
+        """Answer pending open clientOrderIds from what every shard said about their request.
+
+        ``opened``: request id -> OpenPosition (it opened): stored as the answer, so a retry
+        gets that position. ``absent``: request ids no shard has; ``resolve_opens`` fenced
+        them on every shard, so the open can never happen any more and the reservation is
+        dropped (a retry runs again). The margin of an absent open is not touched here: the
+        API process that locked it releases it when it learns the same (or, if that process
+        died, the next platform start does). Safe at any time: a live request whose open is
+        fenced this way is refused by the shard and undone by its API process. Returns how
+        many were settled. Used at a platform start and periodically for stale ones, so a
+        clientOrderId cut off by a ledger crash does not answer "in progress" forever.
+        """
+        absent = set(absent)
+        settled = 0
+        with self._call():
+            for key, (request_id, _) in list(self._pending_opens.items()):
+                if self._answers.get(key, 0) is not None:  # answered or gone meanwhile
+                    self._drop_pending(key)
+                    continue
+                outcome = opened.get(request_id)
+                if isinstance(outcome, OpenPosition):
+                    self._answers[key] = outcome
+                    self._append_answer(key, outcome)
+                elif request_id in absent:
+                    del self._answers[key]
+                    self.store.append(ClientOrderStored(key.user, key.kind, key.client_order_id,
+                                                        FORGOTTEN))
+                else:
+                    continue
+                self._drop_pending(key)
+                settled += 1
+        return settled
+
+    def _drop_pending(self, key: IdemKey) -> None:
+        self._pending_opens.pop(key, None)
+        self._pending_since.pop(key, None)
 
     def reconcile_at_start(self, open_margins_by_user: Mapping[int, int],
                            unsettled: Mapping[str, Sequence[SettlementItem]],
@@ -271,12 +316,9 @@ class DurableLedger(LedgerCore):
                     expected[owner] = expected.get(owner, 0) + item.closed.margin_micros
         released: dict[int, int] = {}
         with self._call():
-            for key, (request_id, _) in list(self._pending_opens.items()):
-                outcome = (resolved_opens or {}).get(request_id)
-                if isinstance(outcome, OpenPosition) and self._answers.get(key, 0) is None:
-                    self._answers[key] = outcome
-                    self._append_answer(key, outcome)
-                del self._pending_opens[key]
+            resolved = dict(resolved_opens or {})
+            self.settle_pending_opens(resolved, [r for r, _ in self._pending_opens.values()
+                                                 if r not in resolved])
             for user in self.ledger.users():
                 excess = self.ledger.margin_micros(user) - expected.get(user, 0)
                 if excess > 0:
@@ -328,14 +370,15 @@ class DurableLedger(LedgerCore):
             if event.response == FORGOTTEN:
                 if key in self._answers and self._answers[key] is None:
                     del self._answers[key]
-                self._pending_opens.pop(key, None)
+                self._drop_pending(key)
             elif self._answers.get(key) is None:
                 answer = decode_answer(event.response)
                 self._answers[key] = answer
                 if pending_open is not None:
                     self._pending_opens[key] = pending_open
+                    self._pending_since[key] = time.monotonic()
                 elif answer is not None:
-                    self._pending_opens.pop(key, None)
+                    self._drop_pending(key)
         else:
             raise LedgerError(f"not a ledger event: {event!r}")
 
@@ -379,7 +422,9 @@ class DurableLedger(LedgerCore):
         for user, kind, client_order_id, answer in meta["answers"]:
             self._answers[IdemKey(user, kind, client_order_id)] = decode_answer(answer.encode())
         for user, kind, client_order_id, request_id, margin in meta.get("pending_opens", []):
-            self._pending_opens[IdemKey(user, kind, client_order_id)] = (request_id, margin)
+            key = IdemKey(user, kind, client_order_id)
+            self._pending_opens[key] = (request_id, margin)
+            self._pending_since[key] = time.monotonic()
         names = meta["history_assets"]
         for row in snapshot.arrays["history"].tolist():
             closed = ClosedPosition(row[0], row[1], names[row[2]], Side(row[3]), *row[4:])

@@ -322,6 +322,26 @@ def test_pending_opens_are_resolved_by_their_request_id_at_start(tmp_path: Path)
     led.close()
 
 
+def test_stale_pending_opens_are_settled_while_running(tmp_path: Path) -> None:
+    led = open_ledger(tmp_path)
+    user = led.create_account().user
+    keys = [IdemKey(user, "open", f"k{i}") for i in range(3)]
+    assert led.lock_margins([MarginLock(user, 10 * USD, k, 500 + i)
+                             for i, k in enumerate(keys)]) == [None] * 3
+    assert led.pending_open_requests(older_than_s=3600) == []  # all fresh
+    assert led.pending_open_requests() == [500, 501, 502]
+    position = OpenPosition(9 << 34 | 3, user, "SOL", Side.SHORT, 10000, 100, 10 * USD, 1,
+                            20000, 0, 0, NOW, 0)
+    # 500 opened, 501 is on no shard (fenced everywhere), 502: a shard did not answer
+    assert led.settle_pending_opens({500: position}, [501]) == 2
+    assert led.pending_open_requests() == [502]
+    crash(led)
+    led = open_ledger(tmp_path)
+    assert led.pending_open_requests() == [502]
+    assert led.begin(keys) == [IdemHit(position), None, IdemHit(None)]
+    led.close()
+
+
 # ----------------------------------------------------------------------------- shard
 def test_shard_batches_survive_a_crash_at_every_byte(tmp_path: Path) -> None:
     path = tmp_path / "shard"
