@@ -25,6 +25,7 @@ class Settings:
     backpack_ws_url: str = "wss://ws.backpack.exchange"  # BACKPACK_WS_URL
     feed_source: str = "auto"  # FEED_SOURCE: backpack | sim | replay:PATH | none | auto
     port: int = 4000  # PORT of the HTTP API
+    host: str = "127.0.0.1"  # HOST the API binds; 0.0.0.0 to serve other machines
     ray_address: str | None = None  # RAY_ADDRESS; None = start a local Ray
     assets: AssetRegistry = field(default_factory=lambda: DEFAULT_ASSETS)  # ASSETS=SOL,BTC
     shards: Mapping[str, int] = field(default_factory=dict)  # SHARDS: "4" or "SOL=2,BTC=1"
@@ -62,6 +63,7 @@ class Settings:
                 backpack_ws_url=env.get("BACKPACK_WS_URL", base.backpack_ws_url),
                 feed_source=env.get("FEED_SOURCE", base.feed_source),
                 port=int(env.get("PORT", base.port)),
+                host=env.get("HOST", base.host),
                 ray_address=env.get("RAY_ADDRESS") or None,
                 assets=assets,
                 shards=_parse_shards(env.get("SHARDS", "")),

@@ -358,7 +358,7 @@ def up(settings: Settings, with_feed: bool) -> int:
     # the platform users run keeps its state in DATA_DIR (journaled actors Ray restarts)
     from cluster.durable_platform import DurablePlatform
 
-    platform = DurablePlatform(settings, with_feed=with_feed)
+    platform = DurablePlatform(settings, with_feed=with_feed, host=settings.host)
     try:
         try:
             platform.start()
