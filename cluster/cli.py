@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("engine", help="start everything but the feed source")
     sub.add_parser("feed", help="run the market data service alone (source -> Kafka)")
     sub.add_parser("status", help="print the live layout: actors, nodes, tick ages, positions")
-    audit = sub.add_parser("audit", help="check the ledger invariant; non-zero exit on a difference")
+    audit = sub.add_parser("audit", help="check the ledger invariant; exit 1 on a difference")
     audit.add_argument("--json", action="store_true", help="print the totals as JSON")
     audit.add_argument("--offline", action="store_true",
                        help="audit the state recovered from DATA_DIR instead of a live cluster")
