@@ -1,7 +1,9 @@
 """``shardex feed``: the market data service alone (source -> Kafka), no Ray.
 
 Starts the embedded broker unless ``KAFKA_BROKERS`` is set, creates the topic (one partition per
-asset), runs the FEED_SOURCE source until Ctrl-C / SIGTERM, then stops everything in order.
+asset), runs the FEED_SOURCE source until Ctrl-C / SIGTERM, then stops everything in order. When a
+finite source (a replay without loop) ends, an external Kafka run exits; with the embedded
+broker the process stays up (the broker holds the messages in memory) until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def embedded_broker_for(settings: Settings) -> EmbeddedBroker | None:
     return EmbeddedBroker(host, int(port))
 
 
-async def _serve(settings: Settings, bootstrap: str) -> None:
+async def _serve(settings: Settings, bootstrap: str, keep_broker: bool) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -35,7 +37,12 @@ async def _serve(settings: Settings, bootstrap: str) -> None:
             loop.add_signal_handler(sig, stop.set)
     source = make_source(settings)
     stats = await run_source(settings, stop, bootstrap=bootstrap, source=source)
-    log.info("feed: stopped: %s", stats)
+    log.info("feed: source finished: %s", stats)
+    if keep_broker and not stop.is_set():
+        # The embedded broker keeps messages in memory only: stopping it when a finite source
+        # (a replay) ends would take the published prices away from the consumers.
+        log.info("feed: the embedded broker stays up for consumers; Ctrl-C stops it")
+        await stop.wait()
 
 
 def run_feed_service(settings: Settings) -> int:
@@ -57,7 +64,7 @@ def run_feed_service(settings: Settings) -> int:
         return 1
     bootstrap = broker.bootstrap if broker is not None else settings.bootstrap_servers
     try:
-        asyncio.run(_serve(settings, bootstrap))
+        asyncio.run(_serve(settings, bootstrap, keep_broker=broker is not None))
     except KeyboardInterrupt:
         pass
     finally:
