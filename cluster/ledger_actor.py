@@ -64,6 +64,9 @@ class LedgerActor:
                         answers: Sequence[tuple[IdemKey, object]] = ()) -> None:
         self.core.release_margins(items, answers)
 
+    def abandon_locks(self, request_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+        return self.core.abandon_locks(request_ids)
+
     def begin(self, keys: Sequence[IdemKey]) -> list[IdemHit | None]:
         return self.core.begin(keys)
 

@@ -9,6 +9,7 @@ to brute-force, unlike a password).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,6 +28,10 @@ from engine.results import Code, Rejected
 from engine.settlement import Settlement
 
 HISTORY_MAX_LIMIT = 500
+# Locks remembered by request id for ``abandon_locks``: an API process abandons a lock within
+# seconds of losing its answer, so the newest ones are enough (older ones stay locked until the
+# next platform start's reconciliation releases them).
+RECENT_LOCKS_MAX = 1 << 16
 
 
 def hash_api_key(api_key: str) -> str:
@@ -43,6 +48,8 @@ class LedgerCore:
       gap, and ignores resends, so a shard may resend its whole outbox at any time.
     * clientOrderId idempotency: the first answer of ``(user, kind, clientOrderId)`` is stored
       and returned to every retry.
+    * ``abandon_locks(request_ids)``: undo locks whose answer the API process never got (so it
+      never sent their open), once each.
     """
 
     def __init__(self, signup_balance_micros: int, ledger: Ledger | None = None) -> None:
@@ -58,6 +65,10 @@ class LedgerCore:
         self._history_index: dict[int, dict[int, int]] = {}  # user -> position id -> index
         self._answers: dict[IdemKey, object] = {}  # None while the first request is pending
         self._closed_count = 0
+        # request id -> (user, margin_micros, idempotency key) of the newest locks that carried
+        # one, oldest first; an entry leaves when abandoned (or evicted past RECENT_LOCKS_MAX)
+        self._recent_locks: collections.OrderedDict[int, tuple[int, int, IdemKey | None]] = \
+            collections.OrderedDict()
 
     # ----------------------------------------------------------------- accounts
     def create_account(self) -> NewAccount:
@@ -103,6 +114,8 @@ class LedgerCore:
                                                    "margin must be greater than zero")
             else:
                 result = self.ledger.lock_margin(item.user, item.margin_micros)
+            if result is None and item.request_id:
+                self._note_lock(item.request_id, item.user, item.margin_micros, key)
             if key is not None:
                 self._answers[key] = result  # None = pending until remember()/forget()
             out.append(result)
@@ -114,6 +127,39 @@ class LedgerCore:
         for user, margin_micros in items:
             self.ledger.release_margin(user, margin_micros)
         self.remember(answers)
+
+    def _note_lock(self, request_id: int, user: int, margin_micros: int,
+                   key: IdemKey | None) -> None:
+        self._recent_locks[request_id] = (user, margin_micros, key)
+        while len(self._recent_locks) > RECENT_LOCKS_MAX:
+            self._recent_locks.popitem(last=False)
+
+    def abandon_locks(self, request_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+        """Release the locks of ``request_ids`` whose open was never sent (the API process
+        lost the lock's answer, so it never called a shard); an idempotency key still pending
+        for such a lock is dropped, so a retry runs again.
+
+        Only a lock this ledger holds under that request id is released, once: an unknown
+        (never locked, or already abandoned) id changes nothing, and so does a lock whose
+        clientOrderId already answers with an opened position. Returns the released
+        ``(request_id, user, margin_micros)``.
+        """
+        released: list[tuple[int, int, int]] = []
+        forget: list[IdemKey] = []
+        for request_id in request_ids:
+            lock = self._recent_locks.pop(request_id, None)
+            if lock is None:
+                continue
+            user, margin_micros, key = lock
+            if key is not None and self._answers.get(key, None) is not None:
+                continue  # the open has an answer of its own: the lock is not orphaned
+            self.ledger.release_margin(user, margin_micros)
+            released.append((request_id, user, margin_micros))
+            if key is not None:
+                forget.append(key)
+        if forget:
+            self.forget(forget)
+        return released
 
     # ----------------------------------------------------------------- idempotency
     def begin(self, keys: Sequence[IdemKey]) -> list[IdemHit | None]:

@@ -9,7 +9,9 @@ the journal once before it returns; a nested call (``release_margins`` storing a
 Events per change:
 
 * account created -> ``AccountCreated`` (the API key itself is never stored, only its hash);
-* margin locked / released -> ``MarginLocked`` / ``MarginReleased``;
+* margin locked / released -> ``MarginLocked`` / ``MarginReleased`` (a lock abandoned by
+  ``abandon_locks`` carries its request id; ``reconcile_at_start``'s releases carry
+  ``START_RECONCILED``, which also ends every remembered lock);
 * settlement ``seq`` of a shard applied -> ``SettlementApplied`` (the whole close and its four
   amounts), so the per-shard applied seq and the history survive and a resend after a restart
   is still ignored: exactly once;
@@ -60,6 +62,9 @@ from engine.snapshot import Snapshot
 PENDING = b""  # ClientOrderStored.response of a reservation whose answer is not known yet
 FORGOTTEN = b"\x00"  # ClientOrderStored.response that drops a pending reservation
 PENDING_OPEN = b"\x01"  # prefix of a pending reservation that knows its open's request id
+# MarginReleased.request_id of start-time reconciliation: every lock made before it is settled
+# (API request ids stay below 2**62)
+START_RECONCILED = (1 << 64) - 1
 
 # history rows in a snapshot: the ClosedPosition fields except ``asset`` (an index into the
 # snapshot's asset names instead)
@@ -198,6 +203,13 @@ class DurableLedger(LedgerCore):
             for user, margin_micros in items:
                 self.store.append(MarginReleased(user, margin_micros, 0))
 
+    def abandon_locks(self, request_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+        with self._call():
+            released = super().abandon_locks(request_ids)  # drops keys through forget()
+            for request_id, user, margin_micros in released:
+                self.store.append(MarginReleased(user, margin_micros, request_id))
+            return released
+
     def begin(self, keys: Sequence[IdemKey]) -> list[IdemHit | None]:
         with self._call():
             out = super().begin(keys)
@@ -323,13 +335,21 @@ class DurableLedger(LedgerCore):
                 excess = self.ledger.margin_micros(user) - expected.get(user, 0)
                 if excess > 0:
                     self.ledger.release_margin(user, excess)
-                    self.store.append(MarginReleased(user, excess, 0))
+                    self.store.append(MarginReleased(user, excess, START_RECONCILED))
                     released[user] = excess
+            # every lock is now either backing a position or released: none may be abandoned
+            self._recent_locks.clear()
             for key in [k for k, a in self._answers.items() if a is None]:
                 del self._answers[key]
                 self.store.append(ClientOrderStored(key.user, key.kind, key.client_order_id,
                                                     FORGOTTEN))
         return released
+
+    def _key_recent_lock(self, request_id: int, key: IdemKey) -> None:
+        """Recovery: attach the pending clientOrderId to its remembered lock."""
+        lock = self._recent_locks.get(request_id)
+        if lock is not None:
+            self._recent_locks[request_id] = (lock[0], lock[1], key)
 
     def _append_answer(self, key: IdemKey, answer: object) -> None:
         self.store.append(ClientOrderStored(key.user, key.kind, key.client_order_id,
@@ -350,8 +370,14 @@ class DurableLedger(LedgerCore):
             if refused is not None:
                 raise LedgerError(f"journaled lock of {event.amount_micros} for user "
                                   f"{event.user} does not replay: {refused.message}")
+            if event.request_id:
+                self._note_lock(event.request_id, event.user, event.amount_micros, None)
         elif isinstance(event, MarginReleased):
             self.ledger.release_margin(event.user, event.amount_micros)
+            if event.request_id == START_RECONCILED:
+                self._recent_locks.clear()
+            elif event.request_id:
+                self._recent_locks.pop(event.request_id, None)
         elif isinstance(event, SettlementApplied):
             expected = self._applied_seq.get(event.shard, 0) + 1
             if event.seq != expected:
@@ -377,6 +403,7 @@ class DurableLedger(LedgerCore):
                 if pending_open is not None:
                     self._pending_opens[key] = pending_open
                     self._pending_since[key] = time.monotonic()
+                    self._key_recent_lock(pending_open[0], key)
                 elif answer is not None:
                     self._drop_pending(key)
         else:
@@ -403,6 +430,7 @@ class DurableLedger(LedgerCore):
                         for k, a in self._answers.items()],
             "pending_opens": [[k.user, k.kind, k.client_order_id, r, m]
                               for k, (r, m) in self._pending_opens.items()],
+            "recent_locks": [[r, u, m] for r, (u, m, _) in self._recent_locks.items()],
             "history_assets": list(assets),
             "closed_count": self._closed_count,
         }
@@ -421,10 +449,13 @@ class DurableLedger(LedgerCore):
         self._applied_seq = {k: int(v) for k, v in meta["applied_seq"].items()}
         for user, kind, client_order_id, answer in meta["answers"]:
             self._answers[IdemKey(user, kind, client_order_id)] = decode_answer(answer.encode())
+        for request_id, user, margin in meta.get("recent_locks", []):
+            self._note_lock(int(request_id), int(user), int(margin), None)
         for user, kind, client_order_id, request_id, margin in meta.get("pending_opens", []):
             key = IdemKey(user, kind, client_order_id)
             self._pending_opens[key] = (request_id, margin)
             self._pending_since[key] = time.monotonic()
+            self._key_recent_lock(request_id, key)
         names = meta["history_assets"]
         for row in snapshot.arrays["history"].tolist():
             closed = ClosedPosition(row[0], row[1], names[row[2]], Side(row[3]), *row[4:])

@@ -60,6 +60,8 @@ class LedgerPort(Protocol):
                            ) -> list[Rejected | IdemHit | None]: ...
     async def release_margins(self, items: Sequence[tuple[int, int]],
                               answers: Sequence[tuple[IdemKey, object]] = ()) -> None: ...
+    async def abandon_locks(self, request_ids: Sequence[int]
+                            ) -> list[tuple[int, int, int]]: ...
     async def begin(self, keys: Sequence[IdemKey]) -> list[IdemHit | None]: ...
     async def remember(self, answers: Sequence[tuple[IdemKey, object]]) -> None: ...
     async def forget(self, keys: Sequence[IdemKey]) -> None: ...
@@ -131,6 +133,9 @@ class LocalLedgerPort:
     async def release_margins(self, items: Sequence[tuple[int, int]],
                               answers: Sequence[tuple[IdemKey, object]] = ()) -> None:
         await self.serial.run(self.core.release_margins, items, answers)
+
+    async def abandon_locks(self, request_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+        return await self.serial.run(self.core.abandon_locks, request_ids)
 
     async def begin(self, keys: Sequence[IdemKey]) -> list[IdemHit | None]:
         return await self.serial.run(self.core.begin, keys)
@@ -268,6 +273,9 @@ class RayLedgerPort:
     async def release_margins(self, items: Sequence[tuple[int, int]],
                               answers: Sequence[tuple[IdemKey, object]] = ()) -> None:
         await self._call("release_margins", list(items), list(answers))
+
+    async def abandon_locks(self, request_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+        return await self._call("abandon_locks", list(request_ids))
 
     async def begin(self, keys: Sequence[IdemKey]) -> list[IdemHit | None]:
         return await self._call("begin", list(keys))

@@ -4,6 +4,9 @@ Money is never lost or created on the open path: the margin is locked in the led
 shard opens (or refuses) at its own price, and a refusal releases the lock. An open whose
 outcome is unknown (the shard did not answer) keeps its lock "in doubt" until the shard says
 whether the request ever arrived (``resolve_opens`` also fences it), and only then is released.
+A lock call whose answer is lost (the ledger died after journaling it) never reaches a shard:
+its request id is handed back to the ledger (``abandon_locks``) in the background, which
+releases the lock if it was made, once.
 Closes settle through the ledger by the shard's settlement sequence number, so the service and
 the shard's own outbox push may both deliver a settlement and it is applied once.
 
@@ -108,6 +111,8 @@ class TradingService:
         self._principals: dict[str, Principal] = {}
         self._in_flight_idem: dict[IdemKey, asyncio.Future[object]] = {}
         self._in_doubt: dict[str, list[_InDoubt]] = {s.name: [] for s in self.layout}
+        # request ids of lock calls that failed: the lock may exist, its open was never sent
+        self._abandoned: list[int] = []
         self._reconcile_task: asyncio.Task[None] | None = None
         self._reconcile_lock = asyncio.Lock()
         self.counters: collections.Counter[str] = collections.Counter()
@@ -277,8 +282,16 @@ class TradingService:
         # lock whose open a crash cut off is resolved against the shards by this id.
         request_id = self._request_prefix | next(self._request_counter)
         for _ in range(3):
-            outcome = await self._locks.submit(
-                MarginLock(who.user, order.margin_micros, key, request_id))
+            try:
+                outcome = await self._locks.submit(
+                    MarginLock(who.user, order.margin_micros, key, request_id))
+            except Unavailable:
+                # The lock may have been made and its answer lost: the open is never sent,
+                # so the ledger is asked to undo it (if it exists) in the background.
+                self._abandoned.append(request_id)
+                self.counters["locks_abandoned"] += 1
+                self._schedule_reconcile()
+                raise
             if isinstance(outcome, IdemHit):
                 assert key is not None
                 answer = await self._replay(outcome, key)
@@ -334,9 +347,11 @@ class TradingService:
         if self._reconcile_task is None or self._reconcile_task.done():
             self._reconcile_task = asyncio.get_running_loop().create_task(self._reconcile_loop())
 
-    async def _reconcile_loop(self, interval_s: float = 1.0) -> None:
+    async def _reconcile_loop(self, interval_s: float = 1.0, max_interval_s: float = 10.0
+                              ) -> None:
         while await self.reconcile() > 0:
             await asyncio.sleep(interval_s)
+            interval_s = min(max_interval_s, interval_s * 2)  # back off while a part is down
 
     async def aclose(self) -> None:
         """Stop the background resolution of in-doubt opens (they stay locked, in doubt)."""
@@ -347,10 +362,30 @@ class TradingService:
                 await task
 
     async def reconcile(self) -> int:
-        """Resolve opens in doubt: keep the lock of those that opened, release the others.
-        Returns how many remain in doubt (their shard still does not answer)."""
+        """Resolve opens in doubt: keep the lock of those that opened, release the others;
+        then abandon the locks whose lock call failed. Returns how many remain unresolved
+        (their shard, or the ledger, still does not answer)."""
         async with self._reconcile_lock:  # two rounds must never release the same lock
-            return await self._reconcile()
+            return await self._reconcile() + await self._abandon_locks()
+
+    async def _abandon_locks(self) -> int:
+        """Hand the request ids of failed lock calls to the ledger (``abandon_locks``).
+
+        Their open was never sent to any shard (the service only opens after the lock's
+        answer), so the ledger may release such a lock without asking the shards; it releases
+        one only if it holds it, once, so a resend after a lost answer changes nothing.
+        """
+        if not self._abandoned:
+            return 0
+        batch = list(self._abandoned)
+        try:
+            released = await self.ledger.abandon_locks(batch)
+        except Unavailable:
+            return len(self._abandoned)
+        self.counters["locks_released_abandoned"] += len(released)
+        done = set(batch)
+        self._abandoned = [r for r in self._abandoned if r not in done]
+        return len(self._abandoned)
 
     async def _reconcile(self) -> int:
         remaining = 0
