@@ -14,12 +14,21 @@ outstanding per shard, and while they are, newer ticks replace older pending one
 shard costs bounded memory and only superseded ticks are ever skipped). A shard that is missing
 or dead keeps its newest pending ticks and is looked up again every ``lookup_retry_s``.
 
-Consumption starts from the newest offsets on every partition assignment (the last message of
-each partition is re-read so the newest price is delivered at once); ticks older (``ts_us``)
-than the last one delivered for their asset are dropped as ``stale``. A broker restart (the
-embedded broker forgets every topic) is survived by aiokafka's reconnects plus recreating the
-topic when nothing is assigned; any consumer failure rebuilds the consumer after a backoff.
-Offsets are never committed: every assignment seeks to the newest anyway.
+The actor assigns itself every partition of the topic directly (``consumer.assign``); it joins
+no consumer group. Offsets are never committed and every assignment seeks to the newest anyway,
+so group membership bought nothing but a rebalance wait: an actor restarted after its process
+died (Ray ``max_restarts``) had to wait for the dead member's session to expire, 24-127 s
+without prices. ``group_id`` (default ``CONSUMER_GROUP``) is used for identification only, as
+the Kafka ``client_id``; no group coordinator is contacted.
+
+Consumption starts from the newest offsets on every assignment (the last message of each
+partition is re-read so the newest price is delivered at once); ticks older (``ts_us``) than
+the last one delivered for their asset are dropped as ``stale``. The topic's partitions are
+read from fresh metadata every ``partition_check_s``: a topic that does not exist yet is
+created (after 3 s without partitions), new partitions are assigned, and a partition whose end
+offset fell below the read position (the embedded broker forgets every topic on restart, and
+the recreated topic starts again at 0) is positioned again; any consumer failure rebuilds the
+consumer after a backoff.
 
 ``fetch_max_wait_ms`` stays at 5: Tansu holds an empty fetch that long, and shorter waits
 (2 ms) were measured to cause second-long stalls (p99 1.4-2.3 s in ``shardex bench feed``).
@@ -41,7 +50,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import ray
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from cluster.config import CONSUMER_GROUP, MARKET_TOPIC, Settings
 from cluster.placement import shards_for_asset
@@ -66,19 +76,6 @@ def _quantiles_ms(values_us: deque[int]) -> dict[str, float] | None:
             "max": ordered[-1] / 1000, "n": n}
 
 
-class _SeekOnAssign(ConsumerRebalanceListener):
-    """Position newly assigned partitions at the newest message (or the beginning)."""
-
-    def __init__(self, owner: FeedActorCore) -> None:
-        self.owner = owner
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        return None
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        await self.owner.position(list(assigned))
-
-
 class FeedActorCore:
     """The feed actor's logic on an asyncio loop; :class:`FeedActor` is its Ray shell.
 
@@ -91,7 +88,7 @@ class FeedActorCore:
                  topic: str = MARKET_TOPIC, group_id: str = CONSUMER_GROUP,
                  max_in_flight_per_shard: int = 1, start_from: str = "latest",
                  max_batch: int = 20_000, fetch_max_wait_ms: int = 5,
-                 lookup_retry_s: float = 1.0) -> None:
+                 lookup_retry_s: float = 1.0, partition_check_s: float = 1.0) -> None:
         if start_from not in ("latest", "earliest"):
             raise ValueError("start_from must be 'latest' or 'earliest'")
         self.settings = settings
@@ -104,6 +101,7 @@ class FeedActorCore:
         self.max_batch = max_batch
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.lookup_retry_s = lookup_retry_s
+        self.partition_check_s = partition_check_s
         routes = {a.name: [s.name for s in shards_for_asset(settings, a.name)]
                   for a in self.assets.assets}
         self.fanout = ShardFanout(routes, max_in_flight_per_shard)
@@ -126,6 +124,8 @@ class FeedActorCore:
         self.polls = 0  # getmany calls
         self.batches = 0  # getmany calls that returned records
         self.topic_recreations = 0
+        self.assignments = 0  # assign() calls: the first, then partition set changes
+        self.repositions = 0  # partitions sought again because their end fell below our position
         self.last_error: str | None = None
         self.first_record_s: float | None = None
         self.last_record_s: float | None = None
@@ -164,17 +164,56 @@ class FeedActorCore:
     async def _open_consumer(self) -> AIOKafkaConsumer:
         with contextlib.suppress(Exception):
             await ensure_topic(self.bootstrap, len(self.assets), self.topic, timeout_s=5.0)
+        # group_id=None: manual assignment, no group join, no coordinator (see the module doc);
+        # "earliest" only applies to an out-of-range position, i.e. a recreated topic, whose
+        # messages are all newer than anything read before.
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=self.group_id,
-            auto_offset_reset="latest", enable_auto_commit=False,
+            bootstrap_servers=self.bootstrap, group_id=None, client_id=self.group_id,
+            auto_offset_reset="earliest", enable_auto_commit=False,
             fetch_max_wait_ms=self.fetch_max_wait_ms, metadata_max_age_ms=2000,
             max_partition_fetch_bytes=4 * 1024 * 1024, request_timeout_ms=10_000,
             retry_backoff_ms=100,
         )
         await consumer.start()
         self.consumer = consumer
-        consumer.subscribe([self.topic], listener=_SeekOnAssign(self))
         return consumer
+
+    async def _topic_partitions(self, consumer: AIOKafkaConsumer) -> set[TopicPartition]:
+        """The topic's partitions from fresh metadata (empty when the topic does not exist)."""
+        cluster = await asyncio.wait_for(consumer._client.fetch_all_metadata(), 10.0)
+        return {TopicPartition(self.topic, p)
+                for p in (cluster.partitions_for_topic(self.topic) or ())}
+
+    async def _check_assignment(self, consumer: AIOKafkaConsumer) -> bool:
+        """Assign new partitions and re-position recreated ones; True when any are assigned."""
+        partitions = await self._topic_partitions(consumer)
+        if not partitions:
+            return bool(consumer.assignment())
+        current = set(consumer.assignment())
+        if partitions != current:
+            # assign() replaces the whole assignment and forgets every position: partitions
+            # already read continue where they were, new ones start at the newest
+            consumer.assign(sorted(partitions))
+            self.assignments += 1
+            for tp in current - partitions:
+                self._next_offset.pop(tp, None)
+            for tp in partitions & current:
+                if tp in self._next_offset:
+                    consumer.seek(tp, self._next_offset[tp])
+            await self.position(sorted(tp for tp in partitions if tp not in self._next_offset))
+        else:
+            # the high watermark of the last fetch response (ListOffsets answers can lag behind
+            # what a fetch already returned, so they would trigger false re-reads)
+            behind = [tp for tp in partitions
+                      if (hw := consumer.highwater(tp)) is not None
+                      and hw < self._next_offset.get(tp, 0)]
+            if behind:
+                self.repositions += len(behind)
+                for tp in behind:
+                    self._next_offset.pop(tp, None)
+                await self.position(behind)
+        self._assigned.set()
+        return True
 
     async def position(self, partitions: list[TopicPartition]) -> None:
         """Seek ``partitions`` to their newest message (``latest``) or their beginning."""
@@ -213,7 +252,31 @@ class FeedActorCore:
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         unassigned_since = time.monotonic()
+        check_at = 0.0
         while not self._stopping:
+            if time.monotonic() >= check_at:
+                check_at = time.monotonic() + self.partition_check_s
+                try:
+                    assigned = await self._check_assignment(consumer)
+                except (KafkaError, TimeoutError) as exc:
+                    # broker unreachable for now: keep the consumer (it reconnects by itself)
+                    # and keep fetching what is assigned; check again next round
+                    self.last_error = f"partition check: {type(exc).__name__}: {exc}"
+                    assigned = bool(consumer.assignment())
+                if assigned:
+                    unassigned_since = time.monotonic()
+                elif time.monotonic() - unassigned_since > 3.0:
+                    # The topic does not exist (yet, or any more: the embedded broker forgets
+                    # topics on restart), and nobody may be producing yet.
+                    unassigned_since = time.monotonic()
+                    with contextlib.suppress(Exception):
+                        if await ensure_topic(self.bootstrap, len(self.assets), self.topic, 5.0):
+                            self.topic_recreations += 1
+                    check_at = time.monotonic()
+            if not consumer.assignment():
+                self._pump()
+                await asyncio.sleep(0.1)
+                continue
             batch = await consumer.getmany(timeout_ms=100, max_records=self.max_batch)
             self.polls += 1
             if batch:
@@ -227,15 +290,6 @@ class FeedActorCore:
                 self._deliver(self.conflator.newest(batch.values()))
             else:
                 self._pump()
-            if consumer.assignment():
-                self._assigned.set()
-                unassigned_since = time.monotonic()
-            elif time.monotonic() - unassigned_since > 3.0:
-                # The embedded broker forgets topics on restart; nobody may be producing yet.
-                unassigned_since = time.monotonic()
-                with contextlib.suppress(Exception):
-                    if await ensure_topic(self.bootstrap, len(self.assets), self.topic, 5.0):
-                        self.topic_recreations += 1
 
     def _deliver(self, ticks: Mapping[str, Tick]) -> None:
         fresh = []
@@ -337,6 +391,9 @@ class FeedActorCore:
             "shards_known": sorted(self.handles),
             "consumer_restarts": self.consumer_restarts,
             "topic_recreations": self.topic_recreations,
+            "assignments": self.assignments,
+            "repositions": self.repositions,
+            "pid": os.getpid(),
             "last_error": self.last_error,
             "first_record_s": self.first_record_s,
             "last_record_s": self.last_record_s,
@@ -367,7 +424,7 @@ class FeedActorShell:
 
     Methods (all async; any of them starts consumption if it is not running, so a restarted
     actor resumes on the first call): ``start(timeout_s=30) -> bool``, ``stats() -> dict``,
-    ``prices() -> dict``, ``stop()``, ``set_shard_handles({name: handle})``.
+    ``prices() -> dict``, ``pid() -> int``, ``stop()``, ``set_shard_handles({name: handle})``.
     """
 
     def __init__(self, settings: Settings, bootstrap: str | None = None, *,
@@ -395,6 +452,11 @@ class FeedActorShell:
     async def set_shard_handles(self, handles: Mapping[str, Any]) -> None:
         self.core.handles.update(handles)
         self.core._fixed_handles = True
+
+    async def pid(self) -> int:
+        """The actor's process id (tests kill it to exercise a Ray restart)."""
+        self.core.ensure_started()
+        return os.getpid()
 
     async def stop(self) -> None:
         await self.core.stop()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import signal
 import time
 import uuid
 from typing import Any
@@ -86,7 +88,8 @@ async def test_fan_out_newest_ticks_to_every_shard(kafka_broker: str, ray_local:
         for _, ticks in calls:
             assert [t.asset for t in ticks] == [asset]  # one tick, of its own asset, per call
         seen = [t for _, ticks in calls for t in ticks]
-        assert all(a.ts_us < b.ts_us for a, b in itertools.pairwise(seen))
+        assert all(a.ts_us < b.ts_us for a, b in itertools.pairwise(seen)), (
+            seen[:5], await feed.stats.remote())
         assert all(t.bid_ticks >= 1049 for t in seen) or asset != "SOL"
         assert seen[-1].bid_ticks == last[asset]
     sol0 = await ticks_of(shards["shard-SOL-0"])
@@ -218,3 +221,47 @@ async def test_source_actor_feeds_the_feed_actor(kafka_broker: str, ray_local: N
         ray.kill(shard)
     ray.kill(feed)
     ray.kill(source)
+
+
+async def test_killed_feed_actor_resumes_within_seconds(kafka_broker: str,
+                                                        ray_local: None) -> None:
+    """kill -9 of the feed actor's process: Ray restarts it and prices flow again at once (the
+    actor joins no consumer group, so nothing waits for a dead member's session to expire)."""
+    ns = f"kill-{uuid.uuid4().hex[:8]}"
+    topic = f"md-{ns}"
+    settings = Settings(assets=DEFAULT_ASSETS.subset(["SOL"]))
+    shard = RecordingShard.options(name="shard-SOL-0", namespace=ns).remote()
+    feed = FeedActor.options(max_restarts=-1).remote(settings, kafka_broker, namespace=ns,
+                                                     topic=topic, group_id=ns)
+    assert await feed.start.remote(30)
+    producer = MarketDataProducer(kafka_broker, settings.assets, topic=topic)
+    await producer.start()
+    t0 = now_us()
+    await produce(producer, "SOL", 7000, t0)
+    await producer.flush()
+    await wait_for(lambda: _has_tick(shard, 7000), what="a tick before the kill")
+    old_pid = await feed.pid.remote()
+    os.kill(old_pid, signal.SIGKILL)
+
+    async def restarted() -> bool:
+        try:
+            return bool(await feed.pid.remote() != old_pid)  # the first call starts consuming
+        except ray.exceptions.RayActorError:
+            return False
+
+    await wait_for(restarted, timeout_s=30, what="Ray to restart the feed actor")
+    killed_at = time.monotonic()
+    bid = 7001
+    while not await _has_tick(shard, bid):  # produce until one arrives: bounded below
+        assert time.monotonic() - killed_at < 15, await feed.stats.remote()
+        bid += 1
+        await produce(producer, "SOL", bid, now_us())
+        await producer.flush()
+        await asyncio.sleep(0.2)
+    stats = await feed.stats.remote()
+    assert stats["pid"] != old_pid and stats["assigned"]
+    assert stats["prices"]["SOL"]["bid"] == DEFAULT_ASSETS["SOL"].ticks_to_price(bid)
+    await producer.stop()
+    await feed.stop.remote()
+    ray.kill(feed, no_restart=True)
+    ray.kill(shard)
