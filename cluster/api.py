@@ -138,6 +138,12 @@ class StateOut(BaseModel):
     accountId: str
     balances: BalancesOut
     positions: list[PositionOut]
+    unavailable: list[str] | None = Field(
+        default=None,
+        description="Present only when the answer is partial: the shards (e.g. 'shard-SOL-0') "
+                    "that did not answer, whose positions are missing. free and margin are "
+                    "complete; equity counts the unrealized PnL of the listed positions only. "
+                    "Opens and closes on those shards answer 503 until they recover.")
 
 
 class HistoryOut(BaseModel):
@@ -462,15 +468,21 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     @app.get("/api/v1/state", tags=["accounts"],
              responses={200: {"model": StateOut}, **_errors(401, 503)})
     async def get_state(who: Caller) -> Response:
-        """Balances (free, margin, equity = free + margin + unrealized PnL) and open positions."""
+        """Balances (free, margin, equity = free + margin + unrealized PnL) and open positions.
+
+        While a shard recovers the answer is still 200 but partial: ``unavailable`` names the
+        shards whose positions are missing (equity then counts only the positions listed)."""
         state = await slot.service.state(who)
-        return _json({
+        body: dict[str, Any] = {
             "accountId": state.account_id,
             "balances": {"free": money(state.free_micros),
                          "margin": money(state.margin_micros),
                          "equity": money(state.equity_micros)},
             "positions": [position_json(p, assets[p.asset]) for p in state.positions],
-        })
+        }
+        if state.unavailable:  # partial: a shard is recovering
+            body["unavailable"] = list(state.unavailable)
+        return _json(body)
 
     # ------------------------------------------------------------------ positions
     @app.post("/api/v1/positions/open", status_code=201, tags=["positions"],

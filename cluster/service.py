@@ -66,6 +66,9 @@ class AccountState(NamedTuple):
     margin_micros: int
     equity_micros: int
     positions: list[OpenPosition]
+    # shards that did not answer: their positions are missing and equity counts only the
+    # unrealized PnL of the positions listed (free + margin are always complete)
+    unavailable: tuple[str, ...] = ()
 
 
 class Health(NamedTuple):
@@ -178,13 +181,28 @@ class TradingService:
 
     # ----------------------------------------------------------------- reads
     async def state(self, who: Principal) -> AccountState:
+        """Balances and open positions. A shard that does not answer (e.g. recovering) leaves
+        its positions out and is named in ``unavailable``; the ledger must answer."""
+        names = list(self._positions)
         (free, margin), per_shard = await asyncio.gather(
             self._balances.submit(who.user),
-            asyncio.gather(*(b.submit(who.user) for b in self._positions.values())))
-        positions = [p for shard_positions in per_shard for p in shard_positions]
+            asyncio.gather(*(self._positions[n].submit(who.user) for n in names),
+                           return_exceptions=True))
+        positions: list[OpenPosition] = []
+        unavailable: list[str] = []
+        for name, answer in zip(names, per_shard, strict=True):
+            if isinstance(answer, Unavailable):
+                unavailable.append(name)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                positions.extend(answer)
         positions.sort(key=lambda p: (p.opened_ts_us, p.position_id))
         unrealized = sum(p.unrealized_pnl_micros or 0 for p in positions)
-        return AccountState(who.account_id, free, margin, free + margin + unrealized, positions)
+        if unavailable:
+            self.counters["partial_states"] += 1
+        return AccountState(who.account_id, free, margin, free + margin + unrealized, positions,
+                            tuple(unavailable))
 
     async def history(self, who: Principal, limit: int = 50,
                       before: int | None = None) -> list[ClosedPosition] | Rejected:
