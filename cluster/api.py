@@ -13,6 +13,7 @@ validate requests and document the responses in the OpenAPI schema.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -176,6 +177,8 @@ class PricesOut(RootModel[dict[str, PriceOut]]):
 class HealthOut(BaseModel):
     status: Literal["ok", "unavailable"]
     components: dict[str, str]
+    feedSources: dict[str, str] = Field(
+        default_factory=dict, description="asset -> source of its newest price")
     error: ErrorDetail | None = None
 
 
@@ -570,6 +573,8 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         health = await slot.service.health()
         body: dict[str, Any] = {"status": "ok" if health.ok else "unavailable",
                                 "components": health.components}
+        with contextlib.suppress(Exception):  # sources are informative; health decides above
+            body["feedSources"] = {a: t.source for a, t in (await slot.service.prices()).items()}
         if not health.ok:
             failed = [f"{k}: {v}" for k, v in health.components.items() if v != "ok"]
             body["error"] = {"code": UNAVAILABLE, "message": "; ".join(failed)}

@@ -42,6 +42,8 @@ def test_smoke_open_liquidate_history_audit_through_serve_and_kafka(
     tick(platform, http, "SOL", "200.00", "200.02")  # produced to Kafka, via the feed actor
     p = open_position(http, h, asset="SOL", type="long", margin="50", leverage=20)
     assert D(p["entryPrice"]) == D("200.02")
+    sources = http.get("/healthz").json()["feedSources"]
+    assert sources["SOL"] == http.get("/api/v1/prices").json()["SOL"]["source"]
     liq = D(p["liquidationPrice"])
     s = state(http, h)
     assert D(s["balances"]["margin"]) == 50 and len(s["positions"]) == 1
