@@ -417,19 +417,21 @@ class TradingService:
             except Unavailable:
                 remaining += len(batch)
                 continue
-            releases: list[tuple[int, int]] = []
             answers: list[tuple[IdemKey, object]] = []
             for doubt, result in zip(batch, results, strict=True):
                 if isinstance(result, OpenPosition):
                     if doubt.idem_key is not None:
                         answers.append((doubt.idem_key, result))
-                else:
-                    releases.append((doubt.user, doubt.margin_micros))
-            await self.ledger.release_margins(releases, answers)
-            forgotten = [d.idem_key for d, r in zip(batch, results, strict=True)
-                         if d.idem_key is not None and not isinstance(r, OpenPosition)]
-            if forgotten:
-                await self.ledger.forget(forgotten)
+                elif doubt.request_id not in self._abandoned:
+                    # Not opened (refused, or fenced now): release by request id, which the
+                    # ledger does at most once even if this round's answer is lost and resent.
+                    self._abandoned.append(doubt.request_id)
+            if answers:
+                try:
+                    await self.ledger.release_margins([], answers)
+                except Unavailable:
+                    remaining += len(batch)
+                    continue
             resolved = {d.request_id for d in batch}
             self._in_doubt[shard_name] = [d for d in doubts if d.request_id not in resolved]
             remaining += len(self._in_doubt[shard_name])

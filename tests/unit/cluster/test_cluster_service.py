@@ -376,3 +376,35 @@ async def test_a_close_whose_settlement_is_lost_still_settles_once() -> None:
     state = await flaky.state(who)
     assert state.margin_micros == 0 and state.free_micros == SIGNUP + closed.pnl_micros
     assert await p.audit() == []
+
+
+class LostReleaseReplyLedger:
+    """A ledger port whose next ``abandon_locks`` reaches the ledger but loses its reply."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner, self.lost = inner, 1
+
+    async def abandon_locks(self, request_ids: Sequence[int]) -> object:
+        released = await self.inner.abandon_locks(request_ids)  # type: ignore[attr-defined]
+        if self.lost:
+            self.lost -= 1
+            raise Unavailable("ledger", "reply lost")
+        return released
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+async def test_an_in_doubt_open_that_never_arrived_is_released_once_despite_a_lost_reply() -> None:
+    p = build_platform(wrap=lambda port: FlakyShard(port, failures=3, deliver=False))  # type: ignore[arg-type, return-value]
+    svc = p.service
+    who = await signup(svc)
+    await p.push_tick("SOL", "100.00", "100.01")
+    with pytest.raises(Unavailable):
+        await svc.open_position(who, sol_long())
+    await svc.aclose()  # drive the rounds by hand
+    svc.ledger = LostReleaseReplyLedger(svc.ledger)  # type: ignore[assignment]
+    assert await svc.reconcile() == 1  # released, but the service did not hear it
+    assert await svc.reconcile() == 0  # the resend finds nothing left to release
+    assert p.ledger.core.balances_many([who.user]) == [(SIGNUP, 0)]
+    assert await p.audit() == []
