@@ -159,9 +159,11 @@ async def test_a_dead_shard_is_unavailable_and_the_lock_stays_in_doubt(rp: RayPl
     ray.kill(rp.shards["shard-ETH-0"])
     with pytest.raises(Unavailable):
         await svc.open_position(who, OpenOrder("ETH", Side.LONG, 10 * USD, 2))
-    # its outcome is unknown, so the margin stays locked until the shard can say
-    with pytest.raises(Unavailable):
-        await svc.state(who)
+    # its outcome is unknown, so the margin stays locked until the shard can say; reads still
+    # answer, naming the shard whose positions are missing
+    state = await svc.state(who)
+    assert state.unavailable == ("shard-ETH-0",)
+    assert state.margin_micros == 10 * USD and state.positions == []
     [(free, margin)] = ray.get(rp.ledger.balances_many.remote([who.user]))
     assert (free, margin) == (SIGNUP - 10 * USD, 10 * USD)
     assert await svc.reconcile() == 1
