@@ -32,7 +32,7 @@ from typing import Any
 
 from bench.http_load import Connection, LoadResult, closed_loop
 from cluster.config import Settings
-from cluster.placement import ShardSpec, shard_layout
+from cluster.trading.placement import ShardSpec, shard_layout
 
 HOST = "127.0.0.1"
 OPEN_BODY = {"asset": "SOL", "type": "long", "margin": "10", "leverage": 2}
@@ -211,7 +211,7 @@ async def tick_to_close(platform: Any, bootstrap: str, positions: int, ticks: in
                         closes_per_tick: int = 300) -> dict[str, Any]:
     import ray
 
-    from cluster.messages import MarginLock
+    from engine.messages import MarginLock
     from feed.message import message_from_ticks
     from feed.producer import MarketDataProducer
 

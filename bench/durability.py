@@ -85,7 +85,7 @@ def api_phase(durable: bool, bootstrap: str, concurrency: int,
 def _fill_shard(actor: Any, positions: int, batch: int) -> dict[str, Any]:
     """Runs inside the shard actor (``__ray_call__``): open ``positions`` positions through the
     journaled ``open_many`` in batches of ``batch`` requests (one commit per batch)."""
-    from cluster.messages import ShardOpen
+    from engine.messages import ShardOpen
     from engine.market import Tick
     from engine.orders import Side
 
@@ -123,7 +123,7 @@ def recovery_phase(positions: int, kills: int = 3) -> dict[str, Any]:
     recovery), time Ray's restart plus its recovery; reports the median kill."""
     import ray
 
-    from cluster.placement import shard_layout
+    from cluster.trading.placement import shard_layout
     from cluster.shard_actor import ShardActor
 
     settings = Settings.from_env()

@@ -1,7 +1,7 @@
 """Names under which the platform's Ray actors and Serve application are registered.
 
 Every component finds the others by these names (``ray.get_actor(name, namespace=NAMESPACE)``);
-shard actors are named by ``cluster.placement.ShardSpec.name``.
+shard actors are named by ``cluster.trading.placement.ShardSpec.name``.
 """
 
 from __future__ import annotations

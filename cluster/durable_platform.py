@@ -36,7 +36,7 @@ from typing import Any
 
 from cluster.actor_names import FEED, LEDGER
 from cluster.launcher import READY_TIMEOUT_S, LaunchError, Platform, placement_nodes
-from cluster.messages import OpenPosition, SettlementItem
+from engine.messages import OpenPosition, SettlementItem
 from cluster.shard_core import merge_margins
 
 RESTART = {"max_restarts": -1, "max_task_retries": 0}  # ledger and shards

@@ -11,7 +11,7 @@ import ray
 
 from cluster.config import Settings
 from cluster.ledger_core import LedgerCore
-from cluster.messages import (
+from engine.messages import (
     ClosedPosition,
     IdemHit,
     IdemKey,

@@ -14,7 +14,7 @@ import hashlib
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 
-from cluster.messages import (
+from engine.messages import (
     ClosedPosition,
     IdemHit,
     IdemKey,

@@ -38,7 +38,7 @@ import numpy as np
 
 from cluster.journal_store import JournalStore
 from cluster.ledger_core import LedgerCore, hash_api_key
-from cluster.messages import (
+from engine.messages import (
     ClosedPosition,
     IdemHit,
     IdemKey,
@@ -57,7 +57,7 @@ from engine.events import (
 from engine.ledger import Ledger, LedgerError
 from engine.orders import Side
 from engine.results import Code, Rejected
-from engine.snapshot import Snapshot
+from cluster.durability.snapshot import Snapshot
 
 PENDING = b""  # ClientOrderStored.response of a reservation whose answer is not known yet
 FORGOTTEN = b"\x00"  # ClientOrderStored.response that drops a pending reservation

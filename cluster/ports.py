@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 from cluster.ledger_core import LedgerCore
-from cluster.messages import (
+from engine.messages import (
     ClosedPosition,
     IdemHit,
     IdemKey,

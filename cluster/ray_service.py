@@ -7,7 +7,7 @@ from typing import Any
 
 from cluster.config import Settings
 from cluster.ledger_actor import LEDGER_ACTOR_NAME
-from cluster.placement import shard_layout
+from cluster.trading.placement import shard_layout
 from cluster.ports import RayLedgerPort, RayShardPort, ShardPort
 from cluster.service import TradingService
 

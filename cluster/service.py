@@ -10,7 +10,7 @@ releases the lock if it was made, once.
 Closes settle through the ledger by the shard's settlement sequence number, so the service and
 the shard's own outbox push may both deliver a settlement and it is applied once.
 
-Concurrent requests are micro-batched (cluster.batcher): one ``lock_margins`` call for all the
+Concurrent requests are micro-batched (cluster.trading.batcher): one ``lock_margins`` call for all the
 opens of an event-loop turn, one ``open_many`` per shard, and so on. Independent calls (the
 balances and each shard's positions of a state read) run concurrently. Everything here is
 integers; the API layer converts to decimal strings.
@@ -26,10 +26,10 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NamedTuple
 
-from cluster.batcher import MicroBatcher
+from cluster.trading.batcher import MicroBatcher
 from cluster.config import Settings
 from cluster.ledger_core import hash_api_key
-from cluster.messages import (
+from engine.messages import (
     ClosedPosition,
     CloseOrder,
     IdemHit,
@@ -44,7 +44,7 @@ from cluster.messages import (
     ShardOpen,
     ShardStats,
 )
-from cluster.placement import ShardSpec, shard_layout
+from cluster.trading.placement import ShardSpec, shard_layout
 from cluster.ports import LedgerPort, ShardPort, Unavailable
 from cluster.shard_core import merge_margins
 from engine.assets import Asset, AssetRegistry

@@ -17,14 +17,14 @@ from typing import Any
 import ray
 
 from cluster.config import Settings
-from cluster.messages import (
+from engine.messages import (
     OpenPosition,
     SettlementItem,
     ShardClose,
     ShardOpen,
     ShardStats,
 )
-from cluster.placement import ShardSpec, shard_layout
+from cluster.trading.placement import ShardSpec, shard_layout
 from cluster.shard_core import ShardCore
 from engine.assets import Asset
 from engine.market import Tick

@@ -1,6 +1,6 @@
 """ShardCore: the trading logic of one shard actor, pure Python over an engine PositionBook.
 
-A shard owns the open positions of one asset split (cluster.placement.ShardSpec). It keeps the
+A shard owns the open positions of one asset split (cluster.trading.placement.ShardSpec). It keeps the
 last tick, opens positions at the tick's ask/bid (never at a client price), closes them by hand
 or when a tick crosses a trigger, and puts every close into an outbox of settlements numbered
 1, 2, 3... that the ledger applies exactly once (it remembers the last applied number). Nothing
@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from cluster.messages import (
+from engine.messages import (
     ClosedPosition,
     OpenPosition,
     SettlementItem,
@@ -22,7 +22,7 @@ from cluster.messages import (
     ShardOpen,
     ShardStats,
 )
-from cluster.placement import ShardSpec
+from cluster.trading.placement import ShardSpec
 from engine.assets import Asset
 from engine.book import PositionBook, PositionRecord
 from engine.market import Tick

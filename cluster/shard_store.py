@@ -38,14 +38,14 @@ from typing import Any
 import numpy as np
 
 from cluster.journal_store import BATCH_TAG, JournalStore, decode_batch
-from cluster.messages import (
+from engine.messages import (
     ClosedPosition,
     OpenPosition,
     SettlementItem,
     ShardClose,
     ShardOpen,
 )
-from cluster.placement import ShardSpec
+from cluster.trading.placement import ShardSpec
 from cluster.shard_core import _ABANDONED, REMEMBERED_OPENS, ShardCore
 from engine.assets import Asset
 from engine.book import PositionBook
@@ -61,7 +61,7 @@ from engine.market import Tick
 from engine.orders import CloseReason, OpenPlan, Side
 from engine.results import Rejected
 from engine.settlement import exit_price_ticks, pnl_micros
-from engine.snapshot import Snapshot
+from cluster.durability.snapshot import Snapshot
 
 RECOVERED_TICK_SOURCE = "journal"  # Tick.source of a last tick rebuilt from the journal
 

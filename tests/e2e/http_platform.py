@@ -19,7 +19,7 @@ import uvicorn
 from cluster.api import create_app
 from cluster.config import Settings
 from cluster.ledger_core import LedgerCore
-from cluster.placement import shard_layout
+from cluster.trading.placement import shard_layout
 from cluster.ports import LocalLedgerPort, LocalShardPort, ShardPort
 from cluster.service import TradingService
 from cluster.shard_core import ShardCore

@@ -15,8 +15,8 @@ import ray
 
 from cluster.config import Settings
 from cluster.ledger_actor import create_ledger_actor
-from cluster.messages import CloseOrder, OpenOrder, OpenPosition, SettlementItem
-from cluster.placement import shard_layout
+from engine.messages import CloseOrder, OpenOrder, OpenPosition, SettlementItem
+from cluster.trading.placement import shard_layout
 from cluster.ports import Unavailable
 from cluster.ray_service import service_from_handles, service_from_names
 from cluster.service import TradingService

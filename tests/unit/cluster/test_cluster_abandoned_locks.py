@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import pytest
 
 from cluster.ledger_core import LedgerCore
-from cluster.messages import IdemHit, IdemKey, MarginLock, OpenOrder, OpenPosition
+from engine.messages import IdemHit, IdemKey, MarginLock, OpenOrder, OpenPosition
 from cluster.ports import LocalLedgerPort, Unavailable
 from cluster.service import TradingService
 from engine.orders import Side

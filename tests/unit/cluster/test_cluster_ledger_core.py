@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 
 from cluster.ledger_core import LedgerCore, hash_api_key
-from cluster.messages import ClosedPosition, IdemHit, IdemKey, MarginLock, SettlementItem
+from engine.messages import ClosedPosition, IdemHit, IdemKey, MarginLock, SettlementItem
 from engine.orders import CloseReason, Side
 from engine.results import Code, Rejected
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from cluster.messages import (
+from engine.messages import (
     CloseOrder,
     MarginLock,
     OpenOrder,

@@ -8,8 +8,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.messages import ShardClose, ShardOpen
-from cluster.placement import ShardSpec
+from engine.messages import ShardClose, ShardOpen
+from cluster.trading.placement import ShardSpec
 from cluster.shard_core import ShardCore, slippage_exceeded
 from engine.assets import DEFAULT_ASSETS
 from engine.market import Tick

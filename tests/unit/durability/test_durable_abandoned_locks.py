@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cluster.ledger_store import DurableLedger
-from cluster.messages import IdemHit, IdemKey, MarginLock
+from engine.messages import IdemHit, IdemKey, MarginLock
 from tests.unit.durability.test_durable_stores import SIGNUP, USD, crash, open_ledger
 
 

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from cluster.journal_store import JOURNAL_DIR, DurabilityError, decode_batch, encode_batch
 from cluster.ledger_core import LedgerCore
 from cluster.ledger_store import DurableLedger, decode_answer, encode_answer
-from cluster.messages import (
+from engine.messages import (
     ClosedPosition,
     IdemHit,
     IdemKey,
@@ -36,7 +36,7 @@ from cluster.messages import (
     ShardClose,
     ShardOpen,
 )
-from cluster.placement import ShardSpec
+from cluster.trading.placement import ShardSpec
 from cluster.shard_store import (
     MIN_VECTOR_RUN,
     RECOVERED_TICK_SOURCE,

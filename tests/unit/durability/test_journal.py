@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import journal as journal_module
-from engine.journal import (
+from cluster.durability import journal as journal_module
+from cluster.durability.journal import (
     HEADER_BYTES,
     Journal,
     JournalError,
@@ -316,7 +316,7 @@ def test_rejects_oversized_records(tmp_path: Path) -> None:
 WRITER = textwrap.dedent(
     """
     import sys
-    from engine.journal import Journal
+    from cluster.durability.journal import Journal
     j = Journal(sys.argv[1], segment_bytes=4096)
     n = j.durable_seq
     while True:

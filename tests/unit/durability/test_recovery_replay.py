@@ -35,12 +35,12 @@ from engine.events import (
     TickApplied,
     encode,
 )
-from engine.journal import Journal
+from cluster.durability.journal import Journal
 from engine.ledger import Ledger
 from engine.orders import CloseReason, OpenPlan, Side, plan_open
-from engine.recovery import RecoveryError, checkpoint, recover, trim_journal
+from cluster.durability.recovery import RecoveryError, checkpoint, recover, trim_journal
 from engine.settlement import Settlement, exit_price_ticks, settle
-from engine.snapshot import (
+from cluster.durability.snapshot import (
     Snapshot,
     list_snapshots,
     prune_snapshots,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.snapshot import (
+from cluster.durability.snapshot import (
     META_KEY,
     SnapshotError,
     list_snapshots,

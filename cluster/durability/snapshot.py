@@ -24,8 +24,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from engine.journal import create_directory
-from engine.journal import fsync_directory as _fsync_dir
+from cluster.durability.journal import create_directory
+from cluster.durability.journal import fsync_directory as _fsync_dir
 
 SNAPSHOT_FORMAT = 1
 SNAPSHOT_SUFFIX = ".npz"

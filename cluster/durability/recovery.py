@@ -39,8 +39,8 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from engine.events import decode as decode_event
-from engine.journal import Journal, JournalError
-from engine.snapshot import (
+from cluster.durability.journal import Journal, JournalError
+from cluster.durability.snapshot import (
     DEFAULT_KEEP,
     Snapshot,
     list_snapshots,
