@@ -149,8 +149,10 @@ def plan_open(asset: Asset, side: Side, margin_micros: int, leverage: int, bid_t
     Long enters at ``ask_ticks``, short at ``bid_ticks``. Refusals: LEVERAGE_OUT_OF_RANGE
     (outside ``1..asset.max_leverage``), PRICE_UNAVAILABLE (no sane bid/ask), INVALID_REQUEST
     (margin <= 0, quantity below one step, margin not above the maintenance margin, values too
-    large for the book), INVALID_TRIGGER (TP not on the profit side, SL not strictly between
-    the liquidation price and the entry; a level <= 0 is invalid, ``None`` means not set).
+    large for the book), WOULD_LIQUIDATE (the liquidation price is already crossed by the
+    closing-side price: long ``bid <= liq``, short ``ask >= liq``), INVALID_TRIGGER (TP not on
+    the profit side, SL not strictly between the liquidation price and the entry; a level <= 0
+    is invalid, ``None`` means not set).
     ``maintenance_margin_ppm`` is a configuration value; outside ``0..10**6`` raises ValueError.
     """
     if not 0 <= maintenance_margin_ppm < PPM:
@@ -178,6 +180,10 @@ def plan_open(asset: Asset, side: Side, margin_micros: int, leverage: int, bid_t
     if margin_micros * scale <= maintenance_margin_ppm * entry * qty:
         return Rejected(Code.INVALID_REQUEST, "margin does not exceed the maintenance margin")
     liq = liquidation_ticks(asset, side, entry, qty, margin_micros, maintenance_margin_ppm)
+    if (bid_ticks <= liq) if side is Side.LONG else (ask_ticks >= liq):
+        return Rejected(Code.WOULD_LIQUIDATE,
+                        f"the liquidation price {asset.ticks_to_price(liq)} is already crossed "
+                        f"by the current {'bid' if side is Side.LONG else 'ask'}")
     tp = NO_LEVEL if tp_ticks is None else tp_ticks
     sl = NO_LEVEL if sl_ticks is None else sl_ticks
     if (tp_ticks is not None and tp_ticks <= 0) or (sl_ticks is not None and sl_ticks <= 0):
@@ -296,6 +302,7 @@ def plan_open_arrays(asset: Asset, side: np.ndarray, margin_micros: np.ndarray,
     tp_ok = (tp == 0) | np.where(long, tp > entry, (tp > 0) & (tp < entry))
     sl_ok = (sl == 0) | np.where(long, (sl > liq) & (sl < entry), (sl > entry) & (sl < liq))
     ok &= tp_ok & sl_ok & (tp >= 0) & (sl >= 0)
+    ok &= np.where(long, bid > liq, ask < liq)  # not already liquidatable (WOULD_LIQUIDATE)
     plans = {
         "side": side, "entry_ticks": entry, "qty_steps": qty, "margin_micros": margin,
         "leverage": lev, "liq_ticks": liq, "tp_ticks": tp, "sl_ticks": sl, "mm_micros": mm,

@@ -70,6 +70,9 @@ def plan_open(asset: Asset, side: Side, margin_micros: int, leverage: int, bid_t
                                   maintenance_margin_ppm)
     tick = _price(asset, 1)
     liq_ticks = max(0, math.floor(liq / tick)) if side == Side.LONG else math.ceil(liq / tick)
+    closing = _price(asset, bid_ticks if side == Side.LONG else ask_ticks)
+    if (closing <= liq) if side == Side.LONG else (closing >= liq):
+        return Rejected(Code.WOULD_LIQUIDATE, "liquidation price already crossed")
     if (tp_ticks is not None and tp_ticks <= 0) or (sl_ticks is not None and sl_ticks <= 0):
         return Rejected(Code.INVALID_TRIGGER, "levels must be positive")
     if max(tp_ticks or 0, sl_ticks or 0) > 2**62:

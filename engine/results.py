@@ -22,6 +22,12 @@ class Code(StrEnum):
     LEVERAGE_OUT_OF_RANGE = "LEVERAGE_OUT_OF_RANGE"
     INVALID_TRIGGER = "INVALID_TRIGGER"
     UNAUTHORIZED = "UNAUTHORIZED"
+    WOULD_LIQUIDATE = "WOULD_LIQUIDATE"  # the open's liquidation price is already crossed
+    RATE_LIMITED = "RATE_LIMITED"
+    TOO_MANY_POSITIONS = "TOO_MANY_POSITIONS"
+    TOO_MANY_ORDERS = "TOO_MANY_ORDERS"
+    ORDER_NOT_OPEN = "ORDER_NOT_OPEN"
+    SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"  # a component (ledger, shard) did not answer
 
 
 @dataclass(frozen=True, slots=True)

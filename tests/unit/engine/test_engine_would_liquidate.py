@@ -1,0 +1,91 @@
+"""No open that is already lost (SPEC "Trading rules"): an open whose liquidation price is
+already crossed by the current closing-side price is refused with WOULD_LIQUIDATE, by the fast
+engine, the Fraction reference and the vectorised planner alike."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from engine_impls import Impl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.assets import DEFAULT_ASSETS
+from engine.book import PositionBook
+from engine.orders import CloseReason, OpenPlan, Side, plan_open, plan_open_arrays
+from engine.results import Code, Rejected
+
+SOL = DEFAULT_ASSETS["SOL"]  # price step 0.01, quantity step 0.01
+USD = 1_000_000
+
+
+def _plan(impl: Impl, side: Side, leverage: int, bid: str, ask: str,
+          ppm: int = 0) -> OpenPlan | Rejected:
+    result: OpenPlan | Rejected = impl.plan_open(
+        SOL, side, 100 * USD, leverage, SOL.price_to_ticks(bid), SOL.price_to_ticks(ask),
+        None, None, ppm)
+    return result
+
+
+@pytest.mark.parametrize(("bid", "ask"), [("98.90", "100.00"), ("99.00", "100.00")])
+def test_long_whose_liquidation_price_is_at_or_above_the_bid_is_refused(
+        impl: Impl, bid: str, ask: str) -> None:
+    # 100 USD at 100x at the ask 100.00: quantity 100.00, liquidation 100.00 - 100/100 = 99.00
+    result = _plan(impl, Side.LONG, 100, bid, ask)
+    assert isinstance(result, Rejected) and result.code == Code.WOULD_LIQUIDATE
+
+
+def test_long_whose_liquidation_price_is_below_the_bid_opens(impl: Impl) -> None:
+    plan = _plan(impl, Side.LONG, 100, "99.01", "100.00")
+    assert isinstance(plan, OpenPlan) and plan.liq_ticks == SOL.price_to_ticks("99.00")
+
+
+@pytest.mark.parametrize(("bid", "ask"), [("100.00", "101.10"), ("100.00", "101.00")])
+def test_short_whose_liquidation_price_is_at_or_below_the_ask_is_refused(
+        impl: Impl, bid: str, ask: str) -> None:
+    # 100 USD at 100x at the bid 100.00: quantity 100.00, liquidation 100.00 + 100/100 = 101.00
+    result = _plan(impl, Side.SHORT, 100, bid, ask)
+    assert isinstance(result, Rejected) and result.code == Code.WOULD_LIQUIDATE
+
+
+def test_short_whose_liquidation_price_is_above_the_ask_opens(impl: Impl) -> None:
+    plan = _plan(impl, Side.SHORT, 100, "100.00", "100.99")
+    assert isinstance(plan, OpenPlan) and plan.liq_ticks == SOL.price_to_ticks("101.00")
+
+
+def test_maintenance_margin_moves_the_liquidation_price_closer(impl: Impl) -> None:
+    # 0.5% maintenance margin: liquidation 100.00 - (100 - 50) / 100 = 99.50
+    assert isinstance(_plan(impl, Side.LONG, 100, "99.51", "100.00", 5_000), OpenPlan)
+    refused = _plan(impl, Side.LONG, 100, "99.50", "100.00", 5_000)
+    assert isinstance(refused, Rejected) and refused.code == Code.WOULD_LIQUIDATE
+
+
+def test_a_long_without_a_positive_liquidation_price_always_opens(impl: Impl) -> None:
+    plan = _plan(impl, Side.LONG, 1, "0.01", "100.00")  # 1x: liquidation price 0
+    assert isinstance(plan, OpenPlan) and plan.liq_ticks == 0
+
+
+def test_the_vectorised_planner_refuses_the_same_opens() -> None:
+    side = np.array([Side.LONG, Side.LONG, Side.SHORT, Side.SHORT])
+    bid = np.array([9_890, 9_901, 10_000, 10_000])
+    ask = np.array([10_000, 10_000, 10_110, 10_099])
+    margin = np.full(4, 100 * USD)
+    leverage = np.full(4, 100)
+    zeros = np.zeros(4, dtype=np.int64)
+    _, ok = plan_open_arrays(SOL, side, margin, leverage, bid, ask, zeros, zeros)
+    assert ok.tolist() == [False, True, False, True]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([Side.LONG, Side.SHORT]), st.integers(1, 10**10), st.integers(1, 100),
+       st.integers(1, 10**6), st.integers(0, 5_000), st.sampled_from([0, 5_000, 100_000]))
+def test_an_accepted_open_is_not_liquidated_by_the_tick_it_opened_on(
+        side: Side, margin: int, leverage: int, bid: int, spread: int, ppm: int) -> None:
+    ask = bid + spread
+    result = plan_open(SOL, side, margin, leverage, bid, ask, None, None, ppm)
+    if isinstance(result, Rejected):
+        return
+    book = PositionBook(SOL, book_tag=1)
+    book.open(7, result, 0)
+    _, reasons = book.sweep(bid, ask)
+    assert CloseReason.LIQUIDATION not in [CloseReason(int(r)) for r in reasons]
