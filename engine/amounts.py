@@ -3,19 +3,31 @@
 Money is an integer count of micro-dollars (``*_micros``); a price is an integer count of its
 asset's price step (``*_ticks``); a quantity is an integer count of its quantity step
 (``*_steps``). Every step is a power of ten, described by its number of decimals, so conversion
-is exact string arithmetic through :class:`decimal.Decimal` and never through a float.
+is exact integer arithmetic on the digits, never through a float.
+
+Decimal text has one strict grammar (:data:`DECIMAL_TEXT`): ASCII digits, one optional point
+with digits on both sides, and a leading ``-`` only where a negative value is allowed; no
+spaces, no ``+``, no ``_``, no exponent, no other Unicode digits. A JSON number, which may carry
+an exponent, reaches :func:`to_units` as a :class:`~decimal.Decimal` (or an int) built from its
+text, never as a float.
 """
 
 from __future__ import annotations
 
 import math
-from decimal import Decimal, InvalidOperation
+import re
+from decimal import Decimal
 
 MONEY_DECIMALS = 6
 MICROS_PER_USD = 10**MONEY_DECIMALS
 # Largest magnitude any stored amount may take: int64 columns must never overflow, and the
 # products taken in kernels (price * quantity) are done on Python ints, so 2**62 leaves headroom.
 MAX_UNITS = 2**62
+_MAX_UNITS_DIGITS = len(str(MAX_UNITS))
+MAX_DECIMAL_CHARS = 64
+"""Longest decimal text accepted (any valid amount is far shorter)."""
+DECIMAL_TEXT = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")
+"""The decimal text grammar (``fullmatch``): sign, integer digits, fraction digits."""
 
 
 class AmountError(ValueError):
@@ -23,49 +35,76 @@ class AmountError(ValueError):
     too large."""
 
 
+def decimal_text_pattern(decimals: int, *, allow_negative: bool = False) -> str:
+    """The ECMA-262 regular expression of the decimal text :func:`to_units` accepts for a
+    step of ``10**-decimals`` (trailing zeros beyond the step are not extra precision), for
+    documents such as an OpenAPI schema. Magnitude and zero are checked separately."""
+    sign = "-?" if allow_negative else ""
+    fraction = rf"(\.[0-9]{{1,{decimals}}}0*)?" if decimals > 0 else r"(\.0+)?"
+    return f"^{sign}[0-9]+{fraction}$"
+
+
 def to_units(value: str | int | float | Decimal, decimals: int, *, allow_zero: bool = True,
              allow_negative: bool = False) -> int:
     """Parse ``value`` into an exact integer count of ``10**-decimals`` steps.
 
-    Accepts a decimal string, an int, or a float (taken through its shortest ``repr``, the
-    number the client wrote in JSON). Raises :class:`AmountError` for anything that is not a
-    finite number, has more decimals than ``decimals``, is negative (unless allowed), zero
-    (unless allowed) or larger than :data:`MAX_UNITS` steps.
+    Accepts decimal text (the strict :data:`DECIMAL_TEXT` grammar), an int, a
+    :class:`~decimal.Decimal` (a JSON number read exactly; it may carry an exponent), or a float
+    (taken through its shortest ``repr``; only for trusted producers, never for client input).
+    Raises :class:`AmountError` for anything that is not a finite number, has more decimals
+    than ``decimals``, is negative (unless allowed), zero (unless allowed) or larger than
+    :data:`MAX_UNITS` steps.
     """
     if isinstance(value, bool):
         raise AmountError("expected a number, got a boolean")
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise AmountError("amount must be finite")
-        text = repr(value)
-    elif isinstance(value, int | Decimal):
-        text = str(value)
+    if isinstance(value, int):
+        if abs(value) > MAX_UNITS:  # before str(): a huge int's text is slow to build
+            raise AmountError("amount out of range")
+        negative, digits, exponent = value < 0, str(abs(value)), 0
     elif isinstance(value, str):
-        text = value.strip()
-        if not text or len(text) > 64:
-            raise AmountError("amount must be a short decimal string")
+        match = DECIMAL_TEXT.fullmatch(value) if len(value) <= MAX_DECIMAL_CHARS else None
+        if match is None:
+            raise AmountError("not a decimal number: expected digits 0-9 with one optional "
+                              "point, like 12.5")
+        sign, whole, fraction = match.groups()
+        negative, digits, exponent = bool(sign), whole + (fraction or ""), -len(fraction or "")
+    elif isinstance(value, float | Decimal):
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise AmountError("amount must be finite")
+            value = Decimal(repr(value))
+        if not value.is_finite():
+            raise AmountError("amount must be finite")
+        sign_bit, digit_tuple, exp = value.as_tuple()
+        assert isinstance(exp, int)
+        negative, digits, exponent = bool(sign_bit), "".join(map(str, digit_tuple)), exp
     else:
         raise AmountError(f"expected a number or a decimal string, got {type(value).__name__}")
-    try:
-        dec = Decimal(text)
-    except InvalidOperation:
-        raise AmountError(f"not a decimal number: {text!r}") from None
-    if not dec.is_finite():
-        raise AmountError("amount must be finite")
-    if dec.is_signed() and dec != 0 and not allow_negative:
+    if negative and not allow_negative and digits.strip("0"):
         raise AmountError("amount must not be negative")
-    exponent = dec.as_tuple().exponent
-    assert isinstance(exponent, int)
-    if abs(dec.adjusted()) > 40:
-        raise AmountError("amount out of range")
-    scaled = dec.scaleb(decimals)
-    if scaled != scaled.to_integral_value():
-        raise AmountError(f"too many decimals: at most {decimals} allowed")
-    units = int(scaled)
-    if abs(units) > MAX_UNITS:
-        raise AmountError("amount out of range")
+    units = _scaled(digits, exponent, decimals)
+    if negative:
+        units = -units
     if units == 0 and not allow_zero:
         raise AmountError("amount must be greater than zero")
+    return units
+
+
+def _scaled(digits: str, exponent: int, decimals: int) -> int:
+    """``int(digits) * 10**(exponent + decimals)``, exactly, or AmountError when that is not an
+    integer (too many decimals) or exceeds :data:`MAX_UNITS`; never builds a huge power."""
+    significant = digits.lstrip("0")
+    if not significant:
+        return 0
+    trimmed = significant.rstrip("0")
+    shift = exponent + decimals + len(significant) - len(trimmed)
+    if shift < 0:
+        raise AmountError(f"too many decimals: at most {decimals} allowed")
+    if len(trimmed) + shift > _MAX_UNITS_DIGITS:
+        raise AmountError("amount out of range")
+    units = int(trimmed) * 10**shift
+    if units > MAX_UNITS:
+        raise AmountError("amount out of range")
     return units
 
 

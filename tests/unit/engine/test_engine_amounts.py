@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +14,7 @@ from engine.amounts import (
     MAX_UNITS,
     AmountError,
     ceil_div,
+    decimal_text_pattern,
     floor_div,
     from_units,
     micros_to_money,
@@ -26,13 +29,21 @@ from engine.assets import DEFAULT_ASSETS
     ("123.4", 2, 12_340),
     ("0.01", 2, 1),
     ("100", 2, 10_000),
-    (" 7.5 ", 1, 75),
-    ("1e2", 0, 100),
+    ("007.50", 1, 75),
     ("1.50000", 2, 150),  # trailing zeros are not extra precision
+    ("1." + "0" * 30, 6, 1_000_000),
+    ("123456789012.123456", 6, 123_456_789_012_123_456),  # 18 digits: a float rounds it
+    ("-0", 2, 0),
     (100, 6, 100_000_000),
     (0.1, 2, 10),  # a float is read as the shortest text that round-trips: "0.1"
     (98.97, 2, 9_897),
     (Decimal("0.000001"), 6, 1),
+    # a JSON number arrives as a Decimal of its text: exact, exponents allowed
+    (Decimal("123456789012.123456"), 6, 123_456_789_012_123_456),
+    (Decimal("1.5E+3"), 0, 1_500),
+    (Decimal("2500e-2"), 0, 25),
+    (Decimal("0e-999999999999999999"), 2, 0),
+    (Decimal("-0.0"), 2, 0),
     ("0", 2, 0),
 ])
 def test_valid_amounts(value: object, decimals: int, units: int) -> None:
@@ -50,6 +61,17 @@ def test_valid_amounts(value: object, decimals: int, units: int) -> None:
     (True, 2), (False, 2),  # bools are not numbers here
     ("", 2), ("   ", 2), ("abc", 2), ("1,5", 2), ("0x10", 2), ("1" * 65, 0),
     (None, 2), ([1], 2), (b"1", 2),
+    # the strict grammar: digits 0-9, one optional point with digits on both sides, no sign
+    # but a '-' where allowed, no spaces, separators, exponents or non-ASCII digits
+    (" 7.5 ", 1), ("7.5 ", 1), ("\t7", 0), ("7\n", 0), ("+5", 0), ("1_000", 0), ("1e2", 0),
+    ("1E2", 0), ("1.", 0), (".5", 1), ("1.2.3", 2), ("--1", 0), ("٣", 0), ("５", 0),
+    ("1٣", 0), ("Infinity", 0),
+    # exact: never rounded to fit, whatever the number of digits
+    ("100.00000000000000001", 6), ("1." + "0" * 29 + "1", 6), ("0." + "0" * 40 + "1", 6),
+    (Decimal("100.00000000000000001"), 6), (Decimal("1e-999999999999999999"), 6),
+    (Decimal("1e999999999999999999"), 0), (Decimal("NaN"), 0), (Decimal("-Infinity"), 0),
+    (Decimal("4611686018427.387905"), 6),  # MAX_UNITS + 1 micro-dollars
+    (-(2**62) - 1, 0), (10**500, 0),
 ])
 def test_invalid_amounts(value: object, decimals: int) -> None:
     with pytest.raises(AmountError):
@@ -58,7 +80,12 @@ def test_invalid_amounts(value: object, decimals: int) -> None:
 
 def test_sign_and_zero_options() -> None:
     assert to_units("-1.5", 1, allow_negative=True) == -15
+    assert to_units(Decimal("-2E+1"), 0, allow_negative=True) == -20
     assert to_units("-0", 2) == 0  # negative zero is zero
+    with pytest.raises(AmountError, match="negative"):
+        to_units("-0.001", 2)  # the sign is the reason, not the decimals
+    with pytest.raises(AmountError, match="range"):
+        to_units(10**5000, 0)  # refused before its 5001 digits are ever formatted
     with pytest.raises(AmountError):
         to_units("0", 2, allow_zero=False)
     with pytest.raises(AmountError):
@@ -78,6 +105,32 @@ def test_format(units: int, decimals: int, text: str) -> None:
 @given(st.integers(-MAX_UNITS, MAX_UNITS), st.integers(0, 12))
 def test_format_then_parse_round_trips(units: int, decimals: int) -> None:
     assert to_units(from_units(units, decimals), decimals, allow_negative=True) == units
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 10**25), st.integers(-30, 30), st.integers(0, 12), st.booleans())
+def test_json_numbers_are_exact(mantissa: int, exponent: int, decimals: int,
+                                negative: bool) -> None:
+    value = Fraction(mantissa) * Fraction(10) ** exponent * (-1 if negative else 1)
+    scaled = value * 10**decimals
+    number = Decimal(f"{'-' if negative else ''}{mantissa}e{exponent}")
+    if scaled.denominator != 1 or abs(scaled) > MAX_UNITS:
+        with pytest.raises(AmountError):
+            to_units(number, decimals, allow_negative=True)
+    else:
+        assert to_units(number, decimals, allow_negative=True) == scaled
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="0123456789.-+e_ ٣", max_size=10), st.integers(0, 4), st.booleans())
+def test_the_documented_pattern_is_the_grammar(text: str, decimals: int, signed: bool) -> None:
+    pattern = decimal_text_pattern(decimals, allow_negative=signed)
+    try:
+        to_units(text, decimals, allow_negative=signed)
+        accepted = True
+    except AmountError as exc:
+        accepted = "range" in str(exc)  # the pattern states the form, not the magnitude
+    assert accepted == (re.fullmatch(pattern[1:-1], text) is not None), (text, pattern)
 
 
 def test_money() -> None:
