@@ -33,6 +33,11 @@ class Settings:
     maintenance_margin_ppm: int = 0  # MAINTENANCE_MARGIN_RATE as parts per million
     max_price_age_s: float = 15.0  # MAX_PRICE_AGE_S: older prices refuse opens and closes
     signup_balance_micros: int = 10_000 * 10**6  # SIGNUP_BALANCE in USD
+    max_body_bytes: int = 16 * 1024  # MAX_BODY_BYTES: a larger request body answers 413
+    max_json_depth: int = 32  # MAX_JSON_DEPTH: a more deeply nested JSON body answers 400
+    api_key_rate_per_s: int = 50  # API_KEY_RATE_PER_S: requests per API key (0 = unlimited)
+    api_key_burst: int = 100  # API_KEY_BURST: requests an idle API key may send at once
+    signups_per_min: int = 10  # SIGNUPS_PER_MIN: accounts per client address (0 = unlimited)
 
     @property
     def bootstrap_servers(self) -> str:
@@ -71,6 +76,11 @@ class Settings:
                 maintenance_margin_ppm=to_units(env.get("MAINTENANCE_MARGIN_RATE", "0"), 6),
                 max_price_age_s=float(env.get("MAX_PRICE_AGE_S", base.max_price_age_s)),
                 signup_balance_micros=money_to_micros(env.get("SIGNUP_BALANCE", "10000")),
+                max_body_bytes=int(env.get("MAX_BODY_BYTES", base.max_body_bytes)),
+                max_json_depth=int(env.get("MAX_JSON_DEPTH", base.max_json_depth)),
+                api_key_rate_per_s=int(env.get("API_KEY_RATE_PER_S", base.api_key_rate_per_s)),
+                api_key_burst=int(env.get("API_KEY_BURST", base.api_key_burst)),
+                signups_per_min=int(env.get("SIGNUPS_PER_MIN", base.signups_per_min)),
             )
         except (AmountError, ValueError) as exc:
             raise ConfigError(str(exc)) from exc
