@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -41,12 +40,16 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from engine.events import Event, decode, encode
+from engine.events import BATCH_TAG, Event, decode_batch, encode, encode_batch
 from engine.journal import Journal, JournalError
 from engine.recovery import Recovered, recover, trim_journal
 from engine.snapshot import DEFAULT_KEEP, Snapshot, prune_snapshots, write_snapshot
 
 log = logging.getLogger(__name__)
+
+# the journal record codec lives with the events (engine.events); re-exported here for
+# the existing importers
+__all__ = ["BATCH_TAG", "DurabilityError", "JournalStore", "decode_batch", "encode_batch"]
 
 S = TypeVar("S")
 
@@ -56,37 +59,6 @@ JOURNAL_DIR = "journal"
 SNAPSHOT_DIR = "snapshots"
 
 SnapshotFn = Callable[[], tuple[Mapping[str, np.ndarray], Mapping[str, Any]]]
-
-# A batch record: this tag byte (never an event type byte), then per event [u32 length][bytes].
-BATCH_TAG = 0xB0
-_LENGTH = struct.Struct("<I")
-
-
-def encode_batch(encoded_events: list[bytes]) -> bytes:
-    """One journal record holding every event of one call (already encoded)."""
-    parts = [bytes((BATCH_TAG,))]
-    for data in encoded_events:
-        parts.append(_LENGTH.pack(len(data)))
-        parts.append(data)
-    return b"".join(parts)
-
-
-def decode_batch(payload: bytes) -> list[Event]:
-    """The events of one journal record: a batch, or a single encoded event."""
-    if not payload or payload[0] != BATCH_TAG:
-        return [decode(payload)]
-    view = memoryview(payload)
-    events: list[Event] = []
-    pos = 1
-    while pos < len(view):
-        (n,) = _LENGTH.unpack_from(view, pos)
-        pos += _LENGTH.size
-        if pos + n > len(view):
-            raise ValueError("batch record shorter than its length fields")
-        events.append(decode(view[pos : pos + n]))
-        pos += n
-    return events
-
 
 class DurabilityError(RuntimeError):
     """The journal can no longer make changes durable (I/O error): crash and recover."""

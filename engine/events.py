@@ -13,7 +13,10 @@ u32. Events are NamedTuples: cheap to build, and ``encode`` packs one with one `
 Shard events (one journal per shard): :class:`PositionOpened`, :class:`PositionClosed`,
 :class:`TickApplied`, :class:`OpenFenced`. Ledger events (the ledger's journal):
 :class:`AccountCreated`, :class:`MarginLocked`, :class:`MarginReleased`,
-:class:`SettlementApplied`, :class:`ClientOrderStored`.
+:class:`SettlementApplied`, :class:`ClientOrderStoredAt` (and the older
+:class:`ClientOrderStored`, still decoded and applied).
+
+A journal record holds the events of one commit: :func:`encode_batch` / :func:`decode_batch`.
 """
 
 from __future__ import annotations
@@ -142,6 +145,8 @@ class ClientOrderStored(NamedTuple):
     """The first answer to ``(user, kind, client_order_id)``, returned to every retry.
 
     ``kind``: ``"open"``/``"close"``; ``response``: the answer as the API layer serialised it.
+    Older layout: the ledger now writes :class:`ClientOrderStoredAt`; journals holding this one
+    still replay.
     """
 
     user: int
@@ -150,11 +155,30 @@ class ClientOrderStored(NamedTuple):
     response: bytes
 
 
+class ClientOrderStoredAt(NamedTuple):
+    """A clientOrderId ``(user, kind, client_order_id)`` was reserved, answered or dropped at
+    ``ts_us``, by request ``request_id`` (0 = none given).
+
+    ``response`` as in :class:`ClientOrderStored` (engine.ledger_machine.encode_answer: ``b""``
+    = reserved, the answer pending; ``b"\\x00"`` = the pending reservation was dropped; JSON =
+    the first answer). A pending reservation that knows its request id can be resolved against
+    the shards by that id after its answer was lost; ``ts_us`` says how long it has waited.
+    """
+
+    user: int
+    kind: str
+    client_order_id: str
+    request_id: int
+    ts_us: int
+    response: bytes
+
+
 Event = (PositionOpened | PositionClosed | TickApplied | OpenFenced | AccountCreated
-         | MarginLocked | MarginReleased | SettlementApplied | ClientOrderStored)
+         | MarginLocked | MarginReleased | SettlementApplied | ClientOrderStored
+         | ClientOrderStoredAt)
 SHARD_EVENTS = (PositionOpened, PositionClosed, TickApplied, OpenFenced)
 LEDGER_EVENTS = (AccountCreated, MarginLocked, MarginReleased, SettlementApplied,
-                 ClientOrderStored)
+                 ClientOrderStored, ClientOrderStoredAt)
 
 
 class EventError(ValueError):
@@ -178,6 +202,8 @@ _LAYOUTS: dict[int, tuple[type, str, tuple[str, ...], _VarSpec]] = {
     0x24: (SettlementApplied, "QQQBqqqHqqqqqqqqqBq", ("shard", "asset"),
            (("s", "B"), ("s", "B"))),
     0x25: (ClientOrderStored, "Q", ("kind", "client_order_id", "response"),
+           (("s", "B"), ("s", "H"), ("b", "I"))),
+    0x26: (ClientOrderStoredAt, "QQq", ("kind", "client_order_id", "response"),
            (("s", "B"), ("s", "H"), ("b", "I"))),
 }
 
@@ -291,3 +317,39 @@ def decode(data: bytes | memoryview) -> Event:
         return decoder(data)  # type: ignore[return-value]
     except struct.error as exc:
         raise EventError(str(exc)) from exc
+
+
+# --------------------------------------------------------------------------- journal records
+# A batch record: this tag byte (never an event type byte), then per event [u32 length][bytes].
+BATCH_TAG = 0xB0
+_LENGTH = struct.Struct("<I")
+
+
+def encode_batch(encoded_events: list[bytes]) -> bytes:
+    """One journal record holding the (already encoded) events of one commit."""
+    parts = [bytes((BATCH_TAG,))]
+    for data in encoded_events:
+        parts.append(_LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def decode_batch(payload: bytes) -> list[Event]:
+    """The events of one journal record: a batch, or a single encoded event (EventError, a
+    ValueError, if the record is cut short or holds anything else)."""
+    if not payload or payload[0] != BATCH_TAG:
+        return [decode(payload)]
+    view = memoryview(payload)
+    events: list[Event] = []
+    pos = 1
+    while pos < len(view):
+        if pos + _LENGTH.size > len(view):
+            raise EventError("batch record ends inside a length field")
+        (n,) = _LENGTH.unpack_from(view, pos)
+        pos += _LENGTH.size
+        if pos + n > len(view):
+            raise EventError("batch record shorter than its length fields")
+        events.append(decode(view[pos : pos + n]))
+        pos += n
+    return events
+
