@@ -466,8 +466,8 @@ class TradingService:
                 raise Unavailable("ledger", "could not settle the clientOrderId of this request")
         try:
             result = await self._closes[spec.name].submit(
-                ShardClose(who.user, order.position_id, order.current_price_ticks,
-                           order.max_slippage_bps))
+                ShardClose(self._request_prefix | next(self._request_counter), who.user,
+                           order.position_id, order.current_price_ticks, order.max_slippage_bps))
         except Unavailable:
             if key is not None:
                 await self.ledger.forget([key])

@@ -246,6 +246,19 @@ class PositionBook:
                 self._short_tp.add(-plan.tp_ticks, pid, ids)
         return pid
 
+    def next_position_id(self) -> int:
+        """The id the next :meth:`open` will issue (the same id :meth:`open_many` gives its
+        first position); changes nothing. OverflowError when the book has no row left."""
+        row = self._free_head
+        if row >= 0:
+            gen = ((-int(self._pid[row])) >> GEN_SHIFT) + 1
+        else:
+            row = self._hw
+            if row >= MAX_ROWS:
+                raise OverflowError(f"a book holds at most {MAX_ROWS} rows")
+            gen = 1
+        return (gen << GEN_SHIFT) | (row << ROW_SHIFT) | self.book_tag
+
     def close(self, position_id: int) -> PositionRecord | None:
         """Remove an open position and return it as it was; None if it is not open here."""
         row = self._row(position_id)
@@ -278,6 +291,15 @@ class PositionBook:
     def live_rows(self) -> np.ndarray:
         """Rows (int64, ascending) of the open positions."""
         return np.flatnonzero(self._pid[: self._hw] > 0)
+
+    def free_rows(self) -> np.ndarray:
+        """Rows (int64) on the free list, in the order opens reuse them."""
+        rows: list[int] = []
+        row = self._free_head
+        while row >= 0:
+            rows.append(row)
+            row = int(self._qty[row])
+        return np.array(rows, dtype=np.int64)
 
     def ids(self) -> np.ndarray:
         """Ids (int64, ascending) of all open positions."""

@@ -11,7 +11,8 @@ money (micros) and times (us) are i64; side and close reason u8; leverage u16; r
 u32. Events are NamedTuples: cheap to build, and ``encode`` packs one with one ``struct`` call.
 
 Shard events (one journal per shard): :class:`PositionOpened`, :class:`PositionClosed`,
-:class:`TickApplied`, :class:`OpenFenced`. Ledger events (the ledger's journal):
+:class:`TickApplied`, :class:`OpenFenced`, :class:`OutboxAcked`, :class:`SeqResumed`.
+Ledger events (the ledger's journal):
 :class:`AccountCreated`, :class:`MarginLocked`, :class:`MarginReleased`,
 :class:`SettlementApplied`, :class:`ClientOrderStoredAt` (and the older
 :class:`ClientOrderStored`, still decoded and applied).
@@ -24,6 +25,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from typing import NamedTuple
+
+import numpy as np
+
+RECOVERED_TICK_SOURCE = "journal"
+"""``TickApplied.source`` of a tick read from the old layout, which did not record it."""
 
 # --------------------------------------------------------------------------- shard events
 
@@ -54,7 +60,9 @@ class PositionClosed(NamedTuple):
     """A position left a shard's book; its settlement is the shard's ``settlement_seq``-th.
 
     The amounts follow from the opened position and ``exit_ticks`` (engine.settlement.settle),
-    so they are not repeated here.
+    so they are not repeated here. ``request_id``: the manual close request that closed it (0
+    for a trigger close, and in the old layout 0x12), so a resend after a restart gets the first
+    answer.
     """
 
     position_id: int
@@ -62,14 +70,22 @@ class PositionClosed(NamedTuple):
     exit_ticks: int
     ts_us: int
     settlement_seq: int
+    request_id: int = 0
 
 
 class TickApplied(NamedTuple):
-    """The top of book a shard swept with (a shard journal belongs to one asset)."""
+    """The top of book a shard swept with (a shard journal belongs to one asset).
+
+    ``seq``/``source``: the tick's exchange update id and origin (engine.market.Tick), so the
+    price a restarted shard shows still names where it came from; the old layout 0x13 lacks
+    them (0 and :data:`RECOVERED_TICK_SOURCE`).
+    """
 
     bid_ticks: int
     ask_ticks: int
     ts_us: int
+    seq: int = 0
+    source: str = RECOVERED_TICK_SOURCE
 
 
 class OpenFenced(NamedTuple):
@@ -80,6 +96,19 @@ class OpenFenced(NamedTuple):
     """
 
     request_id: int
+
+
+class OutboxAcked(NamedTuple):
+    """The ledger applied the shard's settlements up to ``upto_seq``: they leave the outbox."""
+
+    upto_seq: int
+
+
+class SeqResumed(NamedTuple):
+    """The ledger already applied settlements up to ``applied_seq``, beyond the shard's own
+    numbering (a shard restarted without its journal): numbering continues after it."""
+
+    applied_seq: int
 
 
 # --------------------------------------------------------------------------- ledger events
@@ -173,10 +202,16 @@ class ClientOrderStoredAt(NamedTuple):
     response: bytes
 
 
-Event = (PositionOpened | PositionClosed | TickApplied | OpenFenced | AccountCreated
-         | MarginLocked | MarginReleased | SettlementApplied | ClientOrderStored
+Event = (PositionOpened | PositionClosed | TickApplied | OpenFenced | OutboxAcked | SeqResumed
+         | AccountCreated | MarginLocked | MarginReleased | SettlementApplied | ClientOrderStored
          | ClientOrderStoredAt)
-SHARD_EVENTS = (PositionOpened, PositionClosed, TickApplied, OpenFenced)
+# Events whose loss in a crash changes nothing that was acknowledged (the feed delivers the newest
+# price again): the runner journals them with the next commit instead of committing for them.
+# An OutboxAcked lost in a crash only means settlements the ledger already applied are sent
+# again; the ledger ignores them by seq (and a restarted shard is acknowledged again at start).
+VOLATILE_EVENTS = (TickApplied, OutboxAcked)
+SHARD_EVENTS = (PositionOpened, PositionClosed, TickApplied, OpenFenced, OutboxAcked,
+                SeqResumed)
 LEDGER_EVENTS = (AccountCreated, MarginLocked, MarginReleased, SettlementApplied,
                  ClientOrderStored, ClientOrderStoredAt)
 
@@ -193,9 +228,11 @@ _VarSpec = tuple[tuple[str, str], ...]
 
 _LAYOUTS: dict[int, tuple[type, str, tuple[str, ...], _VarSpec]] = {
     0x11: (PositionOpened, "QQBqqqHqqqqIQ", (), ()),
-    0x12: (PositionClosed, "QBqqQ", (), ()),
-    0x13: (TickApplied, "qqq", (), ()),
     0x14: (OpenFenced, "Q", (), ()),
+    0x15: (PositionClosed, "QBqqQQ", (), ()),
+    0x16: (TickApplied, "qqqQ", ("source",), (("s", "B"),)),
+    0x17: (OutboxAcked, "Q", (), ()),
+    0x18: (SeqResumed, "Q", (), ()),
     0x21: (AccountCreated, "Qq", ("account_id", "key_hash"), (("s", "B"), ("s", "B"))),
     0x22: (MarginLocked, "QqQ", (), ()),
     0x23: (MarginReleased, "QqQ", (), ()),
@@ -205,6 +242,13 @@ _LAYOUTS: dict[int, tuple[type, str, tuple[str, ...], _VarSpec]] = {
            (("s", "B"), ("s", "H"), ("b", "I"))),
     0x26: (ClientOrderStoredAt, "QQq", ("kind", "client_order_id", "response"),
            (("s", "B"), ("s", "H"), ("b", "I"))),
+}
+
+# Older layouts, decoded only (encode writes the layout above): the trailing fields they lack
+# take the class defaults.
+_OLD_LAYOUTS: dict[int, tuple[type, str]] = {
+    0x12: (PositionClosed, "QBqqQ"),
+    0x13: (TickApplied, "qqq"),
 }
 
 _Encoder = Callable[[tuple[object, ...]], bytes]
@@ -294,6 +338,29 @@ for _code, (_cls, _fmt, _var_names, _var_spec) in _LAYOUTS.items():
     TYPE_CODES[_cls] = _code
 
 
+def _old_decoder(cls: type, fmt: str) -> _Decoder:
+    """Decoder of an old fixed layout of ``cls``; the fields after it take their defaults."""
+    packer = struct.Struct("<B" + fmt)
+    unpack = packer.unpack
+    size = packer.size
+    make = cls._make  # type: ignore[attr-defined]
+    fields: tuple[str, ...] = cls._fields  # type: ignore[attr-defined]
+    present = len(unpack(bytes(size))) - 1
+    defaults: dict[str, object] = cls._field_defaults  # type: ignore[attr-defined]
+    tail = tuple(defaults[name] for name in fields[present:])
+
+    def decode(data: bytes | memoryview) -> tuple[object, ...]:
+        if len(data) != size:
+            raise EventError(f"{cls.__name__}: {len(data)} bytes, expected {size}")
+        return make(unpack(data)[1:] + tail)
+
+    return decode
+
+
+for _code, (_cls, _fmt) in _OLD_LAYOUTS.items():
+    _DECODERS[_code] = _old_decoder(_cls, _fmt)
+
+
 def encode(event: Event) -> bytes:
     """The bytes of ``event``: type byte, then fields (EventError if a value does not fit)."""
     try:
@@ -353,3 +420,24 @@ def decode_batch(payload: bytes) -> list[Event]:
         pos += n
     return events
 
+
+# --------------------------------------------------------------------------- vectorised reads
+_NUMPY_CODES = {"B": "u1", "b": "i1", "H": "<u2", "h": "<i2", "I": "<u4", "i": "<i4",
+                "Q": "<u8", "q": "<i8"}
+
+
+def record_dtype(event_cls: type) -> np.dtype:
+    """The structured dtype of one encoded ``event_cls`` inside a batch record, byte for byte:
+    the record's ``length`` prefix (u4), the ``type`` byte (u1), then the event's fields in its
+    current layout (packed, little-endian), named as the event's fields. ValueError for a
+    layout with variable-length fields."""
+    code = TYPE_CODES[event_cls]
+    _, fmt, var_names, _ = _LAYOUTS[code]
+    fields: tuple[str, ...] = event_cls._fields  # type: ignore[attr-defined]
+    if var_names or len(fmt) != len(fields):
+        raise ValueError(f"{event_cls.__name__} has no fixed-size layout")
+    dtype = np.dtype([("length", "<u4"), ("type", "u1"),
+                      *((name, _NUMPY_CODES[c]) for name, c in zip(fields, fmt, strict=True))])
+    if dtype.itemsize != 5 + struct.calcsize("<" + fmt):  # pragma: no cover - layout bug
+        raise AssertionError(f"{event_cls.__name__}: dtype does not match its layout")
+    return dtype

@@ -54,8 +54,10 @@ class ShardOpen(NamedTuple):
 
 
 class ShardClose(NamedTuple):
-    """One manual close as a shard executes it (``owner`` must own ``position_id``)."""
+    """One manual close as a shard executes it (``owner`` must own ``position_id``);
+    ``request_id`` makes a resend return the first result (0 = none given)."""
 
+    request_id: int
     owner: int
     position_id: int
     current_price_ticks: int | None

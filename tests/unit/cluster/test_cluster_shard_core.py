@@ -73,7 +73,7 @@ def test_no_price_or_stale_price_refuses_opens_and_closes() -> None:
     assert not isinstance(pos, Rejected)
     [r] = core.open_many([req(3)], NOW + MAX_AGE + 1)
     assert isinstance(r, Rejected) and r.code is Code.PRICE_UNAVAILABLE
-    [r2] = core.close_many([ShardClose(1, pos.position_id, None, 100)], NOW + MAX_AGE + 1)
+    [r2] = core.close_many([ShardClose(0, 1, pos.position_id, None, 100)], NOW + MAX_AGE + 1)
     assert isinstance(r2, Rejected) and r2.code is Code.PRICE_UNAVAILABLE
     assert len(core.book) == 1 and core.outbox() == []
 
@@ -87,7 +87,7 @@ def test_slippage_is_checked_against_the_client_price_but_never_used_as_price() 
     assert isinstance(r, Rejected) and r.code is Code.PRICE_MOVED
     [pos] = core.open_many([req(2, current="100.00", bps=200)], NOW)
     assert not isinstance(pos, Rejected) and pos.entry_ticks == 10101
-    [c] = core.close_many([ShardClose(1, pos.position_id, SOL.price_to_ticks("90"), 100)], NOW)
+    [c] = core.close_many([ShardClose(0, 1, pos.position_id, SOL.price_to_ticks("90"), 100)], NOW)
     assert isinstance(c, Rejected) and c.code is Code.PRICE_MOVED
     assert len(core.book) == 1
 
@@ -115,11 +115,11 @@ def test_close_of_unknown_or_foreign_position_is_the_same_not_found() -> None:
     core.apply_ticks([tick("100.00", "100.01")], NOW)
     [pos] = core.open_many([req(1, owner=1)], NOW)
     assert not isinstance(pos, Rejected)
-    foreign, unknown = core.close_many([ShardClose(2, pos.position_id, None, 100),
-                                        ShardClose(2, pos.position_id + 256, None, 100)], NOW)
+    foreign, unknown = core.close_many([ShardClose(0, 2, pos.position_id, None, 100),
+                                        ShardClose(0, 2, pos.position_id + 256, None, 100)], NOW)
     assert foreign == unknown
     assert isinstance(foreign, Rejected) and foreign.code is Code.NOT_FOUND
-    [item] = core.close_many([ShardClose(1, pos.position_id, None, 100)], NOW + 5)
+    [item] = core.close_many([ShardClose(0, 1, pos.position_id, None, 100)], NOW + 5)
     assert not isinstance(item, Rejected)
     assert item.seq == 1 and item.closed.reason == CloseReason.MANUAL
     assert item.closed.exit_ticks == 10000 and item.closed.closed_ts_us == NOW + 5
@@ -181,7 +181,7 @@ def test_positions_of_many_matches_a_per_position_reading(
         if close_one and opened:
             victim = core.book.get(opened.pop(0))
             assert victim is not None
-            core.close_many([ShardClose(victim.owner, victim.position_id, None, 100)], NOW + i)
+            core.close_many([ShardClose(0, victim.owner, victim.position_id, None, 100)], NOW + i)
         else:
             [p] = core.open_many([req(i + 1, owner=owner, margin_usd=1, leverage=2)], NOW + i)
             assert not isinstance(p, Rejected)

@@ -267,7 +267,7 @@ def test_settlement_is_applied_exactly_once_under_resends_across_restarts(
     led.lock_margins([MarginLock(users[0], 10 * USD)])
     [p] = shard.open_many([shard_open(99, owner=users[0], margin_usd=10)], NOW + 2)
     assert isinstance(p, OpenPosition)
-    [item] = shard.close_many([ShardClose(users[0], p.position_id, None, 100)], NOW + 2)
+    [item] = shard.close_many([ShardClose(0, users[0], p.position_id, None, 100)], NOW + 2)
     assert isinstance(item, SettlementItem) and item.seq == 4
     assert led.apply_settlements(SPEC.name, [item]) == 4
     led.close()
@@ -352,7 +352,7 @@ def test_shard_batches_survive_a_crash_at_every_byte(tmp_path: Path) -> None:
          shard_open(3, leverage=1000), shard_open(1)], NOW), shard_state, open_shard)
     ids = [p.position_id for p in sh.positions_of(1)]
     check_every_cut(path, sh, lambda: sh.close_many(
-        [ShardClose(1, ids[0], None, 100), ShardClose(2, ids[1], None, 100)], NOW),
+        [ShardClose(0, 1, ids[0], None, 100), ShardClose(0, 2, ids[1], None, 100)], NOW),
         shard_state, open_shard)
     check_every_cut(path, sh, lambda: sh.resolve_opens([1, 77]), shard_state, open_shard)
     # a tick batch that triggers closes is flushed before it returns
@@ -394,7 +394,7 @@ def test_big_open_batches_replay_vectorised_to_the_same_ids_rows_and_answers(
                           for i in range(1, 301)], NOW)
     # free some rows in the middle so the next batch reuses them before fresh rows
     ids = [p.position_id for p in first if isinstance(p, OpenPosition)]
-    sh.close_many([ShardClose(sh.book.get(i).owner, i, None, 100)  # type: ignore[union-attr]
+    sh.close_many([ShardClose(0, sh.book.get(i).owner, i, None, 100)  # type: ignore[union-attr]
                    for i in ids[50:120]], NOW)
     sh.apply_ticks([tick(10_050, ts_us=NOW + 1)], NOW + 1)
     second = sh.open_many([shard_open(1000 + i, owner=i % 3) for i in range(200)], NOW + 1)
@@ -513,7 +513,7 @@ class Pair:
             elif ids:
                 pid = ids[op[1] % len(ids)]
                 owner = self.shard.book.get(pid).owner  # type: ignore[union-attr]
-                self.shard.close_many([ShardClose(owner, pid, None, 100)], self.ts)
+                self.shard.close_many([ShardClose(0, owner, pid, None, 100)], self.ts)
         elif kind == "deliver":
             items = self.shard.outbox()
             applied = self.ledger.apply_settlements(SPEC.name, items[: len(items) - op[1]])

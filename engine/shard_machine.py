@@ -1,0 +1,847 @@
+"""ShardMachine: one shard (the open positions of one asset split) as a state machine.
+
+A shard keeps the last tick of its asset, opens positions at that tick's ask/bid (never at a
+client price), closes them by hand or when a tick crosses a trigger, and puts every close into
+an outbox of settlements numbered 1, 2, 3... that the ledger applies exactly once (it remembers
+the last number it applied). It remembers the answer of every open and close request by request
+id (the newest :data:`REMEMBERED`), so a resend after a lost reply gets the first answer, and a
+request its caller gave up on (:class:`Resolve`) is fenced: if it arrives later it is refused.
+
+It follows engine.machine: :meth:`ShardMachine.decide` answers a command and returns the events
+that carry it out without changing anything; :meth:`ShardMachine.apply` is the only code that
+changes the state, live and in journal replay. Events (engine.events):
+
+* ``PositionOpened``: a position entered the book, with the id the book issues next and the
+  opening request's id;
+* ``PositionClosed``: a position left the book as settlement ``settlement_seq`` (with the manual
+  close's request id, 0 for a trigger close);
+* ``TickApplied`` (volatile: rides along with the next commit): the new last tick;
+* ``OpenFenced``: a request id that never arrived was given up;
+* ``OutboxAcked`` (volatile): the ledger applied settlements up to a seq;
+* ``SeqResumed``: the ledger applied more than this shard remembers; numbering continues.
+
+A settlement's amounts are computed from the position and the exit price when its close is
+applied, so ``decide`` refuses a close (or a whole tick) whose amounts would not fit an i64:
+the ledger's event carrying them must always be encodable.
+
+Nothing here reads a clock: ``now_us`` comes with each command.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+
+from engine.assets import Asset
+from engine.book import COLUMN_NAMES, PositionBook, PositionRecord
+from engine.events import (
+    BATCH_TAG,
+    TYPE_CODES,
+    Event,
+    EventError,
+    OpenFenced,
+    OutboxAcked,
+    PositionClosed,
+    PositionOpened,
+    SeqResumed,
+    TickApplied,
+    decode,
+    record_dtype,
+)
+from engine.market import Tick
+from engine.messages import (
+    ClosedPosition,
+    OpenPosition,
+    SettlementItem,
+    ShardClose,
+    ShardOpen,
+    ShardStats,
+)
+from engine.orders import MAX_COLUMN_VALUE, PPM, CloseReason, OpenPlan, Side, plan_open
+from engine.results import Code, Rejected
+from engine.settlement import exit_price_ticks, pnl_micros, settle
+
+REMEMBERED = 65_536
+"""How many request answers (opens, closes, fences) a shard remembers by request id."""
+BPS = 10_000
+MIN_VECTOR_RUN = 64
+"""Shorter runs of ``PositionOpened`` in a journal record are decoded and applied one by one."""
+OPENED_RECORD = record_dtype(PositionOpened)
+"""One ``PositionOpened`` inside a batch record, byte for byte (engine.events.record_dtype)."""
+
+_I64 = 1 << 63
+_U64 = 1 << 64
+_INT64_MAX = _I64 - 1
+_SIDES = (Side.LONG, Side.SHORT)
+_POSITION_COLUMNS = ("position_id", "owner", "side", "entry_ticks", "qty_steps", "margin_micros",
+                     "leverage", "liq_ticks", "tp_ticks", "sl_ticks", "opened_ts_us")
+_PLAN_FIELDS = ("side", "entry_ticks", "qty_steps", "margin_micros", "leverage", "liq_ticks",
+                "tp_ticks", "sl_ticks", "maintenance_margin_ppm")
+_ANSWER_FIELDS = ("request_id", "position_id", "owner", "side", "entry_ticks", "qty_steps",
+                  "margin_micros", "leverage", "liq_ticks", "tp_ticks", "sl_ticks",
+                  "opened_ts_us")
+_OPENED_TYPE = TYPE_CODES[PositionOpened]
+_OPENED_LENGTH = OPENED_RECORD.itemsize - 4
+_LENGTH = struct.Struct("<I")
+
+# snapshot layout: outbox rows are seq + every ClosedPosition field but the asset (the shard's
+# own); result rows are kind, has_pnl, then the answer's fields (request ids apart, as u64)
+_OUTBOX_COLUMNS = 19
+_RESULT_COLUMNS = 2 + _OUTBOX_COLUMNS
+_KIND_OPEN = 1
+_KIND_FENCED = 2
+_KIND_CLOSE = 3
+_OLD_OPEN_COLUMNS = 15  # cluster.shard_store snapshots: request_id, kind, has_pnl, 12 fields
+
+_FENCED = Rejected(Code.PRICE_UNAVAILABLE, "the request was abandoned after a timeout")
+_OUT_OF_RANGE = "a value is out of range"
+
+Answer = OpenPosition | SettlementItem | Rejected
+
+
+# --------------------------------------------------------------------------- commands
+@dataclass(frozen=True, slots=True)
+class ApplyTick:
+    """Sweep with ``tick`` and settle what it triggers. Answer: positions closed (int), or
+    Rejected(INVALID_REQUEST) when a value would not fit (nothing changes)."""
+
+    tick: Tick
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    """Open at the last tick. Answer: OpenPosition | Rejected (a seen request id: its first
+    answer)."""
+
+    request: ShardOpen
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the caller's own position at the last tick. Answer: SettlementItem | Rejected (a
+    seen request id: its first answer)."""
+
+    request: ShardClose
+
+
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    """What became of request ``request_id`` (open or close). Answer: its remembered
+    OpenPosition / SettlementItem, or None: it never arrived and is now fenced."""
+
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class AckOutbox:
+    """The ledger applied settlements ``seq <= upto_seq``. Answer: how many remain (int)."""
+
+    upto_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeSeq:
+    """The ledger's applied seq for this shard, at start: numbering continues after it and the
+    applied settlements leave the outbox. Answer: how many remain (int)."""
+
+    applied_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outbox:
+    """Read. Answer: :class:`OutboxView`."""
+
+
+@dataclass(frozen=True, slots=True)
+class PositionsOf:
+    """Read. Answer: list[list[OpenPosition]], one list per owner, oldest first."""
+
+    owners: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LastTick:
+    """Read. Answer: Tick | None."""
+
+
+@dataclass(frozen=True, slots=True)
+class OpenMargins:
+    """Read. Answer: dict[int, int], open margin (micros) per owner."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditView:
+    """Read. Answer: (open margins per owner, unacknowledged settlements), taken together."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Read. Answer: ShardStats."""
+
+
+class OutboxView(NamedTuple):
+    """The unacknowledged settlements (oldest first) and the shard's last settlement seq (a
+    shard that restarted with an empty memory shows a ``last_seq`` below the ledger's)."""
+
+    items: list[SettlementItem]
+    last_seq: int
+
+
+class SnapshotLike(Protocol):
+    """A loaded snapshot (cluster.durability.snapshot.Snapshot): its arrays and meta."""
+
+    @property
+    def arrays(self) -> Mapping[str, np.ndarray]: ...
+
+    @property
+    def meta(self) -> Mapping[str, Any]: ...
+
+
+class ShardStateError(RuntimeError):
+    """An event does not apply to the state before it (a bug, or a corrupt journal)."""
+
+
+def slippage_exceeded(exec_ticks: int, client_ticks: int, max_slippage_bps: int) -> bool:
+    """True when ``exec_ticks`` differs from ``client_ticks`` by more than ``max_slippage_bps``.
+
+    Exact integer form of ``|exec - client| / client > bps / 10000``.
+    """
+    return abs(exec_ticks - client_ticks) * BPS > max_slippage_bps * client_ticks
+
+
+def _fits_i64(*values: int) -> bool:
+    return all(-_I64 < v < _I64 for v in values)
+
+
+# --------------------------------------------------------------------------- the machine
+class ShardMachine:
+    """One shard's book, last tick, settlement outbox and remembered answers.
+
+    Config (plain values, validated here): ``name`` (the shard's name, which the ledger keys
+    its applied seq by), ``book_tag`` (0..255, in every position id), ``asset``,
+    ``maintenance_margin_ppm`` (0..999999), ``max_price_age_us`` (an older last tick refuses
+    opens and closes). ``capacity``: book rows allocated up front.
+    """
+
+    def __init__(self, name: str, book_tag: int, asset: Asset, maintenance_margin_ppm: int,
+                 max_price_age_us: int, *, capacity: int = 1024) -> None:
+        if not 0 <= maintenance_margin_ppm < PPM:
+            raise ValueError("maintenance_margin_ppm must be in 0..999999")
+        if max_price_age_us < 0:
+            raise ValueError("max_price_age_us must be >= 0")
+        self.name = name
+        self.asset = asset
+        self.maintenance_margin_ppm = maintenance_margin_ppm
+        self.max_price_age_us = max_price_age_us
+        self.book = PositionBook(asset, book_tag, capacity=capacity)
+        self._last_tick: Tick | None = None
+        self._outbox: list[SettlementItem] = []
+        self._last_seq = 0
+        self._acked_seq = 0
+        self._results: OrderedDict[int, Answer] = OrderedDict()  # oldest first
+        # answers of replayed runs of opens, newer than every entry of _results, not yet built:
+        # (run rows, marks or None); see _apply_open_run
+        self._unbuilt: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self._unbuilt_rows = 0
+        self._ticks_applied = 0
+        self._opens = 0
+        self._closes = [0, 0, 0, 0]  # by CloseReason value
+        self._deciders: dict[type, Callable[[Any, int], tuple[Any, Sequence[Event]]]] = {
+            ApplyTick: self._decide_tick,
+            Open: self._decide_open,
+            Close: self._decide_close,
+            Resolve: self._decide_resolve,
+            AckOutbox: self._decide_ack,
+            ResumeSeq: self._decide_resume,
+            Outbox: self._read_outbox,
+            PositionsOf: self._read_positions,
+            LastTick: self._read_last_tick,
+            OpenMargins: self._read_margins,
+            AuditView: self._read_audit,
+            Stats: self._read_stats,
+        }
+        self._appliers: dict[type, Callable[[Any], None]] = {
+            PositionOpened: self._apply_opened,
+            PositionClosed: self._apply_closed,
+            TickApplied: self._apply_tick,
+            OpenFenced: self._apply_fenced,
+            OutboxAcked: self._apply_acked,
+            SeqResumed: self._apply_resumed,
+        }
+
+    @property
+    def book_tag(self) -> int:
+        return self.book.book_tag
+
+    @property
+    def last_tick(self) -> Tick | None:
+        return self._last_tick
+
+    # ----------------------------------------------------------------- decide
+    def decide(self, command: Any, now_us: int) -> tuple[Any, Sequence[Event]]:
+        """The answer to ``command`` and the events that carry it out; changes nothing (a
+        sweep may tidy the book's trigger indexes, which hold no state of their own)."""
+        try:
+            decider = self._deciders[type(command)]
+        except KeyError:
+            raise TypeError(f"not a shard command: {type(command).__name__}") from None
+        return decider(command, now_us)
+
+    def _decide_tick(self, command: ApplyTick, now_us: int) -> tuple[Any, Sequence[Event]]:
+        tick = command.tick
+        bid, ask = tick.bid_ticks, tick.ask_ticks
+        if tick.asset != self.asset.name or bid <= 0 or ask < bid:
+            return 0, ()
+        if ask > MAX_COLUMN_VALUE or not _fits_i64(tick.ts_us):
+            return Rejected(Code.INVALID_REQUEST, f"tick out of range: {_OUT_OF_RANGE}"), ()
+        events: list[Event] = [TickApplied(bid, ask, tick.ts_us, tick.seq, tick.source)]
+        if len(self.book):
+            ids, reasons = self.book.sweep(bid, ask)
+            seq = self._last_seq
+            for position_id, reason in zip(ids.tolist(), reasons.tolist(), strict=True):
+                record = self.book.get(position_id)
+                if record is None:  # pragma: no cover - sweep only returns open ids
+                    raise AssertionError(f"sweep returned {position_id}, which is not open")
+                exit_ticks = exit_price_ticks(record.side, bid, ask)
+                if not self._settles_in_range(record, exit_ticks, CloseReason(reason)):
+                    return Rejected(Code.INVALID_REQUEST,
+                                    f"the settlement of position {position_id} at this tick "
+                                    f"is out of range"), ()
+                seq += 1
+                events.append(PositionClosed(position_id, reason, exit_ticks, tick.ts_us, seq))
+        return len(events) - 1, events
+
+    def _fresh_tick(self, now_us: int) -> Tick | Rejected:
+        tick = self._last_tick
+        if tick is None:
+            return Rejected(Code.PRICE_UNAVAILABLE, f"no price for {self.asset.name} yet")
+        if now_us - tick.ts_us > self.max_price_age_us:
+            age_s = (now_us - tick.ts_us) / 1e6
+            return Rejected(Code.PRICE_UNAVAILABLE,
+                            f"the last {self.asset.name} price is {age_s:.1f} s old")
+        return tick
+
+    def _decide_open(self, command: Open, now_us: int) -> tuple[Any, Sequence[Event]]:
+        req = command.request
+        request_id = req.request_id
+        if request_id:
+            previous = self._answers().get(request_id)
+            if previous is not None:
+                return previous, ()
+        tick = self._fresh_tick(now_us)
+        if isinstance(tick, Rejected):
+            return tick, ()
+        if req.side not in _SIDES:
+            return Rejected(Code.INVALID_REQUEST, "side must be long or short"), ()
+        side = Side(req.side)
+        entry_ticks = tick.ask_ticks if side == Side.LONG else tick.bid_ticks
+        if req.current_price_ticks is not None and slippage_exceeded(
+                entry_ticks, req.current_price_ticks, req.max_slippage_bps):
+            return Rejected(Code.PRICE_MOVED,
+                            f"entry price {self.asset.ticks_to_price(entry_ticks)} is more than "
+                            f"{req.max_slippage_bps} bps from "
+                            f"{self.asset.ticks_to_price(req.current_price_ticks)}"), ()
+        plan = plan_open(self.asset, side, req.margin_micros, req.leverage, tick.bid_ticks,
+                         tick.ask_ticks, req.tp_ticks, req.sl_ticks, self.maintenance_margin_ppm)
+        if isinstance(plan, Rejected):
+            return plan, ()
+        if not (0 <= req.owner <= _INT64_MAX and 0 <= request_id < _U64
+                and -_INT64_MAX <= now_us <= _INT64_MAX):
+            return Rejected(Code.INVALID_REQUEST, f"owner, request id or time: {_OUT_OF_RANGE}"), ()
+        try:
+            position_id = self.book.next_position_id()
+        except OverflowError:
+            return Rejected(Code.INVALID_REQUEST, "this shard holds no more positions"), ()
+        event = PositionOpened(position_id, req.owner, int(side), plan.entry_ticks,
+                               plan.qty_steps, plan.margin_micros, plan.leverage, plan.liq_ticks,
+                               plan.tp_ticks, plan.sl_ticks, now_us, plan.maintenance_margin_ppm,
+                               request_id)
+        return self._open_answer(event), (event,)
+
+    def _decide_close(self, command: Close, now_us: int) -> tuple[Any, Sequence[Event]]:
+        req = command.request
+        request_id = req.request_id
+        if request_id:
+            previous = self._answers().get(request_id)
+            if previous is not None:
+                return previous, ()
+        record = self.book.get(req.position_id)
+        if record is None or record.owner != req.owner:
+            return Rejected(Code.NOT_FOUND, "no such open position"), ()
+        tick = self._fresh_tick(now_us)
+        if isinstance(tick, Rejected):
+            return tick, ()
+        exit_ticks = exit_price_ticks(record.side, tick.bid_ticks, tick.ask_ticks)
+        if req.current_price_ticks is not None and slippage_exceeded(
+                exit_ticks, req.current_price_ticks, req.max_slippage_bps):
+            return Rejected(Code.PRICE_MOVED,
+                            f"exit price {self.asset.ticks_to_price(exit_ticks)} is more than "
+                            f"{req.max_slippage_bps} bps from "
+                            f"{self.asset.ticks_to_price(req.current_price_ticks)}"), ()
+        if not (0 <= request_id < _U64 and _fits_i64(now_us)
+                and self._settles_in_range(record, exit_ticks, CloseReason.MANUAL)):
+            return Rejected(Code.INVALID_REQUEST,
+                            f"the settlement of this close: {_OUT_OF_RANGE}"), ()
+        event = PositionClosed(record.position_id, int(CloseReason.MANUAL), exit_ticks, now_us,
+                               self._last_seq + 1, request_id)
+        return self._settlement_item(record, event), (event,)
+
+    def _decide_resolve(self, command: Resolve, now_us: int) -> tuple[Any, Sequence[Event]]:
+        request_id = command.request_id
+        if not 0 < request_id < _U64:
+            return None, ()  # 0 names no request; nothing is remembered under it
+        previous = self._answers().get(request_id)
+        if previous is None:
+            return None, (OpenFenced(request_id),)
+        return (None if isinstance(previous, Rejected) else previous), ()
+
+    def _decide_ack(self, command: AckOutbox | ResumeSeq, now_us: int
+                    ) -> tuple[Any, Sequence[Event]]:
+        upto = command.upto_seq if isinstance(command, AckOutbox) else command.applied_seq
+        upto = min(upto, self._last_seq)
+        if upto <= self._acked_seq:
+            return len(self._outbox), ()
+        return self._last_seq - upto, (OutboxAcked(upto),)
+
+    def _decide_resume(self, command: ResumeSeq, now_us: int) -> tuple[Any, Sequence[Event]]:
+        if command.applied_seq > self._last_seq:
+            if command.applied_seq >= _U64:
+                return Rejected(Code.INVALID_REQUEST, f"applied seq: {_OUT_OF_RANGE}"), ()
+            return 0, (SeqResumed(command.applied_seq),)
+        return self._decide_ack(command, now_us)
+
+    def _settles_in_range(self, record: PositionRecord, exit_ticks: int,
+                          reason: CloseReason) -> bool:
+        s = settle(self.asset, record.side, record.entry_ticks, record.qty_steps,
+                   record.margin_micros, exit_ticks, reason)
+        return _fits_i64(s.pnl_micros, s.payout_micros, s.house_micros, s.insurance_micros)
+
+    def _open_answer(self, event: PositionOpened) -> OpenPosition:
+        """The answer of an open: the position marked to the last tick (what decide saw, and
+        what apply sees when it remembers the answer)."""
+        side = _SIDES[event.side]
+        tick = self._last_tick
+        mark = None if tick is None else pnl_micros(
+            self.asset, side, event.entry_ticks, event.qty_steps,
+            exit_price_ticks(side, tick.bid_ticks, tick.ask_ticks))
+        return OpenPosition(event.position_id, event.owner, self.asset.name, side,
+                            event.entry_ticks, event.qty_steps, event.margin_micros,
+                            event.leverage, event.liq_ticks, event.tp_ticks, event.sl_ticks,
+                            event.opened_ts_us, mark)
+
+    def _settlement_item(self, record: PositionRecord, event: PositionClosed) -> SettlementItem:
+        side = Side(record.side)
+        s = settle(self.asset, side, record.entry_ticks, record.qty_steps, record.margin_micros,
+                   event.exit_ticks, CloseReason(event.reason))
+        return SettlementItem(event.settlement_seq, ClosedPosition(
+            record.position_id, record.owner, self.asset.name, side, record.entry_ticks,
+            record.qty_steps, record.margin_micros, record.leverage, record.liq_ticks,
+            record.tp_ticks, record.sl_ticks, record.opened_ts_us, event.exit_ticks,
+            s.pnl_micros, s.payout_micros, s.house_micros, s.insurance_micros, event.reason,
+            event.ts_us))
+
+    # ----------------------------------------------------------------- reads
+    def _read_outbox(self, command: Outbox, now_us: int) -> tuple[Any, Sequence[Event]]:
+        return OutboxView(list(self._outbox), self._last_seq), ()
+
+    def _read_positions(self, command: PositionsOf, now_us: int
+                        ) -> tuple[Any, Sequence[Event]]:
+        return self.positions_of_many(command.owners), ()
+
+    def _read_last_tick(self, command: LastTick, now_us: int) -> tuple[Any, Sequence[Event]]:
+        return self._last_tick, ()
+
+    def _read_margins(self, command: OpenMargins, now_us: int) -> tuple[Any, Sequence[Event]]:
+        return self.book.open_margin_by_owner(), ()
+
+    def _read_audit(self, command: AuditView, now_us: int) -> tuple[Any, Sequence[Event]]:
+        return (self.book.open_margin_by_owner(), list(self._outbox)), ()
+
+    def _read_stats(self, command: Stats, now_us: int) -> tuple[Any, Sequence[Event]]:
+        tick = self._last_tick
+        c = self._closes
+        return ShardStats(self.name, self.asset.name, len(self.book), int(self.book.nbytes),
+                          None if tick is None else tick.ts_us, self._ticks_applied,
+                          self._opens, c[0], c[1], c[2], c[3], len(self._outbox),
+                          self._last_seq), ()
+
+    def positions_of_many(self, owners: Sequence[int]) -> list[list[OpenPosition]]:
+        """The open positions of each owner (one list per owner, in order), marked to the last
+        tick (None without one), oldest first: one vectorised pass over the book for all."""
+        out: list[list[OpenPosition]] = [[] for _ in owners]
+        if not owners or not len(self.book):
+            return out
+        cols = self.book.columns()
+        pid_col, owner_col = cols["position_id"], cols["owner"]
+        wanted = np.asarray(sorted(set(owners)), dtype=np.int64)
+        rows = np.flatnonzero((pid_col > 0) & np.isin(owner_col, wanted))
+        if not rows.size:
+            return out
+        rows = rows[np.lexsort((pid_col[rows], cols["opened_ts_us"][rows], owner_col[rows]))]
+        tick = self._last_tick
+        pnls: list[int | None]
+        if tick is None:
+            pnls = [None] * rows.size
+        else:
+            pnls = self.book.unrealized_pnl_micros(pid_col[rows], tick.bid_ticks,
+                                                   tick.ask_ticks).tolist()
+        fields = [cols[name][rows].tolist() for name in _POSITION_COLUMNS]
+        name = self.asset.name
+        by_owner: dict[int, list[OpenPosition]] = {}
+        for pid, own, side, entry, qty, margin, lev, liq, tp, sl, ts, pnl in zip(
+                *fields, pnls, strict=True):
+            by_owner.setdefault(own, []).append(OpenPosition(
+                pid, own, name, _SIDES[side], entry, qty, margin, lev, liq, tp, sl, ts, pnl))
+        return [list(by_owner.get(owner, ())) for owner in owners]
+
+    # ----------------------------------------------------------------- apply
+    def apply(self, event: Event) -> None:
+        """Change the state by one event (live after decide, and in journal replay)."""
+        try:
+            applier = self._appliers[type(event)]
+        except KeyError:
+            raise ShardStateError(f"not a shard event: {event!r}") from None
+        applier(event)
+
+    def _answers(self) -> OrderedDict[int, Answer]:
+        """The remembered answers by request id, oldest first (builds those of replayed runs
+        of opens first)."""
+        if self._unbuilt:
+            name = self.asset.name
+            results = self._results
+            for run, marks in self._unbuilt:
+                columns = [run[f].tolist() for f in _ANSWER_FIELDS]
+                pnls: list[int | None] = [None] * int(run.size) if marks is None \
+                    else marks.tolist()
+                for (rid, pid, owner, side, entry, qty, margin, lev, liq, tp, sl, ts), pnl in zip(
+                        zip(*columns, strict=True), pnls, strict=True):
+                    results[rid] = OpenPosition(pid, owner, name, _SIDES[side], entry, qty,
+                                                margin, lev, liq, tp, sl, ts, pnl)
+            self._unbuilt = []
+            self._unbuilt_rows = 0
+        return self._results
+
+    def _remember(self, request_id: int, answer: Answer) -> None:
+        results = self._answers()
+        results[request_id] = answer
+        if len(results) > REMEMBERED:
+            results.popitem(last=False)
+
+    def _apply_opened(self, event: PositionOpened) -> None:
+        plan = OpenPlan(_SIDES[event.side], event.entry_ticks, event.qty_steps,
+                        event.margin_micros, event.leverage, event.liq_ticks, event.tp_ticks,
+                        event.sl_ticks, 0, event.maintenance_margin_ppm)
+        position_id = self.book.open(event.owner, plan, event.opened_ts_us)
+        if position_id != event.position_id:
+            raise ShardStateError(f"the book issued id {position_id} for the open journaled as "
+                                  f"{event.position_id}")
+        self._opens += 1
+        if event.request_id:
+            self._remember(event.request_id, self._open_answer(event))
+
+    def _apply_closed(self, event: PositionClosed) -> None:
+        CloseReason(event.reason)  # ValueError before anything changes
+        if event.settlement_seq != self._last_seq + 1:
+            raise ShardStateError(f"settlement {event.settlement_seq} of position "
+                                  f"{event.position_id} after {self._last_seq}")
+        record = self.book.close(event.position_id)
+        if record is None:
+            raise ShardStateError(f"closed position {event.position_id} is not open")
+        item = self._settlement_item(record, event)
+        self._outbox.append(item)
+        self._last_seq = event.settlement_seq
+        self._closes[event.reason] += 1
+        if event.request_id:
+            self._remember(event.request_id, item)
+
+    def _apply_tick(self, event: TickApplied) -> None:
+        self._last_tick = Tick(self.asset.name, event.bid_ticks, event.ask_ticks, event.ts_us,
+                               event.seq, event.source)
+        self._ticks_applied += 1
+
+    def _apply_fenced(self, event: OpenFenced) -> None:
+        if event.request_id not in self._answers():
+            self._remember(event.request_id, _FENCED)
+
+    def _apply_acked(self, event: OutboxAcked) -> None:
+        acked = max(self._acked_seq, min(event.upto_seq, self._last_seq))
+        cut = bisect.bisect_right(self._outbox, acked, key=lambda item: item.seq)
+        del self._outbox[:cut]
+        self._acked_seq = acked
+
+    def _apply_resumed(self, event: SeqResumed) -> None:
+        if event.applied_seq <= self._last_seq:
+            raise ShardStateError(f"resume at {event.applied_seq}, not after {self._last_seq}")
+        self._last_seq = self._acked_seq = event.applied_seq
+        self._outbox = []
+
+    # ----------------------------------------------------------------- recovery
+    def decode_record(self, payload: bytes) -> list[Any]:
+        """The items of one journal record: events, except that a run of at least
+        :data:`MIN_VECTOR_RUN` consecutive ``PositionOpened`` comes as one read-only structured
+        array (:data:`OPENED_RECORD`), decoded without a Python object per position."""
+        if not payload or payload[0] != BATCH_TAG:
+            return [decode(payload)]
+        items: list[Any] = []
+        size = len(payload)
+        pos = 1
+        while pos < size:
+            if pos + _LENGTH.size > size:
+                raise EventError("batch record ends inside a length field")
+            (n,) = _LENGTH.unpack_from(payload, pos)
+            if n == _OPENED_LENGTH and pos + 4 < size and payload[pos + 4] == _OPENED_TYPE:
+                count = (size - pos) // OPENED_RECORD.itemsize
+                if count >= MIN_VECTOR_RUN:
+                    run = np.frombuffer(payload, OPENED_RECORD, count=count, offset=pos)
+                    ok = (run["length"] == _OPENED_LENGTH) & (run["type"] == _OPENED_TYPE)
+                    stop = count if ok.all() else int(np.argmin(ok))
+                    if stop >= MIN_VECTOR_RUN:
+                        items.append(run[:stop])
+                        pos += stop * OPENED_RECORD.itemsize
+                        continue
+            end = pos + 4 + n
+            if end > size:
+                raise EventError("batch record shorter than its length fields")
+            items.append(decode(payload[pos + 4 : end]))
+            pos = end
+        return items
+
+    def apply_batch(self, items: list[Any]) -> None:
+        """Apply the items of one record as :meth:`decode_record` gave them: a run of opens
+        goes into the book with one vectorised ``open_many`` (the same rows and ids as one open
+        after the other: free rows are reused in the same order); the rest one by one."""
+        for item in items:
+            if isinstance(item, np.ndarray):
+                self._apply_open_run(item)
+            else:
+                self.apply(item)
+
+    def _apply_open_run(self, run: np.ndarray) -> None:
+        plans = {name: run[name].astype(np.int64) for name in _PLAN_FIELDS}
+        ids = self.book.open_many(run["owner"].astype(np.int64), plans,
+                                  run["opened_ts_us"].astype(np.int64))
+        if not np.array_equal(ids, run["position_id"].astype(np.int64)):
+            raise ShardStateError("replayed opens got other ids than the journaled ones")
+        self._opens += int(run.size)
+        # The answers are built only when asked for (most of a long replay's are forgotten
+        # before then): keep the newest REMEMBERED rows, marked to the tick of this moment.
+        tail = run[max(0, run.size - REMEMBERED):]
+        tail = tail[tail["request_id"] != 0]
+        if not tail.size:
+            return
+        tick = self._last_tick
+        marks = None if tick is None else self.book.unrealized_pnl_micros(
+            tail["position_id"].astype(np.int64), tick.bid_ticks, tick.ask_ticks)
+        self._unbuilt.append((tail, marks))
+        self._unbuilt_rows += int(tail.size)
+        excess = len(self._results) + self._unbuilt_rows - REMEMBERED
+        if excess <= 0:
+            return
+        results = self._results
+        if excess >= len(results):
+            excess -= len(results)
+            results.clear()
+        else:
+            for _ in range(excess):
+                results.popitem(last=False)
+            excess = 0
+        while excess > 0:
+            oldest, oldest_marks = self._unbuilt[0]
+            cut = min(excess, int(oldest.size))
+            if cut == oldest.size:
+                self._unbuilt.pop(0)
+            else:
+                self._unbuilt[0] = (oldest[cut:], None if oldest_marks is None
+                                    else oldest_marks[cut:])
+            self._unbuilt_rows -= cut
+            excess -= cut
+
+    # ----------------------------------------------------------------- snapshots
+    def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Copies of the whole state: the book's columns (engine.book.PositionBook.to_arrays),
+        ``outbox`` (int64, (n, 19)), ``result_ids`` (uint64, (m,)) with ``results`` (int64,
+        (m, 21)) in remembering order; counters, seqs and the last tick in ``meta``."""
+        arrays = self.book.to_arrays()
+        arrays["outbox"] = np.array([_outbox_row(item) for item in self._outbox],
+                                    dtype=np.int64).reshape(-1, _OUTBOX_COLUMNS)
+        rows: list[tuple[int, ...]] = []
+        results = self._answers()
+        for answer in results.values():
+            if isinstance(answer, Rejected):
+                rows.append((_KIND_FENCED, 0, *([0] * _OUTBOX_COLUMNS)))
+            elif isinstance(answer, SettlementItem):
+                rows.append((_KIND_CLOSE, 0, *_outbox_row(answer)))
+            else:
+                pnl = answer.unrealized_pnl_micros
+                rows.append((_KIND_OPEN, int(pnl is not None), *answer[:2], *answer[3:12],
+                             pnl or 0, *([0] * (_OUTBOX_COLUMNS - 12))))
+        arrays["result_ids"] = np.array(list(results), dtype=np.uint64)
+        arrays["results"] = np.array(rows, dtype=np.int64).reshape(-1, _RESULT_COLUMNS)
+        tick = self._last_tick
+        meta = {
+            "shard": self.name,
+            "asset": self.asset.name,
+            "last_seq": self._last_seq,
+            "acked_seq": self._acked_seq,
+            "last_tick": None if tick is None else [tick.bid_ticks, tick.ask_ticks, tick.ts_us,
+                                                    tick.seq, tick.source],
+            "ticks_applied": self._ticks_applied,
+            "opens": self._opens,
+            "closes": list(self._closes),
+        }
+        return arrays, meta
+
+    @classmethod
+    def restore(cls, name: str, book_tag: int, asset: Asset, maintenance_margin_ppm: int,
+                max_price_age_us: int, snapshot: SnapshotLike | None) -> ShardMachine:
+        """The machine from a loaded snapshot, or a fresh one when None."""
+        if snapshot is None:
+            return cls(name, book_tag, asset, maintenance_margin_ppm, max_price_age_us)
+        return cls.from_snapshot(name, book_tag, asset, maintenance_margin_ppm,
+                                 max_price_age_us, snapshot.arrays, snapshot.meta)
+
+    @classmethod
+    def from_snapshot(cls, name: str, book_tag: int, asset: Asset, maintenance_margin_ppm: int,
+                      max_price_age_us: int, arrays: Mapping[str, np.ndarray],
+                      meta: Mapping[str, Any]) -> ShardMachine:
+        """The machine from :meth:`snapshot`'s ``(arrays, meta)``; also reads the snapshots
+        of cluster.shard_store (remembered opens in ``open_results``). ValueError if they do
+        not fit this config."""
+        if meta["asset"] != asset.name:
+            raise ValueError(f"snapshot holds {meta['asset']}, shard trades {asset.name}")
+        machine = cls(name, book_tag, asset, maintenance_margin_ppm, max_price_age_us)
+        book_arrays = {k: arrays[k] for k in (*COLUMN_NAMES, "free_head")}
+        machine.book = PositionBook.from_arrays(asset, book_tag, book_arrays)
+        machine._outbox = [_outbox_item(asset.name, row) for row in arrays["outbox"].tolist()]
+        if "results" in arrays:
+            for request_id, row in zip(arrays["result_ids"].tolist(),
+                                       arrays["results"].tolist(), strict=True):
+                machine._remember(request_id, _result_answer(asset.name, row))
+        else:
+            for row in np.asarray(arrays["open_results"]).reshape(-1, _OLD_OPEN_COLUMNS).tolist():
+                kind, has_pnl = row[1], row[2]
+                padded = [kind, has_pnl, *row[3:], *([0] * (_OUTBOX_COLUMNS - 12))]
+                machine._remember(row[0], _result_answer(asset.name, padded))
+        machine._last_seq = int(meta["last_seq"])
+        machine._acked_seq = int(meta["acked_seq"])
+        tick = meta["last_tick"]
+        if tick is not None:
+            machine._last_tick = Tick(asset.name, tick[0], tick[1], tick[2], tick[3], tick[4])
+        machine._ticks_applied = int(meta["ticks_applied"])
+        machine._opens = int(meta["opens"])
+        machine._closes = [int(x) for x in meta["closes"]]
+        return machine
+
+    # ----------------------------------------------------------------- invariants
+    def check(self) -> list[str]:
+        """Differences from the invariants ([] when they hold): the book's own check; the
+        outbox holds exactly settlements ``acked_seq + 1 .. last_seq``, none of them still
+        open; opens minus closes counted equals the positions held. O(N)."""
+        problems = self.book.check()
+        seqs = [item.seq for item in self._outbox]
+        if seqs != list(range(self._acked_seq + 1, self._last_seq + 1)):
+            problems.append(f"outbox seqs {seqs[:3]}... are not {self._acked_seq + 1}.."
+                            f"{self._last_seq}")
+        still_open = [i.closed.position_id for i in self._outbox
+                      if i.closed.position_id in self.book]
+        if still_open:
+            problems.append(f"settled positions still open: {still_open[:5]}")
+        if self._opens - sum(self._closes) != len(self.book):
+            problems.append(f"{self._opens} opens and {sum(self._closes)} closes counted, "
+                            f"{len(self.book)} positions held")
+        remembered = len(self._answers())
+        if remembered > REMEMBERED:
+            problems.append(f"{remembered} answers remembered, more than {REMEMBERED}")
+        return problems
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Every piece of state as plain values, for equality tests: the live rows' columns,
+        the free list (and the last ids of free rows, which fix the next ids), the last tick,
+        the outbox, the remembered answers in order, counters and seqs."""
+        cols = self.book.columns()
+        pids = cols["position_id"]
+        live = np.flatnonzero(pids > 0)
+        free = np.flatnonzero(pids < 0)
+        tick = self._last_tick
+        return {
+            "config": (self.name, self.book_tag, self.asset.name, self.maintenance_margin_ppm,
+                       self.max_price_age_us),
+            "rows": len(pids),
+            "live_rows": live.tolist(),
+            "columns": {name: col[live].tolist() for name, col in cols.items()},
+            "free_rows": self.book.free_rows().tolist(),
+            "free_row_ids": pids[free].tolist(),
+            "last_tick": None if tick is None else tuple(tick),
+            "outbox": [_plain(item) for item in self._outbox],
+            "results": [(rid, _plain(answer)) for rid, answer in self._answers().items()],
+            "last_seq": self._last_seq,
+            "acked_seq": self._acked_seq,
+            "ticks_applied": self._ticks_applied,
+            "opens": self._opens,
+            "closes": list(self._closes),
+        }
+
+
+def _plain(value: Any) -> Any:
+    """Nested tuples of ints/str/None (enums as ints, NamedTuples as tuples)."""
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, Rejected):
+        return ("rejected", value.code.value, value.message)
+    if isinstance(value, int):
+        return int(value)
+    return value
+
+
+def _outbox_row(item: SettlementItem) -> tuple[int, ...]:
+    c = item.closed
+    return (item.seq, *c[:2], *c[3:])
+
+
+def _outbox_item(asset_name: str, row: Sequence[int]) -> SettlementItem:
+    return SettlementItem(row[0], ClosedPosition(row[1], row[2], asset_name, _SIDES[row[3]],
+                                                 *row[4:]))
+
+
+def _result_answer(asset_name: str, row: Sequence[int]) -> Answer:
+    """A remembered answer from a snapshot row (kind, has_pnl, fields...)."""
+    kind, has_pnl, fields = row[0], row[1], row[2:]
+    if kind == _KIND_FENCED:
+        return _FENCED
+    if kind == _KIND_CLOSE:
+        return _outbox_item(asset_name, fields)
+    if kind != _KIND_OPEN:
+        raise ValueError(f"unknown remembered answer kind {kind}")
+    pid, owner, side, entry, qty, margin, leverage, liq, tp, sl, ts, pnl = fields[:12]
+    return OpenPosition(pid, owner, asset_name, _SIDES[side], entry, qty, margin, leverage, liq,
+                        tp, sl, ts, pnl if has_pnl else None)
+
+
+__all__ = [
+    "BPS",
+    "MIN_VECTOR_RUN",
+    "OPENED_RECORD",
+    "REMEMBERED",
+    "AckOutbox",
+    "ApplyTick",
+    "AuditView",
+    "Close",
+    "LastTick",
+    "Open",
+    "OpenMargins",
+    "Outbox",
+    "OutboxView",
+    "PositionsOf",
+    "Resolve",
+    "ResumeSeq",
+    "ShardMachine",
+    "ShardStateError",
+    "Stats",
+    "slippage_exceeded",
+]
