@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from engine.amounts import MONEY_DECIMALS, AmountError, from_units, to_units
+from engine.amounts import MAX_UNITS, MONEY_DECIMALS, AmountError, from_units, to_units
+
+MAX_NOTIONAL_MICROS = MAX_UNITS // 2
+"""Largest ``price * quantity`` (micro-dollars) the bounds below allow: half of
+:data:`~engine.amounts.MAX_UNITS`, so a margin plus a PnL (each at most a notional) still fits."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,29 @@ class Asset:
         mul, div = self.notional_scale
         return (price_ticks * qty_steps * mul) // div
 
+    @property
+    def max_price_ticks(self) -> int:
+        """Largest price (ticks) a tick may carry: with :attr:`max_qty_steps`, every amount the
+        engine computes from a price fits its int64 fields.
+
+        Notional, PnL and maintenance margin are ``price * quantity`` products (a PnL's price
+        difference is at most the larger price; leverage only sets how much margin buys that
+        notional), so they fit when ``max_price * max_qty`` is at most
+        :data:`MAX_NOTIONAL_MICROS`. That room is split evenly between price and quantity (the
+        integer square root, in steps). The price levels (entry, a liquidation price at most
+        about twice the entry, TP/SL, candles) stay below ``MAX_UNITS // 4``, the level above
+        which ``engine.orders.plan_open`` refuses to open.
+        """
+        mul, div = self.notional_scale
+        return max(1, min(MAX_UNITS // 4, math.isqrt(MAX_NOTIONAL_MICROS * div // mul)))
+
+    @property
+    def max_qty_steps(self) -> int:
+        """Largest position quantity (steps) whose notional at :attr:`max_price_ticks` fits
+        :data:`MAX_NOTIONAL_MICROS`."""
+        mul, div = self.notional_scale
+        return min(MAX_UNITS, MAX_NOTIONAL_MICROS * div // (mul * self.max_price_ticks))
+
 
 class AssetRegistry(Mapping[str, Asset]):
     """Assets by name (``"SOL"``), in a fixed order; also looked up by Backpack symbol."""
@@ -111,4 +139,4 @@ DEFAULT_ASSETS = AssetRegistry(
     ]
 )
 
-__all__ = ["DEFAULT_ASSETS", "AmountError", "Asset", "AssetRegistry"]
+__all__ = ["DEFAULT_ASSETS", "MAX_NOTIONAL_MICROS", "AmountError", "Asset", "AssetRegistry"]
