@@ -8,20 +8,25 @@ because symbols may contain dots and several event types share a socket.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from engine.amounts import AmountError
 from engine.assets import Asset, AssetRegistry
 from feed.message import MarketDataMessage, mid_price
+from feed.payload import PayloadError, load_json
+from feed.settings import SEQ_LIMIT, TS_US_LIMIT
 
 log = logging.getLogger(__name__)
 
-# Drop reasons of a bookTicker frame, in the order they are checked.
-DROP_REASONS = ("malformed", "unknown_symbol", "null_side", "bad_price", "crossed", "stale_seq")
+# Drop reasons of a frame, in the order they are checked.
+DROP_REASONS = ("oversized", "too_deep", "malformed", "unknown_symbol", "null_side", "bad_price",
+                "crossed", "above_bound", "stale_seq")
+MAX_FRAME_BYTES = 1 << 20  # a bookTicker frame is about 250 bytes; larger frames are dropped
+MAX_IGNORED_EVENTS = 32  # distinct event types counted by name; the rest count as "other"
+MAX_ERROR_TEXT = 200  # characters of a server error message kept
 
 
 def subscribe_request(assets: AssetRegistry) -> dict[str, Any]:
@@ -41,10 +46,13 @@ class FrameNormalizer:
     """Turn raw Backpack frames into SPEC messages, dropping and counting invalid ones.
 
     ``feed(raw)`` returns a :class:`MarketDataMessage` for a valid bookTicker of a known symbol,
-    an :class:`ErrorFrame` for a server error frame, or None. Counters: ``dropped[reason]`` (see
-    :data:`DROP_REASONS`: a null side, a zero/negative/non-finite/unparsable/off-step price,
-    bid > ask, an unknown symbol or an update id older than the last one seen for that symbol),
-    ``ignored[event]`` for other event types (depth, ticker, markPrice...), ``errors`` for error
+    an :class:`ErrorFrame` for a server error frame, or None; it never raises. Counters:
+    ``dropped[reason]`` (see :data:`DROP_REASONS`: a frame over :data:`MAX_FRAME_BYTES`, nested
+    deeper than ``feed.payload.MAX_DEPTH``, not JSON or not of the frame shape, ``T``/``u`` not
+    integers in range, an unknown symbol, a null side, a zero/negative/non-finite/unparsable/
+    off-step price, bid > ask, an ask above the asset's ``max_price_ticks``, an update id older
+    than the last one seen for that symbol), ``ignored[event]`` for other event types (depth,
+    ticker, markPrice...; at most :data:`MAX_IGNORED_EVENTS` names), ``errors`` for error
     frames, ``accepted`` for messages produced. A dropped frame never becomes a price, least of
     all a price of 0.
     """
@@ -63,14 +71,25 @@ class FrameNormalizer:
         self._last_seq.clear()
 
     def feed(self, raw: str | bytes) -> MarketDataMessage | ErrorFrame | None:
+        """One raw frame in; never raises, whatever the frame holds (a frame that cannot be
+        handled is counted in ``dropped`` and the stream goes on)."""
         try:
-            frame = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            self.dropped["malformed"] += 1
+            frame = load_json(raw, max_bytes=MAX_FRAME_BYTES)
+        except PayloadError as exc:
+            self.dropped["malformed" if exc.reason == "not_json" else exc.reason] += 1
             return None
         return self.feed_frame(frame)
 
     def feed_frame(self, frame: object) -> MarketDataMessage | ErrorFrame | None:
+        """One parsed frame in; never raises (see :meth:`feed`)."""
+        try:
+            return self._route(frame)
+        except Exception:  # a frame no check foresaw must not end the source
+            log.exception("backpack: frame dropped by an unexpected error")
+            self.dropped["malformed"] += 1
+            return None
+
+    def _route(self, frame: object) -> MarketDataMessage | ErrorFrame | None:
         if not isinstance(frame, dict):
             self.dropped["malformed"] += 1
             return None
@@ -78,15 +97,20 @@ class FrameNormalizer:
             err = frame.get("error")
             err = err if isinstance(err, dict) else {}
             code = err.get("code")
+            message = err.get("message", "")
             self.errors += 1
-            return ErrorFrame(code if isinstance(code, int) else None, str(err.get("message", "")))
+            return ErrorFrame(code if _is_int(code) else None,
+                              (message if isinstance(message, str) else "")[:MAX_ERROR_TEXT])
         data = frame.get("data")
         if not isinstance(data, dict):
             self.dropped["malformed"] += 1
             return None
         event = data.get("e")
         if event != "bookTicker":
-            self.ignored[str(event)] += 1
+            name = event if isinstance(event, str) and len(event) <= 40 else "other"
+            if name not in self.ignored and len(self.ignored) >= MAX_IGNORED_EVENTS:
+                name = "other"
+            self.ignored[name] += 1
             return None
         return self.book_ticker(data)
 
@@ -99,8 +123,8 @@ class FrameNormalizer:
             return None
         ts_us = data.get("T")
         seq = data.get("u")
-        if not isinstance(ts_us, int) or not isinstance(seq, int) or not (
-                _is_int(ts_us) and _is_int(seq)):
+        if not (_is_int(ts_us) and 0 < ts_us < TS_US_LIMIT and _is_int(seq)
+                and 0 <= seq < SEQ_LIMIT):
             self.dropped["malformed"] += 1
             return None
         raw_bid, raw_ask = data.get("b"), data.get("a")
@@ -114,6 +138,9 @@ class FrameNormalizer:
             return None
         if bid_ticks > ask_ticks:
             self.dropped["crossed"] += 1
+            return None
+        if ask_ticks > asset.max_price_ticks:
+            self.dropped["above_bound"] += 1
             return None
         last = self._last_seq.get(asset.symbol)
         if last is not None and seq < last:
@@ -135,7 +162,7 @@ class FrameNormalizer:
         }
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

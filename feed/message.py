@@ -12,11 +12,13 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeGuard
 
 from engine.amounts import AmountError
 from engine.assets import Asset, AssetRegistry
 from engine.market import Tick
+from feed.payload import PayloadError, load_json
+from feed.settings import SEQ_LIMIT, TS_US_LIMIT, FeedBounds
 
 SCHEMA_VERSION = 1  # the "v" field of every message this module writes
 
@@ -81,29 +83,46 @@ def message_from_ticks(asset: Asset, bid_ticks: int, ask_ticks: int, ts_us: int,
                              source)
 
 
+MAX_MESSAGE_BYTES = 4096  # a real message is about 200 bytes; anything far larger is dropped
+MAX_SOURCE_CHARS = 64  # ``source`` is journaled with every tick a shard applies
+
+# Drop reasons of the decoder, in the order they are checked.
+DECODE_DROP_REASONS = ("oversized", "too_deep", "not_json", "unknown_symbol", "bad_price",
+                       "crossed", "above_bound", "bad_field", "future", "stale")
+
+
 class TickDecoder:
     """Decode MarketDataMessage JSON into :class:`engine.market.Tick`, dropping malformed input.
 
-    ``decode`` returns a Tick or None; every None is counted in :attr:`dropped` under one reason:
-    ``not_json`` (not UTF-8 JSON or not an object), ``unknown_symbol``, ``bad_price`` (bid, ask or
-    price missing, unparsable, zero, negative, non-finite or off the asset's price step),
-    ``crossed`` (bid > ask), ``bad_field`` (``ts_us``/``seq`` missing or not integers).
-    Unknown fields are ignored. ``seq`` may be absent (0); ``source`` defaults to ``unknown``.
+    ``decode(value, now_us)`` returns a Tick or None; every None is counted in :attr:`dropped`
+    under one reason (:data:`DECODE_DROP_REASONS`): ``oversized`` (more than
+    :data:`MAX_MESSAGE_BYTES`), ``too_deep`` (nested deeper than ``feed.payload.MAX_DEPTH``),
+    ``not_json`` (not UTF-8 JSON, or not an object), ``unknown_symbol``, ``bad_price`` (bid,
+    ask or price missing, unparsable, zero, negative, non-finite or off the asset's price step),
+    ``crossed`` (bid > ask), ``above_bound`` (ask above the asset's
+    :attr:`~engine.assets.Asset.max_price_ticks`), ``bad_field`` (``ts_us`` not an integer in
+    ``(0, 2**63)``, ``seq`` not one in ``[0, 2**63)``, ``source`` longer than
+    :data:`MAX_SOURCE_CHARS`), and, when ``now_us`` is given, ``future`` (``ts_us`` more than
+    ``bounds.max_clock_skew_us`` ahead of ``now_us``) and ``stale`` (more than
+    ``bounds.max_price_age_us`` behind). Unknown fields are ignored. ``seq`` may be absent (0);
+    a missing or non-text ``source`` reads ``unknown``. No input makes it raise.
     """
 
-    def __init__(self, assets: AssetRegistry) -> None:
+    def __init__(self, assets: AssetRegistry, bounds: FeedBounds | None = None) -> None:
         self.assets = assets
+        self.bounds = bounds or FeedBounds()
         self.dropped: Counter[str] = Counter()
         self.decoded = 0
 
     def _drop(self, reason: str) -> None:
         self.dropped[reason] += 1
 
-    def decode(self, value: bytes | str | None) -> Tick | None:
+    def decode(self, value: bytes | str | None, now_us: int | None = None) -> Tick | None:
         try:
-            obj = json.loads(value) if value is not None else None
-        except (ValueError, UnicodeDecodeError):
-            obj = None
+            obj = load_json(value, max_bytes=MAX_MESSAGE_BYTES)
+        except PayloadError as exc:
+            self._drop(exc.reason)
+            return None
         if not isinstance(obj, dict):
             self._drop("not_json")
             return None
@@ -120,19 +139,30 @@ class TickDecoder:
         if bid_ticks > ask_ticks:
             self._drop("crossed")
             return None
+        if ask_ticks > asset.max_price_ticks:
+            self._drop("above_bound")
+            return None
         ts_us = obj.get("ts_us")
         seq = obj.get("seq", 0)
-        if not isinstance(ts_us, int) or not isinstance(seq, int) or not (
-                _is_int(ts_us) and _is_int(seq)):
+        source = obj.get("source")
+        if not (_is_int(ts_us) and 0 < ts_us < TS_US_LIMIT and _is_int(seq)
+                and 0 <= seq < SEQ_LIMIT) or (isinstance(source, str)
+                                              and len(source) > MAX_SOURCE_CHARS):
             self._drop("bad_field")
             return None
-        source = obj.get("source")
+        if now_us is not None:
+            if ts_us - now_us > self.bounds.max_clock_skew_us:
+                self._drop("future")
+                return None
+            if now_us - ts_us > self.bounds.max_price_age_us:
+                self._drop("stale")
+                return None
         self.decoded += 1
         return Tick(asset.name, bid_ticks, ask_ticks, ts_us, seq,
                     source if isinstance(source, str) else "unknown")
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -152,8 +182,11 @@ def _positive_price(value: object) -> bool:
         return False
     if isinstance(value, float):
         return math.isfinite(value) and value > 0
+    text = str(value).strip()
+    if len(text) > 64:
+        return False
     try:
-        dec = Decimal(str(value).strip())
-    except ArithmeticError:
+        dec = Decimal(text)
+    except (ArithmeticError, ValueError):
         return False
     return dec.is_finite() and dec > 0

@@ -1,9 +1,10 @@
 """The Backpack client against a real WebSocket server on loopback that plays Backpack.
 
 The server replays the recorded fixture frames across three connections, interleaved with error
-frames, garbage, invalid bookTickers and a protocol ping, drops the first connection abruptly and
-closes the second; the client must publish exactly the valid bookTicker prices, in order, to a
-real (embedded) Kafka, reconnecting and resubscribing each time.
+frames, garbage (deeply nested, binary, out of range), invalid bookTickers and a protocol ping,
+drops the first connection abruptly and closes the second; the client must publish exactly the
+valid bookTicker prices, in order, to a real (embedded) Kafka, reconnecting and resubscribing
+each time.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class FakeBackpack:
         if n == 1:
             await ws.send(ERRORS[1])
             await ws.send("}{ not json")
+            await ws.send("[" * 100_000)  # once a RecursionError that ended the source
+            await ws.send('{"data":' * 64 + "{}" + "}" * 64)
+            await ws.send(bytes(range(256)) * 4)  # a binary frame of bytes, not UTF-8
+            await ws.send(bad_book(T=2**64, u=BOOK[0]["u"] + 1))
+            await ws.send(bad_book(a="9999999999.00", b="9999999999.00", u=BOOK[0]["u"] + 1))
             for line in FRAMES[:8]:
                 await ws.send(line)
             await ws.send(bad_book(b=None, u=BOOK[3]["u"] + 1))
@@ -101,7 +107,8 @@ async def test_client_publishes_exactly_the_valid_prices_in_order(kafka_broker: 
     assert fake.pong_ok == [True]
     stats = client.stats()
     assert stats["error_frames"] == 1
-    assert stats["dropped"] == {"malformed": 1, "null_side": 1, "crossed": 1, "stale_seq": 1}
+    assert stats["dropped"] == {"malformed": 3, "too_deep": 2, "above_bound": 1, "null_side": 1,
+                                "crossed": 1, "stale_seq": 1}
     assert result["published"] == len(BOOK) == 13
 
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka_broker, enable_auto_commit=False)

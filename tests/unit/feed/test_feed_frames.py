@@ -6,9 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.assets import DEFAULT_ASSETS
-from feed.frames import ErrorFrame, FrameNormalizer, subscribe_request
+from feed.frames import (
+    DROP_REASONS,
+    MAX_FRAME_BYTES,
+    MAX_IGNORED_EVENTS,
+    ErrorFrame,
+    FrameNormalizer,
+    subscribe_request,
+)
 from feed.message import MarketDataMessage
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "backpack"
@@ -68,6 +77,14 @@ def test_error_frames_are_reported_not_prices() -> None:
         (book(s="SOL_USDC_PERP"), "unknown_symbol"),
         (book(u=None), "malformed"),
         (book(T="1788367430246081"), "malformed"),
+        (book(T=0), "malformed"),
+        (book(T=-5), "malformed"),
+        (book(T=2**63), "malformed"),
+        (book(u=-1), "malformed"),
+        (book(u=2**64), "malformed"),
+        (book(u=True), "malformed"),
+        (book(a="1518500.25"), "above_bound"),  # one step above SOL's bound
+        (book(a="1e30", b="1e30"), "bad_price"),
         ({"stream": "bookTicker.SOL_USDC"}, "malformed"),
         ([1, 2], "malformed"),
     ],
@@ -84,6 +101,69 @@ def test_garbage_is_malformed() -> None:
     assert norm.feed("not json{") is None
     assert norm.feed(b"\xff\xfe") is None
     assert norm.dropped == {"malformed": 2}
+
+
+def test_deep_and_oversized_frames_are_dropped_and_the_next_one_passes() -> None:
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    assert norm.feed("[" * 100_000) is None  # a RecursionError inside json, unbounded
+    assert norm.feed('{"data":' * 40 + "{}" + "}" * 40) is None
+    assert norm.feed(b"[" * (MAX_FRAME_BYTES + 1)) is None
+    assert norm.feed(json.dumps(book(pad="x" * MAX_FRAME_BYTES))) is None
+    assert isinstance(norm.feed(json.dumps(book())), MarketDataMessage)
+    assert norm.dropped == {"too_deep": 2, "oversized": 2}
+
+
+def test_an_unforeseen_error_drops_the_frame_only() -> None:
+    class Exploding(dict[str, object]):
+        def get(self, key: str, default: object = None) -> object:
+            raise RuntimeError("boom")
+
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    assert norm.feed_frame(Exploding()) is None
+    assert norm.dropped == {"malformed": 1}
+    assert isinstance(norm.feed(json.dumps(book())), MarketDataMessage)
+
+
+def test_ignored_event_names_are_bounded() -> None:
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    for i in range(MAX_IGNORED_EVENTS + 10):
+        norm.feed(json.dumps({"data": {"e": f"event{i}"}}))
+    norm.feed(json.dumps({"data": {"e": {"nested": [1, 2]}}}))
+    assert len(norm.ignored) == MAX_IGNORED_EVENTS + 1 and norm.ignored["other"] == 11
+
+
+def test_error_frame_text_is_bounded() -> None:
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    out = norm.feed(json.dumps({"id": None, "error": {"code": True, "message": "m" * 10_000}}))
+    assert isinstance(out, ErrorFrame) and out.code is None and len(out.message) == 200
+
+
+@given(st.binary(max_size=300) | st.text(max_size=300))
+def test_random_frames_never_raise(raw: bytes | str) -> None:
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    out = norm.feed(raw)
+    assert out is None or isinstance(out, ErrorFrame | MarketDataMessage)
+    assert set(norm.dropped) <= set(DROP_REASONS)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=4), children, max_size=4),
+    max_leaves=25)
+
+
+@given(st.dictionaries(st.sampled_from(["e", "s", "T", "u", "a", "b", "A", "B"]), json_values,
+                       max_size=8),
+       st.sampled_from(["data", "error", "stream"]))
+def test_random_frame_shapes_never_raise(data: dict[str, object], where: str) -> None:
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    try:
+        raw = json.dumps({where: data})
+    except ValueError:
+        return
+    out = norm.feed(raw)
+    assert out is None or isinstance(out, ErrorFrame | MarketDataMessage)
 
 
 def test_older_update_id_is_dropped_equal_and_newer_pass() -> None:

@@ -1,4 +1,5 @@
-"""MarketDataMessage encoding and the decoder into engine ticks (every drop reason)."""
+"""MarketDataMessage encoding and the decoder into engine ticks (every drop reason, every
+bound)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ from hypothesis import strategies as st
 
 from engine.assets import DEFAULT_ASSETS, Asset
 from engine.market import Tick
-from feed.message import MarketDataMessage, TickDecoder, message_from_ticks, mid_price
+from feed.message import (
+    DECODE_DROP_REASONS,
+    MAX_MESSAGE_BYTES,
+    MarketDataMessage,
+    TickDecoder,
+    message_from_ticks,
+    mid_price,
+)
+from feed.payload import MAX_DEPTH
+from feed.settings import FeedBounds
 
 GOOD = {"v": 1, "symbol": "SOL_USDC", "asset": "SOL", "bid": "98.96", "ask": "98.97",
         "price": "98.965", "ts_us": 1788367430246081, "seq": 4330360995, "source": "backpack"}
@@ -68,7 +78,27 @@ def test_unknown_fields_are_ignored_and_numbers_accepted() -> None:
         (enc(bid="98.98"), "crossed"),
         (enc(ts_us=...), "bad_field"),
         (enc(ts_us="1"), "bad_field"),
+        (enc(ts_us=True), "bad_field"),
+        (enc(ts_us=0), "bad_field"),
+        (enc(ts_us=-1788367430246081), "bad_field"),
+        (enc(ts_us=2**63), "bad_field"),
+        (enc(ts_us=10**30), "bad_field"),
+        (enc(ts_us=1788367430246081.0), "bad_field"),
         (enc(seq=1.5), "bad_field"),
+        (enc(seq=-1), "bad_field"),
+        (enc(seq=2**63), "bad_field"),
+        (enc(source="x" * 65), "bad_field"),
+        (enc(ask="1518500.25"), "above_bound"),  # one step above SOL's bound
+        (enc(bid="99999999999999.99", ask="99999999999999.99"), "above_bound"),
+        (enc(bid="1e30", ask="1e30"), "bad_price"),  # beyond any amount at all
+        (enc(bid=-5), "bad_price"),
+        (enc(extra="x" * MAX_MESSAGE_BYTES), "oversized"),
+        (b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1), "too_deep"),
+        (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "oversized"),
+        (b'{"a":' * 600 + b"1" + b"}" * 600, "too_deep"),
+        (b'{"symbol":"SOL_USDC","bid":"1.00","ask":"1.01","price":"1.005","ts_us":1', "not_json"),
+        (b'{"symbol":"SOL_USDC","bid":"1.00","ask":"1.01","price":"1","ts_us":1e999}',
+         "bad_field"),
     ],
 )
 def test_malformed_messages_are_dropped_by_reason(value: bytes | None, reason: str) -> None:
@@ -85,11 +115,84 @@ def test_mid_price_is_exact() -> None:
     assert mid_price("1", "2") == "1.5"
 
 
-@given(st.sampled_from(DEFAULT_ASSETS.assets), st.integers(1, 10**9), st.integers(0, 10**6),
-       st.integers(0, 2**62), st.integers(0, 2**62))
+@given(st.sampled_from(DEFAULT_ASSETS.assets), st.integers(1, 10**8), st.integers(0, 10**6),
+       st.integers(1, 2**63 - 1), st.integers(0, 2**63 - 1))
 def test_encode_decode_round_trip(asset: Asset, bid_ticks: int, spread: int, ts_us: int,
                                   seq: int) -> None:
     msg = message_from_ticks(asset, bid_ticks, bid_ticks + spread, ts_us, seq, "sim")
     assert isinstance(msg, MarketDataMessage) and msg.key == asset.symbol.encode()
     tick = TickDecoder(DEFAULT_ASSETS).decode(msg.to_json_bytes())
     assert tick == Tick(asset.name, bid_ticks, bid_ticks + spread, ts_us, seq, "sim")
+
+
+def test_bounds_are_inclusive_at_the_asset_maximum() -> None:
+    sol = DEFAULT_ASSETS["SOL"]
+    top = sol.ticks_to_price(sol.max_price_ticks)
+    tick = TickDecoder(DEFAULT_ASSETS).decode(enc(bid=top, ask=top, price=top))
+    assert tick is not None and tick.ask_ticks == sol.max_price_ticks
+
+
+NOW = 1788367430246081
+BOUNDS = FeedBounds(max_price_age_us=15_000_000, max_clock_skew_us=5_000_000)
+
+
+@pytest.mark.parametrize(
+    ("ts_us", "reason"),
+    [
+        (NOW + 5_000_001, "future"),
+        (NOW + 10**15, "future"),
+        (2**63 - 1, "future"),
+        (NOW - 15_000_001, "stale"),
+        (1, "stale"),
+        (None, None),  # now itself
+        (NOW + 5_000_000, None),  # exactly at the skew bound
+        (NOW - 15_000_000, None),  # exactly at the age bound
+    ],
+)
+def test_clock_window(ts_us: int | None, reason: str | None) -> None:
+    dec = TickDecoder(DEFAULT_ASSETS, BOUNDS)
+    tick = dec.decode(enc(ts_us=NOW if ts_us is None else ts_us), now_us=NOW)
+    if reason is None:
+        assert tick is not None and not dec.dropped
+    else:
+        assert tick is None and dec.dropped == {reason: 1}
+
+
+def test_no_clock_no_window() -> None:
+    dec = TickDecoder(DEFAULT_ASSETS, BOUNDS)
+    assert dec.decode(enc(ts_us=1)) is not None and dec.decode(enc(ts_us=2**63 - 1)) is not None
+
+
+def test_zero_skew_still_takes_the_present() -> None:
+    dec = TickDecoder(DEFAULT_ASSETS, FeedBounds(max_clock_skew_us=0))
+    assert dec.decode(enc(ts_us=NOW), now_us=NOW) is not None
+    assert dec.decode(enc(ts_us=NOW + 1), now_us=NOW) is None
+    assert dec.dropped == {"future": 1}
+
+
+@given(st.binary(max_size=300))
+def test_random_bytes_never_raise(value: bytes) -> None:
+    dec = TickDecoder(DEFAULT_ASSETS, BOUNDS)
+    assert dec.decode(value, now_us=NOW) is None
+    assert sum(dec.dropped.values()) == 1
+    assert set(dec.dropped) <= set(DECODE_DROP_REASONS)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20)
+
+
+@given(st.dictionaries(st.sampled_from(["symbol", "bid", "ask", "price", "ts_us", "seq",
+                                        "source", "v"]), json_values, max_size=8))
+def test_random_json_objects_never_raise(obj: dict[str, object]) -> None:
+    dec = TickDecoder(DEFAULT_ASSETS, BOUNDS)
+    try:
+        raw = json.dumps(obj).encode()
+    except ValueError:
+        return
+    tick = dec.decode(raw, now_us=NOW)
+    assert (tick is None) == (sum(dec.dropped.values()) == 1)
+    assert set(dec.dropped) <= set(DECODE_DROP_REASONS)

@@ -1,0 +1,80 @@
+"""Bounded JSON parsing: every payload either parses or names one reason, nothing escapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from feed.payload import MAX_DEPTH, PayloadError, load_json, nesting_depth
+
+
+@pytest.mark.parametrize(
+    ("raw", "depth"),
+    [
+        (b"1", 0),
+        (b'"[[[["', 0),
+        (b"{}", 1),
+        (b'{"a":[1,[2]],"b":"[[[[["}', 3),
+        (b'["\\"[[", [[]]]', 3),
+        (b"[]" * 1000, 1),
+        (b"[" * 50, 50),
+    ],
+)
+def test_nesting_depth_ignores_brackets_in_strings(raw: bytes, depth: int) -> None:
+    assert nesting_depth(raw) == depth
+
+
+def test_real_payloads_parse() -> None:
+    assert load_json('{"a": [1, 2]}', max_bytes=100) == {"a": [1, 2]}
+    assert load_json(b"[" * MAX_DEPTH + b"]" * MAX_DEPTH, max_bytes=100) is not None
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1), "too_deep"),
+        (b"[" * 200_000, "too_deep"),  # would be a RecursionError inside json
+        ('{"a":' * 5000 + "1" + "}" * 5000, "too_deep"),
+        (b"x" * 101, "oversized"),
+        ("é" * 101, "oversized"),
+        (b"\xff\xfe", "not_json"),
+        ("\ud800", "not_json"),
+        (b"", "not_json"),
+        (b"{'a': 1}", "not_json"),
+        (b"9" * 5000, "not_json"),  # beyond the parser's integer digit limit
+        (None, "not_json"),
+        (12, "not_json"),
+    ],
+)
+def test_refusals_name_one_reason(raw: object, reason: str) -> None:
+    max_bytes = 100 if reason == "oversized" else 1 << 20
+    with pytest.raises(PayloadError) as info:
+        load_json(raw, max_bytes=max_bytes)  # type: ignore[arg-type]
+    assert info.value.reason == reason
+
+
+def test_parser_recursion_is_caught_past_a_lax_depth_bound() -> None:
+    with pytest.raises(PayloadError) as info:
+        load_json(b"[" * 5000 + b"]" * 5000, max_bytes=1 << 20, max_depth=10**6)
+    assert info.value.reason == "too_deep"
+
+
+@given(st.binary(max_size=400))
+def test_random_bytes_parse_or_name_a_reason(raw: bytes) -> None:
+    try:
+        load_json(raw, max_bytes=300)
+    except PayloadError as exc:
+        assert exc.reason in ("oversized", "too_deep", "not_json")
+
+
+@given(st.recursive(st.none() | st.integers() | st.text(max_size=5),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c,
+                                                                        max_size=3),
+                    max_leaves=30))
+def test_json_within_bounds_round_trips(value: object) -> None:
+    raw = json.dumps(value).encode()
+    if nesting_depth(raw) <= MAX_DEPTH:
+        assert load_json(raw, max_bytes=len(raw)) == value
