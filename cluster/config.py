@@ -1,28 +1,102 @@
-"""Typed, frozen configuration: every default and its environment override in one place."""
+"""Typed, frozen configuration: every default and its environment override in one place.
+
+Every setting is checked when :class:`Settings` is built; a bad value raises :class:`ConfigError`
+with one line naming the variable and what it must be, e.g.
+``MAX_PRICE_AGE_S must be a finite number in (0, 86400] (got inf)``.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
+from typing import NoReturn
 
 from engine.amounts import AmountError, money_to_micros, to_units
 from engine.assets import DEFAULT_ASSETS, AssetRegistry
+from engine.position_ids import MAX_BOOK_TAG
+from feed.settings import (
+    BACKPACK_WS_URL,
+    EMBEDDED_BROKER,
+    MARKET_TOPIC,
+    SOURCE_FORMS,
+    FeedBounds,
+    FeedSettings,
+    SourceSpec,
+    parse_source,
+)
 
-MARKET_TOPIC = "backpack-market-updates"  # Kafka topic of MarketDataMessages (SPEC)
-CONSUMER_GROUP = "trading-engine"  # the feed actor's consumer group
-EMBEDDED_BROKER = "127.0.0.1:9092"  # where the embedded Tansu broker listens
+CONSUMER_GROUP = "trading-engine"  # the feed actor's Kafka client id
+MAX_SHARDS = MAX_BOOK_TAG + 1  # every shard's book tag is unique and fits 8 bits
+
+__all__ = ["CONSUMER_GROUP", "EMBEDDED_BROKER", "MARKET_TOPIC", "ConfigError", "Settings"]
+
+# What each variable must be: the text of its error line.
+RULES = {
+    "KAFKA_BROKERS": "host:port[,host:port...] with ports in [1, 65535]",
+    "BACKPACK_WS_URL": "a ws:// or wss:// URL with a host",
+    "FEED_SOURCE": SOURCE_FORMS,
+    "PORT": "an integer in [1, 65535]",
+    "HOST": "a host name or IP address",
+    "RAY_ADDRESS": "a Ray address without spaces (auto, host:port, ray://host:port)",
+    "ASSETS": f"a comma-separated list of {', '.join(DEFAULT_ASSETS)} without repeats",
+    "SHARDS": f"N or ASSET=N,... with N in [1, {MAX_SHARDS}], assets of ASSETS and at most "
+              f"{MAX_SHARDS} shards in all",
+    "DATA_DIR": "a directory path",
+    "MAINTENANCE_MARGIN_RATE": "in [0, 1) with at most 6 decimals",
+    "MAX_PRICE_AGE_S": "a finite number in (0, 86400]",
+    "SIGNUP_BALANCE": "an amount in [0, 1000000] with at most 6 decimals",
+    "MAX_CLOCK_SKEW_S": "a finite number in [0, 3600]",
+    "MAX_TICK_JUMP_BPS": "an integer in [1, 1000000]",
+}
+
+# Integer limits of the HTTP API: field -> (variable, lowest, highest allowed).
+_INTEGER_LIMITS = {
+    "max_body_bytes": ("MAX_BODY_BYTES", 1024, 64 * 1024 * 1024),
+    "max_json_depth": ("MAX_JSON_DEPTH", 2, 512),
+    "api_key_rate_per_s": ("API_KEY_RATE_PER_S", 0, 1_000_000),
+    "api_key_burst": ("API_KEY_BURST", 1, 1_000_000),
+    "signups_per_min": ("SIGNUPS_PER_MIN", 0, 1_000_000),
+}
+RULES.update({var: f"an integer in [{low}, {high}]" for var, low, high in _INTEGER_LIMITS.values()})
+
+PPM = 1_000_000  # MAINTENANCE_MARGIN_RATE is held in parts per million
+MAX_SIGNUP_BALANCE_MICROS = 10**6 * 10**6  # 1,000,000 USD: the funding account stays far
+# from int64 over millions of accounts
+
+_HOST = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}")
+_BROKER = re.compile(r"(?P<host>[A-Za-z0-9._\[\]:-]+):(?P<port>\d{1,5})")
 
 
 class ConfigError(ValueError):
-    """An environment variable holds a value the platform cannot run with."""
+    """A setting holds a value the platform cannot run with (the message is one line)."""
+
+
+def _shown(value: object) -> str:
+    """``value`` as the error line shows it: plain when unambiguous, quoted otherwise."""
+    if isinstance(value, str):
+        if value and len(value) <= 80 and value.isprintable() and " " not in value:
+            return value
+        return repr(value[:80])
+    return str(value)
+
+
+def _fail(var: str, got: object, detail: str = "") -> NoReturn:
+    more = f": {detail}" if detail else ""
+    raise ConfigError(f"{var} must be {RULES[var]} (got {_shown(got)}{more})")
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """The platform's configuration; ``Settings.from_env()`` reads it, each field says from
+    which variable. Built directly (tests, benchmarks), it is checked the same way."""
+
     kafka_brokers: str | None = None  # KAFKA_BROKERS; None = start the embedded broker
-    backpack_ws_url: str = "wss://ws.backpack.exchange"  # BACKPACK_WS_URL
+    backpack_ws_url: str = BACKPACK_WS_URL  # BACKPACK_WS_URL
     feed_source: str = "auto"  # FEED_SOURCE: backpack | sim | replay:PATH | none | auto
     port: int = 4000  # PORT of the HTTP API
     host: str = "127.0.0.1"  # HOST the API binds; 0.0.0.0 to serve other machines
@@ -38,6 +112,42 @@ class Settings:
     api_key_rate_per_s: int = 50  # API_KEY_RATE_PER_S: requests per API key (0 = unlimited)
     api_key_burst: int = 100  # API_KEY_BURST: requests an idle API key may send at once
     signups_per_min: int = 10  # SIGNUPS_PER_MIN: accounts per client address (0 = unlimited)
+    max_clock_skew_s: float = 5.0  # MAX_CLOCK_SKEW_S: ticks further in the future are dropped
+    max_tick_jump_bps: int = 1_000  # MAX_TICK_JUMP_BPS: a larger mid move waits for confirmation
+
+    def __post_init__(self) -> None:
+        if self.kafka_brokers is not None:
+            _check_brokers(self.kafka_brokers)
+        _check_ws_url(self.backpack_ws_url)
+        _parse_source(self.feed_source)
+        if isinstance(self.port, bool) or not isinstance(self.port, int) \
+                or not 1 <= self.port <= 65535:
+            _fail("PORT", self.port)
+        if not _HOST.fullmatch(self.host):
+            _fail("HOST", self.host)
+        if self.ray_address is not None and (not self.ray_address
+                                             or any(c.isspace() for c in self.ray_address)):
+            _fail("RAY_ADDRESS", self.ray_address)
+        _check_shards(self.shards, self.assets)
+        if not str(self.data_dir):
+            _fail("DATA_DIR", str(self.data_dir))
+        if not 0 <= self.maintenance_margin_ppm < PPM:
+            _fail("MAINTENANCE_MARGIN_RATE", _decimal_text(self.maintenance_margin_ppm, 6))
+        if not (isinstance(self.max_price_age_s, int | float)
+                and math.isfinite(self.max_price_age_s) and 0 < self.max_price_age_s <= 86_400):
+            _fail("MAX_PRICE_AGE_S", self.max_price_age_s)
+        if not 0 <= self.signup_balance_micros <= MAX_SIGNUP_BALANCE_MICROS:
+            _fail("SIGNUP_BALANCE", _decimal_text(self.signup_balance_micros, 6))
+        if not (isinstance(self.max_clock_skew_s, int | float)
+                and math.isfinite(self.max_clock_skew_s) and 0 <= self.max_clock_skew_s <= 3600):
+            _fail("MAX_CLOCK_SKEW_S", self.max_clock_skew_s)
+        if isinstance(self.max_tick_jump_bps, bool) or not isinstance(self.max_tick_jump_bps, int) \
+                or not 1 <= self.max_tick_jump_bps <= 1_000_000:
+            _fail("MAX_TICK_JUMP_BPS", self.max_tick_jump_bps)
+        for name, (var, low, high) in _INTEGER_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                _fail(var, value)
 
     @property
     def bootstrap_servers(self) -> str:
@@ -47,61 +157,161 @@ class Settings:
     def max_price_age_us(self) -> int:
         return int(self.max_price_age_s * 1_000_000)
 
+    @property
+    def feed(self) -> FeedSettings:
+        """What ``feed/`` is configured with (it never reads these settings itself)."""
+        return FeedSettings(
+            assets=self.assets, kafka_brokers=self.kafka_brokers,
+            backpack_ws_url=self.backpack_ws_url, feed_source=self.feed_source,
+            bounds=FeedBounds.from_seconds(self.max_price_age_s, self.max_clock_skew_s,
+                                           self.max_tick_jump_bps))
+
     def shards_of(self, asset: str) -> int:
         """How many shard actors share ``asset`` (at least 1)."""
         return max(1, int(self.shards.get(asset, self.shards.get("*", 1))))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``env`` (default ``os.environ``); ConfigError names the first bad one."""
         env = os.environ if env is None else env
         base = cls()
-        try:
-            assets = base.assets
-            if env.get("ASSETS"):
-                names = [n.strip().upper() for n in env["ASSETS"].split(",") if n.strip()]
-                unknown = [n for n in names if n not in DEFAULT_ASSETS]
-                if unknown:
-                    raise ConfigError(f"ASSETS: unknown asset(s) {unknown}")
-                assets = DEFAULT_ASSETS.subset(names)
-            return cls(
-                kafka_brokers=env.get("KAFKA_BROKERS") or None,
-                backpack_ws_url=env.get("BACKPACK_WS_URL", base.backpack_ws_url),
-                feed_source=env.get("FEED_SOURCE", base.feed_source),
-                port=int(env.get("PORT", base.port)),
-                host=env.get("HOST", base.host),
-                ray_address=env.get("RAY_ADDRESS") or None,
-                assets=assets,
-                shards=_parse_shards(env.get("SHARDS", "")),
-                data_dir=Path(env.get("DATA_DIR", str(base.data_dir))),
-                maintenance_margin_ppm=to_units(env.get("MAINTENANCE_MARGIN_RATE", "0"), 6),
-                max_price_age_s=float(env.get("MAX_PRICE_AGE_S", base.max_price_age_s)),
-                signup_balance_micros=money_to_micros(env.get("SIGNUP_BALANCE", "10000")),
-                max_body_bytes=int(env.get("MAX_BODY_BYTES", base.max_body_bytes)),
-                max_json_depth=int(env.get("MAX_JSON_DEPTH", base.max_json_depth)),
-                api_key_rate_per_s=int(env.get("API_KEY_RATE_PER_S", base.api_key_rate_per_s)),
-                api_key_burst=int(env.get("API_KEY_BURST", base.api_key_burst)),
-                signups_per_min=int(env.get("SIGNUPS_PER_MIN", base.signups_per_min)),
-            )
-        except (AmountError, ValueError) as exc:
-            raise ConfigError(str(exc)) from exc
+        assets = _parse_assets(env["ASSETS"]) if env.get("ASSETS", "").strip() else base.assets
+        data_dir = env.get("DATA_DIR", str(base.data_dir))
+        if not data_dir.strip() or (Path(data_dir).exists() and not Path(data_dir).is_dir()):
+            _fail("DATA_DIR", data_dir)
+        feed_source = env.get("FEED_SOURCE", base.feed_source)
+        spec = _parse_source(feed_source)
+        if spec.kind == "replay" and not Path(spec.path).is_file():
+            _fail("FEED_SOURCE", feed_source, f"no file {spec.path}")
+        return cls(
+            kafka_brokers=_check_brokers(env.get("KAFKA_BROKERS", "")) or None,
+            backpack_ws_url=_check_ws_url(env.get("BACKPACK_WS_URL", base.backpack_ws_url)),
+            feed_source=feed_source,
+            port=_integer("PORT", env.get("PORT"), base.port, 1, 65535),
+            host=env.get("HOST", base.host),
+            ray_address=env.get("RAY_ADDRESS") or None,
+            assets=assets,
+            shards=_parse_shards(env.get("SHARDS", ""), assets),
+            data_dir=Path(data_dir),
+            maintenance_margin_ppm=_rate_ppm(env.get("MAINTENANCE_MARGIN_RATE", "0")),
+            max_price_age_s=_seconds("MAX_PRICE_AGE_S", env.get("MAX_PRICE_AGE_S"),
+                                     base.max_price_age_s, 0.0, 86_400.0, low_open=True),
+            signup_balance_micros=_money("SIGNUP_BALANCE", env.get("SIGNUP_BALANCE", "10000")),
+            **{name: _integer(var, env.get(var), getattr(base, name), low, high)
+               for name, (var, low, high) in _INTEGER_LIMITS.items()},
+            max_clock_skew_s=_seconds("MAX_CLOCK_SKEW_S", env.get("MAX_CLOCK_SKEW_S"),
+                                      base.max_clock_skew_s, 0.0, 3600.0),
+            max_tick_jump_bps=_integer("MAX_TICK_JUMP_BPS", env.get("MAX_TICK_JUMP_BPS"),
+                                       base.max_tick_jump_bps, 1, 1_000_000),
+        )
 
 
-def _parse_shards(text: str) -> dict[str, int]:
+def _decimal_text(units: int, decimals: int) -> str:
+    """``units`` steps of ``10**-decimals`` as the shortest decimal text (``1000000, 6`` -> 1)."""
+    text = format(Decimal(units).scaleb(-decimals), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _integer(var: str, raw: str | None, default: int, low: int, high: int) -> int:
+    if raw is None:
+        return default
+    text = raw.strip()
+    if not re.fullmatch(r"[+-]?\d{1,19}", text) or not low <= int(text) <= high:
+        _fail(var, raw)
+    return int(text)
+
+
+def _seconds(var: str, raw: str | None, default: float, low: float, high: float, *,
+             low_open: bool = False) -> float:
+    if raw is None:
+        return default
+    try:
+        value = float(raw.strip()) if len(raw) <= 64 else math.nan
+    except ValueError:
+        _fail(var, raw)
+    above = value > low if low_open else value >= low
+    if not (math.isfinite(value) and above and value <= high):
+        _fail(var, raw)
+    return value
+
+
+def _rate_ppm(raw: str) -> int:
+    try:
+        ppm = to_units(raw, 6)
+    except AmountError:
+        _fail("MAINTENANCE_MARGIN_RATE", raw)
+    if not 0 <= ppm < PPM:
+        _fail("MAINTENANCE_MARGIN_RATE", raw)
+    return ppm
+
+
+def _money(var: str, raw: str) -> int:
+    try:
+        micros = money_to_micros(raw)
+    except AmountError:
+        _fail(var, raw)
+    if not 0 <= micros <= MAX_SIGNUP_BALANCE_MICROS:
+        _fail(var, raw)
+    return micros
+
+
+def _check_brokers(text: str) -> str:
+    """``text`` unchanged when it is empty or a valid bootstrap list."""
+    for part in text.split(",") if text.strip() else ():
+        match = _BROKER.fullmatch(part.strip())
+        if match is None or not 1 <= int(match["port"]) <= 65535:
+            _fail("KAFKA_BROKERS", text)
+    return text
+
+
+def _check_ws_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    host = rest.split("/", 1)[0].split("?", 1)[0]
+    if not sep or scheme.lower() not in ("ws", "wss") or not host or any(
+            c.isspace() for c in url):
+        _fail("BACKPACK_WS_URL", url)
+    return url
+
+
+def _parse_source(text: str) -> SourceSpec:
+    try:
+        return parse_source(text)
+    except ValueError as exc:
+        detail = "" if str(exc).startswith("unknown") else str(exc)
+        _fail("FEED_SOURCE", text, detail)
+
+
+def _parse_assets(text: str) -> AssetRegistry:
+    names = [n.strip().upper() for n in text.split(",")]
+    if not all(n in DEFAULT_ASSETS for n in names) or len(set(names)) != len(names):
+        _fail("ASSETS", text)
+    return DEFAULT_ASSETS.subset(names)
+
+
+def _parse_shards(text: str, assets: AssetRegistry) -> dict[str, int]:
     """``"2"`` = two shards for every asset; ``"SOL=3,BTC=1"`` = per asset."""
     text = text.strip()
     if not text:
         return {}
-    if "=" not in text:
-        return {"*": _positive(text)}
     out: dict[str, int] = {}
-    for part in text.split(","):
-        name, _, count = part.partition("=")
-        out[name.strip().upper()] = _positive(count)
+    parts = [("*", text)] if "=" not in text else [p.partition("=")[::2] for p in text.split(",")]
+    for name, count in parts:
+        name, count = name.strip().upper(), count.strip()
+        if not re.fullmatch(r"\d{1,4}", count) or name in out:
+            _fail("SHARDS", text)
+        out[name] = int(count)
+    try:
+        _check_shards(out, assets)
+    except ConfigError:
+        _fail("SHARDS", text)
     return out
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ConfigError(f"SHARDS: shard count must be >= 1, got {value}")
-    return value
+def _check_shards(shards: Mapping[str, int], assets: AssetRegistry) -> None:
+    for name, count in shards.items():
+        if (name != "*" and name not in assets) or isinstance(count, bool) \
+                or not isinstance(count, int) or not 1 <= count <= MAX_SHARDS:
+            _fail("SHARDS", ",".join(f"{k}={v}" for k, v in shards.items()))
+    default = shards.get("*", 1)
+    if sum(shards.get(a, default) for a in assets) > MAX_SHARDS:
+        _fail("SHARDS", ",".join(f"{k}={v}" for k, v in shards.items()))

@@ -16,10 +16,10 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from cluster.config import MARKET_TOPIC
 from engine.assets import AssetRegistry
 from feed.broker import ensure_topic
 from feed.message import MarketDataMessage
+from feed.settings import MARKET_TOPIC
 
 log = logging.getLogger(__name__)
 

@@ -14,22 +14,22 @@ import logging
 import signal
 import sys
 
-from cluster.config import EMBEDDED_BROKER, Settings
 from feed.broker import BrokerError, EmbeddedBroker
+from feed.settings import EMBEDDED_BROKER, FeedSettings, HasFeedSettings, feed_settings
 from feed.source import make_source, run_source
 
 log = logging.getLogger(__name__)
 
 
-def embedded_broker_for(settings: Settings) -> EmbeddedBroker | None:
+def embedded_broker_for(settings: FeedSettings | HasFeedSettings) -> EmbeddedBroker | None:
     """The broker to start for ``settings``: None when ``KAFKA_BROKERS`` names an external one."""
-    if settings.kafka_brokers:
+    if feed_settings(settings).kafka_brokers:
         return None
     host, _, port = EMBEDDED_BROKER.rpartition(":")
     return EmbeddedBroker(host, int(port))
 
 
-async def _serve(settings: Settings, bootstrap: str, keep_broker: bool) -> None:
+async def _serve(settings: FeedSettings, bootstrap: str, keep_broker: bool) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -45,8 +45,9 @@ async def _serve(settings: Settings, bootstrap: str, keep_broker: bool) -> None:
         await stop.wait()
 
 
-def run_feed_service(settings: Settings) -> int:
+def run_feed_service(settings: FeedSettings | HasFeedSettings) -> int:
     """Run the market data service in the foreground; returns the process exit code."""
+    settings = feed_settings(settings)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -23,21 +23,29 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import parse_qsl
 
-from cluster.config import MARKET_TOPIC, Settings
-from engine.assets import AssetRegistry
 from feed.backpack import BackpackClient
 from feed.message import MarketDataMessage
 from feed.producer import MarketDataProducer
 from feed.replay import ReplaySource
+from feed.settings import (
+    MARKET_TOPIC,
+    FeedSettings,
+    HasFeedSettings,
+    SourceSpec,
+    feed_settings,
+    parse_source,
+)
 from feed.sim import SimSource
 
 log = logging.getLogger(__name__)
 
 AUTO_WAIT_S = 10.0  # how long ``auto`` waits for a first Backpack price before using sim
+RESTART_DELAY_S = 1.0  # pause before a source that failed unexpectedly is started again
+
+__all__ = ["AUTO_WAIT_S", "AutoSource", "Source", "SourceSpec", "make_source", "parse_source",
+           "run_source"]
 
 
 class Source(Protocol):
@@ -49,41 +57,6 @@ class Source(Protocol):
     def stream(self, stop: asyncio.Event) -> AsyncIterator[MarketDataMessage]: ...
 
     def stats(self) -> Any: ...
-
-
-@dataclass(frozen=True, slots=True)
-class SourceSpec:
-    """A parsed FEED_SOURCE: ``kind`` in backpack/sim/replay/none/auto, ``path`` for replay."""
-
-    kind: str
-    path: str = ""
-    options: dict[str, str] = field(default_factory=dict)
-
-    def number(self, key: str, default: float) -> float:
-        try:
-            return float(self.options.get(key, default))
-        except ValueError:
-            raise ValueError(f"FEED_SOURCE option {key}={self.options[key]!r} is not a number")\
-                from None
-
-
-def parse_source(text: str) -> SourceSpec:
-    """Parse a FEED_SOURCE value (raises ValueError for an unknown kind or a missing path)."""
-    text = text.strip()
-    body, options = text, {}
-    head, sep, query = text.rpartition("?")
-    if sep and "=" in query:
-        body, options = head, dict(parse_qsl(query, keep_blank_values=True))
-    kind, colon, path = body.partition(":")
-    kind = kind.strip().lower()
-    if kind == "replay":
-        if not colon or not path:
-            raise ValueError("FEED_SOURCE=replay needs a path: replay:PATH")
-        return SourceSpec("replay", path, options)
-    if colon or kind not in ("backpack", "sim", "none", "auto"):
-        raise ValueError(f"unknown FEED_SOURCE {text!r} "
-                         "(backpack | sim | replay:PATH | none | auto)")
-    return SourceSpec(kind, "", options)
 
 
 class AutoSource:
@@ -129,13 +102,15 @@ class AutoSource:
             yield msg
 
 
-def make_source(settings: Settings, spec: SourceSpec | str | None = None) -> Source | None:
+def make_source(settings: FeedSettings | HasFeedSettings,
+                spec: SourceSpec | str | None = None) -> Source | None:
     """Build the source ``spec`` (default ``settings.feed_source``) names; None for ``none``."""
+    settings = feed_settings(settings)
     if spec is None:
         spec = settings.feed_source
     if isinstance(spec, str):
         spec = parse_source(spec)
-    assets: AssetRegistry = settings.assets
+    assets = settings.assets
     if spec.kind == "none":
         return None
     if spec.kind == "sim":
@@ -150,15 +125,18 @@ def make_source(settings: Settings, spec: SourceSpec | str | None = None) -> Sou
     return AutoSource(backpack, sim, wait_s=spec.number("wait", AUTO_WAIT_S))
 
 
-async def run_source(settings: Settings, stop: asyncio.Event, *, bootstrap: str | None = None,
-                     topic: str = MARKET_TOPIC, source: Source | None = None,
-                     linger_ms: int = 1) -> dict[str, Any]:
+async def run_source(settings: FeedSettings | HasFeedSettings, stop: asyncio.Event, *,
+                     bootstrap: str | None = None, topic: str = MARKET_TOPIC,
+                     source: Source | None = None, linger_ms: int = 1) -> dict[str, Any]:
     """Publish ``source`` (default: the one FEED_SOURCE names) to ``topic`` until ``stop``.
 
     ``bootstrap`` defaults to ``settings.bootstrap_servers``. The topic is created (one
-    partition per asset) if missing, and again after a broker restart. Returns the final
-    counters. With ``FEED_SOURCE=none`` it just waits for ``stop``.
+    partition per asset) if missing, and again after a broker restart. A source that fails
+    unexpectedly (anything but a normal end) is logged, counted in ``source_restarts`` and
+    started again after :data:`RESTART_DELAY_S`; a finite source (a replay) that ends ends
+    this. Returns the final counters. With ``FEED_SOURCE=none`` it just waits for ``stop``.
     """
+    settings = feed_settings(settings)
     if source is None:
         source = make_source(settings)
     if source is None:
@@ -169,14 +147,24 @@ async def run_source(settings: Settings, stop: asyncio.Event, *, bootstrap: str 
                                   topic=topic, linger_ms=linger_ms)
     await producer.start()
     log.info("feed: publishing source %s to %s on %s", source.name, topic, producer.bootstrap)
+    restarts = 0
     try:
-        async for msg in source.stream(stop):
-            await producer.publish(msg)
-            if stop.is_set():
+        while not stop.is_set():
+            try:
+                async for msg in source.stream(stop):
+                    await producer.publish(msg)
+                    if stop.is_set():
+                        break
                 break
+            except Exception:
+                restarts += 1
+                log.exception("feed: source %s failed; starting it again in %.1f s",
+                              source.name, RESTART_DELAY_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), RESTART_DELAY_S)
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(producer.flush(), 5.0)
         await producer.stop()
     return {"source": source.name, "published": producer.sent, "producer": producer.stats(),
-            "source_stats": source.stats()}
+            "source_stats": source.stats(), "source_restarts": restarts}

@@ -1,0 +1,120 @@
+"""Settings: every variable is checked at start and a bad value names itself in one line."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.config import MARKET_TOPIC, RULES, ConfigError, Settings
+from feed.settings import MARKET_TOPIC as FEED_TOPIC
+from feed.settings import FeedBounds
+
+REPO = Path(__file__).resolve().parents[2]
+
+# variable -> values it refuses
+BAD = {
+    "KAFKA_BROKERS": ["localhost", "h:0", "h:70000", "h:9092,,k:1", "h :1"],
+    "BACKPACK_WS_URL": ["https://ws.backpack.exchange", "wss://", "backpack", "wss://a b"],
+    "FEED_SOURCE": ["kafka", "sim?rate=0", "sim?rate=nan", "sim?x=1", "replay:", "auto?wait=-1",
+                    "replay:/no/such/file.jsonl"],
+    "PORT": ["0", "65536", "-1", "4000.0", "http", ""],
+    "HOST": ["", "a b", "host/x"],
+    "RAY_ADDRESS": ["ray:// host"],
+    "ASSETS": ["DOGE", "SOL,SOL", "SOL,,BTC", ","],
+    "SHARDS": ["0", "-1", "x", "SOL=0", "SOL=2,SOL=3", "DOGE=1", "257", "SOL=1,BTC", "1.5"],
+    "DATA_DIR": ["", "/dev/null"],
+    "MAINTENANCE_MARGIN_RATE": ["1", "1.5", "-0.001", "0.0000001", "nan", "abc", ""],
+    "MAX_PRICE_AGE_S": ["inf", "-inf", "nan", "0", "-1", "86400.5", "1e400", "x", ""],
+    "SIGNUP_BALANCE": ["-1", "1000000.000001", "0.0000001", "1e3", "abc"],
+    "MAX_CLOCK_SKEW_S": ["-0.1", "3600.1", "inf", "nan", "x"],
+    "MAX_TICK_JUMP_BPS": ["0", "-5", "1000001", "10.5", "x", ""],
+    "MAX_BODY_BYTES": ["0", "x"],
+    "MAX_JSON_DEPTH": ["0", "100000"],
+    "API_KEY_RATE_PER_S": ["-1"],
+    "API_KEY_BURST": ["0"],
+    "SIGNUPS_PER_MIN": ["-1"],
+}
+
+
+@pytest.mark.parametrize(("var", "value"), [(v, x) for v, xs in BAD.items() for x in xs])
+def test_a_bad_value_stops_with_one_line_naming_it(var: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({var: value})
+    text = str(info.value)
+    assert text.startswith(f"{var} must be {RULES[var]} (got ")
+    assert "\n" not in text
+
+
+def test_messages_of_the_issue() -> None:
+    with pytest.raises(ConfigError, match=r"^MAINTENANCE_MARGIN_RATE must be in \[0, 1\) .*"
+                                          r"\(got 1\)$"):
+        Settings.from_env({"MAINTENANCE_MARGIN_RATE": "1"})
+    with pytest.raises(ConfigError, match=r"^MAX_PRICE_AGE_S must be a finite number in "
+                                          r"\(0, 86400\] \(got inf\)$"):
+        Settings.from_env({"MAX_PRICE_AGE_S": "inf"})
+
+
+def test_every_variable_has_a_rule_and_a_refusal() -> None:
+    assert set(BAD) == set(RULES)
+
+
+def test_good_values_and_defaults() -> None:
+    s = Settings.from_env({})
+    assert s == Settings()
+    assert (s.max_clock_skew_s, s.max_tick_jump_bps, s.max_price_age_s) == (5.0, 1000, 15.0)
+    s = Settings.from_env({
+        "KAFKA_BROKERS": "k1:9092,[::1]:9093", "BACKPACK_WS_URL": "ws://127.0.0.1:1/x",
+        "FEED_SOURCE": "sim?seed=7&rate=50", "PORT": "4001", "HOST": "0.0.0.0",
+        "RAY_ADDRESS": "auto", "ASSETS": "sol, eth", "SHARDS": "SOL=3", "DATA_DIR": "/tmp/x",
+        "MAINTENANCE_MARGIN_RATE": "0.005", "MAX_PRICE_AGE_S": "86400", "SIGNUP_BALANCE": "0",
+        "MAX_CLOCK_SKEW_S": "0", "MAX_TICK_JUMP_BPS": "1000000"})
+    assert s.kafka_brokers == "k1:9092,[::1]:9093" and s.port == 4001
+    assert list(s.assets) == ["SOL", "ETH"] and s.shards_of("SOL") == 3
+    assert s.maintenance_margin_ppm == 5000 and s.signup_balance_micros == 0
+    assert s.feed.bounds == FeedBounds(86_400_000_000, 0, 1_000_000)
+    assert s.feed.assets is s.assets and s.feed.bootstrap_servers == "k1:9092,[::1]:9093"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "var"),
+    [("maintenance_margin_ppm", 1_000_000, "MAINTENANCE_MARGIN_RATE"),
+     ("max_price_age_s", math.inf, "MAX_PRICE_AGE_S"),
+     ("max_clock_skew_s", -1.0, "MAX_CLOCK_SKEW_S"),
+     ("max_tick_jump_bps", 0, "MAX_TICK_JUMP_BPS"),
+     ("port", 0, "PORT"),
+     ("shards", {"SOL": 0}, "SHARDS"),
+     ("shards", {"*": 200, "SOL": 100}, "SHARDS"),
+     ("feed_source", "kafka", "FEED_SOURCE"),
+     ("signup_balance_micros", -1, "SIGNUP_BALANCE")],
+)
+def test_settings_built_directly_are_checked_too(field: str, value: object, var: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{var} must be "):
+        Settings(**{field: value})  # type: ignore[arg-type]
+
+
+def test_topic_lives_in_feed_and_is_re_exported() -> None:
+    assert MARKET_TOPIC is FEED_TOPIC == "backpack-market-updates"
+
+
+def test_feed_imports_nothing_from_cluster() -> None:
+    code = ("import sys, feed.backpack, feed.conflation, feed.frames, feed.gate, feed.message, "
+            "feed.payload, feed.pipeline, feed.producer, feed.replay, feed.service, feed.settings, "
+            "feed.sim, feed.source, feed.broker; "
+            "print(sorted(m for m in sys.modules if m == 'cluster' or m.startswith('cluster.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_cli_prints_the_line_and_exits_non_zero() -> None:
+    env = {"PATH": "/usr/bin:/bin", "MAINTENANCE_MARGIN_RATE": "1"}
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "status"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "MAINTENANCE_MARGIN_RATE must be in [0, 1)" in lines[0], out.stderr
+    assert "(got 1)" in lines[0] and out.stdout == ""
