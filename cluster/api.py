@@ -8,7 +8,14 @@ integers become decimal strings and decimal input becomes integers.
 Every error, including FastAPI's own (validation, unknown route, wrong method, malformed JSON),
 has the SPEC shape ``{"error": {"code", "message"}}``. Responses are built as plain dicts and
 serialised once (no response-model validation on the hot path); the pydantic models below
-validate requests and document the responses in the OpenAPI schema.
+validate requests and document the responses in the OpenAPI schema, which states every
+constraint the API enforces (decimal patterns, enums, ranges, the limits' 413 and 429).
+
+Hostile input (SPEC "Limits"): bodies are capped while they arrive, whatever the transfer
+encoding (cluster.http.limits.BodySizeLimit); JSON is read with its nesting bounded and its
+numbers exact (cluster.http.json_body); decimal fields never see a float
+(cluster.http.decimals); every authenticated request takes a token from its account's bucket,
+every account creation one from its client address's bucket (429 with ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -25,40 +32,60 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictInt, StrictStr, WithJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.messages import ClosedPosition, CloseOrder, OpenOrder, OpenPosition, Principal
+from cluster.config import Settings
+from cluster.http.decimals import (
+    EXACT_DECIMAL,
+    DecimalValue,
+    decimal_schema,
+    money_micros,
+    price_ticks,
+)
+from cluster.http.errors import (
+    INTERNAL_ERROR,
+    METHOD_NOT_ALLOWED,
+    ApiError,
+    error_response,
+    invalid,
+    rejected_response,
+)
+from cluster.http.json_body import ExactJsonRoute, parse_json
+from cluster.http.limits import BodySizeLimit, TokenBuckets, retry_after_s
 from cluster.ports import Unavailable
 from cluster.service import TradingService
-from engine.amounts import MONEY_DECIMALS, AmountError, micros_to_money, money_to_micros
-from engine.assets import Asset, AssetRegistry
+from engine.amounts import MONEY_DECIMALS, micros_to_money
+from engine.assets import DEFAULT_ASSETS, Asset, AssetRegistry
 from engine.market import Tick
+from engine.messages import ClosedPosition, CloseOrder, OpenOrder, OpenPosition, Principal
 from engine.orders import CloseReason, Side
 from engine.results import Code, Rejected
 
 log = logging.getLogger("shardex.api")
 
-STATUS_OF_CODE: dict[Code, int] = {
-    Code.UNAUTHORIZED: 401,
-    Code.NOT_FOUND: 404,
-    Code.INSUFFICIENT_BALANCE: 409,
-    Code.PRICE_MOVED: 409,
-    Code.INVALID_REQUEST: 422,
-    Code.UNKNOWN_ASSET: 422,
-    Code.LEVERAGE_OUT_OF_RANGE: 422,
-    Code.INVALID_TRIGGER: 422,
-    Code.PRICE_UNAVAILABLE: 503,
-}
-UNAVAILABLE = "SERVICE_UNAVAILABLE"  # a component (ledger, shard) did not answer
 MAX_API_KEY_CHARS = 256
-MAX_BODY_BYTES = 64 * 1024  # every valid request body is < 1 KiB
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # --------------------------------------------------------------------------- request models
-# A decimal input: a JSON number or a decimal string ("12.5"); converted exactly, never via a
-# float's binary value (a JSON number is taken as written, through its shortest repr).
-Decimalish = StrictInt | StrictFloat | Annotated[StrictStr, Field(min_length=1, max_length=64)]
+# Every registry the platform can run is a subset of DEFAULT_ASSETS (config.ASSETS), so its
+# finest price step and highest leverage bound every asset's; each app's document lists its own
+# assets (_document_assets).
+_PRICE_DECIMALS = max(a.price_decimals for a in DEFAULT_ASSETS.assets)
+_MAX_LEVERAGE = max(a.max_leverage for a in DEFAULT_ASSETS.assets)
+Money = Annotated[DecimalValue, EXACT_DECIMAL, WithJsonSchema(decimal_schema(
+    MONEY_DECIMALS, description="USD, > 0, at most 6 decimals"))]
+Price = Annotated[DecimalValue, EXACT_DECIMAL, WithJsonSchema(decimal_schema(
+    _PRICE_DECIMALS, description="> 0, on the asset's price step"))]
+# A position id that cannot exist (not 1..2**63-1) answers 404 like an unknown one.
+PositionId = Annotated[StrictInt | Annotated[StrictStr, Field(min_length=1, max_length=32)],
+                       WithJsonSchema({"anyOf": [
+                           {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+                           {"type": "string", "pattern": "^[0-9]{1,19}$"}],
+                           "description": "the position's id (a decimal string; an integer "
+                                          "is accepted too)"})]
+ClientOrderId = Annotated[StrictStr, Field(min_length=1, max_length=64)]
+SlippageBps = Annotated[StrictInt, Field(ge=0, le=10_000)]
 
 
 class OpenBody(BaseModel):
@@ -69,25 +96,28 @@ class OpenBody(BaseModel):
         "takeProfit": "120", "stopLoss": "95", "currentPrice": "100", "maxSlippageBps": 100,
         "clientOrderId": "my-order-1"}})
 
-    asset: Annotated[StrictStr, Field(min_length=1, max_length=32)]
+    asset: Annotated[StrictStr, Field(min_length=1, max_length=32,
+                                      description="one of the tradable assets")]
     type: Literal["long", "short"]
-    margin: Decimalish = Field(description="USD, > 0, at most 6 decimals")
-    leverage: StrictInt = Field(description="integer in 1..maxLeverage of the asset")
-    takeProfit: Decimalish | None = None
-    stopLoss: Decimalish | None = None
-    currentPrice: Decimalish | None = Field(
+    margin: Money
+    # LEVERAGE_OUT_OF_RANGE, not a validation error, answers a leverage outside the range
+    leverage: StrictInt = Field(description="integer in 1..maxLeverage of the asset",
+                                json_schema_extra={"minimum": 1, "maximum": _MAX_LEVERAGE})
+    takeProfit: Price | None = None
+    stopLoss: Price | None = None
+    currentPrice: Price | None = Field(
         None, description="the price the client saw; only used for the slippage check")
-    maxSlippageBps: Annotated[StrictInt, Field(ge=0, le=10_000)] = 100
-    clientOrderId: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = None
+    maxSlippageBps: SlippageBps = 100
+    clientOrderId: ClientOrderId | None = None
 
 
 class CloseBody(BaseModel):
     """POST /api/v1/positions/close."""
 
-    positionId: StrictInt | Annotated[StrictStr, Field(min_length=1, max_length=32)]
-    currentPrice: Decimalish | None = None
-    maxSlippageBps: Annotated[StrictInt, Field(ge=0, le=10_000)] = 100
-    clientOrderId: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = None
+    positionId: PositionId
+    currentPrice: Price | None = None
+    maxSlippageBps: SlippageBps = 100
+    clientOrderId: ClientOrderId | None = None
 
 
 # --------------------------------------------------------------------------- response models
@@ -182,11 +212,35 @@ class HealthOut(BaseModel):
     error: ErrorDetail | None = None
 
 
+_ERROR_DESCRIPTIONS = {
+    400: "INVALID_REQUEST: the body is not JSON, or nests deeper than the limit",
+    401: "UNAUTHORIZED: missing or wrong API key",
+    404: "NOT_FOUND",
+    409: "INSUFFICIENT_BALANCE / PRICE_MOVED",
+    413: "INVALID_REQUEST: the body is larger than the limit",
+    422: "INVALID_REQUEST / UNKNOWN_ASSET / LEVERAGE_OUT_OF_RANGE / INVALID_TRIGGER / "
+         "WOULD_LIQUIDATE",
+    429: "RATE_LIMITED: too many requests for this API key (or account creations from this "
+         "address); retry after Retry-After seconds",
+    503: "PRICE_UNAVAILABLE / SERVICE_UNAVAILABLE",
+}
+_ERROR_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "seconds until a request may succeed",
+                          "required": True, "schema": {"type": "integer", "minimum": 1}}},
+}
+_BODY_ERRORS = (400, 413, 422)  # any route with a JSON body
+_AUTH_ERRORS = (401, 429)  # any route behind an API key
+
+
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    descriptions = {400: "malformed request", 401: "missing or wrong API key",
-                    404: "not found", 409: "conflict (balance, price moved)",
-                    422: "invalid request", 503: "price or component unavailable"}
-    return {s: {"model": ErrorOut, "description": descriptions[s]} for s in statuses}
+    """OpenAPI ``responses`` entries for error ``statuses`` (all in the SPEC error shape)."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in sorted(set(statuses)):
+        out[status] = {"model": ErrorOut, "description": _ERROR_DESCRIPTIONS[status]}
+        if status in _ERROR_HEADERS:
+            out[status]["headers"] = _ERROR_HEADERS[status]
+    return out
 
 
 # --------------------------------------------------------------------------- formatting
@@ -252,52 +306,12 @@ def _json(content: Any, status_code: int = 200) -> Response:
     return Response(body, status_code=status_code, media_type="application/json")
 
 
-def error_response(status_code: int, code: str, message: str,
-                   headers: dict[str, str] | None = None) -> Response:
-    body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":"))
-    return Response(body.encode(), status_code=status_code, media_type="application/json",
-                    headers=headers)
-
-
-def rejected_response(rejected: Rejected) -> Response:
-    return error_response(STATUS_OF_CODE.get(rejected.code, 422), rejected.code.value,
-                          rejected.message)
-
-
-class ApiError(Exception):
-    """An error answer raised from a dependency or a parser."""
-
-    def __init__(self, status_code: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status_code, self.code, self.message = status_code, code, message
-
-
-def _invalid(message: str) -> ApiError:
-    return ApiError(422, Code.INVALID_REQUEST.value, message)
-
-
-def _money(value: Any, field: str) -> int:
-    try:
-        return money_to_micros(value, allow_zero=False)
-    except AmountError as exc:
-        raise _invalid(f"{field}: {exc}") from None
-
-
-def _price(asset: Asset, value: Any, field: str) -> int | None:
-    if value is None:
-        return None
-    try:
-        return asset.price_to_ticks(value)
-    except AmountError as exc:
-        raise _invalid(f"{field}: {exc}") from None
-
-
 def _position_id(value: int | str) -> int | None:
+    """The id ``value`` names (ASCII digits, or an int), or None if no position can have it."""
     if isinstance(value, str):
-        text = value.strip()
-        if not text.isascii() or not text.isdigit():
+        if not 0 < len(value) <= 19 or not value.isascii() or not value.isdigit():
             return None
-        value = int(text)
+        value = int(value)
     return value if 0 < value < 2**63 else None
 
 
@@ -311,8 +325,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 # --------------------------------------------------------------------------- metrics
 class _HttpCounter:
-    """Pure-ASGI counter of responses by route and status (a few us per request); it also
-    refuses a declared body larger than MAX_BODY_BYTES (413) before anything reads it."""
+    """Pure-ASGI counter of responses by route and status (a few us per request)."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], routes: set[str],
                  counts: dict[tuple[str, str, int], int]) -> None:
@@ -326,12 +339,6 @@ class _HttpCounter:
             return
         path = scope["path"] if scope["path"] in self.routes else "other"
         method = scope["method"]
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                if not value.isdigit() or int(value) > MAX_BODY_BYTES:
-                    await self._too_large(method, path, send)
-                    return
-                break
 
         async def counting_send(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -340,16 +347,6 @@ class _HttpCounter:
             await send(message)
 
         await self.app(scope, receive, counting_send)
-
-    async def _too_large(self, method: str, path: str, send: Any) -> None:
-        key = (method, path, 413)
-        self.counts[key] = self.counts.get(key, 0) + 1
-        body = error_response(413, Code.INVALID_REQUEST.value,
-                              f"request body larger than {MAX_BODY_BYTES} bytes").body
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
 
 
 # --------------------------------------------------------------------------- service slot
@@ -383,17 +380,28 @@ def bind_service(app: FastAPI, service: TradingService) -> None:
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <apiKey>")
 
 
+def _rate_limited(buckets: TokenBuckets, key: object, what: str) -> None:
+    """Take a token from ``key``'s bucket, or raise 429 RATE_LIMITED with ``Retry-After``."""
+    wait_s = buckets.take(key)
+    if wait_s > 0:
+        seconds = retry_after_s(wait_s)
+        raise ApiError(Code.RATE_LIMITED, f"too many {what}; retry in {seconds} s",
+                       headers={"Retry-After": str(seconds)})
+
+
 async def _principal(
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
+    """The caller, once its API key is known and its bucket has a token for this request."""
     if credentials is None or not credentials.credentials \
             or len(credentials.credentials) > MAX_API_KEY_CHARS:
-        raise ApiError(401, Code.UNAUTHORIZED.value, "missing or malformed API key")
+        raise ApiError(Code.UNAUTHORIZED, "missing or malformed API key")
     slot: ServiceSlot = request.app.state.slot
     who = await slot.service.authenticate(credentials.credentials)
     if who is None:
-        raise ApiError(401, Code.UNAUTHORIZED.value, "unknown API key")
+        raise ApiError(Code.UNAUTHORIZED, "unknown API key")
+    _rate_limited(request.app.state.key_buckets, who.user, "requests for this API key")
     return who
 
 
@@ -402,30 +410,40 @@ Caller = Annotated[Principal, Depends(_principal)]
 
 # --------------------------------------------------------------------------- the app
 def create_app(service: TradingService | None = None, *, assets: AssetRegistry | None = None,
-               title: str = "shardex") -> FastAPI:
+               settings: Settings | None = None, title: str = "shardex") -> FastAPI:
     """The SPEC's HTTP API over ``service`` (routes, OpenAPI at /openapi.json and /docs).
 
     Without a service (``assets`` then required) the app answers 503 until
     :func:`bind_service` gives it one: a Ray Serve replica builds the app at import time
-    (``serve.ingress(app)``) and its service in its constructor.
+    (``serve.ingress(app)``) and its service in its constructor. The limits (body size, JSON
+    depth, rates) come from ``settings``, by default the service's (else the defaults).
     """
     if service is None and assets is None:
         raise ValueError("create_app needs a service or the asset registry")
+    if settings is None:
+        settings = service.settings if service is not None else Settings()
     app = FastAPI(title=title, version="1.0.0",
                   description="Leveraged crypto trading (isolated margin). Money and prices are "
                               "decimal strings; requests accept a JSON number or a decimal "
-                              "string.")
+                              "string, read exactly. Errors are "
+                              '`{"error":{"code","message"}}`.')
+    app.router.route_class = ExactJsonRoute  # every body is read with exact numbers
     assets = service.assets if service is not None else assets
     assert assets is not None
     slot = ServiceSlot(service)
     app.state.slot = slot
     app.state.assets = assets
+    app.state.max_json_depth = settings.max_json_depth
+    app.state.key_buckets = TokenBuckets(settings.api_key_rate_per_s, settings.api_key_burst)
+    signup_buckets = TokenBuckets(settings.signups_per_min / 60, settings.signups_per_min)
 
     # ------------------------------------------------------------------ errors
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> Response:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-        return error_response(exc.status_code, exc.code, exc.message, headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return error_response(exc.status_code, exc.code.value, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
@@ -434,42 +452,41 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
         code = {401: Code.UNAUTHORIZED.value, 404: Code.NOT_FOUND.value,
-                405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, Code.INVALID_REQUEST.value)
+                405: METHOD_NOT_ALLOWED}.get(exc.status_code, Code.INVALID_REQUEST.value)
         message = exc.detail if isinstance(exc.detail, str) else "request refused"
         if exc.status_code >= 500:
-            code = UNAVAILABLE
+            code = Code.SERVICE_UNAVAILABLE.value
         return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
 
     @app.exception_handler(Unavailable)
     async def _unavailable(_: Request, exc: Unavailable) -> Response:
-        return error_response(503, UNAVAILABLE, str(exc))
+        return error_response(503, Code.SERVICE_UNAVAILABLE.value, str(exc))
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> Response:
         log.exception("internal error")
-        return error_response(500, "INTERNAL_ERROR", "internal error")
+        return error_response(500, INTERNAL_ERROR, "internal error")
 
     # ------------------------------------------------------------------ accounts
     @app.post("/api/v1/accounts", status_code=201, tags=["accounts"],
-              responses={201: {"model": AccountOut}, **_errors(422, 503)},
+              responses={201: {"model": AccountOut}, **_errors(*_BODY_ERRORS, 429, 503)},
               openapi_extra={"requestBody": {"required": False, "content": {
                   "application/json": {"schema": {"type": "object"}}}}})
     async def create_account(request: Request) -> Response:
-        """Create an account with the signup balance; the API key is shown only here."""
+        """Create an account with the signup balance; the API key is shown only here.
+
+        Account creations are limited per client address (429 with ``Retry-After``)."""
         raw = await request.body()
-        if raw.strip():
-            try:
-                parsed = json.loads(raw)
-            except ValueError:
-                raise _invalid("body must be a JSON object (or empty)") from None
-            if not isinstance(parsed, dict):
-                raise _invalid("body must be a JSON object (or empty)")
+        if raw.strip() and not isinstance(parse_json(raw, settings.max_json_depth), dict):
+            raise invalid("body must be a JSON object (or empty)")
+        address = request.client.host if request.client is not None else ""
+        _rate_limited(signup_buckets, address, "account creations from this address")
         account = await slot.service.create_account()
         return _json({"accountId": account.account_id, "apiKey": account.api_key,
                       "balance": micros_to_money(account.balance_micros)}, 201)
 
     @app.get("/api/v1/state", tags=["accounts"],
-             responses={200: {"model": StateOut}, **_errors(401, 503)})
+             responses={200: {"model": StateOut}, **_errors(*_AUTH_ERRORS, 503)})
     async def get_state(who: Caller) -> Response:
         """Balances (free, margin, equity = free + margin + unrealized PnL) and open positions.
 
@@ -489,20 +506,21 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
 
     # ------------------------------------------------------------------ positions
     @app.post("/api/v1/positions/open", status_code=201, tags=["positions"],
-              responses={201: {"model": PositionOut}, **_errors(400, 401, 409, 422, 503)})
+              responses={201: {"model": PositionOut},
+                         **_errors(*_BODY_ERRORS, *_AUTH_ERRORS, 409, 503)})
     async def open_position(body: OpenBody, who: Caller) -> Response:
         """Open a long (at the ask) or a short (at the bid) with an isolated margin."""
         asset = assets.get(body.asset)
         if asset is None:
-            raise ApiError(422, Code.UNKNOWN_ASSET.value, f"unknown asset {body.asset!r}")
+            raise ApiError(Code.UNKNOWN_ASSET, f"unknown asset {body.asset[:32]!r}")
         order = OpenOrder(
             asset=asset.name,
             side=Side.LONG if body.type == "long" else Side.SHORT,
-            margin_micros=_money(body.margin, "margin"),
+            margin_micros=money_micros(body.margin, "margin"),
             leverage=body.leverage,
-            tp_ticks=_price(asset, body.takeProfit, "takeProfit"),
-            sl_ticks=_price(asset, body.stopLoss, "stopLoss"),
-            current_price_ticks=_price(asset, body.currentPrice, "currentPrice"),
+            tp_ticks=price_ticks(asset, body.takeProfit, "takeProfit"),
+            sl_ticks=price_ticks(asset, body.stopLoss, "stopLoss"),
+            current_price_ticks=price_ticks(asset, body.currentPrice, "currentPrice"),
             max_slippage_bps=body.maxSlippageBps,
             client_order_id=body.clientOrderId)
         result = await slot.service.open_position(who, order)
@@ -511,15 +529,15 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         return _json(position_json(result, asset), 201)
 
     @app.post("/api/v1/positions/close", tags=["positions"],
-              responses={200: {"model": ClosedPositionOut}, **_errors(400, 401, 404, 409, 422,
-                                                                      503)})
+              responses={200: {"model": ClosedPositionOut},
+                         **_errors(*_BODY_ERRORS, *_AUTH_ERRORS, 404, 409, 503)})
     async def close_position(body: CloseBody, who: Caller) -> Response:
         """Close one of your positions at the current bid (long) or ask (short)."""
         position_id = _position_id(body.positionId)
         asset = None if position_id is None else slot.service.asset_of_position(position_id)
         if position_id is None or asset is None:
             return rejected_response(Rejected(Code.NOT_FOUND, "no such open position"))
-        order = CloseOrder(position_id, _price(asset, body.currentPrice, "currentPrice"),
+        order = CloseOrder(position_id, price_ticks(asset, body.currentPrice, "currentPrice"),
                            body.maxSlippageBps, body.clientOrderId)
         result = await slot.service.close_position(who, order)
         if isinstance(result, Rejected):
@@ -527,18 +545,19 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         return _json(position_json(result, asset))
 
     @app.get("/api/v1/positions/history", tags=["positions"],
-             responses={200: {"model": HistoryOut}, **_errors(401, 422, 503)})
+             responses={200: {"model": HistoryOut}, **_errors(*_AUTH_ERRORS, 422, 503)})
     async def history(who: Caller,
                       limit: Annotated[int, Query(ge=1, le=500)] = 50,
                       before: Annotated[str | None, Query(
-                          max_length=32, description="positionId of the last item of the "
-                                                     "previous page")] = None) -> Response:
+                          pattern="^[0-9]{1,19}$",
+                          description="positionId of the last item of the previous page")
+                      ] = None) -> Response:
         """Your closed positions, newest first."""
         before_id = None
         if before is not None:
             before_id = _position_id(before)
             if before_id is None:
-                raise _invalid("before: not a position id")
+                raise invalid("before: not a position id")
         result = await slot.service.history(who, limit, before_id)
         if isinstance(result, Rejected):
             return rejected_response(result)
@@ -577,7 +596,8 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
             body["feedSources"] = {a: t.source for a, t in (await slot.service.prices()).items()}
         if not health.ok:
             failed = [f"{k}: {v}" for k, v in health.components.items() if v != "ok"]
-            body["error"] = {"code": UNAVAILABLE, "message": "; ".join(failed)}
+            body["error"] = {"code": Code.SERVICE_UNAVAILABLE.value,
+                             "message": "; ".join(failed)}
         return _json(body, 200 if health.ok else 503)
 
     http_counts: dict[tuple[str, str, int], int] = {}
@@ -616,6 +636,27 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         return PlainTextResponse("\n".join(lines) + "\n",
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _document_assets(default_openapi(), assets)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
     routes = {getattr(r, "path", "") for r in app.routes}
+    # the body limit is inside the counter, so its 413s are counted too
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(_HttpCounter, routes=routes, counts=http_counts)
     return app
+
+
+_ASSET_REQUEST_MODELS = ("OpenBody",)  # request bodies with an ``asset`` field
+
+
+def _document_assets(document: dict[str, Any], assets: AssetRegistry) -> None:
+    """State in the OpenAPI ``document`` which assets this app trades: the ``asset`` field of
+    every request body gets their names as its enum (any other answers UNKNOWN_ASSET)."""
+    schemas = document.get("components", {}).get("schemas", {})
+    for name in _ASSET_REQUEST_MODELS:
+        schemas[name]["properties"]["asset"]["enum"] = [a.name for a in assets.assets]

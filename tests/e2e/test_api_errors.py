@@ -1,14 +1,29 @@
-"""Every error over real HTTP has the SPEC shape and a 4xx status; no input gives a 5xx."""
+"""Every error over real HTTP has the SPEC shape and a 4xx status; no input gives a 5xx.
+Decimal inputs are exact; an open that is already lost is refused (WOULD_LIQUIDATE)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.e2e.api_client import error_code, signup, tick
-from tests.e2e.http_platform import HttpPlatform
+from cluster.config import Settings
+from tests.e2e.api_client import error_code, signup, state, tick
+from tests.e2e.http_platform import HttpPlatform, LocalHttpPlatform
+
+UNLIMITED = Settings(api_key_rate_per_s=0, signups_per_min=0)  # limits: test_api_limits.py
+
+
+@pytest.fixture(scope="module")
+def platform() -> Iterator[HttpPlatform]:
+    """This module signs up hundreds of accounts from one address: rates are not limited."""
+    p = LocalHttpPlatform(UNLIMITED).start()
+    try:
+        yield p
+    finally:
+        p.stop()
 
 AUTHED = [("GET", "/api/v1/state", None),
           ("POST", "/api/v1/positions/open",
@@ -60,6 +75,21 @@ BAD_OPEN_BODIES: list[tuple[str, Any, str]] = [
     ("margin huge", {**VALID, "margin": 10**30}, "INVALID_REQUEST"),
     ("margin huge string", {**VALID, "margin": "1e40"}, "INVALID_REQUEST"),
     ("margin exponent", {**VALID, "margin": "1e-30"}, "INVALID_REQUEST"),
+    ("margin exponent string", {**VALID, "margin": "1e1"}, "INVALID_REQUEST"),
+    ("margin 18 decimals", {**VALID, "margin": "10.00000000000000001"}, "INVALID_REQUEST"),
+    ("margin 30 decimals", {**VALID, "margin": "10." + "0" * 29 + "1"}, "INVALID_REQUEST"),
+    ("margin spaces", {**VALID, "margin": " 10 "}, "INVALID_REQUEST"),
+    ("margin plus", {**VALID, "margin": "+10"}, "INVALID_REQUEST"),
+    ("margin underscore", {**VALID, "margin": "1_0"}, "INVALID_REQUEST"),
+    ("margin unicode digits", {**VALID, "margin": "١٠"}, "INVALID_REQUEST"),
+    ("margin fullwidth digits", {**VALID, "margin": "１０"}, "INVALID_REQUEST"),
+    ("margin trailing point", {**VALID, "margin": "10."}, "INVALID_REQUEST"),
+    ("margin leading point", {**VALID, "margin": ".5"}, "INVALID_REQUEST"),
+    ("margin comma", {**VALID, "margin": "10,5"}, "INVALID_REQUEST"),
+    ("margin over int64", {**VALID, "margin": "9223372036854.775808"}, "INVALID_REQUEST"),
+    ("take profit over int64", {**VALID, "takeProfit": "99999999999999999999"},
+     "INVALID_REQUEST"),
+    ("current price over int64", {**VALID, "currentPrice": 10**25}, "INVALID_REQUEST"),
     ("take profit too many decimals", {**VALID, "takeProfit": "120.001"}, "INVALID_REQUEST"),
     ("take profit on the loss side", {**VALID, "takeProfit": "50"}, "INVALID_TRIGGER"),
     ("stop loss above entry", {**VALID, "stopLoss": "150"}, "INVALID_TRIGGER"),
@@ -137,11 +167,28 @@ def test_ids_that_cannot_exist_are_404(http: httpx.Client, position_id: Any) -> 
     assert r.status_code == 404 and error_code(r) == "NOT_FOUND"
 
 
-def test_accounts_refuses_a_non_object_body(http: httpx.Client) -> None:
-    for raw in (b"[1]", b"nope", b'"x"'):
-        r = http.post("/api/v1/accounts", content=raw,
-                      headers={"Content-Type": "application/json"})
-        assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST"
+@pytest.mark.parametrize(("raw", "status"), [
+    (b"[1]", 422), (b'"x"', 422), (b"12", 422),  # JSON, but not an object
+    (b"nope", 400), (b"{", 400), (b'{"a":NaN}', 400), (b'{"a":1e99999999999999999999}', 400),
+    (b'{"a":"\xff"}', 400),  # not JSON (or not UTF-8)
+    (b"[" * 8_000 + b"]" * 8_000, 400), (b'{"a":' * 33 + b"1" + b"}" * 33, 400),  # too deep
+])
+def test_accounts_refuses_a_body_that_is_not_a_json_object(
+        http: httpx.Client, raw: bytes, status: int) -> None:
+    r = http.post("/api/v1/accounts", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == status and error_code(r) == "INVALID_REQUEST", r.text
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"a":' * 31 + b"[1]" + b"}" * 31,  # 32 levels: the limit
+    b'{"a":"' + b"[" * 5_000 + b'"}',  # brackets inside a string are not nesting
+    b'{"a":"\\\"[[[' + b"[" * 100 + b'"}',  # nor after escaped quotes and backslashes
+    b'{"note":' + b"1" * 5_000 + b"}",  # a long number is kept exact, not an error
+])
+def test_accounts_accepts_any_json_object_within_the_limits(http: httpx.Client,
+                                                            raw: bytes) -> None:
+    r = http.post("/api/v1/accounts", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 201, r.text
 
 
 @pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 501}, {"limit": "x"},
@@ -177,3 +224,70 @@ def test_operations_endpoints(http: httpx.Client) -> None:
     assert {a["name"]: (a["priceStep"], a["quantityStep"], a["maxLeverage"]) for a in assets} \
         == {"SOL": ("0.01", "0.01", 100), "BTC": ("0.1", "0.00001", 100),
             "ETH": ("0.01", "0.0001", 100)}
+
+
+def _open_raw(http: httpx.Client, headers: dict[str, str], fields: bytes) -> httpx.Response:
+    """POST /positions/open with the JSON text ``fields`` written by hand (Python's json would
+    turn these numbers into floats before sending them)."""
+    raw = b'{"asset":"SOL","type":"long","leverage":1,' + fields + b"}"
+    return http.post("/api/v1/positions/open", content=raw,
+                     headers={**headers, "Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize(("fields", "margin"), [
+    (b'"margin":10.000001', "10.000001"),
+    (b'"margin":1e1', "10.000000"),
+    (b'"margin":2500E-2', "25.000000"),
+    (b'"margin":10.000001000000000000000000000000', "10.000001"),  # trailing zeros only
+    (b'"margin":"10.000001"', "10.000001"),
+])
+def test_json_numbers_are_read_exactly(platform: HttpPlatform, http: httpx.Client,
+                                       fields: bytes, margin: str) -> None:
+    h = signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+    r = _open_raw(http, h, fields)
+    assert r.status_code == 201, r.text
+    assert r.json()["margin"] == margin
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    (b'"margin":10.00000000000000001', "margin"),  # a float reads 10.0 and would accept it
+    (b'"margin":0.30000000000000004', "margin"),
+    (b'"margin":10.' + b"0" * 29 + b"1", "margin"),  # 30 decimals: not rounded at 28 digits
+    (b'"margin":1e-7', "margin"),
+    (b'"margin":4611686018427.387905', "margin"),  # one micro-dollar past the int64 bound
+    (b'"margin":1e999999999999999999', "margin"),
+    (b'"margin":"10.0000001"', "margin"),
+    (b'"margin":10,"takeProfit":120.001', "takeProfit"),
+    (b'"margin":10,"stopLoss":"95.5.5"', "stopLoss"),
+    (b'"margin":10,"currentPrice":1e30', "currentPrice"),
+])
+def test_decimal_refusals_are_422_naming_the_field(platform: HttpPlatform, http: httpx.Client,
+                                                   fields: bytes, field: str) -> None:
+    h = signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+    r = _open_raw(http, h, fields)
+    assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
+    assert r.json()["error"]["message"].startswith(f"{field}:"), r.text
+    assert state(http, h)["balances"]["margin"] == "0.000000"
+
+
+@pytest.mark.parametrize(("side", "bid", "ask"), [("long", "98.90", "100.00"),
+                                                  ("short", "100.00", "101.10")])
+def test_an_open_already_past_its_liquidation_price_is_refused(
+        platform: HttpPlatform, http: httpx.Client, side: str, bid: str, ask: str) -> None:
+    """100 USD at 100x: a long at the ask 100.00 would be liquidated at 99.00, above the bid
+    98.90; a short at the bid 100.00 at 101.00, below the ask 101.10. Neither opens, and the
+    margin is not kept."""
+    h = signup(http)
+    tick(platform, http, "SOL", bid, ask)
+    r = http.post("/api/v1/positions/open", headers=h,
+                  json={"asset": "SOL", "type": side, "margin": "100", "leverage": 100})
+    assert r.status_code == 422 and error_code(r) == "WOULD_LIQUIDATE", r.text
+    s = state(http, h)
+    assert s["positions"] == [] and s["balances"]["margin"] == "0.000000"
+    assert s["balances"]["free"] == "10000.000000"
+    # a lower leverage puts the liquidation price beyond the current price: it opens
+    r = http.post("/api/v1/positions/open", headers=h,
+                  json={"asset": "SOL", "type": side, "margin": "100", "leverage": 10})
+    assert r.status_code == 201, r.text

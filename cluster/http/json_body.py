@@ -1,0 +1,103 @@
+"""Reading a JSON request body: nesting depth bounded before parsing, numbers kept exact.
+
+A JSON number with a fraction or an exponent becomes a :class:`~decimal.Decimal` of its text
+(never a float), an integer an int (a :class:`~decimal.Decimal` past 40 digits, so no huge int
+is ever built); ``NaN`` and ``Infinity`` are refused. :class:`ExactJsonRoute` makes FastAPI
+read every body this way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Coroutine
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from fastapi.routing import APIRoute
+from starlette.requests import Request
+from starlette.responses import Response
+
+from cluster.http.errors import invalid
+
+MAX_INT_DIGITS = 40
+"""Integers longer than this stay Decimals (no int field takes one; amounts refuse them)."""
+_OPEN, _CLOSE, _QUOTE, _BACKSLASH = frozenset(b"[{"), frozenset(b"]}"), ord('"'), ord("\\")
+
+
+def nests_deeper_than(raw: bytes, max_depth: int) -> bool:
+    """Whether the JSON text ``raw`` nests arrays/objects deeper than ``max_depth`` (brackets
+    inside strings do not count), scanning without recursion and stopping at the first level
+    too deep. An ordinary body, with no more opening brackets than ``max_depth``, is answered
+    by counting them."""
+    if raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return False
+    depth = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == _BACKSLASH:
+                escaped = True
+            elif byte == _QUOTE:
+                in_string = False
+        elif byte == _QUOTE:
+            in_string = True
+        elif byte in _OPEN:
+            depth += 1
+            if depth > max_depth:
+                return True
+        elif byte in _CLOSE:
+            depth -= 1
+    return False
+
+
+def _exact_number(text: str) -> Decimal:
+    try:
+        return Decimal(text)
+    except InvalidOperation:  # an exponent beyond +-10**18
+        raise ValueError(f"number out of range: {text[:20]}") from None
+
+
+def _exact_int(text: str) -> int | Decimal:
+    return int(text) if len(text) <= MAX_INT_DIGITS else Decimal(text)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(raw: bytes, max_depth: int) -> Any:
+    """``raw`` as JSON with exact numbers; ApiError 400 INVALID_REQUEST when it is not JSON
+    (or not UTF-8) or nests deeper than ``max_depth``."""
+    if nests_deeper_than(raw, max_depth):
+        raise invalid(f"JSON nested deeper than {max_depth} levels", 400)
+    try:
+        return json.loads(raw, parse_float=_exact_number, parse_int=_exact_int,
+                          parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise invalid(f"malformed JSON: {exc.msg} at position {exc.pos}", 400) from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, NaN, an absurd exponent
+        raise invalid(f"malformed JSON: {exc}"[:200], 400) from None
+
+
+class ExactJsonRequest(Request):
+    """A request whose ``json()`` is :func:`parse_json` with the app's nesting limit
+    (``app.state.max_json_depth``)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = parse_json(await self.body(), self.app.state.max_json_depth)
+        return self._json
+
+
+class ExactJsonRoute(APIRoute):
+    """An APIRoute whose handler reads the body through :class:`ExactJsonRequest`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def exact_json_handler(request: Request) -> Response:
+            return await handler(ExactJsonRequest(request.scope, request.receive))
+
+        return exact_json_handler

@@ -1,0 +1,147 @@
+"""Abuse limits of the HTTP API (SPEC "Limits"): the request body size, whatever the transfer
+encoding, and token-bucket rate limits with bounded memory."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, MutableMapping
+from typing import Any
+
+from cluster.http.errors import error_body
+from engine.results import Code
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+AsgiApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
+
+MAX_TRACKED_KEYS = 100_000
+"""Most buckets one limiter keeps; past it the least recently used one is forgotten (it
+comes back full, which only ever lets that client through sooner)."""
+
+
+class BodySizeLimit:
+    """Pure-ASGI middleware: a request body larger than ``max_body_bytes`` answers 413
+    INVALID_REQUEST before the app sees the request.
+
+    A declared ``Content-Length`` over the limit is refused without reading anything; any
+    other body (``Transfer-Encoding: chunked`` included) is counted as it arrives and refused
+    as soon as it passes the limit, so at most ``max_body_bytes`` are ever held. The 413
+    closes the connection (the rest of the body is never read). The app then receives the
+    body it was allowed as one message.
+    """
+
+    def __init__(self, app: AsgiApp, max_body_bytes: int) -> None:
+        if max_body_bytes < 0:
+            raise ValueError("max_body_bytes must be >= 0")
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive,
+                       send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                if not value.isdigit():
+                    await _refuse(send, 400, "invalid Content-Length")
+                    return
+                if int(value) > self.max_body_bytes:
+                    await self._too_large(send)
+                    return
+                break
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: nobody to answer
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await self._too_large(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        pending: Message | None = {"type": "http.request", "body": b"".join(chunks),
+                                   "more_body": False}
+
+        async def replay() -> Message:
+            nonlocal pending
+            if pending is not None:
+                message, pending = pending, None
+                return message
+            return await receive()  # after the body: disconnects
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Send) -> None:
+        await _refuse(send, 413, f"request body larger than {self.max_body_bytes} bytes")
+
+
+async def _refuse(send: Send, status: int, message: str) -> None:
+    body = error_body(Code.INVALID_REQUEST.value, message)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class TokenBuckets:
+    """One token bucket per key: ``rate_per_s`` tokens a second, at most ``burst`` saved up.
+
+    A bucket untouched for ``burst / rate_per_s`` seconds is full again, exactly like a new
+    one, so it is forgotten; at most ``max_keys`` buckets are kept (least recently used
+    forgotten first). ``rate_per_s == 0`` disables the limit.
+    """
+
+    def __init__(self, rate_per_s: float, burst: float, *, max_keys: int = MAX_TRACKED_KEYS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if rate_per_s < 0 or (rate_per_s > 0 and burst < 1) or max_keys < 1:
+            raise ValueError("a rate limit needs rate >= 0, burst >= 1 and max_keys >= 1")
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.max_keys = max_keys
+        self._clock = clock
+        self._idle_s = burst / rate_per_s if rate_per_s > 0 else 0.0
+        # key -> [tokens, last update]; ordered from least to most recently used
+        self._buckets: OrderedDict[Hashable, list[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, key: Hashable) -> float:
+        """Take a token for ``key``: 0.0 if granted, else the seconds until one is available
+        (nothing is taken then)."""
+        if self.rate_per_s == 0:
+            return 0.0
+        now = self._clock()
+        buckets = self._buckets
+        while buckets:  # forget buckets that are full again (the oldest first)
+            oldest = next(iter(buckets.values()))
+            if now - oldest[1] < self._idle_s:
+                break
+            buckets.popitem(last=False)
+        bucket = buckets.get(key)
+        if bucket is None:
+            if len(buckets) >= self.max_keys:
+                buckets.popitem(last=False)
+            bucket = buckets[key] = [float(self.burst), now]
+        else:
+            buckets.move_to_end(key)
+            bucket[0] = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.rate_per_s)
+            bucket[1] = now
+        if bucket[0] >= 1.0:
+            bucket[0] -= 1.0
+            return 0.0
+        return (1.0 - bucket[0]) / self.rate_per_s
+
+
+def retry_after_s(wait_s: float) -> int:
+    """A ``Retry-After`` value: whole seconds, rounded up, at least 1."""
+    return max(1, math.ceil(wait_s))

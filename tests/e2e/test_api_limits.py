@@ -1,0 +1,157 @@
+"""SPEC "Limits" over a real socket: the body size whatever the transfer encoding, and the rate
+limits (per API key, and account creations per client address) with ``Retry-After``."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+
+from cluster.config import Settings
+from tests.e2e.api_client import error_code, signup, tick
+from tests.e2e.http_platform import LocalHttpPlatform
+
+LIMIT = 16 * 1024  # the SPEC default
+OPEN = b'{"asset":"SOL","type":"long","margin":"10","leverage":2}'
+
+
+@contextmanager
+def serving(settings: Settings) -> Iterator[LocalHttpPlatform]:
+    p = LocalHttpPlatform(settings).start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture(scope="module")
+def unlimited_rates() -> Iterator[LocalHttpPlatform]:
+    """Default body and depth limits; rates unlimited (their tests have their own platform)."""
+    with serving(Settings(api_key_rate_per_s=0, signups_per_min=0)) as p:
+        yield p
+
+
+@pytest.fixture
+def client(unlimited_rates: LocalHttpPlatform) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=unlimited_rates.base_url, timeout=10) as c:
+        yield c
+
+
+def padded(size: int) -> bytes:
+    """The open body padded with JSON whitespace to exactly ``size`` bytes."""
+    return OPEN[:-1] + b" " * (size - len(OPEN)) + b"}"
+
+
+def chunks(body: bytes, size: int = 1000) -> Iterator[bytes]:
+    """``body`` as an iterator, which httpx sends with ``Transfer-Encoding: chunked``."""
+    for i in range(0, len(body), size):
+        yield body[i:i + size]
+
+
+def test_a_body_at_the_limit_is_read_in_either_encoding(
+        unlimited_rates: LocalHttpPlatform, client: httpx.Client) -> None:
+    h = {**signup(client), "Content-Type": "application/json"}
+    tick(unlimited_rates, client, "SOL", "100.00", "100.01")
+    r = client.post("/api/v1/positions/open", content=padded(LIMIT), headers=h)
+    assert r.status_code == 201, r.text
+    r = client.post("/api/v1/positions/open", content=chunks(padded(LIMIT)), headers=h)
+    assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize("path", ["/api/v1/positions/open", "/api/v1/accounts"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_over_the_limit_is_413(client: httpx.Client, path: str, chunked: bool) -> None:
+    h = {**signup(client), "Content-Type": "application/json"}
+    body = padded(LIMIT + 1)
+    r = client.post(path, content=chunks(body) if chunked else body, headers=h)
+    assert r.status_code == 413 and error_code(r) == "INVALID_REQUEST", r.text
+    assert r.headers["connection"] == "close"
+
+
+def test_a_chunked_body_is_refused_while_it_arrives_and_before_authentication(
+        unlimited_rates: LocalHttpPlatform) -> None:
+    """Chunks past the limit, no API key, and a body that never ends: the 413 comes as soon as
+    the limit is passed (the server does not wait for the end, nor read the rest)."""
+    host, port = "127.0.0.1", int(unlimited_rates.base_url.rsplit(":", 1)[1])
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"POST /api/v1/positions/open HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (1024, b" " * 1024)
+        for _ in range(LIMIT // 1024 + 1):  # one KiB past the limit, and no last chunk
+            sock.sendall(chunk)
+        answer = b""
+        while not answer.endswith(b"}}"):  # the whole error body, sent before any close
+            data = sock.recv(65536)
+            assert data, f"connection closed without a whole answer: {answer!r}"
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'{"error":{"code":"INVALID_REQUEST","message":' in answer
+
+
+def test_a_declared_length_over_the_limit_is_refused_unread(
+        unlimited_rates: LocalHttpPlatform) -> None:
+    host, port = "127.0.0.1", int(unlimited_rates.base_url.rsplit(":", 1)[1])
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n{")
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+def test_the_body_limit_is_configurable() -> None:
+    with serving(Settings(max_body_bytes=1024, api_key_rate_per_s=0, signups_per_min=0)) as p, \
+            httpx.Client(base_url=p.base_url, timeout=10) as c:
+        assert c.post("/api/v1/accounts", content=b"{}" + b" " * 1022).status_code == 201
+        r = c.post("/api/v1/accounts", content=b"{}" + b" " * 1023)
+        assert r.status_code == 413 and error_code(r) == "INVALID_REQUEST"
+
+
+def test_the_nesting_limit_is_configurable() -> None:
+    with serving(Settings(max_json_depth=2, api_key_rate_per_s=0, signups_per_min=0)) as p, \
+            httpx.Client(base_url=p.base_url, timeout=10) as c:
+        assert c.post("/api/v1/accounts", json={"a": [1]}).status_code == 201
+        r = c.post("/api/v1/accounts", json={"a": [[1]]})
+        assert r.status_code == 400 and error_code(r) == "INVALID_REQUEST"
+
+
+def retry_after(r: httpx.Response) -> int:
+    assert r.status_code == 429 and error_code(r) == "RATE_LIMITED", r.text
+    value = r.headers["retry-after"]
+    assert value.isdigit(), value
+    return int(value)
+
+
+def test_requests_per_api_key_are_limited() -> None:
+    """Burst 3 at 1 request/s: three at once pass, the fourth waits about a second; every
+    authenticated route counts, another key has its own bucket, and a refused request changes
+    nothing."""
+    settings = Settings(api_key_rate_per_s=1, api_key_burst=3, signups_per_min=0)
+    with serving(settings) as p, httpx.Client(base_url=p.base_url, timeout=10) as c:
+        h, other = signup(c), signup(c)
+        assert c.get("/api/v1/state", headers=h).status_code == 200
+        assert c.get("/api/v1/positions/history", headers=h).status_code == 200
+        r = c.post("/api/v1/positions/close", json={"positionId": "1"}, headers=h)
+        assert r.status_code == 404
+        r = c.post("/api/v1/positions/open", headers=h,
+                   json={"asset": "SOL", "type": "long", "margin": "10", "leverage": 2})
+        assert retry_after(r) == 1
+        assert c.get("/api/v1/state", headers=other).status_code == 200
+        assert c.get("/api/v1/assets").status_code == 200  # public routes are not keyed
+        assert c.get("/api/v1/state", headers={"Authorization": "Bearer nope"}).status_code == 401
+        time.sleep(1.1)
+        r = c.get("/api/v1/state", headers=h)
+        assert r.status_code == 200 and r.json()["balances"]["margin"] == "0.000000"
+
+
+def test_account_creations_per_address_are_limited() -> None:
+    with serving(Settings(signups_per_min=2)) as p, \
+            httpx.Client(base_url=p.base_url, timeout=10) as c:
+        assert c.post("/api/v1/accounts", json={}).status_code == 201
+        assert c.post("/api/v1/accounts", json={}).status_code == 201
+        r = c.post("/api/v1/accounts", json={})
+        assert 25 <= retry_after(r) <= 30  # one creation every 30 s
+        assert c.get("/api/v1/prices").status_code == 200  # only creations are limited here
