@@ -1,0 +1,158 @@
+"""The HTTP layer's limits without a server: token buckets (rates, Retry-After, bounded
+memory), the streaming body limit, and the exact JSON reader (nesting, numbers)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cluster.http.errors import ApiError
+from cluster.http.json_body import nests_deeper_than, parse_json
+from cluster.http.limits import BodySizeLimit, TokenBuckets, retry_after_s
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_bucket_grants_its_burst_then_one_request_per_interval() -> None:
+    clock = Clock()
+    buckets = TokenBuckets(2, 3, clock=clock)  # 2/s, burst 3
+    assert [buckets.take("k") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert buckets.take("k") == pytest.approx(0.5)
+    assert buckets.take("other") == 0.0  # every key has its own bucket
+    clock.now += 0.25
+    assert buckets.take("k") == pytest.approx(0.25)  # half a token saved: a refusal takes none
+    clock.now += 0.25
+    assert buckets.take("k") == 0.0
+    clock.now += 100
+    assert [buckets.take("k") for _ in range(4)][-1] > 0  # refills up to the burst, no more
+
+
+def test_rate_zero_is_unlimited_and_bad_limits_are_refused() -> None:
+    buckets = TokenBuckets(0, 0)
+    assert all(buckets.take("k") == 0.0 for _ in range(1_000)) and len(buckets) == 0
+    for rate, burst in ((-1, 1), (1, 0)):
+        with pytest.raises(ValueError):
+            TokenBuckets(rate, burst)
+
+
+def test_idle_buckets_are_forgotten_and_memory_is_bounded() -> None:
+    clock = Clock()
+    buckets = TokenBuckets(10 / 60, 10, clock=clock, max_keys=100)  # 10/min: full after 60 s
+    for address in range(50):
+        buckets.take(address)
+    assert len(buckets) == 50
+    clock.now += 59
+    buckets.take("late")
+    assert len(buckets) == 51  # not full again yet: remembered
+    clock.now += 1
+    buckets.take("later")
+    assert len(buckets) == 2  # the first fifty are full again: forgotten, none the wiser
+    for address in range(1_000):
+        buckets.take(("many", address))
+    assert len(buckets) == 100
+
+
+def test_retry_after_is_whole_seconds_rounded_up() -> None:
+    assert [retry_after_s(w) for w in (0.001, 0.5, 1.0, 1.01, 29.9)] == [1, 1, 1, 2, 30]
+
+
+_leaves = st.one_of(st.none(), st.booleans(), st.integers(), st.text("[]{}\"\\ab,:"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(_leaves, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.text("[]{\"\\", max_size=3), inner,
+                                                 max_size=3)), max_leaves=40),
+       st.integers(0, 8))
+def test_nesting_is_measured_like_the_parser_sees_it(value: Any, limit: int) -> None:
+    def depth(v: Any) -> int:
+        if isinstance(v, list):
+            return 1 + max((depth(x) for x in v), default=0)
+        if isinstance(v, dict):
+            return 1 + max((depth(x) for x in v.values()), default=0)
+        return 0
+
+    raw = json.dumps(value).encode()
+    assert nests_deeper_than(raw, limit) == (depth(value) > limit)
+
+
+def test_nesting_is_checked_without_recursion_on_any_bytes() -> None:
+    assert nests_deeper_than(b"[" * 1_000_000, 32)
+    assert not nests_deeper_than(b'"' + b"[" * 1_000 + b'"', 32)
+    assert not nests_deeper_than(b"]" * 1_000 + b"[[", 32)
+
+
+def test_json_numbers_are_exact_and_constants_refused() -> None:
+    parsed = parse_json(b'{"a":100.00000000000000001,"b":1e-7,"c":12,"d":' + b"9" * 50
+                        + b"}", 32)
+    assert parsed == {"a": Decimal("100.00000000000000001"), "b": Decimal("1e-7"), "c": 12,
+                      "d": Decimal("9" * 50)}
+    assert type(parsed["c"]) is int and not any(isinstance(v, float) for v in parsed.values())
+    for raw in (b"NaN", b"[Infinity]", b"-Infinity", b"{", b"\xff", b"1e99999999999999999999",
+                b"[[[1]]]"):
+        with pytest.raises(ApiError) as refused:
+            parse_json(raw, 2)
+        assert refused.value.status_code == 400
+
+
+def _run_body_limit(messages: list[dict[str, Any]], limit: int,
+                    headers: list[tuple[bytes, bytes]] | None = None
+                    ) -> tuple[list[dict[str, Any]], bytes | None, int]:
+    """Drive BodySizeLimit with ``messages``; returns what it sent, the body the app read
+    (None if the app never ran) and how many messages were received."""
+    received = 0
+    sent: list[dict[str, Any]] = []
+    seen: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        received += 1
+        return messages[received - 1]
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        seen.append(body)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": headers or []}
+    asyncio.run(BodySizeLimit(app, limit)(scope, receive, send))  # type: ignore[arg-type]
+    return sent, seen[0] if seen else None, received
+
+
+def test_the_body_limit_counts_chunks_as_they_arrive() -> None:
+    chunk = {"type": "http.request", "body": b"x" * 10, "more_body": True}
+    last = {"type": "http.request", "body": b"y", "more_body": False}
+    sent, body, received = _run_body_limit([chunk, chunk, last], 21)
+    assert body == b"x" * 20 + b"y" and sent[0]["status"] == 200
+    sent, body, received = _run_body_limit([chunk] * 100 + [last], 25)
+    assert body is None and sent[0]["status"] == 413 and received == 3  # stopped at 30 bytes
+    assert (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"]["code"] == "INVALID_REQUEST"
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_reading() -> None:
+    sent, body, received = _run_body_limit([], 100, [(b"content-length", b"101")])
+    assert body is None and received == 0 and sent[0]["status"] == 413
+    sent, body, received = _run_body_limit([], 100, [(b"content-length", b"-1")])
+    assert body is None and received == 0 and sent[0]["status"] == 400
