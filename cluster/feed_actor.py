@@ -1,4 +1,4 @@
-"""The feed actor: consumes the market data topic, conflates, fans ticks out to the shards.
+"""The feed actor: a Ray shell that reads the market data topic and calls the shards.
 
 Create it with Ray (shards are looked up by their actor name, ``ShardSpec.name``, in
 ``namespace``; or pass ``shard_handles={name: handle}``)::
@@ -6,7 +6,11 @@ Create it with Ray (shards are looked up by their actor name, ``ShardSpec.name``
     feed = FeedActor.options(name="feed", namespace="shardex").remote(
         settings, bootstrap, namespace="shardex")
     ray.get(feed.start.remote())          # returns once partitions are assigned
-    ray.get(feed.stats.remote())          # counters, lag, tick ages, last prices
+    ray.get(feed.stats.remote())          # counters, drops by reason, lag, tick ages, prices
+
+What happens to the records it reads (decoding, bounds, conflation, the order and jump gate,
+the per-shard fan-out, drop counting) is ``feed.pipeline.TickPipeline``, free of Ray and
+Kafka; this module owns the Kafka consumer and the Ray calls.
 
 Every shard receives ``shard.apply_ticks.remote(ticks: list[engine.market.Tick])``: one call
 carrying the newest tick of each of its assets; at most ``max_in_flight_per_shard`` calls are
@@ -22,8 +26,7 @@ without prices. ``group_id`` (default ``CONSUMER_GROUP``) is used for identifica
 the Kafka ``client_id``; no group coordinator is contacted.
 
 Consumption starts from the newest offsets on every assignment (the last message of each
-partition is re-read so the newest price is delivered at once); ticks older (``ts_us``) than
-the last one delivered for their asset are dropped as ``stale``. The topic's partitions are
+partition is re-read so the newest price is delivered at once). The topic's partitions are
 read from fresh metadata every ``partition_check_s``: a topic that does not exist yet is
 created (after 3 s without partitions), new partitions are assigned, and a partition whose end
 offset fell below the read position (the embedded broker forgets every topic on restart, and
@@ -45,7 +48,6 @@ import logging
 import os
 import sys
 import time
-from collections import Counter, deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,10 +56,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from cluster.config import CONSUMER_GROUP, MARKET_TOPIC, Settings
-from cluster.placement import shards_for_asset
+from cluster.trading.placement import Layout
 from engine.market import Tick
 from feed.broker import ensure_topic
-from feed.conflation import BatchConflator, ShardFanout
+from feed.pipeline import TickPipeline
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +68,11 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
-def _quantiles_ms(values_us: deque[int]) -> dict[str, float] | None:
-    """p50/p99/max in milliseconds of a window of microsecond samples (None when empty)."""
-    if not values_us:
-        return None
-    ordered = sorted(values_us)
-    n = len(ordered)
-    return {"p50": ordered[n // 2] / 1000, "p99": ordered[min(n - 1, int(n * 0.99))] / 1000,
-            "max": ordered[-1] / 1000, "n": n}
-
-
 class FeedActorCore:
-    """The feed actor's logic on an asyncio loop; :class:`FeedActor` is its Ray shell.
+    """The Kafka consumer and the shard calls around a :class:`feed.pipeline.TickPipeline`, on
+    an asyncio loop; :class:`FeedActor` is its Ray shell.
 
-    Kept free of Ray calls except through ``call_shard``/``lookup_shard`` so it can run in a
-    plain process as well (the benchmark and tests use it through the actor).
+    Its only Ray calls are the shard lookup (``_lookup``) and the shard call (``_call``).
     """
 
     def __init__(self, settings: Settings, bootstrap: str | None = None, *,
@@ -102,15 +94,13 @@ class FeedActorCore:
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.lookup_retry_s = lookup_retry_s
         self.partition_check_s = partition_check_s
-        routes = {a.name: [s.name for s in shards_for_asset(settings, a.name)]
+        routes = {a.name: [s.name for s in Layout(settings).of_asset(a.name)]
                   for a in self.assets.assets}
-        self.fanout = ShardFanout(routes, max_in_flight_per_shard)
-        self.conflator = BatchConflator(self.assets)
+        self.pipeline = TickPipeline(self.assets, routes, settings.feed.bounds,
+                                     max_in_flight_per_shard)
         self.handles: dict[str, Any] = dict(shard_handles or {})
         self._fixed_handles = shard_handles is not None
         self._lookup_after: dict[str, float] = {}
-        self.last: dict[str, Tick] = {}
-        self.dropped: Counter[str] = Counter()
         self.consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[None]] = set()
@@ -118,9 +108,6 @@ class FeedActorCore:
         self._stopping = False
         self._next_offset: dict[TopicPartition, int] = {}
         self.consumer_restarts = 0
-        # now - ts_us of each tick as the actor reads it (produce-to-read latency when the
-        # producer stamps ts_us, exchange-to-read latency for live data), last 4096 ticks
-        self._read_age_us: deque[int] = deque(maxlen=4096)
         self.polls = 0  # getmany calls
         self.batches = 0  # getmany calls that returned records
         self.topic_recreations = 0
@@ -180,6 +167,8 @@ class FeedActorCore:
 
     async def _topic_partitions(self, consumer: AIOKafkaConsumer) -> set[TopicPartition]:
         """The topic's partitions from fresh metadata (empty when the topic does not exist)."""
+        # aiokafka's public calls read cached metadata (partitions_for_topic) or return only
+        # topic names (topics()); the client's fetch_all_metadata is the one fresh answer
         cluster = await asyncio.wait_for(consumer._client.fetch_all_metadata(), 10.0)
         return {TopicPartition(self.topic, p)
                 for p in (cluster.partitions_for_topic(self.topic) or ())}
@@ -287,32 +276,18 @@ class FeedActorCore:
                 self.last_record_s = now_s
                 for tp, records in batch.items():
                     self._next_offset[tp] = records[-1].offset + 1
-                self._deliver(self.conflator.newest(batch.values()))
-            else:
-                self._pump()
-
-    def _deliver(self, ticks: Mapping[str, Tick]) -> None:
-        fresh = []
-        now_us = _now_us()
-        for asset, tick in ticks.items():
-            self._read_age_us.append(now_us - tick.ts_us)
-            prev = self.last.get(asset)
-            if prev is not None and tick.ts_us < prev.ts_us:
-                self.dropped["stale"] += 1
-                continue
-            self.last[asset] = tick
-            fresh.append(tick)
-        self.fanout.offer(fresh)
-        self._pump()
+                self.pipeline.ingest(batch.values(), _now_us())
+            self._pump()
 
     def _pump(self) -> None:
         """Start every call the in-flight bound allows, for shards whose handle is known."""
-        if not self.fanout.pending_count():
+        fanout = self.pipeline.fanout
+        if not fanout.pending_count():
             return
-        for name in self.fanout.shards:
-            if name not in self.handles and self.fanout.pending[name]:
+        for name in fanout.shards:
+            if name not in self.handles and fanout.pending[name]:
                 self._lookup(name)
-        for name, ticks in self.fanout.take_ready(self.handles):
+        for name, ticks in self.pipeline.take_ready(self.handles):
             task = asyncio.get_running_loop().create_task(self._call(name, ticks))
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
@@ -337,8 +312,13 @@ class FeedActorCore:
                 self.handles.pop(name, None)
                 self._lookup_after[name] = time.monotonic() + self.lookup_retry_s
         finally:
-            self.fanout.done(name, ticks, ok)
+            self.pipeline.done(name, ticks, ok)
         self._pump()
+
+    def use_shard_handles(self, handles: Mapping[str, Any]) -> None:
+        """Call these handles from now on; never look shards up by name again."""
+        self.handles.update(handles)
+        self._fixed_handles = True
 
     # -- what others read ------------------------------------------------------------------
     def lag(self) -> int | None:
@@ -357,37 +337,16 @@ class FeedActorCore:
 
     def prices(self) -> dict[str, dict[str, Any]]:
         """``{asset: {"bid", "ask", "ts_us", "seq", "source"}}`` of the last delivered ticks."""
-        out = {}
-        for name, tick in self.last.items():
-            asset = self.assets[name]
-            out[name] = {"bid": asset.ticks_to_price(tick.bid_ticks),
-                         "ask": asset.ticks_to_price(tick.ask_ticks),
-                         "ts_us": tick.ts_us, "seq": tick.seq, "source": tick.source}
-        return out
+        return self.pipeline.prices()
 
     def stats(self) -> dict[str, Any]:
-        now_us = _now_us()
-        dropped = Counter(self.conflator.decoder.dropped)
-        dropped.update(self.dropped)
+        """The pipeline's counters (``dropped`` by reason, ...) and the consumer's."""
         return {
-            "consumed": self.conflator.consumed,
-            "decoded": self.conflator.decoder.decoded,
-            "dropped": dict(dropped),
-            "conflated": self.conflator.conflated + self.fanout.conflated,
-            "conflated_batch": self.conflator.conflated,
-            "conflated_pending": self.fanout.conflated,
-            "delivered": self.fanout.delivered,
-            "calls": self.fanout.calls,
+            **self.pipeline.stats(_now_us()),
             "polls": self.polls,
             "batches": self.batches,
-            "failed_calls": self.fanout.failed_calls,
-            "pending": self.fanout.pending_count(),
-            "in_flight": sum(self.fanout.in_flight.values()),
             "lag": self.lag(),
             "assigned": self.consumer is not None and bool(self.consumer.assignment()),
-            "tick_age_s": {a: (now_us - t.ts_us) / 1e6 for a, t in self.last.items()},
-            "read_age_ms": _quantiles_ms(self._read_age_us),
-            "prices": self.prices(),
             "shards_known": sorted(self.handles),
             "consumer_restarts": self.consumer_restarts,
             "topic_recreations": self.topic_recreations,
@@ -450,8 +409,7 @@ class FeedActorShell:
         return self.core.prices()
 
     async def set_shard_handles(self, handles: Mapping[str, Any]) -> None:
-        self.core.handles.update(handles)
-        self.core._fixed_handles = True
+        self.core.use_shard_handles(handles)
 
     async def pid(self) -> int:
         """The actor's process id (tests kill it to exercise a Ray restart)."""

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from engine.assets import AssetRegistry
 from engine.market import Tick
+from feed.gate import TickGate
 from feed.message import TickDecoder
 
 
@@ -33,24 +34,30 @@ class BatchConflator:
 
     Each partition's records are scanned newest first and only decoded until every asset the
     partition carries has a valid tick; older records of an asset already found are counted as
-    ``conflated`` without being decoded (their key, the symbol, tells their asset). A malformed
-    newest record is dropped (counted by the decoder) and the scan falls back to the one before
-    it. Across partitions the tick with the larger ``(ts_us, seq)`` wins.
+    ``conflated`` without being decoded (their key, the symbol, tells their asset). A newest
+    record that is malformed, out of bounds (counted by the decoder) or older than the last tick
+    delivered for its asset (counted by ``gate``) is dropped and the scan falls back to the one
+    before it. Across partitions the tick with the larger ``(ts_us, seq)`` wins.
     """
 
-    def __init__(self, assets: AssetRegistry, decoder: TickDecoder | None = None) -> None:
+    def __init__(self, assets: AssetRegistry, decoder: TickDecoder | None = None,
+                 gate: TickGate | None = None) -> None:
         self.assets = assets
         self.decoder = decoder or TickDecoder(assets)
+        self.gate = gate
         self._asset_of_key = {a.symbol.encode(): a.name for a in assets.assets}
         self.conflated = 0
         self.consumed = 0
 
-    def newest(self, partitions: Iterable[Sequence[Record]]) -> dict[str, Tick]:
-        """The newest valid tick per asset of ``partitions`` (each in offset order)."""
+    def newest(self, partitions: Iterable[Sequence[Record]],
+               now_us: int | None = None) -> dict[str, Tick]:
+        """The newest valid tick per asset of ``partitions`` (each in offset order); ``now_us``
+        enables the decoder's clock checks."""
         out: dict[str, Tick] = {}
         n_assets = len(self.assets)
         asset_of_key = self._asset_of_key
         decode = self.decoder.decode
+        is_older = self.gate.is_older if self.gate is not None else None
         for records in partitions:
             self.consumed += len(records)
             found: set[str] = set()
@@ -58,12 +65,13 @@ class BatchConflator:
             while i >= 0:
                 rec = records[i]
                 i -= 1
-                hinted = asset_of_key.get(rec.key) if rec.key is not None else None
+                key = rec.key
+                hinted = asset_of_key.get(key) if isinstance(key, bytes) else None
                 if hinted is not None and hinted in found:
                     self.conflated += 1
                     continue
-                tick = decode(rec.value)
-                if tick is None:
+                tick = decode(rec.value, now_us)
+                if tick is None or (is_older is not None and is_older(tick)):
                     continue
                 if tick.asset in found:
                     self.conflated += 1

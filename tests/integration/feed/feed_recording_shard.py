@@ -1,4 +1,5 @@
-"""A stand-in shard actor for the feed tests and benchmark: records what ``apply_ticks`` gets."""
+"""A stand-in shard actor for the feed tests and benchmark: records the ticks it is given
+(``apply_ticks(ticks)``, or ``execute(commands)`` of ApplyTick commands)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from engine.market import Tick
 
 
 class _RecordingShard:
-    """Records every ``apply_ticks`` call: receive time (us), the ticks; sleeps ``delay_s`` per
+    """Records every call: receive time (us), the ticks; sleeps ``delay_s`` per
     call and tracks the most calls ever running at once (threaded actor, so the feed actor's
     in-flight bound is what limits concurrency)."""
 
@@ -23,6 +24,12 @@ class _RecordingShard:
         self._lock = threading.Lock()
         self._running = 0
         self.max_running = 0
+
+    def execute(self, commands: list[Any]) -> list[int]:
+        """The shard host's batched call: records the ``tick`` of each ApplyTick command and
+        answers 0 closes per tick."""
+        self.apply_ticks([command.tick for command in commands])
+        return [0] * len(commands)
 
     def apply_ticks(self, ticks: list[Tick]) -> int:
         now_us = time.time_ns() // 1000

@@ -56,27 +56,29 @@ async def test_fan_out_newest_ticks_to_every_shard(kafka_broker: str, ray_local:
     await producer.start()
     t0 = now_us()
     for i in range(50):  # history before the actor starts: only the newest may reach a shard
-        await produce(producer, "SOL", 1000 + i, t0 + i)
+        await produce(producer, "SOL", 199_950 + i, t0 + i)
     await producer.flush()
 
     shards = {name: RecordingShard.options(name=name, namespace=ns).remote()
               for name in ("shard-SOL-0", "shard-BTC-0", "shard-ETH-0")}
     feed = FeedActor.remote(settings, kafka_broker, namespace=ns, topic=topic, group_id=ns)
     assert await feed.start.remote(30)
-    await wait_for(lambda: _has_tick(shards["shard-SOL-0"], 1049), what="the pre-start newest")
+    await wait_for(lambda: _has_tick(shards["shard-SOL-0"], 199_999),
+                   what="the pre-start newest")
     late = RecordingShard.options(name="shard-SOL-1", namespace=ns).remote()  # found by name later
 
     t1 = now_us()
     for i in range(300):
         for k, asset in enumerate(("SOL", "BTC", "ETH")):
-            await produce(producer, asset, 2000 + i * 3 + k, t1 + i * 3 + k)
+            await produce(producer, asset, 200_000 + i * 3 + k, t1 + i * 3 + k)
         if i % 50 == 0:
             await asyncio.sleep(0.01)
     await producer._producer.send(topic, b"not json", key=b"SOL_USDC", partition=0)  # type: ignore[union-attr]
     await producer._producer.send(topic, b'{"symbol":"DOGE_USDC"}', partition=1)  # type: ignore[union-attr]
     await producer.flush()
 
-    last = {"SOL": 2000 + 299 * 3, "BTC": 2000 + 299 * 3 + 1, "ETH": 2000 + 299 * 3 + 2}
+    last = {"SOL": 200_000 + 299 * 3, "BTC": 200_000 + 299 * 3 + 1,
+            "ETH": 200_000 + 299 * 3 + 2}
     for name, asset in (("shard-SOL-0", "SOL"), ("shard-BTC-0", "BTC"), ("shard-ETH-0", "ETH")):
         await wait_for(lambda n=name, a=asset: _has_tick(shards[n], last[a]), what=name)
     await wait_for(lambda: _has_tick(late, last["SOL"]), what="the late shard")
@@ -90,10 +92,10 @@ async def test_fan_out_newest_ticks_to_every_shard(kafka_broker: str, ray_local:
         seen = [t for _, ticks in calls for t in ticks]
         assert all(a.ts_us < b.ts_us for a, b in itertools.pairwise(seen)), (
             seen[:5], await feed.stats.remote())
-        assert all(t.bid_ticks >= 1049 for t in seen) or asset != "SOL"
+        assert all(t.bid_ticks >= 199_999 for t in seen) or asset != "SOL"
         assert seen[-1].bid_ticks == last[asset]
     sol0 = await ticks_of(shards["shard-SOL-0"])
-    assert sol0[0].bid_ticks == 1049  # started from the newest, not from the beginning
+    assert sol0[0].bid_ticks == 199_999  # started from the newest, not from the beginning
 
     stats = await feed.stats.remote()
     assert stats["consumed"] >= 900 + 2
@@ -132,11 +134,12 @@ async def test_slow_shard_is_bounded_and_gets_the_newest(kafka_broker: str,
     t0 = now_us()
     n = 3000
     for i in range(n):
-        await produce(producer, "SOL", 5000 + i, t0 + i)
+        await produce(producer, "SOL", 500_000 + i, t0 + i)
         if i % 100 == 0:
             await asyncio.sleep(0.005)  # spread over many fetches, so pending really conflates
     await producer.flush()
-    await wait_for(lambda: _has_tick(slow, 5000 + n - 1), what="the newest tick at a slow shard")
+    await wait_for(lambda: _has_tick(slow, 500_000 + n - 1),
+                   what="the newest tick at a slow shard")
     assert await slow.max_concurrent.remote() == 2  # the bound, reached and never exceeded
     calls = await slow.received.remote()
     assert len(calls) < n / 5

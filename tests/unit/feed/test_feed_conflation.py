@@ -7,6 +7,7 @@ from typing import NamedTuple
 from engine.assets import DEFAULT_ASSETS
 from engine.market import Tick
 from feed.conflation import BatchConflator, ShardFanout
+from feed.gate import TickGate
 from feed.message import message_from_ticks
 
 
@@ -40,10 +41,28 @@ def test_malformed_newest_falls_back_to_previous_valid() -> None:
     assert c.conflated == 1
 
 
+def test_out_of_bounds_newest_falls_back_to_previous_valid() -> None:
+    now = 10**15
+    c = BatchConflator(DEFAULT_ASSETS)
+    part = [rec("SOL", 100, now - 1), rec("SOL", 101, now - 20_000_000),
+            rec("SOL", 102, now + 60_000_000)]
+    assert c.newest([part], now_us=now)["SOL"].bid_ticks == 100
+    assert c.decoder.dropped == {"future": 1, "stale": 1}
+
+
+def test_newest_older_than_delivered_falls_back() -> None:
+    gate = TickGate(1000)
+    gate.admit(Tick("SOL", 100, 101, 50, 50, "sim"))
+    c = BatchConflator(DEFAULT_ASSETS, gate=gate)
+    part = [rec("SOL", 101, 60), rec("SOL", 102, 40)]  # the newest offset is an older update
+    assert c.newest([part])["SOL"].bid_ticks == 101
+    assert gate.dropped == {"out_of_order": 1}
+
+
 def test_several_assets_and_partitions() -> None:
     c = BatchConflator(DEFAULT_ASSETS)
     p0 = [rec("SOL", 1, 1), rec("BTC", 5, 2), rec("SOL", 2, 3)]
-    p1 = [rec("ETH", 9, 4), rec("SOL", 7, 0)]  # an older SOL tick in another partition loses
+    p1 = [rec("ETH", 9, 4), rec("SOL", 7, 1)]  # an older SOL tick in another partition loses
     out = c.newest([p0, p1])
     assert {k: v.bid_ticks for k, v in out.items()} == {"SOL": 2, "BTC": 5, "ETH": 9}
     assert c.consumed == 5 and c.conflated == 2

@@ -1,0 +1,84 @@
+"""The order and jump gate: out-of-order updates, jumps held, confirmed or dropped."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.market import Tick
+from feed.gate import TickGate, within_band
+
+
+def tick(mid: int, ts: int, asset: str = "SOL", seq: int = 0) -> Tick:
+    return Tick(asset, mid, mid, ts, seq or ts, "test")
+
+
+def test_band_is_exact_on_the_mid() -> None:
+    ref = tick(10_000, 1)
+    assert within_band(tick(11_000, 2), ref, 1000)  # +10.00% is inside a 1000 bp band
+    assert not within_band(tick(11_001, 2), ref, 1000)
+    assert within_band(tick(9_000, 2), ref, 1000)
+    assert not within_band(tick(8_999, 2), ref, 1000)
+    # the mid of 9999/10001 is 10000: the spread itself is not a move
+    assert within_band(Tick("SOL", 9_999, 10_001, 2, 2, "t"), ref, 1)
+
+
+def test_first_tick_and_small_moves_pass() -> None:
+    gate = TickGate(1000)
+    assert gate.admit(tick(100, 1)) == tick(100, 1)
+    assert gate.admit(tick(105, 2)) == tick(105, 2)
+    assert gate.last["SOL"] == tick(105, 2) and not gate.dropped
+
+
+def test_older_update_is_dropped_equal_and_newer_pass() -> None:
+    gate = TickGate(1000)
+    gate.admit(tick(100, 10, seq=5))
+    assert gate.admit(tick(100, 9, seq=50)) is None  # older ts_us
+    assert gate.admit(tick(100, 10, seq=4)) is None  # same ts_us, older seq
+    assert gate.admit(tick(101, 10, seq=5)) is not None  # the same update again passes
+    assert gate.admit(tick(102, 11, seq=1)) is not None
+    assert gate.dropped == {"out_of_order": 2}
+
+
+def test_jump_held_then_confirmed() -> None:
+    gate = TickGate(1000)
+    gate.admit(tick(100, 1))
+    assert gate.admit(tick(150, 2)) is None  # +50%: held
+    assert gate.held["SOL"] == tick(150, 2) and gate.last["SOL"] == tick(100, 1)
+    assert gate.admit(tick(152, 3)) == tick(152, 3)  # within 10% of the held one: confirmed
+    assert gate.last["SOL"] == tick(152, 3) and not gate.held
+    assert gate.confirmed == 1 and gate.held_total == 1 and not gate.dropped
+
+
+def test_jump_dropped_when_the_next_tick_returns() -> None:
+    gate = TickGate(1000)
+    gate.admit(tick(100, 1))
+    assert gate.admit(tick(1, 2)) is None  # -99%: held
+    assert gate.admit(tick(101, 3)) == tick(101, 3)  # back near the last accepted: bad print
+    assert gate.dropped == {"jump": 1} and gate.confirmed == 0 and not gate.held
+
+
+def test_jump_replaced_by_another_jump() -> None:
+    gate = TickGate(1000)
+    gate.admit(tick(100, 1))
+    assert gate.admit(tick(200, 2)) is None
+    assert gate.admit(tick(400, 3)) is None  # neither near 100 nor near 200: 200 is dropped
+    assert gate.held["SOL"] == tick(400, 3) and gate.dropped == {"jump": 1}
+    assert gate.admit(tick(410, 4)) == tick(410, 4)  # confirms 400
+    assert gate.confirmed == 1 and gate.held_total == 2
+
+
+def test_assets_are_independent() -> None:
+    gate = TickGate(1000)
+    gate.admit(tick(100, 1, "SOL"))
+    gate.admit(tick(5000, 1, "BTC"))
+    assert gate.admit(tick(300, 2, "SOL")) is None
+    assert gate.admit(tick(5100, 2, "BTC")) == tick(5100, 2, "BTC")
+    assert gate.admit_all({"SOL": tick(310, 3, "SOL"), "BTC": tick(5000, 1, "BTC")}) == [
+        tick(310, 3, "SOL")]
+    assert gate.dropped == {"out_of_order": 1}
+
+
+@pytest.mark.parametrize("band", [0, -5])
+def test_band_must_be_positive(band: int) -> None:
+    with pytest.raises(ValueError):
+        TickGate(band)
