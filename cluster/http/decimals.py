@@ -69,13 +69,18 @@ def money_micros(value: DecimalValue, field: str, *, allow_negative: bool = Fals
 
 
 def price_ticks(asset: Asset, value: DecimalValue | None, field: str) -> int | None:
-    """A positive price of ``asset`` as ticks (None stays None); 422 naming ``field``."""
+    """A positive price of ``asset`` as ticks (None stays None), at most the largest price a
+    tick of it may carry (``Asset.max_price_ticks``); 422 naming ``field``."""
     if value is None:
         return None
     try:
-        return to_units(value, asset.price_decimals, allow_zero=False)
+        ticks = to_units(value, asset.price_decimals, allow_zero=False)
     except AmountError as exc:
         raise invalid(f"{field}: {exc} (price step {asset.price_step})") from None
+    if ticks > asset.max_price_ticks:
+        raise invalid(f"{field}: amount out of range (at most "
+                      f"{asset.ticks_to_price(asset.max_price_ticks)} for {asset.name})")
+    return ticks
 
 
 __all__ = ["EXACT_DECIMAL", "DecimalValue", "decimal_schema", "money_micros", "price_ticks"]

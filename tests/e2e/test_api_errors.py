@@ -89,6 +89,8 @@ BAD_OPEN_BODIES: list[tuple[str, Any, str]] = [
     ("margin over int64", {**VALID, "margin": "9223372036854.775808"}, "INVALID_REQUEST"),
     ("take profit over int64", {**VALID, "takeProfit": "99999999999999999999"},
      "INVALID_REQUEST"),
+    ("take profit above any price", {**VALID, "takeProfit": "46116860184273879"},
+     "INVALID_REQUEST"),
     ("current price over int64", {**VALID, "currentPrice": 10**25}, "INVALID_REQUEST"),
     ("take profit too many decimals", {**VALID, "takeProfit": "120.001"}, "INVALID_REQUEST"),
     ("take profit on the loss side", {**VALID, "takeProfit": "50"}, "INVALID_TRIGGER"),
