@@ -16,8 +16,12 @@ BENCHES = ("engine", "feed", "api", "durability", "chaos")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start the whole platform in the foreground (Ctrl-C stops it)")
-    sub.add_parser("engine", help="start everything but the feed source")
+    up = sub.add_parser("up", help="start the whole platform in the foreground (Ctrl-C stops it)")
+    engine = sub.add_parser("engine", help="start everything but the feed source")
+    for command in (up, engine):
+        command.add_argument("--broker-port", type=int, metavar="PORT",
+                             help="port of the embedded broker (default 9092; not used with "
+                                  "KAFKA_BROKERS)")
     sub.add_parser("feed", help="run the market data service alone (source -> Kafka)")
     sub.add_parser("status", help="print the live layout: actors, nodes, tick ages, positions")
     audit = sub.add_parser("audit", help="check the ledger invariant; exit 1 on a difference")
@@ -30,33 +34,42 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _run(args: argparse.Namespace) -> int:
     if args.command == "bench":
         module = importlib.import_module(f"bench.{args.kind}")
         return int(module.main(args.rest) or 0)
-    from cluster.config import ConfigError, Settings
+    from cluster.config import Settings
 
-    try:
-        settings = Settings.from_env()
-    except ConfigError as exc:
-        print(f"shardex: configuration error: {exc}", file=sys.stderr)
-        return 2
+    settings = Settings.from_env()
     if args.command == "feed":
         from feed.service import run_feed_service
 
         return run_feed_service(settings)
     from cluster import launcher
 
-    if args.command == "up":
-        return launcher.up(settings, with_feed=True)
-    if args.command == "engine":
-        return launcher.up(settings, with_feed=False)
+    if args.command in ("up", "engine"):
+        port = args.broker_port
+        if port is not None and not 1 <= port <= 65535:
+            print(f"shardex: --broker-port must be in 1..65535, got {port}", file=sys.stderr)
+            return 2
+        return launcher.up(settings, with_feed=args.command == "up", broker_port=port)
     if args.command == "status":
         return launcher.status(settings)
     if args.command == "audit":
         return launcher.audit(settings, as_json=args.json, offline=args.offline)
     raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from cluster.config import ConfigError
+
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        # one line naming the variable and its range: a bad setting is not a crash
+        print(f"shardex: configuration error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

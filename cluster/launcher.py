@@ -1,7 +1,7 @@
 """``shardex up | engine | status | audit``: the platform as a running Ray cluster.
 
 ``up`` starts (or joins, ``RAY_ADDRESS``) Ray, the embedded broker (unless ``KAFKA_BROKERS``),
-the ledger actor, one shard actor per ``cluster.placement.shard_layout`` spread over the
+the ledger actor, one shard actor per ``cluster.trading.placement.shard_layout`` spread over the
 cluster's nodes, the feed actor (Kafka -> shards), the feed source (unless ``engine``), and the
 Serve API on ``PORT``; prints one banner and runs in the foreground. Ctrl-C / SIGTERM stops, in
 reverse order, exactly what it started. ``Platform`` is the same thing as an object, for tests
@@ -28,16 +28,21 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from cluster.actor_names import FEED, LEDGER, NAMESPACE
-from cluster.config import MARKET_TOPIC, Settings
-from cluster.placement import ShardSpec, shard_layout
+from cluster.config import MARKET_TOPIC, ConfigError, Settings
+from cluster.trading.placement import ShardSpec, shard_layout
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 120.0  # actors and the API must be up within this
 ADDRESS_FILE = "ray-address.json"  # in DATA_DIR while a local `up` runs
+BROKER_RECORD = "embedded-broker.json"  # in DATA_DIR while `up` runs the embedded broker
+ATTACH_CHECK_TIMEOUT_S = 2.0  # status/audit: how long a recorded Ray may take to answer TCP
+CRASHED_RUN_WAIT_S = 15.0  # how long a start waits for a killed run's workers to exit
+
 
 
 class LaunchError(RuntimeError):
@@ -45,11 +50,14 @@ class LaunchError(RuntimeError):
 
 
 def port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
+    """Whether the API server could listen on ``host:port`` (bound the way it binds, so
+    connections of a killed run left in TIME_WAIT do not count)."""
+    from feed.broker import check_bindable
+
+    try:
+        check_bindable(host, port)
+    except OSError:
+        return False
     return True
 
 
@@ -71,6 +79,7 @@ class Platform:
     ray_init: dict[str, Any] = field(default_factory=dict)
     topic: str = MARKET_TOPIC
     direct_ingress: bool = True  # False: Serve's proxy on the port (measured ~4.8x slower)
+    broker_port: int | None = None  # the embedded broker's port; None = config's default
 
     url: str = ""
     layout: tuple[ShardSpec, ...] = ()
@@ -111,9 +120,16 @@ class Platform:
         if self.with_feed:
             source = make_source(settings)  # a bad FEED_SOURCE fails before anything starts
             self.source_name = parse_source(settings.feed_source).kind if source else "none"
+        self._take_over_data_dir()
         if not port_is_free(self.host, settings.port):
-            raise LaunchError(f"port {settings.port} on {self.host} is already in use "
-                              "(set PORT, or stop what holds it)")
+            from feed.broker import accepts_connections
+
+            if accepts_connections(self.host, settings.port):
+                raise LaunchError(f"port {settings.port} on {self.host} is already in use "
+                                  "(set PORT, or stop what holds it)")
+            raise LaunchError(f"port {settings.port} on {self.host} is still held by closed "
+                              "connections of a server that ended (TIME_WAIT, up to 60 s); "
+                              "retry in a minute, or set PORT")
         self._start_broker()
         assert self.bootstrap is not None
         asyncio.run(self._ensure_topic(self.bootstrap))
@@ -154,16 +170,48 @@ class Platform:
 
     def _write_address_file(self) -> None:
         """Record the local Ray's address so ``status``/``audit`` join this cluster, not
-        whichever local Ray started last."""
+        whichever local Ray started last; and who runs it (host, pid, start time), so a record
+        a crashed run left is recognised as such."""
         import ray
 
+        from feed.broker import ProcessIdentity
+
+        owner = ProcessIdentity.of(os.getpid())
         with contextlib.suppress(OSError):
             self.settings.data_dir.mkdir(parents=True, exist_ok=True)
             self.address_file.write_text(json.dumps({
                 "ray_address": ray.get_runtime_context().gcs_address,
                 # a new local Ray enables token auth (token in ~/.ray); joiners need the mode
                 "ray_auth_mode": os.environ.get("RAY_AUTH_MODE"),
-                "url": f"http://{self.host}:{self.settings.port}", "pid": os.getpid()}))
+                "url": f"http://{self.host}:{self.settings.port}", "pid": os.getpid(),
+                "host": socket.gethostname(), "owner": owner.to_json() if owner else None}))
+
+    def _take_over_data_dir(self) -> None:
+        """Refuse a DATA_DIR a running platform uses; after a crashed run, wait (at most
+        ``CRASHED_RUN_WAIT_S``) for its processes to let go of the API port and the journals.
+
+        A killed ``up`` takes its local Ray with it, but Ray's workers (the API replica on
+        the port, the actors holding their journal's lock) notice only a moment later.
+        """
+        recorded = _read_record(self.address_file)
+        if recorded is None:
+            return
+        where = self.settings.data_dir.resolve()
+        running = _recorded_state(recorded)
+        if running == "running" and recorded.get("pid") != os.getpid():
+            raise LaunchError(f"a platform already runs from DATA_DIR={where} (pid "
+                              f"{recorded.get('pid')}, {recorded.get('url')}); stop it first, "
+                              "or use another DATA_DIR")
+        if running == "elsewhere":
+            return  # another host's record: its processes are not ours to wait for
+        log.warning("the platform last started from %s (pid %s) did not stop cleanly; "
+                    "waiting for its processes to exit", where, recorded.get("pid"))
+        deadline = time.monotonic() + CRASHED_RUN_WAIT_S
+        while time.monotonic() < deadline and (
+                not port_is_free(self.host, self.settings.port) or _journals_held(where)):
+            time.sleep(0.1)
+        with contextlib.suppress(OSError):
+            self.address_file.unlink()
 
     def _start_broker(self) -> None:
         from feed.broker import BrokerError
@@ -175,6 +223,10 @@ class Platform:
         if broker is None:
             self.bootstrap = self.settings.bootstrap_servers
             return
+        if self.broker_port is not None:
+            broker.port = self.broker_port
+        # a broker a killed run left behind is found (and stopped) through this record
+        broker.record_path = self.settings.data_dir / BROKER_RECORD
         try:
             broker.start()
         except BrokerError as exc:
@@ -344,8 +396,12 @@ def _actor_node(handle: Any) -> str:
 
 
 # ---------------------------------------------------------------------- commands
-def up(settings: Settings, with_feed: bool) -> int:
-    """Start everything, print the banner, run until Ctrl-C / SIGTERM; returns the exit code."""
+def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> int:
+    """Start everything, print the banner, run until Ctrl-C / SIGTERM; returns the exit code.
+
+    ``broker_port``: where the embedded broker listens (None: the configured default).
+    Raises ``ConfigError`` for a setting found unusable while starting (the CLI prints it).
+    """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -358,10 +414,13 @@ def up(settings: Settings, with_feed: bool) -> int:
     # the platform users run keeps its state in DATA_DIR (journaled actors Ray restarts)
     from cluster.durable_platform import DurablePlatform
 
-    platform = DurablePlatform(settings, with_feed=with_feed, host=settings.host)
+    platform = DurablePlatform(settings, with_feed=with_feed, host=settings.host,
+                               broker_port=broker_port)
     try:
         try:
             platform.start()
+        except ConfigError:
+            raise
         except (LaunchError, ValueError, OSError, TimeoutError) as exc:
             print(f"shardex: cannot start: {exc}", file=sys.stderr)
             return 1
@@ -383,34 +442,119 @@ def up(settings: Settings, with_feed: bool) -> int:
             print("shardex: stopped", flush=True)
 
 
-def _recorded_address(settings: Settings) -> str:
-    """``RAY_ADDRESS``, else the address a local ``up`` recorded in DATA_DIR, else "auto".
+class NotRunning(RuntimeError):
+    """No running platform to attach to; the message says why and how to point at one."""
 
-    Also restores the recorded auth mode: it must be in the environment before Ray is
-    imported, since Ray reads it once at import.
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A JSON record in DATA_DIR, or None if absent or unreadable (a torn write)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recorded_state(recorded: dict[str, Any]) -> Literal["running", "gone", "elsewhere"]:
+    """Whether the ``up`` process of an address record still runs: "elsewhere" when it was
+    recorded on another host (a shared DATA_DIR), where this one cannot tell."""
+    from feed.broker import ProcessIdentity
+
+    host = recorded.get("host")
+    if host is not None and host != socket.gethostname():
+        return "elsewhere"
+    try:
+        owner = recorded.get("owner")
+        if owner and ProcessIdentity.of(os.getpid()) is not None:  # /proc: compare exactly
+            alive = ProcessIdentity.from_json(owner).alive(same_cmdline=False)
+        else:  # no /proc here (or an older record): the pid is all there is
+            alive = _pid_running(int(recorded["pid"]))
+    except (KeyError, ValueError, TypeError):
+        return "gone"
+    return "running" if alive else "gone"
+
+
+def _journals_held(data_dir: Path) -> bool:
+    """Whether a process holds the writer lock of a journal under ``data_dir``."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    for lock in data_dir.glob("*/journal/LOCK"):
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # closing drops the lock taken to test it
+    return False
+
+
+def _tcp_answers(address: str, timeout_s: float) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _recorded_address(settings: Settings) -> str:
+    """``RAY_ADDRESS``, else the address a local ``up`` recorded in DATA_DIR.
+
+    Raises :class:`NotRunning` (quickly, without starting Ray) when DATA_DIR records no
+    platform, or records one that is gone (a crash left the record). Also restores the
+    recorded auth mode: it must be in the environment before Ray is imported, since Ray reads
+    it once at import.
     """
     if settings.ray_address:
         return settings.ray_address
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        recorded = json.loads((settings.data_dir / ADDRESS_FILE).read_text())
-        if recorded.get("ray_auth_mode") and "RAY_AUTH_MODE" not in os.environ:
-            os.environ["RAY_AUTH_MODE"] = recorded["ray_auth_mode"]
-        address = str(recorded["ray_address"])
-        if address.startswith("127."):  # a single-host Ray on loopback (see Platform._start)
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        return address
-    return "auto"
+    where = settings.data_dir.resolve()
+    path = settings.data_dir / ADDRESS_FILE
+    hint = ("start it with `shardex up`, or point at a running one with DATA_DIR=<the "
+            "directory it was started with> or RAY_ADDRESS=<host:port of its Ray>")
+    recorded = _read_record(path)
+    if recorded is None or "ray_address" not in recorded:
+        what = f"no {ADDRESS_FILE}" if not path.exists() else f"{ADDRESS_FILE} is unreadable"
+        raise NotRunning(f"no platform is recorded in DATA_DIR={where} ({what}): {hint}")
+    address = str(recorded["ray_address"])
+    if _recorded_state(recorded) == "gone":
+        raise NotRunning(f"the platform recorded in DATA_DIR={where} is not running (its "
+                         f"process {recorded.get('pid')} is gone: the record is left from a "
+                         f"run that did not stop cleanly): {hint}")
+    if not _tcp_answers(address, ATTACH_CHECK_TIMEOUT_S):
+        raise NotRunning(f"the platform recorded in DATA_DIR={where} does not answer (its Ray "
+                         f"at {address} refuses connections): {hint}")
+    if recorded.get("ray_auth_mode") and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = recorded["ray_auth_mode"]
+    if address.startswith("127."):  # a single-host Ray on loopback (see Platform._start)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    return address
 
 
 @contextlib.contextmanager
 def _connected(settings: Settings) -> Iterator[None]:
     """Connect this process to the running platform's Ray (see ``_recorded_address``)."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        yield
+        return
     address = _recorded_address(settings)
     import ray
 
-    if ray.is_initialized():
-        yield
-        return
     ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
              logging_level=logging.WARNING)
     try:
@@ -431,6 +575,9 @@ def status(settings: Settings) -> int:
     try:
         ctx = _connected(settings)
         ctx.__enter__()
+    except NotRunning as exc:
+        print(f"shardex status: {exc}", file=sys.stderr)
+        return 1
     except (ConnectionError, RuntimeError) as exc:
         print(f"shardex status: no running cluster ({exc})", file=sys.stderr)
         return 1
@@ -495,6 +642,9 @@ def audit(settings: Settings, as_json: bool, offline: bool) -> int:
     try:
         ctx = _connected(settings)
         ctx.__enter__()
+    except NotRunning as exc:
+        print(f"shardex audit: {exc}", file=sys.stderr)
+        return 2
     except (ConnectionError, RuntimeError) as exc:
         print(f"shardex audit: no running cluster ({exc})", file=sys.stderr)
         return 2

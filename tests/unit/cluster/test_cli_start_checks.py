@@ -1,0 +1,117 @@
+"""What the CLI decides before any Ray starts: the port check binds the way the servers do,
+``status``/``audit`` say at once that DATA_DIR records no running platform, and a bad setting
+is one line, not a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.launcher import port_is_free
+from feed.broker import ProcessIdentity, check_bindable, free_port
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _time_wait_port() -> int:
+    """A loopback port whose server side closed first: its old connection sits in TIME_WAIT
+    (what a killed server leaves behind), nothing listens any more."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = int(listener.getsockname()[1])
+        client = socket.create_connection(("127.0.0.1", port))
+        server, _ = listener.accept()
+        server.close()  # active close: the server's end goes to TIME_WAIT
+        client.recv(1)
+        client.close()
+    return port
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux TIME_WAIT semantics")
+def test_a_port_held_only_by_time_wait_is_free_for_a_restart() -> None:
+    port = _time_wait_port()
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))  # the old check's way: refused for ~60 s
+    check_bindable("127.0.0.1", port)
+    assert port_is_free("127.0.0.1", port)
+
+
+def test_a_live_listener_still_counts_as_in_use() -> None:
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = int(listener.getsockname()[1])
+        with pytest.raises(OSError):
+            check_bindable("127.0.0.1", port)
+        assert not port_is_free("127.0.0.1", port)
+
+
+def _cli(*args: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    return done, time.monotonic() - started
+
+
+def _env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DATA_DIR": str(data_dir), **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.mark.parametrize("command", [["status"], ["audit"], ["audit", "--json"]])
+def test_without_a_recorded_platform_status_and_audit_say_so_at_once(
+        command: list[str], tmp_path: Path) -> None:
+    done, took_s = _cli(*command, env=_env(tmp_path))
+    assert done.returncode != 0
+    assert took_s < 5.0, took_s
+    assert f"no platform is recorded in DATA_DIR={tmp_path.resolve()}" in done.stderr
+    assert "DATA_DIR=" in done.stderr and "RAY_ADDRESS=" in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["status", "audit"])
+def test_a_record_left_by_a_dead_platform_is_reported_at_once(command: str,
+                                                              tmp_path: Path) -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    (tmp_path / "ray-address.json").write_text(json.dumps(
+        {"ray_address": f"127.0.0.1:{free_port()}", "pid": int(gone.stdout),
+         "host": socket.gethostname()}))
+    done, took_s = _cli(command, env=_env(tmp_path))
+    assert done.returncode != 0 and took_s < 5.0, (took_s, done.stderr)
+    assert "is not running" in done.stderr and "shardex up" in done.stderr
+
+
+def test_a_record_whose_ray_refuses_connections_is_reported_at_once(tmp_path: Path) -> None:
+    me = ProcessIdentity.of(os.getpid())
+    (tmp_path / "ray-address.json").write_text(json.dumps(
+        {"ray_address": f"127.0.0.1:{free_port()}", "pid": os.getpid(),
+         "host": socket.gethostname(), "owner": me.to_json() if me else None}))
+    done, took_s = _cli("status", env=_env(tmp_path))
+    assert done.returncode != 0 and took_s < 5.0, (took_s, done.stderr)
+    assert "does not answer" in done.stderr
+
+
+@pytest.mark.parametrize("command", [["up"], ["engine"], ["feed"], ["status"], ["audit"],
+                                     ["audit", "--offline"]])
+@pytest.mark.parametrize(("variable", "value"), [("SHARDS", "0"), ("PORT", "abc")])
+def test_a_bad_setting_is_one_line_and_a_non_zero_exit(command: list[str], variable: str,
+                                                       value: str, tmp_path: Path) -> None:
+    done, _ = _cli(*command, env=_env(tmp_path, **{variable: value}))
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "configuration error" in lines[0] and "Traceback" not in done.stderr
+    if variable == "SHARDS":
+        assert "SHARDS" in lines[0]
