@@ -14,7 +14,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from cluster.config import MARKET_TOPIC
+from feed.settings import MARKET_TOPIC
 
 ROOT = Path(__file__).resolve().parents[3]
 FIXTURE = ROOT / "tests" / "fixtures" / "backpack" / "recorded_ws_frames.jsonl"
@@ -66,4 +66,6 @@ def test_feed_service_rejects_a_bad_source() -> None:
     proc = subprocess.run([sys.executable, "-m", "cluster.cli", "feed"], cwd=ROOT, env=env,
                           capture_output=True, timeout=30)
     assert proc.returncode == 2
-    assert b"unknown FEED_SOURCE" in proc.stderr
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "FEED_SOURCE must be backpack | sim" in lines[0]
+    assert lines[0].endswith("(got carrier-pigeon)")
