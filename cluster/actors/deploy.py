@@ -1,0 +1,70 @@
+"""Starting the platform's hosts on Ray: the ledger and one MachineHost per shard.
+
+Every host has ``max_restarts=-1``: Ray restarts a killed process and the host recovers its
+machine from ``DATA_DIR`` before it answers. ``max_task_retries=0``: a call that was running
+when the process died fails (the API answers 503) instead of being run a second time unseen;
+the reconciler settles what it did. Shards are spread round-robin over the nodes, workers
+first, with soft affinity (a node that is gone does not stop a restart elsewhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from cluster.actor_names import LEDGER
+from cluster.actors.host import host_class, host_specs
+from cluster.actors.port import Port, RayPort
+from cluster.config import Settings
+from cluster.trading.courier import Courier
+from cluster.trading.reconciler import Reconciler
+
+RESTART = {"max_restarts": -1, "max_task_retries": 0}
+
+
+def placement_nodes() -> list[str]:
+    """Alive node ids in shard placement order: worker nodes first, then the head."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    head_key = "node:__internal_head__"
+    alive.sort(key=lambda n: (head_key in n.get("Resources", {}), n["NodeID"]))
+    return [n["NodeID"] for n in alive]
+
+
+def start_hosts(settings: Settings, namespace: str, data_dir: str | None,
+                ready_timeout_s: float) -> tuple[Any, dict[str, Any]]:
+    """Start (named, in ``namespace``) the ledger host and every shard host; wait until each
+    answers (recovered). Returns ``(ledger_handle, {shard name: handle})``."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    host = host_class()
+    ledger_spec, shard_specs = host_specs(settings, data_dir)
+    ledger = host.options(name=LEDGER, namespace=namespace, **RESTART).remote(ledger_spec)
+    nodes = placement_nodes()
+    shards: dict[str, Any] = {}
+    for i, (name, spec) in enumerate(shard_specs.items()):
+        strategy = NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True)
+        shards[name] = host.options(name=name, namespace=namespace,
+                                    scheduling_strategy=strategy, **RESTART).remote(spec)
+    ray.get([h.ping.remote() for h in [ledger, *shards.values()]], timeout=ready_timeout_s)
+    return ledger, shards
+
+
+def ray_ports(ledger: Any, shards: Mapping[str, Any],
+              timeout_s: float | None = 30.0) -> tuple[Port, dict[str, Port]]:
+    """RayPorts over host handles."""
+    return (RayPort(LEDGER, ledger, timeout_s),
+            {name: RayPort(name, handle, timeout_s) for name, handle in shards.items()})
+
+
+def reconcile_at_start(ledger: Any, shards: Mapping[str, Any]) -> dict[int, int]:
+    """Before the API serves: the reconciler's start round (see Reconciler.at_start)."""
+    async def run() -> dict[int, int]:
+        ledger_port, shard_ports = ray_ports(ledger, shards)
+        return await Reconciler(ledger_port, shard_ports,
+                                Courier(ledger_port, shard_ports)).at_start()
+
+    return asyncio.run(run())

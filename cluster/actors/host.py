@@ -1,0 +1,100 @@
+"""MachineHost: the one Ray actor class that hosts any state machine (the ledger, a shard).
+
+A host differs from another only by its :class:`HostSpec`: which machine it builds and where it
+keeps its journal. It has no method per operation: ``execute(commands)`` runs a batch through
+its :class:`cluster.durability.runner.Runner` and answers only what is durable. A sync actor:
+its calls run one at a time, which is what a state machine needs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.actor_names import LEDGER
+from cluster.config import Settings
+from cluster.durability.runner import Runner
+from cluster.durability.snapshot import Snapshot
+from cluster.trading.placement import shard_layout
+
+
+@dataclass(frozen=True, slots=True)
+class HostSpec:
+    """A machine to host: ``machine_cls(*args)`` fresh, or ``machine_cls.from_snapshot(*args,
+    arrays, meta)`` from a snapshot; journaled in ``data_dir/name`` when ``data_dir`` is set.
+
+    Only plain values: a restarted actor rebuilds itself from the spec alone.
+    """
+
+    name: str
+    machine_cls: type
+    args: tuple[Any, ...]
+    data_dir: str | None = None
+    store_options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, snapshot: Snapshot | None) -> Any:
+        if snapshot is None:
+            return self.machine_cls(*self.args)
+        return self.machine_cls.from_snapshot(*self.args, snapshot.arrays, snapshot.meta)
+
+    def runner(self, *, exit_on_failure: bool = False) -> Runner[Any]:
+        """The machine with its journal recovered (or in memory without ``data_dir``)."""
+        if self.data_dir is None:
+            return Runner(self.build(None))
+        return Runner.open(os.path.join(self.data_dir, self.name), self.build,
+                           exit_on_failure=exit_on_failure, **self.store_options)
+
+
+class MachineHost:
+    """The actor body (``HOST`` below is its Ray class)."""
+
+    def __init__(self, spec: HostSpec) -> None:
+        self.spec = spec
+        # a failed commit or apply ends the process: Ray restarts it, recovery reads the disk
+        self.runner = spec.runner(exit_on_failure=True)
+
+    def execute(self, commands: list[Any]) -> list[Any]:
+        return self.runner.execute(commands)
+
+    def ping(self) -> bool:
+        return True
+
+    def info(self) -> dict[str, Any]:
+        """Operational facts: pid, recovery time, journal size, commands and batches run."""
+        return {"pid": os.getpid(), "recovery_s": self.runner.recovery_s(),
+                "journal_bytes": self.runner.journal_bytes(),
+                "commands": self.runner.commands, "batches": self.runner.batches}
+
+    def checkpoint(self) -> int:
+        return self.runner.checkpoint()
+
+    def close(self) -> None:
+        """Final snapshot and journal release (a clean stop)."""
+        self.runner.close()
+
+
+def host_class() -> Any:
+    """The Ray actor class of :class:`MachineHost` (imports Ray only when asked)."""
+    import ray
+
+    return ray.remote(MachineHost)
+
+
+def host_specs(settings: Settings, data_dir: str | None = None,
+               store_options: dict[str, Any] | None = None
+               ) -> tuple[HostSpec, dict[str, HostSpec]]:
+    """The ledger's spec and each shard's (by ShardSpec.name) for ``settings``' layout."""
+    from engine.ledger_machine import LedgerMachine
+    from engine.shard_machine import ShardMachine
+
+    options = dict(store_options or {})
+    ledger = HostSpec(LEDGER, LedgerMachine, (settings.signup_balance_micros,), data_dir,
+                      options)
+    shards = {
+        spec.name: HostSpec(spec.name, ShardMachine,
+                            (spec.name, spec.book_tag, settings.assets[spec.asset],
+                             settings.maintenance_margin_ppm, settings.max_price_age_us),
+                            data_dir, options)
+        for spec in shard_layout(settings)}
+    return ledger, shards

@@ -1,0 +1,77 @@
+"""The ledger and every shard in this process: runners behind LocalPorts.
+
+What the unit and e2e tests and the no-Ray benchmark baseline run: the same machines, runners,
+ports, courier and service as the Ray platform, minus Ray. ``data_dir`` makes the runners
+durable (journals under ``data_dir/<name>``), as the actors are under ``shardex up``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from cluster.actors.host import host_specs
+from cluster.actors.port import LocalPort, Port
+from cluster.config import Settings
+from cluster.durability.runner import Runner, wall_clock_us
+from cluster.trading.courier import Courier
+from cluster.trading.placement import Layout
+from cluster.trading.service import TradingService
+from engine.market import Tick
+from engine.shard_machine import ApplyTick
+
+
+class LocalHosts:
+    """Ports over in-process runners; ``clock_us`` is the runners' clock (tests set it)."""
+
+    def __init__(self, settings: Settings, data_dir: str | None = None, *,
+                 clock_us: Callable[[], int] = wall_clock_us, **store_options: Any) -> None:
+        self.settings = settings
+        self.layout = Layout(settings)
+        ledger_spec, shard_specs = host_specs(settings, data_dir, store_options)
+        self.ledger = LocalPort(ledger_spec.name, _runner(ledger_spec.runner(), clock_us))
+        self.shards = {name: LocalPort(name, _runner(spec.runner(), clock_us))
+                       for name, spec in shard_specs.items()}
+        self.courier = Courier(self.ledger, self.shards)
+
+    def service(self, wrap: Callable[[LocalPort], Port] | None = None,
+                **options: Any) -> TradingService:
+        """A TradingService over these ports (``wrap`` may stand in front of each shard)."""
+        shards: dict[str, Port] = dict(self.shards)
+        if wrap is not None:
+            shards = {name: wrap(port) for name, port in self.shards.items()}
+        return TradingService(self.ledger, shards, self.settings, **options)
+
+    async def apply_ticks(self, ticks: Iterable[Tick]) -> int:
+        """Every tick to every shard of its asset, then their settlements to the ledger (what
+        the feed actor does); returns how many positions closed."""
+        closed = 0
+        for name, batch in self._route(ticks).items():
+            counts = await self.shards[name].call_many([ApplyTick(t) for t in batch])
+            closed += sum(c for c in counts if isinstance(c, int))
+            await self.courier.deliver(name)
+        return closed
+
+    def apply_ticks_blocking(self, ticks: Iterable[Tick]) -> int:
+        """``apply_ticks`` from a thread that runs no event loop."""
+        import asyncio
+
+        return asyncio.run(self.apply_ticks(ticks))
+
+    def _route(self, ticks: Iterable[Tick]) -> dict[str, list[Tick]]:
+        routed: dict[str, list[Tick]] = {}
+        for tick in ticks:
+            for spec in self.layout.of_asset(tick.asset):
+                routed.setdefault(spec.name, []).append(tick)
+        return routed
+
+    def close(self) -> None:
+        """Final snapshots (durable runners) and the worker threads."""
+        for port in [self.ledger, *self.shards.values()]:
+            port.runner.close()
+            port.shutdown()
+
+
+def _runner(runner: Runner[Any], clock_us: Callable[[], int]) -> Runner[Any]:
+    runner.clock_us = clock_us
+    return runner

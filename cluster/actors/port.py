@@ -1,0 +1,123 @@
+"""Port: how the service reaches a hosted state machine, in this process or through Ray.
+
+One interface, two implementations, no method per operation:
+
+* ``await port.call(command)`` -> the answer. Concurrent calls are coalesced into one
+  ``execute(commands)`` per event-loop turn (cluster.trading.batcher.MicroBatcher), so N
+  requests cost one actor round trip. A command whose ``decide`` raised answers
+  :class:`CommandFailed`.
+* :class:`LocalPort` runs a :class:`cluster.durability.runner.Runner` on one worker thread
+  (calls run one at a time, like an actor, and numpy work stays off the event loop).
+* :class:`RayPort` wraps a :class:`cluster.actors.host.MachineHost` handle. Every Ray call of
+  the service is here, and Ray's failures become one :class:`Unavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from cluster.durability.runner import Failed, Runner
+from cluster.trading.batcher import MicroBatcher
+
+
+class Unavailable(Exception):
+    """A component (the ledger or a shard) did not answer; the outcome of the call is unknown."""
+
+    def __init__(self, component: str, detail: str = "") -> None:
+        super().__init__(f"{component} is unavailable" + (f": {detail}" if detail else ""))
+        self.component = component
+
+
+class CommandFailed(RuntimeError):
+    """The machine refused to run a command because of a bug (nothing was changed)."""
+
+
+class Port:
+    """Base of both ports: batching and answer checking; ``execute`` is the transport."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.batcher: MicroBatcher[Any, Any] = MicroBatcher(self.execute)
+
+    async def call(self, command: Any) -> Any:
+        """The answer to ``command`` (batched with concurrent calls)."""
+        return _checked(await self.batcher.submit(command))
+
+    async def call_many(self, commands: Sequence[Any]) -> list[Any]:
+        """The answers to ``commands``, sent together in one batch (in order)."""
+        return [_checked(a) for a in await self.execute(list(commands))]
+
+    async def execute(self, commands: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    async def ping(self) -> bool:
+        raise NotImplementedError
+
+
+def _checked(answer: Any) -> Any:
+    if isinstance(answer, Failed):
+        raise CommandFailed(answer.error)
+    return answer
+
+
+class LocalPort(Port):
+    """A runner in this process, on its own worker thread."""
+
+    def __init__(self, name: str, runner: Runner[Any]) -> None:
+        super().__init__(name)
+        self.runner = runner
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def execute(self, commands: list[Any]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.runner.execute, commands)
+
+    def execute_blocking(self, commands: Sequence[Any]) -> list[Any]:
+        """``execute`` from a thread that runs no event loop (tests, fixtures, benchmarks)."""
+        answers = self._executor.submit(self.runner.execute, list(commands)).result()
+        return [_checked(a) for a in answers]
+
+    async def ping(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+class RayPort(Port):
+    """A MachineHost actor; ``timeout_s`` bounds every call (None = wait forever)."""
+
+    def __init__(self, name: str, handle: Any, timeout_s: float | None = 30.0) -> None:
+        super().__init__(name)
+        self.handle = handle
+        self.timeout_s = timeout_s
+
+    async def execute(self, commands: list[Any]) -> list[Any]:
+        result: list[Any] = await remote(self.name, self.handle.execute.remote(commands),
+                                         self.timeout_s)
+        return result
+
+    async def ping(self) -> bool:
+        return bool(await remote(self.name, self.handle.ping.remote(), 5.0))
+
+    async def info(self) -> dict[str, Any]:
+        result: dict[str, Any] = await remote(self.name, self.handle.info.remote(), 5.0)
+        return result
+
+
+async def remote(component: str, ref: Any, timeout_s: float | None) -> Any:
+    """Await an ObjectRef; Ray's actor/system failures become ``Unavailable(component)``."""
+    import ray.exceptions
+
+    try:
+        if timeout_s is None:
+            return await ref
+        return await asyncio.wait_for(ref, timeout_s)
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+            ray.exceptions.ObjectLostError, ray.exceptions.RaySystemError,
+            ray.exceptions.WorkerCrashedError, ray.exceptions.GetTimeoutError,
+            TimeoutError) as exc:
+        raise Unavailable(component, type(exc).__name__) from exc

@@ -1,0 +1,149 @@
+"""Runner: the one host of a state machine (engine.machine), durable or in memory.
+
+``execute(commands)`` is the whole write path of the ledger and of every shard:
+
+1. each command goes through :func:`engine.machine.step` (decide -> encode -> apply), in order,
+   so a command sees the effects of the ones before it in the batch; a command whose events do
+   not fit their layouts was already turned into a rejection there and changed nothing;
+2. the encoded events of the whole batch are appended to the journal and committed once (one
+   record, one fdatasync: group commit) when any of them must be durable;
+3. only then are the answers returned.
+
+Nothing reads the state between 1 and 3 (the runner is driven by one thread at a time), and a
+commit that fails ends the process when the store says so (``exit_on_failure``), so no answer
+and no read ever reflects a change the disk does not hold. An ``apply`` that fails (a bug)
+leaves memory untrustworthy: the runner stops serving (and ends the process under the same
+rule), and recovery rebuilds the state from disk.
+
+Recovery is the same ``apply``: newest valid snapshot, then every journal record after it
+through ``machine.apply_batch``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, NamedTuple, TypeVar
+
+from cluster.durability.snapshot import Snapshot
+from cluster.durability.store import DurabilityError, JournalStore
+from engine.machine import Machine, StateCorrupted, step
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Machine)
+
+Build = Callable[[Snapshot | None], Any]  # restore a machine from a snapshot (None = fresh)
+
+
+class Failed(NamedTuple):
+    """The answer to a command whose ``decide`` raised (a bug, reported, nothing changed)."""
+
+    error: str
+
+
+def wall_clock_us() -> int:
+    """Microseconds since the epoch: the one clock the core's hosts read."""
+    return time.time_ns() // 1000
+
+
+class Runner(Generic[M]):
+    """Steps batches of commands through one machine; journals them when ``store`` is given."""
+
+    def __init__(self, machine: M, store: JournalStore | None = None,
+                 clock_us: Callable[[], int] = wall_clock_us) -> None:
+        self.machine = machine
+        self.store = store
+        self.clock_us = clock_us
+        self._broken: BaseException | None = None
+        self.commands = 0
+        self.batches = 0
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str], build: Build,
+             clock_us: Callable[[], int] = wall_clock_us, **store_options: Any) -> Runner[Any]:
+        """Recover the machine kept in ``directory`` (``build(snapshot)`` + journal replay)."""
+        store = JournalStore(directory, **store_options)
+        restored: list[Machine] = []
+
+        def restore(snapshot: Snapshot | None) -> Machine:
+            restored.append(build(snapshot))
+            return restored[0]
+
+        def decode(payload: bytes) -> list[Any]:  # records are read after restore()
+            return restored[0].decode_record(payload)
+
+        recovered = store.recover(restore, apply=_apply_one, apply_many=_apply_many,
+                                  decode=decode)
+        return cls(recovered.state, store, clock_us)
+
+    # ----------------------------------------------------------------- the write path
+    def execute(self, commands: Sequence[Any]) -> list[Any]:
+        """One answer per command, in order; returned only once their events are durable."""
+        if self._broken is not None:
+            raise DurabilityError("the state failed earlier and must be recovered") \
+                from self._broken
+        now_us = self.clock_us()
+        answers: list[Any] = []
+        encoded: list[bytes] = []
+        urgent = False
+        for command in commands:
+            try:
+                stepped = step(self.machine, command, now_us)
+            except StateCorrupted as exc:
+                self._break(exc)
+                raise
+            except Exception as exc:  # a bug in decide: this command fails, nothing changed
+                log.exception("command %s failed", type(command).__name__)
+                answers.append(Failed(f"{type(exc).__name__}: {exc}"))
+                continue
+            answers.append(stepped.answer)
+            if stepped.encoded:
+                encoded.extend(stepped.encoded)
+                urgent = urgent or stepped.urgent
+        self.commands += len(commands)
+        self.batches += 1
+        store = self.store
+        if store is not None:
+            if encoded:
+                store.append_encoded(encoded)
+            if urgent:
+                store.commit()
+                store.maybe_checkpoint(self.machine.snapshot)
+        return answers
+
+    def _break(self, exc: BaseException) -> None:
+        self._broken = exc
+        log.critical("state machine failed while applying an event: %s", exc)
+        if self.store is not None and self.store.exit_on_failure:
+            logging.shutdown()
+            os._exit(70)
+
+    # ----------------------------------------------------------------- lifetime
+    def checkpoint(self) -> int:
+        """Snapshot now (waits for the file); returns the journal seq it covers (0 in memory)."""
+        if self.store is None:
+            return 0
+        return self.store.checkpoint(self.machine.snapshot, wait=True)
+
+    def journal_bytes(self) -> int:
+        return 0 if self.store is None else self.store.disk_bytes()
+
+    def recovery_s(self) -> float:
+        return 0.0 if self.store is None else self.store.recovery_s
+
+    def close(self) -> None:
+        """Clean stop: a final snapshot (fast restart), release the journal."""
+        if self.store is not None:
+            self.store.close(self.machine.snapshot if self._broken is None else None)
+
+
+def _apply_one(machine: Machine, event: Any) -> None:
+    machine.apply_batch([event])
+
+
+def _apply_many(machine: Machine, items: list[Any]) -> None:
+    machine.apply_batch(items)
+

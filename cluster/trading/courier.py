@@ -1,0 +1,69 @@
+"""Courier: the one way a shard's settlements reach the ledger.
+
+A shard journals every close with its settlement number (1, 2, 3, ... per shard) and keeps it
+in its outbox until the ledger acknowledges it; the ledger applies number ``last + 1`` and
+ignores resends, so delivery is exactly once however often it is repeated. One delivery is:
+
+1. ``Outbox()`` from the shard: its unacknowledged settlements and its last number;
+2. ``ApplySettlements`` to the ledger (with the clientOrderId answers to store with them);
+3. ``AckOutbox(applied)`` to the shard, after ``ResumeSeq(applied)`` if the shard's numbering
+   is behind what the ledger applied (an in-memory shard that restarted empty).
+
+Deliveries to one shard are coalesced: at most one runs at a time, and every caller that asks
+while one runs is served by the next one (which reads the outbox anew), so a close waiting for
+its settlement never waits for more than two round trips of deliveries.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+from cluster.actors.port import Port
+from cluster.trading.batcher import MicroBatcher
+from engine.ledger_machine import ApplySettlements
+from engine.messages import IdemKey
+from engine.results import Rejected
+from engine.shard_machine import AckOutbox, Outbox, ResumeSeq
+
+Answer = tuple[IdemKey, object]
+
+
+class SettlementRefused(RuntimeError):
+    """The ledger refused a shard's settlements (a broken invariant: reported, not retried)."""
+
+
+class Courier:
+    """Delivers the outboxes of ``shards`` (Ports by shard name) to ``ledger``."""
+
+    def __init__(self, ledger: Port, shards: Mapping[str, Port]) -> None:
+        self.ledger = ledger
+        self.shards = dict(shards)
+        self._runs: dict[str, MicroBatcher[Answer | None, int]] = {
+            name: MicroBatcher(functools.partial(self._deliver, name), max_in_flight=1)
+            for name in self.shards}
+        self.delivered = 0
+
+    async def deliver(self, shard_name: str, answer: Answer | None = None) -> int:
+        """Deliver ``shard_name``'s outbox (storing ``answer`` with it); returns the last
+        settlement number the ledger has applied for that shard."""
+        return await self._runs[shard_name].submit(answer)
+
+    async def _deliver(self, shard_name: str, answers: list[Answer | None]) -> list[int]:
+        shard = self.shards[shard_name]
+        items, last_seq = await shard.call(Outbox())
+        stored = tuple(a for a in answers if a is not None)
+        applied = await self.ledger.call(ApplySettlements(shard_name, tuple(items), stored))
+        if isinstance(applied, Rejected):
+            raise SettlementRefused(f"{shard_name}: {applied.message}")
+        if last_seq < applied:
+            await shard.call(ResumeSeq(applied))
+        if items:
+            await shard.call(AckOutbox(applied))
+            self.delivered += len(items)
+        return [applied] * len(answers)
+
+    def pending(self) -> dict[str, Any]:
+        """Per shard: (delivery batches, callers served) — for /metrics."""
+        return {name: (run.batches, run.items) for name, run in self._runs.items()}

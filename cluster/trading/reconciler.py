@@ -1,0 +1,211 @@
+"""Reconciler: the one owner of requests whose outcome is unknown.
+
+Three kinds of loose ends, each settled by asking the state machines, never by guessing:
+
+* **a lock whose open never went out** (the lock's answer was lost, the open was refused and
+  its release failed, or the request was cut off after the lock): ``AbandonLock(request_id)``
+  makes the ledger release that lock if it still holds it under that id, once;
+* **a request sent to a shard whose answer never came** (an open or a close): ``Resolve`` on
+  that shard returns its first result, or fences the request id so it can never run any more;
+  an open that happened keeps its lock and its clientOrderId gets the position, one that did not
+  has its lock abandoned; a close that happened is settled through the courier with its answer,
+  one that did not drops its clientOrderId reservation so a retry runs again;
+* **reservations left pending in the ledger** by an API process that died: every shard resolves
+  (and fences) their request ids, and ``SettleRequests`` stores what happened or drops them.
+
+At a platform start, before the API serves, :meth:`at_start` does the last kind for every
+pending reservation and releases any margin no open position backs (``ReconcileAtStart``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from cluster.actors.port import Port, Unavailable
+from cluster.trading.courier import Courier
+from engine.ledger_machine import (
+    AbandonLock,
+    Forget,
+    PendingRequests,
+    ReconcileAtStart,
+    Remember,
+    SettleRequests,
+)
+from engine.messages import ClosedPosition, IdemKey, OpenPosition, SettlementItem
+from engine.results import Code, Rejected
+from engine.shard_machine import AuditView, Resolve
+
+log = logging.getLogger(__name__)
+
+STALE_PENDING_S = 30.0  # a reservation pending this long belongs to a request nobody runs
+TRANSIENT_CODES = frozenset({Code.PRICE_UNAVAILABLE})
+
+
+class InDoubt(NamedTuple):
+    """A request sent to ``shard`` whose answer never came."""
+
+    shard: str
+    request_id: int
+    kind: str  # "open" / "close"
+    key: IdemKey | None
+
+
+class Reconciler:
+    """Settles the loose ends of one service (see the module docstring)."""
+
+    def __init__(self, ledger: Port, shards: Mapping[str, Port], courier: Courier,
+                 counters: collections.Counter[str] | None = None) -> None:
+        self.ledger = ledger
+        self.shards = dict(shards)
+        self.courier = courier
+        self.counters = counters if counters is not None else collections.Counter()
+        self._abandoned: list[int] = []
+        self._in_doubt: list[InDoubt] = []
+        self._lock = asyncio.Lock()  # two rounds must never settle the same request
+        self._task: asyncio.Task[None] | None = None
+
+    # ----------------------------------------------------------------- queueing
+    def abandon(self, request_id: int) -> None:
+        """The lock of ``request_id`` backs no request any more: release it if it exists."""
+        self._abandoned.append(request_id)
+        self.counters["locks_abandoned"] += 1
+        self._schedule()
+
+    def in_doubt(self, doubt: InDoubt) -> None:
+        """``doubt.request_id`` went to a shard and its outcome is unknown."""
+        self._in_doubt.append(doubt)
+        self.counters[f"{doubt.kind}s_in_doubt"] += 1
+        self._schedule()
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._abandoned) + len(self._in_doubt)
+
+    def _schedule(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self, interval_s: float = 0.2, max_interval_s: float = 10.0) -> None:
+        while await self.run_once() > 0:
+            await asyncio.sleep(interval_s)
+            interval_s = min(max_interval_s, interval_s * 2)  # back off while a part is down
+
+    async def aclose(self) -> None:
+        """Stop the background rounds (what is queued stays queued)."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # ----------------------------------------------------------------- rounds
+    async def run_once(self) -> int:
+        """One round over everything queued; returns how many remain (a part still down)."""
+        async with self._lock:
+            await self._resolve_in_doubt()
+            await self._abandon_locks()
+            return self.outstanding
+
+    async def _abandon_locks(self) -> None:
+        batch = list(dict.fromkeys(self._abandoned))
+        if not batch:
+            return
+        try:
+            await asyncio.gather(*(self.ledger.call(AbandonLock(r)) for r in batch))
+        except Unavailable:
+            return
+        self.counters["locks_released_abandoned"] += len(batch)
+        done = set(batch)
+        self._abandoned = [r for r in self._abandoned if r not in done]
+
+    async def _resolve_in_doubt(self) -> None:
+        batch, self._in_doubt = self._in_doubt, []
+        for doubt in batch:
+            try:
+                await self._resolve_one(doubt)
+            except Unavailable:
+                self._in_doubt.append(doubt)
+
+    async def _resolve_one(self, doubt: InDoubt) -> None:
+        result = await self.shards[doubt.shard].call(Resolve(doubt.request_id))
+        key = doubt.key
+        if doubt.kind == "open":
+            if isinstance(result, OpenPosition):
+                if key is not None:
+                    await self.ledger.call(Remember(key, result))
+            else:  # refused or never arrived (now fenced): its lock backs nothing
+                self._abandoned.append(doubt.request_id)
+            return
+        if isinstance(result, SettlementItem):
+            await self.courier.deliver(doubt.shard, None if key is None else (key, result.closed))
+        elif key is not None:
+            if isinstance(result, Rejected) and result.code not in TRANSIENT_CODES:
+                await self.ledger.call(Remember(key, result))
+            else:
+                await self.ledger.call(Forget(key))
+
+    # ----------------------------------------------------------------- pending reservations
+    async def settle_pending(self, older_than_s: float = STALE_PENDING_S) -> int:
+        """Resolve the ledger's reservations pending for ``older_than_s`` against every shard
+        (which fences them) and store what happened; returns how many were settled."""
+        request_ids = await self.ledger.call(PendingRequests(int(older_than_s * 1_000_000)))
+        if not request_ids:
+            return 0
+        opened, absent = await self._resolve_everywhere(request_ids)
+        settled: int = await self.ledger.call(SettleRequests(opened, absent))
+        self.counters["pending_settled"] += settled
+        return settled
+
+    async def watch_pending(self, interval_s: float = 10.0) -> None:
+        """Forever: settle the reservations pending longer than STALE_PENDING_S (a part that
+        does not answer makes a round skip them: where they are is unknown)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.settle_pending()
+            except Unavailable:
+                continue
+            except Exception:  # reported; the next round tries again
+                log.exception("settling pending reservations failed")
+
+    async def _resolve_everywhere(self, request_ids: list[int]
+                                  ) -> tuple[dict[int, OpenPosition | ClosedPosition],
+                                             tuple[int, ...]]:
+        """Ask every shard about each request id (fencing it where it never arrived)."""
+        names = list(self.shards)
+        answers = await asyncio.gather(*(
+            self.shards[n].call_many([Resolve(r) for r in request_ids]) for n in names))
+        opened: dict[int, OpenPosition | ClosedPosition] = {}
+        for per_shard in answers:
+            for request_id, result in zip(request_ids, per_shard, strict=True):
+                if isinstance(result, OpenPosition):
+                    opened[request_id] = result
+                elif isinstance(result, SettlementItem):
+                    opened[request_id] = result.closed
+        absent = tuple(r for r in request_ids if r not in opened)
+        return opened, absent
+
+    async def at_start(self) -> dict[int, int]:
+        """Before the API serves: settle every pending reservation and release the margin no
+        open position (or unsettled close) backs. Returns ``{user: released_micros}``."""
+        for name in self.shards:  # what the shards closed while the ledger was away
+            await self.courier.deliver(name)
+        request_ids = await self.ledger.call(PendingRequests(0))
+        opened, _ = await self._resolve_everywhere(list(request_ids))
+        views = await asyncio.gather(*(p.call(AuditView()) for p in self.shards.values()))
+        margins: dict[int, int] = {}
+        unsettled = {}
+        for name, (shard_margins, outbox) in zip(self.shards, views, strict=True):
+            for user, micros in shard_margins.items():
+                margins[user] = margins.get(user, 0) + int(micros)
+            unsettled[name] = tuple(outbox)
+        released: dict[int, int] = await self.ledger.call(
+            ReconcileAtStart(margins, unsettled, opened))
+        if released:
+            log.warning("released margin no open position backs: %s", released)
+        return released
