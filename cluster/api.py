@@ -35,6 +35,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictInt, StrictStr, WithJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.actors.port import Unavailable
 from cluster.config import Settings
 from cluster.http.decimals import (
     EXACT_DECIMAL,
@@ -53,8 +54,7 @@ from cluster.http.errors import (
 )
 from cluster.http.json_body import ExactJsonRoute, parse_json
 from cluster.http.limits import BodySizeLimit, TokenBuckets, retry_after_s
-from cluster.ports import Unavailable
-from cluster.service import TradingService
+from cluster.trading.service import TradingService
 from engine.amounts import MONEY_DECIMALS, micros_to_money
 from engine.assets import DEFAULT_ASSETS, Asset, AssetRegistry
 from engine.market import Tick
@@ -469,6 +469,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
 
     # ------------------------------------------------------------------ accounts
     @app.post("/api/v1/accounts", status_code=201, tags=["accounts"],
+              operation_id="createAccount",
               responses={201: {"model": AccountOut}, **_errors(*_BODY_ERRORS, 429, 503)},
               openapi_extra={"requestBody": {"required": False, "content": {
                   "application/json": {"schema": {"type": "object"}}}}})
@@ -485,7 +486,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         return _json({"accountId": account.account_id, "apiKey": account.api_key,
                       "balance": micros_to_money(account.balance_micros)}, 201)
 
-    @app.get("/api/v1/state", tags=["accounts"],
+    @app.get("/api/v1/state", tags=["accounts"], operation_id="getState",
              responses={200: {"model": StateOut}, **_errors(*_AUTH_ERRORS, 503)})
     async def get_state(who: Caller) -> Response:
         """Balances (free, margin, equity = free + margin + unrealized PnL) and open positions.
@@ -506,7 +507,11 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
 
     # ------------------------------------------------------------------ positions
     @app.post("/api/v1/positions/open", status_code=201, tags=["positions"],
-              responses={201: {"model": PositionOut},
+              operation_id="openPosition",
+              responses={201: {"model": PositionOut, "links": {"ClosePosition": {
+                  "operationId": "closePosition",
+                  "requestBody": {"positionId": "$response.body#/positionId"},
+                  "description": "close the position just opened"}}},
                          **_errors(*_BODY_ERRORS, *_AUTH_ERRORS, 409, 503)})
     async def open_position(body: OpenBody, who: Caller) -> Response:
         """Open a long (at the ask) or a short (at the bid) with an isolated margin."""
@@ -528,8 +533,11 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
             return rejected_response(result)
         return _json(position_json(result, asset), 201)
 
-    @app.post("/api/v1/positions/close", tags=["positions"],
-              responses={200: {"model": ClosedPositionOut},
+    @app.post("/api/v1/positions/close", tags=["positions"], operation_id="closePosition",
+              responses={200: {"model": ClosedPositionOut, "links": {"HistoryBefore": {
+                  "operationId": "positionHistory",
+                  "parameters": {"before": "$response.body#/positionId"},
+                  "description": "the closed positions older than this one"}}},
                          **_errors(*_BODY_ERRORS, *_AUTH_ERRORS, 404, 409, 503)})
     async def close_position(body: CloseBody, who: Caller) -> Response:
         """Close one of your positions at the current bid (long) or ask (short)."""
@@ -544,7 +552,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
             return rejected_response(result)
         return _json(position_json(result, asset))
 
-    @app.get("/api/v1/positions/history", tags=["positions"],
+    @app.get("/api/v1/positions/history", tags=["positions"], operation_id="positionHistory",
              responses={200: {"model": HistoryOut}, **_errors(*_AUTH_ERRORS, 422, 503)})
     async def history(who: Caller,
                       limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -569,12 +577,13 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
          "quantityStep": a.qty_step, "maxLeverage": a.max_leverage} for a in assets.assets]},
         separators=(",", ":")).encode()
 
-    @app.get("/api/v1/assets", tags=["market"], responses={200: {"model": AssetsOut}})
+    @app.get("/api/v1/assets", tags=["market"], operation_id="getAssets",
+             responses={200: {"model": AssetsOut}})
     async def get_assets() -> Response:
         """The tradable assets, their steps and leverage limits."""
         return Response(assets_body, media_type="application/json")
 
-    @app.get("/api/v1/prices", tags=["market"],
+    @app.get("/api/v1/prices", tags=["market"], operation_id="getPrices",
              responses={200: {"model": PricesOut}, **_errors(503)})
     async def get_prices() -> Response:
         """The newest bid/ask of each asset that has one."""
@@ -585,7 +594,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
                       for name, t in ticks.items()})
 
     # ------------------------------------------------------------------ operations
-    @app.get("/healthz", tags=["operations"],
+    @app.get("/healthz", tags=["operations"], operation_id="health",
              responses={200: {"model": HealthOut}, 503: {"model": HealthOut}})
     async def healthz() -> Response:
         """200 when the ledger, every shard and the extra checks answer; 503 names the failures."""
@@ -602,7 +611,8 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
 
     http_counts: dict[tuple[str, str, int], int] = {}
 
-    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
+    @app.get("/metrics", tags=["operations"], operation_id="metrics",
+             response_class=PlainTextResponse)
     async def metrics() -> Response:
         """Prometheus text exposition."""
         lines = ["# TYPE shardex_http_responses_total counter"]

@@ -12,7 +12,7 @@ What happens to the records it reads (decoding, bounds, conflation, the order an
 the per-shard fan-out, drop counting) is ``feed.pipeline.TickPipeline``, free of Ray and
 Kafka; this module owns the Kafka consumer and the Ray calls.
 
-Every shard receives ``shard.apply_ticks.remote(ticks: list[engine.market.Tick])``: one call
+Every shard host receives one ``execute`` call of ``ApplyTick`` commands (engine.shard_machine)
 carrying the newest tick of each of its assets; at most ``max_in_flight_per_shard`` calls are
 outstanding per shard, and while they are, newer ticks replace older pending ones (so a slow
 shard costs bounded memory and only superseded ticks are ever skipped). A shard that is missing
@@ -55,9 +55,13 @@ import ray
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from cluster.actor_names import LEDGER
+from cluster.actors.port import RayPort
 from cluster.config import CONSUMER_GROUP, MARKET_TOPIC, Settings
+from cluster.trading.courier import Courier
 from cluster.trading.placement import Layout
 from engine.market import Tick
+from engine.shard_machine import ApplyTick
 from feed.broker import ensure_topic
 from feed.pipeline import TickPipeline
 
@@ -72,7 +76,9 @@ class FeedActorCore:
     """The Kafka consumer and the shard calls around a :class:`feed.pipeline.TickPipeline`, on
     an asyncio loop; :class:`FeedActor` is its Ray shell.
 
-    Its only Ray calls are the shard lookup (``_lookup``) and the shard call (``_call``).
+    Its only Ray calls are the shard lookup (``_lookup``) and the shard call (``_call``); a
+    call whose ticks closed positions hands that shard's settlements to the ledger through the
+    courier (cluster.trading.courier), retried every ``lookup_retry_s`` while it fails.
     """
 
     def __init__(self, settings: Settings, bootstrap: str | None = None, *,
@@ -104,6 +110,11 @@ class FeedActorCore:
         self.consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[None]] = set()
+        self._courier: Courier | None = None
+        self._undelivered: set[str] = set()
+        self._retry: asyncio.Task[None] | None = None
+        self.ticks_refused = 0  # ticks a shard refused (out of its bounds): dropped, counted
+        self.deliveries_failed = 0
         self._assigned = asyncio.Event()
         self._stopping = False
         self._next_offset: dict[TopicPartition, int] = {}
@@ -303,8 +314,11 @@ class FeedActorCore:
     async def _call(self, name: str, ticks: list[Tick]) -> None:
         ok = False
         try:
-            await self.handles[name].apply_ticks.remote(ticks)
+            answers = await self.handles[name].execute.remote([ApplyTick(t) for t in ticks])
             ok = True
+            self.ticks_refused += sum(1 for a in answers if not isinstance(a, int))
+            if any(isinstance(a, int) and a > 0 for a in answers) or name in self._undelivered:
+                await self._settle(name)
         except Exception as exc:  # a dead or failing shard: look it up again later
             self.last_error = f"shard {name}: {type(exc).__name__}: {exc}"
             log.warning("feed actor: %s", self.last_error)
@@ -314,6 +328,31 @@ class FeedActorCore:
         finally:
             self.pipeline.done(name, ticks, ok)
         self._pump()
+
+    async def _settle(self, name: str) -> None:
+        """Deliver shard ``name``'s settlements to the ledger; on failure retry later."""
+        try:
+            courier = self._courier
+            if courier is None:
+                ledger = ray.get_actor(LEDGER, namespace=self.namespace)
+                courier = self._courier = Courier(RayPort(LEDGER, ledger), {})
+            if name not in courier.shards:
+                courier.shards[name] = RayPort(name, self.handles[name])
+            await courier.deliver(name)
+            self._undelivered.discard(name)
+        except Exception as exc:  # the ledger is down or recovering: the outbox waits
+            self.deliveries_failed += 1
+            self.last_error = f"settlements of {name}: {type(exc).__name__}: {exc}"
+            self._undelivered.add(name)
+            if self._retry is None or self._retry.done():
+                self._retry = asyncio.get_running_loop().create_task(self._retry_settle())
+
+    async def _retry_settle(self) -> None:
+        while self._undelivered and not self._stopping:
+            await asyncio.sleep(self.lookup_retry_s)
+            for name in list(self._undelivered):
+                if name in self.handles:
+                    await self._settle(name)
 
     def use_shard_handles(self, handles: Mapping[str, Any]) -> None:
         """Call these handles from now on; never look shards up by name again."""
@@ -352,6 +391,9 @@ class FeedActorCore:
             "topic_recreations": self.topic_recreations,
             "assignments": self.assignments,
             "repositions": self.repositions,
+            "ticks_refused_by_shards": self.ticks_refused,
+            "settlement_deliveries_failed": self.deliveries_failed,
+            "shards_with_undelivered_settlements": sorted(self._undelivered),
             "pid": os.getpid(),
             "last_error": self.last_error,
             "first_record_s": self.first_record_s,

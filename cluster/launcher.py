@@ -1,17 +1,17 @@
 """``shardex up | engine | status | audit``: the platform as a running Ray cluster.
 
 ``up`` starts (or joins, ``RAY_ADDRESS``) Ray, the embedded broker (unless ``KAFKA_BROKERS``),
-the ledger actor, one shard actor per ``cluster.trading.placement.shard_layout`` spread over the
-cluster's nodes, the feed actor (Kafka -> shards), the feed source (unless ``engine``), and the
-Serve API on ``PORT``; prints one banner and runs in the foreground. Ctrl-C / SIGTERM stops, in
-reverse order, exactly what it started. ``Platform`` is the same thing as an object, for tests
-and benchmarks.
+the ledger host, one shard host per ``cluster.trading.placement.shard_layout`` spread over the
+cluster's nodes (cluster.actors.deploy), the feed actor (Kafka -> shards), the feed source
+(unless ``engine``), and the Serve API on ``PORT``; prints one banner and runs in the
+foreground. Ctrl-C / SIGTERM stops, in reverse order, exactly what it started. ``Platform``
+is the same thing as an object, for tests and benchmarks.
 
 Actors are named (``cluster.actor_names``) in the ``shardex`` namespace and owned by the ``up``
 process (not detached): ``status`` and ``audit`` find them by name while it runs, and a killed
-``up`` takes them with it. ``up`` runs ``cluster.durable_platform.DurablePlatform`` (journaled
-ledger and shards in DATA_DIR, restarted by Ray); ``audit --offline`` recovers that state from
-DATA_DIR without Ray.
+``up`` takes them with it. ``up`` runs the durable platform (journaled ledger and shards in
+DATA_DIR, restarted by Ray, reconciled before the API serves); ``audit --offline`` recovers
+that state from DATA_DIR without Ray.
 """
 
 from __future__ import annotations
@@ -34,15 +34,16 @@ from typing import Any, Literal
 from cluster.actor_names import FEED, LEDGER, NAMESPACE
 from cluster.config import MARKET_TOPIC, ConfigError, Settings
 from cluster.trading.placement import ShardSpec, shard_layout
+from engine.shard_machine import Stats
 
 log = logging.getLogger(__name__)
 
+FEED_RESTART = {"max_restarts": -1, "max_task_retries": -1}  # its calls are safe to repeat
 READY_TIMEOUT_S = 120.0  # actors and the API must be up within this
 ADDRESS_FILE = "ray-address.json"  # in DATA_DIR while a local `up` runs
 BROKER_RECORD = "embedded-broker.json"  # in DATA_DIR while `up` runs the embedded broker
 ATTACH_CHECK_TIMEOUT_S = 2.0  # status/audit: how long a recorded Ray may take to answer TCP
 CRASHED_RUN_WAIT_S = 15.0  # how long a start waits for a killed run's workers to exit
-
 
 
 class LaunchError(RuntimeError):
@@ -80,6 +81,10 @@ class Platform:
     topic: str = MARKET_TOPIC
     direct_ingress: bool = True  # False: Serve's proxy on the port (measured ~4.8x slower)
     broker_port: int | None = None  # the embedded broker's port; None = config's default
+    # journaled hosts in DATA_DIR that Ray restarts (what `up` runs); False: memory only
+    durable: bool = False
+    supervise_interval_s: float = 1.0
+    released_at_start: dict[int, int] = field(default_factory=dict)
 
     url: str = ""
     layout: tuple[ShardSpec, ...] = ()
@@ -94,6 +99,8 @@ class Platform:
     _feed_loop: asyncio.AbstractEventLoop | None = None
     _feed_stop: asyncio.Event | None = None
     _feed_result: dict[str, Any] = field(default_factory=dict)
+    _supervisor: threading.Thread | None = None
+    _supervising: threading.Event = field(default_factory=threading.Event)
 
     # ------------------------------------------------------------------ start
     def start(self) -> Platform:
@@ -250,33 +257,47 @@ class Platform:
 
     def _start_actors(self) -> None:
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        from cluster.actors.deploy import reconcile_at_start, start_hosts
         from cluster.feed_actor import FeedActor
-        from cluster.ledger_actor import LedgerActor
-        from cluster.shard_actor import ShardActor
 
         settings = self.settings
-        self.ledger = LedgerActor.options(  # type: ignore[attr-defined]
-            name=LEDGER, namespace=self.namespace).remote(settings.signup_balance_micros)
-        ray.get(self.ledger.ping.remote(), timeout=READY_TIMEOUT_S)
-        nodes = placement_nodes()
-        for i, spec in enumerate(self.layout):
-            # Round-robin over the nodes, workers first: the sweep work of a multi-node cluster
-            # is spread and the head (Serve, feed, ledger) gets a shard last. Soft affinity: a
-            # node that is gone does not stop a restart elsewhere.
-            strategy = NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True)
-            self.shards[spec.name] = ShardActor.options(  # type: ignore[attr-defined]
-                name=spec.name, namespace=self.namespace, scheduling_strategy=strategy,
-            ).remote(spec, settings.assets[spec.asset], settings.maintenance_margin_ppm,
-                     settings.max_price_age_us, self.ledger)
-        ray.get([h.stats.remote() for h in self.shards.values()], timeout=READY_TIMEOUT_S)
+        data_dir = str(settings.data_dir.resolve()) if self.durable else None
+        self.ledger, self.shards = start_hosts(settings, self.namespace, data_dir,
+                                               READY_TIMEOUT_S)
+        if self.durable:
+            # before the API serves: settle what requests cut off by a crash left half done
+            self.released_at_start = reconcile_at_start(self.ledger, self.shards)
+        restart = FEED_RESTART if self.durable else {}
         self.feed = FeedActor.options(
-            name=FEED, namespace=self.namespace).remote(
+            name=FEED, namespace=self.namespace, **restart).remote(
             settings, self.bootstrap, namespace=self.namespace, topic=self.topic)
         if not ray.get(self.feed.start.remote(), timeout=READY_TIMEOUT_S):
             raise LaunchError(f"the feed actor could not consume {self.topic} on "
                               f"{self.bootstrap}")
+        self._supervising.clear()
+        self._supervisor = threading.Thread(target=self._supervise, name="feed-supervisor",
+                                            daemon=True)
+        self._supervisor.start()
+
+    def _supervise(self) -> None:
+        """Ping the feed actor every ``supervise_interval_s``: a restarted feed actor resumes
+        consuming on its first call, so the shards get prices again within about a second."""
+        import ray
+
+        pending: Any = None
+        while not self._supervising.wait(self.supervise_interval_s):
+            feed = self.feed
+            if feed is None:
+                continue
+            if pending is not None:
+                ready, _ = ray.wait([pending], timeout=0)
+                if not ready:
+                    continue
+                with contextlib.suppress(Exception):
+                    ray.get(pending)
+            with contextlib.suppress(Exception):
+                pending = feed.stats.remote()
 
     def _start_feed_thread(self, source: Any) -> None:
         from feed.source import run_source
@@ -315,6 +336,10 @@ class Platform:
 
     def stop(self) -> None:
         """Stop what ``start`` started, newest first; safe to call twice or after a failure."""
+        self._supervising.set()
+        if self._supervisor is not None:
+            self._supervisor.join(5.0)
+            self._supervisor = None
         self.stop_feed_source()
         import ray
 
@@ -376,16 +401,6 @@ class Platform:
         return "\n".join(lines)
 
 
-def placement_nodes() -> list[str]:
-    """Alive node ids in shard placement order: worker nodes first, then the head."""
-    import ray
-
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    head_key = "node:__internal_head__"
-    alive.sort(key=lambda n: (head_key in n.get("Resources", {}), n["NodeID"]))
-    return [n["NodeID"] for n in alive]
-
-
 def _actor_node(handle: Any) -> str:
     """The node id an actor runs on, from the GCS (no dashboard needed)."""
     import ray
@@ -411,11 +426,9 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
         stopping.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    # the platform users run keeps its state in DATA_DIR (journaled actors Ray restarts)
-    from cluster.durable_platform import DurablePlatform
-
-    platform = DurablePlatform(settings, with_feed=with_feed, host=settings.host,
-                               broker_port=broker_port)
+    # the platform users run keeps its state in DATA_DIR (journaled hosts Ray restarts)
+    platform = Platform(settings, with_feed=with_feed, host=settings.host,
+                        broker_port=broker_port, durable=True)
     try:
         try:
             platform.start()
@@ -567,7 +580,7 @@ def service_for(settings: Settings, namespace: str = NAMESPACE) -> Any:
     """A TradingService over the running platform's named actors (for audit and tests)."""
     from cluster.ray_service import service_from_names
 
-    return service_from_names(settings, namespace=namespace, ledger_name=LEDGER)
+    return service_from_names(settings, namespace=namespace)
 
 
 def status(settings: Settings) -> int:
@@ -614,7 +627,7 @@ def status(settings: Settings) -> int:
         for spec in shard_layout(settings):
             try:
                 handle = ray.get_actor(spec.name, namespace=NAMESPACE)
-                stats: Any = ray.get(handle.stats.remote(), timeout=10)
+                stats: Any = ray.get(handle.execute.remote([Stats()]), timeout=10)[0]
             except (ValueError, ray.exceptions.RayError) as exc:
                 print(f"  {spec.name:<16} not available ({type(exc).__name__})")
                 code = 1
@@ -672,36 +685,21 @@ def audit(settings: Settings, as_json: bool, offline: bool) -> int:
 def _audit_offline(settings: Settings, as_json: bool) -> int:
     """The audit over the state recovered from DATA_DIR (the platform must be stopped)."""
     from cluster.actor_names import LEDGER as LEDGER_DIR
-    from cluster.ledger_store import DurableLedger
-    from cluster.shard_core import merge_margins
-    from cluster.shard_store import DurableShard
+    from cluster.actors.local import LocalHosts
 
     root = settings.data_dir
     if not (root / LEDGER_DIR).is_dir():
         print(f"shardex audit --offline: no recorded state in {root}", file=sys.stderr)
         return 2
-    opened: list[Any] = []
     try:
-        try:
-            views = {}
-            for spec in shard_layout(settings):
-                shard = DurableShard(spec, settings.assets[spec.asset],
-                                     settings.maintenance_margin_ppm, settings.max_price_age_us,
-                                     root / spec.name)
-                opened.append(shard)
-                views[spec.name] = shard.audit_view()
-            ledger = DurableLedger(settings.signup_balance_micros, root / LEDGER_DIR)
-            opened.append(ledger)
-        except Exception as exc:  # a held lock (platform running) or an unreadable store
-            print(f"shardex audit --offline: cannot recover {root}: {exc}", file=sys.stderr)
-            return 2
-        problems = ledger.audit(merge_margins(m for m, _ in views.values()),
-                                {name: outbox for name, (_, outbox) in views.items()})
-        totals = ledger.totals()
+        hosts = LocalHosts(settings, str(root))
+    except Exception as exc:  # a held lock (platform running) or an unreadable store
+        print(f"shardex audit --offline: cannot recover {root}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        problems, totals = asyncio.run(hosts.service().audit(attempts=1))
     finally:
-        for store in opened:
-            with contextlib.suppress(Exception):
-                store.close()
+        hosts.close()
     if as_json:
         print(json.dumps({"ok": not problems, "differences": problems, "totals": totals,
                           "source": str(root)}, default=str))

@@ -32,7 +32,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from cluster.actor_names import API_DEPLOYMENT, FEED, LEDGER, NAMESPACE, SERVE_APP
+from cluster.actor_names import API_DEPLOYMENT, FEED, NAMESPACE, SERVE_APP
 from cluster.api import create_app
 from cluster.config import Settings
 from cluster.ray_service import service_from_names
@@ -89,7 +89,7 @@ class ApiIngress:
         self.bootstrap = bootstrap
         self.namespace = namespace
         self.service = service_from_names(
-            settings, namespace=namespace, ledger_name=LEDGER,
+            settings, namespace=namespace,
             health_checks={"feed": self._feed_ok, "broker": self._broker_ok})
 
     async def _feed_ok(self) -> bool:

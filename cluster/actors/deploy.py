@@ -36,19 +36,21 @@ def placement_nodes() -> list[str]:
 def start_hosts(settings: Settings, namespace: str, data_dir: str | None,
                 ready_timeout_s: float) -> tuple[Any, dict[str, Any]]:
     """Start (named, in ``namespace``) the ledger host and every shard host; wait until each
-    answers (recovered). Returns ``(ledger_handle, {shard name: handle})``."""
+    answers (recovered). Without ``data_dir`` the state lives in memory and a host is not
+    restarted (it would come back empty). Returns ``(ledger_handle, {shard name: handle})``."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     host = host_class()
     ledger_spec, shard_specs = host_specs(settings, data_dir)
-    ledger = host.options(name=LEDGER, namespace=namespace, **RESTART).remote(ledger_spec)
+    restart = RESTART if data_dir is not None else {}
+    ledger = host.options(name=LEDGER, namespace=namespace, **restart).remote(ledger_spec)
     nodes = placement_nodes()
     shards: dict[str, Any] = {}
     for i, (name, spec) in enumerate(shard_specs.items()):
         strategy = NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True)
         shards[name] = host.options(name=name, namespace=namespace,
-                                    scheduling_strategy=strategy, **RESTART).remote(spec)
+                                    scheduling_strategy=strategy, **restart).remote(spec)
     ray.get([h.ping.remote() for h in [ledger, *shards.values()]], timeout=ready_timeout_s)
     return ledger, shards
 

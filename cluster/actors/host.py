@@ -34,9 +34,10 @@ class HostSpec:
     store_options: dict[str, Any] = field(default_factory=dict)
 
     def build(self, snapshot: Snapshot | None) -> Any:
+        cls: Any = self.machine_cls
         if snapshot is None:
-            return self.machine_cls(*self.args)
-        return self.machine_cls.from_snapshot(*self.args, snapshot.arrays, snapshot.meta)
+            return cls(*self.args)
+        return cls.from_snapshot(*self.args, snapshot.arrays, snapshot.meta)
 
     def runner(self, *, exit_on_failure: bool = False) -> Runner[Any]:
         """The machine with its journal recovered (or in memory without ``data_dir``)."""

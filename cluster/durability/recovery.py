@@ -38,7 +38,6 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from engine.events import decode as decode_event
 from cluster.durability.journal import Journal, JournalError
 from cluster.durability.snapshot import (
     DEFAULT_KEEP,
@@ -48,6 +47,7 @@ from cluster.durability.snapshot import (
     prune_snapshots,
     write_snapshot,
 )
+from engine.events import decode as decode_event
 
 S = TypeVar("S")
 

@@ -77,7 +77,8 @@ class Runner(Generic[M]):
 
         recovered = store.recover(restore, apply=_apply_one, apply_many=_apply_many,
                                   decode=decode)
-        return cls(recovered.state, store, clock_us)
+        runner: Runner[Any] = Runner(recovered.state, store, clock_us)
+        return runner
 
     # ----------------------------------------------------------------- the write path
     def execute(self, commands: Sequence[Any]) -> list[Any]:

@@ -1,16 +1,16 @@
-"""JournalStore: the journal, snapshots and checkpoint cadence one durable actor state owns.
+"""JournalStore: the journal, snapshots and checkpoint cadence of one hosted state machine.
 
-A durable core (cluster.ledger_store.DurableLedger, cluster.shard_store.DurableShard) keeps its
-state in memory exactly like the plain core and hands every change to a JournalStore as an
-event. The store implements the recipe of engine.recovery:
+The runner (cluster.durability.runner) steps commands through its machine and hands the
+encoded events of each batch to a JournalStore. The store implements the recipe of
+cluster.durability.recovery:
 
-* ``open`` takes the journal's exclusive lock and rebuilds the state: newest valid snapshot
-  plus every durable journal record after it (``engine.recovery.recover``).
-* ``append(event)`` buffers one event; ``commit()`` writes everything buffered as ONE journal
-  record (a batch: :func:`encode_batch`) with one write and one fdatasync (group commit). A
-  durable core commits once per batched call, before it returns, so an answer is only ever
-  given for changes that are on disk, and a crash mid-write (a torn record is dropped whole by
-  the journal) leaves either all of a call's changes or none of them, never a part.
+* ``recover`` takes the journal's exclusive lock and rebuilds the state: newest valid snapshot
+  plus every durable journal record after it (``cluster.durability.recovery.recover``).
+* ``append_encoded(events)`` buffers encoded events; ``commit()`` writes everything buffered as
+  ONE journal record (a batch: engine.events.encode_batch) with one write and one fdatasync
+  (group commit). The runner commits once per batch, before it answers, so an answer is only
+  ever given for changes that are on disk, and a crash mid-write (a torn record is dropped
+  whole by the journal) leaves either all of a batch's changes or none of them, never a part.
 * ``maybe_checkpoint(snapshot_fn)`` runs after a commit: every ``snapshot_every_records``
   records or ``snapshot_every_s`` seconds (whichever first; only if something was journaled)
   it snapshots the state. ``snapshot_fn()`` must return *copies* (arrays, meta) taken now;
@@ -23,9 +23,9 @@ event. The store implements the recipe of engine.recovery:
 
 Layout under the state's directory (``DATA_DIR/<actor name>/``)::
 
-    journal/00000000000000000001.wal ...   checksummed records (engine.journal)
+    journal/00000000000000000001.wal ...   checksummed records (cluster.durability.journal)
     journal/LOCK                           flock of the one writer
-    snapshots/00000000000000004242.npz     state after record 4242 (engine.snapshot)
+    snapshots/00000000000000004242.npz     state after record 4242 (cluster.durability.snapshot)
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from cluster.durability.journal import Journal, JournalError
+from cluster.durability.recovery import Recovered, recover, trim_journal
+from cluster.durability.snapshot import DEFAULT_KEEP, Snapshot, prune_snapshots, write_snapshot
 from engine.events import BATCH_TAG, Event, decode_batch, encode, encode_batch
-from engine.journal import Journal, JournalError
-from engine.recovery import Recovered, recover, trim_journal
-from engine.snapshot import DEFAULT_KEEP, Snapshot, prune_snapshots, write_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class JournalStore:
                 apply: Callable[[S, Any], object],
                 apply_many: Callable[[S, list[Any]], object] | None = None,
                 decode: Callable[[bytes], list[Any]] = decode_batch) -> Recovered[S]:
-        """Rebuild the state (engine.recovery.recover); call once, before serving anything.
+        """Rebuild the state (cluster.durability.recovery.recover); call once, before serving.
 
         ``apply(state, event)`` is called for every event of every batch after the snapshot,
         or ``apply_many(state, items)`` once per batch when given, with the batch as
@@ -131,6 +131,11 @@ class JournalStore:
         """Buffer one event (durable at the next :meth:`commit`)."""
         self._check()
         self._events.append(encode(event))
+
+    def append_encoded(self, encoded: list[bytes]) -> None:
+        """Buffer events already encoded (engine.events.encode)."""
+        self._check()
+        self._events.extend(encoded)
 
     def commit(self) -> int:
         """Make every appended event durable (one record); returns the journal's durable seq."""

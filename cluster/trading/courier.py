@@ -39,16 +39,18 @@ class Courier:
 
     def __init__(self, ledger: Port, shards: Mapping[str, Port]) -> None:
         self.ledger = ledger
-        self.shards = dict(shards)
-        self._runs: dict[str, MicroBatcher[Answer | None, int]] = {
-            name: MicroBatcher(functools.partial(self._deliver, name), max_in_flight=1)
-            for name in self.shards}
+        self.shards = dict(shards)  # a shell may add ports as it finds the shards
+        self._runs: dict[str, MicroBatcher[Answer | None, int]] = {}
         self.delivered = 0
 
     async def deliver(self, shard_name: str, answer: Answer | None = None) -> int:
         """Deliver ``shard_name``'s outbox (storing ``answer`` with it); returns the last
         settlement number the ledger has applied for that shard."""
-        return await self._runs[shard_name].submit(answer)
+        run = self._runs.get(shard_name)
+        if run is None:
+            run = self._runs[shard_name] = MicroBatcher(
+                functools.partial(self._deliver, shard_name), max_in_flight=1)
+        return await run.submit(answer)
 
     async def _deliver(self, shard_name: str, answers: list[Answer | None]) -> list[int]:
         shard = self.shards[shard_name]

@@ -125,11 +125,14 @@ class Reconciler:
 
     async def _resolve_in_doubt(self) -> None:
         batch, self._in_doubt = self._in_doubt, []
-        for doubt in batch:
+        for i, doubt in enumerate(batch):
             try:
                 await self._resolve_one(doubt)
             except Unavailable:
                 self._in_doubt.append(doubt)
+            except BaseException:  # the round was cut off: what it did not finish stays queued
+                self._in_doubt.extend(batch[i:])
+                raise
 
     async def _resolve_one(self, doubt: InDoubt) -> None:
         result = await self.shards[doubt.shard].call(Resolve(doubt.request_id))

@@ -7,12 +7,17 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from cluster.config import Settings
 from tests.e2e.http_platform import HttpPlatform, LocalHttpPlatform
+
+# the trading scenarios sign up many accounts from one address; the limits have their own tests
+# (test_api_limits.py)
+TRADING = Settings(api_key_rate_per_s=0, signups_per_min=0)
 
 
 @pytest.fixture(scope="session")
 def platform() -> Iterator[HttpPlatform]:
-    p = LocalHttpPlatform().start()
+    p = LocalHttpPlatform(TRADING).start()
     try:
         yield p
     finally:

@@ -1,8 +1,8 @@
 """The platform behind a real HTTP socket, for the e2e tests.
 
 ``LocalHttpPlatform``: create_app(TradingService over in-process ports) served by uvicorn on
-127.0.0.1 in a background thread; prices are driven by ``push_tick`` (apply_ticks on the shard
-cores, then the settlements to the ledger, as the shard actor does). A Ray/Kafka variant only
+127.0.0.1 in a background thread; prices are driven by ``push_tick`` (ticks to the shard
+machines, then their settlements to the ledger, as the feed actor does). A Ray/Kafka variant only
 has to offer the same four members: ``base_url``, ``push_tick``, ``audit``, ``totals``.
 """
 
@@ -16,13 +16,9 @@ from typing import Any, Protocol
 
 import uvicorn
 
+from cluster.actors.local import LocalHosts
 from cluster.api import create_app
 from cluster.config import Settings
-from cluster.ledger_core import LedgerCore
-from cluster.trading.placement import shard_layout
-from cluster.ports import LocalLedgerPort, LocalShardPort, ShardPort
-from cluster.service import TradingService
-from cluster.shard_core import ShardCore
 from engine.market import Tick
 
 
@@ -48,16 +44,8 @@ def free_port() -> int:
 class LocalHttpPlatform:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
-        ledger = LocalLedgerPort(LedgerCore(self.settings.signup_balance_micros))
-        self.ledger = ledger
-        self.shards: dict[str, LocalShardPort] = {}
-        for spec in shard_layout(self.settings):
-            core = ShardCore(spec, self.settings.assets[spec.asset],
-                             self.settings.maintenance_margin_ppm,
-                             self.settings.max_price_age_us)
-            self.shards[spec.name] = LocalShardPort(core, ledger)
-        ports: dict[str, ShardPort] = dict(self.shards)
-        self.service = TradingService(ledger, ports, self.settings)
+        self.hosts = LocalHosts(self.settings)
+        self.service = self.hosts.service()
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(create_app(self.service), host="127.0.0.1", port=self.port,
@@ -83,18 +71,14 @@ class LocalHttpPlatform:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
-        for port in self.shards.values():
-            port.serial.shutdown()
-        self.ledger.serial.shutdown()
+        self.hosts.close()
 
     def push_tick(self, asset: str, bid: str, ask: str, age_s: float = 0.0) -> None:
         a = self.settings.assets[asset]
         self._seq += 1
         ts_us = time.time_ns() // 1000 - int(age_s * 1_000_000)
         tick = Tick(asset, a.price_to_ticks(bid), a.price_to_ticks(ask), ts_us, self._seq, "test")
-        for port in self.shards.values():
-            if port.core.spec.asset == asset:
-                port.apply_ticks_blocking([tick])
+        self.hosts.apply_ticks_blocking([tick])
 
     def _on_loop(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
