@@ -4,16 +4,24 @@
    and drives a closed loop over HTTP: every worker has its own account and alternates
    ``POST /positions/open`` and ``POST /positions/close`` (one op = one request) at concurrency
    1 and 64.
-2. The same loop against the baseline: the same engine objects (TradingService over the
-   in-process ports of cluster.ports) behind a plain FastAPI + uvicorn process, no Ray.
+2. The same loop against the baseline: the same machines, runners, ports and service
+   (cluster.actors.local.LocalHosts(...).service(), in memory) behind a plain FastAPI +
+   uvicorn process, no Ray.
 3. ``tick_to_close``: ``--positions`` open positions (leverage 100, entries spread over a band
-   of prices) are bulk-loaded straight into the shard actors' books (margins locked in the
-   ledger in one call per user), the sim source is stopped, and ``--ticks`` falling ticks are
-   produced to the topic, each liquidating the next slice; the time from producing a tick to
-   the ledger counting all of that tick's closes is one sample. (With ``--durable`` the bulk
-   load bypasses the shards' journals; the closes the ticks cause are journaled as usual.)
+   of prices) are bulk-loaded into the shard hosts, the sim source is stopped, and ``--ticks``
+   falling ticks are produced to the topic, each liquidating the next slice; the time from
+   producing a tick to the ledger counting all of that tick's closes is one sample.
 
-Prints a table, then one JSON line.
+   The bulk load runs inside each shard host (``__ray_call__``) through the host's own
+   ``Runner.execute``, in batches of ``LOAD_BATCH`` commands: one ``Open`` command per
+   position (decided, encoded, applied one by one like an API open; with ``--durable`` each
+   batch is one journal record and one fdatasync), and before the opens of each entry level
+   an ``ApplyTick`` one tick above the previous one sets the price they open at (rising ticks
+   trigger nothing: every position is a long without take-profit). The margins are locked in
+   the ledger with one ``LockMargin`` per user.
+
+The rate limits of the API (API_KEY_RATE_PER_S, SIGNUPS_PER_MIN) are off in both servers: the
+loop measures throughput, not the limiter. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from typing import Any
 
 from bench.http_load import Connection, LoadResult, closed_loop
 from cluster.config import Settings
-from cluster.trading.placement import ShardSpec, shard_layout
+from cluster.trading.placement import ShardSpec
 
 HOST = "127.0.0.1"
 OPEN_BODY = {"asset": "SOL", "type": "long", "margin": "10", "leverage": 2}
@@ -115,29 +123,21 @@ async def drive_all(port: int, concurrencies: list[int], duration_s: float,
 
 # ---------------------------------------------------------------------- baseline server
 def serve_baseline(port: int) -> None:
-    """The no-Ray baseline: create_app(TradingService over in-process ports) under uvicorn.
+    """The no-Ray baseline: create_app(LocalHosts(settings).service()) under uvicorn.
 
-    Prices: a tick per asset every 250 ms at a fixed book, applied to the shard cores.
+    Prices: a tick per asset every 250 ms at a fixed book, applied to the shards (their
+    settlements delivered to the ledger) the way the feed actor does.
     """
     import uvicorn
 
+    from cluster.actors.local import LocalHosts
     from cluster.api import create_app
-    from cluster.ledger_core import LedgerCore
-    from cluster.ports import LocalLedgerPort, LocalShardPort, ShardPort, now_us
-    from cluster.service import TradingService
-    from cluster.shard_core import ShardCore
+    from cluster.durability.runner import wall_clock_us
     from engine.market import Tick
 
-    settings = Settings.from_env()
-    ledger = LocalLedgerPort(LedgerCore(settings.signup_balance_micros))
-    shards: dict[str, LocalShardPort] = {
-        s.name: LocalShardPort(ShardCore(s, settings.assets[s.asset],
-                                         settings.maintenance_margin_ppm,
-                                         settings.max_price_age_us), ledger)
-        for s in shard_layout(settings)}
-    ports: dict[str, ShardPort] = dict(shards)
-    service = TradingService(ledger, ports, settings)
-    app = create_app(service)
+    settings = unthrottled(Settings.from_env())
+    hosts = LocalHosts(settings)
+    app = create_app(hosts.service())
     books = {"SOL": ("150.00", "150.01"), "BTC": ("100000.0", "100000.1"),
              "ETH": ("3500.00", "3500.01")}
 
@@ -145,12 +145,12 @@ def serve_baseline(port: int) -> None:
         seq = 0
         while True:
             seq += 1
-            for spec in shard_layout(settings):
-                asset = settings.assets[spec.asset]
-                bid, ask = books.get(spec.asset, ("100.00", "100.01"))
-                tick = Tick(spec.asset, asset.price_to_ticks(bid), asset.price_to_ticks(ask),
-                            now_us(), seq, "bench")
-                await shards[spec.name].apply_ticks([tick])
+            ticks = []
+            for asset in settings.assets.assets:
+                bid, ask = books.get(asset.name, ("100.00", "100.01"))
+                ticks.append(Tick(asset.name, asset.price_to_ticks(bid),
+                                  asset.price_to_ticks(ask), wall_clock_us(), seq, "bench"))
+            await hosts.apply_ticks(ticks)
             await asyncio.sleep(0.25)
 
     async def run() -> None:
@@ -163,7 +163,10 @@ def serve_baseline(port: int) -> None:
         finally:
             task.cancel()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        hosts.close()
 
 
 def _start_baseline(port: int) -> subprocess.Popen[bytes]:
@@ -173,60 +176,97 @@ def _start_baseline(port: int) -> subprocess.Popen[bytes]:
 
 
 # ---------------------------------------------------------------------- tick -> close
-def _load_shard(actor: Any, spec: ShardSpec, owners: list[int], per_owner: int,
-                levels: int, margin_micros: int, bid_ticks: int, ask_ticks: int,
-                maintenance_margin_ppm: int) -> list[int]:
-    """Runs inside the shard actor (``__ray_call__``): open ``len(owners) * per_owner`` longs
-    at leverage 100 with entries on ``levels`` consecutive price ticks below ``ask_ticks``,
-    straight into the book. Returns the liquidation tick of every position (for the driver
-    to compute how many each tick will close)."""
-    from engine.orders import OpenPlan, Side, plan_open
+LOAD_BATCH = 20_000  # commands per Runner.execute of the bulk load (one journal record each)
+LOAD_REQUEST_IDS = 1 << 62  # request ids of the bulk load's opens (the service's are below)
+BULK_LOAD = ("Open commands through each shard host's Runner.execute in batches of "
+             f"{LOAD_BATCH:,} (an ApplyTick per entry level sets the entry price)")
 
-    core = getattr(actor, "core", None) or getattr(actor, "_core", None)
-    if core is None:
-        raise RuntimeError("the shard actor exposes no core")
-    book = core.book
-    asset = core.asset
-    plans: list[OpenPlan] = []
-    for level in range(levels):
-        entry = ask_ticks - level
-        plan = plan_open(asset, Side.LONG, margin_micros, 100, entry - 1, entry, None, None,
-                         maintenance_margin_ppm)
-        if not isinstance(plan, OpenPlan):
-            raise RuntimeError(f"bench plan refused: {plan}")
-        plans.append(plan)
-    now_us = time.time_ns() // 1000
+
+def _load_shard(host: Any, owners_by_level: list[list[int]], entries: list[int],
+                margin_micros: int, first_request_id: int) -> dict[str, Any]:
+    """Runs inside a shard host (``__ray_call__``): for each entry level, lowest price first,
+    an ``ApplyTick`` whose ask is that entry, then one ``Open`` (long, leverage 100, no
+    take-profit or stop-loss) per owner listed for the level; everything through the host's
+    ``Runner.execute`` in batches of LOAD_BATCH commands. Returns the liquidation tick of
+    every position opened (the driver computes from them how many each tick closes)."""
+    import numpy as np
+
+    from engine.market import Tick
+    from engine.messages import OpenPosition, ShardOpen
+    from engine.orders import Side
+    from engine.shard_machine import ApplyTick, Open
+
+    runner = host.runner
+    asset = runner.machine.asset
+    commands: list[Any] = []
     liqs: list[int] = []
-    i = 0
-    for owner in owners:
-        for _ in range(per_owner):
-            plan = plans[i % levels]
-            book.open(owner, plan, now_us)
-            liqs.append(plan.liq_ticks)
-            i += 1
-    return liqs
+    refused: dict[str, int] = {}
+    triggered = 0
+    request_id = first_request_id
+
+    def flush() -> None:
+        nonlocal triggered
+        for answer in runner.execute(commands):
+            if isinstance(answer, OpenPosition):
+                liqs.append(answer.liq_ticks)
+            elif isinstance(answer, int) and not isinstance(answer, bool):
+                triggered += answer
+            else:
+                text = str(getattr(answer, "message", answer))
+                refused[text] = refused.get(text, 0) + 1
+        commands.clear()
+
+    started = time.perf_counter()
+    order = sorted(range(len(entries)), key=lambda level: entries[level])
+    for seq, level in enumerate(order, start=1):
+        entry = entries[level]
+        commands.append(ApplyTick(Tick(asset.name, entry - 1, entry, time.time_ns() // 1000,
+                                       seq, "bench-load")))
+        for owner in owners_by_level[level]:
+            request_id += 1
+            commands.append(Open(ShardOpen(request_id, owner, Side.LONG, margin_micros, 100,
+                                           None, None, None, 0)))
+        if len(commands) >= LOAD_BATCH:
+            flush()
+    flush()
+    return {"liqs": np.asarray(liqs, dtype=np.int64), "refused": refused,
+            "triggered": triggered, "load_s": time.perf_counter() - started,
+            "journal_bytes": runner.journal_bytes()}
+
+
+async def _one(handle: Any, command: Any) -> Any:
+    """The answer of one command sent to a MachineHost."""
+    [answer] = await handle.execute.remote([command])
+    return answer
 
 
 async def tick_to_close(platform: Any, bootstrap: str, positions: int, ticks: int,
                         closes_per_tick: int = 300) -> dict[str, Any]:
-    import ray
+    import secrets
 
+    import numpy as np
+
+    from engine.ledger_machine import CreateAccount, LockMargin, Totals, hash_api_key
     from engine.messages import MarginLock
+    from engine.shard_machine import LastTick
     from feed.message import message_from_ticks
     from feed.producer import MarketDataProducer
 
     settings: Settings = platform.settings
-    layout = platform.layout
+    layout: tuple[ShardSpec, ...] = platform.layout
     margin_micros = 1_000_000  # 1 USD at leverage 100 = 100 USD notional
     per_user = SIGNUP_USD // 2  # positions per user (half its balance locked)
     users_needed = max(len(layout), -(-positions // per_user))
     ledger = platform.ledger
-    accounts = [ledger.create_account.remote() for _ in range(users_needed)]
-    users = [a.user if hasattr(a, "user") else a[0] for a in await asyncio.gather(*accounts)]
+    created = await ledger.execute.remote([
+        CreateAccount(f"acc_bench_{i}_{secrets.token_hex(6)}",
+                      hash_api_key(secrets.token_urlsafe(24)))
+        for i in range(users_needed)])
+    users = [int(a.user) for a in created]
     # where each shard's prices are now (the sim's last book)
     last = {}
     for spec in layout:
-        tick = await platform.shards[spec.name].last_tick.remote()
+        tick = await _one(platform.shards[spec.name], LastTick())
         if tick is None:
             raise RuntimeError(f"{spec.name} has no price yet")
         last[spec.name] = tick
@@ -236,36 +276,42 @@ async def tick_to_close(platform: Any, bootstrap: str, positions: int, ticks: in
     per_level = max(1, closes_per_tick // len(layout))
     levels = max(ticks + 2, (positions // len(layout)) // per_level)
     t0 = time.perf_counter()
+    locks: list[LockMargin] = []
     loads = []
-    for spec in layout:
+    for i, spec in enumerate(layout):
         owners = per_shard_users[spec.name]
         n_shard = positions // len(layout)
         per_owner = max(1, n_shard // max(1, len(owners)))
-        loads.append(platform.shards[spec.name].__ray_call__.remote(
-            _load_shard, spec, owners, per_owner, levels, margin_micros,
-            last[spec.name].bid_ticks, last[spec.name].ask_ticks,
-            settings.maintenance_margin_ppm))
-    liqs_by_shard = dict(zip([s.name for s in layout], await asyncio.gather(*loads), strict=True))
+        # position k of the shard belongs to owners[k // per_owner], at entry level k % levels
+        owners_by_level: list[list[int]] = [[] for _ in range(levels)]
+        for k in range(len(owners) * per_owner):
+            owners_by_level[k % levels].append(owners[k // per_owner])
+        entries = [last[spec.name].ask_ticks - level for level in range(levels)]
+        locks.extend(LockMargin(MarginLock(u, per_owner * margin_micros)) for u in owners)
+        loads.append((spec.name, owners_by_level, entries, LOAD_REQUEST_IDS + i * 10**12))
+    refused_locks = [r for r in await ledger.execute.remote(locks) if r is not None]
+    if refused_locks:
+        raise RuntimeError(f"margin locks refused: {refused_locks[:3]}")
+    lock_s = time.perf_counter() - t0
+    results = await asyncio.gather(*(
+        platform.shards[name].__ray_call__.remote(_load_shard, by_level, entries,
+                                                  margin_micros, first)
+        for name, by_level, entries, first in loads))
+    for (name, *_), result in zip(loads, results, strict=True):
+        if result["refused"] or result["triggered"]:
+            raise RuntimeError(f"{name}: bulk load refused {result['refused']}, "
+                               f"triggered {result['triggered']}")
+    liqs_by_shard = {name: r["liqs"] for (name, *_), r in zip(loads, results, strict=True)}
     loaded = sum(len(v) for v in liqs_by_shard.values())
-    locks: list[MarginLock] = []
-    for spec in layout:
-        owners = per_shard_users[spec.name]
-        per_owner = len(liqs_by_shard[spec.name]) // max(1, len(owners))
-        locks.extend(MarginLock(u, per_owner * margin_micros) for u in owners)
-    refused = [r for r in await ledger.lock_margins.remote(locks) if r is not None]
-    if refused:
-        raise RuntimeError(f"margin locks refused: {refused[:3]}")
     load_s = time.perf_counter() - t0
 
     # falling ticks: tick j crosses the next `step` liquidation levels on every shard
-    import numpy as np
-
     producer = MarketDataProducer(bootstrap, settings.assets, topic=platform.topic)
     await producer.start()
     samples_ms: list[float] = []
     closed_total = 0
     try:
-        base = int((await ledger.totals.remote())["closed_positions"])
+        base = int((await _one(ledger, Totals()))["closed_positions"])
         sorted_liqs = {n: np.sort(np.asarray(v, dtype=np.int64))[::-1]
                        for n, v in liqs_by_shard.items()}
         distinct = {n: np.unique(v)[::-1] for n, v in sorted_liqs.items()}
@@ -288,7 +334,7 @@ async def tick_to_close(platform: Any, bootstrap: str, positions: int, ticks: in
                 await producer.publish(msg)
             await producer.flush()
             while True:
-                done = int((await ledger.totals.remote())["closed_positions"])
+                done = int((await _one(ledger, Totals()))["closed_positions"])
                 if done >= target:
                     break
                 if time.perf_counter() - start > 30:
@@ -299,14 +345,21 @@ async def tick_to_close(platform: Any, bootstrap: str, positions: int, ticks: in
         await producer.stop()
     samples_ms.sort()
     p99 = samples_ms[min(len(samples_ms) - 1, max(0, -(-99 * len(samples_ms) // 100) - 1))]
-    del ray
-    return {"positions": loaded, "load_s": load_s, "ticks": ticks, "closed": closed_total,
+    return {"positions": loaded, "load_s": load_s, "lock_s": lock_s,
+            "shard_load_s": max(r["load_s"] for r in results),
+            "load_journal_bytes": sum(int(r["journal_bytes"]) for r in results),
+            "ticks": ticks, "closed": closed_total,
             "p50_ms": samples_ms[len(samples_ms) // 2], "p99_ms": p99, "max_ms": samples_ms[-1]}
 
 
 # ---------------------------------------------------------------------- main
+def unthrottled(settings: Settings) -> Settings:
+    """``settings`` without the per-key request and per-address signup limits."""
+    return dataclasses.replace(settings, api_key_rate_per_s=0, signups_per_min=0)
+
+
 def _settings(port: int, data_dir: str) -> Settings:
-    base = Settings.from_env()
+    base = unthrottled(Settings.from_env())
     return dataclasses.replace(base, port=port, feed_source="sim", data_dir=Path(data_dir),
                                kafka_brokers=None, ray_address=base.ray_address)
 
@@ -343,15 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_results: dict[int, LoadResult] = {}
     sweep: dict[str, Any] = {}
     t0 = time.perf_counter()
-    if args.durable:
-        from cluster.durable_platform import DurablePlatform
-
-        platform: Platform = DurablePlatform(settings, with_feed=True,
-                                             bootstrap=broker.bootstrap,
-                                             direct_ingress=not args.proxy)
-    else:
-        platform = Platform(settings, with_feed=True, bootstrap=broker.bootstrap,
-                            direct_ingress=not args.proxy)
+    # durable: journaled hosts in DATA_DIR that Ray restarts, reconciled at start (`shardex up`)
+    platform = Platform(settings, with_feed=True, bootstrap=broker.bootstrap,
+                        direct_ingress=not args.proxy, durable=args.durable)
     try:
         platform.start()
         startup_s = time.perf_counter() - t0
@@ -386,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<38}{c:>6}{r.ops_per_s:>10.0f}{r.percentile_ms(50):>10.2f}"
                   f"{r.percentile_ms(99):>10.2f}{r.errors:>8}")
     if sweep:
+        journaled = (f", {sweep['load_journal_bytes'] / 1e6:.0f} MB journaled"
+                     if args.durable else "")
+        print(f"bulk load: {BULK_LOAD}; margins locked with one LockMargin per user"
+              f"{journaled}")
         print(f"tick -> close visible in ledger: {sweep['positions']:,} positions "
               f"(loaded in {sweep['load_s']:.1f} s), {sweep['ticks']} ticks, "
               f"{sweep['closed']:,} closes: p50 {sweep['p50_ms']:.1f} ms, "
@@ -405,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_p99_ms": round(b.percentile_ms(99), 2),
         "ratio_vs_baseline": round(s.ops_per_s / b.ops_per_s, 3) if b.ops_per_s else None,
         "sweep_positions": sweep.get("positions", 0),
+        "sweep_load_s": round(sweep["load_s"], 1) if sweep else None,
+        "sweep_load": BULK_LOAD if sweep else None,
         "tick_to_close_p50_ms": round(sweep["p50_ms"], 2) if sweep else None,
         "tick_to_close_p99_ms": round(sweep["p99_ms"], 2) if sweep else None,
         "errors": s.errors + b.errors,

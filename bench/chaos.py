@@ -1,9 +1,10 @@
 """``shardex bench chaos --kills N``: kill -9 the platform's processes under live trading and
 count what the clients saw acknowledged but the platform lost or applied twice.
 
-The whole platform runs as in production (cluster.durable_platform: local Ray, journaled
-ledger and shard actors under DATA_DIR, the feed actor consuming Kafka, the Serve HTTP API),
-with the embedded broker. While it runs:
+The whole platform runs as in production (cluster.launcher.Platform with ``durable=True``:
+local Ray, the ledger and every shard in journaled MachineHost actors under DATA_DIR that Ray
+restarts, the feed actor consuming Kafka, the Serve HTTP API), with the embedded broker.
+While it runs:
 
 * clients trade over HTTP: sign up, open positions (high leverage, every open with a
   clientOrderId), close some by hand; an answer they did not get (503, connection error,
@@ -12,9 +13,11 @@ with the embedded broker. While it runs:
 * a ticker produces a volatile random walk per asset to the topic, so take-profits and
   liquidations fire all the time;
 * a killer sends SIGKILL to a random ledger, shard or feed actor process every
-  ``--interval`` seconds (Ray restarts it; it recovers from its journal), and once, half way,
-  to every process of the platform at the same time (Ray's GCS, raylet, workers, Serve); the
-  platform is then started again on the same DATA_DIR, as ``shardex up`` would be.
+  ``--interval`` seconds (Ray restarts it; it recovers from its journal) and waits until the
+  new process answers (the ledger host's ``ping``, a shard host's ``Stats`` command, the feed
+  actor's ``stats``); and once, half way, to every process of the platform at the same time
+  (Ray's GCS, raylet, workers, Serve); the platform is then started again on the same
+  DATA_DIR, as ``shardex up`` would be.
 
 Afterwards, from the public API and the ledger: every acknowledged open is either open or in
 the history, every acknowledged close is in the history once, no position is in the history
@@ -52,8 +55,9 @@ import httpx
 
 from cluster.actor_names import FEED, LEDGER
 from cluster.config import MARKET_TOPIC, Settings
-from cluster.durable_platform import DurablePlatform
+from cluster.launcher import Platform
 from engine.assets import DEFAULT_ASSETS
+from engine.shard_machine import Stats
 from feed.broker import free_port
 from feed.message import message_from_ticks
 
@@ -99,7 +103,7 @@ class ChaosRun:
         self.rng = random.Random(config.seed)
         self.data_dir = config.data_dir or Path(tempfile.mkdtemp(prefix="shardex-chaos-"))
         self.url = ""
-        self.platform: DurablePlatform | None = None
+        self.platform: Platform | None = None
         self.books = [ClientBook(f"c{i}") for i in range(config.clients)]
         self.counters: Counter[str] = Counter()
         self.kills: Counter[str] = Counter()
@@ -124,9 +128,8 @@ class ChaosRun:
             data_dir=self.data_dir)
 
     def _start_platform(self) -> None:
-        platform = DurablePlatform(self._settings(), with_feed=False,
-                                   bootstrap=self.config.bootstrap,
-                                   ray_init={"num_cpus": 2})
+        platform = Platform(self._settings(), with_feed=False, bootstrap=self.config.bootstrap,
+                            ray_init={"num_cpus": 2}, durable=True)
         platform.start()
         self.platform = platform
         self.url = platform.url
@@ -160,8 +163,13 @@ class ChaosRun:
         # wait for Ray's restart and the recovery to finish before the next kill
         while time.monotonic() - started < 60.0:
             with contextlib.suppress(ray.exceptions.RayError):
-                method = handle.stats if name != LEDGER else handle.ping
-                ray.get(method.remote(), timeout=5.0)
+                # a host answers only once it has recovered its machine from the journal
+                if name == FEED:
+                    ray.get(handle.stats.remote(), timeout=5.0)
+                elif name == LEDGER:
+                    ray.get(handle.ping.remote(), timeout=5.0)
+                else:
+                    ray.get(handle.execute.remote([Stats()]), timeout=5.0)
                 if self._actor_pid(handle) != pid:
                     break
             time.sleep(0.05)
