@@ -83,9 +83,7 @@ class Runner(Generic[M]):
     # ----------------------------------------------------------------- the write path
     def execute(self, commands: Sequence[Any]) -> list[Any]:
         """One answer per command, in order; returned only once their events are durable."""
-        if self._broken is not None:
-            raise DurabilityError("the state failed earlier and must be recovered") \
-                from self._broken
+        self._check()
         now_us = self.clock_us()
         answers: list[Any] = []
         encoded: list[bytes] = []
@@ -108,12 +106,24 @@ class Runner(Generic[M]):
         self.batches += 1
         store = self.store
         if store is not None:
-            if encoded:
-                store.append_encoded(encoded)
-            if urgent:
-                store.commit()
-                store.maybe_checkpoint(self.machine.snapshot)
+            try:
+                if encoded:
+                    store.append_encoded(encoded)
+                if urgent:
+                    store.commit()
+                    store.maybe_checkpoint(self.machine.snapshot)
+            except DurabilityError as exc:  # memory holds what the disk may not: stop
+                self._broken = exc
+                raise
         return answers
+
+    def _check(self) -> None:
+        """Refuse to serve (reads included) once memory may hold what the disk does not."""
+        if self._broken is not None:
+            raise DurabilityError("the state failed earlier and must be recovered") \
+                from self._broken
+        if self.store is not None:
+            self.store.check()
 
     def _break(self, exc: BaseException) -> None:
         self._broken = exc
@@ -125,6 +135,7 @@ class Runner(Generic[M]):
     # ----------------------------------------------------------------- lifetime
     def checkpoint(self) -> int:
         """Snapshot now (waits for the file); returns the journal seq it covers (0 in memory)."""
+        self._check()
         if self.store is None:
             return 0
         return self.store.checkpoint(self.machine.snapshot, wait=True)

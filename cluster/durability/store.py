@@ -166,6 +166,10 @@ class JournalStore:
             logging.shutdown()
             os._exit(70)
 
+    def check(self) -> None:
+        """Raise DurabilityError if the journal failed (nothing may be served any more)."""
+        self._check()
+
     def _check(self) -> None:
         if self._failed is not None:
             raise DurabilityError("the journal failed earlier; the state must be recovered "
