@@ -480,6 +480,8 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         raw = await request.body()
         if raw.strip() and not isinstance(parse_json(raw, settings.max_json_depth), dict):
             raise invalid("body must be a JSON object (or empty)")
+        # the peer as this server sees it: behind a reverse proxy, every client shares the
+        # proxy's address (and its limit), so a proxy in front should limit by itself
         address = request.client.host if request.client is not None else ""
         _rate_limited(signup_buckets, address, "account creations from this address")
         account = await slot.service.create_account()
