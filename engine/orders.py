@@ -173,7 +173,7 @@ def plan_open(asset: Asset, side: Side, margin_micros: int, leverage: int, bid_t
     if qty < 1:
         return Rejected(Code.INVALID_REQUEST,
                         f"margin * leverage buys less than one step ({asset.qty_step})")
-    if qty > MAX_COLUMN_VALUE:
+    if qty > asset.max_qty_steps:  # every amount of a larger one may not fit int64
         return Rejected(Code.INVALID_REQUEST, "position too large")
     mm = maintenance_margin_micros(asset, entry, qty, maintenance_margin_ppm)
     scale = 10 ** (asset.price_decimals + asset.qty_decimals)
@@ -289,8 +289,8 @@ def plan_open_arrays(asset: Asset, side: np.ndarray, margin_micros: np.ndarray,
         qty = (margin * safe_lev * 10**shift) // entry
     else:
         qty = (margin * safe_lev) // (entry * 10**-shift)
-    ok = (lev >= 1) & (lev <= asset.max_leverage) & (margin > 0) & (qty >= 1) & ((side == 0)
-                                                                                 | (side == 1))
+    ok = (lev >= 1) & (lev <= asset.max_leverage) & (margin > 0) & (qty >= 1) \
+        & (qty <= asset.max_qty_steps) & ((side == 0) | (side == 1))
     safe_qty = np.clip(qty, 1, None)
     ppm = np.full(n, maintenance_margin_ppm, dtype=np.int64)
     scale = 10 ** (asset.price_decimals + asset.qty_decimals)

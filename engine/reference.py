@@ -60,7 +60,7 @@ def plan_open(asset: Asset, side: Side, margin_micros: int, leverage: int, bid_t
     qty_steps = math.floor(margin * leverage / entry / _qty(asset, 1))
     if qty_steps < 1:
         return Rejected(Code.INVALID_REQUEST, "less than one step")
-    if qty_steps > 2**62:
+    if qty_steps > asset.max_qty_steps:
         return Rejected(Code.INVALID_REQUEST, "position too large")
     qty = _qty(asset, qty_steps)
     mm = Fraction(maintenance_margin_ppm, 10**6) * entry * qty
