@@ -20,6 +20,7 @@ every account creation one from its client address's bucket (429 with ``Retry-Af
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -61,6 +62,7 @@ from engine.market import Tick
 from engine.messages import ClosedPosition, CloseOrder, OpenOrder, OpenPosition, Principal
 from engine.orders import CloseReason, Side
 from engine.results import Code, Rejected
+from feed.pipeline import drops_metrics
 
 log = logging.getLogger("shardex.api")
 
@@ -629,6 +631,14 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         for name, (batches, items) in sorted(slot.service.batch_stats().items()):
             lines.append(f'shardex_batches_total{{call="{name}"}} {batches}')
             lines.append(f'shardex_batched_items_total{{call="{name}"}} {items}')
+        feed_stats = slot.service.feed_stats
+        if feed_stats is not None:
+            with contextlib.suppress(Exception):  # a feed that does not answer shows in healthz
+                feed = await asyncio.wait_for(feed_stats(), 2.0)
+                lines.extend(drops_metrics(feed.get("dropped", {})))
+                lines.append("# TYPE shardex_feed_ticks_refused_by_shards_total counter")
+                lines.append("shardex_feed_ticks_refused_by_shards_total "
+                             f"{int(feed.get('ticks_refused_by_shards', 0))}")
         stats = await slot.service.shard_stats()
         lines.append("# TYPE shardex_shard_up gauge")
         lines.append("# TYPE shardex_open_positions gauge")

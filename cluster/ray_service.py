@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from cluster.actor_names import LEDGER
 from cluster.actors.deploy import ray_ports
@@ -14,7 +15,9 @@ from cluster.trading.service import TradingService
 def service_from_names(settings: Settings, *, namespace: str | None = None,
                        call_timeout_s: float | None = 30.0,
                        health_checks: Mapping[str, Callable[[], Awaitable[bool]]]
-                       | None = None) -> TradingService:
+                       | None = None,
+                       feed_stats: Callable[[], Awaitable[dict[str, Any]]] | None = None
+                       ) -> TradingService:
     """Look the named hosts up (``ray.get_actor``) in ``namespace`` and wrap them in ports.
     Must run where Ray is initialised (e.g. in a Serve replica's constructor)."""
     import ray
@@ -23,4 +26,5 @@ def service_from_names(settings: Settings, *, namespace: str | None = None,
     shards = {spec.name: ray.get_actor(spec.name, namespace=namespace)
               for spec in shard_layout(settings)}
     ledger_port, shard_ports = ray_ports(ledger, shards, call_timeout_s)
-    return TradingService(ledger_port, shard_ports, settings, health_checks=health_checks)
+    return TradingService(ledger_port, shard_ports, settings, health_checks=health_checks,
+                          feed_stats=feed_stats)

@@ -90,12 +90,16 @@ class ApiIngress:
         self.namespace = namespace
         self.service = service_from_names(
             settings, namespace=namespace,
-            health_checks={"feed": self._feed_ok, "broker": self._broker_ok})
+            health_checks={"feed": self._feed_ok, "broker": self._broker_ok},
+            feed_stats=self._feed_stats)
+
+    async def _feed_stats(self) -> dict[str, Any]:
+        feed = ray.get_actor(FEED, namespace=self.namespace)
+        stats: dict[str, Any] = await feed.stats.remote()
+        return stats
 
     async def _feed_ok(self) -> bool:
-        feed = ray.get_actor(FEED, namespace=self.namespace)
-        stats = await feed.stats.remote()
-        return bool(stats.get("assigned"))
+        return bool((await self._feed_stats()).get("assigned"))
 
     async def _broker_ok(self) -> bool:
         return await _tcp_answers(self.bootstrap)

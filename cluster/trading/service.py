@@ -94,11 +94,13 @@ class TradingService:
     """The trading API's logic over a ledger port and one port per shard (by ShardSpec.name).
 
     ``health_checks``: extra named async checks for /healthz (e.g. the feed and the broker,
-    supplied by whoever wires the platform); each returns True when healthy.
+    supplied by whoever wires the platform); each returns True when healthy. ``feed_stats``:
+    the feed actor's counters (drops by reason, ...) for /metrics, where there is a feed.
     """
 
     def __init__(self, ledger: Port, shards: Mapping[str, Port], settings: Settings,
                  *, health_checks: Mapping[str, Callable[[], Awaitable[bool]]] | None = None,
+                 feed_stats: Callable[[], Awaitable[dict[str, Any]]] | None = None,
                  health_timeout_s: float = 2.0, idem_wait_s: float = 5.0) -> None:
         self.settings = settings
         self.assets: AssetRegistry = settings.assets
@@ -116,6 +118,7 @@ class TradingService:
         self._request_prefix = secrets.randbits(30) << 32
         self._request_counter = itertools.count(1)
         self._health_checks = dict(health_checks or {})
+        self.feed_stats = feed_stats
         self._health_timeout_s = health_timeout_s
         self._idem_wait_s = idem_wait_s
         self._principals: dict[str, Principal] = {}
@@ -136,15 +139,19 @@ class TradingService:
     def _request_id(self) -> int:
         return self._request_prefix | next(self._request_counter)
 
-    async def _shielded(self, work: Coroutine[Any, Any, T]) -> T:
-        """Run ``work`` to its end even if the caller is cancelled (a client went away)."""
+    def _start(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """``work`` as a task of its own: it runs to its end whoever stops waiting for it."""
         loop = asyncio.get_running_loop()
         if self._watcher is None:  # the first write starts the watch over stale reservations
             self._watcher = loop.create_task(self.reconciler.watch_pending())
         task = loop.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return await asyncio.shield(task)
+        return task
+
+    async def _shielded(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work`` to its end even if the caller is cancelled (a client went away)."""
+        return await asyncio.shield(self._start(work))
 
     # ----------------------------------------------------------------- accounts and auth
     async def create_account(self) -> NewAccount:
@@ -225,25 +232,18 @@ class TradingService:
         return None if spec is None else self.assets[spec.asset]
 
     # ----------------------------------------------------------------- idempotency
-    async def _once(self, key: IdemKey, run: Callable[[], Awaitable[object]]) -> object:
-        """Run ``run`` once per key in this process; concurrent duplicates share its answer."""
-        pending = self._in_flight_idem.get(key)
-        if pending is not None:
+    async def _once(self, key: IdemKey, work: Callable[[], Coroutine[Any, Any, object]]
+                    ) -> object:
+        """Run ``work()`` once per key in this process, shielded; concurrent duplicates share
+        its task and its answer (a caller that goes away cancels neither the task nor them)."""
+        task = self._in_flight_idem.get(key)
+        if task is not None:
             self.counters["idempotent_replays"] += 1
-            return await asyncio.shield(pending)
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._in_flight_idem[key] = future
-        try:
-            result = await run()
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: duplicates may not exist
-            raise
         else:
-            future.set_result(result)
-            return result
-        finally:
-            del self._in_flight_idem[key]
+            task = self._start(work())
+            self._in_flight_idem[key] = task
+            task.add_done_callback(lambda _: self._in_flight_idem.pop(key, None))
+        return await asyncio.shield(task)
 
     async def _replay(self, hit: IdemHit, key: IdemKey, request_id: int) -> object | None:
         """The stored answer of ``key``; waits while another request is still working on it.
@@ -276,7 +276,7 @@ class TradingService:
         if order.client_order_id is None:
             return await self._shielded(self._open(who, order, None))
         key = IdemKey(who.user, "open", order.client_order_id)
-        result = await self._once(key, lambda: self._shielded(self._open(who, order, key)))
+        result = await self._once(key, lambda: self._open(who, order, key))
         assert isinstance(result, OpenPosition | Rejected)
         return result
 
@@ -358,7 +358,7 @@ class TradingService:
         if order.client_order_id is None:
             return await self._shielded(self._close(who, order, None))
         key = IdemKey(who.user, "close", order.client_order_id)
-        result = await self._once(key, lambda: self._shielded(self._close(who, order, key)))
+        result = await self._once(key, lambda: self._close(who, order, key))
         assert isinstance(result, ClosedPosition | Rejected)
         return result
 

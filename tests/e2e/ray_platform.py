@@ -102,6 +102,21 @@ class RayHttpPlatform:
 
         self._run(send())
 
+    def produce_stale(self, asset: str, age_s: float = 3600.0) -> None:
+        """Produce a well-formed message ``age_s`` old to the topic (the feed must drop it)."""
+        from feed.message import message_from_ticks
+
+        a = self.settings.assets[asset]
+        self._seq += 1
+        ts_us = time.time_ns() // 1000 - int(age_s * 1_000_000)
+        msg = message_from_ticks(a, 100, 101, ts_us, self._seq, "test")
+
+        async def send() -> None:
+            await self._producer.publish(msg)
+            await self._producer.flush()
+
+        self._run(send())
+
     def _shards_of(self, asset: str) -> list[tuple[Any, Any]]:
         return [(spec, self.platform.shards[spec.name]) for spec in self.platform.layout
                 if spec.asset == asset]

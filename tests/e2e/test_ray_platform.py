@@ -63,6 +63,21 @@ def test_smoke_open_liquidate_history_audit_through_serve_and_kafka(
     assert totals["sum_micros"] == 0 and int(str(totals["closed_positions"])) >= 1
 
 
+def test_metrics_count_the_feed_drops_by_reason(platform: RayHttpPlatform,
+                                                http: httpx.Client) -> None:
+    def dropped(reason: str) -> int:
+        text = http.get("/metrics").text
+        line = f'shardex_feed_dropped_total{{reason="{reason}"}} '
+        return int(next(x for x in text.splitlines() if x.startswith(line)).split()[-1])
+
+    before = dropped("stale")
+    platform.produce_stale("SOL")  # a well-formed message an hour old, through Kafka
+    deadline = time.monotonic() + 10
+    while dropped("stale") == before:
+        assert time.monotonic() < deadline, "the stale message was not counted"
+        time.sleep(0.1)
+
+
 # The SPEC trading scenarios, again on Ray (same functions; this module's `platform` fixture).
 for _name in dir(_trading):
     if _name.startswith("test_"):
