@@ -14,6 +14,5 @@ async def platform() -> AsyncIterator[Platform]:
     p = build_platform()
     yield p
     assert await p.audit() == []
-    for port in p.shards.values():
-        port.serial.shutdown()
-    p.ledger.serial.shutdown()
+    await p.service.aclose()
+    p.hosts.close()

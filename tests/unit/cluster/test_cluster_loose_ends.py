@@ -1,0 +1,406 @@
+"""Requests cut off halfway, through the service over in-process ports: a client that goes away
+mid-open, a release or a close reply that is lost, a settlement batch with a bad item. Money
+ends where the state machines say, exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from cluster.actors.port import LocalPort, Port, Unavailable
+from cluster.trading.courier import Courier, SettlementRefused
+from cluster.trading.service import TradingService
+from engine.ledger_machine import (
+    AppliedSeq,
+    ApplySettlements,
+    Balances,
+    History,
+    LockMargin,
+    ReleaseMargin,
+    Totals,
+)
+from engine.market import Tick
+from engine.messages import (
+    ClosedPosition,
+    CloseOrder,
+    OpenOrder,
+    OpenPosition,
+    Principal,
+    SettlementItem,
+)
+from engine.orders import Side
+from engine.results import Code, Rejected
+from engine.shard_machine import ApplyTick, Close, Open, Outbox, OutboxView, Resolve, Stats
+from tests.unit.cluster.faulty_ports import FailingBatches, Gated, Wrapped
+from tests.unit.cluster.local_platform import Platform, build_platform
+
+pytestmark = pytest.mark.asyncio
+USD = 10**6
+SIGNUP = 10_000 * USD
+SETTLED_WITHIN_S = 5.0
+
+Make = Callable[..., Platform]
+
+
+@pytest_asyncio.fixture
+async def make() -> AsyncIterator[Make]:
+    built: list[Platform] = []
+    services: list[TradingService] = []
+
+    def make(**kw: Any) -> Platform:
+        built.append(build_platform(**kw))
+        services.append(built[-1].service)
+        return built[-1]
+
+    make.services = services  # type: ignore[attr-defined]
+    yield make
+    for svc in services:
+        await svc.aclose()
+    for p in built:
+        p.hosts.close()
+
+
+def service(make: Make, p: Platform, ledger: Port | None = None,
+            shards: dict[str, Port] | None = None, **options: Any) -> TradingService:
+    """Another service over ``p``'s ports (or wrappers of them), closed with the test."""
+    svc = TradingService(ledger or p.ledger, shards or dict(p.shards), p.settings, **options)
+    make.services.append(svc)  # type: ignore[attr-defined]
+    return svc
+
+
+async def signup(svc: TradingService) -> Principal:
+    account = await svc.create_account()
+    who = await svc.authenticate(account.api_key)
+    assert who is not None
+    return who
+
+
+def sol_long(margin_usd: int = 100, **kw: Any) -> OpenOrder:
+    return OpenOrder("SOL", Side.LONG, margin_usd * USD, 10, **kw)
+
+
+def balances(p: Platform, who: Principal) -> tuple[int, int]:
+    [answer] = p.ledger.execute_blocking([Balances(who.user)])
+    return answer  # type: ignore[no-any-return]
+
+
+def shard_positions(p: Platform, asset: str) -> int:
+    [stats] = p.shard_of(asset).execute_blocking([Stats()])
+    return int(stats.positions)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]],
+                     within_s: float = SETTLED_WITHIN_S) -> float:
+    """Seconds until ``check()`` holds; fails after ``within_s``."""
+    start = time.monotonic()
+    while not await check():
+        assert time.monotonic() - start < within_s, f"not settled within {within_s} s"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - start
+
+
+# --------------------------------------------------------------------------- 1. disconnects
+@pytest.mark.parametrize("client_order_id", [None, "d-1"])
+@pytest.mark.parametrize("lost", [False, True], ids=["open-arrives", "open-lost"])
+@pytest.mark.parametrize("cut_at", ["open", "lock"])
+async def test_a_client_that_disconnects_mid_open_leaves_no_orphaned_margin(
+        make: Make, cut_at: str, lost: bool, client_order_id: str | None) -> None:
+    gates: dict[str, Gated] = {}
+
+    def wrap(port: LocalPort) -> Port:
+        gates[port.name] = Gated(port, Open, lose=lost)
+        return gates[port.name]
+
+    p = make(wrap=wrap)
+    gate = gates[p.shard_of("SOL").name]
+    svc = p.service
+    if cut_at == "lock":  # cut while the lock itself is on its way to the ledger
+        gate.opened.set()
+        lock_gate = Gated(p.ledger, LockMargin)
+        svc = service(make, p, ledger=lock_gate, shards=dict(gates))
+        gate = lock_gate
+    who = await signup(svc)
+    await p.push_tick("SOL", "100.00", "100.01")
+    order = sol_long(client_order_id=client_order_id)
+    client = asyncio.create_task(svc.open_position(who, order))
+    await asyncio.wait_for(gate.reached.wait(), 5)
+    if cut_at == "open":  # the lock was made, the open is held on its way to the shard
+        assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+    client.cancel()  # the client went away
+    with pytest.raises(asyncio.CancelledError):
+        await client
+    gate.opened.set()
+
+    async def settled() -> bool:
+        free, margin = balances(p, who)
+        if lost:  # never opened: the margin is back in free, released by the reconciler
+            return (free, margin) == (SIGNUP, 0) and \
+                svc.counters["locks_released_abandoned"] == 1
+        state = await svc.state(who)  # opened: the position holds the margin
+        return margin == 100 * USD and [q.margin_micros for q in state.positions] == [100 * USD]
+
+    took = await eventually(settled)
+    assert took < SETTLED_WITHIN_S
+    await asyncio.sleep(0.3)  # and it stays so
+    assert await settled()
+    assert shard_positions(p, "SOL") == (0 if lost else 1)
+    state = await svc.state(who)
+    assert await svc.reconcile() == 0
+    assert (await svc.audit())[0] == []
+    if client_order_id is not None:  # the client comes back with the same clientOrderId
+        gates[p.shard_of("SOL").name].lose = False
+        retry = await svc.open_position(who, order)
+        assert isinstance(retry, OpenPosition)
+        if state.positions:
+            assert retry.position_id == state.positions[0].position_id
+        assert shard_positions(p, "SOL") == 1 and balances(p, who)[1] == 100 * USD
+        assert (await svc.audit())[0] == []
+
+
+async def test_a_duplicate_of_a_request_whose_client_went_away_gets_its_answer(
+        make: Make) -> None:
+    gates: dict[str, Gated] = {}
+
+    def wrap(port: LocalPort) -> Port:
+        gates[port.name] = Gated(port, Open)
+        return gates[port.name]
+
+    p = make(wrap=wrap)
+    gate = gates[p.shard_of("SOL").name]
+    svc = p.service
+    who = await signup(svc)
+    await p.push_tick("SOL", "100.00", "100.01")
+    order = sol_long(client_order_id="dup")
+    first = asyncio.create_task(svc.open_position(who, order))
+    await asyncio.wait_for(gate.reached.wait(), 5)
+    second = asyncio.create_task(svc.open_position(who, order))  # the same request, again
+    await asyncio.sleep(0.05)
+    first.cancel()  # only the first client went away
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    gate.opened.set()
+    answer = await asyncio.wait_for(second, 5)
+    assert isinstance(answer, OpenPosition)
+    assert await svc.open_position(who, order) == answer
+    assert shard_positions(p, "SOL") == 1 and balances(p, who)[1] == 100 * USD
+    assert (await svc.audit())[0] == []
+
+
+# --------------------------------------------------------------------------- 2. lost release
+@pytest.mark.parametrize("client_order_id", [None, "r-1"])
+@pytest.mark.parametrize("deliver", [False, True], ids=["request-lost", "reply-lost"])
+async def test_a_release_after_a_refusal_that_fails_is_queued_and_released_once(
+        make: Make, deliver: bool, client_order_id: str | None) -> None:
+    p = make()
+    ledger = FailingBatches(p.ledger, ReleaseMargin, failures=1, deliver=deliver)
+    svc = service(make, p, ledger=ledger)
+    who = await signup(svc)
+    await p.push_tick("SOL", "100.00", "100.01")
+    held = await svc.open_position(who, sol_long())  # a position whose margin must stay
+    assert isinstance(held, OpenPosition)
+    order = sol_long(50, current_price_ticks=9000, client_order_id=client_order_id)
+    refused = await svc.open_position(who, order)
+    assert isinstance(refused, Rejected) and refused.code is Code.PRICE_MOVED
+    assert ledger.failed == 1 and svc.counters["locks_abandoned"] == 1
+
+    async def released() -> bool:
+        return balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+
+    await eventually(released)
+    assert await svc.reconcile() == 0
+    assert svc.counters["locks_released_abandoned"] == 1
+    await asyncio.sleep(0.3)  # no second release comes later
+    assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+    state = await svc.state(who)
+    assert [q.position_id for q in state.positions] == [held.position_id]
+    assert (await svc.audit())[0] == []
+    if client_order_id is not None:  # a retry is refused the same way, and locks nothing
+        assert await svc.open_position(who, order) == refused
+        assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+        assert (await svc.audit())[0] == []
+
+
+# --------------------------------------------------------------------------- 3. lost close reply
+@pytest.mark.parametrize("shard_answers_meanwhile", [True, False])
+async def test_a_retried_close_whose_reply_was_lost_gets_the_first_close(
+        make: Make, shard_answers_meanwhile: bool) -> None:
+    flaky: dict[str, FailingBatches] = {}
+    # the shard runs every Close, then its reply is lost; Resolve too while the shard is
+    # still unreachable (its answer is lost as well)
+    kind = Close if shard_answers_meanwhile else (Close, Resolve)
+
+    def wrap(port: LocalPort) -> Port:
+        flaky[port.name] = FailingBatches(port, kind, failures=None, deliver=True)
+        return flaky[port.name]
+
+    p = make(wrap=wrap)
+    svc = service(make, p, shards=dict(flaky), idem_wait_s=1.0)
+    who = await signup(svc)
+    await p.push_tick("SOL", "100.00", "100.01")
+    pos = await svc.open_position(who, sol_long())
+    assert isinstance(pos, OpenPosition)
+    await p.push_tick("SOL", "101.00", "101.01")
+    order = CloseOrder(pos.position_id, client_order_id="c-lost")
+    with pytest.raises(Unavailable):  # the service gave up: its resends all lost their reply
+        await svc.close_position(who, order)
+    shard = flaky[p.shard_of("SOL").name]
+    closes = [c for c in shard.lost if isinstance(c, Close)]
+    assert len(closes) == 3 and len({c.request.request_id for c in closes}) == 1
+    assert shard_positions(p, "SOL") == 0  # it did close, once
+    [first] = p.shard_of("SOL").execute_blocking([Resolve(closes[0].request.request_id)])
+    assert isinstance(first, SettlementItem)
+    if not shard_answers_meanwhile:
+        # the outcome cannot be learned yet: a retry waits for it, never runs again
+        with pytest.raises(Unavailable):
+            await svc.close_position(who, order)
+        await p.push_tick("SOL", "102.00", "102.01")  # the feed's delivery settles it
+        shard.kind = Close  # the shard answers again: a round learns the outcome
+        assert await svc.reconcile() == 0
+    retry = await svc.close_position(who, order)
+    assert isinstance(retry, ClosedPosition), retry
+    assert retry == first.closed
+    assert await svc.close_position(who, order) == retry
+    assert await svc.reconcile() == 0
+    await p.push_tick("SOL", "103.00", "103.01")
+    # the ledger applied it once
+    totals = await p.ledger.call(Totals())
+    assert totals["closed_positions"] == 1
+    assert await p.ledger.call(AppliedSeq(shard.name)) == 1
+    history = await p.ledger.call(History(who.user))
+    assert history == [retry]
+    assert balances(p, who) == (SIGNUP + retry.pnl_micros, 0)
+    assert (await svc.audit())[0] == []
+
+
+# --------------------------------------------------------------------------- 4. a bad item
+def forge(item: SettlementItem, seq: int, how: str, owner: int) -> SettlementItem:
+    c = item.closed
+    if how == "margin":  # more margin than the owner has locked, balanced
+        m = c.margin_micros * 10
+        c = c._replace(margin_micros=m, payout_micros=m, house_micros=0, insurance_micros=0)
+    elif how == "unbalanced":  # pays out more than the margin
+        c = c._replace(payout_micros=c.payout_micros + USD)
+    elif how == "stranger":  # an owner with no account
+        c = c._replace(owner=owner + 1000)
+    else:  # not an int64
+        c = c._replace(pnl_micros=1 << 70)
+    return SettlementItem(seq, c)
+
+
+async def outbox_of_two_closes(p: Platform, who: Principal) -> tuple[str, list[SettlementItem]]:
+    """Two TP closes on the SOL shard that nobody delivered (still in its outbox)."""
+    for _ in range(2):
+        assert isinstance(await p.service.open_position(who, sol_long(tp_ticks=10100)),
+                          OpenPosition)
+    shard = p.shard_of("SOL")
+    asset = p.settings.assets["SOL"]
+    tick = Tick("SOL", asset.price_to_ticks("101.00"), asset.price_to_ticks("101.01"),
+                p.clock.now_us, 10_000, "test")
+    assert await shard.call(ApplyTick(tick)) == 2
+    view = await shard.call(Outbox())
+    assert [i.seq for i in view.items] == [1, 2]
+    return shard.name, view.items
+
+
+@pytest.mark.parametrize("how", ["margin", "unbalanced", "stranger", "range"])
+async def test_a_settlement_batch_with_a_bad_later_item_applies_nothing(make: Make,
+                                                                        how: str) -> None:
+    p = make()
+    who = await signup(p.service)
+    await p.push_tick("SOL", "100.00", "100.01")
+    name, items = await outbox_of_two_closes(p, who)
+    before = (balances(p, who), await p.ledger.call(Totals()))
+    bad = forge(items[1], 3, how, who.user)
+    refused = await p.ledger.call(ApplySettlements(name, (*items, bad)))
+    assert isinstance(refused, Rejected) and refused.code is Code.INVALID_REQUEST
+    assert "settlement 3" in refused.message
+    assert (balances(p, who), await p.ledger.call(Totals())) == before  # nothing applied
+    assert await p.ledger.call(AppliedSeq(name)) == 0
+    assert await p.ledger.call(History(who.user)) == []
+    # the valid items alone: applied, exactly once however often they are sent
+    for _ in range(3):
+        assert await p.ledger.call(ApplySettlements(name, tuple(items))) == 2
+    totals = await p.ledger.call(Totals())
+    assert totals["closed_positions"] == 2 and totals["sum_micros"] == 0
+    payouts = sum(i.closed.payout_micros for i in items)
+    assert balances(p, who) == (SIGNUP - 200 * USD + payouts, 0)
+    assert [h.position_id for h in await p.ledger.call(History(who.user))] == \
+        [i.closed.position_id for i in reversed(items)]
+    await p.hosts.courier.deliver(name)  # acknowledged: the outbox empties
+    assert (await p.shard_of("SOL").call(Outbox())).items == []
+    assert await p.audit() == []
+
+
+class ForgingOutbox(Wrapped):
+    """A shard port whose Outbox answers carry one forged item after the real ones (while
+    ``forging``)."""
+
+    def __init__(self, inner: Port, owner: int) -> None:
+        super().__init__(inner)
+        self.owner, self.forging = owner, True
+
+    async def execute(self, commands: list[Any]) -> list[Any]:
+        answers = await self.inner.execute(commands)
+        if not self.forging:
+            return answers
+        out = []
+        for command, answer in zip(commands, answers, strict=True):
+            if isinstance(command, Outbox) and answer.items:
+                bad = forge(answer.items[-1], answer.last_seq + 1, "margin", self.owner)
+                answer = OutboxView([*answer.items, bad], answer.last_seq + 1)
+            out.append(answer)
+        return out
+
+
+async def test_the_courier_delivers_nothing_of_a_batch_with_a_bad_item(make: Make) -> None:
+    p = make()
+    who = await signup(p.service)
+    await p.push_tick("SOL", "100.00", "100.01")
+    name, items = await outbox_of_two_closes(p, who)
+    forging = ForgingOutbox(p.shards[name], who.user)
+    courier = Courier(p.ledger, {name: forging})
+    before = balances(p, who)
+    with pytest.raises(SettlementRefused):
+        await courier.deliver(name)
+    assert balances(p, who) == before and await p.ledger.call(AppliedSeq(name)) == 0
+    assert [i.seq for i in (await p.shards[name].call(Outbox())).items] == [1, 2]  # kept
+    forging.forging = False  # the valid items alone
+    assert await courier.deliver(name) == 2
+    assert await courier.deliver(name) == 2
+    totals = await p.ledger.call(Totals())
+    assert totals["closed_positions"] == 2
+    assert balances(p, who) == (SIGNUP - 200 * USD + sum(i.closed.payout_micros
+                                                        for i in items), 0)
+    assert (await p.shards[name].call(Outbox())).items == []
+    assert await p.audit() == []
+
+
+# --------------------------------------------------------------------------- the reconciler
+async def test_stopping_the_reconciler_mid_round_keeps_the_doubt_queued(make: Make) -> None:
+    flaky: dict[str, FailingBatches] = {}
+
+    def wrap(port: LocalPort) -> Port:
+        flaky[port.name] = FailingBatches(port, Open, failures=3)
+        return flaky[port.name]
+
+    p = make(wrap=wrap)
+    svc = p.service
+    who = await signup(svc)
+    await p.push_tick("SOL", "100.00", "100.01")
+    held = Gated(flaky[p.shard_of("SOL").name], Resolve)  # the round's Resolve waits here
+    svc.shards[held.name] = svc.reconciler.shards[held.name] = held
+    with pytest.raises(Unavailable):
+        await svc.open_position(who, sol_long())
+    await asyncio.wait_for(held.reached.wait(), 5)
+    await svc.reconciler.aclose()  # stopped while the round waits for the shard
+    assert svc.reconciler.outstanding == 1
+    assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+    held.opened.set()
+    assert await svc.reconcile() == 0
+    assert balances(p, who) == (SIGNUP, 0)
+    assert (await svc.audit())[0] == []
