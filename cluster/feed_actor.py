@@ -34,7 +34,7 @@ the recreated topic starts again at 0) is positioned again; any consumer failure
 consumer after a backoff.
 
 ``fetch_max_wait_ms`` stays at 5: Tansu holds an empty fetch that long, and shorter waits
-(2 ms) were measured to cause second-long stalls (p99 1.4-2.3 s in ``shardex bench feed``).
+caused second-long stalls in ``shardex bench feed`` (README, performance).
 
 :data:`FeedSource` is the market data source as a Ray actor, for a launcher that wants the
 source inside the cluster rather than in its own process.

@@ -44,6 +44,7 @@ ADDRESS_FILE = "ray-address.json"  # in DATA_DIR while a local `up` runs
 BROKER_RECORD = "embedded-broker.json"  # in DATA_DIR while `up` runs the embedded broker
 ATTACH_CHECK_TIMEOUT_S = 2.0  # status/audit: how long a recorded Ray may take to answer TCP
 CRASHED_RUN_WAIT_S = 15.0  # how long a start waits for a killed run's workers to exit
+TIME_WAIT_S = 65.0  # ... and for its closed connections to leave the API port (Linux: 60 s)
 
 
 class LaunchError(RuntimeError):
@@ -79,8 +80,9 @@ class Platform:
     namespace: str = NAMESPACE
     ray_init: dict[str, Any] = field(default_factory=dict)
     topic: str = MARKET_TOPIC
-    direct_ingress: bool = True  # False: Serve's proxy on the port (measured ~4.8x slower)
+    direct_ingress: bool = True  # False: Serve's proxy on the port (slower: README figures)
     broker_port: int | None = None  # the embedded broker's port; None = config's default
+    cancel: threading.Event | None = None  # set: a start waiting on a killed run gives up
     # journaled hosts in DATA_DIR that Ray restarts (what `up` runs); False: memory only
     durable: bool = False
     supervise_interval_s: float = 1.0
@@ -194,8 +196,9 @@ class Platform:
                 "host": socket.gethostname(), "owner": owner.to_json() if owner else None}))
 
     def _take_over_data_dir(self) -> None:
-        """Refuse a DATA_DIR a running platform uses; after a crashed run, wait (at most
-        ``CRASHED_RUN_WAIT_S``) for its processes to let go of the API port and the journals.
+        """Refuse a DATA_DIR a running platform uses; after a crashed run, wait for its
+        processes to let go of the API port and the journals: at most ``CRASHED_RUN_WAIT_S``,
+        or ``TIME_WAIT_S`` while only closed connections of the killed server hold the port.
 
         A killed ``up`` takes its local Ray with it, but Ray's workers (the API replica on
         the port, the actors holding their journal's lock) notice only a moment later.
@@ -213,10 +216,28 @@ class Platform:
             return  # another host's record: its processes are not ours to wait for
         log.warning("the platform last started from %s (pid %s) did not stop cleanly; "
                     "waiting for its processes to exit", where, recorded.get("pid"))
-        deadline = time.monotonic() + CRASHED_RUN_WAIT_S
-        while time.monotonic() < deadline and (
-                not port_is_free(self.host, self.settings.port) or _journals_held(where)):
-            time.sleep(0.1)
+        from feed.broker import accepts_connections
+
+        host, port = self.host, self.settings.port
+        started, limit_s = time.monotonic(), CRASHED_RUN_WAIT_S
+        while not (port_free := port_is_free(host, port)) or _held_journal(where) is not None:
+            waited_s = time.monotonic() - started
+            if (waited_s >= limit_s and limit_s < TIME_WAIT_S and not port_free
+                    and not accepts_connections(host, port)):
+                # nothing listens: closed connections of the killed server hold the port
+                log.warning("port %d still holds connections of the killed run in TIME_WAIT; "
+                            "waiting for them to expire", port)
+                limit_s = TIME_WAIT_S
+            if waited_s >= limit_s:
+                break  # the checks after this name what still holds the port
+            if self.cancel is None:
+                time.sleep(0.1)
+            elif self.cancel.wait(0.1):
+                raise LaunchError("start cancelled while waiting for a killed run to end")
+        held = _held_journal(where)
+        if held is not None:
+            raise LaunchError(f"{held} is still locked by a process of the killed run; stop "
+                              "that process (it writes the journal), then start again")
         with contextlib.suppress(OSError):
             self.address_file.unlink()
 
@@ -428,13 +449,15 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     # the platform users run keeps its state in DATA_DIR (journaled hosts Ray restarts)
     platform = Platform(settings, with_feed=with_feed, host=settings.host,
-                        broker_port=broker_port, durable=True)
+                        broker_port=broker_port, durable=True, cancel=stopping)
     try:
         try:
             platform.start()
         except ConfigError:
             raise
         except (LaunchError, ValueError, OSError, TimeoutError) as exc:
+            if stopping.is_set():
+                return 0  # Ctrl-C while the start waited
             print(f"shardex: cannot start: {exc}", file=sys.stderr)
             return 1
         # ray.init installs its own SIGTERM handler (exit without cleanup): take it back
@@ -497,12 +520,12 @@ def _recorded_state(recorded: dict[str, Any]) -> Literal["running", "gone", "els
     return "running" if alive else "gone"
 
 
-def _journals_held(data_dir: Path) -> bool:
-    """Whether a process holds the writer lock of a journal under ``data_dir``."""
+def _held_journal(data_dir: Path) -> Path | None:
+    """The writer lock of a journal under ``data_dir`` some process holds, if any."""
     try:
         import fcntl
     except ImportError:
-        return False
+        return None
     for lock in data_dir.glob("*/journal/LOCK"):
         try:
             fd = os.open(lock, os.O_RDWR)
@@ -511,10 +534,10 @@ def _journals_held(data_dir: Path) -> bool:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            return True
+            return lock
         finally:
             os.close(fd)  # closing drops the lock taken to test it
-    return False
+    return None
 
 
 def _tcp_answers(address: str, timeout_s: float) -> bool:

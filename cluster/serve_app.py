@@ -4,14 +4,12 @@ The deployment is a FastAPI ingress around ``cluster.api.create_app(service)``; 
 ``TradingService`` is built inside the replica from Ray ports over the named ledger and shard
 actors, so the replica holds no trading state and can be restarted at any time.
 
-Fast path (measured on 2 cores, ``shardex bench api`` and a two-actor probe): Serve's proxy
-adds a process hop and a handle call per request: the real API did 251 open/close req/s at
-concurrency 64 (p99 376 ms) through the proxy, a handler calling two actors ~260 req/s. With
-``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` the ingress replica runs its own HTTP server ("direct
-ingress") on a port the controller hands out from ``[RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT,
-RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT)`` (half-open); setting that range to ``[port, port + 1)``
-makes the replica itself listen on the public port: 1,207 req/s at 64 (p99 95 ms) for the API,
-~700 req/s for the two-actor handler. These variables are read at import time
+Fast path: Serve's proxy adds a process hop and a handle call per request (the README's
+figures: several times slower). With ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` the ingress replica
+runs its own HTTP server ("direct ingress") on a port the controller hands out from
+``[RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT)`` (half-open);
+setting that range to ``[port, port + 1)`` makes the replica itself listen on the public port.
+These variables are read at import time
 by the Serve controller and by the replica, so they must be in those processes' environment:
 ``serve_env(port)`` is exported before ``ray.init`` (a local Ray's workers inherit it) and passed
 as ``runtime_env`` to the job, the controller and the deployment (so it also holds when joining

@@ -1,51 +1,26 @@
 """Recovery of a journaled state: newest valid snapshot plus the journal records after it.
 
-Used the same way by the ledger and by every shard:
-
-* :func:`recover` builds the state from the newest valid snapshot (``restore(snapshot)``, or
-  ``restore(None)`` for a fresh start), then decodes and applies every durable journal record
-  after the snapshot's seq, in order, with ``apply(state, event)``. The same ``apply`` must be
-  what the live actor runs after journaling an event, so a replay rebuilds exactly the state
-  that was acknowledged.
-* :func:`checkpoint` commits the journal, snapshots the state at the journal's last seq, keeps
-  the newest snapshots and deletes journal segments only the oldest kept snapshot still covers,
-  so the fallback to the previous snapshot (when the newest turns out corrupt) always finds
-  its journal tail.
-
-How a (sync, single-threaded) actor uses this:
-
-1. ``__init__``: open its own ``Journal(DATA_DIR/<name>/journal)`` (exclusive), then
-   ``recover(journal, DATA_DIR/<name>/snapshots, restore, apply)``; serve nothing before.
-2. Every batched call: validate and perform each request on the in-memory state, append one
-   event per change (``journal.append(encode(event))``), then ``journal.commit()`` once for
-   the batch, and only then return the answers. A commit that raises means the journal is
-   poisoned: the actor must exit (Ray restarts it and it recovers from disk), never answer.
-3. Every N records or T seconds of records (the shell decides; the engine has no clock),
-   ``checkpoint(journal, snapshot_dir, arrays, meta)`` between batches.
-4. Work that must reach another actor (a shard's settlements to the ledger) is journaled by
-   the sender first, numbered by a per-sender seq, resent until acknowledged, and applied by
-   the receiver only if it is the next seq it expects (journaling the applied seq with the
-   change), so it takes effect exactly once.
+:func:`recover` builds the state from the newest valid snapshot (``restore(snapshot)``, or
+``restore(None)`` for a fresh start), then decodes and applies every durable journal record
+after the snapshot's seq, in order. The runner (cluster.durability.runner) passes the machine's
+own ``apply``, the one the live path runs, so a replay rebuilds exactly the state that was
+acknowledged. :func:`trim_journal` drops the journal segments that even the oldest kept snapshot
+no longer needs (the store calls it once a snapshot is on disk), so the fallback to the previous
+snapshot, when the newest turns out corrupt, always finds its journal tail.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Generic, TypeVar
-
-import numpy as np
 
 from cluster.durability.journal import Journal, JournalError
 from cluster.durability.snapshot import (
-    DEFAULT_KEEP,
     Snapshot,
     list_snapshots,
     load_latest_snapshot,
-    prune_snapshots,
-    write_snapshot,
 )
 from engine.events import decode as decode_event
 
@@ -104,30 +79,11 @@ def recover(journal: Journal, snapshot_dir: str | os.PathLike[str],
     return Recovered(state, base, expected - 1 - base, max(expected - 1, base))
 
 
-def checkpoint(journal: Journal, snapshot_dir: str | os.PathLike[str],
-               arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any],
-               keep: int = DEFAULT_KEEP) -> Path:
-    """Snapshot a state that reflects every record appended to ``journal``; trim both.
-
-    Commits the journal first (a snapshot must never hold a change whose record could still
-    be lost, or a restart would reuse its seq), writes the snapshot at ``journal.last_seq``,
-    keeps the ``keep`` newest snapshots and drops journal segments older than the oldest kept.
-    Returns the new snapshot's path.
-    """
-    seq = journal.commit()
-    path = write_snapshot(snapshot_dir, seq, arrays, meta)
-    prune_snapshots(snapshot_dir, keep)
-    trim_journal(journal, snapshot_dir)
-    return path
-
-
 def trim_journal(journal: Journal, snapshot_dir: str | os.PathLike[str]) -> int:
     """Delete the journal segments that even the oldest kept snapshot no longer needs.
 
-    The second half of :func:`checkpoint`, for an actor that writes big snapshots off its
-    thread: ``seq = journal.commit()``, copy the state, hand ``write_snapshot`` +
-    ``prune_snapshots`` to a worker thread, and once that finished call this on the actor's
-    thread (a Journal is not thread-safe). Returns the number of segments deleted.
+    Called on the writer's thread (a Journal is not thread-safe) once a snapshot written off
+    that thread is on disk. Returns the number of segments deleted.
     """
     kept = list_snapshots(snapshot_dir)
     if not kept:
