@@ -1,4 +1,5 @@
-"""Event codecs: symmetric round trip of every event type, strict decoding, compact sizes."""
+"""Event codecs: symmetric round trip of every event type, strict decoding, the older layouts
+still decoding, compact sizes."""
 
 from __future__ import annotations
 
@@ -11,16 +12,21 @@ from hypothesis import strategies as st
 from engine import events as ev
 from engine.events import (
     LEDGER_EVENTS,
+    RECOVERED_TICK_SOURCE,
     SHARD_EVENTS,
     TYPE_CODES,
+    VOLATILE_EVENTS,
     AccountCreated,
     ClientOrderStored,
+    ClientOrderStoredAt,
     EventError,
     MarginLocked,
     MarginReleased,
     OpenFenced,
+    OutboxAcked,
     PositionClosed,
     PositionOpened,
+    SeqResumed,
     SettlementApplied,
     TickApplied,
     decode,
@@ -37,9 +43,11 @@ text = st.text(max_size=40)  # any code points, surrogates included
 STRATEGIES = {
     PositionOpened: st.builds(PositionOpened, u64, u64, u8, i64, i64, i64, u16, i64, i64, i64,
                               i64, u32, u64),
-    PositionClosed: st.builds(PositionClosed, u64, u8, i64, i64, u64),
-    TickApplied: st.builds(TickApplied, i64, i64, i64),
+    PositionClosed: st.builds(PositionClosed, u64, u8, i64, i64, u64, u64),
+    TickApplied: st.builds(TickApplied, i64, i64, i64, u64, st.text(max_size=255)),
     OpenFenced: st.builds(OpenFenced, u64),
+    OutboxAcked: st.builds(OutboxAcked, u64),
+    SeqResumed: st.builds(SeqResumed, u64),
     AccountCreated: st.builds(AccountCreated, u64, i64, st.text(max_size=60),
                               st.text(max_size=80)),
     MarginLocked: st.builds(MarginLocked, u64, i64, u64),
@@ -49,13 +57,33 @@ STRATEGIES = {
                                  i64, i64, i64, i64, i64, i64, u8, i64),
     ClientOrderStored: st.builds(ClientOrderStored, u64, st.text(max_size=20), text,
                                  st.binary(max_size=300)),
+    ClientOrderStoredAt: st.builds(ClientOrderStoredAt, u64, st.text(max_size=20), text, u64,
+                                   i64, st.binary(max_size=300)),
 }
 any_event = st.one_of(*STRATEGIES.values())
+
+# The layouts written before PositionClosed carried the close's request id (0x12) and before
+# TickApplied carried the tick's seq and source (0x13): still decoded, never written.
+OLD_CLOSED = st.tuples(u64, u8, i64, i64, u64).map(
+    lambda v: (struct.pack("<BQBqqQ", 0x12, *v), PositionClosed(*v)))
+OLD_TICK = st.tuples(i64, i64, i64).map(
+    lambda v: (struct.pack("<Bqqq", 0x13, *v), TickApplied(*v, 0, RECOVERED_TICK_SOURCE)))
+old_layout = st.one_of(OLD_CLOSED, OLD_TICK)
 
 
 def test_every_event_type_has_a_strategy_and_a_distinct_type_byte() -> None:
     assert set(STRATEGIES) == set(SHARD_EVENTS) | set(LEDGER_EVENTS) == set(TYPE_CODES)
+    assert not set(SHARD_EVENTS) & set(LEDGER_EVENTS)
+    assert set(VOLATILE_EVENTS) == {TickApplied, OutboxAcked} <= set(SHARD_EVENTS)
     assert len(set(TYPE_CODES.values())) == len(TYPE_CODES)
+    assert {TYPE_CODES[c] for c in (PositionClosed, TickApplied, OutboxAcked, SeqResumed,
+                                    ClientOrderStored, ClientOrderStoredAt)} == \
+        {0x15, 0x16, 0x17, 0x18, 0x25, 0x26}
+    # an old type byte is never reused, and an old layout is the start of the new one
+    assert not set(ev._OLD_LAYOUTS) & set(ev._LAYOUTS)
+    for code, (cls, fmt) in ev._OLD_LAYOUTS.items():
+        new_fmt = ev._LAYOUTS[TYPE_CODES[cls]][1]
+        assert new_fmt.startswith(fmt) and code < TYPE_CODES[cls]
     for code, (cls, fmt, var_names, var_spec) in ev._LAYOUTS.items():
         fixed = struct.calcsize("<" + fmt)
         n_fixed = len(struct.unpack("<" + fmt, bytes(fixed)))
@@ -75,10 +103,26 @@ def test_round_trip(event: ev.Event) -> None:
     assert encode(back) == data
 
 
+@settings(max_examples=200, deadline=None)
+@given(old_layout)
+def test_old_layouts_still_decode(old: tuple[bytes, ev.Event]) -> None:
+    raw, event = old
+    assert decode(raw) == event and decode(memoryview(raw)) == event
+    assert encode(event)[0] == TYPE_CODES[type(event)]  # written in the new layout
+    assert decode(encode(event)) == event
+
+
+def test_old_client_order_stored_still_round_trips() -> None:
+    old = ClientOrderStored(7, "open", "c-1", b'\x01[101,30000000]')
+    raw = encode(old)
+    assert raw[0] == 0x25 and decode(raw) == old
+    assert raw == struct.pack("<BQBHI", 0x25, 7, 4, 3, len(old.response)) + b"openc-1" + \
+        old.response
+
+
 @settings(max_examples=100, deadline=None)
-@given(any_event, st.data())
-def test_truncated_or_padded_bytes_are_rejected(event: ev.Event, data: st.DataObject) -> None:
-    raw = encode(event)
+@given(st.one_of(any_event.map(encode), old_layout.map(lambda old: old[0])), st.data())
+def test_truncated_or_padded_bytes_are_rejected(raw: bytes, data: st.DataObject) -> None:
     cut = data.draw(st.integers(0, len(raw) - 1))
     with pytest.raises(EventError):
         decode(raw[:cut])
@@ -94,7 +138,19 @@ def test_unknown_type_and_bad_values() -> None:
     with pytest.raises(EventError):
         encode(PositionClosed(-1, 0, 1, 1, 1))  # ids are unsigned
     with pytest.raises(EventError):
+        encode(PositionClosed(1, 0, 1, 1, 1, -1))
+    with pytest.raises(EventError):
         encode(TickApplied(2**63, 1, 1))
+    with pytest.raises(EventError):
+        encode(TickApplied(1, 1, 1, -1))  # an exchange seq is unsigned
+    with pytest.raises(EventError):
+        encode(TickApplied(1, 1, 1, 1, "s" * 256))  # longer than its u8 length prefix
+    with pytest.raises(EventError):
+        encode(OutboxAcked(2**64))
+    with pytest.raises(EventError):
+        encode(ClientOrderStoredAt(1, "open", "c", 1, 2**63, b""))
+    with pytest.raises(EventError):
+        decode(b"\x12" + bytes(41))  # the old layout of 0x15 is as strict as any
     with pytest.raises(EventError):
         encode(AccountCreated(1, 1, "a" * 256, "h"))  # longer than its u8 length prefix
     with pytest.raises(EventError):
@@ -113,7 +169,11 @@ def test_journal_sizes_of_the_hot_events() -> None:
                             opened_ts_us=1_788_367_430_246_081, maintenance_margin_ppm=5000,
                             request_id=77)
     closed = PositionClosed(opened.position_id, reason=3, exit_ticks=10_887,
-                            ts_us=1_788_367_430_246_999, settlement_seq=17)
+                            ts_us=1_788_367_430_246_999, settlement_seq=17, request_id=2**63)
+    ticked = TickApplied(9896, 9897, 1_788_367_430_246_081, seq=2**40)
     assert len(encode(opened)) == 88
-    assert len(encode(closed)) == 34
-    assert len(encode(TickApplied(9896, 9897, 1_788_367_430_246_081))) == 25
+    assert len(encode(closed)) == 42  # 0x12 without the request id: 34
+    assert ticked.source == RECOVERED_TICK_SOURCE == "journal"
+    assert len(encode(ticked)) == 41  # 0x13 without seq and source: 25
+    assert len(encode(ticked._replace(source="backpack"))) == 42
+    assert len(encode(OutboxAcked(17))) == len(encode(SeqResumed(17))) == 9

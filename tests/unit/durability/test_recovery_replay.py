@@ -20,6 +20,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cluster.durability.journal import Journal
+from cluster.durability.recovery import RecoveryError, recover, trim_journal
+from cluster.durability.snapshot import (
+    Snapshot,
+    list_snapshots,
+    prune_snapshots,
+    snapshot_path,
+    write_snapshot,
+)
 from engine.assets import DEFAULT_ASSETS
 from engine.book import PositionBook
 from engine.events import (
@@ -35,18 +44,9 @@ from engine.events import (
     TickApplied,
     encode,
 )
-from cluster.durability.journal import Journal
 from engine.ledger import Ledger
 from engine.orders import CloseReason, OpenPlan, Side, plan_open
-from cluster.durability.recovery import RecoveryError, checkpoint, recover, trim_journal
 from engine.settlement import Settlement, exit_price_ticks, settle
-from cluster.durability.snapshot import (
-    Snapshot,
-    list_snapshots,
-    prune_snapshots,
-    snapshot_path,
-    write_snapshot,
-)
 
 ASSET = DEFAULT_ASSETS["SOL"]
 SHARD = "SOL-0"
@@ -56,6 +56,18 @@ OUTBOX_FIELDS = ("seq", "position_id", "owner", "side", "entry_ticks", "qty_step
                  "margin_micros", "leverage", "liq_ticks", "tp_ticks", "sl_ticks",
                  "opened_ts_us", "exit_ticks", "pnl_micros", "payout_micros", "house_micros",
                  "insurance_micros", "reason", "closed_ts_us")
+
+
+def checkpoint(journal: Journal, snapshot_dir: Path, arrays: dict[str, np.ndarray],
+               meta: dict[str, Any]) -> Path:
+    """The recipe of a checkpoint (cluster.durability.store.JournalStore does the same): commit
+    first (a snapshot must never hold a change whose record could still be lost), snapshot at
+    that seq, keep the newest snapshots, drop the journal segments none of them needs."""
+    seq = journal.commit()
+    path = write_snapshot(snapshot_dir, seq, arrays, meta)
+    prune_snapshots(snapshot_dir)
+    trim_journal(journal, snapshot_dir)
+    return path
 
 
 # ----------------------------------------------------------------------------- shard state

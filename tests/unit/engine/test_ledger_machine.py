@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import cluster.journal_store
+import cluster.durability.store
 from engine import events as ev
 from engine.events import (
     AccountCreated,
@@ -151,7 +151,7 @@ def test_accounts_keys_are_stored_only_as_hashes() -> None:
     assert a.balance_micros == SIGNUP
     assert led(Authenticate(hash_api_key("key-1"))) == Principal(a.user, a.account_id)
     assert led(Authenticate(hash_api_key("key-1x"))) is None
-    assert b"key-1" not in pickle.dumps(led.m.snapshot())
+    assert b"key-1" not in pickle.dumps((led.m.snapshot(), led.m.fingerprint()))
     assert led.balances(a.user) == (SIGNUP, 0) and led.balances(b.user) == (SIGNUP, 0)
     assert led.audit({}) == []
     # a key hash already in use is refused, and nothing changes
@@ -437,15 +437,18 @@ def test_batch_records_and_stored_answers_round_trip() -> None:
     for cut in (1, 3, 6):
         with pytest.raises(ValueError):
             decode_batch(encode_batch([encode(events[0])])[:-cut])
-    assert cluster.journal_store.encode_batch is ev.encode_batch
-    assert cluster.journal_store.decode_batch is ev.decode_batch
-    assert cluster.journal_store.BATCH_TAG == ev.BATCH_TAG
+    assert cluster.durability.store.encode_batch is ev.encode_batch
+    assert cluster.durability.store.decode_batch is ev.decode_batch
+    assert cluster.durability.store.BATCH_TAG == ev.BATCH_TAG
     position = opened(1, 5, 3)
     close = ClosedPosition(5, 1, "SOL", Side.LONG, 100, 2, 3, 4, 90, 0, 0, NOW, 95, -10, 0, 10,
                            -7, 3, NOW + 1)
-    for answer in (None, Rejected(Code.INSUFFICIENT_BALANCE, "no"), position, close):
+    for answer in (None, Rejected(Code.INSUFFICIENT_BALANCE, "no"), position, close,
+                   position._replace(side=Side.SHORT, tp_ticks=90, sl_ticks=110)):
         back = decode_answer(encode_answer(answer))
         assert back == answer and type(back) is type(answer)
+        if isinstance(back, OpenPosition | ClosedPosition):
+            assert isinstance(back.side, Side)
     assert decode_answer(PENDING_OPEN + b"[1,2]") is None
 
 

@@ -302,6 +302,7 @@ def test_outbox_sequence_and_ack() -> None:
     assert step(m, AckOutbox(1), NOW) == (1, [], False)  # an old ack changes nothing
     acked = step(m, AckOutbox(5), NOW)  # beyond the last seq: up to it
     assert acked.answer == 0 and acked.urgent is False  # OutboxAcked is volatile
+    assert run(m, AckOutbox(3)) == 0 and run(m, Outbox()) == OutboxView([], 3)
     stats = run(m, Stats())
     assert stats.positions == 0 and stats.closes_take_profit == 3 and stats.last_seq == 3
     assert stats.outbox_len == 0 and stats.ticks_applied == 2 and stats.opens == 3

@@ -1,0 +1,577 @@
+"""The ledger and two shards, each on a durable Runner, driven the way the service drives them:
+accounts, margin locks, opens, closes, ticks that take profits, stop losses and liquidate,
+settlements delivered shard -> ledger (Outbox -> ApplySettlements -> AckOutbox), retries with
+the same request id or the same clientOrderId, answers lost and settled by the reconciler's
+rules, and crashes anywhere (a crash reopens a runner from its directory, dropping its memory).
+
+After every step the invariants hold: each machine's ``check()``, and the ledger's audit
+against the shards' open margins and outboxes. After every crash the recovered state is the
+live one (but for the volatile events it had not committed), and equals a full replay of the
+journal. At the end every journal, replayed into a fresh machine, gives the live state field by
+field: a twin of each journal keeps every record its runner wrote (the journal itself drops the
+ones a snapshot covers, and must hold exactly the twin's tail).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cluster.durability.runner import Runner
+from cluster.durability.snapshot import Snapshot
+from engine.ledger_machine import (
+    AbandonLock,
+    ApplySettlements,
+    Audit,
+    Begin,
+    CreateAccount,
+    CreatedAccount,
+    Forget,
+    History,
+    LockMargin,
+    PendingRequests,
+    ReconcileAtStart,
+    ReleaseMargin,
+    Remember,
+    Totals,
+)
+from engine.market import Tick
+from engine.messages import (
+    ClosedPosition,
+    IdemHit,
+    IdemKey,
+    MarginLock,
+    OpenPosition,
+    SettlementItem,
+    ShardClose,
+    ShardOpen,
+)
+from engine.orders import Side
+from engine.results import Code, Rejected
+from engine.shard_machine import (
+    MIN_VECTOR_RUN,
+    AckOutbox,
+    ApplyTick,
+    AuditView,
+    Close,
+    Open,
+    Outbox,
+    Resolve,
+    ResumeSeq,
+    Stats,
+)
+from tests.unit.durability.hosted import (
+    MAX_AGE_US,
+    USD,
+    VOLATILE_FIELDS,
+    Clock,
+    account,
+    assert_same,
+    build_ledger,
+    crash,
+    journal_tail,
+    one,
+    open_ledger,
+    open_shard,
+    replay,
+    shard_builder,
+)
+
+LEDGER = "ledger"
+SHARDS = {"shard-SOL-0": 3, "shard-SOL-1": 4}
+NAMES = list(SHARDS)
+MM_PPM = 5_000
+KEYS = 3  # clientOrderIds per user and kind: reuse (a retry) is frequent
+
+
+class Platform:
+    """The three runners in ``root`` and what the clients were answered."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.clock = Clock()
+        self.twins: dict[str, list[bytes]] = {LEDGER: [], **{name: [] for name in SHARDS}}
+        self.builds: dict[str, Callable[[Snapshot | None], Any]] = {
+            LEDGER: build_ledger,
+            **{name: shard_builder(name, tag, MM_PPM) for name, tag in SHARDS.items()}}
+        self.runners: dict[str, Runner[Any]] = {name: self.open(name) for name in self.builds}
+        self.users: list[int] = []
+        self.rid = 0
+        self.tick_seq = 0
+        self.bid = 10_000
+        self.last_tick: Tick | None = None
+        self.answered: dict[IdemKey, object] = {}  # the stored first answer of each key
+        self.opens: list[tuple[str, Open, OpenPosition]] = []
+        self.closes: list[tuple[str, Close, SettlementItem]] = []
+        self.in_flight: dict[int, IdemKey] = {}  # request id -> key, of requests cut off
+        self.crashes = 0
+
+    # ----------------------------------------------------------------- plumbing
+    def open(self, name: str) -> Runner[Any]:
+        runner: Runner[Any]
+        if name == LEDGER:
+            runner = open_ledger(self.root / name, self.clock, snapshot_every_records=7)
+        else:
+            runner = open_shard(self.root / name, self.clock, self.builds[name],
+                                snapshot_every_records=5)
+        assert runner.store is not None
+        journal = runner.store.journal
+        append, twin = journal.append, self.twins[name]
+
+        def tapped(payload: bytes) -> int:  # the store appends a record only to commit it
+            twin.append(bytes(payload))
+            return append(payload)
+
+        journal.append = tapped  # type: ignore[method-assign]
+        return runner
+
+    def replayed(self, name: str) -> dict[str, Any]:
+        """The fingerprint of a fresh machine that replayed everything ``name`` journaled;
+        the journal on disk holds exactly the newest records of it."""
+        twin = self.twins[name]
+        tail = journal_tail(self.root / name)
+        assert [payload for _, payload in tail] == twin[len(twin) - len(tail):]
+        assert not tail or tail[-1][0] == len(twin)
+        fingerprint: dict[str, Any] = replay(twin, self.builds[name]).fingerprint()
+        return fingerprint
+
+    def ask(self, name: str, command: Any) -> Any:
+        return one(self.runners[name], command)
+
+    def next_rid(self) -> int:
+        self.rid += 1
+        return self.rid
+
+    def check(self) -> None:
+        """The invariants, after every step."""
+        assert self.runners[LEDGER].machine.check() == []
+        margins: dict[int, int] = {}
+        unsettled: dict[str, list[SettlementItem]] = {}
+        for name in NAMES:
+            assert self.runners[name].machine.check() == []
+            shard_margins, outbox = self.ask(name, AuditView())
+            for user, micros in shard_margins.items():
+                margins[user] = margins.get(user, 0) + micros
+            unsettled[name] = outbox
+        assert self.ask(LEDGER, Audit(margins, unsettled)) == []
+
+    def crash(self, names: list[str]) -> None:
+        """Kill and reopen: the recovered state is the live one but for uncommitted volatile
+        events, and a full replay of the journal (no snapshot) agrees."""
+        for name in names:
+            runner = self.runners[name]
+            assert runner.store is not None
+            live, pending = runner.machine.fingerprint(), runner.store.pending
+            crash(runner)
+            again = self.runners[name] = self.open(name)
+            got = again.machine.fingerprint()
+            assert_same(got, live, skip=VOLATILE_FIELDS if pending else ())
+            assert_same(self.replayed(name), got)
+            if name != LEDGER and self.last_tick is not None:
+                self.ask(name, ApplyTick(self.last_tick))  # the feed sends the newest again
+        self.crashes += 1
+
+    def answer_is_stored(self, key: IdemKey, answer: object) -> None:
+        assert key not in self.answered
+        self.answered[key] = answer
+
+    def seen_before(self, key: IdemKey, hit: object) -> None:
+        """A clientOrderId used again gets its first answer."""
+        assert isinstance(hit, IdemHit) and key in self.answered, hit
+        assert hit.answer == self.answered[key]
+
+    # ----------------------------------------------------------------- the courier
+    def deliver(self, name: str, answer: tuple[IdemKey, ClosedPosition] | None = None,
+                skip: int = 0, reverse: bool = False, lose_ack: bool = False) -> None:
+        """Send the outbox (``skip``: leave out its first items, a gap unless applied), store
+        ``answer`` with it, acknowledge what the ledger applied."""
+        items, last_seq = self.ask(name, Outbox())
+        sent = items[skip:][::-1] if reverse else items[skip:]
+        applied = self.ask(LEDGER, ApplySettlements(name, tuple(sent),
+                                                    () if answer is None else (answer,)))
+        assert isinstance(applied, int) and applied <= last_seq
+        if answer is not None and answer[0] not in self.answered:
+            self.answer_is_stored(*answer)
+        if not skip and not reverse:
+            assert applied == last_seq  # the whole outbox, in order: all of it applies
+        if lose_ack:
+            self.crash([name])
+            return
+        if last_seq < applied:
+            self.ask(name, ResumeSeq(applied))
+        if sent:
+            assert self.ask(name, AckOutbox(applied)) == last_seq - applied
+
+    # ----------------------------------------------------------------- the reconciler
+    def restart_platform(self, released: dict[int, int] | None = None) -> None:
+        """Every runner crashes; at start: deliver every outbox, resolve the pending
+        clientOrderIds against every shard, release the margin nothing backs."""
+        self.crash([LEDGER, *NAMES])
+        for name in NAMES:
+            self.deliver(name)
+        pending = self.ask(LEDGER, PendingRequests(0))
+        assert sorted(pending) == sorted(self.in_flight)
+        opened: dict[int, Any] = {}
+        for name in NAMES:
+            for rid, result in zip(pending, self.runners[name].execute(
+                    [Resolve(r) for r in pending]), strict=True):
+                if isinstance(result, OpenPosition):
+                    opened[rid] = result
+                elif isinstance(result, SettlementItem):
+                    opened[rid] = result.closed
+        margins: dict[int, int] = {}
+        unsettled: dict[str, list[SettlementItem]] = {}
+        for name in NAMES:
+            shard_margins, unsettled[name] = self.ask(name, AuditView())
+            for user, micros in shard_margins.items():
+                margins[user] = margins.get(user, 0) + micros
+        assert self.ask(LEDGER, ReconcileAtStart(margins, unsettled, opened)) == (released or {})
+        for rid, key in self.in_flight.items():
+            if rid in opened:
+                self.answer_is_stored(key, opened[rid])
+        self.in_flight.clear()
+
+    # ----------------------------------------------------------------- operations
+    def do_account(self) -> None:
+        n = len(self.users) + 1
+        created = self.ask(LEDGER, CreateAccount(*account(n)))
+        assert isinstance(created, CreatedAccount) and created.user == n
+        self.users.append(created.user)
+
+    def do_tick(self, move: int, spread: int, deliver: bool) -> None:
+        self.bid = min(max(5_000, self.bid + move), 20_000)
+        self.tick_seq += 1
+        tick = Tick("SOL", self.bid, self.bid + spread, self.clock.now_us, self.tick_seq, "sim")
+        self.last_tick = tick
+        for name in NAMES:
+            assert isinstance(self.ask(name, ApplyTick(tick)), int)
+            if deliver:
+                self.deliver(name)
+
+    def do_open(self, who: int, where: int, side: Side, margin_usd: int, leverage: int,
+                tp_off: int | None, sl_off: int | None, k: int | None, stage: str) -> None:
+        user = self.users[who % len(self.users)]
+        name = NAMES[where]
+        key = None if k is None else IdemKey(user, "open", f"o{k}")
+        rid = self.next_rid()
+        sign = 1 if side == Side.LONG else -1
+        entry = self.bid + 1 if side == Side.LONG else self.bid
+        tp = None if tp_off is None else entry + sign * tp_off
+        sl = None if sl_off is None else entry - sign * sl_off
+        margin = margin_usd * USD
+        request = Open(ShardOpen(rid, user, side, margin, leverage, tp, sl, None, 100))
+        locked = self.ask(LEDGER, LockMargin(MarginLock(user, margin, key, rid)))
+        if isinstance(locked, IdemHit):
+            assert key is not None
+            self.seen_before(key, locked)
+            return
+        if stage == "lock_lost":  # the answer never came: the service abandons the lock
+            abandoned = self.ask(LEDGER, AbandonLock(rid))
+            assert abandoned == ((rid, user, margin) if locked is None else None)
+        if isinstance(locked, Rejected):
+            assert locked.code is Code.INSUFFICIENT_BALANCE
+            if key is not None:
+                self.answer_is_stored(key, locked)
+            return
+        assert locked is None
+        if stage == "lock_lost":
+            return
+        if stage == "died_after_lock":  # the API process died: the next start settles it
+            if key is not None:
+                self.in_flight[rid] = key
+            self.restart_platform({user: margin})
+            return
+        result = self.ask(name, request)
+        assert isinstance(result, OpenPosition | Rejected)
+        if isinstance(result, OpenPosition):
+            self.opens.append((name, request, result))
+        if stage == "died_after_open":
+            if key is not None:
+                self.in_flight[rid] = key
+            self.restart_platform({} if isinstance(result, OpenPosition) else {user: margin})
+            return
+        if stage == "open_lost":  # in doubt: the shard says what became of it (and fences it)
+            resolved = self.ask(name, Resolve(rid))
+            if isinstance(result, OpenPosition):
+                assert resolved == result
+                if key is not None:
+                    assert self.ask(LEDGER, Remember(key, result)) is None
+                    self.answer_is_stored(key, result)
+            else:  # a refusal is not remembered: the request is fenced, its lock abandoned
+                assert resolved is None
+                assert self.ask(LEDGER, AbandonLock(rid)) == (rid, user, margin)
+                assert self.ask(name, request) == Rejected(
+                    Code.PRICE_UNAVAILABLE, "the request was abandoned after a timeout")
+            return
+        if isinstance(result, OpenPosition):
+            if key is not None:
+                assert self.ask(LEDGER, Remember(key, result)) is None
+                self.answer_is_stored(key, result)
+            return
+        transient = result.code is Code.PRICE_UNAVAILABLE
+        stored = None if key is None or transient else (key, result)
+        assert self.ask(LEDGER, ReleaseMargin(user, margin, rid, stored)) is None
+        if stored is not None:
+            self.answer_is_stored(*stored)
+        elif key is not None:
+            assert self.ask(LEDGER, Forget(key)) is None
+
+    def do_bulk(self, where: int, count: int, seed: int) -> None:
+        """One batch of opens per runner (a micro-batch): long runs replay vectorised."""
+        rng = np.random.default_rng(seed)
+        name = NAMES[where]
+        requests = [ShardOpen(self.next_rid(), self.users[int(rng.integers(len(self.users)))],
+                              Side(int(rng.integers(2))), int(rng.integers(1, 6)) * USD,
+                              int(rng.integers(1, 60)), None, None, None, 100)
+                    for _ in range(count)]
+        locks = self.runners[LEDGER].execute(
+            [LockMargin(MarginLock(r.owner, r.margin_micros, None, r.request_id))
+             for r in requests])
+        sent = [r for r, locked in zip(requests, locks, strict=True) if locked is None]
+        results = self.runners[name].execute([Open(r) for r in sent])
+        refused = [ReleaseMargin(r.owner, r.margin_micros, r.request_id)
+                   for r, result in zip(sent, results, strict=True)
+                   if isinstance(result, Rejected)]
+        assert self.runners[LEDGER].execute(refused) == [None] * len(refused)
+        self.opens.extend((name, Open(r), p) for r, p in zip(sent, results, strict=True)
+                          if isinstance(p, OpenPosition))
+
+    def do_close(self, pick: int, k: int | None, stage: str) -> None:
+        held = [(name, pid) for name in NAMES
+                for pid in self.runners[name].machine.book.ids().tolist()]
+        if not held:
+            return
+        name, pid = held[pick % len(held)]
+        record = self.runners[name].machine.book.get(pid)
+        assert record is not None
+        owner = record.owner
+        rid = self.next_rid()
+        key = None if k is None else IdemKey(owner, "close", f"c{k}")
+        if key is not None:
+            seen = self.ask(LEDGER, Begin(key, rid))
+            if seen is not None:
+                self.seen_before(key, seen)
+                return
+        request = Close(ShardClose(rid, owner, pid, None, 100))
+        result = self.ask(name, request)
+        assert isinstance(result, SettlementItem | Rejected)
+        if isinstance(result, SettlementItem):
+            self.closes.append((name, request, result))
+        else:
+            assert result.code is Code.PRICE_UNAVAILABLE  # the only refusal here: stale price
+        if stage == "died_after_close":
+            if key is not None:
+                self.in_flight[rid] = key
+            self.restart_platform()
+            return
+        if stage == "close_lost":  # in doubt: resolve it on the shard
+            resolved = self.ask(name, Resolve(rid))
+            if isinstance(result, SettlementItem):
+                assert resolved == result
+            else:
+                assert resolved is None  # fenced: a late arrival is refused
+                assert self.ask(name, request) == Rejected(
+                    Code.PRICE_UNAVAILABLE, "the request was abandoned after a timeout")
+        if isinstance(result, SettlementItem):
+            self.deliver(name, None if key is None else (key, result.closed))
+        elif key is not None:
+            assert self.ask(LEDGER, Forget(key)) is None
+
+    def do_retry_open(self, pick: int) -> None:
+        if not self.opens:
+            return
+        name, request, first = self.opens[pick % len(self.opens)]
+        assert self.ask(name, request) == first  # same request id: the first answer
+        key = next((k for k, a in self.answered.items() if a == first), None)
+        if key is not None:  # same clientOrderId: the first answer, nothing locked
+            self.seen_before(key, self.ask(LEDGER, LockMargin(MarginLock(
+                key.user, first.margin_micros, key, self.next_rid()))))
+
+    def do_retry_close(self, pick: int) -> None:
+        if not self.closes:
+            return
+        name, request, first = self.closes[pick % len(self.closes)]
+        assert self.ask(name, request) == first
+        key = next((k for k, a in self.answered.items() if a == first.closed), None)
+        if key is not None:
+            self.seen_before(key, self.ask(LEDGER, Begin(key, self.next_rid())))
+
+    def do_deliver(self, where: int, skip: int, reverse: bool, lose_ack: bool) -> None:
+        self.deliver(NAMES[where], skip=skip, reverse=reverse, lose_ack=lose_ack)
+
+    def do_crash(self, which: str) -> None:
+        self.crash([LEDGER, *NAMES] if which == "all" else [which])
+
+    def do_restart(self) -> None:
+        self.restart_platform()
+
+    def do_snapshot(self, which: str) -> None:
+        self.runners[which].checkpoint()
+
+    def do_wait(self, us: int) -> None:
+        self.clock.now_us += us
+
+    def run(self, op: tuple[Any, ...]) -> None:
+        self.clock.now_us += 1_000
+        kind, *args = op
+        getattr(self, f"do_{kind}")(*args)
+        self.check()
+
+    # ----------------------------------------------------------------- the end
+    def finish(self) -> None:
+        """Every journal replays into the live state; then everything is delivered and the
+        money adds up."""
+        for name, runner in self.runners.items():
+            assert runner.store is not None
+            runner.store.commit()  # what rides along with the next commit
+            assert_same(self.replayed(name), runner.machine.fingerprint())
+        for name in NAMES:
+            self.deliver(name)
+            assert self.ask(name, Outbox()).items == []
+        margins: dict[int, int] = {}
+        for name in NAMES:
+            shard_margins, _ = self.ask(name, AuditView())
+            for user, micros in shard_margins.items():
+                margins[user] = margins.get(user, 0) + micros
+        assert self.ask(LEDGER, Audit(margins)) == []
+        totals = self.ask(LEDGER, Totals())
+        assert totals["sum_micros"] == 0
+        closed = [c.position_id for u in self.users for c in self.history(u)]
+        assert len(closed) == len(set(closed)) == totals["closed_positions"]
+        assert {c.closed.position_id for _, _, c in self.closes} <= set(closed)
+        held = {pid for name in NAMES for pid in self.runners[name].machine.book.ids().tolist()}
+        assert not set(closed) & held and all(pid > 0 for pid in held)
+        self.restart_platform()
+        self.check()
+
+    def history(self, user: int) -> list[ClosedPosition]:
+        """All of ``user``'s closed positions, page after page."""
+        out: list[ClosedPosition] = []
+        while True:
+            page = self.ask(LEDGER, History(user, 500, out[-1].position_id if out else None))
+            out.extend(page)
+            if len(page) < 500:
+                return out
+
+    def close(self) -> None:
+        for runner in self.runners.values():
+            crash(runner)
+
+
+# ----------------------------------------------------------------------------- the property
+WHO = st.integers(0, 7)
+KEY = st.none() | st.integers(0, KEYS - 1)
+OPEN = st.tuples(st.just("open"), WHO, st.integers(0, 1), st.sampled_from(Side),
+                 st.integers(5, 400), st.sampled_from([1, 2, 5, 10, 20, 100]),
+                 st.none() | st.sampled_from([5, 20, 50, 100, 200]),
+                 st.none() | st.sampled_from([5, 20, 50, 100, 200]), KEY,
+                 st.sampled_from(["done"] * 4 + ["lock_lost", "open_lost", "died_after_lock",
+                                                 "died_after_open"]))
+CLOSE = st.tuples(st.just("close"), st.integers(0, 10**6), KEY,
+                  st.sampled_from(["done"] * 3 + ["close_lost", "died_after_close"]))
+TICK = st.tuples(st.just("tick"), st.sampled_from([-300, -150, -60, -20, 0, 20, 60, 150, 300]),
+                st.integers(1, 5), st.booleans())
+RUNNER = st.sampled_from([LEDGER, *NAMES])
+OPS = st.lists(st.one_of(
+    OPEN, OPEN, OPEN, OPEN, TICK, TICK, TICK, CLOSE, CLOSE, CLOSE,
+    st.tuples(st.just("account")),
+    st.tuples(st.just("bulk"), st.integers(0, 1), st.integers(MIN_VECTOR_RUN, MIN_VECTOR_RUN + 8),
+              st.integers(0, 2**32)),
+    st.tuples(st.just("retry_open"), st.integers(0, 10**6)),
+    st.tuples(st.just("retry_close"), st.integers(0, 10**6)),
+    st.tuples(st.just("deliver"), st.integers(0, 1), st.integers(0, 3), st.booleans(),
+              st.booleans()),
+    st.tuples(st.just("crash"), st.sampled_from([LEDGER, *NAMES, "all"])),
+    st.tuples(st.just("restart")),
+    st.tuples(st.just("snapshot"), RUNNER),
+    st.tuples(st.just("wait"), st.sampled_from([0, MAX_AGE_US // 2, MAX_AGE_US + 1])),
+), min_size=15, max_size=45)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(OPS)
+def test_any_run_with_crashes_replays_to_the_live_state_and_keeps_the_books(
+        ops: list[tuple[Any, ...]]) -> None:
+    root = Path(tempfile.mkdtemp(prefix="core-replay-"))
+    # fsync=False leaves the journal's data unflushed; the flushes of directories and
+    # snapshot files go too (the disk is not the subject here, and they take most of the time)
+    with mock.patch.object(os, "fsync", lambda fd: None):
+        platform = Platform(root)
+        try:
+            platform.run(("account",))
+            platform.run(("tick", 0, 1, False))
+            for op in ops:
+                platform.run(op)
+            platform.finish()
+        finally:
+            platform.close()
+            shutil.rmtree(root)
+
+
+SCRIPT: list[tuple[Any, ...]] = [
+    ("account",),
+    ("account",),
+    ("open", 0, 0, Side.LONG, 100, 10, 50, None, None, "done"),  # take-profit 50 above
+    ("open", 1, 1, Side.SHORT, 100, 10, None, 50, 0, "done"),  # stop-loss 50 above
+    ("open", 0, 0, Side.LONG, 100, 100, None, None, 1, "done"),  # liquidated 1% below
+    ("open", 1, 1, Side.LONG, 50, 5, None, None, None, "done"),
+    ("retry_open", 1),
+    ("open", 1, 1, Side.SHORT, 7, 3, None, None, 0, "done"),  # key 0 again: first answer
+    ("tick", 60, 1, True),
+    ("tick", -300, 1, False),
+    ("deliver", 0, 1, True, True),
+    ("bulk", 1, MIN_VECTOR_RUN, 7),
+    ("open", 0, 0, Side.LONG, 20, 2, None, None, 2, "lock_lost"),
+    ("open", 0, 1, Side.SHORT, 20, 2, None, None, None, "lock_lost"),
+    ("open", 1, 0, Side.LONG, 20, 2, None, None, 2, "open_lost"),
+    ("open", 0, 1, Side.LONG, 20, 2, None, None, 1, "died_after_lock"),
+    ("open", 1, 0, Side.SHORT, 20, 2, None, None, 1, "died_after_open"),
+    ("snapshot", NAMES[0]),
+    ("close", 0, 0, "close_lost"),
+    ("close", 1, 1, "died_after_close"),
+    ("close", 2, None, "done"),
+    ("close", 3, 2, "done"),
+    ("retry_close", 0),
+    ("retry_close", 2),
+    ("close", 3, 2, "done"),  # key 2 again: first answer
+    ("wait", MAX_AGE_US + 1),
+    ("close", 4, None, "done"),  # stale price: refused
+    ("open", 1, 1, Side.LONG, 20, 2, None, None, None, "open_lost"),  # refused, then fenced
+    ("open", 0, 0, Side.LONG, 20, 2, None, None, 2, "died_after_open"),  # refused: released
+    ("crash", "all"),
+    ("tick", 20, 2, False),
+    ("close", 5, 0, "close_lost"),
+    ("snapshot", LEDGER),
+    ("deliver", 1, 0, False, True),
+    ("restart",),
+    ("tick", -20, 1, True),
+]
+
+
+def test_a_scripted_run_takes_every_path() -> None:
+    root = Path(tempfile.mkdtemp(prefix="core-replay-"))
+    with mock.patch.object(os, "fsync", lambda fd: None):
+        platform = Platform(root)
+        try:
+            platform.run(("tick", 0, 1, False))
+            for op in SCRIPT:
+                platform.run(op)
+            stats = [platform.ask(name, Stats()) for name in NAMES]
+            assert sum(s.closes_take_profit for s in stats) >= 1
+            assert sum(s.closes_stop_loss for s in stats) >= 1
+            assert sum(s.closes_liquidation for s in stats) >= 1
+            assert sum(s.closes_manual for s in stats) >= 3
+            assert platform.crashes >= 5 and len(platform.answered) >= 5
+            platform.finish()
+        finally:
+            platform.close()
+            shutil.rmtree(root)

@@ -1,0 +1,389 @@
+"""Runner: a batch is stepped command by command, journaled as one record and committed once
+before it is answered; volatile events ride along with the next commit; a failing decide fails
+its command only, a failing apply or commit stops the runner; ``Runner.open`` recovers the
+same state after a clean stop and after a crash."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cluster.durability.journal as journal_module
+from cluster.durability.runner import Failed, Runner
+from cluster.durability.snapshot import Snapshot, list_snapshots
+from cluster.durability.store import SNAPSHOT_DIR, DurabilityError
+from engine.events import (
+    AccountCreated,
+    ClientOrderStoredAt,
+    Event,
+    MarginLocked,
+    OpenFenced,
+    OutboxAcked,
+    PositionClosed,
+    PositionOpened,
+    TickApplied,
+    decode_batch,
+)
+from engine.ledger_machine import (
+    AbandonLock,
+    Balances,
+    Begin,
+    CreateAccount,
+    CreatedAccount,
+    LedgerMachine,
+    LockMargin,
+    Remember,
+    Totals,
+)
+from engine.machine import StateCorrupted
+from engine.market import Tick
+from engine.messages import IdemKey, MarginLock, OpenPosition, SettlementItem
+from engine.orders import Side
+from engine.results import Code, Rejected
+from engine.shard_machine import (
+    AckOutbox,
+    ApplyTick,
+    Close,
+    LastTick,
+    Open,
+    Outbox,
+    OutboxView,
+    Resolve,
+)
+from tests.unit.durability.hosted import (
+    NOW,
+    SIGNUP,
+    USD,
+    VOLATILE_FIELDS,
+    Clock,
+    account,
+    assert_same,
+    build_ledger,
+    crash,
+    journal_records,
+    one,
+    open_ledger,
+    open_shard,
+    replayed,
+    segment,
+    shard_builder,
+    shard_close,
+    shard_open,
+    tick,
+)
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def record_types(record: bytes) -> list[type]:
+    return [type(e) for e in decode_batch(record)]
+
+
+def durable_seq(runner: Runner[Any]) -> int:
+    assert runner.store is not None
+    return runner.store.journal.durable_seq
+
+
+# ----------------------------------------------------------------------------- group commit
+def test_a_batch_is_one_record_committed_once_before_it_is_answered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    syncs: list[int] = []
+    real_sync = journal_module._fdatasync
+
+    def counted_sync(fd: int) -> None:
+        syncs.append(fd)
+        real_sync(fd)
+
+    monkeypatch.setattr(journal_module, "_fdatasync", counted_sync)
+    led = open_ledger(tmp_path, fsync=True)
+    assert led.store is not None
+    on_disk: list[int] = []  # records a reader finds on disk, before and after the commit
+    real_commit = led.store.commit
+
+    def commit() -> int:
+        on_disk.append(len(journal_records(tmp_path)))
+        seq = real_commit()
+        on_disk.append(len(journal_records(tmp_path)))
+        return seq
+
+    monkeypatch.setattr(led.store, "commit", commit)
+    answers = led.execute([CreateAccount(*account(1)), CreateAccount(*account(2)),
+                           LockMargin(MarginLock(1, 6_000 * USD)),
+                           LockMargin(MarginLock(1, 6_000 * USD)),
+                           LockMargin(MarginLock(1, 4_000 * USD)), Balances(1)])
+    # each command decided after the ones before it in the batch
+    assert answers[:2] == [CreatedAccount(1, account(1)[0], SIGNUP),
+                           CreatedAccount(2, account(2)[0], SIGNUP)]
+    assert answers[2] is None and answers[4] is None and answers[5] == (0, SIGNUP)
+    assert isinstance(answers[3], Rejected) and answers[3].code is Code.INSUFFICIENT_BALANCE
+    assert on_disk == [0, 1] and len(syncs) == 1  # one record, one flush, then the answers
+    [record] = journal_records(tmp_path)
+    assert record_types(record) == [AccountCreated, AccountCreated, MarginLocked, MarginLocked]
+    # a batch of reads touches no disk
+    assert led.execute([Balances(1), Balances(2)]) == [(0, SIGNUP), (SIGNUP, 0)]
+    assert on_disk == [0, 1] and len(syncs) == 1
+    assert (led.commands, led.batches) == (8, 2)
+    crash(led)
+
+
+def test_a_batch_decides_at_one_reading_of_the_clock(tmp_path: Path) -> None:
+    readings: list[int] = []
+
+    def clock() -> int:
+        readings.append(NOW + len(readings))
+        return readings[-1]
+
+    led = open_ledger(tmp_path, clock)
+    one(led, CreateAccount(*account(1)))
+    led.execute([Begin(IdemKey(1, "close", "a"), 5), Begin(IdemKey(1, "close", "b"), 6)])
+    assert len(readings) == 2
+    stored = decode_batch(journal_records(tmp_path)[-1])
+    assert [e.ts_us for e in stored if isinstance(e, ClientOrderStoredAt)] == [readings[1]] * 2
+    crash(led)
+
+
+def test_an_urgent_event_commits_volatile_ones_ride_along_with_the_next_commit(
+        tmp_path: Path) -> None:
+    clock = Clock()
+    sh = open_shard(tmp_path, clock)
+    assert sh.store is not None
+    assert one(sh, ApplyTick(tick(10_000))) == 0
+    assert durable_seq(sh) == 0 and sh.store.pending == 1  # not committed on its own
+    pos = one(sh, Open(shard_open(1)))
+    assert isinstance(pos, OpenPosition) and durable_seq(sh) == 1 and sh.store.pending == 0
+    assert record_types(journal_records(tmp_path)[0]) == [TickApplied, PositionOpened]
+    item = one(sh, Close(shard_close(2, 1, pos.position_id)))
+    assert isinstance(item, SettlementItem) and durable_seq(sh) == 2
+    assert one(sh, AckOutbox(1)) == 0
+    assert one(sh, ApplyTick(tick(10_010, seq=2))) == 0
+    assert durable_seq(sh) == 2 and sh.store.pending == 2
+    # a crash now loses exactly the volatile events: the price and the acknowledgement
+    live = sh.machine.fingerprint()
+    crash(sh)
+    sh = open_shard(tmp_path, clock)
+    recovered = sh.machine.fingerprint()
+    assert_same(recovered, live, skip=VOLATILE_FIELDS)
+    assert one(sh, LastTick()) == tick(10_000) and one(sh, Outbox()) == OutboxView([item], 1)
+    # the same again, then an urgent event: all of them land in its record
+    assert sh.execute([AckOutbox(1), ApplyTick(tick(10_010, seq=2))]) == [0, 0]
+    assert durable_seq(sh) == 2
+    assert one(sh, Resolve(99)) is None  # fenced: urgent
+    assert durable_seq(sh) == 3 and sh.store is not None and sh.store.pending == 0
+    assert record_types(journal_records(tmp_path)[-1]) == [OutboxAcked, TickApplied, OpenFenced]
+    now = sh.machine.fingerprint()
+    assert_same(now, live, skip=("results",))
+    assert now["results"] == [*live["results"], (99, ("rejected", "PRICE_UNAVAILABLE",
+                                                      "the request was abandoned after a "
+                                                      "timeout"))]
+    # a tick that closes positions is urgent itself
+    pos = one(sh, Open(shard_open(3, tp=10_100)))
+    assert durable_seq(sh) == 4
+    assert one(sh, ApplyTick(tick(10_200, seq=3))) == 1 and durable_seq(sh) == 5
+    assert record_types(journal_records(tmp_path)[-1]) == [TickApplied, PositionClosed]
+    live = sh.machine.fingerprint()
+    crash(sh)
+    assert open_shard(tmp_path, clock).machine.fingerprint() == live
+
+
+# ----------------------------------------------------------------------------- failures
+def test_a_decide_that_raises_fails_that_command_only(tmp_path: Path) -> None:
+    led = open_ledger(tmp_path)
+    answers = led.execute([CreateAccount(*account(1)), object(),
+                           Remember(IdemKey(1, "open", "x"), "not an answer"),
+                           CreateAccount(*account(2))])
+    assert answers[0].user == 1 and answers[3].user == 2
+    for failed in answers[1:3]:
+        assert isinstance(failed, Failed) and failed.error.startswith("TypeError")
+    assert durable_seq(led) == 1
+    live = led.machine.fingerprint()
+    crash(led)
+    again = open_ledger(tmp_path)
+    assert again.machine.fingerprint() == live
+    assert one(again, Totals())["users"] == 2
+    assert one(again, Begin(IdemKey(1, "open", "x"))) is None  # nothing was stored
+    again.close()
+
+
+class LockFailsToApply(LedgerMachine):
+    """A ledger whose apply of MarginLocked fails (a bug)."""
+
+    def apply(self, event: Event) -> None:
+        if isinstance(event, MarginLocked):
+            raise RuntimeError("bug in apply")
+        super().apply(event)
+
+
+def failing_ledger(snapshot: Snapshot | None) -> LedgerMachine:
+    if snapshot is None:
+        return LockFailsToApply(SIGNUP)
+    return LockFailsToApply.from_snapshot(SIGNUP, snapshot.arrays, snapshot.meta)
+
+
+def broken_runner(path: Path) -> tuple[Runner[LedgerMachine], dict[str, Any]]:
+    """A runner whose apply failed in its second batch, and the state its journal holds."""
+    led: Runner[LedgerMachine] = Runner.open(path, failing_ledger, Clock(), fsync=False)
+    assert one(led, CreateAccount(*account(1))).user == 1
+    durable = led.machine.fingerprint()
+    with pytest.raises(StateCorrupted):
+        led.execute([CreateAccount(*account(2)), LockMargin(MarginLock(1, USD))])
+    assert durable_seq(led) == 1  # nothing of the batch was journaled
+    return led, durable
+
+
+def test_an_apply_that_raises_breaks_the_runner(tmp_path: Path) -> None:
+    led, durable = broken_runner(tmp_path)
+    with pytest.raises(DurabilityError):  # the state in memory is not trusted any more
+        led.execute([Balances(1)])
+    with pytest.raises(DurabilityError):
+        led.execute([CreateAccount(*account(3))])
+    led.close()  # no final snapshot
+    assert list_snapshots(tmp_path / SNAPSHOT_DIR) == []
+    again = open_ledger(tmp_path)
+    assert again.machine.fingerprint() == durable
+    again.close()
+
+
+def test_a_broken_runner_writes_no_snapshot_of_its_memory(tmp_path: Path) -> None:
+    led, durable = broken_runner(tmp_path)
+    with pytest.raises(DurabilityError):
+        led.checkpoint()
+    led.close()
+    assert list_snapshots(tmp_path / SNAPSHOT_DIR) == []
+    again = open_ledger(tmp_path)
+    assert again.machine.fingerprint() == durable  # not account 2, whose batch failed
+    again.close()
+
+
+def test_an_apply_that_raises_ends_the_process_when_asked(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "from cluster.durability.runner import Runner\n"
+        "from engine.events import MarginLocked\n"
+        "from engine.ledger_machine import CreateAccount, LedgerMachine, LockMargin\n"
+        "from engine.messages import MarginLock\n"
+        "class Broken(LedgerMachine):\n"
+        "    def apply(self, event):\n"
+        "        if isinstance(event, MarginLocked):\n"
+        "            raise RuntimeError('bug in apply')\n"
+        "        super().apply(event)\n"
+        f"led = Runner.open({str(tmp_path)!r}, lambda s: Broken({SIGNUP}), fsync=False,\n"
+        "                  exit_on_failure=True)\n"
+        "led.execute([CreateAccount('acc_1', 'h1')])\n"
+        "led.execute([LockMargin(MarginLock(1, 5))])\n"
+        "sys.exit(0)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert proc.returncode == 70, proc.stderr
+    again = open_ledger(tmp_path)
+    assert one(again, Totals())["users"] == 1 and one(again, Balances(1)) == (SIGNUP, 0)
+    again.close()
+
+
+def test_a_failed_commit_answers_nothing_more_not_even_reads(tmp_path: Path) -> None:
+    led = open_ledger(tmp_path)
+    assert one(led, CreateAccount(*account(1))).user == 1
+    assert led.store is not None
+    ro = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(ro, led.store.journal._fd)  # the next write fails like a dead disk
+    os.close(ro)
+    with pytest.raises(DurabilityError):
+        led.execute([CreateAccount(*account(2))])
+    # memory holds an account the disk does not: nothing may be answered from it
+    with pytest.raises(DurabilityError):
+        led.execute([Totals()])
+    crash(led)
+    again = open_ledger(tmp_path)
+    assert one(again, Totals())["users"] == 1
+    again.close()
+
+
+def test_a_command_whose_event_does_not_encode_is_rejected_and_changes_nothing(
+        tmp_path: Path) -> None:
+    clock = Clock()
+    led = open_ledger(tmp_path / "ledger", clock)
+    user = one(led, CreateAccount(*account(1))).user
+    before, journal = led.machine.fingerprint(), segment(tmp_path / "ledger").read_bytes()
+    answers = led.execute([CreateAccount("a" * 300, "h"), Begin(IdemKey(user, "k" * 300, "x"))])
+    clock.now_us = 2**63  # a time no event can carry
+    answers.append(one(led, Begin(IdemKey(user, "open", "x"), 7)))
+    for refused in answers:
+        assert isinstance(refused, Rejected) and refused.code is Code.INVALID_REQUEST
+    assert led.machine.fingerprint() == before
+    assert segment(tmp_path / "ledger").read_bytes() == journal
+    assert led.store is not None and led.store.pending == 0
+    # beside a command that does change the state: only that one is journaled
+    clock.now_us = NOW
+    answers = led.execute([CreateAccount("a" * 300, "h"), LockMargin(MarginLock(user, USD))])
+    assert isinstance(answers[0], Rejected) and answers[1] is None
+    assert replayed(tmp_path / "ledger", build_ledger).fingerprint() == \
+        led.machine.fingerprint()
+    crash(led)
+    # a shard: a tick that would liquidate, stamped with a seq its event cannot carry
+    sh = open_shard(tmp_path / "shard")
+    one(sh, ApplyTick(tick(10_000)))
+    assert isinstance(one(sh, Open(shard_open(1))), OpenPosition)
+    before, journal = sh.machine.fingerprint(), segment(tmp_path / "shard").read_bytes()
+    refused = one(sh, ApplyTick(Tick("SOL", 5_000, 5_001, NOW, -1, "test")))
+    assert isinstance(refused, Rejected) and refused.code is Code.INVALID_REQUEST
+    assert sh.machine.fingerprint() == before and len(sh.machine.book) == 1
+    assert segment(tmp_path / "shard").read_bytes() == journal
+    crash(sh)
+
+
+# ----------------------------------------------------------------------------- recovery
+def test_open_recovers_the_same_state_after_a_clean_stop_and_after_a_crash(
+        tmp_path: Path) -> None:
+    clock = Clock()
+    led = open_ledger(tmp_path / "ledger", clock)
+    sh = open_shard(tmp_path / "shard", clock)
+    users = [one(led, CreateAccount(*account(n))).user for n in (1, 2, 3)]
+    one(sh, ApplyTick(tick(10_000)))
+    key = IdemKey(users[0], "open", "k")
+    assert led.execute([LockMargin(MarginLock(u, 100 * USD, key if u == users[0] else None,
+                                              10 + u)) for u in users]) == [None] * 3
+    opened = sh.execute([Open(shard_open(10 + u, owner=u, side=Side(u % 2),
+                                         tp=None if u % 2 else 10_300)) for u in users])
+    assert one(led, Remember(key, opened[0])) is None
+    assert all(isinstance(p, OpenPosition) for p in opened)
+    ledger_live, shard_live = led.machine.fingerprint(), sh.machine.fingerprint()
+    led.close()
+    sh.close()
+    led = open_ledger(tmp_path / "ledger", clock)
+    sh = open_shard(tmp_path / "shard", clock)
+    for runner in (led, sh):  # all of it from the final snapshot
+        assert runner.store is not None and runner.store.recovered is not None
+        assert runner.store.recovered.replayed == 0
+        assert runner.store.recovered.snapshot_seq == durable_seq(runner) > 0
+    assert led.machine.fingerprint() == ledger_live
+    assert sh.machine.fingerprint() == shard_live
+    # more, then a crash: snapshot plus journal tail
+    assert one(sh, ApplyTick(tick(10_400, seq=2))) == 1  # the long's take-profit
+    assert one(led, AbandonLock(11)) is None  # its clientOrderId has an answer: kept
+    assert one(led, Begin(IdemKey(users[1], "close", "c"), 99)) is None
+    ledger_live, shard_live = led.machine.fingerprint(), sh.machine.fingerprint()
+    crash(led)
+    crash(sh)
+    led = open_ledger(tmp_path / "ledger", clock)
+    sh = open_shard(tmp_path / "shard", clock)
+    for runner in (led, sh):
+        assert runner.store is not None and runner.store.recovered is not None
+        assert runner.store.recovered.snapshot_seq > 0 and runner.store.recovered.replayed > 0
+    assert led.machine.fingerprint() == ledger_live
+    assert sh.machine.fingerprint() == shard_live
+    led.close()
+    sh.close()
+
+
+def test_an_in_memory_runner_steps_the_same_way_without_a_disk() -> None:
+    led: Runner[LedgerMachine] = Runner(LedgerMachine(SIGNUP), clock_us=Clock())
+    assert led.execute([CreateAccount(*account(1)), LockMargin(MarginLock(1, USD)),
+                        Balances(1)])[1:] == [None, (SIGNUP - USD, USD)]
+    assert (led.checkpoint(), led.journal_bytes(), led.recovery_s()) == (0, 0, 0.0)
+    led.close()
+    sh = Runner(shard_builder()(None), clock_us=Clock())
+    assert sh.execute([ApplyTick(tick(10_000)), LastTick()]) == [0, tick(10_000)]
