@@ -116,10 +116,11 @@ class Reconciler:
         if not batch:
             return
         try:
-            await asyncio.gather(*(self.ledger.call(AbandonLock(r)) for r in batch))
+            answers = await asyncio.gather(*(self.ledger.call(AbandonLock(r)) for r in batch))
         except Unavailable:
             return
-        self.counters["locks_released_abandoned"] += len(batch)
+        # an answer names the lock released; None: no lock was held under that id
+        self.counters["locks_released_abandoned"] += sum(isinstance(a, tuple) for a in answers)
         done = set(batch)
         self._abandoned = [r for r in self._abandoned if r not in done]
 
