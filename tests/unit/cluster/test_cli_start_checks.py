@@ -4,17 +4,20 @@ is one line, not a traceback."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from cluster.launcher import port_is_free
+from cluster.config import Settings
+from cluster.launcher import LaunchError, Platform, port_is_free
 from feed.broker import ProcessIdentity, check_bindable, free_port
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -115,3 +118,66 @@ def test_a_bad_setting_is_one_line_and_a_non_zero_exit(command: list[str], varia
     assert "configuration error" in lines[0] and "Traceback" not in done.stderr
     if variable == "SHARDS":
         assert "SHARDS" in lines[0]
+
+
+def _platform(data_dir: Path) -> Platform:
+    settings = dataclasses.replace(Settings(), data_dir=data_dir, port=free_port())
+    return Platform(settings)
+
+
+def _record_owner(data_dir: Path, pid: int) -> None:
+    owner = ProcessIdentity.of(pid)
+    (data_dir / "ray-address.json").write_text(json.dumps(
+        {"ray_address": "127.0.0.1:1", "pid": pid, "host": socket.gethostname(),
+         "owner": owner.to_json() if owner else None}))
+
+
+def test_up_refuses_a_data_dir_a_live_platform_runs_from(tmp_path: Path) -> None:
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        _record_owner(tmp_path, other.pid)
+        with pytest.raises(LaunchError, match=f"already runs from DATA_DIR.*pid {other.pid}"):
+            _platform(tmp_path)._take_over_data_dir()
+        assert (tmp_path / "ray-address.json").exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_the_record_of_a_killed_run_is_taken_over(tmp_path: Path) -> None:
+    _record_owner(tmp_path, 2**22 + 7)  # no such process
+    started = time.monotonic()
+    _platform(tmp_path)._take_over_data_dir()
+    assert time.monotonic() - started < 2.0
+    assert not (tmp_path / "ray-address.json").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock semantics")
+def test_a_journal_a_killed_run_still_writes_is_named(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import cluster.launcher as launcher
+
+    monkeypatch.setattr(launcher, "CRASHED_RUN_WAIT_S", 0.3)
+    lock = tmp_path / "ledger" / "journal" / "LOCK"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(30)"),
+        str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        _record_owner(tmp_path, 2**22 + 7)
+        with pytest.raises(LaunchError, match="LOCK is still locked"):
+            _platform(tmp_path)._take_over_data_dir()
+        cancel = threading.Event()
+        cancel.set()
+        platform = _platform(tmp_path)
+        platform.cancel = cancel
+        started = time.monotonic()
+        with pytest.raises(LaunchError, match="cancelled"):
+            platform._take_over_data_dir()
+        assert time.monotonic() - started < 1.0
+    finally:
+        holder.kill()
+        holder.wait()
