@@ -1,5 +1,5 @@
-"""The actor shells in a real local Ray: the service over Ray ports, the shard's outbox
-delivered to the ledger exactly once, a restarted shard's numbering, a dead shard."""
+"""The hosts in a real local Ray: the service over RayPorts, a shard's outbox delivered to the
+ledger exactly once by the courier, a restarted shard's numbering, a dead shard."""
 
 from __future__ import annotations
 
@@ -7,27 +7,33 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 import ray
 
+from cluster.actors.deploy import ray_ports, start_hosts
+from cluster.actors.host import host_class, host_specs
+from cluster.actors.port import Port, Unavailable
 from cluster.config import Settings
-from cluster.ledger_actor import create_ledger_actor
-from engine.messages import CloseOrder, OpenOrder, OpenPosition, SettlementItem
+from cluster.ray_service import service_from_names
+from cluster.trading.courier import Courier
 from cluster.trading.placement import shard_layout
-from cluster.ports import Unavailable
-from cluster.ray_service import service_from_handles, service_from_names
-from cluster.service import TradingService
-from cluster.shard_actor import ShardActor, create_shard_actors
+from cluster.trading.service import TradingService
+from engine.ledger_machine import AppliedSeq, ApplySettlements, Balances, Totals
 from engine.market import Tick
+from engine.messages import CloseOrder, OpenOrder, OpenPosition, Principal, SettlementItem
 from engine.orders import CloseReason, Side
 from engine.results import Rejected
+from engine.shard_machine import ApplyTick, Outbox
 
 USD = 10**6
 SIGNUP = 10_000 * USD
 SETTINGS = Settings()
+READY_S = 60.0
+BTC = next(s.name for s in shard_layout(SETTINGS) if s.asset == "BTC")
 
 
 @dataclass
@@ -36,34 +42,68 @@ class RayPlatform:
     ledger: Any
     shards: dict[str, Any]
     seq: int = 0
+    services: list[TradingService] = field(default_factory=list)
 
-    def tick(self, asset: str, bid: str, ask: str) -> int:
-        """Apply a tick on the asset's shard actors (as the feed actor does); returns closes."""
+    def ports(self) -> tuple[Port, dict[str, Port]]:
+        return ray_ports(self.ledger, self.shards)
+
+    def service(self) -> TradingService:
+        ledger, shards = self.ports()
+        self.services.append(TradingService(ledger, shards, SETTINGS))
+        return self.services[-1]
+
+    async def tick(self, asset: str, bid: str, ask: str) -> int:
+        """A tick to every shard of ``asset``, as the feed actor sends it: the settlements go
+        to the ledger (through the courier) after a tick that closed something. Returns
+        closes."""
         a = SETTINGS.assets[asset]
         self.seq += 1
         tick = Tick(asset, a.price_to_ticks(bid), a.price_to_ticks(ask),
                     time.time_ns() // 1000, self.seq, "test")
-        refs = [h.apply_ticks.remote([tick]) for name, h in self.shards.items()
-                if name.startswith(f"shard-{asset}-")]
-        return sum(ray.get(refs))
+        ledger, shards = self.ports()
+        courier = Courier(ledger, shards)
+        closed = 0
+        for spec in shard_layout(SETTINGS):
+            if spec.asset == asset:
+                [count] = await shards[spec.name].call_many([ApplyTick(tick)])
+                closed += count
+                if count:
+                    await courier.deliver(spec.name)
+        return closed
 
-    def flush(self) -> None:
-        assert ray.get([h.flush_outbox.remote() for h in self.shards.values()]) == \
-            [0] * len(self.shards)
-
-    def service(self) -> TradingService:
-        return service_from_handles(SETTINGS, self.ledger, self.shards)
+    async def flush(self) -> None:
+        """Deliver every shard's outbox; each is empty afterwards."""
+        ledger, shards = self.ports()
+        courier = Courier(ledger, shards)
+        for name, port in shards.items():
+            await courier.deliver(name)
+            assert (await port.call(Outbox())).items == []
 
 
 @pytest.fixture
-def rp(ray_local: None) -> Iterator[RayPlatform]:
-    namespace = f"test-{uuid.uuid4().hex[:8]}"
-    ledger = create_ledger_actor(SETTINGS, namespace=namespace)
-    shards = create_shard_actors(SETTINGS, ledger, namespace=namespace)
-    p = RayPlatform(namespace, ledger, shards)
-    yield p
-    for handle in [ledger, *shards.values()]:
-        ray.kill(handle)
+def start(ray_local: None, tmp_path: Path) -> Iterator[Any]:
+    """``start(durable=False)``: the ledger and shard hosts in a fresh namespace (journaled
+    under a temporary DATA_DIR, and restarted by Ray, when durable)."""
+    started: list[RayPlatform] = []
+
+    def start(durable: bool = False) -> RayPlatform:
+        namespace = f"test-{uuid.uuid4().hex[:8]}"
+        data_dir = str(tmp_path / namespace) if durable else None
+        ledger, shards = start_hosts(SETTINGS, namespace, data_dir, READY_S)
+        started.append(RayPlatform(namespace, ledger, shards))
+        return started[-1]
+
+    yield start
+    for p in started:
+        for handle in [p.ledger, *p.shards.values()]:
+            ray.kill(handle)
+
+
+async def signup(svc: TradingService) -> Principal:
+    account = await svc.create_account()
+    who = await svc.authenticate(account.api_key)
+    assert who is not None
+    return who
 
 
 async def audit(service: TradingService) -> list[str]:
@@ -72,20 +112,26 @@ async def audit(service: TradingService) -> list[str]:
     return problems
 
 
+async def close_services(p: RayPlatform) -> None:
+    for svc in p.services:
+        await svc.aclose()
+
+
 @pytest.mark.asyncio
-async def test_open_state_close_history_through_the_ray_ports(rp: RayPlatform) -> None:
+async def test_open_state_close_history_through_the_ray_ports(start: Any) -> None:
+    rp = start()
     svc = rp.service()
-    account = await svc.create_account()
-    who = await svc.authenticate(account.api_key)
-    assert who is not None
-    rp.tick("SOL", "100.00", "100.01")
+    who = await signup(svc)
+    await rp.tick("SOL", "100.00", "100.01")
+    before = svc.batch_stats()["ledger"]
     results = await asyncio.gather(*(svc.open_position(who, OpenOrder(
         "SOL", Side.LONG, 10 * USD, 10)) for _ in range(8)))
     assert all(isinstance(r, OpenPosition) for r in results)
-    batches, items = svc.batch_stats()["lock_margins"]
-    assert items == 8 and batches < 8  # concurrent opens shared actor calls
+    batches, items = svc.batch_stats()["ledger"]
+    assert items - before[1] == 8 and batches - before[0] < 8  # the locks shared actor calls
     state = await svc.state(who)
     assert len(state.positions) == 8 and state.margin_micros == 80 * USD
+    assert state.unavailable == ()
     assert await audit(svc) == []
     first = results[0]
     assert isinstance(first, OpenPosition)
@@ -101,73 +147,137 @@ async def test_open_state_close_history_through_the_ray_ports(rp: RayPlatform) -
     health = await svc.health()
     assert health.ok, health
     assert await audit(svc) == []
-    # a service built from the actor names finds the same state
+    # a service built from the host names finds the same state
     named = service_from_names(SETTINGS, namespace=rp.namespace)
+    rp.services.append(named)
     assert (await named.state(who)) == state
+    await close_services(rp)
 
 
 @pytest.mark.asyncio
-async def test_tick_closes_reach_the_ledger_exactly_once(rp: RayPlatform) -> None:
+async def test_tick_closes_reach_the_ledger_exactly_once(start: Any) -> None:
+    rp = start()
     svc = rp.service()
-    account = await svc.create_account()
-    who = await svc.authenticate(account.api_key)
-    assert who is not None
-    rp.tick("BTC", "60000.0", "60000.1")
+    who = await signup(svc)
+    await rp.tick("BTC", "60000.0", "60000.1")
     for _ in range(5):
         r = await svc.open_position(who, OpenOrder("BTC", Side.LONG, 100 * USD, 10,
                                                    tp_ticks=610000))
         assert isinstance(r, OpenPosition)
-    assert rp.tick("BTC", "61000.0", "61000.1") == 5
-    rp.flush()
-    [shard_name] = [s.name for s in shard_layout(SETTINGS) if s.asset == "BTC"]
-    assert ray.get(rp.ledger.applied_seq.remote(shard_name)) == 5
-    totals = ray.get(rp.ledger.totals.remote())
+    assert await rp.tick("BTC", "61000.0", "61000.1") == 5
+    await rp.flush()
+    assert await svc.ledger.call(AppliedSeq(BTC)) == 5
+    totals = await svc.ledger.call(Totals())
     assert totals["closed_positions"] == 5
     state = await svc.state(who)
     assert state.positions == [] and state.margin_micros == 0
     # a lost acknowledgement: the shard resends everything; nothing changes
     history = await svc.history(who)
     assert isinstance(history, list) and len(history) == 5
-    resend = [SettlementItem(i + 1, c) for i, c in enumerate(reversed(history))]
-    assert ray.get(rp.ledger.apply_settlements.remote(shard_name, resend)) == 5
+    resend = tuple(SettlementItem(i + 1, c) for i, c in enumerate(reversed(history)))
+    assert await svc.ledger.call(ApplySettlements(BTC, resend)) == 5
     assert await svc.state(who) == state
-    assert ray.get(rp.ledger.totals.remote())["closed_positions"] == 5
-    # a restarted shard continues the numbering the ledger knows
-    spec = next(s for s in shard_layout(SETTINGS) if s.name == shard_name)
-    ray.kill(rp.shards[shard_name])
-    fresh = ShardActor.options(namespace=rp.namespace).remote(  # type: ignore[attr-defined]
-        spec, SETTINGS.assets["BTC"], 0, SETTINGS.max_price_age_us, rp.ledger)
-    rp.shards[shard_name] = fresh
+    assert (await svc.ledger.call(Totals()))["closed_positions"] == 5
+    assert await audit(svc) == []
+    await close_services(rp)
+
+
+@pytest.mark.asyncio
+async def test_a_shard_restarted_empty_continues_the_numbering_the_ledger_knows(
+        start: Any) -> None:
+    rp = start()
     svc = rp.service()
-    rp.tick("BTC", "60000.0", "60000.1")
+    who = await signup(svc)
+    await rp.tick("BTC", "60000.0", "60000.1")
+    for _ in range(5):
+        r = await svc.open_position(who, OpenOrder("BTC", Side.LONG, 100 * USD, 10,
+                                                   tp_ticks=610000))
+        assert isinstance(r, OpenPosition)
+    assert await rp.tick("BTC", "61000.0", "61000.1") == 5
+    assert await svc.ledger.call(AppliedSeq(BTC)) == 5
+    # the shard's host is replaced by an empty one (its state lived in memory)
+    ray.kill(rp.shards[BTC])
+    spec = host_specs(SETTINGS)[1][BTC]
+    rp.shards[BTC] = host_class().options(namespace=rp.namespace).remote(spec)
+    assert ray.get(rp.shards[BTC].ping.remote(), timeout=READY_S)
+    svc = rp.service()
+    await rp.tick("BTC", "60000.0", "60000.1")
     r = await svc.open_position(who, OpenOrder("BTC", Side.SHORT, 100 * USD, 10))
     assert isinstance(r, OpenPosition)
     closed = await svc.close_position(who, CloseOrder(r.position_id))
     assert not isinstance(closed, Rejected)
-    assert ray.get(rp.ledger.applied_seq.remote(shard_name)) == 6
-    rp.flush()
+    assert await svc.ledger.call(AppliedSeq(BTC)) == 6
+    await rp.flush()
     assert await audit(svc) == []
+    await close_services(rp)
 
 
 @pytest.mark.asyncio
-async def test_a_dead_shard_is_unavailable_and_the_lock_stays_in_doubt(rp: RayPlatform) -> None:
+async def test_a_shard_restarted_by_ray_recovers_its_positions_and_numbering(
+        start: Any) -> None:
+    rp = start(durable=True)
     svc = rp.service()
-    account = await svc.create_account()
-    who = await svc.authenticate(account.api_key)
-    assert who is not None
-    rp.tick("ETH", "3000.00", "3000.01")
+    who = await signup(svc)
+    await rp.tick("BTC", "60000.0", "60000.1")
+    kept = []
+    for tp in (610000, 610000, None):
+        r = await svc.open_position(who, OpenOrder("BTC", Side.LONG, 100 * USD, 10,
+                                                   tp_ticks=tp))
+        assert isinstance(r, OpenPosition)
+        kept.append(r)
+    assert await rp.tick("BTC", "61000.0", "61000.1") == 2
+    assert await svc.ledger.call(AppliedSeq(BTC)) == 2
+    pid = ray.get(rp.shards[BTC].info.remote(), timeout=READY_S)["pid"]
+    ray.kill(rp.shards[BTC], no_restart=False)  # the process dies; Ray starts it again
+    deadline = time.monotonic() + READY_S
+    while True:
+        try:
+            info = await asyncio.wait_for(rp.shards[BTC].info.remote(), 5)
+            if info["pid"] != pid:
+                break
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                TimeoutError):
+            pass
+        assert time.monotonic() < deadline, "the shard was not restarted"
+        await asyncio.sleep(0.2)
+    state = await svc.state(who)  # the same handle, the same port: the recovered book
+    assert [p.position_id for p in state.positions] == [kept[2].position_id]
+    closed = await svc.close_position(who, CloseOrder(kept[2].position_id))
+    assert not isinstance(closed, Rejected)
+    assert await svc.ledger.call(AppliedSeq(BTC)) == 3
+    state = await svc.state(who)
+    assert state.positions == [] and state.margin_micros == 0
+    history = await svc.history(who)
+    assert isinstance(history, list) and len(history) == 3
+    await rp.flush()
+    assert await audit(svc) == []
+    await close_services(rp)
+
+
+@pytest.mark.asyncio
+async def test_a_dead_shard_is_unavailable_and_the_lock_stays_in_doubt(start: Any) -> None:
+    rp = start()
+    svc = rp.service()
+    who = await signup(svc)
+    await rp.tick("ETH", "3000.00", "3000.01")
+    await rp.tick("SOL", "100.00", "100.01")
+    sol = await svc.open_position(who, OpenOrder("SOL", Side.LONG, 20 * USD, 2))
+    assert isinstance(sol, OpenPosition)
     ray.kill(rp.shards["shard-ETH-0"])
-    with pytest.raises(Unavailable):
+    with pytest.raises(Unavailable) as refused:
         await svc.open_position(who, OpenOrder("ETH", Side.LONG, 10 * USD, 2))
+    assert refused.value.component == "shard-ETH-0"
     # its outcome is unknown, so the margin stays locked until the shard can say; reads still
     # answer, naming the shard whose positions are missing
     state = await svc.state(who)
     assert state.unavailable == ("shard-ETH-0",)
-    assert state.margin_micros == 10 * USD and state.positions == []
-    [(free, margin)] = ray.get(rp.ledger.balances_many.remote([who.user]))
-    assert (free, margin) == (SIGNUP - 10 * USD, 10 * USD)
+    assert state.margin_micros == 30 * USD
+    assert [p.position_id for p in state.positions] == [sol.position_id]
+    assert await svc.ledger.call(Balances(who.user)) == (SIGNUP - 30 * USD, 30 * USD)
     assert await svc.reconcile() == 1
     health = await svc.health()
     assert not health.ok and health.components["shard-ETH-0"] != "ok"
     assert health.components["ledger"] == "ok"
-    await svc.aclose()
+    prices = await svc.prices()
+    assert "ETH" not in prices and "SOL" in prices
+    await close_services(rp)
