@@ -30,6 +30,7 @@ Nothing here reads a clock: ``now_us`` comes with each command.
 from __future__ import annotations
 
 import bisect
+import operator
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +39,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from engine import schema
 from engine.assets import Asset
 from engine.book import COLUMN_NAMES, PositionBook, PositionRecord
 from engine.events import (
@@ -79,25 +81,57 @@ _I64 = 1 << 63
 _U64 = 1 << 64
 _INT64_MAX = _I64 - 1
 _SIDES = (Side.LONG, Side.SHORT)
-_POSITION_COLUMNS = ("position_id", "owner", "side", "entry_ticks", "qty_steps", "margin_micros",
-                     "leverage", "liq_ticks", "tp_ticks", "sl_ticks", "opened_ts_us")
-_PLAN_FIELDS = ("side", "entry_ticks", "qty_steps", "margin_micros", "leverage", "liq_ticks",
-                "tp_ticks", "sl_ticks", "maintenance_margin_ppm")
-_ANSWER_FIELDS = ("request_id", "position_id", "owner", "side", "entry_ticks", "qty_steps",
-                  "margin_micros", "leverage", "liq_ticks", "tp_ticks", "sl_ticks",
-                  "opened_ts_us")
+_SIDE_CAST = {"side": _SIDES.__getitem__}
 _OPENED_TYPE = TYPE_CODES[PositionOpened]
 _OPENED_LENGTH = OPENED_RECORD.itemsize - 4
 _LENGTH = struct.Struct("<I")
 
-# snapshot layout: outbox rows are seq + every ClosedPosition field but the asset (the shard's
-# own); result rows are kind, has_pnl, then the answer's fields (request ids apart, as u64)
-_OUTBOX_COLUMNS = 19
-_RESULT_COLUMNS = 2 + _OUTBOX_COLUMNS
+# Conversions between the records, each resolved by field name once (engine.schema.builder);
+# the arguments after the source are the ``given`` fields, in the order named here.
+_SETTLED = (*schema.POSITION, *schema.CLOSE)  # a settlement's fields but its seq and asset
+_RUN_PLAN = (*schema.TERMS, schema.maintenance_margin_ppm)  # what open_many takes per row
+# (plan, position_id, owner, opened_ts_us, request_id) -> the event of an open
+_OPENED_EVENT = schema.builder(PositionOpened, schema.PLAN, attributes=True,
+                               given=("position_id", "owner", "opened_ts_us", "request_id"),
+                               casts={"side": int})
+# (PositionOpened, mm_micros) -> the plan the book opens it from
+_PLAN_OF = schema.builder(OpenPlan, schema.POSITION_OPENED, given=("mm_micros",),
+                          casts=_SIDE_CAST)
+# (PositionOpened, asset, unrealized_pnl_micros) -> the answer of an open
+_OPEN_ANSWER = schema.builder(OpenPosition, schema.POSITION_OPENED,
+                              given=("asset", "unrealized_pnl_micros"), casts=_SIDE_CAST)
+# (row of POSITION values, asset, unrealized_pnl_micros) -> a listed open position
+_LISTED = schema.builder(OpenPosition, schema.POSITION, given=("asset", "unrealized_pnl_micros"),
+                         casts=_SIDE_CAST)
+_CLOSE_GIVEN = ("asset", "exit_ticks", *schema.names(schema.SETTLEMENT), "reason", "closed_ts_us")
+# (PositionRecord, *_CLOSE_GIVEN) -> the closed position
+_CLOSED = schema.builder(ClosedPosition, schema.BOOK_ROW, given=_CLOSE_GIVEN, casts=_SIDE_CAST)
+# (row of _SETTLED values, asset) -> a closed position out of a snapshot
+_CLOSED_ROW = schema.builder(ClosedPosition, _SETTLED, given=("asset",), casts=_SIDE_CAST)
+# (row of _SETTLED values, asset, unrealized_pnl_micros) -> an open answer out of a snapshot
+_LISTED_ROW = schema.builder(OpenPosition, _SETTLED, given=("asset", "unrealized_pnl_micros"),
+                             casts=_SIDE_CAST)
+
+# Snapshot arrays, named columns (engine.schema widths): ``outbox`` one row per settlement
+# (engine.schema.OUTBOX); ``results`` one row per remembered answer: its request id and kind,
+# then the columns of its kind (an open: the position, ``has_pnl`` and its mark; a close: the
+# settlement), zeros elsewhere.
 _KIND_OPEN = 1
 _KIND_FENCED = 2
 _KIND_CLOSE = 3
-_OLD_OPEN_COLUMNS = 15  # cluster.shard_store snapshots: request_id, kind, has_pnl, 12 fields
+OUTBOX_DTYPE = schema.dtype(schema.OUTBOX)
+RESULT_DTYPE = schema.dtype((schema.request_id, *schema.OUTBOX, schema.unrealized_pnl_micros),
+                            before=(("kind", "u1"), ("has_pnl", "u1")))
+# Older snapshots held int64 tables; the columns they had, as they were written (frozen: they
+# describe files, not the schema of today). Results' columns depend on the row's kind.
+_V1_POSITION = ("position_id", "owner", "side", "entry_ticks", "qty_steps", "margin_micros",
+                "leverage", "liq_ticks", "tp_ticks", "sl_ticks", "opened_ts_us")
+_V1_OUTBOX = ("seq", *_V1_POSITION, "exit_ticks", "pnl_micros", "payout_micros",
+              "house_micros", "insurance_micros", "reason", "closed_ts_us")
+_V1_CLOSE_RESULT = ("kind", "has_pnl", *_V1_OUTBOX)  # 21 columns, with ``result_ids``
+_V1_OPEN_RESULT = ("kind", "has_pnl", *_V1_POSITION, "unrealized_pnl_micros")  # then zeros
+# cluster.shard_store snapshots: ``open_results`` (opens and fences only)
+_V0_OPEN_RESULT = ("request_id", "kind", "has_pnl", *_V1_POSITION, "unrealized_pnl_micros")
 
 _FENCED = Rejected(Code.PRICE_UNAVAILABLE, "the request was abandoned after a timeout")
 _OUT_OF_RANGE = "a value is out of range"
@@ -358,10 +392,7 @@ class ShardMachine:
             position_id = self.book.next_position_id()
         except OverflowError:
             return Rejected(Code.INVALID_REQUEST, "this shard holds no more positions"), ()
-        event = PositionOpened(position_id, req.owner, int(side), plan.entry_ticks,
-                               plan.qty_steps, plan.margin_micros, plan.leverage, plan.liq_ticks,
-                               plan.tp_ticks, plan.sl_ticks, now_us, plan.maintenance_margin_ppm,
-                               request_id)
+        event: PositionOpened = _OPENED_EVENT(plan, position_id, req.owner, now_us, request_id)
         return self._open_answer(event), (event,)
 
     def _decide_close(self, command: Close, now_us: int) -> tuple[Any, Sequence[Event]]:
@@ -411,7 +442,7 @@ class ShardMachine:
 
     def _decide_resume(self, command: ResumeSeq, now_us: int) -> tuple[Any, Sequence[Event]]:
         if command.applied_seq > self._last_seq:
-            if command.applied_seq >= _U64:
+            if command.applied_seq + len(self._outbox) >= _U64:
                 return Rejected(Code.INVALID_REQUEST, f"applied seq: {_OUT_OF_RANGE}"), ()
             return 0, (SeqResumed(command.applied_seq),)
         return self._decide_ack(command, now_us)
@@ -430,21 +461,15 @@ class ShardMachine:
         mark = None if tick is None else pnl_micros(
             self.asset, side, event.entry_ticks, event.qty_steps,
             exit_price_ticks(side, tick.bid_ticks, tick.ask_ticks))
-        return OpenPosition(event.position_id, event.owner, self.asset.name, side,
-                            event.entry_ticks, event.qty_steps, event.margin_micros,
-                            event.leverage, event.liq_ticks, event.tp_ticks, event.sl_ticks,
-                            event.opened_ts_us, mark)
+        answer: OpenPosition = _OPEN_ANSWER(event, self.asset.name, mark)
+        return answer
 
     def _settlement_item(self, record: PositionRecord, event: PositionClosed) -> SettlementItem:
-        side = Side(record.side)
-        s = settle(self.asset, side, record.entry_ticks, record.qty_steps, record.margin_micros,
-                   event.exit_ticks, CloseReason(event.reason))
-        return SettlementItem(event.settlement_seq, ClosedPosition(
-            record.position_id, record.owner, self.asset.name, side, record.entry_ticks,
-            record.qty_steps, record.margin_micros, record.leverage, record.liq_ticks,
-            record.tp_ticks, record.sl_ticks, record.opened_ts_us, event.exit_ticks,
-            s.pnl_micros, s.payout_micros, s.house_micros, s.insurance_micros, event.reason,
-            event.ts_us))
+        s = settle(self.asset, record.side, record.entry_ticks, record.qty_steps,
+                   record.margin_micros, event.exit_ticks, CloseReason(event.reason))
+        return SettlementItem(event.settlement_seq, _CLOSED(
+            record, self.asset.name, event.exit_ticks, s.pnl_micros, s.payout_micros,
+            s.house_micros, s.insurance_micros, event.reason, event.ts_us))
 
     # ----------------------------------------------------------------- reads
     def _read_outbox(self, command: Outbox, now_us: int) -> tuple[Any, Sequence[Event]]:
@@ -491,13 +516,12 @@ class ShardMachine:
         else:
             pnls = self.book.unrealized_pnl_micros(pid_col[rows], tick.bid_ticks,
                                                    tick.ask_ticks).tolist()
-        fields = [cols[name][rows].tolist() for name in _POSITION_COLUMNS]
         name = self.asset.name
         by_owner: dict[int, list[OpenPosition]] = {}
-        for pid, own, side, entry, qty, margin, lev, liq, tp, sl, ts, pnl in zip(
-                *fields, pnls, strict=True):
-            by_owner.setdefault(own, []).append(OpenPosition(
-                pid, own, name, _SIDES[side], entry, qty, margin, lev, liq, tp, sl, ts, pnl))
+        live = {f.name: cols[f.column][rows] for f in schema.POSITION}
+        for row, pnl in zip(schema.rows(live, schema.POSITION), pnls, strict=True):
+            position: OpenPosition = _LISTED(row, name, pnl)
+            by_owner.setdefault(position.owner, []).append(position)
         return [list(by_owner.get(owner, ())) for owner in owners]
 
     # ----------------------------------------------------------------- apply
@@ -516,13 +540,11 @@ class ShardMachine:
             name = self.asset.name
             results = self._results
             for run, marks in self._unbuilt:
-                columns = [run[f].tolist() for f in _ANSWER_FIELDS]
                 pnls: list[int | None] = [None] * int(run.size) if marks is None \
                     else marks.tolist()
-                for (rid, pid, owner, side, entry, qty, margin, lev, liq, tp, sl, ts), pnl in zip(
-                        zip(*columns, strict=True), pnls, strict=True):
-                    results[rid] = OpenPosition(pid, owner, name, _SIDES[side], entry, qty,
-                                                margin, lev, liq, tp, sl, ts, pnl)
+                for rid, row, pnl in zip(run["request_id"].tolist(),
+                                         schema.rows(run, schema.POSITION), pnls, strict=True):
+                    results[rid] = _LISTED(row, name, pnl)
             self._unbuilt = []
             self._unbuilt_rows = 0
         return self._results
@@ -534,9 +556,7 @@ class ShardMachine:
             results.popitem(last=False)
 
     def _apply_opened(self, event: PositionOpened) -> None:
-        plan = OpenPlan(_SIDES[event.side], event.entry_ticks, event.qty_steps,
-                        event.margin_micros, event.leverage, event.liq_ticks, event.tp_ticks,
-                        event.sl_ticks, 0, event.maintenance_margin_ppm)
+        plan: OpenPlan = _PLAN_OF(event, 0)
         position_id = self.book.open(event.owner, plan, event.opened_ts_us)
         if position_id != event.position_id:
             raise ShardStateError(f"the book issued id {position_id} for the open journaled as "
@@ -578,8 +598,13 @@ class ShardMachine:
     def _apply_resumed(self, event: SeqResumed) -> None:
         if event.applied_seq <= self._last_seq:
             raise ShardStateError(f"resume at {event.applied_seq}, not after {self._last_seq}")
-        self._last_seq = self._acked_seq = event.applied_seq
-        self._outbox = []
+        # The ledger applied numbers up to ``applied_seq`` from an earlier life of this shard,
+        # so the closes numbered since (from 1, by a shard that restarted empty) were ignored
+        # as resends: they continue after it, none is lost.
+        self._outbox = [SettlementItem(event.applied_seq + i, item.closed)
+                        for i, item in enumerate(self._outbox, start=1)]
+        self._acked_seq = event.applied_seq
+        self._last_seq = event.applied_seq + len(self._outbox)
 
     # ----------------------------------------------------------------- recovery
     def decode_record(self, payload: bytes) -> list[Any]:
@@ -623,7 +648,7 @@ class ShardMachine:
                 self.apply(item)
 
     def _apply_open_run(self, run: np.ndarray) -> None:
-        plans = {name: run[name].astype(np.int64) for name in _PLAN_FIELDS}
+        plans = {f.name: run[f.name].astype(np.int64) for f in _RUN_PLAN}
         ids = self.book.open_many(run["owner"].astype(np.int64), plans,
                                   run["opened_ts_us"].astype(np.int64))
         if not np.array_equal(ids, run["position_id"].astype(np.int64)):
@@ -665,24 +690,12 @@ class ShardMachine:
     # ----------------------------------------------------------------- snapshots
     def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Copies of the whole state: the book's columns (engine.book.PositionBook.to_arrays),
-        ``outbox`` (int64, (n, 19)), ``result_ids`` (uint64, (m,)) with ``results`` (int64,
-        (m, 21)) in remembering order; counters, seqs and the last tick in ``meta``."""
+        ``outbox`` (:data:`OUTBOX_DTYPE`, one row per settlement) and ``results``
+        (:data:`RESULT_DTYPE`, one row per remembered answer, in remembering order), structured
+        arrays with named columns; counters, seqs and the last tick in ``meta``."""
         arrays = self.book.to_arrays()
-        arrays["outbox"] = np.array([_outbox_row(item) for item in self._outbox],
-                                    dtype=np.int64).reshape(-1, _OUTBOX_COLUMNS)
-        rows: list[tuple[int, ...]] = []
-        results = self._answers()
-        for answer in results.values():
-            if isinstance(answer, Rejected):
-                rows.append((_KIND_FENCED, 0, *([0] * _OUTBOX_COLUMNS)))
-            elif isinstance(answer, SettlementItem):
-                rows.append((_KIND_CLOSE, 0, *_outbox_row(answer)))
-            else:
-                pnl = answer.unrealized_pnl_micros
-                rows.append((_KIND_OPEN, int(pnl is not None), *answer[:2], *answer[3:12],
-                             pnl or 0, *([0] * (_OUTBOX_COLUMNS - 12))))
-        arrays["result_ids"] = np.array(list(results), dtype=np.uint64)
-        arrays["results"] = np.array(rows, dtype=np.int64).reshape(-1, _RESULT_COLUMNS)
+        arrays["outbox"] = _outbox_array(self._outbox)
+        arrays["results"] = _results_array(self._answers())
         tick = self._last_tick
         meta = {
             "shard": self.name,
@@ -710,24 +723,25 @@ class ShardMachine:
     def from_snapshot(cls, name: str, book_tag: int, asset: Asset, maintenance_margin_ppm: int,
                       max_price_age_us: int, arrays: Mapping[str, np.ndarray],
                       meta: Mapping[str, Any]) -> ShardMachine:
-        """The machine from :meth:`snapshot`'s ``(arrays, meta)``; also reads the snapshots
-        of cluster.shard_store (remembered opens in ``open_results``). ValueError if they do
-        not fit this config."""
+        """The machine from :meth:`snapshot`'s ``(arrays, meta)``; also reads the older
+        snapshots (int64 tables: ``outbox``, ``results`` with ``result_ids``; and those of
+        cluster.shard_store, remembered opens in ``open_results``). ValueError if they do not
+        fit this config."""
         if meta["asset"] != asset.name:
             raise ValueError(f"snapshot holds {meta['asset']}, shard trades {asset.name}")
         machine = cls(name, book_tag, asset, maintenance_margin_ppm, max_price_age_us)
         book_arrays = {k: arrays[k] for k in (*COLUMN_NAMES, "free_head")}
         machine.book = PositionBook.from_arrays(asset, book_tag, book_arrays)
-        machine._outbox = [_outbox_item(asset.name, row) for row in arrays["outbox"].tolist()]
-        if "results" in arrays:
-            for request_id, row in zip(arrays["result_ids"].tolist(),
-                                       arrays["results"].tolist(), strict=True):
-                machine._remember(request_id, _result_answer(asset.name, row))
+        outbox = schema.named_columns(arrays["outbox"], _V1_OUTBOX, len(_V1_OUTBOX))
+        machine._outbox = _outbox_items(asset.name, outbox)
+        if "results" not in arrays:
+            results = _v0_results(np.asarray(arrays["open_results"]))
+        elif arrays["results"].dtype.names is None:
+            results = _v1_results(np.asarray(arrays["result_ids"]), arrays["results"])
         else:
-            for row in np.asarray(arrays["open_results"]).reshape(-1, _OLD_OPEN_COLUMNS).tolist():
-                kind, has_pnl = row[1], row[2]
-                padded = [kind, has_pnl, *row[3:], *([0] * (_OUTBOX_COLUMNS - 12))]
-                machine._remember(row[0], _result_answer(asset.name, padded))
+            results = arrays["results"]
+        for request_id, answer in _result_answers(asset.name, results):
+            machine._remember(request_id, answer)
         machine._last_seq = int(meta["last_seq"])
         machine._acked_seq = int(meta["acked_seq"])
         tick = meta["last_tick"]
@@ -799,28 +813,101 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _outbox_row(item: SettlementItem) -> tuple[int, ...]:
-    c = item.closed
-    return (item.seq, *c[:2], *c[3:])
+# --------------------------------------------------------------------------- snapshot columns
+def _fill(table: np.ndarray, rows: list[int], records: Sequence[Any],
+          group: Sequence[schema.Field]) -> None:
+    """Write the ``group`` fields of ``records`` into ``rows`` of ``table``, column by name."""
+    if rows:
+        for f in group:
+            table[f.name][rows] = list(map(operator.attrgetter(f.name), records))
 
 
-def _outbox_item(asset_name: str, row: Sequence[int]) -> SettlementItem:
-    return SettlementItem(row[0], ClosedPosition(row[1], row[2], asset_name, _SIDES[row[3]],
-                                                 *row[4:]))
+def _outbox_array(items: Sequence[SettlementItem]) -> np.ndarray:
+    table = np.zeros(len(items), dtype=OUTBOX_DTYPE)
+    table["seq"] = [item.seq for item in items]
+    _fill(table, list(range(len(items))), [item.closed for item in items], _SETTLED)
+    return table
 
 
-def _result_answer(asset_name: str, row: Sequence[int]) -> Answer:
-    """A remembered answer from a snapshot row (kind, has_pnl, fields...)."""
-    kind, has_pnl, fields = row[0], row[1], row[2:]
-    if kind == _KIND_FENCED:
-        return _FENCED
-    if kind == _KIND_CLOSE:
-        return _outbox_item(asset_name, fields)
-    if kind != _KIND_OPEN:
-        raise ValueError(f"unknown remembered answer kind {kind}")
-    pid, owner, side, entry, qty, margin, leverage, liq, tp, sl, ts, pnl = fields[:12]
-    return OpenPosition(pid, owner, asset_name, _SIDES[side], entry, qty, margin, leverage, liq,
-                        tp, sl, ts, pnl if has_pnl else None)
+def _results_array(results: Mapping[int, Answer]) -> np.ndarray:
+    table = np.zeros(len(results), dtype=RESULT_DTYPE)
+    table["request_id"] = list(results)
+    kinds: list[int] = []
+    open_rows: list[int] = []
+    opens: list[OpenPosition] = []
+    close_rows: list[int] = []
+    closes: list[SettlementItem] = []
+    for row, answer in enumerate(results.values()):
+        if isinstance(answer, Rejected):
+            kinds.append(_KIND_FENCED)
+        elif isinstance(answer, SettlementItem):
+            kinds.append(_KIND_CLOSE)
+            close_rows.append(row)
+            closes.append(answer)
+        else:
+            kinds.append(_KIND_OPEN)
+            open_rows.append(row)
+            opens.append(answer)
+    table["kind"] = kinds
+    _fill(table, open_rows, opens, schema.POSITION)
+    marks = [p.unrealized_pnl_micros for p in opens]
+    table["has_pnl"][open_rows] = [m is not None for m in marks]
+    table["unrealized_pnl_micros"][open_rows] = [m or 0 for m in marks]
+    table["seq"][close_rows] = [item.seq for item in closes]
+    _fill(table, close_rows, [item.closed for item in closes], _SETTLED)
+    return table
+
+
+def _outbox_items(asset_name: str, columns: Mapping[str, np.ndarray]) -> list[SettlementItem]:
+    return [SettlementItem(seq, _CLOSED_ROW(row, asset_name)) for seq, row in
+            zip(columns["seq"].tolist(), schema.rows(columns, _SETTLED), strict=True)]
+
+
+def _as_results(columns_by_kind: Sequence[tuple[Mapping[str, np.ndarray], np.ndarray]],
+                size: int) -> np.ndarray:
+    """A :data:`RESULT_DTYPE` table from older columns: each ``(columns, mask)`` fills the
+    rows ``mask`` selects, by column name."""
+    table = np.zeros(size, dtype=RESULT_DTYPE)
+    for columns, mask in columns_by_kind:
+        for n, column in columns.items():
+            table[n][mask] = column[mask]
+    return table
+
+
+def _v1_results(ids: np.ndarray, old: np.ndarray) -> np.ndarray:
+    width = len(_V1_CLOSE_RESULT)
+    closes = schema.named_columns(old, _V1_CLOSE_RESULT, width)
+    opens = schema.named_columns(old, _V1_OPEN_RESULT, width)
+    kind = closes["kind"]
+    table = _as_results([(opens, kind != _KIND_CLOSE), (closes, kind == _KIND_CLOSE)], len(kind))
+    table["request_id"] = ids
+    return table
+
+
+def _v0_results(old: np.ndarray) -> np.ndarray:
+    opens = schema.named_columns(old, _V0_OPEN_RESULT, len(_V0_OPEN_RESULT))
+    return _as_results([(opens, np.ones(len(opens["kind"]), dtype=bool))], len(opens["kind"]))
+
+
+def _result_answers(asset_name: str, table: np.ndarray) -> list[tuple[int, Answer]]:
+    """``(request_id, answer)`` of each row of a :data:`RESULT_DTYPE` table."""
+    out: list[tuple[int, Answer]] = []
+    for request_id, kind, has_pnl, mark, seq, row in zip(
+            table["request_id"].tolist(), table["kind"].tolist(), table["has_pnl"].tolist(),
+            table["unrealized_pnl_micros"].tolist(), table["seq"].tolist(),
+            schema.rows(table, _SETTLED), strict=True):
+        answer: Answer
+        if kind == _KIND_FENCED:
+            answer = _FENCED
+        elif kind == _KIND_CLOSE:
+            answer = SettlementItem(seq, _CLOSED_ROW(row, asset_name))
+        elif kind == _KIND_OPEN:
+            answer = _LISTED_ROW(row, asset_name, mark if has_pnl else None)
+        else:
+            raise ValueError(f"unknown remembered answer kind {kind}")
+        out.append((request_id, answer))
+    return out
+
 
 
 __all__ = [

@@ -19,6 +19,8 @@ from cluster.actors.port import Port, RayPort
 from cluster.config import Settings
 from cluster.trading.courier import Courier
 from cluster.trading.reconciler import Reconciler
+from engine.ledger_machine import AppliedSeq
+from engine.shard_machine import ResumeSeq
 
 RESTART = {"max_restarts": -1, "max_task_retries": 0}
 
@@ -52,6 +54,13 @@ def start_hosts(settings: Settings, namespace: str, data_dir: str | None,
         shards[name] = host.options(name=name, namespace=namespace,
                                     scheduling_strategy=strategy, **restart).remote(spec)
     ray.get([h.ping.remote() for h in [ledger, *shards.values()]], timeout=ready_timeout_s)
+    # every shard continues the numbering the ledger knows (what Courier.resume does)
+    names = list(shards)
+    applied = ray.get(ledger.execute.remote([AppliedSeq(n) for n in names]),
+                      timeout=ready_timeout_s)
+    ray.get([shards[n].execute.remote([ResumeSeq(a)]) for n, a in zip(names, applied,
+                                                                       strict=True)],
+            timeout=ready_timeout_s)
     return ledger, shards
 
 

@@ -17,8 +17,9 @@ from cluster.durability.runner import Runner, wall_clock_us
 from cluster.trading.courier import Courier
 from cluster.trading.placement import Layout
 from cluster.trading.service import TradingService
+from engine.ledger_machine import AppliedSeq
 from engine.market import Tick
-from engine.shard_machine import ApplyTick
+from engine.shard_machine import ApplyTick, ResumeSeq
 
 
 class LocalHosts:
@@ -33,6 +34,14 @@ class LocalHosts:
         self.shards = {name: LocalPort(name, _runner(spec.runner(), clock_us))
                        for name, spec in shard_specs.items()}
         self.courier = Courier(self.ledger, self.shards)
+        for name in self.shards:  # a shard continues the numbering the ledger knows
+            self.resume_blocking(name)
+
+    def resume_blocking(self, shard_name: str) -> int:
+        """What Courier.resume does, without an event loop (a host that starts)."""
+        [applied] = self.ledger.execute_blocking([AppliedSeq(shard_name)])
+        self.shards[shard_name].execute_blocking([ResumeSeq(applied)])
+        return int(applied)
 
     def service(self, wrap: Callable[[LocalPort], Port] | None = None,
                 **options: Any) -> TradingService:

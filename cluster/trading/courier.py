@@ -6,8 +6,13 @@ ignores resends, so delivery is exactly once however often it is repeated. One d
 
 1. ``Outbox()`` from the shard: its unacknowledged settlements and its last number;
 2. ``ApplySettlements`` to the ledger (with the clientOrderId answers to store with them);
-3. ``AckOutbox(applied)`` to the shard, after ``ResumeSeq(applied)`` if the shard's numbering
-   is behind what the ledger applied (an in-memory shard that restarted empty).
+3. ``AckOutbox(applied)`` to the shard.
+
+A shard's numbering must continue the ledger's: a host that starts is resumed
+(:meth:`Courier.resume`: ``AppliedSeq`` from the ledger, ``ResumeSeq`` to the shard) before it
+serves, and a courier resumes each shard once more on its first delivery to it. A shard whose
+memory was lost (an in-memory host started again) then numbers its closes after the ledger's,
+instead of below it where the ledger would take them for resends.
 
 Deliveries to one shard are coalesced: at most one runs at a time, and every caller that asks
 while one runs is served by the next one (which reads the outbox anew), so a close waiting for
@@ -22,7 +27,7 @@ from typing import Any
 
 from cluster.actors.port import Port
 from cluster.trading.batcher import MicroBatcher
-from engine.ledger_machine import ApplySettlements
+from engine.ledger_machine import AppliedSeq, ApplySettlements
 from engine.messages import IdemKey
 from engine.results import Rejected
 from engine.shard_machine import AckOutbox, Outbox, ResumeSeq
@@ -41,7 +46,16 @@ class Courier:
         self.ledger = ledger
         self.shards = dict(shards)  # a shell may add ports as it finds the shards
         self._runs: dict[str, MicroBatcher[Answer | None, int]] = {}
+        self._resumed: set[str] = set()
         self.delivered = 0
+
+    async def resume(self, shard_name: str) -> int:
+        """Continue ``shard_name``'s numbering after what the ledger applied from it (and drop
+        from its outbox what the ledger already has); returns that applied number."""
+        applied: int = await self.ledger.call(AppliedSeq(shard_name))
+        await self.shards[shard_name].call(ResumeSeq(applied))
+        self._resumed.add(shard_name)
+        return applied
 
     async def deliver(self, shard_name: str, answer: Answer | None = None) -> int:
         """Deliver ``shard_name``'s outbox (storing ``answer`` with it); returns the last
@@ -54,6 +68,8 @@ class Courier:
 
     async def _deliver(self, shard_name: str, answers: list[Answer | None]) -> list[int]:
         shard = self.shards[shard_name]
+        if shard_name not in self._resumed:
+            await self.resume(shard_name)
         items, last_seq = await shard.call(Outbox())
         stored = tuple(a for a in answers if a is not None)
         applied = await self.ledger.call(ApplySettlements(shard_name, tuple(items), stored))

@@ -201,6 +201,7 @@ async def test_a_shard_restarted_empty_continues_the_numbering_the_ledger_knows(
     rp.shards[BTC] = host_class().options(namespace=rp.namespace).remote(spec)
     assert ray.get(rp.shards[BTC].ping.remote(), timeout=READY_S)
     svc = rp.service()
+    await svc.courier.resume(BTC)  # what a host that starts does before it serves
     await rp.tick("BTC", "60000.0", "60000.1")
     r = await svc.open_position(who, OpenOrder("BTC", Side.SHORT, 100 * USD, 10))
     assert isinstance(r, OpenPosition)

@@ -428,6 +428,7 @@ async def test_a_close_on_a_shard_that_restarted_empty_reaches_the_ledger(make: 
     port = p.shards[name]
     port.runner = host_specs(p.settings)[1][name].runner()
     port.runner.clock_us = p.clock
+    await svc.courier.resume(name)  # what a host that starts does before it serves
     asset = p.settings.assets["SOL"]
     tick = Tick("SOL", asset.price_to_ticks("100.00"), asset.price_to_ticks("100.01"),
                 p.clock.now_us, 10_000, "test")
