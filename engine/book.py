@@ -6,7 +6,8 @@ intrusive free list (the ``qty_steps`` cell of a free row holds the next free ro
 ``position_id`` cell the negated last id), so open and close are O(1) amortised and a snapshot
 of the columns restores the free list and the next ids exactly.
 
-Columns (capacity rows each; rows ``>= high water`` are unused)::
+Columns (capacity rows each; rows ``>= high water`` are unused): the fields of
+engine.schema.BOOK_ROW, each named ``Field.column`` with dtype ``Field.dtype``::
 
     position_id  int64   > 0 open; < 0 free (minus the row's last id)
     owner        int64   user id (>= 0)
@@ -32,10 +33,11 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
+from engine import schema
 from engine.assets import Asset
 from engine.marking import unrealized_pnl_micros as _pnl_kernel
 from engine.orders import (
@@ -61,29 +63,25 @@ from engine.position_ids import (
 from engine.triggers import TriggerIndex, naive_sweep
 
 _INT64_MAX = (1 << 63) - 1
-_COLUMNS: tuple[tuple[str, type[np.signedinteger]], ...] = (
-    ("position_id", np.int64),
-    ("owner", np.int64),
-    ("side", np.int8),
-    ("entry_ticks", np.int64),
-    ("qty_steps", np.int64),
-    ("margin_micros", np.int64),
-    ("leverage", np.int32),
-    ("liq_ticks", np.int64),
-    ("tp_ticks", np.int64),
-    ("sl_ticks", np.int64),
-    ("opened_ts_us", np.int64),
-    ("mm_ppm", np.int32),
-)
-COLUMN_NAMES = tuple(name for name, _ in _COLUMNS)
+_COLUMNS = schema.BOOK_ROW
+COLUMN_NAMES = tuple(f.column for f in _COLUMNS)
+"""The book's column names (and snapshot array names), in schema order."""
+# the attribute holding each field's column (the hot paths below name them directly)
+_ATTR_OF = {"position_id": "_pid", "owner": "_owner", "side": "_side", "entry_ticks": "_entry",
+            "qty_steps": "_qty", "margin_micros": "_margin", "leverage": "_lev",
+            "liq_ticks": "_liq", "tp_ticks": "_tp", "sl_ticks": "_sl", "opened_ts_us": "_ts",
+            "maintenance_margin_ppm": "_ppm"}
+schema.check_names("PositionBook's columns", tuple(_ATTR_OF), schema.names(_COLUMNS))
+_ATTRS = tuple(_ATTR_OF[f.name] for f in _COLUMNS)
+_SIDES = (Side.LONG, Side.SHORT)
 _SL = np.int8(CloseReason.STOP_LOSS)
 _LIQ = np.int8(CloseReason.LIQUIDATION)
 _TP = np.int8(CloseReason.TAKE_PROFIT)
 
 
-@dataclass(frozen=True, slots=True)
-class PositionRecord:
-    """One open (or just closed) position as plain ints, read out of the book's columns."""
+class PositionRecord(NamedTuple):
+    """One open (or just closed) position as plain ints, read out of the book's columns: the
+    fields of engine.schema.BOOK_ROW (checked at import)."""
 
     position_id: int
     owner: int
@@ -99,12 +97,29 @@ class PositionRecord:
     maintenance_margin_ppm: int = 0
 
 
+schema.check_fields(PositionRecord, schema.BOOK_ROW)
+_RECORD = schema.builder(PositionRecord, _COLUMNS, casts={"side": _SIDES.__getitem__})
+
+
 class PositionBook:
     """Open positions of one asset (see the module docstring for the layout).
 
     ``book_tag`` (0..255) goes into every id this book issues, so ids are unique across the
     books of a cluster; :func:`book_tag_of` reads it back.
     """
+
+    _pid: np.ndarray
+    _owner: np.ndarray
+    _side: np.ndarray
+    _entry: np.ndarray
+    _qty: np.ndarray
+    _margin: np.ndarray
+    _lev: np.ndarray
+    _liq: np.ndarray
+    _tp: np.ndarray
+    _sl: np.ndarray
+    _ts: np.ndarray
+    _ppm: np.ndarray
 
     def __init__(self, asset: Asset, book_tag: int = 0, capacity: int = 1024, *,
                  min_pending: int = 1024, min_dead: int = 4096) -> None:
@@ -116,18 +131,9 @@ class PositionBook:
         self.book_tag = book_tag
         capacity = min(max(1, int(capacity)), MAX_ROWS)
         self._cap = capacity
-        self._pid = np.zeros(capacity, dtype=np.int64)
-        self._owner = np.zeros(capacity, dtype=np.int64)
-        self._side = np.zeros(capacity, dtype=np.int8)
-        self._entry = np.zeros(capacity, dtype=np.int64)
-        self._qty = np.zeros(capacity, dtype=np.int64)
-        self._margin = np.zeros(capacity, dtype=np.int64)
-        self._lev = np.zeros(capacity, dtype=np.int32)
-        self._liq = np.zeros(capacity, dtype=np.int64)
-        self._tp = np.zeros(capacity, dtype=np.int64)
-        self._sl = np.zeros(capacity, dtype=np.int64)
-        self._ts = np.zeros(capacity, dtype=np.int64)
-        self._ppm = np.zeros(capacity, dtype=np.int32)
+        for f, attr in zip(_COLUMNS, _ATTRS, strict=True):
+            setattr(self, attr, np.zeros(capacity, dtype=f.dtype))
+        self._cols = tuple(getattr(self, attr) for attr in _ATTRS)  # schema order
         self._hw = 0  # rows ever used
         self._live = 0
         self._free_head = -1
@@ -165,6 +171,7 @@ class PositionBook:
             new = np.zeros(cap, dtype=old.dtype)
             new[: self._hw] = old[: self._hw]
             setattr(self, attr, new)
+        self._cols = tuple(getattr(self, attr) for attr in _ATTRS)
         self._cap = cap
 
     # -- rows ----------------------------------------------------------------------------
@@ -204,12 +211,8 @@ class PositionBook:
         return row
 
     def _record(self, row: int) -> PositionRecord:
-        return PositionRecord(
-            int(self._pid[row]), int(self._owner[row]), Side(int(self._side[row])),
-            int(self._entry[row]), int(self._qty[row]), int(self._margin[row]),
-            int(self._lev[row]), int(self._liq[row]), int(self._tp[row]), int(self._sl[row]),
-            int(self._ts[row]), int(self._ppm[row]),
-        )
+        result: PositionRecord = _RECORD([col.item(row) for col in self._cols])
+        return result
 
     # -- single-position API -------------------------------------------------------------------
     def open(self, owner: int, plan: OpenPlan, opened_ts_us: int) -> int:
@@ -407,11 +410,12 @@ class PositionBook:
                   opened_ts_us: int | np.ndarray) -> np.ndarray:
         """Open many positions at once (benchmarks, bulk loads); returns their ids (int64).
 
-        ``plans`` maps :class:`OpenPlan` field names (``side``, ``entry_ticks``, ``qty_steps``,
-        ``margin_micros``, ``leverage``, ``liq_ticks``, ``tp_ticks``, ``sl_ticks``, optional
-        ``maintenance_margin_ppm``) to equal-length int arrays; ``mm_micros`` is ignored. The
-        rows are checked vectorised as :func:`check_plan` would (ValueError). Free rows are
-        reused first, as single opens would.
+        ``plans`` maps :class:`OpenPlan` field names (engine.schema.TERMS: ``side``,
+        ``entry_ticks``, ``qty_steps``, ``margin_micros``, ``leverage``, ``liq_ticks``,
+        ``tp_ticks``, ``sl_ticks``; optional ``maintenance_margin_ppm``) to equal-length int
+        arrays; ``mm_micros`` is ignored. The rows are checked vectorised as
+        :func:`check_plan` would (ValueError). Free rows are reused first, as single opens
+        would.
         """
         owners = np.asarray(owners, dtype=np.int64)
         n = int(owners.size)
@@ -435,10 +439,11 @@ class PositionBook:
             rows[reuse:] = np.arange(self._hw, self._hw + fresh, dtype=np.int64)
             self._hw += fresh
         pids = (gens << GEN_SHIFT) | (rows << ROW_SHIFT) | self.book_tag
-        self._pid[rows] = pids
-        self._owner[rows] = owners
-        for name, attr in zip(COLUMN_NAMES[2:], _ATTRS[2:], strict=True):
-            getattr(self, attr)[rows] = ts if name == "opened_ts_us" else cols[name]
+        cols["position_id"] = pids
+        cols["owner"] = owners
+        cols["opened_ts_us"] = ts
+        for f, attr in zip(_COLUMNS, _ATTRS, strict=True):
+            getattr(self, attr)[rows] = cols[f.column]
         self._live += n
         self._index_rows(rows)
         return pids
@@ -540,23 +545,20 @@ class PositionBook:
         return problems
 
 
-_ATTRS = ("_pid", "_owner", "_side", "_entry", "_qty", "_margin", "_lev", "_liq", "_tp", "_sl",
-          "_ts", "_ppm")
-_PLAN_FIELDS = ("side", "entry_ticks", "qty_steps", "margin_micros", "leverage", "liq_ticks",
-                "tp_ticks", "sl_ticks")
+_RATE = schema.maintenance_margin_ppm
 
 
 def _plan_columns(asset: Asset, plans: Mapping[str, np.ndarray], n: int
                   ) -> dict[str, np.ndarray]:
     """Plan arrays renamed to column names and checked."""
     cols: dict[str, np.ndarray] = {}
-    for field in _PLAN_FIELDS:
-        if field not in plans:
-            raise ValueError(f"plans lacks {field!r}")
-        cols[field] = np.asarray(plans[field], dtype=np.int64)
-    ppm = plans.get("maintenance_margin_ppm")
-    cols["mm_ppm"] = (np.zeros(n, dtype=np.int64) if ppm is None
-                      else np.asarray(ppm, dtype=np.int64))
+    for f in schema.TERMS:
+        if f.name not in plans:
+            raise ValueError(f"plans lacks {f.name!r}")
+        cols[f.column] = np.asarray(plans[f.name], dtype=np.int64)
+    ppm = plans.get(_RATE.name)
+    cols[_RATE.column] = (np.zeros(n, dtype=np.int64) if ppm is None
+                          else np.asarray(ppm, dtype=np.int64))
     for name, col in cols.items():
         if col.shape != (n,):
             raise ValueError(f"plans[{name!r}] has shape {col.shape}, expected ({n},)")
@@ -574,7 +576,7 @@ def _check_plan_columns(asset: Asset, cols: Mapping[str, np.ndarray]) -> None:
     liq = cols["liq_ticks"].astype(np.int64)
     tp = cols["tp_ticks"].astype(np.int64)
     sl = cols["sl_ticks"].astype(np.int64)
-    ppm = cols["mm_ppm"].astype(np.int64)
+    ppm = cols[_RATE.column].astype(np.int64)
     if not ((side == 0) | (side == 1)).all():
         raise ValueError("bad side")
     if not ((entry > 0) & (qty > 0) & (margin > 0) & (entry <= MAX_COLUMN_VALUE)

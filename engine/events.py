@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from engine import schema
+
 RECOVERED_TICK_SOURCE = "journal"
 """``TickApplied.source`` of a tick read from the old layout, which did not record it."""
 
@@ -35,7 +37,8 @@ RECOVERED_TICK_SOURCE = "journal"
 
 
 class PositionOpened(NamedTuple):
-    """A position was added to a shard's book (all fields of engine.book.PositionRecord).
+    """A position was added to a shard's book: engine.schema.POSITION_OPENED (the book's row,
+    engine.schema.BOOK_ROW, and the request).
 
     ``request_id`` is the opening request's id, so a resend of the same open (or a ledger lock
     whose answer was lost) can be matched to the position it created.
@@ -56,6 +59,9 @@ class PositionOpened(NamedTuple):
     request_id: int = 0
 
 
+schema.check_fields(PositionOpened, schema.POSITION_OPENED)
+
+
 class PositionClosed(NamedTuple):
     """A position left a shard's book; its settlement is the shard's ``settlement_seq``-th.
 
@@ -71,6 +77,9 @@ class PositionClosed(NamedTuple):
     ts_us: int
     settlement_seq: int
     request_id: int = 0
+
+
+schema.check_fields(PositionClosed, schema.POSITION_CLOSED)
 
 
 class TickApplied(NamedTuple):
@@ -142,9 +151,9 @@ class MarginReleased(NamedTuple):
 class SettlementApplied(NamedTuple):
     """Settlement number ``seq`` of shard ``shard`` was applied to the ledger.
 
-    Carries the whole closed position (the fields after ``seq`` mirror the close the shard
-    reported) so the ledger's history survives a restart, and the four SPEC amounts so a replay
-    applies exactly what was applied, with no recomputation.
+    Carries the whole closed position (engine.schema.SETTLEMENT_APPLIED: after ``seq``, the
+    fields of engine.messages.ClosedPosition) so the ledger's history survives a restart, and
+    the four SPEC amounts so a replay applies exactly what was applied, with no recomputation.
     """
 
     shard: str
@@ -168,6 +177,9 @@ class SettlementApplied(NamedTuple):
     insurance_micros: int
     reason: int
     closed_ts_us: int
+
+
+schema.check_fields(SettlementApplied, schema.SETTLEMENT_APPLIED)
 
 
 class ClientOrderStored(NamedTuple):
@@ -223,21 +235,33 @@ class EventError(ValueError):
 # --------------------------------------------------------------------------- layouts
 # type byte -> (class, struct of the fixed fields after the type byte, variable fields)
 # A variable field is (kind, length-prefix struct code): "s" = UTF-8 text, "b" = raw bytes.
+# The events that carry a position take their layout from engine.schema (their fields in
+# declaration order, each at its wire width; text fields after them); a schema change that
+# alters one of these layouts needs a new type byte, and the old one moves to _OLD_LAYOUTS.
 
 _VarSpec = tuple[tuple[str, str], ...]
+_Layout = tuple[type, str, tuple[str, ...], _VarSpec]
 
-_LAYOUTS: dict[int, tuple[type, str, tuple[str, ...], _VarSpec]] = {
-    0x11: (PositionOpened, "QQBqqqHqqqqIQ", (), ()),
+
+def _schema_layout(cls: type, group: schema.Group) -> _Layout:
+    """The layout of ``cls`` (declared as ``group``) derived from the schema."""
+    schema.check_fields(cls, group)
+    text = schema.variable(group)
+    return (cls, schema.struct_format(schema.fixed(group)), schema.names(text),
+            tuple(("s", f.prefix) for f in text))
+
+
+_LAYOUTS: dict[int, _Layout] = {
+    0x11: _schema_layout(PositionOpened, schema.POSITION_OPENED),
     0x14: (OpenFenced, "Q", (), ()),
-    0x15: (PositionClosed, "QBqqQQ", (), ()),
+    0x15: _schema_layout(PositionClosed, schema.POSITION_CLOSED),
     0x16: (TickApplied, "qqqQ", ("source",), (("s", "B"),)),
     0x17: (OutboxAcked, "Q", (), ()),
     0x18: (SeqResumed, "Q", (), ()),
     0x21: (AccountCreated, "Qq", ("account_id", "key_hash"), (("s", "B"), ("s", "B"))),
     0x22: (MarginLocked, "QqQ", (), ()),
     0x23: (MarginReleased, "QqQ", (), ()),
-    0x24: (SettlementApplied, "QQQBqqqHqqqqqqqqqBq", ("shard", "asset"),
-           (("s", "B"), ("s", "B"))),
+    0x24: _schema_layout(SettlementApplied, schema.SETTLEMENT_APPLIED),
     0x25: (ClientOrderStored, "Q", ("kind", "client_order_id", "response"),
            (("s", "B"), ("s", "H"), ("b", "I"))),
     0x26: (ClientOrderStoredAt, "QQq", ("kind", "client_order_id", "response"),
@@ -245,7 +269,7 @@ _LAYOUTS: dict[int, tuple[type, str, tuple[str, ...], _VarSpec]] = {
 }
 
 # Older layouts, decoded only (encode writes the layout above): the trailing fields they lack
-# take the class defaults.
+# take the class defaults. They are what old journals hold, so they stay written out.
 _OLD_LAYOUTS: dict[int, tuple[type, str]] = {
     0x12: (PositionClosed, "QBqqQ"),
     0x13: (TickApplied, "qqq"),
@@ -422,8 +446,10 @@ def decode_batch(payload: bytes) -> list[Event]:
 
 
 # --------------------------------------------------------------------------- vectorised reads
-_NUMPY_CODES = {"B": "u1", "b": "i1", "H": "<u2", "h": "<i2", "I": "<u4", "i": "<i4",
-                "Q": "<u8", "q": "<i8"}
+def fixed_format(event_cls: type) -> str:
+    """The ``struct`` codes (without byte order) of the fixed fields of ``event_cls``'s current
+    layout, the ones :func:`encode` writes after the type byte."""
+    return _LAYOUTS[TYPE_CODES[event_cls]][1]
 
 
 def record_dtype(event_cls: type) -> np.dtype:
@@ -436,8 +462,9 @@ def record_dtype(event_cls: type) -> np.dtype:
     fields: tuple[str, ...] = event_cls._fields  # type: ignore[attr-defined]
     if var_names or len(fmt) != len(fields):
         raise ValueError(f"{event_cls.__name__} has no fixed-size layout")
+    wire = schema.WIRE_DTYPES
     dtype = np.dtype([("length", "<u4"), ("type", "u1"),
-                      *((name, _NUMPY_CODES[c]) for name, c in zip(fields, fmt, strict=True))])
+                      *((name, wire[c]) for name, c in zip(fields, fmt, strict=True))])
     if dtype.itemsize != 5 + struct.calcsize("<" + fmt):  # pragma: no cover - layout bug
         raise AssertionError(f"{event_cls.__name__}: dtype does not match its layout")
     return dtype

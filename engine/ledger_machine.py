@@ -43,6 +43,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from engine import schema
 from engine.events import (
     AccountCreated,
     ClientOrderStored,
@@ -83,10 +84,30 @@ PENDING_OPEN = b"\x01"
 START_RECONCILED = (1 << 64) - 1
 
 _I64_MIN, _I64_END = -(1 << 63), 1 << 63
-# history rows in a snapshot: the ClosedPosition fields, ``asset`` as an index into the
-# snapshot's asset names
-_HISTORY_FIELDS = ClosedPosition._fields
 _ANSWER_TYPES = {"open": OpenPosition, "close": ClosedPosition}  # what resolves a request
+_SIDE_CAST = {"side": Side}
+# Stored answers are JSON lists: the kind, then the record's fields in schema order.
+_OPEN_NAMES = schema.names(schema.OPEN_POSITION)
+_CLOSED_NAMES = schema.names(schema.CLOSED_POSITION)
+_OPEN_ROW = schema.row_reader(schema.OPEN_POSITION)
+_CLOSED_ROW = schema.row_reader(schema.CLOSED_POSITION)
+_OPEN_OF_ROW = schema.builder(OpenPosition, schema.OPEN_POSITION, casts=_SIDE_CAST)
+_CLOSED_OF_ROW = schema.builder(ClosedPosition, schema.CLOSED_POSITION, casts=_SIDE_CAST)
+# the closed position a SettlementApplied carries, and back (ints checked as plain ints)
+_CLOSED_OF_EVENT = schema.builder(ClosedPosition, schema.SETTLEMENT_APPLIED, casts=_SIDE_CAST)
+_INTEGERS = schema.fixed(schema.CLOSED_POSITION)
+_SETTLEMENT_EVENT = schema.builder(
+    SettlementApplied, schema.CLOSED_POSITION, given=("shard", "seq"),
+    casts={**{f.name: operator.index for f in _INTEGERS}, "side": int})
+# History in a snapshot: one row per closed position (engine.schema.CLOSED_POSITION at wire
+# widths), ``asset`` as an index into ``meta["history_assets"]``. Older snapshots held an
+# int64 table with these columns (frozen: they describe files, not today's schema).
+HISTORY_DTYPE = schema.dtype(schema.CLOSED_POSITION, overrides={"asset": "<u4"})
+_V1_HISTORY = ("position_id", "owner", "asset", "side", "entry_ticks", "qty_steps",
+               "margin_micros", "leverage", "liq_ticks", "tp_ticks", "sl_ticks", "opened_ts_us",
+               "exit_ticks", "pnl_micros", "payout_micros", "house_micros", "insurance_micros",
+               "reason", "closed_ts_us")
+_HISTORY_ROW = schema.builder(ClosedPosition, _INTEGERS, given=("asset",), casts=_SIDE_CAST)
 
 
 def hash_api_key(api_key: str) -> str:
@@ -103,9 +124,9 @@ def encode_answer(answer: object) -> bytes:
     if isinstance(answer, Rejected):
         body: list[Any] = ["rejected", answer.code.value, answer.message]
     elif isinstance(answer, OpenPosition):
-        body = ["open", *answer]
+        body = ["open", *_OPEN_ROW(answer)]
     elif isinstance(answer, ClosedPosition):
-        body = ["closed", *answer]
+        body = ["closed", *_CLOSED_ROW(answer)]
     else:
         raise TypeError(f"cannot store an answer of type {type(answer).__name__}")
     return json.dumps(body, separators=(",", ":")).encode()
@@ -117,14 +138,20 @@ def decode_answer(data: bytes) -> object:
         return None
     kind, *fields = json.loads(data)
     if kind == "rejected":
-        return Rejected(Code(fields[0]), fields[1])
+        code, message = fields
+        return Rejected(Code(code), message)
     if kind == "open":
-        fields[3] = Side(fields[3])
-        return OpenPosition(*fields)
+        _check_length(kind, fields, _OPEN_NAMES)
+        return _OPEN_OF_ROW(fields)
     if kind == "closed":
-        fields[3] = Side(fields[3])
-        return ClosedPosition(*fields)
+        _check_length(kind, fields, _CLOSED_NAMES)
+        return _CLOSED_OF_ROW(fields)
     raise ValueError(f"unknown stored answer kind {kind!r}")
+
+
+def _check_length(kind: str, fields: list[Any], names: tuple[str, ...]) -> None:
+    if len(fields) != len(names):
+        raise ValueError(f"a stored {kind} answer has {len(fields)} fields, not {len(names)}")
 
 
 def decode_pending_open(data: bytes) -> tuple[int, int] | None:
@@ -603,13 +630,11 @@ class LedgerMachine:
         """Why settling ``c`` would break an invariant (or could not be replayed), else None;
         ``margins`` (owner -> margin left) is updated for the next item of the batch."""
         v: dict[str, int] = {}
-        for name, value in zip(_HISTORY_FIELDS, c, strict=True):
-            if name == "asset":
-                continue
-            number = _int(value)
+        for f in _INTEGERS:
+            number = _int(getattr(c, f.name))
             if number is None or not _I64_MIN <= number < _I64_END:
-                return f"{name} must be an int64"
-            v[name] = number
+                return f"{f.name} must be an int64"
+            v[f.name] = number
         if not isinstance(c.asset, str):
             return "the asset must be a name"
         if v["side"] not in (Side.LONG, Side.SHORT):
@@ -701,12 +726,7 @@ class LedgerMachine:
             raise LedgerError(f"settlement {e.seq} of {e.shard} applied where {due} was due")
         self.ledger.settle(e.owner, e.margin_micros, Settlement(
             e.pnl_micros, e.payout_micros, e.house_micros, e.insurance_micros))
-        closed = ClosedPosition(
-            e.position_id, e.owner, e.asset, Side(e.side), e.entry_ticks, e.qty_steps,
-            e.margin_micros, e.leverage, e.liq_ticks, e.tp_ticks, e.sl_ticks, e.opened_ts_us,
-            e.exit_ticks, e.pnl_micros, e.payout_micros, e.house_micros, e.insurance_micros,
-            e.reason, e.closed_ts_us)
-        self._add_history(closed)
+        self._add_history(_CLOSED_OF_EVENT(e))
         self._closed_count += 1
         self._applied_seq[e.shard] = e.seq
 
@@ -756,15 +776,15 @@ class LedgerMachine:
 
     # ================================================================= state
     def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Copies of the whole state: ``{"history": int64[n, 19]}`` (ClosedPosition fields,
-        ``asset`` as an index into ``meta["history_assets"]``) and JSON-able ``meta``."""
+        """Copies of the whole state: ``{"history": HISTORY_DTYPE[n]}`` (named columns, one
+        row per closed position, ``asset`` as an index into ``meta["history_assets"]``) and
+        JSON-able ``meta``."""
+        closes = [c for user_closes in self._history.values() for c in user_closes]
+        history = np.zeros(len(closes), dtype=HISTORY_DTYPE)
+        for f in _INTEGERS:
+            history[f.name] = list(map(operator.attrgetter(f.name), closes))
         assets: dict[str, int] = {}
-        rows: list[tuple[int, ...]] = []
-        for closes in self._history.values():
-            for c in closes:
-                index = assets.setdefault(c.asset, len(assets))
-                rows.append((c.position_id, c.owner, index, int(c.side), *c[4:]))
-        history = np.array(rows, dtype=np.int64).reshape(-1, len(_HISTORY_FIELDS))
+        history["asset"] = [assets.setdefault(c.asset, len(assets)) for c in closes]
         meta = {
             "ledger": self.ledger.to_state(),
             "signup_balance_micros": self.signup_balance_micros,
@@ -812,9 +832,11 @@ class LedgerMachine:
             if lock is not None and lock[2] is None:
                 m._recent_locks[int(request_id)] = (lock[0], lock[1], key)
         names = meta["history_assets"]
-        for row in np.asarray(arrays["history"]).tolist():
-            m._add_history(ClosedPosition(row[0], row[1], names[row[2]], Side(row[3]),
-                                          *row[4:]))
+        history = schema.named_columns(np.asarray(arrays["history"]), _V1_HISTORY,
+                                       len(_V1_HISTORY))
+        for index, row in zip(history["asset"].tolist(), schema.rows(history, _INTEGERS),
+                              strict=True):
+            m._add_history(_HISTORY_ROW(row, names[index]))
         m._closed_count = int(meta["closed_count"])
         return m
 
@@ -878,12 +900,8 @@ class LedgerMachine:
 
 
 def _settlement_event(shard: str, seq: int, c: ClosedPosition) -> SettlementApplied:
-    i = operator.index
-    return SettlementApplied(
-        shard, seq, i(c.position_id), i(c.owner), c.asset, int(c.side), i(c.entry_ticks),
-        i(c.qty_steps), i(c.margin_micros), i(c.leverage), i(c.liq_ticks), i(c.tp_ticks),
-        i(c.sl_ticks), i(c.opened_ts_us), i(c.exit_ticks), i(c.pnl_micros), i(c.payout_micros),
-        i(c.house_micros), i(c.insurance_micros), i(c.reason), i(c.closed_ts_us))
+    event: SettlementApplied = _SETTLEMENT_EVENT(c, shard, seq)
+    return event
 
 
 __all__ = [

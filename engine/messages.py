@@ -2,13 +2,16 @@
 
 Everything is an integer in engine units (``*_micros``, ``*_ticks``, ``*_steps``, ``*_us``);
 conversion to decimal strings happens only in the API layer. NamedTuples because they pickle
-small and fast across Ray calls and compare by value in tests.
+small and fast across Ray calls and compare by value in tests. The positions' fields are
+engine.schema's (:class:`OpenPosition` is ``OPEN_POSITION``, :class:`ClosedPosition`
+``CLOSED_POSITION``), checked at import.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+from engine import schema
 from engine.orders import Side
 
 
@@ -87,6 +90,9 @@ class OpenPosition(NamedTuple):
     unrealized_pnl_micros: int | None
 
 
+schema.check_fields(OpenPosition, schema.OPEN_POSITION)
+
+
 class ClosedPosition(NamedTuple):
     """A closed position and its settlement (SPEC: ledger moves of one close).
 
@@ -113,6 +119,9 @@ class ClosedPosition(NamedTuple):
     insurance_micros: int
     reason: int
     closed_ts_us: int
+
+
+schema.check_fields(ClosedPosition, schema.CLOSED_POSITION)
 
 
 class SettlementItem(NamedTuple):

@@ -16,6 +16,7 @@ from enum import IntEnum
 
 import numpy as np
 
+from engine import schema
 from engine.amounts import MONEY_DECIMALS, ceil_div
 from engine.assets import Asset
 from engine.results import Code, Rejected
@@ -83,6 +84,7 @@ class OpenPlan:
     can never be liquidated at a positive price); ``tp_ticks``/``sl_ticks`` are ``NO_LEVEL`` when
     not set; ``mm_micros`` is the maintenance margin floored to a micro-dollar (informational);
     ``maintenance_margin_ppm`` the rate it came from (kept so the book can recompute it exactly).
+    Its fields are engine.schema.PLAN (checked at import).
     """
 
     side: Side
@@ -95,6 +97,9 @@ class OpenPlan:
     sl_ticks: int
     mm_micros: int
     maintenance_margin_ppm: int = 0
+
+
+schema.check_fields(OpenPlan, schema.PLAN)
 
 
 def quantity_steps(asset: Asset, margin_micros: int, leverage: int, entry_ticks: int) -> int:

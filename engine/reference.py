@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
+from engine import schema
 from engine.assets import Asset
 from engine.orders import NO_LEVEL, CloseReason, OpenPlan, Side
 from engine.results import Code, Rejected
@@ -89,9 +90,11 @@ def plan_open(asset: Asset, side: Side, margin_micros: int, leverage: int, bid_t
             return Rejected(Code.INVALID_TRIGGER, "TP not below entry")
         if sl is not None and not entry < sl < liq:
             return Rejected(Code.INVALID_TRIGGER, "SL not between entry and liquidation")
-    mm_micros = math.floor(mm / MICRO)
-    return OpenPlan(side, entry_ticks, qty_steps, margin_micros, leverage, liq_ticks,
-                    tp_ticks or NO_LEVEL, sl_ticks or NO_LEVEL, mm_micros, maintenance_margin_ppm)
+    return OpenPlan(side=side, entry_ticks=entry_ticks, qty_steps=qty_steps,
+                    margin_micros=margin_micros, leverage=leverage, liq_ticks=liq_ticks,
+                    tp_ticks=tp_ticks or NO_LEVEL, sl_ticks=sl_ticks or NO_LEVEL,
+                    mm_micros=math.floor(mm / MICRO),
+                    maintenance_margin_ppm=maintenance_margin_ppm)
 
 
 def pnl_micros(asset: Asset, side: Side, entry_ticks: int, qty_steps: int,
@@ -113,6 +116,9 @@ def settle(asset: Asset, side: Side, entry_ticks: int, qty_steps: int, margin_mi
 
 @dataclass(frozen=True, slots=True)
 class ReferencePosition:
+    """An open position of the reference book: the book's row (engine.schema.BOOK_ROW,
+    checked at import) and its exact liquidation price."""
+
     position_id: int
     owner: int
     side: Side
@@ -126,6 +132,13 @@ class ReferencePosition:
     opened_ts_us: int
     maintenance_margin_ppm: int
     liq_price: Fraction  # exact, USD
+
+
+schema.check_fields(ReferencePosition, schema.BOOK_ROW, extra=("liq_price",))
+# (plan, position_id, owner, opened_ts_us, liq_price) -> the position it opens
+_OPENED = schema.builder(ReferencePosition, schema.PLAN, attributes=True,
+                         given=("position_id", "owner", "opened_ts_us", "liq_price"),
+                         casts={"side": Side})
 
 
 class ReferenceBook:
@@ -146,10 +159,7 @@ class ReferenceBook:
         self._next_id += 1
         liq = exact_liquidation_price(self.asset, plan.side, plan.entry_ticks, plan.qty_steps,
                                       plan.margin_micros, plan.maintenance_margin_ppm)
-        self.positions[pid] = ReferencePosition(
-            pid, owner, Side(plan.side), plan.entry_ticks, plan.qty_steps, plan.margin_micros,
-            plan.leverage, plan.liq_ticks, plan.tp_ticks, plan.sl_ticks, opened_ts_us,
-            plan.maintenance_margin_ppm, liq)
+        self.positions[pid] = _OPENED(plan, pid, owner, opened_ts_us, liq)
         return pid
 
     def close(self, position_id: int) -> ReferencePosition | None:

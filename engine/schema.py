@@ -1,0 +1,565 @@
+"""The schema of a position and of its close: every field declared once.
+
+A :class:`Field` says what one value of a position is: its name, its unit (:data:`TICKS`,
+:data:`STEPS`, :data:`MICROS`, :data:`US`, :data:`ID`, :data:`ENUM`...), its width on the wire
+(the ``struct`` code the journal's events encode it with: ``Q`` u64, ``q`` i64, ``B`` u8, ``H``
+u16, ``I`` u32; text is variable-length with a length prefix) and the numpy dtype of a column
+holding it (the book stores side, leverage and the rate narrower than their wire width allows
+for nothing: their ranges are checked before they get there).
+
+Groups are tuples of fields, in the order records declare them:
+
+* :data:`POSITION` (the position) and :data:`CLOSE` (what its close adds), built from
+  :data:`IDENTITY`, :data:`TERMS` (what an open plan fixes) and ``opened_ts_us``;
+* the records that carry them: :data:`BOOK_ROW` (the book's columns, engine.book.PositionRecord),
+  :data:`PLAN` (engine.orders.OpenPlan), :data:`OPEN_POSITION` / :data:`CLOSED_POSITION`
+  (engine.messages), :data:`POSITION_OPENED`, :data:`POSITION_CLOSED`,
+  :data:`SETTLEMENT_APPLIED` (engine.events), :data:`OUTBOX` (a shard's settlement in its
+  snapshot);
+* :data:`API_POSITION` / :data:`API_CLOSED_POSITION`: the HTTP API's names for them and how each
+  value is rendered (:func:`render_kind`, :func:`json_renderer`, :func:`api_annotation`).
+
+Everything else follows from them: :func:`names`, :func:`struct_format`, :func:`dtype` (a numpy
+structured dtype, wire or column widths), and conversions by field name, never by position:
+:func:`to_row` / :func:`to_record` (plain), :func:`builder` / :func:`row_reader` (compiled once
+for a hot path). A class that declares one of these records (mypy needs it declared) calls
+:func:`check_fields` right after: a field list that differs from its group raises SchemaError
+at import.
+"""
+
+from __future__ import annotations
+
+import keyword
+import operator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+
+# --------------------------------------------------------------------------- units
+ID = "id"
+"""An identifier (of a position, a user, a request)."""
+TICKS = "ticks"
+"""A price in the asset's price steps (``Asset.price_decimals``)."""
+STEPS = "steps"
+"""A quantity in the asset's quantity steps (``Asset.qty_decimals``)."""
+MICROS = "micros"
+"""Money in micro-dollars."""
+US = "us"
+"""A time in microseconds since the Unix epoch (UTC)."""
+ENUM = "enum"
+"""The int value of an engine.orders IntEnum (``Field.enum`` names the class)."""
+LEVERAGE = "x"
+"""A leverage multiple."""
+PPM = "ppm"
+"""A rate in parts per million."""
+SEQ = "seq"
+"""A sequence number (1, 2, 3... per shard)."""
+TEXT = "text"
+"""UTF-8 text; variable length on the wire."""
+
+WIRE_DTYPES: dict[str, str] = {"B": "u1", "b": "i1", "H": "<u2", "h": "<i2", "I": "<u4",
+                               "i": "<i4", "Q": "<u8", "q": "<i8"}
+"""numpy dtype of each ``struct`` code (little-endian, as the journal writes them)."""
+
+
+class SchemaError(TypeError):
+    """A record, layout or conversion that does not match the schema."""
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One value of a position (or of a record carrying one).
+
+    ``code``: ``struct`` code of its wire width, None for a variable-length field (then
+    ``prefix`` is the code of its length prefix); ``dtype``: numpy dtype of a column holding
+    it (None for text); ``column``: its name as a book column / snapshot array, when that
+    differs; ``enum``: the engine.orders IntEnum of an :data:`ENUM` field; ``zero_is_none``:
+    0 means "not set" (a trigger level, a liquidation price no positive price reaches);
+    ``nullable``: the value may be None.
+    """
+
+    name: str
+    unit: str
+    code: str | None
+    dtype: np.dtype | None
+    doc: str
+    column: str = ""
+    enum: str | None = None
+    prefix: str = ""
+    zero_is_none: bool = False
+    nullable: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier() or keyword.iskeyword(self.name):
+            raise SchemaError(f"field name {self.name!r} is not an identifier")
+        if (self.code is None) == (not self.prefix) or (self.code or self.prefix) \
+                not in WIRE_DTYPES:
+            raise SchemaError(f"{self.name}: a field has a wire code or a length prefix")
+        if not self.column:
+            object.__setattr__(self, "column", self.name)
+
+    @property
+    def wire_dtype(self) -> np.dtype:
+        """The numpy dtype of its wire width (SchemaError for a variable-length field)."""
+        if self.code is None:
+            raise SchemaError(f"{self.name} has no fixed width")
+        return np.dtype(WIRE_DTYPES[self.code])
+
+    def renamed(self, name: str) -> Field:
+        """The same field under another name (a record that calls it differently)."""
+        return Field(name, self.unit, self.code, self.dtype, self.doc, "", self.enum,
+                     self.prefix, self.zero_is_none, self.nullable)
+
+
+Group = tuple[Field, ...]
+
+# --------------------------------------------------------------------------- the fields
+_I64 = np.dtype(np.int64)
+_I32 = np.dtype(np.int32)
+_I8 = np.dtype(np.int8)
+_U64 = np.dtype(np.uint64)
+position_id = Field("position_id", ID, "Q", _I64,
+                    "the position's id (engine.position_ids); a free book row holds minus the "
+                    "last id it carried")
+owner = Field("owner", ID, "Q", _I64, "the user holding the position")
+side = Field("side", ENUM, "B", _I8, "Side: 0 long, 1 short", enum="Side")
+entry_ticks = Field("entry_ticks", TICKS, "q", _I64,
+                    "entry price: the ask for a long, the bid for a short")
+qty_steps = Field("qty_steps", STEPS, "q", _I64,
+                  "quantity (on a free book row: the next free row, -1 = none)")
+margin_micros = Field("margin_micros", MICROS, "q", _I64, "the isolated margin locked")
+leverage = Field("leverage", LEVERAGE, "H", _I32, "leverage, 1..the asset's maximum")
+liq_ticks = Field("liq_ticks", TICKS, "q", _I64,
+                  "liquidation price, rounded to a tick so that comparing a tick with it is "
+                  "exact; 0: a long that no positive price liquidates", zero_is_none=True)
+tp_ticks = Field("tp_ticks", TICKS, "q", _I64, "take-profit; 0 = none (engine.orders.NO_LEVEL)",
+                 zero_is_none=True)
+sl_ticks = Field("sl_ticks", TICKS, "q", _I64, "stop-loss; 0 = none (engine.orders.NO_LEVEL)",
+                 zero_is_none=True)
+opened_ts_us = Field("opened_ts_us", US, "q", _I64, "when the position opened")
+maintenance_margin_ppm = Field("maintenance_margin_ppm", PPM, "I", _I32,
+                               "maintenance margin rate the liquidation price was computed with",
+                               column="mm_ppm")
+mm_micros = Field("mm_micros", MICROS, "q", _I64,
+                  "maintenance margin, floored to a micro-dollar (informational)")
+
+exit_ticks = Field("exit_ticks", TICKS, "q", _I64,
+                   "closing-side price: the bid for a long, the ask for a short")
+pnl_micros = Field("pnl_micros", MICROS, "q", _I64, "realized PnL, floored")
+payout_micros = Field("payout_micros", MICROS, "q", _I64, "paid to the user's free balance")
+house_micros = Field("house_micros", MICROS, "q", _I64, "to the house (-pnl)")
+insurance_micros = Field("insurance_micros", MICROS, "q", _I64,
+                         "to the insurance fund (margin + pnl - payout)")
+reason = Field("reason", ENUM, "B", _I8, "CloseReason", enum="CloseReason")
+closed_ts_us = Field("closed_ts_us", US, "q", _I64, "when the position closed")
+
+asset = Field("asset", TEXT, None, None, "engine.assets.Asset.name", prefix="B")
+unrealized_pnl_micros = Field("unrealized_pnl_micros", MICROS, "q", _I64,
+                              "PnL at the last tick's closing-side price; None without a tick",
+                              nullable=True)
+request_id = Field("request_id", ID, "Q", _U64,
+                   "the request that opened (or closed) it; 0 = none given")
+seq = Field("seq", SEQ, "Q", _U64, "the close's settlement number in its shard")
+shard = Field("shard", TEXT, None, None, "the shard's name", prefix="B")
+
+# --------------------------------------------------------------------------- the groups
+IDENTITY: Group = (position_id, owner)
+TERMS: Group = (side, entry_ticks, qty_steps, margin_micros, leverage, liq_ticks, tp_ticks,
+                sl_ticks)
+"""What an open plan fixes (engine.orders.plan_open)."""
+POSITION: Group = (*IDENTITY, *TERMS, opened_ts_us)
+CLOSE: Group = (exit_ticks, pnl_micros, payout_micros, house_micros, insurance_micros, reason,
+                closed_ts_us)
+SETTLEMENT: Group = (pnl_micros, payout_micros, house_micros, insurance_micros)
+"""The SPEC's split of a close (engine.settlement.Settlement)."""
+
+BOOK_ROW: Group = (*POSITION, maintenance_margin_ppm)
+"""The book's columns (``Field.column``, ``Field.dtype``) and engine.book.PositionRecord."""
+PLAN: Group = (*TERMS, mm_micros, maintenance_margin_ppm)
+"""engine.orders.OpenPlan."""
+LISTED: Group = (*IDENTITY, asset, *TERMS, opened_ts_us)
+"""A position as the service lists it: with its asset's name."""
+OPEN_POSITION: Group = (*LISTED, unrealized_pnl_micros)
+"""engine.messages.OpenPosition."""
+CLOSED_POSITION: Group = (*LISTED, *CLOSE)
+"""engine.messages.ClosedPosition."""
+POSITION_OPENED: Group = (*BOOK_ROW, request_id)
+"""engine.events.PositionOpened."""
+POSITION_CLOSED: Group = (position_id, reason, exit_ticks, closed_ts_us.renamed("ts_us"),
+                          seq.renamed("settlement_seq"), request_id)
+"""engine.events.PositionClosed (the amounts follow from the position and ``exit_ticks``)."""
+SETTLEMENT_APPLIED: Group = (shard, seq, *CLOSED_POSITION)
+"""engine.events.SettlementApplied."""
+OUTBOX: Group = (seq, *POSITION, *CLOSE)
+"""A settlement in a shard's snapshot (the asset is the shard's own)."""
+
+FIELDS: dict[str, Field] = {f.name: f for f in (
+    *POSITION, *CLOSE, maintenance_margin_ppm, mm_micros, asset, unrealized_pnl_micros,
+    request_id, seq, shard)}
+"""Every declared field by name."""
+
+
+# --------------------------------------------------------------------------- helpers
+def names(group: Iterable[Field | str]) -> tuple[str, ...]:
+    """The names of ``group``'s fields, in order."""
+    return tuple(f if isinstance(f, str) else f.name for f in group)
+
+
+def fixed(group: Group) -> Group:
+    """The fixed-width fields of ``group`` (the ones a ``struct`` packs)."""
+    return tuple(f for f in group if f.code is not None)
+
+
+def variable(group: Group) -> Group:
+    """The variable-length fields of ``group`` (text with a length prefix)."""
+    return tuple(f for f in group if f.code is None)
+
+
+def struct_format(group: Group) -> str:
+    """The ``struct`` codes of ``group`` (without byte order); SchemaError if a field has no
+    fixed width."""
+    missing = names(variable(group))
+    if missing:
+        raise SchemaError(f"no fixed width: {', '.join(missing)}")
+    return "".join(f.code or "" for f in group)
+
+
+def dtype(group: Group, *, wire: bool = True, overrides: Mapping[str, Any] | None = None,
+          before: Sequence[tuple[str, Any]] = (), after: Sequence[tuple[str, Any]] = ()
+          ) -> np.dtype:
+    """A packed numpy structured dtype with one field per member of ``group``, named as it:
+    the wire widths (little-endian) or, with ``wire=False``, the column dtypes. ``overrides``
+    gives some fields another dtype (a variable-length field needs one); ``before`` / ``after``
+    add fields that are not the schema's (``(name, dtype)``)."""
+    overrides = overrides or {}
+    out: list[tuple[str, Any]] = list(before)
+    for f in group:
+        if f.name in overrides:
+            out.append((f.name, overrides[f.name]))
+        elif wire:
+            out.append((f.name, f.wire_dtype))
+        elif f.dtype is not None:
+            out.append((f.name, f.dtype))
+        else:
+            raise SchemaError(f"{f.name} has no column dtype")
+    out.extend(after)
+    return np.dtype(out)
+
+
+def declared_names(cls: type) -> tuple[str, ...]:
+    """The field names a NamedTuple or dataclass declares, in order."""
+    if is_dataclass(cls):
+        return tuple(f.name for f in fields(cls))
+    declared = getattr(cls, "_fields", None)
+    if isinstance(declared, tuple):
+        return declared
+    raise SchemaError(f"{cls.__name__} is neither a NamedTuple nor a dataclass")
+
+
+def check_names(what: str, declared: Sequence[str], expected: Sequence[str]) -> None:
+    """SchemaError unless ``declared`` are exactly ``expected``, in order."""
+    if tuple(declared) != tuple(expected):
+        extra = [n for n in declared if n not in expected]
+        lacking = [n for n in expected if n not in declared]
+        raise SchemaError(f"{what} declares {tuple(declared)}, the schema says "
+                          f"{tuple(expected)} (not in the schema: {extra}; missing: {lacking})")
+
+
+def check_fields(cls: type, group: Group, extra: Sequence[str] = ()) -> None:
+    """SchemaError (at import, where the class is declared) unless ``cls`` declares exactly the
+    fields of ``group`` in its order, then ``extra`` (fields that are not the schema's)."""
+    check_names(cls.__name__, declared_names(cls), (*names(group), *extra))
+
+
+def to_row(record: Any, group: Iterable[Field | str]) -> tuple[Any, ...]:
+    """The values of ``record``'s fields named by ``group``, read by attribute name."""
+    return tuple(getattr(record, n) for n in names(group))
+
+
+def row_reader(group: Iterable[Field | str]) -> Callable[[Any], tuple[Any, ...]]:
+    """:func:`to_row` compiled for a hot path (one ``operator.attrgetter``)."""
+    wanted = names(group)
+    if len(wanted) == 1:
+        one = operator.attrgetter(wanted[0])
+        return lambda record: (one(record),)
+    return operator.attrgetter(*wanted)
+
+
+def rows(columns: Mapping[str, np.ndarray] | np.ndarray, group: Iterable[Field | str]
+         ) -> Iterator[tuple[Any, ...]]:
+    """Rows (tuples of Python ints, in ``group`` order) of equal-length columns read by
+    name (a mapping of columns, or a structured array)."""
+    return zip(*(columns[n].tolist() for n in names(group)), strict=True)
+
+
+def named_columns(table: np.ndarray, old_columns: Sequence[str] = (), width: int = 0
+                  ) -> dict[str, np.ndarray]:
+    """The columns of a snapshot table by name: a structured array's own fields, or for an
+    older 2-D table (one row per record, ``width`` columns) the names ``old_columns`` it was
+    written with, its first columns in order."""
+    if table.dtype.names is not None:
+        return {n: table[n] for n in table.dtype.names}
+    if not old_columns or width < len(old_columns):
+        raise SchemaError("an unnamed table needs the names of its columns")
+    table = np.asarray(table).reshape(-1, width)
+    return {n: table[:, i] for i, n in enumerate(old_columns)}
+
+
+def to_record(cls: type, group: Iterable[Field | str], row: Sequence[Any],
+              casts: Mapping[str, Callable[[Any], Any]] | None = None, **given: Any) -> Any:
+    """``cls`` built by name: each of its fields from ``row`` (values in ``group`` order) or
+    from ``given``, through ``casts[name]`` if there is one; SchemaError for a field found in
+    neither."""
+    values = dict(zip(names(group), row, strict=True))
+    values.update(given)
+    casts = casts or {}
+    out = {}
+    for name in declared_names(cls):
+        if name not in values:
+            raise SchemaError(f"{cls.__name__}.{name}: no value")
+        cast = casts.get(name)
+        out[name] = values[name] if cast is None else cast(values[name])
+    return cls(**out)
+
+
+def builder(cls: type, source: Iterable[Field | str], *, given: Sequence[str] = (),
+            casts: Mapping[str, Callable[[Any], Any]] | None = None,
+            attributes: bool = False) -> Callable[..., Any]:
+    """:func:`to_record` compiled once for a hot path: ``build(src, *given_values)``.
+
+    Every field of ``cls`` is looked up by name: in ``source`` (``src`` is a sequence holding
+    the ``source`` fields in that order, or with ``attributes=True`` an object with those
+    attributes), else in ``given`` (the extra arguments, in that order); ``casts[name]`` is
+    applied to it. Names of ``source`` that ``cls`` lacks are ignored; a field found in
+    neither, a ``given`` name ``cls`` lacks, or a cast of no field is a SchemaError. The
+    result is the call of ``cls`` with its fields in declaration order, with no per-call
+    lookup by name.
+    """
+    src = names(source)
+    targets = declared_names(cls)
+    casts = dict(casts or {})
+    for name in (*src, *given, *casts):
+        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
+            raise SchemaError(f"{name!r} cannot name a field")
+    unused = [n for n in (*given, *casts) if n not in targets]
+    if unused:
+        raise SchemaError(f"{cls.__name__} has no field {unused}")
+    if len(set(given)) != len(given) or set(given) & set(src):
+        raise SchemaError(f"{cls.__name__}: given {tuple(given)} repeat a name")
+    namespace: dict[str, Any] = {"_cls": cls}
+    args = []
+    for name in targets:
+        if name in given:
+            value = name
+        elif name in src:
+            value = f"_r.{name}" if attributes else f"_r[{src.index(name)}]"
+        else:
+            raise SchemaError(f"{cls.__name__}.{name}: in neither {src} nor {tuple(given)}")
+        if name in casts:
+            namespace[f"_cast_{name}"] = casts[name]
+            value = f"_cast_{name}({value})"
+        args.append(value)
+    params = ", ".join(("_r", *given))
+    code = f"def build({params}):\n    return _cls({', '.join(args)})\n"
+    exec(code, namespace)  # the field order is resolved here, once, by name
+    build: Callable[..., Any] = namespace["build"]
+    build.__qualname__ = f"build_{cls.__name__}"
+    return build
+
+
+# --------------------------------------------------------------------------- the HTTP API
+class ApiField(NamedTuple):
+    """A value of the API's ``Position`` / ``ClosedPosition``: its JSON key and field."""
+
+    key: str
+    field: Field
+    description: str | None = None
+
+
+API_POSITION: tuple[ApiField, ...] = (
+    ApiField("positionId", position_id, "decimal string of a 63-bit id"),
+    ApiField("asset", asset),
+    ApiField("type", side),
+    ApiField("margin", margin_micros),
+    ApiField("leverage", leverage),
+    ApiField("quantity", qty_steps),
+    ApiField("entryPrice", entry_ticks),
+    ApiField("liquidationPrice", liq_ticks, "null: no positive price liquidates it"),
+    ApiField("takeProfit", tp_ticks),
+    ApiField("stopLoss", sl_ticks),
+    ApiField("unrealizedPnl", unrealized_pnl_micros, "null when there is no price yet / closed"),
+    ApiField("openedAt", opened_ts_us),
+)
+"""SPEC ``Position`` (the API's PositionOut), in its key order."""
+API_CLOSED_POSITION: tuple[ApiField, ...] = (
+    *API_POSITION,
+    ApiField("exitPrice", exit_ticks),
+    ApiField("realizedPnl", pnl_micros),
+    ApiField("payout", payout_micros),
+    ApiField("closeReason", reason),
+    ApiField("closedAt", closed_ts_us),
+)
+"""SPEC ``ClosedPosition`` (ClosedPositionOut): a Position plus its close."""
+
+RenderKind = Literal["id", "text", "label", "price", "quantity", "money", "int", "time"]
+_RENDERS: dict[str, RenderKind] = {ID: "id", TEXT: "text", ENUM: "label", TICKS: "price",
+                                   STEPS: "quantity", MICROS: "money", LEVERAGE: "int",
+                                   US: "time"}
+FORMATTED_KINDS = ("price", "quantity", "money", "time")
+"""The render kinds :func:`json_renderer` takes a formatter for (``(value, asset) -> str``):
+price ticks -> a decimal at the asset's price step, steps -> a decimal at its quantity step,
+micros -> a 6-decimal amount, us -> ISO 8601 UTC."""
+
+
+def render_kind(f: Field) -> RenderKind:
+    """How the API shows a value of ``f``: ``id`` (decimal string), ``text``, ``label`` (the
+    enum's label), ``price``, ``quantity``, ``money``, ``time`` (strings, see
+    :data:`FORMATTED_KINDS`) or ``int``."""
+    try:
+        return _RENDERS[f.unit]
+    except KeyError:
+        raise SchemaError(f"{f.name}: the API shows no {f.unit} value") from None
+
+
+def api_nullable(af: ApiField) -> bool:
+    """Whether the API value may be null (a level that is not set, a missing mark)."""
+    return af.field.zero_is_none or af.field.nullable
+
+
+def enum_labels(f: Field) -> tuple[str, ...]:
+    """The labels of an :data:`ENUM` field's values, by value."""
+    from engine import orders  # orders declares OpenPlan against this module
+
+    enum_cls = getattr(orders, f.enum or "", None)
+    if enum_cls is None:
+        raise SchemaError(f"{f.name} is not an enum field")
+    labels = {int(member): member.label for member in enum_cls}
+    return tuple(labels[i] for i in range(len(labels)))
+
+
+def api_annotation(af: ApiField) -> Any:
+    """The Python type of the API value (for a response model): ``str``, ``int``, or a
+    ``Literal`` of the enum's labels; ``| None`` when :func:`api_nullable`."""
+    kind = render_kind(af.field)
+    annotation: Any = int if kind == "int" else str
+    if kind == "label":
+        annotation = Literal[enum_labels(af.field)]
+    return annotation | None if api_nullable(af) else annotation
+
+
+def check_api_model(model: type, api_fields: Sequence[ApiField]) -> None:
+    """SchemaError unless a response model (pydantic: its ``model_fields``) has exactly the
+    keys of ``api_fields`` in order, each with :func:`api_annotation` and the description."""
+    declared: Mapping[str, Any] = getattr(model, "model_fields", {})
+    check_names(model.__name__, tuple(declared), [af.key for af in api_fields])
+    for af in api_fields:
+        info = declared[af.key]
+        if info.annotation != api_annotation(af) or info.description != af.description:
+            raise SchemaError(f"{model.__name__}.{af.key}: {info.annotation!r} "
+                              f"({info.description!r}), the schema says "
+                              f"{api_annotation(af)!r} ({af.description!r})")
+
+
+def json_renderer(cls: type, api_fields: Sequence[ApiField],
+                  formats: Mapping[str, Callable[[Any, Any], Any]]
+                  ) -> Callable[[Any, Any], dict[str, Any]]:
+    """``render(record, asset) -> dict``: the API JSON of a ``cls`` record (its keys in
+    ``api_fields`` order), compiled once. ``formats`` renders the kinds of
+    :data:`FORMATTED_KINDS` (``(value, asset) -> str``); ids become decimal strings, enums
+    their labels; a level that is not set, a None, or a field ``cls`` lacks (nullable only)
+    becomes null."""
+    declared = declared_names(cls)
+    namespace: dict[str, Any] = {}
+    lines = []
+    items = []
+    for i, af in enumerate(api_fields):
+        f, kind = af.field, render_kind(af.field)
+        if f.name not in declared:
+            if not api_nullable(af):
+                raise SchemaError(f"{cls.__name__} has no {f.name} for {af.key}")
+            items.append(f"{af.key!r}: None")
+            continue
+        value = f"_v{i}"
+        lines.append(f"    {value} = p.{f.name}")
+        if kind in FORMATTED_KINDS:
+            if kind not in formats:
+                raise SchemaError(f"no formatter for {kind} ({af.key})")
+            namespace[f"_f{i}"] = formats[kind]
+            shown = f"_f{i}({value}, asset)"
+        elif kind == "label":
+            namespace[f"_l{i}"] = enum_labels(f)
+            shown = f"_l{i}[{value}]"
+        elif kind == "id":
+            shown = f"str({value})"
+        else:
+            shown = value
+        if f.zero_is_none:
+            shown = f"({shown} if {value} > 0 else None)"
+        elif f.nullable:
+            shown = f"(None if {value} is None else {shown})"
+        items.append(f"{af.key!r}: {shown}")
+    code = "def render(p, asset):\n" + "".join(line + "\n" for line in lines) \
+        + "    return {" + ", ".join(items) + "}\n"
+    exec(code, namespace)  # each key's field and formatter resolved once, by name
+    render: Callable[[Any, Any], dict[str, Any]] = namespace["render"]
+    render.__qualname__ = f"render_{cls.__name__}"
+    return render
+
+
+__all__ = [
+    "API_CLOSED_POSITION",
+    "API_POSITION",
+    "BOOK_ROW",
+    "CLOSE",
+    "CLOSED_POSITION",
+    "ENUM",
+    "FIELDS",
+    "FORMATTED_KINDS",
+    "ID",
+    "IDENTITY",
+    "LEVERAGE",
+    "LISTED",
+    "MICROS",
+    "OPEN_POSITION",
+    "OUTBOX",
+    "PLAN",
+    "POSITION",
+    "POSITION_CLOSED",
+    "POSITION_OPENED",
+    "PPM",
+    "SEQ",
+    "SETTLEMENT",
+    "SETTLEMENT_APPLIED",
+    "STEPS",
+    "TERMS",
+    "TEXT",
+    "TICKS",
+    "US",
+    "WIRE_DTYPES",
+    "ApiField",
+    "Field",
+    "Group",
+    "SchemaError",
+    "api_annotation",
+    "api_nullable",
+    "builder",
+    "check_api_model",
+    "check_fields",
+    "check_names",
+    "declared_names",
+    "dtype",
+    "enum_labels",
+    "fixed",
+    "json_renderer",
+    "named_columns",
+    "names",
+    "render_kind",
+    "row_reader",
+    "rows",
+    "struct_format",
+    "to_record",
+    "to_row",
+    "variable",
+]
