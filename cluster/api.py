@@ -154,6 +154,9 @@ class PositionOut(BaseModel):
 
 
 class ClosedPositionOut(PositionOut):
+    # one close per position while partial closes do not exist: the id of the position it
+    # closed (the history's ``before`` cursor)
+    closeId: str
     exitPrice: str
     realizedPnl: str
     payout: str
@@ -293,6 +296,7 @@ def position_json(p: OpenPosition | ClosedPosition, asset: Asset) -> dict[str, A
         "openedAt": iso_us(p.opened_ts_us),
     }
     if isinstance(p, ClosedPosition):
+        out["closeId"] = str(p.position_id)
         out["exitPrice"] = decimal_text(p.exit_ticks, pd)
         out["realizedPnl"] = money(p.pnl_micros)
         out["payout"] = money(p.payout_micros)

@@ -71,6 +71,35 @@ async def _tcp_answers(bootstrap: str, timeout_s: float = 1.0) -> bool:
     return True
 
 
+def _bind_with_reuse_address() -> None:
+    """Make this replica's direct-ingress listener bind with SO_REUSEADDR, as uvicorn does.
+
+    Serve 2.60 creates that socket itself (``replica.py`` passes ``enable_so_reuseport=False``
+    to ``http_util.start_asgi_http_server`` and offers no option): without SO_REUSEADDR, the
+    connections a killed replica leaves in TIME_WAIT block every bind of the port for ~60 s,
+    so a platform restarted after a crash cannot serve. No public way exists: the replica's
+    reference to the function is wrapped so the socket gets SO_REUSEADDR (not SO_REUSEPORT:
+    one listener per port). Runs in the replica, before its server starts.
+    """
+    from ray.serve._private import http_util, replica
+
+    original = replica.start_asgi_http_server
+    if getattr(original, "reuses_address", False):
+        return
+
+    def reuse_address(sock: socket.socket) -> bool:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        return True
+
+    async def start(*args: Any, **kwargs: Any) -> Any:
+        kwargs["enable_so_reuseport"] = True  # with reuse_address below: SO_REUSEADDR only
+        return await original(*args, **kwargs)
+
+    start.reuses_address = True  # type: ignore[attr-defined]
+    http_util.set_socket_reuse_port = reuse_address  # this process runs no Serve proxy
+    replica.start_asgi_http_server = start
+
+
 @serve.deployment(name=API_DEPLOYMENT, num_replicas=1, max_ongoing_requests=MAX_ONGOING_REQUESTS,
                   ray_actor_options={"num_cpus": 0}, health_check_period_s=5.0,
                   graceful_shutdown_timeout_s=5.0)
@@ -83,6 +112,7 @@ class ApiIngress:
     """
 
     def __init__(self, settings: Settings, bootstrap: str, namespace: str = NAMESPACE) -> None:
+        _bind_with_reuse_address()
         self.settings = settings
         self.bootstrap = bootstrap
         self.namespace = namespace

@@ -65,7 +65,7 @@ from engine.messages import (
     ShardOpen,
     ShardStats,
 )
-from engine.orders import MAX_COLUMN_VALUE, PPM, CloseReason, OpenPlan, Side, plan_open
+from engine.orders import PPM, CloseReason, OpenPlan, Side, plan_open
 from engine.results import Code, Rejected
 from engine.settlement import exit_price_ticks, pnl_micros, settle
 
@@ -332,7 +332,8 @@ class ShardMachine:
         bid, ask = tick.bid_ticks, tick.ask_ticks
         if tick.asset != self.asset.name or bid <= 0 or ask < bid:
             return 0, ()
-        if ask > MAX_COLUMN_VALUE or not _fits_i64(tick.ts_us):
+        # above the asset's bound, amounts computed from the price may not fit int64
+        if ask > self.asset.max_price_ticks or not _fits_i64(tick.ts_us):
             return Rejected(Code.INVALID_REQUEST, f"tick out of range: {_OUT_OF_RANGE}"), ()
         events: list[Event] = [TickApplied(bid, ask, tick.ts_us, tick.seq, tick.source)]
         if len(self.book):
