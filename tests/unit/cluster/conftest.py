@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest_asyncio
 
-from tests.unit.cluster.local_platform import Platform, build_platform
+from tests.unit.cluster.local_platform import Make, Platform, build_platform
 
 
 @pytest_asyncio.fixture
@@ -16,3 +16,12 @@ async def platform() -> AsyncIterator[Platform]:
     assert await p.audit() == []
     await p.service.aclose()
     p.hosts.close()
+
+
+@pytest_asyncio.fixture
+async def make() -> AsyncIterator[Make]:
+    """build_platform(...) and more services, for tests that need their own; each is closed
+    afterwards."""
+    m = Make()
+    yield m
+    await m.close()

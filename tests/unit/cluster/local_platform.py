@@ -1,17 +1,24 @@
-"""A whole platform in one process: the machines behind in-process ports, a settable clock."""
+"""A whole platform in one process: the machines behind in-process ports, a settable clock;
+and what the service tests do on it (sign up, open SOL longs, read balances)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cluster.actors.local import LocalHosts
 from cluster.actors.port import LocalPort, Port
 from cluster.config import Settings
 from cluster.trading.service import TradingService
+from engine.ledger_machine import Balances
 from engine.market import Tick
+from engine.messages import OpenOrder, Principal
+from engine.orders import Side
 
 NOW_US = 1_800_000_000_000_000
+USD = 10**6
+SIGNUP = 10_000 * USD
 
 
 @dataclass
@@ -64,3 +71,55 @@ def build_platform(settings: Settings | None = None,
     clock = Clock()
     hosts = LocalHosts(settings, data_dir, clock_us=clock)
     return Platform(settings, clock, hosts, hosts.service(wrap))
+
+
+class Make:
+    """``make(**kw)``: build_platform(**kw); ``make.service(p, ...)``: another service over
+    ``p``'s ports (or wrappers of them). Everything made is closed by ``close()``."""
+
+    def __init__(self) -> None:
+        self.built: list[Platform] = []
+        self.services: list[TradingService] = []
+
+    def __call__(self, **kw: Any) -> Platform:
+        self.built.append(build_platform(**kw))
+        self.services.append(self.built[-1].service)
+        return self.built[-1]
+
+    def service(self, p: Platform, ledger: Port | None = None,
+                shards: dict[str, Port] | None = None, **options: Any) -> TradingService:
+        svc = TradingService(ledger or p.ledger, shards or dict(p.shards), p.settings,
+                             **options)
+        self.services.append(svc)
+        return svc
+
+    async def close(self) -> None:
+        for svc in self.services:
+            await svc.aclose()
+        for p in self.built:
+            p.hosts.close()
+
+
+async def signup(svc: TradingService) -> Principal:
+    """A new account, authenticated by its API key."""
+    account = await svc.create_account()
+    who = await svc.authenticate(account.api_key)
+    assert who is not None and who.account_id == account.account_id
+    return who
+
+
+async def sol_trader(p: Platform, svc: TradingService | None = None) -> Principal:
+    """A new account (through ``svc``, by default ``p``'s service), SOL at 100.00/100.01."""
+    who = await signup(svc or p.service)
+    await p.push_tick("SOL", "100.00", "100.01")
+    return who
+
+
+def sol_long(margin_usd: int = 100, leverage: int = 10, **kw: Any) -> OpenOrder:
+    return OpenOrder("SOL", Side.LONG, margin_usd * USD, leverage, **kw)
+
+
+def balances(p: Platform, who: Principal) -> tuple[int, int]:
+    """``who``'s (free, margin) read from the ledger's runner."""
+    [answer] = p.ledger.execute_blocking([Balances(who.user)])
+    return answer  # type: ignore[no-any-return]

@@ -20,8 +20,8 @@ from engine.machine import run
 from engine.market import Tick
 from engine.messages import OpenOrder, OpenPosition
 from engine.orders import Side
+from tests.unit.cluster.local_platform import USD, signup
 
-USD = 10**6
 NOW_US = 1_800_000_000_000_000
 
 
@@ -77,17 +77,15 @@ async def audit(service: TradingService) -> list[str]:
 @pytest.mark.parametrize("client_order_id", [None, "retry-me"])
 async def test_lost_lock_answer_is_abandoned_exactly_once(client_order_id: str | None) -> None:
     hosts, lossy, svc = platform(runs=True)
-    signup = hosts.settings.signup_balance_micros
-    account = await svc.create_account()
-    who = await svc.authenticate(account.api_key)
-    assert who is not None
+    funded = hosts.settings.signup_balance_micros
+    who = await signup(svc)
     await push_tick(hosts, "100.00", "100.01")
     order = OpenOrder("SOL", Side.LONG, 100 * USD, 10, client_order_id=client_order_id)
     with pytest.raises(Unavailable):
         await svc.open_position(who, order)
     # locked in the ledger, no position anywhere (read before the background round runs)
     assert run(hosts.ledger.runner.machine, Balances(who.user)) == \
-        (signup - 100 * USD, 100 * USD)
+        (funded - 100 * USD, 100 * USD)
     assert await svc.reconcile() == 0
     assert await svc.reconcile() == 0  # nothing left to abandon, nothing released twice
     [lost] = lossy.lost
@@ -95,7 +93,7 @@ async def test_lost_lock_answer_is_abandoned_exactly_once(client_order_id: str |
     assert hosts.ledger.execute_blocking([AbandonLock(r) for r in [lost, *remembered]]) == \
         [None] * (1 + len(remembered))
     state = await svc.state(who)
-    assert (state.free_micros, state.margin_micros, state.positions) == (signup, 0, [])
+    assert (state.free_micros, state.margin_micros, state.positions) == (funded, 0, [])
     assert svc.counters["locks_released_abandoned"] == 1
     assert await audit(svc) == []
     # the client's retry (same clientOrderId, if any) runs again and opens once
@@ -112,16 +110,14 @@ async def test_lost_lock_answer_is_abandoned_exactly_once(client_order_id: str |
 async def test_a_lock_that_never_happened_is_abandoned_without_change() -> None:
     """The ledger died before the lock (nothing journaled): abandoning changes nothing."""
     hosts, _, svc = platform(runs=False)
-    signup = hosts.settings.signup_balance_micros
-    account = await svc.create_account()
-    who = await svc.authenticate(account.api_key)
-    assert who is not None
+    funded = hosts.settings.signup_balance_micros
+    who = await signup(svc)
     await push_tick(hosts, "100.00", "100.01")
     with pytest.raises(Unavailable):
         await svc.open_position(who, OpenOrder("SOL", Side.LONG, 100 * USD, 10))
     assert await svc.reconcile() == 0
     assert svc.counters["locks_released_abandoned"] == 0
-    assert run(hosts.ledger.runner.machine, Balances(who.user)) == (signup, 0)
+    assert run(hosts.ledger.runner.machine, Balances(who.user)) == (funded, 0)
     assert await audit(svc) == []
     await svc.aclose()
     hosts.close()

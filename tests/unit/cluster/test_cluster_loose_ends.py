@@ -6,93 +6,39 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from cluster.actors.host import host_specs
 from cluster.actors.port import LocalPort, Port, Unavailable
 from cluster.trading.courier import Courier, SettlementRefused
-from cluster.trading.service import TradingService
 from engine.ledger_machine import (
     AppliedSeq,
     ApplySettlements,
-    Balances,
     History,
     LockMargin,
     ReleaseMargin,
     Totals,
 )
 from engine.market import Tick
-from engine.messages import (
-    ClosedPosition,
-    CloseOrder,
-    OpenOrder,
-    OpenPosition,
-    Principal,
-    SettlementItem,
-)
-from engine.orders import Side
+from engine.messages import ClosedPosition, CloseOrder, OpenPosition, Principal, SettlementItem
 from engine.results import Code, Rejected
 from engine.shard_machine import ApplyTick, Close, Open, Outbox, OutboxView, Resolve, Stats
 from tests.unit.cluster.faulty_ports import FailingBatches, Gated, Wrapped
-from tests.unit.cluster.local_platform import Platform, build_platform
+from tests.unit.cluster.local_platform import (
+    SIGNUP,
+    USD,
+    Make,
+    Platform,
+    balances,
+    sol_long,
+    sol_trader,
+)
 
 pytestmark = pytest.mark.asyncio
-USD = 10**6
-SIGNUP = 10_000 * USD
 SETTLED_WITHIN_S = 5.0
-
-class Make:
-    """``make(**kw)``: build_platform(**kw); ``make.service(p, ...)``: another service over
-    ``p``'s ports (or wrappers of them). Everything made is closed after the test."""
-
-    def __init__(self) -> None:
-        self.built: list[Platform] = []
-        self.services: list[TradingService] = []
-
-    def __call__(self, **kw: Any) -> Platform:
-        self.built.append(build_platform(**kw))
-        self.services.append(self.built[-1].service)
-        return self.built[-1]
-
-    def service(self, p: Platform, ledger: Port | None = None,
-                shards: dict[str, Port] | None = None, **options: Any) -> TradingService:
-        svc = TradingService(ledger or p.ledger, shards or dict(p.shards), p.settings,
-                             **options)
-        self.services.append(svc)
-        return svc
-
-    async def close(self) -> None:
-        for svc in self.services:
-            await svc.aclose()
-        for p in self.built:
-            p.hosts.close()
-
-
-@pytest_asyncio.fixture
-async def make() -> AsyncIterator[Make]:
-    m = Make()
-    yield m
-    await m.close()
-
-
-async def signup(svc: TradingService) -> Principal:
-    account = await svc.create_account()
-    who = await svc.authenticate(account.api_key)
-    assert who is not None
-    return who
-
-
-def sol_long(margin_usd: int = 100, **kw: Any) -> OpenOrder:
-    return OpenOrder("SOL", Side.LONG, margin_usd * USD, 10, **kw)
-
-
-def balances(p: Platform, who: Principal) -> tuple[int, int]:
-    [answer] = p.ledger.execute_blocking([Balances(who.user)])
-    return answer  # type: ignore[no-any-return]
 
 
 def shard_positions(p: Platform, asset: str) -> int:
@@ -130,8 +76,7 @@ async def test_a_client_that_disconnects_mid_open_leaves_no_orphaned_margin(
         lock_gate = Gated(p.ledger, LockMargin)
         svc = make.service(p, ledger=lock_gate, shards=dict(gates))
         gate = lock_gate
-    who = await signup(svc)
-    await p.push_tick("SOL", "100.00", "100.01")
+    who = await sol_trader(p, svc)
     order = sol_long(client_order_id=client_order_id)
     client = asyncio.create_task(svc.open_position(who, order))
     await asyncio.wait_for(gate.reached.wait(), 5)
@@ -179,8 +124,7 @@ async def test_a_duplicate_of_a_request_whose_client_went_away_gets_its_answer(
     p = make(wrap=wrap)
     gate = gates[p.shard_of("SOL").name]
     svc = p.service
-    who = await signup(svc)
-    await p.push_tick("SOL", "100.00", "100.01")
+    who = await sol_trader(p)
     order = sol_long(client_order_id="dup")
     first = asyncio.create_task(svc.open_position(who, order))
     await asyncio.wait_for(gate.reached.wait(), 5)
@@ -205,8 +149,7 @@ async def test_a_release_after_a_refusal_that_fails_is_queued_and_released_once(
     p = make()
     ledger = FailingBatches(p.ledger, ReleaseMargin, failures=1, deliver=deliver)
     svc = make.service(p, ledger=ledger)
-    who = await signup(svc)
-    await p.push_tick("SOL", "100.00", "100.01")
+    who = await sol_trader(p, svc)
     held = await svc.open_position(who, sol_long())  # a position whose margin must stay
     assert isinstance(held, OpenPosition)
     order = sol_long(50, current_price_ticks=9000, client_order_id=client_order_id)
@@ -247,8 +190,7 @@ async def test_a_retried_close_whose_reply_was_lost_gets_the_first_close(
 
     p = make(wrap=wrap)
     svc = make.service(p, shards=dict(flaky), idem_wait_s=1.0)
-    who = await signup(svc)
-    await p.push_tick("SOL", "100.00", "100.01")
+    who = await sol_trader(p, svc)
     pos = await svc.open_position(who, sol_long())
     assert isinstance(pos, OpenPosition)
     await p.push_tick("SOL", "101.00", "101.01")
@@ -318,8 +260,7 @@ async def outbox_of_two_closes(p: Platform, who: Principal) -> tuple[str, list[S
 async def test_a_settlement_batch_with_a_bad_later_item_applies_nothing(make: Make,
                                                                         how: str) -> None:
     p = make()
-    who = await signup(p.service)
-    await p.push_tick("SOL", "100.00", "100.01")
+    who = await sol_trader(p)
     name, items = await outbox_of_two_closes(p, who)
     before = (balances(p, who), await p.ledger.call(Totals()))
     bad = forge(items[1], 3, how, who.user)
@@ -366,8 +307,7 @@ class ForgingOutbox(Wrapped):
 
 async def test_the_courier_delivers_nothing_of_a_batch_with_a_bad_item(make: Make) -> None:
     p = make()
-    who = await signup(p.service)
-    await p.push_tick("SOL", "100.00", "100.01")
+    who = await sol_trader(p)
     name, items = await outbox_of_two_closes(p, who)
     forging = ForgingOutbox(p.shards[name], who.user)
     courier = Courier(p.ledger, {name: forging})
@@ -397,8 +337,7 @@ async def test_stopping_the_reconciler_mid_round_keeps_the_doubt_queued(make: Ma
 
     p = make(wrap=wrap)
     svc = p.service
-    who = await signup(svc)
-    await p.push_tick("SOL", "100.00", "100.01")
+    who = await sol_trader(p)
     held = Gated(flaky[p.shard_of("SOL").name], Resolve)  # the round's Resolve waits here
     svc.shards[held.name] = svc.reconciler.shards[held.name] = held
     with pytest.raises(Unavailable):
@@ -417,8 +356,7 @@ async def test_stopping_the_reconciler_mid_round_keeps_the_doubt_queued(make: Ma
 async def test_a_close_on_a_shard_that_restarted_empty_reaches_the_ledger(make: Make) -> None:
     p = make()
     svc = p.service
-    who = await signup(svc)
-    await p.push_tick("SOL", "100.00", "100.01")
+    who = await sol_trader(p)
     first = await svc.open_position(who, sol_long(tp_ticks=10100))
     assert isinstance(first, OpenPosition)
     assert await p.push_tick("SOL", "101.00", "101.01") == 1

@@ -10,11 +10,9 @@ from cluster.api import create_app
 from cluster.trading.service import TradingService
 from engine.ledger_machine import Balances
 from tests.unit.cluster.faulty_ports import Down, FailingBatches
-from tests.unit.cluster.local_platform import build_platform
+from tests.unit.cluster.local_platform import SIGNUP, USD, build_platform
 
 pytestmark = pytest.mark.asyncio
-USD = 10**6
-SIGNUP = 10_000 * USD
 
 
 async def test_state_is_partial_while_a_shard_recovers_and_its_writes_are_503() -> None:

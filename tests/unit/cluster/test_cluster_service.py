@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from cluster.actors.port import LocalPort, Port, Unavailable
 from cluster.trading.service import TradingService
-from engine.ledger_machine import (
-    AbandonLock,
-    AppliedSeq,
-    ApplySettlements,
-    Balances,
-    LockMargin,
-    Totals,
-)
+from engine.ledger_machine import AbandonLock, AppliedSeq, ApplySettlements, LockMargin, Totals
 from engine.market import Tick
 from engine.messages import (
     CloseOrder,
@@ -32,50 +22,23 @@ from engine.orders import CloseReason, Side
 from engine.results import Code, Rejected
 from engine.shard_machine import ApplyTick, Open, Stats
 from tests.unit.cluster.faulty_ports import Down, FailingBatches
-from tests.unit.cluster.local_platform import Platform, build_platform
+from tests.unit.cluster.local_platform import (
+    SIGNUP,
+    USD,
+    Make,
+    Platform,
+    balances,
+    signup,
+    sol_long,
+    sol_trader,
+)
 
 pytestmark = pytest.mark.asyncio
-USD = 10**6
-SIGNUP = 10_000 * USD
-
-Make = Callable[..., Platform]
-
-
-@pytest_asyncio.fixture
-async def make() -> AsyncIterator[Make]:
-    """build_platform(...) for tests that need their own; each is closed afterwards."""
-    built: list[Platform] = []
-
-    def make(**kw: Any) -> Platform:
-        built.append(build_platform(**kw))
-        return built[-1]
-
-    yield make
-    for p in built:
-        await p.service.aclose()
-        p.hosts.close()
-
-
-async def signup(service: TradingService) -> Principal:
-    account = await service.create_account()
-    who = await service.authenticate(account.api_key)
-    assert who is not None and who.account_id == account.account_id
-    return who
-
-
-def sol_long(margin_usd: int = 100, leverage: int = 10, **kw: object) -> OpenOrder:
-    return OpenOrder("SOL", Side.LONG, margin_usd * USD, leverage, **kw)  # type: ignore[arg-type]
-
-
-def balances(p: Platform, who: Principal) -> tuple[int, int]:
-    [answer] = p.ledger.execute_blocking([Balances(who.user)])
-    return answer  # type: ignore[no-any-return]
 
 
 async def test_open_state_close_history(platform: Platform) -> None:
     svc = platform.service
-    who = await signup(svc)
-    await platform.push_tick("SOL", "100.00", "100.01")
+    who = await sol_trader(platform)
     pos = await svc.open_position(who, sol_long())
     assert isinstance(pos, OpenPosition) and pos.entry_ticks == 10001
     state = await svc.state(who)
@@ -156,8 +119,7 @@ async def test_users_are_isolated(platform: Platform) -> None:
 
 async def test_client_order_id_makes_opens_and_closes_idempotent(platform: Platform) -> None:
     svc = platform.service
-    who = await signup(svc)
-    await platform.push_tick("SOL", "100.00", "100.01")
+    who = await sol_trader(platform)
     order = sol_long(client_order_id="o-1")
     first = await svc.open_position(who, order)
     again = await svc.open_position(who, order)
@@ -202,8 +164,7 @@ async def test_transient_refusal_is_not_stored_as_the_first_answer(platform: Pla
 
 async def test_sweep_settles_through_the_ledger_exactly_once(platform: Platform) -> None:
     svc = platform.service
-    who = await signup(svc)
-    await platform.push_tick("SOL", "100.00", "100.01")
+    who = await sol_trader(platform)
     tp = await svc.open_position(who, sol_long(tp_ticks=10500))
     sl = await svc.open_position(who, sol_long(sl_ticks=9500))
     short = await svc.open_position(who, OpenOrder("SOL", Side.SHORT, 100 * USD, 50))
@@ -234,8 +195,7 @@ async def test_close_waits_for_an_earlier_tick_settlement_still_in_the_outbox(
         make: Make) -> None:
     p = make()
     svc = p.service
-    who = await signup(svc)
-    await p.push_tick("SOL", "100.00", "100.01")
+    who = await sol_trader(p)
     a = await svc.open_position(who, sol_long(tp_ticks=10100))
     b = await svc.open_position(who, sol_long())
     assert isinstance(a, OpenPosition) and isinstance(b, OpenPosition)
@@ -296,8 +256,7 @@ async def test_lost_reply_is_resent_with_the_same_request_id(make: Make, deliver
         return flaky[-1]
 
     p = make(wrap=wrap)
-    who = await signup(p.service)
-    await p.push_tick("SOL", "100.00", "100.01")
+    who = await sol_trader(p)
     pos = await p.service.open_position(who, sol_long())
     assert isinstance(pos, OpenPosition)
     assert sum(f.failed for f in flaky) == 1 and p.service.counters["resends"] == 1
@@ -309,15 +268,21 @@ async def test_lost_reply_is_resent_with_the_same_request_id(make: Make, deliver
     assert await p.audit() == []
 
 
+async def open_in_doubt(make: Make, deliver: bool) -> tuple[Platform, Principal]:
+    """A platform whose SOL shard loses the reply to every Open (``deliver``: it ran them) or
+    the Opens themselves, and a user whose ``sol_long()`` the service gave up on: in doubt."""
+    p = make(wrap=lambda port: FailingBatches(port, Open, failures=3, deliver=deliver))
+    who = await sol_trader(p)
+    with pytest.raises(Unavailable):
+        await p.service.open_position(who, sol_long())
+    return p, who
+
+
 @pytest.mark.parametrize("deliver", [False, True])
 async def test_open_in_doubt_keeps_the_lock_until_the_shard_answers(make: Make,
                                                                      deliver: bool) -> None:
-    p = make(wrap=lambda port: FailingBatches(port, Open, failures=3, deliver=deliver))
+    p, who = await open_in_doubt(make, deliver)
     svc = p.service
-    who = await signup(svc)
-    await p.push_tick("SOL", "100.00", "100.01")
-    with pytest.raises(Unavailable):
-        await svc.open_position(who, sol_long())
     # in doubt: still locked (read before the background resolution gets a turn)
     assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
     # the background round and this one run one after the other, never both on one doubt
@@ -333,12 +298,8 @@ async def test_open_in_doubt_keeps_the_lock_until_the_shard_answers(make: Make,
 
 
 async def test_a_fenced_open_that_arrives_late_is_refused(make: Make) -> None:
-    p = make(wrap=lambda port: FailingBatches(port, Open, failures=3, deliver=False))
+    p, who = await open_in_doubt(make, deliver=False)
     svc = p.service
-    who = await signup(svc)
-    await p.push_tick("SOL", "100.00", "100.01")
-    with pytest.raises(Unavailable):
-        await svc.open_position(who, sol_long())
     assert await svc.reconcile() == 0
     assert balances(p, who) == (SIGNUP, 0)
     sol = svc.shards[p.shard_of("SOL").name]
@@ -353,8 +314,7 @@ async def test_a_fenced_open_that_arrives_late_is_refused(make: Make) -> None:
 
 async def test_audit_reports_a_margin_without_a_position(make: Make) -> None:
     p = make()
-    who = await signup(p.service)
-    await p.push_tick("SOL", "100.00", "100.01")
+    who = await sol_trader(p)
     assert isinstance(await p.service.open_position(who, sol_long()), OpenPosition)
     assert await p.audit() == []
     # money locked behind the service's back: the invariant no longer holds
@@ -388,8 +348,7 @@ async def test_a_dead_shard_hides_only_its_own_asset_and_fails_health(make: Make
 
 async def test_a_close_whose_settlement_is_lost_still_settles_once(make: Make) -> None:
     p = make()
-    who = await signup(p.service)
-    await p.push_tick("SOL", "100.00", "100.01")
+    who = await sol_trader(p)
     pos = await p.service.open_position(who, sol_long())
     assert isinstance(pos, OpenPosition)
     # a ledger that loses every settlement sent to it (reachable for everything else)
@@ -418,12 +377,8 @@ async def test_a_close_whose_settlement_is_lost_still_settles_once(make: Make) -
 
 async def test_an_in_doubt_open_that_never_arrived_is_released_once_despite_a_lost_reply(
         make: Make) -> None:
-    p = make(wrap=lambda port: FailingBatches(port, Open, failures=3, deliver=False))
+    p, who = await open_in_doubt(make, deliver=False)
     svc = p.service
-    who = await signup(svc)
-    await p.push_tick("SOL", "100.00", "100.01")
-    with pytest.raises(Unavailable):
-        await svc.open_position(who, sol_long())
     await svc.aclose()  # drive the rounds by hand
     # the ledger releases the lock but its reply is lost, once
     lost = FailingBatches(p.ledger, AbandonLock, failures=1, deliver=True)
