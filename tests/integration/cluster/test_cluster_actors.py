@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import ray
 
 from cluster.actors.deploy import ray_ports, start_hosts
@@ -52,6 +53,11 @@ class RayPlatform:
         self.services.append(TradingService(ledger, shards, SETTINGS))
         return self.services[-1]
 
+    async def trader(self) -> tuple[TradingService, Principal]:
+        """A new service over the hosts, and a new account on it."""
+        svc = self.service()
+        return svc, await signup(svc)
+
     async def tick(self, asset: str, bid: str, ask: str) -> int:
         """A tick to every shard of ``asset``, as the feed actor sends it: the settlements go
         to the ledger (through the courier) after a tick that closed something. Returns
@@ -80,10 +86,11 @@ class RayPlatform:
             assert (await port.call(Outbox())).items == []
 
 
-@pytest.fixture
-def start(ray_local: None, tmp_path: Path) -> Iterator[Any]:
+@pytest_asyncio.fixture
+async def start(ray_local: None, tmp_path: Path) -> AsyncIterator[Any]:
     """``start(durable=False)``: the ledger and shard hosts in a fresh namespace (journaled
-    under a temporary DATA_DIR, and restarted by Ray, when durable)."""
+    under a temporary DATA_DIR, and restarted by Ray, when durable). The services made on
+    them are closed after the test."""
     started: list[RayPlatform] = []
 
     def start(durable: bool = False) -> RayPlatform:
@@ -95,6 +102,8 @@ def start(ray_local: None, tmp_path: Path) -> Iterator[Any]:
 
     yield start
     for p in started:
+        for svc in p.services:
+            await svc.aclose()
         for handle in [p.ledger, *p.shards.values()]:
             ray.kill(handle)
 
@@ -112,16 +121,22 @@ async def audit(service: TradingService) -> list[str]:
     return problems
 
 
-async def close_services(p: RayPlatform) -> None:
-    for svc in p.services:
-        await svc.aclose()
+async def btc_longs(svc: TradingService, who: Principal,
+                    tps: list[int | None]) -> list[OpenPosition]:
+    """A 10x BTC long of 100 USD for each take-profit (in ticks) of ``tps``."""
+    opened = []
+    for tp in tps:
+        r = await svc.open_position(who, OpenOrder("BTC", Side.LONG, 100 * USD, 10,
+                                                   tp_ticks=tp))
+        assert isinstance(r, OpenPosition)
+        opened.append(r)
+    return opened
 
 
 @pytest.mark.asyncio
 async def test_open_state_close_history_through_the_ray_ports(start: Any) -> None:
     rp = start()
-    svc = rp.service()
-    who = await signup(svc)
+    svc, who = await rp.trader()
     await rp.tick("SOL", "100.00", "100.01")
     before = svc.batch_stats()["ledger"]
     results = await asyncio.gather(*(svc.open_position(who, OpenOrder(
@@ -151,19 +166,14 @@ async def test_open_state_close_history_through_the_ray_ports(start: Any) -> Non
     named = service_from_names(SETTINGS, namespace=rp.namespace)
     rp.services.append(named)
     assert (await named.state(who)) == state
-    await close_services(rp)
 
 
 @pytest.mark.asyncio
 async def test_tick_closes_reach_the_ledger_exactly_once(start: Any) -> None:
     rp = start()
-    svc = rp.service()
-    who = await signup(svc)
+    svc, who = await rp.trader()
     await rp.tick("BTC", "60000.0", "60000.1")
-    for _ in range(5):
-        r = await svc.open_position(who, OpenOrder("BTC", Side.LONG, 100 * USD, 10,
-                                                   tp_ticks=610000))
-        assert isinstance(r, OpenPosition)
+    await btc_longs(svc, who, [610000] * 5)
     assert await rp.tick("BTC", "61000.0", "61000.1") == 5
     await rp.flush()
     assert await svc.ledger.call(AppliedSeq(BTC)) == 5
@@ -179,20 +189,15 @@ async def test_tick_closes_reach_the_ledger_exactly_once(start: Any) -> None:
     assert await svc.state(who) == state
     assert (await svc.ledger.call(Totals()))["closed_positions"] == 5
     assert await audit(svc) == []
-    await close_services(rp)
 
 
 @pytest.mark.asyncio
 async def test_a_shard_restarted_empty_continues_the_numbering_the_ledger_knows(
         start: Any) -> None:
     rp = start()
-    svc = rp.service()
-    who = await signup(svc)
+    svc, who = await rp.trader()
     await rp.tick("BTC", "60000.0", "60000.1")
-    for _ in range(5):
-        r = await svc.open_position(who, OpenOrder("BTC", Side.LONG, 100 * USD, 10,
-                                                   tp_ticks=610000))
-        assert isinstance(r, OpenPosition)
+    await btc_longs(svc, who, [610000] * 5)
     assert await rp.tick("BTC", "61000.0", "61000.1") == 5
     assert await svc.ledger.call(AppliedSeq(BTC)) == 5
     # the shard's host is replaced by an empty one (its state lived in memory)
@@ -210,22 +215,15 @@ async def test_a_shard_restarted_empty_continues_the_numbering_the_ledger_knows(
     assert await svc.ledger.call(AppliedSeq(BTC)) == 6
     await rp.flush()
     assert await audit(svc) == []
-    await close_services(rp)
 
 
 @pytest.mark.asyncio
 async def test_a_shard_restarted_by_ray_recovers_its_positions_and_numbering(
         start: Any) -> None:
     rp = start(durable=True)
-    svc = rp.service()
-    who = await signup(svc)
+    svc, who = await rp.trader()
     await rp.tick("BTC", "60000.0", "60000.1")
-    kept = []
-    for tp in (610000, 610000, None):
-        r = await svc.open_position(who, OpenOrder("BTC", Side.LONG, 100 * USD, 10,
-                                                   tp_ticks=tp))
-        assert isinstance(r, OpenPosition)
-        kept.append(r)
+    kept = await btc_longs(svc, who, [610000, 610000, None])
     assert await rp.tick("BTC", "61000.0", "61000.1") == 2
     assert await svc.ledger.call(AppliedSeq(BTC)) == 2
     pid = ray.get(rp.shards[BTC].info.remote(), timeout=READY_S)["pid"]
@@ -252,14 +250,12 @@ async def test_a_shard_restarted_by_ray_recovers_its_positions_and_numbering(
     assert isinstance(history, list) and len(history) == 3
     await rp.flush()
     assert await audit(svc) == []
-    await close_services(rp)
 
 
 @pytest.mark.asyncio
 async def test_a_dead_shard_is_unavailable_and_the_lock_stays_in_doubt(start: Any) -> None:
     rp = start()
-    svc = rp.service()
-    who = await signup(svc)
+    svc, who = await rp.trader()
     await rp.tick("ETH", "3000.00", "3000.01")
     await rp.tick("SOL", "100.00", "100.01")
     sol = await svc.open_position(who, OpenOrder("SOL", Side.LONG, 20 * USD, 2))
@@ -281,4 +277,3 @@ async def test_a_dead_shard_is_unavailable_and_the_lock_stays_in_doubt(start: An
     assert health.components["ledger"] == "ok"
     prices = await svc.prices()
     assert "ETH" not in prices and "SOL" in prices
-    await close_services(rp)
