@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +29,7 @@ from engine.messages import ShardClose, ShardOpen
 from engine.orders import Side
 from engine.shard_machine import ShardMachine
 
+REPO = Path(__file__).resolve().parents[3]
 USD = 10**6
 SIGNUP = 10_000 * USD
 SOL = DEFAULT_ASSETS["SOL"]
@@ -110,6 +113,13 @@ def shard_open(rid: int, owner: int = 1, side: Side = Side.LONG, margin_usd: int
 
 def shard_close(rid: int, owner: int, position_id: int) -> ShardClose:
     return ShardClose(rid, owner, position_id, None, 100)
+
+
+def run_python(script: str) -> subprocess.CompletedProcess[bytes]:
+    """``script`` run by a new Python process in the repository (what an actor's process
+    does, here one that may end itself)."""
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
 
 
 # ----------------------------------------------------------------------------- journals

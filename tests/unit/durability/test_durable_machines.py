@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -81,12 +79,12 @@ from tests.unit.durability.hosted import (
     one,
     open_ledger,
     open_shard,
+    run_python,
     shard_close,
     shard_open,
     tick,
 )
 
-REPO = Path(__file__).resolve().parents[3]
 HOUR_US = 3600 * 10**6
 
 
@@ -541,8 +539,7 @@ def test_a_failed_commit_is_never_acknowledged_and_can_end_the_process(tmp_path:
         "os.dup2(ro, led.store.journal._fd)\n"
         "led.execute([CreateAccount('acc_2', 'h2')])\n"
         "sys.exit(0)\n")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    proc = run_python(script)
     assert proc.returncode == 70, proc.stderr
     again = open_ledger(tmp_path / "b")
     assert one(again, Totals())["users"] == 1  # the acknowledged account, not the failed one

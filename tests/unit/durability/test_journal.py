@@ -20,8 +20,7 @@ from cluster.durability.journal import (
     JournalLockedError,
     frame,
 )
-
-REPO = Path(__file__).resolve().parents[3]
+from tests.unit.durability.hosted import REPO
 
 
 def payloads(n: int) -> list[bytes]:
@@ -93,16 +92,7 @@ def test_missing_and_empty_journal(tmp_path: Path) -> None:
         assert (j.durable_seq, j.append(b"x")) == (0, 1)
 
 
-def test_group_commit_is_one_write_and_one_fsync(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    syncs: list[int] = []
-    real = journal_module._fdatasync
-
-    def counting_fdatasync(fd: int) -> None:
-        syncs.append(fd)
-        real(fd)
-
-    monkeypatch.setattr(journal_module, "_fdatasync", counting_fdatasync)
+def test_group_commit_is_one_write_and_one_fsync(tmp_path: Path, syncs: list[int]) -> None:
     with Journal(tmp_path / "j") as j:
         for p in payloads(64):
             j.append(p)

@@ -6,14 +6,11 @@ same state after a clean stop and after a crash."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import cluster.durability.journal as journal_module
 from cluster.durability.runner import Failed, Runner
 from cluster.durability.snapshot import Snapshot, list_snapshots
 from cluster.durability.store import SNAPSHOT_DIR, DurabilityError
@@ -70,14 +67,13 @@ from tests.unit.durability.hosted import (
     open_ledger,
     open_shard,
     replayed,
+    run_python,
     segment,
     shard_builder,
     shard_close,
     shard_open,
     tick,
 )
-
-REPO = Path(__file__).resolve().parents[3]
 
 
 def record_types(record: bytes) -> list[type]:
@@ -91,15 +87,7 @@ def durable_seq(runner: Runner[Any]) -> int:
 
 # ----------------------------------------------------------------------------- group commit
 def test_a_batch_is_one_record_committed_once_before_it_is_answered(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    syncs: list[int] = []
-    real_sync = journal_module._fdatasync
-
-    def counted_sync(fd: int) -> None:
-        syncs.append(fd)
-        real_sync(fd)
-
-    monkeypatch.setattr(journal_module, "_fdatasync", counted_sync)
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncs: list[int]) -> None:
     led = open_ledger(tmp_path, fsync=True)
     assert led.store is not None
     on_disk: list[int] = []  # records a reader finds on disk, before and after the commit
@@ -276,8 +264,7 @@ def test_an_apply_that_raises_ends_the_process_when_asked(tmp_path: Path) -> Non
         "led.execute([CreateAccount('acc_1', 'h1')])\n"
         "led.execute([LockMargin(MarginLock(1, 5))])\n"
         "sys.exit(0)\n")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    proc = run_python(script)
     assert proc.returncode == 70, proc.stderr
     again = open_ledger(tmp_path)
     assert one(again, Totals())["users"] == 1 and one(again, Balances(1)) == (SIGNUP, 0)
