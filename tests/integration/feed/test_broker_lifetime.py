@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,8 +25,9 @@ from feed.broker import (
 )
 
 ROOT = Path(__file__).resolve().parents[3]
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                reason="needs /proc and PR_SET_PDEATHSIG")
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                 reason="needs /proc and PR_SET_PDEATHSIG"),
+              pytest.mark.timeout(60)]
 
 # Starts a broker from a thread that ends at once (PR_SET_PDEATHSIG follows the forking
 # thread), prints its pid, then waits to be killed.
@@ -78,14 +81,25 @@ def _record(path: Path, broker: ProcessIdentity, owner: dict[str, object], port:
                                 "owner": owner}))
 
 
-@linux_only
-@pytest.mark.timeout(60)
+@pytest.fixture
+def reaped() -> Iterator[list[subprocess.Popen[Any]]]:
+    """The processes a test started (it appends them): afterwards each one still running is
+    killed, and every one is waited for."""
+    procs: list[subprocess.Popen[Any]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
 def test_the_broker_dies_with_its_process_even_started_from_a_finished_thread(
-        tmp_path: Path) -> None:
+        tmp_path: Path, reaped: list[subprocess.Popen[Any]]) -> None:
     port, record = free_port(), tmp_path / "broker.json"
     starter = subprocess.Popen([sys.executable, "-c", STARTER, str(port), str(record)],
                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                                stdout=subprocess.PIPE, text=True)
+    reaped.append(starter)
     broker: ProcessIdentity | None = None
     try:
         assert starter.stdout is not None
@@ -101,70 +115,53 @@ def test_the_broker_dies_with_its_process_even_started_from_a_finished_thread(
         starter.wait(10)
         assert _wait_gone(broker, 5.0), "the broker outlived the process that started it"
     finally:
-        if starter.poll() is None:
-            starter.kill()
-            starter.wait(10)
         if broker is not None:
             stop_process(broker)
 
 
-@linux_only
-@pytest.mark.timeout(60)
-def test_a_broker_left_by_a_crashed_run_is_stopped_at_the_next_start(tmp_path: Path) -> None:
+def test_a_broker_left_by_a_crashed_run_is_stopped_at_the_next_start(
+        tmp_path: Path, reaped: list[subprocess.Popen[Any]]) -> None:
     port, record = free_port(), tmp_path / "broker.json"
     orphan = _orphan_broker(port)
-    try:
-        identity = ProcessIdentity.of(orphan.pid)
-        assert identity is not None
-        _record(record, identity, _dead_owner(), port)
-        started = time.monotonic()
-        with EmbeddedBroker("127.0.0.1", port, record_path=record) as broker:
-            assert time.monotonic() - started < 10
-            assert orphan.poll() is not None, "the orphan still runs"
-            assert broker.pid is not None and broker.pid != orphan.pid
-            assert json.loads(record.read_text())["broker"]["pid"] == broker.pid
-        assert not record.exists()  # a clean stop leaves no record
-    finally:
-        if orphan.poll() is None:
-            orphan.kill()
-        orphan.wait(10)
+    reaped.append(orphan)
+    identity = ProcessIdentity.of(orphan.pid)
+    assert identity is not None
+    _record(record, identity, _dead_owner(), port)
+    started = time.monotonic()
+    with EmbeddedBroker("127.0.0.1", port, record_path=record) as broker:
+        assert time.monotonic() - started < 10
+        assert orphan.poll() is not None, "the orphan still runs"
+        assert broker.pid is not None and broker.pid != orphan.pid
+        assert json.loads(record.read_text())["broker"]["pid"] == broker.pid
+    assert not record.exists()  # a clean stop leaves no record
 
 
-@linux_only
-@pytest.mark.timeout(60)
-def test_a_recorded_pid_that_is_now_another_process_is_left_alone(tmp_path: Path) -> None:
+def test_a_recorded_pid_that_is_now_another_process_is_left_alone(
+        tmp_path: Path, reaped: list[subprocess.Popen[Any]]) -> None:
     port, record = free_port(), tmp_path / "broker.json"
     bystander = subprocess.Popen(["sleep", "60"])
-    try:
-        now = ProcessIdentity.of(bystander.pid)
-        assert now is not None
-        # the pid of the recorded broker now belongs to an unrelated process
-        stale = ProcessIdentity(bystander.pid, now.start_ticks - 1, now.boot_id,
-                                ("tansu", "broker"))
-        _record(record, stale, _dead_owner(), port)
-        with EmbeddedBroker("127.0.0.1", port, record_path=record) as broker:
-            assert broker.running
-            assert bystander.poll() is None and now.alive()
-            assert json.loads(record.read_text())["broker"]["pid"] == broker.pid
-    finally:
-        bystander.kill()
-        bystander.wait(10)
+    reaped.append(bystander)
+    now = ProcessIdentity.of(bystander.pid)
+    assert now is not None
+    # the pid of the recorded broker now belongs to an unrelated process
+    stale = ProcessIdentity(bystander.pid, now.start_ticks - 1, now.boot_id,
+                            ("tansu", "broker"))
+    _record(record, stale, _dead_owner(), port)
+    with EmbeddedBroker("127.0.0.1", port, record_path=record) as broker:
+        assert broker.running
+        assert bystander.poll() is None and now.alive()
+        assert json.loads(record.read_text())["broker"]["pid"] == broker.pid
 
 
-@linux_only
-@pytest.mark.timeout(60)
-def test_the_broker_of_a_running_owner_is_not_taken_over(tmp_path: Path) -> None:
+def test_the_broker_of_a_running_owner_is_not_taken_over(
+        tmp_path: Path, reaped: list[subprocess.Popen[Any]]) -> None:
     port, record = free_port(), tmp_path / "broker.json"
     orphan = _orphan_broker(port)
     owner = subprocess.Popen(["sleep", "60"])
-    try:
-        broker, live = ProcessIdentity.of(orphan.pid), ProcessIdentity.of(owner.pid)
-        assert broker is not None and live is not None
-        _record(record, broker, live.to_json(), port)
-        with pytest.raises(BrokerError, match="belongs to a running process"):
-            EmbeddedBroker("127.0.0.1", port, record_path=record).start()
-        assert orphan.poll() is None and record.exists()
-    finally:
-        for proc in (orphan, owner):
-            proc.kill()
-            proc.wait(10)
+    reaped += [orphan, owner]
+    broker, live = ProcessIdentity.of(orphan.pid), ProcessIdentity.of(owner.pid)
+    assert broker is not None and live is not None
+    _record(record, broker, live.to_json(), port)
+    with pytest.raises(BrokerError, match="belongs to a running process"):
+        EmbeddedBroker("127.0.0.1", port, record_path=record).start()
+    assert orphan.poll() is None and record.exists()
