@@ -131,22 +131,3 @@ async def test_client_publishes_exactly_the_valid_prices_in_order(kafka_broker: 
     assert [v["ts_us"] for v in values] == [d["T"] for d in BOOK]
     assert [(v["bid"], v["ask"]) for v in values] == [(d["b"], d["a"]) for d in BOOK]
     assert all(v["source"] == "backpack" and v["symbol"] == "SOL_USDC" for v in values)
-
-
-@pytest.mark.asyncio
-@pytest.mark.timeout(30)
-async def test_auto_falls_back_to_sim_when_backpack_is_unreachable(kafka_broker: str) -> None:
-    from feed.broker import free_port
-    from feed.source import make_source
-
-    settings = Settings(backpack_ws_url=f"ws://127.0.0.1:{free_port()}")  # nobody listens
-    source = make_source(settings, "auto?wait=1&rate=20")
-    assert source is not None
-    stop = asyncio.Event()
-    got = []
-    async for msg in source.stream(stop):
-        got.append(msg)
-        if len(got) == 5:
-            stop.set()
-    assert source.name == "sim"
-    assert {m.source for m in got} == {"sim"}

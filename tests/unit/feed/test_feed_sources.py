@@ -12,12 +12,25 @@ import pytest
 from cluster.config import Settings
 from engine.assets import DEFAULT_ASSETS
 from feed.backpack import Backoff, BackpackClient
+from feed.broker import free_port
 from feed.frames import FrameNormalizer
+from feed.message import MarketDataMessage
 from feed.replay import ReplaySource, parse_replay
 from feed.sim import SimSource, SimWalk
-from feed.source import AutoSource, make_source, parse_source
+from feed.source import AutoSource, Source, make_source, parse_source
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "backpack" / "recorded_ws_frames.jsonl"
+
+
+async def first(source: Source, n: int) -> list[MarketDataMessage]:
+    """The first ``n`` messages ``source`` streams; then it is stopped."""
+    stop = asyncio.Event()
+    got = []
+    async for msg in source.stream(stop):
+        got.append(msg)
+        if len(got) == n:
+            stop.set()
+    return got
 
 
 def walk(seed: int, order: list[str], n: int) -> dict[str, list[tuple[int, int]]]:
@@ -77,13 +90,7 @@ def test_replay_parses_fixture() -> None:
 
 @pytest.mark.asyncio
 async def test_replay_source_fast_and_restamped() -> None:
-    src = ReplaySource(FIXTURE, DEFAULT_ASSETS, speed=0, loop=True)
-    stop = asyncio.Event()
-    got = []
-    async for msg in src.stream(stop):
-        got.append(msg)
-        if len(got) == 26:
-            stop.set()
+    got = await first(ReplaySource(FIXTURE, DEFAULT_ASSETS, speed=0, loop=True), 26)
     assert [m.bid for m in got] == ["98.96"] * 26
     seqs = [m.seq for m in got]
     assert seqs == sorted(seqs) and len(set(seqs)) == 26  # the loop never goes backwards
@@ -125,6 +132,17 @@ def test_make_source_kinds() -> None:
     assert isinstance(make_source(s, f"replay:{FIXTURE}"), ReplaySource)
     auto = make_source(s, "auto?wait=3")
     assert isinstance(auto, AutoSource) and auto.wait_s == 3 and auto.name == "backpack"
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_auto_falls_back_to_sim_when_backpack_is_unreachable() -> None:
+    settings = Settings(backpack_ws_url=f"ws://127.0.0.1:{free_port()}")  # nobody listens
+    source = make_source(settings, "auto?wait=1&rate=20")
+    assert source is not None
+    got = await first(source, 5)
+    assert source.name == "sim"
+    assert {m.source for m in got} == {"sim"}
 
 
 def test_backoff_is_exponential_jittered_and_capped() -> None:
