@@ -19,6 +19,7 @@ from feed.frames import (
     subscribe_request,
 )
 from feed.message import MarketDataMessage
+from tests.unit.feed import strategies
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "backpack"
 
@@ -146,11 +147,7 @@ def test_random_frames_never_raise(raw: bytes | str) -> None:
     assert set(norm.dropped) <= set(DROP_REASONS)
 
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=4), children, max_size=4),
-    max_leaves=25)
+json_values = strategies.json_values(12, 4, 25)
 
 
 @given(st.dictionaries(st.sampled_from(["e", "s", "T", "u", "a", "b", "A", "B"]), json_values,

@@ -21,6 +21,7 @@ from feed.message import (
 )
 from feed.payload import MAX_DEPTH
 from feed.settings import FeedBounds
+from tests.unit.feed import strategies
 
 GOOD = {"v": 1, "symbol": "SOL_USDC", "asset": "SOL", "bid": "98.96", "ask": "98.97",
         "price": "98.965", "ts_us": 1788367430246081, "seq": 4330360995, "source": "backpack"}
@@ -178,11 +179,7 @@ def test_random_bytes_never_raise(value: bytes) -> None:
     assert set(dec.dropped) <= set(DECODE_DROP_REASONS)
 
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=20)
+json_values = strategies.json_values(20, 8, 20)
 
 
 @given(st.dictionaries(st.sampled_from(["symbol", "bid", "ask", "price", "ts_us", "seq",
