@@ -395,6 +395,7 @@ API_POSITION: tuple[ApiField, ...] = (
 """SPEC ``Position`` (the API's PositionOut), in its key order."""
 API_CLOSED_POSITION: tuple[ApiField, ...] = (
     *API_POSITION,
+    ApiField("closeId", position_id),  # a position closes once: the close is named by its id
     ApiField("exitPrice", exit_ticks),
     ApiField("realizedPnl", pnl_micros),
     ApiField("payout", payout_micros),

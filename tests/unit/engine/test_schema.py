@@ -433,7 +433,7 @@ def test_render_kinds_by_unit() -> None:
         "positionId": "id", "asset": "text", "type": "label", "margin": "money",
         "leverage": "int", "quantity": "quantity", "entryPrice": "price",
         "liquidationPrice": "price", "takeProfit": "price", "stopLoss": "price",
-        "unrealizedPnl": "money", "openedAt": "time", "exitPrice": "price",
+        "unrealizedPnl": "money", "openedAt": "time", "closeId": "id", "exitPrice": "price",
         "realizedPnl": "money", "payout": "money", "closeReason": "label", "closedAt": "time"}
     assert schema.enum_labels(schema.side) == ("long", "short")
     assert schema.enum_labels(schema.reason) == ("manual", "take_profit", "stop_loss",
