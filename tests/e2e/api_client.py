@@ -21,6 +21,13 @@ def signup(http: httpx.Client) -> dict[str, str]:
     return {"Authorization": f"Bearer {r.json()['apiKey']}"}
 
 
+def sol_trader(platform: HttpPlatform, http: httpx.Client) -> dict[str, str]:
+    """A new account's Authorization header, SOL at 100.00/100.01."""
+    headers = signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+    return headers
+
+
 def tick(platform: HttpPlatform, http: httpx.Client, asset: str, bid: str, ask: str,
          age_s: float = 0.0) -> None:
     """Push a tick and wait until the shard has applied it: its price is served, with a

@@ -17,11 +17,8 @@ TRADING = Settings(api_key_rate_per_s=0, signups_per_min=0)
 
 @pytest.fixture(scope="session")
 def platform() -> Iterator[HttpPlatform]:
-    p = LocalHttpPlatform(TRADING).start()
-    try:
+    with LocalHttpPlatform(TRADING) as p:
         yield p
-    finally:
-        p.stop()
 
 
 @pytest.fixture

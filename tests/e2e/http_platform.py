@@ -35,6 +35,14 @@ class HttpPlatform(Protocol):
         """The ledger totals (house_micros, insurance_micros, sum_micros, ...)."""
 
 
+def make_tick(settings: Settings, asset: str, bid: str, ask: str, age_s: float,
+              seq: int) -> Tick:
+    """A tick of ``asset`` at decimal ``bid``/``ask``, stamped ``age_s`` seconds ago."""
+    a = settings.assets[asset]
+    ts_us = time.time_ns() // 1000 - int(age_s * 1_000_000)
+    return Tick(asset, a.price_to_ticks(bid), a.price_to_ticks(ask), ts_us, seq, "test")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,6 +50,8 @@ def free_port() -> int:
 
 
 class LocalHttpPlatform:
+    """``with LocalHttpPlatform(settings) as p``: started, and stopped afterwards."""
+
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self.hosts = LocalHosts(self.settings)
@@ -73,11 +83,15 @@ class LocalHttpPlatform:
         self.thread.join(10)
         self.hosts.close()
 
+    def __enter__(self) -> LocalHttpPlatform:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def push_tick(self, asset: str, bid: str, ask: str, age_s: float = 0.0) -> None:
-        a = self.settings.assets[asset]
         self._seq += 1
-        ts_us = time.time_ns() // 1000 - int(age_s * 1_000_000)
-        tick = Tick(asset, a.price_to_ticks(bid), a.price_to_ticks(ask), ts_us, self._seq, "test")
+        tick = make_tick(self.settings, asset, bid, ask, age_s, self._seq)
         self.hosts.apply_ticks_blocking([tick])
 
     def _on_loop(self, coro: Any) -> Any:

@@ -22,6 +22,7 @@ from cluster.config import Settings
 from cluster.launcher import Platform
 from engine.market import Tick
 from engine.shard_machine import ApplyTick
+from tests.e2e.http_platform import make_tick
 
 
 def free_port() -> int:
@@ -80,36 +81,29 @@ class RayHttpPlatform:
         self.platform.stop()
 
     def push_tick(self, asset: str, bid: str, ask: str, age_s: float = 0.0) -> None:
-        from feed.message import message_from_ticks
-
-        a = self.settings.assets[asset]
         self._seq += 1
-        ts_us = time.time_ns() // 1000 - int(age_s * 1_000_000)
-        bid_ticks, ask_ticks = a.price_to_ticks(bid), a.price_to_ticks(ask)
+        tick = make_tick(self.settings, asset, bid, ask, age_s, self._seq)
         if age_s > 0:
             import ray
 
             # the feed drops a stale tick, so it goes to the shards directly
-            tick = Tick(asset, bid_ticks, ask_ticks, ts_us, self._seq, "test")
             ray.get([h.execute.remote([ApplyTick(tick)])
                      for spec, h in self._shards_of(asset)], timeout=30)
             return
-        msg = message_from_ticks(a, bid_ticks, ask_ticks, ts_us, self._seq, "test")
-
-        async def send() -> None:
-            await self._producer.publish(msg)
-            await self._producer.flush()
-
-        self._run(send())
+        self._produce(tick)
 
     def produce_stale(self, asset: str, age_s: float = 3600.0) -> None:
         """Produce a well-formed message ``age_s`` old to the topic (the feed must drop it)."""
-        from feed.message import message_from_ticks
-
-        a = self.settings.assets[asset]
         self._seq += 1
         ts_us = time.time_ns() // 1000 - int(age_s * 1_000_000)
-        msg = message_from_ticks(a, 100, 101, ts_us, self._seq, "test")
+        self._produce(Tick(asset, 100, 101, ts_us, self._seq, "test"))
+
+    def _produce(self, tick: Tick) -> None:
+        """``tick`` as a MarketDataMessage to the topic, flushed."""
+        from feed.message import message_from_ticks
+
+        msg = message_from_ticks(self.settings.assets[tick.asset], tick.bid_ticks,
+                                 tick.ask_ticks, tick.ts_us, tick.seq, tick.source)
 
         async def send() -> None:
             await self._producer.publish(msg)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from cluster.config import Settings
-from tests.e2e.api_client import error_code, signup, state, tick
+from tests.e2e.api_client import error_code, signup, sol_trader, state, tick
 from tests.e2e.http_platform import HttpPlatform, LocalHttpPlatform
 
 UNLIMITED = Settings(api_key_rate_per_s=0, signups_per_min=0)  # limits: test_api_limits.py
@@ -19,11 +19,8 @@ UNLIMITED = Settings(api_key_rate_per_s=0, signups_per_min=0)  # limits: test_ap
 @pytest.fixture(scope="module")
 def platform() -> Iterator[HttpPlatform]:
     """This module signs up hundreds of accounts from one address: rates are not limited."""
-    p = LocalHttpPlatform(UNLIMITED).start()
-    try:
+    with LocalHttpPlatform(UNLIMITED) as p:
         yield p
-    finally:
-        p.stop()
 
 AUTHED = [("GET", "/api/v1/state", None),
           ("POST", "/api/v1/positions/open",
@@ -110,8 +107,7 @@ BAD_OPEN_BODIES: list[tuple[str, Any, str]] = [
 @pytest.mark.parametrize("name,body,code", BAD_OPEN_BODIES, ids=[b[0] for b in BAD_OPEN_BODIES])
 def test_bad_open_bodies_are_4xx_with_the_error_shape(
         platform: HttpPlatform, http: httpx.Client, name: str, body: Any, code: str) -> None:
-    h = signup(http)
-    tick(platform, http, "SOL", "100.00", "100.01")
+    h = sol_trader(platform, http)
     r = http.post("/api/v1/positions/open", json=body, headers=h)
     assert r.status_code == 422, r.text
     assert error_code(r) == code
@@ -245,8 +241,7 @@ def _open_raw(http: httpx.Client, headers: dict[str, str], fields: bytes) -> htt
 ])
 def test_json_numbers_are_read_exactly(platform: HttpPlatform, http: httpx.Client,
                                        fields: bytes, margin: str) -> None:
-    h = signup(http)
-    tick(platform, http, "SOL", "100.00", "100.01")
+    h = sol_trader(platform, http)
     r = _open_raw(http, h, fields)
     assert r.status_code == 201, r.text
     assert r.json()["margin"] == margin
@@ -266,8 +261,7 @@ def test_json_numbers_are_read_exactly(platform: HttpPlatform, http: httpx.Clien
 ])
 def test_decimal_refusals_are_422_naming_the_field(platform: HttpPlatform, http: httpx.Client,
                                                    fields: bytes, field: str) -> None:
-    h = signup(http)
-    tick(platform, http, "SOL", "100.00", "100.01")
+    h = sol_trader(platform, http)
     r = _open_raw(http, h, fields)
     assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
     assert r.json()["error"]["message"].startswith(f"{field}:"), r.text

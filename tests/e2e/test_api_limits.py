@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -19,19 +18,10 @@ LIMIT = 16 * 1024  # the SPEC default
 OPEN = b'{"asset":"SOL","type":"long","margin":"10","leverage":2}'
 
 
-@contextmanager
-def serving(settings: Settings) -> Iterator[LocalHttpPlatform]:
-    p = LocalHttpPlatform(settings).start()
-    try:
-        yield p
-    finally:
-        p.stop()
-
-
 @pytest.fixture(scope="module")
 def unlimited_rates() -> Iterator[LocalHttpPlatform]:
     """Default body and depth limits; rates unlimited (their tests have their own platform)."""
-    with serving(Settings(api_key_rate_per_s=0, signups_per_min=0)) as p:
+    with LocalHttpPlatform(Settings(api_key_rate_per_s=0, signups_per_min=0)) as p:
         yield p
 
 
@@ -103,16 +93,16 @@ def test_a_declared_length_over_the_limit_is_refused_unread(
 
 
 def test_the_body_limit_is_configurable() -> None:
-    with serving(Settings(max_body_bytes=1024, api_key_rate_per_s=0, signups_per_min=0)) as p, \
-            httpx.Client(base_url=p.base_url, timeout=10) as c:
+    settings = Settings(max_body_bytes=1024, api_key_rate_per_s=0, signups_per_min=0)
+    with LocalHttpPlatform(settings) as p, httpx.Client(base_url=p.base_url, timeout=10) as c:
         assert c.post("/api/v1/accounts", content=b"{}" + b" " * 1022).status_code == 201
         r = c.post("/api/v1/accounts", content=b"{}" + b" " * 1023)
         assert r.status_code == 413 and error_code(r) == "INVALID_REQUEST"
 
 
 def test_the_nesting_limit_is_configurable() -> None:
-    with serving(Settings(max_json_depth=2, api_key_rate_per_s=0, signups_per_min=0)) as p, \
-            httpx.Client(base_url=p.base_url, timeout=10) as c:
+    settings = Settings(max_json_depth=2, api_key_rate_per_s=0, signups_per_min=0)
+    with LocalHttpPlatform(settings) as p, httpx.Client(base_url=p.base_url, timeout=10) as c:
         assert c.post("/api/v1/accounts", json={"a": [1]}).status_code == 201
         r = c.post("/api/v1/accounts", json={"a": [[1]]})
         assert r.status_code == 400 and error_code(r) == "INVALID_REQUEST"
@@ -130,7 +120,7 @@ def test_requests_per_api_key_are_limited() -> None:
     authenticated route counts, another key has its own bucket, and a refused request changes
     nothing."""
     settings = Settings(api_key_rate_per_s=1, api_key_burst=3, signups_per_min=0)
-    with serving(settings) as p, httpx.Client(base_url=p.base_url, timeout=10) as c:
+    with LocalHttpPlatform(settings) as p, httpx.Client(base_url=p.base_url, timeout=10) as c:
         h, other = signup(c), signup(c)
         assert c.get("/api/v1/state", headers=h).status_code == 200
         assert c.get("/api/v1/positions/history", headers=h).status_code == 200
@@ -148,7 +138,7 @@ def test_requests_per_api_key_are_limited() -> None:
 
 
 def test_account_creations_per_address_are_limited() -> None:
-    with serving(Settings(signups_per_min=2)) as p, \
+    with LocalHttpPlatform(Settings(signups_per_min=2)) as p, \
             httpx.Client(base_url=p.base_url, timeout=10) as c:
         assert c.post("/api/v1/accounts", json={}).status_code == 201
         assert c.post("/api/v1/accounts", json={}).status_code == 201

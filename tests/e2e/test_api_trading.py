@@ -18,6 +18,7 @@ from tests.e2e.api_client import (
     open_ids,
     open_position,
     signup,
+    sol_trader,
     state,
     tick,
     wait_closed,
@@ -44,8 +45,7 @@ def test_signup_gives_the_demo_balance(http: httpx.Client) -> None:
 
 def test_long_enters_at_the_ask_and_is_liquidated_on_the_exact_tick(
         platform: HttpPlatform, http: httpx.Client) -> None:
-    h = signup(http)
-    tick(platform, http, "SOL", "100.00", "100.01")
+    h = sol_trader(platform, http)
     p = open_position(http, h, asset="SOL", type="long", margin="100", leverage=10)
     entry = D("100.01")
     qty = floor_to(D(100) * 10 / entry, SOL_STEP)
@@ -71,8 +71,7 @@ def test_long_enters_at_the_ask_and_is_liquidated_on_the_exact_tick(
 
 def test_short_enters_at_the_bid_and_is_liquidated_when_the_ask_reaches_it(
         platform: HttpPlatform, http: httpx.Client) -> None:
-    h = signup(http)
-    tick(platform, http, "SOL", "100.00", "100.01")
+    h = sol_trader(platform, http)
     p = open_position(http, h, asset="SOL", type="short", margin="100", leverage=10)
     entry = D("100.00")
     qty = floor_to(D(1000) / entry, SOL_STEP)
@@ -89,8 +88,7 @@ def test_short_enters_at_the_bid_and_is_liquidated_when_the_ask_reaches_it(
 
 def test_take_profit_executes_at_the_tick_price_not_the_level(
         platform: HttpPlatform, http: httpx.Client) -> None:
-    h = signup(http)
-    tick(platform, http, "SOL", "100.00", "100.01")
+    h = sol_trader(platform, http)
     p = open_position(http, h, asset="SOL", type="long", margin=100, leverage=10,
                       takeProfit="105", stopLoss="95.5")
     assert D(p["takeProfit"]) == 105 and D(p["stopLoss"]) == D("95.5")
@@ -106,8 +104,7 @@ def test_take_profit_executes_at_the_tick_price_not_the_level(
 
 def test_stop_loss_of_a_short_closes_at_the_ask(
         platform: HttpPlatform, http: httpx.Client) -> None:
-    h = signup(http)
-    tick(platform, http, "SOL", "100.00", "100.01")
+    h = sol_trader(platform, http)
     p = open_position(http, h, asset="SOL", type="short", margin="100", leverage=10,
                       stopLoss="103", takeProfit="90")
     tick(platform, http, "SOL", "102.98", "102.99")
@@ -121,8 +118,7 @@ def test_stop_loss_of_a_short_closes_at_the_ask(
 
 def test_gap_through_the_liquidation_price_charges_the_insurance_fund(
         platform: HttpPlatform, http: httpx.Client) -> None:
-    h = signup(http)
-    tick(platform, http, "SOL", "100.00", "100.01")
+    h = sol_trader(platform, http)
     p = open_position(http, h, asset="SOL", type="long", margin="100", leverage=10)
     before = platform.totals()
     tick(platform, http, "SOL", "80.00", "80.01")
@@ -140,8 +136,7 @@ def test_gap_through_the_liquidation_price_charges_the_insurance_fund(
 
 def test_stop_loss_wins_over_liquidation_on_the_same_tick(
         platform: HttpPlatform, http: httpx.Client) -> None:
-    h = signup(http)
-    tick(platform, http, "SOL", "100.00", "100.01")
+    h = sol_trader(platform, http)
     p = open_position(http, h, asset="SOL", type="long", margin="100", leverage=10,
                       stopLoss="90.00")
     tick(platform, http, "SOL", "85.00", "85.01")
@@ -230,8 +225,7 @@ def test_slippage_beyond_the_limit_is_409_and_changes_nothing(
 
 
 def test_insufficient_balance_is_409(platform: HttpPlatform, http: httpx.Client) -> None:
-    h = signup(http)
-    tick(platform, http, "SOL", "100.00", "100.01")
+    h = sol_trader(platform, http)
     r = http.post("/api/v1/positions/open", headers=h, json={
         "asset": "SOL", "type": "long", "margin": "10000.000001", "leverage": 1})
     assert r.status_code == 409 and error_code(r) == "INSUFFICIENT_BALANCE"
@@ -262,8 +256,7 @@ def test_another_users_position_is_404_like_a_missing_one(
 
 def test_history_is_newest_first_with_limit_and_before(
         platform: HttpPlatform, http: httpx.Client) -> None:
-    h = signup(http)
-    tick(platform, http, "SOL", "100.00", "100.01")
+    h = sol_trader(platform, http)
     ids = []
     for _ in range(4):
         p = open_position(http, h, asset="SOL", type="long", margin="10", leverage=2)
