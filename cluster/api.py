@@ -174,6 +174,10 @@ class StateOut(BaseModel):
     accountId: str
     balances: BalancesOut
     positions: list[PositionOut]
+    morePositions: bool = Field(
+        default=False,
+        description="true when the account holds more open positions than listed here (the "
+                    "first STATE_POSITIONS, oldest first); GET /api/v1/positions pages them all")
     unavailable: list[str] | None = Field(
         default=None,
         description="Present only when the answer is partial: the shards (e.g. 'shard-SOL-0') "
@@ -184,6 +188,11 @@ class StateOut(BaseModel):
 
 class HistoryOut(BaseModel):
     positions: list[ClosedPositionOut]
+
+
+class PositionsOut(BaseModel):
+    positions: list[PositionOut]
+    next: str | None = Field(description="the cursor of the next page; null on the last")
 
 
 class AssetOut(BaseModel):
@@ -440,6 +449,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     app.state.slot = slot
     app.state.assets = assets
     app.state.max_json_depth = settings.max_json_depth
+    state_positions = settings.state_positions
     app.state.key_buckets = TokenBuckets(settings.api_key_rate_per_s, settings.api_key_burst)
     signup_buckets = TokenBuckets(settings.signups_per_min / 60, settings.signups_per_min)
 
@@ -502,12 +512,14 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         While a shard recovers the answer is still 200 but partial: ``unavailable`` names the
         shards whose positions are missing (equity then counts only the positions listed)."""
         state = await slot.service.state(who)
+        shown = state.positions[:state_positions]
         body: dict[str, Any] = {
             "accountId": state.account_id,
             "balances": {"free": money(state.free_micros),
                          "margin": money(state.margin_micros),
                          "equity": money(state.equity_micros)},
-            "positions": [position_json(p, assets[p.asset]) for p in state.positions],
+            "positions": [position_json(p, assets[p.asset]) for p in shown],
+            "morePositions": len(state.positions) > len(shown),
         }
         if state.unavailable:  # partial: a shard is recovering
             body["unavailable"] = list(state.unavailable)
@@ -559,6 +571,27 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         if isinstance(result, Rejected):
             return rejected_response(result)
         return _json(position_json(result, asset))
+
+    @app.get("/api/v1/positions", tags=["positions"], operation_id="listPositions",
+             responses={200: {"model": PositionsOut}, **_errors(*_AUTH_ERRORS, 422, 503)})
+    async def list_positions(who: Caller,
+                             limit: Annotated[int, Query(ge=1, le=500)] = 100,
+                             cursor: Annotated[str | None, Query(
+                                 pattern="^[0-9]{1,19}$",
+                                 description="'next' of the previous page")] = None
+                             ) -> Response:
+        """Your open positions, oldest first, paged."""
+        after = None
+        if cursor is not None:
+            after = _position_id(cursor)
+            if after is None:
+                raise invalid("cursor: not a position id")
+        result = await slot.service.positions(who, limit, after)
+        if isinstance(result, Rejected):
+            return rejected_response(result)
+        page, next_id = result
+        return _json({"positions": [position_json(p, assets[p.asset]) for p in page],
+                      "next": None if next_id is None else str(next_id)})
 
     @app.get("/api/v1/positions/history", tags=["positions"], operation_id="positionHistory",
              responses={200: {"model": HistoryOut}, **_errors(*_AUTH_ERRORS, 422, 503)})

@@ -25,7 +25,7 @@ import functools
 import itertools
 import secrets
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 from cluster.actors.port import Port, Unavailable
 from cluster.config import Settings
@@ -200,6 +200,26 @@ class TradingService:
         return AccountState(who.account_id, free, margin, free + margin + unrealized, positions,
                             tuple(unavailable))
 
+    async def positions(self, who: Principal, limit: int, after: int | None = None
+                        ) -> tuple[list[OpenPosition], int | None] | Rejected:
+        """One page of ``who``'s open positions, oldest first: at most ``limit`` after the
+        position ``after`` (a positionId of the previous page), and the cursor of the next
+        page (None on the last). An unknown cursor is INVALID_REQUEST. A shard that does not
+        answer makes the read Unavailable (a page must not silently skip positions)."""
+        names = list(self._positions)
+        per_shard = await asyncio.gather(*(self._positions[n].submit(who.user) for n in names))
+        positions = sorted((p for ps in per_shard for p in ps),
+                           key=lambda p: (p.opened_ts_us, p.position_id))
+        start = 0
+        if after is not None:
+            index = next((i for i, p in enumerate(positions) if p.position_id == after), None)
+            if index is None:
+                return Rejected(Code.INVALID_REQUEST, "unknown 'cursor' (or no longer open)")
+            start = index + 1
+        page = positions[start:start + limit]
+        more = start + limit < len(positions)
+        return page, (page[-1].position_id if more and page else None)
+
     async def history(self, who: Principal, limit: int = 50,
                       before: int | None = None) -> list[ClosedPosition] | Rejected:
         result: list[ClosedPosition] | Rejected = await self.ledger.call(
@@ -232,6 +252,16 @@ class TradingService:
         return None if spec is None else self.assets[spec.asset]
 
     # ----------------------------------------------------------------- idempotency
+    async def _idempotent(self, who: Principal, kind: str, client_order_id: str | None,
+                          work: Callable[[IdemKey | None], Coroutine[Any, Any, T]]) -> T:
+        """``work(key)`` run to its end whoever stops waiting: once per key when the client
+        named the request (``client_order_id``), else with no key."""
+        if client_order_id is None:
+            return await self._shielded(work(None))
+        key = IdemKey(who.user, kind, client_order_id)
+        # the key names the kind of request: whichever task answers it, the answer is a T
+        return cast(T, await self._once(key, lambda: work(key)))
+
     async def _once(self, key: IdemKey, work: Callable[[], Coroutine[Any, Any, object]]
                     ) -> object:
         """Run ``work()`` once per key in this process, shielded; concurrent duplicates share
@@ -262,6 +292,24 @@ class TradingService:
             hit = seen
         return hit.answer
 
+    async def _claim(self, key: IdemKey | None, reserve: Callable[[int], Awaitable[object]]
+                     ) -> tuple[int, object]:
+        """``reserve(request_id)``, the ledger call that claims ``key`` (if any) for a new
+        request id: ``(request_id, its outcome)``. When an earlier request with ``key`` holds
+        it (the outcome is an IdemHit), that request's answer once stored, as
+        ``IdemHit(answer)``; if that request gave up instead, the claim is made again (three
+        times at most)."""
+        for _ in range(3):
+            request_id = self._request_id()
+            outcome = await reserve(request_id)
+            if not isinstance(outcome, IdemHit):
+                return request_id, outcome
+            assert key is not None
+            answer = await self._replay(outcome, key, request_id)
+            if answer is not None:
+                return request_id, IdemHit(answer)
+        raise Unavailable("ledger", "could not settle the clientOrderId of this request")
+
     # ----------------------------------------------------------------- open
     async def open_position(self, who: Principal, order: OpenOrder) -> OpenPosition | Rejected:
         """Open ``order`` for ``who``: the position, or why not."""
@@ -273,38 +321,30 @@ class TradingService:
                             f"leverage must be an integer in 1..{asset.max_leverage}")
         if order.margin_micros <= 0:
             return Rejected(Code.INVALID_REQUEST, "margin must be greater than zero")
-        if order.client_order_id is None:
-            return await self._shielded(self._open(who, order, None))
-        key = IdemKey(who.user, "open", order.client_order_id)
-        result = await self._once(key, lambda: self._open(who, order, key))
-        assert isinstance(result, OpenPosition | Rejected)
-        return result
+        return await self._idempotent(who, "open", order.client_order_id,
+                                      lambda key: self._open(who, order, key))
 
     async def _open(self, who: Principal, order: OpenOrder,
                     key: IdemKey | None) -> OpenPosition | Rejected:
-        for _ in range(3):
+        async def lock(request_id: int) -> object:
             # The request id travels with the lock: a lock whose open was cut off is settled
             # by this id (abandoned, or resolved against the shards), never guessed.
-            request_id = self._request_id()
             try:
-                outcome = await self.ledger.call(
+                return await self.ledger.call(
                     LockMargin(MarginLock(who.user, order.margin_micros, key, request_id)))
             except Unavailable:
                 # The lock may have been made and its answer lost: the open is never sent.
                 self.reconciler.abandon(request_id)
                 raise
-            if isinstance(outcome, IdemHit):
-                assert key is not None
-                answer = await self._replay(outcome, key, request_id)
-                if answer is None:
-                    continue  # the first attempt gave up: run it again
-                assert isinstance(answer, OpenPosition | Rejected)
-                return answer
-            if isinstance(outcome, Rejected):
-                self.counters[f"rejected_{outcome.code.value}"] += 1
-                return outcome
-            return await self._open_locked(who, order, key, request_id)
-        raise Unavailable("ledger", "could not settle the clientOrderId of this request")
+
+        request_id, outcome = await self._claim(key, lock)
+        if isinstance(outcome, IdemHit):  # the answer of an earlier request with this key
+            assert isinstance(outcome.answer, OpenPosition | Rejected)
+            return outcome.answer
+        if isinstance(outcome, Rejected):
+            self.counters[f"rejected_{outcome.code.value}"] += 1
+            return outcome
+        return await self._open_locked(who, order, key, request_id)
 
     async def _open_locked(self, who: Principal, order: OpenOrder, key: IdemKey | None,
                            request_id: int) -> OpenPosition | Rejected:
@@ -355,30 +395,24 @@ class TradingService:
     async def close_position(self, who: Principal,
                              order: CloseOrder) -> ClosedPosition | Rejected:
         """Close one of ``who``'s positions by hand; NOT_FOUND for anyone else's."""
-        if order.client_order_id is None:
-            return await self._shielded(self._close(who, order, None))
-        key = IdemKey(who.user, "close", order.client_order_id)
-        result = await self._once(key, lambda: self._close(who, order, key))
-        assert isinstance(result, ClosedPosition | Rejected)
-        return result
+        return await self._idempotent(who, "close", order.client_order_id,
+                                      lambda key: self._close(who, order, key))
 
     async def _close(self, who: Principal, order: CloseOrder,
                      key: IdemKey | None) -> ClosedPosition | Rejected:
         spec = self.layout.of_position(order.position_id)
         if spec is None:
             return Rejected(Code.NOT_FOUND, "no such open position")
-        request_id = self._request_id()
-        if key is not None:
-            for _ in range(3):
-                seen = await self.ledger.call(Begin(key, request_id))
-                if seen is None:
-                    break
-                answer = await self._replay(seen, key, request_id)
-                if answer is not None:
-                    assert isinstance(answer, ClosedPosition | Rejected)
-                    return answer
-            else:
-                raise Unavailable("ledger", "could not settle the clientOrderId of this request")
+        if key is None:
+            request_id = self._request_id()
+        else:
+            request_id, seen = await self._claim(
+                key, lambda request_id: self.ledger.call(Begin(key, request_id)))
+            if isinstance(seen, IdemHit):  # the answer of an earlier request with this key
+                assert isinstance(seen.answer, ClosedPosition | Rejected)
+                return seen.answer
+            if isinstance(seen, Rejected):
+                return seen
         result = await self._send(spec.name, Close(ShardClose(
             request_id, who.user, order.position_id, order.current_price_ticks,
             order.max_slippage_bps)))
