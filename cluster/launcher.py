@@ -26,7 +26,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -606,59 +606,70 @@ def service_for(settings: Settings, namespace: str = NAMESPACE) -> Any:
     return service_from_names(settings, namespace=namespace)
 
 
-def status(settings: Settings) -> int:
-    """Print the live layout: nodes, actors, tick ages, positions per shard."""
+def _on_cluster(settings: Settings, command: str, unreachable: int,
+                report: Callable[[], int]) -> int:
+    """``report()`` (its exit code) while connected to the running platform's Ray; when there
+    is none to connect to, the reason on stderr and ``unreachable``."""
+    ctx = _connected(settings)
     try:
-        ctx = _connected(settings)
         ctx.__enter__()
     except NotRunning as exc:
-        print(f"shardex status: {exc}", file=sys.stderr)
-        return 1
+        print(f"shardex {command}: {exc}", file=sys.stderr)
+        return unreachable
     except (ConnectionError, RuntimeError) as exc:
-        print(f"shardex status: no running cluster ({exc})", file=sys.stderr)
-        return 1
-    import ray
-
+        print(f"shardex {command}: no running cluster ({exc})", file=sys.stderr)
+        return unreachable
     try:
-        nodes = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
-        print(f"ray: {len(nodes)} node(s)")
-        for node_id, node in nodes.items():
-            cpus = node.get("Resources", {}).get("CPU", 0)
-            print(f"  node {node_id[:12]} {node.get('NodeManagerAddress', '')} cpus {cpus:g}")
-        code = 0
-        try:
-            feed = ray.get_actor(FEED, namespace=NAMESPACE)
-            fstats: Any = ray.get(feed.stats.remote(), timeout=10)
-            ages = fstats.get("tick_age_s", {})
-            print(f"feed: node {_actor_node(feed)[:12]} assigned={fstats.get('assigned')} "
-                  f"lag={fstats.get('lag')} bootstrap={fstats.get('bootstrap')}")
-            for asset, price in sorted(fstats.get("prices", {}).items()):
-                age = ages.get(asset)
-                age_text = f"{age:.1f}s" if isinstance(age, (int, float)) else "?"
-                print(f"  {asset:<5} bid {price.get('bid')} ask {price.get('ask')} "
-                      f"age {age_text} source {price.get('source')}")
-        except (ValueError, ray.exceptions.RayError) as exc:
-            print(f"feed: not available ({exc})")
-            code = 1
-        try:
-            ledger = ray.get_actor(LEDGER, namespace=NAMESPACE)
-            print(f"ledger: node {_actor_node(ledger)[:12]}")
-        except ValueError:
-            print("ledger: not running")
-            code = 1
-        print("shards:")
-        for spec in shard_layout(settings):
-            try:
-                handle = ray.get_actor(spec.name, namespace=NAMESPACE)
-                stats: Any = ray.get(handle.execute.remote([Stats()]), timeout=10)[0]
-            except (ValueError, ray.exceptions.RayError) as exc:
-                print(f"  {spec.name:<16} not available ({type(exc).__name__})")
-                code = 1
-                continue
-            print(f"  {spec.name:<16} node {_actor_node(handle)[:12]} {_stats_text(stats)}")
-        return code
+        return report()
     finally:
         ctx.__exit__(None, None, None)
+
+
+def status(settings: Settings) -> int:
+    """Print the live layout: nodes, actors, tick ages, positions per shard."""
+    return _on_cluster(settings, "status", 1, lambda: _print_status(settings))
+
+
+def _print_status(settings: Settings) -> int:
+    import ray
+
+    nodes = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
+    print(f"ray: {len(nodes)} node(s)")
+    for node_id, node in nodes.items():
+        cpus = node.get("Resources", {}).get("CPU", 0)
+        print(f"  node {node_id[:12]} {node.get('NodeManagerAddress', '')} cpus {cpus:g}")
+    code = 0
+    try:
+        feed = ray.get_actor(FEED, namespace=NAMESPACE)
+        fstats: Any = ray.get(feed.stats.remote(), timeout=10)
+        ages = fstats.get("tick_age_s", {})
+        print(f"feed: node {_actor_node(feed)[:12]} assigned={fstats.get('assigned')} "
+              f"lag={fstats.get('lag')} bootstrap={fstats.get('bootstrap')}")
+        for asset, price in sorted(fstats.get("prices", {}).items()):
+            age = ages.get(asset)
+            age_text = f"{age:.1f}s" if isinstance(age, (int, float)) else "?"
+            print(f"  {asset:<5} bid {price.get('bid')} ask {price.get('ask')} "
+                  f"age {age_text} source {price.get('source')}")
+    except (ValueError, ray.exceptions.RayError) as exc:
+        print(f"feed: not available ({exc})")
+        code = 1
+    try:
+        ledger = ray.get_actor(LEDGER, namespace=NAMESPACE)
+        print(f"ledger: node {_actor_node(ledger)[:12]}")
+    except ValueError:
+        print("ledger: not running")
+        code = 1
+    print("shards:")
+    for spec in shard_layout(settings):
+        try:
+            handle = ray.get_actor(spec.name, namespace=NAMESPACE)
+            stats: Any = ray.get(handle.execute.remote([Stats()]), timeout=10)[0]
+        except (ValueError, ray.exceptions.RayError) as exc:
+            print(f"  {spec.name:<16} not available ({type(exc).__name__})")
+            code = 1
+            continue
+        print(f"  {spec.name:<16} node {_actor_node(handle)[:12]} {_stats_text(stats)}")
+    return code
 
 
 def _stats_text(stats: Any) -> str:
@@ -675,34 +686,37 @@ def audit(settings: Settings, as_json: bool, offline: bool) -> int:
     """Check the ledger invariant on the live cluster; non-zero exit on any difference."""
     if offline:
         return _audit_offline(settings, as_json)
-    try:
-        ctx = _connected(settings)
-        ctx.__enter__()
-    except NotRunning as exc:
-        print(f"shardex audit: {exc}", file=sys.stderr)
-        return 2
-    except (ConnectionError, RuntimeError) as exc:
-        print(f"shardex audit: no running cluster ({exc})", file=sys.stderr)
-        return 2
+    return _on_cluster(settings, "audit", 2, lambda: _audit_live(settings, as_json))
+
+
+def _audit_live(settings: Settings, as_json: bool) -> int:
     import ray
 
     try:
-        try:
-            problems, totals = asyncio.run(service_for(settings).audit())
-        except (ValueError, ray.exceptions.RayError) as exc:
-            print(f"shardex audit: the platform does not answer: {exc}", file=sys.stderr)
-            return 2
-        if as_json:
-            print(json.dumps({"ok": not problems, "differences": problems, "totals": totals},
-                             default=str))
-        else:
-            for line in problems:
-                print(f"DIFFERENCE: {line}")
-            print(f"audit: {'OK' if not problems else f'{len(problems)} difference(s)'}; "
-                  f"totals {totals}")
-        return 0 if not problems else 1
-    finally:
-        ctx.__exit__(None, None, None)
+        problems, totals = asyncio.run(service_for(settings).audit())
+    except (ValueError, ray.exceptions.RayError) as exc:
+        print(f"shardex audit: the platform does not answer: {exc}", file=sys.stderr)
+        return 2
+    return _print_audit(problems, totals, as_json)
+
+
+def _print_audit(problems: list[str], totals: dict[str, object], as_json: bool,
+                 source: Path | None = None) -> int:
+    """The audit's report on stdout (``source``: the DATA_DIR an offline audit recovered);
+    its exit code, 1 on any difference."""
+    if as_json:
+        report: dict[str, object] = {"ok": not problems, "differences": problems,
+                                     "totals": totals}
+        if source is not None:
+            report["source"] = str(source)
+        print(json.dumps(report, default=str))
+    else:
+        for line in problems:
+            print(f"DIFFERENCE: {line}")
+        head = "audit" if source is None else f"audit (offline, {source})"
+        print(f"{head}: {'OK' if not problems else f'{len(problems)} difference(s)'}; "
+              f"totals {totals}")
+    return 0 if not problems else 1
 
 
 def _audit_offline(settings: Settings, as_json: bool) -> int:
@@ -723,12 +737,4 @@ def _audit_offline(settings: Settings, as_json: bool) -> int:
         problems, totals = asyncio.run(hosts.service().audit(attempts=1))
     finally:
         hosts.close()
-    if as_json:
-        print(json.dumps({"ok": not problems, "differences": problems, "totals": totals,
-                          "source": str(root)}, default=str))
-    else:
-        for line in problems:
-            print(f"DIFFERENCE: {line}")
-        print(f"audit (offline, {root}): {'OK' if not problems else f'{len(problems)} '}"
-              f"{'' if not problems else 'difference(s)'}; totals {totals}")
-    return 0 if not problems else 1
+    return _print_audit(problems, totals, as_json, source=root)
