@@ -52,6 +52,7 @@ import pytest
 from engine.assets import DEFAULT_ASSETS
 from feed.broker import ProcessIdentity, free_port, stop_process
 from feed.message import MarketDataMessage, message_from_ticks
+from tests.integration.processes import descendants
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = DEFAULT_ASSETS.subset(["SOL", "BTC"])
@@ -237,25 +238,6 @@ class Ticker:
 
 
 # ----------------------------------------------------------------------------- the platform
-def _descendants(pid: int) -> list[ProcessIdentity]:
-    """Every live process below ``pid`` (``/proc/<pid>/task/*/children``)."""
-    found: list[ProcessIdentity] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                children = (task / "children").read_text().split()
-            except OSError:
-                continue
-            for child in map(int, children):
-                identity = ProcessIdentity.of(child)
-                if identity is not None and identity not in found:
-                    found.append(identity)
-                    todo.append(child)
-    return found
-
-
 def _journals_held(data_dir: Path) -> bool:
     for lock in data_dir.glob("*/journal/LOCK"):
         fd = os.open(lock, os.O_RDWR)
@@ -343,7 +325,7 @@ class UpPlatform:
         record = json.loads((self.data_dir / "embedded-broker.json").read_text())
         broker = ProcessIdentity.from_json(record["broker"])
         assert record["owner"]["pid"] == self.proc.pid, record  # the broker is ours
-        self.started_below += _descendants(self.proc.pid)
+        self.started_below += descendants(self.proc.pid)
         assert broker in self.started_below
         killed = time.monotonic()
         self.proc.send_signal(signal.SIGKILL)
@@ -358,7 +340,7 @@ class UpPlatform:
     def stop(self) -> None:
         self.close_probe()
         if self.proc is not None and self.proc.poll() is None:
-            self.started_below += _descendants(self.proc.pid)
+            self.started_below += descendants(self.proc.pid)
             self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(60)
@@ -501,26 +483,45 @@ async def send_and_hang_up(port: int, request: bytes, mode: str, delay_s: float 
     writer.transport.abort()
 
 
-@pytest.fixture(scope="module")
-def tracked(up: UpPlatform) -> Iterator[dict[str, Any]]:
+class Kept:
     """What the cases leave behind for the restart to find: ``accounts`` (every account the
     cases made, checked across the kill) and ``long`` (the 100x long of case 1 and its id)."""
-    kept: dict[str, Any] = {"accounts": [], "long": None}
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.accounts: list[Account] = []
+        self.long: tuple[Account, str] | None = None
+
+    def account(self) -> Account:
+        """A new account on the platform, kept."""
+        self.accounts.append(Account(self.url))
+        return self.accounts[-1]
+
+
+@pytest.fixture(scope="module")
+def tracked(up: UpPlatform) -> Iterator[Kept]:
+    kept = Kept(up.url)
     yield kept
-    for account in kept["accounts"]:
+    for account in kept.accounts:
         account.close()
+
+
+def long_before_bad_ticks(up: UpPlatform, tracked: Kept,
+                          margin: str) -> tuple[Account, dict[str, Any], dict[str, Any]]:
+    """A new account, its 100x SOL long of ``margin`` USD opened at the ticker's prices, and
+    the feed's counters before the case's bad ticks."""
+    up.wait_prices()
+    account = tracked.account()
+    position = account.open(asset="SOL", type="long", margin=margin, leverage=100)
+    return account, position, up.feed_stats()
 
 
 # ----------------------------------------------------------------------------- 1. absurd price
 def test_absurd_price_is_dropped_by_the_feed_and_refused_by_the_shard(
-        up: UpPlatform, tracked: dict[str, Any]) -> None:
-    up.wait_prices()
-    alice = Account(up.url)
-    tracked["accounts"].append(alice)
-    position = alice.open(asset="SOL", type="long", margin="9000", leverage=100)
+        up: UpPlatform, tracked: Kept) -> None:
+    alice, position, base = long_before_bad_ticks(up, tracked, "9000")
     assert position["entryPrice"] == "100.01"
-    tracked["long"] = (alice, position["positionId"])
-    base = up.feed_stats()
+    tracked.long = (alice, position["positionId"])
 
     # a well-formed message whose bid is 1,500,000,000 USD: beyond SOL's bound; at that bid
     # the long's PnL (~1.35e19 micro-dollars) does not fit an int64
@@ -561,14 +562,10 @@ def test_absurd_price_is_dropped_by_the_feed_and_refused_by_the_shard(
 
 # ----------------------------------------------------------------------------- 2. ts_us >= 2**63
 def test_ts_us_beyond_int64_is_dropped_and_refused_without_closing_anything(
-        up: UpPlatform, tracked: dict[str, Any]) -> None:
-    up.wait_prices()
-    bob = Account(up.url)
-    tracked["accounts"].append(bob)
+        up: UpPlatform, tracked: Kept) -> None:
     # a 100x long: a SOL bid of 50 liquidates it, if a tick carrying it is ever applied
-    position = bob.open(asset="SOL", type="long", margin="100", leverage=100)
+    bob, position, base = long_before_bad_ticks(up, tracked, "100")
     assert Decimal(position["liquidationPrice"]) > Decimal("50.00")
-    base = up.feed_stats()
     crash_bid, crash_ask = SOL.price_to_ticks("50.00"), SOL.price_to_ticks("50.01")
 
     with up.tick.paused():
@@ -606,10 +603,9 @@ def test_ts_us_beyond_int64_is_dropped_and_refused_without_closing_anything(
 
 # ----------------------------------------------------------------------------- 3. disconnects
 def test_clients_hanging_up_mid_open_leave_no_margin_locked_without_a_position(
-        up: UpPlatform, tracked: dict[str, Any]) -> None:
+        up: UpPlatform, tracked: Kept) -> None:
     up.wait_prices()
-    accounts = [Account(up.url) for _ in range(6)]
-    tracked["accounts"].extend(accounts)
+    accounts = [tracked.account() for _ in range(6)]
     per_account = 10
     modes = ("fin", "rst", "late")
     rng = random.Random(3)
@@ -644,10 +640,9 @@ def test_clients_hanging_up_mid_open_leave_no_margin_locked_without_a_position(
 
 # ----------------------------------------------------------------------------- 4. lost reply
 def test_a_retried_close_whose_reply_was_lost_answers_the_close(
-        up: UpPlatform, tracked: dict[str, Any]) -> None:
+        up: UpPlatform, tracked: Kept) -> None:
     up.wait_prices()
-    carol = Account(up.url)
-    tracked["accounts"].append(carol)
+    carol = tracked.account()
     answers = []
     for retry_at_once in (False, True):
         position = carol.open(asset="BTC", type="long", margin="50", leverage=10)
@@ -680,11 +675,11 @@ def test_a_retried_close_whose_reply_was_lost_answers_the_close(
 
 # ----------------------------------------------------------------------------- kill -9, restart
 def test_kill_9_of_the_platform_then_restart_finds_everything_as_it_was(
-        up: UpPlatform, tracked: dict[str, Any]) -> None:
+        up: UpPlatform, tracked: Kept) -> None:
     """Cases 1-4 end here: audit, kill -9 of ``shardex up`` and its broker, ``audit
     --offline``, ``shardex up`` again: every account exactly as before, audit clean, and the
     100x long the absurd price would have broken closes at the real price."""
-    accounts: list[Account] = tracked["accounts"]
+    accounts = tracked.accounts
     assert accounts, "no case left an account behind"
     up.wait_prices()
     before = [(a.state(), a.history()) for a in accounts]
@@ -703,8 +698,8 @@ def test_kill_9_of_the_platform_then_restart_finds_everything_as_it_was(
           f"after {took:.1f} s")
     assert after == before
     up.audit()
-    if tracked["long"] is not None:
-        alice, position_id = tracked["long"]
+    if tracked.long is not None:
+        alice, position_id = tracked.long
         closed = alice.post("/api/v1/positions/close", {"positionId": position_id})
         assert closed.status_code == 200, closed.text
         assert closed.json()["exitPrice"] == PRICES["SOL"][0]

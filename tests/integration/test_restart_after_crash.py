@@ -18,30 +18,12 @@ import httpx
 import pytest
 
 from feed.broker import ProcessIdentity, free_port, stop_process
+from tests.integration.processes import descendants
 
 REPO = Path(__file__).resolve().parents[2]
 RESTART_BUDGET_S = 30.0
 GIVE_UP_S = 150.0  # the start waits out TIME_WAIT leftovers (~60 s) if it must
 RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
-
-
-def _descendants(pid: int) -> list[ProcessIdentity]:
-    """Every live process below ``pid`` (Linux ``/proc/<pid>/task/*/children``)."""
-    found: list[ProcessIdentity] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                children = (task / "children").read_text().split()
-            except OSError:
-                continue
-            for child in map(int, children):
-                identity = ProcessIdentity.of(child)
-                if identity is not None and identity not in found:
-                    found.append(identity)
-                    todo.append(child)
-    return found
 
 
 def _start_up(env: dict[str, str], broker_port: int, log: Path) -> subprocess.Popen[str]:
@@ -123,7 +105,7 @@ def test_up_serves_again_within_30_s_after_kill_9_with_clients_connected(
         assert record["owner"]["pid"] == first.pid and broker.alive()
         assert json.loads((tmp_path / "data" / "ray-address.json").read_text())["pid"] \
             == first.pid
-        started_below = _descendants(first.pid)
+        started_below = descendants(first.pid)
         assert broker in started_below
 
         first.send_signal(signal.SIGKILL)  # only the shardex process itself
