@@ -27,30 +27,28 @@ def _plan(impl: Impl, side: Side, leverage: int, bid: str, ask: str,
     return result
 
 
-@pytest.mark.parametrize(("bid", "ask"), [("98.90", "100.00"), ("99.00", "100.00")])
-def test_long_whose_liquidation_price_is_at_or_above_the_bid_is_refused(
-        impl: Impl, bid: str, ask: str) -> None:
-    # 100 USD at 100x at the ask 100.00: quantity 100.00, liquidation 100.00 - 100/100 = 99.00
-    result = _plan(impl, Side.LONG, 100, bid, ask)
+@pytest.mark.parametrize(("side", "bid", "ask"), [
+    # 100 USD at 100x at the ask 100.00: quantity 100.00, liquidation 100.00 - 100/100 = 99.00,
+    # above or at the bid
+    (Side.LONG, "98.90", "100.00"), (Side.LONG, "99.00", "100.00"),
+    # 100 USD at 100x at the bid 100.00: quantity 100.00, liquidation 100.00 + 100/100 = 101.00,
+    # below or at the ask
+    (Side.SHORT, "100.00", "101.10"), (Side.SHORT, "100.00", "101.00"),
+], ids=["long-above-the-bid", "long-at-the-bid", "short-below-the-ask", "short-at-the-ask"])
+def test_an_open_whose_liquidation_price_the_closing_price_reached_is_refused(
+        impl: Impl, side: Side, bid: str, ask: str) -> None:
+    result = _plan(impl, side, 100, bid, ask)
     assert isinstance(result, Rejected) and result.code == Code.WOULD_LIQUIDATE
 
 
-def test_long_whose_liquidation_price_is_below_the_bid_opens(impl: Impl) -> None:
-    plan = _plan(impl, Side.LONG, 100, "99.01", "100.00")
-    assert isinstance(plan, OpenPlan) and plan.liq_ticks == SOL.price_to_ticks("99.00")
-
-
-@pytest.mark.parametrize(("bid", "ask"), [("100.00", "101.10"), ("100.00", "101.00")])
-def test_short_whose_liquidation_price_is_at_or_below_the_ask_is_refused(
-        impl: Impl, bid: str, ask: str) -> None:
-    # 100 USD at 100x at the bid 100.00: quantity 100.00, liquidation 100.00 + 100/100 = 101.00
-    result = _plan(impl, Side.SHORT, 100, bid, ask)
-    assert isinstance(result, Rejected) and result.code == Code.WOULD_LIQUIDATE
-
-
-def test_short_whose_liquidation_price_is_above_the_ask_opens(impl: Impl) -> None:
-    plan = _plan(impl, Side.SHORT, 100, "100.00", "100.99")
-    assert isinstance(plan, OpenPlan) and plan.liq_ticks == SOL.price_to_ticks("101.00")
+@pytest.mark.parametrize(("side", "bid", "ask", "liquidation"), [
+    (Side.LONG, "99.01", "100.00", "99.00"),  # below the bid
+    (Side.SHORT, "100.00", "100.99", "101.00"),  # above the ask
+], ids=["long", "short"])
+def test_an_open_whose_liquidation_price_is_beyond_the_closing_price_opens(
+        impl: Impl, side: Side, bid: str, ask: str, liquidation: str) -> None:
+    plan = _plan(impl, side, 100, bid, ask)
+    assert isinstance(plan, OpenPlan) and plan.liq_ticks == SOL.price_to_ticks(liquidation)
 
 
 def test_maintenance_margin_moves_the_liquidation_price_closer(impl: Impl) -> None:
