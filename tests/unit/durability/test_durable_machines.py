@@ -3,7 +3,8 @@ crash (journal cut at every byte of a batch, snapshots plus tails, restarts betw
 and a journal that cannot write stops everything that would answer from memory it lacks.
 
 A "crash" drops the runner without its clean stop (tests/unit/durability/hosted.py). No Ray:
-the machines run in-process.
+the machines run in-process. Commands are named by their machine: ``lm.*`` the ledger's,
+``sm.*`` a shard's.
 """
 
 from __future__ import annotations
@@ -19,28 +20,8 @@ from cluster.actors.local import LocalHosts
 from cluster.config import Settings
 from cluster.durability.runner import Runner
 from cluster.durability.store import DurabilityError
-from engine.ledger_machine import (
-    AbandonLock,
-    AppliedSeq,
-    ApplySettlements,
-    Audit,
-    Authenticate,
-    Balances,
-    Begin,
-    CreateAccount,
-    CreatedAccount,
-    Forget,
-    History,
-    LedgerMachine,
-    LockMargin,
-    PendingRequests,
-    ReconcileAtStart,
-    ReleaseMargin,
-    Remember,
-    SettleRequests,
-    Totals,
-    hash_api_key,
-)
+from engine import ledger_machine as lm
+from engine import shard_machine as sm
 from engine.machine import run
 from engine.messages import (
     ClosedPosition,
@@ -53,20 +34,6 @@ from engine.messages import (
 )
 from engine.orders import CloseReason, Side
 from engine.results import Code, Rejected
-from engine.shard_machine import (
-    AckOutbox,
-    ApplyTick,
-    AuditView,
-    Close,
-    LastTick,
-    Open,
-    OpenMargins,
-    Outbox,
-    OutboxView,
-    PositionsOf,
-    Resolve,
-    ResumeSeq,
-)
 from tests.unit.durability.hosted import (
     NOW,
     SHARD,
@@ -88,14 +55,14 @@ from tests.unit.durability.hosted import (
 HOUR_US = 3600 * 10**6
 
 
-def created(led: Runner[LedgerMachine], n: int) -> CreatedAccount:
-    answer = one(led, CreateAccount(*account(n)))
-    assert isinstance(answer, CreatedAccount)
+def created(led: Runner[lm.LedgerMachine], n: int) -> lm.CreatedAccount:
+    answer = one(led, lm.CreateAccount(*account(n)))
+    assert isinstance(answer, lm.CreatedAccount)
     return answer
 
 
-def balances(led: Runner[LedgerMachine], user: int) -> tuple[int, int]:
-    answer: tuple[int, int] = one(led, Balances(user))
+def balances(led: Runner[lm.LedgerMachine], user: int) -> tuple[int, int]:
+    answer: tuple[int, int] = one(led, lm.Balances(user))
     return answer
 
 
@@ -112,29 +79,29 @@ def test_ledger_batches_survive_a_crash_at_every_byte(tmp_path: Path,
     path = tmp_path / "ledger"
     led = open_ledger(path, snapshot_every_records=10**9)
     for n in (1, 2):
-        [new] = check_every_cut(path, led, [CreateAccount(*account(n))], open_ledger)
-        assert new == CreatedAccount(n, account(n)[0], SIGNUP)
+        [new] = check_every_cut(path, led, [lm.CreateAccount(*account(n))], open_ledger)
+        assert new == lm.CreatedAccount(n, account(n)[0], SIGNUP)
     key = IdemKey(1, "open", "c-1")
     answers = check_every_cut(path, led, [
-        LockMargin(MarginLock(1, 100 * USD, key)), LockMargin(MarginLock(2, 20_000 * USD)),
-        LockMargin(MarginLock(2, 50 * USD)),
-        LockMargin(MarginLock(2, 10 * USD, IdemKey(2, "open", "c-2"), 77))], open_ledger)
+        lm.LockMargin(MarginLock(1, 100 * USD, key)), lm.LockMargin(MarginLock(2, 20_000 * USD)),
+        lm.LockMargin(MarginLock(2, 50 * USD)),
+        lm.LockMargin(MarginLock(2, 10 * USD, IdemKey(2, "open", "c-2"), 77))], open_ledger)
     assert answers[0] is None and answers[2:] == [None, None]
     assert isinstance(answers[1], Rejected) and answers[1].code is Code.INSUFFICIENT_BALANCE
     opened = OpenPosition(7 << 34 | 3, 1, "SOL", Side.LONG, 10001, 999, 100 * USD, 10, 8999, 0,
                           0, NOW, -99_900)
-    assert check_every_cut(path, led, [ReleaseMargin(2, 50 * USD), Remember(key, opened)],
+    assert check_every_cut(path, led, [lm.ReleaseMargin(2, 50 * USD), lm.Remember(key, opened)],
                            open_ledger) == [None, None]
     closed = ClosedPosition(opened.position_id, 1, "SOL", Side.LONG, 10001, 999, 100 * USD, 10,
                             8999, 0, 0, NOW, 8999, -100 * USD, 0, 100 * USD, 0,
                             int(CloseReason.LIQUIDATION), NOW + 5)
-    assert check_every_cut(path, led, [ApplySettlements(
+    assert check_every_cut(path, led, [lm.ApplySettlements(
         SHARD, (SettlementItem(1, closed),), ((IdemKey(1, "close", "x"), closed),))],
         open_ledger) == [1]
-    assert check_every_cut(path, led, [Begin(IdemKey(2, "close", "y"))], open_ledger) == [None]
-    assert check_every_cut(path, led, [Forget(IdemKey(2, "close", "y"))], open_ledger) == [None]
-    assert one(led, Audit({2: 10 * USD})) == []  # the open of "c-2" is still pending
-    assert one(led, Begin(key)) == IdemHit(opened)
+    assert check_every_cut(path, led, [lm.Begin(IdemKey(2, "close", "y"))], open_ledger) == [None]
+    assert check_every_cut(path, led, [lm.Forget(IdemKey(2, "close", "y"))], open_ledger) == [None]
+    assert one(led, lm.Audit({2: 10 * USD})) == []  # the open of "c-2" is still pending
+    assert one(led, lm.Begin(key)) == IdemHit(opened)
     crash(led)
 
 
@@ -144,14 +111,14 @@ def test_ledger_recovers_accounts_keys_history_and_answers_from_snapshot_and_tai
     accounts = [created(led, n) for n in range(1, 5)]
     user = accounts[0].user
     key = IdemKey(user, "open", "order-1")
-    assert one(led, LockMargin(MarginLock(user, 250 * USD, key))) is None
+    assert one(led, lm.LockMargin(MarginLock(user, 250 * USD, key))) is None
     opened = OpenPosition(1 << 34 | 3, user, "SOL", Side.SHORT, 10000, 250, 250 * USD, 10,
                           10999, 0, 0, NOW, 0)
-    assert one(led, Remember(key, opened)) is None
+    assert one(led, lm.Remember(key, opened)) is None
     closed = ClosedPosition(opened.position_id, user, "SOL", Side.SHORT, 10000, 250, 250 * USD,
                             10, 10999, 0, 0, NOW, 9000, 250 * USD, 500 * USD, -250 * USD, 0,
                             int(CloseReason.MANUAL), NOW + 1)
-    assert one(led, ApplySettlements(SHARD, (SettlementItem(1, closed),))) == 1
+    assert one(led, lm.ApplySettlements(SHARD, (SettlementItem(1, closed),))) == 1
     assert led.store is not None and led.store.snapshots_written >= 2
     want = led.machine.fingerprint()
     crash(led)
@@ -160,11 +127,11 @@ def test_ledger_recovers_accounts_keys_history_and_answers_from_snapshot_and_tai
     assert again.store.recovered.snapshot_seq > 0 and again.store.recovered.replayed > 0
     assert again.machine.fingerprint() == want and again.machine.check() == []
     for n, acc in enumerate(accounts, 1):  # API keys still authenticate (hashes were stored)
-        assert one(again, Authenticate(hash_api_key(f"key-{n}"))) == \
+        assert one(again, lm.Authenticate(lm.hash_api_key(f"key-{n}"))) == \
             Principal(acc.user, acc.account_id)
-    assert one(again, History(user)) == [closed]
+    assert one(again, lm.History(user)) == [closed]
     # the clientOrderId answer survived: a retry gets the first answer, locks nothing
-    assert one(again, LockMargin(MarginLock(user, 250 * USD, key))) == IdemHit(opened)
+    assert one(again, lm.LockMargin(MarginLock(user, 250 * USD, key))) == IdemHit(opened)
     assert balances(again, user) == (SIGNUP + 250 * USD, 0)
     assert created(again, 5).user == accounts[-1].user + 1  # new users continue the numbering
     again.close()
@@ -176,43 +143,43 @@ def test_settlement_is_applied_exactly_once_under_resends_across_restarts(
     led = open_ledger(tmp_path / "ledger", clock, snapshot_every_records=5)
     shard = open_shard(tmp_path / SHARD, clock, snapshot_every_records=4)
     users = [created(led, n).user for n in range(1, 4)]
-    one(shard, ApplyTick(tick(10_000)))
-    assert led.execute([LockMargin(MarginLock(u, 100 * USD)) for u in users]) == [None] * 3
-    opened = shard.execute([Open(shard_open(i + 1, owner=u)) for i, u in enumerate(users)])
+    one(shard, sm.ApplyTick(tick(10_000)))
+    assert led.execute([lm.LockMargin(MarginLock(u, 100 * USD)) for u in users]) == [None] * 3
+    opened = shard.execute([sm.Open(shard_open(i + 1, owner=u)) for i, u in enumerate(users)])
     assert all(isinstance(p, OpenPosition) for p in opened)
-    assert one(shard, ApplyTick(tick(8_000, ts_us=NOW + 1))) == 3  # all liquidated
-    outbox = one(shard, Outbox()).items
+    assert one(shard, sm.ApplyTick(tick(8_000, ts_us=NOW + 1))) == 3  # all liquidated
+    outbox = one(shard, sm.Outbox()).items
     assert [i.seq for i in outbox] == [1, 2, 3]
     # the ledger applies the first two, then both crash before the shard hears back
-    assert one(led, ApplySettlements(SHARD, tuple(outbox[:2]))) == 2
+    assert one(led, lm.ApplySettlements(SHARD, tuple(outbox[:2]))) == 2
     crash(led)
     crash(shard)
     led = open_ledger(tmp_path / "ledger", clock)
     shard = open_shard(tmp_path / SHARD, clock)
-    assert one(shard, ResumeSeq(one(led, AppliedSeq(SHARD)))) == 1
-    assert [i.seq for i in one(shard, Outbox()).items] == [3]
+    assert one(shard, sm.ResumeSeq(one(led, lm.AppliedSeq(SHARD)))) == 1
+    assert [i.seq for i in one(shard, sm.Outbox()).items] == [3]
     # resend everything, twice, and out of order: each settlement lands once
-    for items in (outbox[::-1], outbox, one(shard, Outbox()).items):
-        assert one(led, ApplySettlements(SHARD, tuple(items))) == 3
+    for items in (outbox[::-1], outbox, one(shard, sm.Outbox()).items):
+        assert one(led, lm.ApplySettlements(SHARD, tuple(items))) == 3
     crash(led)
     led = open_ledger(tmp_path / "ledger", clock)
-    assert one(led, ApplySettlements(SHARD, tuple(outbox))) == 3
-    assert one(led, Totals())["closed_positions"] == 3
+    assert one(led, lm.ApplySettlements(SHARD, tuple(outbox))) == 3
+    assert one(led, lm.Totals())["closed_positions"] == 3
     for u in users:
-        history = one(led, History(u))
+        history = one(led, lm.History(u))
         assert len(history) == 1 and history[0].reason == CloseReason.LIQUIDATION
-    margins, unsettled = one(shard, AuditView())
-    assert one(led, Audit(margins, {SHARD: unsettled})) == []
-    assert led.execute([Balances(u) for u in users]) == [(SIGNUP - 100 * USD, 0)] * 3
+    margins, unsettled = one(shard, sm.AuditView())
+    assert one(led, lm.Audit(margins, {SHARD: unsettled})) == []
+    assert led.execute([lm.Balances(u) for u in users]) == [(SIGNUP - 100 * USD, 0)] * 3
     # a new close after the restart continues the shard's numbering
     clock.now_us = NOW + 2
-    one(shard, ApplyTick(tick(10_000, ts_us=NOW + 2)))
-    assert one(led, LockMargin(MarginLock(users[0], 10 * USD))) is None
-    p = one(shard, Open(shard_open(99, owner=users[0], margin_usd=10)))
+    one(shard, sm.ApplyTick(tick(10_000, ts_us=NOW + 2)))
+    assert one(led, lm.LockMargin(MarginLock(users[0], 10 * USD))) is None
+    p = one(shard, sm.Open(shard_open(99, owner=users[0], margin_usd=10)))
     assert isinstance(p, OpenPosition)
-    item = one(shard, Close(shard_close(0, users[0], p.position_id)))
+    item = one(shard, sm.Close(shard_close(0, users[0], p.position_id)))
     assert isinstance(item, SettlementItem) and item.seq == 4
-    assert one(led, ApplySettlements(SHARD, (item,))) == 4
+    assert one(led, lm.ApplySettlements(SHARD, (item,))) == 4
     led.close()
     shard.close()
 
@@ -223,17 +190,17 @@ def test_reconcile_at_start_releases_orphaned_locks_and_drops_pending_reservatio
     user = created(led, 1).user
     key = IdemKey(user, "open", "lost")
     # a lock whose open never reached a shard (the API process died), and one that opened
-    assert led.execute([LockMargin(MarginLock(user, 30 * USD, key)),
-                        LockMargin(MarginLock(user, 70 * USD))]) == [None, None]
+    assert led.execute([lm.LockMargin(MarginLock(user, 30 * USD, key)),
+                        lm.LockMargin(MarginLock(user, 70 * USD))]) == [None, None]
     crash(led)
     led = open_ledger(tmp_path)
-    assert one(led, Begin(key)) == IdemHit(None)  # the reservation is durable
-    assert one(led, ReconcileAtStart({user: 70 * USD}, {})) == {user: 30 * USD}
-    assert one(led, Audit({user: 70 * USD})) == []
+    assert one(led, lm.Begin(key)) == IdemHit(None)  # the reservation is durable
+    assert one(led, lm.ReconcileAtStart({user: 70 * USD}, {})) == {user: 30 * USD}
+    assert one(led, lm.Audit({user: 70 * USD})) == []
     crash(led)
     led = open_ledger(tmp_path)
-    assert one(led, Audit({user: 70 * USD})) == []
-    assert one(led, Begin(key)) is None  # a retry may run again
+    assert one(led, lm.Audit({user: 70 * USD})) == []
+    assert one(led, lm.Begin(key)) is None  # a retry may run again
     led.close()
 
 
@@ -242,8 +209,8 @@ def test_pending_opens_are_resolved_by_their_request_id_at_start(tmp_path: Path)
     user = created(led, 1).user
     opened_key, lost_key = IdemKey(user, "open", "opened"), IdemKey(user, "open", "lost")
     # two opens locked; the API process dies before it stores either answer
-    assert led.execute([LockMargin(MarginLock(user, 30 * USD, opened_key, 101)),
-                        LockMargin(MarginLock(user, 70 * USD, lost_key, 202))]) == [None, None]
+    assert led.execute([lm.LockMargin(MarginLock(user, 30 * USD, opened_key, 101)),
+                        lm.LockMargin(MarginLock(user, 70 * USD, lost_key, 202))]) == [None, None]
     created(led, 2)  # more records: the pending opens also travel through a snapshot
     created(led, 3)
     assert led.store is not None and led.store.snapshots_written >= 1
@@ -251,21 +218,21 @@ def test_pending_opens_are_resolved_by_their_request_id_at_start(tmp_path: Path)
     led = open_ledger(tmp_path)
     assert led.store is not None and led.store.recovered is not None
     assert led.store.recovered.snapshot_seq > 0
-    assert one(led, PendingRequests()) == [101, 202]
-    assert led.execute([Begin(opened_key), Begin(lost_key)]) == [IdemHit(None), IdemHit(None)]
+    assert one(led, lm.PendingRequests()) == [101, 202]
+    assert led.execute([lm.Begin(opened_key), lm.Begin(lost_key)]) == [IdemHit(None), IdemHit(None)]
     # the shards say: 101 opened (this position), 202 never arrived (now fenced)
     position = OpenPosition(5 << 34 | 3, user, "SOL", Side.LONG, 10001, 299, 30 * USD, 10,
                             9000, 0, 0, NOW, 0)
-    assert one(led, ReconcileAtStart({user: 30 * USD}, {}, {101: position})) == \
+    assert one(led, lm.ReconcileAtStart({user: 30 * USD}, {}, {101: position})) == \
         {user: 70 * USD}
-    assert one(led, PendingRequests()) == []
+    assert one(led, lm.PendingRequests()) == []
     crash(led)
     led = open_ledger(tmp_path)
     # a retry of the open that happened gets its position; the other may run again
-    assert one(led, LockMargin(MarginLock(user, 30 * USD, opened_key, 303))) == \
+    assert one(led, lm.LockMargin(MarginLock(user, 30 * USD, opened_key, 303))) == \
         IdemHit(position)
-    assert one(led, Begin(lost_key)) is None
-    assert one(led, Audit({user: 30 * USD})) == []
+    assert one(led, lm.Begin(lost_key)) is None
+    assert one(led, lm.Audit({user: 30 * USD})) == []
     led.close()
 
 
@@ -274,22 +241,22 @@ def test_stale_pending_opens_are_settled_while_running(tmp_path: Path) -> None:
     led = open_ledger(tmp_path, clock)
     user = created(led, 1).user
     keys = [IdemKey(user, "open", f"k{i}") for i in range(3)]
-    assert led.execute([LockMargin(MarginLock(user, 10 * USD, k, 500 + i))
+    assert led.execute([lm.LockMargin(MarginLock(user, 10 * USD, k, 500 + i))
                         for i, k in enumerate(keys)]) == [None] * 3
-    assert one(led, PendingRequests(HOUR_US)) == []  # all fresh
-    assert one(led, PendingRequests()) == [500, 501, 502]
+    assert one(led, lm.PendingRequests(HOUR_US)) == []  # all fresh
+    assert one(led, lm.PendingRequests()) == [500, 501, 502]
     position = OpenPosition(9 << 34 | 3, user, "SOL", Side.SHORT, 10000, 100, 10 * USD, 1,
                             20000, 0, 0, NOW, 0)
     # 500 opened, 501 is on no shard (fenced everywhere), 502: a shard did not answer
-    assert one(led, SettleRequests({500: position}, (501,))) == 2
-    assert one(led, PendingRequests()) == [502]
+    assert one(led, lm.SettleRequests({500: position}, (501,))) == 2
+    assert one(led, lm.PendingRequests()) == [502]
     crash(led)
     led = open_ledger(tmp_path, clock)
-    assert one(led, PendingRequests()) == [502]
-    assert one(led, PendingRequests(HOUR_US)) == []  # the wait is counted from the lock
+    assert one(led, lm.PendingRequests()) == [502]
+    assert one(led, lm.PendingRequests(HOUR_US)) == []  # the wait is counted from the lock
     clock.now_us += HOUR_US
-    assert one(led, PendingRequests(HOUR_US)) == [502]
-    assert led.execute([Begin(k) for k in keys]) == [IdemHit(position), None, IdemHit(None)]
+    assert one(led, lm.PendingRequests(HOUR_US)) == [502]
+    assert led.execute([lm.Begin(k) for k in keys]) == [IdemHit(position), None, IdemHit(None)]
     led.close()
 
 
@@ -304,10 +271,11 @@ async def test_api_keys_are_random_and_never_reach_the_disk(tmp_path: Path) -> N
     assert await service.authenticate(a.api_key) == Principal(a.user, a.account_id)
     assert await service.authenticate(a.api_key + "x") is None
     ledger = hosts.ledger.runner.machine
-    assert run(ledger, Authenticate(hash_api_key(b.api_key))) == Principal(b.user, b.account_id)
-    assert [run(ledger, Balances(u)) for u in (a.user, b.user)] == \
+    assert run(ledger, lm.Authenticate(lm.hash_api_key(b.api_key))) == \
+        Principal(b.user, b.account_id)
+    assert [run(ledger, lm.Balances(u)) for u in (a.user, b.user)] == \
         [(Settings().signup_balance_micros, 0)] * 2
-    assert run(ledger, Audit({})) == []
+    assert run(ledger, lm.Audit({})) == []
     in_memory = pickle.dumps((ledger.fingerprint(), ledger.snapshot()))
     await service.aclose()
     hosts.close()  # final snapshots
@@ -323,21 +291,21 @@ def test_lock_journaled_answer_lost_then_abandoned_once_across_restarts(tmp_path
     led = open_ledger(tmp_path)
     user = created(led, 1).user
     key = IdemKey(user, "open", "lost")
-    assert led.execute([LockMargin(MarginLock(user, 30 * USD, key, 101)),
-                        LockMargin(MarginLock(user, 70 * USD, None, 202))]) == [None, None]
+    assert led.execute([lm.LockMargin(MarginLock(user, 30 * USD, key, 101)),
+                        lm.LockMargin(MarginLock(user, 70 * USD, None, 202))]) == [None, None]
     crash(led)  # journaled, but the answer never left the process
     led = open_ledger(tmp_path)
     assert balances(led, user) == (SIGNUP - 100 * USD, 100 * USD)
-    assert one(led, AbandonLock(303)) is None  # unknown id: nothing changes
-    assert one(led, AbandonLock(101)) == (101, user, 30 * USD)
-    assert one(led, AbandonLock(101)) is None  # a resend after a lost answer changes nothing
-    assert one(led, PendingRequests()) == []
+    assert one(led, lm.AbandonLock(303)) is None  # unknown id: nothing changes
+    assert one(led, lm.AbandonLock(101)) == (101, user, 30 * USD)
+    assert one(led, lm.AbandonLock(101)) is None  # a resend after a lost answer changes nothing
+    assert one(led, lm.PendingRequests()) == []
     crash(led)
     led = open_ledger(tmp_path)  # the release (and the dropped reservation) replay
     assert balances(led, user) == (SIGNUP - 70 * USD, 70 * USD)
-    assert one(led, AbandonLock(101)) is None
-    assert one(led, Begin(key)) is None  # a retry of the clientOrderId runs again
-    assert one(led, Audit({user: 70 * USD})) == []
+    assert one(led, lm.AbandonLock(101)) is None
+    assert one(led, lm.Begin(key)) is None  # a retry of the clientOrderId runs again
+    assert one(led, lm.Audit({user: 70 * USD})) == []
     led.close()
 
 
@@ -345,7 +313,7 @@ def test_abandonable_locks_survive_a_snapshot(tmp_path: Path) -> None:
     led = open_ledger(tmp_path, snapshot_every_records=2)
     user = created(led, 1).user
     key = IdemKey(user, "open", "snap")
-    assert one(led, LockMargin(MarginLock(user, 40 * USD, key, 7))) is None
+    assert one(led, lm.LockMargin(MarginLock(user, 40 * USD, key, 7))) is None
     created(led, 2)
     created(led, 3)  # past the snapshot cadence: the lock lives in the snapshot
     led.checkpoint()
@@ -354,28 +322,28 @@ def test_abandonable_locks_survive_a_snapshot(tmp_path: Path) -> None:
     assert led.store is not None and led.store.recovered is not None
     assert led.store.recovered.replayed == 0  # all of it from the snapshot
     assert balances(led, user) == (SIGNUP - 40 * USD, 40 * USD)
-    assert one(led, LockMargin(MarginLock(user, 40 * USD, key, 8))) == IdemHit(None)
-    assert one(led, AbandonLock(7)) == (7, user, 40 * USD)
+    assert one(led, lm.LockMargin(MarginLock(user, 40 * USD, key, 8))) == IdemHit(None)
+    assert one(led, lm.AbandonLock(7)) == (7, user, 40 * USD)
     crash(led)
     led = open_ledger(tmp_path)
     assert balances(led, user) == (SIGNUP, 0)
-    assert one(led, AbandonLock(7)) is None
-    assert one(led, Begin(key)) is None
-    assert one(led, Audit({})) == []
+    assert one(led, lm.AbandonLock(7)) is None
+    assert one(led, lm.Begin(key)) is None
+    assert one(led, lm.Audit({})) == []
     led.close()
 
 
 def test_start_reconciliation_ends_abandonable_locks(tmp_path: Path) -> None:
     led = open_ledger(tmp_path)
     user = created(led, 1).user
-    assert one(led, LockMargin(MarginLock(user, 25 * USD, None, 9))) is None
-    assert one(led, ReconcileAtStart({}, {})) == {user: 25 * USD}
-    assert one(led, AbandonLock(9)) is None  # already released by the reconciliation
+    assert one(led, lm.LockMargin(MarginLock(user, 25 * USD, None, 9))) is None
+    assert one(led, lm.ReconcileAtStart({}, {})) == {user: 25 * USD}
+    assert one(led, lm.AbandonLock(9)) is None  # already released by the reconciliation
     crash(led)
     led = open_ledger(tmp_path)  # the replay knows it too
     assert balances(led, user) == (SIGNUP, 0)
-    assert one(led, AbandonLock(9)) is None
-    assert one(led, Audit({})) == []
+    assert one(led, lm.AbandonLock(9)) is None
+    assert one(led, lm.Audit({})) == []
     led.close()
 
 
@@ -385,25 +353,25 @@ def test_shard_batches_survive_a_crash_at_every_byte(tmp_path: Path,
     no_fsync(monkeypatch)
     path = tmp_path / "shard"
     sh = open_shard(path, snapshot_every_records=10**9)
-    assert one(sh, ApplyTick(tick(10_000))) == 0  # rides along with the next commit
+    assert one(sh, sm.ApplyTick(tick(10_000))) == 0  # rides along with the next commit
     answers = check_every_cut(path, sh, [
-        Open(shard_open(1)), Open(shard_open(2, side=Side.SHORT, tp=9_000)),
-        Open(shard_open(3, leverage=1000)), Open(shard_open(1))], open_shard)
+        sm.Open(shard_open(1)), sm.Open(shard_open(2, side=Side.SHORT, tp=9_000)),
+        sm.Open(shard_open(3, leverage=1000)), sm.Open(shard_open(1))], open_shard)
     assert isinstance(answers[0], OpenPosition) and isinstance(answers[1], OpenPosition)
     assert isinstance(answers[2], Rejected) and answers[3] == answers[0]
-    [mine] = one(sh, PositionsOf((1,)))
+    [mine] = one(sh, sm.PositionsOf((1,)))
     ids = [p.position_id for p in mine]
     assert ids == [answers[0].position_id, answers[1].position_id]
-    closes = check_every_cut(path, sh, [Close(shard_close(0, 1, ids[0])),
-                                        Close(shard_close(0, 2, ids[1]))], open_shard)
+    closes = check_every_cut(path, sh, [sm.Close(shard_close(0, 1, ids[0])),
+                                        sm.Close(shard_close(0, 2, ids[1]))], open_shard)
     assert isinstance(closes[0], SettlementItem)
     assert isinstance(closes[1], Rejected) and closes[1].code is Code.NOT_FOUND
-    assert check_every_cut(path, sh, [Resolve(1), Resolve(77)], open_shard) == \
+    assert check_every_cut(path, sh, [sm.Resolve(1), sm.Resolve(77)], open_shard) == \
         [answers[0], None]
     # a tick batch that triggers closes is journaled before it answers
-    assert check_every_cut(path, sh, [ApplyTick(tick(9_500)), ApplyTick(tick(8_900, 8_950))],
+    assert check_every_cut(path, sh, [sm.ApplyTick(tick(9_500)), sm.ApplyTick(tick(8_900, 8_950))],
                            open_shard) == [0, 1]
-    assert len(sh.machine.book) == 0 and [i.seq for i in one(sh, Outbox()).items] == [1, 2]
+    assert len(sh.machine.book) == 0 and [i.seq for i in one(sh, sm.Outbox()).items] == [1, 2]
     crash(sh)
 
 
@@ -411,23 +379,23 @@ def test_big_open_batches_replay_vectorised_to_the_same_ids_rows_and_answers(
         tmp_path: Path) -> None:
     clock = Clock()
     sh = open_shard(tmp_path, clock, snapshot_every_records=10**9)
-    one(sh, ApplyTick(tick(10_000)))
-    first = sh.execute([Open(shard_open(i, owner=i % 7, side=Side(i % 2), leverage=1 + i % 40,
-                                        tp=10_600 if i % 5 == 0 else None))
+    one(sh, sm.ApplyTick(tick(10_000)))
+    first = sh.execute([sm.Open(shard_open(i, owner=i % 7, side=Side(i % 2), leverage=1 + i % 40,
+                                           tp=10_600 if i % 5 == 0 else None))
                         for i in range(1, 301)])
     # free some rows in the middle so the next batch reuses them before fresh rows
     ids = [p.position_id for p in first if isinstance(p, OpenPosition)]
     owners = {p.position_id: p.owner for p in first if isinstance(p, OpenPosition)}
-    sh.execute([Close(shard_close(0, owners[i], i)) for i in ids[50:120]])
+    sh.execute([sm.Close(shard_close(0, owners[i], i)) for i in ids[50:120]])
     clock.now_us = NOW + 1
-    one(sh, ApplyTick(tick(10_050, ts_us=NOW + 1)))
-    second = sh.execute([Open(shard_open(1000 + i, owner=i % 3)) for i in range(200)])
+    one(sh, sm.ApplyTick(tick(10_050, ts_us=NOW + 1)))
+    second = sh.execute([sm.Open(shard_open(1000 + i, owner=i % 3)) for i in range(200)])
     assert all(isinstance(p, OpenPosition) for p in second)
     want = sh.machine.fingerprint()
     crash(sh)
     again = open_shard(tmp_path, clock)
     assert again.machine.fingerprint() == want
-    assert again.execute([Open(shard_open(i)) for i in (1, 2, 1000, 1199)]) == \
+    assert again.execute([sm.Open(shard_open(i)) for i in (1, 2, 1000, 1199)]) == \
         [first[0], first[1], second[0], second[199]]
     assert again.machine.book.check() == [] and again.machine.check() == []
     crash(again)
@@ -435,24 +403,24 @@ def test_big_open_batches_replay_vectorised_to_the_same_ids_rows_and_answers(
 
 def test_open_answers_and_fences_survive_restarts_and_snapshots(tmp_path: Path) -> None:
     sh = open_shard(tmp_path, snapshot_every_records=2)
-    one(sh, ApplyTick(tick(10_000)))
-    first = sh.execute([Open(shard_open(11)), Open(shard_open(12, side=Side.SHORT))])
-    assert one(sh, Resolve(13)) is None
-    one(sh, Open(shard_open(14)))
+    one(sh, sm.ApplyTick(tick(10_000)))
+    first = sh.execute([sm.Open(shard_open(11)), sm.Open(shard_open(12, side=Side.SHORT))])
+    assert one(sh, sm.Resolve(13)) is None
+    one(sh, sm.Open(shard_open(14)))
     assert sh.store is not None and sh.store.snapshots_written >= 1
     crash(sh)
     sh = open_shard(tmp_path)
     assert sh.store is not None and sh.store.recovered is not None
     assert sh.store.recovered.snapshot_seq > 0
     # a resend of an open that happened returns the first answer; a fenced one stays refused
-    again = sh.execute([Open(shard_open(11)), Open(shard_open(12, side=Side.SHORT)),
-                        Open(shard_open(13))])
+    again = sh.execute([sm.Open(shard_open(11)), sm.Open(shard_open(12, side=Side.SHORT)),
+                        sm.Open(shard_open(13))])
     assert again[:2] == first
     assert isinstance(again[2], Rejected) and again[2].code == Code.PRICE_UNAVAILABLE
-    assert sh.execute([Resolve(11), Resolve(13)]) == [first[0], None]
+    assert sh.execute([sm.Resolve(11), sm.Resolve(13)]) == [first[0], None]
     assert len(sh.machine.book) == 3
     # the last tick keeps where it came from (TickApplied carries its seq and source)
-    assert one(sh, LastTick()) == tick(10_000)
+    assert one(sh, sm.LastTick()) == tick(10_000)
     sh.close()
 
 
@@ -460,24 +428,24 @@ def test_triggers_crossed_while_down_close_on_the_first_tick_after_recovery(
         tmp_path: Path) -> None:
     clock = Clock()
     sh = open_shard(tmp_path, clock, snapshot_every_records=3)
-    one(sh, ApplyTick(tick(10_000)))
-    longs = sh.execute([Open(shard_open(i, owner=i, tp=10_500 + i)) for i in range(1, 4)])
-    shorts = sh.execute([Open(shard_open(i, owner=i, side=Side.SHORT)) for i in range(4, 9)])
+    one(sh, sm.ApplyTick(tick(10_000)))
+    longs = sh.execute([sm.Open(shard_open(i, owner=i, tp=10_500 + i)) for i in range(1, 4)])
+    shorts = sh.execute([sm.Open(shard_open(i, owner=i, side=Side.SHORT)) for i in range(4, 9)])
     assert all(isinstance(p, OpenPosition) for p in [*longs, *shorts])
     crash(sh)
     sh = open_shard(tmp_path, clock)
-    last = one(sh, LastTick())
+    last = one(sh, sm.LastTick())
     assert last is not None and last.bid_ticks == 10_000
     # the price rose past every long's take-profit and every short's liquidation meanwhile
     clock.now_us = NOW + 10**7
-    assert one(sh, ApplyTick(tick(11_500, ts_us=NOW + 10**7))) == 8
-    reasons = sorted(i.closed.reason for i in one(sh, Outbox()).items)
+    assert one(sh, sm.ApplyTick(tick(11_500, ts_us=NOW + 10**7))) == 8
+    reasons = sorted(i.closed.reason for i in one(sh, sm.Outbox()).items)
     assert reasons == [CloseReason.TAKE_PROFIT] * 3 + [CloseReason.LIQUIDATION] * 5
     assert len(sh.machine.book) == 0 and sh.machine.check() == []
     crash(sh)
     sh = open_shard(tmp_path, clock)
-    assert len(sh.machine.book) == 0 and len(one(sh, Outbox()).items) == 8  # durable closes
-    assert one(sh, OpenMargins()) == {}
+    assert len(sh.machine.book) == 0 and len(one(sh, sm.Outbox()).items) == 8  # durable closes
+    assert one(sh, sm.OpenMargins()) == {}
     sh.close()
 
 
@@ -487,28 +455,28 @@ def test_an_acknowledgement_lost_in_a_crash_only_resends_applied_settlements(
     led = open_ledger(tmp_path / "ledger", clock)
     sh = open_shard(tmp_path / SHARD, clock)
     user = created(led, 1).user
-    one(sh, ApplyTick(tick(10_000)))
-    assert one(led, LockMargin(MarginLock(user, 100 * USD))) is None
-    pos = one(sh, Open(shard_open(1, owner=user)))
-    item = one(sh, Close(shard_close(2, user, pos.position_id)))
-    assert one(led, ApplySettlements(SHARD, (item,))) == 1
-    assert one(sh, AckOutbox(1)) == 0  # OutboxAcked rides along with the next commit
-    assert one(sh, Outbox()) == OutboxView([], 1)
+    one(sh, sm.ApplyTick(tick(10_000)))
+    assert one(led, lm.LockMargin(MarginLock(user, 100 * USD))) is None
+    pos = one(sh, sm.Open(shard_open(1, owner=user)))
+    item = one(sh, sm.Close(shard_close(2, user, pos.position_id)))
+    assert one(led, lm.ApplySettlements(SHARD, (item,))) == 1
+    assert one(sh, sm.AckOutbox(1)) == 0  # OutboxAcked rides along with the next commit
+    assert one(sh, sm.Outbox()) == sm.OutboxView([], 1)
     crash(sh)
     sh = open_shard(tmp_path / SHARD, clock)
-    view = one(sh, Outbox())
-    assert view == OutboxView([item], 1)  # the acknowledgement was lost, the close was not
+    view = one(sh, sm.Outbox())
+    assert view == sm.OutboxView([item], 1)  # the acknowledgement was lost, the close was not
     before = led.machine.fingerprint()
-    assert one(led, ApplySettlements(SHARD, tuple(view.items))) == 1  # ignored by seq
+    assert one(led, lm.ApplySettlements(SHARD, tuple(view.items))) == 1  # ignored by seq
     assert led.machine.fingerprint() == before
-    assert one(sh, ResumeSeq(1)) == 0 and one(sh, Outbox()) == OutboxView([], 1)
-    assert one(sh, Close(shard_close(2, user, pos.position_id))) == item  # first answer
+    assert one(sh, sm.ResumeSeq(1)) == 0 and one(sh, sm.Outbox()) == sm.OutboxView([], 1)
+    assert one(sh, sm.Close(shard_close(2, user, pos.position_id))) == item  # first answer
     led.close()
     sh.close()
 
 
 # ----------------------------------------------------------------------------- disk failure
-def break_journal(runner: Runner[LedgerMachine]) -> None:
+def break_journal(runner: Runner[lm.LedgerMachine]) -> None:
     """Make the journal's next write fail like a dead disk (its fd now reads /dev/null)."""
     assert runner.store is not None
     ro = os.open(os.devnull, os.O_RDONLY)
@@ -520,12 +488,12 @@ def test_a_failed_commit_is_never_acknowledged_and_can_end_the_process(tmp_path:
     led = open_ledger(tmp_path / "a")
     break_journal(led)
     with pytest.raises(DurabilityError):
-        one(led, CreateAccount(*account(1)))
+        one(led, lm.CreateAccount(*account(1)))
     with pytest.raises(DurabilityError):  # poisoned: nothing more is answered
-        one(led, LockMargin(MarginLock(1, USD)))
+        one(led, lm.LockMargin(MarginLock(1, USD)))
     crash(led)
     led = open_ledger(tmp_path / "a")
-    assert led.machine.fingerprint() == LedgerMachine(SIGNUP).fingerprint()
+    assert led.machine.fingerprint() == lm.LedgerMachine(SIGNUP).fingerprint()
     crash(led)
     # what an actor does: the process ends, so Ray restarts it and it recovers from disk
     script = (
@@ -542,7 +510,7 @@ def test_a_failed_commit_is_never_acknowledged_and_can_end_the_process(tmp_path:
     proc = run_python(script)
     assert proc.returncode == 70, proc.stderr
     again = open_ledger(tmp_path / "b")
-    assert one(again, Totals())["users"] == 1  # the acknowledged account, not the failed one
+    assert one(again, lm.Totals())["users"] == 1  # the acknowledged account, not the failed one
     again.close()
 
 
@@ -557,10 +525,10 @@ def test_a_failed_fsync_poisons_the_journal(tmp_path: Path,
 
     monkeypatch.setattr(journal_module, "_fdatasync", dead_disk)
     with pytest.raises(DurabilityError):
-        one(led, CreateAccount(*account(2)))
+        one(led, lm.CreateAccount(*account(2)))
     monkeypatch.undo()  # the disk answers again: the journal stays poisoned all the same
     with pytest.raises(DurabilityError):
-        one(led, LockMargin(MarginLock(1, USD)))
+        one(led, lm.LockMargin(MarginLock(1, USD)))
     with pytest.raises(DurabilityError):
         led.checkpoint()
     crash(led)
