@@ -18,8 +18,10 @@ Modules (one concept each):
   ``async ensure_topic(bootstrap, partitions)``, ``free_port()``.
 - ``feed.conflation``: :class:`BatchConflator` and :class:`ShardFanout`; ``feed.gate``:
   :class:`TickGate` (update order, jump hold and confirmation); ``feed.pipeline``:
-  :class:`TickPipeline`, all of them together: the Ray-free logic of the feed actor
-  (``cluster.feed_actor``).
+  :class:`TickPipeline`, all of them together; ``feed.consumer``: :class:`MarketDataConsumer`
+  (aiokafka; assignment without a consumer group, positioning, topic recreation, rebuilds,
+  lag) feeding a pipeline and handing its ready ticks to a shard-call callback. Together the
+  Ray-free logic of the feed actor (``cluster.feed_actor``).
 - ``feed.service``: ``run_feed_service(settings)`` behind ``shardex feed``.
 
 Nothing here imports Ray or ``cluster``.

@@ -1,10 +1,11 @@
-"""The feed actor's consumer logic, free of Ray and Kafka: records in, shard calls out.
+"""The feed's tick logic, free of Ray and Kafka: records in, shard calls out.
 
 One batch of Kafka records goes through, in order: the decoder (format, bounds, clock window;
 ``feed.message.TickDecoder``), conflation to the newest tick per asset
 (``feed.conflation.BatchConflator``), the order and jump gate (``feed.gate.TickGate``), and the
-per-shard fan-out (``feed.conflation.ShardFanout``). ``cluster.feed_actor`` reads Kafka, calls
-:meth:`TickPipeline.ingest` and makes the calls :meth:`TickPipeline.take_ready` hands out.
+per-shard fan-out (``feed.conflation.ShardFanout``). ``feed.consumer.MarketDataConsumer``
+reads Kafka, calls :meth:`TickPipeline.ingest` and makes the calls
+:meth:`TickPipeline.take_ready` hands out (through ``cluster.feed_actor``'s Ray calls).
 """
 
 from __future__ import annotations

@@ -15,13 +15,13 @@ import ray
 from feed_recording_shard import RecordingShard
 
 from cluster.config import Settings
-from cluster.feed_actor import FeedActor, FeedSource
+from cluster.feed_actor import FeedActor
 from engine.assets import DEFAULT_ASSETS
 from engine.market import Tick
 from feed.broker import EmbeddedBroker, free_port
 from feed.message import message_from_ticks
 from feed.producer import MarketDataProducer
-from feed.source import run_source
+from feed.source import make_source, run_source
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 
@@ -194,7 +194,8 @@ async def test_survives_a_broker_restart(ray_local: None) -> None:
         broker.stop()
 
 
-async def test_source_actor_feeds_the_feed_actor(kafka_broker: str, ray_local: None) -> None:
+async def test_source_feeds_the_feed_actor(kafka_broker: str, ray_local: None) -> None:
+    """The source publishing from another process than the actor's (as the launcher runs it)."""
     ns = f"src-{uuid.uuid4().hex[:8]}"
     settings = Settings(assets=DEFAULT_ASSETS.subset(["SOL", "ETH"]), kafka_brokers=kafka_broker)
     shards = {a: RecordingShard.options(name=f"shard-{a}-0", namespace=ns).remote()
@@ -202,10 +203,11 @@ async def test_source_actor_feeds_the_feed_actor(kafka_broker: str, ray_local: N
     topic = f"md-{ns}"
     feed = FeedActor.remote(settings, namespace=ns, topic=topic, group_id=ns)
     assert await feed.start.remote(30)
-    source = FeedSource.remote(settings, source="sim?rate=40&seed=3", topic=topic)
-    await source.start.remote()
-    stats = await source.stats.remote()
-    assert stats["running"] and stats["source"] == "sim"
+    sim = make_source(settings, "sim?rate=40&seed=3")
+    stop = asyncio.Event()
+    source = asyncio.create_task(run_source(settings, stop, topic=topic, source=sim))
+    await asyncio.sleep(0)
+    assert sim is not None and not source.done() and sim.name == "sim"
 
     async def both_ticked() -> bool:
         for shard in shards.values():
@@ -214,16 +216,16 @@ async def test_source_actor_feeds_the_feed_actor(kafka_broker: str, ray_local: N
                 return False
         return True
 
-    await wait_for(both_ticked, what="sim ticks from the source actor at both shards")
+    await wait_for(both_ticked, what="sim ticks from the source at both shards")
     assert "sim" in {p["source"] for p in (await feed.prices.remote()).values()}
-    result = await source.stop.remote()
+    stop.set()
+    result = await asyncio.wait_for(source, 15)
     assert result["published"] > 0 and result["source"] == "sim"
-    assert not (await source.stats.remote())["running"]
+    assert source.done()
     await feed.stop.remote()
     for shard in shards.values():
         ray.kill(shard)
     ray.kill(feed)
-    ray.kill(source)
 
 
 async def test_killed_feed_actor_resumes_within_seconds(kafka_broker: str,

@@ -1,0 +1,374 @@
+"""Reading the market data topic into a :class:`feed.pipeline.TickPipeline` and handing the
+ticks it makes ready to the shards through a callback; free of Ray.
+
+::
+
+    consumer = MarketDataConsumer(bootstrap, pipeline, call, reachable=reachable)
+    await consumer.start()   # True once partitions are assigned
+    consumer.stats()         # the pipeline's counters and the consumer's (lag, polls, ...)
+    await consumer.stop()
+
+``await call(shard, ticks)`` hands ``ticks`` (``engine.market.Tick``, the newest of each asset
+routed to ``shard``) to one shard; an exception means the shard did not take them: they stay
+pending at that shard, where newer ticks replace them, and are sent again on a later round.
+``reachable(shard) -> bool`` says whether a shard can be called now (the caller may look it up
+there). At most ``pipeline.fanout.max_in_flight`` calls are outstanding per shard.
+``cluster.feed_actor`` provides both with Ray actor handles.
+
+The consumer assigns itself every partition of the topic directly (``consumer.assign``); it
+joins no consumer group. Offsets are never committed and every assignment seeks to the newest
+anyway, so group membership bought nothing but a rebalance wait: a consumer restarted after its
+process died had to wait for the dead member's session to expire before it read prices again.
+``client_id`` names the consumer to the broker; no group coordinator is contacted.
+
+With ``start_from="latest"`` a partition starts at its newest message (re-read, so the newest
+price is delivered at once); with ``"earliest"`` at its beginning. A partition already read
+continues where it was, across reassignments and consumer rebuilds. The topic's partitions
+are read from fresh metadata every ``partition_check_s``: a topic that does not exist yet is
+created (after :data:`CREATE_TOPIC_AFTER_S` without partitions), new partitions are assigned,
+and a partition whose end offset fell below the read position (the embedded broker forgets
+every topic on restart, and the recreated topic starts again at 0) is positioned again. Any
+other consumer failure rebuilds the consumer after a backoff (:data:`REBUILD_BACKOFF_S`,
+doubling up to :data:`MAX_REBUILD_BACKOFF_S`).
+
+The default ``fetch_max_wait_ms`` is as long as Tansu holds an empty fetch; shorter waits
+caused stalls in ``shardex bench feed`` (README, performance).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from engine.market import Tick
+from feed.broker import ensure_topic
+from feed.pipeline import TickPipeline
+from feed.settings import MARKET_TOPIC
+
+log = logging.getLogger(__name__)
+
+CREATE_TOPIC_AFTER_S = 3.0  # without partitions this long, the topic is created (again)
+REBUILD_BACKOFF_S = 0.2  # the first wait before a failed consumer is rebuilt
+MAX_REBUILD_BACKOFF_S = 5.0  # the longest wait between rebuilds of a consumer that keeps failing
+IDLE_SLEEP_S = 0.1  # the pause between rounds while no partition is assigned
+POLL_TIMEOUT_MS = 100  # the longest a poll waits for records
+
+ShardCall = Callable[[str, list[Tick]], Awaitable[None]]
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _always(shard: str) -> bool:
+    return True
+
+
+class MarketDataConsumer:
+    """Reads ``topic`` on an asyncio loop into ``pipeline`` and calls the shards with ``call``.
+
+    ``bootstrap``: the Kafka bootstrap servers; the topic, when it has to be created, gets one
+    partition per asset of ``pipeline.assets``. ``reachable`` (default: every shard) filters
+    the shards ready ticks are handed to. ``start_from``: ``"latest"`` or ``"earliest"``;
+    ``max_batch``: records per poll at most.
+
+    Counters (read by :meth:`stats`): ``polls`` (polls made), ``batches`` (polls that returned
+    records), ``consumer_restarts``, ``topic_recreations``, ``assignments`` (the first
+    assignment, then one per change of the partition set), ``repositions`` (partitions
+    positioned again because their end fell below the read position), ``last_error`` (text,
+    also set by the caller for its own failures), ``first_record_s`` / ``last_record_s``
+    (wall-clock seconds of the first and last poll that returned records).
+    """
+
+    def __init__(self, bootstrap: str, pipeline: TickPipeline, call: ShardCall, *,
+                 reachable: Callable[[str], bool] = _always, topic: str = MARKET_TOPIC,
+                 client_id: str = "shardex-feed", start_from: str = "latest",
+                 max_batch: int = 20_000, fetch_max_wait_ms: int = 5,
+                 partition_check_s: float = 1.0) -> None:
+        if start_from not in ("latest", "earliest"):
+            raise ValueError("start_from must be 'latest' or 'earliest'")
+        self.bootstrap = bootstrap
+        self.pipeline = pipeline
+        self.topic = topic
+        self.client_id = client_id
+        self.start_from = start_from
+        self.max_batch = max_batch
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.partition_check_s = partition_check_s
+        self._call = call
+        self._reachable = reachable
+        self.consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._calls: set[asyncio.Task[None]] = set()
+        self._assigned = asyncio.Event()
+        self._stopping = False
+        self._next_offset: dict[TopicPartition, int] = {}
+        self.polls = 0
+        self.batches = 0
+        self.consumer_restarts = 0
+        self.topic_recreations = 0
+        self.assignments = 0
+        self.repositions = 0
+        self.last_error: str | None = None
+        self.first_record_s: float | None = None
+        self.last_record_s: float | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """True from :meth:`ensure_started` until :meth:`stop` (rebuilds included)."""
+        return self._task is not None and not self._task.done()
+
+    def ensure_started(self) -> None:
+        """Start consuming in the background unless it is running (needs a running loop)."""
+        if not self.running:
+            self._stopping = False
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def start(self, timeout_s: float = 30.0) -> bool:
+        """Start consuming; True once partitions are assigned (False after ``timeout_s``)."""
+        self.ensure_started()
+        try:
+            await asyncio.wait_for(self._assigned.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        """Stop consuming and close the Kafka consumer (calls already made run to their end)."""
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self._close_consumer()
+
+    async def _close_consumer(self) -> None:
+        consumer, self.consumer = self.consumer, None
+        self._assigned.clear()
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(10.0):  # not wait_for: see _topic_partitions
+                    await consumer.stop()
+
+    async def _open_consumer(self) -> AIOKafkaConsumer:
+        with contextlib.suppress(Exception):
+            await ensure_topic(self.bootstrap, len(self.pipeline.assets), self.topic,
+                               timeout_s=5.0)
+        # group_id=None: manual assignment, no group join, no coordinator (see the module doc);
+        # "earliest" only applies to an out-of-range position, i.e. a recreated topic, whose
+        # messages are all newer than anything read before.
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=None, client_id=self.client_id,
+            auto_offset_reset="earliest", enable_auto_commit=False,
+            fetch_max_wait_ms=self.fetch_max_wait_ms, metadata_max_age_ms=2000,
+            max_partition_fetch_bytes=4 * 1024 * 1024, request_timeout_ms=10_000,
+            retry_backoff_ms=100,
+        )
+        await consumer.start()
+        self.consumer = consumer
+        return consumer
+
+    # -- assignment and positions ----------------------------------------------------------
+    async def _topic_partitions(self, consumer: AIOKafkaConsumer) -> set[TopicPartition]:
+        """The topic's partitions from fresh metadata (empty when the topic does not exist)."""
+        # aiokafka's public calls read cached metadata (partitions_for_topic) or return only
+        # topic names (topics()); the client's fetch_all_metadata is the one fresh answer.
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that
+        # arrives as the answer does, and the loop would go on after its task was cancelled.
+        async with asyncio.timeout(10.0):
+            cluster = await consumer._client.fetch_all_metadata()
+        return {TopicPartition(self.topic, p)
+                for p in (cluster.partitions_for_topic(self.topic) or ())}
+
+    async def check_assignment(self, consumer: AIOKafkaConsumer) -> bool:
+        """Assign new partitions and position recreated ones; True when any are assigned."""
+        partitions = await self._topic_partitions(consumer)
+        if not partitions:
+            return bool(consumer.assignment())
+        current = set(consumer.assignment())
+        if partitions != current:
+            # assign() replaces the whole assignment and forgets every position: partitions
+            # already read (by this consumer or the one it rebuilt) continue where they were,
+            # new ones start at the newest
+            consumer.assign(sorted(partitions))
+            self.assignments += 1
+            for tp in set(self._next_offset) - partitions:
+                del self._next_offset[tp]
+            for tp in partitions:
+                if tp in self._next_offset:
+                    consumer.seek(tp, self._next_offset[tp])
+            await self.position(sorted(tp for tp in partitions if tp not in self._next_offset))
+        else:
+            # the high watermark of the last fetch response (ListOffsets answers can lag behind
+            # what a fetch already returned, so they would trigger false re-reads)
+            behind = [tp for tp in partitions
+                      if (hw := consumer.highwater(tp)) is not None
+                      and hw < self._next_offset.get(tp, 0)]
+            if behind:
+                self.repositions += len(behind)
+                for tp in behind:
+                    self._next_offset.pop(tp, None)
+                await self.position(behind)
+        self._assigned.set()
+        return True
+
+    async def position(self, partitions: list[TopicPartition]) -> None:
+        """Seek ``partitions`` to their newest message (``latest``) or their beginning."""
+        consumer = self.consumer
+        if consumer is None or not partitions:
+            return
+        if self.start_from == "earliest":
+            await consumer.seek_to_beginning(*partitions)
+        else:
+            ends = await consumer.end_offsets(partitions)
+            begins = await consumer.beginning_offsets(partitions)
+            for tp in partitions:
+                consumer.seek(tp, max(begins.get(tp, 0), ends.get(tp, 0) - 1))
+        self._assigned.set()
+
+    # -- the consume loop ------------------------------------------------------------------
+    async def _run(self) -> None:
+        backoff_s = REBUILD_BACKOFF_S
+        while not self._stopping:
+            try:
+                consumer = await self._open_consumer()
+                backoff_s = REBUILD_BACKOFF_S
+                await self._consume(consumer)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("feed consumer: failed (%s); rebuilding in %.1f s",
+                            self.last_error, backoff_s)
+            await self._close_consumer()
+            if self._stopping:
+                return
+            self.consumer_restarts += 1
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, MAX_REBUILD_BACKOFF_S)
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+        unassigned_since = time.monotonic()
+        check_at = 0.0
+        while not self._stopping:
+            if time.monotonic() >= check_at:
+                check_at = time.monotonic() + self.partition_check_s
+                try:
+                    assigned = await self.check_assignment(consumer)
+                except (KafkaError, TimeoutError) as exc:
+                    # broker unreachable for now: keep the consumer (it reconnects by itself)
+                    # and keep fetching what is assigned; check again next round
+                    self.last_error = f"partition check: {type(exc).__name__}: {exc}"
+                    assigned = bool(consumer.assignment())
+                if assigned:
+                    unassigned_since = time.monotonic()
+                elif time.monotonic() - unassigned_since > CREATE_TOPIC_AFTER_S:
+                    # The topic does not exist (yet, or any more: the embedded broker forgets
+                    # topics on restart), and nobody may be producing yet.
+                    unassigned_since = time.monotonic()
+                    with contextlib.suppress(Exception):
+                        if await ensure_topic(self.bootstrap, len(self.pipeline.assets),
+                                              self.topic, 5.0):
+                            self.topic_recreations += 1
+                    check_at = time.monotonic()
+            if not consumer.assignment():
+                self.pump()
+                await asyncio.sleep(IDLE_SLEEP_S)
+                continue
+            await self.poll(consumer)
+
+    async def poll(self, consumer: AIOKafkaConsumer) -> int:
+        """Read one batch into the pipeline and start the calls it allows; the records read."""
+        batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=self.max_batch)
+        self.polls += 1
+        read = 0
+        if batch:
+            self.batches += 1
+            now_s = time.time()
+            if self.first_record_s is None:
+                self.first_record_s = now_s
+            self.last_record_s = now_s
+            for tp, records in batch.items():
+                self._next_offset[tp] = records[-1].offset + 1
+                read += len(records)
+            self.pipeline.ingest(batch.values(), _now_us())
+        self.pump()
+        return read
+
+    # -- the shard calls -------------------------------------------------------------------
+    def pump(self) -> None:
+        """Start every call the in-flight bound allows, for the shards ``reachable`` accepts."""
+        fanout = self.pipeline.fanout
+        if not fanout.pending_count():
+            return
+        reachable = [name for name in fanout.shards
+                     if fanout.pending[name] and self._reachable(name)]
+        for name, ticks in self.pipeline.take_ready(reachable):
+            task = asyncio.get_running_loop().create_task(self._deliver(name, ticks))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    async def _deliver(self, shard: str, ticks: list[Tick]) -> None:
+        ok = False
+        try:
+            await self._call(shard, ticks)
+            ok = True
+        except Exception as exc:  # a dead or failing shard: its ticks stay pending
+            self.last_error = f"shard {shard}: {type(exc).__name__}: {exc}"
+            log.warning("feed consumer: %s", self.last_error)
+        finally:
+            self.pipeline.done(shard, ticks, ok)
+        if ok:  # after a failure the next round retries, not this call at once
+            self.pump()
+
+    # -- what others read ------------------------------------------------------------------
+    @property
+    def assigned(self) -> bool:
+        """True while the Kafka consumer has partitions assigned."""
+        return self.consumer is not None and bool(self.consumer.assignment())
+
+    def lag(self) -> int | None:
+        """Messages on the broker not yet read, over the assigned partitions (None: unknown)."""
+        consumer = self.consumer
+        if consumer is None:
+            return None
+        total = 0
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            nxt = self._next_offset.get(tp)
+            if high is None or nxt is None:
+                continue
+            total += max(0, high - nxt)
+        return total
+
+    def prices(self) -> dict[str, dict[str, Any]]:
+        """``{asset: {"bid", "ask", "ts_us", "seq", "source"}}`` of the last delivered ticks."""
+        return self.pipeline.prices()
+
+    def stats(self) -> dict[str, Any]:
+        """The pipeline's counters (``dropped`` by reason, ...) and the consumer's."""
+        return {
+            **self.pipeline.stats(_now_us()),
+            "polls": self.polls,
+            "batches": self.batches,
+            "lag": self.lag(),
+            "assigned": self.assigned,
+            "consumer_restarts": self.consumer_restarts,
+            "topic_recreations": self.topic_recreations,
+            "assignments": self.assignments,
+            "repositions": self.repositions,
+            "last_error": self.last_error,
+            "first_record_s": self.first_record_s,
+            "last_record_s": self.last_record_s,
+            "bootstrap": self.bootstrap,
+            "topic": self.topic,
+        }
