@@ -214,9 +214,16 @@ class ClientOrderStoredAt(NamedTuple):
     response: bytes
 
 
+class AnswersExpired(NamedTuple):
+    """Every clientOrderId answered before ``before_ts_us`` is forgotten (its id may be used
+    again); reservations still pending are not (the reconciler settles those)."""
+
+    before_ts_us: int
+
+
 Event = (PositionOpened | PositionClosed | TickApplied | OpenFenced | OutboxAcked | SeqResumed
          | AccountCreated | MarginLocked | MarginReleased | SettlementApplied | ClientOrderStored
-         | ClientOrderStoredAt)
+         | ClientOrderStoredAt | AnswersExpired)
 # Events whose loss in a crash changes nothing that was acknowledged (the feed delivers the newest
 # price again): the runner journals them with the next commit instead of committing for them.
 # An OutboxAcked lost in a crash only means settlements the ledger already applied are sent
@@ -225,7 +232,7 @@ VOLATILE_EVENTS = (TickApplied, OutboxAcked)
 SHARD_EVENTS = (PositionOpened, PositionClosed, TickApplied, OpenFenced, OutboxAcked,
                 SeqResumed)
 LEDGER_EVENTS = (AccountCreated, MarginLocked, MarginReleased, SettlementApplied,
-                 ClientOrderStored, ClientOrderStoredAt)
+                 ClientOrderStored, ClientOrderStoredAt, AnswersExpired)
 
 
 class EventError(ValueError):
@@ -266,6 +273,7 @@ _LAYOUTS: dict[int, _Layout] = {
            (("s", "B"), ("s", "H"), ("b", "I"))),
     0x26: (ClientOrderStoredAt, "QQq", ("kind", "client_order_id", "response"),
            (("s", "B"), ("s", "H"), ("b", "I"))),
+    0x27: (AnswersExpired, "q", (), ()),
 }
 
 # Older layouts, decoded only (encode writes the layout above): the trailing fields they lack

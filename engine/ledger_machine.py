@@ -46,6 +46,7 @@ import numpy as np
 from engine import schema
 from engine.events import (
     AccountCreated,
+    AnswersExpired,
     ClientOrderStored,
     ClientOrderStoredAt,
     Event,
@@ -229,6 +230,14 @@ class PendingRequests:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpireAnswers:
+    """Forget the clientOrderIds answered more than ``ttl_us`` ago (SPEC: after the TTL the id
+    may be used again). -> how many were forgotten."""
+
+    ttl_us: int
+
+
+@dataclass(frozen=True, slots=True)
 class LockMargin:
     """Move ``lock.margin_micros`` of ``lock.user`` from free to margin.
 
@@ -388,6 +397,8 @@ class LedgerMachine:
         self._history: dict[int, list[ClosedPosition]] = {}
         self._history_index: dict[int, dict[int, int]] = {}  # user -> position id -> index
         self._answers: dict[IdemKey, object] = {}  # None while the first request is pending
+        # when each answered clientOrderId got its answer (us), oldest first: what expires
+        self._answered_us: dict[IdemKey, int] = {}
         # pending clientOrderIds reserved with a request id: key -> (request_id, since ts_us)
         self._pending: dict[IdemKey, tuple[int, int]] = {}
         # request id -> lock of the newest locks that carried one, oldest first; an entry
@@ -403,6 +414,7 @@ class LedgerMachine:
             Audit: self._audit,
             Totals: self._totals,
             PendingRequests: self._pending_requests,
+            ExpireAnswers: self._expire_answers,
             LockMargin: self._lock,
             ReleaseMargin: self._release,
             AbandonLock: self._abandon,
@@ -419,6 +431,7 @@ class LedgerMachine:
             MarginReleased: self._on_margin_released,
             SettlementApplied: self._on_settlement_applied,
             ClientOrderStoredAt: self._on_client_order_stored_at,
+            AnswersExpired: self._on_answers_expired,
             ClientOrderStored: self._on_client_order_stored,
         }
 
@@ -481,6 +494,26 @@ class LedgerMachine:
             "closed_positions": self._closed_count,
             "applied_seq": dict(self._applied_seq),
         }, _NO_EVENTS
+
+    def _expire_answers(self, c: ExpireAnswers, now_us: int) -> _Decision:
+        before_us = now_us - c.ttl_us
+        expired = 0
+        for ts_us in self._answered_us.values():  # oldest first: stop at the first kept
+            if ts_us >= before_us:
+                break
+            expired += 1
+        if not expired:
+            return 0, _NO_EVENTS
+        return expired, (AnswersExpired(before_us),)
+
+    def _on_answers_expired(self, e: AnswersExpired) -> None:
+        answered = self._answered_us
+        while answered:
+            key, ts_us = next(iter(answered.items()))
+            if ts_us >= e.before_ts_us:
+                break
+            del answered[key]
+            self._answers.pop(key, None)
 
     def _pending_requests(self, c: PendingRequests, now_us: int) -> _Decision:
         return sorted(request_id for request_id, since_us in self._pending.values()
@@ -767,6 +800,9 @@ class LedgerMachine:
                     self._recent_locks[request_id] = (lock[0], lock[1], key)
             return
         answers[key] = decode_answer(response)
+        # kept in answer order; a replayed older record (ts 0) expires first
+        self._answered_us.pop(key, None)
+        self._answered_us[key] = ts_us
         pending = self._pending.pop(key, None)
         if pending is not None:
             lock = self._recent_locks.get(pending[0])
@@ -792,7 +828,8 @@ class LedgerMachine:
             "accounts": [[u, self._account_ids[u], h]
                          for h, u in self._users_by_key_hash.items()],
             "applied_seq": dict(self._applied_seq),
-            "answers": [[k.user, k.kind, k.client_order_id, encode_answer(a).decode()]
+            "answers": [[k.user, k.kind, k.client_order_id, encode_answer(a).decode(),
+                         self._answered_us.get(k, 0)]
                         for k, a in self._answers.items()],
             "pending_requests": [[k.user, k.kind, k.client_order_id, r, since_us]
                                  for k, (r, since_us) in self._pending.items()],
@@ -815,9 +852,13 @@ class LedgerMachine:
             m._users_by_key_hash[key_hash] = int(user)
             m._account_ids[int(user)] = account_id
         m._applied_seq = {k: int(v) for k, v in meta["applied_seq"].items()}
-        for user, kind, client_order_id, answer in meta["answers"]:
-            m._answers[IdemKey(int(user), kind, client_order_id)] = \
-                decode_answer(answer.encode())
+        answered: list[tuple[int, IdemKey]] = []
+        for user, kind, client_order_id, answer, *ts in meta["answers"]:
+            key = IdemKey(int(user), kind, client_order_id)
+            m._answers[key] = decode_answer(answer.encode())
+            if m._answers[key] is not None:
+                answered.append((int(ts[0]) if ts else 0, key))
+        m._answered_us = {key: ts_us for ts_us, key in sorted(answered)}
         for request_id, user, margin, *key in meta.get("recent_locks", []):
             lock_key = IdemKey(*key[0]) if key and key[0] is not None else None
             m._recent_locks[int(request_id)] = (int(user), int(margin), lock_key)
@@ -889,6 +930,7 @@ class LedgerMachine:
             "next_user": self._next_user,
             "applied_seq": sorted(self._applied_seq.items()),
             "answers": sorted((tuple(k), encode_answer(a)) for k, a in self._answers.items()),
+            "answered_us": list(self._answered_us.items()),
             "pending": sorted((tuple(k), v) for k, v in self._pending.items()),
             "recent_locks": [(r, u, m, None if k is None else tuple(k))
                              for r, (u, m, k) in self._recent_locks.items()],

@@ -11,7 +11,8 @@ Three kinds of loose ends, each settled by asking the state machines, never by g
   has its lock abandoned; a close that happened is settled through the courier with its answer,
   one that did not drops its clientOrderId reservation so a retry runs again;
 * **reservations left pending in the ledger** by an API process that died: every shard resolves
-  (and fences) their request ids, and ``SettleRequests`` stores what happened or drops them.
+  (and fences) their request ids, and ``SettleRequests`` stores what happened or drops them;
+  and clientOrderIds answered longer than the TTL ago are forgotten (``ExpireAnswers``).
 
 At a platform start, before the API serves, :meth:`at_start` does the last kind for every
 pending reservation and releases any margin no open position backs (``ReconcileAtStart``).
@@ -30,6 +31,7 @@ from cluster.actors.port import Port, Unavailable
 from cluster.trading.courier import Courier
 from engine.ledger_machine import (
     AbandonLock,
+    ExpireAnswers,
     Forget,
     PendingRequests,
     ReconcileAtStart,
@@ -59,11 +61,13 @@ class Reconciler:
     """Settles the loose ends of one service (see the module docstring)."""
 
     def __init__(self, ledger: Port, shards: Mapping[str, Port], courier: Courier,
-                 counters: collections.Counter[str] | None = None) -> None:
+                 counters: collections.Counter[str] | None = None,
+                 answer_ttl_s: int = 86_400) -> None:
         self.ledger = ledger
         self.shards = dict(shards)
         self.courier = courier
         self.counters = counters if counters is not None else collections.Counter()
+        self.answer_ttl_s = answer_ttl_s
         self._abandoned: list[int] = []
         self._in_doubt: list[InDoubt] = []
         self._lock = asyncio.Lock()  # two rounds must never settle the same request
@@ -166,16 +170,23 @@ class Reconciler:
         return settled
 
     async def watch_pending(self, interval_s: float = 10.0) -> None:
-        """Forever: settle the reservations pending longer than STALE_PENDING_S (a part that
-        does not answer makes a round skip them: where they are is unknown)."""
+        """Forever, every ``interval_s``: :meth:`sweep` (a part that does not answer makes a
+        round skip what it would settle: where those requests are is unknown)."""
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.settle_pending()
+                await self.sweep()
             except Unavailable:
                 continue
             except Exception:  # reported; the next round tries again
                 log.exception("settling pending reservations failed")
+
+    async def sweep(self) -> None:
+        """Settle the reservations pending longer than STALE_PENDING_S, and forget the
+        clientOrderIds answered longer than the TTL ago."""
+        await self.settle_pending()
+        expired: int = await self.ledger.call(ExpireAnswers(self.answer_ttl_s * 1_000_000))
+        self.counters["client_order_ids_expired"] += expired
 
     async def _resolve_everywhere(self, request_ids: list[int]
                                   ) -> tuple[dict[int, OpenPosition | ClosedPosition],

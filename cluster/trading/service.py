@@ -112,7 +112,8 @@ class TradingService:
         self.shards: dict[str, Port] = {n: shards[n] for n in self.layout.names}
         self.counters: collections.Counter[str] = collections.Counter()
         self.courier = Courier(ledger, self.shards)
-        self.reconciler = Reconciler(ledger, self.shards, self.courier, self.counters)
+        self.reconciler = Reconciler(ledger, self.shards, self.courier, self.counters,
+                                     settings.client_order_id_ttl_s)
         self._spread = itertools.count()
         # Request ids must not collide between API replicas: a random prefix per service.
         self._request_prefix = secrets.randbits(30) << 32

@@ -388,3 +388,26 @@ async def test_an_in_doubt_open_that_never_arrived_is_released_once_despite_a_lo
     assert await svc.reconcile() == 0  # the resend finds nothing left to release
     assert balances(p, who) == (SIGNUP, 0)
     assert await p.audit() == []
+
+
+async def test_a_client_order_id_is_forgotten_after_its_ttl(make: Make) -> None:
+    from cluster.config import Settings
+
+    p = make(settings=Settings(client_order_id_ttl_s=60))
+    svc = p.service
+    who = await sol_trader(p)
+    order = sol_long(client_order_id="o-ttl")
+    first = await svc.open_position(who, order)
+    assert isinstance(first, OpenPosition)
+    p.clock.now_us += 59_000_000
+    await p.push_tick("SOL", "100.00", "100.01")
+    await svc.reconciler.sweep()  # what the service's background watch runs every 10 s
+    assert await svc.open_position(who, order) == first  # within the TTL: the first answer
+    p.clock.now_us += 2_000_000
+    await p.push_tick("SOL", "100.00", "100.01")
+    await svc.reconciler.sweep()
+    assert svc.counters["client_order_ids_expired"] == 1
+    second = await svc.open_position(who, order)  # after it: the id is a new request
+    assert isinstance(second, OpenPosition) and second.position_id != first.position_id
+    assert len((await svc.state(who)).positions) == 2
+    assert await p.audit() == []

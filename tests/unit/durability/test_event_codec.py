@@ -17,6 +17,7 @@ from engine.events import (
     TYPE_CODES,
     VOLATILE_EVENTS,
     AccountCreated,
+    AnswersExpired,
     ClientOrderStored,
     ClientOrderStoredAt,
     EventError,
@@ -59,6 +60,7 @@ STRATEGIES = {
                                  st.binary(max_size=300)),
     ClientOrderStoredAt: st.builds(ClientOrderStoredAt, u64, st.text(max_size=20), text, u64,
                                    i64, st.binary(max_size=300)),
+    AnswersExpired: st.builds(AnswersExpired, i64),
 }
 any_event = st.one_of(*STRATEGIES.values())
 

@@ -42,6 +42,7 @@ from engine.ledger_machine import (
     Begin,
     CreateAccount,
     CreatedAccount,
+    ExpireAnswers,
     Forget,
     History,
     LedgerMachine,
@@ -344,6 +345,36 @@ def test_idempotency_keys_return_the_first_answer() -> None:
     assert isinstance(hit.answer, OpenPosition) and isinstance(hit.answer.side, Side)
 
 
+def test_answers_expire_after_the_ttl_and_pending_reservations_do_not() -> None:
+    led = Recorded()
+    u = led.account().user
+    old, new, pending = (IdemKey(u, "open", name) for name in ("old", "new", "pending"))
+    assert led(LockMargin(MarginLock(u, USD, old, 1))) is None
+    led(Remember(old, opened(u, 1, USD)))
+    led.now_us += 10
+    assert led(LockMargin(MarginLock(u, USD, new, 2))) is None
+    led(Remember(new, opened(u, 2, USD)))
+    assert led(Begin(pending, 3)) is None
+    ttl = 100
+    led.now_us += ttl - 10  # "old" is exactly ttl old: kept
+    assert led(ExpireAnswers(ttl)) == 0
+    assert led(Begin(old)) == IdemHit(opened(u, 1, USD))
+    led.now_us += 1
+    before = len(led.records)
+    assert led(ExpireAnswers(ttl)) == 1 and len(led.records) == before + 1  # journaled
+    assert led(Begin(old, 4)) is None  # forgotten: the id may be used again
+    assert led(Begin(new)) == IdemHit(opened(u, 2, USD))
+    led.now_us += 10**9
+    assert led(ExpireAnswers(ttl)) == 1  # "new"; "pending" and the new "old" still wait
+    assert led(Begin(pending)) == IdemHit(None) and led(Begin(old)) == IdemHit(None)
+    before = len(led.records)
+    assert led(ExpireAnswers(ttl)) == 0 and len(led.records) == before  # nothing to journal
+    # what expired stays expired after a restart, from the journal and from a snapshot
+    again = led.restarted()
+    assert snapshot_round_trip(again).fingerprint() == again.fingerprint()
+    assert led(Begin(new, 5)) is None
+
+
 def test_close_reservations_carry_their_request_id() -> None:
     led = Recorded()
     u = led.account().user
@@ -633,6 +664,7 @@ OPS = st.lists(st.one_of(
     st.tuples(st.just("reconcile")),
     st.tuples(st.just("snapshot")),
     st.tuples(st.just("wait"), st.integers(0, 10**7)),
+    st.tuples(st.just("expire"), st.integers(0, 3 * 10**7)),
 ), min_size=10, max_size=80)
 
 
@@ -756,6 +788,8 @@ class Model:
             self.replica = restored  # the journal tail now replays onto the snapshot
         elif kind == "wait":
             self.led.now_us += op[1]
+        elif kind == "expire":
+            self.step(ExpireAnswers(op[1]))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
