@@ -56,11 +56,12 @@ from cluster.http.errors import (
 from cluster.http.json_body import ExactJsonRoute, parse_json
 from cluster.http.limits import BodySizeLimit, TokenBuckets, retry_after_s
 from cluster.trading.service import TradingService
+from engine import schema
 from engine.amounts import MONEY_DECIMALS, micros_to_money
 from engine.assets import DEFAULT_ASSETS, Asset, AssetRegistry
 from engine.market import Tick
 from engine.messages import ClosedPosition, CloseOrder, OpenOrder, OpenPosition, Principal
-from engine.orders import CloseReason, Side
+from engine.orders import Side
 from engine.results import Code, Rejected
 from feed.pipeline import drops_metrics
 
@@ -162,6 +163,10 @@ class ClosedPositionOut(PositionOut):
     payout: str
     closeReason: Literal["manual", "take_profit", "stop_loss", "liquidation"]
     closedAt: str
+
+
+schema.check_api_model(PositionOut, schema.API_POSITION)
+schema.check_api_model(ClosedPositionOut, schema.API_CLOSED_POSITION)
 
 
 class BalancesOut(BaseModel):
@@ -287,33 +292,21 @@ def money(micros: int) -> str:
     return decimal_text(micros, MONEY_DECIMALS)
 
 
+_FORMATS: dict[str, Callable[[int, Asset], str]] = {
+    "price": lambda v, a: decimal_text(v, a.price_decimals),
+    "quantity": lambda v, a: decimal_text(v, a.qty_decimals),
+    "money": lambda v, a: money(v),
+    "time": lambda v, a: iso_us(v)}
+_OPEN_JSON = schema.json_renderer(OpenPosition, schema.API_POSITION, _FORMATS)
+_CLOSED_JSON = schema.json_renderer(ClosedPosition, schema.API_CLOSED_POSITION, _FORMATS)
+
+
 def position_json(p: OpenPosition | ClosedPosition, asset: Asset) -> dict[str, Any]:
-    """A SPEC ``Position`` (or ``ClosedPosition``) as JSON-ready values."""
-    pd = asset.price_decimals
-    out: dict[str, Any] = {
-        "positionId": str(p.position_id),
-        "asset": p.asset,
-        "type": "long" if p.side == Side.LONG else "short",
-        "margin": money(p.margin_micros),
-        "leverage": p.leverage,
-        "quantity": decimal_text(p.qty_steps, asset.qty_decimals),
-        "entryPrice": decimal_text(p.entry_ticks, pd),
-        "liquidationPrice": decimal_text(p.liq_ticks, pd) if p.liq_ticks > 0 else None,
-        "takeProfit": decimal_text(p.tp_ticks, pd) if p.tp_ticks > 0 else None,
-        "stopLoss": decimal_text(p.sl_ticks, pd) if p.sl_ticks > 0 else None,
-        "unrealizedPnl": None,
-        "openedAt": iso_us(p.opened_ts_us),
-    }
-    if isinstance(p, ClosedPosition):
-        out["closeId"] = str(p.position_id)
-        out["exitPrice"] = decimal_text(p.exit_ticks, pd)
-        out["realizedPnl"] = money(p.pnl_micros)
-        out["payout"] = money(p.payout_micros)
-        out["closeReason"] = CloseReason(p.reason).label
-        out["closedAt"] = iso_us(p.closed_ts_us)
-    elif p.unrealized_pnl_micros is not None:
-        out["unrealizedPnl"] = money(p.unrealized_pnl_micros)
-    return out
+    """A SPEC ``Position`` (or ``ClosedPosition``) as JSON-ready values (engine.schema's API
+    view of the position)."""
+    render = _CLOSED_JSON if isinstance(p, ClosedPosition) else _OPEN_JSON
+    result: dict[str, Any] = render(p, asset)
+    return result
 
 
 def _json(content: Any, status_code: int = 200) -> Response:

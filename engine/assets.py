@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -78,15 +79,22 @@ class Asset:
         about twice the entry, TP/SL, candles) stay below ``MAX_UNITS // 4``, the level above
         which ``engine.orders.plan_open`` refuses to open.
         """
-        mul, div = self.notional_scale
-        return max(1, min(MAX_UNITS // 4, math.isqrt(MAX_NOTIONAL_MICROS * div // mul)))
+        return _bounds(self.notional_scale)[0]
 
     @property
     def max_qty_steps(self) -> int:
         """Largest position quantity (steps) whose notional at :attr:`max_price_ticks` fits
         :data:`MAX_NOTIONAL_MICROS`."""
-        mul, div = self.notional_scale
-        return min(MAX_UNITS, MAX_NOTIONAL_MICROS * div // (mul * self.max_price_ticks))
+        return _bounds(self.notional_scale)[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _bounds(notional_scale: tuple[int, int]) -> tuple[int, int]:
+    """``(max_price_ticks, max_qty_steps)`` of an asset with this notional scale (computed
+    once: every open checks them)."""
+    mul, div = notional_scale
+    price = max(1, min(MAX_UNITS // 4, math.isqrt(MAX_NOTIONAL_MICROS * div // mul)))
+    return price, min(MAX_UNITS, MAX_NOTIONAL_MICROS * div // (mul * price))
 
 
 class AssetRegistry(Mapping[str, Asset]):

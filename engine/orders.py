@@ -100,6 +100,10 @@ class OpenPlan:
 
 
 schema.check_fields(OpenPlan, schema.PLAN)
+# the schema names the enums' values; they must be these classes' labels, in value order
+if schema.side.enum != tuple(s.label for s in Side) \
+        or schema.reason.enum != tuple(r.label for r in CloseReason):
+    raise schema.SchemaError("engine.schema's side/reason labels differ from Side/CloseReason")
 
 
 def quantity_steps(asset: Asset, margin_micros: int, leverage: int, entry_ticks: int) -> int:

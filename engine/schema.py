@@ -86,7 +86,7 @@ class Field:
     dtype: np.dtype | None
     doc: str
     column: str = ""
-    enum: str | None = None
+    enum: tuple[str, ...] | None = None  # an enum's labels by value (engine.orders checks them)
     prefix: str = ""
     zero_is_none: bool = False
     nullable: bool = False
@@ -124,7 +124,7 @@ position_id = Field("position_id", ID, "Q", _I64,
                     "the position's id (engine.position_ids); a free book row holds minus the "
                     "last id it carried")
 owner = Field("owner", ID, "Q", _I64, "the user holding the position")
-side = Field("side", ENUM, "B", _I8, "Side: 0 long, 1 short", enum="Side")
+side = Field("side", ENUM, "B", _I8, "Side: 0 long, 1 short", enum=("long", "short"))
 entry_ticks = Field("entry_ticks", TICKS, "q", _I64,
                     "entry price: the ask for a long, the bid for a short")
 qty_steps = Field("qty_steps", STEPS, "q", _I64,
@@ -152,7 +152,8 @@ payout_micros = Field("payout_micros", MICROS, "q", _I64, "paid to the user's fr
 house_micros = Field("house_micros", MICROS, "q", _I64, "to the house (-pnl)")
 insurance_micros = Field("insurance_micros", MICROS, "q", _I64,
                          "to the insurance fund (margin + pnl - payout)")
-reason = Field("reason", ENUM, "B", _I8, "CloseReason", enum="CloseReason")
+reason = Field("reason", ENUM, "B", _I8, "CloseReason",
+               enum=("manual", "take_profit", "stop_loss", "liquidation"))
 closed_ts_us = Field("closed_ts_us", US, "q", _I64, "when the position closed")
 
 asset = Field("asset", TEXT, None, None, "engine.assets.Asset.name", prefix="B")
@@ -431,13 +432,9 @@ def api_nullable(af: ApiField) -> bool:
 
 def enum_labels(f: Field) -> tuple[str, ...]:
     """The labels of an :data:`ENUM` field's values, by value."""
-    from engine import orders  # orders declares OpenPlan against this module
-
-    enum_cls = getattr(orders, f.enum or "", None)
-    if enum_cls is None:
+    if f.enum is None:
         raise SchemaError(f"{f.name} is not an enum field")
-    labels = {int(member): member.label for member in enum_cls}
-    return tuple(labels[i] for i in range(len(labels)))
+    return f.enum
 
 
 def api_annotation(af: ApiField) -> Any:
