@@ -346,7 +346,12 @@ class EmbeddedBroker:
     def start(self) -> EmbeddedBroker:
         if self.running:
             return self
-        self.stop_orphan()
+        if self.stop_orphan() is not None:
+            # a killed multi-threaded process reports its leader dead a moment before the last
+            # thread has closed the listening socket: give the port that moment
+            deadline = time.monotonic() + 5.0
+            while accepts_connections(self.host, self.port) and time.monotonic() < deadline:
+                time.sleep(0.05)
         self._check_port_free()
         binary = self._binary()
         if self.log_path is None:
