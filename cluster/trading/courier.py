@@ -21,6 +21,7 @@ its settlement never waits for more than two round trips of deliveries.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 from cluster.actors.port import Port
 from cluster.trading.batcher import MicroBatcher
 from engine.ledger_machine import AppliedSeq, ApplySettlements
-from engine.messages import IdemKey
+from engine.messages import IdemKey, SettlementItem
 from engine.results import Rejected
 from engine.shard_machine import AckOutbox, Outbox, ResumeSeq
 
@@ -47,6 +48,7 @@ class Courier:
         self.shards = dict(shards)  # a shell may add ports as it finds the shards
         self._runs: dict[str, MicroBatcher[Answer | None, int]] = {}
         self._resumed: set[str] = set()
+        self._acks: set[asyncio.Task[Any]] = set()
         self.delivered = 0
 
     async def resume(self, shard_name: str) -> int:
@@ -81,6 +83,36 @@ class Courier:
             await shard.call(AckOutbox(applied))
             self.delivered += len(items)
         return [applied] * len(answers)
+
+    async def settle(self, shard_name: str, item: SettlementItem,
+                     answer: Answer | None = None) -> int:
+        """Settle one close the caller holds (a manual close's answer) with one ledger call:
+        ``ApplySettlements`` of that item alone, then the acknowledgement in the background.
+        When the ledger still waits for earlier numbers (tick closes on their way), the whole
+        outbox is delivered instead. Returns the ledger's last applied number."""
+        if shard_name not in self._resumed:  # numbering not confirmed yet: the full path
+            return await self.deliver(shard_name, answer)
+        applied = await self.ledger.call(ApplySettlements(
+            shard_name, (item,), () if answer is None else (answer,)))
+        if isinstance(applied, Rejected):
+            raise SettlementRefused(f"{shard_name}: {applied.message}")
+        if applied < item.seq:
+            return await self.deliver(shard_name)
+        self._ack_later(shard_name, applied)
+        return int(applied)
+
+    def _ack_later(self, shard_name: str, applied: int) -> None:
+        """AckOutbox without waiting: it rides with the shard's next batch of commands (a lost
+        one only leaves applied settlements to be sent again, which the ledger ignores)."""
+        task = asyncio.get_running_loop().create_task(
+            self.shards[shard_name].call(AckOutbox(applied)))
+        self._acks.add(task)
+        task.add_done_callback(self._ack_done)
+
+    def _ack_done(self, task: asyncio.Task[Any]) -> None:
+        self._acks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed ack is harmless (see _ack_later)
 
     def pending(self) -> dict[str, Any]:
         """Per shard: (delivery batches, callers served) — for /metrics."""

@@ -434,7 +434,7 @@ class TradingService:
         self.counters["closes"] += 1
         closed = result.closed
         try:
-            await self.courier.deliver(spec.name, None if key is None else (key, closed))
+            await self.courier.settle(spec.name, result, None if key is None else (key, closed))
         except Unavailable:
             # The close happened and sits in the shard's outbox, which every later delivery
             # resends: the ledger will apply it; the caller still gets the fact.
