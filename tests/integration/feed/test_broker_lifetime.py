@@ -136,13 +136,24 @@ def test_a_broker_left_by_a_crashed_run_is_stopped_at_the_next_start(
     assert not record.exists()  # a clean stop leaves no record
 
 
+def _exec_done(pid: int, cmdline: tuple[str, ...]) -> ProcessIdentity:
+    """The identity of ``pid`` once it runs ``cmdline`` (a child read right after the fork
+    still shows its parent's, or no, command line)."""
+    deadline = time.monotonic() + 5
+    while True:
+        identity = ProcessIdentity.of(pid)
+        if identity is not None and identity.cmdline == cmdline:
+            return identity
+        assert time.monotonic() < deadline, f"pid {pid} never ran {cmdline}: {identity}"
+        time.sleep(0.01)
+
+
 def test_a_recorded_pid_that_is_now_another_process_is_left_alone(
         tmp_path: Path, reaped: list[subprocess.Popen[Any]]) -> None:
     port, record = free_port(), tmp_path / "broker.json"
     bystander = subprocess.Popen(["sleep", "60"])
     reaped.append(bystander)
-    now = ProcessIdentity.of(bystander.pid)
-    assert now is not None
+    now = _exec_done(bystander.pid, ("sleep", "60"))
     # the pid of the recorded broker now belongs to an unrelated process
     stale = ProcessIdentity(bystander.pid, now.start_ticks - 1, now.boot_id,
                             ("tansu", "broker"))
@@ -159,8 +170,8 @@ def test_the_broker_of_a_running_owner_is_not_taken_over(
     orphan = _orphan_broker(port)
     owner = subprocess.Popen(["sleep", "60"])
     reaped += [orphan, owner]
-    broker, live = ProcessIdentity.of(orphan.pid), ProcessIdentity.of(owner.pid)
-    assert broker is not None and live is not None
+    broker, live = ProcessIdentity.of(orphan.pid), _exec_done(owner.pid, ("sleep", "60"))
+    assert broker is not None
     _record(record, broker, live.to_json(), port)
     with pytest.raises(BrokerError, match="belongs to a running process"):
         EmbeddedBroker("127.0.0.1", port, record_path=record).start()
