@@ -161,11 +161,12 @@ def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one banner, no Serve chatter
     env = {**serve_env(settings.port), **(extra_env or {})} if direct_ingress else {}
     logging_config = {"enable_access_log": False, "log_level": "WARNING"}
-    # with direct ingress the head's proxy is unused: park it on a spare port
+    # with direct ingress the replica itself listens on the port: no proxy is started (one
+    # process less to start after a crash)
     proxy_port = free_port(host) if direct_ingress else settings.port
     serve.start(
         http_options={"host": host, "port": proxy_port},
-        proxy_location="HeadOnly",
+        proxy_location="Disabled" if direct_ingress else "HeadOnly",
         logging_config=logging_config,
         controller_options={"runtime_env": {"env_vars": env}} if env else None,
     )
