@@ -49,7 +49,6 @@ class Courier:
         self._runs: dict[str, MicroBatcher[Answer | None, int]] = {}
         self._resumed: set[str] = set()
         self._acks: set[asyncio.Task[Any]] = set()
-        self.delivered = 0
 
     async def resume(self, shard_name: str) -> int:
         """Continue ``shard_name``'s numbering after what the ledger applied from it (and drop
@@ -81,7 +80,6 @@ class Courier:
             await shard.call(ResumeSeq(applied))
         if items:
             await shard.call(AckOutbox(applied))
-            self.delivered += len(items)
         return [applied] * len(answers)
 
     async def settle(self, shard_name: str, item: SettlementItem,
@@ -113,7 +111,3 @@ class Courier:
         self._acks.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: a failed ack is harmless (see _ack_later)
-
-    def pending(self) -> dict[str, Any]:
-        """Per shard: (delivery batches, callers served) — for /metrics."""
-        return {name: (run.batches, run.items) for name, run in self._runs.items()}

@@ -205,6 +205,18 @@ class Reconciler:
         absent = tuple(r for r in request_ids if r not in opened)
         return opened, absent
 
+    async def shard_views(self) -> tuple[dict[int, int], dict[str, tuple[SettlementItem, ...]]]:
+        """Every shard's ``AuditView``, merged: open margin per user (micros, summed over the
+        shards) and each shard's unacknowledged settlements (what the ledger audit needs)."""
+        views = await asyncio.gather(*(p.call(AuditView()) for p in self.shards.values()))
+        margins: dict[int, int] = {}
+        unsettled: dict[str, tuple[SettlementItem, ...]] = {}
+        for name, (shard_margins, outbox) in zip(self.shards, views, strict=True):
+            for user, micros in shard_margins.items():
+                margins[user] = margins.get(user, 0) + int(micros)
+            unsettled[name] = tuple(outbox)
+        return margins, unsettled
+
     async def at_start(self) -> dict[int, int]:
         """Before the API serves: settle every pending reservation and release the margin no
         open position (or unsettled close) backs. Returns ``{user: released_micros}``."""
@@ -212,13 +224,7 @@ class Reconciler:
             await self.courier.deliver(name)
         request_ids = await self.ledger.call(PendingRequests(0))
         opened, _ = await self._resolve_everywhere(list(request_ids))
-        views = await asyncio.gather(*(p.call(AuditView()) for p in self.shards.values()))
-        margins: dict[int, int] = {}
-        unsettled = {}
-        for name, (shard_margins, outbox) in zip(self.shards, views, strict=True):
-            for user, micros in shard_margins.items():
-                margins[user] = margins.get(user, 0) + int(micros)
-            unsettled[name] = tuple(outbox)
+        margins, unsettled = await self.shard_views()
         released: dict[int, int] = await self.ledger.call(
             ReconcileAtStart(margins, unsettled, opened))
         if released:

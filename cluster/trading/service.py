@@ -65,7 +65,7 @@ from engine.messages import (
     ShardStats,
 )
 from engine.results import Code, Rejected
-from engine.shard_machine import AuditView, Close, LastTick, Open, PositionsOf, Stats
+from engine.shard_machine import Close, LastTick, Open, PositionsOf, Stats
 
 OPEN_RESENDS = 2  # resends of a request (same request id) before it is declared in doubt
 RESEND_DELAY_S = 0.05
@@ -488,15 +488,8 @@ class TradingService:
         for attempt in range(max(1, attempts)):
             if attempt:
                 await asyncio.sleep(retry_delay_s)
-            views = await asyncio.gather(*(p.call(AuditView()) for p in self.shards.values()))
-            margins: dict[int, int] = {}
-            for shard_margins, _ in views:
-                for user, micros in shard_margins.items():
-                    margins[user] = margins.get(user, 0) + int(micros)
-            problems = await self.ledger.call(Audit(
-                margins,
-                {name: tuple(outbox) for name, (_, outbox) in zip(self.shards, views,
-                                                                  strict=True)}))
+            margins, unsettled = await self.reconciler.shard_views()
+            problems = await self.ledger.call(Audit(margins, unsettled))
             if not problems:
                 break
         totals = await self.ledger.call(Totals())
