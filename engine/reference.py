@@ -2,19 +2,19 @@
 
 Prices, quantities and money are :class:`fractions.Fraction` in USD and asset units; nothing is
 rounded except where the SPEC says so (quantity floored to a step, realized PnL floored to a
-micro-dollar). Positions are plain objects in a dict; the sweep compares each position's exact
-liquidation price with the bid/ask. Tests run the fast kernels and this reference through the
-same cases and check they agree.
+micro-dollar). Positions are the book's records (engine.book.PositionRecord) in a dict, each
+with its exact liquidation price; the sweep compares that price with the bid/ask. Tests run the
+fast kernels and this reference through the same cases and check they agree.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from fractions import Fraction
 
 from engine import schema
 from engine.assets import Asset
+from engine.book import PositionRecord
 from engine.orders import NO_LEVEL, CloseReason, OpenPlan, Side
 from engine.results import Code, Rejected
 from engine.settlement import Settlement
@@ -114,41 +114,22 @@ def settle(asset: Asset, side: Side, entry_ticks: int, qty_steps: int, margin_mi
     return Settlement(pnl, payout, -pnl, margin_micros + pnl - payout)
 
 
-@dataclass(frozen=True, slots=True)
-class ReferencePosition:
-    """An open position of the reference book: the book's row (engine.schema.BOOK_ROW,
-    checked at import) and its exact liquidation price."""
-
-    position_id: int
-    owner: int
-    side: Side
-    entry_ticks: int
-    qty_steps: int
-    margin_micros: int
-    leverage: int
-    liq_ticks: int
-    tp_ticks: int
-    sl_ticks: int
-    opened_ts_us: int
-    maintenance_margin_ppm: int
-    liq_price: Fraction  # exact, USD
-
-
-schema.check_fields(ReferencePosition, schema.BOOK_ROW, extra=("liq_price",))
-# (plan, position_id, owner, opened_ts_us, liq_price) -> the position it opens
-_OPENED = schema.builder(ReferencePosition, schema.PLAN, attributes=True,
-                         given=("position_id", "owner", "opened_ts_us", "liq_price"),
-                         casts={"side": Side})
+# (plan, position_id, owner, opened_ts_us) -> the book row it opens (engine.book's record)
+_OPENED = schema.builder(PositionRecord, schema.PLAN, attributes=True,
+                         given=("position_id", "owner", "opened_ts_us"), casts={"side": Side})
 
 
 class ReferenceBook:
-    """Open positions of one asset as a dict of objects; ids count up from 1."""
+    """Open positions of one asset as a dict of the book's records
+    (:class:`engine.book.PositionRecord`), each with its exact liquidation price beside it;
+    ids count up from 1."""
 
     def __init__(self, asset: Asset, book_tag: int = 0, capacity: int = 0) -> None:
         del capacity
         self.asset = asset
         self.book_tag = book_tag
-        self.positions: dict[int, ReferencePosition] = {}
+        self.positions: dict[int, PositionRecord] = {}
+        self.liq_prices: dict[int, Fraction] = {}  # exact, USD, by position id
         self._next_id = 1
 
     def __len__(self) -> int:
@@ -157,28 +138,31 @@ class ReferenceBook:
     def open(self, owner: int, plan: OpenPlan, opened_ts_us: int) -> int:
         pid = self._next_id
         self._next_id += 1
-        liq = exact_liquidation_price(self.asset, plan.side, plan.entry_ticks, plan.qty_steps,
-                                      plan.margin_micros, plan.maintenance_margin_ppm)
-        self.positions[pid] = _OPENED(plan, pid, owner, opened_ts_us, liq)
+        self.liq_prices[pid] = exact_liquidation_price(
+            self.asset, plan.side, plan.entry_ticks, plan.qty_steps, plan.margin_micros,
+            plan.maintenance_margin_ppm)
+        self.positions[pid] = _OPENED(plan, pid, owner, opened_ts_us)
         return pid
 
-    def close(self, position_id: int) -> ReferencePosition | None:
+    def close(self, position_id: int) -> PositionRecord | None:
+        self.liq_prices.pop(position_id, None)
         return self.positions.pop(position_id, None)
 
-    def get(self, position_id: int) -> ReferencePosition | None:
+    def get(self, position_id: int) -> PositionRecord | None:
         return self.positions.get(position_id)
 
-    def reason(self, position: ReferencePosition, bid_ticks: int, ask_ticks: int
+    def reason(self, position: PositionRecord, bid_ticks: int, ask_ticks: int
                ) -> CloseReason | None:
         """Why this tick closes the position (TP/SL before liquidation), or None."""
         p = position
+        liq_price = self.liq_prices[p.position_id]
         if p.side == Side.LONG:
             price = _price(self.asset, bid_ticks)
             if p.tp_ticks and price >= _price(self.asset, p.tp_ticks):
                 return CloseReason.TAKE_PROFIT
             if p.sl_ticks and price <= _price(self.asset, p.sl_ticks):
                 return CloseReason.STOP_LOSS
-            if price <= p.liq_price:
+            if price <= liq_price:
                 return CloseReason.LIQUIDATION
         else:
             price = _price(self.asset, ask_ticks)
@@ -186,7 +170,7 @@ class ReferenceBook:
                 return CloseReason.TAKE_PROFIT
             if p.sl_ticks and price >= _price(self.asset, p.sl_ticks):
                 return CloseReason.STOP_LOSS
-            if price >= p.liq_price:
+            if price >= liq_price:
                 return CloseReason.LIQUIDATION
         return None
 
@@ -213,7 +197,6 @@ class ReferenceBook:
 
 __all__ = [
     "ReferenceBook",
-    "ReferencePosition",
     "exact_liquidation_price",
     "plan_open",
     "pnl_micros",

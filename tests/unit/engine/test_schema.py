@@ -47,7 +47,7 @@ from engine.messages import (
     ShardOpen,
 )
 from engine.orders import CloseReason, OpenPlan, Side, plan_open
-from engine.reference import ReferenceBook, ReferencePosition
+from engine.reference import ReferenceBook
 from engine.shard_machine import (
     OUTBOX_DTYPE,
     RESULT_DTYPE,
@@ -132,7 +132,6 @@ def test_the_vectorised_open_record_is_the_schema_at_wire_widths() -> None:
     (SettlementApplied, schema.SETTLEMENT_APPLIED, ()),
     (PositionRecord, schema.BOOK_ROW, ()),
     (OpenPlan, schema.PLAN, ()),
-    (ReferencePosition, schema.BOOK_ROW, ("liq_price",)),
 ], ids=lambda v: getattr(v, "__name__", ""))
 def test_every_record_declares_its_group(cls: type, group: schema.Group,
                                          extra: tuple[str, ...]) -> None:
