@@ -235,7 +235,7 @@ _ERROR_DESCRIPTIONS = {
     400: "INVALID_REQUEST: the body is not JSON, or nests deeper than the limit",
     401: "UNAUTHORIZED: missing or wrong API key",
     404: "NOT_FOUND",
-    409: "INSUFFICIENT_BALANCE / PRICE_MOVED",
+    409: "INSUFFICIENT_BALANCE / PRICE_MOVED / TOO_MANY_POSITIONS",
     413: "INVALID_REQUEST: the body is larger than the limit",
     422: "INVALID_REQUEST / UNKNOWN_ASSET / LEVERAGE_OUT_OF_RANGE / INVALID_TRIGGER / "
          "WOULD_LIQUIDATE",

@@ -62,6 +62,7 @@ _INTEGER_LIMITS = {
     "api_key_burst": ("API_KEY_BURST", 1, 1_000_000),
     "signups_per_min": ("SIGNUPS_PER_MIN", 0, 1_000_000),
     "state_positions": ("STATE_POSITIONS", 1, 10_000),
+    "max_open_positions": ("MAX_OPEN_POSITIONS", 1, 100_000),
     "client_order_id_ttl_s": ("CLIENT_ORDER_ID_TTL_S", 60, 30 * 86_400),
 }
 RULES.update({var: f"an integer in [{low}, {high}]" for var, low, high in _INTEGER_LIMITS.values()})
@@ -115,6 +116,7 @@ class Settings:
     api_key_burst: int = 100  # API_KEY_BURST: requests an idle API key may send at once
     signups_per_min: int = 10  # SIGNUPS_PER_MIN: accounts per client address (0 = unlimited)
     state_positions: int = 200  # STATE_POSITIONS: positions in GET /state (the rest: paged)
+    max_open_positions: int = 200  # MAX_OPEN_POSITIONS: per account; one more answers 409
     client_order_id_ttl_s: int = 86_400  # CLIENT_ORDER_ID_TTL_S: then the id may be reused
     max_clock_skew_s: float = 5.0  # MAX_CLOCK_SKEW_S: ticks further in the future are dropped
     max_tick_jump_bps: int = 1_000  # MAX_TICK_JUMP_BPS: a larger mid move waits for confirmation

@@ -16,8 +16,8 @@ Commands (one class per operation, one item each) and their answers:
 * :class:`ApplySettlements` -> the shard's last applied seq | Rejected (nothing applied)
 * :class:`SettleRequests` -> how many pending clientOrderIds were settled
 * :class:`ReconcileAtStart` -> ``{user: released_micros}`` | Rejected
-* reads: :class:`Authenticate`, :class:`Balances`, :class:`AppliedSeq`, :class:`History`,
-  :class:`Audit`, :class:`Totals`, :class:`PendingRequests`.
+* reads: :class:`Authenticate`, :class:`Balances`, :class:`OpenCount`, :class:`AppliedSeq`,
+  :class:`History`, :class:`Audit`, :class:`Totals`, :class:`PendingRequests`.
 
 A clientOrderId ``(user, kind, client_order_id)`` (an engine.messages.IdemKey) is either
 absent, pending (reserved, answer not known yet: stored as None), or answered (the first
@@ -29,6 +29,14 @@ Settlements: a shard numbers its closes 1, 2, 3...; :class:`ApplySettlements` ap
 ``last+1, last+2, ...`` found in the items and ignores resends and everything after a gap (the
 shard resends its whole outbox until acknowledged, so nothing is lost). If any item of that
 run would break a ledger invariant the command is refused and none of it is applied.
+
+Open positions per account (SPEC "Limits"): every open locks its margin here first, so the
+ledger counts, per user, the opens that hold margin: a lock counts from ``MarginLocked`` until
+it is released or abandoned (``MarginReleased``), or, once it became a position, until that
+position's close is settled (``SettlementApplied``); a user with no margin locked holds none.
+A lock that no request ends stays counted (like its margin) until the start-time
+reconciliation, which sets each count from the shards' open positions. :class:`LockMargin`
+beyond ``max_open_positions`` answers ``Rejected(TOO_MANY_POSITIONS)`` and locks nothing.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import json
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, overload
 
 import numpy as np
 
@@ -83,6 +91,12 @@ PENDING_OPEN = b"\x01"
 # MarginReleased.request_id of start-time reconciliation: every lock made before it is settled
 # (API request ids stay below 2**62).
 START_RECONCILED = (1 << 64) - 1
+# MarginReleased.request_id from here up to START_RECONCILED (excluded): a start-time
+# reconciliation that also sets the user's count of opens holding margin to
+# ``request_id - START_COUNTED``. Requests' ids stay below it.
+START_COUNTED = 1 << 63
+_MAX_COUNT = START_RECONCILED - START_COUNTED - 1
+DEFAULT_MAX_OPEN_POSITIONS = 200  # SPEC "Limits": open positions per account
 
 _I64_MIN, _I64_END = -(1 << 63), 1 << 63
 _ANSWER_TYPES = {"open": OpenPosition, "close": ClosedPosition}  # what resolves a request
@@ -188,6 +202,14 @@ class Balances:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenCount:
+    """-> how many opens of ``user`` hold margin: locks not ended plus positions not settled
+    closed (what ``max_open_positions`` limits; 0 for an unknown user)."""
+
+    user: int
+
+
+@dataclass(frozen=True, slots=True)
 class AppliedSeq:
     """-> the last settlement seq of ``shard`` applied (0 if none)."""
 
@@ -242,8 +264,9 @@ class LockMargin:
     """Move ``lock.margin_micros`` of ``lock.user`` from free to margin.
 
     -> None: locked (the clientOrderId, if any, reserved as pending with ``lock.request_id``);
-    Rejected: not locked (INSUFFICIENT_BALANCE, NOT_FOUND, INVALID_REQUEST; stored as the
-    clientOrderId's first answer); IdemHit: the clientOrderId was seen before, nothing locked.
+    Rejected: not locked (INSUFFICIENT_BALANCE, TOO_MANY_POSITIONS, NOT_FOUND, INVALID_REQUEST;
+    stored as the clientOrderId's first answer); IdemHit: the clientOrderId was seen before,
+    nothing locked.
     """
 
     lock: MarginLock
@@ -327,12 +350,16 @@ class ReconcileAtStart:
     Each user's margin above the margins of their open positions plus unapplied closes
     (``open_margins_by_user``, ``unsettled`` outboxes) is released; every lock ends (none can be
     abandoned any more). Pending clientOrderIds: one whose request id ``resolved`` maps to the
-    position it made gets that answer, every other is dropped. -> ``{user: released_micros}``.
+    position it made gets that answer, every other is dropped. ``open_counts_by_user``: open
+    positions per user over all shards; each user's count of opens holding margin becomes that
+    plus their unapplied closes (None: counts are kept, but a user left with no margin holds
+    none). -> ``{user: released_micros}``.
     """
 
     open_margins_by_user: Mapping[int, int]
     unsettled: Mapping[str, Sequence[SettlementItem]]
     resolved: Mapping[int, object] | None = None
+    open_counts_by_user: Mapping[int, int] | None = None
 
 
 class CreatedAccount(NamedTuple):
@@ -382,13 +409,19 @@ def _stored(answer: object) -> bytes:
 # --------------------------------------------------------------------------- the machine
 class LedgerMachine:
     """The ledger's whole state (see the module docstring); ``signup_balance_micros`` is the
-    deposit of every new account."""
+    deposit of every new account, ``max_open_positions`` the most opens an account may hold
+    margin for."""
 
-    def __init__(self, signup_balance_micros: int) -> None:
+    def __init__(self, signup_balance_micros: int,
+                 max_open_positions: int = DEFAULT_MAX_OPEN_POSITIONS) -> None:
         signup = _int(signup_balance_micros)
         if signup is None or not 0 <= signup < _I64_END:
             raise ValueError("signup_balance_micros must be an int in 0..2**63-1")
+        cap = _int(max_open_positions)
+        if cap is None or cap < 1:
+            raise ValueError("max_open_positions must be an int >= 1")
         self.signup_balance_micros = signup
+        self.max_open_positions = cap
         self.ledger = Ledger()
         self._users_by_key_hash: dict[str, int] = {}
         self._account_ids: dict[int, str] = {}
@@ -405,10 +438,13 @@ class LedgerMachine:
         # leaves when released by that id, abandoned, answered, or evicted past the maximum
         self._recent_locks: collections.OrderedDict[int, _Lock] = collections.OrderedDict()
         self._closed_count = 0
+        # user -> opens holding margin (> 0; see the module docstring), derived by apply
+        self._open_counts: dict[int, int] = {}
         self._deciders: dict[type, Callable[[Any, int], _Decision]] = {
             CreateAccount: self._create_account,
             Authenticate: self._authenticate,
             Balances: self._balances,
+            OpenCount: self._open_count,
             AppliedSeq: self._applied_seq_of,
             History: self._history_of,
             Audit: self._audit,
@@ -451,6 +487,9 @@ class LedgerMachine:
     def _balances(self, c: Balances, now_us: int) -> _Decision:
         return (self.ledger.free_micros(c.user), self.ledger.margin_micros(c.user)), _NO_EVENTS
 
+    def _open_count(self, c: OpenCount, now_us: int) -> _Decision:
+        return self._open_counts.get(c.user, 0), _NO_EVENTS
+
     def _applied_seq_of(self, c: AppliedSeq, now_us: int) -> _Decision:
         return self._applied_seq.get(c.shard, 0), _NO_EVENTS
 
@@ -473,12 +512,18 @@ class LedgerMachine:
                           unsettled: Mapping[str, Sequence[SettlementItem]]) -> dict[int, int]:
         """Margins that must be locked: open positions plus closes not applied here yet."""
         expected = {int(u): int(m) for u, m in open_margins_by_user.items()}
+        for closed in self._unapplied(unsettled):
+            expected[closed.owner] = expected.get(closed.owner, 0) + closed.margin_micros
+        return expected
+
+    def _unapplied(self, unsettled: Mapping[str, Sequence[SettlementItem]]
+                   ) -> list[ClosedPosition]:
+        """The closes of the shards' outboxes not applied here yet (each seq once)."""
+        out: list[ClosedPosition] = []
         for shard, outbox in unsettled.items():
             applied = self._applied_seq.get(shard, 0)
-            waiting = {item.seq: item.closed for item in outbox if item.seq > applied}
-            for closed in waiting.values():
-                expected[closed.owner] = expected.get(closed.owner, 0) + closed.margin_micros
-        return expected
+            out.extend({item.seq: item.closed for item in outbox if item.seq > applied}.values())
+        return out
 
     def _totals(self, c: Totals, now_us: int) -> _Decision:
         accounts = self.ledger.accounts()
@@ -538,7 +583,7 @@ class LedgerMachine:
         if key is not None and key in self._answers:
             return IdemHit(self._answers[key]), _NO_EVENTS
         request_id = _int(lock.request_id)
-        if request_id is None or not 0 <= request_id < START_RECONCILED:
+        if request_id is None or not 0 <= request_id < START_COUNTED:
             return _invalid("request id out of range")
         margin = _int(lock.margin_micros)
         result: Rejected | None = None
@@ -546,6 +591,9 @@ class LedgerMachine:
             result = Rejected(Code.INVALID_REQUEST, "margin must be greater than zero")
         elif not self.ledger.has_user(lock.user):
             result = Rejected(Code.NOT_FOUND, "account not found")
+        elif self._open_counts.get(lock.user, 0) >= self.max_open_positions:
+            result = Rejected(Code.TOO_MANY_POSITIONS,
+                              f"at most {self.max_open_positions} open positions per account")
         elif self.ledger.free_micros(lock.user) < margin:
             result = Rejected(Code.INSUFFICIENT_BALANCE, "insufficient free balance")
         events: list[Event] = []
@@ -559,7 +607,7 @@ class LedgerMachine:
 
     def _release(self, c: ReleaseMargin, now_us: int) -> _Decision:
         request_id = _int(c.request_id)
-        if request_id is None or not 0 <= request_id < START_RECONCILED:
+        if request_id is None or not 0 <= request_id < START_COUNTED:
             return _invalid("request id out of range")
         amount = _int(c.margin_micros)
         if amount is None or amount < 0:
@@ -594,7 +642,7 @@ class LedgerMachine:
         if key in self._answers:
             return IdemHit(self._answers[key]), _NO_EVENTS
         request_id = _int(c.request_id)
-        if request_id is None or not 0 <= request_id < START_RECONCILED:
+        if request_id is None or not 0 <= request_id < START_COUNTED:
             return _invalid("request id out of range")
         return None, [ClientOrderStoredAt(key.user, key.kind, key.client_order_id, request_id,
                                           now_us, PENDING)]
@@ -689,6 +737,11 @@ class LedgerMachine:
         expected = self._expected_margins(c.open_margins_by_user, c.unsettled)
         if any(m < 0 for m in expected.values()):
             return _invalid("open margins must be >= 0")
+        counts: dict[int, int] | None = None
+        if c.open_counts_by_user is not None:
+            counts = self._expected_counts(c.open_counts_by_user, c.unsettled)
+            if counts is None:
+                return _invalid("open counts must be ints >= 0")
         resolved = c.resolved or {}
         events: list[Event] = []
         for key, answer in self._answers.items():
@@ -701,17 +754,41 @@ class LedgerMachine:
             else:  # no process works on it any more: a retry runs again
                 events.append(self._stored_event(key, FORGOTTEN, now_us))
         released: dict[int, int] = {}
+        marked = False  # a start-time MarginReleased ends every remembered lock
         for user in self.ledger.users():
             excess = self.ledger.margin_micros(user) - expected.get(user, 0)
             if excess > 0:
                 released[user] = excess
+            count = None if counts is None else counts.get(user, 0)
+            if count is not None and count != self._open_counts.get(user, 0):
+                events.append(MarginReleased(user, max(excess, 0), START_COUNTED + count))
+                marked = True
+            elif excess > 0:
                 events.append(MarginReleased(user, excess, START_RECONCILED))
-        if not released and self._recent_locks:
+                marked = True
+        if not marked and self._recent_locks:
             # nothing in excess, but the remembered locks still end: a zero release carries
             # the marker (the apply of START_RECONCILED forgets them)
             user = next(iter(self._recent_locks.values()))[0]
             events.append(MarginReleased(user, 0, START_RECONCILED))
         return released, events
+
+    def _expected_counts(self, open_counts_by_user: Mapping[int, int],
+                         unsettled: Mapping[str, Sequence[SettlementItem]]
+                         ) -> dict[int, int] | None:
+        """Opens that will hold margin after the reconciliation: open positions plus closes
+        not applied here yet (None if a count is not an int >= 0)."""
+        counts: dict[int, int] = {}
+        for user, count in open_counts_by_user.items():
+            n, u = _int(count), _int(user)
+            if n is None or u is None or n < 0:
+                return None
+            counts[u] = counts.get(u, 0) + n
+        for closed in self._unapplied(unsettled):
+            counts[closed.owner] = counts.get(closed.owner, 0) + 1
+        if any(n > _MAX_COUNT for n in counts.values()):
+            return None
+        return counts
 
     # ================================================================= apply
     def apply(self, event: Event) -> None:
@@ -745,13 +822,27 @@ class LedgerMachine:
             self._recent_locks[e.request_id] = (e.user, e.amount_micros, None)
             while len(self._recent_locks) > RECENT_LOCKS_MAX:
                 self._recent_locks.popitem(last=False)
+        self._set_open_count(e.user, self._open_counts.get(e.user, 0) + 1)
 
     def _on_margin_released(self, e: MarginReleased) -> None:
         self.ledger.release_margin(e.user, e.amount_micros)
-        if e.request_id == START_RECONCILED:
+        count = self._open_counts.get(e.user, 0)
+        if e.request_id >= START_COUNTED:  # the start-time reconciliation: every lock ended
             self._recent_locks.clear()
-        elif e.request_id:
-            self._recent_locks.pop(e.request_id, None)
+            if e.request_id != START_RECONCILED:
+                count = e.request_id - START_COUNTED
+        else:  # one lock ended (released by its request, or abandoned)
+            if e.request_id:
+                self._recent_locks.pop(e.request_id, None)
+            count -= 1
+        self._set_open_count(e.user, count)
+
+    def _set_open_count(self, user: int, count: int) -> None:
+        """``user`` holds margin for ``count`` opens (none without margin locked)."""
+        if count > 0 and self.ledger.margin_micros(user) > 0:
+            self._open_counts[user] = count
+        else:
+            self._open_counts.pop(user, None)
 
     def _on_settlement_applied(self, e: SettlementApplied) -> None:
         due = self._applied_seq.get(e.shard, 0) + 1
@@ -762,6 +853,7 @@ class LedgerMachine:
         self._add_history(_CLOSED_OF_EVENT(e))
         self._closed_count += 1
         self._applied_seq[e.shard] = e.seq
+        self._set_open_count(e.owner, self._open_counts.get(e.owner, 0) - 1)
 
     def _add_history(self, closed: ClosedPosition) -> None:
         history = self._history.setdefault(closed.owner, [])
@@ -837,15 +929,30 @@ class LedgerMachine:
                              for r, (u, m, k) in self._recent_locks.items()],
             "history_assets": list(assets),
             "closed_count": self._closed_count,
+            "open_counts": sorted(self._open_counts.items()),
         }
         return {"history": history}, meta
 
+    @overload
     @classmethod
     def from_snapshot(cls, signup_balance_micros: int, arrays: Mapping[str, np.ndarray],
-                      meta: Mapping[str, Any]) -> LedgerMachine:
-        """The machine :meth:`snapshot` gave ``(arrays, meta)`` of (also reads the snapshots of
-        the older durable ledger: ``pending_opens``, locks without their clientOrderId)."""
-        m = cls(signup_balance_micros)
+                      meta: Mapping[str, Any], /) -> LedgerMachine: ...
+
+    @overload
+    @classmethod
+    def from_snapshot(cls, signup_balance_micros: int, max_open_positions: int,
+                      arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], /
+                      ) -> LedgerMachine: ...
+
+    @classmethod
+    def from_snapshot(cls, signup_balance_micros: int, *parts: Any) -> LedgerMachine:
+        """The machine :meth:`snapshot` gave ``(arrays, meta)`` of: ``parts`` are the
+        constructor's other arguments (if any), then ``arrays, meta`` (how
+        cluster.actors.host.HostSpec builds it). Also reads the snapshots of the older durable
+        ledger: ``pending_opens``, locks without their clientOrderId, no open counts (they
+        start at 0; the start-time reconciliation sets them)."""
+        *config, arrays, meta = parts
+        m = cls(signup_balance_micros, *config)
         m.ledger = Ledger.from_state(meta["ledger"])
         m._next_user = int(meta["next_user"])
         for user, account_id, key_hash in meta["accounts"]:
@@ -879,19 +986,23 @@ class LedgerMachine:
                               strict=True):
             m._add_history(_HISTORY_ROW(row, names[index]))
         m._closed_count = int(meta["closed_count"])
+        for user, count in meta.get("open_counts", []):
+            m._set_open_count(int(user), int(count))
         return m
 
     @classmethod
-    def restore(cls, signup_balance_micros: int,
-                snapshot: SnapshotParts | None) -> LedgerMachine:
+    def restore(cls, signup_balance_micros: int, snapshot: SnapshotParts | None,
+                max_open_positions: int = DEFAULT_MAX_OPEN_POSITIONS) -> LedgerMachine:
         """From a loaded snapshot (``.arrays``, ``.meta``), or fresh when None."""
         if snapshot is None:
-            return cls(signup_balance_micros)
-        return cls.from_snapshot(signup_balance_micros, snapshot.arrays, snapshot.meta)
+            return cls(signup_balance_micros, max_open_positions)
+        return cls.from_snapshot(signup_balance_micros, max_open_positions, snapshot.arrays,
+                                 snapshot.meta)
 
     def check(self) -> list[str]:
         """The invariants that need nothing outside the ledger ([] = they hold): accounts sum
-        to 0, no negative balance, accounts/history/clientOrderId indexes agree."""
+        to 0, no negative balance, accounts/history/clientOrderId indexes agree, only users
+        with margin locked count open positions."""
         problems: list[str] = []
         led = self.ledger
         total = led.total_micros()
@@ -918,6 +1029,9 @@ class LedgerMachine:
                 problems.append(f"{key} is listed as pending but is not")
         if len(self._recent_locks) > RECENT_LOCKS_MAX:
             problems.append("more recent locks than remembered at most")
+        for user, count in self._open_counts.items():
+            if count <= 0 or not led.has_user(user) or led.margin_micros(user) <= 0:
+                problems.append(f"user {user} counts {count} open positions without margin")
         return problems
 
     def fingerprint(self) -> dict[str, Any]:
@@ -938,6 +1052,7 @@ class LedgerMachine:
             "history_index": sorted((u, sorted(i.items()))
                                     for u, i in self._history_index.items()),
             "closed_count": self._closed_count,
+            "open_counts": sorted(self._open_counts.items()),
         }
 
 
@@ -947,11 +1062,13 @@ def _settlement_event(shard: str, seq: int, c: ClosedPosition) -> SettlementAppl
 
 
 __all__ = [
+    "DEFAULT_MAX_OPEN_POSITIONS",
     "FORGOTTEN",
     "HISTORY_MAX_LIMIT",
     "PENDING",
     "PENDING_OPEN",
     "RECENT_LOCKS_MAX",
+    "START_COUNTED",
     "START_RECONCILED",
     "AbandonLock",
     "AppliedSeq",
@@ -966,6 +1083,7 @@ __all__ = [
     "History",
     "LedgerMachine",
     "LockMargin",
+    "OpenCount",
     "PendingRequests",
     "ReconcileAtStart",
     "ReleaseMargin",

@@ -90,8 +90,8 @@ def host_specs(settings: Settings, data_dir: str | None = None,
     from engine.shard_machine import ShardMachine
 
     options = dict(store_options or {})
-    ledger = HostSpec(LEDGER, LedgerMachine, (settings.signup_balance_micros,), data_dir,
-                      options)
+    ledger = HostSpec(LEDGER, LedgerMachine, (settings.signup_balance_micros,
+                                              settings.max_open_positions), data_dir, options)
     shards = {
         spec.name: HostSpec(spec.name, ShardMachine,
                             (spec.name, spec.book_tag, settings.assets[spec.asset],

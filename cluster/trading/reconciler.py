@@ -15,7 +15,8 @@ Three kinds of loose ends, each settled by asking the state machines, never by g
   and clientOrderIds answered longer than the TTL ago are forgotten (``ExpireAnswers``).
 
 At a platform start, before the API serves, :meth:`at_start` does the last kind for every
-pending reservation and releases any margin no open position backs (``ReconcileAtStart``).
+pending reservation, releases any margin no open position backs and sets each account's count
+of open positions (the SPEC limit) from the shards' books (``ReconcileAtStart``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from cluster.actors.port import Port, Unavailable
@@ -40,11 +41,12 @@ from engine.ledger_machine import (
 )
 from engine.messages import ClosedPosition, IdemKey, OpenPosition, SettlementItem
 from engine.results import Code, Rejected
-from engine.shard_machine import AuditView, Resolve
+from engine.shard_machine import AuditView, PositionsOf, Resolve
 
 log = logging.getLogger(__name__)
 
 STALE_PENDING_S = 30.0  # a reservation pending this long belongs to a request nobody runs
+COUNT_CHUNK = 1_000  # owners per PositionsOf when the open positions are counted
 TRANSIENT_CODES = frozenset({Code.PRICE_UNAVAILABLE})
 
 
@@ -217,16 +219,37 @@ class Reconciler:
             unsettled[name] = tuple(outbox)
         return margins, unsettled
 
+    async def open_counts(self, owners: Sequence[int]) -> dict[int, int]:
+        """How many positions each of ``owners`` has open, summed over the shards (owners
+        with none are absent)."""
+        chunks = [tuple(owners[i:i + COUNT_CHUNK]) for i in range(0, len(owners), COUNT_CHUNK)]
+
+        async def count(port: Port) -> list[tuple[int, int]]:
+            out: list[tuple[int, int]] = []
+            for chunk in chunks:
+                lists = await port.call(PositionsOf(chunk))
+                out.extend((o, len(p)) for o, p in zip(chunk, lists, strict=True) if p)
+            return out
+
+        counts: dict[int, int] = {}
+        for per_shard in await asyncio.gather(*(count(p) for p in self.shards.values())):
+            for owner, n in per_shard:
+                counts[owner] = counts.get(owner, 0) + n
+        return counts
+
     async def at_start(self) -> dict[int, int]:
-        """Before the API serves: settle every pending reservation and release the margin no
-        open position (or unsettled close) backs. Returns ``{user: released_micros}``."""
+        """Before the API serves: settle every pending reservation, release the margin no
+        open position (or unsettled close) backs and count each account's open positions
+        again. Returns ``{user: released_micros}``."""
         for name in self.shards:  # what the shards closed while the ledger was away
             await self.courier.deliver(name)
         request_ids = await self.ledger.call(PendingRequests(0))
         opened, _ = await self._resolve_everywhere(list(request_ids))
         margins, unsettled = await self.shard_views()
+        # nothing trades before the API serves: the books are what the views were taken of
+        counts = await self.open_counts(sorted(margins))
         released: dict[int, int] = await self.ledger.call(
-            ReconcileAtStart(margins, unsettled, opened))
+            ReconcileAtStart(margins, unsettled, opened, counts))
         if released:
             log.warning("released margin no open position backs: %s", released)
         return released

@@ -1,5 +1,6 @@
-"""SPEC "Limits" over a real socket: the body size whatever the transfer encoding, and the rate
-limits (per API key, and account creations per client address) with ``Retry-After``."""
+"""SPEC "Limits" over a real socket: the body size whatever the transfer encoding, the rate
+limits (per API key, and account creations per client address) with ``Retry-After``, and the
+open positions per account."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from cluster.config import Settings
-from tests.e2e.api_client import error_code, signup, tick
+from tests.e2e.api_client import error_code, open_ids, open_position, signup, state, tick
 from tests.e2e.http_platform import LocalHttpPlatform
 
 LIMIT = 16 * 1024  # the SPEC default
@@ -145,3 +146,44 @@ def test_account_creations_per_address_are_limited() -> None:
         r = c.post("/api/v1/accounts", json={})
         assert 25 <= retry_after(r) <= 30  # one creation every 30 s
         assert c.get("/api/v1/prices").status_code == 200  # only creations are limited here
+
+
+def test_open_positions_per_account_are_limited() -> None:
+    """MAX_OPEN_POSITIONS=3: the fourth open answers 409 TOO_MANY_POSITIONS in the SPEC error
+    shape and locks nothing (a clientOrderId keeps that first answer); once one is closed an
+    open is accepted again. Another account has its own limit."""
+    settings = Settings(max_open_positions=3, api_key_rate_per_s=0, signups_per_min=0)
+    with LocalHttpPlatform(settings) as p, httpx.Client(base_url=p.base_url, timeout=10) as c:
+        h, other = signup(c), signup(c)
+        tick(p, c, "SOL", "100.00", "100.01")
+        order = {"asset": "SOL", "type": "long", "margin": "10", "leverage": 2}
+        ids = [open_position(c, h, **order)["positionId"] for _ in range(3)]
+        r = c.post("/api/v1/positions/open", json=order, headers=h)
+        assert r.status_code == 409, r.text
+        body = r.json()
+        assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+        assert body["error"]["code"] == "TOO_MANY_POSITIONS"
+        assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+        keyed = {**order, "clientOrderId": "one-too-many"}
+        r = c.post("/api/v1/positions/open", json=keyed, headers=h)
+        assert r.status_code == 409 and error_code(r) == "TOO_MANY_POSITIONS", r.text
+        account = state(c, h)
+        assert account["balances"]["margin"] == "30.000000"
+        assert sorted(open_ids(c, h)) == sorted(ids)
+        assert open_position(c, other, **order)["positionId"] not in ids
+        r = c.post("/api/v1/positions/close", json={"positionId": ids[0]}, headers=h)
+        assert r.status_code == 200, r.text
+        assert open_position(c, h, **order)["positionId"] not in ids
+        r = c.post("/api/v1/positions/open", json=order, headers=h)
+        assert r.status_code == 409 and error_code(r) == "TOO_MANY_POSITIONS", r.text
+        r = c.post("/api/v1/positions/close", json={"positionId": ids[1]}, headers=h)
+        assert r.status_code == 200, r.text
+        # the clientOrderId's first answer stays; a new request opens
+        r = c.post("/api/v1/positions/open", json=keyed, headers=h)
+        assert r.status_code == 409 and error_code(r) == "TOO_MANY_POSITIONS", r.text
+        assert open_position(c, h, **order)["positionId"] not in ids
+        assert len(open_ids(c, h)) == 3
+        doc = c.get("/openapi.json").json()
+        answers = doc["paths"]["/api/v1/positions/open"]["post"]["responses"]
+        assert "TOO_MANY_POSITIONS" in answers["409"]["description"]
+        assert p.audit() == []

@@ -38,6 +38,7 @@ BAD = {
     "API_KEY_BURST": ["0"],
     "SIGNUPS_PER_MIN": ["-1"],
     "STATE_POSITIONS": ["0", "10001", "x"],
+    "MAX_OPEN_POSITIONS": ["0", "100001", "x"],
     "CLIENT_ORDER_ID_TTL_S": ["59", "2592001", "1.5"],
 }
 

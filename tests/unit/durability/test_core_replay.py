@@ -4,12 +4,14 @@ settlements delivered shard -> ledger (Outbox -> ApplySettlements -> AckOutbox),
 the same request id or the same clientOrderId, answers lost and settled by the reconciler's
 rules, and crashes anywhere (a crash reopens a runner from its directory, dropping its memory).
 
-After every step the invariants hold: each machine's ``check()``, and the ledger's audit
-against the shards' open margins and outboxes. After every crash the recovered state is the
-live one (but for the volatile events it had not committed), and equals a full replay of the
-journal. At the end every journal, replayed into a fresh machine, gives the live state field by
-field: a twin of each journal keeps every record its runner wrote (the journal itself drops the
-ones a snapshot covers, and must hold exactly the twin's tail).
+After every step the invariants hold: each machine's ``check()``, the ledger's audit against
+the shards' open margins and outboxes, and its count of each account's open positions (the
+SPEC limit, small in some runs) against the shards' books and outboxes. After every crash the
+recovered state is the live one (but for the volatile events it had not committed), and
+equals a full replay of the journal. At the end every journal, replayed into a fresh machine,
+gives the live state field by field: a twin of each journal keeps every record its runner
+wrote (the journal itself drops the ones a snapshot covers, and must hold exactly the twin's
+tail).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from hypothesis import strategies as st
 from cluster.durability.runner import Runner
 from cluster.durability.snapshot import Snapshot
 from engine.ledger_machine import (
+    DEFAULT_MAX_OPEN_POSITIONS,
     AbandonLock,
+    AppliedSeq,
     ApplySettlements,
     Audit,
     Begin,
@@ -37,7 +41,9 @@ from engine.ledger_machine import (
     CreatedAccount,
     Forget,
     History,
+    LedgerMachine,
     LockMargin,
+    OpenCount,
     PendingRequests,
     ReconcileAtStart,
     ReleaseMargin,
@@ -65,22 +71,22 @@ from engine.shard_machine import (
     Close,
     Open,
     Outbox,
+    PositionsOf,
     Resolve,
     ResumeSeq,
     Stats,
 )
 from tests.unit.durability.hosted import (
     MAX_AGE_US,
+    SIGNUP,
     USD,
     VOLATILE_FIELDS,
     Clock,
     account,
     assert_same,
-    build_ledger,
     crash,
     journal_tail,
     one,
-    open_ledger,
     open_shard,
     replay,
     shard_builder,
@@ -96,10 +102,14 @@ KEYS = 3  # clientOrderIds per user and kind: reuse (a retry) is frequent
 class Platform:
     """The three runners in ``root`` and what the clients were answered."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, cap: int = DEFAULT_MAX_OPEN_POSITIONS) -> None:
         self.root = root
         self.clock = Clock()
         self.twins: dict[str, list[bytes]] = {LEDGER: [], **{name: [] for name in SHARDS}}
+
+        def build_ledger(snapshot: Snapshot | None) -> LedgerMachine:
+            return LedgerMachine.restore(SIGNUP, snapshot, cap)
+
         self.builds: dict[str, Callable[[Snapshot | None], Any]] = {
             LEDGER: build_ledger,
             **{name: shard_builder(name, tag, MM_PPM) for name, tag in SHARDS.items()}}
@@ -114,12 +124,14 @@ class Platform:
         self.closes: list[tuple[str, Close, SettlementItem]] = []
         self.in_flight: dict[int, IdemKey] = {}  # request id -> key, of requests cut off
         self.crashes = 0
+        self.cap = cap
 
     # ----------------------------------------------------------------- plumbing
     def open(self, name: str) -> Runner[Any]:
         runner: Runner[Any]
         if name == LEDGER:
-            runner = open_ledger(self.root / name, self.clock, snapshot_every_records=7)
+            runner = Runner.open(self.root / name, self.builds[name], self.clock, fsync=False,
+                                 background_snapshots=False, snapshot_every_records=7)
         else:
             runner = open_shard(self.root / name, self.clock, self.builds[name],
                                 snapshot_every_records=5)
@@ -163,6 +175,25 @@ class Platform:
                 margins[user] = margins.get(user, 0) + micros
             unsettled[name] = outbox
         assert self.ask(LEDGER, Audit(margins, unsettled)) == []
+        # each account holds margin for its open positions and its closes not applied yet
+        counts = self.open_counts()
+        for name, outbox in unsettled.items():
+            applied = self.ask(LEDGER, AppliedSeq(name))
+            for item in outbox:
+                if item.seq > applied:
+                    counts[item.closed.owner] = counts.get(item.closed.owner, 0) + 1
+        for user in self.users:
+            assert self.ask(LEDGER, OpenCount(user)) == counts.get(user, 0), user
+
+    def open_counts(self) -> dict[int, int]:
+        """Open positions per user on all shards (as the reconciler counts them)."""
+        counts: dict[int, int] = {}
+        for name in NAMES:
+            for user, positions in zip(self.users, self.ask(name, PositionsOf(
+                    tuple(self.users))), strict=True):
+                if positions:
+                    counts[user] = counts.get(user, 0) + len(positions)
+        return counts
 
     def crash(self, names: list[str]) -> None:
         """Kill and reopen: the recovered state is the live one but for uncommitted volatile
@@ -234,7 +265,8 @@ class Platform:
             shard_margins, unsettled[name] = self.ask(name, AuditView())
             for user, micros in shard_margins.items():
                 margins[user] = margins.get(user, 0) + micros
-        assert self.ask(LEDGER, ReconcileAtStart(margins, unsettled, opened)) == (released or {})
+        assert self.ask(LEDGER, ReconcileAtStart(margins, unsettled, opened,
+                                                 self.open_counts())) == (released or {})
         for rid, key in self.in_flight.items():
             if rid in opened:
                 self.answer_is_stored(key, opened[rid])
@@ -278,7 +310,9 @@ class Platform:
             abandoned = self.ask(LEDGER, AbandonLock(rid))
             assert abandoned == ((rid, user, margin) if locked is None else None)
         if isinstance(locked, Rejected):
-            assert locked.code is Code.INSUFFICIENT_BALANCE
+            assert locked.code in (Code.INSUFFICIENT_BALANCE, Code.TOO_MANY_POSITIONS)
+            if locked.code is Code.TOO_MANY_POSITIONS:
+                assert self.ask(LEDGER, OpenCount(user)) >= self.cap
             if key is not None:
                 self.answer_is_stored(key, locked)
             return
@@ -497,15 +531,20 @@ OPS = st.lists(st.one_of(
 ), min_size=15, max_size=45)
 
 
+# open positions per account: a small limit is reached often (a large one lets bulk opens
+# make the long runs that replay vectorised)
+CAPS = st.sampled_from([2, DEFAULT_MAX_OPEN_POSITIONS])
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(OPS)
+@given(OPS, CAPS)
 def test_any_run_with_crashes_replays_to_the_live_state_and_keeps_the_books(
-        ops: list[tuple[Any, ...]]) -> None:
+        ops: list[tuple[Any, ...]], cap: int) -> None:
     root = Path(tempfile.mkdtemp(prefix="core-replay-"))
     # fsync=False leaves the journal's data unflushed; the flushes of directories and
     # snapshot files go too (the disk is not the subject here, and they take most of the time)
     with mock.patch.object(os, "fsync", lambda fd: None):
-        platform = Platform(root)
+        platform = Platform(root, cap)
         try:
             platform.run(("account",))
             platform.run(("tick", 0, 1, False))

@@ -47,6 +47,7 @@ from engine.ledger_machine import (
     History,
     LedgerMachine,
     LockMargin,
+    OpenCount,
     PendingRequests,
     ReconcileAtStart,
     ReleaseMargin,
@@ -93,8 +94,8 @@ class Recorded:
     """A LedgerMachine stepped like the durable runner does it: every command's events are
     one journal record (``records``); ``check()`` holds after every step."""
 
-    def __init__(self) -> None:
-        self.m = LedgerMachine(SIGNUP)
+    def __init__(self, max_open_positions: int = 200) -> None:
+        self.m = LedgerMachine(SIGNUP, max_open_positions)
         self.records: list[bytes] = []
         self.now_us = NOW
         self.accounts = 0
@@ -124,7 +125,7 @@ class Recorded:
 
     def replayed(self, base: LedgerMachine | None = None, start: int = 0) -> LedgerMachine:
         """A machine rebuilt from ``base`` (fresh when None) plus ``records[start:]``."""
-        again = base if base is not None else LedgerMachine(SIGNUP)
+        again = base if base is not None else LedgerMachine(SIGNUP, self.m.max_open_positions)
         for record in self.records[start:]:
             again.apply_batch(again.decode_record(record))
         return again
@@ -141,7 +142,8 @@ def snapshot_round_trip(m: LedgerMachine) -> LedgerMachine:
     """snapshot -> (JSON meta, as a snapshot file stores it) -> from_snapshot."""
     arrays, meta = m.snapshot()
     meta = json.loads(json.dumps(meta))
-    return LedgerMachine.from_snapshot(SIGNUP, {k: v.copy() for k, v in arrays.items()}, meta)
+    return LedgerMachine.from_snapshot(SIGNUP, m.max_open_positions,
+                                       {k: v.copy() for k, v in arrays.items()}, meta)
 
 
 # ----------------------------------------------------------------------------- accounts
@@ -661,19 +663,23 @@ OPS = st.lists(st.one_of(
     st.tuples(st.just("forget"), st.integers(0, KEYS - 1)),
     st.tuples(st.just("bad"), st.integers(0, 1)),
     st.tuples(st.just("settle_requests"), st.integers(0, 255)),
-    st.tuples(st.just("reconcile")),
+    st.tuples(st.just("reconcile"), st.booleans()),
     st.tuples(st.just("snapshot")),
     st.tuples(st.just("wait"), st.integers(0, 10**7)),
     st.tuples(st.just("expire"), st.integers(0, 3 * 10**7)),
 ), min_size=10, max_size=80)
 
 
+CAPS = st.sampled_from([2, 200])  # open positions per account: a small one is reached often
+
+
 class Model:
     """Drives a Recorded ledger with random commands; ``replica`` follows from the journal."""
 
-    def __init__(self) -> None:
-        self.led = Recorded()
-        self.replica = LedgerMachine(SIGNUP)
+    def __init__(self, cap: int = 200) -> None:
+        self.led = Recorded(cap)
+        self.replica = LedgerMachine(SIGNUP, cap)
+        self.cap = cap
         self.users: list[int] = []
         self.locks: list[tuple[int, int, int]] = []  # user, margin, request id (held)
         self.lock_rids: list[int] = []  # request ids of every lock made
@@ -699,6 +705,10 @@ class Model:
         answer = self.led(command)  # asserts check() == []
         if isinstance(command, ApplySettlements) and isinstance(answer, Rejected):
             assert len(self.led.records) == records  # nothing of the batch applies
+        if isinstance(answer, Rejected) and answer.code is Code.TOO_MANY_POSITIONS:
+            assert isinstance(command, LockMargin)
+            assert self.led(OpenCount(command.lock.user)) >= self.cap
+            assert m.fingerprint()["accounts"] == before["accounts"]  # nothing locked
         if len(self.led.records) == records:  # no events: nothing changed
             assert m.fingerprint() == before
         for record in self.led.records[records:]:
@@ -778,9 +788,12 @@ class Model:
             self.step(SettleRequests(opened_, absent))
         elif kind == "reconcile":
             margins: dict[int, int] = {}
+            counts: dict[int, int] = {}
             for user, margin, _ in self.locks:
                 margins[user] = margins.get(user, 0) + margin
-            self.step(ReconcileAtStart(margins, dict(self.outbox)))
+                counts[user] = counts.get(user, 0) + 1
+            self.step(ReconcileAtStart(margins, dict(self.outbox), None,
+                                       counts if op[1] else None))
         elif kind == "snapshot":
             restored = snapshot_round_trip(self.led.m)
             assert restored.fingerprint() == self.led.m.fingerprint()
@@ -793,9 +806,9 @@ class Model:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(OPS)
-def test_any_sequence_replays_to_an_equal_state(ops: list[tuple[Any, ...]]) -> None:
-    model = Model()
+@given(OPS, CAPS)
+def test_any_sequence_replays_to_an_equal_state(ops: list[tuple[Any, ...]], cap: int) -> None:
+    model = Model(cap)
     model.run(("account",))
     for op in ops:
         model.run(op)
