@@ -42,6 +42,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -71,6 +72,7 @@ def _always(shard: str) -> bool:
     return True
 
 
+@dataclass(eq=False)
 class MarketDataConsumer:
     """Reads ``topic`` on an asyncio loop into ``pipeline`` and calls the shards with ``call``.
 
@@ -87,23 +89,21 @@ class MarketDataConsumer:
     (wall-clock seconds of the first and last poll that returned records).
     """
 
-    def __init__(self, bootstrap: str, pipeline: TickPipeline, call: ShardCall, *,
-                 reachable: Callable[[str], bool] = _always, topic: str = MARKET_TOPIC,
-                 client_id: str = "shardex-feed", start_from: str = "latest",
-                 max_batch: int = 20_000, fetch_max_wait_ms: int = 5,
-                 partition_check_s: float = 1.0) -> None:
-        if start_from not in ("latest", "earliest"):
+    bootstrap: str
+    pipeline: TickPipeline
+    call: ShardCall
+    _: KW_ONLY
+    reachable: Callable[[str], bool] = _always
+    topic: str = MARKET_TOPIC
+    client_id: str = "shardex-feed"
+    start_from: str = "latest"
+    max_batch: int = 20_000
+    fetch_max_wait_ms: int = 5
+    partition_check_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.start_from not in ("latest", "earliest"):
             raise ValueError("start_from must be 'latest' or 'earliest'")
-        self.bootstrap = bootstrap
-        self.pipeline = pipeline
-        self.topic = topic
-        self.client_id = client_id
-        self.start_from = start_from
-        self.max_batch = max_batch
-        self.fetch_max_wait_ms = fetch_max_wait_ms
-        self.partition_check_s = partition_check_s
-        self._call = call
-        self._reachable = reachable
         self.consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[None]] = set()
@@ -311,7 +311,7 @@ class MarketDataConsumer:
         if not fanout.pending_count():
             return
         reachable = [name for name in fanout.shards
-                     if fanout.pending[name] and self._reachable(name)]
+                     if fanout.pending[name] and self.reachable(name)]
         for name, ticks in self.pipeline.take_ready(reachable):
             task = asyncio.get_running_loop().create_task(self._deliver(name, ticks))
             self._calls.add(task)
@@ -320,7 +320,7 @@ class MarketDataConsumer:
     async def _deliver(self, shard: str, ticks: list[Tick]) -> None:
         ok = False
         try:
-            await self._call(shard, ticks)
+            await self.call(shard, ticks)
             ok = True
         except Exception as exc:  # a dead or failing shard: its ticks stay pending
             self.last_error = f"shard {shard}: {type(exc).__name__}: {exc}"

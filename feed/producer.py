@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -24,6 +25,7 @@ from feed.settings import MARKET_TOPIC
 log = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
 class MarketDataProducer:
     """``await start()``, ``await publish(msg)`` (many), ``await stop()``.
 
@@ -32,15 +34,15 @@ class MarketDataProducer:
     ``create_topic`` makes the producer create the topic (one partition per asset) when missing.
     """
 
-    def __init__(self, bootstrap: str, assets: AssetRegistry, *, topic: str = MARKET_TOPIC,
-                 linger_ms: int = 1, create_topic: bool = True,
-                 request_timeout_ms: int = 5000) -> None:
-        self.bootstrap = bootstrap
-        self.assets = assets
-        self.topic = topic
-        self.linger_ms = linger_ms
-        self.create_topic = create_topic
-        self.request_timeout_ms = request_timeout_ms
+    bootstrap: str
+    assets: AssetRegistry
+    _: KW_ONLY
+    topic: str = MARKET_TOPIC
+    linger_ms: int = 1
+    create_topic: bool = True
+    request_timeout_ms: int = 5000
+
+    def __post_init__(self) -> None:
         self._producer: AIOKafkaProducer | None = None
         self._partitions = 0
         self._broken = False
