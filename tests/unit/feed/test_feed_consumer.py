@@ -206,6 +206,16 @@ def attach(c: MarketDataConsumer, topic: Topic) -> FakeConsumer:
     return fake
 
 
+async def assigned(topic: Topic, shards: Shards, **options: Any
+                   ) -> tuple[MarketDataConsumer, FakeConsumer]:
+    """A consumer (:func:`make`) reading ``topic`` through a fake Kafka consumer that has just
+    been assigned the topic's partitions."""
+    c = make(shards, **options)
+    fake = attach(c, topic)
+    assert await c.check_assignment(fake)  # type: ignore[arg-type]
+    return c, fake
+
+
 async def settle() -> None:
     for _ in range(20):
         await asyncio.sleep(0)
@@ -239,9 +249,7 @@ async def test_earliest_starts_at_the_beginning() -> None:
     topic = Topic(3)
     for bid in range(B, B + 5):
         topic.produce("SOL", bid)
-    c = make(Shards(), start_from="earliest")
-    fake = attach(c, topic)
-    assert await c.check_assignment(fake)  # type: ignore[arg-type]
+    _, fake = await assigned(topic, Shards(), start_from="earliest")
     assert fake.positions == {tp(0): 0, tp(1): 0, tp(2): 0}
 
 
@@ -258,9 +266,7 @@ async def test_no_topic_no_assignment() -> None:
 async def test_polled_ticks_reach_their_shards_and_lag_counts_the_unread() -> None:
     topic = Topic(3)
     shards = Shards()
-    c = make(shards)
-    fake = attach(c, topic)
-    assert await c.check_assignment(fake)  # type: ignore[arg-type]
+    c, fake = await assigned(topic, shards)
     for bid in (B, B + 1, B + 2):
         topic.produce("SOL", bid)
     topic.produce("BTC", 900_000)
@@ -290,9 +296,7 @@ async def test_polled_ticks_reach_their_shards_and_lag_counts_the_unread() -> No
 @pytest.mark.asyncio
 async def test_a_new_partition_is_assigned_without_moving_the_others() -> None:
     topic = Topic(2)
-    c = make(Shards())
-    fake = attach(c, topic)
-    assert await c.check_assignment(fake)  # type: ignore[arg-type]
+    c, fake = await assigned(topic, Shards())
     topic.produce("SOL", B)
     topic.produce("SOL", B + 1)
     await c.poll(fake)  # type: ignore[arg-type]
@@ -310,9 +314,7 @@ async def test_a_new_partition_is_assigned_without_moving_the_others() -> None:
 async def test_a_partition_whose_end_fell_below_the_read_position_is_read_again() -> None:
     topic = Topic(3)
     shards = Shards()
-    c = make(shards)
-    fake = attach(c, topic)
-    assert await c.check_assignment(fake)  # type: ignore[arg-type]
+    c, fake = await assigned(topic, shards)
     for bid in range(B, B + 10):
         topic.produce("SOL", bid)
     await c.poll(fake)  # type: ignore[arg-type]
@@ -334,9 +336,7 @@ async def test_failed_and_unreachable_shards_keep_their_newest_ticks() -> None:
     shards = Shards()
     shards.fail.add("s0")
     shards.unreachable.add("s2")
-    c = make(shards)
-    fake = attach(c, topic)
-    assert await c.check_assignment(fake)  # type: ignore[arg-type]
+    c, fake = await assigned(topic, shards)
     topic.produce("SOL", B)
     topic.produce("ETH", 3 * B)
     await c.poll(fake)  # type: ignore[arg-type]
@@ -362,9 +362,7 @@ async def test_at_most_max_in_flight_calls_per_shard_and_the_newest_goes_next() 
     topic = Topic(3)
     shards = Shards()
     shards.hold = asyncio.Event()
-    c = make(shards, max_in_flight=1)
-    fake = attach(c, topic)
-    assert await c.check_assignment(fake)  # type: ignore[arg-type]
+    c, fake = await assigned(topic, shards, max_in_flight=1)
     for bid in range(B, B + 10):
         topic.produce("SOL", bid)
         await c.poll(fake)  # type: ignore[arg-type]
