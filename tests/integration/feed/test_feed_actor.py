@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import ray
 from feed_recording_shard import RecordingShard
+from feed_waits import now_us, wait_for
 
 from cluster.config import Settings
 from cluster.feed_actor import FeedActor
@@ -24,19 +25,6 @@ from feed.producer import MarketDataProducer
 from feed.source import make_source, run_source
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
-
-
-async def wait_for(predicate: Any, timeout_s: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def ticks_of(shard: Any) -> list[Tick]:

@@ -3,10 +3,9 @@ keeps delivering the good ticks, never a bad one, and counts every drop by reaso
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
 import random
-import time
 import uuid
 from typing import Any
 
@@ -14,6 +13,8 @@ import pytest
 import ray
 from aiokafka import AIOKafkaProducer
 from feed_recording_shard import RecordingShard
+from feed_waits import now_us
+from feed_waits import wait_for as _wait_for
 
 from cluster.config import Settings
 from cluster.feed_actor import FeedActor
@@ -26,10 +27,7 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 
 SOL = DEFAULT_ASSETS["SOL"]
 PARTITION = {a.name: a.index for a in DEFAULT_ASSETS.assets}  # the producer's layout
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
+wait_for = functools.partial(_wait_for, timeout_s=20.0, poll_s=0.02)  # 20 s at most, every 20 ms
 
 
 def value(asset: str, bid: str | int, ask: str | int, ts_us: int, **over: Any) -> bytes:
@@ -73,15 +71,6 @@ def hostile_messages(rng: random.Random) -> list[tuple[bytes | None, bytes, str]
         junk: dict[str, object] = {k: rng.choice([None, [], {}, "a", -1.5]) for k in keys}
         out.append((key, json.dumps(junk).encode(), "unknown_symbol"))
     return out
-
-
-async def wait_for(predicate: Any, timeout_s: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_hostile_messages_are_dropped_by_reason_and_good_ticks_flow(
