@@ -1,11 +1,12 @@
 """The schema of a position and of its close: every field declared once.
 
 A :class:`Field` says what one value of a position is: its name, its unit (:data:`TICKS`,
-:data:`STEPS`, :data:`MICROS`, :data:`US`, :data:`ID`, :data:`ENUM`...), its width on the wire
-(the ``struct`` code the journal's events encode it with: ``Q`` u64, ``q`` i64, ``B`` u8, ``H``
-u16, ``I`` u32; text is variable-length with a length prefix) and the numpy dtype of a column
-holding it (the book stores side, leverage and the rate narrower than their wire width allows
-for nothing: their ranges are checked before they get there).
+:data:`STEPS`, :data:`MICROS`, :data:`US`, :data:`ID`, :data:`ENUM`...), and what its unit
+gives it (:data:`UNIT_WIDTHS`): its width on the wire (the ``struct`` code the journal's events
+encode it with: ``Q`` u64, ``q`` i64, ``B`` u8, ``H`` u16, ``I`` u32; text is variable-length
+with a length prefix) and the numpy dtype of a column holding it (the book stores side,
+leverage and the rate narrower than their wire width allows for nothing: their ranges are
+checked before they get there).
 
 Groups are tuples of fields, in the order records declare them:
 
@@ -32,7 +33,7 @@ from __future__ import annotations
 import keyword
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -63,6 +64,27 @@ WIRE_DTYPES: dict[str, str] = {"B": "u1", "b": "i1", "H": "<u2", "h": "<i2", "I"
                                "i": "<i4", "Q": "<u8", "q": "<i8"}
 """numpy dtype of each ``struct`` code (little-endian, as the journal writes them)."""
 
+_I64 = np.dtype(np.int64)
+_I32 = np.dtype(np.int32)
+_I8 = np.dtype(np.int8)
+_U64 = np.dtype(np.uint64)
+UNIT_WIDTHS: dict[str, tuple[str | None, np.dtype | None]] = {
+    ID: ("Q", _I64),  # ids stay below 2**63: an int64 column holds them
+    TICKS: ("q", _I64),
+    STEPS: ("q", _I64),
+    MICROS: ("q", _I64),
+    US: ("q", _I64),
+    ENUM: ("B", _I8),
+    LEVERAGE: ("H", _I32),
+    PPM: ("I", _I32),
+    SEQ: ("Q", _U64),
+    TEXT: (None, None),
+}
+"""Each unit's ``struct`` code on the wire (None: variable-length, after a length prefix of
+:data:`TEXT_PREFIX`) and the numpy dtype of a column holding it (None: no column)."""
+TEXT_PREFIX = "B"
+"""The ``struct`` code of a text field's length prefix (u8: at most 255 bytes)."""
+
 
 class SchemaError(TypeError):
     """A record, layout or conversion that does not match the schema."""
@@ -72,31 +94,36 @@ class SchemaError(TypeError):
 class Field:
     """One value of a position (or of a record carrying one).
 
-    ``code``: ``struct`` code of its wire width, None for a variable-length field (then
-    ``prefix`` is the code of its length prefix); ``dtype``: numpy dtype of a column holding
-    it (None for text); ``column``: its name as a book column / snapshot array, when that
-    differs; ``enum``: the engine.orders IntEnum of an :data:`ENUM` field; ``zero_is_none``:
-    0 means "not set" (a trigger level, a liquidation price no positive price reaches);
-    ``nullable``: the value may be None.
+    ``column``: its name as a book column / snapshot array, when that differs; ``enum``: the
+    labels of an :data:`ENUM` field's values; ``zero_is_none``: 0 means "not set" (a trigger
+    level, a liquidation price no positive price reaches); ``nullable``: the value may be None;
+    ``dtype``: numpy dtype of a column holding it, when not its unit's. Set from the unit
+    (:data:`UNIT_WIDTHS`): ``code``, the ``struct`` code of its wire width (None for a
+    variable-length field, then ``prefix`` is the code of its length prefix), and ``dtype``
+    unless given (None for text).
     """
 
     name: str
     unit: str
-    code: str | None
-    dtype: np.dtype | None
     doc: str
     column: str = ""
     enum: tuple[str, ...] | None = None  # an enum's labels by value (engine.orders checks them)
-    prefix: str = ""
     zero_is_none: bool = False
     nullable: bool = False
+    dtype: np.dtype | None = None
+    code: str | None = field(init=False)
+    prefix: str = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or keyword.iskeyword(self.name):
             raise SchemaError(f"field name {self.name!r} is not an identifier")
-        if (self.code is None) == (not self.prefix) or (self.code or self.prefix) \
-                not in WIRE_DTYPES:
-            raise SchemaError(f"{self.name}: a field has a wire code or a length prefix")
+        if self.unit not in UNIT_WIDTHS:
+            raise SchemaError(f"{self.name}: unknown unit {self.unit!r}")
+        code, dtype = UNIT_WIDTHS[self.unit]
+        object.__setattr__(self, "code", code)
+        object.__setattr__(self, "prefix", "" if code else TEXT_PREFIX)
+        if self.dtype is None:
+            object.__setattr__(self, "dtype", dtype)
         if not self.column:
             object.__setattr__(self, "column", self.name)
 
@@ -109,61 +136,54 @@ class Field:
 
     def renamed(self, name: str) -> Field:
         """The same field under another name (a record that calls it differently)."""
-        return Field(name, self.unit, self.code, self.dtype, self.doc, "", self.enum,
-                     self.prefix, self.zero_is_none, self.nullable)
+        return replace(self, name=name, column="")
 
 
 Group = tuple[Field, ...]
 
 # --------------------------------------------------------------------------- the fields
-_I64 = np.dtype(np.int64)
-_I32 = np.dtype(np.int32)
-_I8 = np.dtype(np.int8)
-_U64 = np.dtype(np.uint64)
-position_id = Field("position_id", ID, "Q", _I64,
+position_id = Field("position_id", ID,
                     "the position's id (engine.position_ids); a free book row holds minus the "
                     "last id it carried")
-owner = Field("owner", ID, "Q", _I64, "the user holding the position")
-side = Field("side", ENUM, "B", _I8, "Side: 0 long, 1 short", enum=("long", "short"))
-entry_ticks = Field("entry_ticks", TICKS, "q", _I64,
-                    "entry price: the ask for a long, the bid for a short")
-qty_steps = Field("qty_steps", STEPS, "q", _I64,
-                  "quantity (on a free book row: the next free row, -1 = none)")
-margin_micros = Field("margin_micros", MICROS, "q", _I64, "the isolated margin locked")
-leverage = Field("leverage", LEVERAGE, "H", _I32, "leverage, 1..the asset's maximum")
-liq_ticks = Field("liq_ticks", TICKS, "q", _I64,
+owner = Field("owner", ID, "the user holding the position")
+side = Field("side", ENUM, "Side: 0 long, 1 short", enum=("long", "short"))
+entry_ticks = Field("entry_ticks", TICKS, "entry price: the ask for a long, the bid for a short")
+qty_steps = Field("qty_steps", STEPS, "quantity (on a free book row: the next free row, -1 = none)")
+margin_micros = Field("margin_micros", MICROS, "the isolated margin locked")
+leverage = Field("leverage", LEVERAGE, "leverage, 1..the asset's maximum")
+liq_ticks = Field("liq_ticks", TICKS,
                   "liquidation price, rounded to a tick so that comparing a tick with it is "
                   "exact; 0: a long that no positive price liquidates", zero_is_none=True)
-tp_ticks = Field("tp_ticks", TICKS, "q", _I64, "take-profit; 0 = none (engine.orders.NO_LEVEL)",
+tp_ticks = Field("tp_ticks", TICKS, "take-profit; 0 = none (engine.orders.NO_LEVEL)",
                  zero_is_none=True)
-sl_ticks = Field("sl_ticks", TICKS, "q", _I64, "stop-loss; 0 = none (engine.orders.NO_LEVEL)",
+sl_ticks = Field("sl_ticks", TICKS, "stop-loss; 0 = none (engine.orders.NO_LEVEL)",
                  zero_is_none=True)
-opened_ts_us = Field("opened_ts_us", US, "q", _I64, "when the position opened")
-maintenance_margin_ppm = Field("maintenance_margin_ppm", PPM, "I", _I32,
+opened_ts_us = Field("opened_ts_us", US, "when the position opened")
+maintenance_margin_ppm = Field("maintenance_margin_ppm", PPM,
                                "maintenance margin rate the liquidation price was computed with",
                                column="mm_ppm")
-mm_micros = Field("mm_micros", MICROS, "q", _I64,
+mm_micros = Field("mm_micros", MICROS,
                   "maintenance margin, floored to a micro-dollar (informational)")
 
-exit_ticks = Field("exit_ticks", TICKS, "q", _I64,
+exit_ticks = Field("exit_ticks", TICKS,
                    "closing-side price: the bid for a long, the ask for a short")
-pnl_micros = Field("pnl_micros", MICROS, "q", _I64, "realized PnL, floored")
-payout_micros = Field("payout_micros", MICROS, "q", _I64, "paid to the user's free balance")
-house_micros = Field("house_micros", MICROS, "q", _I64, "to the house (-pnl)")
-insurance_micros = Field("insurance_micros", MICROS, "q", _I64,
+pnl_micros = Field("pnl_micros", MICROS, "realized PnL, floored")
+payout_micros = Field("payout_micros", MICROS, "paid to the user's free balance")
+house_micros = Field("house_micros", MICROS, "to the house (-pnl)")
+insurance_micros = Field("insurance_micros", MICROS,
                          "to the insurance fund (margin + pnl - payout)")
-reason = Field("reason", ENUM, "B", _I8, "CloseReason",
+reason = Field("reason", ENUM, "CloseReason",
                enum=("manual", "take_profit", "stop_loss", "liquidation"))
-closed_ts_us = Field("closed_ts_us", US, "q", _I64, "when the position closed")
+closed_ts_us = Field("closed_ts_us", US, "when the position closed")
 
-asset = Field("asset", TEXT, None, None, "engine.assets.Asset.name", prefix="B")
-unrealized_pnl_micros = Field("unrealized_pnl_micros", MICROS, "q", _I64,
+asset = Field("asset", TEXT, "engine.assets.Asset.name")
+unrealized_pnl_micros = Field("unrealized_pnl_micros", MICROS,
                               "PnL at the last tick's closing-side price; None without a tick",
                               nullable=True)
-request_id = Field("request_id", ID, "Q", _U64,
-                   "the request that opened (or closed) it; 0 = none given")
-seq = Field("seq", SEQ, "Q", _U64, "the close's settlement number in its shard")
-shard = Field("shard", TEXT, None, None, "the shard's name", prefix="B")
+request_id = Field("request_id", ID, "the request that opened (or closed) it; 0 = none given",
+                   dtype=_U64)  # any u64 the caller chose: wider than an int64 column
+seq = Field("seq", SEQ, "the close's settlement number in its shard")
+shard = Field("shard", TEXT, "the shard's name")
 
 # --------------------------------------------------------------------------- the groups
 IDENTITY: Group = (position_id, owner)
@@ -533,7 +553,9 @@ __all__ = [
     "STEPS",
     "TERMS",
     "TEXT",
+    "TEXT_PREFIX",
     "TICKS",
+    "UNIT_WIDTHS",
     "US",
     "WIRE_DTYPES",
     "ApiField",

@@ -155,6 +155,18 @@ def test_the_groups_are_made_of_the_position_and_its_close() -> None:
     assert units["side"] == units["reason"] == schema.ENUM and units["owner"] == schema.ID
 
 
+def test_a_field_takes_its_wire_width_and_column_dtype_from_its_unit() -> None:
+    for f in schema.FIELDS.values():
+        code, column_dtype = schema.UNIT_WIDTHS[f.unit]
+        assert f.code == code and f.prefix == ("" if code else schema.TEXT_PREFIX)
+        assert f.dtype == column_dtype or f is schema.request_id
+    assert schema.request_id.dtype == np.dtype(np.uint64)  # any u64 a caller chose
+    renamed = schema.closed_ts_us.renamed("ts_us")
+    assert (renamed.name, renamed.column, renamed.code) == ("ts_us", "ts_us", "q")
+    with pytest.raises(schema.SchemaError, match="unit"):
+        schema.Field("x", "furlongs", "a unit the schema does not know")
+
+
 def test_a_record_that_differs_from_its_group_is_refused() -> None:
     class Reordered(NamedTuple):
         owner: int
