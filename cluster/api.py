@@ -25,7 +25,7 @@ import contextlib
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -88,6 +88,10 @@ PositionId = Annotated[StrictInt | Annotated[StrictStr, Field(min_length=1, max_
                            "description": "the position's id (a decimal string; an integer "
                                           "is accepted too)"})]
 ClientOrderId = Annotated[StrictStr, Field(min_length=1, max_length=64)]
+NextCursor = Annotated[str | None, Query(pattern="^[0-9]{1,19}$",
+                                         description="'next' of the previous page")]
+BeforeCursor = Annotated[str | None, Query(
+    pattern="^[0-9]{1,19}$", description="positionId of the last item of the previous page")]
 SlippageBps = Annotated[StrictInt, Field(ge=0, le=10_000)]
 
 
@@ -323,6 +327,16 @@ def _position_id(value: int | str) -> int | None:
     return value if 0 < value < 2**63 else None
 
 
+def _cursor_id(name: str, value: str | None) -> int | None:
+    """The position id a paging cursor names (None: from the start); 422 if none can exist."""
+    if value is None:
+        return None
+    position_id = _position_id(value)
+    if position_id is None:
+        raise invalid(f"{name}: not a position id")
+    return position_id
+
+
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:3]:
@@ -446,6 +460,9 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     app.state.key_buckets = TokenBuckets(settings.api_key_rate_per_s, settings.api_key_burst)
     signup_buckets = TokenBuckets(settings.signups_per_min / 60, settings.signups_per_min)
 
+    def positions_json(items: Iterable[OpenPosition | ClosedPosition]) -> list[dict[str, Any]]:
+        return [position_json(p, assets[p.asset]) for p in items]
+
     # ------------------------------------------------------------------ errors
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> Response:
@@ -511,7 +528,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
             "balances": {"free": money(state.free_micros),
                          "margin": money(state.margin_micros),
                          "equity": money(state.equity_micros)},
-            "positions": [position_json(p, assets[p.asset]) for p in shown],
+            "positions": positions_json(shown),
             "morePositions": len(state.positions) > len(shown),
         }
         if state.unavailable:  # partial: a shard is recovering
@@ -567,43 +584,27 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
 
     @app.get("/api/v1/positions", tags=["positions"], operation_id="listPositions",
              responses={200: {"model": PositionsOut}, **_errors(*_AUTH_ERRORS, 422, 503)})
-    async def list_positions(who: Caller,
-                             limit: Annotated[int, Query(ge=1, le=500)] = 100,
-                             cursor: Annotated[str | None, Query(
-                                 pattern="^[0-9]{1,19}$",
-                                 description="'next' of the previous page")] = None
+    async def list_positions(who: Caller, limit: Annotated[int, Query(ge=1, le=500)] = 100,
+                             cursor: NextCursor = None
                              ) -> Response:
         """Your open positions, oldest first, paged."""
-        after = None
-        if cursor is not None:
-            after = _position_id(cursor)
-            if after is None:
-                raise invalid("cursor: not a position id")
-        result = await slot.service.positions(who, limit, after)
+        result = await slot.service.positions(who, limit, _cursor_id("cursor", cursor))
         if isinstance(result, Rejected):
             return rejected_response(result)
         page, next_id = result
-        return _json({"positions": [position_json(p, assets[p.asset]) for p in page],
+        return _json({"positions": positions_json(page),
                       "next": None if next_id is None else str(next_id)})
 
     @app.get("/api/v1/positions/history", tags=["positions"], operation_id="positionHistory",
              responses={200: {"model": HistoryOut}, **_errors(*_AUTH_ERRORS, 422, 503)})
-    async def history(who: Caller,
-                      limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                      before: Annotated[str | None, Query(
-                          pattern="^[0-9]{1,19}$",
-                          description="positionId of the last item of the previous page")
-                      ] = None) -> Response:
+    async def history(who: Caller, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                      before: BeforeCursor = None
+                      ) -> Response:
         """Your closed positions, newest first."""
-        before_id = None
-        if before is not None:
-            before_id = _position_id(before)
-            if before_id is None:
-                raise invalid("before: not a position id")
-        result = await slot.service.history(who, limit, before_id)
+        result = await slot.service.history(who, limit, _cursor_id("before", before))
         if isinstance(result, Rejected):
             return rejected_response(result)
-        return _json({"positions": [position_json(p, assets[p.asset]) for p in result]})
+        return _json({"positions": positions_json(result)})
 
     # ------------------------------------------------------------------ market
     assets_body = json.dumps({"assets": [
