@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import itertools
 import json
 import os
 import queue
@@ -50,25 +48,17 @@ import httpx
 import pytest
 
 from engine.assets import DEFAULT_ASSETS
-from feed.broker import ProcessIdentity, free_port, stop_process
 from feed.message import MarketDataMessage, message_from_ticks
-from tests.integration.processes import descendants
+from tests.integration.up_platform import REPO, Account, UpPlatform, books_balance, now_us
 
-REPO = Path(__file__).resolve().parents[2]
 ASSETS = DEFAULT_ASSETS.subset(["SOL", "BTC"])
 SOL = ASSETS["SOL"]
 PRICES = {"SOL": ("100.00", "100.01"), "BTC": ("50000.0", "50000.1")}  # constant: equal marks
-SIGNUP = Decimal(10_000)
 START_BUDGET_S = 150.0
 RESTART_BUDGET_S = 30.0
-TICK_INTERVAL_S = 0.25
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600),
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 # ----------------------------------------------------------------------------- the probe
@@ -179,133 +169,14 @@ class Probe:
             self.proc.wait(10)
 
 
-# ----------------------------------------------------------------------------- prices
-class Ticker:
-    """Produces the constant prices of :data:`PRICES` every TICK_INTERVAL_S (fresh ``ts_us``,
-    rising ``seq``) from a thread of its own; ``publish`` sends one message of the test's."""
-
-    def __init__(self, bootstrap: str) -> None:
-        from feed.producer import MarketDataProducer
-
-        self.seq = itertools.count(1)
-        self.running = threading.Event()
-        self.running.set()
-        self._stop = False
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="ticker",
-                                        daemon=True)
-        self._thread.start()
-        self.producer = MarketDataProducer(bootstrap, ASSETS, request_timeout_ms=3000)
-        self._task = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
-
-    async def _run(self) -> None:
-        await self.producer.start()
-        while not self._stop:
-            if self.running.is_set():
-                with contextlib.suppress(Exception):  # the broker may be down: retried
-                    for name, (bid, ask) in PRICES.items():
-                        asset = ASSETS[name]
-                        await self.producer.publish(message_from_ticks(
-                            asset, asset.price_to_ticks(bid), asset.price_to_ticks(ask),
-                            now_us(), next(self.seq), "test"))
-                    await asyncio.wait_for(self.producer.flush(), 5.0)
-            await asyncio.sleep(TICK_INTERVAL_S)
-
-    def publish(self, msg: MarketDataMessage) -> None:
-        async def send() -> None:
-            await self.producer.publish(msg)
-            await asyncio.wait_for(self.producer.flush(), 10.0)
-
-        asyncio.run_coroutine_threadsafe(send(), self._loop).result(30)
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        self.running.clear()
-        time.sleep(2 * TICK_INTERVAL_S)  # a send in progress ends
-        try:
-            yield
-        finally:
-            self.running.set()
-
-    def stop(self) -> None:
-        self._stop = True
-        with contextlib.suppress(Exception):
-            self._task.result(10)
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self.producer.stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-
-
 # ----------------------------------------------------------------------------- the platform
-def _journals_held(data_dir: Path) -> bool:
-    for lock in data_dir.glob("*/journal/LOCK"):
-        fd = os.open(lock, os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        finally:
-            os.close(fd)
-    return False
-
-
-class UpPlatform:
-    """``shardex up`` as a process, with the ticker feeding it and a probe into its Ray."""
+class CoreUp(UpPlatform):
+    """The shared platform of these cases (SOL and BTC at the constant :data:`PRICES`), with a
+    probe into its Ray."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.data_dir = root / "data"
-        self.port, self.broker_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.bootstrap = f"127.0.0.1:{self.broker_port}"
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), "PORT": str(self.port),
-                    "FEED_SOURCE": "none", "DATA_DIR": str(self.data_dir),
-                    "ASSETS": ",".join(PRICES),
-                    "SIGNUPS_PER_MIN": "0", "API_KEY_RATE_PER_S": "0"}
-        for name in ("RAY_ADDRESS", "KAFKA_BROKERS"):
-            self.env.pop(name, None)
-        self.log = root / "up.log"
-        self.proc: subprocess.Popen[str] | None = None
-        self.started_below: list[ProcessIdentity] = []
-        self.ticker: Ticker | None = None
+        super().__init__(root, ASSETS, PRICES)
         self._probe: Probe | None = None
-
-    # -- lifetime
-    def start(self, budget_s: float) -> float:
-        """Start ``shardex up``; returns the seconds until it served (healthz 200 and a price
-        of every asset)."""
-        started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cluster.cli", "up", "--broker-port", str(self.broker_port)],
-            cwd=REPO, env=self.env, stdout=self.log.open("a"), stderr=subprocess.STDOUT,
-            text=True)
-        if self.ticker is None:
-            self.ticker = Ticker(self.bootstrap)
-        while time.monotonic() - started < budget_s:
-            assert self.proc.poll() is None, self.log.read_text()[-4000:]
-            if self._serving():
-                return time.monotonic() - started
-            time.sleep(0.2)
-        raise AssertionError(f"not serving within {budget_s} s\n{self.log.read_text()[-4000:]}")
-
-    def _serving(self) -> bool:
-        try:
-            with httpx.Client(base_url=self.url, timeout=3) as client:
-                if client.get("/healthz").status_code != 200:
-                    return False
-                prices = client.get("/api/v1/prices")
-                if prices.status_code != 200:
-                    return False
-                body = prices.json()
-        except (httpx.HTTPError, ValueError):
-            return False
-        return all(name in body for name in PRICES)
-
-    @property
-    def tick(self) -> Ticker:
-        assert self.ticker is not None
-        return self.ticker
 
     def probe(self) -> Probe:
         if self._probe is None or self._probe.proc.poll() is not None:
@@ -318,66 +189,12 @@ class UpPlatform:
             self._probe = None
 
     def kill_9(self) -> dict[str, float]:
-        """SIGKILL the ``shardex up`` process and the broker it recorded as its own; wait
-        until its actor processes let go of the journals. Returns timings."""
-        assert self.proc is not None
         self.close_probe()
-        record = json.loads((self.data_dir / "embedded-broker.json").read_text())
-        broker = ProcessIdentity.from_json(record["broker"])
-        assert record["owner"]["pid"] == self.proc.pid, record  # the broker is ours
-        self.started_below += descendants(self.proc.pid)
-        assert broker in self.started_below
-        killed = time.monotonic()
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        stop_process(broker)
-        while _journals_held(self.data_dir) and time.monotonic() - killed < 60:
-            time.sleep(0.1)
-        released = time.monotonic() - killed
-        assert not _journals_held(self.data_dir), "journals still locked 60 s after kill -9"
-        return {"journals_released_s": released}
+        return super().kill_9()
 
     def stop(self) -> None:
         self.close_probe()
-        if self.proc is not None and self.proc.poll() is None:
-            self.started_below += descendants(self.proc.pid)
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-        if self.ticker is not None:
-            self.ticker.stop()
-            self.ticker = None
-        for leftover in self.started_below:  # only processes of our runs, by identity
-            stop_process(leftover)
-
-    # -- views
-    def cli(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO,
-                              env=self.env, capture_output=True, text=True, timeout=timeout_s)
-
-    def audit(self, *flags: str) -> dict[str, Any]:
-        """``shardex audit --json`` (plus ``flags``); asserts exit 0 and a clean report."""
-        done = self.cli("audit", "--json", *flags)
-        assert done.returncode == 0, done.stdout + done.stderr
-        report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-        assert report["ok"] is True and report["totals"]["sum_micros"] == 0, report
-        return report
-
-    def wait_prices(self, timeout_s: float = 10.0) -> None:
-        """Until every shard's last tick is the ticker's (a case before may have left another
-        one in a shard for a moment)."""
-        deadline = time.monotonic() + timeout_s
-        body: Any = None
-        while True:
-            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-                body = httpx.get(f"{self.url}/api/v1/prices", timeout=3).json()
-                if all((body[a]["bid"], body[a]["ask"]) == p for a, p in PRICES.items()):
-                    return
-            assert time.monotonic() < deadline, f"prices are not the ticker's: {body}"
-            time.sleep(0.1)
+        super().stop()
 
     def feed_stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = self.probe().call("feed_stats")
@@ -394,8 +211,8 @@ class UpPlatform:
 
 
 @pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpPlatform]:
-    platform = UpPlatform(tmp_path_factory.mktemp("core-defects"))
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoreUp]:
+    platform = CoreUp(tmp_path_factory.mktemp("core-defects"))
     try:
         took = platform.start(START_BUDGET_S)
         print(f"\nshardex up serving after {took:.1f} s")
@@ -404,63 +221,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpPlatform]:
         platform.stop()
 
 
+
 # ----------------------------------------------------------------------------- HTTP helpers
-class Account:
-    def __init__(self, url: str) -> None:
-        self.client = httpx.Client(base_url=url, timeout=30)
-        created = self.client.post("/api/v1/accounts", json={})
-        assert created.status_code == 201, created.text
-        self.key = created.json()["apiKey"]
-        self.headers = {"Authorization": f"Bearer {self.key}"}
-
-    def post(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        return self.client.post(path, json=body, headers=self.headers)
-
-    def get(self, path: str) -> Any:
-        r = self.client.get(path, headers=self.headers)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def open(self, **body: Any) -> dict[str, Any]:
-        r = self.post("/api/v1/positions/open", body)
-        assert r.status_code == 201, r.text
-        out: dict[str, Any] = r.json()
-        return out
-
-    def state(self) -> dict[str, Any]:
-        out: dict[str, Any] = self.get("/api/v1/state")
-        return out
-
-    def history(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        before = ""
-        while True:
-            page = self.get(f"/api/v1/positions/history?limit=500{before}")["positions"]
-            out += page
-            if len(page) < 500:
-                return out
-            before = f"&before={page[-1]['positionId']}"
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def books_balance(account: Account) -> list[str]:
-    """Differences between the account's balances and what its positions and history say:
-    margin = the open positions' margins; free + margin = signup + sum(payout - margin)."""
-    state = account.state()
-    history = account.history()
-    free, margin = Decimal(state["balances"]["free"]), Decimal(state["balances"]["margin"])
-    open_margin = sum((Decimal(p["margin"]) for p in state["positions"]), Decimal(0))
-    settled = sum((Decimal(c["payout"]) - Decimal(c["margin"]) for c in history), Decimal(0))
-    problems = []
-    if margin != open_margin:
-        problems.append(f"margin {margin} != open positions' {open_margin}")
-    if free + margin != SIGNUP + settled:
-        problems.append(f"free {free} + margin {margin} != {SIGNUP} + settled {settled}")
-    return problems
-
-
 def raw_request(port: int, method: str, path: str, key: str, body: dict[str, Any]) -> bytes:
     data = json.dumps(body).encode()
     head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
@@ -499,14 +261,14 @@ class Kept:
 
 
 @pytest.fixture(scope="module")
-def tracked(up: UpPlatform) -> Iterator[Kept]:
+def tracked(up: CoreUp) -> Iterator[Kept]:
     kept = Kept(up.url)
     yield kept
     for account in kept.accounts:
         account.close()
 
 
-def long_before_bad_ticks(up: UpPlatform, tracked: Kept,
+def long_before_bad_ticks(up: CoreUp, tracked: Kept,
                           margin: str) -> tuple[Account, dict[str, Any], dict[str, Any]]:
     """A new account, its 100x SOL long of ``margin`` USD opened at the ticker's prices, and
     the feed's counters before the case's bad ticks."""
@@ -518,7 +280,7 @@ def long_before_bad_ticks(up: UpPlatform, tracked: Kept,
 
 # ----------------------------------------------------------------------------- 1. absurd price
 def test_absurd_price_is_dropped_by_the_feed_and_refused_by_the_shard(
-        up: UpPlatform, tracked: Kept) -> None:
+        up: CoreUp, tracked: Kept) -> None:
     alice, position, base = long_before_bad_ticks(up, tracked, "9000")
     assert position["entryPrice"] == "100.01"
     tracked.long = (alice, position["positionId"])
@@ -562,7 +324,7 @@ def test_absurd_price_is_dropped_by_the_feed_and_refused_by_the_shard(
 
 # ----------------------------------------------------------------------------- 2. ts_us >= 2**63
 def test_ts_us_beyond_int64_is_dropped_and_refused_without_closing_anything(
-        up: UpPlatform, tracked: Kept) -> None:
+        up: CoreUp, tracked: Kept) -> None:
     # a 100x long: a SOL bid of 50 liquidates it, if a tick carrying it is ever applied
     bob, position, base = long_before_bad_ticks(up, tracked, "100")
     assert Decimal(position["liquidationPrice"]) > Decimal("50.00")
@@ -603,7 +365,7 @@ def test_ts_us_beyond_int64_is_dropped_and_refused_without_closing_anything(
 
 # ----------------------------------------------------------------------------- 3. disconnects
 def test_clients_hanging_up_mid_open_leave_no_margin_locked_without_a_position(
-        up: UpPlatform, tracked: Kept) -> None:
+        up: CoreUp, tracked: Kept) -> None:
     up.wait_prices()
     accounts = [tracked.account() for _ in range(6)]
     per_account = 10
@@ -640,7 +402,7 @@ def test_clients_hanging_up_mid_open_leave_no_margin_locked_without_a_position(
 
 # ----------------------------------------------------------------------------- 4. lost reply
 def test_a_retried_close_whose_reply_was_lost_answers_the_close(
-        up: UpPlatform, tracked: Kept) -> None:
+        up: CoreUp, tracked: Kept) -> None:
     up.wait_prices()
     carol = tracked.account()
     answers = []
@@ -675,7 +437,7 @@ def test_a_retried_close_whose_reply_was_lost_answers_the_close(
 
 # ----------------------------------------------------------------------------- kill -9, restart
 def test_kill_9_of_the_platform_then_restart_finds_everything_as_it_was(
-        up: UpPlatform, tracked: Kept) -> None:
+        up: CoreUp, tracked: Kept) -> None:
     """Cases 1-4 end here: audit, kill -9 of ``shardex up`` and its broker, ``audit
     --offline``, ``shardex up`` again: every account exactly as before, audit clean, and the
     100x long the absurd price would have broken closes at the real price."""
@@ -765,7 +527,7 @@ class Trader:
 
 
 def test_kill_9_of_ledger_and_shard_hosts_mid_traffic_loses_nothing_acknowledged(
-        up: UpPlatform) -> None:
+        up: CoreUp) -> None:
     up.wait_prices()
     accounts = [Account(up.url) for _ in range(3)]
     traders = [Trader(up.url, a.key, i) for i, a in enumerate(accounts)]
