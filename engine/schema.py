@@ -96,11 +96,10 @@ class Field:
 
     ``column``: its name as a book column / snapshot array, when that differs; ``enum``: the
     labels of an :data:`ENUM` field's values; ``zero_is_none``: 0 means "not set" (a trigger
-    level, a liquidation price no positive price reaches); ``nullable``: the value may be None;
-    ``dtype``: numpy dtype of a column holding it, when not its unit's. Set from the unit
-    (:data:`UNIT_WIDTHS`): ``code``, the ``struct`` code of its wire width (None for a
-    variable-length field, then ``prefix`` is the code of its length prefix), and ``dtype``
-    unless given (None for text).
+    level, a liquidation price no positive price reaches); ``nullable``: the value may be None.
+    Its unit (:data:`UNIT_WIDTHS`) sets ``code``, the ``struct`` code of its wire width (None
+    for a variable-length field, then ``prefix`` is the code of its length prefix), and, unless
+    given, ``dtype``, the numpy dtype of a column holding it (None for text).
     """
 
     name: str
