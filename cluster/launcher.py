@@ -633,6 +633,8 @@ def status(settings: Settings) -> int:
 def _print_status(settings: Settings) -> int:
     import ray
 
+    from feed.pipeline import drops_text
+
     nodes = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
     print(f"ray: {len(nodes)} node(s)")
     for node_id, node in nodes.items():
@@ -645,6 +647,8 @@ def _print_status(settings: Settings) -> int:
         ages = fstats.get("tick_age_s", {})
         print(f"feed: node {_actor_node(feed)[:12]} assigned={fstats.get('assigned')} "
               f"lag={fstats.get('lag')} bootstrap={fstats.get('bootstrap')}")
+        print(f"  dropped: {drops_text(fstats.get('dropped', {}))}; refused by shards: "
+              f"{fstats.get('ticks_refused_by_shards', 0)}")
         for asset, price in sorted(fstats.get("prices", {}).items()):
             age = ages.get(asset)
             age_text = f"{age:.1f}s" if isinstance(age, (int, float)) else "?"

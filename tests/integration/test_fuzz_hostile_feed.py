@@ -680,6 +680,13 @@ def test_hostile_feed_while_clients_trade_then_kill_9_and_restart(tmp_path: Path
         assert sum(len(t.opened) for t in traders) >= 20 and \
             sum(len(t.closed) for t in traders) >= 5, answers
 
+        # `shardex status` reports the same drops by reason as /metrics
+        status = up.cli("status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        shown = re.search(r"dropped: (.*);", status.stdout)
+        assert shown is not None, status.stdout
+        assert shown.group(1) == drops_text(feed_drops(up.url)), status.stdout
+
         settled(accounts)
         up.audit()
         before = books(accounts)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -64,6 +65,8 @@ def test_up_serves_prices_reports_status_and_audit_and_stops_cleanly(
         for name in ("shard-SOL-0", "shard-BTC-0", "shard-ETH-0"):
             assert name in status.stdout
         assert "tick_age=" in status.stdout and "feed: node" in status.stdout
+        # the feed's drops by reason (the sim source sends none: "none" until one is dropped)
+        assert re.search(r"dropped: (none|[a-z_]+=\d+)", status.stdout), status.stdout
 
         base = f"http://127.0.0.1:{port}/api/v1"
         key = httpx.post(f"{base}/accounts", json={}, timeout=10).json()["apiKey"]
