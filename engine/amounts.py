@@ -80,7 +80,9 @@ def to_units(value: str | int | float | Decimal, decimals: int, *, allow_zero: b
         negative, digits, exponent = bool(sign_bit), "".join(map(str, digit_tuple)), exp
     else:
         raise AmountError(f"expected a number or a decimal string, got {type(value).__name__}")
-    if negative and not allow_negative and digits.strip("0"):
+    # decimal text carries a '-' only where negatives are allowed (SPEC), '-0' included; a
+    # number's negative zero (a sign bit, not something typed) is zero
+    if negative and not allow_negative and (isinstance(value, str) or digits.strip("0")):
         raise AmountError("amount must not be negative")
     units = _scaled(digits, exponent, decimals)
     if negative:

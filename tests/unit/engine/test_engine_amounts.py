@@ -33,7 +33,6 @@ from engine.assets import DEFAULT_ASSETS
     ("1.50000", 2, 150),  # trailing zeros are not extra precision
     ("1." + "0" * 30, 6, 1_000_000),
     ("123456789012.123456", 6, 123_456_789_012_123_456),  # 18 digits: a float rounds it
-    ("-0", 2, 0),
     (100, 6, 100_000_000),
     (0.1, 2, 10),  # a float is read as the shortest text that round-trips: "0.1"
     (98.97, 2, 9_897),
@@ -81,7 +80,10 @@ def test_invalid_amounts(value: object, decimals: int) -> None:
 def test_sign_and_zero_options() -> None:
     assert to_units("-1.5", 1, allow_negative=True) == -15
     assert to_units(Decimal("-2E+1"), 0, allow_negative=True) == -20
-    assert to_units("-0", 2) == 0  # negative zero is zero
+    assert to_units(Decimal("-0"), 2) == 0  # a number's negative zero is zero
+    with pytest.raises(AmountError, match="negative"):
+        to_units("-0", 2)  # text: a '-' only where negatives are allowed (SPEC)
+    assert to_units("-0", 2, allow_negative=True) == 0
     with pytest.raises(AmountError, match="negative"):
         to_units("-0.001", 2)  # the sign is the reason, not the decimals
     with pytest.raises(AmountError, match="range"):
