@@ -161,8 +161,8 @@ def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one banner, no Serve chatter
     env = {**serve_env(settings.port), **(extra_env or {})} if direct_ingress else {}
     logging_config = {"enable_access_log": False, "log_level": "WARNING"}
-    # with direct ingress the replica itself listens on the port: no proxy is started (one
-    # process less to start after a crash)
+    # with direct ingress the replica itself listens on the port; Serve's controller still
+    # starts a head-node proxy (it overrides "Disabled" in that mode) on a spare port
     proxy_port = free_port(host) if direct_ingress else settings.port
     serve.start(
         http_options={"host": host, "port": proxy_port},
