@@ -60,6 +60,7 @@ from engine.events import (
     Event,
     MarginLocked,
     MarginReleased,
+    OpenCountSet,
     SettlementApplied,
     decode_batch,
 )
@@ -91,11 +92,6 @@ PENDING_OPEN = b"\x01"
 # MarginReleased.request_id of start-time reconciliation: every lock made before it is settled
 # (API request ids stay below 2**62).
 START_RECONCILED = (1 << 64) - 1
-# MarginReleased.request_id from here up to START_RECONCILED (excluded): a start-time
-# reconciliation that also sets the user's count of opens holding margin to
-# ``request_id - START_COUNTED``. Requests' ids stay below it.
-START_COUNTED = 1 << 63
-_MAX_COUNT = START_RECONCILED - START_COUNTED - 1
 DEFAULT_MAX_OPEN_POSITIONS = 200  # SPEC "Limits": open positions per account
 
 _I64_MIN, _I64_END = -(1 << 63), 1 << 63
@@ -111,6 +107,11 @@ _CLOSED_OF_ROW = schema.builder(ClosedPosition, schema.CLOSED_POSITION, casts=_S
 # the closed position a SettlementApplied carries, and back (ints checked as plain ints)
 _CLOSED_OF_EVENT = schema.builder(ClosedPosition, schema.SETTLEMENT_APPLIED, casts=_SIDE_CAST)
 _INTEGERS = schema.fixed(schema.CLOSED_POSITION)
+_INTEGER_NAMES = schema.names(_INTEGERS)
+_INTEGER_VALUES = operator.attrgetter(*_INTEGER_NAMES)
+_PLAIN_INTS = frozenset({int, Side})  # what a settlement's integers are unless sent oddly
+_SIDE_AT, _MARGIN_AT, _PAYOUT_AT, _HOUSE_AT, _INSURANCE_AT = map(_INTEGER_NAMES.index, (
+    "side", "margin_micros", "payout_micros", "house_micros", "insurance_micros"))
 _SETTLEMENT_EVENT = schema.builder(
     SettlementApplied, schema.CLOSED_POSITION, given=("shard", "seq"),
     casts={**{f.name: operator.index for f in _INTEGERS}, "side": int})
@@ -465,6 +466,7 @@ class LedgerMachine:
             AccountCreated: self._on_account_created,
             MarginLocked: self._on_margin_locked,
             MarginReleased: self._on_margin_released,
+            OpenCountSet: self._on_open_count_set,
             SettlementApplied: self._on_settlement_applied,
             ClientOrderStoredAt: self._on_client_order_stored_at,
             AnswersExpired: self._on_answers_expired,
@@ -583,7 +585,7 @@ class LedgerMachine:
         if key is not None and key in self._answers:
             return IdemHit(self._answers[key]), _NO_EVENTS
         request_id = _int(lock.request_id)
-        if request_id is None or not 0 <= request_id < START_COUNTED:
+        if request_id is None or not 0 <= request_id < START_RECONCILED:
             return _invalid("request id out of range")
         margin = _int(lock.margin_micros)
         result: Rejected | None = None
@@ -607,7 +609,7 @@ class LedgerMachine:
 
     def _release(self, c: ReleaseMargin, now_us: int) -> _Decision:
         request_id = _int(c.request_id)
-        if request_id is None or not 0 <= request_id < START_COUNTED:
+        if request_id is None or not 0 <= request_id < START_RECONCILED:
             return _invalid("request id out of range")
         amount = _int(c.margin_micros)
         if amount is None or amount < 0:
@@ -642,7 +644,7 @@ class LedgerMachine:
         if key in self._answers:
             return IdemHit(self._answers[key]), _NO_EVENTS
         request_id = _int(c.request_id)
-        if request_id is None or not 0 <= request_id < START_COUNTED:
+        if request_id is None or not 0 <= request_id < START_RECONCILED:
             return _invalid("request id out of range")
         return None, [ClientOrderStoredAt(key.user, key.kind, key.client_order_id, request_id,
                                           now_us, PENDING)]
@@ -710,19 +712,24 @@ class LedgerMachine:
     def _settlement_problem(self, c: ClosedPosition, margins: dict[int, int]) -> str | None:
         """Why settling ``c`` would break an invariant (or could not be replayed), else None;
         ``margins`` (owner -> margin left) is updated for the next item of the batch."""
-        v: dict[str, int] = {}
-        for f in _INTEGERS:
-            number = _int(getattr(c, f.name))
-            if number is None or not _I64_MIN <= number < _I64_END:
-                return f"{f.name} must be an int64"
-            v[f.name] = number
+        v: tuple[int, ...] | list[int] = _INTEGER_VALUES(c)
+        # plain ints in range, checked in a few C-level passes over the values; anything else
+        # (numpy ints, bools, out of range) field by field
+        if not (_PLAIN_INTS.issuperset(map(type, v)) and min(v) >= _I64_MIN
+                and max(v) < _I64_END):
+            checked: list[int] = []
+            for name, value in zip(_INTEGER_NAMES, v, strict=True):
+                number = _int(value)
+                if number is None or not _I64_MIN <= number < _I64_END:
+                    return f"{name} must be an int64"
+                checked.append(number)
+            v = checked
         if not isinstance(c.asset, str):
             return "the asset must be a name"
-        if v["side"] not in (Side.LONG, Side.SHORT):
+        if v[_SIDE_AT] not in (Side.LONG, Side.SHORT):
             return f"unknown side {c.side!r}"
-        margin = v["margin_micros"]
-        if margin < 0 or v["payout_micros"] < 0 \
-                or v["payout_micros"] + v["house_micros"] + v["insurance_micros"] != margin:
+        margin, payout = v[_MARGIN_AT], v[_PAYOUT_AT]
+        if margin < 0 or payout < 0 or payout + v[_HOUSE_AT] + v[_INSURANCE_AT] != margin:
             return f"unbalanced settlement of margin {margin}"
         if not self.ledger.has_user(c.owner):
             return f"user {c.owner} has no account"
@@ -754,19 +761,16 @@ class LedgerMachine:
             else:  # no process works on it any more: a retry runs again
                 events.append(self._stored_event(key, FORGOTTEN, now_us))
         released: dict[int, int] = {}
-        marked = False  # a start-time MarginReleased ends every remembered lock
         for user in self.ledger.users():
             excess = self.ledger.margin_micros(user) - expected.get(user, 0)
             if excess > 0:
                 released[user] = excess
+                events.append(MarginReleased(user, excess, START_RECONCILED))
             count = None if counts is None else counts.get(user, 0)
             if count is not None and count != self._open_counts.get(user, 0):
-                events.append(MarginReleased(user, max(excess, 0), START_COUNTED + count))
-                marked = True
-            elif excess > 0:
-                events.append(MarginReleased(user, excess, START_RECONCILED))
-                marked = True
-        if not marked and self._recent_locks:
+                events.append(OpenCountSet(user, count))
+        # a start-time MarginReleased ends every remembered lock
+        if not released and self._recent_locks:
             # nothing in excess, but the remembered locks still end: a zero release carries
             # the marker (the apply of START_RECONCILED forgets them)
             user = next(iter(self._recent_locks.values()))[0]
@@ -786,7 +790,7 @@ class LedgerMachine:
             counts[u] = counts.get(u, 0) + n
         for closed in self._unapplied(unsettled):
             counts[closed.owner] = counts.get(closed.owner, 0) + 1
-        if any(n > _MAX_COUNT for n in counts.values()):
+        if any(n >= _I64_END for n in counts.values()):
             return None
         return counts
 
@@ -827,15 +831,16 @@ class LedgerMachine:
     def _on_margin_released(self, e: MarginReleased) -> None:
         self.ledger.release_margin(e.user, e.amount_micros)
         count = self._open_counts.get(e.user, 0)
-        if e.request_id >= START_COUNTED:  # the start-time reconciliation: every lock ended
+        if e.request_id == START_RECONCILED:  # the start-time reconciliation: every lock ended
             self._recent_locks.clear()
-            if e.request_id != START_RECONCILED:
-                count = e.request_id - START_COUNTED
         else:  # one lock ended (released by its request, or abandoned)
             if e.request_id:
                 self._recent_locks.pop(e.request_id, None)
             count -= 1
         self._set_open_count(e.user, count)
+
+    def _on_open_count_set(self, e: OpenCountSet) -> None:
+        self._set_open_count(e.user, e.open_count)
 
     def _set_open_count(self, user: int, count: int) -> None:
         """``user`` holds margin for ``count`` opens (none without margin locked)."""
@@ -1068,7 +1073,6 @@ __all__ = [
     "PENDING",
     "PENDING_OPEN",
     "RECENT_LOCKS_MAX",
-    "START_COUNTED",
     "START_RECONCILED",
     "AbandonLock",
     "AppliedSeq",
