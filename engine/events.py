@@ -221,9 +221,17 @@ class AnswersExpired(NamedTuple):
     before_ts_us: int
 
 
+class OpenCountSet(NamedTuple):
+    """``user`` holds margin for ``open_count`` opens (the start-time reconciliation's recount
+    from the shards' books; engine.ledger_machine limits it)."""
+
+    user: int
+    open_count: int
+
+
 Event = (PositionOpened | PositionClosed | TickApplied | OpenFenced | OutboxAcked | SeqResumed
          | AccountCreated | MarginLocked | MarginReleased | SettlementApplied | ClientOrderStored
-         | ClientOrderStoredAt | AnswersExpired)
+         | ClientOrderStoredAt | AnswersExpired | OpenCountSet)
 # Events whose loss in a crash changes nothing that was acknowledged (the feed delivers the newest
 # price again): the runner journals them with the next commit instead of committing for them.
 # An OutboxAcked lost in a crash only means settlements the ledger already applied are sent
@@ -232,7 +240,7 @@ VOLATILE_EVENTS = (TickApplied, OutboxAcked)
 SHARD_EVENTS = (PositionOpened, PositionClosed, TickApplied, OpenFenced, OutboxAcked,
                 SeqResumed)
 LEDGER_EVENTS = (AccountCreated, MarginLocked, MarginReleased, SettlementApplied,
-                 ClientOrderStored, ClientOrderStoredAt, AnswersExpired)
+                 ClientOrderStored, ClientOrderStoredAt, AnswersExpired, OpenCountSet)
 
 
 class EventError(ValueError):
@@ -274,6 +282,7 @@ _LAYOUTS: dict[int, _Layout] = {
     0x26: (ClientOrderStoredAt, "QQq", ("kind", "client_order_id", "response"),
            (("s", "B"), ("s", "H"), ("b", "I"))),
     0x27: (AnswersExpired, "q", (), ()),
+    0x28: (OpenCountSet, "QQ", (), ()),
 }
 
 # Older layouts, decoded only (encode writes the layout above): the trailing fields they lack

@@ -925,9 +925,11 @@ class LedgerMachine:
             "accounts": [[u, self._account_ids[u], h]
                          for h, u in self._users_by_key_hash.items()],
             "applied_seq": dict(self._applied_seq),
+            # pending first, then the answered in answer order (the order expiry follows)
             "answers": [[k.user, k.kind, k.client_order_id, encode_answer(a).decode(),
                          self._answered_us.get(k, 0)]
-                        for k, a in self._answers.items()],
+                        for k, a in [*((k, a) for k, a in self._answers.items() if a is None),
+                                     *((k, self._answers[k]) for k in self._answered_us)]],
             "pending_requests": [[k.user, k.kind, k.client_order_id, r, since_us]
                                  for k, (r, since_us) in self._pending.items()],
             "recent_locks": [[r, u, m, None if k is None else list(k)]
@@ -970,7 +972,9 @@ class LedgerMachine:
             m._answers[key] = decode_answer(answer.encode())
             if m._answers[key] is not None:
                 answered.append((int(ts[0]) if ts else 0, key))
-        m._answered_us = {key: ts_us for ts_us, key in sorted(answered)}
+        # a stable sort: answers of one microsecond keep their order
+        m._answered_us = {key: ts_us
+                          for ts_us, key in sorted(answered, key=operator.itemgetter(0))}
         for request_id, user, margin, *key in meta.get("recent_locks", []):
             lock_key = IdemKey(*key[0]) if key and key[0] is not None else None
             m._recent_locks[int(request_id)] = (int(user), int(margin), lock_key)

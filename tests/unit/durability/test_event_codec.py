@@ -23,6 +23,7 @@ from engine.events import (
     EventError,
     MarginLocked,
     MarginReleased,
+    OpenCountSet,
     OpenFenced,
     OutboxAcked,
     PositionClosed,
@@ -61,6 +62,7 @@ STRATEGIES = {
     ClientOrderStoredAt: st.builds(ClientOrderStoredAt, u64, st.text(max_size=20), text, u64,
                                    i64, st.binary(max_size=300)),
     AnswersExpired: st.builds(AnswersExpired, i64),
+    OpenCountSet: st.builds(OpenCountSet, u64, u64),
 }
 any_event = st.one_of(*STRATEGIES.values())
 

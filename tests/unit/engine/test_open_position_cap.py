@@ -13,10 +13,9 @@ import pytest
 
 from cluster.actors.host import host_specs
 from cluster.config import Settings
-from engine.events import MarginReleased, decode, encode, encode_batch
+from engine.events import MarginReleased, OpenCountSet, decode, encode, encode_batch
 from engine.ledger_machine import (
     DEFAULT_MAX_OPEN_POSITIONS,
-    START_COUNTED,
     START_RECONCILED,
     AbandonLock,
     ApplySettlements,
@@ -251,7 +250,8 @@ def test_the_start_reconciliation_counts_from_the_shards_and_replays() -> None:
     assert led(ReconcileAtStart({user: 14 * USD, other: 2 * USD}, {}, None,
                                 {user: 6, other: 1})) == {}
     assert led.count(user) == 6 and led.count(other) == 1
-    assert not any(isinstance(e, MarginReleased) and e.request_id != START_RECONCILED
+    assert not any(isinstance(e, OpenCountSet) or (isinstance(e, MarginReleased)
+                                                   and e.request_id != START_RECONCILED)
                    for e in led.m.decode_record(led.records[-1]))
     led.same_after_replay_and_snapshot()
 
@@ -288,19 +288,16 @@ def test_an_older_snapshot_without_counts_restores_and_the_start_counts_again() 
     assert isinstance(run(old, LockMargin(MarginLock(user, USD, None, 99))), Rejected)
 
 
-def test_start_counted_request_ids_are_reserved() -> None:
+def test_a_recount_is_its_own_event_and_request_ids_keep_their_range() -> None:
     led = Journaled()
     user = led.account()
-    for command in (LockMargin(MarginLock(user, USD, None, START_COUNTED)),
-                    ReleaseMargin(user, 0, START_COUNTED + 2),
-                    Begin(IdemKey(user, "open", "x"), START_COUNTED)):
-        answer = led(command)
-        assert isinstance(answer, Rejected) and answer.code is Code.INVALID_REQUEST
-    assert led(LockMargin(MarginLock(user, USD, None, START_COUNTED - 1))) is None
-    marker = MarginReleased(user, 0, START_COUNTED + 7)
-    assert decode(encode(marker)) == marker
-    led.m.apply(marker)
+    assert led(LockMargin(MarginLock(user, USD, None, START_RECONCILED - 1))) is None
+    recount = OpenCountSet(user, 7)
+    assert decode(encode(recount)) == recount
+    led.m.apply(recount)
     assert led.count(user) == 7
+    led.m.apply(OpenCountSet(user, 0))
+    assert led.count(user) == 0
 
 
 def test_check_reports_a_count_without_margin() -> None:
