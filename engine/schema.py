@@ -19,6 +19,9 @@ Groups are tuples of fields, in the order records declare them:
   snapshot);
 * :data:`API_POSITION` / :data:`API_CLOSED_POSITION`: the HTTP API's names for them and how each
   value is rendered (:func:`render_kind`, :func:`json_renderer`, :func:`api_annotation`).
+* a pending (entry) order: :data:`ORDER_TERMS` (what its placement fixes,
+  engine.order_book.OrderTerms) and :data:`ORDER_ROW` (the order book's columns,
+  engine.order_book.OrderRecord).
 
 Everything else follows from them: :func:`names`, :func:`struct_format`, :func:`dtype` (a numpy
 structured dtype, wire or column widths), and conversions by field name, never by position:
@@ -219,6 +222,28 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     *POSITION, *CLOSE, maintenance_margin_ppm, mm_micros, asset, unrealized_pnl_micros,
     request_id, seq, shard)}
 """Every declared field by name."""
+
+# --------------------------------------------------------------------------- pending orders
+order_id = Field("order_id", ID,
+                 "the pending order's id (laid out as engine.position_ids, in the order book's "
+                 "own id space); a free order book row holds minus the last id it carried")
+kind = Field("kind", ENUM, "OrderKind: 0 limit, 1 stop", enum=("limit", "stop"))
+trigger_ticks = Field("trigger_ticks", TICKS,
+                      "the price the fill condition compares the tick with (on a free order "
+                      "book row: the next free row, -1 = none, -2 = retired)")
+expires_ts_us = Field("expires_ts_us", US,
+                      "expired on a tick whose time is later; 0 = good till cancelled",
+                      zero_is_none=True)
+placed_ts_us = Field("placed_ts_us", US, "when the order was placed")
+
+ORDER_TERMS: Group = (side, kind, trigger_ticks, margin_micros, leverage, tp_ticks, sl_ticks,
+                      expires_ts_us)
+"""What placing a pending order fixes (engine.order_book.OrderTerms): the TP/SL are checked
+against the fill price when the order fills, like a market open's."""
+ORDER_ROW: Group = (order_id, owner, *ORDER_TERMS, placed_ts_us)
+"""The order book's columns (``Field.column``, ``Field.dtype``) and
+engine.order_book.OrderRecord."""
+FIELDS.update({f.name: f for f in (order_id, kind, trigger_ticks, expires_ts_us, placed_ts_us)})
 
 
 # --------------------------------------------------------------------------- helpers
@@ -540,6 +565,8 @@ __all__ = [
     "LISTED",
     "MICROS",
     "OPEN_POSITION",
+    "ORDER_ROW",
+    "ORDER_TERMS",
     "OUTBOX",
     "PLAN",
     "POSITION",

@@ -1,0 +1,81 @@
+"""A slow, obviously-correct reference of the pending-order book, straight from the SPEC's words.
+
+Open orders are the book's records (engine.order_book.OrderRecord) in a dict; each tick
+evaluates every order's expiry and fill condition with plain ints (prices are ticks on one
+grid, times microseconds, so nothing is rounded). Tests drive engine.order_book.OrderBook, its
+naive sweep and this reference through the same steps and check they agree.
+"""
+
+from __future__ import annotations
+
+from engine import schema
+from engine.order_book import GOOD_TILL_CANCELLED, OrderKind, OrderOutcome, OrderRecord, OrderTerms
+from engine.orders import Side
+
+# (terms, order_id, owner, placed_ts_us) -> the book row it places
+_PLACED = schema.builder(OrderRecord, schema.ORDER_TERMS, attributes=True,
+                         given=("order_id", "owner", "placed_ts_us"),
+                         casts={"side": Side, "kind": OrderKind})
+
+
+def outcome(order: OrderRecord, bid_ticks: int, ask_ticks: int, ts_us: int
+            ) -> OrderOutcome | None:
+    """What a tick (top of book ``bid``/``ask`` at ``ts_us``) does to an open order, or None.
+
+    SPEC: an order whose expiry has passed is expired, not filled; otherwise a limit long
+    fills when ask <= trigger, a limit short when bid >= trigger, a stop long when
+    ask >= trigger, a stop short when bid <= trigger.
+    """
+    if order.expires_ts_us != GOOD_TILL_CANCELLED and ts_us > order.expires_ts_us:
+        return OrderOutcome.EXPIRED
+    trigger = order.trigger_ticks
+    if order.kind == OrderKind.LIMIT:
+        fills = ask_ticks <= trigger if order.side == Side.LONG else bid_ticks >= trigger
+    else:
+        fills = ask_ticks >= trigger if order.side == Side.LONG else bid_ticks <= trigger
+    return OrderOutcome.FILL if fills else None
+
+
+class ReferenceOrderBook:
+    """Open pending orders of one asset as a dict of the book's records; ids count up from 1."""
+
+    def __init__(self) -> None:
+        self.orders: dict[int, OrderRecord] = {}
+        self._next_id = 1
+
+    def __len__(self) -> int:
+        return len(self.orders)
+
+    def place(self, owner: int, terms: OrderTerms, placed_ts_us: int) -> int:
+        order_id = self._next_id
+        self._next_id += 1
+        self.orders[order_id] = _PLACED(terms, order_id, owner, placed_ts_us)
+        return order_id
+
+    def remove(self, order_id: int) -> OrderRecord | None:
+        return self.orders.pop(order_id, None)
+
+    def get(self, order_id: int) -> OrderRecord | None:
+        return self.orders.get(order_id)
+
+    def ids_of_owner(self, owner: int) -> list[int]:
+        return sorted(i for i, o in self.orders.items() if o.owner == owner)
+
+    def sweep(self, bid_ticks: int, ask_ticks: int, ts_us: int
+              ) -> list[tuple[int, OrderOutcome]]:
+        """(id, outcome) of every open order this tick ends, ids ascending."""
+        out = []
+        for order_id in sorted(self.orders):
+            what = outcome(self.orders[order_id], bid_ticks, ask_ticks, ts_us)
+            if what is not None:
+                out.append((order_id, what))
+        return out
+
+    def open_margin_by_owner(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for o in self.orders.values():
+            out[o.owner] = out.get(o.owner, 0) + o.margin_micros
+        return out
+
+
+__all__ = ["ReferenceOrderBook", "outcome"]
