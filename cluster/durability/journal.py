@@ -114,6 +114,26 @@ def _list_segments(directory: Path) -> list[tuple[int, Path]]:
     return found
 
 
+def _records(view: memoryview, expected_seq: int, end_seq: int | None = None
+             ) -> Iterator[tuple[int, int, int]]:
+    """``(seq, payload_start, payload_end)`` of each valid record of one segment's bytes, in
+    order, from the start; stops at the first record that is incomplete, too large, out of
+    the seq chain or fails its checksum (and after ``end_seq``)."""
+    size = len(view)
+    pos = 0
+    unpack = HEADER.unpack_from
+    while size - pos >= HEADER_BYTES and (end_seq is None or expected_seq <= end_seq):
+        length, crc, seq = unpack(view, pos)
+        start = pos + HEADER_BYTES
+        end = start + length
+        if length > MAX_RECORD_BYTES or end > size or seq != expected_seq \
+                or _crc32(view[start:end], _crc32(_pack_seq(seq))) != crc:
+            return
+        yield seq, start, end
+        expected_seq += 1
+        pos = end
+
+
 def _scan(data: bytes | memoryview, expected_seq: int) -> tuple[int, int, bool]:
     """Walk the valid prefix of one segment's bytes.
 
@@ -123,25 +143,17 @@ def _scan(data: bytes | memoryview, expected_seq: int) -> tuple[int, int, bool]:
     the whole segment is valid.
     """
     view = memoryview(data)
-    size = len(view)
-    pos = 0
-    unpack = HEADER.unpack_from
-    while pos < size:
-        if size - pos < HEADER_BYTES:
-            return pos, expected_seq, True
-        length, crc, seq = unpack(view, pos)
-        if length > MAX_RECORD_BYTES:
-            return pos, expected_seq, False
-        end = pos + HEADER_BYTES + length
-        if end > size:
-            return pos, expected_seq, True
-        if seq != expected_seq:
-            return pos, expected_seq, False
-        if _crc32(view[pos + HEADER_BYTES : end], _crc32(_pack_seq(seq))) != crc:
-            return pos, expected_seq, False
-        expected_seq += 1
-        pos = end
-    return pos, expected_seq, False
+    good_end = 0
+    for seq, _, end in _records(view, expected_seq):
+        good_end, expected_seq = end, seq + 1
+    rest = len(view) - good_end
+    if rest == 0:
+        return good_end, expected_seq, False
+    # torn: the header, or the payload it announces (if its length is plausible), is cut off
+    length = HEADER.unpack_from(view, good_end)[0] if rest >= HEADER_BYTES else 0
+    torn = rest < HEADER_BYTES or (length <= MAX_RECORD_BYTES
+                                   and HEADER_BYTES + length > rest)
+    return good_end, expected_seq, torn
 
 
 def fsync_directory(directory: str | os.PathLike[str]) -> None:
@@ -455,7 +467,6 @@ class Journal:
             )
         end_seq = self._durable_seq
         segments = list(self._segments)
-        unpack = HEADER.unpack_from
         for i, (base, p) in enumerate(segments):
             next_base = segments[i + 1][0] if i + 1 < len(segments) else end_seq + 1
             if next_base <= after_seq + 1 or base > end_seq:
@@ -465,23 +476,13 @@ class Journal:
             except FileNotFoundError:  # a reader raced the writer's truncate_before
                 raise JournalGapError(f"segment {p.name} was deleted during replay") from None
             view = memoryview(data)
-            size = len(data)
-            pos = 0
             expected = base
-            while pos < size and expected <= end_seq:
-                if size - pos < HEADER_BYTES:
-                    return
-                length, crc, seq = unpack(view, pos)
-                end = pos + HEADER_BYTES + length
-                if length > MAX_RECORD_BYTES or end > size or seq != expected:
-                    return
-                payload = view[pos + HEADER_BYTES : end]
-                if _crc32(payload, _crc32(_pack_seq(seq))) != crc:
-                    return
+            for seq, start, end in _records(view, base, end_seq):
                 if seq > after_seq:
-                    yield seq, payload.tobytes()
-                expected += 1
-                pos = end
+                    yield seq, view[start:end].tobytes()
+                expected = seq + 1
+            if expected <= min(end_seq, next_base - 1):
+                return  # an invalid record (only a read-only journal can meet one)
 
     # -- lifetime --------------------------------------------------------------------------------
 
