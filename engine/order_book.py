@@ -1,11 +1,10 @@
 """The pending-order book of one asset: columnar numpy arrays, one row per open limit or stop
 entry order, and the per-tick sweep that finds the orders a tick fills or expires.
 
-The layout is engine.book.PositionBook's: no Python object per order, an id that encodes its
-row (:mod:`engine.position_ids`), an intrusive free list (the ``trigger_ticks`` cell of a free
-row holds the next free row, its ``order_id`` cell the negated last id), so place and remove
-are O(1) amortised and a snapshot of the columns restores the free list and the next ids
-exactly.
+The rows are an :class:`engine.rows.RowStore`, like engine.book.PositionBook's: no Python
+object per order, an id that encodes its row, an intrusive free list (through the
+``trigger_ticks`` cell of a free row), so place and remove are O(1) amortised and a snapshot of
+the columns restores the free list and the next ids exactly.
 
 Columns (capacity rows each; rows ``>= high water`` are unused): the fields of
 engine.schema.ORDER_ROW, each named ``Field.column`` with dtype ``Field.dtype``::
@@ -56,22 +55,13 @@ import numpy as np
 from engine import schema
 from engine.assets import Asset
 from engine.orders import MAX_COLUMN_VALUE, NO_LEVEL, Side
-from engine.position_ids import (
-    GEN_SHIFT,
-    MAX_BOOK_TAG,
-    MAX_GENERATION,
-    MAX_ROWS,
-    ROW_MASK,
-    ROW_SHIFT,
-    TAG_MASK,
-)
-from engine.triggers import TriggerIndex
+from engine.position_ids import ROW_MASK, ROW_SHIFT
+from engine.rows import RowStore
 
 _INT64_MAX = (1 << 63) - 1
 _MAX_LEVERAGE = (1 << 31) - 1  # the int32 column
 GOOD_TILL_CANCELLED = 0
 """``expires_ts_us`` of an order without an expiry."""
-_RETIRED = -2  # trigger_ticks of a free row whose generation is exhausted (never reused)
 
 
 class OrderKind(IntEnum):
@@ -151,8 +141,6 @@ _ATTR_OF = {"order_id": "_oid", "owner": "_owner", "side": "_side", "kind": "_ki
             "trigger_ticks": "_trig", "margin_micros": "_margin", "leverage": "_lev",
             "tp_ticks": "_tp", "sl_ticks": "_sl", "expires_ts_us": "_exp",
             "placed_ts_us": "_ts"}
-schema.check_names("OrderBook's columns", tuple(_ATTR_OF), schema.names(_COLUMNS))
-_ATTRS = tuple(_ATTR_OF[f.name] for f in _COLUMNS)
 _RECORD = schema.builder(OrderRecord, _COLUMNS,
                          casts={"side": (Side.LONG, Side.SHORT).__getitem__,
                                 "kind": (OrderKind.LIMIT, OrderKind.STOP).__getitem__})
@@ -197,10 +185,14 @@ def check_terms(asset: Asset, terms: OrderTerms) -> None:
         raise ValueError("expiry out of range")
 
 
-class OrderBook:
+class OrderBook(RowStore[OrderRecord], columns=_COLUMNS, attributes=_ATTR_OF,
+                id_column="order_id", link_column="trigger_ticks", noun="order",
+                indexes=(*_SLOT_NAMES, "expiry")):
     """Open pending orders of one asset (see the module docstring for the layout).
 
-    ``book_tag`` (0..255) goes into every id this book issues.
+    ``book_tag`` (0..255) goes into every id this book issues. ``capacity``: rows allocated up
+    front (grows by doubling); ``min_pending`` and ``min_dead`` floor the indexes' merge and
+    compaction thresholds.
     """
 
     _oid: np.ndarray
@@ -217,91 +209,9 @@ class OrderBook:
 
     def __init__(self, asset: Asset, book_tag: int = 0, capacity: int = 1024, *,
                  min_pending: int = 1024, min_dead: int = 4096) -> None:
-        """``capacity``: rows allocated up front (grows by doubling). ``min_pending`` and
-        ``min_dead`` floor the trigger indexes' merge and compaction thresholds."""
-        if not 0 <= book_tag <= MAX_BOOK_TAG:
-            raise ValueError(f"book_tag must be in 0..{MAX_BOOK_TAG}")
-        self.asset = asset
-        self.book_tag = book_tag
-        capacity = min(max(1, int(capacity)), MAX_ROWS)
-        self._cap = capacity
-        for f, attr in zip(_COLUMNS, _ATTRS, strict=True):
-            setattr(self, attr, np.zeros(capacity, dtype=f.dtype))
-        self._cols = tuple(getattr(self, attr) for attr in _ATTRS)  # schema order
-        self._hw = 0  # rows ever used
-        self._live = 0
-        self._free_head = -1
-        self._free_count = 0
-        tuning = {"min_pending": min_pending, "min_dead": min_dead}
-        # by slot 2 * kind + side: limit long, limit short, stop long, stop short
-        self._fills = tuple(TriggerIndex(**tuning) for _ in _SLOT_NAMES)
-        self._expiry = TriggerIndex(**tuning)
-
-    # -- size ----------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return self._live
-
-    @property
-    def capacity(self) -> int:
-        return self._cap
-
-    @property
-    def nbytes(self) -> int:
-        """Every byte the book holds: all columns at full capacity plus the trigger indexes
-        (sorted arrays and pending buffers). The free list lives inside the columns."""
-        cols = sum(getattr(self, attr).nbytes for attr in _ATTRS)
-        return int(cols + sum(ix.nbytes for ix in self._indexes()))
-
-    def _indexes(self) -> tuple[TriggerIndex, ...]:
-        return (*self._fills, self._expiry)
-
-    def _grow(self, rows: int) -> None:
-        if rows > MAX_ROWS:
-            raise OverflowError(f"an order book holds at most {MAX_ROWS} rows")
-        cap = min(MAX_ROWS, max(rows, self._cap * 2))
-        for attr in _ATTRS:
-            old = getattr(self, attr)
-            new = np.zeros(cap, dtype=old.dtype)
-            new[: self._hw] = old[: self._hw]
-            setattr(self, attr, new)
-        self._cols = tuple(getattr(self, attr) for attr in _ATTRS)
-        self._cap = cap
-
-    # -- rows ----------------------------------------------------------------------------
-    def _take_row(self) -> tuple[int, int]:
-        """A free row and the generation its next id gets."""
-        row = self._free_head
-        if row >= 0:
-            self._free_head = int(self._trig[row])
-            self._free_count -= 1
-            return row, ((-int(self._oid[row])) >> GEN_SHIFT) + 1
-        row = self._hw
-        if row == self._cap:
-            self._grow(row + 1)
-        self._hw = row + 1
-        return row, 1
-
-    def _release_row(self, row: int, order_id: int) -> None:
-        self._oid[row] = -order_id
-        if (order_id >> GEN_SHIFT) < MAX_GENERATION:
-            self._trig[row] = self._free_head
-            self._free_head = row
-            self._free_count += 1
-        else:
-            self._trig[row] = _RETIRED  # generation exhausted: never reuse the id
-
-    def _row(self, order_id: int) -> int:
-        """Row of an open order, or -1."""
-        try:
-            oid = operator.index(order_id)
-        except TypeError:
-            return -1
-        if oid <= 0 or oid > _INT64_MAX or (oid & TAG_MASK) != self.book_tag:
-            return -1
-        row = (oid >> ROW_SHIFT) & ROW_MASK
-        if row >= self._hw or int(self._oid[row]) != oid:
-            return -1
-        return row
+        super().__init__(asset, book_tag, capacity, min_pending=min_pending, min_dead=min_dead)
+        self._fills = self._indexes[:len(_SLOT_NAMES)]  # by slot 2 * kind + side
+        self._expiry = self._indexes[len(_SLOT_NAMES)]
 
     def _record(self, row: int) -> OrderRecord:
         result: OrderRecord = _RECORD([col.item(row) for col in self._cols])
@@ -311,15 +221,7 @@ class OrderBook:
     def next_order_id(self) -> int:
         """The id the next :meth:`place` will issue (the same id :meth:`place_many` gives its
         first order); changes nothing. OverflowError when the book has no row left."""
-        row = self._free_head
-        if row >= 0:
-            gen = ((-int(self._oid[row])) >> GEN_SHIFT) + 1
-        else:
-            row = self._hw
-            if row >= MAX_ROWS:
-                raise OverflowError(f"an order book holds at most {MAX_ROWS} rows")
-            gen = 1
-        return (gen << GEN_SHIFT) | (row << ROW_SHIFT) | self.book_tag
+        return self._next_id()
 
     def place(self, owner: int, terms: OrderTerms, placed_ts_us: int) -> int:
         """Add an open order (terms checked with :func:`check_terms`; ValueError if they do not
@@ -327,9 +229,7 @@ class OrderBook:
         check_terms(self.asset, terms)
         if not 0 <= owner <= _INT64_MAX or not -_INT64_MAX <= placed_ts_us <= _INT64_MAX:
             raise ValueError("owner or timestamp out of range")
-        row, gen = self._take_row()
-        oid = (gen << GEN_SHIFT) | (row << ROW_SHIFT) | self.book_tag
-        self._oid[row] = oid
+        row, oid = self._take_row()
         self._owner[row] = owner
         self._side[row] = terms.side
         self._kind[row] = terms.kind
@@ -340,7 +240,6 @@ class OrderBook:
         self._sl[row] = terms.sl_ticks
         self._exp[row] = terms.expires_ts_us
         self._ts[row] = placed_ts_us
-        self._live += 1
         slot = 2 * terms.kind + terms.side
         trigger = terms.trigger_ticks
         self._fills[slot].add(-trigger if _NEGATED[slot] else trigger, oid, self._oid)
@@ -356,63 +255,10 @@ class OrderBook:
             return None
         record = self._record(row)
         self._release_row(row, record.order_id)
-        self._live -= 1
         self._fills[2 * record.kind + record.side].discard(self._oid)
         if record.expires_ts_us != GOOD_TILL_CANCELLED:
             self._expiry.discard(self._oid)
         return record
-
-    def get(self, order_id: int) -> OrderRecord | None:
-        """The open order with this id, or None (also for an id whose row was reused)."""
-        row = self._row(order_id)
-        return None if row < 0 else self._record(row)
-
-    def __contains__(self, order_id: object) -> bool:
-        return isinstance(order_id, int | np.integer) and self._row(int(order_id)) >= 0
-
-    # -- vectorised reads ----------------------------------------------------------------
-    def ids(self) -> np.ndarray:
-        """Ids (int64, ascending) of all open orders."""
-        oids = self._oid[: self._hw]
-        return np.sort(oids[oids > 0])
-
-    def ids_of_owner(self, owner: int) -> np.ndarray:
-        """Ids (int64, ascending) of ``owner``'s open orders: one vectorised scan."""
-        hw = self._hw
-        oids = self._oid[:hw]
-        return np.sort(oids[(self._owner[:hw] == owner) & (oids > 0)])
-
-    def free_rows(self) -> np.ndarray:
-        """Rows (int64) on the free list, in the order places reuse them."""
-        rows: list[int] = []
-        row = self._free_head
-        while row >= 0:
-            rows.append(row)
-            row = int(self._trig[row])
-        return np.array(rows, dtype=np.int64)
-
-    def open_margin_by_owner(self) -> dict[int, int]:
-        """Sum of the margins locked by open orders per owner (exact ints); owners without
-        orders are absent."""
-        hw = self._hw
-        live = self._oid[:hw] > 0
-        owners = self._owner[:hw][live]
-        if owners.size == 0:
-            return {}
-        margins = self._margin[:hw][live]
-        order = np.argsort(owners, kind="stable")
-        owners, margins = owners[order], margins[order]
-        starts = np.flatnonzero(np.concatenate([[True], owners[1:] != owners[:-1]]))
-        sums = np.add.reduceat(margins, starts)
-        return {int(o): int(s) for o, s in zip(owners[starts].tolist(), sums.tolist(),
-                                                 strict=True)}
-
-    def columns(self) -> dict[str, np.ndarray]:
-        """Views (not copies; do not write) of every column over the used rows, including
-        free ones (``order_id <= 0``)."""
-        hw = self._hw
-        return {name: getattr(self, attr)[:hw] for name, attr in zip(COLUMN_NAMES, _ATTRS,
-                                                                     strict=True)}
 
     # -- the sweep -----------------------------------------------------------------------
     def sweep(self, bid_ticks: int, ask_ticks: int, ts_us: int
@@ -452,19 +298,7 @@ class OrderBook:
         order = np.argsort(ids, kind="stable")
         return ids[order], outcomes[order]
 
-    def compact(self) -> None:
-        """Merge every pending index entry and drop every dead one now (O(N)); places and
-        removes do this on their own in small doses, a caller may prefer an idle moment."""
-        for index in self._indexes():
-            index.merge(self._oid, compact=True)
-
-    def index_sizes(self) -> dict[str, tuple[int, int, int]]:
-        """Per index: (live entries, pending entries, dead entries), for tests and metrics."""
-        names = (*_SLOT_NAMES, "expiry")
-        return {n: (len(ix), ix.pending, ix.dead) for n, ix in zip(names, self._indexes(),
-                                                                  strict=True)}
-
-    # -- bulk load and snapshots ---------------------------------------------------------
+    # -- bulk load -----------------------------------------------------------------------
     def place_many(self, owners: np.ndarray, terms: Mapping[str, np.ndarray],
                    placed_ts_us: int | np.ndarray) -> np.ndarray:
         """Place many orders at once (bulk loads, benchmarks); returns their ids (int64).
@@ -487,141 +321,25 @@ class OrderBook:
         if n == 0:
             return np.zeros(0, dtype=np.int64)
         _check_term_columns(self.asset, cols)
-        if (owners < 0).any():
-            raise ValueError("owners must be >= 0")
-        reuse = min(n, self._free_count)
-        if self._hw + (n - reuse) > MAX_ROWS:
-            raise OverflowError(f"an order book holds at most {MAX_ROWS} rows")
-        rows = np.empty(n, dtype=np.int64)
-        gens = np.ones(n, dtype=np.int64)
-        for i in range(reuse):
-            rows[i], gens[i] = self._take_row()
-        fresh = n - reuse
-        if fresh:
-            if self._hw + fresh > self._cap:
-                self._grow(self._hw + fresh)
-            rows[reuse:] = np.arange(self._hw, self._hw + fresh, dtype=np.int64)
-            self._hw += fresh
-        oids = (gens << GEN_SHIFT) | (rows << ROW_SHIFT) | self.book_tag
-        cols["order_id"] = oids
         cols["owner"] = owners
         cols["placed_ts_us"] = ts
-        for f, attr in zip(_COLUMNS, _ATTRS, strict=True):
-            getattr(self, attr)[rows] = cols[f.column]
-        self._live += n
-        self._index_rows(rows)
-        return oids
+        return self._insert_many(cols)
 
-    def _index_rows(self, rows: np.ndarray) -> None:
-        """Put the orders in ``rows`` (int64) into the indexes in bulk."""
+    def _index_entries(self, rows: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         oids = self._oid[rows]
         slots = 2 * self._kind[rows].astype(np.int64) + self._side[rows]
         trigger = self._trig[rows]
-        for slot, index in enumerate(self._fills):
+        entries = []
+        for slot in range(len(_SLOT_NAMES)):
             sel = slots == slot
-            if sel.any():
-                keys = -trigger[sel] if _NEGATED[slot] else trigger[sel]
-                index.add_many(keys, oids[sel], self._oid)
+            entries.append((-trigger[sel] if _NEGATED[slot] else trigger[sel], oids[sel]))
         expires = self._exp[rows]
         sel = expires != GOOD_TILL_CANCELLED
-        if sel.any():
-            self._expiry.add_many(expires[sel], oids[sel], self._oid)
+        entries.append((expires[sel], oids[sel]))
+        return entries
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """A copy of the book's state: every column over the used rows (free rows included,
-        so ids and the free list restore exactly) and ``free_head`` (int64, shape (1,))."""
-        out = {name: col.copy() for name, col in self.columns().items()}
-        out["free_head"] = np.array([self._free_head], dtype=np.int64)
-        return out
-
-    @classmethod
-    def from_arrays(cls, asset: Asset, book_tag: int, arrays: Mapping[str, np.ndarray], *,
-                    min_pending: int = 1024, min_dead: int = 4096) -> OrderBook:
-        """Rebuild a book from :meth:`to_arrays`; ValueError if the arrays are inconsistent."""
-        missing = [n for n in (*COLUMN_NAMES, "free_head") if n not in arrays]
-        if missing:
-            raise ValueError(f"missing arrays: {missing}")
-        hw = int(np.asarray(arrays["order_id"]).size)
-        if hw > MAX_ROWS:
-            raise ValueError(f"an order book holds at most {MAX_ROWS} rows")
-        book = cls(asset, book_tag, capacity=max(hw, 1024), min_pending=min_pending,
-                   min_dead=min_dead)
-        for name, attr in zip(COLUMN_NAMES, _ATTRS, strict=True):
-            col = np.asarray(arrays[name])
-            if col.shape != (hw,):
-                raise ValueError(f"array {name} has shape {col.shape}, expected ({hw},)")
-            getattr(book, attr)[:hw] = col
-        book._hw = hw
-        oids = book._oid[:hw]
-        absolute = np.abs(oids)
-        if (oids == 0).any() or ((absolute >> ROW_SHIFT) & ROW_MASK
-                                 != np.arange(hw, dtype=np.int64)).any() \
-                or ((absolute & TAG_MASK) != book_tag).any():
-            raise ValueError("order ids do not match their rows or book_tag")
-        live_rows = np.flatnonzero(oids > 0)
-        book._live = int(live_rows.size)
-        # walk the free list: every free row is on it once, or retired (generation exhausted)
-        free_head = int(np.asarray(arrays["free_head"]).reshape(-1)[0])
-        on_list = np.zeros(hw, dtype=bool)
-        seen = 0
-        row = free_head
-        while row != -1:
-            if not 0 <= row < hw or on_list[row] or oids[row] >= 0 \
-                    or (-int(oids[row])) >> GEN_SHIFT >= MAX_GENERATION:
-                raise ValueError("corrupt free list")
-            on_list[row] = True
-            seen += 1
-            row = int(book._trig[row])
-        off_list = (oids < 0) & ~on_list
-        if off_list.any() and (((-oids[off_list]) >> GEN_SHIFT) != MAX_GENERATION).any():
-            raise ValueError("a free row is neither on the free list nor retired")
-        book._free_head = free_head
-        book._free_count = seen
-        if live_rows.size:
-            _check_term_columns(asset, {name: getattr(book, attr)[live_rows] for name, attr
-                                        in zip(COLUMN_NAMES, _ATTRS, strict=True)})
-            if (book._owner[live_rows] < 0).any():
-                raise ValueError("owners must be >= 0")
-            book._index_rows(live_rows)
-        return book
-
-    def check(self) -> list[str]:
-        """Internal consistency problems ([] when sound): live and free counts, the free
-        list, each index holds exactly its live orders, every open order's terms fit. O(N);
-        for tests and audits."""
-        problems: list[str] = []
-        oids = self._oid[: self._hw]
-        live_rows = np.flatnonzero(oids > 0)
-        if live_rows.size != self._live:
-            problems.append(f"live count {self._live} != {live_rows.size} live rows")
-        free: list[int] = []
-        row = self._free_head
-        while 0 <= row < self._hw and len(free) <= self._hw:  # bounded: the list may loop
-            free.append(row)
-            row = int(self._trig[row])
-        if row != -1 or len(set(free)) != len(free) or (oids[free] >= 0).any():
-            problems.append("the free list loops, leaves the used rows or holds an open row")
-        elif len(free) != self._free_count:
-            problems.append(f"free count {self._free_count} != {len(free)} rows on the list")
-        live = oids[live_rows]
-        slots = 2 * self._kind[live_rows].astype(np.int64) + self._side[live_rows]
-        expect = [live[slots == slot] for slot in range(len(_SLOT_NAMES))]
-        expect.append(live[self._exp[live_rows] != GOOD_TILL_CANCELLED])
-        for name, ix, want in zip((*_SLOT_NAMES, "expiry"), self._indexes(), expect,
-                                  strict=True):
-            got = np.sort(ix.live_ids(self._oid))
-            if not np.array_equal(got, np.sort(want)):
-                problems.append(f"index {name} does not hold exactly its open orders")
-            if len(ix) != got.size:
-                problems.append(f"index {name} counts {len(ix)} live, holds {got.size}")
-        if live_rows.size:
-            try:
-                _check_term_columns(self.asset, {name: getattr(self, attr)[live_rows]
-                                                 for name, attr in zip(COLUMN_NAMES, _ATTRS,
-                                                                       strict=True)})
-            except ValueError as exc:
-                problems.append(f"an open order's terms do not fit: {exc}")
-        return problems
+    def _check_terms(self, columns: Mapping[str, np.ndarray]) -> None:
+        _check_term_columns(self.asset, columns)
 
 
 def _check_term_columns(asset: Asset, cols: Mapping[str, np.ndarray]) -> None:
