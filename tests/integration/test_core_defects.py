@@ -1,14 +1,27 @@
-"""Black-box checks of the core's known defects on a running platform.
+"""Black-box checks on one running platform: a hostile market data feed while clients trade,
+the core's known defects, and ``kill -9`` of the whole platform and of its hosts.
 
 One real ``shardex up`` process (durable: journaled ledger and shards under a temporary
 DATA_DIR, its own embedded broker on a free loopback port, the API on a free port,
-``FEED_SOURCE=none``) is shared by the cases; the test alone writes prices to the market data
-topic. Everything is reached from the outside: HTTP over a socket, the topic, ``shardex audit``
-as a process, and Ray only through a separate probe process connected to the platform's Ray
-(``ray-address.json`` in DATA_DIR), which sends commands straight to a shard host and reads the
-feed actor's counters. Processes are stopped by their pid, and only the ones this test started
-(the ``shardex up`` process, the broker it recorded as its own, actor processes below it).
+``FEED_SOURCE=none``, SOL, BTC and ETH; it leads a process group of its own) is shared by the
+cases, which run in this order; the test alone writes prices to the market data topic.
+Everything is reached from the outside: HTTP over a socket, the topic, ``shardex audit`` and
+``shardex status`` as processes, and Ray only through a separate probe process connected to the
+platform's Ray (``ray-address.json`` in DATA_DIR), which sends commands straight to a shard host
+and reads the feed actor's counters. Processes are stopped by their pid, and only the ones this
+test started (the ``shardex up`` process group, the broker it recorded as its own, actor
+processes below it).
 
+0. Hostile market data while clients trade (tests/integration/hostile_feed.py): for FUZZ_S
+   seconds client tasks trade over HTTP while a seeded producer writes valid ticks that move the
+   prices (moves that liquidate, jumps beyond the band that the next tick confirms) between
+   hostile messages of every kind. Then the platform still answers (healthz, a fresh open and
+   close), no HTTP answer was a 5xx, every account's books balance, ``shardex audit`` exits 0,
+   the feed counted every kind of hostile message under the reason it is dropped for (each
+   reason's count at most what was sent for it: no valid tick was dropped), ``shardex status``
+   reports the same drops as ``/metrics``, and every acknowledged open and close is there. The
+   prices go back to :data:`PRICES` for the cases after it. The seed is printed;
+   ``FUZZ_SEED=N`` runs another one.
 1. An absurd price (in the message format's range, far beyond the asset's bound) is dropped by
    the feed (``above_bound``; an in-bound jump is held and dropped as ``jump``); sent straight
    to the shard it is refused with nothing changed.
@@ -18,9 +31,12 @@ feed actor's counters. Processes are stopped by their pid, and only the ones thi
    a position.
 4. A close whose reply was lost, retried with the same clientOrderId, answers the close.
 
-Then the whole platform is killed (``kill -9`` of ``shardex up`` and of its broker): ``shardex
-audit --offline`` is clean, ``shardex up`` serves again within 30 s with every account of the
-cases exactly as before, and the 100x long of case 1 closes at the real price.
+Then the whole platform is killed (``kill -9`` of the process group ``shardex up`` leads: it,
+its broker, its Ray): ``shardex audit --offline`` is clean, ``shardex up`` serves again within
+30 s with every account of cases 0-4 exactly as before (every open and close the fuzz's clients
+were acknowledged as it was: a position a client was told is open is open, or in the history
+closed by a liquidation, take-profit or stop-loss), ``shardex audit`` exits 0 again, and the
+100x long of case 1 closes at the real price.
 
 5. ``kill -9`` of the ledger and a shard host while clients trade: the API serves again within
    30 s and every acknowledged open and close is there.
@@ -34,11 +50,13 @@ import json
 import os
 import queue
 import random
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -49,11 +67,16 @@ import pytest
 
 from engine.assets import DEFAULT_ASSETS
 from feed.message import MarketDataMessage, message_from_ticks
+from feed.pipeline import DROP_REASONS, drops_text
+from tests.integration import hostile_feed as fuzz
 from tests.integration.up_platform import REPO, Account, UpPlatform, books_balance, now_us
 
-ASSETS = DEFAULT_ASSETS.subset(["SOL", "BTC"])
+ASSETS = DEFAULT_ASSETS  # SOL, BTC, ETH: the fuzz trades all three, cases 1-5 SOL and BTC
 SOL = ASSETS["SOL"]
-PRICES = {"SOL": ("100.00", "100.01"), "BTC": ("50000.0", "50000.1")}  # constant: equal marks
+# constant (equal marks) except while the fuzz moves them; its random walk starts from them
+PRICES = {"SOL": ("100.00", "100.01"), "BTC": ("50000.0", "50000.1"),
+          "ETH": ("3000.00", "3000.01")}
+CASE_ASSETS = ("SOL", "BTC")  # what case 5's clients trade
 START_BUDGET_S = 150.0
 RESTART_BUDGET_S = 30.0
 
@@ -171,11 +194,12 @@ class Probe:
 
 # ----------------------------------------------------------------------------- the platform
 class CoreUp(UpPlatform):
-    """The shared platform of these cases (SOL and BTC at the constant :data:`PRICES`), with a
-    probe into its Ray."""
+    """The shared platform of these cases (SOL, BTC and ETH at the constant :data:`PRICES`
+    except while the fuzz moves them), leading a process group of its own (its ``kill_9`` kills
+    the group), with a probe into its Ray."""
 
     def __init__(self, root: Path) -> None:
-        super().__init__(root, ASSETS, PRICES)
+        super().__init__(root, ASSETS, PRICES, own_process_group=True)
         self._probe: Probe | None = None
 
     def probe(self) -> Probe:
@@ -247,11 +271,15 @@ async def send_and_hang_up(port: int, request: bytes, mode: str, delay_s: float 
 
 class Kept:
     """What the cases leave behind for the restart to find: ``accounts`` (every account the
-    cases made, checked across the kill) and ``long`` (the 100x long of case 1 and its id)."""
+    cases made, checked across the kill), ``traders`` (the fuzz's clients, what they were
+    acknowledged, and their accounts), ``fresh`` (the account that traded after the fuzz) and
+    ``long`` (the 100x long of case 1 and its id)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.accounts: list[Account] = []
+        self.traders: list[tuple[fuzz.Trader, Account]] = []
+        self.fresh: Account | None = None
         self.long: tuple[Account, str] | None = None
 
     def account(self) -> Account:
@@ -276,6 +304,107 @@ def long_before_bad_ticks(up: CoreUp, tracked: Kept,
     account = tracked.account()
     position = account.open(asset="SOL", type="long", margin=margin, leverage=100)
     return account, position, up.feed_stats()
+
+
+# ----------------------------------------------------------------------------- 0. hostile feed
+def test_hostile_feed_while_clients_trade_is_dropped_by_reason_and_nothing_acknowledged_is_lost(
+        up: CoreUp, tracked: Kept) -> None:
+    """Case 0: the fuzz of the market data topic while clients trade, and what the platform
+    must show after it (see the module's docstring). The kill -9 and restart after case 4
+    check the fuzz's clients and their books again."""
+    print(f"\nfuzz seed {fuzz.SEED} (FUZZ_SEED={fuzz.SEED} runs it again)")
+    assert fuzz.initial_prices() == PRICES  # the random walk starts from the cases' prices
+    rng = random.Random(fuzz.SEED)
+    phases: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        phases[name] = time.monotonic() - mark
+        mark = time.monotonic()
+
+    up.wait_prices()
+    try:
+        errors_before = fuzz.server_errors(up.url)
+        drops_before = fuzz.feed_drops(up.url)
+        accounts = [tracked.account() for _ in range(fuzz.TRADERS)]
+        market = fuzz.Market()
+        traders = [fuzz.Trader(up.url, a.key, random.Random(rng.getrandbits(64)), market)
+                   for a in accounts]
+        tracked.traders = list(zip(traders, accounts, strict=True))
+        producer = fuzz.Producer(up.bootstrap, random.Random(rng.getrandbits(64)), market)
+
+        async def run() -> None:
+            await producer.start()
+            try:
+                until = time.monotonic() + fuzz.FUZZ_S
+                await asyncio.gather(producer.run(until), *(t.run(until) for t in traders))
+            finally:
+                await producer.stop()
+
+        with up.tick.paused():  # the test's producer alone writes prices meanwhile
+            asyncio.run(run())
+            up.tick.prices = {name: market.bid_ask(name) for name in fuzz.BASE_MID}
+        up.wait_prices(15)
+        sent = producer.sent
+        phase("fuzz")
+
+        # the platform still answers
+        assert up.serving()
+        fresh = tracked.fresh = tracked.account()
+        position = fresh.open(asset="SOL", type="long", margin="10", leverage=5)
+        closed = fresh.post("/api/v1/positions/close", {"positionId": position["positionId"]})
+        assert closed.status_code == 200, closed.text
+        failures = [f for t in traders for f in t.failures]
+        answers = sum((t.answers for t in traders), Counter[str]())
+        new_errors = {k: v - errors_before.get(k, 0)
+                      for k, v in fuzz.server_errors(up.url).items()
+                      if v != errors_before.get(k, 0)}
+
+        # what the feed dropped, by reason
+        drops = {r: n - drops_before.get(r, 0) for r, n in fuzz.feed_drops(up.url).items()}
+        closes = fuzz.closes_by_reason(up.url)
+        print(f"sent: {sent.valid_ticks} valid ticks ({sent.moves} moves within the band, "
+              f"{sent.confirmed_jumps} jumps beyond it confirmed), {sent.spikes} unconfirmed "
+              f"jumps, {sum(sent.categories.values())} hostile records "
+              f"({sent.skipped_valid} spoiled values that were valid ticks not sent)")
+        print(f"hostile records by category: {dict(sorted(sent.categories.items()))}")
+        expected = Counter(sent.reasons)
+        expected["jump"] = sent.spikes
+        print(f"hostile records by the reason they are dropped for: {drops_text(expected)}")
+        print(f"feed drops by reason: {drops_text(drops)}")
+        for reason in DROP_REASONS:
+            print(f"  {reason:<15} sent {expected[reason]:>4}  dropped {drops.get(reason, 0):>4}")
+        print(f"client answers: {dict(sorted(answers.items()))}")
+        print(f"closes by reason: {dict(closes)}")
+        assert not failures, failures
+        assert not new_errors, new_errors
+        for reason in DROP_REASONS:  # every kind sent was counted; no valid tick was dropped
+            assert expected[reason] > 0, f"nothing sent to be dropped as {reason}"
+            assert 0 < drops.get(reason, 0) <= expected[reason], (reason, drops, expected)
+        assert closes["liquidation"] > 0, closes
+        assert sum(len(t.opened) for t in traders) >= 20 and \
+            sum(len(t.closed) for t in traders) >= 5, answers
+
+        # `shardex status` reports the same drops by reason as /metrics
+        status = up.cli("status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        shown = re.search(r"dropped: (.*);", status.stdout)
+        assert shown is not None, status.stdout
+        assert shown.group(1) == drops_text(fuzz.feed_drops(up.url)), status.stdout
+
+        fuzz.settled([*accounts, fresh])
+        up.audit()
+        for (trader, _), (still_open, history, _) in zip(tracked.traders,
+                                                         fuzz.books(accounts), strict=True):
+            fuzz.check_acknowledged(trader, still_open, history)
+        phase("checks and audit")
+    finally:
+        up.tick.prices = dict(PRICES)  # the cases after this one trade at the constant prices
+    up.wait_prices(15)
+    fuzz.settled(tracked.accounts)  # the closes the way back triggered reach the ledger
+    phase("prices back")
+    print("fuzz phases: " + ", ".join(f"{name} {s:.1f} s" for name, s in phases.items()))
 
 
 # ----------------------------------------------------------------------------- 1. absurd price
@@ -438,37 +567,54 @@ def test_a_retried_close_whose_reply_was_lost_answers_the_close(
 # ----------------------------------------------------------------------------- kill -9, restart
 def test_kill_9_of_the_platform_then_restart_finds_everything_as_it_was(
         up: CoreUp, tracked: Kept) -> None:
-    """Cases 1-4 end here: audit, kill -9 of ``shardex up`` and its broker, ``audit
-    --offline``, ``shardex up`` again: every account exactly as before, audit clean, and the
-    100x long the absurd price would have broken closes at the real price."""
+    """Cases 0-4 end here: audit, kill -9 of the process group ``shardex up`` leads (it, its
+    broker, its Ray), ``audit --offline``, ``shardex up`` again: within 30 s of its start it
+    serves every account exactly as before (every open and close the fuzz's clients were
+    acknowledged as it was), audit clean, a fresh open and close, and the 100x long the absurd
+    price would have broken closes at the real price."""
     accounts = tracked.accounts
     assert accounts, "no case left an account behind"
     up.wait_prices()
+    fuzz.settled(accounts)
     before = [(a.state(), a.history()) for a in accounts]
     up.audit()
     timings = up.kill_9()
+    lingering = [p for p in up.started_below if p.alive()]  # outside the killed group
     offline = up.audit("--offline")
     took = up.start(RESTART_BUDGET_S + 90)  # measured here, held to the budget below
+    print(f"\nprocesses of the killed run alive at the restart: "
+          f"{sorted(p.cmdline[0] for p in lingering if p.cmdline)}; still alive once it "
+          f"served: {sorted(p.cmdline[0] for p in lingering if p.alive() and p.cmdline)}")
     # the shards have the constant price again: every mark is the one seen before the kill
-    deadline = time.monotonic() + 15
+    restarted = time.monotonic()
     after = [(a.state(), a.history()) for a in accounts]
-    while after != before and time.monotonic() < deadline:
+    while after != before and time.monotonic() - restarted < 15:
         time.sleep(0.25)
         after = [(a.state(), a.history()) for a in accounts]
-    print(f"\nkill -9 -> journals released after {timings['journals_released_s']:.1f} s; "
-          f"audit --offline totals {offline['totals']}; restarted `shardex up` answered 200 "
-          f"after {took:.1f} s")
+    restart_s = took + (time.monotonic() - restarted)
+    print(f"kill -9 of the process group -> journals released after "
+          f"{timings['journals_released_s']:.1f} s; audit --offline totals {offline['totals']}; "
+          f"restarted `shardex up` answered 200 after {took:.1f} s (healthz 200 after "
+          f"{up.milestones['healthz']:.1f} s), served every account as before after "
+          f"{restart_s:.1f} s")
     assert after == before
+    for trader, account in tracked.traders:  # the fuzz's clients
+        state, history = after[accounts.index(account)]
+        fuzz.check_acknowledged(trader, {p["positionId"] for p in state["positions"]}, history)
     up.audit()
+    fresh = tracked.fresh if tracked.fresh is not None else tracked.account()
+    again = fresh.open(asset="ETH", type="short", margin="10", leverage=20)
+    closed = fresh.post("/api/v1/positions/close", {"positionId": again["positionId"]})
+    assert closed.status_code == 200, closed.text
     if tracked.long is not None:
         alice, position_id = tracked.long
         closed = alice.post("/api/v1/positions/close", {"positionId": position_id})
         assert closed.status_code == 200, closed.text
         assert closed.json()["exitPrice"] == PRICES["SOL"][0]
         assert books_balance(alice) == []
-        up.audit()
-    assert took < RESTART_BUDGET_S, \
-        f"shardex up served {took:.1f} s after its restart\n{up.log.read_text()[-3000:]}"
+    up.audit()
+    assert took <= restart_s < RESTART_BUDGET_S, \
+        f"shardex up served {restart_s:.1f} s after its restart\n{up.log.read_text()[-3000:]}"
 
 
 # ----------------------------------------------------------------------------- 5. kill -9 hosts
@@ -499,7 +645,7 @@ class Trader:
                     asset = self.open_ids.pop(pid)
                     path, body = "/api/v1/positions/close", {"positionId": pid}
                 else:
-                    asset = self.rng.choice(list(PRICES))
+                    asset = self.rng.choice(list(CASE_ASSETS))
                     path = "/api/v1/positions/open"
                     body = {"asset": asset, "type": "long", "margin": "20", "leverage": 3}
                 body["clientOrderId"] = f"t{self.n}"
