@@ -277,10 +277,6 @@ def test_up_serves_again_within_30_s_after_kill_9_with_clients_connected(up: Up)
                              "leverage": 5, "clientOrderId": "before-the-crash"})
     assert again.status_code == 201 and again.json()["positionId"] == position_id
 
-    if restart_s >= RESTART_BUDGET_S and "TIME_WAIT" in up.output():
-        pytest.xfail(f"serving again took {restart_s:.1f} s: the API replica (Ray Serve's "
-                     "direct ingress) binds its port without SO_REUSEADDR, so the killed "
-                     "run's connections in TIME_WAIT hold it for ~60 s")
     assert restart_s < RESTART_BUDGET_S, (restart_s, up.output())
 
 
