@@ -29,7 +29,7 @@ import ray
 from cluster.config import Settings
 from cluster.feed_actor import FeedActor
 from engine.assets import DEFAULT_ASSETS
-from engine.shard_machine import ApplyTick
+from engine.shard_machine import ApplyTick, Outbox, OutboxView
 from feed.broker import EmbeddedBroker, free_port
 from feed.message import message_from_ticks
 from feed.producer import MarketDataProducer
@@ -39,8 +39,9 @@ from feed.sim import SimWalk
 class _CountingShard:
     """Counts ticks and records ``now - ts_us`` (us) of each, as a shard would receive them.
 
-    It answers the feed actor like a shard host does: ``execute`` of ``ApplyTick`` commands,
-    one answer per command (0: nothing closed, so no settlement is delivered).
+    It answers the feed actor like a shard host does: ``execute`` of ``ApplyTick`` commands
+    and an ``Outbox`` read, one answer per command (0: nothing closed; an empty outbox, so no
+    settlement is delivered).
     """
 
     def __init__(self, nice: int | None = 0) -> None:
@@ -50,12 +51,13 @@ class _CountingShard:
         self.calls = 0
         self.latency_us: list[int] = []
 
-    def execute(self, commands: list[ApplyTick]) -> list[int]:
+    def execute(self, commands: list[ApplyTick | Outbox]) -> list[int | OutboxView]:
         now_us = time.time_ns() // 1000
+        ticks = [c.tick for c in commands if isinstance(c, ApplyTick)]
         self.calls += 1
-        self.ticks += len(commands)
-        self.latency_us.extend(now_us - c.tick.ts_us for c in commands)
-        return [0] * len(commands)
+        self.ticks += len(ticks)
+        self.latency_us.extend(now_us - t.ts_us for t in ticks)
+        return [OutboxView([], 0) if isinstance(c, Outbox) else 0 for c in commands]
 
     def report(self) -> dict[str, Any]:
         return {"ticks": self.ticks, "calls": self.calls, "latency_us": self.latency_us}

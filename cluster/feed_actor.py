@@ -15,13 +15,15 @@ per-shard fan-out, drop counting) is ``feed.pipeline.TickPipeline``; both are fr
 module owns the Ray calls: the shard lookup, the shard call and the settlement delivery.
 
 Every shard host receives one ``execute`` call of ``ApplyTick`` commands (engine.shard_machine)
-carrying the newest tick of each of its assets; at most ``max_in_flight_per_shard`` calls are
-outstanding per shard, and while they are, newer ticks replace older pending ones (so a slow
-shard costs bounded memory and only superseded ticks are ever skipped). A shard that is missing
-or dead keeps its newest pending ticks and is looked up again every ``lookup_retry_s``. A tick a
-shard refuses (out of its bounds) is dropped and counted (``ticks_refused_by_shards``). A call
-whose ticks closed positions hands that shard's settlements to the ledger through the courier
-(cluster.trading.courier), retried every ``lookup_retry_s`` while it fails.
+carrying the newest tick of each of its assets, followed by an ``Outbox`` read; at most
+``max_in_flight_per_shard`` calls are outstanding per shard, and while they are, newer ticks
+replace older pending ones (so a slow shard costs bounded memory and only superseded ticks are
+ever skipped). A shard that is missing or dead keeps its newest pending ticks and is looked up
+again every ``lookup_retry_s``. A tick a shard refuses (out of its bounds) is dropped and
+counted (``ticks_refused_by_shards``). Settlements the call's answer holds go to the ledger
+through the courier (cluster.trading.courier) with one ledger call, their acknowledgement riding
+with the shard's next call; a shard whose delivery failed is delivered in full (outbox read,
+ledger, acknowledgement) every ``lookup_retry_s`` until it succeeds.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from cluster.config import CONSUMER_GROUP, MARKET_TOPIC, Settings
 from cluster.trading.courier import Courier
 from cluster.trading.placement import Layout
 from engine.market import Tick
-from engine.shard_machine import ApplyTick
+from engine.shard_machine import ApplyTick, Outbox, OutboxView
 from feed.consumer import MarketDataConsumer
 from feed.pipeline import TickPipeline
 
@@ -98,6 +100,7 @@ class FeedActorShell:
         self.handles: dict[str, Any] = dict(shard_handles or {})
         self._fixed_handles = shard_handles is not None
         self._lookup_after: dict[str, float] = {}
+        self._ports: dict[str, RayPort] = {}  # over the current handles, shared with the courier
         self._courier: Courier | None = None
         self._undelivered: set[str] = set()
         self._retry: asyncio.Task[None] | None = None
@@ -161,29 +164,48 @@ class FeedActorShell:
             return False
         return True
 
+    def _port(self, name: str) -> RayPort:
+        """The port of shard ``name`` over its current handle (a new one after a lookup)."""
+        port = self._ports.get(name)
+        if port is None or port.handle is not self.handles[name]:
+            # no timeout: the tick call waits as long as the shard takes (a tick resent after
+            # a timeout could apply after a newer one)
+            port = self._ports[name] = RayPort(name, self.handles[name], timeout_s=None)
+        return port
+
     async def _call(self, name: str, ticks: list[Tick]) -> None:
-        """Apply ``ticks`` on shard ``name`` (refusals are counted); raises when it is down."""
+        """Apply ``ticks`` on shard ``name`` (refusals are counted) and deliver the settlements
+        they made; raises when the shard is down."""
+        undelivered = name in self._undelivered
+        commands: list[object] = [ApplyTick(t) for t in ticks]
+        if not undelivered:  # the settlements come back with the ticks' answers
+            commands.append(Outbox())
         try:
-            answers = await self.handles[name].execute.remote([ApplyTick(t) for t in ticks])
+            answers = await self._port(name).send(commands)
         except Exception:  # a dead or failing shard: look it up again later
             if not self._fixed_handles:
                 self.handles.pop(name, None)
                 self._lookup_after[name] = time.monotonic() + self.lookup_retry_s
             raise
-        self.ticks_refused += sum(1 for a in answers if not isinstance(a, int))
-        if any(isinstance(a, int) and a > 0 for a in answers) or name in self._undelivered:
+        self.ticks_refused += sum(1 for a in answers[:len(ticks)] if not isinstance(a, int))
+        if undelivered:
             await self._settle(name)
+        elif isinstance(answers[-1], OutboxView) and answers[-1].items:
+            await self._settle(name, answers[-1])
 
-    async def _settle(self, name: str) -> None:
-        """Deliver shard ``name``'s settlements to the ledger; on failure retry later."""
+    async def _settle(self, name: str, view: OutboxView | None = None) -> None:
+        """Deliver shard ``name``'s settlements to the ledger (``view``: the outbox as the tick
+        call read it; None: read it again); on failure retry later."""
         try:
             courier = self._courier
             if courier is None:
                 ledger = ray.get_actor(LEDGER, namespace=self.namespace)
                 courier = self._courier = Courier(RayPort(LEDGER, ledger), {})
-            if name not in courier.shards:
-                courier.shards[name] = RayPort(name, self.handles[name])
-            await courier.deliver(name)
+            courier.shards[name] = self._port(name)
+            if view is None:
+                await courier.deliver(name)
+            else:
+                await courier.forward(name, view)
             self._undelivered.discard(name)
         except Exception as exc:  # the ledger is down or recovering: the outbox waits
             self.deliveries_failed += 1

@@ -6,6 +6,9 @@ One interface, two implementations, no method per operation:
   ``execute(commands)`` per event-loop turn (cluster.trading.batcher.MicroBatcher), so N
   requests cost one actor round trip. A command whose ``decide`` raised answers
   :class:`CommandFailed`.
+* ``port.post(command)``: no call of its own; ``command`` rides at the head of the next batch
+  that goes to the host anyway, and its answer is dropped (an outbox acknowledgement, whose
+  loss only means a resend the ledger ignores).
 * :class:`LocalPort` runs a :class:`cluster.durability.runner.Runner` on one worker thread
   (calls run one at a time, like an actor, and numpy work stays off the event loop).
 * :class:`RayPort` wraps a :class:`cluster.actors.host.MachineHost` handle. Every Ray call of
@@ -40,7 +43,8 @@ class Port:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.batcher: MicroBatcher[Any, Any] = MicroBatcher(self.execute)
+        self.batcher: MicroBatcher[Any, Any] = MicroBatcher(self.send)
+        self._riders: dict[type, Any] = {}
 
     async def call(self, command: Any) -> Any:
         """The answer to ``command`` (batched with concurrent calls)."""
@@ -48,7 +52,29 @@ class Port:
 
     async def call_many(self, commands: Sequence[Any]) -> list[Any]:
         """The answers to ``commands``, sent together in one batch (in order)."""
-        return [_checked(a) for a in await self.execute(list(commands))]
+        return [_checked(a) for a in await self.send(list(commands))]
+
+    def post(self, command: Any) -> None:
+        """Send ``command`` with the next batch that goes to the host, ahead of that batch's
+        commands; its answer is dropped. A later command of the same type replaces it. Only
+        for commands whose loss is harmless: nothing says whether or when it arrives."""
+        self._riders[type(command)] = command
+
+    async def send(self, commands: list[Any]) -> list[Any]:
+        """``execute(commands)`` with the posted commands ahead of them; the answers to
+        ``commands`` (a Failed one as it is). Posted commands whose batch failed are posted
+        again unless newer ones replaced them."""
+        if not self._riders:
+            return await self.execute(commands)
+        riders = list(self._riders.values())
+        self._riders.clear()
+        try:
+            answers = await self.execute([*riders, *commands])
+        except BaseException:
+            for rider in riders:
+                self._riders.setdefault(type(rider), rider)
+            raise
+        return answers[len(riders):]
 
     async def execute(self, commands: list[Any]) -> list[Any]:
         raise NotImplementedError

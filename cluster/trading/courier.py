@@ -8,6 +8,13 @@ ignores resends, so delivery is exactly once however often it is repeated. One d
 2. ``ApplySettlements`` to the ledger (with the clientOrderId answers to store with them);
 3. ``AckOutbox(applied)`` to the shard.
 
+On the hot paths the courier is handed what step 1 would read, and step 3 needs no call of
+its own: the feed reads the outbox in the same call as the ticks that closed positions
+(:meth:`Courier.forward`), a manual close's answer is its settlement (:meth:`Courier.settle`),
+and the acknowledgement is posted on the shard's port (``Port.post``) to ride with the next
+call that goes to that shard. An acknowledgement that never arrives only leaves applied
+settlements in the outbox, where the next read finds them and the ledger ignores them again.
+
 A shard's numbering must continue the ledger's: a host that starts is resumed
 (:meth:`Courier.resume`: ``AppliedSeq`` from the ledger, ``ResumeSeq`` to the shard) before it
 serves, and a courier resumes each shard once more on its first delivery to it. A shard whose
@@ -21,17 +28,15 @@ its settlement never waits for more than two round trips of deliveries.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Mapping
-from typing import Any
 
 from cluster.actors.port import Port
 from cluster.trading.batcher import MicroBatcher
 from engine.ledger_machine import AppliedSeq, ApplySettlements
 from engine.messages import IdemKey, SettlementItem
 from engine.results import Rejected
-from engine.shard_machine import AckOutbox, Outbox, ResumeSeq
+from engine.shard_machine import AckOutbox, Outbox, OutboxView, ResumeSeq
 
 Answer = tuple[IdemKey, object]
 
@@ -48,7 +53,7 @@ class Courier:
         self.shards = dict(shards)  # a shell may add ports as it finds the shards
         self._runs: dict[str, MicroBatcher[Answer | None, int]] = {}
         self._resumed: set[str] = set()
-        self._acks: set[asyncio.Task[Any]] = set()
+        self._acked: dict[str, int] = {}  # the highest acknowledgement posted, per shard
 
     async def resume(self, shard_name: str) -> int:
         """Continue ``shard_name``'s numbering after what the ledger applied from it (and drop
@@ -85,29 +90,45 @@ class Courier:
     async def settle(self, shard_name: str, item: SettlementItem,
                      answer: Answer | None = None) -> int:
         """Settle one close the caller holds (a manual close's answer) with one ledger call:
-        ``ApplySettlements`` of that item alone, then the acknowledgement in the background.
-        When the ledger still waits for earlier numbers (tick closes on their way), the whole
-        outbox is delivered instead. Returns the ledger's last applied number."""
+        ``ApplySettlements`` of that item alone, its acknowledgement posted to ride with the
+        shard's next call. When the ledger still waits for earlier numbers (tick closes on
+        their way), the whole outbox is delivered instead. Returns the ledger's last applied
+        number."""
         if shard_name not in self._resumed:  # numbering not confirmed yet: the full path
             return await self.deliver(shard_name, answer)
-        applied = await self.ledger.call(ApplySettlements(
-            shard_name, (item,), () if answer is None else (answer,)))
-        if isinstance(applied, Rejected):
-            raise SettlementRefused(f"{shard_name}: {applied.message}")
+        applied = await self._apply(shard_name, (item,), () if answer is None else (answer,))
         if applied < item.seq:
             return await self.deliver(shard_name)
-        self._ack_later(shard_name, applied)
+        self._post_ack(shard_name, item.seq)
+        return applied
+
+    async def forward(self, shard_name: str, view: OutboxView) -> int:
+        """Deliver ``view``, an ``Outbox`` answer the caller read itself (in the same call as
+        the ticks that closed them), with one ledger call; the acknowledgement is posted to
+        ride with the shard's next call. A shard not resumed by this courier yet, a gap (the
+        ledger still waits for an earlier number) or a numbering below the ledger's (a shard
+        that lost its memory) take the full path. Returns the ledger's last applied number."""
+        if shard_name not in self._resumed or not view.items:
+            return await self.deliver(shard_name)
+        applied = await self._apply(shard_name, tuple(view.items), ())
+        last = view.items[-1].seq
+        if applied < last or view.last_seq < applied:
+            return await self.deliver(shard_name)
+        self._post_ack(shard_name, last)
+        return applied
+
+    async def _apply(self, shard_name: str, items: tuple[SettlementItem, ...],
+                     answers: tuple[Answer, ...]) -> int:
+        applied = await self.ledger.call(ApplySettlements(shard_name, items, answers))
+        if isinstance(applied, Rejected):
+            raise SettlementRefused(f"{shard_name}: {applied.message}")
         return int(applied)
 
-    def _ack_later(self, shard_name: str, applied: int) -> None:
-        """AckOutbox without waiting: it rides with the shard's next batch of commands (a lost
-        one only leaves applied settlements to be sent again, which the ledger ignores)."""
-        task = asyncio.get_running_loop().create_task(
-            self.shards[shard_name].call(AckOutbox(applied)))
-        self._acks.add(task)
-        task.add_done_callback(self._ack_done)
-
-    def _ack_done(self, task: asyncio.Task[Any]) -> None:
-        self._acks.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a failed ack is harmless (see _ack_later)
+    def _post_ack(self, shard_name: str, upto_seq: int) -> None:
+        """``AckOutbox`` with the shard's next call, up to ``upto_seq`` (a number the shard
+        reported and the ledger applied) or the highest posted before if that is higher (a
+        delivery finished out of order; or a restarted host that lost its acknowledgements
+        and shows applied settlements again)."""
+        upto_seq = max(upto_seq, self._acked.get(shard_name, 0))
+        self._acked[shard_name] = upto_seq
+        self.shards[shard_name].post(AckOutbox(upto_seq))

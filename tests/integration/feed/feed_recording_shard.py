@@ -11,6 +11,7 @@ from typing import Any
 import ray
 
 from engine.market import Tick
+from engine.shard_machine import ApplyTick, Outbox, OutboxView
 
 
 class _RecordingShard:
@@ -25,11 +26,11 @@ class _RecordingShard:
         self._running = 0
         self.max_running = 0
 
-    def execute(self, commands: list[Any]) -> list[int]:
+    def execute(self, commands: list[Any]) -> list[Any]:
         """The shard host's batched call: records the ``tick`` of each ApplyTick command and
-        answers 0 closes per tick."""
-        self.apply_ticks([command.tick for command in commands])
-        return [0] * len(commands)
+        answers 0 closes per tick (and an empty outbox to an Outbox read)."""
+        self.apply_ticks([c.tick for c in commands if isinstance(c, ApplyTick)])
+        return [OutboxView([], 0) if isinstance(c, Outbox) else 0 for c in commands]
 
     def apply_ticks(self, ticks: list[Tick]) -> int:
         now_us = time.time_ns() // 1000

@@ -1,0 +1,179 @@
+"""Settlements on the hot paths, through in-process ports: the feed's outbox read in its tick
+call, a manual close's own item, each delivered with one ledger call, the acknowledgement
+riding with the shard's next call; and what sends them the whole way round instead."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cluster.actors.host import host_specs
+from cluster.actors.port import Port, Unavailable
+from cluster.trading.courier import Courier
+from engine.ledger_machine import AppliedSeq, ApplySettlements, History, Totals
+from engine.market import Tick
+from engine.messages import CloseOrder, OpenPosition, Principal
+from engine.shard_machine import AckOutbox, ApplyTick, Close, Open, Outbox, OutboxView, Stats
+from tests.unit.cluster.faulty_ports import FailingBatches, Wrapped
+from tests.unit.cluster.local_platform import (
+    SIGNUP,
+    USD,
+    Make,
+    Platform,
+    balances,
+    sol_long,
+    sol_trader,
+)
+
+pytestmark = pytest.mark.asyncio
+
+
+class Recording(Wrapped):
+    """Every batch that goes through, as the command types it carried."""
+
+    def __init__(self, inner: Port) -> None:
+        super().__init__(inner)
+        self.batches: list[list[type]] = []
+
+    async def execute(self, commands: list[Any]) -> list[Any]:
+        self.batches.append([type(c) for c in commands])
+        return await self.inner.execute(commands)
+
+
+def tick(p: Platform, bid: str, ask: str, seq: int) -> ApplyTick:
+    asset = p.settings.assets["SOL"]
+    return ApplyTick(Tick("SOL", asset.price_to_ticks(bid), asset.price_to_ticks(ask),
+                          p.clock.now_us, seq, "test"))
+
+
+async def two_take_profits(p: Platform, who: Principal, port: Port) -> OutboxView:
+    """Two SOL longs whose take-profit the tick sent through ``port`` crosses: the outbox as
+    the call that carried the tick read it."""
+    for _ in range(2):
+        assert isinstance(await p.service.open_position(who, sol_long(tp_ticks=10100)),
+                          OpenPosition)
+    closed, view = await port.call_many([tick(p, "101.00", "101.01", 10_000), Outbox()])
+    assert closed == 2 and [i.seq for i in view.items] == [1, 2]
+    return view
+
+
+# --------------------------------------------------------------------------- the port
+async def test_a_posted_command_rides_with_the_next_batch_and_outlives_a_failed_one(
+        make: Make) -> None:
+    p = make()
+    who = await sol_trader(p)
+    name = p.shard_of("SOL").name
+    recording = Recording(p.shards[name])
+    failing = FailingBatches(recording, Stats, failures=1)
+    view = await two_take_profits(p, who, p.shards[name])
+    assert await p.ledger.call(ApplySettlements(name, tuple(view.items))) == 2
+
+    failing.post(AckOutbox(1))
+    failing.post(AckOutbox(2))  # replaces the older one
+    assert recording.batches == []  # no call of its own
+    with pytest.raises(Unavailable):  # the batch it rode with was lost on its way
+        await failing.call(Stats())
+    assert (await p.shards[name].call(Outbox())).items == view.items
+    stats = await failing.call(Stats())  # posted again: it rides with the next batch
+    assert stats.outbox_len == 0 and recording.batches == [[AckOutbox, Stats]]
+    assert await failing.call_many([Stats()]) == [stats]  # sent once
+    assert recording.batches[-1] == [Stats]
+
+
+# --------------------------------------------------------------------------- manual closes
+async def test_a_manual_close_acknowledges_its_settlement_with_the_shards_next_call(
+        make: Make) -> None:
+    recording: list[Recording] = []
+
+    def wrap(port: Any) -> Port:
+        recording.append(Recording(port))
+        return recording[-1]
+
+    p = make(wrap=wrap)
+    sol = next(r for r in recording if r.name == p.shard_of("SOL").name)
+    who = await sol_trader(p)
+    for _ in range(2):  # the first settlement resumes the shard's numbering (the full path)
+        position = await p.service.open_position(who, sol_long())
+        assert isinstance(position, OpenPosition)
+        sol.batches.clear()
+        closed = await p.service.close_position(who, CloseOrder(position.position_id))
+        assert closed == (await p.ledger.call(History(who.user)))[0]
+    assert sol.batches == [[Close]]  # its acknowledgement waits for the shard's next call
+    [view] = p.shard_of("SOL").execute_blocking([Outbox()])
+    assert [i.seq for i in view.items] == [2]  # applied by the ledger, not acknowledged yet
+    position = await p.service.open_position(who, sol_long())
+    assert isinstance(position, OpenPosition)
+    assert sol.batches[-1] == [AckOutbox, Open]
+    [view] = p.shard_of("SOL").execute_blocking([Outbox()])
+    assert view == OutboxView([], 2)
+    pnl = sum(h.pnl_micros for h in await p.ledger.call(History(who.user)))
+    assert balances(p, who) == (SIGNUP - 100 * USD + pnl, 100 * USD)
+    assert await p.audit() == []
+
+
+# --------------------------------------------------------------------------- tick closes
+async def test_the_outbox_read_with_the_ticks_is_delivered_with_one_ledger_call(
+        make: Make) -> None:
+    p = make()
+    who = await sol_trader(p)
+    name = p.shard_of("SOL").name
+    ledger = Recording(p.ledger)
+    shard = Recording(p.shards[name])
+    courier = Courier(ledger, {name: shard})
+    await courier.resume(name)  # what a courier does on its first delivery to a shard
+    ledger.batches.clear()
+    shard.batches.clear()
+    view = await two_take_profits(p, who, shard)
+    assert await courier.forward(name, view) == 2
+    assert ledger.batches == [[ApplySettlements]]
+    assert shard.batches == [[ApplyTick, Outbox]]  # the acknowledgement is posted, not sent
+    assert await courier.forward(name, view) == 2  # a resend changes nothing
+    closed, view = await shard.call_many([tick(p, "101.00", "101.01", 10_001), Outbox()])
+    assert closed == 0 and view == OutboxView([], 2)
+    assert shard.batches[-1] == [AckOutbox, ApplyTick, Outbox]
+    assert (await p.ledger.call(Totals()))["closed_positions"] == 2
+    assert balances(p, who)[1] == 0
+    assert await p.audit() == []
+
+
+async def test_a_gap_before_the_outbox_read_is_delivered_the_whole_way(make: Make) -> None:
+    p = make()
+    who = await sol_trader(p)
+    name = p.shard_of("SOL").name
+    view = await two_take_profits(p, who, p.shards[name])
+    courier = Courier(p.ledger, dict(p.shards))
+    await courier.resume(name)
+    # the first close is still on its way: the ledger cannot apply the second alone
+    assert await courier.forward(name, OutboxView(view.items[1:], 2)) == 2
+    assert await p.ledger.call(AppliedSeq(name)) == 2
+    assert (await p.shards[name].call(Outbox())).items == []  # acknowledged on that path
+    assert await p.audit() == []
+
+
+async def test_an_outbox_numbered_below_the_ledger_continues_after_it(make: Make) -> None:
+    p = make()
+    who = await sol_trader(p)
+    name = p.shard_of("SOL").name
+    view = await two_take_profits(p, who, p.shards[name])
+    courier = Courier(p.ledger, dict(p.shards))
+    await courier.resume(name)
+    assert await courier.forward(name, view) == 2
+    # the shard restarts empty and closes one position before anyone resumes it: its
+    # numbering starts again at 1, below the 2 the ledger applied
+    port = p.shards[name]
+    port.runner = host_specs(p.settings)[1][name].runner()
+    port.runner.clock_us = p.clock
+    await port.call(tick(p, "100.00", "100.01", 20_000))
+    pos = await p.service.open_position(who, sol_long(tp_ticks=10100))
+    assert isinstance(pos, OpenPosition)
+    closed, view = await port.call_many([tick(p, "101.00", "101.01", 20_001), Outbox()])
+    assert closed == 1 and view.last_seq == 1 < await p.ledger.call(AppliedSeq(name))
+    await courier.forward(name, view)  # not taken for a resend: renumbered after the ledger
+    assert [i.seq for i in (await port.call(Outbox())).items] == [3]
+    _, view = await port.call_many([tick(p, "101.00", "101.01", 20_002), Outbox()])
+    assert await courier.forward(name, view) == 3
+    history = await p.ledger.call(History(who.user))
+    assert history[0].position_id == pos.position_id and len(history) == 3
+    assert balances(p, who)[1] == 0
+    assert await p.audit() == []
