@@ -31,10 +31,12 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +116,69 @@ async def drive(port: int, concurrency: int, duration_s: float) -> LoadResult:
     return result
 
 
-async def drive_all(port: int, concurrencies: list[int], duration_s: float,
-                    assets: list[str]) -> dict[int, LoadResult]:
+@dataclasses.dataclass(frozen=True, slots=True)
+class Costs:
+    """What one op cost at one concurrency: ``host_calls``, actor calls (batches) the ledger
+    and shard hosts ran (the feed's tick calls meanwhile included); ``cpu_ms``, CPU of every
+    process of the platform (Ray's own, the actors, the broker; not the load generator)."""
+
+    host_calls: float
+    cpu_ms: float
+
+
+Probe = Callable[[], Awaitable[tuple[int, float]]]  # -> (host calls so far, platform CPU s)
+
+
+async def drive_all(port: int, concurrencies: list[int], duration_s: float, assets: list[str],
+                    probe: Probe | None = None
+                    ) -> tuple[dict[int, LoadResult], dict[int, Costs]]:
+    """The closed loop at each concurrency, and with ``probe`` what an op cost at each."""
     await _wait_prices(port, assets)
     await drive(port, 4, 1.0)  # warm up routes, batchers and actor connections
-    return {c: await drive(port, c, duration_s) for c in concurrencies}
+    results: dict[int, LoadResult] = {}
+    costs: dict[int, Costs] = {}
+    for c in concurrencies:
+        before = await probe() if probe is not None else None
+        results[c] = r = await drive(port, c, duration_s)
+        if probe is not None and before is not None and r.ops:
+            calls, cpu_s = await probe()
+            costs[c] = Costs((calls - before[0]) / r.ops, (cpu_s - before[1]) * 1000 / r.ops)
+    return results, costs
+
+
+def descendants_cpu_s(root_pid: int) -> float:
+    """CPU seconds (user + system) used so far by the living processes descending from
+    ``root_pid`` (Linux /proc; 0.0 where there is none)."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    tick_s = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.0
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                children.setdefault(int(fields[1]), []).append(int(entry))
+                times[int(entry)] = (int(fields[11]) + int(fields[12])) * tick_s
+    total, todo = 0.0, [root_pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            total += times.get(child, 0.0)
+            todo.append(child)
+    return total
+
+
+def platform_probe(platform: Any) -> Probe:
+    """A probe of ``platform``: the batches its ledger and shard hosts ran so far, and the CPU
+    seconds of this process's descendants (the platform it started, the broker)."""
+    hosts = [platform.ledger, *platform.shards.values()]
+
+    async def probe() -> tuple[int, float]:
+        infos = await asyncio.gather(*(h.info.remote() for h in hosts))
+        return sum(int(i["batches"]) for i in infos), descendants_cpu_s(os.getpid())
+
+    return probe
 
 
 # ---------------------------------------------------------------------- baseline server
@@ -394,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     assets = [a.name for a in settings.assets.assets]
     broker = EmbeddedBroker(HOST, _free_port()).start()
     serve_results: dict[int, LoadResult] = {}
+    serve_costs: dict[int, Costs] = {}
     sweep: dict[str, Any] = {}
     t0 = time.perf_counter()
     # durable: journaled hosts in DATA_DIR that Ray restarts, reconciled at start (`shardex up`)
@@ -402,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         platform.start()
         startup_s = time.perf_counter() - t0
-        serve_results = asyncio.run(drive_all(settings.port, levels, args.duration_s, assets))
+        serve_results, serve_costs = asyncio.run(drive_all(
+            settings.port, levels, args.duration_s, assets, platform_probe(platform)))
         if args.positions > 0:
             platform.stop_feed_source()
             sweep = asyncio.run(tick_to_close(platform, broker.bootstrap, args.positions,
@@ -414,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port()
     proc = _start_baseline(port)
     try:
-        base_results = asyncio.run(drive_all(port, levels, args.duration_s, assets))
+        base_results, _ = asyncio.run(drive_all(port, levels, args.duration_s, assets))
     finally:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -432,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
             r = results[c]
             print(f"{name:<38}{c:>6}{r.ops_per_s:>10.0f}{r.percentile_ms(50):>10.2f}"
                   f"{r.percentile_ms(99):>10.2f}{r.errors:>8}")
+    for c, cost in serve_costs.items():
+        print(f"ray serve at concurrency {c}: {cost.host_calls:.2f} actor calls (ledger and "
+              f"shard hosts, feed ticks included) and {cost.cpu_ms:.2f} ms of platform CPU "
+              f"per op")
     if sweep:
         journaled = (f", {sweep['load_journal_bytes'] / 1e6:.0f} MB journaled"
                      if args.durable else "")
@@ -451,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
         "serve_p99_ms": round(s.percentile_ms(99), 2),
         "serve_c1_ops_per_s": round(serve_results[min(levels)].ops_per_s, 1),
         "serve_c1_p50_ms": round(serve_results[min(levels)].percentile_ms(50), 2),
+        "serve_host_calls_per_op": round(serve_costs[top].host_calls, 3)
+        if top in serve_costs else None,
+        "serve_cpu_ms_per_op": round(serve_costs[top].cpu_ms, 3) if top in serve_costs else None,
         "baseline_ops_per_s": round(b.ops_per_s, 1),
         "baseline_p50_ms": round(b.percentile_ms(50), 2),
         "baseline_p99_ms": round(b.percentile_ms(99), 2),

@@ -72,7 +72,7 @@ def api_phase(durable: bool, bootstrap: str, concurrency: int,
                         ray_init={"num_cpus": 2}, durable=durable)
     try:
         platform.start()
-        results = asyncio.run(drive_all(settings.port, [concurrency], duration_s, assets))
+        results, _ = asyncio.run(drive_all(settings.port, [concurrency], duration_s, assets))
         result: LoadResult = results[concurrency]
         stats = [answers[0] for answers in ray.get(
             [h.execute.remote([Stats()]) for h in platform.shards.values()], timeout=60)]
