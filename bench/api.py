@@ -413,8 +413,14 @@ async def tick_to_close(platform: Any, bootstrap: str, positions: int, ticks: in
 
 
 # ---------------------------------------------------------------------- main
+DEFAULT_LIMITS_ENV = "SHARDEX_BENCH_DEFAULT_LIMITS"  # set by --default-limits (and inherited)
+
+
 def unthrottled(settings: Settings) -> Settings:
-    """``settings`` without the per-key request and per-address signup limits."""
+    """``settings`` without the per-address signup limit (every worker's account is created
+    from 127.0.0.1) and, unless ``--default-limits``, without the per-key request limit."""
+    if os.environ.get(DEFAULT_LIMITS_ENV) == "1":
+        return dataclasses.replace(settings, signups_per_min=0)
     return dataclasses.replace(settings, api_key_rate_per_s=0, signups_per_min=0)
 
 
@@ -437,9 +443,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="journaled ledger and shards in a temp DATA_DIR, as `shardex up`")
     parser.add_argument("--proxy", action="store_true",
                         help="serve through Serve's proxy instead of direct ingress (comparison)")
+    parser.add_argument("--default-limits", action="store_true",
+                        help="keep every API limit at its default (API_KEY_RATE_PER_S 50/s, "
+                             "burst 100, body and depth limits) in both servers; only "
+                             "SIGNUPS_PER_MIN is lifted, the workers' accounts all come from "
+                             "127.0.0.1")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     parser.add_argument("--serve-baseline", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.default_limits:
+        os.environ[DEFAULT_LIMITS_ENV] = "1"  # the baseline process inherits it
     if args.serve_baseline:
         serve_baseline(args.serve_baseline)
         return 0
@@ -484,7 +497,9 @@ def main(argv: list[str] | None = None) -> int:
         if proc.poll() is None:
             proc.kill()
 
-    print(f"platform start: {startup_s:.1f} s; one op = one HTTP request (open or close)")
+    print(f"platform start: {startup_s:.1f} s; one op = one HTTP request (open or close); "
+          "API limits: " + ("defaults (SIGNUPS_PER_MIN lifted)" if args.default_limits
+                            else "off"))
     print(f"{'path':<38}{'conc':>6}{'ops/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
     serve_path = ("proxy" if args.proxy else "direct ingress") + \
         (", journaled" if args.durable else "")
@@ -512,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "api",
         "concurrency": top,
         "serve_path": serve_path,
+        "limits": "defaults (signups lifted)" if args.default_limits else "off",
         "serve_ops_per_s": round(s.ops_per_s, 1),
         "serve_p50_ms": round(s.percentile_ms(50), 2),
         "serve_p99_ms": round(s.percentile_ms(99), 2),
