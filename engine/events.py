@@ -11,11 +11,13 @@ money (micros) and times (us) are i64; side and close reason u8; leverage u16; r
 u32. Events are NamedTuples: cheap to build, and ``encode`` packs one with one ``struct`` call.
 
 Shard events (one journal per shard): :class:`PositionOpened`, :class:`PositionClosed`,
-:class:`TickApplied`, :class:`OpenFenced`, :class:`OutboxAcked`, :class:`SeqResumed`.
+:class:`TickApplied`, :class:`OpenFenced`, :class:`OutboxAcked`, :class:`SeqResumed`,
+:class:`OrderPlaced`, :class:`OrderEnded`.
 Ledger events (the ledger's journal):
 :class:`AccountCreated`, :class:`MarginLocked`, :class:`MarginReleased`,
 :class:`SettlementApplied`, :class:`ClientOrderStoredAt` (and the older
-:class:`ClientOrderStored`, still decoded and applied).
+:class:`ClientOrderStored`, still decoded and applied), :class:`AnswersExpired`,
+:class:`OpenCountSet`, :class:`OrderLocked`, :class:`OrderSettled`, :class:`OrderCountSet`.
 
 A journal record holds the events of one commit: :func:`encode_batch` / :func:`decode_batch`.
 """
@@ -229,18 +231,107 @@ class OpenCountSet(NamedTuple):
     open_count: int
 
 
+# --------------------------------------------------------------------------- pending orders
+
+
+class OrderPlaced(NamedTuple):
+    """A pending order entered a shard's order book (engine.schema.ORDER_PLACED: the book's
+    row, engine.schema.ORDER_ROW, and the placing request's id)."""
+
+    order_id: int
+    owner: int
+    side: int  # engine.orders.Side value
+    kind: int  # engine.order_book.OrderKind value
+    trigger_ticks: int
+    margin_micros: int
+    leverage: int
+    tp_ticks: int
+    sl_ticks: int
+    expires_ts_us: int
+    placed_ts_us: int
+    request_id: int = 0
+
+
+schema.check_fields(OrderPlaced, schema.ORDER_PLACED)
+
+
+class OrderEnded(NamedTuple):
+    """A pending order left a shard's book as the shard's ``settlement_seq``-th item for the
+    ledger (engine.schema.ORDER_ENDED): filled (a ``PositionOpened`` of ``position_id``
+    follows in the same record), cancelled (by ``request_id``), expired or rejected
+    (``reject_code``)."""
+
+    order_id: int
+    status: int  # engine.order_book.OrderStatus value
+    position_id: int
+    ended_ts_us: int
+    settlement_seq: int
+    request_id: int
+    reject_code: str
+
+
+schema.check_fields(OrderEnded, schema.ORDER_ENDED)
+
+
+class OrderLocked(NamedTuple):
+    """``amount_micros`` moved from free to margin for the order that request ``request_id``
+    places (a margin lock that also counts an open order)."""
+
+    user: int
+    amount_micros: int
+    request_id: int
+
+
+class OrderSettled(NamedTuple):
+    """Item ``seq`` of shard ``shard``, an order that ended, was applied to the ledger: a fill
+    keeps its margin locked (the position holds it now); any other end releases it
+    (engine.schema.ORDER_SETTLED: the whole order, for the order history)."""
+
+    shard: str
+    seq: int
+    order_id: int
+    owner: int
+    asset: str
+    side: int
+    kind: int
+    trigger_ticks: int
+    margin_micros: int
+    leverage: int
+    tp_ticks: int
+    sl_ticks: int
+    expires_ts_us: int
+    placed_ts_us: int
+    status: int
+    position_id: int
+    ended_ts_us: int
+    reject_code: str
+
+
+schema.check_fields(OrderSettled, schema.ORDER_SETTLED)
+
+
+class OrderCountSet(NamedTuple):
+    """``user`` has ``order_count`` open orders (the start-time reconciliation's recount)."""
+
+    user: int
+    order_count: int
+
+
 Event = (PositionOpened | PositionClosed | TickApplied | OpenFenced | OutboxAcked | SeqResumed
+         | OrderPlaced | OrderEnded
          | AccountCreated | MarginLocked | MarginReleased | SettlementApplied | ClientOrderStored
-         | ClientOrderStoredAt | AnswersExpired | OpenCountSet)
+         | ClientOrderStoredAt | AnswersExpired | OpenCountSet | OrderLocked | OrderSettled
+         | OrderCountSet)
 # Events whose loss in a crash changes nothing that was acknowledged (the feed delivers the newest
 # price again): the runner journals them with the next commit instead of committing for them.
 # An OutboxAcked lost in a crash only means settlements the ledger already applied are sent
 # again; the ledger ignores them by seq (and a restarted shard is acknowledged again at start).
 VOLATILE_EVENTS = (TickApplied, OutboxAcked)
 SHARD_EVENTS = (PositionOpened, PositionClosed, TickApplied, OpenFenced, OutboxAcked,
-                SeqResumed)
+                SeqResumed, OrderPlaced, OrderEnded)
 LEDGER_EVENTS = (AccountCreated, MarginLocked, MarginReleased, SettlementApplied,
-                 ClientOrderStored, ClientOrderStoredAt, AnswersExpired, OpenCountSet)
+                 ClientOrderStored, ClientOrderStoredAt, AnswersExpired, OpenCountSet,
+                 OrderLocked, OrderSettled, OrderCountSet)
 
 
 class EventError(ValueError):
@@ -283,6 +374,11 @@ _LAYOUTS: dict[int, _Layout] = {
            (("s", "B"), ("s", "H"), ("b", "I"))),
     0x27: (AnswersExpired, "q", (), ()),
     0x28: (OpenCountSet, "QQ", (), ()),
+    0x19: _schema_layout(OrderPlaced, schema.ORDER_PLACED),
+    0x1A: _schema_layout(OrderEnded, schema.ORDER_ENDED),
+    0x29: (OrderLocked, "QqQ", (), ()),
+    0x2A: _schema_layout(OrderSettled, schema.ORDER_SETTLED),
+    0x2B: (OrderCountSet, "QQ", (), ()),
 }
 
 # Older layouts, decoded only (encode writes the layout above): the trailing fields they lack

@@ -56,6 +56,23 @@ class ShardOpen(NamedTuple):
     max_slippage_bps: int
 
 
+class PlaceOrder(NamedTuple):
+    """A pending order request as the service receives it (parsed and unit-converted):
+    ``kind`` an engine.order_book.OrderKind; 0 for an unset ``tp_ticks``/``sl_ticks``/
+    ``expires_ts_us``."""
+
+    asset: str
+    side: Side
+    kind: int
+    trigger_ticks: int
+    margin_micros: int
+    leverage: int
+    tp_ticks: int = 0
+    sl_ticks: int = 0
+    expires_ts_us: int = 0
+    client_order_id: str | None = None
+
+
 class ShardClose(NamedTuple):
     """One manual close as a shard executes it (``owner`` must own ``position_id``);
     ``request_id`` makes a resend return the first result (0 = none given)."""
@@ -124,15 +141,66 @@ class ClosedPosition(NamedTuple):
 schema.check_fields(ClosedPosition, schema.CLOSED_POSITION)
 
 
+class PendingOrder(NamedTuple):
+    """An open limit or stop entry order (engine.schema.LISTED_ORDER): ``kind`` an
+    engine.order_book.OrderKind value; ``tp_ticks``/``sl_ticks``/``expires_ts_us`` 0 when not
+    set."""
+
+    order_id: int
+    owner: int
+    asset: str
+    side: Side
+    kind: int
+    trigger_ticks: int
+    margin_micros: int
+    leverage: int
+    tp_ticks: int
+    sl_ticks: int
+    expires_ts_us: int
+    placed_ts_us: int
+
+
+schema.check_fields(PendingOrder, schema.LISTED_ORDER)
+
+
+class EndedOrder(NamedTuple):
+    """An order that left the book (engine.schema.ENDED_ORDER): ``status`` an
+    engine.order_book.OrderStatus value; ``position_id`` the position a fill opened (0
+    otherwise); ``reject_code`` why a fill could not open ("" otherwise)."""
+
+    order_id: int
+    owner: int
+    asset: str
+    side: Side
+    kind: int
+    trigger_ticks: int
+    margin_micros: int
+    leverage: int
+    tp_ticks: int
+    sl_ticks: int
+    expires_ts_us: int
+    placed_ts_us: int
+    status: int
+    position_id: int
+    ended_ts_us: int
+    reject_code: str
+
+
+schema.check_fields(EndedOrder, schema.ENDED_ORDER)
+
+
 class SettlementItem(NamedTuple):
-    """A close waiting to reach the ledger; ``seq`` is 1, 2, 3... per shard, never reused."""
+    """What a shard owes the ledger, numbered ``seq`` 1, 2, 3... per shard, never reused: a
+    close (its settlement), or an order that ended (a fill moves its margin to the position; a
+    cancel, expiry or rejection releases it)."""
 
     seq: int
-    closed: ClosedPosition
+    closed: ClosedPosition | EndedOrder
 
 
 class IdemKey(NamedTuple):
-    """A clientOrderId scoped to its account and operation (``"open"`` / ``"close"``)."""
+    """A clientOrderId scoped to its account and operation (``"open"``, ``"close"``,
+    ``"order"``, ``"cancel"``)."""
 
     user: int
     kind: str
@@ -142,15 +210,16 @@ class IdemKey(NamedTuple):
 class MarginLock(NamedTuple):
     """Lock ``margin_micros`` of ``user``'s free balance; ``idem_key`` (or None) dedups retries.
 
-    ``request_id``: the ShardOpen request this lock pays for (0 = not given). The durable
-    ledger keeps it with a pending clientOrderId, so after a crash the open's outcome can be
-    asked from the shards (``resolve_opens``) instead of being guessed.
+    ``request_id``: the ShardOpen (or order placement) request this lock pays for (0 = not
+    given). The ledger keeps it with a pending clientOrderId, so after a crash the request's
+    outcome can be asked from the shards instead of being guessed.
     """
 
     user: int
     margin_micros: int
     idem_key: IdemKey | None = None
     request_id: int = 0
+    order: bool = False  # the margin of a pending order (counts an open order too)
 
 
 class IdemHit(NamedTuple):

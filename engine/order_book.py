@@ -91,8 +91,24 @@ class OrderOutcome(IntEnum):
     EXPIRED = 1  # the tick is later than the order's expiry (wins over a fill)
 
 
-if schema.kind.enum != tuple(k.label for k in OrderKind):
-    raise schema.SchemaError("engine.schema's kind labels differ from OrderKind")
+class OrderStatus(IntEnum):
+    """Where an order is in its life (SPEC "Pending orders"); the int value is
+    engine.schema.status's."""
+
+    OPEN = 0
+    FILLED = 1  # a position was opened from it (its ``position_id``)
+    CANCELLED = 2  # by its owner
+    EXPIRED = 3  # a tick later than its expiry came first
+    REJECTED = 4  # its fill could not open (``reject_code``), its margin released
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+if schema.kind.enum != tuple(k.label for k in OrderKind) \
+        or schema.status.enum != tuple(s.label for s in OrderStatus):
+    raise schema.SchemaError("engine.schema's kind or status labels differ from the enums")
 
 
 @dataclass(frozen=True, slots=True)

@@ -243,7 +243,28 @@ against the fill price when the order fills, like a market open's."""
 ORDER_ROW: Group = (order_id, owner, *ORDER_TERMS, placed_ts_us)
 """The order book's columns (``Field.column``, ``Field.dtype``) and
 engine.order_book.OrderRecord."""
-FIELDS.update({f.name: f for f in (order_id, kind, trigger_ticks, expires_ts_us, placed_ts_us)})
+status = Field("status", ENUM, "OrderStatus: how an order ended (or that it is open)",
+               enum=("open", "filled", "cancelled", "expired", "rejected"))
+reject_code = Field("reject_code", TEXT,
+                    "why a rejected order could not open (an engine.results.Code value); "
+                    "empty otherwise")
+ended_ts_us = Field("ended_ts_us", US, "when the order was filled, cancelled, expired or rejected")
+
+LISTED_ORDER: Group = (order_id, owner, asset, *ORDER_TERMS, placed_ts_us)
+"""An open order as the service lists it (engine.messages.PendingOrder): with its asset."""
+ORDER_END: Group = (status, position_id, ended_ts_us, reject_code)
+"""How an order ended: ``position_id`` is the position a fill opened (0 otherwise)."""
+ENDED_ORDER: Group = (*LISTED_ORDER, *ORDER_END)
+"""engine.messages.EndedOrder: an order that left the book, as the ledger's history keeps it."""
+ORDER_PLACED: Group = (*ORDER_ROW, request_id)
+"""engine.events.OrderPlaced."""
+ORDER_ENDED: Group = (order_id, status, position_id, ended_ts_us, seq.renamed("settlement_seq"),
+                      request_id, reject_code)
+"""engine.events.OrderEnded (the order's terms are the book's)."""
+ORDER_SETTLED: Group = (shard, seq, *ENDED_ORDER)
+"""engine.events.OrderSettled."""
+FIELDS.update({f.name: f for f in (order_id, kind, trigger_ticks, expires_ts_us, placed_ts_us,
+                                   status, reject_code, ended_ts_us)})
 
 
 # --------------------------------------------------------------------------- helpers
@@ -565,7 +586,13 @@ __all__ = [
     "LISTED",
     "MICROS",
     "OPEN_POSITION",
+    "ENDED_ORDER",
+    "LISTED_ORDER",
+    "ORDER_END",
+    "ORDER_ENDED",
+    "ORDER_PLACED",
     "ORDER_ROW",
+    "ORDER_SETTLED",
     "ORDER_TERMS",
     "OUTBOX",
     "PLAN",

@@ -25,6 +25,11 @@ from engine.events import (
     MarginReleased,
     OpenCountSet,
     OpenFenced,
+    OrderCountSet,
+    OrderEnded,
+    OrderLocked,
+    OrderPlaced,
+    OrderSettled,
     OutboxAcked,
     PositionClosed,
     PositionOpened,
@@ -63,6 +68,14 @@ STRATEGIES = {
                                    i64, st.binary(max_size=300)),
     AnswersExpired: st.builds(AnswersExpired, i64),
     OpenCountSet: st.builds(OpenCountSet, u64, u64),
+    OrderPlaced: st.builds(OrderPlaced, u64, u64, u8, u8, i64, i64, u16, i64, i64, i64, i64,
+                           u64),
+    OrderEnded: st.builds(OrderEnded, u64, u8, u64, i64, u64, u64, text),
+    OrderLocked: st.builds(OrderLocked, u64, i64, u64),
+    OrderSettled: st.builds(OrderSettled, st.text(max_size=60), u64, u64, u64,
+                            st.text(max_size=20), u8, u8, i64, i64, u16, i64, i64, i64, i64, u8,
+                            u64, i64, text),
+    OrderCountSet: st.builds(OrderCountSet, u64, u64),
 }
 any_event = st.one_of(*STRATEGIES.values())
 
