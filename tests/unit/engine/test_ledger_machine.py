@@ -36,12 +36,9 @@ from engine.ledger_machine import (
     AbandonLock,
     AppliedSeq,
     ApplySettlements,
-    Audit,
     Authenticate,
-    Balances,
     Begin,
     CreateAccount,
-    CreatedAccount,
     ExpireAnswers,
     Forget,
     History,
@@ -58,7 +55,7 @@ from engine.ledger_machine import (
     encode_answer,
     hash_api_key,
 )
-from engine.machine import run, step
+from engine.machine import run
 from engine.messages import (
     ClosedPosition,
     IdemHit,
@@ -70,80 +67,17 @@ from engine.messages import (
 )
 from engine.orders import CloseReason, Side
 from engine.results import Code, Rejected
-
-SIGNUP = 10_000_000_000
-USD = 10**6
-NOW = 1_800_000_000_000_000
-SHARD = "shard-SOL-0"
-
-
-# ----------------------------------------------------------------------------- helpers
-def closed(owner: int, position_id: int, margin: int, pnl: int,
-           reason: CloseReason = CloseReason.MANUAL) -> ClosedPosition:
-    payout = 0 if reason == CloseReason.LIQUIDATION else max(0, margin + pnl)
-    return ClosedPosition(position_id, owner, "SOL", Side.LONG, 10000, 100, margin, 10, 9000, 0,
-                          0, 1, 10000, pnl, payout, -pnl, margin + pnl - payout, int(reason), 2)
-
-
-def opened(owner: int, position_id: int, margin: int) -> OpenPosition:
-    return OpenPosition(position_id, owner, "SOL", Side.LONG, 10001, 299, margin, 10, 9000, 0, 0,
-                        NOW, None)
-
-
-class Recorded:
-    """A LedgerMachine stepped like the durable runner does it: every command's events are
-    one journal record (``records``); ``check()`` holds after every step."""
-
-    def __init__(self, max_open_positions: int = 200) -> None:
-        self.m = LedgerMachine(SIGNUP, max_open_positions)
-        self.records: list[bytes] = []
-        self.now_us = NOW
-        self.accounts = 0
-
-    def __call__(self, command: Any, now_us: int | None = None) -> Any:
-        stepped = step(self.m, command, self.now_us if now_us is None else now_us)
-        if stepped.encoded:
-            self.records.append(encode_batch(stepped.encoded))
-        assert self.m.check() == []
-        return stepped.answer
-
-    def account(self) -> CreatedAccount:
-        self.accounts += 1
-        created = self(CreateAccount(f"acc_{self.accounts:024x}",
-                                     hash_api_key(f"key-{self.accounts}")))
-        assert isinstance(created, CreatedAccount)
-        return created
-
-    def balances(self, user: int) -> tuple[int, int]:
-        answer: tuple[int, int] = self(Balances(user))
-        return answer
-
-    def audit(self, open_margins: dict[int, int],
-              unsettled: dict[str, list[SettlementItem]] | None = None) -> list[str]:
-        problems: list[str] = self(Audit(open_margins, unsettled))
-        return problems
-
-    def replayed(self, base: LedgerMachine | None = None, start: int = 0) -> LedgerMachine:
-        """A machine rebuilt from ``base`` (fresh when None) plus ``records[start:]``."""
-        again = base if base is not None else LedgerMachine(SIGNUP, self.m.max_open_positions)
-        for record in self.records[start:]:
-            again.apply_batch(again.decode_record(record))
-        return again
-
-    def restarted(self) -> LedgerMachine:
-        """What a restart recovers (from the journal alone); equal to the live state."""
-        again = self.replayed()
-        assert again.fingerprint() == self.m.fingerprint()
-        self.m = again
-        return again
-
-
-def snapshot_round_trip(m: LedgerMachine) -> LedgerMachine:
-    """snapshot -> (JSON meta, as a snapshot file stores it) -> from_snapshot."""
-    arrays, meta = m.snapshot()
-    meta = json.loads(json.dumps(meta))
-    return LedgerMachine.from_snapshot(SIGNUP, m.max_open_positions,
-                                       {k: v.copy() for k, v in arrays.items()}, meta)
+from tests.unit.engine.recorded_ledger import (
+    NOW,
+    SHARD,
+    SIGNUP,
+    USD,
+    Recorded,
+    closed,
+    one_account,
+    opened,
+    snapshot_round_trip,
+)
 
 
 # ----------------------------------------------------------------------------- accounts
@@ -177,8 +111,7 @@ def test_unknown_commands_and_events_are_bugs() -> None:
 
 # ----------------------------------------------------------------------------- margins
 def test_lock_and_release_margins() -> None:
-    led = Recorded()
-    u = led.account().user
+    led, u = one_account()
     out = [led(LockMargin(MarginLock(u, 6_000_000_000))),
            led(LockMargin(MarginLock(u, 6_000_000_000))),
            led(LockMargin(MarginLock(u, 4_000_000_000)))]
@@ -201,8 +134,7 @@ def test_lock_and_release_margins() -> None:
 
 
 def test_release_by_request_id_ends_the_lock() -> None:
-    led = Recorded()
-    u = led.account().user
+    led, u = one_account()
     key = IdemKey(u, "open", "refused")
     assert led(LockMargin(MarginLock(u, 30 * USD, key, 41))) is None
     answer = Rejected(Code.PRICE_MOVED, "price moved")
@@ -215,8 +147,7 @@ def test_release_by_request_id_ends_the_lock() -> None:
 
 # ----------------------------------------------------------------------------- settlements
 def test_settlements_apply_exactly_once_under_resends_and_reordering() -> None:
-    led = Recorded()
-    u = led.account().user
+    led, u = one_account()
     for _ in range(3):
         assert led(LockMargin(MarginLock(u, 100_000_000))) is None
     items = (SettlementItem(1, closed(u, 11, 100_000_000, 5_000_000)),
@@ -249,8 +180,7 @@ def test_settlements_apply_exactly_once_under_resends_and_reordering() -> None:
 
 
 def test_a_settlement_batch_with_a_bad_item_applies_nothing() -> None:
-    led = Recorded()
-    u = led.account().user
+    led, u = one_account()
     for _ in range(2):
         assert led(LockMargin(MarginLock(u, 100 * USD))) is None
     good = SettlementItem(1, closed(u, 11, 100 * USD, 5 * USD))
@@ -272,8 +202,7 @@ def test_a_settlement_batch_with_a_bad_item_applies_nothing() -> None:
 
 
 def test_an_event_that_cannot_be_encoded_is_refused_with_nothing_changed() -> None:
-    led = Recorded()
-    u = led.account().user
+    led, u = one_account()
     assert led(LockMargin(MarginLock(u, 100 * USD))) is None
     margin = 100 * USD
     huge = closed(u, 11, margin, 0)._replace(pnl_micros=2**63, payout_micros=2**63 + margin,
@@ -292,8 +221,7 @@ def test_an_event_that_cannot_be_encoded_is_refused_with_nothing_changed() -> No
 
 
 def test_history_is_newest_first_with_limit_and_cursor() -> None:
-    led = Recorded()
-    u = led.account().user
+    led, u = one_account()
     other = led.account().user
     for _ in range(5):
         led(LockMargin(MarginLock(u, 1_000_000)))
@@ -316,8 +244,7 @@ def test_history_is_newest_first_with_limit_and_cursor() -> None:
 
 # ----------------------------------------------------------------------------- clientOrderIds
 def test_idempotency_keys_return_the_first_answer() -> None:
-    led = Recorded()
-    u = led.account().user
+    led, u = one_account()
     key = IdemKey(u, "open", "abc")
     first, second = opened(u, 1, 1_000_000), opened(u, 2, 1_000_000)
     assert led(LockMargin(MarginLock(u, 1_000_000, key))) is None
@@ -348,8 +275,7 @@ def test_idempotency_keys_return_the_first_answer() -> None:
 
 
 def test_answers_expire_after_the_ttl_and_pending_reservations_do_not() -> None:
-    led = Recorded()
-    u = led.account().user
+    led, u = one_account()
     old, new, pending = (IdemKey(u, "open", name) for name in ("old", "new", "pending"))
     assert led(LockMargin(MarginLock(u, USD, old, 1))) is None
     led(Remember(old, opened(u, 1, USD)))
@@ -378,8 +304,7 @@ def test_answers_expire_after_the_ttl_and_pending_reservations_do_not() -> None:
 
 
 def test_close_reservations_carry_their_request_id() -> None:
-    led = Recorded()
-    u = led.account().user
+    led, u = one_account()
     lost, refused, wrong = (IdemKey(u, "close", n) for n in ("lost", "refused", "wrong"))
     assert led(Begin(lost, 71), now_us=NOW) is None
     assert led(Begin(refused, 72), now_us=NOW + 5) is None
@@ -400,8 +325,7 @@ def test_close_reservations_carry_their_request_id() -> None:
 
 # ----------------------------------------------------------------------------- abandoned locks
 def test_abandon_releases_a_lock_once_and_ignores_unknown_ids() -> None:
-    led = Recorded()
-    user = led.account().user
+    led, user = one_account()
     key = IdemKey(user, "open", "c1")
     assert led(LockMargin(MarginLock(user, 30 * USD, key, 11))) is None
     assert led(LockMargin(MarginLock(user, 70 * USD, None, 12))) is None
@@ -419,8 +343,7 @@ def test_abandon_releases_a_lock_once_and_ignores_unknown_ids() -> None:
 
 
 def test_abandon_keeps_a_lock_whose_clientorderid_has_an_answer() -> None:
-    led = Recorded()
-    user = led.account().user
+    led, user = one_account()
     key = IdemKey(user, "open", "c1")
     position = opened(user, 5, 30 * USD)
     assert led(LockMargin(MarginLock(user, 30 * USD, key, 21))) is None
@@ -431,8 +354,7 @@ def test_abandon_keeps_a_lock_whose_clientorderid_has_an_answer() -> None:
 
 
 def test_abandoning_an_old_lock_keeps_the_reservation_of_a_retry() -> None:
-    led = Recorded()
-    user = led.account().user
+    led, user = one_account()
     key = IdemKey(user, "open", "c1")
     assert led(LockMargin(MarginLock(user, 30 * USD, key, 31))) is None
     assert led(SettleRequests({}, (31,))) == 1  # fenced everywhere: the key is free again
@@ -443,8 +365,7 @@ def test_abandoning_an_old_lock_keeps_the_reservation_of_a_retry() -> None:
 
 
 def test_abandonable_locks_survive_a_snapshot() -> None:
-    led = Recorded()
-    user = led.account().user
+    led, user = one_account()
     key = IdemKey(user, "open", "snap")
     assert led(LockMargin(MarginLock(user, 40 * USD, key, 7))) is None
     led.account()
@@ -519,8 +440,7 @@ def test_recovers_accounts_keys_history_and_answers_from_snapshot_and_tail() -> 
 
 
 def test_reconcile_at_start_releases_orphaned_locks_and_drops_pending_reservations() -> None:
-    led = Recorded()
-    user = led.account().user
+    led, user = one_account()
     key = IdemKey(user, "open", "lost")
     # a lock whose open never reached a shard (the API process died), and one that opened
     assert led(LockMargin(MarginLock(user, 30 * USD, key))) is None
@@ -537,8 +457,7 @@ def test_reconcile_at_start_releases_orphaned_locks_and_drops_pending_reservatio
 
 
 def test_reconcile_at_start_ends_locks_even_when_nothing_is_in_excess() -> None:
-    led = Recorded()
-    user = led.account().user
+    led, user = one_account()
     assert led(LockMargin(MarginLock(user, 25 * USD, None, 9))) is None
     assert led(ReconcileAtStart({user: 25 * USD}, {})) == {}
     assert led(AbandonLock(9)) is None
@@ -552,8 +471,7 @@ def test_reconcile_at_start_ends_locks_even_when_nothing_is_in_excess() -> None:
 
 
 def test_pending_opens_are_resolved_by_their_request_id_at_start() -> None:
-    led = Recorded()
-    user = led.account().user
+    led, user = one_account()
     opened_key, lost_key = IdemKey(user, "open", "opened"), IdemKey(user, "open", "lost")
     close_key = IdemKey(user, "close", "closing")
     # two opens locked and a close begun; the API process dies before it stores any answer
@@ -580,8 +498,7 @@ def test_pending_opens_are_resolved_by_their_request_id_at_start() -> None:
 
 
 def test_stale_pending_opens_are_settled_while_running() -> None:
-    led = Recorded()
-    user = led.account().user
+    led, user = one_account()
     keys = [IdemKey(user, "open", f"k{i}") for i in range(3)]
     for i, k in enumerate(keys):
         assert led(LockMargin(MarginLock(user, 10 * USD, k, 500 + i))) is None
@@ -630,8 +547,7 @@ def test_older_journal_records_still_replay() -> None:
 
 def test_older_snapshots_still_restore() -> None:
     """The meta of the older durable ledger: pending opens apart, locks without their key."""
-    led = Recorded()
-    user = led.account().user
+    led, user = one_account()
     key = IdemKey(user, "open", "p")
     assert led(LockMargin(MarginLock(user, 30 * USD, key, 11))) is None
     assert led(LockMargin(MarginLock(user, 5 * USD, None, 12))) is None
@@ -824,8 +740,7 @@ def test_any_sequence_replays_to_an_equal_state(ops: list[tuple[Any, ...]], cap:
 
 
 def test_start_reconciled_marker_is_reserved() -> None:
-    led = Recorded()
-    u = led.account().user
+    led, u = one_account()
     for command in (LockMargin(MarginLock(u, USD, None, START_RECONCILED)),
                     ReleaseMargin(u, 0, START_RECONCILED),
                     Begin(IdemKey(u, "open", "x"), START_RECONCILED)):

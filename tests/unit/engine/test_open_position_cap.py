@@ -13,7 +13,7 @@ import pytest
 
 from cluster.actors.host import host_specs
 from cluster.config import Settings
-from engine.events import MarginReleased, OpenCountSet, decode, encode, encode_batch
+from engine.events import MarginReleased, OpenCountSet, decode, encode
 from engine.ledger_machine import (
     DEFAULT_MAX_OPEN_POSITIONS,
     START_RECONCILED,
@@ -21,17 +21,14 @@ from engine.ledger_machine import (
     ApplySettlements,
     Balances,
     Begin,
-    CreateAccount,
-    CreatedAccount,
     LedgerMachine,
     LockMargin,
     OpenCount,
     ReconcileAtStart,
     ReleaseMargin,
     Remember,
-    hash_api_key,
 )
-from engine.machine import run, step
+from engine.machine import run
 from engine.messages import (
     ClosedPosition,
     IdemHit,
@@ -40,40 +37,30 @@ from engine.messages import (
     OpenPosition,
     SettlementItem,
 )
-from engine.orders import CloseReason, Side
+from engine.orders import CloseReason
 from engine.results import Code, Rejected
 from tests.unit.cluster.local_platform import balances, build_platform, sol_long, sol_trader
+from tests.unit.engine.recorded_ledger import (
+    SHARD,
+    SIGNUP,
+    USD,
+    Recorded,
+    closed,
+    opened,
+    snapshot_round_trip,
+)
 
-USD = 10**6
-SIGNUP = 10_000 * USD
-NOW = 1_800_000_000_000_000
-SHARD = "shard-SOL-0"
 CAP = DEFAULT_MAX_OPEN_POSITIONS
 
 
-class Journaled:
-    """A LedgerMachine stepped like the durable runner does it (each command's events one
-    journal record); ``check()`` holds after every step."""
+class Journaled(Recorded):
+    """A Recorded ledger that numbers its locks' request ids (1, 2, ...) and the settlements
+    it applies from SHARD (seq 1, 2, ...)."""
 
     def __init__(self, cap: int = CAP) -> None:
-        self.cap = cap
-        self.m = LedgerMachine(SIGNUP, cap)
-        self.records: list[bytes] = []
+        super().__init__(cap)
         self.rid = 0
         self.seq = 0
-
-    def __call__(self, command: Any) -> Any:
-        stepped = step(self.m, command, NOW)
-        if stepped.encoded:
-            self.records.append(encode_batch(stepped.encoded))
-        assert self.m.check() == []
-        return stepped.answer
-
-    def account(self) -> int:
-        n = len(self.m.ledger.users()) + 1
-        created = self(CreateAccount(f"acc_{n}", hash_api_key(f"key-{n}")))
-        assert isinstance(created, CreatedAccount)
-        return created.user
 
     def lock(self, user: int, margin: int = USD, key: IdemKey | None = None) -> Any:
         self.rid += 1
@@ -87,38 +74,17 @@ class Journaled:
         self.seq += 1
         assert self(ApplySettlements(SHARD, (SettlementItem(self.seq, c),))) == self.seq
 
-    def replayed(self) -> LedgerMachine:
-        again = LedgerMachine(SIGNUP, self.cap)
-        for record in self.records:
-            again.apply_batch(again.decode_record(record))
-        return again
-
     def same_after_replay_and_snapshot(self) -> None:
         want = self.m.fingerprint()
         assert self.replayed().fingerprint() == want
-        arrays, meta = self.m.snapshot()
-        restored = LedgerMachine.from_snapshot(SIGNUP, self.cap, arrays,
-                                               json.loads(json.dumps(meta)))
+        restored = snapshot_round_trip(self.m)
         assert restored.fingerprint() == want and restored.check() == []
-
-
-def closed(owner: int, position_id: int, margin: int,
-           reason: CloseReason = CloseReason.MANUAL) -> ClosedPosition:
-    pnl = -margin if reason == CloseReason.LIQUIDATION else 0
-    payout = margin + pnl
-    return ClosedPosition(position_id, owner, "SOL", Side.LONG, 10000, 100, margin, 10, 9000, 0,
-                          0, 1, 10000, pnl, payout, -pnl, 0, int(reason), 2)
-
-
-def opened(owner: int, position_id: int, margin: int) -> OpenPosition:
-    return OpenPosition(position_id, owner, "SOL", Side.LONG, 10001, 299, margin, 10, 9000, 0, 0,
-                        NOW, None)
 
 
 def full(cap: int = CAP) -> tuple[Journaled, int]:
     """A ledger and a user holding margin for ``cap`` opens (request ids 1..cap)."""
     led = Journaled(cap)
-    user = led.account()
+    user = led.account().user
     for _ in range(cap):
         assert led.lock(user) is None
     assert led.count(user) == cap
@@ -134,7 +100,7 @@ def refused(led: Journaled, user: int, key: IdemKey | None = None) -> Rejected:
 # ----------------------------------------------------------------------------- the boundary
 def test_the_200th_open_is_accepted_and_the_201st_refused_with_nothing_changed() -> None:
     led = Journaled()
-    user, other = led.account(), led.account()
+    user, other = led.account().user, led.account().user
     for _ in range(1, CAP):
         assert led.lock(user) is None
     assert led.count(user) == CAP - 1
@@ -166,9 +132,10 @@ def test_a_released_lock_or_a_settled_close_makes_room(ending: str) -> None:
         assert led(AbandonLock(1)) is None  # once
     else:
         reason = CloseReason.MANUAL if ending == "close" else CloseReason.LIQUIDATION
-        led.settle(closed(user, 7, USD, reason))
+        pnl = 0 if ending == "close" else -USD  # a liquidation loses the whole margin
+        led.settle(closed(user, 7, USD, pnl, reason))
         # a resend of the same settlement applies nothing, and frees nothing more
-        assert led(ApplySettlements(SHARD, (SettlementItem(1, closed(user, 7, USD)),))) == 1
+        assert led(ApplySettlements(SHARD, (SettlementItem(1, closed(user, 7, USD, 0)),))) == 1
     assert led.count(user) == CAP - 1
     assert led.lock(user) is None
     refused(led, user)
@@ -179,7 +146,7 @@ def test_an_open_that_happened_keeps_counting_until_its_close_settles() -> None:
     """The reconciler's paths: an open resolved as made keeps its lock (now its position); an
     abandon of a lock whose clientOrderId has the position is refused; its close frees it."""
     led = Journaled(2)
-    user = led.account()
+    user = led.account().user
     key = IdemKey(user, "open", "k")
     assert led.lock(user, 5 * USD, key) is None
     assert led.lock(user) is None
@@ -187,7 +154,7 @@ def test_an_open_that_happened_keeps_counting_until_its_close_settles() -> None:
     assert led(AbandonLock(1)) is None
     assert led.count(user) == 2
     refused(led, user)
-    led.settle(closed(user, 9, 5 * USD))
+    led.settle(closed(user, 9, 5 * USD, 0))
     assert led.count(user) == 1
     assert led.lock(user) is None
     led.same_after_replay_and_snapshot()
@@ -195,7 +162,7 @@ def test_an_open_that_happened_keeps_counting_until_its_close_settles() -> None:
 
 def test_the_count_never_goes_below_zero() -> None:
     led = Journaled()
-    user = led.account()
+    user = led.account().user
     assert led(ReleaseMargin(user, 0)) is None  # a release that ended no lock
     assert led.count(user) == 0
     assert led.lock(user, 3 * USD) is None
@@ -203,14 +170,14 @@ def test_the_count_never_goes_below_zero() -> None:
     assert led(ReleaseMargin(user, USD)) is None and led.count(user) == 0
     assert led(ReleaseMargin(user, USD)) is None and led.count(user) == 0
     assert led(Balances(user)) == (SIGNUP - USD, USD)
-    led.settle(closed(user, 3, USD))  # a position the count did not know of
+    led.settle(closed(user, 3, USD, 0))  # a position the count did not know of
     assert led.count(user) == 0
     led.same_after_replay_and_snapshot()
 
 
 def test_a_user_without_margin_holds_no_open() -> None:
     led = Journaled()
-    user = led.account()
+    user = led.account().user
     assert led.lock(user, 2 * USD) is None
     assert led.lock(user, 3 * USD) is None
     assert led(ReleaseMargin(user, 5 * USD, 1)) is None  # both amounts at once
@@ -224,7 +191,7 @@ def test_the_start_reconciliation_counts_from_the_shards_and_replays() -> None:
     """Three locks nobody ended (their API process died), two positions, one close the
     ledger has not applied yet: after the reconciliation the user holds three."""
     led = Journaled(6)
-    user, other = led.account(), led.account()
+    user, other = led.account().user, led.account().user
     for _ in range(3):
         assert led.lock(user, USD) is None  # orphans
     for _ in range(3):
@@ -233,7 +200,7 @@ def test_the_start_reconciliation_counts_from_the_shards_and_replays() -> None:
     refused(led, user)
     assert led.lock(other, 2 * USD) is None  # a position, counted right already
     led.account()  # a third account, nothing open
-    item = SettlementItem(1, closed(user, 11, 5 * USD))  # closed on the shard, not applied
+    item = SettlementItem(1, closed(user, 11, 5 * USD, 0))  # closed on the shard, not applied
     released = led(ReconcileAtStart({user: 10 * USD, other: 2 * USD}, {SHARD: [item]}, None,
                                     {user: 2, other: 1}))
     assert released == {user: 3 * USD}
@@ -260,7 +227,7 @@ def test_the_start_reconciliation_sets_a_count_without_releasing() -> None:
     """Counts too low (an older snapshot) or too high are set even when no margin is in
     excess; without counts, a user left without margin holds none."""
     led = Journaled()
-    user, other = led.account(), led.account()
+    user, other = led.account().user, led.account().user
     assert led.lock(user, 4 * USD) is None
     assert led.lock(other, 4 * USD) is None
     assert led(ReconcileAtStart({user: 4 * USD, other: 4 * USD}, {}, None,
@@ -290,7 +257,7 @@ def test_an_older_snapshot_without_counts_restores_and_the_start_counts_again() 
 
 def test_a_recount_is_its_own_event_and_request_ids_keep_their_range() -> None:
     led = Journaled()
-    user = led.account()
+    user = led.account().user
     assert led(LockMargin(MarginLock(user, USD, None, START_RECONCILED - 1))) is None
     recount = OpenCountSet(user, 7)
     assert decode(encode(recount)) == recount
@@ -302,7 +269,7 @@ def test_a_recount_is_its_own_event_and_request_ids_keep_their_range() -> None:
 
 def test_check_reports_a_count_without_margin() -> None:
     led = Journaled()
-    user = led.account()
+    user = led.account().user
     led.m._open_counts[user] = 1
     assert led.m.check() == [f"user {user} counts 1 open positions without margin"]
 
