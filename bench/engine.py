@@ -135,6 +135,17 @@ def _median_ms(samples_ns: list[int]) -> float:
     return statistics.median(samples_ns) / 1e6
 
 
+def _single_op_us(**samples_ns: list[int]) -> dict[str, float]:
+    """Each named op's median, then each one's p99, in microseconds (2 decimals), keyed
+    ``<name>_us_median`` and ``<name>_us_p99`` in the order the names are given."""
+    ordered = {name: sorted(ns) for name, ns in samples_ns.items()}
+    medians = {f"{name}_us_median": round(statistics.median(ns) / 1e3, 2)
+               for name, ns in ordered.items()}
+    p99s = {f"{name}_us_p99": round(ns[len(ns) * 99 // 100] / 1e3, 2)
+            for name, ns in ordered.items()}
+    return medians | p99s
+
+
 def run(positions: int, ticks: int, seed: int, asset_name: str = "SOL", orders: int = 0
         ) -> dict[str, Any]:
     asset = DEFAULT_ASSETS[asset_name]
@@ -226,8 +237,6 @@ def run(positions: int, ticks: int, seed: int, asset_name: str = "SOL", orders: 
     a = time.perf_counter_ns()
     book.compact()  # the worst pause opens/closes can hit: a full merge + compaction
     compact_ms = (time.perf_counter_ns() - a) / 1e6
-    open_ns.sort()
-    close_ns.sort()
     place_ns: list[int] = []
     remove_ns: list[int] = []
     order_compact_ms = 0.0
@@ -244,8 +253,6 @@ def run(positions: int, ticks: int, seed: int, asset_name: str = "SOL", orders: 
             a = time.perf_counter_ns()
             order_book.place(i, order, now_us)
             place_ns.append(time.perf_counter_ns() - a)
-        place_ns.sort()
-        remove_ns.sort()
         a = time.perf_counter_ns()
         order_book.compact()
         order_compact_ms = (time.perf_counter_ns() - a) / 1e6
@@ -266,10 +273,7 @@ def run(positions: int, ticks: int, seed: int, asset_name: str = "SOL", orders: 
             "both_sweeps_ms_median": round(both_ms, 4),
             "both_sweeps_vs_floor": round(both_ms / floor_ms, 3),
             "bytes_per_order": round(order_book.nbytes / len(order_book), 1),
-            "place_us_median": round(statistics.median(place_ns) / 1e3, 2),
-            "remove_us_median": round(statistics.median(remove_ns) / 1e3, 2),
-            "place_us_p99": round(place_ns[len(place_ns) * 99 // 100] / 1e3, 2),
-            "remove_us_p99": round(remove_ns[len(remove_ns) * 99 // 100] / 1e3, 2),
+            **_single_op_us(place=place_ns, remove=remove_ns),
             "order_compact_ms": round(order_compact_ms, 2),
             "order_bulk_load_s": round(t3 - t2, 2),
         }
@@ -285,10 +289,7 @@ def run(positions: int, ticks: int, seed: int, asset_name: str = "SOL", orders: 
         "speedup_vs_naive": round(naive_ms / sweep_ms, 1),
         "sweep_vs_floor": round(sweep_ms / floor_ms, 3),
         "bytes_per_position": round(book.nbytes / len(book), 1),
-        "open_us_median": round(statistics.median(open_ns) / 1e3, 2),
-        "close_us_median": round(statistics.median(close_ns) / 1e3, 2),
-        "open_us_p99": round(open_ns[len(open_ns) * 99 // 100] / 1e3, 2),
-        "close_us_p99": round(close_ns[len(close_ns) * 99 // 100] / 1e3, 2),
+        **_single_op_us(open=open_ns, close=close_ns),
         "compact_ms": round(compact_ms, 2),
         "sweep_mismatches_vs_naive": mismatches,
         "plan_s": round(t1 - t0, 2),
