@@ -22,7 +22,8 @@ import argparse
 import json
 import statistics
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from engine.triggers import naive_sweep
 
 # a realistic current price per asset, in its ticks (SOL 150.00, BTC 60000.0, ETH 3000.00)
 _MID_PRICE = {"SOL": "150.00", "BTC": "60000.0", "ETH": "3000.00"}
+_T = TypeVar("_T")
 
 
 def _random_requests(rng: np.random.Generator, n: int, entry_lo: int, entry_hi: int
@@ -135,6 +137,24 @@ def _median_ms(samples_ns: list[int]) -> float:
     return statistics.median(samples_ns) / 1e6
 
 
+def _single_op_ns(remove: Callable[[int], object], ids: list[int],
+                  insert: Callable[[int, _T, int], object], items: list[_T], ts_us: int
+                  ) -> tuple[list[int], list[int]]:
+    """Nanoseconds of each ``remove(id)`` over ``ids``, then of each ``insert(i, item, ts_us)``
+    over ``items`` (``i`` the owner), timed one call at a time."""
+    remove_ns: list[int] = []
+    for one in ids:
+        a = time.perf_counter_ns()
+        remove(one)
+        remove_ns.append(time.perf_counter_ns() - a)
+    insert_ns: list[int] = []
+    for i, item in enumerate(items):
+        a = time.perf_counter_ns()
+        insert(i, item, ts_us)
+        insert_ns.append(time.perf_counter_ns() - a)
+    return remove_ns, insert_ns
+
+
 def _single_op_us(**samples_ns: list[int]) -> dict[str, float]:
     """Each named op's median, then each one's p99, in microseconds (2 decimals), keyed
     ``<name>_us_median`` and ``<name>_us_p99`` in the order the names are given."""
@@ -223,16 +243,7 @@ def run(positions: int, ticks: int, seed: int, asset_name: str = "SOL", orders: 
     live = book.ids()
     victims = rng.choice(live, size=min(5000, live.size), replace=False).tolist()
     spare = [_random_plan(asset, rng, price, price + 1) for _ in victims]
-    close_ns: list[int] = []
-    open_ns: list[int] = []
-    for pid in victims:
-        a = time.perf_counter_ns()
-        book.close(pid)
-        close_ns.append(time.perf_counter_ns() - a)
-    for i, plan in enumerate(spare):
-        a = time.perf_counter_ns()
-        book.open(i, plan, 1_700_000_000_000_002)
-        open_ns.append(time.perf_counter_ns() - a)
+    close_ns, open_ns = _single_op_ns(book.close, victims, book.open, spare, 1_700_000_000_000_002)
 
     a = time.perf_counter_ns()
     book.compact()  # the worst pause opens/closes can hit: a full merge + compaction
@@ -245,14 +256,8 @@ def run(positions: int, ticks: int, seed: int, asset_name: str = "SOL", orders: 
         victims = rng.choice(live_orders, size=min(5000, live_orders.size),
                              replace=False).tolist()
         fresh = [_random_order(rng, price, price + 1, now_us) for _ in victims]
-        for oid in victims:
-            a = time.perf_counter_ns()
-            order_book.remove(oid)
-            remove_ns.append(time.perf_counter_ns() - a)
-        for i, order in enumerate(fresh):
-            a = time.perf_counter_ns()
-            order_book.place(i, order, now_us)
-            place_ns.append(time.perf_counter_ns() - a)
+        remove_ns, place_ns = _single_op_ns(order_book.remove, victims, order_book.place,
+                                            fresh, now_us)
         a = time.perf_counter_ns()
         order_book.compact()
         order_compact_ms = (time.perf_counter_ns() - a) / 1e6
