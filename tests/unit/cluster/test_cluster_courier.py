@@ -58,6 +58,20 @@ async def two_take_profits(p: Platform, who: Principal, port: Port) -> OutboxVie
     return view
 
 
+async def resumed_with_two_closes(make: Make
+                                  ) -> tuple[Platform, Principal, str, OutboxView, Courier]:
+    """A platform whose SOL trader ``who`` had two longs closed by one tick on shard ``name``
+    (``view``: the outbox that tick's call read), and a courier over the platform's own ports
+    that has resumed that shard, as on its first delivery: nothing delivered yet."""
+    p = make()
+    who = await sol_trader(p)
+    name = p.shard_of("SOL").name
+    view = await two_take_profits(p, who, p.shards[name])
+    courier = Courier(p.ledger, dict(p.shards))
+    await courier.resume(name)
+    return p, who, name, view, courier
+
+
 # --------------------------------------------------------------------------- the port
 async def test_a_posted_command_rides_with_the_next_batch_and_outlives_a_failed_one(
         make: Make) -> None:
@@ -138,12 +152,7 @@ async def test_the_outbox_read_with_the_ticks_is_delivered_with_one_ledger_call(
 
 
 async def test_a_gap_before_the_outbox_read_is_delivered_the_whole_way(make: Make) -> None:
-    p = make()
-    who = await sol_trader(p)
-    name = p.shard_of("SOL").name
-    view = await two_take_profits(p, who, p.shards[name])
-    courier = Courier(p.ledger, dict(p.shards))
-    await courier.resume(name)
+    p, _, name, view, courier = await resumed_with_two_closes(make)
     # the first close is still on its way: the ledger cannot apply the second alone
     assert await courier.forward(name, OutboxView(view.items[1:], 2)) == 2
     assert await p.ledger.call(AppliedSeq(name)) == 2
@@ -152,12 +161,7 @@ async def test_a_gap_before_the_outbox_read_is_delivered_the_whole_way(make: Mak
 
 
 async def test_an_outbox_numbered_below_the_ledger_continues_after_it(make: Make) -> None:
-    p = make()
-    who = await sol_trader(p)
-    name = p.shard_of("SOL").name
-    view = await two_take_profits(p, who, p.shards[name])
-    courier = Courier(p.ledger, dict(p.shards))
-    await courier.resume(name)
+    p, who, name, view, courier = await resumed_with_two_closes(make)
     assert await courier.forward(name, view) == 2
     # the shard restarts empty and closes one position before anyone resumes it: its
     # numbering starts again at 1, below the 2 the ledger applied
