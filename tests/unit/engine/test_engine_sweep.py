@@ -15,6 +15,7 @@ from engine.book import PositionBook
 from engine.orders import CloseReason, OpenPlan, Side, plan_open
 from engine.results import Rejected
 from engine.triggers import naive_sweep
+from tests.unit.engine.book_checks import assert_same_but_id, checked_sweep
 
 ASSETS = [*DEFAULT_ASSETS.assets,
           Asset("FINE", "FINE_USDC", price_decimals=4, qty_decimals=4, max_leverage=100)]
@@ -42,23 +43,14 @@ class Pair:
     def close(self, fid: int) -> None:
         got = self.fast.close(fid)
         want = self.ref.close(self.to_ref.pop(fid))
-        assert got is not None and want is not None
-        # both books hold the same record type: every field but the id must agree
-        assert got._replace(position_id=0) == want._replace(position_id=0)
+        assert_same_but_id(got, want, "position_id")
         assert self.fast.get(fid) is None and self.fast.close(fid) is None
 
     def sweep(self, bid: int, ask: int) -> list[int]:
-        ids, reasons = self.fast.sweep(bid, ask)
-        assert ids.dtype == np.int64 and reasons.dtype == np.int8
-        assert list(ids) == sorted(set(ids.tolist())), "ids must be unique and ascending"
-        naive_ids, naive_reasons = naive_sweep(self.fast, bid, ask)
-        assert np.array_equal(ids, naive_ids) and np.array_equal(reasons, naive_reasons)
+        ids, reasons = checked_sweep(self.fast, naive_sweep, bid, ask)
         fast = {self.to_ref[int(i)]: CloseReason(int(r)) for i, r in zip(ids, reasons,
                                                                           strict=True)}
         assert fast == dict(self.ref.sweep(bid, ask))
-        # a sweep changes nothing: asking again gives the same answer
-        again_ids, again_reasons = self.fast.sweep(bid, ask)
-        assert np.array_equal(ids, again_ids) and np.array_equal(reasons, again_reasons)
         return [int(i) for i in ids]
 
 

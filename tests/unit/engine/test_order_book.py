@@ -30,6 +30,7 @@ from engine.order_book import (
 from engine.order_reference import ReferenceOrderBook
 from engine.orders import NO_LEVEL, Side
 from engine.position_ids import MAX_GENERATION, book_tag_of, generation_of, make_position_id, row_of
+from tests.unit.engine.book_checks import assert_same_but_id, checked_sweep
 
 SOL = DEFAULT_ASSETS["SOL"]  # price step 0.01: 150.00 is 15000 ticks
 LONG, SHORT = Side.LONG, Side.SHORT
@@ -358,21 +359,14 @@ class Trio:
     def remove(self, fid: int) -> None:
         got = self.fast.remove(fid)
         want = self.ref.remove(self.to_ref.pop(fid))
-        assert got is not None and want is not None
-        assert got._replace(order_id=0) == want._replace(order_id=0)
+        assert_same_but_id(got, want, "order_id")
         assert self.fast.get(fid) is None and self.fast.remove(fid) is None
 
     def sweep(self, bid: int, ask: int, ts_us: int) -> list[int]:
-        ids, outcomes = self.fast.sweep(bid, ask, ts_us)
-        assert ids.dtype == np.int64 and outcomes.dtype == np.int8
-        assert ids.tolist() == sorted(set(ids.tolist())), "ids must be unique and ascending"
-        naive_ids, naive_outcomes = naive_sweep(self.fast, bid, ask, ts_us)
-        assert np.array_equal(ids, naive_ids) and np.array_equal(outcomes, naive_outcomes)
+        ids, outcomes = checked_sweep(self.fast, naive_sweep, bid, ask, ts_us)
         fast = [(self.to_ref[int(i)], OrderOutcome(int(o)))
                 for i, o in zip(ids, outcomes, strict=True)]
         assert sorted(fast) == self.ref.sweep(bid, ask, ts_us)
-        again_ids, again_outcomes = self.fast.sweep(bid, ask, ts_us)  # a sweep changes nothing
-        assert np.array_equal(ids, again_ids) and np.array_equal(outcomes, again_outcomes)
         return [int(i) for i in ids]
 
     def agree(self) -> None:
@@ -380,9 +374,7 @@ class Trio:
         assert len(self.fast) == len(self.ref)
         assert self.fast.ids().tolist() == sorted(self.to_ref)
         for fid, rid in self.to_ref.items():
-            got, want = self.fast.get(fid), self.ref.get(rid)
-            assert got is not None and want is not None
-            assert got._replace(order_id=0) == want._replace(order_id=0)
+            assert_same_but_id(self.fast.get(fid), self.ref.get(rid), "order_id")
         for owner in range(4):
             mapped = [self.to_ref[int(i)] for i in self.fast.ids_of_owner(owner)]
             assert sorted(mapped) == self.ref.ids_of_owner(owner)
