@@ -257,6 +257,30 @@ class RowStore(ABC, Generic[RecordT]):
             gen = 1
         return (gen << GEN_SHIFT) | (row << ROW_SHIFT) | self.book_tag
 
+    def next_ids(self, count: int, released: Sequence[int] = ()) -> list[int]:
+        """The ids ``count`` single inserts would issue after the live items ``released`` are
+        removed in that order (a tick's closes, then its fills); changes nothing.
+        OverflowError when they do not fit."""
+        freed: list[tuple[int, int]] = []  # (row, last id): the free list's new head last
+        for item_id in released:
+            if (item_id >> GEN_SHIFT) < MAX_GENERATION:
+                freed.append((self._row(item_id), item_id))
+        out: list[int] = []
+        row, hw = self._free_head, self._hw
+        while len(out) < count:
+            if freed:
+                row_of, last = freed.pop()
+            elif row >= 0:
+                row_of, last = row, -int(self._ids[row])
+                row = int(self._links[row])
+            else:
+                if hw >= MAX_ROWS:
+                    raise OverflowError(f"{self._NOUN} books hold at most {MAX_ROWS} rows")
+                row_of, last, hw = hw, 0, hw + 1
+            gen = (last >> GEN_SHIFT) + 1
+            out.append((gen << GEN_SHIFT) | (row_of << ROW_SHIFT) | self.book_tag)
+        return out
+
     def _row(self, item_id: int) -> int:
         """Row of a live id, or -1 (any other value, a stale id of a reused row included)."""
         try:

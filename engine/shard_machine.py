@@ -18,7 +18,18 @@ changes the state, live and in journal replay. Events (engine.events):
 * ``TickApplied`` (volatile: rides along with the next commit): the new last tick;
 * ``OpenFenced``: a request id that never arrived was given up;
 * ``OutboxAcked`` (volatile): the ledger applied settlements up to a seq;
-* ``SeqResumed``: the ledger applied more than this shard remembers; numbering continues.
+* ``SeqResumed``: the ledger applied more than this shard remembers; numbering continues;
+* ``OrderPlaced``: a pending limit or stop order entered the order book (its margin is locked
+  at the ledger already);
+* ``OrderEnded``: an order left the order book as the next settlement seq: cancelled by its
+  owner, or on a tick expired, rejected (its fill could not open), or filled (a
+  ``PositionOpened`` of the position follows it in the same record).
+
+A tick first sweeps the positions (their closes free rows), then the orders: a fill opens
+exactly like a market open at the tick's opening-side price (engine.orders.plan_open), and is
+first swept by the next tick. An order's end goes to the ledger through the outbox, numbered
+with the closes: a fill keeps the margin locked (the position holds it), any other end
+releases it.
 
 A settlement's amounts are computed from the position and the exit price when its close is
 applied, so ``decide`` refuses a close (or a whole tick) whose amounts would not fit an i64:
@@ -48,6 +59,8 @@ from engine.events import (
     Event,
     EventError,
     OpenFenced,
+    OrderEnded,
+    OrderPlaced,
     OutboxAcked,
     PositionClosed,
     PositionOpened,
@@ -59,18 +72,33 @@ from engine.events import (
 from engine.market import Tick
 from engine.messages import (
     ClosedPosition,
+    EndedOrder,
     OpenPosition,
+    PendingOrder,
     SettlementItem,
     ShardClose,
     ShardOpen,
     ShardStats,
+)
+from engine.order_book import (
+    COLUMN_NAMES as ORDER_COLUMN_NAMES,
+)
+from engine.order_book import (
+    OrderBook,
+    OrderKind,
+    OrderOutcome,
+    OrderRecord,
+    OrderStatus,
+    OrderTerms,
+    check_terms,
 )
 from engine.orders import PPM, CloseReason, OpenPlan, Side, plan_open
 from engine.results import Code, Rejected
 from engine.settlement import exit_price_ticks, pnl_micros, settle
 
 REMEMBERED = 65_536
-"""How many request answers (opens, closes, fences) a shard remembers by request id."""
+"""How many request answers (opens, closes, fences, orders) a shard remembers by request id;
+also how many ended orders it remembers (a cancel of one answers ORDER_NOT_OPEN)."""
 BPS = 10_000
 MIN_VECTOR_RUN = 64
 """Shorter runs of ``PositionOpened`` in a journal record are decoded and applied one by one."""
@@ -119,6 +147,8 @@ _LISTED_ROW = schema.builder(OpenPosition, _SETTLED, given=("asset", "unrealized
 _KIND_OPEN = 1
 _KIND_FENCED = 2
 _KIND_CLOSE = 3
+_KIND_ORDER = 4  # a placement's PendingOrder (its fields in the snapshot's meta)
+_KIND_ORDER_END = 5  # a cancel's SettlementItem of an EndedOrder (likewise)
 OUTBOX_DTYPE = schema.dtype(schema.OUTBOX)
 RESULT_DTYPE = schema.dtype((schema.request_id, *schema.OUTBOX, schema.unrealized_pnl_micros),
                             before=(("kind", "u1"), ("has_pnl", "u1")))
@@ -133,10 +163,28 @@ _V1_OPEN_RESULT = ("kind", "has_pnl", *_V1_POSITION, "unrealized_pnl_micros")  #
 # cluster.shard_store snapshots: ``open_results`` (opens and fences only)
 _V0_OPEN_RESULT = ("request_id", "kind", "has_pnl", *_V1_POSITION, "unrealized_pnl_micros")
 
+# Pending orders. (OrderRecord, asset, *ORDER_END) -> its end; (OrderTerms, *given) -> the
+# event of a placement, and back; the order book's snapshot arrays are its columns under
+# _ORDER_PREFIX; _ENDED_DTYPE the ended orders remembered.
+_ORDER_CASTS: dict[str, Callable[[Any], Any]] = {**_SIDE_CAST, "kind": int}
+# (a row of ORDER_ROW values: an OrderRecord or an OrderPlaced, asset) -> the listed order
+_LISTED_ORDER = schema.builder(PendingOrder, schema.ORDER_ROW, given=("asset",),
+                               casts=_ORDER_CASTS)
+_ENDED_ORDER = schema.builder(EndedOrder, schema.ORDER_ROW,
+                              given=("asset", *schema.names(schema.ORDER_END)),
+                              casts=_ORDER_CASTS)
+_PLACED_EVENT = schema.builder(OrderPlaced, schema.ORDER_TERMS, attributes=True,
+                               given=("order_id", "owner", "placed_ts_us", "request_id"),
+                               casts={"side": int, "kind": int})
+_ORDER_OF_EVENT = schema.builder(OrderTerms, schema.ORDER_PLACED,
+                                 casts={"side": Side, "kind": OrderKind})
+_ORDER_PREFIX = "order."
+_ENDED_DTYPE = np.dtype([("order_id", "<i8"), ("owner", "<i8"), ("status", "u1")])
+
 _FENCED = Rejected(Code.PRICE_UNAVAILABLE, "the request was abandoned after a timeout")
 _OUT_OF_RANGE = "a value is out of range"
 
-Answer = OpenPosition | SettlementItem | Rejected
+Answer = OpenPosition | SettlementItem | PendingOrder | Rejected
 
 
 # --------------------------------------------------------------------------- commands
@@ -162,6 +210,27 @@ class Close:
     seen request id: its first answer)."""
 
     request: ShardClose
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Place a pending order of ``owner`` (its margin is locked at the ledger). Answer:
+    PendingOrder | Rejected (a seen request id: its first answer)."""
+
+    owner: int
+    terms: OrderTerms
+    request_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Cancel the caller's own open order. Answer: SettlementItem (its EndedOrder, for the
+    ledger) | Rejected: NOT_FOUND (no such order of the caller), ORDER_NOT_OPEN (it ended
+    already); a seen request id: its first answer."""
+
+    owner: int
+    order_id: int
+    request_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,13 +269,20 @@ class PositionsOf:
 
 
 @dataclass(frozen=True, slots=True)
+class OrdersOf:
+    """Read. Answer: list[list[PendingOrder]], one list per owner, oldest first."""
+
+    owners: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class LastTick:
     """Read. Answer: Tick | None."""
 
 
 @dataclass(frozen=True, slots=True)
 class OpenMargins:
-    """Read. Answer: dict[int, int], open margin (micros) per owner."""
+    """Read. Answer: dict[int, int], margin (micros) per owner of open positions and orders."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +350,9 @@ class ShardMachine:
         self.maintenance_margin_ppm = maintenance_margin_ppm
         self.max_price_age_us = max_price_age_us
         self.book = PositionBook(asset, book_tag, capacity=capacity)
+        self.orders = OrderBook(asset, book_tag, capacity=16)
+        # the newest ended orders: order id -> (owner, OrderStatus), oldest first
+        self._ended: OrderedDict[int, tuple[int, int]] = OrderedDict()
         self._last_tick: Tick | None = None
         self._outbox: list[SettlementItem] = []
         self._last_seq = 0
@@ -291,6 +370,9 @@ class ShardMachine:
             Open: self._decide_open,
             Close: self._decide_close,
             Resolve: self._decide_resolve,
+            Place: self._decide_place,
+            Cancel: self._decide_cancel,
+            OrdersOf: self._read_orders,
             AckOutbox: self._decide_ack,
             ResumeSeq: self._decide_resume,
             Outbox: self._read_outbox,
@@ -307,6 +389,8 @@ class ShardMachine:
             OpenFenced: self._apply_fenced,
             OutboxAcked: self._apply_acked,
             SeqResumed: self._apply_resumed,
+            OrderPlaced: self._apply_placed,
+            OrderEnded: self._apply_order_ended,
         }
 
     @property
@@ -336,9 +420,10 @@ class ShardMachine:
         if ask > self.asset.max_price_ticks or not _fits_i64(tick.ts_us):
             return Rejected(Code.INVALID_REQUEST, f"tick out of range: {_OUT_OF_RANGE}"), ()
         events: list[Event] = [TickApplied(bid, ask, tick.ts_us, tick.seq, tick.source)]
+        seq = self._last_seq
+        closed: list[int] = []
         if len(self.book):
             ids, reasons = self.book.sweep(bid, ask)
-            seq = self._last_seq
             for position_id, reason in zip(ids.tolist(), reasons.tolist(), strict=True):
                 record = self.book.get(position_id)
                 if record is None:  # pragma: no cover - sweep only returns open ids
@@ -350,7 +435,49 @@ class ShardMachine:
                                     f"is out of range"), ()
                 seq += 1
                 events.append(PositionClosed(position_id, reason, exit_ticks, tick.ts_us, seq))
-        return len(events) - 1, events
+                closed.append(position_id)
+        if len(self.orders):
+            ended = self._sweep_orders(tick, seq, closed)
+            if isinstance(ended, Rejected):
+                return ended, ()
+            events.extend(ended)
+        return len(closed), events
+
+    def _sweep_orders(self, tick: Tick, seq: int, closed: list[int]
+                      ) -> list[Event] | Rejected:
+        """The events of the orders ``tick`` ends (after its closes ``closed``, numbered from
+        ``seq + 1``): each an ``OrderEnded``, a fill's followed by the ``PositionOpened`` of
+        the position it opens, with the ids the book will issue after those closes."""
+        bid, ask, ts_us = tick.bid_ticks, tick.ask_ticks, tick.ts_us
+        ids, outcomes = self.orders.sweep(bid, ask, ts_us)
+        ends: list[tuple[OrderRecord, int, OpenPlan | None, str]] = []
+        for order_id, outcome in zip(ids.tolist(), outcomes.tolist(), strict=True):
+            order = self.orders.get(order_id)
+            if order is None:  # pragma: no cover - sweep only returns open ids
+                raise AssertionError(f"sweep returned order {order_id}, which is not open")
+            if outcome == OrderOutcome.EXPIRED:
+                ends.append((order, OrderStatus.EXPIRED, None, ""))
+                continue
+            plan = plan_open(self.asset, order.side, order.margin_micros, order.leverage, bid,
+                             ask, order.tp_ticks or None, order.sl_ticks or None,
+                             self.maintenance_margin_ppm)
+            if isinstance(plan, Rejected):
+                ends.append((order, OrderStatus.REJECTED, None, plan.code.value))
+            else:
+                ends.append((order, OrderStatus.FILLED, plan, ""))
+        try:
+            fills = iter(self.book.next_ids(sum(e[2] is not None for e in ends), closed))
+        except OverflowError:
+            return Rejected(Code.INVALID_REQUEST, "this shard holds no more positions")
+        events: list[Event] = []
+        for order, status, fill, code in ends:
+            seq += 1
+            position_id = 0 if fill is None else next(fills)
+            events.append(OrderEnded(order.order_id, int(status), position_id, ts_us, seq, 0,
+                                     code))
+            if fill is not None:
+                events.append(_OPENED_EVENT(fill, position_id, order.owner, ts_us, 0))
+        return events
 
     def _fresh_tick(self, now_us: int) -> Tick | Rejected:
         tick = self._last_tick
@@ -365,10 +492,9 @@ class ShardMachine:
     def _decide_open(self, command: Open, now_us: int) -> tuple[Any, Sequence[Event]]:
         req = command.request
         request_id = req.request_id
-        if request_id:
-            previous = self._answers().get(request_id)
-            if previous is not None:
-                return previous, ()
+        previous = self._previous(request_id)
+        if previous is not None:
+            return previous, ()
         tick = self._fresh_tick(now_us)
         if isinstance(tick, Rejected):
             return tick, ()
@@ -399,10 +525,9 @@ class ShardMachine:
     def _decide_close(self, command: Close, now_us: int) -> tuple[Any, Sequence[Event]]:
         req = command.request
         request_id = req.request_id
-        if request_id:
-            previous = self._answers().get(request_id)
-            if previous is not None:
-                return previous, ()
+        previous = self._previous(request_id)
+        if previous is not None:
+            return previous, ()
         record = self.book.get(req.position_id)
         if record is None or record.owner != req.owner:
             return Rejected(Code.NOT_FOUND, "no such open position"), ()
@@ -423,6 +548,59 @@ class ShardMachine:
         event = PositionClosed(record.position_id, int(CloseReason.MANUAL), exit_ticks, now_us,
                                self._last_seq + 1, request_id)
         return self._settlement_item(record, event), (event,)
+
+    def _decide_place(self, command: Place, now_us: int) -> tuple[Any, Sequence[Event]]:
+        previous = self._previous(command.request_id)
+        if previous is not None:
+            return previous, ()
+        terms = command.terms
+        try:
+            check_terms(self.asset, terms)
+        except ValueError as exc:
+            return Rejected(Code.INVALID_REQUEST, f"order: {exc}"), ()
+        if terms.expires_ts_us and terms.expires_ts_us <= now_us:
+            return Rejected(Code.INVALID_REQUEST, "expiresAt is not in the future"), ()
+        if not (0 <= command.owner <= _INT64_MAX and 0 <= command.request_id < _U64
+                and _fits_i64(now_us)):
+            return Rejected(Code.INVALID_REQUEST, f"owner, request id or time: {_OUT_OF_RANGE}"), ()
+        try:
+            order_id = self.orders.next_order_id()
+        except OverflowError:
+            return Rejected(Code.INVALID_REQUEST, "this shard holds no more orders"), ()
+        event: OrderPlaced = _PLACED_EVENT(terms, order_id, command.owner, now_us,
+                                           command.request_id)
+        return self._order_answer(event), (event,)
+
+    def _decide_cancel(self, command: Cancel, now_us: int) -> tuple[Any, Sequence[Event]]:
+        previous = self._previous(command.request_id)
+        if previous is not None:
+            return previous, ()
+        order = self.orders.get(command.order_id)
+        if order is None or order.owner != command.owner:
+            ended = self._ended.get(command.order_id) if order is None else None
+            if ended is not None and ended[0] == command.owner:
+                return Rejected(Code.ORDER_NOT_OPEN,
+                                f"the order is {OrderStatus(ended[1]).label} already"), ()
+            return Rejected(Code.NOT_FOUND, "no such open order"), ()
+        if not (0 <= command.request_id < _U64 and _fits_i64(now_us)):
+            return Rejected(Code.INVALID_REQUEST, f"request id or time: {_OUT_OF_RANGE}"), ()
+        event = OrderEnded(order.order_id, int(OrderStatus.CANCELLED), 0, now_us,
+                           self._last_seq + 1, command.request_id, "")
+        return self._ended_item(order, event), (event,)
+
+    def _previous(self, request_id: int) -> Answer | None:
+        """The first answer of request ``request_id`` (None: not seen, or 0: none given)."""
+        return self._answers().get(request_id) if request_id else None
+
+    def _order_answer(self, event: OrderPlaced) -> PendingOrder:
+        order: PendingOrder = _LISTED_ORDER(event, self.asset.name)
+        return order
+
+    def _ended_item(self, order: OrderRecord, event: OrderEnded) -> SettlementItem:
+        ended: EndedOrder = _ENDED_ORDER(order, self.asset.name, event.status,
+                                         event.position_id, event.ended_ts_us,
+                                         event.reject_code)
+        return SettlementItem(event.settlement_seq, ended)
 
     def _decide_resolve(self, command: Resolve, now_us: int) -> tuple[Any, Sequence[Event]]:
         request_id = command.request_id
@@ -484,10 +662,32 @@ class ShardMachine:
         return self._last_tick, ()
 
     def _read_margins(self, command: OpenMargins, now_us: int) -> tuple[Any, Sequence[Event]]:
-        return self.book.open_margin_by_owner(), ()
+        return self.open_margins(), ()
 
     def _read_audit(self, command: AuditView, now_us: int) -> tuple[Any, Sequence[Event]]:
-        return (self.book.open_margin_by_owner(), list(self._outbox)), ()
+        return (self.open_margins(), list(self._outbox)), ()
+
+    def open_margins(self) -> dict[int, int]:
+        """Margin (micros) per owner held by open positions and open orders."""
+        margins = self.book.open_margin_by_owner()
+        for owner, margin in self.orders.open_margin_by_owner().items():
+            margins[owner] = margins.get(owner, 0) + margin
+        return margins
+
+    def _read_orders(self, command: OrdersOf, now_us: int) -> tuple[Any, Sequence[Event]]:
+        wanted = set(command.owners)
+        by_owner: dict[int, list[PendingOrder]] = {}
+        if wanted and len(self.orders):
+            cols = self.orders.columns()
+            rows = np.flatnonzero((cols["order_id"] > 0)
+                                  & np.isin(cols["owner"], np.fromiter(wanted, np.int64)))
+            rows = rows[np.lexsort((cols["order_id"][rows], cols["placed_ts_us"][rows]))]
+            name = self.asset.name
+            for order_id in cols["order_id"][rows].tolist():
+                record = self.orders.get(order_id)
+                assert record is not None
+                by_owner.setdefault(record.owner, []).append(_LISTED_ORDER(record, name))
+        return [list(by_owner.get(owner, ())) for owner in command.owners], ()
 
     def _read_stats(self, command: Stats, now_us: int) -> tuple[Any, Sequence[Event]]:
         tick = self._last_tick
@@ -578,6 +778,31 @@ class ShardMachine:
         self._outbox.append(item)
         self._last_seq = event.settlement_seq
         self._closes[event.reason] += 1
+        if event.request_id:
+            self._remember(event.request_id, item)
+
+    def _apply_placed(self, event: OrderPlaced) -> None:
+        order_id = self.orders.place(event.owner, _ORDER_OF_EVENT(event), event.placed_ts_us)
+        if order_id != event.order_id:
+            raise ShardStateError(f"the order book issued id {order_id} for the order journaled "
+                                  f"as {event.order_id}")
+        if event.request_id:
+            self._remember(event.request_id, self._order_answer(event))
+
+    def _apply_order_ended(self, event: OrderEnded) -> None:
+        status = OrderStatus(event.status)  # ValueError before anything changes
+        if status is OrderStatus.OPEN or event.settlement_seq != self._last_seq + 1:
+            raise ShardStateError(f"order {event.order_id} ended {status.label} as settlement "
+                                  f"{event.settlement_seq} after {self._last_seq}")
+        order = self.orders.remove(event.order_id)
+        if order is None:
+            raise ShardStateError(f"ended order {event.order_id} is not open")
+        item = self._ended_item(order, event)
+        self._outbox.append(item)
+        self._last_seq = event.settlement_seq
+        self._ended[event.order_id] = (order.owner, int(status))
+        if len(self._ended) > REMEMBERED:
+            self._ended.popitem(last=False)
         if event.request_id:
             self._remember(event.request_id, item)
 
@@ -695,10 +920,19 @@ class ShardMachine:
         (:data:`RESULT_DTYPE`, one row per remembered answer, in remembering order), structured
         arrays with named columns; counters, seqs and the last tick in ``meta``."""
         arrays = self.book.to_arrays()
-        arrays["outbox"] = _outbox_array(self._outbox)
-        arrays["results"] = _results_array(self._answers())
+        arrays.update({_ORDER_PREFIX + k: v for k, v in self.orders.to_arrays().items()})
+        closes = [item for item in self._outbox if isinstance(item.closed, ClosedPosition)]
+        arrays["outbox"] = _outbox_array(closes)
+        arrays["results"], order_results = _results_array(self._answers())
+        arrays["ended_orders"] = np.array([(oid, owner, status) for oid, (owner, status)
+                                           in self._ended.items()], dtype=_ENDED_DTYPE)
         tick = self._last_tick
         meta = {
+            # ended orders waiting for the ledger, and remembered order answers (by their row
+            # in ``results``): [seq or row, *their fields]
+            "order_outbox": [[item.seq, *item.closed] for item in self._outbox
+                             if isinstance(item.closed, EndedOrder)],
+            "order_results": order_results,
             "shard": self.name,
             "asset": self.asset.name,
             "last_seq": self._last_seq,
@@ -733,15 +967,24 @@ class ShardMachine:
         machine = cls(name, book_tag, asset, maintenance_margin_ppm, max_price_age_us)
         book_arrays = {k: arrays[k] for k in (*COLUMN_NAMES, "free_head")}
         machine.book = PositionBook.from_arrays(asset, book_tag, book_arrays)
+        if _ORDER_PREFIX + "free_head" in arrays:
+            machine.orders = OrderBook.from_arrays(asset, book_tag, {
+                k: arrays[_ORDER_PREFIX + k] for k in (*ORDER_COLUMN_NAMES, "free_head")})
+            for oid, owner, status in arrays["ended_orders"].tolist():
+                machine._ended[oid] = (owner, status)
         outbox = schema.named_columns(arrays["outbox"], _V1_OUTBOX, len(_V1_OUTBOX))
-        machine._outbox = _outbox_items(asset.name, outbox)
+        ended = [SettlementItem(seq, _ended_order(values))
+                 for seq, *values in meta.get("order_outbox", ())]
+        machine._outbox = sorted([*_outbox_items(asset.name, outbox), *ended],
+                                 key=operator.attrgetter("seq"))
         if "results" not in arrays:
             results = _v0_results(np.asarray(arrays["open_results"]))
         elif arrays["results"].dtype.names is None:
             results = _v1_results(np.asarray(arrays["result_ids"]), arrays["results"])
         else:
             results = arrays["results"]
-        for request_id, answer in _result_answers(asset.name, results):
+        for request_id, answer in _result_answers(asset.name, results,
+                                                  meta.get("order_results", ())):
             machine._remember(request_id, answer)
         machine._last_seq = int(meta["last_seq"])
         machine._acked_seq = int(meta["acked_seq"])
@@ -758,19 +1001,21 @@ class ShardMachine:
         """Differences from the invariants ([] when they hold): the book's own check; the
         outbox holds exactly settlements ``acked_seq + 1 .. last_seq``, none of them still
         open; opens minus closes counted equals the positions held. O(N)."""
-        problems = self.book.check()
+        problems = self.book.check() + self.orders.check()
         seqs = [item.seq for item in self._outbox]
         if seqs != list(range(self._acked_seq + 1, self._last_seq + 1)):
             problems.append(f"outbox seqs {seqs[:3]}... are not {self._acked_seq + 1}.."
                             f"{self._last_seq}")
         still_open = [i.closed.position_id for i in self._outbox
-                      if i.closed.position_id in self.book]
+                      if isinstance(i.closed, ClosedPosition) and i.closed.position_id in self.book]
+        still_open += [i.closed.order_id for i in self._outbox
+                       if isinstance(i.closed, EndedOrder) and i.closed.order_id in self.orders]
         if still_open:
             problems.append(f"settled positions still open: {still_open[:5]}")
         if self._opens - sum(self._closes) != len(self.book):
             problems.append(f"{self._opens} opens and {sum(self._closes)} closes counted, "
                             f"{len(self.book)} positions held")
-        remembered = len(self._answers())
+        remembered = max(len(self._answers()), len(self._ended))
         if remembered > REMEMBERED:
             problems.append(f"{remembered} answers remembered, more than {REMEMBERED}")
         return problems
@@ -792,6 +1037,10 @@ class ShardMachine:
             "columns": {name: col[live].tolist() for name, col in cols.items()},
             "free_rows": self.book.free_rows().tolist(),
             "free_row_ids": pids[free].tolist(),
+            "orders": {name: col[self.orders.live_rows()].tolist()
+                       for name, col in self.orders.columns().items()},
+            "order_free_rows": self.orders.free_rows().tolist(),
+            "ended_orders": list(self._ended.items()),
             "last_tick": None if tick is None else tuple(tick),
             "outbox": [_plain(item) for item in self._outbox],
             "results": [(rid, _plain(answer)) for rid, answer in self._answers().items()],
@@ -830,7 +1079,9 @@ def _outbox_array(items: Sequence[SettlementItem]) -> np.ndarray:
     return table
 
 
-def _results_array(results: Mapping[int, Answer]) -> np.ndarray:
+def _results_array(results: Mapping[int, Answer]) -> tuple[np.ndarray, list[list[Any]]]:
+    """The :data:`RESULT_DTYPE` table of ``results`` and the order answers among them (kinds
+    :data:`_KIND_ORDER`, :data:`_KIND_ORDER_END`), each as ``[row, seq, *fields]``."""
     table = np.zeros(len(results), dtype=RESULT_DTYPE)
     table["request_id"] = list(results)
     kinds: list[int] = []
@@ -838,9 +1089,16 @@ def _results_array(results: Mapping[int, Answer]) -> np.ndarray:
     opens: list[OpenPosition] = []
     close_rows: list[int] = []
     closes: list[SettlementItem] = []
+    orders: list[list[Any]] = []
     for row, answer in enumerate(results.values()):
         if isinstance(answer, Rejected):
             kinds.append(_KIND_FENCED)
+        elif isinstance(answer, PendingOrder):
+            kinds.append(_KIND_ORDER)
+            orders.append([row, 0, *answer])
+        elif isinstance(answer, SettlementItem) and isinstance(answer.closed, EndedOrder):
+            kinds.append(_KIND_ORDER_END)
+            orders.append([row, answer.seq, *answer.closed])
         elif isinstance(answer, SettlementItem):
             kinds.append(_KIND_CLOSE)
             close_rows.append(row)
@@ -856,7 +1114,12 @@ def _results_array(results: Mapping[int, Answer]) -> np.ndarray:
     table["unrealized_pnl_micros"][open_rows] = [m or 0 for m in marks]
     table["seq"][close_rows] = [item.seq for item in closes]
     _fill(table, close_rows, [item.closed for item in closes], _SETTLED)
-    return table
+    return table, orders
+
+
+def _ended_order(values: Sequence[Any]) -> EndedOrder:
+    order = EndedOrder(*values)
+    return order._replace(side=_SIDES[order.side])
 
 
 def _outbox_items(asset_name: str, columns: Mapping[str, np.ndarray]) -> list[SettlementItem]:
@@ -890,15 +1153,25 @@ def _v0_results(old: np.ndarray) -> np.ndarray:
     return _as_results([(opens, np.ones(len(opens["kind"]), dtype=bool))], len(opens["kind"]))
 
 
-def _result_answers(asset_name: str, table: np.ndarray) -> list[tuple[int, Answer]]:
-    """``(request_id, answer)`` of each row of a :data:`RESULT_DTYPE` table."""
+def _result_answers(asset_name: str, table: np.ndarray,
+                    order_rows: Sequence[Sequence[Any]] = ()) -> list[tuple[int, Answer]]:
+    """``(request_id, answer)`` of each row of a :data:`RESULT_DTYPE` table (order answers
+    from ``order_rows``, as :func:`_results_array` gives them)."""
+    orders = {row: (seq, values) for row, seq, *values in order_rows}
     out: list[tuple[int, Answer]] = []
-    for request_id, kind, has_pnl, mark, seq, row in zip(
+    for index, (request_id, kind, has_pnl, mark, seq, row) in enumerate(zip(
             table["request_id"].tolist(), table["kind"].tolist(), table["has_pnl"].tolist(),
             table["unrealized_pnl_micros"].tolist(), table["seq"].tolist(),
-            schema.rows(table, _SETTLED), strict=True):
+            schema.rows(table, _SETTLED), strict=True)):
         answer: Answer
-        if kind == _KIND_FENCED:
+        if kind in (_KIND_ORDER, _KIND_ORDER_END):
+            order_seq, values = orders[index]
+            if kind == _KIND_ORDER:
+                listed = PendingOrder(*values)
+                answer = listed._replace(side=_SIDES[listed.side])
+            else:
+                answer = SettlementItem(order_seq, _ended_order(values))
+        elif kind == _KIND_FENCED:
             answer = _FENCED
         elif kind == _KIND_CLOSE:
             answer = SettlementItem(seq, _CLOSED_ROW(row, asset_name))

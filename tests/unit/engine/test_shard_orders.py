@@ -1,0 +1,301 @@
+"""ShardMachine's pending orders (SPEC "Pending orders"): placement, the fill conditions at the
+exact boundary tick and one tick before it, a stop filled through a gap, a fill refused as
+WOULD_LIQUIDATE, expiry, cancel, and the decide/apply contract (replay and snapshot equal the
+live state)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.events import OrderEnded, OrderPlaced, PositionOpened
+from engine.messages import EndedOrder, OpenPosition, PendingOrder, SettlementItem
+from engine.order_book import OrderKind, OrderStatus, OrderTerms
+from engine.orders import Side, plan_open
+from engine.results import Code, Rejected
+from engine.shard_machine import (
+    AuditView,
+    Cancel,
+    OpenMargins,
+    OrdersOf,
+    Outbox,
+    Place,
+    PositionsOf,
+    Resolve,
+    ShardMachine,
+)
+from tests.unit.engine.test_shard_machine import (
+    NOW,
+    SOL,
+    USD,
+    Host,
+    close,
+    raw_tick,
+    replay,
+    req,
+    restored,
+    run,
+    shard,
+)
+
+LIMIT, STOP = OrderKind.LIMIT, OrderKind.STOP
+LONG, SHORT = Side.LONG, Side.SHORT
+
+
+def terms(side: Side, kind: OrderKind, trigger: int, margin_usd: int = 100, leverage: int = 10,
+          tp: int = 0, sl: int = 0, expires: int = 0) -> OrderTerms:
+    return OrderTerms(side, kind, trigger, margin_usd * USD, leverage, tp, sl, expires)
+
+
+def place(m: ShardMachine, t: OrderTerms, owner: int = 1, rid: int = 0) -> PendingOrder:
+    order = run(m, Place(owner, t, rid))
+    assert isinstance(order, PendingOrder), order
+    return order
+
+
+def ended(m: ShardMachine) -> list[EndedOrder]:
+    return [i.closed for i in run(m, Outbox()).items if isinstance(i.closed, EndedOrder)]
+
+
+# (side, kind, trigger, the boundary tick's (bid, ask), one tick before it)
+BOUNDARIES = [
+    (LONG, LIMIT, 10000, (9999, 10000), (10000, 10001)),  # ask <= trigger
+    (SHORT, LIMIT, 10000, (10000, 10001), (9999, 10000)),  # bid >= trigger
+    (LONG, STOP, 10000, (9999, 10000), (9998, 9999)),  # ask >= trigger
+    (SHORT, STOP, 10000, (10000, 10001), (10001, 10002)),  # bid <= trigger
+]
+
+
+@pytest.mark.parametrize(("side", "kind", "trigger", "hit", "before"), BOUNDARIES)
+def test_fills_on_the_boundary_tick_not_one_tick_before(
+        side: Side, kind: OrderKind, trigger: int, hit: tuple[int, int],
+        before: tuple[int, int]) -> None:
+    m = shard()
+    run(m, raw_tick(9000, 9001))
+    order = place(m, terms(side, kind, trigger))
+    assert run(m, raw_tick(*before)) == 0
+    assert len(m.orders) == 1 and len(m.book) == 0
+    assert run(m, raw_tick(*hit)) == 0  # no position closed; the order filled
+    assert len(m.orders) == 0 and len(m.book) == 1
+    [fill] = ended(m)
+    assert fill.order_id == order.order_id and fill.status == OrderStatus.FILLED
+    [[position]] = run(m, PositionsOf((1,)))
+    assert fill.position_id == position.position_id
+    # filled at the tick's opening-side price, exactly as a market open there
+    bid, ask = hit
+    assert position.entry_ticks == (ask if side is LONG else bid)
+    plan = plan_open(SOL, side, 100 * USD, 10, bid, ask, None, None)
+    assert not isinstance(plan, Rejected)
+    assert (position.qty_steps, position.liq_ticks, position.margin_micros) == \
+        (plan.qty_steps, plan.liq_ticks, plan.margin_micros)
+    assert m.check() == []
+
+
+def test_a_stop_fills_through_a_gap_at_the_worse_price() -> None:
+    m = shard()
+    run(m, raw_tick(9000, 9001))
+    place(m, terms(LONG, STOP, 10000))
+    place(m, terms(SHORT, STOP, 8000), owner=2)
+    run(m, raw_tick(10499, 10500))  # the ask gapped from 90.01 past 100.00
+    [[long_pos]] = run(m, PositionsOf((1,)))
+    assert long_pos.entry_ticks == 10500
+    run(m, raw_tick(7500, 7501))  # the bid gapped from 104.99 past 80.00 (and liquidates 1)
+    [[short_pos]] = run(m, PositionsOf((2,)))
+    assert short_pos.entry_ticks == 7500
+
+
+def test_a_limit_never_fills_worse_than_its_trigger() -> None:
+    m = shard()
+    run(m, raw_tick(10500, 10501))
+    place(m, terms(LONG, LIMIT, 10000))
+    run(m, raw_tick(9499, 9500))  # gapped down through the trigger: fills at the better ask
+    [[position]] = run(m, PositionsOf((1,)))
+    assert position.entry_ticks == 9500
+
+
+def test_a_fill_that_would_liquidate_is_rejected_and_opens_nothing() -> None:
+    m = shard()
+    run(m, raw_tick(10000, 10001))
+    order = place(m, terms(LONG, LIMIT, 10000, leverage=100))
+    # a 2% spread at the fill: at 100x the bid is already below the liquidation price
+    assert run(m, raw_tick(9800, 10000)) == 0
+    [rejected] = ended(m)
+    assert rejected.order_id == order.order_id and rejected.status == OrderStatus.REJECTED
+    assert rejected.reject_code == Code.WOULD_LIQUIDATE.value and rejected.position_id == 0
+    assert len(m.book) == 0 and len(m.orders) == 0
+    assert run(m, OpenMargins()) == {}  # the ledger releases its margin when it applies this
+
+
+def test_an_invalid_tp_at_the_fill_price_rejects_the_order() -> None:
+    m = shard()
+    run(m, raw_tick(10500, 10501))
+    place(m, terms(LONG, LIMIT, 10000, tp=9900))  # a TP below the fill price
+    run(m, raw_tick(9999, 10000))
+    [rejected] = ended(m)
+    assert rejected.status == OrderStatus.REJECTED
+    assert rejected.reject_code == Code.INVALID_TRIGGER.value
+
+
+def test_expiry_wins_over_a_fill_after_its_time_and_not_at_it() -> None:
+    m = shard()
+    run(m, raw_tick(10500, 10501))
+    expires = NOW + 1_000_000
+    place(m, terms(LONG, LIMIT, 10000, expires=expires))
+    place(m, terms(LONG, LIMIT, 10000, expires=expires), owner=2)
+    run(m, raw_tick(10400, 10401, ts_us=expires))  # at its expiry: still open, no fill
+    assert len(m.orders) == 2
+    run(m, raw_tick(9999, 10000, ts_us=expires + 1))  # fillable, but later than its expiry
+    assert [o.status for o in ended(m)] == [OrderStatus.EXPIRED] * 2
+    assert len(m.book) == 0 and len(m.orders) == 0
+
+
+def test_an_expiry_in_the_past_or_bad_terms_are_refused() -> None:
+    m = shard()
+    refused = run(m, Place(1, terms(LONG, LIMIT, 10000, expires=NOW), 0))
+    assert isinstance(refused, Rejected) and refused.code is Code.INVALID_REQUEST
+    refused = run(m, Place(1, terms(LONG, LIMIT, 0), 0))
+    assert isinstance(refused, Rejected) and refused.code is Code.INVALID_REQUEST
+    refused = run(m, Place(1, terms(LONG, LIMIT, 10000, leverage=SOL.max_leverage + 1), 0))
+    assert isinstance(refused, Rejected) and refused.code is Code.INVALID_REQUEST
+    assert len(m.orders) == 0 and run(m, Outbox()).items == []
+
+
+def test_cancel_then_cancel_again_and_cancel_after_fill() -> None:
+    m = shard()
+    run(m, raw_tick(10500, 10501))
+    a = place(m, terms(LONG, LIMIT, 10000), rid=1)
+    b = place(m, terms(LONG, LIMIT, 10400), rid=2)
+    assert run(m, OrdersOf((1, 2))) == [[a, b], []]
+    assert run(m, OpenMargins()) == {1: 200 * USD}
+    assert isinstance(run(m, Cancel(2, a.order_id, 0)), Rejected)  # not the caller's
+    item = run(m, Cancel(1, a.order_id, 10))
+    assert isinstance(item, SettlementItem) and isinstance(item.closed, EndedOrder)
+    assert item.closed.status == OrderStatus.CANCELLED and item.closed.margin_micros == 100 * USD
+    assert run(m, Cancel(1, a.order_id, 10)) == item  # a resend: the first answer
+    again = run(m, Cancel(1, a.order_id, 11))
+    assert isinstance(again, Rejected) and again.code is Code.ORDER_NOT_OPEN
+    run(m, raw_tick(10399, 10400))  # fills b
+    after_fill = run(m, Cancel(1, b.order_id, 12))
+    assert isinstance(after_fill, Rejected) and after_fill.code is Code.ORDER_NOT_OPEN
+    other = run(m, Cancel(2, b.order_id, 13))  # another user learns nothing
+    assert isinstance(other, Rejected) and other.code is Code.NOT_FOUND
+    unknown = run(m, Cancel(1, 12345, 14))
+    assert isinstance(unknown, Rejected) and unknown.code is Code.NOT_FOUND
+    assert [i.seq for i in run(m, Outbox()).items] == [1, 2]
+    margins, items = run(m, AuditView())
+    assert margins == {1: 100 * USD} and len(items) == 2
+
+
+def test_a_placement_is_remembered_by_request_id_and_resolvable() -> None:
+    m = shard()
+    order = place(m, terms(SHORT, STOP, 9000), rid=7)  # no price needed to place
+    assert run(m, Place(1, terms(SHORT, STOP, 9000), 7)) == order
+    assert run(m, Resolve(7)) == order
+    assert len(m.orders) == 1
+
+
+def test_closes_and_fills_of_one_tick_share_the_numbering_and_reuse_freed_rows() -> None:
+    m = shard()
+    run(m, raw_tick(10000, 10001))
+    p1 = run(m, req(1, leverage=50))
+    p2 = run(m, req(2, leverage=50))
+    assert isinstance(p1, OpenPosition) and isinstance(p2, OpenPosition)
+    place(m, terms(LONG, LIMIT, 9500))
+    place(m, terms(SHORT, STOP, 9600))
+    place(m, terms(LONG, STOP, 20000))  # stays open
+    # one tick liquidates both positions and fills two orders into their freed rows
+    assert run(m, raw_tick(9400, 9401)) == 2
+    items = run(m, Outbox()).items
+    assert [i.seq for i in items] == [1, 2, 3, 4]
+    opened = [i.closed.position_id for i in items if isinstance(i.closed, EndedOrder)]
+    assert sorted(opened) == sorted(p.position_id for p in run(m, PositionsOf((1,)))[0])
+    assert {pid & 0xFFFFFF00 for pid in opened} != {0}
+    assert len(m.orders) == 1 and len(m.book) == 2 and m.check() == []
+    # the closes of this tick did not sweep the positions its fills opened
+    assert all(isinstance(i.closed, EndedOrder) or i.closed.position_id in
+               (p1.position_id, p2.position_id) for i in items)
+
+
+def test_a_position_a_fill_opened_is_swept_by_the_next_tick() -> None:
+    m = shard()
+    run(m, raw_tick(10500, 10501))
+    place(m, terms(LONG, LIMIT, 10000, leverage=20, sl=9800))
+    run(m, raw_tick(9999, 10000))
+    [[position]] = run(m, PositionsOf((1,)))
+    assert position.sl_ticks == 9800
+    assert run(m, raw_tick(9800, 9801)) == 1  # its stop-loss, on the next tick
+    assert len(m.book) == 0
+
+
+# ----------------------------------------------------------------------------- replay
+order_command = st.one_of(
+    st.builds(lambda side, kind, trig, lev, exp: ("place", terms(side, kind, trig, 10, lev,
+                                                                 expires=exp)),
+              st.sampled_from([LONG, SHORT]), st.sampled_from([LIMIT, STOP]),
+              st.integers(9000, 11000), st.integers(1, 50),
+              st.sampled_from([0, NOW + 3_000_000, NOW + 9_000_000])),
+    st.builds(lambda bid, spread: ("tick", bid, spread), st.integers(8500, 11500),
+              st.integers(1, 300)),
+    st.builds(lambda n: ("cancel", n), st.integers(0, 20)),
+    st.builds(lambda n: ("open", n), st.integers(1, 100)),
+    st.builds(lambda n: ("close", n), st.integers(0, 20)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(order_command, min_size=1, max_size=40), st.integers(0, 40))
+def test_any_run_of_orders_replays_and_restores_into_an_equal_state(
+        commands: list[tuple[Any, ...]], cut: int) -> None:
+    host = Host()
+    now = NOW
+    host.one(raw_tick(10000, 10001), now)
+    placed: list[int] = []
+    snapshots: list[tuple[int, ShardMachine]] = []
+    for rid, command in enumerate(commands, start=1):
+        now += 500_000
+        if command[0] == "place":
+            answer = host.one(Place(1 + rid % 2, command[1], rid), now)
+            if isinstance(answer, PendingOrder):
+                placed.append(answer.order_id)
+        elif command[0] == "tick":
+            host.one(raw_tick(command[1], command[1] + command[2], ts_us=now), now)
+        elif command[0] == "cancel" and placed:
+            host.one(Cancel(1 + command[1] % 2, placed[command[1] % len(placed)], rid), now)
+        elif command[0] == "open":
+            host.one(req(rid, owner=1, leverage=command[1]), now)
+        elif command[0] == "close":
+            mine = host.machine.book.ids_of_owner(1).tolist()
+            if mine:
+                host.one(close(rid, 1, mine[command[1] % len(mine)]), now)
+        assert host.machine.check() == []
+        if len(snapshots) < 1 and len(host.records) >= cut:
+            snapshots.append((len(host.records), restored(host.machine)))
+    live = host.machine.fingerprint()
+    assert replay(host.records).fingerprint() == live
+    assert restored(host.machine).fingerprint() == live
+    for at, middle in snapshots:
+        assert replay(host.records[at:], middle).fingerprint() == live
+    # every order the shard ever held is open, or ended exactly once in the outbox
+    ends = [i.closed.order_id for i in run(host.machine, Outbox()).items
+            if isinstance(i.closed, EndedOrder)]
+    assert len(ends) == len(set(ends))
+    assert sorted([*ends, *host.machine.orders.ids().tolist()]) == sorted(placed)
+
+
+def test_decide_changes_nothing_and_the_events_name_the_ids_the_books_issue() -> None:
+    m = shard()
+    run(m, raw_tick(10500, 10501))
+    place(m, terms(LONG, LIMIT, 10000))
+    before = m.fingerprint()
+    answer, events = m.decide(raw_tick(9999, 10000), NOW)
+    assert m.fingerprint() == before and answer == 0
+    ended_event, opened = events[1], events[2]
+    assert isinstance(ended_event, OrderEnded) and isinstance(opened, PositionOpened)
+    assert ended_event.position_id == opened.position_id == m.book.next_position_id()
+    answer, events = m.decide(Place(3, terms(SHORT, STOP, 9000), 5), NOW)
+    assert isinstance(events[0], OrderPlaced) and events[0].order_id == answer.order_id
+    assert m.fingerprint() == before
+    assert isinstance(run(m, close(1, 1, 999)), Rejected)
