@@ -2,9 +2,9 @@
 
 It holds the double-entry balances (engine.ledger) and what the API needs around them:
 accounts and the hashes of their API keys, margin locks, each shard's settlements applied
-exactly once in sequence order, closed-position history, and the first answer of every
-clientOrderId. Every change is an event of engine.events (``LEDGER_EVENTS``) applied by
-:meth:`LedgerMachine.apply`, live and in recovery alike.
+exactly once in sequence order, closed-position and ended-order history, and the first answer
+of every clientOrderId. Every change is an event of engine.events (``LEDGER_EVENTS``) applied
+by :meth:`LedgerMachine.apply`, live and in recovery alike.
 
 Commands (one class per operation, one item each) and their answers:
 
@@ -16,27 +16,42 @@ Commands (one class per operation, one item each) and their answers:
 * :class:`ApplySettlements` -> the shard's last applied seq | Rejected (nothing applied)
 * :class:`SettleRequests` -> how many pending clientOrderIds were settled
 * :class:`ReconcileAtStart` -> ``{user: released_micros}`` | Rejected
-* reads: :class:`Authenticate`, :class:`Balances`, :class:`OpenCount`, :class:`AppliedSeq`,
-  :class:`History`, :class:`Audit`, :class:`Totals`, :class:`PendingRequests`.
+* reads: :class:`Authenticate`, :class:`Balances`, :class:`OpenCount`, :class:`OrderCount`,
+  :class:`AppliedSeq`, :class:`History`, :class:`OrderHistory`, :class:`Audit`,
+  :class:`Totals`, :class:`PendingRequests`.
 
 A clientOrderId ``(user, kind, client_order_id)`` (an engine.messages.IdemKey) is either
 absent, pending (reserved, answer not known yet: stored as None), or answered (the first
 answer, returned to every retry and never replaced). A pending one that was reserved with a
-request id (an open's lock, a close's ``Begin``) can be resolved against the shards by that id
-when its answer was lost (:class:`PendingRequests`, :class:`SettleRequests`).
+request id (an open's or a placement's lock, a close's ``Begin``) can be resolved against the
+shards by that id when its answer was lost (:class:`PendingRequests`, :class:`SettleRequests`).
 
-Settlements: a shard numbers its closes 1, 2, 3...; :class:`ApplySettlements` applies the run
-``last+1, last+2, ...`` found in the items and ignores resends and everything after a gap (the
-shard resends its whole outbox until acknowledged, so nothing is lost). If any item of that
-run would break a ledger invariant the command is refused and none of it is applied.
+Settlements: a shard numbers the items of its outbox 1, 2, 3... (a close, or an order that
+ended: one numbering); :class:`ApplySettlements` applies the run ``last+1, last+2, ...`` found
+in the items and ignores resends and everything after a gap (the shard resends its whole outbox
+until acknowledged, so nothing is lost). If any item of that run would break a ledger invariant
+the command is refused and none of it is applied.
 
 Open positions per account (SPEC "Limits"): every open locks its margin here first, so the
 ledger counts, per user, the opens that hold margin: a lock counts from ``MarginLocked`` until
 it is released or abandoned (``MarginReleased``), or, once it became a position, until that
 position's close is settled (``SettlementApplied``); a user with no margin locked holds none.
 A lock that no request ends stays counted (like its margin) until the start-time
-reconciliation, which sets each count from the shards' open positions. :class:`LockMargin`
-beyond ``max_open_positions`` answers ``Rejected(TOO_MANY_POSITIONS)`` and locks nothing.
+reconciliation, which sets each count from the shards' open positions and orders.
+:class:`LockMargin` beyond ``max_open_positions`` answers ``Rejected(TOO_MANY_POSITIONS)`` and
+locks nothing.
+
+Pending orders (SPEC "Pending orders"): a placement locks the order's margin with
+``MarginLock(order=True)``, which also needs room under ``max_open_orders``
+(``Rejected(TOO_MANY_ORDERS)``) and takes an open-position slot (so a fill never exceeds
+``max_open_positions``). ``OrderLocked`` counts the lock as an open and an open order and
+remembers, with its request id, that the lock is an order's; a ``MarginReleased`` of that
+request id (the shard refused the placement, or the lock was abandoned) uncounts both. An order
+that left a shard's book reaches the ledger as an outbox item (``EndedOrder``, applied as
+``OrderSettled``): it is no longer an open order and joins its owner's order history; a fill
+moves nothing (its margin and slot are the position's now), a cancel, expiry or rejection
+releases its margin and its slot. The start-time reconciliation recounts orders
+(``OrderCountSet``) from the shards' open orders plus their unapplied ended orders.
 """
 
 from __future__ import annotations
@@ -61,19 +76,25 @@ from engine.events import (
     MarginLocked,
     MarginReleased,
     OpenCountSet,
+    OrderCountSet,
+    OrderLocked,
+    OrderSettled,
     SettlementApplied,
     decode_batch,
 )
 from engine.ledger import FUNDING, HOUSE, INSURANCE, Ledger, LedgerError
 from engine.messages import (
     ClosedPosition,
+    EndedOrder,
     IdemHit,
     IdemKey,
     MarginLock,
     OpenPosition,
+    PendingOrder,
     Principal,
     SettlementItem,
 )
+from engine.order_book import OrderKind, OrderStatus
 from engine.orders import Side
 from engine.results import Code, Rejected
 from engine.settlement import Settlement
@@ -93,28 +114,45 @@ PENDING_OPEN = b"\x01"
 # (API request ids stay below 2**62).
 START_RECONCILED = (1 << 64) - 1
 DEFAULT_MAX_OPEN_POSITIONS = 200  # SPEC "Limits": open positions per account
+DEFAULT_MAX_OPEN_ORDERS = 200  # SPEC "Limits": open orders per account
 
 _I64_MIN, _I64_END = -(1 << 63), 1 << 63
-_ANSWER_TYPES = {"open": OpenPosition, "close": ClosedPosition}  # what resolves a request
+# what resolves a pending request, by the kind of its clientOrderId
+_ANSWER_TYPES = {"open": OpenPosition, "close": ClosedPosition, "order": PendingOrder,
+                 "cancel": EndedOrder}
 _SIDE_CAST = {"side": Side}
 # Stored answers are JSON lists: the kind, then the record's fields in schema order.
-_OPEN_NAMES = schema.names(schema.OPEN_POSITION)
-_CLOSED_NAMES = schema.names(schema.CLOSED_POSITION)
-_OPEN_ROW = schema.row_reader(schema.OPEN_POSITION)
-_CLOSED_ROW = schema.row_reader(schema.CLOSED_POSITION)
-_OPEN_OF_ROW = schema.builder(OpenPosition, schema.OPEN_POSITION, casts=_SIDE_CAST)
-_CLOSED_OF_ROW = schema.builder(ClosedPosition, schema.CLOSED_POSITION, casts=_SIDE_CAST)
-# the closed position a SettlementApplied carries, and back (ints checked as plain ints)
+_STORED_RECORDS: dict[str, tuple[type, schema.Group]] = {
+    "open": (OpenPosition, schema.OPEN_POSITION),
+    "closed": (ClosedPosition, schema.CLOSED_POSITION),
+    "order": (PendingOrder, schema.LISTED_ORDER),
+    "ended_order": (EndedOrder, schema.ENDED_ORDER),
+}
+_STORED_KIND = {cls: (kind, schema.row_reader(group))
+                for kind, (cls, group) in _STORED_RECORDS.items()}
+_STORED_BUILD = {kind: (schema.names(group), schema.builder(cls, group, casts=_SIDE_CAST))
+                 for kind, (cls, group) in _STORED_RECORDS.items()}
+# an outbox item's records, and back (ints checked as plain ints)
 _CLOSED_OF_EVENT = schema.builder(ClosedPosition, schema.SETTLEMENT_APPLIED, casts=_SIDE_CAST)
+_ENDED_OF_EVENT = schema.builder(EndedOrder, schema.ORDER_SETTLED, casts=_SIDE_CAST)
 _INTEGERS = schema.fixed(schema.CLOSED_POSITION)
-_INTEGER_NAMES = schema.names(_INTEGERS)
-_INTEGER_VALUES = operator.attrgetter(*_INTEGER_NAMES)
-_PLAIN_INTS = frozenset({int, Side})  # what a settlement's integers are unless sent oddly
-_SIDE_AT, _MARGIN_AT, _PAYOUT_AT, _HOUSE_AT, _INSURANCE_AT = map(_INTEGER_NAMES.index, (
-    "side", "margin_micros", "payout_micros", "house_micros", "insurance_micros"))
-_SETTLEMENT_EVENT = schema.builder(
-    SettlementApplied, schema.CLOSED_POSITION, given=("shard", "seq"),
-    casts={**{f.name: operator.index for f in _INTEGERS}, "side": int})
+_ORDER_INTEGERS = schema.fixed(schema.ENDED_ORDER)
+# what a record's integers are unless sent oddly
+_PLAIN_INTS = frozenset({int, Side, OrderKind, OrderStatus})
+_ENDED = frozenset({OrderStatus.FILLED, OrderStatus.CANCELLED, OrderStatus.EXPIRED,
+                    OrderStatus.REJECTED})
+
+
+def _event_builder(cls: type, group: schema.Group) -> Callable[..., Any]:
+    """``build(record, shard, seq)``: the event applying ``record``, item ``seq`` of ``shard``
+    (its integers as plain ints)."""
+    return schema.builder(cls, group, given=("shard", "seq"),
+                          casts={**{f.name: operator.index for f in schema.fixed(group)},
+                                 "side": int})
+
+
+_SETTLEMENT_EVENT = _event_builder(SettlementApplied, schema.CLOSED_POSITION)
+_ORDER_SETTLED_EVENT = _event_builder(OrderSettled, schema.ENDED_ORDER)
 # History in a snapshot: one row per closed position (engine.schema.CLOSED_POSITION at wire
 # widths), ``asset`` as an index into ``meta["history_assets"]``. Older snapshots held an
 # int64 table with these columns (frozen: they describe files, not today's schema).
@@ -124,6 +162,14 @@ _V1_HISTORY = ("position_id", "owner", "asset", "side", "entry_ticks", "qty_step
                "exit_ticks", "pnl_micros", "payout_micros", "house_micros", "insurance_micros",
                "reason", "closed_ts_us")
 _HISTORY_ROW = schema.builder(ClosedPosition, _INTEGERS, given=("asset",), casts=_SIDE_CAST)
+# Order history in a snapshot: one row per ended order (engine.schema.ENDED_ORDER at wire
+# widths), ``asset`` and ``reject_code`` as indexes into ``meta["order_history_assets"]`` and
+# ``meta["order_history_reject_codes"]``.
+ORDER_HISTORY_DTYPE = schema.dtype(schema.ENDED_ORDER,
+                                   overrides={"asset": "<u4", "reject_code": "<u4"})
+_ORDER_TEXTS = ("asset", "reject_code")
+_ORDER_HISTORY_ROW = schema.builder(EndedOrder, _ORDER_INTEGERS, given=_ORDER_TEXTS,
+                                    casts=_SIDE_CAST)
 
 
 def hash_api_key(api_key: str) -> str:
@@ -139,10 +185,9 @@ def encode_answer(answer: object) -> bytes:
         return PENDING
     if isinstance(answer, Rejected):
         body: list[Any] = ["rejected", answer.code.value, answer.message]
-    elif isinstance(answer, OpenPosition):
-        body = ["open", *_OPEN_ROW(answer)]
-    elif isinstance(answer, ClosedPosition):
-        body = ["closed", *_CLOSED_ROW(answer)]
+    elif type(answer) in _STORED_KIND:
+        kind, row = _STORED_KIND[type(answer)]
+        body = [kind, *row(answer)]
     else:
         raise TypeError(f"cannot store an answer of type {type(answer).__name__}")
     return json.dumps(body, separators=(",", ":")).encode()
@@ -156,12 +201,10 @@ def decode_answer(data: bytes) -> object:
     if kind == "rejected":
         code, message = fields
         return Rejected(Code(code), message)
-    if kind == "open":
-        _check_length(kind, fields, _OPEN_NAMES)
-        return _OPEN_OF_ROW(fields)
-    if kind == "closed":
-        _check_length(kind, fields, _CLOSED_NAMES)
-        return _CLOSED_OF_ROW(fields)
+    if kind in _STORED_BUILD:
+        names, build = _STORED_BUILD[kind]
+        _check_length(kind, fields, names)
+        return build(fields)
     raise ValueError(f"unknown stored answer kind {kind!r}")
 
 
@@ -211,6 +254,14 @@ class OpenCount:
 
 
 @dataclass(frozen=True, slots=True)
+class OrderCount:
+    """-> how many open orders of ``user`` hold margin: order locks not ended plus orders not
+    settled ended (what ``max_open_orders`` limits; 0 for an unknown user)."""
+
+    user: int
+
+
+@dataclass(frozen=True, slots=True)
 class AppliedSeq:
     """-> the last settlement seq of ``shard`` applied (0 if none)."""
 
@@ -228,11 +279,17 @@ class History:
 
 
 @dataclass(frozen=True, slots=True)
+class OrderHistory(History):
+    """-> ``user``'s ended orders (EndedOrder: filled, cancelled, expired, rejected), newest
+    first, paged like :class:`History` (``before``: an order id of the user's)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Audit:
     """-> the differences ([] = consistent) between the accounts and the shards' positions.
 
-    ``open_margins_by_user``: margins of open positions summed over all shards; ``unsettled``:
-    each shard's outbox (items already applied here are recognised by seq).
+    ``open_margins_by_user``: margins of open positions and open orders summed over all shards;
+    ``unsettled``: each shard's outbox (items already applied here are recognised by seq).
     """
 
     open_margins_by_user: Mapping[int, int]
@@ -262,12 +319,13 @@ class ExpireAnswers:
 
 @dataclass(frozen=True, slots=True)
 class LockMargin:
-    """Move ``lock.margin_micros`` of ``lock.user`` from free to margin.
+    """Move ``lock.margin_micros`` of ``lock.user`` from free to margin (with ``lock.order``:
+    the margin of a pending order, also counted as an open order).
 
     -> None: locked (the clientOrderId, if any, reserved as pending with ``lock.request_id``);
-    Rejected: not locked (INSUFFICIENT_BALANCE, TOO_MANY_POSITIONS, NOT_FOUND, INVALID_REQUEST;
-    stored as the clientOrderId's first answer); IdemHit: the clientOrderId was seen before,
-    nothing locked.
+    Rejected: not locked (INSUFFICIENT_BALANCE, TOO_MANY_POSITIONS, TOO_MANY_ORDERS, NOT_FOUND,
+    INVALID_REQUEST; stored as the clientOrderId's first answer); IdemHit: the clientOrderId was
+    seen before, nothing locked.
     """
 
     lock: MarginLock
@@ -335,12 +393,13 @@ class ApplySettlements:
 class SettleRequests:
     """Settle pending clientOrderIds by what every shard said about their request id.
 
-    ``opened``: request id -> the OpenPosition (open) / ClosedPosition (close) it made: stored
-    as the answer. ``absent``: request ids no shard has (fenced everywhere): the reservation is
-    dropped. Margins are not touched. -> how many were settled.
+    ``opened``: request id -> the OpenPosition (open) / ClosedPosition (close) / PendingOrder
+    (order) / EndedOrder (cancel) it made: stored as the answer of a clientOrderId of that
+    kind. ``absent``: request ids no shard has (fenced everywhere): the reservation is dropped.
+    Margins are not touched. -> how many were settled.
     """
 
-    opened: Mapping[int, OpenPosition | ClosedPosition]
+    opened: Mapping[int, OpenPosition | ClosedPosition | PendingOrder | EndedOrder]
     absent: tuple[int, ...] = ()
 
 
@@ -348,19 +407,23 @@ class SettleRequests:
 class ReconcileAtStart:
     """Undo what requests cut off by a platform crash left half done (no request in flight).
 
-    Each user's margin above the margins of their open positions plus unapplied closes
-    (``open_margins_by_user``, ``unsettled`` outboxes) is released; every lock ends (none can be
-    abandoned any more). Pending clientOrderIds: one whose request id ``resolved`` maps to the
-    position it made gets that answer, every other is dropped. ``open_counts_by_user``: open
-    positions per user over all shards; each user's count of opens holding margin becomes that
-    plus their unapplied closes (None: counts are kept, but a user left with no margin holds
-    none). -> ``{user: released_micros}``.
+    Each user's margin above the margins of their open positions and orders plus what the
+    unapplied items of the ``unsettled`` outboxes still hold (a close's margin, an ended order's
+    unless it filled) is released; every lock ends (none can be abandoned any more). Pending
+    clientOrderIds: one whose request id ``resolved`` maps to what it made gets that answer,
+    every other is dropped. ``open_counts_by_user``: open positions plus open orders per user
+    over all shards; each user's count of opens holding margin becomes that plus their unapplied
+    closes and unapplied ended orders that did not fill. ``open_order_counts_by_user``: open
+    orders per user; each user's order count becomes that plus their unapplied ended orders.
+    (None: those counts are kept, but a user left with no margin holds none.)
+    -> ``{user: released_micros}``.
     """
 
     open_margins_by_user: Mapping[int, int]
     unsettled: Mapping[str, Sequence[SettlementItem]]
     resolved: Mapping[int, object] | None = None
     open_counts_by_user: Mapping[int, int] | None = None
+    open_order_counts_by_user: Mapping[int, int] | None = None
 
 
 class CreatedAccount(NamedTuple):
@@ -381,7 +444,15 @@ class SnapshotParts(Protocol):
     def meta(self) -> Mapping[str, Any]: ...
 
 
-_Lock = tuple[int, int, IdemKey | None]  # user, margin_micros, clientOrderId reserved with it
+class _Lock(NamedTuple):
+    """A lock remembered by its request id."""
+
+    user: int
+    margin_micros: int
+    key: IdemKey | None  # the clientOrderId reserved with it
+    order: bool  # the margin of a pending order (OrderLocked)
+
+
 _Decision = tuple[Any, Sequence[Event]]
 _NO_EVENTS: tuple[Event, ...] = ()
 
@@ -407,29 +478,172 @@ def _stored(answer: object) -> bytes:
     return data
 
 
+_Item = ClosedPosition | EndedOrder  # what a shard's outbox holds (SettlementItem.closed)
+
+
+def _holds_margin(item: _Item) -> bool:
+    """Whether ``item`` ends an open's margin here when it is applied: a close, an order that
+    did not fill (a fill's margin and slot are its position's now)."""
+    return not isinstance(item, EndedOrder) or item.status != OrderStatus.FILLED
+
+
+def _is_order(item: _Item) -> bool:
+    """Whether ``item`` ends an open order here when it is applied (any ended order)."""
+    return isinstance(item, EndedOrder)
+
+
+_Width = tuple[int, int, str]  # first, end, what a value of it is called
+_INT64: _Width = (_I64_MIN, _I64_END, "an int64")
+_WIRE_WIDTHS: dict[str | None, _Width] = {
+    "q": _INT64, "Q": (0, 1 << 64, "a u64"), "I": (0, 1 << 32, "a u32"),
+    "H": (0, 1 << 16, "a u16"), "B": (0, 1 << 8, "a u8")}
+
+
+class _Ints:
+    """The fixed-width fields of a record, read at once and checked as ints of a width each:
+    plain ints in a few C-level passes (one per width), anything else (numpy ints, bools, out
+    of range) field by field."""
+
+    def __init__(self, group: schema.Group, width: Callable[[schema.Field], _Width]) -> None:
+        self.names = schema.names(schema.fixed(group))
+        self._read = operator.attrgetter(*self.names)
+        self._widths = [width(f) for f in schema.fixed(group)]
+        by_width: dict[tuple[int, int], list[int]] = {}
+        for at, (first, end, _) in enumerate(self._widths):
+            by_width.setdefault((first, end), []).append(at)
+        # (first element twice: a tuple even for a width of one field)
+        self._passes = [(first, end, operator.itemgetter(*ats, ats[0]))
+                        for (first, end), ats in by_width.items()]
+
+    def at(self, name: str) -> int:
+        return self.names.index(name)
+
+    def read(self, record: Any) -> tuple[Sequence[int], str | None]:
+        """The record's ints (in ``names`` order) and None, or why one is not an int of its
+        width."""
+        v: Sequence[Any] = self._read(record)
+        if _PLAIN_INTS.issuperset(map(type, v)) and all(
+                min(part) >= first and max(part) < end
+                for first, end, pick in self._passes for part in (pick(v),)):
+            return v, None
+        checked: list[int] = []
+        for name, (first, end, what), value in zip(self.names, self._widths, v, strict=True):
+            number = _int(value)
+            if number is None or not first <= number < end:
+                return checked, f"{name} must be {what}"
+            checked.append(number)
+        return checked, None
+
+
+# a close's integers are checked as int64s (as they always were: its ids and enums are checked
+# apart or fail the encoding), an ended order's at the widths its event encodes them with
+_CLOSE_INTS = _Ints(schema.CLOSED_POSITION, lambda f: _INT64)
+_SIDE_AT, _MARGIN_AT, _PAYOUT_AT, _HOUSE_AT, _INSURANCE_AT = map(_CLOSE_INTS.at, (
+    "side", "margin_micros", "payout_micros", "house_micros", "insurance_micros"))
+_ORDER_INTS = _Ints(schema.ENDED_ORDER, lambda f: _WIRE_WIDTHS[f.code])
+_O_SIDE_AT, _O_KIND_AT, _O_MARGIN_AT, _O_STATUS_AT = map(_ORDER_INTS.at, (
+    "side", "kind", "margin_micros", "status"))
+
+
+class _History:
+    """Per user, the records of one kind (closed positions, ended orders) in the order they were
+    applied, and each one's index by its id (``id_name``)."""
+
+    def __init__(self, what: str, id_name: str) -> None:
+        self.what = what
+        self._id = operator.attrgetter(id_name)
+        self.by_user: dict[int, list[Any]] = {}
+        self._index: dict[int, dict[int, int]] = {}  # user -> id -> index
+
+    def add(self, record: Any) -> None:
+        records = self.by_user.setdefault(record.owner, [])
+        self._index.setdefault(record.owner, {})[self._id(record)] = len(records)
+        records.append(record)
+
+    def page(self, user: int, limit: int, before: int | None) -> list[Any] | None:
+        """Up to ``limit`` (clamped to 1..HISTORY_MAX_LIMIT) of ``user``'s records, newest
+        first, older than the one of id ``before`` (None: from the newest; None is returned for
+        a ``before`` that is not one of the user's)."""
+        limit = max(1, min(int(limit), HISTORY_MAX_LIMIT))
+        records = self.by_user.get(user, [])
+        end = len(records)
+        if before is not None:
+            index = self._index.get(user, {}).get(before)
+            if index is None:
+                return None
+            end = index
+        return records[max(0, end - limit):end][::-1]
+
+    def records(self) -> list[Any]:
+        return [r for records in self.by_user.values() for r in records]
+
+    def __len__(self) -> int:
+        return sum(map(len, self.by_user.values()))
+
+    def problems(self) -> list[str]:
+        out = []
+        for user, records in self.by_user.items():
+            index = {self._id(r): i for i, r in enumerate(records)}
+            if self._index.get(user) != index or any(r.owner != user for r in records):
+                out.append(f"{self.what} index of user {user} is inconsistent")
+        return out
+
+    def fingerprint(self) -> tuple[list[Any], list[Any]]:
+        return (sorted((u, [tuple(r) for r in h]) for u, h in self.by_user.items()),
+                sorted((u, sorted(i.items())) for u, i in self._index.items()))
+
+    def table(self, dtype: np.dtype, ints: schema.Group, texts: Sequence[str]
+              ) -> tuple[np.ndarray, list[list[str]]]:
+        """The records as a snapshot table of ``dtype``: ``ints`` as they are, each of
+        ``texts`` as an index into its list of strings (returned, in ``texts`` order)."""
+        records = self.records()
+        table = np.zeros(len(records), dtype=dtype)
+        for f in ints:
+            table[f.name] = list(map(operator.attrgetter(f.name), records))
+        strings = []
+        for name in texts:
+            text = operator.attrgetter(name)
+            index: dict[str, int] = {}
+            table[name] = [index.setdefault(text(r), len(index)) for r in records]
+            strings.append(list(index))
+        return table, strings
+
+    def load(self, table: Mapping[str, np.ndarray] | np.ndarray, ints: schema.Group,
+             build: Callable[..., Any], texts: Mapping[str, Sequence[str]]) -> None:
+        """Add the records of a :meth:`table` (``texts``: each text column's strings)."""
+        columns = [[strings[i] for i in table[name].tolist()] for name, strings in texts.items()]
+        for row, *text in zip(schema.rows(table, ints), *columns, strict=True):
+            self.add(build(row, *text))
+
+
 # --------------------------------------------------------------------------- the machine
 class LedgerMachine:
     """The ledger's whole state (see the module docstring); ``signup_balance_micros`` is the
-    deposit of every new account, ``max_open_positions`` the most opens an account may hold
-    margin for."""
+    deposit of every new account, ``max_open_positions`` the most opens (positions and pending
+    orders) an account may hold margin for, ``max_open_orders`` the most pending orders."""
 
     def __init__(self, signup_balance_micros: int,
-                 max_open_positions: int = DEFAULT_MAX_OPEN_POSITIONS) -> None:
+                 max_open_positions: int = DEFAULT_MAX_OPEN_POSITIONS,
+                 max_open_orders: int = DEFAULT_MAX_OPEN_ORDERS) -> None:
         signup = _int(signup_balance_micros)
         if signup is None or not 0 <= signup < _I64_END:
             raise ValueError("signup_balance_micros must be an int in 0..2**63-1")
-        cap = _int(max_open_positions)
-        if cap is None or cap < 1:
-            raise ValueError("max_open_positions must be an int >= 1")
+        caps = []
+        for name, value in (("max_open_positions", max_open_positions),
+                            ("max_open_orders", max_open_orders)):
+            cap = _int(value)
+            if cap is None or cap < 1:
+                raise ValueError(f"{name} must be an int >= 1")
+            caps.append(cap)
         self.signup_balance_micros = signup
-        self.max_open_positions = cap
+        self.max_open_positions, self.max_open_orders = caps
         self.ledger = Ledger()
         self._users_by_key_hash: dict[str, int] = {}
         self._account_ids: dict[int, str] = {}
         self._next_user = 1
         self._applied_seq: dict[str, int] = {}
-        self._history: dict[int, list[ClosedPosition]] = {}
-        self._history_index: dict[int, dict[int, int]] = {}  # user -> position id -> index
+        self._history = _History("history", "position_id")  # closed positions
+        self._order_history = _History("order history", "order_id")  # ended orders
         self._answers: dict[IdemKey, object] = {}  # None while the first request is pending
         # when each answered clientOrderId got its answer (us), oldest first: what expires
         self._answered_us: dict[IdemKey, int] = {}
@@ -441,13 +655,17 @@ class LedgerMachine:
         self._closed_count = 0
         # user -> opens holding margin (> 0; see the module docstring), derived by apply
         self._open_counts: dict[int, int] = {}
+        # user -> open orders holding margin (> 0), derived by apply
+        self._order_counts: dict[int, int] = {}
         self._deciders: dict[type, Callable[[Any, int], _Decision]] = {
             CreateAccount: self._create_account,
             Authenticate: self._authenticate,
             Balances: self._balances,
             OpenCount: self._open_count,
+            OrderCount: self._order_count,
             AppliedSeq: self._applied_seq_of,
             History: self._history_of,
+            OrderHistory: self._history_of,
             Audit: self._audit,
             Totals: self._totals,
             PendingRequests: self._pending_requests,
@@ -465,9 +683,12 @@ class LedgerMachine:
         self._appliers: dict[type, Callable[[Any], None]] = {
             AccountCreated: self._on_account_created,
             MarginLocked: self._on_margin_locked,
+            OrderLocked: self._on_margin_locked,
             MarginReleased: self._on_margin_released,
             OpenCountSet: self._on_open_count_set,
+            OrderCountSet: self._on_order_count_set,
             SettlementApplied: self._on_settlement_applied,
+            OrderSettled: self._on_order_settled,
             ClientOrderStoredAt: self._on_client_order_stored_at,
             AnswersExpired: self._on_answers_expired,
             ClientOrderStored: self._on_client_order_stored,
@@ -492,19 +713,18 @@ class LedgerMachine:
     def _open_count(self, c: OpenCount, now_us: int) -> _Decision:
         return self._open_counts.get(c.user, 0), _NO_EVENTS
 
+    def _order_count(self, c: OrderCount, now_us: int) -> _Decision:
+        return self._order_counts.get(c.user, 0), _NO_EVENTS
+
     def _applied_seq_of(self, c: AppliedSeq, now_us: int) -> _Decision:
         return self._applied_seq.get(c.shard, 0), _NO_EVENTS
 
-    def _history_of(self, c: History, now_us: int) -> _Decision:
-        limit = max(1, min(int(c.limit), HISTORY_MAX_LIMIT))
-        history = self._history.get(c.user, [])
-        end = len(history)
-        if c.before is not None:
-            index = self._history_index.get(c.user, {}).get(c.before)
-            if index is None:
-                return _invalid("unknown 'before' cursor")
-            end = index
-        return history[max(0, end - limit):end][::-1], _NO_EVENTS
+    def _history_of(self, c: History | OrderHistory, now_us: int) -> _Decision:
+        history = self._order_history if isinstance(c, OrderHistory) else self._history
+        page = history.page(c.user, c.limit, c.before)
+        if page is None:
+            return _invalid("unknown 'before' cursor")
+        return page, _NO_EVENTS
 
     def _audit(self, c: Audit, now_us: int) -> _Decision:
         expected = self._expected_margins(c.open_margins_by_user, c.unsettled or {})
@@ -512,16 +732,18 @@ class LedgerMachine:
 
     def _expected_margins(self, open_margins_by_user: Mapping[int, int],
                           unsettled: Mapping[str, Sequence[SettlementItem]]) -> dict[int, int]:
-        """Margins that must be locked: open positions plus closes not applied here yet."""
+        """Margins that must be locked: open positions and orders plus what the items not
+        applied here yet still hold (a close's margin, an ended order's unless it filled)."""
         expected = {int(u): int(m) for u, m in open_margins_by_user.items()}
-        for closed in self._unapplied(unsettled):
-            expected[closed.owner] = expected.get(closed.owner, 0) + closed.margin_micros
+        for item in self._unapplied(unsettled):
+            if _holds_margin(item):
+                expected[item.owner] = expected.get(item.owner, 0) + item.margin_micros
         return expected
 
-    def _unapplied(self, unsettled: Mapping[str, Sequence[SettlementItem]]
-                   ) -> list[ClosedPosition]:
-        """The closes of the shards' outboxes not applied here yet (each seq once)."""
-        out: list[ClosedPosition] = []
+    def _unapplied(self, unsettled: Mapping[str, Sequence[SettlementItem]]) -> list[_Item]:
+        """The items of the shards' outboxes (closes, ended orders) not applied here yet (each
+        seq once)."""
+        out: list[_Item] = []
         for shard, outbox in unsettled.items():
             applied = self._applied_seq.get(shard, 0)
             out.extend({item.seq: item.closed for item in outbox if item.seq > applied}.values())
@@ -593,6 +815,9 @@ class LedgerMachine:
             result = Rejected(Code.INVALID_REQUEST, "margin must be greater than zero")
         elif not self.ledger.has_user(lock.user):
             result = Rejected(Code.NOT_FOUND, "account not found")
+        elif lock.order and self._order_counts.get(lock.user, 0) >= self.max_open_orders:
+            result = Rejected(Code.TOO_MANY_ORDERS,
+                              f"at most {self.max_open_orders} open orders per account")
         elif self._open_counts.get(lock.user, 0) >= self.max_open_positions:
             result = Rejected(Code.TOO_MANY_POSITIONS,
                               f"at most {self.max_open_positions} open positions per account")
@@ -601,7 +826,8 @@ class LedgerMachine:
         events: list[Event] = []
         if result is None:
             assert margin is not None
-            events.append(MarginLocked(lock.user, margin, request_id))
+            locked = OrderLocked if lock.order else MarginLocked
+            events.append(locked(lock.user, margin, request_id))
         if key is not None:
             events.append(ClientOrderStoredAt(key.user, key.kind, key.client_order_id,
                                               request_id, now_us, encode_answer(result)))
@@ -626,7 +852,7 @@ class LedgerMachine:
         lock = self._recent_locks.get(c.request_id)
         if lock is None:
             return None, _NO_EVENTS  # never locked under this id, or already ended
-        user, margin, key = lock
+        user, margin, key, _ = lock
         if key is not None and self._answers.get(key) is not None:
             return None, _NO_EVENTS  # the open has an answer of its own: not orphaned
         if self.ledger.margin_micros(user) < margin:
@@ -700,11 +926,15 @@ class LedgerMachine:
         margins: dict[int, int] = {}  # margin left per owner after the run so far
         seq = last + 1
         while seq in pool:
-            closed = pool[seq].closed
-            problem = self._settlement_problem(closed, margins)
+            record = pool[seq].closed
+            problem = (self._ended_order_problem(record, margins)
+                       if isinstance(record, EndedOrder)
+                       else self._settlement_problem(record, margins))
             if problem is not None:
                 return _invalid(f"settlement {seq} of {c.shard}: {problem}")
-            events.append(_settlement_event(c.shard, seq, closed))
+            events.append(_ORDER_SETTLED_EVENT(record, c.shard, seq)
+                          if isinstance(record, EndedOrder)
+                          else _settlement_event(c.shard, seq, record))
             seq += 1
         events.extend(self._answer_events(c.answers, now_us))
         return seq - 1, events
@@ -712,18 +942,9 @@ class LedgerMachine:
     def _settlement_problem(self, c: ClosedPosition, margins: dict[int, int]) -> str | None:
         """Why settling ``c`` would break an invariant (or could not be replayed), else None;
         ``margins`` (owner -> margin left) is updated for the next item of the batch."""
-        v: tuple[int, ...] | list[int] = _INTEGER_VALUES(c)
-        # plain ints in range, checked in a few C-level passes over the values; anything else
-        # (numpy ints, bools, out of range) field by field
-        if not (_PLAIN_INTS.issuperset(map(type, v)) and min(v) >= _I64_MIN
-                and max(v) < _I64_END):
-            checked: list[int] = []
-            for name, value in zip(_INTEGER_NAMES, v, strict=True):
-                number = _int(value)
-                if number is None or not _I64_MIN <= number < _I64_END:
-                    return f"{name} must be an int64"
-                checked.append(number)
-            v = checked
+        v, problem = _CLOSE_INTS.read(c)
+        if problem is not None:
+            return problem
         if not isinstance(c.asset, str):
             return "the asset must be a name"
         if v[_SIDE_AT] not in (Side.LONG, Side.SHORT):
@@ -731,12 +952,39 @@ class LedgerMachine:
         margin, payout = v[_MARGIN_AT], v[_PAYOUT_AT]
         if margin < 0 or payout < 0 or payout + v[_HOUSE_AT] + v[_INSURANCE_AT] != margin:
             return f"unbalanced settlement of margin {margin}"
-        if not self.ledger.has_user(c.owner):
-            return f"user {c.owner} has no account"
-        locked = margins.get(c.owner, self.ledger.margin_micros(c.owner))
+        return self._margin_problem(c.owner, margin, margins, "settle")
+
+    def _ended_order_problem(self, o: EndedOrder, margins: dict[int, int]) -> str | None:
+        """Why applying the ended order ``o`` would break an invariant (or could not be
+        replayed), else None; ``margins`` as for :meth:`_settlement_problem` (only an order that
+        did not fill releases its margin)."""
+        v, problem = _ORDER_INTS.read(o)
+        if problem is not None:
+            return problem
+        if not isinstance(o.asset, str) or not isinstance(o.reject_code, str):
+            return "the asset and the reject code must be text"
+        if v[_O_SIDE_AT] not in (Side.LONG, Side.SHORT):
+            return f"unknown side {int(v[_O_SIDE_AT])}"
+        if v[_O_KIND_AT] not in (OrderKind.LIMIT, OrderKind.STOP):
+            return f"unknown order kind {int(v[_O_KIND_AT])}"
+        if v[_O_STATUS_AT] not in _ENDED:
+            return f"status {int(v[_O_STATUS_AT])} is not how an order ends"
+        margin = v[_O_MARGIN_AT]
+        if margin < 0:
+            return f"an order's margin must be >= 0, not {margin}"
+        return self._margin_problem(o.owner, margin if _holds_margin(o) else 0, margins,
+                                    "release")
+
+    def _margin_problem(self, owner: int, margin: int, margins: dict[int, int], verb: str
+                        ) -> str | None:
+        """Why ``owner`` cannot give up ``margin`` after the batch's items so far (``margins``:
+        owner -> margin left, updated), else None."""
+        if not self.ledger.has_user(owner):
+            return f"user {owner} has no account"
+        locked = margins.get(owner, self.ledger.margin_micros(owner))
         if locked < margin:
-            return f"user {c.owner} has {locked} margin locked, cannot settle {margin}"
-        margins[c.owner] = locked - margin
+            return f"user {owner} has {locked} margin locked, cannot {verb} {margin}"
+        margins[owner] = locked - margin
         return None
 
     # ----------------------------------------------------------------- reconciliation
@@ -744,11 +992,17 @@ class LedgerMachine:
         expected = self._expected_margins(c.open_margins_by_user, c.unsettled)
         if any(m < 0 for m in expected.values()):
             return _invalid("open margins must be >= 0")
-        counts: dict[int, int] | None = None
-        if c.open_counts_by_user is not None:
-            counts = self._expected_counts(c.open_counts_by_user, c.unsettled)
+        # (recount, what it recounts, its event) for the counts given
+        recounts: list[tuple[dict[int, int], dict[int, int], Callable[[int, int], Event]]] = []
+        for given, counted, held, recount in (
+                (c.open_counts_by_user, _holds_margin, self._open_counts, OpenCountSet),
+                (c.open_order_counts_by_user, _is_order, self._order_counts, OrderCountSet)):
+            if given is None:
+                continue
+            counts = self._expected_counts(given, c.unsettled, counted)
             if counts is None:
                 return _invalid("open counts must be ints >= 0")
+            recounts.append((counts, held, recount))
         resolved = c.resolved or {}
         events: list[Event] = []
         for key, answer in self._answers.items():
@@ -766,9 +1020,10 @@ class LedgerMachine:
             if excess > 0:
                 released[user] = excess
                 events.append(MarginReleased(user, excess, START_RECONCILED))
-            count = None if counts is None else counts.get(user, 0)
-            if count is not None and count != self._open_counts.get(user, 0):
-                events.append(OpenCountSet(user, count))
+            for counts, held, recounted in recounts:
+                count = counts.get(user, 0)
+                if count != held.get(user, 0):
+                    events.append(recounted(user, count))
         # a start-time MarginReleased ends every remembered lock
         if not released and self._recent_locks:
             # nothing in excess, but the remembered locks still end: a zero release carries
@@ -778,18 +1033,20 @@ class LedgerMachine:
         return released, events
 
     def _expected_counts(self, open_counts_by_user: Mapping[int, int],
-                         unsettled: Mapping[str, Sequence[SettlementItem]]
-                         ) -> dict[int, int] | None:
-        """Opens that will hold margin after the reconciliation: open positions plus closes
-        not applied here yet (None if a count is not an int >= 0)."""
+                         unsettled: Mapping[str, Sequence[SettlementItem]],
+                         counted: Callable[[_Item], bool]) -> dict[int, int] | None:
+        """What a count will be after the reconciliation: the shards' count plus the items not
+        applied here yet that applying will uncount (``counted``); None if a count is not an
+        int >= 0."""
         counts: dict[int, int] = {}
         for user, count in open_counts_by_user.items():
             n, u = _int(count), _int(user)
             if n is None or u is None or n < 0:
                 return None
             counts[u] = counts.get(u, 0) + n
-        for closed in self._unapplied(unsettled):
-            counts[closed.owner] = counts.get(closed.owner, 0) + 1
+        for item in self._unapplied(unsettled):
+            if counted(item):
+                counts[item.owner] = counts.get(item.owner, 0) + 1
         if any(n >= _I64_END for n in counts.values()):
             return None
         return counts
@@ -817,53 +1074,74 @@ class LedgerMachine:
         self._account_ids[e.user] = e.account_id
         self._next_user = max(self._next_user, e.user + 1)
 
-    def _on_margin_locked(self, e: MarginLocked) -> None:
+    def _on_margin_locked(self, e: MarginLocked | OrderLocked) -> None:
         refused = self.ledger.lock_margin(e.user, e.amount_micros)
         if refused is not None:
             raise LedgerError(f"lock of {e.amount_micros} for user {e.user} does not apply: "
                               f"{refused.message}")
+        order = isinstance(e, OrderLocked)
         if e.request_id:
-            self._recent_locks[e.request_id] = (e.user, e.amount_micros, None)
+            self._recent_locks[e.request_id] = _Lock(e.user, e.amount_micros, None, order)
             while len(self._recent_locks) > RECENT_LOCKS_MAX:
                 self._recent_locks.popitem(last=False)
-        self._set_open_count(e.user, self._open_counts.get(e.user, 0) + 1)
+        self._add_counts(e.user, 1, order)
 
     def _on_margin_released(self, e: MarginReleased) -> None:
         self.ledger.release_margin(e.user, e.amount_micros)
-        count = self._open_counts.get(e.user, 0)
         if e.request_id == START_RECONCILED:  # the start-time reconciliation: every lock ended
             self._recent_locks.clear()
-        else:  # one lock ended (released by its request, or abandoned)
-            if e.request_id:
-                self._recent_locks.pop(e.request_id, None)
-            count -= 1
-        self._set_open_count(e.user, count)
+            self._add_counts(e.user, 0, 0)
+        else:  # one lock ended (released by its request, or abandoned): an order's too
+            lock = self._recent_locks.pop(e.request_id, None) if e.request_id else None
+            self._add_counts(e.user, -1, -(lock is not None and lock.order))
 
     def _on_open_count_set(self, e: OpenCountSet) -> None:
-        self._set_open_count(e.user, e.open_count)
+        self._set_counts(e.user, opens=e.open_count)
 
-    def _set_open_count(self, user: int, count: int) -> None:
-        """``user`` holds margin for ``count`` opens (none without margin locked)."""
-        if count > 0 and self.ledger.margin_micros(user) > 0:
-            self._open_counts[user] = count
-        else:
-            self._open_counts.pop(user, None)
+    def _on_order_count_set(self, e: OrderCountSet) -> None:
+        self._set_counts(e.user, orders=e.order_count)
+
+    def _add_counts(self, user: int, opens: int, orders: int) -> None:
+        self._set_counts(user, self._open_counts.get(user, 0) + opens,
+                         self._order_counts.get(user, 0) + orders)
+
+    def _set_counts(self, user: int, opens: int | None = None, orders: int | None = None
+                    ) -> None:
+        """``user`` holds margin for ``opens`` opens and ``orders`` open orders (None: as
+        before); for none of either without margin locked."""
+        held = self.ledger.margin_micros(user) > 0
+        for counts, count in ((self._open_counts, opens), (self._order_counts, orders)):
+            if count is None:
+                count = counts.get(user, 0)
+            if held and count > 0:
+                counts[user] = count
+            else:
+                counts.pop(user, None)
+
+    def _check_due(self, shard: str, seq: int) -> None:
+        """LedgerError unless item ``seq`` of ``shard`` is the one due."""
+        due = self._applied_seq.get(shard, 0) + 1
+        if seq != due:
+            raise LedgerError(f"settlement {seq} of {shard} applied where {due} was due")
 
     def _on_settlement_applied(self, e: SettlementApplied) -> None:
-        due = self._applied_seq.get(e.shard, 0) + 1
-        if e.seq != due:
-            raise LedgerError(f"settlement {e.seq} of {e.shard} applied where {due} was due")
+        self._check_due(e.shard, e.seq)
         self.ledger.settle(e.owner, e.margin_micros, Settlement(
             e.pnl_micros, e.payout_micros, e.house_micros, e.insurance_micros))
-        self._add_history(_CLOSED_OF_EVENT(e))
+        self._history.add(_CLOSED_OF_EVENT(e))
         self._closed_count += 1
         self._applied_seq[e.shard] = e.seq
-        self._set_open_count(e.owner, self._open_counts.get(e.owner, 0) - 1)
+        self._add_counts(e.owner, -1, 0)
 
-    def _add_history(self, closed: ClosedPosition) -> None:
-        history = self._history.setdefault(closed.owner, [])
-        self._history_index.setdefault(closed.owner, {})[closed.position_id] = len(history)
-        history.append(closed)
+    def _on_order_settled(self, e: OrderSettled) -> None:
+        self._check_due(e.shard, e.seq)
+        order: EndedOrder = _ENDED_OF_EVENT(e)
+        released = _holds_margin(order)  # a fill's margin and slot are its position's now
+        if released:
+            self.ledger.release_margin(e.owner, e.margin_micros)
+        self._order_history.add(order)
+        self._applied_seq[e.shard] = e.seq
+        self._add_counts(e.owner, -released, -1)
 
     def _on_client_order_stored_at(self, e: ClientOrderStoredAt) -> None:
         self._store(IdemKey(e.user, e.kind, e.client_order_id), e.response, e.request_id,
@@ -893,8 +1171,8 @@ class LedgerMachine:
             if request_id:
                 self._pending[key] = (request_id, ts_us)
                 lock = self._recent_locks.get(request_id)
-                if lock is not None and lock[2] is None:
-                    self._recent_locks[request_id] = (lock[0], lock[1], key)
+                if lock is not None and lock.key is None:
+                    self._recent_locks[request_id] = lock._replace(key=key)
             return
         answers[key] = decode_answer(response)
         # kept in answer order; a replayed older record (ts 0) expires first
@@ -903,21 +1181,18 @@ class LedgerMachine:
         pending = self._pending.pop(key, None)
         if pending is not None:
             lock = self._recent_locks.get(pending[0])
-            if lock is not None and lock[2] == key:
+            if lock is not None and lock.key == key:
                 # the request completed: its lock backs its answer and is never orphaned
                 del self._recent_locks[pending[0]]
 
     # ================================================================= state
     def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Copies of the whole state: ``{"history": HISTORY_DTYPE[n]}`` (named columns, one
-        row per closed position, ``asset`` as an index into ``meta["history_assets"]``) and
-        JSON-able ``meta``."""
-        closes = [c for user_closes in self._history.values() for c in user_closes]
-        history = np.zeros(len(closes), dtype=HISTORY_DTYPE)
-        for f in _INTEGERS:
-            history[f.name] = list(map(operator.attrgetter(f.name), closes))
-        assets: dict[str, int] = {}
-        history["asset"] = [assets.setdefault(c.asset, len(assets)) for c in closes]
+        """Copies of the whole state: ``{"history": HISTORY_DTYPE[n], "order_history":
+        ORDER_HISTORY_DTYPE[n]}`` (named columns, one row per closed position / ended order,
+        text as indexes into lists of ``meta``) and JSON-able ``meta``."""
+        history, (assets,) = self._history.table(HISTORY_DTYPE, _INTEGERS, ("asset",))
+        orders, (order_assets, reject_codes) = self._order_history.table(
+            ORDER_HISTORY_DTYPE, _ORDER_INTEGERS, _ORDER_TEXTS)
         meta = {
             "ledger": self.ledger.to_state(),
             "signup_balance_micros": self.signup_balance_micros,
@@ -932,13 +1207,16 @@ class LedgerMachine:
                                      *((k, self._answers[k]) for k in self._answered_us)]],
             "pending_requests": [[k.user, k.kind, k.client_order_id, r, since_us]
                                  for k, (r, since_us) in self._pending.items()],
-            "recent_locks": [[r, u, m, None if k is None else list(k)]
-                             for r, (u, m, k) in self._recent_locks.items()],
-            "history_assets": list(assets),
+            "recent_locks": [[r, u, m, None if k is None else list(k), order]
+                             for r, (u, m, k, order) in self._recent_locks.items()],
+            "history_assets": assets,
+            "order_history_assets": order_assets,
+            "order_history_reject_codes": reject_codes,
             "closed_count": self._closed_count,
             "open_counts": sorted(self._open_counts.items()),
+            "order_counts": sorted(self._order_counts.items()),
         }
-        return {"history": history}, meta
+        return {"history": history, "order_history": orders}, meta
 
     @overload
     @classmethod
@@ -951,13 +1229,20 @@ class LedgerMachine:
                       arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], /
                       ) -> LedgerMachine: ...
 
+    @overload
+    @classmethod
+    def from_snapshot(cls, signup_balance_micros: int, max_open_positions: int,
+                      max_open_orders: int, arrays: Mapping[str, np.ndarray],
+                      meta: Mapping[str, Any], /) -> LedgerMachine: ...
+
     @classmethod
     def from_snapshot(cls, signup_balance_micros: int, *parts: Any) -> LedgerMachine:
         """The machine :meth:`snapshot` gave ``(arrays, meta)`` of: ``parts`` are the
         constructor's other arguments (if any), then ``arrays, meta`` (how
         cluster.actors.host.HostSpec builds it). Also reads the snapshots of the older durable
-        ledger: ``pending_opens``, locks without their clientOrderId, no open counts (they
-        start at 0; the start-time reconciliation sets them)."""
+        ledger: ``pending_opens``, locks without their clientOrderId or order flag (not an
+        order's), no open or order counts (they start at 0; the start-time reconciliation sets
+        them), no order history."""
         *config, arrays, meta = parts
         m = cls(signup_balance_micros, *config)
         m.ledger = Ledger.from_state(meta["ledger"])
@@ -975,9 +1260,10 @@ class LedgerMachine:
         # a stable sort: answers of one microsecond keep their order
         m._answered_us = {key: ts_us
                           for ts_us, key in sorted(answered, key=operator.itemgetter(0))}
-        for request_id, user, margin, *key in meta.get("recent_locks", []):
-            lock_key = IdemKey(*key[0]) if key and key[0] is not None else None
-            m._recent_locks[int(request_id)] = (int(user), int(margin), lock_key)
+        for request_id, user, margin, *rest in meta.get("recent_locks", []):
+            lock_key = IdemKey(*rest[0]) if rest and rest[0] is not None else None
+            m._recent_locks[int(request_id)] = _Lock(int(user), int(margin), lock_key,
+                                                     len(rest) > 1 and bool(rest[1]))
         for user, kind, client_order_id, request_id, since_us in meta.get("pending_requests",
                                                                           []):
             m._pending[IdemKey(int(user), kind, client_order_id)] = (int(request_id),
@@ -986,32 +1272,37 @@ class LedgerMachine:
             key = IdemKey(int(user), kind, client_order_id)
             m._pending[key] = (int(request_id), 0)
             lock = m._recent_locks.get(int(request_id))
-            if lock is not None and lock[2] is None:
-                m._recent_locks[int(request_id)] = (lock[0], lock[1], key)
-        names = meta["history_assets"]
-        history = schema.named_columns(np.asarray(arrays["history"]), _V1_HISTORY,
-                                       len(_V1_HISTORY))
-        for index, row in zip(history["asset"].tolist(), schema.rows(history, _INTEGERS),
-                              strict=True):
-            m._add_history(_HISTORY_ROW(row, names[index]))
+            if lock is not None and lock.key is None:
+                m._recent_locks[int(request_id)] = lock._replace(key=key)
+        m._history.load(schema.named_columns(np.asarray(arrays["history"]), _V1_HISTORY,
+                                             len(_V1_HISTORY)),
+                        _INTEGERS, _HISTORY_ROW, {"asset": meta["history_assets"]})
+        if "order_history" in arrays:
+            m._order_history.load(np.asarray(arrays["order_history"]), _ORDER_INTEGERS,
+                                  _ORDER_HISTORY_ROW,
+                                  {"asset": meta["order_history_assets"],
+                                   "reject_code": meta["order_history_reject_codes"]})
         m._closed_count = int(meta["closed_count"])
         for user, count in meta.get("open_counts", []):
-            m._set_open_count(int(user), int(count))
+            m._set_counts(int(user), opens=int(count))
+        for user, count in meta.get("order_counts", []):
+            m._set_counts(int(user), orders=int(count))
         return m
 
     @classmethod
     def restore(cls, signup_balance_micros: int, snapshot: SnapshotParts | None,
-                max_open_positions: int = DEFAULT_MAX_OPEN_POSITIONS) -> LedgerMachine:
+                max_open_positions: int = DEFAULT_MAX_OPEN_POSITIONS,
+                max_open_orders: int = DEFAULT_MAX_OPEN_ORDERS) -> LedgerMachine:
         """From a loaded snapshot (``.arrays``, ``.meta``), or fresh when None."""
         if snapshot is None:
-            return cls(signup_balance_micros, max_open_positions)
-        return cls.from_snapshot(signup_balance_micros, max_open_positions, snapshot.arrays,
-                                 snapshot.meta)
+            return cls(signup_balance_micros, max_open_positions, max_open_orders)
+        return cls.from_snapshot(signup_balance_micros, max_open_positions, max_open_orders,
+                                 snapshot.arrays, snapshot.meta)
 
     def check(self) -> list[str]:
         """The invariants that need nothing outside the ledger ([] = they hold): accounts sum
         to 0, no negative balance, accounts/history/clientOrderId indexes agree, only users
-        with margin locked count open positions."""
+        with margin locked count open positions or open orders."""
         problems: list[str] = []
         led = self.ledger
         total = led.total_micros()
@@ -1027,24 +1318,26 @@ class LedgerMachine:
             problems.append("the API key hashes differ from the ledger's users")
         if users and self._next_user <= users[-1]:
             problems.append(f"next user {self._next_user} is already taken")
-        if self._closed_count != sum(len(h) for h in self._history.values()):
+        if self._closed_count != len(self._history):
             problems.append("closed count differs from the history")
-        for user, history in self._history.items():
-            index = {c.position_id: i for i, c in enumerate(history)}
-            if self._history_index.get(user) != index or any(c.owner != user for c in history):
-                problems.append(f"history index of user {user} is inconsistent")
+        problems.extend(self._history.problems())
+        problems.extend(self._order_history.problems())
         for key in self._pending:
             if key not in self._answers or self._answers[key] is not None:
                 problems.append(f"{key} is listed as pending but is not")
         if len(self._recent_locks) > RECENT_LOCKS_MAX:
             problems.append("more recent locks than remembered at most")
-        for user, count in self._open_counts.items():
-            if count <= 0 or not led.has_user(user) or led.margin_micros(user) <= 0:
-                problems.append(f"user {user} counts {count} open positions without margin")
+        for what, counts in (("open positions", self._open_counts),
+                             ("open orders", self._order_counts)):
+            for user, count in counts.items():
+                if count <= 0 or not led.has_user(user) or led.margin_micros(user) <= 0:
+                    problems.append(f"user {user} counts {count} {what} without margin")
         return problems
 
     def fingerprint(self) -> dict[str, Any]:
         """Every piece of state as plain values (for replay-equality tests)."""
+        history, history_index = self._history.fingerprint()
+        order_history, order_history_index = self._order_history.fingerprint()
         return {
             "signup_balance_micros": self.signup_balance_micros,
             "accounts": self.ledger.accounts(),
@@ -1055,13 +1348,15 @@ class LedgerMachine:
             "answers": sorted((tuple(k), encode_answer(a)) for k, a in self._answers.items()),
             "answered_us": list(self._answered_us.items()),
             "pending": sorted((tuple(k), v) for k, v in self._pending.items()),
-            "recent_locks": [(r, u, m, None if k is None else tuple(k))
-                             for r, (u, m, k) in self._recent_locks.items()],
-            "history": sorted((u, [tuple(c) for c in h]) for u, h in self._history.items()),
-            "history_index": sorted((u, sorted(i.items()))
-                                    for u, i in self._history_index.items()),
+            "recent_locks": [(r, u, m, None if k is None else tuple(k), order)
+                             for r, (u, m, k, order) in self._recent_locks.items()],
+            "history": history,
+            "history_index": history_index,
+            "order_history": order_history,
+            "order_history_index": order_history_index,
             "closed_count": self._closed_count,
             "open_counts": sorted(self._open_counts.items()),
+            "order_counts": sorted(self._order_counts.items()),
         }
 
 
@@ -1071,9 +1366,11 @@ def _settlement_event(shard: str, seq: int, c: ClosedPosition) -> SettlementAppl
 
 
 __all__ = [
+    "DEFAULT_MAX_OPEN_ORDERS",
     "DEFAULT_MAX_OPEN_POSITIONS",
     "FORGOTTEN",
     "HISTORY_MAX_LIMIT",
+    "ORDER_HISTORY_DTYPE",
     "PENDING",
     "PENDING_OPEN",
     "RECENT_LOCKS_MAX",
@@ -1092,6 +1389,8 @@ __all__ = [
     "LedgerMachine",
     "LockMargin",
     "OpenCount",
+    "OrderCount",
+    "OrderHistory",
     "PendingRequests",
     "ReconcileAtStart",
     "ReleaseMargin",
