@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -60,7 +60,17 @@ from engine import schema
 from engine.amounts import MONEY_DECIMALS, micros_to_money
 from engine.assets import DEFAULT_ASSETS, Asset, AssetRegistry
 from engine.market import Tick
-from engine.messages import ClosedPosition, CloseOrder, OpenOrder, OpenPosition, Principal
+from engine.messages import (
+    ClosedPosition,
+    CloseOrder,
+    EndedOrder,
+    OpenOrder,
+    OpenPosition,
+    PendingOrder,
+    PlaceOrder,
+    Principal,
+)
+from engine.order_book import OrderKind, OrderStatus
 from engine.orders import Side
 from engine.results import Code, Rejected
 from feed.pipeline import drops_metrics
@@ -118,6 +128,34 @@ class OpenBody(BaseModel):
     clientOrderId: ClientOrderId | None = None
 
 
+class OrderBody(BaseModel):
+    """POST /api/v1/orders."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "asset": "SOL", "type": "long", "orderType": "limit", "triggerPrice": "95",
+        "margin": "100", "leverage": 10, "takeProfit": "110", "stopLoss": "90",
+        "expiresAt": "2030-01-01T00:00:00Z", "clientOrderId": "my-order-2"}})
+
+    asset: Annotated[StrictStr, Field(min_length=1, max_length=32,
+                                      description="one of the tradable assets")]
+    type: Literal["long", "short"]
+    orderType: Literal["limit", "stop"] = Field(
+        description="limit: fills at the trigger or better (long: ask <= trigger; short: bid >= "
+                    "trigger); stop: fills once the price reaches the trigger, at the tick's "
+                    "price (long: ask >= trigger; short: bid <= trigger)")
+    triggerPrice: Price
+    margin: Money
+    leverage: StrictInt = Field(description="integer in 1..maxLeverage of the asset",
+                                json_schema_extra={"minimum": 1, "maximum": _MAX_LEVERAGE})
+    takeProfit: Price | None = None
+    stopLoss: Price | None = None
+    expiresAt: Annotated[StrictStr, Field(
+        min_length=10, max_length=40,
+        description="ISO-8601 time (UTC unless it names an offset); none: good till "
+                    "cancelled")] | None = None
+    clientOrderId: ClientOrderId | None = None
+
+
 class CloseBody(BaseModel):
     """POST /api/v1/positions/close."""
 
@@ -171,6 +209,32 @@ class ClosedPositionOut(PositionOut):
 
 schema.check_api_model(PositionOut, schema.API_POSITION)
 schema.check_api_model(ClosedPositionOut, schema.API_CLOSED_POSITION)
+
+
+class OrderOut(BaseModel):
+    orderId: str = Field(description="decimal string of a 63-bit id")
+    asset: str
+    type: Literal["long", "short"]
+    orderType: Literal["limit", "stop"]
+    triggerPrice: str
+    margin: str
+    leverage: int
+    takeProfit: str | None
+    stopLoss: str | None
+    expiresAt: str | None = Field(description="null: good till cancelled")
+    status: Literal["open", "filled", "cancelled", "expired", "rejected"]
+    positionId: str | None = Field(description="the position its fill opened; null otherwise")
+    rejectReason: str | None = Field(
+        description="why its fill could not open (an error code); null otherwise")
+    createdAt: str
+    updatedAt: str = Field(description="when it last changed (its placement while open)")
+
+
+schema.check_api_model(OrderOut, schema.API_ORDER)
+
+
+class OrdersOut(BaseModel):
+    orders: list[OrderOut]
 
 
 class BalancesOut(BaseModel):
@@ -239,7 +303,8 @@ _ERROR_DESCRIPTIONS = {
     400: "INVALID_REQUEST: the body is not JSON, or nests deeper than the limit",
     401: "UNAUTHORIZED: missing or wrong API key",
     404: "NOT_FOUND",
-    409: "INSUFFICIENT_BALANCE / PRICE_MOVED / TOO_MANY_POSITIONS",
+    409: "INSUFFICIENT_BALANCE / PRICE_MOVED / TOO_MANY_POSITIONS / TOO_MANY_ORDERS / "
+         "ORDER_NOT_OPEN",
     413: "INVALID_REQUEST: the body is larger than the limit",
     422: "INVALID_REQUEST / UNKNOWN_ASSET / LEVERAGE_OUT_OF_RANGE / INVALID_TRIGGER / "
          "WOULD_LIQUIDATE",
@@ -303,6 +368,31 @@ _FORMATS: dict[str, Callable[[int, Asset], str]] = {
     "time": lambda v, a: iso_us(v)}
 _OPEN_JSON = schema.json_renderer(OpenPosition, schema.API_POSITION, _FORMATS)
 _CLOSED_JSON = schema.json_renderer(ClosedPosition, schema.API_CLOSED_POSITION, _FORMATS)
+
+
+_ORDER_JSON = schema.json_renderer(EndedOrder, schema.API_ORDER, _FORMATS)
+
+
+def order_json(order: PendingOrder | EndedOrder, asset: Asset) -> dict[str, Any]:
+    """A SPEC ``Order`` as JSON-ready values (an open order: status ``open``)."""
+    if isinstance(order, PendingOrder):
+        order = EndedOrder(*order, int(OrderStatus.OPEN), 0, order.placed_ts_us, "")
+    result: dict[str, Any] = _ORDER_JSON(order, asset)
+    return result
+
+
+def expires_us(text: str | None) -> int:
+    """``expiresAt`` (ISO 8601; UTC unless it names an offset) in microseconds since the epoch,
+    exactly; 0 when not given. 422 naming the field otherwise."""
+    if text is None:
+        return 0
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise invalid("expiresAt: not an ISO-8601 time") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return (when - _EPOCH) // timedelta(microseconds=1)
 
 
 def position_json(p: OpenPosition | ClosedPosition, asset: Asset) -> dict[str, Any]:
@@ -463,6 +553,9 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     def positions_json(items: Iterable[OpenPosition | ClosedPosition]) -> list[dict[str, Any]]:
         return [position_json(p, assets[p.asset]) for p in items]
 
+    def orders_json(items: Iterable[PendingOrder | EndedOrder]) -> dict[str, Any]:
+        return {"orders": [order_json(o, assets[o.asset]) for o in items]}
+
     # ------------------------------------------------------------------ errors
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> Response:
@@ -476,13 +569,23 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         return error_response(422, Code.INVALID_REQUEST.value, _validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = {401: Code.UNAUTHORIZED.value, 404: Code.NOT_FOUND.value,
                 405: METHOD_NOT_ALLOWED}.get(exc.status_code, Code.INVALID_REQUEST.value)
         message = exc.detail if isinstance(exc.detail, str) else "request refused"
         if exc.status_code >= 500:
             code = Code.SERVICE_UNAVAILABLE.value
-        return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route that matched the path only; the
+            # path's other routes (one per method, same template) allow theirs too
+            routes = [r for r in request.app.routes if getattr(r, "methods", None)]
+            path = request.url.path
+            first = next((r for r in routes if r.path_regex.match(path)), None)
+            if first is not None:
+                allowed = {m for r in routes if r.path == first.path for m in r.methods}
+                headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
+        return error_response(exc.status_code, code, message, headers)
 
     @app.exception_handler(Unavailable)
     async def _unavailable(_: Request, exc: Unavailable) -> Response:
@@ -606,6 +709,74 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
             return rejected_response(result)
         return _json({"positions": positions_json(result)})
 
+    # ------------------------------------------------------------------ orders
+    @app.post("/api/v1/orders", status_code=201, tags=["orders"], operation_id="placeOrder",
+              responses={201: {"model": OrderOut, "links": {"CancelOrder": {
+                  "operationId": "cancelOrder",
+                  "parameters": {"orderId": "$response.body#/orderId"},
+                  "description": "cancel the order just placed"}}},
+                         **_errors(*_BODY_ERRORS, *_AUTH_ERRORS, 409, 503)})
+    async def place_order(body: OrderBody, who: Caller) -> Response:
+        """Place a pending limit or stop order: its margin is locked now; on the first later
+        tick that meets its condition it opens a position exactly like a market open at that
+        tick's price (ask for a long, bid for a short)."""
+        asset = assets.get(body.asset)
+        if asset is None:
+            raise ApiError(Code.UNKNOWN_ASSET, f"unknown asset {body.asset[:32]!r}")
+        order = PlaceOrder(
+            asset=asset.name,
+            side=Side.LONG if body.type == "long" else Side.SHORT,
+            kind=OrderKind.LIMIT if body.orderType == "limit" else OrderKind.STOP,
+            trigger_ticks=price_ticks(asset, body.triggerPrice, "triggerPrice") or 0,
+            margin_micros=money_micros(body.margin, "margin"),
+            leverage=body.leverage,
+            tp_ticks=price_ticks(asset, body.takeProfit, "takeProfit") or 0,
+            sl_ticks=price_ticks(asset, body.stopLoss, "stopLoss") or 0,
+            expires_ts_us=expires_us(body.expiresAt),
+            client_order_id=body.clientOrderId)
+        result = await slot.service.place_order(who, order)
+        if isinstance(result, Rejected):
+            return rejected_response(result)
+        return _json(order_json(result, asset), 201)
+
+    @app.get("/api/v1/orders", tags=["orders"], operation_id="listOrders",
+             responses={200: {"model": OrdersOut}, **_errors(*_AUTH_ERRORS, 503)})
+    async def list_orders(who: Caller) -> Response:
+        """Your open orders, oldest first."""
+        return _json(orders_json(await slot.service.orders(who)))
+
+    @app.get("/api/v1/orders/history", tags=["orders"], operation_id="orderHistory",
+             responses={200: {"model": OrdersOut}, **_errors(*_AUTH_ERRORS, 422, 503)})
+    async def order_history(who: Caller, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                            before: Annotated[str | None, Query(
+                                pattern="^[0-9]{1,19}$",
+                                description="orderId of the last item of the previous page")]
+                            = None) -> Response:
+        """Your ended orders (filled, cancelled, expired, rejected), newest first."""
+        result = await slot.service.order_history(who, limit, _cursor_id("before", before))
+        if isinstance(result, Rejected):
+            return rejected_response(result)
+        return _json(orders_json(result))
+
+    @app.delete("/api/v1/orders/{orderId}", tags=["orders"], operation_id="cancelOrder",
+                responses={200: {"model": OrderOut}, **_errors(*_AUTH_ERRORS, 404, 409, 503)})
+    async def cancel_order(orderId: Annotated[str, Path(
+            max_length=32, description="the order's id")], who: Caller,
+            clientOrderId: Annotated[str | None, Query(
+                min_length=1, max_length=64,
+                description="makes the cancel idempotent: a retry gets the first answer")]
+            = None) -> Response:
+        """Cancel one of your open orders: its margin is released. 409 ORDER_NOT_OPEN when it
+        has already filled, expired, been rejected or cancelled."""
+        order_id = _position_id(orderId)
+        asset = None if order_id is None else slot.service.asset_of_position(order_id)
+        if order_id is None or asset is None:
+            return rejected_response(Rejected(Code.NOT_FOUND, "no such open order"))
+        result = await slot.service.cancel_order(who, order_id, clientOrderId)
+        if isinstance(result, Rejected):
+            return rejected_response(result)
+        return _json(order_json(result, asset))
+
     # ------------------------------------------------------------------ market
     assets_body = json.dumps({"assets": [
         {"name": a.name, "symbol": a.symbol, "priceStep": a.price_step,
@@ -704,7 +875,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     return app
 
 
-_ASSET_REQUEST_MODELS = ("OpenBody",)  # request bodies with an ``asset`` field
+_ASSET_REQUEST_MODELS = ("OpenBody", "OrderBody")  # request bodies with an ``asset`` field
 
 
 def _document_assets(document: dict[str, Any], assets: AssetRegistry) -> None:

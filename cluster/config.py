@@ -63,6 +63,7 @@ _INTEGER_LIMITS = {
     "signups_per_min": ("SIGNUPS_PER_MIN", 0, 1_000_000),
     "state_positions": ("STATE_POSITIONS", 1, 10_000),
     "max_open_positions": ("MAX_OPEN_POSITIONS", 1, 100_000),
+    "max_open_orders": ("MAX_OPEN_ORDERS", 1, 100_000),
     "client_order_id_ttl_s": ("CLIENT_ORDER_ID_TTL_S", 60, 30 * 86_400),
 }
 RULES.update({var: f"an integer in [{low}, {high}]" for var, low, high in _INTEGER_LIMITS.values()})
@@ -117,6 +118,7 @@ class Settings:
     signups_per_min: int = 10  # SIGNUPS_PER_MIN: accounts per client address (0 = unlimited)
     state_positions: int = 200  # STATE_POSITIONS: positions in GET /state (the rest: paged)
     max_open_positions: int = 200  # MAX_OPEN_POSITIONS: per account; one more answers 409
+    max_open_orders: int = 200  # MAX_OPEN_ORDERS: pending orders per account; then 409
     client_order_id_ttl_s: int = 86_400  # CLIENT_ORDER_ID_TTL_S: then the id may be reused
     max_clock_skew_s: float = 5.0  # MAX_CLOCK_SKEW_S: ticks further in the future are dropped
     max_tick_jump_bps: int = 1_000  # MAX_TICK_JUMP_BPS: a larger mid move waits for confirmation

@@ -469,6 +469,27 @@ API_CLOSED_POSITION: tuple[ApiField, ...] = (
     ApiField("closedAt", closed_ts_us),
 )
 """SPEC ``ClosedPosition`` (ClosedPositionOut): a Position plus its close."""
+API_ORDER: tuple[ApiField, ...] = (
+    ApiField("orderId", order_id, "decimal string of a 63-bit id"),
+    ApiField("asset", asset),
+    ApiField("type", side),
+    ApiField("orderType", kind),
+    ApiField("triggerPrice", trigger_ticks),
+    ApiField("margin", margin_micros),
+    ApiField("leverage", leverage),
+    ApiField("takeProfit", tp_ticks),
+    ApiField("stopLoss", sl_ticks),
+    ApiField("expiresAt", expires_ts_us, "null: good till cancelled"),
+    ApiField("status", status),
+    ApiField("positionId", replace(position_id, zero_is_none=True),
+             "the position its fill opened; null otherwise"),
+    ApiField("rejectReason", replace(reject_code, zero_is_none=True),
+             "why its fill could not open (an error code); null otherwise"),
+    ApiField("createdAt", placed_ts_us),
+    ApiField("updatedAt", ended_ts_us, "when it last changed (its placement while open)"),
+)
+"""SPEC ``Order`` (OrderOut), rendered from an engine.messages.EndedOrder (an open order as
+one with status ``open``)."""
 
 RenderKind = Literal["id", "text", "label", "price", "quantity", "money", "int", "time"]
 _RENDERS: dict[str, RenderKind] = {ID: "id", TEXT: "text", ENUM: "label", TICKS: "price",
@@ -558,8 +579,8 @@ def json_renderer(cls: type, api_fields: Sequence[ApiField],
             shown = f"str({value})"
         else:
             shown = value
-        if f.zero_is_none:
-            shown = f"({shown} if {value} > 0 else None)"
+        if f.zero_is_none:  # 0 (or empty text) is "not set"
+            shown = f"({shown} if {value}{'' if kind == 'text' else ' > 0'} else None)"
         elif f.nullable:
             shown = f"(None if {value} is None else {shown})"
         items.append(f"{af.key!r}: {shown}")
@@ -573,6 +594,7 @@ def json_renderer(cls: type, api_fields: Sequence[ApiField],
 
 __all__ = [
     "API_CLOSED_POSITION",
+    "API_ORDER",
     "API_POSITION",
     "BOOK_ROW",
     "CLOSE",

@@ -91,7 +91,8 @@ def host_specs(settings: Settings, data_dir: str | None = None,
 
     options = dict(store_options or {})
     ledger = HostSpec(LEDGER, LedgerMachine, (settings.signup_balance_micros,
-                                              settings.max_open_positions), data_dir, options)
+                                              settings.max_open_positions,
+                                              settings.max_open_orders), data_dir, options)
     shards = {
         spec.name: HostSpec(spec.name, ShardMachine,
                             (spec.name, spec.book_tag, settings.assets[spec.asset],

@@ -5,18 +5,20 @@ Three kinds of loose ends, each settled by asking the state machines, never by g
 * **a lock whose open never went out** (the lock's answer was lost, the open was refused and
   its release failed, or the request was cut off after the lock): ``AbandonLock(request_id)``
   makes the ledger release that lock if it still holds it under that id, once;
-* **a request sent to a shard whose answer never came** (an open or a close): ``Resolve`` on
-  that shard returns its first result, or fences the request id so it can never run any more;
-  an open that happened keeps its lock and its clientOrderId gets the position, one that did not
-  has its lock abandoned; a close that happened is settled through the courier with its answer,
-  one that did not drops its clientOrderId reservation so a retry runs again;
+* **a request sent to a shard whose answer never came** (an open, an order placement, a close
+  or an order cancel): ``Resolve`` on that shard returns its first result, or fences the
+  request id so it can never run any more; an open or placement that happened keeps its lock
+  and its clientOrderId gets the position or order, one that did not has its lock abandoned; a
+  close or cancel that happened is settled through the courier with its answer, one that did
+  not drops its clientOrderId reservation so a retry runs again;
 * **reservations left pending in the ledger** by an API process that died: every shard resolves
   (and fences) their request ids, and ``SettleRequests`` stores what happened or drops them;
   and clientOrderIds answered longer than the TTL ago are forgotten (``ExpireAnswers``).
 
 At a platform start, before the API serves, :meth:`at_start` does the last kind for every
-pending reservation, releases any margin no open position backs and sets each account's count
-of open positions (the SPEC limit) from the shards' books (``ReconcileAtStart``).
+pending reservation, releases any margin no open position or order backs and sets each
+account's counts of open positions and orders (the SPEC limits) from the shards' books
+(``ReconcileAtStart``).
 """
 
 from __future__ import annotations
@@ -39,14 +41,23 @@ from engine.ledger_machine import (
     Remember,
     SettleRequests,
 )
-from engine.messages import ClosedPosition, IdemKey, OpenPosition, SettlementItem
+from engine.messages import (
+    ClosedPosition,
+    EndedOrder,
+    IdemKey,
+    OpenPosition,
+    PendingOrder,
+    SettlementItem,
+)
 from engine.results import Code, Rejected
-from engine.shard_machine import AuditView, PositionsOf, Resolve
+from engine.shard_machine import AuditView, OrdersOf, PositionsOf, Resolve
 
 log = logging.getLogger(__name__)
 
 STALE_PENDING_S = 30.0  # a reservation pending this long belongs to a request nobody runs
-COUNT_CHUNK = 1_000  # owners per PositionsOf when the open positions are counted
+COUNT_CHUNK = 1_000  # owners per PositionsOf/OrdersOf when open positions/orders are counted
+_MADE = (OpenPosition, PendingOrder)  # what a lock pays for, once its request happened
+Made = OpenPosition | ClosedPosition | PendingOrder | EndedOrder  # what a request made
 TRANSIENT_CODES = frozenset({Code.PRICE_UNAVAILABLE})
 
 
@@ -55,7 +66,7 @@ class InDoubt(NamedTuple):
 
     shard: str
     request_id: int
-    kind: str  # "open" / "close"
+    kind: str  # "open" / "order" (a lock pays for it) or "close" / "cancel"
     key: IdemKey | None
 
 
@@ -144,8 +155,8 @@ class Reconciler:
     async def _resolve_one(self, doubt: InDoubt) -> None:
         result = await self.shards[doubt.shard].call(Resolve(doubt.request_id))
         key = doubt.key
-        if doubt.kind == "open":
-            if isinstance(result, OpenPosition):
+        if doubt.kind in ("open", "order"):
+            if isinstance(result, _MADE):
                 if key is not None:
                     await self.ledger.call(Remember(key, result))
             else:  # refused or never arrived (now fenced): its lock backs nothing
@@ -191,16 +202,15 @@ class Reconciler:
         self.counters["client_order_ids_expired"] += expired
 
     async def _resolve_everywhere(self, request_ids: list[int]
-                                  ) -> tuple[dict[int, OpenPosition | ClosedPosition],
-                                             tuple[int, ...]]:
+                                  ) -> tuple[dict[int, Made], tuple[int, ...]]:
         """Ask every shard about each request id (fencing it where it never arrived)."""
         names = list(self.shards)
         answers = await asyncio.gather(*(
             self.shards[n].call_many([Resolve(r) for r in request_ids]) for n in names))
-        opened: dict[int, OpenPosition | ClosedPosition] = {}
+        opened: dict[int, Made] = {}
         for per_shard in answers:
             for request_id, result in zip(request_ids, per_shard, strict=True):
-                if isinstance(result, OpenPosition):
+                if isinstance(result, _MADE):
                     opened[request_id] = result
                 elif isinstance(result, SettlementItem):
                     opened[request_id] = result.closed
@@ -219,15 +229,16 @@ class Reconciler:
             unsettled[name] = tuple(outbox)
         return margins, unsettled
 
-    async def open_counts(self, owners: Sequence[int]) -> dict[int, int]:
-        """How many positions each of ``owners`` has open, summed over the shards (owners
-        with none are absent)."""
+    async def open_counts(self, owners: Sequence[int], read: type[PositionsOf | OrdersOf]
+                          = PositionsOf) -> dict[int, int]:
+        """How many positions (or with ``read=OrdersOf``, orders) each of ``owners`` has open,
+        summed over the shards (owners with none are absent)."""
         chunks = [tuple(owners[i:i + COUNT_CHUNK]) for i in range(0, len(owners), COUNT_CHUNK)]
 
         async def count(port: Port) -> list[tuple[int, int]]:
             out: list[tuple[int, int]] = []
             for chunk in chunks:
-                lists = await port.call(PositionsOf(chunk))
+                lists = await port.call(read(chunk))
                 out.extend((o, len(p)) for o, p in zip(chunk, lists, strict=True) if p)
             return out
 
@@ -247,9 +258,12 @@ class Reconciler:
         opened, _ = await self._resolve_everywhere(list(request_ids))
         margins, unsettled = await self.shard_views()
         # nothing trades before the API serves: the books are what the views were taken of
-        counts = await self.open_counts(sorted(margins))
+        positions = await self.open_counts(sorted(margins))
+        orders = await self.open_counts(sorted(margins), OrdersOf)
+        # an open order holds a position's slot too (a fill can never exceed that limit)
+        slots = {u: positions.get(u, 0) + orders.get(u, 0) for u in {*positions, *orders}}
         released: dict[int, int] = await self.ledger.call(
-            ReconcileAtStart(margins, unsettled, opened, counts))
+            ReconcileAtStart(margins, unsettled, opened, slots, orders))
         if released:
             log.warning("released margin no open position backs: %s", released)
         return released

@@ -11,6 +11,10 @@ shard did not answer is resolved (and fenced) on that shard.
 Closes settle through the courier (cluster.trading.courier), the one path from a shard's
 outbox to the ledger, before the close is answered.
 
+A pending order is placed by the same sequence as an open (its margin locked first, the shard
+places it or refuses and the lock is released) and cancelled by the same one as a close (the
+shard ends it, the courier releases its margin at the ledger before the answer).
+
 Every call is one command of a state machine (engine.ledger_machine, engine.shard_machine),
 sent through a port that batches concurrent calls into one actor round trip. Everything here is
 integers; the API layer converts to decimal strings.
@@ -43,6 +47,7 @@ from engine.ledger_machine import (
     Forget,
     History,
     LockMargin,
+    OrderHistory,
     ReleaseMargin,
     Remember,
     Totals,
@@ -52,20 +57,34 @@ from engine.market import Tick
 from engine.messages import (
     ClosedPosition,
     CloseOrder,
+    EndedOrder,
     IdemHit,
     IdemKey,
     MarginLock,
     NewAccount,
     OpenOrder,
     OpenPosition,
+    PendingOrder,
+    PlaceOrder,
     Principal,
     SettlementItem,
     ShardClose,
     ShardOpen,
     ShardStats,
 )
+from engine.order_book import OrderKind, OrderTerms
+from engine.orders import Side
 from engine.results import Code, Rejected
-from engine.shard_machine import Close, LastTick, Open, PositionsOf, Stats
+from engine.shard_machine import (
+    Cancel,
+    Close,
+    LastTick,
+    Open,
+    OrdersOf,
+    Place,
+    PositionsOf,
+    Stats,
+)
 
 OPEN_RESENDS = 2  # resends of a request (same request id) before it is declared in doubt
 RESEND_DELAY_S = 0.05
@@ -227,6 +246,20 @@ class TradingService:
             History(who.user, limit, before))
         return result
 
+    async def orders(self, who: Principal) -> list[PendingOrder]:
+        """``who``'s open orders over every shard, oldest first (Unavailable if a shard does
+        not answer: the list must not silently miss orders)."""
+        per_shard = await asyncio.gather(*(p.call(OrdersOf((who.user,)))
+                                           for p in self.shards.values()))
+        return sorted((o for [orders] in per_shard for o in orders),
+                      key=lambda o: (o.placed_ts_us, o.order_id))
+
+    async def order_history(self, who: Principal, limit: int = 50,
+                            before: int | None = None) -> list[EndedOrder] | Rejected:
+        result: list[EndedOrder] | Rejected = await self.ledger.call(
+            OrderHistory(who.user, limit, before))
+        return result
+
     async def prices(self) -> dict[str, Tick]:
         """The newest tick of each asset that has one (over its splits). A shard that does
         not answer only hides its own asset; Unavailable if none answers."""
@@ -314,70 +347,94 @@ class TradingService:
     # ----------------------------------------------------------------- open
     async def open_position(self, who: Principal, order: OpenOrder) -> OpenPosition | Rejected:
         """Open ``order`` for ``who``: the position, or why not."""
-        asset = self.assets.get(order.asset)
+        refused = self._check_terms(order.asset, order.leverage, order.margin_micros)
+        if refused is not None:
+            return refused
+
+        def command(request_id: int) -> Open:
+            return Open(ShardOpen(request_id, who.user, order.side, order.margin_micros,
+                                  order.leverage, order.tp_ticks, order.sl_ticks,
+                                  order.current_price_ticks, order.max_slippage_bps))
+
+        return await self._idempotent(who, "open", order.client_order_id, lambda key: self._lock(
+            who, MarginLock(who.user, order.margin_micros, key), order.asset, command))
+
+    async def place_order(self, who: Principal, order: PlaceOrder) -> PendingOrder | Rejected:
+        """Place a pending limit or stop order for ``who`` (its margin locked until it fills,
+        is cancelled, expires or is rejected): the order, or why not."""
+        refused = self._check_terms(order.asset, order.leverage, order.margin_micros)
+        if refused is not None:
+            return refused
+        terms = OrderTerms(Side(order.side), OrderKind(order.kind), order.trigger_ticks,
+                           order.margin_micros, order.leverage, order.tp_ticks, order.sl_ticks,
+                           order.expires_ts_us)
+        lock = MarginLock(who.user, order.margin_micros, order=True)
+        return await self._idempotent(who, "order", order.client_order_id, lambda key: self._lock(
+            who, lock._replace(idem_key=key), order.asset,
+            lambda request_id: Place(who.user, terms, request_id)))
+
+    def _check_terms(self, asset_name: str, leverage: int, margin_micros: int
+                     ) -> Rejected | None:
+        asset = self.assets.get(asset_name)
         if asset is None:
-            return Rejected(Code.UNKNOWN_ASSET, f"unknown asset {order.asset!r}")
-        if not 1 <= order.leverage <= asset.max_leverage:
+            return Rejected(Code.UNKNOWN_ASSET, f"unknown asset {asset_name!r}")
+        if not 1 <= leverage <= asset.max_leverage:
             return Rejected(Code.LEVERAGE_OUT_OF_RANGE,
                             f"leverage must be an integer in 1..{asset.max_leverage}")
-        if order.margin_micros <= 0:
+        if margin_micros <= 0:
             return Rejected(Code.INVALID_REQUEST, "margin must be greater than zero")
-        return await self._idempotent(who, "open", order.client_order_id,
-                                      lambda key: self._open(who, order, key))
+        return None
 
-    async def _open(self, who: Principal, order: OpenOrder,
-                    key: IdemKey | None) -> OpenPosition | Rejected:
-        async def lock(request_id: int) -> object:
-            # The request id travels with the lock: a lock whose open was cut off is settled
-            # by this id (abandoned, or resolved against the shards), never guessed.
+    async def _lock(self, who: Principal, lock: MarginLock, asset: str,
+                    command: Callable[[int], Any]) -> Any:
+        """Lock ``lock``'s margin, then send ``command(request_id)`` (an open or a placement)
+        to a split of ``asset``: its answer, or why not."""
+        async def reserve(request_id: int) -> object:
+            # The request id travels with the lock: a lock whose request was cut off is
+            # settled by this id (abandoned, or resolved against the shards), never guessed.
             try:
-                return await self.ledger.call(
-                    LockMargin(MarginLock(who.user, order.margin_micros, key, request_id)))
+                return await self.ledger.call(LockMargin(lock._replace(request_id=request_id)))
             except Unavailable:
-                # The lock may have been made and its answer lost: the open is never sent.
+                # The lock may have been made and its answer lost: the request is never sent.
                 self.reconciler.abandon(request_id)
                 raise
 
-        request_id, outcome = await self._claim(key, lock)
+        request_id, outcome = await self._claim(lock.idem_key, reserve)
         if isinstance(outcome, IdemHit):  # the answer of an earlier request with this key
-            assert isinstance(outcome.answer, OpenPosition | Rejected)
             return outcome.answer
         if isinstance(outcome, Rejected):
             self.counters[f"rejected_{outcome.code.value}"] += 1
             return outcome
-        return await self._open_locked(who, order, key, request_id)
+        return await self._send_locked(who, lock, asset, command(request_id), request_id)
 
-    async def _open_locked(self, who: Principal, order: OpenOrder, key: IdemKey | None,
-                           request_id: int) -> OpenPosition | Rejected:
-        spec = self.layout.for_new_position(order.asset, next(self._spread))
-        request = ShardOpen(request_id, who.user, order.side, order.margin_micros,
-                            order.leverage, order.tp_ticks, order.sl_ticks,
-                            order.current_price_ticks, order.max_slippage_bps)
+    async def _send_locked(self, who: Principal, lock: MarginLock, asset: str, command: Any,
+                           request_id: int) -> Any:
+        kind, key = ("order" if lock.order else "open"), lock.idem_key
+        spec = self.layout.for_new_position(asset, next(self._spread))
         try:
-            result = await self._send(spec.name, Open(request))
+            result = await self._send(spec.name, command)
         except Exception:
-            self.reconciler.abandon(request_id)  # the open never reached a shard
+            self.reconciler.abandon(request_id)  # the request never reached a shard
             raise
         if result is None:  # the shard never answered: resolve it there, keep the lock
-            self.reconciler.in_doubt(InDoubt(spec.name, request_id, "open", key))
-            raise Unavailable(spec.name, "the open's outcome is unknown; check your positions")
+            self.reconciler.in_doubt(InDoubt(spec.name, request_id, kind, key))
+            raise Unavailable(spec.name, f"the {kind}'s outcome is unknown; check your account")
         if isinstance(result, Rejected):
             self.counters[f"rejected_{result.code.value}"] += 1
             answer = None if key is None or result.code in TRANSIENT_CODES else (key, result)
             try:
                 await self.ledger.call(
-                    ReleaseMargin(who.user, order.margin_micros, request_id, answer))
+                    ReleaseMargin(who.user, lock.margin_micros, request_id, answer))
                 if key is not None and answer is None:
                     await self.ledger.call(Forget(key))
             except Unavailable:
                 self.reconciler.abandon(request_id)  # released later, by its request id
             return result
-        self.counters["opens"] += 1
+        self.counters[f"{kind}s"] += 1
         if key is not None:
             # if this is lost, the reservation stays pending and is resolved from the shard
             with contextlib.suppress(Unavailable):
                 await self.ledger.call(Remember(key, result))
-        assert isinstance(result, OpenPosition)
         return result
 
     async def _send(self, shard_name: str, command: Any) -> Any:
@@ -396,32 +453,43 @@ class TradingService:
     async def close_position(self, who: Principal,
                              order: CloseOrder) -> ClosedPosition | Rejected:
         """Close one of ``who``'s positions by hand; NOT_FOUND for anyone else's."""
-        return await self._idempotent(who, "close", order.client_order_id,
-                                      lambda key: self._close(who, order, key))
+        def command(request_id: int) -> Close:
+            return Close(ShardClose(request_id, who.user, order.position_id,
+                                    order.current_price_ticks, order.max_slippage_bps))
 
-    async def _close(self, who: Principal, order: CloseOrder,
-                     key: IdemKey | None) -> ClosedPosition | Rejected:
-        spec = self.layout.of_position(order.position_id)
+        return await self._idempotent(who, "close", order.client_order_id, lambda key: self._end(
+            key, order.position_id, "close", command))
+
+    async def cancel_order(self, who: Principal, order_id: int,
+                           client_order_id: str | None = None) -> EndedOrder | Rejected:
+        """Cancel one of ``who``'s open orders (its margin released): the ended order;
+        NOT_FOUND for anyone else's, ORDER_NOT_OPEN for one that ended already."""
+        return await self._idempotent(who, "cancel", client_order_id, lambda key: self._end(
+            key, order_id, "cancel", lambda request_id: Cancel(who.user, order_id, request_id)))
+
+    async def _end(self, key: IdemKey | None, item_id: int, kind: str,
+                   command: Callable[[int], Any]) -> Any:
+        """Send ``command(request_id)`` (a close or a cancel) to the shard that issued
+        ``item_id``; its settlement reaches the ledger before the answer."""
+        spec = self.layout.of_position(item_id)  # order ids carry their shard's tag too
         if spec is None:
-            return Rejected(Code.NOT_FOUND, "no such open position")
+            return Rejected(Code.NOT_FOUND, "no such open position" if kind == "close"
+                            else "no such open order")
         if key is None:
             request_id = self._request_id()
         else:
             request_id, seen = await self._claim(
                 key, lambda request_id: self.ledger.call(Begin(key, request_id)))
             if isinstance(seen, IdemHit):  # the answer of an earlier request with this key
-                assert isinstance(seen.answer, ClosedPosition | Rejected)
                 return seen.answer
             if isinstance(seen, Rejected):
                 return seen
-        result = await self._send(spec.name, Close(ShardClose(
-            request_id, who.user, order.position_id, order.current_price_ticks,
-            order.max_slippage_bps)))
+        result = await self._send(spec.name, command(request_id))
         if result is None:
-            # the close may have happened: its reservation stays pending until the shard
-            # says (a retry meanwhile waits for that answer instead of running again)
-            self.reconciler.in_doubt(InDoubt(spec.name, request_id, "close", key))
-            raise Unavailable(spec.name, "the close's outcome is unknown; check your positions")
+            # it may have happened: its reservation stays pending until the shard says (a
+            # retry meanwhile waits for that answer instead of running again)
+            self.reconciler.in_doubt(InDoubt(spec.name, request_id, kind, key))
+            raise Unavailable(spec.name, f"the {kind}'s outcome is unknown; check your account")
         if isinstance(result, Rejected):
             self.counters[f"rejected_{result.code.value}"] += 1
             if key is not None:
@@ -431,16 +499,16 @@ class TradingService:
                     await self.ledger.call(Remember(key, result))
             return result
         assert isinstance(result, SettlementItem)
-        self.counters["closes"] += 1
+        self.counters[f"{kind}s"] += 1
         closed = result.closed
         try:
             await self.courier.settle(spec.name, result, None if key is None else (key, closed))
         except Unavailable:
-            # The close happened and sits in the shard's outbox, which every later delivery
-            # resends: the ledger will apply it; the caller still gets the fact.
+            # It happened and sits in the shard's outbox, which every later delivery resends:
+            # the ledger will apply it; the caller still gets the fact.
             self.counters["settlements_deferred"] += 1
             if key is not None:
-                self.reconciler.in_doubt(InDoubt(spec.name, request_id, "close", key))
+                self.reconciler.in_doubt(InDoubt(spec.name, request_id, kind, key))
         return closed
 
     # ----------------------------------------------------------------- operations

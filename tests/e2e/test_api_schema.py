@@ -97,7 +97,7 @@ def test_api_conforms_to_its_openapi_document(tmp_path: Path) -> None:
 def test_rate_limited_answers_conform_too(tmp_path: Path) -> None:
     """Limits low enough that fuzzing hits them: every 429 has the documented shape and its
     Retry-After header."""
-    limits = Settings(api_key_rate_per_s=2, api_key_burst=2, signups_per_min=1)
+    limits = Settings(api_key_rate_per_s=1, api_key_burst=1, signups_per_min=1)
     with serving(limits) as (p, auth):
         run = schemathesis(p.base_url, auth, tmp_path, 5, "--phases", "fuzzing")
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]

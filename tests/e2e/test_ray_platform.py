@@ -1,12 +1,14 @@
 """The platform on Ray over real HTTP: Serve (direct ingress), Kafka-driven prices, actors.
 
 A smoke scenario (account -> open -> liquidation by a produced tick -> history -> audit), then
-the whole SPEC trading scenario suite of ``test_api_trading`` run again against this platform
-(the same test functions, collected here with this module's ``platform`` fixture).
+the whole SPEC trading and order scenario suites (``test_api_trading``, ``test_api_orders``) run
+again against this platform (the same test functions, collected here with this module's
+``platform`` fixture).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from decimal import Decimal as D
 import httpx
 import pytest
 
+from tests.e2e import test_api_orders as _orders
 from tests.e2e import test_api_trading as _trading
 from tests.e2e.api_client import open_position, signup, state, tick, wait_closed
 from tests.e2e.ray_platform import RayHttpPlatform
@@ -78,8 +81,12 @@ def test_metrics_count_the_feed_drops_by_reason(platform: RayHttpPlatform,
         time.sleep(0.1)
 
 
-# The SPEC trading scenarios, again on Ray (same functions; this module's `platform` fixture).
-for _name in dir(_trading):
-    if _name.startswith("test_"):
-        globals()[f"{_name}_on_ray"] = getattr(_trading, _name)
-del _name
+# The SPEC trading and order scenarios, again on Ray (same functions; this module's `platform`
+# fixture, prices produced to the topic); those that start a platform of their own stay local.
+for _module in (_trading, _orders):
+    for _name in dir(_module):
+        _test = getattr(_module, _name)
+        if _name.startswith("test_") and {"platform", "http"} & set(
+                inspect.signature(_test).parameters):
+            globals()[f"{_name}_on_ray"] = _test
+del _module, _name, _test

@@ -39,6 +39,7 @@ BAD = {
     "SIGNUPS_PER_MIN": ["-1"],
     "STATE_POSITIONS": ["0", "10001", "x"],
     "MAX_OPEN_POSITIONS": ["0", "100001", "x"],
+    "MAX_OPEN_ORDERS": ["0", "100001", "-1"],
     "CLIENT_ORDER_ID_TTL_S": ["59", "2592001", "1.5"],
 }
 
