@@ -65,14 +65,21 @@ def open_ids(http: httpx.Client, headers: dict[str, str]) -> list[str]:
 def wait_closed(http: httpx.Client, headers: dict[str, str], position_id: str) -> dict[str, Any]:
     """The history entry of ``position_id`` once it has settled (closes by ticks are async
     on a real cluster)."""
+    return wait_in_history(http, headers, "positions", "positionId", position_id)
+
+
+def wait_in_history(http: httpx.Client, headers: dict[str, str], kind: str, id_key: str,
+                    item_id: str) -> dict[str, Any]:
+    """The entry of ``/api/v1/<kind>/history`` whose ``id_key`` is ``item_id``, once it is
+    there (an end caused by a tick settles asynchronously on a real cluster)."""
     deadline = time.monotonic() + WAIT_S
     while True:
-        r = http.get("/api/v1/positions/history", headers=headers)
+        r = http.get(f"/api/v1/{kind}/history", headers=headers)
         assert r.status_code == 200, r.text
-        for p in r.json()["positions"]:
-            if p["positionId"] == position_id:
-                return dict(p)
-        assert time.monotonic() < deadline, f"position {position_id} never closed"
+        for item in r.json()[kind]:
+            if item[id_key] == item_id:
+                return dict(item)
+        assert time.monotonic() < deadline, f"{id_key} {item_id} never reached the history"
         time.sleep(0.02)
 
 

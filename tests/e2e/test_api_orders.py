@@ -18,13 +18,13 @@ import httpx
 
 from cluster.config import Settings
 from tests.e2e.api_client import (
-    WAIT_S,
     error_code,
     floor_to,
     signup,
     sol_trader,
     state,
     tick,
+    wait_in_history,
 )
 from tests.e2e.http_platform import HttpPlatform, LocalHttpPlatform
 
@@ -46,15 +46,7 @@ def open_orders(http: httpx.Client, headers: dict[str, str]) -> list[dict[str, A
 
 def wait_ended(http: httpx.Client, headers: dict[str, str], order_id: str) -> dict[str, Any]:
     """The order history entry of ``order_id`` once its end has settled."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        r = http.get("/api/v1/orders/history", headers=headers)
-        assert r.status_code == 200, r.text
-        for order in r.json()["orders"]:
-            if order["orderId"] == order_id:
-                return dict(order)
-        assert time.monotonic() < deadline, f"order {order_id} never ended"
-        time.sleep(0.02)
+    return wait_in_history(http, headers, "orders", "orderId", order_id)
 
 
 def balances(http: httpx.Client, headers: dict[str, str]) -> dict[str, D]:
