@@ -1,9 +1,10 @@
 """The position book of one asset: columnar numpy arrays, one row per open position.
 
 No Python object exists per position: a position is a row of the columns below, found from its
-id in O(1). The rows, ids, free list (through the ``qty_steps`` cell of a free row), growth and
-snapshots are :class:`engine.rows.RowStore`'s, so open and close are O(1) amortised and a
-snapshot of the columns restores the free list and the next ids exactly.
+id in O(1), and :meth:`PositionBook.amend` changes its margin, quantity and levels in place.
+The rows, ids, free list (through the ``qty_steps`` cell of a free row), growth and snapshots
+are :class:`engine.rows.RowStore`'s, so open and close are O(1) amortised and a snapshot of the
+columns restores the free list and the next ids exactly.
 
 Columns (capacity rows each; rows ``>= high water`` are unused): the fields of
 engine.schema.BOOK_ROW, each named ``Field.column`` with dtype ``Field.dtype``::
@@ -23,16 +24,18 @@ engine.schema.BOOK_ROW, each named ``Field.column`` with dtype ``Field.dtype``::
 
 Four :class:`~engine.triggers.TriggerIndex` make the per-tick sweep proportional to what
 triggers: long stop (``max(liq, SL)``, hit when ``bid <= level``), long TP (``bid >= TP``),
-short stop (``min(liq, SL)``, ``ask >= level``), short TP (``ask <= TP``). SL lies strictly
-between liquidation and entry, so a position with an SL reports ``stop_loss`` from its stop
-entry and one without reports ``liquidation``.
+short stop (``min(liq, SL)``, ``ask >= level``), short TP (``ask <= TP``). Every row keeps its
+SL strictly beyond its liquidation price and its TP strictly beyond its stop level, so a
+position with an SL reports ``stop_loss`` from its stop entry, one without ``liquidation``, and
+no tick hits both of a position's entries. An amended level leaves its old entry in the index:
+the indexes hold an entry alive only while its key is the one its row gives now.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,7 +44,6 @@ from engine.assets import Asset
 from engine.marking import unrealized_pnl_micros as _pnl_kernel
 from engine.orders import (
     MAX_COLUMN_VALUE,
-    NO_LEVEL,
     PPM,
     CloseReason,
     OpenPlan,
@@ -51,7 +53,7 @@ from engine.orders import (
 )
 from engine.position_ids import ROW_MASK, ROW_SHIFT, book_tag_of
 from engine.rows import RowStore
-from engine.triggers import naive_sweep
+from engine.triggers import KeyFunction, naive_sweep
 
 _INT64_MAX = (1 << 63) - 1
 _COLUMNS = schema.BOOK_ROW
@@ -67,6 +69,7 @@ _SIDES = (Side.LONG, Side.SHORT)
 _SL = np.int8(CloseReason.STOP_LOSS)
 _LIQ = np.int8(CloseReason.LIQUIDATION)
 _TP = np.int8(CloseReason.TAKE_PROFIT)
+_AMENDABLE = ("qty_steps", "margin_micros", "liq_ticks", "tp_ticks", "sl_ticks")
 
 
 class PositionRecord(NamedTuple):
@@ -121,6 +124,8 @@ class PositionBook(RowStore[PositionRecord], columns=_COLUMNS, attributes=_ATTR_
         # keys: long stop -level (bid <= level <=> -level <= -bid), long TP level (bid >=
         # level), short stop level (ask >= level), short TP -level (ask <= level)
         self._long_stop, self._long_tp, self._short_stop, self._short_tp = self._indexes
+        # by side: the (stop, TP) indexes a position's _trigger_keys go to
+        self._by_side = ((self._long_stop, self._long_tp), (self._short_stop, self._short_tp))
 
     def _record(self, row: int) -> PositionRecord:
         result: PositionRecord = _RECORD([col.item(row) for col in self._cols])
@@ -146,16 +151,12 @@ class PositionBook(RowStore[PositionRecord], columns=_COLUMNS, attributes=_ATTR_
         self._ts[row] = opened_ts_us
         self._ppm[row] = plan.maintenance_margin_ppm
         ids = self._pid
-        if plan.side == Side.LONG:
-            stop = plan.sl_ticks or plan.liq_ticks
-            if stop > 0:
-                self._long_stop.add(-stop, pid, ids)
-            if plan.tp_ticks != NO_LEVEL:
-                self._long_tp.add(plan.tp_ticks, pid, ids)
-        else:
-            self._short_stop.add(plan.sl_ticks or plan.liq_ticks, pid, ids)
-            if plan.tp_ticks != NO_LEVEL:
-                self._short_tp.add(-plan.tp_ticks, pid, ids)
+        stop_index, tp_index = self._by_side[plan.side]
+        stop, tp = _trigger_keys(plan.side, plan.liq_ticks, plan.tp_ticks, plan.sl_ticks)
+        if stop:
+            stop_index.add(stop, pid, ids)
+        if tp:
+            tp_index.add(tp, pid, ids)
         return pid
 
     def next_position_id(self) -> int:
@@ -171,16 +172,59 @@ class PositionBook(RowStore[PositionRecord], columns=_COLUMNS, attributes=_ATTR_
         record = self._record(row)
         self._release_row(row, record.position_id)
         ids = self._pid
-        if record.side == Side.LONG:
-            if (record.sl_ticks or record.liq_ticks) > 0:
-                self._long_stop.discard(ids)
-            if record.tp_ticks != NO_LEVEL:
-                self._long_tp.discard(ids)
-        else:
-            self._short_stop.discard(ids)
-            if record.tp_ticks != NO_LEVEL:
-                self._short_tp.discard(ids)
+        stop_index, tp_index = self._by_side[record.side]
+        stop, tp = _trigger_keys(record.side, record.liq_ticks, record.tp_ticks, record.sl_ticks)
+        if stop:
+            stop_index.discard(ids)
+        if tp:
+            tp_index.discard(ids)
         return record
+
+    def amend(self, position_id: int, *, margin_micros: int | None = None,
+              liq_ticks: int | None = None, tp_ticks: int | None = None,
+              sl_ticks: int | None = None, qty_steps: int | None = None
+              ) -> PositionRecord | None:
+        """Change an open position in place, keeping its id, and return it as it is now; None
+        if it is not open here. A None argument leaves its field as it is; ``tp_ticks`` or
+        ``sl_ticks`` ``NO_LEVEL`` removes that level.
+
+        ValueError, and nothing changes, unless the result is a valid row: values in range,
+        ``liq_ticks`` the liquidation price of the resulting margin and quantity
+        (:func:`~engine.orders.liquidation_ticks`), SL strictly beyond it, TP strictly beyond
+        the stop level (SL, else liquidation). Where the levels lie against the entry or the
+        current price is the caller's rule to check. O(log n) amortised, plus the entries at
+        a level the position held before.
+        """
+        row = self._row(position_id)
+        if row < 0:
+            return None
+        old = self._record(row)
+        given = dict(zip(_AMENDABLE, (qty_steps, margin_micros, liq_ticks, tp_ticks, sl_ticks),
+                         strict=True))
+        changes: dict[str, Any] = {name: operator.index(v) for name, v in given.items()
+                                   if v is not None}
+        if not all(0 <= v <= MAX_COLUMN_VALUE for v in changes.values()):
+            raise ValueError("amended values out of range")
+        new = old._replace(**changes)
+        _check_row_columns(self.asset, {f.column: np.array([v], dtype=np.int64)
+                                        for f, v in zip(_COLUMNS, new, strict=True)})
+        self._qty[row] = new.qty_steps
+        self._margin[row] = new.margin_micros
+        self._liq[row] = new.liq_ticks
+        self._tp[row] = new.tp_ticks
+        self._sl[row] = new.sl_ticks
+        ids = self._pid
+        was = _trigger_keys(old.side, old.liq_ticks, old.tp_ticks, old.sl_ticks)
+        now = _trigger_keys(new.side, new.liq_ticks, new.tp_ticks, new.sl_ticks)
+        for index, before, after in zip(self._by_side[new.side], was, now, strict=True):
+            if after != before:
+                # the new entry first: an old one at that key it revives must be counted
+                # before the discard may compact (which counts the live entries)
+                if after:
+                    index.add_again(after, new.position_id, ids)
+                if before:
+                    index.discard(ids)
+        return new
 
     # -- vectorised reads ----------------------------------------------------------------------
     def unrealized_pnl_micros(self, ids: np.ndarray, bid_ticks: int, ask_ticks: int
@@ -253,21 +297,44 @@ class PositionBook(RowStore[PositionRecord], columns=_COLUMNS, attributes=_ATTR_
         cols["opened_ts_us"] = ts
         return self._insert_many(cols)
 
+    # -- trigger keys: what _trigger_keys gives one position, for many rows (0: no entry) --------
+    def _short_stop_keys(self, rows: np.ndarray) -> np.ndarray:
+        sl = self._sl[rows]
+        return np.where(sl != 0, sl, self._liq[rows])
+
+    def _long_stop_keys(self, rows: np.ndarray) -> np.ndarray:
+        return -self._short_stop_keys(rows)
+
+    def _long_tp_keys(self, rows: np.ndarray) -> np.ndarray:
+        return self._tp[rows]
+
+    def _short_tp_keys(self, rows: np.ndarray) -> np.ndarray:
+        return -self._tp[rows]
+
+    def _index_keys(self) -> tuple[KeyFunction, ...]:
+        return (self._long_stop_keys, self._long_tp_keys, self._short_stop_keys,
+                self._short_tp_keys)
+
     def _index_entries(self, rows: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         pids = self._pid[rows]
-        side = self._side[rows]
-        stop = np.where(self._sl[rows] != 0, self._sl[rows], self._liq[rows])
-        tp = self._tp[rows]
-        long = side == 0
-        short = ~long
-        long_stop = long & (stop > 0)
-        long_tp = long & (tp != 0)
-        short_tp = short & (tp != 0)
-        return [(-stop[long_stop], pids[long_stop]), (tp[long_tp], pids[long_tp]),
-                (stop[short], pids[short]), (-tp[short_tp], pids[short_tp])]
+        long = self._side[rows] == 0
+        out = []
+        for keys_of, side in zip(self._index_keys(), (long, long, ~long, ~long), strict=True):
+            keys = keys_of(rows)
+            mine = side & (keys != 0)
+            out.append((keys[mine], pids[mine]))
+        return out
 
     def _check_terms(self, columns: Mapping[str, np.ndarray]) -> None:
-        _check_plan_columns(self.asset, columns)
+        _check_row_columns(self.asset, columns)
+
+
+def _trigger_keys(side: int, liq_ticks: int, tp_ticks: int, sl_ticks: int) -> tuple[int, int]:
+    """A position's keys in its side's stop and TP indexes, 0 where it has no entry: no
+    entry's key is 0, as every level is > 0 (a long's liquidation price of 0 means it is
+    never liquidated)."""
+    stop = sl_ticks or liq_ticks
+    return (-stop, tp_ticks) if side == Side.LONG else (stop, -tp_ticks)
 
 
 _RATE = schema.maintenance_margin_ppm
@@ -291,8 +358,11 @@ def _plan_columns(asset: Asset, plans: Mapping[str, np.ndarray], n: int
     return cols
 
 
-def _check_plan_columns(asset: Asset, cols: Mapping[str, np.ndarray]) -> None:
-    """Vectorised :func:`check_plan` over column arrays (ValueError on the first problem)."""
+def _check_row_columns(asset: Asset, cols: Mapping[str, np.ndarray]) -> None:
+    """ValueError (on the first problem) unless the rows (int arrays by column name) are valid
+    open positions: what :func:`check_plan` checks but for the levels' side of the entry, an
+    open's rule that an amended position need not keep (an SL may lock in profit). SL and TP
+    must still lie beyond the liquidation price and the stop level, as the sweep needs."""
     side = cols["side"].astype(np.int64)
     entry = cols["entry_ticks"].astype(np.int64)
     qty = cols["qty_steps"].astype(np.int64)
@@ -313,11 +383,25 @@ def _check_plan_columns(asset: Asset, cols: Mapping[str, np.ndarray]) -> None:
         raise ValueError("maintenance margin rate out of range")
     if not np.array_equal(liquidation_ticks_array(asset, side, entry, qty, margin, ppm), liq):
         raise ValueError("liquidation prices do not match the plans")
+    if not ((tp >= 0) & (sl >= 0) & (tp <= MAX_COLUMN_VALUE) & (sl <= MAX_COLUMN_VALUE)).all():
+        raise ValueError("trigger levels out of range")
     long = side == 0
-    tp_ok = (tp == 0) | np.where(long, tp > entry, (tp > 0) & (tp < entry))
-    sl_ok = (sl == 0) | np.where(long, (sl > liq) & (sl < entry), (sl > entry) & (sl < liq))
-    if not (tp_ok & sl_ok & (tp >= 0) & (sl >= 0)).all():
-        raise ValueError("take-profit or stop-loss on the wrong side")
+    stop = np.where(sl != 0, sl, liq)
+    if not ((sl == 0) | np.where(long, sl > liq, sl < liq)).all():
+        raise ValueError("stop-loss not beyond the liquidation price")
+    if not ((tp == 0) | np.where(long, tp > stop, (tp > 0) & (tp < stop))).all():
+        raise ValueError("take-profit not beyond the stop-loss or liquidation price")
+
+
+def _check_plan_columns(asset: Asset, cols: Mapping[str, np.ndarray]) -> None:
+    """Vectorised :func:`check_plan` over column arrays (ValueError on the first problem)."""
+    _check_row_columns(asset, cols)
+    entry, tp, sl = cols["entry_ticks"], cols["tp_ticks"], cols["sl_ticks"]
+    long = cols["side"] == 0
+    tp_ok = (tp == 0) | np.where(long, tp > entry, tp < entry)
+    sl_ok = (sl == 0) | np.where(long, sl < entry, sl > entry)
+    if not (tp_ok & sl_ok).all():
+        raise ValueError("take-profit or stop-loss on the wrong side of the entry")
 
 
 __all__ = ["COLUMN_NAMES", "PositionBook", "PositionRecord", "book_tag_of"]

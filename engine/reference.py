@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Any
 
 from engine import schema
 from engine.assets import Asset
@@ -41,6 +42,14 @@ def exact_liquidation_price(asset: Asset, side: Side, entry_ticks: int, qty_step
     return entry - distance if side == Side.LONG else entry + distance
 
 
+def liquidation_ticks(asset: Asset, side: Side, liq_price: Fraction) -> int:
+    """The tick the book stores for an exact liquidation price (USD): floored for a long, and
+    at least 0, ceiled for a short, so a tick price crosses one exactly when it crosses the
+    other."""
+    in_ticks = liq_price / _price(asset, 1)
+    return max(0, math.floor(in_ticks)) if side == Side.LONG else math.ceil(in_ticks)
+
+
 def plan_open(asset: Asset, side: Side, margin_micros: int, leverage: int, bid_ticks: int,
               ask_ticks: int, tp_ticks: int | None, sl_ticks: int | None,
               maintenance_margin_ppm: int = 0) -> OpenPlan | Rejected:
@@ -69,8 +78,7 @@ def plan_open(asset: Asset, side: Side, margin_micros: int, leverage: int, bid_t
         return Rejected(Code.INVALID_REQUEST, "margin does not exceed the maintenance margin")
     liq = exact_liquidation_price(asset, side, entry_ticks, qty_steps, margin_micros,
                                   maintenance_margin_ppm)
-    tick = _price(asset, 1)
-    liq_ticks = max(0, math.floor(liq / tick)) if side == Side.LONG else math.ceil(liq / tick)
+    liq_ticks = liquidation_ticks(asset, side, liq)
     closing = _price(asset, bid_ticks if side == Side.LONG else ask_ticks)
     if (closing <= liq) if side == Side.LONG else (closing >= liq):
         return Rejected(Code.WOULD_LIQUIDATE, "liquidation price already crossed")
@@ -151,6 +159,43 @@ class ReferenceBook:
     def get(self, position_id: int) -> PositionRecord | None:
         return self.positions.get(position_id)
 
+    def amend(self, position_id: int, *, margin_micros: int | None = None,
+              liq_ticks: int | None = None, tp_ticks: int | None = None,
+              sl_ticks: int | None = None, qty_steps: int | None = None
+              ) -> PositionRecord | None:
+        """Reference of :meth:`engine.book.PositionBook.amend`: the position with the given
+        fields replaced (None: unchanged, NO_LEVEL: level removed) and its exact liquidation
+        price recomputed, or None if it is not open. ValueError, nothing changed, unless every
+        value is in ``0..2**62``, quantity and margin are positive, ``liq_ticks`` is that price
+        in ticks, the SL lies beyond that price and the TP beyond the SL (else that price)."""
+        p = self.positions.get(position_id)
+        if p is None:
+            return None
+        given = {"margin_micros": margin_micros, "liq_ticks": liq_ticks, "tp_ticks": tp_ticks,
+                 "sl_ticks": sl_ticks, "qty_steps": qty_steps}
+        changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        if not all(0 <= value <= 2**62 for value in changes.values()):
+            raise ValueError("out of range")
+        new = p._replace(**changes)
+        if new.qty_steps <= 0 or new.margin_micros <= 0:
+            raise ValueError("quantity and margin must be positive")
+        liq = exact_liquidation_price(self.asset, new.side, new.entry_ticks, new.qty_steps,
+                                      new.margin_micros, new.maintenance_margin_ppm)
+        if new.liq_ticks != liquidation_ticks(self.asset, new.side, liq):
+            raise ValueError("liquidation price does not match")
+        sl = _price(self.asset, new.sl_ticks) if new.sl_ticks else None
+        tp = _price(self.asset, new.tp_ticks) if new.tp_ticks else None
+        stop = liq if sl is None else sl
+        # a long's levels rise liquidation < SL < TP, a short's fall in that order
+        sign = 1 if new.side == Side.LONG else -1
+        if sl is not None and not sign * sl > sign * liq:
+            raise ValueError("SL not beyond the liquidation price")
+        if tp is not None and not sign * tp > sign * stop:
+            raise ValueError("TP not beyond the stop")
+        self.positions[position_id] = new
+        self.liq_prices[position_id] = liq
+        return new
+
     def reason(self, position: PositionRecord, bid_ticks: int, ask_ticks: int
                ) -> CloseReason | None:
         """Why this tick closes the position (TP/SL before liquidation), or None."""
@@ -198,6 +243,7 @@ class ReferenceBook:
 __all__ = [
     "ReferenceBook",
     "exact_liquidation_price",
+    "liquidation_ticks",
     "plan_open",
     "pnl_micros",
     "settle",

@@ -1,17 +1,22 @@
 """The per-tick trigger sweep: sorted trigger indexes, and the naive full sweep it replaces.
 
-Liquidation, take-profit and stop-loss levels are fixed when a position opens, so a tick only
-needs the positions whose level it crossed. A :class:`TriggerIndex` keeps position ids ordered
-by an int64 key such that "triggered at ``x``" is always ``key <= x`` (levels crossed from
-above are stored negated), so the triggered entries are a prefix found by one binary search.
+Liquidation, take-profit and stop-loss levels are set when a position opens and change only
+when it is amended, so a tick only needs the positions whose level it crossed. A
+:class:`TriggerIndex` keeps position ids ordered by an int64 key such that "triggered at ``x``"
+is always ``key <= x`` (levels crossed from above are stored negated), so the triggered entries
+are a prefix found by one binary search.
 Positions opened since the last merge sit in a small unsorted pending buffer that every sweep
 scans linearly; it is merged into the sorted arrays when it exceeds a fraction of the index.
 
 Closing a position does not touch the arrays: an index holds ids, and an id whose row now holds
-another id (or none) is dead. Dead entries are skipped by each sweep and dropped when they
-exceed a fraction of the index (compaction). A sweep never consumes live entries: a triggered
-position stays reported until it is closed, so a sweep is a pure function of the open
-positions and the prices (what journal replay needs).
+another id (or none) is dead. An index built with ``current_keys`` (the position book's, whose
+levels can be amended) also holds an entry dead while its key is not the key its position has
+in the index now, so an amend leaves the old entry behind without searching for it (and an
+amend back to that key finds it alive again, see :meth:`TriggerIndex.add_again`).
+Dead entries are skipped by each sweep and dropped when they exceed a fraction of the index
+(compaction). A sweep never consumes live entries: a triggered position stays reported until it
+is closed, so a sweep is a pure function of the open positions and the prices (what journal
+replay needs).
 
 :func:`naive_sweep` recomputes every unrealized PnL and compares it with margin - maintenance
 margin, TP and SL: the straightforward implementation, kept for the benchmark and as an oracle.
@@ -19,6 +24,7 @@ margin, TP and SL: the straightforward implementation, kept for the benchmark an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -42,26 +48,30 @@ _MIN_DEAD = 4096
 _DEAD_SHIFT = 2
 _EMPTY = np.zeros(0, dtype=np.int64)
 
-
-def alive_mask(ids: np.ndarray, id_column: np.ndarray) -> np.ndarray:
-    """bool mask: which of ``ids`` (int64) are still the id stored in their row."""
-    return id_column[(ids >> ROW_SHIFT) & ROW_MASK] == ids
+KeyFunction = Callable[[np.ndarray], np.ndarray]
+"""rows (int64) -> the key (int64) each row's live item has in an index now, or a value no entry
+of that index ever has when the item has none there."""
 
 
 class TriggerIndex:
     """Ids of open positions ordered by an int64 trigger key; an entry is triggered at ``x``
-    exactly when ``key <= x``.
+    exactly when ``key <= x``, and alive while its id is its row's id (and, with
+    ``current_keys``, its key the row's key in this index now).
 
     Storage: ``keys``/``ids`` sorted by key (int64, 16 bytes per entry), a head offset before
     which every entry is dead, and pending ``keys``/``ids`` buffers for recent additions.
     """
 
-    __slots__ = ("_entries", "_head", "_ids", "_keys", "_live", "_min_dead", "_min_pending",
-                 "_pend_ids", "_pend_keys", "_pend_min", "_pend_n")
+    __slots__ = ("_current_keys", "_entries", "_head", "_ids", "_keys", "_live", "_min_dead",
+                 "_min_pending", "_pend_ids", "_pend_keys", "_pend_min", "_pend_n")
 
-    def __init__(self, min_pending: int = _MIN_PENDING, min_dead: int = _MIN_DEAD) -> None:
+    def __init__(self, min_pending: int = _MIN_PENDING, min_dead: int = _MIN_DEAD,
+                 current_keys: KeyFunction | None = None) -> None:
         """``min_pending``/``min_dead``: floors of the merge and compaction thresholds (tests
-        use tiny ones to exercise merges on small books)."""
+        use tiny ones to exercise merges on small books). ``current_keys``: for items whose
+        key can change, the key each row's item has now; an entry is then alive only while
+        its key is that one. None: keys never change, an entry is alive while its id is."""
+        self._current_keys = current_keys
         self._min_pending = max(1, min_pending)
         self._min_dead = max(1, min_dead)
         self._keys = _EMPTY
@@ -108,14 +118,28 @@ class TriggerIndex:
         if self._pend_n > max(self._min_pending, self._live >> _PENDING_SHIFT):
             self.merge(id_column)
 
+    def add_again(self, key: int, position_id: int, id_column: np.ndarray) -> None:
+        """Add a live entry for an item whose key in this index has just become ``key`` (its
+        row already says so). An entry it had at ``key`` before, still stored, is alive again
+        and is counted instead of stored twice. O(log n + entries at ``key`` + pending)."""
+        lo = max(self._head, int(self._keys.searchsorted(key, side="left")))
+        hi = int(self._keys.searchsorted(key, side="right"))
+        n = self._pend_n
+        if (self._ids[lo:hi] == position_id).any() or (
+                (self._pend_keys[:n] == key) & (self._pend_ids[:n] == position_id)).any():
+            self._live += 1
+        else:
+            self.add(key, position_id, id_column)
+
     def add_many(self, keys: np.ndarray, ids: np.ndarray, id_column: np.ndarray) -> None:
         """Add live entries in bulk (int64 arrays of equal length) straight into the sorted
         part."""
         self.merge(id_column, extra=(keys.astype(np.int64), ids.astype(np.int64)))
 
     def discard(self, id_column: np.ndarray) -> None:
-        """Note that one live entry died (its position closed); compacts when dead entries
-        pile up. Call after the row's id changed."""
+        """Note that one live entry died (its position closed, or its key changed); compacts
+        when dead entries pile up. Call after the row changed, and after :meth:`add_again` of
+        the item's new key (an entry it revives must be counted before a compaction counts)."""
         self._live -= 1
         if self._entries - self._live > max(self._min_dead, self._live >> _DEAD_SHIFT):
             self.merge(id_column, compact=True)
@@ -127,12 +151,12 @@ class TriggerIndex:
         keys = self._keys[self._head:]
         ids = self._ids[self._head:]
         if compact and ids.size:
-            keep = alive_mask(ids, id_column)
+            keep = self._alive(keys, ids, id_column)
             keys, ids = keys[keep], ids[keep]
         pk = self._pend_keys[:self._pend_n]
         pi = self._pend_ids[:self._pend_n]
         if pi.size:
-            keep = alive_mask(pi, id_column)
+            keep = self._alive(pk, pi, id_column)
             pk, pi = pk[keep], pi[keep]
         if extra is not None:
             pk = np.concatenate([pk, extra[0]])
@@ -171,7 +195,7 @@ class TriggerIndex:
         end = int(self._keys.searchsorted(x, side="right"))
         if end > head:
             cand = self._ids[head:end]
-            alive = id_column[(cand >> ROW_SHIFT) & ROW_MASK] == cand
+            alive = self._alive(self._keys[head:end], cand, id_column)
             if not alive[0]:
                 # entries closed since the last sweep lead the prefix: step over them for good
                 skip = int(alive.argmax()) if alive.any() else int(alive.size)
@@ -182,16 +206,47 @@ class TriggerIndex:
             sel = np.flatnonzero(self._pend_keys[:self._pend_n] <= x)
             if sel.size:
                 pend = self._pend_ids[sel]
-                pend = pend[id_column[(pend >> ROW_SHIFT) & ROW_MASK] == pend]
+                pend = pend[self._alive(self._pend_keys[sel], pend, id_column)]
                 found = pend if found is None else np.concatenate([found, pend])
         if found is None or found.size == 0:
             return None
         return found
 
+    def _alive(self, keys: np.ndarray, ids: np.ndarray, id_column: np.ndarray) -> np.ndarray:
+        """bool mask: which entries (``keys``/``ids``, int64, equal length) are alive."""
+        rows = (ids >> ROW_SHIFT) & ROW_MASK
+        alive = id_column[rows] == ids
+        if self._current_keys is not None:
+            alive &= self._current_keys(rows) == keys
+        return alive
+
+    def _stored(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every entry still stored (sorted part after the head, then pending): keys, ids."""
+        return (np.concatenate([self._keys[self._head:], self._pend_keys[:self._pend_n]]),
+                np.concatenate([self._ids[self._head:], self._pend_ids[:self._pend_n]]))
+
     def live_ids(self, id_column: np.ndarray) -> np.ndarray:
         """All live ids in the index (int64, unordered), for checks and tests."""
-        ids = np.concatenate([self._ids[self._head:], self._pend_ids[:self._pend_n]])
-        return ids[alive_mask(ids, id_column)]
+        keys, ids = self._stored()
+        return ids[self._alive(keys, ids, id_column)]
+
+    def problems(self, id_column: np.ndarray) -> list[str]:
+        """What is wrong with the index's own bookkeeping ([] when sound): the live and entry
+        counts against the stored entries, no item alive twice, the sorted part in order and
+        the pending keys' lower bound. O(n); for checks and tests."""
+        keys, ids = self._stored()
+        live = ids[self._alive(keys, ids, id_column)]
+        out = []
+        if live.size != self._live or ids.size != self._entries:
+            out.append(f"counts {self._live} live of {self._entries} entries, holds "
+                       f"{live.size} of {ids.size}")
+        if np.unique(live).size != live.size:
+            out.append("an item is alive twice")
+        if (np.diff(self._keys[self._head:]) < 0).any():
+            out.append("sorted keys out of order")
+        if self._pend_n and self._pend_keys[:self._pend_n].min() < self._pend_min:
+            out.append("a pending key is below the pending lower bound")
+        return out
 
 
 def naive_sweep(book: PositionBook, bid_ticks: int, ask_ticks: int
@@ -243,4 +298,4 @@ def _maintenance_atoms(asset: Asset, entry: np.ndarray, qty: np.ndarray,
     return whole * ppm + (part * ppm) // PPM
 
 
-__all__ = ["TriggerIndex", "alive_mask", "naive_sweep"]
+__all__ = ["KeyFunction", "TriggerIndex", "naive_sweep"]
