@@ -12,12 +12,13 @@ u32. Events are NamedTuples: cheap to build, and ``encode`` packs one with one `
 
 Shard events (one journal per shard): :class:`PositionOpened`, :class:`PositionClosed`,
 :class:`TickApplied`, :class:`OpenFenced`, :class:`OutboxAcked`, :class:`SeqResumed`,
-:class:`OrderPlaced`, :class:`OrderEnded`.
+:class:`OrderPlaced`, :class:`OrderEnded`, :class:`PositionAmended`.
 Ledger events (the ledger's journal):
 :class:`AccountCreated`, :class:`MarginLocked`, :class:`MarginReleased`,
 :class:`SettlementApplied`, :class:`ClientOrderStoredAt` (and the older
 :class:`ClientOrderStored`, still decoded and applied), :class:`AnswersExpired`,
-:class:`OpenCountSet`, :class:`OrderLocked`, :class:`OrderSettled`, :class:`OrderCountSet`.
+:class:`OpenCountSet`, :class:`OrderLocked`, :class:`OrderSettled`, :class:`OrderCountSet`,
+:class:`MarginAdded`, :class:`MarginReturned`.
 
 A journal record holds the events of one commit: :func:`encode_batch` / :func:`decode_batch`.
 """
@@ -82,6 +83,23 @@ class PositionClosed(NamedTuple):
 
 
 schema.check_fields(PositionClosed, schema.POSITION_CLOSED)
+
+
+class PositionAmended(NamedTuple):
+    """An open position changed in place (engine.schema.POSITION_AMENDED): its TP/SL set or
+    removed, or its margin (and so its liquidation price) changed, by request ``request_id``;
+    the fields are the position's new values."""
+
+    position_id: int
+    qty_steps: int
+    margin_micros: int
+    liq_ticks: int
+    tp_ticks: int
+    sl_ticks: int
+    request_id: int
+
+
+schema.check_fields(PositionAmended, schema.POSITION_AMENDED)
 
 
 class TickApplied(NamedTuple):
@@ -310,6 +328,24 @@ class OrderSettled(NamedTuple):
 schema.check_fields(OrderSettled, schema.ORDER_SETTLED)
 
 
+class MarginAdded(NamedTuple):
+    """``amount_micros`` moved from free to margin to top up an open position (request
+    ``request_id``): a lock that counts no open position."""
+
+    user: int
+    amount_micros: int
+    request_id: int
+
+
+class MarginReturned(NamedTuple):
+    """``amount_micros`` moved from margin back to free without ending an open: margin removed
+    from an open position, or a top-up that did not happen (request ``request_id``)."""
+
+    user: int
+    amount_micros: int
+    request_id: int
+
+
 class OrderCountSet(NamedTuple):
     """``user`` has ``order_count`` open orders (the start-time reconciliation's recount)."""
 
@@ -318,20 +354,20 @@ class OrderCountSet(NamedTuple):
 
 
 Event = (PositionOpened | PositionClosed | TickApplied | OpenFenced | OutboxAcked | SeqResumed
-         | OrderPlaced | OrderEnded
+         | OrderPlaced | OrderEnded | PositionAmended
          | AccountCreated | MarginLocked | MarginReleased | SettlementApplied | ClientOrderStored
          | ClientOrderStoredAt | AnswersExpired | OpenCountSet | OrderLocked | OrderSettled
-         | OrderCountSet)
+         | OrderCountSet | MarginAdded | MarginReturned)
 # Events whose loss in a crash changes nothing that was acknowledged (the feed delivers the newest
 # price again): the runner journals them with the next commit instead of committing for them.
 # An OutboxAcked lost in a crash only means settlements the ledger already applied are sent
 # again; the ledger ignores them by seq (and a restarted shard is acknowledged again at start).
 VOLATILE_EVENTS = (TickApplied, OutboxAcked)
 SHARD_EVENTS = (PositionOpened, PositionClosed, TickApplied, OpenFenced, OutboxAcked,
-                SeqResumed, OrderPlaced, OrderEnded)
+                SeqResumed, OrderPlaced, OrderEnded, PositionAmended)
 LEDGER_EVENTS = (AccountCreated, MarginLocked, MarginReleased, SettlementApplied,
                  ClientOrderStored, ClientOrderStoredAt, AnswersExpired, OpenCountSet,
-                 OrderLocked, OrderSettled, OrderCountSet)
+                 OrderLocked, OrderSettled, OrderCountSet, MarginAdded, MarginReturned)
 
 
 class EventError(ValueError):
@@ -376,9 +412,12 @@ _LAYOUTS: dict[int, _Layout] = {
     0x28: (OpenCountSet, "QQ", (), ()),
     0x19: _schema_layout(OrderPlaced, schema.ORDER_PLACED),
     0x1A: _schema_layout(OrderEnded, schema.ORDER_ENDED),
+    0x1B: _schema_layout(PositionAmended, schema.POSITION_AMENDED),
     0x29: (OrderLocked, "QqQ", (), ()),
     0x2A: _schema_layout(OrderSettled, schema.ORDER_SETTLED),
     0x2B: (OrderCountSet, "QQ", (), ()),
+    0x2C: (MarginAdded, "QqQ", (), ()),
+    0x2D: (MarginReturned, "QqQ", (), ()),
 }
 
 # Older layouts, decoded only (encode writes the layout above): the trailing fields they lack

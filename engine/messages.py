@@ -220,6 +220,7 @@ class MarginLock(NamedTuple):
     idem_key: IdemKey | None = None
     request_id: int = 0
     order: bool = False  # the margin of a pending order (counts an open order too)
+    top_up: bool = False  # margin added to an open position (counts nothing)
 
 
 class IdemHit(NamedTuple):
@@ -260,3 +261,4 @@ class ShardStats(NamedTuple):
     closes_liquidation: int
     outbox_len: int
     last_seq: int
+    orders: int = 0  # open pending orders

@@ -213,6 +213,9 @@ POSITION_OPENED: Group = (*BOOK_ROW, request_id)
 POSITION_CLOSED: Group = (position_id, reason, exit_ticks, closed_ts_us.renamed("ts_us"),
                           seq.renamed("settlement_seq"), request_id)
 """engine.events.PositionClosed (the amounts follow from the position and ``exit_ticks``)."""
+POSITION_AMENDED: Group = (position_id, qty_steps, margin_micros, liq_ticks, tp_ticks, sl_ticks,
+                           request_id)
+"""engine.events.PositionAmended: what a change of an open position leaves (its new values)."""
 SETTLEMENT_APPLIED: Group = (shard, seq, *CLOSED_POSITION)
 """engine.events.SettlementApplied."""
 OUTBOX: Group = (seq, *POSITION, *CLOSE)
@@ -619,6 +622,7 @@ __all__ = [
     "OUTBOX",
     "PLAN",
     "POSITION",
+    "POSITION_AMENDED",
     "POSITION_CLOSED",
     "POSITION_OPENED",
     "PPM",

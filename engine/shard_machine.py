@@ -21,6 +21,8 @@ changes the state, live and in journal replay. Events (engine.events):
 * ``SeqResumed``: the ledger applied more than this shard remembers; numbering continues;
 * ``OrderPlaced``: a pending limit or stop order entered the order book (its margin is locked
   at the ledger already);
+* ``PositionAmended``: an open position's TP/SL, or its margin and liquidation price, changed
+  in place (SPEC "Changing an open position");
 * ``OrderEnded``: an order left the order book as the next settlement seq: cancelled by its
   owner, or on a tick expired, rejected (its fill could not open), or filled (a
   ``PositionOpened`` of the position follows it in the same record).
@@ -62,6 +64,7 @@ from engine.events import (
     OrderEnded,
     OrderPlaced,
     OutboxAcked,
+    PositionAmended,
     PositionClosed,
     PositionOpened,
     SeqResumed,
@@ -92,7 +95,15 @@ from engine.order_book import (
     OrderTerms,
     check_terms,
 )
-from engine.orders import PPM, CloseReason, OpenPlan, Side, plan_open
+from engine.orders import (
+    MAX_COLUMN_VALUE,
+    PPM,
+    CloseReason,
+    OpenPlan,
+    Side,
+    liquidation_ticks,
+    plan_open,
+)
 from engine.results import Code, Rejected
 from engine.settlement import exit_price_ticks, pnl_micros, settle
 
@@ -213,6 +224,33 @@ class Close:
 
 
 @dataclass(frozen=True, slots=True)
+class SetLevels:
+    """Set, replace or remove the TP/SL of the caller's open position (None: unchanged; 0,
+    engine.orders.NO_LEVEL: removed), against the last tick. Answer: OpenPosition | Rejected
+    (INVALID_TRIGGER, NOT_FOUND, PRICE_UNAVAILABLE; a seen request id: its first answer)."""
+
+    owner: int
+    position_id: int
+    tp_ticks: int | None
+    sl_ticks: int | None
+    request_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeMargin:
+    """Add ``delta_micros`` (> 0: already locked at the ledger) to the margin of the caller's
+    open position, or remove it (< 0: the ledger releases it after); the liquidation price is
+    recomputed. Answer: OpenPosition | Rejected (INVALID_REQUEST: a removal that would leave
+    the notional above margin x max leverage, the position liquidatable at the last tick, or
+    its SL not beyond the liquidation price; NOT_FOUND; PRICE_UNAVAILABLE)."""
+
+    owner: int
+    position_id: int
+    delta_micros: int
+    request_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Place:
     """Place a pending order of ``owner`` (its margin is locked at the ledger). Answer:
     PendingOrder | Rejected (a seen request id: its first answer)."""
@@ -325,6 +363,27 @@ def slippage_exceeded(exec_ticks: int, client_ticks: int, max_slippage_bps: int)
     return abs(exec_ticks - client_ticks) * BPS > max_slippage_bps * client_ticks
 
 
+def _levels_problem(record: PositionRecord, tp: int, sl: int, tick: Tick) -> str | None:
+    """Why TP ``tp`` / SL ``sl`` (0: none) cannot be set on ``record`` at ``tick`` (SPEC: a
+    long's TP above the bid, its SL between the liquidation price and the bid; a short's TP
+    below the ask, its SL between the ask and the liquidation price), or None."""
+    if not (0 <= tp <= MAX_COLUMN_VALUE and 0 <= sl <= MAX_COLUMN_VALUE):
+        return "take-profit and stop-loss must be positive prices in range"
+    if record.side == Side.LONG:
+        bid = tick.bid_ticks
+        if tp and tp <= bid:
+            return "take-profit of a long must be above the current bid"
+        if sl and not record.liq_ticks < sl < bid:
+            return "stop-loss of a long must lie between the liquidation price and the bid"
+    else:
+        ask = tick.ask_ticks
+        if tp and tp >= ask:
+            return "take-profit of a short must be below the current ask"
+        if sl and not ask < sl < record.liq_ticks:
+            return "stop-loss of a short must lie between the ask and the liquidation price"
+    return None
+
+
 def _fits_i64(*values: int) -> bool:
     return all(-_I64 < v < _I64 for v in values)
 
@@ -371,6 +430,8 @@ class ShardMachine:
             Close: self._decide_close,
             Resolve: self._decide_resolve,
             Place: self._decide_place,
+            SetLevels: self._decide_levels,
+            ChangeMargin: self._decide_margin,
             Cancel: self._decide_cancel,
             OrdersOf: self._read_orders,
             AckOutbox: self._decide_ack,
@@ -390,6 +451,7 @@ class ShardMachine:
             OutboxAcked: self._apply_acked,
             SeqResumed: self._apply_resumed,
             OrderPlaced: self._apply_placed,
+            PositionAmended: self._apply_amended,
             OrderEnded: self._apply_order_ended,
         }
 
@@ -549,6 +611,88 @@ class ShardMachine:
                                self._last_seq + 1, request_id)
         return self._settlement_item(record, event), (event,)
 
+    def _amendable(self, owner: int, position_id: int, request_id: int, now_us: int
+                   ) -> tuple[PositionRecord, Tick] | Rejected:
+        """The caller's open position and a fresh tick to change it against, or why not."""
+        record = self.book.get(position_id)
+        if record is None or record.owner != owner:
+            return Rejected(Code.NOT_FOUND, "no such open position")
+        tick = self._fresh_tick(now_us)
+        if isinstance(tick, Rejected):
+            return tick
+        if not (0 <= request_id < _U64 and _fits_i64(now_us)):
+            return Rejected(Code.INVALID_REQUEST, f"request id or time: {_OUT_OF_RANGE}")
+        return record, tick
+
+    def _decide_levels(self, command: SetLevels, now_us: int) -> tuple[Any, Sequence[Event]]:
+        previous = self._previous(command.request_id)
+        if previous is not None:
+            return previous, ()
+        found = self._amendable(command.owner, command.position_id, command.request_id, now_us)
+        if isinstance(found, Rejected):
+            return found, ()
+        record, tick = found
+        tp = record.tp_ticks if command.tp_ticks is None else command.tp_ticks
+        sl = record.sl_ticks if command.sl_ticks is None else command.sl_ticks
+        problem = _levels_problem(record, tp, sl, tick)
+        if problem is not None:
+            return Rejected(Code.INVALID_TRIGGER, problem), ()
+        event = PositionAmended(record.position_id, record.qty_steps, record.margin_micros,
+                                record.liq_ticks, tp, sl, command.request_id)
+        return self._listed(record._replace(tp_ticks=tp, sl_ticks=sl)), (event,)
+
+    def _decide_margin(self, command: ChangeMargin, now_us: int) -> tuple[Any, Sequence[Event]]:
+        previous = self._previous(command.request_id)
+        if previous is not None:
+            return previous, ()
+        found = self._amendable(command.owner, command.position_id, command.request_id, now_us)
+        if isinstance(found, Rejected):
+            return found, ()
+        record, tick = found
+        margin = record.margin_micros + command.delta_micros
+        if command.delta_micros == 0 or not 0 < margin <= MAX_COLUMN_VALUE:
+            return Rejected(Code.INVALID_REQUEST, "the margin change must leave a margin "
+                                                  "above zero and in range"), ()
+        problem = self._margin_problem(record, margin, tick, command.delta_micros < 0)
+        if problem is not None:
+            return Rejected(Code.INVALID_REQUEST, problem), ()
+        liq = liquidation_ticks(self.asset, record.side, record.entry_ticks, record.qty_steps,
+                                margin, record.maintenance_margin_ppm)
+        event = PositionAmended(record.position_id, record.qty_steps, margin, liq,
+                                record.tp_ticks, record.sl_ticks, command.request_id)
+        return self._listed(record._replace(margin_micros=margin, liq_ticks=liq)), (event,)
+
+    def _margin_problem(self, record: PositionRecord, margin: int, tick: Tick,
+                        removal: bool) -> str | None:
+        """Why ``record`` cannot hold ``margin`` (SPEC "Changing an open position"), or None."""
+        asset = self.asset
+        scale = 10 ** (asset.price_decimals + asset.qty_decimals)
+        notional = record.entry_ticks * record.qty_steps  # in micros: * 10**6 / scale
+        if margin * scale <= record.maintenance_margin_ppm * notional:
+            return "the margin would not exceed the maintenance margin"
+        if not removal:
+            return None
+        if notional * 10**6 > margin * asset.max_leverage * scale:
+            return (f"the notional would exceed the margin times the maximum leverage "
+                    f"({asset.max_leverage})")
+        liq = liquidation_ticks(asset, record.side, record.entry_ticks, record.qty_steps, margin,
+                                record.maintenance_margin_ppm)
+        long = record.side == Side.LONG
+        if (tick.bid_ticks <= liq) if long else (tick.ask_ticks >= liq):
+            return "the position would be liquidated at the current price"
+        if record.sl_ticks and ((record.sl_ticks <= liq) if long else (record.sl_ticks >= liq)):
+            return "the stop-loss would no longer lie beyond the liquidation price"
+        return None
+
+    def _listed(self, record: PositionRecord) -> OpenPosition:
+        """``record`` as an answer, marked to the last tick."""
+        tick = self._last_tick
+        mark = None if tick is None else pnl_micros(
+            self.asset, record.side, record.entry_ticks, record.qty_steps,
+            exit_price_ticks(record.side, tick.bid_ticks, tick.ask_ticks))
+        listed: OpenPosition = _LISTED(record, self.asset.name, mark)
+        return listed
+
     def _decide_place(self, command: Place, now_us: int) -> tuple[Any, Sequence[Event]]:
         previous = self._previous(command.request_id)
         if previous is not None:
@@ -695,7 +839,7 @@ class ShardMachine:
         return ShardStats(self.name, self.asset.name, len(self.book), int(self.book.nbytes),
                           None if tick is None else tick.ts_us, self._ticks_applied,
                           self._opens, c[0], c[1], c[2], c[3], len(self._outbox),
-                          self._last_seq), ()
+                          self._last_seq, len(self.orders)), ()
 
     def positions_of_many(self, owners: Sequence[int]) -> list[list[OpenPosition]]:
         """The open positions of each owner (one list per owner, in order), marked to the last
@@ -780,6 +924,15 @@ class ShardMachine:
         self._closes[event.reason] += 1
         if event.request_id:
             self._remember(event.request_id, item)
+
+    def _apply_amended(self, event: PositionAmended) -> None:
+        record = self.book.amend(event.position_id, qty_steps=event.qty_steps,
+                                 margin_micros=event.margin_micros, liq_ticks=event.liq_ticks,
+                                 tp_ticks=event.tp_ticks, sl_ticks=event.sl_ticks)
+        if record is None:
+            raise ShardStateError(f"amended position {event.position_id} is not open")
+        if event.request_id:
+            self._remember(event.request_id, self._listed(record))
 
     def _apply_placed(self, event: OrderPlaced) -> None:
         order_id = self.orders.place(event.owner, _ORDER_OF_EVENT(event), event.placed_ts_us)
@@ -1192,15 +1345,20 @@ __all__ = [
     "AckOutbox",
     "ApplyTick",
     "AuditView",
+    "Cancel",
+    "ChangeMargin",
     "Close",
     "LastTick",
     "Open",
     "OpenMargins",
+    "OrdersOf",
     "Outbox",
     "OutboxView",
+    "Place",
     "PositionsOf",
     "Resolve",
     "ResumeSeq",
+    "SetLevels",
     "ShardMachine",
     "ShardStateError",
     "Stats",

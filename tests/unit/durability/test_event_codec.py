@@ -21,8 +21,10 @@ from engine.events import (
     ClientOrderStored,
     ClientOrderStoredAt,
     EventError,
+    MarginAdded,
     MarginLocked,
     MarginReleased,
+    MarginReturned,
     OpenCountSet,
     OpenFenced,
     OrderCountSet,
@@ -31,6 +33,7 @@ from engine.events import (
     OrderPlaced,
     OrderSettled,
     OutboxAcked,
+    PositionAmended,
     PositionClosed,
     PositionOpened,
     SeqResumed,
@@ -76,6 +79,9 @@ STRATEGIES = {
                             st.text(max_size=20), u8, u8, i64, i64, u16, i64, i64, i64, i64, u8,
                             u64, i64, text),
     OrderCountSet: st.builds(OrderCountSet, u64, u64),
+    PositionAmended: st.builds(PositionAmended, u64, i64, i64, i64, i64, i64, u64),
+    MarginAdded: st.builds(MarginAdded, u64, i64, u64),
+    MarginReturned: st.builds(MarginReturned, u64, i64, u64),
 }
 any_event = st.one_of(*STRATEGIES.values())
 

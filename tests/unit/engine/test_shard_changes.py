@@ -1,0 +1,159 @@
+"""ShardMachine: changing an open position in place (SPEC "Changing an open position"): TP/SL
+set, replaced or removed against the current price, margin added or removed with the
+liquidation price recomputed on the grid, each refusal at its boundary, and the changes in
+replay and snapshots."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from fractions import Fraction
+
+from engine.events import PositionAmended
+from engine.messages import OpenPosition
+from engine.orders import Side, liquidation_ticks
+from engine.results import Code, Rejected
+from engine.shard_machine import ChangeMargin, PositionsOf, SetLevels, ShardMachine
+from tests.unit.engine.test_shard_machine import (
+    NOW,
+    SOL,
+    USD,
+    Host,
+    raw_tick,
+    replay,
+    req,
+    restored,
+    run,
+    shard,
+)
+
+
+def opened(m: ShardMachine, side: Side = Side.LONG, leverage: int = 10, sl: str | None = None,
+           tp: str | None = None) -> OpenPosition:
+    run(m, raw_tick(10000, 10001))
+    position = run(m, req(1, side=side, leverage=leverage, sl=sl, tp=tp))
+    assert isinstance(position, OpenPosition), position
+    return position
+
+
+def least_margin(p: OpenPosition, ok: Callable[[int], bool]) -> int:
+    """The least margin (micros) of long ``p`` whose liquidation price satisfies ``ok`` (the
+    liquidation price falls as the margin grows)."""
+    low, high = 1, p.margin_micros
+    assert ok(liquidation_ticks(SOL, Side.LONG, p.entry_ticks, p.qty_steps, high, 0))
+    while low < high:
+        mid = (low + high) // 2
+        if ok(liquidation_ticks(SOL, Side.LONG, p.entry_ticks, p.qty_steps, mid, 0)):
+            high = mid
+        else:
+            low = mid + 1
+    return low
+
+
+def refused(answer: object, code: Code) -> str:
+    assert isinstance(answer, Rejected) and answer.code is code, answer
+    return answer.message
+
+
+def test_a_long_tp_must_be_above_the_bid_and_its_sl_between_liquidation_and_bid() -> None:
+    m = shard()
+    p = opened(m)  # long at 100.01, bid 100.00
+    refused(run(m, SetLevels(1, p.position_id, 10000, None, 2)), Code.INVALID_TRIGGER)
+    changed = run(m, SetLevels(1, p.position_id, 10001, None, 3))  # one tick above the bid
+    assert isinstance(changed, OpenPosition) and changed.tp_ticks == 10001
+    refused(run(m, SetLevels(1, p.position_id, None, 10000, 4)), Code.INVALID_TRIGGER)
+    refused(run(m, SetLevels(1, p.position_id, None, p.liq_ticks, 5)), Code.INVALID_TRIGGER)
+    changed = run(m, SetLevels(1, p.position_id, None, p.liq_ticks + 1, 6))
+    assert changed.sl_ticks == p.liq_ticks + 1 and changed.tp_ticks == 10001
+    assert run(m, SetLevels(1, p.position_id, None, 9999, 7)).sl_ticks == 9999  # bid - 1
+    # the new levels fire, the old ones no longer
+    assert run(m, raw_tick(10000, 10001)) == 0
+    assert run(m, raw_tick(10001, 10002)) == 1  # bid == the new TP
+    assert len(m.book) == 0
+
+
+def test_a_short_sl_may_lock_in_profit_and_removing_a_level_disarms_it() -> None:
+    m = shard()
+    p = opened(m, Side.SHORT, tp="95")  # short at the bid 100.00, ask 100.01
+    refused(run(m, SetLevels(1, p.position_id, None, 10001, 2)), Code.INVALID_TRIGGER)  # == ask
+    # price fell: an SL below the entry (locks in profit) is valid above the ask
+    run(m, raw_tick(9800, 9801))
+    locked = run(m, SetLevels(1, p.position_id, 0, 9900, 3))  # TP removed, SL 99.00
+    assert locked.tp_ticks == 0 and locked.sl_ticks == 9900
+    assert run(m, raw_tick(9400, 9401)) == 0  # the removed TP (95.00) no longer fires
+    assert run(m, raw_tick(9899, 9900)) == 1  # ask == SL
+    [item] = [i for i in m._outbox]
+    assert item.closed.reason == 2 and item.closed.exit_ticks == 9900  # stop_loss at the ask
+
+
+def test_adding_margin_lowers_a_longs_liquidation_price_on_the_grid() -> None:
+    m = shard()
+    p = opened(m, leverage=20)
+    bigger = run(m, ChangeMargin(1, p.position_id, 50 * USD, 2))
+    assert isinstance(bigger, OpenPosition) and bigger.margin_micros == 150 * USD
+    exact = Fraction(p.entry_ticks, 100) - Fraction(150) / Fraction(p.qty_steps, 100)
+    assert Fraction(bigger.liq_ticks, 100) <= exact < Fraction(bigger.liq_ticks + 1, 100)
+    assert bigger.liq_ticks < p.liq_ticks and bigger.qty_steps == p.qty_steps
+    # the old liquidation price no longer liquidates; the new one does
+    assert run(m, raw_tick(p.liq_ticks, p.liq_ticks + 1)) == 0
+    assert run(m, raw_tick(bigger.liq_ticks, bigger.liq_ticks + 1)) == 1
+
+
+def test_a_margin_removal_is_refused_by_each_of_its_three_conditions() -> None:
+    # 1. the notional may not exceed margin x max leverage (SOL: 100x)
+    m = shard()
+    p = opened(m, leverage=10)  # 100 USD margin, notional 999 USD
+    notional_micros = p.entry_ticks * p.qty_steps * USD // 10**4
+    floor = -(-notional_micros // SOL.max_leverage)  # the least margin that passes
+    message = refused(run(m, ChangeMargin(1, p.position_id, floor - 1 - p.margin_micros, 2)),
+                      Code.INVALID_REQUEST)
+    assert "leverage" in message
+    # 2. not liquidatable at the current price: after the bid fell, a removal that leaves
+    # the liquidation price at the bid is refused, one tick below it is accepted
+    run(m, raw_tick(9500, 9501))
+    margin = least_margin(p, lambda liq: liq < 9500)  # liquidation price below the bid
+    message = refused(run(m, ChangeMargin(1, p.position_id, margin - 1 - p.margin_micros, 3)),
+                      Code.INVALID_REQUEST)
+    assert "liquidated" in message
+    ok = run(m, ChangeMargin(1, p.position_id, margin - p.margin_micros, 4))
+    assert isinstance(ok, OpenPosition) and ok.liq_ticks < 9500 <= liquidation_ticks(
+        SOL, Side.LONG, p.entry_ticks, p.qty_steps, margin - 1, 0)
+    # 3. the SL must stay beyond the liquidation price
+    m = shard()
+    p = opened(m, leverage=10, sl="95")
+    margin = least_margin(p, lambda liq: liq < 9500)  # below the SL: the removal is fine
+    message = refused(run(m, ChangeMargin(1, p.position_id, margin - 1 - p.margin_micros, 5)),
+                      Code.INVALID_REQUEST)
+    assert "stop-loss" in message
+    assert isinstance(run(m, ChangeMargin(1, p.position_id, margin - p.margin_micros, 6)),
+                      OpenPosition)
+
+
+def test_changes_need_the_owner_a_fresh_price_and_an_open_position() -> None:
+    m = shard()
+    p = opened(m)
+    refused(run(m, SetLevels(2, p.position_id, 10100, None, 2)), Code.NOT_FOUND)
+    refused(run(m, ChangeMargin(2, p.position_id, USD, 3)), Code.NOT_FOUND)
+    refused(run(m, ChangeMargin(1, 12345, USD, 4)), Code.NOT_FOUND)
+    refused(run(m, SetLevels(1, p.position_id, 10100, None, 5), NOW + 16_000_000),
+            Code.PRICE_UNAVAILABLE)
+    refused(run(m, ChangeMargin(1, p.position_id, -p.margin_micros, 6)), Code.INVALID_REQUEST)
+    refused(run(m, ChangeMargin(1, p.position_id, 0, 7)), Code.INVALID_REQUEST)
+
+
+def test_changes_are_remembered_by_request_id_and_replay_into_an_equal_state() -> None:
+    host = Host()
+    host.one(raw_tick(10000, 10001))
+    p = host.one(req(1, leverage=20))
+    first = host.one(SetLevels(1, p.position_id, 10500, 9800, 2))
+    assert host.one(SetLevels(1, p.position_id, 10600, None, 2)) == first  # a resend
+    answer, events = host.machine.decide(ChangeMargin(1, p.position_id, 10 * USD, 3), NOW)
+    assert isinstance(events[0], PositionAmended) and events[0].margin_micros == 110 * USD
+    assert host.one(ChangeMargin(1, p.position_id, 10 * USD, 3)) == answer
+    host.one(ChangeMargin(1, p.position_id, -5 * USD, 4))
+    host.one(raw_tick(10100, 10101))
+    live = host.machine.fingerprint()
+    assert replay(host.records).fingerprint() == live
+    assert restored(host.machine).fingerprint() == live
+    assert host.machine.check() == []
+    [[now]] = run(host.machine, PositionsOf((1,)))
+    assert (now.margin_micros, now.tp_ticks, now.sl_ticks) == (105 * USD, 10500, 9800)
