@@ -41,6 +41,12 @@ reconciliation, which sets each count from the shards' open positions and orders
 :class:`LockMargin` beyond ``max_open_positions`` answers ``Rejected(TOO_MANY_POSITIONS)`` and
 locks nothing.
 
+Margin added to an open position (SPEC "Changing an open position") is locked with
+``MarginLock(top_up=True)`` (``MarginAdded``: no open counted, no limit but the free balance);
+margin that leaves without ending an open (removed from a position, a top-up the shard
+refused) is released with ``ReleaseMargin(counted=False)`` (``MarginReturned``), and an
+abandoned top-up likewise.
+
 Pending orders (SPEC "Pending orders"): a placement locks the order's margin with
 ``MarginLock(order=True)``, which also needs room under ``max_open_orders``
 (``Rejected(TOO_MANY_ORDERS)``) and takes an open-position slot (so a fill never exceeds
@@ -73,8 +79,10 @@ from engine.events import (
     ClientOrderStored,
     ClientOrderStoredAt,
     Event,
+    MarginAdded,
     MarginLocked,
     MarginReleased,
+    MarginReturned,
     OpenCountSet,
     OrderCountSet,
     OrderLocked,
@@ -118,8 +126,9 @@ DEFAULT_MAX_OPEN_ORDERS = 200  # SPEC "Limits": open orders per account
 
 _I64_MIN, _I64_END = -(1 << 63), 1 << 63
 # what resolves a pending request, by the kind of its clientOrderId
+# what resolves a pending clientOrderId of each kind (a TP/SL or margin change: the position)
 _ANSWER_TYPES = {"open": OpenPosition, "close": ClosedPosition, "order": PendingOrder,
-                 "cancel": EndedOrder}
+                 "cancel": EndedOrder, "modify": OpenPosition, "margin": OpenPosition}
 _SIDE_CAST = {"side": Side}
 # Stored answers are JSON lists: the kind, then the record's fields in schema order.
 _STORED_RECORDS: dict[str, tuple[type, schema.Group]] = {
@@ -335,12 +344,15 @@ class LockMargin:
 class ReleaseMargin:
     """Undo a lock (margin -> free) of an open that did not happen; ``request_id``: the lock's
     (0 = not given), so it can no longer be abandoned; ``answer``: a clientOrderId answer to
-    store with it. -> None, or Rejected(INVALID_REQUEST) if less margin is locked."""
+    store with it. ``counted=False``: margin that ends no open (a top-up that did not happen,
+    margin removed from an open position). -> None, or Rejected(INVALID_REQUEST) if less
+    margin is locked."""
 
     user: int
     margin_micros: int
     request_id: int = 0
     answer: tuple[IdemKey, object] | None = None
+    counted: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,13 +456,17 @@ class SnapshotParts(Protocol):
     def meta(self) -> Mapping[str, Any]: ...
 
 
+_OPEN, _ORDER, _TOP_UP = 0, 1, 2  # what a lock pays for (a lock's kind)
+_LOCK_KINDS: dict[type, int] = {MarginLocked: _OPEN, OrderLocked: _ORDER, MarginAdded: _TOP_UP}
+
+
 class _Lock(NamedTuple):
     """A lock remembered by its request id."""
 
     user: int
     margin_micros: int
     key: IdemKey | None  # the clientOrderId reserved with it
-    order: bool  # the margin of a pending order (OrderLocked)
+    kind: int  # _OPEN (MarginLocked), _ORDER (OrderLocked) or _TOP_UP (MarginAdded)
 
 
 _Decision = tuple[Any, Sequence[Event]]
@@ -657,6 +673,9 @@ class LedgerMachine:
         self._open_counts: dict[int, int] = {}
         # user -> open orders holding margin (> 0), derived by apply
         self._order_counts: dict[int, int] = {}
+        # request ids of the newest MarginReturned: a resent release of uncounted margin (its
+        # answer was lost) releases nothing twice
+        self._returned: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._deciders: dict[type, Callable[[Any, int], _Decision]] = {
             CreateAccount: self._create_account,
             Authenticate: self._authenticate,
@@ -684,6 +703,8 @@ class LedgerMachine:
             AccountCreated: self._on_account_created,
             MarginLocked: self._on_margin_locked,
             OrderLocked: self._on_margin_locked,
+            MarginAdded: self._on_margin_locked,
+            MarginReturned: self._on_margin_returned,
             MarginReleased: self._on_margin_released,
             OpenCountSet: self._on_open_count_set,
             OrderCountSet: self._on_order_count_set,
@@ -818,7 +839,8 @@ class LedgerMachine:
         elif lock.order and self._order_counts.get(lock.user, 0) >= self.max_open_orders:
             result = Rejected(Code.TOO_MANY_ORDERS,
                               f"at most {self.max_open_orders} open orders per account")
-        elif self._open_counts.get(lock.user, 0) >= self.max_open_positions:
+        elif not lock.top_up \
+                and self._open_counts.get(lock.user, 0) >= self.max_open_positions:
             result = Rejected(Code.TOO_MANY_POSITIONS,
                               f"at most {self.max_open_positions} open positions per account")
         elif self.ledger.free_micros(lock.user) < margin:
@@ -826,7 +848,7 @@ class LedgerMachine:
         events: list[Event] = []
         if result is None:
             assert margin is not None
-            locked = OrderLocked if lock.order else MarginLocked
+            locked = MarginAdded if lock.top_up else OrderLocked if lock.order else MarginLocked
             events.append(locked(lock.user, margin, request_id))
         if key is not None:
             events.append(ClientOrderStoredAt(key.user, key.kind, key.client_order_id,
@@ -843,7 +865,10 @@ class LedgerMachine:
         locked = self.ledger.margin_micros(c.user)
         if not self.ledger.has_user(c.user) or locked < amount:
             return _invalid(f"user {c.user} has {locked} margin locked, cannot release {amount}")
-        events: list[Event] = [MarginReleased(c.user, amount, request_id)]
+        if not c.counted and request_id and request_id in self._returned:
+            return None, self._answer_events([c.answer] if c.answer else [], now_us)
+        released = MarginReleased if c.counted else MarginReturned
+        events: list[Event] = [released(c.user, amount, request_id)]
         if c.answer is not None:
             events.extend(self._answer_events([c.answer], now_us))
         return None, events
@@ -852,12 +877,13 @@ class LedgerMachine:
         lock = self._recent_locks.get(c.request_id)
         if lock is None:
             return None, _NO_EVENTS  # never locked under this id, or already ended
-        user, margin, key, _ = lock
+        user, margin, key, kind = lock
         if key is not None and self._answers.get(key) is not None:
             return None, _NO_EVENTS  # the open has an answer of its own: not orphaned
         if self.ledger.margin_micros(user) < margin:
             return _invalid(f"user {user} has less margin locked than lock {c.request_id}")
-        events: list[Event] = [MarginReleased(user, margin, c.request_id)]
+        released = MarginReturned if kind == _TOP_UP else MarginReleased
+        events: list[Event] = [released(user, margin, c.request_id)]
         pending = self._pending.get(key) if key is not None else None
         if key is not None and pending is not None and pending[0] == c.request_id:
             events.append(ClientOrderStoredAt(key.user, key.kind, key.client_order_id,
@@ -1074,17 +1100,26 @@ class LedgerMachine:
         self._account_ids[e.user] = e.account_id
         self._next_user = max(self._next_user, e.user + 1)
 
-    def _on_margin_locked(self, e: MarginLocked | OrderLocked) -> None:
+    def _on_margin_locked(self, e: MarginLocked | OrderLocked | MarginAdded) -> None:
         refused = self.ledger.lock_margin(e.user, e.amount_micros)
         if refused is not None:
             raise LedgerError(f"lock of {e.amount_micros} for user {e.user} does not apply: "
                               f"{refused.message}")
-        order = isinstance(e, OrderLocked)
+        kind = _LOCK_KINDS[type(e)]
         if e.request_id:
-            self._recent_locks[e.request_id] = _Lock(e.user, e.amount_micros, None, order)
+            self._recent_locks[e.request_id] = _Lock(e.user, e.amount_micros, None, kind)
             while len(self._recent_locks) > RECENT_LOCKS_MAX:
                 self._recent_locks.popitem(last=False)
-        self._add_counts(e.user, 1, order)
+        self._add_counts(e.user, kind != _TOP_UP, kind == _ORDER)
+
+    def _on_margin_returned(self, e: MarginReturned) -> None:
+        self.ledger.release_margin(e.user, e.amount_micros)
+        if e.request_id:
+            self._recent_locks.pop(e.request_id, None)
+            self._returned[e.request_id] = None
+            while len(self._returned) > RECENT_LOCKS_MAX:
+                self._returned.popitem(last=False)
+        self._add_counts(e.user, 0, 0)
 
     def _on_margin_released(self, e: MarginReleased) -> None:
         self.ledger.release_margin(e.user, e.amount_micros)
@@ -1093,7 +1128,7 @@ class LedgerMachine:
             self._add_counts(e.user, 0, 0)
         else:  # one lock ended (released by its request, or abandoned): an order's too
             lock = self._recent_locks.pop(e.request_id, None) if e.request_id else None
-            self._add_counts(e.user, -1, -(lock is not None and lock.order))
+            self._add_counts(e.user, -1, -(lock is not None and lock.kind == _ORDER))
 
     def _on_open_count_set(self, e: OpenCountSet) -> None:
         self._set_counts(e.user, opens=e.open_count)
@@ -1207,14 +1242,15 @@ class LedgerMachine:
                                      *((k, self._answers[k]) for k in self._answered_us)]],
             "pending_requests": [[k.user, k.kind, k.client_order_id, r, since_us]
                                  for k, (r, since_us) in self._pending.items()],
-            "recent_locks": [[r, u, m, None if k is None else list(k), order]
-                             for r, (u, m, k, order) in self._recent_locks.items()],
+            "recent_locks": [[r, u, m, None if k is None else list(k), kind]
+                             for r, (u, m, k, kind) in self._recent_locks.items()],
             "history_assets": assets,
             "order_history_assets": order_assets,
             "order_history_reject_codes": reject_codes,
             "closed_count": self._closed_count,
             "open_counts": sorted(self._open_counts.items()),
             "order_counts": sorted(self._order_counts.items()),
+            "returned": list(self._returned),
         }
         return {"history": history, "order_history": orders}, meta
 
@@ -1263,7 +1299,7 @@ class LedgerMachine:
         for request_id, user, margin, *rest in meta.get("recent_locks", []):
             lock_key = IdemKey(*rest[0]) if rest and rest[0] is not None else None
             m._recent_locks[int(request_id)] = _Lock(int(user), int(margin), lock_key,
-                                                     len(rest) > 1 and bool(rest[1]))
+                                                     int(rest[1]) if len(rest) > 1 else _OPEN)
         for user, kind, client_order_id, request_id, since_us in meta.get("pending_requests",
                                                                           []):
             m._pending[IdemKey(int(user), kind, client_order_id)] = (int(request_id),
@@ -1285,6 +1321,7 @@ class LedgerMachine:
         m._closed_count = int(meta["closed_count"])
         for user, count in meta.get("open_counts", []):
             m._set_counts(int(user), opens=int(count))
+        m._returned = collections.OrderedDict.fromkeys(int(r) for r in meta.get("returned", []))
         for user, count in meta.get("order_counts", []):
             m._set_counts(int(user), orders=int(count))
         return m
@@ -1348,8 +1385,8 @@ class LedgerMachine:
             "answers": sorted((tuple(k), encode_answer(a)) for k, a in self._answers.items()),
             "answered_us": list(self._answered_us.items()),
             "pending": sorted((tuple(k), v) for k, v in self._pending.items()),
-            "recent_locks": [(r, u, m, None if k is None else tuple(k), order)
-                             for r, (u, m, k, order) in self._recent_locks.items()],
+            "recent_locks": [(r, u, m, None if k is None else tuple(k), kind)
+                             for r, (u, m, k, kind) in self._recent_locks.items()],
             "history": history,
             "history_index": history_index,
             "order_history": order_history,
@@ -1357,6 +1394,7 @@ class LedgerMachine:
             "closed_count": self._closed_count,
             "open_counts": sorted(self._open_counts.items()),
             "order_counts": sorted(self._order_counts.items()),
+            "returned": list(self._returned),
         }
 
 
