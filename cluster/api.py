@@ -128,6 +128,36 @@ class OpenBody(BaseModel):
     clientOrderId: ClientOrderId | None = None
 
 
+class ModifyBody(BaseModel):
+    """POST /api/v1/positions/modify: a field present sets its level, null removes it, an
+    absent one stays as it is."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "positionId": "17179869440", "takeProfit": "125", "stopLoss": None,
+        "clientOrderId": "tp-1"}})
+
+    positionId: PositionId
+    takeProfit: Price | None = None
+    stopLoss: Price | None = None
+    clientOrderId: ClientOrderId | None = None
+
+
+SignedMoney = Annotated[DecimalValue, EXACT_DECIMAL, WithJsonSchema(decimal_schema(
+    MONEY_DECIMALS, allow_negative=True,
+    description="USD, not 0, at most 6 decimals: > 0 adds margin, < 0 removes it"))]
+
+
+class MarginBody(BaseModel):
+    """POST /api/v1/positions/margin."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "positionId": "17179869440", "amount": "-20", "clientOrderId": "margin-1"}})
+
+    positionId: PositionId
+    amount: SignedMoney
+    clientOrderId: ClientOrderId | None = None
+
+
 class OrderBody(BaseModel):
     """POST /api/v1/orders."""
 
@@ -666,6 +696,18 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
             return rejected_response(result)
         return _json(position_json(result, asset), 201)
 
+    def position_of(value: int | str) -> tuple[int, Asset] | None:
+        """The id ``value`` names and the asset of the shard that issued it (positions and
+        orders alike), or None when no position or order can have it."""
+        item_id = _position_id(value)
+        asset = None if item_id is None else slot.service.asset_of_position(item_id)
+        return None if item_id is None or asset is None else (item_id, asset)
+
+    def changed(result: OpenPosition | ClosedPosition | Rejected, asset: Asset) -> Response:
+        if isinstance(result, Rejected):
+            return rejected_response(result)
+        return _json(position_json(result, asset))
+
     @app.post("/api/v1/positions/close", tags=["positions"], operation_id="closePosition",
               responses={200: {"model": ClosedPositionOut, "links": {"HistoryBefore": {
                   "operationId": "positionHistory",
@@ -674,16 +716,54 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
                          **_errors(*_BODY_ERRORS, *_AUTH_ERRORS, 404, 409, 503)})
     async def close_position(body: CloseBody, who: Caller) -> Response:
         """Close one of your positions at the current bid (long) or ask (short)."""
-        position_id = _position_id(body.positionId)
-        asset = None if position_id is None else slot.service.asset_of_position(position_id)
-        if position_id is None or asset is None:
+        found = position_of(body.positionId)
+        if found is None:
             return rejected_response(Rejected(Code.NOT_FOUND, "no such open position"))
+        position_id, asset = found
         order = CloseOrder(position_id, price_ticks(asset, body.currentPrice, "currentPrice"),
                            body.maxSlippageBps, body.clientOrderId)
-        result = await slot.service.close_position(who, order)
-        if isinstance(result, Rejected):
-            return rejected_response(result)
-        return _json(position_json(result, asset))
+        return changed(await slot.service.close_position(who, order), asset)
+
+    @app.post("/api/v1/positions/modify", tags=["positions"], operation_id="modifyPosition",
+              responses={200: {"model": PositionOut},
+                         **_errors(*_BODY_ERRORS, *_AUTH_ERRORS, 404, 503)})
+    async def modify_position(body: ModifyBody, who: Caller) -> Response:
+        """Set, replace or remove (null) the take-profit and stop-loss of one of your open
+        positions, against the current price (a long's TP above the bid and its SL between the
+        liquidation price and the bid; a short's the other way round), else 422
+        INVALID_TRIGGER."""
+        found = position_of(body.positionId)
+        if found is None:
+            return rejected_response(Rejected(Code.NOT_FOUND, "no such open position"))
+        position_id, asset = found
+        given = body.model_fields_set
+
+        def level(name: str, value: DecimalValue | None) -> int | None:
+            if name not in given:
+                return None  # unchanged
+            return price_ticks(asset, value, name) or 0  # null: removed
+
+        result = await slot.service.set_levels(
+            who, position_id, level("takeProfit", body.takeProfit),
+            level("stopLoss", body.stopLoss), body.clientOrderId)
+        return changed(result, asset)
+
+    @app.post("/api/v1/positions/margin", tags=["positions"], operation_id="changeMargin",
+              responses={200: {"model": PositionOut},
+                         **_errors(*_BODY_ERRORS, *_AUTH_ERRORS, 404, 409, 503)})
+    async def change_margin(body: MarginBody, who: Caller) -> Response:
+        """Add margin (amount > 0, from your free balance) to one of your open positions, or
+        remove it (amount < 0, back to your free balance); its liquidation price is recomputed.
+        A removal is refused (422) if the notional would exceed margin x max leverage, the
+        position would be liquidatable at the current price, or its stop-loss would no longer
+        lie beyond the liquidation price."""
+        found = position_of(body.positionId)
+        if found is None:
+            return rejected_response(Rejected(Code.NOT_FOUND, "no such open position"))
+        position_id, asset = found
+        amount = money_micros(body.amount, "amount", allow_negative=True)
+        result = await slot.service.change_margin(who, position_id, amount, body.clientOrderId)
+        return changed(result, asset)
 
     @app.get("/api/v1/positions", tags=["positions"], operation_id="listPositions",
              responses={200: {"model": PositionsOut}, **_errors(*_AUTH_ERRORS, 422, 503)})
@@ -768,10 +848,10 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
             = None) -> Response:
         """Cancel one of your open orders: its margin is released. 409 ORDER_NOT_OPEN when it
         has already filled, expired, been rejected or cancelled."""
-        order_id = _position_id(orderId)
-        asset = None if order_id is None else slot.service.asset_of_position(order_id)
-        if order_id is None or asset is None:
+        found = position_of(orderId)
+        if found is None:
             return rejected_response(Rejected(Code.NOT_FOUND, "no such open order"))
+        order_id, asset = found
         result = await slot.service.cancel_order(who, order_id, clientOrderId)
         if isinstance(result, Rejected):
             return rejected_response(result)
@@ -844,6 +924,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         stats = await slot.service.shard_stats()
         lines.append("# TYPE shardex_shard_up gauge")
         lines.append("# TYPE shardex_open_positions gauge")
+        lines.append("# TYPE shardex_open_orders gauge")
         lines.append("# TYPE shardex_ticks_applied_total counter")
         lines.append("# TYPE shardex_closes_total counter")
         for name, s in stats.items():
@@ -852,6 +933,8 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
                 continue
             lines.append(f'shardex_open_positions{{shard="{name}",asset="{s.asset}"}} '
                          f'{s.positions}')
+            lines.append(f'shardex_open_orders{{shard="{name}",asset="{s.asset}"}} '
+                         f'{s.orders}')
             lines.append(f'shardex_ticks_applied_total{{shard="{name}"}} {s.ticks_applied}')
             for reason, n in (("manual", s.closes_manual), ("take_profit", s.closes_take_profit),
                               ("stop_loss", s.closes_stop_loss),

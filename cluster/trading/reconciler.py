@@ -38,6 +38,7 @@ from engine.ledger_machine import (
     Forget,
     PendingRequests,
     ReconcileAtStart,
+    ReleaseMargin,
     Remember,
     SettleRequests,
 )
@@ -66,8 +67,10 @@ class InDoubt(NamedTuple):
 
     shard: str
     request_id: int
-    kind: str  # "open" / "order" (a lock pays for it) or "close" / "cancel"
+    kind: str  # "open" / "order" / "margin" (a lock pays for it) or "close" / "cancel" /
+    # "modify" / "margin" (a removal: ``release`` is set)
     key: IdemKey | None
+    release: tuple[int, int] | None = None  # (user, micros) the ledger frees once it happened
 
 
 class Reconciler:
@@ -155,7 +158,7 @@ class Reconciler:
     async def _resolve_one(self, doubt: InDoubt) -> None:
         result = await self.shards[doubt.shard].call(Resolve(doubt.request_id))
         key = doubt.key
-        if doubt.kind in ("open", "order"):
+        if doubt.kind in ("open", "order", "margin") and doubt.release is None:
             if isinstance(result, _MADE):
                 if key is not None:
                     await self.ledger.call(Remember(key, result))
@@ -164,11 +167,24 @@ class Reconciler:
             return
         if isinstance(result, SettlementItem):
             await self.courier.deliver(doubt.shard, None if key is None else (key, result.closed))
+        elif isinstance(result, OpenPosition):  # a change of a position that happened
+            await self.settle_change(doubt, result)
         elif key is not None:
             if isinstance(result, Rejected) and result.code not in TRANSIENT_CODES:
                 await self.ledger.call(Remember(key, result))
             else:
                 await self.ledger.call(Forget(key))
+
+    async def settle_change(self, doubt: InDoubt, position: OpenPosition) -> None:
+        """Record at the ledger what a change of ``position`` (request ``doubt``) did: free the
+        margin a removal took off it (once, by request id) and store the answer."""
+        answer = None if doubt.key is None else (doubt.key, position)
+        if doubt.release is not None:
+            user, micros = doubt.release
+            await self.ledger.call(ReleaseMargin(user, micros, doubt.request_id, answer,
+                                                 counted=False))
+        elif answer is not None:
+            await self.ledger.call(Remember(*answer))
 
     # ----------------------------------------------------------------- pending reservations
     async def settle_pending(self, older_than_s: float = STALE_PENDING_S) -> int:

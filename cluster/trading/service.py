@@ -13,7 +13,10 @@ outbox to the ledger, before the close is answered.
 
 A pending order is placed by the same sequence as an open (its margin locked first, the shard
 places it or refuses and the lock is released) and cancelled by the same one as a close (the
-shard ends it, the courier releases its margin at the ledger before the answer).
+shard ends it, the courier releases its margin at the ledger before the answer). Changing an
+open position follows them too: margin added is locked first like an open's; TP/SL changes and
+margin removals go to the shard first like a close, a removal's margin then released at the
+ledger under the request's id (a resend releases nothing twice).
 
 Every call is one command of a state machine (engine.ledger_machine, engine.shard_machine),
 sent through a port that batches concurrent calls into one actor round trip. Everything here is
@@ -77,12 +80,14 @@ from engine.orders import Side
 from engine.results import Code, Rejected
 from engine.shard_machine import (
     Cancel,
+    ChangeMargin,
     Close,
     LastTick,
     Open,
     OrdersOf,
     Place,
     PositionsOf,
+    SetLevels,
     Stats,
 )
 
@@ -357,7 +362,8 @@ class TradingService:
                                   order.current_price_ticks, order.max_slippage_bps))
 
         return await self._idempotent(who, "open", order.client_order_id, lambda key: self._lock(
-            who, MarginLock(who.user, order.margin_micros, key), order.asset, command))
+            who, MarginLock(who.user, order.margin_micros, key), self._new_split(order.asset),
+            command))
 
     async def place_order(self, who: Principal, order: PlaceOrder) -> PendingOrder | Rejected:
         """Place a pending limit or stop order for ``who`` (its margin locked until it fills,
@@ -370,8 +376,39 @@ class TradingService:
                            order.expires_ts_us)
         lock = MarginLock(who.user, order.margin_micros, order=True)
         return await self._idempotent(who, "order", order.client_order_id, lambda key: self._lock(
-            who, lock._replace(idem_key=key), order.asset,
+            who, lock._replace(idem_key=key), self._new_split(order.asset),
             lambda request_id: Place(who.user, terms, request_id)))
+
+    def _new_split(self, asset: str) -> str:
+        """The split of ``asset`` that takes a new position or order (spread over them)."""
+        return self.layout.for_new_position(asset, next(self._spread)).name
+
+    # ----------------------------------------------------------------- changing a position
+    async def set_levels(self, who: Principal, position_id: int, tp_ticks: int | None,
+                         sl_ticks: int | None, client_order_id: str | None = None
+                         ) -> OpenPosition | Rejected:
+        """Set, replace or remove (0) the TP/SL of one of ``who``'s positions (None: keep)."""
+        return await self._idempotent(who, "modify", client_order_id, lambda key: self._end(
+            key, position_id, "modify",
+            lambda request_id: SetLevels(who.user, position_id, tp_ticks, sl_ticks, request_id)))
+
+    async def change_margin(self, who: Principal, position_id: int, delta_micros: int,
+                            client_order_id: str | None = None) -> OpenPosition | Rejected:
+        """Add (``delta_micros`` > 0: locked from the free balance first) or remove (< 0:
+        released to it once the shard agreed) margin of one of ``who``'s positions."""
+        spec = self.layout.of_position(position_id)
+        if spec is None:
+            return Rejected(Code.NOT_FOUND, "no such open position")
+
+        def command(request_id: int) -> ChangeMargin:
+            return ChangeMargin(who.user, position_id, delta_micros, request_id)
+
+        if delta_micros > 0:
+            lock = MarginLock(who.user, delta_micros, top_up=True)
+            return await self._idempotent(who, "margin", client_order_id, lambda key: self._lock(
+                who, lock._replace(idem_key=key), spec.name, command))
+        return await self._idempotent(who, "margin", client_order_id, lambda key: self._end(
+            key, position_id, "margin", command, release=(who.user, -delta_micros)))
 
     def _check_terms(self, asset_name: str, leverage: int, margin_micros: int
                      ) -> Rejected | None:
@@ -385,10 +422,10 @@ class TradingService:
             return Rejected(Code.INVALID_REQUEST, "margin must be greater than zero")
         return None
 
-    async def _lock(self, who: Principal, lock: MarginLock, asset: str,
+    async def _lock(self, who: Principal, lock: MarginLock, shard_name: str,
                     command: Callable[[int], Any]) -> Any:
-        """Lock ``lock``'s margin, then send ``command(request_id)`` (an open or a placement)
-        to a split of ``asset``: its answer, or why not."""
+        """Lock ``lock``'s margin, then send ``command(request_id)`` (an open, a placement or
+        a top-up) to shard ``shard_name``: its answer, or why not."""
         async def reserve(request_id: int) -> object:
             # The request id travels with the lock: a lock whose request was cut off is
             # settled by this id (abandoned, or resolved against the shards), never guessed.
@@ -405,26 +442,26 @@ class TradingService:
         if isinstance(outcome, Rejected):
             self.counters[f"rejected_{outcome.code.value}"] += 1
             return outcome
-        return await self._send_locked(who, lock, asset, command(request_id), request_id)
+        return await self._send_locked(who, lock, shard_name, command(request_id), request_id)
 
-    async def _send_locked(self, who: Principal, lock: MarginLock, asset: str, command: Any,
-                           request_id: int) -> Any:
-        kind, key = ("order" if lock.order else "open"), lock.idem_key
-        spec = self.layout.for_new_position(asset, next(self._spread))
+    async def _send_locked(self, who: Principal, lock: MarginLock, shard_name: str,
+                           command: Any, request_id: int) -> Any:
+        kind = "margin" if lock.top_up else "order" if lock.order else "open"
+        key = lock.idem_key
         try:
-            result = await self._send(spec.name, command)
+            result = await self._send(shard_name, command)
         except Exception:
             self.reconciler.abandon(request_id)  # the request never reached a shard
             raise
         if result is None:  # the shard never answered: resolve it there, keep the lock
-            self.reconciler.in_doubt(InDoubt(spec.name, request_id, kind, key))
-            raise Unavailable(spec.name, f"the {kind}'s outcome is unknown; check your account")
+            self.reconciler.in_doubt(InDoubt(shard_name, request_id, kind, key))
+            raise Unavailable(shard_name, f"the {kind}'s outcome is unknown; check your account")
         if isinstance(result, Rejected):
             self.counters[f"rejected_{result.code.value}"] += 1
             answer = None if key is None or result.code in TRANSIENT_CODES else (key, result)
             try:
-                await self.ledger.call(
-                    ReleaseMargin(who.user, lock.margin_micros, request_id, answer))
+                await self.ledger.call(ReleaseMargin(who.user, lock.margin_micros, request_id,
+                                                     answer, counted=not lock.top_up))
                 if key is not None and answer is None:
                     await self.ledger.call(Forget(key))
             except Unavailable:
@@ -468,9 +505,10 @@ class TradingService:
             key, order_id, "cancel", lambda request_id: Cancel(who.user, order_id, request_id)))
 
     async def _end(self, key: IdemKey | None, item_id: int, kind: str,
-                   command: Callable[[int], Any]) -> Any:
-        """Send ``command(request_id)`` (a close or a cancel) to the shard that issued
-        ``item_id``; its settlement reaches the ledger before the answer."""
+                   command: Callable[[int], Any], release: tuple[int, int] | None = None) -> Any:
+        """Send ``command(request_id)`` (a close, a cancel, a TP/SL change or a margin removal)
+        to the shard that issued ``item_id``; a settlement it makes reaches the ledger before
+        the answer, and so does ``release`` ``(user, micros)``, margin a removal frees."""
         spec = self.layout.of_position(item_id)  # order ids carry their shard's tag too
         if spec is None:
             return Rejected(Code.NOT_FOUND, "no such open position" if kind == "close"
@@ -485,10 +523,11 @@ class TradingService:
             if isinstance(seen, Rejected):
                 return seen
         result = await self._send(spec.name, command(request_id))
+        doubt = InDoubt(spec.name, request_id, kind, key, release)
         if result is None:
             # it may have happened: its reservation stays pending until the shard says (a
             # retry meanwhile waits for that answer instead of running again)
-            self.reconciler.in_doubt(InDoubt(spec.name, request_id, kind, key))
+            self.reconciler.in_doubt(doubt)
             raise Unavailable(spec.name, f"the {kind}'s outcome is unknown; check your account")
         if isinstance(result, Rejected):
             self.counters[f"rejected_{result.code.value}"] += 1
@@ -498,8 +537,13 @@ class TradingService:
                 else:
                     await self.ledger.call(Remember(key, result))
             return result
-        assert isinstance(result, SettlementItem)
         self.counters[f"{kind}s"] += 1
+        if not isinstance(result, SettlementItem):  # the position, changed
+            try:
+                await self.reconciler.settle_change(doubt, result)
+            except Unavailable:  # resolved from the shard by its request id, later
+                self.reconciler.in_doubt(doubt)
+            return result
         closed = result.closed
         try:
             await self.courier.settle(spec.name, result, None if key is None else (key, closed))

@@ -212,10 +212,13 @@ def test_operations_endpoints(http: httpx.Client) -> None:
     r = http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     assert "shardex_http_responses_total" in r.text and "shardex_open_positions" in r.text
+    assert 'shardex_open_orders{shard="shard-SOL-0",asset="SOL"} ' in r.text
     spec = http.get("/openapi.json").json()
     for path in ("/api/v1/accounts", "/api/v1/state", "/api/v1/positions/open",
                  "/api/v1/positions/close", "/api/v1/positions/history", "/api/v1/assets",
-                 "/api/v1/prices", "/healthz", "/metrics"):
+                 "/api/v1/prices", "/healthz", "/metrics", "/api/v1/positions/modify",
+                 "/api/v1/positions/margin", "/api/v1/orders", "/api/v1/orders/{orderId}",
+                 "/api/v1/orders/history"):
         assert path in spec["paths"], path
     assert http.get("/docs").status_code == 200
     assets = http.get("/api/v1/assets").json()["assets"]

@@ -1,0 +1,106 @@
+"""Changing an open position over real HTTP (SPEC "Changing an open position"): TP/SL set,
+replaced or removed against the current price, and margin added or removed with the
+liquidation price recomputed; every expectation computed here from the SPEC with Decimal."""
+
+from __future__ import annotations
+
+from decimal import ROUND_CEILING
+from decimal import Decimal as D
+from typing import Any
+
+import httpx
+
+from tests.e2e.api_client import (
+    error_code,
+    floor_to,
+    open_position,
+    signup,
+    sol_trader,
+    state,
+    tick,
+    wait_closed,
+)
+from tests.e2e.http_platform import HttpPlatform
+
+SIGNUP = D("10000")
+SOL_STEP = D("0.01")
+
+
+def post(http: httpx.Client, headers: dict[str, str], path: str, status: int,
+         **body: Any) -> dict[str, Any]:
+    r = http.post(f"/api/v1/positions/{path}", json=body, headers=headers)
+    assert r.status_code == status, r.text
+    return dict(r.json())
+
+
+def test_tp_and_sl_are_set_replaced_and_removed_against_the_current_price(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    h, other = sol_trader(platform, http), signup(http)  # SOL 100.00 / 100.01
+    p = open_position(http, h, asset="SOL", type="long", margin="100", leverage=10,
+                      takeProfit="110")
+    pid = p["positionId"]
+    body = post(http, h, "modify", 422, positionId=pid, takeProfit="100.00")  # == the bid
+    assert body["error"]["code"] == "INVALID_TRIGGER"
+    changed = post(http, h, "modify", 200, positionId=pid, takeProfit="100.01")
+    assert D(changed["takeProfit"]) == D("100.01") and changed["stopLoss"] is None
+    assert {k: changed[k] for k in ("positionId", "entryPrice", "quantity", "margin")} == \
+        {k: p[k] for k in ("positionId", "entryPrice", "quantity", "margin")}
+    liq = D(p["liquidationPrice"])
+    r = http.post("/api/v1/positions/modify", json={"positionId": pid, "stopLoss": str(liq)},
+                  headers=h)
+    assert r.status_code == 422 and error_code(r) == "INVALID_TRIGGER", r.text
+    # a stop-loss only: the take-profit stays; then null removes the take-profit
+    changed = post(http, h, "modify", 200, positionId=pid, stopLoss=str(liq + SOL_STEP))
+    assert D(changed["takeProfit"]) == D("100.01") and D(changed["stopLoss"]) == liq + SOL_STEP
+    changed = post(http, h, "modify", 200, positionId=pid, takeProfit=None, stopLoss="99.50",
+                   clientOrderId="levels-1")
+    assert changed["takeProfit"] is None and D(changed["stopLoss"]) == D("99.50")
+    again = post(http, h, "modify", 200, positionId=pid, stopLoss="99.00",
+                 clientOrderId="levels-1")
+    assert again == changed  # a retry: the first answer, nothing changed
+    r = http.post("/api/v1/positions/modify", json={"positionId": pid, "stopLoss": "99"},
+                  headers=other)
+    assert r.status_code == 404 and error_code(r) == "NOT_FOUND", r.text
+    [listed] = state(http, h)["positions"]
+    assert listed["takeProfit"] is None and D(listed["stopLoss"]) == D("99.50")
+    tick(platform, http, "SOL", "99.50", "99.51")  # the new stop-loss, at the bid
+    closed = wait_closed(http, h, pid)
+    assert closed["closeReason"] == "stop_loss" and D(closed["exitPrice"]) == D("99.50")
+    tick(platform, http, "SOL", "100.00", "100.01")
+
+
+def test_margin_added_and_removed_moves_the_balances_and_the_liquidation_price(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    h = sol_trader(platform, http)
+    p = open_position(http, h, asset="SOL", type="short", margin="100", leverage=20)
+    pid, entry, qty = p["positionId"], D(p["entryPrice"]), D(p["quantity"])
+
+    def short_liq(margin: D) -> D:  # SPEC: entry + margin / quantity, ceiled to the step
+        return ((entry + margin / qty) / SOL_STEP).to_integral_value(ROUND_CEILING) * SOL_STEP
+
+    added = post(http, h, "margin", 200, positionId=pid, amount="50")
+    assert D(added["margin"]) == 150 and D(added["liquidationPrice"]) == short_liq(D(150))
+    b = state(http, h)["balances"]
+    assert (D(b["free"]), D(b["margin"])) == (SIGNUP - 150, D(150))
+    removed = post(http, h, "margin", 200, positionId=pid, amount="-30.5",
+                   clientOrderId="less-1")
+    assert D(removed["margin"]) == D("119.5")
+    assert D(removed["liquidationPrice"]) == short_liq(D("119.5"))
+    assert post(http, h, "margin", 200, positionId=pid, amount="-30.5",
+                clientOrderId="less-1") == removed  # a retry releases nothing twice
+    b = state(http, h)["balances"]
+    assert (D(b["free"]), D(b["margin"])) == (SIGNUP - D("119.5"), D("119.5"))
+    notional = entry * qty  # more than margin x 100 after this removal: refused
+    too_much = floor_to(D("119.5") - notional / 100, D("0.000001")) + D("0.000001")
+    body = post(http, h, "margin", 422, positionId=pid, amount=str(-too_much))
+    assert body["error"]["code"] == "INVALID_REQUEST" and "leverage" in body["error"]["message"]
+    body = post(http, h, "margin", 409, positionId=pid, amount="20000")
+    assert body["error"]["code"] == "INSUFFICIENT_BALANCE"
+    for amount in ("0", "-0", "1.0000001", "abc"):
+        body = post(http, h, "margin", 422, positionId=pid, amount=amount)
+        assert body["error"]["code"] == "INVALID_REQUEST", amount
+    b = state(http, h)["balances"]
+    assert (D(b["free"]), D(b["margin"])) == (SIGNUP - D("119.5"), D("119.5"))
+    closed = post(http, h, "close", 200, positionId=pid)
+    assert D(closed["margin"]) == D("119.5")
+    assert D(state(http, h)["balances"]["margin"]) == 0
