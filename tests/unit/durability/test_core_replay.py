@@ -1,17 +1,23 @@
 """The ledger and two shards, each on a durable Runner, driven the way the service drives them:
 accounts, margin locks, opens, closes, ticks that take profits, stop losses and liquidate,
-settlements delivered shard -> ledger (Outbox -> ApplySettlements -> AckOutbox), retries with
-the same request id or the same clientOrderId, answers lost and settled by the reconciler's
-rules, and crashes anywhere (a crash reopens a runner from its directory, dropping its memory).
+pending limit and stop orders placed (margin locked first, like an open) and cancelled (settled
+through the courier, like a close) and ended by ticks (filled, expired, or rejected when the
+position cannot open at the fill price), settlements delivered shard -> ledger (Outbox ->
+ApplySettlements -> AckOutbox), retries with the same request id or the same clientOrderId,
+answers lost and settled by the reconciler's rules, and crashes anywhere (a crash reopens a
+runner from its directory, dropping its memory).
 
-After every step the invariants hold: each machine's ``check()``, the ledger's audit against
-the shards' open margins and outboxes, and its count of each account's open positions (the
-SPEC limit, small in some runs) against the shards' books and outboxes. After every crash the
-recovered state is the live one (but for the volatile events it had not committed), and
-equals a full replay of the journal. At the end every journal, replayed into a fresh machine,
-gives the live state field by field: a twin of each journal keeps every record its runner
-wrote (the journal itself drops the ones a snapshot covers, and must hold exactly the twin's
-tail).
+After every step the invariants hold: each machine's ``check()``, the ledger's sum 0, its audit
+against the shards' open margins (positions and orders) and outboxes, its count of each
+account's opens (positions, orders, unapplied closes and unapplied ends of orders that did not
+fill: the SPEC limit, small in some runs) and of its open orders (orders and unapplied ended
+orders: the other SPEC limit, small in some runs) against the shards' books and outboxes, and
+each runner's state equals its journal replayed (a machine fed each record the runner
+journaled, but for the volatile events not committed yet). After every crash the recovered
+state is the live one (but for those volatile events), and equals a full replay of the journal.
+At the end every journal, replayed into a fresh machine, gives the live state field by field: a
+twin of each journal keeps every record its runner wrote (the journal itself drops the ones a
+snapshot covers, and must hold exactly the twin's tail).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -31,6 +37,7 @@ from hypothesis import strategies as st
 from cluster.durability.runner import Runner
 from cluster.durability.snapshot import Snapshot
 from engine.ledger_machine import (
+    DEFAULT_MAX_OPEN_ORDERS,
     DEFAULT_MAX_OPEN_POSITIONS,
     AbandonLock,
     AppliedSeq,
@@ -44,6 +51,8 @@ from engine.ledger_machine import (
     LedgerMachine,
     LockMargin,
     OpenCount,
+    OrderCount,
+    OrderHistory,
     PendingRequests,
     ReconcileAtStart,
     ReleaseMargin,
@@ -53,14 +62,17 @@ from engine.ledger_machine import (
 from engine.market import Tick
 from engine.messages import (
     ClosedPosition,
+    EndedOrder,
     IdemHit,
     IdemKey,
     MarginLock,
     OpenPosition,
+    PendingOrder,
     SettlementItem,
     ShardClose,
     ShardOpen,
 )
+from engine.order_book import OrderKind, OrderStatus, OrderTerms
 from engine.orders import Side
 from engine.results import Code, Rejected
 from engine.shard_machine import (
@@ -68,9 +80,12 @@ from engine.shard_machine import (
     AckOutbox,
     ApplyTick,
     AuditView,
+    Cancel,
     Close,
     Open,
+    OrdersOf,
     Outbox,
+    Place,
     PositionsOf,
     Resolve,
     ResumeSeq,
@@ -97,34 +112,52 @@ SHARDS = {"shard-SOL-0": 3, "shard-SOL-1": 4}
 NAMES = list(SHARDS)
 MM_PPM = 5_000
 KEYS = 3  # clientOrderIds per user and kind: reuse (a retry) is frequent
+STEP_US = 1_000  # the clock's advance per step
+FENCED = Rejected(Code.PRICE_UNAVAILABLE, "the request was abandoned after a timeout")
+# Orders triggered near the price, so that ticks fill limit and stop orders of both sides; at
+# a high leverage a wide spread makes the fill WOULD_LIQUIDATE; a TP/SL offset from the trigger
+# that is negative, small (a stop filled through a gap) or past the liquidation price makes it
+# INVALID_TRIGGER; an expiry a few steps ahead expires (0 steps: now, the shard refuses it).
+OFFSETS = (-400, -150, -60, -20, -5, 0, 5, 20, 60, 150, 400)  # trigger - bid
+LEVERAGES = (1, 5, 20, 50, 100, 100)
+LEVELS = (None, None, None, -40, 10, 60, 200)  # TP/SL from the trigger, to the profit side
+EXPIRIES = (None, None, 0, 2, 4, 8)  # steps ahead
+Read = type[PositionsOf] | type[OrdersOf]
 
 
 class Platform:
     """The three runners in ``root`` and what the clients were answered."""
 
-    def __init__(self, root: Path, cap: int = DEFAULT_MAX_OPEN_POSITIONS) -> None:
+    def __init__(self, root: Path, cap: int = DEFAULT_MAX_OPEN_POSITIONS,
+                 max_orders: int = DEFAULT_MAX_OPEN_ORDERS) -> None:
         self.root = root
         self.clock = Clock()
         self.twins: dict[str, list[bytes]] = {LEDGER: [], **{name: [] for name in SHARDS}}
 
         def build_ledger(snapshot: Snapshot | None) -> LedgerMachine:
-            return LedgerMachine.restore(SIGNUP, snapshot, cap)
+            return LedgerMachine.restore(SIGNUP, snapshot, cap, max_orders)
 
         self.builds: dict[str, Callable[[Snapshot | None], Any]] = {
             LEDGER: build_ledger,
             **{name: shard_builder(name, tag, MM_PPM) for name, tag in SHARDS.items()}}
         self.runners: dict[str, Runner[Any]] = {name: self.open(name) for name in self.builds}
+        # per runner, a fresh machine fed every record of its twin so far, in order
+        self.shadows: dict[str, Any] = {name: build(None) for name, build in self.builds.items()}
+        self.shadowed = dict.fromkeys(self.builds, 0)  # how many records each one was fed
         self.users: list[int] = []
         self.rid = 0
         self.tick_seq = 0
         self.bid = 10_000
         self.last_tick: Tick | None = None
         self.answered: dict[IdemKey, object] = {}  # the stored first answer of each key
-        self.opens: list[tuple[str, Open, OpenPosition]] = []
-        self.closes: list[tuple[str, Close, SettlementItem]] = []
+        # (shard, request, first answer) of what a shard made of a request a lock pays for (a
+        # position, an order) and of one that ends something (a close, a cancel)
+        self.opens: list[tuple[str, Open | Place, OpenPosition | PendingOrder]] = []
+        self.closes: list[tuple[str, Close | Cancel, SettlementItem]] = []
         self.in_flight: dict[int, IdemKey] = {}  # request id -> key, of requests cut off
         self.crashes = 0
         self.cap = cap
+        self.max_orders = max_orders
 
     # ----------------------------------------------------------------- plumbing
     def open(self, name: str) -> Runner[Any]:
@@ -166,34 +199,70 @@ class Platform:
     def check(self) -> None:
         """The invariants, after every step."""
         assert self.runners[LEDGER].machine.check() == []
-        margins: dict[int, int] = {}
-        unsettled: dict[str, list[SettlementItem]] = {}
+        assert self.ask(LEDGER, Totals())["sum_micros"] == 0
         for name in NAMES:
             assert self.runners[name].machine.check() == []
-            shard_margins, outbox = self.ask(name, AuditView())
-            for user, micros in shard_margins.items():
-                margins[user] = margins.get(user, 0) + micros
-            unsettled[name] = outbox
+        margins, unsettled = self.views()
         assert self.ask(LEDGER, Audit(margins, unsettled)) == []
-        # each account holds margin for its open positions and its closes not applied yet
-        counts = self.open_counts()
+        # an account holds a slot of its open-position limit for each open position and order
+        # and each close or end of an unfilled order the ledger has not applied (a fill's slot
+        # is its position's now), and one of its order limit for each open order and each
+        # ended order the ledger has not applied
+        orders = self.counts(OrdersOf)
+        opens = self.counts(PositionsOf, orders)
         for name, outbox in unsettled.items():
             applied = self.ask(LEDGER, AppliedSeq(name))
             for item in outbox:
-                if item.seq > applied:
-                    counts[item.closed.owner] = counts.get(item.closed.owner, 0) + 1
-        for user in self.users:
-            assert self.ask(LEDGER, OpenCount(user)) == counts.get(user, 0), user
+                if item.seq <= applied:
+                    continue
+                owner = item.closed.owner
+                if isinstance(item.closed, EndedOrder):
+                    orders[owner] = orders.get(owner, 0) + 1
+                    if item.closed.status == OrderStatus.FILLED:
+                        continue
+                opens[owner] = opens.get(owner, 0) + 1
+        reads = [read(user) for user in self.users for read in (OpenCount, OrderCount)]
+        assert self.runners[LEDGER].execute(reads) == [
+            counts.get(user, 0) for user in self.users for counts in (opens, orders)]
+        for name in self.runners:
+            self.replays_to_live(name)
 
-    def open_counts(self) -> dict[int, int]:
-        """Open positions per user on all shards (as the reconciler counts them)."""
-        counts: dict[int, int] = {}
+    def views(self) -> tuple[dict[int, int], dict[str, list[SettlementItem]]]:
+        """The shards' ``AuditView``s merged: open margins (positions and orders) per user
+        summed over the shards, and each shard's outbox."""
+        margins: dict[int, int] = {}
+        unsettled: dict[str, list[SettlementItem]] = {}
         for name in NAMES:
-            for user, positions in zip(self.users, self.ask(name, PositionsOf(
-                    tuple(self.users))), strict=True):
-                if positions:
-                    counts[user] = counts.get(user, 0) + len(positions)
+            shard_margins, unsettled[name] = self.ask(name, AuditView())
+            for user, micros in shard_margins.items():
+                margins[user] = margins.get(user, 0) + micros
+        return margins, unsettled
+
+    def counts(self, read: Read, add: dict[int, int] | None = None) -> dict[int, int]:
+        """Open positions (``read=PositionsOf``) or orders (``OrdersOf``) per user on all
+        shards, as the reconciler counts them, plus the counts ``add``."""
+        counts = dict(add or {})
+        for name in NAMES:
+            for user, held in zip(self.users, self.ask(name, read(tuple(self.users))),
+                                  strict=True):
+                if held:
+                    counts[user] = counts.get(user, 0) + len(held)
         return counts
+
+    def replays_to_live(self, name: str) -> None:
+        """``name``'s shadow, fed the records journaled since, holds the live state but for
+        the volatile events not committed yet (checked when there are new records: a change
+        journaled nowhere would still differ then)."""
+        shadow, twin = self.shadows[name], self.twins[name]
+        if self.shadowed[name] == len(twin):
+            return
+        for payload in twin[self.shadowed[name]:]:
+            shadow.apply_batch(shadow.decode_record(payload))
+        self.shadowed[name] = len(twin)
+        runner = self.runners[name]
+        assert runner.store is not None
+        assert_same(shadow.fingerprint(), runner.machine.fingerprint(),
+                    skip=VOLATILE_FIELDS if runner.store.pending else ())
 
     def crash(self, names: list[str]) -> None:
         """Kill and reopen: the recovered state is the live one but for uncommitted volatile
@@ -221,7 +290,8 @@ class Platform:
         assert hit.answer == self.answered[key]
 
     # ----------------------------------------------------------------- the courier
-    def deliver(self, name: str, answer: tuple[IdemKey, ClosedPosition] | None = None,
+    def deliver(self, name: str,
+                answer: tuple[IdemKey, ClosedPosition | EndedOrder] | None = None,
                 skip: int = 0, reverse: bool = False, lose_ack: bool = False) -> None:
         """Send the outbox (``skip``: leave out its first items, a gap unless applied), store
         ``answer`` with it, acknowledge what the ledger applied."""
@@ -245,7 +315,9 @@ class Platform:
     # ----------------------------------------------------------------- the reconciler
     def restart_platform(self, released: dict[int, int] | None = None) -> None:
         """Every runner crashes; at start: deliver every outbox, resolve the pending
-        clientOrderIds against every shard, release the margin nothing backs."""
+        clientOrderIds against every shard, release the margin nothing backs, count each
+        account's opens (positions and orders: an order holds a position's slot) and orders
+        again."""
         self.crash([LEDGER, *NAMES])
         for name in NAMES:
             self.deliver(name)
@@ -255,18 +327,15 @@ class Platform:
         for name in NAMES:
             for rid, result in zip(pending, self.runners[name].execute(
                     [Resolve(r) for r in pending]), strict=True):
-                if isinstance(result, OpenPosition):
+                if isinstance(result, OpenPosition | PendingOrder):
                     opened[rid] = result
                 elif isinstance(result, SettlementItem):
                     opened[rid] = result.closed
-        margins: dict[int, int] = {}
-        unsettled: dict[str, list[SettlementItem]] = {}
-        for name in NAMES:
-            shard_margins, unsettled[name] = self.ask(name, AuditView())
-            for user, micros in shard_margins.items():
-                margins[user] = margins.get(user, 0) + micros
+        margins, unsettled = self.views()
+        orders = self.counts(OrdersOf)
         assert self.ask(LEDGER, ReconcileAtStart(margins, unsettled, opened,
-                                                 self.open_counts())) == (released or {})
+                                                 self.counts(PositionsOf, orders),
+                                                 orders)) == (released or {})
         for rid, key in self.in_flight.items():
             if rid in opened:
                 self.answer_is_stored(key, opened[rid])
@@ -292,7 +361,6 @@ class Platform:
     def do_open(self, who: int, where: int, side: Side, margin_usd: int, leverage: int,
                 tp_off: int | None, sl_off: int | None, k: int | None, stage: str) -> None:
         user = self.users[who % len(self.users)]
-        name = NAMES[where]
         key = None if k is None else IdemKey(user, "open", f"o{k}")
         rid = self.next_rid()
         sign = 1 if side == Side.LONG else -1
@@ -301,7 +369,39 @@ class Platform:
         sl = None if sl_off is None else entry - sign * sl_off
         margin = margin_usd * USD
         request = Open(ShardOpen(rid, user, side, margin, leverage, tp, sl, None, 100))
-        locked = self.ask(LEDGER, LockMargin(MarginLock(user, margin, key, rid)))
+        self.lock_and_send(NAMES[where], MarginLock(user, margin, key, rid), request, stage)
+
+    def do_place(self, who: int, where: int, side: Side, kind: OrderKind, offset: int,
+                 margin_usd: int, leverage: int, tp_off: int | None, sl_off: int | None,
+                 expiry_steps: int | None, k: int | None, stage: str) -> None:
+        user = self.users[who % len(self.users)]
+        key = None if k is None else IdemKey(user, "order", f"p{k}")
+        rid = self.next_rid()
+        terms = self.order_terms(side, kind, offset, margin_usd, leverage, tp_off, sl_off,
+                                 expiry_steps)
+        self.lock_and_send(NAMES[where], MarginLock(user, terms.margin_micros, key, rid,
+                                                    order=True), Place(user, terms, rid), stage)
+
+    def order_terms(self, side: Side, kind: OrderKind, offset: int, margin_usd: int,
+                    leverage: int, tp_off: int | None, sl_off: int | None,
+                    expiry_steps: int | None) -> OrderTerms:
+        """An order triggered ``offset`` from the bid, its TP/SL ``tp_off``/``sl_off`` from
+        the trigger (a negative one on the wrong side), expiring ``expiry_steps`` steps from
+        now (0: now, which the shard refuses)."""
+        sign = 1 if side == Side.LONG else -1
+        trigger = self.bid + offset
+        tp = 0 if tp_off is None else trigger + sign * tp_off
+        sl = 0 if sl_off is None else trigger - sign * sl_off
+        expires = 0 if expiry_steps is None else self.clock.now_us + expiry_steps * STEP_US
+        return OrderTerms(side, kind, trigger, margin_usd * USD, leverage, tp, sl, expires)
+
+    def lock_and_send(self, name: str, lock: MarginLock, request: Open | Place,
+                      stage: str) -> None:
+        """Lock the margin, then send the open or placement to shard ``name``, as the
+        service does; ``stage`` says where it is cut off."""
+        user, margin, key, rid = lock.user, lock.margin_micros, lock.idem_key, lock.request_id
+        made = PendingOrder if lock.order else OpenPosition
+        locked = self.ask(LEDGER, LockMargin(lock))
         if isinstance(locked, IdemHit):
             assert key is not None
             self.seen_before(key, locked)
@@ -310,9 +410,12 @@ class Platform:
             abandoned = self.ask(LEDGER, AbandonLock(rid))
             assert abandoned == ((rid, user, margin) if locked is None else None)
         if isinstance(locked, Rejected):
-            assert locked.code in (Code.INSUFFICIENT_BALANCE, Code.TOO_MANY_POSITIONS)
+            assert locked.code in (Code.INSUFFICIENT_BALANCE, Code.TOO_MANY_POSITIONS,
+                                   *((Code.TOO_MANY_ORDERS,) if lock.order else ()))
             if locked.code is Code.TOO_MANY_POSITIONS:
                 assert self.ask(LEDGER, OpenCount(user)) >= self.cap
+            if locked.code is Code.TOO_MANY_ORDERS:
+                assert self.ask(LEDGER, OrderCount(user)) >= self.max_orders
             if key is not None:
                 self.answer_is_stored(key, locked)
             return
@@ -325,17 +428,17 @@ class Platform:
             self.restart_platform({user: margin})
             return
         result = self.ask(name, request)
-        assert isinstance(result, OpenPosition | Rejected)
-        if isinstance(result, OpenPosition):
+        assert isinstance(result, made | Rejected)
+        if isinstance(result, made):
             self.opens.append((name, request, result))
-        if stage == "died_after_open":
+        if stage == "died_after_send":
             if key is not None:
                 self.in_flight[rid] = key
-            self.restart_platform({} if isinstance(result, OpenPosition) else {user: margin})
+            self.restart_platform({} if isinstance(result, made) else {user: margin})
             return
-        if stage == "open_lost":  # in doubt: the shard says what became of it (and fences it)
+        if stage == "lost":  # in doubt: the shard says what became of it (and fences it)
             resolved = self.ask(name, Resolve(rid))
-            if isinstance(result, OpenPosition):
+            if isinstance(result, made):
                 assert resolved == result
                 if key is not None:
                     assert self.ask(LEDGER, Remember(key, result)) is None
@@ -343,10 +446,9 @@ class Platform:
             else:  # a refusal is not remembered: the request is fenced, its lock abandoned
                 assert resolved is None
                 assert self.ask(LEDGER, AbandonLock(rid)) == (rid, user, margin)
-                assert self.ask(name, request) == Rejected(
-                    Code.PRICE_UNAVAILABLE, "the request was abandoned after a timeout")
+                assert self.ask(name, request) == FENCED
             return
-        if isinstance(result, OpenPosition):
+        if isinstance(result, made):
             if key is not None:
                 assert self.ask(LEDGER, Remember(key, result)) is None
                 self.answer_is_stored(key, result)
@@ -362,22 +464,45 @@ class Platform:
     def do_bulk(self, where: int, count: int, seed: int) -> None:
         """One batch of opens per runner (a micro-batch): long runs replay vectorised."""
         rng = np.random.default_rng(seed)
-        name = NAMES[where]
         requests = [ShardOpen(self.next_rid(), self.users[int(rng.integers(len(self.users)))],
                               Side(int(rng.integers(2))), int(rng.integers(1, 6)) * USD,
                               int(rng.integers(1, 60)), None, None, None, 100)
                     for _ in range(count)]
-        locks = self.runners[LEDGER].execute(
-            [LockMargin(MarginLock(r.owner, r.margin_micros, None, r.request_id))
-             for r in requests])
-        sent = [r for r, locked in zip(requests, locks, strict=True) if locked is None]
-        results = self.runners[name].execute([Open(r) for r in sent])
-        refused = [ReleaseMargin(r.owner, r.margin_micros, r.request_id)
-                   for r, result in zip(sent, results, strict=True)
+        self.send_batch(NAMES[where], [
+            (MarginLock(r.owner, r.margin_micros, None, r.request_id), Open(r))
+            for r in requests])
+
+    def do_orders(self, where: int, count: int, seed: int) -> None:
+        """One batch of placements (a micro-batch), their terms drawn from a ``place``'s
+        choices: many orders for the ticks to fill, expire and reject."""
+        rng = np.random.default_rng(seed)
+
+        def draw(options: Sequence[Any]) -> Any:
+            return options[int(rng.integers(len(options)))]
+
+        batch: list[tuple[MarginLock, Open | Place]] = []
+        for _ in range(count):
+            user, rid = draw(self.users), self.next_rid()
+            terms = self.order_terms(draw(list(Side)), draw(list(OrderKind)), draw(OFFSETS),
+                                     int(rng.integers(5, 400)), draw(LEVERAGES), draw(LEVELS),
+                                     draw(LEVELS), draw(EXPIRIES))
+            batch.append((MarginLock(user, terms.margin_micros, None, rid, order=True),
+                          Place(user, terms, rid)))
+        self.send_batch(NAMES[where], batch)
+
+    def send_batch(self, name: str, batch: list[tuple[MarginLock, Open | Place]]) -> None:
+        """Lock every margin, send what was locked to shard ``name`` and release the locks
+        of what it refused, each as one batch (micro-batches of the service's calls)."""
+        locks = self.runners[LEDGER].execute([LockMargin(lock) for lock, _ in batch])
+        sent = [sent for sent, locked in zip(batch, locks, strict=True) if locked is None]
+        results = self.runners[name].execute([request for _, request in sent])
+        assert all(isinstance(r, OpenPosition | PendingOrder | Rejected) for r in results)
+        refused = [ReleaseMargin(lock.user, lock.margin_micros, lock.request_id)
+                   for (lock, _), result in zip(sent, results, strict=True)
                    if isinstance(result, Rejected)]
         assert self.runners[LEDGER].execute(refused) == [None] * len(refused)
-        self.opens.extend((name, Open(r), p) for r, p in zip(sent, results, strict=True)
-                          if isinstance(p, OpenPosition))
+        self.opens.extend((name, request, made) for (_, request), made
+                          in zip(sent, results, strict=True) if not isinstance(made, Rejected))
 
     def do_close(self, pick: int, k: int | None, stage: str) -> None:
         held = [(name, pid) for name in NAMES
@@ -387,38 +512,62 @@ class Platform:
         name, pid = held[pick % len(held)]
         record = self.runners[name].machine.book.get(pid)
         assert record is not None
-        owner = record.owner
         rid = self.next_rid()
-        key = None if k is None else IdemKey(owner, "close", f"c{k}")
+        key = None if k is None else IdemKey(record.owner, "close", f"c{k}")
+        self.send_end(name, Close(ShardClose(rid, record.owner, pid, None, 100)), rid, key,
+                      stage)
+
+    def do_cancel(self, pick: int, placed: bool, k: int | None, stage: str) -> None:
+        """Cancel an open order, or (``placed``) any order ever placed: most have ended."""
+        orders = [(name, order) for name, _, order in self.opens
+                  if isinstance(order, PendingOrder)] if placed else [
+            (name, order) for name in NAMES
+            for listed in self.ask(name, OrdersOf(tuple(self.users))) for order in listed]
+        if not orders:
+            return
+        name, order = orders[pick % len(orders)]
+        rid = self.next_rid()
+        key = None if k is None else IdemKey(order.owner, "cancel", f"x{k}")
+        self.send_end(name, Cancel(order.owner, order.order_id, rid), rid, key, stage)
+
+    def send_end(self, name: str, request: Close | Cancel, rid: int, key: IdemKey | None,
+                 stage: str) -> None:
+        """Send the close or cancel to shard ``name``, then its settlement to the ledger
+        through the courier, as the service does; ``stage`` says where it is cut off."""
         if key is not None:
             seen = self.ask(LEDGER, Begin(key, rid))
             if seen is not None:
                 self.seen_before(key, seen)
                 return
-        request = Close(ShardClose(rid, owner, pid, None, 100))
         result = self.ask(name, request)
         assert isinstance(result, SettlementItem | Rejected)
         if isinstance(result, SettlementItem):
             self.closes.append((name, request, result))
-        else:
-            assert result.code is Code.PRICE_UNAVAILABLE  # the only refusal here: stale price
-        if stage == "died_after_close":
+        else:  # the only refusals here: a stale price, an order that ended already
+            assert result.code is (Code.PRICE_UNAVAILABLE if isinstance(request, Close)
+                                   else Code.ORDER_NOT_OPEN)
+        if stage == "died_after_send":
             if key is not None:
                 self.in_flight[rid] = key
             self.restart_platform()
             return
-        if stage == "close_lost":  # in doubt: resolve it on the shard
+        if stage == "lost":  # in doubt: resolve it on the shard
             resolved = self.ask(name, Resolve(rid))
             if isinstance(result, SettlementItem):
                 assert resolved == result
             else:
                 assert resolved is None  # fenced: a late arrival is refused
-                assert self.ask(name, request) == Rejected(
-                    Code.PRICE_UNAVAILABLE, "the request was abandoned after a timeout")
+                assert self.ask(name, request) == FENCED
         if isinstance(result, SettlementItem):
             self.deliver(name, None if key is None else (key, result.closed))
         elif key is not None:
-            assert self.ask(LEDGER, Forget(key)) is None
+            # a refusal that would be the same again is the answer; in doubt, or transient,
+            # the reservation is dropped and a retry runs again
+            if stage != "lost" and result.code is not Code.PRICE_UNAVAILABLE:
+                assert self.ask(LEDGER, Remember(key, result)) is None
+                self.answer_is_stored(key, result)
+            else:
+                assert self.ask(LEDGER, Forget(key)) is None
 
     def do_retry_open(self, pick: int) -> None:
         if not self.opens:
@@ -455,7 +604,7 @@ class Platform:
         self.clock.now_us += us
 
     def run(self, op: tuple[Any, ...]) -> None:
-        self.clock.now_us += 1_000
+        self.clock.now_us += STEP_US
         kind, *args = op
         getattr(self, f"do_{kind}")(*args)
         self.check()
@@ -471,27 +620,40 @@ class Platform:
         for name in NAMES:
             self.deliver(name)
             assert self.ask(name, Outbox()).items == []
-        margins: dict[int, int] = {}
-        for name in NAMES:
-            shard_margins, _ = self.ask(name, AuditView())
-            for user, micros in shard_margins.items():
-                margins[user] = margins.get(user, 0) + micros
+        margins, _ = self.views()
         assert self.ask(LEDGER, Audit(margins)) == []
         totals = self.ask(LEDGER, Totals())
         assert totals["sum_micros"] == 0
         closed = [c.position_id for u in self.users for c in self.history(u)]
         assert len(closed) == len(set(closed)) == totals["closed_positions"]
-        assert {c.closed.position_id for _, _, c in self.closes} <= set(closed)
+        assert {c.closed.position_id for _, _, c in self.closes
+                if isinstance(c.closed, ClosedPosition)} <= set(closed)
         held = {pid for name in NAMES for pid in self.runners[name].machine.book.ids().tolist()}
         assert not set(closed) & held and all(pid > 0 for pid in held)
+        # every order placed is open or in its owner's order history, once; a cancel's there
+        # too, and a fill's position is open or closed
+        ended = [o for u in self.users for o in self.history(u, OrderHistory)]
+        ended_ids = {o.order_id for o in ended}
+        open_ids = {o.order_id for name in NAMES
+                    for listed in self.ask(name, OrdersOf(tuple(self.users))) for o in listed}
+        assert len(ended_ids) == len(ended) and not ended_ids & open_ids
+        assert ended_ids | open_ids == {o.order_id for _, _, o in self.opens
+                                        if isinstance(o, PendingOrder)}
+        assert {c.closed.order_id for _, _, c in self.closes
+                if isinstance(c.closed, EndedOrder)} <= ended_ids
+        positions = held | set(closed)
+        assert all((o.status == OrderStatus.FILLED) == (o.position_id in positions)
+                   for o in ended)
         self.restart_platform()
         self.check()
 
-    def history(self, user: int) -> list[ClosedPosition]:
-        """All of ``user``'s closed positions, page after page."""
-        out: list[ClosedPosition] = []
+    def history(self, user: int, read: type[History] = History) -> list[Any]:
+        """All of ``user``'s closed positions (``read=OrderHistory``: ended orders), page
+        after page."""
+        cursor = "order_id" if read is OrderHistory else "position_id"
+        out: list[Any] = []
         while True:
-            page = self.ask(LEDGER, History(user, 500, out[-1].position_id if out else None))
+            page = self.ask(LEDGER, read(user, 500, getattr(out[-1], cursor) if out else None))
             out.extend(page)
             if len(page) < 500:
                 return out
@@ -504,19 +666,30 @@ class Platform:
 # ----------------------------------------------------------------------------- the property
 WHO = st.integers(0, 7)
 KEY = st.none() | st.integers(0, KEYS - 1)
+# where a request a lock pays for (an open, a placement) and one that ends something (a close,
+# a cancel) is cut off
+LOCKED = st.sampled_from(["done"] * 4 + ["lock_lost", "lost", "died_after_lock",
+                                         "died_after_send"])
+ENDING = st.sampled_from(["done"] * 3 + ["lost", "died_after_send"])
 OPEN = st.tuples(st.just("open"), WHO, st.integers(0, 1), st.sampled_from(Side),
                  st.integers(5, 400), st.sampled_from([1, 2, 5, 10, 20, 100]),
                  st.none() | st.sampled_from([5, 20, 50, 100, 200]),
-                 st.none() | st.sampled_from([5, 20, 50, 100, 200]), KEY,
-                 st.sampled_from(["done"] * 4 + ["lock_lost", "open_lost", "died_after_lock",
-                                                 "died_after_open"]))
-CLOSE = st.tuples(st.just("close"), st.integers(0, 10**6), KEY,
-                  st.sampled_from(["done"] * 3 + ["close_lost", "died_after_close"]))
+                 st.none() | st.sampled_from([5, 20, 50, 100, 200]), KEY, LOCKED)
+CLOSE = st.tuples(st.just("close"), st.integers(0, 10**6), KEY, ENDING)
+LEVEL = st.sampled_from(LEVELS)
+PLACE = st.tuples(st.just("place"), WHO, st.integers(0, 1), st.sampled_from(Side),
+                  st.sampled_from(OrderKind), st.sampled_from(OFFSETS), st.integers(5, 400),
+                  st.sampled_from(LEVERAGES), LEVEL, LEVEL, st.sampled_from(EXPIRIES), KEY,
+                  LOCKED)
+# an open order, or any order placed (most have ended: ORDER_NOT_OPEN)
+CANCEL = st.tuples(st.just("cancel"), st.integers(0, 10**6), st.booleans(), KEY, ENDING)
+ORDERS = st.tuples(st.just("orders"), st.integers(0, 1), st.integers(4, 16), st.integers(0, 2**32))
 TICK = st.tuples(st.just("tick"), st.sampled_from([-300, -150, -60, -20, 0, 20, 60, 150, 300]),
-                st.integers(1, 5), st.booleans())
+                 st.integers(1, 5) | st.sampled_from([80, 200]), st.booleans())
 RUNNER = st.sampled_from([LEDGER, *NAMES])
 OPS = st.lists(st.one_of(
-    OPEN, OPEN, OPEN, OPEN, TICK, TICK, TICK, CLOSE, CLOSE, CLOSE,
+    OPEN, OPEN, OPEN, OPEN, TICK, TICK, TICK, TICK, TICK, CLOSE, CLOSE, CLOSE, PLACE, PLACE,
+    PLACE, CANCEL, CANCEL, ORDERS, ORDERS,
     st.tuples(st.just("account")),
     st.tuples(st.just("bulk"), st.integers(0, 1), st.integers(MIN_VECTOR_RUN, MIN_VECTOR_RUN + 8),
               st.integers(0, 2**32)),
@@ -532,19 +705,20 @@ OPS = st.lists(st.one_of(
 
 
 # open positions per account: a small limit is reached often (a large one lets bulk opens
-# make the long runs that replay vectorised)
+# make the long runs that replay vectorised); open orders per account likewise
 CAPS = st.sampled_from([2, DEFAULT_MAX_OPEN_POSITIONS])
+ORDER_CAPS = st.sampled_from([1, 2, DEFAULT_MAX_OPEN_ORDERS])
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(OPS, CAPS)
+@given(OPS, CAPS, ORDER_CAPS)
 def test_any_run_with_crashes_replays_to_the_live_state_and_keeps_the_books(
-        ops: list[tuple[Any, ...]], cap: int) -> None:
+        ops: list[tuple[Any, ...]], cap: int, max_orders: int) -> None:
     root = Path(tempfile.mkdtemp(prefix="core-replay-"))
     # fsync=False leaves the journal's data unflushed; the flushes of directories and
     # snapshot files go too (the disk is not the subject here, and they take most of the time)
     with mock.patch.object(os, "fsync", lambda fd: None):
-        platform = Platform(root, cap)
+        platform = Platform(root, cap, max_orders)
         try:
             platform.run(("account",))
             platform.run(("tick", 0, 1, False))
@@ -571,12 +745,12 @@ SCRIPT: list[tuple[Any, ...]] = [
     ("bulk", 1, MIN_VECTOR_RUN, 7),
     ("open", 0, 0, Side.LONG, 20, 2, None, None, 2, "lock_lost"),
     ("open", 0, 1, Side.SHORT, 20, 2, None, None, None, "lock_lost"),
-    ("open", 1, 0, Side.LONG, 20, 2, None, None, 2, "open_lost"),
+    ("open", 1, 0, Side.LONG, 20, 2, None, None, 2, "lost"),
     ("open", 0, 1, Side.LONG, 20, 2, None, None, 1, "died_after_lock"),
-    ("open", 1, 0, Side.SHORT, 20, 2, None, None, 1, "died_after_open"),
+    ("open", 1, 0, Side.SHORT, 20, 2, None, None, 1, "died_after_send"),
     ("snapshot", NAMES[0]),
-    ("close", 0, 0, "close_lost"),
-    ("close", 1, 1, "died_after_close"),
+    ("close", 0, 0, "lost"),
+    ("close", 1, 1, "died_after_send"),
     ("close", 2, None, "done"),
     ("close", 3, 2, "done"),
     ("retry_close", 0),
@@ -584,22 +758,48 @@ SCRIPT: list[tuple[Any, ...]] = [
     ("close", 3, 2, "done"),  # key 2 again: first answer
     ("wait", MAX_AGE_US + 1),
     ("close", 4, None, "done"),  # stale price: refused
-    ("open", 1, 1, Side.LONG, 20, 2, None, None, None, "open_lost"),  # refused, then fenced
-    ("open", 0, 0, Side.LONG, 20, 2, None, None, 2, "died_after_open"),  # refused: released
+    ("open", 1, 1, Side.LONG, 20, 2, None, None, None, "lost"),  # refused, then fenced
+    ("open", 0, 0, Side.LONG, 20, 2, None, None, 2, "died_after_send"),  # refused: released
     ("crash", "all"),
     ("tick", 20, 2, False),
-    ("close", 5, 0, "close_lost"),
+    ("close", 5, 0, "lost"),
     ("snapshot", LEDGER),
     ("deliver", 1, 0, False, True),
     ("restart",),
     ("tick", -20, 1, True),
+    # pending orders, the bid at 9760 (three open orders per account at most)
+    ("account",),
+    ("place", 0, 0, Side.LONG, OrderKind.LIMIT, -20, 100, 10, None, None, None, 0, "done"),
+    ("place", 0, 1, Side.SHORT, OrderKind.STOP, -20, 100, 10, 10, None, None, None, "done"),
+    ("place", 0, 0, Side.LONG, OrderKind.LIMIT, -400, 20, 2, None, None, None, 1, "lock_lost"),
+    ("place", 0, 1, Side.LONG, OrderKind.LIMIT, -400, 20, 2, None, None, None, 1,
+     "died_after_lock"),
+    ("place", 0, 1, Side.LONG, OrderKind.STOP, 300, 20, 2, None, None, None, None, "done"),
+    ("place", 0, 0, Side.LONG, OrderKind.STOP, 300, 20, 2, None, None, None, 2, "done"),  # a 4th
+    ("place", 1, 1, Side.LONG, OrderKind.STOP, 20, 50, 100, None, None, None, None, "done"),
+    ("place", 1, 0, Side.SHORT, OrderKind.LIMIT, 200, 20, 2, None, None, 3, 0, "done"),
+    ("place", 2, 1, Side.SHORT, OrderKind.LIMIT, 400, 20, 2, None, None, None, 0, "lost"),
+    ("place", 2, 0, Side.LONG, OrderKind.LIMIT, -400, 20, 2, None, None, 0, 1, "done"),  # now
+    ("place", 2, 0, Side.LONG, OrderKind.LIMIT, -400, 20, 2, None, None, None, 2,
+     "died_after_send"),
+    ("place", 1, 0, Side.SHORT, OrderKind.LIMIT, -5, 20, 2, None, None, None, 1, "done"),
+    ("retry_open", -1),
+    ("cancel", 5, False, 0, "done"),  # the stop at 10060
+    ("tick", 20, 80, True),  # the stop at 9780 would liquidate; the limit at 9755 fills; expiry
+    ("tick", -120, 1, True),  # the limit at 9740 fills; the stop at 9740 gaps past its TP
+    ("cancel", 1, False, None, "lost"),
+    ("cancel", 2, False, 1, "died_after_send"),
+    ("retry_close", -1),
+    ("cancel", 0, True, 2, "done"),  # filled already
+    ("orders", 1, 12, 3),
+    ("tick", 150, 200, True),
 ]
 
 
 def test_a_scripted_run_takes_every_path() -> None:
     root = Path(tempfile.mkdtemp(prefix="core-replay-"))
     with mock.patch.object(os, "fsync", lambda fd: None):
-        platform = Platform(root)
+        platform = Platform(root, max_orders=3)
         try:
             platform.run(("tick", 0, 1, False))
             for op in SCRIPT:
@@ -611,6 +811,18 @@ def test_a_scripted_run_takes_every_path() -> None:
             assert sum(s.closes_manual for s in stats) >= 3
             assert platform.crashes >= 5 and len(platform.answered) >= 5
             platform.finish()
+            ended = {(o.side, o.kind, o.status, o.reject_code) for u in platform.users
+                     for o in platform.history(u, OrderHistory)}
+            assert {(Side.LONG, OrderKind.LIMIT, OrderStatus.FILLED, ""),
+                    (Side.SHORT, OrderKind.LIMIT, OrderStatus.FILLED, ""),
+                    (Side.SHORT, OrderKind.LIMIT, OrderStatus.EXPIRED, ""),
+                    (Side.LONG, OrderKind.STOP, OrderStatus.CANCELLED, ""),
+                    (Side.SHORT, OrderKind.LIMIT, OrderStatus.CANCELLED, ""),
+                    (Side.LONG, OrderKind.STOP, OrderStatus.REJECTED, "WOULD_LIQUIDATE"),
+                    (Side.SHORT, OrderKind.STOP, OrderStatus.REJECTED, "INVALID_TRIGGER"),
+                    } <= ended
+            refused = {a.code for a in platform.answered.values() if isinstance(a, Rejected)}
+            assert {Code.TOO_MANY_ORDERS, Code.ORDER_NOT_OPEN, Code.INVALID_REQUEST} <= refused
         finally:
             platform.close()
             shutil.rmtree(root)
