@@ -498,7 +498,11 @@ class ShardMachine:
                 seq += 1
                 events.append(PositionClosed(position_id, reason, exit_ticks, tick.ts_us, seq))
                 closed.append(position_id)
-        if len(self.orders):
+        last = self._last_tick
+        # Orders fill on ticks after the one current when they were placed: the same tick sent
+        # again (its answer was lost), or an older one, must not fill what was placed since.
+        if len(self.orders) and (last is None or (
+                tick != last and (tick.ts_us, tick.seq) >= (last.ts_us, last.seq))):
             ended = self._sweep_orders(tick, seq, closed)
             if isinstance(ended, Rejected):
                 return ended, ()

@@ -12,11 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.events import OrderEnded, OrderPlaced, PositionOpened
+from engine.market import Tick
 from engine.messages import EndedOrder, OpenPosition, PendingOrder, SettlementItem
 from engine.order_book import OrderKind, OrderStatus, OrderTerms
 from engine.orders import Side, plan_open
 from engine.results import Code, Rejected
 from engine.shard_machine import (
+    ApplyTick,
     AuditView,
     Cancel,
     OpenMargins,
@@ -217,6 +219,19 @@ def test_closes_and_fills_of_one_tick_share_the_numbering_and_reuse_freed_rows()
     # the closes of this tick did not sweep the positions its fills opened
     assert all(isinstance(i.closed, EndedOrder) or i.closed.position_id in
                (p1.position_id, p2.position_id) for i in items)
+
+
+def test_a_tick_sent_again_fills_nothing_placed_after_it() -> None:
+    m = shard()
+    first = ApplyTick(Tick("SOL", 9760, 9761, NOW, 7, "test"))
+    run(m, first)
+    order = place(m, terms(SHORT, LIMIT, 9755))  # bid 97.60 >= 97.55 already
+    assert run(m, first, NOW + 5_000) == 0  # the same tick again (its answer was lost)
+    assert len(m.orders) == 1 and len(m.book) == 0
+    run(m, ApplyTick(Tick("SOL", 9760, 9761, NOW + 1, 8, "test")), NOW + 6_000)
+    [filled] = ended(m)
+    assert filled.order_id == order.order_id and filled.status == OrderStatus.FILLED
+    assert filled.ended_ts_us == NOW + 1
 
 
 def test_a_position_a_fill_opened_is_swept_by_the_next_tick() -> None:
