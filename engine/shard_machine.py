@@ -351,6 +351,13 @@ class SnapshotLike(Protocol):
     def meta(self) -> Mapping[str, Any]: ...
 
 
+class _Amendable(NamedTuple):
+    """An open position a change may apply to, and the fresh tick to check it against."""
+
+    record: PositionRecord
+    tick: Tick
+
+
 class ShardStateError(RuntimeError):
     """An event does not apply to the state before it (a bug, or a corrupt journal)."""
 
@@ -615,9 +622,13 @@ class ShardMachine:
                                self._last_seq + 1, request_id)
         return self._settlement_item(record, event), (event,)
 
-    def _amendable(self, owner: int, position_id: int, request_id: int, now_us: int
-                   ) -> tuple[PositionRecord, Tick] | Rejected:
-        """The caller's open position and a fresh tick to change it against, or why not."""
+    def _amendable(self, command: SetLevels | ChangeMargin, now_us: int) -> _Amendable | Answer:
+        """The caller's open position and a fresh tick to change it against; or the first
+        answer of a request seen before, or why not."""
+        owner, position_id, request_id = command.owner, command.position_id, command.request_id
+        previous = self._previous(request_id)
+        if previous is not None:
+            return previous
         record = self.book.get(position_id)
         if record is None or record.owner != owner:
             return Rejected(Code.NOT_FOUND, "no such open position")
@@ -626,14 +637,11 @@ class ShardMachine:
             return tick
         if not (0 <= request_id < _U64 and _fits_i64(now_us)):
             return Rejected(Code.INVALID_REQUEST, f"request id or time: {_OUT_OF_RANGE}")
-        return record, tick
+        return _Amendable(record, tick)
 
     def _decide_levels(self, command: SetLevels, now_us: int) -> tuple[Any, Sequence[Event]]:
-        previous = self._previous(command.request_id)
-        if previous is not None:
-            return previous, ()
-        found = self._amendable(command.owner, command.position_id, command.request_id, now_us)
-        if isinstance(found, Rejected):
+        found = self._amendable(command, now_us)
+        if not isinstance(found, _Amendable):
             return found, ()
         record, tick = found
         tp = record.tp_ticks if command.tp_ticks is None else command.tp_ticks
@@ -646,11 +654,8 @@ class ShardMachine:
         return self._listed(record._replace(tp_ticks=tp, sl_ticks=sl)), (event,)
 
     def _decide_margin(self, command: ChangeMargin, now_us: int) -> tuple[Any, Sequence[Event]]:
-        previous = self._previous(command.request_id)
-        if previous is not None:
-            return previous, ()
-        found = self._amendable(command.owner, command.position_id, command.request_id, now_us)
-        if isinstance(found, Rejected):
+        found = self._amendable(command, now_us)
+        if not isinstance(found, _Amendable):
             return found, ()
         record, tick = found
         margin = record.margin_micros + command.delta_micros
