@@ -2,10 +2,13 @@
 accounts, margin locks, opens, closes, ticks that take profits, stop losses and liquidate,
 pending limit and stop orders placed (margin locked first, like an open) and cancelled (settled
 through the courier, like a close) and ended by ticks (filled, expired, or rejected when the
-position cannot open at the fill price), settlements delivered shard -> ledger (Outbox ->
-ApplySettlements -> AckOutbox), retries with the same request id or the same clientOrderId,
-answers lost and settled by the reconciler's rules, and crashes anywhere (a crash reopens a
-runner from its directory, dropping its memory).
+position cannot open at the fill price), open positions changed one by one and in batches
+(margin added is locked first, like an open; a TP/SL set, replaced or removed and margin
+removed go to the shard first, like a close, the removed margin then released at the ledger
+once per request id), settlements delivered shard -> ledger (Outbox -> ApplySettlements ->
+AckOutbox), retries with the same request id or the same clientOrderId, answers lost and
+settled by the reconciler's rules, and crashes anywhere (a crash reopens a runner from its
+directory, dropping its memory).
 
 After every step the invariants hold: each machine's ``check()``, the ledger's sum 0, its audit
 against the shards' open margins (positions and orders) and outboxes, its count of each
@@ -36,6 +39,7 @@ from hypothesis import strategies as st
 
 from cluster.durability.runner import Runner
 from cluster.durability.snapshot import Snapshot
+from engine.book import PositionRecord
 from engine.ledger_machine import (
     DEFAULT_MAX_OPEN_ORDERS,
     DEFAULT_MAX_OPEN_POSITIONS,
@@ -43,6 +47,7 @@ from engine.ledger_machine import (
     AppliedSeq,
     ApplySettlements,
     Audit,
+    Balances,
     Begin,
     CreateAccount,
     CreatedAccount,
@@ -81,6 +86,7 @@ from engine.shard_machine import (
     ApplyTick,
     AuditView,
     Cancel,
+    ChangeMargin,
     Close,
     Open,
     OrdersOf,
@@ -89,11 +95,13 @@ from engine.shard_machine import (
     PositionsOf,
     Resolve,
     ResumeSeq,
+    SetLevels,
     Stats,
 )
 from tests.unit.durability.hosted import (
     MAX_AGE_US,
     SIGNUP,
+    SOL,
     USD,
     VOLATILE_FIELDS,
     Clock,
@@ -122,7 +130,28 @@ OFFSETS = (-400, -150, -60, -20, -5, 0, 5, 20, 60, 150, 400)  # trigger - bid
 LEVERAGES = (1, 5, 20, 50, 100, 100)
 LEVELS = (None, None, None, -40, 10, 60, 200)  # TP/SL from the trigger, to the profit side
 EXPIRIES = (None, None, 0, 2, 4, 8)  # steps ahead
+# A TP/SL change sets a level (or removes it: OFF) this far from the current closing-side
+# price, to the position's profit side for a TP and its loss side for an SL: an offset of 0
+# or less is on the wrong side, a wide SL one past a leveraged position's liquidation price
+# (INVALID_TRIGGER).
+OFF = "off"
+MOVES: tuple[int | str, ...] = (OFF, -40, 0, 10, 60, 300, 1_500, 4_000)
+Moves = tuple[int | str | None, int | str | None]  # (TP, SL)
+# The leverage (notional / margin) a removal leaves: a low one passes (a position above it
+# already gives up 1 micro); a high one leaves the notional above margin x max leverage (100)
+# or the margin not above the maintenance margin (at 200), or else, when the price moved
+# against the position, makes it liquidatable at the current price, or leaves its SL not
+# beyond the liquidation price (INVALID_REQUEST).
+REMOVALS_TO_LEVERAGE = (2, 10, 40, 70, 85, 95, 120, 150, 400)
+TOP_UPS_USD = (1, 20, 300, 4_000, 50_000)  # the last is more than any free balance
+# what a shard may refuse of each request that ends or changes something here: a close, only
+# at a stale price; a cancel, only an order that ended already
+REFUSALS: dict[type, tuple[Code, ...]] = {
+    Close: (Code.PRICE_UNAVAILABLE,), Cancel: (Code.ORDER_NOT_OPEN,),
+    SetLevels: (Code.INVALID_TRIGGER, Code.NOT_FOUND, Code.PRICE_UNAVAILABLE),
+    ChangeMargin: (Code.INVALID_REQUEST, Code.NOT_FOUND, Code.PRICE_UNAVAILABLE)}
 Read = type[PositionsOf] | type[OrdersOf]
+Ending = Close | Cancel | SetLevels | ChangeMargin
 
 
 class Platform:
@@ -151,9 +180,15 @@ class Platform:
         self.last_tick: Tick | None = None
         self.answered: dict[IdemKey, object] = {}  # the stored first answer of each key
         # (shard, request, first answer) of what a shard made of a request a lock pays for (a
-        # position, an order) and of one that ends something (a close, a cancel)
-        self.opens: list[tuple[str, Open | Place, OpenPosition | PendingOrder]] = []
+        # position, an order, a position's margin added) and of one that ends something (a
+        # close, a cancel)
+        self.opens: list[tuple[str, Open | Place | ChangeMargin,
+                               OpenPosition | PendingOrder]] = []
         self.closes: list[tuple[str, Close | Cancel, SettlementItem]] = []
+        # (shard, request, first answer, clientOrderId, (user, micros) released) of the TP/SL
+        # changes and margin removals that happened and were settled at the ledger
+        self.changes: list[tuple[str, SetLevels | ChangeMargin, OpenPosition, IdemKey | None,
+                                 tuple[int, int] | None]] = []
         self.in_flight: dict[int, IdemKey] = {}  # request id -> key, of requests cut off
         self.crashes = 0
         self.cap = cap
@@ -395,10 +430,10 @@ class Platform:
         expires = 0 if expiry_steps is None else self.clock.now_us + expiry_steps * STEP_US
         return OrderTerms(side, kind, trigger, margin_usd * USD, leverage, tp, sl, expires)
 
-    def lock_and_send(self, name: str, lock: MarginLock, request: Open | Place,
+    def lock_and_send(self, name: str, lock: MarginLock, request: Open | Place | ChangeMargin,
                       stage: str) -> None:
-        """Lock the margin, then send the open or placement to shard ``name``, as the
-        service does; ``stage`` says where it is cut off."""
+        """Lock the margin, then send the open, placement or top-up (``lock.top_up``) to shard
+        ``name``, as the service does; ``stage`` says where it is cut off."""
         user, margin, key, rid = lock.user, lock.margin_micros, lock.idem_key, lock.request_id
         made = PendingOrder if lock.order else OpenPosition
         locked = self.ask(LEDGER, LockMargin(lock))
@@ -410,7 +445,8 @@ class Platform:
             abandoned = self.ask(LEDGER, AbandonLock(rid))
             assert abandoned == ((rid, user, margin) if locked is None else None)
         if isinstance(locked, Rejected):
-            assert locked.code in (Code.INSUFFICIENT_BALANCE, Code.TOO_MANY_POSITIONS,
+            assert locked.code in (Code.INSUFFICIENT_BALANCE,
+                                   *(() if lock.top_up else (Code.TOO_MANY_POSITIONS,)),
                                    *((Code.TOO_MANY_ORDERS,) if lock.order else ()))
             if locked.code is Code.TOO_MANY_POSITIONS:
                 assert self.ask(LEDGER, OpenCount(user)) >= self.cap
@@ -431,6 +467,9 @@ class Platform:
         assert isinstance(result, made | Rejected)
         if isinstance(result, made):
             self.opens.append((name, request, result))
+        elif lock.top_up:  # the position is gone, or the price stale
+            assert isinstance(result, Rejected)
+            assert result.code in (Code.NOT_FOUND, Code.PRICE_UNAVAILABLE)
         if stage == "died_after_send":
             if key is not None:
                 self.in_flight[rid] = key
@@ -455,7 +494,8 @@ class Platform:
             return
         transient = result.code is Code.PRICE_UNAVAILABLE
         stored = None if key is None or transient else (key, result)
-        assert self.ask(LEDGER, ReleaseMargin(user, margin, rid, stored)) is None
+        assert self.ask(LEDGER, ReleaseMargin(user, margin, rid, stored,
+                                              counted=not lock.top_up)) is None
         if stored is not None:
             self.answer_is_stored(*stored)
         elif key is not None:
@@ -505,17 +545,119 @@ class Platform:
                           in zip(sent, results, strict=True) if not isinstance(made, Rejected))
 
     def do_close(self, pick: int, k: int | None, stage: str) -> None:
-        held = [(name, pid) for name in NAMES
-                for pid in self.runners[name].machine.book.ids().tolist()]
-        if not held:
-            return
-        name, pid = held[pick % len(held)]
-        record = self.runners[name].machine.book.get(pid)
-        assert record is not None
-        rid = self.next_rid()
-        key = None if k is None else IdemKey(record.owner, "close", f"c{k}")
-        self.send_end(name, Close(ShardClose(rid, record.owner, pid, None, 100)), rid, key,
-                      stage)
+        target = self.target(pick, "open", "close", k)
+        if target is not None:
+            name, record, rid, key = target
+            self.send_end(name, Close(ShardClose(rid, record.owner, record.position_id, None,
+                                                 100)), rid, key, stage)
+
+    def target(self, pick: int, among: str, kind: str, k: int | None
+               ) -> tuple[str, PositionRecord | OpenPosition, int, IdemKey | None] | None:
+        """The shard and position a request of ``kind`` names, ``among`` the open ones
+        (``open``), those with a stop-loss (``stopped``), or any one an open or a top-up
+        made, closed since or not (``made``: NOT_FOUND); with the request's id and its
+        clientOrderId (``k``); None when there is none."""
+        found: list[tuple[str, PositionRecord | OpenPosition]] = []
+        if among == "made":
+            found = [(name, p) for name, _, p in self.opens if isinstance(p, OpenPosition)]
+        else:
+            held = [(name, pid) for name in NAMES
+                    for pid in self.runners[name].machine.book.ids().tolist()]
+            if among == "open" and held:  # only the one picked is read
+                held = [held[pick % len(held)]]
+            found = [(name, r) for name, r in ((name, self.runners[name].machine.book.get(pid))
+                                               for name, pid in held)
+                     if r is not None and (among == "open" or r.sl_ticks)]
+        if not found:
+            return None
+        name, position = found[pick % len(found)]
+        key = None if k is None else IdemKey(position.owner, kind, f"{kind[0]}{k}")
+        return name, position, self.next_rid(), key
+
+    def do_modify(self, pick: int, among: str, moves: Moves, k: int | None,
+                  stage: str) -> None:
+        target = self.target(pick, among, "modify", k)
+        if target is not None:
+            name, position, rid, key = target
+            self.send_end(name, self.levels(position, moves, rid), rid, key, stage)
+
+    def levels(self, position: PositionRecord | OpenPosition, moves: Moves,
+               rid: int) -> SetLevels:
+        """The change of ``position``'s TP and SL, each ``moves`` from the current price (see
+        MOVES; None: kept)."""
+        assert self.last_tick is not None
+        long = position.side == Side.LONG
+        price = self.last_tick.bid_ticks if long else self.last_tick.ask_ticks
+
+        def level(move: int | str | None, toward: int) -> int | None:
+            return None if move is None else 0 if move == OFF else price + toward * int(move)
+
+        sign = 1 if long else -1
+        return SetLevels(position.owner, position.position_id, level(moves[0], sign),
+                         level(moves[1], -sign), rid)
+
+    @staticmethod
+    def removal(position: PositionRecord | OpenPosition, leverage: int,
+                rid: int) -> ChangeMargin:
+        """The removal of ``position``'s margin above what leaves it at ``leverage`` (at least
+        1 micro)."""
+        notional = position.entry_ticks * position.qty_steps * USD \
+            // 10 ** (SOL.price_decimals + SOL.qty_decimals)
+        micros = max(1, position.margin_micros + (-notional // leverage))
+        return ChangeMargin(position.owner, position.position_id, -micros, rid)
+
+    def do_top_up(self, pick: int, among: str, usd: int, k: int | None, stage: str) -> None:
+        target = self.target(pick, among, "margin", k)
+        if target is not None:
+            name, position, rid, key = target
+            lock = MarginLock(position.owner, usd * USD, key, rid, top_up=True)
+            self.lock_and_send(name, lock, ChangeMargin(position.owner, position.position_id,
+                                                        usd * USD, rid), stage)
+
+    def do_remove(self, pick: int, among: str, leverage: int, k: int | None,
+                  stage: str) -> None:
+        target = self.target(pick, among, "margin", k)
+        if target is not None:
+            name, position, rid, key = target
+            request = self.removal(position, leverage, rid)
+            self.send_end(name, request, rid, key, stage, (position.owner, -request.delta_micros))
+
+    def do_changes(self, where: int, count: int, seed: int) -> None:
+        """One batch of TP/SL changes and margin removals (a micro-batch) of positions on
+        shard ``where``, drawn from a ``modify``'s and a ``remove``'s choices (many outcomes
+        of each), then one batch of the releases of the margin the removals freed."""
+        name = NAMES[where]
+        book = self.runners[name].machine.book
+        held = book.ids().tolist()
+        rng = np.random.default_rng(seed)
+        requests: list[SetLevels | ChangeMargin] = []
+        choices = (*MOVES, None)
+        for _ in range(count if held else 0):
+            position = book.get(held[int(rng.integers(len(held)))])
+            assert position is not None
+            tp, sl = (choices[int(i)] for i in rng.integers(len(choices), size=2))
+            leverage = REMOVALS_TO_LEVERAGE[int(rng.integers(len(REMOVALS_TO_LEVERAGE)))]
+            rid = self.next_rid()
+            requests.append(self.removal(position, leverage, rid) if rng.integers(2)
+                            else self.levels(position, (tp, sl), rid))
+        results = self.runners[name].execute(requests)
+        releases: dict[int, tuple[int, int]] = {}  # request id -> (user, micros)
+        for request, result in zip(requests, results, strict=True):
+            if isinstance(result, Rejected):
+                assert result.code in REFUSALS[type(request)]
+                continue
+            assert isinstance(result, OpenPosition)
+            if isinstance(request, ChangeMargin):
+                releases[request.request_id] = (request.owner, -request.delta_micros)
+            self.changes.append((name, request, result, None, releases.get(request.request_id)))
+        users = sorted({user for user, _ in releases.values()})
+        before = self.runners[LEDGER].execute([Balances(user) for user in users])
+        assert self.runners[LEDGER].execute([
+            ReleaseMargin(user, micros, rid, counted=False)
+            for rid, (user, micros) in releases.items()]) == [None] * len(releases)
+        for user, (free, margin) in zip(users, before, strict=True):
+            freed = sum(micros for owner, micros in releases.values() if owner == user)
+            assert self.ask(LEDGER, Balances(user)) == (free + freed, margin - freed)
 
     def do_cancel(self, pick: int, placed: bool, k: int | None, stage: str) -> None:
         """Cancel an open order, or (``placed``) any order ever placed: most have ended."""
@@ -530,36 +672,47 @@ class Platform:
         key = None if k is None else IdemKey(order.owner, "cancel", f"x{k}")
         self.send_end(name, Cancel(order.owner, order.order_id, rid), rid, key, stage)
 
-    def send_end(self, name: str, request: Close | Cancel, rid: int, key: IdemKey | None,
-                 stage: str) -> None:
-        """Send the close or cancel to shard ``name``, then its settlement to the ledger
-        through the courier, as the service does; ``stage`` says where it is cut off."""
+    def send_end(self, name: str, request: Ending, rid: int, key: IdemKey | None, stage: str,
+                 release: tuple[int, int] | None = None) -> None:
+        """Send the close, cancel, TP/SL change or margin removal to shard ``name``, then
+        what it did to the ledger, as the service does: a settlement through the courier, a
+        change's answer and ``release`` ``(user, micros)``, the margin a removal frees
+        (:meth:`settle_change`); ``stage`` says where it is cut off."""
         if key is not None:
             seen = self.ask(LEDGER, Begin(key, rid))
             if seen is not None:
                 self.seen_before(key, seen)
                 return
         result = self.ask(name, request)
-        assert isinstance(result, SettlementItem | Rejected)
-        if isinstance(result, SettlementItem):
-            self.closes.append((name, request, result))
-        else:  # the only refusals here: a stale price, an order that ended already
-            assert result.code is (Code.PRICE_UNAVAILABLE if isinstance(request, Close)
-                                   else Code.ORDER_NOT_OPEN)
+        if stage == "resent":  # the answer was lost: sent again, the same request id
+            assert self.ask(name, request) == result
+        if isinstance(request, Close | Cancel):
+            assert isinstance(result, SettlementItem | Rejected)
+            if isinstance(result, SettlementItem):
+                self.closes.append((name, request, result))
+        else:
+            assert isinstance(result, OpenPosition | Rejected)
+        if isinstance(result, Rejected):
+            assert result.code in REFUSALS[type(request)]
         if stage == "died_after_send":
             if key is not None:
                 self.in_flight[rid] = key
-            self.restart_platform()
+            # the start-time reconciliation releases the margin a removal freed
+            self.restart_platform(dict([release]) if release is not None
+                                  and isinstance(result, OpenPosition) else None)
             return
         if stage == "lost":  # in doubt: resolve it on the shard
             resolved = self.ask(name, Resolve(rid))
-            if isinstance(result, SettlementItem):
-                assert resolved == result
-            else:
+            if isinstance(result, Rejected):
                 assert resolved is None  # fenced: a late arrival is refused
                 assert self.ask(name, request) == FENCED
+            else:
+                assert resolved == result
         if isinstance(result, SettlementItem):
             self.deliver(name, None if key is None else (key, result.closed))
+        elif isinstance(result, OpenPosition):
+            assert isinstance(request, SetLevels | ChangeMargin)
+            self.settle_change(name, request, result, key, release, stage)
         elif key is not None:
             # a refusal that would be the same again is the answer; in doubt, or transient,
             # the reservation is dropped and a retry runs again
@@ -568,6 +721,62 @@ class Platform:
                 self.answer_is_stored(key, result)
             else:
                 assert self.ask(LEDGER, Forget(key)) is None
+
+    def settle_change(self, name: str, request: SetLevels | ChangeMargin,
+                      position: OpenPosition, key: IdemKey | None,
+                      release: tuple[int, int] | None, stage: str) -> None:
+        """Record at the ledger what a change of ``position`` did, as the reconciler's
+        ``settle_change``: free the margin a removal took off it (``release``, once per
+        request id) and store the answer. When that call is cut off (``stage``
+        ``settle_lost``: the ledger applied it and died before answering; ``settle_cut``: it
+        never arrived) the reconciler resolves the request on the shard and makes it again."""
+        answer = None if key is None else (key, position)
+        settle: ReleaseMargin | Remember | None = None if answer is None else Remember(*answer)
+        if release is not None:
+            settle = ReleaseMargin(*release, request.request_id, answer, counted=False)
+        if settle is not None:
+            free, margin = self.ask(LEDGER, Balances(position.owner))
+            if stage == "settle_lost":
+                assert self.ask(LEDGER, settle) is None
+                self.crash([LEDGER])
+            if stage in ("settle_lost", "settle_cut"):  # the reconciler's round
+                assert self.ask(name, Resolve(request.request_id)) == position
+            again = self.ask(LEDGER, settle)
+            assert again is None or (stage == "settle_lost"
+                                     and self.refused_again(again, release))
+            # the margin is freed once, whatever was sent again
+            freed = 0 if release is None else release[1]
+            assert self.ask(LEDGER, Balances(position.owner)) == (free + freed, margin - freed)
+        if answer is not None:
+            self.answer_is_stored(*answer)
+        self.changes.append((name, request, position, key, release))
+
+    def do_retry_change(self, pick: int) -> None:
+        """A change resent (its answer was lost): the first answer, from the shard and for its
+        clientOrderId; a removal's release resent (a second reconciler round): nothing freed
+        twice."""
+        if not self.changes:
+            return
+        name, request, first, key, release = self.changes[pick % len(self.changes)]
+        assert self.ask(name, request) == first
+        if key is not None:
+            self.seen_before(key, self.ask(LEDGER, Begin(key, self.next_rid())))
+        if release is not None:
+            user, micros = release
+            before = self.ask(LEDGER, Balances(user))
+            again = self.ask(LEDGER, ReleaseMargin(user, micros, request.request_id,
+                                                   counted=False))
+            assert again is None or self.refused_again(again, release)
+            assert self.ask(LEDGER, Balances(user)) == before
+
+    def refused_again(self, again: object, release: tuple[int, int] | None) -> bool:
+        """Whether ``again`` is how the ledger answers a removal's release sent again while the
+        user holds less margin than it released (the removal left less, or the position was
+        closed since): the amount is checked before the request id, so it is refused
+        (INVALID_REQUEST) rather than answered None; either way nothing is freed twice."""
+        return release is not None and isinstance(again, Rejected) \
+            and again.code is Code.INVALID_REQUEST \
+            and self.ask(LEDGER, Balances(release[0]))[1] < release[1]
 
     def do_retry_open(self, pick: int) -> None:
         if not self.opens:
@@ -683,31 +892,64 @@ PLACE = st.tuples(st.just("place"), WHO, st.integers(0, 1), st.sampled_from(Side
                   LOCKED)
 # an open order, or any order placed (most have ended: ORDER_NOT_OPEN)
 CANCEL = st.tuples(st.just("cancel"), st.integers(0, 10**6), st.booleans(), KEY, ENDING)
+# where a TP/SL change or a margin removal is cut off: the shard's answer lost (resolved on the
+# shard) or resent, the ledger's answer to what settles it lost or that call never made (the
+# reconciler settles it again), the API process died after the send
+CHANGING = st.sampled_from(["done"] * 2 + ["lost", "resent", "settle_lost", "settle_cut",
+                                           "died_after_send"])
+# the positions one is picked among (Platform.target): "made" ones may be closed (NOT_FOUND)
+AMONG = st.sampled_from(["open", "open", "stopped", "made"])
+MOVE = st.sampled_from(MOVES)
+# the TP, the SL or both changed (the other kept)
+MODIFY = st.tuples(st.just("modify"), st.integers(0, 10**6), AMONG,
+                   st.tuples(MOVE, st.none()) | st.tuples(st.none(), MOVE) | st.tuples(MOVE, MOVE),
+                   KEY, CHANGING)
+# a top-up is cut off where an open is (LOCKED's stages, each as often)
+TOP_UP = st.tuples(st.just("top_up"), st.integers(0, 10**6), AMONG,
+                   st.sampled_from(TOP_UPS_USD), KEY,
+                   st.sampled_from(["done", "lock_lost", "lost", "died_after_lock",
+                                    "died_after_send"]))
+REMOVE = st.tuples(st.just("remove"), st.integers(0, 10**6), AMONG,
+                   st.sampled_from(REMOVALS_TO_LEVERAGE), KEY, CHANGING)
 ORDERS = st.tuples(st.just("orders"), st.integers(0, 1), st.integers(4, 16), st.integers(0, 2**32))
+CHANGES = st.tuples(st.just("changes"), st.integers(0, 1), st.integers(4, 16),
+                    st.integers(0, 2**32))
 TICK = st.tuples(st.just("tick"), st.sampled_from([-300, -150, -60, -20, 0, 20, 60, 150, 300]),
                  st.integers(1, 5) | st.sampled_from([80, 200]), st.booleans())
 RUNNER = st.sampled_from([LEDGER, *NAMES])
-OPS = st.lists(st.one_of(
+# each branch drawn as often as it is listed (st.one_of keeps one of equal branches)
+OPS = st.lists(st.sampled_from([
     OPEN, OPEN, OPEN, OPEN, TICK, TICK, TICK, TICK, TICK, CLOSE, CLOSE, CLOSE, PLACE, PLACE,
-    PLACE, CANCEL, CANCEL, ORDERS, ORDERS,
+    PLACE, CANCEL, CANCEL, ORDERS, ORDERS, MODIFY, MODIFY, MODIFY, MODIFY, TOP_UP, TOP_UP,
+    TOP_UP, REMOVE, REMOVE, REMOVE, REMOVE, CHANGES, CHANGES, CHANGES,
     st.tuples(st.just("account")),
     st.tuples(st.just("bulk"), st.integers(0, 1), st.integers(MIN_VECTOR_RUN, MIN_VECTOR_RUN + 8),
               st.integers(0, 2**32)),
     st.tuples(st.just("retry_open"), st.integers(0, 10**6)),
     st.tuples(st.just("retry_close"), st.integers(0, 10**6)),
+    st.tuples(st.just("retry_change"), st.integers(0, 10**6)),
     st.tuples(st.just("deliver"), st.integers(0, 1), st.integers(0, 3), st.booleans(),
               st.booleans()),
     st.tuples(st.just("crash"), st.sampled_from([LEDGER, *NAMES, "all"])),
     st.tuples(st.just("restart")),
     st.tuples(st.just("snapshot"), RUNNER),
     st.tuples(st.just("wait"), st.sampled_from([0, MAX_AGE_US // 2, MAX_AGE_US + 1])),
-), min_size=15, max_size=45)
+]).flatmap(lambda op: op), min_size=15, max_size=45)
 
 
 # open positions per account: a small limit is reached often (a large one lets bulk opens
 # make the long runs that replay vectorised); open orders per account likewise
 CAPS = st.sampled_from([2, DEFAULT_MAX_OPEN_POSITIONS])
 ORDER_CAPS = st.sampled_from([1, 2, DEFAULT_MAX_OPEN_ORDERS])
+# the first steps: a price, and positions of a second account on both sides, with stop-losses,
+# for changes to work on from the start (the first account keeps its whole limit); the price
+# then falls 0.8%: a removal leaving the long at leverage 95 makes it liquidatable, one
+# leaving it at 40 or 70 (or the short at 95) leaves its SL not beyond the liquidation price
+START: list[tuple[Any, ...]] = [
+    ("account",), ("tick", 0, 1, False), ("account",),
+    ("open", 1, 0, Side.LONG, 100, 10, None, 300, None, "done"),
+    ("open", 1, 1, Side.SHORT, 100, 10, None, 300, None, "done"),
+    ("tick", -80, 1, False)]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -720,9 +962,7 @@ def test_any_run_with_crashes_replays_to_the_live_state_and_keeps_the_books(
     with mock.patch.object(os, "fsync", lambda fd: None):
         platform = Platform(root, cap, max_orders)
         try:
-            platform.run(("account",))
-            platform.run(("tick", 0, 1, False))
-            for op in ops:
+            for op in [*START, *ops]:
                 platform.run(op)
             platform.finish()
         finally:
@@ -823,6 +1063,105 @@ def test_a_scripted_run_takes_every_path() -> None:
                     } <= ended
             refused = {a.code for a in platform.answered.values() if isinstance(a, Rejected)}
             assert {Code.TOO_MANY_ORDERS, Code.ORDER_NOT_OPEN, Code.INVALID_REQUEST} <= refused
+        finally:
+            platform.close()
+            shutil.rmtree(root)
+
+
+# One position changed step by step, each step with the position's margin after it (micros):
+# a long at 10001, 9.99 SOL (notional 999.0999), margin 100, liquidation 9050; the bid at 10000.
+# The clientOrderIds are m0, m1, ... of each kind (a top-up and a removal share one).
+STEPS: list[tuple[tuple[Any, ...], int]] = [
+    (("open", 0, 0, Side.LONG, 100, 10, None, None, None, "done"), 100 * USD),
+    (("modify", 0, "open", (300, 350), 0, "done"), 100 * USD),  # TP 10300, SL 9650
+    (("modify", 0, "open", (None, -40), 1, "done"), 100 * USD),  # SL above the bid: refused
+    (("modify", 0, "open", (400, None), 2, "settle_cut"), 100 * USD),  # TP 10400, stored late
+    (("top_up", 0, "open", 20, 0, "done"), 120 * USD),
+    (("top_up", 0, "open", 30, 1, "lost"), 150 * USD),  # the shard's answer lost: resolved
+    (("top_up", 0, "open", 30, None, "died_after_lock"), 150 * USD),  # released at the start
+    (("remove", 0, "open", 10, 2, "done"), 99_909_990),  # down to leverage 10
+    (("remove", 0, "open", 20, 3, "resent"), 49_954_995),  # the reply lost; liquidation 9550
+    (("remove", 0, "open", 40, 4, "done"), 49_954_995),  # liquidation 9800 past the SL: refused
+    (("remove", 0, "open", 150, 5, "done"), 49_954_995),  # notional > margin x 100: refused
+    (("modify", 0, "open", (None, OFF), 3, "done"), 49_954_995),  # the SL removed
+    (("tick", -80, 1, False), 49_954_995),  # bid 9920
+    (("remove", 0, "open", 95, 6, "done"), 49_954_995),  # liquidation 9945 >= bid: refused
+    (("remove", 0, "open", 30, 7, "lost"), 33_303_330),  # the shard's answer lost: resolved
+    (("remove", 0, "open", 40, 8, "settle_lost"), 24_977_498),  # the ledger died answering
+    (("retry_change", -1), 24_977_498),  # that removal and its release sent again: nothing
+    (("crash", "all"), 24_977_498),
+    (("remove", 0, "open", 50, 9, "settle_cut"), 19_981_998),  # released by the reconciler
+    (("remove", 0, "open", 60, None, "died_after_send"), 16_651_665),  # released at the start
+    (("modify", 0, "open", (500, None), 4, "lost"), 16_651_665),  # TP 10420: resolved
+    (("modify", 0, "open", (600, None), 5, "resent"), 16_651_665),  # TP 10520
+    (("modify", 0, "open", (None, 20), 6, "settle_lost"), 16_651_665),  # SL 9900
+    (("modify", 0, "open", (OFF, None), 7, "died_after_send"), 16_651_665),  # the TP removed
+    (("top_up", 0, "open", 10, 11, "lock_lost"), 16_651_665),  # abandoned: returned
+    (("top_up", 0, "open", 10, 12, "died_after_send"), 26_651_665),
+    (("wait", MAX_AGE_US + 1), 26_651_665),  # the price stale: each refused, none stored
+    (("modify", 0, "open", (OFF, None), 8, "done"), 26_651_665),
+    (("top_up", 0, "open", 10, 13, "done"), 26_651_665),
+    (("remove", 0, "open", 100, 14, "done"), 26_651_665),
+    (("tick", 0, 1, False), 26_651_665),
+    (("top_up", 0, "open", 50_000, 10, "done"), 26_651_665),  # more than the free balance
+]
+
+
+def summary(answer: object) -> tuple[Any, ...]:
+    """A change's answer as ``(margin, TP, SL, liquidation price)``, or a refusal as ``(code,
+    the word of its message that says why)``."""
+    if isinstance(answer, OpenPosition):
+        return answer.margin_micros, answer.tp_ticks, answer.sl_ticks, answer.liq_ticks
+    assert isinstance(answer, Rejected)
+    return answer.code, next(word for word in ("stop-loss", "notional", "liquidated", "balance")
+                             if word in answer.message)
+
+
+def test_one_position_changed_step_by_step() -> None:
+    """A position's TP/SL set, replaced, removed and refused, margin added, removed and
+    refused (a removal for each of its three reasons, both at a stale price, a top-up beyond
+    the free balance), through every cut-off: the shard's answer lost (resolved, or the request
+    resent with its id), the ledger's answer to a release lost as it died (sent again: nothing
+    freed twice), a call that never reached the ledger, the API process dying. After each step
+    the ledger locks exactly the position's margin and the rest is free, and the audit and
+    replay hold (``Platform.run``)."""
+    root = Path(tempfile.mkdtemp(prefix="core-replay-"))
+    with mock.patch.object(os, "fsync", lambda fd: None):
+        platform = Platform(root)
+        try:
+            platform.run(("account",))
+            platform.run(("tick", 0, 1, False))
+            user = platform.users[0]
+            for op, margin in STEPS:
+                platform.run(op)
+                [[position]] = platform.ask(NAMES[0], PositionsOf((user,)))
+                assert position.margin_micros == margin
+                assert platform.ask(LEDGER, Balances(user)) == (SIGNUP - margin, margin)
+            said = {(k.kind, k.client_order_id): summary(a) for k, a in platform.answered.items()}
+            levels = (10_400, 9_650)  # TP, SL
+            assert said == {
+                ("modify", "m0"): (100 * USD, 10_300, 9_650, 9_050),
+                ("modify", "m1"): (Code.INVALID_TRIGGER, "stop-loss"),
+                ("modify", "m2"): (100 * USD, *levels, 9_050),
+                ("margin", "m0"): (120 * USD, *levels, 8_849),
+                ("margin", "m1"): (150 * USD, *levels, 8_549),
+                ("margin", "m2"): (99_909_990, *levels, 9_050),
+                ("margin", "m3"): (49_954_995, *levels, 9_550),
+                ("margin", "m4"): (Code.INVALID_REQUEST, "stop-loss"),
+                ("margin", "m5"): (Code.INVALID_REQUEST, "notional"),
+                ("modify", "m3"): (49_954_995, 10_400, 0, 9_550),
+                ("margin", "m6"): (Code.INVALID_REQUEST, "liquidated"),
+                ("margin", "m7"): (33_303_330, 10_400, 0, 9_717),
+                ("margin", "m8"): (24_977_498, 10_400, 0, 9_800),
+                ("margin", "m9"): (19_981_998, 10_400, 0, 9_850),
+                ("margin", "m10"): (Code.INSUFFICIENT_BALANCE, "balance"),
+                ("modify", "m4"): (16_651_665, 10_420, 0, 9_884),
+                ("modify", "m5"): (16_651_665, 10_520, 0, 9_884),
+                ("modify", "m6"): (16_651_665, 10_520, 9_900, 9_884),
+                ("modify", "m7"): (16_651_665, 0, 9_900, 9_884),
+                ("margin", "m12"): (26_651_665, 0, 9_900, 9_784)}
+            assert platform.crashes == 7
+            platform.finish()
         finally:
             platform.close()
             shutil.rmtree(root)
