@@ -862,11 +862,12 @@ class LedgerMachine:
         amount = _int(c.margin_micros)
         if amount is None or amount < 0:
             return _invalid("margin must be an int >= 0")
+        if not c.counted and request_id and request_id in self._returned:
+            # released before (its answer was lost): the first answer, whatever is locked now
+            return None, self._answer_events([c.answer] if c.answer else [], now_us)
         locked = self.ledger.margin_micros(c.user)
         if not self.ledger.has_user(c.user) or locked < amount:
             return _invalid(f"user {c.user} has {locked} margin locked, cannot release {amount}")
-        if not c.counted and request_id and request_id in self._returned:
-            return None, self._answer_events([c.answer] if c.answer else [], now_us)
         released = MarginReleased if c.counted else MarginReturned
         events: list[Event] = [released(c.user, amount, request_id)]
         if c.answer is not None:

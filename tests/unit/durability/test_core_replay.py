@@ -742,8 +742,7 @@ class Platform:
             if stage in ("settle_lost", "settle_cut"):  # the reconciler's round
                 assert self.ask(name, Resolve(request.request_id)) == position
             again = self.ask(LEDGER, settle)
-            assert again is None or (stage == "settle_lost"
-                                     and self.refused_again(again, release))
+            assert again is None
             # the margin is freed once, whatever was sent again
             freed = 0 if release is None else release[1]
             assert self.ask(LEDGER, Balances(position.owner)) == (free + freed, margin - freed)
@@ -766,17 +765,8 @@ class Platform:
             before = self.ask(LEDGER, Balances(user))
             again = self.ask(LEDGER, ReleaseMargin(user, micros, request.request_id,
                                                    counted=False))
-            assert again is None or self.refused_again(again, release)
+            assert again is None  # released before: the first answer, nothing freed
             assert self.ask(LEDGER, Balances(user)) == before
-
-    def refused_again(self, again: object, release: tuple[int, int] | None) -> bool:
-        """Whether ``again`` is how the ledger answers a removal's release sent again while the
-        user holds less margin than it released (the removal left less, or the position was
-        closed since): the amount is checked before the request id, so it is refused
-        (INVALID_REQUEST) rather than answered None; either way nothing is freed twice."""
-        return release is not None and isinstance(again, Rejected) \
-            and again.code is Code.INVALID_REQUEST \
-            and self.ask(LEDGER, Balances(release[0]))[1] < release[1]
 
     def do_retry_open(self, pick: int) -> None:
         if not self.opens:

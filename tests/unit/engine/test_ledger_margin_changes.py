@@ -52,6 +52,10 @@ def test_margin_removed_from_a_position_is_released_once_per_request_id() -> Non
     # a counted release (an open that did not happen) ends the open as before
     assert led(ReleaseMargin(user, 70 * USD, 1)) is None
     assert led(OpenCount(user)) == 0 and led.balances(user) == (SIGNUP, 0)
+    # the removal's release sent once more, now that less is locked than it freed: still its
+    # first answer, and nothing moves
+    assert led(ReleaseMargin(user, 30 * USD, 7, (key, position), counted=False)) is None
+    assert led.balances(user) == (SIGNUP, 0)
 
 
 def test_replay_and_snapshots_keep_the_lock_kinds_and_the_released_ids() -> None:
