@@ -695,12 +695,17 @@ class ShardMachine:
 
     def _listed(self, record: PositionRecord) -> OpenPosition:
         """``record`` as an answer, marked to the last tick."""
-        tick = self._last_tick
-        mark = None if tick is None else pnl_micros(
-            self.asset, record.side, record.entry_ticks, record.qty_steps,
-            exit_price_ticks(record.side, tick.bid_ticks, tick.ask_ticks))
+        mark = self._mark(record.side, record.entry_ticks, record.qty_steps)
         listed: OpenPosition = _LISTED(record, self.asset.name, mark)
         return listed
+
+    def _mark(self, side: Side, entry_ticks: int, qty_steps: int) -> int | None:
+        """Unrealized PnL (micros) of a position at the last tick's closing-side price, None
+        without a tick."""
+        tick = self._last_tick
+        return None if tick is None else pnl_micros(
+            self.asset, side, entry_ticks, qty_steps,
+            exit_price_ticks(side, tick.bid_ticks, tick.ask_ticks))
 
     def _decide_place(self, command: Place, now_us: int) -> tuple[Any, Sequence[Event]]:
         previous = self._previous(command.request_id)
@@ -788,11 +793,7 @@ class ShardMachine:
     def _open_answer(self, event: PositionOpened) -> OpenPosition:
         """The answer of an open: the position marked to the last tick (what decide saw, and
         what apply sees when it remembers the answer)."""
-        side = _SIDES[event.side]
-        tick = self._last_tick
-        mark = None if tick is None else pnl_micros(
-            self.asset, side, event.entry_ticks, event.qty_steps,
-            exit_price_ticks(side, tick.bid_ticks, tick.ask_ticks))
+        mark = self._mark(_SIDES[event.side], event.entry_ticks, event.qty_steps)
         answer: OpenPosition = _OPEN_ANSWER(event, self.asset.name, mark)
         return answer
 
@@ -927,12 +928,15 @@ class ShardMachine:
         record = self.book.close(event.position_id)
         if record is None:
             raise ShardStateError(f"closed position {event.position_id} is not open")
-        item = self._settlement_item(record, event)
-        self._outbox.append(item)
-        self._last_seq = event.settlement_seq
+        self._to_outbox(self._settlement_item(record, event), event.request_id)
         self._closes[event.reason] += 1
-        if event.request_id:
-            self._remember(event.request_id, item)
+
+    def _to_outbox(self, item: SettlementItem, request_id: int) -> None:
+        """``item`` is the next settlement for the ledger (and the answer of ``request_id``)."""
+        self._outbox.append(item)
+        self._last_seq = item.seq
+        if request_id:
+            self._remember(request_id, item)
 
     def _apply_amended(self, event: PositionAmended) -> None:
         record = self.book.amend(event.position_id, qty_steps=event.qty_steps,
@@ -959,14 +963,10 @@ class ShardMachine:
         order = self.orders.remove(event.order_id)
         if order is None:
             raise ShardStateError(f"ended order {event.order_id} is not open")
-        item = self._ended_item(order, event)
-        self._outbox.append(item)
-        self._last_seq = event.settlement_seq
+        self._to_outbox(self._ended_item(order, event), event.request_id)
         self._ended[event.order_id] = (order.owner, int(status))
         if len(self._ended) > REMEMBERED:
             self._ended.popitem(last=False)
-        if event.request_id:
-            self._remember(event.request_id, item)
 
     def _apply_tick(self, event: TickApplied) -> None:
         self._last_tick = Tick(self.asset.name, event.bid_ticks, event.ask_ticks, event.ts_us,
