@@ -1,0 +1,855 @@
+// The shardex trading terminal. Prices, balances and positions come from the API; the browser
+// only displays them (live unrealized PnL is computed here for display, never settled).
+
+import { ApiError, call } from "./js/api.js";
+import { createCandleChart } from "./js/chart.js";
+import { byId, h, setText } from "./js/dom.js";
+import * as fmt from "./js/format.js";
+import { LiveSocket, socketUrl } from "./js/live.js";
+
+const INTERVALS = ["1m", "5m", "15m", "1h", "4h", "1d"];
+const STORE = {
+  key: "shardex.apiKey",
+  accountId: "shardex.accountId",
+  asset: "shardex.asset",
+  interval: "shardex.interval",
+};
+const KLINE_LIMIT = 500;
+const HISTORY_PAGE = 50;
+const HISTORY_MAX = 500;
+const PRICE_POLL_MS = 1000;      // GET /prices while the socket is down
+const KLINE_POLL_EVERY = 5;      // ... and the newest candles every 5th time
+const STATE_POLL_MS = 2000;      // GET /state while the account stream is unavailable
+const STATE_REFRESH_MS = 5000;   // ... and while it is live (equity moves with prices)
+const EVENT_DEBOUNCE_MS = 150;
+
+const app = {
+  key: null,
+  accountId: null,
+  assets: [],
+  assetByName: new Map(),
+  asset: null,
+  interval: "1m",
+  prices: {},                // asset -> {bid, ask, ts, source}
+  positions: [],
+  positionRows: new Map(),   // positionId -> {position, markCell, pnlCell}
+  orders: [],
+  closedLimit: HISTORY_PAGE,
+  orderHistoryLimit: HISTORY_PAGE,
+  accountStream: "off",      // off | live | down
+  keyRefused: false,         // the API answered 401 to this key: no more polling with it
+  lastAccountRefresh: 0,
+  idsSignature: "",
+  chart: null,
+  live: null,
+  socketWasOpen: false,
+};
+
+// ------------------------------------------------------------------ storage
+function stored(name) {
+  try { return window.localStorage.getItem(name); } catch { return null; }
+}
+function store(name, value) {
+  try {
+    if (value === null || value === undefined) window.localStorage.removeItem(name);
+    else window.localStorage.setItem(name, value);
+  } catch { /* storage unavailable: the key lives for this page only */ }
+}
+
+// ------------------------------------------------------------------ banners
+let lastError = { text: "", count: 0 };
+
+function showError(err) {
+  const code = err instanceof ApiError ? err.code : "ERROR";
+  let message = err && err.message ? err.message : String(err);
+  if (err instanceof ApiError && err.retryAfter) message += ` (retry after ${err.retryAfter} s)`;
+  const banner = byId("error-banner");
+  const textKey = `${code}\n${message}`;
+  lastError = !banner.hidden && lastError.text === textKey
+    ? { text: textKey, count: lastError.count + 1 }
+    : { text: textKey, count: 1 };
+  setText(byId("error-code"), code);
+  setText(byId("error-message"), message);
+  setText(byId("error-count"), lastError.count > 1 ? `×${lastError.count}` : "");
+  banner.dataset.code = code;
+  banner.hidden = false;
+}
+
+function localError(code, message) {
+  return new ApiError(0, code, message);
+}
+
+function dismissError() {
+  byId("error-banner").hidden = true;
+  lastError = { text: "", count: 0 };
+}
+
+let noticeTimer = null;
+function showNotice(message) {
+  setText(byId("notice-text"), message);
+  byId("notice").hidden = false;
+  clearTimeout(noticeTimer);
+  noticeTimer = setTimeout(() => { byId("notice").hidden = true; }, 8000);
+}
+
+// ------------------------------------------------------------------ market
+function selectedAsset() {
+  return app.assetByName.get(app.asset) || null;
+}
+
+async function loadAssets() {
+  for (;;) {
+    try {
+      const data = await call("GET", "assets");
+      const list = Array.isArray(data && data.assets) ? data.assets : [];
+      if (list.length) return list;
+      showError(localError("UNKNOWN_ASSET", "the server lists no tradable asset"));
+    } catch (err) {
+      showError(err);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 3000));
+  }
+}
+
+function fillAssetSelect() {
+  const select = byId("asset-select");
+  select.replaceChildren(...app.assets.map((a) => h("option", { value: a.name, text: a.name })));
+  select.value = app.asset;
+}
+
+function applyAsset() {
+  const asset = selectedAsset();
+  setText(byId("ticket-asset"), app.asset || "");
+  const leverage = byId("ticket-leverage");
+  if (asset && Number.isInteger(asset.maxLeverage)) {
+    leverage.max = String(asset.maxLeverage);
+    setText(byId("ticket-leverage-max"), `(1–${asset.maxLeverage})`);
+  }
+  if (app.chart && asset) app.chart.setPriceStep(asset.priceStep);
+  renderQuote();
+  renderEstimate();
+  renderChartLines();
+  subscribeMarket();
+  loadKlines();
+}
+
+function subscribeMarket() {
+  if (!app.live) return;
+  const streams = app.assets.map((a) => `bookTicker.${a.name}`);
+  if (app.asset) streams.push(`kline.${app.interval}.${app.asset}`);
+  app.live.setStreams(streams);
+}
+
+// Candles: the REST history first, then the live stream. Frames that arrive before the history
+// are kept and drawn after it; a newer selection makes older answers moot.
+const klines = { generation: 0, ready: false, pending: [] };
+
+async function loadKlines() {
+  const generation = ++klines.generation;
+  klines.ready = false;
+  klines.pending = [];
+  if (!app.chart || !app.asset) return;
+  const { asset, interval } = app;
+  try {
+    const data = await call("GET", "klines", { query: { asset, interval, limit: KLINE_LIMIT } });
+    if (generation !== klines.generation) return;
+    app.chart.setKlines(Array.isArray(data && data.klines) ? data.klines : []);
+  } catch (err) {
+    if (generation !== klines.generation) return;
+    app.chart.setKlines([]);
+    showError(err);
+  }
+  klines.ready = true;
+  for (const kline of klines.pending) app.chart.update(kline);
+  klines.pending = [];
+}
+
+async function pollNewestKlines() {
+  if (!app.chart || !app.asset || !klines.ready) return;
+  const generation = klines.generation;
+  try {
+    const data = await call("GET", "klines", { query: { asset: app.asset, interval: app.interval, limit: 2 } });
+    if (generation !== klines.generation) return;
+    for (const kline of (data && data.klines) || []) app.chart.update(kline);
+  } catch { /* the socket status already says the market data is degraded */ }
+}
+
+function onKline(kline) {
+  if (!app.chart) return;
+  if (klines.ready) app.chart.update(kline);
+  else klines.pending.push(kline);
+}
+
+function applyQuote(asset, quote) {
+  if (!quote || !fmt.isDecimal(quote.bid) || !fmt.isDecimal(quote.ask)) return;
+  app.prices[asset] = { bid: quote.bid, ask: quote.ask, ts: quote.ts, source: quote.source };
+  if (asset === app.asset) {
+    renderQuote();
+    renderEstimate();
+  }
+  renderPnl();
+}
+
+function renderQuote() {
+  const quote = app.prices[app.asset];
+  setText(byId("bid"), quote ? quote.bid : "—");
+  setText(byId("ask"), quote ? quote.ask : "—");
+  const spread = quote ? Number(quote.ask) - Number(quote.bid) : NaN;
+  const asset = selectedAsset();
+  setText(byId("spread"), Number.isFinite(spread) ? spread.toFixed(fmt.decimalsOf(asset ? asset.priceStep : "0.01")) : "—");
+  setText(byId("quote-source"), quote && quote.source ? `source: ${quote.source}` : "");
+}
+
+let pricePollBusy = false;
+let pricePollCount = 0;
+async function pollPrices() {
+  if (!app.live || app.live.isOpen() || pricePollBusy) return;
+  pricePollBusy = true;
+  pricePollCount += 1;
+  try {
+    const data = await call("GET", "prices");
+    for (const [asset, quote] of Object.entries(data || {})) applyQuote(asset, quote);
+    if (!app.live.isOpen()) setSocketStatus(app.live.state, null, true);
+  } catch {
+    if (!app.live.isOpen()) setSocketStatus("offline", null, false);
+  } finally {
+    pricePollBusy = false;
+  }
+  if (pricePollCount % KLINE_POLL_EVERY === 0) pollNewestKlines();
+}
+
+function setSocketStatus(state, detail, pricesPolled = false) {
+  const node = byId("ws-status");
+  node.dataset.state = state;
+  let label;
+  if (state === "open") label = "live";
+  else if (state === "connecting") label = "connecting…";
+  else if (state === "offline") label = "offline — retrying";
+  else label = pricesPolled ? "reconnecting — prices polled every second" : "reconnecting…";
+  setText(node, label);
+  if (detail && detail.reason) node.title = `closed: ${detail.code} ${detail.reason}`;
+}
+
+// ------------------------------------------------------------------ live frames
+function onFrame(frame) {
+  if (!frame || typeof frame !== "object") return;
+  if (frame.error) {
+    onSocketError(frame.error);
+    return;
+  }
+  if (typeof frame.stream !== "string") return;
+  const data = frame.data && typeof frame.data === "object" ? frame.data : {};
+  const stream = frame.stream;
+  if (stream === "account") {
+    onAccountEvent(data);
+  } else if (stream.startsWith("bookTicker.")) {
+    applyQuote(stream.slice("bookTicker.".length), data);
+  } else if (stream.startsWith("kline.")) {
+    const [, interval, asset] = stream.split(".");
+    if (interval === app.interval && asset === app.asset) onKline(data);
+  }
+}
+
+function onSocketError(error) {
+  const code = typeof error.code === "string" ? error.code : "ERROR";
+  const message = typeof error.message === "string" ? error.message : "the live stream refused a request";
+  if (app.key && (code === "UNAUTHORIZED" || /account|auth/i.test(message))) {
+    setAccountStream("down");
+  }
+  showError(new ApiError(0, code, message));
+}
+
+let eventTimer = null;
+function onAccountEvent(data) {
+  if (!app.key) return;
+  setAccountStream("live");
+  clearTimeout(eventTimer);
+  eventTimer = setTimeout(() => requestRefresh(true), data.event === "snapshot" ? 0 : EVENT_DEBOUNCE_MS);
+}
+
+function onSocketState(state, detail) {
+  setSocketStatus(state, detail, false);
+  if (state !== "open" && app.key) setAccountStream("down");
+  if (state === "open") {
+    if (app.socketWasOpen) loadKlines(); // candles missed while the socket was away
+    app.socketWasOpen = true;
+  }
+}
+
+function onAccountSubscribed() {
+  setAccountStream("live");
+  requestRefresh(true); // whatever happened while the stream was away
+}
+
+function setAccountStream(state) {
+  app.accountStream = app.key ? state : "off";
+  const node = byId("account-stream");
+  node.dataset.state = app.accountStream;
+  setText(node, app.accountStream === "live" ? "live"
+    : app.accountStream === "down" ? "polling every 2 s" : "—");
+}
+
+// ------------------------------------------------------------------ account
+function setKey(key, accountId) {
+  app.key = key;
+  app.accountId = accountId || null;
+  app.keyRefused = false;
+  store(STORE.key, key);
+  store(STORE.accountId, app.accountId);
+  app.closedLimit = HISTORY_PAGE;
+  app.orderHistoryLimit = HISTORY_PAGE;
+  app.idsSignature = "";
+  renderAccount();
+  if (!key) clearAccountData();
+  setAccountStream(key ? (app.live && app.live.isOpen() ? "live" : "down") : "off");
+  if (app.live) app.live.setKey(key);
+}
+
+function renderAccount() {
+  const loggedIn = Boolean(app.key);
+  byId("logged-out").hidden = loggedIn;
+  byId("logged-in").hidden = !loggedIn;
+  setText(byId("api-key"), app.key || "");
+  setText(byId("account-id"), app.accountId || "");
+  for (const id of ["submit-long", "submit-short"]) byId(id).disabled = !loggedIn;
+  setText(byId("ticket-hint"), loggedIn ? "" : "Create an account or use an API key to trade.");
+}
+
+function clearAccountData() {
+  for (const id of ["balance-free", "balance-margin", "balance-equity", "upnl-total"]) setText(byId(id), "—");
+  renderPositions([]);
+  renderOrders([]);
+  renderClosed([]);
+  renderOrderHistory([]);
+  byId("positions-note").hidden = true;
+}
+
+async function createAccount() {
+  const button = byId("create-account");
+  button.disabled = true;
+  try {
+    const account = await call("POST", "accounts", { body: {} });
+    if (!account || typeof account.apiKey !== "string") throw localError("ERROR", "the server answered without an API key");
+    setKey(account.apiKey, account.accountId);
+    const balance = typeof account.balance === "string" || typeof account.balance === "number"
+      ? ` with ${fmt.money(account.balance)} USD` : "";
+    showNotice(`Account ${account.accountId} created${balance}. Copy your API key: it is the only way back into this account.`);
+    requestRefresh(true);
+  } catch (err) {
+    showError(err);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function useKey(event) {
+  event.preventDefault();
+  const input = byId("key-input");
+  const key = input.value.trim();
+  if (!key) return;
+  const button = byId("use-key");
+  button.disabled = true;
+  try {
+    const state = await call("GET", "state", { key });
+    input.value = "";
+    setKey(key, state && state.accountId);
+    renderState(state);
+    requestRefresh(true);
+  } catch (err) {
+    showError(err);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function logout() {
+  setKey(null, null);
+  showNotice("Logged out: the API key is no longer kept in this browser.");
+}
+
+async function copyKey() {
+  if (!app.key) return;
+  try {
+    await navigator.clipboard.writeText(app.key);
+    showNotice("API key copied.");
+  } catch {
+    const range = document.createRange();
+    range.selectNodeContents(byId("api-key"));
+    const selection = window.getSelection();
+    selection.removeAllRanges();
+    selection.addRange(range);
+    showNotice("Select-all done: copy the key with your keyboard.");
+  }
+}
+
+// Account refreshes are coalesced: one runs at a time, and what was asked meanwhile runs after.
+let refreshRunning = false;
+let refreshWanted = null;
+
+function requestRefresh(history) {
+  if (!app.key) return;
+  refreshWanted = { history: Boolean(history) || Boolean(refreshWanted && refreshWanted.history) };
+  if (!refreshRunning) runRefresh();
+}
+
+async function runRefresh() {
+  refreshRunning = true;
+  try {
+    while (refreshWanted) {
+      const wanted = refreshWanted;
+      refreshWanted = null;
+      await refreshAccount(wanted.history);
+    }
+  } finally {
+    refreshRunning = false;
+  }
+}
+
+async function refreshAccount(withHistory) {
+  const key = app.key;
+  if (!key) return;
+  app.lastAccountRefresh = Date.now();
+  const [stateResult, ordersResult] = await Promise.allSettled([
+    call("GET", "state", { key }),
+    call("GET", "orders", { key }),
+  ]);
+  if (key !== app.key) return;
+  let failure = null;
+  if (stateResult.status === "fulfilled") renderState(stateResult.value);
+  else failure = stateResult.reason;
+  app.keyRefused = failure instanceof ApiError && failure.status === 401;
+  if (app.keyRefused) {
+    setText(byId("account-stream"), "this key was refused: log out or use another key");
+    showError(failure);
+    return;
+  }
+  if (ordersResult.status === "fulfilled") renderOrders(listOf(ordersResult.value, "orders"));
+  else failure = failure || ordersResult.reason;
+
+  // Positions or orders that came or went mean history to show, whoever ended them.
+  const signature = `${app.positions.map((p) => p.positionId).join(",")}|${app.orders.map((o) => o.orderId).join(",")}`;
+  const changed = signature !== app.idsSignature;
+  app.idsSignature = signature;
+  if (withHistory || changed) failure = (await refreshHistory(key)) || failure;
+  if (failure) showError(failure);
+}
+
+async function refreshHistory(key) {
+  const [closed, ended] = await Promise.allSettled([
+    call("GET", "positions/history", { key, query: { limit: app.closedLimit } }),
+    call("GET", "orders/history", { key, query: { limit: app.orderHistoryLimit } }),
+  ]);
+  if (key !== app.key) return null;
+  if (closed.status === "fulfilled") renderClosed(listOf(closed.value, "positions"));
+  if (ended.status === "fulfilled") renderOrderHistory(listOf(ended.value, "orders"));
+  return closed.status === "rejected" ? closed.reason : ended.status === "rejected" ? ended.reason : null;
+}
+
+function listOf(data, name) {
+  return data && Array.isArray(data[name]) ? data[name] : [];
+}
+
+function renderState(state) {
+  if (!state || typeof state !== "object") return;
+  if (state.accountId && state.accountId !== app.accountId) {
+    app.accountId = String(state.accountId);
+    store(STORE.accountId, app.accountId);
+    setText(byId("account-id"), app.accountId);
+  }
+  const balances = state.balances || {};
+  setText(byId("balance-free"), fmt.money(balances.free));
+  setText(byId("balance-margin"), fmt.money(balances.margin));
+  setText(byId("balance-equity"), fmt.money(balances.equity));
+  renderPositions(Array.isArray(state.positions) ? state.positions : []);
+  const notes = [];
+  if (state.morePositions) notes.push("Showing the oldest positions only: the account has more.");
+  if (Array.isArray(state.unavailable) && state.unavailable.length) {
+    notes.push(`Temporarily missing (recovering): ${state.unavailable.join(", ")}.`);
+  }
+  const note = byId("positions-note");
+  setText(note, notes.join(" "));
+  note.hidden = notes.length === 0;
+}
+
+// ------------------------------------------------------------------ tables
+function td(value, className) {
+  return h("td", { class: className, text: fmt.text(value) });
+}
+
+function emptyRow(columns, message) {
+  return h("tr", { class: "empty" }, h("td", { colspan: columns, text: message }));
+}
+
+function renderPositions(positions) {
+  app.positions = positions;
+  app.positionRows = new Map();
+  const rows = positions.map((p) => {
+    const id = String(p.positionId);
+    const markCell = h("td", { class: "num", "data-field": "mark", text: "—" });
+    const pnlCell = h("td", { class: "num", "data-field": "pnl", text: "—" });
+    const close = h("button", {
+      type: "button",
+      class: "btn btn-small",
+      "data-testid": "close-position",
+      "data-position-id": id,
+      text: "Close",
+    });
+    close.addEventListener("click", () => closePosition(p, close));
+    app.positionRows.set(id, { position: p, markCell, pnlCell });
+    return h("tr", { "data-testid": "position-row", "data-position-id": id, "data-asset": p.asset, "data-side": p.type },
+      td(p.asset),
+      td(p.type, fmt.sideClass(p.type)),
+      td(p.quantity, "num"),
+      td(p.entryPrice, "num"),
+      markCell,
+      td(p.liquidationPrice, "num"),
+      td(p.takeProfit, "num"),
+      td(p.stopLoss, "num"),
+      td(fmt.money(p.margin), "num"),
+      td(p.leverage === undefined ? null : `${p.leverage}x`, "num"),
+      pnlCell,
+      h("td", { text: fmt.time(p.openedAt), title: fmt.text(p.openedAt) }),
+      h("td", {}, close));
+  });
+  byId("positions-body").replaceChildren(...(rows.length ? rows : [emptyRow(13, "No open positions")]));
+  setText(byId("positions-count"), positions.length);
+  renderPnl();
+  renderChartLines();
+}
+
+function renderPnl() {
+  let total = 0;
+  let counted = 0;
+  for (const { position, markCell, pnlCell } of app.positionRows.values()) {
+    const quote = app.prices[position.asset];
+    const live = fmt.livePnl(position, quote);
+    if (live !== null) {
+      setText(markCell, position.type === "long" ? quote.bid : quote.ask);
+      setText(pnlCell, fmt.signedNumber(live));
+      pnlCell.className = fmt.pnlClass(live);
+      pnlCell.dataset.source = "live";
+      total += live;
+      counted += 1;
+    } else {
+      setText(markCell, "—");
+      setText(pnlCell, fmt.signedMoney(position.unrealizedPnl));
+      pnlCell.className = fmt.pnlClassOf(position.unrealizedPnl);
+      pnlCell.dataset.source = "server";
+      if (fmt.isDecimal(String(position.unrealizedPnl ?? ""))) {
+        total += Number(position.unrealizedPnl);
+        counted += 1;
+      }
+    }
+  }
+  const totalNode = byId("upnl-total");
+  setText(totalNode, counted ? fmt.signedNumber(total) : "—");
+  totalNode.className = counted ? fmt.pnlClass(total) : "num";
+}
+
+function renderChartLines() {
+  if (!app.chart) return;
+  const lines = [];
+  for (const p of app.positions) {
+    if (p.asset !== app.asset) continue;
+    lines.push({ price: p.entryPrice, title: `${p.type} ${p.quantity}`, kind: "entry" });
+    if (p.liquidationPrice !== null && p.liquidationPrice !== undefined) {
+      lines.push({ price: p.liquidationPrice, title: "liq.", kind: "liquidation" });
+    }
+  }
+  app.chart.setLines(lines);
+}
+
+function renderOrders(orders) {
+  app.orders = orders;
+  const rows = orders.map((o) => {
+    const id = String(o.orderId);
+    const cancel = h("button", {
+      type: "button",
+      class: "btn btn-small",
+      "data-testid": "cancel-order",
+      "data-order-id": id,
+      text: "Cancel",
+    });
+    cancel.addEventListener("click", () => cancelOrder(id, cancel));
+    return h("tr", { "data-testid": "order-row", "data-order-id": id, "data-asset": o.asset, "data-side": o.type },
+      td(o.asset),
+      td(o.type, fmt.sideClass(o.type)),
+      td(o.orderType),
+      td(o.triggerPrice, "num"),
+      td(fmt.money(o.margin), "num"),
+      td(o.leverage === undefined ? null : `${o.leverage}x`, "num"),
+      td(o.takeProfit, "num"),
+      td(o.stopLoss, "num"),
+      h("td", { text: o.expiresAt ? fmt.time(o.expiresAt) : "good till cancelled", title: fmt.text(o.expiresAt) }),
+      h("td", { text: fmt.time(o.createdAt), title: fmt.text(o.createdAt) }),
+      h("td", {}, cancel));
+  });
+  byId("orders-body").replaceChildren(...(rows.length ? rows : [emptyRow(11, "No open orders")]));
+  setText(byId("orders-count"), orders.length);
+}
+
+function renderClosed(closed) {
+  const rows = closed.map((c) => h("tr", {
+    "data-testid": "closed-row",
+    "data-position-id": String(c.positionId),
+    "data-close-id": c.closeId === undefined || c.closeId === null ? null : String(c.closeId),
+    "data-close-reason": c.closeReason,
+  },
+    h("td", { text: fmt.time(c.closedAt), title: fmt.text(c.closedAt) }),
+    td(c.asset),
+    td(c.type, fmt.sideClass(c.type)),
+    td(c.partial ? `${c.quantity} (partial)` : c.quantity, "num"),
+    td(c.entryPrice, "num"),
+    td(c.exitPrice, "num"),
+    h("td", { class: fmt.pnlClassOf(c.realizedPnl), "data-field": "realized-pnl", text: fmt.signedMoney(c.realizedPnl) }),
+    td(fmt.money(c.payout), "num"),
+    td(fmt.money(c.margin), "num"),
+    td(c.leverage === undefined ? null : `${c.leverage}x`, "num"),
+    td(c.closeReason),
+    h("td", { text: fmt.time(c.openedAt), title: fmt.text(c.openedAt) })));
+  byId("closed-body").replaceChildren(...(rows.length ? rows : [emptyRow(12, "No closed positions yet")]));
+  byId("closed-more").hidden = closed.length < app.closedLimit || app.closedLimit >= HISTORY_MAX;
+}
+
+function renderOrderHistory(orders) {
+  const rows = orders.map((o) => h("tr", {
+    "data-testid": "order-history-row",
+    "data-order-id": String(o.orderId),
+    "data-status": o.status,
+  },
+    h("td", { text: fmt.time(o.updatedAt), title: fmt.text(o.updatedAt) }),
+    td(o.asset),
+    td(o.type, fmt.sideClass(o.type)),
+    td(o.orderType),
+    td(o.triggerPrice, "num"),
+    td(fmt.money(o.margin), "num"),
+    td(o.leverage === undefined ? null : `${o.leverage}x`, "num"),
+    td(o.status),
+    td(o.positionId),
+    td(o.rejectReason),
+    h("td", { text: fmt.time(o.createdAt), title: fmt.text(o.createdAt) })));
+  byId("order-history-body").replaceChildren(...(rows.length ? rows : [emptyRow(11, "No ended orders yet")]));
+  byId("order-history-more").hidden = orders.length < app.orderHistoryLimit || app.orderHistoryLimit >= HISTORY_MAX;
+}
+
+function selectTab(which) {
+  const closed = which === "closed";
+  byId("tab-closed").setAttribute("aria-selected", String(closed));
+  byId("tab-order-history").setAttribute("aria-selected", String(!closed));
+  byId("panel-closed").hidden = !closed;
+  byId("panel-order-history").hidden = closed;
+}
+
+// ------------------------------------------------------------------ trading
+function field(id) {
+  return byId(id).value.trim();
+}
+
+function leverageValue() {
+  const value = field("ticket-leverage");
+  return /^\d+$/.test(value) ? Number(value) : value; // anything else: the API names the problem
+}
+
+function slippage() {
+  const bps = field("ticket-slippage");
+  if (!bps) return null;
+  return /^\d+$/.test(bps) ? Number(bps) : bps;
+}
+
+function renderTicketKind() {
+  const kind = byId("ticket-kind").value;
+  for (const node of document.querySelectorAll(".pending-only")) node.hidden = kind === "market";
+  for (const node of document.querySelectorAll(".market-only")) node.hidden = kind !== "market";
+  renderEstimate();
+}
+
+function renderEstimate() {
+  const node = byId("ticket-estimate");
+  const asset = selectedAsset();
+  const margin = Number(field("ticket-margin"));
+  const leverage = Number(field("ticket-leverage"));
+  const kind = byId("ticket-kind").value;
+  const quote = app.prices[app.asset];
+  const price = kind === "market"
+    ? (quote ? (Number(quote.bid) + Number(quote.ask)) / 2 : NaN)
+    : Number(field("ticket-trigger"));
+  if (!asset || !(margin > 0) || !(leverage > 0) || !(price > 0)) {
+    setText(node, "");
+    return;
+  }
+  const notional = margin * leverage;
+  const decimals = fmt.decimalsOf(asset.quantityStep);
+  const size = Math.floor((notional / price) * 10 ** decimals) / 10 ** decimals;
+  setText(node, `≈ ${size.toFixed(decimals)} ${asset.name} · notional ≈ ${notional.toFixed(2)} USD (estimate)`);
+}
+
+async function submitTicket(side, button) {
+  if (!app.key) {
+    showError(localError("UNAUTHORIZED", "create an account or use an API key first"));
+    return;
+  }
+  if (!app.asset) return;
+  const kind = byId("ticket-kind").value;
+  const body = { asset: app.asset, type: side };
+  const margin = field("ticket-margin");
+  if (margin) body.margin = margin;
+  if (field("ticket-leverage")) body.leverage = leverageValue();
+  const tp = field("ticket-tp");
+  const sl = field("ticket-sl");
+  if (tp) body.takeProfit = tp;
+  if (sl) body.stopLoss = sl;
+  let path;
+  if (kind === "market") {
+    path = "positions/open";
+    const bps = slippage();
+    const quote = app.prices[app.asset];
+    if (bps !== null) {
+      if (!quote) {
+        showError(localError("PRICE_UNAVAILABLE", "no live price to check the slippage against yet"));
+        return;
+      }
+      body.currentPrice = side === "long" ? quote.ask : quote.bid;
+      body.maxSlippageBps = bps;
+    }
+  } else {
+    path = "orders";
+    body.orderType = kind;
+    const trigger = field("ticket-trigger");
+    if (trigger) body.triggerPrice = trigger;
+    const expiry = field("ticket-expiry");
+    if (expiry) {
+      const when = new Date(expiry);
+      if (Number.isNaN(when.getTime())) {
+        showError(localError("INVALID_REQUEST", "expiresAt: not a date and time"));
+        return;
+      }
+      body.expiresAt = when.toISOString();
+    }
+  }
+  const buttons = [byId("submit-long"), byId("submit-short")];
+  for (const b of buttons) b.disabled = true;
+  button.setAttribute("aria-busy", "true");
+  try {
+    const result = await call("POST", path, { key: app.key, body });
+    if (kind === "market") {
+      showNotice(`Opened ${result.type} ${result.quantity} ${result.asset} at ${result.entryPrice} (position ${result.positionId}).`);
+    } else {
+      showNotice(`Placed ${result.orderType} ${result.type} ${result.asset} at ${result.triggerPrice} (order ${result.orderId}).`);
+    }
+  } catch (err) {
+    showError(err);
+  } finally {
+    button.removeAttribute("aria-busy");
+    for (const b of buttons) b.disabled = !app.key;
+    requestRefresh(true);
+  }
+}
+
+async function closePosition(position, button) {
+  if (!app.key) return;
+  button.disabled = true;
+  const body = { positionId: String(position.positionId) };
+  const bps = slippage();
+  const quote = app.prices[position.asset];
+  if (bps !== null && quote) {
+    body.currentPrice = position.type === "long" ? quote.bid : quote.ask;
+    body.maxSlippageBps = bps;
+  }
+  try {
+    const closed = await call("POST", "positions/close", { key: app.key, body });
+    showNotice(`Closed ${closed.type} ${closed.quantity} ${closed.asset} at ${closed.exitPrice}: PnL ${fmt.signedMoney(closed.realizedPnl)} USD, paid out ${fmt.money(closed.payout)} USD.`);
+  } catch (err) {
+    showError(err);
+    button.disabled = false;
+  }
+  requestRefresh(true);
+}
+
+async function cancelOrder(orderId, button) {
+  if (!app.key) return;
+  button.disabled = true;
+  try {
+    const order = await call("DELETE", `orders/${encodeURIComponent(orderId)}`, { key: app.key });
+    showNotice(`Cancelled order ${order.orderId}: its margin ${fmt.money(order.margin)} USD is free again.`);
+  } catch (err) {
+    showError(err);
+    button.disabled = false;
+  }
+  requestRefresh(true);
+}
+
+// ------------------------------------------------------------------ start
+function accountTimer() {
+  if (!app.key || app.keyRefused) return;
+  const every = app.accountStream === "live" ? STATE_REFRESH_MS : STATE_POLL_MS;
+  if (Date.now() - app.lastAccountRefresh >= every) requestRefresh(false);
+}
+
+function bindUi() {
+  byId("error-dismiss").addEventListener("click", dismissError);
+  byId("notice-dismiss").addEventListener("click", () => { byId("notice").hidden = true; });
+  byId("create-account").addEventListener("click", createAccount);
+  byId("key-form").addEventListener("submit", useKey);
+  byId("logout").addEventListener("click", logout);
+  byId("copy-key").addEventListener("click", copyKey);
+  byId("asset-select").addEventListener("change", (event) => {
+    app.asset = event.target.value;
+    store(STORE.asset, app.asset);
+    applyAsset();
+  });
+  byId("interval-select").addEventListener("change", (event) => {
+    app.interval = event.target.value;
+    store(STORE.interval, app.interval);
+    subscribeMarket();
+    loadKlines();
+  });
+  byId("ticket").addEventListener("submit", (event) => event.preventDefault());
+  byId("ticket-kind").addEventListener("change", renderTicketKind);
+  for (const id of ["ticket-margin", "ticket-leverage", "ticket-trigger"]) {
+    byId(id).addEventListener("input", renderEstimate);
+  }
+  byId("submit-long").addEventListener("click", (event) => submitTicket("long", event.currentTarget));
+  byId("submit-short").addEventListener("click", (event) => submitTicket("short", event.currentTarget));
+  byId("tab-closed").addEventListener("click", () => selectTab("closed"));
+  byId("tab-order-history").addEventListener("click", () => selectTab("orders"));
+  byId("closed-more").addEventListener("click", () => {
+    app.closedLimit = Math.min(HISTORY_MAX, app.closedLimit + HISTORY_PAGE);
+    requestRefresh(true);
+  });
+  byId("order-history-more").addEventListener("click", () => {
+    app.orderHistoryLimit = Math.min(HISTORY_MAX, app.orderHistoryLimit + HISTORY_PAGE);
+    requestRefresh(true);
+  });
+}
+
+async function start() {
+  bindUi();
+  renderTicketKind();
+  const savedInterval = stored(STORE.interval);
+  app.interval = INTERVALS.includes(savedInterval) ? savedInterval : "1m";
+  byId("interval-select").value = app.interval;
+
+  app.live = new LiveSocket(socketUrl(), { onFrame, onState: onSocketState, onAccountSubscribed });
+  setKey(stored(STORE.key), stored(STORE.accountId));
+  clearAccountData();
+  app.live.start();
+  setInterval(pollPrices, PRICE_POLL_MS);
+  setInterval(accountTimer, 1000);
+  requestRefresh(true);
+
+  try {
+    app.chart = createCandleChart(byId("chart"));
+  } catch (err) {
+    showError(localError("ERROR", `the chart could not start: ${err && err.message ? err.message : err}`));
+  }
+
+  app.assets = (await loadAssets()).filter((a) => a && typeof a.name === "string");
+  app.assetByName = new Map(app.assets.map((a) => [a.name, a]));
+  const savedAsset = stored(STORE.asset);
+  app.asset = app.assetByName.has(savedAsset) ? savedAsset : app.assets[0].name;
+  fillAssetSelect();
+  applyAsset();
+}
+
+if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+else start();

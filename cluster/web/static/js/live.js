@@ -1,0 +1,128 @@
+// The /ws connection: public streams (bookTicker, kline) and, with a key, the private
+// `account` stream. Reconnects with exponential backoff and subscribes again after every
+// (re)connect.
+
+export function socketUrl() {
+  const url = new URL("ws", document.baseURI);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  return url.toString();
+}
+
+const MIN_DELAY_MS = 500;
+const MAX_DELAY_MS = 30000;
+const STABLE_MS = 10000; // a connection open this long resets the backoff
+
+export class LiveSocket {
+  // handlers: onFrame(frame), onState(state, detail), onAccountSubscribed()
+  constructor(url, handlers) {
+    this.url = url;
+    this.handlers = handlers;
+    this.ws = null;
+    this.streams = new Set();
+    this.key = null;
+    this.attempt = 0;
+    this.timer = null;
+    this.openedAt = 0;
+    this.state = "closed";
+  }
+
+  start() {
+    if (!this.ws && !this.timer) this.connect();
+  }
+
+  isOpen() {
+    return this.state === "open";
+  }
+
+  connect() {
+    clearTimeout(this.timer);
+    this.timer = null;
+    this.setState("connecting");
+    let ws;
+    try {
+      ws = new WebSocket(this.url);
+    } catch {
+      this.scheduleReconnect();
+      return;
+    }
+    this.ws = ws;
+    ws.onopen = () => {
+      if (ws !== this.ws) return;
+      this.openedAt = Date.now();
+      this.setState("open");
+      if (this.streams.size) this.send({ method: "SUBSCRIBE", params: [...this.streams] });
+      if (this.key) this.authenticate();
+    };
+    ws.onmessage = (event) => {
+      if (ws !== this.ws) return;
+      this.attempt = 0;
+      let frame;
+      try { frame = JSON.parse(event.data); } catch { return; }
+      this.handlers.onFrame(frame);
+    };
+    ws.onclose = (event) => {
+      if (ws !== this.ws) return;
+      this.ws = null;
+      if (this.openedAt && Date.now() - this.openedAt >= STABLE_MS) this.attempt = 0;
+      this.openedAt = 0;
+      this.scheduleReconnect(event);
+    };
+    ws.onerror = () => { /* a close event follows */ };
+  }
+
+  scheduleReconnect(event) {
+    const ceiling = Math.min(MAX_DELAY_MS, MIN_DELAY_MS * 2 ** this.attempt);
+    this.attempt += 1;
+    const delay = Math.round(ceiling / 2 + Math.random() * ceiling / 2);
+    this.setState("waiting", { delay, code: event ? event.code : null, reason: event ? event.reason : "" });
+    this.timer = setTimeout(() => this.connect(), delay);
+  }
+
+  // Drop the connection (if any) and connect again at once.
+  reconnect() {
+    const ws = this.ws;
+    this.ws = null;
+    if (ws) {
+      try { ws.close(1000); } catch { /* already closing */ }
+    }
+    this.attempt = 0;
+    this.connect();
+  }
+
+  send(frame) {
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) {
+      this.ws.send(JSON.stringify(frame));
+      return true;
+    }
+    return false;
+  }
+
+  authenticate() {
+    this.send({ method: "AUTH", params: [this.key] });
+    if (this.send({ method: "SUBSCRIBE", params: ["account"] })) this.handlers.onAccountSubscribed();
+  }
+
+  // The public streams wanted now; subscribes and unsubscribes the difference.
+  setStreams(names) {
+    const next = new Set(names);
+    const removed = [...this.streams].filter((name) => !next.has(name));
+    const added = [...next].filter((name) => !this.streams.has(name));
+    this.streams = next;
+    if (removed.length) this.send({ method: "UNSUBSCRIBE", params: removed });
+    if (added.length) this.send({ method: "SUBSCRIBE", params: added });
+  }
+
+  // A connection cannot drop its AUTH: another key (or none) needs a new connection.
+  setKey(key) {
+    if (key === this.key) return;
+    const had = this.key;
+    this.key = key;
+    if (had) this.reconnect();
+    else if (key && this.isOpen()) this.authenticate();
+  }
+
+  setState(state, detail = null) {
+    this.state = state;
+    this.handlers.onState(state, detail);
+  }
+}
