@@ -1,0 +1,1 @@
+"""Live market data kept for readers: candles persisted under ``DATA_DIR``."""
