@@ -12,7 +12,7 @@ u32. Events are NamedTuples: cheap to build, and ``encode`` packs one with one `
 
 Shard events (one journal per shard): :class:`PositionOpened`, :class:`PositionClosed`,
 :class:`TickApplied`, :class:`OpenFenced`, :class:`OutboxAcked`, :class:`SeqResumed`,
-:class:`OrderPlaced`, :class:`OrderEnded`, :class:`PositionAmended`.
+:class:`OrderPlaced`, :class:`OrderEnded`, :class:`PositionAmended`, :class:`PositionReduced`.
 Ledger events (the ledger's journal):
 :class:`AccountCreated`, :class:`MarginLocked`, :class:`MarginReleased`,
 :class:`SettlementApplied`, :class:`ClientOrderStoredAt` (and the older
@@ -102,6 +102,26 @@ class PositionAmended(NamedTuple):
 schema.check_fields(PositionAmended, schema.POSITION_AMENDED)
 
 
+class PositionReduced(NamedTuple):
+    """Part of an open position was closed by hand (engine.schema.POSITION_REDUCED), as the
+    shard's ``settlement_seq``-th settlement: ``closed_qty_steps`` of its quantity with
+    ``closed_margin_micros`` of its margin at ``exit_ticks``; the rest stays open under the same
+    id with what is left and liquidation price ``rest_liq_ticks``. The amounts follow from the
+    closed part like a close's (engine.settlement.settle)."""
+
+    position_id: int
+    closed_qty_steps: int
+    closed_margin_micros: int
+    rest_liq_ticks: int
+    exit_ticks: int
+    ts_us: int
+    settlement_seq: int
+    request_id: int
+
+
+schema.check_fields(PositionReduced, schema.POSITION_REDUCED)
+
+
 class TickApplied(NamedTuple):
     """The top of book a shard swept with (a shard journal belongs to one asset).
 
@@ -174,6 +194,8 @@ class SettlementApplied(NamedTuple):
     Carries the whole closed position (engine.schema.SETTLEMENT_APPLIED: after ``seq``, the
     fields of engine.messages.ClosedPosition) so the ledger's history survives a restart, and
     the four SPEC amounts so a replay applies exactly what was applied, with no recomputation.
+    The old layout 0x24 lacks ``close_id`` and ``partial``: a whole close, named by its
+    position's id.
     """
 
     shard: str
@@ -197,6 +219,8 @@ class SettlementApplied(NamedTuple):
     insurance_micros: int
     reason: int
     closed_ts_us: int
+    close_id: int = 0
+    partial: int = 0
 
 
 schema.check_fields(SettlementApplied, schema.SETTLEMENT_APPLIED)
@@ -354,7 +378,7 @@ class OrderCountSet(NamedTuple):
 
 
 Event = (PositionOpened | PositionClosed | TickApplied | OpenFenced | OutboxAcked | SeqResumed
-         | OrderPlaced | OrderEnded | PositionAmended
+         | OrderPlaced | OrderEnded | PositionAmended | PositionReduced
          | AccountCreated | MarginLocked | MarginReleased | SettlementApplied | ClientOrderStored
          | ClientOrderStoredAt | AnswersExpired | OpenCountSet | OrderLocked | OrderSettled
          | OrderCountSet | MarginAdded | MarginReturned)
@@ -364,7 +388,7 @@ Event = (PositionOpened | PositionClosed | TickApplied | OpenFenced | OutboxAcke
 # again; the ledger ignores them by seq (and a restarted shard is acknowledged again at start).
 VOLATILE_EVENTS = (TickApplied, OutboxAcked)
 SHARD_EVENTS = (PositionOpened, PositionClosed, TickApplied, OpenFenced, OutboxAcked,
-                SeqResumed, OrderPlaced, OrderEnded, PositionAmended)
+                SeqResumed, OrderPlaced, OrderEnded, PositionAmended, PositionReduced)
 LEDGER_EVENTS = (AccountCreated, MarginLocked, MarginReleased, SettlementApplied,
                  ClientOrderStored, ClientOrderStoredAt, AnswersExpired, OpenCountSet,
                  OrderLocked, OrderSettled, OrderCountSet, MarginAdded, MarginReturned)
@@ -403,7 +427,7 @@ _LAYOUTS: dict[int, _Layout] = {
     0x21: (AccountCreated, "Qq", ("account_id", "key_hash"), (("s", "B"), ("s", "B"))),
     0x22: (MarginLocked, "QqQ", (), ()),
     0x23: (MarginReleased, "QqQ", (), ()),
-    0x24: _schema_layout(SettlementApplied, schema.SETTLEMENT_APPLIED),
+    0x2E: _schema_layout(SettlementApplied, schema.SETTLEMENT_APPLIED),
     0x25: (ClientOrderStored, "Q", ("kind", "client_order_id", "response"),
            (("s", "B"), ("s", "H"), ("b", "I"))),
     0x26: (ClientOrderStoredAt, "QQq", ("kind", "client_order_id", "response"),
@@ -413,6 +437,7 @@ _LAYOUTS: dict[int, _Layout] = {
     0x19: _schema_layout(OrderPlaced, schema.ORDER_PLACED),
     0x1A: _schema_layout(OrderEnded, schema.ORDER_ENDED),
     0x1B: _schema_layout(PositionAmended, schema.POSITION_AMENDED),
+    0x1C: _schema_layout(PositionReduced, schema.POSITION_REDUCED),
     0x29: (OrderLocked, "QqQ", (), ()),
     0x2A: _schema_layout(OrderSettled, schema.ORDER_SETTLED),
     0x2B: (OrderCountSet, "QQ", (), ()),
@@ -425,6 +450,15 @@ _LAYOUTS: dict[int, _Layout] = {
 _OLD_LAYOUTS: dict[int, tuple[type, str]] = {
     0x12: (PositionClosed, "QBqqQ"),
     0x13: (TickApplied, "qqq"),
+}
+# Older layouts with text: (class, fixed fields, text fields, their prefixes, how many of the
+# class's fields they hold, the upgrade of a decoded event).
+_OLD_VAR_LAYOUTS: dict[int, tuple[type, str, tuple[str, ...], _VarSpec, int,
+                                  Callable[[tuple[object, ...]], tuple[object, ...]]]] = {
+    # before partial closes: a whole close, named by its position's id
+    0x24: (SettlementApplied, "QQQBqqqHqqqqqqqqqBq", ("shard", "asset"),
+           (("s", "B"), ("s", "B")), 21,
+           lambda e: e._replace(close_id=e.position_id)),  # type: ignore[attr-defined]
 }
 
 _Encoder = Callable[[tuple[object, ...]], bytes]
@@ -453,14 +487,26 @@ def _fixed_codec(code: int, cls: type, fmt: str) -> tuple[_Encoder, _Decoder]:
 
 
 def _var_codec(code: int, cls: type, fmt: str, var_names: tuple[str, ...],
-               var_spec: _VarSpec) -> tuple[_Encoder, _Decoder]:
-    fields: tuple[str, ...] = cls._fields  # type: ignore[attr-defined]
+               var_spec: _VarSpec, present: int | None = None,
+               upgrade: Callable[[tuple[object, ...]], tuple[object, ...]] | None = None
+               ) -> tuple[_Encoder, _Decoder]:
+    """The codec of a layout with variable-length fields: of all of ``cls``'s fields, or (an
+    old layout) of its first ``present``, the others taking their defaults and the decoded
+    event then passed through ``upgrade``."""
+    every: tuple[str, ...] = cls._fields  # type: ignore[attr-defined]
+    fields = every[:present]
+    defaults: dict[str, object] = cls._field_defaults  # type: ignore[attr-defined]
+    tail = [defaults[name] for name in every[len(fields):]]
     var_index = [fields.index(n) for n in var_names]
     fixed_index = [i for i in range(len(fields)) if i not in var_index]
     prefixes = "".join(p for _, p in var_spec)
     head = struct.Struct("<B" + fmt + prefixes)
     n_fixed = len(fixed_index)
-    make = cls._make  # type: ignore[attr-defined]
+    built = cls._make  # type: ignore[attr-defined]
+
+    def make(values: list[object]) -> tuple[object, ...]:
+        event: tuple[object, ...] = built(values + tail)
+        return event if upgrade is None else upgrade(event)
 
     def encode(event: tuple[object, ...]) -> bytes:
         blobs = []
@@ -535,6 +581,9 @@ def _old_decoder(cls: type, fmt: str) -> _Decoder:
 
 for _code, (_cls, _fmt) in _OLD_LAYOUTS.items():
     _DECODERS[_code] = _old_decoder(_cls, _fmt)
+for _code, (_cls, _fmt, _var_names, _var_spec, _present, _upgrade) in _OLD_VAR_LAYOUTS.items():
+    _DECODERS[_code] = _var_codec(_code, _cls, _fmt, _var_names, _var_spec, _present,
+                                  _upgrade)[1]
 
 
 def encode(event: Event) -> bytes:

@@ -212,6 +212,9 @@ def decode_answer(data: bytes) -> object:
         return Rejected(Code(code), message)
     if kind in _STORED_BUILD:
         names, build = _STORED_BUILD[kind]
+        if kind == "closed" and len(fields) == len(names) - 2:
+            # stored before partial closes: a whole close, named by its position's id
+            fields = [*fields, fields[0], 0]
         _check_length(kind, fields, names)
         return build(fields)
     raise ValueError(f"unknown stored answer kind {kind!r}")
@@ -279,8 +282,8 @@ class AppliedSeq:
 
 @dataclass(frozen=True, slots=True)
 class History:
-    """-> ``user``'s closed positions, newest first (``limit`` clamped to 1..500), or
-    Rejected(INVALID_REQUEST) for a ``before`` cursor that is not one of the user's positions."""
+    """-> ``user``'s closes (whole and partial), newest first (``limit`` clamped to 1..500), or
+    Rejected(INVALID_REQUEST) for a ``before`` cursor that is not the close id of one of them."""
 
     user: int
     limit: int = 50
@@ -425,7 +428,7 @@ class ReconcileAtStart:
     clientOrderIds: one whose request id ``resolved`` maps to what it made gets that answer,
     every other is dropped. ``open_counts_by_user``: open positions plus open orders per user
     over all shards; each user's count of opens holding margin becomes that plus their unapplied
-    closes and unapplied ended orders that did not fill. ``open_order_counts_by_user``: open
+    whole closes and unapplied ended orders that did not fill. ``open_order_counts_by_user``: open
     orders per user; each user's order count becomes that plus their unapplied ended orders.
     (None: those counts are kept, but a user left with no margin holds none.)
     -> ``{user: released_micros}``.
@@ -503,6 +506,13 @@ def _holds_margin(item: _Item) -> bool:
     return not isinstance(item, EndedOrder) or item.status != OrderStatus.FILLED
 
 
+def _holds_slot(item: _Item) -> bool:
+    """Whether ``item`` ends an open here when it is applied (frees a slot of the open-position
+    limit): a whole close, an order that did not fill (the rest of a partial close stays
+    open)."""
+    return _holds_margin(item) and not (isinstance(item, ClosedPosition) and item.partial)
+
+
 def _is_order(item: _Item) -> bool:
     """Whether ``item`` ends an open order here when it is applied (any ended order)."""
     return isinstance(item, EndedOrder)
@@ -552,10 +562,14 @@ class _Ints:
 
 
 # a close's integers are checked as int64s (as they always were: its ids and enums are checked
-# apart or fail the encoding), an ended order's at the widths its event encodes them with
-_CLOSE_INTS = _Ints(schema.CLOSED_POSITION, lambda f: _INT64)
-_SIDE_AT, _MARGIN_AT, _PAYOUT_AT, _HOUSE_AT, _INSURANCE_AT = map(_CLOSE_INTS.at, (
-    "side", "margin_micros", "payout_micros", "house_micros", "insurance_micros"))
+# apart or fail the encoding) but its id and flag at their wire widths, an ended order's at the
+# widths its event encodes them with
+_CLOSE_ADDED = (schema.close_id, schema.partial)
+_CLOSE_INTS = _Ints(schema.CLOSED_POSITION,
+                    lambda f: _WIRE_WIDTHS[f.code] if f in _CLOSE_ADDED else _INT64)
+_SIDE_AT, _MARGIN_AT, _PAYOUT_AT, _HOUSE_AT, _INSURANCE_AT, _CLOSE_ID_AT, _PARTIAL_AT = map(
+    _CLOSE_INTS.at, ("side", "margin_micros", "payout_micros", "house_micros",
+                     "insurance_micros", "close_id", "partial"))
 _ORDER_INTS = _Ints(schema.ENDED_ORDER, lambda f: _WIRE_WIDTHS[f.code])
 _O_SIDE_AT, _O_KIND_AT, _O_MARGIN_AT, _O_STATUS_AT = map(_ORDER_INTS.at, (
     "side", "kind", "margin_micros", "status"))
@@ -658,7 +672,7 @@ class LedgerMachine:
         self._account_ids: dict[int, str] = {}
         self._next_user = 1
         self._applied_seq: dict[str, int] = {}
-        self._history = _History("history", "position_id")  # closed positions
+        self._history = _History("history", "close_id")  # closed positions
         self._order_history = _History("order history", "order_id")  # ended orders
         self._answers: dict[IdemKey, object] = {}  # None while the first request is pending
         # when each answered clientOrderId got its answer (us), oldest first: what expires
@@ -979,6 +993,9 @@ class LedgerMachine:
         margin, payout = v[_MARGIN_AT], v[_PAYOUT_AT]
         if margin < 0 or payout < 0 or payout + v[_HOUSE_AT] + v[_INSURANCE_AT] != margin:
             return f"unbalanced settlement of margin {margin}"
+        if v[_PARTIAL_AT] not in (0, 1) or v[_CLOSE_ID_AT] == 0 or (
+                not v[_PARTIAL_AT] and v[_CLOSE_ID_AT] != c.position_id):
+            return "a close is named by its position's id, a partial one by an id of its own"
         return self._margin_problem(c.owner, margin, margins, "settle")
 
     def _ended_order_problem(self, o: EndedOrder, margins: dict[int, int]) -> str | None:
@@ -1022,7 +1039,7 @@ class LedgerMachine:
         # (recount, what it recounts, its event) for the counts given
         recounts: list[tuple[dict[int, int], dict[int, int], Callable[[int, int], Event]]] = []
         for given, counted, held, recount in (
-                (c.open_counts_by_user, _holds_margin, self._open_counts, OpenCountSet),
+                (c.open_counts_by_user, _holds_slot, self._open_counts, OpenCountSet),
                 (c.open_order_counts_by_user, _is_order, self._order_counts, OrderCountSet)):
             if given is None:
                 continue
@@ -1167,7 +1184,7 @@ class LedgerMachine:
         self._history.add(_CLOSED_OF_EVENT(e))
         self._closed_count += 1
         self._applied_seq[e.shard] = e.seq
-        self._add_counts(e.owner, -1, 0)
+        self._add_counts(e.owner, -(not e.partial), 0)  # the rest of a partial close stays open
 
     def _on_order_settled(self, e: OrderSettled) -> None:
         self._check_due(e.shard, e.seq)
@@ -1311,8 +1328,8 @@ class LedgerMachine:
             lock = m._recent_locks.get(int(request_id))
             if lock is not None and lock.key is None:
                 m._recent_locks[int(request_id)] = lock._replace(key=key)
-        m._history.load(schema.named_columns(np.asarray(arrays["history"]), _V1_HISTORY,
-                                             len(_V1_HISTORY)),
+        m._history.load(schema.fill_close_ids(schema.named_columns(
+                            np.asarray(arrays["history"]), _V1_HISTORY, len(_V1_HISTORY))),
                         _INTEGERS, _HISTORY_ROW, {"asset": meta["history_assets"]})
         if "order_history" in arrays:
             m._order_history.load(np.asarray(arrays["order_history"]), _ORDER_INTEGERS,

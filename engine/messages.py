@@ -34,12 +34,14 @@ class OpenOrder(NamedTuple):
 
 
 class CloseOrder(NamedTuple):
-    """A manual close request of one of the caller's positions."""
+    """A manual close request of one of the caller's positions: all of it, or ``qty_steps`` of
+    it (0: all)."""
 
     position_id: int
     current_price_ticks: int | None = None
     max_slippage_bps: int = 100
     client_order_id: str | None = None
+    qty_steps: int = 0
 
 
 class ShardOpen(NamedTuple):
@@ -74,14 +76,16 @@ class PlaceOrder(NamedTuple):
 
 
 class ShardClose(NamedTuple):
-    """One manual close as a shard executes it (``owner`` must own ``position_id``);
-    ``request_id`` makes a resend return the first result (0 = none given)."""
+    """One manual close as a shard executes it (``owner`` must own ``position_id``), of
+    ``qty_steps`` of the position (0 or all of it: a whole close); ``request_id`` makes a
+    resend return the first result (0 = none given)."""
 
     request_id: int
     owner: int
     position_id: int
     current_price_ticks: int | None
     max_slippage_bps: int
+    qty_steps: int = 0
 
 
 class OpenPosition(NamedTuple):
@@ -114,7 +118,8 @@ class ClosedPosition(NamedTuple):
     """A closed position and its settlement (SPEC: ledger moves of one close).
 
     ``reason`` is an engine.orders.CloseReason value; ``exit_ticks`` the closing-side price of
-    the tick (or of the last tick for a manual close).
+    the tick (or of the last tick for a manual close). A partial close (``partial`` 1) has the
+    closed part's quantity and margin; ``close_id`` names the close (engine.schema.close_id).
     """
 
     position_id: int
@@ -136,6 +141,8 @@ class ClosedPosition(NamedTuple):
     insurance_micros: int
     reason: int
     closed_ts_us: int
+    close_id: int
+    partial: int
 
 
 schema.check_fields(ClosedPosition, schema.CLOSED_POSITION)

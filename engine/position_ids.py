@@ -35,6 +35,19 @@ def make_position_id(generation: int, row: int, book_tag: int) -> int:
     return (generation << GEN_SHIFT) | (row << ROW_SHIFT) | book_tag
 
 
+PARTIAL_CLOSE_FLAG = 1 << 63
+MAX_CLOSE_SEQ = (1 << (63 - TAG_BITS)) - 1
+
+
+def partial_close_id(settlement_seq: int, book_tag: int) -> int:
+    """The id of a partial close, settlement ``settlement_seq`` (1..MAX_CLOSE_SEQ) of the book
+    ``book_tag``: bit 63 set (no position id has it), the seq above the tag. A whole close is
+    named by its position's id instead. ValueError when a field is out of range."""
+    if not (1 <= settlement_seq <= MAX_CLOSE_SEQ and 0 <= book_tag <= MAX_BOOK_TAG):
+        raise ValueError("partial close id field out of range")
+    return PARTIAL_CLOSE_FLAG | (settlement_seq << TAG_BITS) | book_tag
+
+
 def book_tag_of(position_id: int) -> int:
     """The book_tag (0..255) of the book that issued ``position_id``."""
     return int(position_id) & TAG_MASK
@@ -61,12 +74,15 @@ def is_position_id(value: object) -> bool:
 
 __all__ = [
     "MAX_BOOK_TAG",
+    "MAX_CLOSE_SEQ",
     "MAX_GENERATION",
     "MAX_ROWS",
+    "PARTIAL_CLOSE_FLAG",
     "book_tag_of",
     "generation_of",
     "is_position_id",
     "make_position_id",
+    "partial_close_id",
     "row_of",
     "rows_of",
 ]

@@ -62,6 +62,8 @@ SEQ = "seq"
 """A sequence number (1, 2, 3... per shard)."""
 TEXT = "text"
 """UTF-8 text; variable length on the wire."""
+FLAG = "flag"
+"""A yes/no value: 1 or 0."""
 
 WIRE_DTYPES: dict[str, str] = {"B": "u1", "b": "i1", "H": "<u2", "h": "<i2", "I": "<u4",
                                "i": "<i4", "Q": "<u8", "q": "<i8"}
@@ -82,6 +84,7 @@ UNIT_WIDTHS: dict[str, tuple[str | None, np.dtype | None]] = {
     PPM: ("I", _I32),
     SEQ: ("Q", _U64),
     TEXT: (None, None),
+    FLAG: ("B", np.dtype(np.uint8)),
 }
 """Each unit's ``struct`` code on the wire (None: variable-length, after a length prefix of
 :data:`TEXT_PREFIX`) and the numpy dtype of a column holding it (None: no column)."""
@@ -177,6 +180,11 @@ insurance_micros = Field("insurance_micros", MICROS,
 reason = Field("reason", ENUM, "CloseReason",
                enum=("manual", "take_profit", "stop_loss", "liquidation"))
 closed_ts_us = Field("closed_ts_us", US, "when the position closed")
+close_id = Field("close_id", ID,
+                 "the close's id: a whole close is named by its position's id (a position closes "
+                 "whole once), a partial close by engine.position_ids.partial_close_id, which no "
+                 "position id equals", dtype=_U64)  # a partial close's id has bit 63 set
+partial = Field("partial", FLAG, "1: part of the position closed, the rest stays open")
 
 asset = Field("asset", TEXT, "engine.assets.Asset.name")
 unrealized_pnl_micros = Field("unrealized_pnl_micros", MICROS,
@@ -194,7 +202,10 @@ TERMS: Group = (side, entry_ticks, qty_steps, margin_micros, leverage, liq_ticks
 """What an open plan fixes (engine.orders.plan_open)."""
 POSITION: Group = (*IDENTITY, *TERMS, opened_ts_us)
 CLOSE: Group = (exit_ticks, pnl_micros, payout_micros, house_micros, insurance_micros, reason,
-                closed_ts_us)
+                closed_ts_us, close_id, partial)
+"""What a close adds to the position (a partial close's position fields are the closed part's:
+its quantity and margin). ``close_id`` and ``partial`` came last: records written before them
+hold the fields before, and :func:`fill_close_ids` / :func:`upgrade_close` complete them."""
 SETTLEMENT: Group = (pnl_micros, payout_micros, house_micros, insurance_micros)
 """The SPEC's split of a close (engine.settlement.Settlement)."""
 
@@ -216,6 +227,13 @@ POSITION_CLOSED: Group = (position_id, reason, exit_ticks, closed_ts_us.renamed(
 POSITION_AMENDED: Group = (position_id, qty_steps, margin_micros, liq_ticks, tp_ticks, sl_ticks,
                            request_id)
 """engine.events.PositionAmended: what a change of an open position leaves (its new values)."""
+POSITION_REDUCED: Group = (position_id, qty_steps.renamed("closed_qty_steps"),
+                           margin_micros.renamed("closed_margin_micros"),
+                           liq_ticks.renamed("rest_liq_ticks"), exit_ticks,
+                           closed_ts_us.renamed("ts_us"), seq.renamed("settlement_seq"),
+                           request_id)
+"""engine.events.PositionReduced: a partial close (the closed part's quantity and margin, the
+liquidation price of the rest; the amounts follow like a close's)."""
 SETTLEMENT_APPLIED: Group = (shard, seq, *CLOSED_POSITION)
 """engine.events.SettlementApplied."""
 OUTBOX: Group = (seq, *POSITION, *CLOSE)
@@ -376,6 +394,20 @@ def named_columns(table: np.ndarray, old_columns: Sequence[str] = (), width: int
     return {n: table[:, i] for i, n in enumerate(old_columns)}
 
 
+def fill_close_ids(columns: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Columns of closes (by name, with ``position_id``) with ``close_id`` and ``partial``
+    completed: a table written before they existed, or a row whose ``close_id`` is 0 (no close
+    has that id), holds whole closes, each named by its position's id."""
+    out = dict(columns)
+    position_ids = np.asarray(out["position_id"]).astype(np.uint64)
+    given = out.get("close_id")
+    close_ids = position_ids if given is None else np.asarray(given).astype(np.uint64)
+    out["close_id"] = np.where(close_ids == 0, position_ids, close_ids)
+    if "partial" not in out:
+        out["partial"] = np.zeros(position_ids.size, dtype=np.uint8)
+    return out
+
+
 def to_record(cls: type, group: Iterable[Field | str], row: Sequence[Any],
               casts: Mapping[str, Callable[[Any], Any]] | None = None, **given: Any) -> Any:
     """``cls`` built by name: each of its fields from ``row`` (values in ``group`` order) or
@@ -464,7 +496,9 @@ API_POSITION: tuple[ApiField, ...] = (
 """SPEC ``Position`` (the API's PositionOut), in its key order."""
 API_CLOSED_POSITION: tuple[ApiField, ...] = (
     *API_POSITION,
-    ApiField("closeId", position_id),  # a position closes once: the close is named by its id
+    ApiField("closeId", close_id, "decimal string of a 64-bit id (a whole close: its "
+                                  "positionId); the history's before cursor"),
+    ApiField("partial", partial, "true: the closed part of a position that stays open"),
     ApiField("exitPrice", exit_ticks),
     ApiField("realizedPnl", pnl_micros),
     ApiField("payout", payout_micros),
@@ -494,10 +528,10 @@ API_ORDER: tuple[ApiField, ...] = (
 """SPEC ``Order`` (OrderOut), rendered from an engine.messages.EndedOrder (an open order as
 one with status ``open``)."""
 
-RenderKind = Literal["id", "text", "label", "price", "quantity", "money", "int", "time"]
+RenderKind = Literal["id", "text", "label", "price", "quantity", "money", "int", "time", "bool"]
 _RENDERS: dict[str, RenderKind] = {ID: "id", TEXT: "text", ENUM: "label", TICKS: "price",
                                    STEPS: "quantity", MICROS: "money", LEVERAGE: "int",
-                                   US: "time"}
+                                   US: "time", FLAG: "bool"}
 FORMATTED_KINDS = ("price", "quantity", "money", "time")
 """The render kinds :func:`json_renderer` takes a formatter for (``(value, asset) -> str``):
 price ticks -> a decimal at the asset's price step, steps -> a decimal at its quantity step,
@@ -507,7 +541,7 @@ micros -> a 6-decimal amount, us -> ISO 8601 UTC."""
 def render_kind(f: Field) -> RenderKind:
     """How the API shows a value of ``f``: ``id`` (decimal string), ``text``, ``label`` (the
     enum's label), ``price``, ``quantity``, ``money``, ``time`` (strings, see
-    :data:`FORMATTED_KINDS`) or ``int``."""
+    :data:`FORMATTED_KINDS`), ``int`` or ``bool``."""
     try:
         return _RENDERS[f.unit]
     except KeyError:
@@ -530,7 +564,7 @@ def api_annotation(af: ApiField) -> Any:
     """The Python type of the API value (for a response model): ``str``, ``int``, or a
     ``Literal`` of the enum's labels; ``| None`` when :func:`api_nullable`."""
     kind = render_kind(af.field)
-    annotation: Any = int if kind == "int" else str
+    annotation: Any = {"int": int, "bool": bool}.get(kind, str)
     if kind == "label":
         annotation = Literal[enum_labels(af.field)]
     return annotation | None if api_nullable(af) else annotation
@@ -580,6 +614,8 @@ def json_renderer(cls: type, api_fields: Sequence[ApiField],
             shown = f"_l{i}[{value}]"
         elif kind == "id":
             shown = f"str({value})"
+        elif kind == "bool":
+            shown = f"bool({value})"
         else:
             shown = value
         if f.zero_is_none:  # 0 (or empty text) is "not set"
@@ -605,6 +641,7 @@ __all__ = [
     "ENDED_ORDER",
     "ENUM",
     "FIELDS",
+    "FLAG",
     "FORMATTED_KINDS",
     "ID",
     "IDENTITY",
@@ -625,6 +662,7 @@ __all__ = [
     "POSITION_AMENDED",
     "POSITION_CLOSED",
     "POSITION_OPENED",
+    "POSITION_REDUCED",
     "PPM",
     "SEQ",
     "SETTLEMENT",
@@ -650,6 +688,7 @@ __all__ = [
     "declared_names",
     "dtype",
     "enum_labels",
+    "fill_close_ids",
     "fixed",
     "json_renderer",
     "named_columns",

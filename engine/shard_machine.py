@@ -25,7 +25,9 @@ changes the state, live and in journal replay. Events (engine.events):
   in place (SPEC "Changing an open position");
 * ``OrderEnded``: an order left the order book as the next settlement seq: cancelled by its
   owner, or on a tick expired, rejected (its fill could not open), or filled (a
-  ``PositionOpened`` of the position follows it in the same record).
+  ``PositionOpened`` of the position follows it in the same record);
+* ``PositionReduced``: part of an open position was closed by hand as the next settlement
+  seq; the rest stays open under its id (SPEC "Partial close").
 
 A tick first sweeps the positions (their closes free rows), then the orders: a fill opens
 exactly like a market open at the tick's opening-side price (engine.orders.plan_open), and is
@@ -67,6 +69,7 @@ from engine.events import (
     PositionAmended,
     PositionClosed,
     PositionOpened,
+    PositionReduced,
     SeqResumed,
     TickApplied,
     decode,
@@ -104,6 +107,7 @@ from engine.orders import (
     liquidation_ticks,
     plan_open,
 )
+from engine.position_ids import MAX_CLOSE_SEQ, partial_close_id
 from engine.results import Code, Rejected
 from engine.settlement import exit_price_ticks, pnl_micros, settle
 
@@ -142,7 +146,8 @@ _OPEN_ANSWER = schema.builder(OpenPosition, schema.POSITION_OPENED,
 # (row of POSITION values, asset, unrealized_pnl_micros) -> a listed open position
 _LISTED = schema.builder(OpenPosition, schema.POSITION, given=("asset", "unrealized_pnl_micros"),
                          casts=_SIDE_CAST)
-_CLOSE_GIVEN = ("asset", "exit_ticks", *schema.names(schema.SETTLEMENT), "reason", "closed_ts_us")
+_CLOSE_GIVEN = ("asset", "exit_ticks", *schema.names(schema.SETTLEMENT), "reason", "closed_ts_us",
+                "close_id", "partial")
 # (PositionRecord, *_CLOSE_GIVEN) -> the closed position
 _CLOSED = schema.builder(ClosedPosition, schema.BOOK_ROW, given=_CLOSE_GIVEN, casts=_SIDE_CAST)
 # (row of _SETTLED values, asset) -> a closed position out of a snapshot
@@ -459,6 +464,7 @@ class ShardMachine:
             SeqResumed: self._apply_resumed,
             OrderPlaced: self._apply_placed,
             PositionAmended: self._apply_amended,
+            PositionReduced: self._apply_reduced,
             OrderEnded: self._apply_order_ended,
         }
 
@@ -614,13 +620,40 @@ class ShardMachine:
                             f"exit price {self.asset.ticks_to_price(exit_ticks)} is more than "
                             f"{req.max_slippage_bps} bps from "
                             f"{self.asset.ticks_to_price(req.current_price_ticks)}"), ()
-        if not (0 <= request_id < _U64 and _fits_i64(now_us)
-                and self._settles_in_range(record, exit_ticks, CloseReason.MANUAL)):
+        qty = req.qty_steps
+        part = record if qty in (0, record.qty_steps) else self._part(record, qty)
+        if isinstance(part, Rejected):
+            return part, ()
+        seq = self._last_seq + 1
+        if not (0 <= request_id < _U64 and _fits_i64(now_us) and seq <= MAX_CLOSE_SEQ
+                and self._settles_in_range(part, exit_ticks, CloseReason.MANUAL)):
             return Rejected(Code.INVALID_REQUEST,
                             f"the settlement of this close: {_OUT_OF_RANGE}"), ()
-        event = PositionClosed(record.position_id, int(CloseReason.MANUAL), exit_ticks, now_us,
-                               self._last_seq + 1, request_id)
-        return self._settlement_item(record, event), (event,)
+        if part is record:
+            event = PositionClosed(record.position_id, int(CloseReason.MANUAL), exit_ticks,
+                                   now_us, seq, request_id)
+            return self._settlement_item(record, event), (event,)
+        reduced = PositionReduced(record.position_id, part.qty_steps, part.margin_micros,
+                                  part.liq_ticks, exit_ticks, now_us, seq, request_id)
+        return self._part_item(record, reduced), (reduced,)
+
+    def _part(self, record: PositionRecord, qty_steps: int) -> PositionRecord | Rejected:
+        """SPEC "Partial close": the part of ``record`` a close of ``qty_steps`` takes (its
+        quantity and margin ``floor(margin * qty / quantity)``), with the liquidation price of
+        the rest in ``liq_ticks``; or why the close is refused."""
+        if not 0 < qty_steps < record.qty_steps:
+            return Rejected(Code.INVALID_REQUEST,
+                            "quantity must be above zero and at most the position's")
+        margin = record.margin_micros * qty_steps // record.qty_steps
+        rest = record._replace(qty_steps=record.qty_steps - qty_steps,
+                               margin_micros=record.margin_micros - margin)
+        if rest.margin_micros * 10 ** (self.asset.price_decimals + self.asset.qty_decimals) \
+                <= rest.maintenance_margin_ppm * rest.entry_ticks * rest.qty_steps:
+            return Rejected(Code.INVALID_REQUEST,
+                            "the rest's margin would not exceed its maintenance margin")
+        liq = liquidation_ticks(self.asset, rest.side, rest.entry_ticks, rest.qty_steps,
+                                rest.margin_micros, rest.maintenance_margin_ppm)
+        return record._replace(qty_steps=qty_steps, margin_micros=margin, liq_ticks=liq)
 
     def _amendable(self, command: SetLevels | ChangeMargin, now_us: int) -> _Amendable | Answer:
         """The caller's open position and a fresh tick to change it against; or the first
@@ -797,12 +830,25 @@ class ShardMachine:
         answer: OpenPosition = _OPEN_ANSWER(event, self.asset.name, mark)
         return answer
 
-    def _settlement_item(self, record: PositionRecord, event: PositionClosed) -> SettlementItem:
+    def _settlement_item(self, record: PositionRecord, event: PositionClosed | PositionReduced,
+                         reason: int = CloseReason.MANUAL, close_id: int = 0,
+                         partial: int = 0) -> SettlementItem:
+        """The settlement of closing ``record`` (the whole position, or a part of it) as
+        ``event`` says; a whole close is named by its position's id."""
         s = settle(self.asset, record.side, record.entry_ticks, record.qty_steps,
-                   record.margin_micros, event.exit_ticks, CloseReason(event.reason))
+                   record.margin_micros, event.exit_ticks, CloseReason(reason))
         return SettlementItem(event.settlement_seq, _CLOSED(
             record, self.asset.name, event.exit_ticks, s.pnl_micros, s.payout_micros,
-            s.house_micros, s.insurance_micros, event.reason, event.ts_us))
+            s.house_micros, s.insurance_micros, int(reason), event.ts_us,
+            close_id or record.position_id, partial))
+
+    def _part_item(self, record: PositionRecord, event: PositionReduced) -> SettlementItem:
+        """The settlement of the part of ``record`` that ``event`` closes (the position's other
+        values, its liquidation price included, as they were)."""
+        part = record._replace(qty_steps=event.closed_qty_steps,
+                               margin_micros=event.closed_margin_micros)
+        return self._settlement_item(part, event, CloseReason.MANUAL,
+                                     partial_close_id(event.settlement_seq, self.book_tag), 1)
 
     # ----------------------------------------------------------------- reads
     def _read_outbox(self, command: Outbox, now_us: int) -> tuple[Any, Sequence[Event]]:
@@ -928,8 +974,23 @@ class ShardMachine:
         record = self.book.close(event.position_id)
         if record is None:
             raise ShardStateError(f"closed position {event.position_id} is not open")
-        self._to_outbox(self._settlement_item(record, event), event.request_id)
+        self._to_outbox(self._settlement_item(record, event, event.reason), event.request_id)
         self._closes[event.reason] += 1
+
+    def _apply_reduced(self, event: PositionReduced) -> None:
+        if event.settlement_seq != self._last_seq + 1:
+            raise ShardStateError(f"settlement {event.settlement_seq} of a part of position "
+                                  f"{event.position_id} after {self._last_seq}")
+        record = self.book.get(event.position_id)
+        if record is None or not 0 < event.closed_qty_steps < record.qty_steps \
+                or not 0 <= event.closed_margin_micros <= record.margin_micros:
+            raise ShardStateError(f"position {event.position_id} is not open or smaller than "
+                                  f"its closed part")
+        item = self._part_item(record, event)
+        self.book.amend(event.position_id, qty_steps=record.qty_steps - event.closed_qty_steps,
+                        margin_micros=record.margin_micros - event.closed_margin_micros,
+                        liq_ticks=event.rest_liq_ticks)
+        self._to_outbox(item, event.request_id)
 
     def _to_outbox(self, item: SettlementItem, request_id: int) -> None:
         """``item`` is the next settlement for the ledger (and the answer of ``request_id``)."""
@@ -1134,7 +1195,8 @@ class ShardMachine:
                 k: arrays[_ORDER_PREFIX + k] for k in (*ORDER_COLUMN_NAMES, "free_head")})
             for oid, owner, status in arrays["ended_orders"].tolist():
                 machine._ended[oid] = (owner, status)
-        outbox = schema.named_columns(arrays["outbox"], _V1_OUTBOX, len(_V1_OUTBOX))
+        outbox = schema.fill_close_ids(
+            schema.named_columns(arrays["outbox"], _V1_OUTBOX, len(_V1_OUTBOX)))
         ended = [SettlementItem(seq, _ended_order(values))
                  for seq, *values in meta.get("order_outbox", ())]
         machine._outbox = sorted([*_outbox_items(asset.name, outbox), *ended],
@@ -1162,14 +1224,16 @@ class ShardMachine:
     def check(self) -> list[str]:
         """Differences from the invariants ([] when they hold): the book's own check; the
         outbox holds exactly settlements ``acked_seq + 1 .. last_seq``, none of them still
-        open; opens minus closes counted equals the positions held. O(N)."""
+        open (but the rest of a partial close); opens minus closes counted equals the
+        positions held. O(N)."""
         problems = self.book.check() + self.orders.check()
         seqs = [item.seq for item in self._outbox]
         if seqs != list(range(self._acked_seq + 1, self._last_seq + 1)):
             problems.append(f"outbox seqs {seqs[:3]}... are not {self._acked_seq + 1}.."
                             f"{self._last_seq}")
         still_open = [i.closed.position_id for i in self._outbox
-                      if isinstance(i.closed, ClosedPosition) and i.closed.position_id in self.book]
+                      if isinstance(i.closed, ClosedPosition) and not i.closed.partial
+                      and i.closed.position_id in self.book]
         still_open += [i.closed.order_id for i in self._outbox
                        if isinstance(i.closed, EndedOrder) and i.closed.order_id in self.orders]
         if still_open:
@@ -1320,11 +1384,12 @@ def _result_answers(asset_name: str, table: np.ndarray,
     """``(request_id, answer)`` of each row of a :data:`RESULT_DTYPE` table (order answers
     from ``order_rows``, as :func:`_results_array` gives them)."""
     orders = {row: (seq, values) for row, seq, *values in order_rows}
+    columns = schema.fill_close_ids(schema.named_columns(table))
     out: list[tuple[int, Answer]] = []
     for index, (request_id, kind, has_pnl, mark, seq, row) in enumerate(zip(
-            table["request_id"].tolist(), table["kind"].tolist(), table["has_pnl"].tolist(),
-            table["unrealized_pnl_micros"].tolist(), table["seq"].tolist(),
-            schema.rows(table, _SETTLED), strict=True)):
+            columns["request_id"].tolist(), columns["kind"].tolist(),
+            columns["has_pnl"].tolist(), columns["unrealized_pnl_micros"].tolist(),
+            columns["seq"].tolist(), schema.rows(columns, _SETTLED), strict=True)):
         answer: Answer
         if kind in (_KIND_ORDER, _KIND_ORDER_END):
             order_seq, values = orders[index]

@@ -251,6 +251,8 @@ class Platform:
                 if item.seq <= applied:
                     continue
                 owner = item.closed.owner
+                if isinstance(item.closed, ClosedPosition) and item.closed.partial:
+                    continue  # the rest stays open: its slot is counted with the positions
                 if isinstance(item.closed, EndedOrder):
                     orders[owner] = orders.get(owner, 0) + 1
                     if item.closed.status == OrderStatus.FILLED:
@@ -544,12 +546,15 @@ class Platform:
         self.opens.extend((name, request, made) for (_, request), made
                           in zip(sent, results, strict=True) if not isinstance(made, Rejected))
 
-    def do_close(self, pick: int, k: int | None, stage: str) -> None:
+    def do_close(self, pick: int, k: int | None, stage: str, quarters: int = 0) -> None:
+        """Close a position: all of it, or ``quarters`` quarters of it (a partial close when
+        that is at least a step and not all)."""
         target = self.target(pick, "open", "close", k)
         if target is not None:
             name, record, rid, key = target
             self.send_end(name, Close(ShardClose(rid, record.owner, record.position_id, None,
-                                                 100)), rid, key, stage)
+                                                 100, record.qty_steps * quarters // 4)),
+                          rid, key, stage)
 
     def target(self, pick: int, among: str, kind: str, k: int | None
                ) -> tuple[str, PositionRecord | OpenPosition, int, IdemKey | None] | None:
@@ -823,12 +828,18 @@ class Platform:
         assert self.ask(LEDGER, Audit(margins)) == []
         totals = self.ask(LEDGER, Totals())
         assert totals["sum_micros"] == 0
-        closed = [c.position_id for u in self.users for c in self.history(u)]
-        assert len(closed) == len(set(closed)) == totals["closed_positions"]
-        assert {c.closed.position_id for _, _, c in self.closes
-                if isinstance(c.closed, ClosedPosition)} <= set(closed)
+        # every close once in its owner's history: a whole close named by its position, which
+        # is no longer open; a partial close by an id of its own, its position open or closed
+        history = [c for u in self.users for c in self.history(u)]
+        close_ids = [c.close_id for c in history]
+        assert len(close_ids) == len(set(close_ids)) == totals["closed_positions"]
+        closed = [c.position_id for c in history if not c.partial]
+        assert closed == [c.close_id for c in history if not c.partial]
+        assert {c.closed.close_id for _, _, c in self.closes
+                if isinstance(c.closed, ClosedPosition)} <= set(close_ids)
         held = {pid for name in NAMES for pid in self.runners[name].machine.book.ids().tolist()}
         assert not set(closed) & held and all(pid > 0 for pid in held)
+        assert {c.position_id for c in history if c.partial} <= held | set(closed)
         # every order placed is open or in its owner's order history, once; a cancel's there
         # too, and a fill's position is open or closed
         ended = [o for u in self.users for o in self.history(u, OrderHistory)]
@@ -849,7 +860,7 @@ class Platform:
     def history(self, user: int, read: type[History] = History) -> list[Any]:
         """All of ``user``'s closed positions (``read=OrderHistory``: ended orders), page
         after page."""
-        cursor = "order_id" if read is OrderHistory else "position_id"
+        cursor = "order_id" if read is OrderHistory else "close_id"
         out: list[Any] = []
         while True:
             page = self.ask(LEDGER, read(user, 500, getattr(out[-1], cursor) if out else None))
@@ -874,7 +885,9 @@ OPEN = st.tuples(st.just("open"), WHO, st.integers(0, 1), st.sampled_from(Side),
                  st.integers(5, 400), st.sampled_from([1, 2, 5, 10, 20, 100]),
                  st.none() | st.sampled_from([5, 20, 50, 100, 200]),
                  st.none() | st.sampled_from([5, 20, 50, 100, 200]), KEY, LOCKED)
-CLOSE = st.tuples(st.just("close"), st.integers(0, 10**6), KEY, ENDING)
+# all of a position, or one to three quarters of it
+CLOSE = st.tuples(st.just("close"), st.integers(0, 10**6), KEY, ENDING,
+                  st.sampled_from([0, 0, 1, 2, 3]))
 LEVEL = st.sampled_from(LEVELS)
 PLACE = st.tuples(st.just("place"), WHO, st.integers(0, 1), st.sampled_from(Side),
                   st.sampled_from(OrderKind), st.sampled_from(OFFSETS), st.integers(5, 400),
@@ -993,6 +1006,9 @@ SCRIPT: list[tuple[Any, ...]] = [
     ("crash", "all"),
     ("tick", 20, 2, False),
     ("close", 5, 0, "lost"),
+    ("close", 6, None, "done", 2),  # half of a position: the rest stays open
+    ("close", 6, None, "died_after_send", 3),
+    ("retry_close", -1),
     ("snapshot", LEDGER),
     ("deliver", 1, 0, False, True),
     ("restart",),
@@ -1051,6 +1067,8 @@ def test_a_scripted_run_takes_every_path() -> None:
                     (Side.LONG, OrderKind.STOP, OrderStatus.REJECTED, "WOULD_LIQUIDATE"),
                     (Side.SHORT, OrderKind.STOP, OrderStatus.REJECTED, "INVALID_TRIGGER"),
                     } <= ended
+            partial = [c for u in platform.users for c in platform.history(u) if c.partial]
+            assert len(partial) >= 2
             refused = {a.code for a in platform.answered.values() if isinstance(a, Rejected)}
             assert {Code.TOO_MANY_ORDERS, Code.ORDER_NOT_OPEN, Code.INVALID_REQUEST} <= refused
         finally:

@@ -94,7 +94,7 @@ def test_ledger_batches_survive_a_crash_at_every_byte(tmp_path: Path,
                            open_ledger) == [None, None]
     closed = ClosedPosition(opened.position_id, 1, "SOL", Side.LONG, 10001, 999, 100 * USD, 10,
                             8999, 0, 0, NOW, 8999, -100 * USD, 0, 100 * USD, 0,
-                            int(CloseReason.LIQUIDATION), NOW + 5)
+                            int(CloseReason.LIQUIDATION), NOW + 5, opened.position_id, 0)
     assert check_every_cut(path, led, [lm.ApplySettlements(
         SHARD, (SettlementItem(1, closed),), ((IdemKey(1, "close", "x"), closed),))],
         open_ledger) == [1]
@@ -117,7 +117,7 @@ def test_ledger_recovers_accounts_keys_history_and_answers_from_snapshot_and_tai
     assert one(led, lm.Remember(key, opened)) is None
     closed = ClosedPosition(opened.position_id, user, "SOL", Side.SHORT, 10000, 250, 250 * USD,
                             10, 10999, 0, 0, NOW, 9000, 250 * USD, 500 * USD, -250 * USD, 0,
-                            int(CloseReason.MANUAL), NOW + 1)
+                            int(CloseReason.MANUAL), NOW + 1, opened.position_id, 0)
     assert one(led, lm.ApplySettlements(SHARD, (SettlementItem(1, closed),))) == 1
     assert led.store is not None and led.store.snapshots_written >= 2
     want = led.machine.fingerprint()

@@ -36,6 +36,7 @@ from engine.events import (
     PositionAmended,
     PositionClosed,
     PositionOpened,
+    PositionReduced,
     SeqResumed,
     SettlementApplied,
     TickApplied,
@@ -64,7 +65,7 @@ STRATEGIES = {
     MarginReleased: st.builds(MarginReleased, u64, i64, u64),
     SettlementApplied: st.builds(SettlementApplied, st.text(max_size=60), u64, u64, u64,
                                  st.text(max_size=20), u8, i64, i64, i64, u16, i64, i64, i64,
-                                 i64, i64, i64, i64, i64, i64, u8, i64),
+                                 i64, i64, i64, i64, i64, i64, u8, i64, u64, u8),
     ClientOrderStored: st.builds(ClientOrderStored, u64, st.text(max_size=20), text,
                                  st.binary(max_size=300)),
     ClientOrderStoredAt: st.builds(ClientOrderStoredAt, u64, st.text(max_size=20), text, u64,
@@ -80,6 +81,7 @@ STRATEGIES = {
                             u64, i64, text),
     OrderCountSet: st.builds(OrderCountSet, u64, u64),
     PositionAmended: st.builds(PositionAmended, u64, i64, i64, i64, i64, i64, u64),
+    PositionReduced: st.builds(PositionReduced, u64, i64, i64, i64, i64, i64, u64, u64),
     MarginAdded: st.builds(MarginAdded, u64, i64, u64),
     MarginReturned: st.builds(MarginReturned, u64, i64, u64),
 }
@@ -91,7 +93,12 @@ OLD_CLOSED = st.tuples(u64, u8, i64, i64, u64).map(
     lambda v: (struct.pack("<BQBqqQ", 0x12, *v), PositionClosed(*v)))
 OLD_TICK = st.tuples(i64, i64, i64).map(
     lambda v: (struct.pack("<Bqqq", 0x13, *v), TickApplied(*v, 0, RECOVERED_TICK_SOURCE)))
-old_layout = st.one_of(OLD_CLOSED, OLD_TICK)
+# SettlementApplied before partial closes (0x24): a whole close, named by its position's id.
+OLD_SETTLEMENT = STRATEGIES[SettlementApplied].map(lambda e: (
+    struct.pack("<BQQQBqqqHqqqqqqqqqBqBB", 0x24, *e[1:4], *e[5:21], len(e.shard.encode()),
+                len(e.asset.encode())) + e.shard.encode() + e.asset.encode(),
+    e._replace(close_id=e.position_id, partial=0)))
+old_layout = st.one_of(OLD_CLOSED, OLD_TICK, OLD_SETTLEMENT)
 
 
 def test_every_event_type_has_a_strategy_and_a_distinct_type_byte() -> None:
@@ -104,7 +111,8 @@ def test_every_event_type_has_a_strategy_and_a_distinct_type_byte() -> None:
         {0x15, 0x16, 0x17, 0x18, 0x25, 0x26}
     # an old type byte is never reused, and an old layout is the start of the new one
     assert not set(ev._OLD_LAYOUTS) & set(ev._LAYOUTS)
-    for code, (cls, fmt) in ev._OLD_LAYOUTS.items():
+    assert not set(ev._OLD_VAR_LAYOUTS) & set(ev._LAYOUTS)
+    for code, (cls, fmt, *_) in [*ev._OLD_LAYOUTS.items(), *ev._OLD_VAR_LAYOUTS.items()]:
         new_fmt = ev._LAYOUTS[TYPE_CODES[cls]][1]
         assert new_fmt.startswith(fmt) and code < TYPE_CODES[cls]
     for code, (cls, fmt, var_names, var_spec) in ev._LAYOUTS.items():

@@ -31,7 +31,8 @@ def closed(owner: int, position_id: int, margin: int, pnl: int,
     """A SOL long closed with ``pnl``; a liquidation pays nothing out."""
     payout = 0 if reason == CloseReason.LIQUIDATION else max(0, margin + pnl)
     return ClosedPosition(position_id, owner, "SOL", Side.LONG, 10000, 100, margin, 10, 9000, 0,
-                          0, 1, 10000, pnl, payout, -pnl, margin + pnl - payout, int(reason), 2)
+                          0, 1, 10000, pnl, payout, -pnl, margin + pnl - payout, int(reason), 2,
+                          position_id, 0)
 
 
 def opened(owner: int, position_id: int, margin: int) -> OpenPosition:

@@ -396,7 +396,7 @@ def test_batch_records_and_stored_answers_round_trip() -> None:
     assert cluster.durability.store.BATCH_TAG == ev.BATCH_TAG
     position = opened(1, 5, 3)
     close = ClosedPosition(5, 1, "SOL", Side.LONG, 100, 2, 3, 4, 90, 0, 0, NOW, 95, -10, 0, 10,
-                           -7, 3, NOW + 1)
+                           -7, 3, NOW + 1, 5, 0)
     for answer in (None, Rejected(Code.INSUFFICIENT_BALANCE, "no"), position, close,
                    position._replace(side=Side.SHORT, tp_ticks=90, sl_ticks=110)):
         back = decode_answer(encode_answer(answer))
@@ -418,7 +418,7 @@ def test_recovers_accounts_keys_history_and_answers_from_snapshot_and_tail() -> 
     led(Remember(key, position))
     close = ClosedPosition(position.position_id, user, "SOL", Side.SHORT, 10000, 250, 250 * USD,
                            10, 10999, 0, 0, NOW, 9000, 250 * USD, 500 * USD, -250 * USD, 0,
-                           int(CloseReason.MANUAL), NOW + 1)
+                           int(CloseReason.MANUAL), NOW + 1, position.position_id, 0)
     led(ApplySettlements(SHARD, (SettlementItem(1, close),)))
     want = led.m.fingerprint()
     again = led.replayed(base, start)

@@ -20,6 +20,7 @@ from engine.events import (
     TYPE_CODES,
     PositionClosed,
     PositionOpened,
+    PositionReduced,
     SettlementApplied,
     decode,
     encode,
@@ -67,7 +68,8 @@ SHARD = "shard-SOL-0"
 JOURNALED = {
     PositionOpened: (0x11, "QQBqqqHqqqqIQ"),
     PositionClosed: (0x15, "QBqqQQ"),
-    SettlementApplied: (0x24, "QQQBqqqHqqqqqqqqqBq"),
+    SettlementApplied: (0x2E, "QQQBqqqHqqqqqqqqqBqQB"),
+    PositionReduced: (0x1C, "QqqqqqQQ"),
 }
 
 
@@ -81,11 +83,11 @@ def test_derived_formats_are_the_journaled_ones(cls: type) -> None:
 
 def test_the_groups_give_the_journaled_formats() -> None:
     assert schema.struct_format(schema.POSITION) == "QQBqqqHqqqq"
-    assert schema.struct_format(schema.CLOSE) == "qqqqqBq"
+    assert schema.struct_format(schema.CLOSE) == "qqqqqBqQB"
     assert schema.struct_format(schema.POSITION_OPENED) == "QQBqqqHqqqqIQ"
     assert schema.struct_format(schema.POSITION_CLOSED) == "QBqqQQ"
     assert schema.struct_format(schema.fixed(schema.SETTLEMENT_APPLIED)) == \
-        "QQQBqqqHqqqqqqqqqBq"
+        "QQQBqqqHqqqqqqqqqBqQB"
     assert schema.names(schema.variable(schema.SETTLEMENT_APPLIED)) == ("shard", "asset")
     with pytest.raises(schema.SchemaError):
         schema.struct_format(schema.SETTLEMENT_APPLIED)  # text has no fixed width
@@ -99,7 +101,7 @@ def _opened() -> PositionOpened:
 def _settlement() -> SettlementApplied:
     return SettlementApplied(SHARD, 7, 2**34 + 3, 42, "SOL", 0, 10_000, 1_000, 100 * USD, 10,
                              9_000, 11_000, 9_500, NOW, 9_400, -6 * USD, 94 * USD, 6 * USD, 0,
-                             2, NOW + 5)
+                             2, NOW + 5, 2**34 + 3, 0)
 
 
 def test_events_encode_to_the_bytes_the_literal_layouts_write_and_decode_them() -> None:
@@ -111,9 +113,18 @@ def test_events_encode_to_the_bytes_the_literal_layouts_write_and_decode_them() 
     assert encode(closed) == old_closed and decode(old_closed) == closed
     applied = _settlement()
     fixed = [getattr(applied, n) for n in SettlementApplied._fields if n not in ("shard", "asset")]
-    old_applied = struct.pack("<BQQQBqqqHqqqqqqqqqBqBB", 0x24, *fixed, len(SHARD), 3) \
+    new_applied = struct.pack("<BQQQBqqqHqqqqqqqqqBqQBBB", 0x2E, *fixed, len(SHARD), 3) \
         + SHARD.encode() + b"SOL"
-    assert encode(applied) == old_applied and decode(old_applied) == applied
+    assert encode(applied) == new_applied and decode(new_applied) == applied
+    # the layout before partial closes: a whole close, named by its position's id
+    old_applied = struct.pack("<BQQQBqqqHqqqqqqqqqBqBB", 0x24, *fixed[:-2], len(SHARD), 3) \
+        + SHARD.encode() + b"SOL"
+    assert decode(old_applied) == applied and applied.close_id == applied.position_id
+    part = applied._replace(close_id=2**63 | 7 << 8 | 3, partial=1)
+    assert decode(encode(part)) == part
+    reduced = PositionReduced(opened.position_id, 400, 40 * USD, 10_900, 9_990, NOW + 2, 5, 77)
+    assert encode(reduced) == struct.pack("<BQqqqqqQQ", 0x1C, *reduced)
+    assert decode(encode(reduced)) == reduced
 
 
 def test_the_vectorised_open_record_is_the_schema_at_wire_widths() -> None:
@@ -145,7 +156,7 @@ def test_the_groups_are_made_of_the_position_and_its_close() -> None:
         "liq_ticks", "tp_ticks", "sl_ticks", "opened_ts_us")
     assert schema.names(schema.CLOSE) == (
         "exit_ticks", "pnl_micros", "payout_micros", "house_micros", "insurance_micros",
-        "reason", "closed_ts_us")
+        "reason", "closed_ts_us", "close_id", "partial")
     listed = [f for f in schema.CLOSED_POSITION if f is not schema.asset]
     assert tuple(listed) == (*schema.POSITION, *schema.CLOSE)
     assert all(schema.FIELDS[f.name] is f for f in (*schema.POSITION, *schema.CLOSE))
@@ -159,7 +170,7 @@ def test_a_field_takes_its_wire_width_and_column_dtype_from_its_unit() -> None:
     for f in schema.FIELDS.values():
         code, column_dtype = schema.UNIT_WIDTHS[f.unit]
         assert f.code == code and f.prefix == ("" if code else schema.TEXT_PREFIX)
-        assert f.dtype == column_dtype or f is schema.request_id
+        assert f.dtype == column_dtype or f in (schema.request_id, schema.close_id)
     assert schema.request_id.dtype == np.dtype(np.uint64)  # any u64 a caller chose
     renamed = schema.closed_ts_us.renamed("ts_us")
     assert (renamed.name, renamed.column, renamed.code) == ("ts_us", "ts_us", "q")
@@ -353,7 +364,7 @@ def _ledger() -> LedgerMachine:
         items.append(SettlementItem(seq, ClosedPosition(
             seq << 34 | 3, seq, "SOL" if seq != 2 else "BTC", Side(seq % 2), 10_000, 1_000,
             100 * USD, 10, 9_000, 0, 9_500 if seq == 3 else 0, NOW, 10_000 + seq, pnl,
-            100 * USD + pnl, -pnl, 0, int(CloseReason.MANUAL), NOW + seq)))
+            100 * USD + pnl, -pnl, 0, int(CloseReason.MANUAL), NOW + seq, seq << 34 | 3, 0)))
     assert run(m, ApplySettlements(SHARD, tuple(items)), NOW) == 3
     return m
 
@@ -383,7 +394,7 @@ def test_stored_answers_keep_their_json_layout() -> None:
         f'["open",5,1,"SOL",1,100,2,3,4,120,0,110,{NOW},null]'.encode()
     assert decode_answer(encode_answer(position)) == position
     close = ClosedPosition(5, 1, "SOL", Side.LONG, 100, 2, 3, 4, 90, 0, 0, NOW, 95, -10, 0, 10,
-                           3, 3, NOW + 1)
+                           3, 3, NOW + 1, 5, 0)
     assert decode_answer(encode_answer(close)) == close
     assert type(decode_answer(encode_answer(close)).side) is Side  # type: ignore[union-attr]
     with pytest.raises(ValueError):
@@ -418,7 +429,7 @@ def test_the_api_json_follows_from_the_schema() -> None:
     for reason in CloseReason:
         c = ClosedPosition(7, 1, "SOL", Side.SHORT, 10_001, 999, 100 * USD, 10, 11_000, 9_000,
                            0, NOW, 9_990, 1_098_900, 101 * USD, -1_098_900, 0, int(reason),
-                           NOW + 1)
+                           NOW + 1, 7, 0)
         assert closed_json(c, SOL) == position_json(c, SOL)
     with pytest.raises(schema.SchemaError):
         schema.json_renderer(OpenPlan, schema.API_POSITION, formats)  # no position_id
@@ -444,7 +455,8 @@ def test_render_kinds_by_unit() -> None:
         "positionId": "id", "asset": "text", "type": "label", "margin": "money",
         "leverage": "int", "quantity": "quantity", "entryPrice": "price",
         "liquidationPrice": "price", "takeProfit": "price", "stopLoss": "price",
-        "unrealizedPnl": "money", "openedAt": "time", "closeId": "id", "exitPrice": "price",
+        "unrealizedPnl": "money", "openedAt": "time", "closeId": "id", "partial": "bool",
+        "exitPrice": "price",
         "realizedPnl": "money", "payout": "money", "closeReason": "label", "closedAt": "time"}
     assert schema.enum_labels(schema.side) == ("long", "short")
     assert schema.enum_labels(schema.reason) == ("manual", "take_profit", "stop_loss",
