@@ -44,6 +44,7 @@ from cluster.http.decimals import (
     decimal_schema,
     money_micros,
     price_ticks,
+    quantity_steps,
 )
 from cluster.http.errors import (
     INTERNAL_ERROR,
@@ -90,6 +91,10 @@ Money = Annotated[DecimalValue, EXACT_DECIMAL, WithJsonSchema(decimal_schema(
     MONEY_DECIMALS, description="USD, > 0, at most 6 decimals"))]
 Price = Annotated[DecimalValue, EXACT_DECIMAL, WithJsonSchema(decimal_schema(
     _PRICE_DECIMALS, description="> 0, on the asset's price step"))]
+Quantity = Annotated[DecimalValue, EXACT_DECIMAL, WithJsonSchema(decimal_schema(
+    max(a.qty_decimals for a in DEFAULT_ASSETS.assets),
+    description="> 0, on the asset's quantity step, at most the position's quantity (all of "
+                "it: a whole close); none: close all"))]
 # A position id that cannot exist (not 1..2**63-1) answers 404 like an unknown one.
 PositionId = Annotated[StrictInt | Annotated[StrictStr, Field(min_length=1, max_length=32)],
                        WithJsonSchema({"anyOf": [
@@ -100,8 +105,10 @@ PositionId = Annotated[StrictInt | Annotated[StrictStr, Field(min_length=1, max_
 ClientOrderId = Annotated[StrictStr, Field(min_length=1, max_length=64)]
 NextCursor = Annotated[str | None, Query(pattern="^[0-9]{1,19}$",
                                          description="'next' of the previous page")]
-BeforeCursor = Annotated[str | None, Query(
-    pattern="^[0-9]{1,19}$", description="positionId of the last item of the previous page")]
+OrderCursor = Annotated[str | None, Query(
+    pattern="^[0-9]{1,19}$", description="orderId of the last item of the previous page")]
+CloseCursor = Annotated[str | None, Query(
+    pattern="^[0-9]{1,20}$", description="closeId of the last item of the previous page")]
 SlippageBps = Annotated[StrictInt, Field(ge=0, le=10_000)]
 
 
@@ -189,7 +196,12 @@ class OrderBody(BaseModel):
 class CloseBody(BaseModel):
     """POST /api/v1/positions/close."""
 
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "positionId": "17179869440", "quantity": "0.5", "currentPrice": "100",
+        "clientOrderId": "close-1"}})
+
     positionId: PositionId
+    quantity: Quantity | None = None
     currentPrice: Price | None = None
     maxSlippageBps: SlippageBps = 100
     clientOrderId: ClientOrderId | None = None
@@ -227,9 +239,9 @@ class PositionOut(BaseModel):
 
 
 class ClosedPositionOut(PositionOut):
-    # one close per position while partial closes do not exist: the id of the position it
-    # closed (the history's ``before`` cursor)
-    closeId: str
+    closeId: str = Field(description="decimal string of a 64-bit id (a whole close: its "
+                                     "positionId); the history's before cursor")
+    partial: bool = Field(description="true: the closed part of a position that stays open")
     exitPrice: str
     realizedPnl: str
     payout: str
@@ -445,6 +457,16 @@ def _position_id(value: int | str) -> int | None:
             return None
         value = int(value)
     return value if 0 < value < 2**63 else None
+
+
+def _close_cursor(value: str | None) -> int | None:
+    """The close id a history cursor names (None: from the newest); 422 if none can exist."""
+    if value is None:
+        return None
+    close_id = int(value)
+    if not 0 < close_id < 1 << 64:
+        raise invalid("before: not a close id")
+    return close_id
 
 
 def _cursor_id(name: str, value: str | None) -> int | None:
@@ -711,17 +733,19 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     @app.post("/api/v1/positions/close", tags=["positions"], operation_id="closePosition",
               responses={200: {"model": ClosedPositionOut, "links": {"HistoryBefore": {
                   "operationId": "positionHistory",
-                  "parameters": {"before": "$response.body#/positionId"},
+                  "parameters": {"before": "$response.body#/closeId"},
                   "description": "the closed positions older than this one"}}},
                          **_errors(*_BODY_ERRORS, *_AUTH_ERRORS, 404, 409, 503)})
     async def close_position(body: CloseBody, who: Caller) -> Response:
-        """Close one of your positions at the current bid (long) or ask (short)."""
+        """Close one of your positions at the current bid (long) or ask (short): all of it,
+        or ``quantity`` of it (the rest stays open under the same positionId)."""
         found = position_of(body.positionId)
         if found is None:
             return rejected_response(Rejected(Code.NOT_FOUND, "no such open position"))
         position_id, asset = found
         order = CloseOrder(position_id, price_ticks(asset, body.currentPrice, "currentPrice"),
-                           body.maxSlippageBps, body.clientOrderId)
+                           body.maxSlippageBps, body.clientOrderId,
+                           quantity_steps(asset, body.quantity, "quantity"))
         return changed(await slot.service.close_position(who, order), asset)
 
     @app.post("/api/v1/positions/modify", tags=["positions"], operation_id="modifyPosition",
@@ -781,10 +805,10 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     @app.get("/api/v1/positions/history", tags=["positions"], operation_id="positionHistory",
              responses={200: {"model": HistoryOut}, **_errors(*_AUTH_ERRORS, 422, 503)})
     async def history(who: Caller, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                      before: BeforeCursor = None
+                      before: CloseCursor = None
                       ) -> Response:
-        """Your closed positions, newest first."""
-        result = await slot.service.history(who, limit, _cursor_id("before", before))
+        """Your closed positions (whole and partial closes), newest first."""
+        result = await slot.service.history(who, limit, _close_cursor(before))
         if isinstance(result, Rejected):
             return rejected_response(result)
         return _json({"positions": positions_json(result)})
@@ -828,10 +852,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     @app.get("/api/v1/orders/history", tags=["orders"], operation_id="orderHistory",
              responses={200: {"model": OrdersOut}, **_errors(*_AUTH_ERRORS, 422, 503)})
     async def order_history(who: Caller, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                            before: Annotated[str | None, Query(
-                                pattern="^[0-9]{1,19}$",
-                                description="orderId of the last item of the previous page")]
-                            = None) -> Response:
+                            before: OrderCursor = None) -> Response:
         """Your ended orders (filled, cancelled, expired, rejected), newest first."""
         result = await slot.service.order_history(who, limit, _cursor_id("before", before))
         if isinstance(result, Rejected):

@@ -4,7 +4,8 @@ A decimal field takes decimal text (``"12.5"``) or a JSON number, which the body
 (:mod:`cluster.http.json_body`) hands over as an int or a :class:`~decimal.Decimal` of its text;
 a float is refused, so no binary rounding can ever decide an amount. The field's OpenAPI schema
 states the grammar (:func:`engine.amounts.decimal_text_pattern`) and the range; the value is
-turned into integer units by :func:`money_micros` / :func:`price_ticks`, whose refusals (more
+turned into integer units by :func:`money_micros` / :func:`price_ticks` /
+:func:`quantity_steps`, whose refusals (more
 decimals than the step, out of range, zero) are a 422 naming the field.
 """
 
@@ -83,4 +84,20 @@ def price_ticks(asset: Asset, value: DecimalValue | None, field: str) -> int | N
     return ticks
 
 
-__all__ = ["EXACT_DECIMAL", "DecimalValue", "decimal_schema", "money_micros", "price_ticks"]
+def quantity_steps(asset: Asset, value: DecimalValue | None, field: str) -> int:
+    """A positive quantity of ``asset`` as steps (None: 0, which means "all"), at most the
+    largest position quantity (``Asset.max_qty_steps``); 422 naming ``field``."""
+    if value is None:
+        return 0
+    try:
+        steps = to_units(value, asset.qty_decimals, allow_zero=False)
+    except AmountError as exc:
+        raise invalid(f"{field}: {exc} (quantity step {asset.qty_step})") from None
+    if steps > asset.max_qty_steps:  # no position is larger
+        raise invalid(f"{field}: amount out of range (at most "
+                      f"{asset.steps_to_qty(asset.max_qty_steps)} for {asset.name})")
+    return steps
+
+
+__all__ = ["EXACT_DECIMAL", "DecimalValue", "decimal_schema", "money_micros", "price_ticks",
+           "quantity_steps"]

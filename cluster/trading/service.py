@@ -489,10 +489,12 @@ class TradingService:
     # ----------------------------------------------------------------- close
     async def close_position(self, who: Principal,
                              order: CloseOrder) -> ClosedPosition | Rejected:
-        """Close one of ``who``'s positions by hand; NOT_FOUND for anyone else's."""
+        """Close one of ``who``'s positions by hand (all of it, or ``order.qty_steps``);
+        NOT_FOUND for anyone else's."""
         def command(request_id: int) -> Close:
             return Close(ShardClose(request_id, who.user, order.position_id,
-                                    order.current_price_ticks, order.max_slippage_bps))
+                                    order.current_price_ticks, order.max_slippage_bps,
+                                    order.qty_steps))
 
         return await self._idempotent(who, "close", order.client_order_id, lambda key: self._end(
             key, order.position_id, "close", command))

@@ -63,9 +63,9 @@ def open_ids(http: httpx.Client, headers: dict[str, str]) -> list[str]:
 
 
 def wait_closed(http: httpx.Client, headers: dict[str, str], position_id: str) -> dict[str, Any]:
-    """The history entry of ``position_id`` once it has settled (closes by ticks are async
-    on a real cluster)."""
-    return wait_in_history(http, headers, "positions", "positionId", position_id)
+    """The history entry of the whole close of ``position_id`` (named by the position's id)
+    once it has settled (closes by ticks are async on a real cluster)."""
+    return wait_in_history(http, headers, "positions", "closeId", position_id)
 
 
 def wait_in_history(http: httpx.Client, headers: dict[str, str], kind: str, id_key: str,

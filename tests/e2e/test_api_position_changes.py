@@ -104,3 +104,43 @@ def test_margin_added_and_removed_moves_the_balances_and_the_liquidation_price(
     closed = post(http, h, "close", 200, positionId=pid)
     assert D(closed["margin"]) == D("119.5")
     assert D(state(http, h)["balances"]["margin"]) == 0
+
+
+def test_a_partial_close_splits_the_margin_and_leaves_the_rest_open(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    h = sol_trader(platform, http)  # SOL 100.00 / 100.01
+    p = open_position(http, h, asset="SOL", type="long", margin="100", leverage=10,
+                      stopLoss="95")
+    pid, qty = p["positionId"], D(p["quantity"])
+    assert qty == D("9.99")
+    for quantity in ("3.331", "0", "-1", "9.999", "10", "abc"):
+        body = post(http, h, "close", 422, positionId=pid, quantity=quantity)
+        assert body["error"]["code"] == "INVALID_REQUEST", quantity
+    part = post(http, h, "close", 200, positionId=pid, quantity="3.33", clientOrderId="part-1")
+    # SPEC: margin floor(100 * 3.33 / 9.99) to the micro-dollar, settled like a close of it
+    assert (part["positionId"], part["partial"], part["closeReason"]) == (pid, True, "manual")
+    assert (D(part["quantity"]), D(part["margin"])) == (D("3.33"), D("33.333333"))
+    assert D(part["exitPrice"]) == D("100.00") and D(part["realizedPnl"]) == D("-0.0333")
+    assert D(part["payout"]) == D("33.333333") - D("0.0333")
+    assert part["closeId"] != pid
+    assert post(http, h, "close", 200, positionId=pid, quantity="1",
+                clientOrderId="part-1") == part  # a retry: the first answer
+    [rest] = state(http, h)["positions"]
+    assert (rest["positionId"], D(rest["quantity"]), D(rest["margin"])) == \
+        (pid, D("6.66"), D("66.666667"))
+    assert D(rest["stopLoss"]) == D("95") and D(rest["entryPrice"]) == D("100.01")
+    # the rest's liquidation price: entry - margin / quantity, floored to the step
+    exact = D("100.01") - D("66.666667") / D("6.66")
+    assert D(rest["liquidationPrice"]) == floor_to(exact, SOL_STEP)
+    b = state(http, h)["balances"]
+    assert D(b["margin"]) == D("66.666667")
+    assert D(b["free"]) == SIGNUP - 100 + D(part["payout"])
+    whole = post(http, h, "close", 200, positionId=pid)
+    assert (whole["closeId"], whole["partial"], D(whole["quantity"])) == (pid, False, D("6.66"))
+    r = http.get("/api/v1/positions/history", params={"limit": 1}, headers=h)
+    assert r.status_code == 200 and r.json()["positions"] == [whole], r.text
+    r = http.get("/api/v1/positions/history", params={"before": whole["closeId"]}, headers=h)
+    assert r.status_code == 200 and r.json()["positions"][0] == part, r.text
+    r = http.get("/api/v1/positions/history", params={"before": part["closeId"]}, headers=h)
+    assert r.status_code == 200 and part not in r.json()["positions"], r.text
+    assert D(state(http, h)["balances"]["margin"]) == 0
