@@ -57,9 +57,18 @@ from cluster.http.errors import (
 from cluster.http.json_body import ExactJsonRoute, parse_json
 from cluster.http.limits import BodySizeLimit, TokenBuckets, retry_after_s
 from cluster.trading.service import TradingService
+from cluster.web.terminal import add_terminal_routes
 from engine import schema
 from engine.amounts import MONEY_DECIMALS, micros_to_money
 from engine.assets import DEFAULT_ASSETS, Asset, AssetRegistry
+from engine.candles import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    MAX_QUERY_S,
+    Candle,
+    CandleQuery,
+    half_ticks_to_price,
+)
 from engine.market import Tick
 from engine.messages import (
     ClosedPosition,
@@ -333,6 +342,20 @@ class PricesOut(RootModel[dict[str, PriceOut]]):
     pass
 
 
+class KlineOut(BaseModel):
+    start: str = Field(description="ISO-8601 UTC start of the interval")
+    open: str = Field(description="mid price, decimal string")
+    high: str
+    low: str
+    close: str
+    ticks: int = Field(description="ticks the candle was built from")
+    closed: bool = Field(description="false for the current candle")
+
+
+class KlinesOut(BaseModel):
+    klines: list[KlineOut]
+
+
 class HealthOut(BaseModel):
     status: Literal["ok", "unavailable"]
     components: dict[str, str]
@@ -377,6 +400,28 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 @functools.lru_cache(maxsize=4096)
 def _iso_second(ts_s: int) -> str:
     return (_EPOCH + timedelta(seconds=ts_s)).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def iso_s(ts_us: int) -> str:
+    """A time on a whole second (unix us) as ISO 8601 UTC (``...T..:..:..Z``)."""
+    return f"{_iso_second(ts_us // 1_000_000)}Z"
+
+
+def kline_json(candle: Candle, asset: Asset) -> dict[str, Any]:
+    """A SPEC ``Kline`` (prices of the mid, exact decimal strings)."""
+    price = half_ticks_to_price
+    return {"start": iso_s(candle.start_us), "open": price(asset, candle.open_half_ticks),
+            "high": price(asset, candle.high_half_ticks),
+            "low": price(asset, candle.low_half_ticks),
+            "close": price(asset, candle.close_half_ticks), "ticks": candle.tick_count,
+            "closed": candle.closed}
+
+
+def book_ticker_json(tick: Tick, asset: Asset) -> dict[str, Any]:
+    """The top of book of ``asset`` (the ``bookTicker`` stream and ``GET /api/v1/prices``)."""
+    return {"bid": asset.ticks_to_price(tick.bid_ticks),
+            "ask": asset.ticks_to_price(tick.ask_ticks), "ts": iso_us(tick.ts_us),
+            "source": tick.source}
 
 
 def iso_us(ts_us: int) -> str:
@@ -895,10 +940,31 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     async def get_prices() -> Response:
         """The newest bid/ask of each asset that has one."""
         ticks: dict[str, Tick] = await slot.service.prices()
-        return _json({name: {"bid": assets[name].ticks_to_price(t.bid_ticks),
-                             "ask": assets[name].ticks_to_price(t.ask_ticks),
-                             "ts": iso_us(t.ts_us), "source": t.source}
-                      for name, t in ticks.items()})
+        return _json({name: book_ticker_json(t, assets[name]) for name, t in ticks.items()})
+
+    @app.get("/api/v1/klines", tags=["market"], operation_id="getKlines",
+             responses={200: {"model": KlinesOut}, **_errors(422, 503)})
+    async def get_klines(
+            asset: Annotated[str, Query(min_length=1, max_length=32,
+                                        description="one of the tradable assets")],
+            interval: Annotated[Literal["1m", "5m", "15m", "1h", "4h", "1d"], Query()],
+            startTime: Annotated[int | None, Query(
+                ge=0, le=MAX_QUERY_S, description="unix seconds: candles starting at or after "
+                                                  "it, the oldest first")] = None,
+            endTime: Annotated[int | None, Query(
+                ge=0, le=MAX_QUERY_S, description="unix seconds: candles starting at or before "
+                                                  "it")] = None,
+            limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT) -> Response:
+        """Candles of the mid price, oldest first: the newest ``limit`` (the current one
+        included), or from ``startTime`` on."""
+        if asset not in assets:
+            raise invalid(f"asset: unknown asset {asset!r}")
+        try:
+            query = CandleQuery(limit, startTime, endTime)
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
+        candles = await slot.service.klines(asset, interval, query)
+        return _json({"klines": [kline_json(c, assets[asset]) for c in candles]})
 
     # ------------------------------------------------------------------ operations
     @app.get("/healthz", tags=["operations"], operation_id="health",
@@ -976,6 +1042,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     # the body limit is inside the counter, so its 413s are counted too
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(_HttpCounter, routes=routes, counts=http_counts)
+    add_terminal_routes(app)
     return app
 
 

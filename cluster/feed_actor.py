@@ -24,6 +24,10 @@ counted (``ticks_refused_by_shards``). Settlements the call's answer holds go to
 through the courier (cluster.trading.courier) with one ledger call, their acknowledgement riding
 with the shard's next call; a shard whose delivery failed is delivered in full (outbox read,
 ledger, acknowledgement) every ``lookup_retry_s`` until it succeeds.
+
+The ticks the pipeline accepts also build the candles (cluster.live.market.MarketLive, written
+to ``candles_dir`` before they are served), read by the API through ``klines`` and, for the
+public WebSocket streams, ``live_changes`` (a long poll).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -41,8 +46,10 @@ import ray
 from cluster.actor_names import LEDGER
 from cluster.actors.port import RayPort
 from cluster.config import CONSUMER_GROUP, MARKET_TOPIC, Settings
+from cluster.live.market import Changes, MarketLive
 from cluster.trading.courier import Courier
 from cluster.trading.placement import Layout
+from engine.candles import Candle, CandleQuery
 from engine.market import Tick
 from engine.shard_machine import ApplyTick, Outbox, OutboxView
 from feed.consumer import MarketDataConsumer
@@ -73,14 +80,16 @@ class FeedActorShell:
     ``topic``; ``group_id``, the Kafka ``client_id`` (identification only: no group is
     joined); ``max_in_flight_per_shard``; ``lookup_retry_s``; ``nice``, applied to the actor's
     process, best effort (see :func:`_renice`; ``None`` keeps Ray's nice 15);
-    ``switch_interval_s``, the process's GIL switch interval (``None`` keeps Python's).
+    ``switch_interval_s``, the process's GIL switch interval (``None`` keeps Python's);
+    ``candles_dir``, where the candle store lives (None: candles in memory only).
     Other keyword arguments (``start_from``, ``max_batch``, ``fetch_max_wait_ms``,
     ``partition_check_s``) go to :class:`~feed.consumer.MarketDataConsumer`.
 
     Methods (all async): ``start(timeout_s=30) -> bool``, ``stats() -> dict``,
-    ``prices() -> dict``, ``pid() -> int``, ``stop()``, ``set_shard_handles({name: handle})``.
-    ``start``, ``stats``, ``prices`` and ``pid`` start consumption if it is not running, so a
-    restarted actor resumes on the first call.
+    ``prices() -> dict``, ``pid() -> int``, ``stop()``, ``set_shard_handles({name: handle})``,
+    ``klines(asset, interval, query) -> [Candle]``, ``live_changes(since, timeout_s) ->
+    Changes``. These start consumption if it is not running, so a restarted actor resumes on
+    the first call.
     """
 
     def __init__(self, settings: Settings, bootstrap: str | None = None, *,
@@ -88,7 +97,7 @@ class FeedActorShell:
                  topic: str = MARKET_TOPIC, group_id: str = CONSUMER_GROUP,
                  max_in_flight_per_shard: int = 1, lookup_retry_s: float = 1.0,
                  nice: int | None = 0, switch_interval_s: float | None = 0.0005,
-                 **consumer_options: Any) -> None:
+                 candles_dir: str | None = None, **consumer_options: Any) -> None:
         if nice is not None:
             _renice(nice)
         if switch_interval_s is not None:
@@ -110,9 +119,12 @@ class FeedActorShell:
                   for a in settings.assets.assets}
         pipeline = TickPipeline(settings.assets, routes, settings.feed.bounds,
                                 max_in_flight_per_shard)
+        self.market = MarketLive(settings.assets,
+                                 None if candles_dir is None else Path(candles_dir))
         self.consumer = MarketDataConsumer(
             bootstrap or settings.bootstrap_servers, pipeline, self._call,
-            reachable=self._reachable, topic=topic, client_id=group_id, **consumer_options)
+            reachable=self._reachable, topic=topic, client_id=group_id,
+            on_accepted=self.market.apply, **consumer_options)
 
     # -- the actor's methods ---------------------------------------------------------------
     async def start(self, timeout_s: float = 30.0) -> bool:
@@ -124,6 +136,7 @@ class FeedActorShell:
         self.consumer.ensure_started()
         return {
             **self.consumer.stats(),
+            **self.market.stats(),
             "shards_known": sorted(self.handles),
             "ticks_refused_by_shards": self.ticks_refused,
             "settlement_deliveries_failed": self.deliveries_failed,
@@ -135,6 +148,20 @@ class FeedActorShell:
         """``{asset: {"bid", "ask", "ts_us", "seq", "source"}}`` of the last delivered ticks."""
         self.consumer.ensure_started()
         return self.consumer.prices()
+
+    async def klines(self, asset: str, interval: str, query: CandleQuery) -> list[Candle]:
+        """The candles ``query`` selects (cluster.live.market.MarketLive.candles)."""
+        self.consumer.ensure_started()
+        return self.market.candles(asset, interval, query)
+
+    async def live_changes(self, since: int, timeout_s: float) -> Changes:
+        """What changed after version ``since``, once something did or after ``timeout_s``
+        (cluster.live.market.MarketLive.wait). A restarted actor counts versions from 0 again:
+        a reader that is ahead gets everything."""
+        self.consumer.ensure_started()
+        if since > self.market.version:
+            since = 0
+        return await self.market.wait(since, timeout_s)
 
     async def set_shard_handles(self, handles: Mapping[str, Any]) -> None:
         """Call these handles from now on; never look shards up by name again."""

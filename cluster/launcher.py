@@ -292,7 +292,8 @@ class Platform:
         restart = FEED_RESTART if self.durable else {}
         self.feed = FeedActor.options(
             name=FEED, namespace=self.namespace, **restart).remote(
-            settings, self.bootstrap, namespace=self.namespace, topic=self.topic)
+            settings, self.bootstrap, namespace=self.namespace, topic=self.topic,
+            candles_dir=data_dir)
         if not ray.get(self.feed.start.remote(), timeout=READY_TIMEOUT_S):
             raise LaunchError(f"the feed actor could not consume {self.topic} on "
                               f"{self.bootstrap}")

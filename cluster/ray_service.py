@@ -8,6 +8,7 @@ from typing import Any
 from cluster.actor_names import LEDGER
 from cluster.actors.deploy import ray_ports
 from cluster.config import Settings
+from cluster.live.market import MarketSource
 from cluster.trading.placement import shard_layout
 from cluster.trading.service import TradingService
 
@@ -16,8 +17,8 @@ def service_from_names(settings: Settings, *, namespace: str | None = None,
                        call_timeout_s: float | None = 30.0,
                        health_checks: Mapping[str, Callable[[], Awaitable[bool]]]
                        | None = None,
-                       feed_stats: Callable[[], Awaitable[dict[str, Any]]] | None = None
-                       ) -> TradingService:
+                       feed_stats: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+                       market: MarketSource | None = None) -> TradingService:
     """Look the named hosts up (``ray.get_actor``) in ``namespace`` and wrap them in ports.
     Must run where Ray is initialised (e.g. in a Serve replica's constructor)."""
     import ray
@@ -27,4 +28,4 @@ def service_from_names(settings: Settings, *, namespace: str | None = None,
               for spec in shard_layout(settings)}
     ledger_port, shard_ports = ray_ports(ledger, shards, call_timeout_s)
     return TradingService(ledger_port, shard_ports, settings, health_checks=health_checks,
-                          feed_stats=feed_stats)
+                          feed_stats=feed_stats, market=market)

@@ -33,7 +33,9 @@ from ray import serve
 from cluster.actor_names import API_DEPLOYMENT, FEED, NAMESPACE, SERVE_APP
 from cluster.api import create_app
 from cluster.config import Settings
+from cluster.live.market import Changes
 from cluster.ray_service import service_from_names
+from engine.candles import Candle, CandleQuery
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,37 @@ def _bind_with_reuse_address() -> None:
     replica.start_asgi_http_server = start
 
 
+class FeedMarket:
+    """The feed actor's market data (cluster.live.market.MarketSource) through Ray: its
+    handle looked up by name again after a failure (a restarted actor); calls bounded by
+    ``timeout_s`` (a long poll by its own timeout plus that)."""
+
+    def __init__(self, namespace: str, timeout_s: float = 5.0) -> None:
+        self.namespace = namespace
+        self.timeout_s = timeout_s
+        self._handle: Any = None
+
+    async def _call(self, method: str, timeout_s: float, *args: Any) -> Any:
+        if self._handle is None:
+            self._handle = ray.get_actor(FEED, namespace=self.namespace)
+        try:
+            return await asyncio.wait_for(getattr(self._handle, method).remote(*args),
+                                          timeout_s)
+        except Exception:
+            self._handle = None
+            raise
+
+    async def klines(self, asset: str, interval: str, query: CandleQuery) -> list[Candle]:
+        candles: list[Candle] = await self._call("klines", self.timeout_s, asset, interval,
+                                                 query)
+        return candles
+
+    async def wait(self, since: int, timeout_s: float) -> Changes:
+        changes: Changes = await self._call("live_changes", timeout_s + self.timeout_s, since,
+                                            timeout_s)
+        return changes
+
+
 @serve.deployment(name=API_DEPLOYMENT, num_replicas=1, max_ongoing_requests=MAX_ONGOING_REQUESTS,
                   ray_actor_options={"num_cpus": 0}, health_check_period_s=5.0,
                   graceful_shutdown_timeout_s=5.0)
@@ -119,7 +152,7 @@ class ApiIngress:
         self.service = service_from_names(
             settings, namespace=namespace,
             health_checks={"feed": self._feed_ok, "broker": self._broker_ok},
-            feed_stats=self._feed_stats)
+            feed_stats=self._feed_stats, market=FeedMarket(namespace))
 
     async def _feed_stats(self) -> dict[str, Any]:
         feed = ray.get_actor(FEED, namespace=self.namespace)

@@ -228,7 +228,7 @@ POSITION_AMENDED: Group = (position_id, qty_steps, margin_micros, liq_ticks, tp_
                            request_id)
 """engine.events.PositionAmended: what a change of an open position leaves (its new values)."""
 POSITION_REDUCED: Group = (position_id, qty_steps.renamed("closed_qty_steps"),
-                           margin_micros.renamed("closed_margin_micros"),
+                           Field.renamed(margin_micros, "closed_margin_micros"),
                            liq_ticks.renamed("rest_liq_ticks"), exit_ticks,
                            closed_ts_us.renamed("ts_us"), seq.renamed("settlement_seq"),
                            request_id)

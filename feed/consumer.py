@@ -79,7 +79,9 @@ class MarketDataConsumer:
     ``bootstrap``: the Kafka bootstrap servers; the topic, when it has to be created, gets one
     partition per asset of ``pipeline.assets``. ``reachable`` (default: every shard) filters
     the shards ready ticks are handed to. ``start_from``: ``"latest"`` or ``"earliest"``;
-    ``max_batch``: records per poll at most.
+    ``max_batch``: records per poll at most. ``on_accepted`` (optional) is given the ticks of
+    each batch the pipeline accepts, in order, before they go to the shards (what builds the
+    candles).
 
     Counters (read by :meth:`stats`): ``polls`` (polls made), ``batches`` (polls that returned
     records), ``consumer_restarts``, ``topic_recreations``, ``assignments`` (the first
@@ -100,6 +102,7 @@ class MarketDataConsumer:
     max_batch: int = 20_000
     fetch_max_wait_ms: int = 5
     partition_check_s: float = 1.0
+    on_accepted: Callable[[list[Tick]], object] | None = None
 
     def __post_init__(self) -> None:
         if self.start_from not in ("latest", "earliest"):
@@ -300,7 +303,9 @@ class MarketDataConsumer:
             for tp, records in batch.items():
                 self._next_offset[tp] = records[-1].offset + 1
                 read += len(records)
-            self.pipeline.ingest(batch.values(), _now_us())
+            accepted = self.pipeline.ingest(batch.values(), _now_us())
+            if accepted and self.on_accepted is not None:
+                self.on_accepted(accepted)
         self.pump()
         return read
 

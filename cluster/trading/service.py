@@ -36,11 +36,13 @@ from typing import Any, NamedTuple, TypeVar, cast
 
 from cluster.actors.port import Port, Unavailable
 from cluster.config import Settings
+from cluster.live.market import MarketSource
 from cluster.trading.batcher import MicroBatcher
 from cluster.trading.courier import Courier
 from cluster.trading.placement import Layout
 from cluster.trading.reconciler import TRANSIENT_CODES, InDoubt, Reconciler
 from engine.assets import Asset, AssetRegistry
+from engine.candles import Candle, CandleQuery
 from engine.ledger_machine import (
     Audit,
     Authenticate,
@@ -120,11 +122,13 @@ class TradingService:
     ``health_checks``: extra named async checks for /healthz (e.g. the feed and the broker,
     supplied by whoever wires the platform); each returns True when healthy. ``feed_stats``:
     the feed actor's counters (drops by reason, ...) for /metrics, where there is a feed.
+    ``market``: where candles and the public streams are read (None: no market data).
     """
 
     def __init__(self, ledger: Port, shards: Mapping[str, Port], settings: Settings,
                  *, health_checks: Mapping[str, Callable[[], Awaitable[bool]]] | None = None,
                  feed_stats: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+                 market: MarketSource | None = None,
                  health_timeout_s: float = 2.0, idem_wait_s: float = 5.0) -> None:
         self.settings = settings
         self.assets: AssetRegistry = settings.assets
@@ -144,6 +148,7 @@ class TradingService:
         self._request_counter = itertools.count(1)
         self._health_checks = dict(health_checks or {})
         self.feed_stats = feed_stats
+        self.market = market
         self._health_timeout_s = health_timeout_s
         self._idem_wait_s = idem_wait_s
         self._principals: dict[str, Principal] = {}
@@ -285,6 +290,18 @@ class TradingService:
         if failures == len(answers):
             raise Unavailable("shards", "no shard answered")
         return {a.name: newest[a.name] for a in self.assets.assets if a.name in newest}
+
+    async def klines(self, asset: str, interval: str, query: CandleQuery) -> list[Candle]:
+        """The candles of ``asset`` and ``interval`` that ``query`` selects, oldest first
+        (Unavailable when there is no market data source, or it does not answer)."""
+        if self.market is None:
+            raise Unavailable("feed", "no market data here")
+        try:
+            return await self.market.klines(asset, interval, query)
+        except Unavailable:
+            raise
+        except Exception as exc:
+            raise Unavailable("feed", f"candles: {type(exc).__name__}") from exc
 
     def asset_of_position(self, position_id: int) -> Asset | None:
         spec = self.layout.of_position(position_id)

@@ -1,9 +1,10 @@
 """The platform behind a real HTTP socket, for the e2e tests.
 
 ``LocalHttpPlatform``: create_app(TradingService over in-process ports) served by uvicorn on
-127.0.0.1 in a background thread; prices are driven by ``push_tick`` (ticks to the shard
-machines, then their settlements to the ledger, as the feed actor does). A Ray/Kafka variant only
-has to offer the same four members: ``base_url``, ``push_tick``, ``audit``, ``totals``.
+127.0.0.1 in a background thread; prices are driven by ``push_tick`` (ticks to the candles and
+the shard machines, then their settlements to the ledger, as the feed actor does). A Ray/Kafka
+variant only has to offer the same four members: ``base_url``, ``push_tick``, ``audit``,
+``totals``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import uvicorn
 from cluster.actors.local import LocalHosts
 from cluster.api import create_app
 from cluster.config import Settings
+from cluster.live.market import MarketLive
 from engine.market import Tick
 
 
@@ -55,7 +57,8 @@ class LocalHttpPlatform:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self.hosts = LocalHosts(self.settings)
-        self.service = self.hosts.service()
+        self.market = MarketLive(self.settings.assets, None)
+        self.service = self.hosts.service(market=self.market)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(create_app(self.service), host="127.0.0.1", port=self.port,
@@ -92,6 +95,7 @@ class LocalHttpPlatform:
     def push_tick(self, asset: str, bid: str, ask: str, age_s: float = 0.0) -> None:
         self._seq += 1
         tick = make_tick(self.settings, asset, bid, ask, age_s, self._seq)
+        self.market.apply([tick])
         self.hosts.apply_ticks_blocking([tick])
 
     def _on_loop(self, coro: Any) -> Any:

@@ -1,0 +1,178 @@
+"""The public market data the platform serves: candles and the newest top of book per asset.
+
+:class:`MarketLive` is fed the ticks the feed accepts (``apply``, one call per batch). It builds
+the candles (engine.candles.CandleBook), writes every candle a batch changed to the candle
+store (cluster.live.candle_store: one SQLite transaction per batch) before anyone can read
+them, answers ``klines`` (the store and the book's memory merged) and keeps what the public
+WebSocket streams need: for each stream (``bookTicker.<ASSET>``, ``kline.<interval>.<ASSET>``)
+its newest value and the version (a counter of batches) it changed at, plus the candles that
+closed recently (each is sent with ``closed: true`` once, then the next one is current).
+
+``changes(since)`` returns what changed after version ``since``: a reader that keeps the
+version it got reads every stream's newest value and every closed candle still remembered
+(:data:`CLOSED_KEPT`), conflated: a stream that changed twice since is read once. ``wait``
+returns once there is something newer, or after a timeout (a long poll).
+
+Ray-free: the feed actor hosts one (its ticks), the in-process platform another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+from cluster.live.candle_store import CandleStore
+from engine.assets import AssetRegistry
+from engine.candles import CANDLES_KEPT, INTERVALS, Candle, CandleBook, CandleQuery, merge, select
+from engine.market import Tick
+
+log = logging.getLogger(__name__)
+
+CLOSED_KEPT = 4096
+"""Closed candles remembered for readers of ``changes`` (a reader further behind gets the
+current candles only)."""
+
+
+class Change(NamedTuple):
+    """A stream's new value: ``stream`` its name, ``value`` a Tick (``bookTicker``) or a
+    Candle (``kline``)."""
+
+    stream: str
+    value: Tick | Candle
+
+
+class Changes(NamedTuple):
+    """``version``: read again with it; ``items``: closed candles first (oldest first), then
+    each stream's newest value."""
+
+    version: int
+    items: list[Change]
+
+
+def book_ticker_stream(asset: str) -> str:
+    return f"bookTicker.{asset}"
+
+
+def kline_stream(interval: str, asset: str) -> str:
+    return f"kline.{interval}.{asset}"
+
+
+class MarketSource(Protocol):
+    """What the API reads of the market data: a :class:`MarketLive` in this process, or the
+    feed actor's through Ray (cluster.serve_app)."""
+
+    async def klines(self, asset: str, interval: str, query: CandleQuery) -> list[Candle]: ...
+
+    async def wait(self, since: int, timeout_s: float) -> Changes: ...
+
+
+class MarketLive:
+    """Candles of ``assets`` for every interval, persisted under ``data_dir`` (None: in memory
+    only), and the streams' newest values."""
+
+    def __init__(self, assets: AssetRegistry, data_dir: Path | None) -> None:
+        self.assets = assets
+        names = [a.name for a in assets.assets]
+        self.store = None if data_dir is None else CandleStore(data_dir)
+        restored = [] if self.store is None else self.store.latest(names, INTERVALS,
+                                                                 per_key=CANDLES_KEPT)
+        self.book = CandleBook(names, INTERVALS, candles=restored)
+        self.version = 0
+        self._latest: dict[str, tuple[int, Tick | Candle]] = {}
+        self._closed: deque[tuple[int, Candle]] = deque(maxlen=CLOSED_KEPT)
+        # readers waiting for a newer version: each one's loop and event (apply may run on
+        # another thread than a reader, as in the in-process platform)
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self.ticks = 0
+        self.store_errors = 0
+        for asset in names:
+            for interval in INTERVALS:
+                current = self.book.current(asset, interval)
+                if current is not None:
+                    self._latest[kline_stream(interval, asset)] = (0, current)
+
+    def apply(self, ticks: Iterable[Tick]) -> int:
+        """Build the candles of ``ticks`` (accepted, in order), write those they changed to
+        the store, then publish them; the number of candles changed."""
+        changed: list[Candle] = []
+        tops: dict[str, Tick] = {}
+        for tick in ticks:
+            if tick.asset not in self.assets:
+                continue
+            changed.extend(self.book.apply(tick))
+            tops[tick.asset] = tick
+            self.ticks += 1
+        if not tops:
+            return 0
+        if self.store is not None and changed:
+            try:
+                self.store.upsert(changed)
+            except Exception:  # the candles stay in memory; the next batch writes them again
+                self.store_errors += 1
+                log.exception("candle store: a batch was not written")
+        self.version += 1
+        version = self.version
+        for asset, tick in tops.items():
+            self._latest[book_ticker_stream(asset)] = (version, tick)
+        for candle in changed:
+            if candle.closed:
+                self._closed.append((version, candle))
+            else:
+                self._latest[kline_stream(candle.interval, candle.asset)] = (version, candle)
+        for loop, event in list(self._waiters):
+            loop.call_soon_threadsafe(event.set)
+        return len(changed)
+
+    async def klines(self, asset: str, interval: str, query: CandleQuery) -> list[Candle]:
+        """:meth:`candles` (the :class:`MarketSource` read)."""
+        return self.candles(asset, interval, query)
+
+    def candles(self, asset: str, interval: str, query: CandleQuery) -> list[Candle]:
+        """The candles of ``asset`` and ``interval`` that ``query`` selects, oldest first."""
+        recent = self.book.recent(asset, interval)
+        stored = [] if self.store is None else self.store.read(asset, interval, query)
+        return select(merge(stored, recent), query)
+
+    def changes(self, since: int) -> Changes:
+        """What changed after version ``since`` (see the module docstring)."""
+        closed = [Change(kline_stream(c.interval, c.asset), c)
+                  for v, c in self._closed if v > since]
+        latest = [Change(stream, value) for stream, (v, value) in self._latest.items()
+                  if v > since]
+        return Changes(self.version, closed + latest)
+
+    async def wait(self, since: int, timeout_s: float) -> Changes:
+        """:meth:`changes` once there is a version after ``since``, or after ``timeout_s``."""
+        if self.version <= since:
+            waiter = (asyncio.get_running_loop(), asyncio.Event())
+            self._waiters.add(waiter)
+            try:
+                if self.version <= since:
+                    await asyncio.wait_for(waiter[1].wait(), timeout_s)
+            except TimeoutError:
+                pass
+            finally:
+                self._waiters.discard(waiter)
+        return self.changes(since)
+
+    def stats(self) -> dict[str, int]:
+        return {"candle_ticks": self.ticks, "candle_store_errors": self.store_errors,
+                "live_version": self.version}
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+def current_streams(assets: Sequence[str]) -> list[str]:
+    """Every public stream name of ``assets``."""
+    return [*(book_ticker_stream(a) for a in assets),
+            *(kline_stream(i, a) for a in assets for i in INTERVALS)]
+
+
+__all__ = ["CLOSED_KEPT", "Change", "Changes", "MarketLive", "MarketSource", "book_ticker_stream",
+           "current_streams", "kline_stream"]

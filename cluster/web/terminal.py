@@ -1,0 +1,63 @@
+"""Routes of the web trading terminal: ``GET /`` (the page) and ``GET /static/{path}`` (its
+scripts, styles and the vendored chart library), from the files in ``static/`` next to this
+module. Public: no key, no rate limit by key.
+
+Files are answered only from that directory (a path that resolves outside it, a hidden name, or
+a directory is 404), with revalidating cache headers (``no-cache`` with the ETag Starlette's
+FileResponse sets), so a browser never mixes the modules of two versions after an upgrade.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html",
+          ".md": "text/plain", "": "text/plain"}
+_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+
+
+def _not_found() -> Response:
+    return JSONResponse({"error": {"code": "NOT_FOUND", "message": "no such file"}},
+                        status_code=404)
+
+
+def static_file(path: str) -> Path | None:
+    """The file ``path`` (relative, ``/``-separated) names inside :data:`STATIC_DIR`, or None."""
+    parts = path.split("/")
+    if not path or any(not p or p.startswith(".") for p in parts):
+        return None
+    target = (STATIC_DIR / Path(*parts)).resolve()
+    if not target.is_relative_to(STATIC_DIR) or not target.is_file():
+        return None
+    return target
+
+
+def add_terminal_routes(app: FastAPI) -> None:
+    """``GET /`` and ``GET /static/{path}`` on ``app``."""
+
+    @app.get("/", tags=["terminal"], operation_id="terminal", response_class=FileResponse,
+             responses={200: {"content": {"text/html": {}},
+                              "description": "the web trading terminal"}})
+    async def terminal() -> Response:
+        """The web trading terminal (public, static)."""
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
+                            headers=_HEADERS)
+
+    @app.get("/static/{path:path}", tags=["terminal"], operation_id="terminalFile",
+             response_class=FileResponse,
+             responses={200: {"description": "a file of the terminal"},
+                        404: {"description": "no such file"}})
+    async def terminal_file(path: str) -> Response:
+        """A script, style sheet or library file of the terminal."""
+        target = static_file(path)
+        if target is None:
+            return _not_found()
+        media_type = _TYPES.get(target.suffix, "application/octet-stream")
+        return FileResponse(target, media_type=media_type, headers=_HEADERS)
+
+
+__all__ = ["STATIC_DIR", "add_terminal_routes", "static_file"]
