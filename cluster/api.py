@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -56,6 +56,8 @@ from cluster.http.errors import (
 )
 from cluster.http.json_body import ExactJsonRoute, parse_json
 from cluster.http.limits import BodySizeLimit, TokenBuckets, retry_after_s
+from cluster.live.market import Change, MarketSource
+from cluster.live.streams import StreamHub, StreamLimits, public_streams
 from cluster.trading.service import TradingService
 from cluster.web.terminal import add_terminal_routes
 from engine import schema
@@ -1008,6 +1010,12 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
                 lines.append("# TYPE shardex_feed_ticks_refused_by_shards_total counter")
                 lines.append("shardex_feed_ticks_refused_by_shards_total "
                              f"{int(feed.get('ticks_refused_by_shards', 0))}")
+        streams: StreamHub = app.state.streams
+        for name, n in streams.stats().items():  # this replica's WebSockets
+            kind = "gauge" if name == "ws_connections" else "counter"
+            metric = f"shardex_{name}" + ("" if kind == "gauge" else "_total")
+            lines.append(f"# TYPE {metric} {kind}")
+            lines.append(f"{metric} {n}")
         stats = await slot.service.shard_stats()
         lines.append("# TYPE shardex_shard_up gauge")
         lines.append("# TYPE shardex_open_positions gauge")
@@ -1042,6 +1050,31 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     # the body limit is inside the counter, so its 413s are counted too
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(_HttpCounter, routes=routes, counts=http_counts)
+    def market() -> MarketSource | None:
+        try:
+            return slot.service.market
+        except Unavailable:  # the replica's service is not built yet
+            return None
+
+    def render(change: Change) -> dict[str, Any]:
+        value = change.value
+        if isinstance(value, Tick):
+            return book_ticker_json(value, assets[value.asset])
+        return kline_json(value, assets[value.asset])
+
+    async def authenticate(key: str) -> Principal | None:
+        return await slot.service.authenticate(key)
+
+    hub = StreamHub(market, render, public_streams(a.name for a in assets.assets),
+                    authenticate, StreamLimits(settings.ws_connections,
+                                               settings.ws_subscriptions, settings.ws_unsent))
+    app.state.streams = hub
+
+    @app.websocket("/ws")
+    async def websocket(socket: WebSocket) -> None:
+        """Live streams (SPEC "Live data"): bookTicker.<ASSET>, kline.<interval>.<ASSET>."""
+        await hub.serve(socket)
+
     add_terminal_routes(app)
     return app
 

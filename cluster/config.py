@@ -65,6 +65,9 @@ _INTEGER_LIMITS = {
     "max_open_positions": ("MAX_OPEN_POSITIONS", 1, 100_000),
     "max_open_orders": ("MAX_OPEN_ORDERS", 1, 100_000),
     "client_order_id_ttl_s": ("CLIENT_ORDER_ID_TTL_S", 60, 30 * 86_400),
+    "ws_connections": ("WS_CONNECTIONS", 1, 100_000),
+    "ws_subscriptions": ("WS_SUBSCRIPTIONS", 1, 10_000),
+    "ws_unsent": ("WS_UNSENT", 1, 1_000_000),
 }
 RULES.update({var: f"an integer in [{low}, {high}]" for var, low, high in _INTEGER_LIMITS.values()})
 
@@ -120,6 +123,9 @@ class Settings:
     max_open_positions: int = 200  # MAX_OPEN_POSITIONS: per account; one more answers 409
     max_open_orders: int = 200  # MAX_OPEN_ORDERS: pending orders per account; then 409
     client_order_id_ttl_s: int = 86_400  # CLIENT_ORDER_ID_TTL_S: then the id may be reused
+    ws_connections: int = 10  # WS_CONNECTIONS: WebSockets per client address and per API key
+    ws_subscriptions: int = 50  # WS_SUBSCRIPTIONS: streams per WebSocket
+    ws_unsent: int = 1_000  # WS_UNSENT: frames a WebSocket may fall behind; then closed (1008)
     max_clock_skew_s: float = 5.0  # MAX_CLOCK_SKEW_S: ticks further in the future are dropped
     max_tick_jump_bps: int = 1_000  # MAX_TICK_JUMP_BPS: a larger mid move waits for confirmation
 

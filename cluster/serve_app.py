@@ -34,6 +34,7 @@ from cluster.actor_names import API_DEPLOYMENT, FEED, NAMESPACE, SERVE_APP
 from cluster.api import create_app
 from cluster.config import Settings
 from cluster.live.market import Changes
+from cluster.live.streams import WS_PING_INTERVAL_S, WS_PONG_TIMEOUT_S
 from cluster.ray_service import service_from_names
 from engine.candles import Candle, CandleQuery
 
@@ -71,6 +72,31 @@ async def _tcp_answers(bootstrap: str, timeout_s: float = 1.0) -> bool:
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return True
+
+
+def _wait_for_pongs(timeout_s: float) -> None:
+    """Make this replica's HTTP server wait ``timeout_s`` for the answer to a WebSocket ping.
+
+    Serve 2.60 builds the direct-ingress server's ``uvicorn.Config`` itself and offers no
+    WebSocket option, so uvicorn's default (a ping every 20 s, answered within 20 s) would
+    close a client after 40 s of silence, not SPEC's 60. No public way exists: this process's
+    ``uvicorn.Config`` gets that default. Runs in the replica, before its server starts.
+    """
+    import uvicorn
+
+    base: Any = uvicorn.Config
+    if getattr(base, "pong_timeout_s", None) == timeout_s:
+        return
+
+    class Config(base):
+        pong_timeout_s = timeout_s
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("ws_ping_interval", WS_PING_INTERVAL_S)
+            kwargs.setdefault("ws_ping_timeout", timeout_s)
+            super().__init__(*args, **kwargs)
+
+    uvicorn.Config = Config  # type: ignore[misc]
 
 
 def _bind_with_reuse_address() -> None:
@@ -146,6 +172,7 @@ class ApiIngress:
 
     def __init__(self, settings: Settings, bootstrap: str, namespace: str = NAMESPACE) -> None:
         _bind_with_reuse_address()
+        _wait_for_pongs(WS_PONG_TIMEOUT_S)
         self.settings = settings
         self.bootstrap = bootstrap
         self.namespace = namespace

@@ -1,9 +1,10 @@
 """The platform on Ray over real HTTP: Serve (direct ingress), Kafka-driven prices, actors.
 
 A smoke scenario (account -> open -> liquidation by a produced tick -> history -> audit), then
-the whole SPEC trading, order and position-change scenario suites (``test_api_trading``,
-``test_api_orders``, ``test_api_position_changes``) run again against this platform (the same
-test functions, collected here with this module's ``platform`` fixture).
+the whole SPEC trading, order, position-change, candle and stream scenario suites
+(``test_api_trading``, ``test_api_orders``, ``test_api_position_changes``, ``test_api_klines``,
+``test_api_streams``) run again against this platform (the same test functions, collected here
+with this module's ``platform`` fixture).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from decimal import Decimal as D
 import httpx
 import pytest
 
+from tests.e2e import test_api_klines as _klines
 from tests.e2e import test_api_orders as _orders
 from tests.e2e import test_api_position_changes as _changes
+from tests.e2e import test_api_streams as _streams
 from tests.e2e import test_api_trading as _trading
 from tests.e2e.api_client import open_position, signup, state, tick, wait_closed
 from tests.e2e.ray_platform import RayHttpPlatform
@@ -82,10 +85,11 @@ def test_metrics_count_the_feed_drops_by_reason(platform: RayHttpPlatform,
         time.sleep(0.1)
 
 
-# The SPEC trading, order and position-change scenarios, again on Ray (same functions; this
-# module's `platform` fixture, prices produced to the topic); those that start a platform of
-# their own stay local.
-for _module in (_trading, _orders, _changes):
+# The SPEC trading, order, position-change, candle and stream scenarios, again on Ray (same
+# functions; this module's `platform` fixture, prices produced to the topic, candles built by
+# the feed actor, streams through Serve's direct ingress); those that start a platform of their
+# own stay local.
+for _module in (_trading, _orders, _changes, _klines, _streams):
     for _name in dir(_module):
         _test = getattr(_module, _name)
         if _name.startswith("test_") and {"platform", "http"} & set(

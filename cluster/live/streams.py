@@ -1,0 +1,293 @@
+"""The WebSocket ``/ws`` (SPEC "Live data"): the public market streams of one API replica.
+
+Client frames: ``{"method":"SUBSCRIBE","params":[...]}``, ``{"method":"UNSUBSCRIBE",
+"params":[...]}``, ``{"method":"AUTH","params":["<apiKey>"]}``. Server frames:
+``{"stream":"<name>","data":{...}}``, and errors in the API's shape
+``{"error":{"code","message"}}`` (a bad frame is answered, never fatal). Streams:
+``bookTicker.<ASSET>`` (the newest top of book, conflated) and ``kline.<interval>.<ASSET>``
+(the current candle on every change, a closed one once with ``closed: true``).
+
+One :class:`StreamHub` per replica reads the market data's changes with one long poll at a time
+(cluster.live.market.MarketSource.wait), renders each change once and hands the frame to the
+connections subscribed to its stream. Each connection has its own bounded queue of unsent
+frames and a task that sends them: a client that does not keep up is closed with code 1008 when
+its queue is full, so it can never make the replica's memory grow. Limits (SPEC "Limits"):
+connections per client address and per API key, subscriptions per connection.
+
+Heartbeats are the WebSocket protocol's ping frames, sent by the HTTP server (uvicorn, with
+:data:`WS_PING_INTERVAL_S` and :data:`WS_PONG_TIMEOUT_S`); browsers answer them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from cluster.live.market import Change, MarketSource, current_streams
+from engine.results import Code
+
+log = logging.getLogger(__name__)
+
+MAX_FRAME_BYTES = 4096  # a client frame larger than this is refused (an error frame)
+POLL_TIMEOUT_S = 1.0  # the long poll's length
+RETRY_S = 0.5  # after a failed poll (the feed restarting)
+POLICY_VIOLATION = 1008  # WebSocket close code: a limit exceeded
+WS_PING_INTERVAL_S = 20.0  # SPEC: the server pings every 20 s (the HTTP server's setting)
+WS_PONG_TIMEOUT_S = 40.0  # and closes a connection silent for 60 s (a ping unanswered 40 s)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """SPEC "Limits": connections per API key or client address, subscriptions per
+    connection, unsent frames per connection."""
+
+    connections: int = 10
+    subscriptions: int = 50
+    unsent: int = 1000
+
+
+def error_frame(code: Code, message: str) -> str:
+    return json.dumps({"error": {"code": code.value, "message": message}},
+                      separators=(",", ":"))
+
+
+@dataclass(eq=False)
+class Connection:
+    """One client: its subscriptions and its queue of frames to send (None: close)."""
+
+    socket: WebSocket
+    address: str
+    limit: int
+    streams: set[str] = field(default_factory=set)
+    key: str | None = None
+    queue: asyncio.Queue[str | None] = field(init=False)
+    overflowed: bool = False
+
+    def __post_init__(self) -> None:
+        self.queue = asyncio.Queue(self.limit + 1)
+
+    def offer(self, frame: str) -> None:
+        """Queue ``frame``; a full queue closes the connection (the client is too slow)."""
+        if self.overflowed:
+            return
+        if self.queue.qsize() >= self.limit:
+            self.overflowed = True
+            self.queue.put_nowait(None)
+            return
+        self.queue.put_nowait(frame)
+
+
+class StreamHub:
+    """The public streams of one replica. ``market``: a callable giving the market data
+    source (None: none here); ``render(change)`` -> the frame's ``data``; ``streams``: every
+    stream name a client may subscribe to; ``authenticate(key)`` -> whether the key is an
+    account's."""
+
+    def __init__(self, market: Callable[[], MarketSource | None],
+                 render: Callable[[Change], dict[str, Any]], streams: Iterable[str],
+                 authenticate: Callable[[str], Any], limits: StreamLimits = StreamLimits()
+                 ) -> None:
+        self.market = market
+        self.render = render
+        self.streams = frozenset(streams)
+        self.authenticate = authenticate
+        self.limits = limits
+        self.connections: set[Connection] = set()
+        self.by_address: dict[str, int] = {}
+        self.by_key: dict[str, int] = {}
+        self.version = 0
+        self.latest: dict[str, str] = {}  # stream -> its newest frame (sent on subscribe)
+        self._poller: asyncio.Task[None] | None = None
+        self.frames_sent = 0
+        self.slow_closed = 0
+        self.poll_failures = 0
+
+    # -- the market data -------------------------------------------------------------------
+    def _ensure_polling(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while self.connections:
+            market = self.market()
+            if market is None:
+                return
+            try:
+                changes = await market.wait(self.version, POLL_TIMEOUT_S)
+            except Exception as exc:  # the feed restarting: try again shortly
+                self.poll_failures += 1
+                log.info("streams: market data poll failed: %s", exc)
+                await asyncio.sleep(RETRY_S)
+                continue
+            if changes.version < self.version:  # a restarted source counts from 0 again
+                self.version = 0
+                continue
+            self.version = changes.version
+            self.publish(changes.items)
+
+    def publish(self, changes: Iterable[Change]) -> None:
+        """Hand each change, rendered once, to the connections subscribed to its stream; keep
+        each stream's newest frame for those that subscribe later (a closed candle is sent
+        once, never as the newest)."""
+        for change in changes:
+            frame = json.dumps({"stream": change.stream, "data": self.render(change)},
+                               separators=(",", ":"))
+            if not getattr(change.value, "closed", False):
+                self.latest[change.stream] = frame
+            for connection in self.connections:
+                if change.stream in connection.streams:
+                    connection.offer(frame)
+
+    # -- a connection ----------------------------------------------------------------------
+    async def serve(self, socket: WebSocket) -> None:
+        """Run one client's connection until it closes."""
+        address = socket.client.host if socket.client is not None else ""
+        if self.by_address.get(address, 0) >= self.limits.connections:
+            await socket.close(code=POLICY_VIOLATION, reason="too many connections")
+            return
+        await socket.accept()
+        connection = Connection(socket, address, self.limits.unsent)
+        self.connections.add(connection)
+        self.by_address[address] = self.by_address.get(address, 0) + 1
+        sender = asyncio.get_running_loop().create_task(self._send(connection))
+        try:
+            self._ensure_polling()
+            while not sender.done():
+                receiving = asyncio.ensure_future(socket.receive_text())
+                done, _ = await asyncio.wait({receiving, sender},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if receiving not in done:
+                    receiving.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect,
+                                             RuntimeError):
+                        await receiving
+                    break
+                await self._handle(connection, receiving.result())
+        except (WebSocketDisconnect, RuntimeError):
+            pass  # the client went away
+        finally:
+            self._forget(connection)
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sender
+            if socket.application_state != WebSocketState.DISCONNECTED:
+                with contextlib.suppress(Exception):
+                    await socket.close(code=POLICY_VIOLATION if connection.overflowed
+                                       else 1000)
+
+    def _forget(self, connection: Connection) -> None:
+        if connection not in self.connections:
+            return
+        self.connections.discard(connection)
+        for counts, name in ((self.by_address, connection.address),
+                             (self.by_key, connection.key)):
+            if name is None:
+                continue
+            left = counts.get(name, 1) - 1
+            if left > 0:
+                counts[name] = left
+            else:
+                counts.pop(name, None)
+
+    async def _send(self, connection: Connection) -> None:
+        while True:
+            frame = await connection.queue.get()
+            if frame is None:  # the client is too slow: closed, its backlog dropped
+                self.slow_closed += 1
+                return
+            await connection.socket.send_text(frame)
+            self.frames_sent += 1
+
+    async def _handle(self, connection: Connection, text: str) -> None:
+        """Answer one client frame (an error frame for anything it cannot do)."""
+        if len(text) > MAX_FRAME_BYTES:
+            connection.offer(error_frame(Code.INVALID_REQUEST, "frame too large"))
+            return
+        try:
+            frame = json.loads(text)
+        except ValueError:
+            connection.offer(error_frame(Code.INVALID_REQUEST, "not JSON"))
+            return
+        method = frame.get("method") if isinstance(frame, dict) else None
+        params = frame.get("params", []) if isinstance(frame, dict) else None
+        if method not in ("SUBSCRIBE", "UNSUBSCRIBE", "AUTH") or not isinstance(params, list) \
+                or not all(isinstance(p, str) for p in params):
+            connection.offer(error_frame(
+                Code.INVALID_REQUEST,
+                'expected {"method": "SUBSCRIBE" | "UNSUBSCRIBE" | "AUTH", "params": [text]}'))
+            return
+        if method == "AUTH":
+            await self._auth(connection, params)
+        elif method == "SUBSCRIBE":
+            self._subscribe(connection, params)
+        else:
+            connection.streams.difference_update(params)
+
+    async def _auth(self, connection: Connection, params: list[str]) -> None:
+        if len(params) != 1 or not params[0] or len(params[0]) > 256:
+            connection.offer(error_frame(Code.UNAUTHORIZED, "AUTH takes one API key"))
+            return
+        key = params[0]
+        try:
+            principal = await self.authenticate(key)
+        except Exception:
+            connection.offer(error_frame(Code.SERVICE_UNAVAILABLE, "cannot check the key now"))
+            return
+        if principal is None:
+            connection.offer(error_frame(Code.UNAUTHORIZED, "unknown API key"))
+            return
+        if connection.key == key:
+            return
+        if self.by_key.get(key, 0) >= self.limits.connections:
+            connection.offer(error_frame(Code.RATE_LIMITED, "too many connections for this key"))
+            return
+        if connection.key is not None:
+            self._forget_key(connection.key)
+        connection.key = key
+        self.by_key[key] = self.by_key.get(key, 0) + 1
+
+    def _forget_key(self, key: str) -> None:
+        left = self.by_key.get(key, 1) - 1
+        if left > 0:
+            self.by_key[key] = left
+        else:
+            self.by_key.pop(key, None)
+
+    def _subscribe(self, connection: Connection, params: list[str]) -> None:
+        unknown = [p for p in params if p not in self.streams]
+        if unknown:
+            connection.offer(error_frame(Code.INVALID_REQUEST,
+                                         f"unknown stream(s): {', '.join(unknown[:5])[:200]}"))
+            return
+        if len(connection.streams | set(params)) > self.limits.subscriptions:
+            connection.offer(error_frame(
+                Code.INVALID_REQUEST,
+                f"at most {self.limits.subscriptions} subscriptions per connection"))
+            return
+        for stream in params:
+            if stream not in connection.streams:
+                connection.streams.add(stream)
+                frame = self.latest.get(stream)
+                if frame is not None:  # the stream's current value at once
+                    connection.offer(frame)
+        self._ensure_polling()
+
+    def stats(self) -> dict[str, int]:
+        return {"ws_connections": len(self.connections), "ws_frames_sent": self.frames_sent,
+                "ws_slow_closed": self.slow_closed, "ws_poll_failures": self.poll_failures}
+
+
+def public_streams(assets: Iterable[str]) -> list[str]:
+    """The names a client may subscribe to (cluster.live.market.current_streams)."""
+    return current_streams(list(assets))
+
+
+__all__ = ["MAX_FRAME_BYTES", "WS_PING_INTERVAL_S", "WS_PONG_TIMEOUT_S", "Connection",
+           "StreamHub", "StreamLimits", "error_frame", "public_streams"]

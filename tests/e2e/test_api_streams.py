@@ -1,0 +1,143 @@
+"""The WebSocket ``/ws`` over a real socket (SPEC "Live data", "Limits"): the public streams
+``bookTicker.<ASSET>`` and ``kline.<interval>.<ASSET>`` follow the ticks the platform accepts;
+bad frames get error frames and change nothing; connections, subscriptions and unsent frames
+are bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from decimal import Decimal as D
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+
+from cluster.config import Settings
+from tests.e2e.api_client import signup, tick
+from tests.e2e.http_platform import HttpPlatform, LocalHttpPlatform
+
+WAIT_S = 10.0
+
+
+def ws_url(platform: HttpPlatform) -> str:
+    return platform.base_url.replace("http://", "ws://") + "/ws"
+
+
+async def frame(ws: Any, stream: str | None = None) -> dict[str, Any]:
+    """The next frame (of ``stream``, skipping others)."""
+    while True:
+        data = json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))
+        if stream is None or data.get("stream") == stream:
+            return dict(data)
+
+
+async def send(ws: Any, method: str, *params: Any) -> None:
+    await ws.send(json.dumps({"method": method, "params": list(params)}))
+
+
+def test_book_ticker_and_kline_follow_the_accepted_ticks(platform: HttpPlatform,
+                                                         http: httpx.Client) -> None:
+    tick(platform, http, "BTC", "60000.0", "60000.2")
+
+    async def scenario() -> None:
+        async with websockets.connect(ws_url(platform)) as ws:
+            await send(ws, "SUBSCRIBE", "bookTicker.BTC", "kline.1m.BTC")
+            # the current values at once
+            first = await frame(ws, "bookTicker.BTC")
+            assert set(first["data"]) == {"bid", "ask", "ts", "source"}
+            await frame(ws, "kline.1m.BTC")
+            await asyncio.to_thread(tick, platform, http, "BTC", "60010.0", "60010.3")
+            while True:  # the new top of book (an older one may still be on its way)
+                top = await frame(ws, "bookTicker.BTC")
+                if top["data"]["bid"] == "60010.0":
+                    break
+            assert top["data"]["ask"] == "60010.3" and top["data"]["source"] == "test"
+            while True:
+                candle = (await frame(ws, "kline.1m.BTC"))["data"]
+                if candle["close"] == "60010.15":  # the mid, exact
+                    break
+            assert candle["closed"] is False and D(candle["high"]) >= D("60010.15")
+            assert set(candle) == {"start", "open", "high", "low", "close", "ticks", "closed"}
+            await send(ws, "UNSUBSCRIBE", "bookTicker.BTC", "kline.1m.BTC")
+            await send(ws, "SUBSCRIBE", "bookTicker.SOL")
+            await asyncio.to_thread(tick, platform, http, "BTC", "60020.0", "60020.1")
+            await asyncio.to_thread(tick, platform, http, "SOL", "100.00", "100.01")
+            while True:  # nothing of BTC arrives any more
+                got = await frame(ws)
+                assert got.get("stream") != "bookTicker.BTC", got
+                if got.get("stream") == "bookTicker.SOL" and got["data"]["bid"] == "100.00":
+                    break
+
+    asyncio.run(scenario())
+
+
+def test_bad_frames_get_error_frames_and_the_connection_stays(platform: HttpPlatform,
+                                                              http: httpx.Client) -> None:
+    key = signup(http)["Authorization"].removeprefix("Bearer ")
+
+    async def scenario() -> None:
+        async with websockets.connect(ws_url(platform)) as ws:
+            for bad in ("not json", "[]", '{"method":"JUMP","params":[]}',
+                        '{"method":"SUBSCRIBE","params":"bookTicker.SOL"}',
+                        '{"method":"SUBSCRIBE","params":[1]}', "x" * 5000):
+                await ws.send(bad)
+                error = await frame(ws)
+                assert error["error"]["code"] == "INVALID_REQUEST", (bad, error)
+            await send(ws, "SUBSCRIBE", "bookTicker.DOGE", "bookTicker.SOL")
+            error = await frame(ws)
+            assert "bookTicker.DOGE" in error["error"]["message"]
+            await send(ws, "AUTH", "wrong-key")
+            assert (await frame(ws))["error"]["code"] == "UNAUTHORIZED"
+            await send(ws, "AUTH", key)  # a good key: no answer, no error
+            await send(ws, "SUBSCRIBE", "bookTicker.SOL")  # the connection still serves
+            assert "bid" in (await frame(ws, "bookTicker.SOL"))["data"]
+
+    tick(platform, http, "SOL", "100.00", "100.01")
+    asyncio.run(scenario())
+
+
+@pytest.fixture(scope="module")
+def tight() -> Iterator[LocalHttpPlatform]:
+    """A platform whose WebSocket limits are small: 2 connections per address or key, 3
+    subscriptions per connection, 1 unsent frame."""
+    with LocalHttpPlatform(Settings(ws_connections=2, ws_subscriptions=3, ws_unsent=1,
+                                    api_key_rate_per_s=0, signups_per_min=0)) as p:
+        yield p
+
+
+def test_connections_subscriptions_and_unsent_frames_are_bounded(
+        tight: LocalHttpPlatform) -> None:
+    with httpx.Client(base_url=tight.base_url, timeout=10) as http:
+        for asset, bid, ask in (("SOL", "100.00", "100.01"), ("BTC", "60000.0", "60000.1"),
+                                ("ETH", "3000.00", "3000.01")):
+            tick(tight, http, asset, bid, ask)
+
+    async def scenario() -> None:
+        url = ws_url(tight)
+        async with websockets.connect(url) as one, websockets.connect(url) as two:
+            with pytest.raises(websockets.exceptions.InvalidStatus):
+                async with websockets.connect(url):
+                    pass  # the third from this address is refused
+            await send(one, "SUBSCRIBE", "kline.1m.SOL", "kline.5m.SOL", "kline.15m.SOL",
+                       "kline.1h.SOL")
+            error = await frame(one)
+            assert "at most 3" in error["error"]["message"]
+            await send(two, "PING-ME")
+            assert (await frame(two))["error"]["code"] == "INVALID_REQUEST"
+        # a client that falls more than one frame behind is closed with 1008: three current
+        # values at once, before the first is sent
+        async with websockets.connect(url) as slow:
+            await send(slow, "SUBSCRIBE", "bookTicker.SOL", "bookTicker.BTC", "bookTicker.ETH")
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(slow.recv(), WAIT_S)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        # the closed connections were forgotten: two new ones are served
+        async with websockets.connect(url) as again, websockets.connect(url):
+            await send(again, "SUBSCRIBE", "bookTicker.SOL")
+            assert "bid" in (await frame(again, "bookTicker.SOL"))["data"]
+
+    asyncio.run(scenario())
