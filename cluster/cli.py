@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-BENCHES = ("engine", "feed", "api", "durability", "chaos")
+BENCHES = ("engine", "feed", "api", "durability", "live", "chaos")
 
 
 def _parser() -> argparse.ArgumentParser:
