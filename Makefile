@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTHON ?= python3
 
-.PHONY: help up test bench chaos lint clean
+.PHONY: help up test browser bench chaos lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -15,10 +15,31 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# Headless Chromium and its driver for tests/browser, from the distribution's packages: installed
+# only when one of them is missing (as root, or through passwordless sudo).
+CHROMIUM     ?= chromium
+CHROMEDRIVER ?= chromedriver
+APT_GET      ?= apt-get
+
+browser: ## install chromium and chromium-driver (Debian packages) if either is missing
+	@if command -v $(CHROMIUM) >/dev/null 2>&1 && command -v $(CHROMEDRIVER) >/dev/null 2>&1; then \
+		exit 0; \
+	fi; \
+	if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else \
+		echo "chromium or chromedriver is missing: install the packages chromium and" \
+			"chromium-driver, or run make as root or with passwordless sudo" >&2; \
+		exit 1; \
+	fi; \
+	echo "installing chromium and chromium-driver"; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive $(APT_GET) update -q && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -q chromium chromium-driver
+
 up: $(STAMP) ## install into .venv, then start the whole platform in the foreground (Ctrl-C stops it)
 	$(VENV)/bin/shardex up
 
-test: $(STAMP) ## install into .venv if needed, then run the whole test suite
+test: $(STAMP) browser ## install into .venv and chromium if needed, then run the whole test suite
 	$(PY) -m pytest -q
 
 bench: $(STAMP) ## run the benchmarks (engine, feed, api, durability); each prints a table and a JSON line

@@ -476,8 +476,9 @@ function td(value, className) {
   return h("td", { class: className, text: fmt.text(value) });
 }
 
+// The message sticks to the visible start of a table that scrolls sideways (narrow screens).
 function emptyRow(columns, message) {
-  return h("tr", { class: "empty" }, h("td", { colspan: columns, text: message }));
+  return h("tr", { class: "empty" }, h("td", { colspan: columns }, h("span", { text: message })));
 }
 
 function renderPositions(positions) {

@@ -1,0 +1,410 @@
+"""The web terminal in headless Chromium against the platform on Ray: every price the page shows
+was produced to the Kafka topic and reached it through the feed actor, the shards and the API;
+every account, position and close went through the page's own buttons.
+
+Whether the page gets prices and account changes from the WebSocket or, without it, by polling
+REST (prices every second, the account every 2 s), what it shows must follow within the waits.
+
+With ``SHARDEX_SCREENSHOTS=docs`` the screenshot test writes ``docs/terminal-desktop.png``
+and ``docs/terminal-phone.png`` (for the README) instead of into its temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from decimal import Decimal as D
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from selenium.webdriver.chrome.webdriver import WebDriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import Select
+
+from engine.market import Tick
+from tests.browser.page import DESKTOP, PHONE, set_viewport, wait_until
+from tests.e2e.api_client import tick
+from tests.e2e.ray_platform import RayHttpPlatform
+
+pytestmark = pytest.mark.timeout(300)
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+# ------------------------------------------------------------------ page helpers
+def by_id(driver: WebDriver, element_id: str) -> WebElement:
+    return driver.find_element(By.ID, element_id)
+
+
+def text_of(driver: WebDriver, element_id: str) -> str:
+    return str(by_id(driver, element_id).text)
+
+
+def open_terminal(driver: WebDriver, platform: RayHttpPlatform) -> None:
+    """Load the page and wait until it listed the assets (the ticket names the one it trades)."""
+    driver.get(f"{platform.base_url}/")
+    wait_until(driver, lambda d: text_of(d, "ticket-asset") != "", "the asset list")
+
+
+def create_account(driver: WebDriver) -> str:
+    """Press `Create demo account`; the API key the page shows once logged in."""
+    by_id(driver, "create-account").click()
+    wait_until(driver, lambda d: by_id(d, "logged-in").is_displayed()
+               and text_of(d, "api-key") != "", "the logged-in account")
+    wait_until(driver, lambda d: text_of(d, "balance-free") == "10000.00", "the balances")
+    return text_of(driver, "api-key")
+
+
+def mark_page(driver: WebDriver) -> None:
+    """Leave a mark in the page's JavaScript state: it survives only while the page is not
+    reloaded."""
+    driver.execute_script("window.__notReloaded = true;")
+
+
+def assert_not_reloaded(driver: WebDriver) -> None:
+    assert driver.execute_script("return window.__notReloaded === true;"), "the page reloaded"
+
+
+def fill(driver: WebDriver, element_id: str, value: str) -> None:
+    field = by_id(driver, element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+def position_rows(driver: WebDriver) -> list[WebElement]:
+    return list(driver.find_elements(By.CSS_SELECTOR, 'tr[data-testid="position-row"]'))
+
+
+def wait_position_row(driver: WebDriver, asset: str, side: str) -> str:
+    """The id of the one open position row of ``asset`` and ``side`` once the table shows it."""
+    row = wait_until(driver, lambda d: next(
+        (r for r in position_rows(d)
+         if r.get_attribute("data-asset") == asset and r.get_attribute("data-side") == side),
+        None), f"a {side} {asset} row in the positions table")
+    position_id = row.get_attribute("data-position-id")
+    assert position_id
+    return str(position_id)
+
+
+def closed_row(driver: WebDriver, position_id: str) -> WebElement:
+    return wait_until(driver, lambda d: next(iter(d.find_elements(
+        By.CSS_SELECTOR, f'tr[data-testid="closed-row"][data-position-id="{position_id}"]')),
+        None), f"position {position_id} in the closed positions table")
+
+
+def open_long_from_ticket(driver: WebDriver, margin: str, leverage: str) -> None:
+    fill(driver, "ticket-margin", margin)
+    fill(driver, "ticket-leverage", leverage)
+    wait_until(driver, lambda d: by_id(d, "submit-long").is_enabled(), "the Long button")
+    by_id(driver, "submit-long").click()
+
+
+def account(http: httpx.Client, key: str) -> dict[str, Any]:
+    r = http.get("/api/v1/state", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+# ------------------------------------------------------------------ tests
+def test_create_account_shows_the_key_and_keeps_it_across_a_reload(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """`Create demo account` shows a key the API accepts, keeps it in localStorage, and a
+    reload is still logged in to the same account."""
+    open_terminal(browser, platform)
+    assert by_id(browser, "logged-out").is_displayed()
+    assert not by_id(browser, "submit-long").is_enabled()  # nothing to trade with yet
+
+    key = create_account(browser)
+    account_id = text_of(browser, "account-id")
+    assert account(http, key)["accountId"] == account_id
+    assert browser.execute_script("return localStorage.getItem('shardex.apiKey');") == key
+    assert browser.execute_script("return localStorage.getItem('shardex.accountId');") == \
+        account_id
+    assert "Copy your API key" in text_of(browser, "notice-text")
+
+    browser.refresh()
+    wait_until(browser, lambda d: by_id(d, "logged-in").is_displayed()
+               and text_of(d, "api-key") == key, "the kept key after the reload")
+    assert text_of(browser, "account-id") == account_id
+    # the reloaded page reads the account with the kept key
+    wait_until(browser, lambda d: text_of(d, "balance-free") == "10000.00"
+               and text_of(d, "balance-equity") == "10000.00", "the balances after the reload")
+    assert not by_id(browser, "logged-out").is_displayed()
+    assert by_id(browser, "submit-long").is_enabled()
+
+
+def test_quote_follows_ticks_produced_to_the_topic_without_a_reload(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """A tick produced to the topic shows as the selected asset's bid, ask and spread, and the
+    next one replaces it in the same page."""
+    tick(platform, http, "SOL", "101.23", "101.25")
+    open_terminal(browser, platform)
+    assert Select(by_id(browser, "asset-select")).first_selected_option.text == "SOL"
+    wait_until(browser, lambda d: (text_of(d, "bid"), text_of(d, "ask")) == ("101.23", "101.25"),
+               "the first quote")
+    assert text_of(browser, "spread") == "0.02"
+    mark_page(browser)
+
+    tick(platform, http, "SOL", "101.57", "101.60")
+    wait_until(browser, lambda d: (text_of(d, "bid"), text_of(d, "ask")) == ("101.57", "101.60"),
+               "the moved quote")
+    assert text_of(browser, "spread") == "0.03"
+    assert text_of(browser, "quote-source") == "source: test"
+    assert_not_reloaded(browser)
+
+
+def test_open_from_the_ticket_close_from_the_table_then_in_history(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """A market long opened from the ticket is a row of the positions table (entry at the ask);
+    its Close button closes it at the bid, and it moves to the closed positions table."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform)
+    key = create_account(browser)
+    mark_page(browser)
+
+    open_long_from_ticket(browser, "100", "10")
+    position_id = wait_position_row(browser, "SOL", "long")
+    opened = account(http, key)["positions"]
+    assert [p["positionId"] for p in opened] == [position_id]
+    assert D(opened[0]["entryPrice"]) == D("100.01")
+    row = browser.find_element(By.CSS_SELECTOR, f'tr[data-position-id="{position_id}"]')
+    assert "100.01" in row.text and "10x" in row.text
+    assert text_of(browser, "positions-count") == "1"
+    wait_until(browser, lambda d: text_of(d, "balance-margin") == "100.00", "the margin in use")
+
+    tick(platform, http, "SOL", "101.00", "101.01")  # 9.99 SOL up 0.99: +9.8901
+    wait_until(browser, lambda d: d.find_element(
+        By.CSS_SELECTOR, f'tr[data-position-id="{position_id}"] td[data-field="pnl"]').text
+        == "+9.89", "the live unrealized PnL (display, two decimals)")
+
+    browser.find_element(
+        By.CSS_SELECTOR, f'button[data-testid="close-position"][data-position-id="{position_id}"]'
+    ).click()
+    closed = closed_row(browser, position_id)
+    assert closed.get_attribute("data-close-reason") == "manual"
+    assert "101.00" in closed.text  # the exit at the bid
+    assert closed.find_element(By.CSS_SELECTOR, 'td[data-field="realized-pnl"]').text == "+9.8901"
+    wait_until(browser, lambda d: position_rows(d) == [], "the empty positions table")
+    assert text_of(browser, "positions-count") == "0"
+    wait_until(browser, lambda d: text_of(d, "balance-free") == "10009.8901", "the payout")
+    assert account(http, key)["positions"] == []
+    assert_not_reloaded(browser)
+
+
+def test_liquidation_by_a_produced_price_leaves_the_table_and_shows_in_history(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """A price produced to the topic at a long's liquidation price closes it in the engine; the
+    open page drops the row and lists it as liquidated, with no reload and no click."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform)
+    key = create_account(browser)
+    open_long_from_ticket(browser, "100", "20")
+    position_id = wait_position_row(browser, "SOL", "long")
+    liquidation = D(account(http, key)["positions"][0]["liquidationPrice"])
+    mark_page(browser)
+
+    tick(platform, http, "SOL", str(liquidation), str(liquidation + D("0.01")))
+    closed = closed_row(browser, position_id)
+    assert closed.get_attribute("data-close-reason") == "liquidation"
+    assert "liquidation" in closed.text
+    wait_until(browser, lambda d: position_rows(d) == [], "the liquidated row to leave the table")
+    wait_until(browser, lambda d: text_of(d, "balance-margin") == "0.00"
+               and text_of(d, "balance-free") == "9900.00", "the balances after the liquidation")
+    assert_not_reloaded(browser)
+
+
+def test_api_error_is_shown_with_the_apis_code_and_message(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """A margin above the free balance: the error banner shows INSUFFICIENT_BALANCE and the
+    very message the API answers to that request; no position is opened."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform)
+    key = create_account(browser)
+    banner = by_id(browser, "error-banner")
+    assert banner.get_attribute("data-code") != "INSUFFICIENT_BALANCE"
+
+    open_long_from_ticket(browser, "20000", "10")
+    wait_until(browser, lambda d: banner.is_displayed()
+               and banner.get_attribute("data-code") == "INSUFFICIENT_BALANCE",
+               "the INSUFFICIENT_BALANCE banner")
+    assert text_of(browser, "error-code") == "INSUFFICIENT_BALANCE"
+    r = http.post("/api/v1/positions/open", headers={"Authorization": f"Bearer {key}"},
+                  json={"asset": "SOL", "type": "long", "margin": "20000", "leverage": 10})
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "INSUFFICIENT_BALANCE"
+    assert text_of(browser, "error-message") == r.json()["error"]["message"] != ""
+    assert account(http, key)["positions"] == []
+    assert position_rows(browser) == []
+
+    by_id(browser, "error-dismiss").click()
+    wait_until(browser, lambda d: not banner.is_displayed(), "the dismissed banner")
+
+
+def test_phone_width_keeps_the_ticket_and_the_positions_reachable(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """At 390x844 the page does not overflow sideways; account, ticket and positions table fit
+    the width (a wide table scrolls inside its own container), and a position opened and
+    closed with taps there ends in the history."""
+    set_viewport(browser, *PHONE)
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform)
+    assert browser.execute_script("return [window.innerWidth, window.innerHeight];") == \
+        list(PHONE)
+    create_account(browser)
+    assert empty_message_shown(browser, "positions-body") == "No open positions"
+    open_long_from_ticket(browser, "50", "5")
+    position_id = wait_position_row(browser, "SOL", "long")
+
+    overflow = browser.execute_script(
+        "return [document.documentElement.scrollWidth, document.body.scrollWidth];")
+    assert max(overflow) <= PHONE[0], f"the page is wider than the phone: {overflow}"
+    for element_id in ("ticket", "submit-long", "submit-short", "positions-table", "chart"):
+        element = by_id(browser, element_id)
+        box = container_box(browser, element)
+        assert box["left"] >= 0 and box["right"] <= PHONE[0], (element_id, box)
+        assert element.is_displayed(), element_id
+
+    close = browser.find_element(
+        By.CSS_SELECTOR, f'button[data-testid="close-position"][data-position-id="{position_id}"]')
+    close.click()  # scrolled into view inside the table's container
+    assert closed_row(browser, position_id).get_attribute("data-close-reason") == "manual"
+    wait_until(browser, lambda d: position_rows(d) == [], "the closed row to leave the table")
+    # the table was scrolled sideways to reach the button: its empty message still shows
+    assert empty_message_shown(browser, "positions-body") == "No open positions"
+    assert max(browser.execute_script(
+        "return [document.documentElement.scrollWidth, document.body.scrollWidth];")) \
+        <= PHONE[0]
+
+
+def empty_message_shown(driver: WebDriver, body_id: str) -> str | None:
+    """The text of the empty row of table body ``body_id`` if all of it lies in the visible part
+    of the table's scroll container, else None."""
+    return driver.execute_script("""
+        const cell = document.querySelector(`#${arguments[0]} tr.empty td`);
+        if (!cell) return null;
+        const range = document.createRange();
+        range.selectNodeContents(cell);
+        const text = range.getBoundingClientRect();
+        const wrap = cell.closest('.table-wrap').getBoundingClientRect();
+        const inside = text.width > 0 && text.left >= wrap.left - 0.5
+            && text.right <= wrap.right + 0.5;
+        return inside ? cell.textContent : null;
+    """, body_id)
+
+
+def container_box(driver: WebDriver, element: WebElement) -> dict[str, float]:
+    """The horizontal extent of ``element`` as laid out, or of the scroll container that clips
+    it (a table wider than the screen scrolls inside its ``.table-wrap``)."""
+    return dict(driver.execute_script("""
+        const el = arguments[0];
+        const box = (el.closest('.table-wrap') || el).getBoundingClientRect();
+        return {left: box.left, right: box.right};
+    """, element))
+
+
+def test_screenshots_show_an_open_position_over_a_chart_of_candles(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client,
+        tmp_path: Path) -> None:
+    """An ETH history of one-minute candles produced to the topic is drawn from
+    GET /api/v1/klines; with a long open, the terminal is photographed at desktop and phone
+    size (into docs/ when SHARDEX_SCREENSHOTS=docs)."""
+    minutes = 150
+    produce_history(platform, http, "ETH", minutes)
+    r = http.get("/api/v1/klines", params={"asset": "ETH", "interval": "1m"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["klines"]) >= minutes
+
+    open_terminal(browser, platform)
+    Select(by_id(browser, "asset-select")).select_by_visible_text("ETH")
+    wait_until(browser, lambda d: text_of(d, "ticket-asset") == "ETH"
+               and text_of(d, "bid") != "—", "the ETH quote")
+    create_account(browser)
+    open_long_from_ticket(browser, "250", "20")
+    wait_position_row(browser, "ETH", "long")
+    wait_chart_drawn(browser, "ETH")
+    for banner in ("notice", "error-banner"):  # messages of the moment, not the terminal
+        browser.execute_script("document.getElementById(arguments[0]).hidden = true;", banner)
+
+    target = DOCS if os.environ.get("SHARDEX_SCREENSHOTS") == "docs" else tmp_path
+    target.mkdir(parents=True, exist_ok=True)
+    # the desktop shot ends with the open position's row, the phone shot starts at the top
+    shots = {"terminal-desktop.png": (DESKTOP, "document.querySelector("
+                                      "'tr[data-testid=position-row]')"
+                                      ".scrollIntoView({block: 'end'});"),
+             "terminal-phone.png": (PHONE, "window.scrollTo(0, 0);")}
+    for name, ((width, height), scroll) in shots.items():
+        set_viewport(browser, width, height)
+        browser.execute_script(scroll)
+        wait_next_frames(browser)
+        assert browser.save_screenshot(str(target / name))
+        assert png_size(target / name) == (width, height)
+
+
+def produce_history(platform: RayHttpPlatform, http: httpx.Client, asset: str,
+                    minutes: int) -> None:
+    """Produce ``minutes`` one-minute candles of ``asset`` ending now (four ticks each: open,
+    high, low and close of a seeded random walk), each tick awaited, then a current tick."""
+    walk = random.Random(20260401)
+    first_minute = time.time_ns() // 1000 // 60_000_000 - minutes
+    price = D("3000.00")
+    cent = D("0.01")
+    for i in range(minutes):
+        start_us = (first_minute + i) * 60_000_000
+        close = (price + D(walk.gauss(0, 4))).quantize(cent)
+        high = (max(price, close) + D(abs(walk.gauss(0, 2.5)))).quantize(cent)
+        low = (min(price, close) - D(abs(walk.gauss(0, 2.5)))).quantize(cent)
+        for offset_s, mid in ((1, price), (15, high), (30, low), (50, close)):
+            produce_at(platform, http, asset, mid, start_us + offset_s * 1_000_000)
+        price = close
+    produce_at(platform, http, asset, price, time.time_ns() // 1000)
+
+
+def produce_at(platform: RayHttpPlatform, http: httpx.Client, asset: str, mid: D,
+               ts_us: int) -> None:
+    """A tick of ``asset`` stamped ``ts_us`` (bid ``mid``, ask one step above) produced to
+    the topic; returns once the API serves it as the asset's price."""
+    spec = platform.settings.assets[asset]
+    bid = spec.price_to_ticks(str(mid))
+    platform._seq += 1
+    platform._produce(Tick(asset, bid, bid + 1, ts_us, platform._seq, "test"))
+    deadline = time.monotonic() + 15
+    while True:
+        price = http.get("/api/v1/prices").json().get(asset)
+        if price is not None and D(price["bid"]) == mid and price_ts_us(price["ts"]) == ts_us:
+            return
+        assert time.monotonic() < deadline, f"tick {asset} {mid} at {ts_us} never applied"
+        time.sleep(0.01)
+
+
+def price_ts_us(iso: str) -> int:
+    from datetime import datetime
+
+    when = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    return int(when.timestamp()) * 1_000_000 + when.microsecond
+
+
+def wait_chart_drawn(driver: WebDriver, asset: str) -> None:
+    """Until the page has received its candles of ``asset`` (the klines request finished) and
+    the chart had frames to draw them."""
+    wait_until(driver, lambda d: d.execute_script(
+        "return performance.getEntriesByType('resource').some("
+        "e => e.name.includes('klines?asset=' + arguments[0] + '&') && e.responseEnd > 0);",
+        asset), f"the {asset} candles")
+    wait_next_frames(driver)
+
+
+def wait_next_frames(driver: WebDriver) -> None:
+    """Let the page render two animation frames (the chart draws on the next frame)."""
+    driver.execute_async_script(
+        "const done = arguments[0];"
+        "requestAnimationFrame(() => requestAnimationFrame(() => done(true)));")
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
