@@ -42,11 +42,12 @@ up: $(STAMP) ## install into .venv, then start the whole platform in the foregro
 test: $(STAMP) browser ## install into .venv and chromium if needed, then run the whole test suite
 	$(PY) -m pytest -q
 
-bench: $(STAMP) ## run the benchmarks (engine, feed, api, durability); each prints a table and a JSON line
+bench: $(STAMP) ## run the benchmarks (engine, feed, api, durability, live); each prints a table and a JSON line
 	$(VENV)/bin/shardex bench engine --positions 1000000 --json
 	$(VENV)/bin/shardex bench feed --json
 	$(VENV)/bin/shardex bench api --json
 	$(VENV)/bin/shardex bench durability --json
+	$(VENV)/bin/shardex bench live --json
 
 chaos: $(STAMP) ## the long chaos run: 100 kill -9 under load, reports lost/duplicated operations
 	$(VENV)/bin/shardex bench chaos --kills 100

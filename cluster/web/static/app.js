@@ -254,7 +254,9 @@ function onSocketError(error) {
   const code = typeof error.code === "string" ? error.code : "ERROR";
   const message = typeof error.message === "string" ? error.message : "the live stream refused a request";
   if (app.key && (code === "UNAUTHORIZED" || /account|auth/i.test(message))) {
+    // the account panel says the page polls instead; REST answers show a bad key's error
     setAccountStream("down");
+    return;
   }
   showError(new ApiError(0, code, message));
 }
