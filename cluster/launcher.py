@@ -103,6 +103,8 @@ class Platform:
     _feed_result: dict[str, Any] = field(default_factory=dict)
     _supervisor: threading.Thread | None = None
     _supervising: threading.Event = field(default_factory=threading.Event)
+    # seconds each step of the last start took, in order (printed in the banner)
+    phases_s: dict[str, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ start
     def start(self) -> Platform:
@@ -129,7 +131,17 @@ class Platform:
         if self.with_feed:
             source = make_source(settings)  # a bad FEED_SOURCE fails before anything starts
             self.source_name = parse_source(settings.feed_source).kind if source else "none"
+        self.phases_s.clear()
+        mark = time.monotonic()
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            self.phases_s[name] = now - mark
+            mark = now
+
         self._take_over_data_dir()
+        phase("previous run")
         if not port_is_free(self.host, settings.port):
             from feed.broker import accepts_connections
 
@@ -142,6 +154,7 @@ class Platform:
         self._start_broker()
         assert self.bootstrap is not None
         asyncio.run(self._ensure_topic(self.bootstrap))
+        phase("broker")
 
         env = export_serve_env(settings.port) if self.direct_ingress else {}
         if ray.is_initialized():
@@ -165,11 +178,13 @@ class Platform:
             ray.init(namespace=self.namespace, runtime_env={"env_vars": env}, **options)
             self._ray_started = True
             self._write_address_file()
-        self._start_actors()
+        phase("ray")
+        self._start_actors(phase)
         self._serve_started = True
         self.url = deploy_api(settings, self.bootstrap, namespace=self.namespace, host=self.host,
                               direct_ingress=self.direct_ingress,
                               timeout_s=READY_TIMEOUT_S)
+        phase("api")
         if source is not None:
             self._start_feed_thread(source)
 
@@ -276,7 +291,7 @@ class Platform:
                                       f"{exc}") from exc
                 await asyncio.sleep(0.2)
 
-    def _start_actors(self) -> None:
+    def _start_actors(self, phase: Callable[[str], None]) -> None:
         import ray
 
         from cluster.actors.deploy import reconcile_at_start, start_hosts
@@ -286,9 +301,11 @@ class Platform:
         data_dir = str(settings.data_dir.resolve()) if self.durable else None
         self.ledger, self.shards = start_hosts(settings, self.namespace, data_dir,
                                                READY_TIMEOUT_S)
+        phase("ledger and shards")
         if self.durable:
             # before the API serves: settle what requests cut off by a crash left half done
             self.released_at_start = reconcile_at_start(self.ledger, self.shards)
+            phase("reconciliation")
         restart = FEED_RESTART if self.durable else {}
         self.feed = FeedActor.options(
             name=FEED, namespace=self.namespace, **restart).remote(
@@ -297,6 +314,7 @@ class Platform:
         if not ray.get(self.feed.start.remote(), timeout=READY_TIMEOUT_S):
             raise LaunchError(f"the feed actor could not consume {self.topic} on "
                               f"{self.bootstrap}")
+        phase("feed actor")
         self._supervising.clear()
         self._supervisor = threading.Thread(target=self._supervise, name="feed-supervisor",
                                             daemon=True)
@@ -413,6 +431,7 @@ class Platform:
             + (" (embedded broker)" if self._broker is not None else ""),
             f"  ray: {len(nodes)} node(s), namespace {self.namespace}"
             + ("" if self._ray_started else " (joined)"),
+            "  started in " + ", ".join(f"{name} {s:.1f} s" for name, s in self.phases_s.items()),
             "  shards:",
         ]
         for spec in self.layout:

@@ -230,6 +230,11 @@ def test_up_serves_again_within_30_s_after_kill_9_with_clients_connected(up: Up)
         pass
     once.close()
 
+    candles = client.get("/api/v1/klines", params={"asset": "SOL", "interval": "1m",
+                                                   "limit": 1000})
+    assert candles.status_code == 200 and candles.json()["klines"], candles.text
+    before_kill = candles.json()["klines"]
+
     record = json.loads((data_dir / "embedded-broker.json").read_text())
     broker = ProcessIdentity.from_json(record["broker"])
     assert record["owner"]["pid"] == first.pid and broker.alive()
@@ -276,6 +281,19 @@ def test_up_serves_again_within_30_s_after_kill_9_with_clients_connected(up: Up)
                        json={"asset": "SOL", "type": "long", "margin": "100",
                              "leverage": 5, "clientOrderId": "before-the-crash"})
     assert again.status_code == 201 and again.json()["positionId"] == position_id
+    # every candle served before the kill is still served: a closed one unchanged, the one
+    # that was current with its open and at least its ticks
+    after = httpx.get(f"{up.url}/api/v1/klines", timeout=10,
+                      params={"asset": "SOL", "interval": "1m", "limit": 1000})
+    assert after.status_code == 200, after.text
+    by_start = {c["start"]: c for c in after.json()["klines"]}
+    for candle in before_kill:
+        now = by_start.get(candle["start"])
+        assert now is not None, (candle, after.text)
+        if candle["closed"]:
+            assert now == candle
+        else:
+            assert now["open"] == candle["open"] and now["ticks"] >= candle["ticks"]
 
     assert restart_s < RESTART_BUDGET_S, (restart_s, up.output())
 
