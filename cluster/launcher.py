@@ -17,6 +17,7 @@ that state from DATA_DIR without Ray.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -122,7 +123,7 @@ class Platform:
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
 
-        from cluster.serve_app import deploy_api, export_serve_env
+        from cluster.serve_app import deploy_api, export_serve_env, start_serve
         from feed.source import make_source, parse_source
 
         settings = self.settings
@@ -179,11 +180,20 @@ class Platform:
             self._ray_started = True
             self._write_address_file()
         phase("ray")
-        self._start_actors(phase)
+        # Serve's controller needs none of the actors: it starts while they recover
+        serving = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="serve-start")
         self._serve_started = True
+        controller = serving.submit(start_serve, settings, host=self.host,
+                                    direct_ingress=self.direct_ingress)
+        try:
+            self._start_actors(phase)
+            controller.result(READY_TIMEOUT_S)
+        finally:
+            serving.shutdown(wait=True)
+        phase("serve controller (the wait after the actors)")
         self.url = deploy_api(settings, self.bootstrap, namespace=self.namespace, host=self.host,
                               direct_ingress=self.direct_ingress,
-                              timeout_s=READY_TIMEOUT_S)
+                              timeout_s=READY_TIMEOUT_S, serve_started=True)
         phase("api")
         if source is not None:
             self._start_feed_thread(source)

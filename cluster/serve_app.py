@@ -206,36 +206,57 @@ def _pin_to_this_node() -> dict[str, Any]:
     return {"label_selector": {"ray.io/node-id": node_id}}
 
 
-def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE,
-               host: str = "127.0.0.1", extra_env: Mapping[str, str] | None = None,
-               timeout_s: float = 120.0, direct_ingress: bool = True) -> str:
-    """Start Serve and deploy the API so the replica answers ``host:settings.port``.
+_LOGGING_CONFIG = {"enable_access_log": False, "log_level": "WARNING"}
 
-    Requires a connected Ray driver whose job runtime_env carries ``serve_env`` (see
-    ``cluster.launcher``). Returns the URL. Idempotent for an already running app.
-    ``direct_ingress=False`` deploys the classic way instead (Serve's proxy on the port, the
-    replica behind it; for comparison, and for a driver without ``serve_env``).
-    """
+
+def start_serve(settings: Settings, *, host: str = "127.0.0.1",
+                extra_env: Mapping[str, str] | None = None,
+                direct_ingress: bool = True) -> dict[str, str]:
+    """Start Serve's controller (a no-op when it runs); the environment the API's actors get.
+
+    The first part of :func:`deploy_api`, which the launcher runs while the ledger and shards
+    start (the controller needs none of them)."""
     from feed.broker import free_port
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one banner, no Serve chatter
-    env = {**serve_env(settings.port), **(extra_env or {})} if direct_ingress else {}
-    logging_config = {"enable_access_log": False, "log_level": "WARNING"}
+    env = _api_env(settings, extra_env, direct_ingress)
     # with direct ingress the replica itself listens on the port; Serve's controller still
     # starts a head-node proxy (it overrides "Disabled" in that mode) on a spare port
     proxy_port = free_port(host) if direct_ingress else settings.port
     serve.start(
         http_options={"host": host, "port": proxy_port},
         proxy_location="Disabled" if direct_ingress else "HeadOnly",
-        logging_config=logging_config,
+        logging_config=_LOGGING_CONFIG,
         controller_options={"runtime_env": {"env_vars": env}} if env else None,
     )
+    return env
+
+
+def _api_env(settings: Settings, extra_env: Mapping[str, str] | None,
+             direct_ingress: bool) -> dict[str, str]:
+    return {**serve_env(settings.port), **(extra_env or {})} if direct_ingress else {}
+
+
+def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE,
+               host: str = "127.0.0.1", extra_env: Mapping[str, str] | None = None,
+               timeout_s: float = 120.0, direct_ingress: bool = True,
+               serve_started: bool = False) -> str:
+    """Start Serve and deploy the API so the replica answers ``host:settings.port``.
+
+    Requires a connected Ray driver whose job runtime_env carries ``serve_env`` (see
+    ``cluster.launcher``). Returns the URL. Idempotent for an already running app.
+    ``direct_ingress=False`` deploys the classic way instead (Serve's proxy on the port, the
+    replica behind it; for comparison, and for a driver without ``serve_env``).
+    ``serve_started``: :func:`start_serve` ran already (with the same arguments).
+    """
+    env = _api_env(settings, extra_env, direct_ingress) if serve_started else start_serve(
+        settings, host=host, extra_env=extra_env, direct_ingress=direct_ingress)
     options: dict[str, Any] = {"num_cpus": 0}
     if env:
         options["runtime_env"] = {"env_vars": env}
     options.update(_pin_to_this_node())
     deployment: Any = ApiIngress  # a serve.Deployment once decorated
-    app = deployment.options(ray_actor_options=options, logging_config=logging_config).bind(
+    app = deployment.options(ray_actor_options=options, logging_config=_LOGGING_CONFIG).bind(
         settings, bootstrap, namespace)
     serve.run(app, name=SERVE_APP, route_prefix="/", blocking=False)
     url = f"http://{host}:{settings.port}"
