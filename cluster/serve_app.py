@@ -34,7 +34,7 @@ from cluster.actor_names import API_DEPLOYMENT, FEED, NAMESPACE, SERVE_APP
 from cluster.api import create_app
 from cluster.config import Settings
 from cluster.live.market import Changes
-from cluster.live.streams import WS_PING_INTERVAL_S, WS_PONG_TIMEOUT_S
+from cluster.live.streams import WS_SERVER_OPTIONS
 from cluster.ray_service import service_from_names
 from engine.candles import Candle, CandleQuery
 
@@ -74,26 +74,27 @@ async def _tcp_answers(bootstrap: str, timeout_s: float = 1.0) -> bool:
     return True
 
 
-def _wait_for_pongs(timeout_s: float) -> None:
-    """Make this replica's HTTP server wait ``timeout_s`` for the answer to a WebSocket ping.
+def _websocket_settings() -> None:
+    """Give this replica's HTTP server the WebSocket settings of ``WS_SERVER_OPTIONS``.
 
     Serve 2.60 builds the direct-ingress server's ``uvicorn.Config`` itself and offers no
-    WebSocket option, so uvicorn's default (a ping every 20 s, answered within 20 s) would
-    close a client after 40 s of silence, not SPEC's 60. No public way exists: this process's
-    ``uvicorn.Config`` gets that default. Runs in the replica, before its server starts.
+    WebSocket option, so uvicorn's defaults would apply (a ping answered within 20 s, so 40 s
+    of silence, not SPEC's 60; client frames up to 16 MiB). No public way exists: this
+    process's ``uvicorn.Config`` gets these defaults. Runs in the replica, before its server
+    starts.
     """
     import uvicorn
 
     base: Any = uvicorn.Config
-    if getattr(base, "pong_timeout_s", None) == timeout_s:
+    if getattr(base, "websocket_settings", None) is WS_SERVER_OPTIONS:
         return
 
     class Config(base):
-        pong_timeout_s = timeout_s
+        websocket_settings = WS_SERVER_OPTIONS
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs.setdefault("ws_ping_interval", WS_PING_INTERVAL_S)
-            kwargs.setdefault("ws_ping_timeout", timeout_s)
+            for name, value in WS_SERVER_OPTIONS.items():
+                kwargs.setdefault(name, value)
             super().__init__(*args, **kwargs)
 
     uvicorn.Config = Config  # type: ignore[misc]
@@ -172,7 +173,7 @@ class ApiIngress:
 
     def __init__(self, settings: Settings, bootstrap: str, namespace: str = NAMESPACE) -> None:
         _bind_with_reuse_address()
-        _wait_for_pongs(WS_PONG_TIMEOUT_S)
+        _websocket_settings()
         self.settings = settings
         self.bootstrap = bootstrap
         self.namespace = namespace

@@ -15,7 +15,7 @@ its queue is full, so it can never make the replica's memory grow. Limits (SPEC 
 connections per client address and per API key, subscriptions per connection.
 
 Heartbeats are the WebSocket protocol's ping frames, sent by the HTTP server (uvicorn, with
-:data:`WS_PING_INTERVAL_S` and :data:`WS_PONG_TIMEOUT_S`); browsers answer them.
+:data:`WS_SERVER_OPTIONS`, which also bounds a client frame's size); browsers answer them.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -39,8 +40,12 @@ MAX_FRAME_BYTES = 4096  # a client frame larger than this is refused (an error f
 POLL_TIMEOUT_S = 1.0  # the long poll's length
 RETRY_S = 0.5  # after a failed poll (the feed restarting)
 POLICY_VIOLATION = 1008  # WebSocket close code: a limit exceeded
-WS_PING_INTERVAL_S = 20.0  # SPEC: the server pings every 20 s (the HTTP server's setting)
-WS_PONG_TIMEOUT_S = 40.0  # and closes a connection silent for 60 s (a ping unanswered 40 s)
+WS_SERVER_OPTIONS: Mapping[str, float] = MappingProxyType({
+    "ws_ping_interval": 20.0,  # SPEC: the server pings every 20 s
+    "ws_ping_timeout": 40.0,  # and closes a connection silent for 60 s (a ping unanswered 40 s)
+    "ws_max_size": 16 * 1024,  # a larger client frame closes the connection (1009) unread
+})
+"""The HTTP server's WebSocket settings (uvicorn.Config keyword arguments)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,5 +294,5 @@ def public_streams(assets: Iterable[str]) -> list[str]:
     return current_streams(list(assets))
 
 
-__all__ = ["MAX_FRAME_BYTES", "WS_PING_INTERVAL_S", "WS_PONG_TIMEOUT_S", "Connection",
+__all__ = ["MAX_FRAME_BYTES", "WS_SERVER_OPTIONS", "Connection",
            "StreamHub", "StreamLimits", "error_frame", "public_streams"]

@@ -21,7 +21,7 @@ from cluster.actors.local import LocalHosts
 from cluster.api import create_app
 from cluster.config import Settings
 from cluster.live.market import MarketLive
-from cluster.live.streams import WS_PING_INTERVAL_S, WS_PONG_TIMEOUT_S
+from cluster.live.streams import WS_SERVER_OPTIONS
 from engine.market import Tick
 
 
@@ -64,8 +64,7 @@ class LocalHttpPlatform:
         self.base_url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(create_app(self.service), host="127.0.0.1", port=self.port,
                                 log_level="warning", lifespan="off", access_log=False,
-                                ws_ping_interval=WS_PING_INTERVAL_S,
-                                ws_ping_timeout=WS_PONG_TIMEOUT_S)
+                                **WS_SERVER_OPTIONS)
         self.server = uvicorn.Server(config)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="uvicorn", daemon=True)

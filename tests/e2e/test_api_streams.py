@@ -103,6 +103,23 @@ def test_bad_frames_get_error_frames_and_the_connection_stays(platform: HttpPlat
     asyncio.run(scenario())
 
 
+def test_a_frame_over_16_kib_closes_only_its_connection(platform: HttpPlatform,
+                                                        http: httpx.Client) -> None:
+    tick(platform, http, "SOL", "100.00", "100.01")
+
+    async def scenario() -> None:
+        async with websockets.connect(ws_url(platform)) as ws, \
+                websockets.connect(ws_url(platform)) as other:
+            await ws.send(json.dumps({"method": "SUBSCRIBE", "params": ["x" * 20_000]}))
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), WAIT_S)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+            await send(other, "SUBSCRIBE", "bookTicker.SOL")
+            assert "bid" in (await frame(other, "bookTicker.SOL"))["data"]
+
+    asyncio.run(scenario())
+
+
 @pytest.fixture(scope="module")
 def tight() -> Iterator[LocalHttpPlatform]:
     """A platform whose WebSocket limits are small: 2 connections per address or key, 3
