@@ -40,6 +40,7 @@ MAX_FRAME_BYTES = 4096  # a client frame larger than this is refused (an error f
 POLL_TIMEOUT_S = 1.0  # the long poll's length
 RETRY_S = 0.5  # after a failed poll (the feed restarting)
 POLICY_VIOLATION = 1008  # WebSocket close code: a limit exceeded
+MAX_AUTH_FAILURES = 5  # refused AUTHs a connection may send; the next one closes it (1008)
 WS_SERVER_OPTIONS: Mapping[str, float] = MappingProxyType({
     "ws_ping_interval": 20.0,  # SPEC: the server pings every 20 s
     "ws_ping_timeout": 40.0,  # and closes a connection silent for 60 s (a ping unanswered 40 s)
@@ -72,21 +73,26 @@ class Connection:
     limit: int
     streams: set[str] = field(default_factory=set)
     key: str | None = None
-    queue: asyncio.Queue[str | None] = field(init=False)
-    overflowed: bool = False
-
-    def __post_init__(self) -> None:
-        self.queue = asyncio.Queue(self.limit + 1)
+    queue: asyncio.Queue[str] = field(default_factory=asyncio.Queue)  # bounded by offer
+    closing: str | None = None  # why the server closes it: "slow", "auth"
+    auth_failures: int = 0
+    sender: asyncio.Task[None] | None = None  # the task sending the queue
 
     def offer(self, frame: str) -> None:
         """Queue ``frame``; a full queue closes the connection (the client is too slow)."""
-        if self.overflowed:
+        if self.closing is not None:
             return
         if self.queue.qsize() >= self.limit:
-            self.overflowed = True
-            self.queue.put_nowait(None)
+            self.close("slow")
             return
         self.queue.put_nowait(frame)
+
+    def close(self, why: str) -> None:
+        """Close it now, what is queued dropped (code 1008); ``why`` names the limit."""
+        if self.closing is None:
+            self.closing = why
+            if self.sender is not None:
+                self.sender.cancel()  # ends serve's wait: the socket is closed there
 
 
 class StreamHub:
@@ -161,7 +167,8 @@ class StreamHub:
         connection = Connection(socket, address, self.limits.unsent)
         self.connections.add(connection)
         self.by_address[address] = self.by_address.get(address, 0) + 1
-        sender = asyncio.get_running_loop().create_task(self._send(connection))
+        sender = connection.sender = asyncio.get_running_loop().create_task(
+            self._send(connection))
         try:
             self._ensure_polling()
             while not sender.done():
@@ -179,12 +186,13 @@ class StreamHub:
             pass  # the client went away
         finally:
             self._forget(connection)
+            self.slow_closed += connection.closing == "slow"
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sender
             if socket.application_state != WebSocketState.DISCONNECTED:
                 with contextlib.suppress(Exception):
-                    await socket.close(code=POLICY_VIOLATION if connection.overflowed
+                    await socket.close(code=POLICY_VIOLATION if connection.closing
                                        else 1000)
 
     def _forget(self, connection: Connection) -> None:
@@ -204,9 +212,6 @@ class StreamHub:
     async def _send(self, connection: Connection) -> None:
         while True:
             frame = await connection.queue.get()
-            if frame is None:  # the client is too slow: closed, its backlog dropped
-                self.slow_closed += 1
-                return
             await connection.socket.send_text(frame)
             self.frames_sent += 1
 
@@ -246,6 +251,11 @@ class StreamHub:
             connection.offer(error_frame(Code.SERVICE_UNAVAILABLE, "cannot check the key now"))
             return
         if principal is None:
+            # each refused key costs the ledger a lookup: a connection guessing keys is closed
+            connection.auth_failures += 1
+            if connection.auth_failures > MAX_AUTH_FAILURES:
+                connection.close("auth")
+                return
             connection.offer(error_frame(Code.UNAUTHORIZED, "unknown API key"))
             return
         if connection.key == key:

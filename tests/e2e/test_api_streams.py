@@ -103,6 +103,21 @@ def test_bad_frames_get_error_frames_and_the_connection_stays(platform: HttpPlat
     asyncio.run(scenario())
 
 
+def test_a_connection_guessing_keys_is_closed_after_five_refusals(
+        platform: HttpPlatform) -> None:
+    async def scenario() -> None:
+        async with websockets.connect(ws_url(platform)) as ws:
+            for attempt in range(5):
+                await send(ws, "AUTH", f"guess-{attempt}")
+                assert (await frame(ws))["error"]["code"] == "UNAUTHORIZED"
+            await send(ws, "AUTH", "guess-5")
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), WAIT_S)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+    asyncio.run(scenario())
+
+
 def test_a_frame_over_16_kib_closes_only_its_connection(platform: HttpPlatform,
                                                         http: httpx.Client) -> None:
     tick(platform, http, "SOL", "100.00", "100.01")
