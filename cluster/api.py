@@ -1075,6 +1075,18 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         """Live streams (SPEC "Live data"): bookTicker.<ASSET>, kline.<interval>.<ASSET>."""
         await hub.serve(socket)
 
+    @app.get("/ws", tags=["market"], operation_id="liveStreams",
+             responses={101: {"description": "the WebSocket (with an Upgrade request)"},
+                        426: {"model": ErrorOut, "description": "not a WebSocket request"}})
+    async def websocket_over_http() -> Response:
+        """Live streams over a WebSocket: send `{"method":"SUBSCRIBE","params":
+        ["bookTicker.SOL","kline.1m.SOL"]}` (also `UNSUBSCRIBE`, and `AUTH` with an API key);
+        frames `{"stream","data"}`, errors `{"error":{"code","message"}}`. A plain HTTP
+        request is answered 426."""
+        return error_response(426, Code.INVALID_REQUEST.value,
+                              "a WebSocket upgrade is required (ws://host:port/ws)",
+                              headers={"Upgrade": "websocket"})
+
     add_terminal_routes(app)
     return app
 

@@ -103,6 +103,13 @@ def test_bad_frames_get_error_frames_and_the_connection_stays(platform: HttpPlat
     asyncio.run(scenario())
 
 
+def test_a_plain_http_request_to_the_stream_is_426_and_documented(http: httpx.Client) -> None:
+    r = http.get("/ws")
+    assert r.status_code == 426 and r.headers["upgrade"] == "websocket", r.text
+    assert r.json()["error"]["code"] == "INVALID_REQUEST"
+    assert "/ws" in http.get("/openapi.json").json()["paths"]
+
+
 def test_a_connection_guessing_keys_is_closed_after_five_refusals(
         platform: HttpPlatform) -> None:
     async def scenario() -> None:
