@@ -408,3 +408,247 @@ def png_size(path: Path) -> tuple[int, int]:
     header = path.read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n"
     return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+# ------------------------------------------------------------------ changing an open position
+def money(value: str) -> str:
+    """The page's money display of an API amount: trailing zeros cut down to two decimals."""
+    whole, _, frac = value.partition(".")
+    return f"{whole}.{frac.rstrip('0').ljust(2, '0')}"
+
+
+def signed_money(value: str) -> str:
+    shown = money(value)
+    return shown if shown.startswith("-") or D(shown) == 0 else f"+{shown}"
+
+
+def row_control(driver: WebDriver, testid: str, position_id: str) -> WebElement:
+    return driver.find_element(
+        By.CSS_SELECTOR, f'[data-testid="{testid}"][data-position-id="{position_id}"]')
+
+
+def row_cell(driver: WebDriver, position_id: str, field: str) -> str:
+    return str(driver.find_element(
+        By.CSS_SELECTOR, f'tr[data-testid="position-row"][data-position-id="{position_id}"] '
+                         f'td[data-field="{field}"]').text)
+
+
+def type_into(element: WebElement, value: str) -> None:
+    element.clear()
+    if value:
+        element.send_keys(value)
+
+
+def api_position(http: httpx.Client, key: str, position_id: str) -> dict[str, Any] | None:
+    return next((p for p in account(http, key)["positions"] if p["positionId"] == position_id),
+                None)
+
+
+def wait_api_position(driver: WebDriver, http: httpx.Client, key: str, position_id: str,
+                      changed: Any, what: str) -> dict[str, Any]:
+    """The API's position once ``changed(position)`` holds (the page's request went through)."""
+    return dict(wait_until(driver, lambda _d: (lambda p: p if p and changed(p) else None)(
+        api_position(http, key, position_id)), what))
+
+
+def levels(position: dict[str, Any] | None) -> tuple[Any, ...]:
+    assert position is not None
+    return tuple(position[f] for f in ("quantity", "margin", "liquidationPrice", "takeProfit",
+                                       "stopLoss"))
+
+
+def wait_row_shows(driver: WebDriver, position_id: str, position: dict[str, Any]) -> None:
+    """Until the row shows the API's quantity, margin, liquidation price, TP and SL."""
+    expected = {"quantity": position["quantity"], "margin": money(position["margin"]),
+                "liquidation": position["liquidationPrice"] or "—",
+                "take-profit": position["takeProfit"] or "—",
+                "stop-loss": position["stopLoss"] or "—"}
+    wait_until(driver, lambda d: {f: row_cell(d, position_id, f) for f in expected} == expected,
+               f"the row of position {position_id} to show {expected}")
+
+
+def test_partial_close_from_the_row_keeps_the_rest_open_and_lists_the_part(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """A quantity typed next to Close closes that part only: the row stays with the remaining
+    quantity, margin and liquidation price the API answers, the history lists the part as a
+    partial close (its own closeId); Close with the field empty then closes the rest."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform)
+    key = create_account(browser)
+    open_long_from_ticket(browser, "100", "10")
+    position_id = wait_position_row(browser, "SOL", "long")
+    opened = api_position(http, key, position_id)
+    assert opened is not None
+    quantity_input = row_control(browser, "close-quantity", position_id)
+    assert quantity_input.get_attribute("placeholder") == "all"
+    assert quantity_input.get_attribute("data-step") == "0.01"
+    mark_page(browser)
+
+    tick(platform, http, "SOL", "101.00", "101.01")
+    part = D("3.33")
+    type_into(quantity_input, str(part))
+    row_control(browser, "close-position", position_id).click()
+    rest = wait_api_position(browser, http, key, position_id,
+                             lambda p: D(p["quantity"]) < D(opened["quantity"]),
+                             "the partial close in the API")
+    assert D(rest["quantity"]) == D(opened["quantity"]) - part
+    wait_row_shows(browser, position_id, rest)
+    assert len(position_rows(browser)) == 1
+    wait_until(browser, lambda d: row_control(d, "close-quantity", position_id)
+               .get_attribute("value") == "", "the emptied quantity field")
+
+    history = http.get("/api/v1/positions/history",
+                       headers={"Authorization": f"Bearer {key}"}).json()["positions"]
+    assert len(history) == 1 and history[0]["partial"] is True
+    closed_part = history[0]
+    assert closed_part["positionId"] == position_id
+    assert closed_part["closeId"] != position_id
+    assert D(closed_part["quantity"]) == part
+    assert D(closed_part["margin"]) + D(rest["margin"]) == D(opened["margin"])
+    row = wait_until(browser, lambda d: next(iter(d.find_elements(
+        By.CSS_SELECTOR, f'tr[data-testid="closed-row"][data-close-id="{closed_part["closeId"]}"]'
+    )), None), "the partial close in the closed positions table")
+    assert row.get_attribute("data-partial") == "true"
+    assert row.get_attribute("data-position-id") == position_id
+    assert row.find_element(By.CSS_SELECTOR, '[data-testid="partial-close"]').text == "partial"
+    assert row.find_element(By.CSS_SELECTOR, 'td[data-field="realized-pnl"]').text == \
+        signed_money(closed_part["realizedPnl"])
+    assert closed_part["exitPrice"] in row.text and money(closed_part["margin"]) in row.text
+    wait_until(browser, lambda d: text_of(d, "balance-margin") == money(rest["margin"]),
+               "the margin still in use")
+
+    row_control(browser, "close-position", position_id).click()  # empty field: all of it
+    whole = wait_until(browser, lambda d: next(iter(d.find_elements(
+        By.CSS_SELECTOR, f'tr[data-testid="closed-row"][data-close-id="{position_id}"]')), None),
+        "the close of the rest in the closed positions table")
+    assert whole.get_attribute("data-partial") is None
+    wait_until(browser, lambda d: position_rows(d) == [], "the empty positions table")
+    history = http.get("/api/v1/positions/history",
+                       headers={"Authorization": f"Bearer {key}"}).json()["positions"]
+    assert [(c["closeId"], c["partial"]) for c in history] == \
+        [(position_id, False), (closed_part["closeId"], True)]
+    assert D(history[0]["quantity"]) == D(rest["quantity"])
+    assert len(browser.find_elements(By.CSS_SELECTOR, 'tr[data-testid="closed-row"]')) == 2
+    assert_not_reloaded(browser)
+
+
+def test_take_profit_and_stop_loss_edited_from_the_row(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """Edit opens the row's TP/SL inputs (prefilled); Save sets the levels the row then shows,
+    an SL below the liquidation price shows INVALID_TRIGGER with the API's message and changes
+    nothing, and an emptied field removes its level."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform)
+    key = create_account(browser)
+    open_long_from_ticket(browser, "100", "10")
+    position_id = wait_position_row(browser, "SOL", "long")
+    editor = row_control(browser, "position-editor", position_id)
+    assert not editor.is_displayed()
+
+    row_control(browser, "edit-triggers", position_id).click()
+    wait_until(browser, lambda d: editor.is_displayed(), "the TP/SL editor")
+    tp_input = row_control(browser, "edit-take-profit", position_id)
+    sl_input = row_control(browser, "edit-stop-loss", position_id)
+    assert (tp_input.get_attribute("value"), sl_input.get_attribute("value")) == ("", "")
+    type_into(tp_input, "110.5")
+    type_into(sl_input, "95.25")
+    row_control(browser, "save-triggers", position_id).click()
+    modified = wait_api_position(browser, http, key, position_id,
+                                 lambda p: p["takeProfit"] is not None, "the new TP/SL")
+    assert (D(modified["takeProfit"]), D(modified["stopLoss"])) == (D("110.5"), D("95.25"))
+    wait_row_shows(browser, position_id, modified)
+    wait_until(browser, lambda d: not editor.is_displayed(), "the editor to close")
+
+    # an SL under the liquidation price: refused, the banner shows the API's answer
+    below = "50.00"
+    assert D(below) < D(modified["liquidationPrice"])
+    row_control(browser, "edit-triggers", position_id).click()
+    wait_until(browser, lambda d: editor.is_displayed(), "the TP/SL editor again")
+    assert tp_input.get_attribute("value") == modified["takeProfit"]  # prefilled
+    assert sl_input.get_attribute("value") == modified["stopLoss"]
+    type_into(sl_input, below)
+    row_control(browser, "save-triggers", position_id).click()
+    banner = by_id(browser, "error-banner")
+    wait_until(browser, lambda d: banner.is_displayed()
+               and banner.get_attribute("data-code") == "INVALID_TRIGGER",
+               "the INVALID_TRIGGER banner")
+    r = http.post("/api/v1/positions/modify", headers={"Authorization": f"Bearer {key}"},
+                  json={"positionId": position_id, "takeProfit": modified["takeProfit"],
+                        "stopLoss": below})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "INVALID_TRIGGER"
+    assert text_of(browser, "error-message") == r.json()["error"]["message"] != ""
+    assert editor.is_displayed()  # kept open to correct the value
+    assert levels(api_position(http, key, position_id)) == levels(modified)
+    wait_row_shows(browser, position_id, modified)
+
+    # emptied take-profit: removed (null); the stop-loss set again
+    by_id(browser, "error-dismiss").click()
+    type_into(tp_input, "")
+    type_into(sl_input, modified["stopLoss"])
+    row_control(browser, "save-triggers", position_id).click()
+    removed = wait_api_position(browser, http, key, position_id,
+                                lambda p: p["takeProfit"] is None, "the removed TP")
+    assert removed["stopLoss"] == modified["stopLoss"]
+    wait_row_shows(browser, position_id, removed)
+    assert row_cell(browser, position_id, "take-profit") == "—"
+    assert not banner.is_displayed()
+
+
+def test_margin_added_and_removed_from_the_row_at_phone_width(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """At 390x844, the row's amount with + adds margin and with − removes it: margin, the
+    liquidation price and the balances follow the API's answers; a removal the API refuses
+    shows its error and changes nothing."""
+    set_viewport(browser, *PHONE)
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform)
+    key = create_account(browser)
+    open_long_from_ticket(browser, "100", "10")
+    position_id = wait_position_row(browser, "SOL", "long")
+    before = api_position(http, key, position_id)
+    assert before is not None
+    wait_row_shows(browser, position_id, before)
+
+    amount = row_control(browser, "margin-amount", position_id)
+    type_into(amount, "50")
+    row_control(browser, "add-margin", position_id).click()
+    added = wait_api_position(browser, http, key, position_id,
+                              lambda p: D(p["margin"]) != D(before["margin"]), "the added margin")
+    assert D(added["margin"]) == D(before["margin"]) + 50
+    assert D(added["liquidationPrice"]) < D(before["liquidationPrice"])  # a long: further away
+    wait_row_shows(browser, position_id, added)
+    wait_until(browser, lambda d: text_of(d, "balance-margin") == money(added["margin"])
+               and text_of(d, "balance-free") == money(str(D("10000") - D(added["margin"]))),
+               "the balances after adding margin")
+    assert amount.get_attribute("value") == ""
+
+    type_into(amount, "25.5")
+    row_control(browser, "remove-margin", position_id).click()
+    removed = wait_api_position(browser, http, key, position_id,
+                                lambda p: D(p["margin"]) != D(added["margin"]),
+                                "the removed margin")
+    assert D(removed["margin"]) == D(added["margin"]) - D("25.5")
+    assert D(added["liquidationPrice"]) < D(removed["liquidationPrice"])
+    wait_row_shows(browser, position_id, removed)
+    wait_until(browser, lambda d: text_of(d, "balance-margin") == money(removed["margin"]),
+               "the margin in use after the removal")
+
+    # removing all but a cent leaves a notional above margin * max leverage: refused
+    too_much = str(D(removed["margin"]) - D("0.01"))
+    type_into(amount, too_much)
+    row_control(browser, "remove-margin", position_id).click()
+    banner = by_id(browser, "error-banner")
+    wait_until(browser, lambda d: banner.is_displayed()
+               and banner.get_attribute("data-code") == "INVALID_REQUEST",
+               "the refused removal in the banner")
+    r = http.post("/api/v1/positions/margin", headers={"Authorization": f"Bearer {key}"},
+                  json={"positionId": position_id, "amount": f"-{too_much}"})
+    assert r.status_code == 422, r.text
+    assert text_of(browser, "error-message") == r.json()["error"]["message"] != ""
+    assert levels(api_position(http, key, position_id)) == levels(removed)
+    wait_row_shows(browser, position_id, removed)
+
+    assert max(browser.execute_script(
+        "return [document.documentElement.scrollWidth, document.body.scrollWidth];")) \
+        <= PHONE[0]

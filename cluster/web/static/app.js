@@ -483,41 +483,141 @@ function emptyRow(columns, message) {
   return h("tr", { class: "empty" }, h("td", { colspan: columns }, h("span", { text: message })));
 }
 
+// Rows are kept per position and updated in place, so a refresh leaves what is being typed into
+// a row's inputs (close quantity, margin amount, TP/SL editor) and its focus alone.
 function renderPositions(positions) {
   app.positions = positions;
+  const previous = app.positionRows;
   app.positionRows = new Map();
-  const rows = positions.map((p) => {
+  const nodes = [];
+  for (const p of positions) {
     const id = String(p.positionId);
-    const markCell = h("td", { class: "num", "data-field": "mark", text: "—" });
-    const pnlCell = h("td", { class: "num", "data-field": "pnl", text: "—" });
-    const close = h("button", {
-      type: "button",
-      class: "btn btn-small",
-      "data-testid": "close-position",
-      "data-position-id": id,
-      text: "Close",
-    });
-    close.addEventListener("click", () => closePosition(p, close));
-    app.positionRows.set(id, { position: p, markCell, pnlCell });
-    return h("tr", { "data-testid": "position-row", "data-position-id": id, "data-asset": p.asset, "data-side": p.type },
-      td(p.asset),
-      td(p.type, fmt.sideClass(p.type)),
-      td(p.quantity, "num"),
-      td(p.entryPrice, "num"),
-      markCell,
-      td(p.liquidationPrice, "num"),
-      td(p.takeProfit, "num"),
-      td(p.stopLoss, "num"),
-      td(fmt.money(p.margin), "num"),
-      td(p.leverage === undefined ? null : `${p.leverage}x`, "num"),
-      pnlCell,
-      h("td", { text: fmt.time(p.openedAt), title: fmt.text(p.openedAt) }),
-      h("td", {}, close));
-  });
-  byId("positions-body").replaceChildren(...(rows.length ? rows : [emptyRow(13, "No open positions")]));
+    const entry = previous.get(id) || positionRow(id);
+    entry.position = p;
+    updatePositionRow(entry);
+    app.positionRows.set(id, entry);
+    nodes.push(entry.row, entry.editorRow);
+  }
+  const body = byId("positions-body");
+  if (!nodes.length) {
+    body.replaceChildren(emptyRow(POSITION_COLUMNS, "No open positions"));
+  } else {
+    for (const node of [...body.children]) {
+      if (!nodes.includes(node)) node.remove();
+    }
+    // move only what is out of place (a node moved in the document loses its focus)
+    let cursor = body.firstChild;
+    for (const node of nodes) {
+      if (node === cursor) cursor = cursor.nextSibling;
+      else body.insertBefore(node, cursor);
+    }
+  }
   setText(byId("positions-count"), positions.length);
   renderPnl();
   renderChartLines();
+}
+
+const POSITION_COLUMNS = 14;
+
+function positionRow(id) {
+  const cell = (field, className = "num") => h("td", { class: className, "data-field": field, text: "—" });
+  const cells = {
+    asset: cell("asset", ""),
+    side: cell("side", ""),
+    quantity: cell("quantity"),
+    entry: cell("entry"),
+    liquidation: cell("liquidation"),
+    takeProfit: cell("take-profit"),
+    stopLoss: cell("stop-loss"),
+    margin: cell("margin"),
+    leverage: cell("leverage"),
+    opened: cell("opened", ""),
+  };
+  const markCell = cell("mark");
+  const pnlCell = cell("pnl");
+  const idAttr = { "data-position-id": id };
+  const button = (testid, text, label) => h("button", {
+    type: "button", class: "btn btn-small", "data-testid": testid, ...idAttr, text, "aria-label": label,
+  });
+  const input = (testid, placeholder, label) => h("input", {
+    class: "row-input", "data-testid": testid, ...idAttr, inputmode: "decimal", autocomplete: "off",
+    spellcheck: "false", placeholder, "aria-label": label,
+  });
+
+  const marginInput = input("margin-amount", "USD", "Margin amount to add or remove");
+  const addMargin = button("add-margin", "+", "Add margin");
+  const removeMargin = button("remove-margin", "−", "Remove margin");
+  const closeQuantity = input("close-quantity", "all", "Quantity to close (empty: all)");
+  const close = button("close-position", "Close", "Close the position (or the quantity given)");
+  const edit = button("edit-triggers", "Edit", "Edit take-profit and stop-loss");
+  edit.setAttribute("aria-expanded", "false");
+
+  const tpInput = input("edit-take-profit", "none", "Take-profit (empty: none)");
+  const slInput = input("edit-stop-loss", "none", "Stop-loss (empty: none)");
+  const save = button("save-triggers", "Save", "Save take-profit and stop-loss");
+  const cancel = button("cancel-edit", "Cancel", "Cancel the edit");
+  const editorForm = h("form", { class: "row-editor", autocomplete: "off", novalidate: true },
+    h("label", {}, h("span", { text: "Take profit" }), tpInput),
+    h("label", {}, h("span", { text: "Stop loss" }), slInput),
+    save, cancel);
+  const editorRow = h("tr", { class: "editor", "data-testid": "position-editor", ...idAttr, hidden: true },
+    h("td", { colspan: POSITION_COLUMNS }, editorForm));
+
+  const row = h("tr", { "data-testid": "position-row", ...idAttr },
+    cells.asset, cells.side, cells.quantity, cells.entry, markCell, cells.liquidation,
+    cells.takeProfit, cells.stopLoss, cells.margin, cells.leverage, pnlCell, cells.opened,
+    h("td", {}, h("div", { class: "row-actions" }, marginInput, addMargin, removeMargin)),
+    h("td", {}, h("div", { class: "row-actions" }, closeQuantity, close, edit)));
+
+  const entry = {
+    id, row, editorRow, cells, markCell, pnlCell, position: null,
+    closeQuantity, close, marginInput, addMargin, removeMargin, edit, tpInput, slInput, save, cancel,
+  };
+  close.addEventListener("click", () => closePosition(entry));
+  addMargin.addEventListener("click", () => changeMargin(entry, 1));
+  removeMargin.addEventListener("click", () => changeMargin(entry, -1));
+  edit.addEventListener("click", () => setEditing(entry, entry.editorRow.hidden));
+  cancel.addEventListener("click", () => setEditing(entry, false));
+  save.addEventListener("click", () => saveTriggers(entry));
+  editorForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    saveTriggers(entry);
+  });
+  return entry;
+}
+
+function updatePositionRow(entry) {
+  const p = entry.position;
+  const { cells } = entry;
+  entry.row.dataset.asset = fmt.text(p.asset);
+  entry.row.dataset.side = fmt.text(p.type);
+  setText(cells.asset, fmt.text(p.asset));
+  setText(cells.side, fmt.text(p.type));
+  cells.side.className = fmt.sideClass(p.type);
+  setText(cells.quantity, fmt.text(p.quantity));
+  setText(cells.entry, fmt.text(p.entryPrice));
+  setText(cells.liquidation, fmt.text(p.liquidationPrice));
+  setText(cells.takeProfit, fmt.text(p.takeProfit));
+  setText(cells.stopLoss, fmt.text(p.stopLoss));
+  setText(cells.margin, fmt.money(p.margin));
+  setText(cells.leverage, p.leverage === undefined ? "—" : `${p.leverage}x`);
+  setText(cells.opened, fmt.time(p.openedAt));
+  cells.opened.title = fmt.text(p.openedAt);
+  const asset = app.assetByName.get(p.asset);
+  const step = asset ? String(asset.quantityStep) : "";
+  entry.closeQuantity.dataset.step = step;
+  entry.closeQuantity.title = step ? `Quantity to close, a multiple of ${step} (empty: all)` : "Quantity to close (empty: all)";
+}
+
+function setEditing(entry, editing) {
+  if (editing) {
+    const p = entry.position;
+    entry.tpInput.value = p.takeProfit === null || p.takeProfit === undefined ? "" : String(p.takeProfit);
+    entry.slInput.value = p.stopLoss === null || p.stopLoss === undefined ? "" : String(p.stopLoss);
+  }
+  entry.editorRow.hidden = !editing;
+  entry.edit.setAttribute("aria-expanded", String(editing));
+  if (editing) entry.tpInput.focus();
 }
 
 function renderPnl() {
@@ -597,11 +697,14 @@ function renderClosed(closed) {
     "data-position-id": String(c.positionId),
     "data-close-id": c.closeId === undefined || c.closeId === null ? null : String(c.closeId),
     "data-close-reason": c.closeReason,
+    "data-partial": c.partial === true ? "true" : null,
   },
     h("td", { text: fmt.time(c.closedAt), title: fmt.text(c.closedAt) }),
     td(c.asset),
     td(c.type, fmt.sideClass(c.type)),
-    td(c.partial ? `${c.quantity} (partial)` : c.quantity, "num"),
+    h("td", { class: "num", "data-field": "quantity" },
+      fmt.text(c.quantity),
+      c.partial === true ? h("span", { class: "tag", "data-testid": "partial-close", text: "partial" }) : null),
     td(c.entryPrice, "num"),
     td(c.exitPrice, "num"),
     h("td", { class: fmt.pnlClassOf(c.realizedPnl), "data-field": "realized-pnl", text: fmt.signedMoney(c.realizedPnl) }),
@@ -748,24 +851,79 @@ async function submitTicket(side, button) {
   }
 }
 
-async function closePosition(position, button) {
+async function closePosition(entry) {
   if (!app.key) return;
-  button.disabled = true;
+  const position = entry.position;
+  const button = entry.close;
+  const quantity = entry.closeQuantity.value.trim();
   const body = { positionId: String(position.positionId) };
+  if (quantity) body.quantity = quantity;
   const bps = slippage();
   const quote = app.prices[position.asset];
   if (bps !== null && quote) {
     body.currentPrice = position.type === "long" ? quote.bid : quote.ask;
     body.maxSlippageBps = bps;
   }
+  button.disabled = true;
   try {
     const closed = await call("POST", "positions/close", { key: app.key, body });
-    showNotice(`Closed ${closed.type} ${closed.quantity} ${closed.asset} at ${closed.exitPrice}: PnL ${fmt.signedMoney(closed.realizedPnl)} USD, paid out ${fmt.money(closed.payout)} USD.`);
+    const what = closed.partial ? "Closed part of position" : "Closed";
+    showNotice(`${what} ${closed.type} ${closed.quantity} ${closed.asset} at ${closed.exitPrice}: PnL ${fmt.signedMoney(closed.realizedPnl)} USD, paid out ${fmt.money(closed.payout)} USD.`);
+    entry.closeQuantity.value = "";
   } catch (err) {
     showError(err);
+  } finally {
     button.disabled = false;
   }
   requestRefresh(true);
+}
+
+async function saveTriggers(entry) {
+  if (!app.key || entry.save.disabled) return;
+  const takeProfit = entry.tpInput.value.trim();
+  const stopLoss = entry.slInput.value.trim();
+  const body = {
+    positionId: String(entry.position.positionId),
+    takeProfit: takeProfit || null, // empty: remove the level
+    stopLoss: stopLoss || null,
+  };
+  entry.save.disabled = true;
+  try {
+    const p = await call("POST", "positions/modify", { key: app.key, body });
+    showNotice(`Position ${p.positionId}: take-profit ${fmt.text(p.takeProfit)}, stop-loss ${fmt.text(p.stopLoss)}.`);
+    entry.position = p;
+    updatePositionRow(entry);
+    setEditing(entry, false);
+  } catch (err) {
+    showError(err);
+  } finally {
+    entry.save.disabled = false;
+  }
+  requestRefresh(false);
+}
+
+async function changeMargin(entry, sign) {
+  if (!app.key) return;
+  const typed = entry.marginInput.value.trim();
+  if (!typed || /^[+-]/.test(typed)) {
+    showError(localError("INVALID_REQUEST", "amount: type an amount without a sign, then + adds it and − removes it"));
+    return;
+  }
+  const body = { positionId: String(entry.position.positionId), amount: sign < 0 ? `-${typed}` : typed };
+  const buttons = [entry.addMargin, entry.removeMargin];
+  for (const b of buttons) b.disabled = true;
+  try {
+    const p = await call("POST", "positions/margin", { key: app.key, body });
+    showNotice(`Position ${p.positionId}: margin ${fmt.money(p.margin)} USD, liquidation price ${fmt.text(p.liquidationPrice)}.`);
+    entry.marginInput.value = "";
+    entry.position = p;
+    updatePositionRow(entry);
+  } catch (err) {
+    showError(err);
+  } finally {
+    for (const b of buttons) b.disabled = false;
+  }
+  requestRefresh(false);
 }
 
 async function cancelOrder(orderId, button) {
