@@ -56,8 +56,8 @@ from cluster.http.errors import (
 )
 from cluster.http.json_body import ExactJsonRoute, parse_json
 from cluster.http.limits import BodySizeLimit, TokenBuckets, retry_after_s
-from cluster.live.market import Change, MarketSource
-from cluster.live.streams import StreamHub, StreamLimits, public_streams
+from cluster.live.market import Change, MarketSource, current_streams
+from cluster.live.streams import StreamHub, StreamLimits
 from cluster.trading.service import TradingService
 from cluster.web.terminal import add_terminal_routes
 from engine import schema
@@ -1065,7 +1065,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     async def authenticate(key: str) -> Principal | None:
         return await slot.service.authenticate(key)
 
-    hub = StreamHub(market, render, public_streams(a.name for a in assets.assets),
+    hub = StreamHub(market, render, current_streams([a.name for a in assets.assets]),
                     authenticate, StreamLimits(settings.ws_connections,
                                                settings.ws_subscriptions, settings.ws_unsent))
     app.state.streams = hub

@@ -125,7 +125,6 @@ DEFAULT_MAX_OPEN_POSITIONS = 200  # SPEC "Limits": open positions per account
 DEFAULT_MAX_OPEN_ORDERS = 200  # SPEC "Limits": open orders per account
 
 _I64_MIN, _I64_END = -(1 << 63), 1 << 63
-# what resolves a pending request, by the kind of its clientOrderId
 # what resolves a pending clientOrderId of each kind (a TP/SL or margin change: the position)
 _ANSWER_TYPES = {"open": OpenPosition, "close": ClosedPosition, "order": PendingOrder,
                  "cancel": EndedOrder, "modify": OpenPosition, "margin": OpenPosition}

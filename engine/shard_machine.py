@@ -396,6 +396,14 @@ def _levels_problem(record: PositionRecord, tp: int, sl: int, tick: Tick) -> str
     return None
 
 
+def _above_maintenance(asset: Asset, record: PositionRecord, margin_micros: int) -> bool:
+    """Whether ``margin_micros`` exceeds the maintenance margin of ``record``'s quantity at its
+    entry (exact: ``margin > rate * entry * quantity``)."""
+    scale = 10 ** (asset.price_decimals + asset.qty_decimals)
+    return margin_micros * scale > \
+        record.maintenance_margin_ppm * record.entry_ticks * record.qty_steps
+
+
 def _fits_i64(*values: int) -> bool:
     return all(-_I64 < v < _I64 for v in values)
 
@@ -647,8 +655,7 @@ class ShardMachine:
         margin = record.margin_micros * qty_steps // record.qty_steps
         rest = record._replace(qty_steps=record.qty_steps - qty_steps,
                                margin_micros=record.margin_micros - margin)
-        if rest.margin_micros * 10 ** (self.asset.price_decimals + self.asset.qty_decimals) \
-                <= rest.maintenance_margin_ppm * rest.entry_ticks * rest.qty_steps:
+        if not _above_maintenance(self.asset, rest, rest.margin_micros):
             return Rejected(Code.INVALID_REQUEST,
                             "the rest's margin would not exceed its maintenance margin")
         liq = liquidation_ticks(self.asset, rest.side, rest.entry_ticks, rest.qty_steps,
@@ -710,7 +717,7 @@ class ShardMachine:
         asset = self.asset
         scale = 10 ** (asset.price_decimals + asset.qty_decimals)
         notional = record.entry_ticks * record.qty_steps  # in micros: * 10**6 / scale
-        if margin * scale <= record.maintenance_margin_ppm * notional:
+        if not _above_maintenance(asset, record, margin):
             return "the margin would not exceed the maintenance margin"
         if not removal:
             return None

@@ -31,7 +31,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from cluster.live.market import Change, MarketSource, current_streams
+from cluster.live.market import Change, MarketSource
 from engine.results import Code
 
 log = logging.getLogger(__name__)
@@ -199,15 +199,9 @@ class StreamHub:
         if connection not in self.connections:
             return
         self.connections.discard(connection)
-        for counts, name in ((self.by_address, connection.address),
-                             (self.by_key, connection.key)):
-            if name is None:
-                continue
-            left = counts.get(name, 1) - 1
-            if left > 0:
-                counts[name] = left
-            else:
-                counts.pop(name, None)
+        _release(self.by_address, connection.address)
+        if connection.key is not None:
+            _release(self.by_key, connection.key)
 
     async def _send(self, connection: Connection) -> None:
         while True:
@@ -264,16 +258,9 @@ class StreamHub:
             connection.offer(error_frame(Code.RATE_LIMITED, "too many connections for this key"))
             return
         if connection.key is not None:
-            self._forget_key(connection.key)
+            _release(self.by_key, connection.key)
         connection.key = key
         self.by_key[key] = self.by_key.get(key, 0) + 1
-
-    def _forget_key(self, key: str) -> None:
-        left = self.by_key.get(key, 1) - 1
-        if left > 0:
-            self.by_key[key] = left
-        else:
-            self.by_key.pop(key, None)
 
     def _subscribe(self, connection: Connection, params: list[str]) -> None:
         unknown = [p for p in params if p not in self.streams]
@@ -299,10 +286,14 @@ class StreamHub:
                 "ws_slow_closed": self.slow_closed, "ws_poll_failures": self.poll_failures}
 
 
-def public_streams(assets: Iterable[str]) -> list[str]:
-    """The names a client may subscribe to (cluster.live.market.current_streams)."""
-    return current_streams(list(assets))
+def _release(counts: dict[str, int], name: str) -> None:
+    """One connection fewer for ``name`` (an address or a key); none left: forgotten."""
+    left = counts.get(name, 1) - 1
+    if left > 0:
+        counts[name] = left
+    else:
+        counts.pop(name, None)
 
 
 __all__ = ["MAX_FRAME_BYTES", "WS_SERVER_OPTIONS", "Connection",
-           "StreamHub", "StreamLimits", "error_frame", "public_streams"]
+           "StreamHub", "StreamLimits", "error_frame"]
