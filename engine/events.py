@@ -18,7 +18,7 @@ Ledger events (the ledger's journal):
 :class:`SettlementApplied`, :class:`ClientOrderStoredAt` (and the older
 :class:`ClientOrderStored`, still decoded and applied), :class:`AnswersExpired`,
 :class:`OpenCountSet`, :class:`OrderLocked`, :class:`OrderSettled`, :class:`OrderCountSet`,
-:class:`MarginAdded`, :class:`MarginReturned`.
+:class:`MarginAdded`, :class:`MarginReturned`, :class:`AccountNoted`.
 
 A journal record holds the events of one commit: :func:`encode_batch` / :func:`decode_batch`.
 """
@@ -370,6 +370,18 @@ class MarginReturned(NamedTuple):
     request_id: int
 
 
+class AccountNoted(NamedTuple):
+    """Request ``request_id`` of ``user`` did ``kind`` at a shard (engine.account_events:
+    ``positionOpened``, ``positionUpdated``, ``orderPlaced``); ``body``: what it made, as a
+    stored answer (engine.ledger_machine.encode_answer). Only the user's account events
+    change."""
+
+    user: int
+    request_id: int
+    kind: str
+    body: bytes
+
+
 class OrderCountSet(NamedTuple):
     """``user`` has ``order_count`` open orders (the start-time reconciliation's recount)."""
 
@@ -381,7 +393,7 @@ Event = (PositionOpened | PositionClosed | TickApplied | OpenFenced | OutboxAcke
          | OrderPlaced | OrderEnded | PositionAmended | PositionReduced
          | AccountCreated | MarginLocked | MarginReleased | SettlementApplied | ClientOrderStored
          | ClientOrderStoredAt | AnswersExpired | OpenCountSet | OrderLocked | OrderSettled
-         | OrderCountSet | MarginAdded | MarginReturned)
+         | OrderCountSet | MarginAdded | MarginReturned | AccountNoted)
 # Events whose loss in a crash changes nothing that was acknowledged (the feed delivers the newest
 # price again): the runner journals them with the next commit instead of committing for them.
 # An OutboxAcked lost in a crash only means settlements the ledger already applied are sent
@@ -391,7 +403,8 @@ SHARD_EVENTS = (PositionOpened, PositionClosed, TickApplied, OpenFenced, OutboxA
                 SeqResumed, OrderPlaced, OrderEnded, PositionAmended, PositionReduced)
 LEDGER_EVENTS = (AccountCreated, MarginLocked, MarginReleased, SettlementApplied,
                  ClientOrderStored, ClientOrderStoredAt, AnswersExpired, OpenCountSet,
-                 OrderLocked, OrderSettled, OrderCountSet, MarginAdded, MarginReturned)
+                 OrderLocked, OrderSettled, OrderCountSet, MarginAdded, MarginReturned,
+                 AccountNoted)
 
 
 class EventError(ValueError):
@@ -443,6 +456,7 @@ _LAYOUTS: dict[int, _Layout] = {
     0x2B: (OrderCountSet, "QQ", (), ()),
     0x2C: (MarginAdded, "QqQ", (), ()),
     0x2D: (MarginReturned, "QqQ", (), ()),
+    0x2F: (AccountNoted, "QQ", ("kind", "body"), (("s", "B"), ("b", "I"))),
 }
 
 # Older layouts, decoded only (encode writes the layout above): the trailing fields they lack

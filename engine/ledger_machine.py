@@ -16,9 +16,16 @@ Commands (one class per operation, one item each) and their answers:
 * :class:`ApplySettlements` -> the shard's last applied seq | Rejected (nothing applied)
 * :class:`SettleRequests` -> how many pending clientOrderIds were settled
 * :class:`ReconcileAtStart` -> ``{user: released_micros}`` | Rejected
+* :class:`Note` -> None | Rejected
 * reads: :class:`Authenticate`, :class:`Balances`, :class:`OpenCount`, :class:`OrderCount`,
   :class:`AppliedSeq`, :class:`History`, :class:`OrderHistory`, :class:`Audit`,
-  :class:`Totals`, :class:`PendingRequests`.
+  :class:`Totals`, :class:`PendingRequests`, :class:`AccountEvents`, :class:`AccountTail`.
+
+Account events (engine.account_events, SPEC "Live data"): applying an event that changes what
+an account sees numbers one or more account events of it (its balance after the change, the
+position closed, the order ended); what a shard did for a request (a position opened or
+changed, an order placed) is noted here (:class:`Note`) once the shard answered, so the account's
+events are one numbering in the order the ledger journaled them.
 
 A clientOrderId ``(user, kind, client_order_id)`` (an engine.messages.IdemKey) is either
 absent, pending (reserved, answer not known yet: stored as None), or answered (the first
@@ -72,9 +79,11 @@ from typing import Any, NamedTuple, Protocol, overload
 
 import numpy as np
 
-from engine import schema
+from engine import account_events, schema
+from engine.account_events import AccountEvent, AccountLog, Balance
 from engine.events import (
     AccountCreated,
+    AccountNoted,
     AnswersExpired,
     ClientOrderStored,
     ClientOrderStoredAt,
@@ -440,6 +449,39 @@ class ReconcileAtStart:
     open_order_counts_by_user: Mapping[int, int] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Note:
+    """Request ``request_id`` of ``user`` did ``kind`` at its shard (one of
+    engine.account_events.NOTED_KINDS) and made ``body`` (the OpenPosition, or the PendingOrder
+    of ``orderPlaced``): number it among the user's account events; with ``key``, also store
+    it as the clientOrderId's first answer. -> None, or Rejected(INVALID_REQUEST)."""
+
+    user: int
+    request_id: int
+    kind: str
+    body: OpenPosition | PendingOrder
+    key: IdemKey | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccountEvents:
+    """-> ``(last_seq, events)``: ``user``'s newest account event number, and their events
+    after ``since`` (oldest first), or None instead when some are no longer kept (or ``since``
+    is None: only the number is asked)."""
+
+    user: int
+    since: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccountTail:
+    """-> ``(version, events)``: the account events of every account after version ``after``
+    (at most ``limit``, oldest first), or None instead when some are no longer kept."""
+
+    after: int
+    limit: int = 1000
+
+
 class CreatedAccount(NamedTuple):
     """The answer to :class:`CreateAccount` (the API key stays with the caller)."""
 
@@ -497,6 +539,12 @@ def _stored(answer: object) -> bytes:
 
 
 _Item = ClosedPosition | EndedOrder  # what a shard's outbox holds (SettlementItem.closed)
+_NOTED_BODY = {account_events.POSITION_OPENED: OpenPosition,
+               account_events.POSITION_UPDATED: OpenPosition,
+               account_events.ORDER_PLACED: PendingOrder}
+_ORDER_ENDED_KIND: dict[int, str] = {
+    OrderStatus.FILLED: "orderFilled", OrderStatus.CANCELLED: "orderCancelled",
+    OrderStatus.EXPIRED: "orderExpired", OrderStatus.REJECTED: "orderRejected"}
 
 
 def _holds_margin(item: _Item) -> bool:
@@ -603,6 +651,9 @@ class _History:
             end = index
         return records[max(0, end - limit):end][::-1]
 
+    def has(self, user: int, record_id: int) -> bool:
+        return record_id in self._index.get(user, ())
+
     def records(self) -> list[Any]:
         return [r for records in self.by_user.values() for r in records]
 
@@ -689,6 +740,9 @@ class LedgerMachine:
         # request ids of the newest MarginReturned: a resent release of uncounted margin (its
         # answer was lost) releases nothing twice
         self._returned: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.account_log = AccountLog()  # derived by apply
+        # request ids of the newest AccountNoted: a request is noted once
+        self._noted: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._deciders: dict[type, Callable[[Any, int], _Decision]] = {
             CreateAccount: self._create_account,
             Authenticate: self._authenticate,
@@ -711,6 +765,9 @@ class LedgerMachine:
             ApplySettlements: self._apply_settlements,
             SettleRequests: self._settle_requests,
             ReconcileAtStart: self._reconcile_at_start,
+            Note: self._note,
+            AccountEvents: self._account_events,
+            AccountTail: self._account_tail,
         }
         self._appliers: dict[type, Callable[[Any], None]] = {
             AccountCreated: self._on_account_created,
@@ -726,6 +783,7 @@ class LedgerMachine:
             ClientOrderStoredAt: self._on_client_order_stored_at,
             AnswersExpired: self._on_answers_expired,
             ClientOrderStored: self._on_client_order_stored,
+            AccountNoted: self._on_account_noted,
         }
 
     # ================================================================= decide
@@ -759,6 +817,18 @@ class LedgerMachine:
         if page is None:
             return _invalid("unknown 'before' cursor")
         return page, _NO_EVENTS
+
+    def _account_events(self, c: AccountEvents, now_us: int) -> _Decision:
+        log = self.account_log
+        last = log.last_seq.get(c.user, 0)
+        since = None if c.since is None else _int(c.since)
+        return (last, None if since is None else log.since(c.user, since)), _NO_EVENTS
+
+    def _account_tail(self, c: AccountTail, now_us: int) -> _Decision:
+        after, limit = _int(c.after), _int(c.limit)
+        if after is None or limit is None:
+            return _invalid("after and limit must be integers")
+        return self.account_log.after(after, limit), _NO_EVENTS
 
     def _audit(self, c: Audit, now_us: int) -> _Decision:
         expected = self._expected_margins(c.open_margins_by_user, c.unsettled or {})
@@ -917,6 +987,29 @@ class LedgerMachine:
 
     def _remember(self, c: Remember, now_us: int) -> _Decision:
         return None, self._answer_events([(c.key, c.answer)], now_us)
+
+    def _note(self, c: Note, now_us: int) -> _Decision:
+        body_type = _NOTED_BODY.get(c.kind)
+        request_id = _int(c.request_id)
+        if body_type is None or type(c.body) is not body_type:
+            return _invalid(f"cannot note {type(c.body).__name__} as {c.kind!r}")
+        if request_id is None or not 0 <= request_id < START_RECONCILED:
+            return _invalid("request id out of range")
+        if c.body.owner != c.user or not self.ledger.has_user(c.user):
+            return _invalid("not this account's")
+        events = self._answer_events([] if c.key is None else [(c.key, c.body)], now_us)
+        # noted once per request (a resend after a lost answer notes nothing again), and not
+        # after its position closed or its order ended (a trigger may settle before the note)
+        if request_id not in self._noted and not self._ended(c.user, c.body):
+            events.append(AccountNoted(c.user, request_id, c.kind, _stored(c.body)))
+        return None, events
+
+    def _ended(self, user: int, body: OpenPosition | PendingOrder) -> bool:
+        """Whether ``body``'s position closed whole (its close id is its id) or its order
+        ended, as far as applied here."""
+        if isinstance(body, PendingOrder):
+            return self._order_history.has(user, body.order_id)
+        return self._history.has(user, body.position_id)
 
     def _forget(self, c: Forget, now_us: int) -> _Decision:
         key = c.key
@@ -1107,6 +1200,16 @@ class LedgerMachine:
         for event in items:
             self.apply(event)
 
+    def outbound(self, after: int) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """What the host publishes (cluster.actors.publisher): ``(version, messages)``, the
+        account events after version ``after`` as ``(key, value)`` (every kept one when some
+        after it are no longer kept)."""
+        log = self.account_log
+        version, events = log.after(after, log.version - after if after < log.version else 1)
+        if events is None:
+            events = log.kept()
+        return version, [encode_account_event(e) for e in events]
+
     def decode_record(self, payload: bytes) -> list[Any]:
         """The events of one journal record (engine.events.decode_batch)."""
         return decode_batch(payload)
@@ -1116,6 +1219,7 @@ class LedgerMachine:
         self._users_by_key_hash[e.key_hash] = e.user
         self._account_ids[e.user] = e.account_id
         self._next_user = max(self._next_user, e.user + 1)
+        self._record_balance(e.user)
 
     def _on_margin_locked(self, e: MarginLocked | OrderLocked | MarginAdded) -> None:
         refused = self.ledger.lock_margin(e.user, e.amount_micros)
@@ -1128,6 +1232,7 @@ class LedgerMachine:
             while len(self._recent_locks) > RECENT_LOCKS_MAX:
                 self._recent_locks.popitem(last=False)
         self._add_counts(e.user, kind != _TOP_UP, kind == _ORDER)
+        self._record_balance(e.user)
 
     def _on_margin_returned(self, e: MarginReturned) -> None:
         self.ledger.release_margin(e.user, e.amount_micros)
@@ -1137,6 +1242,7 @@ class LedgerMachine:
             while len(self._returned) > RECENT_LOCKS_MAX:
                 self._returned.popitem(last=False)
         self._add_counts(e.user, 0, 0)
+        self._record_balance(e.user)
 
     def _on_margin_released(self, e: MarginReleased) -> None:
         self.ledger.release_margin(e.user, e.amount_micros)
@@ -1146,6 +1252,7 @@ class LedgerMachine:
         else:  # one lock ended (released by its request, or abandoned): an order's too
             lock = self._recent_locks.pop(e.request_id, None) if e.request_id else None
             self._add_counts(e.user, -1, -(lock is not None and lock.kind == _ORDER))
+        self._record_balance(e.user)
 
     def _on_open_count_set(self, e: OpenCountSet) -> None:
         self._set_counts(e.user, opens=e.open_count)
@@ -1180,10 +1287,13 @@ class LedgerMachine:
         self._check_due(e.shard, e.seq)
         self.ledger.settle(e.owner, e.margin_micros, Settlement(
             e.pnl_micros, e.payout_micros, e.house_micros, e.insurance_micros))
-        self._history.add(_CLOSED_OF_EVENT(e))
+        closed = _CLOSED_OF_EVENT(e)
+        self._history.add(closed)
         self._closed_count += 1
         self._applied_seq[e.shard] = e.seq
         self._add_counts(e.owner, -(not e.partial), 0)  # the rest of a partial close stays open
+        self.account_log.record(e.owner, account_events.POSITION_CLOSED, closed)
+        self._record_balance(e.owner)
 
     def _on_order_settled(self, e: OrderSettled) -> None:
         self._check_due(e.shard, e.seq)
@@ -1194,6 +1304,20 @@ class LedgerMachine:
         self._order_history.add(order)
         self._applied_seq[e.shard] = e.seq
         self._add_counts(e.owner, -released, -1)
+        self.account_log.record(e.owner, _ORDER_ENDED_KIND[order.status], order)
+        if released:
+            self._record_balance(e.owner)
+
+    def _on_account_noted(self, e: AccountNoted) -> None:
+        self.account_log.record(e.user, e.kind, decode_answer(e.body))
+        self._noted[e.request_id] = None
+        while len(self._noted) > RECENT_LOCKS_MAX:
+            self._noted.popitem(last=False)
+
+    def _record_balance(self, user: int) -> None:
+        led = self.ledger
+        self.account_log.record(user, account_events.BALANCE,
+                                Balance(led.free_micros(user), led.margin_micros(user)))
 
     def _on_client_order_stored_at(self, e: ClientOrderStoredAt) -> None:
         self._store(IdemKey(e.user, e.kind, e.client_order_id), e.response, e.request_id,
@@ -1268,6 +1392,9 @@ class LedgerMachine:
             "open_counts": sorted(self._open_counts.items()),
             "order_counts": sorted(self._order_counts.items()),
             "returned": list(self._returned),
+            "account_seqs": sorted(self.account_log.last_seq.items()),
+            "account_events": [_account_event_row(e) for e in self.account_log.kept()],
+            "noted": list(self._noted),
         }
         return {"history": history, "order_history": orders}, meta
 
@@ -1341,6 +1468,10 @@ class LedgerMachine:
         m._returned = collections.OrderedDict.fromkeys(int(r) for r in meta.get("returned", []))
         for user, count in meta.get("order_counts", []):
             m._set_counts(int(user), orders=int(count))
+        # (older snapshots: no account events; numbering starts again at 1)
+        m.account_log.load(meta.get("account_seqs", []),
+                           map(_account_event_of_row, meta.get("account_events", [])))
+        m._noted = collections.OrderedDict.fromkeys(int(r) for r in meta.get("noted", []))
         return m
 
     @classmethod
@@ -1376,6 +1507,7 @@ class LedgerMachine:
             problems.append("closed count differs from the history")
         problems.extend(self._history.problems())
         problems.extend(self._order_history.problems())
+        problems.extend(self.account_log.problems())
         for key in self._pending:
             if key not in self._answers or self._answers[key] is not None:
                 problems.append(f"{key} is listed as pending but is not")
@@ -1412,7 +1544,53 @@ class LedgerMachine:
             "open_counts": sorted(self._open_counts.items()),
             "order_counts": sorted(self._order_counts.items()),
             "returned": list(self._returned),
+            "account_seqs": sorted(self.account_log.last_seq.items()),
+            "account_events": [_account_event_row(e) for e in self.account_log.kept()],
+            "noted": list(self._noted),
         }
+
+
+def encode_account_event(e: AccountEvent) -> tuple[bytes, bytes]:
+    """An account event as a message: key = its user as decimal text, value = JSON
+    ``{"user","seq","version","kind","body"}`` (``body`` as in :func:`_account_event_row`)."""
+    _, _, kind, body = _account_event_row(e)
+    value = json.dumps({"user": e.user, "seq": e.seq, "version": e.version, "kind": kind,
+                        "body": body}, separators=(",", ":"))
+    return str(e.user).encode(), value.encode()
+
+
+def decode_account_event(value: bytes) -> AccountEvent:
+    """Inverse of :func:`encode_account_event`'s value; ValueError (or TypeError) when it is
+    not one."""
+    data = json.loads(value)
+    if not isinstance(data, dict) or data.get("kind") not in _ACCOUNT_KINDS:
+        raise ValueError("not an account event")
+    numbers = [data.get(k) for k in ("user", "seq", "version")]
+    user, seq, version = [n if type(n) is int and 0 <= n < 1 << 63 else -1 for n in numbers]
+    if min(user, seq, version) < 0 or not isinstance(data.get("body"), str):
+        raise ValueError("not an account event")
+    return _account_event_of_row([user, seq, data["kind"], data["body"]])._replace(
+        version=version)
+
+
+_ACCOUNT_KINDS = frozenset({account_events.BALANCE, account_events.POSITION_CLOSED,
+                            *account_events.NOTED_KINDS, *_ORDER_ENDED_KIND.values()})
+
+
+def _account_event_row(e: AccountEvent) -> list[Any]:
+    """``[user, seq, kind, body]`` with the body as JSON text (a balance: ``[free,
+    margin]``, any other: its stored answer)."""
+    body = (json.dumps(list(e.body)) if isinstance(e.body, Balance)
+            else encode_answer(e.body).decode())
+    return [e.user, e.seq, e.kind, body]
+
+
+def _account_event_of_row(row: Sequence[Any]) -> AccountEvent:
+    """Inverse of :func:`_account_event_row` (its ``version`` is set when it is kept again)."""
+    user, seq, kind, body = row
+    value = (Balance(*map(int, json.loads(body))) if kind == account_events.BALANCE
+             else decode_answer(body.encode()))
+    return AccountEvent(int(user), int(seq), 0, kind, value)
 
 
 def _settlement_event(shard: str, seq: int, c: ClosedPosition) -> SettlementApplied:
@@ -1431,6 +1609,8 @@ __all__ = [
     "RECENT_LOCKS_MAX",
     "START_RECONCILED",
     "AbandonLock",
+    "AccountEvents",
+    "AccountTail",
     "AppliedSeq",
     "ApplySettlements",
     "Audit",
@@ -1443,6 +1623,7 @@ __all__ = [
     "History",
     "LedgerMachine",
     "LockMargin",
+    "Note",
     "OpenCount",
     "OrderCount",
     "OrderHistory",
@@ -1453,8 +1634,10 @@ __all__ = [
     "SettleRequests",
     "SnapshotParts",
     "Totals",
+    "decode_account_event",
     "decode_answer",
     "decode_pending_open",
+    "encode_account_event",
     "encode_answer",
     "hash_api_key",
 ]

@@ -17,6 +17,7 @@ from engine.events import (
     TYPE_CODES,
     VOLATILE_EVENTS,
     AccountCreated,
+    AccountNoted,
     AnswersExpired,
     ClientOrderStored,
     ClientOrderStoredAt,
@@ -84,6 +85,8 @@ STRATEGIES = {
     PositionReduced: st.builds(PositionReduced, u64, i64, i64, i64, i64, i64, u64, u64),
     MarginAdded: st.builds(MarginAdded, u64, i64, u64),
     MarginReturned: st.builds(MarginReturned, u64, i64, u64),
+    AccountNoted: st.builds(AccountNoted, u64, u64, st.text(max_size=20),
+                            st.binary(max_size=300)),
 }
 any_event = st.one_of(*STRATEGIES.values())
 
