@@ -56,11 +56,19 @@ from cluster.http.errors import (
 )
 from cluster.http.json_body import ExactJsonRoute, parse_json
 from cluster.http.limits import BodySizeLimit, TokenBuckets, retry_after_s
+from cluster.live.account_stream import (
+    AccountSource,
+    AccountStreams,
+    AccountTail,
+    LedgerTail,
+)
+from cluster.live.account_topic import TopicTail
 from cluster.live.market import Change, MarketSource, current_streams
 from cluster.live.streams import StreamHub, StreamLimits
 from cluster.trading.service import TradingService
 from cluster.web.terminal import add_terminal_routes
 from engine import schema
+from engine.account_events import AccountEvent, Balance
 from engine.amounts import MONEY_DECIMALS, micros_to_money
 from engine.assets import DEFAULT_ASSETS, Asset, AssetRegistry
 from engine.candles import (
@@ -655,6 +663,40 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     def orders_json(items: Iterable[PendingOrder | EndedOrder]) -> dict[str, Any]:
         return {"orders": [order_json(o, assets[o.asset]) for o in items]}
 
+    async def state_json(who: Principal) -> dict[str, Any]:
+        """The body of ``GET /api/v1/state``."""
+        state = await slot.service.state(who)
+        shown = state.positions[:state_positions]
+        body: dict[str, Any] = {
+            "accountId": state.account_id,
+            "balances": {"free": money(state.free_micros),
+                         "margin": money(state.margin_micros),
+                         "equity": money(state.equity_micros)},
+            "positions": positions_json(shown),
+            "morePositions": len(state.positions) > len(shown),
+        }
+        if state.unavailable:  # partial: a shard is recovering
+            body["unavailable"] = list(state.unavailable)
+        return body
+
+    def account_event_json(event: AccountEvent) -> dict[str, Any]:
+        """An account stream frame's ``data``: the event's name and seq, then the REST API's
+        fields of its object (a balance: ``free`` and ``margin``)."""
+        body = event.body
+        data: dict[str, Any] = {"event": event.kind, "seq": event.seq}
+        if isinstance(body, Balance):
+            data.update(free=money(body.free_micros), margin=money(body.margin_micros))
+        elif isinstance(body, OpenPosition | ClosedPosition):
+            data.update(position_json(body, assets[body.asset]))
+        elif isinstance(body, PendingOrder | EndedOrder):
+            data.update(order_json(body, assets[body.asset]))
+        return data
+
+    async def account_snapshot(who: Principal) -> dict[str, Any]:
+        """A ``snapshot`` frame's state: ``GET /api/v1/state``'s body and the open orders."""
+        state, orders = await asyncio.gather(state_json(who), slot.service.orders(who))
+        return {**state, **orders_json(orders)}
+
     # ------------------------------------------------------------------ errors
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> Response:
@@ -723,19 +765,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
 
         While a shard recovers the answer is still 200 but partial: ``unavailable`` names the
         shards whose positions are missing (equity then counts only the positions listed)."""
-        state = await slot.service.state(who)
-        shown = state.positions[:state_positions]
-        body: dict[str, Any] = {
-            "accountId": state.account_id,
-            "balances": {"free": money(state.free_micros),
-                         "margin": money(state.margin_micros),
-                         "equity": money(state.equity_micros)},
-            "positions": positions_json(shown),
-            "morePositions": len(state.positions) > len(shown),
-        }
-        if state.unavailable:  # partial: a shard is recovering
-            body["unavailable"] = list(state.unavailable)
-        return _json(body)
+        return _json(await state_json(who))
 
     # ------------------------------------------------------------------ positions
     @app.post("/api/v1/positions/open", status_code=201, tags=["positions"],
@@ -1012,7 +1042,8 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
                              f"{int(feed.get('ticks_refused_by_shards', 0))}")
         streams: StreamHub = app.state.streams
         for name, n in streams.stats().items():  # this replica's WebSockets
-            kind = "gauge" if name == "ws_connections" else "counter"
+            kind = "gauge" if name in ("ws_connections", "ws_account_subscriptions") \
+                else "counter"
             metric = f"shardex_{name}" + ("" if kind == "gauge" else "_total")
             lines.append(f"# TYPE {metric} {kind}")
             lines.append(f"{metric} {n}")
@@ -1065,14 +1096,28 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     async def authenticate(key: str) -> Principal | None:
         return await slot.service.authenticate(key)
 
+    def account_source() -> TradingService | None:
+        try:
+            return slot.service
+        except Unavailable:  # the replica's service is not built yet
+            return None
+
+    def account_tail(source: AccountSource) -> AccountTail:
+        topic = source.account_topic
+        return LedgerTail(source) if topic is None else TopicTail(*topic)
+
+    accounts = AccountStreams(account_source, account_event_json, account_snapshot,
+                              account_tail)
     hub = StreamHub(market, render, current_streams([a.name for a in assets.assets]),
                     authenticate, StreamLimits(settings.ws_connections,
-                                               settings.ws_subscriptions, settings.ws_unsent))
+                                               settings.ws_subscriptions, settings.ws_unsent),
+                    accounts)
     app.state.streams = hub
 
     @app.websocket("/ws")
     async def websocket(socket: WebSocket) -> None:
-        """Live streams (SPEC "Live data"): bookTicker.<ASSET>, kline.<interval>.<ASSET>."""
+        """Live streams (SPEC "Live data"): bookTicker.<ASSET>, kline.<interval>.<ASSET>,
+        account (after AUTH)."""
         await hub.serve(socket)
 
     @app.get("/ws", tags=["market"], operation_id="liveStreams",
@@ -1080,9 +1125,10 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
                         426: {"model": ErrorOut, "description": "not a WebSocket request"}})
     async def websocket_over_http() -> Response:
         """Live streams over a WebSocket: send `{"method":"SUBSCRIBE","params":
-        ["bookTicker.SOL","kline.1m.SOL"]}` (also `UNSUBSCRIBE`, and `AUTH` with an API key);
-        frames `{"stream","data"}`, errors `{"error":{"code","message"}}`. A plain HTTP
-        request is answered 426."""
+        ["bookTicker.SOL","kline.1m.SOL"]}` (also `UNSUBSCRIBE`, and `AUTH` with an API key,
+        then `{"method":"SUBSCRIBE","params":["account"],"since":<seq>}` for your account's
+        events); frames `{"stream","data"}`, errors `{"error":{"code","message"}}`. A plain
+        HTTP request is answered 426."""
         return error_response(426, Code.INVALID_REQUEST.value,
                               "a WebSocket upgrade is required (ws://host:port/ws)",
                               headers={"Upgrade": "websocket"})

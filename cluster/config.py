@@ -31,9 +31,11 @@ from feed.settings import (
 )
 
 CONSUMER_GROUP = "trading-engine"  # the feed actor's Kafka client id
+ACCOUNT_TOPIC = "shardex-account-events"  # Kafka topic of the ledger's account events
 MAX_SHARDS = MAX_BOOK_TAG + 1  # every shard's book tag is unique and fits 8 bits
 
-__all__ = ["CONSUMER_GROUP", "EMBEDDED_BROKER", "MARKET_TOPIC", "ConfigError", "Settings"]
+__all__ = ["ACCOUNT_TOPIC", "CONSUMER_GROUP", "EMBEDDED_BROKER", "MARKET_TOPIC", "ConfigError",
+           "Settings"]
 
 # What each variable must be: the text of its error line.
 RULES = {
@@ -52,7 +54,9 @@ RULES = {
     "SIGNUP_BALANCE": "an amount in [0, 1000000] with at most 6 decimals",
     "MAX_CLOCK_SKEW_S": "a finite number in [0, 3600]",
     "MAX_TICK_JUMP_BPS": "an integer in [1, 1000000]",
+    "ACCOUNT_EVENTS_TOPIC": "a Kafka topic name: 1 to 249 of A-Z a-z 0-9 . _ -",
 }
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 # Integer limits of the HTTP API: field -> (variable, lowest, highest allowed).
 _INTEGER_LIMITS = {
@@ -128,6 +132,7 @@ class Settings:
     ws_unsent: int = 1_000  # WS_UNSENT: frames a WebSocket may fall behind; then closed (1008)
     max_clock_skew_s: float = 5.0  # MAX_CLOCK_SKEW_S: ticks further in the future are dropped
     max_tick_jump_bps: int = 1_000  # MAX_TICK_JUMP_BPS: a larger mid move waits for confirmation
+    account_topic: str = ACCOUNT_TOPIC  # ACCOUNT_EVENTS_TOPIC: where account events go
 
     def __post_init__(self) -> None:
         if self.kafka_brokers is not None:
@@ -158,6 +163,9 @@ class Settings:
         if isinstance(self.max_tick_jump_bps, bool) or not isinstance(self.max_tick_jump_bps, int) \
                 or not 1 <= self.max_tick_jump_bps <= 1_000_000:
             _fail("MAX_TICK_JUMP_BPS", self.max_tick_jump_bps)
+        if not isinstance(self.account_topic, str) or not _TOPIC.fullmatch(self.account_topic) \
+                or self.account_topic in (".", ".."):
+            _fail("ACCOUNT_EVENTS_TOPIC", self.account_topic)
         for name, (var, low, high) in _INTEGER_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -217,6 +225,7 @@ class Settings:
                                       base.max_clock_skew_s, 0.0, 3600.0),
             max_tick_jump_bps=_integer("MAX_TICK_JUMP_BPS", env.get("MAX_TICK_JUMP_BPS"),
                                        base.max_tick_jump_bps, 1, 1_000_000),
+            account_topic=env.get("ACCOUNT_EVENTS_TOPIC", base.account_topic),
         )
 
 

@@ -310,7 +310,7 @@ class Platform:
         settings = self.settings
         data_dir = str(settings.data_dir.resolve()) if self.durable else None
         self.ledger, self.shards = start_hosts(settings, self.namespace, data_dir,
-                                               READY_TIMEOUT_S)
+                                               READY_TIMEOUT_S, self.bootstrap)
         phase("ledger and shards")
         if self.durable:
             # before the API serves: settle what requests cut off by a crash left half done

@@ -18,7 +18,8 @@ def service_from_names(settings: Settings, *, namespace: str | None = None,
                        health_checks: Mapping[str, Callable[[], Awaitable[bool]]]
                        | None = None,
                        feed_stats: Callable[[], Awaitable[dict[str, Any]]] | None = None,
-                       market: MarketSource | None = None) -> TradingService:
+                       market: MarketSource | None = None,
+                       account_topic: tuple[str, str] | None = None) -> TradingService:
     """Look the named hosts up (``ray.get_actor``) in ``namespace`` and wrap them in ports.
     Must run where Ray is initialised (e.g. in a Serve replica's constructor)."""
     import ray
@@ -28,4 +29,4 @@ def service_from_names(settings: Settings, *, namespace: str | None = None,
               for spec in shard_layout(settings)}
     ledger_port, shard_ports = ray_ports(ledger, shards, call_timeout_s)
     return TradingService(ledger_port, shard_ports, settings, health_checks=health_checks,
-                          feed_stats=feed_stats, market=market)
+                          feed_stats=feed_stats, market=market, account_topic=account_topic)

@@ -180,7 +180,8 @@ class ApiIngress:
         self.service = service_from_names(
             settings, namespace=namespace,
             health_checks={"feed": self._feed_ok, "broker": self._broker_ok},
-            feed_stats=self._feed_stats, market=FeedMarket(namespace))
+            feed_stats=self._feed_stats, market=FeedMarket(namespace),
+            account_topic=(bootstrap, settings.account_topic))
 
     async def _feed_stats(self) -> dict[str, Any]:
         feed = ray.get_actor(FEED, namespace=self.namespace)

@@ -36,15 +36,17 @@ def placement_nodes() -> list[str]:
 
 
 def start_hosts(settings: Settings, namespace: str, data_dir: str | None,
-                ready_timeout_s: float) -> tuple[Any, dict[str, Any]]:
+                ready_timeout_s: float, bootstrap: str | None = None
+                ) -> tuple[Any, dict[str, Any]]:
     """Start (named, in ``namespace``) the ledger host and every shard host; wait until each
     answers (recovered). Without ``data_dir`` the state lives in memory and a host is not
-    restarted (it would come back empty). Returns ``(ledger_handle, {shard name: handle})``."""
+    restarted (it would come back empty). With ``bootstrap`` the ledger publishes its account
+    events there. Returns ``(ledger_handle, {shard name: handle})``."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     host = host_class()
-    ledger_spec, shard_specs = host_specs(settings, data_dir)
+    ledger_spec, shard_specs = host_specs(settings, data_dir, bootstrap=bootstrap)
     restart = RESTART if data_dir is not None else {}
     ledger = host.options(name=LEDGER, namespace=namespace, **restart).remote(ledger_spec)
     nodes = placement_nodes()

@@ -3,7 +3,9 @@
 A host differs from another only by its :class:`HostSpec`: which machine it builds and where it
 keeps its journal. It has no method per operation: ``execute(commands)`` runs a batch through
 its :class:`cluster.durability.runner.Runner` and answers only what is durable. A sync actor:
-its calls run one at a time, which is what a state machine needs.
+its calls run one at a time, which is what a state machine needs. With ``HostSpec.publish``
+it also produces what its machine offers to others (``outbound``: the ledger's account events)
+to a Kafka topic after every batch (cluster.actors.publisher).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.actor_names import LEDGER
+from cluster.actors.publisher import Publisher
 from cluster.config import Settings
 from cluster.durability.runner import Runner
 from cluster.durability.snapshot import Snapshot
@@ -32,6 +35,7 @@ class HostSpec:
     args: tuple[Any, ...]
     data_dir: str | None = None
     store_options: dict[str, Any] = field(default_factory=dict)
+    publish: tuple[str, str] | None = None  # (Kafka bootstrap, topic) of machine.outbound
 
     def build(self, snapshot: Snapshot | None) -> Any:
         cls: Any = self.machine_cls
@@ -54,9 +58,22 @@ class MachineHost:
         self.spec = spec
         # a failed commit or apply ends the process: Ray restarts it, recovery reads the disk
         self.runner = spec.runner(exit_on_failure=True)
+        self.publisher: Publisher | None = None
+        self._published = -1  # what outbound gave up to (-1: everything still kept, first)
+        if spec.publish is not None:
+            self.publisher = Publisher(*spec.publish)
+            self._publish()
 
     def execute(self, commands: list[Any]) -> list[Any]:
-        return self.runner.execute(commands)
+        answers = self.runner.execute(commands)
+        if self.publisher is not None:
+            self._publish()  # after the answers are durable: only journaled state goes out
+        return answers
+
+    def _publish(self) -> None:
+        assert self.publisher is not None
+        self._published, messages = self.runner.machine.outbound(self._published)
+        self.publisher.offer(messages)
 
     def ping(self) -> bool:
         return True
@@ -65,7 +82,8 @@ class MachineHost:
         """Operational facts: pid, recovery time, journal size, commands and batches run."""
         return {"pid": os.getpid(), "recovery_s": self.runner.recovery_s(),
                 "journal_bytes": self.runner.journal_bytes(),
-                "commands": self.runner.commands, "batches": self.runner.batches}
+                "commands": self.runner.commands, "batches": self.runner.batches,
+                "published": None if self.publisher is None else self.publisher.stats()}
 
     def checkpoint(self) -> int:
         return self.runner.checkpoint()
@@ -73,6 +91,8 @@ class MachineHost:
     def close(self) -> None:
         """Final snapshot and journal release (a clean stop)."""
         self.runner.close()
+        if self.publisher is not None:
+            self.publisher.close()
 
 
 def host_class() -> Any:
@@ -83,16 +103,18 @@ def host_class() -> Any:
 
 
 def host_specs(settings: Settings, data_dir: str | None = None,
-               store_options: dict[str, Any] | None = None
+               store_options: dict[str, Any] | None = None, bootstrap: str | None = None
                ) -> tuple[HostSpec, dict[str, HostSpec]]:
-    """The ledger's spec and each shard's (by ShardSpec.name) for ``settings``' layout."""
+    """The ledger's spec and each shard's (by ShardSpec.name) for ``settings``' layout; with
+    ``bootstrap``, the ledger publishes its account events to ``settings.account_topic``."""
     from engine.ledger_machine import LedgerMachine
     from engine.shard_machine import ShardMachine
 
     options = dict(store_options or {})
     ledger = HostSpec(LEDGER, LedgerMachine, (settings.signup_balance_micros,
                                               settings.max_open_positions,
-                                              settings.max_open_orders), data_dir, options)
+                                              settings.max_open_orders), data_dir, options,
+                      None if bootstrap is None else (bootstrap, settings.account_topic))
     shards = {
         spec.name: HostSpec(spec.name, ShardMachine,
                             (spec.name, spec.book_tag, settings.assets[spec.asset],

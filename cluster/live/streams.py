@@ -5,7 +5,9 @@ Client frames: ``{"method":"SUBSCRIBE","params":[...]}``, ``{"method":"UNSUBSCRI
 ``{"stream":"<name>","data":{...}}``, and errors in the API's shape
 ``{"error":{"code","message"}}`` (a bad frame is answered, never fatal). Streams:
 ``bookTicker.<ASSET>`` (the newest top of book, conflated) and ``kline.<interval>.<ASSET>``
-(the current candle on every change, a closed one once with ``closed: true``).
+(the current candle on every change, a closed one once with ``closed: true``), and after
+``AUTH`` the private ``account`` (cluster.live.account_stream; ``SUBSCRIBE`` may carry
+``"since": <seq>``).
 
 One :class:`StreamHub` per replica reads the market data's changes with one long poll at a time
 (cluster.live.market.MarketSource.wait), renders each change once and hands the frame to the
@@ -31,6 +33,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from cluster.live.account_stream import ACCOUNT_STREAM, AccountStreams, Subscription
 from cluster.live.market import Change, MarketSource
 from engine.results import Code
 
@@ -73,6 +76,8 @@ class Connection:
     limit: int
     streams: set[str] = field(default_factory=set)
     key: str | None = None
+    principal: Any = None  # the account AUTH named (engine.messages.Principal)
+    account: Subscription | None = None  # its account stream, once subscribed
     queue: asyncio.Queue[str] = field(default_factory=asyncio.Queue)  # bounded by offer
     closing: str | None = None  # why the server closes it: "slow", "auth"
     auth_failures: int = 0
@@ -98,18 +103,19 @@ class Connection:
 class StreamHub:
     """The public streams of one replica. ``market``: a callable giving the market data
     source (None: none here); ``render(change)`` -> the frame's ``data``; ``streams``: every
-    stream name a client may subscribe to; ``authenticate(key)`` -> whether the key is an
-    account's."""
+    stream name a client may subscribe to; ``authenticate(key)`` -> the key's Principal, or
+    None; ``accounts``: the private account streams (None: not offered)."""
 
     def __init__(self, market: Callable[[], MarketSource | None],
                  render: Callable[[Change], dict[str, Any]], streams: Iterable[str],
-                 authenticate: Callable[[str], Any], limits: StreamLimits = StreamLimits()
-                 ) -> None:
+                 authenticate: Callable[[str], Any], limits: StreamLimits = StreamLimits(),
+                 accounts: AccountStreams | None = None) -> None:
         self.market = market
         self.render = render
         self.streams = frozenset(streams)
         self.authenticate = authenticate
         self.limits = limits
+        self.accounts = accounts
         self.connections: set[Connection] = set()
         self.by_address: dict[str, int] = {}
         self.by_key: dict[str, int] = {}
@@ -202,6 +208,12 @@ class StreamHub:
         _release(self.by_address, connection.address)
         if connection.key is not None:
             _release(self.by_key, connection.key)
+        self._end_account(connection)
+
+    def _end_account(self, connection: Connection) -> None:
+        if connection.account is not None and self.accounts is not None:
+            self.accounts.unsubscribe(connection.account)
+        connection.account = None
 
     async def _send(self, connection: Connection) -> None:
         while True:
@@ -230,8 +242,14 @@ class StreamHub:
         if method == "AUTH":
             await self._auth(connection, params)
         elif method == "SUBSCRIBE":
-            self._subscribe(connection, params)
+            if ACCOUNT_STREAM in params:
+                self._subscribe_account(connection, frame.get("since"))
+                params = [p for p in params if p != ACCOUNT_STREAM]
+            if params:
+                self._subscribe(connection, params)
         else:
+            if ACCOUNT_STREAM in params:
+                self._end_account(connection)
             connection.streams.difference_update(params)
 
     async def _auth(self, connection: Connection, params: list[str]) -> None:
@@ -259,8 +277,32 @@ class StreamHub:
             return
         if connection.key is not None:
             _release(self.by_key, connection.key)
+            self._end_account(connection)  # that stream was the other key's account
         connection.key = key
+        connection.principal = principal
         self.by_key[key] = self.by_key.get(key, 0) + 1
+
+    def _subscribe_account(self, connection: Connection, since: object) -> None:
+        if self.accounts is None:
+            connection.offer(error_frame(Code.INVALID_REQUEST, "unknown stream(s): account"))
+            return
+        if connection.principal is None:
+            connection.offer(error_frame(Code.UNAUTHORIZED,
+                                         'send {"method":"AUTH","params":["<apiKey>"]} first'))
+            return
+        if since is not None and (type(since) is not int or not 0 <= since < 1 << 63):
+            connection.offer(error_frame(Code.INVALID_REQUEST,
+                                         "since must be an account event seq (an integer >= 0)"))
+            return
+        if connection.account is not None:
+            return  # already subscribed: its cursor goes on
+        if len(connection.streams) + 1 > self.limits.subscriptions:
+            connection.offer(error_frame(
+                Code.INVALID_REQUEST,
+                f"at most {self.limits.subscriptions} subscriptions per connection"))
+            return
+        connection.account = self.accounts.subscribe(connection.principal, since,
+                                                     connection.offer)
 
     def _subscribe(self, connection: Connection, params: list[str]) -> None:
         unknown = [p for p in params if p not in self.streams]
@@ -268,7 +310,8 @@ class StreamHub:
             connection.offer(error_frame(Code.INVALID_REQUEST,
                                          f"unknown stream(s): {', '.join(unknown[:5])[:200]}"))
             return
-        if len(connection.streams | set(params)) > self.limits.subscriptions:
+        if len(connection.streams | set(params)) + (connection.account is not None) > \
+                self.limits.subscriptions:
             connection.offer(error_frame(
                 Code.INVALID_REQUEST,
                 f"at most {self.limits.subscriptions} subscriptions per connection"))
@@ -283,7 +326,8 @@ class StreamHub:
 
     def stats(self) -> dict[str, int]:
         return {"ws_connections": len(self.connections), "ws_frames_sent": self.frames_sent,
-                "ws_slow_closed": self.slow_closed, "ws_poll_failures": self.poll_failures}
+                "ws_slow_closed": self.slow_closed, "ws_poll_failures": self.poll_failures,
+                **(self.accounts.stats() if self.accounts is not None else {})}
 
 
 def _release(counts: dict[str, int], name: str) -> None:

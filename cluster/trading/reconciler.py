@@ -32,10 +32,12 @@ from typing import NamedTuple
 
 from cluster.actors.port import Port, Unavailable
 from cluster.trading.courier import Courier
+from engine import account_events
 from engine.ledger_machine import (
     AbandonLock,
     ExpireAnswers,
     Forget,
+    Note,
     PendingRequests,
     ReconcileAtStart,
     ReleaseMargin,
@@ -58,6 +60,10 @@ log = logging.getLogger(__name__)
 STALE_PENDING_S = 30.0  # a reservation pending this long belongs to a request nobody runs
 COUNT_CHUNK = 1_000  # owners per PositionsOf/OrdersOf when open positions/orders are counted
 _MADE = (OpenPosition, PendingOrder)  # what a lock pays for, once its request happened
+NOTED_KIND = {"open": account_events.POSITION_OPENED, "order": account_events.ORDER_PLACED,
+              "margin": account_events.POSITION_UPDATED,
+              "modify": account_events.POSITION_UPDATED}
+"""The account event a request of each kind that happened at its shard is noted as."""
 Made = OpenPosition | ClosedPosition | PendingOrder | EndedOrder  # what a request made
 TRANSIENT_CODES = frozenset({Code.PRICE_UNAVAILABLE})
 
@@ -160,8 +166,8 @@ class Reconciler:
         key = doubt.key
         if doubt.kind in ("open", "order", "margin") and doubt.release is None:
             if isinstance(result, _MADE):
-                if key is not None:
-                    await self.ledger.call(Remember(key, result))
+                await self.ledger.call(Note(result.owner, doubt.request_id,
+                                            NOTED_KIND[doubt.kind], result, key))
             else:  # refused or never arrived (now fenced): its lock backs nothing
                 self._abandoned.append(doubt.request_id)
             return
@@ -177,14 +183,17 @@ class Reconciler:
 
     async def settle_change(self, doubt: InDoubt, position: OpenPosition) -> None:
         """Record at the ledger what a change of ``position`` (request ``doubt``) did: free the
-        margin a removal took off it (once, by request id) and store the answer."""
-        answer = None if doubt.key is None else (doubt.key, position)
+        margin a removal took off it (once, by request id), store the answer, and note the
+        change among the account's events."""
+        key = doubt.key
         if doubt.release is not None:
             user, micros = doubt.release
-            await self.ledger.call(ReleaseMargin(user, micros, doubt.request_id, answer,
+            await self.ledger.call(ReleaseMargin(user, micros, doubt.request_id,
+                                                 None if key is None else (key, position),
                                                  counted=False))
-        elif answer is not None:
-            await self.ledger.call(Remember(*answer))
+            key = None  # stored with the release
+        await self.ledger.call(Note(position.owner, doubt.request_id,
+                                    account_events.POSITION_UPDATED, position, key))
 
     # ----------------------------------------------------------------- pending reservations
     async def settle_pending(self, older_than_s: float = STALE_PENDING_S) -> int:

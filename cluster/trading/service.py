@@ -40,10 +40,13 @@ from cluster.live.market import MarketSource
 from cluster.trading.batcher import MicroBatcher
 from cluster.trading.courier import Courier
 from cluster.trading.placement import Layout
-from cluster.trading.reconciler import TRANSIENT_CODES, InDoubt, Reconciler
+from cluster.trading.reconciler import NOTED_KIND, TRANSIENT_CODES, InDoubt, Reconciler
+from engine.account_events import AccountEvent
 from engine.assets import Asset, AssetRegistry
 from engine.candles import Candle, CandleQuery
 from engine.ledger_machine import (
+    AccountEvents,
+    AccountTail,
     Audit,
     Authenticate,
     Balances,
@@ -52,6 +55,7 @@ from engine.ledger_machine import (
     Forget,
     History,
     LockMargin,
+    Note,
     OrderHistory,
     ReleaseMargin,
     Remember,
@@ -123,12 +127,15 @@ class TradingService:
     supplied by whoever wires the platform); each returns True when healthy. ``feed_stats``:
     the feed actor's counters (drops by reason, ...) for /metrics, where there is a feed.
     ``market``: where candles and the public streams are read (None: no market data).
+    ``account_topic``: ``(bootstrap, topic)`` of the Kafka topic the ledger publishes the
+    account events to, which the account streams follow (None: they read the ledger).
     """
 
     def __init__(self, ledger: Port, shards: Mapping[str, Port], settings: Settings,
                  *, health_checks: Mapping[str, Callable[[], Awaitable[bool]]] | None = None,
                  feed_stats: Callable[[], Awaitable[dict[str, Any]]] | None = None,
                  market: MarketSource | None = None,
+                 account_topic: tuple[str, str] | None = None,
                  health_timeout_s: float = 2.0, idem_wait_s: float = 5.0) -> None:
         self.settings = settings
         self.assets: AssetRegistry = settings.assets
@@ -149,6 +156,7 @@ class TradingService:
         self._health_checks = dict(health_checks or {})
         self.feed_stats = feed_stats
         self.market = market
+        self.account_topic = account_topic
         self._health_timeout_s = health_timeout_s
         self._idem_wait_s = idem_wait_s
         self._principals: dict[str, Principal] = {}
@@ -269,6 +277,22 @@ class TradingService:
         result: list[EndedOrder] | Rejected = await self.ledger.call(
             OrderHistory(who.user, limit, before))
         return result
+
+    async def account_events(self, user: int, since: int | None
+                             ) -> tuple[int, list[AccountEvent] | None]:
+        """``user``'s newest account event number and their events after ``since`` (None:
+        some are no longer kept, or ``since`` is None)."""
+        answer: tuple[int, list[AccountEvent] | None] = await self.ledger.call(
+            AccountEvents(user, since))
+        return answer
+
+    async def account_tail(self, after: int, limit: int
+                           ) -> tuple[int, list[AccountEvent] | None]:
+        """The ledger's account event version and every account's events after ``after``
+        (None: some are no longer kept)."""
+        answer: tuple[int, list[AccountEvent] | None] = await self.ledger.call(
+            AccountTail(after, limit))
+        return answer
 
     async def prices(self) -> dict[str, Tick]:
         """The newest tick of each asset that has one (over its splits). A shard that does
@@ -485,10 +509,11 @@ class TradingService:
                 self.reconciler.abandon(request_id)  # released later, by its request id
             return result
         self.counters[f"{kind}s"] += 1
-        if key is not None:
-            # if this is lost, the reservation stays pending and is resolved from the shard
-            with contextlib.suppress(Unavailable):
-                await self.ledger.call(Remember(key, result))
+        # one account event of the user's and, with a clientOrderId, its first answer; if
+        # this is lost, the reservation stays pending and is resolved from the shard (which
+        # notes it then), and a request without one is missing from the account's events
+        with contextlib.suppress(Unavailable):
+            await self.ledger.call(Note(who.user, request_id, NOTED_KIND[kind], result, key))
         return result
 
     async def _send(self, shard_name: str, command: Any) -> Any:

@@ -40,9 +40,12 @@ class RayHttpPlatform:
         # address: the jump band and the limits have their own tests
         base = settings or Settings(max_tick_jump_bps=1_000_000, api_key_rate_per_s=0,
                                     signups_per_min=0)
+        data_dir = Path(tempfile.mkdtemp(prefix="shardex-e2e-"))
+        # a topic of account events per platform: platforms sharing a broker number their
+        # accounts alike
         self.settings = dataclasses.replace(
             base, port=free_port(), feed_source="none", kafka_brokers=bootstrap,
-            data_dir=Path(tempfile.mkdtemp(prefix="shardex-e2e-")))
+            data_dir=data_dir, account_topic=f"account-events-{data_dir.name}")
         self.bootstrap = bootstrap
         options: dict[str, Any] = {"num_cpus": 2}
         options.update(ray_init or {})

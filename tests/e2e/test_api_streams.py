@@ -16,7 +16,7 @@ import pytest
 import websockets
 
 from cluster.config import Settings
-from tests.e2e.api_client import signup, tick
+from tests.e2e.api_client import open_position, signup, tick
 from tests.e2e.http_platform import HttpPlatform, LocalHttpPlatform
 
 WAIT_S = 10.0
@@ -182,5 +182,156 @@ def test_connections_subscriptions_and_unsent_frames_are_bounded(
         async with websockets.connect(url) as again, websockets.connect(url):
             await send(again, "SUBSCRIBE", "bookTicker.SOL")
             assert "bid" in (await frame(again, "bookTicker.SOL"))["data"]
+
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------ the account stream
+def api_key(headers: dict[str, str]) -> str:
+    return headers["Authorization"].removeprefix("Bearer ")
+
+
+async def account_frames(ws: Any, count: int) -> list[dict[str, Any]]:
+    """The next ``count`` account frames' data (other streams skipped; an error fails)."""
+    out = []
+    while len(out) < count:
+        got = await frame(ws)
+        assert "error" not in got, got
+        if got.get("stream") == "account":
+            out.append(got["data"])
+    return out
+
+
+async def subscribe_account(ws: Any, key: str, since: int | None = None) -> None:
+    await send(ws, "AUTH", key)
+    request: dict[str, Any] = {"method": "SUBSCRIBE", "params": ["account"]}
+    if since is not None:
+        request["since"] = since
+    await ws.send(json.dumps(request))
+
+
+def test_the_account_stream_carries_each_event_once_in_order(platform: HttpPlatform,
+                                                             http: httpx.Client) -> None:
+    h = signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+
+    async def scenario() -> None:
+        async with websockets.connect(ws_url(platform)) as ws:
+            await subscribe_account(ws, api_key(h))
+            (snap,) = await account_frames(ws, 1)  # the state first, with its seq
+            assert snap["event"] == "snapshot" and snap["seq"] == 1  # the signup's balance
+            assert D(snap["balances"]["free"]) == 10000 and snap["positions"] == []
+            assert snap["orders"] == []
+            p = await asyncio.to_thread(open_position, http, h, asset="SOL", type="long",
+                                        margin="50", leverage=20)
+            locked, opened = await account_frames(ws, 2)
+            assert (locked["event"], locked["seq"]) == ("balance", 2)
+            assert D(locked["free"]) == 9950 and D(locked["margin"]) == 50
+            assert (opened["event"], opened["seq"]) == ("positionOpened", 3)
+            assert {k: opened[k] for k in p} == p  # the REST API's fields of the position
+            r = await asyncio.to_thread(http.post, "/api/v1/positions/modify",
+                                        json={"positionId": p["positionId"],
+                                              "takeProfit": "120"}, headers=h)
+            assert r.status_code == 200, r.text
+            (updated,) = await account_frames(ws, 1)
+            assert (updated["event"], updated["seq"]) == ("positionUpdated", 4)
+            assert D(updated["takeProfit"]) == 120
+            order = await asyncio.to_thread(
+                lambda: http.post("/api/v1/orders", headers=h, json={
+                    "asset": "SOL", "type": "long", "orderType": "limit",
+                    "triggerPrice": "90", "margin": "10", "leverage": 5}).json())
+            locked, placed = await account_frames(ws, 2)
+            assert (locked["event"], placed["event"]) == ("balance", "orderPlaced")
+            assert placed["orderId"] == order["orderId"] and placed["status"] == "open"
+            r = await asyncio.to_thread(http.delete, f"/api/v1/orders/{order['orderId']}",
+                                        headers=h)
+            assert r.status_code == 200, r.text
+            cancelled, released = await account_frames(ws, 2)
+            assert cancelled["event"] == "orderCancelled" and released["event"] == "balance"
+            assert D(released["margin"]) == 50
+            liq = D(p["liquidationPrice"])
+            await asyncio.to_thread(tick, platform, http, "SOL", str(liq), str(liq + D("0.01")))
+            closed, after = await account_frames(ws, 2)
+            assert closed["event"] == "positionClosed"
+            assert closed["closeReason"] == "liquidation"
+            assert closed["positionId"] == p["positionId"] and closed["partial"] is False
+            assert (after["event"], D(after["margin"])) == ("balance", 0)
+            seqs = [locked["seq"], placed["seq"], cancelled["seq"], released["seq"],
+                    closed["seq"], after["seq"]]
+            assert seqs == list(range(5, 11))
+
+    asyncio.run(scenario())
+
+
+def test_the_account_stream_resumes_after_a_seq_without_a_gap_or_a_duplicate(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    h = signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+
+    async def scenario() -> None:
+        async with websockets.connect(ws_url(platform)) as ws:
+            await subscribe_account(ws, api_key(h))
+            (snap,) = await account_frames(ws, 1)
+        # while nobody listens: two opens and a close (six events)
+        first = await asyncio.to_thread(open_position, http, h, asset="SOL", type="long",
+                                        margin="20", leverage=5)
+        await asyncio.to_thread(open_position, http, h, asset="SOL", type="short",
+                                margin="30", leverage=5)
+        r = await asyncio.to_thread(http.post, "/api/v1/positions/close",
+                                    json={"positionId": first["positionId"]}, headers=h)
+        assert r.status_code == 200, r.text
+        async with websockets.connect(ws_url(platform)) as ws:
+            await subscribe_account(ws, api_key(h), since=snap["seq"])
+            missed = await account_frames(ws, 6)
+            assert [m["seq"] for m in missed] == list(range(snap["seq"] + 1, snap["seq"] + 7))
+            assert [m["event"] for m in missed] == [
+                "balance", "positionOpened", "balance", "positionOpened", "positionClosed",
+                "balance"]
+            assert missed[4]["positionId"] == first["positionId"]
+            # then live, numbered on
+            await asyncio.to_thread(open_position, http, h, asset="SOL", type="long",
+                                    margin="5", leverage=2)
+            live = await account_frames(ws, 2)
+            assert [m["seq"] for m in live] == [snap["seq"] + 7, snap["seq"] + 8]
+            # a seq this account never reached: the state instead
+            await ws.send(json.dumps({"method": "UNSUBSCRIBE", "params": ["account"]}))
+            await ws.send(json.dumps({"method": "SUBSCRIBE", "params": ["account"],
+                                      "since": 10**6}))
+            (again,) = await account_frames(ws, 1)
+            assert again["event"] == "snapshot" and again["seq"] == snap["seq"] + 8
+            assert len(again["positions"]) == 2
+
+    asyncio.run(scenario())
+
+
+def test_the_account_stream_needs_auth_and_shows_only_its_own_account(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    mine, other = signup(http), signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+
+    async def scenario() -> None:
+        async with websockets.connect(ws_url(platform)) as ws:
+            await send(ws, "SUBSCRIBE", "account")
+            assert (await frame(ws))["error"]["code"] == "UNAUTHORIZED"
+            await send(ws, "AUTH", api_key(mine))
+            for since in ("1", -1, True, 1.5, 2**63):
+                await ws.send(json.dumps({"method": "SUBSCRIBE", "params": ["account"],
+                                          "since": since}))
+                assert (await frame(ws))["error"]["code"] == "INVALID_REQUEST", since
+            await ws.send(json.dumps({"method": "SUBSCRIBE", "params": ["account"],
+                                      "since": 1}))
+            await asyncio.to_thread(open_position, http, other, asset="SOL", type="long",
+                                    margin="10", leverage=2)
+            await asyncio.to_thread(open_position, http, mine, asset="SOL", type="short",
+                                    margin="7", leverage=2)
+            got = await account_frames(ws, 2)  # the other account's open is not among them
+            assert [g["seq"] for g in got] == [2, 3]
+            assert D(got[0]["margin"]) == 7 and got[1]["type"] == "short"
+            # another key on the same connection ends this account's stream
+            await send(ws, "AUTH", api_key(other))
+            await asyncio.to_thread(open_position, http, mine, asset="SOL", type="long",
+                                    margin="3", leverage=2)
+            await send(ws, "SUBSCRIBE", "bookTicker.SOL")
+            assert (await frame(ws))["stream"] == "bookTicker.SOL"  # nothing of mine before
 
     asyncio.run(scenario())

@@ -9,7 +9,9 @@ with this module's ``platform`` fixture).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -17,6 +19,8 @@ from decimal import Decimal as D
 
 import httpx
 import pytest
+import websockets
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from tests.e2e import test_api_klines as _klines
 from tests.e2e import test_api_orders as _orders
@@ -68,6 +72,83 @@ def test_smoke_open_liquidate_history_audit_through_serve_and_kafka(
     assert platform.audit() == []
     totals = platform.totals()
     assert totals["sum_micros"] == 0 and int(str(totals["closed_positions"])) >= 1
+
+
+def test_account_events_are_published_to_their_topic_keyed_by_account(
+        platform: RayHttpPlatform, http: httpx.Client) -> None:
+    """What the account stream carries is on the Kafka topic every replica follows: the
+    account's events under its key, numbered 1, 2, 3... in order, the open among them."""
+    h = signup(http)
+    tick(platform, http, "SOL", "200.00", "200.02")
+    p = open_position(http, h, asset="SOL", type="long", margin="40", leverage=10)
+
+    async def read() -> list[tuple[bytes, dict[str, object]]]:
+        consumer = AIOKafkaConsumer(platform.settings.account_topic,
+                                    bootstrap_servers=platform.bootstrap, group_id=None,
+                                    auto_offset_reset="earliest")
+        await consumer.start()
+        messages: list[tuple[bytes, dict[str, object]]] = []
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    messages.extend((r.key, json.loads(r.value)) for r in records)
+                if any(m["kind"] == "positionOpened" and p["positionId"] in str(m["body"])
+                       for _, m in messages):
+                    break
+        finally:
+            await consumer.stop()
+        return messages
+
+    messages = asyncio.run(read())
+    key = next(k for k, m in messages
+               if m["kind"] == "positionOpened" and p["positionId"] in str(m["body"]))
+    mine = [m for k, m in messages if k == key]
+    assert [m["seq"] for m in mine] == list(range(1, len(mine) + 1))
+    assert [m["kind"] for m in mine] == ["balance", "balance", "positionOpened"]
+    assert all(m["user"] == int(key) for m in mine)
+
+
+def test_malformed_messages_on_the_account_topic_are_dropped_and_counted(
+        platform: RayHttpPlatform, http: httpx.Client) -> None:
+    """Messages on the account topic that are not account events change no stream: they are
+    dropped and counted, and the account's own events still arrive, in order."""
+    h = signup(http)
+    tick(platform, http, "SOL", "200.00", "200.02")
+    garbage = [b"not json", b"[]", b'{"kind":"balance","user":"1","seq":1,"version":1}',
+               b'{"kind":"positionOpened","user":1,"seq":-5,"version":1,"body":"[]"}',
+               b'{"kind":"exploded","user":1,"seq":1,"version":1,"body":"[1,2]"}']
+
+    def malformed() -> int:
+        text = http.get("/metrics").text
+        line = "shardex_ws_account_malformed_total "
+        return int(next(x for x in text.splitlines() if x.startswith(line)).split()[-1])
+
+    async def scenario() -> None:
+        async with websockets.connect(_streams.ws_url(platform)) as ws:
+            await _streams.subscribe_account(ws, h["Authorization"].removeprefix("Bearer "))
+            (snap,) = await _streams.account_frames(ws, 1)
+            before = await asyncio.to_thread(malformed)
+            producer = AIOKafkaProducer(bootstrap_servers=platform.bootstrap)
+            await producer.start()
+            try:
+                for value in garbage:
+                    await producer.send_and_wait(platform.settings.account_topic, value,
+                                                 key=b"1")
+            finally:
+                await producer.stop()
+            opened = await asyncio.to_thread(open_position, http, h, asset="SOL",
+                                             type="short", margin="5", leverage=2)
+            got = await _streams.account_frames(ws, 2)
+            assert [(g["seq"], g["event"]) for g in got] == [
+                (snap["seq"] + 1, "balance"), (snap["seq"] + 2, "positionOpened")]
+            assert got[1]["positionId"] == opened["positionId"]
+            deadline = time.monotonic() + 10
+            while await asyncio.to_thread(malformed) < before + len(garbage):
+                assert time.monotonic() < deadline, "the malformed messages were not counted"
+                await asyncio.sleep(0.1)
+
+    asyncio.run(scenario())
 
 
 def test_metrics_count_the_feed_drops_by_reason(platform: RayHttpPlatform,

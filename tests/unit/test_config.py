@@ -44,6 +44,7 @@ BAD = {
     "WS_CONNECTIONS": ["0", "100001", "ten"],
     "WS_SUBSCRIPTIONS": ["0", "10001", "-5"],
     "WS_UNSENT": ["0", "1000001", "1e3"],
+    "ACCOUNT_EVENTS_TOPIC": ["", "has space", "a/b", "..", "x" * 250],
 }
 
 
@@ -78,8 +79,11 @@ def test_good_values_and_defaults() -> None:
         "FEED_SOURCE": "sim?seed=7&rate=50", "PORT": "4001", "HOST": "0.0.0.0",
         "RAY_ADDRESS": "auto", "ASSETS": "sol, eth", "SHARDS": "SOL=3", "DATA_DIR": "/tmp/x",
         "MAINTENANCE_MARGIN_RATE": "0.005", "MAX_PRICE_AGE_S": "86400", "SIGNUP_BALANCE": "0",
-        "MAX_CLOCK_SKEW_S": "0", "MAX_TICK_JUMP_BPS": "1000000"})
+        "MAX_CLOCK_SKEW_S": "0", "MAX_TICK_JUMP_BPS": "1000000",
+        "ACCOUNT_EVENTS_TOPIC": "team-a.account_events-1"})
     assert s.kafka_brokers == "k1:9092,[::1]:9093" and s.port == 4001
+    assert s.account_topic == "team-a.account_events-1"
+    assert Settings().account_topic == "shardex-account-events"
     assert list(s.assets) == ["SOL", "ETH"] and s.shards_of("SOL") == 3
     assert s.maintenance_margin_ppm == 5000 and s.signup_balance_micros == 0
     assert s.feed.bounds == FeedBounds(86_400_000_000, 0, 1_000_000)
@@ -96,7 +100,8 @@ def test_good_values_and_defaults() -> None:
      ("shards", {"SOL": 0}, "SHARDS"),
      ("shards", {"*": 200, "SOL": 100}, "SHARDS"),
      ("feed_source", "kafka", "FEED_SOURCE"),
-     ("signup_balance_micros", -1, "SIGNUP_BALANCE")],
+     ("signup_balance_micros", -1, "SIGNUP_BALANCE"),
+     ("account_topic", "no spaces", "ACCOUNT_EVENTS_TOPIC")],
 )
 def test_settings_built_directly_are_checked_too(field: str, value: object, var: str) -> None:
     with pytest.raises(ConfigError, match=f"^{var} must be "):

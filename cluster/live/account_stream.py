@@ -1,0 +1,283 @@
+"""The private ``account`` stream of one API replica (SPEC "Live data").
+
+The ledger numbers every account's events as it journals them (engine.account_events), so a
+frame is only ever something durable, and the numbering is the same whichever replica a client
+is connected to. A replica follows the events of all accounts while one of its clients is
+subscribed (never when none is) through an :class:`AccountTail`: on Ray, the Kafka topic the
+ledger publishes them to (cluster.live.account_topic.TopicTail); in one process, the ledger's
+own newest events (:class:`LedgerTail`, one read every :data:`POLL_S`). It hands each event to
+the connections of its account.
+
+Every connection has a cursor: the seq of the newest event it was sent. An event is sent only
+when it is the next one (``seq == cursor + 1``); an older one is dropped (no duplicate) and a
+newer one means some are missing (the replica subscribed after them, or read past what the
+ledger still keeps), so the connection refills from the ledger by its cursor (``since``). No
+event is sent twice and none is skipped; when the ledger no longer keeps what a cursor needs,
+the connection is sent a ``snapshot`` (the state) and continues from its seq.
+
+Subscribing with ``"since": <seq>`` starts the cursor there; without it, or when the events
+after it are no longer kept, the first frame is the ``snapshot``. Its state is read after its
+seq, so it may already show what the next events say (applying an event is idempotent by
+position and order id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from engine.account_events import AccountEvent
+from engine.messages import Principal
+
+log = logging.getLogger(__name__)
+
+ACCOUNT_STREAM = "account"
+POLL_S = 0.1  # how often a replica with account subscribers reads the ledger's new events
+RETRY_S = 0.5  # after a failed read (the ledger restarting)
+TAIL_LIMIT = 2000  # events per read
+
+
+class AccountTail(Protocol):
+    """The account events of every account as they are journaled; ``malformed`` counts what
+    it read that was not one (and dropped)."""
+
+    malformed: int
+
+    async def read(self) -> list[AccountEvent] | None:
+        """The next events (oldest first; [] after a quiet while), or None: reading (re)started
+        from the newest, so events before may have been missed."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class AccountSource(Protocol):
+    """Where the account events are read (the ledger, through the trading service), and the
+    topic they are published to (``(bootstrap, topic)``; None: none)."""
+
+    account_topic: tuple[str, str] | None
+
+    async def account_events(self, user: int, since: int | None
+                             ) -> tuple[int, list[AccountEvent] | None]: ...
+
+    async def account_tail(self, after: int, limit: int
+                           ) -> tuple[int, list[AccountEvent] | None]: ...
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One connection's account stream: ``seq`` the newest event sent to it."""
+
+    principal: Principal
+    offer: Callable[[str], None]  # queue a frame on the connection
+    seq: int = 0
+    wanted: int = 0  # the newest seq seen for this account (a refill runs until reached)
+    started: bool = False  # the first frames (replay or snapshot) are sent
+    recheck: bool = False  # the tail skipped events: read the ledger once by the cursor
+    refill: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+def _frame(data: dict[str, Any]) -> str:
+    return json.dumps({"stream": ACCOUNT_STREAM, "data": data}, separators=(",", ":"))
+
+
+class LedgerTail:
+    """An AccountTail that reads the ledger's newest events (``AccountTail`` reads) every
+    :data:`POLL_S`, from the version it read last."""
+
+    def __init__(self, source: AccountSource) -> None:
+        self.source = source
+        self.version: int | None = None  # the newest ledger version read (None: not yet)
+        self.malformed = 0  # (the ledger's own answers are never malformed)
+
+    async def read(self) -> list[AccountEvent] | None:
+        after = -1 if self.version is None else self.version
+        version, events = await self.source.account_tail(after, TAIL_LIMIT)
+        self.version = version
+        if events is not None and len(events) < TAIL_LIMIT:
+            await asyncio.sleep(POLL_S)
+        return events
+
+    async def close(self) -> None:
+        self.version = None
+
+
+class AccountStreams:
+    """The account subscriptions of one replica. ``source()``: the AccountSource (None while
+    the replica's service is not built); ``render(event)`` -> a frame's ``data``;
+    ``snapshot(principal)`` -> the data of a ``snapshot`` frame without ``event`` and ``seq``;
+    ``tail(source)``: the AccountTail to follow (default :class:`LedgerTail`)."""
+
+    def __init__(self, source: Callable[[], AccountSource | None],
+                 render: Callable[[AccountEvent], dict[str, Any]],
+                 snapshot: Callable[[Principal], Awaitable[dict[str, Any]]],
+                 tail: Callable[[AccountSource], AccountTail] = LedgerTail) -> None:
+        self.source = source
+        self.render = render
+        self.snapshot = snapshot
+        self.make_tail = tail
+        self.by_user: dict[int, set[Subscription]] = {}
+        self.tail: AccountTail | None = None  # the one followed now
+        self.malformed_before = 0  # dropped by the tails followed before it
+        self._poller: asyncio.Task[None] | None = None
+        self.frames = 0
+        self.snapshots = 0
+        self.refills = 0
+        self.poll_failures = 0
+
+    # -- subscriptions ----------------------------------------------------------------------
+    def subscribe(self, principal: Principal, since: int | None,
+                  offer: Callable[[str], None]) -> Subscription:
+        """Start ``principal``'s stream on a connection (frames go to ``offer``)."""
+        sub = Subscription(principal, offer, seq=since or 0)
+        self.by_user.setdefault(principal.user, set()).add(sub)
+        sub.refill = asyncio.get_running_loop().create_task(self._start(sub, since))
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        subs = self.by_user.get(sub.principal.user)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self.by_user[sub.principal.user]
+        if sub.refill is not None:
+            sub.refill.cancel()
+
+    async def _start(self, sub: Subscription, since: int | None) -> None:
+        try:
+            await self._catch_up(sub, since)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the ledger did not answer: the client is told, may retry
+            log.info("account stream: start failed: %s", exc)
+            self.unsubscribe(sub)
+            sub.offer(json.dumps({"error": {"code": "SERVICE_UNAVAILABLE",
+                                            "message": "the account stream cannot start now; "
+                                                       "subscribe again"}},
+                                 separators=(",", ":")))
+
+    async def _catch_up(self, sub: Subscription, since: int | None) -> None:
+        """Send what follows ``since`` (a snapshot when it is None or no longer kept), then go
+        on refilling until the newest event seen for the account was sent."""
+        source = self._require_source()
+        last, events = await source.account_events(sub.principal.user, since)
+        if since is None or events is None:
+            await self._send_snapshot(sub, last)
+        else:
+            self._send(sub, events)
+        sub.started = True
+        await self._refill_until_wanted(sub)
+
+    async def _send_snapshot(self, sub: Subscription, seq: int) -> None:
+        data = await self.snapshot(sub.principal)
+        sub.seq = seq
+        sub.offer(_frame({"event": "snapshot", "seq": seq, **data}))
+        self.snapshots += 1
+
+    async def _refill_until_wanted(self, sub: Subscription) -> None:
+        source = self._require_source()
+        while sub.recheck or sub.wanted > sub.seq:
+            sub.recheck = False
+            self.refills += 1
+            _, events = await source.account_events(sub.principal.user, sub.seq)
+            if events is None:  # no longer kept: start again from the state
+                last, _ = await source.account_events(sub.principal.user, None)
+                await self._send_snapshot(sub, last)
+            else:
+                self._send(sub, events)
+                if not events:
+                    break  # the ledger has nothing newer (a version read ahead of it)
+
+    def _require_source(self) -> AccountSource:
+        source = self.source()
+        if source is None:
+            raise RuntimeError("the trading service is not ready")
+        return source
+
+    def _send(self, sub: Subscription, events: list[AccountEvent]) -> None:
+        """Send each event that is the next one for ``sub``; note a gap for a refill."""
+        for event in events:
+            sub.wanted = max(sub.wanted, event.seq)
+            if event.seq == sub.seq + 1:
+                sub.offer(_frame(self.render(event)))
+                sub.seq = event.seq
+                self.frames += 1
+
+    def _deliver(self, sub: Subscription, events: list[AccountEvent]) -> None:
+        """Events read from the tail: sent in order, or a refill started for a gap."""
+        if not sub.started or (sub.refill is not None and not sub.refill.done()):
+            for event in events:  # the running start or refill sends them
+                sub.wanted = max(sub.wanted, event.seq)
+            return
+        self._send(sub, events)
+        self._refill_if_behind(sub)
+
+    def _refill_if_behind(self, sub: Subscription) -> None:
+        if sub.started and (sub.refill is None or sub.refill.done()) and (
+                sub.recheck or sub.wanted > sub.seq):
+            sub.refill = asyncio.get_running_loop().create_task(self._refill(sub))
+
+    async def _refill(self, sub: Subscription) -> None:
+        try:
+            await self._refill_until_wanted(sub)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # tried again on the next event for this account
+            log.info("account stream: refill failed: %s", exc)
+
+    # -- the ledger's new events ------------------------------------------------------------
+    async def _poll(self) -> None:
+        while self.by_user:  # (checked again after a close: someone may have subscribed)
+            source = self.source()
+            if source is None:
+                await asyncio.sleep(RETRY_S)
+                continue
+            tail = self.tail = self.make_tail(source)
+            try:
+                await self._follow(tail)
+            finally:  # nobody subscribed: no reading (a new subscriber starts it afresh)
+                self.tail = None
+                self.malformed_before += tail.malformed
+                await tail.close()
+
+    async def _follow(self, tail: AccountTail) -> None:
+        while self.by_user:
+            try:
+                events = await tail.read()
+            except Exception as exc:  # the ledger or the broker restarting: again shortly
+                self.poll_failures += 1
+                log.info("account stream: reading new events failed: %s", exc)
+                await asyncio.sleep(RETRY_S)
+                continue
+            if events is None:
+                # reading (re)started at the newest: what came before may have been skipped,
+                # so every subscription reads the ledger once by its cursor
+                for subs in self.by_user.values():
+                    for sub in subs:
+                        sub.recheck = True
+                        self._refill_if_behind(sub)
+                continue
+            by_user: dict[int, list[AccountEvent]] = {}
+            for event in events:
+                by_user.setdefault(event.user, []).append(event)
+            for user, mine in by_user.items():
+                for sub in list(self.by_user.get(user, ())):
+                    self._deliver(sub, mine)
+
+    def stats(self) -> dict[str, int]:
+        return {"ws_account_subscriptions": sum(map(len, self.by_user.values())),
+                "ws_account_frames": self.frames, "ws_account_snapshots": self.snapshots,
+                "ws_account_refills": self.refills,
+                "ws_account_malformed": self.malformed_before + (
+                    0 if self.tail is None else self.tail.malformed),
+                "ws_account_poll_failures": self.poll_failures}
+
+
+__all__ = ["ACCOUNT_STREAM", "AccountSource", "AccountStreams", "AccountTail", "LedgerTail",
+           "Subscription"]

@@ -1,0 +1,101 @@
+"""TopicTail: an API replica follows the account events on the Kafka topic the ledger publishes
+them to (``Settings.account_topic``; cluster.actors.publisher, engine.ledger_machine's
+``encode_account_event``: key = the account's user, value = JSON).
+
+Every replica reads every partition itself (no consumer group: each one needs all events), from
+the newest message on: what came before is read from the ledger by each subscription's cursor
+(cluster.live.account_stream), so ``read`` answers None whenever reading (re)starts at the
+newest (the first read, a new partition, a rebuilt consumer). A message that is not an account
+event is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from engine.account_events import AccountEvent
+from engine.ledger_machine import decode_account_event
+
+log = logging.getLogger(__name__)
+
+FETCH_WAIT_MS = 500  # the broker holds a fetch this long when there is nothing new
+READ_TIMEOUT_MS = 1000
+PARTITION_CHECK_S = 5.0  # how often the topic's partitions are looked up again
+MAX_RECORDS = 5000
+
+
+class TopicTail:
+    """cluster.live.account_stream.AccountTail over ``topic`` on ``bootstrap``."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self._consumer: AIOKafkaConsumer | None = None
+        self._check_at = 0.0
+        self.read_events = 0
+        self.malformed = 0
+
+    async def read(self) -> list[AccountEvent] | None:
+        consumer = self._consumer
+        if consumer is None:
+            consumer = self._consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                auto_offset_reset="latest", fetch_max_wait_ms=FETCH_WAIT_MS,
+                metadata_max_age_ms=5000, request_timeout_ms=10_000)
+            try:
+                await consumer.start()
+            except BaseException:
+                self._consumer = None
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+                raise
+        try:
+            if time.monotonic() >= self._check_at:
+                self._check_at = time.monotonic() + PARTITION_CHECK_S
+                if await self._assign(consumer):
+                    return None
+            if not consumer.assignment():
+                await asyncio.sleep(READ_TIMEOUT_MS / 1000)
+                return []
+            batch = await consumer.getmany(timeout_ms=READ_TIMEOUT_MS,
+                                           max_records=MAX_RECORDS)
+        except BaseException:
+            await self.close()  # rebuilt by the next read, which starts at the newest again
+            raise
+        events: list[AccountEvent] = []
+        for records in batch.values():
+            for record in records:
+                try:
+                    events.append(decode_account_event(record.value or b""))
+                except (ValueError, TypeError):
+                    self.malformed += 1
+        self.read_events += len(events)
+        return events
+
+    async def _assign(self, consumer: AIOKafkaConsumer) -> bool:
+        """Assign the topic's partitions if they changed (new ones read from their end);
+        True when they did."""
+        cluster = await consumer._client.fetch_all_metadata()  # fresh (see feed.consumer)
+        partitions = {TopicPartition(self.topic, p)
+                      for p in (cluster.partitions_for_topic(self.topic) or ())}
+        current = set(consumer.assignment())
+        if not partitions or partitions == current:
+            return False
+        consumer.assign(sorted(partitions))
+        await consumer.seek_to_end(*partitions)
+        return True
+
+    async def close(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        self._check_at = 0.0
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+
+__all__ = ["TopicTail"]
