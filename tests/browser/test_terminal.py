@@ -206,8 +206,15 @@ def test_liquidation_by_a_produced_price_leaves_the_table_and_shows_in_history(
     position_id = wait_position_row(browser, "SOL", "long")
     liquidation = D(account(http, key)["positions"][0]["liquidationPrice"])
     mark_page(browser)
+    stream = by_id(browser, "account-stream")
+    wait_until(browser, lambda d: stream.get_attribute("data-state") == "live"
+               and stream.get_attribute("data-seq"), "the account stream")
+    seen = int(stream.get_attribute("data-seq"))
 
     tick(platform, http, "SOL", str(liquidation), str(liquidation + D("0.01")))
+    # the close and the balance after it arrive on the account stream
+    wait_until(browser, lambda d: int(stream.get_attribute("data-seq")) >= seen + 2,
+               "the liquidation's account events")
     closed = closed_row(browser, position_id)
     assert closed.get_attribute("data-close-reason") == "liquidation"
     assert "liquidation" in closed.text

@@ -265,6 +265,7 @@ let eventTimer = null;
 function onAccountEvent(data) {
   if (!app.key) return;
   setAccountStream("live");
+  if (Number.isSafeInteger(data.seq)) byId("account-stream").dataset.seq = String(data.seq);
   clearTimeout(eventTimer);
   eventTimer = setTimeout(() => requestRefresh(true), data.event === "snapshot" ? 0 : EVENT_DEBOUNCE_MS);
 }

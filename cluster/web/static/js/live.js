@@ -1,6 +1,7 @@
 // The /ws connection: public streams (bookTicker, kline) and, with a key, the private
 // `account` stream. Reconnects with exponential backoff and subscribes again after every
-// (re)connect.
+// (re)connect; the account stream resumes after the newest event seen (`since`), so the
+// server replays what was missed, or sends a snapshot when it no longer keeps it.
 
 export function socketUrl() {
   const url = new URL("ws", document.baseURI);
@@ -20,6 +21,7 @@ export class LiveSocket {
     this.ws = null;
     this.streams = new Set();
     this.key = null;
+    this.accountSeq = null; // seq of the newest account event seen (for `since`)
     this.attempt = 0;
     this.timer = null;
     this.openedAt = 0;
@@ -58,6 +60,9 @@ export class LiveSocket {
       this.attempt = 0;
       let frame;
       try { frame = JSON.parse(event.data); } catch { return; }
+      if (frame && frame.stream === "account" && frame.data && Number.isSafeInteger(frame.data.seq)) {
+        this.accountSeq = frame.data.seq;
+      }
       this.handlers.onFrame(frame);
     };
     ws.onclose = (event) => {
@@ -99,7 +104,9 @@ export class LiveSocket {
 
   authenticate() {
     this.send({ method: "AUTH", params: [this.key] });
-    if (this.send({ method: "SUBSCRIBE", params: ["account"] })) this.handlers.onAccountSubscribed();
+    const request = { method: "SUBSCRIBE", params: ["account"] };
+    if (this.accountSeq !== null) request.since = this.accountSeq;
+    if (this.send(request)) this.handlers.onAccountSubscribed();
   }
 
   // The public streams wanted now; subscribes and unsubscribes the difference.
@@ -117,6 +124,7 @@ export class LiveSocket {
     if (key === this.key) return;
     const had = this.key;
     this.key = key;
+    this.accountSeq = null;
     if (had) this.reconnect();
     else if (key && this.isOpen()) this.authenticate();
   }
