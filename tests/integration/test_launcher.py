@@ -26,9 +26,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from websockets.sync.client import connect as ws_connect
 
 from feed.broker import ProcessIdentity, free_port, stop_process
 from tests.integration.processes import descendants
@@ -183,6 +185,24 @@ def test_up_serves_prices_reports_status_and_audit(up: Up) -> None:
 
 
 # ----------------------------------------------------------------------------- 2. kill -9
+def _account_frames(url: str, key: str, count: int, since: int | None = None
+                    ) -> list[dict[str, Any]]:
+    """The first ``count`` frames of ``key``'s account stream (after ``since``)."""
+    request: dict[str, Any] = {"method": "SUBSCRIBE", "params": ["account"]}
+    if since is not None:
+        request["since"] = since
+    frames: list[dict[str, Any]] = []
+    with ws_connect(url.replace("http://", "ws://") + "/ws", open_timeout=10) as ws:
+        ws.send(json.dumps({"method": "AUTH", "params": [key]}))
+        ws.send(json.dumps(request))
+        while len(frames) < count:
+            got = json.loads(ws.recv(timeout=10))
+            assert "error" not in got, got
+            if got.get("stream") == "account":
+                frames.append(got["data"])
+    return frames
+
+
 def _serving_with(url: str, key: str, position_id: str) -> dict[str, object] | None:
     """The account's state once /healthz answers 200 and the position is in it, else None."""
     try:
@@ -220,6 +240,15 @@ def test_up_serves_again_within_30_s_after_kill_9_with_clients_connected(up: Up)
     assert opened.status_code == 201, opened.text
     position_id = opened.json()["positionId"]
     up.open_margins["phase 2: SOL long opened before the crash"] = 100_000_000
+    # an account stream client that saw the events up to this open, then went away
+    (snapshot,) = _account_frames(up.url, key, 1)
+    assert snapshot["event"] == "snapshot" and snapshot["seq"] == 3  # signup, lock, open
+    # and an open it has not seen yet
+    unseen = client.post("/api/v1/positions/open", headers={"Authorization": f"Bearer {key}"},
+                         json={"asset": "SOL", "type": "short", "margin": "10",
+                               "leverage": 2})
+    assert unseen.status_code == 201, unseen.text
+    up.open_margins["phase 2: SOL short opened before the crash"] = 10_000_000
     idle = socket.create_connection(("127.0.0.1", port))  # a second client, idle
     idle.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
     assert idle.recv(1 << 16).startswith(b"HTTP/1.1 200")
@@ -265,7 +294,7 @@ def test_up_serves_again_within_30_s_after_kill_9_with_clients_connected(up: Up)
     assert state is not None, up.output()
     balances = state["balances"]
     assert isinstance(balances, dict)
-    assert balances["margin"] == "100.000000" and balances["free"] == "9900.000000"
+    assert balances["margin"] == "110.000000" and balances["free"] == "9890.000000"
 
     # what the killed run started is gone: the broker at once (it dies with its parent),
     # Ray's workers (actors, the API replica) once their raylet is gone. Ray's two node
@@ -281,6 +310,23 @@ def test_up_serves_again_within_30_s_after_kill_9_with_clients_connected(up: Up)
                        json={"asset": "SOL", "type": "long", "margin": "100",
                              "leverage": 5, "clientOrderId": "before-the-crash"})
     assert again.status_code == 201 and again.json()["positionId"] == position_id
+    # the account stream resumes after the seq the client saw: the open before the crash it
+    # missed, then a change made after the restart, each once, numbered on
+    deadline = time.monotonic() + 30
+    while True:  # a change needs a fresh price: the feed's first ticks after the restart
+        changed = httpx.post(f"{up.url}/api/v1/positions/modify", timeout=10,
+                             headers={"Authorization": f"Bearer {key}"},
+                             json={"positionId": position_id, "takeProfit": "1000"})
+        if changed.status_code != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert changed.status_code == 200, changed.text
+    resumed = _account_frames(up.url, key, 3, since=snapshot["seq"])
+    assert [(f["seq"], f["event"]) for f in resumed] == [
+        (4, "balance"), (5, "positionOpened"), (6, "positionUpdated")], resumed
+    assert resumed[1]["positionId"] == unseen.json()["positionId"]
+    assert resumed[2]["positionId"] == position_id
+    assert resumed[2]["takeProfit"] == changed.json()["takeProfit"]
     # every candle served before the kill is still served: a closed one unchanged, the one
     # that was current with its open and at least its ticks
     after = httpx.get(f"{up.url}/api/v1/klines", timeout=10,
