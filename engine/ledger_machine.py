@@ -1208,7 +1208,7 @@ class LedgerMachine:
         version, events = log.after(after, log.version - after if after < log.version else 1)
         if events is None:
             events = log.kept()
-        return version, [encode_account_event(e) for e in events]
+        return version, encode_account_events(events)
 
     def decode_record(self, payload: bytes) -> list[Any]:
         """The events of one journal record (engine.events.decode_batch)."""
@@ -1550,26 +1550,52 @@ class LedgerMachine:
         }
 
 
-def encode_account_event(e: AccountEvent) -> tuple[bytes, bytes]:
-    """An account event as a message: key = its user as decimal text, value = JSON
-    ``{"user","seq","version","kind","body"}`` (``body`` as in :func:`_account_event_row`)."""
-    _, _, kind, body = _account_event_row(e)
-    value = json.dumps({"user": e.user, "seq": e.seq, "version": e.version, "kind": kind,
-                        "body": body}, separators=(",", ":"))
-    return str(e.user).encode(), value.encode()
+ACCOUNT_KEYS = 16
+"""Message keys of the account events: an account's events are all under the key of its user
+modulo this (``accounts-<n>``), so they stay in order on one partition."""
 
 
-def decode_account_event(value: bytes) -> AccountEvent:
-    """Inverse of :func:`encode_account_event`'s value; ValueError (or TypeError) when it is
-    not one."""
-    data = json.loads(value)
+def encode_account_events(events: Iterable[AccountEvent]) -> list[tuple[bytes, bytes]]:
+    """Account events as messages, one per key (:data:`ACCOUNT_KEYS`) holding that key's
+    events in order: value = a JSON array of ``{"user","seq","version","kind","body"}``
+    (``body``: a balance's ``[free, margin]`` micros, any other object as its stored answer's
+    JSON list). One message per event would cost the ledger's process far more."""
+    groups: dict[int, list[str]] = {}
+    for e in events:
+        _, _, kind, body = _account_event_row(e)
+        groups.setdefault(e.user % ACCOUNT_KEYS, []).append(
+            f'{{"user":{e.user},"seq":{e.seq},"version":{e.version},"kind":"{kind}",'
+            f'"body":{body}}}')
+    return [(b"accounts-%d" % key, f"[{','.join(items)}]".encode())
+            for key, items in groups.items()]
+
+
+def decode_account_events(value: bytes) -> tuple[list[AccountEvent], int]:
+    """The account events of one message of :func:`encode_account_events`, and how many of
+    its items were not one (dropped); a value that is not a JSON array counts as one."""
+    try:
+        items = json.loads(value)
+    except ValueError:
+        return [], 1
+    if not isinstance(items, list):
+        return [], 1
+    events: list[AccountEvent] = []
+    for item in items:
+        try:
+            events.append(_account_event_of_item(item))
+        except (ValueError, TypeError):
+            continue
+    return events, len(items) - len(events)
+
+
+def _account_event_of_item(data: object) -> AccountEvent:
     if not isinstance(data, dict) or data.get("kind") not in _ACCOUNT_KINDS:
         raise ValueError("not an account event")
     numbers = [data.get(k) for k in ("user", "seq", "version")]
     user, seq, version = [n if type(n) is int and 0 <= n < 1 << 63 else -1 for n in numbers]
-    if min(user, seq, version) < 0 or not isinstance(data.get("body"), str):
+    if min(user, seq, version) < 0 or not isinstance(data.get("body"), list):
         raise ValueError("not an account event")
-    return _account_event_of_row([user, seq, data["kind"], data["body"]])._replace(
+    return _account_event_of_row([user, seq, data["kind"], json.dumps(data["body"])])._replace(
         version=version)
 
 
@@ -1580,7 +1606,7 @@ _ACCOUNT_KINDS = frozenset({account_events.BALANCE, account_events.POSITION_CLOS
 def _account_event_row(e: AccountEvent) -> list[Any]:
     """``[user, seq, kind, body]`` with the body as JSON text (a balance: ``[free,
     margin]``, any other: its stored answer)."""
-    body = (json.dumps(list(e.body)) if isinstance(e.body, Balance)
+    body = (f"[{e.body.free_micros},{e.body.margin_micros}]" if isinstance(e.body, Balance)
             else encode_answer(e.body).decode())
     return [e.user, e.seq, e.kind, body]
 
@@ -1599,6 +1625,7 @@ def _settlement_event(shard: str, seq: int, c: ClosedPosition) -> SettlementAppl
 
 
 __all__ = [
+    "ACCOUNT_KEYS",
     "DEFAULT_MAX_OPEN_ORDERS",
     "DEFAULT_MAX_OPEN_POSITIONS",
     "FORGOTTEN",
@@ -1634,10 +1661,10 @@ __all__ = [
     "SettleRequests",
     "SnapshotParts",
     "Totals",
-    "decode_account_event",
+    "decode_account_events",
     "decode_answer",
     "decode_pending_open",
-    "encode_account_event",
+    "encode_account_events",
     "encode_answer",
     "hash_api_key",
 ]

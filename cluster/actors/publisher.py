@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -47,7 +48,9 @@ class Publisher:
         self.topic = topic
         self._pending: collections.deque[Message] = collections.deque()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._started = threading.Event()
         self._stopping = False
         self.sent = 0
         self.dropped = 0
@@ -55,6 +58,7 @@ class Publisher:
         self._thread = threading.Thread(target=self._run, name=f"publish-{topic}",
                                         daemon=True)
         self._thread.start()
+        self._started.wait(5.0)
 
     def offer(self, messages: list[Message]) -> None:
         """Queue ``messages`` (in order) to be produced; never blocks."""
@@ -66,11 +70,17 @@ class Publisher:
             for _ in range(max(0, excess)):
                 self._pending.popleft()
             self.dropped += max(0, excess)
-        self._wake.set()
+        self._signal()
+
+    def _signal(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has ended
+                loop.call_soon_threadsafe(wake.set)
 
     def close(self, timeout_s: float = 2.0) -> None:
         self._stopping = True
-        self._wake.set()
+        self._signal()
         self._thread.join(timeout_s)
 
     def stats(self) -> dict[str, Any]:
@@ -82,13 +92,16 @@ class Publisher:
         asyncio.run(self._main())
 
     async def _main(self) -> None:
+        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        self._started.set()
         producer: AIOKafkaProducer | None = None
         backoff_s = 0.1
         while True:
             if not self._pending:
                 if self._stopping:
                     break
-                await asyncio.to_thread(self._wake.wait, 1.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
                 self._wake.clear()
                 continue
             with self._lock:

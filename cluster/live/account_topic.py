@@ -1,12 +1,12 @@
 """TopicTail: an API replica follows the account events on the Kafka topic the ledger publishes
 them to (``Settings.account_topic``; cluster.actors.publisher, engine.ledger_machine's
-``encode_account_event``: key = the account's user, value = JSON).
+``encode_account_events``: an account's events under one key, a JSON array per message).
 
 Every replica reads every partition itself (no consumer group: each one needs all events), from
 the newest message on: what came before is read from the ledger by each subscription's cursor
 (cluster.live.account_stream), so ``read`` answers None whenever reading (re)starts at the
-newest (the first read, a new partition, a rebuilt consumer). A message that is not an account
-event is dropped and counted.
+newest (the first read, a new partition, a rebuilt consumer). What is not an account event is
+dropped and counted.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from engine.account_events import AccountEvent
-from engine.ledger_machine import decode_account_event
+from engine.ledger_machine import decode_account_events
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,9 @@ class TopicTail:
         events: list[AccountEvent] = []
         for records in batch.values():
             for record in records:
-                try:
-                    events.append(decode_account_event(record.value or b""))
-                except (ValueError, TypeError):
-                    self.malformed += 1
+                decoded, malformed = decode_account_events(record.value or b"")
+                events.extend(decoded)
+                self.malformed += malformed
         self.read_events += len(events)
         return events
 

@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Iterator
 from decimal import Decimal as D
+from typing import Any
 
 import httpx
 import pytest
@@ -77,22 +78,23 @@ def test_smoke_open_liquidate_history_audit_through_serve_and_kafka(
 def test_account_events_are_published_to_their_topic_keyed_by_account(
         platform: RayHttpPlatform, http: httpx.Client) -> None:
     """What the account stream carries is on the Kafka topic every replica follows: the
-    account's events under its key, numbered 1, 2, 3... in order, the open among them."""
+    account's events all under one key, numbered 1, 2, 3... in order, the open among them."""
     h = signup(http)
     tick(platform, http, "SOL", "200.00", "200.02")
     p = open_position(http, h, asset="SOL", type="long", margin="40", leverage=10)
 
-    async def read() -> list[tuple[bytes, dict[str, object]]]:
+    async def read() -> list[tuple[bytes, dict[str, Any]]]:
         consumer = AIOKafkaConsumer(platform.settings.account_topic,
                                     bootstrap_servers=platform.bootstrap, group_id=None,
                                     auto_offset_reset="earliest")
         await consumer.start()
-        messages: list[tuple[bytes, dict[str, object]]] = []
+        messages: list[tuple[bytes, dict[str, Any]]] = []
         try:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 for records in (await consumer.getmany(timeout_ms=500)).values():
-                    messages.extend((r.key, json.loads(r.value)) for r in records)
+                    messages.extend((r.key, event) for r in records
+                                    for event in json.loads(r.value))
                 if any(m["kind"] == "positionOpened" and p["positionId"] in str(m["body"])
                        for _, m in messages):
                     break
@@ -101,12 +103,12 @@ def test_account_events_are_published_to_their_topic_keyed_by_account(
         return messages
 
     messages = asyncio.run(read())
-    key = next(k for k, m in messages
-               if m["kind"] == "positionOpened" and p["positionId"] in str(m["body"]))
-    mine = [m for k, m in messages if k == key]
-    assert [m["seq"] for m in mine] == list(range(1, len(mine) + 1))
-    assert [m["kind"] for m in mine] == ["balance", "balance", "positionOpened"]
-    assert all(m["user"] == int(key) for m in mine)
+    user = next(m["user"] for _, m in messages
+                if m["kind"] == "positionOpened" and p["positionId"] in str(m["body"]))
+    mine = [(k, m) for k, m in messages if m["user"] == user]
+    assert [m["seq"] for _, m in mine] == list(range(1, len(mine) + 1))
+    assert [m["kind"] for _, m in mine] == ["balance", "balance", "positionOpened"]
+    assert {k for k, _ in mine} == {f"accounts-{user % 16}".encode()}
 
 
 def test_malformed_messages_on_the_account_topic_are_dropped_and_counted(
@@ -115,9 +117,10 @@ def test_malformed_messages_on_the_account_topic_are_dropped_and_counted(
     dropped and counted, and the account's own events still arrive, in order."""
     h = signup(http)
     tick(platform, http, "SOL", "200.00", "200.02")
-    garbage = [b"not json", b"[]", b'{"kind":"balance","user":"1","seq":1,"version":1}',
-               b'{"kind":"positionOpened","user":1,"seq":-5,"version":1,"body":"[]"}',
-               b'{"kind":"exploded","user":1,"seq":1,"version":1,"body":"[1,2]"}']
+    garbage = [b"not json", b"{}", b'[{"kind":"balance","user":"1","seq":1,"version":1}]',
+               b'[{"kind":"positionOpened","user":1,"seq":-5,"version":1,"body":[]}]',
+               b'[{"kind":"exploded","user":1,"seq":1,"version":1,"body":[1,2]}]',
+               b'[{"kind":"balance","user":1,"seq":1,"version":1,"body":["a","b"]}]']
 
     def malformed() -> int:
         text = http.get("/metrics").text
@@ -134,7 +137,7 @@ def test_malformed_messages_on_the_account_topic_are_dropped_and_counted(
             try:
                 for value in garbage:
                     await producer.send_and_wait(platform.settings.account_topic, value,
-                                                 key=b"1")
+                                                 key=b"accounts-1")
             finally:
                 await producer.stop()
             opened = await asyncio.to_thread(open_position, http, h, asset="SOL",
