@@ -1106,8 +1106,9 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         topic = source.account_topic
         return LedgerTail(source) if topic is None else TopicTail(*topic)
 
+    # more missed events than half of what a connection may have unsent: a snapshot instead
     accounts = AccountStreams(account_source, account_event_json, account_snapshot,
-                              account_tail)
+                              account_tail, max_replay=max(1, settings.ws_unsent // 2))
     hub = StreamHub(market, render, current_streams([a.name for a in assets.assets]),
                     authenticate, StreamLimits(settings.ws_connections,
                                                settings.ws_subscriptions, settings.ws_unsent),

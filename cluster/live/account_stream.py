@@ -15,10 +15,11 @@ ledger still keeps), so the connection refills from the ledger by its cursor (``
 event is sent twice and none is skipped; when the ledger no longer keeps what a cursor needs,
 the connection is sent a ``snapshot`` (the state) and continues from its seq.
 
-Subscribing with ``"since": <seq>`` starts the cursor there; without it, or when the events
-after it are no longer kept, the first frame is the ``snapshot``. Its state is read after its
-seq, so it may already show what the next events say (applying an event is idempotent by
-position and order id).
+Subscribing with ``"since": <seq>`` starts the cursor there; without it, when the events after
+it are no longer kept, or when they are more than a connection may have unsent
+(``max_replay``: it would be closed as too slow), the first frame is the ``snapshot``. Its
+state is read after its seq, so it may already show what the next events say (applying an
+event is idempotent by position and order id).
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class Subscription:
     wanted: int = 0  # the newest seq seen for this account (a refill runs until reached)
     started: bool = False  # the first frames (replay or snapshot) are sent
     recheck: bool = False  # the tail skipped events: read the ledger once by the cursor
+    active: bool = True  # until unsubscribed (or its start failed)
     refill: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -110,13 +112,16 @@ class AccountStreams:
     """The account subscriptions of one replica. ``source()``: the AccountSource (None while
     the replica's service is not built); ``render(event)`` -> a frame's ``data``;
     ``snapshot(principal)`` -> the data of a ``snapshot`` frame without ``event`` and ``seq``;
-    ``tail(source)``: the AccountTail to follow (default :class:`LedgerTail`)."""
+    ``tail(source)``: the AccountTail to follow (default :class:`LedgerTail`); ``max_replay``:
+    the most missed events sent one by one (more: a snapshot instead)."""
 
     def __init__(self, source: Callable[[], AccountSource | None],
                  render: Callable[[AccountEvent], dict[str, Any]],
                  snapshot: Callable[[Principal], Awaitable[dict[str, Any]]],
-                 tail: Callable[[AccountSource], AccountTail] = LedgerTail) -> None:
+                 tail: Callable[[AccountSource], AccountTail] = LedgerTail,
+                 max_replay: int = 500) -> None:
         self.source = source
+        self.max_replay = max_replay
         self.render = render
         self.snapshot = snapshot
         self.make_tail = tail
@@ -141,6 +146,7 @@ class AccountStreams:
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
+        sub.active = False
         subs = self.by_user.get(sub.principal.user)
         if subs is not None:
             subs.discard(sub)
@@ -167,7 +173,7 @@ class AccountStreams:
         on refilling until the newest event seen for the account was sent."""
         source = self._require_source()
         last, events = await source.account_events(sub.principal.user, since)
-        if since is None or events is None:
+        if since is None or events is None or len(events) > self.max_replay:
             await self._send_snapshot(sub, last)
         else:
             self._send(sub, events)
@@ -186,7 +192,8 @@ class AccountStreams:
             sub.recheck = False
             self.refills += 1
             _, events = await source.account_events(sub.principal.user, sub.seq)
-            if events is None:  # no longer kept: start again from the state
+            if events is None or len(events) > self.max_replay:
+                # no longer kept (or too many to send): start again from the state
                 last, _ = await source.account_events(sub.principal.user, None)
                 await self._send_snapshot(sub, last)
             else:

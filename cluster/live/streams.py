@@ -211,7 +211,8 @@ class StreamHub:
         self._end_account(connection)
 
     def _end_account(self, connection: Connection) -> None:
-        if connection.account is not None and self.accounts is not None:
+        if connection.account is not None and self.accounts is not None \
+                and connection.account.active:
             self.accounts.unsubscribe(connection.account)
         connection.account = None
 
@@ -294,7 +295,7 @@ class StreamHub:
             connection.offer(error_frame(Code.INVALID_REQUEST,
                                          "since must be an account event seq (an integer >= 0)"))
             return
-        if connection.account is not None:
+        if connection.account is not None and connection.account.active:
             return  # already subscribed: its cursor goes on
         if len(connection.streams) + 1 > self.limits.subscriptions:
             connection.offer(error_frame(
@@ -310,8 +311,8 @@ class StreamHub:
             connection.offer(error_frame(Code.INVALID_REQUEST,
                                          f"unknown stream(s): {', '.join(unknown[:5])[:200]}"))
             return
-        if len(connection.streams | set(params)) + (connection.account is not None) > \
-                self.limits.subscriptions:
+        account = connection.account is not None and connection.account.active
+        if len(connection.streams | set(params)) + account > self.limits.subscriptions:
             connection.offer(error_frame(
                 Code.INVALID_REQUEST,
                 f"at most {self.limits.subscriptions} subscriptions per connection"))

@@ -335,3 +335,27 @@ def test_the_account_stream_needs_auth_and_shows_only_its_own_account(
             assert (await frame(ws))["stream"] == "bookTicker.SOL"  # nothing of mine before
 
     asyncio.run(scenario())
+
+
+def test_more_missed_account_events_than_a_connection_may_hold_unsent_come_as_a_snapshot(
+        tight: LocalHttpPlatform) -> None:
+    """Resuming far behind would overflow the connection's unsent frames (it would be closed
+    as slow): the server sends the state instead; one missed event is sent as it is."""
+    with httpx.Client(base_url=tight.base_url, timeout=10) as http:
+        h = signup(http)
+        tick(tight, http, "SOL", "100.00", "100.01")
+        for margin in ("10", "20"):  # four events after the signup's
+            open_position(http, h, asset="SOL", type="long", margin=margin, leverage=2)
+
+        async def scenario() -> None:
+            async with websockets.connect(ws_url(tight)) as ws:
+                await subscribe_account(ws, api_key(h), since=1)
+                (snap,) = await account_frames(ws, 1)
+                assert snap["event"] == "snapshot" and snap["seq"] == 5
+                assert len(snap["positions"]) == 2
+            async with websockets.connect(ws_url(tight)) as ws:
+                await subscribe_account(ws, api_key(h), since=4)
+                (missed,) = await account_frames(ws, 1)
+                assert (missed["event"], missed["seq"]) == ("positionOpened", 5)
+
+        asyncio.run(scenario())
