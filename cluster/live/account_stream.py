@@ -190,6 +190,7 @@ class AccountStreams:
         source = self._require_source()
         while sub.recheck or sub.wanted > sub.seq:
             sub.recheck = False
+            seen = sub.wanted  # what the tail brought during this read counts too
             self.refills += 1
             _, events = await source.account_events(sub.principal.user, sub.seq)
             if events is None or len(events) > self.max_replay:
@@ -198,8 +199,8 @@ class AccountStreams:
                 await self._send_snapshot(sub, last)
             else:
                 self._send(sub, events)
-                if not events:
-                    break  # the ledger has nothing newer (a version read ahead of it)
+                if not events and sub.wanted == seen and not sub.recheck:
+                    break  # nothing newer at the ledger, and nothing new seen meanwhile
 
     def _require_source(self) -> AccountSource:
         source = self.source()

@@ -333,9 +333,6 @@ def test_a_tail_restart_makes_every_subscription_read_the_ledger_by_its_cursor()
     run(scenario)
 
 
-@pytest.mark.xfail(strict=True, reason="a refill whose read answers [] stops though the tail "
-                   "delivered a newer event (or restarted) while it read: that event waits "
-                   "for the account's next one")
 def test_an_event_the_tail_delivers_while_a_refill_reads_the_ledger_is_sent() -> None:
     async def scenario() -> None:
         s = Stream()
