@@ -1393,7 +1393,9 @@ class LedgerMachine:
             "order_counts": sorted(self._order_counts.items()),
             "returned": list(self._returned),
             "account_seqs": sorted(self.account_log.last_seq.items()),
-            "account_events": [_account_event_row(e) for e in self.account_log.kept()],
+            # the events as they are (tuples of plain values): made JSON by the snapshot
+            # writer, off this thread
+            "account_events": self.account_log.kept(),
             "noted": list(self._noted),
         }
         return {"history": history, "order_history": orders}, meta
@@ -1470,7 +1472,7 @@ class LedgerMachine:
             m._set_counts(int(user), orders=int(count))
         # (older snapshots: no account events; numbering starts again at 1)
         m.account_log.load(meta.get("account_seqs", []),
-                           map(_account_event_of_row, meta.get("account_events", [])))
+                           map(_account_event_of_snapshot, meta.get("account_events", [])))
         m._noted = collections.OrderedDict.fromkeys(int(r) for r in meta.get("noted", []))
         return m
 
@@ -1609,6 +1611,26 @@ def _account_event_row(e: AccountEvent) -> list[Any]:
     body = (f"[{e.body.free_micros},{e.body.margin_micros}]" if isinstance(e.body, Balance)
             else encode_answer(e.body).decode())
     return [e.user, e.seq, e.kind, body]
+
+
+_ACCOUNT_BODIES: dict[str, Callable[..., Any]] = {
+    account_events.BALANCE: Balance, account_events.POSITION_OPENED: OpenPosition,
+    account_events.POSITION_UPDATED: OpenPosition,
+    account_events.POSITION_CLOSED: ClosedPosition, account_events.ORDER_PLACED: PendingOrder,
+    **{kind: EndedOrder for kind in _ORDER_ENDED_KIND.values()}}
+
+
+def _account_event_of_snapshot(row: Sequence[Any]) -> AccountEvent:
+    """An account event kept in a snapshot: ``[user, seq, version, kind, body]``, the body its
+    object's fields (an older snapshot: ``[user, seq, kind, body]``, the body as JSON text, like
+    a message's)."""
+    if len(row) == 4:
+        return _account_event_of_row(row)
+    user, seq, _, kind, body = row
+    value = _ACCOUNT_BODIES[kind](*body)
+    if hasattr(value, "side"):
+        value = value._replace(side=Side(value.side))
+    return AccountEvent(int(user), int(seq), 0, kind, value)
 
 
 def _account_event_of_row(row: Sequence[Any]) -> AccountEvent:

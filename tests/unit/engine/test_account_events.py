@@ -31,6 +31,7 @@ from engine.ledger_machine import (
     Note,
     PendingRequests,
     ReleaseMargin,
+    _account_event_row,
     encode_answer,
 )
 from engine.messages import (
@@ -463,6 +464,21 @@ def test_an_older_snapshot_without_account_events_numbers_from_one() -> None:
     _, added = new_events(led, ReleaseMargin(user, 7 * USD, 3))
     assert added == [AccountEvent(user, 1, 1, BALANCE, bal(SIGNUP + 3 * USD))]
     assert led(AccountEvents(other, 0)) == (0, [])
+
+
+def test_a_snapshot_holding_the_bodies_as_json_text_restores_the_same_events() -> None:
+    """The first layout of the kept events in a snapshot: ``[user, seq, kind, body]`` with the
+    body as JSON text (like a message's); today's holds each event's own fields."""
+    led, _, _ = busy_ledger()
+    arrays, meta = led.m.snapshot()
+    meta = json.loads(json.dumps(meta))
+    assert all(len(row) == 5 for row in meta["account_events"])
+    meta["account_events"] = [_account_event_row(e) for e in led.m.account_log.kept()]
+    assert all(isinstance(row[3], str) for row in meta["account_events"])
+    old = LedgerMachine.from_snapshot(SIGNUP, led.m.max_open_positions,
+                                      {k: v.copy() for k, v in arrays.items()}, meta)
+    assert old.account_log.kept() == led.m.account_log.kept()
+    assert old.fingerprint() == led.m.fingerprint()
 
 
 def test_replaying_the_journal_gives_the_same_account_events() -> None:
