@@ -405,11 +405,15 @@ class Forget:
 @dataclass(frozen=True, slots=True)
 class ApplySettlements:
     """Apply ``shard``'s settlements exactly once, in seq order (see the module docstring),
-    and store ``answers`` (clientOrderIds of the closes). -> the last applied seq."""
+    and store ``answers`` (clientOrderIds of the closes). ``opened``: positions that orders
+    filled among the items opened (those still open), each noted as its owner's
+    ``positionOpened`` after the fill when the fill is applied here. -> the last applied
+    seq."""
 
     shard: str
     items: tuple[SettlementItem, ...]
     answers: tuple[tuple[IdemKey, object], ...] = ()
+    opened: tuple[OpenPosition, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -1069,8 +1073,27 @@ class LedgerMachine:
                           if isinstance(record, EndedOrder)
                           else _settlement_event(c.shard, seq, record))
             seq += 1
+        events.extend(self._fill_notes(c.opened, events))
         events.extend(self._answer_events(c.answers, now_us))
         return seq - 1, events
+
+    def _fill_notes(self, opened: Sequence[OpenPosition], events: Sequence[Event]
+                    ) -> list[Event]:
+        """``positionOpened`` notes of the positions in ``opened`` that a fill among
+        ``events`` opened and no close among them ended (request id 0: a fill is applied
+        once, by its seq)."""
+        filled = {(e.owner, e.position_id) for e in events
+                  if isinstance(e, OrderSettled) and e.status == OrderStatus.FILLED}
+        closed = {(e.owner, e.close_id) for e in events if isinstance(e, SettlementApplied)}
+        notes: list[Event] = []
+        for position in opened:
+            key = (position.owner, position.position_id)
+            if type(position) is OpenPosition and key in filled and key not in closed \
+                    and not self._history.has(*key):
+                notes.append(AccountNoted(position.owner, 0, account_events.POSITION_OPENED,
+                                          _stored(position)))
+                filled.discard(key)
+        return notes
 
     def _settlement_problem(self, c: ClosedPosition, margins: dict[int, int]) -> str | None:
         """Why settling ``c`` would break an invariant (or could not be replayed), else None;
@@ -1310,9 +1333,10 @@ class LedgerMachine:
 
     def _on_account_noted(self, e: AccountNoted) -> None:
         self.account_log.record(e.user, e.kind, decode_answer(e.body))
-        self._noted[e.request_id] = None
-        while len(self._noted) > RECENT_LOCKS_MAX:
-            self._noted.popitem(last=False)
+        if e.request_id:  # (0: a fill's position, noted with its fill, once)
+            self._noted[e.request_id] = None
+            while len(self._noted) > RECENT_LOCKS_MAX:
+                self._noted.popitem(last=False)
 
     def _record_balance(self, user: int) -> None:
         led = self.ledger

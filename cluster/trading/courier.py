@@ -21,6 +21,11 @@ serves, and a courier resumes each shard once more on its first delivery to it. 
 memory was lost (an in-memory host started again) then numbers its closes after the ledger's,
 instead of below it where the ledger would take them for resends.
 
+An order that filled opened a position the ledger has not seen: with the items, the courier sends
+the positions that fills among them opened and that are still open (one ``PositionsOf`` read of
+the shard, only when there are fills), so the owner's account events show the position after
+the fill.
+
 Deliveries to one shard are coalesced: at most one runs at a time, and every caller that asks
 while one runs is served by the next one (which reads the outbox anew), so a close waiting for
 its settlement never waits for more than two round trips of deliveries.
@@ -31,12 +36,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
-from cluster.actors.port import Port
+from cluster.actors.port import Port, Unavailable
 from cluster.trading.batcher import MicroBatcher
 from engine.ledger_machine import AppliedSeq, ApplySettlements
-from engine.messages import IdemKey, SettlementItem
+from engine.messages import EndedOrder, IdemKey, OpenPosition, SettlementItem
+from engine.order_book import OrderStatus
 from engine.results import Rejected
-from engine.shard_machine import AckOutbox, Outbox, OutboxView, ResumeSeq
+from engine.shard_machine import AckOutbox, Outbox, OutboxView, PositionsOf, ResumeSeq
 
 Answer = tuple[IdemKey, object]
 
@@ -78,7 +84,9 @@ class Courier:
             await self.resume(shard_name)
         items, last_seq = await shard.call(Outbox())
         stored = tuple(a for a in answers if a is not None)
-        applied = await self.ledger.call(ApplySettlements(shard_name, tuple(items), stored))
+        opened = await self._opened(shard_name, items)
+        applied = await self.ledger.call(ApplySettlements(shard_name, tuple(items), stored,
+                                                          opened))
         if isinstance(applied, Rejected):
             raise SettlementRefused(f"{shard_name}: {applied.message}")
         if last_seq < applied:
@@ -110,16 +118,35 @@ class Courier:
         that lost its memory) take the full path. Returns the ledger's last applied number."""
         if shard_name not in self._resumed or not view.items:
             return await self.deliver(shard_name)
-        applied = await self._apply(shard_name, tuple(view.items), ())
+        applied = await self._apply(shard_name, tuple(view.items), (),
+                                    await self._opened(shard_name, view.items))
         last = view.items[-1].seq
         if applied < last or view.last_seq < applied:
             return await self.deliver(shard_name)
         self._post_ack(shard_name, last)
         return applied
 
+    async def _opened(self, shard_name: str, items: list[SettlementItem]
+                      ) -> tuple[OpenPosition, ...]:
+        """The positions still open that fills among ``items`` opened (none when the shard
+        does not answer: the settlements go without them)."""
+        fills = {item.closed.position_id: item.closed.owner for item in items
+                 if isinstance(item.closed, EndedOrder)
+                 and item.closed.status == OrderStatus.FILLED}
+        if not fills:
+            return ()
+        try:
+            per_owner = await self.shards[shard_name].call(PositionsOf(tuple(sorted(set(
+                fills.values())))))
+        except Unavailable:
+            return ()
+        return tuple(p for positions in per_owner for p in positions
+                     if fills.get(p.position_id) == p.owner)
+
     async def _apply(self, shard_name: str, items: tuple[SettlementItem, ...],
-                     answers: tuple[Answer, ...]) -> int:
-        applied = await self.ledger.call(ApplySettlements(shard_name, items, answers))
+                     answers: tuple[Answer, ...], opened: tuple[OpenPosition, ...] = ()
+                     ) -> int:
+        applied = await self.ledger.call(ApplySettlements(shard_name, items, answers, opened))
         if isinstance(applied, Rejected):
             raise SettlementRefused(f"{shard_name}: {applied.message}")
         return int(applied)

@@ -359,3 +359,31 @@ def test_more_missed_account_events_than_a_connection_may_hold_unsent_come_as_a_
                 assert (missed["event"], missed["seq"]) == ("positionOpened", 5)
 
         asyncio.run(scenario())
+
+
+def test_a_filled_order_is_followed_by_the_position_it_opened(platform: HttpPlatform,
+                                                              http: httpx.Client) -> None:
+    h = signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+
+    async def scenario() -> None:
+        async with websockets.connect(ws_url(platform)) as ws:
+            await subscribe_account(ws, api_key(h))
+            (snap,) = await account_frames(ws, 1)
+            r = await asyncio.to_thread(http.post, "/api/v1/orders", headers=h, json={
+                "asset": "SOL", "type": "long", "orderType": "limit", "triggerPrice": "99",
+                "margin": "25", "leverage": 4})
+            assert r.status_code == 201, r.text
+            order = r.json()
+            locked, placed = await account_frames(ws, 2)
+            assert (locked["event"], placed["event"]) == ("balance", "orderPlaced")
+            await asyncio.to_thread(tick, platform, http, "SOL", "98.99", "99.00")
+            filled, opened = await account_frames(ws, 2)  # a fill moves no money: no balance
+            assert (filled["event"], filled["orderId"]) == ("orderFilled", order["orderId"])
+            assert (opened["event"], opened["positionId"]) == ("positionOpened",
+                                                               filled["positionId"])
+            assert D(opened["entryPrice"]) == 99 and D(opened["margin"]) == 25
+            assert [f["seq"] for f in (locked, placed, filled, opened)] == list(
+                range(snap["seq"] + 1, snap["seq"] + 5))
+
+    asyncio.run(scenario())

@@ -381,6 +381,39 @@ def test_an_ended_order_records_its_end_and_a_balance_only_if_margin_was_release
     assert log_of(led).version == version
 
 
+def test_a_fill_is_followed_by_the_position_it_opened_once_and_only_while_open() -> None:
+    led, user = one_account()
+    orders = []
+    for request_id in (4, 5, 6):
+        assert led(LockMargin(MarginLock(user, 10 * USD, request_id=request_id,
+                                         order=True))) is None
+        orders.append(pending(user, request_id, 10 * USD))
+        led(Note(user, request_id, ORDER_PLACED, orders[-1]))
+    first, second, third = (opened(user, PID + i, 10 * USD) for i in range(3))
+    fills = tuple(SettlementItem(i + 1, ended(o, OrderStatus.FILLED, PID + i))
+                  for i, o in enumerate(orders))
+    last = log_of(led).last_seq[user]
+    # the first fill with its position; a position no fill in the run opened is not noted
+    stranger = opened(user, PID + 99, 10 * USD)
+    _, added = new_events(led, ApplySettlements(SHARD, fills[:1], (), (stranger, first)))
+    assert [(e.seq, e.kind, e.body) for e in added] == [
+        (last + 1, "orderFilled", fills[0].closed), (last + 2, POSITION_OPENED, first)]
+    # sent again with its position: applied already, nothing
+    _, added = new_events(led, ApplySettlements(SHARD, fills[:1], (), (first,)))
+    assert added == []
+    # the second fill and the third, the third's position closed in the same run: only the
+    # second position is noted (after its fill)
+    close = SettlementItem(4, closed(user, PID + 2, 10 * USD, 0))
+    _, added = new_events(led, ApplySettlements(SHARD, (*fills[1:], close), (),
+                                                (third, second)))
+    assert [(e.kind, getattr(e.body, "position_id", None)) for e in added] == [
+        ("orderFilled", PID + 1), ("orderFilled", PID + 2), (POSITION_CLOSED, PID + 2),
+        (BALANCE, None), (POSITION_OPENED, PID + 1)]
+    # a fill's note carries no request id: later requests are noted as usual
+    assert led(Note(user, 7, POSITION_UPDATED, second)) is None
+    assert log_of(led).kept()[-1].kind == POSITION_UPDATED
+
+
 def test_account_events_and_the_tail_answer_what_the_log_holds() -> None:
     led, user = one_account()
     other = led.account().user
