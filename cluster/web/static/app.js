@@ -663,8 +663,20 @@ function renderChartLines() {
   app.chart.setLines(lines);
 }
 
+// What each table shows now (as JSON): a refresh that changes nothing leaves its rows as they
+// are (no flicker, a row being read or pointed at stays the same element).
+const shown = new Map();
+function changed(table, data) {
+  const text = JSON.stringify(data);
+  if (shown.get(table) === text) return false;
+  shown.set(table, text);
+  return true;
+}
+
 function renderOrders(orders) {
   app.orders = orders;
+  setText(byId("orders-count"), orders.length);
+  if (!changed("orders", orders)) return;
   const rows = orders.map((o) => {
     const id = String(o.orderId);
     const cancel = h("button", {
@@ -689,10 +701,10 @@ function renderOrders(orders) {
       h("td", {}, cancel));
   });
   byId("orders-body").replaceChildren(...(rows.length ? rows : [emptyRow(11, "No open orders")]));
-  setText(byId("orders-count"), orders.length);
 }
 
 function renderClosed(closed) {
+  if (!changed("closed", [closed, app.closedLimit])) return;
   const rows = closed.map((c) => h("tr", {
     "data-testid": "closed-row",
     "data-position-id": String(c.positionId),
@@ -719,6 +731,7 @@ function renderClosed(closed) {
 }
 
 function renderOrderHistory(orders) {
+  if (!changed("order-history", [orders, app.orderHistoryLimit])) return;
   const rows = orders.map((o) => h("tr", {
     "data-testid": "order-history-row",
     "data-order-id": String(o.orderId),
