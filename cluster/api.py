@@ -585,6 +585,11 @@ class ServiceSlot:
             raise Unavailable("api", "the service is starting")
         return service
 
+    @property
+    def current(self) -> TradingService | None:
+        """The service, None while it is not built yet (a Serve replica starting)."""
+        return self._service
+
 
 def bind_service(app: FastAPI, service: TradingService) -> None:
     """Give an app made by ``create_app(assets=...)`` its service."""
@@ -1082,10 +1087,8 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(_HttpCounter, routes=routes, counts=http_counts)
     def market() -> MarketSource | None:
-        try:
-            return slot.service.market
-        except Unavailable:  # the replica's service is not built yet
-            return None
+        service = slot.current
+        return None if service is None else service.market
 
     def render(change: Change) -> dict[str, Any]:
         value = change.value
@@ -1096,18 +1099,12 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     async def authenticate(key: str) -> Principal | None:
         return await slot.service.authenticate(key)
 
-    def account_source() -> TradingService | None:
-        try:
-            return slot.service
-        except Unavailable:  # the replica's service is not built yet
-            return None
-
     def account_tail(source: AccountSource) -> AccountTail:
         topic = source.account_topic
         return LedgerTail(source) if topic is None else TopicTail(*topic)
 
     # more missed events than half of what a connection may have unsent: a snapshot instead
-    accounts = AccountStreams(account_source, account_event_json, account_snapshot,
+    accounts = AccountStreams(lambda: slot.current, account_event_json, account_snapshot,
                               account_tail, max_replay=max(1, settings.ws_unsent // 2))
     hub = StreamHub(market, render, current_streams([a.name for a in assets.assets]),
                     authenticate, StreamLimits(settings.ws_connections,

@@ -214,7 +214,12 @@ def decode_answer(data: bytes) -> object:
     """Inverse of :func:`encode_answer` (an old pending open reservation decodes to None)."""
     if data == PENDING or data.startswith(PENDING_OPEN):
         return None
-    kind, *fields = json.loads(data)
+    return _answer_of(json.loads(data))
+
+
+def _answer_of(stored: list[Any]) -> object:
+    """The answer of a stored answer's JSON list (``[kind, *fields]``)."""
+    kind, *fields = stored
     if kind == "rejected":
         code, message = fields
         return Rejected(Code(code), message)
@@ -1228,7 +1233,7 @@ class LedgerMachine:
         account events after version ``after`` as ``(key, value)`` (every kept one when some
         after it are no longer kept)."""
         log = self.account_log
-        version, events = log.after(after, log.version - after if after < log.version else 1)
+        version, events = log.after(after, max(1, log.version - after))
         if events is None:
             events = log.kept()
         return version, encode_account_events(events)
@@ -1621,8 +1626,7 @@ def _account_event_of_item(data: object) -> AccountEvent:
     user, seq, version = [n if type(n) is int and 0 <= n < 1 << 63 else -1 for n in numbers]
     if min(user, seq, version) < 0 or not isinstance(data.get("body"), list):
         raise ValueError("not an account event")
-    return _account_event_of_row([user, seq, data["kind"], json.dumps(data["body"])])._replace(
-        version=version)
+    return AccountEvent(user, seq, version, data["kind"], _account_body(data["kind"], data["body"]))
 
 
 _ACCOUNT_KINDS = frozenset({account_events.BALANCE, account_events.POSITION_CLOSED,
@@ -1660,9 +1664,13 @@ def _account_event_of_snapshot(row: Sequence[Any]) -> AccountEvent:
 def _account_event_of_row(row: Sequence[Any]) -> AccountEvent:
     """Inverse of :func:`_account_event_row` (its ``version`` is set when it is kept again)."""
     user, seq, kind, body = row
-    value = (Balance(*map(int, json.loads(body))) if kind == account_events.BALANCE
-             else decode_answer(body.encode()))
-    return AccountEvent(int(user), int(seq), 0, kind, value)
+    return AccountEvent(int(user), int(seq), 0, kind, _account_body(kind, json.loads(body)))
+
+
+def _account_body(kind: str, stored: list[Any]) -> object:
+    """An account event's object from its JSON form (a balance's ``[free, margin]``, any
+    other object's stored answer)."""
+    return Balance(*map(int, stored)) if kind == account_events.BALANCE else _answer_of(stored)
 
 
 def _settlement_event(shard: str, seq: int, c: ClosedPosition) -> SettlementApplied:

@@ -31,8 +31,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cluster.http.errors import error_body
 from engine.account_events import AccountEvent
 from engine.messages import Principal
+from engine.results import Code
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +165,8 @@ class AccountStreams:
         except Exception as exc:  # the ledger did not answer: the client is told, may retry
             log.info("account stream: start failed: %s", exc)
             self.unsubscribe(sub)
-            sub.offer(json.dumps({"error": {"code": "SERVICE_UNAVAILABLE",
-                                            "message": "the account stream cannot start now; "
-                                                       "subscribe again"}},
-                                 separators=(",", ":")))
+            sub.offer(error_body(Code.SERVICE_UNAVAILABLE.value, "the account stream cannot "
+                                 "start now; subscribe again").decode())
 
     async def _catch_up(self, sub: Subscription, since: int | None) -> None:
         """Send what follows ``since`` (a snapshot when it is None or no longer kept), then go

@@ -33,6 +33,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from cluster.http.errors import error_body
 from cluster.live.account_stream import ACCOUNT_STREAM, AccountStreams, Subscription
 from cluster.live.market import Change, MarketSource
 from engine.results import Code
@@ -63,8 +64,7 @@ class StreamLimits:
 
 
 def error_frame(code: Code, message: str) -> str:
-    return json.dumps({"error": {"code": code.value, "message": message}},
-                      separators=(",", ":"))
+    return error_body(code.value, message).decode()
 
 
 @dataclass(eq=False)
@@ -78,6 +78,11 @@ class Connection:
     key: str | None = None
     principal: Any = None  # the account AUTH named (engine.messages.Principal)
     account: Subscription | None = None  # its account stream, once subscribed
+
+    @property
+    def following_account(self) -> bool:
+        """Whether its account stream runs (subscribed, not ended)."""
+        return self.account is not None and self.account.active
     queue: asyncio.Queue[str] = field(default_factory=asyncio.Queue)  # bounded by offer
     closing: str | None = None  # why the server closes it: "slow", "auth"
     auth_failures: int = 0
@@ -211,9 +216,9 @@ class StreamHub:
         self._end_account(connection)
 
     def _end_account(self, connection: Connection) -> None:
-        if connection.account is not None and self.accounts is not None \
-                and connection.account.active:
-            self.accounts.unsubscribe(connection.account)
+        account = connection.account
+        if account is not None and account.active and self.accounts is not None:
+            self.accounts.unsubscribe(account)
         connection.account = None
 
     async def _send(self, connection: Connection) -> None:
@@ -295,7 +300,7 @@ class StreamHub:
             connection.offer(error_frame(Code.INVALID_REQUEST,
                                          "since must be an account event seq (an integer >= 0)"))
             return
-        if connection.account is not None and connection.account.active:
+        if connection.following_account:
             return  # already subscribed: its cursor goes on
         if len(connection.streams) + 1 > self.limits.subscriptions:
             connection.offer(error_frame(
@@ -311,8 +316,8 @@ class StreamHub:
             connection.offer(error_frame(Code.INVALID_REQUEST,
                                          f"unknown stream(s): {', '.join(unknown[:5])[:200]}"))
             return
-        account = connection.account is not None and connection.account.active
-        if len(connection.streams | set(params)) + account > self.limits.subscriptions:
+        if len(connection.streams | set(params)) + connection.following_account > \
+                self.limits.subscriptions:
             connection.offer(error_frame(
                 Code.INVALID_REQUEST,
                 f"at most {self.limits.subscriptions} subscriptions per connection"))

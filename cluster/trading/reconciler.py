@@ -61,9 +61,9 @@ STALE_PENDING_S = 30.0  # a reservation pending this long belongs to a request n
 COUNT_CHUNK = 1_000  # owners per PositionsOf/OrdersOf when open positions/orders are counted
 _MADE = (OpenPosition, PendingOrder)  # what a lock pays for, once its request happened
 NOTED_KIND = {"open": account_events.POSITION_OPENED, "order": account_events.ORDER_PLACED,
-              "margin": account_events.POSITION_UPDATED,
-              "modify": account_events.POSITION_UPDATED}
-"""The account event a request of each kind that happened at its shard is noted as."""
+              "margin": account_events.POSITION_UPDATED}
+"""The account event a lock's request (an open, a placement, a top-up) that happened at its
+shard is noted as."""
 Made = OpenPosition | ClosedPosition | PendingOrder | EndedOrder  # what a request made
 TRANSIENT_CODES = frozenset({Code.PRICE_UNAVAILABLE})
 

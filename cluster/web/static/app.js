@@ -673,6 +673,18 @@ function changed(table, data) {
   return true;
 }
 
+// The cells of an order's terms, shared by the open orders and the order history.
+function orderTermCells(o) {
+  return [
+    td(o.asset),
+    td(o.type, fmt.sideClass(o.type)),
+    td(o.orderType),
+    td(o.triggerPrice, "num"),
+    td(fmt.money(o.margin), "num"),
+    td(o.leverage === undefined ? null : `${o.leverage}x`, "num"),
+  ];
+}
+
 function renderOrders(orders) {
   app.orders = orders;
   setText(byId("orders-count"), orders.length);
@@ -688,12 +700,7 @@ function renderOrders(orders) {
     });
     cancel.addEventListener("click", () => cancelOrder(id, cancel));
     return h("tr", { "data-testid": "order-row", "data-order-id": id, "data-asset": o.asset, "data-side": o.type },
-      td(o.asset),
-      td(o.type, fmt.sideClass(o.type)),
-      td(o.orderType),
-      td(o.triggerPrice, "num"),
-      td(fmt.money(o.margin), "num"),
-      td(o.leverage === undefined ? null : `${o.leverage}x`, "num"),
+      ...orderTermCells(o),
       td(o.takeProfit, "num"),
       td(o.stopLoss, "num"),
       h("td", { text: o.expiresAt ? fmt.time(o.expiresAt) : "good till cancelled", title: fmt.text(o.expiresAt) }),
@@ -738,12 +745,7 @@ function renderOrderHistory(orders) {
     "data-status": o.status,
   },
     h("td", { text: fmt.time(o.updatedAt), title: fmt.text(o.updatedAt) }),
-    td(o.asset),
-    td(o.type, fmt.sideClass(o.type)),
-    td(o.orderType),
-    td(o.triggerPrice, "num"),
-    td(fmt.money(o.margin), "num"),
-    td(o.leverage === undefined ? null : `${o.leverage}x`, "num"),
+    ...orderTermCells(o),
     td(o.status),
     td(o.positionId),
     td(o.rejectReason),
