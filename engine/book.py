@@ -52,7 +52,7 @@ from engine.orders import (
     liquidation_ticks_array,
 )
 from engine.position_ids import ROW_MASK, ROW_SHIFT, book_tag_of
-from engine.rows import RowStore
+from engine.rows import RowStore, int64_columns
 from engine.triggers import KeyFunction, naive_sweep
 
 _INT64_MAX = (1 << 63) - 1
@@ -92,11 +92,15 @@ class PositionRecord(NamedTuple):
 
 schema.check_fields(PositionRecord, schema.BOOK_ROW)
 _RECORD = schema.builder(PositionRecord, _COLUMNS, casts={"side": _SIDES.__getitem__})
+record_of_plan = schema.builder(PositionRecord, schema.PLAN, attributes=True,
+                                given=("position_id", "owner", "opened_ts_us"),
+                                casts={"side": Side})
+"""``(plan, position_id, owner, opened_ts_us) -> PositionRecord``: the row an open adds."""
 
 
 class PositionBook(RowStore[PositionRecord], columns=_COLUMNS, attributes=_ATTR_OF,
-                   id_column="position_id", link_column="qty_steps", noun="position",
-                   indexes=_INDEX_NAMES):
+                   record=_RECORD, id_column="position_id", link_column="qty_steps",
+                   noun="position", indexes=_INDEX_NAMES):
     """Open positions of one asset (see the module docstring for the layout).
 
     ``book_tag`` (0..255) goes into every id this book issues, so ids are unique across the
@@ -118,38 +122,19 @@ class PositionBook(RowStore[PositionRecord], columns=_COLUMNS, attributes=_ATTR_
     _ts: np.ndarray
     _ppm: np.ndarray
 
-    def __init__(self, asset: Asset, book_tag: int = 0, capacity: int = 1024, *,
-                 min_pending: int = 1024, min_dead: int = 4096) -> None:
-        super().__init__(asset, book_tag, capacity, min_pending=min_pending, min_dead=min_dead)
+    def _name_indexes(self) -> None:
         # keys: long stop -level (bid <= level <=> -level <= -bid), long TP level (bid >=
         # level), short stop level (ask >= level), short TP -level (ask <= level)
         self._long_stop, self._long_tp, self._short_stop, self._short_tp = self._indexes
         # by side: the (stop, TP) indexes a position's _trigger_keys go to
         self._by_side = ((self._long_stop, self._long_tp), (self._short_stop, self._short_tp))
 
-    def _record(self, row: int) -> PositionRecord:
-        result: PositionRecord = _RECORD([col.item(row) for col in self._cols])
-        return result
-
     # -- single-position API -------------------------------------------------------------------
     def open(self, owner: int, plan: OpenPlan, opened_ts_us: int) -> int:
         """Add a position from a plan (checked with :func:`check_plan`; ValueError if
         inconsistent) and return its id (int > 0). O(1) amortised."""
         check_plan(self.asset, plan)
-        if not 0 <= owner <= _INT64_MAX or not -_INT64_MAX <= opened_ts_us <= _INT64_MAX:
-            raise ValueError("owner or timestamp out of range")
-        row, pid = self._take_row()
-        self._owner[row] = owner
-        self._side[row] = plan.side
-        self._entry[row] = plan.entry_ticks
-        self._qty[row] = plan.qty_steps
-        self._margin[row] = plan.margin_micros
-        self._lev[row] = plan.leverage
-        self._liq[row] = plan.liq_ticks
-        self._tp[row] = plan.tp_ticks
-        self._sl[row] = plan.sl_ticks
-        self._ts[row] = opened_ts_us
-        self._ppm[row] = plan.maintenance_margin_ppm
+        pid = self._insert(record_of_plan, plan, owner, opened_ts_us).position_id
         ids = self._pid
         stop_index, tp_index = self._by_side[plan.side]
         stop, tp = _trigger_keys(plan.side, plan.liq_ticks, plan.tp_ticks, plan.sl_ticks)
@@ -166,11 +151,9 @@ class PositionBook(RowStore[PositionRecord], columns=_COLUMNS, attributes=_ATTR_
 
     def close(self, position_id: int) -> PositionRecord | None:
         """Remove an open position and return it as it was; None if it is not open here."""
-        row = self._row(position_id)
-        if row < 0:
+        record = self._remove(position_id)
+        if record is None:
             return None
-        record = self._record(row)
-        self._release_row(row, record.position_id)
         ids = self._pid
         stop_index, tp_index = self._by_side[record.side]
         stop, tp = _trigger_keys(record.side, record.liq_ticks, record.tp_ticks, record.sl_ticks)
@@ -363,15 +346,9 @@ def _check_row_columns(asset: Asset, cols: Mapping[str, np.ndarray]) -> None:
     open positions: what :func:`check_plan` checks but for the levels' side of the entry, an
     open's rule that an amended position need not keep (an SL may lock in profit). SL and TP
     must still lie beyond the liquidation price and the stop level, as the sweep needs."""
-    side = cols["side"].astype(np.int64)
-    entry = cols["entry_ticks"].astype(np.int64)
-    qty = cols["qty_steps"].astype(np.int64)
-    margin = cols["margin_micros"].astype(np.int64)
-    lev = cols["leverage"].astype(np.int64)
-    liq = cols["liq_ticks"].astype(np.int64)
-    tp = cols["tp_ticks"].astype(np.int64)
-    sl = cols["sl_ticks"].astype(np.int64)
-    ppm = cols[_RATE.column].astype(np.int64)
+    side, entry, qty, margin, lev, liq, tp, sl, ppm = int64_columns(
+        cols, "side", "entry_ticks", "qty_steps", "margin_micros", "leverage", "liq_ticks",
+        "tp_ticks", "sl_ticks", _RATE.column)
     if not ((side == 0) | (side == 1)).all():
         raise ValueError("bad side")
     if not ((entry > 0) & (qty > 0) & (margin > 0) & (entry <= MAX_COLUMN_VALUE)
@@ -404,4 +381,4 @@ def _check_plan_columns(asset: Asset, cols: Mapping[str, np.ndarray]) -> None:
         raise ValueError("take-profit or stop-loss on the wrong side of the entry")
 
 
-__all__ = ["COLUMN_NAMES", "PositionBook", "PositionRecord", "book_tag_of"]
+__all__ = ["COLUMN_NAMES", "PositionBook", "PositionRecord", "book_tag_of", "record_of_plan"]

@@ -56,7 +56,7 @@ from engine import schema
 from engine.assets import Asset
 from engine.orders import MAX_COLUMN_VALUE, NO_LEVEL, Side
 from engine.position_ids import ROW_MASK, ROW_SHIFT
-from engine.rows import RowStore
+from engine.rows import RowStore, int64_columns
 
 _INT64_MAX = (1 << 63) - 1
 _MAX_LEVERAGE = (1 << 31) - 1  # the int32 column
@@ -160,6 +160,10 @@ _ATTR_OF = {"order_id": "_oid", "owner": "_owner", "side": "_side", "kind": "_ki
 _RECORD = schema.builder(OrderRecord, _COLUMNS,
                          casts={"side": (Side.LONG, Side.SHORT).__getitem__,
                                 "kind": (OrderKind.LIMIT, OrderKind.STOP).__getitem__})
+record_of_terms = schema.builder(OrderRecord, schema.ORDER_TERMS, attributes=True,
+                                 given=("order_id", "owner", "placed_ts_us"),
+                                 casts={"side": Side, "kind": OrderKind})
+"""``(terms, order_id, owner, placed_ts_us) -> OrderRecord``: the row a placement adds."""
 # fill index slot of an order: 2 * kind + side; whether its key is the negated trigger
 _SLOT_NAMES = ("limit_long", "limit_short", "stop_long", "stop_short")
 _NEGATED = (True, False, False, True)
@@ -202,7 +206,7 @@ def check_terms(asset: Asset, terms: OrderTerms) -> None:
 
 
 class OrderBook(RowStore[OrderRecord], columns=_COLUMNS, attributes=_ATTR_OF,
-                id_column="order_id", link_column="trigger_ticks", noun="order",
+                record=_RECORD, id_column="order_id", link_column="trigger_ticks", noun="order",
                 indexes=(*_SLOT_NAMES, "expiry")):
     """Open pending orders of one asset (see the module docstring for the layout).
 
@@ -223,15 +227,9 @@ class OrderBook(RowStore[OrderRecord], columns=_COLUMNS, attributes=_ATTR_OF,
     _exp: np.ndarray
     _ts: np.ndarray
 
-    def __init__(self, asset: Asset, book_tag: int = 0, capacity: int = 1024, *,
-                 min_pending: int = 1024, min_dead: int = 4096) -> None:
-        super().__init__(asset, book_tag, capacity, min_pending=min_pending, min_dead=min_dead)
+    def _name_indexes(self) -> None:
         self._fills = self._indexes[:len(_SLOT_NAMES)]  # by slot 2 * kind + side
         self._expiry = self._indexes[len(_SLOT_NAMES)]
-
-    def _record(self, row: int) -> OrderRecord:
-        result: OrderRecord = _RECORD([col.item(row) for col in self._cols])
-        return result
 
     # -- single-order API ----------------------------------------------------------------
     def next_order_id(self) -> int:
@@ -243,19 +241,7 @@ class OrderBook(RowStore[OrderRecord], columns=_COLUMNS, attributes=_ATTR_OF,
         """Add an open order (terms checked with :func:`check_terms`; ValueError if they do not
         fit) and return its id (int > 0). O(1) amortised."""
         check_terms(self.asset, terms)
-        if not 0 <= owner <= _INT64_MAX or not -_INT64_MAX <= placed_ts_us <= _INT64_MAX:
-            raise ValueError("owner or timestamp out of range")
-        row, oid = self._take_row()
-        self._owner[row] = owner
-        self._side[row] = terms.side
-        self._kind[row] = terms.kind
-        self._trig[row] = terms.trigger_ticks
-        self._margin[row] = terms.margin_micros
-        self._lev[row] = terms.leverage
-        self._tp[row] = terms.tp_ticks
-        self._sl[row] = terms.sl_ticks
-        self._exp[row] = terms.expires_ts_us
-        self._ts[row] = placed_ts_us
+        oid = self._insert(record_of_terms, terms, owner, placed_ts_us).order_id
         slot = 2 * terms.kind + terms.side
         trigger = terms.trigger_ticks
         self._fills[slot].add(-trigger if _NEGATED[slot] else trigger, oid, self._oid)
@@ -266,11 +252,9 @@ class OrderBook(RowStore[OrderRecord], columns=_COLUMNS, attributes=_ATTR_OF,
     def remove(self, order_id: int) -> OrderRecord | None:
         """Remove an open order, whatever ended it (cancelled, filled, expired, rejected), and
         return it as it was; None if it is not open here."""
-        row = self._row(order_id)
-        if row < 0:
+        record = self._remove(order_id)
+        if record is None:
             return None
-        record = self._record(row)
-        self._release_row(row, record.order_id)
         self._fills[2 * record.kind + record.side].discard(self._oid)
         if record.expires_ts_us != GOOD_TILL_CANCELLED:
             self._expiry.discard(self._oid)
@@ -360,14 +344,9 @@ class OrderBook(RowStore[OrderRecord], columns=_COLUMNS, attributes=_ATTR_OF,
 
 def _check_term_columns(asset: Asset, cols: Mapping[str, np.ndarray]) -> None:
     """Vectorised :func:`check_terms` over column arrays (ValueError on the first problem)."""
-    side = cols["side"].astype(np.int64)
-    kind = cols["kind"].astype(np.int64)
-    trigger = cols["trigger_ticks"].astype(np.int64)
-    margin = cols["margin_micros"].astype(np.int64)
-    lev = cols["leverage"].astype(np.int64)
-    tp = cols["tp_ticks"].astype(np.int64)
-    sl = cols["sl_ticks"].astype(np.int64)
-    expires = cols["expires_ts_us"].astype(np.int64)
+    side, kind, trigger, margin, lev, tp, sl, expires = int64_columns(
+        cols, "side", "kind", "trigger_ticks", "margin_micros", "leverage", "tp_ticks",
+        "sl_ticks", "expires_ts_us")
     if not (((side == 0) | (side == 1)) & ((kind == 0) | (kind == 1))).all():
         raise ValueError("bad side or order kind")
     if not ((trigger > 0) & (trigger <= MAX_COLUMN_VALUE) & (margin > 0)
@@ -415,4 +394,5 @@ __all__ = [
     "check_terms",
     "fill_price",
     "naive_sweep",
+    "record_of_terms",
 ]

@@ -8,14 +8,15 @@ naive sweep and this reference through the same steps and check they agree.
 
 from __future__ import annotations
 
-from engine import schema
-from engine.order_book import GOOD_TILL_CANCELLED, OrderKind, OrderOutcome, OrderRecord, OrderTerms
+from engine.order_book import (
+    GOOD_TILL_CANCELLED,
+    OrderKind,
+    OrderOutcome,
+    OrderRecord,
+    OrderTerms,
+    record_of_terms,
+)
 from engine.orders import Side
-
-# (terms, order_id, owner, placed_ts_us) -> the book row it places
-_PLACED = schema.builder(OrderRecord, schema.ORDER_TERMS, attributes=True,
-                         given=("order_id", "owner", "placed_ts_us"),
-                         casts={"side": Side, "kind": OrderKind})
 
 
 def outcome(order: OrderRecord, bid_ticks: int, ask_ticks: int, ts_us: int
@@ -49,7 +50,7 @@ class ReferenceOrderBook:
     def place(self, owner: int, terms: OrderTerms, placed_ts_us: int) -> int:
         order_id = self._next_id
         self._next_id += 1
-        self.orders[order_id] = _PLACED(terms, order_id, owner, placed_ts_us)
+        self.orders[order_id] = record_of_terms(terms, order_id, owner, placed_ts_us)
         return order_id
 
     def remove(self, order_id: int) -> OrderRecord | None:

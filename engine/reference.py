@@ -13,9 +13,8 @@ import math
 from fractions import Fraction
 from typing import Any
 
-from engine import schema
 from engine.assets import Asset
-from engine.book import PositionRecord
+from engine.book import PositionRecord, record_of_plan
 from engine.orders import NO_LEVEL, CloseReason, OpenPlan, Side
 from engine.results import Code, Rejected
 from engine.settlement import Settlement
@@ -122,11 +121,6 @@ def settle(asset: Asset, side: Side, entry_ticks: int, qty_steps: int, margin_mi
     return Settlement(pnl, payout, -pnl, margin_micros + pnl - payout)
 
 
-# (plan, position_id, owner, opened_ts_us) -> the book row it opens (engine.book's record)
-_OPENED = schema.builder(PositionRecord, schema.PLAN, attributes=True,
-                         given=("position_id", "owner", "opened_ts_us"), casts={"side": Side})
-
-
 class ReferenceBook:
     """Open positions of one asset as a dict of the book's records
     (:class:`engine.book.PositionRecord`), each with its exact liquidation price beside it;
@@ -149,7 +143,7 @@ class ReferenceBook:
         self.liq_prices[pid] = exact_liquidation_price(
             self.asset, plan.side, plan.entry_ticks, plan.qty_steps, plan.margin_micros,
             plan.maintenance_margin_ppm)
-        self.positions[pid] = _OPENED(plan, pid, owner, opened_ts_us)
+        self.positions[pid] = record_of_plan(plan, pid, owner, opened_ts_us)
         return pid
 
     def close(self, position_id: int) -> PositionRecord | None:

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import operator
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from typing import ClassVar, Generic, Self, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import numpy as np
 
@@ -54,7 +54,13 @@ FREE_HEAD = "free_head"
 """The snapshot array (int64, shape (1,)) holding the first free row (-1: none)."""
 _OWNED = ("owner", "margin_micros")  # columns every store has: who holds a row, what it locks
 
-RecordT = TypeVar("RecordT")
+def int64_columns(columns: Mapping[str, np.ndarray], *names: str) -> list[np.ndarray]:
+    """The columns ``names`` of ``columns`` (arrays by column name) as int64 arrays, in that
+    order."""
+    return [columns[name].astype(np.int64) for name in names]
+
+
+RecordT = TypeVar("RecordT", bound=tuple[Any, ...])  # a NamedTuple of the columns' fields
 
 
 class RowStore(ABC, Generic[RecordT]):
@@ -63,13 +69,14 @@ class RowStore(ABC, Generic[RecordT]):
     A subclass declares its layout as class keywords::
 
         class PositionBook(RowStore[PositionRecord], columns=schema.BOOK_ROW,
-                           attributes={"position_id": "_pid", ...}, id_column="position_id",
-                           link_column="qty_steps", noun="position",
-                           indexes=("long_stop", ...)):
+                           attributes={"position_id": "_pid", ...}, record=...,
+                           id_column="position_id", link_column="qty_steps",
+                           noun="position", indexes=("long_stop", ...)):
 
     ``attributes`` maps every field name of ``columns`` (in order) to the attribute holding its
-    column; ``id_column``/``link_column`` name the bookkeeping columns (int64); ``noun`` names
-    an item in messages; ``indexes`` names the trigger indexes, created in that order in
+    column; ``record`` builds a ``RecordT`` from a row's values (Python ints, schema order);
+    ``id_column``/``link_column`` name the bookkeeping columns (int64); ``noun`` names an item
+    in messages; ``indexes`` names the trigger indexes, created in that order in
     ``self._indexes``. The group must have ``owner`` and ``margin_micros`` columns.
 
     ``book_tag`` (0..255) goes into every id the store issues, so ids are unique across the
@@ -78,6 +85,7 @@ class RowStore(ABC, Generic[RecordT]):
 
     _COLUMNS: ClassVar[schema.Group]
     _ATTRS: ClassVar[tuple[str, ...]]  # attribute of each column, schema order
+    _BUILD: ClassVar[Callable[[Sequence[Any]], Any]]  # a row's values -> its record
     _COLUMN_NAMES: ClassVar[tuple[str, ...]]
     _ID_AT: ClassVar[int]  # where the id column is in schema order
     _LINK_AT: ClassVar[int]
@@ -92,8 +100,9 @@ class RowStore(ABC, Generic[RecordT]):
     _indexes: tuple[TriggerIndex, ...]
 
     def __init_subclass__(cls, *, columns: schema.Group, attributes: Mapping[str, str],
-                          id_column: str, link_column: str, noun: str,
-                          indexes: Sequence[str], **kwargs: object) -> None:
+                          record: Callable[[Sequence[Any]], Any], id_column: str,
+                          link_column: str, noun: str, indexes: Sequence[str],
+                          **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         schema.check_names(f"{cls.__name__}'s columns", tuple(attributes), schema.names(columns))
         names = tuple(f.column for f in columns)
@@ -102,6 +111,7 @@ class RowStore(ABC, Generic[RecordT]):
                 raise schema.SchemaError(f"{cls.__name__} needs an int64 column {name!r}")
         cls._COLUMNS = columns
         cls._ATTRS = tuple(attributes[f.name] for f in columns)
+        cls._BUILD = record
         cls._COLUMN_NAMES = names
         cls._ID_AT = names.index(id_column)
         cls._LINK_AT = names.index(link_column)
@@ -125,6 +135,7 @@ class RowStore(ABC, Generic[RecordT]):
         self._free_count = 0
         self._indexes = tuple(TriggerIndex(min_pending=min_pending, min_dead=min_dead,
                                            current_keys=keys) for keys in self._index_keys())
+        self._name_indexes()
 
     def _bind(self, columns: Sequence[np.ndarray]) -> None:
         """Make ``columns`` (schema order) the store's columns, under every name it uses."""
@@ -136,13 +147,13 @@ class RowStore(ABC, Generic[RecordT]):
 
     # -- what a book adds --------------------------------------------------------------------
     @abstractmethod
-    def _record(self, row: int) -> RecordT:
-        """The live row ``row`` as a record."""
-
-    @abstractmethod
     def _index_entries(self, rows: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per index, in ``indexes`` order: the (keys, ids) (int64) the live ``rows`` put in
         it."""
+
+    def _name_indexes(self) -> None:
+        """Bind the indexes (``self._indexes``) to the names the book's hot paths use; called
+        once, by ``__init__``. The default binds none."""
 
     def _index_keys(self) -> tuple[KeyFunction | None, ...]:
         """Per index, in ``indexes`` order: rows -> the key each row's live item has in it now
@@ -182,6 +193,35 @@ class RowStore(ABC, Generic[RecordT]):
         self._cap = cap
 
     # -- rows --------------------------------------------------------------------------------
+    def _record(self, row: int) -> RecordT:
+        """The live row ``row`` as a record."""
+        record: RecordT = type(self)._BUILD([col.item(row) for col in self._cols])
+        return record
+
+    def _insert(self, build: Callable[[Any, int, int, int], RecordT], terms: Any, owner: int,
+                ts_us: int) -> RecordT:
+        """Add one live row: ``build(terms, id, owner, ts_us)``, the record of the id
+        :meth:`_take_row` gives it, written into its cells; returns that record. ValueError
+        (nothing taken) unless ``owner`` is in ``0..2**63-1`` and ``ts_us`` an int64 above its
+        minimum. O(1) amortised."""
+        if not 0 <= owner <= _INT64_MAX or not -_INT64_MAX <= ts_us <= _INT64_MAX:
+            raise ValueError("owner or timestamp out of range")
+        row, new_id = self._take_row()
+        record = build(terms, new_id, owner, ts_us)
+        for col, value in zip(self._cols, record, strict=True):
+            col[row] = value
+        return record
+
+    def _remove(self, item_id: int) -> RecordT | None:
+        """Release the live row of ``item_id`` and return its record as it was; None if it is
+        not live here."""
+        row = self._row(item_id)
+        if row < 0:
+            return None
+        record = self._record(row)
+        self._release_row(row, int(self._ids[row]))
+        return record
+
     def _take_row(self) -> tuple[int, int]:
         """Take the first free row (or a new one), give it its next id and count it live;
         returns (row, id). O(1) amortised."""
@@ -490,4 +530,4 @@ class RowStore(ABC, Generic[RecordT]):
         return problems
 
 
-__all__ = ["FREE_HEAD", "RETIRED", "RowStore"]
+__all__ = ["FREE_HEAD", "RETIRED", "RowStore", "int64_columns"]
