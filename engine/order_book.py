@@ -64,24 +64,11 @@ GOOD_TILL_CANCELLED = 0
 """``expires_ts_us`` of an order without an expiry."""
 
 
-class OrderKind(IntEnum):
+class OrderKind(schema.Labelled, field=schema.kind, noun="order type"):
     """What fills a pending order; the int value is the book's ``kind`` column (int8)."""
 
     LIMIT = 0  # a better price than the trigger: long ask <= trigger, short bid >= trigger
     STOP = 1  # a worse price than the trigger (stop-market): long ask >= trigger, short bid <=
-
-    @property
-    def label(self) -> str:
-        return "limit" if self is OrderKind.LIMIT else "stop"
-
-    @classmethod
-    def parse(cls, text: str) -> OrderKind:
-        """``"limit"``/``"stop"`` (case-insensitive) -> OrderKind; ValueError otherwise."""
-        lowered = text.strip().lower() if isinstance(text, str) else ""
-        for k in cls:
-            if k.label == lowered:
-                return k
-        raise ValueError(f"order type must be 'limit' or 'stop', got {text!r}")
 
 
 class OrderOutcome(IntEnum):
@@ -91,7 +78,7 @@ class OrderOutcome(IntEnum):
     EXPIRED = 1  # the tick is later than the order's expiry (wins over a fill)
 
 
-class OrderStatus(IntEnum):
+class OrderStatus(schema.Labelled, field=schema.status):
     """Where an order is in its life (SPEC "Pending orders"); the int value is
     engine.schema.status's."""
 
@@ -100,15 +87,6 @@ class OrderStatus(IntEnum):
     CANCELLED = 2  # by its owner
     EXPIRED = 3  # a tick later than its expiry came first
     REJECTED = 4  # its fill could not open (``reject_code``), its margin released
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
-
-
-if schema.kind.enum != tuple(k.label for k in OrderKind) \
-        or schema.status.enum != tuple(s.label for s in OrderStatus):
-    raise schema.SchemaError("engine.schema's kind or status labels differ from the enums")
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,6 @@ the exact price.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum
 
 import numpy as np
 
@@ -31,31 +30,14 @@ MAX_COLUMN_VALUE = 2**62
 """Largest price, quantity or amount a plan may carry, so int64 columns never overflow."""
 
 
-class Side(IntEnum):
+class Side(schema.Labelled, field=schema.side):
     """Direction of a position; the int value is what the book's ``side`` column (int8) holds."""
 
     LONG = 0
     SHORT = 1
 
-    @property
-    def label(self) -> str:
-        return "long" if self is Side.LONG else "short"
 
-    @classmethod
-    def parse(cls, text: str) -> Side:
-        """``"long"``/``"short"`` (case-insensitive) -> Side; ValueError otherwise."""
-        lowered = text.strip().lower() if isinstance(text, str) else ""
-        if lowered == "long":
-            return cls.LONG
-        if lowered == "short":
-            return cls.SHORT
-        raise ValueError(f"side must be 'long' or 'short', got {text!r}")
-
-
-_REASON_LABELS = ("manual", "take_profit", "stop_loss", "liquidation")
-
-
-class CloseReason(IntEnum):
+class CloseReason(schema.Labelled, field=schema.reason):
     """Why a position closed; the int value is what sweeps return (int8)."""
 
     MANUAL = 0
@@ -63,14 +45,11 @@ class CloseReason(IntEnum):
     STOP_LOSS = 2
     LIQUIDATION = 3
 
-    @property
-    def label(self) -> str:
-        return _REASON_LABELS[self.value]
-
     @classmethod
     def parse(cls, text: str) -> CloseReason:
+        """A label, exactly -> its member; ValueError otherwise."""
         try:
-            return cls(_REASON_LABELS.index(text))
+            return cls(cls._labels.index(text))
         except ValueError:
             raise ValueError(f"unknown close reason {text!r}") from None
 
@@ -100,10 +79,6 @@ class OpenPlan:
 
 
 schema.check_fields(OpenPlan, schema.PLAN)
-# the schema names the enums' values; they must be these classes' labels, in value order
-if schema.side.enum != tuple(s.label for s in Side) \
-        or schema.reason.enum != tuple(r.label for r in CloseReason):
-    raise schema.SchemaError("engine.schema's side/reason labels differ from Side/CloseReason")
 
 
 def quantity_steps(asset: Asset, margin_micros: int, leverage: int, entry_ticks: int) -> int:

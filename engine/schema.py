@@ -37,7 +37,8 @@ import keyword
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
-from typing import Any, Literal, NamedTuple
+from enum import IntEnum
+from typing import Any, ClassVar, Literal, NamedTuple, Self
 
 import numpy as np
 
@@ -53,7 +54,7 @@ MICROS = "micros"
 US = "us"
 """A time in microseconds since the Unix epoch (UTC)."""
 ENUM = "enum"
-"""The int value of an engine.orders IntEnum (``Field.enum`` names the class)."""
+"""The int value of a :class:`Labelled` enum (``Field.enum`` holds its labels)."""
 LEVERAGE = "x"
 """A leverage multiple."""
 PPM = "ppm"
@@ -112,7 +113,7 @@ class Field:
     unit: str
     doc: str
     column: str = ""
-    enum: tuple[str, ...] | None = None  # an enum's labels by value (engine.orders checks them)
+    enum: tuple[str, ...] | None = None  # an enum's labels by value (a Labelled enum's)
     zero_is_none: bool = False
     nullable: bool = False
     dtype: np.dtype | None = None
@@ -145,6 +146,38 @@ class Field:
 
 
 Group = tuple[Field, ...]
+
+
+class Labelled(IntEnum):
+    """An IntEnum whose values an :data:`ENUM` field labels, declared as
+    ``class Side(Labelled, field=side, noun="side")``: ``label`` is the field's label of a
+    member's value, :meth:`parse` reads one back (``noun`` names the value in its error).
+    SchemaError at import unless the members' values are ``0..`` one per label."""
+
+    _labels: ClassVar[tuple[str, ...]]
+    _noun: ClassVar[str]
+
+    def __init_subclass__(cls, *, field: Field, noun: str = "", **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        labels = enum_labels(field)
+        if [int(m) for m in cls] != list(range(len(labels))):
+            raise SchemaError(f"{cls.__name__}'s values are not one per label of {field.name}")
+        cls._labels = labels
+        cls._noun = noun or field.name
+
+    @property
+    def label(self) -> str:
+        return self._labels[self.value]
+
+    @classmethod
+    def parse(cls, text: str) -> Self:
+        """A label (case-insensitive, spaces around ignored) -> its member; ValueError
+        otherwise."""
+        lowered = text.strip().lower() if isinstance(text, str) else ""
+        if lowered in cls._labels:
+            return cls(cls._labels.index(lowered))
+        raise ValueError(f"{cls._noun} must be {' or '.join(map(repr, cls._labels))}, "
+                         f"got {text!r}")
 
 # --------------------------------------------------------------------------- the fields
 position_id = Field("position_id", ID,
@@ -678,6 +711,7 @@ __all__ = [
     "ApiField",
     "Field",
     "Group",
+    "Labelled",
     "SchemaError",
     "api_annotation",
     "api_nullable",
