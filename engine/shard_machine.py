@@ -219,6 +219,10 @@ class Open:
 
     request: ShardOpen
 
+    @property
+    def request_id(self) -> int:
+        return self.request.request_id
+
 
 @dataclass(frozen=True, slots=True)
 class Close:
@@ -226,6 +230,10 @@ class Close:
     seen request id: its first answer)."""
 
     request: ShardClose
+
+    @property
+    def request_id(self) -> int:
+        return self.request.request_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +282,10 @@ class Cancel:
     owner: int
     order_id: int
     request_id: int = 0
+
+
+# the commands a request id names: a resend (the same id, not 0) gets the first answer
+_ANSWERED_ONCE = frozenset({Open, Close, SetLevels, ChangeMargin, Place, Cancel})
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,6 +504,10 @@ class ShardMachine:
             decider = self._deciders[type(command)]
         except KeyError:
             raise TypeError(f"not a shard command: {type(command).__name__}") from None
+        if type(command) in _ANSWERED_ONCE:
+            previous = self._previous(command.request_id)
+            if previous is not None:
+                return previous, ()
         return decider(command, now_us)
 
     def _decide_tick(self, command: ApplyTick, now_us: int) -> tuple[Any, Sequence[Event]]:
@@ -579,9 +595,6 @@ class ShardMachine:
     def _decide_open(self, command: Open, now_us: int) -> tuple[Any, Sequence[Event]]:
         req = command.request
         request_id = req.request_id
-        previous = self._previous(request_id)
-        if previous is not None:
-            return previous, ()
         tick = self._fresh_tick(now_us)
         if isinstance(tick, Rejected):
             return tick, ()
@@ -589,12 +602,9 @@ class ShardMachine:
             return Rejected(Code.INVALID_REQUEST, "side must be long or short"), ()
         side = Side(req.side)
         entry_ticks = tick.ask_ticks if side == Side.LONG else tick.bid_ticks
-        if req.current_price_ticks is not None and slippage_exceeded(
-                entry_ticks, req.current_price_ticks, req.max_slippage_bps):
-            return Rejected(Code.PRICE_MOVED,
-                            f"entry price {self.asset.ticks_to_price(entry_ticks)} is more than "
-                            f"{req.max_slippage_bps} bps from "
-                            f"{self.asset.ticks_to_price(req.current_price_ticks)}"), ()
+        moved = self._moved("entry", entry_ticks, req)
+        if moved is not None:
+            return moved, ()
         plan = plan_open(self.asset, side, req.margin_micros, req.leverage, tick.bid_ticks,
                          tick.ask_ticks, req.tp_ticks, req.sl_ticks, self.maintenance_margin_ppm)
         if isinstance(plan, Rejected):
@@ -612,9 +622,6 @@ class ShardMachine:
     def _decide_close(self, command: Close, now_us: int) -> tuple[Any, Sequence[Event]]:
         req = command.request
         request_id = req.request_id
-        previous = self._previous(request_id)
-        if previous is not None:
-            return previous, ()
         record = self.book.get(req.position_id)
         if record is None or record.owner != req.owner:
             return Rejected(Code.NOT_FOUND, "no such open position"), ()
@@ -622,12 +629,9 @@ class ShardMachine:
         if isinstance(tick, Rejected):
             return tick, ()
         exit_ticks = exit_price_ticks(record.side, tick.bid_ticks, tick.ask_ticks)
-        if req.current_price_ticks is not None and slippage_exceeded(
-                exit_ticks, req.current_price_ticks, req.max_slippage_bps):
-            return Rejected(Code.PRICE_MOVED,
-                            f"exit price {self.asset.ticks_to_price(exit_ticks)} is more than "
-                            f"{req.max_slippage_bps} bps from "
-                            f"{self.asset.ticks_to_price(req.current_price_ticks)}"), ()
+        moved = self._moved("exit", exit_ticks, req)
+        if moved is not None:
+            return moved, ()
         qty = req.qty_steps
         part = record if qty in (0, record.qty_steps) else self._part(record, qty)
         if isinstance(part, Rejected):
@@ -662,13 +666,10 @@ class ShardMachine:
                                 rest.margin_micros, rest.maintenance_margin_ppm)
         return record._replace(qty_steps=qty_steps, margin_micros=margin, liq_ticks=liq)
 
-    def _amendable(self, command: SetLevels | ChangeMargin, now_us: int) -> _Amendable | Answer:
-        """The caller's open position and a fresh tick to change it against; or the first
-        answer of a request seen before, or why not."""
+    def _amendable(self, command: SetLevels | ChangeMargin, now_us: int
+                   ) -> _Amendable | Rejected:
+        """The caller's open position and a fresh tick to change it against, or why not."""
         owner, position_id, request_id = command.owner, command.position_id, command.request_id
-        previous = self._previous(request_id)
-        if previous is not None:
-            return previous
         record = self.book.get(position_id)
         if record is None or record.owner != owner:
             return Rejected(Code.NOT_FOUND, "no such open position")
@@ -748,9 +749,6 @@ class ShardMachine:
             exit_price_ticks(side, tick.bid_ticks, tick.ask_ticks))
 
     def _decide_place(self, command: Place, now_us: int) -> tuple[Any, Sequence[Event]]:
-        previous = self._previous(command.request_id)
-        if previous is not None:
-            return previous, ()
         terms = command.terms
         try:
             check_terms(self.asset, terms)
@@ -770,9 +768,6 @@ class ShardMachine:
         return self._order_answer(event), (event,)
 
     def _decide_cancel(self, command: Cancel, now_us: int) -> tuple[Any, Sequence[Event]]:
-        previous = self._previous(command.request_id)
-        if previous is not None:
-            return previous, ()
         order = self.orders.get(command.order_id)
         if order is None or order.owner != command.owner:
             ended = self._ended.get(command.order_id) if order is None else None
@@ -785,6 +780,17 @@ class ShardMachine:
         event = OrderEnded(order.order_id, int(OrderStatus.CANCELLED), 0, now_us,
                            self._last_seq + 1, command.request_id, "")
         return self._ended_item(order, event), (event,)
+
+    def _moved(self, what: str, price_ticks: int, req: ShardOpen | ShardClose) -> Rejected | None:
+        """PRICE_MOVED when the request gives its ``current_price_ticks`` and the price it would
+        execute at (``what``: entry or exit) is more than its ``max_slippage_bps`` from it."""
+        if req.current_price_ticks is None or not slippage_exceeded(
+                price_ticks, req.current_price_ticks, req.max_slippage_bps):
+            return None
+        return Rejected(Code.PRICE_MOVED,
+                        f"{what} price {self.asset.ticks_to_price(price_ticks)} is more than "
+                        f"{req.max_slippage_bps} bps from "
+                        f"{self.asset.ticks_to_price(req.current_price_ticks)}")
 
     def _previous(self, request_id: int) -> Answer | None:
         """The first answer of request ``request_id`` (None: not seen, or 0: none given)."""
