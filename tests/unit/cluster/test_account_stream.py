@@ -142,6 +142,12 @@ class Stream:
         self.clients.append(client)
         return client
 
+    async def follow(self, who: Principal, since: int | None) -> Client:
+        """A client :meth:`subscribe` d, once it is :meth:`started`."""
+        client = self.subscribe(who, since)
+        await self.started(client)
+        return client
+
     async def started(self, client: Client) -> None:
         """Until the client's first frames (replay or snapshot) are sent and no refill runs."""
         sub = client.sub
@@ -180,12 +186,24 @@ def run(scenario: Callable[[], Coroutine[Any, Any, T]]) -> T:
     return asyncio.run(main())
 
 
+def run_stream(scenario: Callable[[Stream], Coroutine[Any, Any, T]], **settings: Any) -> T:
+    """:func:`run` ``scenario`` on a new :class:`Stream` (``settings``: its arguments), then
+    close the stream (:meth:`Stream.close`); returns what ``scenario`` returns."""
+
+    async def main() -> T:
+        s = Stream(**settings)
+        out = await scenario(s)
+        await s.close()
+        return out
+
+    return run(main)
+
+
 # -- replay from since, then live events ---------------------------------------------------
 
 
 def test_a_resume_replays_what_follows_since_then_sends_live_events_once() -> None:
-    async def scenario() -> None:
-        s = Stream()
+    async def scenario(s: Stream) -> Stream:
         s.record(ALICE, 6)
         s.record(BOB, 2)
         alice = s.subscribe(ALICE, 2)
@@ -210,15 +228,14 @@ def test_a_resume_replays_what_follows_since_then_sends_live_events_once() -> No
         assert all(d["event"] == "balance" for d in alice.data)
         assert s.streams.snapshots == 0 and s.streams.refills == 0
         assert s.streams.frames == 7
-        await s.close()
-        assert s.tail.closed == 1 and s.tails_made == 1
+        return s
 
-    run(scenario)
+    s = run_stream(scenario)
+    assert s.tail.closed == 1 and s.tails_made == 1
 
 
 def test_events_the_tail_delivers_before_the_start_is_sent_are_sent_once_after_it() -> None:
-    async def scenario() -> None:
-        s = Stream()
+    async def scenario(s: Stream) -> None:
         s.record(ALICE, 3)
         s.tail.push(s.record(ALICE, 2))  # read before the replay from since=1 is sent
         alice = s.subscribe(ALICE, 1)
@@ -227,15 +244,13 @@ def test_events_the_tail_delivers_before_the_start_is_sent_are_sent_once_after_i
         s.tail.push(s.record(ALICE, 1))
         await until(lambda: alice.seqs[-1] == 6)
         assert alice.seqs == [2, 3, 4, 5, 6]
-        await s.close()
 
-    run(scenario)
+    run_stream(scenario)
 
 
 def test_an_event_the_tail_delivers_while_the_start_reads_the_ledger_follows_the_snapshot(
 ) -> None:
-    async def scenario() -> None:
-        s = Stream()
+    async def scenario(s: Stream) -> None:
         s.source.hold = asyncio.Event()
         alice = s.subscribe(ALICE, None)
         await until(lambda: len(s.source.events_reads) == 1)  # answered: the newest is 0
@@ -250,20 +265,17 @@ def test_an_event_the_tail_delivers_while_the_start_reads_the_ledger_follows_the
         s.tail.push(s.record(ALICE, 1))
         await until(lambda: alice.seqs[-1] == 2)
         assert alice.seqs == [0, 1, 2]
-        await s.close()
 
-    run(scenario)
+    run_stream(scenario)
 
 
 # -- a gap --------------------------------------------------------------------------------
 
 
 def test_a_gap_in_the_tail_is_refilled_from_the_ledger_by_the_cursor() -> None:
-    async def scenario() -> None:
-        s = Stream()
+    async def scenario(s: Stream) -> None:
         s.record(ALICE, 4)
-        alice = s.subscribe(ALICE, 4)
-        await s.started(alice)
+        alice = await s.follow(ALICE, 4)
         assert alice.frames == []
         fifth, sixth = s.record(ALICE, 2)
         reads = len(s.source.events_reads)
@@ -279,17 +291,14 @@ def test_a_gap_in_the_tail_is_refilled_from_the_ledger_by_the_cursor() -> None:
         await until(lambda: alice.seqs[-1] == 7)
         assert alice.seqs == [5, 6, 7]
         assert s.streams.refills == 1
-        await s.close()
 
-    run(scenario)
+    run_stream(scenario)
 
 
 def test_a_gap_wider_than_max_replay_is_refilled_with_a_snapshot() -> None:
-    async def scenario() -> None:
-        s = Stream(max_replay=2)
+    async def scenario(s: Stream) -> None:
         s.record(ALICE, 1)
-        alice = s.subscribe(ALICE, 1)
-        await s.started(alice)
+        alice = await s.follow(ALICE, 1)
         events = s.record(ALICE, 3)  # seq 2..4
         s.tail.push(events[-1:])
         await until(lambda: len(alice.frames) == 1)
@@ -298,17 +307,15 @@ def test_a_gap_wider_than_max_replay_is_refilled_with_a_snapshot() -> None:
         s.tail.push(s.record(ALICE, 1))
         await until(lambda: alice.seqs[-1] == 5)
         assert alice.seqs == [4, 5]
-        await s.close()
 
-    run(scenario)
+    run_stream(scenario, max_replay=2)
 
 
 # -- a restart of the tail ----------------------------------------------------------------
 
 
 def test_a_tail_restart_makes_every_subscription_read_the_ledger_by_its_cursor() -> None:
-    async def scenario() -> None:
-        s = Stream()
+    async def scenario(s: Stream) -> None:
         s.record(ALICE, 2)
         s.record(BOB, 1)
         alice, alice_too, bob = (s.subscribe(ALICE, 2), s.subscribe(ALICE, 1),
@@ -328,17 +335,14 @@ def test_a_tail_restart_makes_every_subscription_read_the_ledger_by_its_cursor()
         await until(lambda: bob.seqs[-1] == 5)
         assert alice.seqs == [3, 4] and alice_too.seqs == [2, 3, 4] and bob.seqs == [2, 3, 4, 5]
         assert s.streams.snapshots == 0
-        await s.close()
 
-    run(scenario)
+    run_stream(scenario)
 
 
 def test_an_event_the_tail_delivers_while_a_refill_reads_the_ledger_is_sent() -> None:
-    async def scenario() -> None:
-        s = Stream()
+    async def scenario(s: Stream) -> None:
         s.record(ALICE, 1)
-        alice = s.subscribe(ALICE, 1)
-        await s.started(alice)
+        alice = await s.follow(ALICE, 1)
         sub = alice.sub
         assert sub is not None
         s.source.hold = asyncio.Event()
@@ -350,9 +354,8 @@ def test_an_event_the_tail_delivers_while_a_refill_reads_the_ledger_is_sent() ->
         s.source.release()
         await until(lambda: sub.refill is not None and sub.refill.done())
         assert alice.seqs == [2]
-        await s.close()
 
-    run(scenario)
+    run_stream(scenario)
 
 
 # -- a snapshot first ---------------------------------------------------------------------
@@ -363,17 +366,14 @@ def first_frames(since: int | None, *, recorded: int = 5, kept: int = 100,
     """The data of the frames a subscription with ``since`` is sent first, then with one live
     event."""
 
-    async def scenario() -> list[dict[str, Any]]:
-        s = Stream(AccountLog(kept=kept), max_replay=max_replay)
+    async def scenario(s: Stream) -> list[dict[str, Any]]:
         s.record(ALICE, recorded)
-        alice = s.subscribe(ALICE, since)
-        await s.started(alice)
+        alice = await s.follow(ALICE, since)
         s.tail.push(s.record(ALICE, 1))
         await until(lambda: alice.seqs[-1:] == [recorded + 1])
-        await s.close()
         return alice.data
 
-    return run(scenario)
+    return run_stream(scenario, log=AccountLog(kept=kept), max_replay=max_replay)
 
 
 SNAPSHOT_5 = {"event": "snapshot", "seq": 5, "state": "x"}
@@ -408,8 +408,7 @@ def test_more_missed_events_than_max_replay_get_a_snapshot() -> None:
 
 
 def test_an_unsubscribed_connection_gets_nothing_more_and_the_tail_closes_with_the_last() -> None:
-    async def scenario() -> None:
-        s = Stream()
+    async def scenario(s: Stream) -> Stream:
         s.record(ALICE, 1)
         alice, alice_too = s.subscribe(ALICE, 1), s.subscribe(ALICE, 1)
         await s.started(alice)
@@ -443,15 +442,14 @@ def test_an_unsubscribed_connection_gets_nothing_more_and_the_tail_closes_with_t
         assert s.streams.tail is None and s.tails_made == 1 and alice_too.seqs == [2]
 
         # a new subscriber starts following afresh
-        bob = s.subscribe(BOB, 0)
-        await s.started(bob)
+        bob = await s.follow(BOB, 0)
         assert s.streams._poller is not poller
         s.tail.push(s.record(BOB, 1))
         await until(lambda: bob.seqs == [1])
-        await s.close()
-        assert s.tail.closed == 2 and s.tails_made == 2
+        return s
 
-    run(scenario)
+    s = run_stream(scenario)
+    assert s.tail.closed == 2 and s.tails_made == 2
 
 
 # -- the ledger not answering -------------------------------------------------------------
