@@ -50,7 +50,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
@@ -212,28 +212,30 @@ class ApplyTick:
     tick: Tick
 
 
+_Request = TypeVar("_Request", ShardOpen, ShardClose)
+
+
 @dataclass(frozen=True, slots=True)
-class Open:
+class _Carried(Generic[_Request]):
+    """A command carrying the request a shard executes (and its ``request_id``)."""
+
+    request: _Request
+
+    @property
+    def request_id(self) -> int:
+        return self.request.request_id
+
+
+@dataclass(frozen=True, slots=True)
+class Open(_Carried[ShardOpen]):
     """Open at the last tick. Answer: OpenPosition | Rejected (a seen request id: its first
     answer)."""
 
-    request: ShardOpen
-
-    @property
-    def request_id(self) -> int:
-        return self.request.request_id
-
 
 @dataclass(frozen=True, slots=True)
-class Close:
+class Close(_Carried[ShardClose]):
     """Close the caller's own position at the last tick. Answer: SettlementItem | Rejected (a
     seen request id: its first answer)."""
-
-    request: ShardClose
-
-    @property
-    def request_id(self) -> int:
-        return self.request.request_id
 
 
 @dataclass(frozen=True, slots=True)
