@@ -17,6 +17,7 @@ from engine.order_book import (
     record_of_terms,
 )
 from engine.orders import Side
+from engine.reference import ReferenceRecords
 
 
 def outcome(order: OrderRecord, bid_ticks: int, ask_ticks: int, ts_us: int
@@ -37,27 +38,19 @@ def outcome(order: OrderRecord, bid_ticks: int, ask_ticks: int, ts_us: int
     return OrderOutcome.FILL if fills else None
 
 
-class ReferenceOrderBook:
+class ReferenceOrderBook(ReferenceRecords[OrderRecord]):
     """Open pending orders of one asset as a dict of the book's records; ids count up from 1."""
 
-    def __init__(self) -> None:
-        self.orders: dict[int, OrderRecord] = {}
-        self._next_id = 1
-
-    def __len__(self) -> int:
-        return len(self.orders)
+    @property
+    def orders(self) -> dict[int, OrderRecord]:
+        """The open orders by id."""
+        return self.records
 
     def place(self, owner: int, terms: OrderTerms, placed_ts_us: int) -> int:
-        order_id = self._next_id
-        self._next_id += 1
-        self.orders[order_id] = record_of_terms(terms, order_id, owner, placed_ts_us)
-        return order_id
+        return self._insert(record_of_terms, terms, owner, placed_ts_us)
 
     def remove(self, order_id: int) -> OrderRecord | None:
         return self.orders.pop(order_id, None)
-
-    def get(self, order_id: int) -> OrderRecord | None:
-        return self.orders.get(order_id)
 
     def ids_of_owner(self, owner: int) -> list[int]:
         return sorted(i for i, o in self.orders.items() if o.owner == owner)
@@ -65,18 +58,7 @@ class ReferenceOrderBook:
     def sweep(self, bid_ticks: int, ask_ticks: int, ts_us: int
               ) -> list[tuple[int, OrderOutcome]]:
         """(id, outcome) of every open order this tick ends, ids ascending."""
-        out = []
-        for order_id in sorted(self.orders):
-            what = outcome(self.orders[order_id], bid_ticks, ask_ticks, ts_us)
-            if what is not None:
-                out.append((order_id, what))
-        return out
-
-    def open_margin_by_owner(self) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for o in self.orders.values():
-            out[o.owner] = out.get(o.owner, 0) + o.margin_micros
-        return out
+        return self._ended(lambda o: outcome(o, bid_ticks, ask_ticks, ts_us))
 
 
 __all__ = ["ReferenceOrderBook", "outcome"]

@@ -10,8 +10,9 @@ fast kernels and this reference through the same cases and check they agree.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from engine.assets import Asset
 from engine.book import PositionRecord, record_of_plan
@@ -121,37 +122,84 @@ def settle(asset: Asset, side: Side, entry_ticks: int, qty_steps: int, margin_mi
     return Settlement(pnl, payout, -pnl, margin_micros + pnl - payout)
 
 
-class ReferenceBook:
+class _Owned(Protocol):
+    @property
+    def owner(self) -> int: ...
+
+    @property
+    def margin_micros(self) -> int: ...
+
+
+RecordT = TypeVar("RecordT", bound=_Owned)
+OutcomeT = TypeVar("OutcomeT")
+
+
+class ReferenceRecords(Generic[RecordT]):
+    """A reference book's live items: their records (those of the fast book,
+    engine.rows.RowStore) in a dict by id; ids count up from 1."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, RecordT] = {}
+        self._next_id = 1
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _insert(self, build: Callable[[Any, int, int, int], RecordT], terms: Any, owner: int,
+                ts_us: int) -> int:
+        """Add ``build(terms, id, owner, ts_us)`` under the next id; returns the id."""
+        item_id = self._next_id
+        self._next_id += 1
+        self.records[item_id] = build(terms, item_id, owner, ts_us)
+        return item_id
+
+    def get(self, item_id: int) -> RecordT | None:
+        return self.records.get(item_id)
+
+    def _ended(self, outcome_of: Callable[[RecordT], OutcomeT | None]
+               ) -> list[tuple[int, OutcomeT]]:
+        """(id, outcome) of every item whose ``outcome_of`` is not None, ids ascending."""
+        out = []
+        for item_id in sorted(self.records):
+            what = outcome_of(self.records[item_id])
+            if what is not None:
+                out.append((item_id, what))
+        return out
+
+    def open_margin_by_owner(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for r in self.records.values():
+            out[r.owner] = out.get(r.owner, 0) + r.margin_micros
+        return out
+
+
+class ReferenceBook(ReferenceRecords[PositionRecord]):
     """Open positions of one asset as a dict of the book's records
     (:class:`engine.book.PositionRecord`), each with its exact liquidation price beside it;
     ids count up from 1."""
 
     def __init__(self, asset: Asset, book_tag: int = 0, capacity: int = 0) -> None:
         del capacity
+        super().__init__()
         self.asset = asset
         self.book_tag = book_tag
-        self.positions: dict[int, PositionRecord] = {}
         self.liq_prices: dict[int, Fraction] = {}  # exact, USD, by position id
-        self._next_id = 1
 
-    def __len__(self) -> int:
-        return len(self.positions)
+    @property
+    def positions(self) -> dict[int, PositionRecord]:
+        """The open positions by id."""
+        return self.records
 
     def open(self, owner: int, plan: OpenPlan, opened_ts_us: int) -> int:
-        pid = self._next_id
-        self._next_id += 1
+        pid = self._insert(record_of_plan, plan, owner, opened_ts_us)
         self.liq_prices[pid] = exact_liquidation_price(
             self.asset, plan.side, plan.entry_ticks, plan.qty_steps, plan.margin_micros,
             plan.maintenance_margin_ppm)
-        self.positions[pid] = record_of_plan(plan, pid, owner, opened_ts_us)
         return pid
 
     def close(self, position_id: int) -> PositionRecord | None:
         self.liq_prices.pop(position_id, None)
         return self.positions.pop(position_id, None)
-
-    def get(self, position_id: int) -> PositionRecord | None:
-        return self.positions.get(position_id)
 
     def amend(self, position_id: int, *, margin_micros: int | None = None,
               liq_ticks: int | None = None, tp_ticks: int | None = None,
@@ -215,27 +263,17 @@ class ReferenceBook:
 
     def sweep(self, bid_ticks: int, ask_ticks: int) -> list[tuple[int, CloseReason]]:
         """(id, reason) of every position this tick closes, ids ascending."""
-        out = []
-        for pid in sorted(self.positions):
-            why = self.reason(self.positions[pid], bid_ticks, ask_ticks)
-            if why is not None:
-                out.append((pid, why))
-        return out
+        return self._ended(lambda p: self.reason(p, bid_ticks, ask_ticks))
 
     def unrealized_pnl_micros(self, position_id: int, bid_ticks: int, ask_ticks: int) -> int:
         p = self.positions[position_id]
         exit_ticks = bid_ticks if p.side == Side.LONG else ask_ticks
         return pnl_micros(self.asset, p.side, p.entry_ticks, p.qty_steps, exit_ticks)
 
-    def open_margin_by_owner(self) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for p in self.positions.values():
-            out[p.owner] = out.get(p.owner, 0) + p.margin_micros
-        return out
-
 
 __all__ = [
     "ReferenceBook",
+    "ReferenceRecords",
     "exact_liquidation_price",
     "liquidation_ticks",
     "plan_open",
