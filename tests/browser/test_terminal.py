@@ -103,6 +103,34 @@ def open_long_from_ticket(driver: WebDriver, margin: str, leverage: str) -> None
     by_id(driver, "submit-long").click()
 
 
+def open_long_on_a_new_page(platform: RayHttpPlatform, driver: WebDriver, http: httpx.Client,
+                            margin: str = "100", leverage: str = "10") -> tuple[str, str]:
+    """A SOL long opened from the ticket of a new account's terminal at 100.00/100.01: (the
+    account's API key, the position's id once its row shows)."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(driver, platform)
+    key = create_account(driver)
+    open_long_from_ticket(driver, margin, leverage)
+    return key, wait_position_row(driver, "SOL", "long")
+
+
+def wait_banner_answers_as_the_api(driver: WebDriver, http: httpx.Client, key: str, code: str,
+                                   status: int, action: str, body: dict[str, Any]
+                                   ) -> WebElement:
+    """Until the error banner shows ``code``; then the request the page sent, sent to the API
+    (``POST /api/v1/positions/<action>`` with ``body``), is answered ``status`` with that code
+    and the very message the banner shows. Returns the banner."""
+    banner = by_id(driver, "error-banner")
+    wait_until(driver, lambda d: banner.is_displayed()
+               and banner.get_attribute("data-code") == code, f"the {code} banner")
+    r = http.post(f"/api/v1/positions/{action}", headers={"Authorization": f"Bearer {key}"},
+                  json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    assert text_of(driver, "error-message") == r.json()["error"]["message"] != ""
+    return banner
+
+
 def account(http: httpx.Client, key: str) -> dict[str, Any]:
     r = http.get("/api/v1/state", headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 200, r.text
@@ -199,11 +227,7 @@ def test_liquidation_by_a_produced_price_leaves_the_table_and_shows_in_history(
         platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
     """A price produced to the topic at a long's liquidation price closes it in the engine; the
     open page drops the row and lists it as liquidated, with no reload and no click."""
-    tick(platform, http, "SOL", "100.00", "100.01")
-    open_terminal(browser, platform)
-    key = create_account(browser)
-    open_long_from_ticket(browser, "100", "20")
-    position_id = wait_position_row(browser, "SOL", "long")
+    key, position_id = open_long_on_a_new_page(platform, browser, http, leverage="20")
     liquidation = D(account(http, key)["positions"][0]["liquidationPrice"])
     mark_page(browser)
     stream = by_id(browser, "account-stream")
@@ -235,15 +259,10 @@ def test_api_error_is_shown_with_the_apis_code_and_message(
     assert banner.get_attribute("data-code") != "INSUFFICIENT_BALANCE"
 
     open_long_from_ticket(browser, "20000", "10")
-    wait_until(browser, lambda d: banner.is_displayed()
-               and banner.get_attribute("data-code") == "INSUFFICIENT_BALANCE",
-               "the INSUFFICIENT_BALANCE banner")
+    wait_banner_answers_as_the_api(browser, http, key, "INSUFFICIENT_BALANCE", 409, "open",
+                                   {"asset": "SOL", "type": "long", "margin": "20000",
+                                    "leverage": 10})
     assert text_of(browser, "error-code") == "INSUFFICIENT_BALANCE"
-    r = http.post("/api/v1/positions/open", headers={"Authorization": f"Bearer {key}"},
-                  json={"asset": "SOL", "type": "long", "margin": "20000", "leverage": 10})
-    assert r.status_code == 409, r.text
-    assert r.json()["error"]["code"] == "INSUFFICIENT_BALANCE"
-    assert text_of(browser, "error-message") == r.json()["error"]["message"] != ""
     assert account(http, key)["positions"] == []
     assert position_rows(browser) == []
 
@@ -479,11 +498,7 @@ def test_partial_close_from_the_row_keeps_the_rest_open_and_lists_the_part(
     """A quantity typed next to Close closes that part only: the row stays with the remaining
     quantity, margin and liquidation price the API answers, the history lists the part as a
     partial close (its own closeId); Close with the field empty then closes the rest."""
-    tick(platform, http, "SOL", "100.00", "100.01")
-    open_terminal(browser, platform)
-    key = create_account(browser)
-    open_long_from_ticket(browser, "100", "10")
-    position_id = wait_position_row(browser, "SOL", "long")
+    key, position_id = open_long_on_a_new_page(platform, browser, http)
     opened = api_position(http, key, position_id)
     assert opened is not None
     quantity_input = row_control(browser, "close-quantity", position_id)
@@ -544,11 +559,7 @@ def test_take_profit_and_stop_loss_edited_from_the_row(
     """Edit opens the row's TP/SL inputs (prefilled); Save sets the levels the row then shows,
     an SL below the liquidation price shows INVALID_TRIGGER with the API's message and changes
     nothing, and an emptied field removes its level."""
-    tick(platform, http, "SOL", "100.00", "100.01")
-    open_terminal(browser, platform)
-    key = create_account(browser)
-    open_long_from_ticket(browser, "100", "10")
-    position_id = wait_position_row(browser, "SOL", "long")
+    key, position_id = open_long_on_a_new_page(platform, browser, http)
     editor = row_control(browser, "position-editor", position_id)
     assert not editor.is_displayed()
 
@@ -575,16 +586,9 @@ def test_take_profit_and_stop_loss_edited_from_the_row(
     assert sl_input.get_attribute("value") == modified["stopLoss"]
     type_into(sl_input, below)
     row_control(browser, "save-triggers", position_id).click()
-    banner = by_id(browser, "error-banner")
-    wait_until(browser, lambda d: banner.is_displayed()
-               and banner.get_attribute("data-code") == "INVALID_TRIGGER",
-               "the INVALID_TRIGGER banner")
-    r = http.post("/api/v1/positions/modify", headers={"Authorization": f"Bearer {key}"},
-                  json={"positionId": position_id, "takeProfit": modified["takeProfit"],
-                        "stopLoss": below})
-    assert r.status_code == 422, r.text
-    assert r.json()["error"]["code"] == "INVALID_TRIGGER"
-    assert text_of(browser, "error-message") == r.json()["error"]["message"] != ""
+    banner = wait_banner_answers_as_the_api(
+        browser, http, key, "INVALID_TRIGGER", 422, "modify",
+        {"positionId": position_id, "takeProfit": modified["takeProfit"], "stopLoss": below})
     assert editor.is_displayed()  # kept open to correct the value
     assert levels(api_position(http, key, position_id)) == levels(modified)
     wait_row_shows(browser, position_id, modified)
@@ -608,11 +612,7 @@ def test_margin_added_and_removed_from_the_row_at_phone_width(
     liquidation price and the balances follow the API's answers; a removal the API refuses
     shows its error and changes nothing."""
     set_viewport(browser, *PHONE)
-    tick(platform, http, "SOL", "100.00", "100.01")
-    open_terminal(browser, platform)
-    key = create_account(browser)
-    open_long_from_ticket(browser, "100", "10")
-    position_id = wait_position_row(browser, "SOL", "long")
+    key, position_id = open_long_on_a_new_page(platform, browser, http)
     before = api_position(http, key, position_id)
     assert before is not None
     wait_row_shows(browser, position_id, before)
@@ -645,14 +645,8 @@ def test_margin_added_and_removed_from_the_row_at_phone_width(
     too_much = str(D(removed["margin"]) - D("0.01"))
     type_into(amount, too_much)
     row_control(browser, "remove-margin", position_id).click()
-    banner = by_id(browser, "error-banner")
-    wait_until(browser, lambda d: banner.is_displayed()
-               and banner.get_attribute("data-code") == "INVALID_REQUEST",
-               "the refused removal in the banner")
-    r = http.post("/api/v1/positions/margin", headers={"Authorization": f"Bearer {key}"},
-                  json={"positionId": position_id, "amount": f"-{too_much}"})
-    assert r.status_code == 422, r.text
-    assert text_of(browser, "error-message") == r.json()["error"]["message"] != ""
+    wait_banner_answers_as_the_api(browser, http, key, "INVALID_REQUEST", 422, "margin",
+                                   {"positionId": position_id, "amount": f"-{too_much}"})
     assert levels(api_position(http, key, position_id)) == levels(removed)
     wait_row_shows(browser, position_id, removed)
 
