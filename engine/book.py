@@ -55,7 +55,6 @@ from engine.position_ids import ROW_MASK, ROW_SHIFT, book_tag_of
 from engine.rows import RowStore, int64_columns
 from engine.triggers import KeyFunction, naive_sweep
 
-_INT64_MAX = (1 << 63) - 1
 _COLUMNS = schema.BOOK_ROW
 COLUMN_NAMES = tuple(f.column for f in _COLUMNS)
 """The book's column names (and snapshot array names), in schema order."""

@@ -54,6 +54,7 @@ FREE_HEAD = "free_head"
 """The snapshot array (int64, shape (1,)) holding the first free row (-1: none)."""
 _OWNED = ("owner", "margin_micros")  # columns every store has: who holds a row, what it locks
 
+
 def int64_columns(columns: Mapping[str, np.ndarray], *names: str) -> list[np.ndarray]:
     """The columns ``names`` of ``columns`` (arrays by column name) as int64 arrays, in that
     order."""
