@@ -6,8 +6,9 @@ are bounded."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal as D
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 import websockets
 
 from cluster.config import Settings
-from tests.e2e.api_client import open_position, signup, tick
+from tests.e2e.api_client import open_position, signup, sol_trader, tick
 from tests.e2e.http_platform import HttpPlatform, LocalHttpPlatform
 
 WAIT_S = 10.0
@@ -202,22 +203,26 @@ async def account_frames(ws: Any, count: int) -> list[dict[str, Any]]:
     return out
 
 
-async def subscribe_account(ws: Any, key: str, since: int | None = None) -> None:
-    await send(ws, "AUTH", key)
-    request: dict[str, Any] = {"method": "SUBSCRIBE", "params": ["account"]}
-    if since is not None:
-        request["since"] = since
-    await ws.send(json.dumps(request))
+@contextlib.asynccontextmanager
+async def account_stream(platform: HttpPlatform, headers: dict[str, str],
+                         since: int | None = None) -> AsyncIterator[Any]:
+    """A connection to ``/ws`` subscribed (after ``since``, if given) to the account whose
+    Authorization header is ``headers``."""
+    async with websockets.connect(ws_url(platform)) as ws:
+        await send(ws, "AUTH", api_key(headers))
+        request: dict[str, Any] = {"method": "SUBSCRIBE", "params": ["account"]}
+        if since is not None:
+            request["since"] = since
+        await ws.send(json.dumps(request))
+        yield ws
 
 
 def test_the_account_stream_carries_each_event_once_in_order(platform: HttpPlatform,
                                                              http: httpx.Client) -> None:
-    h = signup(http)
-    tick(platform, http, "SOL", "100.00", "100.01")
+    h = sol_trader(platform, http)
 
     async def scenario() -> None:
-        async with websockets.connect(ws_url(platform)) as ws:
-            await subscribe_account(ws, api_key(h))
+        async with account_stream(platform, h) as ws:
             (snap,) = await account_frames(ws, 1)  # the state first, with its seq
             assert snap["event"] == "snapshot" and snap["seq"] == 1  # the signup's balance
             assert D(snap["balances"]["free"]) == 10000 and snap["positions"] == []
@@ -265,12 +270,10 @@ def test_the_account_stream_carries_each_event_once_in_order(platform: HttpPlatf
 
 def test_the_account_stream_resumes_after_a_seq_without_a_gap_or_a_duplicate(
         platform: HttpPlatform, http: httpx.Client) -> None:
-    h = signup(http)
-    tick(platform, http, "SOL", "100.00", "100.01")
+    h = sol_trader(platform, http)
 
     async def scenario() -> None:
-        async with websockets.connect(ws_url(platform)) as ws:
-            await subscribe_account(ws, api_key(h))
+        async with account_stream(platform, h) as ws:
             (snap,) = await account_frames(ws, 1)
         # while nobody listens: two opens and a close (six events)
         first = await asyncio.to_thread(open_position, http, h, asset="SOL", type="long",
@@ -280,8 +283,7 @@ def test_the_account_stream_resumes_after_a_seq_without_a_gap_or_a_duplicate(
         r = await asyncio.to_thread(http.post, "/api/v1/positions/close",
                                     json={"positionId": first["positionId"]}, headers=h)
         assert r.status_code == 200, r.text
-        async with websockets.connect(ws_url(platform)) as ws:
-            await subscribe_account(ws, api_key(h), since=snap["seq"])
+        async with account_stream(platform, h, since=snap["seq"]) as ws:
             missed = await account_frames(ws, 6)
             assert [m["seq"] for m in missed] == list(range(snap["seq"] + 1, snap["seq"] + 7))
             assert [m["event"] for m in missed] == [
@@ -342,19 +344,16 @@ def test_more_missed_account_events_than_a_connection_may_hold_unsent_come_as_a_
     """Resuming far behind would overflow the connection's unsent frames (it would be closed
     as slow): the server sends the state instead; one missed event is sent as it is."""
     with httpx.Client(base_url=tight.base_url, timeout=10) as http:
-        h = signup(http)
-        tick(tight, http, "SOL", "100.00", "100.01")
+        h = sol_trader(tight, http)
         for margin in ("10", "20"):  # four events after the signup's
             open_position(http, h, asset="SOL", type="long", margin=margin, leverage=2)
 
         async def scenario() -> None:
-            async with websockets.connect(ws_url(tight)) as ws:
-                await subscribe_account(ws, api_key(h), since=1)
+            async with account_stream(tight, h, since=1) as ws:
                 (snap,) = await account_frames(ws, 1)
                 assert snap["event"] == "snapshot" and snap["seq"] == 5
                 assert len(snap["positions"]) == 2
-            async with websockets.connect(ws_url(tight)) as ws:
-                await subscribe_account(ws, api_key(h), since=4)
+            async with account_stream(tight, h, since=4) as ws:
                 (missed,) = await account_frames(ws, 1)
                 assert (missed["event"], missed["seq"]) == ("positionOpened", 5)
 
@@ -363,12 +362,10 @@ def test_more_missed_account_events_than_a_connection_may_hold_unsent_come_as_a_
 
 def test_a_filled_order_is_followed_by_the_position_it_opened(platform: HttpPlatform,
                                                               http: httpx.Client) -> None:
-    h = signup(http)
-    tick(platform, http, "SOL", "100.00", "100.01")
+    h = sol_trader(platform, http)
 
     async def scenario() -> None:
-        async with websockets.connect(ws_url(platform)) as ws:
-            await subscribe_account(ws, api_key(h))
+        async with account_stream(platform, h) as ws:
             (snap,) = await account_frames(ws, 1)
             r = await asyncio.to_thread(http.post, "/api/v1/orders", headers=h, json={
                 "asset": "SOL", "type": "long", "orderType": "limit", "triggerPrice": "99",
