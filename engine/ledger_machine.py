@@ -75,7 +75,7 @@ import json
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, overload
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 
@@ -100,6 +100,7 @@ from engine.events import (
     decode_batch,
 )
 from engine.ledger import FUNDING, HOUSE, INSURANCE, Ledger, LedgerError
+from engine.machine import SnapshotParts
 from engine.messages import (
     ClosedPosition,
     EndedOrder,
@@ -497,16 +498,6 @@ class CreatedAccount(NamedTuple):
     user: int
     account_id: str
     balance_micros: int
-
-
-class SnapshotParts(Protocol):
-    """What :meth:`LedgerMachine.restore` reads of a loaded snapshot (``arrays``, ``meta``)."""
-
-    @property
-    def arrays(self) -> Mapping[str, np.ndarray]: ...
-
-    @property
-    def meta(self) -> Mapping[str, Any]: ...
 
 
 _OPEN, _ORDER, _TOP_UP = 0, 1, 2  # what a lock pays for (a lock's kind)
@@ -1417,11 +1408,7 @@ class LedgerMachine:
             "history_assets": assets,
             "order_history_assets": order_assets,
             "order_history_reject_codes": reject_codes,
-            "closed_count": self._closed_count,
-            "open_counts": sorted(self._open_counts.items()),
-            "order_counts": sorted(self._order_counts.items()),
-            "returned": list(self._returned),
-            "account_seqs": sorted(self.account_log.last_seq.items()),
+            **self._counts(),
             # the events as they are (tuples of plain values): made JSON by the snapshot
             # writer, off this thread
             "account_events": self.account_log.kept(),
@@ -1551,6 +1538,18 @@ class LedgerMachine:
                     problems.append(f"user {user} counts {count} {what} without margin")
         return problems
 
+    def _counts(self) -> dict[str, Any]:
+        """The counts kept beside the accounts (closes; opens and orders by user; returned
+        requests; the newest seq of each account's events) as plain values, as a snapshot's
+        meta and the fingerprint hold them."""
+        return {
+            "closed_count": self._closed_count,
+            "open_counts": sorted(self._open_counts.items()),
+            "order_counts": sorted(self._order_counts.items()),
+            "returned": list(self._returned),
+            "account_seqs": sorted(self.account_log.last_seq.items()),
+        }
+
     def fingerprint(self) -> dict[str, Any]:
         """Every piece of state as plain values (for replay-equality tests)."""
         history, history_index = self._history.fingerprint()
@@ -1571,11 +1570,7 @@ class LedgerMachine:
             "history_index": history_index,
             "order_history": order_history,
             "order_history_index": order_history_index,
-            "closed_count": self._closed_count,
-            "open_counts": sorted(self._open_counts.items()),
-            "order_counts": sorted(self._order_counts.items()),
-            "returned": list(self._returned),
-            "account_seqs": sorted(self.account_log.last_seq.items()),
+            **self._counts(),
             "account_events": [_account_event_row(e) for e in self.account_log.kept()],
             "noted": list(self._noted),
         }

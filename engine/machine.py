@@ -17,8 +17,10 @@ same ``apply``. A read is a command that decides no events.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
+
+import numpy as np
 
 from engine.events import VOLATILE_EVENTS, Event, EventError, encode
 from engine.results import Code, Rejected
@@ -50,6 +52,17 @@ class Machine(Protocol):
     def check(self) -> list[str]:
         """The state's invariants: a list of differences, [] when they hold."""
         ...
+
+
+class SnapshotParts(Protocol):
+    """A loaded snapshot (cluster.durability.snapshot.Snapshot): the ``arrays`` and ``meta`` of
+    a :meth:`Machine.snapshot`, as a machine's ``restore`` reads them."""
+
+    @property
+    def arrays(self) -> Mapping[str, np.ndarray]: ...
+
+    @property
+    def meta(self) -> Mapping[str, Any]: ...
 
 
 class StateCorrupted(RuntimeError):

@@ -50,7 +50,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -75,6 +75,7 @@ from engine.events import (
     decode,
     record_dtype,
 )
+from engine.machine import SnapshotParts
 from engine.market import Tick
 from engine.messages import (
     ClosedPosition,
@@ -358,16 +359,6 @@ class OutboxView(NamedTuple):
 
     items: list[SettlementItem]
     last_seq: int
-
-
-class SnapshotLike(Protocol):
-    """A loaded snapshot (cluster.durability.snapshot.Snapshot): its arrays and meta."""
-
-    @property
-    def arrays(self) -> Mapping[str, np.ndarray]: ...
-
-    @property
-    def meta(self) -> Mapping[str, Any]: ...
 
 
 class _Amendable(NamedTuple):
@@ -1185,7 +1176,7 @@ class ShardMachine:
 
     @classmethod
     def restore(cls, name: str, book_tag: int, asset: Asset, maintenance_margin_ppm: int,
-                max_price_age_us: int, snapshot: SnapshotLike | None) -> ShardMachine:
+                max_price_age_us: int, snapshot: SnapshotParts | None) -> ShardMachine:
         """The machine from a loaded snapshot, or a fresh one when None."""
         if snapshot is None:
             return cls(name, book_tag, asset, maintenance_margin_ppm, max_price_age_us)
