@@ -179,6 +179,7 @@ class Labelled(IntEnum):
         raise ValueError(f"{cls._noun} must be {' or '.join(map(repr, cls._labels))}, "
                          f"got {text!r}")
 
+
 # --------------------------------------------------------------------------- the fields
 position_id = Field("position_id", ID,
                     "the position's id (engine.position_ids); a free book row holds minus the "

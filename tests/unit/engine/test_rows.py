@@ -45,8 +45,9 @@ BOOKS: list[Any] = [
 def _declare(**layout: Any) -> type:
     """A RowStore subclass of ORDER_ROW declared with ``layout`` over sound defaults."""
     given: dict[str, Any] = {"columns": schema.ORDER_ROW, "attributes": _ORDER_ATTRS,
-                             "record": tuple, "id_column": "order_id", "link_column": "trigger_ticks",
-                             "noun": "thing", "indexes": (), **layout}
+                             "record": tuple, "id_column": "order_id",
+                             "link_column": "trigger_ticks", "noun": "thing", "indexes": (),
+                             **layout}
     return types.new_class("Things", (RowStore,), given)
 
 
