@@ -25,6 +25,11 @@ through the courier (cluster.trading.courier) with one ledger call, their acknow
 with the shard's next call; a shard whose delivery failed is delivered in full (outbox read,
 ledger, acknowledgement) every ``lookup_retry_s`` until it succeeds.
 
+Every shard call leaves a :class:`CallTiming` (when its ticks were read, when the call was sent,
+when the shard and then the ledger answered) in a ring of the newest :data:`CALLS_KEPT`, read
+with ``call_timings``: the feed's part of ``shardex bench latency``. Keeping it costs three
+clock reads and a tuple per call, and one clock read per batch the pipeline accepts.
+
 The ticks the pipeline accepts also build the candles (cluster.live.market.MarketLive, written
 to ``candles_dir`` before they are served), read by the API through ``klines`` and, for the
 public WebSocket streams, ``live_changes`` (a long poll).
@@ -33,13 +38,15 @@ public WebSocket streams, ``live_changes`` (a long poll).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray
 
@@ -56,6 +63,33 @@ from feed.consumer import MarketDataConsumer
 from feed.pipeline import TickPipeline
 
 log = logging.getLogger(__name__)
+
+CALLS_KEPT = 4096  # shard calls whose timings the feed actor keeps (the newest)
+READS_KEPT = 4  # read times kept per asset, for the ticks of calls not made yet
+
+
+class CallTiming(NamedTuple):
+    """One tick call to a shard, wall clock in microseconds since the epoch (comparable with
+    the hosts' ExecuteTiming; 0 where it did not happen).
+
+    ``shard``; ``ticks``: ``(ts_us, seq, read_us)`` of each tick it carried, ``read_us`` when
+    the batch holding it was read and accepted (0: unknown); ``sent_us``: the call was made;
+    ``answered_us``: the shard's answer arrived; ``closed``: positions its ticks closed;
+    ``settle_us`` / ``settled_us``: the settlement delivery to the ledger that followed began
+    and ended.
+    """
+
+    shard: str
+    ticks: tuple[tuple[int, int, int], ...]
+    sent_us: int
+    answered_us: int
+    closed: int
+    settle_us: int
+    settled_us: int
+
+
+def _wall_us() -> int:
+    return time.time_ns() // 1000
 
 
 def _renice(nice: int) -> None:
@@ -88,8 +122,8 @@ class FeedActorShell:
     Methods (all async): ``start(timeout_s=30) -> bool``, ``stats() -> dict``,
     ``prices() -> dict``, ``pid() -> int``, ``stop()``, ``set_shard_handles({name: handle})``,
     ``klines(asset, interval, query) -> [Candle]``, ``live_changes(since, timeout_s) ->
-    Changes``. These start consumption if it is not running, so a restarted actor resumes on
-    the first call.
+    Changes``, ``call_timings(since) -> (count, [CallTiming])``. These start consumption if it
+    is not running, so a restarted actor resumes on the first call.
     """
 
     def __init__(self, settings: Settings, bootstrap: str | None = None, *,
@@ -115,6 +149,11 @@ class FeedActorShell:
         self._retry: asyncio.Task[None] | None = None
         self.ticks_refused = 0  # ticks a shard refused (out of its bounds): dropped, counted
         self.deliveries_failed = 0
+        self._timings: deque[CallTiming] = deque(maxlen=CALLS_KEPT)
+        self._timed = 0  # calls timed since the start (the ring keeps the newest)
+        # (tick, read_us) of the newest ticks accepted, per asset: a call finds its ticks' here
+        self._reads: dict[str, deque[tuple[Tick, int]]] = {
+            a.name: deque(maxlen=READS_KEPT) for a in settings.assets.assets}
         routes = {a.name: [s.name for s in Layout(settings).of_asset(a.name)]
                   for a in settings.assets.assets}
         pipeline = TickPipeline(settings.assets, routes, settings.feed.bounds,
@@ -124,7 +163,7 @@ class FeedActorShell:
         self.consumer = MarketDataConsumer(
             bootstrap or settings.bootstrap_servers, pipeline, self._call,
             reachable=self._reachable, topic=topic, client_id=group_id,
-            on_accepted=self.market.apply, **consumer_options)
+            on_accepted=self._accepted, **consumer_options)
 
     # -- the actor's methods ---------------------------------------------------------------
     async def start(self, timeout_s: float = 30.0) -> bool:
@@ -163,6 +202,15 @@ class FeedActorShell:
             since = 0
         return await self.market.wait(since, timeout_s)
 
+    async def call_timings(self, since: int = 0) -> tuple[int, list[CallTiming]]:
+        """``(count, timings)``: how many shard calls were timed so far, and the timings of
+        those after the first ``since`` (a count an earlier call returned), oldest first; only
+        the newest :data:`CALLS_KEPT` are kept."""
+        self.consumer.ensure_started()
+        count, kept = self._timed, len(self._timings)
+        newer = min(kept, max(0, count - since))
+        return count, list(itertools.islice(self._timings, kept - newer, kept))
+
     async def set_shard_handles(self, handles: Mapping[str, Any]) -> None:
         """Call these handles from now on; never look shards up by name again."""
         self.handles.update(handles)
@@ -177,6 +225,22 @@ class FeedActorShell:
         await self.consumer.stop()
 
     # -- the Ray calls ---------------------------------------------------------------------
+    def _accepted(self, ticks: list[Tick]) -> None:
+        """The ticks of a batch the pipeline accepted: note when they were read, build the
+        candles."""
+        read_us = _wall_us()
+        for tick in ticks:
+            reads = self._reads.get(tick.asset)
+            if reads is not None:
+                reads.append((tick, read_us))
+        self.market.apply(ticks)
+
+    def _read_us(self, tick: Tick) -> int:
+        for seen, read_us in reversed(self._reads.get(tick.asset, ())):
+            if seen is tick:
+                return read_us
+        return 0
+
     def _reachable(self, name: str) -> bool:
         """True when shard ``name``'s handle is known, looking it up by name at most every
         ``lookup_retry_s``."""
@@ -207,6 +271,8 @@ class FeedActorShell:
         commands: list[object] = [ApplyTick(t) for t in ticks]
         if not undelivered:  # the settlements come back with the ticks' answers
             commands.append(Outbox())
+        stamps = tuple((t.ts_us, t.seq, self._read_us(t)) for t in ticks)
+        sent_us = _wall_us()
         try:
             answers = await self._port(name).send(commands)
         except Exception:  # a dead or failing shard: look it up again later
@@ -214,11 +280,18 @@ class FeedActorShell:
                 self.handles.pop(name, None)
                 self._lookup_after[name] = time.monotonic() + self.lookup_retry_s
             raise
+        answered_us = settle_us = _wall_us()
+        closed = sum(a for a in answers[:len(ticks)] if type(a) is int)
         self.ticks_refused += sum(1 for a in answers[:len(ticks)] if not isinstance(a, int))
         if undelivered:
             await self._settle(name)
         elif isinstance(answers[-1], OutboxView) and answers[-1].items:
             await self._settle(name, answers[-1])
+        else:
+            settle_us = 0
+        self._timings.append(CallTiming(name, stamps, sent_us, answered_us, closed, settle_us,
+                                        _wall_us() if settle_us else 0))
+        self._timed += 1
 
     async def _settle(self, name: str, view: OutboxView | None = None) -> None:
         """Deliver shard ``name``'s settlements to the ledger (``view``: the outbox as the tick

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 
 import websockets
@@ -51,7 +52,10 @@ class BackpackClient:
 
     ``stream(stop)`` yields :class:`MarketDataMessage` until ``stop`` is set; after any close or
     error it waits a jittered backoff, reconnects and resubscribes. Counters: ``connects``,
-    ``disconnects``, ``error_frames`` and the normaliser's drop counts (``stats()``).
+    ``disconnects``, ``error_frames`` and the normaliser's drop counts (``stats()``);
+    ``last_frame_us``: wall clock (microseconds since the epoch) when the newest frame was
+    received, so the message just yielded was received then (the first hop of the latency
+    budget, ``shardex bench latency``).
     """
 
     name = "backpack"
@@ -69,6 +73,7 @@ class BackpackClient:
         self.disconnects = 0
         self.connected = False
         self.last_error: str | None = None
+        self.last_frame_us = 0
 
     def stats(self) -> dict[str, object]:
         return {
@@ -126,6 +131,7 @@ class BackpackClient:
                         await recv
                     return
                 raw = recv.result()  # raises ConnectionClosed when the socket closed
+                self.last_frame_us = time.time_ns() // 1000
                 out = self.normalizer.feed(raw)
                 if isinstance(out, MarketDataMessage):
                     yield out

@@ -11,13 +11,14 @@ to a Kafka topic after every batch (cluster.actors.publisher).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.actor_names import LEDGER
 from cluster.actors.publisher import Publisher
 from cluster.config import Settings
-from cluster.durability.runner import Runner
+from cluster.durability.runner import ExecuteTiming, Runner
 from cluster.durability.snapshot import Snapshot
 from cluster.trading.placement import shard_layout
 
@@ -67,7 +68,9 @@ class MachineHost:
     def execute(self, commands: list[Any]) -> list[Any]:
         answers = self.runner.execute(commands)
         if self.publisher is not None:
+            started_ns = time.time_ns()
             self._publish()  # after the answers are durable: only journaled state goes out
+            self.runner.note_after_us((time.time_ns() - started_ns) // 1000)
         return answers
 
     def _publish(self) -> None:
@@ -84,6 +87,11 @@ class MachineHost:
                 "journal_bytes": self.runner.journal_bytes(),
                 "commands": self.runner.commands, "batches": self.runner.batches,
                 "published": None if self.publisher is None else self.publisher.stats()}
+
+    def timings(self, since: int = 0) -> tuple[int, list[ExecuteTiming]]:
+        """Where the newest executes spent their time (Runner.timings_since): ``(count,
+        timings)``; pass ``count`` back as ``since`` to get only the executes after it."""
+        return self.runner.timings_since(since)
 
     def checkpoint(self) -> int:
         return self.runner.checkpoint()

@@ -17,13 +17,20 @@ rule), and recovery rebuilds the state from disk.
 
 Recovery is the same ``apply``: newest valid snapshot, then every journal record after it
 through ``machine.apply_batch``.
+
+Every execute leaves an :class:`ExecuteTiming` (where its time went) in a ring of the newest
+:data:`TIMINGS_KEPT`, read with :meth:`Runner.timings_since`: what ``shardex bench latency``
+splits a call to a host into. Keeping it costs four clock reads and a tuple per batch, not per
+command.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -37,11 +44,33 @@ M = TypeVar("M", bound=Machine)
 
 Build = Callable[[Snapshot | None], Any]  # restore a machine from a snapshot (None = fresh)
 
+TIMINGS_KEPT = 4096  # executes whose timings a runner keeps (the newest)
+
 
 class Failed(NamedTuple):
     """The answer to a command whose ``decide`` raised (a bug, reported, nothing changed)."""
 
     error: str
+
+
+class ExecuteTiming(NamedTuple):
+    """Where one :meth:`Runner.execute` spent its time, in microseconds.
+
+    ``start_us`` and ``end_us``: wall clock (``time.time_ns() // 1000``, comparable across the
+    processes of one machine) when the batch began and when its answers were ready (durable);
+    ``commands``: the batch's size; ``step_us``: stepping its commands (decide, encode and
+    apply, which engine.machine.step interleaves per command); ``commit_us``: the journal
+    append, the commit (its fdatasync) and the snapshot check (0 in memory); ``after_us``: what
+    the host did with the batch after the runner answered (publishing its outbound messages;
+    :meth:`Runner.note_after_us`).
+    """
+
+    start_us: int
+    commands: int
+    step_us: int
+    commit_us: int
+    end_us: int
+    after_us: int = 0
 
 
 def wall_clock_us() -> int:
@@ -60,6 +89,8 @@ class Runner(Generic[M]):
         self._broken: BaseException | None = None
         self.commands = 0
         self.batches = 0
+        self._timings: deque[ExecuteTiming] = deque(maxlen=TIMINGS_KEPT)
+        self._timed = 0  # executes timed since the start (the ring keeps the newest)
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str], build: Build,
@@ -84,6 +115,7 @@ class Runner(Generic[M]):
     def execute(self, commands: Sequence[Any]) -> list[Any]:
         """One answer per command, in order; returned only once their events are durable."""
         self._check()
+        start_ns = time.time_ns()
         now_us = self.clock_us()
         answers: list[Any] = []
         encoded: list[bytes] = []
@@ -104,6 +136,7 @@ class Runner(Generic[M]):
                 urgent = urgent or stepped.urgent
         self.commands += len(commands)
         self.batches += 1
+        stepped_ns = time.time_ns()
         store = self.store
         if store is not None:
             try:
@@ -115,7 +148,27 @@ class Runner(Generic[M]):
             except DurabilityError as exc:  # memory holds what the disk may not: stop
                 self._broken = exc
                 raise
+        end_ns = time.time_ns()
+        self._timings.append(ExecuteTiming(
+            start_ns // 1000, len(commands), (stepped_ns - start_ns) // 1000,
+            (end_ns - stepped_ns) // 1000 if store is not None else 0, end_ns // 1000))
+        self._timed += 1
         return answers
+
+    # ----------------------------------------------------------------- timings
+    def note_after_us(self, after_us: int) -> None:
+        """Record what the host spent on the last batch after the runner answered it."""
+        if self._timings:
+            self._timings[-1] = self._timings[-1]._replace(after_us=after_us)
+
+    def timings_since(self, since: int = 0) -> tuple[int, list[ExecuteTiming]]:
+        """``(count, timings)``: how many executes were timed so far, and the timings of those
+        after the first ``since`` (a count an earlier call returned; 0: every one kept), oldest
+        first; only the newest :data:`TIMINGS_KEPT` are kept, so a reader that waited longer
+        misses the ones in between."""
+        count, kept = self._timed, len(self._timings)
+        newer = min(kept, max(0, count - since))
+        return count, list(itertools.islice(self._timings, kept - newer, kept))
 
     def _check(self) -> None:
         """Refuse to serve (reads included) once memory may hold what the disk does not."""

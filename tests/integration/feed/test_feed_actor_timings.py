@@ -1,0 +1,110 @@
+"""The latency rings on real hosts: produce -> Kafka -> FeedActor -> shard host -> ledger host
+(local Ray); the feed actor's call timings and the hosts' execute timings tell one tick's way,
+in order, on the one wall clock."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+import ray
+from feed_waits import now_us, wait_for
+
+from cluster.actors.deploy import ray_ports, start_hosts
+from cluster.config import Settings
+from cluster.feed_actor import FeedActor
+from cluster.trading.placement import shard_layout
+from cluster.trading.service import TradingService
+from engine.ledger_machine import Totals
+from engine.messages import OpenOrder, OpenPosition
+from engine.orders import Side
+from engine.shard_machine import LastTick
+from feed.message import message_from_ticks
+from feed.producer import MarketDataProducer
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
+
+USD = 10**6
+SETTINGS = Settings()
+BTC = SETTINGS.assets["BTC"]
+SHARD = next(s.name for s in shard_layout(SETTINGS) if s.asset == "BTC")
+
+
+async def test_a_closing_tick_is_timed_from_read_to_settled(kafka_broker: str,
+                                                            ray_local: None) -> None:
+    ns = f"timings-{uuid.uuid4().hex[:8]}"
+    topic = f"md-{ns}"
+    ledger, shards = start_hosts(SETTINGS, ns, None, 60.0)
+    ledger_port, shard_ports = ray_ports(ledger, shards)
+    svc = TradingService(ledger_port, shard_ports, SETTINGS)
+    producer = MarketDataProducer(kafka_broker, SETTINGS.assets, topic=topic)
+    await producer.start()
+    feed = FeedActor.remote(SETTINGS, kafka_broker, namespace=ns, topic=topic, group_id=ns)
+    seq = 0
+
+    async def tick(bid: str) -> int:
+        nonlocal seq
+        seq += 1
+        ts_us = now_us()
+        bid_ticks = BTC.price_to_ticks(bid)
+        await producer.publish(message_from_ticks(BTC, bid_ticks, bid_ticks + 1, ts_us, seq,
+                                                  "test"))
+        await producer.flush()
+        return ts_us
+
+    try:
+        assert await feed.start.remote(30)
+        await tick("60000.0")
+
+        async def priced() -> bool:
+            last = (await shards[SHARD].execute.remote([LastTick()]))[0]
+            return last is not None and last.seq == seq
+
+        await wait_for(priced, what="the first price at the shard")
+        account = await svc.create_account()
+        who = await svc.authenticate(account.api_key)
+        assert who is not None
+        opened = await svc.open_position(who, OpenOrder(
+            "BTC", Side.LONG, 100 * USD, 10, tp_ticks=BTC.price_to_ticks("61000.0")))
+        assert isinstance(opened, OpenPosition)
+        calls0, _ = await feed.call_timings.remote(0)
+        shard0, _ = await shards[SHARD].timings.remote(0)
+        ledger0, _ = await ledger.timings.remote(0)
+
+        ts_us = await tick("61000.0")  # takes the profit
+
+        async def settled() -> bool:
+            totals = (await ledger.execute.remote([Totals()]))[0]
+            return bool(totals["closed_positions"] == 1)
+
+        await wait_for(settled, what="the close settled in the ledger")
+
+        async def timed() -> bool:
+            _, calls = await feed.call_timings.remote(calls0)
+            return any(c.closed for c in calls)
+
+        await wait_for(timed, what="the closing call in the feed actor's ring")
+        count, calls = await feed.call_timings.remote(calls0)
+        assert count == calls0 + len(calls)
+        [call] = [c for c in calls if c.closed]
+        assert call.shard == SHARD and call.closed == 1
+        [(tick_ts_us, tick_seq, read_us)] = call.ticks
+        assert (tick_ts_us, tick_seq) == (ts_us, seq)
+        assert ts_us <= read_us <= call.sent_us <= call.answered_us <= call.settle_us \
+            <= call.settled_us
+        # the shard's execute ran inside the call, the ledger's inside the delivery
+        _, executes = await shards[SHARD].timings.remote(shard0)
+        [inside] = [e for e in executes
+                    if call.sent_us <= e.start_us and e.end_us <= call.answered_us]
+        assert inside.commands >= 2  # the tick and the outbox read (and any acknowledgement)
+        assert inside.step_us >= 0 and inside.commit_us >= 0 and inside.after_us == 0
+        _, ledger_executes = await ledger.timings.remote(ledger0)
+        assert [e for e in ledger_executes
+                if call.settle_us <= e.start_us and e.end_us <= call.settled_us]
+    finally:
+        await feed.stop.remote()
+        await producer.stop()
+        await svc.aclose()
+        for handle in [feed, ledger, *shards.values()]:
+            ray.kill(handle)
