@@ -32,7 +32,9 @@ other consumer failure rebuilds the consumer after a backoff (:data:`REBUILD_BAC
 doubling up to :data:`MAX_REBUILD_BACKOFF_S`).
 
 The default ``fetch_max_wait_ms`` is as long as Tansu holds an empty fetch; shorter waits
-caused stalls in ``shardex bench feed`` (README, performance).
+caused stalls in ``shardex bench feed`` (README, performance). That wait holds while records
+flow; once none came for ``idle_after_s`` the consumer asks for ``idle_fetch_max_wait_ms``
+instead (:class:`FetchWait`): ten fetches a second while the feed is idle, rather than ~200.
 """
 
 from __future__ import annotations
@@ -64,6 +66,31 @@ POLL_TIMEOUT_MS = 100  # the longest a poll waits for records
 ShardCall = Callable[[str, list[Tick]], Awaitable[None]]
 
 
+@dataclass
+class FetchWait:
+    """How long a fetch may wait at the broker for records (Kafka's ``fetch_max_wait_ms``):
+    ``busy_ms`` while records flow, ``idle_ms`` once none came for ``idle_after_s``.
+
+    A fetch that finds nothing is answered when its wait is over, so the wait sets how many
+    empty fetches an idle consumer makes (and the broker answers) per second. It is also how
+    late the first record after a pause may be read: the embedded broker (Tansu) does not
+    answer a waiting fetch as soon as records arrive. Short while the market moves, long
+    while it does not.
+    """
+
+    busy_ms: int
+    idle_ms: int
+    idle_after_s: float
+    last_record_s: float | None = None  # monotonic seconds of the last poll with records
+
+    def next_ms(self, now_s: float, records: int) -> int:
+        """The wait for the next fetch after a poll at ``now_s`` that read ``records``; the
+        first poll counts as one with records (a consumer starts busy)."""
+        if records or self.last_record_s is None:
+            self.last_record_s = now_s
+        return self.busy_ms if now_s - self.last_record_s < self.idle_after_s else self.idle_ms
+
+
 def _now_us() -> int:
     return time.time_ns() // 1000
 
@@ -79,9 +106,10 @@ class MarketDataConsumer:
     ``bootstrap``: the Kafka bootstrap servers; the topic, when it has to be created, gets one
     partition per asset of ``pipeline.assets``. ``reachable`` (default: every shard) filters
     the shards ready ticks are handed to. ``start_from``: ``"latest"`` or ``"earliest"``;
-    ``max_batch``: records per poll at most. ``on_accepted`` (optional) is given the ticks of
-    each batch the pipeline accepts, in order, before they go to the shards (what builds the
-    candles).
+    ``max_batch``: records per poll at most. ``fetch_max_wait_ms`` while records flow,
+    ``idle_fetch_max_wait_ms`` once none came for ``idle_after_s`` (:class:`FetchWait`; equal
+    values keep one wait). ``on_accepted`` (optional) is given the ticks of each batch the
+    pipeline accepts, in order, before they go to the shards (what builds the candles).
 
     Counters (read by :meth:`stats`): ``polls`` (polls made), ``batches`` (polls that returned
     records), ``consumer_restarts``, ``topic_recreations``, ``assignments`` (the first
@@ -101,12 +129,19 @@ class MarketDataConsumer:
     start_from: str = "latest"
     max_batch: int = 20_000
     fetch_max_wait_ms: int = 5
+    idle_fetch_max_wait_ms: int = 100
+    idle_after_s: float = 1.0
     partition_check_s: float = 1.0
     on_accepted: Callable[[list[Tick]], object] | None = None
 
     def __post_init__(self) -> None:
         if self.start_from not in ("latest", "earliest"):
             raise ValueError("start_from must be 'latest' or 'earliest'")
+        if self.idle_fetch_max_wait_ms < self.fetch_max_wait_ms:
+            raise ValueError("idle_fetch_max_wait_ms must not be below fetch_max_wait_ms")
+        self.fetch_wait = FetchWait(self.fetch_max_wait_ms, self.idle_fetch_max_wait_ms,
+                                    self.idle_after_s)
+        self._fetch_wait_ms = self.fetch_max_wait_ms  # what the current consumer asks for
         self.consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[None]] = set()
@@ -178,7 +213,21 @@ class MarketDataConsumer:
         )
         await consumer.start()
         self.consumer = consumer
+        self._fetch_wait_ms = self.fetch_max_wait_ms
         return consumer
+
+    def _set_fetch_wait(self, consumer: AIOKafkaConsumer, wait_ms: int) -> None:
+        """Make the consumer's next fetches wait ``wait_ms`` at most for records."""
+        if wait_ms == self._fetch_wait_ms:
+            return
+        # aiokafka (0.14) sets fetch_max_wait_ms once, in the constructor, and has no public
+        # way to change it; a new consumer would reconnect and drop the records it fetched
+        # ahead. Its Fetcher reads this attribute for every fetch request it builds, so the
+        # next fetch waits the new time.
+        fetcher = getattr(consumer, "_fetcher", None)
+        if fetcher is not None and hasattr(fetcher, "_fetch_max_wait_ms"):
+            fetcher._fetch_max_wait_ms = wait_ms
+        self._fetch_wait_ms = wait_ms
 
     # -- assignment and positions ----------------------------------------------------------
     async def _topic_partitions(self, consumer: AIOKafkaConsumer) -> set[TopicPartition]:
@@ -306,6 +355,8 @@ class MarketDataConsumer:
             accepted = self.pipeline.ingest(batch.values(), _now_us())
             if accepted and self.on_accepted is not None:
                 self.on_accepted(accepted)
+        # set before this task next yields, which is when the fetcher builds its next request
+        self._set_fetch_wait(consumer, self.fetch_wait.next_ms(time.monotonic(), read))
         self.pump()
         return read
 
@@ -366,6 +417,7 @@ class MarketDataConsumer:
             "polls": self.polls,
             "batches": self.batches,
             "lag": self.lag(),
+            "fetch_wait_ms": self._fetch_wait_ms,
             "assigned": self.assigned,
             "consumer_restarts": self.consumer_restarts,
             "topic_recreations": self.topic_recreations,
