@@ -174,6 +174,13 @@ class Platform:
                 "_node_ip_address": "127.0.0.1",  # a local Ray needs no other interface
             }
             options.update(self.ray_init)
+            # Ray prestarts a worker per CPU for the default runtime env when the first driver
+            # connects; every actor here runs with the job's runtime env (with direct ingress,
+            # the Serve variables), so those workers would only sit idle (~80 MiB and ~0.007
+            # cores each, README "Processes and idle cost"). Workers start when an actor needs
+            # one instead.
+            options["_system_config"] = {"prestart_worker_first_driver": False,
+                                         **self.ray_init.get("_system_config", {})}
             # address="local": always a new Ray, never attach to one found on the machine
             options.setdefault("address", "local")
             ray.init(namespace=self.namespace, runtime_env={"env_vars": env}, **options)
