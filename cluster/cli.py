@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-BENCHES = ("engine", "feed", "api", "durability", "live", "chaos", "latency")
+BENCHES = ("engine", "feed", "api", "durability", "live", "chaos", "footprint", "latency")
 
 
 def _parser() -> argparse.ArgumentParser:
