@@ -79,6 +79,7 @@ HOPS = (
     ("shard_step", "shard: decide/sweep + apply (the runner's step)"),
     ("shard_commit", "shard: journal append + commit (fdatasync when positions closed)"),
     ("shard_return", "shard: execute ended -> answer at the feed actor"),
+    ("settle_wait", "shard answered -> delivery of its settlements begins (lane)"),
     ("settle_send", "ledger: settlement call sent -> execute begins (Ray)"),
     ("ledger_queue", "ledger: waiting behind the host's earlier calls"),
     ("ledger_step", "ledger: decide + apply of the settlements"),
@@ -417,6 +418,7 @@ def analyse(rings: Rings, produced: dict[int, Produced], window_start_us: int
             lqueue, lsend = _split(lx, lbefore, call.settle_us)
             liquidating_calls += 1
             closes += call.closed
+            hops["settle_wait"].append(call.settle_us - call.answered_us)
             hops["settle_send"].append(lsend)
             hops["ledger_queue"].append(lqueue)
             hops["ledger_step"].append(lx.step_us)

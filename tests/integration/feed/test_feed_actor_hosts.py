@@ -1,0 +1,174 @@
+"""The feed actor on real hosts: produce -> Kafka -> FeedActor -> shard host -> ledger host
+(local Ray, in memory). A tick that closes positions is settled in the ledger exactly once, on
+the shard's settlement lane: the next ticks reach the shard while the ledger still works. The
+latency rings (the feed actor's call timings, the hosts' execute timings) tell one tick's way,
+in order, on the one wall clock."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import ray
+from feed_waits import now_us, wait_for
+
+from cluster.actors.deploy import ray_ports, start_hosts
+from cluster.actors.host import MachineHost
+from cluster.config import Settings
+from cluster.feed_actor import FeedActor
+from cluster.trading.placement import shard_layout
+from cluster.trading.service import TradingService
+from engine.ledger_machine import AppliedSeq, Totals
+from engine.messages import OpenOrder, OpenPosition
+from engine.orders import Side
+from engine.shard_machine import LastTick, Outbox
+from feed.message import message_from_ticks
+from feed.producer import MarketDataProducer
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
+
+USD = 10**6
+SETTINGS = Settings()
+BTC = SETTINGS.assets["BTC"]
+SHARD = next(s.name for s in shard_layout(SETTINGS) if s.asset == "BTC")
+
+
+@dataclass
+class Hosted:
+    """The ledger and shard hosts, a service over them, a producer and the feed actor."""
+
+    ledger: Any
+    shards: dict[str, Any]
+    svc: TradingService
+    producer: MarketDataProducer
+    feed: Any
+    seq: int = 0
+
+    async def tick(self, bid: str) -> tuple[int, int]:
+        """Produce a BTC tick at ``bid`` (ask one step above); returns its (ts_us, seq)."""
+        self.seq += 1
+        ts_us = now_us()
+        bid_ticks = BTC.price_to_ticks(bid)
+        await self.producer.publish(message_from_ticks(BTC, bid_ticks, bid_ticks + 1, ts_us,
+                                                       self.seq, "test"))
+        await self.producer.flush()
+        return ts_us, self.seq
+
+    async def at_shard(self, seq: int) -> bool:
+        """Whether the BTC shard's last tick is the one numbered ``seq``."""
+        last = (await self.shards[SHARD].execute.remote([LastTick()]))[0]
+        return last is not None and last.seq == seq
+
+    async def closed(self) -> int:
+        totals = (await self.ledger.execute.remote([Totals()]))[0]
+        return int(totals["closed_positions"])
+
+    async def long_with_tp(self, tp: str) -> OpenPosition:
+        account = await self.svc.create_account()
+        who = await self.svc.authenticate(account.api_key)
+        assert who is not None
+        opened = await self.svc.open_position(who, OpenOrder(
+            "BTC", Side.LONG, 100 * USD, 10, tp_ticks=BTC.price_to_ticks(tp)))
+        assert isinstance(opened, OpenPosition)
+        return opened
+
+
+@pytest_asyncio.fixture
+async def hosted(kafka_broker: str, ray_local: None) -> AsyncIterator[Hosted]:
+    ns = f"feed-hosts-{uuid.uuid4().hex[:8]}"
+    topic = f"md-{ns}"
+    ledger, shards = start_hosts(SETTINGS, ns, None, 60.0)
+    ledger_port, shard_ports = ray_ports(ledger, shards)
+    producer = MarketDataProducer(kafka_broker, SETTINGS.assets, topic=topic)
+    await producer.start()
+    feed = FeedActor.remote(SETTINGS, kafka_broker, namespace=ns, topic=topic, group_id=ns)
+    h = Hosted(ledger, shards, TradingService(ledger_port, shard_ports, SETTINGS), producer,
+               feed)
+    try:
+        assert await feed.start.remote(30)
+        _, seq = await h.tick("60000.0")
+        await wait_for(lambda: h.at_shard(seq), what="the first price at the shard")
+        yield h
+    finally:
+        await feed.stop.remote()
+        await producer.stop()
+        await h.svc.aclose()
+        for handle in [feed, ledger, *shards.values()]:
+            ray.kill(handle)
+
+
+def _busy(host: MachineHost, seconds: float) -> None:
+    """Run inside a host (``__ray_call__``): keep it busy for ``seconds``."""
+    time.sleep(seconds)
+
+
+# Ray workers cannot import test modules: ship this module's functions by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+async def test_the_next_ticks_do_not_wait_for_the_ledger(hosted: Hosted) -> None:
+    h = hosted
+    await h.long_with_tp("61000.0")
+    # the ledger is busy for 3 s: the settlement of the close waits at the ledger
+    busy = h.ledger.__ray_call__.remote(_busy, 3.0)
+    await h.tick("61000.0")  # takes the profit
+    started = time.monotonic()
+    _, seq = await h.tick("61000.5")
+    await wait_for(lambda: h.at_shard(seq), what="the next tick at the shard")
+    assert time.monotonic() - started < 2.0  # not behind the ledger's 3 s
+    await busy
+    await wait_for(lambda: _equals(h.closed(), 1), what="the close settled in the ledger")
+    # exactly once, and the acknowledgement rides with a later tick call
+    assert (await h.ledger.execute.remote([AppliedSeq(SHARD)]))[0] == 1
+    _, seq = await h.tick("61001.0")
+
+    async def acked() -> bool:
+        view = (await h.shards[SHARD].execute.remote([Outbox()]))[0]
+        return await h.at_shard(seq) and view.items == []
+
+    await wait_for(acked, what="the outbox acknowledged")
+    assert await h.closed() == 1
+
+
+async def _equals(value: Any, want: Any) -> bool:
+    return bool(await value == want)
+
+
+async def test_a_closing_tick_is_timed_from_read_to_settled(hosted: Hosted) -> None:
+    h = hosted
+    await h.long_with_tp("61000.0")
+    calls0, _ = await h.feed.call_timings.remote(0)
+    shard0, _ = await h.shards[SHARD].timings.remote(0)
+    ledger0, _ = await h.ledger.timings.remote(0)
+
+    ts_us, seq = await h.tick("61000.0")  # takes the profit
+    await wait_for(lambda: _equals(h.closed(), 1), what="the close settled in the ledger")
+
+    async def timed() -> bool:
+        _, calls = await h.feed.call_timings.remote(calls0)
+        return any(c.closed for c in calls)
+
+    await wait_for(timed, what="the closing call in the feed actor's ring")
+    count, calls = await h.feed.call_timings.remote(calls0)
+    assert count == calls0 + len(calls)
+    [call] = [c for c in calls if c.closed]
+    assert call.shard == SHARD and call.closed == 1
+    [(tick_ts_us, tick_seq, read_us)] = call.ticks
+    assert (tick_ts_us, tick_seq) == (ts_us, seq)
+    assert ts_us <= read_us <= call.sent_us <= call.answered_us <= call.settle_us \
+        <= call.settled_us
+    # the shard's execute ran inside the call, the ledger's inside the delivery
+    _, executes = await h.shards[SHARD].timings.remote(shard0)
+    [inside] = [e for e in executes
+                if call.sent_us <= e.start_us and e.end_us <= call.answered_us]
+    assert inside.commands >= 2  # the tick and the outbox read (and any acknowledgement)
+    assert inside.step_us >= 0 and inside.commit_us >= 0 and inside.after_us == 0
+    _, ledger_executes = await h.ledger.timings.remote(ledger0)
+    assert [e for e in ledger_executes
+            if call.settle_us <= e.start_us and e.end_us <= call.settled_us]
