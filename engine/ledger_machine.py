@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -336,6 +337,16 @@ class PendingRequests:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenLocks:
+    """-> ``[(request_id, kind)]``, oldest first, of at most ``limit`` locks whose request has
+    not completed: neither released, nor abandoned, nor noted, nor answered under its
+    clientOrderId (``kind``: "open", "order" or "margin", what the lock pays for). A lock that
+    stays here long belongs to a request whose API process died."""
+
+    limit: int = 1_000
+
+
+@dataclass(frozen=True, slots=True)
 class ExpireAnswers:
     """Forget the clientOrderIds answered more than ``ttl_us`` ago (SPEC: after the TTL the id
     may be used again). -> how many were forgotten."""
@@ -502,6 +513,7 @@ class CreatedAccount(NamedTuple):
 
 _OPEN, _ORDER, _TOP_UP = 0, 1, 2  # what a lock pays for (a lock's kind)
 _LOCK_KINDS: dict[type, int] = {MarginLocked: _OPEN, OrderLocked: _ORDER, MarginAdded: _TOP_UP}
+_LOCK_KIND_NAMES = {_OPEN: "open", _ORDER: "order", _TOP_UP: "margin"}
 
 
 class _Lock(NamedTuple):
@@ -755,6 +767,7 @@ class LedgerMachine:
             Audit: self._audit,
             Totals: self._totals,
             PendingRequests: self._pending_requests,
+            OpenLocks: self._open_locks,
             ExpireAnswers: self._expire_answers,
             LockMargin: self._lock,
             ReleaseMargin: self._release,
@@ -892,6 +905,13 @@ class LedgerMachine:
         return sorted(request_id for request_id, since_us in self._pending.values()
                       if now_us - since_us >= c.older_than_us), _NO_EVENTS
 
+    def _open_locks(self, c: OpenLocks, now_us: int) -> _Decision:
+        limit = _int(c.limit)
+        if limit is None or limit < 1:
+            return _invalid("limit must be a positive integer")
+        return [(request_id, _LOCK_KIND_NAMES[lock.kind]) for request_id, lock
+                in itertools.islice(self._recent_locks.items(), limit)], _NO_EVENTS
+
     # ----------------------------------------------------------------- accounts
     def _create_account(self, c: CreateAccount, now_us: int) -> _Decision:
         if not isinstance(c.key_hash, str) or not c.key_hash:
@@ -945,8 +965,10 @@ class LedgerMachine:
         amount = _int(c.margin_micros)
         if amount is None or amount < 0:
             return _invalid("margin must be an int >= 0")
-        if not c.counted and request_id and request_id in self._returned:
-            # released before (its answer was lost): the first answer, whatever is locked now
+        if request_id and (request_id in self._returned if not c.counted
+                           else request_id not in self._recent_locks):
+            # released before (its answer was lost), or abandoned as an API process's that
+            # died while the request was slow to arrive: the first answer, nothing released
             return None, self._answer_events([c.answer] if c.answer else [], now_us)
         locked = self.ledger.margin_micros(c.user)
         if not self.ledger.has_user(c.user) or locked < amount:
@@ -961,9 +983,9 @@ class LedgerMachine:
         lock = self._recent_locks.get(c.request_id)
         if lock is None:
             return None, _NO_EVENTS  # never locked under this id, or already ended
+        # (a lock still held ended no request: an answer its clientOrderId has is a retry's,
+        # since the answer of its own request ends it)
         user, margin, key, kind = lock
-        if key is not None and self._answers.get(key) is not None:
-            return None, _NO_EVENTS  # the open has an answer of its own: not orphaned
         if self.ledger.margin_micros(user) < margin:
             return _invalid(f"user {user} has less margin locked than lock {c.request_id}")
         released = MarginReturned if kind == _TOP_UP else MarginReleased
@@ -998,9 +1020,9 @@ class LedgerMachine:
         if c.body.owner != c.user or not self.ledger.has_user(c.user):
             return _invalid("not this account's")
         events = self._answer_events([] if c.key is None else [(c.key, c.body)], now_us)
-        # noted once per request (a resend after a lost answer notes nothing again), and not
-        # after its position closed or its order ended (a trigger may settle before the note)
-        if request_id not in self._noted and not self._ended(c.user, c.body):
+        # noted once per request (a resend after a lost answer notes nothing again); what it
+        # made may have ended meanwhile, which apply looks at (the request completed anyway)
+        if request_id not in self._noted:
             events.append(AccountNoted(c.user, request_id, c.kind, _stored(c.body)))
         return None, events
 
@@ -1328,8 +1350,13 @@ class LedgerMachine:
             self._record_balance(e.owner)
 
     def _on_account_noted(self, e: AccountNoted) -> None:
-        self.account_log.record(e.user, e.kind, decode_answer(e.body))
+        body = decode_answer(e.body)
+        # not streamed after its position closed or its order ended (a trigger may settle
+        # before the note arrives): the stream would show it after its end
+        if not (isinstance(body, OpenPosition | PendingOrder) and self._ended(e.user, body)):
+            self.account_log.record(e.user, e.kind, body)
         if e.request_id:  # (0: a fill's position, noted with its fill, once)
+            self._recent_locks.pop(e.request_id, None)  # its request completed
             self._noted[e.request_id] = None
             while len(self._noted) > RECENT_LOCKS_MAX:
                 self._noted.popitem(last=False)

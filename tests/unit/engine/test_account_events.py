@@ -22,6 +22,7 @@ from engine.account_events import (
 )
 from engine.events import AccountNoted, ClientOrderStoredAt, decode_batch
 from engine.ledger_machine import (
+    AbandonLock,
     AccountEvents,
     AccountTail,
     ApplySettlements,
@@ -29,6 +30,7 @@ from engine.ledger_machine import (
     LedgerMachine,
     LockMargin,
     Note,
+    OpenLocks,
     PendingRequests,
     ReleaseMargin,
     _account_event_row,
@@ -342,8 +344,11 @@ def test_a_note_after_the_position_closed_whole_records_nothing() -> None:
     position = opened(user, PID, 100 * USD)
     assert led(Note(user, 1, POSITION_OPENED, position, key)) is None
     assert log_of(led).version == version
-    # the answer is still stored (only the account event is left out)
-    assert [type(e) for e in led.m.decode_record(led.records[-1])] == [ClientOrderStoredAt]
+    # the answer is still stored and the request is noted as completed (its lock is no longer
+    # open); only the account event is left out of the stream
+    assert [type(e) for e in led.m.decode_record(led.records[-1])] == [ClientOrderStoredAt,
+                                                                        AccountNoted]
+    assert led(OpenLocks()) == []
     assert led(Begin(key)) == IdemHit(position)
     # a partial close does not end the position: a change of it is still noted
     other = PID + 1
@@ -537,3 +542,26 @@ def test_replaying_the_journal_gives_the_same_account_events() -> None:
              if isinstance(e, AccountNoted)]
     assert [(e.user, e.request_id, e.kind) for e in noted] == [
         (user, 1, POSITION_OPENED), (other, 2, ORDER_PLACED), (user, 3, POSITION_OPENED)]
+
+
+def test_a_lock_stays_open_until_its_request_completes() -> None:
+    """OpenLocks lists the locks whose request has not completed, oldest first: a note, a
+    release or an abandonment ends one; what stays is what a dead API process left."""
+    led, user = one_account()
+    for request_id in (1, 2, 3, 4):
+        led(LockMargin(MarginLock(user, USD, request_id=request_id)))
+    led(LockMargin(MarginLock(user, USD, request_id=5, order=True)))
+    assert led(OpenLocks()) == [(1, "open"), (2, "open"), (3, "open"), (4, "open"),
+                                (5, "order")]
+    assert led(OpenLocks(limit=2)) == [(1, "open"), (2, "open")]
+    led(Note(user, 1, POSITION_OPENED, opened(user, PID, USD)))  # the open happened
+    led(ReleaseMargin(user, USD, request_id=2))  # the open was refused
+    assert led(AbandonLock(3)) == (3, user, USD)  # the open never went out
+    assert led(OpenLocks()) == [(4, "open"), (5, "order")]
+    # the release of a lock that ended already (its request was slow, not dead) frees nothing
+    margin = led.m.ledger.margin_micros(user)
+    assert led(ReleaseMargin(user, USD, request_id=3)) is None
+    assert led(ReleaseMargin(user, USD, request_id=1)) is None
+    assert led.m.ledger.margin_micros(user) == margin == 3 * USD
+    assert led(OpenLocks(limit=0)) == Rejected(Code.INVALID_REQUEST, "limit must be a positive "
+                                               "integer")

@@ -364,6 +364,25 @@ def test_abandoning_an_old_lock_keeps_the_reservation_of_a_retry() -> None:
     assert led(PendingRequests()) == [32]
 
 
+def test_abandoning_an_old_lock_after_a_retry_was_answered_keeps_the_answer() -> None:
+    """The request of lock 31 died unanswered; its retry (32) opened and was answered. The
+    old lock is still abandoned, once, and the clientOrderId keeps the retry's answer."""
+    led, user = one_account()
+    key = IdemKey(user, "open", "c1")
+    assert led(LockMargin(MarginLock(user, 30 * USD, key, 31))) is None
+    assert led(SettleRequests({}, (31,))) == 1
+    assert led(LockMargin(MarginLock(user, 30 * USD, key, 32))) is None
+    position = opened(user, 5, 30 * USD)
+    assert led(Remember(key, position)) is None
+    assert led.balances(user) == (SIGNUP - 60 * USD, 60 * USD)
+    assert led(AbandonLock(31)) == (31, user, 30 * USD)
+    assert led(AbandonLock(31)) is None
+    assert led(AbandonLock(32)) is None  # the retry's lock backs its position
+    assert led.balances(user) == (SIGNUP - 30 * USD, 30 * USD)
+    assert led(Begin(key)) == IdemHit(position)
+    assert led.audit({user: 30 * USD}) == []
+
+
 def test_abandonable_locks_survive_a_snapshot() -> None:
     led, user = one_account()
     key = IdemKey(user, "open", "snap")
