@@ -11,9 +11,11 @@ Three kinds of loose ends, each settled by asking the state machines, never by g
   and its clientOrderId gets the position or order, one that did not has its lock abandoned; a
   close or cancel that happened is settled through the courier with its answer, one that did
   not drops its clientOrderId reservation so a retry runs again;
-* **reservations left pending in the ledger** by an API process that died: every shard resolves
-  (and fences) their request ids, and ``SettleRequests`` stores what happened or drops them;
-  and clientOrderIds answered longer than the TTL ago are forgotten (``ExpireAnswers``).
+* **reservations and locks left in the ledger** by an API process that died: every shard
+  resolves (and fences) their request ids; ``SettleRequests`` stores what happened or drops the
+  reservation, a lock whose request never happened is abandoned and one whose request happened
+  is noted; and clientOrderIds answered longer than the TTL ago are forgotten
+  (``ExpireAnswers``). With several API replicas, one of them does this.
 
 At a platform start, before the API serves, :meth:`at_start` does the last kind for every
 pending reservation, releases any margin no open position or order backs and sets each
@@ -27,7 +29,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from cluster.actors.port import Port, Unavailable
@@ -38,6 +40,7 @@ from engine.ledger_machine import (
     ExpireAnswers,
     Forget,
     Note,
+    OpenLocks,
     PendingRequests,
     ReconcileAtStart,
     ReleaseMargin,
@@ -58,6 +61,8 @@ from engine.shard_machine import AuditView, OrdersOf, PositionsOf, Resolve
 log = logging.getLogger(__name__)
 
 STALE_PENDING_S = 30.0  # a reservation pending this long belongs to a request nobody runs
+ORPHAN_ROUNDS = 4  # a lock open in this many sweeps in a row (>= 30 s) has nobody to end it
+ORPHAN_BATCH = 1_000  # the oldest open locks a sweep looks at
 COUNT_CHUNK = 1_000  # owners per PositionsOf/OrdersOf when open positions/orders are counted
 _MADE = (OpenPosition, PendingOrder)  # what a lock pays for, once its request happened
 NOTED_KIND = {"open": account_events.POSITION_OPENED, "order": account_events.ORDER_PLACED,
@@ -94,6 +99,7 @@ class Reconciler:
         self._in_doubt: list[InDoubt] = []
         self._lock = asyncio.Lock()  # two rounds must never settle the same request
         self._task: asyncio.Task[None] | None = None
+        self._lock_rounds: dict[int, int] = {}  # open lock's request id -> sweeps seen open
 
     # ----------------------------------------------------------------- queueing
     def abandon(self, request_id: int) -> None:
@@ -207,11 +213,17 @@ class Reconciler:
         self.counters["pending_settled"] += settled
         return settled
 
-    async def watch_pending(self, interval_s: float = 10.0) -> None:
+    async def watch_pending(self, interval_s: float = 10.0,
+                            leading: Callable[[], bool] | None = None) -> None:
         """Forever, every ``interval_s``: :meth:`sweep` (a part that does not answer makes a
-        round skip what it would settle: where those requests are is unknown)."""
+        round skip what it would settle: where those requests are is unknown). With several
+        API replicas only the one for which ``leading()`` is true sweeps; two that both
+        believe they lead (while Serve reassigns its ranks) do no harm, since a sweep only
+        settles what is still pending."""
         while True:
             await asyncio.sleep(interval_s)
+            if leading is not None and not leading():
+                continue
             try:
                 await self.sweep()
             except Unavailable:
@@ -220,11 +232,38 @@ class Reconciler:
                 log.exception("settling pending reservations failed")
 
     async def sweep(self) -> None:
-        """Settle the reservations pending longer than STALE_PENDING_S, and forget the
-        clientOrderIds answered longer than the TTL ago."""
+        """Settle the reservations pending longer than STALE_PENDING_S, end the locks an API
+        process left behind, and forget the clientOrderIds answered longer than the TTL
+        ago."""
         await self.settle_pending()
+        await self.end_orphaned_locks()
         expired: int = await self.ledger.call(ExpireAnswers(self.answer_ttl_s * 1_000_000))
         self.counters["client_order_ids_expired"] += expired
+
+    async def end_orphaned_locks(self) -> int:
+        """End the locks whose request has been open at the ledger for ORPHAN_ROUNDS sweeps
+        in a row (an API process died between the lock and its end, e.g. a replica killed):
+        each is resolved at every shard (which fences it); one whose request never happened
+        is abandoned (its margin freed), one that happened is noted (ending the lock, and
+        numbering the account event the dead process did not). Returns how many were
+        abandoned. A request this slow that arrives at a shard after all is refused there,
+        and its own release then frees nothing twice."""
+        open_locks = dict(await self.ledger.call(OpenLocks(ORPHAN_BATCH)))
+        self._lock_rounds = {r: self._lock_rounds.get(r, 0) + 1 for r in open_locks}
+        stale = sorted(r for r, rounds in self._lock_rounds.items() if rounds >= ORPHAN_ROUNDS)
+        if not stale:
+            return 0
+        opened, absent = await self._resolve_everywhere(stale)
+        abandoned = [a for a in await self.ledger.call_many([AbandonLock(r) for r in absent])
+                     if a is not None]
+        await self.ledger.call_many([Note(made.owner, r, NOTED_KIND[open_locks[r]], made, None)
+                                     for r, made in opened.items() if isinstance(made, _MADE)])
+        for r in stale:
+            del self._lock_rounds[r]
+        self.counters["orphaned_locks_abandoned"] += len(abandoned)
+        if abandoned:
+            log.warning("released the margin of locks an API process left: %s", abandoned)
+        return len(abandoned)
 
     async def _resolve_everywhere(self, request_ids: list[int]
                                   ) -> tuple[dict[int, Made], tuple[int, ...]]:

@@ -14,11 +14,14 @@ import pytest
 from cluster.actors.host import host_specs
 from cluster.actors.port import LocalPort, Port, Unavailable
 from cluster.trading.courier import Courier, SettlementRefused
+from cluster.trading.reconciler import ORPHAN_ROUNDS
 from engine.ledger_machine import (
     AppliedSeq,
     ApplySettlements,
     History,
     LockMargin,
+    Note,
+    OpenLocks,
     ReleaseMargin,
     Totals,
 )
@@ -381,3 +384,57 @@ async def test_a_close_on_a_shard_that_restarted_empty_reaches_the_ledger(make: 
     assert [h.position_id for h in history] == [pos.position_id, first.position_id]
     assert balances(p, who)[1] == 0
     assert await p.audit() == []
+
+
+# --------------------------------------------------------------------------- 6. a dead API process
+@pytest.mark.parametrize("cut_at", ["open", "note"])
+async def test_the_locks_of_an_api_process_that_died_end_within_a_few_sweeps(
+        make: Make, cut_at: str) -> None:
+    """An API process dies after a lock, with the open held on its way to the shard (it never
+    happens) or with the open made and its note on the way. Another process's sweeps end the
+    lock after ORPHAN_ROUNDS of them: abandoned (the margin is free again) or noted (the
+    position keeps it), once; the open that arrives after all is refused, fenced."""
+    gates: dict[str, Gated] = {}
+
+    def wrap(port: LocalPort) -> Port:
+        gates[port.name] = Gated(port, Open)
+        return gates[port.name]
+
+    p = make(wrap=wrap)
+    shard_gate = gates[p.shard_of("SOL").name]
+    note_gate = Gated(p.ledger, Note)
+    dying = make.service(p, ledger=note_gate, shards=dict(gates))
+    who = await sol_trader(p, dying)
+    if cut_at == "note":
+        shard_gate.opened.set()
+        gate: Gated = note_gate
+    else:
+        gate = shard_gate
+    client = asyncio.create_task(dying.open_position(who, sol_long()))
+    await asyncio.wait_for(gate.reached.wait(), 5)
+    for task in list(dying._tasks):  # the process dies: its work ends where it is
+        task.cancel()
+    await dying.reconciler.aclose()
+    with pytest.raises(asyncio.CancelledError):
+        await client
+    assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+
+    sweeper = make.service(p).reconciler
+    for _ in range(ORPHAN_ROUNDS - 1):
+        await sweeper.end_orphaned_locks()
+        assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)  # too young to tell
+    abandoned = await sweeper.end_orphaned_locks()
+    if cut_at == "open":
+        assert abandoned == 1 and balances(p, who) == (SIGNUP, 0)
+        shard_gate.opened.set()  # the open arrives after all: fenced, refused
+        await asyncio.sleep(0.05)
+        assert shard_positions(p, "SOL") == 0
+    else:
+        assert abandoned == 0 and balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+        assert shard_positions(p, "SOL") == 1
+    [open_locks] = p.ledger.execute_blocking([OpenLocks()])
+    assert open_locks == []
+    for _ in range(ORPHAN_ROUNDS + 1):  # nothing more happens
+        assert await sweeper.end_orphaned_locks() == 0
+    assert balances(p, who)[0] == (SIGNUP if cut_at == "open" else SIGNUP - 100 * USD)
+    assert (await p.audit()) == []
