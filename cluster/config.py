@@ -72,6 +72,7 @@ _INTEGER_LIMITS = {
     "ws_connections": ("WS_CONNECTIONS", 1, 100_000),
     "ws_subscriptions": ("WS_SUBSCRIPTIONS", 1, 10_000),
     "ws_unsent": ("WS_UNSENT", 1, 1_000_000),
+    "api_replicas": ("API_REPLICAS", 1, 64),
 }
 RULES.update({var: f"an integer in [{low}, {high}]" for var, low, high in _INTEGER_LIMITS.values()})
 
@@ -133,6 +134,7 @@ class Settings:
     max_clock_skew_s: float = 5.0  # MAX_CLOCK_SKEW_S: ticks further in the future are dropped
     max_tick_jump_bps: int = 1_000  # MAX_TICK_JUMP_BPS: a larger mid move waits for confirmation
     account_topic: str = ACCOUNT_TOPIC  # ACCOUNT_EVENTS_TOPIC: where account events go
+    api_replicas: int = 1  # API_REPLICAS: HTTP API replicas; more than 1 puts HAProxy in front
 
     def __post_init__(self) -> None:
         if self.kafka_brokers is not None:
@@ -170,6 +172,10 @@ class Settings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 _fail(var, value)
+        if self.api_replicas > 1 and self.port + self.api_replicas + 3 > 65535:
+            # behind the front door on PORT, the replicas listen on PORT+1 .. PORT+API_REPLICAS
+            # and the front door's own listeners on the next three ports
+            _fail("API_REPLICAS", self.api_replicas, f"PORT {self.port} + it + 3 exceeds 65535")
 
     @property
     def bootstrap_servers(self) -> str:

@@ -19,7 +19,8 @@ def service_from_names(settings: Settings, *, namespace: str | None = None,
                        | None = None,
                        feed_stats: Callable[[], Awaitable[dict[str, Any]]] | None = None,
                        market: MarketSource | None = None,
-                       account_topic: tuple[str, str] | None = None) -> TradingService:
+                       account_topic: tuple[str, str] | None = None,
+                       leading: Callable[[], bool] | None = None) -> TradingService:
     """Look the named hosts up (``ray.get_actor``) in ``namespace`` and wrap them in ports.
     Must run where Ray is initialised (e.g. in a Serve replica's constructor)."""
     import ray
@@ -29,4 +30,5 @@ def service_from_names(settings: Settings, *, namespace: str | None = None,
               for spec in shard_layout(settings)}
     ledger_port, shard_ports = ray_ports(ledger, shards, call_timeout_s)
     return TradingService(ledger_port, shard_ports, settings, health_checks=health_checks,
-                          feed_stats=feed_stats, market=market, account_topic=account_topic)
+                          feed_stats=feed_stats, market=market, account_topic=account_topic,
+                          leading=leading)

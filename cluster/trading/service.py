@@ -129,6 +129,8 @@ class TradingService:
     ``market``: where candles and the public streams are read (None: no market data).
     ``account_topic``: ``(bootstrap, topic)`` of the Kafka topic the ledger publishes the
     account events to, which the account streams follow (None: they read the ledger).
+    ``leading``: with several API replicas, true in the one that sweeps stale reservations
+    (None: this one always does).
     """
 
     def __init__(self, ledger: Port, shards: Mapping[str, Port], settings: Settings,
@@ -136,6 +138,7 @@ class TradingService:
                  feed_stats: Callable[[], Awaitable[dict[str, Any]]] | None = None,
                  market: MarketSource | None = None,
                  account_topic: tuple[str, str] | None = None,
+                 leading: Callable[[], bool] | None = None,
                  health_timeout_s: float = 2.0, idem_wait_s: float = 5.0) -> None:
         self.settings = settings
         self.assets: AssetRegistry = settings.assets
@@ -157,6 +160,7 @@ class TradingService:
         self.feed_stats = feed_stats
         self.market = market
         self.account_topic = account_topic
+        self._leading = leading  # is this the replica that sweeps stale reservations?
         self._health_timeout_s = health_timeout_s
         self._idem_wait_s = idem_wait_s
         self._principals: dict[str, Principal] = {}
@@ -177,12 +181,17 @@ class TradingService:
     def _request_id(self) -> int:
         return self._request_prefix | next(self._request_counter)
 
+    def watch(self) -> None:
+        """Start the sweeps over what dead API processes left (a no-op once started); the
+        first write starts them too. Needs a running event loop."""
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(
+                self.reconciler.watch_pending(leading=self._leading))
+
     def _start(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """``work`` as a task of its own: it runs to its end whoever stops waiting for it."""
-        loop = asyncio.get_running_loop()
-        if self._watcher is None:  # the first write starts the watch over stale reservations
-            self._watcher = loop.create_task(self.reconciler.watch_pending())
-        task = loop.create_task(work)
+        self.watch()
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

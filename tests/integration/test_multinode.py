@@ -13,34 +13,55 @@ import sys
 import time
 from decimal import Decimal as D
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(330)
-def test_three_node_cluster_spreads_shards_and_serves_the_api() -> None:
+def _run_scenario(name: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for var in ("RAY_ADDRESS", "KAFKA_BROKERS", "PORT", "SHARDS", "ASSETS"):
+    for var in ("RAY_ADDRESS", "KAFKA_BROKERS", "PORT", "SHARDS", "ASSETS", "API_REPLICAS"):
         env.pop(var, None)
     # Ray rewrites a loopback bootstrap address to the host's first interface unless told this
     # is a single-host cluster; every node here is on this machine, so keep it all on 127.0.0.1.
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    proc = subprocess.run([sys.executable, "-m", "tests.integration.test_multinode"],
+    proc = subprocess.run([sys.executable, "-m", "tests.integration.test_multinode", name],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     output = proc.stdout[-6000:] + "\n--- stderr ---\n" + proc.stderr[-6000:]
     assert proc.returncode == 0, output
     assert "MULTINODE OK" in proc.stdout, output
 
 
-def _scenario() -> None:
+@pytest.mark.slow
+@pytest.mark.timeout(330)
+def test_three_node_cluster_spreads_shards_and_serves_the_api() -> None:
+    _run_scenario("spread")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(330)
+def test_two_api_replicas_behind_the_front_door_lose_nothing_when_one_is_killed() -> None:
+    _run_scenario("replicas")
+
+
+def _three_nodes() -> Any:
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def _spread_scenario() -> None:
     import dataclasses
 
     import httpx
     import ray
-    from ray.cluster_utils import Cluster
 
     from cluster.config import Settings
     from feed.broker import EmbeddedBroker, free_port
@@ -48,11 +69,7 @@ def _scenario() -> None:
     from tests.e2e.ray_platform import RayHttpPlatform
 
     assert not ray.is_initialized()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-    cluster.wait_for_nodes()
+    cluster = _three_nodes()
     broker = EmbeddedBroker("127.0.0.1", free_port()).start()
     # the scenario jumps the price to a liquidation at once: no jump band (it has its own tests)
     settings = dataclasses.replace(Settings(max_tick_jump_bps=1_000_000),
@@ -112,5 +129,161 @@ def _scenario() -> None:
         cluster.shutdown()
 
 
+def _listener_pid(port: int) -> int:
+    """The pid of the process listening on 127.0.0.1:``port`` (from /proc)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, inode = fields[1], fields[3], fields[9]
+        if state == "0A" and local == f"0100007F:{port:04X}":  # LISTEN on 127.0.0.1
+            inodes.add(f"socket:[{inode}]")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                return int(proc.name)
+        except OSError:  # a process that ended, or one of another user
+            continue
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def _replicas_scenario() -> None:
+    """API_REPLICAS=2 on three nodes: HAProxy on the port in front of two replicas, each
+    also on its own port. Accounts made through one replica trade through the other and
+    through the front door; then one replica is killed (SIGKILL) while clients keep opening
+    positions with clientOrderIds through the front door: every open that was answered 201
+    exists, a retry of each unanswered one (same clientOrderId) opens it at most once, and
+    the ledger audit is clean."""
+    import collections
+    import dataclasses
+    import signal
+    import threading
+
+    import httpx
+    import ray
+
+    from cluster.config import Settings
+    from feed.broker import EmbeddedBroker, free_port
+    from tests.e2e.api_client import open_position, signup, state, tick
+    from tests.e2e.ray_platform import RayHttpPlatform
+
+    assert not ray.is_initialized()
+    cluster = _three_nodes()
+    broker = EmbeddedBroker("127.0.0.1", free_port()).start()
+    settings = dataclasses.replace(
+        Settings(max_tick_jump_bps=1_000_000, api_key_rate_per_s=0, signups_per_min=0,
+                 max_open_positions=100_000),
+        ray_address=cluster.address, api_replicas=2)
+    platform = RayHttpPlatform(broker.bootstrap, settings)
+    try:
+        platform.start()
+        port = platform.settings.port
+        direct = [f"http://127.0.0.1:{port + i}" for i in (1, 2)]
+        with httpx.Client(base_url=direct[0], timeout=20) as one, \
+                httpx.Client(base_url=direct[1], timeout=20) as two, \
+                httpx.Client(base_url=platform.base_url, timeout=20) as front:
+            h = signup(one)
+            tick(platform, front, "SOL", "100.00", "100.01")
+            opened = open_position(two, h, asset="SOL", type="long", margin="100",
+                                   leverage=10, clientOrderId="first")
+            again = two.post("/api/v1/positions/open", headers=h, json={
+                "asset": "SOL", "type": "long", "margin": "100", "leverage": 10,
+                "clientOrderId": "first"})
+            assert again.status_code == 201 and again.json() == opened, again.text
+            r = one.post("/api/v1/positions/open", headers=h, json={
+                "asset": "SOL", "type": "long", "margin": "100", "leverage": 10,
+                "clientOrderId": "first"})  # the other replica: the same first answer
+            assert r.status_code == 201 and r.json() == opened, r.text
+            assert [p["positionId"] for p in state(front, h)["positions"]] == \
+                [opened["positionId"]]
+            r = one.post("/api/v1/positions/close", headers=h,
+                         json={"positionId": opened["positionId"]})
+            assert r.status_code == 200, r.text
+            assert state(two, h)["positions"] == []
+
+            victim = _listener_pid(port + 1)  # the replica on the first replica port
+            traders = [signup(front) for _ in range(8)]
+            answered: dict[str, str] = {}  # clientOrderId -> positionId answered 201
+            unanswered: list[tuple[int, str]] = []
+            stop = threading.Event()
+
+            def trade(i: int) -> None:
+                n = 0
+                with httpx.Client(base_url=platform.base_url, timeout=20) as http:
+                    while not stop.is_set():
+                        n += 1
+                        key = f"t{i}-{n}"
+                        try:
+                            r = http.post("/api/v1/positions/open", headers=traders[i], json={
+                                "asset": "SOL", "type": "long", "margin": "1",
+                                "leverage": 2, "clientOrderId": key})
+                        except httpx.HTTPError:
+                            unanswered.append((i, key))
+                            continue
+                        if r.status_code == 201:
+                            answered[key] = r.json()["positionId"]
+                        else:
+                            unanswered.append((i, key))
+
+            workers = [threading.Thread(target=trade, args=(i,)) for i in range(len(traders))]
+            for w in workers:
+                w.start()
+            time.sleep(2.0)
+            os.kill(victim, signal.SIGKILL)
+            print("killed replica pid", victim, flush=True)
+            time.sleep(4.0)
+            stop.set()
+            for w in workers:
+                w.join(30)
+            print(f"answered {len(answered)}, unanswered {len(unanswered)}", flush=True)
+            assert len(answered) > 50, len(answered)
+            # a retry of every unanswered open gets its first answer or runs it now; one
+            # that was under way in the killed replica waits for the sweep of stale
+            # reservations (STALE_PENDING_S) to settle it
+            seen: collections.Counter[str] = collections.Counter()
+            for i, key in unanswered:
+                deadline = time.monotonic() + 90
+                while True:
+                    r = front.post("/api/v1/positions/open", headers=traders[i], json={
+                        "asset": "SOL", "type": "long", "margin": "1", "leverage": 2,
+                        "clientOrderId": key})
+                    if r.status_code == 201:
+                        answered[key] = r.json()["positionId"]
+                        break
+                    code = r.json()["error"]["code"] if r.status_code != 500 else "500"
+                    seen[f"{r.status_code} {code}"] += 1
+                    assert r.status_code in (409, 500, 503), r.text
+                    assert time.monotonic() < deadline, (r.text, seen)
+                    if code == "PRICE_UNAVAILABLE":  # the retries outlived the last price
+                        tick(platform, front, "SOL", "100.00", "100.01")
+                    time.sleep(0.5)
+            print("retries answered:", dict(seen), flush=True)
+            held: set[str] = set()
+            for headers in traders:
+                cursor = None
+                while True:
+                    r = front.get("/api/v1/positions", headers=headers, params={
+                        "limit": 500, **({"cursor": cursor} if cursor else {})})
+                    assert r.status_code == 200, r.text
+                    held.update(p["positionId"] for p in r.json()["positions"])
+                    if (cursor := r.json()["next"]) is None:
+                        break
+            assert set(answered.values()) == held, (len(answered), len(held))
+        # a lock the killed replica made for an open it never sent is ended by the sweeps of
+        # the replica that leads (ORPHAN_ROUNDS of them, 10 s apart)
+        start = time.monotonic()
+        while (problems := platform.audit()) and time.monotonic() < start + 90:
+            time.sleep(0.5)
+        assert problems == [], problems
+        print(f"audit clean after {time.monotonic() - start:.1f} s", flush=True)
+        print("MULTINODE OK", flush=True)
+    finally:
+        platform.stop()
+        broker.stop()
+        ray.shutdown()
+        cluster.shutdown()
+
+
 if __name__ == "__main__":
-    _scenario()
+    {"spread": _spread_scenario, "replicas": _replicas_scenario}[sys.argv[1]]()

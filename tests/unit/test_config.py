@@ -45,6 +45,7 @@ BAD = {
     "WS_SUBSCRIPTIONS": ["0", "10001", "-5"],
     "WS_UNSENT": ["0", "1000001", "1e3"],
     "ACCOUNT_EVENTS_TOPIC": ["", "has space", "a/b", "..", "x" * 250],
+    "API_REPLICAS": ["0", "65", "two"],
 }
 
 
@@ -64,6 +65,15 @@ def test_messages_of_the_issue() -> None:
     with pytest.raises(ConfigError, match=r"^MAX_PRICE_AGE_S must be a finite number in "
                                           r"\(0, 86400\] \(got inf\)$"):
         Settings.from_env({"MAX_PRICE_AGE_S": "inf"})
+
+
+def test_the_replicas_ports_must_fit_above_the_port() -> None:
+    """Behind the front door on PORT, API_REPLICAS replicas and the door's three listeners
+    take the ports above it."""
+    assert Settings.from_env({"PORT": "65530", "API_REPLICAS": "2"}).api_replicas == 2
+    assert Settings.from_env({"PORT": "65535", "API_REPLICAS": "1"}).api_replicas == 1
+    with pytest.raises(ConfigError, match=r"^API_REPLICAS must be .*PORT 65531 \+ it \+ 3"):
+        Settings.from_env({"PORT": "65531", "API_REPLICAS": "2"})
 
 
 def test_every_variable_has_a_rule_and_a_refusal() -> None:
