@@ -1,9 +1,11 @@
 """``shardex bench api``: the HTTP API through Ray Serve vs the same engine without Ray.
 
-1. Starts the platform (local Ray, its own embedded broker, sim prices, Serve on a free port)
+1. Starts the platform as ``shardex up`` does (local Ray, journaled ledger and shards in a temp
+   DATA_DIR unless ``--no-durable``, its own embedded broker, sim prices, Serve on a free port)
    and drives a closed loop over HTTP: every worker has its own account and alternates
    ``POST /positions/open`` and ``POST /positions/close`` (one op = one request) at concurrency
-   1 and 64.
+   1 and 64. With ``--replicas 1,2`` once per API_REPLICAS value, each on a platform of its
+   own (``serve_ops_per_s_by_replicas``).
 2. The same loop against the baseline: the same machines, runners, ports and service
    (cluster.actors.local.LocalHosts(...).service(), in memory) behind a plain FastAPI +
    uvicorn process, no Ray.
@@ -14,7 +16,7 @@
 
    The bulk load runs inside each shard host (``__ray_call__``) through the host's own
    ``Runner.execute``, in batches of ``LOAD_BATCH`` commands: one ``Open`` command per
-   position (decided, encoded, applied one by one like an API open; with ``--durable`` each
+   position (decided, encoded, applied one by one like an API open; journaled, each
    batch is one journal record and one fdatasync), and before the opens of each entry level
    an ``ApplyTick`` one tick above the previous one sets the price they open at (rising ticks
    trigger nothing: every position is a long without take-profit). The margins are locked in
@@ -430,6 +432,38 @@ def _settings(port: int, data_dir: str) -> Settings:
                                kafka_brokers=None, ray_address=base.ray_address)
 
 
+def _measure_serve(args: argparse.Namespace, levels: list[int], replicas: int, positions: int
+                   ) -> tuple[float, tuple[dict[int, LoadResult], dict[int, Costs]],
+                              dict[str, Any]]:
+    """One platform with ``replicas`` API replicas on its own broker: (start seconds, the
+    closed loop's results and costs by concurrency, tick_to_close over ``positions``)."""
+    from cluster.launcher import Platform
+    from feed.broker import EmbeddedBroker
+
+    data_dir = tempfile.mkdtemp(prefix="shardex-bench-")
+    settings = dataclasses.replace(_settings(_free_port(), data_dir), api_replicas=replicas)
+    assets = [a.name for a in settings.assets.assets]
+    broker = EmbeddedBroker(HOST, _free_port()).start()
+    sweep: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    # durable: journaled hosts in DATA_DIR that Ray restarts, reconciled at start (`shardex up`)
+    platform = Platform(settings, with_feed=True, bootstrap=broker.bootstrap,
+                        direct_ingress=not args.proxy, durable=args.durable)
+    try:
+        platform.start()
+        startup_s = time.perf_counter() - t0
+        measured = asyncio.run(drive_all(settings.port, levels, args.duration_s, assets,
+                                         platform_probe(platform)))
+        if positions > 0:
+            platform.stop_feed_source()
+            sweep = asyncio.run(tick_to_close(platform, broker.bootstrap, positions,
+                                              args.ticks, args.closes_per_tick))
+    finally:
+        platform.stop()
+        broker.stop()
+    return startup_s, measured, sweep
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardex bench api", description=__doc__)
     parser.add_argument("--duration-s", type=float, default=8.0, help="per concurrency level")
@@ -439,8 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ticks", type=int, default=30, help="liquidating ticks to time")
     parser.add_argument("--closes-per-tick", type=int, default=300,
                         help="positions each liquidating tick closes (over all shards)")
-    parser.add_argument("--durable", action="store_true",
-                        help="journaled ledger and shards in a temp DATA_DIR, as `shardex up`")
+    parser.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
+                        help="journaled ledger and shards in a temp DATA_DIR, as `shardex up` "
+                             "(the default); --no-durable: in-memory actors")
+    parser.add_argument("--replicas", default="1",
+                        help="comma-separated API_REPLICAS values, each measured on a platform "
+                             "of its own (more than 1: HAProxy in front, as `shardex up`)")
     parser.add_argument("--proxy", action="store_true",
                         help="serve through Serve's proxy instead of direct ingress (comparison)")
     parser.add_argument("--default-limits", action="store_true",
@@ -458,33 +496,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     top = max(levels)
+    replica_counts = [int(n) for n in args.replicas.split(",") if n.strip()]
 
-    from cluster.launcher import Platform
-    from feed.broker import EmbeddedBroker
-
-    data_dir = tempfile.mkdtemp(prefix="shardex-bench-")
-    settings = _settings(_free_port(), data_dir)
-    assets = [a.name for a in settings.assets.assets]
-    broker = EmbeddedBroker(HOST, _free_port()).start()
-    serve_results: dict[int, LoadResult] = {}
-    serve_costs: dict[int, Costs] = {}
+    by_replicas: dict[int, tuple[dict[int, LoadResult], dict[int, Costs]]] = {}
     sweep: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    # durable: journaled hosts in DATA_DIR that Ray restarts, reconciled at start (`shardex up`)
-    platform = Platform(settings, with_feed=True, bootstrap=broker.bootstrap,
-                        direct_ingress=not args.proxy, durable=args.durable)
-    try:
-        platform.start()
-        startup_s = time.perf_counter() - t0
-        serve_results, serve_costs = asyncio.run(drive_all(
-            settings.port, levels, args.duration_s, assets, platform_probe(platform)))
-        if args.positions > 0:
-            platform.stop_feed_source()
-            sweep = asyncio.run(tick_to_close(platform, broker.bootstrap, args.positions,
-                                              args.ticks, args.closes_per_tick))
-    finally:
-        platform.stop()
-        broker.stop()
+    startup_s = 0.0
+    for n, replicas in enumerate(replica_counts):
+        # the first platform also times tick -> close (it does not depend on the replicas)
+        started_s, by_replicas[replicas], measured = _measure_serve(
+            args, levels, replicas, args.positions if n == 0 else 0)
+        if n == 0:
+            startup_s, sweep = started_s, measured
+    serve_results, serve_costs = by_replicas[replica_counts[0]]
+    assets = [a.name for a in Settings.from_env().assets.assets]
 
     port = _free_port()
     proc = _start_baseline(port)
@@ -500,14 +524,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"platform start: {startup_s:.1f} s; one op = one HTTP request (open or close); "
           "API limits: " + ("defaults (SIGNUPS_PER_MIN lifted)" if args.default_limits
                             else "off"))
-    print(f"{'path':<38}{'conc':>6}{'ops/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    print(f"{'path':<52}{'conc':>6}{'ops/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
     serve_path = ("proxy" if args.proxy else "direct ingress") + \
-        (", journaled" if args.durable else "")
-    for name, results in ((f"ray serve ({serve_path})", serve_results),
-                          ("baseline uvicorn, no ray", base_results)):
+        (", journaled" if args.durable else ", in memory")
+    rows = [(f"ray serve ({serve_path}" + (f", {r} replicas" if r > 1 else "") + ")", res)
+            for r, (res, _) in by_replicas.items()]
+    for name, results in (*rows, ("baseline uvicorn, no ray", base_results)):
         for c in levels:
             r = results[c]
-            print(f"{name:<38}{c:>6}{r.ops_per_s:>10.0f}{r.percentile_ms(50):>10.2f}"
+            print(f"{name:<52}{c:>6}{r.ops_per_s:>10.0f}{r.percentile_ms(50):>10.2f}"
                   f"{r.percentile_ms(99):>10.2f}{r.errors:>8}")
     for c, cost in serve_costs.items():
         print(f"ray serve at concurrency {c}: {cost.host_calls:.2f} actor calls (ledger and "
@@ -546,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         "tick_to_close_p50_ms": round(sweep["p50_ms"], 2) if sweep else None,
         "tick_to_close_p99_ms": round(sweep["p99_ms"], 2) if sweep else None,
         "errors": s.errors + b.errors,
+        "serve_ops_per_s_by_replicas": {str(r): round(res[top].ops_per_s, 1)
+                                        for r, (res, _) in by_replicas.items()},
     }
     print(json.dumps(out))
     return 0
