@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTHON ?= python3
 
-.PHONY: help up test browser bench chaos lint clean
+.PHONY: help up test browser wrk bench chaos lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -36,13 +36,24 @@ browser: ## install chromium and chromium-driver (Debian packages) if either is 
 	$$sudo env DEBIAN_FRONTEND=noninteractive $(APT_GET) update -q && \
 	$$sudo env DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -q chromium chromium-driver
 
+# wrk drives the load of `shardex bench api` (without it, a Python client does, sharing the
+# cores with what it measures): installed from the distribution when missing and possible.
+wrk: ## install wrk (Debian package) if it is missing, for the benchmarks
+	@command -v wrk >/dev/null 2>&1 && exit 0; \
+	if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else echo "wrk is missing (package wrk): bench api falls back to its Python client" >&2; \
+		exit 0; fi; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -q wrk || \
+		echo "wrk could not be installed: bench api falls back to its Python client" >&2
+
 up: $(STAMP) ## install into .venv, then start the whole platform in the foreground (Ctrl-C stops it)
 	$(VENV)/bin/shardex up
 
 test: $(STAMP) browser ## install into .venv and chromium if needed, then run the whole test suite
 	$(PY) -m pytest -q
 
-bench: $(STAMP) ## run the benchmarks (engine, feed, api, durability, live); each prints a table and a JSON line
+bench: $(STAMP) wrk ## run the benchmarks (engine, feed, api, durability, live); each prints a table and a JSON line
 	$(VENV)/bin/shardex bench engine --positions 1000000 --json
 	$(VENV)/bin/shardex bench feed --json
 	$(VENV)/bin/shardex bench api --json

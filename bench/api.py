@@ -42,7 +42,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from bench import wrk
 from bench.http_load import Connection, LoadResult, closed_loop
+from bench.wrk import WrkResult
 from cluster.config import Settings
 from cluster.trading.placement import ShardSpec
 
@@ -131,17 +133,38 @@ class Costs:
 Probe = Callable[[], Awaitable[tuple[int, float]]]  # -> (host calls so far, platform CPU s)
 
 
+Result = LoadResult | WrkResult
+
+
+async def drive_with(client: str, port: int, concurrency: int, duration_s: float,
+                     loop: str = "open-close") -> Result:
+    """``loop`` ("open-close", or "state": ``GET /state``) at ``concurrency`` for
+    ``duration_s``, driven by ``client``: "wrk" or "python" (:func:`drive`)."""
+    if client == "python" and loop == "open-close":
+        return await drive(port, concurrency, duration_s)
+    headers = await _accounts(port, concurrency)
+    keys = [h["Authorization"].removeprefix("Bearer ") for h in headers]
+    if client == "wrk":
+        return await asyncio.to_thread(wrk.run, port, keys, duration_s, loop, OPEN_BODY)
+
+    async def get_state(conn: Connection, i: int) -> bool:
+        r = await conn.request("GET", "/api/v1/state", None, headers[i])
+        return r.status == 200
+
+    return await closed_loop(HOST, port, get_state, concurrency, duration_s)
+
+
 async def drive_all(port: int, concurrencies: list[int], duration_s: float, assets: list[str],
-                    probe: Probe | None = None
-                    ) -> tuple[dict[int, LoadResult], dict[int, Costs]]:
+                    probe: Probe | None = None, client: str = "python"
+                    ) -> tuple[dict[int, Result], dict[int, Costs]]:
     """The closed loop at each concurrency, and with ``probe`` what an op cost at each."""
     await _wait_prices(port, assets)
     await drive(port, 4, 1.0)  # warm up routes, batchers and actor connections
-    results: dict[int, LoadResult] = {}
+    results: dict[int, Result] = {}
     costs: dict[int, Costs] = {}
     for c in concurrencies:
         before = await probe() if probe is not None else None
-        results[c] = r = await drive(port, c, duration_s)
+        results[c] = r = await drive_with(client, port, c, duration_s)
         if probe is not None and before is not None and r.ops:
             calls, cpu_s = await probe()
             costs[c] = Costs((calls - before[0]) / r.ops, (cpu_s - before[1]) * 1000 / r.ops)
@@ -432,11 +455,14 @@ def _settings(port: int, data_dir: str) -> Settings:
                                kafka_brokers=None, ray_address=base.ray_address)
 
 
+Measured = tuple[dict[int, Result], dict[int, Costs], Result]
+
+
 def _measure_serve(args: argparse.Namespace, levels: list[int], replicas: int, positions: int
-                   ) -> tuple[float, tuple[dict[int, LoadResult], dict[int, Costs]],
-                              dict[str, Any]]:
+                   ) -> tuple[float, Measured, dict[str, Any]]:
     """One platform with ``replicas`` API replicas on its own broker: (start seconds, the
-    closed loop's results and costs by concurrency, tick_to_close over ``positions``)."""
+    closed loop's results and costs by concurrency and GET /state at the top one,
+    tick_to_close over ``positions``)."""
     from cluster.launcher import Platform
     from feed.broker import EmbeddedBroker
 
@@ -452,8 +478,10 @@ def _measure_serve(args: argparse.Namespace, levels: list[int], replicas: int, p
     try:
         platform.start()
         startup_s = time.perf_counter() - t0
-        measured = asyncio.run(drive_all(settings.port, levels, args.duration_s, assets,
-                                         platform_probe(platform)))
+        results, costs = asyncio.run(drive_all(settings.port, levels, args.duration_s,
+                                               assets, platform_probe(platform), args.client))
+        state = asyncio.run(drive_with(args.client, settings.port, max(levels),
+                                       args.duration_s, "state"))
         if positions > 0:
             platform.stop_feed_source()
             sweep = asyncio.run(tick_to_close(platform, broker.bootstrap, positions,
@@ -461,7 +489,7 @@ def _measure_serve(args: argparse.Namespace, levels: list[int], replicas: int, p
     finally:
         platform.stop()
         broker.stop()
-    return startup_s, measured, sweep
+    return startup_s, (results, costs, state), sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -486,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
                              "burst 100, body and depth limits) in both servers; only "
                              "SIGNUPS_PER_MIN is lifted, the workers' accounts all come from "
                              "127.0.0.1")
+    parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto",
+                        help="load generator: wrk (Debian package; `make bench` installs it), "
+                             "the Python client, or auto: wrk when installed")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     parser.add_argument("--serve-baseline", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -497,8 +528,13 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     top = max(levels)
     replica_counts = [int(n) for n in args.replicas.split(",") if n.strip()]
+    if args.client == "auto":
+        args.client = "wrk" if wrk.wrk_path() else "python"
+        if args.client == "python":
+            print("wrk is not installed: the Python client drives the load (it shares the "
+                  "cores with the platform)", file=sys.stderr)
 
-    by_replicas: dict[int, tuple[dict[int, LoadResult], dict[int, Costs]]] = {}
+    by_replicas: dict[int, Measured] = {}
     sweep: dict[str, Any] = {}
     startup_s = 0.0
     for n, replicas in enumerate(replica_counts):
@@ -507,13 +543,15 @@ def main(argv: list[str] | None = None) -> int:
             args, levels, replicas, args.positions if n == 0 else 0)
         if n == 0:
             startup_s, sweep = started_s, measured
-    serve_results, serve_costs = by_replicas[replica_counts[0]]
+    serve_results, serve_costs, serve_state = by_replicas[replica_counts[0]]
     assets = [a.name for a in Settings.from_env().assets.assets]
 
     port = _free_port()
     proc = _start_baseline(port)
     try:
-        base_results, _ = asyncio.run(drive_all(port, levels, args.duration_s, assets))
+        base_results, _ = asyncio.run(drive_all(port, levels, args.duration_s, assets,
+                                                client=args.client))
+        base_state = asyncio.run(drive_with(args.client, port, top, args.duration_s, "state"))
     finally:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -523,16 +561,18 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"platform start: {startup_s:.1f} s; one op = one HTTP request (open or close); "
           "API limits: " + ("defaults (SIGNUPS_PER_MIN lifted)" if args.default_limits
-                            else "off"))
+                            else "off") + f"; load from {args.client}")
     print(f"{'path':<52}{'conc':>6}{'ops/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
     serve_path = ("proxy" if args.proxy else "direct ingress") + \
         (", journaled" if args.durable else ", in memory")
-    rows = [(f"ray serve ({serve_path}" + (f", {r} replicas" if r > 1 else "") + ")", res)
-            for r, (res, _) in by_replicas.items()]
-    for name, results in (*rows, ("baseline uvicorn, no ray", base_results)):
-        for c in levels:
-            r = results[c]
-            print(f"{name:<52}{c:>6}{r.ops_per_s:>10.0f}{r.percentile_ms(50):>10.2f}"
+    rows = [(f"ray serve ({serve_path}" + (f", {r} replicas" if r > 1 else "") + ")",
+             {**res, "GET /state": state}) for r, (res, _, state) in by_replicas.items()]
+    for name, results in (*rows, ("baseline uvicorn, no ray",
+                                  {**base_results, "GET /state": base_state})):
+        for c, r in results.items():
+            label = f"{name} {c}" if isinstance(c, str) else name
+            conc = top if isinstance(c, str) else c
+            print(f"{label:<52}{conc:>6}{r.ops_per_s:>10.0f}{r.percentile_ms(50):>10.2f}"
                   f"{r.percentile_ms(99):>10.2f}{r.errors:>8}")
     for c, cost in serve_costs.items():
         print(f"ray serve at concurrency {c}: {cost.host_calls:.2f} actor calls (ledger and "
@@ -572,7 +612,11 @@ def main(argv: list[str] | None = None) -> int:
         "tick_to_close_p99_ms": round(sweep["p99_ms"], 2) if sweep else None,
         "errors": s.errors + b.errors,
         "serve_ops_per_s_by_replicas": {str(r): round(res[top].ops_per_s, 1)
-                                        for r, (res, _) in by_replicas.items()},
+                                        for r, (res, _, _) in by_replicas.items()},
+        "serve_state_per_s": round(serve_state.ops_per_s, 1),
+        "serve_state_p99_ms": round(serve_state.percentile_ms(99), 2),
+        "baseline_state_per_s": round(base_state.ops_per_s, 1),
+        "client": args.client,
     }
     print(json.dumps(out))
     return 0

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.api import HOST, drive_all, unthrottled
-from bench.http_load import LoadResult
 from cluster.config import Settings
 from cluster.launcher import Platform
 
@@ -73,7 +72,7 @@ def api_phase(durable: bool, bootstrap: str, concurrency: int,
     try:
         platform.start()
         results, _ = asyncio.run(drive_all(settings.port, [concurrency], duration_s, assets))
-        result: LoadResult = results[concurrency]
+        result = results[concurrency]
         stats = [answers[0] for answers in ray.get(
             [h.execute.remote([Stats()]) for h in platform.shards.values()], timeout=60)]
         [totals] = ray.get(platform.ledger.execute.remote([Totals()]), timeout=60)
