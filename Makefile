@@ -44,7 +44,8 @@ wrk: ## install wrk (Debian package) if it is missing, for the benchmarks
 	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
 	else echo "wrk is missing (package wrk): bench api falls back to its Python client" >&2; \
 		exit 0; fi; \
-	$$sudo env DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -q wrk || \
+	apt="$$sudo env DEBIAN_FRONTEND=noninteractive $(APT_GET)"; \
+	$$apt install -y -q wrk || { $$apt update -q && $$apt install -y -q wrk; } || \
 		echo "wrk could not be installed: bench api falls back to its Python client" >&2
 
 up: $(STAMP) ## install into .venv, then start the whole platform in the foreground (Ctrl-C stops it)
