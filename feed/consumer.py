@@ -130,7 +130,7 @@ class MarketDataConsumer:
     max_batch: int = 20_000
     fetch_max_wait_ms: int = 5
     idle_fetch_max_wait_ms: int = 100
-    idle_after_s: float = 1.0
+    idle_after_s: float = 5.0  # shorter pauses (between bursts of a source) keep the short wait
     partition_check_s: float = 1.0
     on_accepted: Callable[[list[Tick]], object] | None = None
 
