@@ -7,10 +7,12 @@ pytest process may already hold a Ray driver from other tests).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from decimal import Decimal as D
 from pathlib import Path
 from typing import Any
@@ -46,37 +48,56 @@ def test_two_api_replicas_behind_the_front_door_lose_nothing_when_one_is_killed(
     _run_scenario("replicas")
 
 
-def _three_nodes() -> Any:
+@contextlib.contextmanager
+def _on_three_nodes(settings: Any) -> Iterator[Any]:
+    """A RayHttpPlatform of ``settings`` started on a fresh 3-node cluster with its own broker;
+    everything stopped after."""
+    import dataclasses
+
+    import ray
     from ray.cluster_utils import Cluster
 
+    from feed.broker import EmbeddedBroker, free_port
+    from tests.e2e.ray_platform import RayHttpPlatform
+
+    assert not ray.is_initialized()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
     for _ in range(2):
         cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()
-    return cluster
+    broker = EmbeddedBroker("127.0.0.1", free_port()).start()
+    platform = RayHttpPlatform(broker.bootstrap, dataclasses.replace(
+        settings, ray_address=cluster.address))
+    try:
+        platform.start()
+        yield platform
+    finally:
+        platform.stop()
+        broker.stop()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _audit_clean(platform: Any, within_s: float) -> float:
+    """Seconds until the ledger audit of ``platform`` reports nothing (fails after
+    ``within_s``)."""
+    start = time.monotonic()
+    while (problems := platform.audit()) and time.monotonic() < start + within_s:
+        time.sleep(0.2)
+    assert problems == [], problems
+    return time.monotonic() - start
 
 
 def _spread_scenario() -> None:
-    import dataclasses
-
     import httpx
     import ray
 
     from cluster.config import Settings
-    from feed.broker import EmbeddedBroker, free_port
     from tests.e2e.api_client import open_position, signup, state, tick, wait_closed
-    from tests.e2e.ray_platform import RayHttpPlatform
 
-    assert not ray.is_initialized()
-    cluster = _three_nodes()
-    broker = EmbeddedBroker("127.0.0.1", free_port()).start()
     # the scenario jumps the price to a liquidation at once: no jump band (it has its own tests)
-    settings = dataclasses.replace(Settings(max_tick_jump_bps=1_000_000),
-                                   ray_address=cluster.address)
-    platform = RayHttpPlatform(broker.bootstrap, settings)
-    try:
-        platform.start()
+    with _on_three_nodes(Settings(max_tick_jump_bps=1_000_000)) as platform:
         alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         assert len(alive) == 3, alive
         where = platform.shard_nodes()
@@ -115,18 +136,10 @@ def _spread_scenario() -> None:
             assert {p["closeReason"] for p in history} == {"manual", "take_profit",
                                                           "liquidation"}
             assert http.get("/healthz").status_code == 200
-        deadline = time.monotonic() + 10
-        while (problems := platform.audit()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert problems == [], problems
+        _audit_clean(platform, 10)
         totals = platform.totals()
         assert totals["sum_micros"] == 0 and totals["closed_positions"] == 3
         print("MULTINODE OK", flush=True)
-    finally:
-        platform.stop()
-        broker.stop()
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def _listener_pid(port: int) -> int:
@@ -156,28 +169,17 @@ def _replicas_scenario() -> None:
     exists, a retry of each unanswered one (same clientOrderId) opens it at most once, and
     the ledger audit is clean."""
     import collections
-    import dataclasses
     import signal
     import threading
 
     import httpx
-    import ray
 
     from cluster.config import Settings
-    from feed.broker import EmbeddedBroker, free_port
     from tests.e2e.api_client import open_position, signup, state, tick
-    from tests.e2e.ray_platform import RayHttpPlatform
 
-    assert not ray.is_initialized()
-    cluster = _three_nodes()
-    broker = EmbeddedBroker("127.0.0.1", free_port()).start()
-    settings = dataclasses.replace(
-        Settings(max_tick_jump_bps=1_000_000, api_key_rate_per_s=0, signups_per_min=0,
-                 max_open_positions=100_000),
-        ray_address=cluster.address, api_replicas=2)
-    platform = RayHttpPlatform(broker.bootstrap, settings)
-    try:
-        platform.start()
+    settings = Settings(max_tick_jump_bps=1_000_000, api_key_rate_per_s=0, signups_per_min=0,
+                        max_open_positions=100_000, api_replicas=2)
+    with _on_three_nodes(settings) as platform:
         port = platform.settings.port
         direct = [f"http://127.0.0.1:{port + i}" for i in (1, 2)]
         with httpx.Client(base_url=direct[0], timeout=20) as one, \
@@ -272,17 +274,8 @@ def _replicas_scenario() -> None:
             assert set(answered.values()) == held, (len(answered), len(held))
         # a lock the killed replica made for an open it never sent is ended by the sweeps of
         # the replica that leads (ORPHAN_ROUNDS of them, 10 s apart)
-        start = time.monotonic()
-        while (problems := platform.audit()) and time.monotonic() < start + 90:
-            time.sleep(0.5)
-        assert problems == [], problems
-        print(f"audit clean after {time.monotonic() - start:.1f} s", flush=True)
+        print(f"audit clean after {_audit_clean(platform, 90):.1f} s", flush=True)
         print("MULTINODE OK", flush=True)
-    finally:
-        platform.stop()
-        broker.stop()
-        ray.shutdown()
-        cluster.shutdown()
 
 
 if __name__ == "__main__":

@@ -59,6 +59,17 @@ async def eventually(check: Callable[[], Awaitable[bool]],
     return time.monotonic() - start
 
 
+def with_gated_opens(make: Make) -> tuple[Platform, dict[str, Gated]]:
+    """A platform whose shard ports hold every batch with an ``Open`` at a gate (by name)."""
+    gates: dict[str, Gated] = {}
+
+    def wrap(port: LocalPort) -> Port:
+        gates[port.name] = Gated(port, Open)
+        return gates[port.name]
+
+    return make(wrap=wrap), gates
+
+
 # --------------------------------------------------------------------------- 1. disconnects
 @pytest.mark.parametrize("client_order_id", [None, "d-1"])
 @pytest.mark.parametrize("lost", [False, True], ids=["open-arrives", "open-lost"])
@@ -118,13 +129,7 @@ async def test_a_client_that_disconnects_mid_open_leaves_no_orphaned_margin(
 
 async def test_a_duplicate_of_a_request_whose_client_went_away_gets_its_answer(
         make: Make) -> None:
-    gates: dict[str, Gated] = {}
-
-    def wrap(port: LocalPort) -> Port:
-        gates[port.name] = Gated(port, Open)
-        return gates[port.name]
-
-    p = make(wrap=wrap)
+    p, gates = with_gated_opens(make)
     gate = gates[p.shard_of("SOL").name]
     svc = p.service
     who = await sol_trader(p)
@@ -394,13 +399,7 @@ async def test_the_locks_of_an_api_process_that_died_end_within_a_few_sweeps(
     happens) or with the open made and its note on the way. Another process's sweeps end the
     lock after ORPHAN_ROUNDS of them: abandoned (the margin is free again) or noted (the
     position keeps it), once; the open that arrives after all is refused, fenced."""
-    gates: dict[str, Gated] = {}
-
-    def wrap(port: LocalPort) -> Port:
-        gates[port.name] = Gated(port, Open)
-        return gates[port.name]
-
-    p = make(wrap=wrap)
+    p, gates = with_gated_opens(make)
     shard_gate = gates[p.shard_of("SOL").name]
     note_gate = Gated(p.ledger, Note)
     dying = make.service(p, ledger=note_gate, shards=dict(gates))
