@@ -105,7 +105,8 @@ def sample(pid: int) -> Sample | None:
     args = [a for a in raw.decode(errors="replace").split("\0") if a]
     cmdline = " ".join(args)
     script = next((a for a in args[1:] if a.endswith(".py")), None)
-    title = (args[0] if args and args[0].startswith("ray::")
+    title = (args[0].split(".", 1)[0]  # an actor's title names its running method after a dot
+             if args and args[0].startswith("ray::")
              else Path(script or (args[0] if args else "?")).name)
     return Sample(pid, stat[1], stat[2], _kib(f"/proc/{pid}/status", "VmRSS:") or 0,
                   _kib(f"/proc/{pid}/smaps_rollup", "Pss:"), title, cmdline)
