@@ -73,6 +73,7 @@ _INTEGER_LIMITS = {
     "ws_subscriptions": ("WS_SUBSCRIPTIONS", 1, 10_000),
     "ws_unsent": ("WS_UNSENT", 1, 1_000_000),
     "api_replicas": ("API_REPLICAS", 1, 64),
+    "api_max_replicas": ("API_MAX_REPLICAS", 0, 64),
 }
 RULES.update({var: f"an integer in [{low}, {high}]" for var, low, high in _INTEGER_LIMITS.values()})
 
@@ -135,6 +136,7 @@ class Settings:
     max_tick_jump_bps: int = 1_000  # MAX_TICK_JUMP_BPS: a larger mid move waits for confirmation
     account_topic: str = ACCOUNT_TOPIC  # ACCOUNT_EVENTS_TOPIC: where account events go
     api_replicas: int = 1  # API_REPLICAS: HTTP API replicas; more than 1 puts HAProxy in front
+    api_max_replicas: int = 0  # API_MAX_REPLICAS: above API_REPLICAS, Serve autoscales up to it
 
     def __post_init__(self) -> None:
         if self.kafka_brokers is not None:
@@ -172,10 +174,24 @@ class Settings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 _fail(var, value)
-        if self.api_replicas > 1 and self.port + self.api_replicas + 3 > 65535:
-            # behind the front door on PORT, the replicas listen on PORT+1 .. PORT+API_REPLICAS
-            # and the front door's own listeners on the next three ports
-            _fail("API_REPLICAS", self.api_replicas, f"PORT {self.port} + it + 3 exceeds 65535")
+        if self.api_max_replicas and self.api_max_replicas < self.api_replicas:
+            _fail("API_MAX_REPLICAS", self.api_max_replicas,
+                  f"0 or at least API_REPLICAS {self.api_replicas}")
+        if self.replica_slots > 1 and self.port + self.replica_slots + 3 > 65535:
+            # behind the front door on PORT, the replicas listen on PORT+1 .. PORT+N and the
+            # front door's own listeners on the next three ports
+            var = "API_MAX_REPLICAS" if self.api_max_replicas else "API_REPLICAS"
+            _fail(var, self.replica_slots, f"PORT {self.port} + it + 3 exceeds 65535")
+
+    @property
+    def replica_slots(self) -> int:
+        """The most API replicas that can run at once (each needs a port of its own)."""
+        return max(self.api_replicas, self.api_max_replicas)
+
+    @property
+    def autoscaled(self) -> bool:
+        """Serve scales the API between API_REPLICAS and API_MAX_REPLICAS by its load."""
+        return self.api_max_replicas > self.api_replicas
 
     @property
     def bootstrap_servers(self) -> str:

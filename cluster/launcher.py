@@ -157,7 +157,7 @@ class Platform:
         asyncio.run(self._ensure_topic(self.bootstrap))
         phase("broker")
 
-        env = export_serve_env(settings.port, settings.api_replicas) if self.direct_ingress else {}
+        env = export_serve_env(settings.port, settings.replica_slots) if self.direct_ingress else {}
         if ray.is_initialized():
             log.info("using the Ray this process is already connected to")
         elif settings.ray_address:

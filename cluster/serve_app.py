@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 MAX_ONGOING_REQUESTS = 4096  # Serve's default (5) queues requests behind 5 in flight
 DRAIN_S = 1.0  # direct ingress holds a stopping replica open this long (default 30 s, for LBs)
+AUTOSCALE_TARGET_ONGOING = 32  # with API_MAX_REPLICAS: requests in flight a replica aims at
 
 
 def serve_env(port: int, replicas: int = 1) -> dict[str, str]:
@@ -269,7 +270,7 @@ def start_serve(settings: Settings, *, host: str = "127.0.0.1",
     # starts a head-node proxy (it overrides "Disabled" in that mode) on a spare port. Several
     # replicas have HAProxy on the port in front of them (serve_env), started by the proxy
     # machinery on the head node.
-    front = direct_ingress and settings.api_replicas > 1
+    front = direct_ingress and settings.replica_slots > 1
     proxy_port = free_port(host) if direct_ingress and not front else settings.port
     serve.start(
         http_options={"host": host, "port": proxy_port},
@@ -285,7 +286,7 @@ def _api_env(settings: Settings, extra_env: Mapping[str, str] | None,
              direct_ingress: bool) -> dict[str, str]:
     if not direct_ingress:
         return {}
-    return {**serve_env(settings.port, settings.api_replicas), **(extra_env or {})}
+    return {**serve_env(settings.port, settings.replica_slots), **(extra_env or {})}
 
 
 def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE,
@@ -307,11 +308,16 @@ def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE
         options["runtime_env"] = {"env_vars": env}
     options.update(_pin_to_this_node())
     deployment: Any = ApiIngress  # a serve.Deployment once decorated
-    app = deployment.options(num_replicas=settings.api_replicas, ray_actor_options=options,
+    scale: dict[str, Any] = {"num_replicas": settings.api_replicas}
+    if settings.autoscaled:
+        scale = {"num_replicas": "auto", "autoscaling_config": {
+            "min_replicas": settings.api_replicas, "max_replicas": settings.api_max_replicas,
+            "target_ongoing_requests": AUTOSCALE_TARGET_ONGOING}}
+    app = deployment.options(**scale, ray_actor_options=options,
                              logging_config=_LOGGING_CONFIG).bind(settings, bootstrap, namespace)
     serve.run(app, name=SERVE_APP, route_prefix="/", blocking=False)
     url = f"http://{host}:{settings.port}"
-    front = direct_ingress and settings.api_replicas > 1
+    front = direct_ingress and settings.replica_slots > 1
     # behind the front door, every replica listens on a port of its own: wait for them all
     for port in range(settings.port, settings.port + (settings.api_replicas if front else 0) + 1):
         _wait_listening(host, port, timeout_s)

@@ -46,6 +46,7 @@ BAD = {
     "WS_UNSENT": ["0", "1000001", "1e3"],
     "ACCOUNT_EVENTS_TOPIC": ["", "has space", "a/b", "..", "x" * 250],
     "API_REPLICAS": ["0", "65", "two"],
+    "API_MAX_REPLICAS": ["-1", "65", "1.5"],
 }
 
 
@@ -74,6 +75,18 @@ def test_the_replicas_ports_must_fit_above_the_port() -> None:
     assert Settings.from_env({"PORT": "65535", "API_REPLICAS": "1"}).api_replicas == 1
     with pytest.raises(ConfigError, match=r"^API_REPLICAS must be .*PORT 65531 \+ it \+ 3"):
         Settings.from_env({"PORT": "65531", "API_REPLICAS": "2"})
+
+
+def test_autoscaling_runs_between_the_replicas_and_the_most() -> None:
+    s = Settings.from_env({"API_REPLICAS": "2", "API_MAX_REPLICAS": "4"})
+    assert (s.autoscaled, s.replica_slots) == (True, 4)
+    s = Settings.from_env({"API_REPLICAS": "2", "API_MAX_REPLICAS": "2"})
+    assert (s.autoscaled, s.replica_slots) == (False, 2)
+    assert (Settings().autoscaled, Settings().replica_slots) == (False, 1)
+    with pytest.raises(ConfigError, match=r"^API_MAX_REPLICAS must be .*at least API_REPLICAS 3"):
+        Settings.from_env({"API_REPLICAS": "3", "API_MAX_REPLICAS": "2"})
+    with pytest.raises(ConfigError, match=r"^API_MAX_REPLICAS must be .*PORT 65530 \+ it \+ 3"):
+        Settings.from_env({"PORT": "65530", "API_MAX_REPLICAS": "3"})
 
 
 def test_every_variable_has_a_rule_and_a_refusal() -> None:
