@@ -42,7 +42,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import wrk
+from bench import cpu_split, wrk
 from bench.http_load import Connection, LoadResult, closed_loop
 from bench.wrk import WrkResult
 from cluster.config import Settings
@@ -458,11 +458,12 @@ def _settings(port: int, data_dir: str) -> Settings:
 Measured = tuple[dict[int, Result], dict[int, Costs], Result]
 
 
-def _measure_serve(args: argparse.Namespace, levels: list[int], replicas: int, positions: int
-                   ) -> tuple[float, Measured, dict[str, Any]]:
+def _measure_serve(args: argparse.Namespace, levels: list[int], replicas: int, positions: int,
+                   profile: bool = False
+                   ) -> tuple[float, Measured, dict[str, Any], dict[str, dict[str, float]]]:
     """One platform with ``replicas`` API replicas on its own broker: (start seconds, the
     closed loop's results and costs by concurrency and GET /state at the top one,
-    tick_to_close over ``positions``)."""
+    tick_to_close over ``positions``, with ``profile`` the CPU split of _cpu_split)."""
     from cluster.launcher import Platform
     from feed.broker import EmbeddedBroker
 
@@ -471,6 +472,7 @@ def _measure_serve(args: argparse.Namespace, levels: list[int], replicas: int, p
     assets = [a.name for a in settings.assets.assets]
     broker = EmbeddedBroker(HOST, _free_port()).start()
     sweep: dict[str, Any] = {}
+    split: dict[str, dict[str, float]] = {}
     t0 = time.perf_counter()
     # durable: journaled hosts in DATA_DIR that Ray restarts, reconciled at start (`shardex up`)
     platform = Platform(settings, with_feed=True, bootstrap=broker.bootstrap,
@@ -482,6 +484,8 @@ def _measure_serve(args: argparse.Namespace, levels: list[int], replicas: int, p
                                                assets, platform_probe(platform), args.client))
         state = asyncio.run(drive_with(args.client, settings.port, max(levels),
                                        args.duration_s, "state"))
+        if profile:
+            split = _cpu_split(platform, settings, max(levels), args.duration_s, args.client)
         if positions > 0:
             platform.stop_feed_source()
             sweep = asyncio.run(tick_to_close(platform, broker.bootstrap, positions,
@@ -489,7 +493,30 @@ def _measure_serve(args: argparse.Namespace, levels: list[int], replicas: int, p
     finally:
         platform.stop()
         broker.stop()
-    return startup_s, (results, costs, state), sweep
+    return startup_s, (results, costs, state), sweep, split
+
+
+def _cpu_split(platform: Any, settings: Settings, concurrency: int, duration_s: float,
+               client: str) -> dict[str, dict[str, float]]:
+    """The open/close loop once more at ``concurrency`` while py-spy samples the API replica,
+    the ledger and the shard hosts: CPU ms per request, by process role and layer
+    (bench.cpu_split)."""
+    import ray
+
+    def pid(handle: Any) -> int:
+        return int(ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=30))
+
+    pids = {"api": cpu_split.listener_pid(settings.port), "ledger": pid(platform.ledger)}
+    pids.update({name: pid(h) for name, h in platform.shards.items()})
+
+    async def run() -> tuple[Result, dict[str, list[str]]]:
+        sampled = asyncio.create_task(asyncio.to_thread(cpu_split.record, pids, duration_s))
+        result = await drive_with(client, settings.port, concurrency, duration_s)
+        return result, await sampled
+
+    result, stacks = asyncio.run(run())
+    return {role: cpu_split.per_request_ms(cpu_split.split(lines), result.ops)
+            for role, lines in stacks.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -517,6 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto",
                         help="load generator: wrk (Debian package; `make bench` installs it), "
                              "the Python client, or auto: wrk when installed")
+    parser.add_argument("--cpu-split", action="store_true",
+                        help="one more run at the top concurrency while py-spy samples the "
+                             "API replica, the ledger and the shards: CPU per request by "
+                             "process and layer (HTTP, validation, service, Ray, journal...)")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     parser.add_argument("--serve-baseline", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -536,13 +567,15 @@ def main(argv: list[str] | None = None) -> int:
 
     by_replicas: dict[int, Measured] = {}
     sweep: dict[str, Any] = {}
+    split: dict[str, dict[str, float]] = {}
     startup_s = 0.0
     for n, replicas in enumerate(replica_counts):
         # the first platform also times tick -> close (it does not depend on the replicas)
-        started_s, by_replicas[replicas], measured = _measure_serve(
-            args, levels, replicas, args.positions if n == 0 else 0)
+        started_s, by_replicas[replicas], measured, profiled = _measure_serve(
+            args, levels, replicas, args.positions if n == 0 else 0,
+            profile=args.cpu_split and n == 0)
         if n == 0:
-            startup_s, sweep = started_s, measured
+            startup_s, sweep, split = started_s, measured, profiled
     serve_results, serve_costs, serve_state = by_replicas[replica_counts[0]]
     assets = [a.name for a in Settings.from_env().assets.assets]
 
@@ -587,6 +620,11 @@ def main(argv: list[str] | None = None) -> int:
               f"(loaded in {sweep['load_s']:.1f} s), {sweep['ticks']} ticks, "
               f"{sweep['closed']:,} closes: p50 {sweep['p50_ms']:.1f} ms, "
               f"p99 {sweep['p99_ms']:.1f} ms, max {sweep['max_ms']:.1f} ms")
+    if split:
+        print(f"CPU per request at concurrency {top} (ms, py-spy samples by layer):")
+        for role, layers in split.items():
+            print(f"  {role:<14} {sum(layers.values()):6.3f}  " + ", ".join(
+                f"{layer} {ms:.3f}" for layer, ms in layers.items()))
     s, b = serve_results[top], base_results[top]
     out = {
         "bench": "api",
@@ -617,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve_state_p99_ms": round(serve_state.percentile_ms(99), 2),
         "baseline_state_per_s": round(base_state.ops_per_s, 1),
         "client": args.client,
+        "cpu_split_ms_per_op": split or None,
     }
     print(json.dumps(out))
     return 0

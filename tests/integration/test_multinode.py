@@ -142,25 +142,6 @@ def _spread_scenario() -> None:
         print("MULTINODE OK", flush=True)
 
 
-def _listener_pid(port: int) -> int:
-    """The pid of the process listening on 127.0.0.1:``port`` (from /proc)."""
-    inodes = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, state, inode = fields[1], fields[3], fields[9]
-        if state == "0A" and local == f"0100007F:{port:04X}":  # LISTEN on 127.0.0.1
-            inodes.add(f"socket:[{inode}]")
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
-                return int(proc.name)
-        except OSError:  # a process that ended, or one of another user
-            continue
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
-
-
 def _replicas_scenario() -> None:
     """API_REPLICAS=2 on three nodes: HAProxy on the port in front of two replicas, each
     also on its own port. Accounts made through one replica trade through the other and
@@ -174,6 +155,7 @@ def _replicas_scenario() -> None:
 
     import httpx
 
+    from bench.cpu_split import listener_pid
     from cluster.config import Settings
     from tests.e2e.api_client import open_position, signup, state, tick
 
@@ -204,7 +186,7 @@ def _replicas_scenario() -> None:
             assert r.status_code == 200, r.text
             assert state(two, h)["positions"] == []
 
-            victim = _listener_pid(port + 1)  # the replica on the first replica port
+            victim = listener_pid(port + 1)  # the replica on the first replica port
             traders = [signup(front) for _ in range(8)]
             answered: dict[str, str] = {}  # clientOrderId -> positionId answered 201
             unanswered: list[tuple[int, str]] = []
