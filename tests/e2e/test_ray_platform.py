@@ -20,7 +20,6 @@ from typing import Any
 
 import httpx
 import pytest
-import websockets
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from tests.e2e import test_api_klines as _klines
@@ -128,8 +127,7 @@ def test_malformed_messages_on_the_account_topic_are_dropped_and_counted(
         return int(next(x for x in text.splitlines() if x.startswith(line)).split()[-1])
 
     async def scenario() -> None:
-        async with websockets.connect(_streams.ws_url(platform)) as ws:
-            await _streams.subscribe_account(ws, h["Authorization"].removeprefix("Bearer "))
+        async with _streams.account_stream(platform, h) as ws:
             (snap,) = await _streams.account_frames(ws, 1)
             before = await asyncio.to_thread(malformed)
             producer = AIOKafkaProducer(bootstrap_servers=platform.bootstrap)
