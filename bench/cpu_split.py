@@ -2,12 +2,13 @@
 
 ``record(pids, duration_s)`` samples each process (``py-spy record --format raw``, 200 Hz, the
 threads py-spy finds busy: on the CPU, or in a system call it does not take for a wait, such
-as the journal's fdatasync, so "journal" is time, not only CPU); ``split(stacks)`` charges every sample to the innermost frame of a
-known layer (:data:`LAYERS`): the journal's writes and fdatasync, HTTP (uvicorn, Starlette,
-FastAPI), validation (pydantic, the API's exact JSON and decimal parsing), JSON encoding, the
-trading service and its batching, the engine's state machines, Ray calls (serialisation and the
-core worker), the asyncio loop itself; a sample in none of them is "other". Divided by the
-requests served meanwhile it is CPU per request by layer.
+as the journal's fdatasync, so "journal" is time, not only CPU). ``split(stacks)`` charges
+every sample to the innermost frame of a known layer (:data:`LAYERS`): the journal's writes
+and fdatasync, HTTP (uvicorn, Starlette, FastAPI), validation (pydantic, the API's exact JSON
+and decimal parsing), JSON encoding, the trading service and its batching, the engine's state
+machines, Ray calls (serialisation and the core worker), the asyncio loop itself; a sample in
+none of them is "other". Divided by the requests served meanwhile it is CPU per request by
+layer.
 """
 
 from __future__ import annotations
