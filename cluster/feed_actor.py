@@ -20,23 +20,15 @@ carrying the newest tick of each of its assets, followed by an ``Outbox`` read; 
 replace older pending ones (so a slow shard costs bounded memory and only superseded ticks are
 ever skipped). A shard that is missing or dead keeps its newest pending ticks and is looked up
 again every ``lookup_retry_s``. A tick a shard refuses (out of its bounds) is dropped and
-counted (``ticks_refused_by_shards``).
-
-Settlements the call's answer holds go to the ledger through the courier
-(cluster.trading.courier) with one ledger call, their acknowledgement riding with the shard's
-next call. The call ends when the shard answered: the delivery runs on the shard's settlement
-lane, so the next ticks of that shard do not wait for the ledger. A lane runs one delivery at a
-time; what arrives meanwhile waits, and a newer outbox read replaces a waiting one (the shard
-keeps every settlement in its outbox until the ledger's acknowledgement, so a newer read holds
-all of an older one's that the ledger has not applied). A shard whose delivery failed is
-delivered in full (outbox read, ledger, acknowledgement) on its lane, after each call and every
-``lookup_retry_s``, until it succeeds.
+counted (``ticks_refused_by_shards``). Settlements the call's answer holds go to the ledger
+through the courier (cluster.trading.courier) with one ledger call, their acknowledgement riding
+with the shard's next call; a shard whose delivery failed is delivered in full (outbox read,
+ledger, acknowledgement) every ``lookup_retry_s`` until it succeeds.
 
 Every shard call leaves a :class:`CallTiming` (when its ticks were read, when the call was sent,
-when the shard answered, when the delivery of its settlements began and ended) in a ring of the
-newest :data:`CALLS_KEPT`, read with ``call_timings``: the feed's part of ``shardex bench
-latency``. Keeping it costs a few clock reads and a tuple per call, and one clock read per
-batch the pipeline accepts.
+when the shard and then the ledger answered) in a ring of the newest :data:`CALLS_KEPT`, read
+with ``call_timings``: the feed's part of ``shardex bench latency``. Keeping it costs three
+clock reads and a tuple per call, and one clock read per batch the pipeline accepts.
 
 The ticks the pipeline accepts also build the candles (cluster.live.market.MarketLive, written
 to ``candles_dir`` before they are served), read by the API through ``klines`` and, for the
@@ -53,7 +45,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -75,7 +66,6 @@ log = logging.getLogger(__name__)
 
 CALLS_KEPT = 4096  # shard calls whose timings the feed actor keeps (the newest)
 READS_KEPT = 4  # read times kept per asset, for the ticks of calls not made yet
-SETTLING_KEPT = 64  # calls per shard whose timing waits for their delivery (more: without it)
 
 
 class CallTiming(NamedTuple):
@@ -85,8 +75,8 @@ class CallTiming(NamedTuple):
     ``shard``; ``ticks``: ``(ts_us, seq, read_us)`` of each tick it carried, ``read_us`` when
     the batch holding it was read and accepted (0: unknown); ``sent_us``: the call was made;
     ``answered_us``: the shard's answer arrived; ``closed``: positions its ticks closed;
-    ``settle_us`` / ``settled_us``: the delivery to the ledger that carried its settlements
-    began and ended (it may wait on the shard's lane behind an earlier one).
+    ``settle_us`` / ``settled_us``: the settlement delivery to the ledger that followed began
+    and ended.
     """
 
     shard: str
@@ -100,15 +90,6 @@ class CallTiming(NamedTuple):
 
 def _wall_us() -> int:
     return time.time_ns() // 1000
-
-
-@dataclass
-class _Waiting:
-    """The delivery waiting on a shard's lane: the newest outbox read (None: read it again,
-    a full delivery) and the timings of the calls whose settlements it carries."""
-
-    view: OutboxView | None
-    timings: list[CallTiming]
 
 
 def _renice(nice: int) -> None:
@@ -166,8 +147,6 @@ class FeedActorShell:
         self._courier: Courier | None = None
         self._undelivered: set[str] = set()
         self._retry: asyncio.Task[None] | None = None
-        self._lanes: dict[str, asyncio.Task[None]] = {}  # the delivery running per shard
-        self._waiting: dict[str, _Waiting] = {}  # the delivery to run next per shard
         self.ticks_refused = 0  # ticks a shard refused (out of its bounds): dropped, counted
         self.deliveries_failed = 0
         self._timings: deque[CallTiming] = deque(maxlen=CALLS_KEPT)
@@ -301,49 +280,18 @@ class FeedActorShell:
                 self.handles.pop(name, None)
                 self._lookup_after[name] = time.monotonic() + self.lookup_retry_s
             raise
-        timing = CallTiming(name, stamps, sent_us, _wall_us(),
-                            sum(a for a in answers[:len(ticks)] if type(a) is int), 0, 0)
+        answered_us = settle_us = _wall_us()
+        closed = sum(a for a in answers[:len(ticks)] if type(a) is int)
         self.ticks_refused += sum(1 for a in answers[:len(ticks)] if not isinstance(a, int))
         if undelivered:
-            self._hand_over(name, None, timing)
+            await self._settle(name)
         elif isinstance(answers[-1], OutboxView) and answers[-1].items:
-            self._hand_over(name, answers[-1], timing)
+            await self._settle(name, answers[-1])
         else:
-            self._record(timing)
-
-    def _record(self, timing: CallTiming) -> None:
-        self._timings.append(timing)
+            settle_us = 0
+        self._timings.append(CallTiming(name, stamps, sent_us, answered_us, closed, settle_us,
+                                        _wall_us() if settle_us else 0))
         self._timed += 1
-
-    def _hand_over(self, name: str, view: OutboxView | None,
-                   timing: CallTiming | None = None) -> asyncio.Task[None]:
-        """Deliver shard ``name``'s settlements on its lane (``view``: an outbox read; None: a
-        full delivery); returns the lane's task."""
-        waiting = self._waiting.get(name)
-        if waiting is None:
-            waiting = self._waiting[name] = _Waiting(view, [])
-        elif waiting.view is None or view is None:
-            waiting.view = None  # a full delivery reads everything anew
-        elif view.last_seq >= waiting.view.last_seq:
-            waiting.view = view
-        if timing is not None:
-            if len(waiting.timings) < SETTLING_KEPT:
-                waiting.timings.append(timing)
-            else:
-                self._record(timing)
-        lane = self._lanes.get(name)
-        if lane is None or lane.done():
-            lane = self._lanes[name] = asyncio.get_running_loop().create_task(
-                self._run_lane(name))
-        return lane
-
-    async def _run_lane(self, name: str) -> None:
-        while (waiting := self._waiting.pop(name, None)) is not None:
-            settle_us = _wall_us()
-            await self._settle(name, waiting.view)
-            settled_us = _wall_us()
-            for timing in waiting.timings:
-                self._record(timing._replace(settle_us=settle_us, settled_us=settled_us))
 
     async def _settle(self, name: str, view: OutboxView | None = None) -> None:
         """Deliver shard ``name``'s settlements to the ledger (``view``: the outbox as the tick
@@ -371,7 +319,7 @@ class FeedActorShell:
             await asyncio.sleep(self.lookup_retry_s)
             for name in list(self._undelivered):
                 if name in self.handles:
-                    await self._hand_over(name, None)
+                    await self._settle(name)
 
 
 # The Ray actor class (``FeedActor.remote(...)``, ``FeedActor.options(name=...)``). It asks for

@@ -1,13 +1,9 @@
 """The feed actor on real hosts: produce -> Kafka -> FeedActor -> shard host -> ledger host
-(local Ray, in memory). A tick that closes positions is settled in the ledger exactly once, on
-the shard's settlement lane: the next ticks reach the shard while the ledger still works. The
-latency rings (the feed actor's call timings, the hosts' execute timings) tell one tick's way,
-in order, on the one wall clock."""
+(local Ray, in memory). The latency rings (the feed actor's call timings, the hosts' execute
+timings) tell the way of a tick that closes a position, in order, on the one wall clock."""
 
 from __future__ import annotations
 
-import sys
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,15 +15,14 @@ import ray
 from feed_waits import now_us, wait_for
 
 from cluster.actors.deploy import ray_ports, start_hosts
-from cluster.actors.host import MachineHost
 from cluster.config import Settings
 from cluster.feed_actor import FeedActor
 from cluster.trading.placement import shard_layout
 from cluster.trading.service import TradingService
-from engine.ledger_machine import AppliedSeq, Totals
+from engine.ledger_machine import Totals
 from engine.messages import OpenOrder, OpenPosition
 from engine.orders import Side
-from engine.shard_machine import LastTick, Outbox
+from engine.shard_machine import LastTick
 from feed.message import message_from_ticks
 from feed.producer import MarketDataProducer
 
@@ -101,39 +96,6 @@ async def hosted(kafka_broker: str, ray_local: None) -> AsyncIterator[Hosted]:
         await h.svc.aclose()
         for handle in [feed, ledger, *shards.values()]:
             ray.kill(handle)
-
-
-def _busy(host: MachineHost, seconds: float) -> None:
-    """Run inside a host (``__ray_call__``): keep it busy for ``seconds``."""
-    time.sleep(seconds)
-
-
-# Ray workers cannot import test modules: ship this module's functions by value.
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-async def test_the_next_ticks_do_not_wait_for_the_ledger(hosted: Hosted) -> None:
-    h = hosted
-    await h.long_with_tp("61000.0")
-    # the ledger is busy for 3 s: the settlement of the close waits at the ledger
-    busy = h.ledger.__ray_call__.remote(_busy, 3.0)
-    await h.tick("61000.0")  # takes the profit
-    started = time.monotonic()
-    _, seq = await h.tick("61000.5")
-    await wait_for(lambda: h.at_shard(seq), what="the next tick at the shard")
-    assert time.monotonic() - started < 2.0  # not behind the ledger's 3 s
-    await busy
-    await wait_for(lambda: _equals(h.closed(), 1), what="the close settled in the ledger")
-    # exactly once, and the acknowledgement rides with a later tick call
-    assert (await h.ledger.execute.remote([AppliedSeq(SHARD)]))[0] == 1
-    _, seq = await h.tick("61001.0")
-
-    async def acked() -> bool:
-        view = (await h.shards[SHARD].execute.remote([Outbox()]))[0]
-        return await h.at_shard(seq) and view.items == []
-
-    await wait_for(acked, what="the outbox acknowledged")
-    assert await h.closed() == 1
 
 
 async def _equals(value: Any, want: Any) -> bool:
