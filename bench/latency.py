@@ -7,7 +7,7 @@ hosts (bench.api's loader: leverage-100 longs spread over entry levels), then pr
 ``--rate`` ticks/s round robin over the assets for ``--seconds`` (after ``--warmup-s`` that is
 not counted). A ``--liquidating-share`` of each asset's ticks falls to the next liquidation
 level of its positions (about ``--closes-per-tick`` closes over all shards, like
-``bench api``'s tick_to_close); the others move a few price steps above the last level, so
+``bench api``'s tick_to_close); the others keep the bid at that level and move the ask, so
 they close nothing. Every price stays within the feed's bounds (fresh ``ts_us``, moves far
 below MAX_TICK_JUMP_BPS).
 
@@ -28,10 +28,17 @@ A call is matched to the execute that ran inside it; the time before that execut
 split into waiting behind the host's previous execute (queue) and the rest (Ray's send). Both
 rings are read every :data:`POLL_S` while ticks flow.
 
-End to end: ``feed_deliver`` = produce -> the shard's execute carrying the tick ended (applied;
-journaled, committed when it closed positions: a tick alone rides the next commit);
-``tick_to_settled`` = produce -> the ledger's execute settling the closes that tick triggered
-ended (applied and committed). Prints a table, then one JSON line last.
+End to end, over every tick produced in the window: ``feed_deliver`` = produce -> the end of
+the shard's execute that applied it, or, when the feed conflated it away, the newer tick of its
+asset that replaced it (journaled; committed when it closed positions, a tick alone rides the
+next commit); the same over the delivered ticks only is ``bench feed``'s figure.
+``tick_to_settled`` = a liquidating tick produced -> the end of the ledger's execute that
+applied and committed the closes of the level it crossed (carried by it, or by the tick that
+replaced it). The hops of the price path are taken over every tick, those of the liquidation
+path over the liquidating ticks; ``superseded`` is the wait of a conflated tick for the tick
+that carried it. Prints the table, then one JSON line last (``hops``: the liquidation path,
+``price_hops``: the price path). ``--dump`` keeps the rings and the ticks, ``--report`` prints
+a dump's report again.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +70,7 @@ from cluster.trading.placement import ShardSpec
 HOST = "127.0.0.1"
 POLL_S = 0.5  # how often the feed actor's and the hosts' timing rings are read
 DRAIN_S = 2.0  # after the last tick, before the rings are read the last time
-JITTER_STEPS = 3  # a tick that closes nothing lies 0..JITTER_STEPS-1 steps above the last level
-PRODUCER_LINGER_MS = 1  # the producer's linger, as ``shardex feed`` publishes (run_source)
+SPREAD_STEPS = 3  # a tick that closes nothing has a spread of 1..SPREAD_STEPS price steps
 FEED_DELIVER_TARGET_MS = 15.0
 TICK_TO_SETTLED_TARGET_MS = 30.0
 
@@ -72,6 +78,7 @@ TICK_TO_SETTLED_TARGET_MS = 30.0
 HOPS = (
     ("frame_to_receive", "Backpack frame sent (loopback exchange) -> received by the client"),
     ("receive_to_produce", "frame received -> message handed to the Kafka producer"),
+    ("superseded", "produced -> the newer tick that carried it was produced (conflation)"),
     ("produce_to_read", "produced -> read and accepted by the feed actor (Kafka)"),
     ("read_to_send", "read -> shard call sent (pipeline, conflation, in-flight bound)"),
     ("shard_queue", "shard: waiting behind the host's earlier calls"),
@@ -79,13 +86,12 @@ HOPS = (
     ("shard_step", "shard: decide/sweep + apply (the runner's step)"),
     ("shard_commit", "shard: journal append + commit (fdatasync when positions closed)"),
     ("shard_return", "shard: execute ended -> answer at the feed actor"),
-    ("settle_wait", "shard answered -> delivery of its settlements begins (lane)"),
     ("settle_send", "ledger: settlement call sent -> execute begins (Ray)"),
     ("ledger_queue", "ledger: waiting behind the host's earlier calls"),
     ("ledger_step", "ledger: decide + apply of the settlements"),
     ("ledger_commit", "ledger: journal append + commit (fdatasync)"),
-    ("ledger_publish", "ledger: account events handed to the publisher"),
-    ("ledger_return", "ledger: answered -> delivery done at the feed actor"),
+    ("ledger_publish", "ledger: account events handed to the publisher (after settled)"),
+    ("ledger_return", "ledger: answered -> delivery done at the feed actor (after settled)"),
 )
 
 
@@ -109,7 +115,13 @@ class AssetPlan:
     """The prices of one asset's ticks: ``levels``, its positions' distinct liquidation bids
     (highest first); ``closes_at[j]``, positions whose liquidation is at or above ``levels[j]``;
     ``floor``, the bid of the last liquidating tick (at first: the price the positions were
-    opened at)."""
+    opened at).
+
+    A liquidating tick's bid is the next level; the ticks after it keep that bid and move the
+    ask, so the market stays at the level it fell to: a liquidating tick the feed conflates
+    away is carried by the next one, which crosses the same level (a bid that bounced back
+    above the level would leave the level's positions open, and the bench would time the
+    conflation's choice instead of the platform)."""
 
     asset: Any
     levels: np.ndarray
@@ -130,8 +142,7 @@ class AssetPlan:
             self.next_level += 1
             self.liquidating += 1
             return self.floor, self.floor + 1, True
-        bid = self.floor + i % JITTER_STEPS
-        return bid, bid + 1, False
+        return self.floor, self.floor + 1 + i % SPREAD_STEPS, False
 
 
 def plan_assets(settings: Settings, layout: Sequence[ShardSpec],
@@ -245,10 +256,12 @@ class LoopbackExchange:
 
 @dataclasses.dataclass
 class Produced:
-    """What the bench knows of one tick: ``produce_us`` (handed to the producer), with Backpack
-    ``frame_us`` (sent by the exchange) and ``receive_us`` (received by the client), and
-    whether it was a liquidating tick."""
+    """What the bench knows of one tick: its ``asset`` and ``bid`` (ticks), ``produce_us``
+    (handed to the producer), whether it was a liquidating tick, and with Backpack
+    ``frame_us`` (sent by the exchange) and ``receive_us`` (received by the client)."""
 
+    asset: str
+    bid: int
     produce_us: int
     liquidating: bool
     frame_us: int = 0
@@ -258,13 +271,14 @@ class Produced:
 class TickStream:
     """Produces the planned ticks to the market topic, directly or through Backpack frames."""
 
-    def __init__(self, settings: Settings, bootstrap: str, topic: str, source: str) -> None:
+    def __init__(self, settings: Settings, bootstrap: str, topic: str, source: str,
+                 linger_ms: int) -> None:
         from feed.producer import MarketDataProducer
 
         self.settings = settings
         self.source = source
         self.producer = MarketDataProducer(bootstrap, settings.assets, topic=topic,
-                                           linger_ms=PRODUCER_LINGER_MS)
+                                           linger_ms=linger_ms)
         self.produced: dict[int, Produced] = {}  # by seq
         self.seq = 0
         self.exchange: LoopbackExchange | None = None
@@ -300,11 +314,11 @@ class TickStream:
 
         self.seq += 1
         if self.exchange is not None:
-            produced = self.produced[self.seq] = Produced(0, liquidating)
+            produced = self.produced[self.seq] = Produced(asset.name, bid, 0, liquidating)
             produced.frame_us = await self.exchange.send(asset, bid, ask, self.seq)
             return
         now_us = time.time_ns() // 1000
-        self.produced[self.seq] = Produced(now_us, liquidating)
+        self.produced[self.seq] = Produced(asset.name, bid, now_us, liquidating)
         await self.producer.publish(message_from_ticks(asset, bid, ask, now_us, self.seq,
                                                        "bench"))
 
@@ -330,6 +344,13 @@ class Rings:
         self.executes: dict[str, list[Any]] = {name: [] for name in self.hosts}
         self._since: dict[str, int] = {}
         self.missed = 0  # entries a slow read let the rings drop
+
+    @classmethod
+    def recorded(cls, calls: list[Any], executes: dict[str, list[Any]]) -> Rings:
+        """Rings read before (a dumped run), to analyse."""
+        rings = cls.__new__(cls)
+        rings.calls, rings.executes, rings.missed = calls, executes, 0
+        return rings
 
     async def read(self) -> None:
         names = ["feed", *self.hosts]
@@ -370,69 +391,186 @@ def _split(execute: Any, before: Any, sent_us: int) -> tuple[int, int]:
     return queue, waited - queue
 
 
-def analyse(rings: Rings, produced: dict[int, Produced], window_start_us: int
-            ) -> dict[str, Any]:
-    """Per-hop and end-to-end samples (us) of the ticks produced from ``window_start_us``."""
-    hops: dict[str, list[int]] = {name: [] for name, _ in HOPS}
-    deliver: list[int] = []
-    settled: list[int] = []
-    frame_settled: list[int] = []
+@dataclasses.dataclass
+class Carried:
+    """A shard call as the analysis sees it: the newest tick it carried (``seq``, its
+    ``read_us``), the call's own hops (us), when the shard's execute ended (``applied_us``),
+    and for a call that closed positions, its settlement's hops and when the ledger's execute
+    ended (``settled_us``, 0: none)."""
+
+    seq: int
+    read_us: int
+    hops: dict[str, int]
+    applied_us: int
+    closed: int
+    settle_hops: dict[str, int]
+    settled_us: int
+
+
+def _carried(rings: Rings) -> tuple[dict[str, list[Carried]], int]:
+    """Each shard's calls in the order they were made, matched to the executes that ran them;
+    and how many could not be matched."""
+    hosts = {n: (e, [x.start_us for x in e]) for n, e in rings.executes.items()}
+    ledger, ledger_starts = hosts["ledger"]
+    out: dict[str, list[Carried]] = {}
     unmatched = 0
-    delivered = closes = liquidating_calls = 0
-    by_host = {n: (e, [x.start_us for x in e]) for n, e in rings.executes.items()}
-    ledger, ledger_starts = by_host["ledger"]
-    for call in rings.calls:
-        ticks = [(produced.get(seq), ts_us, seq, read_us) for ts_us, seq, read_us in call.ticks]
-        ticks = [t for t in ticks if t[0] is not None and t[0].produce_us >= window_start_us]
-        if not ticks:
+    for call in sorted(rings.calls, key=lambda c: c.sent_us):
+        if not call.ticks:
             continue
-        executes, starts = by_host[call.shard]
+        executes, starts = hosts[call.shard]
         shard = _inside(executes, starts, call.sent_us, call.answered_us)
         if shard is None:
             unmatched += 1
             continue
         ex, before = shard
         queue, send = _split(ex, before, call.sent_us)
-        settle = None
-        if call.settled_us:
+        _ts_us, seq, read_us = max(call.ticks, key=lambda t: t[1])
+        hops = {"shard_queue": queue, "shard_send": send, "shard_step": ex.step_us,
+                "shard_commit": ex.commit_us, "shard_return": call.answered_us - ex.end_us}
+        settle_hops: dict[str, int] = {}
+        settled_us = 0
+        if call.closed and call.settled_us:
             settle = _inside(ledger, ledger_starts, call.settle_us, call.settled_us)
             if settle is None:
                 unmatched += 1
-        for p, _ts_us, _seq, read_us in ticks:
-            assert p is not None
-            delivered += 1
-            deliver.append(ex.end_us - p.produce_us)
-            if p.frame_us:
-                hops["frame_to_receive"].append(p.receive_us - p.frame_us)
-                hops["receive_to_produce"].append(p.produce_us - p.receive_us)
-            if read_us:
-                hops["produce_to_read"].append(read_us - p.produce_us)
-                hops["read_to_send"].append(call.sent_us - read_us)
-        hops["shard_queue"].append(queue)
-        hops["shard_send"].append(send)
-        hops["shard_step"].append(ex.step_us)
-        hops["shard_commit"].append(ex.commit_us)
-        hops["shard_return"].append(call.answered_us - ex.end_us)
-        if call.closed and settle is not None:
-            lx, lbefore = settle
-            lqueue, lsend = _split(lx, lbefore, call.settle_us)
-            liquidating_calls += 1
-            closes += call.closed
-            hops["settle_wait"].append(call.settle_us - call.answered_us)
-            hops["settle_send"].append(lsend)
-            hops["ledger_queue"].append(lqueue)
-            hops["ledger_step"].append(lx.step_us)
-            hops["ledger_commit"].append(lx.commit_us)
-            hops["ledger_publish"].append(lx.after_us)
-            hops["ledger_return"].append(call.settled_us - lx.end_us - lx.after_us)
-            newest = max(ticks, key=lambda t: t[2])[0]
-            assert newest is not None
-            settled.append(lx.end_us - newest.produce_us)
-            if newest.frame_us:
-                frame_settled.append(lx.end_us - newest.frame_us)
-    return {"hops": hops, "deliver": deliver, "settled": settled,
-            "frame_settled": frame_settled, "unmatched": unmatched, "delivered": delivered,
-            "closes": closes, "liquidating_calls": liquidating_calls}
+            else:
+                lx, lbefore = settle
+                lqueue, lsend = _split(lx, lbefore, call.settle_us)
+                settle_hops = {
+                    "settle_send": lsend,
+                    "ledger_queue": lqueue, "ledger_step": lx.step_us,
+                    "ledger_commit": lx.commit_us, "ledger_publish": lx.after_us,
+                    "ledger_return": call.settled_us - lx.end_us - lx.after_us}
+                settled_us = lx.end_us
+        out.setdefault(call.shard, []).append(Carried(
+            seq, read_us, {"read_to_send": call.sent_us - read_us if read_us else -1, **hops},
+            ex.end_us, call.closed, settle_hops, settled_us))
+    return out, unmatched
+
+
+def analyse(rings: Rings, produced: dict[int, Produced], window_start_us: int,
+            shards_of: dict[str, list[str]]) -> dict[str, Any]:
+    """End-to-end and per-hop samples (us) of the ticks produced from ``window_start_us``.
+
+    A tick the feed conflated away is followed to the first call to its shard that carried
+    it or a newer tick of its asset (``superseded``: from its produce to that tick's); a
+    liquidating tick to the first call whose tick crossed its level (its own, or a later one
+    at or below it) and that call's settlement. With several shards per asset a sample is
+    the slowest shard's.
+    """
+    calls, unmatched = _carried(rings)
+    seqs = {name: [c.seq for c in cs] for name, cs in calls.items()}
+    price_hops: dict[str, list[int]] = {name: [] for name, _ in HOPS}
+    liquidation_hops: dict[str, list[int]] = {name: [] for name, _ in HOPS}
+    deliver: list[int] = []
+    delivered_own: list[int] = []
+    settled: list[int] = []
+    frame_settled: list[int] = []
+    unapplied = unsettled = 0
+
+    def carrier(shard: str, seq: int, bid: int | None) -> Carried | None:
+        """The first call to ``shard`` carrying ``seq`` or newer (and with ``bid``: a tick at
+        or below it)."""
+        i = bisect.bisect_left(seqs.get(shard, []), seq)
+        for c in calls.get(shard, [])[i:]:
+            if bid is None or produced[c.seq].bid <= bid:
+                return c
+        return None
+
+    def note(tick: Produced, c: Carried, keys: Iterable[str],
+             hops: dict[str, list[int]]) -> None:
+        carrier_tick = produced[c.seq]
+        if tick.frame_us:
+            hops["frame_to_receive"].append(tick.receive_us - tick.frame_us)
+            hops["receive_to_produce"].append(tick.produce_us - tick.receive_us)
+        hops["superseded"].append(carrier_tick.produce_us - tick.produce_us)
+        if c.read_us:
+            hops["produce_to_read"].append(c.read_us - carrier_tick.produce_us)
+        for key in keys:
+            value = c.hops[key] if key in c.hops else c.settle_hops[key]
+            if value >= 0:
+                hops[key].append(value)
+
+    feed_keys = ("read_to_send", "shard_queue", "shard_send", "shard_step", "shard_commit",
+                 "shard_return")
+    settle_keys = ("settle_send", "ledger_queue", "ledger_step",
+                   "ledger_commit", "ledger_publish", "ledger_return")
+    window = sorted((seq, t) for seq, t in produced.items()
+                    if t.produce_us >= window_start_us and t.produce_us)
+    for seq, tick in window:
+        carriers = [(name, carrier(name, seq, None)) for name in shards_of[tick.asset]]
+        if any(c is None for _, c in carriers):
+            unapplied += 1
+            continue
+        _, slowest = max(((n, c) for n, c in carriers if c is not None),
+                         key=lambda nc: nc[1].applied_us)
+        deliver.append(slowest.applied_us - tick.produce_us)
+        if slowest.seq == seq:
+            delivered_own.append(slowest.applied_us - tick.produce_us)
+        note(tick, slowest, feed_keys, price_hops)
+    for seq, tick in window:
+        if not tick.liquidating:
+            continue
+        closing = [carrier(name, seq, tick.bid) for name in shards_of[tick.asset]]
+        done = [c for c in closing if c is not None and c.closed and c.settled_us]
+        if not done:
+            unsettled += 1
+            continue
+        last = max(done, key=lambda c: c.settled_us)
+        note(tick, last, feed_keys + settle_keys, liquidation_hops)
+        settled.append(last.settled_us - tick.produce_us)
+        if tick.frame_us:
+            frame_settled.append(last.settled_us - tick.frame_us)
+    return {"price_hops": price_hops, "liquidation_hops": liquidation_hops,
+            "deliver": deliver, "delivered_own": delivered_own, "settled": settled,
+            "frame_settled": frame_settled, "unmatched": unmatched, "unapplied": unapplied,
+            "unsettled": unsettled,
+            "calls": sum(len(cs) for cs in calls.values()),
+            "closes": sum(c.closed for cs in calls.values() for c in cs)}
+
+
+# ---------------------------------------------------------------------- where the CPU went
+def cpu_by_process(root_pid: int) -> dict[int, tuple[str, float]]:
+    """``{pid: (title, CPU seconds so far)}`` of ``root_pid`` and the living processes that
+    descend from it (Linux /proc; empty elsewhere). A Ray worker's title names its actor."""
+    children: dict[int, list[int]] = {}
+    seen: dict[int, tuple[str, float]] = {}
+    tick_s = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.0
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    title = f.read().split(b"\0")[0].decode(errors="replace")
+                children.setdefault(int(fields[1]), []).append(int(entry))
+                seen[int(entry)] = (title, (int(fields[11]) + int(fields[12])) * tick_s)
+    out: dict[int, tuple[str, float]] = {}
+    todo = [root_pid]
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            out[pid] = seen[pid]
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def cpu_shares(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+               seconds: float, names: dict[int, str]) -> dict[str, float]:
+    """CPU per process between two :func:`cpu_by_process` readings, as cores (1.0 = one core
+    busy the whole time), the busiest first, named by ``names`` (pid: name) or else by their
+    program (a Ray worker by its title); processes under 1% of a core are summed as
+    ``other``."""
+    shares: dict[str, float] = {}
+    for pid, (title, cpu_s) in after.items():
+        used = (cpu_s - before.get(pid, (title, 0.0))[1]) / seconds
+        name = names.get(pid) or os.path.basename(title.split(" ")[0])
+        if used < 0.01:
+            name = "other"
+        shares[name] = shares.get(name, 0.0) + used
+    return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
 
 
 # ---------------------------------------------------------------------- the run
@@ -447,13 +585,15 @@ async def _wait_prices(platform: Any, timeout_s: float = 30.0) -> None:
             await asyncio.sleep(0.1)
 
 
-async def run(platform: Any, bootstrap: str, args: argparse.Namespace) -> dict[str, Any]:
+async def run(platform: Any, bootstrap: str, args: argparse.Namespace,
+              broker_pid: int | None = None) -> dict[str, Any]:
+    """Load, produce, read the rings; returns what was recorded (:func:`report` reads it)."""
     from engine.ledger_machine import Totals
     from feed.sim import START_PRICES
 
     settings: Settings = platform.settings
     assets = settings.assets.assets
-    stream = TickStream(settings, bootstrap, platform.topic, args.source)
+    stream = TickStream(settings, bootstrap, platform.topic, args.source, args.linger_ms)
     await stream.start()
     try:
         # a first price per asset: the positions open at it
@@ -482,7 +622,11 @@ async def run(platform: Any, bootstrap: str, args: argparse.Namespace) -> dict[s
         window_start_us = time.time_ns() // 1000 + int(args.warmup_s * 1e6)
         total = int(args.rate * total_s)
         n = 0
+        cpu0: dict[int, tuple[str, float]] | None = None
+        cpu0_at = start
         while n < total:
+            if cpu0 is None and time.perf_counter() - start >= args.warmup_s:
+                cpu0, cpu0_at = cpu_by_process(os.getpid()), time.perf_counter()
             due = min(total, int((time.perf_counter() - start) * args.rate) + 1)
             while n < due:
                 plan = plans[assets[n % len(assets)].name]
@@ -490,27 +634,39 @@ async def run(platform: Any, bootstrap: str, args: argparse.Namespace) -> dict[s
                 await stream.tick(plan.asset, bid, ask, liquidating)
                 n += 1
             await asyncio.sleep(max(0.0, start + n / args.rate - time.perf_counter()))
-        produce_s = time.perf_counter() - start
+        cpu_s = time.perf_counter() - cpu0_at
+        cpu1 = cpu_by_process(os.getpid())
         await stream.producer.flush()
         await asyncio.sleep(DRAIN_S)
         stop.set()
         await follower
         await rings.read()
         stats1 = await platform.feed.stats.remote()
+        names = {os.getpid(): "bench (driver, producer)", int(stats1["pid"]): "feed actor"}
+        for name, info in zip(rings.hosts, await asyncio.gather(
+                *(h.info.remote() for h in rings.hosts.values())), strict=True):
+            names[int(info["pid"])] = name
+        if broker_pid is not None:
+            names[broker_pid] = "broker (Tansu)"
+        cpu = cpu_shares(cpu0 or {}, cpu1, cpu_s, names)
         closed_after = int((await _one(platform.ledger, Totals()))["closed_positions"])
     finally:
         await stream.stop()
-    result = analyse(rings, stream.produced, window_start_us)
-    in_window = [p for p in stream.produced.values()
-                 if p.produce_us >= window_start_us or (p.frame_us >= window_start_us)]
-    dropped = {k: v - stats0["dropped"].get(k, 0) for k, v in stats1["dropped"].items()
-               if v - stats0["dropped"].get(k, 0)}
-    return {**result, "positions": int(sum(len(v) for v in liqs.values())), "load_s": load_s,
-            "produced": len(in_window),
-            "liquidating_ticks": sum(1 for p in in_window if p.liquidating),
-            "produce_s": produce_s, "conflated": stats1["conflated"] - stats0["conflated"],
-            "dropped": dropped, "ledger_closed": closed_after - closed_before,
-            "missed": rings.missed}
+    return {
+        "args": {k: v for k, v in vars(args).items() if k not in ("dump", "report")},
+        "window_start_us": window_start_us,
+        "calls": [list(c) for c in rings.calls],
+        "executes": {name: [list(e) for e in es] for name, es in rings.executes.items()},
+        "produced": {str(seq): dataclasses.astuple(p) for seq, p in stream.produced.items()},
+        "shards_of": {a.name: [s.name for s in platform.layout if s.asset == a.name]
+                      for a in assets},
+        "positions": int(sum(len(v) for v in liqs.values())), "load_s": load_s,
+        "conflated": stats1["conflated"] - stats0["conflated"],
+        "dropped": {k: v - stats0["dropped"].get(k, 0) for k, v in stats1["dropped"].items()
+                    if v - stats0["dropped"].get(k, 0)},
+        "ledger_closed": closed_after - closed_before, "ring_missed": rings.missed,
+        "load_avg_1m": os.getloadavg()[0], "cpu_cores": cpu,
+    }
 
 
 def _settings(port: int, data_dir: str) -> Settings:
@@ -519,51 +675,89 @@ def _settings(port: int, data_dir: str) -> Settings:
                                kafka_brokers=None)
 
 
-def _report(args: argparse.Namespace, r: dict[str, Any]) -> dict[str, Any]:
-    hops = {name: summary_ms(r["hops"][name]) for name, _ in HOPS if r["hops"][name]}
+def report(raw: dict[str, Any]) -> dict[str, Any]:
+    """Print the tables of a run :func:`run` recorded; returns the JSON line's content."""
+    from cluster.durability.runner import ExecuteTiming
+    from cluster.feed_actor import CallTiming
+
+    args = argparse.Namespace(**raw["args"])
+    produced = {int(seq): Produced(*row) for seq, row in raw["produced"].items()}
+    rings = Rings.recorded([CallTiming(*c) for c in raw["calls"]],
+                           {n: [ExecuteTiming(*e) for e in es]
+                            for n, es in raw["executes"].items()})
+    r = analyse(rings, produced, raw["window_start_us"], raw["shards_of"])
+    in_window = [p for p in produced.values() if p.produce_us >= raw["window_start_us"]]
+    price = {name: summary_ms(r["price_hops"][name]) for name, _ in HOPS
+             if r["price_hops"][name]}
+    liquidation = {name: summary_ms(r["liquidation_hops"][name]) for name, _ in HOPS
+                   if r["liquidation_hops"][name]}
     deliver, settled = summary_ms(r["deliver"]), summary_ms(r["settled"])
-    print(f"shardex bench latency: durable platform, {r['positions']:,} positions (loaded in "
-          f"{r['load_s']:.1f} s), {args.rate:,.0f} ticks/s for {args.seconds:g} s "
-          f"(+{args.warmup_s:g} s warm-up), source {args.source}, "
-          f"{args.liquidating_share:.1%} of ticks liquidating")
-    print(f"  ticks produced {r['produced']:,} (liquidating {r['liquidating_ticks']:,}), "
-          f"delivered {r['delivered']:,}, conflated {r['conflated']:,}, dropped "
-          f"{r['dropped'] or 'none'}; calls that closed positions {r['liquidating_calls']:,} "
-          f"({r['closes']:,} closes; the ledger counted {r['ledger_closed']:,} over the run "
-          f"and warm-up); unmatched calls {r['unmatched']}, ring entries missed {r['missed']}")
-    print(f"  {'hop':<20}{'p50 ms':>9}{'p99 ms':>9}{'n':>8}  what")
+    own = summary_ms(r["delivered_own"])
+    print(f"shardex bench latency: durable platform, {raw['positions']:,} positions (loaded in "
+          f"{raw['load_s']:.1f} s), {args.rate:,.0f} ticks/s for {args.seconds:g} s "
+          f"(+{args.warmup_s:g} s warm-up), source {args.source} (producer linger "
+          f"{args.linger_ms} ms), {args.liquidating_share:.1%} of ticks liquidating")
+    print(f"  ticks produced {len(in_window):,} (liquidating "
+          f"{sum(1 for p in in_window if p.liquidating):,}), shard calls {r['calls']:,} "
+          f"({r['closes']:,} closes), conflated {raw['conflated']:,}, dropped "
+          f"{raw['dropped'] or 'none'}; the ledger counted {raw['ledger_closed']:,} closes "
+          f"over the warm-up and the run; not followed: {r['unapplied']} ticks, "
+          f"{r['unsettled']} liquidations, {r['unmatched']} calls; ring entries missed "
+          f"{raw['ring_missed']}")
+    print(f"  {'hop (ms)':<20}{'price p50':>10}{'p99':>9}{'liq. p50':>10}{'p99':>9}  what")
     for name, what in HOPS:
-        if name in hops:
-            h = hops[name]
-            print(f"  {name:<20}{h['p50_ms']:>9.3f}{h['p99_ms']:>9.3f}{h['n']:>8}  {what}")
-    print(f"  {'feed_deliver':<20}{deliver['p50_ms']:>9.3f}{deliver['p99_ms']:>9.3f}"
-          f"{deliver['n']:>8}  produce -> the shard applied the tick   target p99 <= "
-          f"{FEED_DELIVER_TARGET_MS:g}")
-    print(f"  {'tick_to_settled':<20}{settled['p50_ms']:>9.3f}{settled['p99_ms']:>9.3f}"
-          f"{settled['n']:>8}  produce -> its closes applied and committed in the ledger   "
-          f"target p99 <= {TICK_TO_SETTLED_TARGET_MS:g}")
+        if name in price or name in liquidation:
+            a = price.get(name, {"p50_ms": float("nan"), "p99_ms": float("nan")})
+            b = liquidation.get(name, {"p50_ms": float("nan"), "p99_ms": float("nan")})
+            print(f"  {name:<20}{a['p50_ms']:>10.2f}{a['p99_ms']:>9.2f}{b['p50_ms']:>10.2f}"
+                  f"{b['p99_ms']:>9.2f}  {what}")
+    print(f"  {'feed_deliver':<20}{deliver['p50_ms']:>10.2f}{deliver['p99_ms']:>9.2f}"
+          f"{'':>19}  every tick: produce -> the shard applied it or a newer one "
+          f"({deliver['n']:,}; target p99 <= {FEED_DELIVER_TARGET_MS:g})")
+    print(f"  {'  delivered ticks':<20}{own['p50_ms']:>10.2f}{own['p99_ms']:>9.2f}"
+          f"{'':>19}  the ticks not conflated away only ({own['n']:,}; bench feed's figure)")
+    print(f"  {'tick_to_settled':<20}{'':>19}{settled['p50_ms']:>10.2f}{settled['p99_ms']:>9.2f}"
+          f"  liquidating tick produced -> its level's closes committed in the ledger "
+          f"({settled['n']:,}; target p99 <= {TICK_TO_SETTLED_TARGET_MS:g})")
+    cpu = raw.get("cpu_cores", {})
+    print("  CPU over the window, in cores (2 in all): " + ", ".join(
+        f"{name} {cores:.2f}" for name, cores in cpu.items()) + f"; total {sum(cpu.values()):.2f}")
     out = {
-        "bench": "latency", "positions": r["positions"], "rate": args.rate,
-        "seconds": args.seconds, "source": args.source,
+        "bench": "latency", "positions": raw["positions"], "rate": args.rate,
+        "seconds": args.seconds, "source": args.source, "linger_ms": args.linger_ms,
         "liquidating_share": args.liquidating_share, "closes_per_tick": args.closes_per_tick,
         "tick_to_settled_p50_ms": settled["p50_ms"], "tick_to_settled_p99_ms": settled["p99_ms"],
         "tick_to_settled_n": settled["n"],
         "feed_deliver_p50_ms": deliver["p50_ms"], "feed_deliver_p99_ms": deliver["p99_ms"],
-        "feed_deliver_n": deliver["n"], "hops": hops,
-        "produced": r["produced"], "delivered": r["delivered"], "conflated": r["conflated"],
-        "dropped": r["dropped"], "closes": r["closes"], "unmatched": r["unmatched"],
-        "ring_missed": r["missed"], "load_s": round(r["load_s"], 1),
-        "load_avg_1m": os.getloadavg()[0],
+        "feed_deliver_n": deliver["n"],
+        "feed_deliver_delivered_p50_ms": own["p50_ms"],
+        "feed_deliver_delivered_p99_ms": own["p99_ms"],
+        "hops": liquidation, "price_hops": price,
+        "produced": len(in_window), "shard_calls": r["calls"], "conflated": raw["conflated"],
+        "dropped": raw["dropped"], "closes": r["closes"], "unmatched": r["unmatched"],
+        "ring_missed": raw["ring_missed"], "load_s": round(raw["load_s"], 1),
+        "load_avg_1m": raw["load_avg_1m"],
+        "cpu_cores": {name: round(cores, 3) for name, cores in cpu.items()},
         "feed_deliver_target_met": deliver["p99_ms"] <= FEED_DELIVER_TARGET_MS,
         "tick_to_settled_target_met": settled["p99_ms"] <= TICK_TO_SETTLED_TARGET_MS,
     }
     if r["frame_settled"]:
         frame = summary_ms(r["frame_settled"])
-        print(f"  {'frame_to_settled':<20}{frame['p50_ms']:>9.3f}{frame['p99_ms']:>9.3f}"
-              f"{frame['n']:>8}  Backpack frame sent -> its closes settled in the ledger")
+        print(f"  {'frame_to_settled':<20}{'':>19}{frame['p50_ms']:>10.2f}"
+              f"{frame['p99_ms']:>9.2f}  Backpack frame sent -> its level's closes committed")
         out["frame_to_settled_p50_ms"] = frame["p50_ms"]
         out["frame_to_settled_p99_ms"] = frame["p99_ms"]
     return out
+
+
+def source_linger_ms() -> int:
+    """The producer linger the feed source publishes with (``run_source``'s default), so the
+    bench's ticks travel as ``shardex up``'s do."""
+    import inspect
+
+    from feed.source import run_source
+
+    return int(inspect.signature(run_source).parameters["linger_ms"].default)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,18 +765,29 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--positions", type=int, default=1_000_000, help="open positions")
     parser.add_argument("--rate", type=float, default=2000.0, help="ticks/s over all assets")
-    parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds")
+    parser.add_argument("--seconds", type=float, default=30.0, help="measured seconds")
     parser.add_argument("--warmup-s", type=float, default=3.0, help="ticks before the window")
-    parser.add_argument("--liquidating-share", type=float, default=0.02,
-                        help="share of each asset's ticks that liquidate positions")
+    parser.add_argument("--liquidating-share", type=float, default=0.005,
+                        help="share of each asset's ticks that liquidate positions (0.005 at "
+                             "2,000 ticks/s: 10 a second, about 1,000 closes/s)")
     parser.add_argument("--closes-per-tick", type=int, default=300,
                         help="positions a liquidating tick of each asset closes, over all shards")
     parser.add_argument("--source", choices=("direct", "backpack"), default="direct",
                         help="direct: ticks to the producer, ts_us = produce time; backpack: "
                              "as Backpack frames from a loopback exchange through the feed's "
                              "Backpack client (adds the first hop, and the exchange's own CPU)")
+    parser.add_argument("--linger-ms", type=int, default=source_linger_ms(),
+                        help="the producer's linger (default: what shardex up's feed source "
+                             "publishes with, feed.source.run_source's)")
+    parser.add_argument("--dump", metavar="PATH",
+                        help="also write what was recorded (the rings, the ticks) as JSON")
+    parser.add_argument("--report", metavar="PATH",
+                        help="print the report of a run --dump wrote, without running")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     args = parser.parse_args(argv or [])
+    if args.report:
+        print(json.dumps(report(json.loads(Path(args.report).read_text()))))
+        return 0
     if not 0 < args.liquidating_share <= 1 or args.rate <= 0 or args.positions <= 0:
         parser.error("--liquidating-share must be in (0, 1], --rate and --positions > 0")
 
@@ -595,12 +800,14 @@ def main(argv: list[str] | None = None) -> int:
                         bootstrap=broker.bootstrap, durable=True)
     try:
         platform.start()
-        result = asyncio.run(run(platform, broker.bootstrap, args))
+        raw = asyncio.run(run(platform, broker.bootstrap, args, broker.pid))
     finally:
         platform.stop()
         broker.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
-    print(json.dumps(_report(args, result)))
+    if args.dump:
+        Path(args.dump).write_text(json.dumps(raw))
+    print(json.dumps(report(raw)))
     return 0
 
 
