@@ -70,6 +70,7 @@ from cluster.trading.placement import ShardSpec
 HOST = "127.0.0.1"
 POLL_S = 0.5  # how often the feed actor's and the hosts' timing rings are read
 DRAIN_S = 2.0  # after the last tick, before the rings are read the last time
+SLICE_US = 10_000_000  # the window's slices the drift of the price path is shown over
 SPREAD_STEPS = 3  # a tick that closes nothing has a spread of 1..SPREAD_STEPS price steps
 FEED_DELIVER_TARGET_MS = 15.0
 TICK_TO_SETTLED_TARGET_MS = 30.0
@@ -466,6 +467,8 @@ def analyse(rings: Rings, produced: dict[int, Produced], window_start_us: int,
     delivered_own: list[int] = []
     settled: list[int] = []
     frame_settled: list[int] = []
+    # per SLICE_S of the window: feed_deliver and produce_to_read samples (how they drift)
+    slices: dict[int, tuple[list[int], list[int]]] = {}
     unapplied = unsettled = 0
 
     def carrier(shard: str, seq: int, bid: int | None) -> Carried | None:
@@ -505,6 +508,10 @@ def analyse(rings: Rings, produced: dict[int, Produced], window_start_us: int,
         _, slowest = max(((n, c) for n, c in carriers if c is not None),
                          key=lambda nc: nc[1].applied_us)
         deliver.append(slowest.applied_us - tick.produce_us)
+        part = slices.setdefault((tick.produce_us - window_start_us) // SLICE_US, ([], []))
+        part[0].append(slowest.applied_us - tick.produce_us)
+        if slowest.read_us:
+            part[1].append(slowest.read_us - produced[slowest.seq].produce_us)
         if slowest.seq == seq:
             delivered_own.append(slowest.applied_us - tick.produce_us)
         note(tick, slowest, feed_keys, price_hops)
@@ -524,7 +531,7 @@ def analyse(rings: Rings, produced: dict[int, Produced], window_start_us: int,
     return {"price_hops": price_hops, "liquidation_hops": liquidation_hops,
             "deliver": deliver, "delivered_own": delivered_own, "settled": settled,
             "frame_settled": frame_settled, "unmatched": unmatched, "unapplied": unapplied,
-            "unsettled": unsettled,
+            "unsettled": unsettled, "slices": [slices[k] for k in sorted(slices)],
             "calls": sum(len(cs) for cs in calls.values()),
             "closes": sum(c.closed for cs in calls.values() for c in cs)}
 
@@ -719,6 +726,12 @@ def report(raw: dict[str, Any]) -> dict[str, Any]:
     print(f"  {'tick_to_settled':<20}{'':>19}{settled['p50_ms']:>10.2f}{settled['p99_ms']:>9.2f}"
           f"  liquidating tick produced -> its level's closes committed in the ledger "
           f"({settled['n']:,}; target p99 <= {TICK_TO_SETTLED_TARGET_MS:g})")
+    drift = [{"feed_deliver": summary_ms(d), "produce_to_read": summary_ms(k)}
+             for d, k in r["slices"]]
+    print("  price path per " + f"{SLICE_US // 1_000_000} s of the window, p50/p99 ms: "
+          + "; ".join(f"deliver {d['feed_deliver']['p50_ms']:.1f}/{d['feed_deliver']['p99_ms']:.1f}"
+                      f" read {d['produce_to_read']['p50_ms']:.1f}/"
+                      f"{d['produce_to_read']['p99_ms']:.1f}" for d in drift))
     cpu = raw.get("cpu_cores", {})
     print("  CPU over the window, in cores (2 in all): " + ", ".join(
         f"{name} {cores:.2f}" for name, cores in cpu.items()) + f"; total {sum(cpu.values()):.2f}")
@@ -732,7 +745,7 @@ def report(raw: dict[str, Any]) -> dict[str, Any]:
         "feed_deliver_n": deliver["n"],
         "feed_deliver_delivered_p50_ms": own["p50_ms"],
         "feed_deliver_delivered_p99_ms": own["p99_ms"],
-        "hops": liquidation, "price_hops": price,
+        "hops": liquidation, "price_hops": price, "price_by_slice": drift,
         "produced": len(in_window), "shard_calls": r["calls"], "conflated": raw["conflated"],
         "dropped": raw["dropped"], "closes": r["closes"], "unmatched": r["unmatched"],
         "ring_missed": raw["ring_missed"], "load_s": round(raw["load_s"], 1),
