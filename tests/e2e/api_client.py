@@ -12,6 +12,8 @@ import httpx
 from tests.e2e.http_platform import HttpPlatform
 
 WAIT_S = 15.0
+SIGNUP = Decimal("10000")  # the balance a new account starts with (SPEC)
+SOL_STEP = Decimal("0.01")  # SOL's quantity step
 
 
 def signup(http: httpx.Client) -> dict[str, str]:

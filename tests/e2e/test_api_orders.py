@@ -18,6 +18,8 @@ import httpx
 
 from cluster.config import Settings
 from tests.e2e.api_client import (
+    SIGNUP,
+    SOL_STEP,
     error_code,
     floor_to,
     signup,
@@ -27,9 +29,6 @@ from tests.e2e.api_client import (
     wait_in_history,
 )
 from tests.e2e.http_platform import HttpPlatform, LocalHttpPlatform
-
-SIGNUP = D("10000")
-SOL_STEP = D("0.01")
 
 
 def place(http: httpx.Client, headers: dict[str, str], **body: Any) -> dict[str, Any]:

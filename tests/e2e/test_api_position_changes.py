@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 
 from tests.e2e.api_client import (
+    SIGNUP,
+    SOL_STEP,
     error_code,
     floor_to,
     open_position,
@@ -21,9 +23,6 @@ from tests.e2e.api_client import (
     wait_closed,
 )
 from tests.e2e.http_platform import HttpPlatform
-
-SIGNUP = D("10000")
-SOL_STEP = D("0.01")
 
 
 def post(http: httpx.Client, headers: dict[str, str], path: str, status: int,

@@ -12,6 +12,8 @@ from decimal import Decimal as D
 import httpx
 
 from tests.e2e.api_client import (
+    SIGNUP,
+    SOL_STEP,
     error_code,
     floor_to,
     money,
@@ -24,9 +26,6 @@ from tests.e2e.api_client import (
     wait_closed,
 )
 from tests.e2e.http_platform import HttpPlatform
-
-SIGNUP = D("10000")
-SOL_STEP = D("0.01")
 
 
 def test_signup_gives_the_demo_balance(http: httpx.Client) -> None:
