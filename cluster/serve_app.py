@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +39,7 @@ from cluster.live.market import Changes
 from cluster.live.streams import WS_SERVER_OPTIONS
 from cluster.ray_service import service_from_names
 from engine.candles import Candle, CandleQuery
+from engine.market import Tick
 
 log = logging.getLogger(__name__)
 
@@ -158,15 +160,27 @@ def _bind_with_reuse_address() -> None:
     replica.start_asgi_http_server = start
 
 
+MARK_POLL_S = 0.05  # the newest tops of book are read at most this often
+MARKS_IDLE_S = 60.0  # and no longer once nobody asked for this long
+
+
 class FeedMarket:
     """The feed actor's market data (cluster.live.market.MarketSource) through Ray: its
     handle looked up by name again after a failure (a restarted actor); calls bounded by
-    ``timeout_s`` (a long poll by its own timeout plus that)."""
+    ``timeout_s`` (a long poll by its own timeout plus that).
+
+    ``newest`` answers from the tops of book a long poll of the feed actor's changes keeps
+    here: it runs while they are asked for (stopping :data:`MARKS_IDLE_S` after the last
+    ask) and reads at most every :data:`MARK_POLL_S`, so the prices it knows are at most
+    about that much older than the feed actor's."""
 
     def __init__(self, namespace: str, timeout_s: float = 5.0) -> None:
         self.namespace = namespace
         self.timeout_s = timeout_s
         self._handle: Any = None
+        self._marks: dict[str, Tick] = {}
+        self._marks_asked_at = 0.0
+        self._marks_task: asyncio.Task[None] | None = None
 
     async def _call(self, method: str, timeout_s: float, *args: Any) -> Any:
         if self._handle is None:
@@ -187,6 +201,30 @@ class FeedMarket:
         changes: Changes = await self._call("live_changes", timeout_s + self.timeout_s, since,
                                             timeout_s)
         return changes
+
+    def newest(self, asset: str) -> Tick | None:
+        self._marks_asked_at = time.monotonic()
+        if self._marks_task is None or self._marks_task.done():
+            self._marks_task = asyncio.get_running_loop().create_task(self._follow_marks())
+        return self._marks.get(asset)
+
+    async def _follow_marks(self) -> None:
+        version = 0
+        try:
+            while time.monotonic() - self._marks_asked_at < MARKS_IDLE_S:
+                try:
+                    changes = await self.wait(version, 1.0)
+                except Exception as exc:  # the feed actor restarting: again shortly
+                    log.info("market marks: %s", exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                for change in changes.items:
+                    if isinstance(change.value, Tick):
+                        self._marks[change.value.asset] = change.value
+                version = changes.version
+                await asyncio.sleep(MARK_POLL_S)
+        finally:
+            self._marks.clear()  # not followed any more: they would grow old
 
 
 @serve.deployment(name=API_DEPLOYMENT, num_replicas=1, max_ongoing_requests=MAX_ONGOING_REQUESTS,

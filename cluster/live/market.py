@@ -69,6 +69,10 @@ class MarketSource(Protocol):
 
     async def wait(self, since: int, timeout_s: float) -> Changes: ...
 
+    def newest(self, asset: str) -> Tick | None:
+        """The newest top of book of ``asset`` known here (None: none yet)."""
+        ...
+
 
 class MarketLive:
     """Candles of ``assets`` for every interval, persisted under ``data_dir`` (None: in memory
@@ -136,6 +140,11 @@ class MarketLive:
         recent = self.book.recent(asset, interval)
         stored = [] if self.store is None else self.store.read(asset, interval, query)
         return select(merge(stored, recent), query)
+
+    def newest(self, asset: str) -> Tick | None:
+        """The newest accepted tick of ``asset`` (None: none since the start)."""
+        latest = self._latest.get(book_ticker_stream(asset))
+        return latest[1] if latest is not None and isinstance(latest[1], Tick) else None
 
     def changes(self, since: int) -> Changes:
         """What changed after version ``since`` (see the module docstring)."""

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple, TypeVar, cast
 
 from cluster.actors.port import Port, Unavailable
 from cluster.config import Settings
+from cluster.live.account_views import AccountViews
 from cluster.live.market import MarketSource
 from cluster.trading.batcher import MicroBatcher
 from cluster.trading.courier import Courier
@@ -130,7 +131,8 @@ class TradingService:
     ``account_topic``: ``(bootstrap, topic)`` of the Kafka topic the ledger publishes the
     account events to, which the account streams follow (None: they read the ledger).
     ``leading``: with several API replicas, true in the one that sweeps stale reservations
-    (None: this one always does).
+    (None: this one always does). With ``market``, ``GET /state`` is answered from a read
+    model (cluster.live.account_views): one ledger read instead of one per shard as well.
     """
 
     def __init__(self, ledger: Port, shards: Mapping[str, Port], settings: Settings,
@@ -171,6 +173,9 @@ class TradingService:
         # vectorised pass over the book serves them all
         self._positions = {n: MicroBatcher(functools.partial(self._positions_of, n))
                            for n in self.shards}
+        self.views = None if market is None else AccountViews(
+            self, self.assets, self._read_state, self._account_state, market.newest,
+            self.counters)
 
     async def _positions_of(self, shard_name: str, owners: list[int]
                             ) -> list[list[OpenPosition]]:
@@ -224,8 +229,15 @@ class TradingService:
 
     # ----------------------------------------------------------------- reads
     async def state(self, who: Principal) -> AccountState:
-        """Balances and open positions. A shard that does not answer (e.g. recovering) leaves
-        its positions out and is named in ``unavailable``; the ledger must answer."""
+        """Balances and open positions (from the read model when there is one)."""
+        if self.views is not None:
+            return await self.views.state(who)
+        return await self._read_state(who)
+
+    async def _read_state(self, who: Principal) -> AccountState:
+        """Balances and open positions, read from the ledger and every shard. A shard that
+        does not answer (e.g. recovering) leaves its positions out and is named in
+        ``unavailable``; the ledger must answer."""
         names = list(self._positions)
         (free, margin), per_shard = await asyncio.gather(
             self.ledger.call(Balances(who.user)),
@@ -241,11 +253,17 @@ class TradingService:
             else:
                 positions.extend(answer)
         positions.sort(key=lambda p: (p.opened_ts_us, p.position_id))
-        unrealized = sum(p.unrealized_pnl_micros or 0 for p in positions)
         if unavailable:
             self.counters["partial_states"] += 1
-        return AccountState(who.account_id, free, margin, free + margin + unrealized, positions,
-                            tuple(unavailable))
+        return self._account_state(who, free, margin, positions, tuple(unavailable))
+
+    @staticmethod
+    def _account_state(who: Principal, free_micros: int, margin_micros: int,
+                       positions: list[OpenPosition], unavailable: tuple[str, ...] = ()
+                       ) -> AccountState:
+        unrealized = sum(p.unrealized_pnl_micros or 0 for p in positions)
+        return AccountState(who.account_id, free_micros, margin_micros,
+                            free_micros + margin_micros + unrealized, positions, unavailable)
 
     async def positions(self, who: Principal, limit: int, after: int | None = None
                         ) -> tuple[list[OpenPosition], int | None] | Rejected:
@@ -346,10 +364,20 @@ class TradingService:
         """``work(key)`` run to its end whoever stops waiting: once per key when the client
         named the request (``client_order_id``), else with no key."""
         if client_order_id is None:
-            return await self._shielded(work(None))
+            return await self._shielded(self._written(who.user, work(None)))
         key = IdemKey(who.user, kind, client_order_id)
         # the key names the kind of request: whichever task answers it, the answer is a T
-        return cast(T, await self._once(key, lambda: work(key)))
+        return cast(T, await self._once(key, lambda: self._written(who.user, work(key))))
+
+    async def _written(self, user: int, work: Coroutine[Any, Any, T]) -> T:
+        """``work``, a write for ``user``; when it fails its outcome may be unknown (the
+        reconciler settles it), so the user's reads are full ones for a while."""
+        try:
+            return await work
+        except BaseException:
+            if self.views is not None:
+                self.views.distrust(user)
+            raise
 
     async def _once(self, key: IdemKey, work: Callable[[], Coroutine[Any, Any, object]]
                     ) -> object:
