@@ -3,6 +3,14 @@
 Tansu here is memory-only: stopping or restarting it loses every topic and offset, so producers
 and the feed actor recreate the topic (:func:`ensure_topic`) and recover on their own.
 
+Its memory engine keeps every batch ever produced (no retention, no DeleteRecords), and every
+fetch that finds new records lists all the batches of the partition first: reading the newest
+price slows down as the topic grows, until the broker takes a core and fetches come back empty.
+So the broker keeps a topic short itself (``trim``, by default the market topic, whose old ticks
+nobody reads: consumers start at the newest price): once a partition holds more than
+``max_records`` records, :class:`TopicTrimmer` deletes the topic and creates it again with the
+same partitions, which producers and the feed actor take as they take a restart.
+
 Usage from any process (the launcher, a test, a benchmark)::
 
     with EmbeddedBroker(port=9092) as broker:       # raises BrokerError if the port is taken
@@ -19,6 +27,7 @@ is still exactly that process.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
@@ -44,6 +53,11 @@ from feed.settings import MARKET_TOPIC
 log = logging.getLogger(__name__)
 
 TOPIC_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
+UNKNOWN_TOPIC = 3  # Kafka error code UNKNOWN_TOPIC_OR_PARTITION
+# records a partition of the market topic holds at most before the embedded broker recreates the
+# topic empty: at 2,000 ticks/s (3 partitions) one recreation every ~7 s
+MARKET_TOPIC_MAX_RECORDS = 5_000
+TRIM_CHECK_S = 1.0  # how often the trimmer reads how many records each partition holds
 
 
 class BrokerError(RuntimeError):
@@ -236,17 +250,22 @@ class EmbeddedBroker:
     ``ready_timeout_s``. The broker's output goes to ``log_path`` (a temp file by default).
     ``record_path``: the file recording the running broker (see the module docstring); a
     broker recorded there whose owner is gone is stopped before the port is checked.
+    ``trim``: ``{topic: max_records}`` the broker keeps short while it runs (:class:`TopicTrimmer`;
+    None: the market topic, at :data:`MARKET_TOPIC_MAX_RECORDS` per partition; ``{}``: none).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9092, *, binary: str | None = None,
                  ready_timeout_s: float = 15.0, log_path: str | Path | None = None,
-                 record_path: str | Path | None = None) -> None:
+                 record_path: str | Path | None = None,
+                 trim: dict[str, int] | None = None) -> None:
         self.host = host
         self.port = port
         self.binary = binary
         self.ready_timeout_s = ready_timeout_s
         self.log_path = Path(log_path) if log_path else None
         self.record_path = Path(record_path) if record_path else None
+        self.trim = {MARKET_TOPIC: MARKET_TOPIC_MAX_RECORDS} if trim is None else dict(trim)
+        self.trimmer: TopicTrimmer | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._own_log = False
 
@@ -388,6 +407,8 @@ class EmbeddedBroker:
             if accepts_connections(self.host, self.port):
                 log.info("embedded broker (Tansu) ready on %s, pid %d", self.bootstrap,
                          self._proc.pid)
+                if self.trim:
+                    self.trimmer = TopicTrimmer(self.bootstrap, self.trim).start()
                 return self
             time.sleep(0.02)
         self.stop()
@@ -397,6 +418,9 @@ class EmbeddedBroker:
     def stop(self, timeout_s: float = 1.0) -> None:
         """Terminate the broker; kill it after ``timeout_s`` (with clients connected Tansu may
         wait for them to leave, and a memory-only broker has nothing to flush)."""
+        trimmer, self.trimmer = self.trimmer, None
+        if trimmer is not None:
+            trimmer.stop()
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.terminate()
@@ -441,8 +465,7 @@ async def ensure_topic(bootstrap: str, partitions: int, topic: str = MARKET_TOPI
     Idempotent and safe to call from several processes at once (an "already exists" answer is
     success). Raises ``aiokafka.errors.KafkaError`` subclasses when the broker cannot be reached.
     """
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import for_code
+    from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
                                 request_timeout_ms=int(timeout_s * 1000))
@@ -450,13 +473,126 @@ async def ensure_topic(bootstrap: str, partitions: int, topic: str = MARKET_TOPI
     try:
         if topic in await admin.list_topics():
             return False
-        resp = await admin.create_topics([NewTopic(topic, partitions, 1)])
-        for _name, code, *rest in resp.topic_errors:
-            if code == TOPIC_EXISTS:
-                return False
-            if code != 0:
-                raise for_code(code)(f"create topic {topic}: {rest[0] if rest else code}")
-        log.info("created topic %s with %d partitions on %s", topic, partitions, bootstrap)
-        return True
+        created = await _create_topic(admin, topic, partitions)
+        if created:
+            log.info("created topic %s with %d partitions on %s", topic, partitions, bootstrap)
+        return created
     finally:
         await admin.close()
+
+
+async def _create_topic(admin: Any, topic: str, partitions: int) -> bool:
+    """Create ``topic`` through ``admin`` (an aiokafka admin client); False if it exists."""
+    from aiokafka.admin import NewTopic
+    from aiokafka.errors import for_code
+
+    resp = await admin.create_topics([NewTopic(topic, partitions, 1)])
+    for _name, code, *rest in resp.topic_errors:
+        if code == TOPIC_EXISTS:
+            return False
+        if code != 0:
+            raise for_code(code)(f"create topic {topic}: {rest[0] if rest else code}")
+    return True
+
+
+class TopicTrimmer:
+    """Keeps topics of a Tansu broker short (see the module docstring), in a daemon thread.
+
+    ``limits``: ``{topic: max_records}``, records one partition may hold. Every ``check_s`` the
+    trimmer reads each partition's first and end offsets; when one holds more, the topic is
+    deleted and created again with the same partitions, empty (offsets start again at 0).
+    ``trims`` counts the recreations, ``last_error`` says why the last check failed (a broker
+    that is restarting, say; the next check tries again). ``stop`` ends the thread.
+    """
+
+    def __init__(self, bootstrap: str, limits: dict[str, int],
+                 check_s: float = TRIM_CHECK_S) -> None:
+        if any(n < 1 for n in limits.values()):
+            raise ValueError("a topic's max_records must be at least 1")
+        self.bootstrap = bootstrap
+        self.limits = dict(limits)
+        self.check_s = check_s
+        self.trims = 0
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="broker-trimmer", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+
+    def start(self) -> TopicTrimmer:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has just closed
+                loop.call_soon_threadsafe(wake.set)
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _main(self) -> None:
+        asyncio.run(self._run())
+
+    async def _run(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        # group_id=None: offsets are only read, nothing is consumed or committed
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
+                                    client_id="shardex-broker-trimmer", request_timeout_ms=5000,
+                                    enable_auto_commit=False)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
+        self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        try:
+            await consumer.start()
+            await admin.start()
+            while not self._stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.check_s)
+                for topic, max_records in self.limits.items():
+                    if self._stop.is_set():
+                        break
+                    try:
+                        await self.check(consumer, admin, topic, max_records)
+                    except Exception as exc:  # the broker may be restarting: next round
+                        self.last_error = f"{topic}: {type(exc).__name__}: {exc}"
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("broker trimmer stopped: %s", self.last_error)
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            with contextlib.suppress(Exception):
+                await admin.close()
+
+    async def check(self, consumer: Any, admin: Any, topic: str, max_records: int) -> bool:
+        """Recreate ``topic`` empty if a partition holds more than ``max_records``; True if so."""
+        from aiokafka import TopicPartition
+
+        described = await admin.describe_topics([topic])
+        partitions = sorted(TopicPartition(topic, p["partition"])
+                            for t in described if t["topic"] == topic and t["error_code"] == 0
+                            for p in t["partitions"])
+        if not partitions:
+            return False
+        # Tansu answers the first offset of a partition's newest batch here rather than its
+        # end: a few records fewer than it holds, which does not matter at this scale
+        ends = await consumer.end_offsets(partitions)
+        if max(ends.values()) <= max_records:  # offsets start at 0: cheaper than begins
+            return False
+        begins = await consumer.beginning_offsets(partitions)
+        held = max(ends[tp] - begins.get(tp, 0) for tp in partitions)
+        if held <= max_records:
+            return False
+        resp = await admin.delete_topics([topic])
+        codes = [code for _name, code, *_rest in resp.topic_error_codes]
+        if any(code not in (0, UNKNOWN_TOPIC) for code in codes):
+            raise RuntimeError(f"delete topic {topic}: error codes {codes}")
+        await _create_topic(admin, topic, len(partitions))
+        self.trims += 1
+        log.info("recreated topic %s empty on %s: a partition held %d records (at most %d)",
+                 topic, self.bootstrap, held, max_records)
+        return True

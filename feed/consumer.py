@@ -27,8 +27,9 @@ continues where it was, across reassignments and consumer rebuilds. The topic's 
 are read from fresh metadata every ``partition_check_s``: a topic that does not exist yet is
 created (after :data:`CREATE_TOPIC_AFTER_S` without partitions), new partitions are assigned,
 and a partition whose end offset fell below the read position (the embedded broker forgets
-every topic on restart, and the recreated topic starts again at 0) is positioned again. Any
-other consumer failure rebuilds the consumer after a backoff (:data:`REBUILD_BACKOFF_S`,
+every topic on restart, and trims the market topic by creating it again: the recreated topic
+starts again at 0) is positioned again as soon as a fetch reports the new end. Any other
+consumer failure rebuilds the consumer after a backoff (:data:`REBUILD_BACKOFF_S`,
 doubling up to :data:`MAX_REBUILD_BACKOFF_S`).
 
 The default ``fetch_max_wait_ms`` is as long as Tansu holds an empty fetch; shorter waits
@@ -260,18 +261,29 @@ class MarketDataConsumer:
                     consumer.seek(tp, self._next_offset[tp])
             await self.position(sorted(tp for tp in partitions if tp not in self._next_offset))
         else:
-            # the high watermark of the last fetch response (ListOffsets answers can lag behind
-            # what a fetch already returned, so they would trigger false re-reads)
-            behind = [tp for tp in partitions
-                      if (hw := consumer.highwater(tp)) is not None
-                      and hw < self._next_offset.get(tp, 0)]
-            if behind:
-                self.repositions += len(behind)
-                for tp in behind:
-                    self._next_offset.pop(tp, None)
-                await self.position(behind)
+            self.reposition_recreated(consumer)
         self._assigned.set()
         return True
+
+    def reposition_recreated(self, consumer: AIOKafkaConsumer) -> int:
+        """Read again every partition whose end fell below the read position (its topic was
+        created again: the embedded broker restarted, or trimmed it), from its newest message
+        (``latest``) or its beginning; returns how many."""
+        # the high watermark of the last fetch response (ListOffsets answers can lag behind
+        # what a fetch already returned, so they would trigger false re-reads)
+        behind = {tp: hw for tp in consumer.assignment()
+                  if (hw := consumer.highwater(tp)) is not None
+                  and hw < self._next_offset.get(tp, 0)}
+        for tp, hw in behind.items():
+            # "latest": the newest message, not offset 0: Tansu's high watermark can also lag a
+            # few records behind those the same fetch returned, and reading a partition again
+            # from 0 for that would be thousands of stale ticks; from hw - 1 it is a few, dropped
+            # as out of order. A seek, not seek_to_beginning: that lazy reset was seen lost when
+            # it raced the topic's recreation.
+            self.repositions += 1
+            self._next_offset.pop(tp, None)
+            consumer.seek(tp, 0 if self.start_from == "earliest" else max(0, hw - 1))
+        return len(behind)
 
     async def position(self, partitions: list[TopicPartition]) -> None:
         """Seek ``partitions`` to their newest message (``latest``) or their beginning."""
@@ -358,6 +370,9 @@ class MarketDataConsumer:
         # set before this task next yields, which is when the fetcher builds its next request
         self._set_fetch_wait(consumer, self.fetch_wait.next_ms(time.monotonic(), read))
         self.pump()
+        # Tansu answers a fetch past the end of a recreated partition with no records and no
+        # error: without this, reading it would resume only at the next partition check
+        self.reposition_recreated(consumer)
         return read
 
     # -- the shard calls -------------------------------------------------------------------

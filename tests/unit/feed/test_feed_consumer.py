@@ -51,6 +51,7 @@ class Topic:
             self.create(partitions)
         self.created = 0
         self.ensure_failures = 0  # ensure_topic calls to fail before it answers
+        self.stays_past_end = False  # Tansu: a position past the end reads nothing, no reset
         self.poll_failures = 0  # getmany calls to fail (any consumer)
         self.consumers: list[FakeConsumer] = []
 
@@ -149,9 +150,11 @@ class FakeConsumer:
         for p in sorted(self.assigned):
             log = (self.topic.logs or {}).get(p.partition, [])
             pos = self.positions.get(p, 0)
-            if pos > len(log):
-                pos = 0
             self.high[p] = len(log)
+            if pos > len(log):
+                if self.topic.stays_past_end:
+                    continue
+                pos = 0
             if log[pos:]:
                 batch[p] = log[pos:]
             self.positions[p] = len(log)
@@ -327,6 +330,27 @@ async def test_a_partition_whose_end_fell_below_the_read_position_is_read_again(
     await c.poll(fake)  # type: ignore[arg-type]
     await settle()
     assert shards.bids("s0") == [[B + 9], [B + 20]]
+    assert c.lag() == 0
+
+
+@pytest.mark.asyncio
+async def test_a_recreated_partition_is_read_from_its_start_at_the_next_poll() -> None:
+    topic = Topic(3)
+    topic.stays_past_end = True  # as Tansu answers: no records, no out-of-range error
+    shards = Shards()
+    c, fake = await assigned(topic, shards)
+    for bid in range(B, B + 10):
+        topic.produce("SOL", bid)
+    await c.poll(fake)  # type: ignore[arg-type]
+    topic.restart()  # the broker trimmed the topic: created again, empty
+    topic.create(3)
+    topic.produce("SOL", B + 20)
+    topic.produce("SOL", B + 21)
+    await c.poll(fake)  # type: ignore[arg-type]  # reads nothing, but sees the new end
+    assert c.repositions == 1
+    await c.poll(fake)  # type: ignore[arg-type]  # no partition check in between
+    await settle()
+    assert shards.bids("s0") == [[B + 9], [B + 21]]
     assert c.lag() == 0
 
 
