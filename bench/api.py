@@ -171,11 +171,11 @@ async def drive_all(port: int, concurrencies: list[int], duration_s: float, asse
     return results, costs
 
 
-def descendants_cpu_s(root_pid: int) -> float:
-    """CPU seconds (user + system) used so far by the living processes descending from
-    ``root_pid`` (Linux /proc; 0.0 where there is none)."""
-    children: dict[int, list[int]] = {}
-    times: dict[int, float] = {}
+def process_table() -> dict[int, tuple[int, str, float]]:
+    """``{pid: (parent pid, program, CPU seconds so far)}`` of every living process, ``program``
+    the first word of its command line (a Ray worker's names its actor), CPU user + system
+    (Linux /proc; empty elsewhere)."""
+    table: dict[int, tuple[int, str, float]] = {}
     tick_s = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.0
     with contextlib.suppress(OSError):
         for entry in os.listdir("/proc"):
@@ -184,14 +184,32 @@ def descendants_cpu_s(root_pid: int) -> float:
             with contextlib.suppress(OSError, ValueError, IndexError):
                 with open(f"/proc/{entry}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
-                children.setdefault(int(fields[1]), []).append(int(entry))
-                times[int(entry)] = (int(fields[11]) + int(fields[12])) * tick_s
-    total, todo = 0.0, [root_pid]
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    title = f.read().split(b"\0")[0].decode(errors="replace")
+                table[int(entry)] = (int(fields[1]), title,
+                                     (int(fields[11]) + int(fields[12])) * tick_s)
+    return table
+
+
+def descendants(table: dict[int, tuple[int, str, float]], root_pid: int) -> list[int]:
+    """The pids of ``table`` (:func:`process_table`) descending from ``root_pid``."""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _title, _cpu_s) in table.items():
+        children.setdefault(parent, []).append(pid)
+    found: list[int] = []
+    todo = [root_pid]
     while todo:
-        for child in children.get(todo.pop(), []):
-            total += times.get(child, 0.0)
-            todo.append(child)
-    return total
+        kids = children.get(todo.pop(), [])
+        found.extend(kids)
+        todo.extend(kids)
+    return found
+
+
+def descendants_cpu_s(root_pid: int) -> float:
+    """CPU seconds (user + system) used so far by the living processes descending from
+    ``root_pid`` (Linux /proc; 0.0 where there is none)."""
+    table = process_table()
+    return sum(table[pid][2] for pid in descendants(table, root_pid))
 
 
 def platform_probe(platform: Any) -> Probe:

@@ -185,12 +185,21 @@ async def _run(args: argparse.Namespace, bootstrap: str, ns: str) -> dict[str, A
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shardex bench feed", description=__doc__,
+def paced_parser(prog: str, description: str | None, *, rate_help: str, seconds: float,
+                 seconds_help: str) -> argparse.ArgumentParser:
+    """The argument parser of a bench that produces ``--rate`` ticks/s (2,000 by default) for
+    ``--seconds``; the bench adds its own arguments."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=2000.0, help=rate_help)
+    parser.add_argument("--seconds", type=float, default=seconds, help=seconds_help)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = paced_parser("shardex bench feed", __doc__, rate_help="ticks/s of the latency phase",
+                          seconds=10.0, seconds_help="length of the latency phase")
     parser.add_argument("--ticks", type=int, default=300_000, help="ticks of the ingest phase")
-    parser.add_argument("--rate", type=float, default=2000.0, help="ticks/s of the latency phase")
-    parser.add_argument("--seconds", type=float, default=10.0, help="length of the latency phase")
     parser.add_argument("--fetch-wait-ms", type=int, default=5,
                         help="the feed actor's fetch_max_wait_ms (Tansu holds a fetch that long)")
     parser.add_argument("--in-flight", type=int, default=1, help="calls in flight per shard")

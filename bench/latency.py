@@ -62,10 +62,12 @@ from typing import Any
 import numpy as np
 
 # bench.api's bulk loader, shared so both benches load positions the same way: _load_shard
-# runs inside a shard host, _one sends one command to a host
-from bench.api import LOAD_REQUEST_IDS, SIGNUP_USD, _load_shard, _one
+# runs inside a shard host, _one sends one command to a host; and its reading of /proc
+from bench.api import LOAD_REQUEST_IDS, SIGNUP_USD, _load_shard, _one, descendants, process_table
 from cluster.config import Settings
 from cluster.trading.placement import ShardSpec
+from feed.broker import MARKET_TOPIC_MAX_RECORDS
+from feed.settings import MARKET_TOPIC
 
 HOST = "127.0.0.1"
 POLL_S = 0.5  # how often the feed actor's and the hosts' timing rings are read
@@ -540,28 +542,9 @@ def analyse(rings: Rings, produced: dict[int, Produced], window_start_us: int,
 def cpu_by_process(root_pid: int) -> dict[int, tuple[str, float]]:
     """``{pid: (title, CPU seconds so far)}`` of ``root_pid`` and the living processes that
     descend from it (Linux /proc; empty elsewhere). A Ray worker's title names its actor."""
-    children: dict[int, list[int]] = {}
-    seen: dict[int, tuple[str, float]] = {}
-    tick_s = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.0
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    title = f.read().split(b"\0")[0].decode(errors="replace")
-                children.setdefault(int(fields[1]), []).append(int(entry))
-                seen[int(entry)] = (title, (int(fields[11]) + int(fields[12])) * tick_s)
-    out: dict[int, tuple[str, float]] = {}
-    todo = [root_pid]
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            out[pid] = seen[pid]
-        todo.extend(children.get(pid, []))
-    return out
+    table = process_table()
+    return {pid: table[pid][1:] for pid in [root_pid, *descendants(table, root_pid)]
+            if pid in table}
 
 
 def cpu_shares(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
@@ -774,11 +757,11 @@ def source_linger_ms() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shardex bench latency", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from bench.feed import paced_parser
+
+    parser = paced_parser("shardex bench latency", __doc__, rate_help="ticks/s over all assets",
+                          seconds=30.0, seconds_help="measured seconds")
     parser.add_argument("--positions", type=int, default=1_000_000, help="open positions")
-    parser.add_argument("--rate", type=float, default=2000.0, help="ticks/s over all assets")
-    parser.add_argument("--seconds", type=float, default=30.0, help="measured seconds")
     parser.add_argument("--warmup-s", type=float, default=3.0, help="ticks before the window")
     parser.add_argument("--liquidating-share", type=float, default=0.005,
                         help="share of each asset's ticks that liquidate positions (0.005 at "
@@ -792,6 +775,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--linger-ms", type=int, default=source_linger_ms(),
                         help="the producer's linger (default: what shardex up's feed source "
                              "publishes with, feed.source.run_source's)")
+    parser.add_argument("--topic-max-records", type=int, default=MARKET_TOPIC_MAX_RECORDS,
+                        help="records a partition of the market topic may hold before the "
+                             "embedded broker recreates it empty (0: every record is kept, "
+                             "as Tansu itself does)")
     parser.add_argument("--dump", metavar="PATH",
                         help="also write what was recorded (the rings, the ticks) as JSON")
     parser.add_argument("--report", metavar="PATH",
@@ -803,12 +790,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not 0 < args.liquidating_share <= 1 or args.rate <= 0 or args.positions <= 0:
         parser.error("--liquidating-share must be in (0, 1], --rate and --positions > 0")
+    if args.topic_max_records < 0:
+        parser.error("--topic-max-records must be >= 0")
 
     from cluster.launcher import Platform
     from feed.broker import EmbeddedBroker, free_port
 
     data_dir = tempfile.mkdtemp(prefix="shardex-bench-latency-")
-    broker = EmbeddedBroker(HOST, free_port(HOST)).start()
+    broker = EmbeddedBroker(HOST, free_port(HOST), trim={MARKET_TOPIC: args.topic_max_records}
+                            if args.topic_max_records else {}).start()
     platform = Platform(_settings(free_port(HOST), data_dir), with_feed=False,
                         bootstrap=broker.bootstrap, durable=True)
     try:
