@@ -4,8 +4,9 @@ Tansu here is memory-only: stopping or restarting it loses every topic and offse
 and the feed actor recreate the topic (:func:`ensure_topic`) and recover on their own.
 
 Its memory engine keeps every batch ever produced (no retention, no DeleteRecords), and every
-fetch that finds new records lists all the batches of the partition first: reading the newest
-price slows down as the topic grows, until the broker takes a core and fetches come back empty.
+fetch that finds new records lists all the batches of the partition first, giving up (and
+answering nothing) when the fetch's wait is over: reading the newest price slows down as the
+topic grows, until the broker takes a core and a partition's fetches come back empty.
 So the broker keeps a topic short itself (``trim``, by default the market topic, whose old ticks
 nobody reads: consumers start at the newest price): once a partition holds more than
 ``max_records`` records, :class:`TopicTrimmer` deletes the topic and creates it again with the
@@ -55,8 +56,10 @@ log = logging.getLogger(__name__)
 TOPIC_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
 UNKNOWN_TOPIC = 3  # Kafka error code UNKNOWN_TOPIC_OR_PARTITION
 # records a partition of the market topic holds at most before the embedded broker recreates the
-# topic empty: at 2,000 ticks/s (3 partitions) one recreation every ~7 s
-MARKET_TOPIC_MAX_RECORDS = 5_000
+# topic empty (one recreation every ~3 s at 2,000 ticks/s over 3 partitions): Tansu stops listing
+# a partition's batches when the fetch's wait is over, and answers nothing, so the listing must
+# fit well within the feed's 5 ms fetch wait on a busy machine
+MARKET_TOPIC_MAX_RECORDS = 2_000
 TRIM_CHECK_S = 1.0  # how often the trimmer reads how many records each partition holds
 
 
@@ -499,8 +502,8 @@ class TopicTrimmer:
     """Keeps topics of a Tansu broker short (see the module docstring), in a daemon thread.
 
     ``limits``: ``{topic: max_records}``, records one partition may hold. Every ``check_s`` the
-    trimmer reads each partition's first and end offsets; when one holds more, the topic is
-    deleted and created again with the same partitions, empty (offsets start again at 0).
+    trimmer reads each partition's end offset; when one holds more, the topic is deleted and
+    created again with the same partitions, empty (offsets start again at 0).
     ``trims`` counts the recreations, ``last_error`` says why the last check failed (a broker
     that is restarting, say; the next check tries again). ``stop`` ends the thread.
     """
@@ -578,13 +581,12 @@ class TopicTrimmer:
                             for p in t["partitions"])
         if not partitions:
             return False
-        # Tansu answers the first offset of a partition's newest batch here rather than its
-        # end: a few records fewer than it holds, which does not matter at this scale
+        # A partition of Tansu's memory engine holds every offset from 0 to its end: nothing
+        # but a topic's deletion removes records. (Its answer to "earliest" is the offset of
+        # the batch written first, which can be one a producer wrote into the old topic while
+        # it was being deleted: not a start to subtract.)
         ends = await consumer.end_offsets(partitions)
-        if max(ends.values()) <= max_records:  # offsets start at 0: cheaper than begins
-            return False
-        begins = await consumer.beginning_offsets(partitions)
-        held = max(ends[tp] - begins.get(tp, 0) for tp in partitions)
+        held = max(ends.values())
         if held <= max_records:
             return False
         resp = await admin.delete_topics([topic])
