@@ -160,7 +160,7 @@ def _bind_with_reuse_address() -> None:
     replica.start_asgi_http_server = start
 
 
-MARK_POLL_S = 0.05  # the newest tops of book are read at most this often
+MARK_POLL_S = 0.02  # the newest tops of book are read at most this often
 MARKS_IDLE_S = 60.0  # and no longer once nobody asked for this long
 
 

@@ -167,6 +167,40 @@ def test_metrics_count_the_feed_drops_by_reason(platform: RayHttpPlatform,
         time.sleep(0.1)
 
 
+def test_state_reads_come_from_the_replicas_view_marked_at_the_feeds_newest_price(
+        platform: RayHttpPlatform, http: httpx.Client) -> None:
+    def served(event: str) -> int:
+        line = f'shardex_service_events_total{{event="{event}"}} '
+        text = http.get("/metrics").text
+        return int(next((x for x in text.splitlines() if x.startswith(line)), line + "0")
+                   .split()[-1])
+
+    h = signup(http)
+    tick(platform, http, "ETH", "3000.00", "3000.02")
+    p = open_position(http, h, asset="ETH", type="short", margin="100", leverage=10)
+    state(http, h)  # the first read loads the replica's view of the account
+    views = served("view_reads")
+    tick(platform, http, "ETH", "2990.00", "2990.02")
+    # the replica's view answers once it has the feed's newest prices (a long poll of the feed
+    # actor, started by the first read that needed them), marked as the shard marks
+    expected = ((D(p["entryPrice"]) - D("2990.02")) * D(p["quantity"])).quantize(D("0.000001"))
+    deadline = time.monotonic() + 5
+    while True:
+        s = state(http, h)
+        answered_by_view = served("view_reads") > views  # (one client: this read's count)
+        if answered_by_view and D(s["positions"][0]["unrealizedPnl"]) == expected:
+            break
+        views = served("view_reads")
+        assert time.monotonic() < deadline, (s, expected, views)
+        time.sleep(0.05)
+    assert D(s["balances"]["equity"]) == D("10000") + expected
+    closed = http.post("/api/v1/positions/close", json={"positionId": p["positionId"]},
+                       headers=h)
+    assert closed.status_code == 200, closed.text
+    s = state(http, h)  # the client's own write, read back at once
+    assert s["positions"] == [] and D(s["balances"]["margin"]) == 0
+
+
 # The SPEC trading, order, position-change, candle and stream scenarios, again on Ray (same
 # functions; this module's `platform` fixture, prices produced to the topic, candles built by
 # the feed actor, streams through Serve's direct ingress); those that start a platform of their
