@@ -656,6 +656,9 @@ async def run(platform: Any, bootstrap: str, args: argparse.Namespace,
                     if v - stats0["dropped"].get(k, 0)},
         "ledger_closed": closed_after - closed_before, "ring_missed": rings.missed,
         "load_avg_1m": os.getloadavg()[0], "cpu_cores": cpu,
+        # a recreated market topic (the embedded broker trims it) shows in these
+        "send_failures": stream.producer.errors, "producer_recoveries": stream.producer.recoveries,
+        "repositions": stats1.get("repositions", 0) - stats0.get("repositions", 0),
     }
 
 
@@ -693,7 +696,9 @@ def report(raw: dict[str, Any]) -> dict[str, Any]:
           f"{raw['dropped'] or 'none'}; the ledger counted {raw['ledger_closed']:,} closes "
           f"over the warm-up and the run; not followed: {r['unapplied']} ticks, "
           f"{r['unsettled']} liquidations, {r['unmatched']} calls; ring entries missed "
-          f"{raw['ring_missed']}")
+          f"{raw['ring_missed']}; producer send failures {raw.get('send_failures', '?')}, "
+          f"recoveries {raw.get('producer_recoveries', '?')}; partitions repositioned by the "
+          f"feed actor {raw.get('repositions', '?')}")
     print(f"  {'hop (ms)':<20}{'price p50':>10}{'p99':>9}{'liq. p50':>10}{'p99':>9}  what")
     for name, what in HOPS:
         if name in price or name in liquidation:
