@@ -63,6 +63,7 @@ REBUILD_BACKOFF_S = 0.2  # the first wait before a failed consumer is rebuilt
 MAX_REBUILD_BACKOFF_S = 5.0  # the longest wait between rebuilds of a consumer that keeps failing
 IDLE_SLEEP_S = 0.1  # the pause between rounds while no partition is assigned
 POLL_TIMEOUT_MS = 100  # the longest a poll waits for records
+POSITION_WAIT_S = 0.01  # a partition's position is known at once unless it is being reset
 
 ShardCall = Callable[[str, list[Tick]], Awaitable[None]]
 
@@ -261,19 +262,31 @@ class MarketDataConsumer:
                     consumer.seek(tp, self._next_offset[tp])
             await self.position(sorted(tp for tp in partitions if tp not in self._next_offset))
         else:
-            self.reposition_recreated(consumer)
+            await self.reposition_recreated(consumer)
         self._assigned.set()
         return True
 
-    def reposition_recreated(self, consumer: AIOKafkaConsumer) -> int:
-        """Read again every partition whose end fell below the read position (its topic was
-        created again: the embedded broker restarted, or trimmed it), from its newest message
-        (``latest``) or its beginning; returns how many."""
-        # the high watermark of the last fetch response (ListOffsets answers can lag behind
-        # what a fetch already returned, so they would trigger false re-reads)
-        behind = {tp: hw for tp in consumer.assignment()
-                  if (hw := consumer.highwater(tp)) is not None
-                  and hw < self._next_offset.get(tp, 0)}
+    async def reposition_recreated(self, consumer: AIOKafkaConsumer) -> int:
+        """Read again every partition whose end fell below the consumer's position (its topic
+        was created again: the embedded broker restarted, or trimmed it), from its newest
+        message (``latest``) or its beginning; returns how many."""
+        behind: dict[TopicPartition, int] = {}
+        for tp in consumer.assignment():
+            # the high watermark of the last fetch response (ListOffsets answers can lag behind
+            # what a fetch already returned, so they would trigger false re-reads)
+            hw = consumer.highwater(tp)
+            if hw is None:
+                continue
+            # The consumer's own position, not the last offset read: a seek made while the
+            # topic was being recreated was seen undone (a reassignment positioned from a
+            # stale ListOffsets answer), leaving the partition waiting past its new end.
+            try:
+                async with asyncio.timeout(POSITION_WAIT_S):
+                    position = await consumer.position(tp)
+            except (TimeoutError, KafkaError):  # being reset: its next fetch tells
+                continue
+            if hw < position:
+                behind[tp] = hw
         for tp, hw in behind.items():
             # "latest": the newest message, not offset 0: Tansu's high watermark can also lag a
             # few records behind those the same fetch returned, and reading a partition again
@@ -372,7 +385,7 @@ class MarketDataConsumer:
         self.pump()
         # Tansu answers a fetch past the end of a recreated partition with no records and no
         # error: without this, reading it would resume only at the next partition check
-        self.reposition_recreated(consumer)
+        await self.reposition_recreated(consumer)
         return read
 
     # -- the shard calls -------------------------------------------------------------------
