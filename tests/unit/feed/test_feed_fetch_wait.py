@@ -61,7 +61,8 @@ class StubFetcher:
 
 class StubConsumer:
     """What ``MarketDataConsumer.poll`` uses of aiokafka's consumer: ``getmany`` (answering
-    the queued batches, then nothing) and the fetch wait its fetcher asks the broker for."""
+    the queued batches, then nothing), ``assignment`` (nothing assigned, so no partition to
+    position again) and the fetch wait its fetcher asks the broker for."""
 
     def __init__(self, wait_ms: int) -> None:
         self._fetcher = StubFetcher(wait_ms)
@@ -77,6 +78,9 @@ class StubConsumer:
 
     async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, Any]:
         return self.batches.pop(0) if self.batches else {}
+
+    def assignment(self) -> set[TopicPartition]:  # a poll also looks for recreated partitions
+        return set()
 
 
 async def _deliver(shard: str, ticks: list[Tick]) -> None:
@@ -112,6 +116,9 @@ async def test_a_consumer_without_a_fetcher_only_notes_the_wait() -> None:
     class Bare:
         async def getmany(self, timeout_ms: int, max_records: int) -> dict[Any, Any]:
             return {}
+
+        def assignment(self) -> set[Any]:
+            return set()
 
     assert await c.poll(Bare()) == 0
     assert c.stats()["fetch_wait_ms"] == 100
