@@ -343,58 +343,64 @@ async def _one(handle: Any, command: Any) -> Any:
     return answer
 
 
-async def tick_to_close(platform: Any, bootstrap: str, positions: int, ticks: int,
-                        closes_per_tick: int = 300) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """What :func:`load_positions` loaded: each shard's liquidation ticks (one per position),
+    the seconds from the first lock to the last shard's answer (``load_s``) and to the locks'
+    answer (``lock_s``), and each shard's own report (``_load_shard``)."""
+
+    liqs_by_shard: dict[str, Any]  # int64 arrays
+    load_s: float
+    lock_s: float
+    results: list[dict[str, Any]]
+
+
+async def load_positions(platform: Any, positions: int, closes_per_tick: int,
+                         levels_min: int) -> Loaded:
+    """Open ``positions`` leverage-100 longs spread over the shards, entry levels one price step
+    apart below each shard's last ask (at least ``levels_min + 2`` levels, about
+    ``closes_per_tick`` positions over all shards per level), each through the shard host's
+    runner (``_load_shard``), their margins locked in the ledger first."""
     import secrets
 
-    import numpy as np
-
-    from engine.ledger_machine import CreateAccount, LockMargin, Totals, hash_api_key
+    from engine.ledger_machine import CreateAccount, LockMargin, hash_api_key
     from engine.messages import MarginLock
     from engine.shard_machine import LastTick
-    from feed.message import message_from_ticks
-    from feed.producer import MarketDataProducer
 
-    settings: Settings = platform.settings
     layout: tuple[ShardSpec, ...] = platform.layout
+    ledger = platform.ledger
     margin_micros = 1_000_000  # 1 USD at leverage 100 = 100 USD notional
     per_user = SIGNUP_USD // 2  # positions per user (half its balance locked)
     users_needed = max(len(layout), -(-positions // per_user))
-    ledger = platform.ledger
     created = await ledger.execute.remote([
         CreateAccount(f"acc_bench_{i}_{secrets.token_hex(6)}",
                       hash_api_key(secrets.token_urlsafe(24)))
         for i in range(users_needed)])
     users = [int(a.user) for a in created]
-    # where each shard's prices are now (the sim's last book)
-    last = {}
-    for spec in layout:
-        tick = await _one(platform.shards[spec.name], LastTick())
-        if tick is None:
-            raise RuntimeError(f"{spec.name} has no price yet")
-        last[spec.name] = tick
-    per_shard_users = {spec.name: users[i::len(layout)] for i, spec in enumerate(layout)}
     # one entry level per tick step: each falling tick crosses the next level on every shard,
     # closing ~closes_per_tick positions in all
     per_level = max(1, closes_per_tick // len(layout))
-    levels = max(ticks + 2, (positions // len(layout)) // per_level)
+    n_shard = positions // len(layout)
+    levels = max(levels_min + 2, n_shard // per_level)
     t0 = time.perf_counter()
     locks: list[LockMargin] = []
     loads = []
     for i, spec in enumerate(layout):
-        owners = per_shard_users[spec.name]
-        n_shard = positions // len(layout)
+        last = await _one(platform.shards[spec.name], LastTick())  # the sim's last book
+        if last is None:
+            raise RuntimeError(f"{spec.name} has no price yet")
+        owners = users[i::len(layout)]
         per_owner = max(1, n_shard // max(1, len(owners)))
         # position k of the shard belongs to owners[k // per_owner], at entry level k % levels
         owners_by_level: list[list[int]] = [[] for _ in range(levels)]
         for k in range(len(owners) * per_owner):
             owners_by_level[k % levels].append(owners[k // per_owner])
-        entries = [last[spec.name].ask_ticks - level for level in range(levels)]
+        entries = [last.ask_ticks - level for level in range(levels)]
         locks.extend(LockMargin(MarginLock(u, per_owner * margin_micros)) for u in owners)
         loads.append((spec.name, owners_by_level, entries, LOAD_REQUEST_IDS + i * 10**12))
-    refused_locks = [r for r in await ledger.execute.remote(locks) if r is not None]
-    if refused_locks:
-        raise RuntimeError(f"margin locks refused: {refused_locks[:3]}")
+    refused = [r for r in await ledger.execute.remote(locks) if r is not None]
+    if refused:
+        raise RuntimeError(f"margin locks refused: {refused[:3]}")
     lock_s = time.perf_counter() - t0
     results = await asyncio.gather(*(
         platform.shards[name].__ray_call__.remote(_load_shard, by_level, entries,
@@ -404,9 +410,23 @@ async def tick_to_close(platform: Any, bootstrap: str, positions: int, ticks: in
         if result["refused"] or result["triggered"]:
             raise RuntimeError(f"{name}: bulk load refused {result['refused']}, "
                                f"triggered {result['triggered']}")
-    liqs_by_shard = {name: r["liqs"] for (name, *_), r in zip(loads, results, strict=True)}
-    loaded = sum(len(v) for v in liqs_by_shard.values())
-    load_s = time.perf_counter() - t0
+    return Loaded({name: r["liqs"] for (name, *_), r in zip(loads, results, strict=True)},
+                  time.perf_counter() - t0, lock_s, list(results))
+
+
+async def tick_to_close(platform: Any, bootstrap: str, positions: int, ticks: int,
+                        closes_per_tick: int = 300) -> dict[str, Any]:
+    import numpy as np
+
+    from engine.ledger_machine import Totals
+    from feed.message import message_from_ticks
+    from feed.producer import MarketDataProducer
+
+    settings: Settings = platform.settings
+    layout: tuple[ShardSpec, ...] = platform.layout
+    loaded = await load_positions(platform, positions, closes_per_tick, ticks)
+    liqs_by_shard = loaded.liqs_by_shard
+    ledger = platform.ledger
 
     # falling ticks: tick j crosses the next `step` liquidation levels on every shard
     producer = MarketDataProducer(bootstrap, settings.assets, topic=platform.topic)
@@ -448,9 +468,10 @@ async def tick_to_close(platform: Any, bootstrap: str, positions: int, ticks: in
         await producer.stop()
     samples_ms.sort()
     p99 = samples_ms[min(len(samples_ms) - 1, max(0, -(-99 * len(samples_ms) // 100) - 1))]
-    return {"positions": loaded, "load_s": load_s, "lock_s": lock_s,
-            "shard_load_s": max(r["load_s"] for r in results),
-            "load_journal_bytes": sum(int(r["journal_bytes"]) for r in results),
+    return {"positions": sum(len(v) for v in liqs_by_shard.values()),
+            "load_s": loaded.load_s, "lock_s": loaded.lock_s,
+            "shard_load_s": max(r["load_s"] for r in loaded.results),
+            "load_journal_bytes": sum(int(r["journal_bytes"]) for r in loaded.results),
             "ticks": ticks, "closed": closed_total,
             "p50_ms": samples_ms[len(samples_ms) // 2], "p99_ms": p99, "max_ms": samples_ms[-1]}
 

@@ -50,7 +50,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -63,7 +62,7 @@ import numpy as np
 
 # bench.api's bulk loader, shared so both benches load positions the same way: _load_shard
 # runs inside a shard host, _one sends one command to a host; and its reading of /proc
-from bench.api import LOAD_REQUEST_IDS, SIGNUP_USD, _load_shard, _one, descendants, process_table
+from bench.api import _one, descendants, load_positions, process_table
 from cluster.config import Settings
 from cluster.trading.placement import ShardSpec
 from feed.broker import MARKET_TOPIC_MAX_RECORDS
@@ -163,57 +162,6 @@ def plan_assets(settings: Settings, layout: Sequence[ShardSpec],
 
 
 # ---------------------------------------------------------------------- loading
-async def load_positions(platform: Any, positions: int, closes_per_tick: int, levels_min: int
-                         ) -> tuple[dict[str, np.ndarray], float]:
-    """Open ``positions`` leverage-100 longs spread over the shards (bench.api's loader, entry
-    levels one price step apart below each shard's last ask, about ``closes_per_tick`` over all
-    shards per level), their margins locked in the ledger; returns the liquidation ticks of
-    each shard's positions and the seconds it took."""
-    from engine.ledger_machine import CreateAccount, LockMargin, hash_api_key
-    from engine.messages import MarginLock
-    from engine.shard_machine import LastTick
-
-    layout: tuple[ShardSpec, ...] = platform.layout
-    ledger = platform.ledger
-    margin_micros = 1_000_000  # 1 USD at leverage 100 = 100 USD notional
-    per_user = SIGNUP_USD // 2  # positions per user (half its balance locked)
-    users_needed = max(len(layout), -(-positions // per_user))
-    t0 = time.perf_counter()
-    created = await ledger.execute.remote([
-        CreateAccount(f"acc_latency_{i}_{secrets.token_hex(6)}",
-                      hash_api_key(secrets.token_urlsafe(24)))
-        for i in range(users_needed)])
-    users = [int(a.user) for a in created]
-    per_level = max(1, closes_per_tick // len(layout))
-    n_shard = positions // len(layout)
-    levels = max(levels_min + 2, n_shard // per_level)
-    locks: list[LockMargin] = []
-    loads = []
-    for i, spec in enumerate(layout):
-        last = await _one(platform.shards[spec.name], LastTick())
-        if last is None:
-            raise RuntimeError(f"{spec.name} has no price yet")
-        owners = users[i::len(layout)]
-        per_owner = max(1, n_shard // max(1, len(owners)))
-        owners_by_level: list[list[int]] = [[] for _ in range(levels)]
-        for k in range(len(owners) * per_owner):
-            owners_by_level[k % levels].append(owners[k // per_owner])
-        entries = [last.ask_ticks - level for level in range(levels)]
-        locks.extend(LockMargin(MarginLock(u, per_owner * margin_micros)) for u in owners)
-        loads.append((spec.name, owners_by_level, entries, LOAD_REQUEST_IDS + i * 10**12))
-    refused = [r for r in await ledger.execute.remote(locks) if r is not None]
-    if refused:
-        raise RuntimeError(f"margin locks refused: {refused[:3]}")
-    results = await asyncio.gather(*(
-        platform.shards[name].__ray_call__.remote(_load_shard, by_level, entries,
-                                                  margin_micros, first)
-        for name, by_level, entries, first in loads))
-    for (name, *_), result in zip(loads, results, strict=True):
-        if result["refused"] or result["triggered"]:
-            raise RuntimeError(f"{name}: bulk load refused {result['refused']}, "
-                               f"triggered {result['triggered']}")
-    return ({name: r["liqs"] for (name, *_), r in zip(loads, results, strict=True)},
-            time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------- the ticks' way in
@@ -596,11 +544,12 @@ async def run(platform: Any, bootstrap: str, args: argparse.Namespace,
         await _wait_prices(platform)
         total_s = args.warmup_s + args.seconds
         per_asset = int(args.rate * total_s / len(assets)) + 1
-        liqs, load_s = await load_positions(platform, args.positions, args.closes_per_tick,
+        loaded = await load_positions(platform, args.positions, args.closes_per_tick,
                                             int(per_asset * args.liquidating_share) + 2)
         hosts = [platform.ledger, *platform.shards.values()]
         # the load leaves a snapshot due: taken now, not in the middle of the measurement
         await asyncio.gather(*(h.checkpoint.remote() for h in hosts))
+        liqs = loaded.liqs_by_shard
         plans = plan_assets(settings, platform.layout, liqs, start_bids)
         closed_before = int((await _one(platform.ledger, Totals()))["closed_positions"])
         rings = Rings(platform)
@@ -650,7 +599,7 @@ async def run(platform: Any, bootstrap: str, args: argparse.Namespace,
         "produced": {str(seq): dataclasses.astuple(p) for seq, p in stream.produced.items()},
         "shards_of": {a.name: [s.name for s in platform.layout if s.asset == a.name]
                       for a in assets},
-        "positions": int(sum(len(v) for v in liqs.values())), "load_s": load_s,
+        "positions": int(sum(len(v) for v in liqs.values())), "load_s": loaded.load_s,
         "conflated": stats1["conflated"] - stats0["conflated"],
         "dropped": {k: v - stats0["dropped"].get(k, 0) for k, v in stats1["dropped"].items()
                     if v - stats0["dropped"].get(k, 0)},
