@@ -274,6 +274,7 @@ class Platform:
             self.address_file.unlink()
 
     def _start_broker(self) -> None:
+        from cluster.actors.publisher import TRIMMED_AT
         from feed.broker import BrokerError
         from feed.service import embedded_broker_for
 
@@ -285,6 +286,9 @@ class Platform:
             return
         if self.broker_port is not None:
             broker.port = self.broker_port
+        # the account events are kept short like the market data: a reader that misses some
+        # reads them from the ledger by its cursor
+        broker.trim[self.settings.account_topic] = TRIMMED_AT
         # a broker a killed run left behind is found (and stopped) through this record
         broker.record_path = self.settings.data_dir / BROKER_RECORD
         try:

@@ -32,6 +32,11 @@ from feed.broker import ensure_topic
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 200_000  # messages waiting at most
+TRIMMED_AT = 2_000
+"""Messages a partition of the topic may hold on the embedded broker before it recreates the
+topic empty (feed.broker.TopicTrimmer: its memory engine keeps every message and reads slow
+down as a partition grows); readers start at the newest and read what they missed from the
+machine itself."""
 PARTITIONS = 4  # of a topic this creates
 BATCH = 1000  # messages per produce round
 MAX_BACKOFF_S = 5.0
@@ -145,4 +150,4 @@ async def _stop(producer: AIOKafkaProducer) -> None:
         log.warning("publisher: stop: %s", exc)
 
 
-__all__ = ["MAX_PENDING", "Publisher"]
+__all__ = ["MAX_PENDING", "TRIMMED_AT", "Publisher"]

@@ -5,8 +5,8 @@ them to (``Settings.account_topic``; cluster.actors.publisher, engine.ledger_mac
 Every replica reads every partition itself (no consumer group: each one needs all events), from
 the newest message on: what came before is read from the ledger by each subscription's cursor
 (cluster.live.account_stream), so ``read`` answers None whenever reading (re)starts at the
-newest (the first read, a new partition, a rebuilt consumer). What is not an account event is
-dropped and counted.
+newest (the first read, a new partition, a rebuilt consumer, a partition whose topic was created
+again: the embedded broker trims it). What is not an account event is dropped and counted.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import logging
 import time
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from engine.account_events import AccountEvent
 from engine.ledger_machine import decode_account_events
@@ -27,6 +28,7 @@ FETCH_WAIT_MS = 500  # the broker holds a fetch this long when there is nothing 
 READ_TIMEOUT_MS = 1000
 PARTITION_CHECK_S = 5.0  # how often the topic's partitions are looked up again
 MAX_RECORDS = 5000
+POSITION_WAIT_S = 0.01  # a partition's position is known at once unless it is being reset
 
 
 class TopicTail:
@@ -67,6 +69,8 @@ class TopicTail:
         except BaseException:
             await self.close()  # rebuilt by the next read, which starts at the newest again
             raise
+        if await self._recreated(consumer):
+            return None  # the topic was created again (trimmed): what it had is gone
         events: list[AccountEvent] = []
         for records in batch.values():
             for record in records:
@@ -88,6 +92,26 @@ class TopicTail:
         consumer.assign(sorted(partitions))
         await consumer.seek_to_end(*partitions)
         return True
+
+    async def _recreated(self, consumer: AIOKafkaConsumer) -> bool:
+        """Read from the end again every partition whose end fell below the position (its
+        topic was deleted and created again: the embedded broker trims it,
+        feed.broker.TopicTrimmer); True when one did."""
+        behind = []
+        for tp in consumer.assignment():
+            hw = consumer.highwater(tp)  # of the last fetch response
+            if hw is None:
+                continue
+            try:
+                async with asyncio.timeout(POSITION_WAIT_S):
+                    position = await consumer.position(tp)
+            except (TimeoutError, KafkaError):  # being reset: its next fetch tells
+                continue
+            if hw < position:
+                behind.append(tp)
+        if behind:
+            await consumer.seek_to_end(*behind)
+        return bool(behind)
 
     async def close(self) -> None:
         consumer, self._consumer = self._consumer, None

@@ -1,0 +1,76 @@
+"""The account events' topic on the embedded broker, kept short like the market data's: the
+publisher goes on producing across the topic's recreation, and a replica's reader of the topic
+(TopicTail) says it restarted (None: its subscriptions read what they missed from the ledger),
+then reads what comes after."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cluster.actors.publisher import Publisher
+from cluster.live.account_topic import TopicTail
+from engine.account_events import BALANCE, AccountEvent, Balance
+from engine.ledger_machine import encode_account_events
+from feed.broker import TopicTrimmer, ensure_topic, free_port
+
+pytestmark = pytest.mark.asyncio
+
+BOUND = 20  # messages a partition may hold before the trimmer recreates the topic
+
+
+def _events(user: int, first_seq: int, n: int) -> list[AccountEvent]:
+    return [AccountEvent(user, seq, seq, BALANCE, Balance(seq, 0))
+            for seq in range(first_seq, first_seq + n)]
+
+
+async def _read_until(tail: TopicTail, done: object, timeout_s: float = 20.0
+                      ) -> list[list[AccountEvent] | None]:
+    """Reads of ``tail`` until ``done(reads)`` holds."""
+    reads: list[list[AccountEvent] | None] = []
+    deadline = time.monotonic() + timeout_s
+    while not done(reads):  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out after {reads[-5:]}"
+        reads.append(await tail.read())
+    return reads
+
+
+async def test_a_readers_tail_restarts_at_a_recreation_and_reads_what_follows(
+        kafka_broker: str) -> None:
+    topic = f"account-events-trim-{free_port()}"
+    await ensure_topic(kafka_broker, 4, topic)
+    tail = TopicTail(kafka_broker, topic)
+    publisher = Publisher(kafka_broker, topic)
+    trimmer = TopicTrimmer(kafka_broker, {topic: BOUND}, check_s=0.1).start()
+    try:
+        # the first read that finds the partitions starts at the newest: None
+        await _read_until(tail, lambda reads: None in reads)
+        publisher.offer(encode_account_events(_events(7, 1, 3)))
+        reads = await _read_until(tail, lambda rs: sum(len(r or ()) for r in rs) >= 3)
+        assert [e.seq for r in reads for e in r or ()] == [1, 2, 3]
+
+        # one message per event of user 7 (one key: one partition) until the topic is recreated
+        seq = 4
+        while trimmer.trims == 0:
+            publisher.offer(encode_account_events(_events(7, seq, 1)))
+            seq += 1
+            await asyncio.sleep(0.01)
+            assert seq < 2_000, f"never trimmed: {trimmer.last_error}"
+        reads = await _read_until(tail, lambda rs: None in rs)  # the reader restarted
+
+        # what is published after the recreation reaches the reader
+        later = _events(7, 10_000, 3)
+        publisher.offer(encode_account_events(later))
+        reads = await _read_until(
+            tail, lambda rs: any(e.seq == 10_002 for r in rs for e in r or ()))
+        # (a batch the publisher sent again after a failed delivery comes twice: readers keep
+        # each seq once)
+        got = {e.seq: e for r in reads for e in r or () if e.seq >= 10_000}
+        assert sorted(got.values()) == later
+        assert publisher.stats()["dropped"] == 0
+    finally:
+        trimmer.stop()
+        publisher.close()
+        await tail.close()
