@@ -66,6 +66,7 @@ from bench.api import _one, descendants, load_positions, process_table
 from cluster.config import Settings
 from cluster.trading.placement import ShardSpec
 from feed.broker import MARKET_TOPIC_MAX_RECORDS
+from feed.producer import LINGER_MS
 from feed.settings import MARKET_TOPIC
 
 HOST = "127.0.0.1"
@@ -700,14 +701,6 @@ def report(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def source_linger_ms() -> int:
-    """The producer linger the feed source publishes with (``run_source``'s default), so the
-    bench's ticks travel as ``shardex up``'s do."""
-    import inspect
-
-    from feed.source import run_source
-
-    return int(inspect.signature(run_source).parameters["linger_ms"].default)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -726,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="direct: ticks to the producer, ts_us = produce time; backpack: "
                              "as Backpack frames from a loopback exchange through the feed's "
                              "Backpack client (adds the first hop, and the exchange's own CPU)")
-    parser.add_argument("--linger-ms", type=int, default=source_linger_ms(),
+    parser.add_argument("--linger-ms", type=int, default=LINGER_MS,
                         help="the producer's linger (default: what shardex up's feed source "
                              "publishes with, feed.source.run_source's)")
     parser.add_argument("--topic-max-records", type=int, default=MARKET_TOPIC_MAX_RECORDS,

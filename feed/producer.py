@@ -24,7 +24,7 @@ from feed.settings import MARKET_TOPIC
 
 log = logging.getLogger(__name__)
 
-LINGER_MS = 5  # how long a batch waits for more messages before it is sent (see the class)
+LINGER_MS = 1  # how long a batch waits for more messages before it is sent (see the class)
 
 
 @dataclass(eq=False)
@@ -35,11 +35,10 @@ class MarketDataProducer:
     failures are counted in ``errors`` and trigger a recovery on the next publish.
     ``create_topic`` makes the producer create the topic (one partition per asset) when missing.
 
-    ``linger_ms`` (default :data:`LINGER_MS`) trades a quiet market's latency (each price may
-    wait that long) for a busy one's: every produce request costs the broker about as much as
-    many messages inside one, so at thousands of ticks a second a shorter linger sends a
-    request per millisecond and the embedded broker takes most of a core from the platform on
-    a small machine, which lengthens every hop after it (README, ``bench latency``).
+    ``linger_ms`` (default :data:`LINGER_MS`, what ``shardex feed`` and ``shardex up`` publish
+    with) is how long each price may wait for others to share its produce request: a longer
+    one sends fewer requests at thousands of ticks a second, each price later (``bench latency
+    --linger-ms`` compares them).
     """
 
     bootstrap: str

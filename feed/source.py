@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from feed.backpack import BackpackClient
 from feed.message import MarketDataMessage
-from feed.producer import MarketDataProducer
+from feed.producer import LINGER_MS, MarketDataProducer
 from feed.replay import ReplaySource
 from feed.settings import (
     MARKET_TOPIC,
@@ -127,7 +127,8 @@ def make_source(settings: FeedSettings | HasFeedSettings,
 
 async def run_source(settings: FeedSettings | HasFeedSettings, stop: asyncio.Event, *,
                      bootstrap: str | None = None, topic: str = MARKET_TOPIC,
-                     source: Source | None = None, linger_ms: int = 1) -> dict[str, Any]:
+                     source: Source | None = None, linger_ms: int = LINGER_MS
+                     ) -> dict[str, Any]:
     """Publish ``source`` (default: the one FEED_SOURCE names) to ``topic`` until ``stop``.
 
     ``bootstrap`` defaults to ``settings.bootstrap_servers``. The topic is created (one
