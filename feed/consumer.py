@@ -101,6 +101,28 @@ def _always(shard: str) -> bool:
     return True
 
 
+async def recreated_partitions(consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
+    """The assigned partitions whose end fell below ``consumer``'s position (their topic was
+    created again), with that end: the high watermark of the last fetch response (ListOffsets
+    answers can lag behind what a fetch already returned, so they would see false ones)."""
+    behind: dict[TopicPartition, int] = {}
+    for tp in consumer.assignment():
+        hw = consumer.highwater(tp)
+        if hw is None:
+            continue
+        # The consumer's own position, not the last offset read: a seek made while the topic
+        # was being recreated was seen undone (a reassignment positioned from a stale
+        # ListOffsets answer), leaving the partition waiting past its new end.
+        try:
+            async with asyncio.timeout(POSITION_WAIT_S):
+                position = await consumer.position(tp)
+        except (TimeoutError, KafkaError):  # being reset: its next fetch tells
+            continue
+        if hw < position:
+            behind[tp] = hw
+    return behind
+
+
 @dataclass(eq=False)
 class MarketDataConsumer:
     """Reads ``topic`` on an asyncio loop into ``pipeline`` and calls the shards with ``call``.
@@ -270,23 +292,7 @@ class MarketDataConsumer:
         """Read again every partition whose end fell below the consumer's position (its topic
         was created again: the embedded broker restarted, or trimmed it), from its newest
         message (``latest``) or its beginning; returns how many."""
-        behind: dict[TopicPartition, int] = {}
-        for tp in consumer.assignment():
-            # the high watermark of the last fetch response (ListOffsets answers can lag behind
-            # what a fetch already returned, so they would trigger false re-reads)
-            hw = consumer.highwater(tp)
-            if hw is None:
-                continue
-            # The consumer's own position, not the last offset read: a seek made while the
-            # topic was being recreated was seen undone (a reassignment positioned from a
-            # stale ListOffsets answer), leaving the partition waiting past its new end.
-            try:
-                async with asyncio.timeout(POSITION_WAIT_S):
-                    position = await consumer.position(tp)
-            except (TimeoutError, KafkaError):  # being reset: its next fetch tells
-                continue
-            if hw < position:
-                behind[tp] = hw
+        behind = await recreated_partitions(consumer)
         for tp, hw in behind.items():
             # "latest": the newest message, not offset 0: Tansu's high watermark can also lag a
             # few records behind those the same fetch returned, and reading a partition again

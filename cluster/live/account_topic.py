@@ -17,10 +17,10 @@ import logging
 import time
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
 
 from engine.account_events import AccountEvent
 from engine.ledger_machine import decode_account_events
+from feed.consumer import recreated_partitions
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,6 @@ FETCH_WAIT_MS = 500  # the broker holds a fetch this long when there is nothing 
 READ_TIMEOUT_MS = 1000
 PARTITION_CHECK_S = 5.0  # how often the topic's partitions are looked up again
 MAX_RECORDS = 5000
-POSITION_WAIT_S = 0.01  # a partition's position is known at once unless it is being reset
 
 
 class TopicTail:
@@ -94,23 +93,11 @@ class TopicTail:
         return True
 
     async def _recreated(self, consumer: AIOKafkaConsumer) -> bool:
-        """Read from the end again every partition whose end fell below the position (its
-        topic was deleted and created again: the embedded broker trims it,
-        feed.broker.TopicTrimmer); True when one did."""
-        behind = []
-        for tp in consumer.assignment():
-            hw = consumer.highwater(tp)  # of the last fetch response
-            if hw is None:
-                continue
-            try:
-                async with asyncio.timeout(POSITION_WAIT_S):
-                    position = await consumer.position(tp)
-            except (TimeoutError, KafkaError):  # being reset: its next fetch tells
-                continue
-            if hw < position:
-                behind.append(tp)
-        if behind:
-            await consumer.seek_to_end(*behind)
+        """Read from its new end every partition whose topic was deleted and created again
+        (the embedded broker trims it, feed.broker.TopicTrimmer); True when one was."""
+        behind = await recreated_partitions(consumer)
+        for tp, end in behind.items():
+            consumer.seek(tp, end)  # (not seek_to_end: a lazy reset can race the recreation)
         return bool(behind)
 
     async def close(self) -> None:
