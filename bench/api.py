@@ -504,10 +504,12 @@ def _measure_serve(args: argparse.Namespace, levels: list[int], replicas: int, p
     closed loop's results and costs by concurrency and GET /state at the top one,
     tick_to_close over ``positions``, with ``profile`` the CPU split of _cpu_split)."""
     from cluster.launcher import Platform
-    from feed.broker import EmbeddedBroker
+    from feed.broker import EmbeddedBroker, free_ports
 
     data_dir = tempfile.mkdtemp(prefix="shardex-bench-")
-    settings = dataclasses.replace(_settings(_free_port(), data_dir), api_replicas=replicas)
+    # the API's port and the replicas', HAProxy's and Serve's fallback proxy's after it
+    port = free_ports(replicas + 4, HOST)
+    settings = dataclasses.replace(_settings(port, data_dir), api_replicas=replicas)
     assets = [a.name for a in settings.assets.assets]
     broker = EmbeddedBroker(HOST, _free_port()).start()
     sweep: dict[str, Any] = {}

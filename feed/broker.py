@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import queue
+import random
 import signal
 import socket
 import subprocess
@@ -72,6 +73,31 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> int:
+    """The first of ``count`` consecutive TCP ports on ``host`` nobody listens on right now,
+    below the kernel's range of ephemeral ports (an outgoing connection takes one of those
+    at any moment, which a port picked from it and its neighbours can meet later)."""
+    low = 20_000
+    with contextlib.suppress(OSError, ValueError):
+        low = min(low, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+                  - 10_000)
+    for _ in range(200):
+        base = random.randrange(max(1024, low), max(1025, low + 10_000 - count))
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise BrokerError(f"no {count} consecutive free ports found on {host}")
 
 
 def accepts_connections(host: str, port: int, timeout_s: float = 0.2) -> bool:

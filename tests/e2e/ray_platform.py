@@ -25,10 +25,10 @@ from engine.shard_machine import ApplyTick
 from tests.e2e.http_platform import make_tick
 
 
-def free_port() -> int:
-    from feed.broker import free_port as _free_port
+def free_ports(count: int) -> int:
+    from feed.broker import free_ports as _free_ports
 
-    return _free_port("127.0.0.1")
+    return _free_ports(count, "127.0.0.1")
 
 
 class RayHttpPlatform:
@@ -44,7 +44,10 @@ class RayHttpPlatform:
         # a topic of account events per platform: platforms sharing a broker number their
         # accounts alike
         self.settings = dataclasses.replace(
-            base, port=free_port(), feed_source="none", kafka_brokers=bootstrap,
+            # the API's port and those after it (one per replica, HAProxy's two listeners,
+            # Serve's fallback proxy): all free, and none an outgoing connection may take
+            base, port=free_ports(base.replica_slots + 4), feed_source="none",
+            kafka_brokers=bootstrap,
             data_dir=data_dir, account_topic=f"account-events-{data_dir.name}")
         self.bootstrap = bootstrap
         options: dict[str, Any] = {"num_cpus": 2}
