@@ -34,7 +34,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import NamedTuple, Protocol
 
 from engine import account_events
 from engine.account_events import AccountEvent, Balance
@@ -51,23 +51,25 @@ DISTRUST_S = 60.0
 """After a write for an account failed, its reads are full ones for this long."""
 
 
-class AccountState(Protocol):
-    """What a full read returns (cluster.trading.service.AccountState)."""
+class AccountState(NamedTuple):
+    """An account's balances and open positions (``GET /state``), in micro-dollars; equity is
+    free + margin + the positions' unrealized PnL."""
 
-    @property
-    def free_micros(self) -> int: ...
+    account_id: str
+    free_micros: int
+    margin_micros: int
+    equity_micros: int
+    positions: list[OpenPosition]
+    # shards that did not answer: their positions are missing and equity counts only the
+    # unrealized PnL of the positions listed (free + margin are always complete)
+    unavailable: tuple[str, ...] = ()
 
-    @property
-    def margin_micros(self) -> int: ...
-
-    @property
-    def positions(self) -> list[OpenPosition]: ...
-
-    @property
-    def unavailable(self) -> tuple[str, ...]: ...
-
-
-S = TypeVar("S", bound=AccountState)
+    @classmethod
+    def of(cls, who: Principal, free_micros: int, margin_micros: int,
+           positions: list[OpenPosition], unavailable: tuple[str, ...] = ()) -> AccountState:
+        unrealized = sum(p.unrealized_pnl_micros or 0 for p in positions)
+        return cls(who.account_id, free_micros, margin_micros,
+                   free_micros + margin_micros + unrealized, positions, unavailable)
 
 
 class ViewSource(Protocol):
@@ -88,20 +90,17 @@ class View:
     positions: dict[int, OpenPosition] = field(default_factory=dict)
 
 
-class AccountViews(Generic[S]):
+class AccountViews:
     """The views of one replica. ``source``: the ledger's account events; ``load(who)``: a
-    full read; ``build(who, free_micros, margin_micros, positions)``: the state a view
-    answers; ``marks(asset)``: the newest top of book of an asset known here (None: none);
+    full read; ``marks(asset)``: the newest top of book of an asset known here (None: none);
     ``counts``: where reads are counted (the service's counters, shown by /metrics)."""
 
     def __init__(self, source: ViewSource, assets: AssetRegistry,
-                 load: Callable[[Principal], Awaitable[S]],
-                 build: Callable[[Principal, int, int, list[OpenPosition]], S],
+                 load: Callable[[Principal], Awaitable[AccountState]],
                  marks: Callable[[str], Tick | None], counts: Counter[str]) -> None:
         self.source = source
         self.assets = assets
         self.load = load
-        self.build = build
         self.marks = marks
         self._views: OrderedDict[int, View] = OrderedDict()
         self._distrusted: dict[int, float] = {}  # user -> until when reads are full ones
@@ -115,7 +114,7 @@ class AccountViews(Generic[S]):
             now = time.monotonic()
             self._distrusted = {u: t for u, t in self._distrusted.items() if t > now}
 
-    async def state(self, who: Principal) -> S:
+    async def state(self, who: Principal) -> AccountState:
         """``who``'s state: the view brought up to the ledger's newest event, or a full read
         (which loads the view)."""
         user = who.user
@@ -163,7 +162,7 @@ class AccountViews(Generic[S]):
             view.seq = event.seq
         return len(view.positions) <= MAX_VIEW_POSITIONS
 
-    async def _load(self, who: Principal) -> S:
+    async def _load(self, who: Principal) -> AccountState:
         self.counts["view_loads"] += 1
         seq, _ = await self.source.account_events(who.user, None)
         state = await self.load(who)
@@ -179,7 +178,7 @@ class AccountViews(Generic[S]):
             self.counts["view_drops"] += 1
         return state
 
-    def _answer(self, who: Principal, view: View) -> S | None:
+    def _answer(self, who: Principal, view: View) -> AccountState | None:
         marked: list[OpenPosition] = []
         for p in sorted(view.positions.values(), key=lambda q: (q.opened_ts_us, q.position_id)):
             tick = self.marks(p.asset)
@@ -188,11 +187,12 @@ class AccountViews(Generic[S]):
             pnl = pnl_micros(self.assets[p.asset], p.side, p.entry_ticks, p.qty_steps,
                              exit_price_ticks(p.side, tick.bid_ticks, tick.ask_ticks))
             marked.append(p._replace(unrealized_pnl_micros=pnl))
-        return self.build(who, view.free_micros, view.margin_micros, marked)
+        return AccountState.of(who, view.free_micros, view.margin_micros, marked)
 
     def _drop(self, user: int) -> None:
         if self._views.pop(user, None) is not None:
             self.counts["view_drops"] += 1
 
 
-__all__ = ["DISTRUST_S", "MAX_VIEWS", "MAX_VIEW_POSITIONS", "AccountViews", "View"]
+__all__ = ["DISTRUST_S", "MAX_VIEWS", "MAX_VIEW_POSITIONS", "AccountState", "AccountViews",
+           "View"]

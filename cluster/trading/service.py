@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, TypeVar, cast
 
 from cluster.actors.port import Port, Unavailable
 from cluster.config import Settings
-from cluster.live.account_views import AccountViews
+from cluster.live.account_views import AccountState, AccountViews
 from cluster.live.market import MarketSource
 from cluster.trading.batcher import MicroBatcher
 from cluster.trading.courier import Courier
@@ -105,17 +105,6 @@ IDEM_POLL_S = 0.02
 T = TypeVar("T")
 
 
-class AccountState(NamedTuple):
-    account_id: str
-    free_micros: int
-    margin_micros: int
-    equity_micros: int
-    positions: list[OpenPosition]
-    # shards that did not answer: their positions are missing and equity counts only the
-    # unrealized PnL of the positions listed (free + margin are always complete)
-    unavailable: tuple[str, ...] = ()
-
-
 class Health(NamedTuple):
     ok: bool
     components: dict[str, str]  # component -> "ok" or what failed
@@ -174,8 +163,7 @@ class TradingService:
         self._positions = {n: MicroBatcher(functools.partial(self._positions_of, n))
                            for n in self.shards}
         self.views = None if market is None else AccountViews(
-            self, self.assets, self._read_state, self._account_state, market.newest,
-            self.counters)
+            self, self.assets, self._read_state, market.newest, self.counters)
 
     async def _positions_of(self, shard_name: str, owners: list[int]
                             ) -> list[list[OpenPosition]]:
@@ -255,15 +243,7 @@ class TradingService:
         positions.sort(key=lambda p: (p.opened_ts_us, p.position_id))
         if unavailable:
             self.counters["partial_states"] += 1
-        return self._account_state(who, free, margin, positions, tuple(unavailable))
-
-    @staticmethod
-    def _account_state(who: Principal, free_micros: int, margin_micros: int,
-                       positions: list[OpenPosition], unavailable: tuple[str, ...] = ()
-                       ) -> AccountState:
-        unrealized = sum(p.unrealized_pnl_micros or 0 for p in positions)
-        return AccountState(who.account_id, free_micros, margin_micros,
-                            free_micros + margin_micros + unrealized, positions, unavailable)
+        return AccountState.of(who, free, margin, positions, tuple(unavailable))
 
     async def positions(self, who: Principal, limit: int, after: int | None = None
                         ) -> tuple[list[OpenPosition], int | None] | Rejected:

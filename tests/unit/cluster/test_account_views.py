@@ -9,8 +9,9 @@ import pytest
 import pytest_asyncio
 
 from cluster.actors.port import LocalPort, Port, Unavailable
+from cluster.live.account_views import AccountState
 from cluster.live.market import MarketLive
-from cluster.trading.service import AccountState, TradingService
+from cluster.trading.service import TradingService
 from engine.market import Tick
 from engine.messages import CloseOrder, PlaceOrder, Principal
 from engine.order_book import OrderKind
