@@ -40,7 +40,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench import cpu_split, wrk
 from bench.http_load import Connection, LoadResult, closed_loop
@@ -499,7 +499,7 @@ Measured = tuple[dict[int, Result], dict[int, Costs], Result]
 
 def _measure_serve(args: argparse.Namespace, levels: list[int], replicas: int, positions: int,
                    profile: bool = False
-                   ) -> tuple[float, Measured, dict[str, Any], dict[str, dict[str, float]]]:
+                   ) -> tuple[float, Measured, dict[str, Any], CpuSplit | None]:
     """One platform with ``replicas`` API replicas on its own broker: (start seconds, the
     closed loop's results and costs by concurrency and GET /state at the top one,
     tick_to_close over ``positions``, with ``profile`` the CPU split of _cpu_split)."""
@@ -513,7 +513,7 @@ def _measure_serve(args: argparse.Namespace, levels: list[int], replicas: int, p
     assets = [a.name for a in settings.assets.assets]
     broker = EmbeddedBroker(HOST, _free_port()).start()
     sweep: dict[str, Any] = {}
-    split: dict[str, dict[str, float]] = {}
+    split: CpuSplit | None = None
     t0 = time.perf_counter()
     # durable: journaled hosts in DATA_DIR that Ray restarts, reconciled at start (`shardex up`)
     platform = Platform(settings, with_feed=True, bootstrap=broker.bootstrap,
@@ -537,11 +537,18 @@ def _measure_serve(args: argparse.Namespace, levels: list[int], replicas: int, p
     return startup_s, (results, costs, state), sweep, split
 
 
+class CpuSplit(NamedTuple):
+    """CPU ms per request: ``layers`` by process role and layer (py-spy samples,
+    bench.cpu_split), ``measured`` by process role (the process's user + system time)."""
+
+    layers: dict[str, dict[str, float]]
+    measured: dict[str, float]
+
+
 def _cpu_split(platform: Any, settings: Settings, concurrency: int, duration_s: float,
-               client: str) -> dict[str, dict[str, float]]:
+               client: str) -> CpuSplit:
     """The open/close loop once more at ``concurrency`` while py-spy samples the API replica,
-    the ledger and the shard hosts: CPU ms per request, by process role and layer
-    (bench.cpu_split)."""
+    the ledger and the shard hosts: CPU ms per request, by process role and layer."""
     import ray
 
     def pid(handle: Any) -> int:
@@ -555,9 +562,15 @@ def _cpu_split(platform: Any, settings: Settings, concurrency: int, duration_s: 
         result = await drive_with(client, settings.port, concurrency, duration_s)
         return result, await sampled
 
+    before = process_table()
     result, stacks = asyncio.run(run())
-    return {role: cpu_split.per_request_ms(cpu_split.split(lines), result.ops)
-            for role, lines in stacks.items()}
+    after = process_table()
+    # py-spy's samples give the shares; /proc gives each process's CPU itself (a thread py-spy
+    # takes for busy may be waiting, for the GIL among others)
+    measured = {role: round((after[pid][2] - before[pid][2]) * 1000 / max(1, result.ops), 3)
+                for role, pid in pids.items() if pid in before and pid in after}
+    return CpuSplit({role: cpu_split.per_request_ms(cpu_split.split(lines), result.ops)
+                     for role, lines in stacks.items()}, measured)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -608,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
 
     by_replicas: dict[int, Measured] = {}
     sweep: dict[str, Any] = {}
-    split: dict[str, dict[str, float]] = {}
+    split: CpuSplit | None = None
     startup_s = 0.0
     for n, replicas in enumerate(replica_counts):
         # the first platform also times tick -> close (it does not depend on the replicas)
@@ -662,10 +675,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{sweep['closed']:,} closes: p50 {sweep['p50_ms']:.1f} ms, "
               f"p99 {sweep['p99_ms']:.1f} ms, max {sweep['max_ms']:.1f} ms")
     if split:
-        print(f"CPU per request at concurrency {top} (ms, py-spy samples by layer):")
-        for role, layers in split.items():
-            print(f"  {role:<14} {sum(layers.values()):6.3f}  " + ", ".join(
-                f"{layer} {ms:.3f}" for layer, ms in layers.items()))
+        print(f"CPU per request at concurrency {top} (ms: the process's CPU time, then "
+              "py-spy's samples by layer, which count waits some threads make as busy):")
+        for role, layers in split.layers.items():
+            print(f"  {role:<14} {split.measured.get(role, float('nan')):6.3f}  "
+                  f"sampled {sum(layers.values()):6.3f}: " + ", ".join(
+                      f"{layer} {ms:.3f}" for layer, ms in layers.items()))
     s, b = serve_results[top], base_results[top]
     out = {
         "bench": "api",
@@ -696,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
         "serve_state_p99_ms": round(serve_state.percentile_ms(99), 2),
         "baseline_state_per_s": round(base_state.ops_per_s, 1),
         "client": args.client,
-        "cpu_split_ms_per_op": split or None,
+        "cpu_split_ms_per_op": split.layers if split else None,
+        "cpu_ms_per_op_by_process": split.measured if split else None,
     }
     print(json.dumps(out))
     return 0
