@@ -650,7 +650,10 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
                   description="Leveraged crypto trading (isolated margin). Money and prices are "
                               "decimal strings; requests accept a JSON number or a decimal "
                               "string, read exactly. Errors are "
-                              '`{"error":{"code","message"}}`.')
+                              '`{"error":{"code","message"}}`.',
+                  # the API's figures are its own (/metrics); FastAPI would otherwise look for
+                  # an OpenTelemetry provider on every request (5 us each on this machine)
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
     app.router.route_class = ExactJsonRoute  # every body is read with exact numbers
     assets = service.assets if service is not None else assets
     assert assets is not None
