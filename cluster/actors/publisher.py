@@ -29,7 +29,7 @@ import threading
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
 from aiokafka.partitioner import DefaultPartitioner
 
 from feed.broker import ensure_topic
@@ -153,6 +153,8 @@ class Publisher:
         ``max_batch_size`` bytes) rather than one ``send`` per message, whose futures and
         pure-Python key hashing cost more than the messages themselves."""
         partitions = sorted(await producer.partitions_for(self.topic))
+        if not partitions:  # metadata caught mid-recreation: the round is tried again
+            raise UnknownTopicOrPartitionError(self.topic)
         if len(partitions) != self._partition_count:  # the topic was created anew
             self._partition_count, self._partitions = len(partitions), {}
         builders: dict[int, Any] = {}
