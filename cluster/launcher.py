@@ -157,7 +157,7 @@ class Platform:
         asyncio.run(self._ensure_topic(self.bootstrap))
         phase("broker")
 
-        env = export_serve_env(settings.port, settings.replica_slots) if self.direct_ingress else {}
+        env = export_serve_env(settings.port, settings.replica_slots, self.direct_ingress)
         if ray.is_initialized():
             log.info("using the Ray this process is already connected to")
         elif settings.ray_address:
@@ -174,16 +174,17 @@ class Platform:
                 "_node_ip_address": "127.0.0.1",  # a local Ray needs no other interface
             }
             options.update(self.ray_init)
-            # Ray prestarts a worker per CPU for the default runtime env when the first driver
-            # connects; every actor here runs with the job's runtime env (with direct ingress,
-            # the Serve variables), so those workers would only sit idle (~80 MiB and ~0.007
-            # cores each, README "Processes and idle cost"). Workers start when an actor needs
-            # one instead.
+            # Ray prestarts a worker per CPU when the first driver connects: on a machine with
+            # more CPUs than the platform has actors, the rest would only sit idle (~80 MiB and
+            # ~0.007 cores each, README "Processes and idle cost"). Workers start when an actor
+            # needs one instead.
             options["_system_config"] = {"prestart_worker_first_driver": False,
                                          **self.ray_init.get("_system_config", {})}
             # address="local": always a new Ray, never attach to one found on the machine
             options.setdefault("address", "local")
-            ray.init(namespace=self.namespace, runtime_env={"env_vars": env}, **options)
+            # no runtime env: this Ray's raylet and workers inherit the Serve variables
+            # exported above (cluster.serve_app), and a worker needs no runtime env agent
+            ray.init(namespace=self.namespace, **options)
             self._ray_started = True
             self._write_address_file()
         phase("ray")
@@ -191,7 +192,8 @@ class Platform:
         serving = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="serve-start")
         self._serve_started = True
         controller = serving.submit(start_serve, settings, host=self.host,
-                                    direct_ingress=self.direct_ingress)
+                                    direct_ingress=self.direct_ingress,
+                                    inherited=self._ray_started)
         try:
             self._start_actors(phase)
             controller.result(READY_TIMEOUT_S)

@@ -11,9 +11,11 @@ runs its own HTTP server ("direct ingress") on a port the controller hands out f
 setting that range to ``[port, port + 1)`` makes the replica itself listen on the public port.
 These variables are read at import time
 by the Serve controller and by the replica, so they must be in those processes' environment:
-``serve_env(port)`` is exported before ``ray.init`` (a local Ray's workers inherit it) and passed
-as ``runtime_env`` to the job, the controller and the deployment (so it also holds when joining
-a cluster that was started without them). The Serve proxy still starts (head only) on a spare
+``serve_env(port)`` is exported before ``ray.init``: a local Ray's raylet and workers inherit
+it, and nothing else carries it (a worker with a runtime env waits for Ray's runtime env agent
+before it starts: each actor of the platform came up ~0.6 s later). Joining a cluster that was
+started without it, it is passed as ``runtime_env`` to the job, the controller and the
+deployment. The Serve proxy still starts (head only) on a spare
 port; nothing needs it.
 """
 
@@ -86,11 +88,16 @@ def _front_env(port: int, replicas: int) -> dict[str, str]:
     }
 
 
-def export_serve_env(port: int, replicas: int = 1) -> dict[str, str]:
-    """Put ``serve_env(port, replicas)`` into this process's environment (before
-    ``ray.init``)."""
-    env = serve_env(port, replicas)
-    os.environ.update(env)
+def export_serve_env(port: int, replicas: int = 1, direct_ingress: bool = True
+                     ) -> dict[str, str]:
+    """Put ``serve_env(port, replicas)`` (with ``direct_ingress``; the variables of a front
+    door or of direct ingress that do not apply are removed) and the controller's
+    :data:`CONTROLLER_ENV` into this process's environment (before ``ray.init``): the
+    ``serve_env`` part is returned."""
+    env = serve_env(port, replicas) if direct_ingress else {}
+    for key in set(serve_env(port, 2)) - set(env):  # a platform started before in this process
+        os.environ.pop(key, None)
+    os.environ.update({**env, **CONTROLLER_ENV})
     return env
 
 
@@ -291,15 +298,18 @@ _LOGGING_CONFIG = {"enable_access_log": False, "log_level": "WARNING"}
 # costs a deploy, and noticing a dead replica, up to ~0.5 s more (README "Processes and idle
 # cost").
 CONTROL_LOOP_INTERVAL_S = 0.5
+CONTROLLER_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(CONTROL_LOOP_INTERVAL_S)}
 
 
 def start_serve(settings: Settings, *, host: str = "127.0.0.1",
                 extra_env: Mapping[str, str] | None = None,
-                direct_ingress: bool = True) -> dict[str, str]:
+                direct_ingress: bool = True, inherited: bool = False) -> dict[str, str]:
     """Start Serve's controller (a no-op when it runs); the environment the API's actors get.
 
     The first part of :func:`deploy_api`, which the launcher runs while the ledger and shards
-    start (the controller needs none of them)."""
+    start (the controller needs none of them). ``inherited``: every worker of this Ray has
+    that environment already (:func:`export_serve_env` before a local ``ray.init``), so no
+    runtime env carries it."""
     from feed.broker import free_port
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one banner, no Serve chatter
@@ -314,8 +324,8 @@ def start_serve(settings: Settings, *, host: str = "127.0.0.1",
         http_options={"host": host, "port": proxy_port},
         proxy_location="Disabled" if direct_ingress and not front else "HeadOnly",
         logging_config=_LOGGING_CONFIG,
-        controller_options={"runtime_env": {"env_vars": {
-            **env, "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(CONTROL_LOOP_INTERVAL_S)}}},
+        controller_options={} if inherited else {
+            "runtime_env": {"env_vars": {**env, **CONTROLLER_ENV}}},
     )
     return env
 
@@ -330,19 +340,21 @@ def _api_env(settings: Settings, extra_env: Mapping[str, str] | None,
 def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE,
                host: str = "127.0.0.1", extra_env: Mapping[str, str] | None = None,
                timeout_s: float = 120.0, direct_ingress: bool = True,
-               serve_started: bool = False) -> str:
+               serve_started: bool = False, inherited: bool = False) -> str:
     """Start Serve and deploy the API so the replica answers ``host:settings.port``.
 
     Requires a connected Ray driver whose job runtime_env carries ``serve_env`` (see
     ``cluster.launcher``). Returns the URL. Idempotent for an already running app.
     ``direct_ingress=False`` deploys the classic way instead (Serve's proxy on the port, the
     replica behind it; for comparison, and for a driver without ``serve_env``).
-    ``serve_started``: :func:`start_serve` ran already (with the same arguments).
+    ``serve_started``: :func:`start_serve` ran already (with the same arguments);
+    ``inherited`` as there.
     """
     env = _api_env(settings, extra_env, direct_ingress) if serve_started else start_serve(
-        settings, host=host, extra_env=extra_env, direct_ingress=direct_ingress)
+        settings, host=host, extra_env=extra_env, direct_ingress=direct_ingress,
+        inherited=inherited)
     options: dict[str, Any] = {"num_cpus": 0}
-    if env:
+    if env and not inherited:
         options["runtime_env"] = {"env_vars": env}
     options.update(_pin_to_this_node())
     deployment: Any = ApiIngress  # a serve.Deployment once decorated

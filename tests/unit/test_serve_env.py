@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from ray.serve._private.node_port_manager import NoAvailablePortError, PortAllocator
 
@@ -22,3 +24,26 @@ def test_direct_ingress_range_is_exactly_the_public_port(port: int) -> None:
 
 def test_all_values_are_strings_for_runtime_env() -> None:
     assert all(isinstance(v, str) for v in serve_env(4000).values())
+
+
+def test_export_leaves_only_the_variables_of_this_platform(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """A local Ray inherits this process's environment: a front door's variables exported
+    for an earlier platform must not reach the next one's workers."""
+    from cluster.serve_app import CONTROLLER_ENV, export_serve_env
+
+    # this process's environment is put back afterwards, whatever the exports did to it
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if k not in {*serve_env(4000, 2), *CONTROLLER_ENV}})
+    export_serve_env(4000, 2)
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+
+    env = export_serve_env(5000, 1)
+    assert env == serve_env(5000, 1)
+    assert {k: os.environ.get(k) for k in serve_env(5000, 2)} == {
+        k: env.get(k) for k in serve_env(5000, 2)}  # the front door's are gone
+    assert os.environ["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == \
+        CONTROLLER_ENV["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"]
+
+    assert export_serve_env(5000, 1, direct_ingress=False) == {}
+    assert not any(k in os.environ for k in serve_env(5000, 2))
