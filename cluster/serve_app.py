@@ -343,8 +343,8 @@ def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE
                serve_started: bool = False, inherited: bool = False) -> str:
     """Start Serve and deploy the API so the replica answers ``host:settings.port``.
 
-    Requires a connected Ray driver whose job runtime_env carries ``serve_env`` (see
-    ``cluster.launcher``). Returns the URL. Idempotent for an already running app.
+    Requires a connected Ray driver whose workers have ``serve_env`` (see the module
+    docstring and ``cluster.launcher``). Returns the URL. Idempotent for an already running app.
     ``direct_ingress=False`` deploys the classic way instead (Serve's proxy on the port, the
     replica behind it; for comparison, and for a driver without ``serve_env``).
     ``serve_started``: :func:`start_serve` ran already (with the same arguments);
