@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import threading
 from typing import Any
@@ -52,6 +53,55 @@ _PARTITIONER = DefaultPartitioner()  # Kafka's: a key's partition as any client 
 Message = tuple[bytes, bytes]
 
 
+class ProduceQueue:
+    """The messages waiting to be produced, oldest first, numbered in the order offered; at most
+    ``limit`` (beyond that the oldest are dropped). Thread-safe.
+
+    A produce round takes the first messages (:meth:`take`) and, once the broker acknowledged
+    them, removes them by their numbers (:meth:`remove`): messages dropped while the round was
+    under way are not mistaken for the ones it produced. ``dropped`` counts the messages given
+    up without being produced."""
+
+    def __init__(self, limit: int = MAX_PENDING) -> None:
+        self.limit = limit
+        self._messages: collections.deque[Message] = collections.deque()
+        self._first = 0  # the number of _messages[0]
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def add(self, messages: list[Message]) -> bool:
+        """Queue ``messages`` (in order); True when nothing was waiting before them."""
+        with self._lock:
+            idle = not self._messages
+            self._messages.extend(messages)
+            excess = len(self._messages) - self.limit
+            if excess > 0:
+                for _ in range(excess):
+                    self._messages.popleft()
+                self._first += excess
+                self.dropped += excess
+        return idle
+
+    def take(self, count: int) -> tuple[int, list[Message]]:
+        """The number of the first waiting message and up to ``count`` messages from it."""
+        with self._lock:
+            return self._first, list(itertools.islice(self._messages, count))
+
+    def remove(self, first: int, count: int) -> None:
+        """Messages ``first`` .. ``first + count - 1`` were produced: those still waiting
+        leave, and those dropped meanwhile were not lost after all."""
+        end = first + count
+        with self._lock:
+            # the head only moved on by drops since the round took its messages
+            self.dropped -= max(0, min(self._first, end) - first)
+            while self._messages and self._first < end:
+                self._messages.popleft()
+                self._first += 1
+
+
 class Publisher:
     """Produces ``(key, value)`` messages to ``topic`` on ``bootstrap``; ``offer`` from any
     thread, ``close`` to stop (what is still waiting is given up to two seconds)."""
@@ -59,14 +109,12 @@ class Publisher:
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
-        self._pending: collections.deque[Message] = collections.deque()
-        self._lock = threading.Lock()
+        self._queue = ProduceQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._started = threading.Event()
         self._stopping = False
         self.sent = 0
-        self.dropped = 0
         self.failures = 0
         self._partitions: dict[bytes, int] = {}  # key -> partition, for _partition_count
         self._partition_count = 0
@@ -77,16 +125,7 @@ class Publisher:
 
     def offer(self, messages: list[Message]) -> None:
         """Queue ``messages`` (in order) to be produced; never blocks."""
-        if not messages:
-            return
-        with self._lock:
-            idle = not self._pending  # else the thread is producing, and looks again after
-            self._pending.extend(messages)
-            excess = len(self._pending) - MAX_PENDING
-            for _ in range(max(0, excess)):
-                self._pending.popleft()
-            self.dropped += max(0, excess)
-        if idle:
+        if messages and self._queue.add(messages):  # else the thread looks again after
             self._signal()
 
     def _signal(self) -> None:
@@ -101,8 +140,8 @@ class Publisher:
         self._thread.join(timeout_s)
 
     def stats(self) -> dict[str, Any]:
-        return {"topic": self.topic, "sent": self.sent, "dropped": self.dropped,
-                "failures": self.failures, "pending": len(self._pending)}
+        return {"topic": self.topic, "sent": self.sent, "dropped": self._queue.dropped,
+                "failures": self.failures, "pending": len(self._queue)}
 
     # -- the thread ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -114,17 +153,16 @@ class Publisher:
         producer: AIOKafkaProducer | None = None
         backoff_s = 0.1
         while True:
-            if not self._pending:
+            if not self._queue:
                 if self._stopping:
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 1.0)
                 self._wake.clear()
                 continue
-            if len(self._pending) < BATCH and not self._stopping:
+            if len(self._queue) < BATCH and not self._stopping:
                 await asyncio.sleep(GATHER_S)
-            with self._lock:
-                batch = [self._pending[i] for i in range(min(BATCH, len(self._pending)))]
+            first, batch = self._queue.take(BATCH)
             try:
                 if producer is None:
                     producer = await self._connect()
@@ -141,9 +179,7 @@ class Publisher:
                 backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
                 continue
             backoff_s = 0.1
-            with self._lock:  # what was produced leaves (the queue may have dropped some)
-                for _ in range(min(len(batch), len(self._pending))):
-                    self._pending.popleft()
+            self._queue.remove(first, len(batch))
             self.sent += len(batch)
         if producer is not None:
             await _stop(producer)
@@ -191,4 +227,4 @@ async def _stop(producer: AIOKafkaProducer) -> None:
         log.warning("publisher: stop: %s", exc)
 
 
-__all__ = ["MAX_PENDING", "TRIMMED_AT", "Publisher"]
+__all__ = ["MAX_PENDING", "TRIMMED_AT", "ProduceQueue", "Publisher"]
