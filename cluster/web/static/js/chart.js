@@ -42,7 +42,15 @@ export function createCandleChart(container) {
       horzLines: { color: color("--line", "#242e48") },
     },
     rightPriceScale: { borderColor: color("--line", "#242e48") },
-    timeScale: { borderColor: color("--line", "#242e48"), timeVisible: true, secondsVisible: false },
+    // room right of the newest candle, as trading charts keep it: the candle being built
+    // (and its time label) stays clear of the price axis
+    timeScale: {
+      borderColor: color("--line", "#242e48"),
+      timeVisible: true,
+      secondsVisible: false,
+      rightOffset: 6,
+      barSpacing: 8,
+    },
   });
   const series = chart.addSeries(LC.CandlestickSeries, {
     upColor: up,
