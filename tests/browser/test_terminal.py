@@ -269,6 +269,13 @@ def test_api_error_is_shown_with_the_apis_code_and_message(
     by_id(browser, "error-dismiss").click()
     wait_until(browser, lambda d: not banner.is_displayed(), "the dismissed banner")
 
+    # shown again, the error goes when the next attempt succeeds: it was about the last one
+    open_long_from_ticket(browser, "20000", "10")
+    wait_until(browser, lambda d: banner.is_displayed(), "the INSUFFICIENT_BALANCE banner again")
+    open_long_from_ticket(browser, "100", "10")
+    wait_position_row(browser, "SOL", "long")
+    wait_until(browser, lambda d: not banner.is_displayed(), "the banner gone after the open")
+
 
 def test_phone_width_keeps_the_ticket_and_the_positions_reachable(
         platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:

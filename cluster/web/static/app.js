@@ -85,7 +85,9 @@ function dismissError() {
 }
 
 let noticeTimer = null;
+// What the user just did succeeded: an error still shown is about an earlier attempt.
 function showNotice(message) {
+  dismissError();
   setText(byId("notice-text"), message);
   byId("notice").hidden = false;
   clearTimeout(noticeTimer);
