@@ -653,7 +653,10 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
                               '`{"error":{"code","message"}}`.',
                   # the API's figures are its own (/metrics); FastAPI would otherwise look for
                   # an OpenTelemetry provider on every request (5 us each on this machine)
-                  telemetry={"tracing": False, "metrics": False, "logs": False})
+                  telemetry={"tracing": False, "metrics": False, "logs": False},
+                  # /docs is served from the vendored Swagger UI (cluster.web.terminal); ReDoc
+                  # would load its script from a CDN
+                  docs_url=None, redoc_url=None)
     app.router.route_class = ExactJsonRoute  # every body is read with exact numbers
     assets = service.assets if service is not None else assets
     assert assets is not None

@@ -1,6 +1,7 @@
 """Routes of the web trading terminal: ``GET /`` (the page) and ``GET /static/{path}`` (its
 scripts, styles and the vendored chart library), from the files in ``static/`` next to this
-module. Public: no key, no rate limit by key.
+module; and ``GET /docs``, the API's interactive documentation (Swagger UI, vendored there too,
+so the page works on a machine without internet access). Public: no key, no rate limit by key.
 
 Files are answered only from that directory (a path that resolves outside it, a hidden name, or
 a directory is 404), with revalidating cache headers (``no-cache`` with the ETag Starlette's
@@ -12,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 _TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html",
@@ -37,7 +39,17 @@ def static_file(path: str) -> Path | None:
 
 
 def add_terminal_routes(app: FastAPI) -> None:
-    """``GET /`` and ``GET /static/{path}`` on ``app``."""
+    """``GET /``, ``GET /static/{path}`` and ``GET /docs`` on ``app`` (created with
+    ``docs_url=None``: FastAPI's own page loads Swagger UI from a CDN)."""
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        # data:, as the icon: the page asks no other host for anything
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json",
+                                   title=f"{app.title} API",
+                                   swagger_js_url="/static/vendor/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/vendor/swagger-ui.css",
+                                   swagger_favicon_url="data:,")
 
     @app.get("/", tags=["terminal"], operation_id="terminal", response_class=FileResponse,
              responses={200: {"content": {"text/html": {}},

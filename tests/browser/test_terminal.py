@@ -660,3 +660,17 @@ def test_margin_added_and_removed_from_the_row_at_phone_width(
     assert max(browser.execute_script(
         "return [document.documentElement.scrollWidth, document.body.scrollWidth];")) \
         <= PHONE[0]
+
+
+def test_the_api_docs_page_lists_the_operations_from_the_platform_alone(
+        platform: RayHttpPlatform, browser: WebDriver) -> None:
+    """``GET /docs`` (the banner's docs link): Swagger UI, served by the platform itself, draws
+    the API's operations from /openapi.json; nothing the page loads comes from another host
+    (this machine has no internet access, as many a trading desk's has not)."""
+    browser.get(f"{platform.base_url}/docs")
+    wait_until(browser, lambda d: d.find_elements(By.ID, "operations-positions-openPosition"),
+               "the openPosition operation")
+    loaded = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name);")
+    assert f"{platform.base_url}/openapi.json" in loaded, loaded
+    assert all(url.startswith(f"{platform.base_url}/") for url in loaded), loaded
