@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -37,6 +38,7 @@ from ray import serve
 from cluster.actor_names import API_DEPLOYMENT, FEED, NAMESPACE, SERVE_APP
 from cluster.api import create_app
 from cluster.config import Settings
+from cluster.http import front_door
 from cluster.live.market import Changes
 from cluster.live.streams import WS_SERVER_OPTIONS
 from cluster.ray_service import service_from_names
@@ -85,7 +87,16 @@ def _front_env(port: int, replicas: int) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(port + replicas + 2),
         # Serve's own proxy stays behind HAProxy as its backup server
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(port + replicas + 3),
+        # HAProxy's own errors (a replica died mid-request...) as SPEC's 503, not a bare 500
+        front_door.BINARY_VAR: front_door_command(),
     }
+
+
+def front_door_command() -> str:
+    """The absolute path of ``shardex-haproxy`` (cluster.http.front_door), installed beside
+    this Python by ``pip install`` (on a cluster, every node installs the project the same
+    way, ray_config.yaml). Serve checks it is executable when it starts HAProxy."""
+    return os.path.join(os.path.dirname(sys.executable), front_door.COMMAND)
 
 
 def export_serve_env(port: int, replicas: int = 1, direct_ingress: bool = True

@@ -1,0 +1,134 @@
+"""``shardex-haproxy`` (cluster.http.front_door): the real HAProxy on loopback, started the way
+Serve's HAProxy mode starts it (``-db -f CONFIG``, the error page ``500.http`` beside the config
+that Serve wrote as a text/plain 500), answers what it could not forward in the SPEC's shape."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cluster.http import front_door
+from cluster.serve_app import front_door_command
+from feed.broker import free_port
+
+SERVE_PAGE = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n"
+              b"Content-Length: 21\r\n\r\nInternal Server Error")  # what Serve 2.60 writes
+
+
+def _config(directory: Path, port: int, backend_port: int) -> Path:
+    page = directory / front_door.ERROR_PAGE
+    page.write_bytes(SERVE_PAGE)
+    config = directory / "haproxy.cfg"
+    config.write_text(f"""global
+    maxconn 64
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 5s
+    timeout server 5s
+    errorfile 502 {page}
+    errorfile 503 {page}
+    errorfile 504 {page}
+frontend http_frontend
+    bind 127.0.0.1:{port}
+    default_backend replicas
+backend replicas
+    server replica1 127.0.0.1:{backend_port}
+""")
+    return config
+
+
+@pytest.fixture
+def hang_up_server() -> Iterator[int]:
+    """A loopback server that reads a request and closes the connection without an answer,
+    as a replica killed mid-request does; yields its port."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+def _haproxy(config: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, front_door.BINARY_VAR: front_door_command()}
+    proc = subprocess.Popen([front_door_command(), "-db", "-f", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("HAProxy did not listen within 10 s")
+
+
+def _assert_spec_503(r: httpx.Response) -> None:
+    assert r.status_code == 503, (r.status_code, r.headers, r.text)
+    assert r.headers["content-type"] == "application/json"
+    assert r.headers["retry-after"] == str(front_door.RETRY_AFTER_S)
+    assert r.json() == {"error": {"code": "SERVICE_UNAVAILABLE", "message": front_door.MESSAGE}}
+
+
+@pytest.mark.parametrize("backend", ["hangs_up", "refuses"])
+def test_haproxy_answers_what_it_cannot_forward_as_the_specs_503(
+        tmp_path: Path, hang_up_server: int, backend: str) -> None:
+    """A replica that dies mid-request (HAProxy's 502) or whose port refuses connections (its
+    503 after the retries) is answered 503 SERVICE_UNAVAILABLE in the SPEC's error shape; the
+    process Serve started is HAProxy itself (its pid is what Serve signals on a reload)."""
+    assert sys.platform.startswith("linux")
+    port = free_port()
+    backend_port = hang_up_server if backend == "hangs_up" else free_port()
+    config = _config(tmp_path, port, backend_port)
+    proc = _haproxy(config, port)
+    try:
+        assert Path(f"/proc/{proc.pid}/exe").resolve().name == "haproxy"
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            _assert_spec_503(http.post("/api/v1/positions/open", json={"asset": "SOL"}))
+            _assert_spec_503(http.get("/api/v1/state"))
+        assert (tmp_path / front_door.ERROR_PAGE).read_bytes() == front_door.error_page()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_the_variable_names_the_installed_command() -> None:
+    """Serve runs the file the variable names; it must be this project's command, executable."""
+    from cluster.serve_app import serve_env
+
+    command = serve_env(4000, 2)[front_door.BINARY_VAR]
+    assert command == front_door_command() and os.path.isabs(command)
+    assert os.access(command, os.X_OK), f"{command} missing: pip install -e . installs it"
+    assert front_door.BINARY_VAR not in serve_env(4000, 1)  # one replica: no HAProxy
