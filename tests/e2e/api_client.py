@@ -92,6 +92,15 @@ def error_code(r: httpx.Response) -> str:
     return str(body["error"]["code"])
 
 
+def status_and_code(r: httpx.Response) -> str:
+    """``"STATUS CODE"`` of an error answer in the SPEC's shape, ``"STATUS not-json: ..."``
+    of any other (for counting what a client got under faults without stopping there)."""
+    try:
+        return f"{r.status_code} {error_code(r)}"
+    except (ValueError, AssertionError, KeyError, TypeError):
+        return f"{r.status_code} not-json: {r.headers.get('content-type')} {r.text[:80]!r}"
+
+
 def floor_to(value: Decimal, step: Decimal) -> Decimal:
     return (value / step).to_integral_value(rounding=ROUND_FLOOR) * step
 

@@ -142,15 +142,6 @@ def _spread_scenario() -> None:
         print("MULTINODE OK", flush=True)
 
 
-def _error_of(r: Any) -> str:
-    """``"STATUS CODE"`` of an error answer in the SPEC's shape, ``"STATUS not-json: ..."``
-    for any other."""
-    try:
-        return f"{r.status_code} {r.json()['error']['code']}"
-    except (ValueError, KeyError, TypeError):
-        return f"{r.status_code} not-json: {r.headers.get('content-type')} {r.text[:80]!r}"
-
-
 def _replicas_scenario() -> None:
     """API_REPLICAS=2 on three nodes: HAProxy on the port in front of two replicas, each
     also on its own port. Accounts made through one replica trade through the other and
@@ -166,7 +157,7 @@ def _replicas_scenario() -> None:
 
     from bench.cpu_split import listener_pid
     from cluster.config import Settings
-    from tests.e2e.api_client import open_position, signup, state, tick
+    from tests.e2e.api_client import open_position, signup, state, status_and_code, tick
 
     settings = Settings(max_tick_jump_bps=1_000_000, api_key_rate_per_s=0, signups_per_min=0,
                         max_open_positions=100_000, api_replicas=2)
@@ -218,7 +209,7 @@ def _replicas_scenario() -> None:
                         if r.status_code == 201:
                             answered[key] = r.json()["positionId"]
                         else:
-                            failed[_error_of(r)] += 1
+                            failed[status_and_code(r)] += 1
                             unanswered.append((i, key))
 
             # daemon threads, stopped in a finally: a failure of this thread must not leave
@@ -256,7 +247,7 @@ def _replicas_scenario() -> None:
                     if r.status_code == 201:
                         answered[key] = r.json()["positionId"]
                         break
-                    seen[error := _error_of(r)] += 1
+                    seen[error := status_and_code(r)] += 1
                     assert error.split()[0] in ("409", "503") and "not-json" not in error, error
                     assert time.monotonic() < deadline, (r.text, seen)
                     if error == "503 PRICE_UNAVAILABLE":  # the retries outlived the last price
