@@ -39,8 +39,8 @@ from cluster.actor_names import API_DEPLOYMENT, FEED, NAMESPACE, SERVE_APP
 from cluster.api import create_app
 from cluster.config import Settings
 from cluster.http import front_door
+from cluster.http.server import configure_uvicorn
 from cluster.live.market import Changes
-from cluster.live.streams import WS_SERVER_OPTIONS
 from cluster.ray_service import service_from_names
 from engine.candles import Candle, CandleQuery
 from engine.market import Tick
@@ -121,32 +121,6 @@ async def _tcp_answers(bootstrap: str, timeout_s: float = 1.0) -> bool:
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return True
-
-
-def _websocket_settings() -> None:
-    """Give this replica's HTTP server the WebSocket settings of ``WS_SERVER_OPTIONS``.
-
-    Serve 2.60 builds the direct-ingress server's ``uvicorn.Config`` itself and offers no
-    WebSocket option, so uvicorn's defaults would apply (a ping answered within 20 s, so 40 s
-    of silence, not SPEC's 60; client frames up to 16 MiB). No public way exists: this
-    process's ``uvicorn.Config`` gets these defaults. Runs in the replica, before its server
-    starts.
-    """
-    import uvicorn
-
-    base: Any = uvicorn.Config
-    if getattr(base, "websocket_settings", None) is WS_SERVER_OPTIONS:
-        return
-
-    class Config(base):
-        websocket_settings = WS_SERVER_OPTIONS
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            for name, value in WS_SERVER_OPTIONS.items():
-                kwargs.setdefault(name, value)
-            super().__init__(*args, **kwargs)
-
-    uvicorn.Config = Config  # type: ignore[misc]
 
 
 def _bind_with_reuse_address() -> None:
@@ -258,7 +232,7 @@ class ApiIngress:
 
     def __init__(self, settings: Settings, bootstrap: str, namespace: str = NAMESPACE) -> None:
         _bind_with_reuse_address()
-        _websocket_settings()
+        configure_uvicorn()
         self.settings = settings
         self.bootstrap = bootstrap
         self.namespace = namespace

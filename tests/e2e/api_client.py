@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_FLOOR, Decimal
 from typing import Any
@@ -99,6 +101,24 @@ def status_and_code(r: httpx.Response) -> str:
         return f"{r.status_code} {error_code(r)}"
     except (ValueError, AssertionError, KeyError, TypeError):
         return f"{r.status_code} not-json: {r.headers.get('content-type')} {r.text[:80]!r}"
+
+
+def raw_answer(port: int, parts: Iterator[bytes]) -> bytes:
+    """Send ``parts`` on one connection (stopping when the server closes it), then read the
+    answer until the server closes the connection or 10 s pass."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        try:
+            for part in parts:
+                sock.sendall(part)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused while it was still being sent: the answer was written first
+        try:
+            while data := sock.recv(65536):
+                answer += data
+        except ConnectionResetError:
+            pass
+    return answer
 
 
 def floor_to(value: Decimal, step: Decimal) -> Decimal:

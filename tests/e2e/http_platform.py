@@ -20,8 +20,8 @@ import uvicorn
 from cluster.actors.local import LocalHosts
 from cluster.api import create_app
 from cluster.config import Settings
+from cluster.http.server import SERVER_OPTIONS
 from cluster.live.market import MarketLive
-from cluster.live.streams import WS_SERVER_OPTIONS
 from engine.market import Tick
 
 
@@ -64,7 +64,7 @@ class LocalHttpPlatform:
         self.base_url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(create_app(self.service), host="127.0.0.1", port=self.port,
                                 log_level="warning", lifespan="off", access_log=False,
-                                **WS_SERVER_OPTIONS)
+                                **SERVER_OPTIONS)  # the replica's (cluster.http.server)
         self.server = uvicorn.Server(config)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="uvicorn", daemon=True)

@@ -12,10 +12,19 @@ import httpx
 import pytest
 
 from cluster.config import Settings
-from tests.e2e.api_client import error_code, open_ids, open_position, signup, state, tick
+from tests.e2e.api_client import (
+    error_code,
+    open_ids,
+    open_position,
+    raw_answer,
+    signup,
+    state,
+    tick,
+)
 from tests.e2e.http_platform import LocalHttpPlatform
 
 LIMIT = 16 * 1024  # the SPEC default
+HEAD_LIMIT = 64 * 1024  # a request line and headers (cluster.http.server)
 OPEN = b'{"asset":"SOL","type":"long","margin":"10","leverage":2}'
 
 
@@ -91,6 +100,47 @@ def test_a_declared_length_over_the_limit_is_refused_unread(
                      b"Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n{")
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+HEAD_CASES = {  # request heads over 64 KiB, sent in 4 KiB pieces
+    "one header": b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (HEAD_LIMIT + 1),
+    "many headers": b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\n"
+                    + b"X-N: 0123456789012345678901234567890123456789\r\n" * (HEAD_LIMIT // 40),
+    "long url": b"GET /api/v1/assets?" + b"a=1&" * (HEAD_LIMIT // 4) + b" HTTP/1.1\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEAD_CASES))
+def test_a_request_head_over_64_kib_is_431_and_the_connection_closed(
+        unlimited_rates: LocalHttpPlatform, case: str) -> None:
+    """The head never ends (no blank line): the answer comes once 64 KiB have arrived."""
+    head = HEAD_CASES[case]
+    port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
+    answer = raw_answer(port, (head[i:i + 4096] for i in range(0, len(head), 4096)))
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert answer.endswith(b'{"error":{"code":"INVALID_REQUEST","message":"request line and '
+                           b'headers over 65536 bytes"}}'), answer[-200:]
+
+
+def test_a_head_under_the_limit_and_pipelined_requests_with_bodies_are_served(
+        unlimited_rates: LocalHttpPlatform, client: httpx.Client) -> None:
+    """A 60 KiB head is served; so are 40 requests of a 30 KiB head and a 16 KiB body each,
+    written at once on one connection while the server is busy: its reads are then large (up
+    to 256 KiB), end inside a head, and hold the end of earlier requests."""
+    assert client.get("/api/v1/assets", headers={"X-Big": "a" * (60 * 1024)}).status_code == 200
+    port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
+    body = padded(LIMIT)
+    one = (b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"X-Pad: %s\r\nContent-Length: %d\r\n\r\n%s" % (b"p" * 30 * 1024, len(body), body))
+    last = b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+    def parts() -> Iterator[bytes]:
+        unlimited_rates.loop.call_soon_threadsafe(time.sleep, 0.3)  # the server's loop waits
+        yield one * 40 + last
+
+    answer = raw_answer(port, parts())
+    assert answer.count(b"HTTP/1.1 201 ") == 40 and answer.count(b"HTTP/1.1 200 ") == 1, \
+        answer[:300]
 
 
 def test_the_body_limit_is_configurable() -> None:

@@ -23,11 +23,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from tests.e2e import test_api_klines as _klines
+from tests.e2e import test_api_limits as _limits
 from tests.e2e import test_api_orders as _orders
 from tests.e2e import test_api_position_changes as _changes
 from tests.e2e import test_api_streams as _streams
 from tests.e2e import test_api_trading as _trading
-from tests.e2e.api_client import open_position, signup, state, tick, wait_closed
+from tests.e2e.api_client import open_position, raw_answer, signup, state, tick, wait_closed
 from tests.e2e.ray_platform import RayHttpPlatform
 
 pytestmark = pytest.mark.timeout(600)
@@ -199,6 +200,18 @@ def test_state_reads_come_from_the_replicas_view_marked_at_the_feeds_newest_pric
     assert closed.status_code == 200, closed.text
     s = state(http, h)  # the client's own write, read back at once
     assert s["positions"] == [] and D(s["balances"]["margin"]) == 0
+
+
+def test_the_replicas_http_server_refuses_a_request_head_over_64_kib(
+        platform: RayHttpPlatform, http: httpx.Client) -> None:
+    """Serve builds the replica's server; the platform's settings reach it
+    (cluster.http.server): an endless header is answered 431 once 64 KiB have arrived."""
+    head = _limits.HEAD_CASES["one header"]
+    port = int(platform.base_url.rsplit(":", 1)[1])
+    answer = raw_answer(port, (head[i:i + 4096] for i in range(0, len(head), 4096)))
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b'{"error":{"code":"INVALID_REQUEST"' in answer, answer[-200:]
+    assert http.get("/api/v1/assets").status_code == 200
 
 
 # The SPEC trading, order, position-change, candle and stream scenarios, again on Ray (same

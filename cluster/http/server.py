@@ -1,0 +1,105 @@
+"""The API replica's HTTP server (uvicorn, built by Serve): its WebSocket settings and a bound
+on each request's head.
+
+Serve 2.60 builds the direct-ingress server's ``uvicorn.Config`` itself and offers neither
+option, so :func:`configure_uvicorn` gives this process's ``uvicorn.Config`` these defaults;
+it runs in the replica, before its server starts.
+
+- WebSocket: ``WS_SERVER_OPTIONS`` (uvicorn's own would ping within 20 s, so close after 40 s
+  of silence, not SPEC's 60, and read client frames up to 16 MiB).
+- The request head: uvicorn's httptools protocol reads a request line and headers of any size,
+  and the parser gathers a long header by copying it again at every read, so the time grows
+  with the square of its size: a 40 MB header held the replica's event loop 0.75 s, and every
+  other request waited (three at once delayed a 7 ms request to 1.06 s). A head larger than
+  :data:`MAX_HEAD_BYTES` is answered 431 with SPEC's error shape and the connection closed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from cluster.http.errors import error_body
+from cluster.live.streams import WS_SERVER_OPTIONS
+from engine.results import Code
+
+MAX_HEAD_BYTES = 64 * 1024
+"""Most bytes of a request line and headers (nginx's default allows 32 KiB; browsers send a
+few hundred bytes)."""
+
+
+def _too_large_answer() -> bytes:
+    body = error_body(Code.INVALID_REQUEST.value,
+                      f"request line and headers over {MAX_HEAD_BYTES} bytes")
+    return (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"content-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n"
+            b"connection: close\r\n\r\n" + body)
+
+
+TOO_LARGE = _too_large_answer()
+
+
+class BoundedHeadProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, closing a connection whose request head passes
+    :data:`MAX_HEAD_BYTES` with a 431.
+
+    The parser tells when a head ends, not where, so a head is counted in whole reads: each
+    read that leaves a head unfinished adds its size, and a read in which a head ended starts
+    the count of the next (pipelined) one at zero. A valid request is never refused, and the
+    parser gathers at most ``MAX_HEAD_BYTES`` plus two reads (256 KiB each) of a head.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_open = True  # a request's head is being read
+        self._head_ended = False  # a head ended during the current read
+        self._head_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        self._head_ended = False
+        super().data_received(data)
+        if not self._head_open or self._head_ended or self.transport.is_closing():
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._head_open = False
+            self.transport.write(TOO_LARGE)
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_open = True
+
+    def on_headers_complete(self) -> None:
+        self._head_open = False
+        self._head_ended = True
+        self._head_bytes = 0
+        super().on_headers_complete()
+
+
+SERVER_OPTIONS: dict[str, Any] = {
+    **WS_SERVER_OPTIONS,
+    "http": BoundedHeadProtocol,
+    "h11_max_incomplete_event_size": MAX_HEAD_BYTES,  # the same bound if h11 were chosen
+}
+
+
+def configure_uvicorn() -> None:
+    """Make :data:`SERVER_OPTIONS` the defaults of this process's ``uvicorn.Config``."""
+    import uvicorn
+
+    base: Any = uvicorn.Config
+    if getattr(base, "server_options", None) is SERVER_OPTIONS:
+        return
+
+    class Config(base):
+        server_options = SERVER_OPTIONS
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            for name, value in SERVER_OPTIONS.items():
+                kwargs.setdefault(name, value)
+            super().__init__(*args, **kwargs)
+
+    uvicorn.Config = Config  # type: ignore[misc]
