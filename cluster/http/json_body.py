@@ -1,9 +1,12 @@
-"""Reading a JSON request body: nesting depth bounded before parsing, numbers kept exact.
+"""Reading a JSON request body: nesting depth bounded before parsing, numbers kept exact, a
+key given twice refused.
 
 A JSON number with a fraction or an exponent becomes a :class:`~decimal.Decimal` of its text
 (never a float), an integer an int (a :class:`~decimal.Decimal` past 40 digits, so no huge int
-is ever built); ``NaN`` and ``Infinity`` are refused. :class:`ExactJsonRoute` makes FastAPI
-read every body this way.
+is ever built); ``NaN`` and ``Infinity`` are refused. An object naming a key twice is refused
+too: JSON leaves its meaning open (Python keeps the last value, other parsers the first), so a
+proxy or log reading the body could see another order than the platform executes.
+:class:`ExactJsonRoute` makes FastAPI read every body this way.
 """
 
 from __future__ import annotations
@@ -67,6 +70,19 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's ``pairs`` as a dict; ValueError naming a key given twice
+    (``json.loads(..., object_pairs_hook=unique_keys)``)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # rare: find which
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"key {key[:40]!r} given twice")
+            seen.add(key)
+    return obj
+
+
 def parse_json(raw: bytes, max_depth: int) -> Any:
     """``raw`` as JSON with exact numbers; ApiError 400 INVALID_REQUEST when it is not JSON
     (or not UTF-8) or nests deeper than ``max_depth``."""
@@ -74,10 +90,10 @@ def parse_json(raw: bytes, max_depth: int) -> Any:
         raise invalid(f"JSON nested deeper than {max_depth} levels", 400)
     try:
         return json.loads(raw, parse_float=_exact_number, parse_int=_exact_int,
-                          parse_constant=_refuse_constant)
+                          parse_constant=_refuse_constant, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as exc:
         raise invalid(f"malformed JSON: {exc.msg} at position {exc.pos}", 400) from None
-    except (ValueError, RecursionError) as exc:  # bad UTF-8, NaN, an absurd exponent
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, NaN, an absurd exponent, a key twice
         raise invalid(f"malformed JSON: {exc}"[:200], 400) from None
 
 

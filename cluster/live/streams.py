@@ -34,6 +34,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from cluster.http.errors import error_body
+from cluster.http.json_body import unique_keys
 from cluster.live.account_stream import ACCOUNT_STREAM, AccountStreams, Subscription
 from cluster.live.market import Change, MarketSource
 from engine.results import Code
@@ -233,9 +234,9 @@ class StreamHub:
             connection.offer(error_frame(Code.INVALID_REQUEST, "frame too large"))
             return
         try:
-            frame = json.loads(text)
-        except ValueError:
-            connection.offer(error_frame(Code.INVALID_REQUEST, "not JSON"))
+            frame = json.loads(text, object_pairs_hook=unique_keys)
+        except ValueError as exc:
+            connection.offer(error_frame(Code.INVALID_REQUEST, f"not JSON: {exc}"[:200]))
             return
         method = frame.get("method") if isinstance(frame, dict) else None
         params = frame.get("params", []) if isinstance(frame, dict) else None

@@ -134,6 +134,8 @@ RAW_BODIES: list[tuple[str, bytes, str | None]] = [
     ("text/plain", b'{"asset":"SOL","type":"long","margin":"10","leverage":5}', "text/plain"),
     ("no content type", b"\x00\x01\x02", None),
     ("oversized", b'{"asset":"' + b"S" * 200_000 + b'"}', "application/json"),
+    ("key given twice", b'{"asset":"SOL","type":"long","margin":"10","leverage":5,'
+     b'"positionId":"1","positionId":"2","asset":"BTC"}', "application/json"),
 ]
 
 
@@ -148,6 +150,24 @@ def test_malformed_bodies_are_4xx_with_the_error_shape(
     r = http.post(path, content=raw, headers=headers)
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     assert error_code(r) == "INVALID_REQUEST"
+
+
+def test_a_key_given_twice_is_refused_naming_it_and_opens_nothing(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    """JSON leaves a repeated key's meaning open (Python keeps the last value, other parsers
+    the first): the platform refuses it rather than pick one."""
+    h = {**signup(http), "Content-Type": "application/json"}
+    tick(platform, http, "SOL", "100.00", "100.01")
+    tick(platform, http, "BTC", "60000.0", "60000.1")
+    r = http.post("/api/v1/positions/open", headers=h, content=(
+        b'{"asset":"SOL","type":"long","margin":"10","leverage":5,"asset":"BTC"}'))
+    assert r.status_code == 400 and error_code(r) == "INVALID_REQUEST", r.text
+    assert r.json()["error"]["message"] == "malformed JSON: key 'asset' given twice"
+    r = http.post("/api/v1/positions/open", headers=h, content=(
+        b'{"asset":"SOL","type":"long","margin":"10","leverage":5,'
+        b'"clientOrderId":"a","extra":{"x":1,"x":2}}'))  # nested, in a key nobody reads
+    assert r.status_code == 400 and error_code(r) == "INVALID_REQUEST", r.text
+    assert state(http, h)["positions"] == []
 
 
 @pytest.mark.parametrize("body", [{"positionId": None}, {"positionId": [1]},

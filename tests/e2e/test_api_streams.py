@@ -87,10 +87,13 @@ def test_bad_frames_get_error_frames_and_the_connection_stays(platform: HttpPlat
         async with websockets.connect(ws_url(platform)) as ws:
             for bad in ("not json", "[]", '{"method":"JUMP","params":[]}',
                         '{"method":"SUBSCRIBE","params":"bookTicker.SOL"}',
-                        '{"method":"SUBSCRIBE","params":[1]}', "x" * 5000):
+                        '{"method":"SUBSCRIBE","params":[1]}', "x" * 5000,
+                        # read as one SUBSCRIBE (the last value) by Python's json alone
+                        '{"method":"JUMP","method":"SUBSCRIBE","params":["bookTicker.SOL"]}'):
                 await ws.send(bad)
                 error = await frame(ws)
                 assert error["error"]["code"] == "INVALID_REQUEST", (bad, error)
+            assert error["error"]["message"] == "not JSON: key 'method' given twice", error
             await send(ws, "SUBSCRIBE", "bookTicker.DOGE", "bookTicker.SOL")
             error = await frame(ws)
             assert "bookTicker.DOGE" in error["error"]["message"]

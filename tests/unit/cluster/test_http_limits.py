@@ -101,7 +101,7 @@ def test_json_numbers_are_exact_and_constants_refused() -> None:
                       "d": Decimal("9" * 50)}
     assert type(parsed["c"]) is int and not any(isinstance(v, float) for v in parsed.values())
     for raw in (b"NaN", b"[Infinity]", b"-Infinity", b"{", b"\xff", b"1e99999999999999999999",
-                b"[[[1]]]"):
+                b"[[[1]]]", b'{"a":1,"a":1}', b'{"a":{"b":1,"c":2,"b":3}}'):
         with pytest.raises(ApiError) as refused:
             parse_json(raw, 2)
         assert refused.value.status_code == 400
