@@ -64,6 +64,16 @@ class StreamLimits:
     unsent: int = 1000
 
 
+async def _receive(socket: WebSocket) -> str | bytes:
+    """The client's next frame: text, or the bytes of a binary frame (which
+    ``receive_text`` would fail on with a KeyError); WebSocketDisconnect when it went away."""
+    message = await socket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+    text = message.get("text")
+    return text if text is not None else message.get("bytes") or b""
+
+
 def error_frame(code: Code, message: str) -> str:
     return error_body(code.value, message).decode()
 
@@ -184,7 +194,7 @@ class StreamHub:
         try:
             self._ensure_polling()
             while not sender.done():
-                receiving = asyncio.ensure_future(socket.receive_text())
+                receiving = asyncio.ensure_future(_receive(socket))
                 done, _ = await asyncio.wait({receiving, sender},
                                              return_when=asyncio.FIRST_COMPLETED)
                 if receiving not in done:
@@ -193,7 +203,12 @@ class StreamHub:
                                              RuntimeError):
                         await receiving
                     break
-                await self._handle(connection, receiving.result())
+                received = receiving.result()
+                if isinstance(received, str):
+                    await self._handle(connection, received)
+                else:
+                    connection.offer(error_frame(Code.INVALID_REQUEST,
+                                                 "binary frames are not read: send JSON text"))
         except (WebSocketDisconnect, RuntimeError):
             pass  # the client went away
         finally:

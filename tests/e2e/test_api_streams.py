@@ -94,6 +94,10 @@ def test_bad_frames_get_error_frames_and_the_connection_stays(platform: HttpPlat
                 error = await frame(ws)
                 assert error["error"]["code"] == "INVALID_REQUEST", (bad, error)
             assert error["error"]["message"] == "not JSON: key 'method' given twice", error
+            await ws.send(b'{"method":"SUBSCRIBE","params":["bookTicker.SOL"]}')  # binary
+            error = await frame(ws)
+            assert error["error"] == {"code": "INVALID_REQUEST",
+                                      "message": "binary frames are not read: send JSON text"}
             await send(ws, "SUBSCRIBE", "bookTicker.DOGE", "bookTicker.SOL")
             error = await frame(ws)
             assert "bookTicker.DOGE" in error["error"]["message"]
