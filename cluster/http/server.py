@@ -12,10 +12,18 @@ it runs in the replica, before its server starts.
   with the square of its size: a 40 MB header held the replica's event loop 0.75 s, and every
   other request waited (three at once delayed a 7 ms request to 1.06 s). A head larger than
   :data:`MAX_HEAD_BYTES` is answered 431 with SPEC's error shape and the connection closed.
+- Time to send a request: uvicorn waits for a request's head and body as long as a client
+  likes, and for the first request of a new connection with no limit at all, so a client
+  dribbling heads held connections open forever: 19,000 of them (the replica may open 20,000
+  files) were all still open after 65 s. A connection that has not sent a whole request within
+  :data:`READ_TIMEOUT_S` of its first byte (or of connecting) is closed, with a 408 in SPEC's
+  error shape when part of a request head had come. Between requests uvicorn's keep-alive
+  timeout applies.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -29,21 +37,28 @@ MAX_HEAD_BYTES = 64 * 1024
 few hundred bytes)."""
 
 
-def _too_large_answer() -> bytes:
-    body = error_body(Code.INVALID_REQUEST.value,
-                      f"request line and headers over {MAX_HEAD_BYTES} bytes")
-    return (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+READ_TIMEOUT_S = 30.0
+"""Most seconds from a connection's start, or a request's first byte, to the request's end (a
+16 KiB body takes 16 s at 1 KiB/s)."""
+
+
+def _refusal(status: bytes, message: str) -> bytes:
+    """A whole HTTP response in SPEC's error shape (INVALID_REQUEST), closing the connection."""
+    body = error_body(Code.INVALID_REQUEST.value, message)
+    return (b"HTTP/1.1 " + status + b"\r\n"
             b"content-type: application/json\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\n"
             b"connection: close\r\n\r\n" + body)
 
 
-TOO_LARGE = _too_large_answer()
+TOO_LARGE = _refusal(b"431 Request Header Fields Too Large",
+                     f"request line and headers over {MAX_HEAD_BYTES} bytes")
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, closing a connection whose request head passes
-    :data:`MAX_HEAD_BYTES` with a 431.
+    :data:`MAX_HEAD_BYTES` (with a 431) or whose request does not arrive within
+    :data:`READ_TIMEOUT_S` (with a 408 if its head had begun).
 
     The parser tells when a head ends, not where, so a head is counted in whole reads: each
     read that leaves a head unfinished adds its size, and a read in which a head ended starts
@@ -55,7 +70,17 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_open = True  # a request's head is being read
         self._head_ended = False  # a head ended during the current read
+        self._head_begun = False  # a byte of the head being read has come
         self._head_bytes = 0
+        self._deadline: asyncio.TimerHandle | None = None  # of the request being read
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         self._head_ended = False
@@ -64,19 +89,53 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
-            self._head_open = False
-            self.transport.write(TOO_LARGE)
-            self.transport.close()
+            self._refuse(TOO_LARGE)
+
+    def handle_websocket_upgrade(self) -> None:
+        self._disarm()  # the WebSocket protocol takes the connection over
+        super().handle_websocket_upgrade()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._head_open = True
+        self._head_open = self._head_begun = True
+        self._arm()
 
     def on_headers_complete(self) -> None:
         self._head_open = False
         self._head_ended = True
+        self._head_begun = False
         self._head_bytes = 0
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def _arm(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(READ_TIMEOUT_S, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if self._head_begun and not answering:  # else the app's answer may be under way
+            self._refuse(_refusal(b"408 Request Timeout",
+                                  f"request not received within {READ_TIMEOUT_S:g} s"))
+        else:
+            self.transport.close()
+
+    def _refuse(self, answer: bytes) -> None:
+        self._head_open = False
+        self._disarm()
+        self.transport.write(answer)
+        self.transport.close()
 
 
 SERVER_OPTIONS: dict[str, Any] = {

@@ -4,6 +4,7 @@ open positions per account."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -141,6 +142,72 @@ def test_a_head_under_the_limit_and_pipelined_requests_with_bodies_are_served(
     answer = raw_answer(port, parts())
     assert answer.count(b"HTTP/1.1 201 ") == 40 and answer.count(b"HTTP/1.1 200 ") == 1, \
         answer[:300]
+
+
+@pytest.fixture
+def read_timeout_1s(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The request read deadline of the servers in this process, 1 s instead of 30 s."""
+    from cluster.http import server
+
+    monkeypatch.setattr(server, "READ_TIMEOUT_S", 1.0)
+    return 1.0
+
+
+def _closed_after(sock: socket.socket) -> tuple[bytes, float]:
+    """What the server sends until it closes ``sock``, and the seconds that took."""
+    start, answer = time.monotonic(), b""
+    sock.settimeout(10)
+    while data := sock.recv(65536):
+        answer += data
+    return answer, time.monotonic() - start
+
+
+def test_a_request_not_sent_within_the_read_deadline_is_closed(
+        unlimited_rates: LocalHttpPlatform, read_timeout_1s: float) -> None:
+    """A head begun and left unfinished gets a 408; a connection that sends nothing, or stops
+    in the middle of a body, is closed; a request sent slowly within the deadline is served."""
+    port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\n")
+        answer, took = _closed_after(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert answer.endswith(b'{"error":{"code":"INVALID_REQUEST","message":"request not '
+                           b'received within 1 s"}}'), answer[-200:]
+    assert read_timeout_1s - 0.1 < took < read_timeout_1s + 3, took
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        assert _closed_after(sock)[0] == b""  # nothing sent: closed without an answer
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        answer, took = _closed_after(sock)
+    assert b" 201 " not in answer and took < read_timeout_1s + 3, (answer[:200], took)
+
+    def slowly() -> Iterator[bytes]:
+        for part in (b"GET /api/v1/assets HTTP/1.1\r\n", b"Host: x\r\n", b"X-A: 1\r\n",
+                     b"Connection: close\r\n", b"\r\n"):
+            yield part
+            time.sleep(0.15)
+
+    assert raw_answer(port, slowly()).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_websocket_outlives_the_read_deadline(
+        unlimited_rates: LocalHttpPlatform, read_timeout_1s: float) -> None:
+    """The deadline is the request's; an upgraded connection is the WebSocket's."""
+    import asyncio
+
+    import websockets
+
+    url = unlimited_rates.base_url.replace("http://", "ws://") + "/ws"
+
+    async def scenario() -> None:
+        async with websockets.connect(url) as ws:
+            await asyncio.sleep(read_timeout_1s + 1.0)
+            await ws.send('{"method":"JUMP","params":[]}')
+            error = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert error["error"]["code"] == "INVALID_REQUEST", error
+
+    asyncio.run(scenario())
 
 
 def test_the_body_limit_is_configurable() -> None:
