@@ -72,7 +72,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_ended = False  # a head ended during the current read
         self._head_begun = False  # a byte of the head being read has come
         self._head_bytes = 0
-        self._deadline: asyncio.TimerHandle | None = None  # of the request being read
+        self._reading_since: float | None = None  # loop time the request being read began
+        self._timer: asyncio.TimerHandle | None = None  # checks _reading_since (lazily)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -80,6 +81,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -111,18 +115,23 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._disarm()
         super().on_message_complete()
 
+    # One timer per connection, not per request: a request's start and end only set and clear
+    # _reading_since; the timer, when it fires, waits again for what is left of the deadline.
     def _arm(self) -> None:
-        if self._deadline is None:
-            self._deadline = self.loop.call_later(READ_TIMEOUT_S, self._timed_out)
+        self._reading_since = self.loop.time()
+        if self._timer is None:
+            self._timer = self.loop.call_later(READ_TIMEOUT_S, self._check)
 
     def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._reading_since = None
 
-    def _timed_out(self) -> None:
-        self._deadline = None
-        if self.transport.is_closing():
+    def _check(self) -> None:
+        self._timer = None
+        if self._reading_since is None or self.transport.is_closing():
+            return
+        left = self._reading_since + READ_TIMEOUT_S - self.loop.time()
+        if left > 0:
+            self._timer = self.loop.call_later(left, self._check)
             return
         answering = self.cycle is not None and not self.cycle.response_complete
         if self._head_begun and not answering:  # else the app's answer may be under way
