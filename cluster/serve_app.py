@@ -25,8 +25,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Mapping
@@ -93,10 +95,19 @@ def _front_env(port: int, replicas: int) -> dict[str, str]:
 
 
 def front_door_command() -> str:
-    """The absolute path of ``shardex-haproxy`` (cluster.http.front_door), installed beside
-    this Python by ``pip install`` (on a cluster, every node installs the project the same
-    way, ray_config.yaml). Serve checks it is executable when it starts HAProxy."""
-    return os.path.join(os.path.dirname(sys.executable), front_door.COMMAND)
+    """The absolute path of ``shardex-haproxy`` (cluster.http.front_door), where ``pip install``
+    put this Python's scripts (a virtual environment's ``bin``; ``/usr/local/bin`` for a
+    system Python), else found on ``PATH``. Serve runs it on every node that has a proxy, so on
+    a cluster every node installs the project the same way (ray_config.yaml)."""
+    for directory in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
+        path = os.path.join(directory, front_door.COMMAND)
+        if os.access(path, os.X_OK):
+            return path
+    found = shutil.which(front_door.COMMAND)
+    if found is None:
+        raise RuntimeError(f"{front_door.COMMAND} is not installed (pip install -e . installs "
+                           "it); API_REPLICAS > 1 needs it")
+    return os.path.abspath(found)
 
 
 def export_serve_env(port: int, replicas: int = 1, direct_ingress: bool = True
