@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from pathlib import Path
+from typing import Any
 
 from feed.broker import ProcessIdentity
 
@@ -24,3 +27,15 @@ def descendants(pid: int) -> list[ProcessIdentity]:
                     found.append(identity)
                     todo.append(child)
     return found
+
+
+def stop_child(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM,
+               wait_s: float = 10.0) -> None:
+    """Stop a child this test started: ``sig``, then SIGKILL if it is still there after
+    ``wait_s`` seconds; returns once it has exited."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)

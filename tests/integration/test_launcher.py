@@ -33,7 +33,7 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 
 from feed.broker import ProcessIdentity, free_port, stop_process
-from tests.integration.processes import descendants
+from tests.integration.processes import descendants, stop_child
 
 REPO = Path(__file__).resolve().parents[2]
 START_BUDGET_S = 120.0
@@ -128,12 +128,7 @@ class Up:
         kill; then the processes of the killed run that are left, by identity."""
         for proc in reversed(self.runs):
             if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(30)
+                stop_child(proc, signal.SIGINT, 60)
         for leftover in self.started_below:
             stop_process(leftover)
 

@@ -5,7 +5,6 @@ that Serve wrote as a text/plain 500), answers what it could not forward in the 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 from cluster.http import front_door
 from cluster.serve_app import front_door_command
 from feed.broker import free_port
+from tests.integration.processes import stop_child
 
 SERVE_PAGE = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n"
               b"Content-Length: 21\r\n\r\nInternal Server Error")  # what Serve 2.60 writes
@@ -116,12 +116,7 @@ def test_haproxy_answers_what_it_cannot_forward_as_the_specs_503(
             _assert_spec_503(http.get("/api/v1/state"))
         assert (tmp_path / front_door.ERROR_PAGE).read_bytes() == front_door.error_page()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_child(proc)
 
 
 def test_the_variable_names_the_installed_command() -> None:
