@@ -761,8 +761,9 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         raw = await request.body()
         if raw.strip() and not isinstance(parse_json(raw, settings.max_json_depth), dict):
             raise invalid("body must be a JSON object (or empty)")
-        # the peer as this server sees it: behind a reverse proxy, every client shares the
-        # proxy's address (and its limit), so a proxy in front should limit by itself
+        # the peer as this server sees it, or the client's address that a proxy on this node
+        # (API_REPLICAS > 1: HAProxy) appended to X-Forwarded-For (cluster.http.server); behind
+        # a proxy elsewhere every client shares its address (and limit): it should limit itself
         address = request.client.host if request.client is not None else ""
         _rate_limited(signup_buckets, address, "account creations from this address")
         account = await slot.service.create_account()

@@ -243,7 +243,7 @@ class ApiIngress:
 
     def __init__(self, settings: Settings, bootstrap: str, namespace: str = NAMESPACE) -> None:
         _bind_with_reuse_address()
-        configure_uvicorn()
+        configure_uvicorn(proxies=("127.0.0.1", ray.util.get_node_ip_address()))
         self.settings = settings
         self.bootstrap = bootstrap
         self.namespace = namespace

@@ -19,11 +19,15 @@ it runs in the replica, before its server starts.
   :data:`READ_TIMEOUT_S` of its first byte (or of connecting) is closed, with a 408 in SPEC's
   error shape when part of a request head had come. Between requests uvicorn's keep-alive
   timeout applies.
+- The client's address: ``X-Forwarded-For`` is read only from the proxies given to
+  :func:`configure_uvicorn` (the API replica passes its node's addresses, where the front door
+  of cluster.http.front_door runs).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -154,19 +158,22 @@ SERVER_OPTIONS: dict[str, Any] = {
 }
 
 
-def configure_uvicorn() -> None:
-    """Make :data:`SERVER_OPTIONS` the defaults of this process's ``uvicorn.Config``."""
+def configure_uvicorn(proxies: Sequence[str] = ("127.0.0.1",)) -> None:
+    """Make :data:`SERVER_OPTIONS` the defaults of this process's ``uvicorn.Config``, with
+    ``X-Forwarded-For`` read from ``proxies`` only (the addresses of this node, where the
+    front door of cluster.http.front_door runs; uvicorn's own default is 127.0.0.1)."""
     import uvicorn
 
+    options = {**SERVER_OPTIONS, "forwarded_allow_ips": ",".join(dict.fromkeys(proxies))}
     base: Any = uvicorn.Config
-    if getattr(base, "server_options", None) is SERVER_OPTIONS:
-        return
+    if getattr(base, "server_options", None) is not None:  # configured before in this process
+        base = base.__mro__[1]
 
     class Config(base):
-        server_options = SERVER_OPTIONS
+        server_options = options
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            for name, value in SERVER_OPTIONS.items():
+            for name, value in options.items():
                 kwargs.setdefault(name, value)
             super().__init__(*args, **kwargs)
 

@@ -159,7 +159,7 @@ def _replicas_scenario() -> None:
     from cluster.config import Settings
     from tests.e2e.api_client import open_position, signup, state, status_and_code, tick
 
-    settings = Settings(max_tick_jump_bps=1_000_000, api_key_rate_per_s=0, signups_per_min=0,
+    settings = Settings(max_tick_jump_bps=1_000_000, api_key_rate_per_s=0, signups_per_min=2,
                         max_open_positions=100_000, api_replicas=2)
     with _on_three_nodes(settings) as platform:
         port = platform.settings.port
@@ -187,7 +187,15 @@ def _replicas_scenario() -> None:
             assert state(two, h)["positions"] == []
 
             victim = listener_pid(port + 1)  # the replica on the first replica port
-            traders = [signup(front) for _ in range(8)]
+            # the limits per client address count each client behind the front door, not
+            # HAProxy's address: two signups from each of eight addresses (a limit of 2 a
+            # minute per address and replica), all through the front door
+            traders = []
+            for i in range(8):
+                with httpx.Client(base_url=platform.base_url, timeout=20, transport=(
+                        httpx.HTTPTransport(local_address=f"127.0.0.{10 + i}"))) as client:
+                    traders.append(signup(client))
+                    signup(client)
             answered: dict[str, str] = {}  # clientOrderId -> positionId answered 201
             unanswered: list[tuple[int, str]] = []
             failed: collections.Counter[str] = collections.Counter()  # "status code" -> count

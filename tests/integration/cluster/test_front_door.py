@@ -1,6 +1,7 @@
 """``shardex-haproxy`` (cluster.http.front_door): the real HAProxy on loopback, started the way
 Serve's HAProxy mode starts it (``-db -f CONFIG``, the error page ``500.http`` beside the config
-that Serve wrote as a text/plain 500), answers what it could not forward in the SPEC's shape."""
+that Serve wrote as a text/plain 500), answers what it could not forward in the SPEC's shape and
+tells the backend the client's address."""
 
 from __future__ import annotations
 
@@ -127,3 +128,62 @@ def test_the_variable_names_the_installed_command() -> None:
     assert command == front_door_command() and os.path.isabs(command)
     assert os.access(command, os.X_OK), f"{command} missing: pip install -e . installs it"
     assert front_door.BINARY_VAR not in serve_env(4000, 1)  # one replica: no HAProxy
+
+
+@pytest.fixture
+def header_echo() -> Iterator[tuple[int, list[bytes]]]:
+    """A loopback HTTP server answering 200 and keeping each request's head; yields its port
+    and the heads."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    heads: list[bytes] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                head = b""
+                while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
+                    head += data
+                heads.append(head)
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n"
+                             b"\r\n{}")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], heads
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+def test_haproxy_appends_the_clients_address_to_x_forwarded_for(
+        tmp_path: Path, header_echo: tuple[int, list[bytes]]) -> None:
+    """The backend learns each client's address (HAProxy connects to it from its own), last
+    in X-Forwarded-For, after any a client wrote itself (which the replicas then skip:
+    uvicorn reads the rightmost address that is not a trusted proxy's)."""
+    backend_port, heads = header_echo
+    port = free_port()
+    proc = _haproxy(_config(tmp_path, port, backend_port), port)
+    try:
+        for client, forged in (("127.0.0.3", None), ("127.0.0.4", "10.9.9.9")):
+            transport = httpx.HTTPTransport(local_address=client)
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10,
+                              transport=transport) as http:
+                r = http.get("/api/v1/assets",
+                             headers={"X-Forwarded-For": forged} if forged else {})
+                assert r.status_code == 200, r.text
+            lines = [line.lower() for line in heads[-1].split(b"\r\n")]
+            forwarded = [line.split(b":", 1)[1].strip() for line in lines
+                         if line.startswith(b"x-forwarded-for:")]
+            assert forwarded[-1] == client.encode(), heads[-1]
+            assert forwarded[:-1] == ([forged.encode()] if forged else []), heads[-1]
+    finally:
+        stop_child(proc)
