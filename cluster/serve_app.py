@@ -49,7 +49,12 @@ from engine.market import Tick
 
 log = logging.getLogger(__name__)
 
-MAX_ONGOING_REQUESTS = 4096  # Serve's default (5) queues requests behind 5 in flight
+# Requests a replica runs at once before Serve queues the next ones (its default, 5, queued
+# requests behind 5 in flight). A request counts from the end of its head, so a client that
+# stalls request bodies holds slots until the read deadline (cluster.http.server): with 4,096,
+# 4,200 stalled bodies held every other request back for up to 30 s. Above the connections a
+# replica can hold (its open files), no request waits for a slot.
+MAX_ONGOING_REQUESTS = 1 << 20
 DRAIN_S = 1.0  # direct ingress holds a stopping replica open this long (default 30 s, for LBs)
 AUTOSCALE_TARGET_ONGOING = 32  # with API_MAX_REPLICAS: requests in flight a replica aims at
 

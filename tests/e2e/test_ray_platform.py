@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import json
 import os
+import socket
 import time
 from collections.abc import Iterator
 from decimal import Decimal as D
@@ -212,6 +213,30 @@ def test_the_replicas_http_server_refuses_a_request_head_over_64_kib(
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert b'{"error":{"code":"INVALID_REQUEST"' in answer, answer[-200:]
     assert http.get("/api/v1/assets").status_code == 200
+
+
+def test_requests_stalled_in_their_bodies_hold_no_other_request_back(
+        platform: RayHttpPlatform, http: httpx.Client) -> None:
+    """4,200 requests whose bodies never come (each counts as a request in flight from the end
+    of its head until the read deadline, 30 s, closes it) are more than Serve's default
+    bound on requests in flight of 4,096; another client is still answered at once."""
+    port = int(platform.base_url.rsplit(":", 1)[1])
+    stalled: list[socket.socket] = []
+    try:
+        for _ in range(4200):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            stalled.append(sock)
+            sock.sendall(b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(1.0)  # the replica reads every head meanwhile
+        start = time.monotonic()
+        r = http.get("/api/v1/assets", timeout=25)
+        took = time.monotonic() - start
+        assert r.status_code == 200, r.text
+        assert took < 10, f"answered after {took:.1f} s: it waited behind the stalled requests"
+    finally:
+        for sock in stalled:
+            sock.close()
 
 
 # The SPEC trading, order, position-change, candle and stream scenarios, again on Ray (same
