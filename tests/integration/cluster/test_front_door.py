@@ -5,13 +5,14 @@ tells the backend the client's address."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -49,10 +50,10 @@ backend replicas
     return config
 
 
-@pytest.fixture
-def hang_up_server() -> Iterator[int]:
-    """A loopback server that reads a request and closes the connection without an answer,
-    as a replica killed mid-request does; yields its port."""
+@contextlib.contextmanager
+def _loopback_server(handle: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A loopback TCP server calling ``handle`` on each connection (then closing it), in a
+    thread; yields its port."""
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(0.2)
     stop = threading.Event()
@@ -64,7 +65,7 @@ def hang_up_server() -> Iterator[int]:
             except TimeoutError:
                 continue
             with conn:
-                conn.recv(65536)
+                handle(conn)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -74,6 +75,17 @@ def hang_up_server() -> Iterator[int]:
         stop.set()
         thread.join(5)
         server.close()
+
+
+@pytest.fixture
+def hang_up_server() -> Iterator[int]:
+    """A loopback server that reads a request and closes the connection without an answer,
+    as a replica killed mid-request does; yields its port."""
+    def read_only(conn: socket.socket) -> None:
+        conn.recv(65536)
+
+    with _loopback_server(read_only) as port:
+        yield port
 
 
 def _haproxy(config: Path, port: int) -> subprocess.Popen[bytes]:
@@ -134,34 +146,18 @@ def test_the_variable_names_the_installed_command() -> None:
 def header_echo() -> Iterator[tuple[int, list[bytes]]]:
     """A loopback HTTP server answering 200 and keeping each request's head; yields its port
     and the heads."""
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.2)
     heads: list[bytes] = []
-    stop = threading.Event()
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.settimeout(5)
-                head = b""
-                while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
-                    head += data
-                heads.append(head)
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n"
-                             b"\r\n{}")
+    def answer(conn: socket.socket) -> None:
+        conn.settimeout(5)
+        head = b""
+        while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
+            head += data
+        heads.append(head)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield server.getsockname()[1], heads
-    finally:
-        stop.set()
-        thread.join(5)
-        server.close()
+    with _loopback_server(answer) as port:
+        yield port, heads
 
 
 def test_haproxy_appends_the_clients_address_to_x_forwarded_for(
