@@ -51,8 +51,8 @@ log = logging.getLogger(__name__)
 
 # Requests a replica runs at once before Serve queues the next ones (its default, 5, queued
 # requests behind 5 in flight). A request counts from the end of its head, so a client that
-# stalls request bodies holds slots until the read deadline (cluster.http.server): with 4,096,
-# 4,200 stalled bodies held every other request back for up to 30 s. Above the connections a
+# stalls request bodies holds slots until the read deadline (cluster.http.server), and any
+# bound a client can reach lets it hold every other request back. Above the connections a
 # replica can hold (its open files), no request waits for a slot.
 MAX_ONGOING_REQUESTS = 1 << 20
 DRAIN_S = 1.0  # direct ingress holds a stopping replica open this long (default 30 s, for LBs)

@@ -8,17 +8,15 @@ it runs in the replica, before its server starts.
 - WebSocket: ``WS_SERVER_OPTIONS`` (uvicorn's own would ping within 20 s, so close after 40 s
   of silence, not SPEC's 60, and read client frames up to 16 MiB).
 - The request head: uvicorn's httptools protocol reads a request line and headers of any size,
-  and the parser gathers a long header by copying it again at every read, so the time grows
-  with the square of its size: a 40 MB header held the replica's event loop 0.75 s, and every
-  other request waited (three at once delayed a 7 ms request to 1.06 s). A head larger than
-  :data:`MAX_HEAD_BYTES` is answered 431 with SPEC's error shape and the connection closed.
+  and parsing a header takes time growing with the square of its length, all of it on the
+  replica's event loop, where every other request waits (figures in the README). A head larger
+  than :data:`MAX_HEAD_BYTES` is answered 431 with SPEC's error shape and the connection closed.
 - Time to send a request: uvicorn waits for a request's head and body as long as a client
   likes, and for the first request of a new connection with no limit at all, so a client
-  dribbling heads held connections open forever: 19,000 of them (the replica may open 20,000
-  files) were all still open after 65 s. A connection that has not sent a whole request within
-  :data:`READ_TIMEOUT_S` of its first byte (or of connecting) is closed, with a 408 in SPEC's
-  error shape when part of a request head had come. Between requests uvicorn's keep-alive
-  timeout applies.
+  dribbling heads could hold connections open until the replica runs out of files. A
+  connection that has not sent a whole request within :data:`READ_TIMEOUT_S` of its first byte
+  (or of connecting) is closed, with a 408 in SPEC's error shape when part of a request head had
+  come. Between requests uvicorn's keep-alive timeout applies.
 - The client's address: ``X-Forwarded-For`` is read only from the proxies given to
   :func:`configure_uvicorn` (the API replica passes its node's addresses, where the front door
   of cluster.http.front_door runs).
