@@ -97,6 +97,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._head_bytes > MAX_HEAD_BYTES:
             self._refuse(TOO_LARGE)
 
+    def send_400_response(self, msg: str) -> None:
+        """A request the parser refuses (two Content-Lengths, both Content-Length and chunked,
+        a folded header...): uvicorn's plain-text 400, in SPEC's error shape."""
+        self._refuse(_refusal(b"400 Bad Request", f"malformed HTTP request: {msg}"))
+
     def handle_websocket_upgrade(self) -> None:
         self._disarm()  # the WebSocket protocol takes the connection over
         super().handle_websocket_upgrade()

@@ -144,6 +144,27 @@ def test_a_head_under_the_limit_and_pipelined_requests_with_bodies_are_served(
         answer[:300]
 
 
+MALFORMED_HTTP = {
+    "two lengths": b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                   b"Content-Length: 5\r\n\r\n{}",
+    "length and chunked": b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "folded header": b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n  folded\r\n\r\n",
+    "no request line": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS hello
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_HTTP))
+def test_a_request_the_http_parser_refuses_is_400_in_the_error_shape(
+        unlimited_rates: LocalHttpPlatform, case: str) -> None:
+    port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
+    answer = raw_answer(port, iter([MALFORMED_HTTP[case]]))
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["code"] == "INVALID_REQUEST", body
+    assert body["error"]["message"].startswith("malformed HTTP request: "), body
+
+
 @pytest.fixture
 def read_timeout_1s(monkeypatch: pytest.MonkeyPatch) -> float:
     """The request read deadline of the servers in this process, 1 s instead of 30 s."""
