@@ -103,16 +103,15 @@ def front_door_command() -> str:
     """The absolute path of ``shardex-haproxy`` (cluster.http.front_door), where ``pip install``
     put this Python's scripts (a virtual environment's ``bin``; ``/usr/local/bin`` for a
     system Python), else found on ``PATH``. Serve runs it on every node that has a proxy, so on
-    a cluster every node installs the project the same way (ray_config.yaml)."""
-    for directory in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
-        path = os.path.join(directory, front_door.COMMAND)
+    a cluster every node installs the project the same way (ray_config.yaml). Not installed:
+    the scripts path all the same, which Serve refuses by name when it starts HAProxy (a
+    platform of one replica, which runs no HAProxy, still starts)."""
+    scripts = os.path.join(sysconfig.get_path("scripts"), front_door.COMMAND)
+    for path in (scripts, os.path.join(os.path.dirname(sys.executable), front_door.COMMAND)):
         if os.access(path, os.X_OK):
             return path
     found = shutil.which(front_door.COMMAND)
-    if found is None:
-        raise RuntimeError(f"{front_door.COMMAND} is not installed (pip install -e . installs "
-                           "it); API_REPLICAS > 1 needs it")
-    return os.path.abspath(found)
+    return os.path.abspath(found) if found is not None else scripts
 
 
 def export_serve_env(port: int, replicas: int = 1, direct_ingress: bool = True

@@ -53,14 +53,20 @@ def error_page() -> bytes:
     return head.encode() + body
 
 
-def write_error_page(config_path: str) -> str:
-    """Replace the error page beside HAProxy's config ``config_path``; returns its path."""
-    path = os.path.join(os.path.dirname(os.path.abspath(config_path)), ERROR_PAGE)
+def _write_beside(config_path: str, name: str, data: bytes) -> str:
+    """Replace file ``name`` beside HAProxy's config ``config_path`` with ``data`` (whole:
+    HAProxy never reads half a file); returns its path."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_path)), name)
     partial = f"{path}.{os.getpid()}.tmp"
     with open(partial, "wb") as f:
-        f.write(error_page())
-    os.replace(partial, path)  # HAProxy never reads half a page
+        f.write(data)
+    os.replace(partial, path)
     return path
+
+
+def write_error_page(config_path: str) -> str:
+    """Replace the error page beside HAProxy's config ``config_path``; returns its path."""
+    return _write_beside(config_path, ERROR_PAGE, error_page())
 
 
 def write_config(config_path: str) -> str:
@@ -73,12 +79,7 @@ def write_config(config_path: str) -> str:
     except StopIteration:
         raise ValueError(f"{config_path}: no defaults section") from None
     lines.insert(at, f"    {FORWARD_FOR}\n")
-    path = os.path.join(os.path.dirname(os.path.abspath(config_path)), CONFIG)
-    partial = f"{path}.{os.getpid()}.tmp"
-    with open(partial, "w", encoding="utf-8") as f:
-        f.write("".join(lines))
-    os.replace(partial, path)
-    return path
+    return _write_beside(config_path, CONFIG, "".join(lines).encode())
 
 
 def main() -> NoReturn:

@@ -102,10 +102,6 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         a folded header...): uvicorn's plain-text 400, in SPEC's error shape."""
         self._refuse(_refusal(b"400 Bad Request", f"malformed HTTP request: {msg}"))
 
-    def handle_websocket_upgrade(self) -> None:
-        self._disarm()  # the WebSocket protocol takes the connection over
-        super().handle_websocket_upgrade()
-
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_open = self._head_begun = True
@@ -119,7 +115,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self._disarm()
+        self._disarm()  # also before an upgrade: the WebSocket is not bound by the deadline
         super().on_message_complete()
 
     # One timer per connection, not per request: a request's start and end only set and clear
