@@ -544,7 +544,9 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 # --------------------------------------------------------------------------- metrics
 class _HttpCounter:
-    """Pure-ASGI counter of responses by route and status (a few us per request)."""
+    """Pure-ASGI counter of responses by route and status (a few us per request). It also
+    serves ``HEAD`` as the same route's ``GET`` (RFC 9110 9.3.2): the app answers a GET and
+    the HTTP server, whose scope still says HEAD, sends its status and headers only."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], routes: set[str],
                  counts: dict[tuple[str, str, int], int]) -> None:
@@ -558,6 +560,8 @@ class _HttpCounter:
             return
         path = scope["path"] if scope["path"] in self.routes else "other"
         method = scope["method"]
+        if method == "HEAD":
+            scope = {**scope, "method": "GET"}
 
         async def counting_send(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -736,6 +740,8 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
             first = next((r for r in routes if r.path_regex.match(path)), None)
             if first is not None:
                 allowed = {m for r in routes if r.path == first.path for m in r.methods}
+                if "GET" in allowed:
+                    allowed.add("HEAD")
                 headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
         return error_response(exc.status_code, code, message, headers)
 

@@ -225,6 +225,24 @@ def test_unknown_routes_and_wrong_methods(http: httpx.Client) -> None:
     assert r.status_code == 405 and error_code(r) == "METHOD_NOT_ALLOWED"
 
 
+def test_head_answers_what_get_would_without_a_body(http: httpx.Client) -> None:
+    headers = signup(http)
+    for path in ("/api/v1/state", "/api/v1/assets", "/healthz", "/", "/static/app.js"):
+        got, head = http.get(path, headers=headers), http.head(path, headers=headers)
+        assert head.status_code == got.status_code == 200, (path, head.status_code)
+        assert head.content == b"", path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+    # a HEAD needs the same key as its GET, and a POST-only route still refuses it
+    r = http.head("/api/v1/state")
+    assert r.status_code == 401 and r.content == b""
+    r = http.head("/api/v1/positions/open", headers=headers)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    r = http.get("/api/v1/positions/open", headers=headers)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    r = http.delete("/api/v1/orders", headers=headers)
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, POST"
+
+
 def test_operations_endpoints(http: httpx.Client) -> None:
     r = http.get("/healthz")
     assert r.status_code == 200 and r.json()["status"] == "ok"

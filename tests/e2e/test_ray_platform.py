@@ -23,6 +23,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from tests.e2e import test_api_errors as _errors
 from tests.e2e import test_api_klines as _klines
 from tests.e2e import test_api_limits as _limits
 from tests.e2e import test_api_orders as _orders
@@ -213,6 +214,11 @@ def test_the_replicas_http_server_refuses_a_request_head_over_64_kib(
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert b'{"error":{"code":"INVALID_REQUEST"' in answer, answer[-200:]
     assert http.get("/api/v1/assets").status_code == 200
+
+
+# Serve's replica server, not the app, decides that a HEAD answer has no body
+test_head_answers_what_get_would_without_a_body_on_ray = \
+    _errors.test_head_answers_what_get_would_without_a_body
 
 
 def test_requests_stalled_in_their_bodies_hold_no_other_request_back(
