@@ -50,6 +50,7 @@ RETRY_AFTER_S = 1  # Serve's health checks take a dead replica out of the rotati
 CONFIG = "haproxy.shardex.cfg"  # the config HAProxy loads, beside Serve's
 MAX_REWRITE_BYTES = 1024  # HAProxy's tune.maxrewrite: a buffer's room kept for header rewrites
 FDS_KEPT = 1000  # of the file limit, for what is not a client connection (listeners, logs...)
+FDS_PER_CONNECTION = 3
 
 
 def error_page() -> bytes:
@@ -76,26 +77,23 @@ def write_error_page(config_path: str) -> str:
 
 
 def node_max_connections() -> int:
-    """Client connections this node's file limit allows HAProxy (two files each: the client's
-    and the replica's)."""
+    """Client connections this node's file limit allows HAProxy: three files each (the
+    client's, the replica's, and half a pipe: with Serve's ``option splice-*`` HAProxy keeps
+    a pipe, two files, for every four connections), or it refuses to start."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard == resource.RLIM_INFINITY:
         hard = 1 << 20
-    return max(1, (hard - FDS_KEPT) // 2)
+    return max(1, (hard - FDS_KEPT) // FDS_PER_CONNECTION)
 
 
 def write_config(config_path: str, read_timeout_s: float = READ_TIMEOUT_S,
                  max_connections: int | None = None) -> str:
     """Serve's HAProxy config ``config_path`` with the settings of the module docstring
-    (``max_connections``: at least that many, by default :func:`node_max_connections`),
-    written beside it; returns the new config's path. ValueError if it has no ``global`` or no
-    ``defaults`` section."""
+    (``max_connections``: by default :func:`node_max_connections`), written beside it; returns
+    the new config's path. ValueError if it has no ``global`` or no ``defaults`` section."""
     with open(config_path, encoding="utf-8") as f:
         lines = f.read().splitlines()
-    wanted = max_connections if max_connections is not None else node_max_connections()
-    current = _setting(lines, "global", "maxconn")
-    if current is None or not current.isdigit() or int(current) < wanted:
-        _set(lines, "global", "maxconn", str(wanted))
+    _set(lines, "global", "maxconn", str(max_connections or node_max_connections()))
     _set(lines, "global", "tune.bufsize", str(MAX_HEAD_BYTES + MAX_REWRITE_BYTES))
     _set(lines, "global", "tune.maxrewrite", str(MAX_REWRITE_BYTES))
     _set(lines, "defaults", "option forwardfor", "")
@@ -114,16 +112,6 @@ def _section(lines: list[str], name: str) -> range:
     end = next((i for i in range(start, len(lines))
                 if lines[i].strip() and not lines[i][0].isspace()), len(lines))
     return range(start, end)
-
-
-def _setting(lines: list[str], section: str, key: str) -> str | None:
-    """The value of ``key`` in ``section`` (its last line, as HAProxy reads it), or None."""
-    found = None
-    for i in _section(lines, section):
-        words = lines[i].split()
-        if words[:len(key.split())] == key.split():
-            found = " ".join(words[len(key.split()):])
-    return found
 
 
 def _set(lines: list[str], section: str, key: str, value: str) -> None:

@@ -30,7 +30,8 @@ SERVE_PAGE = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r
 
 def _config(directory: Path, port: int, backend_port: int) -> Path:
     """A config with what Serve 2.60's has of the settings at stake (its client timeout, for
-    WebSockets; its buffer size), fewer connections at most (64, not 4,096)."""
+    WebSockets; its buffer size; splicing, which costs HAProxy files), fewer connections at
+    most (64, not 4,096)."""
     page = directory / front_door.ERROR_PAGE
     page.write_bytes(SERVE_PAGE)
     config = directory / "haproxy.cfg"
@@ -42,6 +43,8 @@ defaults
     timeout connect 1s
     timeout client 3600s
     timeout server 5s
+    option splice-request
+    option splice-response
     errorfile 502 {page}
     errorfile 503 {page}
     errorfile 504 {page}
@@ -220,7 +223,7 @@ def bounded_front(tmp_path: Path, header_echo: tuple[int, list[bytes]]
     backend_port, heads = header_echo
     port = free_port()
     config = front_door.write_config(str(_config(tmp_path, port, backend_port)),
-                                     read_timeout_s=1, max_connections=1)
+                                     read_timeout_s=1, max_connections=64)
     proc = _haproxy(Path(config), port, command=get_haproxy_binary())
     try:
         yield port, heads
