@@ -478,9 +478,15 @@ def order_json(order: PendingOrder | EndedOrder, asset: Asset) -> dict[str, Any]
     return result
 
 
+_LAST_US = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
+"""The last microsecond an ISO 8601 UTC time can name (9999-12-31T23:59:59.999999Z)."""
+
+
 def expires_us(text: str | None) -> int:
     """``expiresAt`` (ISO 8601; UTC unless it names an offset) in microseconds since the epoch,
-    exactly; 0 when not given. 422 naming the field otherwise."""
+    exactly; 0 when not given. 422 naming the field otherwise, and for a time at or before the
+    epoch (0 means "no expiry"; such a time is past anyway) or after year 9999 in UTC (which
+    the answers could not write back)."""
     if text is None:
         return 0
     try:
@@ -489,7 +495,12 @@ def expires_us(text: str | None) -> int:
         raise invalid("expiresAt: not an ISO-8601 time") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return (when - _EPOCH) // timedelta(microseconds=1)
+    us = (when - _EPOCH) // timedelta(microseconds=1)
+    if us <= 0:
+        raise invalid("expiresAt is not in the future")
+    if us > _LAST_US:
+        raise invalid("expiresAt: after 9999-12-31T23:59:59.999999Z")
+    return us
 
 
 def position_json(p: OpenPosition | ClosedPosition, asset: Asset) -> dict[str, Any]:

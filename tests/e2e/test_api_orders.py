@@ -171,6 +171,11 @@ def test_bad_orders_are_refused_and_lock_nothing(platform: HttpPlatform,
             ({"asset": "NOPE"}, 422, "UNKNOWN_ASSET"),
             ({"expiresAt": "tomorrow"}, 422, "INVALID_REQUEST"),
             ({"expiresAt": past}, 422, "INVALID_REQUEST"),
+            # the epoch is 0, which would mean "no expiry"; past year 9999 in UTC no answer
+            # could write the time back (the order was placed, then answered 500)
+            ({"expiresAt": "1970-01-01T00:00:00Z"}, 422, "INVALID_REQUEST"),
+            ({"expiresAt": "1970-01-01T01:00:00+01:00"}, 422, "INVALID_REQUEST"),
+            ({"expiresAt": "9999-12-31T23:59:59-01:00"}, 422, "INVALID_REQUEST"),
             ({"margin": "20000"}, 409, "INSUFFICIENT_BALANCE")):
         r = http.post("/api/v1/orders", json={**good, **change}, headers=h)
         assert r.status_code == status and error_code(r) == code, (change, r.text)
@@ -179,6 +184,11 @@ def test_bad_orders_are_refused_and_lock_nothing(platform: HttpPlatform,
     r = http.get("/api/v1/orders/history?before=123", headers=h)
     assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
     assert http.get("/api/v1/orders").status_code == 401
+    last = place(http, h, **good, expiresAt="9999-12-31T23:59:59.999999Z")  # the last one
+    assert last["expiresAt"] == "9999-12-31T23:59:59.999999Z"
+    assert [o["orderId"] for o in open_orders(http, h)] == [last["orderId"]]
+    r = http.delete(f"/api/v1/orders/{last['orderId']}", headers=h)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
 
 
 def test_open_orders_per_account_are_limited_and_reserve_a_position_slot() -> None:
