@@ -164,9 +164,13 @@ class AccountStreams:
             raise
         except Exception as exc:  # the ledger did not answer: the client is told, may retry
             log.info("account stream: start failed: %s", exc)
-            self.unsubscribe(sub)
-            sub.offer(error_body(Code.SERVICE_UNAVAILABLE.value, "the account stream cannot "
-                                 "start now; subscribe again").decode())
+            self._end(sub, "the account stream cannot start now; subscribe again")
+
+    def _end(self, sub: Subscription, message: str) -> None:
+        """Stop ``sub`` and tell its client why (SERVICE_UNAVAILABLE: it may subscribe again,
+        with ``since``)."""
+        self.unsubscribe(sub)
+        sub.offer(error_body(Code.SERVICE_UNAVAILABLE.value, message).decode())
 
     async def _catch_up(self, sub: Subscription, since: int | None) -> None:
         """Send what follows ``since`` (a snapshot when it is None or no longer kept), then go
@@ -276,7 +280,12 @@ class AccountStreams:
                 by_user.setdefault(event.user, []).append(event)
             for user, mine in by_user.items():
                 for sub in list(self.by_user.get(user, ())):
-                    self._deliver(sub, mine)
+                    try:
+                        self._deliver(sub, mine)
+                    except Exception:  # a bug: it ends this subscription, not every other's
+                        log.exception("account stream: delivering to user %s failed", user)
+                        self._end(sub, "the account stream stopped; subscribe again with "
+                                       "since")
 
     def stats(self) -> dict[str, int]:
         return {"ws_account_subscriptions": sum(map(len, self.by_user.values())),

@@ -112,7 +112,8 @@ class Stream:
     """AccountStreams over a LogSource and a ScriptedTail."""
 
     def __init__(self, log: AccountLog | None = None, max_replay: int = 500,
-                 source: LogSource | None = None) -> None:
+                 source: LogSource | None = None,
+                 render: Callable[[AccountEvent], dict[str, Any]] = render) -> None:
         self.log = AccountLog() if log is None else log
         self.source = LogSource(self.log) if source is None else source
         self.tail = ScriptedTail()
@@ -489,3 +490,26 @@ def test_a_start_without_the_trading_service_is_an_error_frame(since: int | None
         await asyncio.wait_for(poller, 3)  # nobody subscribed: it never waits for a source
 
     run(scenario)
+
+
+def test_an_event_that_cannot_be_rendered_ends_that_subscription_only() -> None:
+    """A render that fails (a bug: once, an order whose time the API could not write back)
+    ends that client's subscription with an error frame; the reading goes on for the others
+    (it used to die with the exception, and every account stream of the replica with it)."""
+    def fragile(event: AccountEvent) -> dict[str, Any]:
+        if event.user == ALICE.user and event.seq == 2:
+            raise OverflowError("date value out of range")
+        return render(event)
+
+    async def scenario(s: Stream) -> None:
+        alice = await s.follow(ALICE, 0)
+        bob = await s.follow(BOB, 0)
+        s.tail.push(s.record(ALICE, 2) + s.record(BOB))
+        await until(lambda: len(alice.frames) == 2 and len(bob.frames) == 1)
+        assert alice.frames[0]["data"]["seq"] == 1
+        assert alice.frames[1]["error"]["code"] == "SERVICE_UNAVAILABLE"
+        assert ALICE.user not in s.streams.by_user
+        s.tail.push(s.record(BOB))
+        await until(lambda: bob.seqs == [1, 2])
+
+    run_stream(scenario, render=fragile)
