@@ -34,9 +34,13 @@ INTERNAL_ERROR = "INTERNAL_ERROR"  # a bug: never for any client input
 
 
 def error_body(code: str, message: str) -> bytes:
-    """The SPEC error shape as JSON bytes."""
-    return json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":"),
-                      ensure_ascii=False).encode()
+    """The SPEC error shape as JSON bytes (UTF-8; ``\\u`` escapes where ``message`` holds
+    what UTF-8 cannot, e.g. a lone surrogate a client sent that the message quotes)."""
+    error = {"error": {"code": code, "message": message}}
+    try:
+        return json.dumps(error, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(error, separators=(",", ":")).encode()
 
 
 def error_response(status_code: int, code: str, message: str,

@@ -253,6 +253,9 @@ class StreamHub:
         except ValueError as exc:
             connection.offer(error_frame(Code.INVALID_REQUEST, f"not JSON: {exc}"[:200]))
             return
+        except RecursionError:  # ~1,000 brackets deep fit in a frame
+            connection.offer(error_frame(Code.INVALID_REQUEST, "not JSON: nested too deeply"))
+            return
         method = frame.get("method") if isinstance(frame, dict) else None
         params = frame.get("params", []) if isinstance(frame, dict) else None
         if method not in ("SUBSCRIBE", "UNSUBSCRIBE", "AUTH") or not isinstance(params, list) \

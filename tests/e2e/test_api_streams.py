@@ -88,6 +88,9 @@ def test_bad_frames_get_error_frames_and_the_connection_stays(platform: HttpPlat
             for bad in ("not json", "[]", '{"method":"JUMP","params":[]}',
                         '{"method":"SUBSCRIBE","params":"bookTicker.SOL"}',
                         '{"method":"SUBSCRIBE","params":[1]}', "x" * 5000,
+                        "[" * 2000 + "]" * 2000,  # deeper than the parser recurses
+                        # a lone surrogate, which the error message names
+                        '{"method":"SUBSCRIBE","params":["\\ud800"]}',
                         # read as one SUBSCRIBE (the last value) by Python's json alone
                         '{"method":"JUMP","method":"SUBSCRIBE","params":["bookTicker.SOL"]}'):
                 await ws.send(bad)
