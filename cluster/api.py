@@ -64,7 +64,7 @@ from cluster.live.account_stream import (
 )
 from cluster.live.account_topic import TopicTail
 from cluster.live.market import Change, MarketSource, current_streams
-from cluster.live.streams import StreamHub, StreamLimits
+from cluster.live.streams import StreamHub, StreamLimits, refuse
 from cluster.trading.service import TradingService
 from cluster.web.terminal import add_terminal_routes
 from engine import schema
@@ -671,7 +671,10 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
                   telemetry={"tracing": False, "metrics": False, "logs": False},
                   # /docs is served from the vendored Swagger UI (cluster.web.terminal); ReDoc
                   # would load its script from a CDN
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None,
+                  # a path with a trailing slash is not a route (404), not a redirect whose
+                  # Location is made from the client's own Host header
+                  redirect_slashes=False)
     app.router.route_class = ExactJsonRoute  # every body is read with exact numbers
     assets = service.assets if service is not None else assets
     assert assets is not None
@@ -1141,6 +1144,12 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         """Live streams (SPEC "Live data"): bookTicker.<ASSET>, kline.<interval>.<ASSET>,
         account (after AUTH)."""
         await hub.serve(socket)
+
+    @app.websocket("/{path:path}")
+    async def no_websocket_here(socket: WebSocket) -> None:
+        """A WebSocket handshake to any other path (Starlette would refuse it with an empty
+        403)."""
+        await refuse(socket, 404, Code.NOT_FOUND, "no WebSocket here: the streams are at /ws")
 
     @app.get("/ws", tags=["market"], operation_id="liveStreams",
              responses={101: {"description": "the WebSocket (with an Upgrade request)"},

@@ -28,9 +28,13 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Response as HandshakeResponse
+from websockets.server import ServerProtocol
 
 from cluster.http.bounds import MAX_HEAD_BYTES, READ_TIMEOUT_S, raw_error
+from cluster.http.errors import INTERNAL_ERROR, error_body
 from cluster.live.streams import WS_SERVER_OPTIONS
 from engine.results import Code
 
@@ -40,6 +44,7 @@ def _refusal(status: str, message: str) -> bytes:
     return raw_error(status, Code.INVALID_REQUEST.value, message)
 
 
+MALFORMED = "malformed HTTP request"
 TOO_LARGE = _refusal("431 Request Header Fields Too Large",
                      f"request line and headers over {MAX_HEAD_BYTES} bytes")
 
@@ -87,7 +92,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         """A request the parser refuses (two Content-Lengths, both Content-Length and chunked,
         a folded header...): uvicorn's plain-text 400, in SPEC's error shape."""
-        self._refuse(_refusal("400 Bad Request", f"malformed HTTP request: {msg}"))
+        self._refuse(_refusal("400 Bad Request", f"{MALFORMED}: {msg}"))
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        # a target that is not a path ("OPTIONS *"): Serve's router answers it in plain text
+        if not cycle.scope["path"].startswith("/"):
+            app = _not_a_path
+        super()._start_asgi_task(cycle, app)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -137,9 +148,51 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+async def _not_a_path(scope: Any, receive: Any, send: Any) -> None:
+    """The answer to a request whose target is not a path (an ASGI app)."""
+    body = error_body(Code.INVALID_REQUEST.value,
+                      f"{MALFORMED}: the request target must be a path")
+    await send({"type": "http.response.start", "status": 400, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _SpecHandshake(ServerProtocol):
+    """websockets' server side, refusing a handshake in SPEC's error shape (its own refusals
+    are plain text: a bad ``Sec-WebSocket-Key``, an unknown version, the app refusing)."""
+
+    def reject(self, status: Any, text: str) -> HandshakeResponse:
+        response = super().reject(status, text)
+        code = INTERNAL_ERROR if response.status_code >= 500 else Code.INVALID_REQUEST.value
+        body = error_body(code, text.strip() or "the WebSocket handshake was refused")
+        del response.headers["Content-Type"], response.headers["Content-Length"]
+        response.headers["Content-Type"] = "application/json"
+        response.headers["Content-Length"] = str(len(body))
+        response.body = body
+        return response
+
+
+class SpecWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol (websockets, sans-I/O) refusing handshakes with
+    :class:`_SpecHandshake`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn = _SpecHandshake(extensions=self.conn.available_extensions,
+                                   max_size=self.config.ws_max_size, logger=self.conn.logger)
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body"):
+            # the app answered the handshake over HTTP (a denial): uvicorn's sansio protocol
+            # would log that it "returned without completing handshake"
+            self.handshake_complete = True
+
+
 SERVER_OPTIONS: dict[str, Any] = {
     **WS_SERVER_OPTIONS,
     "http": BoundedHeadProtocol,
+    "ws": SpecWebSocketProtocol,
     "h11_max_incomplete_event_size": MAX_HEAD_BYTES,  # the same bound if h11 were chosen
 }
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from cluster.http.errors import error_body
+from cluster.http.errors import error_body, error_response
 from cluster.http.json_body import unique_keys
 from cluster.live.account_stream import ACCOUNT_STREAM, AccountStreams, Subscription
 from cluster.live.market import Change, MarketSource
@@ -72,6 +72,15 @@ async def _receive(socket: WebSocket) -> str | bytes:
         raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
     text = message.get("text")
     return text if text is not None else message.get("bytes") or b""
+
+
+async def refuse(socket: WebSocket, status: int, code: Code, message: str) -> None:
+    """Refuse ``socket``'s handshake with an HTTP answer in SPEC's error shape (a server
+    without the denial-response extension: a close before accepting, which it answers 403)."""
+    try:
+        await socket.send_denial_response(error_response(status, code.value, message))
+    except RuntimeError:
+        await socket.close(code=POLICY_VIOLATION, reason=message[:120])
 
 
 def error_frame(code: Code, message: str) -> str:
@@ -183,7 +192,8 @@ class StreamHub:
         """Run one client's connection until it closes."""
         address = socket.client.host if socket.client is not None else ""
         if self.by_address.get(address, 0) >= self.limits.connections:
-            await socket.close(code=POLICY_VIOLATION, reason="too many connections")
+            await refuse(socket, 429, Code.RATE_LIMITED, f"at most {self.limits.connections} "
+                         "WebSocket connections per client address")
             return
         await socket.accept()
         connection = Connection(socket, address, self.limits.unsent)

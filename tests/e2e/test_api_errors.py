@@ -219,6 +219,10 @@ def test_bad_history_queries_are_422(http: httpx.Client, params: dict[str, Any])
 def test_unknown_routes_and_wrong_methods(http: httpx.Client) -> None:
     r = http.get("/api/v1/nope")
     assert r.status_code == 404 and error_code(r) == "NOT_FOUND"
+    for method, path in (("GET", "/api/v1/state/"), ("POST", "/api/v1/orders/"),
+                         ("DELETE", "/api/v1/orders/")):  # was a 307 to the client's Host
+        r = http.request(method, path, headers={"Host": "elsewhere.example"})
+        assert r.status_code == 404 and error_code(r) == "NOT_FOUND", (path, r.status_code)
     r = http.get("/api/v1/positions/open")
     assert r.status_code == 405 and error_code(r) == "METHOD_NOT_ALLOWED"
     r = http.delete("/api/v1/accounts")

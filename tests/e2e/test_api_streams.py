@@ -17,7 +17,7 @@ import pytest
 import websockets
 
 from cluster.config import Settings
-from tests.e2e.api_client import open_position, signup, sol_trader, tick
+from tests.e2e.api_client import open_position, raw_answer, signup, sol_trader, tick
 from tests.e2e.http_platform import HttpPlatform, LocalHttpPlatform
 
 WAIT_S = 10.0
@@ -121,6 +121,28 @@ def test_a_plain_http_request_to_the_stream_is_426_and_documented(http: httpx.Cl
     assert "/ws" in http.get("/openapi.json").json()["paths"]
 
 
+def test_refused_handshakes_answer_in_the_error_shape(platform: HttpPlatform) -> None:
+    """A WebSocket handshake the server cannot take (no key, an unknown version, a path with
+    no stream) or a request target that is not a path is answered in SPEC's error shape, not
+    in the plain text (or the empty 403) of the servers underneath."""
+    port = int(platform.base_url.rsplit(":", 1)[1])
+    upgrade = b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    key = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    for request, status, code in (
+            (b"GET /ws HTTP/1.1\r\n" + upgrade + b"Sec-WebSocket-Version: 13\r\n\r\n", 400,
+             "INVALID_REQUEST"),
+            (b"GET /ws HTTP/1.1\r\n" + upgrade + key + b"Sec-WebSocket-Version: 99\r\n\r\n",
+             400, "INVALID_REQUEST"),
+            (b"GET /api/v1/state HTTP/1.1\r\n" + upgrade + key
+             + b"Sec-WebSocket-Version: 13\r\n\r\n", 404, "NOT_FOUND"),
+            (b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 400,
+             "INVALID_REQUEST")):
+        head, _, body = raw_answer(port, iter([request])).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % status), (request, head)
+        assert b"\r\ncontent-type: application/json" in head.lower(), head
+        assert json.loads(body)["error"]["code"] == code, body
+
+
 def test_a_connection_guessing_keys_is_closed_after_five_refusals(
         platform: HttpPlatform) -> None:
     async def scenario() -> None:
@@ -172,9 +194,14 @@ def test_connections_subscriptions_and_unsent_frames_are_bounded(
     async def scenario() -> None:
         url = ws_url(tight)
         async with websockets.connect(url) as one, websockets.connect(url) as two:
-            with pytest.raises(websockets.exceptions.InvalidStatus):
+            with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
                 async with websockets.connect(url):
                     pass  # the third from this address is refused
+            answer = refused.value.response
+            assert answer.status_code == 429, answer
+            assert answer.headers["Content-Type"] == "application/json"
+            assert json.loads(answer.body) == {"error": {"code": "RATE_LIMITED", "message": (
+                "at most 2 WebSocket connections per client address")}}
             await send(one, "SUBSCRIBE", "kline.1m.SOL", "kline.5m.SOL", "kline.15m.SOL",
                        "kline.1h.SOL")
             error = await frame(one)
