@@ -1,5 +1,5 @@
-"""The API replica's HTTP server (uvicorn, built by Serve): its WebSocket settings and a bound
-on each request's head.
+"""The API replica's HTTP server (uvicorn, built by Serve): its WebSocket settings, bounds on
+each request's head, and the answers it gives itself.
 
 Serve 2.60 builds the direct-ingress server's ``uvicorn.Config`` itself and offers neither
 option, so :func:`configure_uvicorn` gives this process's ``uvicorn.Config`` these defaults;
@@ -17,6 +17,10 @@ it runs in the replica, before its server starts.
   connection that has not sent a whole request within :data:`READ_TIMEOUT_S` of its first byte
   (or of connecting) is closed, with a 408 in SPEC's error shape when part of a request head had
   come. Between requests uvicorn's keep-alive timeout applies.
+- Answers of the layers under the app, in SPEC's error shape like the app's: a WebSocket
+  handshake websockets refuses (no key, an unknown version; plain text before) or the app
+  refuses (an empty 403 before), and a request target that is not a path (``OPTIONS *``,
+  which Serve's router answered in plain text).
 - The client's address: ``X-Forwarded-For`` is read only from the proxies given to
   :func:`configure_uvicorn` (the API replica passes its node's addresses, where the front door
   of cluster.http.front_door runs).
