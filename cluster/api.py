@@ -825,7 +825,8 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         result = await slot.service.open_position(who, order)
         if isinstance(result, Rejected):
             return rejected_response(result)
-        return _json(position_json(result, asset), 201)
+        # a retry's answer is the first request's, whose asset may not be this body's
+        return _json(position_json(result, assets[result.asset]), 201)
 
     def position_of(value: int | str) -> tuple[int, Asset] | None:
         """The id ``value`` names and the asset of the shard that issued it (positions and
@@ -834,10 +835,12 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         asset = None if item_id is None else slot.service.asset_of_position(item_id)
         return None if item_id is None or asset is None else (item_id, asset)
 
-    def changed(result: OpenPosition | ClosedPosition | Rejected, asset: Asset) -> Response:
+    def changed(result: OpenPosition | ClosedPosition | Rejected) -> Response:
+        """The answer of a change to a position (a retry's: the first request's, whose
+        position may not be the one this request names)."""
         if isinstance(result, Rejected):
             return rejected_response(result)
-        return _json(position_json(result, asset))
+        return _json(position_json(result, assets[result.asset]))
 
     @app.post("/api/v1/positions/close", tags=["positions"], operation_id="closePosition",
               responses={200: {"model": ClosedPositionOut, "links": {"HistoryBefore": {
@@ -855,7 +858,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         order = CloseOrder(position_id, price_ticks(asset, body.currentPrice, "currentPrice"),
                            body.maxSlippageBps, body.clientOrderId,
                            quantity_steps(asset, body.quantity, "quantity"))
-        return changed(await slot.service.close_position(who, order), asset)
+        return changed(await slot.service.close_position(who, order))
 
     @app.post("/api/v1/positions/modify", tags=["positions"], operation_id="modifyPosition",
               responses={200: {"model": PositionOut},
@@ -879,7 +882,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         result = await slot.service.set_levels(
             who, position_id, level("takeProfit", body.takeProfit),
             level("stopLoss", body.stopLoss), body.clientOrderId)
-        return changed(result, asset)
+        return changed(result)
 
     @app.post("/api/v1/positions/margin", tags=["positions"], operation_id="changeMargin",
               responses={200: {"model": PositionOut},
@@ -893,10 +896,9 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         found = position_of(body.positionId)
         if found is None:
             return rejected_response(Rejected(Code.NOT_FOUND, "no such open position"))
-        position_id, asset = found
         amount = money_micros(body.amount, "amount", allow_negative=True)
-        result = await slot.service.change_margin(who, position_id, amount, body.clientOrderId)
-        return changed(result, asset)
+        result = await slot.service.change_margin(who, found[0], amount, body.clientOrderId)
+        return changed(result)
 
     @app.get("/api/v1/positions", tags=["positions"], operation_id="listPositions",
              responses={200: {"model": PositionsOut}, **_errors(*_AUTH_ERRORS, 422, 503)})
@@ -950,7 +952,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         result = await slot.service.place_order(who, order)
         if isinstance(result, Rejected):
             return rejected_response(result)
-        return _json(order_json(result, asset), 201)
+        return _json(order_json(result, assets[result.asset]), 201)  # a retry's: the first's
 
     @app.get("/api/v1/orders", tags=["orders"], operation_id="listOrders",
              responses={200: {"model": OrdersOut}, **_errors(*_AUTH_ERRORS, 503)})
@@ -981,11 +983,10 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         found = position_of(orderId)
         if found is None:
             return rejected_response(Rejected(Code.NOT_FOUND, "no such open order"))
-        order_id, asset = found
-        result = await slot.service.cancel_order(who, order_id, clientOrderId)
+        result = await slot.service.cancel_order(who, found[0], clientOrderId)
         if isinstance(result, Rejected):
             return rejected_response(result)
-        return _json(order_json(result, asset))
+        return _json(order_json(result, assets[result.asset]))  # a retry's: the first's
 
     # ------------------------------------------------------------------ market
     assets_body = json.dumps({"assets": [

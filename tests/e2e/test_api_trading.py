@@ -189,6 +189,43 @@ def test_client_order_id_retries_return_the_first_answer(
     assert D(state(http, h)["balances"]["free"]) == SIGNUP + D(c1.json()["realizedPnl"])
 
 
+def test_a_retry_naming_another_asset_gets_the_first_answer_as_it_was(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    """The first answer is written with its own asset's steps whatever asset, position or
+    order the retry names (a BTC retry of a SOL open was written with BTC's steps: a price
+    10 times the entry, a thousandth of the quantity)."""
+    h = signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+    tick(platform, http, "BTC", "60000.0", "60000.1")
+    body = {"asset": "SOL", "type": "long", "margin": "10", "leverage": 5, "clientOrderId": "o"}
+    first = http.post("/api/v1/positions/open", json=body, headers=h)
+    assert first.status_code == 201 and D(first.json()["entryPrice"]) == D("100.01"), first.text
+    retry = http.post("/api/v1/positions/open", json={**body, "asset": "BTC"}, headers=h)
+    assert retry.status_code == 201 and retry.json() == first.json(), retry.text
+    btc = open_position(http, h, asset="BTC", type="long", margin="10", leverage=5)
+    close = {"positionId": first.json()["positionId"], "clientOrderId": "c"}
+    closed = http.post("/api/v1/positions/close", json=close, headers=h)
+    assert closed.status_code == 200, closed.text
+    retry = http.post("/api/v1/positions/close", headers=h,
+                      json={**close, "positionId": btc["positionId"]})
+    assert retry.status_code == 200 and retry.json() == closed.json(), retry.text
+    order = {"asset": "SOL", "type": "long", "orderType": "limit", "triggerPrice": "90",
+             "margin": "10", "leverage": 2, "clientOrderId": "p"}
+    placed = http.post("/api/v1/orders", json=order, headers=h)
+    assert placed.status_code == 201, placed.text
+    retry = http.post("/api/v1/orders", headers=h,
+                      json={**order, "asset": "BTC", "triggerPrice": "50000.0"})
+    assert retry.status_code == 201 and retry.json() == placed.json(), retry.text
+    cancelled = http.delete(f"/api/v1/orders/{placed.json()['orderId']}?clientOrderId=q",
+                            headers=h)
+    assert cancelled.status_code == 200, cancelled.text
+    other = http.post("/api/v1/orders", headers=h, json={
+        **order, "asset": "BTC", "triggerPrice": "50000.0", "clientOrderId": "r"}).json()
+    retry = http.delete(f"/api/v1/orders/{other['orderId']}?clientOrderId=q", headers=h)
+    assert retry.status_code == 200 and retry.json() == cancelled.json(), retry.text
+    assert [p["positionId"] for p in state(http, h)["positions"]] == [btc["positionId"]]
+
+
 def test_stale_price_refuses_opens_and_closes_with_503(
         platform: HttpPlatform, http: httpx.Client) -> None:
     h = signup(http)
