@@ -65,7 +65,7 @@ from cluster.live.account_stream import (
 from cluster.live.account_topic import TopicTail
 from cluster.live.market import Change, MarketSource, current_streams
 from cluster.live.streams import StreamHub, StreamLimits, refuse
-from cluster.trading.service import TradingService
+from cluster.trading.service import PositionsCursor, TradingService
 from cluster.web.terminal import add_terminal_routes
 from engine import schema
 from engine.account_events import AccountEvent, Balance
@@ -122,7 +122,7 @@ PositionId = Annotated[StrictInt | Annotated[StrictStr, Field(min_length=1, max_
                            "description": "the position's id (a decimal string; an integer "
                                           "is accepted too)"})]
 ClientOrderId = Annotated[StrictStr, Field(min_length=1, max_length=64)]
-NextCursor = Annotated[str | None, Query(pattern="^[0-9]{1,19}$",
+NextCursor = Annotated[str | None, Query(pattern="^[0-9]{1,19}(-[0-9]{1,19})?$",
                                          description="'next' of the previous page")]
 OrderCursor = Annotated[str | None, Query(
     pattern="^[0-9]{1,19}$", description="orderId of the last item of the previous page")]
@@ -905,13 +905,20 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     async def list_positions(who: Caller, limit: Annotated[int, Query(ge=1, le=500)] = 100,
                              cursor: NextCursor = None
                              ) -> Response:
-        """Your open positions, oldest first, paged."""
-        result = await slot.service.positions(who, limit, _cursor_id("cursor", cursor))
+        """Your open positions, oldest first, paged: ``next`` names where a page ended, and
+        stays good when that position closes before the next page is read."""
+        after: PositionsCursor | int | None
+        if cursor is not None and "-" in cursor:  # "<openedAt us>-<positionId>": a page's end
+            opened_ts_us, position_id = cursor.split("-")
+            after = PositionsCursor(int(opened_ts_us), int(position_id))
+        else:  # a positionId: where an open position is
+            after = _cursor_id("cursor", cursor)
+        result = await slot.service.positions(who, limit, after)
         if isinstance(result, Rejected):
             return rejected_response(result)
-        page, next_id = result
-        return _json({"positions": positions_json(page),
-                      "next": None if next_id is None else str(next_id)})
+        page, end = result
+        return _json({"positions": positions_json(page), "next": None if end is None
+                      else f"{end.opened_ts_us}-{end.position_id}"})
 
     @app.get("/api/v1/positions/history", tags=["positions"], operation_id="positionHistory",
              responses={200: {"model": HistoryOut}, **_errors(*_AUTH_ERRORS, 422, 503)})

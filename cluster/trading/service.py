@@ -26,6 +26,7 @@ integers; the API layer converts to decimal strings.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import functools
@@ -103,6 +104,13 @@ RESEND_DELAY_S = 0.05
 IDEM_POLL_S = 0.02
 
 T = TypeVar("T")
+
+
+class PositionsCursor(NamedTuple):
+    """Where a page of open positions ends: the sort key of its last position."""
+
+    opened_ts_us: int
+    position_id: int
 
 
 class Health(NamedTuple):
@@ -245,25 +253,32 @@ class TradingService:
             self.counters["partial_states"] += 1
         return AccountState.of(who, free, margin, positions, tuple(unavailable))
 
-    async def positions(self, who: Principal, limit: int, after: int | None = None
-                        ) -> tuple[list[OpenPosition], int | None] | Rejected:
-        """One page of ``who``'s open positions, oldest first: at most ``limit`` after the
-        position ``after`` (a positionId of the previous page), and the cursor of the next
-        page (None on the last). An unknown cursor is INVALID_REQUEST. A shard that does not
-        answer makes the read Unavailable (a page must not silently skip positions)."""
+    async def positions(self, who: Principal, limit: int,
+                        after: PositionsCursor | int | None = None
+                        ) -> tuple[list[OpenPosition], PositionsCursor | None] | Rejected:
+        """One page of ``who``'s open positions, oldest first (by ``(opened_ts_us,
+        position_id)``): at most ``limit`` after ``after``, and the cursor of the next page
+        (None on the last). ``after``: the previous page's cursor, which stays good when its
+        position closes meanwhile, or a positionId of an open position (else INVALID_REQUEST).
+        A shard that does not answer makes the read Unavailable (a page must not silently skip
+        positions)."""
         names = list(self._positions)
         per_shard = await asyncio.gather(*(self._positions[n].submit(who.user) for n in names))
-        positions = sorted((p for ps in per_shard for p in ps),
-                           key=lambda p: (p.opened_ts_us, p.position_id))
+        def key(p: OpenPosition) -> PositionsCursor:
+            return PositionsCursor(p.opened_ts_us, p.position_id)
+
+        positions = sorted((p for ps in per_shard for p in ps), key=key)
         start = 0
-        if after is not None:
+        if isinstance(after, PositionsCursor):
+            start = bisect.bisect_right(positions, after, key=key)
+        elif after is not None:
             index = next((i for i, p in enumerate(positions) if p.position_id == after), None)
             if index is None:
                 return Rejected(Code.INVALID_REQUEST, "unknown 'cursor' (or no longer open)")
             start = index + 1
         page = positions[start:start + limit]
         more = start + limit < len(positions)
-        return page, (page[-1].position_id if more and page else None)
+        return page, (key(page[-1]) if more and page else None)
 
     async def history(self, who: Principal, limit: int = 50,
                       before: int | None = None) -> list[ClosedPosition] | Rejected:

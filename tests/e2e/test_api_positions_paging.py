@@ -56,6 +56,27 @@ def test_state_lists_the_first_positions_and_the_rest_are_paged(
     assert [p["positionId"] for p in r.json()["positions"]] == ids and r.json()["next"] is None
 
 
+def test_paging_goes_on_when_the_last_position_of_a_page_closes(
+        few_in_state: LocalHttpPlatform, client: httpx.Client) -> None:
+    """The cursor names where a page ended, not a position that must still be open (a close,
+    or a TP/SL or liquidation, between two pages made the next one a 422)."""
+    h = sol_trader(few_in_state, client)
+    ids = [open_position(client, h, asset="SOL", type="long", margin="10", leverage=2)
+           ["positionId"] for _ in range(5)]
+    first = client.get("/api/v1/positions", params={"limit": 2}, headers=h).json()
+    assert [p["positionId"] for p in first["positions"]] == ids[:2]
+    for closing in ids[1:3]:  # the page's last position, and the next page's first
+        r = client.post("/api/v1/positions/close", json={"positionId": closing}, headers=h)
+        assert r.status_code == 200, r.text
+    r = client.get("/api/v1/positions", params={"limit": 2, "cursor": first["next"]}, headers=h)
+    assert r.status_code == 200, r.text
+    assert [p["positionId"] for p in r.json()["positions"]] == ids[3:5]
+    assert r.json()["next"] is None
+    # a positionId of an open position is a cursor too, as before
+    r = client.get("/api/v1/positions", params={"cursor": ids[0]}, headers=h)
+    assert [p["positionId"] for p in r.json()["positions"]] == ids[3:5]
+
+
 def test_an_account_within_the_bound_says_there_is_no_more(
         few_in_state: LocalHttpPlatform, client: httpx.Client) -> None:
     h = sol_trader(few_in_state, client)
@@ -67,6 +88,7 @@ def test_an_account_within_the_bound_says_there_is_no_more(
 @pytest.mark.parametrize(("params", "status"), [
     ({"cursor": "123"}, 422),           # a position id that is not one of yours (or not open)
     ({"cursor": "abc"}, 422),           # not a position id
+    ({"cursor": "1-2-3"}, 422), ({"cursor": "-5"}, 422),  # not a page's end either
     ({"limit": 0}, 422), ({"limit": 501}, 422),
 ])
 def test_bad_paging_parameters_are_refused(few_in_state: LocalHttpPlatform,
