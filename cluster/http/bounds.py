@@ -19,6 +19,7 @@ READ_TIMEOUT_S = 30
 """Most seconds from a connection's start, or a request's first byte, to the end of the
 request (a 16 KiB body takes 16 s at 1 KiB/s)."""
 
+
 def raw_error(status: str, code: str, message: str, *, close: bool = True,
               headers: Mapping[str, str] | None = None) -> bytes:
     """A whole HTTP/1.1 response (``status``: e.g. ``"408 Request Timeout"``) whose body is

@@ -116,11 +116,9 @@ def _section(lines: list[str], name: str) -> range:
 
 def _set(lines: list[str], section: str, key: str, value: str) -> None:
     """``key value`` in ``section``: its lines replaced by one, or one added first."""
-    keep = [i for i in _section(lines, section)
-            if lines[i].split()[:len(key.split())] != key.split()]
-    where = _section(lines, section)
-    lines[where.start:where.stop] = [f"    {key} {value}".rstrip(),
-                                     *(lines[i] for i in keep)]
+    where, words = _section(lines, section), key.split()
+    kept = [lines[i] for i in where if lines[i].split()[:len(words)] != words]
+    lines[where.start:where.stop] = [f"    {key} {value}".rstrip(), *kept]
 
 
 def main() -> NoReturn:

@@ -38,7 +38,7 @@ from websockets.http11 import Response as HandshakeResponse
 from websockets.server import ServerProtocol
 
 from cluster.http.bounds import MAX_HEAD_BYTES, READ_TIMEOUT_S, raw_error
-from cluster.http.errors import INTERNAL_ERROR, error_body
+from cluster.http.errors import INTERNAL_ERROR, error_body, error_response
 from cluster.live.streams import WS_SERVER_OPTIONS
 from engine.results import Code
 
@@ -101,7 +101,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         # a target that is not a path ("OPTIONS *"): Serve's router answers it in plain text
         if not cycle.scope["path"].startswith("/"):
-            app = _not_a_path
+            app = _NOT_A_PATH
         super()._start_asgi_task(cycle, app)
 
     def on_message_begin(self) -> None:
@@ -152,13 +152,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-async def _not_a_path(scope: Any, receive: Any, send: Any) -> None:
-    """The answer to a request whose target is not a path (an ASGI app)."""
-    body = error_body(Code.INVALID_REQUEST.value,
-                      f"{MALFORMED}: the request target must be a path")
-    await send({"type": "http.response.start", "status": 400, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+# the answer to a request whose target is not a path (a Starlette Response is an ASGI app)
+_NOT_A_PATH = error_response(400, Code.INVALID_REQUEST.value,
+                             f"{MALFORMED}: the request target must be a path")
 
 
 class _SpecHandshake(ServerProtocol):
