@@ -1030,7 +1030,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         """Candles of the mid price, oldest first: the newest ``limit`` (the current one
         included), or from ``startTime`` on."""
         if asset not in assets:
-            raise invalid(f"asset: unknown asset {asset!r}")
+            raise ApiError(Code.UNKNOWN_ASSET, f"unknown asset {asset!r}")
         try:
             query = CandleQuery(limit, startTime, endTime)
         except ValueError as exc:

@@ -46,7 +46,10 @@ def test_the_current_candle_follows_the_mid_price_of_accepted_ticks(
 
 
 def test_bad_parameters_are_422_and_no_key_is_needed(http: httpx.Client) -> None:
-    for params in ({"asset": "DOGE", "interval": "1m"}, {"asset": "SOL", "interval": "2m"},
+    for asset in ("DOGE", "sol", "SOL\u0000"):  # as an open or an order with it is answered
+        [body] = klines(http, 422, asset=asset, interval="1m")
+        assert body["error"]["code"] == "UNKNOWN_ASSET", (asset, body)  # type: ignore[index]
+    for params in ({"asset": "SOL", "interval": "2m"},
                    {"asset": "SOL", "interval": "1m", "limit": 0},
                    {"asset": "SOL", "interval": "1m", "limit": 1001},
                    {"asset": "SOL", "interval": "1m", "startTime": 10, "endTime": 5},
