@@ -29,8 +29,9 @@ from cluster.trading.batcher import MicroBatcher
 class Unavailable(Exception):
     """A component (the ledger or a shard) did not answer; the outcome of the call is unknown."""
 
-    def __init__(self, component: str, detail: str = "") -> None:
-        super().__init__(f"{component} is unavailable" + (f": {detail}" if detail else ""))
+    def __init__(self, component: str, detail: str = "", *, message: str = "") -> None:
+        super().__init__(message or f"{component} is unavailable"
+                         + (f": {detail}" if detail else ""))
         self.component = component
 
 

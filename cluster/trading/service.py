@@ -395,7 +395,8 @@ class TradingService:
         deadline = loop.time() + self._idem_wait_s
         while hit.answer is None:
             if loop.time() > deadline:
-                raise Unavailable("ledger", "a request with this clientOrderId is in progress")
+                raise Unavailable("ledger", message="the first request with this clientOrderId "
+                                  "is still in progress: retry it shortly")
             await asyncio.sleep(IDEM_POLL_S)
             seen = await self.ledger.call(Begin(key, request_id))
             if seen is None:  # the first attempt gave up; we now hold the reservation

@@ -362,7 +362,8 @@ async def test_a_close_whose_settlement_is_lost_still_settles_once(make: Make) -
         assert not isinstance(closed, Rejected)  # the close happened: the caller gets it
         assert flaky.counters["settlements_deferred"] == 1
         assert (await flaky.state(who)).margin_micros == 100 * USD  # not settled yet
-        with pytest.raises(Unavailable):  # its answer waits for its settlement
+        with pytest.raises(Unavailable, match="clientOrderId is still in progress"):
+            # its answer waits for its settlement
             await flaky.close_position(who, order)
         ledger.failures = 0  # the ledger is back: the close settles with its answer
         assert await flaky.reconcile() == 0
