@@ -157,22 +157,34 @@ class StreamHub:
             self._poller = asyncio.get_running_loop().create_task(self._poll())
 
     async def _poll(self) -> None:
-        while self.connections:
-            market = self.market()
-            if market is None:
-                return
-            try:
-                changes = await market.wait(self.version, POLL_TIMEOUT_S)
-            except Exception as exc:  # the feed restarting: try again shortly
-                self.poll_failures += 1
-                log.info("streams: market data poll failed: %s", exc)
-                await asyncio.sleep(RETRY_S)
-                continue
-            if changes.version < self.version:  # a restarted source counts from 0 again
+        """Follow the market data while anyone is connected. The first read gives each
+        stream's current value only: a candle that closed while nobody listened is history
+        (``GET /api/v1/klines``), not news. When the last connection goes, what the hub holds
+        goes stale, so it is dropped: the next subscriber gets the values of its own time."""
+        fresh = True
+        try:
+            while self.connections:
+                market = self.market()
+                if market is None:
+                    return
+                try:
+                    changes = await market.wait(self.version, POLL_TIMEOUT_S)
+                except Exception as exc:  # the feed restarting: try again shortly
+                    self.poll_failures += 1
+                    log.info("streams: market data poll failed: %s", exc)
+                    await asyncio.sleep(RETRY_S)
+                    continue
+                if changes.version < self.version:  # a restarted source counts from 0 again
+                    self.version = 0
+                    continue
+                self.version = changes.version
+                self.publish([c for c in changes.items
+                              if not (fresh and getattr(c.value, "closed", False))])
+                fresh = False
+        finally:
+            if not self.connections:
+                self.latest.clear()
                 self.version = 0
-                continue
-            self.version = changes.version
-            self.publish(changes.items)
 
     def publish(self, changes: Iterable[Change]) -> None:
         """Hand each change, rendered once, to the connections subscribed to its stream; keep

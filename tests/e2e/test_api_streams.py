@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal as D
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 import websockets
 
 from cluster.config import Settings
+from cluster.live.streams import POLL_TIMEOUT_S
 from tests.e2e.api_client import open_position, raw_answer, signup, sol_trader, tick
 from tests.e2e.http_platform import HttpPlatform, LocalHttpPlatform
 
@@ -222,6 +224,43 @@ def test_connections_subscriptions_and_unsent_frames_are_bounded(
             assert "bid" in (await frame(again, "bookTicker.SOL"))["data"]
 
     asyncio.run(scenario())
+
+
+def test_a_subscriber_after_an_idle_time_gets_the_values_of_its_own_time(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    """Nobody connected for a while: the next subscriber's first frames are the current top
+    of book and the current candle, not what the streams held when the last client left."""
+    tick(platform, http, "ETH", "3000.00", "3000.02")
+
+    async def listen_then_leave() -> None:
+        async with websockets.connect(ws_url(platform)) as ws:
+            await send(ws, "SUBSCRIBE", "bookTicker.ETH", "kline.1m.ETH")
+            while (await frame(ws, "bookTicker.ETH"))["data"]["bid"] != "3000.00":
+                pass  # an older top of book may come first
+            while (await frame(ws, "kline.1m.ETH"))["data"]["close"] != "3000.01":
+                pass
+
+    asyncio.run(listen_then_leave())
+    time.sleep(3 * POLL_TIMEOUT_S)  # the hub's last poll ends: nobody listens
+    tick(platform, http, "ETH", "3100.00", "3100.02")
+
+    async def come_back() -> list[dict[str, Any]]:
+        async with websockets.connect(ws_url(platform)) as ws:
+            await send(ws, "SUBSCRIBE", "bookTicker.ETH", "kline.1m.ETH")
+            first = [await frame(ws), await frame(ws)]
+            await asyncio.to_thread(tick, platform, http, "ETH", "3101.00", "3101.02")
+            while (got := await frame(ws))["stream"] != "bookTicker.ETH" or \
+                    got["data"]["bid"] != "3101.00":
+                first.append(got)  # every frame before the next tick's
+            return first
+
+    frames = asyncio.run(come_back())
+    by_stream = {f["stream"]: f["data"] for f in frames[:2]}
+    assert by_stream["bookTicker.ETH"]["bid"] == "3100.00", frames
+    assert by_stream["kline.1m.ETH"]["close"] == "3100.01", frames
+    # the candle the first tick was in is not sent closed: it did not close, or it closed while
+    # nobody listened (then it is history: /klines)
+    assert not [f for f in frames if f["data"].get("closed")], frames
 
 
 # ------------------------------------------------------------------ the account stream
