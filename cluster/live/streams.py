@@ -4,16 +4,18 @@ Client frames: ``{"method":"SUBSCRIBE","params":[...]}``, ``{"method":"UNSUBSCRI
 "params":[...]}``, ``{"method":"AUTH","params":["<apiKey>"]}``. Server frames:
 ``{"stream":"<name>","data":{...}}``, and errors in the API's shape
 ``{"error":{"code","message"}}`` (a bad frame is answered, never fatal). Streams:
-``bookTicker.<ASSET>`` (the newest top of book, conflated) and ``kline.<interval>.<ASSET>``
-(the current candle on every change, a closed one once with ``closed: true``), and after
+``bookTicker.<ASSET>`` (the newest top of book) and ``kline.<interval>.<ASSET>`` (the current
+candle on every change, a closed one once with ``closed: true``), both conflated, and after
 ``AUTH`` the private ``account`` (cluster.live.account_stream; ``SUBSCRIBE`` may carry
 ``"since": <seq>``).
 
 One :class:`StreamHub` per replica reads the market data's changes with one long poll at a time
 (cluster.live.market.MarketSource.wait), renders each change once and hands the frame to the
 connections subscribed to its stream. Each connection has its own bounded queue of unsent
-frames and a task that sends them: a client that does not keep up is closed with code 1008 when
-its queue is full, so it can never make the replica's memory grow. Limits (SPEC "Limits"):
+frames and a task that sends them. A stream's newest value replaces its unsent one in place,
+so a client that falls behind gets the newest prices and candles, not a backlog of old ones;
+one whose queue still fills (account events, closed candles, error frames) is closed with code
+1008, so it can never make the replica's memory grow. Limits (SPEC "Limits"):
 connections per client address and per API key, subscriptions per connection.
 
 Heartbeats are the WebSocket protocol's ping frames, sent by the HTTP server (uvicorn, with
@@ -87,6 +89,14 @@ def error_frame(code: Code, message: str) -> str:
     return error_body(code.value, message).decode()
 
 
+@dataclass(eq=False, slots=True)
+class _Slot:
+    """A place in a connection's queue holding a stream's newest unsent frame."""
+
+    stream: str
+    frame: str
+
+
 @dataclass(eq=False)
 class Connection:
     """One client: its subscriptions and its queue of frames to send (None: close)."""
@@ -103,19 +113,45 @@ class Connection:
     def following_account(self) -> bool:
         """Whether its account stream runs (subscribed, not ended)."""
         return self.account is not None and self.account.active
-    queue: asyncio.Queue[str] = field(default_factory=asyncio.Queue)  # bounded by offer
+    # frames to send, in order: a frame, or a stream's slot holding its newest unsent value
+    queue: asyncio.Queue[str | _Slot] = field(default_factory=asyncio.Queue)  # bounded by offer
+    slots: dict[str, _Slot] = field(default_factory=dict)  # each stream's unsent slot
     closing: str | None = None  # why the server closes it: "slow", "auth"
     auth_failures: int = 0
     sender: asyncio.Task[None] | None = None  # the task sending the queue
 
-    def offer(self, frame: str) -> None:
-        """Queue ``frame``; a full queue closes the connection (the client is too slow)."""
+    def offer(self, frame: str, newest_of: str | None = None, ends: str | None = None) -> None:
+        """Queue ``frame``; a full queue closes the connection (the client is too slow).
+
+        ``newest_of``: the frame is that stream's newest value; it replaces the stream's
+        unsent one in place, so a client that falls behind gets the newest top of book and
+        current candle, never a backlog of old ones. ``ends``: the frame closes what that
+        stream's unsent value was (a closed candle): later values come after it."""
         if self.closing is not None:
+            return
+        slot = self.slots.get(newest_of) if newest_of is not None else None
+        if slot is not None:
+            slot.frame = frame
             return
         if self.queue.qsize() >= self.limit:
             self.close("slow")
             return
+        if newest_of is not None:
+            self.queue.put_nowait(slot := _Slot(newest_of, frame))
+            self.slots[newest_of] = slot
+            return
+        if ends is not None:
+            self.slots.pop(ends, None)
         self.queue.put_nowait(frame)
+
+    async def next_frame(self) -> str:
+        """The next frame to send (waits for one)."""
+        item = await self.queue.get()
+        if isinstance(item, str):
+            return item
+        if self.slots.get(item.stream) is item:
+            del self.slots[item.stream]
+        return item.frame
 
     def close(self, why: str) -> None:
         """Close it now, what is queued dropped (code 1008); ``why`` names the limit."""
@@ -193,11 +229,15 @@ class StreamHub:
         for change in changes:
             frame = json.dumps({"stream": change.stream, "data": self.render(change)},
                                separators=(",", ":"))
-            if not getattr(change.value, "closed", False):
-                self.latest[change.stream] = frame
+            stream = change.stream
+            if getattr(change.value, "closed", False):
+                newest_of, ends = None, stream
+            else:
+                self.latest[stream] = frame
+                newest_of, ends = stream, None
             for connection in self.connections:
-                if change.stream in connection.streams:
-                    connection.offer(frame)
+                if stream in connection.streams:
+                    connection.offer(frame, newest_of, ends)
 
     # -- a connection ----------------------------------------------------------------------
     async def serve(self, socket: WebSocket) -> None:
@@ -261,7 +301,7 @@ class StreamHub:
 
     async def _send(self, connection: Connection) -> None:
         while True:
-            frame = await connection.queue.get()
+            frame = await connection.next_frame()
             await connection.socket.send_text(frame)
             self.frames_sent += 1
 
@@ -368,7 +408,7 @@ class StreamHub:
                 connection.streams.add(stream)
                 frame = self.latest.get(stream)
                 if frame is not None:  # the stream's current value at once
-                    connection.offer(frame)
+                    connection.offer(frame, newest_of=stream)
         self._ensure_polling()
 
     def stats(self) -> dict[str, int]:
