@@ -104,6 +104,8 @@ class Platform:
     _feed_result: dict[str, Any] = field(default_factory=dict)
     _supervisor: threading.Thread | None = None
     _supervising: threading.Event = field(default_factory=threading.Event)
+    _broker_lock: threading.Lock = field(default_factory=threading.Lock)
+    broker_restarts: int = 0  # times the supervisor started a dead embedded broker again
     # seconds each step of the last start took, in order (printed in the banner)
     phases_s: dict[str, float] = field(default_factory=dict)
 
@@ -345,12 +347,14 @@ class Platform:
         self._supervisor.start()
 
     def _supervise(self) -> None:
-        """Ping the feed actor every ``supervise_interval_s``: a restarted feed actor resumes
-        consuming on its first call, so the shards get prices again within about a second."""
+        """Every ``supervise_interval_s``: start the embedded broker again if it died, and ping
+        the feed actor (a restarted feed actor resumes consuming on its first call), so the
+        shards get prices again within seconds of either crash."""
         import ray
 
         pending: Any = None
         while not self._supervising.wait(self.supervise_interval_s):
+            self._revive_broker()
             feed = self.feed
             if feed is None:
                 continue
@@ -362,6 +366,31 @@ class Platform:
                     ray.get(pending)
             with contextlib.suppress(Exception):
                 pending = feed.stats.remote()
+
+    def _revive_broker(self) -> None:
+        """Start the embedded broker again on its port when its process has ended (a crash,
+        a kill, the OOM killer). It keeps nothing on disk, so nothing is lost that a restart
+        could keep: the producers, the feed actor and the account stream's readers reconnect
+        and recreate their topics, as they do after a trim (feed.broker)."""
+        from feed.broker import BrokerError
+
+        with self._broker_lock:
+            broker = self._broker
+            if broker is None or broker.running or self._supervising.is_set():
+                return
+            code = broker.exit_code
+            log.warning("the embedded broker on %s exited (code %s): starting it again; its "
+                        "last output: %s", broker.bootstrap, code, broker.log_tail(500))
+            broker.stop()
+            try:
+                broker.start()
+                asyncio.run(self._ensure_topic(broker.bootstrap))
+            except (BrokerError, LaunchError) as exc:  # tried again on the next round
+                log.warning("cannot start the embedded broker again yet: %s", exc)
+                return
+            self.broker_restarts += 1
+            log.warning("the embedded broker runs again on %s (pid %s)", broker.bootstrap,
+                        broker.pid)
 
     def _start_feed_thread(self, source: Any) -> None:
         from feed.source import run_source
@@ -428,9 +457,10 @@ class Platform:
                 self._ray_started = False
                 with contextlib.suppress(OSError):
                     self.address_file.unlink()
-        if self._broker is not None:
-            self._broker.stop()
-            self._broker = None
+        with self._broker_lock:
+            if self._broker is not None:
+                self._broker.stop()
+                self._broker = None
 
     def __enter__(self) -> Platform:
         return self.start()

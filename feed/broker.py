@@ -308,6 +308,11 @@ class EmbeddedBroker:
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def exit_code(self) -> int | None:
+        """The broker process's exit status once it has ended (``-9``: killed by SIGKILL)."""
+        return None if self._proc is None else self._proc.poll()
+
+    @property
     def pid(self) -> int | None:
         """The broker process's pid while it runs."""
         return self._proc.pid if self.running and self._proc is not None else None
@@ -429,7 +434,7 @@ class EmbeddedBroker:
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                tail = self._log_tail()
+                tail = self.log_tail()
                 self.stop()
                 raise BrokerError(f"the embedded broker exited at start on {self.bootstrap}: "
                                   f"{tail}")
@@ -474,7 +479,8 @@ class EmbeddedBroker:
             time.sleep(0.02)
         self.start()
 
-    def _log_tail(self, n_bytes: int = 2000) -> str:
+    def log_tail(self, n_bytes: int = 2000) -> str:
+        """The end of the broker's output (for an error message)."""
         if self.log_path is None or not self.log_path.exists():
             return "(no log)"
         return self.log_path.read_bytes()[-n_bytes:].decode(errors="replace").strip()

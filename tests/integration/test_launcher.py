@@ -3,7 +3,8 @@
 The module's platform is started once and restarted once; its phases run in this order:
 
 1. It runs in the foreground with one banner and serves prices; ``status`` and ``audit --json``
-   answer against it from other processes.
+   answer against it from other processes. ``kill -9`` of its embedded broker alone: it starts
+   the broker again by itself, and prices and trading resume within seconds.
 2. ``kill -9`` of the ``shardex up`` process alone, with clients connected (one with a
    keep-alive connection and an acknowledged open, one idle, one the server hung up on): nothing
    it started outlives it for long (the embedded broker dies with it, Ray's processes follow),
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from tests.integration.processes import descendants, stop_child
 REPO = Path(__file__).resolve().parents[2]
 START_BUDGET_S = 120.0
 RESTART_BUDGET_S = 30.0
+BROKER_RESTART_BUDGET_S = 30.0
 GIVE_UP_S = 150.0  # the start waits out TIME_WAIT leftovers (~60 s) if it must
 RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 TCP_TIME_WAIT = "06"  # a socket's state in /proc/net/tcp
@@ -177,6 +180,55 @@ def test_up_serves_prices_reports_status_and_audit(up: Up) -> None:
     report = json.loads(audit.stdout.strip().splitlines()[-1])
     assert report["ok"] is True and report["totals"]["sum_micros"] == 0
     assert report["totals"]["users_margin_micros"] == 25_000_000
+
+
+def _price_times(url: str) -> dict[str, datetime]:
+    """When each asset's price served by ``/api/v1/prices`` was quoted (empty on failure)."""
+    try:
+        body = httpx.get(f"{url}/api/v1/prices", timeout=2).json()
+        return {name: datetime.fromisoformat(p["ts"].replace("Z", "+00:00"))
+                for name, p in body.items()}
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_embedded_broker_is_started_again_and_trading_resumes(up: Up) -> None:
+    """``kill -9`` of the embedded broker only: ``shardex up`` starts it again on its port, and
+    prices quoted after the kill are served and traded on, with no one restarting anything."""
+    record_path = up.data_dir / "embedded-broker.json"
+    record = json.loads(record_path.read_text())
+    broker = ProcessIdentity.from_json(record["broker"])
+    assert record["owner"]["pid"] == up.proc.pid and broker.alive(), record
+    key = httpx.post(f"{up.url}/api/v1/accounts", json={}, timeout=10).json()["apiKey"]
+
+    os.kill(broker.pid, signal.SIGKILL)
+    killed_at = datetime.now(UTC)
+    killed = time.monotonic()
+    while not any(t > killed_at for t in _price_times(up.url).values()):
+        # until then every price served is older than the kill: a dead broker's
+        assert time.monotonic() - killed < BROKER_RESTART_BUDGET_S, \
+            f"no price quoted after the broker was killed\n{up.output()[-3000:]}"
+        assert up.proc.poll() is None, up.output()
+        time.sleep(0.2)
+    while not all(t > killed_at for t in _price_times(up.url).values()):
+        assert time.monotonic() - killed < BROKER_RESTART_BUDGET_S, _price_times(up.url)
+        time.sleep(0.2)
+    resumed_s = time.monotonic() - killed
+    print(f"\nprices again {resumed_s:.1f} s after the broker's kill -9")
+
+    again = ProcessIdentity.from_json(json.loads(record_path.read_text())["broker"])
+    assert again.pid != broker.pid and again.alive() and not broker.alive()
+    assert again.cmdline == broker.cmdline  # the same port, the same memory-only broker
+    assert f"exited (code -{int(signal.SIGKILL)}): starting it again" in up.output()
+    opened = httpx.post(f"{up.url}/api/v1/positions/open", timeout=10,
+                        headers={"Authorization": f"Bearer {key}"},
+                        json={"asset": "ETH", "type": "short", "margin": "30", "leverage": 2})
+    assert opened.status_code == 201, opened.text
+    up.open_margins["phase 1: ETH short after the broker's restart"] = 30_000_000
+    assert datetime.fromisoformat(
+        opened.json()["openedAt"].replace("Z", "+00:00")) > killed_at
 
 
 # ----------------------------------------------------------------------------- 2. kill -9
