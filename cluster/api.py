@@ -686,6 +686,13 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     app.state.key_buckets = TokenBuckets(settings.api_key_rate_per_s, settings.api_key_burst)
     signup_buckets = TokenBuckets(settings.signups_per_min / 60, settings.signups_per_min)
 
+    def tradable(name: str) -> Asset:
+        """The asset a request names; 422 UNKNOWN_ASSET for any other (case counts)."""
+        asset = assets.get(name)
+        if asset is None:
+            raise ApiError(Code.UNKNOWN_ASSET, f"unknown asset {name[:32]!r}")
+        return asset
+
     def positions_json(items: Iterable[OpenPosition | ClosedPosition]) -> list[dict[str, Any]]:
         return [position_json(p, assets[p.asset]) for p in items]
 
@@ -809,9 +816,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
                          **_errors(*_BODY_ERRORS, *_AUTH_ERRORS, 409, 503)})
     async def open_position(body: OpenBody, who: Caller) -> Response:
         """Open a long (at the ask) or a short (at the bid) with an isolated margin."""
-        asset = assets.get(body.asset)
-        if asset is None:
-            raise ApiError(Code.UNKNOWN_ASSET, f"unknown asset {body.asset[:32]!r}")
+        asset = tradable(body.asset)
         order = OpenOrder(
             asset=asset.name,
             side=Side.LONG if body.type == "long" else Side.SHORT,
@@ -942,9 +947,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         """Place a pending limit or stop order: its margin is locked now; on the first later
         tick that meets its condition it opens a position exactly like a market open at that
         tick's price (ask for a long, bid for a short)."""
-        asset = assets.get(body.asset)
-        if asset is None:
-            raise ApiError(Code.UNKNOWN_ASSET, f"unknown asset {body.asset[:32]!r}")
+        asset = tradable(body.asset)
         order = PlaceOrder(
             asset=asset.name,
             side=Side.LONG if body.type == "long" else Side.SHORT,
@@ -1029,8 +1032,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
             limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT) -> Response:
         """Candles of the mid price, oldest first: the newest ``limit`` (the current one
         included), or from ``startTime`` on."""
-        if asset not in assets:
-            raise ApiError(Code.UNKNOWN_ASSET, f"unknown asset {asset!r}")
+        tradable(asset)
         try:
             query = CandleQuery(limit, startTime, endTime)
         except ValueError as exc:
