@@ -19,7 +19,14 @@ import websockets
 
 from cluster.config import Settings
 from cluster.live.streams import POLL_TIMEOUT_S
-from tests.e2e.api_client import open_position, raw_answer, signup, sol_trader, tick
+from tests.e2e.api_client import (
+    open_position,
+    raw_answer,
+    signup,
+    sol_trader,
+    state,
+    tick,
+)
 from tests.e2e.http_platform import HttpPlatform, LocalHttpPlatform
 
 WAIT_S = 10.0
@@ -434,6 +441,37 @@ def test_more_missed_account_events_than_a_connection_may_hold_unsent_come_as_a_
                 assert (missed["event"], missed["seq"]) == ("positionOpened", 5)
 
         asyncio.run(scenario())
+
+
+def test_a_partial_close_is_followed_by_the_part_that_stays_open(platform: HttpPlatform,
+                                                                 http: httpx.Client) -> None:
+    """A partial close: ``positionClosed`` (``partial: true``) and the balance, then
+    ``positionUpdated`` with what stays open under the same id (its quantity, margin and
+    liquidation price now), as ``GET /api/v1/state`` shows it."""
+    h = sol_trader(platform, http)
+
+    async def scenario() -> None:
+        async with account_stream(platform, h) as ws:
+            await account_frames(ws, 1)  # the snapshot
+            p = await asyncio.to_thread(open_position, http, h, asset="SOL", type="long",
+                                        margin="100", leverage=10)
+            await account_frames(ws, 2)  # the lock's balance, positionOpened
+            r = await asyncio.to_thread(http.post, "/api/v1/positions/close", headers=h,
+                                        json={"positionId": p["positionId"],
+                                              "quantity": "2.5"})
+            assert r.status_code == 200 and r.json()["partial"] is True, r.text
+            closed, balance, rest = await account_frames(ws, 3)
+            assert (closed["event"], closed["partial"]) == ("positionClosed", True)
+            assert D(closed["quantity"]) == D("2.5")
+            assert balance["event"] == "balance"
+            assert rest["event"] == "positionUpdated" and rest["seq"] == balance["seq"] + 1
+            [now] = (await asyncio.to_thread(state, http, h))["positions"]
+            assert rest["positionId"] == now["positionId"] == p["positionId"]
+            assert D(rest["quantity"]) == D(p["quantity"]) - D("2.5") == D(now["quantity"])
+            assert D(rest["margin"]) == D(p["margin"]) - D(closed["margin"]) == D(now["margin"])
+            assert rest["liquidationPrice"] == now["liquidationPrice"]
+
+    asyncio.run(scenario())
 
 
 def test_a_filled_order_is_followed_by_the_position_it_opened(platform: HttpPlatform,
