@@ -22,6 +22,7 @@ import httpx
 import pytest
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select
 
@@ -604,7 +605,7 @@ def test_take_profit_and_stop_loss_edited_from_the_row(
     by_id(browser, "error-dismiss").click()
     type_into(tp_input, "")
     type_into(sl_input, modified["stopLoss"])
-    row_control(browser, "save-triggers", position_id).click()
+    sl_input.send_keys(Keys.ENTER)  # Enter saves, as Save does
     removed = wait_api_position(browser, http, key, position_id,
                                 lambda p: p["takeProfit"] is None, "the removed TP")
     assert removed["stopLoss"] == modified["stopLoss"]

@@ -73,6 +73,7 @@ function showError(err) {
   setText(byId("error-count"), lastError.count > 1 ? `×${lastError.count}` : "");
   banner.dataset.code = code;
   banner.hidden = false;
+  byId("notice").hidden = true;  // one message at a time: the newest
 }
 
 function localError(code, message) {
@@ -360,6 +361,7 @@ async function useKey(event) {
     setKey(key, state && state.accountId);
     renderState(state);
     requestRefresh(true);
+    showNotice("Logged in with the key.");  // and an older notice (logged out) is gone
   } catch (err) {
     showError(err);
   } finally {
@@ -558,6 +560,7 @@ function positionRow(id) {
   const tpInput = input("edit-take-profit", "none", "Take-profit (empty: none)");
   const slInput = input("edit-stop-loss", "none", "Stop-loss (empty: none)");
   const save = button("save-triggers", "Save", "Save take-profit and stop-loss");
+  save.type = "submit";  // Enter in either field saves too (a form submits on Enter only with one)
   const cancel = button("cancel-edit", "Cancel", "Cancel the edit");
   const editorForm = h("form", { class: "row-editor", autocomplete: "off", novalidate: true },
     h("label", {}, h("span", { text: "Take profit" }), tpInput),
@@ -581,7 +584,6 @@ function positionRow(id) {
   removeMargin.addEventListener("click", () => changeMargin(entry, -1));
   edit.addEventListener("click", () => setEditing(entry, entry.editorRow.hidden));
   cancel.addEventListener("click", () => setEditing(entry, false));
-  save.addEventListener("click", () => saveTriggers(entry));
   editorForm.addEventListener("submit", (event) => {
     event.preventDefault();
     saveTriggers(entry);
