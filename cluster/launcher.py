@@ -105,7 +105,6 @@ class Platform:
     _supervisor: threading.Thread | None = None
     _supervising: threading.Event = field(default_factory=threading.Event)
     _broker_lock: threading.Lock = field(default_factory=threading.Lock)
-    broker_restarts: int = 0  # times the supervisor started a dead embedded broker again
     # seconds each step of the last start took, in order (printed in the banner)
     phases_s: dict[str, float] = field(default_factory=dict)
 
@@ -378,17 +377,15 @@ class Platform:
             broker = self._broker
             if broker is None or broker.running or self._supervising.is_set():
                 return
-            code = broker.exit_code
             log.warning("the embedded broker on %s exited (code %s): starting it again; its "
-                        "last output: %s", broker.bootstrap, code, broker.log_tail(500))
-            broker.stop()
+                        "last output: %s", broker.bootstrap, broker.exit_code,
+                        broker.log_tail(500))
             try:
-                broker.start()
+                broker.restart()
                 asyncio.run(self._ensure_topic(broker.bootstrap))
             except (BrokerError, LaunchError) as exc:  # tried again on the next round
                 log.warning("cannot start the embedded broker again yet: %s", exc)
                 return
-            self.broker_restarts += 1
             log.warning("the embedded broker runs again on %s (pid %s)", broker.bootstrap,
                         broker.pid)
 

@@ -214,9 +214,11 @@ class StreamHub:
                     self.version = 0
                     continue
                 self.version = changes.version
-                self.publish([c for c in changes.items
-                              if not (fresh and getattr(c.value, "closed", False))])
-                fresh = False
+                items = changes.items
+                if fresh:
+                    items = [c for c in items if not getattr(c.value, "closed", False)]
+                    fresh = False
+                self.publish(items)
         finally:
             if not self.connections:
                 self.latest.clear()
