@@ -179,6 +179,7 @@ class Reconciler:
             return
         if isinstance(result, SettlementItem):
             await self.courier.deliver(doubt.shard, None if key is None else (key, result.closed))
+            await self.note_rest(doubt.shard, result.closed, doubt.request_id)
         elif isinstance(result, OpenPosition):  # a change of a position that happened
             await self.settle_change(doubt, result)
         elif key is not None:
@@ -200,6 +201,21 @@ class Reconciler:
             key = None  # stored with the release
         await self.ledger.call(Note(position.owner, doubt.request_id,
                                     account_events.POSITION_UPDATED, position, key))
+
+    async def note_rest(self, shard: str, closed: ClosedPosition | EndedOrder, request_id: int
+                        ) -> None:
+        """After a partial close reached the ledger, note what stays open of the position
+        (``positionUpdated``: its quantity, margin and liquidation price now), after the
+        close's own account events. Lost with a shard or the ledger unavailable: the state
+        still shows it."""
+        if not isinstance(closed, ClosedPosition) or not closed.partial:
+            return
+        with contextlib.suppress(Unavailable):
+            [mine] = await self.shards[shard].call(PositionsOf((closed.owner,)))
+            rest = next((p for p in mine if p.position_id == closed.position_id), None)
+            if rest is not None:
+                await self.ledger.call(Note(closed.owner, request_id,
+                                            account_events.POSITION_UPDATED, rest, None))
 
     # ----------------------------------------------------------------- pending reservations
     async def settle_pending(self, older_than_s: float = STALE_PENDING_S) -> int:

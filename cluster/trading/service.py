@@ -43,7 +43,7 @@ from cluster.trading.batcher import MicroBatcher
 from cluster.trading.courier import Courier
 from cluster.trading.placement import Layout
 from cluster.trading.reconciler import NOTED_KIND, TRANSIENT_CODES, InDoubt, Reconciler
-from engine.account_events import POSITION_UPDATED, AccountEvent
+from engine.account_events import AccountEvent
 from engine.assets import Asset, AssetRegistry
 from engine.candles import Candle, CandleQuery
 from engine.ledger_machine import (
@@ -631,21 +631,8 @@ class TradingService:
             if key is not None:
                 self.reconciler.in_doubt(InDoubt(spec.name, request_id, kind, key))
         else:
-            if isinstance(closed, ClosedPosition) and closed.partial:
-                await self._note_rest(spec.name, closed, request_id)
+            await self.reconciler.note_rest(spec.name, closed, request_id)
         return closed
-
-    async def _note_rest(self, shard_name: str, closed: ClosedPosition,
-                         request_id: int) -> None:
-        """Note what stays open of a partially closed position (``positionUpdated``: its
-        quantity, margin and liquidation price now), after the close's own account events.
-        Lost with a shard or the ledger unavailable: the state still shows it."""
-        with contextlib.suppress(Unavailable):
-            mine = await self._positions[shard_name].submit(closed.owner)
-            rest = next((p for p in mine if p.position_id == closed.position_id), None)
-            if rest is not None:
-                await self.ledger.call(Note(closed.owner, request_id,
-                                            POSITION_UPDATED, rest, None))
 
     # ----------------------------------------------------------------- operations
     async def shard_stats(self) -> dict[str, ShardStats | None]:

@@ -25,6 +25,7 @@ from engine.ledger_machine import (
     ReleaseMargin,
     Totals,
 )
+from engine.account_events import POSITION_UPDATED
 from engine.market import Tick
 from engine.messages import ClosedPosition, CloseOrder, OpenPosition, Principal, SettlementItem
 from engine.results import Code, Rejected
@@ -231,6 +232,38 @@ async def test_a_retried_close_whose_reply_was_lost_gets_the_first_close(
     history = await p.ledger.call(History(who.user))
     assert history == [retry]
     assert balances(p, who) == (SIGNUP + retry.pnl_micros, 0)
+    assert (await svc.audit())[0] == []
+
+
+async def test_a_partial_close_settled_after_its_reply_was_lost_notes_the_rest(
+        make: Make) -> None:
+    flaky: dict[str, FailingBatches] = {}
+
+    def wrap(port: LocalPort) -> Port:
+        flaky[port.name] = FailingBatches(port, Close, failures=None, deliver=True)
+        return flaky[port.name]
+
+    p = make(wrap=wrap)
+    svc = make.service(p, shards=dict(flaky))
+    who = await sol_trader(p, svc)
+    pos = await svc.open_position(who, sol_long())
+    assert isinstance(pos, OpenPosition)
+    await p.push_tick("SOL", "101.00", "101.01")
+    since, _ = await svc.account_events(who.user, None)
+    with pytest.raises(Unavailable):  # the shard closed part of it; every reply was lost
+        await svc.close_position(who, CloseOrder(pos.position_id, qty_steps=pos.qty_steps // 4))
+    flaky[p.shard_of("SOL").name].kind = ()  # it answers again: a round learns the outcome
+    assert await svc.reconcile() == 0
+    _, events = await svc.account_events(who.user, since)
+    assert events is not None
+    kinds = [e.kind for e in events]
+    assert kinds[-1] == POSITION_UPDATED, kinds
+    assert "positionClosed" in kinds[:-1]
+    page = await svc.positions(who, 10)
+    assert not isinstance(page, Rejected)
+    [rest] = page[0]
+    assert events[-1].body == rest
+    assert rest.qty_steps == pos.qty_steps - pos.qty_steps // 4
     assert (await svc.audit())[0] == []
 
 
