@@ -251,8 +251,9 @@ def test_liquidation_by_a_produced_price_leaves_the_table_and_shows_in_history(
 
 def test_api_error_is_shown_with_the_apis_code_and_message(
         platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
-    """A margin above the free balance: the error banner shows INSUFFICIENT_BALANCE and the
-    very message the API answers to that request; no position is opened."""
+    """A margin above the free balance, then a leverage below the range: the error banner
+    shows INSUFFICIENT_BALANCE, then LEVERAGE_OUT_OF_RANGE, each with the very message the API
+    answers to that request; no position is opened."""
     tick(platform, http, "SOL", "100.00", "100.01")
     open_terminal(browser, platform)
     key = create_account(browser)
@@ -266,6 +267,23 @@ def test_api_error_is_shown_with_the_apis_code_and_message(
     assert text_of(browser, "error-code") == "INSUFFICIENT_BALANCE"
     assert account(http, key)["positions"] == []
     assert position_rows(browser) == []
+
+    # the ticket's estimate: the size and notional of a valid order, none of one beyond the
+    # asset's leverage (the API will refuse it)
+    fill(browser, "ticket-margin", "100")
+    fill(browser, "ticket-leverage", "10")
+    wait_until(browser, lambda d: "notional ≈ 1000.00 USD" in text_of(d, "ticket-estimate"),
+               "the estimate of a 1000 USD order")
+    fill(browser, "ticket-leverage", "1000")
+    wait_until(browser, lambda d: text_of(d, "ticket-estimate") == "",
+               "no estimate of an order beyond the asset's leverage")
+
+    # a leverage below the range is named as such, not as a type error
+    open_long_from_ticket(browser, "100", "-1")
+    wait_banner_answers_as_the_api(browser, http, key, "LEVERAGE_OUT_OF_RANGE", 422, "open",
+                                   {"asset": "SOL", "type": "long", "margin": "100",
+                                    "leverage": -1})
+    assert account(http, key)["positions"] == []
 
     by_id(browser, "error-dismiss").click()
     wait_until(browser, lambda d: not banner.is_displayed(), "the dismissed banner")

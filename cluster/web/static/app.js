@@ -773,7 +773,9 @@ function field(id) {
 
 function leverageValue() {
   const value = field("ticket-leverage");
-  return /^\d+$/.test(value) ? Number(value) : value; // anything else: the API names the problem
+  // a whole number goes as a number, so the API can say it is out of range; anything else as
+  // typed: the API names the problem
+  return /^-?\d+$/.test(value) ? Number(value) : value;
 }
 
 function slippage() {
@@ -804,6 +806,10 @@ function renderEstimate() {
     return;
   }
   const notional = margin * leverage;
+  if (!(notional <= Number.MAX_SAFE_INTEGER) || leverage > (asset.maxLeverage || Infinity)) {
+    setText(node, ""); // the API will refuse it: no estimate of an order that cannot be
+    return;
+  }
   const decimals = fmt.decimalsOf(asset.quantityStep);
   const size = Math.floor((notional / price) * 10 ** decimals) / 10 ** decimals;
   setText(node, `≈ ${size.toFixed(decimals)} ${asset.name} · notional ≈ ${notional.toFixed(2)} USD (estimate)`);
