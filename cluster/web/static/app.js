@@ -31,6 +31,7 @@ const app = {
   asset: null,
   interval: "1m",
   prices: {},                // asset -> {bid, ask, ts, source}
+  equity: null,              // the server's equity (decimal string) of the last state read
   positions: [],
   positionRows: new Map(),   // positionId -> {position, markCell, pnlCell}
   orders: [],
@@ -323,6 +324,7 @@ function renderAccount() {
 
 function clearAccountData() {
   for (const id of ["balance-free", "balance-margin", "balance-equity", "upnl-total"]) setText(byId(id), "—");
+  app.equity = null;
   renderPositions([]);
   renderOrders([]);
   renderClosed([]);
@@ -466,7 +468,7 @@ function renderState(state) {
   const balances = state.balances || {};
   setText(byId("balance-free"), fmt.money(balances.free));
   setText(byId("balance-margin"), fmt.money(balances.margin));
-  setText(byId("balance-equity"), fmt.money(balances.equity));
+  app.equity = balances.equity ?? null;
   renderPositions(Array.isArray(state.positions) ? state.positions : []);
   const notes = [];
   if (state.morePositions) notes.push("Showing the oldest positions only: the account has more.");
@@ -628,9 +630,13 @@ function setEditing(entry, editing) {
 function renderPnl() {
   let total = 0;
   let counted = 0;
+  let moved = null; // how far the live PnL moved the equity from the server's
   for (const { position, markCell, pnlCell } of app.positionRows.values()) {
     const quote = app.prices[position.asset];
     const live = fmt.livePnl(position, quote);
+    if (live !== null && fmt.isDecimal(String(position.unrealizedPnl ?? ""))) {
+      moved = (moved ?? 0) + live - Number(position.unrealizedPnl);
+    }
     if (live !== null) {
       setText(markCell, position.type === "long" ? quote.bid : quote.ask);
       setText(pnlCell, fmt.signedNumber(live));
@@ -652,6 +658,11 @@ function renderPnl() {
   const totalNode = byId("upnl-total");
   setText(totalNode, counted ? fmt.signedNumber(total) : "—");
   totalNode.className = counted ? fmt.pnlClass(total) : "num";
+  // equity moves with the same prices as the PnL beside it, between reads of the state
+  const equityNode = byId("balance-equity");
+  const live = moved !== null && fmt.isDecimal(String(app.equity ?? ""));
+  setText(equityNode, live ? (Number(app.equity) + moved).toFixed(2) : fmt.money(app.equity));
+  equityNode.dataset.source = live ? "live" : "server";
 }
 
 function renderChartLines() {
