@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import functools
 import json
 import logging
@@ -131,7 +132,14 @@ CloseCursor = Annotated[str | None, Query(
 SlippageBps = Annotated[StrictInt, Field(ge=0, le=10_000)]
 
 
-class OpenBody(BaseModel):
+class RequestBody(BaseModel):
+    """A request body: a field it does not name is refused (422 ``INVALID_REQUEST``), so a
+    misspelt ``stopLoss`` cannot open a position without its stop."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class OpenBody(RequestBody):
     """POST /api/v1/positions/open."""
 
     model_config = ConfigDict(json_schema_extra={"example": {
@@ -154,7 +162,7 @@ class OpenBody(BaseModel):
     clientOrderId: ClientOrderId | None = None
 
 
-class ModifyBody(BaseModel):
+class ModifyBody(RequestBody):
     """POST /api/v1/positions/modify: a field present sets its level, null removes it, an
     absent one stays as it is."""
 
@@ -173,7 +181,7 @@ SignedMoney = Annotated[DecimalValue, EXACT_DECIMAL, WithJsonSchema(decimal_sche
     description="USD, not 0, at most 6 decimals: > 0 adds margin, < 0 removes it"))]
 
 
-class MarginBody(BaseModel):
+class MarginBody(RequestBody):
     """POST /api/v1/positions/margin."""
 
     model_config = ConfigDict(json_schema_extra={"example": {
@@ -184,7 +192,7 @@ class MarginBody(BaseModel):
     clientOrderId: ClientOrderId | None = None
 
 
-class OrderBody(BaseModel):
+class OrderBody(RequestBody):
     """POST /api/v1/orders."""
 
     model_config = ConfigDict(json_schema_extra={"example": {
@@ -212,7 +220,7 @@ class OrderBody(BaseModel):
     clientOrderId: ClientOrderId | None = None
 
 
-class CloseBody(BaseModel):
+class CloseBody(RequestBody):
     """POST /api/v1/positions/close."""
 
     model_config = ConfigDict(json_schema_extra={"example": {
@@ -549,8 +557,19 @@ def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:3]:
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+        message = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            message = "unknown field" + _did_you_mean(loc)
+        parts.append(f"{loc}: {message}")
     return "; ".join(parts) or "invalid request"
+
+
+def _did_you_mean(name: str) -> str:
+    """`` (did you mean stopLoss?)`` for a name close to a field of a request body, else ``""``."""
+    known = {f for body in RequestBody.__subclasses__() for f in body.model_fields}
+    by_case = [f for f in known if f.lower() == name.lower()]
+    close = by_case or difflib.get_close_matches(name[:64], sorted(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 # --------------------------------------------------------------------------- metrics
@@ -569,14 +588,18 @@ class _HttpCounter:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"] if scope["path"] in self.routes else "other"
         method = scope["method"]
         if method == "HEAD":
             scope = {**scope, "method": "GET"}
+        routed = scope
 
         async def counting_send(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                key = (method, path, int(message["status"]))
+                # the route's template ("/api/v1/orders/{order_id}"), set by the router as
+                # it matched: one label per route, whatever the path's parameters
+                path = getattr(routed.get("route"), "path", routed["path"])
+                key = (method, path if path in self.routes else "other",
+                       int(message["status"]))
                 self.counts[key] = self.counts.get(key, 0) + 1
             await send(message)
 

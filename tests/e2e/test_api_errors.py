@@ -101,6 +101,8 @@ BAD_OPEN_BODIES: list[tuple[str, Any, str]] = [
     ("array body", [VALID], "INVALID_REQUEST"),
     ("string body", "SOL", "INVALID_REQUEST"),
     ("empty object", {}, "INVALID_REQUEST"),
+    ("misspelt stop loss", {**VALID, "stoploss": "5"}, "INVALID_REQUEST"),
+    ("unknown field", {**VALID, "reduceOnly": True}, "INVALID_REQUEST"),
 ]
 
 
@@ -113,6 +115,32 @@ def test_bad_open_bodies_are_4xx_with_the_error_shape(
     assert error_code(r) == code
     s = http.get("/api/v1/state", headers=h).json()
     assert s["positions"] == [] and s["balances"]["margin"] == "0.000000"
+
+
+@pytest.mark.parametrize("path,body,field,hint", [
+    ("/api/v1/positions/open", {**VALID, "stoploss": "9"}, "stoploss", "stopLoss"),
+    ("/api/v1/positions/open", {**VALID, "take_profit": "12"}, "take_profit", "takeProfit"),
+    ("/api/v1/orders", {**VALID, "orderType": "limit", "triggerPrice": "95",
+                        "expiry": "2030-01-01T00:00:00Z"}, "expiry", None),
+    ("/api/v1/positions/close", {"positionId": "1", "qty": "0.5"}, "qty", None),
+    ("/api/v1/positions/modify", {"positionId": "1", "StopLoss": "9"}, "StopLoss", "stopLoss"),
+    ("/api/v1/positions/margin", {"positionId": "1", "amount": "5", "x": 1}, "x", None),
+])
+def test_a_field_a_request_does_not_know_is_refused_by_name(
+        platform: HttpPlatform, http: httpx.Client, path: str, body: dict[str, Any],
+        field: str, hint: str | None) -> None:
+    """A misspelt protective field never opens an unprotected position: the request is refused
+    naming the field (and the field it resembles), and nothing is locked or opened."""
+    h = sol_trader(platform, http)
+    r = http.post(path, json=body, headers=h)
+    assert r.status_code == 422, r.text
+    assert error_code(r) == "INVALID_REQUEST"
+    message = r.json()["error"]["message"]
+    assert message.startswith(f"{field}: unknown field"), message
+    assert (f"did you mean {hint}?" in message) if hint else ("did you mean" not in message)
+    s = http.get("/api/v1/state", headers=h).json()
+    assert s["positions"] == [] and s["balances"]["margin"] == "0.000000"
+    assert http.get("/api/v1/orders", headers=h).json()["orders"] == []
 
 
 RAW_BODIES: list[tuple[str, bytes, str | None]] = [
@@ -247,7 +275,7 @@ def test_head_answers_what_get_would_without_a_body(http: httpx.Client) -> None:
     assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, POST"
 
 
-def test_operations_endpoints(http: httpx.Client) -> None:
+def test_operations_endpoints(platform: HttpPlatform, http: httpx.Client) -> None:
     r = http.get("/healthz")
     assert r.status_code == 200 and r.json()["status"] == "ok"
     assert r.json()["components"]["ledger"] == "ok"
@@ -255,6 +283,12 @@ def test_operations_endpoints(http: httpx.Client) -> None:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     assert "shardex_http_responses_total" in r.text and "shardex_open_positions" in r.text
     assert 'shardex_open_orders{shard="shard-SOL-0",asset="SOL"} ' in r.text
+    # a route with a parameter is counted under its template, not as "other"
+    headers = sol_trader(platform, http)
+    assert http.delete("/api/v1/orders/123", headers=headers).status_code == 404
+    assert http.delete("/api/v1/orders/456", headers=headers).status_code == 404
+    text = http.get("/metrics").text
+    assert 'method="DELETE",path="/api/v1/orders/{orderId}",status="404"} 2' in text, text
     spec = http.get("/openapi.json").json()
     for path in ("/api/v1/accounts", "/api/v1/state", "/api/v1/positions/open",
                  "/api/v1/positions/close", "/api/v1/positions/history", "/api/v1/assets",

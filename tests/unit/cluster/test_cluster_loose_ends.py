@@ -15,6 +15,7 @@ from cluster.actors.host import host_specs
 from cluster.actors.port import LocalPort, Port, Unavailable
 from cluster.trading.courier import Courier, SettlementRefused
 from cluster.trading.reconciler import ORPHAN_ROUNDS
+from engine.account_events import POSITION_UPDATED
 from engine.ledger_machine import (
     AppliedSeq,
     ApplySettlements,
@@ -25,7 +26,6 @@ from engine.ledger_machine import (
     ReleaseMargin,
     Totals,
 )
-from engine.account_events import POSITION_UPDATED
 from engine.market import Tick
 from engine.messages import ClosedPosition, CloseOrder, OpenPosition, Principal, SettlementItem
 from engine.results import Code, Rejected
