@@ -183,6 +183,29 @@ def check_terms(asset: Asset, terms: OrderTerms) -> None:
         raise ValueError("expiry out of range")
 
 
+def impossible_levels(terms: OrderTerms) -> str | None:
+    """Why the take-profit or stop-loss of ``terms`` is valid at no fill price (so the order
+    could only end rejected), or None. A limit long fills at an ask <= its trigger, a stop long
+    at an ask >= it; a short at the bid, mirrored. A long's TP must lie above its entry and its
+    SL below it; a short's the other way round (engine.orders.plan_open)."""
+    tp, sl, trigger = terms.tp_ticks, terms.sl_ticks, terms.trigger_ticks
+    long = terms.side == Side.LONG
+    if tp != NO_LEVEL and sl != NO_LEVEL and ((sl >= tp - 1) if long else (tp >= sl - 1)):
+        return "no entry price lies strictly between its stop-loss and its take-profit"
+    if (tp if long else sl) == 1:  # the entry would have to lie below one price step
+        return f"a {'long' if long else 'short'}'s {'take-profit' if long else 'stop-loss'} " \
+            "must lie above the smallest price"
+    limit = terms.kind == OrderKind.LIMIT
+    if limit and sl != NO_LEVEL and ((sl >= trigger) if long else (sl <= trigger)):
+        return (f"a limit {'long' if long else 'short'} fills at or {'below' if long else 'above'}"
+                f" its trigger: its stop-loss must lie {'below' if long else 'above'} the trigger")
+    if not limit and tp != NO_LEVEL and ((tp <= trigger) if long else (tp >= trigger)):
+        return (f"a stop {'long' if long else 'short'} fills at or {'above' if long else 'below'}"
+                f" its trigger: its take-profit must lie {'above' if long else 'below'} the "
+                "trigger")
+    return None
+
+
 class OrderBook(RowStore[OrderRecord], columns=_COLUMNS, attributes=_ATTR_OF,
                 record=_RECORD, id_column="order_id", link_column="trigger_ticks", noun="order",
                 indexes=(*_SLOT_NAMES, "expiry")):
@@ -371,6 +394,7 @@ __all__ = [
     "OrderTerms",
     "check_terms",
     "fill_price",
+    "impossible_levels",
     "naive_sweep",
     "record_of_terms",
 ]

@@ -83,7 +83,7 @@ from engine.messages import (
     ShardOpen,
     ShardStats,
 )
-from engine.order_book import OrderKind, OrderTerms
+from engine.order_book import OrderKind, OrderTerms, impossible_levels
 from engine.orders import Side
 from engine.results import Code, Rejected
 from engine.shard_machine import (
@@ -448,6 +448,9 @@ class TradingService:
         terms = OrderTerms(Side(order.side), OrderKind(order.kind), order.trigger_ticks,
                            order.margin_micros, order.leverage, order.tp_ticks, order.sl_ticks,
                            order.expires_ts_us)
+        problem = impossible_levels(terms)  # the shard decides it too; refused before a lock
+        if problem is not None:
+            return Rejected(Code.INVALID_TRIGGER, problem)
         lock = MarginLock(who.user, order.margin_micros, order=True)
         return await self._idempotent(who, "order", order.client_order_id, lambda key: self._lock(
             who, lock._replace(idem_key=key), self._new_split(order.asset),

@@ -176,6 +176,12 @@ def test_bad_orders_are_refused_and_lock_nothing(platform: HttpPlatform,
             ({"expiresAt": "1970-01-01T00:00:00Z"}, 422, "INVALID_REQUEST"),
             ({"expiresAt": "1970-01-01T01:00:00+01:00"}, 422, "INVALID_REQUEST"),
             ({"expiresAt": "9999-12-31T23:59:59-01:00"}, 422, "INVALID_REQUEST"),
+            # take-profit and stop-loss that no fill price could accept: refused up front
+            # (a limit long fills at 99 or below; a stop long at 101 or above)
+            ({"stopLoss": "99"}, 422, "INVALID_TRIGGER"),
+            ({"orderType": "stop", "triggerPrice": "101", "takeProfit": "100"}, 422,
+             "INVALID_TRIGGER"),
+            ({"takeProfit": "98", "stopLoss": "98"}, 422, "INVALID_TRIGGER"),
             ({"margin": "20000"}, 409, "INSUFFICIENT_BALANCE")):
         r = http.post("/api/v1/orders", json={**good, **change}, headers=h)
         assert r.status_code == status and error_code(r) == code, (change, r.text)

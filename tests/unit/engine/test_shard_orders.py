@@ -162,6 +162,9 @@ def test_an_expiry_in_the_past_or_bad_terms_are_refused() -> None:
     assert isinstance(refused, Rejected) and refused.code is Code.INVALID_REQUEST
     refused = run(m, Place(1, terms(LONG, LIMIT, 10000, leverage=SOL.max_leverage + 1), 0))
     assert isinstance(refused, Rejected) and refused.code is Code.INVALID_REQUEST
+    # a stop-loss no fill price can accept: a limit long fills at or below its trigger
+    refused = run(m, Place(1, terms(LONG, LIMIT, 10000, sl=10000), 0))
+    assert isinstance(refused, Rejected) and refused.code is Code.INVALID_TRIGGER
     assert len(m.orders) == 0 and run(m, Outbox()).items == []
 
 
