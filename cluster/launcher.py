@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -55,13 +56,18 @@ class LaunchError(RuntimeError):
 def port_is_free(host: str, port: int) -> bool:
     """Whether the API server could listen on ``host:port`` (bound the way it binds, so
     connections of a killed run left in TIME_WAIT do not count)."""
+    return bind_problem(host, port) is None
+
+
+def bind_problem(host: str, port: int) -> OSError | None:
+    """Why the API server could not listen on ``host:port`` now, or None."""
     from feed.broker import check_bindable
 
     try:
         check_bindable(host, port)
-    except OSError:
-        return False
-    return True
+    except OSError as exc:
+        return exc
+    return None
 
 
 @dataclass
@@ -144,7 +150,13 @@ class Platform:
 
         self._take_over_data_dir()
         phase("previous run")
-        if not port_is_free(self.host, settings.port):
+        problem = bind_problem(self.host, settings.port)
+        if problem is not None and problem.errno != errno.EADDRINUSE:
+            # a name that does not resolve, an address of another machine, a privileged port
+            raise LaunchError(f"cannot listen on {self.host}:{settings.port}: "
+                              f"{problem.strerror or problem} (set HOST to a name or address "
+                              "of this machine, or PORT)")
+        if problem is not None:
             from feed.broker import accepts_connections
 
             if accepts_connections(self.host, settings.port):

@@ -59,6 +59,17 @@ def test_a_live_listener_still_counts_as_in_use() -> None:
         assert not port_is_free("127.0.0.1", port)
 
 
+def test_a_host_this_machine_cannot_listen_on_is_named_as_such(tmp_path: Path) -> None:
+    """An address of no interface here (TEST-NET-3): not mistaken for a port in use."""
+    settings = dataclasses.replace(Settings(), data_dir=tmp_path, port=free_port(),
+                                   host="203.0.113.7")
+    with pytest.raises(LaunchError) as refused:
+        Platform(settings, host=settings.host).start()
+    message = str(refused.value)
+    assert message.startswith(f"cannot listen on 203.0.113.7:{settings.port}: "), message
+    assert "set HOST" in message and "TIME_WAIT" not in message, message
+
+
 def _cli(*args: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, env=env,
