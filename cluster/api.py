@@ -1056,6 +1056,8 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         """Candles of the mid price, oldest first: the newest ``limit`` (the current one
         included), or from ``startTime`` on."""
         tradable(asset)
+        if startTime is not None and endTime is not None and startTime > endTime:
+            raise invalid("startTime must not be after endTime")
         try:
             query = CandleQuery(limit, startTime, endTime)
         except ValueError as exc:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 BENCHES = ("engine", "feed", "api", "durability", "live", "chaos", "footprint", "latency")
@@ -66,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _run(args)
+    except BrokenPipeError:
+        # the reader went away (`shardex status | head`): what it did not read is not an error;
+        # stdout goes to /dev/null so the interpreter's last flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except ConfigError as exc:
         # one line naming the variable and its range: a bad setting is not a crash
         print(f"shardex: configuration error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -945,7 +945,8 @@ class LedgerMachine:
         elif not lock.top_up \
                 and self._open_counts.get(lock.user, 0) >= self.max_open_positions:
             result = Rejected(Code.TOO_MANY_POSITIONS,
-                              f"at most {self.max_open_positions} open positions per account")
+                              f"at most {self.max_open_positions} open positions per account "
+                              "(each pending order holds one)")
         elif self.ledger.free_micros(lock.user) < margin:
             result = Rejected(Code.INSUFFICIENT_BALANCE, "insufficient free balance")
         events: list[Event] = []

@@ -57,6 +57,10 @@ def test_bad_parameters_are_422_and_no_key_is_needed(http: httpx.Client) -> None
                    {"asset": "SOL"}):
         [body] = klines(http, 422, **params)
         assert body["error"]["code"] == "INVALID_REQUEST", params  # type: ignore[index]
+        # the message names the query's own parameters
+        assert "start_s" not in body["error"]["message"], body  # type: ignore[index]
+    [body] = klines(http, 422, asset="SOL", interval="1m", startTime=10, endTime=5)
+    assert body["error"]["message"] == "startTime must not be after endTime"  # type: ignore[index]
     r = http.get("/api/v1/klines", params={"asset": "SOL", "interval": "1h"})
     assert r.status_code == 200, r.text
 

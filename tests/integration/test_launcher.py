@@ -166,6 +166,16 @@ def test_up_serves_prices_reports_status_and_audit(up: Up) -> None:
     assert "tick_age=" in status.stdout and "feed: node" in status.stdout
     # the feed's drops by reason (the sim source sends none: "none" until one is dropped)
     assert re.search(r"dropped: (none|[a-z_]+=\d+)", status.stdout), status.stdout
+    # a reader that went away (`shardex status | head -1`): a quiet exit, no stack trace
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        cut = subprocess.run([sys.executable, "-m", "cluster.cli", "status"], cwd=REPO,
+                             env=up.env, stdout=write_end, stderr=subprocess.PIPE, text=True,
+                             timeout=90)
+    finally:
+        os.close(write_end)
+    assert cut.returncode == 128 + signal.SIGPIPE and cut.stderr == "", cut.stderr
 
     base = f"{up.url}/api/v1"
     key = httpx.post(f"{base}/accounts", json={}, timeout=10).json()["apiKey"]

@@ -108,7 +108,8 @@ def test_the_200th_open_is_accepted_and_the_201st_refused_with_nothing_changed()
     assert led.count(user) == CAP
     before, records = led.m.fingerprint(), len(led.records)
     answer = refused(led, user)  # the 201st
-    assert answer.message == f"at most {CAP} open positions per account"
+    assert answer.message == f"at most {CAP} open positions per account (each pending order " \
+                             "holds one)"
     assert led.m.fingerprint() == before and len(led.records) == records
     assert led(Balances(user)) == (SIGNUP - CAP * USD, CAP * USD)
     # with a clientOrderId the refusal is its first answer, and still nothing is locked
