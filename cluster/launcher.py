@@ -36,7 +36,7 @@ from typing import Any, Literal
 from cluster.actor_names import FEED, LEDGER, NAMESPACE
 from cluster.config import MARKET_TOPIC, ConfigError, Settings
 from cluster.trading.placement import ShardSpec, shard_layout
-from engine.shard_machine import Stats
+from engine.shard_machine import LastTick, Stats
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,7 @@ class Platform:
                               inherited=self._ray_started)
         phase("api")
         if source is not None:
+            self._resume_source(source)
             self._start_feed_thread(source)
 
     @property
@@ -400,6 +401,33 @@ class Platform:
                 return
             log.warning("the embedded broker runs again on %s (pid %s)", broker.bootstrap,
                         broker.pid)
+
+    def _resume_source(self, source: Any) -> None:
+        """A simulated market continues from the prices the shards saw last: a restart must
+        not move every price back to the walk's start (a jump no market made, which alone
+        could liquidate positions opened at high leverage)."""
+        walk = getattr(source, "walk", None)
+        if walk is None or not hasattr(walk, "resume_from"):
+            return
+        import ray
+
+        tops: dict[str, tuple[int, int]] = {}
+        for spec in self.layout:
+            if spec.asset in tops:
+                continue
+            try:
+                tick = ray.get(self.shards[spec.name].execute.remote([LastTick()]),
+                               timeout=10)[0]
+            except Exception:  # a shard still recovering: that asset starts where the walk does
+                log.warning("no last price of %s to continue the simulation from", spec.asset)
+                continue
+            if tick is not None:
+                tops[spec.asset] = (tick.bid_ticks, tick.ask_ticks)
+        taken = walk.resume_from(tops)
+        if taken:
+            assets = source.assets
+            self.source_name += " (continuing from " + ", ".join(
+                f"{name} {assets[name].ticks_to_price(mid)}" for name, mid in taken.items()) + ")"
 
     def _start_feed_thread(self, source: Any) -> None:
         from feed.source import run_source

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from engine.assets import Asset, AssetRegistry
 from feed.message import MarketDataMessage, message_from_ticks
@@ -29,6 +29,15 @@ class SimWalk:
         self._rng = {a.name: random.Random(f"{seed}:{a.name}") for a in assets.assets}
         self._mid_ticks = {a.name: a.price_to_ticks(START_PRICES.get(a.name, "100"))
                            for a in assets.assets}
+
+    def resume_from(self, tops: Mapping[str, tuple[int, int]]) -> dict[str, int]:
+        """Continue each asset of ``tops`` (name -> (bid, ask) ticks, the last prices the
+        platform saw) from its mid instead of its starting price; returns the mids taken."""
+        taken = {}
+        for name, (bid, ask) in tops.items():
+            if name in self._mid_ticks and 0 < bid <= ask:
+                self._mid_ticks[name] = taken[name] = max(10, (bid + ask) // 2)
+        return taken
 
     def next(self, asset: Asset) -> tuple[int, int]:
         rng = self._rng[asset.name]

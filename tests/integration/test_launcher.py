@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -361,6 +362,16 @@ def test_up_serves_again_within_30_s_after_kill_9_with_clients_connected(up: Up)
     lingering = [p for p in started_below if p.alive()]
     assert all(p.cmdline[0] in RAY_AGENTS for p in lingering), \
         [(p.pid, p.cmdline[:1]) for p in lingering]
+    # the simulated market goes on from the prices the shards saw last, not from the walk's
+    # start (a jump no market made)
+    deadline = time.monotonic() + 30
+    while up.output().count("shardex is up") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    banner = up.output().rsplit("shardex is up", 1)[-1]
+    resumed = re.search(r"feed source: sim \(continuing from SOL ([0-9.]+),", banner)
+    assert resumed is not None, banner
+    last_close = Decimal(before_kill[-1]["close"])
+    assert abs(Decimal(resumed[1]) - last_close) < last_close / 100, (resumed[1], last_close)
     # the retried open is answered from the journal, not opened twice
     again = httpx.post(f"{up.url}/api/v1/positions/open", timeout=10,
                        headers={"Authorization": f"Bearer {key}"},

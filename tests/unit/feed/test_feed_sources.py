@@ -63,6 +63,17 @@ def test_sim_prices_are_valid_with_realistic_spread() -> None:
         assert 0.5 < mids[-1] / mids[0] < 2.0, (asset.name, mids[0], mids[-1])
 
 
+def test_a_resumed_walk_continues_from_the_last_prices_it_is_given() -> None:
+    w = SimWalk(DEFAULT_ASSETS, 0)
+    # SOL last seen at 250.00/250.02; ETH's top is crossed (ignored); DOGE is not traded here
+    taken = w.resume_from({"SOL": (25_000, 25_002), "ETH": (5, 4), "DOGE": (1, 2)})
+    assert taken == {"SOL": 25_001}
+    bid, ask = w.next(DEFAULT_ASSETS["SOL"])
+    assert abs((bid + ask) / 2 - 25_001) < 30, (bid, ask)  # one step of ~2 bp, not 140.00
+    bid, ask = w.next(DEFAULT_ASSETS["ETH"])
+    assert abs((bid + ask) / 2 - 320_000) < 1_000, (bid, ask)  # its own start: 3200.00
+
+
 @pytest.mark.asyncio
 async def test_sim_source_rate_and_shape() -> None:
     src = SimSource(DEFAULT_ASSETS, seed=3, rate_hz=100)
