@@ -26,6 +26,8 @@ import difflib
 import functools
 import json
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -379,6 +381,12 @@ class HealthOut(BaseModel):
     components: dict[str, str]
     feedSources: dict[str, str] = Field(
         default_factory=dict, description="asset -> source of its newest price")
+    priceAgesS: dict[str, float] = Field(
+        default_factory=dict, description="asset -> age of its newest price, seconds")
+    stalePrices: list[str] = Field(
+        default_factory=list, description="assets whose newest price is older than "
+                                          "MAX_PRICE_AGE_S: opens and closes on them answer "
+                                          "503 PRICE_UNAVAILABLE")
     error: ErrorDetail | None = None
 
 
@@ -1073,8 +1081,15 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         health = await slot.service.health()
         body: dict[str, Any] = {"status": "ok" if health.ok else "unavailable",
                                 "components": health.components}
-        with contextlib.suppress(Exception):  # sources are informative; health decides above
-            body["feedSources"] = {a: t.source for a, t in (await slot.service.prices()).items()}
+        with contextlib.suppress(Exception):  # prices are informative; health decides above
+            prices = await slot.service.prices()
+            now_us = time.time_ns() // 1000
+            ages_s = {a: max(0, now_us - t.ts_us) / 1e6 for a, t in prices.items()}
+            body["feedSources"] = {a: t.source for a, t in prices.items()}
+            body["priceAgesS"] = {a: round(age, 1) for a, age in ages_s.items()}
+            # a market no feed moves (`shardex engine` with nothing producing) is seen here
+            body["stalePrices"] = sorted(a for a in assets
+                                         if ages_s.get(a, math.inf) > settings.max_price_age_s)
         if not health.ok:
             failed = [f"{k}: {v}" for k, v in health.components.items() if v != "ok"]
             body["error"] = {"code": Code.SERVICE_UNAVAILABLE.value,

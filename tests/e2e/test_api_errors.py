@@ -289,6 +289,10 @@ def test_operations_endpoints(platform: HttpPlatform, http: httpx.Client) -> Non
     assert http.delete("/api/v1/orders/456", headers=headers).status_code == 404
     text = http.get("/metrics").text
     assert 'method="DELETE",path="/api/v1/orders/{orderId}",status="404"} 2' in text, text
+    # health shows how old each price is: SOL was just ticked, BTC and ETH never were
+    health = http.get("/healthz").json()
+    assert 0 <= health["priceAgesS"]["SOL"] < 15, health
+    assert "SOL" not in health["stalePrices"] and {"BTC", "ETH"} <= set(health["stalePrices"])
     spec = http.get("/openapi.json").json()
     for path in ("/api/v1/accounts", "/api/v1/state", "/api/v1/positions/open",
                  "/api/v1/positions/close", "/api/v1/positions/history", "/api/v1/assets",
