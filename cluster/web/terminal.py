@@ -32,8 +32,11 @@ def static_file(path: str) -> Path | None:
     parts = path.split("/")
     if not path or any(not p or p.startswith(".") for p in parts):
         return None
-    target = (STATIC_DIR / Path(*parts)).resolve()
-    if not target.is_relative_to(STATIC_DIR) or not target.is_file():
+    try:
+        target = (STATIC_DIR / Path(*parts)).resolve()
+        if not target.is_relative_to(STATIC_DIR) or not target.is_file():
+            return None
+    except (ValueError, OSError):  # a NUL byte, a name or path too long for the file system
         return None
     return target
 

@@ -74,6 +74,8 @@ def test_the_terminal_and_its_files_are_served_and_nothing_outside_them(
     assert script.status_code == 200
     assert script.headers["content-type"].startswith("text/javascript")
     for bad in ("/static/../api.py", "/static/%2e%2e/terminal.py", "/static/", "/static/js",
-                "/static/.hidden", "/static/nope.js", "/static//etc/passwd"):
+                "/static/.hidden", "/static/nope.js", "/static//etc/passwd",
+                "/static/%00", "/static/a%00.js", "/static/" + "a" * 256,
+                "/static/js/" + "b/" * 3000):
         r = http.get(bad)
         assert r.status_code == 404, (bad, r.status_code)
