@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -48,6 +49,9 @@ POLL_TIMEOUT_S = 1.0  # the long poll's length
 RETRY_S = 0.5  # after a failed poll (the feed restarting)
 POLICY_VIOLATION = 1008  # WebSocket close code: a limit exceeded
 MAX_AUTH_FAILURES = 5  # refused AUTHs a connection may send; the next one closes it (1008)
+MESSAGES_PER_S = 10.0  # client frames a connection may send a second, on average ...
+MESSAGE_BURST = 20  # ... and at once; more closes it (1008): each SUBSCRIBE answers with
+# every stream's current value, so a flood of them was a flood of work for the replica
 WS_SERVER_OPTIONS: Mapping[str, float] = MappingProxyType({
     "ws_ping_interval": 20.0,  # SPEC: the server pings every 20 s
     "ws_ping_timeout": 40.0,  # and closes a connection silent for 60 s (a ping unanswered 40 s)
@@ -76,11 +80,13 @@ async def _receive(socket: WebSocket) -> str | bytes:
     return text if text is not None else message.get("bytes") or b""
 
 
-async def refuse(socket: WebSocket, status: int, code: Code, message: str) -> None:
+async def refuse(socket: WebSocket, status: int, code: Code, message: str,
+                 headers: Mapping[str, str] | None = None) -> None:
     """Refuse ``socket``'s handshake with an HTTP answer in SPEC's error shape (a server
     without the denial-response extension: a close before accepting, which it answers 403)."""
     try:
-        await socket.send_denial_response(error_response(status, code.value, message))
+        await socket.send_denial_response(error_response(status, code.value, message,
+                                                         dict(headers or {})))
     except RuntimeError:
         await socket.close(code=POLICY_VIOLATION, reason=message[:120])
 
@@ -116,8 +122,10 @@ class Connection:
     # frames to send, in order: a frame, or a stream's slot holding its newest unsent value
     queue: asyncio.Queue[str | _Slot] = field(default_factory=asyncio.Queue)  # bounded by offer
     slots: dict[str, _Slot] = field(default_factory=dict)  # each stream's unsent slot
-    closing: str | None = None  # why the server closes it: "slow", "auth"
+    closing: str | None = None  # why the server closes it: "slow", "auth", "flood"
     auth_failures: int = 0
+    tokens: float = MESSAGE_BURST  # client frames it may still send now
+    refilled_at: float = field(default_factory=time.monotonic)
     sender: asyncio.Task[None] | None = None  # the task sending the queue
 
     def offer(self, frame: str, newest_of: str | None = None, ends: str | None = None) -> None:
@@ -143,6 +151,18 @@ class Connection:
         if ends is not None:
             self.slots.pop(ends, None)
         self.queue.put_nowait(frame)
+
+    def may_send(self) -> bool:
+        """Spend one of the client's frames (token bucket: :data:`MESSAGES_PER_S`, burst
+        :data:`MESSAGE_BURST`); False when it has none left."""
+        now = time.monotonic()
+        self.tokens = min(MESSAGE_BURST,
+                          self.tokens + (now - self.refilled_at) * MESSAGES_PER_S)
+        self.refilled_at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
     async def next_frame(self) -> str:
         """The next frame to send (waits for one)."""
@@ -185,6 +205,7 @@ class StreamHub:
         self._poller: asyncio.Task[None] | None = None
         self.frames_sent = 0
         self.slow_closed = 0
+        self.flood_closed = 0
         self.poll_failures = 0
 
     # -- the market data -------------------------------------------------------------------
@@ -247,7 +268,7 @@ class StreamHub:
         address = socket.client.host if socket.client is not None else ""
         if self.by_address.get(address, 0) >= self.limits.connections:
             await refuse(socket, 429, Code.RATE_LIMITED, f"at most {self.limits.connections} "
-                         "WebSocket connections per client address")
+                         "WebSocket connections per client address", {"Retry-After": "1"})
             return
         await socket.accept()
         connection = Connection(socket, address, self.limits.unsent)
@@ -268,6 +289,9 @@ class StreamHub:
                         await receiving
                     break
                 received = receiving.result()
+                if not connection.may_send():
+                    connection.close("flood")
+                    break
                 if isinstance(received, str):
                     await self._handle(connection, received)
                 else:
@@ -278,6 +302,7 @@ class StreamHub:
         finally:
             self._forget(connection)
             self.slow_closed += connection.closing == "slow"
+            self.flood_closed += connection.closing == "flood"
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sender
@@ -321,9 +346,9 @@ class StreamHub:
             connection.offer(error_frame(Code.INVALID_REQUEST, "not JSON: nested too deeply"))
             return
         method = frame.get("method") if isinstance(frame, dict) else None
-        params = frame.get("params", []) if isinstance(frame, dict) else None
+        params = frame.get("params") if isinstance(frame, dict) else None
         if method not in ("SUBSCRIBE", "UNSUBSCRIBE", "AUTH") or not isinstance(params, list) \
-                or not all(isinstance(p, str) for p in params):
+                or not params or not all(isinstance(p, str) for p in params):
             connection.offer(error_frame(
                 Code.INVALID_REQUEST,
                 'expected {"method": "SUBSCRIBE" | "UNSUBSCRIBE" | "AUTH", "params": [text]}'))
@@ -361,12 +386,14 @@ class StreamHub:
             return
         if connection.key == key:
             return
+        if connection.key is not None:
+            # one connection, one account: its account stream must not change owner unseen
+            connection.offer(error_frame(Code.INVALID_REQUEST, "this connection is "
+                                         "authenticated already: open another for another key"))
+            return
         if self.by_key.get(key, 0) >= self.limits.connections:
             connection.offer(error_frame(Code.RATE_LIMITED, "too many connections for this key"))
             return
-        if connection.key is not None:
-            _release(self.by_key, connection.key)
-            self._end_account(connection)  # that stream was the other key's account
         connection.key = key
         connection.principal = principal
         self.by_key[key] = self.by_key.get(key, 0) + 1
@@ -415,7 +442,8 @@ class StreamHub:
 
     def stats(self) -> dict[str, int]:
         return {"ws_connections": len(self.connections), "ws_frames_sent": self.frames_sent,
-                "ws_slow_closed": self.slow_closed, "ws_poll_failures": self.poll_failures,
+                "ws_slow_closed": self.slow_closed,
+                "ws_flood_closed": self.flood_closed, "ws_poll_failures": self.poll_failures,
                 **(self.accounts.stats() if self.accounts is not None else {})}
 
 

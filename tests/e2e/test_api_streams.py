@@ -97,6 +97,8 @@ def test_bad_frames_get_error_frames_and_the_connection_stays(platform: HttpPlat
             for bad in ("not json", "[]", '{"method":"JUMP","params":[]}',
                         '{"method":"SUBSCRIBE","params":"bookTicker.SOL"}',
                         '{"method":"SUBSCRIBE","params":[1]}', "x" * 5000,
+                        # no stream named: not a silent no-op
+                        '{"method":"SUBSCRIBE"}', '{"method":"UNSUBSCRIBE","params":[]}',
                         "[" * 2000 + "]" * 2000,  # deeper than the parser recurses
                         # a lone surrogate, which the error message names
                         '{"method":"SUBSCRIBE","params":["\\ud800"]}',
@@ -184,6 +186,28 @@ def test_a_frame_over_16_kib_closes_only_its_connection(platform: HttpPlatform,
     asyncio.run(scenario())
 
 
+def test_a_connection_flooding_frames_is_closed_and_others_are_served(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    """Each SUBSCRIBE answers with every named stream's current value: a client may send 20
+    frames at once and 10 a second, and one that sends more is closed with 1008."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+
+    async def scenario() -> None:
+        async with websockets.connect(ws_url(platform)) as flood, \
+                websockets.connect(ws_url(platform)) as other:
+            for _ in range(40):
+                await send(flood, "SUBSCRIBE", "bookTicker.SOL")
+                await send(flood, "UNSUBSCRIBE", "bookTicker.SOL")
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(flood.recv(), WAIT_S)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+            await send(other, "SUBSCRIBE", "bookTicker.SOL")
+            assert "bid" in (await frame(other, "bookTicker.SOL"))["data"]
+
+    asyncio.run(scenario())
+
+
 @pytest.fixture(scope="module")
 def tight() -> Iterator[LocalHttpPlatform]:
     """A platform whose WebSocket limits are small: 2 connections per address or key, 3
@@ -211,6 +235,7 @@ def test_connections_subscriptions_and_unsent_frames_are_bounded(
             assert answer.headers["Content-Type"] == "application/json"
             assert json.loads(answer.body) == {"error": {"code": "RATE_LIMITED", "message": (
                 "at most 2 WebSocket connections per client address")}}
+            assert answer.headers["Retry-After"] == "1"  # SPEC: a 429 says when to retry
             await send(one, "SUBSCRIBE", "kline.1m.SOL", "kline.5m.SOL", "kline.15m.SOL",
                        "kline.1h.SOL")
             error = await frame(one)
@@ -412,12 +437,20 @@ def test_the_account_stream_needs_auth_and_shows_only_its_own_account(
             got = await account_frames(ws, 2)  # the other account's open is not among them
             assert [g["seq"] for g in got] == [2, 3]
             assert D(got[0]["margin"]) == 7 and got[1]["type"] == "short"
-            # another key on the same connection ends this account's stream
+            # one connection, one account: another key is refused with an error frame, and
+            # this account's stream goes on, still with nothing of the other account
             await send(ws, "AUTH", api_key(other))
+            refused = await frame(ws)
+            assert refused["error"]["code"] == "INVALID_REQUEST", refused
+            assert "authenticated already" in refused["error"]["message"]
+            await asyncio.to_thread(open_position, http, other, asset="SOL", type="long",
+                                    margin="4", leverage=2)
             await asyncio.to_thread(open_position, http, mine, asset="SOL", type="long",
                                     margin="3", leverage=2)
-            await send(ws, "SUBSCRIBE", "bookTicker.SOL")
-            assert (await frame(ws))["stream"] == "bookTicker.SOL"  # nothing of mine before
+            got = await account_frames(ws, 2)
+            assert [g["seq"] for g in got] == [4, 5]
+            assert D(got[0]["margin"]) == 10 and got[1]["type"] == "long"
+            assert D(got[1]["margin"]) == 3
 
     asyncio.run(scenario())
 
