@@ -551,13 +551,14 @@ def _close_cursor(value: str | None) -> int | None:
     return close_id
 
 
-def _cursor_id(name: str, value: str | None) -> int | None:
-    """The position id a paging cursor names (None: from the start); 422 if none can exist."""
+def _cursor_id(name: str, value: str | None, noun: str = "position id") -> int | None:
+    """The id (a position's, or laid out like one: an order's) a paging cursor names (None:
+    from the start); 422 if none can exist."""
     if value is None:
         return None
     position_id = _position_id(value)
     if position_id is None:
-        raise invalid(f"{name}: not a position id")
+        raise invalid(f"{name}: not {'an' if noun[0] in 'aeiou' else 'a'} {noun}")
     return position_id
 
 
@@ -1006,7 +1007,8 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     async def order_history(who: Caller, limit: Annotated[int, Query(ge=1, le=500)] = 50,
                             before: OrderCursor = None) -> Response:
         """Your ended orders (filled, cancelled, expired, rejected), newest first."""
-        result = await slot.service.order_history(who, limit, _cursor_id("before", before))
+        result = await slot.service.order_history(who, limit,
+                                                  _cursor_id("before", before, "order id"))
         if isinstance(result, Rejected):
             return rejected_response(result)
         return _json(orders_json(result))

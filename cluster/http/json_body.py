@@ -89,7 +89,13 @@ def parse_json(raw: bytes, max_depth: int) -> Any:
     if nests_deeper_than(raw, max_depth):
         raise invalid(f"JSON nested deeper than {max_depth} levels", 400)
     try:
-        return json.loads(raw, parse_float=_exact_number, parse_int=_exact_int,
+        # UTF-8 only (RFC 8259 8.1): json.loads on bytes would also read UTF-16 and UTF-32,
+        # which a proxy or a log in front of the API may read otherwise
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid("malformed JSON: not UTF-8", 400) from None
+    try:
+        return json.loads(text, parse_float=_exact_number, parse_int=_exact_int,
                           parse_constant=_refuse_constant, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as exc:
         raise invalid(f"malformed JSON: {exc.msg} at position {exc.pos}", 400) from None

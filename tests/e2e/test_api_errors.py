@@ -160,6 +160,11 @@ RAW_BODIES: list[tuple[str, bytes, str | None]] = [
     ("form encoded", b"asset=SOL&type=long&margin=10&leverage=5",
      "application/x-www-form-urlencoded"),
     ("text/plain", b'{"asset":"SOL","type":"long","margin":"10","leverage":5}', "text/plain"),
+    # JSON is UTF-8 (RFC 8259 8.1): a body another parser could read otherwise is refused
+    ("utf-16", '{"asset":"SOL","type":"long","margin":"10","leverage":5}'.encode("utf-16"),
+     "application/json"),
+    ("utf-32-le", '{"asset":"SOL","type":"long","margin":"10","leverage":5}'.encode(
+        "utf-32-le"), "application/json"),
     ("no content type", b"\x00\x01\x02", None),
     ("oversized", b'{"asset":"' + b"S" * 200_000 + b'"}', "application/json"),
     ("key given twice", b'{"asset":"SOL","type":"long","margin":"10","leverage":5,'
@@ -273,6 +278,9 @@ def test_head_answers_what_get_would_without_a_body(http: httpx.Client) -> None:
     assert r.status_code == 405 and r.headers["allow"] == "POST"
     r = http.delete("/api/v1/orders", headers=headers)
     assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, POST"
+    for method, path in (("POST", "/ws"), ("DELETE", "/api/v1/state")):  # every 405 alike
+        r = http.request(method, path, headers=headers)
+        assert r.status_code == 405 and error_code(r) == "METHOD_NOT_ALLOWED", (path, r.text)
 
 
 def test_operations_endpoints(platform: HttpPlatform, http: httpx.Client) -> None:
@@ -289,10 +297,13 @@ def test_operations_endpoints(platform: HttpPlatform, http: httpx.Client) -> Non
     assert http.delete("/api/v1/orders/456", headers=headers).status_code == 404
     text = http.get("/metrics").text
     assert 'method="DELETE",path="/api/v1/orders/{orderId}",status="404"} 2' in text, text
-    # health shows how old each price is: SOL was just ticked, BTC and ETH never were
+    # health shows how old each price is (SOL was just ticked) and which are too old to
+    # trade: those older than MAX_PRICE_AGE_S (15 s) and those never priced
     health = http.get("/healthz").json()
-    assert 0 <= health["priceAgesS"]["SOL"] < 15, health
-    assert "SOL" not in health["stalePrices"] and {"BTC", "ETH"} <= set(health["stalePrices"])
+    ages, stale = health["priceAgesS"], health["stalePrices"]
+    assert 0 <= ages["SOL"] < 15 and "SOL" not in stale, health
+    for asset in ("SOL", "BTC", "ETH"):
+        assert (asset in stale) == (ages.get(asset, 1e9) > 15), (asset, health)
     spec = http.get("/openapi.json").json()
     for path in ("/api/v1/accounts", "/api/v1/state", "/api/v1/positions/open",
                  "/api/v1/positions/close", "/api/v1/positions/history", "/api/v1/assets",

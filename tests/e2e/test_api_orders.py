@@ -189,6 +189,8 @@ def test_bad_orders_are_refused_and_lock_nothing(platform: HttpPlatform,
     assert open_orders(http, h) == []
     r = http.get("/api/v1/orders/history?before=123", headers=h)
     assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
+    r = http.get("/api/v1/orders/history?before=9999999999999999999", headers=h)  # > int64
+    assert r.json()["error"]["message"] == "before: not an order id", r.text
     assert http.get("/api/v1/orders").status_code == 401
     last = place(http, h, **good, expiresAt="9999-12-31T23:59:59.999999Z")  # the last one
     assert last["expiresAt"] == "9999-12-31T23:59:59.999999Z"
