@@ -138,8 +138,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if left > 0:
             self._timer = self.loop.call_later(left, self._check)
             return
-        answering = self.cycle is not None and not self.cycle.response_complete
-        if self._head_begun and not answering:  # else the app's answer may be under way
+        cycle = self.cycle
+        if self._head_begun:  # a new head: the answer to the one before may be under way
+            answer = cycle is None or cycle.response_complete
+        else:  # nothing came, or a head came whole and its body did not (none of its answer
+            # has gone: the app waits for the body)
+            answer = cycle is not None and not cycle.response_started
+        if answer:
             self._refuse(_refusal("408 Request Timeout",
                                   f"request not received within {READ_TIMEOUT_S:g} s"))
         else:
