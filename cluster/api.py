@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from datetime import UTC, datetime, timedelta
@@ -102,6 +103,10 @@ log = logging.getLogger("shardex.api")
 
 MAX_API_KEY_CHARS = 256
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# the one form of a time read (RFC 3339's profile of ISO 8601): datetime.fromisoformat alone
+# also takes week dates, a time without a date's separators and a NUL or a newline inside
+_ISO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})?",
+                       re.ASCII)
 
 # --------------------------------------------------------------------------- request models
 # Every registry the platform can run is a subset of DEFAULT_ASSETS (config.ASSETS), so its
@@ -505,6 +510,9 @@ def expires_us(text: str | None) -> int:
     the answers could not write back)."""
     if text is None:
         return 0
+    if not _ISO_TIME.fullmatch(text):
+        raise invalid("expiresAt: not an ISO-8601 time (YYYY-MM-DDTHH:MM:SS[.ffffff], then Z "
+                      "or +HH:MM, or nothing for UTC)")
     try:
         when = datetime.fromisoformat(text)
     except ValueError:

@@ -176,6 +176,11 @@ def test_bad_orders_are_refused_and_lock_nothing(platform: HttpPlatform,
             ({"expiresAt": "1970-01-01T00:00:00Z"}, 422, "INVALID_REQUEST"),
             ({"expiresAt": "1970-01-01T01:00:00+01:00"}, 422, "INVALID_REQUEST"),
             ({"expiresAt": "9999-12-31T23:59:59-01:00"}, 422, "INVALID_REQUEST"),
+            # one form only: fromisoformat alone reads these as 2030-01-01
+            ({"expiresAt": "2030-01-01T00:00:00\u0000"}, 422, "INVALID_REQUEST"),
+            ({"expiresAt": "2030-01-01T00:00:00\nZ"}, 422, "INVALID_REQUEST"),
+            ({"expiresAt": "2030-W01-3T00:00:00"}, 422, "INVALID_REQUEST"),
+            ({"expiresAt": "20300101T000000Z"}, 422, "INVALID_REQUEST"),
             # take-profit and stop-loss that no fill price could accept: refused up front
             # (a limit long fills at 99 or below; a stop long at 101 or above)
             ({"stopLoss": "99"}, 422, "INVALID_TRIGGER"),
