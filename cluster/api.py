@@ -677,9 +677,21 @@ async def _principal(
             or len(credentials.credentials) > MAX_API_KEY_CHARS:
         raise ApiError(Code.UNAUTHORIZED, "missing or malformed API key")
     slot: ServiceSlot = request.app.state.slot
-    who = await slot.service.authenticate(credentials.credentials)
+    who = slot.service.known(credentials.credentials)
     if who is None:
-        raise ApiError(Code.UNAUTHORIZED, "unknown API key")
+        # a key not seen here costs the ledger a lookup: an address that sent many unknown
+        # ones is answered from here until its bucket fills again (keys it used before pass)
+        refused: TokenBuckets = request.app.state.refused_key_buckets
+        address = request.client.host if request.client is not None else ""
+        wait_s = refused.take(address, spend=False)
+        if wait_s > 0:
+            seconds = retry_after_s(wait_s)
+            raise ApiError(Code.RATE_LIMITED, "too many unknown API keys from this address; "
+                           f"retry in {seconds} s", headers={"Retry-After": str(seconds)})
+        who = await slot.service.authenticate(credentials.credentials)
+        if who is None:
+            refused.take(address)
+            raise ApiError(Code.UNAUTHORIZED, "unknown API key")
     _rate_limited(request.app.state.key_buckets, who.user, "requests for this API key")
     return who
 
@@ -724,6 +736,9 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     app.state.max_json_depth = settings.max_json_depth
     state_positions = settings.state_positions
     app.state.key_buckets = TokenBuckets(settings.api_key_rate_per_s, settings.api_key_burst)
+    # unknown keys per client address: on with the per-key limit, a tenth of its rate
+    app.state.refused_key_buckets = TokenBuckets(settings.api_key_rate_per_s / 10,
+                                                 max(1.0, settings.api_key_burst / 2))
     signup_buckets = TokenBuckets(settings.signups_per_min / 60, settings.signups_per_min)
 
     def tradable(name: str) -> Asset:

@@ -115,9 +115,9 @@ class TokenBuckets:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def take(self, key: Hashable) -> float:
+    def take(self, key: Hashable, spend: bool = True) -> float:
         """Take a token for ``key``: 0.0 if granted, else the seconds until one is available
-        (nothing is taken then)."""
+        (nothing is taken then). ``spend=False``: only whether one is there, none taken."""
         if self.rate_per_s == 0:
             return 0.0
         now = self._clock()
@@ -137,7 +137,7 @@ class TokenBuckets:
             bucket[0] = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.rate_per_s)
             bucket[1] = now
         if bucket[0] >= 1.0:
-            bucket[0] -= 1.0
+            bucket[0] -= spend
             return 0.0
         return (1.0 - bucket[0]) / self.rate_per_s
 

@@ -213,6 +213,11 @@ class TradingService:
         self.counters["accounts_created"] += 1
         return NewAccount(created.user, account_id, api_key, created.balance_micros)
 
+    def known(self, api_key: str) -> Principal | None:
+        """The caller owning ``api_key`` if it was authenticated here before (no ledger call),
+        else None."""
+        return self._principals.get(hash_api_key(api_key))
+
     async def authenticate(self, api_key: str) -> Principal | None:
         """The caller owning ``api_key``, or None. Keys never change, so hits are cached."""
         key_hash = hash_api_key(api_key)

@@ -278,6 +278,25 @@ def test_requests_per_api_key_are_limited() -> None:
         assert r.status_code == 200 and r.json()["balances"]["margin"] == "0.000000"
 
 
+def test_unknown_api_keys_per_address_are_limited() -> None:
+    """Each unknown key costs the ledger a lookup: an address past its burst of them is
+    answered 429 without one until its bucket refills (a tenth of the per-key rate, half its
+    burst), while the keys it used before still pass."""
+    settings = Settings(api_key_rate_per_s=10, api_key_burst=6, signups_per_min=0)
+    with LocalHttpPlatform(settings) as p, httpx.Client(base_url=p.base_url, timeout=10) as c:
+        h = signup(c)
+        assert c.get("/api/v1/state", headers=h).status_code == 200  # known here from now on
+        guess = {"Authorization": "Bearer guess"}
+        for _ in range(3):
+            assert c.get("/api/v1/state", headers=guess).status_code == 401
+        r = c.get("/api/v1/state", headers=guess)
+        assert retry_after(r) == 1 and r.json()["error"]["code"] == "RATE_LIMITED", r.text
+        assert c.get("/api/v1/state", headers=h).status_code == 200
+        time.sleep(1.1)  # one unknown key a second
+        assert c.get("/api/v1/state", headers=guess).status_code == 401
+        assert c.get("/api/v1/state", headers=guess).status_code == 429
+
+
 def test_account_creations_per_address_are_limited() -> None:
     with LocalHttpPlatform(Settings(signups_per_min=2)) as p, \
             httpx.Client(base_url=p.base_url, timeout=10) as c:
