@@ -183,6 +183,24 @@ def test_quote_follows_ticks_produced_to_the_topic_without_a_reload(
                "the moved quote")
     assert text_of(browser, "spread") == "0.03"
     assert text_of(browser, "quote-source") == "source: test"
+
+    # flipping through the assets (as holding an arrow key on the list does) keeps the live
+    # connection: its streams change once they settle, not by two frames a step
+    browser.execute_script("""
+        const node = document.getElementById('ws-status');
+        window.wsStates = [];
+        new MutationObserver(() => window.wsStates.push(node.dataset.state))
+            .observe(node, {attributes: true, attributeFilter: ['data-state']});
+        const select = document.getElementById('asset-select');
+        for (let i = 0; i < 42; i++) {
+            select.value = ['BTC', 'ETH', 'SOL'][i % 3];
+            select.dispatchEvent(new Event('change'));
+        }""")
+    tick(platform, http, "SOL", "101.80", "101.82")
+    wait_until(browser, lambda d: (text_of(d, "bid"), text_of(d, "ask")) == ("101.80", "101.82"),
+               "the quote after flipping through the assets")
+    time.sleep(1.0)  # a close would come within a round trip of the flood
+    assert browser.execute_script("return window.wsStates;") == []
     assert_not_reloaded(browser)
 
 

@@ -12,6 +12,10 @@ export function socketUrl() {
 const MIN_DELAY_MS = 500;
 const MAX_DELAY_MS = 30000;
 const STABLE_MS = 10000; // a connection open this long resets the backoff
+// a change of streams is sent once the wanted set has been still this long: flipping through
+// assets or intervals sends one UNSUBSCRIBE/SUBSCRIBE pair, not one per step (the server
+// closes a connection that sends more than 10 frames a second)
+const SETTLE_MS = 150;
 
 export class LiveSocket {
   // handlers: onFrame(frame), onState(state, detail), onAccountSubscribed()
@@ -19,7 +23,9 @@ export class LiveSocket {
     this.url = url;
     this.handlers = handlers;
     this.ws = null;
-    this.streams = new Set();
+    this.streams = new Set();    // wanted
+    this.subscribed = new Set(); // asked of the server on this connection
+    this.settleTimer = null;
     this.key = null;
     this.accountSeq = null; // seq of the newest account event seen (for `since`)
     this.attempt = 0;
@@ -52,6 +58,7 @@ export class LiveSocket {
       if (ws !== this.ws) return;
       this.openedAt = Date.now();
       this.setState("open");
+      this.subscribed = new Set(this.streams);
       if (this.streams.size) this.send({ method: "SUBSCRIBE", params: [...this.streams] });
       if (this.key) this.authenticate();
     };
@@ -109,14 +116,22 @@ export class LiveSocket {
     if (this.send(request)) this.handlers.onAccountSubscribed();
   }
 
-  // The public streams wanted now; subscribes and unsubscribes the difference.
+  // The public streams wanted now; the difference is subscribed and unsubscribed once they
+  // have settled (SETTLE_MS).
   setStreams(names) {
-    const next = new Set(names);
-    const removed = [...this.streams].filter((name) => !next.has(name));
-    const added = [...next].filter((name) => !this.streams.has(name));
-    this.streams = next;
+    this.streams = new Set(names);
+    clearTimeout(this.settleTimer);
+    this.settleTimer = setTimeout(() => this.sendStreams(), SETTLE_MS);
+  }
+
+  sendStreams() {
+    this.settleTimer = null;
+    if (!this.isOpen()) return; // the next open subscribes what is wanted then
+    const removed = [...this.subscribed].filter((name) => !this.streams.has(name));
+    const added = [...this.streams].filter((name) => !this.subscribed.has(name));
     if (removed.length) this.send({ method: "UNSUBSCRIBE", params: removed });
     if (added.length) this.send({ method: "SUBSCRIBE", params: added });
+    this.subscribed = new Set(this.streams);
   }
 
   // A connection cannot drop its AUTH: another key (or none) needs a new connection.
