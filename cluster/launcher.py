@@ -104,6 +104,7 @@ class Platform:
     _broker: Any = None
     _ray_started: bool = False
     _serve_started: bool = False
+    _recorded: bool = False  # this run wrote DATA_DIR's address file (removed at stop)
     _feed_thread: threading.Thread | None = None
     _feed_loop: asyncio.AbstractEventLoop | None = None
     _feed_stop: asyncio.Event | None = None
@@ -177,6 +178,8 @@ class Platform:
             ray.init(address=settings.ray_address, namespace=self.namespace,
                      runtime_env={"env_vars": env}, log_to_driver=False,
                      logging_level=logging.WARNING)
+            self._refuse_a_second_platform()
+            self._write_address_file()  # `status`/`audit` from DATA_DIR find this cluster
         else:
             options: dict[str, Any] = {
                 "num_cpus": max(2, os.cpu_count() or 2),
@@ -226,6 +229,21 @@ class Platform:
     def address_file(self) -> Any:
         return self.settings.data_dir / ADDRESS_FILE
 
+    def _refuse_a_second_platform(self) -> None:
+        """One Ray cluster runs one platform (its actors and Serve app have fixed names): a
+        start on a cluster where one answers stops here, before it could touch the other's
+        API (stopping a half-started platform removes the cluster's Serve app)."""
+        import ray
+
+        try:
+            ledger = ray.get_actor(LEDGER, namespace=self.namespace)
+            ray.get(ledger.ping.remote(), timeout=5.0)
+        except Exception:  # no ledger, or one that no longer answers (its platform died)
+            return
+        raise LaunchError(f"a platform already runs on the Ray cluster at "
+                          f"{self.settings.ray_address} (namespace {self.namespace}): a cluster "
+                          "runs one platform; stop that one first, or use another cluster")
+
     def _write_address_file(self) -> None:
         """Record the local Ray's address so ``status``/``audit`` join this cluster, not
         whichever local Ray started last; and who runs it (host, pid, start time), so a record
@@ -237,6 +255,7 @@ class Platform:
         owner = ProcessIdentity.of(os.getpid())
         with contextlib.suppress(OSError):
             self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+            self._recorded = True
             self.address_file.write_text(json.dumps({
                 "ray_address": ray.get_runtime_context().gcs_address,
                 # a new local Ray enables token auth (token in ~/.ray); joiners need the mode
@@ -492,8 +511,10 @@ class Platform:
             if self._ray_started:
                 ray.shutdown()
                 self._ray_started = False
+            if self._recorded:
                 with contextlib.suppress(OSError):
                     self.address_file.unlink()
+                self._recorded = False
         with self._broker_lock:
             if self._broker is not None:
                 self._broker.stop()

@@ -136,10 +136,31 @@ def _spread_scenario() -> None:
             assert {p["closeReason"] for p in history} == {"manual", "take_profit",
                                                           "liquidation"}
             assert http.get("/healthz").status_code == 200
+            _a_second_platform_is_refused_and_the_first_serves_on(platform, http)
         _audit_clean(platform, 10)
         totals = platform.totals()
         assert totals["sum_micros"] == 0 and totals["closed_positions"] == 3
         print("MULTINODE OK", flush=True)
+
+
+def _a_second_platform_is_refused_and_the_first_serves_on(platform: Any, http: Any) -> None:
+    """A ``shardex up`` joining a cluster where a platform runs stops at once, naming it,
+    and leaves that platform's API alone (stopping a half-started platform removed the
+    cluster's Serve app: the first platform's port refused every connection)."""
+    import tempfile
+
+    from feed.broker import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": platform.settings.ray_address,
+           "PORT": str(free_port()), "FEED_SOURCE": "none",
+           "DATA_DIR": tempfile.mkdtemp(prefix="shardex-second-")}
+    second = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "up", "--broker-port", str(free_port())],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0, second.stdout + second.stderr
+    assert "a platform already runs on the Ray cluster" in second.stderr, second.stderr[-3000:]
+    assert http.get("/healthz").status_code == 200
+    assert http.get("/api/v1/assets").status_code == 200
 
 
 def _replicas_scenario() -> None:
