@@ -136,6 +136,8 @@ class Platform:
 
         settings = self.settings
         self.layout = shard_layout(settings)
+        if self.durable:
+            check_layout(settings, record=True)  # before anything is written under DATA_DIR
         source = None
         if self.with_feed:
             source = make_source(settings)  # a bad FEED_SOURCE fails before anything starts
@@ -564,6 +566,44 @@ def _actor_node(handle: Any) -> str:
 
 
 # ---------------------------------------------------------------------- commands
+LAYOUT_FILE = "layout.json"  # the shard layout DATA_DIR's ids were issued under
+
+
+def _layout_forms(layout: tuple[ShardSpec, ...]) -> tuple[str, str]:
+    """``(ASSETS, SHARDS)`` values that give ``layout``."""
+    counts: dict[str, int] = {}
+    for spec in layout:
+        counts[spec.asset] = spec.split_count
+    return ",".join(counts), ",".join(f"{a}={n}" for a, n in counts.items())
+
+
+def check_layout(settings: Settings, record: bool = False) -> None:
+    """Refuse a SHARDS/ASSETS whose layout is not the one DATA_DIR's ids were issued under
+    (ids carry their shard's tag: another layout cannot read them); ``record``: write the
+    layout when DATA_DIR has none yet (its first durable start). LaunchError names the values
+    to use."""
+    path = settings.data_dir / LAYOUT_FILE
+    layout = shard_layout(settings)
+    wanted = [[s.name, s.asset, s.split, s.split_count, s.book_tag] for s in layout]
+    try:
+        recorded = json.loads(path.read_text())["shards"]
+    except FileNotFoundError:
+        if record:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"shards": wanted}))
+        return
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LaunchError(f"cannot read {path}: {exc}") from None
+    if recorded != wanted:
+        try:
+            assets, shards = _layout_forms(tuple(ShardSpec(*r) for r in recorded))
+        except TypeError:
+            raise LaunchError(f"cannot read {path}: not a shard layout") from None
+        raise LaunchError(f"DATA_DIR {settings.data_dir} was made with ASSETS={assets} "
+                          f"SHARDS={shards}, and its ids carry that layout: set those, or use "
+                          "a new DATA_DIR for another layout")
+
+
 def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> int:
     """Start everything, print the banner, run until Ctrl-C / SIGTERM; returns the exit code.
 
@@ -742,6 +782,11 @@ def _on_cluster(settings: Settings, command: str, unreachable: int,
                 report: Callable[[], int]) -> int:
     """``report()`` (its exit code) while connected to the running platform's Ray; when there
     is none to connect to, the reason on stderr and ``unreachable``."""
+    try:
+        check_layout(settings)  # another SHARDS would read the shards under wrong names
+    except LaunchError as exc:
+        print(f"shardex {command}: {exc}", file=sys.stderr)
+        return unreachable
     ctx = _connected(settings)
     try:
         ctx.__enter__()
@@ -863,6 +908,11 @@ def _audit_offline(settings: Settings, as_json: bool) -> int:
     root = settings.data_dir
     if not (root / LEDGER_DIR).is_dir():
         print(f"shardex audit --offline: no recorded state in {root}", file=sys.stderr)
+        return 2
+    try:
+        check_layout(settings)
+    except LaunchError as exc:
+        print(f"shardex audit --offline: {exc}", file=sys.stderr)
         return 2
     try:
         hosts = LocalHosts(settings, str(root))

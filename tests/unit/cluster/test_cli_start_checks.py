@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from cluster.actor_names import LEDGER
 from cluster.config import Settings
-from cluster.launcher import LaunchError, Platform, port_is_free
+from cluster.launcher import LaunchError, Platform, check_layout, port_is_free
 from feed.broker import ProcessIdentity, check_bindable, free_port
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -129,6 +130,24 @@ def test_a_bad_setting_is_one_line_and_a_non_zero_exit(command: list[str], varia
     assert "configuration error" in lines[0] and "Traceback" not in done.stderr
     if variable == "SHARDS":
         assert "SHARDS" in lines[0]
+
+
+@pytest.mark.parametrize("command", [["up"], ["status"], ["audit"], ["audit", "--offline"]])
+def test_a_layout_other_than_the_data_dirs_is_one_line_naming_it(command: list[str],
+                                                                 tmp_path: Path) -> None:
+    """Ids carry their shard's tag: a DATA_DIR first used with SOL in two shards is read with
+    that layout only; any other SHARDS is refused before anything is read or written."""
+    first = dataclasses.replace(Settings(), data_dir=tmp_path, shards={"SOL": 2})
+    check_layout(first, record=True)
+    (tmp_path / LEDGER).mkdir()  # state to audit offline
+    before = sorted(p.name for p in tmp_path.iterdir())
+    done, took_s = _cli(*command, env=_env(tmp_path, PORT=str(free_port()),
+                                           FEED_SOURCE="sim"))
+    assert done.returncode != 0 and took_s < 10, (took_s, done.stderr)
+    assert "ASSETS=SOL,BTC,ETH SHARDS=SOL=2,BTC=1,ETH=1" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    check_layout(first)  # the layout it was made with still passes
 
 
 def _platform(data_dir: Path) -> Platform:
