@@ -559,14 +559,14 @@ def _close_cursor(value: str | None) -> int | None:
     return close_id
 
 
-def _cursor_id(name: str, value: str | None, noun: str = "position id") -> int | None:
+def _cursor_id(name: str, value: str | None, what: str = "a position id") -> int | None:
     """The id (a position's, or laid out like one: an order's) a paging cursor names (None:
     from the start); 422 if none can exist."""
     if value is None:
         return None
     position_id = _position_id(value)
     if position_id is None:
-        raise invalid(f"{name}: not {'an' if noun[0] in 'aeiou' else 'a'} {noun}")
+        raise invalid(f"{name}: not {what}")
     return position_id
 
 
@@ -659,9 +659,10 @@ def bind_service(app: FastAPI, service: TradingService) -> None:
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <apiKey>")
 
 
-def _rate_limited(buckets: TokenBuckets, key: object, what: str) -> None:
-    """Take a token from ``key``'s bucket, or raise 429 RATE_LIMITED with ``Retry-After``."""
-    wait_s = buckets.take(key)
+def _rate_limited(buckets: TokenBuckets, key: object, what: str, spend: bool = True) -> None:
+    """Take a token from ``key``'s bucket (``spend=False``: only check there is one), or raise
+    429 RATE_LIMITED with ``Retry-After``."""
+    wait_s = buckets.take(key, spend)
     if wait_s > 0:
         seconds = retry_after_s(wait_s)
         raise ApiError(Code.RATE_LIMITED, f"too many {what}; retry in {seconds} s",
@@ -683,11 +684,7 @@ async def _principal(
         # ones is answered from here until its bucket fills again (keys it used before pass)
         refused: TokenBuckets = request.app.state.refused_key_buckets
         address = request.client.host if request.client is not None else ""
-        wait_s = refused.take(address, spend=False)
-        if wait_s > 0:
-            seconds = retry_after_s(wait_s)
-            raise ApiError(Code.RATE_LIMITED, "too many unknown API keys from this address; "
-                           f"retry in {seconds} s", headers={"Retry-After": str(seconds)})
+        _rate_limited(refused, address, "unknown API keys from this address", spend=False)
         who = await slot.service.authenticate(credentials.credentials)
         if who is None:
             refused.take(address)
@@ -1031,7 +1028,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
                             before: OrderCursor = None) -> Response:
         """Your ended orders (filled, cancelled, expired, rejected), newest first."""
         result = await slot.service.order_history(who, limit,
-                                                  _cursor_id("before", before, "order id"))
+                                                  _cursor_id("before", before, "an order id"))
         if isinstance(result, Rejected):
             return rejected_response(result)
         return _json(orders_json(result))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -28,7 +29,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -427,10 +428,12 @@ class Platform:
         """A simulated market continues from the prices the shards saw last: a restart must
         not move every price back to the walk's start (a jump no market made, which alone
         could liquidate positions opened at high leverage)."""
-        walk = getattr(source, "walk", None)
-        if walk is None or not hasattr(walk, "resume_from"):
-            return
         import ray
+
+        from feed.sim import SimSource
+
+        if not isinstance(source, SimSource):
+            return
 
         tops: dict[str, tuple[int, int]] = {}
         for spec in self.layout:
@@ -444,7 +447,7 @@ class Platform:
                 continue
             if tick is not None:
                 tops[spec.asset] = (tick.bid_ticks, tick.ask_ticks)
-        taken = walk.resume_from(tops)
+        taken = source.walk.resume_from(tops)
         if taken:
             assets = source.assets
             self.source_name += " (continuing from " + ", ".join(
@@ -569,7 +572,7 @@ def _actor_node(handle: Any) -> str:
 LAYOUT_FILE = "layout.json"  # the shard layout DATA_DIR's ids were issued under
 
 
-def _layout_forms(layout: tuple[ShardSpec, ...]) -> tuple[str, str]:
+def _layout_forms(layout: Iterable[ShardSpec]) -> tuple[str, str]:
     """``(ASSETS, SHARDS)`` values that give ``layout``."""
     counts: dict[str, int] = {}
     for spec in layout:
@@ -584,7 +587,7 @@ def check_layout(settings: Settings, record: bool = False) -> None:
     to use."""
     path = settings.data_dir / LAYOUT_FILE
     layout = shard_layout(settings)
-    wanted = [[s.name, s.asset, s.split, s.split_count, s.book_tag] for s in layout]
+    wanted = [list(dataclasses.astuple(spec)) for spec in layout]
     try:
         recorded = json.loads(path.read_text())["shards"]
     except FileNotFoundError:
@@ -596,7 +599,7 @@ def check_layout(settings: Settings, record: bool = False) -> None:
         raise LaunchError(f"cannot read {path}: {exc}") from None
     if recorded != wanted:
         try:
-            assets, shards = _layout_forms(tuple(ShardSpec(*r) for r in recorded))
+            assets, shards = _layout_forms(ShardSpec(*row) for row in recorded)
         except TypeError:
             raise LaunchError(f"cannot read {path}: not a shard layout") from None
         raise LaunchError(f"DATA_DIR {settings.data_dir} was made with ASSETS={assets} "

@@ -137,7 +137,8 @@ class TokenBuckets:
             bucket[0] = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.rate_per_s)
             bucket[1] = now
         if bucket[0] >= 1.0:
-            bucket[0] -= spend
+            if spend:
+                bucket[0] -= 1.0
             return 0.0
         return (1.0 - bucket[0]) / self.rate_per_s
 

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -38,6 +37,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from cluster.http.errors import error_body, error_response
 from cluster.http.json_body import unique_keys
+from cluster.http.limits import TokenBuckets
 from cluster.live.account_stream import ACCOUNT_STREAM, AccountStreams, Subscription
 from cluster.live.market import Change, MarketSource
 from engine.results import Code
@@ -124,8 +124,6 @@ class Connection:
     slots: dict[str, _Slot] = field(default_factory=dict)  # each stream's unsent slot
     closing: str | None = None  # why the server closes it: "slow", "auth", "flood"
     auth_failures: int = 0
-    tokens: float = MESSAGE_BURST  # client frames it may still send now
-    refilled_at: float = field(default_factory=time.monotonic)
     sender: asyncio.Task[None] | None = None  # the task sending the queue
 
     def offer(self, frame: str, newest_of: str | None = None, ends: str | None = None) -> None:
@@ -151,18 +149,6 @@ class Connection:
         if ends is not None:
             self.slots.pop(ends, None)
         self.queue.put_nowait(frame)
-
-    def may_send(self) -> bool:
-        """Spend one of the client's frames (token bucket: :data:`MESSAGES_PER_S`, burst
-        :data:`MESSAGE_BURST`); False when it has none left."""
-        now = time.monotonic()
-        self.tokens = min(MESSAGE_BURST,
-                          self.tokens + (now - self.refilled_at) * MESSAGES_PER_S)
-        self.refilled_at = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
 
     async def next_frame(self) -> str:
         """The next frame to send (waits for one)."""
@@ -206,6 +192,7 @@ class StreamHub:
         self.frames_sent = 0
         self.slow_closed = 0
         self.flood_closed = 0
+        self.frames = TokenBuckets(MESSAGES_PER_S, MESSAGE_BURST)  # client frames, per connection
         self.poll_failures = 0
 
     # -- the market data -------------------------------------------------------------------
@@ -289,7 +276,7 @@ class StreamHub:
                         await receiving
                     break
                 received = receiving.result()
-                if not connection.may_send():
+                if self.frames.take(connection) > 0:
                     connection.close("flood")
                     break
                 if isinstance(received, str):
