@@ -4,7 +4,7 @@ checked against engine.orders.plan_open, the very check a fill runs."""
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine.assets import DEFAULT_ASSETS
@@ -37,6 +37,9 @@ def opens_at(terms: OrderTerms, entry: int) -> bool:
 
 
 @settings(max_examples=400, deadline=None)
+# a short limit at one tick with its stop at two: only the fill at one tick has the stop above
+# it, and there the stop is the liquidation price
+@example(side=Side.SHORT, kind=OrderKind.LIMIT, trigger=1, tp=NO_LEVEL, sl=2)
 @given(side=st.sampled_from(Side), kind=st.sampled_from(OrderKind),
        trigger=st.integers(1, 3_000), tp=levels, sl=levels)
 def test_refused_at_placement_only_when_no_fill_price_accepts_the_levels(
@@ -48,10 +51,12 @@ def test_refused_at_placement_only_when_no_fill_price_accepts_the_levels(
         assert not possible, terms  # never refuses an order that could fill
     elif not possible:
         # not refused, yet no fill opens: only because a short's stop-loss lies at or beyond
-        # the liquidation price of every fill (that bound depends on leverage and the
-        # maintenance margin, so the fill decides it)
+        # the liquidation price of every fill whose levels lie on the right sides of it (that
+        # bound depends on leverage and the maintenance margin, so the fill decides it)
         assert side == Side.SHORT and sl != NO_LEVEL, terms
-        assert all(sl >= plan_at(terms, entry, levels=False).liq_ticks for entry in fills), terms
+        sided = [entry for entry in fills if tp < entry < sl]  # NO_LEVEL (0) is below any entry
+        assert sided, terms  # some fill has its levels on the right sides, or it was refused
+        assert all(sl >= plan_at(terms, entry, levels=False).liq_ticks for entry in sided), terms
 
 
 def test_worked_examples() -> None:
