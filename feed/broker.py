@@ -69,10 +69,11 @@ class BrokerError(RuntimeError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` nobody listens on right now (for tests and benchmarks)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on ``host`` nobody listens on right now, outside the kernel's ephemeral
+    range (see :func:`free_ports`): not one that ``bind(host, 0)`` hands out, since Ray
+    picks its own ports that way and every outgoing connection takes one from that range, so
+    a port picked there can be taken before it is listened on."""
+    return free_ports(1, host)
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> int:
