@@ -10,7 +10,6 @@ variant only has to offer the same four members: ``base_url``, ``push_tick``, ``
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from typing import Any, Protocol
@@ -23,6 +22,7 @@ from cluster.config import Settings
 from cluster.http.server import SERVER_OPTIONS
 from cluster.live.market import MarketLive
 from engine.market import Tick
+from feed.broker import free_port
 
 
 class HttpPlatform(Protocol):
@@ -44,12 +44,6 @@ def make_tick(settings: Settings, asset: str, bid: str, ask: str, age_s: float,
     a = settings.assets[asset]
     ts_us = time.time_ns() // 1000 - int(age_s * 1_000_000)
     return Tick(asset, a.price_to_ticks(bid), a.price_to_ticks(ask), ts_us, seq, "test")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class LocalHttpPlatform:
