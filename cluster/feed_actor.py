@@ -15,11 +15,11 @@ per-shard fan-out, drop counting) is ``feed.pipeline.TickPipeline``; both are fr
 module owns the Ray calls: the shard lookup, the shard call and the settlement delivery.
 
 Every shard host receives one ``execute`` call of ``ApplyTick`` commands (engine.shard_machine)
-carrying the newest tick of each of its assets, followed by an ``Outbox`` read; at most
-``max_in_flight_per_shard`` calls are outstanding per shard, and while they are, newer ticks
-replace older pending ones (so a slow shard costs bounded memory and only superseded ticks are
-ever skipped). A shard that is missing or dead keeps its newest pending ticks and is looked up
-again every ``lookup_retry_s``. A tick a shard refuses (out of its bounds) is dropped and
+carrying every accepted tick of its assets it has not been sent yet, in order, followed by an
+``Outbox`` read; at most ``max_in_flight_per_shard`` calls are outstanding per shard, and while
+they are, newer ticks wait (up to ``feed.conflation.MAX_PENDING_PER_ASSET`` an asset: a slow
+shard costs bounded memory). A shard that is missing or dead keeps its pending ticks and is
+looked up again every ``lookup_retry_s``. A tick a shard refuses (out of its bounds) is dropped and
 counted (``ticks_refused_by_shards``). Settlements the call's answer holds go to the ledger
 through the courier (cluster.trading.courier) with one ledger call, their acknowledgement riding
 with the shard's next call; a shard whose delivery failed is delivered in full (outbox read,

@@ -1,15 +1,17 @@
 """Conflation and fan-out bookkeeping of the feed actor, free of Ray and Kafka (unit-testable).
 
-Only the newest price of an asset matters to the engine: a shard that gets a batch of 100 SOL
-ticks would sweep its book 100 times to end at the state the last tick alone gives (closes are
-decided per tick, but an intermediate tick the shard never saw cannot be told apart from one the
-exchange never sent: the feed is a sample of the market, not the market). So a batch read from
-Kafka collapses to one tick per asset, and while a shard is busy its pending work collapses too.
+A batch read from Kafka collapses to one tick per asset (an intermediate tick of one read
+cannot be told apart from one the exchange never sent: the feed is a sample of the market, not
+the market). Every tick that batch accepts is a price the platform shows (the candles are built
+from them), so each one reaches the shards, in order: while a shard is busy its ticks wait,
+up to :data:`MAX_PENDING_PER_ASSET` of an asset (a sweep costs ~0.1 ms; only a shard that far
+behind loses its oldest waiting ticks). Otherwise a price the chart shows crossing an order's
+trigger or a stop-loss would have been skipped by the shard.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
@@ -88,24 +90,34 @@ class BatchConflator:
         return out
 
 
-class ShardFanout:
-    """Per-shard pending ticks (newest per asset) and a bound on calls in flight per shard.
+MAX_PENDING_PER_ASSET = 256
+"""Ticks of one asset waiting for one shard; beyond it the oldest waiting one is dropped
+(counted ``conflated``)."""
 
-    ``routes`` maps an asset to the names of the shards that receive its ticks. ``offer`` merges
-    ticks into every routed shard's pending map (a replaced pending tick counts as
-    ``conflated``); ``take_ready`` hands out the pending ticks of every shard with fewer than
-    ``max_in_flight`` calls outstanding; ``done`` ends a call, and a failed call's ticks go back
-    to pending unless a newer tick of the same asset is already there. Memory is bounded by
-    ``shards * (assets + max_in_flight * assets)`` ticks, however slow a shard is.
+
+class ShardFanout:
+    """Per-shard pending ticks (every accepted tick per asset, in order, up to
+    ``max_pending``) and a bound on calls in flight per shard.
+
+    ``routes`` maps an asset to the names of the shards that receive its ticks. ``offer``
+    appends ticks to every routed shard's pending queue of their asset (one pushed out at the
+    bound counts as ``conflated``); ``take_ready`` hands out the pending ticks of every shard
+    with fewer than ``max_in_flight`` calls outstanding (per asset in order); ``done`` ends a
+    call, and a failed call's newest tick of an asset goes back to pending unless a newer tick
+    of that asset is already there (the shard may have applied the call; only the newest
+    price is sent again). Memory is bounded by ``shards * assets * (max_pending +
+    max_in_flight * max_pending)`` ticks, however slow a shard is.
     """
 
-    def __init__(self, routes: Mapping[str, Sequence[str]], max_in_flight: int = 1) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be >= 1")
+    def __init__(self, routes: Mapping[str, Sequence[str]], max_in_flight: int = 1,
+                 max_pending: int = MAX_PENDING_PER_ASSET) -> None:
+        if max_in_flight < 1 or max_pending < 1:
+            raise ValueError("max_in_flight and max_pending must be >= 1")
         self.routes = {asset: tuple(names) for asset, names in routes.items()}
         self.max_in_flight = max_in_flight
+        self.max_pending = max_pending
         self.shards = sorted({n for names in self.routes.values() for n in names})
-        self.pending: dict[str, dict[str, Tick]] = {n: {} for n in self.shards}
+        self.pending: dict[str, dict[str, deque[Tick]]] = {n: {} for n in self.shards}
         self.in_flight: Counter[str] = Counter()
         self.conflated = 0
         self.delivered = 0
@@ -120,10 +132,12 @@ class ShardFanout:
                 self.unrouted += 1
                 continue
             for name in names:
-                pending = self.pending[name]
-                if tick.asset in pending:
-                    self.conflated += 1
-                pending[tick.asset] = tick
+                queue = self.pending[name].get(tick.asset)
+                if queue is None:
+                    queue = self.pending[name][tick.asset] = deque(maxlen=self.max_pending)
+                elif len(queue) == self.max_pending:
+                    self.conflated += 1  # the oldest waiting tick goes
+                queue.append(tick)
 
     def take_ready(self, available: Iterable[str] | None = None) -> list[tuple[str, list[Tick]]]:
         """``(shard, ticks)`` calls to make now (only shards in ``available`` if given)."""
@@ -138,7 +152,7 @@ class ShardFanout:
             self.pending[name] = {}
             self.in_flight[name] += 1
             self.calls += 1
-            calls.append((name, list(pending.values())))
+            calls.append((name, [tick for queue in pending.values() for tick in queue]))
         return calls
 
     def done(self, shard: str, ticks: Sequence[Tick], ok: bool) -> None:
@@ -148,8 +162,10 @@ class ShardFanout:
             return
         self.failed_calls += 1
         pending = self.pending[shard]
-        for tick in ticks:
-            pending.setdefault(tick.asset, tick)
+        newest = {tick.asset: tick for tick in ticks}  # in order: the last of each asset
+        for asset, tick in newest.items():
+            if asset not in pending:
+                pending[asset] = deque((tick,), maxlen=self.max_pending)
 
     def pending_count(self) -> int:
-        return sum(len(p) for p in self.pending.values())
+        return sum(len(queue) for p in self.pending.values() for queue in p.values())

@@ -1,11 +1,11 @@
 """The feed's tick logic, free of Ray and Kafka: records in, shard calls out.
 
 One batch of Kafka records goes through, in order: the decoder (format, bounds, clock window;
-``feed.message.TickDecoder``), conflation to the newest tick per asset
-(``feed.conflation.BatchConflator``), the order and jump gate (``feed.gate.TickGate``), and the
-per-shard fan-out (``feed.conflation.ShardFanout``). ``feed.consumer.MarketDataConsumer``
-reads Kafka, calls :meth:`TickPipeline.ingest` and makes the calls
-:meth:`TickPipeline.take_ready` hands out (through ``cluster.feed_actor``'s Ray calls).
+``feed.message.TickDecoder``), conflation to the newest tick per asset of the
+batch (``feed.conflation.BatchConflator``), the order and jump gate (``feed.gate.TickGate``), and
+the per-shard fan-out (``feed.conflation.ShardFanout``: every accepted tick, in order).
+``feed.consumer.MarketDataConsumer`` reads Kafka, calls :meth:`TickPipeline.ingest` and makes
+the calls :meth:`TickPipeline.take_ready` hands out (through ``cluster.feed_actor``'s Ray calls).
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def drops_metrics(dropped: Mapping[str, int],
 
 
 class TickPipeline:
-    """Records -> the newest acceptable tick per asset -> pending calls per shard.
+    """Records -> the newest acceptable tick per asset of each batch -> pending calls per shard
+    (each accepted tick reaches its shards, in order).
 
     ``routes`` maps an asset to the names of the shards that receive its ticks;
     ``max_in_flight`` bounds the calls outstanding per shard (see :class:`ShardFanout`).

@@ -15,7 +15,7 @@ from engine.events import OrderEnded, OrderPlaced, PositionOpened
 from engine.market import Tick
 from engine.messages import EndedOrder, OpenPosition, PendingOrder, SettlementItem
 from engine.order_book import OrderKind, OrderStatus, OrderTerms
-from engine.orders import Side, plan_open
+from engine.orders import CloseReason, Side, plan_open
 from engine.results import Code, Rejected
 from engine.shard_machine import (
     ApplyTick,
@@ -317,3 +317,24 @@ def test_decide_changes_nothing_and_the_events_name_the_ids_the_books_issue() ->
     assert isinstance(events[0], OrderPlaced) and events[0].order_id == answer.order_id
     assert m.fingerprint() == before
     assert isinstance(run(m, close(1, 1, 999)), Rejected)
+
+
+def test_the_ticks_of_one_call_are_swept_in_order_each_at_its_own_price() -> None:
+    """The feed sends a shard every tick it has not seen yet in one call (feed.conflation): a
+    middle tick that crosses a trigger fills the order at its own price, and the position it
+    opens is swept by the tick after it, as if each tick had come alone."""
+    host = Host()
+    host.one(raw_tick(10340, 10342))
+    order = host.one(Place(1, terms(LONG, LIMIT, 10100, tp=10300), 0))
+    assert isinstance(order, PendingOrder)
+    answers = host.call([raw_tick(10340, 10342, NOW + 1), raw_tick(10093, 10095, NOW + 2),
+                         raw_tick(10340, 10342, NOW + 3)])
+    assert answers == [0, 0, 1]  # the third tick closes what the second opened
+    items = run(host.machine, Outbox()).items
+    [fill] = [i.closed for i in items if isinstance(i.closed, EndedOrder)]
+    [closed] = [i.closed for i in items if not isinstance(i.closed, EndedOrder)]
+    assert fill.order_id == order.order_id and fill.status == OrderStatus.FILLED
+    assert fill.position_id == closed.position_id
+    assert (closed.entry_ticks, closed.exit_ticks, closed.reason) == \
+        (10095, 10340, CloseReason.TAKE_PROFIT)
+    assert replay(host.records).fingerprint() == host.machine.fingerprint()

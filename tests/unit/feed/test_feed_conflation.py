@@ -79,21 +79,24 @@ def tick(asset: str, ts: int) -> Tick:
     return Tick(asset, ts, ts + 1, ts, ts, "sim")
 
 
-def test_fanout_bounds_in_flight_and_keeps_newest_pending() -> None:
-    f = ShardFanout({"SOL": ["s0", "s1"], "BTC": ["s1"]}, max_in_flight=1)
+def test_fanout_bounds_in_flight_and_delivers_every_waiting_tick_in_order() -> None:
+    f = ShardFanout({"SOL": ["s0", "s1"], "BTC": ["s1"]}, max_in_flight=1, max_pending=50)
     f.offer([tick("SOL", 1), tick("BTC", 1)])
     calls = dict(f.take_ready())
     assert calls == {"s0": [tick("SOL", 1)], "s1": [tick("SOL", 1), tick("BTC", 1)]}
-    # both busy: newer ticks wait, older pending ones are replaced
+    # both busy: newer ticks wait in order, up to max_pending of an asset; the oldest go beyond
     for ts in range(2, 100):
         f.offer([tick("SOL", ts)])
         assert f.take_ready() == []
-    assert f.pending_count() == 2 and f.conflated == 2 * 97
+    assert f.pending_count() == 2 * 50 and f.conflated == 2 * 48
     f.done("s0", calls["s0"], ok=True)
-    assert f.take_ready() == [("s0", [tick("SOL", 99)])]
-    f.done("s1", calls["s1"], ok=False)  # failed: BTC goes back, SOL was superseded
-    assert f.take_ready() == [("s1", [tick("SOL", 99), tick("BTC", 1)])]
+    waiting = [tick("SOL", ts) for ts in range(50, 100)]
+    assert f.take_ready() == [("s0", waiting)]
+    f.done("s1", calls["s1"], ok=False)  # failed: BTC goes back, SOL has newer ticks waiting
+    assert f.take_ready() == [("s1", [*waiting, tick("BTC", 1)])]
     assert f.delivered == 1 and f.failed_calls == 1
+    f.done("s1", [*waiting, tick("BTC", 1)], ok=False)  # only the newest of each goes again
+    assert f.take_ready() == [("s1", [tick("SOL", 99), tick("BTC", 1)])]
 
 
 def test_fanout_only_to_available_shards() -> None:
