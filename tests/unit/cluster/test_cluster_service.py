@@ -8,7 +8,14 @@ import pytest
 
 from cluster.actors.port import LocalPort, Port, Unavailable
 from cluster.trading.service import TradingService
-from engine.ledger_machine import AbandonLock, AppliedSeq, ApplySettlements, LockMargin, Totals
+from engine.ledger_machine import (
+    AbandonLock,
+    AppliedSeq,
+    ApplySettlements,
+    Audit,
+    LockMargin,
+    Totals,
+)
 from engine.market import Tick
 from engine.messages import (
     CloseOrder,
@@ -324,6 +331,34 @@ async def test_audit_reports_a_margin_without_a_position(make: Make) -> None:
     problems, totals = await p.service.audit(attempts=2, retry_delay_s=0)
     assert len(problems) == 1 and f"user:{who.user}:margin" in problems[0]
     assert totals["sum_micros"] == 0
+
+
+async def test_audit_reports_only_what_differs_at_every_read(
+        make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under traffic each read can catch another account between its lock and its open: those
+    are not reported; a difference of the same account at every read is."""
+    p = make()
+    who = await sol_trader(p)
+    ledger = p.service.ledger
+    real, reads = ledger.call, 0
+
+    async def call(command: object) -> object:
+        nonlocal reads
+        answer = await real(command)
+        if isinstance(command, Audit):  # a different account caught mid-open at each read
+            reads += 1
+            answer = [*answer, f"user:{1000 + reads}:margin is 1000000, open margins sum to 0"]
+        return answer
+
+    monkeypatch.setattr(ledger, "call", call)
+    assert await p.service.audit(attempts=3, retry_delay_s=0) == ([], await real(Totals()))
+    assert reads == 2  # the first two reads had nothing in common: no third was needed
+    # money locked behind the service's back: at every read, so reported
+    assert await p.ledger.call(LockMargin(MarginLock(who.user, 5 * USD))) is None
+    reads = 0
+    problems, _ = await p.service.audit(attempts=3, retry_delay_s=0)
+    assert reads == 3
+    assert len(problems) == 1 and problems[0].startswith(f"user:{who.user}:margin is "), problems
 
 
 async def test_a_dead_shard_hides_only_its_own_asset_and_fails_health(make: Make) -> None:
