@@ -157,8 +157,10 @@ class Settings:
         if not 0 <= self.maintenance_margin_ppm < PPM:
             _fail("MAINTENANCE_MARGIN_RATE", _decimal_text(self.maintenance_margin_ppm, 6))
         if not (isinstance(self.max_price_age_s, int | float)
-                and math.isfinite(self.max_price_age_s) and 0 < self.max_price_age_s <= 86_400):
-            _fail("MAX_PRICE_AGE_S", self.max_price_age_s)
+                and math.isfinite(self.max_price_age_s) and 0 < self.max_price_age_s <= 86_400
+                and self.max_price_age_us > 0):
+            _fail("MAX_PRICE_AGE_S", self.max_price_age_s,
+                  "kept in whole microseconds" if self.max_price_age_s else "")
         if not 0 <= self.signup_balance_micros <= MAX_SIGNUP_BALANCE_MICROS:
             _fail("SIGNUP_BALANCE", _decimal_text(self.signup_balance_micros, 6))
         if not (isinstance(self.max_clock_skew_s, int | float)
@@ -170,6 +172,9 @@ class Settings:
         if not isinstance(self.account_topic, str) or not _TOPIC.fullmatch(self.account_topic) \
                 or self.account_topic in (".", ".."):
             _fail("ACCOUNT_EVENTS_TOPIC", self.account_topic)
+        if self.account_topic == MARKET_TOPIC:  # account events would go to the price feed
+            _fail("ACCOUNT_EVENTS_TOPIC", self.account_topic,
+                  "that is the market data topic")
         for name, (var, low, high) in _INTEGER_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:

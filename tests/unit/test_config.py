@@ -28,7 +28,7 @@ BAD = {
     "SHARDS": ["0", "-1", "x", "SOL=0", "SOL=2,SOL=3", "DOGE=1", "257", "SOL=1,BTC", "1.5"],
     "DATA_DIR": ["", "/dev/null"],
     "MAINTENANCE_MARGIN_RATE": ["1", "1.5", "-0.001", "0.0000001", "nan", "abc", ""],
-    "MAX_PRICE_AGE_S": ["inf", "-inf", "nan", "0", "-1", "86400.5", "1e400", "x", ""],
+    "MAX_PRICE_AGE_S": ["inf", "-inf", "nan", "0", "-1", "86400.5", "1e400", "x", "", "1e-9"],
     "SIGNUP_BALANCE": ["-1", "1000000.000001", "0.0000001", "1e3", "abc"],
     "MAX_CLOCK_SKEW_S": ["-0.1", "3600.1", "inf", "nan", "x"],
     "MAX_TICK_JUMP_BPS": ["0", "-5", "1000001", "10.5", "x", ""],
@@ -44,7 +44,7 @@ BAD = {
     "WS_CONNECTIONS": ["0", "100001", "ten"],
     "WS_SUBSCRIPTIONS": ["0", "10001", "-5"],
     "WS_UNSENT": ["0", "1000001", "1e3"],
-    "ACCOUNT_EVENTS_TOPIC": ["", "has space", "a/b", "..", "x" * 250],
+    "ACCOUNT_EVENTS_TOPIC": ["", "has space", "a/b", "..", "x" * 250, "backpack-market-updates"],
     "API_REPLICAS": ["0", "65", "two"],
     "API_MAX_REPLICAS": ["-1", "65", "1.5"],
 }
