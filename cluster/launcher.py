@@ -159,8 +159,7 @@ class Platform:
             ray.init(address=settings.ray_address, namespace=self.namespace,
                      runtime_env={"env_vars": env}, log_to_driver=False,
                      logging_level=logging.WARNING)
-            self._refuse_a_second_platform()
-            self._remove_an_orphaned_api()
+            self._refuse_a_second_platform()  # and remove the API a killed run left
             phase("ray")
         self._take_over_data_dir()
         phase("previous run")
@@ -240,35 +239,33 @@ class Platform:
     def _refuse_a_second_platform(self) -> None:
         """One Ray cluster runs one platform (its actors and Serve app have fixed names): a
         start on a cluster where one answers stops here, before it could touch the other's
-        API (stopping a half-started platform removes the cluster's Serve app)."""
-        import ray
+        API (stopping a half-started platform removes the cluster's Serve app).
 
-        try:
-            ledger = ray.get_actor(LEDGER, namespace=self.namespace)
-            ray.get(ledger.ping.remote(), timeout=5.0)
-        except Exception:  # no ledger, or one that no longer answers (its platform died)
-            return
-        raise LaunchError(f"a platform already runs on the Ray cluster at "
-                          f"{self.settings.ray_address} (namespace {self.namespace}): a cluster "
-                          "runs one platform; stop that one first, or use another cluster")
-
-    def _remove_an_orphaned_api(self) -> None:
-        """A joined ``up`` killed with ``kill -9`` takes its actors with it, but Serve's (the
-        API app, its replica on PORT, HAProxy) outlive it on the cluster. With no ledger on the
-        cluster (:meth:`_refuse_a_second_platform` found none that answers, and none is
-        named: not one Ray is restarting) that API belongs to no platform: remove it as a stop
-        would have, and wait for its port."""
+        A joined ``up`` killed with ``kill -9`` takes its actors with it, but Serve's (the API
+        app, its replica on PORT, HAProxy) outlive it on the cluster. With no ledger named on
+        the cluster (not even one Ray is restarting) that API belongs to no platform: remove
+        it as a stop would have, and wait for its port."""
         import ray
 
         from cluster.serve_app import api_deployed, shutdown_api
 
+        try:
+            ledger = ray.get_actor(LEDGER, namespace=self.namespace)
+        except ValueError:  # no ledger named: no platform here
+            ledger = None
+        except Exception:  # the cluster does not answer: leave whatever runs there alone
+            return
+        if ledger is not None:
+            try:
+                ray.get(ledger.ping.remote(), timeout=5.0)
+            except Exception:  # its platform died, or its ledger is restarting: leave its API
+                return
+            raise LaunchError(f"a platform already runs on the Ray cluster at "
+                              f"{self.settings.ray_address} (namespace {self.namespace}): a "
+                              "cluster runs one platform; stop that one first, or use another "
+                              "cluster")
         if not api_deployed():
             return
-        try:
-            ray.get_actor(LEDGER, namespace=self.namespace)
-            return  # a ledger that did not answer: its platform's API is not ours to remove
-        except ValueError:
-            pass
         log.warning("removing the API that a platform which did not stop left on the Ray "
                     "cluster at %s", self.settings.ray_address)
         shutdown_api()
