@@ -1,6 +1,6 @@
 """Reconciler: the one owner of requests whose outcome is unknown.
 
-Three kinds of loose ends, each settled by asking the state machines, never by guessing:
+Four kinds of loose ends, each settled by asking the state machines, never by guessing:
 
 * **a lock whose open never went out** (the lock's answer was lost, the open was refused and
   its release failed, or the request was cut off after the lock): ``AbandonLock(request_id)``
@@ -11,6 +11,11 @@ Three kinds of loose ends, each settled by asking the state machines, never by g
   and its clientOrderId gets the position or order, one that did not has its lock abandoned; a
   close or cancel that happened is settled through the courier with its answer, one that did
   not drops its clientOrderId reservation so a retry runs again;
+* **a request that happened whose note the ledger never took** (it was down or restarting
+  when the answer went to the client): the ``Note`` is sent again until the ledger answers,
+  so the account's event (``positionOpened``, ``orderPlaced``, ``positionUpdated``) comes
+  seconds after the ledger is back; the ledger notes a request once, so a resend whose first
+  send did arrive adds nothing;
 * **reservations and locks left in the ledger** by an API process that died: every shard
   resolves (and fences) their request ids; ``SettleRequests`` stores what happened or drops the
   reservation, a lock whose request never happened is abandoned and one whose request happened
@@ -97,6 +102,7 @@ class Reconciler:
         self.answer_ttl_s = answer_ttl_s
         self._abandoned: list[int] = []
         self._in_doubt: list[InDoubt] = []
+        self._notes: list[Note] = []
         self._lock = asyncio.Lock()  # two rounds must never settle the same request
         self._task: asyncio.Task[None] | None = None
         self._lock_rounds: dict[int, int] = {}  # open lock's request id -> sweeps seen open
@@ -114,9 +120,15 @@ class Reconciler:
         self.counters[f"{doubt.kind}s_in_doubt"] += 1
         self._schedule()
 
+    def note(self, note: Note) -> None:
+        """``note`` (a request that happened) did not reach the ledger: send it again."""
+        self._notes.append(note)
+        self.counters["notes_resent"] += 1
+        self._schedule()
+
     @property
     def outstanding(self) -> int:
-        return len(self._abandoned) + len(self._in_doubt)
+        return len(self._abandoned) + len(self._in_doubt) + len(self._notes)
 
     def _schedule(self) -> None:
         if self._task is None or self._task.done():
@@ -141,6 +153,7 @@ class Reconciler:
         async with self._lock:
             await self._resolve_in_doubt()
             await self._abandon_locks()
+            await self._send_notes()
             return self.outstanding
 
     async def _abandon_locks(self) -> None:
@@ -155,6 +168,16 @@ class Reconciler:
         self.counters["locks_released_abandoned"] += sum(isinstance(a, tuple) for a in answers)
         done = set(batch)
         self._abandoned = [r for r in self._abandoned if r not in done]
+
+    async def _send_notes(self) -> None:
+        batch = list(self._notes)
+        if not batch:
+            return
+        try:
+            await self.ledger.call_many(batch)
+        except Unavailable:
+            return
+        self._notes = self._notes[len(batch):]  # what was queued meanwhile waits its round
 
     async def _resolve_in_doubt(self) -> None:
         batch, self._in_doubt = self._in_doubt, []

@@ -551,11 +551,14 @@ class TradingService:
                 self.reconciler.abandon(request_id)  # released later, by its request id
             return result
         self.counters[f"{kind}s"] += 1
-        # one account event of the user's and, with a clientOrderId, its first answer; if
-        # this is lost, the reservation stays pending and is resolved from the shard (which
-        # notes it then), and a request without one is missing from the account's events
-        with contextlib.suppress(Unavailable):
-            await self.ledger.call(Note(who.user, request_id, NOTED_KIND[kind], result, key))
+        # one account event of the user's and, with a clientOrderId, its first answer; one
+        # the ledger did not take is sent again by the reconciler (the lock it ends stays
+        # open meanwhile, so a sweep notes it too should this process die first)
+        note = Note(who.user, request_id, NOTED_KIND[kind], result, key)
+        try:
+            await self.ledger.call(note)
+        except Unavailable:
+            self.reconciler.note(note)
         return result
 
     async def _send(self, shard_name: str, command: Any) -> Any:

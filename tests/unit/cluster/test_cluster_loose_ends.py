@@ -15,7 +15,7 @@ from cluster.actors.host import host_specs
 from cluster.actors.port import LocalPort, Port, Unavailable
 from cluster.trading.courier import Courier, SettlementRefused
 from cluster.trading.reconciler import ORPHAN_ROUNDS
-from engine.account_events import POSITION_UPDATED
+from engine.account_events import POSITION_OPENED, POSITION_UPDATED
 from engine.ledger_machine import (
     AppliedSeq,
     ApplySettlements,
@@ -182,6 +182,40 @@ async def test_a_release_after_a_refusal_that_fails_is_queued_and_released_once(
         assert await svc.open_position(who, order) == refused
         assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
         assert (await svc.audit())[0] == []
+
+
+# --------------------------------------------------------------------------- 2b. lost note
+@pytest.mark.parametrize("client_order_id", [None, "n-1"])
+@pytest.mark.parametrize("deliver", [False, True], ids=["request-lost", "reply-lost"])
+async def test_an_open_whose_note_the_ledger_did_not_take_reaches_the_account_events(
+        make: Make, deliver: bool, client_order_id: str | None) -> None:
+    """The ledger is away when an open that happened is noted: the client still gets its
+    position, and the account's ``positionOpened`` follows within seconds (once, also when
+    the first note did arrive), ending the open's lock; a retry gets the same position."""
+    p = make()
+    ledger = FailingBatches(p.ledger, Note, failures=1, deliver=deliver)
+    svc = make.service(p, ledger=ledger)
+    who = await sol_trader(p, svc)
+    since, _ = await svc.account_events(who.user, None)
+    order = sol_long(client_order_id=client_order_id)
+    pos = await svc.open_position(who, order)
+    assert isinstance(pos, OpenPosition) and ledger.failed == 1
+
+    async def noted() -> bool:
+        return not p.ledger.execute_blocking([OpenLocks()])[0]
+
+    await eventually(noted)
+    assert await svc.reconcile() == 0
+    await asyncio.sleep(0.3)  # no second note comes later
+    _, events = await svc.account_events(who.user, since)
+    assert events is not None
+    opened = [e.body for e in events if e.kind == POSITION_OPENED]
+    assert opened == [pos]
+    assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+    if client_order_id is not None:
+        assert await svc.open_position(who, order) == pos
+        assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+    assert (await svc.audit())[0] == []
 
 
 # --------------------------------------------------------------------------- 3. lost close reply
