@@ -74,6 +74,7 @@ _INTEGER_LIMITS = {
     "ws_unsent": ("WS_UNSENT", 1, 1_000_000),
     "api_replicas": ("API_REPLICAS", 1, 64),
     "api_max_replicas": ("API_MAX_REPLICAS", 0, 64),
+    "min_free_disk_mb": ("MIN_FREE_DISK_MB", 0, 10**7),
 }
 RULES.update({var: f"an integer in [{low}, {high}]" for var, low, high in _INTEGER_LIMITS.values()})
 
@@ -137,6 +138,7 @@ class Settings:
     account_topic: str = ACCOUNT_TOPIC  # ACCOUNT_EVENTS_TOPIC: where account events go
     api_replicas: int = 1  # API_REPLICAS: HTTP API replicas; more than 1 puts HAProxy in front
     api_max_replicas: int = 0  # API_MAX_REPLICAS: above API_REPLICAS, Serve autoscales up to it
+    min_free_disk_mb: int = 100  # MIN_FREE_DISK_MB: less free under a journal: /healthz 503
 
     def __post_init__(self) -> None:
         if self.kafka_brokers is not None:

@@ -869,21 +869,31 @@ def _print_status(settings: Settings) -> int:
         code = 1
     try:
         ledger = ray.get_actor(LEDGER, namespace=NAMESPACE)
-        print(f"ledger: node {_actor_node(ledger)[:12]}")
-    except ValueError:
-        print("ledger: not running")
+        problem: object = ray.get(ledger.ping.remote(), timeout=10)
+        print(f"ledger: node {_actor_node(ledger)[:12]}" + _problem_text(problem))
+        code = code or int(problem is not True)
+    except (ValueError, ray.exceptions.RayError) as exc:
+        print(f"ledger: not available ({type(exc).__name__})")
         code = 1
     print("shards:")
     for spec in shard_layout(settings):
         try:
             handle = ray.get_actor(spec.name, namespace=NAMESPACE)
             stats: Any = ray.get(handle.execute.remote([Stats()]), timeout=10)[0]
+            problem = ray.get(handle.ping.remote(), timeout=10)
         except (ValueError, ray.exceptions.RayError) as exc:
             print(f"  {spec.name:<16} not available ({type(exc).__name__})")
             code = 1
             continue
-        print(f"  {spec.name:<16} node {_actor_node(handle)[:12]} {_stats_text(stats)}")
+        print(f"  {spec.name:<16} node {_actor_node(handle)[:12]} {_stats_text(stats)}"
+              + _problem_text(problem))
+        code = code or int(problem is not True)
     return code
+
+
+def _problem_text(ping: object) -> str:
+    """What a host's ping says beyond "ok": why it may not take writes."""
+    return "" if ping is True else f"\n    UNHEALTHY: {ping}"
 
 
 def _stats_text(stats: Any) -> str:

@@ -78,8 +78,9 @@ class MachineHost:
         self._published, messages = self.runner.machine.outbound(self._published)
         self.publisher.offer(messages)
 
-    def ping(self) -> bool:
-        return True
+    def ping(self) -> bool | str:
+        """True, or why this host may not take writes (cluster.durability.runner.Runner.problem)."""
+        return self.runner.problem() or True
 
     def info(self) -> dict[str, Any]:
         """Operational facts: pid, recovery time, journal size, commands and batches run."""
@@ -118,7 +119,8 @@ def host_specs(settings: Settings, data_dir: str | None = None,
     from engine.ledger_machine import LedgerMachine
     from engine.shard_machine import ShardMachine
 
-    options = dict(store_options or {})
+    # a journal's disk with less free space than this makes /healthz answer 503
+    options = {"min_free_bytes": settings.min_free_disk_mb << 20, **(store_options or {})}
     ledger = HostSpec(LEDGER, LedgerMachine, (settings.signup_balance_micros,
                                               settings.max_open_positions,
                                               settings.max_open_orders), data_dir, options,

@@ -80,7 +80,8 @@ class Port:
     async def execute(self, commands: list[Any]) -> list[Any]:
         raise NotImplementedError
 
-    async def ping(self) -> bool:
+    async def ping(self) -> bool | str:
+        """True when the host answers and can take writes; else why not (text)."""
         raise NotImplementedError
 
 
@@ -107,8 +108,8 @@ class LocalPort(Port):
         answers = self._executor.submit(self.runner.execute, list(commands)).result()
         return [_checked(a) for a in answers]
 
-    async def ping(self) -> bool:
-        return True
+    async def ping(self) -> bool | str:
+        return self.runner.problem() or True
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)
@@ -127,8 +128,9 @@ class RayPort(Port):
                                          self.timeout_s)
         return result
 
-    async def ping(self) -> bool:
-        return bool(await remote(self.name, self.handle.ping.remote(), 5.0))
+    async def ping(self) -> bool | str:
+        answer: bool | str = await remote(self.name, self.handle.ping.remote(), 5.0)
+        return answer
 
     async def info(self) -> dict[str, Any]:
         result: dict[str, Any] = await remote(self.name, self.handle.info.remote(), 5.0)

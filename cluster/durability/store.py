@@ -57,6 +57,7 @@ SNAPSHOT_EVERY_RECORDS = 100_000  # journal records between snapshots (bounds re
 SNAPSHOT_EVERY_S = 60.0  # and at least this often while records are written
 JOURNAL_DIR = "journal"
 SNAPSHOT_DIR = "snapshots"
+MIB = 1 << 20
 
 SnapshotFn = Callable[[], tuple[Mapping[str, np.ndarray], Mapping[str, Any]]]
 
@@ -68,15 +69,18 @@ class JournalStore:
     """Journal + snapshots of one actor state in ``directory`` (see the module docstring).
 
     ``fsync=False`` skips the disk flush (benchmarks and tests only: survives a process kill,
-    not a power loss). ``clock`` returns seconds (monotonic); injected by tests.
+    not a power loss). ``min_free_bytes``: less free space than this on the journal's disk is
+    reported by :meth:`disk_problem`. ``clock`` returns seconds (monotonic); injected by tests.
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True,
                  snapshot_every_records: int = SNAPSHOT_EVERY_RECORDS,
                  snapshot_every_s: float = SNAPSHOT_EVERY_S, keep: int = DEFAULT_KEEP,
                  background_snapshots: bool = True, exit_on_failure: bool = False,
+                 min_free_bytes: int = 0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.directory = Path(directory)
+        self.min_free_bytes = min_free_bytes
         self.snapshot_dir = self.directory / SNAPSHOT_DIR
         self.snapshot_every_records = snapshot_every_records
         self.snapshot_every_s = snapshot_every_s
@@ -97,6 +101,23 @@ class JournalStore:
         self.recovered: Recovered[Any] | None = None
         self.recovery_s = 0.0  # how long recover() took
         self.opened_at_s = time.time()  # wall clock when this incarnation opened the journal
+
+    def disk_problem(self) -> str | None:
+        """Why the journal's disk may soon refuse a write (less free than ``min_free_bytes``),
+        or None. A full disk ends the host at its next write and Ray restarts it, which
+        reads the journal back and serves again until that write: without this its health
+        would look good between the restarts."""
+        if self.min_free_bytes <= 0:
+            return None
+        try:
+            fs = os.statvfs(self.directory)
+        except OSError as exc:
+            return f"cannot read the free space of {self.directory}: {exc}"
+        free = fs.f_bavail * fs.f_frsize
+        if free >= self.min_free_bytes:
+            return None
+        return (f"{free // MIB} MiB free on the disk of {self.directory}, below "
+                f"MIN_FREE_DISK_MB ({self.min_free_bytes // MIB})")
 
     # ----------------------------------------------------------------- recovery
     def recover(self, restore: Callable[[Snapshot | None], S],

@@ -668,6 +668,8 @@ class TradingService:
                 return "unavailable"
             except Exception as exc:  # a failing check reports, never crashes /healthz
                 return f"error: {type(exc).__name__}"
+            if isinstance(ok, str):  # why a host may not take writes
+                return f"unhealthy: {ok}"
             return "ok" if ok is not False else "unhealthy"
 
         checks: dict[str, Callable[[], Awaitable[object]]] = {"ledger": self.ledger.ping}

@@ -4,6 +4,7 @@ ledger exactly once by the courier, a restarted shard's numbering, a dead shard.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -88,15 +89,15 @@ class RayPlatform:
 
 @pytest_asyncio.fixture
 async def start(ray_local: None, tmp_path: Path) -> AsyncIterator[Any]:
-    """``start(durable=False)``: the ledger and shard hosts in a fresh namespace (journaled
-    under a temporary DATA_DIR, and restarted by Ray, when durable). The services made on
-    them are closed after the test."""
+    """``start(durable=False, settings=SETTINGS)``: the ledger and shard hosts in a fresh
+    namespace (journaled under a temporary DATA_DIR, and restarted by Ray, when durable). The
+    services made on them are closed after the test."""
     started: list[RayPlatform] = []
 
-    def start(durable: bool = False) -> RayPlatform:
+    def start(durable: bool = False, settings: Settings = SETTINGS) -> RayPlatform:
         namespace = f"test-{uuid.uuid4().hex[:8]}"
         data_dir = str(tmp_path / namespace) if durable else None
-        ledger, shards = start_hosts(SETTINGS, namespace, data_dir, READY_S)
+        ledger, shards = start_hosts(settings, namespace, data_dir, READY_S)
         started.append(RayPlatform(namespace, ledger, shards))
         return started[-1]
 
@@ -278,3 +279,17 @@ async def test_a_dead_shard_is_unavailable_and_the_lock_stays_in_doubt(start: An
     assert health.components["ledger"] == "ok"
     prices = await svc.prices()
     assert "ETH" not in prices and "SOL" in prices
+
+
+@pytest.mark.asyncio
+async def test_hosts_on_a_nearly_full_disk_say_so_in_health(start: Any, tmp_path: Path) -> None:
+    """Each host actor reports its journal's disk below MIN_FREE_DISK_MB through its ping,
+    which the service's health names per host."""
+    fs = os.statvfs(tmp_path)
+    floor = (fs.f_bavail * fs.f_frsize >> 20) + 1024  # more than the disk has free
+    rp = start(durable=True, settings=Settings(min_free_disk_mb=floor))
+    health = await rp.service().health()
+    assert not health.ok and set(health.components) == {"ledger", *rp.shards}
+    for name, text in health.components.items():
+        assert text.startswith("unhealthy: ") and name in text, text
+        assert f"below MIN_FREE_DISK_MB ({floor})" in text, text

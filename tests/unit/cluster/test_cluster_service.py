@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 import pytest
 
 from cluster.actors.port import LocalPort, Port, Unavailable
+from cluster.config import Settings
 from cluster.trading.service import TradingService
 from engine.ledger_machine import (
     AbandonLock,
@@ -359,6 +362,32 @@ async def test_audit_reports_only_what_differs_at_every_read(
     problems, _ = await p.service.audit(attempts=3, retry_delay_s=0)
     assert reads == 3
     assert len(problems) == 1 and problems[0].startswith(f"user:{who.user}:margin is "), problems
+
+
+def more_than_free_mb(directory: Path) -> int:
+    """A MIN_FREE_DISK_MB the disk of ``directory`` does not have."""
+    fs = os.statvfs(directory)
+    return (fs.f_bavail * fs.f_frsize >> 20) + 1024
+
+
+async def test_a_nearly_full_journal_disk_fails_health_and_names_the_hosts(
+        make: Make, tmp_path: Path) -> None:
+    """A host whose journal's disk has less than MIN_FREE_DISK_MB free says so in /healthz's
+    components (it keeps trading: the floor warns before a write fails); with enough free
+    space every host is ok."""
+    floor = more_than_free_mb(tmp_path)
+    p = make(settings=Settings(min_free_disk_mb=floor), data_dir=str(tmp_path / "low"))
+    health = await p.service.health()
+    assert not health.ok
+    assert set(health.components) == {"ledger", *p.shards}
+    for name, text in health.components.items():
+        assert text.startswith("unhealthy: ") and "MiB free on the disk of" in text, text
+        assert f"below MIN_FREE_DISK_MB ({floor})" in text and name in text, text
+    who = await sol_trader(p)
+    assert isinstance(await p.service.open_position(who, sol_long()), OpenPosition)
+    roomy = make(settings=Settings(min_free_disk_mb=0), data_dir=str(tmp_path / "roomy"))
+    health = await roomy.service.health()
+    assert health.ok and set(health.components.values()) == {"ok"}
 
 
 async def test_a_dead_shard_hides_only_its_own_asset_and_fails_health(make: Make) -> None:
