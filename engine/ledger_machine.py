@@ -1092,27 +1092,35 @@ class LedgerMachine:
                           if isinstance(record, EndedOrder)
                           else _settlement_event(c.shard, seq, record))
             seq += 1
-        events.extend(self._fill_notes(c.opened, events))
+        events = self._with_fill_notes(c.opened, events)
         events.extend(self._answer_events(c.answers, now_us))
         return seq - 1, events
 
-    def _fill_notes(self, opened: Sequence[OpenPosition], events: Sequence[Event]
-                    ) -> list[Event]:
-        """``positionOpened`` notes of the positions in ``opened`` that a fill among
-        ``events`` opened and no close among them ended (request id 0: a fill is applied
-        once, by its seq)."""
-        filled = {(e.owner, e.position_id) for e in events
-                  if isinstance(e, OrderSettled) and e.status == OrderStatus.FILLED}
+    def _with_fill_notes(self, opened: Sequence[OpenPosition], events: list[Event]
+                         ) -> list[Event]:
+        """``events`` with, right after each fill, the ``positionOpened`` note of the position
+        in ``opened`` it opened, unless a close among ``events`` ended it (request id 0: a
+        fill is applied once, by its seq). Each order's ``orderFilled`` is followed by its
+        position's ``positionOpened``, also when one tick filled several."""
         closed = {(e.owner, e.close_id) for e in events if isinstance(e, SettlementApplied)}
-        notes: list[Event] = []
+        notes: dict[tuple[int, int], Event] = {}
         for position in opened:
             key = (position.owner, position.position_id)
-            if type(position) is OpenPosition and key in filled and key not in closed \
+            if type(position) is OpenPosition and key not in closed \
                     and not self._history.has(*key):
-                notes.append(AccountNoted(position.owner, 0, account_events.POSITION_OPENED,
-                                          _stored(position)))
-                filled.discard(key)
-        return notes
+                notes.setdefault(key, AccountNoted(position.owner, 0,
+                                                   account_events.POSITION_OPENED,
+                                                   _stored(position)))
+        if not notes:
+            return events
+        out: list[Event] = []
+        for e in events:
+            out.append(e)
+            if isinstance(e, OrderSettled) and e.status == OrderStatus.FILLED:
+                note = notes.pop((e.owner, e.position_id), None)
+                if note is not None:
+                    out.append(note)
+        return out
 
     def _settlement_problem(self, c: ClosedPosition, margins: dict[int, int]) -> str | None:
         """Why settling ``c`` would break an invariant (or could not be replayed), else None;

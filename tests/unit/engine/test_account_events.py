@@ -407,13 +407,13 @@ def test_a_fill_is_followed_by_the_position_it_opened_once_and_only_while_open()
     _, added = new_events(led, ApplySettlements(SHARD, fills[:1], (), (first,)))
     assert added == []
     # the second fill and the third, the third's position closed in the same run: only the
-    # second position is noted (after its fill)
+    # second position is noted, right after its own fill, before the third fill's events
     close = SettlementItem(4, closed(user, PID + 2, 10 * USD, 0))
     _, added = new_events(led, ApplySettlements(SHARD, (*fills[1:], close), (),
                                                 (third, second)))
     assert [(e.kind, getattr(e.body, "position_id", None)) for e in added] == [
-        ("orderFilled", PID + 1), ("orderFilled", PID + 2), (POSITION_CLOSED, PID + 2),
-        (BALANCE, None), (POSITION_OPENED, PID + 1)]
+        ("orderFilled", PID + 1), (POSITION_OPENED, PID + 1), ("orderFilled", PID + 2),
+        (POSITION_CLOSED, PID + 2), (BALANCE, None)]
     # a fill's note carries no request id: later requests are noted as usual
     assert led(Note(user, 7, POSITION_UPDATED, second)) is None
     assert log_of(led).kept()[-1].kind == POSITION_UPDATED
