@@ -29,6 +29,7 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import dataclasses
 import functools
 import itertools
 import re
@@ -85,7 +86,7 @@ from engine.messages import (
     ShardStats,
 )
 from engine.order_book import OrderKind, OrderTerms, impossible_levels
-from engine.orders import Side
+from engine.orders import NO_LEVEL, Side
 from engine.results import Code, Rejected
 from engine.shard_machine import (
     Cancel,
@@ -361,14 +362,25 @@ class TradingService:
 
     # ----------------------------------------------------------------- idempotency
     async def _idempotent(self, who: Principal, kind: str, client_order_id: str | None,
-                          work: Callable[[IdemKey | None], Coroutine[Any, Any, T]]) -> T:
+                          work: Callable[[IdemKey | None], Coroutine[Any, Any, T]],
+                          shows: Mapping[str, object]) -> T | Rejected:
         """``work(key)`` run to its end whoever stops waiting: once per key when the client
-        named the request (``client_order_id``), else with no key."""
+        named the request (``client_order_id``), else with no key. ``shows``: the fields the
+        answer to this request has (by name); a first answer of the key with other values
+        belongs to a different request, and this one is refused (INVALID_REQUEST), not
+        answered as if it had been run."""
         if client_order_id is None:
             return await self._shielded(self._written(who.user, work(None)))
         key = IdemKey(who.user, kind, client_order_id)
         # the key names the kind of request: whichever task answers it, the answer is a T
-        return cast(T, await self._once(key, lambda: self._written(who.user, work(key))))
+        answer = cast(T, await self._once(key, lambda: self._written(who.user, work(key))))
+        if not isinstance(answer, Rejected) and any(
+                getattr(answer, name, value) != value for name, value in shows.items()):
+            self.counters["client_order_id_reused"] += 1
+            return Rejected(Code.INVALID_REQUEST, f"clientOrderId {client_order_id!r} was "
+                            "first used for a different request: a retry must repeat that "
+                            "request, a new request needs a new clientOrderId")
+        return answer
 
     async def _written(self, user: int, work: Coroutine[Any, Any, T]) -> T:
         """``work``, a write for ``user``; when it fails its outcome may be unknown (the
@@ -443,7 +455,10 @@ class TradingService:
 
         return await self._idempotent(who, "open", order.client_order_id, lambda key: self._lock(
             who, MarginLock(who.user, order.margin_micros, key), self._new_split(order.asset),
-            command))
+            command), {"asset": order.asset, "side": order.side,
+                       "margin_micros": order.margin_micros, "leverage": order.leverage,
+                       "tp_ticks": order.tp_ticks or NO_LEVEL,
+                       "sl_ticks": order.sl_ticks or NO_LEVEL})
 
     async def place_order(self, who: Principal, order: PlaceOrder) -> PendingOrder | Rejected:
         """Place a pending limit or stop order for ``who`` (its margin locked until it fills,
@@ -460,7 +475,8 @@ class TradingService:
         lock = MarginLock(who.user, order.margin_micros, order=True)
         return await self._idempotent(who, "order", order.client_order_id, lambda key: self._lock(
             who, lock._replace(idem_key=key), self._new_split(order.asset),
-            lambda request_id: Place(who.user, terms, request_id)))
+            lambda request_id: Place(who.user, terms, request_id)),
+            {"asset": order.asset, **dataclasses.asdict(terms)})
 
     def _new_split(self, asset: str) -> str:
         """The split of ``asset`` that takes a new position or order (spread over them)."""
@@ -473,7 +489,8 @@ class TradingService:
         """Set, replace or remove (0) the TP/SL of one of ``who``'s positions (None: keep)."""
         return await self._idempotent(who, "modify", client_order_id, lambda key: self._end(
             key, position_id, "modify",
-            lambda request_id: SetLevels(who.user, position_id, tp_ticks, sl_ticks, request_id)))
+            lambda request_id: SetLevels(who.user, position_id, tp_ticks, sl_ticks, request_id)),
+            {"position_id": position_id})
 
     async def change_margin(self, who: Principal, position_id: int, delta_micros: int,
                             client_order_id: str | None = None) -> OpenPosition | Rejected:
@@ -489,9 +506,11 @@ class TradingService:
         if delta_micros > 0:
             lock = MarginLock(who.user, delta_micros, top_up=True)
             return await self._idempotent(who, "margin", client_order_id, lambda key: self._lock(
-                who, lock._replace(idem_key=key), spec.name, command))
+                who, lock._replace(idem_key=key), spec.name, command),
+                {"position_id": position_id})
         return await self._idempotent(who, "margin", client_order_id, lambda key: self._end(
-            key, position_id, "margin", command, release=(who.user, -delta_micros)))
+            key, position_id, "margin", command, release=(who.user, -delta_micros)),
+            {"position_id": position_id})
 
     def _check_terms(self, asset_name: str, leverage: int, margin_micros: int
                      ) -> Rejected | None:
@@ -584,14 +603,15 @@ class TradingService:
                                     order.qty_steps))
 
         return await self._idempotent(who, "close", order.client_order_id, lambda key: self._end(
-            key, order.position_id, "close", command))
+            key, order.position_id, "close", command), {"position_id": order.position_id})
 
     async def cancel_order(self, who: Principal, order_id: int,
                            client_order_id: str | None = None) -> EndedOrder | Rejected:
         """Cancel one of ``who``'s open orders (its margin released): the ended order;
         NOT_FOUND for anyone else's, ORDER_NOT_OPEN for one that ended already."""
         return await self._idempotent(who, "cancel", client_order_id, lambda key: self._end(
-            key, order_id, "cancel", lambda request_id: Cancel(who.user, order_id, request_id)))
+            key, order_id, "cancel", lambda request_id: Cancel(who.user, order_id, request_id)),
+            {"order_id": order_id})
 
     async def _end(self, key: IdemKey | None, item_id: int, kind: str,
                    command: Callable[[int], Any], release: tuple[int, int] | None = None) -> Any:

@@ -189,41 +189,57 @@ def test_client_order_id_retries_return_the_first_answer(
     assert D(state(http, h)["balances"]["free"]) == SIGNUP + D(c1.json()["realizedPnl"])
 
 
-def test_a_retry_naming_another_asset_gets_the_first_answer_as_it_was(
+def test_a_client_order_id_used_again_for_another_request_is_refused_and_changes_nothing(
         platform: HttpPlatform, http: httpx.Client) -> None:
-    """The first answer is written with its own asset's steps whatever asset, position or
-    order the retry names (a BTC retry of a SOL open was written with BTC's steps: a price
-    10 times the entry, a thousandth of the quantity)."""
+    """A clientOrderId names one request: a retry repeating it gets the first answer, written
+    with its own asset's steps; the same id with another asset, position or order is a
+    different request and answers 422 INVALID_REQUEST, opening, closing or cancelling
+    nothing (it was once answered as the first request, so a BTC open "succeeded" with a
+    SOL position)."""
     h = signup(http)
     tick(platform, http, "SOL", "100.00", "100.01")
     tick(platform, http, "BTC", "60000.0", "60000.1")
+
+    def refused(r: httpx.Response) -> None:
+        assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
+        assert "clientOrderId" in r.json()["error"]["message"], r.text
+
     body = {"asset": "SOL", "type": "long", "margin": "10", "leverage": 5, "clientOrderId": "o"}
     first = http.post("/api/v1/positions/open", json=body, headers=h)
     assert first.status_code == 201 and D(first.json()["entryPrice"]) == D("100.01"), first.text
-    retry = http.post("/api/v1/positions/open", json={**body, "asset": "BTC"}, headers=h)
+    retry = http.post("/api/v1/positions/open", json=body, headers=h)
     assert retry.status_code == 201 and retry.json() == first.json(), retry.text
+    for other in ({"asset": "BTC"}, {"type": "short"}, {"margin": "11"}, {"leverage": 4},
+                  {"stopLoss": "90"}):
+        refused(http.post("/api/v1/positions/open", json={**body, **other}, headers=h))
     btc = open_position(http, h, asset="BTC", type="long", margin="10", leverage=5)
     close = {"positionId": first.json()["positionId"], "clientOrderId": "c"}
     closed = http.post("/api/v1/positions/close", json=close, headers=h)
     assert closed.status_code == 200, closed.text
-    retry = http.post("/api/v1/positions/close", headers=h,
-                      json={**close, "positionId": btc["positionId"]})
+    refused(http.post("/api/v1/positions/close", headers=h,
+                      json={**close, "positionId": btc["positionId"]}))
+    retry = http.post("/api/v1/positions/close", json=close, headers=h)
     assert retry.status_code == 200 and retry.json() == closed.json(), retry.text
     order = {"asset": "SOL", "type": "long", "orderType": "limit", "triggerPrice": "90",
              "margin": "10", "leverage": 2, "clientOrderId": "p"}
     placed = http.post("/api/v1/orders", json=order, headers=h)
     assert placed.status_code == 201, placed.text
-    retry = http.post("/api/v1/orders", headers=h,
-                      json={**order, "asset": "BTC", "triggerPrice": "50000.0"})
+    refused(http.post("/api/v1/orders", headers=h,
+                      json={**order, "asset": "BTC", "triggerPrice": "50000.0"}))
+    refused(http.post("/api/v1/orders", headers=h, json={**order, "triggerPrice": "89"}))
+    retry = http.post("/api/v1/orders", json=order, headers=h)
     assert retry.status_code == 201 and retry.json() == placed.json(), retry.text
     cancelled = http.delete(f"/api/v1/orders/{placed.json()['orderId']}?clientOrderId=q",
                             headers=h)
     assert cancelled.status_code == 200, cancelled.text
     other = http.post("/api/v1/orders", headers=h, json={
         **order, "asset": "BTC", "triggerPrice": "50000.0", "clientOrderId": "r"}).json()
-    retry = http.delete(f"/api/v1/orders/{other['orderId']}?clientOrderId=q", headers=h)
-    assert retry.status_code == 200 and retry.json() == cancelled.json(), retry.text
-    assert [p["positionId"] for p in state(http, h)["positions"]] == [btc["positionId"]]
+    refused(http.delete(f"/api/v1/orders/{other['orderId']}?clientOrderId=q", headers=h))
+    s = state(http, h)
+    assert [p["positionId"] for p in s["positions"]] == [btc["positionId"]]
+    orders = http.get("/api/v1/orders", headers=h).json()["orders"]
+    assert [o["orderId"] for o in orders] == [other["orderId"]]
+    assert D(s["balances"]["margin"]) == 20  # the BTC position and the BTC order
 
 
 def test_stale_price_refuses_opens_and_closes_with_503(
