@@ -2,7 +2,9 @@
 
 What the unit and e2e tests and the no-Ray benchmark baseline run: the same machines, runners,
 ports, courier and service as the Ray platform, minus Ray. ``data_dir`` makes the runners
-durable (journals under ``data_dir/<name>``), as the actors are under ``shardex up``.
+durable (journals under ``data_dir/<name>``), as the actors are under ``shardex up``; with
+``readonly=True`` among the store options they recover from it and never write to it
+(``shardex audit --offline``; cluster.durability.runner).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class LocalHosts:
         return routed
 
     def close(self) -> None:
-        """Final snapshots (durable runners) and the worker threads."""
+        """Final snapshots (durable runners, unless read-only) and the worker threads."""
         for port in [self.ledger, *self.shards.values()]:
             port.runner.close()
             port.shutdown()

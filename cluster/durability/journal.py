@@ -24,7 +24,10 @@ nothing is silently destroyed. A failed write or fsync poisons the journal: the 
 dropped the data, so retrying would be a lie; the owner must crash and recover from disk.
 
 Only one writer may hold a journal (an exclusive ``flock`` on ``LOCK``); readers open it with
-``readonly=True``, which never writes and simply stops at the first bad record.
+``readonly=True``, which never writes and simply stops at the first bad record. A reader that
+must see a journal no writer is using (an inspection of a stopped platform) also passes
+``lock_shared=True``: it holds ``LOCK`` shared, so it is refused while a writer holds the
+journal and a writer is refused while it reads.
 """
 
 from __future__ import annotations
@@ -188,11 +191,16 @@ class Journal:
     ``fsync=False`` skips the disk flush in :meth:`commit` (tests and benchmarks only: such a
     journal survives a process kill but not a power loss). ``segment_bytes`` is the size after
     which a commit starts a new segment. ``readonly=True`` opens without the lock, never
-    repairs or writes, and replays only the valid prefix.
+    repairs or writes, and replays only the valid prefix; with ``lock_shared=True`` as well, it
+    holds the lock shared while open (:class:`JournalLockedError` while a writer holds it; a
+    missing ``LOCK`` file, which no writer ever made, is not created).
     """
 
     def __init__(self, path: str | os.PathLike[str], fsync: bool = True, *,
-                 segment_bytes: int = DEFAULT_SEGMENT_BYTES, readonly: bool = False) -> None:
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES, readonly: bool = False,
+                 lock_shared: bool = False) -> None:
+        if lock_shared and not readonly:
+            raise ValueError("lock_shared is for a read-only journal (a writer locks it alone)")
         if segment_bytes < HEADER_BYTES:
             raise ValueError("segment_bytes is too small")
         self.path = Path(path)
@@ -209,7 +217,13 @@ class Journal:
         # (first_seq, path) of every segment, oldest first; the last one is the active segment.
         self._segments: list[tuple[int, Path]] = []
         if readonly:
-            self._open_readonly()
+            if lock_shared:
+                self._lock_shared()
+            try:
+                self._open_readonly()
+            except BaseException:
+                self.close()
+                raise
         else:
             create_directory(self.path)
             self._lock()
@@ -228,7 +242,20 @@ class Journal:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise JournalLockedError(f"journal {self.path} is held by another writer") from None
+            raise JournalLockedError(f"journal {self.path} is held by another writer or a "
+                                     "locked reader") from None
+        self._lock_fd = fd
+
+    def _lock_shared(self) -> None:
+        try:
+            fd = os.open(self.path / LOCK_NAME, os.O_RDONLY)
+        except FileNotFoundError:  # no writer ever opened it: there is nobody to exclude
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JournalLockedError(f"journal {self.path} is held by a writer") from None
         self._lock_fd = fd
 
     def _open_readonly(self) -> None:

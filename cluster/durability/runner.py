@@ -18,6 +18,12 @@ rule), and recovery rebuilds the state from disk.
 Recovery is the same ``apply``: newest valid snapshot, then every journal record after it
 through ``machine.apply_batch``.
 
+A runner over a read-only store (``Runner.open(..., readonly=True)``: an inspection of a stopped
+platform such as ``shardex audit --offline``) recovers the same way and then steps commands the
+same way, but journals nothing: their events change its memory only. That memory answers only
+the inspection and ends with it; nothing it decided binds a later start, which decides again
+from the disk.
+
 Every execute leaves an :class:`ExecuteTiming` (where its time went) in a ring of the newest
 :data:`TIMINGS_KEPT`, read with :meth:`Runner.timings_since`: what ``shardex bench latency``
 splits a call to a host into. Keeping it costs four clock reads and a tuple per batch, not per
@@ -95,7 +101,8 @@ class Runner(Generic[M]):
     @classmethod
     def open(cls, directory: str | os.PathLike[str], build: Build,
              clock_us: Callable[[], int] = wall_clock_us, **store_options: Any) -> Runner[Any]:
-        """Recover the machine kept in ``directory`` (``build(snapshot)`` + journal replay)."""
+        """Recover the machine kept in ``directory`` (``build(snapshot)`` + journal replay);
+        ``store_options`` go to the JournalStore (``readonly=True``: the module docstring)."""
         store = JournalStore(directory, **store_options)
         restored: list[Machine] = []
 
@@ -138,7 +145,7 @@ class Runner(Generic[M]):
         self.batches += 1
         stepped_ns = time.time_ns()
         store = self.store
-        if store is not None:
+        if store is not None and not store.readonly:
             try:
                 if encoded:
                     store.append_encoded(encoded)
@@ -151,7 +158,8 @@ class Runner(Generic[M]):
         end_ns = time.time_ns()
         self._timings.append(ExecuteTiming(
             start_ns // 1000, len(commands), (stepped_ns - start_ns) // 1000,
-            (end_ns - stepped_ns) // 1000 if store is not None else 0, end_ns // 1000))
+            (end_ns - stepped_ns) // 1000 if store is not None and not store.readonly else 0,
+            end_ns // 1000))
         self._timed += 1
         return answers
 
@@ -207,7 +215,8 @@ class Runner(Generic[M]):
         return 0.0 if self.store is None else self.store.recovery_s
 
     def close(self) -> None:
-        """Clean stop: a final snapshot (fast restart), release the journal."""
+        """Clean stop: a final snapshot (fast restart; none when read-only), release the
+        journal."""
         if self.store is not None:
             self.store.close(self.machine.snapshot if self._broken is None else None)
 

@@ -20,11 +20,16 @@ cluster.durability.recovery:
 * A commit that fails poisons the journal: the store raises :class:`DurabilityError` for every
   later call, and the process must exit so Ray restarts it and it recovers from disk; with
   ``exit_on_failure=True`` (what an actor passes) the store ends the process itself.
+* ``readonly=True`` (an inspection of a stopped platform, ``shardex audit --offline``) recovers
+  the same way but writes nothing in the directory: the journal is read without its repair
+  (a torn tail is not cut off, only not replayed), under its lock held shared (refused while a
+  writer holds it, and no writer starts meanwhile), and nothing is appended, committed or
+  snapshotted, not even at close.
 
 Layout under the state's directory (``DATA_DIR/<actor name>/``)::
 
     journal/00000000000000000001.wal ...   checksummed records (cluster.durability.journal)
-    journal/LOCK                           flock of the one writer
+    journal/LOCK                           flock of the one writer (or of readers, shared)
     snapshots/00000000000000004242.npz     state after record 4242 (cluster.durability.snapshot)
 """
 
@@ -71,6 +76,7 @@ class JournalStore:
     ``fsync=False`` skips the disk flush (benchmarks and tests only: survives a process kill,
     not a power loss). ``min_free_bytes``: less free space than this on the journal's disk is
     reported by :meth:`disk_problem`. ``clock`` returns seconds (monotonic); injected by tests.
+    ``readonly=True``: see the module docstring.
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True,
@@ -78,7 +84,7 @@ class JournalStore:
                  snapshot_every_s: float = SNAPSHOT_EVERY_S, keep: int = DEFAULT_KEEP,
                  background_snapshots: bool = True, exit_on_failure: bool = False,
                  min_free_bytes: int = 0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, readonly: bool = False) -> None:
         self.directory = Path(directory)
         self.min_free_bytes = min_free_bytes
         self.snapshot_dir = self.directory / SNAPSHOT_DIR
@@ -88,7 +94,9 @@ class JournalStore:
         self.background_snapshots = background_snapshots
         self.exit_on_failure = exit_on_failure
         self._clock = clock
-        self.journal = Journal(self.directory / JOURNAL_DIR, fsync=fsync)
+        self.readonly = readonly
+        self.journal = Journal(self.directory / JOURNAL_DIR, fsync=fsync, readonly=readonly,
+                               lock_shared=readonly)
         self._events: list[bytes] = []  # encoded events of the call in progress
         self._events_since_snapshot = 0
         self.events_written = 0
@@ -150,17 +158,17 @@ class JournalStore:
     # ----------------------------------------------------------------- writing
     def append(self, event: Event) -> None:
         """Buffer one event (durable at the next :meth:`commit`)."""
-        self._check()
+        self._check_writable()
         self._events.append(encode(event))
 
     def append_encoded(self, encoded: list[bytes]) -> None:
         """Buffer events already encoded (engine.events.encode)."""
-        self._check()
+        self._check_writable()
         self._events.extend(encoded)
 
     def commit(self) -> int:
         """Make every appended event durable (one record); returns the journal's durable seq."""
-        self._check()
+        self._check_writable()
         try:
             if self._events:
                 events, self._events = self._events, []
@@ -196,6 +204,11 @@ class JournalStore:
             raise DurabilityError("the journal failed earlier; the state must be recovered "
                                   "from disk") from self._failed
 
+    def _check_writable(self) -> None:
+        self._check()
+        if self.readonly:
+            raise DurabilityError(f"the store of {self.directory} is open read-only")
+
     # ----------------------------------------------------------------- snapshots
     def checkpoint_due(self) -> bool:
         since = self._events_since_snapshot
@@ -219,6 +232,7 @@ class JournalStore:
         ``wait=False`` writes the file on a background thread; trimming happens on a later
         call once it is done (:meth:`maybe_checkpoint`, :meth:`close`).
         """
+        self._check_writable()
         self.wait_snapshot()
         seq = self.commit()
         arrays, meta = snapshot_fn()
@@ -279,9 +293,10 @@ class JournalStore:
 
     # ----------------------------------------------------------------- lifetime
     def close(self, snapshot_fn: SnapshotFn | None = None) -> None:
-        """Clean stop: finish any snapshot, optionally write a final one, release the lock."""
+        """Clean stop: finish any snapshot, optionally write a final one (never when read-only),
+        release the lock."""
         try:
-            if snapshot_fn is not None and self._failed is None \
+            if snapshot_fn is not None and self._failed is None and not self.readonly \
                     and (self._events or self.journal.durable_seq > self._snapshot_seq):
                 self.checkpoint(snapshot_fn, wait=True)
             else:

@@ -283,6 +283,28 @@ def test_single_writer_lock_and_concurrent_reader(tmp_path: Path) -> None:
         assert j.durable_seq == 1
 
 
+def test_a_locked_reader_excludes_writers_and_is_excluded_by_one(tmp_path: Path) -> None:
+    """``lock_shared``: readers share the lock, a writer holds it alone; no LOCK is made."""
+    path = tmp_path / "j"
+    reader = Journal(path, readonly=True, lock_shared=True)  # no journal at all yet
+    assert reader.durable_seq == 0 and not path.exists()
+    reader.close()
+    write(path, [b"a"])
+    with Journal(path, readonly=True, lock_shared=True) as first, \
+            Journal(path, readonly=True, lock_shared=True) as second:
+        assert list(first.replay()) == list(second.replay()) == [(1, b"a")]
+        with pytest.raises(JournalLockedError):
+            Journal(path)
+    with Journal(path, fsync=False) as writer:
+        with pytest.raises(JournalLockedError):
+            Journal(path, readonly=True, lock_shared=True)
+        assert list(Journal(path, readonly=True).replay()) == [(1, b"a")]  # unlocked reader
+        writer.append(b"b")
+        writer.commit()
+    with pytest.raises(ValueError):
+        Journal(path, lock_shared=True)
+
+
 def test_failed_commit_poisons_the_journal(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j")
     j.append(b"a")

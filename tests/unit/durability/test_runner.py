@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from cluster.durability.journal import JournalLockedError
 from cluster.durability.runner import Failed, Runner
 from cluster.durability.snapshot import Snapshot, list_snapshots
 from cluster.durability.store import SNAPSHOT_DIR, DurabilityError
@@ -364,6 +365,38 @@ def test_open_recovers_the_same_state_after_a_clean_stop_and_after_a_crash(
     assert sh.machine.fingerprint() == shard_live
     led.close()
     sh.close()
+
+
+def test_a_read_only_runner_recovers_the_same_state_and_writes_nothing(
+        tmp_path: Path) -> None:
+    """``readonly=True``: the same recovery (a torn tail is skipped, not cut off), commands
+    step in memory only, no snapshot at close, no file touched."""
+    clock = Clock()
+    led = open_ledger(tmp_path, clock, snapshot_every_records=2)
+    user = one(led, CreateAccount(*account(1))).user
+    one(led, CreateAccount(*account(2)))
+    assert one(led, LockMargin(MarginLock(user, 40 * USD, None, 7))) is None
+    live = led.machine.fingerprint()
+    crash(led)
+    with open(segment(tmp_path), "ab") as f:
+        f.write(b"\x40\x00\x00\x00torn")  # a record a kill cut in the middle
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    reader = open_ledger(tmp_path, clock, readonly=True)
+    assert reader.machine.fingerprint() == live
+    assert reader.store is not None and reader.store.recovered is not None
+    assert reader.store.recovered.snapshot_seq > 0 and reader.store.recovered.replayed > 0
+    with pytest.raises(JournalLockedError):  # a writer cannot start while it reads
+        open_ledger(tmp_path, clock)
+    assert reader.execute([AbandonLock(7), Balances(user)]) == [(7, user, 40 * USD),
+                                                                (SIGNUP, 0)]
+    with pytest.raises(DurabilityError):
+        reader.checkpoint()
+    reader.close()
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+    led = open_ledger(tmp_path, clock)  # the lock went with it; the release never happened
+    assert led.machine.fingerprint() == live
+    assert one(led, Balances(user)) == (SIGNUP - 40 * USD, 40 * USD)
+    led.close()
 
 
 def test_an_in_memory_runner_steps_the_same_way_without_a_disk() -> None:
