@@ -11,7 +11,7 @@ Actors are named (``cluster.actor_names``) in the ``shardex`` namespace and owne
 process (not detached): ``status`` and ``audit`` find them by name while it runs, and a killed
 ``up`` takes them with it. ``up`` runs the durable platform (journaled ledger and shards in
 DATA_DIR, restarted by Ray, reconciled before the API serves); ``audit --offline`` recovers
-that state from DATA_DIR without Ray.
+that state from DATA_DIR without Ray and without writing to it.
 """
 
 from __future__ import annotations
@@ -925,18 +925,24 @@ def _audit_live(settings: Settings, as_json: bool) -> int:
 
 
 def _print_audit(problems: list[str], totals: dict[str, object], as_json: bool,
-                 source: Path | None = None) -> int:
-    """The audit's report on stdout (``source``: the DATA_DIR an offline audit recovered);
-    its exit code, 1 on any difference."""
+                 source: Path | None = None, released: dict[int, int] | None = None) -> int:
+    """The audit's report on stdout (``source``: the DATA_DIR an offline audit recovered;
+    ``released``: the margin its start reconciliation released, micros per user); its exit
+    code, 1 on any difference."""
     if as_json:
         report: dict[str, object] = {"ok": not problems, "differences": problems,
                                      "totals": totals}
         if source is not None:
             report["source"] = str(source)
+        if released is not None:
+            report["released_at_start"] = released
         print(json.dumps(report, default=str))
     else:
         for line in problems:
             print(f"DIFFERENCE: {line}")
+        if released:
+            print(f"a start releases margin no open position or order backs (micros per "
+                  f"user): {released}")
         head = "audit" if source is None else f"audit (offline, {source})"
         print(f"{head}: {'OK' if not problems else f'{len(problems)} difference(s)'}; "
               f"totals {totals}")
@@ -944,7 +950,17 @@ def _print_audit(problems: list[str], totals: dict[str, object], as_json: bool,
 
 
 def _audit_offline(settings: Settings, as_json: bool) -> int:
-    """The audit over the state recovered from DATA_DIR (the platform must be stopped)."""
+    """The audit over the state the next start would serve, made from DATA_DIR without
+    writing to it (the platform must be stopped).
+
+    The hosts recover read-only (cluster.durability.runner): the same recovery as a start, no
+    repair of a torn journal tail, no snapshot, the journals' locks held shared (a running
+    platform holds them: refused). Then what a start does before the API serves runs on them,
+    in memory only: shards resume their numbering, and the reconciler's start round settles
+    what a crash left half done (a settlement still in an outbox, a pending clientOrderId, a
+    lock whose open never went out). Margin that round releases is not a difference, since
+    the start releases it too; it is reported beside the audit (``released_at_start``).
+    """
     from cluster.actor_names import LEDGER as LEDGER_DIR
     from cluster.actors.local import LocalHosts
 
@@ -958,12 +974,24 @@ def _audit_offline(settings: Settings, as_json: bool) -> int:
         print(f"shardex audit --offline: {exc}", file=sys.stderr)
         return 2
     try:
-        hosts = LocalHosts(settings, str(root))
+        hosts = LocalHosts(settings, str(root), readonly=True)
     except Exception as exc:  # a held lock (platform running) or an unreadable store
         print(f"shardex audit --offline: cannot recover {root}: {exc}", file=sys.stderr)
         return 2
     try:
-        problems, totals = asyncio.run(hosts.service().audit(attempts=1))
+        released, problems, totals = asyncio.run(_audit_as_started(hosts.service()))
     finally:
         hosts.close()
-    return _print_audit(problems, totals, as_json, source=root)
+    return _print_audit(problems, totals, as_json, source=root, released=released)
+
+
+async def _audit_as_started(service: Any) -> tuple[dict[int, int], list[str],
+                                                   dict[str, object]]:
+    """The start's reconciliation over ``service``'s hosts, then one audit read:
+    ``(released, differences, totals)``."""
+    try:
+        released: dict[int, int] = await service.reconciler.at_start()
+        problems, totals = await service.audit(attempts=1)
+    finally:
+        await service.aclose()
+    return released, problems, totals
