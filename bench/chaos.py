@@ -57,6 +57,7 @@ from cluster.actor_names import FEED, LEDGER
 from cluster.config import MARKET_TOPIC, Settings
 from cluster.launcher import Platform
 from engine.assets import DEFAULT_ASSETS
+from engine.ledger import AuditDifference
 from engine.shard_machine import Stats
 from feed.broker import free_port
 from feed.message import message_from_ticks
@@ -385,7 +386,7 @@ class ChaosRun:
                 return out
             before = page[-1]["positionId"]
 
-    def _audit(self) -> tuple[list[str], dict[str, Any]]:
+    def _audit(self) -> tuple[list[AuditDifference], dict[str, Any]]:
         from cluster.launcher import service_for
 
         assert self.platform is not None
@@ -446,7 +447,8 @@ class ChaosRun:
                                f"{open_margin}")
         problems, totals = self._audit()
         return {"lost": lost, "duplicated": duplicated, "balance_mismatches": balance_mismatches,
-                "audit_ok": not problems, "audit_differences": problems[:10],
+                "audit_ok": not problems,
+                "audit_differences": [p.text for p in problems[:10]],
                 "history_closes": history_total, "close_reasons": dict(reasons),
                 "positions_of_unanswered_opens": orphan_positions,
                 "ledger_closed_positions": totals.get("closed_positions"),

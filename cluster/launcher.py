@@ -37,6 +37,7 @@ from typing import Any, Literal
 from cluster.actor_names import FEED, LEDGER, NAMESPACE
 from cluster.config import MARKET_TOPIC, ConfigError, Settings
 from cluster.trading.placement import ShardSpec, shard_layout
+from engine.ledger import AuditDifference
 from engine.shard_machine import LastTick, Stats
 
 log = logging.getLogger(__name__)
@@ -924,13 +925,14 @@ def _audit_live(settings: Settings, as_json: bool) -> int:
     return _print_audit(problems, totals, as_json)
 
 
-def _print_audit(problems: list[str], totals: dict[str, object], as_json: bool,
+def _print_audit(problems: list[AuditDifference], totals: dict[str, object], as_json: bool,
                  source: Path | None = None, released: dict[int, int] | None = None) -> int:
     """The audit's report on stdout (``source``: the DATA_DIR an offline audit recovered;
     ``released``: the margin its start reconciliation released, micros per user); its exit
-    code, 1 on any difference."""
+    code, 1 on any difference. The JSON's ``differences`` are the differences' texts."""
     if as_json:
-        report: dict[str, object] = {"ok": not problems, "differences": problems,
+        report: dict[str, object] = {"ok": not problems,
+                                     "differences": [p.text for p in problems],
                                      "totals": totals}
         if source is not None:
             report["source"] = str(source)
@@ -938,8 +940,8 @@ def _print_audit(problems: list[str], totals: dict[str, object], as_json: bool,
             report["released_at_start"] = released
         print(json.dumps(report, default=str))
     else:
-        for line in problems:
-            print(f"DIFFERENCE: {line}")
+        for problem in problems:
+            print(f"DIFFERENCE: {problem.text}")
         if released:
             print(f"a start releases margin no open position or order backs (micros per "
                   f"user): {released}")
@@ -985,7 +987,7 @@ def _audit_offline(settings: Settings, as_json: bool) -> int:
     return _print_audit(problems, totals, as_json, source=root, released=released)
 
 
-async def _audit_as_started(service: Any) -> tuple[dict[int, int], list[str],
+async def _audit_as_started(service: Any) -> tuple[dict[int, int], list[AuditDifference],
                                                    dict[str, object]]:
     """The start's reconciliation over ``service``'s hosts, then one audit read:
     ``(released, differences, totals)``."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from engine.results import Code, Rejected
 from engine.settlement import Settlement
@@ -27,6 +27,19 @@ HOUSE = "house"
 INSURANCE = "insurance"
 _SYSTEM = (FUNDING, HOUSE, INSURANCE)
 STATE_VERSION = 1
+SUM = "sum"  # the subject of a difference in the sum over all accounts
+
+
+class AuditDifference(NamedTuple):
+    """One way the ledger disagrees with its invariants or with the shards' books.
+
+    ``subject``: what differs, the same name at every audit that finds it: an account
+    (``user:21:margin``, ``user:21:free``) or :data:`SUM`; ``text``: what is wrong, with its
+    amounts (micros), for people.
+    """
+
+    subject: str
+    text: str
 
 
 class LedgerError(AssertionError):
@@ -155,24 +168,28 @@ class Ledger:
         self._system[INSURANCE] += s.insurance_micros
 
     # -- checks and snapshots ----------------------------------------------------------------
-    def audit(self, open_margins_by_user: Mapping[int, int]) -> list[str]:
-        """Problems found ([] when sound): total != 0, a negative free balance, a margin
-        account that differs from the sum of the user's open margins."""
-        problems: list[str] = []
+    def audit(self, open_margins_by_user: Mapping[int, int]) -> list[AuditDifference]:
+        """Differences found ([] when sound): total != 0 (subject :data:`SUM`), a negative
+        free balance (its free account), a margin account that differs from the sum of the
+        user's open margins or is missing while they have some (their margin account)."""
+        problems: list[AuditDifference] = []
         total = self.total_micros()
         if total != 0:
-            problems.append(f"accounts sum to {total} micros, expected 0")
+            problems.append(AuditDifference(SUM, f"accounts sum to {total} micros, expected 0"))
         for user, free in self._free.items():
             if free < 0:
-                problems.append(f"{free_account(user)} is negative: {free}")
+                account = free_account(user)
+                problems.append(AuditDifference(account, f"{account} is negative: {free}"))
         for user in sorted(set(self._margin) | set(open_margins_by_user)):
             expected = int(open_margins_by_user.get(user, 0))
             actual = self._margin.get(user)
+            account = margin_account(user)
             if actual is None:
-                problems.append(f"user {user} has open positions but no account")
+                problems.append(AuditDifference(
+                    account, f"user {user} has open positions but no account"))
             elif actual != expected:
-                problems.append(f"{margin_account(user)} is {actual}, open margins sum to "
-                                f"{expected}")
+                problems.append(AuditDifference(
+                    account, f"{account} is {actual}, open margins sum to {expected}"))
         return problems
 
     def to_state(self) -> dict[str, Any]:
@@ -209,6 +226,8 @@ __all__ = [
     "FUNDING",
     "HOUSE",
     "INSURANCE",
+    "SUM",
+    "AuditDifference",
     "Ledger",
     "LedgerError",
     "free_account",

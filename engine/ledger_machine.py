@@ -313,7 +313,9 @@ class OrderHistory(History):
 
 @dataclass(frozen=True, slots=True)
 class Audit:
-    """-> the differences ([] = consistent) between the accounts and the shards' positions.
+    """-> the differences ([] = consistent) between the accounts and the shards' positions:
+    a list of :class:`engine.ledger.AuditDifference` (``subject``: the account that differs, or
+    the sum over all accounts; ``text``: what differs).
 
     ``open_margins_by_user``: margins of open positions and open orders summed over all shards;
     ``unsettled``: each shard's outbox (items already applied here are recognised by seq).

@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import re
 import secrets
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, NamedTuple, TypeVar, cast
@@ -48,6 +47,7 @@ from cluster.trading.reconciler import NOTED_KIND, TRANSIENT_CODES, InDoubt, Rec
 from engine.account_events import AccountEvent
 from engine.assets import Asset, AssetRegistry
 from engine.candles import Candle, CandleQuery
+from engine.ledger import AuditDifference
 from engine.ledger_machine import (
     AccountEvents,
     AccountTail,
@@ -700,31 +700,31 @@ class TradingService:
         components = dict(zip(checks, results, strict=True))
         return Health(all(r == "ok" for r in results), components)
 
-    async def audit(self, attempts: int = 3,
-                    retry_delay_s: float = 0.2) -> tuple[list[str], dict[str, object]]:
+    async def audit(self, attempts: int = 3, retry_delay_s: float = 0.2
+                    ) -> tuple[list[AuditDifference], dict[str, object]]:
         """The ledger invariant against every shard's open margins and unsettled closes.
 
         Exact when nothing trades meanwhile. Under traffic a difference can be transient (an
         open's margin is locked a moment before its position exists; a close can settle
         between reading a shard and reading the ledger), so a difference is only reported if
-        the same subject (:func:`_subject`: an account, the sum...) differs at each of
-        ``attempts`` reads; under traffic another account may be caught mid-open at each read.
-        Returns ``(differences, totals)`` (the last read's text of each).
+        its subject (the account that differs, or the sum) differs at each of ``attempts``
+        reads; under traffic another account may be caught mid-open at each read. Returns
+        ``(differences, totals)`` (the last read's of each).
         """
-        problems: list[str] = []
+        problems: list[AuditDifference] = []
         persistent: set[str] | None = None
         for attempt in range(max(1, attempts)):
             if attempt:
                 await asyncio.sleep(retry_delay_s)
             margins, unsettled = await self.reconciler.shard_views()
             problems = await self.ledger.call(Audit(margins, unsettled))
-            subjects = {_subject(p) for p in problems}
+            subjects = {p.subject for p in problems}
             persistent = subjects if persistent is None else persistent & subjects
             if not persistent:
                 problems = []
                 break
         totals = await self.ledger.call(Totals())
-        return [p for p in problems if _subject(p) in (persistent or ())], totals
+        return [p for p in problems if p.subject in (persistent or ())], totals
 
     async def reconcile(self) -> int:
         """One reconciler round now (tests, shutdown); returns how many remain unresolved."""
@@ -748,10 +748,3 @@ class TradingService:
             named[name] = port.batcher
             named[f"positions:{name}"] = self._positions[name]
         return {k: (b.batches, b.items) for k, b in named.items()}
-
-
-def _subject(problem: str) -> str:
-    """What an audit difference is about: the text before " is " (``user:21:margin is 5,
-    open margins sum to 0`` -> ``user:21:margin``), else the text with its numbers masked."""
-    head, sep, _ = problem.partition(" is ")
-    return head if sep else re.sub(r"-?\d+", "#", problem)

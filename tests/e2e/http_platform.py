@@ -21,6 +21,7 @@ from cluster.api import create_app
 from cluster.config import Settings
 from cluster.http.server import SERVER_OPTIONS
 from cluster.live.market import MarketLive
+from engine.ledger import AuditDifference
 from engine.market import Tick
 from feed.broker import free_port
 
@@ -31,7 +32,7 @@ class HttpPlatform(Protocol):
     def push_tick(self, asset: str, bid: str, ask: str, age_s: float = 0.0) -> None:
         """Publish a top of book for ``asset`` (decimal strings), ``age_s`` seconds old."""
 
-    def audit(self) -> list[str]:
+    def audit(self) -> list[AuditDifference]:
         """Ledger invariant differences once every tick pushed so far has settled ([] = ok)."""
 
     def totals(self) -> dict[str, Any]:
@@ -97,7 +98,7 @@ class LocalHttpPlatform:
     def _on_loop(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
 
-    def audit(self) -> list[str]:
+    def audit(self) -> list[AuditDifference]:
         problems, _ = self._on_loop(self.service.audit())
         return list(problems)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from cluster.config import Settings
 from cluster.launcher import Platform
+from engine.ledger import AuditDifference
 from engine.market import Tick
 from engine.shard_machine import ApplyTick
 from tests.e2e.http_platform import make_tick
@@ -121,14 +122,14 @@ class RayHttpPlatform:
         return [(spec, self.platform.shards[spec.name]) for spec in self.platform.layout
                 if spec.asset == asset]
 
-    def _audit(self) -> tuple[list[str], dict[str, Any]]:
+    def _audit(self) -> tuple[list[AuditDifference], dict[str, Any]]:
         from cluster.launcher import service_for
 
         service = service_for(self.settings, self.platform.namespace)
         problems, totals = asyncio.run(service.audit())
         return list(problems), dict(totals)
 
-    def audit(self) -> list[str]:
+    def audit(self) -> list[AuditDifference]:
         return self._audit()[0]
 
     def totals(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from cluster.ray_service import service_from_names
 from cluster.trading.courier import Courier
 from cluster.trading.placement import shard_layout
 from cluster.trading.service import TradingService
+from engine.ledger import AuditDifference
 from engine.ledger_machine import AppliedSeq, ApplySettlements, Balances, Totals
 from engine.market import Tick
 from engine.messages import CloseOrder, OpenOrder, OpenPosition, Principal, SettlementItem
@@ -116,7 +117,7 @@ async def signup(svc: TradingService) -> Principal:
     return who
 
 
-async def audit(service: TradingService) -> list[str]:
+async def audit(service: TradingService) -> list[AuditDifference]:
     problems, totals = await service.audit()
     assert totals["sum_micros"] == 0
     return problems

@@ -11,6 +11,7 @@ from cluster.actors.local import LocalHosts
 from cluster.actors.port import LocalPort, Port
 from cluster.config import Settings
 from cluster.trading.service import TradingService
+from engine.ledger import AuditDifference
 from engine.ledger_machine import Balances
 from engine.market import Tick
 from engine.messages import OpenOrder, Principal
@@ -59,7 +60,7 @@ class Platform:
                     self.clock.now_us - age_us, self.seq, "test")
         return await self.hosts.apply_ticks([tick])
 
-    async def audit(self) -> list[str]:
+    async def audit(self) -> list[AuditDifference]:
         problems, _ = await self.service.audit()
         return problems
 

@@ -15,6 +15,7 @@ from cluster.actors.local import LocalHosts
 from cluster.actors.port import LocalPort, Unavailable
 from cluster.config import Settings
 from cluster.trading.service import TradingService
+from engine.ledger import AuditDifference
 from engine.ledger_machine import AbandonLock, Balances, LockMargin
 from engine.machine import run
 from engine.market import Tick
@@ -68,7 +69,7 @@ async def push_tick(hosts: LocalHosts, bid: str, ask: str) -> None:
                                   NOW_US, 1, "test")])
 
 
-async def audit(service: TradingService) -> list[str]:
+async def audit(service: TradingService) -> list[AuditDifference]:
     problems, _ = await service.audit()
     return problems
 

@@ -11,6 +11,7 @@ import pytest
 from cluster.actors.port import LocalPort, Port, Unavailable
 from cluster.config import Settings
 from cluster.trading.service import TradingService
+from engine.ledger import AuditDifference, margin_account
 from engine.ledger_machine import (
     AbandonLock,
     AppliedSeq,
@@ -332,7 +333,8 @@ async def test_audit_reports_a_margin_without_a_position(make: Make) -> None:
     # money locked behind the service's back: the invariant no longer holds
     assert await p.ledger.call(LockMargin(MarginLock(who.user, 5 * USD))) is None
     problems, totals = await p.service.audit(attempts=2, retry_delay_s=0)
-    assert len(problems) == 1 and f"user:{who.user}:margin" in problems[0]
+    assert len(problems) == 1 and f"user:{who.user}:margin" in problems[0].text
+    assert problems[0].subject == margin_account(who.user)
     assert totals["sum_micros"] == 0
 
 
@@ -350,7 +352,9 @@ async def test_audit_reports_only_what_differs_at_every_read(
         answer = await real(command)
         if isinstance(command, Audit):  # a different account caught mid-open at each read
             reads += 1
-            answer = [*answer, f"user:{1000 + reads}:margin is 1000000, open margins sum to 0"]
+            other = margin_account(1000 + reads)
+            answer = [*answer, AuditDifference(
+                other, f"{other} is 1000000, open margins sum to 0")]
         return answer
 
     monkeypatch.setattr(ledger, "call", call)
@@ -361,7 +365,9 @@ async def test_audit_reports_only_what_differs_at_every_read(
     reads = 0
     problems, _ = await p.service.audit(attempts=3, retry_delay_s=0)
     assert reads == 3
-    assert len(problems) == 1 and problems[0].startswith(f"user:{who.user}:margin is "), problems
+    assert len(problems) == 1 and problems[0].text.startswith(f"user:{who.user}:margin is "), \
+        problems
+    assert problems[0].subject == margin_account(who.user)
 
 
 def more_than_free_mb(directory: Path) -> int:

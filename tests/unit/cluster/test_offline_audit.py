@@ -25,7 +25,8 @@ from cluster.actors.local import LocalHosts
 from cluster.config import Settings
 from cluster.durability.journal import HEADER
 from cluster.launcher import check_layout
-from engine.ledger_machine import LockMargin, Totals
+from engine.ledger import AuditDifference
+from engine.ledger_machine import LockMargin, ReleaseMargin, Totals
 from engine.market import Tick
 from engine.messages import ClosedPosition, CloseOrder, IdemKey, MarginLock, OpenPosition
 from engine.shard_machine import ApplyTick
@@ -113,7 +114,8 @@ def _audit_offline(root: Path) -> tuple[int, dict[str, Any]]:
     return done.returncode, json.loads(done.stdout.strip().splitlines()[-1])
 
 
-async def _start_and_audit(root: Path) -> tuple[dict[int, int], list[str], dict[str, Any]]:
+async def _start_and_audit(root: Path
+                           ) -> tuple[dict[int, int], list[AuditDifference], dict[str, Any]]:
     """What a start does with ``root`` (recover, resume, the start's reconciliation), then the
     audit of that state."""
     hosts = LocalHosts(_settings(root), str(root))
@@ -152,6 +154,39 @@ def test_offline_audit_leaves_data_dir_unchanged_and_audits_what_a_start_serves(
     assert totals["closed_positions"] == at_crash["closed_positions"] + 1
     assert totals["users_margin_micros"] == \
         at_crash["users_margin_micros"] - (CUT_LOCK_USD + STOPPED_USD) * USD
+
+
+async def _leave_margin_deficit(root: Path) -> tuple[int, int]:
+    """A platform stopped cleanly whose ledger holds less margin than its open position
+    (released behind the service's back): a difference no start repairs. Returns the user
+    and the position's margin (micros)."""
+    check_layout(_settings(root), record=True)
+    p = build_platform(_settings(root), data_dir=str(root))
+    who = await signup(p.service)
+    await p.push_tick("SOL", "100.00", "100.01")
+    opened = await p.service.open_position(who, sol_long(100, 10))
+    assert isinstance(opened, OpenPosition)
+    assert p.ledger.execute_blocking([ReleaseMargin(who.user, 5 * USD, counted=False)]) == \
+        [None]
+    await p.service.aclose()
+    p.hosts.close()
+    return who.user, opened.margin_micros
+
+
+def test_offline_audit_reports_a_difference_a_start_keeps(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    user, margin_micros = asyncio.run(_leave_margin_deficit(root))
+    before = _files(root)
+    account = f"user:{user}:margin"
+    difference = f"{account} is {margin_micros - 5 * USD}, open margins sum to {margin_micros}"
+    code, report = _audit_offline(root)
+    assert (code, report["ok"], report["differences"]) == (1, False, [difference])
+    assert report["released_at_start"] == {}
+    text = _cli(root, "audit", "--offline")
+    assert text.returncode == 1
+    assert f"DIFFERENCE: {difference}\n" in text.stdout
+    assert f"audit (offline, {root}): 1 difference(s)" in text.stdout
+    assert _files(root) == before
 
 
 def test_offline_audit_is_refused_while_a_platform_holds_the_journals(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from engine.events import encode_batch
+from engine.ledger import AuditDifference
 from engine.ledger_machine import (
     DEFAULT_MAX_OPEN_POSITIONS,
     Audit,
@@ -70,8 +71,9 @@ class Recorded:
         return answer
 
     def audit(self, open_margins: dict[int, int],
-              unsettled: dict[str, list[SettlementItem]] | None = None) -> list[str]:
-        problems: list[str] = self(Audit(open_margins, unsettled))
+              unsettled: dict[str, list[SettlementItem]] | None = None
+              ) -> list[AuditDifference]:
+        problems: list[AuditDifference] = self(Audit(open_margins, unsettled))
         return problems
 
     def replayed(self, base: LedgerMachine | None = None, start: int = 0) -> LedgerMachine:

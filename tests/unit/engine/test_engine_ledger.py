@@ -15,6 +15,7 @@ from engine.ledger import (
     FUNDING,
     HOUSE,
     INSURANCE,
+    SUM,
     Ledger,
     LedgerError,
     free_account,
@@ -117,8 +118,18 @@ def test_audit_reports_margin_mismatches_and_a_nonzero_sum() -> None:
     assert ledger.lock_margin(1, 30 * USD) is None
     assert ledger.audit({1: 30 * USD}) == []
     problems = ledger.audit({1: 20 * USD, 3: 5})
-    assert any("user:1:margin" in p for p in problems)
-    assert any("user 3" in p for p in problems)
+    assert any("user:1:margin" in p.text for p in problems)
+    assert any("user 3" in p.text for p in problems)
+    assert [p.subject for p in problems] == [margin_account(1), margin_account(3)]
+    # a broken sum and a negative free balance, which no operation of the ledger can make
+    # (it raises first), set in its private dicts
+    ledger._system[HOUSE] += 7
+    ledger._free[2] = -ledger._free[2]
+    assert [p.subject for p in ledger.audit({1: 30 * USD})] == [SUM, free_account(2)]
+    total = 7 - 2 * 1_000 * USD  # user 2's 1,000 USD counted negative instead
+    assert [p.text for p in ledger.audit({1: 30 * USD})] == [
+        f"accounts sum to {total} micros, expected 0",
+        f"{free_account(2)} is negative: {-1_000 * USD}"]
     state = ledger.to_state()
     state["accounts"][HOUSE] = 1
     with pytest.raises(LedgerError):
