@@ -47,6 +47,7 @@ BAD = {
     "ACCOUNT_EVENTS_TOPIC": ["", "has space", "a/b", "..", "x" * 250, "backpack-market-updates"],
     "API_REPLICAS": ["0", "65", "two"],
     "API_MAX_REPLICAS": ["-1", "65", "1.5"],
+    "MIN_FREE_DISK_MB": ["-1", "10000001", "1e2", "100MB"],
 }
 
 
