@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -33,6 +34,9 @@ from engine.market import Tick
 log = logging.getLogger(__name__)
 
 CLOSED_KEPT = 4096
+UNWRITTEN_KEPT = 100_000
+"""Candles a failing store (a full disk) may wait to be written, the newest; beyond that the
+oldest are given up (counted in ``store_errors``)."""
 """Closed candles remembered for readers of ``changes`` (a reader further behind gets the
 current candles only)."""
 
@@ -93,6 +97,8 @@ class MarketLive:
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
         self.ticks = 0
         self.store_errors = 0
+        # what the store refused to write (a full disk), by candle: written with the next batch
+        self._unwritten: dict[tuple[str, str, int], Candle] = {}
         for asset in names:
             for interval in INTERVALS:
                 current = self.book.current(asset, interval)
@@ -113,11 +119,7 @@ class MarketLive:
         if not tops:
             return 0
         if self.store is not None and changed:
-            try:
-                self.store.upsert(changed)
-            except Exception:  # the candles stay in memory; the next batch writes them again
-                self.store_errors += 1
-                log.exception("candle store: a batch was not written")
+            self._write(self.store, changed)
         self.version += 1
         version = self.version
         for asset, tick in tops.items():
@@ -130,6 +132,28 @@ class MarketLive:
         for loop, event in list(self._waiters):
             loop.call_soon_threadsafe(event.set)
         return len(changed)
+
+    def _write(self, store: CandleStore, changed: list[Candle]) -> None:
+        """Write ``changed`` with what earlier writes left unwritten, so that once the disk
+        takes writes again the store holds every candle served (a candle that closed in a
+        refused batch was otherwise never written, and differed after a restart)."""
+        for candle in changed:
+            key = (candle.asset, candle.interval, candle.start_us)
+            self._unwritten.pop(key, None)  # re-inserted: the dict stays oldest first
+            self._unwritten[key] = candle
+        try:
+            store.upsert(self._unwritten.values())
+        except sqlite3.Error:  # the disk (full, failing): kept, written with the next batch
+            self.store_errors += 1
+            log.exception("candle store: %d candles wait to be written", len(self._unwritten))
+            while len(self._unwritten) > UNWRITTEN_KEPT:
+                del self._unwritten[next(iter(self._unwritten))]
+                self.store_errors += 1
+            return
+        except ValueError:  # a candle the store refuses is never writable: given up
+            self.store_errors += 1
+            log.exception("candle store: a batch was refused")
+        self._unwritten.clear()
 
     async def klines(self, asset: str, interval: str, query: CandleQuery) -> list[Candle]:
         """:meth:`candles` (the :class:`MarketSource` read)."""
