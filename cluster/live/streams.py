@@ -18,6 +18,10 @@ one whose queue still fills (account events, closed candles, error frames) is cl
 1008, so it can never make the replica's memory grow. Limits (SPEC "Limits"):
 connections per client address and per API key, subscriptions per connection.
 
+When the platform stops, :meth:`StreamHub.going_away` closes every connection with code 1001
+("going away") once what is queued for it is sent, and any connection opened after that at
+once: clients learn the server is going, instead of seeing their connection cut.
+
 Heartbeats are the WebSocket protocol's ping frames, sent by the HTTP server (uvicorn, with
 :data:`WS_SERVER_OPTIONS`, which also bounds a client frame's size); browsers answer them.
 """
@@ -48,6 +52,8 @@ MAX_FRAME_BYTES = 4096  # a client frame larger than this is refused (an error f
 POLL_TIMEOUT_S = 1.0  # the long poll's length
 RETRY_S = 0.5  # after a failed poll (the feed restarting)
 POLICY_VIOLATION = 1008  # WebSocket close code: a limit exceeded
+GOING_AWAY = 1001  # WebSocket close code: the server is stopping
+STOPPING = "the server is stopping"  # the reason sent with GOING_AWAY
 MAX_AUTH_FAILURES = 5  # refused AUTHs a connection may send; the next one closes it (1008)
 MESSAGES_PER_S = 10.0  # client frames a connection may send a second, on average ...
 MESSAGE_BURST = 20  # ... and at once; more closes it (1008): each SUBSCRIBE answers with
@@ -105,7 +111,7 @@ class _Slot:
 
 @dataclass(eq=False)
 class Connection:
-    """One client: its subscriptions and its queue of frames to send (None: close)."""
+    """One client: its subscriptions and its queue of frames to send (None: the end)."""
 
     socket: WebSocket
     address: str
@@ -119,12 +125,16 @@ class Connection:
     def following_account(self) -> bool:
         """Whether its account stream runs (subscribed, not ended)."""
         return self.account is not None and self.account.active
-    # frames to send, in order: a frame, or a stream's slot holding its newest unsent value
-    queue: asyncio.Queue[str | _Slot] = field(default_factory=asyncio.Queue)  # bounded by offer
+    # frames to send, in order: a frame, or a stream's slot holding its newest unsent value;
+    # None ends the sending (the connection closes once what is before it is sent)
+    queue: asyncio.Queue[str | _Slot | None] = field(
+        default_factory=asyncio.Queue)  # bounded by offer
     slots: dict[str, _Slot] = field(default_factory=dict)  # each stream's unsent slot
-    closing: str | None = None  # why the server closes it: "slow", "auth", "flood"
+    # why the server closes it: "slow", "auth", "flood" (code 1008), "stopping" (1001)
+    closing: str | None = None
     auth_failures: int = 0
     sender: asyncio.Task[None] | None = None  # the task sending the queue
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set once it is closed
 
     def offer(self, frame: str, newest_of: str | None = None, ends: str | None = None) -> None:
         """Queue ``frame``; a full queue closes the connection (the client is too slow).
@@ -150,10 +160,10 @@ class Connection:
             self.slots.pop(ends, None)
         self.queue.put_nowait(frame)
 
-    async def next_frame(self) -> str:
-        """The next frame to send (waits for one)."""
+    async def next_frame(self) -> str | None:
+        """The next frame to send (waits for one); None: nothing more is sent."""
         item = await self.queue.get()
-        if isinstance(item, str):
+        if item is None or isinstance(item, str):
             return item
         if self.slots.get(item.stream) is item:
             del self.slots[item.stream]
@@ -165,6 +175,19 @@ class Connection:
             self.closing = why
             if self.sender is not None:
                 self.sender.cancel()  # ends serve's wait: the socket is closed there
+
+    def finish(self) -> None:
+        """Close it with code 1001 once what is queued is sent (nothing more is queued)."""
+        if self.closing is None:
+            self.closing = "stopping"
+            self.queue.put_nowait(None)  # past the queue's bound: offer queues nothing more
+
+    @property
+    def close_code(self) -> int:
+        """The code its close frame carries."""
+        if self.closing is None:
+            return 1000
+        return GOING_AWAY if self.closing == "stopping" else POLICY_VIOLATION
 
 
 class StreamHub:
@@ -194,6 +217,7 @@ class StreamHub:
         self.flood_closed = 0
         self.frames = TokenBuckets(MESSAGES_PER_S, MESSAGE_BURST)  # client frames, per connection
         self.poll_failures = 0
+        self.stopping = False  # going_away ran: every connection is closed with 1001
 
     # -- the market data -------------------------------------------------------------------
     def _ensure_polling(self) -> None:
@@ -258,6 +282,10 @@ class StreamHub:
                          "WebSocket connections per client address", {"Retry-After": "1"})
             return
         await socket.accept()
+        if self.stopping:  # accepted only to say why it closes at once
+            with contextlib.suppress(Exception):
+                await socket.close(code=GOING_AWAY, reason=STOPPING)
+            return
         connection = Connection(socket, address, self.limits.unsent)
         self.connections.add(connection)
         self.by_address[address] = self.by_address.get(address, 0) + 1
@@ -295,8 +323,10 @@ class StreamHub:
                 await sender
             if socket.application_state != WebSocketState.DISCONNECTED:
                 with contextlib.suppress(Exception):
-                    await socket.close(code=POLICY_VIOLATION if connection.closing
-                                       else 1000)
+                    await socket.close(code=connection.close_code,
+                                       reason=STOPPING if connection.closing == "stopping"
+                                       else None)
+            connection.ended.set()
 
     def _forget(self, connection: Connection) -> None:
         if connection not in self.connections:
@@ -314,10 +344,32 @@ class StreamHub:
         connection.account = None
 
     async def _send(self, connection: Connection) -> None:
-        while True:
-            frame = await connection.next_frame()
+        while (frame := await connection.next_frame()) is not None:
             await connection.socket.send_text(frame)
             self.frames_sent += 1
+
+    async def going_away(self, timeout_s: float) -> int:
+        """The server is stopping: close every connection with code 1001 once what is queued
+        for it is sent, and each one opened from now on at once. Waits until they are closed:
+        after ``timeout_s`` what is still queued is dropped (a client that does not read),
+        and at most about ``timeout_s`` more for their close. Returns how many were open."""
+        self.stopping = True
+        connections = list(self.connections)
+        for connection in connections:
+            connection.finish()
+        for drop_queued in (False, True):
+            waits = [asyncio.ensure_future(c.ended.wait()) for c in connections
+                     if not c.ended.is_set()]
+            if not waits:
+                break
+            if drop_queued:
+                for connection in connections:
+                    if connection.sender is not None:
+                        connection.sender.cancel()  # serve closes the socket (1001)
+            _, late = await asyncio.wait(waits, timeout=timeout_s)
+            for wait in late:
+                wait.cancel()
+        return len(connections)
 
     async def _handle(self, connection: Connection, text: str) -> None:
         """Answer one client frame (an error frame for anything it cannot do)."""

@@ -57,7 +57,8 @@ class LocalHttpPlatform:
         self.service = self.hosts.service(market=self.market)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(self.service), host="127.0.0.1", port=self.port,
+        self.app = create_app(self.service)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
                                 log_level="warning", lifespan="off", access_log=False,
                                 **SERVER_OPTIONS)  # the replica's (cluster.http.server)
         self.server = uvicorn.Server(config)

@@ -531,3 +531,44 @@ def test_a_filled_order_is_followed_by_the_position_it_opened(platform: HttpPlat
                 range(snap["seq"] + 1, snap["seq"] + 5))
 
     asyncio.run(scenario())
+
+
+def test_a_stopping_replica_closes_every_connection_with_1001_after_its_queued_frames() -> None:
+    """What an API replica does when the platform stops (cluster.serve_app.stop_api): each
+    connection is sent what was queued for it, then a close frame 1001 with a reason; one opened
+    after that is closed with 1001 at once."""
+    with LocalHttpPlatform() as stopping:
+        stopping.push_tick("SOL", "100.00", "100.01")
+        hub = stopping.app.state.streams
+        last = json.dumps({"stream": "test", "data": {"last": True}})
+
+        async def going_away() -> int:
+            for connection in hub.connections:
+                connection.offer(last)  # queued in the same turn as the stop: sent before it
+            opened: int = await hub.going_away(WAIT_S)
+            return opened
+
+        async def scenario() -> None:
+            url = ws_url(stopping)
+            async with websockets.connect(url) as market, websockets.connect(url) as quiet:
+                await send(market, "SUBSCRIBE", "bookTicker.SOL")
+                await frame(market, "bookTicker.SOL")
+                await send(quiet, "SUBSCRIBE", "kline.1m.SOL")
+                await frame(quiet, "kline.1m.SOL")
+                opened = await asyncio.wrap_future(
+                    asyncio.run_coroutine_threadsafe(going_away(), stopping.loop))
+                assert opened == 2
+                for ws in (market, quiet):
+                    assert await frame(ws, "test") == json.loads(last)
+                    with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                        await asyncio.wait_for(ws.recv(), WAIT_S)
+                    assert closed.value.rcvd is not None, closed.value
+                    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+                        1001, "the server is stopping")
+            async with websockets.connect(url) as late:
+                with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                    await asyncio.wait_for(late.recv(), WAIT_S)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+            assert hub.stats()["ws_connections"] == 0
+
+        asyncio.run(scenario())

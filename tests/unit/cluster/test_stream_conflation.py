@@ -54,3 +54,14 @@ def test_events_fill_the_queue_and_close_the_connection_as_too_slow() -> None:
     assert conn.closing == "slow"
     conn.offer("event 3")  # a closing connection takes nothing more
     assert conn.queue.qsize() == 2
+
+
+def test_a_stopping_connection_sends_what_is_queued_then_ends_with_1001() -> None:
+    conn = connection(limit=2)
+    conn.offer("event 1")
+    conn.offer("price", newest_of="bookTicker.SOL")
+    conn.finish()  # the end goes after them, past the queue's bound
+    conn.offer("event 2")  # a stopping connection takes nothing more
+    conn.close("slow")  # and stays a stop: its close frame says the server is going away
+    assert conn.closing == "stopping" and conn.close_code == 1001
+    assert unsent(conn) == ["event 1", "price", None]
