@@ -4,8 +4,10 @@
 the ledger host, one shard host per ``cluster.trading.placement.shard_layout`` spread over the
 cluster's nodes (cluster.actors.deploy), the feed actor (Kafka -> shards), the feed source
 (unless ``engine``), and the Serve API on ``PORT``; prints one banner and runs in the
-foreground. Ctrl-C / SIGTERM stops, in reverse order, exactly what it started. ``Platform``
-is the same thing as an object, for tests and benchmarks.
+foreground. Ctrl-C / SIGTERM stops, in reverse order, exactly what it started: the API
+first, while the actors behind it still answer (its requests in flight finish, its WebSocket
+clients get a close frame 1001), then the feed actor, the shards and the ledger, Ray and the
+broker. ``Platform`` is the same thing as an object, for tests and benchmarks.
 
 Actors are named (``cluster.actor_names``) in the ``shardex`` namespace and owned by the ``up``
 process (not detached): ``status`` and ``audit`` find them by name while it runs, and a killed
@@ -49,6 +51,9 @@ BROKER_RECORD = "embedded-broker.json"  # in DATA_DIR while `up` runs the embedd
 ATTACH_CHECK_TIMEOUT_S = 2.0  # status/audit: how long a recorded Ray may take to answer TCP
 CRASHED_RUN_WAIT_S = 15.0  # how long a start waits for a killed run's workers to exit
 TIME_WAIT_S = 65.0  # ... and for its closed connections to leave the API port (Linux: 60 s)
+# a stop waits this long for the API to finish its requests and close its WebSockets (the
+# replicas' own bounds, cluster.serve_app, plus Serve's control loop); then it goes on
+API_STOP_TIMEOUT_S = 15.0
 
 
 class LaunchError(RuntimeError):
@@ -525,12 +530,18 @@ class Platform:
         import ray
 
         if ray.is_initialized():
-            if self._serve_started and not self._ray_started:
-                # on a joined cluster remove the app and Serve's actors; a Ray we started goes
-                # down whole below (serve.shutdown can wait 30 s on the controller's drain)
-                from cluster.serve_app import shutdown_api
+            if self._serve_started:
+                from cluster.serve_app import shutdown_api, stop_api
 
-                shutdown_api()
+                # the API first, while the ledger and shards still answer it: its requests in
+                # flight finish, its WebSockets get a close frame, later ones are refused
+                if not stop_api(API_STOP_TIMEOUT_S):
+                    log.warning("the API did not stop within %.0f s; stopping the rest",
+                                API_STOP_TIMEOUT_S)
+                if not self._ray_started:
+                    # on a joined cluster also Serve's actors; a Ray we started goes down
+                    # whole below (serve.shutdown can wait 30 s on the controller's drain)
+                    shutdown_api()
             self._serve_started = False
             if self.feed is not None:
                 with contextlib.suppress(Exception):

@@ -17,6 +17,10 @@ before it starts: each actor of the platform came up ~0.6 s later). Joining a cl
 started without it, it is passed as ``runtime_env`` to the job, the controller and the
 deployment. The Serve proxy still starts (head only) on a spare
 port; nothing needs it.
+
+A stop (:func:`stop_api`) goes the way clients should see it: every replica closes its
+WebSockets with code 1001, then Serve stops the replicas (each stops accepting connections,
+finishes the requests in flight, and exits), all while the actors behind the API still answer.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import socket
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -43,6 +48,7 @@ from cluster.config import Settings
 from cluster.http import front_door
 from cluster.http.server import configure_uvicorn
 from cluster.live.market import Changes
+from cluster.live.streams import StreamHub
 from cluster.ray_service import service_from_names
 from engine.candles import Candle, CandleQuery
 from engine.market import Tick
@@ -56,6 +62,11 @@ log = logging.getLogger(__name__)
 # replica can hold (its open files), no request waits for a slot.
 MAX_ONGOING_REQUESTS = 1 << 20
 DRAIN_S = 1.0  # direct ingress holds a stopping replica open this long (default 30 s, for LBs)
+# how often a stopping replica looks whether its requests are done (default 2 s: a replica
+# with none in flight was held 2 s, where DRAIN_S is the hold wanted)
+DRAIN_POLL_S = 0.25
+GRACEFUL_SHUTDOWN_S = 5.0  # then Serve kills a stopping replica, requests in flight or not
+STREAMS_CLOSE_S = 2.0  # a stopping replica's WebSockets get this long to take their queued frames
 AUTOSCALE_TARGET_ONGOING = 32  # with API_MAX_REPLICAS: requests in flight a replica aims at
 
 
@@ -249,7 +260,8 @@ class FeedMarket:
 
 @serve.deployment(name=API_DEPLOYMENT, num_replicas=1, max_ongoing_requests=MAX_ONGOING_REQUESTS,
                   ray_actor_options={"num_cpus": 0}, health_check_period_s=5.0,
-                  graceful_shutdown_timeout_s=5.0)
+                  graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
+                  graceful_shutdown_wait_loop_s=DRAIN_POLL_S)
 @serve.ingress()
 class ApiIngress:
     """The Serve replica: a TradingService over Ray ports, served by ``create_app``.
@@ -269,6 +281,7 @@ class ApiIngress:
             health_checks={"feed": self._feed_ok, "broker": self._broker_ok},
             feed_stats=self._feed_stats, market=FeedMarket(namespace),
             account_topic=(bootstrap, settings.account_topic), leading=_leads)
+        self.streams: StreamHub | None = None  # the WebSockets of the app Serve builds
 
     async def _feed_stats(self) -> dict[str, Any]:
         feed = ray.get_actor(FEED, namespace=self.namespace)
@@ -282,7 +295,18 @@ class ApiIngress:
         return await _tcp_answers(self.bootstrap)
 
     async def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.service)
+        app = create_app(self.service)
+        self.streams = app.state.streams
+        return app
+
+    async def going_away(self, timeout_s: float) -> int:
+        """The platform is stopping (:func:`stop_api`): close this replica's WebSockets with
+        code 1001, and those opened from now on at once; returns how many were open. Serve
+        counts an open WebSocket as a request in flight, so without this its drain would wait
+        for them until it killed the replica, and the clients would get no close frame."""
+        if self.streams is None:  # its app is not built yet: no WebSocket to close
+            return 0
+        return await self.streams.going_away(timeout_s)
 
     async def check_health(self) -> None:
         """Serve's periodic health check: also starts the sweeps of the replica that leads,
@@ -407,6 +431,35 @@ def api_deployed() -> bool:
         return SERVE_APP in serve.status().applications
     except Exception:  # no Serve on the cluster (RayServeException), or it does not answer
         return False
+
+
+def stop_api(timeout_s: float) -> bool:
+    """Stop the API app on the connected cluster (Serve itself keeps running) as its clients
+    should see it: every replica closes its WebSockets with code 1001 (``going_away``), then
+    Serve stops the replicas: each stops accepting connections, finishes the requests in flight
+    (at most :data:`GRACEFUL_SHUTDOWN_S`) and exits. Until then every request is answered by
+    the actors behind the API, so call this before stopping them.
+
+    Returns True once the app is gone; False after ``timeout_s`` (a Serve that does not answer
+    must not hold up a stop: the caller goes on, and Ray's end takes the replicas)."""
+    done = threading.Event()
+
+    def stop() -> None:
+        try:
+            with contextlib.suppress(Exception):  # no app (a start that failed before it)
+                handle = serve.get_app_handle(SERVE_APP)
+                handle.broadcast("going_away", STREAMS_CLOSE_S).results(
+                    timeout_s=2 * STREAMS_CLOSE_S + 1.0, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                serve.delete(SERVE_APP, _blocking=False)
+            while api_deployed():
+                time.sleep(0.1)
+        finally:
+            done.set()
+
+    # a thread of its own: Serve's calls have no deadline of their own, and a stop must end
+    threading.Thread(target=stop, name="stop-api", daemon=True).start()
+    return done.wait(timeout_s)
 
 
 def shutdown_api() -> None:
