@@ -870,8 +870,8 @@ def _print_status(settings: Settings) -> int:
         print(f"feed: node {_actor_node(feed)[:12]} assigned={fstats.get('assigned')} "
               f"lag={fstats.get('lag')} bootstrap={fstats.get('bootstrap')}")
         print(f"  dropped: {drops_text(fstats.get('dropped', {}))}; refused by shards: "
-              f"{fstats.get('ticks_refused_by_shards', 0)}; candle_store_errors: "
-              f"{fstats.get('candle_store_errors', 0)}")
+              f"{fstats.get('ticks_refused_by_shards', 0)}")
+        print(f"  candle_store_errors: {fstats.get('candle_store_errors', 0)}")
         for asset, price in sorted(fstats.get("prices", {}).items()):
             age = ages.get(asset)
             age_text = f"{age:.1f}s" if isinstance(age, (int, float)) else "?"

@@ -446,10 +446,17 @@ def stop_api(timeout_s: float) -> bool:
 
     def stop() -> None:
         try:
-            with contextlib.suppress(Exception):  # no app (a start that failed before it)
+            try:
                 handle = serve.get_app_handle(SERVE_APP)
-                handle.broadcast("going_away", STREAMS_CLOSE_S).results(
+                answers = handle.broadcast("going_away", STREAMS_CLOSE_S).results(
                     timeout_s=2 * STREAMS_CLOSE_S + 1.0, return_exceptions=True)
+                failed = [a for a in answers if isinstance(a, BaseException)]
+                if failed:
+                    log.warning("%d API replica(s) did not close their WebSockets: %s",
+                                len(failed), failed[0])
+            except Exception as exc:  # no app (a start that failed before it), or Serve's
+                log.warning("could not tell the API replicas to close their WebSockets: %r",
+                            exc)
             with contextlib.suppress(Exception):
                 serve.delete(SERVE_APP, _blocking=False)
             while api_deployed():
