@@ -192,7 +192,7 @@ def test_ctrl_c_closes_websockets_with_1001_and_answers_every_request(tmp_path: 
             assert not [f for f in follower.frames if "error" in f], follower.frames
             assert follower.closed is not None, "the connection is still open"
             assert follower.closed.rcvd is not None, \
-                f"the connection ended without a close frame: {follower.closed!r}"
+                f"the connection ended without a close frame: {follower.closed!r}\n{out[-4000:]}"
             assert follower.closed.rcvd.code == GOING_AWAY, follower.closed.rcvd
         # every HTTP answer was the normal one; the stop only ever refused or cut connections
         assert set(reader.outcomes) <= {"200", "refused", "cut"}, reader.outcomes
