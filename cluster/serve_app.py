@@ -447,9 +447,7 @@ def stop_api(timeout_s: float) -> bool:
     def stop() -> None:
         try:
             try:
-                handle = serve.get_app_handle(SERVE_APP)
-                answers = handle.broadcast("going_away", STREAMS_CLOSE_S).results(
-                    timeout_s=2 * STREAMS_CLOSE_S + 1.0, return_exceptions=True)
+                answers = asyncio.run(_going_away())
                 failed = [a for a in answers if isinstance(a, BaseException)]
                 if failed:
                     log.warning("%d API replica(s) did not close their WebSockets: %s",
@@ -467,6 +465,17 @@ def stop_api(timeout_s: float) -> bool:
     # a thread of its own: Serve's calls have no deadline of their own, and a stop must end
     threading.Thread(target=stop, name="stop-api", daemon=True).start()
     return done.wait(timeout_s)
+
+
+async def _going_away() -> list[Any]:
+    """Every API replica's answer to ``going_away`` (or the exception it raised). Awaited in
+    an event loop of its own: with RAY_SERVE_THROUGHPUT_OPTIMIZED set when Serve was imported
+    (a shell that exported it), a handle's router runs in the loop that uses it, and a call
+    from a plain thread is refused."""
+    handle = serve.get_app_handle(SERVE_APP)
+    answers: list[Any] = await handle.broadcast("going_away", STREAMS_CLOSE_S).results_async(
+        timeout_s=2 * STREAMS_CLOSE_S + 1.0, return_exceptions=True)
+    return answers
 
 
 def shutdown_api() -> None:

@@ -123,7 +123,10 @@ class Client:
 
 @pytest.mark.timeout(420)
 def test_ctrl_c_closes_websockets_with_1001_and_answers_every_request(tmp_path: Path) -> None:
-    platform = UpPlatform(tmp_path, DEFAULT_ASSETS, PRICES)
+    # as from a shell that exported Serve's fast path (or a process that started a platform
+    # before): Serve, imported with it set, runs a handle's router in the caller's event loop
+    platform = UpPlatform(tmp_path, DEFAULT_ASSETS, PRICES,
+                          env={"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})
     followers: list[Follower] = []
     clients: list[Client] = []
     try:
