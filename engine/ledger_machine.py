@@ -1104,15 +1104,18 @@ class LedgerMachine:
         in ``opened`` it opened, unless a close among ``events`` ended it (request id 0: a
         fill is applied once, by its seq). Each order's ``orderFilled`` is followed by its
         position's ``positionOpened``, also when one tick filled several."""
+        filled = {(e.owner, e.position_id) for e in events
+                  if isinstance(e, OrderSettled) and e.status == OrderStatus.FILLED}
+        if not filled:  # most batches: closes only
+            return events
         closed = {(e.owner, e.close_id) for e in events if isinstance(e, SettlementApplied)}
         notes: dict[tuple[int, int], Event] = {}
         for position in opened:
             key = (position.owner, position.position_id)
-            if type(position) is OpenPosition and key not in closed \
-                    and not self._history.has(*key):
-                notes.setdefault(key, AccountNoted(position.owner, 0,
-                                                   account_events.POSITION_OPENED,
-                                                   _stored(position)))
+            if type(position) is OpenPosition and key in filled and key not in closed \
+                    and key not in notes and not self._history.has(*key):
+                notes[key] = AccountNoted(position.owner, 0, account_events.POSITION_OPENED,
+                                          _stored(position))
         if not notes:
             return events
         out: list[Event] = []

@@ -144,8 +144,9 @@ class Runner(Generic[M]):
         self.commands += len(commands)
         self.batches += 1
         stepped_ns = time.time_ns()
-        store = self.store
-        if store is not None and not store.readonly:
+        # a read-only store (an inspection) journals nothing: the events change memory only
+        store = self.store if self.store is not None and not self.store.readonly else None
+        if store is not None:
             try:
                 if encoded:
                     store.append_encoded(encoded)
@@ -158,8 +159,7 @@ class Runner(Generic[M]):
         end_ns = time.time_ns()
         self._timings.append(ExecuteTiming(
             start_ns // 1000, len(commands), (stepped_ns - start_ns) // 1000,
-            (end_ns - stepped_ns) // 1000 if store is not None and not store.readonly else 0,
-            end_ns // 1000))
+            (end_ns - stepped_ns) // 1000 if store is not None else 0, end_ns // 1000))
         self._timed += 1
         return answers
 
