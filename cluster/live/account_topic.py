@@ -12,7 +12,6 @@ again: the embedded broker trims it). What is not an account event is dropped an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -20,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from engine.account_events import AccountEvent
 from engine.ledger_machine import decode_account_events
-from feed.consumer import recreated_partitions
+from feed.consumer import recreated_partitions, stop_consumer
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +51,7 @@ class TopicTail:
                 await consumer.start()
             except BaseException:
                 self._consumer = None
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
+                await stop_consumer(consumer)
                 raise
         try:
             if time.monotonic() >= self._check_at:
@@ -104,8 +102,7 @@ class TopicTail:
         consumer, self._consumer = self._consumer, None
         self._check_at = 0.0
         if consumer is not None:
-            with contextlib.suppress(Exception):
-                await consumer.stop()
+            await stop_consumer(consumer)
 
 
 __all__ = ["TopicTail"]

@@ -53,6 +53,9 @@ class Topic:
         self.ensure_failures = 0  # ensure_topic calls to fail before it answers
         self.stays_past_end = False  # Tansu: a position past the end reads nothing, no reset
         self.poll_failures = 0  # getmany calls to fail (any consumer)
+        # stop calls to end in a CancelledError nobody asked for, as aiokafka 0.14's does when
+        # it stops while a fetch waits out its retry backoff
+        self.stray_cancels = 0
         self.consumers: list[FakeConsumer] = []
 
     def create(self, partitions: int) -> None:
@@ -109,6 +112,9 @@ class FakeConsumer:
 
     async def stop(self) -> None:
         self.stopped = True
+        if self.topic.stray_cancels:
+            self.topic.stray_cancels -= 1
+            raise asyncio.CancelledError
 
     async def fetch_all_metadata(self) -> FakeConsumer:
         return self
@@ -423,10 +429,38 @@ async def test_the_loop_creates_a_missing_topic_and_rebuilds_a_failed_consumer(
         # the rebuilt consumer continued where the failed one was, re-reading nothing
         assert shards.bids("s0") == [[B], [B + 1], [B + 2]]
         assert c.stats()["consumed"] == 3
+
+        # closing the failed consumer raises a stray CancelledError: the loop goes on
+        topic.poll_failures, topic.stray_cancels = 1, 1
+        topic.produce("SOL", B + 3)
+        assert await delivered(B + 3)
+        assert c.running and c.consumer_restarts == 2 and topic.stray_cancels == 0
     finally:
         await c.stop()
-    assert not c.running and c.consumer is None and topic.consumers[1].stopped
+    assert not c.running and c.consumer is None and topic.consumers[2].stopped
     assert c.lag() is None
+
+
+@pytest.mark.asyncio
+async def test_stopping_a_consumer_lets_only_a_cancellation_of_the_caller_through() -> None:
+    stopped = asyncio.Event()
+
+    class Stray:
+        async def stop(self) -> None:
+            raise asyncio.CancelledError  # from inside the client: nobody cancelled the caller
+
+    class Slow:
+        async def stop(self) -> None:
+            stopped.set()
+            await asyncio.sleep(10)
+
+    await consumer_module.stop_consumer(Stray())  # type: ignore[arg-type]
+    task = asyncio.get_running_loop().create_task(
+        consumer_module.stop_consumer(Slow()))  # type: ignore[arg-type]
+    await stopped.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 def test_the_consumer_imports_nothing_from_cluster() -> None:
