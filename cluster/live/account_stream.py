@@ -15,6 +15,13 @@ ledger still keeps), so the connection refills from the ledger by its cursor (``
 event is sent twice and none is skipped; when the ledger no longer keeps what a cursor needs,
 the connection is sent a ``snapshot`` (the state) and continues from its seq.
 
+The tail may lose events without noticing (a broker that restarted with its topics forgotten, a
+publisher that gave up its oldest messages): every event also carries its ``version`` (its place
+among all accounts' events), and every :data:`CHECK_S` the replica asks the ledger for the events
+after the newest version up to which it has seen every one (:class:`Versions`), and hands on
+those its tail did not bring. So a lost event reaches its connection within about that long,
+even when it was an account's last, and events keep coming while the broker is down.
+
 Subscribing with ``"since": <seq>`` starts the cursor there; without it, when the events after
 it are no longer kept, or when they are more than a connection may have unsent
 (``max_replay``: it would be closed as too slow), the first frame is the ``snapshot``. Its
@@ -25,6 +32,7 @@ event is idempotent by position and order id).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -42,6 +50,7 @@ ACCOUNT_STREAM = "account"
 POLL_S = 0.1  # how often a replica with account subscribers reads the ledger's new events
 RETRY_S = 0.5  # after a failed read (the ledger restarting)
 TAIL_LIMIT = 2000  # events per read
+CHECK_S = 1.0  # how often a replica asks the ledger for the events its tail did not bring
 
 
 class AccountTail(Protocol):
@@ -85,6 +94,43 @@ class Subscription:
     refill: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
+class Versions:
+    """The versions of the account events a replica has handled: every one up to ``upto``
+    (None: not known yet, nothing is counted) and some above it (``above``)."""
+
+    def __init__(self) -> None:
+        self.upto: int | None = None
+        self.above: set[int] = set()
+
+    def has(self, version: int) -> bool:
+        return self.upto is not None and (version <= self.upto or version in self.above)
+
+    def saw(self, version: int) -> None:
+        if self.upto is not None and version > self.upto:
+            self.above.add(version)
+            self._advance(self.upto)
+
+    def start_at(self, version: int) -> None:
+        """Every version up to ``version`` counts as handled, and none after it that was not
+        seen (a ledger whose newest is below ``upto`` numbers the next events from there)."""
+        self.above = {v for v in self.above if v > version}
+        self._advance(version)
+
+    def _advance(self, upto: int) -> None:
+        while upto + 1 in self.above:
+            upto += 1
+            self.above.remove(upto)
+        self.upto = upto
+
+
+def _reraise_if_cancelled(exc: BaseException) -> None:
+    """Raise ``exc`` again when it is the cancellation of the running task itself."""
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise exc
+
+
 def _frame(data: dict[str, Any]) -> str:
     return json.dumps({"stream": ACCOUNT_STREAM, "data": data}, separators=(",", ":"))
 
@@ -115,15 +161,17 @@ class AccountStreams:
     the replica's service is not built); ``render(event)`` -> a frame's ``data``;
     ``snapshot(principal)`` -> the data of a ``snapshot`` frame without ``event`` and ``seq``;
     ``tail(source)``: the AccountTail to follow (default :class:`LedgerTail`); ``max_replay``:
-    the most missed events sent one by one (more: a snapshot instead)."""
+    the most missed events sent one by one (more: a snapshot instead); ``check_s``: how often
+    the ledger is asked for what the tail did not bring."""
 
     def __init__(self, source: Callable[[], AccountSource | None],
                  render: Callable[[AccountEvent], dict[str, Any]],
                  snapshot: Callable[[Principal], Awaitable[dict[str, Any]]],
                  tail: Callable[[AccountSource], AccountTail] = LedgerTail,
-                 max_replay: int = 500) -> None:
+                 max_replay: int = 500, check_s: float = CHECK_S) -> None:
         self.source = source
         self.max_replay = max_replay
+        self.check_s = check_s
         self.render = render
         self.snapshot = snapshot
         self.make_tail = tail
@@ -135,6 +183,9 @@ class AccountStreams:
         self.snapshots = 0
         self.refills = 0
         self.poll_failures = 0
+        self.checks = 0
+        self.check_failures = 0
+        self.tail_missed = 0  # events the checks found that the tail had not brought
 
     # -- subscriptions ----------------------------------------------------------------------
     def subscribe(self, principal: Principal, since: int | None,
@@ -143,9 +194,21 @@ class AccountStreams:
         sub = Subscription(principal, offer, seq=since or 0)
         self.by_user.setdefault(principal.user, set()).add(sub)
         sub.refill = asyncio.get_running_loop().create_task(self._start(sub, since))
-        if self._poller is None or self._poller.done():
-            self._poller = asyncio.get_running_loop().create_task(self._poll())
+        self._ensure_poller()
         return sub
+
+    def _ensure_poller(self) -> None:
+        if self.by_user and (self._poller is None or self._poller.done()):
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+            self._poller.add_done_callback(self._poller_ended)
+
+    def _poller_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # a bug: the subscriptions would wait for events forever, so it starts again
+        self.poll_failures += 1
+        log.error("account stream: following new events failed", exc_info=task.exception())
+        asyncio.get_running_loop().call_later(RETRY_S, self._ensure_poller)
 
     def unsubscribe(self, sub: Subscription) -> None:
         sub.active = False
@@ -251,41 +314,94 @@ class AccountStreams:
                 await asyncio.sleep(RETRY_S)
                 continue
             tail = self.tail = self.make_tail(source)
+            seen = Versions()
+            # the newest version before the tail's first read, so whatever its restart from the
+            # newest skips is either read by the cursors then or found by a check
+            await self._check(source, seen)
+            checker = asyncio.get_running_loop().create_task(self._check_every(source, seen))
             try:
-                await self._follow(tail)
+                await self._follow(tail, seen)
             finally:  # nobody subscribed: no reading (a new subscriber starts it afresh)
+                checker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await checker
                 self.tail = None
                 self.malformed_before += tail.malformed
                 await tail.close()
 
-    async def _follow(self, tail: AccountTail) -> None:
+    async def _follow(self, tail: AccountTail, seen: Versions) -> None:
         while self.by_user:
             try:
                 events = await tail.read()
-            except Exception as exc:  # the ledger or the broker restarting: again shortly
+            except (Exception, asyncio.CancelledError) as exc:
+                # the ledger or the broker restarting: again shortly (a client library may
+                # end a read with a CancelledError nobody asked for: that ends only the read)
+                _reraise_if_cancelled(exc)
                 self.poll_failures += 1
-                log.info("account stream: reading new events failed: %s", exc)
+                log.info("account stream: reading new events failed: %r", exc)
                 await asyncio.sleep(RETRY_S)
                 continue
             if events is None:
-                # reading (re)started at the newest: what came before may have been skipped,
-                # so every subscription reads the ledger once by its cursor
-                for subs in self.by_user.values():
-                    for sub in subs:
-                        sub.recheck = True
-                        self._refill_if_behind(sub)
+                # reading (re)started at the newest: what came before may have been skipped
+                self._recheck_all()
                 continue
-            by_user: dict[int, list[AccountEvent]] = {}
             for event in events:
-                by_user.setdefault(event.user, []).append(event)
-            for user, mine in by_user.items():
-                for sub in list(self.by_user.get(user, ())):
-                    try:
-                        self._deliver(sub, mine)
-                    except Exception:  # a bug: it ends this subscription, not every other's
-                        log.exception("account stream: delivering to user %s failed", user)
-                        self._end(sub, "the account stream stopped; subscribe again with "
-                                       "since")
+                seen.saw(event.version)
+            self._dispatch(events)
+
+    async def _check_every(self, source: AccountSource, seen: Versions) -> None:
+        while True:
+            await asyncio.sleep(self.check_s)
+            await self._check(source, seen)
+
+    async def _check(self, source: AccountSource, seen: Versions) -> None:
+        """Hand on the events after ``seen.upto`` that the tail has not brought (on the first
+        check, only learn the newest version)."""
+        self.checks += 1
+        try:
+            while True:
+                version, events = await source.account_tail(
+                    -1 if seen.upto is None else seen.upto, TAIL_LIMIT)
+                if seen.upto is None or events is None:
+                    # (-1: nothing is kept after it, so the answer is the version alone) Some
+                    # are no longer kept: every subscription reads the ledger by its cursor.
+                    recheck = seen.upto is not None
+                    seen.start_at(version)
+                    if recheck:
+                        self._recheck_all()
+                    return
+                missed = [e for e in events if not seen.has(e.version)]
+                for event in missed:
+                    seen.saw(event.version)
+                if missed:
+                    self.tail_missed += len(missed)
+                    self._dispatch(missed)
+                if len(events) < TAIL_LIMIT:
+                    return
+        except (Exception, asyncio.CancelledError) as exc:  # the next check asks again
+            _reraise_if_cancelled(exc)
+            self.check_failures += 1
+            log.info("account stream: asking the ledger for missed events failed: %r", exc)
+
+    def _recheck_all(self) -> None:
+        """Every subscription reads the ledger once by its cursor."""
+        for subs in self.by_user.values():
+            for sub in subs:
+                sub.recheck = True
+                self._refill_if_behind(sub)
+
+    def _dispatch(self, events: list[AccountEvent]) -> None:
+        """Hand ``events`` (oldest first) to the subscriptions of their accounts."""
+        by_user: dict[int, list[AccountEvent]] = {}
+        for event in events:
+            by_user.setdefault(event.user, []).append(event)
+        for user, mine in by_user.items():
+            for sub in list(self.by_user.get(user, ())):
+                try:
+                    self._deliver(sub, mine)
+                except Exception:  # a bug: it ends this subscription, not every other's
+                    log.exception("account stream: delivering to user %s failed", user)
+                    self._end(sub, "the account stream stopped; subscribe again with since")
 
     def stats(self) -> dict[str, int]:
         return {"ws_account_subscriptions": sum(map(len, self.by_user.values())),
@@ -293,8 +409,11 @@ class AccountStreams:
                 "ws_account_refills": self.refills,
                 "ws_account_malformed": self.malformed_before + (
                     0 if self.tail is None else self.tail.malformed),
-                "ws_account_poll_failures": self.poll_failures}
+                "ws_account_poll_failures": self.poll_failures,
+                "ws_account_checks": self.checks,
+                "ws_account_check_failures": self.check_failures,
+                "ws_account_tail_missed": self.tail_missed}
 
 
 __all__ = ["ACCOUNT_STREAM", "AccountSource", "AccountStreams", "AccountTail", "LedgerTail",
-           "Subscription"]
+           "Subscription", "Versions"]

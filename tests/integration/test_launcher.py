@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 START_BUDGET_S = 120.0
 RESTART_BUDGET_S = 30.0
 BROKER_RESTART_BUDGET_S = 30.0
+ACCOUNT_EVENT_BUDGET_S = 10.0  # an account event's frame after the broker's restart
 GIVE_UP_S = 150.0  # the start waits out TIME_WAIT leftovers (~60 s) if it must
 RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 TCP_TIME_WAIT = "06"  # a socket's state in /proc/net/tcp
@@ -207,39 +208,65 @@ def _price_times(url: str) -> dict[str, datetime]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_killed_embedded_broker_is_started_again_and_trading_resumes(up: Up) -> None:
     """``kill -9`` of the embedded broker only: ``shardex up`` starts it again on its port, and
-    prices quoted after the kill are served and traded on, with no one restarting anything."""
+    prices quoted after the kill are served and traded on, with no one restarting anything; an
+    account stream subscribed before the kill is sent what the account does after it."""
     record_path = up.data_dir / "embedded-broker.json"
     record = json.loads(record_path.read_text())
     broker = ProcessIdentity.from_json(record["broker"])
     assert record["owner"]["pid"] == up.proc.pid and broker.alive(), record
     key = httpx.post(f"{up.url}/api/v1/accounts", json={}, timeout=10).json()["apiKey"]
+    with ws_connect(up.url.replace("http://", "ws://") + "/ws", open_timeout=10) as stream:
+        stream.send(json.dumps({"method": "AUTH", "params": [key]}))
+        stream.send(json.dumps({"method": "SUBSCRIBE", "params": ["account"]}))
+        assert _next_account_frame(stream, time.monotonic() + 10)["event"] == "snapshot"
 
-    os.kill(broker.pid, signal.SIGKILL)
-    killed_at = datetime.now(UTC)
-    killed = time.monotonic()
-    while not any(t > killed_at for t in _price_times(up.url).values()):
-        # until then every price served is older than the kill: a dead broker's
-        assert time.monotonic() - killed < BROKER_RESTART_BUDGET_S, \
-            f"no price quoted after the broker was killed\n{up.output()[-3000:]}"
-        assert up.proc.poll() is None, up.output()
-        time.sleep(0.2)
-    while not all(t > killed_at for t in _price_times(up.url).values()):
-        assert time.monotonic() - killed < BROKER_RESTART_BUDGET_S, _price_times(up.url)
-        time.sleep(0.2)
-    resumed_s = time.monotonic() - killed
-    print(f"\nprices again {resumed_s:.1f} s after the broker's kill -9")
+        os.kill(broker.pid, signal.SIGKILL)
+        killed_at = datetime.now(UTC)
+        killed = time.monotonic()
+        while not any(t > killed_at for t in _price_times(up.url).values()):
+            # until then every price served is older than the kill: a dead broker's
+            assert time.monotonic() - killed < BROKER_RESTART_BUDGET_S, \
+                f"no price quoted after the broker was killed\n{up.output()[-3000:]}"
+            assert up.proc.poll() is None, up.output()
+            time.sleep(0.2)
+        while not all(t > killed_at for t in _price_times(up.url).values()):
+            assert time.monotonic() - killed < BROKER_RESTART_BUDGET_S, _price_times(up.url)
+            time.sleep(0.2)
+        resumed_s = time.monotonic() - killed
+        print(f"\nprices again {resumed_s:.1f} s after the broker's kill -9")
 
-    again = ProcessIdentity.from_json(json.loads(record_path.read_text())["broker"])
-    assert again.pid != broker.pid and again.alive() and not broker.alive()
-    assert again.cmdline == broker.cmdline  # the same port, the same memory-only broker
-    assert f"exited (code -{int(signal.SIGKILL)}): starting it again" in up.output()
-    opened = httpx.post(f"{up.url}/api/v1/positions/open", timeout=10,
-                        headers={"Authorization": f"Bearer {key}"},
-                        json={"asset": "ETH", "type": "short", "margin": "30", "leverage": 2})
-    assert opened.status_code == 201, opened.text
-    up.open_margins["phase 1: ETH short after the broker's restart"] = 30_000_000
-    assert datetime.fromisoformat(
-        opened.json()["openedAt"].replace("Z", "+00:00")) > killed_at
+        again = ProcessIdentity.from_json(json.loads(record_path.read_text())["broker"])
+        assert again.pid != broker.pid and again.alive() and not broker.alive()
+        assert again.cmdline == broker.cmdline  # the same port, the same memory-only broker
+        assert f"exited (code -{int(signal.SIGKILL)}): starting it again" in up.output()
+        opened = httpx.post(f"{up.url}/api/v1/positions/open", timeout=10,
+                            headers={"Authorization": f"Bearer {key}"},
+                            json={"asset": "ETH", "type": "short", "margin": "30", "leverage": 2})
+        assert opened.status_code == 201, opened.text
+        up.open_margins["phase 1: ETH short after the broker's restart"] = 30_000_000
+        assert datetime.fromisoformat(
+            opened.json()["openedAt"].replace("Z", "+00:00")) > killed_at
+        sent = time.monotonic()
+        deadline = sent + ACCOUNT_EVENT_BUDGET_S
+        frame = _next_account_frame(stream, deadline)
+        while frame["event"] != "positionOpened":  # (the balance comes first)
+            frame = _next_account_frame(stream, deadline)
+        assert frame["positionId"] == opened.json()["positionId"], frame
+        print(f"positionOpened on the account stream {time.monotonic() - sent:.2f} s after the 201")
+
+
+def _next_account_frame(stream: Any, deadline: float) -> dict[str, Any]:
+    """The data of ``stream``'s next ``account`` frame, by ``deadline`` (``time.monotonic``; an
+    error frame fails the test)."""
+    while True:
+        try:
+            got = json.loads(stream.recv(timeout=max(0.0, deadline - time.monotonic())))
+        except TimeoutError:
+            raise AssertionError("no account frame in time") from None
+        assert "error" not in got, got
+        if got.get("stream") == "account":
+            data: dict[str, Any] = got["data"]
+            return data
 
 
 # ----------------------------------------------------------------------------- 2. kill -9

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from cluster.live.account_stream import AccountSource, AccountStreams, Subscription
+from cluster.live.account_stream import AccountSource, AccountStreams, Subscription, Versions
 from engine.account_events import BALANCE, AccountEvent, AccountLog, Balance
 from engine.messages import Principal
 
@@ -109,17 +109,21 @@ class Client:
 
 
 class Stream:
-    """AccountStreams over a LogSource and a ScriptedTail."""
+    """AccountStreams over a LogSource and a ScriptedTail (``tail``: another one). The checks
+    for what the tail did not bring run every ``check_s``: by default too seldom to happen
+    during a test, so only the tail delivers (the checks have tests of their own)."""
 
     def __init__(self, log: AccountLog | None = None, max_replay: int = 500,
                  source: LogSource | None = None,
-                 render: Callable[[AccountEvent], dict[str, Any]] = render) -> None:
+                 render: Callable[[AccountEvent], dict[str, Any]] = render,
+                 check_s: float = 3600.0, tail: ScriptedTail | None = None) -> None:
         self.log = AccountLog() if log is None else log
         self.source = LogSource(self.log) if source is None else source
-        self.tail = ScriptedTail()
+        self.tail = ScriptedTail() if tail is None else tail
         self.tails_made = 0
         self.streams = AccountStreams(lambda: self.source, render, snapshot,
-                                      tail=self.make_tail, max_replay=max_replay)
+                                      tail=self.make_tail, max_replay=max_replay,
+                                      check_s=check_s)
         self.clients: list[Client] = []
 
     def make_tail(self, source: AccountSource) -> ScriptedTail:
@@ -360,6 +364,123 @@ def test_an_event_the_tail_delivers_while_a_refill_reads_the_ledger_is_sent() ->
 
 
 # -- a snapshot first ---------------------------------------------------------------------
+
+
+# -- what the tail does not bring ---------------------------------------------------------
+
+
+def test_versions_count_what_was_seen_up_to_the_first_gap() -> None:
+    seen = Versions()
+    seen.saw(3)  # nothing is counted before the start is known
+    assert seen.upto is None and not seen.has(3)
+    seen.start_at(5)
+    for version in (7, 6, 9, 5, 2):
+        seen.saw(version)
+    assert (seen.upto, seen.above) == (7, {9})
+    assert seen.has(2) and seen.has(9) and not seen.has(8)
+    seen.start_at(8)  # a check past what is kept: from the ledger's newest on
+    assert (seen.upto, seen.above) == (9, set())
+    seen.start_at(4)  # a ledger whose newest is below: its next events count again
+    assert (seen.upto, seen.above) == (4, set()) and not seen.has(5)
+
+
+class BrokenTail(ScriptedTail):
+    """A tail whose every read fails after a short wait (the broker down)."""
+
+    async def read(self) -> list[AccountEvent] | None:
+        await asyncio.sleep(0.01)
+        raise ConnectionError("broker down")
+
+
+class StrayCancelTail(ScriptedTail):
+    """A tail whose first read ends in a CancelledError that no one asked for (aiokafka's
+    consumer stop raised one while the broker was away), then reads what is pushed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stray = 1
+
+    async def read(self) -> list[AccountEvent] | None:
+        if self.stray:
+            self.stray -= 1
+            raise asyncio.CancelledError
+        return await super().read()
+
+
+CHECK_S = 0.05
+
+
+def test_a_read_that_ends_in_a_stray_cancellation_does_not_end_the_stream() -> None:
+    async def scenario(s: Stream) -> None:
+        s.record(ALICE, 1)
+        alice = await s.follow(ALICE, 1)
+        await until(lambda: s.streams.poll_failures == 1)
+        s.tail.push(s.record(ALICE, 1))
+        await until(lambda: alice.seqs == [2])
+
+    run_stream(scenario, tail=StrayCancelTail())
+
+
+
+def test_an_accounts_last_event_the_tail_lost_is_sent_by_the_next_check() -> None:
+    async def scenario(s: Stream) -> None:
+        s.record(ALICE, 1)
+        s.record(BOB, 1)
+        alice, bob = await s.follow(ALICE, 1), await s.follow(BOB, 1)
+        second, third = s.record(ALICE, 2)
+        s.tail.push([second])  # the third is lost on the way, and ALICE does nothing more
+        await until(lambda: alice.seqs == [2, 3])
+        assert s.streams.tail_missed == 1
+        assert bob.frames == []
+
+        s.tail.push([third])  # a late copy: not sent again
+        s.tail.push(s.record(BOB, 1))
+        await until(lambda: bob.seqs == [2])
+        assert alice.seqs == [2, 3]
+
+    run_stream(scenario, check_s=CHECK_S)
+
+
+def test_events_the_tail_brought_are_not_counted_as_missed_nor_sent_twice() -> None:
+    async def scenario(s: Stream) -> None:
+        s.record(ALICE, 1)
+        alice = await s.follow(ALICE, 1)
+        checks = s.streams.checks
+        for _ in range(3):
+            s.tail.push(s.record(ALICE, 2))
+            await asyncio.sleep(CHECK_S)
+        await until(lambda: s.streams.checks >= checks + 3)
+        assert alice.seqs == [2, 3, 4, 5, 6, 7]
+        assert s.streams.tail_missed == 0
+
+    run_stream(scenario, check_s=CHECK_S)
+
+
+def test_while_the_tail_cannot_read_events_still_reach_their_subscriptions() -> None:
+    async def scenario(s: Stream) -> None:
+        s.record(ALICE, 1)
+        alice = await s.follow(ALICE, 1)
+        s.record(ALICE, 3)
+        await until(lambda: alice.seqs == [2, 3, 4])
+        assert s.streams.poll_failures > 0
+        assert s.streams.tail_missed == 3
+
+    run_stream(scenario, check_s=CHECK_S, tail=BrokenTail())
+
+
+def test_a_check_past_what_the_ledger_keeps_makes_every_subscription_read_by_its_cursor(
+        ) -> None:
+    async def scenario(s: Stream) -> None:
+        s.record(ALICE, 1)
+        alice = await s.follow(ALICE, 1)
+        reads = len(s.source.events_reads)
+        s.record(BOB, 5)  # ALICE's newest is no longer among the events after the check's
+        s.record(ALICE, 1)
+        await until(lambda: alice.seqs == [2])
+        assert s.source.events_reads[reads:] == [(ALICE.user, 1)]  # by its cursor
+        assert s.streams.tail_missed == 0
+
+    run_stream(scenario, check_s=CHECK_S, log=AccountLog(kept=3))
 
 
 def first_frames(since: int | None, *, recorded: int = 5, kept: int = 100,
