@@ -162,6 +162,23 @@ async def _tcp_answers(bootstrap: str, timeout_s: float = 1.0) -> bool:
     return True
 
 
+def _warnings_to_stderr() -> None:
+    """The replica's warnings (its own, aiokafka's...) go to the process's stderr, its ``.err``
+    file among the Ray session's logs, as every other actor's do. Serve turns a replica's
+    ``sys.stderr`` into its own logger at INFO, which the WARNING level of its logging config
+    drops, so Python's last-resort handler wrote them nowhere."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler(sys.__stderr__)
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """(:func:`_warnings_to_stderr`'s, found again by its type)"""
+
+
 def _bind_with_reuse_address() -> None:
     """Make this replica's direct-ingress listener bind with SO_REUSEADDR, as uvicorn does.
 
@@ -271,6 +288,7 @@ class ApiIngress:
     """
 
     def __init__(self, settings: Settings, bootstrap: str, namespace: str = NAMESPACE) -> None:
+        _warnings_to_stderr()
         _bind_with_reuse_address()
         configure_uvicorn(proxies=("127.0.0.1", ray.util.get_node_ip_address()))
         self.settings = settings
