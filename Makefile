@@ -52,7 +52,7 @@ up: $(STAMP) ## install into .venv, then start the whole platform in the foregro
 	$(VENV)/bin/shardex up
 
 test: $(STAMP) browser ## install into .venv and chromium if needed, then run the whole test suite
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: $(STAMP) wrk ## run the benchmarks (engine, feed, api, durability, live); each prints a table and a JSON line
 	$(VENV)/bin/shardex bench engine --positions 1000000 --json
