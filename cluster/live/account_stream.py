@@ -19,8 +19,9 @@ The tail may lose events without noticing (a broker that restarted with its topi
 publisher that gave up its oldest messages): every event also carries its ``version`` (its place
 among all accounts' events), and every :data:`CHECK_S` the replica asks the ledger for the events
 after the newest version up to which it has seen every one (:class:`Versions`), and hands on
-those its tail did not bring. So a lost event reaches its connection within about that long,
-even when it was an account's last, and events keep coming while the broker is down.
+those its tail did not bring although it had a whole interval to (the ledger had them at the
+check before). So a lost event reaches its connection one to two intervals late, even when it
+was an account's last, and events keep coming while the broker is down.
 
 Subscribing with ``"since": <seq>`` starts the cursor there; without it, when the events after
 it are no longer kept, or when they are more than a connection may have unsent
@@ -96,11 +97,14 @@ class Subscription:
 
 class Versions:
     """The versions of the account events a replica has handled: every one up to ``upto``
-    (None: not known yet, nothing is counted) and some above it (``above``)."""
+    (None: not known yet, nothing is counted) and some above it (``above``); ``due``: the
+    ledger's newest version at the previous check (what the tail has had a check's interval to
+    bring)."""
 
     def __init__(self) -> None:
         self.upto: int | None = None
         self.above: set[int] = set()
+        self.due = 0
 
     def has(self, version: int) -> bool:
         return self.upto is not None and (version <= self.upto or version in self.above)
@@ -355,8 +359,9 @@ class AccountStreams:
             await self._check(source, seen)
 
     async def _check(self, source: AccountSource, seen: Versions) -> None:
-        """Hand on the events after ``seen.upto`` that the tail has not brought (on the first
-        check, only learn the newest version)."""
+        """Hand on the events up to ``seen.due`` that the tail has not brought (on the first
+        check, only learn the newest version). Newer ones may still be on their way through
+        the topic: the next check looks at them."""
         self.checks += 1
         try:
             while True:
@@ -369,15 +374,16 @@ class AccountStreams:
                     seen.start_at(version)
                     if recheck:
                         self._recheck_all()
-                    return
-                missed = [e for e in events if not seen.has(e.version)]
+                    break
+                missed = [e for e in events if e.version <= seen.due and not seen.has(e.version)]
                 for event in missed:
                     seen.saw(event.version)
                 if missed:
                     self.tail_missed += len(missed)
                     self._dispatch(missed)
-                if len(events) < TAIL_LIMIT:
-                    return
+                if len(events) < TAIL_LIMIT or events[-1].version > seen.due:
+                    break
+            seen.due = version
         except (Exception, asyncio.CancelledError) as exc:  # the next check asks again
             _reraise_if_cancelled(exc)
             self.check_failures += 1
