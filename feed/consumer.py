@@ -53,6 +53,7 @@ from aiokafka.errors import KafkaError
 
 from engine.market import Tick
 from feed.broker import ensure_topic
+from feed.clients import stop_client
 from feed.pipeline import TickPipeline
 from feed.settings import MARKET_TOPIC
 
@@ -99,23 +100,6 @@ def _now_us() -> int:
 
 def _always(shard: str) -> bool:
     return True
-
-
-async def stop_consumer(consumer: AIOKafkaConsumer, timeout_s: float = 10.0) -> None:
-    """Stop ``consumer`` whatever state its connection is in; raises nothing but a
-    cancellation of the running task itself.
-
-    aiokafka 0.14's ``stop`` cancels the fetcher's pending requests and then awaits them, so a
-    stop while one waits out its retry backoff (a broker that just went away) raises a
-    CancelledError nobody asked for; let through, it ended the caller's whole read loop."""
-    try:
-        async with asyncio.timeout(timeout_s):  # not wait_for: see _topic_partitions
-            await consumer.stop()
-    except (Exception, asyncio.CancelledError) as exc:
-        task = asyncio.current_task()
-        if isinstance(exc, asyncio.CancelledError) and (task is None or task.cancelling()):
-            raise
-        log.debug("consumer stop: %r", exc)
 
 
 async def recreated_partitions(consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
@@ -234,7 +218,7 @@ class MarketDataConsumer:
         consumer, self.consumer = self.consumer, None
         self._assigned.clear()
         if consumer is not None:
-            await stop_consumer(consumer)
+            await stop_client(consumer)
 
     async def _open_consumer(self) -> AIOKafkaConsumer:
         with contextlib.suppress(Exception):

@@ -30,10 +30,11 @@ import threading
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
+from aiokafka.errors import UnknownTopicOrPartitionError
 from aiokafka.partitioner import DefaultPartitioner
 
 from feed.broker import ensure_topic
+from feed.clients import stop_client
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +168,13 @@ class Publisher:
                 if producer is None:
                     producer = await self._connect()
                 await self._produce(producer, batch)
-            except (KafkaError, OSError, TimeoutError) as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                # (nothing cancels this loop's task: a CancelledError escaped a Kafka client,
+                # and any failure is tried again rather than ending the thread unseen)
                 self.failures += 1
-                log.warning("publisher %s: %s; again in %.1f s", self.topic, exc, backoff_s)
+                log.warning("publisher %s: %r; again in %.1f s", self.topic, exc, backoff_s)
                 if producer is not None:
-                    await _stop(producer)
+                    await stop_client(producer)
                     producer = None
                 if self._stopping:
                     break
@@ -182,7 +185,7 @@ class Publisher:
             self._queue.remove(first, len(batch))
             self.sent += len(batch)
         if producer is not None:
-            await _stop(producer)
+            await stop_client(producer)
 
     async def _produce(self, producer: AIOKafkaProducer, batch: list[Message]) -> None:
         """``batch`` produced and acknowledged: one record batch per partition (and per
@@ -218,13 +221,6 @@ class Publisher:
                                     request_timeout_ms=5000)
         await producer.start()
         return producer
-
-
-async def _stop(producer: AIOKafkaProducer) -> None:
-    try:
-        await producer.stop()
-    except KafkaError as exc:  # pending batches to a dead broker: nothing to save
-        log.warning("publisher: stop: %s", exc)
 
 
 __all__ = ["MAX_PENDING", "TRIMMED_AT", "ProduceQueue", "Publisher"]

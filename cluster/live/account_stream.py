@@ -44,6 +44,7 @@ from cluster.http.errors import error_body
 from engine.account_events import AccountEvent
 from engine.messages import Principal
 from engine.results import Code
+from feed.clients import own_cancellation
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +126,6 @@ class Versions:
             upto += 1
             self.above.remove(upto)
         self.upto = upto
-
-
-def _reraise_if_cancelled(exc: BaseException) -> None:
-    """Raise ``exc`` again when it is the cancellation of the running task itself."""
-    if isinstance(exc, asyncio.CancelledError):
-        task = asyncio.current_task()
-        if task is None or task.cancelling():
-            raise exc
 
 
 def _frame(data: dict[str, Any]) -> str:
@@ -340,7 +333,8 @@ class AccountStreams:
             except (Exception, asyncio.CancelledError) as exc:
                 # the ledger or the broker restarting: again shortly (a client library may
                 # end a read with a CancelledError nobody asked for: that ends only the read)
-                _reraise_if_cancelled(exc)
+                if own_cancellation(exc):
+                    raise
                 self.poll_failures += 1
                 log.info("account stream: reading new events failed: %r", exc)
                 await asyncio.sleep(RETRY_S)
@@ -385,7 +379,8 @@ class AccountStreams:
                     break
             seen.due = version
         except (Exception, asyncio.CancelledError) as exc:  # the next check asks again
-            _reraise_if_cancelled(exc)
+            if own_cancellation(exc):
+                raise
             self.check_failures += 1
             log.info("account stream: asking the ledger for missed events failed: %r", exc)
 

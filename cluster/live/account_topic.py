@@ -19,7 +19,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from engine.account_events import AccountEvent
 from engine.ledger_machine import decode_account_events
-from feed.consumer import recreated_partitions, stop_consumer
+from feed.clients import stop_client
+from feed.consumer import recreated_partitions
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class TopicTail:
                 await consumer.start()
             except BaseException:
                 self._consumer = None
-                await stop_consumer(consumer)
+                await stop_client(consumer)
                 raise
         try:
             if time.monotonic() >= self._check_at:
@@ -102,7 +103,7 @@ class TopicTail:
         consumer, self._consumer = self._consumer, None
         self._check_at = 0.0
         if consumer is not None:
-            await stop_consumer(consumer)
+            await stop_client(consumer)
 
 
 __all__ = ["TopicTail"]

@@ -69,3 +69,33 @@ async def test_each_key_arrives_in_order_on_kafkas_partition_for_it(kafka_broker
                                      "failures": 0, "pending": 0}
     finally:
         publisher.close()
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("a bug in a produce round"),
+                                     asyncio.CancelledError()],
+                         ids=["unexpected error", "stray cancellation"])
+async def test_a_produce_round_that_fails_unexpectedly_is_tried_again(
+        kafka_broker: str, failure: BaseException) -> None:
+    """Neither an exception no one foresaw nor a CancelledError escaping the Kafka client ends
+    the publisher's thread: the round is tried again and every message arrives once."""
+    topic = f"publisher-retry-{free_port()}"
+    publisher = Publisher(kafka_broker, topic)
+    produce = publisher._produce
+    failures = [failure]
+
+    async def failing_once(producer: object, batch: list[tuple[bytes, bytes]]) -> None:
+        if failures:
+            raise failures.pop()
+        await produce(producer, batch)  # type: ignore[arg-type]
+
+    publisher._produce = failing_once  # type: ignore[method-assign]
+    try:
+        messages = [(KEYS[i % len(KEYS)], f"m{i}".encode()) for i in range(50)]
+        publisher.offer(messages)
+        got = await _read_all(kafka_broker, topic, len(messages))
+        assert sorted(v for records in got.values() for _, v in records) == sorted(
+            v for _, v in messages)
+        assert publisher.stats() == {"topic": topic, "sent": len(messages), "dropped": 0,
+                                     "failures": 1, "pending": 0}
+    finally:
+        publisher.close()

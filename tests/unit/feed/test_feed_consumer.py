@@ -17,6 +17,7 @@ from aiokafka.errors import KafkaConnectionError
 import feed.consumer as consumer_module
 from engine.assets import DEFAULT_ASSETS
 from engine.market import Tick
+from feed.clients import stop_client
 from feed.consumer import MarketDataConsumer
 from feed.message import message_from_ticks
 from feed.pipeline import TickPipeline
@@ -442,7 +443,7 @@ async def test_the_loop_creates_a_missing_topic_and_rebuilds_a_failed_consumer(
 
 
 @pytest.mark.asyncio
-async def test_stopping_a_consumer_lets_only_a_cancellation_of_the_caller_through() -> None:
+async def test_stopping_a_client_lets_only_a_cancellation_of_the_caller_through() -> None:
     stopped = asyncio.Event()
 
     class Stray:
@@ -454,9 +455,9 @@ async def test_stopping_a_consumer_lets_only_a_cancellation_of_the_caller_throug
             stopped.set()
             await asyncio.sleep(10)
 
-    await consumer_module.stop_consumer(Stray())  # type: ignore[arg-type]
+    await stop_client(Stray())
     task = asyncio.get_running_loop().create_task(
-        consumer_module.stop_consumer(Slow()))  # type: ignore[arg-type]
+        stop_client(Slow()))
     await stopped.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
