@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -94,6 +95,20 @@ class Subscription:
     recheck: bool = False  # the tail skipped events: read the ledger once by the cursor
     active: bool = True  # until unsubscribed (or its start failed)
     refill: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+@dataclass
+class StreamCounts:
+    """What the account streams of a replica did, each a ``ws_account_<name>`` counter of
+    ``/metrics``."""
+
+    frames: int = 0
+    snapshots: int = 0
+    refills: int = 0  # reads of the ledger by a subscription's cursor
+    poll_failures: int = 0  # reads of the tail that failed (the broker or ledger restarting)
+    checks: int = 0  # asks of the ledger for what the tail did not bring
+    check_failures: int = 0
+    tail_missed: int = 0  # events the checks found that the tail had not brought
 
 
 class Versions:
@@ -176,13 +191,7 @@ class AccountStreams:
         self.tail: AccountTail | None = None  # the one followed now
         self.malformed_before = 0  # dropped by the tails followed before it
         self._poller: asyncio.Task[None] | None = None
-        self.frames = 0
-        self.snapshots = 0
-        self.refills = 0
-        self.poll_failures = 0
-        self.checks = 0
-        self.check_failures = 0
-        self.tail_missed = 0  # events the checks found that the tail had not brought
+        self.counts = StreamCounts()
 
     # -- subscriptions ----------------------------------------------------------------------
     def subscribe(self, principal: Principal, since: int | None,
@@ -203,7 +212,7 @@ class AccountStreams:
         if task.cancelled() or task.exception() is None:
             return
         # a bug: the subscriptions would wait for events forever, so it starts again
-        self.poll_failures += 1
+        self.counts.poll_failures += 1
         log.error("account stream: following new events failed", exc_info=task.exception())
         asyncio.get_running_loop().call_later(RETRY_S, self._ensure_poller)
 
@@ -248,14 +257,14 @@ class AccountStreams:
         data = await self.snapshot(sub.principal)
         sub.seq = seq
         sub.offer(_frame({"event": "snapshot", "seq": seq, **data}))
-        self.snapshots += 1
+        self.counts.snapshots += 1
 
     async def _refill_until_wanted(self, sub: Subscription) -> None:
         source = self._require_source()
         while sub.recheck or sub.wanted > sub.seq:
             sub.recheck = False
             seen = sub.wanted  # what the tail brought during this read counts too
-            self.refills += 1
+            self.counts.refills += 1
             _, events = await source.account_events(sub.principal.user, sub.seq)
             if events is None or len(events) > self.max_replay:
                 # no longer kept (or too many to send): start again from the state
@@ -279,7 +288,7 @@ class AccountStreams:
             if event.seq == sub.seq + 1:
                 sub.offer(_frame(self.render(event)))
                 sub.seq = event.seq
-                self.frames += 1
+                self.counts.frames += 1
 
     def _deliver(self, sub: Subscription, events: list[AccountEvent]) -> None:
         """Events read from the tail: sent in order, or a refill started for a gap."""
@@ -335,7 +344,7 @@ class AccountStreams:
                 # end a read with a CancelledError nobody asked for: that ends only the read)
                 if own_cancellation(exc):
                     raise
-                self.poll_failures += 1
+                self.counts.poll_failures += 1
                 log.info("account stream: reading new events failed: %r", exc)
                 await asyncio.sleep(RETRY_S)
                 continue
@@ -356,7 +365,7 @@ class AccountStreams:
         """Hand on the events up to ``seen.due`` that the tail has not brought (on the first
         check, only learn the newest version). Newer ones may still be on their way through
         the topic: the next check looks at them."""
-        self.checks += 1
+        self.counts.checks += 1
         try:
             while True:
                 version, events = await source.account_tail(
@@ -373,7 +382,7 @@ class AccountStreams:
                 for event in missed:
                     seen.saw(event.version)
                 if missed:
-                    self.tail_missed += len(missed)
+                    self.counts.tail_missed += len(missed)
                     self._dispatch(missed)
                 if len(events) < TAIL_LIMIT or events[-1].version > seen.due:
                     break
@@ -381,7 +390,7 @@ class AccountStreams:
         except (Exception, asyncio.CancelledError) as exc:  # the next check asks again
             if own_cancellation(exc):
                 raise
-            self.check_failures += 1
+            self.counts.check_failures += 1
             log.info("account stream: asking the ledger for missed events failed: %r", exc)
 
     def _recheck_all(self) -> None:
@@ -405,16 +414,11 @@ class AccountStreams:
                     self._end(sub, "the account stream stopped; subscribe again with since")
 
     def stats(self) -> dict[str, int]:
+        malformed = self.malformed_before + (0 if self.tail is None else self.tail.malformed)
         return {"ws_account_subscriptions": sum(map(len, self.by_user.values())),
-                "ws_account_frames": self.frames, "ws_account_snapshots": self.snapshots,
-                "ws_account_refills": self.refills,
-                "ws_account_malformed": self.malformed_before + (
-                    0 if self.tail is None else self.tail.malformed),
-                "ws_account_poll_failures": self.poll_failures,
-                "ws_account_checks": self.checks,
-                "ws_account_check_failures": self.check_failures,
-                "ws_account_tail_missed": self.tail_missed}
+                **{f"ws_account_{k}": v for k, v in dataclasses.asdict(self.counts).items()},
+                "ws_account_malformed": malformed}
 
 
 __all__ = ["ACCOUNT_STREAM", "AccountSource", "AccountStreams", "AccountTail", "LedgerTail",
-           "Subscription", "Versions"]
+           "StreamCounts", "Subscription", "Versions"]

@@ -231,8 +231,8 @@ def test_a_resume_replays_what_follows_since_then_sends_live_events_once() -> No
         await until(lambda: alice.seqs[-1] == 9)
         assert alice.seqs == [3, 4, 5, 6, 7, 8, 9]
         assert all(d["event"] == "balance" for d in alice.data)
-        assert s.streams.snapshots == 0 and s.streams.refills == 0
-        assert s.streams.frames == 7
+        assert s.streams.counts.snapshots == 0 and s.streams.counts.refills == 0
+        assert s.streams.counts.frames == 7
         return s
 
     s = run_stream(scenario)
@@ -288,14 +288,14 @@ def test_a_gap_in_the_tail_is_refilled_from_the_ledger_by_the_cursor() -> None:
         s.tail.push([sixth])  # the fifth not (yet) delivered
         await until(lambda: alice.seqs == [5, 6])
         assert s.source.events_reads[reads:] == [(ALICE.user, 4)]
-        assert s.streams.refills == 1
+        assert s.streams.counts.refills == 1
 
         s.tail.push([fifth])  # late: already sent by the refill
         s.tail.push([sixth])
         s.tail.push(s.record(ALICE, 1))
         await until(lambda: alice.seqs[-1] == 7)
         assert alice.seqs == [5, 6, 7]
-        assert s.streams.refills == 1
+        assert s.streams.counts.refills == 1
 
     run_stream(scenario)
 
@@ -339,7 +339,7 @@ def test_a_tail_restart_makes_every_subscription_read_the_ledger_by_its_cursor()
         s.tail.push(s.record(BOB, 1))
         await until(lambda: bob.seqs[-1] == 5)
         assert alice.seqs == [3, 4] and alice_too.seqs == [2, 3, 4] and bob.seqs == [2, 3, 4, 5]
-        assert s.streams.snapshots == 0
+        assert s.streams.counts.snapshots == 0
 
     run_stream(scenario)
 
@@ -414,7 +414,7 @@ def test_a_read_that_ends_in_a_stray_cancellation_does_not_end_the_stream() -> N
     async def scenario(s: Stream) -> None:
         s.record(ALICE, 1)
         alice = await s.follow(ALICE, 1)
-        await until(lambda: s.streams.poll_failures == 1)
+        await until(lambda: s.streams.counts.poll_failures == 1)
         s.tail.push(s.record(ALICE, 1))
         await until(lambda: alice.seqs == [2])
 
@@ -430,7 +430,7 @@ def test_an_accounts_last_event_the_tail_lost_is_sent_by_the_next_check() -> Non
         second, third = s.record(ALICE, 2)
         s.tail.push([second])  # the third is lost on the way, and ALICE does nothing more
         await until(lambda: alice.seqs == [2, 3])
-        assert s.streams.tail_missed == 1
+        assert s.streams.counts.tail_missed == 1
         assert bob.frames == []
 
         s.tail.push([third])  # a late copy: not sent again
@@ -445,13 +445,13 @@ def test_events_the_tail_brought_are_not_counted_as_missed_nor_sent_twice() -> N
     async def scenario(s: Stream) -> None:
         s.record(ALICE, 1)
         alice = await s.follow(ALICE, 1)
-        checks = s.streams.checks
+        checks = s.streams.counts.checks
         for _ in range(3):
             s.tail.push(s.record(ALICE, 2))
             await asyncio.sleep(CHECK_S)
-        await until(lambda: s.streams.checks >= checks + 3)
+        await until(lambda: s.streams.counts.checks >= checks + 3)
         assert alice.seqs == [2, 3, 4, 5, 6, 7]
-        assert s.streams.tail_missed == 0
+        assert s.streams.counts.tail_missed == 0
 
     run_stream(scenario, check_s=CHECK_S)
 
@@ -462,15 +462,15 @@ def test_an_event_the_tail_brings_within_a_check_interval_is_not_taken_from_the_
         s.record(ALICE, 1)
         alice = await s.follow(ALICE, 1)
         events = s.record(ALICE, 2)
-        checks = s.streams.checks
+        checks = s.streams.counts.checks
         # a check runs while they are on their way through the topic, which brings them soon
         # after it (well within an interval)
-        await until(lambda: s.streams.checks > checks)
+        await until(lambda: s.streams.counts.checks > checks)
         assert alice.seqs == []
         s.tail.push(events)
         await until(lambda: alice.seqs == [2, 3])
-        await until(lambda: s.streams.checks > checks + 2)  # they have come due since
-        assert s.streams.tail_missed == 0
+        await until(lambda: s.streams.counts.checks > checks + 2)  # they have come due since
+        assert s.streams.counts.tail_missed == 0
 
     run_stream(scenario, check_s=0.5)
 
@@ -481,8 +481,8 @@ def test_while_the_tail_cannot_read_events_still_reach_their_subscriptions() -> 
         alice = await s.follow(ALICE, 1)
         s.record(ALICE, 3)
         await until(lambda: alice.seqs == [2, 3, 4])
-        assert s.streams.poll_failures > 0
-        assert s.streams.tail_missed == 3
+        assert s.streams.counts.poll_failures > 0
+        assert s.streams.counts.tail_missed == 3
 
     run_stream(scenario, check_s=CHECK_S, tail=BrokenTail())
 
@@ -497,7 +497,7 @@ def test_a_check_past_what_the_ledger_keeps_makes_every_subscription_read_by_its
         s.record(ALICE, 1)
         await until(lambda: alice.seqs == [2])
         assert s.source.events_reads[reads:] == [(ALICE.user, 1)]  # by its cursor
-        assert s.streams.tail_missed == 0
+        assert s.streams.counts.tail_missed == 0
 
     run_stream(scenario, check_s=CHECK_S, log=AccountLog(kept=3))
 
