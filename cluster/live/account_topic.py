@@ -55,7 +55,9 @@ class TopicTail:
                 await stop_client(consumer)
                 raise
         try:
-            if time.monotonic() >= self._check_at:
+            # (while none is assigned, every read looks: the topic is created again by the
+            # publisher's next message after a broker restart)
+            if time.monotonic() >= self._check_at or not consumer.assignment():
                 self._check_at = time.monotonic() + PARTITION_CHECK_S
                 if await self._assign(consumer):
                     return None
