@@ -17,6 +17,7 @@ The module's platform is started once and restarted once; its phases run in this
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -253,6 +254,21 @@ def test_a_killed_embedded_broker_is_started_again_and_trading_resumes(up: Up) -
             frame = _next_account_frame(stream, deadline)
         assert frame["positionId"] == opened.json()["positionId"], frame
         print(f"positionOpened on the account stream {time.monotonic() - sent:.2f} s after the 201")
+    # the API replica's own warnings are written to its log: its account topic reader's Kafka
+    # client logged losing this broker (Serve's stderr redirect dropped them before)
+    assert _replica_logs_naming(f"127.0.0.1:{up.broker_port}"), \
+        "no API replica log names the killed broker"
+
+
+def _replica_logs_naming(text: str) -> list[Path]:
+    """The API replica ``.err`` logs under Ray's session directories that contain ``text``."""
+    found = []
+    for path in Path("/tmp/ray").glob("session_*/logs/worker-*.err"):
+        with contextlib.suppress(OSError):
+            content = path.read_text(errors="replace")
+            if ":actor_name:ServeReplica:" in content[:300] and text in content:
+                found.append(path)
+    return found
 
 
 def _next_account_frame(stream: Any, deadline: float) -> dict[str, Any]:
