@@ -297,10 +297,7 @@ def _account_frames(url: str, key: str, count: int, since: int | None = None
         ws.send(json.dumps({"method": "AUTH", "params": [key]}))
         ws.send(json.dumps(request))
         while len(frames) < count:
-            got = json.loads(ws.recv(timeout=10))
-            assert "error" not in got, got
-            if got.get("stream") == "account":
-                frames.append(got["data"])
+            frames.append(_next_account_frame(ws, time.monotonic() + 10))
     return frames
 
 
