@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from engine import reference
@@ -317,6 +317,7 @@ def random_amend(rng: np.random.Generator, asset: Asset, p: Any, past: list[int]
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 2**32 - 1), st.integers(1, 8), st.integers(1, 8))
+@example(143, 1, 1)  # the first position amended had no level to leave behind
 def test_sweep_after_amend_churn(seed: int, min_pending: int, min_dead: int) -> None:
     """Thousands of amends of a few hundred positions (levels moved, removed, set back to an
     earlier level whose old entry may still be stored, margins changed) among sweeps, closes
@@ -354,7 +355,9 @@ def test_sweep_after_amend_churn(seed: int, min_pending: int, min_dead: int) -> 
                 lv for lv in (before.tp_ticks, before.sl_ticks, before.liq_ticks) if lv > 0)
         if step % 25 == 0:
             levels = [lv for old in past.values() for lv in old]
-            for bid in [*rng.choice(levels, 3), *rng.integers(8_000, 12_000, 2)]:
+            # (none yet when every amend so far was refused: only prices around the book)
+            amended_away = rng.choice(levels, 3).tolist() if levels else []
+            for bid in [*amended_away, *rng.integers(8_000, 12_000, 2)]:
                 ids, _ = checked_sweep(book, naive_sweep, int(bid), int(bid) + 1)
                 for hit in ids.tolist()[:5]:  # the shard closes some, similar ones open
                     book.close(hit)
