@@ -416,9 +416,12 @@ class Remember:
 
 @dataclass(frozen=True, slots=True)
 class Forget:
-    """Drop ``key``'s pending reservation (the request failed transiently: a retry runs)."""
+    """Drop ``key``'s pending reservation (the request failed transiently: a retry runs);
+    with ``request_id``, only if that request holds it (one whose reservation was settled
+    while it was slow, and taken by a retry, drops nothing)."""
 
     key: IdemKey
+    request_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -931,7 +934,7 @@ class LedgerMachine:
         lock = c.lock
         key = lock.idem_key
         if key is not None and key in self._answers:
-            return IdemHit(self._answers[key]), _NO_EVENTS
+            return self._hit(key), _NO_EVENTS
         request_id = _int(lock.request_id)
         if request_id is None or not 0 <= request_id < START_RECONCILED:
             return _invalid("request id out of range")
@@ -972,14 +975,14 @@ class LedgerMachine:
                            else request_id not in self._recent_locks):
             # released before (its answer was lost), or abandoned as an API process's that
             # died while the request was slow to arrive: the first answer, nothing released
-            return None, self._answer_events([c.answer] if c.answer else [], now_us)
+            return None, self._answer_events([c.answer] if c.answer else [], now_us, request_id)
         locked = self.ledger.margin_micros(c.user)
         if not self.ledger.has_user(c.user) or locked < amount:
             return _invalid(f"user {c.user} has {locked} margin locked, cannot release {amount}")
         released = MarginReleased if c.counted else MarginReturned
         events: list[Event] = [released(c.user, amount, request_id)]
         if c.answer is not None:
-            events.extend(self._answer_events([c.answer], now_us))
+            events.extend(self._answer_events([c.answer], now_us, request_id))
         return None, events
 
     def _abandon(self, c: AbandonLock, now_us: int) -> _Decision:
@@ -1003,7 +1006,7 @@ class LedgerMachine:
     def _begin(self, c: Begin, now_us: int) -> _Decision:
         key = c.key
         if key in self._answers:
-            return IdemHit(self._answers[key]), _NO_EVENTS
+            return self._hit(key), _NO_EVENTS
         request_id = _int(c.request_id)
         if request_id is None or not 0 <= request_id < START_RECONCILED:
             return _invalid("request id out of range")
@@ -1022,7 +1025,8 @@ class LedgerMachine:
             return _invalid("request id out of range")
         if c.body.owner != c.user or not self.ledger.has_user(c.user):
             return _invalid("not this account's")
-        events = self._answer_events([] if c.key is None else [(c.key, c.body)], now_us)
+        events = self._answer_events([] if c.key is None else [(c.key, c.body)], now_us,
+                                     request_id)
         # noted once per request (a resend after a lost answer notes nothing again); what it
         # made may have ended meanwhile, which apply looks at (the request completed anyway)
         if request_id not in self._noted:
@@ -1036,19 +1040,30 @@ class LedgerMachine:
             return self._order_history.has(user, body.order_id)
         return self._history.has(user, body.position_id)
 
+    def _hit(self, key: IdemKey) -> IdemHit:
+        answer = self._answers[key]
+        pending = self._pending.get(key) if answer is None else None
+        return IdemHit(answer, 0 if pending is None else pending[0])
+
     def _forget(self, c: Forget, now_us: int) -> _Decision:
         key = c.key
         if key not in self._answers or self._answers[key] is not None:
             return None, _NO_EVENTS  # only a pending reservation is dropped
+        if c.request_id and self._pending.get(key, (0, 0))[0] != c.request_id:
+            return None, _NO_EVENTS  # held by another request now
         return None, [self._stored_event(key, FORGOTTEN, now_us)]
 
     def _answer_events(self, answers: Iterable[tuple[IdemKey, object]],
-                       now_us: int) -> list[Event]:
-        """Events storing each first answer (a stored answer is kept; None stores nothing)."""
+                       now_us: int, request_id: int = 0) -> list[Event]:
+        """Events storing each first answer (a stored answer is kept; None stores nothing);
+        with ``request_id``, the answers of that request: not stored for a key that another
+        request has reserved since (a retry's, once this one's reservation was settled)."""
         events: list[Event] = []
         done: set[IdemKey] = set()
         for key, answer in answers:
             if answer is None or key in done or self._answers.get(key) is not None:
+                continue
+            if request_id and self._pending.get(key, (request_id,))[0] not in (request_id, 0):
                 continue
             done.add(key)
             events.append(self._stored_event(key, _stored(answer), now_us))

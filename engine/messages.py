@@ -231,9 +231,12 @@ class MarginLock(NamedTuple):
 
 
 class IdemHit(NamedTuple):
-    """The stored first answer of a clientOrderId; ``answer`` is None while the first is pending."""
+    """The stored first answer of a clientOrderId; ``answer`` is None while the first is
+    pending, and ``request_id`` then names the request holding the reservation (0 when it was
+    reserved without one, and once answered)."""
 
     answer: object
+    request_id: int = 0
 
 
 class NewAccount(NamedTuple):

@@ -209,7 +209,7 @@ class Reconciler:
             if isinstance(result, Rejected) and result.code not in TRANSIENT_CODES:
                 await self.ledger.call(Remember(key, result))
             else:
-                await self.ledger.call(Forget(key))
+                await self.ledger.call(Forget(key, doubt.request_id))
 
     async def settle_change(self, doubt: InDoubt, position: OpenPosition) -> None:
         """Record at the ledger what a change of ``position`` (request ``doubt``) did: free the
@@ -251,6 +251,30 @@ class Reconciler:
         settled: int = await self.ledger.call(SettleRequests(opened, absent))
         self.counters["pending_settled"] += settled
         return settled
+
+    async def settle_waited(self, request_id: int, kind: str) -> bool:
+        """Settle now the reservation of request ``request_id`` (a ``kind`` request, IdemKey
+        kinds) that a retry has waited for in vain: its API process died, or it is too slow
+        to matter, since the client has gone on to retry it. Resolved at every shard (which
+        fences it where it never arrived): one that never arrived is dropped and its lock
+        (if any) freed, so the retry runs it; an open or a placement that happened is stored
+        as the answer, its lock ended by noting it. Returns whether it was settled; a close
+        or change that happened is left to the sweep (its settlement or release has its own
+        path). The request, should it still be under way, is refused at its shard, and its
+        own release and Forget then change nothing (by request id)."""
+        opened, absent = await self._resolve_everywhere([request_id])
+        made = opened.get(request_id)
+        if absent:
+            await self.ledger.call(SettleRequests({}, absent))
+            if kind in NOTED_KIND:  # a top-up's "margin" key shares its kind with a removal
+                await self.ledger.call(AbandonLock(request_id))
+        elif kind in ("open", "order") and isinstance(made, _MADE):
+            await self.ledger.call(SettleRequests({request_id: made}, ()))
+            await self.ledger.call(Note(made.owner, request_id, NOTED_KIND[kind], made, None))
+        else:
+            return False
+        self.counters["reservations_settled_for_retry"] += 1
+        return True
 
     async def watch_pending(self, interval_s: float = 10.0,
                             leading: Callable[[], bool] | None = None) -> None:

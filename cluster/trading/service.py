@@ -407,18 +407,29 @@ class TradingService:
 
     async def _replay(self, hit: IdemHit, key: IdemKey, request_id: int) -> object | None:
         """The stored answer of ``key``; waits while another request is still working on it.
-        None when the first attempt gave up (the caller runs the request again)."""
+        None when the first attempt gave up (the caller runs the request again).
+
+        After ``idem_wait_s`` the pending request is settled here (Reconciler.settle_waited):
+        a retry of a request whose API process died gets its answer, or runs it, within
+        seconds instead of at the next sweep of stale reservations."""
         self.counters["idempotent_replays"] += 1
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._idem_wait_s
+        settled = False
         while hit.answer is None:
             if loop.time() > deadline:
-                raise Unavailable("ledger", message="the first request with this clientOrderId "
-                                  "is still in progress: retry it shortly")
+                if not settled and hit.request_id:
+                    settled = True
+                    with contextlib.suppress(Unavailable):  # a shard down: the sweep will
+                        await self.reconciler.settle_waited(hit.request_id, key.kind)
+                    deadline = loop.time() + IDEM_POLL_S  # one more look at its answer
+                else:
+                    raise Unavailable("ledger", message="the first request with this "
+                                      "clientOrderId is still in progress: retry it shortly")
             await asyncio.sleep(IDEM_POLL_S)
             seen = await self.ledger.call(Begin(key, request_id))
             if seen is None:  # the first attempt gave up; we now hold the reservation
-                await self.ledger.call(Forget(key))
+                await self.ledger.call(Forget(key, request_id))
                 return None
             hit = seen
         return hit.answer
@@ -565,7 +576,7 @@ class TradingService:
                 await self.ledger.call(ReleaseMargin(who.user, lock.margin_micros, request_id,
                                                      answer, counted=not lock.top_up))
                 if key is not None and answer is None:
-                    await self.ledger.call(Forget(key))
+                    await self.ledger.call(Forget(key, request_id))
             except Unavailable:
                 self.reconciler.abandon(request_id)  # released later, by its request id
             return result
@@ -642,7 +653,7 @@ class TradingService:
             self.counters[f"rejected_{result.code.value}"] += 1
             if key is not None:
                 if result.code in TRANSIENT_CODES:
-                    await self.ledger.call(Forget(key))
+                    await self.ledger.call(Forget(key, request_id))
                 else:
                     await self.ledger.call(Remember(key, result))
             return result

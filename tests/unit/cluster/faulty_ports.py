@@ -90,3 +90,22 @@ class Gated(Wrapped):
             if self.lose:
                 raise Unavailable(self.name, "test: request lost")
         return await self.inner.execute(commands)
+
+
+class HeldReplies(Wrapped):
+    """Batches carrying a ``kind`` command reach ``inner``, and then their reply waits at the
+    gate (``reached`` set once one was delivered, ``opened`` lets the replies through): a
+    caller whose process died, or stalled, right after the component acted."""
+
+    def __init__(self, inner: Port, kind: type | tuple[type, ...]) -> None:
+        super().__init__(inner)
+        self.kind = kind
+        self.reached = asyncio.Event()
+        self.opened = asyncio.Event()
+
+    async def execute(self, commands: list[Any]) -> list[Any]:
+        answers = await self.inner.execute(commands)
+        if carries(commands, self.kind):
+            self.reached.set()
+            await self.opened.wait()
+        return answers

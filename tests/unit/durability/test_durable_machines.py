@@ -219,7 +219,8 @@ def test_pending_opens_are_resolved_by_their_request_id_at_start(tmp_path: Path)
     assert led.store is not None and led.store.recovered is not None
     assert led.store.recovered.snapshot_seq > 0
     assert one(led, lm.PendingRequests()) == [101, 202]
-    assert led.execute([lm.Begin(opened_key), lm.Begin(lost_key)]) == [IdemHit(None), IdemHit(None)]
+    assert led.execute([lm.Begin(opened_key), lm.Begin(lost_key)]) == [IdemHit(None, 101),
+                                                                      IdemHit(None, 202)]
     # the shards say: 101 opened (this position), 202 never arrived (now fenced)
     position = OpenPosition(5 << 34 | 3, user, "SOL", Side.LONG, 10001, 299, 30 * USD, 10,
                             9000, 0, 0, NOW, 0)
@@ -256,7 +257,7 @@ def test_stale_pending_opens_are_settled_while_running(tmp_path: Path) -> None:
     assert one(led, lm.PendingRequests(HOUR_US)) == []  # the wait is counted from the lock
     clock.now_us += HOUR_US
     assert one(led, lm.PendingRequests(HOUR_US)) == [502]
-    assert led.execute([lm.Begin(k) for k in keys]) == [IdemHit(position), None, IdemHit(None)]
+    assert led.execute([lm.Begin(k) for k in keys]) == [IdemHit(position), None, IdemHit(None, 502)]
     led.close()
 
 
@@ -322,7 +323,7 @@ def test_abandonable_locks_survive_a_snapshot(tmp_path: Path) -> None:
     assert led.store is not None and led.store.recovered is not None
     assert led.store.recovered.replayed == 0  # all of it from the snapshot
     assert balances(led, user) == (SIGNUP - 40 * USD, 40 * USD)
-    assert one(led, lm.LockMargin(MarginLock(user, 40 * USD, key, 8))) == IdemHit(None)
+    assert one(led, lm.LockMargin(MarginLock(user, 40 * USD, key, 8))) == IdemHit(None, 7)
     assert one(led, lm.AbandonLock(7)) == (7, user, 40 * USD)
     crash(led)
     led = open_ledger(tmp_path)

@@ -294,7 +294,7 @@ def test_a_note_with_a_client_order_id_stores_the_answer() -> None:
     led, user = one_account()
     key = IdemKey(user, "open", "c-1")
     assert led(LockMargin(MarginLock(user, 100 * USD, key, request_id=7))) is None
-    assert led(Begin(key)) == IdemHit(None)  # pending
+    assert led(Begin(key)) == IdemHit(None, 7)  # pending
     assert led(PendingRequests()) == [7]
     position = opened(user, PID, 100 * USD)
     _, added = new_events(led, Note(user, 7, POSITION_OPENED, position, key))

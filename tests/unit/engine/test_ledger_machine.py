@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import cluster.durability.store
 from engine import events as ev
+from engine.account_events import POSITION_OPENED
 from engine.events import (
     AccountCreated,
     ClientOrderStored,
@@ -44,6 +45,7 @@ from engine.ledger_machine import (
     History,
     LedgerMachine,
     LockMargin,
+    Note,
     OpenCount,
     PendingRequests,
     ReconcileAtStart,
@@ -195,7 +197,7 @@ def test_a_settlement_batch_with_a_bad_item_applies_nothing() -> None:
         refused = led(ApplySettlements(SHARD, (good, bad), ((key, good.closed),)))
         assert isinstance(refused, Rejected) and refused.code is Code.INVALID_REQUEST
         assert led.m.fingerprint() == before and len(led.records) == records
-    assert led(AppliedSeq(SHARD)) == 0 and led(Begin(key)) == IdemHit(None)
+    assert led(AppliedSeq(SHARD)) == 0 and led(Begin(key)) == IdemHit(None, 5)
     # a bad item after a gap is not looked at: the run before it applies
     assert led(ApplySettlements(SHARD, (good, SettlementItem(3, unbalanced.closed)))) == 1
     assert led.balances(u) == (SIGNUP - 200 * USD + 105 * USD, 100 * USD)
@@ -294,7 +296,7 @@ def test_answers_expire_after_the_ttl_and_pending_reservations_do_not() -> None:
     assert led(Begin(new)) == IdemHit(opened(u, 2, USD))
     led.now_us += 10**9
     assert led(ExpireAnswers(ttl)) == 1  # "new"; "pending" and the new "old" still wait
-    assert led(Begin(pending)) == IdemHit(None) and led(Begin(old)) == IdemHit(None)
+    assert led(Begin(pending)) == IdemHit(None, 3) and led(Begin(old)) == IdemHit(None, 4)
     before = len(led.records)
     assert led(ExpireAnswers(ttl)) == 0 and len(led.records) == before  # nothing to journal
     # what expired stays expired after a restart, from the journal and from a snapshot
@@ -320,7 +322,7 @@ def test_close_reservations_carry_their_request_id() -> None:
     led.restarted()
     assert led(Begin(lost)) == IdemHit(position)
     assert led(Begin(refused)) is None
-    assert led(Begin(wrong)) == IdemHit(None)
+    assert led(Begin(wrong)) == IdemHit(None, 73)
 
 
 # ----------------------------------------------------------------------------- abandoned locks
@@ -360,8 +362,31 @@ def test_abandoning_an_old_lock_keeps_the_reservation_of_a_retry() -> None:
     assert led(SettleRequests({}, (31,))) == 1  # fenced everywhere: the key is free again
     assert led(LockMargin(MarginLock(user, 30 * USD, key, 32))) is None  # the retry
     assert led(AbandonLock(31)) == (31, user, 30 * USD)
-    assert led(LockMargin(MarginLock(user, 30 * USD, key, 33))) == IdemHit(None)
+    assert led(LockMargin(MarginLock(user, 30 * USD, key, 33))) == IdemHit(None, 32)
     assert led(PendingRequests()) == [32]
+
+
+def test_a_late_end_of_a_settled_request_leaves_the_retrys_reservation() -> None:
+    """Lock 31's request was settled (fenced, its lock abandoned) while it stalled, and its
+    retry (32) reserved the key. When 31 ends after all, its release, its refusal and its
+    Forget neither free margin nor answer or drop the retry's reservation."""
+    led, user = one_account()
+    key = IdemKey(user, "open", "c1")
+    assert led(LockMargin(MarginLock(user, 30 * USD, key, 31))) is None
+    assert led(AbandonLock(31)) == (31, user, 30 * USD)  # fenced at every shard: freed
+    assert led(LockMargin(MarginLock(user, 30 * USD, key, 32))) is None  # the retry
+    assert led(LockMargin(MarginLock(user, 30 * USD, key, 33))) == IdemHit(None, 32)
+    records = len(led.records)
+    refused = Rejected(Code.PRICE_MOVED, "late")
+    assert led(ReleaseMargin(user, 30 * USD, 31, (key, refused))) is None
+    assert led(Forget(key, 31)) is None
+    # (a fenced request makes nothing; were 31 noted anyway, its body is no answer of 32's)
+    assert led(Note(user, 31, POSITION_OPENED, opened(user, 7, 30 * USD), key)) is None
+    assert led(Begin(key)) == IdemHit(None, 32)
+    assert led.balances(user) == (SIGNUP - 30 * USD, 30 * USD)
+    assert len(led.records) == records + 1  # the note's account event, nothing else
+    assert led(Forget(key, 32)) is None  # its own request drops it
+    assert led(Begin(key, 34)) is None
 
 
 def test_abandoning_an_old_lock_after_a_retry_was_answered_keeps_the_answer() -> None:
@@ -392,7 +417,7 @@ def test_abandonable_locks_survive_a_snapshot() -> None:
     led.account()
     led.m = led.replayed(base, start)  # snapshot + journal tail
     assert led.balances(user) == (SIGNUP - 40 * USD, 40 * USD)
-    assert led(LockMargin(MarginLock(user, 40 * USD, key, 8))) == IdemHit(None)
+    assert led(LockMargin(MarginLock(user, 40 * USD, key, 8))) == IdemHit(None, 7)
     assert led(AbandonLock(7)) == (7, user, 40 * USD)
     led.restarted()
     assert led.balances(user) == (SIGNUP, 0)
@@ -501,7 +526,8 @@ def test_pending_opens_are_resolved_by_their_request_id_at_start() -> None:
     led.account()
     led.m = led.replayed(base, start)
     assert led(PendingRequests()) == [101, 202, 303]
-    assert led(Begin(opened_key)) == IdemHit(None) and led(Begin(lost_key)) == IdemHit(None)
+    assert led(Begin(opened_key)) == IdemHit(None, 101)
+    assert led(Begin(lost_key)) == IdemHit(None, 202)
     # the shards say: 101 opened (this position), 202 never arrived (now fenced), 303 closed
     position = opened(user, 5 << 34 | 3, 30 * USD)
     close = closed(user, 6, 10 * USD, 0)
@@ -530,7 +556,7 @@ def test_stale_pending_opens_are_settled_while_running() -> None:
     assert led(PendingRequests()) == [502]
     led.restarted()
     assert led(PendingRequests()) == [502]
-    assert [led(Begin(k)) for k in keys] == [IdemHit(position), None, IdemHit(None)]
+    assert [led(Begin(k)) for k in keys] == [IdemHit(position), None, IdemHit(None, 502)]
 
 
 def test_older_journal_records_still_replay() -> None:

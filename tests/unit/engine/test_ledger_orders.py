@@ -139,7 +139,7 @@ def test_a_placement_locks_its_margin_and_counts_an_open_and_an_order() -> None:
     assert led.events()[0] == OrderLocked(user, 30 * USD, 1)
     assert led.balances(user) == (SIGNUP - 30 * USD, 30 * USD)
     assert led.counts(user) == (1, 1)
-    assert led(Begin(key)) == IdemHit(None)  # reserved, pending with its request id
+    assert led(Begin(key)) == IdemHit(None, 1)  # reserved, pending with its request id
     # a market open's lock counts an open, not an order
     assert led.lock(user, 10 * USD) is None
     assert led.counts(user) == (2, 1)
