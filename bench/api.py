@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -534,6 +535,7 @@ def _measure_serve(args: argparse.Namespace, levels: list[int], replicas: int, p
     finally:
         platform.stop()
         broker.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
     return startup_s, (results, costs, state), sweep, split
 
 

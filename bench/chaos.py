@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import tempfile
 import threading
@@ -103,6 +104,10 @@ class ChaosRun:
         self.config = config
         self.rng = random.Random(config.seed)
         self.data_dir = config.data_dir or Path(tempfile.mkdtemp(prefix="shardex-chaos-"))
+        # a DATA_DIR made here is removed after a run that lost, duplicated and unbalanced
+        # nothing; one that did not is kept for a look (its path is printed)
+        self._remove_data_dir = config.data_dir is None
+        self._clean = False
         self.url = ""
         self.platform: Platform | None = None
         self.books = [ClientBook(f"c{i}") for i in range(config.clients)]
@@ -512,6 +517,8 @@ class ChaosRun:
                             if k.startswith(("open_", "close_"))},
                 "duration_s": round(time.monotonic() - started, 1),
             })
+            self._clean = not (report["lost"] or report["duplicated"]
+                               or report["balance_mismatches"]) and bool(report["audit_ok"])
             return report
         finally:
             self._clients_stop.set()
@@ -525,6 +532,10 @@ class ChaosRun:
                 self.platform.stop()
             if self._broker is not None:
                 self._broker.stop()
+            if self._remove_data_dir and self._clean:
+                shutil.rmtree(self.data_dir, ignore_errors=True)
+            elif self._remove_data_dir:
+                print(f"the run's DATA_DIR is kept: {self.data_dir}", flush=True)
 
 
 def _status(r: httpx.Response | None) -> str:

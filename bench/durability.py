@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -80,9 +81,10 @@ def api_phase(durable: bool, bootstrap: str, concurrency: int,
         journal = _journal_bytes(data_dir) if durable else 0
     finally:
         platform.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
     return {"ops_per_s": result.ops_per_s, "p50_ms": result.percentile_ms(50),
             "p99_ms": result.percentile_ms(99), "errors": result.errors, "ops_total": ops,
-            "journal_bytes": journal, "data_dir": str(data_dir)}
+            "journal_bytes": journal}
 
 
 # ---------------------------------------------------------------------- 3: recovery
@@ -213,6 +215,7 @@ def recovery_phase(positions: int, kills: int = 3) -> dict[str, Any]:
             samples.append((ready_s, after["opened_at_s"] - killed_wall_s, after))
     finally:
         ray.shutdown()
+        shutil.rmtree(data_dir, ignore_errors=True)  # a million positions: ~175 MB
     samples.sort(key=lambda x: x[0])
     ready_s, init_s, after = samples[len(samples) // 2]  # the median kill
     alive_s.sort()
@@ -221,7 +224,7 @@ def recovery_phase(positions: int, kills: int = 3) -> dict[str, Any]:
             "kills": kills, "rebuild_s": after["recovery_s"], "kill_to_init_s": init_s,
             "recovered_positions": min(s[2]["positions"] for s in samples),
             "snapshot_seq": after["snapshot_seq"],
-            "replayed_records": after["replayed_records"], "data_dir": str(data_dir)}
+            "replayed_records": after["replayed_records"]}
 
 
 # ---------------------------------------------------------------------- main

@@ -27,6 +27,7 @@ import asyncio
 import dataclasses
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -260,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         platform.stop()
         broker.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
     print(f"candles per tick: book {candles['book_us']:.1f} us; with the SQLite store "
           f"{candles['stored_batch1_us']:.1f} us (a transaction per tick), "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
 import tempfile
 import threading
 import time
@@ -86,6 +87,7 @@ class RayHttpPlatform:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
         self.platform.stop()
+        shutil.rmtree(self.settings.data_dir, ignore_errors=True)
 
     def push_tick(self, asset: str, bid: str, ask: str, age_s: float = 0.0) -> None:
         self._seq += 1
