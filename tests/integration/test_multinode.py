@@ -303,6 +303,24 @@ def _replicas_scenario() -> None:
                     if (cursor := r.json()["next"]) is None:
                         break
             assert set(answered.values()) == held, (len(answered), len(held))
+
+            # HAProxy killed: the replicas go on serving on their own ports, and Serve's
+            # controller, which health-checks it every PROXY_HEALTH_CHECK_PERIOD_S, starts it
+            # again (at Serve's default period of 10 s that took 31-32 s)
+            haproxy = listener_pid(port)
+            os.kill(haproxy, signal.SIGKILL)
+            killed = time.monotonic()
+            assert two.get("/healthz").status_code == 200
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if front.get("/healthz").status_code == 200:
+                        break
+                assert time.monotonic() - killed < 25, "the front door is not back 25 s " \
+                    "after HAProxy was killed"
+                time.sleep(0.2)
+            print(f"front door back {time.monotonic() - killed:.1f} s after HAProxy's kill",
+                  flush=True)
+            assert listener_pid(port) != haproxy
         # a lock the killed replica made for an open it never sent is ended by the sweeps of
         # the replica that leads (ORPHAN_ROUNDS of them, 10 s apart)
         print(f"audit clean after {_audit_clean(platform, 90):.1f} s", flush=True)
