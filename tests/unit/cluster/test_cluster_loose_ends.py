@@ -1,12 +1,14 @@
 """Requests cut off halfway, through the service over in-process ports: a client that goes away
-mid-open, a release or a close reply that is lost, a settlement batch with a bad item. Money
-ends where the state machines say, exactly once."""
+mid-open, a release or a close reply that is lost, a settlement batch with a bad item, a retry
+of a request whose API process stalled or died. Money ends where the state machines say,
+exactly once."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ from cluster.actors.host import host_specs
 from cluster.actors.port import LocalPort, Port, Unavailable
 from cluster.trading.courier import Courier, SettlementRefused
 from cluster.trading.reconciler import ORPHAN_ROUNDS
+from cluster.trading.service import TradingService
 from engine.account_events import POSITION_OPENED, POSITION_UPDATED
 from engine.ledger_machine import (
     AppliedSeq,
@@ -23,14 +26,22 @@ from engine.ledger_machine import (
     LockMargin,
     Note,
     OpenLocks,
+    PendingRequests,
     ReleaseMargin,
     Totals,
 )
 from engine.market import Tick
-from engine.messages import ClosedPosition, CloseOrder, OpenPosition, Principal, SettlementItem
+from engine.messages import (
+    ClosedPosition,
+    CloseOrder,
+    OpenOrder,
+    OpenPosition,
+    Principal,
+    SettlementItem,
+)
 from engine.results import Code, Rejected
 from engine.shard_machine import ApplyTick, Close, Open, Outbox, OutboxView, Resolve, Stats
-from tests.unit.cluster.faulty_ports import FailingBatches, Gated, Wrapped
+from tests.unit.cluster.faulty_ports import Down, FailingBatches, Gated, HeldReplies, Wrapped
 from tests.unit.cluster.local_platform import (
     SIGNUP,
     USD,
@@ -504,3 +515,98 @@ async def test_the_locks_of_an_api_process_that_died_end_within_a_few_sweeps(
         assert await sweeper.end_orphaned_locks() == 0
     assert balances(p, who)[0] == (SIGNUP if cut_at == "open" else SIGNUP - 100 * USD)
     assert (await p.audit()) == []
+
+
+# ----------------------------------------------------------------------------- waited retries
+# A retry of a request whose API process died or stalled mid-way (another replica's, here
+# another service over the same hosts): after its idempotency wait the retry settles the first
+# request at the shards itself, instead of answering "still in progress" until the sweep of
+# stale reservations (STALE_PENDING_S) does. The first request, should it go on after all,
+# changes nothing.
+IDEM_WAIT_S = 0.2
+
+
+@contextlib.asynccontextmanager
+async def stalled_open(make: Make, gate: Gated | HeldReplies, shards_down: bool = False
+                       ) -> AsyncIterator[tuple[Platform, Principal, OpenOrder, TradingService,
+                                                asyncio.Task[OpenPosition | Rejected]]]:
+    """A platform whose trader's open (with a clientOrderId) went through a service whose
+    calls to the SOL shard stop at ``gate(SOL shard)`` (its process stalled there), once it got
+    there, and a service to retry it (with ``shards_down`` its SOL shard does not answer):
+    ``(platform, trader, order, retrying service, the first open's task)``. The gate opens on
+    the way out whatever happened (a stalled request would hold the service's close)."""
+    p = make()
+    who = await sol_trader(p)
+    order = sol_long(client_order_id="c-1")
+    stall = gate(p.shard_of("SOL"), Open)
+    first = asyncio.create_task(make.service(p, shards={**p.shards, stall.name: stall})
+                                .open_position(who, order))
+    down = Down(p.shard_of("SOL"), down=shards_down)
+    retrying = make.service(p, shards={**p.shards, down.name: down}, idem_wait_s=IDEM_WAIT_S)
+    try:
+        await stall.reached.wait()
+        yield p, who, order, retrying, first
+    finally:
+        stall.opened.set()
+
+
+async def open_ids(p: Platform, who: Principal) -> list[int]:
+    return [q.position_id for q in (await p.service.state(who)).positions]
+
+
+async def test_a_retry_runs_an_open_whose_first_attempt_never_reached_its_shard(
+        make: Make) -> None:
+    async with stalled_open(make, Gated) as (p, who, order, retrying, first):
+        # its margin locked, its open on the way to the shard
+        assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+        pos = await retrying.open_position(who, order)
+        assert isinstance(pos, OpenPosition)
+        assert retrying.counters["reservations_settled_for_retry"] == 1
+        # the first lock was freed (its request fenced at every shard), the retry's backs pos
+        assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+        assert await open_ids(p, who) == [pos.position_id]
+        assert await p.ledger.call(PendingRequests()) == []
+    # the stalled first request reaches the shard after all: refused
+    late = await first
+    assert isinstance(late, Rejected) and late.code is Code.PRICE_UNAVAILABLE
+    # and its release and Forget touched neither the margin nor the retry's answer
+    assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+    assert await retrying.open_position(who, order) == pos
+    assert await p.service.open_position(who, order) == pos
+    assert await open_ids(p, who) == [pos.position_id]
+    assert await p.audit() == []
+
+
+async def test_a_retry_gets_the_position_a_first_attempt_opened_before_it_stalled(
+        make: Make) -> None:
+    async with stalled_open(make, HeldReplies) as (p, who, order, retrying, first):
+        # opened at the shard; nothing after it happened
+        pos = await retrying.open_position(who, order)
+        assert isinstance(pos, OpenPosition) and await open_ids(p, who) == [pos.position_id]
+        assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)  # one lock, backing pos
+        assert await p.ledger.call(OpenLocks(10)) == []  # the lock ended with the answer
+        _, events = await retrying.account_events(who.user, 0)
+        assert events is not None
+        assert [e.body.position_id for e in events if e.kind == POSITION_OPENED] == \
+            [pos.position_id]  # noted, though its own process never noted it
+    # the stalled process answers after all: the same position, noted once
+    assert await first == pos
+    assert (await retrying.account_events(who.user, 0))[1] == events
+    assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+    assert await p.audit() == []
+
+
+async def test_a_retry_waits_while_the_shard_that_would_settle_it_is_down(make: Make) -> None:
+    """Without the shard's word the first request's outcome is unknown: the retry is told to
+    come back, and nothing is settled or freed."""
+    async with stalled_open(make, Gated, shards_down=True) as (p, who, order, retrying, first):
+        with pytest.raises(Unavailable, match="still in progress"):
+            await retrying.open_position(who, order)
+        assert retrying.counters["reservations_settled_for_retry"] == 0
+        assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+        assert len(await p.ledger.call(PendingRequests())) == 1
+    # the first request completes: its answer is the one
+    pos = await first
+    assert isinstance(pos, OpenPosition)
+    assert await p.service.open_position(who, order) == pos
+    assert await p.audit() == []
