@@ -31,14 +31,7 @@ from engine.ledger_machine import (
     Totals,
 )
 from engine.market import Tick
-from engine.messages import (
-    ClosedPosition,
-    CloseOrder,
-    OpenOrder,
-    OpenPosition,
-    Principal,
-    SettlementItem,
-)
+from engine.messages import ClosedPosition, CloseOrder, OpenPosition, Principal, SettlementItem
 from engine.results import Code, Rejected
 from engine.shard_machine import ApplyTick, Close, Open, Outbox, OutboxView, Resolve, Stats
 from tests.unit.cluster.faulty_ports import Down, FailingBatches, Gated, HeldReplies, Wrapped
@@ -524,28 +517,28 @@ async def test_the_locks_of_an_api_process_that_died_end_within_a_few_sweeps(
 # stale reservations (STALE_PENDING_S) does. The first request, should it go on after all,
 # changes nothing.
 IDEM_WAIT_S = 0.2
+RETRIED = sol_long(client_order_id="c-1")  # the open whose first attempt stalls
 
 
 @contextlib.asynccontextmanager
 async def stalled_open(make: Make, gate: Gated | HeldReplies, shards_down: bool = False
-                       ) -> AsyncIterator[tuple[Platform, Principal, OpenOrder, TradingService,
+                       ) -> AsyncIterator[tuple[Platform, Principal, TradingService,
                                                 asyncio.Task[OpenPosition | Rejected]]]:
-    """A platform whose trader's open (with a clientOrderId) went through a service whose
-    calls to the SOL shard stop at ``gate(SOL shard)`` (its process stalled there), once it got
-    there, and a service to retry it (with ``shards_down`` its SOL shard does not answer):
-    ``(platform, trader, order, retrying service, the first open's task)``. The gate opens on
-    the way out whatever happened (a stalled request would hold the service's close)."""
+    """A platform whose trader's open :data:`RETRIED` went through a service whose calls to
+    the SOL shard stop at ``gate(SOL shard)`` (its process stalled there), once it got there,
+    and a service to retry it (with ``shards_down`` its SOL shard does not answer):
+    ``(platform, trader, retrying service, the first open's task)``. The gate opens on the way
+    out whatever happened (a stalled request would hold the service's close)."""
     p = make()
     who = await sol_trader(p)
-    order = sol_long(client_order_id="c-1")
     stall = gate(p.shard_of("SOL"), Open)
     first = asyncio.create_task(make.service(p, shards={**p.shards, stall.name: stall})
-                                .open_position(who, order))
+                                .open_position(who, RETRIED))
     down = Down(p.shard_of("SOL"), down=shards_down)
     retrying = make.service(p, shards={**p.shards, down.name: down}, idem_wait_s=IDEM_WAIT_S)
     try:
         await stall.reached.wait()
-        yield p, who, order, retrying, first
+        yield p, who, retrying, first
     finally:
         stall.opened.set()
 
@@ -556,10 +549,10 @@ async def open_ids(p: Platform, who: Principal) -> list[int]:
 
 async def test_a_retry_runs_an_open_whose_first_attempt_never_reached_its_shard(
         make: Make) -> None:
-    async with stalled_open(make, Gated) as (p, who, order, retrying, first):
+    async with stalled_open(make, Gated) as (p, who, retrying, first):
         # its margin locked, its open on the way to the shard
         assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
-        pos = await retrying.open_position(who, order)
+        pos = await retrying.open_position(who, RETRIED)
         assert isinstance(pos, OpenPosition)
         assert retrying.counters["reservations_settled_for_retry"] == 1
         # the first lock was freed (its request fenced at every shard), the retry's backs pos
@@ -571,17 +564,17 @@ async def test_a_retry_runs_an_open_whose_first_attempt_never_reached_its_shard(
     assert isinstance(late, Rejected) and late.code is Code.PRICE_UNAVAILABLE
     # and its release and Forget touched neither the margin nor the retry's answer
     assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
-    assert await retrying.open_position(who, order) == pos
-    assert await p.service.open_position(who, order) == pos
+    assert await retrying.open_position(who, RETRIED) == pos
+    assert await p.service.open_position(who, RETRIED) == pos
     assert await open_ids(p, who) == [pos.position_id]
     assert await p.audit() == []
 
 
 async def test_a_retry_gets_the_position_a_first_attempt_opened_before_it_stalled(
         make: Make) -> None:
-    async with stalled_open(make, HeldReplies) as (p, who, order, retrying, first):
+    async with stalled_open(make, HeldReplies) as (p, who, retrying, first):
         # opened at the shard; nothing after it happened
-        pos = await retrying.open_position(who, order)
+        pos = await retrying.open_position(who, RETRIED)
         assert isinstance(pos, OpenPosition) and await open_ids(p, who) == [pos.position_id]
         assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)  # one lock, backing pos
         assert await p.ledger.call(OpenLocks(10)) == []  # the lock ended with the answer
@@ -599,14 +592,14 @@ async def test_a_retry_gets_the_position_a_first_attempt_opened_before_it_stalle
 async def test_a_retry_waits_while_the_shard_that_would_settle_it_is_down(make: Make) -> None:
     """Without the shard's word the first request's outcome is unknown: the retry is told to
     come back, and nothing is settled or freed."""
-    async with stalled_open(make, Gated, shards_down=True) as (p, who, order, retrying, first):
+    async with stalled_open(make, Gated, shards_down=True) as (p, who, retrying, first):
         with pytest.raises(Unavailable, match="still in progress"):
-            await retrying.open_position(who, order)
+            await retrying.open_position(who, RETRIED)
         assert retrying.counters["reservations_settled_for_retry"] == 0
         assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
         assert len(await p.ledger.call(PendingRequests())) == 1
     # the first request completes: its answer is the one
     pos = await first
     assert isinstance(pos, OpenPosition)
-    assert await p.service.open_position(who, order) == pos
+    assert await p.service.open_position(who, RETRIED) == pos
     assert await p.audit() == []
