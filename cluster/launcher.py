@@ -50,6 +50,7 @@ ADDRESS_FILE = "ray-address.json"  # in DATA_DIR while a local `up` runs
 BROKER_RECORD = "embedded-broker.json"  # in DATA_DIR while `up` runs the embedded broker
 ATTACH_CHECK_TIMEOUT_S = 2.0  # status/audit: how long a recorded Ray may take to answer TCP
 CRASHED_RUN_WAIT_S = 15.0  # how long a start waits for a killed run's workers to exit
+HELD_JOURNAL_WAIT_S = 5.0  # ... and after a clean stop, for a journal another process holds
 TIME_WAIT_S = 65.0  # ... and for its closed connections to leave the API port (Linux: 60 s)
 # a stop waits this long for the API to finish its requests and close its WebSockets (the
 # replicas' own bounds, cluster.serve_app, plus Serve's control loop); then it goes on
@@ -307,9 +308,12 @@ class Platform:
         the port, the actors holding their journal's lock) notice only a moment later.
         """
         recorded = _read_record(self.address_file)
-        if recorded is None:
-            return
         where = self.settings.data_dir.resolve()
+        if recorded is None:
+            # no run of ours to wait for; another process (an offline `shardex audit`...)
+            # may still hold a journal, which would fail the host that opens it
+            self._refuse_held_journal(where, "", HELD_JOURNAL_WAIT_S)
+            return
         running = _recorded_state(recorded)
         if running == "running" and recorded.get("pid") != os.getpid():
             raise LaunchError(f"a platform already runs from DATA_DIR={where} (pid "
@@ -337,12 +341,27 @@ class Platform:
                 time.sleep(0.1)
             elif self.cancel.wait(0.1):
                 raise LaunchError("start cancelled while waiting for a killed run to end")
-        held = _held_journal(where)
-        if held is not None:
-            raise LaunchError(f"{held} is still locked by a process of the killed run; stop "
-                              "that process (it writes the journal), then start again")
+        self._refuse_held_journal(where, "a process of the killed run", 0.0)
         with contextlib.suppress(OSError):
             self.address_file.unlink()
+
+    def _refuse_held_journal(self, data_dir: Path, unnamed: str, wait_s: float) -> None:
+        """LaunchError naming who holds a journal under ``data_dir`` (``unnamed`` when the
+        system does not say) if a process still does after ``wait_s`` (the workers of a run
+        that just stopped let go a moment after it)."""
+        deadline = time.monotonic() + wait_s
+        while (held := _held_journal(data_dir)) is not None and time.monotonic() < deadline:
+            if self.cancel is None:
+                time.sleep(0.1)
+            elif self.cancel.wait(0.1):
+                raise LaunchError("start cancelled while a journal was locked")
+        if held is None:
+            return
+        from cluster.durability.journal import lock_holders
+
+        holders = ", ".join(lock_holders(held)) or unnamed or "another process"
+        raise LaunchError(f"{held} is locked by {holders}; stop that process (it writes or "
+                          "reads the journal), then start again")
 
     def _start_broker(self) -> None:
         from cluster.actors.publisher import TRIMMED_AT

@@ -159,6 +159,40 @@ def _scan(data: bytes | memoryview, expected_seq: int) -> tuple[int, int, bool]:
     return good_end, expected_seq, torn
 
 
+def lock_holders(path: str | os.PathLike[str]) -> list[str]:
+    """Who holds an ``flock`` on ``path``: ``"pid N (command line)"`` for each lock Linux lists
+    in ``/proc/locks`` (the process that took it), [] where that cannot be read."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    # a lock line: "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF" (device in hex)
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders: list[str] = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK" or fields[5] != device:
+            continue
+        holders.append(f"pid {fields[4]}{_command_of(fields[4])}")
+    return holders
+
+
+def _command_of(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = " ".join(f.read().replace(b"\0", b" ").decode(errors="replace").split())
+    except OSError:
+        return ""
+    return f" ({command[:120]})" if command else ""
+
+
+def _held_by(path: Path) -> str:
+    holders = lock_holders(path)
+    return f": {', '.join(holders)}" if holders else ""
+
+
 def fsync_directory(directory: str | os.PathLike[str]) -> None:
     """Flush a directory's entries (new, renamed or deleted files) to disk."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -243,7 +277,7 @@ class Journal:
         except BlockingIOError:
             os.close(fd)
             raise JournalLockedError(f"journal {self.path} is held by another writer or a "
-                                     "locked reader") from None
+                                     f"locked reader{_held_by(self.path / LOCK_NAME)}") from None
         self._lock_fd = fd
 
     def _lock_shared(self) -> None:
@@ -255,7 +289,8 @@ class Journal:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise JournalLockedError(f"journal {self.path} is held by a writer") from None
+            raise JournalLockedError(f"journal {self.path} is held by a writer"
+                                     f"{_held_by(self.path / LOCK_NAME)}") from None
         self._lock_fd = fd
 
     def _open_readonly(self) -> None:

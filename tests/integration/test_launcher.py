@@ -492,3 +492,21 @@ def test_up_stops_cleanly_on_ctrl_c_and_its_state_audits_offline(up: Up) -> None
     assert report["ok"] is True
     assert report["totals"]["users_margin_micros"] == sum(up.open_margins.values()), \
         (report["totals"], up.open_margins)
+
+
+@pytest.mark.timeout(120)
+def test_up_refuses_a_data_dir_whose_journal_another_process_holds(up: Up) -> None:
+    """After the clean stop: while another process (here this one, as an offline ``shardex
+    audit`` does) holds the ledger's journal, ``up`` stops before it starts anything, naming
+    that process, instead of failing in the ledger's host with a Ray traceback."""
+    from cluster.durability.journal import Journal
+
+    assert up.proc.poll() is not None, "the previous test stops the platform"
+    with Journal(up.data_dir / "ledger" / "journal", readonly=True, lock_shared=True):
+        refused = up.cli("up", "--broker-port", str(up.broker_port), timeout_s=60)
+    out = refused.stdout + refused.stderr
+    assert refused.returncode != 0, out
+    assert re.search(r"shardex: cannot start: \S+/ledger/journal/LOCK is locked by "
+                     rf"pid {os.getpid()} \(", out), out
+    assert "Traceback" not in out, out
+    assert not (up.data_dir / "ray-address.json").exists()  # nothing was started

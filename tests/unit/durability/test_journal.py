@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,11 +15,13 @@ import pytest
 from cluster.durability import journal as journal_module
 from cluster.durability.journal import (
     HEADER_BYTES,
+    LOCK_NAME,
     Journal,
     JournalError,
     JournalGapError,
     JournalLockedError,
     frame,
+    lock_holders,
 )
 from tests.unit.durability.hosted import REPO
 
@@ -368,3 +371,20 @@ def test_a_reader_that_loses_a_segment_to_the_writer_gets_a_gap_error(tmp_path: 
         with pytest.raises(JournalGapError):
             list(reader.replay())
         assert [s for s, _ in reader.replay(after_seq=7)] == [8, 9, 10]
+
+
+def test_a_held_journal_names_the_process_that_holds_it(tmp_path: Path) -> None:
+    """Refused because a writer or an offline reader (``shardex audit``) holds it: the error
+    says which process, as /proc/locks lists it."""
+    path = tmp_path / "j"
+    me = f"pid {os.getpid()} ("  # then the command line
+    with Journal(path, fsync=False):
+        [holder] = lock_holders(path / LOCK_NAME)
+        assert holder.startswith(me) and "pytest" in holder, holder
+        with pytest.raises(JournalLockedError, match=re.escape(f"held by a writer: {me}")):
+            Journal(path, readonly=True, lock_shared=True)
+    assert lock_holders(path / LOCK_NAME) == []
+    with Journal(path, readonly=True, lock_shared=True), \
+            pytest.raises(JournalLockedError, match=re.escape(f"locked reader: {me}")):
+        Journal(path)
+    assert lock_holders(tmp_path / "nothing") == []
