@@ -271,25 +271,22 @@ class Journal:
     # -- opening -------------------------------------------------------------------------------
 
     def _lock(self) -> None:
-        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise JournalLockedError(f"journal {self.path} is held by another writer or a "
-                                     f"locked reader{_held_by(self.path / LOCK_NAME)}") from None
-        self._lock_fd = fd
+        self._take_lock(os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644),
+                        fcntl.LOCK_EX, "another writer or a locked reader")
 
     def _lock_shared(self) -> None:
         try:
             fd = os.open(self.path / LOCK_NAME, os.O_RDONLY)
         except FileNotFoundError:  # no writer ever opened it: there is nobody to exclude
             return
+        self._take_lock(fd, fcntl.LOCK_SH, "a writer")
+
+    def _take_lock(self, fd: int, mode: int, refused_by: str) -> None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise JournalLockedError(f"journal {self.path} is held by a writer"
+            raise JournalLockedError(f"journal {self.path} is held by {refused_by}"
                                      f"{_held_by(self.path / LOCK_NAME)}") from None
         self._lock_fd = fd
 
