@@ -312,7 +312,7 @@ class Platform:
         if recorded is None:
             # no run of ours to wait for; another process (an offline `shardex audit`...)
             # may still hold a journal, which would fail the host that opens it
-            self._refuse_held_journal(where, "", HELD_JOURNAL_WAIT_S)
+            self._refuse_held_journal(where, "is locked by", "", HELD_JOURNAL_WAIT_S)
             return
         running = _recorded_state(recorded)
         if running == "running" and recorded.get("pid") != os.getpid():
@@ -341,14 +341,16 @@ class Platform:
                 time.sleep(0.1)
             elif self.cancel.wait(0.1):
                 raise LaunchError("start cancelled while waiting for a killed run to end")
-        self._refuse_held_journal(where, "a process of the killed run", 0.0)
+        self._refuse_held_journal(where, "is still locked by", "a process of the killed run",
+                                  0.0)
         with contextlib.suppress(OSError):
             self.address_file.unlink()
 
-    def _refuse_held_journal(self, data_dir: Path, unnamed: str, wait_s: float) -> None:
-        """LaunchError naming who holds a journal under ``data_dir`` (``unnamed`` when the
-        system does not say) if a process still does after ``wait_s`` (the workers of a run
-        that just stopped let go a moment after it)."""
+    def _refuse_held_journal(self, data_dir: Path, held_how: str, unnamed: str,
+                             wait_s: float) -> None:
+        """LaunchError ("<LOCK> <held_how> <holders>") naming who holds a journal under
+        ``data_dir`` (``unnamed`` when the system does not say) if a process still does after
+        ``wait_s`` (the workers of a run that just stopped let go a moment after it)."""
         deadline = time.monotonic() + wait_s
         while (held := _held_journal(data_dir)) is not None and time.monotonic() < deadline:
             if self.cancel is None:
@@ -360,7 +362,7 @@ class Platform:
         from cluster.durability.journal import lock_holders
 
         holders = ", ".join(lock_holders(held)) or unnamed or "another process"
-        raise LaunchError(f"{held} is locked by {holders}; stop that process (it writes or "
+        raise LaunchError(f"{held} {held_how} {holders}; stop that process (it writes or "
                           "reads the journal), then start again")
 
     def _start_broker(self) -> None:

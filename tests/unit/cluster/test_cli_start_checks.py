@@ -198,7 +198,8 @@ def test_a_journal_a_killed_run_still_writes_is_named(tmp_path: Path,
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         _record_owner(tmp_path, 2**22 + 7)
-        with pytest.raises(LaunchError, match="LOCK is still locked"):
+        # named by the process that holds it, as /proc/locks has it
+        with pytest.raises(LaunchError, match=rf"LOCK is still locked by pid {holder.pid} \("):
             _platform(tmp_path)._take_over_data_dir()
         cancel = threading.Event()
         cancel.set()
