@@ -263,16 +263,12 @@ class Reconciler:
         path). The request, should it still be under way, is refused at its shard, and its
         own release and Forget then change nothing (by request id)."""
         opened, absent = await self._resolve_everywhere([request_id])
-        made = opened.get(request_id)
-        if absent:
-            await self.ledger.call(SettleRequests({}, absent))
-            if kind in NOTED_KIND:  # a top-up's "margin" key shares its kind with a removal
-                await self.ledger.call(AbandonLock(request_id))
-        elif kind in ("open", "order") and isinstance(made, _MADE):
-            await self.ledger.call(SettleRequests({request_id: made}, ()))
-            await self.ledger.call(Note(made.owner, request_id, NOTED_KIND[kind], made, None))
-        else:
+        if not absent and not (kind in ("open", "order")
+                               and isinstance(opened.get(request_id), _MADE)):
             return False
+        await self.ledger.call(SettleRequests(opened, absent))
+        # (a removal's "margin" key holds no lock: abandoning its id frees nothing)
+        await self._end_locks(opened, absent, {request_id: kind})
         self.counters["reservations_settled_for_retry"] += 1
         return True
 
@@ -317,16 +313,27 @@ class Reconciler:
         if not stale:
             return 0
         opened, absent = await self._resolve_everywhere(stale)
-        abandoned = [a for a in await self.ledger.call_many([AbandonLock(r) for r in absent])
-                     if a is not None]
-        await self.ledger.call_many([Note(made.owner, r, NOTED_KIND[open_locks[r]], made, None)
-                                     for r, made in opened.items() if isinstance(made, _MADE)])
+        abandoned = await self._end_locks(opened, absent, open_locks)
         for r in stale:
             del self._lock_rounds[r]
         self.counters["orphaned_locks_abandoned"] += len(abandoned)
         if abandoned:
             log.warning("released the margin of locks an API process left: %s", abandoned)
         return len(abandoned)
+
+    async def _end_locks(self, opened: Mapping[int, Made], absent: Sequence[int],
+                         kinds: Mapping[int, str]) -> list[object]:
+        """End the locks of requests resolved at every shard: one that never arrived (now
+        fenced) is abandoned, its margin freed; one that made a position or an order (its
+        request's ``kinds`` entry: "open", "order", "margin") is noted, which ends its lock
+        and numbers the account event its API process did not. Returns the abandon answers
+        that freed margin."""
+        answers = await self.ledger.call_many([AbandonLock(r) for r in absent]) if absent else []
+        notes = [Note(made.owner, r, NOTED_KIND[kinds[r]], made, None)
+                 for r, made in opened.items() if isinstance(made, _MADE)]
+        if notes:
+            await self.ledger.call_many(notes)
+        return [a for a in answers if a is not None]
 
     async def _resolve_everywhere(self, request_ids: list[int]
                                   ) -> tuple[dict[int, Made], tuple[int, ...]]:
