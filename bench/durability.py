@@ -6,17 +6,20 @@
    (``durable=True``: every batch a host executes is one journal record, fdatasync'ed under
    DATA_DIR before the answers), and driven by the same closed loop of HTTP opens and closes
    (bench.api.drive: each worker alternates open and close on its own account). One op = one
-   acknowledged HTTP request. The API's rate limits are off (bench.api.unthrottled).
+   acknowledged HTTP request. The API's rate limits are off (bench.api.unthrottled). With
+   ``--rounds N`` both modes run N times, in alternating order, and each mode reports its
+   median round: on a shared 2-core machine a minute's throughput moves by 20-30% from one
+   run to the next, more than most changes this is meant to judge.
 2. Journal bytes per op: the bytes the durable run's journals grew by (ledger and shards,
    including the tick records of the sim feed) divided by the operations they acknowledged
    (accounts, opens, closes, as counted by the ledger and the shards).
-3. Recovery of a shard holding 1,000,000 positions after kill -9: a journaled shard host
-   (cluster.actors.host.MachineHost) is filled inside its process (``__ray_call__``) through
-   its own ``Runner.execute`` with batches of ``Open`` commands (one journal record and one
-   fdatasync per batch, snapshots on their normal cadence), its process is SIGKILLed, and Ray
-   restarts it. Reported: the time from the kill until the host answers ``Stats`` again with
-   all positions, and the part of it spent rebuilding the state (newest snapshot + journal
-   tail) inside the new process.
+3. Recovery of a shard holding 1,000,000 positions after kill -9 (``--positions 0`` skips
+   it): a journaled shard host (cluster.actors.host.MachineHost) is filled inside its process
+   (``__ray_call__``) through its own ``Runner.execute`` with batches of ``Open`` commands (one
+   journal record and one fdatasync per batch, snapshots on their normal cadence), its
+   process is SIGKILLed, and Ray restarts it. Reported: the time from the kill until the host
+   answers ``Stats`` again with all positions, and the part of it spent rebuilding the state
+   (newest snapshot + journal tail) inside the new process.
 
 Prints a table, then one JSON line last.
 """
@@ -234,34 +237,91 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=8.0, help="load per API phase")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--positions", type=int, default=ONE_MILLION,
-                        help="positions in the shard killed for the recovery figure")
+                        help="positions in the shard killed for the recovery figure "
+                             "(0 skips it)")
     parser.add_argument("--kills", type=int, default=3,
                         help="kill -9 of the full shard, each after the previous recovery")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="API phases of each mode, alternating which comes first; the "
+                             "figures are each mode's median round (this machine's speed "
+                             "drifts by 20-30%% between runs of a minute)")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     from feed.broker import EmbeddedBroker
 
+    rounds: list[dict[bool, dict[str, Any]]] = []
     broker = EmbeddedBroker(HOST, _free_port()).start()
     try:
-        memory = api_phase(False, broker.bootstrap, args.concurrency, args.duration_s)
-        durable = api_phase(True, broker.bootstrap, args.concurrency, args.duration_s)
+        for n in range(args.rounds):
+            # every other round the other order: a machine that speeds up or slows down over
+            # the run favours neither mode
+            order = (False, True) if n % 2 == 0 else (True, False)
+            rounds.append({durable: api_phase(durable, broker.bootstrap, args.concurrency,
+                                              args.duration_s) for durable in order})
     finally:
         broker.stop()
-    recovery = recovery_phase(args.positions, args.kills)
+    recovery = recovery_phase(args.positions, args.kills) if args.positions else None
+    memory, durable = (_median_round([r[mode] for r in rounds]) for mode in (False, True))
 
     ratio = durable["ops_per_s"] / memory["ops_per_s"] if memory["ops_per_s"] else 0.0
     bytes_per_op = durable["journal_bytes"] / max(1, durable["ops_total"])
+    median = f"the median of {args.rounds} rounds, " if args.rounds > 1 else ""
     print(f"HTTP open/close closed loop at concurrency {args.concurrency}, "
-          f"{args.duration_s:g} s each; one op = one acknowledged request")
+          f"{args.duration_s:g} s each ({median}one op = one acknowledged request)")
     print(f"{'actors':<34}{'ops/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
     for name, r in (("in memory (no journal)", memory),
                     ("journaled (fdatasync per batch)", durable)):
         print(f"{name:<34}{r['ops_per_s']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
               f"{r['errors']:>8}")
+    if args.rounds > 1:
+        for mode, name in ((False, "in memory"), (True, "journaled")):
+            print(f"  {name} ops/s by round: "
+                  + ", ".join(f"{r[mode]['ops_per_s']:.0f}" for r in rounds))
     print(f"durable / in-memory throughput: {ratio:.2f} (target >= 0.90)")
     print(f"journal bytes per op: {bytes_per_op:.0f} ({durable['journal_bytes']:,} bytes for "
           f"{durable['ops_total']:,} ops incl. the sim feed's tick records)")
+    out: dict[str, Any] = {
+        "bench": "durability",
+        "concurrency": args.concurrency,
+        "rounds": args.rounds,
+        "acked_ops_per_s_durable": round(durable["ops_per_s"], 1),
+        "acked_ops_per_s_memory": round(memory["ops_per_s"], 1),
+        "acked_ops_per_s_durable_by_round": [round(r[True]["ops_per_s"], 1) for r in rounds],
+        "acked_ops_per_s_memory_by_round": [round(r[False]["ops_per_s"], 1) for r in rounds],
+        "durable_over_memory": round(ratio, 3),
+        "p50_ms_durable": round(durable["p50_ms"], 2),
+        "p50_ms_memory": round(memory["p50_ms"], 2),
+        "journal_bytes_per_op": round(bytes_per_op, 1),
+        "errors": sum(r[mode]["errors"] for r in rounds for mode in (False, True)),
+    }
+    if recovery is not None:
+        _print_recovery(recovery)
+        out.update({
+            "recovery_s_1m_positions": round(recovery["kill_to_ready_s"], 3),
+            "recovery_s_1m_positions_max": round(recovery["kill_to_ready_max_s"], 3),
+            "recovery_s_1m_positions_alive_call": (
+                round(recovery["kill_to_alive_answer_s"], 3)
+                if recovery["kill_to_alive_answer_s"] is not None else None),
+            "recovery_rebuild_s": round(recovery["rebuild_s"], 3),
+            "recovery_ray_restart_s": round(recovery["kill_to_init_s"], 3),
+            "recovered_positions": recovery["recovered_positions"],
+            "recovery_replayed_records": recovery["replayed_records"],
+        })
+    print(json.dumps(out))
+    return 0 if recovery is None or recovery["recovered_positions"] == recovery["positions"] \
+        else 1
+
+
+def _median_round(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """The phase of median throughput among ``phases`` (the lower middle one of an even
+    count): its figures belong together, where medians taken figure by figure would not."""
+    return sorted(phases, key=lambda p: p["ops_per_s"])[(len(phases) - 1) // 2]
+
+
+def _print_recovery(recovery: dict[str, Any]) -> None:
     print(f"shard with {recovery['positions']:,} positions: filled in "
           f"{recovery['fill_s']:.1f} s ({recovery['journal_bytes'] / 1e6:.0f} MB of journal, "
           f"{recovery['snapshots_written']} snapshots); after kill -9 answering again in "
@@ -275,28 +335,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  a call made as soon as Ray reports the host alive again answers "
               f"{recovery['kill_to_alive_answer_s']:.2f} s after the kill (median); the call "
               f"above was made during the restart and held by Ray until it resubmitted it")
-    out = {
-        "bench": "durability",
-        "concurrency": args.concurrency,
-        "acked_ops_per_s_durable": round(durable["ops_per_s"], 1),
-        "acked_ops_per_s_memory": round(memory["ops_per_s"], 1),
-        "durable_over_memory": round(ratio, 3),
-        "p50_ms_durable": round(durable["p50_ms"], 2),
-        "p50_ms_memory": round(memory["p50_ms"], 2),
-        "journal_bytes_per_op": round(bytes_per_op, 1),
-        "recovery_s_1m_positions": round(recovery["kill_to_ready_s"], 3),
-        "recovery_s_1m_positions_max": round(recovery["kill_to_ready_max_s"], 3),
-        "recovery_s_1m_positions_alive_call": (
-            round(recovery["kill_to_alive_answer_s"], 3)
-            if recovery["kill_to_alive_answer_s"] is not None else None),
-        "recovery_rebuild_s": round(recovery["rebuild_s"], 3),
-        "recovery_ray_restart_s": round(recovery["kill_to_init_s"], 3),
-        "recovered_positions": recovery["recovered_positions"],
-        "recovery_replayed_records": recovery["replayed_records"],
-        "errors": memory["errors"] + durable["errors"],
-    }
-    print(json.dumps(out))
-    return 0 if recovery["recovered_positions"] == recovery["positions"] else 1
 
 
 if __name__ == "__main__":
