@@ -1042,14 +1042,18 @@ class LedgerMachine:
 
     def _hit(self, key: IdemKey) -> IdemHit:
         answer = self._answers[key]
-        pending = self._pending.get(key) if answer is None else None
-        return IdemHit(answer, 0 if pending is None else pending[0])
+        return IdemHit(answer, self._holder(key) if answer is None else 0)
+
+    def _holder(self, key: IdemKey) -> int:
+        """The request id holding ``key``'s pending reservation (0: none, or none named)."""
+        pending = self._pending.get(key)
+        return 0 if pending is None else pending[0]
 
     def _forget(self, c: Forget, now_us: int) -> _Decision:
         key = c.key
         if key not in self._answers or self._answers[key] is not None:
             return None, _NO_EVENTS  # only a pending reservation is dropped
-        if c.request_id and self._pending.get(key, (0, 0))[0] != c.request_id:
+        if c.request_id and self._holder(key) != c.request_id:
             return None, _NO_EVENTS  # held by another request now
         return None, [self._stored_event(key, FORGOTTEN, now_us)]
 
@@ -1063,16 +1067,15 @@ class LedgerMachine:
         for key, answer in answers:
             if answer is None or key in done or self._answers.get(key) is not None:
                 continue
-            if request_id and self._pending.get(key, (request_id,))[0] not in (request_id, 0):
+            if request_id and self._holder(key) not in (request_id, 0):
                 continue
             done.add(key)
             events.append(self._stored_event(key, _stored(answer), now_us))
         return events
 
     def _stored_event(self, key: IdemKey, response: bytes, now_us: int) -> ClientOrderStoredAt:
-        pending = self._pending.get(key)
-        return ClientOrderStoredAt(key.user, key.kind, key.client_order_id,
-                                   0 if pending is None else pending[0], now_us, response)
+        return ClientOrderStoredAt(key.user, key.kind, key.client_order_id, self._holder(key),
+                                   now_us, response)
 
     def _settle_requests(self, c: SettleRequests, now_us: int) -> _Decision:
         absent = set(c.absent)
