@@ -337,10 +337,7 @@ class Platform:
                 limit_s = TIME_WAIT_S
             if waited_s >= limit_s:
                 break  # the checks after this name what still holds the port
-            if self.cancel is None:
-                time.sleep(0.1)
-            elif self.cancel.wait(0.1):
-                raise LaunchError("start cancelled while waiting for a killed run to end")
+            self._pause("waiting for a killed run to end")
         self._refuse_held_journal(where, "is still locked by", "a process of the killed run",
                                   0.0)
         with contextlib.suppress(OSError):
@@ -353,10 +350,7 @@ class Platform:
         ``wait_s`` (the workers of a run that just stopped let go a moment after it)."""
         deadline = time.monotonic() + wait_s
         while (held := _held_journal(data_dir)) is not None and time.monotonic() < deadline:
-            if self.cancel is None:
-                time.sleep(0.1)
-            elif self.cancel.wait(0.1):
-                raise LaunchError("start cancelled while a journal was locked")
+            self._pause("a journal was locked")
         if held is None:
             return
         from cluster.durability.journal import lock_holders
@@ -364,6 +358,14 @@ class Platform:
         holders = ", ".join(lock_holders(held)) or unnamed or "another process"
         raise LaunchError(f"{held} {held_how} {holders}; stop that process (it writes or "
                           "reads the journal), then start again")
+
+    def _pause(self, waiting: str) -> None:
+        """0.1 s of a wait during the start; LaunchError ("start cancelled while
+        ``waiting``") once the start is cancelled."""
+        if self.cancel is None:
+            time.sleep(0.1)
+        elif self.cancel.wait(0.1):
+            raise LaunchError(f"start cancelled while {waiting}")
 
     def _start_broker(self) -> None:
         from cluster.actors.publisher import TRIMMED_AT
