@@ -1,8 +1,8 @@
 """The HTTP API (SPEC "HTTP API"): a FastAPI app over a TradingService.
 
 ``create_app(service)`` is all a host needs: the no-Ray baseline and the e2e tests serve it with
-plain uvicorn; a Ray Serve deployment builds ``create_app(assets=...)`` for ``serve.ingress``
-and calls ``bind_service(app, service)`` in its replica constructor. This is the only place where
+plain uvicorn; the Ray Serve replica (cluster.serve_app.ApiIngress) builds its service in its
+constructor and returns ``create_app(service)`` to Serve. This is the only place where
 integers become decimal strings and decimal input becomes integers.
 
 Every error, including FastAPI's own (validation, unknown route, wrong method, malformed JSON),
@@ -41,7 +41,6 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictInt, StrictS
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.actors.port import Unavailable
-from cluster.config import Settings
 from cluster.http.decimals import (
     EXACT_DECIMAL,
     DecimalValue,
@@ -623,38 +622,6 @@ class _HttpCounter:
         await self.app(scope, receive, counting_send)
 
 
-# --------------------------------------------------------------------------- service slot
-class ServiceSlot:
-    """Where the handlers find the service: given to create_app, or bound later."""
-
-    def __init__(self, service: TradingService | None = None) -> None:
-        self._service = service
-
-    def bind(self, service: TradingService) -> None:
-        self._service = service
-
-    @property
-    def service(self) -> TradingService:
-        service = self._service
-        if service is None:
-            raise Unavailable("api", "the service is starting")
-        return service
-
-    @property
-    def current(self) -> TradingService | None:
-        """The service, None while it is not built yet (a Serve replica starting)."""
-        return self._service
-
-
-def bind_service(app: FastAPI, service: TradingService) -> None:
-    """Give an app made by ``create_app(assets=...)`` its service."""
-    built_for: AssetRegistry = app.state.assets
-    if [a.name for a in service.assets.assets] != [a.name for a in built_for.assets]:
-        raise ValueError("the service trades other assets than the app was built for")
-    slot: ServiceSlot = app.state.slot
-    slot.bind(service)
-
-
 # --------------------------------------------------------------------------- auth
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <apiKey>")
 
@@ -677,15 +644,15 @@ async def _principal(
     if credentials is None or not credentials.credentials \
             or len(credentials.credentials) > MAX_API_KEY_CHARS:
         raise ApiError(Code.UNAUTHORIZED, "missing or malformed API key")
-    slot: ServiceSlot = request.app.state.slot
-    who = slot.service.known(credentials.credentials)
+    service: TradingService = request.app.state.service
+    who = service.known(credentials.credentials)
     if who is None:
         # a key not seen here costs the ledger a lookup: an address that sent many unknown
         # ones is answered from here until its bucket fills again (keys it used before pass)
         refused: TokenBuckets = request.app.state.refused_key_buckets
         address = request.client.host if request.client is not None else ""
         _rate_limited(refused, address, "unknown API keys from this address", spend=False)
-        who = await slot.service.authenticate(credentials.credentials)
+        who = await service.authenticate(credentials.credentials)
         if who is None:
             refused.take(address)
             raise ApiError(Code.UNAUTHORIZED, "unknown API key")
@@ -697,20 +664,11 @@ Caller = Annotated[Principal, Depends(_principal)]
 
 
 # --------------------------------------------------------------------------- the app
-def create_app(service: TradingService | None = None, *, assets: AssetRegistry | None = None,
-               settings: Settings | None = None, title: str = "shardex") -> FastAPI:
-    """The SPEC's HTTP API over ``service`` (routes, OpenAPI at /openapi.json and /docs).
-
-    Without a service (``assets`` then required) the app answers 503 until
-    :func:`bind_service` gives it one: a Ray Serve replica builds the app at import time
-    (``serve.ingress(app)``) and its service in its constructor. The limits (body size, JSON
-    depth, rates) come from ``settings``, by default the service's (else the defaults).
-    """
-    if service is None and assets is None:
-        raise ValueError("create_app needs a service or the asset registry")
-    if settings is None:
-        settings = service.settings if service is not None else Settings()
-    app = FastAPI(title=title, version="1.0.0",
+def create_app(service: TradingService) -> FastAPI:
+    """The SPEC's HTTP API over ``service`` (routes, OpenAPI at /openapi.json and /docs). The
+    limits (body size, JSON depth, rates) are the service's settings."""
+    settings = service.settings
+    app = FastAPI(title="shardex", version="1.0.0",
                   description="Leveraged crypto trading (isolated margin). Money and prices are "
                               "decimal strings; requests accept a JSON number or a decimal "
                               "string, read exactly. Errors are "
@@ -725,11 +683,8 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
                   # Location is made from the client's own Host header
                   redirect_slashes=False)
     app.router.route_class = ExactJsonRoute  # every body is read with exact numbers
-    assets = service.assets if service is not None else assets
-    assert assets is not None
-    slot = ServiceSlot(service)
-    app.state.slot = slot
-    app.state.assets = assets
+    assets = service.assets
+    app.state.service = service
     app.state.max_json_depth = settings.max_json_depth
     state_positions = settings.state_positions
     app.state.key_buckets = TokenBuckets(settings.api_key_rate_per_s, settings.api_key_burst)
@@ -753,7 +708,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
 
     async def state_json(who: Principal) -> dict[str, Any]:
         """The body of ``GET /api/v1/state``."""
-        state = await slot.service.state(who)
+        state = await service.state(who)
         shown = state.positions[:state_positions]
         body: dict[str, Any] = {
             "accountId": state.account_id,
@@ -782,7 +737,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
 
     async def account_snapshot(who: Principal) -> dict[str, Any]:
         """A ``snapshot`` frame's state: ``GET /api/v1/state``'s body and the open orders."""
-        state, orders = await asyncio.gather(state_json(who), slot.service.orders(who))
+        state, orders = await asyncio.gather(state_json(who), service.orders(who))
         return {**state, **orders_json(orders)}
 
     # ------------------------------------------------------------------ errors
@@ -845,7 +800,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         # a proxy elsewhere every client shares its address (and limit): it should limit itself
         address = request.client.host if request.client is not None else ""
         _rate_limited(signup_buckets, address, "account creations from this address")
-        account = await slot.service.create_account()
+        account = await service.create_account()
         return _json({"accountId": account.account_id, "apiKey": account.api_key,
                       "balance": micros_to_money(account.balance_micros)}, 201)
 
@@ -879,7 +834,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
             current_price_ticks=price_ticks(asset, body.currentPrice, "currentPrice"),
             max_slippage_bps=body.maxSlippageBps,
             client_order_id=body.clientOrderId)
-        result = await slot.service.open_position(who, order)
+        result = await service.open_position(who, order)
         if isinstance(result, Rejected):
             return rejected_response(result)
         # a retry's answer is the first request's, whose asset may not be this body's
@@ -889,7 +844,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         """The id ``value`` names and the asset of the shard that issued it (positions and
         orders alike), or None when no position or order can have it."""
         item_id = _position_id(value)
-        asset = None if item_id is None else slot.service.asset_of_position(item_id)
+        asset = None if item_id is None else service.asset_of_position(item_id)
         return None if item_id is None or asset is None else (item_id, asset)
 
     def changed(result: OpenPosition | ClosedPosition | Rejected) -> Response:
@@ -915,7 +870,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         order = CloseOrder(position_id, price_ticks(asset, body.currentPrice, "currentPrice"),
                            body.maxSlippageBps, body.clientOrderId,
                            quantity_steps(asset, body.quantity, "quantity"))
-        return changed(await slot.service.close_position(who, order))
+        return changed(await service.close_position(who, order))
 
     @app.post("/api/v1/positions/modify", tags=["positions"], operation_id="modifyPosition",
               responses={200: {"model": PositionOut},
@@ -936,7 +891,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
                 return None  # unchanged
             return price_ticks(asset, value, name) or 0  # null: removed
 
-        result = await slot.service.set_levels(
+        result = await service.set_levels(
             who, position_id, level("takeProfit", body.takeProfit),
             level("stopLoss", body.stopLoss), body.clientOrderId)
         return changed(result)
@@ -954,7 +909,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         if found is None:
             return rejected_response(Rejected(Code.NOT_FOUND, "no such open position"))
         amount = money_micros(body.amount, "amount", allow_negative=True)
-        result = await slot.service.change_margin(who, found[0], amount, body.clientOrderId)
+        result = await service.change_margin(who, found[0], amount, body.clientOrderId)
         return changed(result)
 
     @app.get("/api/v1/positions", tags=["positions"], operation_id="listPositions",
@@ -970,7 +925,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
             after = PositionsCursor(int(opened_ts_us), int(position_id))
         else:  # a positionId: where an open position is
             after = _cursor_id("cursor", cursor)
-        result = await slot.service.positions(who, limit, after)
+        result = await service.positions(who, limit, after)
         if isinstance(result, Rejected):
             return rejected_response(result)
         page, end = result
@@ -983,7 +938,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
                       before: CloseCursor = None
                       ) -> Response:
         """Your closed positions (whole and partial closes), newest first."""
-        result = await slot.service.history(who, limit, _close_cursor(before))
+        result = await service.history(who, limit, _close_cursor(before))
         if isinstance(result, Rejected):
             return rejected_response(result)
         return _json({"positions": positions_json(result)})
@@ -1011,7 +966,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
             sl_ticks=price_ticks(asset, body.stopLoss, "stopLoss") or 0,
             expires_ts_us=expires_us(body.expiresAt),
             client_order_id=body.clientOrderId)
-        result = await slot.service.place_order(who, order)
+        result = await service.place_order(who, order)
         if isinstance(result, Rejected):
             return rejected_response(result)
         return _json(order_json(result, assets[result.asset]), 201)  # a retry's: the first's
@@ -1020,14 +975,14 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
              responses={200: {"model": OrdersOut}, **_errors(*_AUTH_ERRORS, 503)})
     async def list_orders(who: Caller) -> Response:
         """Your open orders, oldest first."""
-        return _json(orders_json(await slot.service.orders(who)))
+        return _json(orders_json(await service.orders(who)))
 
     @app.get("/api/v1/orders/history", tags=["orders"], operation_id="orderHistory",
              responses={200: {"model": OrdersOut}, **_errors(*_AUTH_ERRORS, 422, 503)})
     async def order_history(who: Caller, limit: Annotated[int, Query(ge=1, le=500)] = 50,
                             before: OrderCursor = None) -> Response:
         """Your ended orders (filled, cancelled, expired, rejected), newest first."""
-        result = await slot.service.order_history(who, limit,
+        result = await service.order_history(who, limit,
                                                   _cursor_id("before", before, "an order id"))
         if isinstance(result, Rejected):
             return rejected_response(result)
@@ -1046,7 +1001,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         found = position_of(orderId)
         if found is None:
             return rejected_response(Rejected(Code.NOT_FOUND, "no such open order"))
-        result = await slot.service.cancel_order(who, found[0], clientOrderId)
+        result = await service.cancel_order(who, found[0], clientOrderId)
         if isinstance(result, Rejected):
             return rejected_response(result)
         return _json(order_json(result, assets[result.asset]))  # a retry's: the first's
@@ -1067,7 +1022,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
              responses={200: {"model": PricesOut}, **_errors(503)})
     async def get_prices() -> Response:
         """The newest bid/ask of each asset that has one."""
-        ticks: dict[str, Tick] = await slot.service.prices()
+        ticks: dict[str, Tick] = await service.prices()
         return _json({name: book_ticker_json(t, assets[name]) for name, t in ticks.items()})
 
     @app.get("/api/v1/klines", tags=["market"], operation_id="getKlines",
@@ -1092,7 +1047,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
             query = CandleQuery(limit, startTime, endTime)
         except ValueError as exc:
             raise invalid(str(exc)) from None
-        candles = await slot.service.klines(asset, interval, query)
+        candles = await service.klines(asset, interval, query)
         return _json({"klines": [kline_json(c, assets[asset]) for c in candles]})
 
     # ------------------------------------------------------------------ operations
@@ -1100,11 +1055,11 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
              responses={200: {"model": HealthOut}, 503: {"model": HealthOut}})
     async def healthz() -> Response:
         """200 when the ledger, every shard and the extra checks answer; 503 names the failures."""
-        health = await slot.service.health()
+        health = await service.health()
         body: dict[str, Any] = {"status": "ok" if health.ok else "unavailable",
                                 "components": health.components}
         with contextlib.suppress(Exception):  # prices are informative; health decides above
-            prices = await slot.service.prices()
+            prices = await service.prices()
             now_us = time.time_ns() // 1000
             ages_s = {a: max(0, now_us - t.ts_us) / 1e6 for a, t in prices.items()}
             body["feedSources"] = {a: t.source for a, t in prices.items()}
@@ -1129,14 +1084,14 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
             lines.append(f'shardex_http_responses_total{{method="{method}",path="{path}",'
                          f'status="{status}"}} {n}')
         lines.append("# TYPE shardex_service_events_total counter")
-        for name, n in sorted(slot.service.counters.items()):
+        for name, n in sorted(service.counters.items()):
             lines.append(f'shardex_service_events_total{{event="{name}"}} {n}')
         lines.append("# TYPE shardex_batches_total counter")
         lines.append("# TYPE shardex_batched_items_total counter")
-        for name, (batches, items) in sorted(slot.service.batch_stats().items()):
+        for name, (batches, items) in sorted(service.batch_stats().items()):
             lines.append(f'shardex_batches_total{{call="{name}"}} {batches}')
             lines.append(f'shardex_batched_items_total{{call="{name}"}} {items}')
-        feed_stats = slot.service.feed_stats
+        feed_stats = service.feed_stats
         if feed_stats is not None:
             with contextlib.suppress(Exception):  # a feed that does not answer shows in healthz
                 feed = await asyncio.wait_for(feed_stats(), 2.0)
@@ -1151,7 +1106,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
             metric = f"shardex_{name}" + ("" if kind == "gauge" else "_total")
             lines.append(f"# TYPE {metric} {kind}")
             lines.append(f"{metric} {n}")
-        stats = await slot.service.shard_stats()
+        stats = await service.shard_stats()
         lines.append("# TYPE shardex_shard_up gauge")
         lines.append("# TYPE shardex_open_positions gauge")
         lines.append("# TYPE shardex_open_orders gauge")
@@ -1186,8 +1141,7 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(_HttpCounter, routes=routes, counts=http_counts)
     def market() -> MarketSource | None:
-        service = slot.current
-        return None if service is None else service.market
+        return service.market
 
     def render(change: Change) -> dict[str, Any]:
         value = change.value
@@ -1196,14 +1150,14 @@ def create_app(service: TradingService | None = None, *, assets: AssetRegistry |
         return kline_json(value, assets[value.asset])
 
     async def authenticate(key: str) -> Principal | None:
-        return await slot.service.authenticate(key)
+        return await service.authenticate(key)
 
     def account_tail(source: AccountSource) -> AccountTail:
         topic = source.account_topic
         return LedgerTail(source) if topic is None else TopicTail(*topic)
 
     # more missed events than half of what a connection may have unsent: a snapshot instead
-    accounts = AccountStreams(lambda: slot.current, account_event_json, account_snapshot,
+    accounts = AccountStreams(lambda: service, account_event_json, account_snapshot,
                               account_tail, max_replay=max(1, settings.ws_unsent // 2))
     hub = StreamHub(market, render, current_streams([a.name for a in assets.assets]),
                     authenticate, StreamLimits(settings.ws_connections,

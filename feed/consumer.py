@@ -8,9 +8,11 @@ ticks it makes ready to the shards through a callback; free of Ray.
     consumer.stats()         # the pipeline's counters and the consumer's (lag, polls, ...)
     await consumer.stop()
 
-``await call(shard, ticks)`` hands ``ticks`` (``engine.market.Tick``, the newest of each asset
-routed to ``shard``) to one shard; an exception means the shard did not take them: they stay
-pending at that shard, where newer ticks replace them, and are sent again on a later round.
+``await call(shard, ticks)`` hands ``ticks`` (``engine.market.Tick``: every accepted tick of
+the assets routed to ``shard`` not sent yet, in order, at most
+``feed.conflation.MAX_PENDING_PER_ASSET`` of an asset) to one shard; an exception means the
+shard did not take them: the newest of each asset goes back to pending (unless a newer one
+already waits there) and is sent again on a later round.
 ``reachable(shard) -> bool`` says whether a shard can be called now (the caller may look it up
 there). At most ``pipeline.fanout.max_in_flight`` calls are outstanding per shard.
 ``cluster.feed_actor`` provides both with Ray actor handles.
