@@ -22,8 +22,9 @@
    trigger nothing: every position is a long without take-profit). The margins are locked in
    the ledger with one ``LockMargin`` per user.
 
-The rate limits of the API (API_KEY_RATE_PER_S, SIGNUPS_PER_MIN) are off in both servers: the
-loop measures throughput, not the limiter. Prints a table, then one JSON line.
+The rate limits of the API (API_KEY_RATE_PER_S, SIGNUPS_PER_MIN) are off in both servers
+unless ``--default-limits`` (then only SIGNUPS_PER_MIN is lifted): the loop measures
+throughput, not the limiter. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 FEED_RESTART = {"max_restarts": -1, "max_task_retries": -1}  # its calls are safe to repeat
 READY_TIMEOUT_S = 120.0  # actors and the API must be up within this
-ADDRESS_FILE = "ray-address.json"  # in DATA_DIR while a local `up` runs
+ADDRESS_FILE = "ray-address.json"  # in DATA_DIR while `up` runs (local or joined)
 BROKER_RECORD = "embedded-broker.json"  # in DATA_DIR while `up` runs the embedded broker
 ATTACH_CHECK_TIMEOUT_S = 2.0  # status/audit: how long a recorded Ray may take to answer TCP
 CRASHED_RUN_WAIT_S = 15.0  # how long a start waits for a killed run's workers to exit
@@ -281,9 +281,9 @@ class Platform:
             time.sleep(0.1)  # its replica or HAProxy exits a moment after Serve lets it go
 
     def _write_address_file(self) -> None:
-        """Record the local Ray's address so ``status``/``audit`` join this cluster, not
-        whichever local Ray started last; and who runs it (host, pid, start time), so a record
-        a crashed run left is recognised as such."""
+        """Record this run's Ray address (local or joined) so ``status``/``audit`` join this
+        cluster, not whichever local Ray started last; and who runs it (host, pid, start
+        time), so a record a crashed run left is recognised as such."""
         import ray
 
         from feed.broker import ProcessIdentity

@@ -128,7 +128,7 @@ PROXY_HEALTH_CHECK_PERIOD_S = 1.0
 """How often Serve's controller health-checks each node's proxy, with a front door its HAProxy
 (one ``show info`` on the admin socket); it restarts one that failed 3 checks in a row. At
 Serve's default of 10 s, ``PORT`` refused connections for 31-32 s after HAProxy died; at 1 s,
-for 6-7 s, for ~0.01 cores more of the controller and the proxies when idle."""
+for 6-8 s, for ~0.01 cores more of the controller and the proxies when idle."""
 
 
 def front_door_command() -> str:

@@ -15,11 +15,13 @@ Commands (one class per operation, one item each) and their answers:
 * :class:`Begin` -> None (reserved now) | IdemHit;  :class:`Remember`, :class:`Forget` -> None
 * :class:`ApplySettlements` -> the shard's last applied seq | Rejected (nothing applied)
 * :class:`SettleRequests` -> how many pending clientOrderIds were settled
+* :class:`ExpireAnswers` -> how many answered clientOrderIds were forgotten
 * :class:`ReconcileAtStart` -> ``{user: released_micros}`` | Rejected
 * :class:`Note` -> None | Rejected
 * reads: :class:`Authenticate`, :class:`Balances`, :class:`OpenCount`, :class:`OrderCount`,
   :class:`AppliedSeq`, :class:`History`, :class:`OrderHistory`, :class:`Audit`,
-  :class:`Totals`, :class:`PendingRequests`, :class:`AccountEvents`, :class:`AccountTail`.
+  :class:`Totals`, :class:`PendingRequests`, :class:`OpenLocks`, :class:`AccountEvents`,
+  :class:`AccountTail`.
 
 Account events (engine.account_events, SPEC "Live data"): applying an event that changes what
 an account sees numbers one or more account events of it (its balance after the change, the

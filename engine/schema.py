@@ -239,7 +239,8 @@ CLOSE: Group = (exit_ticks, pnl_micros, payout_micros, house_micros, insurance_m
                 closed_ts_us, close_id, partial)
 """What a close adds to the position (a partial close's position fields are the closed part's:
 its quantity and margin). ``close_id`` and ``partial`` came last: records written before them
-hold the fields before, and :func:`fill_close_ids` / :func:`upgrade_close` complete them."""
+hold the fields before, and :func:`fill_close_ids` (snapshot columns) and engine.events' old
+layout 0x24 (journaled settlements) complete them."""
 SETTLEMENT: Group = (pnl_micros, payout_micros, house_micros, insurance_micros)
 """The SPEC's split of a close (engine.settlement.Settlement)."""
 

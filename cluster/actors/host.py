@@ -53,7 +53,7 @@ class HostSpec:
 
 
 class MachineHost:
-    """The actor body (``HOST`` below is its Ray class)."""
+    """The actor body (:func:`host_class` gives its Ray class)."""
 
     def __init__(self, spec: HostSpec) -> None:
         self.spec = spec

@@ -63,7 +63,7 @@ class JournalError(Exception):
 
 
 class JournalLockedError(JournalError):
-    """Another process holds this journal for writing."""
+    """Another process holds this journal: a writer, or a reader holding it shared."""
 
 
 class JournalGapError(JournalError):

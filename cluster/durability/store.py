@@ -11,12 +11,12 @@ cluster.durability.recovery:
   (group commit). The runner commits once per batch, before it answers, so an answer is only
   ever given for changes that are on disk, and a crash mid-write (a torn record is dropped
   whole by the journal) leaves either all of a batch's changes or none of them, never a part.
-* ``maybe_checkpoint(snapshot_fn)`` runs after a commit: every ``snapshot_every_records``
-  records or ``snapshot_every_s`` seconds (whichever first; only if something was journaled)
-  it snapshots the state. ``snapshot_fn()`` must return *copies* (arrays, meta) taken now;
-  the file is written on a background thread (a 1M-position book is ~100 MB) while the actor
-  keeps serving, and the journal segments the snapshot covers are trimmed on the actor's
-  thread once it is on disk (a Journal is not thread-safe).
+* ``maybe_checkpoint(snapshot_fn)`` runs after a commit: every ``snapshot_every_events``
+  events journaled (or replayed) or ``snapshot_every_s`` seconds (whichever first; only if
+  something was journaled) it snapshots the state. ``snapshot_fn()`` must return *copies*
+  (arrays, meta) taken now; the file is written on a background thread (a 1M-position book is
+  ~100 MB) while the actor keeps serving, and the journal segments the snapshot covers are
+  trimmed on the actor's thread once it is on disk (a Journal is not thread-safe).
 * A commit that fails poisons the journal: the store raises :class:`DurabilityError` for every
   later call, and the process must exit so Ray restarts it and it recovers from disk; with
   ``exit_on_failure=True`` (what an actor passes) the store ends the process itself.
@@ -58,7 +58,7 @@ __all__ = ["BATCH_TAG", "DurabilityError", "JournalStore", "decode_batch", "enco
 
 S = TypeVar("S")
 
-SNAPSHOT_EVERY_RECORDS = 100_000  # journal records between snapshots (bounds replay time)
+SNAPSHOT_EVERY_EVENTS = 100_000  # events journaled between snapshots (bounds replay time)
 SNAPSHOT_EVERY_S = 60.0  # and at least this often while records are written
 JOURNAL_DIR = "journal"
 SNAPSHOT_DIR = "snapshots"
@@ -80,7 +80,7 @@ class JournalStore:
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True,
-                 snapshot_every_records: int = SNAPSHOT_EVERY_RECORDS,
+                 snapshot_every_events: int = SNAPSHOT_EVERY_EVENTS,
                  snapshot_every_s: float = SNAPSHOT_EVERY_S, keep: int = DEFAULT_KEEP,
                  background_snapshots: bool = True, exit_on_failure: bool = False,
                  min_free_bytes: int = 0,
@@ -88,7 +88,7 @@ class JournalStore:
         self.directory = Path(directory)
         self.min_free_bytes = min_free_bytes
         self.snapshot_dir = self.directory / SNAPSHOT_DIR
-        self.snapshot_every_records = snapshot_every_records
+        self.snapshot_every_events = snapshot_every_events
         self.snapshot_every_s = snapshot_every_s
         self.keep = keep
         self.background_snapshots = background_snapshots
@@ -214,7 +214,7 @@ class JournalStore:
         since = self._events_since_snapshot
         if since <= 0 or self.journal.durable_seq <= self._snapshot_seq:
             return False
-        return (since >= self.snapshot_every_records
+        return (since >= self.snapshot_every_events
                 or self._clock() - self._snapshot_at_s >= self.snapshot_every_s)
 
     def maybe_checkpoint(self, snapshot_fn: SnapshotFn) -> bool:

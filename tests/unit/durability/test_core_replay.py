@@ -199,10 +199,10 @@ class Platform:
         runner: Runner[Any]
         if name == LEDGER:
             runner = Runner.open(self.root / name, self.builds[name], self.clock, fsync=False,
-                                 background_snapshots=False, snapshot_every_records=7)
+                                 background_snapshots=False, snapshot_every_events=7)
         else:
             runner = open_shard(self.root / name, self.clock, self.builds[name],
-                                snapshot_every_records=5)
+                                snapshot_every_events=5)
         assert runner.store is not None
         journal = runner.store.journal
         append, twin = journal.append, self.twins[name]

@@ -77,7 +77,7 @@ def test_ledger_batches_survive_a_crash_at_every_byte(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     no_fsync(monkeypatch)
     path = tmp_path / "ledger"
-    led = open_ledger(path, snapshot_every_records=10**9)
+    led = open_ledger(path, snapshot_every_events=10**9)
     for n in (1, 2):
         [new] = check_every_cut(path, led, [lm.CreateAccount(*account(n))], open_ledger)
         assert new == lm.CreatedAccount(n, account(n)[0], SIGNUP)
@@ -107,7 +107,7 @@ def test_ledger_batches_survive_a_crash_at_every_byte(tmp_path: Path,
 
 def test_ledger_recovers_accounts_keys_history_and_answers_from_snapshot_and_tail(
         tmp_path: Path) -> None:
-    led = open_ledger(tmp_path, snapshot_every_records=3)
+    led = open_ledger(tmp_path, snapshot_every_events=3)
     accounts = [created(led, n) for n in range(1, 5)]
     user = accounts[0].user
     key = IdemKey(user, "open", "order-1")
@@ -140,8 +140,8 @@ def test_ledger_recovers_accounts_keys_history_and_answers_from_snapshot_and_tai
 def test_settlement_is_applied_exactly_once_under_resends_across_restarts(
         tmp_path: Path) -> None:
     clock = Clock()
-    led = open_ledger(tmp_path / "ledger", clock, snapshot_every_records=5)
-    shard = open_shard(tmp_path / SHARD, clock, snapshot_every_records=4)
+    led = open_ledger(tmp_path / "ledger", clock, snapshot_every_events=5)
+    shard = open_shard(tmp_path / SHARD, clock, snapshot_every_events=4)
     users = [created(led, n).user for n in range(1, 4)]
     one(shard, sm.ApplyTick(tick(10_000)))
     assert led.execute([lm.LockMargin(MarginLock(u, 100 * USD)) for u in users]) == [None] * 3
@@ -205,7 +205,7 @@ def test_reconcile_at_start_releases_orphaned_locks_and_drops_pending_reservatio
 
 
 def test_pending_opens_are_resolved_by_their_request_id_at_start(tmp_path: Path) -> None:
-    led = open_ledger(tmp_path, snapshot_every_records=4)
+    led = open_ledger(tmp_path, snapshot_every_events=4)
     user = created(led, 1).user
     opened_key, lost_key = IdemKey(user, "open", "opened"), IdemKey(user, "open", "lost")
     # two opens locked; the API process dies before it stores either answer
@@ -311,7 +311,7 @@ def test_lock_journaled_answer_lost_then_abandoned_once_across_restarts(tmp_path
 
 
 def test_abandonable_locks_survive_a_snapshot(tmp_path: Path) -> None:
-    led = open_ledger(tmp_path, snapshot_every_records=2)
+    led = open_ledger(tmp_path, snapshot_every_events=2)
     user = created(led, 1).user
     key = IdemKey(user, "open", "snap")
     assert one(led, lm.LockMargin(MarginLock(user, 40 * USD, key, 7))) is None
@@ -353,7 +353,7 @@ def test_shard_batches_survive_a_crash_at_every_byte(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     no_fsync(monkeypatch)
     path = tmp_path / "shard"
-    sh = open_shard(path, snapshot_every_records=10**9)
+    sh = open_shard(path, snapshot_every_events=10**9)
     assert one(sh, sm.ApplyTick(tick(10_000))) == 0  # rides along with the next commit
     answers = check_every_cut(path, sh, [
         sm.Open(shard_open(1)), sm.Open(shard_open(2, side=Side.SHORT, tp=9_000)),
@@ -379,7 +379,7 @@ def test_shard_batches_survive_a_crash_at_every_byte(tmp_path: Path,
 def test_big_open_batches_replay_vectorised_to_the_same_ids_rows_and_answers(
         tmp_path: Path) -> None:
     clock = Clock()
-    sh = open_shard(tmp_path, clock, snapshot_every_records=10**9)
+    sh = open_shard(tmp_path, clock, snapshot_every_events=10**9)
     one(sh, sm.ApplyTick(tick(10_000)))
     first = sh.execute([sm.Open(shard_open(i, owner=i % 7, side=Side(i % 2), leverage=1 + i % 40,
                                            tp=10_600 if i % 5 == 0 else None))
@@ -403,7 +403,7 @@ def test_big_open_batches_replay_vectorised_to_the_same_ids_rows_and_answers(
 
 
 def test_open_answers_and_fences_survive_restarts_and_snapshots(tmp_path: Path) -> None:
-    sh = open_shard(tmp_path, snapshot_every_records=2)
+    sh = open_shard(tmp_path, snapshot_every_events=2)
     one(sh, sm.ApplyTick(tick(10_000)))
     first = sh.execute([sm.Open(shard_open(11)), sm.Open(shard_open(12, side=Side.SHORT))])
     assert one(sh, sm.Resolve(13)) is None
@@ -428,7 +428,7 @@ def test_open_answers_and_fences_survive_restarts_and_snapshots(tmp_path: Path) 
 def test_triggers_crossed_while_down_close_on_the_first_tick_after_recovery(
         tmp_path: Path) -> None:
     clock = Clock()
-    sh = open_shard(tmp_path, clock, snapshot_every_records=3)
+    sh = open_shard(tmp_path, clock, snapshot_every_events=3)
     one(sh, sm.ApplyTick(tick(10_000)))
     longs = sh.execute([sm.Open(shard_open(i, owner=i, tp=10_500 + i)) for i in range(1, 4)])
     shorts = sh.execute([sm.Open(shard_open(i, owner=i, side=Side.SHORT)) for i in range(4, 9)])

@@ -372,7 +372,7 @@ def test_a_read_only_runner_recovers_the_same_state_and_writes_nothing(
     """``readonly=True``: the same recovery (a torn tail is skipped, not cut off), commands
     step in memory only, no snapshot at close, no file touched."""
     clock = Clock()
-    led = open_ledger(tmp_path, clock, snapshot_every_records=2)
+    led = open_ledger(tmp_path, clock, snapshot_every_events=2)
     user = one(led, CreateAccount(*account(1))).user
     one(led, CreateAccount(*account(2)))
     assert one(led, LockMargin(MarginLock(user, 40 * USD, None, 7))) is None
