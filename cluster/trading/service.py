@@ -738,7 +738,7 @@ class TradingService:
         return [p for p in problems if p.subject in (persistent or ())], totals
 
     async def reconcile(self) -> int:
-        """One reconciler round now (tests, shutdown); returns how many remain unresolved."""
+        """One reconciler round now (what tests drive); returns how many remain unresolved."""
         return await self.reconciler.run_once()
 
     async def aclose(self) -> None:
