@@ -57,8 +57,8 @@ _OWNED = ("owner", "margin_micros")  # columns every store has: who holds a row,
 
 def int64_columns(columns: Mapping[str, np.ndarray], *names: str) -> list[np.ndarray]:
     """The columns ``names`` of ``columns`` (arrays by column name) as int64 arrays, in that
-    order."""
-    return [columns[name].astype(np.int64) for name in names]
+    order (the given array itself where it is int64 already: read them, do not write)."""
+    return [np.asarray(columns[name], dtype=np.int64) for name in names]
 
 
 RecordT = TypeVar("RecordT", bound=tuple[Any, ...])  # a NamedTuple of the columns' fields
@@ -472,10 +472,14 @@ class RowStore(ABC, Generic[RecordT]):
         return store
 
     def _live_columns(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Every column at the live ``rows`` (copies), by column name; ValueError if an
-        owner is negative."""
-        cols = {name: col[rows] for name, col in zip(self._COLUMN_NAMES, self._cols,
-                                                     strict=True)}
+        """Every column at the live ``rows`` (ascending), by column name, to read (views of
+        the used rows when every one is live, as in a full book; copies otherwise);
+        ValueError if an owner is negative."""
+        if rows.size == self._hw:
+            cols = self.columns()
+        else:
+            cols = {name: col[rows] for name, col in zip(self._COLUMN_NAMES, self._cols,
+                                                         strict=True)}
         if (cols[self._COLUMN_NAMES[self._OWNER_AT]] < 0).any():
             raise ValueError("owners must be >= 0")
         return cols

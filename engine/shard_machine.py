@@ -134,6 +134,7 @@ _LENGTH = struct.Struct("<I")
 # Conversions between the records, each resolved by field name once (engine.schema.builder);
 # the arguments after the source are the ``given`` fields, in the order named here.
 _SETTLED = (*schema.POSITION, *schema.CLOSE)  # a settlement's fields but its seq and asset
+_SETTLED_NAMES = schema.names(_SETTLED)
 _RUN_PLAN = (*schema.TERMS, schema.maintenance_margin_ppm)  # what open_many takes per row
 # (plan, position_id, owner, opened_ts_us, request_id) -> the event of an open
 _OPENED_EVENT = schema.builder(PositionOpened, schema.PLAN, attributes=True,
@@ -167,6 +168,7 @@ _KIND_FENCED = 2
 _KIND_CLOSE = 3
 _KIND_ORDER = 4  # a placement's PendingOrder (its fields in the snapshot's meta)
 _KIND_ORDER_END = 5  # a cancel's SettlementItem of an EndedOrder (likewise)
+_KINDS = {_KIND_OPEN, _KIND_FENCED, _KIND_CLOSE, _KIND_ORDER, _KIND_ORDER_END}
 OUTBOX_DTYPE = schema.dtype(schema.OUTBOX)
 RESULT_DTYPE = schema.dtype((schema.request_id, *schema.OUTBOX, schema.unrealized_pnl_micros),
                             before=(("kind", "u1"), ("has_pnl", "u1")))
@@ -442,7 +444,10 @@ class ShardMachine:
         self._outbox: list[SettlementItem] = []
         self._last_seq = 0
         self._acked_seq = 0
-        self._results: OrderedDict[int, Answer] = OrderedDict()  # oldest first
+        # remembered answers, oldest first: those a snapshot held and nobody asked for yet,
+        # then _results, then _unbuilt
+        self._restored: _SnapshotAnswers | None = None
+        self._results: OrderedDict[int, Answer] = OrderedDict()
         # answers of replayed runs of opens, newer than every entry of _results, not yet built:
         # (run rows, marks or None); see _apply_open_run
         self._unbuilt: list[tuple[np.ndarray, np.ndarray | None]] = []
@@ -791,7 +796,7 @@ class ShardMachine:
 
     def _previous(self, request_id: int) -> Answer | None:
         """The first answer of request ``request_id`` (None: not seen, or 0: none given)."""
-        return self._answers().get(request_id) if request_id else None
+        return self._answer_of(request_id) if request_id else None
 
     def _order_answer(self, event: OrderPlaced) -> PendingOrder:
         order: PendingOrder = _LISTED_ORDER(event, self.asset.name)
@@ -807,7 +812,7 @@ class ShardMachine:
         request_id = command.request_id
         if not 0 < request_id < _U64:
             return None, ()  # 0 names no request; nothing is remembered under it
-        previous = self._answers().get(request_id)
+        previous = self._answer_of(request_id)
         if previous is None:
             return None, (OpenFenced(request_id),)
         return (None if isinstance(previous, Rejected) else previous), ()
@@ -944,9 +949,47 @@ class ShardMachine:
             raise ShardStateError(f"not a shard event: {event!r}") from None
         applier(event)
 
-    def _answers(self) -> OrderedDict[int, Answer]:
-        """The remembered answers by request id, oldest first (builds those of replayed runs
-        of opens first)."""
+    def _all_answers(self) -> list[tuple[int, Answer]]:
+        """Every remembered ``(request_id, answer)``, oldest first (builds the snapshot's
+        answers for this list only: a fingerprint, not a request)."""
+        self._build_runs()
+        restored = [] if self._restored is None else self._restored.items()
+        return [*restored, *self._results.items()]
+
+    def _answer_of(self, request_id: int) -> Answer | None:
+        """The first answer of ``request_id`` if it is remembered (builds only that one of
+        a snapshot's, and the replayed runs of opens)."""
+        self._build_runs()
+        answer = self._results.get(request_id)
+        if answer is None and self._restored is not None:
+            answer = self._restored.get(request_id)
+        return answer
+
+    def _remembered(self) -> int:
+        return (len(self._results) + self._unbuilt_rows
+                + (0 if self._restored is None else len(self._restored)))
+
+    def _forget_oldest(self, count: int) -> None:
+        """Forget the ``count`` oldest answers of the snapshot's and of ``_results``."""
+        restored = self._restored
+        if restored is not None:
+            count -= restored.forget_oldest(count)
+            if not len(restored):
+                self._restored = None
+        results = self._results
+        if count >= len(results):
+            results.clear()
+        else:
+            for _ in range(count):
+                results.popitem(last=False)
+
+    def _results_built(self) -> OrderedDict[int, Answer]:
+        """``_results`` with the replayed runs of opens built into it."""
+        self._build_runs()
+        return self._results
+
+    def _build_runs(self) -> None:
+        """Build the answers of replayed runs of opens (they go after ``_results``)."""
         if self._unbuilt:
             name = self.asset.name
             results = self._results
@@ -958,13 +1001,15 @@ class ShardMachine:
                     results[rid] = _LISTED(row, name, pnl)
             self._unbuilt = []
             self._unbuilt_rows = 0
-        return self._results
 
     def _remember(self, request_id: int, answer: Answer) -> None:
-        results = self._answers()
-        results[request_id] = answer
-        if len(results) > REMEMBERED:
-            results.popitem(last=False)
+        self._build_runs()
+        if self._restored is not None:
+            self._restored.drop(request_id)  # the newer answer takes its place
+        self._results[request_id] = answer
+        excess = self._remembered() - REMEMBERED
+        if excess > 0:
+            self._forget_oldest(excess)
 
     def _apply_opened(self, event: PositionOpened) -> None:
         plan: OpenPlan = _PLAN_OF(event, 0)
@@ -1045,7 +1090,7 @@ class ShardMachine:
         self._ticks_applied += 1
 
     def _apply_fenced(self, event: OpenFenced) -> None:
-        if event.request_id not in self._answers():
+        if self._answer_of(event.request_id) is None:
             self._remember(event.request_id, _FENCED)
 
     def _apply_acked(self, event: OutboxAcked) -> None:
@@ -1124,17 +1169,12 @@ class ShardMachine:
             tail["position_id"].astype(np.int64), tick.bid_ticks, tick.ask_ticks)
         self._unbuilt.append((tail, marks))
         self._unbuilt_rows += int(tail.size)
-        excess = len(self._results) + self._unbuilt_rows - REMEMBERED
+        excess = self._remembered() - REMEMBERED
         if excess <= 0:
             return
-        results = self._results
-        if excess >= len(results):
-            excess -= len(results)
-            results.clear()
-        else:
-            for _ in range(excess):
-                results.popitem(last=False)
-            excess = 0
+        older = self._remembered() - self._unbuilt_rows  # the snapshot's and _results
+        self._forget_oldest(min(excess, older))
+        excess -= min(excess, older)
         while excess > 0:
             oldest, oldest_marks = self._unbuilt[0]
             cut = min(excess, int(oldest.size))
@@ -1156,7 +1196,10 @@ class ShardMachine:
         arrays.update({_ORDER_PREFIX + k: v for k, v in self.orders.to_arrays().items()})
         closes = [item for item in self._outbox if isinstance(item.closed, ClosedPosition)]
         arrays["outbox"] = _outbox_array(closes)
-        arrays["results"], order_results = _results_array(self._answers())
+        arrays["results"], order_results = _results_array(self._results_built())
+        if self._restored is not None:  # the snapshot's answers nobody asked for go first
+            arrays["results"], order_results = self._restored.before(arrays["results"],
+                                                                    order_results)
         arrays["ended_orders"] = np.array([(oid, owner, status) for oid, (owner, status)
                                            in self._ended.items()], dtype=_ENDED_DTYPE)
         tick = self._last_tick
@@ -1217,9 +1260,9 @@ class ShardMachine:
             results = _v1_results(np.asarray(arrays["result_ids"]), arrays["results"])
         else:
             results = arrays["results"]
-        for request_id, answer in _result_answers(asset.name, results,
-                                                  meta.get("order_results", ())):
-            machine._remember(request_id, answer)
+        if len(results):
+            machine._restored = _SnapshotAnswers(asset.name, results,
+                                                 meta.get("order_results", ()))
         machine._last_seq = int(meta["last_seq"])
         machine._acked_seq = int(meta["acked_seq"])
         tick = meta["last_tick"]
@@ -1251,7 +1294,7 @@ class ShardMachine:
         if self._opens - sum(self._closes) != len(self.book):
             problems.append(f"{self._opens} opens and {sum(self._closes)} closes counted, "
                             f"{len(self.book)} positions held")
-        remembered = max(len(self._answers()), len(self._ended))
+        remembered = max(self._remembered(), len(self._ended))
         if remembered > REMEMBERED:
             problems.append(f"{remembered} answers remembered, more than {REMEMBERED}")
         return problems
@@ -1279,7 +1322,7 @@ class ShardMachine:
             "ended_orders": list(self._ended.items()),
             "last_tick": None if tick is None else tuple(tick),
             "outbox": [_plain(item) for item in self._outbox],
-            "results": [(rid, _plain(answer)) for rid, answer in self._answers().items()],
+            "results": [(rid, _plain(answer)) for rid, answer in self._all_answers()],
             "last_seq": self._last_seq,
             "acked_seq": self._acked_seq,
             "ticks_applied": self._ticks_applied,
@@ -1389,35 +1432,91 @@ def _v0_results(old: np.ndarray) -> np.ndarray:
     return _as_results([(opens, np.ones(len(opens["kind"]), dtype=bool))], len(opens["kind"]))
 
 
-def _result_answers(asset_name: str, table: np.ndarray,
-                    order_rows: Sequence[Sequence[Any]] = ()) -> list[tuple[int, Answer]]:
-    """``(request_id, answer)`` of each row of a :data:`RESULT_DTYPE` table (order answers
-    from ``order_rows``, as :func:`_results_array` gives them)."""
-    orders = {row: (seq, values) for row, seq, *values in order_rows}
-    columns = schema.fill_close_ids(schema.named_columns(table))
-    out: list[tuple[int, Answer]] = []
-    for index, (request_id, kind, has_pnl, mark, seq, row) in enumerate(zip(
-            columns["request_id"].tolist(), columns["kind"].tolist(),
-            columns["has_pnl"].tolist(), columns["unrealized_pnl_micros"].tolist(),
-            columns["seq"].tolist(), schema.rows(columns, _SETTLED), strict=True)):
-        answer: Answer
+class _SnapshotAnswers:
+    """The remembered answers of a snapshot (a :data:`RESULT_DTYPE` table; order answers from
+    ``order_rows``, as :func:`_results_array` gives them), oldest first, each built when it is
+    asked for: most are never asked for again, and building all 65,536 took a third of a
+    1M-position shard's recovery."""
+
+    def __init__(self, asset_name: str, table: np.ndarray,
+                 order_rows: Sequence[Sequence[Any]] = ()) -> None:
+        self.asset_name = asset_name
+        self.columns = schema.fill_close_ids(schema.named_columns(table))
+        self.ids: list[int] = self.columns["request_id"].tolist()
+        self.row_of = {rid: row for row, rid in enumerate(self.ids)}  # those not forgotten
+        self.orders = {row: (seq, values) for row, seq, *values in order_rows}
+        self.start = 0  # rows before it are forgotten
+        kinds = self.columns["kind"]
+        if not np.isin(kinds, list(_KINDS)).all():
+            raise ValueError(f"unknown remembered answer kinds {set(kinds.tolist()) - _KINDS}")
+        order_rows_needed = np.flatnonzero(np.isin(kinds, (_KIND_ORDER, _KIND_ORDER_END)))
+        if not set(order_rows_needed.tolist()) <= self.orders.keys():
+            raise ValueError("remembered order answers without their order fields")
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def get(self, request_id: int) -> Answer | None:
+        row = self.row_of.get(request_id)
+        return None if row is None else self._build(row)
+
+    def drop(self, request_id: int) -> None:
+        self.row_of.pop(request_id, None)
+
+    def forget_oldest(self, count: int) -> int:
+        """Forget up to ``count`` of the oldest; returns how many were."""
+        forgotten = 0
+        ids, row_of = self.ids, self.row_of
+        while forgotten < count and row_of:
+            rid = ids[self.start]
+            if row_of.get(rid) == self.start:
+                del row_of[rid]
+                forgotten += 1
+            self.start += 1
+        return forgotten
+
+    def _rows(self) -> list[int]:
+        """The table rows of the answers not forgotten, oldest first."""
+        ids, row_of = self.ids, self.row_of
+        return [row for row in range(self.start, len(ids)) if row_of.get(ids[row]) == row]
+
+    def items(self) -> list[tuple[int, Answer]]:
+        """Every answer not forgotten, oldest first."""
+        return [(self.ids[row], self._build(row)) for row in self._rows()]
+
+    def before(self, table: np.ndarray, order_rows: list[list[Any]]
+               ) -> tuple[np.ndarray, list[list[Any]]]:
+        """:func:`_results_array`'s ``(table, order_rows)`` of newer answers with these
+        (those not forgotten) in front, copied from their table as they are."""
+        rows = np.array(self._rows(), dtype=np.int64)
+        mine = np.zeros(rows.size, dtype=RESULT_DTYPE)
+        for name in RESULT_DTYPE.names or ():
+            mine[name] = self.columns[name][rows]
+        orders = [[new, self.orders[old][0], *self.orders[old][1]]
+                  for new, old in enumerate(rows.tolist()) if old in self.orders]
+        shift = int(rows.size)
+        return (np.concatenate([mine, table]),
+                [*orders, *([row + shift, *rest] for row, *rest in order_rows)])
+
+    def _build(self, index: int) -> Answer:
+        columns = self.columns
+        kind = int(columns["kind"][index])
         if kind in (_KIND_ORDER, _KIND_ORDER_END):
-            order_seq, values = orders[index]
+            order_seq, values = self.orders[index]
             if kind == _KIND_ORDER:
                 listed = PendingOrder(*values)
-                answer = listed._replace(side=_SIDES[listed.side])
-            else:
-                answer = SettlementItem(order_seq, _ended_order(values))
-        elif kind == _KIND_FENCED:
-            answer = _FENCED
-        elif kind == _KIND_CLOSE:
-            answer = SettlementItem(seq, _CLOSED_ROW(row, asset_name))
-        elif kind == _KIND_OPEN:
-            answer = _LISTED_ROW(row, asset_name, mark if has_pnl else None)
-        else:
-            raise ValueError(f"unknown remembered answer kind {kind}")
-        out.append((request_id, answer))
-    return out
+                return listed._replace(side=_SIDES[listed.side])
+            return SettlementItem(order_seq, _ended_order(values))
+        if kind == _KIND_FENCED:
+            return _FENCED
+        row = tuple(columns[name][index].item() for name in _SETTLED_NAMES)
+        if kind == _KIND_CLOSE:
+            return SettlementItem(int(columns["seq"][index]), _CLOSED_ROW(row, self.asset_name))
+        if kind == _KIND_OPEN:
+            mark = int(columns["unrealized_pnl_micros"][index])
+            return _LISTED_ROW(row, self.asset_name,
+                               mark if columns["has_pnl"][index] else None)
+        raise AssertionError(f"answer kind {kind} passed the check at load")
 
 
 

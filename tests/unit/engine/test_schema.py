@@ -327,7 +327,7 @@ def _v1_shard_tables(m: ShardMachine) -> dict[str, np.ndarray]:
     def outbox_row(item: SettlementItem) -> tuple[int, ...]:
         return (item.seq, *(getattr(item.closed, n) for n in (*position, *close)))
 
-    fingerprint_results = m._answers()
+    fingerprint_results = dict(m._all_answers())
     rows = []
     for answer in fingerprint_results.values():
         if isinstance(answer, SettlementItem):

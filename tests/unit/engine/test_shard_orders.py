@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine import shard_machine
 from engine.events import OrderEnded, OrderPlaced, PositionOpened
 from engine.market import Tick
 from engine.messages import EndedOrder, OpenPosition, PendingOrder, SettlementItem
@@ -338,3 +339,48 @@ def test_the_ticks_of_one_call_are_swept_in_order_each_at_its_own_price() -> Non
     assert (closed.entry_ticks, closed.exit_ticks, closed.reason) == \
         (10095, 10340, CloseReason.TAKE_PROFIT)
     assert replay(host.records).fingerprint() == host.machine.fingerprint()
+
+
+def test_a_restored_shard_answers_resends_and_forgets_as_the_original_did(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answers a snapshot held are built one by one when asked for; a restored machine
+    still gives each resend its first answer, forgets the oldest first, and writes them all
+    to its own snapshot."""
+    monkeypatch.setattr(shard_machine, "REMEMBERED", 6)
+    original = shard()
+    run(original, raw_tick(10_000))
+    first = run(original, req(1, owner=1))
+    assert isinstance(first, OpenPosition)
+    sent: dict[int, Any] = {
+        2: req(2, owner=2),
+        3: close(3, 1, first.position_id),
+        4: Place(1, terms(LONG, LIMIT, 9_000), 4),
+    }
+    answers = {rid: run(original, command) for rid, command in sent.items()}
+    order = answers[4]
+    assert isinstance(order, PendingOrder)
+    sent[5] = Cancel(1, order.order_id, 5)
+    answers[5] = run(original, sent[5])
+    assert run(original, Resolve(6)) is None  # fenced: remembered as such
+    sent[7] = req(7, owner=3)
+    answers[7] = run(original, sent[7])  # the 7th answer: request 1's is forgotten
+    assert isinstance(answers[3], SettlementItem) and isinstance(answers[5], SettlementItem)
+
+    again = restored(original)
+    for rid, command in sent.items():
+        assert run(again, command) == answers[rid]
+    assert run(again, Resolve(6)) is None
+    assert run(again, Resolve(1)) is None and run(original, Resolve(1)) is None
+    assert again.fingerprint() == original.fingerprint()
+
+    later = restored(original)  # nothing asked of it yet
+    for machine in (original, later):
+        for rid in (8, 9, 10):
+            assert isinstance(run(machine, req(rid, owner=4)), OpenPosition)
+    assert later.fingerprint() == original.fingerprint()
+    # remembered now: 6 (fenced), 7, 1 (fenced above), 8, 9, 10
+    assert run(later, sent[7]) == answers[7]
+    assert run(later, Resolve(5)) is None  # forgotten, so fenced now
+    refused = run(later, sent[5])  # its id is fenced now: the resend is refused as such
+    assert isinstance(refused, Rejected) and refused.code is Code.PRICE_UNAVAILABLE
+    assert restored(later).fingerprint() == later.fingerprint() and later.check() == []
