@@ -641,19 +641,80 @@ _O_SIDE_AT, _O_KIND_AT, _O_MARGIN_AT, _O_STATUS_AT = map(_ORDER_INTS.at, (
     "side", "kind", "margin_micros", "status"))
 
 
+class _Loaded(NamedTuple):
+    """A snapshot's history table, its records built when asked for: ``ints`` columns by
+    name, ``codes`` (each text column's indexes into ``texts[name]``), and each user's rows in
+    the order they were applied."""
+
+    ints: dict[str, np.ndarray]
+    codes: dict[str, np.ndarray]
+    texts: dict[str, list[str]]
+    rows_of: dict[int, np.ndarray]
+    build: Callable[..., Any]
+
+
 class _History:
     """Per user, the records of one kind (closed positions, ended orders) in the order they were
-    applied, and each one's index by its id (``id_name``)."""
+    applied, and each one's index by its id (``id_name``).
+
+    The records a snapshot held stay in its table and are built when a page asks for them
+    (building every one of 300,000 took most of a ledger's recovery); the records added since
+    follow them, built. A user's index by id is made when first asked for."""
 
     def __init__(self, what: str, id_name: str) -> None:
         self.what = what
+        self._id_name = id_name
         self._id = operator.attrgetter(id_name)
-        self.by_user: dict[int, list[Any]] = {}
+        self._loaded: _Loaded | None = None
+        self.by_user: dict[int, list[Any]] = {}  # records added since the load
         self._index: dict[int, dict[int, int]] = {}  # user -> id -> index
 
+    def _rows(self, user: int) -> np.ndarray | None:
+        return None if self._loaded is None else self._loaded.rows_of.get(user)
+
+    def _count(self, user: int) -> tuple[int, int]:
+        """``(loaded, added)`` records of ``user``."""
+        rows = self._rows(user)
+        return (0 if rows is None else int(rows.size)), len(self.by_user.get(user, ()))
+
+    def _ids(self, user: int) -> list[int]:
+        """``user``'s record ids, in order."""
+        rows = self._rows(user)
+        loaded = [] if rows is None or self._loaded is None \
+            else self._loaded.ints[self._id_name][rows].tolist()
+        return [*loaded, *map(self._id, self.by_user.get(user, ()))]
+
+    def _index_of(self, user: int) -> dict[int, int]:
+        index = self._index.get(user)
+        if index is None:
+            index = self._index[user] = {rid: i for i, rid in enumerate(self._ids(user))}
+        return index
+
+    def _record(self, user: int, at: int) -> Any:
+        """``user``'s ``at``-th record (built from the table if it is a loaded one)."""
+        rows = self._rows(user)
+        loaded = 0 if rows is None else int(rows.size)
+        if at >= loaded:
+            return self.by_user[user][at - loaded]
+        assert self._loaded is not None and rows is not None
+        row = int(rows[at])
+        ints, codes, texts, _, build = self._loaded
+        return build(tuple(column[row].item() for column in ints.values()),
+                     *(texts[name][int(code[row])] for name, code in codes.items()))
+
+    def _all(self, user: int) -> list[Any]:
+        return [self._record(user, at) for at in range(sum(self._count(user)))]
+
+    def _users(self) -> list[int]:
+        loaded = [] if self._loaded is None else list(self._loaded.rows_of)
+        return list(dict.fromkeys([*loaded, *self.by_user]))
+
     def add(self, record: Any) -> None:
-        records = self.by_user.setdefault(record.owner, [])
-        self._index.setdefault(record.owner, {})[self._id(record)] = len(records)
+        owner = record.owner
+        records = self.by_user.setdefault(owner, [])
+        index = self._index.get(owner)
+        if index is not None:
+            index[self._id(record)] = sum(self._count(owner))
         records.append(record)
 
     def page(self, user: int, limit: int, before: int | None) -> list[Any] | None:
@@ -661,58 +722,79 @@ class _History:
         first, older than the one of id ``before`` (None: from the newest; None is returned for
         a ``before`` that is not one of the user's)."""
         limit = max(1, min(int(limit), HISTORY_MAX_LIMIT))
-        records = self.by_user.get(user, [])
-        end = len(records)
+        end = sum(self._count(user))
         if before is not None:
-            index = self._index.get(user, {}).get(before)
+            index = self._index_of(user).get(before) if end else None
             if index is None:
                 return None
             end = index
-        return records[max(0, end - limit):end][::-1]
+        return [self._record(user, at) for at in range(end - 1, max(0, end - limit) - 1, -1)]
 
     def has(self, user: int, record_id: int) -> bool:
-        return record_id in self._index.get(user, ())
-
-    def records(self) -> list[Any]:
-        return [r for records in self.by_user.values() for r in records]
+        return sum(self._count(user)) > 0 and record_id in self._index_of(user)
 
     def __len__(self) -> int:
-        return sum(map(len, self.by_user.values()))
+        loaded = 0 if self._loaded is None else sum(r.size for r in self._loaded.rows_of.values())
+        return int(loaded) + sum(map(len, self.by_user.values()))
 
     def problems(self) -> list[str]:
         out = []
         for user, records in self.by_user.items():
-            index = {self._id(r): i for i, r in enumerate(records)}
-            if self._index.get(user) != index or any(r.owner != user for r in records):
+            if any(r.owner != user for r in records):
+                out.append(f"{self.what} of user {user} holds another user's record")
+        for user, index in self._index.items():
+            if index != {rid: i for i, rid in enumerate(self._ids(user))}:
                 out.append(f"{self.what} index of user {user} is inconsistent")
         return out
 
     def fingerprint(self) -> tuple[list[Any], list[Any]]:
-        return (sorted((u, [tuple(r) for r in h]) for u, h in self.by_user.items()),
-                sorted((u, sorted(i.items())) for u, i in self._index.items()))
+        users = self._users()
+        return (sorted((u, [tuple(r) for r in self._all(u)]) for u in users),
+                sorted((u, sorted((rid, i) for i, rid in enumerate(self._ids(u))))
+                       for u in users))
 
     def table(self, dtype: np.dtype, ints: schema.Group, texts: Sequence[str]
               ) -> tuple[np.ndarray, list[list[str]]]:
         """The records as a snapshot table of ``dtype``: ``ints`` as they are, each of
-        ``texts`` as an index into its list of strings (returned, in ``texts`` order)."""
-        records = self.records()
-        table = np.zeros(len(records), dtype=dtype)
+        ``texts`` as an index into its list of strings (returned, in ``texts`` order). The
+        loaded records come first, copied from their table; each user's stay in order."""
+        loaded = self._loaded
+        added = [r for records in self.by_user.values() for r in records]
+        first = 0 if loaded is None else int(next(iter(loaded.ints.values())).size)
+        table = np.zeros(first + len(added), dtype=dtype)
         for f in ints:
-            table[f.name] = list(map(operator.attrgetter(f.name), records))
+            if loaded is not None:
+                table[f.name][:first] = loaded.ints[f.name]
+            table[f.name][first:] = list(map(operator.attrgetter(f.name), added))
         strings = []
         for name in texts:
+            known = [] if loaded is None else loaded.texts[name]
+            index: dict[str, int] = {text: i for i, text in enumerate(known)}
+            if loaded is not None:
+                table[name][:first] = loaded.codes[name]
             text = operator.attrgetter(name)
-            index: dict[str, int] = {}
-            table[name] = [index.setdefault(text(r), len(index)) for r in records]
+            table[name][first:] = [index.setdefault(text(r), len(index)) for r in added]
             strings.append(list(index))
         return table, strings
 
     def load(self, table: Mapping[str, np.ndarray] | np.ndarray, ints: schema.Group,
              build: Callable[..., Any], texts: Mapping[str, Sequence[str]]) -> None:
-        """Add the records of a :meth:`table` (``texts``: each text column's strings)."""
-        columns = [[strings[i] for i in table[name].tolist()] for name, strings in texts.items()]
-        for row, *text in zip(schema.rows(table, ints), *columns, strict=True):
-            self.add(build(row, *text))
+        """Take the records of a :meth:`table` (``texts``: each text column's strings) into a
+        history that holds none yet; ValueError for a text index outside its strings."""
+        assert self._loaded is None and not self.by_user
+        columns = {f.name: np.asarray(table[f.name]) for f in ints}
+        codes = {name: np.asarray(table[name]).astype(np.int64) for name in texts}
+        strings = {name: list(values) for name, values in texts.items()}
+        for name, code in codes.items():
+            if code.size and (code.min() < 0 or code.max() >= len(strings[name])):
+                raise ValueError(f"{self.what}: a {name} index outside its strings")
+        owners = columns["owner"].astype(np.int64)
+        if not owners.size:
+            return
+        order = np.argsort(owners, kind="stable")
+        users, starts = np.unique(owners[order], return_index=True)
+        rows_of = dict(zip(users.tolist(), np.split(order, starts[1:]), strict=True))
+        self._loaded = _Loaded(columns, codes, strings, rows_of, build)
 
 
 # --------------------------------------------------------------------------- the machine

@@ -244,6 +244,24 @@ def test_history_is_newest_first_with_limit_and_cursor() -> None:
         led.m = snapshot_round_trip(led.m)
 
 
+def test_history_from_a_snapshot_pages_on_into_the_closes_applied_after_it() -> None:
+    led, u = one_account()
+    for _ in range(6):
+        led(LockMargin(MarginLock(u, 1_000_000)))
+    first = [SettlementItem(i, closed(u, 100 + i, 1_000_000, i)) for i in range(1, 4)]
+    assert led(ApplySettlements("s", tuple(first))) == 3
+    led.m = snapshot_round_trip(led.m)  # these three stay in the snapshot's table
+    later = [SettlementItem(i, closed(u, 100 + i, 1_000_000, i)) for i in range(4, 7)]
+    assert led(ApplySettlements("s", tuple(later))) == 6
+    replayed = led.replayed()  # never restored from a snapshot
+    everything = [i.closed for i in (*first, *later)][::-1]
+    for machine in (led.m, replayed, snapshot_round_trip(led.m)):
+        assert [p.position_id for p in run(machine, History(u, limit=4))] == [106, 105, 104, 103]
+        assert [p.position_id for p in run(machine, History(u, 2, 104))] == [103, 102]
+        assert run(machine, History(u, limit=10)) == everything
+        assert machine.fingerprint() == replayed.fingerprint() and machine.check() == []
+
+
 # ----------------------------------------------------------------------------- clientOrderIds
 def test_idempotency_keys_return_the_first_answer() -> None:
     led, u = one_account()
