@@ -68,6 +68,27 @@ def _canonical(body: Mapping[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
+def _checked_body(header: bytes, name: str) -> Any:
+    """The body of a ``__meta__`` header once its crc32 checks out; SnapshotError if not.
+
+    The writer's header is ``{"body":<canonical body>,"crc32":N}`` (sorted keys), so the
+    checksum is taken over those bytes as they are: encoding the parsed body again to check it
+    cost as much as parsing it (a third of a second for a ledger of 50,000 accounts). A header
+    of another shape is parsed whole and its body encoded again, as before."""
+    head, tail = b'{"body":', b',"crc32":'
+    cut = header.rfind(tail)
+    digits = header[cut + len(tail):-1]
+    if header.startswith(head) and header.endswith(b"}") and cut > 0 and digits.isdigit():
+        canonical = header[len(head):cut]
+        if zlib.crc32(canonical) != int(digits):
+            raise SnapshotError(f"{name}: metadata checksum mismatch")
+        return json.loads(canonical)
+    parsed = json.loads(header.decode())
+    if zlib.crc32(_canonical(parsed["body"])) != parsed["crc32"]:
+        raise SnapshotError(f"{name}: metadata checksum mismatch")
+    return parsed["body"]
+
+
 def write_snapshot(directory: str | os.PathLike[str], seq: int,
                    arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
     """Durably write the snapshot covering journal records ``<= seq``; return its path.
@@ -118,10 +139,7 @@ def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
         with np.load(path, allow_pickle=False) as z:
             if META_KEY not in z.files:
                 raise SnapshotError(f"{path.name}: no {META_KEY} entry")
-            header = json.loads(bytes(z[META_KEY]).decode())
-            body = header["body"]
-            if zlib.crc32(_canonical(body)) != header["crc32"]:
-                raise SnapshotError(f"{path.name}: metadata checksum mismatch")
+            body = _checked_body(bytes(z[META_KEY]), path.name)
             if body["format"] != SNAPSHOT_FORMAT:
                 raise SnapshotError(f"{path.name}: unknown format {body['format']!r}")
             described = body["arrays"]

@@ -104,19 +104,36 @@ def test_every_single_byte_flip_is_detected_or_harmless(tmp_path: Path) -> None:
         assert snap.seq == 1 and snap.meta == {"k": "v"} and same(snap.arrays, small), offset
 
 
-def test_metadata_is_checksummed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("as_written", [True, False])
+def test_metadata_is_checksummed(tmp_path: Path, as_written: bool) -> None:
+    """An edited body fails its checksum, in the writer's own layout (whose checksum is taken
+    over the bytes as they are) and in any other."""
     d = tmp_path / "s"
     path = write_snapshot(d, 5, {"a": np.arange(3)}, {"balance": 100})
     with np.load(path, allow_pickle=False) as z:
         entries = {k: z[k] for k in z.files}
     header = json.loads(bytes(entries[META_KEY]).decode())
     header["body"]["meta"]["balance"] = 1_000_000  # edited, checksum left alone
-    entries[META_KEY] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")) if as_written \
+        else json.dumps(header)
+    entries[META_KEY] = np.frombuffer(text.encode(), dtype=np.uint8)
     with open(path, "wb") as f:
         np.savez(f, **entries)
     with pytest.raises(SnapshotError, match="checksum"):
         read_snapshot(path)
     assert load_latest_snapshot(d) is None
+
+
+def test_metadata_in_another_layout_is_read_when_its_checksum_holds(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    path = write_snapshot(d, 5, {"a": np.arange(3)}, {"balance": 100})
+    with np.load(path, allow_pickle=False) as z:
+        entries = {k: z[k] for k in z.files}
+    header = json.loads(bytes(entries[META_KEY]).decode())
+    entries[META_KEY] = np.frombuffer(json.dumps(header, indent=1).encode(), dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **entries)
+    assert read_snapshot(path).meta == {"balance": 100}
 
 
 def test_a_file_renamed_to_another_seq_is_rejected(tmp_path: Path) -> None:
