@@ -148,12 +148,38 @@ def test_state_round_trip() -> None:
         Ledger.from_state({"version": 1, "accounts": {"user:x:free": 0}})
 
 
+BAD_ACCOUNT_NAMES = ("user:1:other", "bank", "user::free", "user:-1:free", "user:1:free:x",
+                     "user:1", "user:x:margin", "User:1:free", "")
+
+
 def test_account_names() -> None:
     assert parse_account("user:12:margin") == ("margin", 12)
     assert parse_account(HOUSE) == (HOUSE, None)
-    for bad in ("user:1:other", "bank", "user::free", "user:-1:free"):
+    for bad in BAD_ACCOUNT_NAMES:
         with pytest.raises(ValueError):
             parse_account(bad)
+
+
+def test_a_state_is_read_with_the_account_names_parse_account_reads() -> None:
+    """from_state parses names in a loop of its own (it is most of a large ledger's
+    recovery): the same names pass, with the same users and kinds, and the same fail."""
+    ledger = funded(3, 1)
+    assert ledger.lock_margin(3, 7) is None
+    state = ledger.to_state()
+    copy = Ledger.from_state(state)
+    for name, micros in state["accounts"].items():
+        kind, user = parse_account(name)
+        if user is None:
+            assert copy._system[kind] == micros
+        else:
+            assert (copy._free if kind == "free" else copy._margin)[user] == micros
+    for bad in BAD_ACCOUNT_NAMES:
+        with pytest.raises(LedgerError, match="not a ledger account"):
+            Ledger.from_state({"version": 1, "accounts": {**state["accounts"], bad: 0}})
+    for value in (True, 1.0, "1", None):
+        with pytest.raises(LedgerError, match="not an int"):
+            Ledger.from_state({"version": 1, "accounts": {**state["accounts"],
+                                                          free_account(9): value}})
 
 
 ASSET = DEFAULT_ASSETS["SOL"]
