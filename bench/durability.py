@@ -20,6 +20,13 @@
    process is SIGKILLed, and Ray restarts it. Reported: the time from the kill until the host
    answers ``Stats`` again with all positions, and the part of it spent rebuilding the state
    (newest snapshot + journal tail) inside the new process.
+4. Rebuild of a ledger holding ``--ledger-accounts`` accounts and ``--ledger-closes`` closes in
+   their history (``--ledger-closes 0`` skips it): a journaled ledger runner in this process
+   is filled through its own ``Runner.execute`` (accounts, margin locks, and settlements
+   from one shard in batches of 1,000), snapshotted and closed, then opened again
+   ``--ledger-opens`` times; reported: each opening's rebuild (newest snapshot + journal
+   tail), the median first. No Ray: how long Ray takes to restart a process is the shard's
+   figure above.
 
 Prints a table, then one JSON line last.
 """
@@ -31,6 +38,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -231,6 +239,78 @@ def recovery_phase(positions: int, kills: int = 3) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- main
+def ledger_phase(accounts: int, closes: int, opens: int) -> dict[str, Any]:
+    """Fill a journaled ledger (module docstring, 4), then time ``opens`` rebuilds of it."""
+    from cluster.actors.host import host_specs
+    from engine.ledger_machine import (
+        ApplySettlements,
+        CreateAccount,
+        CreatedAccount,
+        LockMargin,
+        hash_api_key,
+    )
+    from engine.messages import ClosedPosition, MarginLock, SettlementItem
+    from engine.orders import CloseReason, Side
+    from engine.position_ids import ROW_SHIFT
+
+    margin = 10 * 10**6
+    data_dir = tempfile.mkdtemp(prefix="shardex-bench-ledger-")
+    try:
+        spec, _ = host_specs(Settings(), data_dir)
+        runner = spec.runner()
+        started = time.perf_counter()
+        users: list[int] = []
+        for first in range(0, accounts, 1000):
+            created = runner.execute([CreateAccount(f"acc_{n:024x}", hash_api_key(f"key-{n}"))
+                                      for n in range(first, min(accounts, first + 1000))])
+            users += [c.user for c in created if isinstance(c, CreatedAccount)]
+        seq = 0
+        for first in range(0, closes, 1000):
+            batch = range(first, min(closes, first + 1000))
+            runner.execute([LockMargin(MarginLock(users[n % len(users)], margin, None, n + 1))
+                            for n in batch])
+            items = []
+            for n in batch:
+                seq += 1
+                position_id = (1 << 34) | (seq << ROW_SHIFT)
+                items.append(SettlementItem(seq, ClosedPosition(
+                    position_id, users[n % len(users)], "SOL", Side.LONG, 10_000, 100, margin,
+                    10, 9_000, 0, 0, 1, 10_000, 0, margin, 0, 0, int(CloseReason.MANUAL), 2,
+                    position_id, 0)))
+            runner.execute([ApplySettlements("shard-SOL-0", tuple(items))])
+        fill_s = time.perf_counter() - started
+        runner.checkpoint()
+        runner.close()
+        rebuilds: list[float] = []
+        # each in a new process, as a restarted ledger host rebuilds (this one holds the fill's
+        # garbage and the API phases' imports)
+        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+            for _ in range(opens):
+                rebuild_s, history = pool.apply(_ledger_rebuild, (data_dir,))
+                rebuilds.append(rebuild_s)
+                if history != closes:
+                    raise RuntimeError(f"the ledger came back with {history} closes, not "
+                                       f"{closes}")
+        return {"accounts": len(users), "closes": closes, "fill_s": fill_s,
+                "rebuild_s": sorted(rebuilds)[len(rebuilds) // 2], "rebuilds_s": rebuilds}
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _ledger_rebuild(data_dir: str) -> tuple[float, int]:
+    """In a new process: open the ledger kept in ``data_dir``; ``(rebuild s, closes held)``."""
+    from cluster.actors.host import host_specs
+    from engine.ledger_machine import Totals
+
+    spec, _ = host_specs(Settings(), data_dir)
+    runner = spec.runner()
+    try:
+        [totals] = runner.execute([Totals()])
+        return runner.recovery_s(), int(totals["closed_positions"])
+    finally:
+        runner.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardex bench durability", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="API phases of each mode, alternating which comes first; the "
                              "figures are each mode's median round (this machine's speed "
                              "drifts by 20-30%% between runs of a minute)")
+    parser.add_argument("--ledger-accounts", type=int, default=50_000,
+                        help="accounts in the ledger rebuilt for its recovery figure")
+    parser.add_argument("--ledger-closes", type=int, default=300_000,
+                        help="closes in that ledger's history (0 skips the ledger figure)")
+    parser.add_argument("--ledger-opens", type=int, default=3,
+                        help="rebuilds of that ledger timed (the median is reported)")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -264,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         broker.stop()
     recovery = recovery_phase(args.positions, args.kills) if args.positions else None
+    ledger = ledger_phase(max(1, args.ledger_accounts), args.ledger_closes,
+                          max(1, args.ledger_opens)) if args.ledger_closes else None
     memory, durable = (_median_round([r[mode] for r in rounds]) for mode in (False, True))
 
     ratio = durable["ops_per_s"] / memory["ops_per_s"] if memory["ops_per_s"] else 0.0
@@ -310,6 +398,13 @@ def main(argv: list[str] | None = None) -> int:
             "recovered_positions": recovery["recovered_positions"],
             "recovery_replayed_records": recovery["replayed_records"],
         })
+    if ledger is not None:
+        print(f"ledger with {ledger['accounts']:,} accounts and {ledger['closes']:,} closes: "
+              f"filled in {ledger['fill_s']:.1f} s; rebuilt from its snapshot in "
+              f"{ledger['rebuild_s']:.2f} s (median of "
+              + ", ".join(f"{s:.2f}" for s in ledger["rebuilds_s"]) + " s)")
+        out.update({"ledger_accounts": ledger["accounts"], "ledger_closes": ledger["closes"],
+                    "ledger_rebuild_s": round(ledger["rebuild_s"], 3)})
     print(json.dumps(out))
     return 0 if recovery is None or recovery["recovered_positions"] == recovery["positions"] \
         else 1
