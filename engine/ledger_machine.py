@@ -750,7 +750,7 @@ class _History:
     def fingerprint(self) -> tuple[list[Any], list[Any]]:
         users = self._users()
         return (sorted((u, [tuple(r) for r in self._all(u)]) for u in users),
-                sorted((u, sorted((rid, i) for i, rid in enumerate(self._ids(u))))
+                sorted((u, sorted({rid: i for i, rid in enumerate(self._ids(u))}.items()))
                        for u in users))
 
     def table(self, dtype: np.dtype, ints: schema.Group, texts: Sequence[str]
