@@ -1004,8 +1004,12 @@ class ShardMachine:
 
     def _remember(self, request_id: int, answer: Answer) -> None:
         self._build_runs()
-        if self._restored is not None:
-            self._restored.drop(request_id)  # the newer answer takes its place
+        restored = self._restored
+        if restored is not None and request_id in restored:
+            # an answer given again keeps its place (as in an OrderedDict): build them all
+            # into _results first (journals never do this; decide returns the first answer)
+            self._results = OrderedDict([*restored.items(), *self._results.items()])
+            self._restored = None
         self._results[request_id] = answer
         excess = self._remembered() - REMEMBERED
         if excess > 0:
@@ -1460,8 +1464,8 @@ class _SnapshotAnswers:
         row = self.row_of.get(request_id)
         return None if row is None else self._build(row)
 
-    def drop(self, request_id: int) -> None:
-        self.row_of.pop(request_id, None)
+    def __contains__(self, request_id: int) -> bool:
+        return request_id in self.row_of
 
     def forget_oldest(self, count: int) -> int:
         """Forget up to ``count`` of the oldest; returns how many were."""

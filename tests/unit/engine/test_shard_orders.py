@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import shard_machine
-from engine.events import OrderEnded, OrderPlaced, PositionOpened
+from engine.events import OrderEnded, OrderPlaced, PositionAmended, PositionOpened
 from engine.market import Tick
 from engine.messages import EndedOrder, OpenPosition, PendingOrder, SettlementItem
 from engine.order_book import OrderKind, OrderStatus, OrderTerms
@@ -378,6 +378,18 @@ def test_a_restored_shard_answers_resends_and_forgets_as_the_original_did(
         for rid in (8, 9, 10):
             assert isinstance(run(machine, req(rid, owner=4)), OpenPosition)
     assert later.fingerprint() == original.fingerprint()
+    # an event answering a remembered request again (no decide makes one: a journal could)
+    # changes its answer where it stands
+    held = answers[7]
+    assert isinstance(held, OpenPosition)
+    record = original.book.get(held.position_id)
+    assert record is not None
+    again_7 = PositionAmended(held.position_id, record.qty_steps, record.margin_micros,
+                              record.liq_ticks, 0, 0, 7)
+    for machine in (original, later):
+        machine.apply(again_7)
+    assert later.fingerprint() == original.fingerprint()
+    answers[7] = run(original, sent[7])
     # remembered now: 6 (fenced), 7, 1 (fenced above), 8, 9, 10
     assert run(later, sent[7]) == answers[7]
     assert run(later, Resolve(5)) is None  # forgotten, so fenced now
