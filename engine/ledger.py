@@ -59,10 +59,10 @@ def parse_account(account: str) -> tuple[str, int | None]:
     otherwise."""
     if account in _SYSTEM:
         return account, None
-    parts = account.split(":")
-    if len(parts) == 3 and parts[0] == "user" and parts[2] in ("free", "margin") \
-            and parts[1].isdigit():
-        return parts[2], int(parts[1])
+    # partition, not split: a large ledger's recovery reads two names per user
+    user, _, kind = account[5:].partition(":") if account.startswith("user:") else ("", "", "")
+    if kind in ("free", "margin") and user.isdigit():
+        return kind, int(user)
     raise ValueError(f"not a ledger account: {account!r}")
 
 
@@ -206,22 +206,18 @@ class Ledger:
         for name, value in dict(state["accounts"]).items():
             if isinstance(value, bool) or not isinstance(value, int):
                 raise LedgerError(f"balance of {name} is not an int")
-            # parse_account, unrolled: a user's two accounts are most of a large ledger's
-            # recovery otherwise
-            user_part, _, kind = name[5:].partition(":") if name.startswith("user:") \
-                else ("", "", "")
-            if kind == "free" and user_part.isdigit():
-                user = int(user_part)
+            try:
+                kind, user = parse_account(name)
+            except ValueError as exc:
+                raise LedgerError(str(exc)) from None
+            if user is None:
+                ledger._system[kind] = value
+            elif kind == "free":
                 free[user] = value
                 margin.setdefault(user, 0)
-            elif kind == "margin" and user_part.isdigit():
-                user = int(user_part)
+            else:
                 margin[user] = value
                 free.setdefault(user, 0)
-            elif name in _SYSTEM:
-                ledger._system[name] = value
-            else:
-                raise LedgerError(f"not a ledger account: {name!r}")
         if ledger.total_micros() != 0:
             raise LedgerError("ledger state does not sum to 0")
         if any(free < 0 for free in ledger._free.values()):

@@ -161,8 +161,8 @@ def test_account_names() -> None:
 
 
 def test_a_state_is_read_with_the_account_names_parse_account_reads() -> None:
-    """from_state parses names in a loop of its own (it is most of a large ledger's
-    recovery): the same names pass, with the same users and kinds, and the same fail."""
+    """from_state reads the names parse_account reads: the same names pass, with the same
+    users and kinds, and the same fail."""
     ledger = funded(3, 1)
     assert ledger.lock_margin(3, 7) is None
     state = ledger.to_state()
