@@ -24,9 +24,9 @@
    their history (``--ledger-closes 0`` skips it): a journaled ledger runner in this process
    is filled through its own ``Runner.execute`` (accounts, margin locks, and settlements
    from one shard in batches of 1,000), snapshotted and closed, then opened again
-   ``--ledger-opens`` times; reported: each opening's rebuild (newest snapshot + journal
-   tail), the median first. No Ray: how long Ray takes to restart a process is the shard's
-   figure above.
+   ``--ledger-opens`` times, each time in a new process (as a restarted ledger host);
+   reported: each opening's rebuild (newest snapshot + journal tail), the median first. No
+   Ray: how long Ray takes to restart a process is the shard's figure above.
 
 Prints a table, then one JSON line last.
 """

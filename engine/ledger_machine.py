@@ -652,6 +652,11 @@ class _Loaded(NamedTuple):
     rows_of: dict[int, np.ndarray]
     build: Callable[..., Any]
 
+    @property
+    def size(self) -> int:
+        """How many records the table holds."""
+        return int(next(iter(self.ints.values())).size)
+
 
 class _History:
     """Per user, the records of one kind (closed positions, ended orders) in the order they were
@@ -734,8 +739,8 @@ class _History:
         return sum(self._count(user)) > 0 and record_id in self._index_of(user)
 
     def __len__(self) -> int:
-        loaded = 0 if self._loaded is None else sum(r.size for r in self._loaded.rows_of.values())
-        return int(loaded) + sum(map(len, self.by_user.values()))
+        loaded = 0 if self._loaded is None else self._loaded.size
+        return loaded + sum(map(len, self.by_user.values()))
 
     def problems(self) -> list[str]:
         out = []
@@ -760,7 +765,7 @@ class _History:
         loaded records come first, copied from their table; each user's stay in order."""
         loaded = self._loaded
         added = [r for records in self.by_user.values() for r in records]
-        first = 0 if loaded is None else int(next(iter(loaded.ints.values())).size)
+        first = 0 if loaded is None else loaded.size
         table = np.zeros(first + len(added), dtype=dtype)
         for f in ints:
             if loaded is not None:
