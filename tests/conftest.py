@@ -12,7 +12,8 @@ def kafka_broker() -> Iterator[str]:
     """The embedded Tansu broker on a free loopback port, once per session; yields the bootstrap
     string (``"127.0.0.1:PORT"``). Memory-only: a test that restarts it (``kafka_broker_process``)
     loses every topic, as in production."""
-    from feed.broker import EmbeddedBroker, free_port
+    from feed.broker import EmbeddedBroker
+    from feed.broker import free_port
 
     broker = EmbeddedBroker("127.0.0.1", free_port())
     broker.start()

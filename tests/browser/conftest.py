@@ -14,13 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cluster.config import Settings
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
-
-from cluster.config import Settings
-from tests.browser.page import DESKTOP, set_viewport
+from tests.browser.page import DESKTOP
+from tests.browser.page import set_viewport
 from tests.e2e.ray_platform import RayHttpPlatform
 
 # Console lines that are not the page's own faults: an API answer >= 400 (the tests provoke

@@ -20,14 +20,16 @@ from typing import Any
 
 import httpx
 import pytest
+from engine.market import Tick
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select
-
-from engine.market import Tick
-from tests.browser.page import DESKTOP, PHONE, set_viewport, wait_until
+from tests.browser.page import DESKTOP
+from tests.browser.page import PHONE
+from tests.browser.page import set_viewport
+from tests.browser.page import wait_until
 from tests.e2e.api_client import tick
 from tests.e2e.ray_platform import RayHttpPlatform
 

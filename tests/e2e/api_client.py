@@ -5,12 +5,14 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
-from decimal import ROUND_FLOOR, Decimal
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
+from decimal import ROUND_FLOOR
+from decimal import Decimal
 from typing import Any
 
 import httpx
-
 from tests.e2e.http_platform import HttpPlatform
 
 WAIT_S = 15.0

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Any, Protocol
+from typing import Any
+from typing import Protocol
 
 import uvicorn
-
 from cluster.actors.local import LocalHosts
 from cluster.api import create_app
 from cluster.config import Settings

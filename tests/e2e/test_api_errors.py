@@ -8,10 +8,14 @@ from typing import Any
 
 import httpx
 import pytest
-
 from cluster.config import Settings
-from tests.e2e.api_client import error_code, signup, sol_trader, state, tick
-from tests.e2e.http_platform import HttpPlatform, LocalHttpPlatform
+from tests.e2e.api_client import error_code
+from tests.e2e.api_client import signup
+from tests.e2e.api_client import sol_trader
+from tests.e2e.api_client import state
+from tests.e2e.api_client import tick
+from tests.e2e.http_platform import HttpPlatform
+from tests.e2e.http_platform import LocalHttpPlatform
 
 UNLIMITED = Settings(api_key_rate_per_s=0, signups_per_min=0)  # limits: test_api_limits.py
 

@@ -4,11 +4,11 @@ included; public; bad parameters are 422."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC
+from datetime import datetime
 from decimal import Decimal as D
 
 import httpx
-
 from tests.e2e.api_client import tick
 from tests.e2e.http_platform import HttpPlatform
 

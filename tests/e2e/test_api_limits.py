@@ -11,17 +11,14 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-
 from cluster.config import Settings
-from tests.e2e.api_client import (
-    error_code,
-    open_ids,
-    open_position,
-    raw_answer,
-    signup,
-    state,
-    tick,
-)
+from tests.e2e.api_client import error_code
+from tests.e2e.api_client import open_ids
+from tests.e2e.api_client import open_position
+from tests.e2e.api_client import raw_answer
+from tests.e2e.api_client import signup
+from tests.e2e.api_client import state
+from tests.e2e.api_client import tick
 from tests.e2e.http_platform import LocalHttpPlatform
 
 LIMIT = 16 * 1024  # the SPEC default

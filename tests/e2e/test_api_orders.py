@@ -10,25 +10,25 @@ waits until the order's end has reached the history.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
 from decimal import Decimal as D
 from typing import Any
 
 import httpx
-
 from cluster.config import Settings
-from tests.e2e.api_client import (
-    SIGNUP,
-    SOL_STEP,
-    error_code,
-    floor_to,
-    signup,
-    sol_trader,
-    state,
-    tick,
-    wait_in_history,
-)
-from tests.e2e.http_platform import HttpPlatform, LocalHttpPlatform
+from tests.e2e.api_client import SIGNUP
+from tests.e2e.api_client import SOL_STEP
+from tests.e2e.api_client import error_code
+from tests.e2e.api_client import floor_to
+from tests.e2e.api_client import signup
+from tests.e2e.api_client import sol_trader
+from tests.e2e.api_client import state
+from tests.e2e.api_client import tick
+from tests.e2e.api_client import wait_in_history
+from tests.e2e.http_platform import HttpPlatform
+from tests.e2e.http_platform import LocalHttpPlatform
 
 
 def place(http: httpx.Client, headers: dict[str, str], **body: Any) -> dict[str, Any]:

@@ -9,19 +9,16 @@ from decimal import Decimal as D
 from typing import Any
 
 import httpx
-
-from tests.e2e.api_client import (
-    SIGNUP,
-    SOL_STEP,
-    error_code,
-    floor_to,
-    open_position,
-    signup,
-    sol_trader,
-    state,
-    tick,
-    wait_closed,
-)
+from tests.e2e.api_client import SIGNUP
+from tests.e2e.api_client import SOL_STEP
+from tests.e2e.api_client import error_code
+from tests.e2e.api_client import floor_to
+from tests.e2e.api_client import open_position
+from tests.e2e.api_client import signup
+from tests.e2e.api_client import sol_trader
+from tests.e2e.api_client import state
+from tests.e2e.api_client import tick
+from tests.e2e.api_client import wait_closed
 from tests.e2e.http_platform import HttpPlatform
 
 

@@ -7,9 +7,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-
 from cluster.config import Settings
-from tests.e2e.api_client import error_code, open_position, sol_trader, state
+from tests.e2e.api_client import error_code
+from tests.e2e.api_client import open_position
+from tests.e2e.api_client import sol_trader
+from tests.e2e.api_client import state
 from tests.e2e.http_platform import LocalHttpPlatform
 
 SHOWN = 2

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-
 from cluster.config import Settings
-from tests.e2e.api_client import signup, tick
+from tests.e2e.api_client import signup
+from tests.e2e.api_client import tick
 from tests.e2e.http_platform import LocalHttpPlatform
 
 SEED = 20_260_101

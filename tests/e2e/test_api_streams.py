@@ -9,25 +9,24 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from decimal import Decimal as D
 from typing import Any
 
 import httpx
 import pytest
 import websockets
-
 from cluster.config import Settings
 from cluster.live.streams import POLL_TIMEOUT_S
-from tests.e2e.api_client import (
-    open_position,
-    raw_answer,
-    signup,
-    sol_trader,
-    state,
-    tick,
-)
-from tests.e2e.http_platform import HttpPlatform, LocalHttpPlatform
+from tests.e2e.api_client import open_position
+from tests.e2e.api_client import raw_answer
+from tests.e2e.api_client import signup
+from tests.e2e.api_client import sol_trader
+from tests.e2e.api_client import state
+from tests.e2e.api_client import tick
+from tests.e2e.http_platform import HttpPlatform
+from tests.e2e.http_platform import LocalHttpPlatform
 
 WAIT_S = 10.0
 

@@ -10,21 +10,18 @@ from __future__ import annotations
 from decimal import Decimal as D
 
 import httpx
-
-from tests.e2e.api_client import (
-    SIGNUP,
-    SOL_STEP,
-    error_code,
-    floor_to,
-    money,
-    open_ids,
-    open_position,
-    signup,
-    sol_trader,
-    state,
-    tick,
-    wait_closed,
-)
+from tests.e2e.api_client import SIGNUP
+from tests.e2e.api_client import SOL_STEP
+from tests.e2e.api_client import error_code
+from tests.e2e.api_client import floor_to
+from tests.e2e.api_client import money
+from tests.e2e.api_client import open_ids
+from tests.e2e.api_client import open_position
+from tests.e2e.api_client import signup
+from tests.e2e.api_client import sol_trader
+from tests.e2e.api_client import state
+from tests.e2e.api_client import tick
+from tests.e2e.api_client import wait_closed
 from tests.e2e.http_platform import HttpPlatform
 
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-
+from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaProducer
 from tests.e2e import test_api_errors as _errors
 from tests.e2e import test_api_klines as _klines
 from tests.e2e import test_api_limits as _limits
@@ -30,7 +30,12 @@ from tests.e2e import test_api_orders as _orders
 from tests.e2e import test_api_position_changes as _changes
 from tests.e2e import test_api_streams as _streams
 from tests.e2e import test_api_trading as _trading
-from tests.e2e.api_client import open_position, raw_answer, signup, state, tick, wait_closed
+from tests.e2e.api_client import open_position
+from tests.e2e.api_client import raw_answer
+from tests.e2e.api_client import signup
+from tests.e2e.api_client import state
+from tests.e2e.api_client import tick
+from tests.e2e.api_client import wait_closed
 from tests.e2e.ray_platform import RayHttpPlatform
 
 pytestmark = pytest.mark.timeout(600)

@@ -27,16 +27,21 @@ import random
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaProducer
-
-from engine.assets import DEFAULT_ASSETS, Asset
-from feed.message import TickDecoder, message_from_ticks
-from feed.settings import MARKET_TOPIC, FeedBounds
-from tests.integration.up_platform import Account, books_balance, now_us
+from engine.assets import DEFAULT_ASSETS
+from engine.assets import Asset
+from feed.message import TickDecoder
+from feed.message import message_from_ticks
+from feed.settings import MARKET_TOPIC
+from feed.settings import FeedBounds
+from tests.integration.up_platform import Account
+from tests.integration.up_platform import books_balance
+from tests.integration.up_platform import now_us
 
 SEED = int(os.environ.get("FUZZ_SEED", "20261129"))
 ASSETS = DEFAULT_ASSETS  # SOL, BTC, ETH

@@ -17,9 +17,15 @@ import time
 from pathlib import Path
 
 import pytest
-
-from cluster.live.candle_store import FILE_NAME, CandleStore, CandleStoreError
-from engine.candles import INTERVALS, MAX_LIMIT, Candle, CandleBook, CandleQuery, select
+from cluster.live.candle_store import FILE_NAME
+from cluster.live.candle_store import CandleStore
+from cluster.live.candle_store import CandleStoreError
+from engine.candles import INTERVALS
+from engine.candles import MAX_LIMIT
+from engine.candles import Candle
+from engine.candles import CandleBook
+from engine.candles import CandleQuery
+from engine.candles import select
 from engine.market import Tick
 
 REPO = Path(__file__).resolve().parents[2]

@@ -64,13 +64,18 @@ from typing import Any
 
 import httpx
 import pytest
-
 from engine.assets import DEFAULT_ASSETS
-from feed.message import MarketDataMessage, message_from_ticks
-from feed.pipeline import DROP_REASONS, drops_text
+from feed.message import MarketDataMessage
+from feed.message import message_from_ticks
+from feed.pipeline import DROP_REASONS
+from feed.pipeline import drops_text
 from tests.e2e.api_client import status_and_code
 from tests.integration import hostile_feed as fuzz
-from tests.integration.up_platform import REPO, Account, UpPlatform, books_balance, now_us
+from tests.integration.up_platform import REPO
+from tests.integration.up_platform import Account
+from tests.integration.up_platform import UpPlatform
+from tests.integration.up_platform import books_balance
+from tests.integration.up_platform import now_us
 
 ASSETS = DEFAULT_ASSETS  # SOL, BTC, ETH: the fuzz trades all three, cases 1-5 SOL and BTC
 SOL = ASSETS["SOL"]
@@ -97,10 +102,14 @@ def _probe_main() -> None:
         os.environ.setdefault("RAY_AUTH_MODE", record["ray_auth_mode"])
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
-
-    from cluster.actor_names import FEED, NAMESPACE
+    from cluster.actor_names import FEED
+    from cluster.actor_names import NAMESPACE
     from engine.market import Tick
-    from engine.shard_machine import ApplyTick, AuditView, LastTick, Outbox, Stats
+    from engine.shard_machine import ApplyTick
+    from engine.shard_machine import AuditView
+    from engine.shard_machine import LastTick
+    from engine.shard_machine import Outbox
+    from engine.shard_machine import Stats
 
     ray.init(address=record["ray_address"], namespace=NAMESPACE, log_to_driver=False,
              logging_level="ERROR")

@@ -27,17 +27,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from feed.broker import ProcessIdentity
+from feed.broker import free_port
+from feed.broker import stop_process
+from tests.integration.processes import descendants
+from tests.integration.processes import stop_child
 from websockets.sync.client import connect as ws_connect
-
-from feed.broker import ProcessIdentity, free_port, stop_process
-from tests.integration.processes import descendants, stop_child
 
 REPO = Path(__file__).resolve().parents[2]
 START_BUDGET_S = 120.0

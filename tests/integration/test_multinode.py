@@ -61,9 +61,9 @@ def _on_three_nodes(settings: Any) -> Iterator[Any]:
     import dataclasses
 
     import ray
+    from feed.broker import EmbeddedBroker
+    from feed.broker import free_port
     from ray.cluster_utils import Cluster
-
-    from feed.broker import EmbeddedBroker, free_port
     from tests.e2e.ray_platform import RayHttpPlatform
 
     assert not ray.is_initialized()
@@ -98,9 +98,12 @@ def _audit_clean(platform: Any, within_s: float) -> float:
 def _spread_scenario() -> None:
     import httpx
     import ray
-
     from cluster.config import Settings
-    from tests.e2e.api_client import open_position, signup, state, tick, wait_closed
+    from tests.e2e.api_client import open_position
+    from tests.e2e.api_client import signup
+    from tests.e2e.api_client import state
+    from tests.e2e.api_client import tick
+    from tests.e2e.api_client import wait_closed
 
     # the scenario jumps the price to a liquidation at once: no jump band (it has its own tests)
     with _on_three_nodes(Settings(max_tick_jump_bps=1_000_000)) as platform:
@@ -181,11 +184,14 @@ def _replicas_scenario() -> None:
     import threading
 
     import httpx
-
     from bench.cpu_split import listener_pid
     from cluster.config import Settings
     from cluster.serve_app import front_files
-    from tests.e2e.api_client import open_position, signup, state, status_and_code, tick
+    from tests.e2e.api_client import open_position
+    from tests.e2e.api_client import signup
+    from tests.e2e.api_client import state
+    from tests.e2e.api_client import status_and_code
+    from tests.e2e.api_client import tick
 
     settings = Settings(max_tick_jump_bps=1_000_000, api_key_rate_per_s=0, signups_per_min=2,
                         max_open_positions=100_000, api_replicas=2)
@@ -340,9 +346,11 @@ def _rejoin_scenario() -> None:
     import tempfile
 
     import httpx
+    from feed.broker import ProcessIdentity
+    from feed.broker import accepts_connections
+    from feed.broker import free_port
+    from feed.broker import stop_process
     from ray.cluster_utils import Cluster
-
-    from feed.broker import ProcessIdentity, accepts_connections, free_port, stop_process
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": False, "node_ip_address": "127.0.0.1"})

@@ -31,13 +31,12 @@ from typing import Any
 
 import httpx
 import pytest
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection
-from websockets.sync.client import connect as ws_connect
-
 from engine.assets import DEFAULT_ASSETS
 from tests.integration.processes import descendants
 from tests.integration.up_platform import UpPlatform
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as ws_connect
 
 pytestmark = pytest.mark.slow
 

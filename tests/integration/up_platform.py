@@ -21,16 +21,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
+from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
-
 from engine.assets import AssetRegistry
-from feed.broker import ProcessIdentity, free_port, stop_process
-from feed.message import MarketDataMessage, message_from_ticks
+from feed.broker import ProcessIdentity
+from feed.broker import free_port
+from feed.broker import stop_process
+from feed.message import MarketDataMessage
+from feed.message import message_from_ticks
 from tests.integration.processes import descendants
 
 REPO = Path(__file__).resolve().parents[2]

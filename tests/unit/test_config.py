@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from cluster.config import MARKET_TOPIC, RULES, ConfigError, Settings
+from cluster.config import MARKET_TOPIC
+from cluster.config import RULES
+from cluster.config import ConfigError
+from cluster.config import Settings
 from feed.settings import MARKET_TOPIC as FEED_TOPIC
 from feed.settings import FeedBounds
 

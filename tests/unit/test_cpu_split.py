@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from bench.cpu_split import RATE_HZ, per_request_ms, split
+from bench.cpu_split import RATE_HZ
+from bench.cpu_split import per_request_ms
+from bench.cpu_split import split
 
 LINES = [
     # innermost frame last; the journal's write wins over the service and Ray frames outside

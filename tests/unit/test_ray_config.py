@@ -9,7 +9,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.autoscaler._private.util import prepare_config
+from ray.autoscaler._private.util import validate_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_PATH = REPO / "ray_config.yaml"

@@ -9,12 +9,15 @@ import asyncio
 import time
 
 import pytest
-
 from cluster.actors.publisher import Publisher
 from cluster.live.account_topic import TopicTail
-from engine.account_events import BALANCE, AccountEvent, Balance
+from engine.account_events import BALANCE
+from engine.account_events import AccountEvent
+from engine.account_events import Balance
 from engine.ledger_machine import encode_account_events
-from feed.broker import TopicTrimmer, ensure_topic, free_port
+from feed.broker import TopicTrimmer
+from feed.broker import ensure_topic
+from feed.broker import free_port
 
 pytestmark = pytest.mark.asyncio
 

@@ -8,29 +8,41 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
 import ray
-
-from cluster.actors.deploy import ray_ports, start_hosts
-from cluster.actors.host import host_class, host_specs
-from cluster.actors.port import Port, Unavailable
+from cluster.actors.deploy import ray_ports
+from cluster.actors.deploy import start_hosts
+from cluster.actors.host import host_class
+from cluster.actors.host import host_specs
+from cluster.actors.port import Port
+from cluster.actors.port import Unavailable
 from cluster.config import Settings
 from cluster.ray_service import service_from_names
 from cluster.trading.courier import Courier
 from cluster.trading.placement import shard_layout
 from cluster.trading.service import TradingService
 from engine.ledger import AuditDifference
-from engine.ledger_machine import AppliedSeq, ApplySettlements, Balances, Totals
+from engine.ledger_machine import AppliedSeq
+from engine.ledger_machine import ApplySettlements
+from engine.ledger_machine import Balances
+from engine.ledger_machine import Totals
 from engine.market import Tick
-from engine.messages import CloseOrder, OpenOrder, OpenPosition, Principal, SettlementItem
-from engine.orders import CloseReason, Side
+from engine.messages import CloseOrder
+from engine.messages import OpenOrder
+from engine.messages import OpenPosition
+from engine.messages import Principal
+from engine.messages import SettlementItem
+from engine.orders import CloseReason
+from engine.orders import Side
 from engine.results import Rejected
-from engine.shard_machine import ApplyTick, Outbox
+from engine.shard_machine import ApplyTick
+from engine.shard_machine import Outbox
 
 USD = 10**6
 SIGNUP = 10_000 * USD

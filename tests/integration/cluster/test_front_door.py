@@ -12,14 +12,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-
 from cluster.http import front_door
-from cluster.http.bounds import MAX_HEAD_BYTES, READ_TIMEOUT_S
+from cluster.http.bounds import MAX_HEAD_BYTES
+from cluster.http.bounds import READ_TIMEOUT_S
 from cluster.serve_app import front_door_command
 from feed.broker import free_port
 from tests.integration.processes import stop_child

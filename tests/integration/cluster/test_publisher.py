@@ -9,10 +9,11 @@ import time
 from collections import defaultdict
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
+from aiokafka import TopicPartition
 from aiokafka.partitioner import murmur2
-
-from cluster.actors.publisher import PARTITIONS, Publisher
+from cluster.actors.publisher import PARTITIONS
+from cluster.actors.publisher import Publisher
 from feed.broker import free_port
 
 pytestmark = pytest.mark.asyncio

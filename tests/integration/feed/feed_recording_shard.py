@@ -9,9 +9,10 @@ import time
 from typing import Any
 
 import ray
-
 from engine.market import Tick
-from engine.shard_machine import ApplyTick, Outbox, OutboxView
+from engine.shard_machine import ApplyTick
+from engine.shard_machine import Outbox
+from engine.shard_machine import OutboxView
 
 
 class _RecordingShard:

@@ -14,15 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from feed.broker import (
-    BrokerError,
-    EmbeddedBroker,
-    ProcessIdentity,
-    accepts_connections,
-    free_port,
-    stop_process,
-)
+from feed.broker import BrokerError
+from feed.broker import EmbeddedBroker
+from feed.broker import ProcessIdentity
+from feed.broker import accepts_connections
+from feed.broker import free_port
+from feed.broker import stop_process
 
 ROOT = Path(__file__).resolve().parents[3]
 pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"),

@@ -8,11 +8,14 @@ import asyncio
 import time
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-
+from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaProducer
+from aiokafka import TopicPartition
 from engine.assets import DEFAULT_ASSETS
 from engine.market import Tick
-from feed.broker import TopicTrimmer, ensure_topic, free_port
+from feed.broker import TopicTrimmer
+from feed.broker import ensure_topic
+from feed.broker import free_port
 from feed.consumer import MarketDataConsumer
 from feed.message import message_from_ticks
 from feed.pipeline import TickPipeline

@@ -12,18 +12,20 @@ from typing import Any
 
 import pytest
 import ray
-from feed_recording_shard import RecordingShard
-from feed_waits import now_us, wait_for
-
 from cluster.config import Settings
 from cluster.feed_actor import FeedActor
 from engine.assets import DEFAULT_ASSETS
 from engine.market import Tick
-from feed.broker import EmbeddedBroker, free_port
+from feed.broker import EmbeddedBroker
+from feed.broker import free_port
 from feed.conflation import MAX_PENDING_PER_ASSET
 from feed.message import message_from_ticks
 from feed.producer import MarketDataProducer
-from feed.source import make_source, run_source
+from feed.source import make_source
+from feed.source import run_source
+from feed_recording_shard import RecordingShard
+from feed_waits import now_us
+from feed_waits import wait_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 

@@ -12,19 +12,21 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import ray
-from feed_waits import now_us, wait_for
-
-from cluster.actors.deploy import ray_ports, start_hosts
+from cluster.actors.deploy import ray_ports
+from cluster.actors.deploy import start_hosts
 from cluster.config import Settings
 from cluster.feed_actor import FeedActor
 from cluster.trading.placement import shard_layout
 from cluster.trading.service import TradingService
 from engine.ledger_machine import Totals
-from engine.messages import OpenOrder, OpenPosition
+from engine.messages import OpenOrder
+from engine.messages import OpenPosition
 from engine.orders import Side
 from engine.shard_machine import LastTick
 from feed.message import message_from_ticks
 from feed.producer import MarketDataProducer
+from feed_waits import now_us
+from feed_waits import wait_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 

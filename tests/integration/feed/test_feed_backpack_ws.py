@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 import websockets
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from websockets.asyncio.server import ServerConnection
-
+from aiokafka import AIOKafkaConsumer
+from aiokafka import TopicPartition
 from cluster.config import Settings
 from feed.backpack import BackpackClient
 from feed.source import run_source
+from websockets.asyncio.server import ServerConnection
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "backpack"
 FRAMES = [ln for ln in (FIXTURES / "recorded_ws_frames.jsonl").read_text().splitlines() if ln]

@@ -8,8 +8,11 @@ import time
 
 import pytest
 from aiokafka import AIOKafkaProducer
-
-from feed.broker import BrokerError, EmbeddedBroker, accepts_connections, ensure_topic, free_port
+from feed.broker import BrokerError
+from feed.broker import EmbeddedBroker
+from feed.broker import accepts_connections
+from feed.broker import ensure_topic
+from feed.broker import free_port
 
 
 def test_busy_port_is_a_clear_error_not_a_hang() -> None:

@@ -12,16 +12,17 @@ from typing import Any
 import pytest
 import ray
 from aiokafka import AIOKafkaProducer
-from feed_recording_shard import RecordingShard
-from feed_waits import now_us
-from feed_waits import wait_for as _wait_for
-
 from cluster.config import Settings
 from cluster.feed_actor import FeedActor
 from engine.assets import DEFAULT_ASSETS
 from engine.market import Tick
 from feed.message import message_from_ticks
-from feed.pipeline import DROP_REASONS, drops_metrics, drops_text
+from feed.pipeline import DROP_REASONS
+from feed.pipeline import drops_metrics
+from feed.pipeline import drops_text
+from feed_recording_shard import RecordingShard
+from feed_waits import now_us
+from feed_waits import wait_for as _wait_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 

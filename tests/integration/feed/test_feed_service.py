@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
-
 from feed.settings import MARKET_TOPIC
 
 ROOT = Path(__file__).resolve().parents[3]

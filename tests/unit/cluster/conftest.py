@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest_asyncio
-
-from tests.unit.cluster.local_platform import Make, Platform, build_platform
+from tests.unit.cluster.local_platform import Make
+from tests.unit.cluster.local_platform import Platform
+from tests.unit.cluster.local_platform import build_platform
 
 
 @pytest_asyncio.fixture

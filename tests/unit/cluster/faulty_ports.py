@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from cluster.actors.port import Port, Unavailable
+from cluster.actors.port import Port
+from cluster.actors.port import Unavailable
 
 
 def carries(commands: list[Any], kind: type | tuple[type, ...]) -> bool:

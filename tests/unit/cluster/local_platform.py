@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.actors.local import LocalHosts
-from cluster.actors.port import LocalPort, Port
+from cluster.actors.port import LocalPort
+from cluster.actors.port import Port
 from cluster.config import Settings
 from cluster.trading.service import TradingService
 from engine.ledger import AuditDifference
 from engine.ledger_machine import Balances
 from engine.market import Tick
-from engine.messages import OpenOrder, Principal
+from engine.messages import OpenOrder
+from engine.messages import Principal
 from engine.orders import Side
 
 NOW_US = 1_800_000_000_000_000

@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable
+from collections.abc import Coroutine
+from typing import Any
+from typing import TypeVar
 
 import pytest
-
-from cluster.live.account_stream import AccountSource, AccountStreams, Subscription, Versions
-from engine.account_events import BALANCE, AccountEvent, AccountLog, Balance
+from cluster.live.account_stream import AccountSource
+from cluster.live.account_stream import AccountStreams
+from cluster.live.account_stream import Subscription
+from cluster.live.account_stream import Versions
+from engine.account_events import BALANCE
+from engine.account_events import AccountEvent
+from engine.account_events import AccountLog
+from engine.account_events import Balance
 from engine.messages import Principal
 
 ALICE = Principal(1, "acct-alice")

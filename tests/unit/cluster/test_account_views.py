@@ -7,17 +7,24 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
-
-from cluster.actors.port import LocalPort, Port, Unavailable
+from cluster.actors.port import LocalPort
+from cluster.actors.port import Port
+from cluster.actors.port import Unavailable
 from cluster.live.account_views import AccountState
 from cluster.live.market import MarketLive
 from cluster.trading.service import TradingService
 from engine.market import Tick
-from engine.messages import CloseOrder, PlaceOrder, Principal
+from engine.messages import CloseOrder
+from engine.messages import PlaceOrder
+from engine.messages import Principal
 from engine.order_book import OrderKind
 from engine.orders import Side
 from tests.unit.cluster.faulty_ports import Down
-from tests.unit.cluster.local_platform import USD, Platform, build_platform, signup, sol_long
+from tests.unit.cluster.local_platform import USD
+from tests.unit.cluster.local_platform import Platform
+from tests.unit.cluster.local_platform import build_platform
+from tests.unit.cluster.local_platform import signup
+from tests.unit.cluster.local_platform import sol_long
 
 pytestmark = pytest.mark.asyncio
 

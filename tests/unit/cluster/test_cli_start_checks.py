@@ -15,11 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cluster.actor_names import LEDGER
 from cluster.config import Settings
-from cluster.launcher import LaunchError, Platform, check_layout, port_is_free
-from feed.broker import ProcessIdentity, check_bindable, free_port
+from cluster.launcher import LaunchError
+from cluster.launcher import Platform
+from cluster.launcher import check_layout
+from cluster.launcher import port_is_free
+from feed.broker import ProcessIdentity
+from feed.broker import check_bindable
+from feed.broker import free_port
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -10,18 +10,22 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from cluster.actors.local import LocalHosts
-from cluster.actors.port import LocalPort, Unavailable
+from cluster.actors.port import LocalPort
+from cluster.actors.port import Unavailable
 from cluster.config import Settings
 from cluster.trading.service import TradingService
 from engine.ledger import AuditDifference
-from engine.ledger_machine import AbandonLock, Balances, LockMargin
+from engine.ledger_machine import AbandonLock
+from engine.ledger_machine import Balances
+from engine.ledger_machine import LockMargin
 from engine.machine import run
 from engine.market import Tick
-from engine.messages import OpenOrder, OpenPosition
+from engine.messages import OpenOrder
+from engine.messages import OpenPosition
 from engine.orders import Side
-from tests.unit.cluster.local_platform import USD, signup
+from tests.unit.cluster.local_platform import USD
+from tests.unit.cluster.local_platform import signup
 
 NOW_US = 1_800_000_000_000_000
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
 
+from cluster.api import decimal_text
+from cluster.api import iso_us
+from engine.amounts import from_units
 from hypothesis import given
 from hypothesis import strategies as st
-
-from cluster.api import decimal_text, iso_us
-from engine.amounts import from_units
 
 
 @given(st.integers(min_value=-(2**63), max_value=2**63), st.integers(min_value=0, max_value=12))

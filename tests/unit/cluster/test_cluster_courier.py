@@ -7,24 +7,34 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from cluster.actors.host import host_specs
-from cluster.actors.port import Port, Unavailable
+from cluster.actors.port import Port
+from cluster.actors.port import Unavailable
 from cluster.trading.courier import Courier
-from engine.ledger_machine import AppliedSeq, ApplySettlements, History, Totals
+from engine.ledger_machine import AppliedSeq
+from engine.ledger_machine import ApplySettlements
+from engine.ledger_machine import History
+from engine.ledger_machine import Totals
 from engine.market import Tick
-from engine.messages import CloseOrder, OpenPosition, Principal
-from engine.shard_machine import AckOutbox, ApplyTick, Close, Open, Outbox, OutboxView, Stats
-from tests.unit.cluster.faulty_ports import FailingBatches, Wrapped
-from tests.unit.cluster.local_platform import (
-    SIGNUP,
-    USD,
-    Make,
-    Platform,
-    balances,
-    sol_long,
-    sol_trader,
-)
+from engine.messages import CloseOrder
+from engine.messages import OpenPosition
+from engine.messages import Principal
+from engine.shard_machine import AckOutbox
+from engine.shard_machine import ApplyTick
+from engine.shard_machine import Close
+from engine.shard_machine import Open
+from engine.shard_machine import Outbox
+from engine.shard_machine import OutboxView
+from engine.shard_machine import Stats
+from tests.unit.cluster.faulty_ports import FailingBatches
+from tests.unit.cluster.faulty_ports import Wrapped
+from tests.unit.cluster.local_platform import SIGNUP
+from tests.unit.cluster.local_platform import USD
+from tests.unit.cluster.local_platform import Make
+from tests.unit.cluster.local_platform import Platform
+from tests.unit.cluster.local_platform import balances
+from tests.unit.cluster.local_platform import sol_long
+from tests.unit.cluster.local_platform import sol_trader
 
 pytestmark = pytest.mark.asyncio
 

@@ -8,42 +8,58 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from collections.abc import Awaitable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-
 from cluster.actors.host import host_specs
-from cluster.actors.port import LocalPort, Port, Unavailable
-from cluster.trading.courier import Courier, SettlementRefused
+from cluster.actors.port import LocalPort
+from cluster.actors.port import Port
+from cluster.actors.port import Unavailable
+from cluster.trading.courier import Courier
+from cluster.trading.courier import SettlementRefused
 from cluster.trading.reconciler import ORPHAN_ROUNDS
 from cluster.trading.service import TradingService
-from engine.account_events import POSITION_OPENED, POSITION_UPDATED
-from engine.ledger_machine import (
-    AppliedSeq,
-    ApplySettlements,
-    History,
-    LockMargin,
-    Note,
-    OpenLocks,
-    PendingRequests,
-    ReleaseMargin,
-    Totals,
-)
+from engine.account_events import POSITION_OPENED
+from engine.account_events import POSITION_UPDATED
+from engine.ledger_machine import AppliedSeq
+from engine.ledger_machine import ApplySettlements
+from engine.ledger_machine import History
+from engine.ledger_machine import LockMargin
+from engine.ledger_machine import Note
+from engine.ledger_machine import OpenLocks
+from engine.ledger_machine import PendingRequests
+from engine.ledger_machine import ReleaseMargin
+from engine.ledger_machine import Totals
 from engine.market import Tick
-from engine.messages import ClosedPosition, CloseOrder, OpenPosition, Principal, SettlementItem
-from engine.results import Code, Rejected
-from engine.shard_machine import ApplyTick, Close, Open, Outbox, OutboxView, Resolve, Stats
-from tests.unit.cluster.faulty_ports import Down, FailingBatches, Gated, HeldReplies, Wrapped
-from tests.unit.cluster.local_platform import (
-    SIGNUP,
-    USD,
-    Make,
-    Platform,
-    balances,
-    sol_long,
-    sol_trader,
-)
+from engine.messages import ClosedPosition
+from engine.messages import CloseOrder
+from engine.messages import OpenPosition
+from engine.messages import Principal
+from engine.messages import SettlementItem
+from engine.results import Code
+from engine.results import Rejected
+from engine.shard_machine import ApplyTick
+from engine.shard_machine import Close
+from engine.shard_machine import Open
+from engine.shard_machine import Outbox
+from engine.shard_machine import OutboxView
+from engine.shard_machine import Resolve
+from engine.shard_machine import Stats
+from tests.unit.cluster.faulty_ports import Down
+from tests.unit.cluster.faulty_ports import FailingBatches
+from tests.unit.cluster.faulty_ports import Gated
+from tests.unit.cluster.faulty_ports import HeldReplies
+from tests.unit.cluster.faulty_ports import Wrapped
+from tests.unit.cluster.local_platform import SIGNUP
+from tests.unit.cluster.local_platform import USD
+from tests.unit.cluster.local_platform import Make
+from tests.unit.cluster.local_platform import Platform
+from tests.unit.cluster.local_platform import balances
+from tests.unit.cluster.local_platform import sol_long
+from tests.unit.cluster.local_platform import sol_trader
 
 pytestmark = pytest.mark.asyncio
 SETTLED_WITHIN_S = 5.0

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import httpx
 import pytest
-
-from cluster.actors.port import LocalPort, Port, Unavailable
+from cluster.actors.port import LocalPort
+from cluster.actors.port import Port
+from cluster.actors.port import Unavailable
 from cluster.api import create_app
 from cluster.trading.service import TradingService
 from engine.ledger_machine import Balances
-from tests.unit.cluster.faulty_ports import Down, FailingBatches
-from tests.unit.cluster.local_platform import SIGNUP, USD, build_platform
+from tests.unit.cluster.faulty_ports import Down
+from tests.unit.cluster.faulty_ports import FailingBatches
+from tests.unit.cluster.local_platform import SIGNUP
+from tests.unit.cluster.local_platform import USD
+from tests.unit.cluster.local_platform import build_platform
 
 pytestmark = pytest.mark.asyncio
 

@@ -7,42 +7,43 @@ import os
 from pathlib import Path
 
 import pytest
-
-from cluster.actors.port import LocalPort, Port, Unavailable
+from cluster.actors.port import LocalPort
+from cluster.actors.port import Port
+from cluster.actors.port import Unavailable
 from cluster.config import Settings
 from cluster.trading.service import TradingService
-from engine.ledger import AuditDifference, margin_account
-from engine.ledger_machine import (
-    AbandonLock,
-    AppliedSeq,
-    ApplySettlements,
-    Audit,
-    LockMargin,
-    Totals,
-)
+from engine.ledger import AuditDifference
+from engine.ledger import margin_account
+from engine.ledger_machine import AbandonLock
+from engine.ledger_machine import AppliedSeq
+from engine.ledger_machine import ApplySettlements
+from engine.ledger_machine import Audit
+from engine.ledger_machine import LockMargin
+from engine.ledger_machine import Totals
 from engine.market import Tick
-from engine.messages import (
-    CloseOrder,
-    MarginLock,
-    OpenOrder,
-    OpenPosition,
-    Principal,
-    SettlementItem,
-)
-from engine.orders import CloseReason, Side
-from engine.results import Code, Rejected
-from engine.shard_machine import ApplyTick, Open, Stats
-from tests.unit.cluster.faulty_ports import Down, FailingBatches
-from tests.unit.cluster.local_platform import (
-    SIGNUP,
-    USD,
-    Make,
-    Platform,
-    balances,
-    signup,
-    sol_long,
-    sol_trader,
-)
+from engine.messages import CloseOrder
+from engine.messages import MarginLock
+from engine.messages import OpenOrder
+from engine.messages import OpenPosition
+from engine.messages import Principal
+from engine.messages import SettlementItem
+from engine.orders import CloseReason
+from engine.orders import Side
+from engine.results import Code
+from engine.results import Rejected
+from engine.shard_machine import ApplyTick
+from engine.shard_machine import Open
+from engine.shard_machine import Stats
+from tests.unit.cluster.faulty_ports import Down
+from tests.unit.cluster.faulty_ports import FailingBatches
+from tests.unit.cluster.local_platform import SIGNUP
+from tests.unit.cluster.local_platform import USD
+from tests.unit.cluster.local_platform import Make
+from tests.unit.cluster.local_platform import Platform
+from tests.unit.cluster.local_platform import balances
+from tests.unit.cluster.local_platform import signup
+from tests.unit.cluster.local_platform import sol_long
+from tests.unit.cluster.local_platform import sol_trader
 
 pytestmark = pytest.mark.asyncio
 

@@ -8,17 +8,16 @@ from decimal import Decimal
 from typing import Annotated
 
 import pytest
-from pydantic import BaseModel, ValidationError, WithJsonSchema
-
-from cluster.http.decimals import (
-    EXACT_DECIMAL,
-    DecimalValue,
-    decimal_schema,
-    money_micros,
-    price_ticks,
-)
+from cluster.http.decimals import EXACT_DECIMAL
+from cluster.http.decimals import DecimalValue
+from cluster.http.decimals import decimal_schema
+from cluster.http.decimals import money_micros
+from cluster.http.decimals import price_ticks
 from cluster.http.errors import ApiError
 from engine.assets import DEFAULT_ASSETS
+from pydantic import BaseModel
+from pydantic import ValidationError
+from pydantic import WithJsonSchema
 
 BTC = DEFAULT_ASSETS["BTC"]  # price step 0.1
 

@@ -9,12 +9,15 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from cluster.http.errors import ApiError
-from cluster.http.json_body import nests_deeper_than, parse_json
-from cluster.http.limits import BodySizeLimit, TokenBuckets, retry_after_s
+from cluster.http.json_body import nests_deeper_than
+from cluster.http.json_body import parse_json
+from cluster.http.limits import BodySizeLimit
+from cluster.http.limits import TokenBuckets
+from cluster.http.limits import retry_after_s
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 
 class Clock:

@@ -10,7 +10,8 @@ from pathlib import Path
 from cluster.config import Settings
 from cluster.live.candle_store import CandleStore
 from cluster.live.market import MarketLive
-from engine.candles import Candle, CandleQuery
+from engine.candles import Candle
+from engine.candles import CandleQuery
 from engine.market import Tick
 
 MINUTE_US = 60_000_000

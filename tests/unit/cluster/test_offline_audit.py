@@ -26,11 +26,20 @@ from cluster.config import Settings
 from cluster.durability.journal import HEADER
 from cluster.launcher import check_layout
 from engine.ledger import AuditDifference
-from engine.ledger_machine import LockMargin, ReleaseMargin, Totals
+from engine.ledger_machine import LockMargin
+from engine.ledger_machine import ReleaseMargin
+from engine.ledger_machine import Totals
 from engine.market import Tick
-from engine.messages import ClosedPosition, CloseOrder, IdemKey, MarginLock, OpenPosition
+from engine.messages import ClosedPosition
+from engine.messages import CloseOrder
+from engine.messages import IdemKey
+from engine.messages import MarginLock
+from engine.messages import OpenPosition
 from engine.shard_machine import ApplyTick
-from tests.unit.cluster.local_platform import USD, build_platform, signup, sol_long
+from tests.unit.cluster.local_platform import USD
+from tests.unit.cluster.local_platform import build_platform
+from tests.unit.cluster.local_platform import signup
+from tests.unit.cluster.local_platform import sol_long
 
 ROOT = Path(__file__).resolve().parents[3]
 CUT_LOCK_USD = 30  # the margin of the lock a crash cut off before its open went out

@@ -4,10 +4,10 @@ way; ``dropped`` counts exactly the messages given up without being produced."""
 
 from __future__ import annotations
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from cluster.actors.publisher import ProduceQueue
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 
 def _messages(first: int, count: int) -> list[tuple[bytes, bytes]]:

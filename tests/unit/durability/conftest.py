@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import cluster.durability.journal as journal_module
+import pytest
 
 
 @pytest.fixture

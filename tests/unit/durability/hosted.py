@@ -14,7 +14,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,11 @@ from cluster.durability.runner import Runner
 from cluster.durability.snapshot import Snapshot
 from cluster.durability.store import JOURNAL_DIR
 from engine.assets import DEFAULT_ASSETS
-from engine.ledger_machine import LedgerMachine, hash_api_key
+from engine.ledger_machine import LedgerMachine
+from engine.ledger_machine import hash_api_key
 from engine.market import Tick
-from engine.messages import ShardClose, ShardOpen
+from engine.messages import ShardClose
+from engine.messages import ShardOpen
 from engine.orders import Side
 from engine.shard_machine import ShardMachine
 

@@ -28,92 +28,89 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from cluster.durability.runner import Runner
 from cluster.durability.snapshot import Snapshot
 from engine.book import PositionRecord
-from engine.ledger_machine import (
-    DEFAULT_MAX_OPEN_ORDERS,
-    DEFAULT_MAX_OPEN_POSITIONS,
-    AbandonLock,
-    AppliedSeq,
-    ApplySettlements,
-    Audit,
-    Balances,
-    Begin,
-    CreateAccount,
-    CreatedAccount,
-    Forget,
-    History,
-    LedgerMachine,
-    LockMargin,
-    OpenCount,
-    OrderCount,
-    OrderHistory,
-    PendingRequests,
-    ReconcileAtStart,
-    ReleaseMargin,
-    Remember,
-    Totals,
-)
+from engine.ledger_machine import DEFAULT_MAX_OPEN_ORDERS
+from engine.ledger_machine import DEFAULT_MAX_OPEN_POSITIONS
+from engine.ledger_machine import AbandonLock
+from engine.ledger_machine import AppliedSeq
+from engine.ledger_machine import ApplySettlements
+from engine.ledger_machine import Audit
+from engine.ledger_machine import Balances
+from engine.ledger_machine import Begin
+from engine.ledger_machine import CreateAccount
+from engine.ledger_machine import CreatedAccount
+from engine.ledger_machine import Forget
+from engine.ledger_machine import History
+from engine.ledger_machine import LedgerMachine
+from engine.ledger_machine import LockMargin
+from engine.ledger_machine import OpenCount
+from engine.ledger_machine import OrderCount
+from engine.ledger_machine import OrderHistory
+from engine.ledger_machine import PendingRequests
+from engine.ledger_machine import ReconcileAtStart
+from engine.ledger_machine import ReleaseMargin
+from engine.ledger_machine import Remember
+from engine.ledger_machine import Totals
 from engine.market import Tick
-from engine.messages import (
-    ClosedPosition,
-    EndedOrder,
-    IdemHit,
-    IdemKey,
-    MarginLock,
-    OpenPosition,
-    PendingOrder,
-    SettlementItem,
-    ShardClose,
-    ShardOpen,
-)
-from engine.order_book import OrderKind, OrderStatus, OrderTerms
+from engine.messages import ClosedPosition
+from engine.messages import EndedOrder
+from engine.messages import IdemHit
+from engine.messages import IdemKey
+from engine.messages import MarginLock
+from engine.messages import OpenPosition
+from engine.messages import PendingOrder
+from engine.messages import SettlementItem
+from engine.messages import ShardClose
+from engine.messages import ShardOpen
+from engine.order_book import OrderKind
+from engine.order_book import OrderStatus
+from engine.order_book import OrderTerms
 from engine.orders import Side
-from engine.results import Code, Rejected
-from engine.shard_machine import (
-    MIN_VECTOR_RUN,
-    AckOutbox,
-    ApplyTick,
-    AuditView,
-    Cancel,
-    ChangeMargin,
-    Close,
-    Open,
-    OrdersOf,
-    Outbox,
-    Place,
-    PositionsOf,
-    Resolve,
-    ResumeSeq,
-    SetLevels,
-    Stats,
-)
-from tests.unit.durability.hosted import (
-    MAX_AGE_US,
-    SIGNUP,
-    SOL,
-    USD,
-    VOLATILE_FIELDS,
-    Clock,
-    account,
-    assert_same,
-    crash,
-    journal_tail,
-    one,
-    open_shard,
-    replay,
-    shard_builder,
-)
+from engine.results import Code
+from engine.results import Rejected
+from engine.shard_machine import MIN_VECTOR_RUN
+from engine.shard_machine import AckOutbox
+from engine.shard_machine import ApplyTick
+from engine.shard_machine import AuditView
+from engine.shard_machine import Cancel
+from engine.shard_machine import ChangeMargin
+from engine.shard_machine import Close
+from engine.shard_machine import Open
+from engine.shard_machine import OrdersOf
+from engine.shard_machine import Outbox
+from engine.shard_machine import Place
+from engine.shard_machine import PositionsOf
+from engine.shard_machine import Resolve
+from engine.shard_machine import ResumeSeq
+from engine.shard_machine import SetLevels
+from engine.shard_machine import Stats
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from tests.unit.durability.hosted import MAX_AGE_US
+from tests.unit.durability.hosted import SIGNUP
+from tests.unit.durability.hosted import SOL
+from tests.unit.durability.hosted import USD
+from tests.unit.durability.hosted import VOLATILE_FIELDS
+from tests.unit.durability.hosted import Clock
+from tests.unit.durability.hosted import account
+from tests.unit.durability.hosted import assert_same
+from tests.unit.durability.hosted import crash
+from tests.unit.durability.hosted import journal_tail
+from tests.unit.durability.hosted import one
+from tests.unit.durability.hosted import open_shard
+from tests.unit.durability.hosted import replay
+from tests.unit.durability.hosted import shard_builder
 
 LEDGER = "ledger"
 SHARDS = {"shard-SOL-0": 3, "shard-SOL-1": 4}

@@ -13,9 +13,8 @@ import os
 import pickle
 from pathlib import Path
 
-import pytest
-
 import cluster.durability.journal as journal_module
+import pytest
 from cluster.actors.local import LocalHosts
 from cluster.config import Settings
 from cluster.durability.runner import Runner
@@ -23,34 +22,32 @@ from cluster.durability.store import DurabilityError
 from engine import ledger_machine as lm
 from engine import shard_machine as sm
 from engine.machine import run
-from engine.messages import (
-    ClosedPosition,
-    IdemHit,
-    IdemKey,
-    MarginLock,
-    OpenPosition,
-    Principal,
-    SettlementItem,
-)
-from engine.orders import CloseReason, Side
-from engine.results import Code, Rejected
-from tests.unit.durability.hosted import (
-    NOW,
-    SHARD,
-    SIGNUP,
-    USD,
-    Clock,
-    account,
-    check_every_cut,
-    crash,
-    one,
-    open_ledger,
-    open_shard,
-    run_python,
-    shard_close,
-    shard_open,
-    tick,
-)
+from engine.messages import ClosedPosition
+from engine.messages import IdemHit
+from engine.messages import IdemKey
+from engine.messages import MarginLock
+from engine.messages import OpenPosition
+from engine.messages import Principal
+from engine.messages import SettlementItem
+from engine.orders import CloseReason
+from engine.orders import Side
+from engine.results import Code
+from engine.results import Rejected
+from tests.unit.durability.hosted import NOW
+from tests.unit.durability.hosted import SHARD
+from tests.unit.durability.hosted import SIGNUP
+from tests.unit.durability.hosted import USD
+from tests.unit.durability.hosted import Clock
+from tests.unit.durability.hosted import account
+from tests.unit.durability.hosted import check_every_cut
+from tests.unit.durability.hosted import crash
+from tests.unit.durability.hosted import one
+from tests.unit.durability.hosted import open_ledger
+from tests.unit.durability.hosted import open_shard
+from tests.unit.durability.hosted import run_python
+from tests.unit.durability.hosted import shard_close
+from tests.unit.durability.hosted import shard_open
+from tests.unit.durability.hosted import tick
 
 HOUR_US = 3600 * 10**6
 

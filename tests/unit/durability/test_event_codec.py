@@ -6,44 +6,42 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from engine import events as ev
-from engine.events import (
-    LEDGER_EVENTS,
-    RECOVERED_TICK_SOURCE,
-    SHARD_EVENTS,
-    TYPE_CODES,
-    VOLATILE_EVENTS,
-    AccountCreated,
-    AccountNoted,
-    AnswersExpired,
-    ClientOrderStored,
-    ClientOrderStoredAt,
-    EventError,
-    MarginAdded,
-    MarginLocked,
-    MarginReleased,
-    MarginReturned,
-    OpenCountSet,
-    OpenFenced,
-    OrderCountSet,
-    OrderEnded,
-    OrderLocked,
-    OrderPlaced,
-    OrderSettled,
-    OutboxAcked,
-    PositionAmended,
-    PositionClosed,
-    PositionOpened,
-    PositionReduced,
-    SeqResumed,
-    SettlementApplied,
-    TickApplied,
-    decode,
-    encode,
-)
+from engine.events import LEDGER_EVENTS
+from engine.events import RECOVERED_TICK_SOURCE
+from engine.events import SHARD_EVENTS
+from engine.events import TYPE_CODES
+from engine.events import VOLATILE_EVENTS
+from engine.events import AccountCreated
+from engine.events import AccountNoted
+from engine.events import AnswersExpired
+from engine.events import ClientOrderStored
+from engine.events import ClientOrderStoredAt
+from engine.events import EventError
+from engine.events import MarginAdded
+from engine.events import MarginLocked
+from engine.events import MarginReleased
+from engine.events import MarginReturned
+from engine.events import OpenCountSet
+from engine.events import OpenFenced
+from engine.events import OrderCountSet
+from engine.events import OrderEnded
+from engine.events import OrderLocked
+from engine.events import OrderPlaced
+from engine.events import OrderSettled
+from engine.events import OutboxAcked
+from engine.events import PositionAmended
+from engine.events import PositionClosed
+from engine.events import PositionOpened
+from engine.events import PositionReduced
+from engine.events import SeqResumed
+from engine.events import SettlementApplied
+from engine.events import TickApplied
+from engine.events import decode
+from engine.events import encode
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 u64 = st.integers(0, 2**64 - 1)
 i64 = st.integers(-(2**63), 2**63 - 1)

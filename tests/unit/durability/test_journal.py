@@ -11,18 +11,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from cluster.durability import journal as journal_module
-from cluster.durability.journal import (
-    HEADER_BYTES,
-    LOCK_NAME,
-    Journal,
-    JournalError,
-    JournalGapError,
-    JournalLockedError,
-    frame,
-    lock_holders,
-)
+from cluster.durability.journal import HEADER_BYTES
+from cluster.durability.journal import LOCK_NAME
+from cluster.durability.journal import Journal
+from cluster.durability.journal import JournalError
+from cluster.durability.journal import JournalGapError
+from cluster.durability.journal import JournalLockedError
+from cluster.durability.journal import frame
+from cluster.durability.journal import lock_holders
 from tests.unit.durability.hosted import REPO
 
 

@@ -11,42 +11,47 @@ from __future__ import annotations
 
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from cluster.durability.journal import Journal
-from cluster.durability.recovery import RecoveryError, recover, trim_journal
-from cluster.durability.snapshot import (
-    Snapshot,
-    list_snapshots,
-    prune_snapshots,
-    snapshot_path,
-    write_snapshot,
-)
+from cluster.durability.recovery import RecoveryError
+from cluster.durability.recovery import recover
+from cluster.durability.recovery import trim_journal
+from cluster.durability.snapshot import Snapshot
+from cluster.durability.snapshot import list_snapshots
+from cluster.durability.snapshot import prune_snapshots
+from cluster.durability.snapshot import snapshot_path
+from cluster.durability.snapshot import write_snapshot
 from engine.assets import DEFAULT_ASSETS
 from engine.book import PositionBook
-from engine.events import (
-    AccountCreated,
-    ClientOrderStored,
-    Event,
-    MarginLocked,
-    MarginReleased,
-    OpenFenced,
-    PositionClosed,
-    PositionOpened,
-    SettlementApplied,
-    TickApplied,
-    encode,
-)
+from engine.events import AccountCreated
+from engine.events import ClientOrderStored
+from engine.events import Event
+from engine.events import MarginLocked
+from engine.events import MarginReleased
+from engine.events import OpenFenced
+from engine.events import PositionClosed
+from engine.events import PositionOpened
+from engine.events import SettlementApplied
+from engine.events import TickApplied
+from engine.events import encode
 from engine.ledger import Ledger
-from engine.orders import CloseReason, OpenPlan, Side, plan_open
-from engine.settlement import Settlement, exit_price_ticks, settle
+from engine.orders import CloseReason
+from engine.orders import OpenPlan
+from engine.orders import Side
+from engine.orders import plan_open
+from engine.settlement import Settlement
+from engine.settlement import exit_price_ticks
+from engine.settlement import settle
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 ASSET = DEFAULT_ASSETS["SOL"]
 SHARD = "SOL-0"

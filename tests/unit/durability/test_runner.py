@@ -10,71 +10,69 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from cluster.durability.journal import JournalLockedError
-from cluster.durability.runner import Failed, Runner
-from cluster.durability.snapshot import Snapshot, list_snapshots
-from cluster.durability.store import SNAPSHOT_DIR, DurabilityError
-from engine.events import (
-    AccountCreated,
-    ClientOrderStoredAt,
-    Event,
-    MarginLocked,
-    OpenFenced,
-    OutboxAcked,
-    PositionClosed,
-    PositionOpened,
-    TickApplied,
-    decode_batch,
-)
-from engine.ledger_machine import (
-    AbandonLock,
-    Balances,
-    Begin,
-    CreateAccount,
-    CreatedAccount,
-    LedgerMachine,
-    LockMargin,
-    Remember,
-    Totals,
-)
+from cluster.durability.runner import Failed
+from cluster.durability.runner import Runner
+from cluster.durability.snapshot import Snapshot
+from cluster.durability.snapshot import list_snapshots
+from cluster.durability.store import SNAPSHOT_DIR
+from cluster.durability.store import DurabilityError
+from engine.events import AccountCreated
+from engine.events import ClientOrderStoredAt
+from engine.events import Event
+from engine.events import MarginLocked
+from engine.events import OpenFenced
+from engine.events import OutboxAcked
+from engine.events import PositionClosed
+from engine.events import PositionOpened
+from engine.events import TickApplied
+from engine.events import decode_batch
+from engine.ledger_machine import AbandonLock
+from engine.ledger_machine import Balances
+from engine.ledger_machine import Begin
+from engine.ledger_machine import CreateAccount
+from engine.ledger_machine import CreatedAccount
+from engine.ledger_machine import LedgerMachine
+from engine.ledger_machine import LockMargin
+from engine.ledger_machine import Remember
+from engine.ledger_machine import Totals
 from engine.machine import StateCorrupted
 from engine.market import Tick
-from engine.messages import IdemKey, MarginLock, OpenPosition, SettlementItem
+from engine.messages import IdemKey
+from engine.messages import MarginLock
+from engine.messages import OpenPosition
+from engine.messages import SettlementItem
 from engine.orders import Side
-from engine.results import Code, Rejected
-from engine.shard_machine import (
-    AckOutbox,
-    ApplyTick,
-    Close,
-    LastTick,
-    Open,
-    Outbox,
-    OutboxView,
-    Resolve,
-)
-from tests.unit.durability.hosted import (
-    NOW,
-    SIGNUP,
-    USD,
-    VOLATILE_FIELDS,
-    Clock,
-    account,
-    assert_same,
-    build_ledger,
-    crash,
-    journal_records,
-    one,
-    open_ledger,
-    open_shard,
-    replayed,
-    run_python,
-    segment,
-    shard_builder,
-    shard_close,
-    shard_open,
-    tick,
-)
+from engine.results import Code
+from engine.results import Rejected
+from engine.shard_machine import AckOutbox
+from engine.shard_machine import ApplyTick
+from engine.shard_machine import Close
+from engine.shard_machine import LastTick
+from engine.shard_machine import Open
+from engine.shard_machine import Outbox
+from engine.shard_machine import OutboxView
+from engine.shard_machine import Resolve
+from tests.unit.durability.hosted import NOW
+from tests.unit.durability.hosted import SIGNUP
+from tests.unit.durability.hosted import USD
+from tests.unit.durability.hosted import VOLATILE_FIELDS
+from tests.unit.durability.hosted import Clock
+from tests.unit.durability.hosted import account
+from tests.unit.durability.hosted import assert_same
+from tests.unit.durability.hosted import build_ledger
+from tests.unit.durability.hosted import crash
+from tests.unit.durability.hosted import journal_records
+from tests.unit.durability.hosted import one
+from tests.unit.durability.hosted import open_ledger
+from tests.unit.durability.hosted import open_shard
+from tests.unit.durability.hosted import replayed
+from tests.unit.durability.hosted import run_python
+from tests.unit.durability.hosted import segment
+from tests.unit.durability.hosted import shard_builder
+from tests.unit.durability.hosted import shard_close
+from tests.unit.durability.hosted import shard_open
+from tests.unit.durability.hosted import tick
 
 
 def record_types(record: bytes) -> list[type]:

@@ -6,12 +6,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
-
 import cluster.durability.runner as runner_module
-from cluster.durability.runner import ExecuteTiming, Runner
-from engine.ledger_machine import Balances, CreateAccount, LedgerMachine
-from tests.unit.durability.hosted import SIGNUP, account, crash, open_ledger
+import pytest
+from cluster.durability.runner import ExecuteTiming
+from cluster.durability.runner import Runner
+from engine.ledger_machine import Balances
+from engine.ledger_machine import CreateAccount
+from engine.ledger_machine import LedgerMachine
+from tests.unit.durability.hosted import SIGNUP
+from tests.unit.durability.hosted import account
+from tests.unit.durability.hosted import crash
+from tests.unit.durability.hosted import open_ledger
 
 
 def test_each_execute_leaves_its_timing_in_wall_clock_microseconds(tmp_path: Path) -> None:

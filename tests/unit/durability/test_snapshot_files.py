@@ -8,17 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from cluster.durability.snapshot import (
-    META_KEY,
-    SnapshotError,
-    list_snapshots,
-    load_latest_snapshot,
-    prune_snapshots,
-    read_snapshot,
-    snapshot_path,
-    write_snapshot,
-)
+from cluster.durability.snapshot import META_KEY
+from cluster.durability.snapshot import SnapshotError
+from cluster.durability.snapshot import list_snapshots
+from cluster.durability.snapshot import load_latest_snapshot
+from cluster.durability.snapshot import prune_snapshots
+from cluster.durability.snapshot import read_snapshot
+from cluster.durability.snapshot import snapshot_path
+from cluster.durability.snapshot import write_snapshot
 
 
 def arrays(k: int) -> dict[str, np.ndarray]:

@@ -4,7 +4,8 @@ Fraction reference."""
 from __future__ import annotations
 
 import pytest
-from engine_impls import IMPLS, Impl
+from engine_impls import IMPLS
+from engine_impls import Impl
 
 # the helper modules assert on the tests' behalf: rewritten like a test module, a failure there
 # shows the values compared (this must run before they are imported)

@@ -7,10 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine import reference, settlement
+from engine import reference
+from engine import settlement
 from engine.assets import Asset
 from engine.book import PositionBook
-from engine.orders import CloseReason, plan_open
+from engine.orders import CloseReason
+from engine.orders import plan_open
 
 
 @dataclass(frozen=True)

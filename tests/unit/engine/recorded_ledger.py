@@ -8,18 +8,19 @@ from typing import Any
 
 from engine.events import encode_batch
 from engine.ledger import AuditDifference
-from engine.ledger_machine import (
-    DEFAULT_MAX_OPEN_POSITIONS,
-    Audit,
-    Balances,
-    CreateAccount,
-    CreatedAccount,
-    LedgerMachine,
-    hash_api_key,
-)
+from engine.ledger_machine import DEFAULT_MAX_OPEN_POSITIONS
+from engine.ledger_machine import Audit
+from engine.ledger_machine import Balances
+from engine.ledger_machine import CreateAccount
+from engine.ledger_machine import CreatedAccount
+from engine.ledger_machine import LedgerMachine
+from engine.ledger_machine import hash_api_key
 from engine.machine import step
-from engine.messages import ClosedPosition, OpenPosition, SettlementItem
-from engine.orders import CloseReason, Side
+from engine.messages import ClosedPosition
+from engine.messages import OpenPosition
+from engine.messages import SettlementItem
+from engine.orders import CloseReason
+from engine.orders import Side
 
 USD = 10**6
 SIGNUP = 10_000 * USD

@@ -7,13 +7,19 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from engine.account_events import AccountEvent, Balance
-from engine.ledger_machine import ACCOUNT_KEYS, decode_account_events, encode_account_events
-from engine.messages import EndedOrder, PendingOrder
-from engine.order_book import OrderKind, OrderStatus
+from engine.account_events import AccountEvent
+from engine.account_events import Balance
+from engine.ledger_machine import ACCOUNT_KEYS
+from engine.ledger_machine import decode_account_events
+from engine.ledger_machine import encode_account_events
+from engine.messages import EndedOrder
+from engine.messages import PendingOrder
+from engine.order_book import OrderKind
+from engine.order_book import OrderStatus
 from engine.orders import Side
-from tests.unit.engine.recorded_ledger import NOW, closed, opened
+from tests.unit.engine.recorded_ledger import NOW
+from tests.unit.engine.recorded_ledger import closed
+from tests.unit.engine.recorded_ledger import opened
 
 ORDER = PendingOrder(2**34 + 9, 3, "SOL", Side.SHORT, OrderKind.STOP, 9_500, 5_000_000, 7,
                      9_000, 10_000, 0, NOW)

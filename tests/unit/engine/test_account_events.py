@@ -9,57 +9,52 @@ import json
 from typing import Any
 
 import pytest
-
-from engine.account_events import (
-    BALANCE,
-    ORDER_PLACED,
-    POSITION_CLOSED,
-    POSITION_OPENED,
-    POSITION_UPDATED,
-    AccountEvent,
-    AccountLog,
-    Balance,
-)
-from engine.events import AccountNoted, ClientOrderStoredAt, decode_batch
-from engine.ledger_machine import (
-    AbandonLock,
-    AccountEvents,
-    AccountTail,
-    ApplySettlements,
-    Begin,
-    LedgerMachine,
-    LockMargin,
-    Note,
-    OpenLocks,
-    PendingRequests,
-    ReleaseMargin,
-    _account_event_row,
-    encode_answer,
-)
-from engine.messages import (
-    EndedOrder,
-    IdemHit,
-    IdemKey,
-    MarginLock,
-    OpenPosition,
-    PendingOrder,
-    SettlementItem,
-)
-from engine.order_book import OrderKind, OrderStatus
+from engine.account_events import BALANCE
+from engine.account_events import ORDER_PLACED
+from engine.account_events import POSITION_CLOSED
+from engine.account_events import POSITION_OPENED
+from engine.account_events import POSITION_UPDATED
+from engine.account_events import AccountEvent
+from engine.account_events import AccountLog
+from engine.account_events import Balance
+from engine.events import AccountNoted
+from engine.events import ClientOrderStoredAt
+from engine.events import decode_batch
+from engine.ledger_machine import AbandonLock
+from engine.ledger_machine import AccountEvents
+from engine.ledger_machine import AccountTail
+from engine.ledger_machine import ApplySettlements
+from engine.ledger_machine import Begin
+from engine.ledger_machine import LedgerMachine
+from engine.ledger_machine import LockMargin
+from engine.ledger_machine import Note
+from engine.ledger_machine import OpenLocks
+from engine.ledger_machine import PendingRequests
+from engine.ledger_machine import ReleaseMargin
+from engine.ledger_machine import _account_event_row
+from engine.ledger_machine import encode_answer
+from engine.messages import EndedOrder
+from engine.messages import IdemHit
+from engine.messages import IdemKey
+from engine.messages import MarginLock
+from engine.messages import OpenPosition
+from engine.messages import PendingOrder
+from engine.messages import SettlementItem
+from engine.order_book import OrderKind
+from engine.order_book import OrderStatus
 from engine.orders import Side
 from engine.position_ids import partial_close_id
-from engine.results import Code, Rejected
-from tests.unit.engine.recorded_ledger import (
-    NOW,
-    SHARD,
-    SIGNUP,
-    USD,
-    Recorded,
-    closed,
-    one_account,
-    opened,
-    snapshot_round_trip,
-)
+from engine.results import Code
+from engine.results import Rejected
+from tests.unit.engine.recorded_ledger import NOW
+from tests.unit.engine.recorded_ledger import SHARD
+from tests.unit.engine.recorded_ledger import SIGNUP
+from tests.unit.engine.recorded_ledger import USD
+from tests.unit.engine.recorded_ledger import Recorded
+from tests.unit.engine.recorded_ledger import closed
+from tests.unit.engine.recorded_ledger import one_account
+from tests.unit.engine.recorded_ledger import opened
+from tests.unit.engine.recorded_ledger import snapshot_round_trip
 
 PID = 2**34 + 5  # a position id (its whole close is named by it)
 ENDED_KINDS = {OrderStatus.FILLED: "orderFilled", OrderStatus.CANCELLED: "orderCancelled",

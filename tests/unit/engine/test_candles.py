@@ -10,27 +10,30 @@ from fractions import Fraction
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from engine.assets import DEFAULT_ASSETS, Asset, AssetRegistry
-from engine.candle_reference import ReferenceCandles, exact, mid_price
-from engine.candles import (
-    CANDLES_KEPT,
-    INTERVAL_US,
-    INTERVALS,
-    MAX_LIMIT,
-    MAX_QUERY_S,
-    Candle,
-    CandleBook,
-    CandleQuery,
-    check_candle,
-    half_ticks_to_price,
-    interval_start_us,
-    merge,
-    select,
-)
+from engine.assets import DEFAULT_ASSETS
+from engine.assets import Asset
+from engine.assets import AssetRegistry
+from engine.candle_reference import ReferenceCandles
+from engine.candle_reference import exact
+from engine.candle_reference import mid_price
+from engine.candles import CANDLES_KEPT
+from engine.candles import INTERVAL_US
+from engine.candles import INTERVALS
+from engine.candles import MAX_LIMIT
+from engine.candles import MAX_QUERY_S
+from engine.candles import Candle
+from engine.candles import CandleBook
+from engine.candles import CandleQuery
+from engine.candles import check_candle
+from engine.candles import half_ticks_to_price
+from engine.candles import interval_start_us
+from engine.candles import merge
+from engine.candles import select
 from engine.market import Tick
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 SOL, BTC = DEFAULT_ASSETS["SOL"], DEFAULT_ASSETS["BTC"]  # price steps 0.01 and 0.1
 MINUTE = 60_000_000

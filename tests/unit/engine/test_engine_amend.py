@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from engine import reference
 from engine.assets import DEFAULT_ASSETS
 from engine.book import PositionBook
-from engine.orders import NO_LEVEL, CloseReason, OpenPlan, Side, liquidation_ticks, plan_open
+from engine.orders import NO_LEVEL
+from engine.orders import CloseReason
+from engine.orders import OpenPlan
+from engine.orders import Side
+from engine.orders import liquidation_ticks
+from engine.orders import plan_open
 from engine.triggers import naive_sweep
-from tests.unit.engine.book_checks import assert_same_but_id, checked_sweep
+from tests.unit.engine.book_checks import assert_same_but_id
+from tests.unit.engine.book_checks import checked_sweep
 
 SOL = DEFAULT_ASSETS["SOL"]  # price in cents (ticks), quantity in 0.01 SOL (steps)
 USD = 1_000_000

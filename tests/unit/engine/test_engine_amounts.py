@@ -7,21 +7,19 @@ from decimal import Decimal
 from fractions import Fraction
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from engine.amounts import (
-    MAX_UNITS,
-    AmountError,
-    ceil_div,
-    decimal_text_pattern,
-    floor_div,
-    from_units,
-    micros_to_money,
-    money_to_micros,
-    to_units,
-)
+from engine.amounts import MAX_UNITS
+from engine.amounts import AmountError
+from engine.amounts import ceil_div
+from engine.amounts import decimal_text_pattern
+from engine.amounts import floor_div
+from engine.amounts import from_units
+from engine.amounts import micros_to_money
+from engine.amounts import money_to_micros
+from engine.amounts import to_units
 from engine.assets import DEFAULT_ASSETS
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 
 @pytest.mark.parametrize(("value", "decimals", "units"), [

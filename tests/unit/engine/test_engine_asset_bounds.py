@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from engine.amounts import MAX_UNITS
+from engine.assets import DEFAULT_ASSETS
+from engine.assets import MAX_NOTIONAL_MICROS
+from engine.assets import Asset
+from engine.orders import MAX_COLUMN_VALUE
+from engine.orders import Side
+from engine.orders import liquidation_ticks
+from engine.settlement import pnl_micros
 from hypothesis import given
 from hypothesis import strategies as st
-
-from engine.amounts import MAX_UNITS
-from engine.assets import DEFAULT_ASSETS, MAX_NOTIONAL_MICROS, Asset
-from engine.orders import MAX_COLUMN_VALUE, Side, liquidation_ticks
-from engine.settlement import pnl_micros
 
 INT64_MAX = 2**63 - 1
 

@@ -8,18 +8,21 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from engine.assets import DEFAULT_ASSETS
-from engine.book import COLUMN_NAMES, PositionBook, PositionRecord, book_tag_of
-from engine.orders import OpenPlan, Side, plan_open, plan_open_arrays
-from engine.position_ids import (
-    MAX_GENERATION,
-    generation_of,
-    is_position_id,
-    make_position_id,
-    row_of,
-    rows_of,
-)
+from engine.book import COLUMN_NAMES
+from engine.book import PositionBook
+from engine.book import PositionRecord
+from engine.book import book_tag_of
+from engine.orders import OpenPlan
+from engine.orders import Side
+from engine.orders import plan_open
+from engine.orders import plan_open_arrays
+from engine.position_ids import MAX_GENERATION
+from engine.position_ids import generation_of
+from engine.position_ids import is_position_id
+from engine.position_ids import make_position_id
+from engine.position_ids import row_of
+from engine.position_ids import rows_of
 from engine.triggers import naive_sweep
 
 SOL = DEFAULT_ASSETS["SOL"]

@@ -6,12 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from engine_impls import Impl
-
-from engine.assets import DEFAULT_ASSETS, Asset
-from engine.orders import NO_LEVEL, CloseReason, OpenPlan, Side
-from engine.results import Code, Rejected
+from engine.assets import DEFAULT_ASSETS
+from engine.assets import Asset
+from engine.orders import NO_LEVEL
+from engine.orders import CloseReason
+from engine.orders import OpenPlan
+from engine.orders import Side
+from engine.results import Code
+from engine.results import Rejected
 from engine.settlement import Settlement
+from engine_impls import Impl
 
 SOL = DEFAULT_ASSETS["SOL"]  # price step 0.01, quantity step 0.01
 BTC = DEFAULT_ASSETS["BTC"]  # price step 0.1, quantity step 0.00001

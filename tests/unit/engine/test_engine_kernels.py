@@ -6,23 +6,25 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from engine import reference
-from engine.assets import DEFAULT_ASSETS, Asset
-from engine.marking import unrealized_pnl_atoms, unrealized_pnl_micros
-from engine.orders import (
-    CloseReason,
-    OpenPlan,
-    Side,
-    liquidation_ticks,
-    liquidation_ticks_array,
-    plan_open,
-    plan_open_arrays,
-)
+from engine.assets import DEFAULT_ASSETS
+from engine.assets import Asset
+from engine.marking import unrealized_pnl_atoms
+from engine.marking import unrealized_pnl_micros
+from engine.orders import CloseReason
+from engine.orders import OpenPlan
+from engine.orders import Side
+from engine.orders import liquidation_ticks
+from engine.orders import liquidation_ticks_array
+from engine.orders import plan_open
+from engine.orders import plan_open_arrays
 from engine.results import Rejected
-from engine.settlement import exit_price_ticks, pnl_micros, settle
+from engine.settlement import exit_price_ticks
+from engine.settlement import pnl_micros
+from engine.settlement import settle
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 ASSETS = [*DEFAULT_ASSETS.assets,
           Asset("FINE", "FINE_USDC", price_decimals=4, qty_decimals=4, max_leverage=100),

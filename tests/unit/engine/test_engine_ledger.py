@@ -6,25 +6,28 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from engine_impls import IMPLS, Impl
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from engine.assets import DEFAULT_ASSETS
-from engine.ledger import (
-    FUNDING,
-    HOUSE,
-    INSURANCE,
-    SUM,
-    Ledger,
-    LedgerError,
-    free_account,
-    margin_account,
-    parse_account,
-)
-from engine.orders import CloseReason, OpenPlan, Side
-from engine.results import Code, Rejected
-from engine.settlement import Settlement, exit_price_ticks
+from engine.ledger import FUNDING
+from engine.ledger import HOUSE
+from engine.ledger import INSURANCE
+from engine.ledger import SUM
+from engine.ledger import Ledger
+from engine.ledger import LedgerError
+from engine.ledger import free_account
+from engine.ledger import margin_account
+from engine.ledger import parse_account
+from engine.orders import CloseReason
+from engine.orders import OpenPlan
+from engine.orders import Side
+from engine.results import Code
+from engine.results import Rejected
+from engine.settlement import Settlement
+from engine.settlement import exit_price_ticks
+from engine_impls import IMPLS
+from engine_impls import Impl
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 USD = 1_000_000
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from engine_impls import Impl
-
 from engine.assets import DEFAULT_ASSETS
-from engine.orders import CloseReason, OpenPlan, Side, plan_open_arrays
-from engine.results import Code, Rejected
+from engine.orders import CloseReason
+from engine.orders import OpenPlan
+from engine.orders import Side
+from engine.orders import plan_open_arrays
+from engine.results import Code
+from engine.results import Rejected
 from engine.settlement import settle
+from engine_impls import Impl
 
 I64 = 2**63
 

@@ -7,16 +7,24 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
-
 from engine import reference
-from engine.assets import DEFAULT_ASSETS, Asset
+from engine.assets import DEFAULT_ASSETS
+from engine.assets import Asset
 from engine.book import PositionBook
-from engine.orders import CloseReason, OpenPlan, Side, liquidation_ticks, plan_open
+from engine.orders import CloseReason
+from engine.orders import OpenPlan
+from engine.orders import Side
+from engine.orders import liquidation_ticks
+from engine.orders import plan_open
 from engine.results import Rejected
 from engine.triggers import naive_sweep
-from tests.unit.engine.book_checks import assert_same_but_id, checked_sweep
+from hypothesis import HealthCheck
+from hypothesis import example
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from tests.unit.engine.book_checks import assert_same_but_id
+from tests.unit.engine.book_checks import checked_sweep
 
 ASSETS = [*DEFAULT_ASSETS.assets,
           Asset("FINE", "FINE_USDC", price_decimals=4, qty_decimals=4, max_leverage=100)]

@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from engine_impls import Impl
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from engine.assets import DEFAULT_ASSETS
 from engine.book import PositionBook
-from engine.orders import CloseReason, OpenPlan, Side, plan_open, plan_open_arrays
-from engine.results import Code, Rejected
+from engine.orders import CloseReason
+from engine.orders import OpenPlan
+from engine.orders import Side
+from engine.orders import plan_open
+from engine.orders import plan_open_arrays
+from engine.results import Code
+from engine.results import Rejected
+from engine_impls import Impl
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 SOL = DEFAULT_ASSETS["SOL"]  # price step 0.01, quantity step 0.01
 USD = 1_000_000

@@ -9,77 +9,72 @@ import pickle
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 import cluster.durability.store
+import pytest
 from engine import events as ev
 from engine.account_events import POSITION_OPENED
-from engine.events import (
-    AccountCreated,
-    ClientOrderStored,
-    ClientOrderStoredAt,
-    Event,
-    MarginLocked,
-    MarginReleased,
-    TickApplied,
-    decode,
-    decode_batch,
-    encode,
-    encode_batch,
-)
+from engine.events import AccountCreated
+from engine.events import ClientOrderStored
+from engine.events import ClientOrderStoredAt
+from engine.events import Event
+from engine.events import MarginLocked
+from engine.events import MarginReleased
+from engine.events import TickApplied
+from engine.events import decode
+from engine.events import decode_batch
+from engine.events import encode
+from engine.events import encode_batch
 from engine.ledger import LedgerError
-from engine.ledger_machine import (
-    FORGOTTEN,
-    PENDING_OPEN,
-    START_RECONCILED,
-    AbandonLock,
-    AppliedSeq,
-    ApplySettlements,
-    Authenticate,
-    Begin,
-    CreateAccount,
-    ExpireAnswers,
-    Forget,
-    History,
-    LedgerMachine,
-    LockMargin,
-    Note,
-    OpenCount,
-    PendingRequests,
-    ReconcileAtStart,
-    ReleaseMargin,
-    Remember,
-    SettleRequests,
-    Totals,
-    decode_answer,
-    encode_answer,
-    hash_api_key,
-)
+from engine.ledger_machine import FORGOTTEN
+from engine.ledger_machine import PENDING_OPEN
+from engine.ledger_machine import START_RECONCILED
+from engine.ledger_machine import AbandonLock
+from engine.ledger_machine import AppliedSeq
+from engine.ledger_machine import ApplySettlements
+from engine.ledger_machine import Authenticate
+from engine.ledger_machine import Begin
+from engine.ledger_machine import CreateAccount
+from engine.ledger_machine import ExpireAnswers
+from engine.ledger_machine import Forget
+from engine.ledger_machine import History
+from engine.ledger_machine import LedgerMachine
+from engine.ledger_machine import LockMargin
+from engine.ledger_machine import Note
+from engine.ledger_machine import OpenCount
+from engine.ledger_machine import PendingRequests
+from engine.ledger_machine import ReconcileAtStart
+from engine.ledger_machine import ReleaseMargin
+from engine.ledger_machine import Remember
+from engine.ledger_machine import SettleRequests
+from engine.ledger_machine import Totals
+from engine.ledger_machine import decode_answer
+from engine.ledger_machine import encode_answer
+from engine.ledger_machine import hash_api_key
 from engine.machine import run
-from engine.messages import (
-    ClosedPosition,
-    IdemHit,
-    IdemKey,
-    MarginLock,
-    OpenPosition,
-    Principal,
-    SettlementItem,
-)
-from engine.orders import CloseReason, Side
-from engine.results import Code, Rejected
-from tests.unit.engine.recorded_ledger import (
-    NOW,
-    SHARD,
-    SIGNUP,
-    USD,
-    Recorded,
-    closed,
-    one_account,
-    opened,
-    snapshot_round_trip,
-)
+from engine.messages import ClosedPosition
+from engine.messages import IdemHit
+from engine.messages import IdemKey
+from engine.messages import MarginLock
+from engine.messages import OpenPosition
+from engine.messages import Principal
+from engine.messages import SettlementItem
+from engine.orders import CloseReason
+from engine.orders import Side
+from engine.results import Code
+from engine.results import Rejected
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from tests.unit.engine.recorded_ledger import NOW
+from tests.unit.engine.recorded_ledger import SHARD
+from tests.unit.engine.recorded_ledger import SIGNUP
+from tests.unit.engine.recorded_ledger import USD
+from tests.unit.engine.recorded_ledger import Recorded
+from tests.unit.engine.recorded_ledger import closed
+from tests.unit.engine.recorded_ledger import one_account
+from tests.unit.engine.recorded_ledger import opened
+from tests.unit.engine.recorded_ledger import snapshot_round_trip
 
 
 # ----------------------------------------------------------------------------- accounts

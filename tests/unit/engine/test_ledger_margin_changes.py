@@ -3,17 +3,24 @@ leaves without ending an open (released once per request id), through replay and
 
 from __future__ import annotations
 
-from engine.events import MarginAdded, MarginReturned, decode_batch
-from engine.ledger_machine import AbandonLock, Begin, LockMargin, OpenCount, ReleaseMargin
-from engine.messages import IdemHit, IdemKey, MarginLock
-from engine.results import Code, Rejected
-from tests.unit.engine.recorded_ledger import (
-    SIGNUP,
-    USD,
-    one_account,
-    opened,
-    snapshot_round_trip,
-)
+from engine.events import MarginAdded
+from engine.events import MarginReturned
+from engine.events import decode_batch
+from engine.ledger_machine import AbandonLock
+from engine.ledger_machine import Begin
+from engine.ledger_machine import LockMargin
+from engine.ledger_machine import OpenCount
+from engine.ledger_machine import ReleaseMargin
+from engine.messages import IdemHit
+from engine.messages import IdemKey
+from engine.messages import MarginLock
+from engine.results import Code
+from engine.results import Rejected
+from tests.unit.engine.recorded_ledger import SIGNUP
+from tests.unit.engine.recorded_ledger import USD
+from tests.unit.engine.recorded_ledger import one_account
+from tests.unit.engine.recorded_ledger import opened
+from tests.unit.engine.recorded_ledger import snapshot_round_trip
 
 
 def test_a_top_up_needs_free_balance_only_and_counts_no_open() -> None:

@@ -11,45 +11,46 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from engine.events import (
-    MarginReleased,
-    OrderCountSet,
-    OrderLocked,
-    OrderSettled,
-    decode_batch,
-)
-from engine.ledger_machine import (
-    DEFAULT_MAX_OPEN_ORDERS,
-    AbandonLock,
-    AppliedSeq,
-    ApplySettlements,
-    Begin,
-    History,
-    LedgerMachine,
-    LockMargin,
-    OpenCount,
-    OrderCount,
-    OrderHistory,
-    ReconcileAtStart,
-    ReleaseMargin,
-    Remember,
-    SettleRequests,
-    decode_answer,
-    encode_answer,
-)
-from engine.messages import (
-    EndedOrder,
-    IdemHit,
-    IdemKey,
-    MarginLock,
-    PendingOrder,
-    SettlementItem,
-)
-from engine.order_book import OrderKind, OrderStatus
-from engine.orders import CloseReason, Side
-from engine.results import Code, Rejected
-from tests.unit.engine.recorded_ledger import NOW, SHARD, SIGNUP, USD, Recorded, closed
+from engine.events import MarginReleased
+from engine.events import OrderCountSet
+from engine.events import OrderLocked
+from engine.events import OrderSettled
+from engine.events import decode_batch
+from engine.ledger_machine import DEFAULT_MAX_OPEN_ORDERS
+from engine.ledger_machine import AbandonLock
+from engine.ledger_machine import AppliedSeq
+from engine.ledger_machine import ApplySettlements
+from engine.ledger_machine import Begin
+from engine.ledger_machine import History
+from engine.ledger_machine import LedgerMachine
+from engine.ledger_machine import LockMargin
+from engine.ledger_machine import OpenCount
+from engine.ledger_machine import OrderCount
+from engine.ledger_machine import OrderHistory
+from engine.ledger_machine import ReconcileAtStart
+from engine.ledger_machine import ReleaseMargin
+from engine.ledger_machine import Remember
+from engine.ledger_machine import SettleRequests
+from engine.ledger_machine import decode_answer
+from engine.ledger_machine import encode_answer
+from engine.messages import EndedOrder
+from engine.messages import IdemHit
+from engine.messages import IdemKey
+from engine.messages import MarginLock
+from engine.messages import PendingOrder
+from engine.messages import SettlementItem
+from engine.order_book import OrderKind
+from engine.order_book import OrderStatus
+from engine.orders import CloseReason
+from engine.orders import Side
+from engine.results import Code
+from engine.results import Rejected
+from tests.unit.engine.recorded_ledger import NOW
+from tests.unit.engine.recorded_ledger import SHARD
+from tests.unit.engine.recorded_ledger import SIGNUP
+from tests.unit.engine.recorded_ledger import USD
+from tests.unit.engine.recorded_ledger import Recorded
+from tests.unit.engine.recorded_ledger import closed
 
 ORDERS = DEFAULT_MAX_OPEN_ORDERS
 FILLED, CANCELLED, EXPIRED, REJECTED = (OrderStatus.FILLED, OrderStatus.CANCELLED,

@@ -6,29 +6,27 @@ from __future__ import annotations
 
 import json
 
-from numpy.lib import recfunctions
-
-from engine.ledger_machine import (
-    ApplySettlements,
-    History,
-    LedgerMachine,
-    LockMargin,
-    OpenCount,
-    ReconcileAtStart,
-    decode_answer,
-    encode_answer,
-)
-from engine.messages import ClosedPosition, MarginLock, SettlementItem
+from engine.ledger_machine import ApplySettlements
+from engine.ledger_machine import History
+from engine.ledger_machine import LedgerMachine
+from engine.ledger_machine import LockMargin
+from engine.ledger_machine import OpenCount
+from engine.ledger_machine import ReconcileAtStart
+from engine.ledger_machine import decode_answer
+from engine.ledger_machine import encode_answer
+from engine.messages import ClosedPosition
+from engine.messages import MarginLock
+from engine.messages import SettlementItem
 from engine.position_ids import partial_close_id
-from engine.results import Code, Rejected
-from tests.unit.engine.recorded_ledger import (
-    SHARD,
-    SIGNUP,
-    USD,
-    closed,
-    one_account,
-    snapshot_round_trip,
-)
+from engine.results import Code
+from engine.results import Rejected
+from numpy.lib import recfunctions
+from tests.unit.engine.recorded_ledger import SHARD
+from tests.unit.engine.recorded_ledger import SIGNUP
+from tests.unit.engine.recorded_ledger import USD
+from tests.unit.engine.recorded_ledger import closed
+from tests.unit.engine.recorded_ledger import one_account
+from tests.unit.engine.recorded_ledger import snapshot_round_trip
 
 PID = 2**34 + 3
 

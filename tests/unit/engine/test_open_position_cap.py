@@ -10,45 +10,45 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
 from cluster.actors.host import host_specs
 from cluster.config import Settings
-from engine.events import MarginReleased, OpenCountSet, decode, encode
-from engine.ledger_machine import (
-    DEFAULT_MAX_OPEN_POSITIONS,
-    START_RECONCILED,
-    AbandonLock,
-    ApplySettlements,
-    Balances,
-    Begin,
-    LedgerMachine,
-    LockMargin,
-    OpenCount,
-    ReconcileAtStart,
-    ReleaseMargin,
-    Remember,
-)
+from engine.events import MarginReleased
+from engine.events import OpenCountSet
+from engine.events import decode
+from engine.events import encode
+from engine.ledger_machine import DEFAULT_MAX_OPEN_POSITIONS
+from engine.ledger_machine import START_RECONCILED
+from engine.ledger_machine import AbandonLock
+from engine.ledger_machine import ApplySettlements
+from engine.ledger_machine import Balances
+from engine.ledger_machine import Begin
+from engine.ledger_machine import LedgerMachine
+from engine.ledger_machine import LockMargin
+from engine.ledger_machine import OpenCount
+from engine.ledger_machine import ReconcileAtStart
+from engine.ledger_machine import ReleaseMargin
+from engine.ledger_machine import Remember
 from engine.machine import run
-from engine.messages import (
-    ClosedPosition,
-    IdemHit,
-    IdemKey,
-    MarginLock,
-    OpenPosition,
-    SettlementItem,
-)
+from engine.messages import ClosedPosition
+from engine.messages import IdemHit
+from engine.messages import IdemKey
+from engine.messages import MarginLock
+from engine.messages import OpenPosition
+from engine.messages import SettlementItem
 from engine.orders import CloseReason
-from engine.results import Code, Rejected
-from tests.unit.cluster.local_platform import balances, build_platform, sol_long, sol_trader
-from tests.unit.engine.recorded_ledger import (
-    SHARD,
-    SIGNUP,
-    USD,
-    Recorded,
-    closed,
-    opened,
-    snapshot_round_trip,
-)
+from engine.results import Code
+from engine.results import Rejected
+from tests.unit.cluster.local_platform import balances
+from tests.unit.cluster.local_platform import build_platform
+from tests.unit.cluster.local_platform import sol_long
+from tests.unit.cluster.local_platform import sol_trader
+from tests.unit.engine.recorded_ledger import SHARD
+from tests.unit.engine.recorded_ledger import SIGNUP
+from tests.unit.engine.recorded_ledger import USD
+from tests.unit.engine.recorded_ledger import Recorded
+from tests.unit.engine.recorded_ledger import closed
+from tests.unit.engine.recorded_ledger import opened
+from tests.unit.engine.recorded_ledger import snapshot_round_trip
 
 CAP = DEFAULT_MAX_OPEN_POSITIONS
 

@@ -11,26 +11,31 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from engine import schema
 from engine.assets import DEFAULT_ASSETS
-from engine.order_book import (
-    COLUMN_NAMES,
-    GOOD_TILL_CANCELLED,
-    OrderBook,
-    OrderKind,
-    OrderOutcome,
-    OrderTerms,
-    check_terms,
-    fill_price,
-    naive_sweep,
-)
+from engine.order_book import COLUMN_NAMES
+from engine.order_book import GOOD_TILL_CANCELLED
+from engine.order_book import OrderBook
+from engine.order_book import OrderKind
+from engine.order_book import OrderOutcome
+from engine.order_book import OrderTerms
+from engine.order_book import check_terms
+from engine.order_book import fill_price
+from engine.order_book import naive_sweep
 from engine.order_reference import ReferenceOrderBook
-from engine.orders import NO_LEVEL, Side
-from engine.position_ids import MAX_GENERATION, book_tag_of, generation_of, make_position_id, row_of
-from tests.unit.engine.book_checks import assert_same_but_id, checked_sweep
+from engine.orders import NO_LEVEL
+from engine.orders import Side
+from engine.position_ids import MAX_GENERATION
+from engine.position_ids import book_tag_of
+from engine.position_ids import generation_of
+from engine.position_ids import make_position_id
+from engine.position_ids import row_of
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from tests.unit.engine.book_checks import assert_same_but_id
+from tests.unit.engine.book_checks import checked_sweep
 
 SOL = DEFAULT_ASSETS["SOL"]  # price step 0.01: 150.00 is 15000 ticks
 LONG, SHORT = Side.LONG, Side.SHORT

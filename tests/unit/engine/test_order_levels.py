@@ -4,12 +4,18 @@ checked against engine.orders.plan_open, the very check a fill runs."""
 
 from __future__ import annotations
 
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
-
 from engine.assets import DEFAULT_ASSETS
-from engine.order_book import OrderKind, OrderTerms, impossible_levels
-from engine.orders import NO_LEVEL, OpenPlan, Side, plan_open
+from engine.order_book import OrderKind
+from engine.order_book import OrderTerms
+from engine.order_book import impossible_levels
+from engine.orders import NO_LEVEL
+from engine.orders import OpenPlan
+from engine.orders import Side
+from engine.orders import plan_open
+from hypothesis import example
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 SOL = DEFAULT_ASSETS["SOL"]  # price step 0.01
 MARGIN = 100 * 1_000_000  # 100 USD at leverage 1: a quantity at every entry up to 4,000 ticks

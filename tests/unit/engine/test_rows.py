@@ -9,12 +9,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from engine import rows, schema
+from engine import rows
+from engine import schema
 from engine.assets import DEFAULT_ASSETS
 from engine.book import PositionBook
-from engine.order_book import OrderBook, OrderKind, OrderTerms
-from engine.orders import OpenPlan, Side, plan_open
+from engine.order_book import OrderBook
+from engine.order_book import OrderKind
+from engine.order_book import OrderTerms
+from engine.orders import OpenPlan
+from engine.orders import Side
+from engine.orders import plan_open
 from engine.position_ids import row_of
 from engine.rows import RowStore
 

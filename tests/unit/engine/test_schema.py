@@ -8,56 +8,54 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from typing import Any, Literal, NamedTuple
+from typing import Any
+from typing import Literal
+from typing import NamedTuple
 
 import numpy as np
 import pytest
-
 from engine import schema
 from engine.assets import DEFAULT_ASSETS
-from engine.book import COLUMN_NAMES, PositionBook, PositionRecord
-from engine.events import (
-    TYPE_CODES,
-    PositionClosed,
-    PositionOpened,
-    PositionReduced,
-    SettlementApplied,
-    decode,
-    encode,
-    fixed_format,
-    record_dtype,
-)
-from engine.ledger_machine import (
-    HISTORY_DTYPE,
-    ApplySettlements,
-    CreateAccount,
-    LedgerMachine,
-    LockMargin,
-    decode_answer,
-    encode_answer,
-    hash_api_key,
-)
+from engine.book import COLUMN_NAMES
+from engine.book import PositionBook
+from engine.book import PositionRecord
+from engine.events import TYPE_CODES
+from engine.events import PositionClosed
+from engine.events import PositionOpened
+from engine.events import PositionReduced
+from engine.events import SettlementApplied
+from engine.events import decode
+from engine.events import encode
+from engine.events import fixed_format
+from engine.events import record_dtype
+from engine.ledger_machine import HISTORY_DTYPE
+from engine.ledger_machine import ApplySettlements
+from engine.ledger_machine import CreateAccount
+from engine.ledger_machine import LedgerMachine
+from engine.ledger_machine import LockMargin
+from engine.ledger_machine import decode_answer
+from engine.ledger_machine import encode_answer
+from engine.ledger_machine import hash_api_key
 from engine.machine import run
 from engine.market import Tick
-from engine.messages import (
-    ClosedPosition,
-    MarginLock,
-    OpenPosition,
-    SettlementItem,
-    ShardClose,
-    ShardOpen,
-)
-from engine.orders import CloseReason, OpenPlan, Side, plan_open
+from engine.messages import ClosedPosition
+from engine.messages import MarginLock
+from engine.messages import OpenPosition
+from engine.messages import SettlementItem
+from engine.messages import ShardClose
+from engine.messages import ShardOpen
+from engine.orders import CloseReason
+from engine.orders import OpenPlan
+from engine.orders import Side
+from engine.orders import plan_open
 from engine.reference import ReferenceBook
-from engine.shard_machine import (
-    OUTBOX_DTYPE,
-    RESULT_DTYPE,
-    ApplyTick,
-    Close,
-    Open,
-    Resolve,
-    ShardMachine,
-)
+from engine.shard_machine import OUTBOX_DTYPE
+from engine.shard_machine import RESULT_DTYPE
+from engine.shard_machine import ApplyTick
+from engine.shard_machine import Close
+from engine.shard_machine import Open
+from engine.shard_machine import Resolve
+from engine.shard_machine import ShardMachine
 
 SOL = DEFAULT_ASSETS["SOL"]
 NOW = 1_800_000_000_000_000
@@ -403,7 +401,9 @@ def test_stored_answers_keep_their_json_layout() -> None:
 
 # ----------------------------------------------------------------------------- the API
 def _formats() -> dict[str, Any]:
-    from cluster.api import decimal_text, iso_us, money
+    from cluster.api import decimal_text
+    from cluster.api import iso_us
+    from cluster.api import money
 
     return {"price": lambda v, a: decimal_text(v, a.price_decimals),
             "quantity": lambda v, a: decimal_text(v, a.qty_decimals),
@@ -438,7 +438,8 @@ def test_the_api_json_follows_from_the_schema() -> None:
 
 
 def test_the_api_models_follow_from_the_schema() -> None:
-    from cluster.api import ClosedPositionOut, PositionOut
+    from cluster.api import ClosedPositionOut
+    from cluster.api import PositionOut
 
     schema.check_api_model(PositionOut, schema.API_POSITION)
     schema.check_api_model(ClosedPositionOut, schema.API_CLOSED_POSITION)

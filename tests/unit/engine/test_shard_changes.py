@@ -10,21 +10,24 @@ from fractions import Fraction
 
 from engine.events import PositionAmended
 from engine.messages import OpenPosition
-from engine.orders import Side, liquidation_ticks
-from engine.results import Code, Rejected
-from engine.shard_machine import ChangeMargin, PositionsOf, SetLevels, ShardMachine
-from tests.unit.engine.test_shard_machine import (
-    NOW,
-    SOL,
-    USD,
-    Host,
-    raw_tick,
-    replay,
-    req,
-    restored,
-    run,
-    shard,
-)
+from engine.orders import Side
+from engine.orders import liquidation_ticks
+from engine.results import Code
+from engine.results import Rejected
+from engine.shard_machine import ChangeMargin
+from engine.shard_machine import PositionsOf
+from engine.shard_machine import SetLevels
+from engine.shard_machine import ShardMachine
+from tests.unit.engine.test_shard_machine import NOW
+from tests.unit.engine.test_shard_machine import SOL
+from tests.unit.engine.test_shard_machine import USD
+from tests.unit.engine.test_shard_machine import Host
+from tests.unit.engine.test_shard_machine import raw_tick
+from tests.unit.engine.test_shard_machine import replay
+from tests.unit.engine.test_shard_machine import req
+from tests.unit.engine.test_shard_machine import restored
+from tests.unit.engine.test_shard_machine import run
+from tests.unit.engine.test_shard_machine import shard
 
 
 def opened(m: ShardMachine, side: Side = Side.LONG, leverage: int = 10, sl: str | None = None,

@@ -10,50 +10,52 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from engine.assets import DEFAULT_ASSETS
-from engine.events import (
-    TYPE_CODES,
-    Event,
-    OpenFenced,
-    OutboxAcked,
-    PositionClosed,
-    PositionOpened,
-    SeqResumed,
-    TickApplied,
-    decode_batch,
-    encode,
-    encode_batch,
-    record_dtype,
-)
+from engine.events import TYPE_CODES
+from engine.events import Event
+from engine.events import OpenFenced
+from engine.events import OutboxAcked
+from engine.events import PositionClosed
+from engine.events import PositionOpened
+from engine.events import SeqResumed
+from engine.events import TickApplied
+from engine.events import decode_batch
+from engine.events import encode
+from engine.events import encode_batch
+from engine.events import record_dtype
 from engine.machine import run as run_at
 from engine.machine import step
 from engine.market import Tick
-from engine.messages import OpenPosition, SettlementItem, ShardClose, ShardOpen
-from engine.orders import CloseReason, Side
-from engine.results import Code, Rejected
-from engine.shard_machine import (
-    MIN_VECTOR_RUN,
-    OPENED_RECORD,
-    REMEMBERED,
-    AckOutbox,
-    ApplyTick,
-    AuditView,
-    Close,
-    LastTick,
-    Open,
-    OpenMargins,
-    Outbox,
-    OutboxView,
-    PositionsOf,
-    Resolve,
-    ResumeSeq,
-    ShardMachine,
-    Stats,
-    slippage_exceeded,
-)
+from engine.messages import OpenPosition
+from engine.messages import SettlementItem
+from engine.messages import ShardClose
+from engine.messages import ShardOpen
+from engine.orders import CloseReason
+from engine.orders import Side
+from engine.results import Code
+from engine.results import Rejected
+from engine.shard_machine import MIN_VECTOR_RUN
+from engine.shard_machine import OPENED_RECORD
+from engine.shard_machine import REMEMBERED
+from engine.shard_machine import AckOutbox
+from engine.shard_machine import ApplyTick
+from engine.shard_machine import AuditView
+from engine.shard_machine import Close
+from engine.shard_machine import LastTick
+from engine.shard_machine import Open
+from engine.shard_machine import OpenMargins
+from engine.shard_machine import Outbox
+from engine.shard_machine import OutboxView
+from engine.shard_machine import PositionsOf
+from engine.shard_machine import Resolve
+from engine.shard_machine import ResumeSeq
+from engine.shard_machine import ShardMachine
+from engine.shard_machine import Stats
+from engine.shard_machine import slippage_exceeded
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 SOL = DEFAULT_ASSETS["SOL"]
 NAME = "shard-SOL-0"

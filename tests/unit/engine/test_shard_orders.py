@@ -8,41 +8,49 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from engine import shard_machine
-from engine.events import OrderEnded, OrderPlaced, PositionAmended, PositionOpened
+from engine.events import OrderEnded
+from engine.events import OrderPlaced
+from engine.events import PositionAmended
+from engine.events import PositionOpened
 from engine.market import Tick
-from engine.messages import EndedOrder, OpenPosition, PendingOrder, SettlementItem
-from engine.order_book import OrderKind, OrderStatus, OrderTerms
-from engine.orders import CloseReason, Side, plan_open
-from engine.results import Code, Rejected
-from engine.shard_machine import (
-    ApplyTick,
-    AuditView,
-    Cancel,
-    OpenMargins,
-    OrdersOf,
-    Outbox,
-    Place,
-    PositionsOf,
-    Resolve,
-    ShardMachine,
-)
-from tests.unit.engine.test_shard_machine import (
-    NOW,
-    SOL,
-    USD,
-    Host,
-    close,
-    raw_tick,
-    replay,
-    req,
-    restored,
-    run,
-    shard,
-)
+from engine.messages import EndedOrder
+from engine.messages import OpenPosition
+from engine.messages import PendingOrder
+from engine.messages import SettlementItem
+from engine.order_book import OrderKind
+from engine.order_book import OrderStatus
+from engine.order_book import OrderTerms
+from engine.orders import CloseReason
+from engine.orders import Side
+from engine.orders import plan_open
+from engine.results import Code
+from engine.results import Rejected
+from engine.shard_machine import ApplyTick
+from engine.shard_machine import AuditView
+from engine.shard_machine import Cancel
+from engine.shard_machine import OpenMargins
+from engine.shard_machine import OrdersOf
+from engine.shard_machine import Outbox
+from engine.shard_machine import Place
+from engine.shard_machine import PositionsOf
+from engine.shard_machine import Resolve
+from engine.shard_machine import ShardMachine
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from tests.unit.engine.test_shard_machine import NOW
+from tests.unit.engine.test_shard_machine import SOL
+from tests.unit.engine.test_shard_machine import USD
+from tests.unit.engine.test_shard_machine import Host
+from tests.unit.engine.test_shard_machine import close
+from tests.unit.engine.test_shard_machine import raw_tick
+from tests.unit.engine.test_shard_machine import replay
+from tests.unit.engine.test_shard_machine import req
+from tests.unit.engine.test_shard_machine import restored
+from tests.unit.engine.test_shard_machine import run
+from tests.unit.engine.test_shard_machine import shard
 
 LIMIT, STOP = OrderKind.LIMIT, OrderKind.STOP
 LONG, SHORT = Side.LONG, Side.SHORT

@@ -7,26 +7,33 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from numpy.lib import recfunctions
-
 from engine.events import PositionReduced
-from engine.messages import ClosedPosition, OpenPosition, SettlementItem, ShardClose
-from engine.orders import CloseReason, Side, liquidation_ticks
-from engine.position_ids import PARTIAL_CLOSE_FLAG, book_tag_of
-from engine.results import Code, Rejected
-from engine.shard_machine import Close, Outbox, PositionsOf, ShardMachine
-from tests.unit.engine.test_shard_machine import (
-    NOW,
-    SOL,
-    USD,
-    Host,
-    raw_tick,
-    replay,
-    req,
-    restored,
-    run,
-    shard,
-)
+from engine.messages import ClosedPosition
+from engine.messages import OpenPosition
+from engine.messages import SettlementItem
+from engine.messages import ShardClose
+from engine.orders import CloseReason
+from engine.orders import Side
+from engine.orders import liquidation_ticks
+from engine.position_ids import PARTIAL_CLOSE_FLAG
+from engine.position_ids import book_tag_of
+from engine.results import Code
+from engine.results import Rejected
+from engine.shard_machine import Close
+from engine.shard_machine import Outbox
+from engine.shard_machine import PositionsOf
+from engine.shard_machine import ShardMachine
+from numpy.lib import recfunctions
+from tests.unit.engine.test_shard_machine import NOW
+from tests.unit.engine.test_shard_machine import SOL
+from tests.unit.engine.test_shard_machine import USD
+from tests.unit.engine.test_shard_machine import Host
+from tests.unit.engine.test_shard_machine import raw_tick
+from tests.unit.engine.test_shard_machine import replay
+from tests.unit.engine.test_shard_machine import req
+from tests.unit.engine.test_shard_machine import restored
+from tests.unit.engine.test_shard_machine import run
+from tests.unit.engine.test_shard_machine import shard
 
 PPM = 5_000  # maintenance margin 0.5%
 

@@ -6,7 +6,8 @@ from typing import NamedTuple
 
 from engine.assets import DEFAULT_ASSETS
 from engine.market import Tick
-from feed.conflation import BatchConflator, ShardFanout
+from feed.conflation import BatchConflator
+from feed.conflation import ShardFanout
 from feed.gate import TickGate
 from feed.message import message_from_ticks
 

@@ -8,13 +8,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
+import feed.consumer as consumer_module
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
-
-import feed.consumer as consumer_module
 from engine.assets import DEFAULT_ASSETS
 from engine.market import Tick
 from feed.clients import stop_client

@@ -6,15 +6,16 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.consumer.fetcher import Fetcher
-
 from engine.assets import DEFAULT_ASSETS
 from engine.market import Tick
-from feed.consumer import FetchWait, MarketDataConsumer
+from feed.consumer import FetchWait
+from feed.consumer import MarketDataConsumer
 from feed.message import message_from_ticks
 from feed.pipeline import TickPipeline
 from feed.settings import FeedBounds

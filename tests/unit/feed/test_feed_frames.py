@@ -6,19 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+from engine.assets import DEFAULT_ASSETS
+from feed.frames import DROP_REASONS
+from feed.frames import MAX_FRAME_BYTES
+from feed.frames import MAX_IGNORED_EVENTS
+from feed.frames import ErrorFrame
+from feed.frames import FrameNormalizer
+from feed.frames import subscribe_request
+from feed.message import MarketDataMessage
 from hypothesis import given
 from hypothesis import strategies as st
-
-from engine.assets import DEFAULT_ASSETS
-from feed.frames import (
-    DROP_REASONS,
-    MAX_FRAME_BYTES,
-    MAX_IGNORED_EVENTS,
-    ErrorFrame,
-    FrameNormalizer,
-    subscribe_request,
-)
-from feed.message import MarketDataMessage
 from tests.unit.feed import strategies
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "backpack"

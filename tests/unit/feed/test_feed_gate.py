@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
 from engine.market import Tick
-from feed.gate import TickGate, within_band
+from feed.gate import TickGate
+from feed.gate import within_band
 
 
 def tick(mid: int, ts: int, asset: str = "SOL", seq: int = 0) -> Tick:

@@ -6,21 +6,19 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
-from engine.assets import DEFAULT_ASSETS, Asset
+from engine.assets import DEFAULT_ASSETS
+from engine.assets import Asset
 from engine.market import Tick
-from feed.message import (
-    DECODE_DROP_REASONS,
-    MAX_MESSAGE_BYTES,
-    MarketDataMessage,
-    TickDecoder,
-    message_from_ticks,
-    mid_price,
-)
+from feed.message import DECODE_DROP_REASONS
+from feed.message import MAX_MESSAGE_BYTES
+from feed.message import MarketDataMessage
+from feed.message import TickDecoder
+from feed.message import message_from_ticks
+from feed.message import mid_price
 from feed.payload import MAX_DEPTH
 from feed.settings import FeedBounds
+from hypothesis import given
+from hypothesis import strategies as st
 from tests.unit.feed import strategies
 
 GOOD = {"v": 1, "symbol": "SOL_USDC", "asset": "SOL", "bid": "98.96", "ask": "98.97",

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from feed.payload import MAX_DEPTH
+from feed.payload import PayloadError
+from feed.payload import load_json
+from feed.payload import nesting_depth
 from hypothesis import given
 from hypothesis import strategies as st
-
-from feed.payload import MAX_DEPTH, PayloadError, load_json, nesting_depth
 
 
 @pytest.mark.parametrize(

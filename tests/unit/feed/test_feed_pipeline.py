@@ -8,7 +8,11 @@ from typing import NamedTuple
 from engine.assets import DEFAULT_ASSETS
 from engine.market import Tick
 from feed.message import message_from_ticks
-from feed.pipeline import DROP_REASONS, TickPipeline, drops_metrics, drops_text, quantiles_ms
+from feed.pipeline import DROP_REASONS
+from feed.pipeline import TickPipeline
+from feed.pipeline import drops_metrics
+from feed.pipeline import drops_text
+from feed.pipeline import quantiles_ms
 from feed.settings import FeedBounds
 
 NOW = 1_788_367_430_000_000

@@ -6,8 +6,10 @@ import math
 from dataclasses import dataclass
 
 import pytest
-
-from feed.settings import FeedBounds, FeedSettings, feed_settings, parse_source
+from feed.settings import FeedBounds
+from feed.settings import FeedSettings
+from feed.settings import feed_settings
+from feed.settings import parse_source
 
 
 def test_bounds_defaults_follow_the_spec() -> None:

@@ -8,16 +8,21 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cluster.config import Settings
 from engine.assets import DEFAULT_ASSETS
-from feed.backpack import Backoff, BackpackClient
+from feed.backpack import Backoff
+from feed.backpack import BackpackClient
 from feed.broker import free_port
 from feed.frames import FrameNormalizer
 from feed.message import MarketDataMessage
-from feed.replay import ReplaySource, parse_replay
-from feed.sim import SimSource, SimWalk
-from feed.source import AutoSource, Source, make_source, parse_source
+from feed.replay import ReplaySource
+from feed.replay import parse_replay
+from feed.sim import SimSource
+from feed.sim import SimWalk
+from feed.source import AutoSource
+from feed.source import Source
+from feed.source import make_source
+from feed.source import parse_source
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "backpack" / "recorded_ws_frames.jsonl"
 
