@@ -236,8 +236,8 @@ def serve_baseline(port: int) -> None:
     import uvicorn
 
     from cluster.actors.local import LocalHosts
-    from cluster.api import create_app
     from cluster.durability.runner import wall_clock_us
+    from cluster.http.api import create_app
     from engine.market import Tick
 
     settings = unthrottled(Settings.from_env())
@@ -505,7 +505,7 @@ def _measure_serve(args: argparse.Namespace, levels: list[int], replicas: int, p
     """One platform with ``replicas`` API replicas on its own broker: (start seconds, the
     closed loop's results and costs by concurrency and GET /state at the top one,
     tick_to_close over ``positions``, with ``profile`` the CPU split of _cpu_split)."""
-    from cluster.launcher import Platform
+    from cluster.actors.launcher import Platform
     from feed.broker import EmbeddedBroker, free_ports
 
     data_dir = tempfile.mkdtemp(prefix="shardex-bench-")

@@ -1,7 +1,7 @@
 """``shardex bench chaos --kills N``: kill -9 the platform's processes under live trading and
 count what the clients saw acknowledged but the platform lost or applied twice.
 
-The whole platform runs as in production (cluster.launcher.Platform with ``durable=True``:
+The whole platform runs as in production (cluster.actors.launcher.Platform with ``durable=True``:
 local Ray, the ledger and every shard in journaled MachineHost actors under DATA_DIR that Ray
 restarts, the feed actor consuming Kafka, the Serve HTTP API), with the embedded broker.
 While it runs:
@@ -54,9 +54,9 @@ from typing import Any
 
 import httpx
 
-from cluster.actor_names import FEED, LEDGER
+from cluster.actors.launcher import Platform
+from cluster.actors.names import FEED, LEDGER
 from cluster.config import MARKET_TOPIC, Settings
-from cluster.launcher import Platform
 from engine.assets import DEFAULT_ASSETS
 from engine.ledger import AuditDifference
 from engine.shard_machine import Stats
@@ -392,7 +392,7 @@ class ChaosRun:
             before = page[-1]["positionId"]
 
     def _audit(self) -> tuple[list[AuditDifference], dict[str, Any]]:
-        from cluster.launcher import service_for
+        from cluster.actors.launcher import service_for
 
         assert self.platform is not None
         service = service_for(self.platform.settings, self.platform.namespace)

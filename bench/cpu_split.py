@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                     "cluster/http/limits.py")),
     ("json", ("json/encoder.py", "json/decoder.py", "json/__init__.py")),
     ("engine", ("/engine/",)),
-    ("service", ("cluster/trading/", "cluster/actors/port.py", "cluster/api.py",
+    ("service", ("cluster/trading/", "cluster/actors/port.py", "cluster/http/api.py",
                  "cluster/live/")),
     ("http", ("uvicorn/", "starlette/", "fastapi/", "httptools", "h11/")),
     ("ray", ("ray/",)),

@@ -2,7 +2,7 @@
 
 1. API throughput, journaling off versus on, in the same run: the whole platform (local Ray,
    its own embedded broker, sim prices, Serve on a free port) is started once with in-memory
-   hosts (cluster.launcher.Platform(durable=False)) and once with journaled ones
+   hosts (cluster.actors.launcher.Platform(durable=False)) and once with journaled ones
    (``durable=True``: every batch a host executes is one journal record, fdatasync'ed under
    DATA_DIR before the answers), and driven by the same closed loop of HTTP opens and closes
    (bench.api.drive: each worker alternates open and close on its own account). One op = one
@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.api import HOST, drive_all, unthrottled
+from cluster.actors.launcher import Platform
 from cluster.config import Settings
-from cluster.launcher import Platform
 
 ONE_MILLION = 1_000_000
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import ray
 
+from cluster.actors.feed import FeedActor
 from cluster.config import Settings
-from cluster.feed_actor import FeedActor
 from engine.assets import DEFAULT_ASSETS
 from engine.shard_machine import ApplyTick, Outbox, OutboxView
 from feed.broker import EmbeddedBroker, free_port

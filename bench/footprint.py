@@ -1,6 +1,6 @@
 """``shardex bench footprint``: what an idle platform costs, process by process.
 
-Starts the platform the way ``shardex up`` does (cluster.launcher.Platform: a local Ray, the
+Starts the platform the way ``shardex up`` does (cluster.actors.launcher.Platform: a local Ray, the
 journaled ledger and shards, the feed actor, the Serve API; its own embedded broker on a free
 port; a temporary DATA_DIR; a free API port) with ``FEED_SOURCE=none``, so nothing happens
 once it is up. After ``--settle-s`` (start-up work: imports, the first partition checks,
@@ -155,7 +155,7 @@ def _actor_names() -> dict[int, str]:
 
 def _broker_pid(data_dir: Path) -> int | None:
     """The embedded broker's pid, from the record the platform keeps in DATA_DIR."""
-    from cluster.launcher import BROKER_RECORD
+    from cluster.actors.launcher import BROKER_RECORD
 
     try:
         return int(json.loads((data_dir / BROKER_RECORD).read_text())["broker"]["pid"])
@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     args = parser.parse_args(argv)
 
+    from cluster.actors.launcher import Platform
     from cluster.config import Settings
-    from cluster.launcher import Platform
     from feed.broker import free_port
 
     driver = os.getpid()
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = dataclasses.replace(Settings.from_env(), port=free_port(HOST), host=HOST,
                                    feed_source="none", data_dir=Path(data_dir),
                                    kafka_brokers=None, ray_address=None)
-    # what `shardex up` builds (cluster.launcher.up), with its own broker port
+    # what `shardex up` builds (cluster.actors.launcher.up), with its own broker port
     platform = Platform(settings, with_feed=True, host=HOST, broker_port=free_port(HOST),
                         durable=True)
     leftovers: list[str] = []

@@ -620,8 +620,8 @@ def _settings(port: int, data_dir: str) -> Settings:
 
 def report(raw: dict[str, Any]) -> dict[str, Any]:
     """Print the tables of a run :func:`run` recorded; returns the JSON line's content."""
+    from cluster.actors.feed import CallTiming
     from cluster.durability.runner import ExecuteTiming
-    from cluster.feed_actor import CallTiming
 
     args = argparse.Namespace(**raw["args"])
     produced = {int(seq): Produced(*row) for seq, row in raw["produced"].items()}
@@ -740,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.topic_max_records < 0:
         parser.error("--topic-max-records must be >= 0")
 
-    from cluster.launcher import Platform
+    from cluster.actors.launcher import Platform
     from feed.broker import EmbeddedBroker, free_port
 
     data_dir = tempfile.mkdtemp(prefix="shardex-bench-latency-")

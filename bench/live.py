@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from bench.api import _free_port, _settings
-    from cluster.launcher import Platform
+    from cluster.actors.launcher import Platform
     from feed.broker import EmbeddedBroker
 
     candles = candle_costs(args.candle_ticks)

@@ -47,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
         from feed.service import run_feed_service
 
         return run_feed_service(settings)
-    from cluster import launcher
+    from cluster.actors import launcher
 
     if args.command in ("up", "engine"):
         port = args.broker_port

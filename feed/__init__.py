@@ -21,7 +21,7 @@ Modules (one concept each):
   :class:`TickPipeline`, all of them together; ``feed.consumer``: :class:`MarketDataConsumer`
   (aiokafka; assignment without a consumer group, positioning, topic recreation, rebuilds,
   lag) feeding a pipeline and handing its ready ticks to a shard-call callback. Together the
-  Ray-free logic of the feed actor (``cluster.feed_actor``).
+  Ray-free logic of the feed actor (``cluster.actors.feed``).
 - ``feed.service``: ``run_feed_service(settings)`` behind ``shardex feed``.
 
 Nothing here imports Ray or ``cluster``.

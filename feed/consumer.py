@@ -15,7 +15,7 @@ shard did not take them: the newest of each asset goes back to pending (unless a
 already waits there) and is sent again on a later round.
 ``reachable(shard) -> bool`` says whether a shard can be called now (the caller may look it up
 there). At most ``pipeline.fanout.max_in_flight`` calls are outstanding per shard.
-``cluster.feed_actor`` provides both with Ray actor handles.
+``cluster.actors.feed`` provides both with Ray actor handles.
 
 The consumer assigns itself every partition of the topic directly (``consumer.assign``); it
 joins no consumer group. Offsets are never committed and every assignment seeks to the newest

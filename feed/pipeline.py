@@ -5,7 +5,7 @@ One batch of Kafka records goes through, in order: the decoder (format, bounds, 
 batch (``feed.conflation.BatchConflator``), the order and jump gate (``feed.gate.TickGate``), and
 the per-shard fan-out (``feed.conflation.ShardFanout``: every accepted tick, in order).
 ``feed.consumer.MarketDataConsumer`` reads Kafka, calls :meth:`TickPipeline.ingest` and makes
-the calls :meth:`TickPipeline.take_ready` hands out (through ``cluster.feed_actor``'s Ray calls).
+the calls :meth:`TickPipeline.take_ready` hands out (through ``cluster.actors.feed``'s Ray calls).
 """
 
 from __future__ import annotations

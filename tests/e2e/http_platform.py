@@ -17,8 +17,8 @@ from typing import Protocol
 
 import uvicorn
 from cluster.actors.local import LocalHosts
-from cluster.api import create_app
 from cluster.config import Settings
+from cluster.http.api import create_app
 from cluster.http.server import SERVER_OPTIONS
 from cluster.live.market import MarketLive
 from engine.ledger import AuditDifference

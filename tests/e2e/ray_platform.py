@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster.actors.launcher import Platform
 from cluster.config import Settings
-from cluster.launcher import Platform
 from engine.ledger import AuditDifference
 from engine.market import Tick
 from engine.shard_machine import ApplyTick
@@ -125,7 +125,7 @@ class RayHttpPlatform:
                 if spec.asset == asset]
 
     def _audit(self) -> tuple[list[AuditDifference], dict[str, Any]]:
-        from cluster.launcher import service_for
+        from cluster.actors.launcher import service_for
 
         service = service_for(self.settings, self.platform.namespace)
         problems, totals = asyncio.run(service.audit())

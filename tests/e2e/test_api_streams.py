@@ -533,7 +533,7 @@ def test_a_filled_order_is_followed_by_the_position_it_opened(platform: HttpPlat
 
 
 def test_a_stopping_replica_closes_every_connection_with_1001_after_its_queued_frames() -> None:
-    """What an API replica does when the platform stops (cluster.serve_app.stop_api): each
+    """What an API replica does when the platform stops (cluster.actors.serve_app.stop_api): each
     connection is sent what was queued for it, then a close frame 1001 with a reason; one opened
     after that is closed with 1001 at once."""
     with LocalHttpPlatform() as stopping:

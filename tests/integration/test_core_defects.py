@@ -102,8 +102,8 @@ def _probe_main() -> None:
         os.environ.setdefault("RAY_AUTH_MODE", record["ray_auth_mode"])
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
-    from cluster.actor_names import FEED
-    from cluster.actor_names import NAMESPACE
+    from cluster.actors.names import FEED
+    from cluster.actors.names import NAMESPACE
     from engine.market import Tick
     from engine.shard_machine import ApplyTick
     from engine.shard_machine import AuditView

@@ -185,8 +185,8 @@ def _replicas_scenario() -> None:
 
     import httpx
     from bench.cpu_split import listener_pid
+    from cluster.actors.serve_app import front_files
     from cluster.config import Settings
-    from cluster.serve_app import front_files
     from tests.e2e.api_client import open_position
     from tests.e2e.api_client import signup
     from tests.e2e.api_client import state

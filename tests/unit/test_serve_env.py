@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from cluster.serve_app import serve_env
+from cluster.actors.serve_app import serve_env
 from ray.serve._private.node_port_manager import NoAvailablePortError
 from ray.serve._private.node_port_manager import PortAllocator
 
@@ -30,8 +30,8 @@ def test_export_leaves_only_the_variables_of_this_platform(monkeypatch: pytest.M
                                                           ) -> None:
     """A local Ray inherits this process's environment: a front door's variables exported
     for an earlier platform must not reach the next one's workers."""
-    from cluster.serve_app import CONTROLLER_ENV
-    from cluster.serve_app import export_serve_env
+    from cluster.actors.serve_app import CONTROLLER_ENV
+    from cluster.actors.serve_app import export_serve_env
 
     # this process's environment is put back afterwards, whatever the exports did to it
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()

@@ -22,8 +22,8 @@ from cluster.actors.host import host_class
 from cluster.actors.host import host_specs
 from cluster.actors.port import Port
 from cluster.actors.port import Unavailable
+from cluster.actors.ray_service import service_from_names
 from cluster.config import Settings
-from cluster.ray_service import service_from_names
 from cluster.trading.courier import Courier
 from cluster.trading.placement import shard_layout
 from cluster.trading.service import TradingService

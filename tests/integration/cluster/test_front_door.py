@@ -18,10 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cluster.actors.serve_app import front_door_command
 from cluster.http import front_door
 from cluster.http.bounds import MAX_HEAD_BYTES
 from cluster.http.bounds import READ_TIMEOUT_S
-from cluster.serve_app import front_door_command
 from feed.broker import free_port
 from tests.integration.processes import stop_child
 
@@ -144,7 +144,7 @@ def test_haproxy_answers_what_it_cannot_forward_as_the_specs_503(
 
 def test_the_variable_names_the_installed_command() -> None:
     """Serve runs the file the variable names; it must be this project's command, executable."""
-    from cluster.serve_app import serve_env
+    from cluster.actors.serve_app import serve_env
 
     command = serve_env(4000, 2)[front_door.BINARY_VAR]
     assert command == front_door_command() and os.path.isabs(command)

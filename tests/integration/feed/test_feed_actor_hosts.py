@@ -14,8 +14,8 @@ import pytest_asyncio
 import ray
 from cluster.actors.deploy import ray_ports
 from cluster.actors.deploy import start_hosts
+from cluster.actors.feed import FeedActor
 from cluster.config import Settings
-from cluster.feed_actor import FeedActor
 from cluster.trading.placement import shard_layout
 from cluster.trading.service import TradingService
 from engine.ledger_machine import Totals

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import ray
 from aiokafka import AIOKafkaProducer
+from cluster.actors.feed import FeedActor
 from cluster.config import Settings
-from cluster.feed_actor import FeedActor
 from engine.assets import DEFAULT_ASSETS
 from engine.market import Tick
 from feed.message import message_from_ticks

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster.actor_names import LEDGER
+from cluster.actors.launcher import LaunchError
+from cluster.actors.launcher import Platform
+from cluster.actors.launcher import check_layout
+from cluster.actors.launcher import port_is_free
+from cluster.actors.names import LEDGER
 from cluster.config import Settings
-from cluster.launcher import LaunchError
-from cluster.launcher import Platform
-from cluster.launcher import check_layout
-from cluster.launcher import port_is_free
 from feed.broker import ProcessIdentity
 from feed.broker import check_bindable
 from feed.broker import free_port
@@ -189,7 +189,7 @@ def test_the_record_of_a_killed_run_is_taken_over(tmp_path: Path) -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock semantics")
 def test_a_journal_a_killed_run_still_writes_is_named(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import cluster.launcher as launcher
+    import cluster.actors.launcher as launcher
 
     monkeypatch.setattr(launcher, "CRASHED_RUN_WAIT_S", 0.3)
     lock = tmp_path / "ledger" / "journal" / "LOCK"

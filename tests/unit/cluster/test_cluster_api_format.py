@@ -6,8 +6,8 @@ from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
 
-from cluster.api import decimal_text
-from cluster.api import iso_us
+from cluster.http.api import decimal_text
+from cluster.http.api import iso_us
 from engine.amounts import from_units
 from hypothesis import given
 from hypothesis import strategies as st

@@ -7,7 +7,7 @@ import pytest
 from cluster.actors.port import LocalPort
 from cluster.actors.port import Port
 from cluster.actors.port import Unavailable
-from cluster.api import create_app
+from cluster.http.api import create_app
 from cluster.trading.service import TradingService
 from engine.ledger_machine import Balances
 from tests.unit.cluster.faulty_ports import Down

@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cluster.actor_names import LEDGER
+from cluster.actors.launcher import check_layout
 from cluster.actors.local import LocalHosts
+from cluster.actors.names import LEDGER
 from cluster.config import Settings
 from cluster.durability.journal import HEADER
-from cluster.launcher import check_layout
 from engine.ledger import AuditDifference
 from engine.ledger_machine import LockMargin
 from engine.ledger_machine import ReleaseMargin

@@ -401,9 +401,9 @@ def test_stored_answers_keep_their_json_layout() -> None:
 
 # ----------------------------------------------------------------------------- the API
 def _formats() -> dict[str, Any]:
-    from cluster.api import decimal_text
-    from cluster.api import iso_us
-    from cluster.api import money
+    from cluster.http.api import decimal_text
+    from cluster.http.api import iso_us
+    from cluster.http.api import money
 
     return {"price": lambda v, a: decimal_text(v, a.price_decimals),
             "quantity": lambda v, a: decimal_text(v, a.qty_decimals),
@@ -411,7 +411,7 @@ def _formats() -> dict[str, Any]:
 
 
 def test_the_api_json_follows_from_the_schema() -> None:
-    from cluster.api import position_json
+    from cluster.http.api import position_json
 
     formats = _formats()
     open_json = schema.json_renderer(OpenPosition, schema.API_POSITION, formats)
@@ -438,8 +438,8 @@ def test_the_api_json_follows_from_the_schema() -> None:
 
 
 def test_the_api_models_follow_from_the_schema() -> None:
-    from cluster.api import ClosedPositionOut
-    from cluster.api import PositionOut
+    from cluster.http.api import ClosedPositionOut
+    from cluster.http.api import PositionOut
 
     schema.check_api_model(PositionOut, schema.API_POSITION)
     schema.check_api_model(ClosedPositionOut, schema.API_CLOSED_POSITION)

@@ -176,7 +176,7 @@ class FakeConsumer:
 class Shards:
     """The shard-call side: records calls; ``hold`` blocks calls until set; ``unreachable``
     shards are never handed ticks; a call to a shard in ``fail`` raises and makes it
-    unreachable (as ``cluster.feed_actor`` forgets a failed shard's handle)."""
+    unreachable (as ``cluster.actors.feed`` forgets a failed shard's handle)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[int]]] = []

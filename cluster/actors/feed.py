@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 
 import ray
 
-from cluster.actor_names import LEDGER
+from cluster.actors.names import LEDGER
 from cluster.actors.port import RayPort
 from cluster.config import CONSUMER_GROUP, MARKET_TOPIC, Settings
 from cluster.live.market import Changes, MarketLive

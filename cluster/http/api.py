@@ -1,7 +1,7 @@
 """The HTTP API (SPEC "HTTP API"): a FastAPI app over a TradingService.
 
 ``create_app(service)`` is all a host needs: the no-Ray baseline and the e2e tests serve it with
-plain uvicorn; the Ray Serve replica (cluster.serve_app.ApiIngress) builds its service in its
+plain uvicorn; the Ray Serve replica (cluster.actors.serve_app.ApiIngress) builds its service in its
 constructor and returns ``create_app(service)`` to Serve. This is the only place where
 integers become decimal strings and decimal input becomes integers.
 

@@ -9,7 +9,7 @@ first, while the actors behind it still answer (its requests in flight finish, i
 clients get a close frame 1001), then the feed actor, the shards and the ledger, Ray and the
 broker. ``Platform`` is the same thing as an object, for tests and benchmarks.
 
-Actors are named (``cluster.actor_names``) in the ``shardex`` namespace and owned by the ``up``
+Actors are named (``cluster.actors.names``) in the ``shardex`` namespace and owned by the ``up``
 process (not detached): ``status`` and ``audit`` find them by name while it runs, and a killed
 ``up`` takes them with it. ``up`` runs the durable platform (journaled ledger and shards in
 DATA_DIR, restarted by Ray, reconciled before the API serves); ``audit --offline`` recovers
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cluster.actor_names import FEED, LEDGER, NAMESPACE
+from cluster.actors.names import FEED, LEDGER, NAMESPACE
 from cluster.config import MARKET_TOPIC, ConfigError, Settings
 from cluster.trading.placement import ShardSpec, shard_layout
 from engine.ledger import AuditDifference
@@ -53,7 +53,7 @@ CRASHED_RUN_WAIT_S = 15.0  # how long a start waits for a killed run's workers t
 HELD_JOURNAL_WAIT_S = 5.0  # ... and after a clean stop, for a journal another process holds
 TIME_WAIT_S = 65.0  # ... and for its closed connections to leave the API port (Linux: 60 s)
 # a stop waits this long for the API to finish its requests and close its WebSockets (the
-# replicas' own bounds, cluster.serve_app, plus Serve's control loop); then it goes on
+# replicas' own bounds, cluster.actors.serve_app, plus Serve's control loop); then it goes on
 API_STOP_TIMEOUT_S = 15.0
 
 
@@ -139,7 +139,7 @@ class Platform:
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
 
-        from cluster.serve_app import deploy_api, export_serve_env, start_serve
+        from cluster.actors.serve_app import deploy_api, export_serve_env, start_serve
         from feed.source import make_source, parse_source
 
         settings = self.settings
@@ -213,7 +213,7 @@ class Platform:
             # address="local": always a new Ray, never attach to one found on the machine
             options.setdefault("address", "local")
             # no runtime env: this Ray's raylet and workers inherit the Serve variables
-            # exported above (cluster.serve_app), and a worker needs no runtime env agent
+            # exported above (cluster.actors.serve_app), and a worker needs no runtime env agent
             ray.init(namespace=self.namespace, **options)
             self._ray_started = True
             self._write_address_file()
@@ -254,7 +254,7 @@ class Platform:
         it as a stop would have, and wait for its port."""
         import ray
 
-        from cluster.serve_app import api_deployed, shutdown_api
+        from cluster.actors.serve_app import api_deployed, shutdown_api
 
         try:
             ledger = ray.get_actor(LEDGER, namespace=self.namespace)
@@ -410,7 +410,7 @@ class Platform:
         import ray
 
         from cluster.actors.deploy import reconcile_at_start, start_hosts
-        from cluster.feed_actor import FeedActor
+        from cluster.actors.feed import FeedActor
 
         settings = self.settings
         data_dir = str(settings.data_dir.resolve()) if self.durable else None
@@ -554,7 +554,7 @@ class Platform:
 
         if ray.is_initialized():
             if self._serve_started:
-                from cluster.serve_app import shutdown_api, stop_api
+                from cluster.actors.serve_app import shutdown_api, stop_api
 
                 # the API first, while the ledger and shards still answer it: its requests in
                 # flight finish, its WebSockets get a close frame, later ones are refused
@@ -578,7 +578,7 @@ class Platform:
                 ray.shutdown()
                 self._ray_started = False
             if self.direct_ingress and self.settings.replica_slots > 1:
-                from cluster.serve_app import remove_front_files
+                from cluster.actors.serve_app import remove_front_files
 
                 remove_front_files(self.settings.port)  # its HAProxy went with Serve above
             if self._recorded:
@@ -841,7 +841,7 @@ def _connected(settings: Settings) -> Iterator[None]:
 
 def service_for(settings: Settings, namespace: str = NAMESPACE) -> Any:
     """A TradingService over the running platform's named actors (for audit and tests)."""
-    from cluster.ray_service import service_from_names
+    from cluster.actors.ray_service import service_from_names
 
     return service_from_names(settings, namespace=namespace)
 
@@ -998,8 +998,8 @@ def _audit_offline(settings: Settings, as_json: bool) -> int:
     lock whose open never went out). Margin that round releases is not a difference, since
     the start releases it too; it is reported beside the audit (``released_at_start``).
     """
-    from cluster.actor_names import LEDGER as LEDGER_DIR
     from cluster.actors.local import LocalHosts
+    from cluster.actors.names import LEDGER as LEDGER_DIR
 
     root = settings.data_dir
     if not (root / LEDGER_DIR).is_dir():

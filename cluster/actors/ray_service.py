@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from cluster.actor_names import LEDGER
 from cluster.actors.deploy import ray_ports
+from cluster.actors.names import LEDGER
 from cluster.config import Settings
 from cluster.live.market import MarketSource
 from cluster.trading.placement import shard_layout

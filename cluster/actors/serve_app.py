@@ -1,6 +1,6 @@
 """The HTTP API as a Ray Serve deployment, and how to put it on ``settings.port``.
 
-The deployment is a FastAPI ingress around ``cluster.api.create_app(service)``; the
+The deployment is a FastAPI ingress around ``cluster.http.api.create_app(service)``; the
 ``TradingService`` is built inside the replica from Ray ports over the named ledger and shard
 actors, so the replica holds no trading state and can be restarted at any time.
 
@@ -42,14 +42,14 @@ from typing import Any
 import ray
 from ray import serve
 
-from cluster.actor_names import API_DEPLOYMENT, FEED, NAMESPACE, SERVE_APP
-from cluster.api import create_app
+from cluster.actors.names import API_DEPLOYMENT, FEED, NAMESPACE, SERVE_APP
+from cluster.actors.ray_service import service_from_names
 from cluster.config import Settings
 from cluster.http import front_door
+from cluster.http.api import create_app
 from cluster.http.server import configure_uvicorn
 from cluster.live.market import Changes
 from cluster.live.streams import StreamHub
-from cluster.ray_service import service_from_names
 from engine.candles import Candle, CandleQuery
 from engine.market import Tick
 
@@ -407,7 +407,8 @@ def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE
     """Start Serve and deploy the API so the replica answers ``host:settings.port``.
 
     Requires a connected Ray driver whose workers have ``serve_env`` (see the module
-    docstring and ``cluster.launcher``). Returns the URL. Idempotent for an already running app.
+    docstring and ``cluster.actors.launcher``). Returns the URL. Idempotent for an already
+    running app.
     ``direct_ingress=False`` deploys the classic way instead (Serve's proxy on the port, the
     replica behind it; for comparison, and for a driver without ``serve_env``).
     ``serve_started``: :func:`start_serve` ran already (with the same arguments);
