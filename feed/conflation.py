@@ -4,9 +4,10 @@ A batch read from Kafka collapses to one tick per asset (an intermediate tick of
 cannot be told apart from one the exchange never sent: the feed is a sample of the market, not
 the market). Every tick that batch accepts is a price the platform shows (the candles are built
 from them), so each one reaches the shards, in order: while a shard is busy its ticks wait,
-up to :data:`MAX_PENDING_PER_ASSET` of an asset (a sweep costs ~0.1 ms; only a shard that far
-behind loses its oldest waiting ticks). Otherwise a price the chart shows crossing an order's
-trigger or a stop-loss would have been skipped by the shard.
+up to :data:`MAX_PENDING_PER_ASSET` of an asset (a sweep is far shorter than the time that
+many ticks take to arrive; only a shard that far behind loses its oldest waiting ticks).
+Otherwise a price the chart shows crossing an order's trigger or a stop-loss would have been
+skipped by the shard.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ batch that was journaled (so nothing unjournaled is published) and the messages 
 never wait for Kafka). Kafka's default partitioner keeps each key on one partition, so the
 messages of a key stay in order. The thread produces in rounds: a round waits
 :data:`GATHER_S` for more messages, then sends one record batch per partition and waits for the
-broker's acknowledgement; a round costs the thread far more than its messages do, so at a
-steady trickle of commits this takes it from ~70 to ~30 us of CPU per message, for at most 5 ms
-more before a message reaches the topic.
+broker's acknowledgement. A round costs the thread far more than its messages do, so at a
+steady trickle of commits the wait shares each round among several commits' messages, for at
+most :data:`GATHER_S` more before a message reaches the topic.
 
 A failed delivery is retried (with a growing pause, the producer rebuilt, the topic created
 again: the embedded broker forgets topics when it restarts) until it succeeds; readers ignore
