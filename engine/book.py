@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -71,25 +71,11 @@ _TP = np.int8(CloseReason.TAKE_PROFIT)
 _AMENDABLE = ("qty_steps", "margin_micros", "liq_ticks", "tp_ticks", "sl_ticks")
 
 
-class PositionRecord(NamedTuple):
-    """One open (or just closed) position as plain ints, read out of the book's columns: the
-    fields of engine.schema.BOOK_ROW (checked at import)."""
-
-    position_id: int
-    owner: int
-    side: Side
-    entry_ticks: int
-    qty_steps: int
-    margin_micros: int
-    leverage: int
-    liq_ticks: int
-    tp_ticks: int
-    sl_ticks: int
-    opened_ts_us: int
-    maintenance_margin_ppm: int = 0
-
-
-schema.check_fields(PositionRecord, schema.BOOK_ROW)
+PositionRecord = schema.record(
+    "PositionRecord", schema.BOOK_ROW, __name__, enums={"side": Side},
+    zero_default=("maintenance_margin_ppm",),
+    doc="""One open (or just closed) position as plain ints, read out of the book's columns: the
+    fields of engine.schema.BOOK_ROW.""")
 _RECORD = schema.builder(PositionRecord, _COLUMNS, casts={"side": _SIDES.__getitem__})
 record_of_plan = schema.builder(PositionRecord, schema.PLAN, attributes=True,
                                 given=("position_id", "owner", "opened_ts_us"),

@@ -39,87 +39,40 @@ RECOVERED_TICK_SOURCE = "journal"
 # --------------------------------------------------------------------------- shard events
 
 
-class PositionOpened(NamedTuple):
-    """A position was added to a shard's book: engine.schema.POSITION_OPENED (the book's row,
-    engine.schema.BOOK_ROW, and the request).
+PositionOpened = schema.record(
+    "PositionOpened", schema.POSITION_OPENED, __name__,
+    zero_default=("maintenance_margin_ppm", "request_id"),
+    doc="""A position was added to a shard's book: engine.schema.POSITION_OPENED (the book's
+    row, engine.schema.BOOK_ROW, and the request).
 
     ``request_id`` is the opening request's id, so a resend of the same open (or a ledger lock
-    whose answer was lost) can be matched to the position it created.
-    """
-
-    position_id: int
-    owner: int
-    side: int  # engine.orders.Side value
-    entry_ticks: int
-    qty_steps: int
-    margin_micros: int
-    leverage: int
-    liq_ticks: int
-    tp_ticks: int  # 0 = not set (engine.orders.NO_LEVEL)
-    sl_ticks: int
-    opened_ts_us: int
-    maintenance_margin_ppm: int = 0  # rate the liquidation price was computed with
-    request_id: int = 0
+    whose answer was lost) can be matched to the position it created.""")
 
 
-schema.check_fields(PositionOpened, schema.POSITION_OPENED)
-
-
-class PositionClosed(NamedTuple):
-    """A position left a shard's book; its settlement is the shard's ``settlement_seq``-th.
+PositionClosed = schema.record(
+    "PositionClosed", schema.POSITION_CLOSED, __name__, zero_default=("request_id",),
+    doc="""A position left a shard's book; its settlement is the shard's ``settlement_seq``-th.
 
     The amounts follow from the opened position and ``exit_ticks`` (engine.settlement.settle),
     so they are not repeated here. ``request_id``: the manual close request that closed it (0
     for a trigger close, and in the old layout 0x12), so a resend after a restart gets the first
-    answer.
-    """
-
-    position_id: int
-    reason: int  # engine.orders.CloseReason value
-    exit_ticks: int
-    ts_us: int
-    settlement_seq: int
-    request_id: int = 0
+    answer.""")
 
 
-schema.check_fields(PositionClosed, schema.POSITION_CLOSED)
-
-
-class PositionAmended(NamedTuple):
-    """An open position changed in place (engine.schema.POSITION_AMENDED): its TP/SL set or
+PositionAmended = schema.record(
+    "PositionAmended", schema.POSITION_AMENDED, __name__,
+    doc="""An open position changed in place (engine.schema.POSITION_AMENDED): its TP/SL set or
     removed, or its margin (and so its liquidation price) changed, by request ``request_id``;
-    the fields are the position's new values."""
-
-    position_id: int
-    qty_steps: int
-    margin_micros: int
-    liq_ticks: int
-    tp_ticks: int
-    sl_ticks: int
-    request_id: int
+    the fields are the position's new values.""")
 
 
-schema.check_fields(PositionAmended, schema.POSITION_AMENDED)
-
-
-class PositionReduced(NamedTuple):
-    """Part of an open position was closed by hand (engine.schema.POSITION_REDUCED), as the
+PositionReduced = schema.record(
+    "PositionReduced", schema.POSITION_REDUCED, __name__,
+    doc="""Part of an open position was closed by hand (engine.schema.POSITION_REDUCED), as the
     shard's ``settlement_seq``-th settlement: ``closed_qty_steps`` of its quantity with
     ``closed_margin_micros`` of its margin at ``exit_ticks``; the rest stays open under the same
     id with what is left and liquidation price ``rest_liq_ticks``. The amounts follow from the
-    closed part like a close's (engine.settlement.settle)."""
-
-    position_id: int
-    closed_qty_steps: int
-    closed_margin_micros: int
-    rest_liq_ticks: int
-    exit_ticks: int
-    ts_us: int
-    settlement_seq: int
-    request_id: int
-
-
-schema.check_fields(PositionReduced, schema.POSITION_REDUCED)
+    closed part like a close's (engine.settlement.settle).""")
 
 
 class TickApplied(NamedTuple):
@@ -188,42 +141,17 @@ class MarginReleased(NamedTuple):
     request_id: int
 
 
-class SettlementApplied(NamedTuple):
-    """Settlement number ``seq`` of shard ``shard`` was applied to the ledger.
+SettlementApplied = schema.record(
+    "SettlementApplied", schema.SETTLEMENT_APPLIED, __name__, zero_default=("close_id", "partial"),
+    doc="""Settlement number ``seq`` of shard ``shard`` was applied to the ledger.
 
     Carries the whole closed position (engine.schema.SETTLEMENT_APPLIED: after ``seq``, the
     fields of engine.messages.ClosedPosition) so the ledger's history survives a restart, and
     the four SPEC amounts so a replay applies exactly what was applied, with no recomputation.
     The old layout 0x24 lacks ``close_id`` and ``partial``: a whole close, named by its
     position's id.
-    """
 
-    shard: str
-    seq: int
-    position_id: int
-    owner: int
-    asset: str  # engine.assets.Asset.name (a name survives a change of the registry order)
-    side: int
-    entry_ticks: int
-    qty_steps: int
-    margin_micros: int
-    leverage: int
-    liq_ticks: int
-    tp_ticks: int
-    sl_ticks: int
-    opened_ts_us: int
-    exit_ticks: int
-    pnl_micros: int
-    payout_micros: int
-    house_micros: int
-    insurance_micros: int
-    reason: int
-    closed_ts_us: int
-    close_id: int = 0
-    partial: int = 0
-
-
-schema.check_fields(SettlementApplied, schema.SETTLEMENT_APPLIED)
+    ``asset`` is the asset's name, which survives a change of the registry's order.""")
 
 
 class ClientOrderStored(NamedTuple):
@@ -276,43 +204,17 @@ class OpenCountSet(NamedTuple):
 # --------------------------------------------------------------------------- pending orders
 
 
-class OrderPlaced(NamedTuple):
-    """A pending order entered a shard's order book (engine.schema.ORDER_PLACED: the book's
-    row, engine.schema.ORDER_ROW, and the placing request's id)."""
-
-    order_id: int
-    owner: int
-    side: int  # engine.orders.Side value
-    kind: int  # engine.order_book.OrderKind value
-    trigger_ticks: int
-    margin_micros: int
-    leverage: int
-    tp_ticks: int
-    sl_ticks: int
-    expires_ts_us: int
-    placed_ts_us: int
-    request_id: int = 0
+OrderPlaced = schema.record(
+    "OrderPlaced", schema.ORDER_PLACED, __name__, zero_default=("request_id",),
+    doc="""A pending order entered a shard's order book (engine.schema.ORDER_PLACED: the book's
+    row, engine.schema.ORDER_ROW, and the placing request's id).""")
 
 
-schema.check_fields(OrderPlaced, schema.ORDER_PLACED)
-
-
-class OrderEnded(NamedTuple):
-    """A pending order left a shard's book as the shard's ``settlement_seq``-th item for the
-    ledger (engine.schema.ORDER_ENDED): filled (a ``PositionOpened`` of ``position_id``
-    follows in the same record), cancelled (by ``request_id``), expired or rejected
-    (``reject_code``)."""
-
-    order_id: int
-    status: int  # engine.order_book.OrderStatus value
-    position_id: int
-    ended_ts_us: int
-    settlement_seq: int
-    request_id: int
-    reject_code: str
-
-
-schema.check_fields(OrderEnded, schema.ORDER_ENDED)
+OrderEnded = schema.record(
+    "OrderEnded", schema.ORDER_ENDED, __name__,
+    doc="""A pending order left a shard's book as the shard's ``settlement_seq``-th item for the
+    ledger (engine.schema.ORDER_ENDED): filled (a ``PositionOpened`` of ``position_id`` follows
+    in the same record), cancelled (by ``request_id``), expired or rejected (``reject_code``).""")
 
 
 class OrderLocked(NamedTuple):
@@ -324,32 +226,11 @@ class OrderLocked(NamedTuple):
     request_id: int
 
 
-class OrderSettled(NamedTuple):
-    """Item ``seq`` of shard ``shard``, an order that ended, was applied to the ledger: a fill
-    keeps its margin locked (the position holds it now); any other end releases it
-    (engine.schema.ORDER_SETTLED: the whole order, for the order history)."""
-
-    shard: str
-    seq: int
-    order_id: int
-    owner: int
-    asset: str
-    side: int
-    kind: int
-    trigger_ticks: int
-    margin_micros: int
-    leverage: int
-    tp_ticks: int
-    sl_ticks: int
-    expires_ts_us: int
-    placed_ts_us: int
-    status: int
-    position_id: int
-    ended_ts_us: int
-    reject_code: str
-
-
-schema.check_fields(OrderSettled, schema.ORDER_SETTLED)
+OrderSettled = schema.record(
+    "OrderSettled", schema.ORDER_SETTLED, __name__,
+    doc="""Item ``seq`` of shard ``shard``, an order that ended, was applied to the ledger: a
+    fill keeps its margin locked (the position holds it now); any other end releases it
+    (engine.schema.ORDER_SETTLED: the whole order, for the order history).""")
 
 
 class MarginAdded(NamedTuple):

@@ -2,9 +2,10 @@
 
 Everything is an integer in engine units (``*_micros``, ``*_ticks``, ``*_steps``, ``*_us``);
 conversion to decimal strings happens only in the API layer. NamedTuples because they pickle
-small and fast across Ray calls and compare by value in tests. The positions' fields are
-engine.schema's (:class:`OpenPosition` is ``OPEN_POSITION``, :class:`ClosedPosition`
-``CLOSED_POSITION``), checked at import.
+small and fast across Ray calls and compare by value in tests. The records of a position or an
+order are built from engine.schema's groups (engine.schema.record: :class:`OpenPosition` is
+``OPEN_POSITION``, :class:`ClosedPosition` ``CLOSED_POSITION``...), so their fields are the
+schema's by construction.
 """
 
 from __future__ import annotations
@@ -88,112 +89,36 @@ class ShardClose(NamedTuple):
     qty_steps: int = 0
 
 
-class OpenPosition(NamedTuple):
-    """An open position with its mark-to-market.
+OpenPosition = schema.record(
+    "OpenPosition", schema.OPEN_POSITION, __name__, enums={"side": Side},
+    doc="""An open position with its mark-to-market.
 
     ``tp_ticks``/``sl_ticks`` are 0 when not set (engine.orders.NO_LEVEL); ``liq_ticks`` 0 means
     the position cannot be liquidated by any positive price. ``unrealized_pnl_micros`` is
-    ``None`` when the shard has no price yet.
-    """
-
-    position_id: int
-    owner: int
-    asset: str
-    side: Side
-    entry_ticks: int
-    qty_steps: int
-    margin_micros: int
-    leverage: int
-    liq_ticks: int
-    tp_ticks: int
-    sl_ticks: int
-    opened_ts_us: int
-    unrealized_pnl_micros: int | None
+    ``None`` when the shard has no price yet.""")
 
 
-schema.check_fields(OpenPosition, schema.OPEN_POSITION)
-
-
-class ClosedPosition(NamedTuple):
-    """A closed position and its settlement (SPEC: ledger moves of one close).
+ClosedPosition = schema.record(
+    "ClosedPosition", schema.CLOSED_POSITION, __name__, enums={"side": Side},
+    doc="""A closed position and its settlement (SPEC: ledger moves of one close).
 
     ``reason`` is an engine.orders.CloseReason value; ``exit_ticks`` the closing-side price of
     the tick (or of the last tick for a manual close). A partial close (``partial`` 1) has the
-    closed part's quantity and margin; ``close_id`` names the close (engine.schema.close_id).
-    """
-
-    position_id: int
-    owner: int
-    asset: str
-    side: Side
-    entry_ticks: int
-    qty_steps: int
-    margin_micros: int
-    leverage: int
-    liq_ticks: int
-    tp_ticks: int
-    sl_ticks: int
-    opened_ts_us: int
-    exit_ticks: int
-    pnl_micros: int
-    payout_micros: int
-    house_micros: int
-    insurance_micros: int
-    reason: int
-    closed_ts_us: int
-    close_id: int
-    partial: int
+    closed part's quantity and margin; ``close_id`` names the close (engine.schema.close_id).""")
 
 
-schema.check_fields(ClosedPosition, schema.CLOSED_POSITION)
-
-
-class PendingOrder(NamedTuple):
-    """An open limit or stop entry order (engine.schema.LISTED_ORDER): ``kind`` an
+PendingOrder = schema.record(
+    "PendingOrder", schema.LISTED_ORDER, __name__, enums={"side": Side},
+    doc="""An open limit or stop entry order (engine.schema.LISTED_ORDER): ``kind`` an
     engine.order_book.OrderKind value; ``tp_ticks``/``sl_ticks``/``expires_ts_us`` 0 when not
-    set."""
-
-    order_id: int
-    owner: int
-    asset: str
-    side: Side
-    kind: int
-    trigger_ticks: int
-    margin_micros: int
-    leverage: int
-    tp_ticks: int
-    sl_ticks: int
-    expires_ts_us: int
-    placed_ts_us: int
+    set.""")
 
 
-schema.check_fields(PendingOrder, schema.LISTED_ORDER)
-
-
-class EndedOrder(NamedTuple):
-    """An order that left the book (engine.schema.ENDED_ORDER): ``status`` an
+EndedOrder = schema.record(
+    "EndedOrder", schema.ENDED_ORDER, __name__, enums={"side": Side},
+    doc="""An order that left the book (engine.schema.ENDED_ORDER): ``status`` an
     engine.order_book.OrderStatus value; ``position_id`` the position a fill opened (0
-    otherwise); ``reject_code`` why a fill could not open ("" otherwise)."""
-
-    order_id: int
-    owner: int
-    asset: str
-    side: Side
-    kind: int
-    trigger_ticks: int
-    margin_micros: int
-    leverage: int
-    tp_ticks: int
-    sl_ticks: int
-    expires_ts_us: int
-    placed_ts_us: int
-    status: int
-    position_id: int
-    ended_ts_us: int
-    reject_code: str
-
-
-schema.check_fields(EndedOrder, schema.ENDED_ORDER)
+    otherwise); ``reject_code`` why a fill could not open ("" otherwise).""")
 
 
 class SettlementItem(NamedTuple):

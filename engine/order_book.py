@@ -48,7 +48,6 @@ import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import NamedTuple
 
 import numpy as np
 
@@ -110,24 +109,10 @@ schema.check_fields(OrderTerms, schema.ORDER_TERMS)
 _TERM_NAMES = schema.names(schema.ORDER_TERMS)
 
 
-class OrderRecord(NamedTuple):
-    """One open (or just removed) order as plain ints, read out of the book's columns: the
-    fields of engine.schema.ORDER_ROW (checked at import)."""
-
-    order_id: int
-    owner: int
-    side: Side
-    kind: OrderKind
-    trigger_ticks: int
-    margin_micros: int
-    leverage: int
-    tp_ticks: int
-    sl_ticks: int
-    expires_ts_us: int
-    placed_ts_us: int
-
-
-schema.check_fields(OrderRecord, schema.ORDER_ROW)
+OrderRecord = schema.record(
+    "OrderRecord", schema.ORDER_ROW, __name__, enums={"side": Side, "kind": OrderKind},
+    doc="""One open (or just removed) order as plain ints, read out of the book's columns: the
+    fields of engine.schema.ORDER_ROW.""")
 _COLUMNS = schema.ORDER_ROW
 COLUMN_NAMES = tuple(f.column for f in _COLUMNS)
 """The order book's column names (and snapshot array names), in schema order."""

@@ -23,16 +23,19 @@ Groups are tuples of fields, in the order records declare them:
   engine.order_book.OrderTerms) and :data:`ORDER_ROW` (the order book's columns,
   engine.order_book.OrderRecord).
 
-Everything else follows from them: :func:`names`, :func:`struct_format`, :func:`dtype` (a numpy
-structured dtype, wire or column widths), and conversions by field name, never by position:
-:func:`to_row` / :func:`to_record` (plain), :func:`builder` / :func:`row_reader` (compiled once
-for a hot path). A class that declares one of these records (mypy needs it declared) calls
-:func:`check_fields` right after: a field list that differs from its group raises SchemaError
-at import.
+Everything else follows from them: the record classes (:func:`record`: a NamedTuple of a
+group's fields, which mypy learns from the same group through tools/mypy_records.py),
+:func:`names`, :func:`struct_format`, :func:`dtype` (a numpy structured dtype, wire or column
+widths), and conversions by field name, never by position: :func:`to_row` / :func:`to_record`
+(plain), :func:`builder` / :func:`row_reader` (compiled once for a hot path). The two records
+that are dataclasses with defaults of their own (engine.orders.OpenPlan,
+engine.order_book.OrderTerms) declare their fields and call :func:`check_fields` right after: a
+field list that differs from its group raises SchemaError at import.
 """
 
 from __future__ import annotations
 
+import collections
 import keyword
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -395,6 +398,38 @@ def check_fields(cls: type, group: Group, extra: Sequence[str] = ()) -> None:
     check_names(cls.__name__, declared_names(cls), (*names(group), *extra))
 
 
+_namedtuple: Any = collections.namedtuple  # called with names mypy cannot read: see record
+
+
+def record(name: str, group: Group, module: str, doc: str, *,
+           enums: Mapping[str, type] | None = None, zero_default: Sequence[str] = ()) -> Any:
+    """The NamedTuple class ``name`` of ``group``'s fields, in order, declared in ``module``
+    (pass ``__name__``; it pickles by that name), bound to ``name`` there::
+
+        OpenPosition = schema.record("OpenPosition", schema.OPEN_POSITION, __name__, "...")
+
+    A field's type follows from its unit: ``str`` for text, ``int | None`` for a nullable
+    field, else ``int``; ``enums`` types some :data:`ENUM` fields as their Labelled class
+    instead. ``zero_default``: the last fields, which default to 0 (a record an older layout
+    or caller gives without them). mypy learns the same class from the same arguments
+    (tools/mypy_records.py)."""
+    enums = dict(enums or {})
+    field_names = names(group)
+    unknown = sorted(set(enums) - set(field_names))
+    if unknown:
+        raise SchemaError(f"{name}: enums for fields it does not have: {unknown}")
+    if tuple(zero_default) != field_names[len(field_names) - len(zero_default):]:
+        raise SchemaError(f"{name}: zero_default must name its last fields, in order")
+    annotations: dict[str, Any] = {}
+    for f in group:
+        annotations[f.name] = (enums[f.name] if f.name in enums else str if f.unit == TEXT
+                               else int | None if f.nullable else int)
+    cls = _namedtuple(name, field_names, defaults=(0,) * len(zero_default), module=module)
+    cls.__annotations__ = annotations
+    cls.__doc__ = doc
+    return cls
+
+
 def to_row(record: Any, group: Iterable[Field | str]) -> tuple[Any, ...]:
     """The values of ``record``'s fields named by ``group``, read by attribute name."""
     return tuple(getattr(record, n) for n in names(group))
@@ -729,6 +764,7 @@ __all__ = [
     "json_renderer",
     "named_columns",
     "names",
+    "record",
     "render_kind",
     "row_reader",
     "rows",

@@ -7,6 +7,7 @@ columns and the API's JSON follow from it; older snapshot tables still restore."
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import struct
 from typing import Any
 from typing import Literal
@@ -146,6 +147,27 @@ def test_every_record_declares_its_group(cls: type, group: schema.Group,
                                          extra: tuple[str, ...]) -> None:
     schema.check_fields(cls, group, extra)  # what each module does at import
     assert schema.declared_names(cls) == (*schema.names(group), *extra)
+
+
+def test_a_record_is_built_from_its_group() -> None:
+    assert OpenPosition._fields == schema.names(schema.OPEN_POSITION)
+    assert OpenPosition.__module__ == "engine.messages" and "mark-to-market" in OpenPosition.__doc__
+    types = OpenPosition.__annotations__
+    assert types["side"] is Side and types["asset"] is str and types["owner"] is int
+    assert types["unrealized_pnl_micros"] == int | None  # the nullable field
+    assert PositionRecord._field_defaults == {"maintenance_margin_ppm": 0}
+    assert SettlementApplied._field_defaults == {"close_id": 0, "partial": 0}
+    position = OpenPosition(1, 2, "SOL", Side.LONG, 3, 4, 5, 6, 7, 0, 0, 8, None)
+    # pickled by reference to its module's name, as a declared class is (what Ray sends)
+    assert pickle.loads(pickle.dumps(position)) == position
+    assert len(pickle.dumps(position)) < 150
+
+
+def test_a_record_refuses_options_its_group_does_not_fit() -> None:
+    with pytest.raises(schema.SchemaError, match="does not have"):
+        schema.record("X", schema.IDENTITY, __name__, "", enums={"side": Side})
+    with pytest.raises(schema.SchemaError, match="last fields"):
+        schema.record("X", schema.IDENTITY, __name__, "", zero_default=("position_id",))
 
 
 def test_the_groups_are_made_of_the_position_and_its_close() -> None:

@@ -1,0 +1,58 @@
+"""tools/mypy_records.py: mypy sees engine.schema.record's classes as the NamedTuples they are
+at run time (their fields, types and defaults from the schema), not as Any."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from mypy import api
+
+ROOT = Path(__file__).resolve().parents[3]
+
+SNIPPET = '''\
+from engine.events import SettlementApplied
+from engine.messages import OpenPosition
+from engine.orders import Side
+
+def side_of(p: OpenPosition) -> Side:
+    return p.side
+
+def asset_of(p: OpenPosition) -> int:
+    return p.asset
+
+p = OpenPosition(1, 2, "SOL", Side.LONG, 3, 4, 5, 6, 7, 0, 0, 8, None)
+reveal_type(p.unrealized_pnl_micros)
+reveal_type(p._replace(owner=3))
+SettlementApplied("SOL-0", 1)
+p.no_such_field
+'''
+
+
+def test_mypy_types_a_record_from_its_schema_group(tmp_path: Path) -> None:
+    (tmp_path / "snippet.py").write_text(SNIPPET)
+    (tmp_path / "mypy.ini").write_text(textwrap.dedent(f"""\
+        [mypy]
+        plugins = {ROOT / "tools" / "mypy_records.py"}
+        mypy_path = {ROOT}
+        ignore_missing_imports = true
+        follow_imports = silent
+        """))
+    out, err, status = api.run([str(tmp_path / "snippet.py"), "--config-file",
+                                str(tmp_path / "mypy.ini"), "--cache-dir",
+                                str(tmp_path / "cache"), "--no-error-summary"])
+    prefix = f"{tmp_path / 'snippet.py'}:"
+    lines = [line.removeprefix(prefix) for line in out.splitlines() if line.startswith(prefix)]
+    assert status == 1, err
+    assert lines == [
+        '9: error: Incompatible return value type (got "str", expected "int")  [return-value]',
+        '12: note: Revealed type is "int | None"',
+        '13: note: Revealed type is "tuple[int, int, str, engine.orders.Side, int, int, int, '
+        'int, int, int, int, int, int | None, fallback=engine.messages.OpenPosition]"',
+        '14: error: Missing positional arguments "position_id", "owner", "asset", "side", '
+        '"entry_ticks", "qty_steps", "margin_micros", "leverage", "liq_ticks", "tp_ticks", '
+        '"sl_ticks", "opened_ts_us", "exit_ticks", "pnl_micros", "payout_micros", '
+        '"house_micros", "insurance_micros", "reason", "closed_ts_us" in call to '
+        '"SettlementApplied"  [call-arg]',
+        '15: error: "OpenPosition" has no attribute "no_such_field"  [attr-defined]',
+    ], out

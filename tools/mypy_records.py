@@ -1,0 +1,99 @@
+"""mypy plugin: the record classes engine.schema.record builds at run time, as NamedTuples.
+
+``X = schema.record("X", schema.GROUP, __name__, doc, enums={...}, zero_default=(...))`` makes
+a NamedTuple of ``GROUP``'s fields when the module runs; mypy cannot run it, so this plugin
+builds the same class for it from the same arguments. It reads the group from engine.schema
+itself (imported here), so a field added to the schema is a field of every record of that group
+for mypy too, with no declaration to repeat. The types follow the same rules as
+engine.schema.record: text ``str``, nullable ``int | None``, an ``enums`` entry its class, else
+``int``; the ``zero_default`` fields are optional arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mypy.nodes import (
+    GDEF,
+    DictExpr,
+    Expression,
+    IntExpr,
+    MemberExpr,
+    NamedTupleExpr,
+    NameExpr,
+    RefExpr,
+    StrExpr,
+    SymbolTableNode,
+    TupleExpr,
+    TypeInfo,
+)
+from mypy.plugin import DynamicClassDefContext, Plugin
+from mypy.semanal import SemanticAnalyzer
+from mypy.types import Instance, NoneType, Type, UnionType
+
+from engine import schema
+
+RECORD = "engine.schema.record"
+
+
+class RecordsPlugin(Plugin):
+    def get_dynamic_class_hook(self, fullname: str
+                               ) -> Callable[[DynamicClassDefContext], None] | None:
+        return _record if fullname == RECORD else None
+
+
+def _record(ctx: DynamicClassDefContext) -> None:
+    api = ctx.api
+    assert isinstance(api, SemanticAnalyzer)  # the plugin interface lacks the NamedTuple tools
+    call = ctx.call
+    positional = [a for a, n in zip(call.args, call.arg_names, strict=True) if n is None]
+    named = {n: a for a, n in zip(call.args, call.arg_names, strict=True) if n is not None}
+    if len(positional) < 2 or not isinstance(positional[1], MemberExpr | NameExpr):
+        api.fail("schema.record needs the record's name and a group of engine.schema", call)
+        return
+    group = getattr(schema, positional[1].name, None)
+    if not isinstance(group, tuple) or not all(isinstance(f, schema.Field) for f in group):
+        api.fail(f"engine.schema has no group {positional[1].name!r}", call)
+        return
+    enums: dict[str, Type] = {}
+    enums_expr = named.get("enums")
+    if isinstance(enums_expr, DictExpr):
+        for key, value in enums_expr.items:
+            if not isinstance(key, StrExpr) or not isinstance(value, RefExpr):
+                api.fail("schema.record's enums must map field names to classes", call)
+                return
+            if not isinstance(value.node, TypeInfo):  # not analysed yet: come back later
+                api.defer()
+                return
+            enums[key.value] = Instance(value.node, [])
+    defaults: dict[str, Expression] = {}
+    zero_expr = named.get("zero_default")
+    if isinstance(zero_expr, TupleExpr):
+        for item in zero_expr.items:
+            if isinstance(item, StrExpr):
+                defaults[item.value] = IntExpr(0)
+    integer = api.named_type("builtins.int")
+    types: list[Type] = []
+    for f in group:
+        if f.name in enums:
+            types.append(enums[f.name])
+        elif f.unit == schema.TEXT:
+            types.append(api.named_type("builtins.str"))
+        elif f.nullable:
+            types.append(UnionType([integer, NoneType()]))
+        else:
+            types.append(integer)
+    existing = call.analyzed.info if isinstance(call.analyzed, NamedTupleExpr) else None
+    # in a class frame of its own, as mypy builds a NamedTuple assigned at module level: the
+    # self type of its methods must not come from the module's frame
+    with api.tvar_scope_frame(api.tvar_scope.class_frame(api.qualified_name(ctx.name))):
+        info = api.named_tuple_analyzer.build_namedtuple_typeinfo(
+            ctx.name, list(schema.names(group)), types, defaults, call.line, existing)
+    call.analyzed = NamedTupleExpr(info, is_typed=True)
+    call.analyzed.set_line(call)
+    # no context: the name's variable (bound before this hook runs) becomes the class
+    api.add_symbol_table_node(ctx.name, SymbolTableNode(GDEF, info))
+
+
+def plugin(version: str) -> type[Plugin]:
+    return RecordsPlugin
