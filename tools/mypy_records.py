@@ -55,9 +55,14 @@ def _record(ctx: DynamicClassDefContext) -> None:
     if not isinstance(group, tuple) or not all(isinstance(f, schema.Field) for f in group):
         api.fail(f"engine.schema has no group {positional[1].name!r}", call)
         return
+    # the options must be written out (a dict display, a tuple of strings): this plugin reads
+    # them from the source, where run time evaluates them
     enums: dict[str, Type] = {}
     enums_expr = named.get("enums")
-    if isinstance(enums_expr, DictExpr):
+    if enums_expr is not None:
+        if not isinstance(enums_expr, DictExpr):
+            api.fail("schema.record's enums must be a {field name: class} display", call)
+            return
         for key, value in enums_expr.items:
             if not isinstance(key, StrExpr) or not isinstance(value, RefExpr):
                 api.fail("schema.record's enums must map field names to classes", call)
@@ -68,10 +73,13 @@ def _record(ctx: DynamicClassDefContext) -> None:
             enums[key.value] = Instance(value.node, [])
     defaults: dict[str, Expression] = {}
     zero_expr = named.get("zero_default")
-    if isinstance(zero_expr, TupleExpr):
-        for item in zero_expr.items:
-            if isinstance(item, StrExpr):
-                defaults[item.value] = IntExpr(0)
+    if zero_expr is not None:
+        if not isinstance(zero_expr, TupleExpr) or not all(
+                isinstance(item, StrExpr) for item in zero_expr.items):
+            api.fail("schema.record's zero_default must be a tuple of field names", call)
+            return
+        defaults = {item.value: IntExpr(0) for item in zero_expr.items
+                    if isinstance(item, StrExpr)}
     integer = api.named_type("builtins.int")
     types: list[Type] = []
     for f in group:

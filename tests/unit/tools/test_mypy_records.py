@@ -26,6 +26,10 @@ reveal_type(p.unrealized_pnl_micros)
 reveal_type(p._replace(owner=3))
 SettlementApplied("SOL-0", 1)
 p.no_such_field
+
+from engine import schema
+NAMES = ("owner",)
+Odd = schema.record("Odd", schema.IDENTITY, __name__, "", zero_default=NAMES)
 '''
 
 
@@ -55,4 +59,6 @@ def test_mypy_types_a_record_from_its_schema_group(tmp_path: Path) -> None:
         '"house_micros", "insurance_micros", "reason", "closed_ts_us" in call to '
         '"SettlementApplied"  [call-arg]',
         '15: error: "OpenPosition" has no attribute "no_such_field"  [attr-defined]',
+        # options it cannot read from the source are refused, not guessed
+        "19: error: schema.record's zero_default must be a tuple of field names  [misc]",
     ], out
