@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping
-from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
@@ -88,24 +87,14 @@ class OrderStatus(schema.Labelled, field=schema.status):
     REJECTED = 4  # its fill could not open (``reject_code``), its margin released
 
 
-@dataclass(frozen=True, slots=True)
-class OrderTerms:
-    """What placing a pending order fixes: the fields of engine.schema.ORDER_TERMS (checked at
-    import). ``trigger_ticks`` is on the asset's price grid; ``tp_ticks``/``sl_ticks`` are
-    ``NO_LEVEL`` when not set and are validated against the fill price when the order fills;
-    ``expires_ts_us`` is :data:`GOOD_TILL_CANCELLED` or a time in microseconds."""
-
-    side: Side
-    kind: OrderKind
-    trigger_ticks: int
-    margin_micros: int
-    leverage: int
-    tp_ticks: int = NO_LEVEL
-    sl_ticks: int = NO_LEVEL
-    expires_ts_us: int = GOOD_TILL_CANCELLED
-
-
-schema.check_fields(OrderTerms, schema.ORDER_TERMS)
+OrderTerms = schema.record(
+    "OrderTerms", schema.ORDER_TERMS, __name__, enums={"side": Side, "kind": OrderKind},
+    zero_default=("tp_ticks", "sl_ticks", "expires_ts_us"),
+    doc="""What placing a pending order fixes: the fields of engine.schema.ORDER_TERMS.
+    ``trigger_ticks`` is on the asset's price grid; ``tp_ticks``/``sl_ticks`` are ``NO_LEVEL``
+    (0, their default) when not set and are validated against the fill price when the order
+    fills; ``expires_ts_us`` is a time in microseconds or :data:`GOOD_TILL_CANCELLED` (0, its
+    default).""")
 _TERM_NAMES = schema.names(schema.ORDER_TERMS)
 
 

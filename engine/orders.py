@@ -11,8 +11,6 @@ the exact price.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from engine import schema
@@ -54,31 +52,18 @@ class CloseReason(schema.Labelled, field=schema.reason):
             raise ValueError(f"unknown close reason {text!r}") from None
 
 
-@dataclass(frozen=True, slots=True)
-class OpenPlan:
-    """Everything needed to open a position, computed from the request and the current tick.
+OpenPlan = schema.record(
+    "OpenPlan", schema.PLAN, __name__, enums={"side": Side},
+    zero_default=("maintenance_margin_ppm",),
+    doc="""Everything needed to open a position, computed from the request and the current tick
+    (the fields of engine.schema.PLAN).
 
     ``entry_ticks`` is the ask for a long, the bid for a short; ``liq_ticks`` the liquidation
     price rounded to a tick so that comparing a tick price with it is exact (0 for a long that
     can never be liquidated at a positive price); ``tp_ticks``/``sl_ticks`` are ``NO_LEVEL`` when
     not set; ``mm_micros`` is the maintenance margin floored to a micro-dollar (informational);
-    ``maintenance_margin_ppm`` the rate it came from (kept so the book can recompute it exactly).
-    Its fields are engine.schema.PLAN (checked at import).
-    """
-
-    side: Side
-    entry_ticks: int
-    qty_steps: int
-    margin_micros: int
-    leverage: int
-    liq_ticks: int
-    tp_ticks: int
-    sl_ticks: int
-    mm_micros: int
-    maintenance_margin_ppm: int = 0
-
-
-schema.check_fields(OpenPlan, schema.PLAN)
+    ``maintenance_margin_ppm`` the rate it came from (kept so the book can recompute it
+    exactly).""")
 
 
 def quantity_steps(asset: Asset, margin_micros: int, leverage: int, entry_ticks: int) -> int:

@@ -27,10 +27,9 @@ Everything else follows from them: the record classes (:func:`record`: a NamedTu
 group's fields, which mypy learns from the same group through tools/mypy_records.py),
 :func:`names`, :func:`struct_format`, :func:`dtype` (a numpy structured dtype, wire or column
 widths), and conversions by field name, never by position: :func:`to_row` / :func:`to_record`
-(plain), :func:`builder` / :func:`row_reader` (compiled once for a hot path). The two records
-that are dataclasses with defaults of their own (engine.orders.OpenPlan,
-engine.order_book.OrderTerms) declare their fields and call :func:`check_fields` right after: a
-field list that differs from its group raises SchemaError at import.
+(plain), :func:`builder` / :func:`row_reader` (compiled once for a hot path).
+:func:`check_fields` checks that a class has a group's fields (engine.events pairs each event
+class with the group its layout is derived from).
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ import asyncio
 import bisect
 import collections
 import contextlib
-import dataclasses
 import functools
 import itertools
 import secrets
@@ -487,7 +486,7 @@ class TradingService:
         return await self._idempotent(who, "order", order.client_order_id, lambda key: self._lock(
             who, lock._replace(idem_key=key), self._new_split(order.asset),
             lambda request_id: Place(who.user, terms, request_id)),
-            {"asset": order.asset, **dataclasses.asdict(terms)})
+            {"asset": order.asset, **terms._asdict()})
 
     def _new_split(self, asset: str) -> str:
         """The split of ``asset`` that takes a new position or order (spread over them)."""

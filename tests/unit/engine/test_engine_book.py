@@ -3,7 +3,6 @@ reads, and the trigger indexes' bookkeeping."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
@@ -109,11 +108,11 @@ def test_free_list_is_lifo_and_growth_keeps_rows() -> None:
 def test_open_rejects_an_inconsistent_plan() -> None:
     book = PositionBook(SOL)
     good = plan(sl=9_500)
-    for bad in (dataclasses.replace(good, liq_ticks=8_999),
-                dataclasses.replace(good, sl_ticks=9_000),
-                dataclasses.replace(good, tp_ticks=9_999),
-                dataclasses.replace(good, qty_steps=0),
-                dataclasses.replace(good, leverage=101)):
+    for bad in (good._replace(liq_ticks=8_999),
+                good._replace(sl_ticks=9_000),
+                good._replace(tp_ticks=9_999),
+                good._replace(qty_steps=0),
+                good._replace(leverage=101)):
         with pytest.raises(ValueError):
             book.open(1, bad, 0)
     with pytest.raises(ValueError):
