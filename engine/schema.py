@@ -400,6 +400,12 @@ def check_fields(cls: type, group: Group, extra: Sequence[str] = ()) -> None:
 _namedtuple: Any = collections.namedtuple  # called with names mypy cannot read: see record
 
 
+def value_type(f: Field) -> Any:
+    """The Python type of ``f``'s value in a record: ``str`` for text, ``int | None`` for a
+    nullable field, else ``int``."""
+    return str if f.unit == TEXT else int | None if f.nullable else int
+
+
 def record(name: str, group: Group, module: str, doc: str, *,
            enums: Mapping[str, type] | None = None, zero_default: Sequence[str] = ()) -> Any:
     """The NamedTuple class ``name`` of ``group``'s fields, in order, declared in ``module``
@@ -407,11 +413,10 @@ def record(name: str, group: Group, module: str, doc: str, *,
 
         OpenPosition = schema.record("OpenPosition", schema.OPEN_POSITION, __name__, "...")
 
-    A field's type follows from its unit: ``str`` for text, ``int | None`` for a nullable
-    field, else ``int``; ``enums`` types some :data:`ENUM` fields as their Labelled class
-    instead. ``zero_default``: the last fields, which default to 0 (a record an older layout
-    or caller gives without them). mypy learns the same class from the same arguments
-    (tools/mypy_records.py)."""
+    A field's type is its :func:`value_type`; ``enums`` types some :data:`ENUM` fields as their
+    Labelled class instead. ``zero_default``: the last fields, which default to 0 (a record an
+    older layout or caller gives without them). mypy learns the same class from the same
+    arguments (tools/mypy_records.py)."""
     enums = dict(enums or {})
     field_names = names(group)
     unknown = sorted(set(enums) - set(field_names))
@@ -419,10 +424,7 @@ def record(name: str, group: Group, module: str, doc: str, *,
         raise SchemaError(f"{name}: enums for fields it does not have: {unknown}")
     if tuple(zero_default) != field_names[len(field_names) - len(zero_default):]:
         raise SchemaError(f"{name}: zero_default must name its last fields, in order")
-    annotations: dict[str, Any] = {}
-    for f in group:
-        annotations[f.name] = (enums[f.name] if f.name in enums else str if f.unit == TEXT
-                               else int | None if f.nullable else int)
+    annotations = {f.name: enums.get(f.name) or value_type(f) for f in group}
     cls = _namedtuple(name, field_names, defaults=(0,) * len(zero_default), module=module)
     cls.__annotations__ = annotations
     cls.__doc__ = doc
@@ -770,5 +772,6 @@ __all__ = [
     "struct_format",
     "to_record",
     "to_row",
+    "value_type",
     "variable",
 ]

@@ -4,14 +4,14 @@
 a NamedTuple of ``GROUP``'s fields when the module runs; mypy cannot run it, so this plugin
 builds the same class for it from the same arguments. It reads the group from engine.schema
 itself (imported here), so a field added to the schema is a field of every record of that group
-for mypy too, with no declaration to repeat. The types follow the same rules as
-engine.schema.record: text ``str``, nullable ``int | None``, an ``enums`` entry its class, else
-``int``; the ``zero_default`` fields are optional arguments.
+for mypy too, with no declaration to repeat. A field's type is engine.schema.value_type's, or
+its ``enums`` entry's class; the ``zero_default`` fields are optional arguments.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from mypy.nodes import (
     GDEF,
@@ -80,17 +80,11 @@ def _record(ctx: DynamicClassDefContext) -> None:
             return
         defaults = {item.value: IntExpr(0) for item in zero_expr.items
                     if isinstance(item, StrExpr)}
-    integer = api.named_type("builtins.int")
-    types: list[Type] = []
-    for f in group:
-        if f.name in enums:
-            types.append(enums[f.name])
-        elif f.unit == schema.TEXT:
-            types.append(api.named_type("builtins.str"))
-        elif f.nullable:
-            types.append(UnionType([integer, NoneType()]))
-        else:
-            types.append(integer)
+    # each field's type as engine.schema.value_type gives it at run time, in mypy's terms
+    integer, text = api.named_type("builtins.int"), api.named_type("builtins.str")
+    as_mypy: dict[Any, Type] = {int: integer, str: text,
+                                int | None: UnionType([integer, NoneType()])}
+    types = [enums.get(f.name) or as_mypy[schema.value_type(f)] for f in group]
     existing = call.analyzed.info if isinstance(call.analyzed, NamedTupleExpr) else None
     # in a class frame of its own, as mypy builds a NamedTuple assigned at module level: the
     # self type of its methods must not come from the module's frame
