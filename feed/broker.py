@@ -62,6 +62,8 @@ UNKNOWN_TOPIC = 3  # Kafka error code UNKNOWN_TOPIC_OR_PARTITION
 # fit well within the feed's 5 ms fetch wait on a busy machine
 MARKET_TOPIC_MAX_RECORDS = 2_000
 TRIM_CHECK_S = 1.0  # how often the trimmer reads how many records each partition holds
+LOG_MAX_BYTES = 4 << 20  # a given broker log longer than this at a start is cut ...
+LOG_KEEP_BYTES = 1 << 20  # ... to its last this many bytes (the runs before the newest)
 
 
 class BrokerError(RuntimeError):
@@ -253,6 +255,20 @@ def _spawn(job: Callable[[], _T]) -> _T:
     return _spawner.call(job)
 
 
+def _cut_log(path: Path) -> None:
+    """Keep the last :data:`LOG_KEEP_BYTES` of ``path`` when it is over :data:`LOG_MAX_BYTES`:
+    a log kept across starts keeps the runs before a crash, but does not grow without end."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size <= LOG_MAX_BYTES:
+            return
+        with path.open("rb") as log_file:
+            log_file.seek(-LOG_KEEP_BYTES, os.SEEK_END)
+            tail = log_file.read()
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(tail[tail.find(b"\n") + 1:])  # from a whole line on
+        os.replace(tmp, path)
+
+
 def _die_with_parent() -> Callable[[], None] | None:
     """A ``preexec_fn`` that makes the child get SIGKILL when this process dies (Linux), or
     None where the kernel has no such request."""
@@ -277,7 +293,9 @@ class EmbeddedBroker:
 
     ``start`` fails fast with :class:`BrokerError` when the port is already in use, when the
     binary cannot be found, or when the process exits or does not accept connections within
-    ``ready_timeout_s``. The broker's output goes to ``log_path`` (a temp file by default).
+    ``ready_timeout_s``. The broker's output goes to ``log_path``, appended to (a temp file,
+    removed at stop, by default); a given log longer than :data:`LOG_MAX_BYTES` at a start is
+    cut to its last :data:`LOG_KEEP_BYTES` first.
     ``record_path``: the file recording the running broker (see the module docstring); a
     broker recorded there whose owner is gone is stopped before the port is checked.
     ``trim``: ``{topic: max_records}`` the broker keeps short while it runs (:class:`TopicTrimmer`;
@@ -414,6 +432,9 @@ class EmbeddedBroker:
                 os.close(fd)
             self.log_path = Path(name)
             self._own_log = True
+        else:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            _cut_log(self.log_path)
         url = f"tcp://{self.host}:{self.port}"
         args = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
                 "--storage-engine", "memory://tansu/"]

@@ -48,6 +48,7 @@ FEED_RESTART = {"max_restarts": -1, "max_task_retries": -1}  # its calls are saf
 READY_TIMEOUT_S = 120.0  # actors and the API must be up within this
 ADDRESS_FILE = "ray-address.json"  # in DATA_DIR while `up` runs (local or joined)
 BROKER_RECORD = "embedded-broker.json"  # in DATA_DIR while `up` runs the embedded broker
+BROKER_LOG = "embedded-broker.log"  # in DATA_DIR: its output, kept across starts and crashes
 ATTACH_CHECK_TIMEOUT_S = 2.0  # status/audit: how long a recorded Ray may take to answer TCP
 CRASHED_RUN_WAIT_S = 15.0  # how long a start waits for a killed run's workers to exit
 HELD_JOURNAL_WAIT_S = 5.0  # ... and after a clean stop, for a journal another process holds
@@ -385,6 +386,9 @@ class Platform:
         broker.trim[self.settings.account_topic] = TRIMMED_AT
         # a broker a killed run left behind is found (and stopped) through this record
         broker.record_path = self.settings.data_dir / BROKER_RECORD
+        # beside it, not in a temp file: a run killed with kill -9 leaves its log where the
+        # next start appends to it, instead of one more file in /tmp per crash
+        broker.log_path = self.settings.data_dir / BROKER_LOG
         try:
             broker.start()
         except BrokerError as exc:

@@ -402,6 +402,9 @@ def test_up_serves_again_within_30_s_after_kill_9_with_clients_connected(up: Up)
     # agents may still be there: they exit only after failing to report the raylet's death
     # to the dead GCS (about a minute); they hold no port or file the platform needs.
     assert not broker.alive(), "the old broker outlived its shardex up"
+    # its output is in DATA_DIR, followed by the new broker's (no temp file per crash)
+    broker_log = (data_dir / "embedded-broker.log").read_text()
+    assert broker_log.count("tansu broker") == 2, broker_log[-2000:]
     lingering = [p for p in started_below if p.alive()]
     assert all(p.cmdline[0] in RAY_AGENTS for p in lingering), \
         [(p.pid, p.cmdline[:1]) for p in lingering]
@@ -411,7 +414,7 @@ def test_up_serves_again_within_30_s_after_kill_9_with_clients_connected(up: Up)
     while up.output().count("shardex is up") < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     banner = up.output().rsplit("shardex is up", 1)[-1]
-    resumed = re.search(r"feed source: sim \(continuing from SOL ([0-9.]+),", banner)
+    resumed = re.search(r"feed source: sim \(continuing from SOL ([0-9.]+)[,)]", banner)
     assert resumed is not None, banner
     last_close = Decimal(before_kill[-1]["close"])
     assert abs(Decimal(resumed[1]) - last_close) < last_close / 100, (resumed[1], last_close)

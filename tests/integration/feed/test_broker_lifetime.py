@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from feed.broker import LOG_KEEP_BYTES
+from feed.broker import LOG_MAX_BYTES
 from feed.broker import BrokerError
 from feed.broker import EmbeddedBroker
 from feed.broker import ProcessIdentity
@@ -32,7 +34,8 @@ STARTER = """
 import sys, threading, time
 from feed.broker import EmbeddedBroker
 def start():
-    broker = EmbeddedBroker("127.0.0.1", int(sys.argv[1]), record_path=sys.argv[2]).start()
+    broker = EmbeddedBroker("127.0.0.1", int(sys.argv[1]), record_path=sys.argv[2],
+                            log_path=sys.argv[3]).start()
     print(broker.pid, flush=True)
 thread = threading.Thread(target=start)
 thread.start()
@@ -93,7 +96,8 @@ def reaped() -> Iterator[list[subprocess.Popen[Any]]]:
 def test_the_broker_dies_with_its_process_even_started_from_a_finished_thread(
         tmp_path: Path, reaped: list[subprocess.Popen[Any]]) -> None:
     port, record = free_port(), tmp_path / "broker.json"
-    starter = subprocess.Popen([sys.executable, "-c", STARTER, str(port), str(record)],
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, str(port), str(record),
+                                str(tmp_path / "broker.log")],
                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                                stdout=subprocess.PIPE, text=True)
     reaped.append(starter)
@@ -173,3 +177,31 @@ def test_the_broker_of_a_running_owner_is_not_taken_over(
     with pytest.raises(BrokerError, match="belongs to a running process"):
         EmbeddedBroker("127.0.0.1", port, record_path=record).start()
     assert orphan.poll() is None and record.exists()
+
+
+def test_a_given_log_is_appended_to_across_starts_kept_at_stop_and_cut_when_long(
+        tmp_path: Path) -> None:
+    """A log path given to the broker (``shardex up`` gives one in DATA_DIR) is created with its
+    directory, appended to by every start, kept at stop; over LOG_MAX_BYTES at a start, its
+    last LOG_KEEP_BYTES are kept, from a whole line on."""
+    log_path = tmp_path / "not-yet" / "broker.log"
+    with EmbeddedBroker("127.0.0.1", free_port(), log_path=log_path) as broker:
+        assert broker.log_path == log_path
+    first = log_path.read_bytes()
+    assert first.startswith(b"tansu broker") and b"listening on" in first, first
+
+    line = b"%08d an earlier run's line\n"
+    old = b"".join(line % i for i in range(LOG_MAX_BYTES // len(line % 0) + 1))
+    log_path.write_bytes(old)
+    with EmbeddedBroker("127.0.0.1", free_port(), log_path=log_path):
+        pass
+    cut = log_path.read_bytes()
+    kept, new = cut[:cut.index(b"tansu broker")], cut[cut.index(b"tansu broker"):]
+    assert LOG_KEEP_BYTES - len(line % 0) < len(kept) <= LOG_KEEP_BYTES, len(kept)
+    assert old.endswith(kept) and kept.startswith(b"%08d" % int(kept[:8])), kept[:40]
+    assert new.count(b"tansu broker") == 1 and b"listening on" in new, new
+
+    with EmbeddedBroker("127.0.0.1", free_port(), log_path=log_path):
+        pass
+    assert log_path.read_bytes().startswith(cut) and log_path.read_bytes().count(
+        b"tansu broker") == 2
