@@ -446,6 +446,7 @@ class EmbeddedBroker:
                     start_new_session=True,  # Ctrl-C goes to us; we stop the broker in order
                     preexec_fn=preexec))
             except (OSError, subprocess.SubprocessError) as exc:
+                self.stop()  # removes a temp log
                 raise BrokerError(f"cannot run the broker binary {binary}: {exc}") from exc
         try:
             self._write_record(self._proc)

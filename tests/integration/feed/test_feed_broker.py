@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -37,14 +39,20 @@ def test_start_stop_and_context_manager() -> None:
     assert not accepts_connections("127.0.0.1", port)
 
 
-def test_missing_binary_is_a_clear_error() -> None:
+def test_missing_binary_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where its temp log goes
     with pytest.raises(BrokerError, match="cannot run the broker binary"):
         EmbeddedBroker("127.0.0.1", free_port(), binary="/nonexistent/tansu").start()
+    assert list(tmp_path.iterdir()) == []  # its temp log removed
 
 
-def test_broker_that_exits_at_start_is_reported() -> None:
+def test_broker_that_exits_at_start_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with pytest.raises(BrokerError, match="exited at start"):
         EmbeddedBroker("127.0.0.1", free_port(), binary="/bin/false").start()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.asyncio
