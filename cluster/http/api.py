@@ -36,7 +36,8 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Path, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictInt, StrictStr, WithJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -636,11 +637,13 @@ def _rate_limited(buckets: TokenBuckets, key: object, what: str, spend: bool = T
                        headers={"Retry-After": str(seconds)})
 
 
-async def _principal(
-        request: Request,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    """The caller, once its API key is known and its bucket has a token for this request."""
+async def _principal(request: Request) -> Principal:
+    """The caller, once its API key is known and its bucket has a token for this request.
+
+    The bearer scheme is called here rather than declared as a dependency of its own: FastAPI
+    resolves every declared dependency anew on each request, and this one sits on every
+    authenticated route. The OpenAPI document still names the scheme (:func:`_document_auth`)."""
+    credentials = await _bearer(request)
     if credentials is None or not credentials.credentials \
             or len(credentials.credentials) > MAX_API_KEY_CHARS:
         raise ApiError(Code.UNAUTHORIZED, "missing or malformed API key")
@@ -1132,7 +1135,9 @@ def create_app(service: TradingService) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            _document_assets(default_openapi(), assets)
+            document = default_openapi()
+            _document_assets(document, assets)
+            _document_auth(document, app)
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -1195,6 +1200,20 @@ def create_app(service: TradingService) -> FastAPI:
 
 
 _ASSET_REQUEST_MODELS = ("OpenBody", "OrderBody")  # request bodies with an ``asset`` field
+
+
+def _document_auth(document: dict[str, Any], app: FastAPI) -> None:
+    """Name the bearer scheme in the OpenAPI ``document``, as a declared ``HTTPBearer``
+    dependency would: in its security schemes, and as the security of every operation whose
+    endpoint takes a :data:`Caller`."""
+    name = _bearer.scheme_name
+    document.setdefault("components", {}).setdefault("securitySchemes", {})[name] = \
+        _bearer.model.model_dump(mode="json", by_alias=True, exclude_none=True)
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.include_in_schema and any(
+                d.call is _principal for d in route.dependant.dependencies):
+            for method in route.methods or ():
+                document["paths"][route.path_format][method.lower()]["security"] = [{name: []}]
 
 
 def _document_assets(document: dict[str, Any], assets: AssetRegistry) -> None:
