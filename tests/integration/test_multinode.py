@@ -180,6 +180,7 @@ def _replicas_scenario() -> None:
     exists, a retry of each unanswered one (same clientOrderId) opens it at most once, and
     the ledger audit is clean."""
     import collections
+    import concurrent.futures
     import signal
     import threading
 
@@ -279,23 +280,35 @@ def _replicas_scenario() -> None:
             # a retry of every unanswered open gets its first answer or runs it now; one
             # that was under way in the killed replica is settled at the shards by the retry
             # once it has waited the service's idempotency wait for it
+            # (each unanswered open retried by a client of its own, all at once: a client
+            # retries as soon as it likes, and each may wait out that wait)
             seen: collections.Counter[str] = collections.Counter()
-            retries_from = time.monotonic()
-            for i, key in unanswered:
+            seen_lock = threading.Lock()
+
+            def retry(i: int, key: str) -> None:
                 deadline = time.monotonic() + 90
-                while True:
-                    r = front.post("/api/v1/positions/open", headers=traders[i], json={
-                        "asset": "SOL", "type": "long", "margin": "1", "leverage": 2,
-                        "clientOrderId": key})
-                    if r.status_code == 201:
-                        answered[key] = r.json()["positionId"]
-                        break
-                    seen[error := status_and_code(r)] += 1
-                    assert error.split()[0] in ("409", "503") and "not-json" not in error, error
-                    assert time.monotonic() < deadline, (r.text, seen)
-                    if error == "503 PRICE_UNAVAILABLE":  # the retries outlived the last price
-                        tick(platform, front, "SOL", "100.00", "100.01")
-                    time.sleep(0.5)
+                with httpx.Client(base_url=platform.base_url, timeout=20) as http:
+                    while True:
+                        r = http.post("/api/v1/positions/open", headers=traders[i], json={
+                            "asset": "SOL", "type": "long", "margin": "1", "leverage": 2,
+                            "clientOrderId": key})
+                        if r.status_code == 201:
+                            answered[key] = r.json()["positionId"]
+                            return
+                        error = status_and_code(r)
+                        with seen_lock:
+                            seen[error] += 1
+                        assert error.split()[0] in ("409", "503") and "not-json" not in error, \
+                            error
+                        assert time.monotonic() < deadline, (r.text, seen)
+                        if error == "503 PRICE_UNAVAILABLE":  # the retries outlived the price
+                            tick(platform, http, "SOL", "100.00", "100.01")
+                        time.sleep(0.5)
+
+            retries_from = time.monotonic()
+            with concurrent.futures.ThreadPoolExecutor(max(1, len(unanswered))) as pool:
+                for done in [pool.submit(retry, i, key) for i, key in unanswered]:
+                    done.result()  # a failed assertion of any retry fails here
             print(f"retries answered in {time.monotonic() - retries_from:.1f} s:", dict(seen),
                   flush=True)
             held: set[str] = set()
