@@ -12,12 +12,14 @@ One interface, two implementations, no method per operation:
 * :class:`LocalPort` runs a :class:`cluster.durability.runner.Runner` on one worker thread
   (calls run one at a time, like an actor, and numpy work stays off the event loop).
 * :class:`RayPort` wraps a :class:`cluster.actors.host.MachineHost` handle. Every Ray call of
-  the service is here, and Ray's failures become one :class:`Unavailable`.
+  the service is here, and Ray's failures become one :class:`Unavailable`. A batch travels
+  pickled (``MachineHost.execute_pickled``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import pickle
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -124,8 +126,10 @@ class RayPort(Port):
         self.timeout_s = timeout_s
 
     async def execute(self, commands: list[Any]) -> list[Any]:
-        result: list[Any] = await remote(self.name, self.handle.execute.remote(commands),
-                                         self.timeout_s)
+        payload = pickle.dumps(commands, protocol=pickle.HIGHEST_PROTOCOL)
+        answers: bytes = await remote(self.name, self.handle.execute_pickled.remote(payload),
+                                      self.timeout_s)
+        result: list[Any] = pickle.loads(answers)
         return result
 
     async def ping(self) -> bool | str:
