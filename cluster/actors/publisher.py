@@ -5,11 +5,12 @@ account events, engine.ledger_machine.LedgerMachine.outbound) is read by its hos
 batch that was journaled (so nothing unjournaled is published) and the messages are handed to a
 :class:`Publisher`, which produces them to one topic from a thread of its own (the host's calls
 never wait for Kafka). Kafka's default partitioner keeps each key on one partition, so the
-messages of a key stay in order. The thread produces in rounds: a round waits
-:data:`GATHER_S` for more messages, then sends one record batch per partition and waits for the
-broker's acknowledgement. A round costs the thread far more than its messages do, so at a
-steady trickle of commits the wait shares each round among several commits' messages, for at
-most :data:`GATHER_S` more before a message reaches the topic.
+messages of a key stay in order. The thread produces in rounds: a round sends one record batch
+per partition and waits for the broker's acknowledgement. A round costs the thread about the
+same CPU whatever it carries (the Kafka client's requests, futures and event-loop
+turns), so rounds begin at least :data:`ROUND_S` apart: a message that comes after a quiet
+while goes out at once, and under a steady stream of commits one round carries the messages of
+all the commits since the last, each at most :data:`ROUND_S` later.
 
 A failed delivery is retried (with a growing pause, the producer rebuilt, the topic created
 again: the embedded broker forgets topics when it restarts) until it succeeds; readers ignore
@@ -47,7 +48,7 @@ machine itself."""
 PARTITIONS = 4  # of a topic this creates
 BATCH = 1000  # messages per produce round
 MAX_BACKOFF_S = 5.0
-GATHER_S = 0.005  # a round waits this long for more messages (at most BATCH)
+ROUND_S = 0.02  # rounds begin at least this far apart (at most BATCH messages each)
 MAX_KEYS = 100_000  # keys whose partition is remembered
 _PARTITIONER = DefaultPartitioner()  # Kafka's: a key's partition as any client computes it
 
@@ -116,6 +117,7 @@ class Publisher:
         self._started = threading.Event()
         self._stopping = False
         self.sent = 0
+        self.rounds = 0  # produce rounds begun (a failed one included)
         self.failures = 0
         self._partitions: dict[bytes, int] = {}  # key -> partition, for _partition_count
         self._partition_count = 0
@@ -141,8 +143,9 @@ class Publisher:
         self._thread.join(timeout_s)
 
     def stats(self) -> dict[str, Any]:
-        return {"topic": self.topic, "sent": self.sent, "dropped": self._queue.dropped,
-                "failures": self.failures, "pending": len(self._queue)}
+        return {"topic": self.topic, "sent": self.sent, "rounds": self.rounds,
+                "dropped": self._queue.dropped, "failures": self.failures,
+                "pending": len(self._queue)}
 
     # -- the thread ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -153,6 +156,7 @@ class Publisher:
         self._started.set()
         producer: AIOKafkaProducer | None = None
         backoff_s = 0.1
+        last_round_at = -ROUND_S  # when the last round began (loop time)
         while True:
             if not self._queue:
                 if self._stopping:
@@ -161,8 +165,11 @@ class Publisher:
                     await asyncio.wait_for(self._wake.wait(), 1.0)
                 self._wake.clear()
                 continue
-            if len(self._queue) < BATCH and not self._stopping:
-                await asyncio.sleep(GATHER_S)
+            since_s = self._loop.time() - last_round_at
+            if len(self._queue) < BATCH and not self._stopping and since_s < ROUND_S:
+                await asyncio.sleep(ROUND_S - since_s)
+            last_round_at = self._loop.time()
+            self.rounds += 1
             first, batch = self._queue.take(BATCH)
             try:
                 if producer is None:

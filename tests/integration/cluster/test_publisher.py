@@ -1,6 +1,7 @@
 """The Publisher on the embedded broker: every message offered arrives once, each key on the
 partition Kafka's default partitioner gives it (what any other client would compute) and in
-the order offered, across produce rounds larger than one record batch."""
+the order offered, across produce rounds larger than one record batch; a stream of small
+offers is carried by rounds at least ROUND_S apart."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka import TopicPartition
 from aiokafka.partitioner import murmur2
 from cluster.actors.publisher import PARTITIONS
+from cluster.actors.publisher import ROUND_S
 from cluster.actors.publisher import Publisher
 from feed.broker import free_port
 
@@ -66,8 +68,10 @@ async def test_each_key_arrives_in_order_on_kafkas_partition_for_it(kafka_broker
         for key, values in offered.items():
             partition = (murmur2(key) & 0x7FFFFFFF) % PARTITIONS
             assert [v for k, v in got[partition] if k == key] == values, key
-        assert publisher.stats() == {"topic": topic, "sent": total, "dropped": 0,
-                                     "failures": 0, "pending": 0}
+        stats = publisher.stats()
+        assert 1 <= stats.pop("rounds") <= 30
+        assert stats == {"topic": topic, "sent": total, "dropped": 0, "failures": 0,
+                         "pending": 0}
     finally:
         publisher.close()
 
@@ -96,7 +100,35 @@ async def test_a_produce_round_that_fails_unexpectedly_is_tried_again(
         got = await _read_all(kafka_broker, topic, len(messages))
         assert sorted(v for records in got.values() for _, v in records) == sorted(
             v for _, v in messages)
-        assert publisher.stats() == {"topic": topic, "sent": len(messages), "dropped": 0,
-                                     "failures": 1, "pending": 0}
+        stats = publisher.stats()
+        assert stats.pop("rounds") >= 2  # the failed round and the one that sent them
+        assert stats == {"topic": topic, "sent": len(messages), "dropped": 0, "failures": 1,
+                         "pending": 0}
+    finally:
+        publisher.close()
+
+
+async def test_a_stream_of_offers_is_carried_by_rounds_at_least_round_s_apart(
+        kafka_broker: str) -> None:
+    """A ledger committing every few milliseconds: its messages share rounds, since a round
+    costs the thread about the same whatever it carries; none is lost or waits for more."""
+    topic = f"publisher-rounds-{free_port()}"
+    publisher = Publisher(kafka_broker, topic)
+    try:
+        messages = [(KEYS[i % len(KEYS)], f"m{i}".encode()) for i in range(150)]
+        started = time.monotonic()
+        for message in messages:
+            publisher.offer([message])
+            await asyncio.sleep(0.002)
+        while publisher.stats()["sent"] < len(messages):
+            assert time.monotonic() < started + 20, publisher.stats()
+            await asyncio.sleep(0.002)
+        elapsed_s = time.monotonic() - started
+        rounds = publisher.stats()["rounds"]
+        # rounds begin ROUND_S apart at the least: no more of them fit in the time taken
+        assert 2 <= rounds <= elapsed_s / ROUND_S + 1, (rounds, elapsed_s)
+        got = await _read_all(kafka_broker, topic, len(messages))
+        assert sorted(v for records in got.values() for _, v in records) == sorted(
+            v for _, v in messages)
     finally:
         publisher.close()
