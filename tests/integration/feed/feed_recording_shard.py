@@ -1,8 +1,10 @@
 """A stand-in shard actor for the feed tests and benchmark: records the ticks it is given
-(``apply_ticks(ticks)``, or ``execute(commands)`` of ApplyTick commands)."""
+(``apply_ticks(ticks)``, or ``execute(commands)`` of ApplyTick commands, plain or pickled as
+the feed actor's port sends them)."""
 
 from __future__ import annotations
 
+import pickle
 import sys
 import threading
 import time
@@ -32,6 +34,10 @@ class _RecordingShard:
         answers 0 closes per tick (and an empty outbox to an Outbox read)."""
         self.apply_ticks([c.tick for c in commands if isinstance(c, ApplyTick)])
         return [OutboxView([], 0) if isinstance(c, Outbox) else 0 for c in commands]
+
+    def execute_pickled(self, payload: bytes) -> bytes:
+        """:meth:`execute` in the host's pickled form (cluster.actors.host.MachineHost)."""
+        return pickle.dumps(self.execute(pickle.loads(payload)))
 
     def apply_ticks(self, ticks: list[Tick]) -> int:
         now_us = time.time_ns() // 1000
