@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import pickle
 import time
 import uuid
 from typing import Any
@@ -35,13 +36,15 @@ from feed.message import message_from_ticks
 from feed.producer import MarketDataProducer
 from feed.sim import SimWalk
 
+MIN_INGEST_SPAN_S = 0.05  # the least time between the first and last read that times ingest
+
 
 class _CountingShard:
     """Counts ticks and records ``now - ts_us`` (us) of each, as a shard would receive them.
 
     It answers the feed actor like a shard host does: ``execute`` of ``ApplyTick`` commands
-    and an ``Outbox`` read, one answer per command (0: nothing closed; an empty outbox, so no
-    settlement is delivered).
+    and an ``Outbox`` read (plain, or pickled as the feed actor's port sends them), one answer
+    per command (0: nothing closed; an empty outbox, so no settlement is delivered).
     """
 
     def __init__(self, nice: int | None = 0) -> None:
@@ -58,6 +61,10 @@ class _CountingShard:
         self.ticks += len(ticks)
         self.latency_us.extend(now_us - t.ts_us for t in ticks)
         return [OutboxView([], 0) if isinstance(c, Outbox) else 0 for c in commands]
+
+    def execute_pickled(self, payload: bytes) -> bytes:
+        """:meth:`execute` in the host's pickled form (cluster.actors.host.MachineHost)."""
+        return pickle.dumps(self.execute(pickle.loads(payload)))
 
     def report(self) -> dict[str, Any]:
         return {"ticks": self.ticks, "calls": self.calls, "latency_us": self.latency_us}
@@ -218,12 +225,16 @@ def main(argv: list[str] | None = None) -> int:
         broker.stop()
 
     ing = r["ingest"]
-    ingest_rate = ing["consumed"] / ing["span_s"]
+    # a burst the actor read in one or two fetches has no span to time it by
+    ingest_rate = (ing["consumed"] / ing["span_s"] if ing["span_s"] >= MIN_INGEST_SPAN_S
+                   else None)
     produce_rate = args.ticks / r["produce_s"]
     rows = [
         ("ticks produced (ingest phase)", f"{args.ticks:,}"),
         ("produce rate (ticks/s)", f"{produce_rate:,.0f}"),
-        ("feed actor ingest (ticks/s)", f"{ingest_rate:,.0f}   target >= 100,000"),
+        ("feed actor ingest (ticks/s)",
+         f"{ingest_rate:,.0f}   target >= 100,000" if ingest_rate is not None else
+         f"not timed: read within {ing['span_s'] * 1e3:.1f} ms (raise --ticks)"),
         ("  consumed / conflated / delivered", f"{ing['consumed']:,} / {ing['conflated']:,} / "
                                                f"{ing['delivered']:,} in {ing['calls']:,} calls"),
         (f"steady {args.rate:,.0f} ticks/s for {args.seconds:g} s: sent / delivered",
@@ -242,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {k:<{width}}  {v}")
     print(json.dumps({
         "bench": "feed", "ticks": args.ticks,
-        "produce_ticks_per_s": round(produce_rate), "ingest_ticks_per_s": round(ingest_rate),
+        "produce_ticks_per_s": round(produce_rate),
+        "ingest_ticks_per_s": None if ingest_rate is None else round(ingest_rate),
         "consumed": ing["consumed"], "conflated": ing["conflated"], "delivered": ing["delivered"],
         "steady_rate": args.rate, "steady_sent": r["latency_sent"],
         "steady_delivered": r["latency_delivered"],
@@ -250,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "deliver_max_ms": round(r["max_ms"], 3),
         "read_p50_ms": r["read_age_ms"].get("p50"), "read_p99_ms": r["read_age_ms"].get("p99"),
         "load_avg_1m": os.getloadavg()[0],
-        "ingest_target_met": ingest_rate >= 100_000, "latency_target_met": r["p99_ms"] <= 20,
+        "ingest_target_met": None if ingest_rate is None else ingest_rate >= 100_000,
+        "latency_target_met": r["p99_ms"] <= 20,
     }))
     return 0
