@@ -323,7 +323,8 @@ class FeedActorShell:
 
 
 # The Ray actor class (``FeedActor.remote(...)``, ``FeedActor.options(name=...)``). It asks for
-# no CPU slot: it is I/O bound and must not take one of the shards' slots on a small machine.
+# no CPU slot: it is I/O bound and must not take one of the shards' slots on a small machine,
+# and records no task events (cluster.actors.host.host_class says why).
 # Typed Any because Ray's decorator typing does not model actor classes with options.
 _ray_remote: Any = ray.remote
-FeedActor: Any = _ray_remote(num_cpus=0)(FeedActorShell)
+FeedActor: Any = _ray_remote(num_cpus=0, enable_task_events=False)(FeedActorShell)

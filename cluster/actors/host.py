@@ -114,10 +114,14 @@ class MachineHost:
 
 
 def host_class() -> Any:
-    """The Ray actor class of :class:`MachineHost` (imports Ray only when asked)."""
+    """The Ray actor class of :class:`MachineHost` (imports Ray only when asked).
+
+    Without Ray's task events (as Serve runs its replicas): Ray would otherwise record every
+    call's state changes in both processes and report them to its control store, for a task
+    list no part of the platform reads, at a cost per call on the hottest path."""
     import ray
 
-    return ray.remote(MachineHost)
+    return ray.remote(enable_task_events=False)(MachineHost)
 
 
 def host_specs(settings: Settings, data_dir: str | None = None,
