@@ -121,7 +121,8 @@ def host_class() -> Any:
     list no part of the platform reads, at a cost per call on the hottest path."""
     import ray
 
-    return ray.remote(enable_task_events=False)(MachineHost)
+    remote: Any = ray.remote  # Ray's overloads do not model its actor options
+    return remote(enable_task_events=False)(MachineHost)
 
 
 def host_specs(settings: Settings, data_dir: str | None = None,
