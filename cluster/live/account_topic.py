@@ -24,7 +24,12 @@ from feed.consumer import recreated_partitions
 
 log = logging.getLogger(__name__)
 
-FETCH_WAIT_MS = 500  # the broker holds a fetch this long when there is nothing new
+# The broker holds a fetch at most this long when there is nothing new. A Kafka broker answers
+# a held fetch as soon as a message arrives; the embedded one answers it later (up to about
+# half of this), so on one machine this bounds how late an event reaches a replica. Shorter
+# costs both processes more CPU while a replica has account subscribers (README "The account
+# stream on the embedded broker").
+FETCH_WAIT_MS = 250
 READ_TIMEOUT_MS = 1000
 PARTITION_CHECK_S = 5.0  # how often the topic's partitions are looked up again
 MAX_RECORDS = 5000
