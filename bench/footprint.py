@@ -3,9 +3,11 @@
 Starts the platform the way ``shardex up`` does (cluster.actors.launcher.Platform: a local Ray, the
 journaled ledger and shards, the feed actor, the Serve API; its own embedded broker on a free
 port; a temporary DATA_DIR; a free API port) with ``FEED_SOURCE=none``, so nothing happens
-once it is up. After ``--settle-s`` (start-up work: imports, the first partition checks,
-Serve's deploy), it reads ``/proc`` for every process of the platform at the start and at the
-end of ``--window-s`` seconds:
+once it is up; ``--feed-source sim`` measures a platform whose market moves (the sim source at
+its default rate) while nobody trades, which is what a live platform costs between clients.
+After ``--settle-s`` (start-up work: imports, the first partition checks, Serve's deploy), it
+reads ``/proc`` for every process of the platform at the start and at the end of
+``--window-s`` seconds:
 
 - cores: user + system CPU time the process used in the window (``/proc/PID/stat``) divided
   by the window;
@@ -241,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window-s", type=float, default=20.0, help="the measured window")
     parser.add_argument("--settle-s", type=float, default=10.0,
                         help="wait after the platform is up, before the window")
+    parser.add_argument("--feed-source", choices=("none", "sim"), default="none",
+                        help="none: nothing moves; sim: simulated prices flow, nobody trades")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     args = parser.parse_args(argv)
 
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     driver = os.getpid()
     data_dir = tempfile.mkdtemp(prefix="shardex-bench-footprint-")
     settings = dataclasses.replace(Settings.from_env(), port=free_port(HOST), host=HOST,
-                                   feed_source="none", data_dir=Path(data_dir),
+                                   feed_source=args.feed_source, data_dir=Path(data_dir),
                                    kafka_brokers=None, ray_address=None)
     # what `shardex up` builds (cluster.actors.launcher.up), with its own broker port
     platform = Platform(settings, with_feed=True, host=HOST, broker_port=free_port(HOST),
@@ -279,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     pss_mib = sum(r.pss_mib or 0.0 for r in rows)
     broker_cores = sum(r.cores for r in rows if r.pid == broker)
     width = max(len(r.name) for r in rows)
-    print(f"shardex bench footprint: idle platform (FEED_SOURCE=none), {args.window_s:g} s "
+    what = "idle platform" if args.feed_source == "none" else "no trading, prices flowing"
+    print(f"shardex bench footprint: {what} (FEED_SOURCE={args.feed_source}), {args.window_s:g} s "
           f"window after {args.settle_s:g} s settling; started in {startup_s:.1f} s ("
           + ", ".join(f"{name} {s:.1f} s" for name, s in phases_s.items()) + ")")
     print(f"  {'process':<{width}}  {'pid':>7}  {'cores':>6}  {'RSS MiB':>8}  {'PSS MiB':>8}  "
@@ -300,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  still running after the stop, killed by pid: {', '.join(leftovers)}",
               file=sys.stderr)
     print(json.dumps({
-        "bench": "footprint", "window_s": args.window_s, "settle_s": args.settle_s,
+        "bench": "footprint", "feed_source": args.feed_source, "window_s": args.window_s,
+        "settle_s": args.settle_s,
         "startup_s": round(startup_s, 2),
         "startup_phases_s": {name: round(s, 2) for name, s in phases_s.items()},
         "idle_cpu_cores": round(total_cores, 4), "rss_gib": round(rss_mib / 1024, 3),
