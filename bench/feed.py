@@ -32,6 +32,7 @@ from cluster.config import Settings
 from engine.assets import DEFAULT_ASSETS
 from engine.shard_machine import ApplyTick, Outbox, OutboxView
 from feed.broker import EmbeddedBroker, free_port
+from feed.consumer import MarketDataConsumer
 from feed.message import message_from_ticks
 from feed.producer import MarketDataProducer
 from feed.sim import SimWalk
@@ -207,11 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = paced_parser("shardex bench feed", __doc__, rate_help="ticks/s of the latency phase",
                           seconds=10.0, seconds_help="length of the latency phase")
     parser.add_argument("--ticks", type=int, default=300_000, help="ticks of the ingest phase")
-    parser.add_argument("--fetch-wait-ms", type=int, default=5,
-                        help="the feed actor's fetch_max_wait_ms (Tansu holds a fetch that long)")
+    defaults = MarketDataConsumer  # its dataclass defaults, as the platform's feed actor runs it
+    parser.add_argument("--fetch-wait-ms", type=int, default=defaults.fetch_max_wait_ms,
+                        help="the feed actor's fetch_max_wait_ms while records flow")
     parser.add_argument("--in-flight", type=int, default=1, help="calls in flight per shard")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     args = parser.parse_args(argv or [])
+    if not 0 <= args.fetch_wait_ms <= defaults.idle_fetch_max_wait_ms:
+        parser.error(f"--fetch-wait-ms must lie in 0..{defaults.idle_fetch_max_wait_ms} "
+                     "(the idle wait)")
 
     broker = EmbeddedBroker("127.0.0.1", free_port()).start()
     ns = uuid.uuid4().hex[:8]
