@@ -59,7 +59,8 @@ UNKNOWN_TOPIC = 3  # Kafka error code UNKNOWN_TOPIC_OR_PARTITION
 # records a partition of the market topic holds at most before the embedded broker recreates the
 # topic empty (one recreation every ~3 s at 2,000 ticks/s over 3 partitions): Tansu stops listing
 # a partition's batches when the fetch's wait is over, and answers nothing, so the listing must
-# fit well within the feed's 5 ms fetch wait on a busy machine
+# fit well within the feed's fetch wait (feed.consumer.MarketDataConsumer.fetch_max_wait_ms) on
+# a busy machine
 MARKET_TOPIC_MAX_RECORDS = 2_000
 TRIM_CHECK_S = 1.0  # how often the trimmer reads how many records each partition holds
 LOG_MAX_BYTES = 4 << 20  # a given broker log longer than this at a start is cut ...
