@@ -14,14 +14,16 @@ import os
 import pickle
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.actors.names import LEDGER
-from cluster.actors.publisher import Publisher
 from cluster.config import Settings
 from cluster.durability.runner import ExecuteTiming, Runner
 from cluster.durability.snapshot import Snapshot
 from cluster.trading.placement import shard_layout
+
+if TYPE_CHECKING:
+    from cluster.actors.publisher import Publisher
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,10 @@ class MachineHost:
         self.publisher: Publisher | None = None
         self._published = -1  # what outbound gave up to (-1: everything still kept, first)
         if spec.publish is not None:
+            # imported here: a host that publishes nothing (a shard) starts, and restarts,
+            # without loading the Kafka client
+            from cluster.actors.publisher import Publisher
+
             self.publisher = Publisher(*spec.publish)
             self._publish()
 
