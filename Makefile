@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTHON ?= python3
 
-.PHONY: help up test browser wrk bench chaos lint clean
+.PHONY: help up test browser wrk bench chaos lint clean bytecode
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -14,6 +14,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# The project's own modules compiled ahead (pip compiles what it installs, but not an editable
+# install's sources): Ray starts a Python process per actor, and again after every restart, and
+# where PYTHONDONTWRITEBYTECODE is set each of them would compile the modules it imports anew.
+# Up-to-date files are skipped.
+bytecode: $(STAMP)
+	@$(PY) -m compileall -q engine cluster feed bench > /dev/null
 
 # Headless Chromium and its driver for tests/browser, from the distribution's packages: installed
 # only when one of them is missing (as root, or through passwordless sudo).
@@ -48,20 +55,20 @@ wrk: ## install wrk (Debian package) if it is missing, for the benchmarks
 	$$apt install -y -q wrk || { $$apt update -q && $$apt install -y -q wrk; } || \
 		echo "wrk could not be installed: bench api falls back to its Python client" >&2
 
-up: $(STAMP) ## install into .venv, then start the whole platform in the foreground (Ctrl-C stops it)
+up: bytecode ## install into .venv, then start the whole platform in the foreground (Ctrl-C stops it)
 	$(VENV)/bin/shardex up
 
-test: $(STAMP) browser ## install into .venv and chromium if needed, then run the whole test suite
+test: bytecode browser ## install into .venv and chromium if needed, then run the whole test suite
 	$(PY) -m pytest -q --durations=25
 
-bench: $(STAMP) wrk ## run the benchmarks (engine, feed, api, durability, live); each prints a table and a JSON line
+bench: bytecode wrk ## run the benchmarks (engine, feed, api, durability, live); each prints a table and a JSON line
 	$(VENV)/bin/shardex bench engine --positions 1000000 --json
 	$(VENV)/bin/shardex bench feed --json
 	$(VENV)/bin/shardex bench api --json
 	$(VENV)/bin/shardex bench durability --rounds 3 --json
 	$(VENV)/bin/shardex bench live --json
 
-chaos: $(STAMP) ## the long chaos run: 100 kill -9 under load, reports lost/duplicated operations
+chaos: bytecode ## the long chaos run: 100 kill -9 under load, reports lost/duplicated operations
 	$(VENV)/bin/shardex bench chaos --kills 100
 
 lint: $(STAMP) ## ruff and mypy over the code
