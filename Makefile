@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 # where PYTHONDONTWRITEBYTECODE is set each of them would compile the modules it imports anew.
 # Up-to-date files are skipped.
 bytecode: $(STAMP)
-	@$(PY) -m compileall -q engine cluster feed bench > /dev/null
+	@$(PY) -m compileall -q engine cluster feed bench
 
 # Headless Chromium and its driver for tests/browser, from the distribution's packages: installed
 # only when one of them is missing (as root, or through passwordless sudo).
