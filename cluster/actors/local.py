@@ -63,12 +63,6 @@ class LocalHosts:
             await self.courier.deliver(name)
         return closed
 
-    def apply_ticks_blocking(self, ticks: Iterable[Tick]) -> int:
-        """``apply_ticks`` from a thread that runs no event loop."""
-        import asyncio
-
-        return asyncio.run(self.apply_ticks(ticks))
-
     def _route(self, ticks: Iterable[Tick]) -> dict[str, list[Tick]]:
         routed: dict[str, list[Tick]] = {}
         for tick in ticks:

@@ -736,10 +736,6 @@ class TradingService:
         totals = await self.ledger.call(Totals())
         return [p for p in problems if p.subject in (persistent or ())], totals
 
-    async def reconcile(self) -> int:
-        """One reconciler round now (what tests drive); returns how many remain unresolved."""
-        return await self.reconciler.run_once()
-
     async def aclose(self) -> None:
         """Let shielded requests finish, then stop the background reconciliation."""
         if self._tasks:

@@ -94,7 +94,7 @@ class LocalHttpPlatform:
         self._seq += 1
         tick = make_tick(self.settings, asset, bid, ask, age_s, self._seq)
         self.market.apply([tick])
-        self.hosts.apply_ticks_blocking([tick])
+        asyncio.run(self.hosts.apply_ticks([tick]))  # from a thread that runs no event loop
 
     def _on_loop(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)

@@ -286,7 +286,7 @@ async def test_a_dead_shard_is_unavailable_and_the_lock_stays_in_doubt(start: An
     assert state.margin_micros == 30 * USD
     assert [p.position_id for p in state.positions] == [sol.position_id]
     assert await svc.ledger.call(Balances(who.user)) == (SIGNUP - 30 * USD, 30 * USD)
-    assert await svc.reconcile() == 1
+    assert await svc.reconciler.run_once() == 1
     health = await svc.health()
     assert not health.ok and health.components["shard-ETH-0"] != "ok"
     assert health.components["ledger"] == "ok"

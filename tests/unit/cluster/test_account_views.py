@@ -162,7 +162,7 @@ async def test_a_failed_write_makes_reads_full_ones(market: Market) -> None:
     assert partial.unavailable == (sol_shard,) and partial.positions == []
     assert views.counts["full_reads"] == full + 1
     market.shard_down("SOL", False)
-    assert await svc.reconcile() == 0
+    assert await svc.reconciler.run_once() == 0
 
 
 async def test_a_kept_view_still_lists_the_positions_of_a_recovering_shard(

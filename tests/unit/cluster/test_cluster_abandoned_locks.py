@@ -91,8 +91,8 @@ async def test_lost_lock_answer_is_abandoned_exactly_once(client_order_id: str |
     # locked in the ledger, no position anywhere (read before the background round runs)
     assert run(hosts.ledger.runner.machine, Balances(who.user)) == \
         (funded - 100 * USD, 100 * USD)
-    assert await svc.reconcile() == 0
-    assert await svc.reconcile() == 0  # nothing left to abandon, nothing released twice
+    assert await svc.reconciler.run_once() == 0
+    assert await svc.reconciler.run_once() == 0  # nothing left to abandon, nothing released twice
     [lost] = lossy.lost
     remembered = [lock[0] for lock in hosts.ledger.runner.machine.fingerprint()["recent_locks"]]
     assert hosts.ledger.execute_blocking([AbandonLock(r) for r in [lost, *remembered]]) == \
@@ -120,7 +120,7 @@ async def test_a_lock_that_never_happened_is_abandoned_without_change() -> None:
     await push_tick(hosts, "100.00", "100.01")
     with pytest.raises(Unavailable):
         await svc.open_position(who, OpenOrder("SOL", Side.LONG, 100 * USD, 10))
-    assert await svc.reconcile() == 0
+    assert await svc.reconciler.run_once() == 0
     assert svc.counters["locks_released_abandoned"] == 0
     assert run(hosts.ledger.runner.machine, Balances(who.user)) == (funded, 0)
     assert await audit(svc) == []

@@ -136,7 +136,7 @@ async def test_a_client_that_disconnects_mid_open_leaves_no_orphaned_margin(
     assert await settled()
     assert shard_positions(p, "SOL") == (0 if lost else 1)
     state = await svc.state(who)
-    assert await svc.reconcile() == 0
+    assert await svc.reconciler.run_once() == 0
     assert (await svc.audit())[0] == []
     if client_order_id is not None:  # the client comes back with the same clientOrderId
         gates[p.shard_of("SOL").name].lose = False
@@ -190,7 +190,7 @@ async def test_a_release_after_a_refusal_that_fails_is_queued_and_released_once(
         return balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
 
     await eventually(released)
-    assert await svc.reconcile() == 0
+    assert await svc.reconciler.run_once() == 0
     # released once: by the reconciler when the release was lost, else by the release itself
     assert svc.counters["locks_released_abandoned"] == (0 if deliver else 1)
     await asyncio.sleep(0.3)  # no second release comes later
@@ -225,7 +225,7 @@ async def test_an_open_whose_note_the_ledger_did_not_take_reaches_the_account_ev
         return not p.ledger.execute_blocking([OpenLocks()])[0]
 
     await eventually(noted)
-    assert await svc.reconcile() == 0
+    assert await svc.reconciler.run_once() == 0
     await asyncio.sleep(0.3)  # no second note comes later
     _, events = await svc.account_events(who.user, since)
     assert events is not None
@@ -272,12 +272,12 @@ async def test_a_retried_close_whose_reply_was_lost_gets_the_first_close(
             await svc.close_position(who, order)
         await p.push_tick("SOL", "102.00", "102.01")  # the feed's delivery settles it
         shard.kind = Close  # the shard answers again: a round learns the outcome
-        assert await svc.reconcile() == 0
+        assert await svc.reconciler.run_once() == 0
     retry = await svc.close_position(who, order)
     assert isinstance(retry, ClosedPosition), retry
     assert retry == first.closed
     assert await svc.close_position(who, order) == retry
-    assert await svc.reconcile() == 0
+    assert await svc.reconciler.run_once() == 0
     await p.push_tick("SOL", "103.00", "103.01")
     # the ledger applied it once
     totals = await p.ledger.call(Totals())
@@ -307,7 +307,7 @@ async def test_a_partial_close_settled_after_its_reply_was_lost_notes_the_rest(
     with pytest.raises(Unavailable):  # the shard closed part of it; every reply was lost
         await svc.close_position(who, CloseOrder(pos.position_id, qty_steps=pos.qty_steps // 4))
     flaky[p.shard_of("SOL").name].kind = ()  # it answers again: a round learns the outcome
-    assert await svc.reconcile() == 0
+    assert await svc.reconciler.run_once() == 0
     _, events = await svc.account_events(who.user, since)
     assert events is not None
     kinds = [e.kind for e in events]
@@ -442,7 +442,7 @@ async def test_stopping_the_reconciler_mid_round_keeps_the_doubt_queued(make: Ma
     assert svc.reconciler.outstanding == 1
     assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
     held.opened.set()
-    assert await svc.reconcile() == 0
+    assert await svc.reconciler.run_once() == 0
     assert balances(p, who) == (SIGNUP, 0)
     assert (await svc.audit())[0] == []
 

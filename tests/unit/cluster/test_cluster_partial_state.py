@@ -71,7 +71,7 @@ async def test_state_is_partial_while_a_shard_recovers_and_its_writes_are_503() 
             assert (await open_("BTC")).status_code == 201
 
             wrapped[sol_shard].down = False  # recovered: the in-doubt SOL open is resolved
-            assert await p.service.reconcile() == 0
+            assert await p.service.reconciler.run_once() == 0
             again = await http.get("/api/v1/state", headers=auth)
             assert again.status_code == 200 and "unavailable" not in again.json()
             assert len(again.json()["positions"]) == 3

@@ -300,8 +300,8 @@ async def test_open_in_doubt_keeps_the_lock_until_the_shard_answers(make: Make,
     # in doubt: still locked (read before the background resolution gets a turn)
     assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
     # the background round and this one run one after the other, never both on one doubt
-    assert await svc.reconcile() == 0
-    assert await svc.reconcile() == 0
+    assert await svc.reconciler.run_once() == 0
+    assert await svc.reconciler.run_once() == 0
     state = await svc.state(who)
     if deliver:  # it did open: the lock stays with the position
         assert len(state.positions) == 1 and state.margin_micros == 100 * USD
@@ -314,7 +314,7 @@ async def test_open_in_doubt_keeps_the_lock_until_the_shard_answers(make: Make,
 async def test_a_fenced_open_that_arrives_late_is_refused(make: Make) -> None:
     p, who = await open_in_doubt(make, deliver=False)
     svc = p.service
-    assert await svc.reconcile() == 0
+    assert await svc.reconciler.run_once() == 0
     assert balances(p, who) == (SIGNUP, 0)
     sol = svc.shards[p.shard_of("SOL").name]
     assert isinstance(sol, FailingBatches) and len(sol.lost) == 3
@@ -409,7 +409,7 @@ async def test_a_dead_shard_hides_only_its_own_asset_and_fails_health(make: Make
     who = await signup(p.service)
     with pytest.raises(Unavailable):
         await p.service.open_position(who, OpenOrder("BTC", Side.LONG, 100 * USD, 2))
-    assert await p.service.reconcile() == 1  # BTC's outcome stays unknown, its lock kept
+    assert await p.service.reconciler.run_once() == 1  # BTC's outcome stays unknown, its lock kept
     assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
     pos = await p.service.open_position(who, sol_long())
     assert isinstance(pos, OpenPosition)
@@ -440,7 +440,7 @@ async def test_a_close_whose_settlement_is_lost_still_settles_once(make: Make) -
             # its answer waits for its settlement
             await flaky.close_position(who, order)
         ledger.failures = 0  # the ledger is back: the close settles with its answer
-        assert await flaky.reconcile() == 0
+        assert await flaky.reconciler.run_once() == 0
         assert await flaky.close_position(who, order) == closed  # the answer was kept
         state = await flaky.state(who)
         assert state.margin_micros == 0 and state.free_micros == SIGNUP + closed.pnl_micros
@@ -460,9 +460,9 @@ async def test_an_in_doubt_open_that_never_arrived_is_released_once_despite_a_lo
     # the ledger releases the lock but its reply is lost, once
     lost = FailingBatches(p.ledger, AbandonLock, failures=1, deliver=True)
     svc.reconciler.ledger = lost
-    assert await svc.reconcile() == 1  # released, but the service did not hear it
+    assert await svc.reconciler.run_once() == 1  # released, but the service did not hear it
     assert lost.failed == 1
-    assert await svc.reconcile() == 0  # the resend finds nothing left to release
+    assert await svc.reconciler.run_once() == 0  # the resend finds nothing left to release
     assert balances(p, who) == (SIGNUP, 0)
     assert await p.audit() == []
 
