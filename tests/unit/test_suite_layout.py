@@ -10,9 +10,14 @@ TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
 
 
+def _testpaths() -> list[str]:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    paths: list[str] = config["tool"]["pytest"]["ini_options"]["testpaths"]
+    return paths
+
+
 def test_every_test_file_lies_under_a_directory_pytest_collects() -> None:
-    options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]
-    paths = options["ini_options"]["testpaths"]
+    paths = _testpaths()
     collected = {(ROOT / p).resolve() for p in paths}
     files = sorted(TESTS.rglob("test_*.py"))
     assert files, "no test files found"
@@ -22,5 +27,4 @@ def test_every_test_file_lies_under_a_directory_pytest_collects() -> None:
 
 
 def test_the_unit_tests_run_first() -> None:
-    options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]
-    assert options["ini_options"]["testpaths"][0] == "tests/unit"
+    assert _testpaths()[0] == "tests/unit"
