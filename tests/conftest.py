@@ -36,15 +36,17 @@ _BROKERS: dict[str, object] = {}
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
-    """A fresh local Ray (2 CPUs, no dashboard, loopback only), started once per session and
-    shared by the integration tests that need a running Ray; shut down at session end."""
+    """A fresh local Ray (2 CPUs, no dashboard, loopback only, the Ray settings the platform
+    starts its own Ray with), started once per session and shared by the integration tests
+    that need a running Ray; shut down at session end."""
     import ray
+    from cluster.actors.deploy import RAY_SYSTEM_CONFIG
 
     started = not ray.is_initialized()
     if started:
         # address="local": always a new local Ray, never attach to a cluster someone else runs
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
+                 _node_ip_address="127.0.0.1", _system_config=dict(RAY_SYSTEM_CONFIG))
     try:
         yield None
     finally:

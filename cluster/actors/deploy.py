@@ -3,7 +3,8 @@
 Every host has ``max_restarts=-1``: Ray restarts a killed process and the host recovers its
 machine from ``DATA_DIR`` before it answers. ``max_task_retries=0``: a call that was running
 when the process died fails (the API answers 503) instead of being run a second time unseen;
-the reconciler settles what it did. Shards are spread round-robin over the nodes, workers
+the reconciler settles what it did; a call made while a host restarts fails at once
+(:data:`RAY_SYSTEM_CONFIG`). Shards are spread round-robin over the nodes, workers
 first, with soft affinity (a node that is gone does not stop a restart elsewhere).
 """
 
@@ -23,6 +24,25 @@ from engine.ledger_machine import AppliedSeq
 from engine.shard_machine import ResumeSeq
 
 RESTART = {"max_restarts": -1, "max_task_retries": 0}
+
+RAY_SYSTEM_CONFIG: dict[str, int] = {
+    # Ray parks a call that failed on a restarting actor, to learn why the actor died, and
+    # releases it (ActorUnavailableError) only on its caller's once-a-second timer: 1-2 s
+    # after the call, often long after the host was back, and a caller that tried again then
+    # could be held for another round. At 0 the call fails at once (Unavailable, the API's
+    # 503) and the next one reaches the new process as soon as it is up.
+    "timeout_ms_task_wait_for_death_info": 0,
+}
+"""Ray settings of every Ray the platform starts (``ray.init(_system_config=...)``: Ray hands
+them to every process of that cluster); see :func:`ray_env` for a cluster it joins."""
+
+
+def ray_env() -> dict[str, str]:
+    """:data:`RAY_SYSTEM_CONFIG` as the ``RAY_<name>`` environment variables each Ray process
+    reads when it starts: for the processes of a cluster someone else started (the launcher's
+    own, and those it starts there through their runtime env); ``ray_config.yaml`` exports
+    them on every node."""
+    return {f"RAY_{name}": str(value) for name, value in RAY_SYSTEM_CONFIG.items()}
 
 
 def placement_nodes() -> list[str]:

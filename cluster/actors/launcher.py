@@ -140,6 +140,7 @@ class Platform:
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
 
+        from cluster.actors.deploy import RAY_SYSTEM_CONFIG, ray_env
         from cluster.actors.serve_app import deploy_api, export_serve_env, start_serve
         from feed.source import make_source, parse_source
 
@@ -162,10 +163,15 @@ class Platform:
 
         env = export_serve_env(settings.port, settings.replica_slots, self.direct_ingress)
         joining = bool(settings.ray_address) and not ray.is_initialized()
+        # a cluster someone else started has its own system config: this process reads the
+        # platform's Ray settings from its environment, the actors it starts from their
+        # runtime env
+        joined_env = ray_env() if joining else {}
         if joining:
+            os.environ.update(joined_env)
             # first: the API a killed joined run left on the cluster holds PORT until removed
             ray.init(address=settings.ray_address, namespace=self.namespace,
-                     runtime_env={"env_vars": env}, log_to_driver=False,
+                     runtime_env={"env_vars": {**env, **joined_env}}, log_to_driver=False,
                      logging_level=logging.WARNING)
             self._refuse_a_second_platform()  # and remove the API a killed run left
             phase("ray")
@@ -210,6 +216,7 @@ class Platform:
             # ~0.007 cores each, README "Processes and idle cost"). Workers start when an actor
             # needs one instead.
             options["_system_config"] = {"prestart_worker_first_driver": False,
+                                         **RAY_SYSTEM_CONFIG,
                                          **self.ray_init.get("_system_config", {})}
             # address="local": always a new Ray, never attach to one found on the machine
             options.setdefault("address", "local")
@@ -223,7 +230,7 @@ class Platform:
         serving = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="serve-start")
         self._serve_started = True
         controller = serving.submit(start_serve, settings, host=self.host,
-                                    direct_ingress=self.direct_ingress,
+                                    extra_env=joined_env, direct_ingress=self.direct_ingress,
                                     inherited=self._ray_started)
         try:
             self._start_actors(phase)
@@ -232,7 +239,7 @@ class Platform:
             serving.shutdown(wait=True)
         phase("serve controller (the wait after the actors)")
         self.url = deploy_api(settings, self.bootstrap, namespace=self.namespace, host=self.host,
-                              direct_ingress=self.direct_ingress,
+                              extra_env=joined_env, direct_ingress=self.direct_ingress,
                               timeout_s=READY_TIMEOUT_S, serve_started=True,
                               inherited=self._ray_started)
         phase("api")

@@ -395,9 +395,8 @@ def start_serve(settings: Settings, *, host: str = "127.0.0.1",
 
 def _api_env(settings: Settings, extra_env: Mapping[str, str] | None,
              direct_ingress: bool) -> dict[str, str]:
-    if not direct_ingress:
-        return {}
-    return {**serve_env(settings.port, settings.replica_slots), **(extra_env or {})}
+    env = serve_env(settings.port, settings.replica_slots) if direct_ingress else {}
+    return {**env, **(extra_env or {})}
 
 
 def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE,
@@ -411,8 +410,9 @@ def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE
     running app.
     ``direct_ingress=False`` deploys the classic way instead (Serve's proxy on the port, the
     replica behind it; for comparison, and for a driver without ``serve_env``).
-    ``serve_started``: :func:`start_serve` ran already (with the same arguments);
-    ``inherited`` as there.
+    ``extra_env``: more variables for the API's actors (the launcher's Ray settings on a
+    cluster it joined). ``serve_started``: :func:`start_serve` ran already (with the same
+    arguments); ``inherited`` as there.
     """
     env = _api_env(settings, extra_env, direct_ingress) if serve_started else start_serve(
         settings, host=host, extra_env=extra_env, direct_ingress=direct_ingress,

@@ -9,6 +9,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from cluster.actors.deploy import ray_env
 from ray.autoscaler._private.util import prepare_config
 from ray.autoscaler._private.util import validate_config
 
@@ -50,6 +51,9 @@ def test_head_and_worker_node_types_and_commands() -> None:
     for text in (head, worker):
         assert "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=4000" in text
         assert "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=4001" in text
+        # every process on every node has the Ray settings the launcher gives a Ray it starts
+        for name, value in ray_env().items():
+            assert f" {name}={value}" in f" {text.replace(chr(10), ' ')}", name
 
 
 @pytest.mark.parametrize("breakage", ["unknown_field", "head_type_missing", "min_over_max"])

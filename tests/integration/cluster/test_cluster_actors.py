@@ -21,6 +21,7 @@ from cluster.actors.deploy import start_hosts
 from cluster.actors.host import host_class
 from cluster.actors.host import host_specs
 from cluster.actors.port import Port
+from cluster.actors.port import RayPort
 from cluster.actors.port import Unavailable
 from cluster.actors.ray_service import service_from_names
 from cluster.config import Settings
@@ -265,6 +266,35 @@ async def test_a_shard_restarted_by_ray_recovers_its_positions_and_numbering(
     assert isinstance(history, list) and len(history) == 3
     await rp.flush()
     assert await audit(svc) == []
+
+
+@pytest.mark.asyncio
+async def test_calls_to_a_host_ray_is_restarting_fail_at_once_not_held(start: Any) -> None:
+    """With the platform's Ray settings (cluster.actors.deploy.RAY_SYSTEM_CONFIG) a call made
+    while a host restarts fails at once (Unavailable), so a caller that tries again reaches
+    the new process as soon as it is up. Ray's default holds each such call at least a second
+    (until its caller's once-a-second timer releases it)."""
+    rp = start(durable=True)
+    port = RayPort(BTC, rp.shards[BTC])
+    pid = (await port.info())["pid"]
+    ray.kill(rp.shards[BTC], no_restart=False)  # the process dies; Ray starts it again
+    failed_s: list[float] = []
+    deadline = time.monotonic() + READY_S
+    while True:
+        sent = time.monotonic()
+        try:
+            if (await port.info())["pid"] != pid:
+                break
+        except Unavailable:
+            failed_s.append(time.monotonic() - sent)
+        assert time.monotonic() < deadline, "the shard was not restarted"
+        await asyncio.sleep(0.01)
+    failed_s.sort()
+    median_s = failed_s[len(failed_s) // 2] if failed_s else 0.0
+    print(f"\n{len(failed_s)} calls failed during the restart, median {median_s * 1000:.0f} ms "
+          f"each, slowest {failed_s[-1] * 1000 if failed_s else 0:.0f} ms")
+    assert len(failed_s) >= 3, failed_s  # the restart takes far longer than three tries
+    assert median_s < 0.5, failed_s
 
 
 @pytest.mark.asyncio
