@@ -1,7 +1,7 @@
 """The feed actor: a Ray shell that calls the shards with the ticks ``feed.consumer`` reads.
 
 Create it with Ray (shards are looked up by their actor name, ``ShardSpec.name``, in
-``namespace``; or pass ``shard_handles={name: handle}``)::
+``namespace``)::
 
     feed = FeedActor.options(name="feed", namespace="shardex").remote(
         settings, bootstrap, namespace="shardex")
@@ -44,7 +44,6 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -110,24 +109,23 @@ class FeedActorShell:
 
     Arguments: ``settings`` (assets, shard layout, feed bounds); ``bootstrap`` (default
     ``settings.bootstrap_servers``); ``namespace``, the Ray namespace the shards and the ledger
-    are looked up in; ``shard_handles``, handles to call instead (never looked up by name);
-    ``topic``; ``group_id``, the Kafka ``client_id`` (identification only: no group is
-    joined); ``max_in_flight_per_shard``; ``lookup_retry_s``; ``nice``, applied to the actor's
-    process, best effort (see :func:`_renice`; ``None`` keeps Ray's nice 15);
+    are looked up in; ``topic``; ``group_id``, the Kafka ``client_id`` (identification only: no
+    group is joined); ``max_in_flight_per_shard``; ``lookup_retry_s``; ``nice``, applied to the
+    actor's process, best effort (see :func:`_renice`; ``None`` keeps Ray's nice 15);
     ``switch_interval_s``, the process's GIL switch interval (``None`` keeps Python's);
     ``candles_dir``, where the candle store lives (None: candles in memory only).
     Other keyword arguments (``start_from``, ``max_batch``, ``fetch_max_wait_ms``,
     ``partition_check_s``) go to :class:`~feed.consumer.MarketDataConsumer`.
 
     Methods (all async): ``start(timeout_s=30) -> bool``, ``stats() -> dict``,
-    ``prices() -> dict``, ``pid() -> int``, ``stop()``, ``set_shard_handles({name: handle})``,
-    ``klines(asset, interval, query) -> [Candle]``, ``live_changes(since, timeout_s) ->
-    Changes``, ``call_timings(since) -> (count, [CallTiming])``. These start consumption if it
-    is not running, so a restarted actor resumes on the first call.
+    ``prices() -> dict``, ``pid() -> int``, ``stop()``, ``klines(asset, interval, query) ->
+    [Candle]``, ``live_changes(since, timeout_s) -> Changes``, ``call_timings(since) ->
+    (count, [CallTiming])``. These start consumption if it is not running, so a restarted actor
+    resumes on the first call.
     """
 
     def __init__(self, settings: Settings, bootstrap: str | None = None, *,
-                 namespace: str | None = None, shard_handles: Mapping[str, Any] | None = None,
+                 namespace: str | None = None,
                  topic: str = MARKET_TOPIC, group_id: str = CONSUMER_GROUP,
                  max_in_flight_per_shard: int = 1, lookup_retry_s: float = 1.0,
                  nice: int | None = 0, switch_interval_s: float | None = 0.0005,
@@ -140,8 +138,7 @@ class FeedActorShell:
             sys.setswitchinterval(switch_interval_s)
         self.namespace = namespace
         self.lookup_retry_s = lookup_retry_s
-        self.handles: dict[str, Any] = dict(shard_handles or {})
-        self._fixed_handles = shard_handles is not None
+        self.handles: dict[str, Any] = {}
         self._lookup_after: dict[str, float] = {}
         self._ports: dict[str, RayPort] = {}  # over the current handles, shared with the courier
         self._courier: Courier | None = None
@@ -211,11 +208,6 @@ class FeedActorShell:
         newer = min(kept, max(0, count - since))
         return count, list(itertools.islice(self._timings, kept - newer, kept))
 
-    async def set_shard_handles(self, handles: Mapping[str, Any]) -> None:
-        """Call these handles from now on; never look shards up by name again."""
-        self.handles.update(handles)
-        self._fixed_handles = True
-
     async def pid(self) -> int:
         """The actor's process id (tests kill it to exercise a Ray restart)."""
         self.consumer.ensure_started()
@@ -246,7 +238,7 @@ class FeedActorShell:
         ``lookup_retry_s``."""
         if name in self.handles:
             return True
-        if self._fixed_handles or time.monotonic() < self._lookup_after.get(name, 0.0):
+        if time.monotonic() < self._lookup_after.get(name, 0.0):
             return False
         try:
             self.handles[name] = ray.get_actor(name, namespace=self.namespace)
@@ -276,9 +268,8 @@ class FeedActorShell:
         try:
             answers = await self._port(name).send(commands)
         except Exception:  # a dead or failing shard: look it up again later
-            if not self._fixed_handles:
-                self.handles.pop(name, None)
-                self._lookup_after[name] = time.monotonic() + self.lookup_retry_s
+            self.handles.pop(name, None)
+            self._lookup_after[name] = time.monotonic() + self.lookup_retry_s
             raise
         answered_us = settle_us = _wall_us()
         closed = sum(a for a in answers[:len(ticks)] if type(a) is int)
