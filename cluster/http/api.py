@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictInt, StrictS
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.actors.port import Unavailable
+from cluster.http.bounds import RETRY_AFTER_S
 from cluster.http.decimals import (
     EXACT_DECIMAL,
     DecimalValue,
@@ -406,12 +407,16 @@ _ERROR_DESCRIPTIONS = {
          "WOULD_LIQUIDATE",
     429: "RATE_LIMITED: too many requests for this API key (or account creations from this "
          "address); retry after Retry-After seconds",
-    503: "PRICE_UNAVAILABLE / SERVICE_UNAVAILABLE",
+    503: "PRICE_UNAVAILABLE / SERVICE_UNAVAILABLE (a component did not answer: retry after "
+         "Retry-After seconds, with the same clientOrderId)",
 }
 _ERROR_HEADERS: dict[int, dict[str, Any]] = {
     401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
     429: {"Retry-After": {"description": "seconds until a request may succeed",
                           "required": True, "schema": {"type": "integer", "minimum": 1}}},
+    503: {"Retry-After": {"description": "with SERVICE_UNAVAILABLE: seconds until a retry "
+                                         "may succeed",
+                          "schema": {"type": "integer", "minimum": 1}}},
 }
 _BODY_ERRORS = (400, 413, 422)  # any route with a JSON body
 _AUTH_ERRORS = (401, 429)  # any route behind an API key
@@ -778,7 +783,8 @@ def create_app(service: TradingService) -> FastAPI:
 
     @app.exception_handler(Unavailable)
     async def _unavailable(_: Request, exc: Unavailable) -> Response:
-        return error_response(503, Code.SERVICE_UNAVAILABLE.value, str(exc))
+        return error_response(503, Code.SERVICE_UNAVAILABLE.value, str(exc),
+                              {"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> Response:

@@ -19,6 +19,11 @@ READ_TIMEOUT_S = 30
 """Most seconds from a connection's start, or a request's first byte, to the end of the
 request (a 16 KiB body takes 16 s at 1 KiB/s)."""
 
+RETRY_AFTER_S = 1
+"""``Retry-After`` of a 503 ``SERVICE_UNAVAILABLE`` (a component did not answer): Serve's health
+checks take a dead API replica out of the rotation, and Ray restarts a dead host, within about
+a second."""
+
 
 def raw_error(status: str, code: str, message: str, *, close: bool = True,
               headers: Mapping[str, str] | None = None) -> bytes:

@@ -38,7 +38,7 @@ import resource
 import sys
 from typing import NoReturn
 
-from cluster.http.bounds import MAX_HEAD_BYTES, READ_TIMEOUT_S, raw_error
+from cluster.http.bounds import MAX_HEAD_BYTES, READ_TIMEOUT_S, RETRY_AFTER_S, raw_error
 from engine.results import Code
 
 COMMAND = "shardex-haproxy"  # the console script (pyproject.toml) running main()
@@ -46,7 +46,6 @@ BINARY_VAR = "RAY_SERVE_HAPROXY_BINARY_PATH"
 ERROR_PAGE = "500.http"  # Serve's name for the page of its 502/503/504 (ray.serve._private.haproxy)
 MESSAGE = ("the API replica serving this request stopped or did not answer; the outcome is "
            "unknown: retry with the same clientOrderId")
-RETRY_AFTER_S = 1  # Serve's health checks take a dead replica out of the rotation within ~1 s
 CONFIG = "haproxy.shardex.cfg"  # the config HAProxy loads, beside Serve's
 MAX_REWRITE_BYTES = 1024  # HAProxy's tune.maxrewrite: a buffer's room kept for header rewrites
 FDS_KEPT = 1000  # of the file limit, for what is not a client connection (listeners, logs...)

@@ -641,6 +641,7 @@ class Trader:
         self.unanswered = 0
         self.errors: Counter[str] = Counter()  # "5xx CODE" -> count
         self.unavailable_s: list[float] = []  # how long each 503 SERVICE_UNAVAILABLE took
+        self.retry_after: set[str | None] = set()  # their Retry-After headers
         self.killed_at: float | None = None
         # monotonic time of the first 2xx to a SOL open or close sent after the kill: a
         # request that needs both the ledger and shard-SOL-0
@@ -673,6 +674,7 @@ class Trader:
                         self.errors[status_and_code(r)] += 1
                         if status_and_code(r) == "503 SERVICE_UNAVAILABLE":
                             self.unavailable_s.append(time.monotonic() - sent)
+                            self.retry_after.add(r.headers.get("retry-after"))
                     if pid:
                         self.open_ids[pid] = asset  # may still be open: tried again later
                     await asyncio.sleep(0.2)
@@ -730,6 +732,7 @@ def test_kill_9_of_ledger_and_shard_hosts_mid_traffic_loses_nothing_acknowledged
     waits = sorted(w for t in traders for w in t.unavailable_s)
     print(f"503 SERVICE_UNAVAILABLE answered in {[round(w * 1000) for w in waits]} ms")
     assert waits and waits[len(waits) // 2] < 0.5, waits
+    assert set().union(*(t.retry_after for t in traders)) == {"1"}
     restarted = up.probe().call("pids", names=victims)
     assert all(restarted[n] != pids[n] for n in victims), (pids, restarted)
     assert opens >= 10 and closes >= 3

@@ -8,6 +8,7 @@ from cluster.actors.port import LocalPort
 from cluster.actors.port import Port
 from cluster.actors.port import Unavailable
 from cluster.http.api import create_app
+from cluster.http.bounds import RETRY_AFTER_S
 from cluster.trading.service import TradingService
 from engine.ledger_machine import Balances
 from tests.unit.cluster.faulty_ports import Down
@@ -67,6 +68,9 @@ async def test_state_is_partial_while_a_shard_recovers_and_its_writes_are_503() 
             closing = await http.post("/api/v1/positions/close", headers=auth,
                                       json={"positionId": sol.json()["positionId"]})
             assert closing.status_code == 503
+            # SERVICE_UNAVAILABLE says when to try again: a host is back within about that
+            assert closing.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+            assert closing.headers["retry-after"] == str(RETRY_AFTER_S) == "1"
             assert (await open_("SOL")).status_code == 503
             assert (await open_("BTC")).status_code == 201
 
