@@ -59,7 +59,7 @@ from cluster.actors.names import FEED, LEDGER
 from cluster.config import MARKET_TOPIC, Settings
 from engine.assets import DEFAULT_ASSETS
 from engine.ledger import AuditDifference
-from engine.shard_machine import Stats
+from engine.shard_machine import LastTick, Stats
 from feed.broker import free_port
 from feed.message import message_from_ticks
 
@@ -116,6 +116,7 @@ class ChaosRun:
         self.recovery_s: list[float] = []
         self.timings: dict[str, float] = {}
         self.feed_resume_s: list[float] = []
+        self.shard_priced_s: list[float] = []  # kill -> the shard's first tick produced after it
         self._feed_kills_us: list[int] = []
         self._stop = threading.Event()  # ticker
         self._clients_stop = threading.Event()
@@ -182,6 +183,14 @@ class ChaosRun:
         self.recovery_s.append(time.monotonic() - started)
         if name == FEED:  # the price watcher times how long until prices are fresh again
             self._feed_kills_us.append(killed_us)
+        elif name != LEDGER:  # until the feed gives the shard a price, it opens and sweeps nothing
+            while time.monotonic() - started < 60.0:
+                with contextlib.suppress(ray.exceptions.RayError):
+                    tick = ray.get(handle.execute.remote([LastTick()]), timeout=5.0)[0]
+                    if tick is not None and tick.ts_us > killed_us:
+                        self.shard_priced_s.append(time.monotonic() - started)
+                        break
+                time.sleep(0.01)
 
     def _wait_fresh_prices(self, since_us: int, timeout_s: float = 60.0) -> float:
         """Seconds until /prices shows a tick newer than ``since_us`` for every asset."""
@@ -513,6 +522,7 @@ class ChaosRun:
                 "open_replays_acked": self.counters["open_replays_acked"],
                 "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
                 "feed_resume_s_max": round(max(self.feed_resume_s, default=0.0), 2),
+                "shard_priced_s": [round(x, 2) for x in self.shard_priced_s],
                 "answers": {k: v for k, v in sorted(self.counters.items())
                             if k.startswith(("open_", "close_"))},
                 "duration_s": round(time.monotonic() - started, 1),
@@ -598,6 +608,7 @@ def main(argv: list[str]) -> int:
             ("recovery after a kill, mean / max s",
              f"{report['recovery_s_mean']} / {report['recovery_s_max']}"),
             ("fresh prices after a feed kill, max s", report["feed_resume_s_max"]),
+            ("a killed shard's first new price, s after the kill", report["shard_priced_s"]),
             ("timings s", report["timings_s"]),
             ("opens acknowledged", report["opens_acked"]),
             ("manual closes acknowledged", report["closes_acked"]),

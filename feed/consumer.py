@@ -185,6 +185,7 @@ class MarketDataConsumer:
         self.assignments = 0
         self.repositions = 0
         self.last_error: str | None = None
+        self._failing: set[str] = set()  # shards whose last call failed
         self.first_record_s: float | None = None
         self.last_record_s: float | None = None
 
@@ -418,10 +419,15 @@ class MarketDataConsumer:
             ok = True
         except Exception as exc:  # a dead or failing shard: its ticks stay pending
             self.last_error = f"shard {shard}: {type(exc).__name__}: {exc}"
-            log.warning("feed consumer: %s", self.last_error)
+            if shard not in self._failing:  # once per outage: a restart fails ~10 rounds
+                self._failing.add(shard)
+                log.warning("feed consumer: %s (its ticks wait)", self.last_error)
         finally:
             self.pipeline.done(shard, ticks, ok)
         if ok:  # after a failure the next round retries, not this call at once
+            if shard in self._failing:
+                self._failing.discard(shard)
+                log.warning("feed consumer: shard %s takes ticks again", shard)
             self.pump()
 
     # -- what others read ------------------------------------------------------------------

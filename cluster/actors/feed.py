@@ -65,6 +65,11 @@ log = logging.getLogger(__name__)
 
 CALLS_KEPT = 4096  # shard calls whose timings the feed actor keeps (the newest)
 READS_KEPT = 4  # read times kept per asset, for the ticks of calls not made yet
+# How soon a shard whose call failed is tried again. A call to a restarting host fails at once
+# (cluster.actors.deploy), so trying often is cheap, and the first try after the shard is back
+# gives it its price: until then it answers opens and closes PRICE_UNAVAILABLE and sweeps
+# nothing. At 1 s, a shard back after ~1.2 s waited up to another second for it.
+LOOKUP_RETRY_S = 0.1
 
 
 class CallTiming(NamedTuple):
@@ -127,7 +132,7 @@ class FeedActorShell:
     def __init__(self, settings: Settings, bootstrap: str | None = None, *,
                  namespace: str | None = None,
                  topic: str = MARKET_TOPIC, group_id: str = CONSUMER_GROUP,
-                 max_in_flight_per_shard: int = 1, lookup_retry_s: float = 1.0,
+                 max_in_flight_per_shard: int = 1, lookup_retry_s: float = LOOKUP_RETRY_S,
                  nice: int | None = 0, switch_interval_s: float | None = 0.0005,
                  candles_dir: str | None = None, **consumer_options: Any) -> None:
         if nice is not None:

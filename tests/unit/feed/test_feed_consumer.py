@@ -4,6 +4,7 @@ rebuilds, against an in-memory stand-in for aiokafka's consumer and the topic it
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import time
@@ -371,6 +372,32 @@ async def test_failed_and_unreachable_shards_keep_their_newest_ticks() -> None:
     assert shards.bids("s0")[-1] == [B, B + 1] and shards.bids("s1")[-1] == [B + 1]
     assert shards.bids("s2") == [[3 * B]]
     assert c.stats()["pending"] == 0
+
+
+@pytest.mark.asyncio
+async def test_a_shard_outage_is_logged_once_and_its_end_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A restarting shard fails every retry until it is back (the feed actor retries it every
+    0.1 s): one warning when its calls start failing, one when it takes ticks again, not one
+    per failed call."""
+    topic = Topic(3)
+    shards = Shards()
+    shards.fail.add("s0")
+    c, fake = await assigned(topic, shards)
+    caplog.set_level(logging.WARNING, logger="feed.consumer")
+    for bid in range(B, B + 4):
+        topic.produce("SOL", bid)
+        await c.poll(fake)  # type: ignore[arg-type]
+        await settle()
+        shards.unreachable.discard("s0")  # looked up again: the next round calls it again
+    assert len(shards.bids("s0")) == 4 and c.stats()["failed_calls"] == 4
+    shards.fail.clear()
+    await c.poll(fake)  # type: ignore[arg-type]
+    await settle()
+    assert shards.bids("s0")[-1] == [B + 3]
+    assert [r.getMessage() for r in caplog.records] == [
+        "feed consumer: shard s0: RuntimeError: shard is dead (its ticks wait)",
+        "feed consumer: shard s0 takes ticks again"]
 
 
 @pytest.mark.asyncio
