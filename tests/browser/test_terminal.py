@@ -704,6 +704,168 @@ def test_margin_added_and_removed_from_the_row_at_phone_width(
         <= PHONE[0]
 
 
+# The page's network as a flaky one would be, around its real fetch, for the requests whose URL
+# contains arguments[0]: "lose" sends the first to the API and loses its answer (a connection
+# that drops after sending); "hold" holds each until window.__release() (window.__holding counts
+# those waiting). Each is recorded in window.__sent as [url, body, status]: status 0 until the
+# page has the answer, and for good when it never gets it.
+FLAKY_NETWORK_JS = """
+const [part, mode] = arguments;
+const realFetch = window.fetch.bind(window);
+let first = true;
+let waiting = [];
+window.__sent = [];
+window.__holding = 0;
+window.__release = () => {
+  const go = waiting;
+  waiting = [];
+  window.__holding = 0;
+  go.forEach((f) => f());
+};
+window.fetch = async (input, init) => {
+  const url = String(input);
+  if (!url.includes(part)) return realFetch(input, init);
+  const record = [url, init && init.body ? String(init.body) : "", 0];
+  window.__sent.push(record);
+  const lose = first && mode === "lose";
+  first = false;
+  if (mode === "hold") {
+    await new Promise((resolve) => { waiting.push(resolve); window.__holding = waiting.length; });
+  }
+  const response = await realFetch(input, init);
+  if (lose) throw new TypeError("Failed to fetch");
+  record[2] = response.status;
+  return response;
+};
+"""
+
+
+def flaky_network(driver: WebDriver, part: str, mode: str) -> None:
+    driver.execute_script(FLAKY_NETWORK_JS, part, mode)
+
+
+def sent_requests(driver: WebDriver) -> list[tuple[str, str, int]]:
+    return [tuple(r) for r in driver.execute_script("return window.__sent;")]
+
+
+def sent_client_order_ids(driver: WebDriver) -> list[str]:
+    import json
+
+    return [json.loads(body)["clientOrderId"] for _, body, _ in sent_requests(driver)]
+
+
+def wait_holding(driver: WebDriver, sent: int) -> None:
+    """Until the page has sent ``sent`` requests and the newest is held."""
+    wait_until(driver, lambda d: d.execute_script(
+        "return window.__sent.length === arguments[0] && window.__holding === 1;", sent),
+        f"request {sent} held in the page")
+
+
+def test_an_open_and_a_close_whose_answers_are_lost_are_sent_again_and_happen_once(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """The connection drops after the API opened the position, then after it closed it: the
+    page sends each again with the same clientOrderId, gets the first answer back, and shows
+    it. One position opened, one close, the margin locked once, no error left on the screen
+    (without the resend, the page showed an error and a second click opened a second one)."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform)
+    key = create_account(browser)
+    mark_page(browser)
+
+    flaky_network(browser, "positions/open", "lose")
+    open_long_from_ticket(browser, "100", "10")
+    wait_until(browser, lambda d: "NETWORK_ERROR" in text_of(d, "notice-text")
+               and "attempt 2" in text_of(d, "notice-text"),
+               "the notice that the open is sent again")
+    position_id = wait_position_row(browser, "SOL", "long")
+    wait_until(browser, lambda d: text_of(d, "notice-text").startswith("Opened long"),
+               "the notice of the open")
+    assert position_id in text_of(browser, "notice-text")
+    ids = sent_client_order_ids(browser)
+    assert len(ids) == 2 and ids[0] == ids[1] and ids[0].startswith("web-"), ids
+    assert [status for *_, status in sent_requests(browser)] == [0, 201]
+    state = account(http, key)
+    assert [p["positionId"] for p in state["positions"]] == [position_id]
+    assert D(state["balances"]["margin"]) == 100 and D(state["balances"]["free"]) == 9900
+    assert not by_id(browser, "error-banner").is_displayed()
+
+    flaky_network(browser, "positions/close", "lose")
+    row_control(browser, "close-position", position_id).click()
+    closed = closed_row(browser, position_id)
+    assert closed.get_attribute("data-close-reason") == "manual"
+    wait_until(browser, lambda d: text_of(d, "notice-text").startswith("Closed long"),
+               "the notice of the close")
+    ids = sent_client_order_ids(browser)
+    assert len(ids) == 2 and ids[0] == ids[1], ids
+    assert [status for *_, status in sent_requests(browser)] == [0, 200]
+    history = http.get("/api/v1/positions/history",
+                       headers={"Authorization": f"Bearer {key}"}).json()["positions"]
+    assert [c["closeId"] for c in history] == [position_id]
+    assert account(http, key)["positions"] == []
+    assert not by_id(browser, "error-banner").is_displayed()
+    assert_not_reloaded(browser)
+
+
+def test_an_open_that_meets_a_shard_restarting_after_kill_9_is_sent_again_and_happens_once(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """Long is clicked, and the SOL shard's process is killed (SIGKILL) just before the request
+    leaves the page: the API answers 503 SERVICE_UNAVAILABLE (the shard restarts; the open's
+    outcome is unknown). The page sends the open again with the same clientOrderId; the
+    resend is held until the shard is back and has a price again (as the
+    feed gives it), and then the open happens exactly once, at that price."""
+    import signal
+
+    import ray
+    from engine.shard_machine import LastTick
+
+    shard = platform.platform.shards["shard-SOL-0"]
+
+    def shard_price() -> Any:  # the shard's newest tick; raises while it restarts
+        return ray.get(shard.execute.remote([LastTick()]), timeout=20)[0]
+
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform)
+    key = create_account(browser)
+    pid = ray.get(shard.info.remote(), timeout=20)["pid"]
+
+    flaky_network(browser, "positions/open", "hold")
+    open_long_from_ticket(browser, "100", "10")
+    wait_holding(browser, 1)
+    os.kill(pid, signal.SIGKILL)
+    browser.execute_script("window.__release();")
+    wait_holding(browser, 2)
+    assert sent_requests(browser)[0][2] == 503
+    assert account(http, key)["positions"] == []
+
+    deadline = time.monotonic() + 60
+    while True:  # the restarted shard answers (with no price: ticks are not journaled)
+        try:
+            shard_price()
+            break
+        except ray.exceptions.RayError:
+            assert time.monotonic() < deadline, "the SOL shard did not come back"
+            time.sleep(0.05)
+    assert ray.get(shard.info.remote(), timeout=20)["pid"] != pid
+    platform.push_tick("SOL", "100.10", "100.11")
+    wait_until(browser, lambda d: (t := shard_price()) is not None and t.ask_ticks == 10011,
+               "the restarted shard's first price")
+    browser.execute_script("window.__release();")
+
+    position_id = wait_position_row(browser, "SOL", "long")
+    wait_until(browser, lambda d: text_of(d, "notice-text").startswith("Opened long"),
+               "the notice of the open")
+    sent = sent_requests(browser)
+    assert [status for *_, status in sent] == [503, 201], sent
+    ids = sent_client_order_ids(browser)
+    assert len(set(ids)) == 1, ids
+    positions = account(http, key)["positions"]
+    assert [(p["positionId"], p["entryPrice"]) for p in positions] == [(position_id, "100.11")]
+    # the first attempt's lock is released (by its request id) once the shard answers again
+    wait_until(browser, lambda d: D(account(http, key)["balances"]["margin"]) == 100,
+               "the margin of one position")
+    assert D(account(http, key)["balances"]["free"]) == 9900
+
+
 def test_the_api_docs_page_lists_the_operations_from_the_platform_alone(
         platform: RayHttpPlatform, browser: WebDriver) -> None:
     """``GET /docs`` (the banner's docs link): Swagger UI, served by the platform itself, draws

@@ -37,7 +37,8 @@ class RayHttpPlatform:
     """``start()`` brings up Ray (or joins ``settings.ray_address``), the actors and Serve."""
 
     def __init__(self, bootstrap: str, settings: Settings | None = None,
-                 topic: str | None = None, ray_init: dict[str, Any] | None = None) -> None:
+                 topic: str | None = None, ray_init: dict[str, Any] | None = None,
+                 durable: bool = False) -> None:
         # the scenarios jump prices at will (liquidations) and sign up many accounts from one
         # address: the jump band and the limits have their own tests
         base = settings or Settings(max_tick_jump_bps=1_000_000, api_key_rate_per_s=0,
@@ -54,8 +55,9 @@ class RayHttpPlatform:
         self.bootstrap = bootstrap
         options: dict[str, Any] = {"num_cpus": 2}
         options.update(ray_init or {})
+        # durable: journaled hosts that Ray restarts after a kill, as `shardex up` runs them
         self.platform = Platform(self.settings, with_feed=False, bootstrap=bootstrap,
-                                 ray_init=options)
+                                 ray_init=options, durable=durable)
         if topic:
             self.platform.topic = topic
         self.base_url = ""

@@ -1,7 +1,7 @@
 // The shardex trading terminal. Prices, balances and positions come from the API; the browser
 // only displays them (live unrealized PnL is computed here for display, never settled).
 
-import { ApiError, call } from "./js/api.js";
+import { ApiError, call, callOnce } from "./js/api.js";
 import { createCandleChart } from "./js/chart.js";
 import { byId, h, setText } from "./js/dom.js";
 import * as fmt from "./js/format.js";
@@ -94,6 +94,11 @@ function showNotice(message) {
   byId("notice").hidden = false;
   clearTimeout(noticeTimer);
   noticeTimer = setTimeout(() => { byId("notice").hidden = true; }, 8000);
+}
+
+// A trading action whose outcome is unknown is sent again (callOnce): say so meanwhile.
+function showResending(err, attempt, waitMs) {
+  showNotice(`No answer on the outcome yet (${err.code}: ${err.message}). Sending the same request again in ${waitMs / 1000} s (attempt ${attempt + 1}); it happens at most once.`);
 }
 
 // ------------------------------------------------------------------ market
@@ -873,7 +878,7 @@ async function submitTicket(side, button) {
   for (const b of buttons) b.disabled = true;
   button.setAttribute("aria-busy", "true");
   try {
-    const result = await call("POST", path, { key: app.key, body });
+    const result = await callOnce("POST", path, { key: app.key, body, onRetry: showResending });
     if (kind === "market") {
       showNotice(`Opened ${result.type} ${result.quantity} ${result.asset} at ${result.entryPrice} (position ${result.positionId}).`);
     } else {
@@ -903,7 +908,7 @@ async function closePosition(entry) {
   }
   button.disabled = true;
   try {
-    const closed = await call("POST", "positions/close", { key: app.key, body });
+    const closed = await callOnce("POST", "positions/close", { key: app.key, body, onRetry: showResending });
     const what = closed.partial ? "Closed part of position" : "Closed";
     showNotice(`${what} ${closed.type} ${closed.quantity} ${closed.asset} at ${closed.exitPrice}: PnL ${fmt.signedMoney(closed.realizedPnl)} USD, paid out ${fmt.money(closed.payout)} USD.`);
     entry.closeQuantity.value = "";
@@ -926,7 +931,7 @@ async function saveTriggers(entry) {
   };
   entry.save.disabled = true;
   try {
-    const p = await call("POST", "positions/modify", { key: app.key, body });
+    const p = await callOnce("POST", "positions/modify", { key: app.key, body, onRetry: showResending });
     showNotice(`Position ${p.positionId}: take-profit ${fmt.text(p.takeProfit)}, stop-loss ${fmt.text(p.stopLoss)}.`);
     entry.position = p;
     updatePositionRow(entry);
@@ -950,7 +955,7 @@ async function changeMargin(entry, sign) {
   const buttons = [entry.addMargin, entry.removeMargin];
   for (const b of buttons) b.disabled = true;
   try {
-    const p = await call("POST", "positions/margin", { key: app.key, body });
+    const p = await callOnce("POST", "positions/margin", { key: app.key, body, onRetry: showResending });
     showNotice(`Position ${p.positionId}: margin ${fmt.money(p.margin)} USD, liquidation price ${fmt.text(p.liquidationPrice)}.`);
     entry.marginInput.value = "";
     entry.position = p;
@@ -967,7 +972,7 @@ async function cancelOrder(orderId, button) {
   if (!app.key) return;
   button.disabled = true;
   try {
-    const order = await call("DELETE", `orders/${encodeURIComponent(orderId)}`, { key: app.key });
+    const order = await callOnce("DELETE", `orders/${encodeURIComponent(orderId)}`, { key: app.key, onRetry: showResending });
     showNotice(`Cancelled order ${order.orderId}: its margin ${fmt.money(order.margin)} USD is free again.`);
   } catch (err) {
     showError(err);

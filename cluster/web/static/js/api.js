@@ -52,3 +52,50 @@ export async function call(method, path, { key = null, body, query } = {}) {
   }
   return data;
 }
+
+// How long a trading action is sent again while its outcome is unknown: a restarting ledger or
+// shard answers again within about a second; a whole platform restarting, within ~15 s.
+const RESEND_FOR_MS = 20_000;
+
+// A clientOrderId of the page's own (web- and 24 hex digits). getRandomValues, not randomUUID:
+// the terminal is also served over plain http from hosts other than localhost.
+export function newClientOrderId() {
+  const bytes = new Uint8Array(12);
+  crypto.getRandomValues(bytes);
+  return `web-${Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("")}`;
+}
+
+// An answer that says nothing of whether the request happened: none at all (the connection
+// dropped, maybe after the API acted), a proxy's 502/504, or 503 SERVICE_UNAVAILABLE (a
+// component restarting, or an earlier attempt with this clientOrderId still in progress).
+// PRICE_UNAVAILABLE is an answer: nothing happened, and nothing says when prices come back.
+export function outcomeUnknown(err) {
+  return err instanceof ApiError && (err.status === 0 || err.status === 502 || err.status === 504
+    || (err.status === 503 && err.code !== "PRICE_UNAVAILABLE"));
+}
+
+// A trading action that must happen at most once. It carries a clientOrderId of its own and,
+// while its outcome is unknown, is sent again with that same id after Retry-After (1-5 s):
+// the API answers a repeat with the first attempt's answer, or runs it once. onRetry(err,
+// attempt, waitMs) is told before each resend. After RESEND_FOR_MS the last error is thrown.
+export async function callOnce(method, path, { key = null, body, query, onRetry } = {}) {
+  const clientOrderId = newClientOrderId();
+  const request = method === "DELETE"
+    ? { key, query: { ...query, clientOrderId } }
+    : { key, query, body: { ...body, clientOrderId } };
+  const until = Date.now() + RESEND_FOR_MS;
+  for (let attempt = 1; ; attempt += 1) {
+    try {
+      return await call(method, path, request);
+    } catch (err) {
+      if (!outcomeUnknown(err)) throw err;
+      const waitMs = 1000 * Math.min(5, Math.max(1, Number(err.retryAfter) || 1));
+      if (Date.now() + waitMs > until) {
+        err.message += ` (sent ${attempt} times as clientOrderId ${clientOrderId}: it happened at most once; check your positions and orders)`;
+        throw err;
+      }
+      if (onRetry) onRetry(err, attempt, waitMs);
+      await new Promise((resolve) => { setTimeout(resolve, waitMs); });
+    }
+  }
+}
