@@ -866,6 +866,43 @@ def test_an_open_that_meets_a_shard_restarting_after_kill_9_is_sent_again_and_ha
     assert D(account(http, key)["balances"]["free"]) == 9900
 
 
+# Before the page's own scripts run: no WebSocket connects, and GET /prices waits until
+# window.__releasePrices(), so the test sees the page before and after its first price.
+PRICES_HELD_JS = """
+window.WebSocket = class { constructor() { throw new Error("no WebSocket in this test"); } };
+const realFetch = window.fetch.bind(window);
+let release;
+const released = new Promise((resolve) => { release = resolve; });
+window.__releasePrices = () => release();
+window.fetch = async (input, init) => {
+  if (String(input).includes("/prices")) await released;
+  return realFetch(input, init);
+};
+"""
+
+
+@pytest.mark.parametrize("viewport", [PHONE, (700, 900), DESKTOP], ids=["phone", "narrow",
+                                                                          "desktop"])
+def test_the_first_price_moves_nothing_below_the_quote(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client,
+        viewport: tuple[int, int]) -> None:
+    """The quote line (bid, ask, spread, source) fills in when the first price arrives: what
+    is below it must not move then, or a tap on `Create demo account` that lands as the price
+    arrives misses the button (at phone width the source wraps to a line of its own)."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    set_viewport(browser, *viewport)
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": PRICES_HELD_JS})
+    open_terminal(browser, platform)
+    assert text_of(browser, "bid") == "—"
+    button = by_id(browser, "create-account")
+    top = browser.execute_script("return arguments[0].getBoundingClientRect().top;", button)
+    browser.execute_script("window.__releasePrices();")
+    wait_until(browser, lambda d: text_of(d, "bid") == "100.00"
+               and text_of(d, "quote-source") == "source: test", "the first price")
+    assert browser.execute_script(
+        "return arguments[0].getBoundingClientRect().top;", button) == top
+
+
 def test_the_api_docs_page_lists_the_operations_from_the_platform_alone(
         platform: RayHttpPlatform, browser: WebDriver) -> None:
     """``GET /docs`` (the banner's docs link): Swagger UI, served by the platform itself, draws

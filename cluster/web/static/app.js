@@ -236,7 +236,8 @@ function setSocketStatus(state, detail, pricesPolled = false) {
   else if (state === "offline") label = "offline — retrying";
   else label = pricesPolled ? "reconnecting — prices polled every second" : "reconnecting…";
   setText(node, label);
-  if (detail && detail.reason) node.title = `closed: ${detail.code} ${detail.reason}`;
+  // a narrow screen cuts the label short: its whole text stays a hover away
+  node.title = detail && detail.reason ? `${label} (closed: ${detail.code} ${detail.reason})` : label;
 }
 
 // ------------------------------------------------------------------ live frames
