@@ -291,6 +291,7 @@ class StreamHub:
         self.by_address[address] = self.by_address.get(address, 0) + 1
         sender = connection.sender = asyncio.get_running_loop().create_task(
             self._send(connection))
+        receiving: asyncio.Future[str | bytes] | None = None
         try:
             self._ensure_polling()
             while not sender.done():
@@ -318,9 +319,14 @@ class StreamHub:
             self._forget(connection)
             self.slow_closed += connection.closing == "slow"
             self.flood_closed += connection.closing == "flood"
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sender
+            # this handler may itself be cancelled (Serve cancels a request whose client went
+            # away) while both wait: a read left behind would end in the client's disconnect
+            # with no one to take it, and asyncio logs that as an error for every such client
+            for task in (sender, receiving):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
             if socket.application_state != WebSocketState.DISCONNECTED:
                 with contextlib.suppress(Exception):
                     await socket.close(code=connection.close_code,
