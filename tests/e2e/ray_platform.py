@@ -70,12 +70,16 @@ class RayHttpPlatform:
     def start(self) -> RayHttpPlatform:
         from feed.producer import MarketDataProducer
 
-        self.platform.start()
-        self.base_url = self.platform.url
-        self._thread.start()
-        self._producer = MarketDataProducer(self.bootstrap, self.settings.assets,
-                                            topic=self.platform.topic)
-        self._run(self._producer.start())
+        try:
+            self.platform.start()
+            self.base_url = self.platform.url
+            self._thread.start()
+            self._producer = MarketDataProducer(self.bootstrap, self.settings.assets,
+                                                topic=self.platform.topic)
+            self._run(self._producer.start())
+        except BaseException:  # a start that failed leaves no process and no DATA_DIR
+            self.stop()
+            raise
         return self
 
     def _run(self, coro: Any, timeout_s: float = 30.0) -> Any:

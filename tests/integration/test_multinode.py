@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -160,12 +161,13 @@ def _a_second_platform_is_refused_and_the_first_serves_on(platform: Any, http: A
 
     from feed.broker import free_port
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": platform.settings.ray_address,
-           "PORT": str(free_port()), "FEED_SOURCE": "none",
-           "DATA_DIR": tempfile.mkdtemp(prefix="shardex-second-")}
-    second = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "up", "--broker-port", str(free_port())],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    with tempfile.TemporaryDirectory(prefix="shardex-second-") as data_dir:
+        env = {**os.environ, "PYTHONPATH": str(REPO),
+               "RAY_ADDRESS": platform.settings.ray_address, "PORT": str(free_port()),
+               "FEED_SOURCE": "none", "DATA_DIR": data_dir}
+        second = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "up", "--broker-port", str(free_port())],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode != 0, second.stdout + second.stderr
     assert "a platform already runs on the Ray cluster" in second.stderr, second.stderr[-3000:]
     assert http.get("/healthz").status_code == 200
@@ -422,6 +424,7 @@ def _rejoin_scenario() -> None:
         if broker.exists():  # left only when a run did not stop
             stop_process(ProcessIdentity.from_json(json.loads(broker.read_text())["broker"]))
         cluster.shutdown()
+        shutil.rmtree(root, ignore_errors=True)  # up.log's tail is in any failure's message
     print("MULTINODE OK", flush=True)
 
 
