@@ -6,7 +6,10 @@
    so a command sees the effects of the ones before it in the batch; a command whose events do
    not fit their layouts was already turned into a rejection there and changed nothing;
 2. the encoded events of the whole batch are appended to the journal and committed once (one
-   record, one fdatasync: group commit) when any of them must be durable;
+   record, one fdatasync: group commit) when any of them must be durable, or when
+   :data:`MAX_PENDING_EVENTS` wait (volatile ones, such as the prices of a shard nobody
+   trades on: they would otherwise grow memory without end and, at the first urgent commit,
+   make a record over the journal's bound);
 3. only then are the answers returned.
 
 Nothing reads the state between 1 and 3 (the runner is driven by one thread at a time), and a
@@ -51,6 +54,10 @@ M = TypeVar("M", bound=Machine)
 Build = Callable[[Snapshot | None], Any]  # restore a machine from a snapshot (None = fresh)
 
 TIMINGS_KEPT = 4096  # executes whose timings a runner keeps (the newest)
+# Volatile events kept in memory at most before they are committed on their own: one fdatasync
+# per this many ticks of a shard without trading (seconds apart at a live feed's rate), and the
+# newest price a restart recovers is at most this many ticks old.
+MAX_PENDING_EVENTS = 1024
 
 
 class Failed(NamedTuple):
@@ -150,7 +157,7 @@ class Runner(Generic[M]):
             try:
                 if encoded:
                     store.append_encoded(encoded)
-                if urgent:
+                if urgent or store.pending >= MAX_PENDING_EVENTS:
                     store.commit()
                     store.maybe_checkpoint(self.machine.snapshot)
             except DurabilityError as exc:  # memory holds what the disk may not: stop

@@ -176,7 +176,8 @@ class JournalStore:
                 self._events_since_snapshot += len(events)
                 self.events_written += len(events)
             return self.journal.commit()
-        except JournalError as exc:
+        except (JournalError, ValueError) as exc:  # ValueError: a record over the bound
+            # the events are applied in memory and now neither buffered nor on disk
             self._fail(exc)
             raise DurabilityError(f"journal commit failed: {exc}") from exc
 

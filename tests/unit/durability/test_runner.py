@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from cluster.durability.journal import JournalLockedError
+from cluster.durability.runner import MAX_PENDING_EVENTS
 from cluster.durability.runner import Failed
 from cluster.durability.runner import Runner
 from cluster.durability.snapshot import Snapshot
@@ -177,7 +178,51 @@ def test_an_urgent_event_commits_volatile_ones_ride_along_with_the_next_commit(
     assert open_shard(tmp_path, clock).machine.fingerprint() == live
 
 
+def test_volatile_events_are_committed_on_their_own_once_max_pending_wait(
+        tmp_path: Path) -> None:
+    """A shard nobody trades on only ever applies ticks: their events do not wait in memory
+    for an urgent one without end (memory grew ~80 bytes a tick, and the first open after
+    about a day of ticks made a record over the journal's bound); a crash then loses at most
+    the newest MAX_PENDING_EVENTS - 1 prices."""
+    sh = open_shard(tmp_path)
+    assert sh.store is not None
+    ticks = [tick(10_000 + i % 7, ts_us=NOW + i, seq=i + 1) for i in range(MAX_PENDING_EVENTS)]
+    for t in ticks[:-1]:
+        sh.execute([ApplyTick(t)])
+    assert durable_seq(sh) == 0 and sh.store.pending == MAX_PENDING_EVENTS - 1
+    sh.execute([ApplyTick(ticks[-1])])
+    assert durable_seq(sh) == 1 and sh.store.pending == 0
+    assert record_types(journal_records(tmp_path)[0]) == [TickApplied] * MAX_PENDING_EVENTS
+    sh.execute([ApplyTick(tick(10_020, ts_us=NOW + MAX_PENDING_EVENTS, seq=10**6))])
+    live = sh.machine.fingerprint()
+    crash(sh)
+    sh = open_shard(tmp_path)
+    assert one(sh, LastTick()) == ticks[-1]
+    assert_same(sh.machine.fingerprint(), live, skip=VOLATILE_FIELDS)
+
+
 # ----------------------------------------------------------------------------- failures
+def test_a_record_over_the_journals_bound_fails_the_commit_and_answers_nothing_more(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The events are applied when their record turns out too large to write: memory holds
+    what the disk does not, so the runner stops as after a failed write (the host ends the
+    process, recovery reads the disk)."""
+    import cluster.durability.journal as journal_module
+
+    led = open_ledger(tmp_path)
+    assert one(led, CreateAccount(*account(1))).user == 1
+    monkeypatch.setattr(journal_module, "MAX_RECORD_BYTES", 16)
+    with pytest.raises(DurabilityError):
+        led.execute([CreateAccount(*account(2))])
+    with pytest.raises(DurabilityError):
+        led.execute([Totals()])
+    crash(led)
+    monkeypatch.undo()
+    again = open_ledger(tmp_path)
+    assert one(again, Totals())["users"] == 1
+    again.close()
+
+
 def test_a_decide_that_raises_fails_that_command_only(tmp_path: Path) -> None:
     led = open_ledger(tmp_path)
     answers = led.execute([CreateAccount(*account(1)), object(),
