@@ -68,7 +68,7 @@ READS_KEPT = 4  # read times kept per asset, for the ticks of calls not made yet
 # How soon a shard whose call failed is tried again. A call to a restarting host fails at once
 # (cluster.actors.deploy), so trying often is cheap, and the first try after the shard is back
 # gives it its price: until then it answers opens and closes PRICE_UNAVAILABLE and sweeps
-# nothing. At 1 s, a shard back after ~1.2 s waited up to another second for it.
+# nothing. At 1 s, a shard that was back waited up to another second for its price.
 LOOKUP_RETRY_S = 0.1
 
 

@@ -181,9 +181,9 @@ def test_an_urgent_event_commits_volatile_ones_ride_along_with_the_next_commit(
 def test_volatile_events_are_committed_on_their_own_once_max_pending_wait(
         tmp_path: Path) -> None:
     """A shard nobody trades on only ever applies ticks: their events do not wait in memory
-    for an urgent one without end (memory grew ~80 bytes a tick, and the first open after
-    about a day of ticks made a record over the journal's bound); a crash then loses at most
-    the newest MAX_PENDING_EVENTS - 1 prices."""
+    for an urgent one without end (memory grew with every tick, and the first open after
+    enough of them made a record over the journal's bound); a crash then loses at most the
+    newest MAX_PENDING_EVENTS - 1 prices."""
     sh = open_shard(tmp_path)
     assert sh.store is not None
     ticks = [tick(10_000 + i % 7, ts_us=NOW + i, seq=i + 1) for i in range(MAX_PENDING_EVENTS)]
