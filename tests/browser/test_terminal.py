@@ -11,6 +11,7 @@ and ``docs/terminal-phone.png`` (for the README) instead of into its temporary d
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -704,47 +705,6 @@ def test_margin_added_and_removed_from_the_row_at_phone_width(
         <= PHONE[0]
 
 
-def test_a_limit_order_from_the_ticket_then_cancelled_from_its_row(
-        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
-    """Order type Limit with a trigger below the ask places a pending long (201 Order, its
-    margin locked); its row's Cancel ends it (the request carries the page's clientOrderId,
-    as every trading action does): the row goes, the order history shows it cancelled and the
-    margin is free again."""
-    tick(platform, http, "SOL", "100.00", "100.01")
-    open_terminal(browser, platform)
-    key = create_account(browser)
-    Select(by_id(browser, "ticket-kind")).select_by_value("limit")
-    fill(browser, "ticket-trigger", "95.00")
-    open_long_from_ticket(browser, "100", "10")
-    row = wait_until(browser, lambda d: next(iter(d.find_elements(
-        By.CSS_SELECTOR, 'tr[data-testid="order-row"]')), None), "the open order's row")
-    order_id = row.get_attribute("data-order-id")
-    assert "95.00" in row.text and "limit" in row.text
-    assert text_of(browser, "notice-text").startswith("Placed limit long SOL at 95.00")
-    orders = http.get("/api/v1/orders", headers={"Authorization": f"Bearer {key}"}).json()
-    assert [o["orderId"] for o in orders["orders"]] == [order_id]
-    wait_until(browser, lambda d: text_of(d, "balance-margin") == "100.00", "the order's margin")
-    assert account(http, key)["positions"] == []
-
-    flaky_network(browser, f"orders/{order_id}", "lose")  # and its answer is lost once
-    browser.find_element(
-        By.CSS_SELECTOR, f'button[data-testid="cancel-order"][data-order-id="{order_id}"]'
-    ).click()
-    ended = wait_until(browser, lambda d: next(iter(d.find_elements(
-        By.CSS_SELECTOR, f'tr[data-testid="order-history-row"][data-order-id="{order_id}"]')),
-        None), "the cancelled order in the order history")
-    assert ended.get_attribute("data-status") == "cancelled"
-    wait_until(browser, lambda d: text_of(d, "notice-text").startswith(
-        f"Cancelled order {order_id}"), "the notice of the cancel")
-    sent = sent_requests(browser)
-    assert [status for *_, status in sent] == [0, 200], sent
-    assert sent[0][0] == sent[1][0] and "clientOrderId=web-" in sent[0][0]
-    wait_until(browser, lambda d: browser.find_elements(
-        By.CSS_SELECTOR, 'tr[data-testid="order-row"]') == [], "the empty open orders table")
-    wait_until(browser, lambda d: text_of(d, "balance-free") == "10000.00", "the freed margin")
-    assert not by_id(browser, "error-banner").is_displayed()
-
-
 # The page's network as a flaky one would be, around its real fetch, for the requests whose URL
 # contains arguments[0]: "lose" sends the first to the API and loses its answer (a connection
 # that drops after sending); "hold" holds each until window.__release() (window.__holding counts
@@ -790,8 +750,6 @@ def sent_requests(driver: WebDriver) -> list[tuple[str, str, int]]:
 
 
 def sent_client_order_ids(driver: WebDriver) -> list[str]:
-    import json
-
     return [json.loads(body)["clientOrderId"] for _, body, _ in sent_requests(driver)]
 
 
@@ -905,6 +863,47 @@ def test_an_open_that_meets_a_shard_restarting_after_kill_9_is_sent_again_and_ha
     wait_until(browser, lambda d: D(account(http, key)["balances"]["margin"]) == 100,
                "the margin of one position")
     assert D(account(http, key)["balances"]["free"]) == 9900
+
+
+def test_a_limit_order_from_the_ticket_then_cancelled_from_its_row(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """Order type Limit with a trigger below the ask places a pending long (201 Order, its
+    margin locked); its row's Cancel ends it (the request carries the page's clientOrderId,
+    as every trading action does): the row goes, the order history shows it cancelled and the
+    margin is free again."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform)
+    key = create_account(browser)
+    Select(by_id(browser, "ticket-kind")).select_by_value("limit")
+    fill(browser, "ticket-trigger", "95.00")
+    open_long_from_ticket(browser, "100", "10")
+    row = wait_until(browser, lambda d: next(iter(d.find_elements(
+        By.CSS_SELECTOR, 'tr[data-testid="order-row"]')), None), "the open order's row")
+    order_id = row.get_attribute("data-order-id")
+    assert "95.00" in row.text and "limit" in row.text
+    assert text_of(browser, "notice-text").startswith("Placed limit long SOL at 95.00")
+    orders = http.get("/api/v1/orders", headers={"Authorization": f"Bearer {key}"}).json()
+    assert [o["orderId"] for o in orders["orders"]] == [order_id]
+    wait_until(browser, lambda d: text_of(d, "balance-margin") == "100.00", "the order's margin")
+    assert account(http, key)["positions"] == []
+
+    flaky_network(browser, f"orders/{order_id}", "lose")  # and its answer is lost once
+    browser.find_element(
+        By.CSS_SELECTOR, f'button[data-testid="cancel-order"][data-order-id="{order_id}"]'
+    ).click()
+    ended = wait_until(browser, lambda d: next(iter(d.find_elements(
+        By.CSS_SELECTOR, f'tr[data-testid="order-history-row"][data-order-id="{order_id}"]')),
+        None), "the cancelled order in the order history")
+    assert ended.get_attribute("data-status") == "cancelled"
+    wait_until(browser, lambda d: text_of(d, "notice-text").startswith(
+        f"Cancelled order {order_id}"), "the notice of the cancel")
+    sent = sent_requests(browser)
+    assert [status for *_, status in sent] == [0, 200], sent
+    assert sent[0][0] == sent[1][0] and "clientOrderId=web-" in sent[0][0]
+    wait_until(browser, lambda d: d.find_elements(
+        By.CSS_SELECTOR, 'tr[data-testid="order-row"]') == [], "the empty open orders table")
+    wait_until(browser, lambda d: text_of(d, "balance-free") == "10000.00", "the freed margin")
+    assert not by_id(browser, "error-banner").is_displayed()
 
 
 # Before the page's own scripts run: no WebSocket connects, and GET /prices waits until

@@ -59,7 +59,7 @@ const RESEND_FOR_MS = 20_000;
 
 // A clientOrderId of the page's own (web- and 24 hex digits). getRandomValues, not randomUUID:
 // the terminal is also served over plain http from hosts other than localhost.
-export function newClientOrderId() {
+function newClientOrderId() {
   const bytes = new Uint8Array(12);
   crypto.getRandomValues(bytes);
   return `web-${Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("")}`;
@@ -69,7 +69,7 @@ export function newClientOrderId() {
 // dropped, maybe after the API acted), a proxy's 502/504, or 503 SERVICE_UNAVAILABLE (a
 // component restarting, or an earlier attempt with this clientOrderId still in progress).
 // PRICE_UNAVAILABLE is an answer: nothing happened, and nothing says when prices come back.
-export function outcomeUnknown(err) {
+function outcomeUnknown(err) {
   return err instanceof ApiError && (err.status === 0 || err.status === 502 || err.status === 504
     || (err.status === 503 && err.code !== "PRICE_UNAVAILABLE"));
 }
