@@ -760,6 +760,31 @@ def wait_holding(driver: WebDriver, sent: int) -> None:
         f"request {sent} held in the page")
 
 
+# GET /api/v1/orders (the background refresh's) loses its answers, as a dropped connection
+# does, until window.__answersBack(); window.__lost counts them. And every time the error
+# banner is shown, its code goes to window.__banners.
+LOST_REFRESH_JS = """
+const innerFetch = window.fetch;
+let losing = true;
+window.__lost = 0;
+window.__answersBack = () => { losing = false; };
+window.fetch = async (input, init) => {
+  const response = await innerFetch(input, init);
+  const get = !(init && init.method) || init.method === "GET";
+  if (losing && get && new URL(String(input)).pathname.endsWith("/api/v1/orders")) {
+    window.__lost += 1;
+    throw new TypeError("Failed to fetch");
+  }
+  return response;
+};
+window.__banners = [];
+const banner = document.getElementById("error-banner");
+new MutationObserver(() => {
+  if (!banner.hidden) window.__banners.push(banner.dataset.code);
+}).observe(banner, { attributes: true });
+"""
+
+
 def test_an_open_and_a_close_whose_answers_are_lost_are_sent_again_and_happen_once(
         platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
     """The connection drops after the API opened the position, then after it closed it: the
@@ -835,6 +860,13 @@ def test_an_open_that_meets_a_shard_restarting_after_kill_9_is_sent_again_and_ha
     wait_holding(browser, 2)
     assert sent_requests(browser)[0][2] == 503
     assert account(http, key)["positions"] == []
+    # the notice that the open is sent again stays while the account refreshes fail meanwhile
+    browser.execute_script(LOST_REFRESH_JS)
+    wait_until(browser, lambda d: d.execute_script("return window.__lost;") >= 1,
+               "a background refresh that fails while the open is resent")
+    browser.execute_script("window.__answersBack();")
+    assert "SERVICE_UNAVAILABLE" in text_of(browser, "notice-text")
+    assert "attempt 2" in text_of(browser, "notice-text")
 
     deadline = time.monotonic() + 60
     while True:  # the restarted shard answers (with no price: ticks are not journaled)
@@ -863,6 +895,7 @@ def test_an_open_that_meets_a_shard_restarting_after_kill_9_is_sent_again_and_ha
     wait_until(browser, lambda d: D(account(http, key)["balances"]["margin"]) == 100,
                "the margin of one position")
     assert D(account(http, key)["balances"]["free"]) == 9900
+    assert browser.execute_script("return window.__banners;") == []
 
 
 def test_a_limit_order_from_the_ticket_then_cancelled_from_its_row(

@@ -96,9 +96,24 @@ function showNotice(message) {
   noticeTimer = setTimeout(() => { byId("notice").hidden = true; }, 8000);
 }
 
-// A trading action whose outcome is unknown is sent again (callOnce): say so meanwhile.
-function showResending(err, attempt, waitMs) {
-  showNotice(`No answer on the outcome yet (${err.code}: ${err.message}). Sending the same request again in ${waitMs / 1000} s (attempt ${attempt + 1}); it happens at most once.`);
+// Trading actions being sent again now: their notice says the outcome is not known yet.
+let resending = 0;
+
+// A trading action, at most once (callOnce). While its outcome is unknown it is sent again and
+// the notice says so; a background refresh failing meanwhile (the same outage, as a rule) does
+// not replace that notice with an error: the action's own answer comes next, then a refresh.
+async function trade(method, path, body) {
+  let counted = false;
+  const onRetry = (err, attempt, waitMs) => {
+    if (!counted) resending += 1;
+    counted = true;
+    showNotice(`No answer on the outcome yet (${err.code}: ${err.message}). Sending the same request again in ${waitMs / 1000} s (attempt ${attempt + 1}); it happens at most once.`);
+  };
+  try {
+    return await callOnce(method, path, { key: app.key, body, onRetry });
+  } finally {
+    if (counted) resending -= 1;
+  }
 }
 
 // ------------------------------------------------------------------ market
@@ -446,7 +461,7 @@ async function refreshAccount(withHistory) {
   const changed = signature !== app.idsSignature;
   app.idsSignature = signature;
   if (withHistory || changed) failure = (await refreshHistory(key)) || failure;
-  if (failure) showError(failure);
+  if (failure && !resending) showError(failure);
 }
 
 async function refreshHistory(key) {
@@ -879,7 +894,7 @@ async function submitTicket(side, button) {
   for (const b of buttons) b.disabled = true;
   button.setAttribute("aria-busy", "true");
   try {
-    const result = await callOnce("POST", path, { key: app.key, body, onRetry: showResending });
+    const result = await trade("POST", path, body);
     if (kind === "market") {
       showNotice(`Opened ${result.type} ${result.quantity} ${result.asset} at ${result.entryPrice} (position ${result.positionId}).`);
     } else {
@@ -909,7 +924,7 @@ async function closePosition(entry) {
   }
   button.disabled = true;
   try {
-    const closed = await callOnce("POST", "positions/close", { key: app.key, body, onRetry: showResending });
+    const closed = await trade("POST", "positions/close", body);
     const what = closed.partial ? "Closed part of position" : "Closed";
     showNotice(`${what} ${closed.type} ${closed.quantity} ${closed.asset} at ${closed.exitPrice}: PnL ${fmt.signedMoney(closed.realizedPnl)} USD, paid out ${fmt.money(closed.payout)} USD.`);
     entry.closeQuantity.value = "";
@@ -932,7 +947,7 @@ async function saveTriggers(entry) {
   };
   entry.save.disabled = true;
   try {
-    const p = await callOnce("POST", "positions/modify", { key: app.key, body, onRetry: showResending });
+    const p = await trade("POST", "positions/modify", body);
     showNotice(`Position ${p.positionId}: take-profit ${fmt.text(p.takeProfit)}, stop-loss ${fmt.text(p.stopLoss)}.`);
     entry.position = p;
     updatePositionRow(entry);
@@ -956,7 +971,7 @@ async function changeMargin(entry, sign) {
   const buttons = [entry.addMargin, entry.removeMargin];
   for (const b of buttons) b.disabled = true;
   try {
-    const p = await callOnce("POST", "positions/margin", { key: app.key, body, onRetry: showResending });
+    const p = await trade("POST", "positions/margin", body);
     showNotice(`Position ${p.positionId}: margin ${fmt.money(p.margin)} USD, liquidation price ${fmt.text(p.liquidationPrice)}.`);
     entry.marginInput.value = "";
     entry.position = p;
@@ -973,7 +988,7 @@ async function cancelOrder(orderId, button) {
   if (!app.key) return;
   button.disabled = true;
   try {
-    const order = await callOnce("DELETE", `orders/${encodeURIComponent(orderId)}`, { key: app.key, onRetry: showResending });
+    const order = await trade("DELETE", `orders/${encodeURIComponent(orderId)}`);
     showNotice(`Cancelled order ${order.orderId}: its margin ${fmt.money(order.margin)} USD is free again.`);
   } catch (err) {
     showError(err);
