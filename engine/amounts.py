@@ -19,7 +19,6 @@ import re
 from decimal import Decimal
 
 MONEY_DECIMALS = 6
-MICROS_PER_USD = 10**MONEY_DECIMALS
 # Largest magnitude any stored amount may take: int64 columns must never overflow, and the
 # products taken in kernels (price * quantity) are done on Python ints, so 2**62 leaves headroom.
 MAX_UNITS = 2**62

@@ -24,8 +24,6 @@ from feed.message import MarketDataMessage
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URL = "wss://ws.backpack.exchange"
-
 
 class Backoff:
     """Jittered exponential backoff: ``initial_s * 2**attempt`` capped at ``max_s``, "full jitter"

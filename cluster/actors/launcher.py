@@ -117,7 +117,6 @@ class Platform:
     _feed_thread: threading.Thread | None = None
     _feed_loop: asyncio.AbstractEventLoop | None = None
     _feed_stop: asyncio.Event | None = None
-    _feed_result: dict[str, Any] = field(default_factory=dict)
     _supervisor: threading.Thread | None = None
     _supervising: threading.Event = field(default_factory=threading.Event)
     _broker_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -531,7 +530,7 @@ class Platform:
             self._feed_stop = stop
             ready.set()
             try:
-                self._feed_result = loop.run_until_complete(run_source(
+                loop.run_until_complete(run_source(
                     self.settings, stop, bootstrap=self.bootstrap, topic=self.topic,
                     source=source))
             except Exception:

@@ -99,7 +99,6 @@ class JournalStore:
                                lock_shared=readonly)
         self._events: list[bytes] = []  # encoded events of the call in progress
         self._events_since_snapshot = 0
-        self.events_written = 0
         self._failed: BaseException | None = None
         self._snapshot_seq = 0  # journal seq of the newest snapshot written (or restored)
         self._snapshot_at_s = clock()
@@ -174,7 +173,6 @@ class JournalStore:
                 events, self._events = self._events, []
                 self.journal.append(encode_batch(events))
                 self._events_since_snapshot += len(events)
-                self.events_written += len(events)
             return self.journal.commit()
         except (JournalError, ValueError) as exc:  # ValueError: a record over the bound
             # the events are applied in memory and now neither buffered nor on disk

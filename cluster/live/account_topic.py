@@ -43,7 +43,6 @@ class TopicTail:
         self.topic = topic
         self._consumer: AIOKafkaConsumer | None = None
         self._check_at = 0.0
-        self.read_events = 0
         self.malformed = 0
 
     async def read(self) -> list[AccountEvent] | None:
@@ -82,7 +81,6 @@ class TopicTail:
                 decoded, malformed = decode_account_events(record.value or b"")
                 events.extend(decoded)
                 self.malformed += malformed
-        self.read_events += len(events)
         return events
 
     async def _assign(self, consumer: AIOKafkaConsumer) -> bool:
