@@ -104,9 +104,10 @@ log = logging.getLogger("shardex.api")
 
 MAX_API_KEY_CHARS = 256
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# the one form of a time read (RFC 3339's profile of ISO 8601): datetime.fromisoformat alone
-# also takes week dates, a time without a date's separators and a NUL or a newline inside
-_ISO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})?",
+# the one form of a time read (ISO 8601's extended calendar form, RFC 3339's profile with the
+# seconds optional): datetime.fromisoformat alone also takes week dates, a time without a
+# date's separators and a NUL or a newline inside
+_ISO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})?",
                        re.ASCII)
 
 # --------------------------------------------------------------------------- request models
@@ -516,7 +517,7 @@ def expires_us(text: str | None) -> int:
     if text is None:
         return 0
     if not _ISO_TIME.fullmatch(text):
-        raise invalid("expiresAt: not an ISO-8601 time (YYYY-MM-DDTHH:MM:SS[.ffffff], then Z "
+        raise invalid("expiresAt: not an ISO-8601 time (YYYY-MM-DDTHH:MM[:SS[.ffffff]], then Z "
                       "or +HH:MM, or nothing for UTC)")
     try:
         when = datetime.fromisoformat(text)

@@ -197,6 +197,16 @@ def test_bad_orders_are_refused_and_lock_nothing(platform: HttpPlatform,
     r = http.get("/api/v1/orders/history?before=9999999999999999999", headers=h)  # > int64
     assert r.json()["error"]["message"] == "before: not an order id", r.text
     assert http.get("/api/v1/orders").status_code == 401
+    for text, shown in (("2030-01-01T00:00Z", "2030-01-01T00:00:00.000000Z"),  # no seconds
+                        ("2030-01-01T01:30+01:00", "2030-01-01T00:30:00.000000Z"),
+                        ("2030-01-01T00:00:07.5", "2030-01-01T00:00:07.500000Z")):  # UTC
+        placed = place(http, h, **good, expiresAt=text)
+        assert placed["expiresAt"] == shown, (text, placed)
+        r = http.delete(f"/api/v1/orders/{placed['orderId']}", headers=h)
+        assert r.status_code == 200, r.text
+    for text in ("2030-01-01", "2030-01-01T00Z", "2030-01-01T00:00:7Z"):  # no time; no minutes
+        r = http.post("/api/v1/orders", json={**good, "expiresAt": text}, headers=h)
+        assert r.status_code == 422 and "expiresAt" in r.json()["error"]["message"], r.text
     last = place(http, h, **good, expiresAt="9999-12-31T23:59:59.999999Z")  # the last one
     assert last["expiresAt"] == "9999-12-31T23:59:59.999999Z"
     assert [o["orderId"] for o in open_orders(http, h)] == [last["orderId"]]
