@@ -48,9 +48,11 @@ def make_tick(settings: Settings, asset: str, bid: str, ask: str, age_s: float,
 
 
 class LocalHttpPlatform:
-    """``with LocalHttpPlatform(settings) as p``: started, and stopped afterwards."""
+    """``with LocalHttpPlatform(settings) as p``: started, and stopped afterwards.
+    ``server_options`` replace some of the replica's uvicorn settings (SERVER_OPTIONS)."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None,
+                 server_options: dict[str, Any] | None = None) -> None:
         self.settings = settings or Settings()
         self.hosts = LocalHosts(self.settings)
         self.market = MarketLive(self.settings.assets, None)
@@ -60,7 +62,8 @@ class LocalHttpPlatform:
         self.app = create_app(self.service)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
                                 log_level="warning", lifespan="off", access_log=False,
-                                **SERVER_OPTIONS)  # the replica's (cluster.http.server)
+                                # the replica's (cluster.http.server)
+                                **{**SERVER_OPTIONS, **(server_options or {})})
         self.server = uvicorn.Server(config)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="uvicorn", daemon=True)

@@ -19,6 +19,7 @@ import pytest
 import websockets
 from cluster.config import Settings
 from cluster.live.streams import POLL_TIMEOUT_S
+from cluster.live.streams import WS_SERVER_OPTIONS
 from tests.e2e.api_client import open_position
 from tests.e2e.api_client import raw_answer
 from tests.e2e.api_client import signup
@@ -571,3 +572,72 @@ def test_a_stopping_replica_closes_every_connection_with_1001_after_its_queued_f
             assert hub.stats()["ws_connections"] == 0
 
         asyncio.run(scenario())
+
+
+async def _raw_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """The next frame a server sent (unmasked, RFC 6455 5.2): its opcode and payload."""
+    head = await reader.readexactly(2)
+    assert not head[1] & 0x80, "a server's frames are not masked"
+    size = head[1] & 0x7F
+    if size >= 126:
+        size = int.from_bytes(await reader.readexactly(2 if size == 126 else 8), "big")
+    return head[0] & 0x0F, await reader.readexactly(size)
+
+
+def test_the_server_pings_and_closes_a_connection_that_stops_answering() -> None:
+    """SPEC: the server pings every 20 s and closes a connection that has not answered for 60 s.
+    The replica's settings say so; the same server (its WebSocket protocol class included)
+    runs here with both times divided by 40. A client that never answers is pinged after the
+    interval and closed (1011) once the ping went unanswered for the timeout, and its place in
+    the hub is freed; a client that answers (as browsers and websockets do by themselves) stays
+    past several such times."""
+    interval_s = WS_SERVER_OPTIONS["ws_ping_interval"]
+    timeout_s = WS_SERVER_OPTIONS["ws_ping_timeout"]
+    assert (interval_s, interval_s + timeout_s) == (20.0, 60.0)
+    interval_s, timeout_s = interval_s / 40, timeout_s / 40
+    with LocalHttpPlatform(server_options={"ws_ping_interval": interval_s,
+                                           "ws_ping_timeout": timeout_s}) as quick:
+        quick.push_tick("SOL", "100.00", "100.01")
+        hub = quick.app.state.streams
+
+        async def silent() -> list[tuple[int, bytes, float]]:
+            """Every frame the server sends a client that answers nothing, with when it came
+            (seconds after the handshake), until the server closes the socket."""
+            reader, writer = await asyncio.open_connection("127.0.0.1", quick.port)
+            writer.write(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT_S)
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            start = time.monotonic()
+            frames = []
+            with contextlib.suppress(asyncio.IncompleteReadError):
+                while True:
+                    opcode, payload = await asyncio.wait_for(_raw_frame(reader), WAIT_S)
+                    frames.append((opcode, payload, time.monotonic() - start))
+            writer.close()
+            return frames
+
+        async def answering(ws: Any) -> dict[str, Any]:
+            """A bookTicker frame on ``ws`` after four ping intervals and timeouts."""
+            await asyncio.sleep(4 * (interval_s + timeout_s))
+            await send(ws, "SUBSCRIBE", "bookTicker.SOL")
+            return await frame(ws, "bookTicker.SOL")
+
+        async def scenario() -> list[tuple[int, bytes, float]]:
+            async with websockets.connect(ws_url(quick), ping_interval=None) as ws:
+                frames, ticker = await asyncio.gather(silent(), answering(ws))
+                assert ticker["data"]["bid"] == "100.00"
+                deadline = time.monotonic() + WAIT_S
+                while hub.stats()["ws_connections"] != 1 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert hub.stats()["ws_connections"] == 1  # the answering one
+            return frames
+
+        frames = asyncio.run(scenario())
+    opcodes = [opcode for opcode, _, _ in frames]
+    assert opcodes == [0x9, 0x8], frames  # a ping, then the close
+    (_, _, pinged_s), (_, close, closed_s) = frames
+    assert pinged_s >= interval_s * 0.9
+    assert closed_s - pinged_s >= timeout_s * 0.9
+    assert int.from_bytes(close[:2], "big") == 1011, close
