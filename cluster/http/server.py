@@ -17,6 +17,10 @@ it runs in the replica, before its server starts.
   connection that has not sent a whole request within :data:`READ_TIMEOUT_S` of its first byte
   (or of connecting) is closed, with a 408 in SPEC's error shape when part of a request head had
   come. Between requests uvicorn's keep-alive timeout applies.
+- A request asking for another protocol (``CONNECT``, or an ``Upgrade`` other than websocket,
+  such as ``curl --http2``'s h2c): uvicorn's parser reads nothing after its head, so one with
+  a body is refused (400) and one without is answered as plain HTTP; the connection closes
+  after either, since what follows on it is not read as HTTP.
 - Answers of the layers under the app, in SPEC's error shape like the app's: a WebSocket
   handshake websockets refuses (no key, an unknown version; plain text before) or the app
   refuses (an empty 403 before), and a request target that is not a path (``OPTIONS *``,
@@ -51,6 +55,9 @@ def _refusal(status: str, message: str) -> bytes:
 MALFORMED = "malformed HTTP request"
 TOO_LARGE = _refusal("431 Request Header Fields Too Large",
                      f"request line and headers over {MAX_HEAD_BYTES} bytes")
+UPGRADE_WITH_BODY = _refusal("400 Bad Request",
+                             "a request asking for another protocol (CONNECT, or an Upgrade "
+                             "other than websocket) cannot carry a body; send it without")
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
@@ -114,11 +121,29 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_ended = True
         self._head_begun = False
         self._head_bytes = 0
-        super().on_headers_complete()
+        if not self.parser.should_upgrade() or self._should_upgrade():
+            super().on_headers_complete()  # plain HTTP, or a WebSocket handshake
+            return
+        # CONNECT, or an Upgrade other than websocket (h2c...): the parser reads nothing after
+        # this head, taking the rest of the connection for the other protocol, so a body
+        # would be lost and anything after it read as a new request
+        if any(name == b"transfer-encoding" or (name == b"content-length" and value.strip()
+                                                 not in (b"", b"0"))
+               for name, value in self.headers):
+            self._refuse(UPGRADE_WITH_BODY)
+            return
+        super().on_headers_complete()  # served as plain HTTP, then the connection closes
+        if self.cycle is not None:
+            self.cycle.keep_alive = False
 
     def on_message_complete(self) -> None:
         self._disarm()  # also before an upgrade: the WebSocket is not bound by the deadline
-        super().on_message_complete()
+        if not self.transport.is_closing():  # not a request refused as its head ended
+            super().on_message_complete()
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """uvicorn logs each request with an unsupported Upgrade: it is answered here
+        (:meth:`on_headers_complete`), and any client can send as many."""
 
     # One timer per connection, not per request: a request's start and end only set and clear
     # _reading_since; the timer, when it fires, waits again for what is left of the deadline.

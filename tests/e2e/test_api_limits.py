@@ -162,6 +162,51 @@ def test_a_request_the_http_parser_refuses_is_400_in_the_error_shape(
     assert body["error"]["message"].startswith("malformed HTTP request: "), body
 
 
+OTHER_PROTOCOL = {
+    "h2c": b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"  # as curl --http2 sends
+           b"HTTP2-Settings: AAMAAABkAAQCAAAA\r\n",
+    "unknown": b"Connection: upgrade\r\nUpgrade: something/1\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(OTHER_PROTOCOL))
+def test_a_request_asking_for_another_protocol_is_not_misread(
+        unlimited_rates: LocalHttpPlatform, case: str) -> None:
+    """The parser reads nothing after the head of a request with an Upgrade other than
+    websocket (or CONNECT). Without a body it is answered as plain HTTP; with one (its body
+    would be lost and read as the next request) it is refused 400. Either way the connection
+    closes after the answer, and what was pipelined after it gets no answer of its own."""
+    port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
+    then = b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\n\r\n"
+    plain = raw_answer(port, iter([b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\n"
+                                   + OTHER_PROTOCOL[case] + b"\r\n" + then]))
+    assert plain.startswith(b"HTTP/1.1 200 ") and plain.count(b"HTTP/1.1 ") == 1, plain[:300]
+    assert b"connection: close" in plain.lower(), plain[:300]
+    for parts in ([OPEN], [b"", OPEN + then]):  # the body with the head, or after it
+        head = (b"POST /api/v1/positions/open HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k"
+                b"\r\nContent-Type: application/json\r\n" + OTHER_PROTOCOL[case]
+                + b"Content-Length: %d\r\n\r\n" % len(OPEN))
+        answer = raw_answer(port, iter([head + parts[0], *parts[1:]]))
+        assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1, answer
+        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert body["error"]["code"] == "INVALID_REQUEST", body
+        assert "another protocol" in body["error"]["message"], body
+
+
+def test_connect_is_405_and_closes_the_connection(unlimited_rates: LocalHttpPlatform) -> None:
+    """CONNECT (no route takes it) is 405 in the error shape; its body, which the parser would
+    not read, makes it a 400; nothing after it on the connection is read as a request."""
+    port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
+    then = b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = raw_answer(port, iter([b"CONNECT /api/v1/assets HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    + then]))
+    assert answer.startswith(b"HTTP/1.1 405 ") and answer.count(b"HTTP/1.1 ") == 1, answer
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "METHOD_NOT_ALLOWED"
+    answer = raw_answer(port, iter([b"CONNECT /api/v1/assets HTTP/1.1\r\nHost: x\r\n"
+                                    b"Content-Length: 2\r\n\r\n", b"{}" + then]))
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1, answer
+
+
 @pytest.fixture
 def read_timeout_1s(monkeypatch: pytest.MonkeyPatch) -> float:
     """The request read deadline of the servers in this process, 1 s instead of 30 s."""
