@@ -132,9 +132,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
                for name, value in self.headers):
             self._refuse(UPGRADE_WITH_BODY)
             return
-        super().on_headers_complete()  # served as plain HTTP, then the connection closes
-        if self.cycle is not None:
-            self.cycle.keep_alive = False
+        super().on_headers_complete()  # served as plain HTTP (its cycle made there) ...
+        self.cycle.keep_alive = False  # ... then the connection closes
 
     def on_message_complete(self) -> None:
         self._disarm()  # also before an upgrade: the WebSocket is not bound by the deadline

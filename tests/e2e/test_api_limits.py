@@ -167,6 +167,7 @@ OTHER_PROTOCOL = {
            b"HTTP2-Settings: AAMAAABkAAQCAAAA\r\n",
     "unknown": b"Connection: upgrade\r\nUpgrade: something/1\r\n",
 }
+THEN = b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\n\r\n"  # pipelined after such a request
 
 
 @pytest.mark.parametrize("case", sorted(OTHER_PROTOCOL))
@@ -177,12 +178,11 @@ def test_a_request_asking_for_another_protocol_is_not_misread(
     would be lost and read as the next request) it is refused 400. Either way the connection
     closes after the answer, and what was pipelined after it gets no answer of its own."""
     port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
-    then = b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\n\r\n"
     plain = raw_answer(port, iter([b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\n"
-                                   + OTHER_PROTOCOL[case] + b"\r\n" + then]))
+                                   + OTHER_PROTOCOL[case] + b"\r\n" + THEN]))
     assert plain.startswith(b"HTTP/1.1 200 ") and plain.count(b"HTTP/1.1 ") == 1, plain[:300]
     assert b"connection: close" in plain.lower(), plain[:300]
-    for parts in ([OPEN], [b"", OPEN + then]):  # the body with the head, or after it
+    for parts in ([OPEN], [b"", OPEN + THEN]):  # the body with the head, or after it
         head = (b"POST /api/v1/positions/open HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k"
                 b"\r\nContent-Type: application/json\r\n" + OTHER_PROTOCOL[case]
                 + b"Content-Length: %d\r\n\r\n" % len(OPEN))
@@ -197,13 +197,12 @@ def test_connect_is_405_and_closes_the_connection(unlimited_rates: LocalHttpPlat
     """CONNECT (no route takes it) is 405 in the error shape; its body, which the parser would
     not read, makes it a 400; nothing after it on the connection is read as a request."""
     port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
-    then = b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\n\r\n"
     answer = raw_answer(port, iter([b"CONNECT /api/v1/assets HTTP/1.1\r\nHost: x\r\n\r\n"
-                                    + then]))
+                                    + THEN]))
     assert answer.startswith(b"HTTP/1.1 405 ") and answer.count(b"HTTP/1.1 ") == 1, answer
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "METHOD_NOT_ALLOWED"
     answer = raw_answer(port, iter([b"CONNECT /api/v1/assets HTTP/1.1\r\nHost: x\r\n"
-                                    b"Content-Length: 2\r\n\r\n", b"{}" + then]))
+                                    b"Content-Length: 2\r\n\r\n", b"{}" + THEN]))
     assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1, answer
 
 

@@ -32,6 +32,10 @@ from tests.e2e.http_platform import LocalHttpPlatform
 WAIT_S = 10.0
 
 
+WS_UPGRADE = b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"  # a raw handshake's
+WS_KEY = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"  # headers (RFC 6455 1.3)
+
+
 def ws_url(platform: HttpPlatform) -> str:
     return platform.base_url.replace("http://", "ws://") + "/ws"
 
@@ -137,8 +141,7 @@ def test_refused_handshakes_answer_in_the_error_shape(platform: HttpPlatform) ->
     no stream) or a request target that is not a path is answered in SPEC's error shape, not
     in the plain text (or the empty 403) of the servers underneath."""
     port = int(platform.base_url.rsplit(":", 1)[1])
-    upgrade = b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    key = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    upgrade, key = WS_UPGRADE, WS_KEY
     for request, status, code in (
             (b"GET /ws HTTP/1.1\r\n" + upgrade + b"Sec-WebSocket-Version: 13\r\n\r\n", 400,
              "INVALID_REQUEST"),
@@ -604,9 +607,8 @@ def test_the_server_pings_and_closes_a_connection_that_stops_answering() -> None
             """Every frame the server sends a client that answers nothing, with when it came
             (seconds after the handshake), until the server closes the socket."""
             reader, writer = await asyncio.open_connection("127.0.0.1", quick.port)
-            writer.write(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                         b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+            writer.write(b"GET /ws HTTP/1.1\r\n" + WS_UPGRADE + WS_KEY
+                         + b"Sec-WebSocket-Version: 13\r\n\r\n")
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT_S)
             assert head.startswith(b"HTTP/1.1 101 "), head
             start = time.monotonic()
