@@ -568,7 +568,11 @@ class Platform:
 
                 # the API first, while the ledger and shards still answer it: its requests in
                 # flight finish, its WebSockets get a close frame, later ones are refused
-                if not stop_api(API_STOP_TIMEOUT_S):
+                stopped = stop_api(API_STOP_TIMEOUT_S, self._ray_down)
+                if not stopped and self._ray_down():  # its WebSockets end with no close frame
+                    log.warning("Ray's own processes got the stop signal too (it was sent to "
+                                "the whole process group); the API goes down with them")
+                elif not stopped:
                     log.warning("the API did not stop within %.0f s; stopping the rest",
                                 API_STOP_TIMEOUT_S)
                 if not self._ray_started:
@@ -599,6 +603,16 @@ class Platform:
             if self._broker is not None:
                 self._broker.stop()
                 self._broker = None
+
+    def _ray_down(self) -> bool:
+        """Whether a local Ray this platform started has lost one of its own processes (the
+        GCS, the raylet, the dashboard, ...): a SIGTERM to the whole process group, or to every
+        process of a service manager's unit, reaches them as it reaches this one, and nothing
+        on that Ray answers a stop any more. A joined cluster's processes are not ours."""
+        import ray
+
+        node = ray._private.worker._global_node
+        return self._ray_started and node is not None and not node.remaining_processes_alive()
 
     def __enter__(self) -> Platform:
         return self.start()

@@ -36,7 +36,7 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ray
@@ -460,15 +460,16 @@ def api_deployed() -> bool:
         return False
 
 
-def stop_api(timeout_s: float) -> bool:
+def stop_api(timeout_s: float, ray_down: Callable[[], bool] = lambda: False) -> bool:
     """Stop the API app on the connected cluster (Serve itself keeps running) as its clients
     should see it: every replica closes its WebSockets with code 1001 (``going_away``), then
     Serve stops the replicas: each stops accepting connections, finishes the requests in flight
     (at most :data:`GRACEFUL_SHUTDOWN_S`) and exits. Until then every request is answered by
     the actors behind the API, so call this before stopping them.
 
-    Returns True once the app is gone; False after ``timeout_s`` (a Serve that does not answer
-    must not hold up a stop: the caller goes on, and Ray's end takes the replicas)."""
+    Returns True once the app is gone; False after ``timeout_s``, or as soon as ``ray_down()``
+    says the cluster itself is going (a Serve that does not answer must not hold up a stop:
+    the caller goes on, and Ray's end takes the replicas)."""
     done = threading.Event()
 
     def stop() -> None:
@@ -491,7 +492,11 @@ def stop_api(timeout_s: float) -> bool:
 
     # a thread of its own: Serve's calls have no deadline of their own, and a stop must end
     threading.Thread(target=stop, name="stop-api", daemon=True).start()
-    return done.wait(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while not done.wait(0.1):
+        if time.monotonic() >= deadline or ray_down():
+            return False
+    return True
 
 
 async def _going_away() -> list[Any]:

@@ -13,6 +13,9 @@ The module's platform is started once and restarted once; its phases run in this
 3. Ctrl-C stops that second run cleanly (exit 0, its records gone, the API port free again), and
    ``audit --offline`` over the journaled state it left in DATA_DIR is clean with every open
    position in it.
+4. A third run in a session of its own is stopped by a SIGTERM to its whole process group (as
+   ``kill -TERM -- -PGID`` or a service manager sends it), which Ray's own processes get too: it
+   stops without waiting for an API that cannot answer any more, and leaves no process behind.
 """
 
 from __future__ import annotations
@@ -96,11 +99,11 @@ class Up:
         assert self.runs, "shardex up never started"
         return self.runs[-1]
 
-    def start(self) -> subprocess.Popen[str]:
+    def start(self, new_session: bool = False) -> subprocess.Popen[str]:
         self.runs.append(subprocess.Popen(
             [sys.executable, "-m", "cluster.cli", "up", "--broker-port", str(self.broker_port)],
             cwd=REPO, env=self.env, stdout=self.log.open("a"), stderr=subprocess.STDOUT,
-            text=True))
+            text=True, start_new_session=new_session))
         return self.runs[-1]
 
     def output(self) -> str:
@@ -520,3 +523,43 @@ def test_up_refuses_a_data_dir_whose_journal_another_process_holds(up: Up) -> No
                      rf"pid {os.getpid()} \(", out), out
     assert "Traceback" not in out, out
     assert not (up.data_dir / "ray-address.json").exists()  # nothing was started
+
+
+# ----------------------------------------------------------------------------- 4. group SIGTERM
+@pytest.mark.timeout(300)
+def test_up_stops_on_a_sigterm_to_its_whole_process_group(up: Up) -> None:
+    """SIGTERM to the process group of ``shardex up`` (``kill -TERM -- -PGID``; a service
+    manager stopping its unit sends it to every process): Ray's GCS and raylet share that
+    group and exit at once, so the stop must not spend its API budget waiting for replicas
+    that can no longer answer. Exit 0, ``shardex: stopped``, its records gone, every process
+    it started gone, and the state audits clean offline."""
+    assert up.proc.poll() is not None, "the previous tests stop the platform"
+    run = up.start(new_session=True)
+    up.wait_prices(START_BUDGET_S)
+    while "shardex is up" not in up.output().rsplit("shardex: stopped", 1)[-1]:
+        assert run.poll() is None, up.output()  # signal handlers are its own once it says so
+        time.sleep(0.1)
+    below = descendants(run.pid)
+    assert below, "shardex up started no process"
+    os.killpg(run.pid, signal.SIGTERM)
+    try:
+        code = run.wait(60)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        raise
+    out = up.output().rsplit("shardex is up", 1)[-1]
+    assert code == 0, out
+    assert "shardex: stopped" in out, out
+    assert "did not stop within" not in out, out
+    assert "Ray's own processes got the stop signal too" in out, out
+    assert not (up.data_dir / "embedded-broker.json").exists()
+    assert not (up.data_dir / "ray-address.json").exists()
+    deadline = time.monotonic() + 30
+    while left := [p for p in below if p.alive()]:
+        if time.monotonic() > deadline:
+            up.started_below += left  # stopped by identity at the end
+            raise AssertionError(f"left running after the stop: {left}")
+        time.sleep(0.2)
+    offline = up.cli("audit", "--offline", "--json")
+    assert offline.returncode == 0, offline.stdout + offline.stderr
+    assert json.loads(offline.stdout.strip().splitlines()[-1])["ok"] is True
