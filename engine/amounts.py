@@ -135,11 +135,6 @@ def micros_to_money(micros: int) -> str:
     return from_units(micros, MONEY_DECIMALS)
 
 
-def floor_div(numerator: int, denominator: int) -> int:
-    """Integer division rounded toward minus infinity (Python's ``//``), named for intent."""
-    return numerator // denominator
-
-
 def ceil_div(numerator: int, denominator: int) -> int:
     """Integer division rounded toward plus infinity."""
     return -((-numerator) // denominator)
