@@ -515,12 +515,36 @@ class TradingService:
 
         if delta_micros > 0:
             lock = MarginLock(who.user, delta_micros, top_up=True)
-            return await self._idempotent(who, "margin", client_order_id, lambda key: self._lock(
-                who, lock._replace(idem_key=key), spec.name, command),
-                {"position_id": position_id})
+
+            async def top_up(key: IdemKey | None) -> OpenPosition | Rejected:
+                # the lock would refuse a short balance before the shard a missing position:
+                # a position that is not the user's is named as such, whatever the balance
+                held = await self._positions[spec.name].submit(who.user)
+                if all(p.position_id != position_id for p in held):
+                    return await self._refuse(key, Rejected(Code.NOT_FOUND,
+                                                            "no such open position"))
+                return await self._lock(who, lock._replace(idem_key=key), spec.name, command)
+
+            return await self._idempotent(who, "margin", client_order_id, top_up,
+                                          {"position_id": position_id})
         return await self._idempotent(who, "margin", client_order_id, lambda key: self._end(
             key, position_id, "margin", command, release=(who.user, -delta_micros)),
             {"position_id": position_id})
+
+    async def _refuse(self, key: IdemKey | None, refusal: Rejected) -> Any:
+        """``refusal``, kept as the first answer of ``key``; or the answer an earlier request
+        with ``key`` got, which a retry must get again."""
+        self.counters[f"rejected_{refusal.code.value}"] += 1
+        if key is None:
+            return refusal
+        _, seen = await self._claim(key, lambda request_id: self.ledger.call(
+            Begin(key, request_id)))
+        if isinstance(seen, IdemHit):
+            return seen.answer
+        if isinstance(seen, Rejected):
+            return seen
+        await self.ledger.call(Remember(key, refusal))
+        return refusal
 
     def _check_terms(self, asset_name: str, leverage: int, margin_micros: int
                      ) -> Rejected | None:

@@ -74,7 +74,7 @@ def test_margin_added_and_removed_moves_the_balances_and_the_liquidation_price(
     def short_liq(margin: D) -> D:  # SPEC: entry + margin / quantity, ceiled to the step
         return ((entry + margin / qty) / SOL_STEP).to_integral_value(ROUND_CEILING) * SOL_STEP
 
-    added = post(http, h, "margin", 200, positionId=pid, amount="50")
+    added = post(http, h, "margin", 200, positionId=pid, amount="50", clientOrderId="more-1")
     assert D(added["margin"]) == 150 and D(added["liquidationPrice"]) == short_liq(D(150))
     b = state(http, h)["balances"]
     assert (D(b["free"]), D(b["margin"])) == (SIGNUP - 150, D(150))
@@ -92,6 +92,13 @@ def test_margin_added_and_removed_moves_the_balances_and_the_liquidation_price(
     assert body["error"]["code"] == "INVALID_REQUEST" and "leverage" in body["error"]["message"]
     body = post(http, h, "margin", 409, positionId=pid, amount="20000")
     assert body["error"]["code"] == "INSUFFICIENT_BALANCE"
+    # a position that is not the user's is not found, whether or not the balance would do
+    other = signup(http)
+    for amount in ("20000", "5"):
+        body = post(http, other, "margin", 404, positionId=pid, amount=amount)
+        assert body["error"]["code"] == "NOT_FOUND", amount
+    b = state(http, other)["balances"]
+    assert (D(b["free"]), D(b["margin"])) == (SIGNUP, 0)
     for amount in ("0", "-0", "1.0000001", "abc"):
         body = post(http, h, "margin", 422, positionId=pid, amount=amount)
         assert body["error"]["code"] == "INVALID_REQUEST", amount
@@ -100,6 +107,15 @@ def test_margin_added_and_removed_moves_the_balances_and_the_liquidation_price(
     closed = post(http, h, "close", 200, positionId=pid)
     assert D(closed["margin"]) == D("119.5")
     assert D(state(http, h)["balances"]["margin"]) == 0
+    # a retry gets its first answer, though the position is gone since
+    assert post(http, h, "margin", 200, positionId=pid, amount="50",
+                clientOrderId="more-1") == added
+    body = post(http, h, "margin", 404, positionId=pid, amount="50", clientOrderId="more-2")
+    assert body["error"]["code"] == "NOT_FOUND"
+    assert post(http, h, "margin", 404, positionId=pid, amount="50",
+                clientOrderId="more-2") == body
+    b = state(http, h)["balances"]  # nothing locked by the refused top-ups
+    assert (D(b["free"]), D(b["margin"])) == (SIGNUP + D(closed["realizedPnl"]), 0)
 
 
 def test_a_partial_close_splits_the_margin_and_leaves_the_rest_open(
