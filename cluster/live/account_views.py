@@ -114,6 +114,12 @@ class AccountViews:
             now = time.monotonic()
             self._distrusted = {u: t for u, t in self._distrusted.items() if t > now}
 
+    def lists(self, user: int, position_id: int) -> bool:
+        """Whether ``user``'s view holds ``position_id`` open, as of its last read: a hint
+        (the position may have closed since), which the shard has the last word on."""
+        view = self._views.get(user)
+        return view is not None and position_id in view.positions
+
     async def state(self, who: Principal) -> AccountState:
         """``who``'s state: the view brought up to the ledger's newest event, or a full read
         (which loads the view)."""

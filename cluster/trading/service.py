@@ -519,10 +519,12 @@ class TradingService:
             async def top_up(key: IdemKey | None) -> OpenPosition | Rejected:
                 # the lock would refuse a short balance before the shard a missing position:
                 # a position that is not the user's is named as such, whatever the balance
-                held = await self._positions[spec.name].submit(who.user)
-                if all(p.position_id != position_id for p in held):
-                    return await self._refuse(key, Rejected(Code.NOT_FOUND,
-                                                            "no such open position"))
+                # (the shard is asked unless this replica's view of the account holds it)
+                if self.views is None or not self.views.lists(who.user, position_id):
+                    held = await self._positions[spec.name].submit(who.user)
+                    if all(p.position_id != position_id for p in held):
+                        return await self._refuse(key, Rejected(Code.NOT_FOUND,
+                                                                "no such open position"))
                 return await self._lock(who, lock._replace(idem_key=key), spec.name, command)
 
             return await self._idempotent(who, "margin", client_order_id, top_up,

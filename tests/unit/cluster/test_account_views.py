@@ -19,6 +19,8 @@ from engine.messages import PlaceOrder
 from engine.messages import Principal
 from engine.order_book import OrderKind
 from engine.orders import Side
+from engine.results import Code
+from engine.results import Rejected
 from tests.unit.cluster.faulty_ports import Down
 from tests.unit.cluster.local_platform import USD
 from tests.unit.cluster.local_platform import Platform
@@ -204,6 +206,27 @@ async def test_a_view_asks_no_shard(market: Market) -> None:
     for _ in range(5):
         await svc.state(who)
     assert {name: port.batcher.items for name, port in svc.shards.items()} == asked
+
+
+async def test_a_top_up_asks_the_shard_only_about_a_position_no_view_holds(
+        market: Market) -> None:
+    svc = market.service
+    who, stranger = await signup(svc), await signup(svc)
+    p = await svc.open_position(who, sol_long(100, 10))
+    await _loaded(svc, who)
+
+    def asked() -> int:
+        return sum(port.batcher.items for port in svc.shards.values())
+
+    before = asked()
+    added = await svc.change_margin(who, p.position_id, 5 * USD)
+    assert not isinstance(added, Rejected) and added.margin_micros == p.margin_micros + 5 * USD
+    assert asked() == before + 1  # the top-up alone: the view holds the position
+    refused = await svc.change_margin(stranger, p.position_id, 10**6 * USD)
+    assert isinstance(refused, Rejected) and refused.code is Code.NOT_FOUND, refused
+    assert asked() == before + 2  # the stranger's positions there, not a lock
+    assert (await svc.state(stranger)).free_micros == (await svc.state(who)).free_micros \
+        + p.margin_micros + 5 * USD
 
 
 async def _loaded(svc: TradingService, who: Principal) -> Principal:
