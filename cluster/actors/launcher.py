@@ -580,7 +580,7 @@ class Platform:
                     # whole below (serve.shutdown can wait 30 s on the controller's drain)
                     shutdown_api()
             self._serve_started = False
-            if self.feed is not None:
+            if self.feed is not None and not self._ray_down():  # else it waits 10 s for none
                 with contextlib.suppress(Exception):
                     ray.get(self.feed.stop.remote(), timeout=10.0)
             for handle in [self.feed, *self.shards.values(), self.ledger]:

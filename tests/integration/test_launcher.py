@@ -13,8 +13,8 @@ The module's platform is started once and restarted once; its phases run in this
 3. Ctrl-C stops that second run cleanly (exit 0, its records gone, the API port free again), and
    ``audit --offline`` over the journaled state it left in DATA_DIR is clean with every open
    position in it.
-4. A third run in a session of its own is stopped by a SIGTERM to its whole process group (as
-   ``kill -TERM -- -PGID`` or a service manager sends it), which Ray's own processes get too: it
+4. A third run in a session of its own is stopped as a service manager stops a unit: SIGTERM to
+   its process group and to every process it started (Ray's own, its workers, the broker): it
    stops without waiting for an API that cannot answer any more, and leaves no process behind.
 """
 
@@ -525,14 +525,14 @@ def test_up_refuses_a_data_dir_whose_journal_another_process_holds(up: Up) -> No
     assert not (up.data_dir / "ray-address.json").exists()  # nothing was started
 
 
-# ----------------------------------------------------------------------------- 4. group SIGTERM
+# ----------------------------------------------------------------------------- 4. SIGTERM to all
 @pytest.mark.timeout(300)
-def test_up_stops_on_a_sigterm_to_its_whole_process_group(up: Up) -> None:
-    """SIGTERM to the process group of ``shardex up`` (``kill -TERM -- -PGID``; a service
-    manager stopping its unit sends it to every process): Ray's GCS and raylet share that
-    group and exit at once, so the stop must not spend its API budget waiting for replicas
-    that can no longer answer. Exit 0, ``shardex: stopped``, its records gone, every process
-    it started gone, and the state audits clean offline."""
+def test_up_stops_on_a_sigterm_to_every_process_it_started(up: Up) -> None:
+    """SIGTERM to the process group of ``shardex up`` (``kill -TERM -- -PGID``) and to every
+    process below it, as systemd's default ``KillMode=control-group`` stops a unit: Ray's GCS
+    and raylet share the group and exit at once, so the stop must not spend its API budget
+    waiting for replicas that can no longer answer. Exit 0, ``shardex: stopped``, its records
+    gone, every process it started gone, and the state audits clean offline."""
     assert up.proc.poll() is not None, "the previous tests stop the platform"
     run = up.start(new_session=True)
     up.wait_prices(START_BUDGET_S)
@@ -542,6 +542,10 @@ def test_up_stops_on_a_sigterm_to_its_whole_process_group(up: Up) -> None:
     below = descendants(run.pid)
     assert below, "shardex up started no process"
     os.killpg(run.pid, signal.SIGTERM)
+    for process in below:  # the workers and the broker, in groups of their own
+        with contextlib.suppress(ProcessLookupError):
+            if process.alive():
+                os.kill(process.pid, signal.SIGTERM)
     try:
         code = run.wait(60)
     except subprocess.TimeoutExpired:
