@@ -34,11 +34,11 @@ from engine.market import Tick
 log = logging.getLogger(__name__)
 
 CLOSED_KEPT = 4096
+"""Closed candles remembered for readers of ``changes`` (a reader further behind gets the
+current candles only)."""
 UNWRITTEN_KEPT = 100_000
 """Candles a failing store (a full disk) may wait to be written, the newest; beyond that the
 oldest are given up (counted in ``store_errors``)."""
-"""Closed candles remembered for readers of ``changes`` (a reader further behind gets the
-current candles only)."""
 
 
 class Change(NamedTuple):
