@@ -120,8 +120,7 @@ class Runner(Generic[M]):
         def decode(payload: bytes) -> list[Any]:  # records are read after restore()
             return restored[0].decode_record(payload)
 
-        recovered = store.recover(restore, apply=_apply_one, apply_many=_apply_many,
-                                  decode=decode)
+        recovered = store.recover(restore, _apply_many, decode=decode)
         runner: Runner[Any] = Runner(recovered.state, store, clock_us)
         return runner
 
@@ -226,10 +225,6 @@ class Runner(Generic[M]):
         journal."""
         if self.store is not None:
             self.store.close(self.machine.snapshot if self._broken is None else None)
-
-
-def _apply_one(machine: Machine, event: Any) -> None:
-    machine.apply_batch([event])
 
 
 def _apply_many(machine: Machine, items: list[Any]) -> None:

@@ -48,7 +48,7 @@ import numpy as np
 from cluster.durability.journal import Journal, JournalError
 from cluster.durability.recovery import Recovered, recover, trim_journal
 from cluster.durability.snapshot import DEFAULT_KEEP, Snapshot, prune_snapshots, write_snapshot
-from engine.events import BATCH_TAG, Event, decode_batch, encode, encode_batch
+from engine.events import BATCH_TAG, decode_batch, encode_batch
 
 log = logging.getLogger(__name__)
 
@@ -128,22 +128,16 @@ class JournalStore:
 
     # ----------------------------------------------------------------- recovery
     def recover(self, restore: Callable[[Snapshot | None], S],
-                apply: Callable[[S, Any], object],
-                apply_many: Callable[[S, list[Any]], object] | None = None,
+                apply_many: Callable[[S, list[Any]], object],
                 decode: Callable[[bytes], list[Any]] = decode_batch) -> Recovered[S]:
         """Rebuild the state (cluster.durability.recovery.recover); call once, before serving.
 
-        ``apply(state, event)`` is called for every event of every batch after the snapshot,
-        or ``apply_many(state, items)`` once per batch when given, with the batch as
-        ``decode(payload)`` returns it (a state that replays runs of events vectorised can
-        decode them into arrays).
+        ``apply_many(state, items)`` is called once per batch after the snapshot, with the
+        batch as ``decode(payload)`` returns it (a state that replays runs of events
+        vectorised can decode them into arrays).
         """
         def apply_batch(state: S, events: list[Any]) -> None:
-            if apply_many is not None:
-                apply_many(state, events)
-            else:
-                for event in events:
-                    apply(state, event)
+            apply_many(state, events)
             self._events_since_snapshot += len(events)
 
         started = time.perf_counter()
@@ -155,11 +149,6 @@ class JournalStore:
         return recovered
 
     # ----------------------------------------------------------------- writing
-    def append(self, event: Event) -> None:
-        """Buffer one event (durable at the next :meth:`commit`)."""
-        self._check_writable()
-        self._events.append(encode(event))
-
     def append_encoded(self, encoded: list[bytes]) -> None:
         """Buffer events already encoded (engine.events.encode)."""
         self._check_writable()
@@ -196,15 +185,12 @@ class JournalStore:
 
     def check(self) -> None:
         """Raise DurabilityError if the journal failed (nothing may be served any more)."""
-        self._check()
-
-    def _check(self) -> None:
         if self._failed is not None:
             raise DurabilityError("the journal failed earlier; the state must be recovered "
                                   "from disk") from self._failed
 
     def _check_writable(self) -> None:
-        self._check()
+        self.check()
         if self.readonly:
             raise DurabilityError(f"the store of {self.directory} is open read-only")
 
