@@ -239,8 +239,7 @@ class Platform:
         phase("serve controller (the wait after the actors)")
         self.url = deploy_api(settings, self.bootstrap, namespace=self.namespace, host=self.host,
                               extra_env=joined_env, direct_ingress=self.direct_ingress,
-                              timeout_s=READY_TIMEOUT_S, serve_started=True,
-                              inherited=self._ray_started)
+                              timeout_s=READY_TIMEOUT_S, inherited=self._ray_started)
         phase("api")
         if source is not None:
             self._resume_source(source)

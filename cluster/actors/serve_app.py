@@ -52,6 +52,7 @@ from cluster.live.market import Changes
 from cluster.live.streams import StreamHub
 from engine.candles import Candle, CandleQuery
 from engine.market import Tick
+from feed.broker import accepts_connections, free_port
 
 log = logging.getLogger(__name__)
 
@@ -373,8 +374,6 @@ def start_serve(settings: Settings, *, host: str = "127.0.0.1",
     start (the controller needs none of them). ``inherited``: every worker of this Ray has
     that environment already (:func:`export_serve_env` before a local ``ray.init``), so no
     runtime env carries it."""
-    from feed.broker import free_port
-
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one banner, no Serve chatter
     env = _api_env(settings, extra_env, direct_ingress)
     # with direct ingress the replica itself listens on the port; Serve's controller still
@@ -402,8 +401,9 @@ def _api_env(settings: Settings, extra_env: Mapping[str, str] | None,
 def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE,
                host: str = "127.0.0.1", extra_env: Mapping[str, str] | None = None,
                timeout_s: float = 120.0, direct_ingress: bool = True,
-               serve_started: bool = False, inherited: bool = False) -> str:
-    """Start Serve and deploy the API so the replica answers ``host:settings.port``.
+               inherited: bool = False) -> str:
+    """Deploy the API so the replica answers ``host:settings.port``, once :func:`start_serve`
+    ran with the same arguments.
 
     Requires a connected Ray driver whose workers have ``serve_env`` (see the module
     docstring and ``cluster.actors.launcher``). Returns the URL. Idempotent for an already
@@ -411,12 +411,9 @@ def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE
     ``direct_ingress=False`` deploys the classic way instead (Serve's proxy on the port, the
     replica behind it; for comparison, and for a driver without ``serve_env``).
     ``extra_env``: more variables for the API's actors (the launcher's Ray settings on a
-    cluster it joined). ``serve_started``: :func:`start_serve` ran already (with the same
-    arguments); ``inherited`` as there.
+    cluster it joined); ``inherited`` as in :func:`start_serve`.
     """
-    env = _api_env(settings, extra_env, direct_ingress) if serve_started else start_serve(
-        settings, host=host, extra_env=extra_env, direct_ingress=direct_ingress,
-        inherited=inherited)
+    env = _api_env(settings, extra_env, direct_ingress)
     options: dict[str, Any] = {"num_cpus": 0}
     if env and not inherited:
         options["runtime_env"] = {"env_vars": env}
@@ -439,14 +436,10 @@ def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE
 
 
 def _wait_listening(host: str, port: int, timeout_s: float) -> None:
-    import time
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex((host, port)) == 0:
-                return
+        if accepts_connections(host, port, 0.5):
+            return
         time.sleep(0.1)
     raise TimeoutError(f"the API did not start listening on {host}:{port} in {timeout_s} s")
 
