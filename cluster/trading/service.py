@@ -537,16 +537,24 @@ class TradingService:
         """``refusal``, kept as the first answer of ``key``; or the answer an earlier request
         with ``key`` got, which a retry must get again."""
         self.counters[f"rejected_{refusal.code.value}"] += 1
-        if key is None:
-            return refusal
-        _, seen = await self._claim(key, lambda request_id: self.ledger.call(
-            Begin(key, request_id)))
-        if isinstance(seen, IdemHit):
-            return seen.answer
-        if isinstance(seen, Rejected):
-            return seen
-        await self.ledger.call(Remember(key, refusal))
+        _, earlier = await self._begin(key)
+        if earlier is not None:
+            return earlier
+        if key is not None:
+            await self.ledger.call(Remember(key, refusal))
         return refusal
+
+    async def _begin(self, key: IdemKey | None) -> tuple[int, object | None]:
+        """A new request id, holding ``key`` (if any) at the ledger; and the answer to give
+        instead of running the request (an earlier one's with ``key``, or why ``key`` could
+        not be held), else None."""
+        if key is None:
+            return self._request_id(), None
+        request_id, seen = await self._claim(
+            key, lambda request_id: self.ledger.call(Begin(key, request_id)))
+        if isinstance(seen, IdemHit):
+            return request_id, seen.answer
+        return request_id, seen if isinstance(seen, Rejected) else None
 
     def _check_terms(self, asset_name: str, leverage: int, margin_micros: int
                      ) -> Rejected | None:
@@ -658,15 +666,9 @@ class TradingService:
         if spec is None:
             return Rejected(Code.NOT_FOUND, "no such open position" if kind == "close"
                             else "no such open order")
-        if key is None:
-            request_id = self._request_id()
-        else:
-            request_id, seen = await self._claim(
-                key, lambda request_id: self.ledger.call(Begin(key, request_id)))
-            if isinstance(seen, IdemHit):  # the answer of an earlier request with this key
-                return seen.answer
-            if isinstance(seen, Rejected):
-                return seen
+        request_id, earlier = await self._begin(key)
+        if earlier is not None:  # the answer of an earlier request with this key
+            return earlier
         result = await self._send(spec.name, command(request_id))
         doubt = InDoubt(spec.name, request_id, kind, key, release)
         if result is None:
