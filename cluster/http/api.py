@@ -68,7 +68,7 @@ from cluster.live.account_stream import (
     LedgerTail,
 )
 from cluster.live.account_topic import TopicTail
-from cluster.live.market import Change, MarketSource, current_streams
+from cluster.live.market import Change, current_streams
 from cluster.live.streams import StreamHub, StreamLimits, refuse
 from cluster.trading.service import PositionsCursor, TradingService
 from cluster.web.terminal import add_terminal_routes
@@ -1152,17 +1152,11 @@ def create_app(service: TradingService) -> FastAPI:
     # the body limit is inside the counter, so its 413s are counted too
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(_HttpCounter, routes=routes, counts=http_counts)
-    def market() -> MarketSource | None:
-        return service.market
-
     def render(change: Change) -> dict[str, Any]:
         value = change.value
         if isinstance(value, Tick):
             return book_ticker_json(value, assets[value.asset])
         return kline_json(value, assets[value.asset])
-
-    async def authenticate(key: str) -> Principal | None:
-        return await service.authenticate(key)
 
     def account_tail(source: AccountSource) -> AccountTail:
         topic = source.account_topic
@@ -1171,8 +1165,9 @@ def create_app(service: TradingService) -> FastAPI:
     # more missed events than half of what a connection may have unsent: a snapshot instead
     accounts = AccountStreams(lambda: service, account_event_json, account_snapshot,
                               account_tail, max_replay=max(1, settings.ws_unsent // 2))
-    hub = StreamHub(market, render, current_streams([a.name for a in assets.assets]),
-                    authenticate, StreamLimits(settings.ws_connections,
+    hub = StreamHub(lambda: service.market, render,
+                    current_streams([a.name for a in assets.assets]),
+                    service.authenticate, StreamLimits(settings.ws_connections,
                                                settings.ws_subscriptions, settings.ws_unsent),
                     accounts)
     app.state.streams = hub

@@ -85,10 +85,7 @@ class Courier:
         items, last_seq = await shard.call(Outbox())
         stored = tuple(a for a in answers if a is not None)
         opened = await self._opened(shard_name, items)
-        applied = await self.ledger.call(ApplySettlements(shard_name, tuple(items), stored,
-                                                          opened))
-        if isinstance(applied, Rejected):
-            raise SettlementRefused(f"{shard_name}: {applied.message}")
+        applied = await self._apply(shard_name, tuple(items), stored, opened)
         if last_seq < applied:
             await shard.call(ResumeSeq(applied))
         if items:
