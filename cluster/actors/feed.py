@@ -52,6 +52,7 @@ import ray
 from cluster.actors.names import LEDGER
 from cluster.actors.port import RayPort
 from cluster.config import CONSUMER_GROUP, MARKET_TOPIC, Settings
+from cluster.durability.runner import wall_clock_us
 from cluster.live.market import Changes, MarketLive
 from cluster.trading.courier import Courier
 from cluster.trading.placement import Layout
@@ -90,10 +91,6 @@ class CallTiming(NamedTuple):
     closed: int
     settle_us: int
     settled_us: int
-
-
-def _wall_us() -> int:
-    return time.time_ns() // 1000
 
 
 def _renice(nice: int) -> None:
@@ -225,7 +222,7 @@ class FeedActorShell:
     def _accepted(self, ticks: list[Tick]) -> None:
         """The ticks of a batch the pipeline accepted: note when they were read, build the
         candles."""
-        read_us = _wall_us()
+        read_us = wall_clock_us()
         for tick in ticks:
             reads = self._reads.get(tick.asset)
             if reads is not None:
@@ -269,14 +266,14 @@ class FeedActorShell:
         if not undelivered:  # the settlements come back with the ticks' answers
             commands.append(Outbox())
         stamps = tuple((t.ts_us, t.seq, self._read_us(t)) for t in ticks)
-        sent_us = _wall_us()
+        sent_us = wall_clock_us()
         try:
             answers = await self._port(name).send(commands)
         except Exception:  # a dead or failing shard: look it up again later
             self.handles.pop(name, None)
             self._lookup_after[name] = time.monotonic() + self.lookup_retry_s
             raise
-        answered_us = settle_us = _wall_us()
+        answered_us = settle_us = wall_clock_us()
         closed = sum(a for a in answers[:len(ticks)] if type(a) is int)
         self.ticks_refused += sum(1 for a in answers[:len(ticks)] if not isinstance(a, int))
         if undelivered:
@@ -286,7 +283,7 @@ class FeedActorShell:
         else:
             settle_us = 0
         self._timings.append(CallTiming(name, stamps, sent_us, answered_us, closed, settle_us,
-                                        _wall_us() if settle_us else 0))
+                                        wall_clock_us() if settle_us else 0))
         self._timed += 1
 
     async def _settle(self, name: str, view: OutboxView | None = None) -> None:
