@@ -31,7 +31,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Path, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
@@ -101,6 +101,7 @@ from engine.results import Code, Rejected
 from feed.pipeline import drops_metrics
 
 log = logging.getLogger("shardex.api")
+R = TypeVar("R")  # what a handler renders when the service did not refuse
 
 MAX_API_KEY_CHARS = 256
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -709,11 +710,17 @@ def create_app(service: TradingService) -> FastAPI:
             raise ApiError(Code.UNKNOWN_ASSET, f"unknown asset {name[:32]!r}")
         return asset
 
+    def as_position(p: OpenPosition | ClosedPosition) -> dict[str, Any]:
+        return position_json(p, assets[p.asset])
+
+    def as_order(o: PendingOrder | EndedOrder) -> dict[str, Any]:
+        return order_json(o, assets[o.asset])
+
     def positions_json(items: Iterable[OpenPosition | ClosedPosition]) -> list[dict[str, Any]]:
-        return [position_json(p, assets[p.asset]) for p in items]
+        return [as_position(p) for p in items]
 
     def orders_json(items: Iterable[PendingOrder | EndedOrder]) -> dict[str, Any]:
-        return {"orders": [order_json(o, assets[o.asset]) for o in items]}
+        return {"orders": [as_order(o) for o in items]}
 
     async def state_json(who: Principal) -> dict[str, Any]:
         """The body of ``GET /api/v1/state``."""
@@ -739,9 +746,9 @@ def create_app(service: TradingService) -> FastAPI:
         if isinstance(body, Balance):
             data.update(free=money(body.free_micros), margin=money(body.margin_micros))
         elif isinstance(body, OpenPosition | ClosedPosition):
-            data.update(position_json(body, assets[body.asset]))
+            data.update(as_position(body))
         elif isinstance(body, PendingOrder | EndedOrder):
-            data.update(order_json(body, assets[body.asset]))
+            data.update(as_order(body))
         return data
 
     async def account_snapshot(who: Principal) -> dict[str, Any]:
@@ -844,25 +851,25 @@ def create_app(service: TradingService) -> FastAPI:
             current_price_ticks=price_ticks(asset, body.currentPrice, "currentPrice"),
             max_slippage_bps=body.maxSlippageBps,
             client_order_id=body.clientOrderId)
-        result = await service.open_position(who, order)
+        return answer(await service.open_position(who, order), as_position, 201)
+
+    def answer(result: R | Rejected, render: Callable[[R], Any],
+               status_code: int = 200) -> Response:
+        """``render(result)``, or the refusal. The asset of a position or an order is its
+        own: a retry's answer is the first request's, which may name another one."""
         if isinstance(result, Rejected):
             return rejected_response(result)
-        # a retry's answer is the first request's, whose asset may not be this body's
-        return _json(position_json(result, assets[result.asset]), 201)
+        return _json(render(result), status_code)
 
-    def position_of(value: int | str) -> tuple[int, Asset] | None:
+    def position_of(value: int | str, missing: str = "no such open position"
+                    ) -> tuple[int, Asset]:
         """The id ``value`` names and the asset of the shard that issued it (positions and
-        orders alike), or None when no position or order can have it."""
+        orders alike); NOT_FOUND (``missing``) when no position or order can have it."""
         item_id = _position_id(value)
         asset = None if item_id is None else service.asset_of_position(item_id)
-        return None if item_id is None or asset is None else (item_id, asset)
-
-    def changed(result: OpenPosition | ClosedPosition | Rejected) -> Response:
-        """The answer of a change to a position (a retry's: the first request's, whose
-        position may not be the one this request names)."""
-        if isinstance(result, Rejected):
-            return rejected_response(result)
-        return _json(position_json(result, assets[result.asset]))
+        if item_id is None or asset is None:
+            raise ApiError(Code.NOT_FOUND, missing)
+        return item_id, asset
 
     @app.post("/api/v1/positions/close", tags=["positions"], operation_id="closePosition",
               responses={200: {"model": ClosedPositionOut, "links": {"HistoryBefore": {
@@ -873,14 +880,11 @@ def create_app(service: TradingService) -> FastAPI:
     async def close_position(body: CloseBody, who: Caller) -> Response:
         """Close one of your positions at the current bid (long) or ask (short): all of it,
         or ``quantity`` of it (the rest stays open under the same positionId)."""
-        found = position_of(body.positionId)
-        if found is None:
-            return rejected_response(Rejected(Code.NOT_FOUND, "no such open position"))
-        position_id, asset = found
+        position_id, asset = position_of(body.positionId)
         order = CloseOrder(position_id, price_ticks(asset, body.currentPrice, "currentPrice"),
                            body.maxSlippageBps, body.clientOrderId,
                            quantity_steps(asset, body.quantity, "quantity"))
-        return changed(await service.close_position(who, order))
+        return answer(await service.close_position(who, order), as_position)
 
     @app.post("/api/v1/positions/modify", tags=["positions"], operation_id="modifyPosition",
               responses={200: {"model": PositionOut},
@@ -890,10 +894,7 @@ def create_app(service: TradingService) -> FastAPI:
         positions, against the current price (a long's TP above the bid and its SL between the
         liquidation price and the bid; a short's the other way round), else 422
         INVALID_TRIGGER."""
-        found = position_of(body.positionId)
-        if found is None:
-            return rejected_response(Rejected(Code.NOT_FOUND, "no such open position"))
-        position_id, asset = found
+        position_id, asset = position_of(body.positionId)
         given = body.model_fields_set
 
         def level(name: str, value: DecimalValue | None) -> int | None:
@@ -904,7 +905,7 @@ def create_app(service: TradingService) -> FastAPI:
         result = await service.set_levels(
             who, position_id, level("takeProfit", body.takeProfit),
             level("stopLoss", body.stopLoss), body.clientOrderId)
-        return changed(result)
+        return answer(result, as_position)
 
     @app.post("/api/v1/positions/margin", tags=["positions"], operation_id="changeMargin",
               responses={200: {"model": PositionOut},
@@ -915,12 +916,10 @@ def create_app(service: TradingService) -> FastAPI:
         A removal is refused (422) if the notional would exceed margin x max leverage, the
         position would be liquidatable at the current price, or its stop-loss would no longer
         lie beyond the liquidation price."""
-        found = position_of(body.positionId)
-        if found is None:
-            return rejected_response(Rejected(Code.NOT_FOUND, "no such open position"))
+        position_id, _ = position_of(body.positionId)
         amount = money_micros(body.amount, "amount", allow_negative=True)
-        result = await service.change_margin(who, found[0], amount, body.clientOrderId)
-        return changed(result)
+        return answer(await service.change_margin(who, position_id, amount, body.clientOrderId),
+                      as_position)
 
     @app.get("/api/v1/positions", tags=["positions"], operation_id="listPositions",
              responses={200: {"model": PositionsOut}, **_errors(*_AUTH_ERRORS, 422, 503)})
@@ -949,9 +948,7 @@ def create_app(service: TradingService) -> FastAPI:
                       ) -> Response:
         """Your closed positions (whole and partial closes), newest first."""
         result = await service.history(who, limit, _close_cursor(before))
-        if isinstance(result, Rejected):
-            return rejected_response(result)
-        return _json({"positions": positions_json(result)})
+        return answer(result, lambda closed: {"positions": positions_json(closed)})
 
     # ------------------------------------------------------------------ orders
     @app.post("/api/v1/orders", status_code=201, tags=["orders"], operation_id="placeOrder",
@@ -976,10 +973,7 @@ def create_app(service: TradingService) -> FastAPI:
             sl_ticks=price_ticks(asset, body.stopLoss, "stopLoss") or 0,
             expires_ts_us=expires_us(body.expiresAt),
             client_order_id=body.clientOrderId)
-        result = await service.place_order(who, order)
-        if isinstance(result, Rejected):
-            return rejected_response(result)
-        return _json(order_json(result, assets[result.asset]), 201)  # a retry's: the first's
+        return answer(await service.place_order(who, order), as_order, 201)
 
     @app.get("/api/v1/orders", tags=["orders"], operation_id="listOrders",
              responses={200: {"model": OrdersOut}, **_errors(*_AUTH_ERRORS, 503)})
@@ -994,9 +988,7 @@ def create_app(service: TradingService) -> FastAPI:
         """Your ended orders (filled, cancelled, expired, rejected), newest first."""
         result = await service.order_history(who, limit,
                                                   _cursor_id("before", before, "an order id"))
-        if isinstance(result, Rejected):
-            return rejected_response(result)
-        return _json(orders_json(result))
+        return answer(result, orders_json)
 
     @app.delete("/api/v1/orders/{orderId}", tags=["orders"], operation_id="cancelOrder",
                 responses={200: {"model": OrderOut}, **_errors(*_AUTH_ERRORS, 404, 409, 503)})
@@ -1008,13 +1000,8 @@ def create_app(service: TradingService) -> FastAPI:
             = None) -> Response:
         """Cancel one of your open orders: its margin is released. 409 ORDER_NOT_OPEN when it
         has already filled, expired, been rejected or cancelled."""
-        found = position_of(orderId)
-        if found is None:
-            return rejected_response(Rejected(Code.NOT_FOUND, "no such open order"))
-        result = await service.cancel_order(who, found[0], clientOrderId)
-        if isinstance(result, Rejected):
-            return rejected_response(result)
-        return _json(order_json(result, assets[result.asset]))  # a retry's: the first's
+        order_id, _ = position_of(orderId, "no such open order")
+        return answer(await service.cancel_order(who, order_id, clientOrderId), as_order)
 
     # ------------------------------------------------------------------ market
     assets_body = json.dumps({"assets": [
