@@ -42,7 +42,6 @@ RULES = {
     "KAFKA_BROKERS": "host:port[,host:port...] with ports in [1, 65535]",
     "BACKPACK_WS_URL": "a ws:// or wss:// URL with a host",
     "FEED_SOURCE": SOURCE_FORMS,
-    "PORT": "an integer in [1, 65535]",
     "HOST": "a host name or IP address",
     "RAY_ADDRESS": "a Ray address without spaces (auto, host:port, ray://host:port)",
     "ASSETS": f"a comma-separated list of {', '.join(DEFAULT_ASSETS)} without repeats",
@@ -53,13 +52,14 @@ RULES = {
     "MAX_PRICE_AGE_S": "a finite number in (0, 86400]",
     "SIGNUP_BALANCE": "an amount in [0, 1000000] with at most 6 decimals",
     "MAX_CLOCK_SKEW_S": "a finite number in [0, 3600]",
-    "MAX_TICK_JUMP_BPS": "an integer in [1, 1000000]",
     "ACCOUNT_EVENTS_TOPIC": "a Kafka topic name: 1 to 249 of A-Z a-z 0-9 . _ -",
 }
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
-# Integer limits of the HTTP API: field -> (variable, lowest, highest allowed).
+# Integer settings: field -> (variable, lowest, highest allowed).
 _INTEGER_LIMITS = {
+    "port": ("PORT", 1, 65535),
+    "max_tick_jump_bps": ("MAX_TICK_JUMP_BPS", 1, 1_000_000),
     "max_body_bytes": ("MAX_BODY_BYTES", 1024, 64 * 1024 * 1024),
     "max_json_depth": ("MAX_JSON_DEPTH", 2, 512),
     "api_key_rate_per_s": ("API_KEY_RATE_PER_S", 0, 1_000_000),
@@ -145,9 +145,6 @@ class Settings:
             _check_brokers(self.kafka_brokers)
         _check_ws_url(self.backpack_ws_url)
         _parse_source(self.feed_source)
-        if isinstance(self.port, bool) or not isinstance(self.port, int) \
-                or not 1 <= self.port <= 65535:
-            _fail("PORT", self.port)
         if not _HOST.fullmatch(self.host):
             _fail("HOST", self.host)
         if self.ray_address is not None and (not self.ray_address
@@ -168,9 +165,6 @@ class Settings:
         if not (isinstance(self.max_clock_skew_s, int | float)
                 and math.isfinite(self.max_clock_skew_s) and 0 <= self.max_clock_skew_s <= 3600):
             _fail("MAX_CLOCK_SKEW_S", self.max_clock_skew_s)
-        if isinstance(self.max_tick_jump_bps, bool) or not isinstance(self.max_tick_jump_bps, int) \
-                or not 1 <= self.max_tick_jump_bps <= 1_000_000:
-            _fail("MAX_TICK_JUMP_BPS", self.max_tick_jump_bps)
         if not isinstance(self.account_topic, str) or not _TOPIC.fullmatch(self.account_topic) \
                 or self.account_topic in (".", ".."):
             _fail("ACCOUNT_EVENTS_TOPIC", self.account_topic)
@@ -238,7 +232,6 @@ class Settings:
             kafka_brokers=_check_brokers(env.get("KAFKA_BROKERS", "")) or None,
             backpack_ws_url=_check_ws_url(env.get("BACKPACK_WS_URL", base.backpack_ws_url)),
             feed_source=feed_source,
-            port=_integer("PORT", env.get("PORT"), base.port, 1, 65535),
             host=env.get("HOST", base.host),
             ray_address=env.get("RAY_ADDRESS") or None,
             assets=assets,
@@ -252,8 +245,6 @@ class Settings:
                for name, (var, low, high) in _INTEGER_LIMITS.items()},
             max_clock_skew_s=_seconds("MAX_CLOCK_SKEW_S", env.get("MAX_CLOCK_SKEW_S"),
                                       base.max_clock_skew_s, 0.0, 3600.0),
-            max_tick_jump_bps=_integer("MAX_TICK_JUMP_BPS", env.get("MAX_TICK_JUMP_BPS"),
-                                       base.max_tick_jump_bps, 1, 1_000_000),
             account_topic=env.get("ACCOUNT_EVENTS_TOPIC", base.account_topic),
         )
 
