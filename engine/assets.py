@@ -6,6 +6,7 @@ import functools
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 
 from engine.amounts import MAX_UNITS, MONEY_DECIMALS, AmountError, from_units, to_units
 
@@ -30,14 +31,15 @@ class Asset:
     max_leverage: int
     index: int = 0
 
-    def price_to_ticks(self, value: str | int | float) -> int:
+    def price_to_ticks(self, value: str | int | float | Decimal) -> int:
         """Parse a positive price into integer ticks (raises AmountError)."""
         return to_units(value, self.price_decimals, allow_zero=False)
 
     def ticks_to_price(self, ticks: int) -> str:
         return from_units(ticks, self.price_decimals)
 
-    def qty_to_steps(self, value: str | int | float) -> int:
+    def qty_to_steps(self, value: str | int | float | Decimal) -> int:
+        """Parse a positive quantity into integer steps (raises AmountError)."""
         return to_units(value, self.qty_decimals, allow_zero=False)
 
     def steps_to_qty(self, steps: int) -> str:

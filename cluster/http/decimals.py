@@ -11,6 +11,7 @@ decimals than the step, out of range, zero) are a 422 naming the field.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -23,7 +24,6 @@ from engine.amounts import (
     AmountError,
     decimal_text_pattern,
     money_to_micros,
-    to_units,
 )
 from engine.assets import Asset
 
@@ -74,29 +74,29 @@ def price_ticks(asset: Asset, value: DecimalValue | None, field: str) -> int | N
     tick of it may carry (``Asset.max_price_ticks``); 422 naming ``field``."""
     if value is None:
         return None
-    try:
-        ticks = to_units(value, asset.price_decimals, allow_zero=False)
-    except AmountError as exc:
-        raise invalid(f"{field}: {exc} (price step {asset.price_step})") from None
-    if ticks > asset.max_price_ticks:
-        raise invalid(f"{field}: amount out of range (at most "
-                      f"{asset.ticks_to_price(asset.max_price_ticks)} for {asset.name})")
-    return ticks
+    return _bounded(asset, value, field, asset.price_to_ticks, asset.ticks_to_price,
+                    asset.max_price_ticks, f"price step {asset.price_step}")
 
 
 def quantity_steps(asset: Asset, value: DecimalValue | None, field: str) -> int:
     """A positive quantity of ``asset`` as steps (None: 0, which means "all"), at most the
-    largest position quantity (``Asset.max_qty_steps``); 422 naming ``field``."""
+    largest position quantity (``Asset.max_qty_steps``: no position is larger); 422 naming
+    ``field``."""
     if value is None:
         return 0
+    return _bounded(asset, value, field, asset.qty_to_steps, asset.steps_to_qty,
+                    asset.max_qty_steps, f"quantity step {asset.qty_step}")
+
+
+def _bounded(asset: Asset, value: DecimalValue, field: str, parse: Callable[[DecimalValue], int],
+             show: Callable[[int], str], largest: int, step: str) -> int:
     try:
-        steps = to_units(value, asset.qty_decimals, allow_zero=False)
+        units = parse(value)
     except AmountError as exc:
-        raise invalid(f"{field}: {exc} (quantity step {asset.qty_step})") from None
-    if steps > asset.max_qty_steps:  # no position is larger
-        raise invalid(f"{field}: amount out of range (at most "
-                      f"{asset.steps_to_qty(asset.max_qty_steps)} for {asset.name})")
-    return steps
+        raise invalid(f"{field}: {exc} ({step})") from None
+    if units > largest:
+        raise invalid(f"{field}: amount out of range (at most {show(largest)} for {asset.name})")
+    return units
 
 
 __all__ = ["EXACT_DECIMAL", "DecimalValue", "decimal_schema", "money_micros", "price_ticks",
