@@ -604,14 +604,22 @@ class Platform:
                 self._broker = None
 
     def _ray_down(self) -> bool:
-        """Whether a local Ray this platform started has lost one of its own processes (the
-        GCS, the raylet, the dashboard, ...): a SIGTERM to the whole process group, or to every
-        process of a service manager's unit, reaches them as it reaches this one, and nothing
-        on that Ray answers a stop any more. A joined cluster's processes are not ours."""
+        """Whether a local Ray this platform started is going: its GCS or raylet has exited, or
+        two of its own processes have. A SIGTERM to the whole process group, or to every
+        process of a service manager's unit, reaches them as it reaches this one; the Python
+        ones (dashboard, monitors) exit at once, the GCS and raylet up to 10 s later, and
+        nothing on that Ray answers a stop meanwhile. One process alone exiting (a dashboard
+        that crashed) leaves Ray serving. A joined cluster's processes are not ours."""
         import ray
+        from ray._private import ray_constants
 
         node = ray._private.worker._global_node
-        return self._ray_started and node is not None and not node.remaining_processes_alive()
+        if not self._ray_started or node is None:
+            return False
+        exited = {kind for kind, infos in node.all_processes.items()
+                  for info in infos if info.process.poll() is not None}
+        essential = {ray_constants.PROCESS_TYPE_GCS_SERVER, ray_constants.PROCESS_TYPE_RAYLET}
+        return len(exited) >= 2 or bool(exited & essential)
 
     def __enter__(self) -> Platform:
         return self.start()

@@ -463,7 +463,12 @@ def stop_api(timeout_s: float, ray_down: Callable[[], bool] = lambda: False) -> 
     Returns True once the app is gone; False after ``timeout_s``, or as soon as ``ray_down()``
     says the cluster itself is going (a Serve that does not answer must not hold up a stop:
     the caller goes on, and Ray's end takes the replicas)."""
-    done = threading.Event()
+    done, given_up = threading.Event(), threading.Event()
+
+    def going_on() -> bool:
+        # once the caller gave up, it goes on to shut Ray down: a Serve call after that would
+        # start a new local Ray from this thread (Serve's client connects with ray.init)
+        return not given_up.is_set() and ray.is_initialized()
 
     def stop() -> None:
         try:
@@ -474,11 +479,13 @@ def stop_api(timeout_s: float, ray_down: Callable[[], bool] = lambda: False) -> 
                     log.warning("%d API replica(s) did not close their WebSockets: %s",
                                 len(failed), failed[0])
             except Exception as exc:  # no app (a start that failed before it), or Serve's
-                log.warning("could not tell the API replicas to close their WebSockets: %r",
-                            exc)
-            with contextlib.suppress(Exception):
-                serve.delete(SERVE_APP, _blocking=False)
-            while api_deployed():
+                if going_on():
+                    log.warning("could not tell the API replicas to close their WebSockets: "
+                                "%r", exc)
+            if going_on():
+                with contextlib.suppress(Exception):
+                    serve.delete(SERVE_APP, _blocking=False)
+            while going_on() and api_deployed():
                 time.sleep(0.1)
         finally:
             done.set()
@@ -488,6 +495,7 @@ def stop_api(timeout_s: float, ray_down: Callable[[], bool] = lambda: False) -> 
     deadline = time.monotonic() + timeout_s
     while not done.wait(0.1):
         if time.monotonic() >= deadline or ray_down():
+            given_up.set()
             return False
     return True
 

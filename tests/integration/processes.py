@@ -39,3 +39,20 @@ def stop_child(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM,
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(30)
+
+
+def ray_processes() -> set[ProcessIdentity]:
+    """Every live process of a Ray on this machine: its own (GCS, raylet, dashboard, monitors)
+    and its workers and agents (``ray::...``)."""
+    found: set[ProcessIdentity] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        identity = ProcessIdentity.of(int(entry.name))
+        if identity is None or not identity.cmdline:
+            continue
+        program = identity.cmdline[0]
+        if program.startswith("ray::") or Path(program).name in ("gcs_server", "raylet") \
+                or any("/site-packages/ray/" in arg for arg in identity.cmdline[:3]):
+            found.add(identity)
+    return found

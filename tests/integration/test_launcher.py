@@ -42,6 +42,7 @@ from feed.broker import ProcessIdentity
 from feed.broker import free_port
 from feed.broker import stop_process
 from tests.integration.processes import descendants
+from tests.integration.processes import ray_processes
 from tests.integration.processes import stop_child
 from websockets.sync.client import connect as ws_connect
 
@@ -541,6 +542,7 @@ def test_up_stops_on_a_sigterm_to_every_process_it_started(up: Up) -> None:
         time.sleep(0.1)
     below = descendants(run.pid)
     assert below, "shardex up started no process"
+    rays_before = ray_processes()
     os.killpg(run.pid, signal.SIGTERM)
     for process in below:  # the workers and the broker, in groups of their own
         with contextlib.suppress(ProcessLookupError):
@@ -564,6 +566,10 @@ def test_up_stops_on_a_sigterm_to_every_process_it_started(up: Up) -> None:
             up.started_below += left  # stopped by identity at the end
             raise AssertionError(f"left running after the stop: {left}")
         time.sleep(0.2)
+    # nor did the stop start a Ray again (Serve's client calls ray.init when it finds none)
+    started = [p for p in ray_processes() - rays_before if p.alive()]
+    up.started_below += started
+    assert not started, f"Ray processes started during the stop: {started}"
     offline = up.cli("audit", "--offline", "--json")
     assert offline.returncode == 0, offline.stdout + offline.stderr
     assert json.loads(offline.stdout.strip().splitlines()[-1])["ok"] is True
