@@ -716,6 +716,24 @@ def create_app(service: TradingService) -> FastAPI:
     def as_order(o: PendingOrder | EndedOrder) -> dict[str, Any]:
         return order_json(o, assets[o.asset])
 
+    def answer(result: R | Rejected, render: Callable[[R], Any],
+               status_code: int = 200) -> Response:
+        """``render(result)``, or the refusal. The asset of a position or an order is its
+        own: a retry's answer is the first request's, which may name another one."""
+        if isinstance(result, Rejected):
+            return rejected_response(result)
+        return _json(render(result), status_code)
+
+    def position_of(value: int | str, missing: str = "no such open position"
+                    ) -> tuple[int, Asset]:
+        """The id ``value`` names and the asset of the shard that issued it (positions and
+        orders alike); NOT_FOUND (``missing``) when no position or order can have it."""
+        item_id = _position_id(value)
+        asset = None if item_id is None else service.asset_of_position(item_id)
+        if item_id is None or asset is None:
+            raise ApiError(Code.NOT_FOUND, missing)
+        return item_id, asset
+
     def positions_json(items: Iterable[OpenPosition | ClosedPosition]) -> list[dict[str, Any]]:
         return [as_position(p) for p in items]
 
@@ -852,24 +870,6 @@ def create_app(service: TradingService) -> FastAPI:
             max_slippage_bps=body.maxSlippageBps,
             client_order_id=body.clientOrderId)
         return answer(await service.open_position(who, order), as_position, 201)
-
-    def answer(result: R | Rejected, render: Callable[[R], Any],
-               status_code: int = 200) -> Response:
-        """``render(result)``, or the refusal. The asset of a position or an order is its
-        own: a retry's answer is the first request's, which may name another one."""
-        if isinstance(result, Rejected):
-            return rejected_response(result)
-        return _json(render(result), status_code)
-
-    def position_of(value: int | str, missing: str = "no such open position"
-                    ) -> tuple[int, Asset]:
-        """The id ``value`` names and the asset of the shard that issued it (positions and
-        orders alike); NOT_FOUND (``missing``) when no position or order can have it."""
-        item_id = _position_id(value)
-        asset = None if item_id is None else service.asset_of_position(item_id)
-        if item_id is None or asset is None:
-            raise ApiError(Code.NOT_FOUND, missing)
-        return item_id, asset
 
     @app.post("/api/v1/positions/close", tags=["positions"], operation_id="closePosition",
               responses={200: {"model": ClosedPositionOut, "links": {"HistoryBefore": {
