@@ -189,6 +189,18 @@ class Connection:
             return 1000
         return GOING_AWAY if self.closing == "stopping" else POLICY_VIOLATION
 
+    @property
+    def close_reason(self) -> str | None:
+        """The reason its close frame carries: which limit the client exceeded (a close code
+        alone leaves its developer guessing), or that the server stops."""
+        return {"stopping": STOPPING,
+                "slow": f"unsent frames over the limit of {self.limit}: the client reads too "
+                        "slowly",
+                "flood": f"more than {MESSAGE_BURST} frames at once or {MESSAGES_PER_S:g} a "
+                         "second",
+                "auth": f"more than {MAX_AUTH_FAILURES} refused AUTH frames",
+                }.get(self.closing or "")
+
 
 class StreamHub:
     """The public streams of one replica. ``market``: a callable giving the market data
@@ -330,8 +342,7 @@ class StreamHub:
             if socket.application_state != WebSocketState.DISCONNECTED:
                 with contextlib.suppress(Exception):
                     await socket.close(code=connection.close_code,
-                                       reason=STOPPING if connection.closing == "stopping"
-                                       else None)
+                                       reason=connection.close_reason)
             connection.ended.set()
 
     def _forget(self, connection: Connection) -> None:

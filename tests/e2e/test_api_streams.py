@@ -168,6 +168,7 @@ def test_a_connection_guessing_keys_is_closed_after_five_refusals(
             with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), WAIT_S)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+            assert closed.value.rcvd.reason == "more than 5 refused AUTH frames"
 
     asyncio.run(scenario())
 
@@ -205,6 +206,7 @@ def test_a_connection_flooding_frames_is_closed_and_others_are_served(
                 while True:
                     await asyncio.wait_for(flood.recv(), WAIT_S)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+            assert closed.value.rcvd.reason == "more than 20 frames at once or 10 a second"
             await send(other, "SUBSCRIBE", "bookTicker.SOL")
             assert "bid" in (await frame(other, "bookTicker.SOL"))["data"]
 
@@ -253,6 +255,8 @@ def test_connections_subscriptions_and_unsent_frames_are_bounded(
                 while True:
                     await asyncio.wait_for(slow.recv(), WAIT_S)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+            assert closed.value.rcvd.reason == ("unsent frames over the limit of 1: the client "
+                                                "reads too slowly")
         # the closed connections were forgotten: two new ones are served
         async with websockets.connect(url) as again, websockets.connect(url):
             await send(again, "SUBSCRIBE", "bookTicker.SOL")
