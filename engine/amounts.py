@@ -87,7 +87,10 @@ def to_units(value: str | int | float | Decimal, decimals: int, *, allow_zero: b
     if negative:
         units = -units
     if units == 0 and not allow_zero:
-        raise AmountError("amount must be greater than zero")
+        # where a negative amount is allowed (a margin removal), "greater than zero" would
+        # tell the client that it is not
+        raise AmountError("amount must not be zero" if allow_negative
+                          else "amount must be greater than zero")
     return units
 
 

@@ -102,6 +102,8 @@ def test_margin_added_and_removed_moves_the_balances_and_the_liquidation_price(
     for amount in ("0", "-0", "1.0000001", "abc"):
         body = post(http, h, "margin", 422, positionId=pid, amount=amount)
         assert body["error"]["code"] == "INVALID_REQUEST", amount
+        if amount in ("0", "-0"):  # not "greater than zero": a negative amount is allowed
+            assert body["error"]["message"] == "amount: amount must not be zero", body
     b = state(http, h)["balances"]
     assert (D(b["free"]), D(b["margin"])) == (SIGNUP - D("119.5"), D("119.5"))
     closed = post(http, h, "close", 200, positionId=pid)

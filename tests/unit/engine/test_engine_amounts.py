@@ -85,10 +85,14 @@ def test_sign_and_zero_options() -> None:
         to_units("-0.001", 2)  # the sign is the reason, not the decimals
     with pytest.raises(AmountError, match="range"):
         to_units(10**5000, 0)  # refused before its 5001 digits are ever formatted
-    with pytest.raises(AmountError):
+    with pytest.raises(AmountError, match="greater than zero"):
         to_units("0", 2, allow_zero=False)
-    with pytest.raises(AmountError):
+    with pytest.raises(AmountError, match="greater than zero"):
         to_units("0.00", 2, allow_zero=False)
+    # a signed amount (a margin change) is told that zero, not its sign, is the problem
+    for zero in ("0", "-0", "-0.00", 0):
+        with pytest.raises(AmountError, match=r"^amount must not be zero$"):
+            to_units(zero, 2, allow_zero=False, allow_negative=True)
     assert to_units(MAX_UNITS, 0) == MAX_UNITS
 
 
