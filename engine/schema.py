@@ -632,26 +632,14 @@ def enum_labels(f: Field) -> tuple[str, ...]:
 
 
 def api_annotation(af: ApiField) -> Any:
-    """The Python type of the API value (for a response model): ``str``, ``int``, or a
+    """The Python type of the API value (a response model's, cluster.http.api.api_model):
+    ``str``, ``int``, or a
     ``Literal`` of the enum's labels; ``| None`` when :func:`api_nullable`."""
     kind = render_kind(af.field)
     annotation: Any = {"int": int, "bool": bool}.get(kind, str)
     if kind == "label":
         annotation = Literal[enum_labels(af.field)]
     return annotation | None if api_nullable(af) else annotation
-
-
-def check_api_model(model: type, api_fields: Sequence[ApiField]) -> None:
-    """SchemaError unless a response model (pydantic: its ``model_fields``) has exactly the
-    keys of ``api_fields`` in order, each with :func:`api_annotation` and the description."""
-    declared: Mapping[str, Any] = getattr(model, "model_fields", {})
-    check_names(model.__name__, tuple(declared), [af.key for af in api_fields])
-    for af in api_fields:
-        info = declared[af.key]
-        if info.annotation != api_annotation(af) or info.description != af.description:
-            raise SchemaError(f"{model.__name__}.{af.key}: {info.annotation!r} "
-                              f"({info.description!r}), the schema says "
-                              f"{api_annotation(af)!r} ({af.description!r})")
 
 
 def json_renderer(cls: type, api_fields: Sequence[ApiField],
@@ -754,7 +742,6 @@ __all__ = [
     "api_annotation",
     "api_nullable",
     "builder",
-    "check_api_model",
     "check_fields",
     "check_names",
     "declared_names",

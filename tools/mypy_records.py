@@ -1,4 +1,8 @@
-"""mypy plugin: the record classes engine.schema.record builds at run time, as NamedTuples.
+"""mypy plugin: the classes built at run time from engine.schema's groups.
+
+- ``X = cluster.http.api.api_model("X", schema.API_...)``: a pydantic model; mypy learns it is
+  a subclass of ``BaseModel`` (its fields matter only to the OpenAPI document, never to code).
+- The record classes engine.schema.record builds, as NamedTuples:
 
 ``X = schema.record("X", schema.GROUP, __name__, doc, enums={...}, zero_default=(...))`` makes
 a NamedTuple of ``GROUP``'s fields when the module runs; mypy cannot run it, so this plugin
@@ -34,12 +38,26 @@ from mypy.types import Instance, NoneType, Type, UnionType
 from engine import schema
 
 RECORD = "engine.schema.record"
+API_MODEL = "cluster.http.api.api_model"
+BASE_MODEL = "pydantic.main.BaseModel"
 
 
 class RecordsPlugin(Plugin):
     def get_dynamic_class_hook(self, fullname: str
                                ) -> Callable[[DynamicClassDefContext], None] | None:
-        return _record if fullname == RECORD else None
+        return {RECORD: _record, API_MODEL: _api_model}.get(fullname)
+
+
+def _api_model(ctx: DynamicClassDefContext) -> None:
+    api = ctx.api
+    assert isinstance(api, SemanticAnalyzer)
+    base = api.lookup_fully_qualified_or_none(BASE_MODEL)
+    if base is None or not isinstance(base.node, TypeInfo):  # not analysed yet
+        api.defer()
+        return
+    info = api.basic_new_typeinfo(ctx.name, Instance(base.node, []), ctx.call.line)
+    info.mro = [info, *base.node.mro]
+    api.add_symbol_table_node(ctx.name, SymbolTableNode(GDEF, info))
 
 
 def _record(ctx: DynamicClassDefContext) -> None:

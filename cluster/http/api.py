@@ -38,7 +38,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictInt, StrictStr, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+    create_model,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.actors.port import Unavailable
@@ -260,56 +269,19 @@ class AccountOut(BaseModel):
     balance: str
 
 
-class PositionOut(BaseModel):
-    positionId: str = Field(description="decimal string of a 63-bit id")
-    asset: str
-    type: Literal["long", "short"]
-    margin: str
-    leverage: int
-    quantity: str
-    entryPrice: str
-    liquidationPrice: str | None = Field(description="null: no positive price liquidates it")
-    takeProfit: str | None
-    stopLoss: str | None
-    unrealizedPnl: str | None = Field(description="null when there is no price yet / closed")
-    openedAt: str
+def api_model(name: str, api_fields: tuple[schema.ApiField, ...]) -> type[BaseModel]:
+    """A response model with the keys of ``api_fields`` in order, each required, with
+    engine.schema.api_annotation's type and the field's description (tools/mypy_records.py
+    tells mypy it is a model)."""
+    fields: dict[str, Any] = {af.key: (schema.api_annotation(af),
+                                       Field(description=af.description))
+                              for af in api_fields}
+    return create_model(name, **fields)
 
 
-class ClosedPositionOut(PositionOut):
-    closeId: str = Field(description="decimal string of a 64-bit id (a whole close: its "
-                                     "positionId); the history's before cursor")
-    partial: bool = Field(description="true: the closed part of a position that stays open")
-    exitPrice: str
-    realizedPnl: str
-    payout: str
-    closeReason: Literal["manual", "take_profit", "stop_loss", "liquidation"]
-    closedAt: str
-
-
-schema.check_api_model(PositionOut, schema.API_POSITION)
-schema.check_api_model(ClosedPositionOut, schema.API_CLOSED_POSITION)
-
-
-class OrderOut(BaseModel):
-    orderId: str = Field(description="decimal string of a 63-bit id")
-    asset: str
-    type: Literal["long", "short"]
-    orderType: Literal["limit", "stop"]
-    triggerPrice: str
-    margin: str
-    leverage: int
-    takeProfit: str | None
-    stopLoss: str | None
-    expiresAt: str | None = Field(description="null: good till cancelled")
-    status: Literal["open", "filled", "cancelled", "expired", "rejected"]
-    positionId: str | None = Field(description="the position its fill opened; null otherwise")
-    rejectReason: str | None = Field(
-        description="why its fill could not open (an error code); null otherwise")
-    createdAt: str
-    updatedAt: str = Field(description="when it last changed (its placement while open)")
-
-
-schema.check_api_model(OrderOut, schema.API_ORDER)
+PositionOut = api_model("PositionOut", schema.API_POSITION)
+ClosedPositionOut = api_model("ClosedPositionOut", schema.API_CLOSED_POSITION)
+OrderOut = api_model("OrderOut", schema.API_ORDER)
 
 
 class OrdersOut(BaseModel):

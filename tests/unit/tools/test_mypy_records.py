@@ -1,5 +1,6 @@
 """tools/mypy_records.py: mypy sees engine.schema.record's classes as the NamedTuples they are
-at run time (their fields, types and defaults from the schema), not as Any."""
+at run time (their fields, types and defaults from the schema), not as Any, and
+cluster.http.api.api_model's as the pydantic models they are."""
 
 from __future__ import annotations
 
@@ -33,8 +34,24 @@ Odd = schema.record("Odd", schema.IDENTITY, __name__, "", zero_default=NAMES)
 '''
 
 
-def test_mypy_types_a_record_from_its_schema_group(tmp_path: Path) -> None:
-    (tmp_path / "snippet.py").write_text(SNIPPET)
+API_SNIPPET = '''\
+from pydantic import BaseModel
+from cluster.http.api import PositionOut, api_model
+from engine import schema
+
+class Page(BaseModel):
+    positions: list[PositionOut]
+
+Mine = api_model("Mine", schema.API_ORDER)
+reveal_type(Mine.model_fields)
+model: type[BaseModel] = Mine
+count: int = PositionOut
+'''
+
+
+def _mypy(tmp_path: Path, snippet: str) -> tuple[list[str], str, int]:
+    """mypy's messages about ``snippet`` (with this project's plugin), its stderr and status."""
+    (tmp_path / "snippet.py").write_text(snippet)
     (tmp_path / "mypy.ini").write_text(textwrap.dedent(f"""\
         [mypy]
         plugins = {ROOT / "tools" / "mypy_records.py"}
@@ -46,7 +63,12 @@ def test_mypy_types_a_record_from_its_schema_group(tmp_path: Path) -> None:
                                 str(tmp_path / "mypy.ini"), "--cache-dir",
                                 str(tmp_path / "cache"), "--no-error-summary"])
     prefix = f"{tmp_path / 'snippet.py'}:"
-    lines = [line.removeprefix(prefix) for line in out.splitlines() if line.startswith(prefix)]
+    return [line.removeprefix(prefix) for line in out.splitlines()
+            if line.startswith(prefix)], err, status
+
+
+def test_mypy_types_a_record_from_its_schema_group(tmp_path: Path) -> None:
+    lines, err, status = _mypy(tmp_path, SNIPPET)
     assert status == 1, err
     assert lines == [
         '9: error: Incompatible return value type (got "str", expected "int")  [return-value]',
@@ -61,4 +83,14 @@ def test_mypy_types_a_record_from_its_schema_group(tmp_path: Path) -> None:
         '15: error: "OpenPosition" has no attribute "no_such_field"  [attr-defined]',
         # options it cannot read from the source are refused, not guessed
         "19: error: schema.record's zero_default must be a tuple of field names  [misc]",
-    ], out
+    ], lines
+
+
+def test_mypy_takes_an_api_model_as_a_pydantic_model(tmp_path: Path) -> None:
+    lines, err, status = _mypy(tmp_path, API_SNIPPET)
+    assert status == 1, err
+    assert lines == [  # a model in an annotation is valid; a model is not an int
+        '9: note: Revealed type is "dict[str, pydantic.fields.FieldInfo]"',
+        '11: error: Incompatible types in assignment (expression has type '
+        '"type[PositionOut]", variable has type "int")  [assignment]',
+    ], lines
