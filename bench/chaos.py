@@ -401,10 +401,10 @@ class ChaosRun:
             before = page[-1]["positionId"]
 
     def _audit(self) -> tuple[list[AuditDifference], dict[str, Any]]:
-        from cluster.actors.launcher import service_for
+        from cluster.actors.deploy import service_from_names
 
         assert self.platform is not None
-        service = service_for(self.platform.settings, self.platform.namespace)
+        service = service_from_names(self.platform.settings, namespace=self.platform.namespace)
         problems, totals = asyncio.run(service.audit(attempts=10, retry_delay_s=0.5))
         return list(problems), dict(totals)
 

@@ -1,4 +1,5 @@
-"""Starting the platform's hosts on Ray: the ledger and one MachineHost per shard.
+"""Starting the platform's hosts on Ray (the ledger and one MachineHost per shard) and the
+ports and TradingService over them.
 
 Every host has ``max_restarts=-1``: Ray restarts a killed process and the host recovers its
 machine from ``DATA_DIR`` before it answers. ``max_task_retries=0``: a call that was running
@@ -11,15 +12,18 @@ first, with soft affinity (a node that is gone does not stop a restart elsewhere
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from cluster.actors.host import host_class, host_specs
 from cluster.actors.names import LEDGER
 from cluster.actors.port import Port, RayPort
 from cluster.config import Settings
+from cluster.live.market import MarketSource
 from cluster.trading.courier import Courier
+from cluster.trading.placement import shard_layout
 from cluster.trading.reconciler import Reconciler
+from cluster.trading.service import TradingService
 from engine.ledger_machine import AppliedSeq
 from engine.shard_machine import ResumeSeq
 
@@ -101,3 +105,25 @@ def reconcile_at_start(ledger: Any, shards: Mapping[str, Any]) -> dict[int, int]
                                 Courier(ledger_port, shard_ports)).at_start()
 
     return asyncio.run(run())
+
+
+def service_from_names(settings: Settings, *, namespace: str | None = None,
+                       call_timeout_s: float | None = 30.0,
+                       health_checks: Mapping[str, Callable[[], Awaitable[bool]]]
+                       | None = None,
+                       feed_stats: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+                       market: MarketSource | None = None,
+                       account_topic: tuple[str, str] | None = None,
+                       leading: Callable[[], bool] | None = None) -> TradingService:
+    """A TradingService over the platform's named hosts in ``namespace`` (``ray.get_actor``),
+    as an API replica, ``shardex audit`` and tests build it. Must run where Ray is
+    initialised."""
+    import ray
+
+    ledger = ray.get_actor(LEDGER, namespace=namespace)
+    shards = {spec.name: ray.get_actor(spec.name, namespace=namespace)
+              for spec in shard_layout(settings)}
+    ledger_port, shard_ports = ray_ports(ledger, shards, call_timeout_s)
+    return TradingService(ledger_port, shard_ports, settings, health_checks=health_checks,
+                          feed_stats=feed_stats, market=market, account_topic=account_topic,
+                          leading=leading)

@@ -870,13 +870,6 @@ def _connected(settings: Settings) -> Iterator[None]:
         ray.shutdown()
 
 
-def service_for(settings: Settings, namespace: str = NAMESPACE) -> Any:
-    """A TradingService over the running platform's named actors (for audit and tests)."""
-    from cluster.actors.ray_service import service_from_names
-
-    return service_from_names(settings, namespace=namespace)
-
-
 def _on_cluster(settings: Settings, command: str, unreachable: int,
                 report: Callable[[], int]) -> int:
     """``report()`` (its exit code) while connected to the running platform's Ray; when there
@@ -983,8 +976,11 @@ def audit(settings: Settings, as_json: bool, offline: bool) -> int:
 def _audit_live(settings: Settings, as_json: bool) -> int:
     import ray
 
+    from cluster.actors.deploy import service_from_names
+
     try:
-        problems, totals = asyncio.run(service_for(settings).audit())
+        problems, totals = asyncio.run(
+            service_from_names(settings, namespace=NAMESPACE).audit())
     except (ValueError, ray.exceptions.RayError) as exc:
         print(f"shardex audit: the platform does not answer: {exc}", file=sys.stderr)
         return 2

@@ -42,8 +42,8 @@ from typing import Any
 import ray
 from ray import serve
 
+from cluster.actors.deploy import service_from_names
 from cluster.actors.names import API_DEPLOYMENT, FEED, NAMESPACE, SERVE_APP
-from cluster.actors.ray_service import service_from_names
 from cluster.config import Settings
 from cluster.http import front_door
 from cluster.http.api import create_app

@@ -131,9 +131,9 @@ class RayHttpPlatform:
                 if spec.asset == asset]
 
     def _audit(self) -> tuple[list[AuditDifference], dict[str, Any]]:
-        from cluster.actors.launcher import service_for
+        from cluster.actors.deploy import service_from_names
 
-        service = service_for(self.settings, self.platform.namespace)
+        service = service_from_names(self.settings, namespace=self.platform.namespace)
         problems, totals = asyncio.run(service.audit())
         return list(problems), dict(totals)
 

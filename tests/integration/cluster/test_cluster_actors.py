@@ -17,13 +17,13 @@ import pytest
 import pytest_asyncio
 import ray
 from cluster.actors.deploy import ray_ports
+from cluster.actors.deploy import service_from_names
 from cluster.actors.deploy import start_hosts
 from cluster.actors.host import host_class
 from cluster.actors.host import host_specs
 from cluster.actors.port import Port
 from cluster.actors.port import RayPort
 from cluster.actors.port import Unavailable
-from cluster.actors.ray_service import service_from_names
 from cluster.config import Settings
 from cluster.trading.courier import Courier
 from cluster.trading.placement import shard_layout
