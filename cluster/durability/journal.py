@@ -216,8 +216,6 @@ def create_directory(directory: str | os.PathLike[str]) -> Path:
     return path
 
 
-_fsync_dir = fsync_directory
-
 
 class Journal:
     """A segmented append-only record log in ``path`` (a directory, created if missing).
@@ -312,10 +310,7 @@ class Journal:
         changed_dir = False
         for i, (base, p) in enumerate(segments):
             if base != next_seq:
-                for _, orphan in segments[i:]:
-                    self._set_aside(orphan, orphan.read_bytes())
-                    orphan.unlink()
-                    self.repair.orphaned_segments.append(orphan.name)
+                self._set_aside_segments(segments[i:])
                 changed_dir = True
                 break
             data = p.read_bytes()
@@ -333,11 +328,7 @@ class Journal:
                     f.truncate(good_end)
                     f.flush()
                     os.fsync(f.fileno())
-                for _, orphan in segments[i + 1 :]:
-                    self._set_aside(orphan, orphan.read_bytes())
-                    orphan.unlink()
-                    self.repair.orphaned_segments.append(orphan.name)
-                    changed_dir = True
+                self._set_aside_segments(segments[i + 1 :])
                 break
         self._durable_seq = next_seq - 1
         if not kept:
@@ -348,7 +339,14 @@ class Journal:
         self._fd = os.open(active, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._size = os.fstat(self._fd).st_size
         if changed_dir:
-            _fsync_dir(self.path)
+            fsync_directory(self.path)
+
+    def _set_aside_segments(self, segments: list[tuple[int, Path]]) -> None:
+        """Set whole segments aside (they no longer continue the chain) and delete them."""
+        for _, orphan in segments:
+            self._set_aside(orphan, orphan.read_bytes())
+            orphan.unlink()
+            self.repair.orphaned_segments.append(orphan.name)
 
     def _set_aside(self, segment: Path, data: bytes, offset: int = 0) -> None:
         aside = segment.with_name(f"{segment.name}.{offset}{CORRUPT_SUFFIX}")
@@ -445,17 +443,23 @@ class Journal:
         base = self._durable_seq + 1
         if self._segments[-1][0] == base and self._size == 0:
             return
+        fd = self._new_segment(base, "roll")
+        os.close(self._fd)
+        self._fd = fd
+
+    def _new_segment(self, base: int, what: str) -> int:
+        """Create the empty segment whose first record is ``base``, durable in the directory,
+        as the active one; its fd. A failure poisons the journal."""
         path = self.path / _segment_name(base)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)
-            _fsync_dir(self.path)
+            fsync_directory(self.path)
         except BaseException as exc:
             self._failed = exc
-            raise JournalError(f"journal roll failed: {exc}") from exc
-        os.close(self._fd)
-        self._fd = fd
+            raise JournalError(f"journal {what} failed: {exc}") from exc
         self._size = 0
         self._segments.append((base, path))
+        return fd
 
     def truncate_before(self, seq: int) -> int:
         """Delete stored records with a seq below ``seq`` that whole segments allow; return count.
@@ -475,7 +479,7 @@ class Journal:
             p.unlink(missing_ok=True)
             removed += 1
         if removed:
-            _fsync_dir(self.path)
+            fsync_directory(self.path)
         return removed
 
     def advance_to(self, seq: int) -> None:
@@ -499,15 +503,7 @@ class Journal:
         for _, p in self._segments:
             p.unlink(missing_ok=True)
         self._segments = []
-        path = self.path / _segment_name(seq + 1)
-        try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)
-            _fsync_dir(self.path)
-        except BaseException as exc:
-            self._failed = exc
-            raise JournalError(f"journal advance failed: {exc}") from exc
-        self._segments.append((seq + 1, path))
-        self._size = 0
+        self._fd = self._new_segment(seq + 1, "advance")
         self._durable_seq = seq
         self._last_seq = seq
 

@@ -24,8 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from cluster.durability.journal import create_directory
-from cluster.durability.journal import fsync_directory as _fsync_dir
+from cluster.durability.journal import create_directory, fsync_directory
 
 SNAPSHOT_FORMAT = 1
 SNAPSHOT_SUFFIX = ".npz"
@@ -128,7 +127,7 @@ def write_snapshot(directory: str | os.PathLike[str], seq: int,
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_dir(directory)
+    fsync_directory(directory)
     return final
 
 
@@ -205,5 +204,5 @@ def prune_snapshots(directory: str | os.PathLike[str], keep: int = DEFAULT_KEEP)
                 path.unlink(missing_ok=True)
                 removed.append(path)
     if removed:
-        _fsync_dir(directory)
+        fsync_directory(directory)
     return removed
