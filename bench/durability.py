@@ -27,6 +27,11 @@
    ``--ledger-opens`` times, each time in a new process (as a restarted ledger host);
    reported: each opening's rebuild (newest snapshot + journal tail), the median first. No
    Ray: how long Ray takes to restart a process is the shard's figure above.
+5. One journal commit (``--commits 0`` skips it): a journal in a temporary directory commits
+   one 300-byte record at a time (write + fdatasync), ``--commits`` times, zeroed ahead as the
+   hosts run it and appending (``zeroed_ahead_bytes=0``: every flush also commits the file's
+   new size), in alternating rounds; reported per commit: the median round's time and the
+   machine's busy CPU time (all cores, the kernel's flush work included: /proc/stat).
 
 Prints a table, then one JSON line last.
 """
@@ -62,7 +67,14 @@ def _free_port() -> int:
 
 
 def _journal_bytes(data_dir: Path) -> int:
-    return sum(p.stat().st_size for p in data_dir.glob("*/journal/*.wal"))
+    """Bytes of the records of every journal under ``data_dir`` (not the zeros after them)."""
+    from cluster.durability.journal import Journal
+
+    total = 0
+    for path in data_dir.glob("*/journal"):
+        with Journal(path, readonly=True) as journal:
+            total += journal.disk_bytes()
+    return total
 
 
 # ---------------------------------------------------------------------- 1 + 2: the API
@@ -96,6 +108,39 @@ def api_phase(durable: bool, bootstrap: str, concurrency: int,
     return {"ops_per_s": result.ops_per_s, "p50_ms": result.percentile_ms(50),
             "p99_ms": result.percentile_ms(99), "errors": result.errors, "ops_total": ops,
             "journal_bytes": journal}
+
+
+# ---------------------------------------------------------------------- 5: one commit
+def _busy_cpu_s() -> float:
+    """CPU time this machine spent busy so far (every core; not idle, not waiting on I/O)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def commit_phase(commits: int, rounds: int = 5, record_bytes: int = 300) -> dict[str, Any]:
+    """Per commit of one ``record_bytes`` record, zeroed ahead and appending: ``{"zeroed":
+    (wall_us, busy_cpu_us), "appending": (...)}``, each mode's median round by wall time."""
+    from cluster.durability.journal import ZEROED_AHEAD_BYTES, Journal
+
+    payload = os.urandom(record_bytes)
+    by_mode: dict[str, list[tuple[float, float]]] = {"zeroed": [], "appending": []}
+    for n in range(rounds):
+        order = ["zeroed", "appending"] if n % 2 == 0 else ["appending", "zeroed"]
+        for mode in order:
+            directory = tempfile.mkdtemp(prefix="shardex-bench-commit-")
+            try:
+                with Journal(directory, zeroed_ahead_bytes=(
+                        ZEROED_AHEAD_BYTES if mode == "zeroed" else 0)) as journal:
+                    cpu, started = _busy_cpu_s(), time.perf_counter()
+                    for _ in range(commits):
+                        journal.append(payload)
+                        journal.commit()
+                    wall_s, cpu_s = time.perf_counter() - started, _busy_cpu_s() - cpu
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
+            by_mode[mode].append((wall_s / commits * 1e6, cpu_s / commits * 1e6))
+    return {mode: sorted(runs)[(len(runs) - 1) // 2] for mode, runs in by_mode.items()}
 
 
 # ---------------------------------------------------------------------- 3: recovery
@@ -332,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="closes in that ledger's history (0 skips the ledger figure)")
     parser.add_argument("--ledger-opens", type=int, default=3,
                         help="rebuilds of that ledger timed (the median is reported)")
+    parser.add_argument("--commits", type=int, default=3_000,
+                        help="journal commits timed per round of each mode (0 skips it)")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -353,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     recovery = recovery_phase(args.positions, args.kills) if args.positions else None
     ledger = ledger_phase(max(1, args.ledger_accounts), args.ledger_closes,
                           max(1, args.ledger_opens)) if args.ledger_closes else None
+    commit = commit_phase(args.commits) if args.commits > 0 else None
     memory, durable = (_median_round([r[mode] for r in rounds]) for mode in (False, True))
 
     ratio = durable["ops_per_s"] / memory["ops_per_s"] if memory["ops_per_s"] else 0.0
@@ -406,6 +454,18 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{s:.2f}" for s in ledger["rebuilds_s"]) + " s)")
         out.update({"ledger_accounts": ledger["accounts"], "ledger_closes": ledger["closes"],
                     "ledger_rebuild_s": round(ledger["rebuild_s"], 3)})
+    if commit is not None:
+        (zeroed_us, zeroed_cpu_us), (append_us, append_cpu_us) = (
+            commit["zeroed"], commit["appending"])
+        print(f"journal commit of one 300-byte record (write + fdatasync, median of 5 rounds of "
+              f"{args.commits:,}): zeroed ahead {zeroed_us:.0f} us, {zeroed_cpu_us:.0f} us of "
+              f"busy CPU; appending {append_us:.0f} us, {append_cpu_us:.0f} us of busy CPU "
+              f"(zeroed / appending: time {zeroed_us / append_us:.2f}, "
+              f"CPU {zeroed_cpu_us / max(append_cpu_us, 1e-9):.2f})")
+        out.update({"commit_us_zeroed": round(zeroed_us, 1),
+                    "commit_us_appending": round(append_us, 1),
+                    "commit_cpu_us_zeroed": round(zeroed_cpu_us, 1),
+                    "commit_cpu_us_appending": round(append_cpu_us, 1)})
     print(json.dumps(out))
     return 0 if recovery is None or recovery["recovered_positions"] == recovery["positions"] \
         else 1

@@ -14,6 +14,14 @@ Durability model: :meth:`Journal.append` only buffers a record in memory and ret
 one ``fdatasync`` (group commit: a batch of requests costs one disk flush). A caller
 acknowledges a request only after the commit that covers its records has returned.
 
+Zeroed ahead: the active segment is extended with zeros :data:`ZEROED_AHEAD_BYTES` at a time,
+and records overwrite them. A flush of an append that grows a file must also commit the file
+system's metadata (its size, its new blocks); an overwrite of written blocks flushes only the
+data, which takes less time and less CPU (the README has the figures). So the active segment
+ends in zeros after its last record: a clean end, which a reader stops at as it does at the end
+of a file (no record has an all-zero header: seqs start at 1). A segment rolled over, or the
+active one when the journal closes, is cut to its records.
+
 Crash model: a process killed at any instant leaves at most one torn (partially written) tail.
 Opening the journal for writing scans it, keeps every record up to the first one that is
 incomplete, fails its checksum or breaks the seq chain, and truncates the segment there, so a
@@ -32,6 +40,7 @@ journal and a writer is refused while it reads.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import struct
@@ -51,6 +60,10 @@ _SEQ = struct.Struct("<Q")
 # not make the scanner trust gigabytes of whatever follows).
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+ZEROED_AHEAD_BYTES = 1024 * 1024
+"""How far past its last record the active segment is zeroed, when a commit reaches the zeros'
+end (at most up to ``segment_bytes``)."""
+_ZEROS = memoryview(bytes(ZEROED_AHEAD_BYTES))
 
 _crc32 = zlib.crc32
 _pack_header = HEADER.pack
@@ -137,26 +150,39 @@ def _records(view: memoryview, expected_seq: int, end_seq: int | None = None
         pos = end
 
 
-def _scan(data: bytes | memoryview, expected_seq: int) -> tuple[int, int, bool]:
+def _zeros(data: bytes, start: int) -> bool:
+    """Whether every byte of ``data`` from ``start`` on is zero."""
+    return start >= len(data) or data.count(0, start) == len(data) - start
+
+
+def _scan(data: bytes, expected_seq: int) -> tuple[int, int, str]:
     """Walk the valid prefix of one segment's bytes.
 
-    Returns ``(good_end, next_seq, torn)``: the byte offset just past the last valid record, the
-    seq the next record must carry, and whether the first invalid record was merely incomplete
-    (a torn tail) rather than complete-but-wrong (corruption). ``good_end == len(data)`` when
-    the whole segment is valid.
+    Returns ``(good_end, next_seq, tail)``: the byte offset just past the last valid record,
+    the seq the next record must carry, and what follows it: ``"end"`` (nothing, or only the
+    zeros of a segment zeroed ahead), ``"torn"`` (a record merely incomplete: its header or the
+    payload it announces is cut off, or it ends in the zeros it was written over) or
+    ``"corrupt"`` (a record complete but wrong, and whatever follows).
     """
     view = memoryview(data)
     good_end = 0
     for seq, _, end in _records(view, expected_seq):
         good_end, expected_seq = end, seq + 1
     rest = len(view) - good_end
-    if rest == 0:
-        return good_end, expected_seq, False
-    # torn: the header, or the payload it announces (if its length is plausible), is cut off
+    if _zeros(data, good_end):
+        return good_end, expected_seq, "end"
     length = HEADER.unpack_from(view, good_end)[0] if rest >= HEADER_BYTES else 0
-    torn = rest < HEADER_BYTES or (length <= MAX_RECORD_BYTES
-                                   and HEADER_BYTES + length > rest)
-    return good_end, expected_seq, torn
+    torn = rest < HEADER_BYTES or (length <= MAX_RECORD_BYTES and (
+        HEADER_BYTES + length > rest or _zeros(data, good_end + HEADER_BYTES + length)))
+    return good_end, expected_seq, "torn" if torn else "corrupt"
+
+
+def _write_at(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """All of ``data`` into file ``fd`` at ``offset``."""
+    view = memoryview(data)
+    written = 0
+    while written < len(view):
+        written += os.pwrite(fd, view[written:], offset + written)
 
 
 def lock_holders(path: str | os.PathLike[str]) -> list[str]:
@@ -222,19 +248,25 @@ class Journal:
 
     ``fsync=False`` skips the disk flush in :meth:`commit` (tests and benchmarks only: such a
     journal survives a process kill but not a power loss). ``segment_bytes`` is the size after
-    which a commit starts a new segment. ``readonly=True`` opens without the lock, never
-    repairs or writes, and replays only the valid prefix; with ``lock_shared=True`` as well, it
-    holds the lock shared while open (:class:`JournalLockedError` while a writer holds it; a
-    missing ``LOCK`` file, which no writer ever made, is not created).
+    which a commit starts a new segment; ``zeroed_ahead_bytes``: how far past its records the
+    active segment is zeroed (0: every commit appends, as a benchmark compares).
+    ``readonly=True`` opens without the lock, never repairs or writes, and replays only the
+    valid prefix; with ``lock_shared=True`` as well, it holds the lock shared while open
+    (:class:`JournalLockedError` while a writer holds it; a missing ``LOCK`` file, which no
+    writer ever made, is not created).
     """
 
     def __init__(self, path: str | os.PathLike[str], fsync: bool = True, *,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, readonly: bool = False,
-                 lock_shared: bool = False) -> None:
+                 lock_shared: bool = False,
+                 zeroed_ahead_bytes: int = ZEROED_AHEAD_BYTES) -> None:
         if lock_shared and not readonly:
             raise ValueError("lock_shared is for a read-only journal (a writer locks it alone)")
         if segment_bytes < HEADER_BYTES:
             raise ValueError("segment_bytes is too small")
+        if zeroed_ahead_bytes < 0:
+            raise ValueError("zeroed_ahead_bytes must not be negative")
+        self.zeroed_ahead_bytes = zeroed_ahead_bytes
         self.path = Path(path)
         self.fsync = fsync
         self.segment_bytes = segment_bytes
@@ -245,7 +277,8 @@ class Journal:
         self._closed = False
         self._lock_fd = -1
         self._fd = -1
-        self._size = 0
+        self._size = 0  # bytes of records in the active segment: where the next one goes
+        self._zeroed = 0  # bytes of the active segment's file (records, then zeros)
         # (first_seq, path) of every segment, oldest first; the last one is the active segment.
         self._segments: list[tuple[int, Path]] = []
         if readonly:
@@ -296,9 +329,10 @@ class Journal:
             if base != next_seq:
                 break
             data = p.read_bytes()
-            good_end, next_seq, _ = _scan(data, base)
+            good_end, next_seq, tail = _scan(data, base)
             kept.append((base, p))
-            if good_end != len(data):
+            self._size = good_end
+            if tail != "end":
                 break
         self._segments = kept
         self._durable_seq = next_seq - 1
@@ -314,10 +348,13 @@ class Journal:
                 changed_dir = True
                 break
             data = p.read_bytes()
-            good_end, next_seq, torn = _scan(data, base)
+            good_end, next_seq, tail = _scan(data, base)
             kept.append((base, p))
-            if good_end != len(data):
-                if torn:
+            self._size, self._zeroed = good_end, len(data)
+            if tail == "end" and good_end < len(data) and i + 1 < len(segments):
+                os.truncate(p, good_end)  # rolled over, but its zeros' cut was lost in a crash
+            if tail != "end":
+                if tail == "torn":
                     self.repair.torn_bytes += len(data) - good_end
                 else:
                     self.repair.corrupt_bytes += len(data) - good_end
@@ -328,16 +365,16 @@ class Journal:
                     f.truncate(good_end)
                     f.flush()
                     os.fsync(f.fileno())
+                self._zeroed = good_end
                 self._set_aside_segments(segments[i + 1 :])
                 break
         self._durable_seq = next_seq - 1
         if not kept:
             kept.append((next_seq, self.path / _segment_name(next_seq)))
+            self._size = self._zeroed = 0
             changed_dir = True
         self._segments = kept
-        active = kept[-1][1]
-        self._fd = os.open(active, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._size = os.fstat(self._fd).st_size
+        self._fd = os.open(kept[-1][1], os.O_WRONLY | os.O_CREAT, 0o644)
         if changed_dir:
             fsync_directory(self.path)
 
@@ -382,8 +419,9 @@ class Journal:
         return [p for _, p in self._segments]
 
     def disk_bytes(self) -> int:
-        """Bytes the stored segments take (the durable log, without pending records)."""
-        return sum(p.stat().st_size for _, p in self._segments if p.exists())
+        """Bytes of the stored records (the durable log, without pending records or the
+        active segment's zeros)."""
+        return sum(p.stat().st_size for _, p in self._segments[:-1] if p.exists()) + self._size
 
     def _check_writable(self) -> None:
         if self._closed:
@@ -421,17 +459,20 @@ class Journal:
             return self._durable_seq
         data = self._buf
         self._buf = bytearray()
+        end = self._size + len(data)
         try:
-            view = memoryview(data)
-            written = 0
-            while written < len(view):
-                written += os.write(self._fd, view[written:])
+            _write_at(self._fd, data, self._size)
+            if end > self._zeroed:  # the records reached the zeros' end: zero further ahead
+                zeroed = max(end, min(end + self.zeroed_ahead_bytes, self.segment_bytes))
+                for at in range(end, zeroed, len(_ZEROS)):
+                    _write_at(self._fd, _ZEROS[:zeroed - at], at)
+                self._zeroed = zeroed
             if self.fsync:
                 _fdatasync(self._fd)
         except BaseException as exc:
             self._failed = exc
             raise JournalError(f"journal commit failed: {exc}") from exc
-        self._size += len(data)
+        self._size = end
         self._durable_seq = self._last_seq
         if self._size >= self.segment_bytes:
             self._roll()
@@ -443,6 +484,11 @@ class Journal:
         base = self._durable_seq + 1
         if self._segments[-1][0] == base and self._size == 0:
             return
+        try:
+            os.ftruncate(self._fd, self._size)  # its zeros: a reader stops at its end
+        except OSError as exc:
+            self._failed = exc
+            raise JournalError(f"journal roll failed: {exc}") from exc
         fd = self._new_segment(base, "roll")
         os.close(self._fd)
         self._fd = fd
@@ -452,12 +498,12 @@ class Journal:
         as the active one; its fd. A failure poisons the journal."""
         path = self.path / _segment_name(base)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             fsync_directory(self.path)
         except BaseException as exc:
             self._failed = exc
             raise JournalError(f"journal {what} failed: {exc}") from exc
-        self._size = 0
+        self._size = self._zeroed = 0
         self._segments.append((base, path))
         return fd
 
@@ -542,10 +588,14 @@ class Journal:
     # -- lifetime --------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release the file and the lock. Pending records are dropped (never acknowledged)."""
+        """Release the file and the lock. Pending records are dropped (never acknowledged);
+        the active segment is cut to its records (its zeros are for appends to come)."""
         self._buf = bytearray()
         self._last_seq = getattr(self, "_durable_seq", 0)
         if self._fd >= 0:
+            if self._failed is None and self._zeroed > self._size:
+                with contextlib.suppress(OSError):  # zeros left are a clean end all the same
+                    os.ftruncate(self._fd, self._size)
             os.close(self._fd)
             self._fd = -1
         if self._lock_fd >= 0:

@@ -169,8 +169,9 @@ def segment(path: Path) -> Path:
 def check_every_cut(path: Path, runner: Runner[Any], commands: Sequence[Any],
                     reopen: Callable[[Path], Runner[Any]]) -> list[Any]:
     """Execute ``commands`` as one batch; a copy of ``path`` whose journal ends at any byte of
-    the batch's record recovers to the state before the batch (what the directory held: the
-    live state, but for uncommitted volatile events) or, cut at its end, to the live state
+    the batch's record (the file cut there, or the rest of the record still the zeros it was
+    written over) recovers to the state before the batch (what the directory held: the live
+    state, but for uncommitted volatile events) or, ending after the record, to the live state
     after it. Returns the batch's answers."""
     assert runner.store is not None
     scratch = Path(tempfile.mkdtemp(prefix="torn-"))
@@ -182,28 +183,31 @@ def check_every_cut(path: Path, runner: Runner[Any], commands: Sequence[Any],
         crash(held)
         if runner.store.pending == 0:
             assert before == runner.machine.fingerprint()
-        start = segment(path).stat().st_size
+        start = runner.store.disk_bytes()  # where the records end (the zeros after them)
         answers = runner.execute(commands)
         after = runner.machine.fingerprint()
+        end = runner.store.disk_bytes()
         data = segment(path).read_bytes()
-        end = len(data)
         assert end > start, "the batch journaled nothing"
+        assert data[end:] == bytes(len(data) - end), "the segment does not end in zeros"
         copy = scratch / "cut"
         shutil.copytree(path, copy)
         journal = copy / JOURNAL_DIR
         files = set(os.listdir(journal))
         torn = segment(copy)
         for cut in range(start, end + 1):
-            for name in set(os.listdir(journal)) - files:  # set aside by the last repair
-                os.unlink(journal / name)
-            torn.write_bytes(data[:cut])
-            again = reopen(copy)
-            try:
-                assert again.machine.fingerprint() == (after if cut == end else before), \
-                    f"cut at byte {cut} of {start}..{end}"
-                assert again.machine.check() == []
-            finally:
-                crash(again)
+            for kept in (data[:cut], data[:cut] + bytes(len(data) - cut)):
+                for name in set(os.listdir(journal)) - files:  # set aside by the last repair
+                    os.unlink(journal / name)
+                torn.write_bytes(kept)
+                again = reopen(copy)
+                try:
+                    whole = kept[:end] == data[:end]  # the record's last bytes may be zeros
+                    assert again.machine.fingerprint() == (after if whole else before), \
+                        f"cut at byte {cut} of {start}..{end} ({len(kept)} bytes kept)"
+                    assert again.machine.check() == []
+                finally:
+                    crash(again)
         return answers
     finally:
         shutil.rmtree(scratch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,10 +121,14 @@ def test_torn_last_record_at_every_byte_offset(tmp_path: Path, last_size: int) -
         case = tmp_path / f"cut{cut}"
         case.mkdir()
         (case / name).write_bytes(data[: len(data) - last_len + cut])
+        kept = data[len(data) - last_len : len(data) - last_len + cut]
         with Journal(case, fsync=False) as j:
-            assert j.repair.torn_bytes == cut and j.repair.corrupt_bytes == 0
-            (aside,) = case.glob("*.corrupt")  # what was cut is kept, not destroyed
-            assert aside.read_bytes() == data[len(data) - last_len : len(data) - last_len + cut]
+            if kept == bytes(cut):  # zeros after the last record: the end of a zeroed segment
+                assert j.repair.clean and not list(case.glob("*.corrupt"))
+            else:
+                assert j.repair.torn_bytes == cut and j.repair.corrupt_bytes == 0
+                (aside,) = case.glob("*.corrupt")  # what was cut is kept, not destroyed
+                assert aside.read_bytes() == kept
             assert list(j.replay()) == list(enumerate(items[:-1], start=1))
             assert j.append(b"after") == len(items)
             j.commit()
@@ -256,6 +261,85 @@ def test_corruption_in_an_old_segment_sets_later_segments_aside(tmp_path: Path) 
         assert j.append(b"x") == kept + 1
         j.commit()
     assert len(list(path.glob("*.corrupt"))) == len(segments)  # the cut bytes + every orphan
+
+
+def test_the_active_segment_is_zeroed_ahead_and_a_crash_leaves_a_clean_end(
+        tmp_path: Path, syncs: list[int]) -> None:
+    path, crashed = tmp_path / "j", tmp_path / "crashed"
+    ahead = journal_module.ZEROED_AHEAD_BYTES
+    items = payloads(40)
+    with Journal(path) as j:
+        j.append(items[0])
+        j.commit()
+        segment = only_segment(path)
+        records = HEADER_BYTES + len(items[0])
+        # the first commit zeroes ahead: later ones overwrite zeros, never grow the file
+        assert segment.stat().st_size == records + ahead
+        assert segment.read_bytes() == frame(1, items[0]) + bytes(ahead)
+        for p in items[1:]:
+            assert j.append(p) == j.durable_seq + 1
+            j.commit()
+            records += HEADER_BYTES + len(p)
+        assert segment.stat().st_size == HEADER_BYTES + len(items[0]) + ahead
+        assert (j.disk_bytes(), len(syncs)) == (records, len(items))  # one flush per commit
+        data = segment.read_bytes()
+        assert data[records:] == bytes(len(data) - records)
+        shutil.copytree(path, crashed)  # what a kill -9 leaves: the zeros after the records
+    assert segment.stat().st_size == records  # a journal that closes is cut to its records
+
+    reader = Journal(crashed, readonly=True)
+    assert (reader.durable_seq, reader.disk_bytes()) == (len(items), records)
+    assert list(reader.replay()) == list(enumerate(items, start=1))
+    reader.close()
+    with Journal(crashed) as j:
+        assert j.repair.clean and not list(crashed.glob("*.corrupt"))
+        assert list(j.replay()) == list(enumerate(items, start=1))
+        assert j.append(b"after") == len(items) + 1
+        j.commit()
+        assert only_segment(crashed).stat().st_size == len(data)  # written over the zeros
+        shutil.copytree(crashed, tmp_path / "again")
+    assert replayed(tmp_path / "again") == [*enumerate(items, start=1), (41, b"after")]
+
+
+@pytest.mark.parametrize("ahead", [0, 100, 3 * 1024 * 1024 + 5])
+def test_how_far_a_segment_is_zeroed_ahead(tmp_path: Path, ahead: int) -> None:
+    items = payloads(30)
+    with Journal(tmp_path / "j", fsync=False, zeroed_ahead_bytes=ahead) as j:
+        records = 0
+        for p in items:
+            j.append(p)
+            j.commit()
+            records += HEADER_BYTES + len(p)
+            data = only_segment(tmp_path / "j").read_bytes()
+            assert records <= len(data) <= records + ahead  # 0: each commit appends
+            assert data[records:] == bytes(len(data) - records)
+        if ahead > len(journal_module._ZEROS):  # written in chunks, all of it
+            assert len(data) == HEADER_BYTES + len(items[0]) + ahead
+        assert list(j.replay()) == list(enumerate(items, start=1))
+    with pytest.raises(ValueError, match="zeroed_ahead_bytes"):
+        Journal(tmp_path / "k", zeroed_ahead_bytes=-1)
+
+
+def test_a_rolled_segment_is_cut_to_its_records(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    with Journal(path, fsync=False, segment_bytes=4096) as j:
+        for i in range(300):
+            j.append(b"%03d" % i * 10)
+            j.commit()
+        first, *_, active = j.segments
+        # zeroed no further than the segment's size; a rolled one holds its records only
+        assert active.stat().st_size <= 4096
+        assert first.read_bytes().rstrip(b"\0") == first.read_bytes()
+        assert list(j.replay()) == [(i + 1, b"%03d" % i * 10) for i in range(300)]
+        assert j.disk_bytes() == 300 * (HEADER_BYTES + 30)
+        # a crash between the roll and the cut: an older segment that ends in zeros
+        size = first.stat().st_size
+        first.write_bytes(first.read_bytes() + bytes(1000))
+        shutil.copytree(path, tmp_path / "crashed")
+    with Journal(tmp_path / "crashed", fsync=False) as j:
+        assert j.repair.clean
+        assert list(j.replay()) == [(i + 1, b"%03d" % i * 10) for i in range(300)]
+        assert (tmp_path / "crashed" / first.name).stat().st_size == size  # cut on opening
 
 
 def test_advance_to_skips_seqs_a_snapshot_covers(tmp_path: Path) -> None:
