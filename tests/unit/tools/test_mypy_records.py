@@ -7,6 +7,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import pytest
 from mypy import api
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -49,9 +50,11 @@ count: int = PositionOut
 '''
 
 
-def _mypy(tmp_path: Path, snippet: str) -> tuple[list[str], str, int]:
-    """mypy's messages about ``snippet`` (with this project's plugin), its stderr and status."""
-    (tmp_path / "snippet.py").write_text(snippet)
+@pytest.fixture(scope="module")
+def messages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[list[str], int]]:
+    """mypy's messages about each snippet (with this project's plugin) and the exit status of
+    its run: one run over both, as analysing what they import takes most of its time."""
+    tmp_path = tmp_path_factory.mktemp("mypy")
     (tmp_path / "mypy.ini").write_text(textwrap.dedent(f"""\
         [mypy]
         plugins = {ROOT / "tools" / "mypy_records.py"}
@@ -59,17 +62,22 @@ def _mypy(tmp_path: Path, snippet: str) -> tuple[list[str], str, int]:
         ignore_missing_imports = true
         follow_imports = silent
         """))
-    out, err, status = api.run([str(tmp_path / "snippet.py"), "--config-file",
-                                str(tmp_path / "mypy.ini"), "--cache-dir",
+    snippets = {"records": SNIPPET, "models": API_SNIPPET}
+    for name, snippet in snippets.items():
+        (tmp_path / f"{name}.py").write_text(snippet)
+    out, err, status = api.run([*(str(tmp_path / f"{name}.py") for name in snippets),
+                                "--config-file", str(tmp_path / "mypy.ini"), "--cache-dir",
                                 str(tmp_path / "cache"), "--no-error-summary"])
-    prefix = f"{tmp_path / 'snippet.py'}:"
-    return [line.removeprefix(prefix) for line in out.splitlines()
-            if line.startswith(prefix)], err, status
+    assert err == "", err
+    return {name: ([line.removeprefix(f"{tmp_path / name}.py:") for line in out.splitlines()
+                    if line.startswith(f"{tmp_path / name}.py:")], status)
+            for name in snippets}
 
 
-def test_mypy_types_a_record_from_its_schema_group(tmp_path: Path) -> None:
-    lines, err, status = _mypy(tmp_path, SNIPPET)
-    assert status == 1, err
+def test_mypy_types_a_record_from_its_schema_group(
+        messages: dict[str, tuple[list[str], int]]) -> None:
+    lines, status = messages["records"]
+    assert status == 1
     assert lines == [
         '9: error: Incompatible return value type (got "str", expected "int")  [return-value]',
         '12: note: Revealed type is "int | None"',
@@ -86,9 +94,10 @@ def test_mypy_types_a_record_from_its_schema_group(tmp_path: Path) -> None:
     ], lines
 
 
-def test_mypy_takes_an_api_model_as_a_pydantic_model(tmp_path: Path) -> None:
-    lines, err, status = _mypy(tmp_path, API_SNIPPET)
-    assert status == 1, err
+def test_mypy_takes_an_api_model_as_a_pydantic_model(
+        messages: dict[str, tuple[list[str], int]]) -> None:
+    lines, status = messages["models"]
+    assert status == 1
     assert lines == [  # a model in an annotation is valid; a model is not an int
         '9: note: Revealed type is "dict[str, pydantic.fields.FieldInfo]"',
         '11: error: Incompatible types in assignment (expression has type '
