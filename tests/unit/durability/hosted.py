@@ -196,7 +196,9 @@ def check_every_cut(path: Path, runner: Runner[Any], commands: Sequence[Any],
         files = set(os.listdir(journal))
         torn = segment(copy)
         for cut in range(start, end + 1):
-            for kept in (data[:cut], data[:cut] + bytes(len(data) - cut)):
+            # the file cut there, or the record's rest still zeros (4 KiB of them stand for
+            # the segment's zeros: a reader reads all, the same whatever their length)
+            for kept in (data[:cut], data[:cut] + bytes(end + 4096 - cut)):
                 for name in set(os.listdir(journal)) - files:  # set aside by the last repair
                     os.unlink(journal / name)
                 torn.write_bytes(kept)
