@@ -465,8 +465,6 @@ _FORMATS: dict[str, Callable[[int, Asset], str]] = {
     "time": lambda v, a: iso_us(v)}
 _OPEN_JSON = schema.json_renderer(OpenPosition, schema.API_POSITION, _FORMATS)
 _CLOSED_JSON = schema.json_renderer(ClosedPosition, schema.API_CLOSED_POSITION, _FORMATS)
-
-
 _ORDER_JSON = schema.json_renderer(EndedOrder, schema.API_ORDER, _FORMATS)
 
 
@@ -474,8 +472,7 @@ def order_json(order: PendingOrder | EndedOrder, asset: Asset) -> dict[str, Any]
     """A SPEC ``Order`` as JSON-ready values (an open order: status ``open``)."""
     if isinstance(order, PendingOrder):
         order = EndedOrder(*order, int(OrderStatus.OPEN), 0, order.placed_ts_us, "")
-    result: dict[str, Any] = _ORDER_JSON(order, asset)
-    return result
+    return _ORDER_JSON(order, asset)
 
 
 _LAST_US = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
@@ -509,9 +506,7 @@ def expires_us(text: str | None) -> int:
 def position_json(p: OpenPosition | ClosedPosition, asset: Asset) -> dict[str, Any]:
     """A SPEC ``Position`` (or ``ClosedPosition``) as JSON-ready values (engine.schema's API
     view of the position)."""
-    render = _CLOSED_JSON if isinstance(p, ClosedPosition) else _OPEN_JSON
-    result: dict[str, Any] = render(p, asset)
-    return result
+    return (_CLOSED_JSON if isinstance(p, ClosedPosition) else _OPEN_JSON)(p, asset)
 
 
 def _json(content: Any, status_code: int = 200) -> Response:
@@ -587,13 +582,12 @@ class _HttpCounter:
         method = scope["method"]
         if method == "HEAD":
             scope = {**scope, "method": "GET"}
-        routed = scope
 
         async def counting_send(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 # the route's template ("/api/v1/orders/{order_id}"), set by the router as
                 # it matched: one label per route, whatever the path's parameters
-                path = getattr(routed.get("route"), "path", routed["path"])
+                path = getattr(scope.get("route"), "path", scope["path"])
                 key = (method, path if path in self.routes else "other",
                        int(message["status"]))
                 self.counts[key] = self.counts.get(key, 0) + 1
@@ -833,7 +827,7 @@ def create_app(service: TradingService) -> FastAPI:
         asset = tradable(body.asset)
         order = OpenOrder(
             asset=asset.name,
-            side=Side.LONG if body.type == "long" else Side.SHORT,
+            side=Side.parse(body.type),
             margin_micros=money_micros(body.margin, "margin"),
             leverage=body.leverage,
             tp_ticks=price_ticks(asset, body.takeProfit, "takeProfit"),
@@ -906,12 +900,9 @@ def create_app(service: TradingService) -> FastAPI:
             after = PositionsCursor(int(opened_ts_us), int(position_id))
         else:  # a positionId: where an open position is
             after = _cursor_id("cursor", cursor)
-        result = await service.positions(who, limit, after)
-        if isinstance(result, Rejected):
-            return rejected_response(result)
-        page, end = result
-        return _json({"positions": positions_json(page), "next": None if end is None
-                      else f"{end.opened_ts_us}-{end.position_id}"})
+        return answer(await service.positions(who, limit, after), lambda page: {
+            "positions": positions_json(page[0]),
+            "next": None if page[1] is None else f"{page[1].opened_ts_us}-{page[1].position_id}"})
 
     @app.get("/api/v1/positions/history", tags=["positions"], operation_id="positionHistory",
              responses={200: {"model": HistoryOut}, **_errors(*_AUTH_ERRORS, 422, 503)})
@@ -936,8 +927,8 @@ def create_app(service: TradingService) -> FastAPI:
         asset = tradable(body.asset)
         order = PlaceOrder(
             asset=asset.name,
-            side=Side.LONG if body.type == "long" else Side.SHORT,
-            kind=OrderKind.LIMIT if body.orderType == "limit" else OrderKind.STOP,
+            side=Side.parse(body.type),
+            kind=OrderKind.parse(body.orderType),
             trigger_ticks=price_ticks(asset, body.triggerPrice, "triggerPrice") or 0,
             margin_micros=money_micros(body.margin, "margin"),
             leverage=body.leverage,

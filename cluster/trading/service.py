@@ -176,9 +176,7 @@ class TradingService:
 
     async def _positions_of(self, shard_name: str, owners: list[int]
                             ) -> list[list[OpenPosition]]:
-        result: list[list[OpenPosition]] = await self.shards[shard_name].call(
-            PositionsOf(tuple(owners)))
-        return result
+        return await self.shards[shard_name].call(PositionsOf(tuple(owners)))
 
     def _request_id(self) -> int:
         return self._request_prefix | next(self._request_counter)
@@ -197,10 +195,6 @@ class TradingService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-    async def _shielded(self, work: Coroutine[Any, Any, T]) -> T:
-        """Run ``work`` to its end even if the caller is cancelled (a client went away)."""
-        return await asyncio.shield(self._start(work))
 
     # ----------------------------------------------------------------- accounts and auth
     async def create_account(self) -> NewAccount:
@@ -288,9 +282,7 @@ class TradingService:
 
     async def history(self, who: Principal, limit: int = 50,
                       before: int | None = None) -> list[ClosedPosition] | Rejected:
-        result: list[ClosedPosition] | Rejected = await self.ledger.call(
-            History(who.user, limit, before))
-        return result
+        return await self.ledger.call(History(who.user, limit, before))
 
     async def orders(self, who: Principal) -> list[PendingOrder]:
         """``who``'s open orders over every shard, oldest first (Unavailable if a shard does
@@ -302,25 +294,19 @@ class TradingService:
 
     async def order_history(self, who: Principal, limit: int = 50,
                             before: int | None = None) -> list[EndedOrder] | Rejected:
-        result: list[EndedOrder] | Rejected = await self.ledger.call(
-            OrderHistory(who.user, limit, before))
-        return result
+        return await self.ledger.call(OrderHistory(who.user, limit, before))
 
     async def account_events(self, user: int, since: int | None
                              ) -> tuple[int, list[AccountEvent] | None]:
         """``user``'s newest account event number and their events after ``since`` (None:
         some are no longer kept, or ``since`` is None)."""
-        answer: tuple[int, list[AccountEvent] | None] = await self.ledger.call(
-            AccountEvents(user, since))
-        return answer
+        return await self.ledger.call(AccountEvents(user, since))
 
     async def account_tail(self, after: int, limit: int
                            ) -> tuple[int, list[AccountEvent] | None]:
         """The ledger's account event version and every account's events after ``after``
         (None: some are no longer kept)."""
-        answer: tuple[int, list[AccountEvent] | None] = await self.ledger.call(
-            AccountTail(after, limit))
-        return answer
+        return await self.ledger.call(AccountTail(after, limit))
 
     async def prices(self) -> dict[str, Tick]:
         """The newest tick of each asset that has one (over its splits). A shard that does
@@ -369,7 +355,8 @@ class TradingService:
         belongs to a different request, and this one is refused (INVALID_REQUEST), not
         answered as if it had been run."""
         if client_order_id is None:
-            return await self._shielded(self._written(who.user, work(None)))
+            # run to its end even if this caller is cancelled (a client went away)
+            return await asyncio.shield(self._start(self._written(who.user, work(None))))
         key = IdemKey(who.user, kind, client_order_id)
         # the key names the kind of request: whichever task answers it, the answer is a T
         answer = cast(T, await self._once(key, lambda: self._written(who.user, work(key))))
