@@ -31,7 +31,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +41,13 @@ from cluster.config import MARKET_TOPIC, ConfigError, Settings
 from cluster.trading.placement import ShardSpec, shard_layout
 from engine.ledger import AuditDifference
 from engine.shard_machine import LastTick, Stats
+from feed.broker import (
+    BrokerError,
+    ProcessIdentity,
+    accepts_connections,
+    check_bindable,
+    ensure_topic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +77,6 @@ def port_is_free(host: str, port: int) -> bool:
 
 def bind_problem(host: str, port: int) -> OSError | None:
     """Why the API server could not listen on ``host:port`` now, or None."""
-    from feed.broker import check_bindable
-
     try:
         check_bindable(host, port)
     except OSError as exc:
@@ -183,8 +188,6 @@ class Platform:
                               f"{problem.strerror or problem} (set HOST to a name or address "
                               "of this machine, or PORT)")
         if problem is not None:
-            from feed.broker import accepts_connections
-
             if accepts_connections(self.host, settings.port):
                 raise LaunchError(f"port {settings.port} on {self.host} is already in use "
                                   "(set PORT, or stop what holds it)")
@@ -292,8 +295,6 @@ class Platform:
         time), so a record a crashed run left is recognised as such."""
         import ray
 
-        from feed.broker import ProcessIdentity
-
         owner = ProcessIdentity.of(os.getpid())
         with contextlib.suppress(OSError):
             self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -329,8 +330,6 @@ class Platform:
             return  # another host's record: its processes are not ours to wait for
         log.warning("the platform last started from %s (pid %s) did not stop cleanly; "
                     "waiting for its processes to exit", where, recorded.get("pid"))
-        from feed.broker import accepts_connections
-
         host, port = self.host, self.settings.port
         started, limit_s = time.monotonic(), CRASHED_RUN_WAIT_S
         while not (port_free := port_is_free(host, port)) or _held_journal(where) is not None:
@@ -375,7 +374,6 @@ class Platform:
 
     def _start_broker(self) -> None:
         from cluster.actors.publisher import TRIMMED_AT
-        from feed.broker import BrokerError
         from feed.service import embedded_broker_for
 
         if self.bootstrap is not None:
@@ -402,8 +400,6 @@ class Platform:
         self.bootstrap = broker.bootstrap
 
     async def _ensure_topic(self, bootstrap: str) -> None:
-        from feed.broker import ensure_topic
-
         deadline = time.monotonic() + 30.0
         while True:
             try:
@@ -470,8 +466,6 @@ class Platform:
         a kill, the OOM killer). It keeps nothing on disk, so nothing is lost that a restart
         could keep: the producers, the feed actor and the account stream's readers reconnect
         and recreate their topics, as they do after a trim (feed.broker)."""
-        from feed.broker import BrokerError
-
         with self._broker_lock:
             broker = self._broker
             if broker is None or broker.running or self._supervising.is_set():
@@ -668,14 +662,6 @@ def _actor_node(handle: Any) -> str:
 LAYOUT_FILE = "layout.json"  # the shard layout DATA_DIR's ids were issued under
 
 
-def _layout_forms(layout: Iterable[ShardSpec]) -> tuple[str, str]:
-    """``(ASSETS, SHARDS)`` values that give ``layout``."""
-    counts: dict[str, int] = {}
-    for spec in layout:
-        counts[spec.asset] = spec.split_count
-    return ",".join(counts), ",".join(f"{a}={n}" for a, n in counts.items())
-
-
 def check_layout(settings: Settings, record: bool = False) -> None:
     """Refuse a SHARDS/ASSETS whose layout is not the one DATA_DIR's ids were issued under
     (ids carry their shard's tag: another layout cannot read them); ``record``: write the
@@ -694,13 +680,15 @@ def check_layout(settings: Settings, record: bool = False) -> None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LaunchError(f"cannot read {path}: {exc}") from None
     if recorded != wanted:
-        try:
-            assets, shards = _layout_forms(ShardSpec(*row) for row in recorded)
+        try:  # the ASSETS and SHARDS that give the recorded layout
+            splits = {spec.asset: spec.split_count
+                      for spec in (ShardSpec(*row) for row in recorded)}
         except TypeError:
             raise LaunchError(f"cannot read {path}: not a shard layout") from None
-        raise LaunchError(f"DATA_DIR {settings.data_dir} was made with ASSETS={assets} "
-                          f"SHARDS={shards}, and its ids carry that layout: set those, or use "
-                          "a new DATA_DIR for another layout")
+        raise LaunchError(f"DATA_DIR {settings.data_dir} was made with ASSETS={','.join(splits)} "
+                          f"SHARDS={','.join(f'{a}={n}' for a, n in splits.items())}, and its "
+                          "ids carry that layout: set those, or use a new DATA_DIR for another "
+                          "layout")
 
 
 def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> int:
@@ -767,16 +755,12 @@ def _pid_running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return True  # or PermissionError: it runs, as another user
 
 
 def _recorded_state(recorded: dict[str, Any]) -> Literal["running", "gone", "elsewhere"]:
     """Whether the ``up`` process of an address record still runs: "elsewhere" when it was
     recorded on another host (a shared DATA_DIR), where this one cannot tell."""
-    from feed.broker import ProcessIdentity
-
     host = recorded.get("host")
     if host is not None and host != socket.gethostname():
         return "elsewhere"
@@ -813,11 +797,7 @@ def _held_journal(data_dir: Path) -> Path | None:
 
 def _tcp_answers(address: str, timeout_s: float) -> bool:
     host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            return True
-    except (OSError, ValueError):
-        return False
+    return port.isdigit() and accepts_connections(host.strip("[]"), int(port), timeout_s)
 
 
 def _recorded_address(settings: Settings) -> str:
@@ -853,36 +833,21 @@ def _recorded_address(settings: Settings) -> str:
     return address
 
 
-@contextlib.contextmanager
-def _connected(settings: Settings) -> Iterator[None]:
-    """Connect this process to the running platform's Ray (see ``_recorded_address``)."""
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        yield
-        return
-    address = _recorded_address(settings)
-    import ray
-
-    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
-             logging_level=logging.WARNING)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def _on_cluster(settings: Settings, command: str, unreachable: int,
                 report: Callable[[], int]) -> int:
-    """``report()`` (its exit code) while connected to the running platform's Ray; when there
-    is none to connect to, the reason on stderr and ``unreachable``."""
+    """``report()`` (its exit code) while connected to the running platform's Ray (see
+    ``_recorded_address``; this process's own if it has one); when there is none to connect
+    to, the reason on stderr and ``unreachable``."""
+    connect = not ("ray" in sys.modules and sys.modules["ray"].is_initialized())
     try:
         check_layout(settings)  # another SHARDS would read the shards under wrong names
-    except LaunchError as exc:
-        print(f"shardex {command}: {exc}", file=sys.stderr)
-        return unreachable
-    ctx = _connected(settings)
-    try:
-        ctx.__enter__()
-    except NotRunning as exc:
+        if connect:
+            address = _recorded_address(settings)  # sets what Ray reads as it is imported
+            import ray
+
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
+                     logging_level=logging.WARNING)
+    except (LaunchError, NotRunning) as exc:
         print(f"shardex {command}: {exc}", file=sys.stderr)
         return unreachable
     except (ConnectionError, RuntimeError) as exc:
@@ -891,7 +856,8 @@ def _on_cluster(settings: Settings, command: str, unreachable: int,
     try:
         return report()
     finally:
-        ctx.__exit__(None, None, None)
+        if connect:
+            ray.shutdown()
 
 
 def status(settings: Settings) -> int:

@@ -16,11 +16,7 @@ it, and nothing else carries it (a worker with a runtime env waits for Ray's run
 before it starts: each actor of the platform came up ~0.6 s later). Joining a cluster that was
 started without it, it is passed as ``runtime_env`` to the job, the controller and the
 deployment. The Serve proxy still starts (head only) on a spare
-port; nothing needs it.
-
-A stop (:func:`stop_api`) goes the way clients should see it: every replica closes its
-WebSockets with code 1001, then Serve stops the replicas (each stops accepting connections,
-finishes the requests in flight, and exits), all while the actors behind the API still answer.
+port; nothing needs it. A stop (:func:`stop_api`) goes the way clients should see it.
 """
 
 from __future__ import annotations
@@ -250,14 +246,10 @@ class FeedMarket:
             raise
 
     async def klines(self, asset: str, interval: str, query: CandleQuery) -> list[Candle]:
-        candles: list[Candle] = await self._call("klines", self.timeout_s, asset, interval,
-                                                 query)
-        return candles
+        return await self._call("klines", self.timeout_s, asset, interval, query)
 
     async def wait(self, since: int, timeout_s: float) -> Changes:
-        changes: Changes = await self._call("live_changes", timeout_s + self.timeout_s, since,
-                                            timeout_s)
-        return changes
+        return await self._call("live_changes", timeout_s + self.timeout_s, since, timeout_s)
 
     def newest(self, asset: str) -> Tick | None:
         self._marks_asked_at = time.monotonic()
@@ -311,9 +303,7 @@ class ApiIngress:
         self.streams: StreamHub | None = None  # the WebSockets of the app Serve builds
 
     async def _feed_stats(self) -> dict[str, Any]:
-        feed = ray.get_actor(FEED, namespace=self.namespace)
-        stats: dict[str, Any] = await feed.stats.remote()
-        return stats
+        return await ray.get_actor(FEED, namespace=self.namespace).stats.remote()
 
     async def _feed_ok(self) -> bool:
         return bool((await self._feed_stats()).get("assigned"))
@@ -344,16 +334,6 @@ class ApiIngress:
 def _leads() -> bool:
     """True in the API replica of rank 0: the one that runs the sweeps that must run once."""
     return serve.get_replica_context().rank.rank == 0
-
-
-def _pin_to_this_node() -> dict[str, Any]:
-    """Actor options that keep the replica on the node running this driver.
-
-    The replica binds the public port on its own node, so it must be where users (and the
-    banner's URL) expect it: the node the platform was started from.
-    """
-    node_id = ray.get_runtime_context().get_node_id()
-    return {"label_selector": {"ray.io/node-id": node_id}}
 
 
 _LOGGING_CONFIG = {"enable_access_log": False, "log_level": "WARNING"}
@@ -417,7 +397,9 @@ def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE
     options: dict[str, Any] = {"num_cpus": 0}
     if env and not inherited:
         options["runtime_env"] = {"env_vars": env}
-    options.update(_pin_to_this_node())
+    # on this driver's node: the replica binds the public port on its own node, which must be
+    # where users (and the banner's URL) expect it, the node the platform was started from
+    options["label_selector"] = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
     deployment: Any = ApiIngress  # a serve.Deployment once decorated
     scale: dict[str, Any] = {"num_replicas": settings.api_replicas}
     if settings.autoscaled:
@@ -506,9 +488,8 @@ async def _going_away() -> list[Any]:
     (a shell that exported it), a handle's router runs in the loop that uses it, and a call
     from a plain thread is refused."""
     handle = serve.get_app_handle(SERVE_APP)
-    answers: list[Any] = await handle.broadcast("going_away", STREAMS_CLOSE_S).results_async(
+    return await handle.broadcast("going_away", STREAMS_CLOSE_S).results_async(
         timeout_s=2 * STREAMS_CLOSE_S + 1.0, return_exceptions=True)
-    return answers
 
 
 def shutdown_api() -> None:
