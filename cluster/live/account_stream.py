@@ -229,8 +229,6 @@ class AccountStreams:
     async def _start(self, sub: Subscription, since: int | None) -> None:
         try:
             await self._catch_up(sub, since)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # the ledger did not answer: the client is told, may retry
             log.info("account stream: start failed: %s", exc)
             self._end(sub, "the account stream cannot start now; subscribe again")
@@ -307,8 +305,6 @@ class AccountStreams:
     async def _refill(self, sub: Subscription) -> None:
         try:
             await self._refill_until_wanted(sub)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # tried again on the next event for this account
             log.info("account stream: refill failed: %s", exc)
 

@@ -77,20 +77,17 @@ class CandleStoreError(RuntimeError):
 
 
 def _candle(row: tuple[str, str, int, int, int, int, int, int, int, int]) -> Candle:
-    (asset, interval, start_us, open_half_ticks, high_half_ticks, low_half_ticks,
-     close_half_ticks, tick_count, close_ts_us, closed) = row
-    return Candle(asset, interval, start_us, open_half_ticks, high_half_ticks, low_half_ticks,
-                  close_half_ticks, tick_count, close_ts_us, bool(closed))
+    return Candle(*row[:-1], bool(row[-1]))  # the columns are Candle's fields, in order
 
 
 class CandleStore:
-    """Candles in ``<data_dir>/<file_name>`` (see the module docstring); the directory is
-    created when missing. Safe to share between threads (one connection behind a lock)."""
+    """Candles in ``<data_dir>/`` :data:`FILE_NAME` (see the module docstring); the directory
+    is created when missing. Safe to share between threads (one connection behind a lock)."""
 
-    def __init__(self, data_dir: str | os.PathLike[str], *, file_name: str = FILE_NAME) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
         directory = Path(data_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / file_name
+        self.path = directory / FILE_NAME
         self._lock = threading.Lock()
         # autocommit mode: transactions are begun and ended explicitly below
         self._conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,

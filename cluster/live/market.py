@@ -19,6 +19,7 @@ Ray-free: the feed actor hosts one (its ticks), the in-process platform another.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 from collections import deque
@@ -184,10 +185,9 @@ class MarketLive:
             waiter = (asyncio.get_running_loop(), asyncio.Event())
             self._waiters.add(waiter)
             try:
-                if self.version <= since:
-                    await asyncio.wait_for(waiter[1].wait(), timeout_s)
-            except TimeoutError:
-                pass
+                if self.version <= since:  # again: apply may have run on another thread
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(waiter[1].wait(), timeout_s)
             finally:
                 self._waiters.discard(waiter)
         return self.changes(since)

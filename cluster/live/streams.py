@@ -91,14 +91,9 @@ async def refuse(socket: WebSocket, status: int, code: Code, message: str,
     """Refuse ``socket``'s handshake with an HTTP answer in SPEC's error shape (a server
     without the denial-response extension: a close before accepting, which it answers 403)."""
     try:
-        await socket.send_denial_response(error_response(status, code.value, message,
-                                                         dict(headers or {})))
+        await socket.send_denial_response(error_response(status, code.value, message, headers))
     except RuntimeError:
         await socket.close(code=POLICY_VIOLATION, reason=message[:120])
-
-
-def error_frame(code: Code, message: str) -> str:
-    return error_body(code.value, message).decode()
 
 
 @dataclass(eq=False, slots=True)
@@ -135,6 +130,10 @@ class Connection:
     auth_failures: int = 0
     sender: asyncio.Task[None] | None = None  # the task sending the queue
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # set once it is closed
+
+    def reject(self, code: Code, message: str) -> None:
+        """Queue an error frame in SPEC's error shape (the connection stays open)."""
+        self.offer(error_body(code.value, message).decode())
 
     def offer(self, frame: str, newest_of: str | None = None, ends: str | None = None) -> None:
         """Queue ``frame``; a full queue closes the connection (the client is too slow).
@@ -323,8 +322,8 @@ class StreamHub:
                 if isinstance(received, str):
                     await self._handle(connection, received)
                 else:
-                    connection.offer(error_frame(Code.INVALID_REQUEST,
-                                                 "binary frames are not read: send JSON text"))
+                    connection.reject(Code.INVALID_REQUEST,
+                                      "binary frames are not read: send JSON text")
         except (WebSocketDisconnect, RuntimeError):
             pass  # the client went away
         finally:
@@ -391,23 +390,22 @@ class StreamHub:
     async def _handle(self, connection: Connection, text: str) -> None:
         """Answer one client frame (an error frame for anything it cannot do)."""
         if len(text) > MAX_FRAME_BYTES:
-            connection.offer(error_frame(Code.INVALID_REQUEST, "frame too large"))
+            connection.reject(Code.INVALID_REQUEST, "frame too large")
             return
         try:
             frame = json.loads(text, object_pairs_hook=unique_keys)
         except ValueError as exc:
-            connection.offer(error_frame(Code.INVALID_REQUEST, f"not JSON: {exc}"[:200]))
+            connection.reject(Code.INVALID_REQUEST, f"not JSON: {exc}"[:200])
             return
         except RecursionError:  # ~1,000 brackets deep fit in a frame
-            connection.offer(error_frame(Code.INVALID_REQUEST, "not JSON: nested too deeply"))
+            connection.reject(Code.INVALID_REQUEST, "not JSON: nested too deeply")
             return
         method = frame.get("method") if isinstance(frame, dict) else None
         params = frame.get("params") if isinstance(frame, dict) else None
         if method not in ("SUBSCRIBE", "UNSUBSCRIBE", "AUTH") or not isinstance(params, list) \
                 or not params or not all(isinstance(p, str) for p in params):
-            connection.offer(error_frame(
-                Code.INVALID_REQUEST,
-                'expected {"method": "SUBSCRIBE" | "UNSUBSCRIBE" | "AUTH", "params": [text]}'))
+            connection.reject(Code.INVALID_REQUEST, 'expected {"method": "SUBSCRIBE" | '
+                              '"UNSUBSCRIBE" | "AUTH", "params": [text]}')
             return
         if method == "AUTH":
             await self._auth(connection, params)
@@ -424,13 +422,13 @@ class StreamHub:
 
     async def _auth(self, connection: Connection, params: list[str]) -> None:
         if len(params) != 1 or not params[0] or len(params[0]) > 256:
-            connection.offer(error_frame(Code.UNAUTHORIZED, "AUTH takes one API key"))
+            connection.reject(Code.UNAUTHORIZED, "AUTH takes one API key")
             return
         key = params[0]
         try:
             principal = await self.authenticate(key)
         except Exception:
-            connection.offer(error_frame(Code.SERVICE_UNAVAILABLE, "cannot check the key now"))
+            connection.reject(Code.SERVICE_UNAVAILABLE, "cannot check the key now")
             return
         if principal is None:
             # each refused key costs the ledger a lookup: a connection guessing keys is closed
@@ -438,17 +436,17 @@ class StreamHub:
             if connection.auth_failures > MAX_AUTH_FAILURES:
                 connection.close("auth")
                 return
-            connection.offer(error_frame(Code.UNAUTHORIZED, "unknown API key"))
+            connection.reject(Code.UNAUTHORIZED, "unknown API key")
             return
         if connection.key == key:
             return
         if connection.key is not None:
             # one connection, one account: its account stream must not change owner unseen
-            connection.offer(error_frame(Code.INVALID_REQUEST, "this connection is "
-                                         "authenticated already: open another for another key"))
+            connection.reject(Code.INVALID_REQUEST, "this connection is "
+                              "authenticated already: open another for another key")
             return
         if self.by_key.get(key, 0) >= self.limits.connections:
-            connection.offer(error_frame(Code.RATE_LIMITED, "too many connections for this key"))
+            connection.reject(Code.RATE_LIMITED, "too many connections for this key")
             return
         connection.key = key
         connection.principal = principal
@@ -456,22 +454,21 @@ class StreamHub:
 
     def _subscribe_account(self, connection: Connection, since: object) -> None:
         if self.accounts is None:
-            connection.offer(error_frame(Code.INVALID_REQUEST, "unknown stream(s): account"))
+            connection.reject(Code.INVALID_REQUEST, "unknown stream(s): account")
             return
         if connection.principal is None:
-            connection.offer(error_frame(Code.UNAUTHORIZED,
-                                         'send {"method":"AUTH","params":["<apiKey>"]} first'))
+            connection.reject(Code.UNAUTHORIZED,
+                              'send {"method":"AUTH","params":["<apiKey>"]} first')
             return
         if since is not None and (type(since) is not int or not 0 <= since < 1 << 63):
-            connection.offer(error_frame(Code.INVALID_REQUEST,
-                                         "since must be an account event seq (an integer >= 0)"))
+            connection.reject(Code.INVALID_REQUEST,
+                              "since must be an account event seq (an integer >= 0)")
             return
         if connection.following_account:
             return  # already subscribed: its cursor goes on
         if len(connection.streams) + 1 > self.limits.subscriptions:
-            connection.offer(error_frame(
-                Code.INVALID_REQUEST,
-                f"at most {self.limits.subscriptions} subscriptions per connection"))
+            connection.reject(Code.INVALID_REQUEST,
+                              f"at most {self.limits.subscriptions} subscriptions per connection")
             return
         connection.account = self.accounts.subscribe(connection.principal, since,
                                                      connection.offer)
@@ -479,14 +476,13 @@ class StreamHub:
     def _subscribe(self, connection: Connection, params: list[str]) -> None:
         unknown = [p for p in params if p not in self.streams]
         if unknown:
-            connection.offer(error_frame(Code.INVALID_REQUEST,
-                                         f"unknown stream(s): {', '.join(unknown[:5])[:200]}"))
+            connection.reject(Code.INVALID_REQUEST,
+                              f"unknown stream(s): {', '.join(unknown[:5])[:200]}")
             return
         if len(connection.streams | set(params)) + connection.following_account > \
                 self.limits.subscriptions:
-            connection.offer(error_frame(
-                Code.INVALID_REQUEST,
-                f"at most {self.limits.subscriptions} subscriptions per connection"))
+            connection.reject(Code.INVALID_REQUEST,
+                              f"at most {self.limits.subscriptions} subscriptions per connection")
             return
         for stream in params:
             if stream not in connection.streams:
@@ -513,4 +509,4 @@ def _release(counts: dict[str, int], name: str) -> None:
 
 
 __all__ = ["MAX_FRAME_BYTES", "WS_SERVER_OPTIONS", "Connection",
-           "StreamHub", "StreamLimits", "error_frame"]
+           "StreamHub", "StreamLimits"]
