@@ -16,7 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import NoReturn
 
-from engine.amounts import AmountError, money_to_micros, to_units
+from engine.amounts import AmountError, to_units
 from engine.assets import DEFAULT_ASSETS, AssetRegistry
 from engine.position_ids import MAX_BOOK_TAG
 from feed.settings import (
@@ -237,10 +237,12 @@ class Settings:
             assets=assets,
             shards=_parse_shards(env.get("SHARDS", ""), assets),
             data_dir=Path(data_dir),
-            maintenance_margin_ppm=_rate_ppm(env.get("MAINTENANCE_MARGIN_RATE", "0")),
+            maintenance_margin_ppm=_millionths(
+                "MAINTENANCE_MARGIN_RATE", env.get("MAINTENANCE_MARGIN_RATE", "0"), PPM - 1),
             max_price_age_s=_seconds("MAX_PRICE_AGE_S", env.get("MAX_PRICE_AGE_S"),
                                      base.max_price_age_s, 0.0, 86_400.0, low_open=True),
-            signup_balance_micros=_money("SIGNUP_BALANCE", env.get("SIGNUP_BALANCE", "10000")),
+            signup_balance_micros=_millionths("SIGNUP_BALANCE", env.get("SIGNUP_BALANCE", "10000"),
+                                              MAX_SIGNUP_BALANCE_MICROS),
             **{name: _integer(var, env.get(var), getattr(base, name), low, high)
                for name, (var, low, high) in _INTEGER_LIMITS.items()},
             max_clock_skew_s=_seconds("MAX_CLOCK_SKEW_S", env.get("MAX_CLOCK_SKEW_S"),
@@ -278,24 +280,16 @@ def _seconds(var: str, raw: str | None, default: float, low: float, high: float,
     return value
 
 
-def _rate_ppm(raw: str) -> int:
+def _millionths(var: str, raw: str, high: int) -> int:
+    """``raw``, a decimal of at most 6 places, in millionths (a rate in ppm, money in micros)
+    from 0 to ``high``; ConfigError naming ``var`` otherwise."""
     try:
-        ppm = to_units(raw, 6)
-    except AmountError:
-        _fail("MAINTENANCE_MARGIN_RATE", raw)
-    if not 0 <= ppm < PPM:
-        _fail("MAINTENANCE_MARGIN_RATE", raw)
-    return ppm
-
-
-def _money(var: str, raw: str) -> int:
-    try:
-        micros = money_to_micros(raw)
+        units = to_units(raw, 6)
     except AmountError:
         _fail(var, raw)
-    if not 0 <= micros <= MAX_SIGNUP_BALANCE_MICROS:
+    if not 0 <= units <= high:
         _fail(var, raw)
-    return micros
+    return units
 
 
 def _check_brokers(text: str) -> str:
@@ -351,10 +345,8 @@ def _parse_shards(text: str, assets: AssetRegistry) -> dict[str, int]:
 
 
 def _check_shards(shards: Mapping[str, int], assets: AssetRegistry) -> None:
-    for name, count in shards.items():
-        if (name != "*" and name not in assets) or isinstance(count, bool) \
-                or not isinstance(count, int) or not 1 <= count <= MAX_SHARDS:
-            _fail("SHARDS", ",".join(f"{k}={v}" for k, v in shards.items()))
-    default = shards.get("*", 1)
-    if sum(shards.get(a, default) for a in assets) > MAX_SHARDS:
+    if any((name != "*" and name not in assets) or isinstance(count, bool)
+           or not isinstance(count, int) or not 1 <= count <= MAX_SHARDS
+           for name, count in shards.items()) \
+            or sum(shards.get(a, shards.get("*", 1)) for a in assets) > MAX_SHARDS:
         _fail("SHARDS", ",".join(f"{k}={v}" for k, v in shards.items()))

@@ -129,16 +129,13 @@ class RayPort(Port):
         payload = pickle.dumps(commands, protocol=pickle.HIGHEST_PROTOCOL)
         answers: bytes = await remote(self.name, self.handle.execute_pickled.remote(payload),
                                       self.timeout_s)
-        result: list[Any] = pickle.loads(answers)
-        return result
+        return pickle.loads(answers)
 
     async def ping(self) -> bool | str:
-        answer: bool | str = await remote(self.name, self.handle.ping.remote(), 5.0)
-        return answer
+        return await remote(self.name, self.handle.ping.remote(), 5.0)
 
     async def info(self) -> dict[str, Any]:
-        result: dict[str, Any] = await remote(self.name, self.handle.info.remote(), 5.0)
-        return result
+        return await remote(self.name, self.handle.info.remote(), 5.0)
 
 
 async def remote(component: str, ref: Any, timeout_s: float | None) -> Any:

@@ -121,8 +121,8 @@ class Publisher:
         self.failures = 0
         self._partitions: dict[bytes, int] = {}  # key -> partition, for _partition_count
         self._partition_count = 0
-        self._thread = threading.Thread(target=self._run, name=f"publish-{topic}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()),
+                                        name=f"publish-{topic}", daemon=True)
         self._thread.start()
         self._started.wait(5.0)
 
@@ -148,9 +148,6 @@ class Publisher:
                 "pending": len(self._queue)}
 
     # -- the thread ------------------------------------------------------------------------
-    def _run(self) -> None:
-        asyncio.run(self._main())
-
     async def _main(self) -> None:
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
         self._started.set()

@@ -120,9 +120,8 @@ class Runner(Generic[M]):
         def decode(payload: bytes) -> list[Any]:  # records are read after restore()
             return restored[0].decode_record(payload)
 
-        recovered = store.recover(restore, _apply_many, decode=decode)
-        runner: Runner[Any] = Runner(recovered.state, store, clock_us)
-        return runner
+        recovered = store.recover(restore, lambda m, items: m.apply_batch(items), decode=decode)
+        return Runner(recovered.state, store, clock_us)
 
     # ----------------------------------------------------------------- the write path
     def execute(self, commands: Sequence[Any]) -> list[Any]:
@@ -226,7 +225,4 @@ class Runner(Generic[M]):
         if self.store is not None:
             self.store.close(self.machine.snapshot if self._broken is None else None)
 
-
-def _apply_many(machine: Machine, items: list[Any]) -> None:
-    machine.apply_batch(items)
 

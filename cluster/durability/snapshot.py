@@ -166,9 +166,8 @@ def list_snapshots(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(s, p) for p in directory.iterdir() if (s := _seq_of(p)) is not None]
-    found.sort(reverse=True)
-    return found
+    return sorted(((s, p) for p in directory.iterdir() if (s := _seq_of(p)) is not None),
+                  reverse=True)
 
 
 def load_latest_snapshot(directory: str | os.PathLike[str]) -> Snapshot | None:

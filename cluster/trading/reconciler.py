@@ -157,7 +157,7 @@ class Reconciler:
             return self.outstanding
 
     async def _abandon_locks(self) -> None:
-        batch = list(dict.fromkeys(self._abandoned))
+        batch = dict.fromkeys(self._abandoned)  # each id once, in order
         if not batch:
             return
         try:
@@ -166,8 +166,7 @@ class Reconciler:
             return
         # an answer names the lock released; None: no lock was held under that id
         self.counters["locks_released_abandoned"] += sum(isinstance(a, tuple) for a in answers)
-        done = set(batch)
-        self._abandoned = [r for r in self._abandoned if r not in done]
+        self._abandoned = [r for r in self._abandoned if r not in batch]
 
     async def _send_notes(self) -> None:
         batch = list(self._notes)
@@ -338,9 +337,8 @@ class Reconciler:
     async def _resolve_everywhere(self, request_ids: list[int]
                                   ) -> tuple[dict[int, Made], tuple[int, ...]]:
         """Ask every shard about each request id (fencing it where it never arrived)."""
-        names = list(self.shards)
         answers = await asyncio.gather(*(
-            self.shards[n].call_many([Resolve(r) for r in request_ids]) for n in names))
+            shard.call_many([Resolve(r) for r in request_ids]) for shard in self.shards.values()))
         opened: dict[int, Made] = {}
         for per_shard in answers:
             for request_id, result in zip(request_ids, per_shard, strict=True):
@@ -348,8 +346,7 @@ class Reconciler:
                     opened[request_id] = result
                 elif isinstance(result, SettlementItem):
                     opened[request_id] = result.closed
-        absent = tuple(r for r in request_ids if r not in opened)
-        return opened, absent
+        return opened, tuple(r for r in request_ids if r not in opened)
 
     async def shard_views(self) -> tuple[dict[int, int], dict[str, tuple[SettlementItem, ...]]]:
         """Every shard's ``AuditView``, merged: open margin per user (micros, summed over the
