@@ -224,5 +224,3 @@ class Runner(Generic[M]):
         journal."""
         if self.store is not None:
             self.store.close(self.machine.snapshot if self._broken is None else None)
-
-
