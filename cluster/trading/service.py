@@ -651,8 +651,8 @@ class TradingService:
         the answer, and so does ``release`` ``(user, micros)``, margin a removal frees."""
         spec = self.layout.of_position(item_id)  # order ids carry their shard's tag too
         if spec is None:
-            return Rejected(Code.NOT_FOUND, "no such open position" if kind == "close"
-                            else "no such open order")
+            return Rejected(Code.NOT_FOUND, "no such open order" if kind == "cancel"
+                            else "no such open position")
         request_id, earlier = await self._begin(key)
         if earlier is not None:  # the answer of an earlier request with this key
             return earlier

@@ -29,6 +29,8 @@ from engine.messages import Principal
 from engine.messages import SettlementItem
 from engine.orders import CloseReason
 from engine.orders import Side
+from engine.position_ids import MAX_BOOK_TAG
+from engine.position_ids import make_position_id
 from engine.results import Code
 from engine.results import Rejected
 from engine.shard_machine import ApplyTick
@@ -87,6 +89,20 @@ async def test_refusals_before_the_ledger(platform: Platform) -> None:
     assert isinstance(r, Rejected) and r.code is Code.INVALID_REQUEST
     r = await svc.open_position(who, sol_long(margin_usd=SIGNUP))
     assert isinstance(r, Rejected) and r.code is Code.INSUFFICIENT_BALANCE
+
+
+async def test_an_id_no_shard_issued_is_named_by_what_it_was_meant_to_be(
+        platform: Platform) -> None:
+    svc = platform.service
+    who = await signup(svc)
+    nobody = make_position_id(1, 0, MAX_BOOK_TAG)  # a tag no shard of the layout has
+    assert svc.layout.of_position(nobody) is None
+    for answer, what in (
+            (await svc.close_position(who, CloseOrder(nobody)), "no such open position"),
+            (await svc.set_levels(who, nobody, 100, None), "no such open position"),
+            (await svc.change_margin(who, nobody, -USD), "no such open position"),
+            (await svc.cancel_order(who, nobody), "no such open order")):
+        assert answer == Rejected(Code.NOT_FOUND, what)
 
 
 @pytest.mark.parametrize("case", ["no_price", "stale", "slippage", "bad_trigger", "tiny"])
