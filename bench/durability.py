@@ -118,7 +118,12 @@ def _busy_cpu_s() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def commit_phase(commits: int, rounds: int = 5, record_bytes: int = 300) -> dict[str, Any]:
+COMMIT_ROUNDS = 5  # of each mode, alternating
+COMMIT_RECORD_BYTES = 300
+
+
+def commit_phase(commits: int, rounds: int = COMMIT_ROUNDS,
+                 record_bytes: int = COMMIT_RECORD_BYTES) -> dict[str, Any]:
     """Per commit of one ``record_bytes`` record, zeroed ahead and appending: ``{"zeroed":
     (wall_us, busy_cpu_us), "appending": (...)}``, each mode's median round by wall time."""
     from cluster.durability.journal import ZEROED_AHEAD_BYTES, Journal
@@ -457,9 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     if commit is not None:
         (zeroed_us, zeroed_cpu_us), (append_us, append_cpu_us) = (
             commit["zeroed"], commit["appending"])
-        print(f"journal commit of one 300-byte record (write + fdatasync, median of 5 rounds of "
-              f"{args.commits:,}): zeroed ahead {zeroed_us:.0f} us, {zeroed_cpu_us:.0f} us of "
-              f"busy CPU; appending {append_us:.0f} us, {append_cpu_us:.0f} us of busy CPU "
+        print(f"journal commit of one {COMMIT_RECORD_BYTES}-byte record (write + fdatasync, "
+              f"median of {COMMIT_ROUNDS} rounds of {args.commits:,}): zeroed ahead "
+              f"{zeroed_us:.0f} us, {zeroed_cpu_us:.0f} us of busy CPU; appending "
+              f"{append_us:.0f} us, {append_cpu_us:.0f} us of busy CPU "
               f"(zeroed / appending: time {zeroed_us / append_us:.2f}, "
               f"CPU {zeroed_cpu_us / max(append_cpu_us, 1e-9):.2f})")
         out.update({"commit_us_zeroed": round(zeroed_us, 1),

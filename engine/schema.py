@@ -633,8 +633,8 @@ def enum_labels(f: Field) -> tuple[str, ...]:
 
 def api_annotation(af: ApiField) -> Any:
     """The Python type of the API value (a response model's, cluster.http.api.api_model):
-    ``str``, ``int``, or a
-    ``Literal`` of the enum's labels; ``| None`` when :func:`api_nullable`."""
+    ``str``, ``int``, or a ``Literal`` of the enum's labels; ``| None`` when
+    :func:`api_nullable`."""
     kind = render_kind(af.field)
     annotation: Any = {"int": int, "bool": bool}.get(kind, str)
     if kind == "label":

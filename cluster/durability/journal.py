@@ -242,7 +242,6 @@ def create_directory(directory: str | os.PathLike[str]) -> Path:
     return path
 
 
-
 class Journal:
     """A segmented append-only record log in ``path`` (a directory, created if missing).
 
