@@ -109,6 +109,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # a target that is not a path ("OPTIONS *"): Serve's router answers it in plain text
         if not cycle.scope["path"].startswith("/"):
             app = _NOT_A_PATH
+        cycle.transport = _HeadWithBody(self.transport, cycle)  # type: ignore[assignment]
         super()._start_asgi_task(cycle, app)
 
     def on_message_begin(self) -> None:
@@ -179,6 +180,47 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._disarm()
         self.transport.write(answer)
         self.transport.close()
+
+
+class _HeadWithBody:
+    """The connection as one response cycle writes to it: the response's status line and
+    headers (the cycle's first write once the response has started) are held, and go out in
+    one write with the first body bytes, or alone when the cycle closes the connection first.
+
+    uvicorn writes a response's head and its body apart: two sends, two TCP segments, and on a
+    loopback client two wake-ups, per response. A body write always follows the head (an
+    empty body included), except in the answer to a HEAD, whose head is written at once. A
+    ``100 Continue`` is written before the response starts, so it is never held.
+    """
+
+    __slots__ = ("_cycle", "_head", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
+        self._transport = transport
+        self._cycle: RequestResponseCycle | None = cycle  # until the head is written or held
+        self._head: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.write(head + data)
+        elif self._cycle is not None and self._cycle.response_started:
+            if self._cycle.scope["method"] == "HEAD":
+                self._transport.write(data)
+            else:
+                self._head = data
+            self._cycle = None  # nothing later is held; and no reference cycle to collect
+        else:
+            self._transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        if self._head is not None:  # the app failed after starting its answer
+            self._transport.write(self._head)
+            self._head = None
+        self._transport.close()
 
 
 # the answer to a request whose target is not a path (a Starlette Response is an ASGI app)
