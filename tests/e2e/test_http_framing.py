@@ -8,20 +8,13 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from cluster.config import Settings
-from tests.e2e.http_platform import LocalHttpPlatform
+from tests.e2e.http_platform import HttpPlatform
 
 REQUESTS = 200
 
 
-@pytest.fixture(scope="module")
-def platform() -> Iterator[LocalHttpPlatform]:
-    with LocalHttpPlatform(Settings(api_key_rate_per_s=0, signups_per_min=0)) as p:
-        yield p
-
-
 @pytest.fixture
-def sock(platform: LocalHttpPlatform) -> Iterator[socket.socket]:
+def sock(platform: HttpPlatform) -> Iterator[socket.socket]:
     port = int(platform.base_url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
