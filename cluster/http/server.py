@@ -109,7 +109,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # a target that is not a path ("OPTIONS *"): Serve's router answers it in plain text
         if not cycle.scope["path"].startswith("/"):
             app = _NOT_A_PATH
-        cycle.transport = _HeadWithBody(self.transport, cycle)  # type: ignore[assignment]
+        if cycle.scope["method"] != "HEAD":  # a HEAD's answer has no body to join its head to
+            cycle.transport = _HeadWithBody(self.transport, cycle)  # type: ignore[assignment]
         super()._start_asgi_task(cycle, app)
 
     def on_message_begin(self) -> None:
@@ -189,7 +190,7 @@ class _HeadWithBody:
 
     uvicorn writes a response's head and its body apart: two sends, two TCP segments, and on a
     loopback client two wake-ups, per response. A body write always follows the head (an
-    empty body included), except in the answer to a HEAD, whose head is written at once. A
+    empty body included) except in the answer to a HEAD, which is given none of this. A
     ``100 Continue`` is written before the response starts, so it is never held.
     """
 
@@ -197,7 +198,7 @@ class _HeadWithBody:
 
     def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
         self._transport = transport
-        self._cycle: RequestResponseCycle | None = cycle  # until the head is written or held
+        self._cycle: RequestResponseCycle | None = cycle  # until the head is held
         self._head: bytes | None = None
 
     def write(self, data: bytes) -> None:
@@ -205,10 +206,7 @@ class _HeadWithBody:
             head, self._head = self._head, None
             self._transport.write(head + data)
         elif self._cycle is not None and self._cycle.response_started:
-            if self._cycle.scope["method"] == "HEAD":
-                self._transport.write(data)
-            else:
-                self._head = data
+            self._head = data
             self._cycle = None  # nothing later is held; and no reference cycle to collect
         else:
             self._transport.write(data)
