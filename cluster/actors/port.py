@@ -4,8 +4,8 @@ One interface, two implementations, no method per operation:
 
 * ``await port.call(command)`` -> the answer. Concurrent calls are coalesced into one
   ``execute(commands)`` per event-loop turn (cluster.trading.batcher.MicroBatcher), so N
-  requests cost one actor round trip. A command whose ``decide`` raised answers
-  :class:`CommandFailed`.
+  requests cost one actor round trip, and at most :data:`BATCHES_IN_FLIGHT` batches are under
+  way at once. A command whose ``decide`` raised answers :class:`CommandFailed`.
 * ``port.post(command)``: no call of its own; ``command`` rides at the head of the next batch
   that goes to the host anyway, and its answer is dropped (an outbox acknowledgement, whose
   loss only means a resend the ledger ignores).
@@ -27,6 +27,13 @@ from typing import Any
 from cluster.durability.runner import Failed, Runner
 from cluster.trading.batcher import MicroBatcher
 
+# A host runs one batch at a time and commits each on its own (one fdatasync). Two under way
+# keep it busy back to back (one running, the next already there) while every later call
+# waits here and joins one batch: the slower the commits, the larger the batches, and the
+# fewer the commits per request. More in flight would only queue small batches at the host,
+# one commit each.
+BATCHES_IN_FLIGHT = 2
+
 
 class Unavailable(Exception):
     """A component (the ledger or a shard) did not answer; the outcome of the call is unknown."""
@@ -46,7 +53,8 @@ class Port:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.batcher: MicroBatcher[Any, Any] = MicroBatcher(self.send)
+        self.batcher: MicroBatcher[Any, Any] = MicroBatcher(self.send,
+                                                            max_in_flight=BATCHES_IN_FLIGHT)
         self._riders: dict[type, Any] = {}
 
     async def call(self, command: Any) -> Any:

@@ -4,10 +4,12 @@ riding with the shard's next call; and what sends them the whole way round inste
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from cluster.actors.host import host_specs
+from cluster.actors.port import BATCHES_IN_FLIGHT
 from cluster.actors.port import Port
 from cluster.actors.port import Unavailable
 from cluster.trading.courier import Courier
@@ -103,6 +105,35 @@ async def test_a_posted_command_rides_with_the_next_batch_and_outlives_a_failed_
     assert stats.outbox_len == 0 and recording.batches == [[AckOutbox, Stats]]
     assert await failing.call_many([Stats()]) == [stats]  # sent once
     assert recording.batches[-1] == [Stats]
+
+
+async def test_calls_made_while_the_host_is_busy_wait_and_leave_in_one_batch(
+        make: Make) -> None:
+    p = make()
+    await sol_trader(p)
+    name = p.shard_of("SOL").name
+    recording = Recording(p.shards[name])
+    gate = asyncio.Event()
+
+    class Slow(Wrapped):  # a host whose batches take until the test opens the gate
+        async def execute(self, commands: list[Any]) -> list[Any]:
+            await gate.wait()
+            return await self.inner.execute(commands)
+
+    port = Slow(recording)
+    first = [asyncio.ensure_future(port.call(Stats())) for _ in range(3)]
+    await asyncio.sleep(0)  # one loop turn: those three leave as one batch
+    later: list[asyncio.Future[Any]] = []
+    for _ in range(BATCHES_IN_FLIGHT + 1):  # one batch per loop turn while there is room
+        later += [asyncio.ensure_future(port.call(Stats())) for _ in range(2)]
+        await asyncio.sleep(0)
+    assert port.batcher.batches == BATCHES_IN_FLIGHT  # the rest wait here, not at the host
+    gate.set()
+    answers = await asyncio.gather(*first, *later)
+    assert all(a.opens == 0 for a in answers)
+    sizes = [len(b) for b in recording.batches]
+    # the calls that waited went together, in one batch, once one under way returned
+    assert sizes == [3, *[2] * (BATCHES_IN_FLIGHT - 1), 2 * 2]
 
 
 # --------------------------------------------------------------------------- manual closes
