@@ -29,6 +29,7 @@ from engine.shard_machine import Outbox
 from engine.shard_machine import OutboxView
 from engine.shard_machine import Stats
 from tests.unit.cluster.faulty_ports import FailingBatches
+from tests.unit.cluster.faulty_ports import Gated
 from tests.unit.cluster.faulty_ports import Wrapped
 from tests.unit.cluster.local_platform import SIGNUP
 from tests.unit.cluster.local_platform import USD
@@ -113,14 +114,7 @@ async def test_calls_made_while_the_host_is_busy_wait_and_leave_in_one_batch(
     await sol_trader(p)
     name = p.shard_of("SOL").name
     recording = Recording(p.shards[name])
-    gate = asyncio.Event()
-
-    class Slow(Wrapped):  # a host whose batches take until the test opens the gate
-        async def execute(self, commands: list[Any]) -> list[Any]:
-            await gate.wait()
-            return await self.inner.execute(commands)
-
-    port = Slow(recording)
+    port = Gated(recording, Stats)  # a host whose batches take until the test opens the gate
     first = [asyncio.ensure_future(port.call(Stats())) for _ in range(3)]
     await asyncio.sleep(0)  # one loop turn: those three leave as one batch
     later: list[asyncio.Future[Any]] = []
@@ -128,7 +122,7 @@ async def test_calls_made_while_the_host_is_busy_wait_and_leave_in_one_batch(
         later += [asyncio.ensure_future(port.call(Stats())) for _ in range(2)]
         await asyncio.sleep(0)
     assert port.batcher.batches == BATCHES_IN_FLIGHT  # the rest wait here, not at the host
-    gate.set()
+    port.opened.set()
     answers = await asyncio.gather(*first, *later)
     assert all(a.opens == 0 for a in answers)
     sizes = [len(b) for b in recording.batches]
