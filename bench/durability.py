@@ -22,7 +22,9 @@
    journal record and one fdatasync per batch, snapshots on their normal cadence), its
    process is SIGKILLed, and Ray restarts it. Reported: the time from the kill until the host
    answers ``Stats`` again with all positions, and the part of it spent rebuilding the state
-   (newest snapshot + journal tail) inside the new process.
+   (newest snapshot + journal tail) inside the new process, and that process's peak resident
+   memory and minor page faults (the rebuild's fresh memory: on a virtual machine each first
+   touch of a page can cost more than the rebuild's own work).
 4. Rebuild of a ledger holding ``--ledger-accounts`` accounts and ``--ledger-closes`` closes in
    their history (``--ledger-closes 0`` skips it): a journaled ledger runner in this process
    is filled through its own ``Runner.execute`` (accounts, margin locks, and settlements
@@ -48,6 +50,7 @@ import json
 import logging
 import multiprocessing
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -192,7 +195,14 @@ def _recovery_info(host: Any) -> dict[str, Any]:
     return {"positions": len(host.runner.machine.book), "recovery_s": store.recovery_s,
             "opened_at_s": store.opened_at_s,
             "snapshot_seq": rec.snapshot_seq, "replayed_records": rec.replayed,
-            "pid": os.getpid()}
+            "pid": os.getpid(), **_memory_use()}
+
+
+def _memory_use() -> dict[str, int]:
+    """This process's peak resident memory (MiB) and minor page faults so far: in a restarted
+    host, its start (Ray's worker, imports) and the rebuild, whose fresh memory dominates."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"peak_rss_mib": usage.ru_maxrss // 1024, "minor_faults": usage.ru_minflt}
 
 
 class _AliveWatch(threading.Thread):
@@ -289,6 +299,7 @@ def recovery_phase(positions: int, kills: int = 3) -> dict[str, Any]:
             "kill_to_alive_answer_s": alive_s[len(alive_s) // 2] if alive_s else None,
             "kills": kills, "rebuild_s": after["recovery_s"], "kill_to_init_s": init_s,
             "recovered_positions": min(s[2]["positions"] for s in samples),
+            "peak_rss_mib": after["peak_rss_mib"], "minor_faults": after["minor_faults"],
             "snapshot_seq": after["snapshot_seq"],
             "replayed_records": after["replayed_records"]}
 
@@ -463,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
             "recovery_ray_restart_s": round(recovery["kill_to_init_s"], 3),
             "recovered_positions": recovery["recovered_positions"],
             "recovery_replayed_records": recovery["replayed_records"],
+            "recovery_peak_rss_mib": recovery["peak_rss_mib"],
+            "recovery_minor_faults": recovery["minor_faults"],
         })
     if ledger is not None:
         print(f"ledger with {ledger['accounts']:,} accounts and {ledger['closes']:,} closes: "
@@ -509,7 +522,9 @@ def _print_recovery(recovery: dict[str, Any]) -> None:
           f"entering __init__ {recovery['kill_to_init_s']:.2f} s, rebuilding the state "
           f"{recovery['rebuild_s']:.2f} s (snapshot at record {recovery['snapshot_seq']:,} + "
           f"{recovery['replayed_records']:,} journal records); "
-          f"{recovery['recovered_positions']:,} positions recovered")
+          f"{recovery['recovered_positions']:,} positions recovered; the new process peaked "
+          f"at {recovery['peak_rss_mib']:,} MiB resident after "
+          f"{recovery['minor_faults']:,} minor page faults")
     if recovery["kill_to_alive_answer_s"] is not None:
         print(f"  a call made as soon as Ray reports the host alive again answers "
               f"{recovery['kill_to_alive_answer_s']:.2f} s after the kill (median)")

@@ -52,6 +52,8 @@ RETIRED = -2
 """The link cell of a free row whose generation is exhausted (never reused)."""
 FREE_HEAD = "free_head"
 """The snapshot array (int64, shape (1,)) holding the first free row (-1: none)."""
+_CHECK_ROWS = 16_384
+"""Rows a restore's checks take at a time (int64 temporaries of 128 KiB)."""
 _OWNED = ("owner", "margin_micros")  # columns every store has: who holds a row, what it locks
 
 
@@ -436,10 +438,12 @@ class RowStore(ABC, Generic[RecordT]):
 
     @classmethod
     def from_arrays(cls, asset: Asset, book_tag: int, arrays: Mapping[str, np.ndarray], *,
-                    min_pending: int = 1024, min_dead: int = 4096) -> Self:
+                    copy: bool = True, min_pending: int = 1024, min_dead: int = 4096) -> Self:
         """Rebuild a book from :meth:`to_arrays`; ValueError if the arrays are inconsistent
         (ids that do not match their rows or ``book_tag``, a corrupt free list, an open item
-        that is not valid)."""
+        that is not valid). ``copy=False``: the book takes each given column that already has
+        its dtype as its own (the caller must not use it again), so a snapshot read for it is
+        not copied a second time."""
         missing = [n for n in (*cls._COLUMN_NAMES, FREE_HEAD) if n not in arrays]
         if missing:
             raise ValueError(f"missing arrays: {missing}")
@@ -448,38 +452,51 @@ class RowStore(ABC, Generic[RecordT]):
             raise ValueError(f"{cls._NOUN} books hold at most {MAX_ROWS} rows")
         store = cls(asset, book_tag, capacity=max(hw, 1024), min_pending=min_pending,
                     min_dead=min_dead)
-        for name, col in zip(cls._COLUMN_NAMES, store._cols, strict=True):
+        columns = list(store._cols)
+        for i, name in enumerate(cls._COLUMN_NAMES):
             given = np.asarray(arrays[name])
             if given.shape != (hw,):
                 raise ValueError(f"array {name} has shape {given.shape}, expected ({hw},)")
-            col[:hw] = given
+            if not copy and hw == store._cap and given.dtype == columns[i].dtype \
+                    and given.flags.c_contiguous and given.flags.writeable:
+                columns[i] = given
+            else:
+                columns[i][:hw] = given
+        store._bind(columns)
         store._hw = hw
-        ids = store._ids[:hw]
-        absolute = np.abs(ids)
-        if (ids == 0).any() or ((absolute >> ROW_SHIFT) & ROW_MASK
-                                != np.arange(hw, dtype=np.int64)).any() \
-                or ((absolute & TAG_MASK) != book_tag).any():
-            raise ValueError(f"{cls._NOUN} ids do not match their rows or book_tag")
-        live_rows = np.flatnonzero(ids > 0)
-        store._live = int(live_rows.size)
+        # the checks walk the rows in blocks: their temporaries stay small and are reused,
+        # where whole-column ones would each map (and fault in) fresh memory
+        live = 0
+        for start in range(0, hw, _CHECK_ROWS):
+            ids = store._ids[start:min(start + _CHECK_ROWS, hw)]
+            absolute = np.abs(ids)
+            if (ids == 0).any() or ((absolute >> ROW_SHIFT) & ROW_MASK != np.arange(
+                    start, start + ids.size, dtype=np.int64)).any() \
+                    or ((absolute & TAG_MASK) != book_tag).any():
+                raise ValueError(f"{cls._NOUN} ids do not match their rows or book_tag")
+            live += int(np.count_nonzero(ids > 0))
+        store._live = live
         store._free_head = int(np.asarray(arrays[FREE_HEAD]).reshape(-1)[0])
         problem, store._free_count = store._walk_free_list()
         if problem:
             raise ValueError(problem)
-        if live_rows.size:
-            store._check_terms(store._live_columns(live_rows))
+        if live:
+            live_rows = store.live_rows()
+            for start in range(0, live, _CHECK_ROWS):
+                store._check_terms(store._live_columns(live_rows[start:start + _CHECK_ROWS]))
             store._index_rows(live_rows)
         return store
 
     def _live_columns(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Every column at the live ``rows`` (ascending), by column name, to read (views of
-        the used rows when every one is live, as in a full book; copies otherwise);
-        ValueError if an owner is negative."""
-        if rows.size == self._hw:
-            cols = self.columns()
+        """Every column at the live ``rows`` (ascending), by column name, to read (views when
+        the rows are consecutive, as in a full book; copies otherwise); ValueError if an owner
+        is negative."""
+        if rows.size and int(rows[-1]) - int(rows[0]) + 1 == rows.size:
+            at: slice | np.ndarray = slice(int(rows[0]), int(rows[-1]) + 1)
         else:
-            cols = {name: col[rows] for name, col in zip(self._COLUMN_NAMES, self._cols,
-                                                         strict=True)}
+            at = rows
+        cols = {name: col[at] for name, col in zip(self._COLUMN_NAMES, self._cols,
+                                                   strict=True)}
         if (cols[self._COLUMN_NAMES[self._OWNER_AT]] < 0).any():
             raise ValueError("owners must be >= 0")
         return cols

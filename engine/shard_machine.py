@@ -1241,15 +1241,17 @@ class ShardMachine:
         """The machine from :meth:`snapshot`'s ``(arrays, meta)``; also reads the older
         snapshots (int64 tables: ``outbox``, ``results`` with ``result_ids``; and those of
         cluster.shard_store, remembered opens in ``open_results``). ValueError if they do not
-        fit this config."""
+        fit this config. The books take the columns of ``arrays`` as their own (a snapshot
+        read for the machine): a caller that keeps using them passes copies."""
         if meta["asset"] != asset.name:
             raise ValueError(f"snapshot holds {meta['asset']}, shard trades {asset.name}")
         machine = cls(name, book_tag, asset, maintenance_margin_ppm, max_price_age_us)
         book_arrays = {k: arrays[k] for k in (*COLUMN_NAMES, "free_head")}
-        machine.book = PositionBook.from_arrays(asset, book_tag, book_arrays)
+        machine.book = PositionBook.from_arrays(asset, book_tag, book_arrays, copy=False)
         if _ORDER_PREFIX + "free_head" in arrays:
             machine.orders = OrderBook.from_arrays(asset, book_tag, {
-                k: arrays[_ORDER_PREFIX + k] for k in (*ORDER_COLUMN_NAMES, "free_head")})
+                k: arrays[_ORDER_PREFIX + k] for k in (*ORDER_COLUMN_NAMES, "free_head")},
+                copy=False)
             for oid, owner, status in arrays["ended_orders"].tolist():
                 machine._ended[oid] = (owner, status)
         outbox = schema.fill_close_ids(

@@ -246,6 +246,57 @@ def test_snapshot_round_trip_restores_ids_free_list_and_triggers() -> None:
         PositionBook.from_arrays(SOL, 8, broken)
 
 
+def _large_book(n: int) -> tuple[PositionBook, np.ndarray]:
+    """A book of ``n`` positions with TP and SL (more rows than a restore checks at a time),
+    every fifth closed; (book, the ids opened)."""
+    rng = np.random.default_rng(3)
+    side = rng.integers(0, 2, n)
+    tp = np.where(side == 0, 10_900, 9_100)
+    sl = np.where(side == 0, 9_800, 10_200)
+    plans, ok = plan_open_arrays(SOL, side, rng.integers(10**6, 10**9, n),
+                                 rng.integers(1, 5, n), 10_000, 10_001, tp, sl)
+    assert ok.all()
+    book = PositionBook(SOL, book_tag=8)
+    ids = book.open_many(rng.integers(1, 50, n), plans, 7)
+    for pid in ids[::5].tolist():
+        book.close(pid)
+    return book, ids
+
+
+def test_a_restore_without_copy_takes_the_columns_and_checks_every_row() -> None:
+    """``copy=False`` (a snapshot read for the book) makes the given columns the book's own;
+    the checks walk the rows in blocks, so a bad row in a late block is refused as one in
+    the first is."""
+    book, ids = _large_book(40_000)
+    arrays, given = book.to_arrays(), book.to_arrays()
+    copied = PositionBook.from_arrays(SOL, 8, arrays)
+    taken = PositionBook.from_arrays(SOL, 8, given, copy=False)
+    for name, column in copied.columns().items():
+        assert not np.shares_memory(column, arrays[name])
+        assert np.shares_memory(taken.columns()[name], given[name])
+    for restored in (copied, taken):
+        assert restored.check() == [] and len(restored) == len(book) == 32_000
+        assert [restored.get(i) for i in ids[:50].tolist()] == [book.get(i)
+                                                               for i in ids[:50].tolist()]
+        for bid in (9_000, 9_800, 10_000, 10_200, 10_900):
+            assert np.array_equal(restored.sweep(bid, bid)[0], book.sweep(bid, bid)[0])
+    # the taken columns grow like any others, and the ids go on as the original book's
+    assert [taken.open(1, plan(), 0) for _ in range(8_005)] == \
+        [book.open(1, plan(), 0) for _ in range(8_005)]
+    assert taken.capacity > 40_000 and taken.check() == []
+
+    late = 35_001  # live (not a multiple of 5): third block of rows, second of live ones
+    assert PositionBook.from_arrays(SOL, 8, arrays).get(int(ids[late])) is not None
+    for name, value in (("position_id", ids[late] + 1), ("liq_ticks", 1), ("owner", -1),
+                        ("leverage", 0)):
+        broken = {k: v.copy() for k, v in arrays.items()}
+        broken[name][late] = value
+        for copy in (True, False):
+            with pytest.raises(ValueError):
+                PositionBook.from_arrays(SOL, 8, {k: v.copy() for k, v in broken.items()},
+                                         copy=copy)
+
+
 def test_nbytes_counts_columns_and_indexes() -> None:
     book = PositionBook(SOL, capacity=1000)
     empty = book.nbytes
