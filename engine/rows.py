@@ -442,8 +442,8 @@ class RowStore(ABC, Generic[RecordT]):
         """Rebuild a book from :meth:`to_arrays`; ValueError if the arrays are inconsistent
         (ids that do not match their rows or ``book_tag``, a corrupt free list, an open item
         that is not valid). ``copy=False``: the book takes each given column that already has
-        its dtype as its own (the caller must not use it again), so a snapshot read for it is
-        not copied a second time."""
+        its dtype, and shares no memory with another, as its own (the caller must not use it
+        again), so a snapshot read for it is not copied a second time."""
         missing = [n for n in (*cls._COLUMN_NAMES, FREE_HEAD) if n not in arrays]
         if missing:
             raise ValueError(f"missing arrays: {missing}")
@@ -458,7 +458,8 @@ class RowStore(ABC, Generic[RecordT]):
             if given.shape != (hw,):
                 raise ValueError(f"array {name} has shape {given.shape}, expected ({hw},)")
             if not copy and hw == store._cap and given.dtype == columns[i].dtype \
-                    and given.flags.c_contiguous and given.flags.writeable:
+                    and given.flags.c_contiguous and given.flags.writeable \
+                    and not any(np.may_share_memory(given, c) for c in columns[:i]):
                 columns[i] = given
             else:
                 columns[i][:hw] = given

@@ -285,6 +285,18 @@ def test_a_restore_without_copy_takes_the_columns_and_checks_every_row() -> None
         [book.open(1, plan(), 0) for _ in range(8_005)]
     assert taken.capacity > 40_000 and taken.check() == []
 
+    # one array given for two columns is taken for one of them at most
+    flat, flat_ids = PositionBook(SOL, book_tag=8), []
+    for _ in range(1_500):
+        flat_ids.append(flat.open(1, plan(), 0))
+    shared = flat.to_arrays()
+    assert not shared["sl_ticks"].any()
+    shared["sl_ticks"] = shared["tp_ticks"]
+    one = PositionBook.from_arrays(SOL, 8, shared, copy=False)
+    record = one.amend(flat_ids[0], tp_ticks=10_500)
+    assert record is not None and (record.tp_ticks, record.sl_ticks) == (10_500, 0)
+    assert one.check() == []
+
     late = 35_001  # live (not a multiple of 5): third block of rows, second of live ones
     assert PositionBook.from_arrays(SOL, 8, arrays).get(int(ids[late])) is not None
     for name, value in (("position_id", ids[late] + 1), ("liq_ticks", 1), ("owner", -1),
