@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import cluster.durability.journal as journal_module
@@ -397,6 +398,44 @@ def test_big_open_batches_replay_vectorised_to_the_same_ids_rows_and_answers(
         [first[0], first[1], second[0], second[199]]
     assert again.machine.book.check() == [] and again.machine.check() == []
     crash(again)
+
+
+def test_a_shard_restored_from_its_snapshot_file_grows_as_the_live_one_did(
+        tmp_path: Path) -> None:
+    """A book of more rows than a fresh one allocates is restored from the snapshot file into
+    the snapshot's own columns (no room to spare), and the journal tail's opens grow it; then
+    it answers, opens and sweeps as the live shard does."""
+    clock = Clock()
+    live = open_shard(tmp_path / "live", clock, snapshot_every_events=10**9)
+    one(live, sm.ApplyTick(tick(10_000)))
+    first = live.execute([sm.Open(shard_open(i, owner=i % 9, side=Side(i % 2),
+                                             leverage=1 + i % 30,
+                                             tp=10_700 if i % 2 == 0 else 9_300,
+                                             sl=9_900 if i % 2 == 0 else 10_100))
+                          for i in range(1, 1_801)])
+    assert all(isinstance(p, OpenPosition) for p in first)
+    live.execute([sm.Close(shard_close(0, p.owner, p.position_id)) for p in first[400:500]])
+    live.checkpoint()  # 1,800 rows, 100 of them free
+    tail = live.execute([sm.Open(shard_open(5_000 + i, owner=i % 4)) for i in range(400)])
+    shutil.copytree(tmp_path / "live", tmp_path / "restored")  # what a crash leaves on disk
+    restored = open_shard(tmp_path / "restored", clock)
+    assert restored.store is not None and restored.store.recovered is not None
+    assert restored.store.recovered.snapshot_seq > 0 and restored.store.recovered.replayed == 1
+    assert restored.machine.fingerprint() == live.machine.fingerprint()
+    assert restored.machine.book.capacity >= 2_100  # grown past the snapshot's 1,800 rows
+    assert restored.machine.book.check() == [] and restored.machine.check() == []
+    clock.now_us = NOW + 1
+    for commands in ([sm.Open(shard_open(i)) for i in (1, 1_800, 5_000, 5_399)],
+                     [sm.Open(shard_open(9_000 + i, owner=2)) for i in range(300)],
+                     [sm.ApplyTick(tick(9_250, ts_us=NOW + 1))],
+                     [sm.ApplyTick(tick(10_750, ts_us=NOW + 2, seq=2))]):
+        assert restored.execute(commands) == live.execute(commands)
+        assert restored.machine.fingerprint() == live.machine.fingerprint()
+    assert len(live.machine.book) < 2_400  # the ticks closed positions: SLs and TPs crossed
+    assert first[0] == restored.execute([sm.Open(shard_open(1))])[0]
+    assert tail[399] == restored.execute([sm.Open(shard_open(5_399))])[0]
+    crash(live)
+    crash(restored)
 
 
 def test_open_answers_and_fences_survive_restarts_and_snapshots(tmp_path: Path) -> None:
