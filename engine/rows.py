@@ -467,23 +467,22 @@ class RowStore(ABC, Generic[RecordT]):
         store._hw = hw
         # the checks walk the rows in blocks: their temporaries stay small and are reused,
         # where whole-column ones would each map (and fault in) fresh memory
-        live = 0
+        used = store._ids[:hw]
         for start in range(0, hw, _CHECK_ROWS):
-            ids = store._ids[start:min(start + _CHECK_ROWS, hw)]
+            ids = used[start:start + _CHECK_ROWS]
             absolute = np.abs(ids)
             if (ids == 0).any() or ((absolute >> ROW_SHIFT) & ROW_MASK != np.arange(
                     start, start + ids.size, dtype=np.int64)).any() \
                     or ((absolute & TAG_MASK) != book_tag).any():
                 raise ValueError(f"{cls._NOUN} ids do not match their rows or book_tag")
-            live += int(np.count_nonzero(ids > 0))
-        store._live = live
+        live_rows = store.live_rows()
+        store._live = int(live_rows.size)
         store._free_head = int(np.asarray(arrays[FREE_HEAD]).reshape(-1)[0])
         problem, store._free_count = store._walk_free_list()
         if problem:
             raise ValueError(problem)
-        if live:
-            live_rows = store.live_rows()
-            for start in range(0, live, _CHECK_ROWS):
+        if live_rows.size:
+            for start in range(0, live_rows.size, _CHECK_ROWS):
                 store._check_terms(store._live_columns(live_rows[start:start + _CHECK_ROWS]))
             store._index_rows(live_rows)
         return store
