@@ -70,7 +70,7 @@ bench: bytecode wrk ## run the benchmarks (engine, feed, api, durability, live);
 	$(VENV)/bin/shardex bench engine --positions 1000000 --json
 	$(VENV)/bin/shardex bench feed --json
 	$(VENV)/bin/shardex bench api --json
-	$(VENV)/bin/shardex bench durability --rounds 6 --json
+	$(VENV)/bin/shardex bench durability --slices 20 --json
 	$(VENV)/bin/shardex bench live --json
 
 chaos: bytecode ## the long chaos run: 100 kill -9 under load, reports lost/duplicated operations

@@ -1,18 +1,19 @@
 """``shardex bench durability``: what journaling costs, and how fast a big shard comes back.
 
-1. API throughput, journaling off versus on, in the same run: the whole platform (local Ray,
-   its own embedded broker, sim prices, Serve on a free port) is started once with in-memory
-   hosts (cluster.actors.launcher.Platform(durable=False)) and once with journaled ones
-   (``durable=True``: every batch a host executes is one journal record, fdatasync'ed under
-   DATA_DIR before the answers), and driven by the same closed loop of HTTP opens and closes
-   (bench.api.drive: each worker alternates open and close on its own account). One op = one
-   acknowledged HTTP request. The API's rate limits are off (bench.api.unthrottled). With
-   ``--rounds N`` both modes run N times, back to back in each round and in alternating order,
-   and each mode reports its median round. On a shared 2-core machine a minute's throughput
-   moves by 20-30% from one run to the next, more than most changes this is meant to judge,
-   so the ratio is the median of the rounds' own ratios (journaled / in memory, the two runs
-   of a round a minute apart), which that drift moves far less than the ratio of the two
-   medians (also printed).
+1. API throughput, journaling off versus on, in the same run: two platforms run side by side,
+   each in a process of its own with its own local Ray, embedded broker, sim prices and Serve
+   on a free port, one with in-memory hosts (cluster.actors.launcher.Platform(durable=False))
+   and one with journaled ones (``durable=True``: every batch a host executes is one journal
+   record, fdatasync'ed under DATA_DIR before the answers). The same closed loop of HTTP opens
+   and closes (bench.api.drive: each worker alternates open and close on its own account)
+   drives one platform at a time, in ``--slices`` slices of ``--slice-s`` seconds per mode,
+   alternating, the other mode first in every other slice, while the idle platform waits. One
+   op = one acknowledged HTTP request. The API's rate limits are off (bench.api.unthrottled).
+   On a shared 2-core machine a minute's throughput moves by 20-30% from one run to the next,
+   more than most changes this is meant to judge; slices a few seconds apart see the same
+   machine, so each mode's figure is its acknowledged ops over its measured time in all its
+   slices, and their ratio is the ratio of the two (the spread of the slices' own ratios is
+   printed beside it).
 2. Journal bytes per op: the bytes the durable run's journals grew by (ledger and shards,
    including the tick records of the sim feed) divided by the operations they acknowledged
    (accounts, opens, closes, as counted by the ledger and the shards).
@@ -57,14 +58,18 @@ import statistics
 import tempfile
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from bench.api import HOST, drive_all, unthrottled
+from bench.api import HOST, _wait_prices, drive, unthrottled
+from bench.http_load import LoadResult
 from cluster.actors.launcher import Platform
 from cluster.config import Settings
 
 ONE_MILLION = 1_000_000
+START_TIMEOUT_S = 180.0  # a platform's start, or its figures once told to stop
+STOP_TIMEOUT_S = 120.0  # a platform process's stop before it is killed
 
 
 def _free_port() -> int:
@@ -85,36 +90,100 @@ def _journal_bytes(data_dir: Path) -> int:
 
 
 # ---------------------------------------------------------------------- 1 + 2: the API
-def api_phase(durable: bool, bootstrap: str, concurrency: int,
-              duration_s: float) -> dict[str, Any]:
-    """Start the platform (journaled or not), drive it, stop it; returns the figures."""
+def _serve_platform(durable: bool, port: int, pipe: Connection) -> None:
+    """A child process: one platform (journaled or not) serving on ``port`` until the parent
+    sends on ``pipe``; sends "ready" once it serves, then its figures when told to stop."""
     import ray
 
     from engine.ledger_machine import Totals
     from engine.shard_machine import Stats
+    from feed.broker import EmbeddedBroker
 
     data_dir = Path(tempfile.mkdtemp(prefix="shardex-bench-durability-"))
-    settings = dataclasses.replace(unthrottled(Settings.from_env()), port=_free_port(),
-                                   feed_source="sim", data_dir=data_dir,
-                                   kafka_brokers=bootstrap, ray_address=None)
-    assets = [a.name for a in settings.assets.assets]
-    platform = Platform(settings, with_feed=True, bootstrap=bootstrap,
-                        ray_init={"num_cpus": 2}, durable=durable)
+    broker = EmbeddedBroker(HOST, _free_port()).start()
     try:
-        platform.start()
-        results, _ = asyncio.run(drive_all(settings.port, [concurrency], duration_s, assets))
-        result = results[concurrency]
-        stats = [answers[0] for answers in ray.get(
-            [h.execute.remote([Stats()]) for h in platform.shards.values()], timeout=60)]
-        [totals] = ray.get(platform.ledger.execute.remote([Totals()]), timeout=60)
-        ops = int(totals["users"]) + sum(s.opens + s.closes_manual for s in stats)
-        journal = _journal_bytes(data_dir) if durable else 0
+        settings = dataclasses.replace(unthrottled(Settings.from_env()), port=port,
+                                       feed_source="sim", data_dir=data_dir,
+                                       kafka_brokers=broker.bootstrap, ray_address=None)
+        platform = Platform(settings, with_feed=True, bootstrap=broker.bootstrap,
+                            ray_init={"num_cpus": 2}, durable=durable)
+        try:
+            platform.start()
+            pipe.send("ready")
+            try:
+                pipe.recv()
+            except EOFError:  # the parent gave up (or is gone): stop, no figures
+                return
+            stats = [answers[0] for answers in ray.get(
+                [h.execute.remote([Stats()]) for h in platform.shards.values()], timeout=60)]
+            [totals] = ray.get(platform.ledger.execute.remote([Totals()]), timeout=60)
+            pipe.send({"ops_total": int(totals["users"])
+                       + sum(s.opens + s.closes_manual for s in stats),
+                       "journal_bytes": _journal_bytes(data_dir) if durable else 0})
+        finally:
+            platform.stop()
     finally:
-        platform.stop()
+        broker.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
-    return {"ops_per_s": result.ops_per_s, "p50_ms": result.percentile_ms(50),
-            "p99_ms": result.percentile_ms(99), "errors": result.errors, "ops_total": ops,
-            "journal_bytes": journal}
+
+
+def api_phase(concurrency: int, slices: int, slice_s: float) -> dict[bool, dict[str, Any]]:
+    """Both platforms started (one after the other), driven in alternating slices, stopped;
+    returns each mode's figures (key: durable)."""
+    spawn = multiprocessing.get_context("spawn")
+    ports = {durable: _free_port() for durable in (False, True)}
+    pipes: dict[bool, Connection] = {}
+    children: list[Any] = []  # spawned processes
+    try:
+        for durable in (False, True):  # one start at a time: each takes both cores a while
+            pipes[durable], theirs = spawn.Pipe()
+            child = spawn.Process(target=_serve_platform, args=(durable, ports[durable], theirs))
+            child.start()
+            children.append(child)
+            if not pipes[durable].poll(START_TIMEOUT_S) or pipes[durable].recv() != "ready":
+                raise RuntimeError(f"the {'journaled' if durable else 'in-memory'} platform did "
+                                   f"not start within {START_TIMEOUT_S} s")
+        assets = [a.name for a in Settings.from_env().assets.assets]
+        runs = asyncio.run(_alternate(ports, assets, concurrency, slices, slice_s))
+        figures = {}
+        for durable, pipe in pipes.items():
+            pipe.send("stop")
+            if not pipe.poll(START_TIMEOUT_S):
+                raise RuntimeError("a platform did not report its figures")
+            figures[durable] = {**pipe.recv(), **_mode_figures(runs[durable])}
+        return figures
+    finally:
+        for pipe in pipes.values():  # a child still waiting for "stop" reads EOF and stops
+            pipe.close()
+        for child in children:
+            child.join(STOP_TIMEOUT_S)
+            if child.is_alive():  # hung in its stop: killed by its pid
+                child.kill()
+                child.join()
+
+
+async def _alternate(ports: dict[bool, int], assets: list[str], concurrency: int, slices: int,
+                     slice_s: float) -> dict[bool, list[LoadResult]]:
+    """The closed loop on one platform at a time: ``slices`` slices per mode, the in-memory
+    one first in even slices and the journaled one in odd ones."""
+    for port in ports.values():
+        await _wait_prices(port, assets)
+        await drive(port, 4, 1.0)  # warm up routes, batchers and actor connections
+    runs: dict[bool, list[LoadResult]] = {False: [], True: []}
+    for n in range(slices):
+        for durable in ((False, True) if n % 2 == 0 else (True, False)):
+            runs[durable].append(await drive(ports[durable], concurrency, slice_s))
+    return runs
+
+
+def _mode_figures(runs: list[LoadResult]) -> dict[str, Any]:
+    """One mode's slices as one run: ops over measured time, latency percentiles of all."""
+    whole = LoadResult(runs[0].concurrency, sum(r.ops for r in runs),
+                       sum(r.errors for r in runs), sum(r.elapsed_s for r in runs),
+                       tuple(ms for r in runs for ms in r.latencies_ms))
+    return {"ops_per_s": whole.ops_per_s, "p50_ms": whole.percentile_ms(50),
+            "p99_ms": whole.percentile_ms(99), "errors": whole.errors,
+            "ops_per_s_by_slice": [r.ops_per_s for r in runs]}
 
 
 # ---------------------------------------------------------------------- 5: one commit
@@ -380,18 +449,15 @@ def _ledger_rebuild(data_dir: str) -> tuple[float, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardex bench durability", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration-s", type=float, default=8.0, help="load per API phase")
+    parser.add_argument("--slices", type=int, default=10,
+                        help="API slices of each mode, alternating with the other's")
+    parser.add_argument("--slice-s", type=float, default=3.0, help="load per API slice")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--positions", type=int, default=ONE_MILLION,
                         help="positions in the shard killed for the recovery figure "
                              "(0 skips it)")
     parser.add_argument("--kills", type=int, default=3,
                         help="kill -9 of the full shard, each after the previous recovery")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="API phases of each mode, alternating which comes first; the "
-                             "figures are each mode's median round and the ratio the median "
-                             "of the rounds' ratios (this machine's speed drifts by 20-30%% "
-                             "between runs of a minute)")
     parser.add_argument("--ledger-accounts", type=int, default=50_000,
                         help="accounts in the ledger rebuilt for its recovery figure")
     parser.add_argument("--ledger-closes", type=int, default=300_000,
@@ -402,65 +468,52 @@ def main(argv: list[str] | None = None) -> int:
                         help="journal commits timed per round of each mode (0 skips it)")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
+    if args.slices < 1 or args.slice_s <= 0:
+        parser.error("--slices must be at least 1 and --slice-s above 0")
 
-    from feed.broker import EmbeddedBroker
-
-    rounds: list[dict[bool, dict[str, Any]]] = []
-    broker = EmbeddedBroker(HOST, _free_port()).start()
-    try:
-        for n in range(args.rounds):
-            # every other round the other order: a machine that speeds up or slows down over
-            # the run favours neither mode
-            order = (False, True) if n % 2 == 0 else (True, False)
-            rounds.append({durable: api_phase(durable, broker.bootstrap, args.concurrency,
-                                              args.duration_s) for durable in order})
-    finally:
-        broker.stop()
+    modes = api_phase(args.concurrency, args.slices, args.slice_s)
     recovery = recovery_phase(args.positions, args.kills) if args.positions else None
     ledger = ledger_phase(max(1, args.ledger_accounts), args.ledger_closes,
                           max(1, args.ledger_opens)) if args.ledger_closes else None
     commit = commit_phase(args.commits) if args.commits > 0 else None
-    memory, durable = (_median_round([r[mode] for r in rounds]) for mode in (False, True))
-
-    ratio_of_medians = _ratio(durable, memory)
-    round_ratios = [_ratio(r[True], r[False]) for r in rounds]
-    ratio = statistics.median(round_ratios)
+    memory, durable = modes[False], modes[True]
+    ratio = _ratio(durable, memory)
+    slice_ratios = [d / m if m else 0.0 for d, m in zip(
+        durable["ops_per_s_by_slice"], memory["ops_per_s_by_slice"], strict=True)]
     bytes_per_op = durable["journal_bytes"] / max(1, durable["ops_total"])
-    median = f"the median of {args.rounds} rounds, " if args.rounds > 1 else ""
-    print(f"HTTP open/close closed loop at concurrency {args.concurrency}, "
-          f"{args.duration_s:g} s each ({median}one op = one acknowledged request)")
+    print(f"HTTP open/close closed loop at concurrency {args.concurrency}, {args.slices} slices "
+          f"of {args.slice_s:g} s per mode, alternating (one op = one acknowledged request)")
     print(f"{'actors':<34}{'ops/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
     for name, r in (("in memory (no journal)", memory),
                     ("journaled (fdatasync per batch)", durable)):
         print(f"{name:<34}{r['ops_per_s']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
               f"{r['errors']:>8}")
-    if args.rounds > 1:
-        for mode, name in ((False, "in memory"), (True, "journaled")):
-            print(f"  {name} ops/s by round: "
-                  + ", ".join(f"{r[mode]['ops_per_s']:.0f}" for r in rounds))
-        print("  journaled / in memory by round: " + ", ".join(f"{q:.2f}" for q in round_ratios)
-              + f"; ratio of the medians above {ratio_of_medians:.2f}")
-    print(f"durable / in-memory throughput: {ratio:.2f}"
-          f"{' (median of the rounds)' if args.rounds > 1 else ''} (target >= 0.90)")
+    for r, name in ((memory, "in memory"), (durable, "journaled")):
+        print(f"  {name} ops/s by slice: "
+              + ", ".join(f"{q:.0f}" for q in r["ops_per_s_by_slice"]))
+    print(f"  journaled / in memory by slice: median {statistics.median(slice_ratios):.2f}, "
+          f"{min(slice_ratios):.2f}-{max(slice_ratios):.2f}, journaled faster in "
+          f"{sum(q > 1 for q in slice_ratios)} of {len(slice_ratios)}")
+    print(f"durable / in-memory throughput: {ratio:.2f} (target >= 0.90)")
     print(f"journal bytes per op: {bytes_per_op:.0f} ({durable['journal_bytes']:,} bytes for "
           f"{durable['ops_total']:,} ops incl. the sim feed's tick records)")
     out: dict[str, Any] = {
         "bench": "durability",
         "concurrency": args.concurrency,
-        "rounds": args.rounds,
+        "slices": args.slices,
+        "slice_s": args.slice_s,
         "acked_ops_per_s_durable": round(durable["ops_per_s"], 1),
         "acked_ops_per_s_memory": round(memory["ops_per_s"], 1),
-        "acked_ops_per_s_durable_by_round": [round(r[True]["ops_per_s"], 1) for r in rounds],
-        "acked_ops_per_s_memory_by_round": [round(r[False]["ops_per_s"], 1) for r in rounds],
+        "acked_ops_per_s_durable_by_slice": [round(q, 1) for q in durable["ops_per_s_by_slice"]],
+        "acked_ops_per_s_memory_by_slice": [round(q, 1) for q in memory["ops_per_s_by_slice"]],
         "durable_over_memory": round(ratio, 3),
-        "durable_over_memory_by_round": [round(q, 3) for q in round_ratios],
-        "durable_over_memory_of_medians": round(ratio_of_medians, 3),
+        "durable_over_memory_slice_median": round(statistics.median(slice_ratios), 3),
         "p50_ms_durable": round(durable["p50_ms"], 2),
         "p50_ms_memory": round(memory["p50_ms"], 2),
+        "p99_ms_durable": round(durable["p99_ms"], 2),
+        "p99_ms_memory": round(memory["p99_ms"], 2),
         "journal_bytes_per_op": round(bytes_per_op, 1),
-        "errors": sum(r[mode]["errors"] for r in rounds for mode in (False, True)),
+        "errors": durable["errors"] + memory["errors"],
     }
     if recovery is not None:
         _print_recovery(recovery)
@@ -503,14 +556,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _ratio(durable: dict[str, Any], memory: dict[str, Any]) -> float:
-    """Journaled over in-memory throughput of two API phases (0 when memory served none)."""
+    """Journaled over in-memory throughput (0 when memory served none)."""
     return durable["ops_per_s"] / memory["ops_per_s"] if memory["ops_per_s"] else 0.0
-
-
-def _median_round(phases: list[dict[str, Any]]) -> dict[str, Any]:
-    """The phase of median throughput among ``phases`` (the lower middle one of an even
-    count): its figures belong together, where medians taken figure by figure would not."""
-    return sorted(phases, key=lambda p: p["ops_per_s"])[(len(phases) - 1) // 2]
 
 
 def _print_recovery(recovery: dict[str, Any]) -> None:
