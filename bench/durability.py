@@ -449,10 +449,10 @@ def _ledger_rebuild(data_dir: str) -> tuple[float, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardex bench durability", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--slices", type=int, default=10,
                         help="API slices of each mode, alternating with the other's")
     parser.add_argument("--slice-s", type=float, default=3.0, help="load per API slice")
-    parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--positions", type=int, default=ONE_MILLION,
                         help="positions in the shard killed for the recovery figure "
                              "(0 skips it)")
