@@ -97,33 +97,29 @@ def _serve_platform(durable: bool, port: int, pipe: Connection) -> None:
 
     from engine.ledger_machine import Totals
     from engine.shard_machine import Stats
-    from feed.broker import EmbeddedBroker
 
     data_dir = Path(tempfile.mkdtemp(prefix="shardex-bench-durability-"))
-    broker = EmbeddedBroker(HOST, _free_port()).start()
+    settings = dataclasses.replace(unthrottled(Settings.from_env()), port=port,
+                                   feed_source="sim", data_dir=data_dir, kafka_brokers=None,
+                                   ray_address=None)
+    # as `shardex up` runs it: the platform starts and stops its own broker, on a free port
+    platform = Platform(settings, with_feed=True, broker_port=_free_port(),
+                        ray_init={"num_cpus": 2}, durable=durable)
     try:
-        settings = dataclasses.replace(unthrottled(Settings.from_env()), port=port,
-                                       feed_source="sim", data_dir=data_dir,
-                                       kafka_brokers=broker.bootstrap, ray_address=None)
-        platform = Platform(settings, with_feed=True, bootstrap=broker.bootstrap,
-                            ray_init={"num_cpus": 2}, durable=durable)
+        platform.start()
+        pipe.send("ready")
         try:
-            platform.start()
-            pipe.send("ready")
-            try:
-                pipe.recv()
-            except EOFError:  # the parent gave up (or is gone): stop, no figures
-                return
-            stats = [answers[0] for answers in ray.get(
-                [h.execute.remote([Stats()]) for h in platform.shards.values()], timeout=60)]
-            [totals] = ray.get(platform.ledger.execute.remote([Totals()]), timeout=60)
-            pipe.send({"ops_total": int(totals["users"])
-                       + sum(s.opens + s.closes_manual for s in stats),
-                       "journal_bytes": _journal_bytes(data_dir) if durable else 0})
-        finally:
-            platform.stop()
+            pipe.recv()
+        except EOFError:  # the parent gave up (or is gone): stop, no figures
+            return
+        stats = [answers[0] for answers in ray.get(
+            [h.execute.remote([Stats()]) for h in platform.shards.values()], timeout=60)]
+        [totals] = ray.get(platform.ledger.execute.remote([Totals()]), timeout=60)
+        pipe.send({"ops_total": int(totals["users"])
+                   + sum(s.opens + s.closes_manual for s in stats),
+                   "journal_bytes": _journal_bytes(data_dir) if durable else 0})
     finally:
-        broker.stop()
+        platform.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
