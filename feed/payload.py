@@ -16,7 +16,10 @@ import numpy as np
 
 MAX_DEPTH = 32  # deepest nesting accepted (the API's bound too); real payloads nest 1-3 levels
 
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string literal (unrolled, linear)
+# A JSON string literal, or an unclosed one running to the end: every match attempt from a
+# quote succeeds in one pass, so the scan is linear (a pattern that needs the closing quote
+# fails, and is tried again from each later quote, on an unclosed string full of escaped ones).
+_STRING = re.compile(rb'"[^"\\]*(?:\\[\s\S][^"\\]*)*(?:"|\\?\Z)')
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 _OPEN = np.frombuffer(b"[{", dtype=np.uint8)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from feed.payload import _STRING
 from feed.payload import MAX_DEPTH
 from feed.payload import PayloadError
 from feed.payload import load_json
@@ -27,6 +28,29 @@ from hypothesis import strategies as st
 )
 def test_nesting_depth_ignores_brackets_in_strings(raw: bytes, depth: int) -> None:
     assert nesting_depth(raw) == depth
+
+
+@given(st.binary(max_size=200))
+def test_a_string_scan_from_any_quote_ends_at_its_closing_quote_or_the_end(tail: bytes) -> None:
+    # A scan that could fail from a quote is tried again from every later quote: an unclosed
+    # string full of escaped quotes then costs time growing with the square of its length.
+    raw = b'"' + tail
+    match = _STRING.match(raw)
+    assert match is not None
+    assert match.end() == len(raw) or raw[match.end() - 1] == ord('"')
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"data":["' + b' \\"' * 2000,         # unclosed, escaped quotes
+     b'{"data":["' + b' \\"' * 2000 + b"\\",  # ... ending in a backslash
+     b'["' + b"\\\n[" * 2000],               # escaped line breaks
+)
+def test_an_unclosed_string_is_not_json_and_hides_its_brackets(raw: bytes) -> None:
+    assert nesting_depth(raw) <= 2
+    with pytest.raises(PayloadError) as refused:
+        load_json(raw, max_bytes=len(raw))
+    assert refused.value.reason == "not_json"
 
 
 def test_real_payloads_parse() -> None:
