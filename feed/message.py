@@ -8,13 +8,12 @@ ticks with :meth:`engine.assets.Asset.price_to_ticks`, never through a float.
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypeGuard
 
-from engine.amounts import AmountError
+from engine.amounts import AmountError, to_units
 from engine.assets import Asset, AssetRegistry
 from engine.market import Tick
 from feed.payload import PayloadError, load_json
@@ -98,7 +97,8 @@ class TickDecoder:
     under one reason (:data:`DECODE_DROP_REASONS`): ``oversized`` (more than
     :data:`MAX_MESSAGE_BYTES`), ``too_deep`` (nested deeper than ``feed.payload.MAX_DEPTH``),
     ``not_json`` (not UTF-8 JSON, or not an object), ``unknown_symbol``, ``bad_price`` (bid,
-    ask or price missing, unparsable, zero, negative, non-finite or off the asset's price step),
+    ask or price missing, not decimal text or a JSON number, zero, negative, non-finite or off
+    the asset's price step; price may carry one decimal more),
     ``crossed`` (bid > ask), ``above_bound`` (ask above the asset's
     :attr:`~engine.assets.Asset.max_price_ticks`), ``bad_field`` (``ts_us`` not an integer in
     ``(0, 2**63)``, ``seq`` not one in ``[0, 2**63)``, ``source`` longer than
@@ -133,7 +133,7 @@ class TickDecoder:
             return None
         bid_ticks = _ticks(asset, obj.get("bid"))
         ask_ticks = _ticks(asset, obj.get("ask"))
-        if bid_ticks is None or ask_ticks is None or not _positive_price(obj.get("price")):
+        if bid_ticks is None or ask_ticks is None or not _is_mid_price(asset, obj.get("price")):
             self._drop("bad_price")
             return None
         if bid_ticks > ask_ticks:
@@ -168,7 +168,7 @@ def _is_int(value: object) -> TypeGuard[int]:
 
 def _ticks(asset: Asset, value: object) -> int | None:
     """``value`` as a positive count of ``asset``'s price step, or None (never 0)."""
-    if value is None or isinstance(value, bool) or not isinstance(value, str | int | float):
+    if value is None or isinstance(value, bool) or not isinstance(value, str | int | Decimal):
         return None
     try:
         return asset.price_to_ticks(value)
@@ -176,17 +176,13 @@ def _ticks(asset: Asset, value: object) -> int | None:
         return None
 
 
-def _positive_price(value: object) -> bool:
-    """The mid ``price`` must be a finite number > 0 (it may have one decimal more than a step)."""
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        return False
-    if isinstance(value, float):
-        return math.isfinite(value) and value > 0
-    text = str(value).strip()
-    if len(text) > 64:
+def _is_mid_price(asset: Asset, value: object) -> bool:
+    """The mid ``price`` must be decimal text (or an exact number) > 0 on half the asset's price
+    step: one decimal more than the step, as the mid of two prices on the step has."""
+    if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
         return False
     try:
-        dec = Decimal(text)
-    except (ArithmeticError, ValueError):
+        to_units(value, asset.price_decimals + 1, allow_zero=False)
+    except AmountError:
         return False
-    return dec.is_finite() and dec > 0
+    return True

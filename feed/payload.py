@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal
 
 import numpy as np
 
@@ -54,7 +55,9 @@ def load_json(raw: bytes | bytearray | str | None, *, max_bytes: int,
 
     Raises :class:`PayloadError`: ``oversized`` (longer than ``max_bytes``), ``too_deep``
     (nested deeper than ``max_depth``), ``not_json`` (anything the parser refuses, invalid
-    UTF-8, a non-text value). ``NaN``/``Infinity`` parse as floats (callers check numbers).
+    UTF-8, a non-text value). A number with a fraction or an exponent parses as the exact
+    :class:`~decimal.Decimal` of its text, never a float; ``NaN``/``Infinity`` parse as floats
+    (callers check numbers).
     """
     if isinstance(raw, str):
         if len(raw) > max_bytes:
@@ -69,7 +72,7 @@ def load_json(raw: bytes | bytearray | str | None, *, max_bytes: int,
     if nesting_depth(data) > max_depth:
         raise PayloadError("too_deep", f"nested deeper than {max_depth}")
     try:
-        return json.loads(data)
+        return json.loads(data, parse_float=Decimal)
     except RecursionError:
         raise PayloadError("too_deep", "parser recursion limit") from None
     except Exception as exc:  # ValueError, UnicodeDecodeError, MemoryError...: never escapes

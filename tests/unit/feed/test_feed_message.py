@@ -63,6 +63,13 @@ def test_unknown_fields_are_ignored_and_numbers_accepted() -> None:
         *[(enc(**{side: text}), "bad_price") for text in strategies.INVALID_PRICE_TEXTS
           for side in ("bid", "ask")],
         (enc(price="0"), "bad_price"),
+        # the mid has one decimal more than the step, in the strict decimal grammar
+        *[(enc(price=text), "bad_price")
+          for text in ("98.9651", "0.0001", "+98.965", " 98.965", "9_8.965",
+                       "\u0669\u0668.\u0669\u0666", "1e2")],
+        # a JSON number is read exactly: off the step by 1e-16 is off the step
+        (b'{"symbol":"SOL_USDC","bid":98.9600000000000001,"ask":"98.97","price":"98.965",'
+         b'"ts_us":1788367430246081}', "bad_price"),
         (enc(price="-1"), "bad_price"),
         (enc(price="Infinity"), "bad_price"),
         (b'{"symbol":"SOL_USDC","bid":NaN,"ask":"98.97","price":"1","ts_us":1,"seq":1}',
