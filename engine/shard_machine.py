@@ -707,6 +707,9 @@ class ShardMachine:
             return Rejected(Code.INVALID_REQUEST, problem), ()
         liq = liquidation_ticks(self.asset, record.side, record.entry_ticks, record.qty_steps,
                                 margin, record.maintenance_margin_ppm)
+        if liq > MAX_COLUMN_VALUE:  # a short's margin far above its notional: out of the book
+            return Rejected(Code.INVALID_REQUEST, "the margin would move the liquidation price "
+                                                  "out of range"), ()
         event = PositionAmended(record.position_id, record.qty_steps, margin, liq,
                                 record.tp_ticks, record.sl_ticks, command.request_id)
         return self._listed(record._replace(margin_micros=margin, liq_ticks=liq)), (event,)

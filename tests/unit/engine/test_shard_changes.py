@@ -8,13 +8,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from fractions import Fraction
 
+from engine.assets import DEFAULT_ASSETS
 from engine.events import PositionAmended
+from engine.market import Tick
 from engine.messages import OpenPosition
+from engine.messages import ShardOpen
+from engine.orders import MAX_COLUMN_VALUE
 from engine.orders import Side
 from engine.orders import liquidation_ticks
 from engine.results import Code
 from engine.results import Rejected
+from engine.shard_machine import ApplyTick
 from engine.shard_machine import ChangeMargin
+from engine.shard_machine import Open
 from engine.shard_machine import PositionsOf
 from engine.shard_machine import SetLevels
 from engine.shard_machine import ShardMachine
@@ -129,6 +135,23 @@ def test_a_margin_removal_is_refused_by_each_of_its_three_conditions() -> None:
     assert "stop-loss" in message
     assert isinstance(run(m, ChangeMargin(1, p.position_id, margin - p.margin_micros, 6)),
                       OpenPosition)
+
+
+def test_a_margin_that_would_move_a_liquidation_price_out_of_range_is_refused() -> None:
+    # a short's liquidation price lies above its entry by margin / quantity: a BTC short of one
+    # quantity step (0.00001) given the largest margin would liquidate above the book's range
+    btc = DEFAULT_ASSETS["BTC"]
+    m = ShardMachine("s", 0, btc, 0, 15_000_000)
+    run(m, ApplyTick(Tick("BTC", 1_000_000, 1_000_001, NOW, 1, "test")))
+    p = run(m, Open(ShardOpen(1, 7, Side.SHORT, USD, 1, None, None, None, 100)))
+    assert isinstance(p, OpenPosition) and p.qty_steps == 1
+    before = m.fingerprint()
+    message = refused(run(m, ChangeMargin(7, p.position_id, MAX_COLUMN_VALUE - USD, 2)),
+                      Code.INVALID_REQUEST)
+    assert "liquidation price" in message
+    assert m.fingerprint() == before
+    largest = run(m, ChangeMargin(7, p.position_id, 10**12 * USD, 3))  # still in range
+    assert isinstance(largest, OpenPosition) and largest.liq_ticks > p.liq_ticks
 
 
 def test_changes_need_the_owner_a_fresh_price_and_an_open_position() -> None:
