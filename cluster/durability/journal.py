@@ -374,6 +374,11 @@ class Journal:
             changed_dir = True
         self._segments = kept
         self._fd = os.open(kept[-1][1], os.O_WRONLY | os.O_CREAT, 0o644)
+        if self.fsync and self._size:
+            # A writer killed between its write and its flush left records that only the page
+            # cache may hold; they are served from now on (a retry gets their answer), so they
+            # must be on the disk first. Earlier segments were flushed before they were left.
+            _fdatasync(self._fd)
         if changed_dir:
             fsync_directory(self.path)
 

@@ -110,6 +110,19 @@ def test_group_commit_is_one_write_and_one_fsync(tmp_path: Path, syncs: list[int
         assert len(syncs) == 2
 
 
+def test_opening_flushes_the_records_it_finds(tmp_path: Path, syncs: list[int]) -> None:
+    # a writer killed between its write and its flush leaves records that only the page cache
+    # may hold; the next writer serves them, so they must reach the disk before it does
+    write(tmp_path / "j", payloads(5))  # never flushed
+    assert syncs == []
+    with Journal(tmp_path / "j") as j:
+        assert j.durable_seq == 5
+        (flushed,) = syncs
+        assert os.readlink(f"/proc/self/fd/{flushed}") == str(only_segment(tmp_path / "j"))
+    with Journal(tmp_path / "empty"):
+        assert len(syncs) == 1  # a journal with no records has nothing to flush
+
+
 @pytest.mark.parametrize("last_size", [0, 1, 40])
 def test_torn_last_record_at_every_byte_offset(tmp_path: Path, last_size: int) -> None:
     items = [*payloads(5), b"L" * last_size]
