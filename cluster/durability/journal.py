@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import struct
 import zlib
@@ -390,11 +391,19 @@ class Journal:
             self.repair.orphaned_segments.append(orphan.name)
 
     def _set_aside(self, segment: Path, data: bytes, offset: int = 0) -> None:
-        aside = segment.with_name(f"{segment.name}.{offset}{CORRUPT_SUFFIX}")
-        with open(aside, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        """Copy ``data`` (cut from ``segment`` at ``offset``) to a new file beside it; a later
+        cut at the same offset gets the next free name, never overwriting an earlier copy."""
+        for n in itertools.count():
+            again = f".{n}" if n else ""
+            aside = segment.with_name(f"{segment.name}.{offset}{again}{CORRUPT_SUFFIX}")
+            try:
+                with open(aside, "xb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except FileExistsError:
+                continue
+            return
 
     # -- state -----------------------------------------------------------------------------------
 

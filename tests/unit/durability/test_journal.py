@@ -196,6 +196,23 @@ def test_crc_mismatch_mid_file_stops_replay_there_and_keeps_the_rest_aside(
     assert replayed(tmp_path / "j") == [*enumerate(items[:4], start=1), (5, b"new five")]
 
 
+def test_a_second_cut_at_the_same_offset_keeps_the_first_copy(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    write(path, [b"one", b"two"])
+    segment = only_segment(path)
+    end = segment.stat().st_size
+    copies = []
+    for n, garbage in enumerate((b"\xff" * 30, b"\xee" * 20)):
+        with open(segment, "ab") as f:  # a damaged record after the last good one
+            f.write(garbage)
+        with Journal(path, fsync=False) as j:
+            assert j.repair.corrupt_bytes + j.repair.torn_bytes == len(garbage)
+            assert j.durable_seq == 2
+        copies.append(sorted(p.read_bytes() for p in path.glob("*.corrupt")))
+        assert segment.stat().st_size == end, n
+    assert copies == [[b"\xff" * 30], sorted([b"\xff" * 30, b"\xee" * 20])]
+
+
 def test_seq_chain_break_is_corruption(tmp_path: Path) -> None:
     seg = tmp_path / "j" / "00000000000000000001.wal"
     seg.parent.mkdir()
