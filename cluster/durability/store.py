@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from cluster.durability.journal import Journal, JournalError
+from cluster.durability.journal import CORRUPT_SUFFIX, Journal, JournalError
 from cluster.durability.recovery import Recovered, recover, trim_journal
 from cluster.durability.snapshot import DEFAULT_KEEP, Snapshot, prune_snapshots, write_snapshot
 from engine.events import BATCH_TAG, decode_batch, encode_batch
@@ -68,6 +68,24 @@ SnapshotFn = Callable[[], tuple[Mapping[str, np.ndarray], Mapping[str, Any]]]
 
 class DurabilityError(RuntimeError):
     """The journal can no longer make changes durable (I/O error): crash and recover."""
+
+
+def _report_repair(journal: Journal) -> None:
+    """Log what opening ``journal`` cut off: a torn last record is a crash's trace and held
+    nothing acknowledged; a damaged record (and what followed it) may have held acknowledged
+    ones, which are then not recovered, so the operator hears of it."""
+    repair = journal.repair
+    if repair.clean:
+        return
+    where = f"journal {journal.path} (recovered to seq {journal.durable_seq})"
+    if not repair.corrupt_bytes and not repair.orphaned_segments:
+        log.info("%s: cut off a torn last record of %d bytes, written by a process that "
+                 "stopped mid-write", where, repair.torn_bytes)
+        return
+    log.warning("%s: a damaged record; cut off %d bytes from it on and set aside %d later "
+                "segment(s) %s. The records in them are not recovered; copies are in the "
+                "*%s files beside the segments", where, repair.corrupt_bytes + repair.torn_bytes,
+                len(repair.orphaned_segments), repair.orphaned_segments, CORRUPT_SUFFIX)
 
 
 class JournalStore:
@@ -97,6 +115,7 @@ class JournalStore:
         self.readonly = readonly
         self.journal = Journal(self.directory / JOURNAL_DIR, fsync=fsync, readonly=readonly,
                                lock_shared=readonly)
+        _report_repair(self.journal)
         self._events: list[bytes] = []  # encoded events of the call in progress
         self._events_since_snapshot = 0
         self._failed: BaseException | None = None

@@ -5,11 +5,13 @@ same state after a clean stop and after a crash."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cluster.durability.journal import HEADER_BYTES
 from cluster.durability.journal import JournalLockedError
 from cluster.durability.runner import MAX_PENDING_EVENTS
 from cluster.durability.runner import Failed
@@ -440,6 +442,31 @@ def test_a_read_only_runner_recovers_the_same_state_and_writes_nothing(
     assert led.machine.fingerprint() == live
     assert one(led, Balances(user)) == (SIGNUP - 40 * USD, 40 * USD)
     led.close()
+
+
+def test_opening_a_damaged_journal_is_logged_as_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def reopened(path: Path) -> list[logging.LogRecord]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="cluster.durability.store"):
+            open_ledger(path, Clock()).close()
+        return list(caplog.records)
+
+    for path in (tmp_path / "torn", tmp_path / "damaged"):
+        led = open_ledger(path, Clock())
+        for n in (1, 2, 3):
+            one(led, CreateAccount(*account(n)))
+        crash(led)
+    with open(segment(tmp_path / "torn"), "ab") as f:
+        f.write(b"\x40\x00\x00\x00torn")  # a record a kill cut in the middle
+    [record] = reopened(tmp_path / "torn")
+    assert record.levelno == logging.INFO and "torn" in record.getMessage()
+    damaged = bytearray(segment(tmp_path / "damaged").read_bytes())
+    damaged[HEADER_BYTES + 2] ^= 0xFF  # a payload byte of the first of three records
+    segment(tmp_path / "damaged").write_bytes(bytes(damaged))
+    [record] = reopened(tmp_path / "damaged")
+    assert record.levelno == logging.WARNING and "damaged" in record.getMessage()
+    assert "recovered to seq 0" in record.getMessage()
 
 
 def test_an_in_memory_runner_steps_the_same_way_without_a_disk() -> None:
