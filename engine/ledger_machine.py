@@ -1597,15 +1597,13 @@ class LedgerMachine:
             m._users_by_key_hash[key_hash] = int(user)
             m._account_ids[int(user)] = account_id
         m._applied_seq = {k: int(v) for k, v in meta["applied_seq"].items()}
-        answered: list[tuple[int, IdemKey]] = []
         for user, kind, client_order_id, answer, *ts in meta["answers"]:
             key = IdemKey(int(user), kind, client_order_id)
             m._answers[key] = decode_answer(answer.encode())
             if m._answers[key] is not None:
-                answered.append((int(ts[0]) if ts else 0, key))
-        # a stable sort: answers of one microsecond keep their order
-        m._answered_us = {key: ts_us
-                          for ts_us, key in sorted(answered, key=operator.itemgetter(0))}
+                # in the order given, as live (expiry stops at the first one still young,
+                # which is not the oldest by the clock after the clock stepped back)
+                m._answered_us[key] = int(ts[0]) if ts else 0
         for request_id, user, margin, *rest in meta.get("recent_locks", []):
             lock_key = IdemKey(*rest[0]) if rest and rest[0] is not None else None
             m._recent_locks[int(request_id)] = _Lock(int(user), int(margin), lock_key,

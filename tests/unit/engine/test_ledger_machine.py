@@ -318,6 +318,26 @@ def test_answers_expire_after_the_ttl_and_pending_reservations_do_not() -> None:
     assert led(Begin(new, 5)) is None
 
 
+def test_answers_expire_in_the_order_given_after_a_snapshot_too() -> None:
+    # the wall clock may step back (NTP); expiry walks the answers in the order they were given
+    # and stops at the first one still young, so a restored state must keep that order
+    led, u = one_account()
+    first, second = (IdemKey(u, "open", name) for name in ("first", "second"))
+    assert led(LockMargin(MarginLock(u, USD, first, 1))) is None
+    led(Remember(first, opened(u, 1, USD)))
+    led.now_us -= 1_000  # the clock stepped back
+    assert led(LockMargin(MarginLock(u, USD, second, 2))) is None
+    led(Remember(second, opened(u, 2, USD)))
+    restored = snapshot_round_trip(led.m)
+    assert restored.fingerprint() == led.m.fingerprint()
+    led.now_us += 600  # "second" is 600 us old, "first" 600 us younger than that
+    assert led(ExpireAnswers(500)) == 0  # "first" is young: nothing after it is looked at
+    restored_led = Recorded(led.m.max_open_positions)
+    restored_led.m, restored_led.now_us = restored, led.now_us
+    assert restored_led(ExpireAnswers(500)) == 0
+    assert restored_led.m.fingerprint() == led.m.fingerprint()
+
+
 def test_close_reservations_carry_their_request_id() -> None:
     led, u = one_account()
     lost, refused, wrong = (IdemKey(u, "close", n) for n in ("lost", "refused", "wrong"))
