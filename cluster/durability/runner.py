@@ -157,7 +157,7 @@ class Runner(Generic[M]):
                     store.append_encoded(encoded)
                 if urgent or store.pending >= MAX_PENDING_EVENTS:
                     store.commit()
-                    store.maybe_checkpoint(self.machine.snapshot)
+                    self._maybe_checkpoint(store)
             except DurabilityError as exc:  # memory holds what the disk may not: stop
                 self._broken = exc
                 raise
@@ -167,6 +167,17 @@ class Runner(Generic[M]):
             (end_ns - stepped_ns) // 1000 if store is not None else 0, end_ns // 1000))
         self._timed += 1
         return answers
+
+    def _maybe_checkpoint(self, store: JournalStore) -> None:
+        """A snapshot when one is due. The batch is committed and applied by now, so a snapshot
+        that cannot be taken (say, memory for the copy) fails only itself: the journal keeps
+        every event, and the next due batch tries again."""
+        try:
+            store.maybe_checkpoint(self.machine.snapshot)
+        except DurabilityError:
+            raise
+        except Exception:
+            log.exception("snapshot failed; the journal still holds every event")
 
     # ----------------------------------------------------------------- timings
     def note_after_us(self, after_us: int) -> None:

@@ -317,6 +317,27 @@ def test_an_apply_that_raises_ends_the_process_when_asked(tmp_path: Path) -> Non
     again.close()
 
 
+def test_a_snapshot_that_fails_after_the_commit_fails_only_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    led = open_ledger(tmp_path, Clock(), snapshot_every_events=1)
+
+    def no_memory() -> Any:
+        raise MemoryError("copying the state")
+
+    with monkeypatch.context() as patched, caplog.at_level(logging.ERROR):
+        patched.setattr(led.machine, "snapshot", no_memory)
+        created = one(led, CreateAccount(*account(1)))  # committed, then the snapshot fails
+    assert isinstance(created, CreatedAccount)
+    assert [r.levelno for r in caplog.records] == [logging.ERROR]
+    assert led.problem() is None and list_snapshots(tmp_path / SNAPSHOT_DIR) == []
+    one(led, CreateAccount(*account(2)))  # the next due batch snapshots
+    assert len(list_snapshots(tmp_path / SNAPSHOT_DIR)) == 1
+    live = led.machine.fingerprint()
+    crash(led)
+    assert open_ledger(tmp_path, Clock()).machine.fingerprint() == live
+
+
 def test_a_failed_commit_answers_nothing_more_not_even_reads(tmp_path: Path) -> None:
     led = open_ledger(tmp_path)
     assert one(led, CreateAccount(*account(1))).user == 1
