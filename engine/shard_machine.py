@@ -515,8 +515,14 @@ class ShardMachine:
         if tick.asset != self.asset.name or bid <= 0 or ask < bid:
             return 0, ()
         # above the asset's bound, amounts computed from the price may not fit int64
-        if ask > self.asset.max_price_ticks or not _fits_i64(tick.ts_us):
+        if ask > self.asset.max_price_ticks or not _fits_i64(tick.ts_us) \
+                or not 0 <= tick.seq < _U64:
             return Rejected(Code.INVALID_REQUEST, f"tick out of range: {_OUT_OF_RANGE}"), ()
+        last = self._last_tick
+        if last is not None and (tick.ts_us, tick.seq) < (last.ts_us, last.seq):
+            # older than the price held (a feed that restarted and reads the topic again): its
+            # price is superseded, and positions opened since were checked against the newer one
+            return 0, ()
         events: list[Event] = [TickApplied(bid, ask, tick.ts_us, tick.seq, tick.source)]
         seq = self._last_seq
         closed: list[int] = []
@@ -534,11 +540,9 @@ class ShardMachine:
                 seq += 1
                 events.append(PositionClosed(position_id, reason, exit_ticks, tick.ts_us, seq))
                 closed.append(position_id)
-        last = self._last_tick
         # Orders fill on ticks after the one current when they were placed: the same tick sent
-        # again (its answer was lost), or an older one, must not fill what was placed since.
-        if len(self.orders) and (last is None or (
-                tick != last and (tick.ts_us, tick.seq) >= (last.ts_us, last.seq))):
+        # again (its answer was lost) must not fill what was placed since.
+        if len(self.orders) and tick != last:
             ended = self._sweep_orders(tick, seq, closed)
             if isinstance(ended, Rejected):
                 return ended, ()

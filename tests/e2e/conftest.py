@@ -6,13 +6,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from cluster.config import Settings
+from tests.e2e.http_platform import TRADING
 from tests.e2e.http_platform import HttpPlatform
 from tests.e2e.http_platform import LocalHttpPlatform
-
-# the trading scenarios sign up many accounts from one address; the limits have their own tests
-# (test_api_limits.py)
-TRADING = Settings(api_key_rate_per_s=0, signups_per_min=0)
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,10 @@ from engine.ledger import AuditDifference
 from engine.market import Tick
 from feed.broker import free_port
 
+# the trading scenarios sign up many accounts from one address; the limits have their own tests
+# (test_api_limits.py)
+TRADING = Settings(api_key_rate_per_s=0, signups_per_min=0)
+
 
 class HttpPlatform(Protocol):
     base_url: str

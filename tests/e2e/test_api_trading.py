@@ -7,6 +7,8 @@ applied the price) and ``wait_closed`` (wait until the close settled into the hi
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from decimal import Decimal as D
 
 import httpx
@@ -22,7 +24,9 @@ from tests.e2e.api_client import sol_trader
 from tests.e2e.api_client import state
 from tests.e2e.api_client import tick
 from tests.e2e.api_client import wait_closed
+from tests.e2e.http_platform import TRADING
 from tests.e2e.http_platform import HttpPlatform
+from tests.e2e.http_platform import LocalHttpPlatform
 
 
 def test_signup_gives_the_demo_balance(http: httpx.Client) -> None:
@@ -239,23 +243,33 @@ def test_a_client_order_id_used_again_for_another_request_is_refused_and_changes
     assert D(s["balances"]["margin"]) == 20  # the BTC position and the BTC order
 
 
-def test_stale_price_refuses_opens_and_closes_with_503(
-        platform: HttpPlatform, http: httpx.Client) -> None:
-    h = signup(http)
-    tick(platform, http, "ETH", "3000.00", "3000.01")
-    p = open_position(http, h, asset="ETH", type="long", margin="10", leverage=2)
-    tick(platform, http, "ETH", "3000.00", "3000.01", age_s=60)
-    r = http.post("/api/v1/positions/open", headers=h,
-                  json={"asset": "ETH", "type": "long", "margin": "10", "leverage": 2})
-    assert r.status_code == 503 and error_code(r) == "PRICE_UNAVAILABLE"
-    r = http.post("/api/v1/positions/close", json={"positionId": p["positionId"]}, headers=h)
-    assert r.status_code == 503 and error_code(r) == "PRICE_UNAVAILABLE"
-    s = state(http, h)
-    assert len(s["positions"]) == 1 and D(s["balances"]["margin"]) == 10
-    assert D(s["balances"]["free"]) == SIGNUP - 10
-    tick(platform, http, "ETH", "3000.00", "3000.01")
-    r = http.post("/api/v1/positions/close", json={"positionId": p["positionId"]}, headers=h)
-    assert r.status_code == 200
+def test_stale_price_refuses_opens_and_closes_with_503() -> None:
+    # a price goes stale when no newer tick comes for MAX_PRICE_AGE_S (a tick older than the
+    # shard's is ignored): a platform of its own with a bound of 1 s, so the test waits 1 s
+    settings = dataclasses.replace(TRADING, max_price_age_s=1.0)
+    with LocalHttpPlatform(settings) as platform, \
+            httpx.Client(base_url=platform.base_url, timeout=10) as http:
+        h = signup(http)
+        tick(platform, http, "ETH", "3000.00", "3000.01")
+        p = open_position(http, h, asset="ETH", type="long", margin="10", leverage=2)
+        deadline = time.monotonic() + 10
+        while "ETH" not in http.get("/healthz").json()["stalePrices"]:
+            assert time.monotonic() < deadline, "the ETH price never went stale"
+            time.sleep(0.05)
+        r = http.post("/api/v1/positions/open", headers=h,
+                      json={"asset": "ETH", "type": "long", "margin": "10", "leverage": 2})
+        assert r.status_code == 503 and error_code(r) == "PRICE_UNAVAILABLE"
+        r = http.post("/api/v1/positions/close", json={"positionId": p["positionId"]},
+                      headers=h)
+        assert r.status_code == 503 and error_code(r) == "PRICE_UNAVAILABLE"
+        s = state(http, h)
+        assert len(s["positions"]) == 1 and D(s["balances"]["margin"]) == 10
+        assert D(s["balances"]["free"]) == SIGNUP - 10
+        tick(platform, http, "ETH", "3000.00", "3000.01")
+        r = http.post("/api/v1/positions/close", json={"positionId": p["positionId"]},
+                      headers=h)
+        assert r.status_code == 200
+        assert platform.audit() == []
 
 
 def test_slippage_beyond_the_limit_is_409_and_changes_nothing(

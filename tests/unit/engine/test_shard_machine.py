@@ -334,6 +334,24 @@ def test_ticks_of_other_assets_and_insane_ticks_are_ignored() -> None:
     assert run(m, LastTick()) is None
 
 
+def test_a_tick_older_than_the_last_one_closes_nothing_and_changes_nothing() -> None:
+    # a feed that restarted may read the topic again: an older tick's price is superseded, and
+    # a position opened since was checked against the newer one
+    m = shard()
+    run(m, tick("100.00", "100.01", ts_us=NOW + 1_000, seq=7))
+    pos = run(m, req(1, tp="101.00"))
+    before = m.fingerprint()
+    for older in (tick("102.00", "102.01", ts_us=NOW, seq=9),
+                  tick("102.00", "102.01", ts_us=NOW + 1_000, seq=6)):
+        assert step(m, older, NOW) == (0, [], False)
+    assert m.fingerprint() == before
+    assert run(m, LastTick()).bid_ticks == 10_000
+    # the same moment with a newer update id, or a later moment, is applied
+    assert run(m, tick("100.50", "100.51", ts_us=NOW + 1_000, seq=8)) == 0
+    assert run(m, tick("102.00", "102.01", ts_us=NOW + 2_000, seq=1)) == 1
+    assert m.book.get(pos.position_id) is None
+
+
 def test_the_last_tick_keeps_its_source_through_replay_and_snapshots() -> None:
     host = Host()
     t = Tick("SOL", 10_000, 10_001, NOW, 987_654, "backpack")
