@@ -55,6 +55,8 @@ def _refusal(status: str, message: str) -> bytes:
 MALFORMED = "malformed HTTP request"
 TOO_LARGE = _refusal("431 Request Header Fields Too Large",
                      f"request line and headers over {MAX_HEAD_BYTES} bytes")
+UNSUPPORTED_CODING = _refusal("400 Bad Request", f"{MALFORMED}: Transfer-Encoding other than "
+                              "chunked (no other coding is applied)")
 UPGRADE_WITH_BODY = _refusal("400 Bad Request",
                              "a request asking for another protocol (CONNECT, or an Upgrade "
                              "other than websocket) cannot carry a body; send it without")
@@ -123,6 +125,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_ended = True
         self._head_begun = False
         self._head_bytes = 0
+        codings = [c.strip().lower() for name, value in self.headers
+                   if name == b"transfer-encoding" for c in value.split(b",")]
+        if codings and codings != [b"chunked"]:
+            # the parser reads any list ending in chunked as chunked and ignores the rest
+            # (RFC 9112 6.1 asks to refuse a coding the server does not apply): a proxy in
+            # front that reads the list otherwise would see another body than this server
+            self._refuse(UNSUPPORTED_CODING)
+            return
         if not self.parser.should_upgrade() or self._should_upgrade():
             super().on_headers_complete()  # plain HTTP, or a WebSocket handshake
             return

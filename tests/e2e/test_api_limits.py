@@ -147,6 +147,13 @@ MALFORMED_HTTP = {
     "length and chunked": b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
                           b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     "folded header": b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n  folded\r\n\r\n",
+    # a coding other than chunked, which the parser would ignore and a proxy might not
+    "gzip then chunked": b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\n"
+                         b"Transfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    "two codings headers": b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: x"
+                           b"\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    "chunked twice": b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\n"
+                     b"Transfer-Encoding: chunked, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
     "no request line": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS hello
 }
 
