@@ -538,24 +538,27 @@ class ShardMachine:
                                     f"the settlement of position {position_id} at this tick "
                                     f"is out of range"), ()
                 seq += 1
-                events.append(PositionClosed(position_id, reason, exit_ticks, tick.ts_us, seq))
+                events.append(PositionClosed(position_id, reason, exit_ticks, now_us, seq))
                 closed.append(position_id)
         # Orders fill on ticks after the one current when they were placed: the same tick sent
         # again (its answer was lost) must not fill what was placed since.
         if len(self.orders) and tick != last:
-            ended = self._sweep_orders(tick, seq, closed)
+            ended = self._sweep_orders(tick, seq, closed, now_us)
             if isinstance(ended, Rejected):
                 return ended, ()
             events.extend(ended)
         return len(closed), events
 
-    def _sweep_orders(self, tick: Tick, seq: int, closed: list[int]
+    def _sweep_orders(self, tick: Tick, seq: int, closed: list[int], now_us: int
                       ) -> list[Event] | Rejected:
         """The events of the orders ``tick`` ends (after its closes ``closed``, numbered from
         ``seq + 1``): each an ``OrderEnded``, a fill's followed by the ``PositionOpened`` of
-        the position it opens, with the ids the book will issue after those closes."""
-        bid, ask, ts_us = tick.bid_ticks, tick.ask_ticks, tick.ts_us
-        ids, outcomes = self.orders.sweep(bid, ask, ts_us)
+        the position it opens, with the ids the book will issue after those closes. Expiry is
+        against the tick's time (SPEC); the ends are stamped ``now_us``, the engine's time, as
+        placements are (a tick is a little old when it arrives: its time would put an order's
+        end before its placement)."""
+        bid, ask = tick.bid_ticks, tick.ask_ticks
+        ids, outcomes = self.orders.sweep(bid, ask, tick.ts_us)
         ends: list[tuple[OrderRecord, int, OpenPlan | None, str]] = []
         for order_id, outcome in zip(ids.tolist(), outcomes.tolist(), strict=True):
             order = self.orders.get(order_id)
@@ -579,10 +582,10 @@ class ShardMachine:
         for order, status, fill, code in ends:
             seq += 1
             position_id = 0 if fill is None else next(fills)
-            events.append(OrderEnded(order.order_id, int(status), position_id, ts_us, seq, 0,
+            events.append(OrderEnded(order.order_id, int(status), position_id, now_us, seq, 0,
                                      code))
             if fill is not None:
-                events.append(_OPENED_EVENT(fill, position_id, order.owner, ts_us, 0))
+                events.append(_OPENED_EVENT(fill, position_id, order.owner, now_us, 0))
         return events
 
     def _fresh_tick(self, now_us: int) -> Tick | Rejected:

@@ -243,7 +243,26 @@ def test_a_tick_sent_again_fills_nothing_placed_after_it() -> None:
     run(m, ApplyTick(Tick("SOL", 9760, 9761, NOW + 1, 8, "test")), NOW + 6_000)
     [filled] = ended(m)
     assert filled.order_id == order.order_id and filled.status == OrderStatus.FILLED
-    assert filled.ended_ts_us == NOW + 1
+    assert filled.ended_ts_us == NOW + 6_000  # when the engine filled it, not the tick's time
+
+
+def test_what_a_tick_ends_is_stamped_with_the_engines_time_not_the_ticks() -> None:
+    # a tick is a little old when it arrives: stamped with its time, a position it closes
+    # could end before it opened, and an order it fills before it was placed
+    m = shard()
+    run(m, raw_tick(10000, 10001, ts_us=NOW))
+    pos = run(m, req(1, tp="101.00"), NOW + 300)
+    order = run(m, Place(1, terms(SHORT, LIMIT, 10150), 2), NOW + 300)
+    assert pos.opened_ts_us == NOW + 300 and order.placed_ts_us == NOW + 300
+    # the next tick, stamped 100 us after the first, arrives 500 us after it
+    assert run(m, raw_tick(10150, 10151, ts_us=NOW + 100), NOW + 500) == 1
+    closes = run(m, Outbox()).items
+    [closed] = [i.closed for i in closes if not isinstance(i.closed, EndedOrder)]
+    [filled] = [i.closed for i in closes if isinstance(i.closed, EndedOrder)]
+    assert closed.position_id == pos.position_id and closed.closed_ts_us == NOW + 500
+    assert filled.order_id == order.order_id and filled.ended_ts_us == NOW + 500
+    [opened] = [p for p in run(m, PositionsOf((1,)))[0] if p.position_id == filled.position_id]
+    assert opened.opened_ts_us == NOW + 500
 
 
 def test_a_position_a_fill_opened_is_swept_by_the_next_tick() -> None:
