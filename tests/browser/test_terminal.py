@@ -23,6 +23,8 @@ import httpx
 import pytest
 from engine.market import Tick
 from selenium.webdriver.chrome.webdriver import WebDriver
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
@@ -267,6 +269,10 @@ def test_liquidation_by_a_produced_price_leaves_the_table_and_shows_in_history(
     closed = closed_row(browser, position_id)
     assert closed.get_attribute("data-close-reason") == "liquidation"
     assert "liquidation" in closed.text
+    # the engine closed it, not the trader: the page says so, not only its tables
+    wait_until(browser, lambda d: text_of(d, "notice-text").startswith(
+        f"Position {position_id} (long ") and "closed by liquidation at" in text_of(
+            d, "notice-text"), "the notice of the liquidation")
     wait_until(browser, lambda d: position_rows(d) == [], "the liquidated row to leave the table")
     wait_until(browser, lambda d: text_of(d, "balance-margin") == "0.00"
                and text_of(d, "balance-free") == "9900.00", "the balances after the liquidation")
@@ -346,7 +352,25 @@ def test_phone_width_keeps_the_ticket_and_the_positions_reachable(
 
     close = browser.find_element(
         By.CSS_SELECTOR, f'button[data-testid="close-position"][data-position-id="{position_id}"]')
-    close.click()  # scrolled into view inside the table's container
+    # scrolled sideways to the row's buttons, the row still says which position they act on
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'end'});",
+                           close)
+    wrap = browser.execute_script(
+        "return arguments[0].closest('.table-wrap').getBoundingClientRect().toJSON();", close)
+    assert browser.execute_script(
+        "return arguments[0].closest('.table-wrap').scrollLeft;", close) > 0
+    row = f'tr[data-testid="position-row"][data-position-id="{position_id}"]'
+    for n, text in ((1, "SOL"), (2, "long")):
+        cell = browser.find_element(By.CSS_SELECTOR, f"{row} > td:nth-child({n})")
+        box = browser.execute_script("return arguments[0].getBoundingClientRect().toJSON();",
+                                     cell)
+        assert cell.text == text and wrap["left"] <= box["left"] < box["right"] <= \
+            wrap["right"], (text, box, wrap)
+        assert browser.execute_script(  # drawn on top, not under the scrolled cells
+            "const r = arguments[0].getBoundingClientRect();"
+            "return document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2)"
+            " === arguments[0];", cell), text
+    close.click()
     assert closed_row(browser, position_id).get_attribute("data-close-reason") == "manual"
     wait_until(browser, lambda d: position_rows(d) == [], "the closed row to leave the table")
     # the table was scrolled sideways to reach the button: its empty message still shows
@@ -937,6 +961,86 @@ def test_a_limit_order_from_the_ticket_then_cancelled_from_its_row(
         By.CSS_SELECTOR, 'tr[data-testid="order-row"]') == [], "the empty open orders table")
     wait_until(browser, lambda d: text_of(d, "balance-free") == "10000.00", "the freed margin")
     assert not by_id(browser, "error-banner").is_displayed()
+
+
+def test_a_refresh_error_goes_when_the_page_reads_again_and_never_hides_an_actions_error(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """A background refresh that fails shows its error until a refresh succeeds, then the
+    banner goes by itself (it stayed for good after an outage). An error of something the
+    trader did stays while refreshes fail: it says what to check, they only repeat the
+    outage."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform)
+    create_account(browser)
+    browser.execute_script(LOST_REFRESH_JS)
+    banner = by_id(browser, "error-banner")
+    wait_until(browser, lambda d: banner.is_displayed()
+               and banner.get_attribute("data-code") == "NETWORK_ERROR",
+               "the failing refresh's error")
+    browser.execute_script("window.__answersBack();")
+    wait_until(browser, lambda d: not banner.is_displayed(), "the banner gone once reads work")
+
+    browser.execute_script(LOST_REFRESH_JS)  # failing again, then the trader errs
+    wait_until(browser, lambda d: d.execute_script("return window.__lost;") >= 1,
+               "a failing refresh")
+    open_long_from_ticket(browser, "100", "1000")
+    wait_until(browser, lambda d: banner.get_attribute("data-code") == "LEVERAGE_OUT_OF_RANGE",
+               "the refused open's error")
+    lost = browser.execute_script("return window.__lost;")
+    wait_until(browser, lambda d: d.execute_script("return window.__lost;") >= lost + 2,
+               "two more failing refreshes")
+    assert banner.is_displayed() and banner.get_attribute("data-code") == "LEVERAGE_OUT_OF_RANGE"
+    browser.execute_script("window.__answersBack();")
+
+
+def test_switching_asset_clears_prices_typed_for_the_other(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """A trigger, TP and SL typed near ETH's price would make a SOL order fill at once or
+    never: switching the ticket to SOL empties them (the margin and leverage stay)."""
+    tick(platform, http, "ETH", "3000.00", "3000.01")
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform)
+    Select(by_id(browser, "asset-select")).select_by_value("ETH")
+    Select(by_id(browser, "ticket-kind")).select_by_value("limit")
+    for element_id, value in (("ticket-trigger", "2990.00"), ("ticket-tp", "3100.00"),
+                              ("ticket-sl", "2900.00"), ("ticket-margin", "50")):
+        fill(browser, element_id, value)
+    Select(by_id(browser, "asset-select")).select_by_value("SOL")
+    wait_until(browser, lambda d: text_of(d, "ticket-asset") == "SOL", "the SOL ticket")
+    assert [by_id(browser, i).get_attribute("value")
+            for i in ("ticket-trigger", "ticket-tp", "ticket-sl", "ticket-margin")] == \
+        ["", "", "", "50"]
+
+
+def test_a_row_close_ignores_the_slippage_bound_the_ticket_hides(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """A bound typed in the market ticket, hidden since by a limit ticket, does not apply to
+    (or, mistyped, refuse) a close from a position's row."""
+    key, position_id = open_long_on_a_new_page(platform, browser, http)
+    fill(browser, "ticket-slippage", "5x")
+    Select(by_id(browser, "ticket-kind")).select_by_value("limit")
+    assert not by_id(browser, "ticket-slippage").is_displayed()
+    row_control(browser, "close-position", position_id).click()
+    closed_row(browser, position_id)
+    wait_until(browser, lambda d: text_of(d, "notice-text").startswith("Closed long"),
+               "the notice of the close")
+    assert account(http, key)["positions"] == []
+    assert not by_id(browser, "error-banner").is_displayed()
+
+
+def test_a_wheel_over_the_focused_leverage_scrolls_the_page_and_keeps_the_value(
+        platform: RayHttpPlatform, browser: WebDriver) -> None:
+    """A browser turns a wheel over a focused number field into a new value: scrolling past
+    the ticket changed the leverage unseen (10 became 9). The page scrolls instead."""
+    open_terminal(browser, platform)
+    leverage = by_id(browser, "ticket-leverage")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", leverage)
+    leverage.click()
+    before = browser.execute_script("return window.scrollY;")
+    ActionChains(browser).scroll_from_origin(ScrollOrigin.from_element(leverage), 0, 100).perform()
+    wait_until(browser, lambda d: d.execute_script("return window.scrollY;") > before,
+               "the page scrolled")
+    assert leverage.get_attribute("value") == "10"
 
 
 # Before the page's own scripts run: no WebSocket connects, and GET /prices waits until

@@ -60,11 +60,14 @@ function store(name, value) {
 // ------------------------------------------------------------------ banners
 let lastError = { text: "", count: 0 };
 
-function showError(err) {
+// ``background``: the error of a refresh nobody asked for. It does not replace the error of
+// something the user did (that one says what to check), and it goes once a refresh succeeds.
+function showError(err, background = false) {
+  const banner = byId("error-banner");
+  if (background && !banner.hidden && banner.dataset.source === "action") return;
   const code = err instanceof ApiError ? err.code : "ERROR";
   let message = err && err.message ? err.message : String(err);
   if (err instanceof ApiError && err.retryAfter) message += ` (retry after ${err.retryAfter} s)`;
-  const banner = byId("error-banner");
   const textKey = `${code}\n${message}`;
   lastError = !banner.hidden && lastError.text === textKey
     ? { text: textKey, count: lastError.count + 1 }
@@ -73,6 +76,7 @@ function showError(err) {
   setText(byId("error-message"), message);
   setText(byId("error-count"), lastError.count > 1 ? `×${lastError.count}` : "");
   banner.dataset.code = code;
+  banner.dataset.source = background ? "background" : "action";
   banner.hidden = false;
   byId("notice").hidden = true;  // one message at a time: the newest
 }
@@ -143,6 +147,11 @@ function fillAssetSelect() {
 
 function applyAsset() {
   const asset = selectedAsset();
+  if (app.ticketAsset !== undefined && app.ticketAsset !== app.asset) {
+    // prices typed for another asset: an order at them would fill at once or never
+    for (const id of ["ticket-trigger", "ticket-tp", "ticket-sl"]) byId(id).value = "";
+  }
+  app.ticketAsset = app.asset;
   setText(byId("ticket-asset"), app.asset || "");
   const leverage = byId("ticket-leverage");
   if (asset && Number.isInteger(asset.maxLeverage)) {
@@ -287,8 +296,29 @@ function onSocketError(error) {
 }
 
 let eventTimer = null;
+// What the engine did on its own (a tick filled, expired or refused an order, or closed a
+// position at its TP, SL or liquidation): told as it happens, not only drawn in a table.
+function engineNotice(data) {
+  const what = `${data.type} ${data.quantity || ""} ${data.asset}`.replace(/\s+/g, " ");
+  switch (data.event) {
+    case "orderFilled":
+      return `Order ${data.orderId} filled: ${data.orderType} ${data.type} ${data.asset} (position ${data.positionId}).`;
+    case "orderRejected":
+      return `Order ${data.orderId} (${data.orderType} ${data.type} ${data.asset}) was not filled: ${data.rejectReason || "refused"}; its margin is free again.`;
+    case "orderExpired":
+      return `Order ${data.orderId} (${data.orderType} ${data.type} ${data.asset}) expired.`;
+    case "positionClosed":
+      if (data.closeReason === "manual") return null; // the user's own close says so itself
+      return `Position ${data.positionId} (${what}) closed by ${String(data.closeReason).replace("_", "-")} at ${data.exitPrice}: PnL ${fmt.signedMoney(data.realizedPnl)} USD, paid out ${fmt.money(data.payout)} USD.`;
+    default:
+      return null;
+  }
+}
+
 function onAccountEvent(data) {
   if (!app.key) return;
+  const told = engineNotice(data);
+  if (told) showNotice(told);
   setAccountStream("live");
   if (Number.isSafeInteger(data.seq)) byId("account-stream").dataset.seq = String(data.seq);
   clearTimeout(eventTimer);
@@ -461,7 +491,8 @@ async function refreshAccount(withHistory) {
   const changed = signature !== app.idsSignature;
   app.idsSignature = signature;
   if (withHistory || changed) failure = (await refreshHistory(key)) || failure;
-  if (failure && !resending) showError(failure);
+  if (failure && !resending) showError(failure, true);
+  else if (!failure && byId("error-banner").dataset.source === "background") dismissError();
 }
 
 async function refreshHistory(key) {
@@ -916,7 +947,8 @@ async function closePosition(entry) {
   const quantity = entry.closeQuantity.value.trim();
   const body = { positionId: String(position.positionId) };
   if (quantity) body.quantity = quantity;
-  const bps = slippage();
+  // the ticket's bound, while the ticket shows it (a limit or stop ticket hides the field)
+  const bps = byId("ticket-kind").value === "market" ? slippage() : null;
   const quote = app.prices[position.asset];
   if (bps !== null && quote) {
     body.currentPrice = position.type === "long" ? quote.bid : quote.ask;
@@ -1005,6 +1037,13 @@ function accountTimer() {
 }
 
 function bindUi() {
+  // A wheel over a focused number field changes its value in a browser: the page scrolls
+  // instead, so that scrolling past the ticket never changes the leverage unseen.
+  for (const input of document.querySelectorAll('input[type="number"]')) {
+    input.addEventListener("wheel", () => {
+      if (document.activeElement === input) input.blur();
+    }, { passive: true });
+  }
   byId("error-dismiss").addEventListener("click", dismissError);
   byId("notice-dismiss").addEventListener("click", () => { byId("notice").hidden = true; });
   byId("create-account").addEventListener("click", createAccount);
