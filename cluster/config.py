@@ -82,8 +82,9 @@ PPM = 1_000_000  # MAINTENANCE_MARGIN_RATE is held in parts per million
 MAX_SIGNUP_BALANCE_MICROS = 10**6 * 10**6  # 1,000,000 USD: the funding account stays far
 # from int64 over millions of accounts
 
+_SECONDS = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 _HOST = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}")
-_BROKER = re.compile(r"(?P<host>[A-Za-z0-9._\[\]:-]+):(?P<port>\d{1,5})")
+_BROKER = re.compile(r"(?P<host>[A-Za-z0-9._\[\]:-]+):(?P<port>[0-9]{1,5})")
 
 
 class ConfigError(ValueError):
@@ -222,7 +223,13 @@ class Settings:
         base = cls()
         assets = _parse_assets(env["ASSETS"]) if env.get("ASSETS", "").strip() else base.assets
         data_dir = env.get("DATA_DIR", str(base.data_dir))
-        if not data_dir.strip() or (Path(data_dir).exists() and not Path(data_dir).is_dir()):
+        try:
+            # spaces around it would name another directory (a leading one: a relative path)
+            bad = not data_dir.strip() or data_dir != data_dir.strip() or (
+                Path(data_dir).exists() and not Path(data_dir).is_dir())
+        except OSError as exc:  # a name too long, ...
+            _fail("DATA_DIR", data_dir[:80], exc.strerror or str(exc))
+        if bad:
             _fail("DATA_DIR", data_dir)
         feed_source = env.get("FEED_SOURCE", base.feed_source)
         spec = _parse_source(feed_source)
@@ -261,7 +268,7 @@ def _integer(var: str, raw: str | None, default: int, low: int, high: int) -> in
     if raw is None:
         return default
     text = raw.strip()
-    if not re.fullmatch(r"[+-]?\d{1,19}", text) or not low <= int(text) <= high:
+    if not re.fullmatch(r"-?[0-9]{1,19}", text) or not low <= int(text) <= high:
         _fail(var, raw)
     return int(text)
 
@@ -271,7 +278,9 @@ def _seconds(var: str, raw: str | None, default: float, low: float, high: float,
     if raw is None:
         return default
     try:
-        value = float(raw.strip()) if len(raw) <= 64 else math.nan
+        # plain decimal text only: float() also takes "1_000" and other scripts' digits
+        text = raw.strip()
+        value = float(text) if len(text) <= 64 and _SECONDS.fullmatch(text) else math.nan
     except ValueError:
         _fail(var, raw)
     above = value > low if low_open else value >= low
@@ -293,8 +302,10 @@ def _millionths(var: str, raw: str, high: int) -> int:
 
 
 def _check_brokers(text: str) -> str:
-    """``text`` unchanged when it is empty or a valid bootstrap list."""
-    for part in text.split(",") if text.strip() else ():
+    """``text`` without surrounding spaces ("" when it is only spaces: unset), when it is a
+    valid bootstrap list."""
+    text = text.strip()
+    for part in text.split(",") if text else ():
         match = _BROKER.fullmatch(part.strip())
         if match is None or not 1 <= int(match["port"]) <= 65535:
             _fail("KAFKA_BROKERS", text)
@@ -334,7 +345,7 @@ def _parse_shards(text: str, assets: AssetRegistry) -> dict[str, int]:
     parts = [("*", text)] if "=" not in text else [p.partition("=")[::2] for p in text.split(",")]
     for name, count in parts:
         name, count = name.strip().upper(), count.strip()
-        if not re.fullmatch(r"\d{1,4}", count) or name in out:
+        if not re.fullmatch(r"[0-9]{1,4}", count) or name in out:
             _fail("SHARDS", text)
         out[name] = int(count)
     try:

@@ -19,18 +19,21 @@ REPO = Path(__file__).resolve().parents[2]
 
 # variable -> values it refuses
 BAD = {
-    "KAFKA_BROKERS": ["localhost", "h:0", "h:70000", "h:9092,,k:1", "h :1"],
+    "KAFKA_BROKERS": ["localhost", "h:0", "h:70000", "h:9092,,k:1", "h :1",
+                      "a:\u0669\u0660\u0669\u0662"],
     "BACKPACK_WS_URL": ["https://ws.backpack.exchange", "wss://", "backpack", "wss://a b"],
     "FEED_SOURCE": ["kafka", "sim?rate=0", "sim?rate=nan", "sim?x=1", "replay:", "auto?wait=-1",
                     "replay:/no/such/file.jsonl"],
-    "PORT": ["0", "65536", "-1", "4000.0", "http", ""],
+    "PORT": ["0", "65536", "-1", "4000.0", "http", "", "\u0661\u0662", "\uff11\uff12", "+5"],
     "HOST": ["", "a b", "host/x"],
     "RAY_ADDRESS": ["ray:// host"],
     "ASSETS": ["DOGE", "SOL,SOL", "SOL,,BTC", ","],
-    "SHARDS": ["0", "-1", "x", "SOL=0", "SOL=2,SOL=3", "DOGE=1", "257", "SOL=1,BTC", "1.5"],
-    "DATA_DIR": ["", "/dev/null"],
+    "SHARDS": ["0", "-1", "x", "SOL=0", "SOL=2,SOL=3", "DOGE=1", "257", "SOL=1,BTC", "1.5",
+               "\u0663", "SOL=\u0661"],
+    "DATA_DIR": ["", "/dev/null", " /tmp/x", "/tmp/x ", "/tmp/" + "a" * 300],
     "MAINTENANCE_MARGIN_RATE": ["1", "1.5", "-0.001", "0.0000001", "nan", "abc", ""],
-    "MAX_PRICE_AGE_S": ["inf", "-inf", "nan", "0", "-1", "86400.5", "1e400", "x", "", "1e-9"],
+    "MAX_PRICE_AGE_S": ["inf", "-inf", "nan", "0", "-1", "86400.5", "1e400", "x", "", "1e-9",
+                        "1_000", "\u0661\u0662"],
     "SIGNUP_BALANCE": ["-1", "1000000.000001", "0.0000001", "1e3", "abc"],
     "MAX_CLOCK_SKEW_S": ["-0.1", "3600.1", "inf", "nan", "x"],
     "MAX_TICK_JUMP_BPS": ["0", "-5", "1000001", "10.5", "x", ""],
@@ -94,6 +97,11 @@ def test_autoscaling_runs_between_the_replicas_and_the_most() -> None:
 
 def test_every_variable_has_a_rule_and_a_refusal() -> None:
     assert set(BAD) == set(RULES)
+
+
+def test_brokers_of_spaces_only_are_unset_and_spaces_around_them_go() -> None:
+    assert Settings.from_env({"KAFKA_BROKERS": " "}).kafka_brokers is None
+    assert Settings.from_env({"KAFKA_BROKERS": " a:9092 "}).kafka_brokers == "a:9092"
 
 
 def test_good_values_and_defaults() -> None:
