@@ -2,7 +2,9 @@
 
 Protocol pings from the server are answered by the ``websockets`` library itself (it replies to
 every Ping with a Pong while the connection is read), so the 120 s pong deadline is met as long
-as the read loop runs; we also send our own pings so a silently dead socket is noticed.
+as the read loop runs; we also send our own pings so a silently dead socket is noticed, and a
+connection that answers pings but sends no frame for ``silence_s`` (a stream the server stopped
+feeding) is closed and made again.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from feed.frames import ErrorFrame, FrameNormalizer, subscribe_request
 from feed.message import MarketDataMessage
 
 log = logging.getLogger(__name__)
+
+SILENCE_S = 30.0  # no frame at all for this long: the stream is dead, whatever pings say
+CLOSE_TIMEOUT_S = 2.0  # a peer that does not answer our close does not hold a stop longer
 
 
 class Backoff:
@@ -60,13 +65,16 @@ class BackpackClient:
 
     def __init__(self, url: str, assets: AssetRegistry, *, backoff_initial_s: float = 0.5,
                  backoff_max_s: float = 30.0, open_timeout_s: float = 10.0,
-                 ping_interval_s: float | None = 20.0, rng: random.Random | None = None) -> None:
+                 ping_interval_s: float | None = 20.0, rng: random.Random | None = None,
+                 silence_s: float = SILENCE_S) -> None:
         self.url = url
         self.assets = assets
         self.normalizer = FrameNormalizer(assets, source="backpack")
         self.backoff = Backoff(backoff_initial_s, backoff_max_s, rng)
         self.open_timeout_s = open_timeout_s
         self.ping_interval_s = ping_interval_s
+        self.silence_s = silence_s
+        self.silences = 0  # connections closed for sending nothing for silence_s
         self.connects = 0
         self.disconnects = 0
         self.connected = False
@@ -80,6 +88,7 @@ class BackpackClient:
             "connects": self.connects,
             "disconnects": self.disconnects,
             "last_error": self.last_error,
+            "silences": self.silences,
             **self.normalizer.stats(),
         }
 
@@ -90,6 +99,7 @@ class BackpackClient:
                     self.url,
                     open_timeout=self.open_timeout_s,
                     ping_interval=self.ping_interval_s,
+                    close_timeout=CLOSE_TIMEOUT_S,
                     max_size=2**22,
                 ) as ws:
                     self.connects += 1
@@ -119,14 +129,19 @@ class BackpackClient:
                       stop: asyncio.Event) -> AsyncIterator[MarketDataMessage]:
         """Messages of one connection; returns when the server closes or ``stop`` is set."""
         stopper = asyncio.create_task(stop.wait())
+        recv: asyncio.Task[str | bytes] | None = None
         try:
             while True:
                 recv = asyncio.create_task(ws.recv())
-                done, _ = await asyncio.wait({recv, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({recv, stopper}, timeout=self.silence_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    self.silences += 1
+                    self.last_error = f"no frame in {self.silence_s:g} s"
+                    log.warning("backpack: %s from %s: connecting again", self.last_error,
+                                self.url)
+                    return
                 if recv not in done:
-                    recv.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await recv
                     return
                 raw = recv.result()  # raises ConnectionClosed when the socket closed
                 self.last_frame_us = time.time_ns() // 1000
@@ -137,3 +152,8 @@ class BackpackClient:
                     log.error("backpack: error frame %s: %s", out.code, out.message)
         finally:
             stopper.cancel()
+            if recv is not None and not recv.done():
+                recv.cancel()
+            if recv is not None:  # collected, so that its end is never reported as lost
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await recv

@@ -131,3 +131,41 @@ async def test_client_publishes_exactly_the_valid_prices_in_order(kafka_broker: 
     assert [v["ts_us"] for v in values] == [d["T"] for d in BOOK]
     assert [(v["bid"], v["ask"]) for v in values] == [(d["b"], d["a"]) for d in BOOK]
     assert all(v["source"] == "backpack" and v["symbol"] == "SOL_USDC" for v in values)
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_stream_that_answers_pings_but_sends_nothing_is_made_again() -> None:
+    """A server that keeps the connection alive (it answers pings) but stops feeding it: the
+    client closes it after ``silence_s`` with no frame and subscribes on a new one. Before,
+    it waited for ever with no price and no word. Its close is not held by a peer that never
+    answers it either."""
+    connections: list[int] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        connections.append(len(connections) + 1)
+        await ws.recv()  # the subscribe
+        if len(connections) == 1:
+            await asyncio.sleep(30)  # silent: pings are answered by the library meanwhile
+            return
+        for data in BOOK[:3]:
+            await ws.send(json.dumps({"data": data, "stream": f"bookTicker.{data['s']}"}))
+        await ws.wait_closed()
+
+    async with websockets.serve(handler, "127.0.0.1", 0) as server:
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        client = BackpackClient(url, Settings().assets, backoff_initial_s=0.05,
+                                backoff_max_s=0.2, ping_interval_s=0.2, silence_s=1.0)
+        stop = asyncio.Event()
+        got = []
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async for message in client.stream(stop):
+            got.append(message)
+            if len(got) == 3:
+                stop.set()
+        elapsed = loop.time() - started
+    assert connections == [1, 2] and client.connects == 2
+    assert client.stats()["silences"] == 1 and client.last_error == "no frame in 1 s"
+    assert [m.seq for m in got] == [d["u"] for d in BOOK[:3]]
+    assert 1.0 <= elapsed < 10, elapsed
