@@ -146,7 +146,7 @@ async def test_a_stream_that_answers_pings_but_sends_nothing_is_made_again() -> 
         connections.append(len(connections) + 1)
         await ws.recv()  # the subscribe
         if len(connections) == 1:
-            await asyncio.sleep(30)  # silent: pings are answered by the library meanwhile
+            await ws.wait_closed()  # silent: pings are answered by the library meanwhile
             return
         for data in BOOK[:3]:
             await ws.send(json.dumps({"data": data, "stream": f"bookTicker.{data['s']}"}))
@@ -157,14 +157,12 @@ async def test_a_stream_that_answers_pings_but_sends_nothing_is_made_again() -> 
         client = BackpackClient(url, Settings().assets, backoff_initial_s=0.05,
                                 backoff_max_s=0.2, ping_interval_s=0.2, silence_s=1.0)
         stop = asyncio.Event()
-        got = []
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        async for message in client.stream(stop):
-            got.append(message)
-            if len(got) == 3:
-                stop.set()
-        elapsed = loop.time() - started
+        started = asyncio.get_running_loop().time()
+        messages = client.stream(stop)
+        got = [await anext(messages) for _ in range(3)]
+        elapsed = asyncio.get_running_loop().time() - started
+        stop.set()
+        assert [m async for m in messages] == []  # it ends once stopped
     assert connections == [1, 2] and client.connects == 2
     assert client.stats()["silences"] == 1 and client.last_error == "no frame in 1 s"
     assert [m.seq for m in got] == [d["u"] for d in BOOK[:3]]
