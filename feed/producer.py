@@ -9,6 +9,7 @@ producer, and publishing goes on; messages lost in the gap are only superseded p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from dataclasses import KW_ONLY, dataclass
@@ -25,6 +26,10 @@ from feed.settings import MARKET_TOPIC
 log = logging.getLogger(__name__)
 
 LINGER_MS = 1  # how long a batch waits for more messages before it is sent (see the class)
+
+
+class ProducerStopped(Exception):
+    """``stop_event`` was set while the producer was still trying to reach its broker."""
 
 
 @dataclass(eq=False)
@@ -47,6 +52,7 @@ class MarketDataProducer:
     topic: str = MARKET_TOPIC
     linger_ms: int = LINGER_MS
     create_topic: bool = True
+    stop_event: asyncio.Event | None = None  # set: a start still retrying gives up
     request_timeout_ms: int = 5000
 
     def __post_init__(self) -> None:
@@ -64,16 +70,23 @@ class MarketDataProducer:
                 "topic": self.topic, "bootstrap": self.bootstrap}
 
     async def start(self) -> None:
-        """Connect (retrying until the broker answers) and make sure the topic exists."""
+        """Connect (retrying until the broker answers) and make sure the topic exists;
+        :class:`ProducerStopped` once ``stop_event`` is set (a stop must not wait for a broker)."""
         delay = 0.1
         while True:
+            if self.stop_event is not None and self.stop_event.is_set():
+                raise ProducerStopped(f"stopped while reaching {self.bootstrap}")
             try:
                 await self._connect()
                 return
             except (KafkaError, OSError) as exc:
                 log.warning("producer: cannot reach %s (%s); retrying in %.1f s", self.bootstrap,
                             exc, delay)
-                await asyncio.sleep(delay)
+                if self.stop_event is None:
+                    await asyncio.sleep(delay)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stop_event.wait(), delay)
                 delay = min(delay * 2, 5.0)
 
     async def _connect(self) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from feed.backpack import BackpackClient
 from feed.message import MarketDataMessage
-from feed.producer import LINGER_MS, MarketDataProducer
+from feed.producer import LINGER_MS, MarketDataProducer, ProducerStopped
 from feed.replay import ReplaySource
 from feed.settings import (
     MARKET_TOPIC,
@@ -145,8 +145,11 @@ async def run_source(settings: FeedSettings | HasFeedSettings, stop: asyncio.Eve
         await stop.wait()
         return {"source": "none", "published": 0}
     producer = MarketDataProducer(bootstrap or settings.bootstrap_servers, settings.assets,
-                                  topic=topic, linger_ms=linger_ms)
-    await producer.start()
+                                  topic=topic, linger_ms=linger_ms, stop_event=stop)
+    try:
+        await producer.start()
+    except ProducerStopped:  # stopped before the broker ever answered
+        return {"source": source.name, "published": 0, "producer": producer.stats()}
     log.info("feed: publishing source %s to %s on %s", source.name, topic, producer.bootstrap)
     restarts = 0
     try:
@@ -156,6 +159,8 @@ async def run_source(settings: FeedSettings | HasFeedSettings, stop: asyncio.Eve
                     await producer.publish(msg)
                     if stop.is_set():
                         break
+                break
+            except ProducerStopped:  # a recovery still reaching the broker when stopped
                 break
             except Exception:
                 restarts += 1

@@ -23,6 +23,7 @@ from feed.source import AutoSource
 from feed.source import Source
 from feed.source import make_source
 from feed.source import parse_source
+from feed.source import run_source
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "backpack" / "recorded_ws_frames.jsonl"
 
@@ -170,3 +171,21 @@ def test_backoff_is_exponential_jittered_and_capped() -> None:
     assert len({round(d, 9) for d in delays[5:]}) > 1  # jitter
     b.reset()
     assert b.next_delay_s() <= 0.5
+
+
+@pytest.mark.asyncio
+async def test_a_stop_while_the_broker_never_answers_ends_the_feed_at_once() -> None:
+    """``shardex feed`` with its broker unreachable retried for ever and ignored Ctrl-C and
+    SIGTERM: the producer's start now gives up once ``stop`` is set."""
+    stop = asyncio.Event()
+    port = free_port()  # nothing listens there
+    source = SimSource(DEFAULT_ASSETS, seed=1, rate_hz=10)
+    task = asyncio.create_task(run_source(Settings(), stop, bootstrap=f"127.0.0.1:{port}",
+                                          topic="nowhere", source=source))
+    await asyncio.sleep(1.0)  # a few refused attempts
+    assert not task.done()
+    stopped = time.monotonic()
+    stop.set()
+    result = await asyncio.wait_for(task, 10)
+    assert time.monotonic() - stopped < 1.0
+    assert result["published"] == 0 and result["source"] == "sim"
