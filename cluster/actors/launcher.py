@@ -809,7 +809,13 @@ def _recorded_address(settings: Settings) -> str:
     it once at import.
     """
     if settings.ray_address:
-        return settings.ray_address
+        address = settings.ray_address
+        # a host:port where nothing listens would hold ray.init without a limit
+        if ":" in address and "://" not in address and not _tcp_answers(
+                address, ATTACH_CHECK_TIMEOUT_S):
+            raise NotRunning(f"nothing answers at RAY_ADDRESS={address} (its Ray refuses "
+                             "connections or the address is not host:port)")
+        return address
     where = settings.data_dir.resolve()
     path = settings.data_dir / ADDRESS_FILE
     hint = ("start it with `shardex up`, or point at a running one with DATA_DIR=<the "
@@ -850,7 +856,7 @@ def _on_cluster(settings: Settings, command: str, unreachable: int,
     except (LaunchError, NotRunning) as exc:
         print(f"shardex {command}: {exc}", file=sys.stderr)
         return unreachable
-    except (ConnectionError, RuntimeError) as exc:
+    except (ConnectionError, RuntimeError, ValueError) as exc:  # ValueError: a bad address
         print(f"shardex {command}: no running cluster ({exc})", file=sys.stderr)
         return unreachable
     try:

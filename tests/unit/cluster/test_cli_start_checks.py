@@ -216,3 +216,21 @@ def test_a_journal_a_killed_run_still_writes_is_named(tmp_path: Path,
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("command", [["status"], ["audit"]])
+def test_a_ray_address_where_nothing_listens_is_said_at_once(
+        command: list[str], tmp_path: Path) -> None:
+    # ray.init waited without a limit (over 4 minutes seen) on a port where nothing listens
+    address = f"127.0.0.1:{free_port()}"
+    done, took_s = _cli(*command, env={**_env(tmp_path), "RAY_ADDRESS": address})
+    assert done.returncode != 0 and took_s < 5.0, (done.returncode, took_s)
+    assert f"nothing answers at RAY_ADDRESS={address}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_a_ray_address_that_is_no_address_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    done, _ = _cli("status", env={**_env(tmp_path), "RAY_ADDRESS": "garbage"})
+    assert done.returncode != 0
+    assert done.stderr.startswith("shardex status: no running cluster (")
+    assert "Traceback" not in done.stderr and done.stdout == ""
