@@ -152,8 +152,7 @@ class BackpackClient:
                     log.error("backpack: error frame %s: %s", out.code, out.message)
         finally:
             stopper.cancel()
-            if recv is not None and not recv.done():
-                recv.cancel()
             if recv is not None:  # collected, so that its end is never reported as lost
+                recv.cancel()  # (a no-op once it is done)
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await recv

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -52,7 +52,7 @@ class MarketDataProducer:
     topic: str = MARKET_TOPIC
     linger_ms: int = LINGER_MS
     create_topic: bool = True
-    stop_event: asyncio.Event | None = None  # set: a start still retrying gives up
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)  # set: start gives up
     request_timeout_ms: int = 5000
 
     def __post_init__(self) -> None:
@@ -74,7 +74,7 @@ class MarketDataProducer:
         :class:`ProducerStopped` once ``stop_event`` is set (a stop must not wait for a broker)."""
         delay = 0.1
         while True:
-            if self.stop_event is not None and self.stop_event.is_set():
+            if self.stop_event.is_set():
                 raise ProducerStopped(f"stopped while reaching {self.bootstrap}")
             try:
                 await self._connect()
@@ -82,11 +82,8 @@ class MarketDataProducer:
             except (KafkaError, OSError) as exc:
                 log.warning("producer: cannot reach %s (%s); retrying in %.1f s", self.bootstrap,
                             exc, delay)
-                if self.stop_event is None:
-                    await asyncio.sleep(delay)
-                else:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.stop_event.wait(), delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), delay)
                 delay = min(delay * 2, 5.0)
 
     async def _connect(self) -> None:

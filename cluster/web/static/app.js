@@ -299,7 +299,6 @@ let eventTimer = null;
 // What the engine did on its own (a tick filled, expired or refused an order, or closed a
 // position at its TP, SL or liquidation): told as it happens, not only drawn in a table.
 function engineNotice(data) {
-  const what = `${data.type} ${data.quantity || ""} ${data.asset}`.replace(/\s+/g, " ");
   switch (data.event) {
     case "orderFilled":
       return `Order ${data.orderId} filled: ${data.orderType} ${data.type} ${data.asset} (position ${data.positionId}).`;
@@ -309,7 +308,7 @@ function engineNotice(data) {
       return `Order ${data.orderId} (${data.orderType} ${data.type} ${data.asset}) expired.`;
     case "positionClosed":
       if (data.closeReason === "manual") return null; // the user's own close says so itself
-      return `Position ${data.positionId} (${what}) closed by ${String(data.closeReason).replace("_", "-")} at ${data.exitPrice}: PnL ${fmt.signedMoney(data.realizedPnl)} USD, paid out ${fmt.money(data.payout)} USD.`;
+      return `Position ${data.positionId} (${data.type} ${data.quantity} ${data.asset}) closed by ${String(data.closeReason).replace("_", "-")} at ${data.exitPrice}: PnL ${fmt.signedMoney(data.realizedPnl)} USD, paid out ${fmt.money(data.payout)} USD.`;
     default:
       return null;
   }
