@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 from engine.amounts import AmountError, to_units
 from engine.assets import DEFAULT_ASSETS, AssetRegistry
@@ -28,6 +29,7 @@ from feed.settings import (
     FeedSettings,
     SourceSpec,
     parse_source,
+    redacted_url,
 )
 
 CONSUMER_GROUP = "trading-engine"  # the feed actor's Kafka client id
@@ -40,7 +42,7 @@ __all__ = ["ACCOUNT_TOPIC", "CONSUMER_GROUP", "EMBEDDED_BROKER", "MARKET_TOPIC",
 # What each variable must be: the text of its error line.
 RULES = {
     "KAFKA_BROKERS": "host:port[,host:port...] with ports in [1, 65535]",
-    "BACKPACK_WS_URL": "a ws:// or wss:// URL with a host",
+    "BACKPACK_WS_URL": "a ws:// or wss:// URL with a host and, if it names one, a port 1-65535",
     "FEED_SOURCE": SOURCE_FORMS,
     "HOST": "a host name or IP address",
     "RAY_ADDRESS": "a Ray address without spaces (auto, host:port, ray://host:port)",
@@ -313,11 +315,16 @@ def _check_brokers(text: str) -> str:
 
 
 def _check_ws_url(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    host = rest.split("/", 1)[0].split("?", 1)[0]
-    if not sep or scheme.lower() not in ("ws", "wss") or not host or any(
+    """``url`` when it is a ws:// or wss:// URL with a host and, if one is given, a port of
+    1..65535 (a URL the source would fail to reach every second is refused at start)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError: not a number, or past 65535
+    except ValueError:
+        _fail("BACKPACK_WS_URL", redacted_url(url))
+    if parts.scheme.lower() not in ("ws", "wss") or not parts.hostname or port == 0 or any(
             c.isspace() for c in url):
-        _fail("BACKPACK_WS_URL", url)
+        _fail("BACKPACK_WS_URL", redacted_url(url))
     return url
 
 

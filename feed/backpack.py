@@ -23,6 +23,7 @@ from websockets.asyncio.client import ClientConnection
 from engine.assets import AssetRegistry
 from feed.frames import ErrorFrame, FrameNormalizer, subscribe_request
 from feed.message import MarketDataMessage
+from feed.settings import redacted_url
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class BackpackClient:
                  ping_interval_s: float | None = 20.0, rng: random.Random | None = None,
                  silence_s: float = SILENCE_S) -> None:
         self.url = url
+        self.shown_url = redacted_url(url)  # for logs and stats
         self.assets = assets
         self.normalizer = FrameNormalizer(assets, source="backpack")
         self.backoff = Backoff(backoff_initial_s, backoff_max_s, rng)
@@ -83,7 +85,7 @@ class BackpackClient:
 
     def stats(self) -> dict[str, object]:
         return {
-            "url": self.url,
+            "url": self.shown_url,
             "connected": self.connected,
             "connects": self.connects,
             "disconnects": self.disconnects,
@@ -107,13 +109,14 @@ class BackpackClient:
                     self.normalizer.reset_sequences()
                     await ws.send(json.dumps(subscribe_request(self.assets)))
                     log.info("backpack: connected to %s, subscribed %d bookTicker streams",
-                             self.url, len(self.assets))
+                             self.shown_url, len(self.assets))
                     async for msg in self._frames(ws, stop):
                         self.backoff.reset()
                         yield msg
             except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("backpack: connection to %s lost: %s", self.url, self.last_error)
+                log.warning("backpack: connection to %s lost: %s", self.shown_url,
+                            self.last_error)
             finally:
                 if self.connected:
                     self.disconnects += 1
@@ -139,7 +142,7 @@ class BackpackClient:
                     self.silences += 1
                     self.last_error = f"no frame in {self.silence_s:g} s"
                     log.warning("backpack: %s from %s: connecting again", self.last_error,
-                                self.url)
+                                self.shown_url)
                     return
                 if recv not in done:
                     return

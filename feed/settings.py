@@ -9,6 +9,7 @@ object whose ``feed`` attribute is one (:func:`feed_settings`).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import parse_qsl
@@ -18,6 +19,15 @@ from engine.assets import DEFAULT_ASSETS, AssetRegistry
 MARKET_TOPIC = "backpack-market-updates"  # Kafka topic of MarketDataMessages (SPEC)
 EMBEDDED_BROKER = "127.0.0.1:9092"  # where the embedded Tansu broker listens by default
 BACKPACK_WS_URL = "wss://ws.backpack.exchange"  # the live market data source
+
+_USERINFO = re.compile(r"^([^:/?#]*://)[^/?#]*@")
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its user and password, if it has any, shown as ``***`` (logs and errors
+    never carry credentials)."""
+    return _USERINFO.sub(r"\1***@", url)
+
 
 TS_US_LIMIT = 2**63  # every ts_us is in (0, TS_US_LIMIT): journals store it as int64
 SEQ_LIMIT = 2**63  # every seq is in [0, SEQ_LIMIT)

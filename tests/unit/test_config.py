@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 BAD = {
     "KAFKA_BROKERS": ["localhost", "h:0", "h:70000", "h:9092,,k:1", "h :1",
                       "a:\u0669\u0660\u0669\u0662"],
-    "BACKPACK_WS_URL": ["https://ws.backpack.exchange", "wss://", "backpack", "wss://a b"],
+    "BACKPACK_WS_URL": ["https://ws.backpack.exchange", "wss://", "backpack", "wss://a b",
+                        "ws://127.0.0.1:abc", "ws://:80", "ws://h:0", "ws://h:65536",
+                        "ws://[::1", "ws://u:p@:80"],
     "FEED_SOURCE": ["kafka", "sim?rate=0", "sim?rate=nan", "sim?x=1", "replay:", "auto?wait=-1",
                     "replay:/no/such/file.jsonl"],
     "PORT": ["0", "65536", "-1", "4000.0", "http", "", "\u0661\u0662", "\uff11\uff12", "+5"],
@@ -63,6 +65,15 @@ def test_a_bad_value_stops_with_one_line_naming_it(var: str, value: str) -> None
     text = str(info.value)
     assert text.startswith(f"{var} must be {RULES[var]} (got ")
     assert "\n" not in text
+
+
+def test_a_refused_source_url_is_shown_without_its_credentials() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"BACKPACK_WS_URL": "wss://trader:s3cret@ws.example:abc/stream"})
+    assert "s3cret" not in str(info.value) and "trader" not in str(info.value)
+    assert "wss://***@ws.example:abc/stream" in str(info.value)
+    url = "wss://trader:s3cret@ws.example:9443/stream"
+    assert Settings.from_env({"BACKPACK_WS_URL": url}).backpack_ws_url == url
 
 
 def test_messages_of_the_issue() -> None:

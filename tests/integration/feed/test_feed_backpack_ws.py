@@ -167,3 +167,40 @@ async def test_a_stream_that_answers_pings_but_sends_nothing_is_made_again() -> 
     assert client.stats()["silences"] == 1 and client.last_error == "no frame in 1 s"
     assert [m.seq for m in got] == [d["u"] for d in BOOK[:3]]
     assert 1.0 <= elapsed < 10, elapsed
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_credentials_in_the_url_are_sent_but_never_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A source URL may carry a user and password (a proxy's): they reach the server and are
+    kept out of the log lines and the stats, which show ``***`` in their place."""
+    auth: list[str | None] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        auth.append(ws.request.headers.get("Authorization") if ws.request else None)
+        await ws.recv()  # the subscribe
+        data = BOOK[len(auth) - 1]
+        await ws.send(json.dumps({"data": data, "stream": f"bookTicker.{data['s']}"}))
+        # the first connection ends abruptly (a lost-connection warning), the second stays
+        if len(auth) == 1:
+            ws.transport.abort()
+        await ws.wait_closed()
+
+    caplog.set_level("INFO", logger="feed.backpack")
+    async with websockets.serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        client = BackpackClient(f"ws://trader:s3cret@127.0.0.1:{port}", Settings().assets,
+                                backoff_initial_s=0.05, backoff_max_s=0.2)
+        stop = asyncio.Event()
+        messages = client.stream(stop)
+        got = [await anext(messages) for _ in range(2)]
+        stop.set()
+        assert [m async for m in messages] == []
+    assert [m.seq for m in got] == [d["u"] for d in BOOK[:2]]
+    assert auth[0] is not None and auth[0].startswith("Basic ") and len(auth) == 2
+    assert client.stats()["url"] == f"ws://***@127.0.0.1:{port}"
+    assert any("lost" in r.getMessage() for r in caplog.records)
+    assert any("connected to ws://***@127.0.0.1" in r.getMessage() for r in caplog.records)
+    assert not any("s3cret" in r.getMessage() or "trader" in r.getMessage()
+                   for r in caplog.records)

@@ -10,6 +10,7 @@ from feed.settings import FeedBounds
 from feed.settings import FeedSettings
 from feed.settings import feed_settings
 from feed.settings import parse_source
+from feed.settings import redacted_url
 
 
 def test_bounds_defaults_follow_the_spec() -> None:
@@ -54,3 +55,14 @@ def test_feed_settings_from_a_carrier() -> None:
     fs = FeedSettings(kafka_brokers="h:1")
     assert feed_settings(fs) is fs and feed_settings(Carrier(fs)) is fs
     assert fs.bootstrap_servers == "h:1" and FeedSettings().bootstrap_servers == "127.0.0.1:9092"
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("wss://ws.backpack.exchange", "wss://ws.backpack.exchange"),
+    ("wss://u:p@h:1/x?y=1", "wss://***@h:1/x?y=1"),
+    ("ws://a@b@h/p@q", "ws://***@h/p@q"),  # only the authority's user part goes
+    ("ws://h/path@x", "ws://h/path@x"),
+    ("ws://h?x=@y", "ws://h?x=@y"),
+])
+def test_a_url_is_shown_without_its_credentials(url: str, shown: str) -> None:
+    assert redacted_url(url) == shown
