@@ -47,7 +47,8 @@ def parse_replay(lines: Iterable[str], normalizer: FrameNormalizer) -> list[Repl
 
 
 class ReplaySource:
-    """Play ``path`` at ``speed`` x the recorded pace; ``loop`` starts over at the end."""
+    """Play ``path`` at ``speed`` x the recorded pace; ``loop`` starts over at the end.
+    ValueError when the file is not UTF-8 text or holds no valid update of ``assets``."""
 
     name = "replay"
 
@@ -57,8 +58,14 @@ class ReplaySource:
             raise ValueError("replay speed must be >= 0")
         self.path = Path(path)
         self.normalizer = FrameNormalizer(assets, source="replay")
-        with self.path.open(encoding="utf-8") as fh:
-            self.items = parse_replay(fh, self.normalizer)
+        try:
+            with self.path.open(encoding="utf-8") as fh:
+                self.items = parse_replay(fh, self.normalizer)
+        except UnicodeDecodeError:
+            raise ValueError(f"replay: {self.path} is not UTF-8 text") from None
+        if not self.items:  # refused at start: a platform with no price would trade nothing
+            raise ValueError(f"replay: {self.path} holds no valid bookTicker frame of "
+                             f"{','.join(assets)}")
         self.speed = speed
         self.loop = loop
         self.emitted = 0
@@ -67,9 +74,6 @@ class ReplaySource:
         return {"emitted": self.emitted, "frames": self.normalizer.stats()}
 
     async def stream(self, stop: asyncio.Event) -> AsyncIterator[MarketDataMessage]:
-        if not self.items:
-            log.warning("replay: %s holds no valid bookTicker frame", self.path)
-            return
         first_us = self.items[0].at_us
         span_us = max(1, self.items[-1].at_us - first_us + 1)
         seq_span = max(i.message.seq for i in self.items) - min(i.message.seq for i in self.items)

@@ -151,7 +151,7 @@ class Platform:
         settings = self.settings
         self.layout = shard_layout(settings)
         if self.durable:
-            check_layout(settings, record=True)  # before anything is written under DATA_DIR
+            check_layout(settings)  # recorded once the start is sure to go ahead (below)
         source = None
         if self.with_feed:
             source = make_source(settings)  # a bad FEED_SOURCE fails before anything starts
@@ -194,6 +194,10 @@ class Platform:
             raise LaunchError(f"port {settings.port} on {self.host} is still held by closed "
                               "connections of a server that ended (TIME_WAIT, up to 60 s); "
                               "retry in a minute, or set PORT")
+        if self.durable:
+            # before anything is written under DATA_DIR; a start refused above records no
+            # layout, so the next try may use another SHARDS
+            check_layout(settings, record=True)
         self._start_broker()
         assert self.bootstrap is not None
         asyncio.run(self._ensure_topic(self.bootstrap))

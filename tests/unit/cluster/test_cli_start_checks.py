@@ -234,3 +234,31 @@ def test_a_ray_address_that_is_no_address_is_one_line_not_a_traceback(tmp_path: 
     assert done.returncode != 0
     assert done.stderr.startswith("shardex status: no running cluster (")
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_a_start_refused_for_its_port_records_no_layout(tmp_path: Path) -> None:
+    """A durable start refused before it starts anything leaves DATA_DIR without a layout:
+    the next try may use another SHARDS. Before, the refused start had recorded its layout,
+    and the retry with other SHARDS was refused for the ids of a run that never was."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        busy = dataclasses.replace(Settings.from_env({"SHARDS": "2"}), data_dir=tmp_path,
+                                   port=int(listener.getsockname()[1]))
+        with pytest.raises(LaunchError, match="already in use"):
+            Platform(busy, host="127.0.0.1", durable=True).start()
+    assert not (tmp_path / "layout.json").exists()
+    check_layout(dataclasses.replace(busy, shards={}), record=False)  # another SHARDS: fine
+
+
+def test_a_replay_without_a_price_stops_the_feed_before_it_starts(tmp_path: Path) -> None:
+    recording = tmp_path / "empty.jsonl"
+    recording.write_text('{"id":null,"error":{"code":400,"message":"Invalid"}}\n')
+    done, took_s = _cli("feed", env=_env(tmp_path, FEED_SOURCE=f"replay:{recording}",
+                                         KAFKA_BROKERS=f"127.0.0.1:{free_port()}"))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"shardex feed: replay: {recording} holds no valid bookTicker frame of SOL,BTC,ETH"), \
+        done.stderr
+    assert "Traceback" not in done.stderr and took_s < 30, (took_s, done.stderr)

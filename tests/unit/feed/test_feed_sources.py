@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from pathlib import Path
 
@@ -125,6 +126,29 @@ async def test_replay_recorded_speed_takes_the_recorded_time() -> None:
     recorded_s = (1788367431694506 - 1788367430246081) / 1e6
     assert len(got) == 13
     assert recorded_s / 4 * 0.9 <= elapsed <= recorded_s / 4 + 1.0
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    (b"", "holds no valid bookTicker frame of SOL,BTC,ETH"),
+    (b"\n\n", "holds no valid bookTicker frame"),
+    (b'{"id":null,"error":{"code":400,"message":"Invalid"}}\n', "holds no valid"),
+    (b"}{ not json\n", "holds no valid"),
+    (b"\xff\xfe\x00garbage", "is not UTF-8 text"),
+])
+def test_a_recording_without_a_price_is_refused_when_the_source_is_made(
+        tmp_path: Path, content: bytes, why: str) -> None:
+    """Before, such a replay started, published nothing and ended: a platform with no price.
+    Refused where FEED_SOURCE is checked at start (``shardex up``/``feed``, make_source)."""
+    path = tmp_path / "rec.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"^replay: {re.escape(str(path))} {why}"):
+        make_source(Settings(), f"replay:{path}")
+
+
+def test_a_recording_of_other_assets_only_is_refused() -> None:
+    settings = Settings.from_env({"ASSETS": "BTC"})  # the fixture is SOL_USDC only
+    with pytest.raises(ValueError, match=r"holds no valid bookTicker frame of BTC$"):
+        make_source(settings, f"replay:{FIXTURE}")
 
 
 def test_parse_source() -> None:
