@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import options
+
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CPU_TARGET_CORES = 0.05  # the targets of the issue: idle CPU of all processes together
@@ -240,8 +242,9 @@ def _stop_leftovers(driver: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardex bench footprint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--window-s", type=float, default=20.0, help="the measured window")
-    parser.add_argument("--settle-s", type=float, default=10.0,
+    parser.add_argument("--window-s", type=options.seconds, default=20.0,
+                        help="the measured window")
+    parser.add_argument("--settle-s", type=options.seconds_or_zero, default=10.0,
                         help="wait after the platform is up, before the window")
     parser.add_argument("--feed-source", choices=("none", "sim"), default="none",
                         help="none: nothing moves; sim: simulated prices flow, nobody trades")

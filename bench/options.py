@@ -1,0 +1,46 @@
+"""Argument types of the benchmarks' options: a value out of range is a usage error (argparse
+prints it with the usage and exits 2), never a traceback from deep inside a run."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def _number(convert: Callable[[str], float], low: float, low_open: bool,
+            what: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = what  # argparse names the type in its message
+    return parse
+
+
+positive_int = _number(int, 0, True, "a whole number > 0")
+count = _number(int, 0, False, "a whole number >= 0")
+seconds = _number(float, 0, True, "a number of seconds > 0")
+seconds_or_zero = _number(float, 0, False, "a number of seconds >= 0")
+rate = _number(float, 0, True, "a number > 0")
+
+
+def share(text: str) -> float:
+    """A fraction in (0, 1]."""
+    value = rate(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in (0, 1]")
+    return value
+
+
+def levels(text: str) -> list[int]:
+    """A comma-separated list of whole numbers > 0 (``"1,64"``)."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole "
+                                         "numbers > 0")
+    return [int(positive_int(p)) for p in parts]

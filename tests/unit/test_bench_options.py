@@ -1,0 +1,47 @@
+"""A benchmark's option out of range is a usage error (exit 2, one line naming it) before
+anything starts, not a traceback from inside the run."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+BAD = [
+    ("engine", ["--positions", "-1"]),
+    ("engine", ["--ticks", "0"]),
+    ("engine", ["--orders", "x"]),
+    ("api", ["--concurrency", "abc"]),
+    ("api", ["--concurrency", "1,,64"]),
+    ("api", ["--concurrency", "0"]),
+    ("api", ["--replicas", "-2"]),
+    ("api", ["--duration-s", "nan"]),
+    ("durability", ["--slices", "0"]),
+    ("durability", ["--slice-s", "inf"]),
+    ("feed", ["--rate", "-5"]),
+    ("latency", ["--liquidating-share", "1.5"]),
+    ("live", ["--clients", "1e3"]),
+    ("chaos", ["--interval", "0"]),
+    ("footprint", ["--window-s", "-1"]),
+    ("serve_paths", ["--duration-s", "0"]),
+]
+
+
+@pytest.mark.parametrize(("kind", "argv"), BAD)
+def test_an_option_out_of_range_is_a_usage_error(
+        kind: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    module = importlib.import_module(f"bench.{kind}")
+    with pytest.raises(SystemExit) as ended:
+        module.main(argv)
+    assert ended.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {argv[0]}: {argv[1]!r} is not " in err, err
+    assert "Traceback" not in err, err
+
+
+def test_good_values_parse_as_numbers() -> None:
+    from bench import options
+
+    assert options.levels("1, 64") == [1, 64]
+    assert options.count("0") == 0 and options.positive_int("7") == 7
+    assert options.seconds("0.5") == 0.5 and options.share("1") == 1.0
