@@ -72,7 +72,10 @@ def load_json(raw: bytes | bytearray | str | None, *, max_bytes: int,
     if nesting_depth(data) > max_depth:
         raise PayloadError("too_deep", f"nested deeper than {max_depth}")
     try:
-        return json.loads(data, parse_float=Decimal)
+        # UTF-8 only, as the API's bodies: json.loads on bytes would also read UTF-16 and
+        # UTF-32, which no Backpack frame or producer of the topic sends (and text with a lone
+        # surrogate is not UTF-8 either)
+        return json.loads(data.decode("utf-8"), parse_float=Decimal)
     except RecursionError:
         raise PayloadError("too_deep", "parser recursion limit") from None
     except Exception as exc:  # ValueError, UnicodeDecodeError, MemoryError...: never escapes

@@ -72,6 +72,11 @@ def test_real_payloads_parse() -> None:
         (b"{'a': 1}", "not_json"),
         (b"9" * 5000, "not_json"),  # beyond the parser's integer digit limit
         (None, "not_json"),
+        # UTF-16 and UTF-32 (json.loads on bytes reads them) and a lone surrogate in a string
+        ('{"a": 1}'.encode("utf-16"), "not_json"),
+        ('{"a": 1}'.encode("utf-16-le"), "not_json"),
+        ('{"a": 1}'.encode("utf-32"), "not_json"),
+        ('"\ud800"', "not_json"),
         (12, "not_json"),
     ],
 )
