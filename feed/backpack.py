@@ -29,6 +29,22 @@ log = logging.getLogger(__name__)
 
 SILENCE_S = 30.0  # no frame at all for this long: the stream is dead, whatever pings say
 CLOSE_TIMEOUT_S = 2.0  # a peer that does not answer our close does not hold a stop longer
+MAX_RETRY_AFTER_S = 300.0  # a server's Retry-After is followed up to this long
+ERROR_LOG_EVERY_S = 60.0  # error frames after the first are logged at most this often
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """The delay a refused handshake (429 or 503) asks for in its ``Retry-After`` header, in
+    seconds (at most :data:`MAX_RETRY_AFTER_S`); None when it asks for none (an HTTP date is
+    not followed: the backoff applies)."""
+    response = getattr(exc, "response", None)
+    if not isinstance(exc, websockets.exceptions.InvalidStatus) or response is None \
+            or response.status_code not in (429, 503):
+        return None
+    value = response.headers.get("Retry-After", "").strip()
+    if not value.isascii() or not value.isdigit():
+        return None
+    return min(float(value), MAX_RETRY_AFTER_S)
 
 
 class Backoff:
@@ -82,6 +98,8 @@ class BackpackClient:
         self.connected = False
         self.last_error: str | None = None
         self.last_frame_us = 0
+        self._errors_logged_at = -ERROR_LOG_EVERY_S  # monotonic; error frames since then:
+        self._errors_unlogged = 0
 
     def stats(self) -> dict[str, object]:
         return {
@@ -96,6 +114,7 @@ class BackpackClient:
 
     async def stream(self, stop: asyncio.Event) -> AsyncIterator[MarketDataMessage]:
         while not stop.is_set():
+            asked_s: float | None = None
             try:
                 async with websockets.connect(
                     self.url,
@@ -117,6 +136,7 @@ class BackpackClient:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("backpack: connection to %s lost: %s", self.shown_url,
                             self.last_error)
+                asked_s = retry_after_s(exc)
             finally:
                 if self.connected:
                     self.disconnects += 1
@@ -124,6 +144,8 @@ class BackpackClient:
             if stop.is_set():
                 return
             delay = self.backoff.next_delay_s()
+            if asked_s is not None:  # the server said when to come back: not sooner
+                delay = max(delay, asked_s)
             log.info("backpack: reconnecting in %.2f s", delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
@@ -152,10 +174,22 @@ class BackpackClient:
                 if isinstance(out, MarketDataMessage):
                     yield out
                 elif isinstance(out, ErrorFrame):
-                    log.error("backpack: error frame %s: %s", out.code, out.message)
+                    self._log_error_frame(out)
         finally:
             stopper.cancel()
             if recv is not None:  # collected, so that its end is never reported as lost
                 recv.cancel()  # (a no-op once it is done)
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await recv
+
+    def _log_error_frame(self, frame: ErrorFrame) -> None:
+        """Log an error frame; a server sending many is logged at most every
+        :data:`ERROR_LOG_EVERY_S` (each is counted in ``error_frames``)."""
+        now = time.monotonic()
+        if now - self._errors_logged_at < ERROR_LOG_EVERY_S:
+            self._errors_unlogged += 1
+            return
+        more = f" ({self._errors_unlogged} more since the last logged)" \
+            if self._errors_unlogged else ""
+        log.error("backpack: error frame %s: %.200s%s", frame.code, frame.message, more)
+        self._errors_logged_at, self._errors_unlogged = now, 0

@@ -204,3 +204,48 @@ async def test_credentials_in_the_url_are_sent_but_never_logged(
     assert any("connected to ws://***@127.0.0.1" in r.getMessage() for r in caplog.records)
     assert not any("s3cret" in r.getMessage() or "trader" in r.getMessage()
                    for r in caplog.records)
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_refusal_with_retry_after_is_followed_and_error_frames_do_not_flood_the_log(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A handshake refused 429 with ``Retry-After: 2``: the client comes back no sooner (its
+    own backoff would retry within 0.1 s). A server that then sends 40 error frames gets them
+    counted, and logged once."""
+    attempts: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    def process_request(conn: ServerConnection, request: Any) -> Any:
+        attempts.append(loop.time())
+        if len(attempts) == 1:
+            response = conn.respond(429, "slow down\n")
+            response.headers["Retry-After"] = "2"
+            return response
+        return None
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()  # the subscribe
+        for _ in range(40):
+            await ws.send(ERRORS[1])
+        data = BOOK[0]
+        await ws.send(json.dumps({"data": data, "stream": f"bookTicker.{data['s']}"}))
+        await ws.wait_closed()
+
+    caplog.set_level("INFO", logger="feed.backpack")
+    async with websockets.serve(handler, "127.0.0.1", 0, process_request=process_request) \
+            as server:
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        client = BackpackClient(url, Settings().assets, backoff_initial_s=0.05,
+                                backoff_max_s=0.1)
+        stop = asyncio.Event()
+        messages = client.stream(stop)
+        got = await anext(messages)
+        stop.set()
+        assert [m async for m in messages] == []
+    assert got.seq == BOOK[0]["u"]
+    assert len(attempts) == 2 and attempts[1] - attempts[0] >= 2.0, attempts
+    assert "429" in (client.last_error or "")
+    assert client.stats()["error_frames"] == 40
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "error frame" in errors[0].getMessage(), errors

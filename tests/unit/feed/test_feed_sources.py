@@ -13,6 +13,7 @@ from cluster.config import Settings
 from engine.assets import DEFAULT_ASSETS
 from feed.backpack import Backoff
 from feed.backpack import BackpackClient
+from feed.backpack import retry_after_s
 from feed.broker import free_port
 from feed.frames import FrameNormalizer
 from feed.message import MarketDataMessage
@@ -213,3 +214,23 @@ async def test_a_stop_while_the_broker_never_answers_ends_the_feed_at_once() -> 
     result = await asyncio.wait_for(task, 10)
     assert time.monotonic() - stopped < 1.0
     assert result["published"] == 0 and result["source"] == "sim"
+
+
+@pytest.mark.parametrize(("status", "header", "delay_s"), [
+    (429, "7", 7.0),
+    (503, " 12 ", 12.0),
+    (429, "100000", 300.0),  # followed up to MAX_RETRY_AFTER_S
+    (429, "Wed, 21 Oct 2026 07:28:00 GMT", None),  # a date: the backoff applies
+    (429, "-3", None),
+    (429, None, None),
+    (500, "7", None),
+])
+def test_retry_after_of_a_refused_handshake(status: int, header: str | None,
+                                            delay_s: float | None) -> None:
+    from websockets.datastructures import Headers
+    from websockets.exceptions import InvalidStatus
+    from websockets.http11 import Response
+
+    headers = Headers() if header is None else Headers({"Retry-After": header})
+    assert retry_after_s(InvalidStatus(Response(status, "x", headers))) == delay_s
+    assert retry_after_s(OSError("refused")) is None
