@@ -620,20 +620,37 @@ async def _principal(request: Request) -> Principal:
     if credentials is None or not credentials.credentials \
             or len(credentials.credentials) > MAX_API_KEY_CHARS:
         raise ApiError(Code.UNAUTHORIZED, "missing or malformed API key")
-    service: TradingService = request.app.state.service
-    who = service.known(credentials.credentials)
+    address = request.client.host if request.client is not None else ""
+    who = await request.app.state.check_key(credentials.credentials, address)
+    if isinstance(who, float):
+        seconds = retry_after_s(who)
+        raise ApiError(Code.RATE_LIMITED, f"too many unknown API keys from this address; "
+                       f"retry in {seconds} s", headers={"Retry-After": str(seconds)})
     if who is None:
-        # a key not seen here costs the ledger a lookup: an address that sent many unknown
-        # ones is answered from here until its bucket fills again (keys it used before pass)
-        refused: TokenBuckets = request.app.state.refused_key_buckets
-        address = request.client.host if request.client is not None else ""
-        _rate_limited(refused, address, "unknown API keys from this address", spend=False)
-        who = await service.authenticate(credentials.credentials)
-        if who is None:
-            refused.take(address)
-            raise ApiError(Code.UNAUTHORIZED, "unknown API key")
+        raise ApiError(Code.UNAUTHORIZED, "unknown API key")
     _rate_limited(request.app.state.key_buckets, who.user, "requests for this API key")
     return who
+
+
+def key_checker(service: TradingService, refused: TokenBuckets
+                ) -> Callable[[str, str], Awaitable[Principal | float | None]]:
+    """``check(api_key, client_address)`` for the REST API and the WebSocket's AUTH alike:
+    the key's Principal; None for an unknown key (counted against the address); the seconds
+    to wait when the address sent too many unknown keys. A key not seen here costs the ledger
+    a lookup: an address that sent many unknown ones is answered from here until its bucket
+    fills again (keys it used before pass)."""
+    async def check(api_key: str, address: str) -> Principal | float | None:
+        who = service.known(api_key)
+        if who is not None:
+            return who
+        wait_s = refused.take(address, spend=False)
+        if wait_s > 0:
+            return wait_s
+        who = await service.authenticate(api_key)
+        if who is None:
+            refused.take(address)
+        return who
+    return check
 
 
 Caller = Annotated[Principal, Depends(_principal)]
@@ -665,8 +682,8 @@ def create_app(service: TradingService) -> FastAPI:
     state_positions = settings.state_positions
     app.state.key_buckets = TokenBuckets(settings.api_key_rate_per_s, settings.api_key_burst)
     # unknown keys per client address: on with the per-key limit, a tenth of its rate
-    app.state.refused_key_buckets = TokenBuckets(settings.api_key_rate_per_s / 10,
-                                                 max(1.0, settings.api_key_burst / 2))
+    app.state.check_key = key_checker(service, TokenBuckets(
+        settings.api_key_rate_per_s / 10, max(1.0, settings.api_key_burst / 2)))
     signup_buckets = TokenBuckets(settings.signups_per_min / 60, settings.signups_per_min)
 
     def tradable(name: str) -> Asset:
@@ -1117,7 +1134,7 @@ def create_app(service: TradingService) -> FastAPI:
                               account_tail, max_replay=max(1, settings.ws_unsent // 2))
     hub = StreamHub(lambda: service.market, render,
                     current_streams([a.name for a in assets.assets]),
-                    service.authenticate, StreamLimits(settings.ws_connections,
+                    app.state.check_key, StreamLimits(settings.ws_connections,
                                                settings.ws_subscriptions, settings.ws_unsent),
                     accounts)
     app.state.streams = hub

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import sqlite3
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -52,10 +53,13 @@ class Change(NamedTuple):
 
 class Changes(NamedTuple):
     """``version``: read again with it; ``items``: closed candles first (oldest first), then
-    each stream's newest value."""
+    each stream's newest value; ``source``: which :class:`MarketLive` answered (a restarted
+    one counts its versions from the start again: a reader's version of another source means
+    nothing to it)."""
 
     version: int
     items: list[Change]
+    source: int
 
 
 def book_ticker_stream(asset: str) -> str:
@@ -91,6 +95,7 @@ class MarketLive:
                                                                  per_key=CANDLES_KEPT)
         self.book = CandleBook(names, INTERVALS, candles=restored)
         self.version = 0
+        self.source_id = random.getrandbits(63)  # Changes.source
         self._latest: dict[str, tuple[int, Tick | Candle]] = {}
         self._closed: deque[tuple[int, Candle]] = deque(maxlen=CLOSED_KEPT)
         # readers waiting for a newer version: each one's loop and event (apply may run on
@@ -104,7 +109,10 @@ class MarketLive:
             for interval in INTERVALS:
                 current = self.book.current(asset, interval)
                 if current is not None:
-                    self._latest[kline_stream(interval, asset)] = (0, current)
+                    # version 1, after what a reader from 0 has: a subscriber gets the restored
+                    # current candle before the first tick (the REST klines show it already)
+                    self.version = 1
+                    self._latest[kline_stream(interval, asset)] = (1, current)
 
     def apply(self, ticks: Iterable[Tick]) -> int:
         """Build the candles of ``ticks`` (accepted, in order), write those they changed to
@@ -177,7 +185,7 @@ class MarketLive:
                   for v, c in self._closed if v > since]
         latest = [Change(stream, value) for stream, (v, value) in self._latest.items()
                   if v > since]
-        return Changes(self.version, closed + latest)
+        return Changes(self.version, closed + latest, self.source_id)
 
     async def wait(self, since: int, timeout_s: float) -> Changes:
         """:meth:`changes` once there is a version after ``since``, or after ``timeout_s``."""

@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -41,7 +41,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from cluster.http.errors import error_body, error_response
 from cluster.http.json_body import unique_keys
-from cluster.http.limits import TokenBuckets
+from cluster.http.limits import TokenBuckets, retry_after_s
 from cluster.live.account_stream import ACCOUNT_STREAM, AccountStreams, Subscription
 from cluster.live.market import Change, MarketSource
 from engine.results import Code
@@ -204,12 +204,15 @@ class Connection:
 class StreamHub:
     """The public streams of one replica. ``market``: a callable giving the market data
     source (None: none here); ``render(change)`` -> the frame's ``data``; ``streams``: every
-    stream name a client may subscribe to; ``authenticate(key)`` -> the key's Principal, or
-    None; ``accounts``: the private account streams (None: not offered)."""
+    stream name a client may subscribe to; ``authenticate(key, client_address)`` -> the key's
+    Principal, None for an unknown key, or the seconds to wait when the address sent too many
+    unknown keys (cluster.http.api.key_checker, the REST API's own check); ``accounts``: the
+    private account streams (None: not offered)."""
 
     def __init__(self, market: Callable[[], MarketSource | None],
                  render: Callable[[Change], dict[str, Any]], streams: Iterable[str],
-                 authenticate: Callable[[str], Any], limits: StreamLimits = StreamLimits(),
+                 authenticate: Callable[[str, str], Awaitable[Any]],
+                 limits: StreamLimits = StreamLimits(),
                  accounts: AccountStreams | None = None) -> None:
         self.market = market
         self.render = render
@@ -221,6 +224,7 @@ class StreamHub:
         self.by_address: dict[str, int] = {}
         self.by_key: dict[str, int] = {}
         self.version = 0
+        self.source: int | None = None  # the market source self.version counts in
         self.latest: dict[str, str] = {}  # stream -> its newest frame (sent on subscribe)
         self._poller: asyncio.Task[None] | None = None
         self.frames_sent = 0
@@ -253,9 +257,11 @@ class StreamHub:
                     log.info("streams: market data poll failed: %s", exc)
                     await asyncio.sleep(RETRY_S)
                     continue
-                if changes.version < self.version:  # a restarted source counts from 0 again
-                    self.version = 0
-                    continue
+                if changes.source != self.source:  # the first read, or a restarted source
+                    self.source = changes.source
+                    if self.version:  # read after a version of another source: from its start
+                        self.version = 0
+                        continue
                 self.version = changes.version
                 items = changes.items
                 if fresh:
@@ -388,9 +394,12 @@ class StreamHub:
         return len(connections)
 
     async def _handle(self, connection: Connection, text: str) -> None:
-        """Answer one client frame (an error frame for anything it cannot do)."""
-        if len(text) > MAX_FRAME_BYTES:
-            connection.reject(Code.INVALID_REQUEST, "frame too large")
+        """Answer one client frame: do all it asks, or answer an error frame and change
+        nothing."""
+        # bytes, as the limit says (a character takes up to 4 of them in UTF-8)
+        if len(text) > MAX_FRAME_BYTES or (len(text) > MAX_FRAME_BYTES // 4 and len(
+                text.encode("utf-8", "surrogatepass")) > MAX_FRAME_BYTES):
+            connection.reject(Code.INVALID_REQUEST, f"frame over {MAX_FRAME_BYTES} bytes")
             return
         try:
             frame = json.loads(text, object_pairs_hook=unique_keys)
@@ -409,12 +418,14 @@ class StreamHub:
             return
         if method == "AUTH":
             await self._auth(connection, params)
+            return
+        unknown = [p for p in params if p not in self.streams
+                   and (p != ACCOUNT_STREAM or self.accounts is None)]
+        if unknown:
+            connection.reject(Code.INVALID_REQUEST,
+                              f"unknown stream(s): {', '.join(unknown[:5])[:200]}")
         elif method == "SUBSCRIBE":
-            if ACCOUNT_STREAM in params:
-                self._subscribe_account(connection, frame.get("since"))
-                params = [p for p in params if p != ACCOUNT_STREAM]
-            if params:
-                self._subscribe(connection, params)
+            self._subscribe(connection, params, frame.get("since"))
         else:
             if ACCOUNT_STREAM in params:
                 self._end_account(connection)
@@ -426,9 +437,13 @@ class StreamHub:
             return
         key = params[0]
         try:
-            principal = await self.authenticate(key)
+            principal = await self.authenticate(key, connection.address)
         except Exception:
             connection.reject(Code.SERVICE_UNAVAILABLE, "cannot check the key now")
+            return
+        if isinstance(principal, float):  # the address sent too many unknown keys
+            connection.reject(Code.RATE_LIMITED, "too many unknown API keys from this "
+                              f"address; retry in {retry_after_s(principal)} s")
             return
         if principal is None:
             # each refused key costs the ledger a lookup: a connection guessing keys is closed
@@ -452,39 +467,31 @@ class StreamHub:
         connection.principal = principal
         self.by_key[key] = self.by_key.get(key, 0) + 1
 
-    def _subscribe_account(self, connection: Connection, since: object) -> None:
-        if self.accounts is None:
-            connection.reject(Code.INVALID_REQUEST, "unknown stream(s): account")
-            return
-        if connection.principal is None:
+    def _subscribe(self, connection: Connection, params: list[str], since: object) -> None:
+        """Subscribe ``connection`` to ``params`` (known streams), the account stream among
+        them from ``since``; an error frame and nothing subscribed when one cannot be."""
+        account = ACCOUNT_STREAM in params
+        markets = [p for p in params if p != ACCOUNT_STREAM]
+        if account and connection.principal is None:
             connection.reject(Code.UNAUTHORIZED,
                               'send {"method":"AUTH","params":["<apiKey>"]} first')
             return
-        if since is not None and (type(since) is not int or not 0 <= since < 1 << 63):
+        if account and since is not None and (
+                type(since) is not int or not 0 <= since < 1 << 63):
             connection.reject(Code.INVALID_REQUEST,
                               "since must be an account event seq (an integer >= 0)")
             return
-        if connection.following_account:
-            return  # already subscribed: its cursor goes on
-        if len(connection.streams) + 1 > self.limits.subscriptions:
+        if len(connection.streams.union(markets)) + (
+                account or connection.following_account) > self.limits.subscriptions:
             connection.reject(Code.INVALID_REQUEST,
                               f"at most {self.limits.subscriptions} subscriptions per connection")
             return
-        connection.account = self.accounts.subscribe(connection.principal, since,
-                                                     connection.offer)
-
-    def _subscribe(self, connection: Connection, params: list[str]) -> None:
-        unknown = [p for p in params if p not in self.streams]
-        if unknown:
-            connection.reject(Code.INVALID_REQUEST,
-                              f"unknown stream(s): {', '.join(unknown[:5])[:200]}")
-            return
-        if len(connection.streams | set(params)) + connection.following_account > \
-                self.limits.subscriptions:
-            connection.reject(Code.INVALID_REQUEST,
-                              f"at most {self.limits.subscriptions} subscriptions per connection")
-            return
-        for stream in params:
+        if account and not connection.following_account:  # (else its cursor goes on)
+            assert self.accounts is not None  # an unknown stream otherwise (_handle)
+            start = since if isinstance(since, int) else None  # (an int when given: above)
+            connection.account = self.accounts.subscribe(connection.principal, start,
+                                                         connection.offer)
+        for stream in markets:
             if stream not in connection.streams:
                 connection.streams.add(stream)
                 frame = self.latest.get(stream)

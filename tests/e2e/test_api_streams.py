@@ -129,6 +129,90 @@ def test_bad_frames_get_error_frames_and_the_connection_stays(platform: HttpPlat
     asyncio.run(scenario())
 
 
+def test_a_refused_frame_changes_nothing(platform: HttpPlatform, http: httpx.Client) -> None:
+    """SUBSCRIBE of several streams is all or nothing: a frame refused for one of them (not
+    authenticated, an unknown stream, a bad ``since``) subscribes none. UNSUBSCRIBE of an
+    unknown stream is answered with an error frame. The frame limit counts bytes. Frames are
+    answered in order, so a frame after the refused one shows what it left: had a stream been
+    subscribed, its current value would come first."""
+    key = signup(http)["Authorization"].removeprefix("Bearer ")
+
+    async def next_is_only_the_answer_to_a_ping(ws: Any) -> None:
+        await ws.send('{"method":"PING","params":["x"]}')
+        answer = await frame(ws)
+        assert answer.get("error", {}).get("message", "").startswith("expected {"), answer
+
+    async def scenario() -> None:
+        async with websockets.connect(ws_url(platform)) as warm:  # the hub holds the value
+            await send(warm, "SUBSCRIBE", "bookTicker.SOL")
+            await frame(warm, "bookTicker.SOL")
+            async with websockets.connect(ws_url(platform)) as ws:
+                await send(ws, "SUBSCRIBE", "bookTicker.SOL", "account")
+                assert (await frame(ws))["error"]["code"] == "UNAUTHORIZED"
+                await next_is_only_the_answer_to_a_ping(ws)
+                await send(ws, "AUTH", key)
+                for params, since in ((["account", "bookTicker.DOGE"], None),
+                                      (["account", "bookTicker.SOL"], -5),
+                                      (["bookTicker.SOL", "account"], "x")):
+                    await ws.send(json.dumps({"method": "SUBSCRIBE", "params": params,
+                                              "since": since}))
+                    error = await frame(ws)
+                    assert error["error"]["code"] == "INVALID_REQUEST", (params, error)
+                    await next_is_only_the_answer_to_a_ping(ws)
+                for params in (["bookTicker.DOGE"], ["nonsense", "bookTicker.SOL"]):
+                    await send(ws, "UNSUBSCRIBE", *params)
+                    error = await frame(ws)
+                    assert error["error"] == {"code": "INVALID_REQUEST", "message":
+                                              f"unknown stream(s): {params[0]}"}, error
+                # 2,100 two-byte characters: under 4,096 characters, over 4,096 bytes
+                padded = {"method": "SUBSCRIBE", "params": ["bookTicker.SOL"], "pad": "é" * 2100}
+                await ws.send(json.dumps(padded, ensure_ascii=False))
+                assert (await frame(ws))["error"] == {
+                    "code": "INVALID_REQUEST", "message": "frame over 4096 bytes"}
+                await next_is_only_the_answer_to_a_ping(ws)
+                padded["pad"] = "é" * 1900  # 3,800 bytes and more: within the limit, served
+                await ws.send(json.dumps(padded, ensure_ascii=False))
+                assert "bid" in (await frame(ws))["data"]
+                await send(ws, "UNSUBSCRIBE", "bookTicker.SOL", "account")  # both known: quiet
+                await next_is_only_the_answer_to_a_ping(ws)
+
+    tick(platform, http, "SOL", "100.00", "100.01")
+    asyncio.run(scenario())
+
+
+def test_websocket_auth_shares_the_address_budget_for_unknown_keys() -> None:
+    """Each unknown key costs the ledger a lookup. REST answers an address that sent too many
+    429; AUTH on the WebSocket now takes from the same budget (a connection closed after six
+    refusals was opened again, ten at a time, at hundreds of lookups a second). A key the
+    replica knows still passes."""
+    settings = Settings(api_key_rate_per_s=1, signups_per_min=0)  # 50 unknown keys, then 1/10 s
+    with LocalHttpPlatform(settings) as limited, \
+            httpx.Client(base_url=limited.base_url, timeout=10) as http:
+        known = signup(http)
+        assert http.get("/api/v1/state", headers=known).status_code == 200
+        key = known["Authorization"].removeprefix("Bearer ")
+
+        async def scenario() -> list[str]:
+            codes: list[str] = []
+            for _ in range(11):  # five refusals each, under the close after six
+                async with websockets.connect(ws_url(limited)) as ws:
+                    for attempt in range(5):
+                        await send(ws, "AUTH", f"guess-{len(codes)}-{attempt}")
+                        codes.append((await frame(ws))["error"]["code"])
+            async with websockets.connect(ws_url(limited)) as ws:
+                await send(ws, "AUTH", key)  # known here: no lookup, no refusal
+                await send(ws, "SUBSCRIBE", "account")
+                assert (await frame(ws, "account"))["data"]["event"] == "snapshot"
+            return codes
+
+        codes = asyncio.run(scenario())
+        assert codes[:50] == ["UNAUTHORIZED"] * 50, codes
+        assert codes[50:] == ["RATE_LIMITED"] * 5, codes
+        refused = http.get("/api/v1/state", headers={"Authorization": "Bearer guess-rest"})
+        assert refused.status_code == 429, refused.text  # REST sees the same budget spent
+        assert "unknown API keys from this address" in refused.json()["error"]["message"]
+
+
 def test_a_plain_http_request_to_the_stream_is_426_and_documented(http: httpx.Client) -> None:
     r = http.get("/ws")
     assert r.status_code == 426 and r.headers["upgrade"] == "websocket", r.text

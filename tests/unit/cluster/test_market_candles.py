@@ -57,3 +57,33 @@ def test_candles_a_full_disk_refused_are_written_once_it_takes_writes(tmp_path: 
             assert reopened.read("SOL", interval, CandleQuery()) == candles, interval
     finally:
         reopened.close()
+
+
+def test_a_restored_current_candle_is_a_change_for_a_reader_from_the_start(
+        tmp_path: Path) -> None:
+    """After a restart, a stream subscriber (the hub reads from version 0) gets the current
+    candles the store restored, as the REST klines show them, before any new tick. Before,
+    they sat at version 0 and were never sent until the next tick."""
+    live = MarketLive(Settings().assets, tmp_path)
+    live.apply([sol(10_000, T0_US + 1, 1), sol(10_050, T0_US + 2, 2)])
+    live.close()
+    restarted = MarketLive(Settings().assets, tmp_path)
+    try:
+        changes = restarted.changes(0)
+        served = {c.stream: c.value for c in changes.items}
+        assert changes.version == restarted.version == 1
+        for interval in ("1m", "5m", "1h", "1d"):
+            candle = served[f"kline.{interval}.SOL"]
+            assert candle == restarted.candles("SOL", interval, CandleQuery())[-1]
+            assert isinstance(candle, Candle) and candle.tick_count == 2
+        assert not any(s.startswith("bookTicker.") or s.endswith((".BTC", ".ETH"))
+                       for s in served)  # no tick is restored, nor a candle never made
+        assert restarted.changes(changes.version).items == []
+        restarted.apply([sol(10_020, T0_US + 3, 3)])  # the next tick: a newer version
+        after = restarted.changes(changes.version)
+        assert after.version == 2 and {c.stream for c in after.items} >= {"bookTicker.SOL"}
+    finally:
+        restarted.close()
+    empty = MarketLive(Settings().assets, tmp_path / "new")
+    assert empty.version == 0 and empty.changes(0).items == []
+    empty.close()

@@ -38,13 +38,17 @@ class Socket:
         self.application_state = WebSocketState.DISCONNECTED
 
 
+async def no_key(key: str, address: str) -> None:
+    return None
+
+
 def test_a_cancelled_handler_leaves_no_read_behind_to_fail_unseen() -> None:
     async def scenario() -> list[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         unseen: list[dict[str, Any]] = []
         loop.set_exception_handler(lambda _loop, context: unseen.append(context))
         hub = StreamHub(market=lambda: None, render=lambda change: {}, streams=(),
-                        authenticate=lambda key: None)
+                        authenticate=no_key)
         socket = Socket()
         handler = asyncio.create_task(hub.serve(socket))  # type: ignore[arg-type]
         while not socket.receiving:

@@ -21,7 +21,7 @@ OTHER_KEY = "sk-" + "8" * 40
 PRINCIPALS = {KEY: Principal(7, "acc-7"), OTHER_KEY: Principal(8, "acc-8")}
 
 
-async def authenticate(key: str) -> Principal | None:
+async def authenticate(key: str, address: str) -> Principal | None:
     return PRINCIPALS.get(key)
 
 
