@@ -16,7 +16,9 @@ places it or refuses and the lock is released) and cancelled by the same one as 
 shard ends it, the courier releases its margin at the ledger before the answer). Changing an
 open position follows them too: margin added is locked first like an open's; TP/SL changes and
 margin removals go to the shard first like a close, a removal's margin then released at the
-ledger under the request's id (a resend releases nothing twice).
+ledger under the request's id (a resend releases nothing twice). Changes of one position run
+one at a time in a replica, each to its account event: the events are numbered in the order
+the shard applied the changes, so the last one shows the position as the shard holds it.
 
 Every call is one command of a state machine (engine.ledger_machine, engine.shard_machine),
 sent through a port that batches concurrent calls into one actor round trip. Everything here is
@@ -32,6 +34,7 @@ import contextlib
 import functools
 import itertools
 import secrets
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -165,6 +168,9 @@ class TradingService:
         self._idem_wait_s = idem_wait_s
         self._principals: dict[str, Principal] = {}
         self._in_flight_idem: dict[IdemKey, asyncio.Future[object]] = {}
+        # position id -> the turn of its changes (gone once no change of it holds or waits)
+        self._turns: weakref.WeakValueDictionary[int, asyncio.Lock] = \
+            weakref.WeakValueDictionary()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: asyncio.Task[None] | None = None
         # one PositionsOf per shard for all the state reads of an event-loop turn: a single
@@ -484,9 +490,9 @@ class TradingService:
                          sl_ticks: int | None, client_order_id: str | None = None
                          ) -> OpenPosition | Rejected:
         """Set, replace or remove (0) the TP/SL of one of ``who``'s positions (None: keep)."""
-        return await self._idempotent(who, "modify", client_order_id, lambda key: self._end(
-            key, position_id, "modify",
-            lambda request_id: SetLevels(who.user, position_id, tp_ticks, sl_ticks, request_id)),
+        return await self._idempotent(who, "modify", client_order_id, lambda key: self._in_turn(
+            position_id, self._end(key, position_id, "modify", lambda request_id: SetLevels(
+                who.user, position_id, tp_ticks, sl_ticks, request_id))),
             {"position_id": position_id})
 
     async def change_margin(self, who: Principal, position_id: int, delta_micros: int,
@@ -514,11 +520,23 @@ class TradingService:
                                                                 "no such open position"))
                 return await self._lock(who, lock._replace(idem_key=key), spec.name, command)
 
-            return await self._idempotent(who, "margin", client_order_id, top_up,
-                                          {"position_id": position_id})
-        return await self._idempotent(who, "margin", client_order_id, lambda key: self._end(
-            key, position_id, "margin", command, release=(who.user, -delta_micros)),
+            return await self._idempotent(who, "margin", client_order_id, lambda key: (
+                self._in_turn(position_id, top_up(key))), {"position_id": position_id})
+        return await self._idempotent(who, "margin", client_order_id, lambda key: self._in_turn(
+            position_id, self._end(key, position_id, "margin", command,
+                                   release=(who.user, -delta_micros))),
             {"position_id": position_id})
+
+    async def _in_turn(self, position_id: int, change: Awaitable[T]) -> T:
+        """``change`` of position ``position_id``, once the changes of it begun before in
+        this replica have ended (their account events noted): two changes sent at once were
+        applied by the shard in one order and their events numbered at the ledger in the
+        other, and the older body showed as the position's last."""
+        turn = self._turns.get(position_id)
+        if turn is None:
+            turn = self._turns[position_id] = asyncio.Lock()
+        async with turn:
+            return await change
 
     async def _refuse(self, key: IdemKey | None, refusal: Rejected) -> Any:
         """``refusal``, kept as the first answer of ``key``; or the answer an earlier request

@@ -4,6 +4,7 @@ liquidation price recomputed; every expectation computed here from the SPEC with
 
 from __future__ import annotations
 
+import asyncio
 from decimal import ROUND_CEILING
 from decimal import Decimal as D
 from typing import Any
@@ -158,3 +159,38 @@ def test_a_partial_close_splits_the_margin_and_leaves_the_rest_open(
     r = http.get("/api/v1/positions/history", params={"before": part["closeId"]}, headers=h)
     assert r.status_code == 200 and part not in r.json()["positions"], r.text
     assert D(state(http, h)["balances"]["margin"]) == 0
+
+
+def test_changes_sent_at_once_to_one_position_show_the_last_one_applied(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    """A margin top-up, a removal and a TP change sent at once to one position: the shard
+    applies them in some order, and ``GET /state`` (the account's events) must then show the
+    position as the shard holds it (``GET /positions``), not the body of a change the shard
+    applied earlier whose account event happened to be numbered last."""
+    h = sol_trader(platform, http)
+    p = open_position(http, h, asset="SOL", type="long", margin="100", leverage=10)
+    pid = p["positionId"]
+
+    async def burst(client: httpx.AsyncClient, round_: int) -> None:
+        answers = await asyncio.gather(
+            client.post("/api/v1/positions/margin", headers=h,
+                        json={"positionId": pid, "amount": "7"}),
+            client.post("/api/v1/positions/margin", headers=h,
+                        json={"positionId": pid, "amount": "-5"}),
+            client.post("/api/v1/positions/modify", headers=h,
+                        json={"positionId": pid, "takeProfit": str(200 + round_)}))
+        assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+
+    async def rounds() -> None:
+        async with httpx.AsyncClient(base_url=platform.base_url, timeout=10) as client:
+            for round_ in range(20):
+                await burst(client, round_)
+                shown = state(http, h)["positions"]
+                held = http.get("/api/v1/positions", headers=h).json()["positions"]
+                fields = ("margin", "liquidationPrice", "takeProfit", "quantity")
+                assert [{f: q[f] for f in fields} for q in shown] == \
+                    [{f: q[f] for f in fields} for q in held], round_
+
+    asyncio.run(rounds())
+    assert D(state(http, h)["positions"][0]["margin"]) == 100 + 20 * 2
+    post(http, h, "close", 200, positionId=pid)  # the platform is shared with later tests
