@@ -1092,3 +1092,27 @@ def test_the_api_docs_page_lists_the_operations_from_the_platform_alone(
         "return performance.getEntriesByType('resource').map(e => e.name);")
     assert f"{platform.base_url}/openapi.json" in loaded, loaded
     assert all(url.startswith(f"{platform.base_url}/") for url in loaded), loaded
+
+
+def test_a_quote_that_stops_moving_is_marked_stale_until_the_next_price(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """No newer price for 10 s (on the page's own clock, from the price's arrival): the
+    quote is dimmed and says for how long, where it named its source; the next price clears
+    it. Before, a quote from a feed that had stopped looked as live as any."""
+    tick(platform, http, "SOL", "100.10", "100.12")
+    open_terminal(browser, platform)
+    wait_until(browser, lambda d: text_of(d, "bid") == "100.10", "the first quote")
+    quote = by_id(browser, "quote")
+    assert "stale" not in (quote.get_attribute("class") or "")
+    assert text_of(browser, "quote-source") == "source: test"
+    wait_until(browser, lambda d: "stale" in (quote.get_attribute("class") or ""),
+               "the stale mark", timeout_s=30)
+    label = text_of(browser, "quote-source")
+    assert label.startswith("no price for ") and label.endswith(" s"), label
+    assert int(label.split()[3]) >= 10, label
+    assert by_id(browser, "quote-source").get_attribute("title") == "source: test"
+    assert text_of(browser, "bid") == "100.10"  # still shown, marked
+    tick(platform, http, "SOL", "100.20", "100.22")
+    wait_until(browser, lambda d: text_of(d, "bid") == "100.20"
+               and "stale" not in (quote.get_attribute("class") or ""), "the fresh quote")
+    assert text_of(browser, "quote-source") == "source: test"

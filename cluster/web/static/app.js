@@ -18,6 +18,9 @@ const KLINE_LIMIT = 500;
 const HISTORY_PAGE = 50;
 const HISTORY_MAX = 500;
 const PRICE_POLL_MS = 1000;      // GET /prices while the socket is down
+// no newer price for this long: the quote is marked stale (measured on this page's clock from
+// the arrival of the newest price, so a client clock that is off does not mark it)
+const STALE_QUOTE_MS = 10000;
 const KLINE_POLL_EVERY = 5;      // ... and the newest candles every 5th time
 const STATE_POLL_MS = 2000;      // GET /state while the account stream is unavailable
 const STATE_REFRESH_MS = 5000;   // ... and while it is live (equity moves with prices)
@@ -215,7 +218,11 @@ function onKline(kline) {
 
 function applyQuote(asset, quote) {
   if (!quote || !fmt.isDecimal(quote.bid) || !fmt.isDecimal(quote.ask)) return;
-  app.prices[asset] = { bid: quote.bid, ask: quote.ask, ts: quote.ts, source: quote.source };
+  const before = app.prices[asset];
+  // a poll of the same price is not a newer one: it keeps the time the price first came
+  const receivedAt = before && before.ts === quote.ts ? before.receivedAt : Date.now();
+  app.prices[asset] = { bid: quote.bid, ask: quote.ask, ts: quote.ts, source: quote.source,
+                        receivedAt };
   if (asset === app.asset) {
     renderQuote();
     renderEstimate();
@@ -230,7 +237,14 @@ function renderQuote() {
   const spread = quote ? Number(quote.ask) - Number(quote.bid) : NaN;
   const asset = selectedAsset();
   setText(byId("spread"), Number.isFinite(spread) ? spread.toFixed(fmt.decimalsOf(asset ? asset.priceStep : "0.01")) : "—");
-  setText(byId("quote-source"), quote && quote.source ? `source: ${quote.source}` : "");
+  const idleMs = quote ? Date.now() - quote.receivedAt : 0;
+  const stale = idleMs >= STALE_QUOTE_MS;
+  byId("quote").classList.toggle("stale", stale);
+  const source = quote && quote.source ? `source: ${quote.source}` : "";
+  // about as long as the source it replaces: the marking moves nothing on the page
+  const node = byId("quote-source");
+  setText(node, stale ? `no price for ${Math.floor(idleMs / 1000)} s` : source);
+  node.title = stale ? source : "";
 }
 
 let pricePollBusy = false;
@@ -1091,6 +1105,7 @@ async function start() {
   clearAccountData();
   app.live.start();
   setInterval(pollPrices, PRICE_POLL_MS);
+  setInterval(renderQuote, 1000); // a quote that stops moving is marked stale
   setInterval(accountTimer, 1000);
   requestRefresh(true);
 
