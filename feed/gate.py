@@ -4,8 +4,9 @@ A decoded tick may still be one the engine must not act on: older than the updat
 delivered for its asset (``out_of_order``), or a mid far from the last accepted one. Such a jump
 may be the market gapping or a bad print; one tick cannot tell, the next one can. So a jump is
 held back and accepted only if the next tick of the asset lies within the band around it (the
-move is confirmed; the confirming tick is delivered); otherwise the held tick is dropped as
-``jump`` and the next tick is judged on its own.
+move is confirmed: the held tick is delivered, then the confirming one, so the engine sweeps
+the price the market gapped to); otherwise the held tick is dropped as ``jump`` and the next
+tick is judged on its own.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def within_band(tick: Tick, reference: Tick, band_bps: int) -> bool:
 class TickGate:
     """Per-asset order and jump filter (state: the last delivered tick, the held one).
 
-    ``admit(tick)`` returns the tick to deliver, or None (dropped, or held). Counters:
+    ``admit(tick)`` returns the ticks to deliver, in order: none (dropped, or held), the
+    tick, or the held tick it confirms and then the tick. Counters:
     ``dropped[reason]`` (:data:`GATE_DROP_REASONS`), ``held_total`` (jumps held),
     ``confirmed`` (held jumps a next tick confirmed). ``last`` maps an asset to its last
     delivered tick, ``held`` to its held one.
@@ -56,9 +58,9 @@ class TickGate:
             return True
         return False
 
-    def admit(self, tick: Tick) -> Tick | None:
+    def admit(self, tick: Tick) -> list[Tick]:
         if self.is_older(tick):
-            return None
+            return []
         asset = tick.asset
         last = self.last.get(asset)
         held = self.held.pop(asset, None)
@@ -66,22 +68,17 @@ class TickGate:
             if held is not None:
                 self.dropped["jump"] += 1  # the next tick did not confirm the held one
             self.last[asset] = tick
-            return tick
+            return [tick]
         if held is not None and within_band(tick, held, self.band_bps):
-            self.confirmed += 1
+            self.confirmed += 1  # the market moved there: what it crossed on the way is swept
             self.last[asset] = tick
-            return tick
+            return [held, tick]
         if held is not None:
             self.dropped["jump"] += 1
         self.held[asset] = tick
         self.held_total += 1
-        return None
+        return []
 
     def admit_all(self, ticks: dict[str, Tick]) -> list[Tick]:
         """:meth:`admit` each tick; the ones to deliver, in the input's order."""
-        out = []
-        for tick in ticks.values():
-            admitted = self.admit(tick)
-            if admitted is not None:
-                out.append(admitted)
-        return out
+        return [admitted for tick in ticks.values() for admitted in self.admit(tick)]

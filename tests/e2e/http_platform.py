@@ -98,10 +98,17 @@ class LocalHttpPlatform:
         self.stop()
 
     def push_tick(self, asset: str, bid: str, ask: str, age_s: float = 0.0) -> None:
+        self.deliver([self.next_tick(asset, bid, ask, age_s)])
+
+    def next_tick(self, asset: str, bid: str, ask: str, age_s: float = 0.0) -> Tick:
+        """A tick of ``asset`` after every one made here (:func:`make_tick`)."""
         self._seq += 1
-        tick = make_tick(self.settings, asset, bid, ask, age_s, self._seq)
-        self.market.apply([tick])
-        asyncio.run(self.hosts.apply_ticks([tick]))  # from a thread that runs no event loop
+        return make_tick(self.settings, asset, bid, ask, age_s, self._seq)
+
+    def deliver(self, ticks: list[Tick]) -> None:
+        """Hand ``ticks`` to the candles and the shards, as the feed actor does."""
+        self.market.apply(ticks)
+        asyncio.run(self.hosts.apply_ticks(ticks))  # from a thread that runs no event loop
 
     def _on_loop(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)

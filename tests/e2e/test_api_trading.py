@@ -12,6 +12,7 @@ import time
 from decimal import Decimal as D
 
 import httpx
+from feed.gate import TickGate
 from tests.e2e.api_client import SIGNUP
 from tests.e2e.api_client import SOL_STEP
 from tests.e2e.api_client import error_code
@@ -331,3 +332,35 @@ def test_history_is_newest_first_with_limit_and_before(
     rest = http.get("/api/v1/positions/history", headers=h,
                     params={"limit": 3, "before": ids[1]}).json()
     assert [p["positionId"] for p in rest["positions"]] == [ids[0]]
+
+
+def test_a_confirmed_jump_is_swept_at_the_price_it_gapped_to() -> None:
+    """SPEC: a jump beyond MAX_TICK_JUMP_BPS is held and accepted if the next tick confirms
+    it. The held price is then swept before the confirming one: a long whose liquidation price
+    the gap crossed closes at the gap's bid, though the confirming tick is back above it.
+    Before, only the confirming tick was delivered and the position survived the gap. The
+    ticks pass the feed's own gate (feed.gate.TickGate, as the feed actor's pipeline does)."""
+    with LocalHttpPlatform(TRADING) as platform, \
+            httpx.Client(base_url=platform.base_url, timeout=10) as http:
+        gate = TickGate(platform.settings.feed.bounds.max_tick_jump_bps)
+
+        def through_gate(bid: str, ask: str) -> list[str]:
+            accepted = gate.admit_all({"SOL": platform.next_tick("SOL", bid, ask)})
+            platform.deliver(accepted)
+            return [platform.settings.assets["SOL"].ticks_to_price(t.bid_ticks)
+                    for t in accepted]
+
+        assert through_gate("100.00", "100.01") == ["100.00"]
+        h = signup(http)
+        p = open_position(http, h, asset="SOL", type="long", margin="100", leverage=7)
+        liq = D(p["liquidationPrice"])
+        assert D("80.00") < liq < D("88.00"), liq
+        assert through_gate("80.00", "80.01") == []  # a 20% gap: held
+        assert open_ids(http, h) == [p["positionId"]]
+        # back within the band of 80 and above the liquidation price: the gap is confirmed,
+        # and 80.00 is swept first
+        assert through_gate("88.00", "88.01") == ["80.00", "88.00"]
+        closed = wait_closed(http, h, p["positionId"])
+        assert closed["closeReason"] == "liquidation", closed
+        assert D(closed["exitPrice"]) == D("80.00"), closed
+        assert platform.audit() == []

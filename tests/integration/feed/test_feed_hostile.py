@@ -151,10 +151,12 @@ async def test_hostile_messages_are_dropped_by_reason_and_good_ticks_flow(
     expected["jump"] = 1
     assert (await dropped())["jump"] == 1
 
-    # a jump the next tick confirms: the market really moved
+    # a jump the next tick confirms: the market really moved, and the shards sweep the price
+    # it moved to before the confirming one (SPEC: the held tick is accepted)
     move = message_from_ticks(SOL, 16_000, 16_001, now_us(), now_us(), "test")
     await send("SOL", move.key, move.to_json_bytes())
     await wait_for(held, what="the move to be held")
+    good["SOL"].append(Tick("SOL", 16_000, 16_001, move.ts_us, move.seq, "test"))
     confirmed = await good_tick("SOL", 16_050)
 
     stats = await feed.stats.remote()

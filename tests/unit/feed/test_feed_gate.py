@@ -24,27 +24,29 @@ def test_band_is_exact_on_the_mid() -> None:
 
 def test_first_tick_and_small_moves_pass() -> None:
     gate = TickGate(1000)
-    assert gate.admit(tick(100, 1)) == tick(100, 1)
-    assert gate.admit(tick(105, 2)) == tick(105, 2)
+    assert gate.admit(tick(100, 1)) == [tick(100, 1)]
+    assert gate.admit(tick(105, 2)) == [tick(105, 2)]
     assert gate.last["SOL"] == tick(105, 2) and not gate.dropped
 
 
 def test_older_update_is_dropped_equal_and_newer_pass() -> None:
     gate = TickGate(1000)
     gate.admit(tick(100, 10, seq=5))
-    assert gate.admit(tick(100, 9, seq=50)) is None  # older ts_us
-    assert gate.admit(tick(100, 10, seq=4)) is None  # same ts_us, older seq
-    assert gate.admit(tick(101, 10, seq=5)) is not None  # the same update again passes
-    assert gate.admit(tick(102, 11, seq=1)) is not None
+    assert gate.admit(tick(100, 9, seq=50)) == []  # older ts_us
+    assert gate.admit(tick(100, 10, seq=4)) == []  # same ts_us, older seq
+    assert gate.admit(tick(101, 10, seq=5)) == [tick(101, 10, seq=5)]  # the same update again
+    assert gate.admit(tick(102, 11, seq=1)) == [tick(102, 11, seq=1)]
     assert gate.dropped == {"out_of_order": 2}
 
 
 def test_jump_held_then_confirmed() -> None:
     gate = TickGate(1000)
     gate.admit(tick(100, 1))
-    assert gate.admit(tick(150, 2)) is None  # +50%: held
+    assert gate.admit(tick(150, 2)) == []  # +50%: held
     assert gate.held["SOL"] == tick(150, 2) and gate.last["SOL"] == tick(100, 1)
-    assert gate.admit(tick(152, 3)) == tick(152, 3)  # within 10% of the held one: confirmed
+    # within 10% of the held one: confirmed, and the held price is delivered before it (SPEC:
+    # the held tick is accepted; a position it crosses closes at it)
+    assert gate.admit(tick(152, 3)) == [tick(150, 2), tick(152, 3)]
     assert gate.last["SOL"] == tick(152, 3) and not gate.held
     assert gate.confirmed == 1 and gate.held_total == 1 and not gate.dropped
 
@@ -52,18 +54,18 @@ def test_jump_held_then_confirmed() -> None:
 def test_jump_dropped_when_the_next_tick_returns() -> None:
     gate = TickGate(1000)
     gate.admit(tick(100, 1))
-    assert gate.admit(tick(1, 2)) is None  # -99%: held
-    assert gate.admit(tick(101, 3)) == tick(101, 3)  # back near the last accepted: bad print
+    assert gate.admit(tick(1, 2)) == []  # -99%: held
+    assert gate.admit(tick(101, 3)) == [tick(101, 3)]  # back near the last accepted: bad print
     assert gate.dropped == {"jump": 1} and gate.confirmed == 0 and not gate.held
 
 
 def test_jump_replaced_by_another_jump() -> None:
     gate = TickGate(1000)
     gate.admit(tick(100, 1))
-    assert gate.admit(tick(200, 2)) is None
-    assert gate.admit(tick(400, 3)) is None  # neither near 100 nor near 200: 200 is dropped
+    assert gate.admit(tick(200, 2)) == []
+    assert gate.admit(tick(400, 3)) == []  # neither near 100 nor near 200: 200 is dropped
     assert gate.held["SOL"] == tick(400, 3) and gate.dropped == {"jump": 1}
-    assert gate.admit(tick(410, 4)) == tick(410, 4)  # confirms 400
+    assert gate.admit(tick(410, 4)) == [tick(400, 3), tick(410, 4)]  # confirms 400
     assert gate.confirmed == 1 and gate.held_total == 2
 
 
@@ -71,10 +73,10 @@ def test_assets_are_independent() -> None:
     gate = TickGate(1000)
     gate.admit(tick(100, 1, "SOL"))
     gate.admit(tick(5000, 1, "BTC"))
-    assert gate.admit(tick(300, 2, "SOL")) is None
-    assert gate.admit(tick(5100, 2, "BTC")) == tick(5100, 2, "BTC")
+    assert gate.admit(tick(300, 2, "SOL")) == []
+    assert gate.admit(tick(5100, 2, "BTC")) == [tick(5100, 2, "BTC")]
     assert gate.admit_all({"SOL": tick(310, 3, "SOL"), "BTC": tick(5000, 1, "BTC")}) == [
-        tick(310, 3, "SOL")]
+        tick(300, 2, "SOL"), tick(310, 3, "SOL")]
     assert gate.dropped == {"out_of_order": 1}
 
 

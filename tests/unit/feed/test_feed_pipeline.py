@@ -66,7 +66,9 @@ def test_jump_held_across_batches_then_confirmed_or_dropped() -> None:
     assert p.ingest([[rec("SOL", 20_000, NOW - 9)]], NOW) == []  # held
     assert p.stats(NOW)["held"] == {"SOL": {"bid": "200.00", "ask": "200.01"}}
     confirmed = p.ingest([[rec("SOL", 20_100, NOW - 8)]], NOW)
-    assert [t.bid_ticks for t in confirmed] == [20_100]
+    assert [t.bid_ticks for t in confirmed] == [20_000, 20_100]  # the held price first
+    assert [[t.bid_ticks for t in ticks] for _, ticks in p.take_ready()] == \
+        [[10_000, 20_000, 20_100]] * 2  # both of the pipeline's shards get it, in order
     assert p.ingest([[rec("SOL", 1_000, NOW - 7)]], NOW) == []  # held again
     assert [t.bid_ticks for t in p.ingest([[rec("SOL", 20_050, NOW - 6)]], NOW)] == [20_050]
     stats = p.stats(NOW)
