@@ -18,7 +18,8 @@ Ledger events (the ledger's journal):
 :class:`SettlementApplied`, :class:`ClientOrderStoredAt` (and the older
 :class:`ClientOrderStored`, still decoded and applied), :class:`AnswersExpired`,
 :class:`OpenCountSet`, :class:`OrderLocked`, :class:`OrderSettled`, :class:`OrderCountSet`,
-:class:`MarginAdded`, :class:`MarginReturned`, :class:`AccountNoted`.
+:class:`MarginAdded`, :class:`MarginReturned`, :class:`AccountNoted`,
+:class:`ReleaseExpected`.
 
 A journal record holds the events of one commit: :func:`encode_batch` / :func:`decode_batch`.
 """
@@ -251,6 +252,17 @@ class MarginReturned(NamedTuple):
     request_id: int
 
 
+class ReleaseExpected(NamedTuple):
+    """Request ``request_id`` of ``user`` asks a shard to take ``amount_micros`` of margin off
+    an open position; once it did, that much moves from margin back to free
+    (``MarginReturned`` of the request). Nothing moves now: the ledger remembers the release
+    it owes, so that it is made even if the API process that sent the request dies."""
+
+    user: int
+    amount_micros: int
+    request_id: int
+
+
 class AccountNoted(NamedTuple):
     """Request ``request_id`` of ``user`` did ``kind`` at a shard (engine.account_events:
     ``positionOpened``, ``positionUpdated``, ``orderPlaced``); ``body``: what it made, as a
@@ -274,7 +286,7 @@ Event = (PositionOpened | PositionClosed | TickApplied | OpenFenced | OutboxAcke
          | OrderPlaced | OrderEnded | PositionAmended | PositionReduced
          | AccountCreated | MarginLocked | MarginReleased | SettlementApplied | ClientOrderStored
          | ClientOrderStoredAt | AnswersExpired | OpenCountSet | OrderLocked | OrderSettled
-         | OrderCountSet | MarginAdded | MarginReturned | AccountNoted)
+         | OrderCountSet | MarginAdded | MarginReturned | AccountNoted | ReleaseExpected)
 # Events whose loss in a crash changes nothing that was acknowledged (the feed delivers the newest
 # price again): the runner journals them with the next commit instead of committing for them.
 # An OutboxAcked lost in a crash only means settlements the ledger already applied are sent
@@ -285,7 +297,7 @@ SHARD_EVENTS = (PositionOpened, PositionClosed, TickApplied, OpenFenced, OutboxA
 LEDGER_EVENTS = (AccountCreated, MarginLocked, MarginReleased, SettlementApplied,
                  ClientOrderStored, ClientOrderStoredAt, AnswersExpired, OpenCountSet,
                  OrderLocked, OrderSettled, OrderCountSet, MarginAdded, MarginReturned,
-                 AccountNoted)
+                 AccountNoted, ReleaseExpected)
 
 
 class EventError(ValueError):
@@ -338,6 +350,7 @@ _LAYOUTS: dict[int, _Layout] = {
     0x2C: (MarginAdded, "QqQ", (), ()),
     0x2D: (MarginReturned, "QqQ", (), ()),
     0x2F: (AccountNoted, "QQ", ("kind", "body"), (("s", "B"), ("b", "I"))),
+    0x30: (ReleaseExpected, "QqQ", (), ()),
 }
 
 # Older layouts, decoded only (encode writes the layout above): the trailing fields they lack

@@ -10,7 +10,7 @@ Commands (one class per operation, one item each) and their answers:
 
 * :class:`CreateAccount` -> :class:`CreatedAccount` | Rejected
 * :class:`LockMargin` -> None (locked) | Rejected | IdemHit
-* :class:`ReleaseMargin` -> None | Rejected
+* :class:`ReleaseMargin` -> None | Rejected;  :class:`ExpectRelease` -> None | Rejected
 * :class:`AbandonLock` -> ``(request_id, user, margin_micros)`` released | None | Rejected
 * :class:`Begin` -> None (reserved now) | IdemHit;  :class:`Remember`, :class:`Forget` -> None
 * :class:`ApplySettlements` -> the shard's last applied seq | Rejected (nothing applied)
@@ -54,7 +54,11 @@ Margin added to an open position (SPEC "Changing an open position") is locked wi
 ``MarginLock(top_up=True)`` (``MarginAdded``: no open counted, no limit but the free balance);
 margin that leaves without ending an open (removed from a position, a top-up the shard
 refused) is released with ``ReleaseMargin(counted=False)`` (``MarginReturned``), and an
-abandoned top-up likewise.
+abandoned top-up likewise. A removal is announced first (:class:`ExpectRelease`,
+``ReleaseExpected``: nothing moves) and remembered like a lock, by its request id: should the
+API process die after the shard took the margin off, the sweep of orphaned locks resolves the
+request at the shards and its note releases the margin; one that never happened is abandoned,
+releasing nothing.
 
 Pending orders (SPEC "Pending orders"): a placement locks the order's margin with
 ``MarginLock(order=True)``, which also needs room under ``max_open_orders``
@@ -99,6 +103,7 @@ from engine.events import (
     OrderCountSet,
     OrderLocked,
     OrderSettled,
+    ReleaseExpected,
     SettlementApplied,
     decode_batch,
 )
@@ -388,6 +393,18 @@ class ReleaseMargin:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpectRelease:
+    """Request ``request_id`` of ``user`` is about to take ``margin_micros`` off an open
+    position at its shard: remember the release it will owe (nothing moves now; the
+    request's ``ReleaseMargin(counted=False)`` makes it, or, should that never come, its
+    ``Note`` or the start-time reconciliation). -> None, or Rejected(INVALID_REQUEST)."""
+
+    user: int
+    margin_micros: int
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class AbandonLock:
     """Release the lock of ``request_id`` whose open was never sent (its answer was lost).
 
@@ -518,9 +535,10 @@ class CreatedAccount(NamedTuple):
     balance_micros: int
 
 
-_OPEN, _ORDER, _TOP_UP = 0, 1, 2  # what a lock pays for (a lock's kind)
+# what a lock pays for (a lock's kind); _REMOVE: a margin removal's release owed (nothing locked)
+_OPEN, _ORDER, _TOP_UP, _REMOVE = 0, 1, 2, 3
 _LOCK_KINDS: dict[type, int] = {MarginLocked: _OPEN, OrderLocked: _ORDER, MarginAdded: _TOP_UP}
-_LOCK_KIND_NAMES = {_OPEN: "open", _ORDER: "order", _TOP_UP: "margin"}
+_LOCK_KIND_NAMES = {_OPEN: "open", _ORDER: "order", _TOP_UP: "margin", _REMOVE: "margin"}
 
 
 class _Lock(NamedTuple):
@@ -529,7 +547,8 @@ class _Lock(NamedTuple):
     user: int
     margin_micros: int
     key: IdemKey | None  # the clientOrderId reserved with it
-    kind: int  # _OPEN (MarginLocked), _ORDER (OrderLocked) or _TOP_UP (MarginAdded)
+    kind: int  # _OPEN (MarginLocked), _ORDER (OrderLocked), _TOP_UP (MarginAdded) or _REMOVE
+    # (ReleaseExpected: margin_micros is what the removal will release)
 
 
 _Decision = tuple[Any, Sequence[Event]]
@@ -865,6 +884,7 @@ class LedgerMachine:
             ExpireAnswers: self._expire_answers,
             LockMargin: self._lock,
             ReleaseMargin: self._release,
+            ExpectRelease: self._expect_release,
             AbandonLock: self._abandon,
             Begin: self._begin,
             Remember: self._remember,
@@ -891,6 +911,7 @@ class LedgerMachine:
             AnswersExpired: self._on_answers_expired,
             ClientOrderStored: self._on_client_order_stored,
             AccountNoted: self._on_account_noted,
+            ReleaseExpected: self._on_release_expected,
         }
 
     # ================================================================= decide
@@ -1074,6 +1095,18 @@ class LedgerMachine:
             events.extend(self._answer_events([c.answer], now_us, request_id))
         return None, events
 
+    def _expect_release(self, c: ExpectRelease, now_us: int) -> _Decision:
+        request_id, amount = _int(c.request_id), _int(c.margin_micros)
+        if request_id is None or not 0 < request_id < START_RECONCILED:
+            return _invalid("request id out of range")
+        if amount is None or amount <= 0:
+            return _invalid("margin must be an int > 0")
+        if not self.ledger.has_user(c.user):
+            return _invalid(f"no user {c.user}")
+        if request_id in self._recent_locks or request_id in self._returned:
+            return None, _NO_EVENTS  # announced (or released) already: a resend
+        return None, [ReleaseExpected(c.user, amount, request_id)]
+
     def _abandon(self, c: AbandonLock, now_us: int) -> _Decision:
         lock = self._recent_locks.get(c.request_id)
         if lock is None:
@@ -1081,15 +1114,17 @@ class LedgerMachine:
         # (a lock still held ended no request: an answer its clientOrderId has is a retry's,
         # since the answer of its own request ends it)
         user, margin, key, kind = lock
-        if self.ledger.margin_micros(user) < margin:
+        if kind == _REMOVE:
+            margin = 0  # the removal never happened: the margin stays on its position
+        elif self.ledger.margin_micros(user) < margin:
             return _invalid(f"user {user} has less margin locked than lock {c.request_id}")
-        released = MarginReturned if kind == _TOP_UP else MarginReleased
+        released = MarginReturned if kind in (_TOP_UP, _REMOVE) else MarginReleased
         events: list[Event] = [released(user, margin, c.request_id)]
         pending = self._pending.get(key) if key is not None else None
         if key is not None and pending is not None and pending[0] == c.request_id:
             events.append(ClientOrderStoredAt(key.user, key.kind, key.client_order_id,
                                               c.request_id, now_us, FORGOTTEN))
-        return (c.request_id, user, margin), events
+        return ((c.request_id, user, margin) if margin else None), events
 
     # ----------------------------------------------------------------- clientOrderIds
     def _begin(self, c: Begin, now_us: int) -> _Decision:
@@ -1116,6 +1151,14 @@ class LedgerMachine:
             return _invalid("not this account's")
         events = self._answer_events([] if c.key is None else [(c.key, c.body)], now_us,
                                      request_id)
+        owed = self._recent_locks.get(request_id)
+        if owed is not None and owed.kind == _REMOVE:
+            # a removal the shard made whose release never came (its API process died): the
+            # note, sent by the sweep that resolved it, makes it
+            if self.ledger.margin_micros(owed.user) < owed.margin_micros:
+                return _invalid(f"user {owed.user} has less margin locked than removal "
+                                f"{request_id} releases")
+            events.insert(0, MarginReturned(owed.user, owed.margin_micros, request_id))
         # noted once per request (a resend after a lost answer notes nothing again); what it
         # made may have ended meanwhile, which apply looks at (the request completed anyway)
         if request_id not in self._noted:
@@ -1396,6 +1439,11 @@ class LedgerMachine:
         self._add_counts(e.user, kind != _TOP_UP, kind == _ORDER)
         self._record_balance(e.user)
 
+    def _on_release_expected(self, e: ReleaseExpected) -> None:
+        self._recent_locks[e.request_id] = _Lock(e.user, e.amount_micros, None, _REMOVE)
+        while len(self._recent_locks) > RECENT_LOCKS_MAX:
+            self._recent_locks.popitem(last=False)
+
     def _on_margin_returned(self, e: MarginReturned) -> None:
         self.ledger.release_margin(e.user, e.amount_micros)
         if e.request_id:
@@ -1525,8 +1573,9 @@ class LedgerMachine:
         pending = self._pending.pop(key, None)
         if pending is not None:
             lock = self._recent_locks.get(pending[0])
-            if lock is not None and lock.key == key:
-                # the request completed: its lock backs its answer and is never orphaned
+            if lock is not None and lock.key == key and lock.kind != _REMOVE:
+                # the request completed: its lock backs its answer and is never orphaned (a
+                # removal's owed release stays until its note or release makes it)
                 del self._recent_locks[pending[0]]
 
     # ================================================================= state
@@ -1841,6 +1890,7 @@ __all__ = [
     "Begin",
     "CreateAccount",
     "CreatedAccount",
+    "ExpectRelease",
     "Forget",
     "History",
     "LedgerMachine",

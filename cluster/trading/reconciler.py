@@ -202,9 +202,13 @@ class Reconciler:
         if isinstance(result, SettlementItem):
             await self.courier.deliver(doubt.shard, None if key is None else (key, result.closed))
             await self.note_rest(doubt.shard, result.closed, doubt.request_id)
-        elif isinstance(result, OpenPosition):  # a change of a position that happened
+            return
+        if isinstance(result, OpenPosition):  # a change of a position that happened
             await self.settle_change(doubt, result)
-        elif key is not None:
+            return
+        if doubt.release is not None:  # a removal that did not happen owes no release
+            self._abandoned.append(doubt.request_id)
+        if key is not None:
             if isinstance(result, Rejected) and result.code not in TRANSIENT_CODES:
                 await self.ledger.call(Remember(key, result))
             else:

@@ -58,6 +58,7 @@ from engine.ledger_machine import (
     Balances,
     Begin,
     CreateAccount,
+    ExpectRelease,
     Forget,
     History,
     LockMargin,
@@ -674,6 +675,12 @@ class TradingService:
         request_id, earlier = await self._begin(key)
         if earlier is not None:  # the answer of an earlier request with this key
             return earlier
+        if release is not None:
+            # the release the removal will owe, remembered at the ledger before the shard
+            # acts: made by the sweep should this process die before it makes it itself
+            refused = await self.ledger.call(ExpectRelease(*release, request_id))
+            if refused is not None:
+                return refused
         result = await self._send(spec.name, command(request_id))
         doubt = InDoubt(spec.name, request_id, kind, key, release)
         if result is None:
@@ -683,6 +690,8 @@ class TradingService:
             raise Unavailable(spec.name, f"the {kind}'s outcome is unknown; check your account")
         if isinstance(result, Rejected):
             self.counters[f"rejected_{result.code.value}"] += 1
+            if release is not None:
+                self.reconciler.abandon(request_id)  # nothing is owed: the record ends
             if key is not None:
                 if result.code in TRANSIENT_CODES:
                     await self.ledger.call(Forget(key, request_id))

@@ -42,10 +42,12 @@ from engine.messages import SettlementItem
 from engine.results import Code
 from engine.results import Rejected
 from engine.shard_machine import ApplyTick
+from engine.shard_machine import ChangeMargin
 from engine.shard_machine import Close
 from engine.shard_machine import Open
 from engine.shard_machine import Outbox
 from engine.shard_machine import OutboxView
+from engine.shard_machine import PositionsOf
 from engine.shard_machine import Resolve
 from engine.shard_machine import Stats
 from tests.unit.cluster.faulty_ports import Down
@@ -524,6 +526,62 @@ async def test_the_locks_of_an_api_process_that_died_end_within_a_few_sweeps(
         assert await sweeper.end_orphaned_locks() == 0
     assert balances(p, who)[0] == (SIGNUP if cut_at == "open" else SIGNUP - 100 * USD)
     assert (await p.audit()) == []
+
+
+@pytest.mark.parametrize("client_order_id", [None, "less-1"])
+@pytest.mark.parametrize("cut_at", ["shard", "release"])
+async def test_a_margin_removal_whose_api_process_died_is_released_within_a_few_sweeps(
+        make: Make, cut_at: str, client_order_id: str | None) -> None:
+    """An API process dies during a margin removal: with the removal held on its way to the
+    shard (it never happens), or after the shard took the margin off with the release held on
+    its way to the ledger. Another process's sweeps settle it after ORPHAN_ROUNDS of them: the
+    margin the shard took off is freed, once; one that never happened frees nothing, and
+    arrives fenced. Before, nothing at the ledger knew of the removal: the margin stayed
+    locked, and the audit failed, until the next platform start."""
+    p = make()
+    who = await sol_trader(p)
+    pos = await p.service.open_position(who, sol_long())
+    assert isinstance(pos, OpenPosition)
+    shard = p.shard_of("SOL")
+    shard_gate = Gated(shard, ChangeMargin)
+    release_gate = Gated(p.ledger, ReleaseMargin)
+    dying = make.service(p, ledger=release_gate, shards={**p.shards, shard.name: shard_gate})
+    if cut_at == "release":
+        shard_gate.opened.set()
+    gate = release_gate if cut_at == "release" else shard_gate
+    client = asyncio.create_task(dying.change_margin(who, pos.position_id, -10 * USD,
+                                                     client_order_id))
+    await asyncio.wait_for(gate.reached.wait(), 5)
+    for task in list(dying._tasks):  # the process dies: its work ends where it is
+        task.cancel()
+    await dying.reconciler.aclose()
+    with pytest.raises(asyncio.CancelledError):
+        await client
+    assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)  # nothing freed yet
+    taken = 10 * USD if cut_at == "release" else 0  # what the shard took off the position
+
+    sweeper = make.service(p).reconciler
+    await sweeper.settle_pending(older_than_s=0)  # a clientOrderId's: settled, nothing freed
+    assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+    for _ in range(ORPHAN_ROUNDS):
+        await sweeper.end_orphaned_locks()
+    assert balances(p, who) == (SIGNUP - 100 * USD + taken, 100 * USD - taken)
+    [open_locks] = p.ledger.execute_blocking([OpenLocks()])
+    assert open_locks == []
+    if cut_at == "shard":
+        shard_gate.opened.set()  # the removal arrives after all: fenced, refused
+        await asyncio.sleep(0.05)
+    [[mine]] = shard.execute_blocking([PositionsOf((who.user,))])
+    assert [q.margin_micros for q in mine] == [100 * USD - taken]
+    for _ in range(ORPHAN_ROUNDS + 1):  # nothing more happens
+        await sweeper.end_orphaned_locks()
+    assert balances(p, who) == (SIGNUP - 100 * USD + taken, 100 * USD - taken)
+    if client_order_id is not None:  # a retry gets what happened (or runs, if nothing did)
+        again = await p.service.change_margin(who, pos.position_id, -10 * USD, client_order_id)
+        assert isinstance(again, OpenPosition)
+        assert again.margin_micros == 90 * USD
+        assert balances(p, who) == (SIGNUP - 90 * USD, 90 * USD)
+    assert await p.audit() == []
 
 
 # ----------------------------------------------------------------------------- waited retries

@@ -37,6 +37,7 @@ from unittest import mock
 import numpy as np
 from cluster.durability.runner import Runner
 from cluster.durability.snapshot import Snapshot
+from engine.account_events import POSITION_UPDATED
 from engine.book import PositionRecord
 from engine.ledger_machine import DEFAULT_MAX_OPEN_ORDERS
 from engine.ledger_machine import DEFAULT_MAX_OPEN_POSITIONS
@@ -48,10 +49,12 @@ from engine.ledger_machine import Balances
 from engine.ledger_machine import Begin
 from engine.ledger_machine import CreateAccount
 from engine.ledger_machine import CreatedAccount
+from engine.ledger_machine import ExpectRelease
 from engine.ledger_machine import Forget
 from engine.ledger_machine import History
 from engine.ledger_machine import LedgerMachine
 from engine.ledger_machine import LockMargin
+from engine.ledger_machine import Note
 from engine.ledger_machine import OpenCount
 from engine.ledger_machine import OrderCount
 from engine.ledger_machine import OrderHistory
@@ -642,16 +645,24 @@ class Platform:
             rid = self.next_rid()
             requests.append(self.removal(position, leverage, rid) if rng.integers(2)
                             else self.levels(position, (tp, sl), rid))
+        removals = [r for r in requests if isinstance(r, ChangeMargin)]
+        assert self.runners[LEDGER].execute([
+            ExpectRelease(r.owner, -r.delta_micros, r.request_id) for r in removals]) == \
+            [None] * len(removals)
         results = self.runners[name].execute(requests)
         releases: dict[int, tuple[int, int]] = {}  # request id -> (user, micros)
+        refused: list[AbandonLock] = []
         for request, result in zip(requests, results, strict=True):
             if isinstance(result, Rejected):
                 assert result.code in REFUSALS[type(request)]
+                if isinstance(request, ChangeMargin):
+                    refused.append(AbandonLock(request.request_id))
                 continue
             assert isinstance(result, OpenPosition)
             if isinstance(request, ChangeMargin):
                 releases[request.request_id] = (request.owner, -request.delta_micros)
             self.changes.append((name, request, result, None, releases.get(request.request_id)))
+        assert self.runners[LEDGER].execute(refused) == [None] * len(refused)
         users = sorted({user for user, _ in releases.values()})
         before = self.runners[LEDGER].execute([Balances(user) for user in users])
         assert self.runners[LEDGER].execute([
@@ -685,9 +696,16 @@ class Platform:
             if seen is not None:
                 self.seen_before(key, seen)
                 return
+        if release is not None:  # the release a removal will owe, remembered first
+            assert self.ask(LEDGER, ExpectRelease(*release, rid)) is None
         result = self.ask(name, request)
         if stage == "resent":  # the answer was lost: sent again, the same request id
             assert self.ask(name, request) == result
+        if release is not None and isinstance(result, Rejected) and stage != "died_after_send":
+            assert self.ask(LEDGER, AbandonLock(rid)) is None  # nothing owed: nothing freed
+        if stage == "died_swept" and release is not None and key is None:
+            self.swept_removal(name, request, result, release)
+            return
         if isinstance(request, Close | Cancel):
             assert isinstance(result, SettlementItem | Rejected)
             if isinstance(result, SettlementItem):
@@ -723,6 +741,28 @@ class Platform:
                 self.answer_is_stored(key, result)
             else:
                 assert self.ask(LEDGER, Forget(key)) is None
+
+    def swept_removal(self, name: str, request: Ending, result: object,
+                      release: tuple[int, int]) -> None:
+        """The API process died after the shard answered a removal, before the ledger freed
+        its margin: another process's sweep of orphaned locks resolves the request at the
+        shard and notes the change, which frees the margin (a refused removal was abandoned
+        above and frees nothing); the dead process's release, should it come after all,
+        frees nothing twice."""
+        user, micros = release
+        free, margin = self.ask(LEDGER, Balances(user))
+        freed = 0
+        if isinstance(result, OpenPosition):
+            assert self.ask(name, Resolve(request.request_id)) == result
+            assert self.ask(LEDGER, Note(user, request.request_id, POSITION_UPDATED, result,
+                                         None)) is None
+            freed = micros
+            assert isinstance(request, ChangeMargin)
+            self.changes.append((name, request, result, None, release))
+        assert self.ask(LEDGER, Balances(user)) == (free + freed, margin - freed)
+        assert self.ask(LEDGER, ReleaseMargin(user, micros, request.request_id,
+                                              counted=False)) is None
+        assert self.ask(LEDGER, Balances(user)) == (free + freed, margin - freed)
 
     def settle_change(self, name: str, request: SetLevels | ChangeMargin,
                       position: OpenPosition, key: IdemKey | None,
@@ -896,7 +936,7 @@ CANCEL = st.tuples(st.just("cancel"), st.integers(0, 10**6), st.booleans(), KEY,
 # shard) or resent, the ledger's answer to what settles it lost or that call never made (the
 # reconciler settles it again), the API process died after the send
 CHANGING = st.sampled_from(["done"] * 2 + ["lost", "resent", "settle_lost", "settle_cut",
-                                           "died_after_send"])
+                                           "died_after_send", "died_swept"])
 # the positions one is picked among (Platform.target): "made" ones may be closed (NOT_FOUND)
 AMONG = st.sampled_from(["open", "open", "stopped", "made"])
 MOVE = st.sampled_from(MOVES)
@@ -1109,6 +1149,9 @@ STEPS: list[tuple[tuple[Any, ...], int]] = [
     (("remove", 0, "open", 100, 14, "done"), 26_651_665),
     (("tick", 0, 1, False), 26_651_665),
     (("top_up", 0, "open", 50_000, 10, "done"), 26_651_665),  # more than the free balance
+    # the API process died before the release: the sweep's note frees the margin
+    (("remove", 0, "open", 40, None, "died_swept"), 24_977_498),
+    (("remove", 0, "open", 150, None, "died_swept"), 24_977_498),  # refused: nothing freed
 ]
 
 

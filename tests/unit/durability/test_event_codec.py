@@ -34,6 +34,7 @@ from engine.events import PositionAmended
 from engine.events import PositionClosed
 from engine.events import PositionOpened
 from engine.events import PositionReduced
+from engine.events import ReleaseExpected
 from engine.events import SeqResumed
 from engine.events import SettlementApplied
 from engine.events import TickApplied
@@ -83,6 +84,7 @@ STRATEGIES = {
     PositionReduced: st.builds(PositionReduced, u64, i64, i64, i64, i64, i64, u64, u64),
     MarginAdded: st.builds(MarginAdded, u64, i64, u64),
     MarginReturned: st.builds(MarginReturned, u64, i64, u64),
+    ReleaseExpected: st.builds(ReleaseExpected, u64, i64, u64),
     AccountNoted: st.builds(AccountNoted, u64, u64, st.text(max_size=20),
                             st.binary(max_size=300)),
 }
