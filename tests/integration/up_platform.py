@@ -295,23 +295,26 @@ class Account:
             out += page
             if len(page) < 500:
                 return out
-            before = f"&before={page[-1]['positionId']}"
+            before = f"&before={page[-1]['closeId']}"  # SPEC: history pages by closeId
 
     def close(self) -> None:
         self.client.close()
 
 
 def books_balance(account: Account) -> list[str]:
-    """Differences between the account's balances and what its positions and history say:
-    margin = the open positions' margins; free + margin = signup + sum(payout - margin)."""
+    """Differences between the account's balances and what its positions, orders and history
+    say: margin = the open positions' and open orders' margins; free + margin = signup +
+    sum(payout - margin) over the closes."""
     state = account.state()
     history = account.history()
+    orders = account.get("/api/v1/orders")["orders"]
     free, margin = Decimal(state["balances"]["free"]), Decimal(state["balances"]["margin"])
-    open_margin = sum((Decimal(p["margin"]) for p in state["positions"]), Decimal(0))
+    open_margin = sum((Decimal(p["margin"]) for p in [*state["positions"], *orders]),
+                      Decimal(0))
     settled = sum((Decimal(c["payout"]) - Decimal(c["margin"]) for c in history), Decimal(0))
     problems = []
     if margin != open_margin:
-        problems.append(f"margin {margin} != open positions' {open_margin}")
+        problems.append(f"margin {margin} != open positions' and orders' {open_margin}")
     if free + margin != SIGNUP + settled:
         problems.append(f"free {free} + margin {margin} != {SIGNUP} + settled {settled}")
     return problems
