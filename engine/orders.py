@@ -117,9 +117,10 @@ def plan_open(asset: Asset, side: Side, margin_micros: int, leverage: int, bid_t
 
     Long enters at ``ask_ticks``, short at ``bid_ticks``. Refusals: LEVERAGE_OUT_OF_RANGE
     (outside ``1..asset.max_leverage``), PRICE_UNAVAILABLE (no sane bid/ask), INVALID_REQUEST
-    (margin <= 0, quantity below one step, margin not above the maintenance margin, values too
-    large for the book), WOULD_LIQUIDATE (the liquidation price is already crossed by the
-    closing-side price: long ``bid <= liq``, short ``ask >= liq``), INVALID_TRIGGER (TP not on
+    (margin <= 0, quantity below one step, values too large for the book), WOULD_LIQUIDATE
+    (the liquidation price is already crossed by the closing-side price: long ``bid <= liq``,
+    short ``ask >= liq``; a margin not above the maintenance margin puts it at or beyond the
+    entry, crossed by any price), INVALID_TRIGGER (TP not on
     the profit side, SL not strictly between the liquidation price and the entry; a level <= 0
     is invalid, ``None`` means not set).
     ``maintenance_margin_ppm`` is a configuration value; outside ``0..10**6`` raises ValueError.
@@ -147,7 +148,9 @@ def plan_open(asset: Asset, side: Side, margin_micros: int, leverage: int, bid_t
     mm = maintenance_margin_micros(asset, entry, qty, maintenance_margin_ppm)
     scale = 10 ** (asset.price_decimals + asset.qty_decimals)
     if margin_micros * scale <= maintenance_margin_ppm * entry * qty:
-        return Rejected(Code.INVALID_REQUEST, "margin does not exceed the maintenance margin")
+        # its liquidation price lies at or beyond the entry: crossed by any closing price
+        return Rejected(Code.WOULD_LIQUIDATE, "the margin does not exceed the maintenance "
+                        "margin: the position would be liquidated at once")
     liq = liquidation_ticks(asset, side, entry, qty, margin_micros, maintenance_margin_ppm)
     if (bid_ticks <= liq) if side is Side.LONG else (ask_ticks >= liq):
         return Rejected(Code.WOULD_LIQUIDATE,

@@ -75,7 +75,7 @@ def plan_open(asset: Asset, side: Side, margin_micros: int, leverage: int, bid_t
     qty = _qty(asset, qty_steps)
     mm = Fraction(maintenance_margin_ppm, 10**6) * entry * qty
     if margin <= mm:
-        return Rejected(Code.INVALID_REQUEST, "margin does not exceed the maintenance margin")
+        return Rejected(Code.WOULD_LIQUIDATE, "margin does not exceed the maintenance margin")
     liq = exact_liquidation_price(asset, side, entry_ticks, qty_steps, margin_micros,
                                   maintenance_margin_ppm)
     liq_ticks = liquidation_ticks(asset, side, liq)

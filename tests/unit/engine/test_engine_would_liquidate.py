@@ -92,3 +92,17 @@ def test_an_accepted_open_is_not_liquidated_by_the_tick_it_opened_on(
     book.open(7, result, 0)
     _, reasons = book.sweep(bid, ask)
     assert CloseReason.LIQUIDATION not in [CloseReason(int(r)) for r in reasons]
+
+
+@pytest.mark.parametrize("side", [Side.LONG, Side.SHORT])
+@pytest.mark.parametrize("leverage", [11, 50, 100])
+def test_an_open_whose_margin_does_not_exceed_the_maintenance_margin_would_liquidate(
+        impl: Impl, side: Side, leverage: int) -> None:
+    """A 10% maintenance margin and a leverage above 10: the margin is at most the maintenance
+    margin, so the liquidation price lies at or beyond the entry, which every closing price
+    crosses. SPEC's rule names that WOULD_LIQUIDATE (it was INVALID_REQUEST); at 10x the margin
+    is just above it, and the liquidation price is crossed by the spread alone."""
+    result = _plan(impl, side, leverage, "100.00", "100.01", ppm=100_000)
+    assert isinstance(result, Rejected) and result.code == Code.WOULD_LIQUIDATE, result
+    at_ten = _plan(impl, side, 10, "100.00", "100.01", ppm=100_000)
+    assert isinstance(at_ten, Rejected) and at_ten.code == Code.WOULD_LIQUIDATE, at_ten
