@@ -34,13 +34,31 @@ class AmountError(ValueError):
     too large."""
 
 
-def decimal_text_pattern(decimals: int, *, allow_negative: bool = False) -> str:
+def decimal_text_pattern(decimals: int, *, allow_negative: bool = False,
+                         as_written: bool = False) -> str:
     """The ECMA-262 regular expression of the decimal text :func:`to_units` accepts for a
     step of ``10**-decimals`` (trailing zeros beyond the step are not extra precision), for
-    documents such as an OpenAPI schema. Magnitude and zero are checked separately."""
+    documents such as an OpenAPI schema; ``as_written``: of the text :func:`decimal_places`
+    also keeps within ``decimals`` (no digit after the step, a zero included). Magnitude and
+    zero are checked separately."""
     sign = "-?" if allow_negative else ""
-    fraction = rf"(\.[0-9]{{1,{decimals}}}0*)?" if decimals > 0 else r"(\.0+)?"
+    if as_written:
+        fraction = rf"(\.[0-9]{{1,{decimals}}})?" if decimals > 0 else ""
+    else:
+        fraction = rf"(\.[0-9]{{1,{decimals}}}0*)?" if decimals > 0 else r"(\.0+)?"
     return f"^{sign}[0-9]+{fraction}$"
+
+
+def decimal_places(value: str | int | Decimal) -> int:
+    """How many digits ``value`` has after its point as written: a text's, or a JSON number's
+    (its exponent: ``5.0000000`` has 7); 0 for an int."""
+    if isinstance(value, str):
+        _, point, fraction = value.partition(".")
+        return len(fraction) if point else 0
+    if isinstance(value, Decimal):
+        exponent = value.as_tuple().exponent
+        return max(0, -exponent) if isinstance(exponent, int) else 0
+    return 0
 
 
 def to_units(value: str | int | float | Decimal, decimals: int, *, allow_zero: bool = True,

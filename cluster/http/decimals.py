@@ -5,8 +5,9 @@ A decimal field takes decimal text (``"12.5"``) or a JSON number, which the body
 a float is refused, so no binary rounding can ever decide an amount. The field's OpenAPI schema
 states the grammar (:func:`engine.amounts.decimal_text_pattern`) and the range; the value is
 turned into integer units by :func:`money_micros` / :func:`price_ticks` /
-:func:`quantity_steps`, whose refusals (more
-decimals than the step, out of range, zero) are a 422 naming the field.
+:func:`quantity_steps`, whose refusals (more decimals than the step as written, zeros
+included, as SPEC says: ``"5.0000000"`` is not a margin; out of range; zero) are a 422 naming
+the field.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from cluster.http.errors import invalid
 from engine.amounts import (
     MAX_DECIMAL_CHARS,
     MAX_UNITS,
+    MONEY_DECIMALS,
     AmountError,
+    decimal_places,
     decimal_text_pattern,
     money_to_micros,
 )
@@ -54,7 +57,8 @@ def decimal_schema(decimals: int, *, allow_negative: bool = False,
     else:
         number["exclusiveMinimum"] = 0
     text = {"type": "string", "maxLength": MAX_DECIMAL_CHARS,
-            "pattern": decimal_text_pattern(decimals, allow_negative=allow_negative)}
+            "pattern": decimal_text_pattern(decimals, allow_negative=allow_negative,
+                                            as_written=True)}
     schema: dict[str, Any] = {"anyOf": [text, number]}
     if description:
         schema["description"] = description
@@ -64,9 +68,11 @@ def decimal_schema(decimals: int, *, allow_negative: bool = False,
 def money_micros(value: DecimalValue, field: str, *, allow_negative: bool = False) -> int:
     """USD (> 0, or != 0 with ``allow_negative``) as micro-dollars; 422 naming ``field``."""
     try:
-        return money_to_micros(value, allow_zero=False, allow_negative=allow_negative)
+        micros = money_to_micros(value, allow_zero=False, allow_negative=allow_negative)
     except AmountError as exc:
         raise invalid(f"{field}: {exc}") from None
+    _within_places(value, MONEY_DECIMALS, field, "money step 0.000001")
+    return micros
 
 
 def price_ticks(asset: Asset, value: DecimalValue | None, field: str) -> int | None:
@@ -75,7 +81,8 @@ def price_ticks(asset: Asset, value: DecimalValue | None, field: str) -> int | N
     if value is None:
         return None
     return _bounded(asset, value, field, asset.price_to_ticks, asset.ticks_to_price,
-                    asset.max_price_ticks, f"price step {asset.price_step}")
+                    asset.max_price_ticks, asset.price_decimals,
+                    f"price step {asset.price_step}")
 
 
 def quantity_steps(asset: Asset, value: DecimalValue | None, field: str) -> int:
@@ -85,15 +92,21 @@ def quantity_steps(asset: Asset, value: DecimalValue | None, field: str) -> int:
     if value is None:
         return 0
     return _bounded(asset, value, field, asset.qty_to_steps, asset.steps_to_qty,
-                    asset.max_qty_steps, f"quantity step {asset.qty_step}")
+                    asset.max_qty_steps, asset.qty_decimals, f"quantity step {asset.qty_step}")
+
+
+def _within_places(value: DecimalValue, decimals: int, field: str, step: str) -> None:
+    if decimal_places(value) > decimals:
+        raise invalid(f"{field}: too many decimals: at most {decimals} allowed ({step})")
 
 
 def _bounded(asset: Asset, value: DecimalValue, field: str, parse: Callable[[DecimalValue], int],
-             show: Callable[[int], str], largest: int, step: str) -> int:
+             show: Callable[[int], str], largest: int, decimals: int, step: str) -> int:
     try:
         units = parse(value)
     except AmountError as exc:
         raise invalid(f"{field}: {exc} ({step})") from None
+    _within_places(value, decimals, field, step)
     if units > largest:
         raise invalid(f"{field}: amount out of range (at most {show(largest)} for {asset.name})")
     return units

@@ -10,6 +10,7 @@ import pytest
 from engine.amounts import MAX_UNITS
 from engine.amounts import AmountError
 from engine.amounts import ceil_div
+from engine.amounts import decimal_places
 from engine.amounts import decimal_text_pattern
 from engine.amounts import from_units
 from engine.amounts import micros_to_money
@@ -160,3 +161,24 @@ def test_asset_steps() -> None:
     with pytest.raises(AmountError):
         btc.price_to_ticks("0")
     assert btc.notional_micros(600_000, 1_666) == 999_600_000  # 60000.0 * 0.01666
+
+
+def test_decimal_places_as_written() -> None:
+    assert [decimal_places(v) for v in ("5", "5.0000000", "0.10", "-1.5", 12,
+                                        Decimal("5.0000000"), Decimal("2500E-2"),
+                                        Decimal("1E+2"))] == [0, 7, 2, 1, 0, 7, 2, 0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="0123456789.-", max_size=10), st.integers(0, 4))
+def test_the_as_written_pattern_is_the_grammar_within_the_places(text: str,
+                                                                decimals: int) -> None:
+    """The API's documented pattern: the engine's grammar with at most ``decimals`` digits
+    after the point as written (what the API refuses beyond the step, zeros included)."""
+    pattern = decimal_text_pattern(decimals, allow_negative=True, as_written=True)
+    try:
+        to_units(text, decimals, allow_negative=True)
+        accepted = decimal_places(text) <= decimals
+    except AmountError as exc:
+        accepted = "range" in str(exc) and decimal_places(text) <= decimals
+    assert accepted == (re.fullmatch(pattern[1:-1], text) is not None), (text, pattern)
