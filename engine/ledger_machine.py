@@ -1212,13 +1212,25 @@ class LedgerMachine:
     def _settle_requests(self, c: SettleRequests, now_us: int) -> _Decision:
         absent = set(c.absent)
         events: list[Event] = []
+        settled = 0
+        margins: dict[int, int] = {}  # margin left per user after the releases so far
         for key, (request_id, _) in self._pending.items():
             outcome = c.opened.get(request_id)
             if isinstance(outcome, _ANSWER_TYPES.get(key.kind, ())):
+                owed = self._recent_locks.get(request_id)
+                if owed is not None and owed.kind == _REMOVE:
+                    # a removal that happened: its release is made with its answer (a retry
+                    # given the answer finds the margin freed)
+                    left = margins.get(owed.user, self.ledger.margin_micros(owed.user))
+                    if left >= owed.margin_micros:
+                        margins[owed.user] = left - owed.margin_micros
+                        events.append(MarginReturned(owed.user, owed.margin_micros, request_id))
                 events.append(self._stored_event(key, _stored(outcome), now_us))
+                settled += 1
             elif request_id in absent:
                 events.append(self._stored_event(key, FORGOTTEN, now_us))
-        return len(events), events
+                settled += 1
+        return settled, events
 
     # ----------------------------------------------------------------- settlements
     def _apply_settlements(self, c: ApplySettlements, now_us: int) -> _Decision:
@@ -1452,7 +1464,8 @@ class LedgerMachine:
             while len(self._returned) > RECENT_LOCKS_MAX:
                 self._returned.popitem(last=False)
         self._add_counts(e.user, 0, 0)
-        self._record_balance(e.user)
+        if e.amount_micros:  # (none: a removal that did not happen ended; no balance moved)
+            self._record_balance(e.user)
 
     def _on_margin_released(self, e: MarginReleased) -> None:
         self.ledger.release_margin(e.user, e.amount_micros)

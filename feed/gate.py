@@ -63,7 +63,13 @@ class TickGate:
             return []
         asset = tick.asset
         last = self.last.get(asset)
-        held = self.held.pop(asset, None)
+        held = self.held.get(asset)
+        if held is not None and _order(tick) <= _order(held):
+            # older than (or the same as) the update held: it can neither confirm the move
+            # nor be delivered before it, which comes first should it be confirmed
+            self.dropped["out_of_order"] += 1
+            return []
+        self.held.pop(asset, None)
         if last is None or within_band(tick, last, self.band_bps):
             if held is not None:
                 self.dropped["jump"] += 1  # the next tick did not confirm the held one

@@ -84,3 +84,19 @@ def test_assets_are_independent() -> None:
 def test_band_must_be_positive(band: int) -> None:
     with pytest.raises(ValueError):
         TickGate(band)
+
+
+def test_a_tick_not_newer_than_the_held_one_neither_confirms_nor_passes_it() -> None:
+    """An update older than the held jump, or the held one sent again, would have confirmed
+    it and gone out after it: older after newer (the shards drop it, the quote shows it), or
+    the same tick twice. It is dropped as out of order; the held one still awaits a newer
+    tick."""
+    gate = TickGate(1000)
+    gate.admit(tick(100, 5))
+    assert gate.admit(tick(150, 10)) == []  # held
+    assert gate.admit(tick(151, 9)) == []  # older than the held one, near it
+    assert gate.admit(tick(150, 10)) == []  # the held one again
+    assert gate.dropped == {"out_of_order": 2} and gate.held["SOL"] == tick(150, 10)
+    assert gate.last["SOL"] == tick(100, 5)
+    assert gate.admit(tick(152, 11)) == [tick(150, 10), tick(152, 11)]
+    assert gate.last["SOL"] == tick(152, 11) and gate.confirmed == 1
