@@ -44,8 +44,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from bench import cpu_split, options, wrk
+from bench import cpu_split, wrk
 from bench.http_load import Connection, LoadResult, closed_loop
+from bench.options import duration, int_list, nonneg_int, positive_int
 from bench.wrk import WrkResult
 from cluster.config import Settings
 from cluster.trading.placement import ShardSpec
@@ -578,20 +579,18 @@ def _cpu_split(platform: Any, settings: Settings, concurrency: int, duration_s: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardex bench api", description=__doc__)
-    parser.add_argument("--duration-s", type=options.seconds, default=8.0,
-                        help="per concurrency level")
-    parser.add_argument("--concurrency", type=options.levels, default="1,64",
+    parser.add_argument("--duration-s", type=duration, default=8.0, help="per concurrency level")
+    parser.add_argument("--concurrency", type=int_list, default="1,64",
                         help="comma-separated levels")
-    parser.add_argument("--positions", type=options.count, default=1_000_000,
+    parser.add_argument("--positions", type=nonneg_int, default=1_000_000,
                         help="open positions for tick_to_close (0 skips it)")
-    parser.add_argument("--ticks", type=options.positive_int, default=30,
-                        help="liquidating ticks to time")
-    parser.add_argument("--closes-per-tick", type=options.positive_int, default=300,
+    parser.add_argument("--ticks", type=positive_int, default=30, help="liquidating ticks to time")
+    parser.add_argument("--closes-per-tick", type=positive_int, default=300,
                         help="positions each liquidating tick closes (over all shards)")
     parser.add_argument("--durable", action=argparse.BooleanOptionalAction, default=True,
                         help="journaled ledger and shards in a temp DATA_DIR, as `shardex up` "
                              "(the default); --no-durable: in-memory actors")
-    parser.add_argument("--replicas", type=options.levels, default="1",
+    parser.add_argument("--replicas", type=int_list, default="1",
                         help="comma-separated API_REPLICAS values, each measured on a platform "
                              "of its own (more than 1: HAProxy in front, as `shardex up`)")
     parser.add_argument("--proxy", action="store_true",
@@ -609,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
                              "API replica, the ledger and the shards: CPU per request by "
                              "process and layer (HTTP, validation, service, Ray, journal...)")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
-    parser.add_argument("--serve-baseline", type=options.count, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-baseline", type=nonneg_int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.default_limits:
         os.environ[DEFAULT_LIMITS_ENV] = "1"  # the baseline process inherits it

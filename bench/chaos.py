@@ -54,7 +54,7 @@ from typing import Any
 
 import httpx
 
-from bench import options
+from bench.options import duration, duration_or_zero, nonneg_int, positive_int
 from cluster.actors.launcher import Platform
 from cluster.actors.names import FEED, LEDGER
 from cluster.config import MARKET_TOPIC, Settings
@@ -584,16 +584,15 @@ def _descendants(pid: int) -> set[int]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="shardex bench chaos", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kills", type=options.count, default=100,
+    parser.add_argument("--kills", type=nonneg_int, default=100,
                         help="single-process kills (plus one whole-platform kill)")
-    parser.add_argument("--interval", type=options.seconds, default=2.0,
-                        help="seconds between kills")
-    parser.add_argument("--clients", type=options.positive_int, default=4)
+    parser.add_argument("--interval", type=duration, default=2.0, help="seconds between kills")
+    parser.add_argument("--clients", type=positive_int, default=4)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--bootstrap", default=None,
                         help="Kafka to use (default: start an embedded broker)")
     parser.add_argument("--assets", default="SOL,BTC", help="assets traded (one shard each)")
-    parser.add_argument("--settle", type=options.seconds_or_zero, default=4.0,
+    parser.add_argument("--settle", type=duration_or_zero, default=4.0,
                         help="seconds of trading after the last kill")
     parser.add_argument("--no-platform-kill", action="store_true",
                         help="skip the whole-platform kill")

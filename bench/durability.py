@@ -62,9 +62,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from bench import options
 from bench.api import HOST, _wait_prices, drive, unthrottled
 from bench.http_load import LoadResult
+from bench.options import duration, nonneg_int, positive_int
 from cluster.actors.launcher import Platform
 from cluster.config import Settings
 
@@ -446,22 +446,22 @@ def _ledger_rebuild(data_dir: str) -> tuple[float, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardex bench durability", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concurrency", type=options.positive_int, default=64)
-    parser.add_argument("--slices", type=options.positive_int, default=10,
+    parser.add_argument("--concurrency", type=positive_int, default=64)
+    parser.add_argument("--slices", type=positive_int, default=10,
                         help="API slices of each mode, alternating with the other's")
-    parser.add_argument("--slice-s", type=options.seconds, default=3.0, help="load per API slice")
-    parser.add_argument("--positions", type=options.positive_int, default=ONE_MILLION,
+    parser.add_argument("--slice-s", type=duration, default=3.0, help="load per API slice")
+    parser.add_argument("--positions", type=positive_int, default=ONE_MILLION,
                         help="positions in the shard killed for the recovery figure "
                              "(0 skips it)")
-    parser.add_argument("--kills", type=options.positive_int, default=3,
+    parser.add_argument("--kills", type=positive_int, default=3,
                         help="kill -9 of the full shard, each after the previous recovery")
-    parser.add_argument("--ledger-accounts", type=options.positive_int, default=50_000,
+    parser.add_argument("--ledger-accounts", type=positive_int, default=50_000,
                         help="accounts in the ledger rebuilt for its recovery figure")
-    parser.add_argument("--ledger-closes", type=options.count, default=300_000,
+    parser.add_argument("--ledger-closes", type=nonneg_int, default=300_000,
                         help="closes in that ledger's history (0 skips the ledger figure)")
-    parser.add_argument("--ledger-opens", type=options.positive_int, default=3,
+    parser.add_argument("--ledger-opens", type=positive_int, default=3,
                         help="rebuilds of that ledger timed (the median is reported)")
-    parser.add_argument("--commits", type=options.positive_int, default=3_000,
+    parser.add_argument("--commits", type=positive_int, default=3_000,
                         help="journal commits timed per round of each mode (0 skips it)")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     args = parser.parse_args(argv)

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from bench import options
+from bench.options import nonneg_int, positive_int
 from engine.assets import DEFAULT_ASSETS, Asset
 from engine.book import PositionBook
 from engine.order_book import OrderBook, OrderKind, OrderTerms
@@ -306,10 +306,10 @@ def run(positions: int, ticks: int, seed: int, asset_name: str = "SOL", orders: 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="shardex bench engine", description=__doc__)
-    parser.add_argument("--positions", type=options.positive_int, default=1_000_000)
-    parser.add_argument("--orders", type=options.count, default=1_000_000,
+    parser.add_argument("--positions", type=positive_int, default=1_000_000)
+    parser.add_argument("--orders", type=nonneg_int, default=1_000_000,
                         help="pending orders in the order book (0: positions only)")
-    parser.add_argument("--ticks", type=options.positive_int, default=60,
+    parser.add_argument("--ticks", type=positive_int, default=60,
                         help="timed ticks (>= 30 advised)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--asset", default="SOL", choices=list(DEFAULT_ASSETS))

@@ -26,7 +26,7 @@ from typing import Any
 
 import ray
 
-from bench import options
+from bench.options import duration, nonneg_int, positive_int, rate
 from cluster.actors.feed import FeedActor
 from cluster.actors.host import MachineHost
 from cluster.config import Settings
@@ -200,20 +200,20 @@ def paced_parser(prog: str, description: str | None, *, rate_help: str, seconds:
     ``--seconds``; the bench adds its own arguments."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rate", type=options.rate, default=2000.0, help=rate_help)
-    parser.add_argument("--seconds", type=options.seconds, default=seconds, help=seconds_help)
+    parser.add_argument("--rate", type=rate, default=2000.0, help=rate_help)
+    parser.add_argument("--seconds", type=duration, default=seconds, help=seconds_help)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = paced_parser("shardex bench feed", __doc__, rate_help="ticks/s of the latency phase",
                           seconds=10.0, seconds_help="length of the latency phase")
-    parser.add_argument("--ticks", type=options.positive_int, default=300_000,
+    parser.add_argument("--ticks", type=positive_int, default=300_000,
                         help="ticks of the ingest phase")
     defaults = MarketDataConsumer  # its dataclass defaults, as the platform's feed actor runs it
-    parser.add_argument("--fetch-wait-ms", type=options.count, default=defaults.fetch_max_wait_ms,
+    parser.add_argument("--fetch-wait-ms", type=nonneg_int, default=defaults.fetch_max_wait_ms,
                         help="the feed actor's fetch_max_wait_ms while records flow")
-    parser.add_argument("--in-flight", type=options.positive_int, default=1,
+    parser.add_argument("--in-flight", type=positive_int, default=1,
                         help="calls in flight per shard")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     args = parser.parse_args(argv or [])

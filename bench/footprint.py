@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import options
+from bench.options import duration, duration_or_zero
 
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -242,9 +242,8 @@ def _stop_leftovers(driver: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardex bench footprint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--window-s", type=options.seconds, default=20.0,
-                        help="the measured window")
-    parser.add_argument("--settle-s", type=options.seconds_or_zero, default=10.0,
+    parser.add_argument("--window-s", type=duration, default=20.0, help="the measured window")
+    parser.add_argument("--settle-s", type=duration_or_zero, default=10.0,
                         help="wait after the platform is up, before the window")
     parser.add_argument("--feed-source", choices=("none", "sim"), default="none",
                         help="none: nothing moves; sim: simulated prices flow, nobody trades")

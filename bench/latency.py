@@ -60,11 +60,10 @@ from typing import Any
 
 import numpy as np
 
-from bench import options
-
 # bench.api's bulk loader, shared so both benches load positions the same way: _load_shard
 # runs inside a shard host, _one sends one command to a host; and its reading of /proc
 from bench.api import _one, descendants, load_positions, process_table
+from bench.options import duration_or_zero, nonneg_int, positive_int, share
 from cluster.config import Settings
 from cluster.trading.placement import ShardSpec
 from feed.broker import MARKET_TOPIC_MAX_RECORDS
@@ -710,23 +709,22 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = paced_parser("shardex bench latency", __doc__, rate_help="ticks/s over all assets",
                           seconds=30.0, seconds_help="measured seconds")
-    parser.add_argument("--positions", type=options.positive_int, default=1_000_000,
-                        help="open positions")
-    parser.add_argument("--warmup-s", type=options.seconds_or_zero, default=3.0,
+    parser.add_argument("--positions", type=positive_int, default=1_000_000, help="open positions")
+    parser.add_argument("--warmup-s", type=duration_or_zero, default=3.0,
                         help="ticks before the window")
-    parser.add_argument("--liquidating-share", type=options.share, default=0.005,
+    parser.add_argument("--liquidating-share", type=share, default=0.005,
                         help="share of each asset's ticks that liquidate positions (0.005 at "
                              "2,000 ticks/s: 10 a second, about 1,000 closes/s)")
-    parser.add_argument("--closes-per-tick", type=options.positive_int, default=300,
+    parser.add_argument("--closes-per-tick", type=positive_int, default=300,
                         help="positions a liquidating tick of each asset closes, over all shards")
     parser.add_argument("--source", choices=("direct", "backpack"), default="direct",
                         help="direct: ticks to the producer, ts_us = produce time; backpack: "
                              "as Backpack frames from a loopback exchange through the feed's "
                              "Backpack client (adds the first hop, and the exchange's own CPU)")
-    parser.add_argument("--linger-ms", type=options.count, default=LINGER_MS,
+    parser.add_argument("--linger-ms", type=nonneg_int, default=LINGER_MS,
                         help="the producer's linger (default: what shardex up's feed source "
                              "publishes with, feed.source.run_source's)")
-    parser.add_argument("--topic-max-records", type=options.count, default=MARKET_TOPIC_MAX_RECORDS,
+    parser.add_argument("--topic-max-records", type=nonneg_int, default=MARKET_TOPIC_MAX_RECORDS,
                         help="records a partition of the market topic may hold before the "
                              "embedded broker recreates it empty (0: every record is kept, "
                              "as Tansu itself does)")

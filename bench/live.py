@@ -35,7 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench import options
+from bench.options import duration, positive_int, rate
 
 HOST = "127.0.0.1"
 ASSET = "SOL"
@@ -237,10 +237,10 @@ async def measure(settings: Any, bootstrap: str, topic: str, clients: int, rate:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardex bench live", description=__doc__)
-    parser.add_argument("--clients", type=options.positive_int, default=1000)
-    parser.add_argument("--rate", type=options.rate, default=200.0, help="SOL ticks per second")
-    parser.add_argument("--duration-s", type=options.seconds, default=8.0)
-    parser.add_argument("--candle-ticks", type=options.positive_int, default=20_000)
+    parser.add_argument("--clients", type=positive_int, default=1000)
+    parser.add_argument("--rate", type=rate, default=200.0, help="SOL ticks per second")
+    parser.add_argument("--duration-s", type=duration, default=8.0)
+    parser.add_argument("--candle-ticks", type=positive_int, default=20_000)
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     args = parser.parse_args(argv)
 

@@ -23,9 +23,9 @@ def _number(convert: Callable[[str], float], low: float, low_open: bool,
 
 
 positive_int = _number(int, 0, True, "a whole number > 0")
-count = _number(int, 0, False, "a whole number >= 0")
-seconds = _number(float, 0, True, "a number of seconds > 0")
-seconds_or_zero = _number(float, 0, False, "a number of seconds >= 0")
+nonneg_int = _number(int, 0, False, "a whole number >= 0")
+duration = _number(float, 0, True, "a number of seconds > 0")
+duration_or_zero = _number(float, 0, False, "a number of seconds >= 0")
 rate = _number(float, 0, True, "a number > 0")
 
 
@@ -37,7 +37,7 @@ def share(text: str) -> float:
     return value
 
 
-def levels(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
     """A comma-separated list of whole numbers > 0 (``"1,64"``)."""
     parts = [p.strip() for p in text.split(",")]
     if not all(parts):

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import options
+from bench.options import duration, nonneg_int
 
 MODES = ("proxy", "direct", "direct_runtime_env", "own_server", "no_serve")
 HOST = "127.0.0.1"
@@ -157,9 +157,9 @@ def _run_mode(mode: str, port: int, duration_s: float) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve_paths", description=__doc__)
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--duration-s", type=options.seconds, default=6.0)
+    parser.add_argument("--duration-s", type=duration, default=6.0)
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=options.count, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=nonneg_int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print("ROWS " + json.dumps(_run_mode(args.child, args.port, args.duration_s)),

@@ -358,6 +358,7 @@ def _open_raw(http: httpx.Client, headers: dict[str, str], fields: bytes) -> htt
     (b'"margin":1e1', "10.000000"),
     (b'"margin":2500E-2', "25.000000"),
     (b'"margin":"10.000001"', "10.000001"),
+    (b'"margin":10.000000', "10.000000"),  # zeros within the money step: taken
 ])
 def test_json_numbers_are_read_exactly(platform: HttpPlatform, http: httpx.Client,
                                        fields: bytes, margin: str) -> None:

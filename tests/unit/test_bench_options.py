@@ -42,6 +42,6 @@ def test_an_option_out_of_range_is_a_usage_error(
 def test_good_values_parse_as_numbers() -> None:
     from bench import options
 
-    assert options.levels("1, 64") == [1, 64]
-    assert options.count("0") == 0 and options.positive_int("7") == 7
-    assert options.seconds("0.5") == 0.5 and options.share("1") == 1.0
+    assert options.int_list("1, 64") == [1, 64]
+    assert options.nonneg_int("0") == 0 and options.positive_int("7") == 7
+    assert options.duration("0.5") == 0.5 and options.share("1") == 1.0

@@ -481,6 +481,18 @@ async def test_a_close_on_a_shard_that_restarted_empty_reaches_the_ledger(make: 
 
 
 # --------------------------------------------------------------------------- 6. a dead API process
+async def dies_at(gate: Gated, dying: TradingService, request: Awaitable[object]) -> None:
+    """Send ``request`` through ``dying``; once it reached ``gate``, the process dies: its
+    work ends where it is, and the client's call with it."""
+    client = asyncio.ensure_future(request)
+    await asyncio.wait_for(gate.reached.wait(), 5)
+    for task in list(dying._tasks):
+        task.cancel()
+    await dying.reconciler.aclose()
+    with pytest.raises(asyncio.CancelledError):
+        await client
+
+
 @pytest.mark.parametrize("cut_at", ["open", "note"])
 async def test_the_locks_of_an_api_process_that_died_end_within_a_few_sweeps(
         make: Make, cut_at: str) -> None:
@@ -498,13 +510,7 @@ async def test_the_locks_of_an_api_process_that_died_end_within_a_few_sweeps(
         gate: Gated = note_gate
     else:
         gate = shard_gate
-    client = asyncio.create_task(dying.open_position(who, sol_long()))
-    await asyncio.wait_for(gate.reached.wait(), 5)
-    for task in list(dying._tasks):  # the process dies: its work ends where it is
-        task.cancel()
-    await dying.reconciler.aclose()
-    with pytest.raises(asyncio.CancelledError):
-        await client
+    await dies_at(gate, dying, dying.open_position(who, sol_long()))
     assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
 
     sweeper = make.service(p).reconciler
@@ -549,14 +555,8 @@ async def test_a_margin_removal_whose_api_process_died_is_released_within_a_few_
     if cut_at == "release":
         shard_gate.opened.set()
     gate = release_gate if cut_at == "release" else shard_gate
-    client = asyncio.create_task(dying.change_margin(who, pos.position_id, -10 * USD,
-                                                     client_order_id))
-    await asyncio.wait_for(gate.reached.wait(), 5)
-    for task in list(dying._tasks):  # the process dies: its work ends where it is
-        task.cancel()
-    await dying.reconciler.aclose()
-    with pytest.raises(asyncio.CancelledError):
-        await client
+    await dies_at(gate, dying, dying.change_margin(who, pos.position_id, -10 * USD,
+                                                   client_order_id))
     assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)  # nothing freed yet
     taken = 10 * USD if cut_at == "release" else 0  # what the shard took off the position
 
