@@ -25,6 +25,7 @@ from engine.ledger_machine import AccountEvents
 from engine.ledger_machine import AccountTail
 from engine.ledger_machine import ApplySettlements
 from engine.ledger_machine import Begin
+from engine.ledger_machine import ExpectRelease
 from engine.ledger_machine import LedgerMachine
 from engine.ledger_machine import LockMargin
 from engine.ledger_machine import Note
@@ -560,3 +561,21 @@ def test_a_lock_stays_open_until_its_request_completes() -> None:
     assert led.m.ledger.margin_micros(user) == margin == 3 * USD
     assert led(OpenLocks(limit=0)) == Rejected(Code.INVALID_REQUEST, "limit must be a positive "
                                                "integer")
+
+
+def test_a_margin_removal_moves_the_balance_once_and_one_that_did_not_happen_not_at_all(
+        ) -> None:
+    """An announced removal (ExpectRelease) moves nothing and numbers no event; its release
+    numbers one balance event; a removal that never happened (abandoned) ends its record
+    without any event (it numbered an unchanged balance)."""
+    led, user = one_account()
+    assert led(LockMargin(MarginLock(user, 50 * USD, request_id=1))) is None
+    assert led(Note(user, 1, POSITION_OPENED, opened(user, PID, 50 * USD))) is None
+    for request_id in (2, 3):
+        _, added = new_events(led, ExpectRelease(user, 10 * USD, request_id))
+        assert added == []
+    _, added = new_events(led, AbandonLock(3))  # the shard refused it
+    assert added == []
+    _, added = new_events(led, ReleaseMargin(user, 10 * USD, 2, counted=False))
+    assert [(e.kind, e.body) for e in added] == [(BALANCE, bal(SIGNUP - 40 * USD, 40 * USD))]
+    assert led(OpenLocks()) == []
