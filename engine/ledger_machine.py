@@ -1107,6 +1107,14 @@ class LedgerMachine:
             return None, _NO_EVENTS  # announced (or released) already: a resend
         return None, [ReleaseExpected(c.user, amount, request_id)]
 
+    def _owed_release(self, request_id: int) -> MarginReturned | None:
+        """The release a margin removal announced under ``request_id`` still owes (None: it
+        owes none: never announced, released, or ended)."""
+        owed = self._recent_locks.get(request_id)
+        if owed is None or owed.kind != _REMOVE:
+            return None
+        return MarginReturned(owed.user, owed.margin_micros, request_id)
+
     def _abandon(self, c: AbandonLock, now_us: int) -> _Decision:
         lock = self._recent_locks.get(c.request_id)
         if lock is None:
@@ -1151,14 +1159,14 @@ class LedgerMachine:
             return _invalid("not this account's")
         events = self._answer_events([] if c.key is None else [(c.key, c.body)], now_us,
                                      request_id)
-        owed = self._recent_locks.get(request_id)
-        if owed is not None and owed.kind == _REMOVE:
+        owed = self._owed_release(request_id)
+        if owed is not None:
             # a removal the shard made whose release never came (its API process died): the
             # note, sent by the sweep that resolved it, makes it
-            if self.ledger.margin_micros(owed.user) < owed.margin_micros:
+            if self.ledger.margin_micros(owed.user) < owed.amount_micros:
                 return _invalid(f"user {owed.user} has less margin locked than removal "
                                 f"{request_id} releases")
-            events.insert(0, MarginReturned(owed.user, owed.margin_micros, request_id))
+            events.insert(0, owed)
         # noted once per request (a resend after a lost answer notes nothing again); what it
         # made may have ended meanwhile, which apply looks at (the request completed anyway)
         if request_id not in self._noted:
@@ -1217,14 +1225,14 @@ class LedgerMachine:
         for key, (request_id, _) in self._pending.items():
             outcome = c.opened.get(request_id)
             if isinstance(outcome, _ANSWER_TYPES.get(key.kind, ())):
-                owed = self._recent_locks.get(request_id)
-                if owed is not None and owed.kind == _REMOVE:
+                owed = self._owed_release(request_id)
+                if owed is not None:
                     # a removal that happened: its release is made with its answer (a retry
                     # given the answer finds the margin freed)
                     left = margins.get(owed.user, self.ledger.margin_micros(owed.user))
-                    if left >= owed.margin_micros:
-                        margins[owed.user] = left - owed.margin_micros
-                        events.append(MarginReturned(owed.user, owed.margin_micros, request_id))
+                    if left >= owed.amount_micros:
+                        margins[owed.user] = left - owed.amount_micros
+                        events.append(owed)
                 events.append(self._stored_event(key, _stored(outcome), now_us))
                 settled += 1
             elif request_id in absent:

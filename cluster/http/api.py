@@ -31,7 +31,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
 from fastapi import Depends, FastAPI, Path, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
@@ -69,7 +69,13 @@ from cluster.http.errors import (
     rejected_response,
 )
 from cluster.http.json_body import ExactJsonRoute, parse_json
-from cluster.http.limits import BodySizeLimit, TokenBuckets, retry_after_s
+from cluster.http.limits import (
+    UNKNOWN_KEYS,
+    BodySizeLimit,
+    TokenBuckets,
+    retry_after_s,
+    too_many,
+)
 from cluster.live.account_stream import (
     AccountSource,
     AccountStreams,
@@ -605,9 +611,13 @@ def _rate_limited(buckets: TokenBuckets, key: object, what: str, spend: bool = T
     429 RATE_LIMITED with ``Retry-After``."""
     wait_s = buckets.take(key, spend)
     if wait_s > 0:
-        seconds = retry_after_s(wait_s)
-        raise ApiError(Code.RATE_LIMITED, f"too many {what}; retry in {seconds} s",
-                       headers={"Retry-After": str(seconds)})
+        _refuse_rate(what, wait_s)
+
+
+def _refuse_rate(what: str, wait_s: float) -> NoReturn:
+    """429 RATE_LIMITED for too many ``what``, with ``Retry-After``."""
+    raise ApiError(Code.RATE_LIMITED, too_many(what, wait_s),
+                   headers={"Retry-After": str(retry_after_s(wait_s))})
 
 
 async def _principal(request: Request) -> Principal:
@@ -623,9 +633,7 @@ async def _principal(request: Request) -> Principal:
     address = request.client.host if request.client is not None else ""
     who = await request.app.state.check_key(credentials.credentials, address)
     if isinstance(who, float):
-        seconds = retry_after_s(who)
-        raise ApiError(Code.RATE_LIMITED, f"too many unknown API keys from this address; "
-                       f"retry in {seconds} s", headers={"Retry-After": str(seconds)})
+        _refuse_rate(UNKNOWN_KEYS, who)
     if who is None:
         raise ApiError(Code.UNAUTHORIZED, "unknown API key")
     _rate_limited(request.app.state.key_buckets, who.user, "requests for this API key")

@@ -146,3 +146,12 @@ class TokenBuckets:
 def retry_after_s(wait_s: float) -> int:
     """A ``Retry-After`` value: whole seconds, rounded up, at least 1."""
     return max(1, math.ceil(wait_s))
+
+
+UNKNOWN_KEYS = "unknown API keys from this address"
+"""What an address that sent too many unknown keys is refused for (REST and WebSocket)."""
+
+
+def too_many(what: str, wait_s: float) -> str:
+    """The message of a refusal for too many ``what``, saying when to retry."""
+    return f"too many {what}; retry in {retry_after_s(wait_s)} s"

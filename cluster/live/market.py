@@ -109,10 +109,10 @@ class MarketLive:
             for interval in INTERVALS:
                 current = self.book.current(asset, interval)
                 if current is not None:
-                    # version 1, after what a reader from 0 has: a subscriber gets the restored
-                    # current candle before the first tick (the REST klines show it already)
-                    self.version = 1
                     self._latest[kline_stream(interval, asset)] = (1, current)
+        # restored candles are version 1, after what a reader from 0 has: a subscriber gets the
+        # current candle before the first tick (the REST klines show it already)
+        self.version = 1 if self._latest else 0
 
     def apply(self, ticks: Iterable[Tick]) -> int:
         """Build the candles of ``ticks`` (accepted, in order), write those they changed to

@@ -41,7 +41,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from cluster.http.errors import error_body, error_response
 from cluster.http.json_body import unique_keys
-from cluster.http.limits import TokenBuckets, retry_after_s
+from cluster.http.limits import UNKNOWN_KEYS, TokenBuckets, too_many
 from cluster.live.account_stream import ACCOUNT_STREAM, AccountStreams, Subscription
 from cluster.live.market import Change, MarketSource
 from engine.results import Code
@@ -442,8 +442,7 @@ class StreamHub:
             connection.reject(Code.SERVICE_UNAVAILABLE, "cannot check the key now")
             return
         if isinstance(principal, float):  # the address sent too many unknown keys
-            connection.reject(Code.RATE_LIMITED, "too many unknown API keys from this "
-                              f"address; retry in {retry_after_s(principal)} s")
+            connection.reject(Code.RATE_LIMITED, too_many(UNKNOWN_KEYS, principal))
             return
         if principal is None:
             # each refused key costs the ledger a lookup: a connection guessing keys is closed
