@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=positive_int, default=10,
                         help="API slices of each mode, alternating with the other's")
     parser.add_argument("--slice-s", type=duration, default=3.0, help="load per API slice")
-    parser.add_argument("--positions", type=positive_int, default=ONE_MILLION,
+    parser.add_argument("--positions", type=nonneg_int, default=ONE_MILLION,
                         help="positions in the shard killed for the recovery figure "
                              "(0 skips it)")
     parser.add_argument("--kills", type=positive_int, default=3,
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="closes in that ledger's history (0 skips the ledger figure)")
     parser.add_argument("--ledger-opens", type=positive_int, default=3,
                         help="rebuilds of that ledger timed (the median is reported)")
-    parser.add_argument("--commits", type=positive_int, default=3_000,
+    parser.add_argument("--commits", type=nonneg_int, default=3_000,
                         help="journal commits timed per round of each mode (0 skips it)")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     args = parser.parse_args(argv)

@@ -45,3 +45,34 @@ def test_good_values_parse_as_numbers() -> None:
     assert options.int_list("1, 64") == [1, 64]
     assert options.nonneg_int("0") == 0 and options.positive_int("7") == 7
     assert options.duration("0.5") == 0.5 and options.share("1") == 1.0
+
+
+class _Parsed(Exception):
+    """Raised in place of running the benchmark once its options parsed."""
+
+
+ZERO_SKIPS = [
+    ("durability", ["--positions", "0"]),
+    ("durability", ["--commits", "0"]),
+    ("durability", ["--ledger-closes", "0"]),
+    ("api", ["--positions", "0"]),
+    ("engine", ["--orders", "0"]),
+]
+
+
+@pytest.mark.parametrize(("kind", "argv"), ZERO_SKIPS)
+def test_an_option_whose_zero_skips_a_part_accepts_zero(
+        kind: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        raise _Parsed(parse(self, *args, **kwargs))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    module = importlib.import_module(f"bench.{kind}")
+    with pytest.raises(_Parsed) as parsed:
+        module.main(argv)
+    [namespace] = parsed.value.args
+    assert getattr(namespace, argv[0][2:].replace("-", "_")) == 0
