@@ -98,7 +98,7 @@ class TickDecoder:
     :data:`MAX_MESSAGE_BYTES`), ``too_deep`` (nested deeper than ``feed.payload.MAX_DEPTH``),
     ``not_json`` (not UTF-8 JSON, or not an object), ``unknown_symbol``, ``bad_price`` (bid,
     ask or price missing, not decimal text or a JSON number, zero, negative, non-finite or off
-    the asset's price step; price may carry one decimal more),
+    the asset's price step; price, one decimal finer, not exactly ``(bid + ask) / 2``),
     ``crossed`` (bid > ask), ``above_bound`` (ask above the asset's
     :attr:`~engine.assets.Asset.max_price_ticks`), ``bad_field`` (``ts_us`` not an integer in
     ``(0, 2**63)``, ``seq`` not one in ``[0, 2**63)``, ``source`` longer than
@@ -133,7 +133,8 @@ class TickDecoder:
             return None
         bid_ticks = _ticks(asset, obj.get("bid"))
         ask_ticks = _ticks(asset, obj.get("ask"))
-        if bid_ticks is None or ask_ticks is None or not _is_mid_price(asset, obj.get("price")):
+        mid_half_ticks = _mid_half_ticks(asset, obj.get("price"))
+        if bid_ticks is None or ask_ticks is None or mid_half_ticks is None:
             self._drop("bad_price")
             return None
         if bid_ticks > ask_ticks:
@@ -141,6 +142,9 @@ class TickDecoder:
             return None
         if ask_ticks > asset.max_price_ticks:
             self._drop("above_bound")
+            return None
+        if mid_half_ticks != (bid_ticks + ask_ticks) * 5:
+            self._drop("bad_price")  # a mid that disagrees with its own bid and ask
             return None
         ts_us = obj.get("ts_us")
         seq = obj.get("seq", 0)
@@ -176,13 +180,12 @@ def _ticks(asset: Asset, value: object) -> int | None:
         return None
 
 
-def _is_mid_price(asset: Asset, value: object) -> bool:
-    """The mid ``price`` must be decimal text (or an exact number) > 0 on half the asset's price
-    step: one decimal more than the step, as the mid of two prices on the step has."""
+def _mid_half_ticks(asset: Asset, value: object) -> int | None:
+    """The mid ``price`` in tenths of the asset's price step (the mid of two prices on the step
+    has one decimal more), or None unless it is decimal text or an exact number > 0 on it."""
     if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
-        return False
+        return None
     try:
-        to_units(value, asset.price_decimals + 1, allow_zero=False)
+        return to_units(value, asset.price_decimals + 1, allow_zero=False)
     except AmountError:
-        return False
-    return True
+        return None

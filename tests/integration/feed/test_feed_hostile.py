@@ -17,6 +17,7 @@ from cluster.config import Settings
 from engine.assets import DEFAULT_ASSETS
 from engine.market import Tick
 from feed.message import message_from_ticks
+from feed.message import mid_price
 from feed.pipeline import DROP_REASONS
 from feed.pipeline import drops_metrics
 from feed.pipeline import drops_text
@@ -32,8 +33,12 @@ wait_for = functools.partial(_wait_for, timeout_s=20.0, poll_s=0.02)  # 20 s at 
 
 
 def value(asset: str, bid: str | int, ask: str | int, ts_us: int, **over: Any) -> bytes:
+    try:  # the mid of the two, so that what spoils the message is bid, ask or the rest
+        mid: str | int = mid_price(str(bid), str(ask))
+    except ArithmeticError:
+        mid = bid
     obj: dict[str, Any] = {"v": 1, "symbol": DEFAULT_ASSETS[asset].symbol, "asset": asset,
-                           "bid": bid, "ask": ask, "price": bid, "ts_us": ts_us, "seq": ts_us,
+                           "bid": bid, "ask": ask, "price": mid, "ts_us": ts_us, "seq": ts_us,
                            "source": "hostile"}
     obj.update(over)
     return json.dumps(obj).encode()
@@ -58,6 +63,7 @@ def hostile_messages(rng: random.Random) -> list[tuple[bytes | None, bytes, str]
         (key, value("SOL", "140.001", "140.01", t), "bad_price"),
         (key, value("SOL", "NaN", "140.01", t), "bad_price"),
         (key, value("SOL", "141.00", "140.00", t), "crossed"),
+        (key, value("SOL", "140.00", "140.01", t, price="150.005"), "bad_price"),
         (key, value("SOL", "99999999.00", "99999999.00", t), "above_bound"),
         (key, value("SOL", "140.00", "140.01", -t), "bad_field"),
         (key, value("SOL", "140.00", "140.01", 2**64), "bad_field"),

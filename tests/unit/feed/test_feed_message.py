@@ -77,6 +77,11 @@ def test_unknown_fields_are_ignored_and_numbers_accepted() -> None:
         (b'{"symbol":"SOL_USDC","bid":"98.96","ask":"98.97","price":Infinity,"ts_us":1}',
          "bad_price"),
         (enc(bid=True), "bad_price"),
+        # the mid must be exactly (bid + ask) / 2 of the same message
+        (enc(price="5000"), "bad_price"),
+        (enc(price="98.96"), "bad_price"),
+        (enc(price="98.97"), "bad_price"),
+        (enc(bid="98.90", price="98.965"), "bad_price"),
         (enc(bid="98.98"), "crossed"),
         (enc(ts_us=...), "bad_field"),
         (enc(ts_us="1"), "bad_field"),
@@ -99,7 +104,7 @@ def test_unknown_fields_are_ignored_and_numbers_accepted() -> None:
         (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "oversized"),
         (b'{"a":' * 600 + b"1" + b"}" * 600, "too_deep"),
         (b'{"symbol":"SOL_USDC","bid":"1.00","ask":"1.01","price":"1.005","ts_us":1', "not_json"),
-        (b'{"symbol":"SOL_USDC","bid":"1.00","ask":"1.01","price":"1","ts_us":1e999}',
+        (b'{"symbol":"SOL_USDC","bid":"1.00","ask":"1.01","price":"1.005","ts_us":1e999}',
          "bad_field"),
     ],
 )
