@@ -104,9 +104,10 @@ class ShardFanout:
     appends ticks to every routed shard's pending queue of their asset (one pushed out at the
     bound counts as ``conflated``); ``take_ready`` hands out the pending ticks of every shard
     with fewer than ``max_in_flight`` calls outstanding (per asset in order); ``done`` ends a
-    call, and a failed call's newest tick of an asset goes back to pending unless a newer tick
-    of that asset is already there (the shard may have applied the call; only the newest
-    price is sent again). Memory is bounded by ``shards * assets * (max_pending +
+    call, and every tick of a failed call goes back to pending, before the newer ticks of its
+    asset waiting there (the shard ignores those it applied before it failed, as older than the
+    price it holds; one it never saw may be the only tick that touched a liquidation price), the
+    oldest beyond ``max_pending`` counted as ``conflated``. Memory is bounded by ``shards * assets * (max_pending +
     max_in_flight * max_pending)`` ticks, however slow a shard is.
     """
 
@@ -163,10 +164,13 @@ class ShardFanout:
             return
         self.failed_calls += 1
         pending = self.pending[shard]
-        newest = {tick.asset: tick for tick in ticks}  # in order: the last of each asset
-        for asset, tick in newest.items():
-            if asset not in pending:
-                pending[asset] = deque((tick,), maxlen=self.max_pending)
+        again: dict[str, list[Tick]] = {}
+        for tick in ticks:
+            again.setdefault(tick.asset, []).append(tick)
+        for asset, failed in again.items():
+            ordered = [*failed, *pending.get(asset, ())]
+            self.conflated += max(0, len(ordered) - self.max_pending)
+            pending[asset] = deque(ordered, maxlen=self.max_pending)
 
     def pending_count(self) -> int:
         return sum(len(queue) for p in self.pending.values() for queue in p.values())

@@ -93,11 +93,28 @@ def test_fanout_bounds_in_flight_and_delivers_every_waiting_tick_in_order() -> N
     f.done("s0", calls["s0"], ok=True)
     waiting = [tick("SOL", ts) for ts in range(50, 100)]
     assert f.take_ready() == [("s0", waiting)]
-    f.done("s1", calls["s1"], ok=False)  # failed: BTC goes back, SOL has newer ticks waiting
+    # failed: both go back before what waits; SOL 1 is the oldest of 51, beyond max_pending
+    f.done("s1", calls["s1"], ok=False)
+    assert f.conflated == 2 * 48 + 1
     assert f.take_ready() == [("s1", [*waiting, tick("BTC", 1)])]
     assert f.delivered == 1 and f.failed_calls == 1
-    f.done("s1", [*waiting, tick("BTC", 1)], ok=False)  # only the newest of each goes again
-    assert f.take_ready() == [("s1", [tick("SOL", 99), tick("BTC", 1)])]
+    f.offer([tick("SOL", 100)])  # arrives while the call is out
+    f.done("s1", [*waiting, tick("BTC", 1)], ok=False)  # every tick goes again, in order
+    assert f.take_ready() == [("s1", [*waiting[1:], tick("SOL", 100), tick("BTC", 1)])]
+    assert f.conflated == 2 * 48 + 2 and f.failed_calls == 2
+
+
+def test_fanout_sends_every_tick_of_a_failed_call_again_before_newer_ones() -> None:
+    # a dip that touched a liquidation price, then a recovery, sent to a shard that died before
+    # answering: the dip must reach it again, not only the recovered price
+    f = ShardFanout({"SOL": ["s0"], "BTC": ["s0"]}, max_in_flight=1, max_pending=50)
+    f.offer([tick("SOL", 1), tick("SOL", 2), tick("BTC", 1)])
+    [(name, sent)] = f.take_ready()
+    f.offer([tick("SOL", 3)])
+    f.done(name, sent, ok=False)
+    assert f.take_ready() == [("s0", [tick("SOL", 1), tick("SOL", 2), tick("SOL", 3),
+                                      tick("BTC", 1)])]
+    assert f.conflated == 0 and f.pending_count() == 0
 
 
 def test_fanout_only_to_available_shards() -> None:
