@@ -17,6 +17,12 @@ it runs in the replica, before its server starts.
   connection that has not sent a whole request within :data:`READ_TIMEOUT_S` of its first byte
   (or of connecting) is closed, with a 408 in SPEC's error shape when part of a request head had
   come. Between requests uvicorn's keep-alive timeout applies.
+- Requests sent without reading the answers (HTTP/1.1 pipelining): uvicorn parses all that a
+  read holds and queues every request behind the one being answered, thousands per read of
+  small ones, so a client that never reads could grow the replica's memory as fast as it
+  sends. A read is fed to the parser in slices of :data:`FEED_SLICE_BYTES`; once
+  :data:`MAX_PIPELINED` requests wait, the rest of it is kept unparsed and reading stops, and
+  it is parsed as answers go out.
 - A request asking for another protocol (``CONNECT``, or an ``Upgrade`` other than websocket,
   such as ``curl --http2``'s h2c): uvicorn's parser reads nothing after its head, so one with
   a body is refused (400) and one without is answered as plain HTTP; the connection closes
@@ -62,6 +68,13 @@ UPGRADE_WITH_BODY = _refusal("400 Bad Request",
                              "other than websocket) cannot carry a body; send it without")
 
 
+MAX_PIPELINED = 32
+"""Most requests a connection may have parsed and waiting behind the one being answered."""
+FEED_SLICE_BYTES = 4096
+"""A read is parsed in slices of this size while requests wait (each slice may add a few
+dozen small requests to the wait)."""
+
+
 class BoundedHeadProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, closing a connection whose request head passes
     :data:`MAX_HEAD_BYTES` (with a 431) or whose request does not arrive within
@@ -71,6 +84,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     read that leaves a head unfinished adds its size, and a read in which a head ended starts
     the count of the next (pipelined) one at zero. A valid request is never refused, and the
     parser gathers at most ``MAX_HEAD_BYTES`` plus two reads (256 KiB each) of a head.
+
+    Pipelined requests wait at most :data:`MAX_PIPELINED` (plus one slice's) at a time: what
+    follows them stays unparsed (``_unparsed``, at most one read) with reading paused, and is
+    parsed as their answers complete.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -81,6 +98,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._reading_since: float | None = None  # loop time the request being read began
         self._timer: asyncio.TimerHandle | None = None  # checks _reading_since (lazily)
+        self._unparsed = b""  # received behind MAX_PIPELINED waiting requests
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -88,12 +106,33 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._unparsed = b""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._unparsed:  # a read that came before reading paused
+            self._unparsed += data
+            return
+        for start in range(0, len(data), FEED_SLICE_BYTES):
+            if len(self.pipeline) >= MAX_PIPELINED:
+                self._unparsed = data[start:]
+                self.flow.pause_reading()
+                return
+            self._feed(data[start:start + FEED_SLICE_BYTES] if start or len(data) >
+                       FEED_SLICE_BYTES else data)
+            if self.transport.is_closing() or self.transport.get_protocol() is not self:
+                return  # refused, or upgraded to a WebSocket (the rest is not HTTP)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # starts the next waiting request, resumes reading
+        if self._unparsed and not self.transport.is_closing():
+            unparsed, self._unparsed = self._unparsed, b""
+            self.data_received(unparsed)  # before any later read: the loop calls those
+
+    def _feed(self, data: bytes) -> None:
         self._head_ended = False
         super().data_received(data)
         if not self._head_open or self._head_ended or self.transport.is_closing():
@@ -121,6 +160,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._arm()
 
     def on_headers_complete(self) -> None:
+        if self.transport.is_closing():  # a request after one refused in the same read
+            return
         self._head_open = False
         self._head_ended = True
         self._head_begun = False
@@ -146,6 +187,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         super().on_headers_complete()  # served as plain HTTP (its cycle made there) ...
         self.cycle.keep_alive = False  # ... then the connection closes
+
+    def on_body(self, body: bytes) -> None:
+        if not self.transport.is_closing():  # not the body of a request after a refused one
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._disarm()  # also before an upgrade: the WebSocket is not bound by the deadline

@@ -4,6 +4,7 @@ open positions per account."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -139,6 +140,42 @@ def test_a_head_under_the_limit_and_pipelined_requests_with_bodies_are_served(
     answer = raw_answer(port, parts())
     assert answer.count(b"HTTP/1.1 201 ") == 40 and answer.count(b"HTTP/1.1 200 ") == 1, \
         answer[:300]
+
+
+def test_requests_sent_without_reading_the_answers_wait_parsed_a_few_at_a_time(
+        unlimited_rates: LocalHttpPlatform) -> None:
+    """50,000 small requests (2 MB) written on one connection whose answers are not read: the
+    server parses only a bounded number of them ahead (a parsed request costs its memory), not
+    all that each read holds. 1,000 written at once and then read are all answered, in order."""
+    import gc
+    import threading
+
+    from cluster.http.server import FEED_SLICE_BYTES, MAX_PIPELINED
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    def parsed() -> int:
+        return sum(1 for o in gc.get_objects() if type(o) is RequestResponseCycle)
+
+    port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
+    one = b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\n\r\n"
+    bound = MAX_PIPELINED + FEED_SLICE_BYTES // len(one) + 2
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # answers back up soon
+
+        def flood() -> None:
+            with contextlib.suppress(OSError):  # shut down while it still sends
+                sock.sendall(one * 50_000)
+
+        threading.Thread(target=flood, daemon=True).start()
+        most = 0
+        for _ in range(20):  # 2 s
+            time.sleep(0.1)
+            most = max(most, parsed())
+        assert most <= bound, most
+        sock.shutdown(socket.SHUT_RDWR)
+    last = one.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    answer = raw_answer(port, iter([one * 999 + last]))
+    assert answer.count(b"HTTP/1.1 200 ") == 1000, answer.count(b"HTTP/1.1 200 ")
 
 
 MALFORMED_HTTP = {
