@@ -199,8 +199,13 @@ MALFORMED_HTTP = {
 def test_a_request_the_http_parser_refuses_is_400_in_the_error_shape(
         unlimited_rates: LocalHttpPlatform, case: str) -> None:
     port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
-    answer = raw_answer(port, iter([MALFORMED_HTTP[case]]))
+    users = unlimited_rates.totals()["users"]
+    # a signup written after it in the same packet is neither answered nor executed
+    signup_after = b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    answer = raw_answer(port, iter([MALFORMED_HTTP[case] + signup_after]))
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert unlimited_rates.totals()["users"] == users
     body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
     assert body["error"]["code"] == "INVALID_REQUEST", body
     assert body["error"]["message"].startswith("malformed HTTP request: "), body
