@@ -296,14 +296,30 @@ class _SpecHandshake(ServerProtocol):
         return response
 
 
+MAX_UNREAD_WS_BYTES = 1 << 20
+"""Most bytes a WebSocket client may leave unread when it pings (the app's own frames wait for
+the buffer to drain; a pong is written at once)."""
+
+
 class SpecWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol (websockets, sans-I/O) refusing handshakes with
-    :class:`_SpecHandshake`."""
+    :class:`_SpecHandshake`, and dropping a client that pings while it leaves more than
+    :data:`MAX_UNREAD_WS_BYTES` unread."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.conn = _SpecHandshake(extensions=self.conn.available_extensions,
                                    max_size=self.config.ws_max_size, logger=self.conn.logger)
+
+    def handle_ping(self) -> None:
+        # uvicorn writes each pong straight to the socket, past the flow control the app's
+        # frames wait on, and pings never reach the app's frame limits: a client pinging
+        # without reading would grow the write buffer as fast as it sends. It is as gone as
+        # a client too slow for its frames, and a close frame could not reach it.
+        if self.transport.get_write_buffer_size() > MAX_UNREAD_WS_BYTES:
+            self.transport.abort()
+            return
+        super().handle_ping()
 
     async def send(self, message: Any) -> None:
         await super().send(message)

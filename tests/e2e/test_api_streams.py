@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from collections.abc import Iterator
@@ -295,6 +296,24 @@ def test_a_connection_flooding_frames_is_closed_and_others_are_served(
             assert "bid" in (await frame(other, "bookTicker.SOL"))["data"]
 
     asyncio.run(scenario())
+
+
+def test_a_client_pinging_without_reading_the_pongs_is_dropped(platform: HttpPlatform) -> None:
+    """Pongs are written at once, whatever the client reads: one sending 64 MB of pings and
+    reading nothing is dropped once 1 MiB waits unread, not held in the replica's memory."""
+    ping = b"\x89\xfd\x00\x00\x00\x00" + b"p" * 125  # FIN + PING, masked (key 0), 125 bytes
+    with socket.create_connection(("127.0.0.1", int(platform.base_url.rsplit(":", 1)[1])),
+                                  timeout=WAIT_S) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /ws HTTP/1.1\r\n" + WS_UPGRADE + WS_KEY
+                     + b"Sec-WebSocket-Version: 13\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 101 ")
+        burst, sent = ping * 8000, 0  # 1 MB a write
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            while sent < 64_000_000:
+                sock.sendall(burst)
+                sent += len(burst)
+    assert sent < 64_000_000, sent
 
 
 @pytest.fixture(scope="module")
