@@ -46,6 +46,7 @@ class BodySizeLimit:
             return
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
+                value = value.strip(b" \t")  # whitespace around a field value is not part of it
                 if not value.isdigit():
                     await _refuse(send, 400, "invalid Content-Length")
                     return

@@ -178,6 +178,17 @@ def test_requests_sent_without_reading_the_answers_wait_parsed_a_few_at_a_time(
     assert answer.count(b"HTTP/1.1 200 ") == 1000, answer.count(b"HTTP/1.1 200 ")
 
 
+@pytest.mark.parametrize("length", [b"2 ", b"2\t", b" 2"])
+def test_a_content_length_with_whitespace_around_it_is_read(
+        unlimited_rates: LocalHttpPlatform, length: bytes) -> None:
+    """RFC 9110 5.5: the whitespace around a field value is not part of it."""
+    port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
+    answer = raw_answer(port, iter([b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\n"
+                                    b"Connection: close\r\nContent-Length:" + length +
+                                    b"\r\n\r\n{}"]))
+    assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
+
+
 MALFORMED_HTTP = {
     "two lengths": b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
                    b"Content-Length: 5\r\n\r\n{}",
