@@ -15,11 +15,25 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 _TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html",
           ".md": "text/plain", "": "text/plain"}
 _HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+
+
+class _File(FileResponse):
+    """Starlette's FileResponse, ignoring a ``Range`` it cannot serve (malformed, another unit,
+    past the end) and sending the whole file, as RFC 9110 14.2 allows: Starlette answers those
+    itself in plain text or with an empty 416, not in SPEC's error shape."""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except (MalformedRangeHeader, RangeNotSatisfiable):
+            return []  # no range: the whole file
 
 
 def _not_found() -> Response:
@@ -59,8 +73,7 @@ def add_terminal_routes(app: FastAPI) -> None:
                               "description": "the web trading terminal"}})
     async def terminal() -> Response:
         """The web trading terminal (public, static)."""
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
-                            headers=_HEADERS)
+        return _File(STATIC_DIR / "index.html", media_type="text/html", headers=_HEADERS)
 
     @app.get("/static/{path:path}", tags=["terminal"], operation_id="terminalFile",
              response_class=FileResponse,
@@ -72,7 +85,7 @@ def add_terminal_routes(app: FastAPI) -> None:
         if target is None:
             return _not_found()
         media_type = _TYPES.get(target.suffix, "application/octet-stream")
-        return FileResponse(target, media_type=media_type, headers=_HEADERS)
+        return _File(target, media_type=media_type, headers=_HEADERS)
 
 
 __all__ = ["STATIC_DIR", "add_terminal_routes", "static_file"]
