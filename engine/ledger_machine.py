@@ -178,6 +178,9 @@ def _event_builder(cls: type, group: schema.Group) -> Callable[..., Any]:
 
 
 _SETTLEMENT_EVENT = _event_builder(SettlementApplied, schema.CLOSED_POSITION)
+# The position a fill opened, from its close in the same delivery (its terms as it closed)
+_OPENED_FROM_CLOSE = schema.builder(OpenPosition, schema.SETTLEMENT_APPLIED,
+                                    given=("unrealized_pnl_micros",), attributes=True)
 _ORDER_SETTLED_EVENT = _event_builder(OrderSettled, schema.ENDED_ORDER)
 # History in a snapshot: one row per closed position (engine.schema.CLOSED_POSITION at wire
 # widths), ``asset`` as an index into ``meta["history_assets"]``. Older snapshots held an
@@ -1271,14 +1274,16 @@ class LedgerMachine:
     def _with_fill_notes(self, opened: Sequence[OpenPosition], events: list[Event]
                          ) -> list[Event]:
         """``events`` with, right after each fill, the ``positionOpened`` note of the position
-        in ``opened`` it opened, unless a close among ``events`` ended it (request id 0: a
-        fill is applied once, by its seq). Each order's ``orderFilled`` is followed by its
-        position's ``positionOpened``, also when one tick filled several."""
+        it opened (request id 0: a fill is applied once, by its seq): as ``opened`` lists it,
+        or, when a close among ``events`` ended it (a later tick of the same shard call), with
+        the terms it closed with and an unrealized PnL of 0. Each order's ``orderFilled`` is
+        followed by its position's ``positionOpened``, also when one tick filled several."""
         filled = {(e.owner, e.position_id) for e in events
                   if isinstance(e, OrderSettled) and e.status == OrderStatus.FILLED}
         if not filled:  # most batches: closes only
             return events
-        closed = {(e.owner, e.close_id) for e in events if isinstance(e, SettlementApplied)}
+        closed = {(e.owner, e.close_id): e for e in events
+                  if isinstance(e, SettlementApplied) and not e.partial}
         notes: dict[tuple[int, int], Event] = {}
         for position in opened:
             key = (position.owner, position.position_id)
@@ -1286,6 +1291,10 @@ class LedgerMachine:
                     and key not in notes and not self._history.has(*key):
                 notes[key] = AccountNoted(position.owner, 0, account_events.POSITION_OPENED,
                                           _stored(position))
+        for key in filled & closed.keys():
+            if not self._history.has(*key):
+                notes[key] = AccountNoted(key[0], 0, account_events.POSITION_OPENED,
+                                          _stored(_OPENED_FROM_CLOSE(closed[key], 0)))
         if not notes:
             return events
         out: list[Event] = []

@@ -651,6 +651,37 @@ def test_a_filled_order_is_followed_by_the_position_it_opened(platform: HttpPlat
     asyncio.run(scenario())
 
 
+def test_a_fill_whose_position_closed_on_the_next_tick_of_the_same_call_is_still_opened(
+        platform: LocalHttpPlatform, http: httpx.Client) -> None:
+    """Ticks that waited behind a shard call go in one call: the first fills a limit order,
+    the second hits the position's take-profit. The stream still shows the position opened
+    between its fill and its close."""
+    h = sol_trader(platform, http)
+
+    async def scenario() -> None:
+        async with account_stream(platform, h) as ws:
+            await account_frames(ws, 1)
+            r = await asyncio.to_thread(http.post, "/api/v1/orders", headers=h, json={
+                "asset": "SOL", "type": "long", "orderType": "limit", "triggerPrice": "99",
+                "margin": "25", "leverage": 4, "takeProfit": "101"})
+            assert r.status_code == 201, r.text
+            await account_frames(ws, 2)  # balance, orderPlaced
+            await asyncio.to_thread(platform.deliver, [
+                platform.next_tick("SOL", "98.99", "99.00"),
+                platform.next_tick("SOL", "101.00", "101.01")])
+            frames = await account_frames(ws, 4)
+            assert [f["event"] for f in frames] == [
+                "orderFilled", "positionOpened", "positionClosed", "balance"], frames
+            filled, opened, closed, _ = frames
+            assert filled["positionId"] == opened["positionId"] == closed["positionId"]
+            assert closed["closeReason"] == "take_profit"
+            for name in ("entryPrice", "quantity", "margin", "leverage", "takeProfit",
+                         "liquidationPrice", "openedAt"):
+                assert opened[name] == closed[name], name
+
+    asyncio.run(scenario())
+
+
 def test_a_stopping_replica_closes_every_connection_with_1001_after_its_queued_frames() -> None:
     """What an API replica does when the platform stops (cluster.actors.serve_app.stop_api): each
     connection is sent what was queued for it, then a close frame 1001 with a reason; one opened

@@ -382,7 +382,7 @@ def test_an_ended_order_records_its_end_and_a_balance_only_if_margin_was_release
     assert log_of(led).version == version
 
 
-def test_a_fill_is_followed_by_the_position_it_opened_once_and_only_while_open() -> None:
+def test_a_fill_is_followed_by_the_position_it_opened_once_even_if_it_closed_since() -> None:
     led, user = one_account()
     orders = []
     for request_id in (4, 5, 6):
@@ -402,14 +402,18 @@ def test_a_fill_is_followed_by_the_position_it_opened_once_and_only_while_open()
     # sent again with its position: applied already, nothing
     _, added = new_events(led, ApplySettlements(SHARD, fills[:1], (), (first,)))
     assert added == []
-    # the second fill and the third, the third's position closed in the same run: only the
-    # second position is noted, right after its own fill, before the third fill's events
+    # the second fill and the third, the third's position closed in the same run (a later
+    # tick of the same shard call): each position is noted right after its own fill, the
+    # closed one with the terms it closed with (an unrealized PnL of 0), before its close
     close = SettlementItem(4, closed(user, PID + 2, 10 * USD, 0))
     _, added = new_events(led, ApplySettlements(SHARD, (*fills[1:], close), (),
                                                 (third, second)))
     assert [(e.kind, getattr(e.body, "position_id", None)) for e in added] == [
         ("orderFilled", PID + 1), (POSITION_OPENED, PID + 1), ("orderFilled", PID + 2),
-        (POSITION_CLOSED, PID + 2), (BALANCE, None)]
+        (POSITION_OPENED, PID + 2), (POSITION_CLOSED, PID + 2), (BALANCE, None)]
+    noted = added[3].body
+    assert noted == OpenPosition(*(getattr(close.closed, f) for f in OpenPosition._fields[:-1]),
+                                 0)
     # a fill's note carries no request id: later requests are noted as usual
     assert led(Note(user, 7, POSITION_UPDATED, second)) is None
     assert log_of(led).kept()[-1].kind == POSITION_UPDATED

@@ -367,8 +367,9 @@ def test_a_batch_of_closes_and_ended_orders_applies_all_or_nothing() -> None:
     # numpy ints are ints; the good run applies (the fill's margin is its position's close's)
     led.seq = seq
     led.deliver(*good[:3], good[3]._replace(margin_micros=np.int64(20 * USD)), answers=answers)
+    # (the position the fill opened, closed in the same run, is noted opened after the fill)
     assert [type(e).__name__ for e in led.events()] == [
-        "SettlementApplied", "OrderSettled", "SettlementApplied", "OrderSettled",
+        "SettlementApplied", "OrderSettled", "AccountNoted", "SettlementApplied", "OrderSettled",
         "ClientOrderStoredAt", "ClientOrderStoredAt"]
     # locked 110: the close pays out 42, the fill's close 12, the cancel releases 20
     assert led.balances(user) == (SIGNUP - 110 * USD + 42 * USD + 12 * USD + 20 * USD, 30 * USD)
