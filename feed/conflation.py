@@ -107,8 +107,9 @@ class ShardFanout:
     call, and every tick of a failed call goes back to pending, before the newer ticks of its
     asset waiting there (the shard ignores those it applied before it failed, as older than the
     price it holds; one it never saw may be the only tick that touched a liquidation price), the
-    oldest beyond ``max_pending`` counted as ``conflated``. Memory is bounded by ``shards * assets * (max_pending +
-    max_in_flight * max_pending)`` ticks, however slow a shard is.
+    oldest beyond ``max_pending`` counted as ``conflated``. Memory is bounded by
+    ``shards * assets * (max_pending + max_in_flight * max_pending)`` ticks, however slow a
+    shard is.
     """
 
     def __init__(self, routes: Mapping[str, Sequence[str]], max_in_flight: int = 1,

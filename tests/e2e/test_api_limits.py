@@ -150,7 +150,8 @@ def test_requests_sent_without_reading_the_answers_wait_parsed_a_few_at_a_time(
     import gc
     import threading
 
-    from cluster.http.server import FEED_SLICE_BYTES, MAX_PIPELINED
+    from cluster.http.server import FEED_SLICE_BYTES
+    from cluster.http.server import MAX_PIPELINED
     from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
     def parsed() -> int:
