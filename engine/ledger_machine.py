@@ -182,6 +182,7 @@ _SETTLEMENT_EVENT = _event_builder(SettlementApplied, schema.CLOSED_POSITION)
 _OPENED_FROM_CLOSE = schema.builder(OpenPosition, schema.SETTLEMENT_APPLIED,
                                     given=("unrealized_pnl_micros",), attributes=True)
 _ORDER_SETTLED_EVENT = _event_builder(OrderSettled, schema.ENDED_ORDER)
+_PENDING_OF_ENDED = schema.builder(PendingOrder, schema.ENDED_ORDER)  # as it was placed
 # History in a snapshot: one row per closed position (engine.schema.CLOSED_POSITION at wire
 # widths), ``asset`` as an index into ``meta["history_assets"]``. Older snapshots held an
 # int64 table with these columns (frozen: they describe files, not today's schema).
@@ -871,6 +872,9 @@ class LedgerMachine:
         self.account_log = AccountLog()  # derived by apply
         # request ids of the newest AccountNoted: a request is noted once
         self._noted: collections.OrderedDict[int, None] = collections.OrderedDict()
+        # (user, order id) of the open orders whose orderPlaced the account log recorded,
+        # derived by apply: an order that ends without it is shown placed first
+        self._placed: set[tuple[int, int]] = set()
         self._deciders: dict[type, Callable[[Any, int], _Decision]] = {
             CreateAccount: self._create_account,
             Authenticate: self._authenticate,
@@ -1538,6 +1542,13 @@ class LedgerMachine:
     def _on_order_settled(self, e: OrderSettled) -> None:
         self._check_due(e.shard, e.seq)
         order: EndedOrder = _ENDED_OF_EVENT(e)
+        placed = (e.owner, order.order_id)
+        if placed in self._placed:
+            self._placed.remove(placed)
+        else:  # it ended before its placement's note came (a fill on the next tick can
+            # settle first): the stream shows it placed, then ended; the late note is not kept
+            self.account_log.record(e.owner, account_events.ORDER_PLACED,
+                                    _PENDING_OF_ENDED(order))
         released = _holds_margin(order)  # a fill's margin and slot are its position's now
         if released:
             self.ledger.release_margin(e.owner, e.margin_micros)
@@ -1554,6 +1565,8 @@ class LedgerMachine:
         # before the note arrives): the stream would show it after its end
         if not (isinstance(body, OpenPosition | PendingOrder) and self._ended(e.user, body)):
             self.account_log.record(e.user, e.kind, body)
+            if isinstance(body, PendingOrder):
+                self._placed.add((e.user, body.order_id))
         if e.request_id:  # (0: a fill's position, noted with its fill, once)
             self._recent_locks.pop(e.request_id, None)  # its request completed
             self._noted[e.request_id] = None
@@ -1640,6 +1653,7 @@ class LedgerMachine:
             # writer, off this thread
             "account_events": self.account_log.kept(),
             "noted": list(self._noted),
+            "placed_orders": sorted(self._placed),
         }
         return {"history": history, "order_history": orders}, meta
 
@@ -1715,6 +1729,8 @@ class LedgerMachine:
         m.account_log.load(meta.get("account_seqs", []),
                            map(_account_event_of_snapshot, meta.get("account_events", [])))
         m._noted = collections.OrderedDict.fromkeys(int(r) for r in meta.get("noted", []))
+        # (older snapshots: none; an order open then shows orderPlaced again when it ends)
+        m._placed = {(int(u), int(o)) for u, o in meta.get("placed_orders", [])}
         return m
 
     @classmethod
@@ -1798,6 +1814,7 @@ class LedgerMachine:
             **self._counts(),
             "account_events": [_account_event_row(e) for e in self.account_log.kept()],
             "noted": list(self._noted),
+            "placed_orders": sorted(self._placed),
         }
 
 

@@ -46,12 +46,15 @@ class LocalHosts:
         return int(applied)
 
     def service(self, wrap: Callable[[LocalPort], Port] | None = None,
+                wrap_ledger: Callable[[LocalPort], Port] | None = None,
                 **options: Any) -> TradingService:
-        """A TradingService over these ports (``wrap`` may stand in front of each shard)."""
+        """A TradingService over these ports (``wrap`` may stand in front of each shard,
+        ``wrap_ledger`` in front of the ledger, as the service sees them)."""
         shards: dict[str, Port] = dict(self.shards)
         if wrap is not None:
             shards = {name: wrap(port) for name, port in self.shards.items()}
-        return TradingService(self.ledger, shards, self.settings, **options)
+        ledger = self.ledger if wrap_ledger is None else wrap_ledger(self.ledger)
+        return TradingService(ledger, shards, self.settings, **options)
 
     async def apply_ticks(self, ticks: Iterable[Tick]) -> int:
         """Every tick to every shard of its asset, then their settlements to the ledger (what

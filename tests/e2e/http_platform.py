@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 from typing import Protocol
 
 import uvicorn
 from cluster.actors.local import LocalHosts
+from cluster.actors.port import Port
 from cluster.config import Settings
 from cluster.http.api import create_app
 from cluster.http.server import SERVER_OPTIONS
@@ -56,11 +58,12 @@ class LocalHttpPlatform:
     ``server_options`` replace some of the replica's uvicorn settings (SERVER_OPTIONS)."""
 
     def __init__(self, settings: Settings | None = None,
-                 server_options: dict[str, Any] | None = None) -> None:
+                 server_options: dict[str, Any] | None = None,
+                 wrap_ledger: Callable[[Port], Port] | None = None) -> None:
         self.settings = settings or Settings()
         self.hosts = LocalHosts(self.settings)
         self.market = MarketLive(self.settings.assets, None)
-        self.service = self.hosts.service(market=self.market)
+        self.service = self.hosts.service(wrap_ledger=wrap_ledger, market=self.market)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(self.service)

@@ -27,6 +27,7 @@ from tests.e2e.api_client import signup
 from tests.e2e.api_client import sol_trader
 from tests.e2e.api_client import state
 from tests.e2e.api_client import tick
+from tests.e2e.http_platform import TRADING
 from tests.e2e.http_platform import HttpPlatform
 from tests.e2e.http_platform import LocalHttpPlatform
 
@@ -680,6 +681,48 @@ def test_a_fill_whose_position_closed_on_the_next_tick_of_the_same_call_is_still
                 assert opened[name] == closed[name], name
 
     asyncio.run(scenario())
+
+
+def test_an_order_filled_before_its_placement_reached_the_ledger_is_shown_placed_first(
+        ) -> None:
+    """The API's note of a placement is held on its way to the ledger while the next tick
+    fills the order and its settlement reaches the ledger first: the stream still shows
+    orderPlaced, then orderFilled and positionOpened, once each."""
+    from engine.ledger_machine import Note
+    from tests.unit.cluster.faulty_ports import Gated
+
+    gates: list[Gated] = []
+
+    def gated(port: Any) -> Gated:
+        gates.append(Gated(port, Note))
+        return gates[-1]
+
+    with LocalHttpPlatform(TRADING, wrap_ledger=gated) as p, \
+            httpx.Client(base_url=p.base_url, timeout=10) as http:
+        h = sol_trader(p, http)
+        [gate] = gates
+
+        async def scenario() -> None:
+            async with account_stream(p, h) as ws:
+                await account_frames(ws, 1)
+                placing = asyncio.create_task(asyncio.to_thread(
+                    http.post, "/api/v1/orders", headers=h, json={
+                        "asset": "SOL", "type": "long", "orderType": "limit",
+                        "triggerPrice": "100.05", "margin": "25", "leverage": 4}))
+                while not gate.reached.is_set():  # the shard placed it; its note waits
+                    await asyncio.sleep(0.01)
+                await asyncio.to_thread(p.push_tick, "SOL", "100.00", "100.01")  # fills it
+                p.loop.call_soon_threadsafe(gate.opened.set)
+                r = await placing
+                assert r.status_code == 201, r.text
+                frames = await account_frames(ws, 4)
+                assert [f["event"] for f in frames] == [
+                    "balance", "orderPlaced", "orderFilled", "positionOpened"], frames
+                assert frames[1]["orderId"] == frames[2]["orderId"] == r.json()["orderId"]
+                with pytest.raises(asyncio.TimeoutError):  # and the late note adds nothing
+                    await asyncio.wait_for(ws.recv(), 0.5)
+
+        asyncio.run(scenario())
 
 
 def test_a_stopping_replica_closes_every_connection_with_1001_after_its_queued_frames() -> None:

@@ -419,6 +419,29 @@ def test_a_fill_is_followed_by_the_position_it_opened_once_even_if_it_closed_sin
     assert log_of(led).kept()[-1].kind == POSITION_UPDATED
 
 
+def test_an_order_that_ends_before_its_placement_is_noted_is_shown_placed_first() -> None:
+    """The shard places the order, a fill on the next tick settles through the feed before
+    the API's note of the placement reaches the ledger: the stream shows the order placed,
+    then filled, once each; the late note records nothing; an order noted as usual is not
+    shown placed twice."""
+    led, user = one_account()
+    raced, usual = pending(user, 4, 10 * USD), pending(user, 5, 10 * USD)
+    for order in (raced, usual):
+        assert led(LockMargin(MarginLock(user, 10 * USD, request_id=order.order_id,
+                                         order=True))) is None
+    led(Note(user, 5, ORDER_PLACED, usual))
+    position = opened(user, PID, 10 * USD)
+    fills = (SettlementItem(1, ended(raced, OrderStatus.FILLED, PID)),
+             SettlementItem(2, ended(usual, OrderStatus.CANCELLED)))
+    _, added = new_events(led, ApplySettlements(SHARD, fills, (), (position,)))
+    assert [(e.kind, e.body) for e in added] == [
+        (ORDER_PLACED, raced), ("orderFilled", fills[0].closed), (POSITION_OPENED, position),
+        ("orderCancelled", fills[1].closed), (BALANCE, Balance(SIGNUP - 10 * USD, 10 * USD))]
+    _, late = new_events(led, Note(user, 4, ORDER_PLACED, raced))
+    assert late == []
+    assert led.replayed().fingerprint() == led.m.fingerprint()
+
+
 def test_account_events_and_the_tail_answer_what_the_log_holds() -> None:
     led, user = one_account()
     other = led.account().user
@@ -528,10 +551,12 @@ def test_replaying_the_journal_gives_the_same_account_events() -> None:
     led(ApplySettlements(SHARD, (SettlementItem(3, ended(pending(other, 4, 5 * USD),
                                                          OrderStatus.FILLED, PID + 2)),)))
     kept = log_of(led).kept()
-    assert len(kept) == log_of(led).version == 14
+    # (the order filled before its placement was noted: shown placed, then filled)
+    assert [e.kind for e in kept[-2:]] == [ORDER_PLACED, "orderFilled"]
+    assert len(kept) == log_of(led).version == 15
     # every account event comes from the journal: a fresh machine replaying it numbers the same
     again = led.replayed()
-    assert again.account_log.kept() == kept and again.account_log.last_seq == {user: 7, other: 7}
+    assert again.account_log.kept() == kept and again.account_log.last_seq == {user: 7, other: 8}
     assert again.fingerprint() == led.m.fingerprint()
     # and so does the snapshot taken halfway plus the journal after it
     base = LedgerMachine.from_snapshot(SIGNUP, led.m.max_open_positions, arrays,
