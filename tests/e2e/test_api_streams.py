@@ -653,34 +653,36 @@ def test_a_filled_order_is_followed_by_the_position_it_opened(platform: HttpPlat
 
 
 def test_a_fill_whose_position_closed_on_the_next_tick_of_the_same_call_is_still_opened(
-        platform: LocalHttpPlatform, http: httpx.Client) -> None:
+        ) -> None:
     """Ticks that waited behind a shard call go in one call: the first fills a limit order,
     the second hits the position's take-profit. The stream still shows the position opened
-    between its fill and its close."""
-    h = sol_trader(platform, http)
+    between its fill and its close. (Its own platform: two ticks in one shard call.)"""
+    with LocalHttpPlatform(TRADING) as platform, \
+            httpx.Client(base_url=platform.base_url, timeout=10) as http:
+        h = sol_trader(platform, http)
 
-    async def scenario() -> None:
-        async with account_stream(platform, h) as ws:
-            await account_frames(ws, 1)
-            r = await asyncio.to_thread(http.post, "/api/v1/orders", headers=h, json={
-                "asset": "SOL", "type": "long", "orderType": "limit", "triggerPrice": "99",
-                "margin": "25", "leverage": 4, "takeProfit": "101"})
-            assert r.status_code == 201, r.text
-            await account_frames(ws, 2)  # balance, orderPlaced
-            await asyncio.to_thread(platform.deliver, [
-                platform.next_tick("SOL", "98.99", "99.00"),
-                platform.next_tick("SOL", "101.00", "101.01")])
-            frames = await account_frames(ws, 4)
-            assert [f["event"] for f in frames] == [
-                "orderFilled", "positionOpened", "positionClosed", "balance"], frames
-            filled, opened, closed, _ = frames
-            assert filled["positionId"] == opened["positionId"] == closed["positionId"]
-            assert closed["closeReason"] == "take_profit"
-            for name in ("entryPrice", "quantity", "margin", "leverage", "takeProfit",
-                         "liquidationPrice", "openedAt"):
-                assert opened[name] == closed[name], name
+        async def scenario() -> None:
+            async with account_stream(platform, h) as ws:
+                await account_frames(ws, 1)
+                r = await asyncio.to_thread(http.post, "/api/v1/orders", headers=h, json={
+                    "asset": "SOL", "type": "long", "orderType": "limit", "triggerPrice": "99",
+                    "margin": "25", "leverage": 4, "takeProfit": "101"})
+                assert r.status_code == 201, r.text
+                await account_frames(ws, 2)  # balance, orderPlaced
+                await asyncio.to_thread(platform.deliver, [
+                    platform.next_tick("SOL", "98.99", "99.00"),
+                    platform.next_tick("SOL", "101.00", "101.01")])
+                frames = await account_frames(ws, 4)
+                assert [f["event"] for f in frames] == [
+                    "orderFilled", "positionOpened", "positionClosed", "balance"], frames
+                filled, opened, closed, _ = frames
+                assert filled["positionId"] == opened["positionId"] == closed["positionId"]
+                assert closed["closeReason"] == "take_profit"
+                for name in ("entryPrice", "quantity", "margin", "leverage", "takeProfit",
+                             "liquidationPrice", "openedAt"):
+                    assert opened[name] == closed[name], name
 
-    asyncio.run(scenario())
+        asyncio.run(scenario())
 
 
 def test_an_order_filled_before_its_placement_reached_the_ledger_is_shown_placed_first(
