@@ -96,6 +96,10 @@ MAX_PENDING_PER_ASSET = 256
 (counted ``conflated``)."""
 
 
+def _tick_order(tick: Tick) -> tuple[int, int]:
+    return tick.ts_us, tick.seq
+
+
 class ShardFanout:
     """Per-shard pending ticks (every accepted tick per asset, in order, up to
     ``max_pending``) and a bound on calls in flight per shard.
@@ -169,7 +173,9 @@ class ShardFanout:
         for tick in ticks:
             again.setdefault(tick.asset, []).append(tick)
         for asset, failed in again.items():
-            ordered = [*failed, *pending.get(asset, ())]
+            # in tick order: with calls in flight side by side, a later call's ticks may have
+            # gone back first
+            ordered = sorted((*failed, *pending.get(asset, ())), key=_tick_order)
             self.conflated += max(0, len(ordered) - self.max_pending)
             pending[asset] = deque(ordered, maxlen=self.max_pending)
 

@@ -117,6 +117,18 @@ def test_fanout_sends_every_tick_of_a_failed_call_again_before_newer_ones() -> N
     assert f.conflated == 0 and f.pending_count() == 0
 
 
+def test_fanout_resends_two_failed_calls_in_flight_in_tick_order() -> None:
+    f = ShardFanout({"SOL": ["s0"]}, max_in_flight=2, max_pending=50)
+    f.offer([tick("SOL", 1), tick("SOL", 2)])
+    [(_, first)] = f.take_ready()
+    f.offer([tick("SOL", 3), tick("SOL", 4)])
+    [(_, second)] = f.take_ready()
+    f.offer([tick("SOL", 5)])
+    f.done("s0", first, ok=False)
+    f.done("s0", second, ok=False)  # its ticks go back after the first call's did
+    assert f.take_ready() == [("s0", [tick("SOL", ts) for ts in range(1, 6)])]
+
+
 def test_fanout_only_to_available_shards() -> None:
     f = ShardFanout({"SOL": ["s0"], "ETH": ["s2"]}, max_in_flight=2)
     f.offer([tick("SOL", 1), tick("ETH", 1), tick("DOGE", 1)])
