@@ -130,6 +130,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().on_response_complete()  # starts the next waiting request, resumes reading
         if self._unparsed and not self.transport.is_closing():
             unparsed, self._unparsed = self._unparsed, b""
+            if self._reading_since is not None:  # the deadline counts from here again
+                self._reading_since = self.loop.time()
             self.data_received(unparsed)  # before any later read: the loop calls those
 
     def _feed(self, data: bytes) -> None:
@@ -216,6 +218,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._reading_since is None or self.transport.is_closing():
             return
         left = self._reading_since + READ_TIMEOUT_S - self.loop.time()
+        if self._unparsed or self.flow.read_paused:
+            # the rest of the request waits on this side, behind the answers to the requests
+            # before it: the time is the server's, not the client's
+            self._reading_since = self.loop.time()
+            left = READ_TIMEOUT_S
         if left > 0:
             self._timer = self.loop.call_later(left, self._check)
             return

@@ -4,11 +4,13 @@ open positions per account."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -314,6 +316,42 @@ def test_a_request_not_sent_within_the_read_deadline_is_closed(
             time.sleep(0.15)
 
     assert raw_answer(port, slowly()).startswith(b"HTTP/1.1 200 ")
+
+
+def test_pipelined_requests_held_behind_slow_answers_are_not_timed_out(
+        read_timeout_1s: float) -> None:
+    """60 POSTs written at once to a server whose app takes 70 ms an answer: those it holds
+    unread behind the first ones wait 1.5 s, longer than the read deadline, on the server's
+    account, not the client's; every one is answered 200."""
+    import threading
+
+    import uvicorn
+    from cluster.http.server import BoundedHeadProtocol
+    from feed.broker import free_port
+
+    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await asyncio.sleep(0.07)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(slow, host="127.0.0.1", port=port, lifespan="off",
+                                           log_level="warning", http=BoundedHeadProtocol))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        post = b"POST /y HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"a" * 100
+        answer = raw_answer(port, iter([post * 59 + post.replace(
+            b"Host: x", b"Host: x\r\nConnection: close")]))
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert answer.count(b"HTTP/1.1 200 ") == 60 and b" 408 " not in answer, answer[-300:]
 
 
 def test_a_websocket_outlives_the_read_deadline(
