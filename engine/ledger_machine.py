@@ -1729,8 +1729,12 @@ class LedgerMachine:
         m.account_log.load(meta.get("account_seqs", []),
                            map(_account_event_of_snapshot, meta.get("account_events", [])))
         m._noted = collections.OrderedDict.fromkeys(int(r) for r in meta.get("noted", []))
-        # (older snapshots: none; an order open then shows orderPlaced again when it ends)
-        m._placed = {(int(u), int(o)) for u, o in meta.get("placed_orders", [])}
+        if "placed_orders" in meta:
+            m._placed = {(int(u), int(o)) for u, o in meta["placed_orders"]}
+        else:  # older snapshots: the placements the kept events show, of orders not ended
+            m._placed = {(e.user, e.body.order_id) for e in m.account_log.kept()
+                         if isinstance(e.body, PendingOrder)
+                         and not m._order_history.has(e.user, e.body.order_id)}
         return m
 
     @classmethod

@@ -442,6 +442,23 @@ def test_an_order_that_ends_before_its_placement_is_noted_is_shown_placed_first(
     assert led.replayed().fingerprint() == led.m.fingerprint()
 
 
+def test_an_older_snapshot_knows_the_placements_from_its_kept_events() -> None:
+    """A snapshot written before the placements were kept: the open orders whose orderPlaced
+    the kept events hold are known placed, so their ends do not show them placed again."""
+    led, user = one_account()
+    still_open, gone = pending(user, 4, 10 * USD), pending(user, 5, 10 * USD)
+    for order in (still_open, gone):
+        assert led(LockMargin(MarginLock(user, 10 * USD, request_id=order.order_id,
+                                         order=True))) is None
+        led(Note(user, order.order_id, ORDER_PLACED, order))
+    led(ApplySettlements(SHARD, (SettlementItem(1, ended(gone, OrderStatus.CANCELLED)),)))
+    arrays, meta = led.m.snapshot()
+    meta = json.loads(json.dumps(meta))
+    del meta["placed_orders"]
+    restored = LedgerMachine.from_snapshot(SIGNUP, led.m.max_open_positions, arrays, meta)
+    assert restored.fingerprint() == led.m.fingerprint()
+
+
 def test_account_events_and_the_tail_answer_what_the_log_holds() -> None:
     led, user = one_account()
     other = led.account().user
