@@ -305,7 +305,16 @@ async def test_a_dead_shard_is_unavailable_and_the_lock_stays_in_doubt(start: An
     await rp.tick("SOL", "100.00", "100.01")
     sol = await svc.open_position(who, OpenOrder("SOL", Side.LONG, 20 * USD, 2))
     assert isinstance(sol, OpenPosition)
-    ray.kill(rp.shards["shard-ETH-0"])
+    dead = rp.shards["shard-ETH-0"]
+    ray.kill(dead)
+    for _ in range(200):  # ray.kill returns before the process is gone: a call may still land
+        try:
+            ray.get(dead.ping.remote(), timeout=READY_S)
+        except ray.exceptions.RayActorError:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the killed shard host still answers")
     with pytest.raises(Unavailable) as refused:
         await svc.open_position(who, OpenOrder("ETH", Side.LONG, 10 * USD, 2))
     assert refused.value.component == "shard-ETH-0"
