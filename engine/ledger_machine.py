@@ -431,10 +431,14 @@ class Begin:
 
 @dataclass(frozen=True, slots=True)
 class Remember:
-    """Store ``answer`` as the first answer of ``key`` (an existing answer is kept)."""
+    """Store ``answer`` as the first answer of ``key`` (an existing answer is kept); with
+    ``request_id``, only if that request holds ``key`` or nothing does (the late refusal of a
+    request whose reservation was settled while it was slow, and taken by a retry, is not
+    the retry's answer)."""
 
     key: IdemKey
     answer: object
+    request_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -1153,7 +1157,10 @@ class LedgerMachine:
                                           now_us, PENDING)]
 
     def _remember(self, c: Remember, now_us: int) -> _Decision:
-        return None, self._answer_events([(c.key, c.answer)], now_us)
+        request_id = _int(c.request_id)
+        if request_id is None or not 0 <= request_id < START_RECONCILED:
+            return _invalid("request id out of range")
+        return None, self._answer_events([(c.key, c.answer)], now_us, request_id)
 
     def _note(self, c: Note, now_us: int) -> _Decision:
         body_type = _NOTED_BODY.get(c.kind)

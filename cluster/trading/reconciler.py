@@ -210,7 +210,7 @@ class Reconciler:
             self._abandoned.append(doubt.request_id)
         if key is not None:
             if isinstance(result, Rejected) and result.code not in TRANSIENT_CODES:
-                await self.ledger.call(Remember(key, result))
+                await self.ledger.call(Remember(key, result, doubt.request_id))
             else:
                 await self.ledger.call(Forget(key, doubt.request_id))
 
@@ -264,7 +264,7 @@ class Reconciler:
         as the answer, its lock ended by noting it. Returns whether it was settled; a close
         or change that happened is left to the sweep (its settlement or release has its own
         path). The request, should it still be under way, is refused at its shard, and its
-        own release and Forget then change nothing (by request id)."""
+        own release, Forget or stored refusal then change nothing (by request id)."""
         opened, absent = await self._resolve_everywhere([request_id])
         if not absent and not (kind in ("open", "order")
                                and isinstance(opened.get(request_id), _MADE)):

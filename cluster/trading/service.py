@@ -543,11 +543,11 @@ class TradingService:
         """``refusal``, kept as the first answer of ``key``; or the answer an earlier request
         with ``key`` got, which a retry must get again."""
         self.counters[f"rejected_{refusal.code.value}"] += 1
-        _, earlier = await self._begin(key)
+        request_id, earlier = await self._begin(key)
         if earlier is not None:
             return earlier
         if key is not None:
-            await self.ledger.call(Remember(key, refusal))
+            await self.ledger.call(Remember(key, refusal, request_id))
         return refusal
 
     async def _begin(self, key: IdemKey | None) -> tuple[int, object | None]:
@@ -696,7 +696,7 @@ class TradingService:
                 if result.code in TRANSIENT_CODES:
                     await self.ledger.call(Forget(key, request_id))
                 else:
-                    await self.ledger.call(Remember(key, result))
+                    await self.ledger.call(Remember(key, result, request_id))
             return result
         self.counters[f"{kind}s"] += 1
         if not isinstance(result, SettlementItem):  # the position, changed

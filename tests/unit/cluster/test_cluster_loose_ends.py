@@ -49,6 +49,7 @@ from engine.shard_machine import Outbox
 from engine.shard_machine import OutboxView
 from engine.shard_machine import PositionsOf
 from engine.shard_machine import Resolve
+from engine.shard_machine import SetLevels
 from engine.shard_machine import Stats
 from tests.unit.cluster.faulty_ports import Down
 from tests.unit.cluster.faulty_ports import FailingBatches
@@ -623,6 +624,56 @@ async def stalled_open(make: Make, gate: Gated | HeldReplies, shards_down: bool 
 
 async def open_ids(p: Platform, who: Principal) -> list[int]:
     return [q.position_id for q in (await p.service.state(who)).positions]
+
+
+@pytest.mark.parametrize("op", ["close", "modify"])
+async def test_a_late_refusal_of_a_settled_request_is_not_the_answer_its_retry_got(
+        make: Make, op: str) -> None:
+    """A request refused at its shard whose reply stalls (its API process slow) is settled by
+    a retry (fenced: a shard keeps nothing of a refusal), the price moves, and the retry runs
+    and succeeds. The first request's late refusal, arriving while the retry holds the
+    clientOrderId, is not stored as its answer: a third try gets the retry's answer."""
+    p = make()
+    who = await sol_trader(p)  # SOL 100.00/100.01
+    pos = await p.service.open_position(who, sol_long())
+    assert isinstance(pos, OpenPosition)
+    sol = p.shard_of("SOL")
+    kind = Close if op == "close" else SetLevels
+    held, gate = HeldReplies(sol, kind), Gated(sol, kind)
+    slow = make.service(p, shards={**p.shards, sol.name: held})
+    retrying = make.service(p, shards={**p.shards, sol.name: gate}, idem_wait_s=0.2)
+
+    async def run(svc: TradingService) -> object:
+        if op == "close":  # the client saw 101.00 with no slippage: refused at 100.00
+            return await svc.close_position(who, CloseOrder(
+                pos.position_id, current_price_ticks=10100, max_slippage_bps=0,
+                client_order_id="c-1"))
+        # a take-profit of 99.50, refused while the bid is 100.00, taken at 99.00
+        return await svc.set_levels(who, pos.position_id, 9950, None, "c-1")
+
+    try:
+        first = asyncio.create_task(run(slow))
+        await asyncio.wait_for(held.reached.wait(), SETTLED_WITHIN_S)
+        await p.push_tick("SOL", *(("101.00", "101.01") if op == "close"
+                                   else ("99.00", "99.01")))
+        second = asyncio.create_task(run(retrying))
+        await asyncio.wait_for(gate.reached.wait(), SETTLED_WITHIN_S)  # it settled the first
+        held.opened.set()
+        late = await first
+        assert isinstance(late, Rejected), late
+        gate.opened.set()
+        retried = await second
+        assert not isinstance(retried, Rejected), retried
+    finally:
+        held.opened.set()
+        gate.opened.set()
+    await eventually(lambda: _no_doubt(retrying))
+    assert await run(p.service) == retried
+    assert await p.audit() == []
+
+
+async def _no_doubt(svc: TradingService) -> bool:
+    return not svc.reconciler.outstanding
 
 
 async def test_a_retry_runs_an_open_whose_first_attempt_never_reached_its_shard(

@@ -413,6 +413,7 @@ def test_a_late_end_of_a_settled_request_leaves_the_retrys_reservation() -> None
     refused = Rejected(Code.PRICE_MOVED, "late")
     assert led(ReleaseMargin(user, 30 * USD, 31, (key, refused))) is None
     assert led(Forget(key, 31)) is None
+    assert led(Remember(key, refused, 31)) is None  # nor is its refusal 32's answer
     # (a fenced request makes nothing; were 31 noted anyway, its body is no answer of 32's)
     assert led(Note(user, 31, POSITION_OPENED, opened(user, 7, 30 * USD), key)) is None
     assert led(Begin(key)) == IdemHit(None, 32)
