@@ -573,6 +573,13 @@ def _int(value: object) -> int | None:
         return None
 
 
+def _request_id(value: object) -> int | None:
+    """``value`` as a request id (0 = none) below :data:`START_RECONCILED`, else None."""
+    request_id = _int(value)
+    return request_id if request_id is not None and 0 <= request_id < START_RECONCILED \
+        else None
+
+
 def _invalid(message: str) -> _Decision:
     return Rejected(Code.INVALID_REQUEST, message), _NO_EVENTS
 
@@ -1056,8 +1063,8 @@ class LedgerMachine:
         key = lock.idem_key
         if key is not None and key in self._answers:
             return self._hit(key), _NO_EVENTS
-        request_id = _int(lock.request_id)
-        if request_id is None or not 0 <= request_id < START_RECONCILED:
+        request_id = _request_id(lock.request_id)
+        if request_id is None:
             return _invalid("request id out of range")
         margin = _int(lock.margin_micros)
         result: Rejected | None = None
@@ -1086,8 +1093,8 @@ class LedgerMachine:
         return result, events
 
     def _release(self, c: ReleaseMargin, now_us: int) -> _Decision:
-        request_id = _int(c.request_id)
-        if request_id is None or not 0 <= request_id < START_RECONCILED:
+        request_id = _request_id(c.request_id)
+        if request_id is None:
             return _invalid("request id out of range")
         amount = _int(c.margin_micros)
         if amount is None or amount < 0:
@@ -1150,24 +1157,24 @@ class LedgerMachine:
         key = c.key
         if key in self._answers:
             return self._hit(key), _NO_EVENTS
-        request_id = _int(c.request_id)
-        if request_id is None or not 0 <= request_id < START_RECONCILED:
+        request_id = _request_id(c.request_id)
+        if request_id is None:
             return _invalid("request id out of range")
         return None, [ClientOrderStoredAt(key.user, key.kind, key.client_order_id, request_id,
                                           now_us, PENDING)]
 
     def _remember(self, c: Remember, now_us: int) -> _Decision:
-        request_id = _int(c.request_id)
-        if request_id is None or not 0 <= request_id < START_RECONCILED:
+        request_id = _request_id(c.request_id)
+        if request_id is None:
             return _invalid("request id out of range")
         return None, self._answer_events([(c.key, c.answer)], now_us, request_id)
 
     def _note(self, c: Note, now_us: int) -> _Decision:
         body_type = _NOTED_BODY.get(c.kind)
-        request_id = _int(c.request_id)
+        request_id = _request_id(c.request_id)
         if body_type is None or type(c.body) is not body_type:
             return _invalid(f"cannot note {type(c.body).__name__} as {c.kind!r}")
-        if request_id is None or not 0 <= request_id < START_RECONCILED:
+        if request_id is None:
             return _invalid("request id out of range")
         if c.body.owner != c.user or not self.ledger.has_user(c.user):
             return _invalid("not this account's")

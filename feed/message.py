@@ -2,7 +2,8 @@
 
 Encoding happens once per tick in the market data service; decoding happens in the feed actor,
 which is the first place the engine's integer world begins: every price is parsed exactly into
-ticks with :meth:`engine.assets.Asset.price_to_ticks`, never through a float.
+ticks with :func:`engine.amounts.to_units` (as :meth:`engine.assets.Asset.price_to_ticks`),
+never through a float.
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ class TickDecoder:
             return None
         bid_ticks = _ticks(asset, obj.get("bid"))
         ask_ticks = _ticks(asset, obj.get("ask"))
-        mid_half_ticks = _mid_half_ticks(asset, obj.get("price"))
-        if bid_ticks is None or ask_ticks is None or mid_half_ticks is None:
+        mid_tenths = _mid_tenths(asset, obj.get("price"))
+        if bid_ticks is None or ask_ticks is None or mid_tenths is None:
             self._drop("bad_price")
             return None
         if bid_ticks > ask_ticks:
@@ -143,7 +144,7 @@ class TickDecoder:
         if ask_ticks > asset.max_price_ticks:
             self._drop("above_bound")
             return None
-        if mid_half_ticks != (bid_ticks + ask_ticks) * 5:
+        if mid_tenths != (bid_ticks + ask_ticks) * 5:
             self._drop("bad_price")  # a mid that disagrees with its own bid and ask
             return None
         ts_us = obj.get("ts_us")
@@ -170,22 +171,23 @@ def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _ticks(asset: Asset, value: object) -> int | None:
-    """``value`` as a positive count of ``asset``'s price step, or None (never 0)."""
-    if value is None or isinstance(value, bool) or not isinstance(value, str | int | Decimal):
-        return None
-    try:
-        return asset.price_to_ticks(value)
-    except AmountError:
-        return None
-
-
-def _mid_half_ticks(asset: Asset, value: object) -> int | None:
-    """The mid ``price`` in tenths of the asset's price step (the mid of two prices on the step
-    has one decimal more), or None unless it is decimal text or an exact number > 0 on it."""
+def _units(value: object, decimals: int) -> int | None:
+    """``value`` (decimal text or an exact number) as a positive count of ``10**-decimals``,
+    or None (never 0)."""
     if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
         return None
     try:
-        return to_units(value, asset.price_decimals + 1, allow_zero=False)
+        return to_units(value, decimals, allow_zero=False)
     except AmountError:
         return None
+
+
+def _ticks(asset: Asset, value: object) -> int | None:
+    """``value`` as a positive count of ``asset``'s price step, or None (never 0)."""
+    return _units(value, asset.price_decimals)
+
+
+def _mid_tenths(asset: Asset, value: object) -> int | None:
+    """The mid ``price`` in tenths of the asset's price step (the mid of two prices on the step
+    has one decimal more), or None unless it is decimal text or an exact number > 0 on it."""
+    return _units(value, asset.price_decimals + 1)

@@ -121,8 +121,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
                 self._unparsed = data[start:]
                 self.flow.pause_reading()
                 return
-            self._feed(data[start:start + FEED_SLICE_BYTES] if start or len(data) >
-                       FEED_SLICE_BYTES else data)
+            self._feed(data[start:start + FEED_SLICE_BYTES])  # (a read within one slice: itself)
             if self.transport.is_closing() or self.transport.get_protocol() is not self:
                 return  # refused, or upgraded to a WebSocket (the rest is not HTTP)
 
