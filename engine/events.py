@@ -19,7 +19,7 @@ Ledger events (the ledger's journal):
 :class:`ClientOrderStored`, still decoded and applied), :class:`AnswersExpired`,
 :class:`OpenCountSet`, :class:`OrderLocked`, :class:`OrderSettled`, :class:`OrderCountSet`,
 :class:`MarginAdded`, :class:`MarginReturned`, :class:`AccountNoted`,
-:class:`ReleaseExpected`.
+:class:`ReleaseExpected`, :class:`ClientOrderAsked`.
 
 A journal record holds the events of one commit: :func:`encode_batch` / :func:`decode_batch`.
 """
@@ -187,6 +187,17 @@ class ClientOrderStoredAt(NamedTuple):
     response: bytes
 
 
+class ClientOrderAsked(NamedTuple):
+    """The request ``(user, kind, client_order_id)`` was first used for, as ``asked`` (a digest
+    of its terms the API layer made); a later request with the same clientOrderId and other
+    terms is not a retry of it. Written with the key's first reservation or answer."""
+
+    user: int
+    kind: str
+    client_order_id: str
+    asked: bytes
+
+
 class AnswersExpired(NamedTuple):
     """Every clientOrderId answered before ``before_ts_us`` is forgotten (its id may be used
     again); reservations still pending are not (the reconciler settles those)."""
@@ -286,7 +297,8 @@ Event = (PositionOpened | PositionClosed | TickApplied | OpenFenced | OutboxAcke
          | OrderPlaced | OrderEnded | PositionAmended | PositionReduced
          | AccountCreated | MarginLocked | MarginReleased | SettlementApplied | ClientOrderStored
          | ClientOrderStoredAt | AnswersExpired | OpenCountSet | OrderLocked | OrderSettled
-         | OrderCountSet | MarginAdded | MarginReturned | AccountNoted | ReleaseExpected)
+         | OrderCountSet | MarginAdded | MarginReturned | AccountNoted | ReleaseExpected
+         | ClientOrderAsked)
 # Events whose loss in a crash changes nothing that was acknowledged (the feed delivers the newest
 # price again): the runner journals them with the next commit instead of committing for them.
 # An OutboxAcked lost in a crash only means settlements the ledger already applied are sent
@@ -297,7 +309,7 @@ SHARD_EVENTS = (PositionOpened, PositionClosed, TickApplied, OpenFenced, OutboxA
 LEDGER_EVENTS = (AccountCreated, MarginLocked, MarginReleased, SettlementApplied,
                  ClientOrderStored, ClientOrderStoredAt, AnswersExpired, OpenCountSet,
                  OrderLocked, OrderSettled, OrderCountSet, MarginAdded, MarginReturned,
-                 AccountNoted, ReleaseExpected)
+                 AccountNoted, ReleaseExpected, ClientOrderAsked)
 
 
 class EventError(ValueError):
@@ -351,6 +363,8 @@ _LAYOUTS: dict[int, _Layout] = {
     0x2D: (MarginReturned, "QqQ", (), ()),
     0x2F: (AccountNoted, "QQ", ("kind", "body"), (("s", "B"), ("b", "I"))),
     0x30: (ReleaseExpected, "QqQ", (), ()),
+    0x31: (ClientOrderAsked, "Q", ("kind", "client_order_id", "asked"),
+           (("s", "B"), ("s", "H"), ("b", "B"))),
 }
 
 # Older layouts, decoded only (encode writes the layout above): the trailing fields they lack

@@ -92,6 +92,7 @@ from engine.events import (
     AccountCreated,
     AccountNoted,
     AnswersExpired,
+    ClientOrderAsked,
     ClientOrderStored,
     ClientOrderStoredAt,
     Event,
@@ -375,10 +376,11 @@ class LockMargin:
     -> None: locked (the clientOrderId, if any, reserved as pending with ``lock.request_id``);
     Rejected: not locked (INSUFFICIENT_BALANCE, TOO_MANY_POSITIONS, TOO_MANY_ORDERS, NOT_FOUND,
     INVALID_REQUEST; stored as the clientOrderId's first answer); IdemHit: the clientOrderId was
-    seen before, nothing locked.
+    seen before, nothing locked. ``asked``: as :class:`Begin`'s.
     """
 
     lock: MarginLock
+    asked: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,10 +425,13 @@ class AbandonLock:
 @dataclass(frozen=True, slots=True)
 class Begin:
     """Reserve ``key`` for request ``request_id`` (0 = none): None = reserved now, IdemHit =
-    seen before (its answer, None while pending)."""
+    seen before (its answer, None while pending), Rejected(INVALID_REQUEST) = ``key`` was
+    first used for a request other than ``asked`` (the digest of this one's terms; ``b""``:
+    not checked)."""
 
     key: IdemKey
     request_id: int = 0
+    asked: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -582,6 +587,17 @@ def _request_id(value: object) -> int | None:
 
 def _invalid(message: str) -> _Decision:
     return Rejected(Code.INVALID_REQUEST, message), _NO_EVENTS
+
+
+def reused_message(client_order_id: str) -> str:
+    """Why a request that reuses ``client_order_id`` with other terms is refused."""
+    return (f"clientOrderId {client_order_id!r} was first used for a different request: a "
+            "retry must repeat that request, a new request needs a new clientOrderId")
+
+
+def _asked_events(key: IdemKey, asked: bytes) -> list[Event]:
+    """The record of what ``key`` was first used for (nothing when not given)."""
+    return [ClientOrderAsked(key.user, key.kind, key.client_order_id, asked)] if asked else []
 
 
 def _stored(answer: object) -> bytes:
@@ -869,6 +885,8 @@ class LedgerMachine:
         self._answered_us: dict[IdemKey, int] = {}
         # pending clientOrderIds reserved with a request id: key -> (request_id, since ts_us)
         self._pending: dict[IdemKey, tuple[int, int]] = {}
+        # the digest of the terms each held clientOrderId was first used for (where given)
+        self._asked: dict[IdemKey, bytes] = {}
         # request id -> lock of the newest locks that carried one, oldest first; an entry
         # leaves when released by that id, abandoned, answered, or evicted past the maximum
         self._recent_locks: collections.OrderedDict[int, _Lock] = collections.OrderedDict()
@@ -926,6 +944,7 @@ class LedgerMachine:
             SettlementApplied: self._on_settlement_applied,
             OrderSettled: self._on_order_settled,
             ClientOrderStoredAt: self._on_client_order_stored_at,
+            ClientOrderAsked: self._on_client_order_asked,
             AnswersExpired: self._on_answers_expired,
             ClientOrderStored: self._on_client_order_stored,
             AccountNoted: self._on_account_noted,
@@ -1033,6 +1052,7 @@ class LedgerMachine:
                 break
             del answered[key]
             self._answers.pop(key, None)
+            self._asked.pop(key, None)
 
     def _pending_requests(self, c: PendingRequests, now_us: int) -> _Decision:
         return sorted(request_id for request_id, since_us in self._pending.values()
@@ -1062,7 +1082,7 @@ class LedgerMachine:
         lock = c.lock
         key = lock.idem_key
         if key is not None and key in self._answers:
-            return self._hit(key), _NO_EVENTS
+            return self._seen(key, c.asked), _NO_EVENTS
         request_id = _request_id(lock.request_id)
         if request_id is None:
             return _invalid("request id out of range")
@@ -1090,6 +1110,7 @@ class LedgerMachine:
         if key is not None:
             events.append(ClientOrderStoredAt(key.user, key.kind, key.client_order_id,
                                               request_id, now_us, encode_answer(result)))
+            events.extend(_asked_events(key, c.asked))
         return result, events
 
     def _release(self, c: ReleaseMargin, now_us: int) -> _Decision:
@@ -1156,12 +1177,12 @@ class LedgerMachine:
     def _begin(self, c: Begin, now_us: int) -> _Decision:
         key = c.key
         if key in self._answers:
-            return self._hit(key), _NO_EVENTS
+            return self._seen(key, c.asked), _NO_EVENTS
         request_id = _request_id(c.request_id)
         if request_id is None:
             return _invalid("request id out of range")
         return None, [ClientOrderStoredAt(key.user, key.kind, key.client_order_id, request_id,
-                                          now_us, PENDING)]
+                                          now_us, PENDING), *_asked_events(key, c.asked)]
 
     def _remember(self, c: Remember, now_us: int) -> _Decision:
         request_id = _request_id(c.request_id)
@@ -1200,6 +1221,14 @@ class LedgerMachine:
         if isinstance(body, PendingOrder):
             return self._order_history.has(user, body.order_id)
         return self._history.has(user, body.position_id)
+
+    def _seen(self, key: IdemKey, asked: bytes) -> IdemHit | Rejected:
+        """What a request ``asked`` with the held ``key`` gets: the first request's answer
+        (pending: None), or a refusal when that request asked for something else."""
+        first = self._asked.get(key, b"")
+        if first and asked and first != asked:
+            return Rejected(Code.INVALID_REQUEST, reused_message(key.client_order_id))
+        return self._hit(key)
 
     def _hit(self, key: IdemKey) -> IdemHit:
         answer = self._answers[key]
@@ -1606,12 +1635,18 @@ class LedgerMachine:
         else:
             self._store(key, PENDING, pending_open[0], 0)
 
+    def _on_client_order_asked(self, e: ClientOrderAsked) -> None:
+        key = IdemKey(e.user, e.kind, e.client_order_id)
+        if key in self._answers:
+            self._asked[key] = e.asked
+
     def _store(self, key: IdemKey, response: bytes, request_id: int, ts_us: int) -> None:
         answers = self._answers
         if response == FORGOTTEN:
             if key in answers and answers[key] is None:
                 del answers[key]
                 self._pending.pop(key, None)
+                self._asked.pop(key, None)
             return
         if answers.get(key) is not None:
             return  # the first answer stays
@@ -1652,7 +1687,7 @@ class LedgerMachine:
             "applied_seq": dict(self._applied_seq),
             # pending first, then the answered in answer order (the order expiry follows)
             "answers": [[k.user, k.kind, k.client_order_id, encode_answer(a).decode(),
-                         self._answered_us.get(k, 0)]
+                         self._answered_us.get(k, 0), self._asked.get(k, b"").hex()]
                         for k, a in [*((k, a) for k, a in self._answers.items() if a is None),
                                      *((k, self._answers[k]) for k in self._answered_us)]],
             "pending_requests": [[k.user, k.kind, k.client_order_id, r, since_us]
@@ -1704,13 +1739,15 @@ class LedgerMachine:
             m._users_by_key_hash[key_hash] = int(user)
             m._account_ids[int(user)] = account_id
         m._applied_seq = {k: int(v) for k, v in meta["applied_seq"].items()}
-        for user, kind, client_order_id, answer, *ts in meta["answers"]:
+        for user, kind, client_order_id, answer, *rest in meta["answers"]:
             key = IdemKey(int(user), kind, client_order_id)
             m._answers[key] = decode_answer(answer.encode())
             if m._answers[key] is not None:
                 # in the order given, as live (expiry stops at the first one still young,
                 # which is not the oldest by the clock after the clock stepped back)
-                m._answered_us[key] = int(ts[0]) if ts else 0
+                m._answered_us[key] = int(rest[0]) if rest else 0
+            if len(rest) > 1 and rest[1]:  # older snapshots kept no terms
+                m._asked[key] = bytes.fromhex(rest[1])
         for request_id, user, margin, *rest in meta.get("recent_locks", []):
             lock_key = IdemKey(*rest[0]) if rest and rest[0] is not None else None
             m._recent_locks[int(request_id)] = _Lock(int(user), int(margin), lock_key,
@@ -1788,6 +1825,8 @@ class LedgerMachine:
         for key in self._pending:
             if key not in self._answers or self._answers[key] is not None:
                 problems.append(f"{key} is listed as pending but is not")
+        problems.extend(f"{key} keeps the terms of a request it does not hold"
+                        for key in self._asked if key not in self._answers)
         if len(self._recent_locks) > RECENT_LOCKS_MAX:
             problems.append("more recent locks than remembered at most")
         for what, counts in (("open positions", self._open_counts),
@@ -1823,6 +1862,7 @@ class LedgerMachine:
             "answers": sorted((tuple(k), encode_answer(a)) for k, a in self._answers.items()),
             "answered_us": list(self._answered_us.items()),
             "pending": sorted((tuple(k), v) for k, v in self._pending.items()),
+            "asked": sorted((tuple(k), v) for k, v in self._asked.items()),
             "recent_locks": [(r, u, m, None if k is None else tuple(k), kind)
                              for r, (u, m, k, kind) in self._recent_locks.items()],
             "history": history,
@@ -1977,4 +2017,5 @@ __all__ = [
     "encode_account_events",
     "encode_answer",
     "hash_api_key",
+    "reused_message",
 ]

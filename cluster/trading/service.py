@@ -31,8 +31,11 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import enum
 import functools
+import hashlib
 import itertools
+import json
 import secrets
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -68,6 +71,7 @@ from engine.ledger_machine import (
     Remember,
     Totals,
     hash_api_key,
+    reused_message,
 )
 from engine.market import Tick
 from engine.messages import (
@@ -109,6 +113,15 @@ RESEND_DELAY_S = 0.05
 IDEM_POLL_S = 0.02
 
 T = TypeVar("T")
+
+
+def _digest(terms: Mapping[str, object]) -> bytes:
+    """The terms of a request (name -> int, str, enum or None) as 16 bytes: what a retry with
+    the same clientOrderId must repeat. Enums count by value, so the digest stays the same
+    across releases and processes."""
+    plain = sorted((name, value.value if isinstance(value, enum.Enum) else value)
+                   for name, value in terms.items())
+    return hashlib.blake2b(json.dumps(plain).encode(), digest_size=16).digest()
 
 
 class PositionsCursor(NamedTuple):
@@ -168,7 +181,8 @@ class TradingService:
         self._health_timeout_s = health_timeout_s
         self._idem_wait_s = idem_wait_s
         self._principals: dict[str, Principal] = {}
-        self._in_flight_idem: dict[IdemKey, asyncio.Future[object]] = {}
+        # key -> (the task answering it here, the digest of the terms it was asked with)
+        self._in_flight_idem: dict[IdemKey, tuple[asyncio.Future[object], bytes]] = {}
         # position id -> the turn of its changes (gone once no change of it holds or waits)
         self._turns: weakref.WeakValueDictionary[int, asyncio.Lock] = \
             weakref.WeakValueDictionary()
@@ -355,25 +369,30 @@ class TradingService:
     # ----------------------------------------------------------------- idempotency
     async def _idempotent(self, who: Principal, kind: str, client_order_id: str | None,
                           work: Callable[[IdemKey | None], Coroutine[Any, Any, T]],
-                          shows: Mapping[str, object]) -> T | Rejected:
+                          shows: Mapping[str, object],
+                          asks: Mapping[str, object] | None = None) -> T | Rejected:
         """``work(key)`` run to its end whoever stops waiting: once per key when the client
         named the request (``client_order_id``), else with no key. ``shows``: the fields the
-        answer to this request has (by name); a first answer of the key with other values
-        belongs to a different request, and this one is refused (INVALID_REQUEST), not
-        answered as if it had been run."""
+        answer to this request has (by name); ``asks``: its other terms. The key is held
+        with a digest of both: a request with the key and other terms is refused
+        (INVALID_REQUEST) whatever the first one's answer, never answered as if run."""
         if client_order_id is None:
             # run to its end even if this caller is cancelled (a client went away)
             return await asyncio.shield(self._start(self._written(who.user, work(None))))
         key = IdemKey(who.user, kind, client_order_id)
-        # the key names the kind of request: whichever task answers it, the answer is a T
-        answer = cast(T, await self._once(key, lambda: self._written(who.user, work(key))))
-        if not isinstance(answer, Rejected) and any(
-                getattr(answer, name, value) != value for name, value in shows.items()):
-            self.counters["client_order_id_reused"] += 1
-            return Rejected(Code.INVALID_REQUEST, f"clientOrderId {client_order_id!r} was "
-                            "first used for a different request: a retry must repeat that "
-                            "request, a new request needs a new clientOrderId")
-        return answer
+        asked = _digest({**shows, **(asks or {})})
+        running = self._in_flight_idem.get(key)
+        if running is None or running[1] == asked:
+            # the key names the kind of request: whichever task answers it, the answer is a T
+            answer = cast(T, await self._once(
+                key, asked, lambda: self._written(who.user, work(key))))
+            # (the ledger refuses other terms itself; this check covers the keys it holds
+            # without terms, kept by an older release)
+            if isinstance(answer, Rejected) or all(
+                    getattr(answer, name, value) == value for name, value in shows.items()):
+                return answer
+        self.counters["client_order_id_reused"] += 1
+        return Rejected(Code.INVALID_REQUEST, reused_message(client_order_id))
 
     async def _written(self, user: int, work: Coroutine[Any, Any, T]) -> T:
         """``work``, a write for ``user``; when it fails its outcome may be unknown (the
@@ -385,18 +404,25 @@ class TradingService:
                 self.views.distrust(user)
             raise
 
-    async def _once(self, key: IdemKey, work: Callable[[], Coroutine[Any, Any, object]]
-                    ) -> object:
+    async def _once(self, key: IdemKey, asked: bytes,
+                    work: Callable[[], Coroutine[Any, Any, object]]) -> object:
         """Run ``work()`` once per key in this process, shielded; concurrent duplicates share
-        its task and its answer (a caller that goes away cancels neither the task nor them)."""
-        task = self._in_flight_idem.get(key)
-        if task is not None:
+        its task and its answer (a caller that goes away cancels neither the task nor them).
+        ``asked``: the digest of the request's terms, held with the key at the ledger."""
+        running = self._in_flight_idem.get(key)
+        if running is not None:
             self.counters["idempotent_replays"] += 1
+            task = running[0]
         else:
             task = self._start(work())
-            self._in_flight_idem[key] = task
+            self._in_flight_idem[key] = (task, asked)
             task.add_done_callback(lambda _: self._in_flight_idem.pop(key, None))
         return await asyncio.shield(task)
+
+    def _asked(self, key: IdemKey | None) -> bytes:
+        """The digest of the terms of the request running with ``key`` here (b"": none)."""
+        running = None if key is None else self._in_flight_idem.get(key)
+        return b"" if running is None else running[1]
 
     async def _replay(self, hit: IdemHit, key: IdemKey, request_id: int) -> object | None:
         """The stored answer of ``key``; waits while another request is still working on it.
@@ -420,7 +446,9 @@ class TradingService:
                     raise Unavailable("ledger", message="the first request with this "
                                       "clientOrderId is still in progress: retry it shortly")
             await asyncio.sleep(IDEM_POLL_S)
-            seen = await self.ledger.call(Begin(key, request_id))
+            seen = await self.ledger.call(Begin(key, request_id, self._asked(key)))
+            if isinstance(seen, Rejected):  # another request has taken the key since
+                return seen
             if seen is None:  # the first attempt gave up; we now hold the reservation
                 await self.ledger.call(Forget(key, request_id))
                 return None
@@ -494,7 +522,7 @@ class TradingService:
         return await self._idempotent(who, "modify", client_order_id, lambda key: self._in_turn(
             position_id, self._end(key, position_id, "modify", lambda request_id: SetLevels(
                 who.user, position_id, tp_ticks, sl_ticks, request_id))),
-            {"position_id": position_id})
+            {"position_id": position_id}, {"tp_ticks": tp_ticks, "sl_ticks": sl_ticks})
 
     async def change_margin(self, who: Principal, position_id: int, delta_micros: int,
                             client_order_id: str | None = None) -> OpenPosition | Rejected:
@@ -522,11 +550,12 @@ class TradingService:
                 return await self._lock(who, lock._replace(idem_key=key), spec.name, command)
 
             return await self._idempotent(who, "margin", client_order_id, lambda key: (
-                self._in_turn(position_id, top_up(key))), {"position_id": position_id})
+                self._in_turn(position_id, top_up(key))), {"position_id": position_id},
+                {"delta_micros": delta_micros})
         return await self._idempotent(who, "margin", client_order_id, lambda key: self._in_turn(
             position_id, self._end(key, position_id, "margin", command,
                                    release=(who.user, -delta_micros))),
-            {"position_id": position_id})
+            {"position_id": position_id}, {"delta_micros": delta_micros})
 
     async def _in_turn(self, position_id: int, change: Awaitable[T]) -> T:
         """``change`` of position ``position_id``, once the changes of it begun before in
@@ -557,7 +586,7 @@ class TradingService:
         if key is None:
             return self._request_id(), None
         request_id, seen = await self._claim(
-            key, lambda request_id: self.ledger.call(Begin(key, request_id)))
+            key, lambda request_id: self.ledger.call(Begin(key, request_id, self._asked(key))))
         if isinstance(seen, IdemHit):
             return request_id, seen.answer
         return request_id, seen if isinstance(seen, Rejected) else None
@@ -582,7 +611,8 @@ class TradingService:
             # The request id travels with the lock: a lock whose request was cut off is
             # settled by this id (abandoned, or resolved against the shards), never guessed.
             try:
-                return await self.ledger.call(LockMargin(lock._replace(request_id=request_id)))
+                return await self.ledger.call(LockMargin(lock._replace(request_id=request_id),
+                                                         self._asked(lock.idem_key)))
             except Unavailable:
                 # The lock may have been made and its answer lost: the request is never sent.
                 self.reconciler.abandon(request_id)
@@ -653,7 +683,8 @@ class TradingService:
                                     order.qty_steps))
 
         return await self._idempotent(who, "close", order.client_order_id, lambda key: self._end(
-            key, order.position_id, "close", command), {"position_id": order.position_id})
+            key, order.position_id, "close", command), {"position_id": order.position_id},
+            {"qty_steps": order.qty_steps})
 
     async def cancel_order(self, who: Principal, order_id: int,
                            client_order_id: str | None = None) -> EndedOrder | Rejected:

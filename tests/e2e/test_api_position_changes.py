@@ -52,9 +52,13 @@ def test_tp_and_sl_are_set_replaced_and_removed_against_the_current_price(
     changed = post(http, h, "modify", 200, positionId=pid, takeProfit=None, stopLoss="99.50",
                    clientOrderId="levels-1")
     assert changed["takeProfit"] is None and D(changed["stopLoss"]) == D("99.50")
-    again = post(http, h, "modify", 200, positionId=pid, stopLoss="99.00",
+    again = post(http, h, "modify", 200, positionId=pid, takeProfit=None, stopLoss="99.50",
                  clientOrderId="levels-1")
     assert again == changed  # a retry: the first answer, nothing changed
+    # the same clientOrderId with other levels is another request: refused, nothing changed
+    other_levels = post(http, h, "modify", 422, positionId=pid, stopLoss="99.00",
+                        clientOrderId="levels-1")
+    assert other_levels["error"]["code"] == "INVALID_REQUEST", other_levels
     r = http.post("/api/v1/positions/modify", json={"positionId": pid, "stopLoss": "99"},
                   headers=other)
     assert r.status_code == 404 and error_code(r) == "NOT_FOUND", r.text
@@ -138,8 +142,11 @@ def test_a_partial_close_splits_the_margin_and_leaves_the_rest_open(
     assert D(part["exitPrice"]) == D("100.00") and D(part["realizedPnl"]) == D("-0.0333")
     assert D(part["payout"]) == D("33.333333") - D("0.0333")
     assert part["closeId"] != pid
-    assert post(http, h, "close", 200, positionId=pid, quantity="1",
+    assert post(http, h, "close", 200, positionId=pid, quantity="3.33",
                 clientOrderId="part-1") == part  # a retry: the first answer
+    other_quantity = post(http, h, "close", 422, positionId=pid, quantity="1",
+                          clientOrderId="part-1")  # another request: nothing closed
+    assert other_quantity["error"]["code"] == "INVALID_REQUEST", other_quantity
     [rest] = state(http, h)["positions"]
     assert (rest["positionId"], D(rest["quantity"]), D(rest["margin"])) == \
         (pid, D("6.66"), D("66.666667"))

@@ -244,6 +244,67 @@ def test_a_client_order_id_used_again_for_another_request_is_refused_and_changes
     assert D(s["balances"]["margin"]) == 20  # the BTC position and the BTC order
 
 
+def test_a_client_order_id_used_again_with_other_terms_or_after_a_refusal_is_refused(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    """The terms a clientOrderId was first used with are kept with it: the same id with
+    another close quantity, other levels, another margin amount, or on another position after
+    a refusal is a different request (422 INVALID_REQUEST, nothing changed). It was answered
+    with the first answer: a close of all "succeeded" with the first call's partial close, a
+    margin removal with the earlier addition, and a close of an open position with the 404 a
+    closed one had got."""
+    h = signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+
+    def refused(r: httpx.Response) -> None:
+        assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
+        assert "clientOrderId" in r.json()["error"]["message"], r.text
+
+    p = open_position(http, h, asset="SOL", type="long", margin="100", leverage=10)
+    assert D(p["quantity"]) == D("9.99"), p
+    part = {"positionId": p["positionId"], "quantity": "1", "clientOrderId": "c"}
+    first = http.post("/api/v1/positions/close", json=part, headers=h)
+    assert first.status_code == 200 and first.json()["partial"] is True, first.text
+    refused(http.post("/api/v1/positions/close", json={**part, "quantity": "2"}, headers=h))
+    refused(http.post("/api/v1/positions/close", headers=h,
+                      json={"positionId": p["positionId"], "clientOrderId": "c"}))
+    retry = http.post("/api/v1/positions/close", json=part, headers=h)
+    assert retry.status_code == 200 and retry.json() == first.json(), retry.text
+    levels = {"positionId": p["positionId"], "takeProfit": "120", "clientOrderId": "m"}
+    modified = http.post("/api/v1/positions/modify", json=levels, headers=h)
+    assert modified.status_code == 200, modified.text
+    refused(http.post("/api/v1/positions/modify", json={**levels, "takeProfit": "130"},
+                      headers=h))
+    refused(http.post("/api/v1/positions/modify", json={**levels, "stopLoss": "90"},
+                      headers=h))
+    added = {"positionId": p["positionId"], "amount": "10", "clientOrderId": "g"}
+    topped = http.post("/api/v1/positions/margin", json=added, headers=h)
+    assert topped.status_code == 200, topped.text
+    refused(http.post("/api/v1/positions/margin", json={**added, "amount": "-10"}, headers=h))
+    [now] = state(http, h)["positions"]
+    assert D(now["quantity"]) == D("8.99") and D(now["takeProfit"]) == D("120"), now
+    assert now.get("stopLoss") is None and now["margin"] == topped.json()["margin"], now
+
+    # a refusal is the first answer of its request only
+    other = open_position(http, h, asset="SOL", type="long", margin="10", leverage=10)
+    gone = http.post("/api/v1/positions/close", json={"positionId": other["positionId"]},
+                     headers=h)
+    assert gone.status_code == 200, gone.text
+    again = {"positionId": other["positionId"], "clientOrderId": "x"}
+    missing = http.post("/api/v1/positions/close", json=again, headers=h)
+    assert missing.status_code == 404, missing.text
+    refused(http.post("/api/v1/positions/close", headers=h,
+                      json={**again, "positionId": p["positionId"]}))
+    retry = http.post("/api/v1/positions/close", json=again, headers=h)
+    assert retry.status_code == 404 and retry.json() == missing.json(), retry.text
+    big = {"asset": "SOL", "type": "long", "margin": "999999", "leverage": 10,
+           "clientOrderId": "o"}
+    poor = http.post("/api/v1/positions/open", json=big, headers=h)
+    assert poor.status_code == 409 and error_code(poor) == "INSUFFICIENT_BALANCE", poor.text
+    refused(http.post("/api/v1/positions/open", json={**big, "margin": "10"}, headers=h))
+    assert [x["positionId"] for x in state(http, h)["positions"]] == [p["positionId"]]
+    assert platform.audit() == []
+
+
 def test_stale_price_refuses_opens_and_closes_with_503() -> None:
     # a price goes stale when no newer tick comes for MAX_PRICE_AGE_S (a tick older than the
     # shard's is ignored): a platform of its own with a bound of 1 s, so the test waits 1 s

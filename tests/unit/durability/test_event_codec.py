@@ -15,6 +15,7 @@ from engine.events import VOLATILE_EVENTS
 from engine.events import AccountCreated
 from engine.events import AccountNoted
 from engine.events import AnswersExpired
+from engine.events import ClientOrderAsked
 from engine.events import ClientOrderStored
 from engine.events import ClientOrderStoredAt
 from engine.events import EventError
@@ -87,6 +88,8 @@ STRATEGIES = {
     ReleaseExpected: st.builds(ReleaseExpected, u64, i64, u64),
     AccountNoted: st.builds(AccountNoted, u64, u64, st.text(max_size=20),
                             st.binary(max_size=300)),
+    ClientOrderAsked: st.builds(ClientOrderAsked, u64, st.text(max_size=20), text,
+                                st.binary(max_size=255)),
 }
 any_event = st.one_of(*STRATEGIES.values())
 

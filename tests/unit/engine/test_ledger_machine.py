@@ -289,6 +289,51 @@ def test_idempotency_keys_return_the_first_answer() -> None:
     assert isinstance(hit.answer, OpenPosition) and isinstance(hit.answer.side, Side)
 
 
+def test_a_client_order_id_is_held_with_the_terms_it_was_first_used_with() -> None:
+    """A reservation or a refused lock keeps the digest of its request's terms (``asked``):
+    the key with other terms is refused, pending or answered, and changes nothing; the same
+    terms, or none given, get the first answer. The terms go with the key's end (forgotten or
+    expired), and survive a restart from the journal and from a snapshot."""
+    led, u = one_account()
+    close, open_, big = (IdemKey(u, kind, "k") for kind in ("close", "open", "big"))
+    assert led(Begin(close, 5, b"qty=1")) is None
+    records = len(led.records)
+    other = led(Begin(close, 6, b"qty=2"))
+    assert isinstance(other, Rejected) and other.code is Code.INVALID_REQUEST
+    assert "'k'" in other.message and len(led.records) == records
+    assert led(Begin(close, 6, b"qty=1")) == IdemHit(None, 5)  # the same terms: pending
+    assert led(Begin(close, 6)) == IdemHit(None, 5)  # no terms given: not checked
+    refusal = Rejected(Code.NOT_FOUND, "no such open position")
+    led(Remember(close, refusal, 5))
+    assert led(Begin(close, 7, b"qty=1")) == IdemHit(refusal)
+    assert isinstance(led(Begin(close, 7, b"qty=2")), Rejected)
+    # a refused lock is answered with the terms it was asked with
+    poor = led(LockMargin(MarginLock(u, SIGNUP + 1, big, 8), b"margin=all"))
+    assert isinstance(poor, Rejected) and poor.code is Code.INSUFFICIENT_BALANCE
+    assert led(LockMargin(MarginLock(u, USD, big, 9), b"margin=all")) == IdemHit(poor)
+    assert led(LockMargin(MarginLock(u, USD, big, 9), b"margin=1")).code is \
+        Code.INVALID_REQUEST
+    assert led.balances(u) == (SIGNUP, 0)
+    # the terms survive a restart, from the journal and from a snapshot
+    for restored in (led.replayed(), snapshot_round_trip(led.m)):
+        assert restored.fingerprint() == led.m.fingerprint()
+        assert restored.decide(Begin(close, 10, b"qty=2"), NOW)[0].code is Code.INVALID_REQUEST
+    # a forgotten reservation takes its terms with it: the key is free for any request
+    assert led(LockMargin(MarginLock(u, USD, open_, 11), b"long")) is None
+    assert isinstance(led(Begin(open_, 12, b"short")), Rejected)
+    led(ReleaseMargin(u, USD, 11))
+    led(Forget(open_, 11))
+    assert led(Begin(open_, 12, b"short")) is None
+    led(Forget(open_, 12))
+    assert led(Begin(open_, 13, b"long")) is None
+    led(Remember(open_, opened(u, 1, USD), 13))
+    # an expired answer takes its terms with it too
+    led.now_us += 10**9
+    assert led(ExpireAnswers(1)) == 3
+    assert led(Begin(close, 14, b"qty=2")) is None
+    assert led.m.check() == [] and led.replayed().fingerprint() == led.m.fingerprint()
+
+
 def test_answers_expire_after_the_ttl_and_pending_reservations_do_not() -> None:
     led, u = one_account()
     old, new, pending = (IdemKey(u, "open", name) for name in ("old", "new", "pending"))
@@ -643,8 +688,9 @@ def test_older_snapshots_still_restore() -> None:
 
 # ----------------------------------------------------------------------------- property
 KEYS = 4
+ASKED = st.sampled_from([b"", b"a", b"b"])  # the terms a clientOrderId is used with
 LOCK = st.tuples(st.just("lock"), st.integers(0, 3), st.integers(-1, 4_000),
-                 st.sampled_from([None, *range(KEYS)]), st.booleans())
+                 st.sampled_from([None, *range(KEYS)]), st.booleans(), ASKED)
 CLOSE = st.tuples(st.just("close"), st.integers(0, 1), st.integers(0, 30), st.integers(-3, 3))
 DELIVER = st.tuples(st.just("deliver"), st.integers(0, 1), st.sampled_from([0, 0, 0, 1, 2]),
                     st.booleans(), st.sampled_from([None, *range(KEYS)]))
@@ -653,7 +699,7 @@ OPS = st.lists(st.one_of(
     LOCK, LOCK, LOCK, CLOSE, CLOSE, DELIVER, DELIVER,
     st.tuples(st.just("release"), st.integers(0, 30), st.sampled_from([None, *range(KEYS)])),
     st.tuples(st.just("abandon"), st.integers(0, 40)),
-    st.tuples(st.just("begin"), st.integers(0, KEYS - 1), st.booleans()),
+    st.tuples(st.just("begin"), st.integers(0, KEYS - 1), st.booleans(), ASKED),
     st.tuples(st.just("remember"), st.integers(0, KEYS - 1), st.integers(0, 2)),
     st.tuples(st.just("forget"), st.integers(0, KEYS - 1)),
     st.tuples(st.just("bad"), st.integers(0, 1)),
@@ -718,12 +764,12 @@ class Model:
             self.users.append(self.led.account().user)
             self.replica.apply_batch(self.replica.decode_record(self.led.records[-1]))
         elif kind == "lock":
-            _, u, usd, k, with_rid = op
+            _, u, usd, k, with_rid, *asked = op
             self.rid += 1
             user = self.users[u % len(self.users)] if self.users else u
             key = None if k is None else self.key(k)
             lock = MarginLock(user, usd * USD, key, self.rid if with_rid else 0)
-            if self.step(LockMargin(lock)) is None:
+            if self.step(LockMargin(lock, *asked)) is None:
                 self.locks.append((user, usd * USD, lock.request_id))
                 if with_rid:
                     self.lock_rids.append(lock.request_id)
@@ -740,7 +786,7 @@ class Model:
                 self.locks = [lock for lock in self.locks if lock[2] != rid]
         elif kind == "begin":
             self.rid += 1
-            self.step(Begin(self.key(op[1]), self.rid if op[2] else 0))
+            self.step(Begin(self.key(op[1]), self.rid if op[2] else 0, op[3]))
         elif kind == "remember":
             self.step(Remember(self.key(op[1]), self.answer(op[1], op[2])))
         elif kind == "forget":
