@@ -523,6 +523,11 @@ class ShardMachine:
             # older than the price held (a feed that restarted and reads the topic again): its
             # price is superseded, and positions opened since were checked against the newer one
             return 0, ()
+        if tick == last:
+            # the same tick sent again (its answer was lost): the positions it found were swept
+            # then, and those opened since (filled by it, or opened at its price) are first
+            # swept by the next tick; nor does it fill what was placed since
+            return 0, ()
         events: list[Event] = [TickApplied(bid, ask, tick.ts_us, tick.seq, tick.source)]
         seq = self._last_seq
         closed: list[int] = []
@@ -540,9 +545,7 @@ class ShardMachine:
                 seq += 1
                 events.append(PositionClosed(position_id, reason, exit_ticks, now_us, seq))
                 closed.append(position_id)
-        # Orders fill on ticks after the one current when they were placed: the same tick sent
-        # again (its answer was lost) must not fill what was placed since.
-        if len(self.orders) and tick != last:
+        if len(self.orders):
             ended = self._sweep_orders(tick, seq, closed, now_us)
             if isinstance(ended, Rejected):
                 return ended, ()

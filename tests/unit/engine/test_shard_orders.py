@@ -246,6 +246,24 @@ def test_a_tick_sent_again_fills_nothing_placed_after_it() -> None:
     assert filled.ended_ts_us == NOW + 6_000  # when the engine filled it, not the tick's time
 
 
+def test_a_tick_sent_again_does_not_sweep_the_position_its_first_delivery_filled() -> None:
+    """A position a fill opens is first swept on the next tick; the fill's tick sent again
+    (its answer was lost) is not a next tick. It closed the new position by its stop-loss at
+    the fill tick's own bid, where the next real tick might have left it open."""
+    m = shard()
+    run(m, raw_tick(10000, 10010, ts_us=NOW))
+    place(m, terms(LONG, STOP, 10050, sl=10045))
+    fill = ApplyTick(Tick("SOL", 10040, 10060, NOW + 1_000, 2, "test"))
+    assert run(m, fill, NOW + 1_000) == 0
+    [filled] = ended(m)
+    assert filled.status == OrderStatus.FILLED and len(m.book) == 1
+    assert run(m, fill, NOW + 2_000) == 0  # the same tick again: nothing closes
+    assert len(m.book) == 1 and m.check() == []
+    assert [i.closed.position_id for i in run(m, Outbox()).items] == [filled.position_id]
+    # the next tick sweeps it: at its stop-loss
+    assert run(m, raw_tick(10044, 10064, ts_us=NOW + 2_000), NOW + 3_000) == 1
+
+
 def test_what_a_tick_ends_is_stamped_with_the_engines_time_not_the_ticks() -> None:
     # a tick is a little old when it arrives: stamped with its time, a position it closes
     # could end before it opened, and an order it fills before it was placed
