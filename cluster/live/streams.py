@@ -7,7 +7,7 @@ Client frames: ``{"method":"SUBSCRIBE","params":[...]}``, ``{"method":"UNSUBSCRI
 ``bookTicker.<ASSET>`` (the newest top of book) and ``kline.<interval>.<ASSET>`` (the current
 candle on every change, a closed one once with ``closed: true``), both conflated, and after
 ``AUTH`` the private ``account`` (cluster.live.account_stream; ``SUBSCRIBE`` may carry
-``"since": <seq>``).
+``"since": <seq>``, and one naming it restarts a running account stream from there).
 
 One :class:`StreamHub` per replica reads the market data's changes with one long poll at a time
 (cluster.live.market.MarketSource.wait), renders each change once and hands the frame to the
@@ -485,8 +485,11 @@ class StreamHub:
             connection.reject(Code.INVALID_REQUEST,
                               f"at most {self.limits.subscriptions} subscriptions per connection")
             return
-        if account and not connection.following_account:  # (else its cursor goes on)
+        # a repeated SUBSCRIBE leaves a running stream's cursor alone, unless it names
+        # ``since``: then the stream starts again from there, as a first one would
+        if account and (since is not None or not connection.following_account):
             assert self.accounts is not None  # an unknown stream otherwise (_handle)
+            self._end_account(connection)
             start = since if isinstance(since, int) else None  # (an int when given: above)
             connection.account = self.accounts.subscribe(connection.principal, start,
                                                          connection.offer)

@@ -1,16 +1,23 @@
-"""One WebSocket connection's handler (cluster.live.streams.StreamHub.serve) when the server
-cancels it, as Ray Serve does with a request whose client went away: nothing it started is
+"""One WebSocket connection's handler (cluster.live.streams.StreamHub.serve): when the server
+cancels it, as Ray Serve does with a request whose client went away, nothing it started is
 left running, and nothing ends later as an exception no one takes (which asyncio logs as an
-error, once per such client)."""
+error, once per such client); a SUBSCRIBE to ``account`` naming ``since`` restarts its stream
+from there."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import json
 from typing import Any
 
 from cluster.live.streams import StreamHub
+from engine.messages import Principal
 from starlette.websockets import WebSocketState
+from tests.unit.cluster.test_account_stream import ALICE
+from tests.unit.cluster.test_account_stream import Stream
+from tests.unit.cluster.test_account_stream import run
+from tests.unit.cluster.test_account_stream import until
 
 
 class Socket:
@@ -64,3 +71,84 @@ def test_a_cancelled_handler_leaves_no_read_behind_to_fail_unseen() -> None:
         return unseen
 
     assert asyncio.run(scenario()) == []
+
+
+class ScriptedSocket(Socket):
+    """A Socket whose client sends the frames pushed with ``say``; ``sent`` holds what the
+    server sent, parsed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: asyncio.Queue[str] = asyncio.Queue()
+        self.sent: list[dict[str, Any]] = []
+
+    def say(self, frame: dict[str, Any]) -> None:
+        self.said.put_nowait(json.dumps(frame))
+
+    async def receive(self) -> dict[str, Any]:
+        said = asyncio.ensure_future(self.said.get())
+        gone = asyncio.ensure_future(self.gone.wait())
+        done, _ = await asyncio.wait({said, gone}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (said, gone):
+            task.cancel()
+        if said in done:
+            return {"type": "websocket.receive", "text": said.result()}
+        return {"type": "websocket.disconnect", "code": 1001}
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+
+    @property
+    def seqs(self) -> list[int | str]:
+        """The seq of each account frame sent (``"snapshot"`` for a snapshot's), or the code
+        of an error frame."""
+        return [f["error"]["code"] if "error" in f else
+                "snapshot" if f["data"]["event"] == "snapshot" else f["data"]["seq"]
+                for f in self.sent]
+
+
+def test_subscribing_to_the_account_again_with_since_restarts_it_from_there() -> None:
+    async def scenario() -> None:
+        s = Stream()
+        s.record(ALICE, 5)
+
+        async def alice(key: str, address: str) -> Principal | None:
+            return ALICE if key == "alice-key" else None
+
+        hub = StreamHub(market=lambda: None, render=lambda change: {}, streams=(),
+                        authenticate=alice, accounts=s.streams)
+        socket = ScriptedSocket()
+        handler = asyncio.create_task(hub.serve(socket))  # type: ignore[arg-type]
+        socket.say({"method": "AUTH", "params": ["alice-key"]})
+        socket.say({"method": "SUBSCRIBE", "params": ["account"], "since": 3})
+        await until(lambda: socket.seqs == [4, 5])
+        # since again: what follows it is replayed, though the stream ran past it
+        socket.say({"method": "SUBSCRIBE", "params": ["account"], "since": 1})
+        await until(lambda: socket.seqs == [4, 5, 2, 3, 4, 5])
+        # since no longer reachable (beyond the newest): the state, as a first subscribe gets
+        socket.say({"method": "SUBSCRIBE", "params": ["account"], "since": 10**6})
+        await until(lambda: len(socket.seqs) == 7)
+        assert socket.seqs[-1] == "snapshot" and socket.sent[-1]["data"]["seq"] == 5
+        # without since, the running stream's cursor goes on: nothing again, then each new
+        # event once
+        (connection,) = hub.connections
+        sub = connection.account
+        assert sub is not None
+        await until(lambda: sub.started and sub.refill is not None and sub.refill.done())
+        socket.say({"method": "SUBSCRIBE", "params": ["account"]})
+        await asyncio.sleep(0.05)
+        s.tail.push(s.record(ALICE, 1))
+        await until(lambda: socket.seqs[-1] == 6)
+        await asyncio.sleep(0.05)
+        assert socket.seqs == [4, 5, 2, 3, 4, 5, "snapshot", 6]
+        assert connection.account is sub
+        assert len(s.streams.by_user[ALICE.user]) == 1  # the replaced ones are gone
+        socket.gone.set()
+        await handler
+        assert s.streams.by_user == {}
+        s.tail.push([])  # the tail's next (quiet) read ends its poller
+        poller = s.streams._poller
+        assert poller is not None
+        await asyncio.wait_for(poller, 3)
+
+    run(scenario)
