@@ -548,6 +548,31 @@ def encode_batch(encoded_events: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
+def batch_event_bytes(record_bytes: int) -> int:
+    """The largest encoded event (bytes) a batch record of at most ``record_bytes`` holds."""
+    return record_bytes - 1 - _LENGTH.size
+
+
+def encode_batches(encoded_events: list[bytes], record_bytes: int) -> list[bytes]:
+    """The (already encoded) events of one commit as batch records of at most ``record_bytes``
+    each, in order, as few as fit them; ValueError for an event over
+    :func:`batch_event_bytes`."""
+    records: list[bytes] = []
+    start = 0
+    size = 1
+    for i, data in enumerate(encoded_events):
+        n = _LENGTH.size + len(data)
+        if 1 + n > record_bytes:
+            raise ValueError(f"an event of {len(data)} bytes does not fit a record of "
+                             f"{record_bytes}")
+        if size + n > record_bytes:
+            records.append(encode_batch(encoded_events[start:i]))
+            start, size = i, 1
+        size += n
+    records.append(encode_batch(encoded_events[start:]))
+    return records
+
+
 def decode_batch(payload: bytes) -> list[Event]:
     """The events of one journal record: a batch, or a single encoded event (EventError, a
     ValueError, if the record is cut short or holds anything else)."""

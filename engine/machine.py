@@ -6,8 +6,9 @@ events that would carry it out, changing nothing. :func:`step` is the one place 
 a command to a changed state:
 
 1. ``decide(command, now_us)`` -> ``(answer, events)``;
-2. every event is encoded (engine.events); an event that does not fit its layout turns the
-   whole command into a ``Rejected(INVALID_REQUEST)`` and nothing is applied;
+2. every event is encoded (engine.events); an event that does not fit its layout, or whose
+   bytes exceed the journal's bound for one event, turns the whole command into a
+   ``Rejected(INVALID_REQUEST)`` and nothing is applied;
 3. every event is applied, in order.
 
 The durable runner (cluster.durability.runner) journals the encoded events of a batch of
@@ -81,9 +82,11 @@ class Stepped(NamedTuple):
     urgent: bool
 
 
-def step(machine: Machine, command: Any, now_us: int) -> Stepped:
+def step(machine: Machine, command: Any, now_us: int,
+         max_event_bytes: int | None = None) -> Stepped:
     """decide -> encode -> apply for one command (see the module docstring).
 
+    ``max_event_bytes``: the largest encoded event the journal can hold (None: no bound).
     An exception from ``decide`` propagates with nothing changed. An exception from ``apply``
     is raised as :class:`StateCorrupted`: the caller must discard the state (recover it).
     """
@@ -95,6 +98,12 @@ def step(machine: Machine, command: Any, now_us: int) -> Stepped:
     except EventError as exc:
         return Stepped(Rejected(Code.INVALID_REQUEST, f"a value is out of range: {exc}"), [],
                        False)
+    if max_event_bytes is not None:
+        largest = max(map(len, encoded))
+        if largest > max_event_bytes:  # no journal record could hold it: it never happens
+            return Stepped(Rejected(Code.INVALID_REQUEST,
+                                    f"an event of {largest} bytes exceeds the journal's bound "
+                                    f"of {max_event_bytes}"), [], False)
     urgent = False
     try:
         for event in events:

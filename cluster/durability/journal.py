@@ -3,16 +3,20 @@
 A journal is a directory of segment files named by the sequence number of their first record
 (``00000000000000000001.wal``). Each record is framed as::
 
-    [u32 payload length][u32 crc32(seq || payload)][u64 seq][payload bytes]   (little-endian)
+    [u32 payload length][u32 crc32(seq field || payload)][u64 seq field][payload bytes]
 
-Sequence numbers start at 1 and increase by exactly one per record across segments, so the
-name of a segment plus its records always tell where the log stands, even when a snapshot let
-every older segment be deleted.
+(little-endian). The seq field is the record's seq, with :data:`CONTINUED` set when the next
+record belongs to the same commit. Sequence numbers start at 1 and increase by exactly one per
+record across segments, so the name of a segment plus its records always tell where the log
+stands, even when a snapshot let every older segment be deleted.
 
 Durability model: :meth:`Journal.append` only buffers a record in memory and returns its seq;
 :meth:`Journal.commit` writes everything buffered since the last commit with one ``write`` and
 one ``fdatasync`` (group commit: a batch of requests costs one disk flush). A caller
-acknowledges a request only after the commit that covers its records has returned.
+acknowledges a request only after the commit that covers its records has returned. A commit is
+kept whole or not at all: records appended with ``continued=True`` count only together with
+the record that ends their commit (a batch larger than one record's bound is several records,
+and a crash must not leave a part of it).
 
 Zeroed ahead: the active segment is extended with zeros :data:`ZEROED_AHEAD_BYTES` at a time,
 and records overwrite them. A flush of an append that grows a file must also commit the file
@@ -25,11 +29,13 @@ active one when the journal closes, is cut to its records.
 Crash model: a process killed at any instant leaves at most one torn (partially written) tail.
 Opening the journal for writing scans it, keeps every record up to the first one that is
 incomplete, fails its checksum or breaks the seq chain, and truncates the segment there, so a
-torn record is dropped whole and never applied in part. The bytes cut off are first copied
-aside to a ``.corrupt`` file (a torn tail is the normal trace of a crash, but a damaged length
-field mid-file looks the same), as are later segments that no longer continue the chain, so
-nothing is silently destroyed. A failed write or fsync poisons the journal: the page cache may have
-dropped the data, so retrying would be a lie; the owner must crash and recover from disk.
+torn record is dropped whole and never applied in part; so are the records before it that
+belong to its commit (a commit's pages may reach the disk in any order before its flush). The
+bytes cut off are first copied aside to a ``.corrupt`` file (a torn tail is the normal trace
+of a crash, but a damaged length field mid-file looks the same), as are later segments that no
+longer continue the chain, so nothing is silently destroyed. A failed write or fsync poisons
+the journal: the page cache may have dropped the data, so retrying would be a lie; the owner
+must crash and recover from disk.
 
 Only one writer may hold a journal (an exclusive ``flock`` on ``LOCK``); readers open it with
 ``readonly=True``, which never writes and simply stops at the first bad record. A reader that
@@ -57,8 +63,12 @@ LOCK_NAME = "LOCK"
 HEADER = struct.Struct("<IIQ")
 HEADER_BYTES = HEADER.size
 _SEQ = struct.Struct("<Q")
+CONTINUED = 1 << 63
+"""Set in a record's seq field when the next record belongs to the same commit (seqs never
+reach it); the checksum covers it."""
+_SEQ_BITS = CONTINUED - 1
 # A record larger than this is treated as garbage when scanning (a corrupted length field must
-# not make the scanner trust gigabytes of whatever follows).
+# not make the scanner trust gigabytes of whatever follows); a writer may keep to less.
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 ZEROED_AHEAD_BYTES = 1024 * 1024
@@ -103,9 +113,11 @@ class Repair:
         return self.torn_bytes == 0 and self.corrupt_bytes == 0 and not self.orphaned_segments
 
 
-def frame(seq: int, payload: bytes) -> bytes:
-    """One record exactly as it is stored (header + payload)."""
-    return _pack_header(len(payload), _crc32(payload, _crc32(_pack_seq(seq))), seq) + payload
+def frame(seq: int, payload: bytes, continued: bool = False) -> bytes:
+    """One record exactly as it is stored (header + payload); ``continued``: the next record
+    belongs to the same commit."""
+    field = seq | CONTINUED if continued else seq
+    return _pack_header(len(payload), _crc32(payload, _crc32(_pack_seq(field))), field) + payload
 
 
 def _segment_name(first_seq: int) -> str:
@@ -131,24 +143,39 @@ def _list_segments(directory: Path) -> list[tuple[int, Path]]:
     return found
 
 
-def _records(view: memoryview, expected_seq: int, end_seq: int | None = None
-             ) -> Iterator[tuple[int, int, int]]:
-    """``(seq, payload_start, payload_end)`` of each valid record of one segment's bytes, in
-    order, from the start; stops at the first record that is incomplete, too large, out of
-    the seq chain or fails its checksum (and after ``end_seq``)."""
+def _frames(view: memoryview, expected_seq: int, end_seq: int | None = None
+            ) -> Iterator[tuple[int, int, int, bool]]:
+    """``(seq, payload_start, payload_end, continued)`` of each valid record of one segment's
+    bytes, in order, from the start; stops at the first record that is incomplete, too large,
+    out of the seq chain or fails its checksum (and after ``end_seq``)."""
     size = len(view)
     pos = 0
     unpack = HEADER.unpack_from
     while size - pos >= HEADER_BYTES and (end_seq is None or expected_seq <= end_seq):
-        length, crc, seq = unpack(view, pos)
+        length, crc, field = unpack(view, pos)
         start = pos + HEADER_BYTES
         end = start + length
-        if length > MAX_RECORD_BYTES or end > size or seq != expected_seq \
-                or _crc32(view[start:end], _crc32(_pack_seq(seq))) != crc:
+        if length > MAX_RECORD_BYTES or end > size or field & _SEQ_BITS != expected_seq \
+                or _crc32(view[start:end], _crc32(_pack_seq(field))) != crc:
             return
-        yield seq, start, end
+        yield expected_seq, start, end, field != expected_seq
         expected_seq += 1
         pos = end
+
+
+def _records(view: memoryview, expected_seq: int, end_seq: int | None = None
+             ) -> Iterator[tuple[int, int, int]]:
+    """``(seq, payload_start, payload_end)`` of each record of one segment's bytes whose whole
+    commit is valid (:func:`_frames`), in order, from the start."""
+    commit: list[tuple[int, int, int]] = []
+    for seq, start, end, continued in _frames(view, expected_seq, end_seq):
+        if continued:
+            commit.append((seq, start, end))
+            continue
+        if commit:
+            yield from commit
+            commit.clear()
+        yield seq, start, end
 
 
 def _zeros(data: bytes, start: int) -> bool:
@@ -162,20 +189,24 @@ def _scan(data: bytes, expected_seq: int) -> tuple[int, int, str]:
     Returns ``(good_end, next_seq, tail)``: the byte offset just past the last valid record,
     the seq the next record must carry, and what follows it: ``"end"`` (nothing, or only the
     zeros of a segment zeroed ahead), ``"torn"`` (a record merely incomplete: its header or the
-    payload it announces is cut off, or it ends in the zeros it was written over) or
-    ``"corrupt"`` (a record complete but wrong, and whatever follows).
+    payload it announces is cut off, or it ends in the zeros it was written over, or the
+    records of a commit end before the one that ends it) or ``"corrupt"`` (a record complete
+    but wrong, and whatever follows). The records of a commit that does not end are not valid.
     """
     view = memoryview(data)
-    good_end = 0
-    for seq, _, end in _records(view, expected_seq):
-        good_end, expected_seq = end, seq + 1
-    rest = len(view) - good_end
-    if _zeros(data, good_end):
-        return good_end, expected_seq, "end"
-    length = HEADER.unpack_from(view, good_end)[0] if rest >= HEADER_BYTES else 0
+    good_end = valid_end = 0
+    next_seq = expected_seq
+    for seq, _, end, continued in _frames(view, expected_seq):
+        valid_end = end
+        if not continued:
+            good_end, next_seq = end, seq + 1
+    rest = len(view) - valid_end
+    if _zeros(data, valid_end):  # after records of an unfinished commit: its rest never came
+        return good_end, next_seq, "end" if valid_end == good_end else "torn"
+    length = HEADER.unpack_from(view, valid_end)[0] if rest >= HEADER_BYTES else 0
     torn = rest < HEADER_BYTES or (length <= MAX_RECORD_BYTES and (
-        HEADER_BYTES + length > rest or _zeros(data, good_end + HEADER_BYTES + length)))
-    return good_end, expected_seq, "torn" if torn else "corrupt"
+        HEADER_BYTES + length > rest or _zeros(data, valid_end + HEADER_BYTES + length)))
+    return good_end, next_seq, "torn" if torn else "corrupt"
 
 
 def _write_at(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -249,7 +280,9 @@ class Journal:
     ``fsync=False`` skips the disk flush in :meth:`commit` (tests and benchmarks only: such a
     journal survives a process kill but not a power loss). ``segment_bytes`` is the size after
     which a commit starts a new segment; ``zeroed_ahead_bytes``: how far past its records the
-    active segment is zeroed (0: every commit appends, as a benchmark compares).
+    active segment is zeroed (0: every commit appends, as a benchmark compares);
+    ``max_record_bytes``: the largest payload :meth:`append` takes (at most, and by default,
+    :data:`MAX_RECORD_BYTES`, the largest a reader trusts).
     ``readonly=True`` opens without the lock, never repairs or writes, and replays only the
     valid prefix; with ``lock_shared=True`` as well, it holds the lock shared while open
     (:class:`JournalLockedError` while a writer holds it; a missing ``LOCK`` file, which no
@@ -259,13 +292,17 @@ class Journal:
     def __init__(self, path: str | os.PathLike[str], fsync: bool = True, *,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, readonly: bool = False,
                  lock_shared: bool = False,
-                 zeroed_ahead_bytes: int = ZEROED_AHEAD_BYTES) -> None:
+                 zeroed_ahead_bytes: int = ZEROED_AHEAD_BYTES,
+                 max_record_bytes: int | None = None) -> None:
         if lock_shared and not readonly:
             raise ValueError("lock_shared is for a read-only journal (a writer locks it alone)")
         if segment_bytes < HEADER_BYTES:
             raise ValueError("segment_bytes is too small")
         if zeroed_ahead_bytes < 0:
             raise ValueError("zeroed_ahead_bytes must not be negative")
+        if max_record_bytes is not None and not 0 < max_record_bytes <= MAX_RECORD_BYTES:
+            raise ValueError(f"max_record_bytes must be in 1..{MAX_RECORD_BYTES}")
+        self._max_record_bytes = max_record_bytes
         self.zeroed_ahead_bytes = zeroed_ahead_bytes
         self.path = Path(path)
         self.fsync = fsync
@@ -273,6 +310,7 @@ class Journal:
         self.readonly = readonly
         self.repair = Repair()
         self._buf = bytearray()
+        self._continued = False  # the last record appended leaves its commit unfinished
         self._failed: BaseException | None = None
         self._closed = False
         self._lock_fd = -1
@@ -423,6 +461,11 @@ class Journal:
         return self._segments[0][0] if self._segments else self._durable_seq + 1
 
     @property
+    def max_record_bytes(self) -> int:
+        """The largest payload :meth:`append` takes (bytes)."""
+        return MAX_RECORD_BYTES if self._max_record_bytes is None else self._max_record_bytes
+
+    @property
     def pending(self) -> int:
         """Records appended since the last commit."""
         return self._last_seq - self._durable_seq
@@ -447,27 +490,36 @@ class Journal:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def append(self, payload: bytes) -> int:
-        """Buffer one record and return its seq. Not durable until :meth:`commit` returns."""
+    def append(self, payload: bytes, continued: bool = False) -> int:
+        """Buffer one record and return its seq. Not durable until :meth:`commit` returns.
+
+        ``continued=True``: the next record belongs to the same commit, and a reader keeps
+        them together or not at all. ValueError for a payload over ``max_record_bytes``.
+        """
         if self._fd < 0 or self._failed is not None:
             self._check_writable()
         seq = self._last_seq + 1
         n = len(payload)
-        if n > MAX_RECORD_BYTES:
-            raise ValueError(f"record of {n} bytes exceeds {MAX_RECORD_BYTES}")
+        if n > self.max_record_bytes:
+            raise ValueError(f"record of {n} bytes exceeds {self.max_record_bytes}")
+        field = seq | CONTINUED if continued else seq
         buf = self._buf
-        buf += _pack_header(n, _crc32(payload, _crc32(_pack_seq(seq))), seq)
+        buf += _pack_header(n, _crc32(payload, _crc32(_pack_seq(field))), field)
         buf += payload
         self._last_seq = seq
+        self._continued = continued
         return seq
 
     def commit(self) -> int:
         """Write and flush every pending record (one write, one fdatasync); return durable_seq.
 
         A no-op when nothing is pending. On an I/O error the journal is poisoned and raises
-        :class:`JournalError` from then on: nothing pending may be acknowledged.
+        :class:`JournalError` from then on: nothing pending may be acknowledged. ValueError
+        (nothing written) when the last record appended said its commit continues.
         """
         self._check_writable()
+        if self._continued:
+            raise ValueError("the last record appended leaves its commit unfinished")
         if not self._buf:
             return self._durable_seq
         data = self._buf
@@ -604,6 +656,7 @@ class Journal:
         """Release the file and the lock. Pending records are dropped (never acknowledged);
         the active segment is cut to its records (its zeros are for appends to come)."""
         self._buf = bytearray()
+        self._continued = False
         self._last_seq = getattr(self, "_durable_seq", 0)
         if self._fd >= 0:
             if self._failed is None and self._zeroed > self._size:

@@ -4,12 +4,13 @@
 
 1. each command goes through :func:`engine.machine.step` (decide -> encode -> apply), in order,
    so a command sees the effects of the ones before it in the batch; a command whose events do
-   not fit their layouts was already turned into a rejection there and changed nothing;
+   not fit their layouts, or one of which is larger than a journal record holds, was already
+   turned into a rejection there and changed nothing;
 2. the encoded events of the whole batch are appended to the journal and committed once (one
-   record, one fdatasync: group commit) when any of them must be durable, or when
-   :data:`MAX_PENDING_EVENTS` wait (volatile ones, such as the prices of a shard nobody
-   trades on: they would otherwise grow memory without end and, at the first urgent commit,
-   make a record over the journal's bound);
+   commit, of as many records as the journal's bound on one takes, one fdatasync: group
+   commit) when any of them must be durable, or when :data:`MAX_PENDING_EVENTS` wait
+   (volatile ones, such as the prices of a shard nobody trades on: they would otherwise grow
+   memory without end);
 3. only then are the answers returned.
 
 Nothing reads the state between 1 and 3 (the runner is driven by one thread at a time), and a
@@ -43,8 +44,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from cluster.durability.journal import MAX_RECORD_BYTES
 from cluster.durability.snapshot import Snapshot
 from cluster.durability.store import DurabilityError, JournalStore
+from engine.events import batch_event_bytes
 from engine.machine import Machine, StateCorrupted, step
 
 log = logging.getLogger(__name__)
@@ -99,6 +102,9 @@ class Runner(Generic[M]):
         self.machine = machine
         self.store = store
         self.clock_us = clock_us
+        # in memory as well: the platform without a disk refuses what the durable one would
+        self.max_event_bytes = batch_event_bytes(MAX_RECORD_BYTES) if store is None \
+            else store.max_event_bytes
         self._broken: BaseException | None = None
         self.commands = 0
         self.batches = 0
@@ -134,7 +140,7 @@ class Runner(Generic[M]):
         urgent = False
         for command in commands:
             try:
-                stepped = step(self.machine, command, now_us)
+                stepped = step(self.machine, command, now_us, self.max_event_bytes)
             except StateCorrupted as exc:
                 self._break(exc)
                 raise

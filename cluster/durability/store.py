@@ -7,10 +7,12 @@ cluster.durability.recovery:
 * ``recover`` takes the journal's exclusive lock and rebuilds the state: newest valid snapshot
   plus every durable journal record after it (``cluster.durability.recovery.recover``).
 * ``append_encoded(events)`` buffers encoded events; ``commit()`` writes everything buffered as
-  ONE journal record (a batch: engine.events.encode_batch) with one write and one fdatasync
-  (group commit). The runner commits once per batch, before it answers, so an answer is only
-  ever given for changes that are on disk, and a crash mid-write (a torn record is dropped
-  whole by the journal) leaves either all of a batch's changes or none of them, never a part.
+  one journal commit with one write and one fdatasync (group commit): one batch record
+  (engine.events.encode_batch), or as many as it takes to keep each under the journal's
+  ``max_record_bytes`` (a tick that closes a million positions), which the journal keeps
+  whole or drops whole. The runner commits once per batch, before it answers, so an answer is
+  only ever given for changes that are on disk, and a crash mid-write leaves either all of a
+  batch's changes or none of them, never a part. Recovery applies the records in order.
 * ``maybe_checkpoint(snapshot_fn)`` runs after a commit: every ``snapshot_every_events``
   events journaled (or replayed) or ``snapshot_every_s`` seconds (whichever first; only if
   something was journaled) it snapshots the state. ``snapshot_fn()`` must return *copies*
@@ -48,7 +50,13 @@ import numpy as np
 from cluster.durability.journal import CORRUPT_SUFFIX, Journal, JournalError
 from cluster.durability.recovery import Recovered, recover, trim_journal
 from cluster.durability.snapshot import DEFAULT_KEEP, Snapshot, prune_snapshots, write_snapshot
-from engine.events import BATCH_TAG, decode_batch, encode_batch
+from engine.events import (
+    BATCH_TAG,
+    batch_event_bytes,
+    decode_batch,
+    encode_batch,
+    encode_batches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +102,8 @@ class JournalStore:
     ``fsync=False`` skips the disk flush (benchmarks and tests only: survives a process kill,
     not a power loss). ``min_free_bytes``: less free space than this on the journal's disk is
     reported by :meth:`disk_problem`. ``clock`` returns seconds (monotonic); injected by tests.
-    ``readonly=True``: see the module docstring.
+    ``readonly=True``: see the module docstring. ``max_record_bytes``: the journal's bound on
+    one record (a commit over it is split; None: the journal's own; tests pass a small one).
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True,
@@ -102,7 +111,8 @@ class JournalStore:
                  snapshot_every_s: float = SNAPSHOT_EVERY_S, keep: int = DEFAULT_KEEP,
                  background_snapshots: bool = True, exit_on_failure: bool = False,
                  min_free_bytes: int = 0,
-                 clock: Callable[[], float] = time.monotonic, readonly: bool = False) -> None:
+                 clock: Callable[[], float] = time.monotonic, readonly: bool = False,
+                 max_record_bytes: int | None = None) -> None:
         self.directory = Path(directory)
         self.min_free_bytes = min_free_bytes
         self.snapshot_dir = self.directory / SNAPSHOT_DIR
@@ -114,7 +124,10 @@ class JournalStore:
         self._clock = clock
         self.readonly = readonly
         self.journal = Journal(self.directory / JOURNAL_DIR, fsync=fsync, readonly=readonly,
-                               lock_shared=readonly)
+                               lock_shared=readonly, max_record_bytes=max_record_bytes)
+        # the largest encoded event a record holds: the runner rejects a command with a larger
+        # one before applying it (a commit may be split between events, never inside one)
+        self.max_event_bytes = batch_event_bytes(self.journal.max_record_bytes)
         _report_repair(self.journal)
         self._events: list[bytes] = []  # encoded events of the call in progress
         self._events_since_snapshot = 0
@@ -174,15 +187,19 @@ class JournalStore:
         self._events.extend(encoded)
 
     def commit(self) -> int:
-        """Make every appended event durable (one record); returns the journal's durable seq."""
+        """Make every appended event durable (one journal commit of one or more records, see
+        the module docstring); returns the journal's durable seq."""
         self._check_writable()
         try:
             if self._events:
                 events, self._events = self._events, []
-                self.journal.append(encode_batch(events))
+                *parts, last = encode_batches(events, self.journal.max_record_bytes)
+                for part in parts:
+                    self.journal.append(part, continued=True)
+                self.journal.append(last)
                 self._events_since_snapshot += len(events)
             return self.journal.commit()
-        except (JournalError, ValueError) as exc:  # ValueError: a record over the bound
+        except (JournalError, ValueError) as exc:  # ValueError: an event over the bound
             # the events are applied in memory and now neither buffered nor on disk
             self._fail(exc)
             raise DurabilityError(f"journal commit failed: {exc}") from exc

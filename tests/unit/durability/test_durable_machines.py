@@ -42,6 +42,7 @@ from tests.unit.durability.hosted import Clock
 from tests.unit.durability.hosted import account
 from tests.unit.durability.hosted import check_every_cut
 from tests.unit.durability.hosted import crash
+from tests.unit.durability.hosted import journal_tail
 from tests.unit.durability.hosted import one
 from tests.unit.durability.hosted import open_ledger
 from tests.unit.durability.hosted import open_shard
@@ -372,6 +373,44 @@ def test_shard_batches_survive_a_crash_at_every_byte(tmp_path: Path,
                            open_shard) == [0, 1]
     assert len(sh.machine.book) == 0 and [i.seq for i in one(sh, sm.Outbox()).items] == [1, 2]
     crash(sh)
+
+
+def test_a_batch_over_the_record_bound_is_journaled_whole_in_several_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tick that closes more positions than one journal record holds (a million and a half
+    under the real bound) is answered, its closes committed as several records that a crash
+    keeps all or none of; a batch of opens split so replays the same."""
+    no_fsync(monkeypatch)
+    path = tmp_path / "shard"
+
+    def reopen(at: Path) -> Runner[sm.ShardMachine]:
+        return open_shard(at, snapshot_every_events=10**9, max_record_bytes=256)
+
+    sh = reopen(path)
+    one(sh, sm.ApplyTick(tick(10_000)))
+    opened = sh.execute([sm.Open(shard_open(r, owner=r, margin_usd=10, leverage=50))
+                         for r in range(1, 17)])
+    assert all(isinstance(p, OpenPosition) and p.liq_ticks == 9_800 for p in opened)
+    records = len(journal_tail(path))
+    assert records > 2
+    crash(sh)
+    sh = reopen(path)
+    assert one(sh, sm.Resolve(16)) == opened[-1]
+    assert check_every_cut(path, sh, [sm.ApplyTick(tick(5_000, seq=2))], reopen) == [16]
+    assert len(journal_tail(path)) - records > 1
+    assert len(sh.machine.book) == 0 and len(one(sh, sm.Outbox()).items) == 16
+    crash(sh)
+
+
+def test_an_event_no_journal_record_holds_rejects_its_command_and_changes_nothing(
+        tmp_path: Path) -> None:
+    led = open_ledger(tmp_path, max_record_bytes=100)  # an AccountCreated is over 100 bytes
+    before = led.machine.fingerprint()
+    [refused, balances] = led.execute([lm.CreateAccount(*account(1)), lm.Balances(1)])
+    assert isinstance(refused, Rejected) and refused.code is Code.INVALID_REQUEST
+    assert balances == (0, 0) and led.problem() is None
+    assert led.machine.fingerprint() == before and journal_tail(tmp_path) == []
+    led.close()
 
 
 def test_big_open_batches_replay_vectorised_to_the_same_ids_rows_and_answers(

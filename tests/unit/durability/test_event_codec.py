@@ -214,3 +214,17 @@ def test_journal_sizes_of_the_hot_events() -> None:
     assert len(encode(ticked)) == 41  # 0x13 without seq and source: 25
     assert len(encode(ticked._replace(source="backpack"))) == 42
     assert len(encode(OutboxAcked(17))) == len(encode(SeqResumed(17))) == 9
+
+
+def test_a_commit_over_the_record_bound_is_split_between_events() -> None:
+    encoded = [ev.encode(OpenFenced(i)) for i in range(50)]  # 9 bytes each, 13 in a record
+    for bound in (14, 40, 100, 10_000):
+        records = ev.encode_batches(encoded, bound)
+        assert all(len(r) <= bound for r in records)
+        assert len(records) == -(-50 // ((bound - 1) // 13))  # as few as fit them
+        assert [e for r in records for e in ev.decode_batch(r)] == \
+            [OpenFenced(i) for i in range(50)]
+    assert ev.encode_batches(encoded, 10_000) == [ev.encode_batch(encoded)]
+    assert ev.batch_event_bytes(14) == 9
+    with pytest.raises(ValueError, match="does not fit"):
+        ev.encode_batches(encoded, 13)

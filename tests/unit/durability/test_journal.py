@@ -171,6 +171,58 @@ def test_flipped_byte_in_last_record_drops_exactly_it(tmp_path: Path) -> None:
             assert len(replayed(case)) == len(items)
 
 
+def test_a_commit_of_several_records_is_kept_whole_or_not_at_all(tmp_path: Path) -> None:
+    """Records appended with ``continued=True`` count only with the record ending their commit:
+    the file cut anywhere in the commit, or a record of it damaged, drops all of it."""
+    path = tmp_path / "orig"
+    before = [b"one", b"two"]
+    group = [b"a" * 10, b"b" * 20, b"c" * 5]
+    write(path, before)
+    with Journal(path, fsync=False) as j:
+        for i, p in enumerate(group):
+            j.append(p, continued=i < len(group) - 1)
+        assert j.commit() == 5
+    name = only_segment(path).name
+    data = only_segment(path).read_bytes()
+    start = sum(HEADER_BYTES + len(p) for p in before)
+    assert data[start:] == b"".join(frame(3 + i, p, continued=i < 2)
+                                    for i, p in enumerate(group))
+    assert replayed(path) == list(enumerate([*before, *group], start=1))
+    for cut in range(start + 1, len(data)):
+        case = tmp_path / f"cut{cut}"
+        case.mkdir()
+        (case / name).write_bytes(data[:cut] + bytes(100))  # the rest still the zeros
+        reader = Journal(case, readonly=True)
+        assert list(reader.replay()) == list(enumerate(before, start=1)), cut
+        with Journal(case, fsync=False) as j:
+            assert j.repair.torn_bytes == cut - start + 100 and j.repair.corrupt_bytes == 0
+            assert list(j.replay()) == list(enumerate(before, start=1))
+            assert j.append(b"after") == 3
+            j.commit()
+        (aside,) = case.glob("*.corrupt")
+        assert aside.read_bytes().rstrip(b"\0") == data[start:cut].rstrip(b"\0")
+    damaged = bytearray(data)
+    damaged[start + HEADER_BYTES + 2] ^= 0xFF  # a payload byte of the commit's first record
+    (tmp_path / "flip").mkdir()
+    (tmp_path / "flip" / name).write_bytes(bytes(damaged))
+    with Journal(tmp_path / "flip", fsync=False) as j:
+        assert j.repair.corrupt_bytes == len(data) - start
+        assert list(j.replay()) == list(enumerate(before, start=1))
+
+
+def test_records_over_the_writers_bound_are_refused(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j", fsync=False, max_record_bytes=10) as j:
+        assert j.append(b"x" * 10) == 1
+        with pytest.raises(ValueError, match="exceeds 10"):
+            j.append(b"x" * 11)
+        j.append(b"y", continued=True)
+        with pytest.raises(ValueError, match="unfinished"):  # nothing is written
+            j.commit()
+        assert j.durable_seq == 0
+    with pytest.raises(ValueError, match="max_record_bytes"):
+        Journal(tmp_path / "k", max_record_bytes=journal_module.MAX_RECORD_BYTES + 1)
+
+
 def test_crc_mismatch_mid_file_stops_replay_there_and_keeps_the_rest_aside(
         tmp_path: Path) -> None:
     items = payloads(10)
