@@ -33,9 +33,11 @@ torn record is dropped whole and never applied in part; so are the records befor
 belong to its commit (a commit's pages may reach the disk in any order before its flush). The
 bytes cut off are first copied aside to a ``.corrupt`` file (a torn tail is the normal trace
 of a crash, but a damaged length field mid-file looks the same), as are later segments that no
-longer continue the chain, so nothing is silently destroyed. A failed write or fsync poisons
-the journal: the page cache may have dropped the data, so retrying would be a lie; the owner
-must crash and recover from disk.
+longer continue the chain, so nothing is silently destroyed. Damage in records a snapshot
+already holds is the exception (``covered_seq``): the journal resumes at the first record after
+the snapshot and keeps what follows, since cutting there would lose acknowledged records that
+are intact. A failed write or fsync poisons the journal: the page cache may have dropped the
+data, so retrying would be a lie; the owner must crash and recover from disk.
 
 Only one writer may hold a journal (an exclusive ``flock`` on ``LOCK``); readers open it with
 ``readonly=True``, which never writes and simply stops at the first bad record. A reader that
@@ -52,7 +54,7 @@ import itertools
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,15 +104,20 @@ class Repair:
     ``corrupt_bytes``: a complete but invalid record and everything after it.
     Both are copied aside to ``<segment>.<offset>.corrupt`` before being cut off.
     ``orphaned_segments``: later segment files that no longer continued the chain, set aside.
+    ``resumed_at``: the seq the journal resumed at past damage that a snapshot covers (0:
+    none); ``covered_bytes``: the bytes of the segments that held the damage, set aside whole.
     """
 
     torn_bytes: int = 0
     corrupt_bytes: int = 0
     orphaned_segments: list[str] = field(default_factory=list)
+    resumed_at: int = 0
+    covered_bytes: int = 0
 
     @property
     def clean(self) -> bool:
-        return self.torn_bytes == 0 and self.corrupt_bytes == 0 and not self.orphaned_segments
+        return self.torn_bytes == 0 and self.corrupt_bytes == 0 and not self.orphaned_segments \
+            and not self.resumed_at
 
 
 def frame(seq: int, payload: bytes, continued: bool = False) -> bytes:
@@ -209,6 +216,25 @@ def _scan(data: bytes, expected_seq: int) -> tuple[int, int, str]:
     return good_end, next_seq, "torn" if torn else "corrupt"
 
 
+def _find_record(data: bytes, seq: int, start: int) -> int | None:
+    """The offset of the first valid record with ``seq`` (either flag) in ``data`` from
+    ``start`` on, however the bytes before it look; None if there is none."""
+    found: list[int] = []
+    for seq_field in (seq, seq | CONTINUED):
+        needle = _pack_seq(seq_field)
+        at = data.find(needle, start + HEADER_BYTES - _SEQ.size)
+        while at >= 0:
+            pos = at - (HEADER_BYTES - _SEQ.size)
+            length, crc, _ = HEADER.unpack_from(data, pos)
+            end = pos + HEADER_BYTES + length
+            if length <= MAX_RECORD_BYTES and end <= len(data) \
+                    and _crc32(memoryview(data)[pos + HEADER_BYTES:end], _crc32(needle)) == crc:
+                found.append(pos)
+                break
+            at = data.find(needle, at + 1)
+    return min(found, default=None)
+
+
 def _write_at(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     """All of ``data`` into file ``fd`` at ``offset``."""
     view = memoryview(data)
@@ -287,13 +313,20 @@ class Journal:
     valid prefix; with ``lock_shared=True`` as well, it holds the lock shared while open
     (:class:`JournalLockedError` while a writer holds it; a missing ``LOCK`` file, which no
     writer ever made, is not created).
+
+    ``covered_seq`` (a writer's): called once the lock is held, before any repair, it returns
+    the seq the snapshot the journal will be replayed after covers (0: none). A damaged record
+    at or below it does not end the journal there: the records it covers are not needed, so
+    the journal resumes at the valid record ``covered_seq + 1`` found past the damage (moved
+    into a segment of its own) and keeps every record after it (:attr:`Repair.resumed_at`).
     """
 
     def __init__(self, path: str | os.PathLike[str], fsync: bool = True, *,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, readonly: bool = False,
                  lock_shared: bool = False,
                  zeroed_ahead_bytes: int = ZEROED_AHEAD_BYTES,
-                 max_record_bytes: int | None = None) -> None:
+                 max_record_bytes: int | None = None,
+                 covered_seq: Callable[[], int] | None = None) -> None:
         if lock_shared and not readonly:
             raise ValueError("lock_shared is for a read-only journal (a writer locks it alone)")
         if segment_bytes < HEADER_BYTES:
@@ -331,7 +364,7 @@ class Journal:
             create_directory(self.path)
             self._lock()
             try:
-                self._open_for_writing()
+                self._open_for_writing(0 if covered_seq is None else covered_seq())
             except BaseException:
                 self.close()
                 raise
@@ -375,18 +408,26 @@ class Journal:
         self._segments = kept
         self._durable_seq = next_seq - 1
 
-    def _open_for_writing(self) -> None:
+    def _open_for_writing(self, covered: int) -> None:
         segments = _list_segments(self.path)
         kept: list[tuple[int, Path]] = []
         next_seq = segments[0][0] if segments else 1
         changed_dir = False
-        for i, (base, p) in enumerate(segments):
+        i = 0
+        while i < len(segments):
+            base, p = segments[i]
             if base != next_seq:
                 self._set_aside_segments(segments[i:])
                 changed_dir = True
                 break
             data = p.read_bytes()
             good_end, next_seq, tail = _scan(data, base)
+            if tail != "end" and next_seq <= covered:
+                resumed = self._resume(segments, i, data, good_end, covered + 1)
+                if resumed is not None:  # start over from the segment it resumes with
+                    segments, kept, next_seq, i = resumed, [], covered + 1, 0
+                    changed_dir = True
+                    continue
             kept.append((base, p))
             self._size, self._zeroed = good_end, len(data)
             if tail == "end" and good_end < len(data) and i + 1 < len(segments):
@@ -406,6 +447,7 @@ class Journal:
                 self._zeroed = good_end
                 self._set_aside_segments(segments[i + 1 :])
                 break
+            i += 1
         self._durable_seq = next_seq - 1
         if not kept:
             kept.append((next_seq, self.path / _segment_name(next_seq)))
@@ -420,6 +462,54 @@ class Journal:
             _fdatasync(self._fd)
         if changed_dir:
             fsync_directory(self.path)
+
+    def _resume(self, segments: list[tuple[int, Path]], i: int, data: bytes, start: int,
+                seq: int) -> list[tuple[int, Path]] | None:
+        """Resume past damage that a snapshot covers: find the valid record ``seq`` (the first
+        one the snapshot does not cover) in ``segments[i]`` (whose bytes are ``data``) from
+        ``start`` on, or in a later segment; move the records from it into a segment of their
+        own and set aside the segments before it. Returns the segments from that new one on
+        (None, nothing changed, if no record ``seq`` is there: nothing after the snapshot is
+        left to keep, and the journal is cut at the damage as usual).
+
+        Crash-safe at every step: the new segment is complete on disk before anything is
+        removed, and the old segments go oldest first, so a restart either finds the damage
+        again and resumes the same way, or a chain that reaches ``seq`` without it.
+        """
+        found: tuple[int, bytes, int] | None = None
+        for j in range(i, len(segments)):
+            base, p = segments[j]
+            if base > seq:
+                break
+            blob = data if j == i else p.read_bytes()
+            pos = _find_record(blob, seq, start if j == i else 0)
+            if pos is not None:
+                found = (j, blob, pos)
+                break
+        if found is None:
+            return None
+        j, blob, pos = found
+        target = self.path / _segment_name(seq)
+        if segments[j][1] != target:
+            temp = target.with_name(target.name + ".tmp")
+            with open(temp, "wb") as f:
+                f.write(memoryview(blob)[pos:])
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, target)
+            fsync_directory(self.path)
+        for k, (_, old) in enumerate(segments[: j + 1]):
+            if old == target:
+                continue
+            if k >= i:  # the damage, kept for inspection; earlier ones are intact and covered
+                aside = data if k == i else old.read_bytes()
+                self._set_aside(old, aside)
+                self.repair.covered_bytes += len(aside)
+            old.unlink()
+        fsync_directory(self.path)
+        self.repair.resumed_at = seq
+        # a segment of that name left by an earlier try is the one just rewritten
+        return [(seq, target), *(s for s in segments[j + 1 :] if s[1] != target)]
 
     def _set_aside_segments(self, segments: list[tuple[int, Path]]) -> None:
         """Set whole segments aside (they no longer continue the chain) and delete them."""

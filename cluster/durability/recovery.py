@@ -57,7 +57,13 @@ def recover(journal: Journal, snapshot_dir: str | os.PathLike[str],
     When the journal is behind the snapshot (it was removed, or lost records the snapshot
     already holds), a writable journal is moved forward so no seq is ever reused.
     """
-    snapshot = load_latest_snapshot(snapshot_dir)
+    return recover_from(journal, load_latest_snapshot(snapshot_dir), restore, apply, decode)
+
+
+def recover_from(journal: Journal, snapshot: Snapshot | None,
+                 restore: Callable[[Snapshot | None], S], apply: Callable[[S, Any], object],
+                 decode: Callable[[bytes], Any] = decode_event) -> Recovered[S]:
+    """:func:`recover` from a snapshot already loaded (the newest valid one, or None)."""
     state = restore(snapshot)
     base = snapshot.seq if snapshot is not None else 0
     if journal.durable_seq < base and not journal.readonly:

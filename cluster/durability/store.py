@@ -5,7 +5,10 @@ encoded events of each batch to a JournalStore. The store implements the recipe 
 cluster.durability.recovery:
 
 * ``recover`` takes the journal's exclusive lock and rebuilds the state: newest valid snapshot
-  plus every durable journal record after it (``cluster.durability.recovery.recover``).
+  plus every durable journal record after it (``cluster.durability.recovery.recover``). The
+  snapshot is read when the journal opens, under its lock and before the journal repairs
+  anything, so a damaged record that snapshot already covers does not cost the records after
+  it (the journal resumes past it: cluster.durability.journal, ``covered_seq``).
 * ``append_encoded(events)`` buffers encoded events; ``commit()`` writes everything buffered as
   one journal commit with one write and one fdatasync (group commit): one batch record
   (engine.events.encode_batch), or as many as it takes to keep each under the journal's
@@ -48,8 +51,14 @@ from typing import Any, TypeVar
 import numpy as np
 
 from cluster.durability.journal import CORRUPT_SUFFIX, Journal, JournalError
-from cluster.durability.recovery import Recovered, recover, trim_journal
-from cluster.durability.snapshot import DEFAULT_KEEP, Snapshot, prune_snapshots, write_snapshot
+from cluster.durability.recovery import Recovered, recover_from, trim_journal
+from cluster.durability.snapshot import (
+    DEFAULT_KEEP,
+    Snapshot,
+    load_latest_snapshot,
+    prune_snapshots,
+    write_snapshot,
+)
 from engine.events import (
     BATCH_TAG,
     batch_event_bytes,
@@ -81,11 +90,18 @@ class DurabilityError(RuntimeError):
 def _report_repair(journal: Journal) -> None:
     """Log what opening ``journal`` cut off: a torn last record is a crash's trace and held
     nothing acknowledged; a damaged record (and what followed it) may have held acknowledged
-    ones, which are then not recovered, so the operator hears of it."""
+    ones, which are then not recovered, so the operator hears of it; damaged records the
+    snapshot holds cost nothing, but the medium is suspect."""
     repair = journal.repair
-    if repair.clean:
-        return
     where = f"journal {journal.path} (recovered to seq {journal.durable_seq})"
+    if repair.resumed_at:
+        log.warning("%s: damaged records the snapshot at seq %d already holds; resumed at "
+                    "seq %d and kept every record from it on. The %d bytes of the damaged "
+                    "segment(s) are in *%s files beside the segments", where,
+                    repair.resumed_at - 1, repair.resumed_at, repair.covered_bytes,
+                    CORRUPT_SUFFIX)
+    if not repair.torn_bytes and not repair.corrupt_bytes and not repair.orphaned_segments:
+        return
     if not repair.corrupt_bytes and not repair.orphaned_segments:
         log.info("%s: cut off a torn last record of %d bytes, written by a process that "
                  "stopped mid-write", where, repair.torn_bytes)
@@ -123,8 +139,10 @@ class JournalStore:
         self.exit_on_failure = exit_on_failure
         self._clock = clock
         self.readonly = readonly
+        self._snapshot: Snapshot | None = None  # read when the journal opens, for recover()
         self.journal = Journal(self.directory / JOURNAL_DIR, fsync=fsync, readonly=readonly,
-                               lock_shared=readonly, max_record_bytes=max_record_bytes)
+                               lock_shared=readonly, max_record_bytes=max_record_bytes,
+                               covered_seq=None if readonly else self._load_snapshot)
         # the largest encoded event a record holds: the runner rejects a command with a larger
         # one before applying it (a commit may be split between events, never inside one)
         self.max_event_bytes = batch_event_bytes(self.journal.max_record_bytes)
@@ -159,6 +177,11 @@ class JournalStore:
                 f"MIN_FREE_DISK_MB ({self.min_free_bytes // MIB})")
 
     # ----------------------------------------------------------------- recovery
+    def _load_snapshot(self) -> int:
+        """Read the newest valid snapshot (kept for :meth:`recover`); the seq it covers."""
+        self._snapshot = load_latest_snapshot(self.snapshot_dir)
+        return 0 if self._snapshot is None else self._snapshot.seq
+
     def recover(self, restore: Callable[[Snapshot | None], S],
                 apply_many: Callable[[S, list[Any]], object],
                 decode: Callable[[bytes], list[Any]] = decode_batch) -> Recovered[S]:
@@ -173,8 +196,9 @@ class JournalStore:
             self._events_since_snapshot += len(events)
 
         started = time.perf_counter()
-        recovered = recover(self.journal, self.snapshot_dir, restore, apply_batch,
-                            decode=decode)
+        snapshot = load_latest_snapshot(self.snapshot_dir) if self.readonly else self._snapshot
+        self._snapshot = None  # the state holds what it needs of it
+        recovered = recover_from(self.journal, snapshot, restore, apply_batch, decode=decode)
         self.recovery_s = time.perf_counter() - started
         self._snapshot_seq = recovered.snapshot_seq
         self.recovered = recovered

@@ -248,6 +248,61 @@ def test_crc_mismatch_mid_file_stops_replay_there_and_keeps_the_rest_aside(
     assert replayed(tmp_path / "j") == [*enumerate(items[:4], start=1), (5, b"new five")]
 
 
+def test_damage_a_snapshot_covers_resumes_after_it_and_keeps_every_later_record(
+        tmp_path: Path) -> None:
+    """``covered_seq``: a damaged record at or below the snapshot's seq is not needed, so the
+    journal resumes at the record after the snapshot (in a segment of its own) and keeps the
+    records after it; reopened, it is clean."""
+    items = [b"r%02d" % i + b"." * 20 for i in range(12)]
+    path = tmp_path / "orig"
+    with Journal(path, fsync=False, segment_bytes=4 * (HEADER_BYTES + 23)) as j:
+        for p in items:
+            j.append(p)
+            j.commit()
+        assert len(j.segments) == 4  # records 1-4, 5-8, 9-12, then the empty active one
+    records = list(enumerate(items, start=1))
+    for covered, damaged_seq, kept in [(6, 3, 6), (6, 5, 6), (8, 2, 8), (12, 3, 12),
+                                        (6, 7, 6)]:
+        case = tmp_path / f"c{covered}-{damaged_seq}"
+        shutil.copytree(path, case)
+        segment = sorted(case.glob("*.wal"))[(damaged_seq - 1) // 4]
+        data = bytearray(segment.read_bytes())
+        data[((damaged_seq - 1) % 4) * (HEADER_BYTES + 23) + HEADER_BYTES + 1] ^= 0xFF
+        segment.write_bytes(bytes(data))
+        with Journal(case, fsync=False, covered_seq=lambda c=covered: c) as j:
+            if damaged_seq > covered:  # past the snapshot: cut there, as without one
+                assert (j.repair.resumed_at, j.durable_seq) == (0, damaged_seq - 1)
+                continue
+            if covered == len(items):  # nothing after the snapshot: nothing to resume at
+                assert (j.repair.resumed_at, j.durable_seq) == (0, damaged_seq - 1)
+                continue
+            assert (j.repair.resumed_at, j.first_seq, j.durable_seq) == (kept + 1, kept + 1, 12)
+            assert j.repair.covered_bytes > 0 and list(case.glob("*.corrupt"))
+            assert list(j.replay(covered)) == records[covered:]
+            assert j.append(b"next") == 13
+            j.commit()
+        with Journal(case, fsync=False, covered_seq=lambda c=covered: c) as j:
+            assert j.repair.clean
+            assert list(j.replay(covered)) == [*records[covered:], (13, b"next")]
+
+
+def test_a_resume_cut_short_by_a_crash_resumes_the_same_way(tmp_path: Path) -> None:
+    """The segment the journal resumes with is written whole before anything is removed: a
+    crash after it (the damaged segment still there, the new one too) resumes again."""
+    items = [b"x%02d" % i for i in range(10)]
+    write(tmp_path / "j", items)
+    segment = only_segment(tmp_path / "j")
+    data = bytearray(segment.read_bytes())
+    data[HEADER_BYTES + 1] ^= 0xFF  # record 1
+    segment.write_bytes(bytes(data))
+    resumed = tmp_path / "j" / "00000000000000000005.wal"
+    resumed.write_bytes(bytes(data[4 * (HEADER_BYTES + 3):]))  # what the first try wrote
+    with Journal(tmp_path / "j", fsync=False, covered_seq=lambda: 4) as j:
+        assert (j.repair.resumed_at, j.first_seq, j.durable_seq) == (5, 5, 10)
+        assert list(j.replay(4)) == list(enumerate(items, start=1))[4:]
+    assert sorted(p.name for p in (tmp_path / "j").glob("*.wal")) == [resumed.name]
+
+
 def test_a_second_cut_at_the_same_offset_keeps_the_first_copy(tmp_path: Path) -> None:
     path = tmp_path / "j"
     write(path, [b"one", b"two"])

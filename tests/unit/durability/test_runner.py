@@ -490,6 +490,35 @@ def test_opening_a_damaged_journal_is_logged_as_a_warning(
     assert "recovered to seq 0" in record.getMessage()
 
 
+def test_a_damaged_record_the_snapshot_holds_costs_no_record_after_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The journal keeps the records the older of two snapshots needs; one of them damaged
+    must not end the journal before the acknowledged records after the newer snapshot."""
+    led = open_ledger(tmp_path, Clock())
+    for n in range(1, 4):
+        one(led, CreateAccount(*account(n)))  # seq 1..3
+    assert led.checkpoint() == 3
+    for n in range(4, 7):
+        one(led, CreateAccount(*account(n)))  # seq 4..6
+    assert led.checkpoint() == 6  # the journal keeps 4.. for the snapshot at 3
+    for n in range(7, 11):
+        one(led, CreateAccount(*account(n)))  # seq 7..10, acknowledged
+    live = led.machine.fingerprint()
+    crash(led)
+    damaged = bytearray(segment(tmp_path).read_bytes())
+    damaged[HEADER_BYTES + 10] ^= 0xFF  # a payload byte of seq 4, which both snapshots cover
+    segment(tmp_path).write_bytes(bytes(damaged))
+    with caplog.at_level(logging.WARNING, logger="cluster.durability.store"):
+        again = open_ledger(tmp_path, Clock())
+    assert again.store is not None and again.store.recovered is not None
+    assert (again.store.recovered.snapshot_seq, again.store.recovered.last_seq) == (6, 10)
+    assert again.machine.fingerprint() == live
+    assert "resumed at seq 7" in caplog.text
+    assert one(again, CreateAccount(*account(11))).user == 11
+    crash(again)
+    assert open_ledger(tmp_path, Clock()).machine.check() == []
+
+
 def test_an_in_memory_runner_steps_the_same_way_without_a_disk() -> None:
     led: Runner[LedgerMachine] = Runner(LedgerMachine(SIGNUP), clock_us=Clock())
     assert led.execute([CreateAccount(*account(1)), LockMargin(MarginLock(1, USD)),
