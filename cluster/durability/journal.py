@@ -100,7 +100,8 @@ class JournalGapError(JournalError):
 class Repair:
     """What opening the journal had to cut off (all zero for a clean log).
 
-    ``torn_bytes``: an incomplete last record (the normal trace of a crash mid-write).
+    ``torn_bytes``: an incomplete last record (the normal trace of a crash mid-write), up to
+    its announced end (the segment's zeros after it are not counted).
     ``corrupt_bytes``: a complete but invalid record and everything after it.
     Both are copied aside to ``<segment>.<offset>.corrupt`` before being cut off.
     ``orphaned_segments``: later segment files that no longer continued the chain, set aside.
@@ -190,15 +191,17 @@ def _zeros(data: bytes, start: int) -> bool:
     return start >= len(data) or data.count(0, start) == len(data) - start
 
 
-def _scan(data: bytes, expected_seq: int) -> tuple[int, int, str]:
+def _scan(data: bytes, expected_seq: int) -> tuple[int, int, str, int]:
     """Walk the valid prefix of one segment's bytes.
 
-    Returns ``(good_end, next_seq, tail)``: the byte offset just past the last valid record,
-    the seq the next record must carry, and what follows it: ``"end"`` (nothing, or only the
-    zeros of a segment zeroed ahead), ``"torn"`` (a record merely incomplete: its header or the
-    payload it announces is cut off, or it ends in the zeros it was written over, or the
+    Returns ``(good_end, next_seq, tail, tail_end)``: the byte offset just past the last valid
+    record, the seq the next record must carry, what follows it: ``"end"`` (nothing, or only
+    the zeros of a segment zeroed ahead), ``"torn"`` (a record merely incomplete: its header or
+    the payload it announces is cut off, or it ends in the zeros it was written over, or the
     records of a commit end before the one that ends it) or ``"corrupt"`` (a record complete
-    but wrong, and whatever follows). The records of a commit that does not end are not valid.
+    but wrong, and whatever follows), and where the bytes that tail holds end: for a torn one,
+    the torn record's announced end (only zeros follow it: the segment's, zeroed ahead), else
+    the end of ``data``. The records of a commit that does not end are not valid.
     """
     view = memoryview(data)
     good_end = valid_end = 0
@@ -209,11 +212,15 @@ def _scan(data: bytes, expected_seq: int) -> tuple[int, int, str]:
             good_end, next_seq = end, seq + 1
     rest = len(view) - valid_end
     if _zeros(data, valid_end):  # after records of an unfinished commit: its rest never came
-        return good_end, next_seq, "end" if valid_end == good_end else "torn"
+        if valid_end == good_end:
+            return good_end, next_seq, "end", good_end
+        return good_end, next_seq, "torn", valid_end
     length = HEADER.unpack_from(view, valid_end)[0] if rest >= HEADER_BYTES else 0
     torn = rest < HEADER_BYTES or (length <= MAX_RECORD_BYTES and (
         HEADER_BYTES + length > rest or _zeros(data, valid_end + HEADER_BYTES + length)))
-    return good_end, next_seq, "torn" if torn else "corrupt"
+    if not torn:
+        return good_end, next_seq, "corrupt", len(data)
+    return good_end, next_seq, "torn", min(len(data), valid_end + HEADER_BYTES + length)
 
 
 def _find_record(data: bytes, seq: int, start: int) -> int | None:
@@ -400,7 +407,7 @@ class Journal:
             if base != next_seq:
                 break
             data = p.read_bytes()
-            good_end, next_seq, tail = _scan(data, base)
+            good_end, next_seq, tail, _ = _scan(data, base)
             kept.append((base, p))
             self._size = good_end
             if tail != "end":
@@ -421,7 +428,7 @@ class Journal:
                 changed_dir = True
                 break
             data = p.read_bytes()
-            good_end, next_seq, tail = _scan(data, base)
+            good_end, next_seq, tail, tail_end = _scan(data, base)
             if tail != "end" and next_seq <= covered:
                 resumed = self._resume(segments, i, data, good_end, covered + 1)
                 if resumed is not None:  # start over from the segment it resumes with
@@ -434,11 +441,12 @@ class Journal:
                 os.truncate(p, good_end)  # rolled over, but its zeros' cut was lost in a crash
             if tail != "end":
                 if tail == "torn":
-                    self.repair.torn_bytes += len(data) - good_end
+                    self.repair.torn_bytes += tail_end - good_end
                 else:
-                    self.repair.corrupt_bytes += len(data) - good_end
+                    self.repair.corrupt_bytes += tail_end - good_end
                 # Kept even for a torn tail: a damaged length field mid-file also looks torn.
-                self._set_aside(p, data[good_end:], offset=good_end)
+                # The zeros past it are not kept: they are the segment's, zeroed ahead.
+                self._set_aside(p, data[good_end:tail_end], offset=good_end)
                 changed_dir = True
                 with open(p, "r+b") as f:
                     f.truncate(good_end)

@@ -148,6 +148,34 @@ def test_torn_last_record_at_every_byte_offset(tmp_path: Path, last_size: int) -
         assert replayed(case) == [*enumerate(items[:-1], start=1), (len(items), b"after")]
 
 
+def test_a_torn_record_in_a_zeroed_segment_sets_aside_what_was_written_not_the_zeros(
+        tmp_path: Path) -> None:
+    """A kill mid-write leaves a torn record followed by the segment's zeros (up to 1 MiB):
+    the copy set aside, and the torn bytes reported, end at the record's announced end."""
+    path = tmp_path / "j"
+    with Journal(path, fsync=False) as j:
+        for _ in range(3):
+            j.append(b"x" * 100)
+            j.commit()
+        shutil.copytree(path, tmp_path / "crashed")  # what a kill leaves: zeros after them
+    segment = only_segment(tmp_path / "crashed")
+    data = bytearray(segment.read_bytes())
+    end = 3 * (HEADER_BYTES + 100)
+    assert len(data) == HEADER_BYTES + 100 + journal_module.ZEROED_AHEAD_BYTES  # the first commit
+    for name, torn, want in [
+            ("short", frame(4, b"y" * 100)[:HEADER_BYTES + 40], HEADER_BYTES + 100),
+            ("header", frame(4, b"y" * 100)[:10], HEADER_BYTES + 100)]:
+        case = tmp_path / name
+        shutil.copytree(tmp_path / "crashed", case)
+        damaged = bytearray(data)
+        damaged[end : end + len(torn)] = torn
+        only_segment(case).write_bytes(bytes(damaged))
+        with Journal(case, fsync=False) as j:
+            assert (j.repair.torn_bytes, j.durable_seq) == (want, 3)
+        (aside,) = case.glob("*.corrupt")
+        assert aside.read_bytes() == bytes(damaged[end : end + want])
+
+
 def test_flipped_byte_in_last_record_drops_exactly_it(tmp_path: Path) -> None:
     items = [*payloads(5), b"last-record"]
     write(tmp_path / "orig", items)
@@ -195,12 +223,13 @@ def test_a_commit_of_several_records_is_kept_whole_or_not_at_all(tmp_path: Path)
         reader = Journal(case, readonly=True)
         assert list(reader.replay()) == list(enumerate(before, start=1)), cut
         with Journal(case, fsync=False) as j:
-            assert j.repair.torn_bytes == cut - start + 100 and j.repair.corrupt_bytes == 0
+            torn = j.repair.torn_bytes  # what was written of the commit, not the zeros after
+            assert cut - start <= torn <= len(data) - start and j.repair.corrupt_bytes == 0
             assert list(j.replay()) == list(enumerate(before, start=1))
             assert j.append(b"after") == 3
             j.commit()
         (aside,) = case.glob("*.corrupt")
-        assert aside.read_bytes().rstrip(b"\0") == data[start:cut].rstrip(b"\0")
+        assert aside.read_bytes() == (data[:cut] + bytes(100))[start : start + torn]
     damaged = bytearray(data)
     damaged[start + HEADER_BYTES + 2] ^= 0xFF  # a payload byte of the commit's first record
     (tmp_path / "flip").mkdir()
