@@ -557,6 +557,8 @@ def encode_batches(encoded_events: list[bytes], record_bytes: int) -> list[bytes
     """The (already encoded) events of one commit as batch records of at most ``record_bytes``
     each, in order, as few as fit them; ValueError for an event over
     :func:`batch_event_bytes`."""
+    if 1 + _LENGTH.size * len(encoded_events) + sum(map(len, encoded_events)) <= record_bytes:
+        return [encode_batch(encoded_events)]  # nearly every commit: one record, one pass
     records: list[bytes] = []
     start = 0
     size = 1
