@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from decimal import Decimal as D
+from typing import Any
 
 import httpx
 from feed.gate import TickGate
@@ -191,6 +192,25 @@ def test_client_order_id_retries_return_the_first_answer(
     assert D(state(http, h)["balances"]["free"]) == SIGNUP + D(c1.json()["realizedPnl"])
 
 
+def refused(r: httpx.Response) -> None:
+    """``r`` is the refusal of a clientOrderId used again for another request."""
+    assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
+    assert "clientOrderId" in r.json()["error"]["message"], r.text
+
+
+def answered_once(http: httpx.Client, h: dict[str, str], path: str, body: dict[str, Any],
+                  other: dict[str, Any], status: int) -> httpx.Response:
+    """POST ``body`` to ``path`` (answered ``status``), then its clientOrderId with ``other``
+    changed (refused as another request), then ``body`` again (a retry: the first answer);
+    the first answer."""
+    first = http.post(path, json=body, headers=h)
+    assert first.status_code == status, first.text
+    refused(http.post(path, json={**body, **other}, headers=h))
+    retry = http.post(path, json=body, headers=h)
+    assert retry.status_code == status and retry.json() == first.json(), retry.text
+    return first
+
+
 def test_a_client_order_id_used_again_for_another_request_is_refused_and_changes_nothing(
         platform: HttpPlatform, http: httpx.Client) -> None:
     """A clientOrderId names one request: a retry repeating it gets the first answer, written
@@ -202,10 +222,6 @@ def test_a_client_order_id_used_again_for_another_request_is_refused_and_changes
     tick(platform, http, "SOL", "100.00", "100.01")
     tick(platform, http, "BTC", "60000.0", "60000.1")
 
-    def refused(r: httpx.Response) -> None:
-        assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
-        assert "clientOrderId" in r.json()["error"]["message"], r.text
-
     body = {"asset": "SOL", "type": "long", "margin": "10", "leverage": 5, "clientOrderId": "o"}
     first = http.post("/api/v1/positions/open", json=body, headers=h)
     assert first.status_code == 201 and D(first.json()["entryPrice"]) == D("100.01"), first.text
@@ -215,13 +231,9 @@ def test_a_client_order_id_used_again_for_another_request_is_refused_and_changes
                   {"stopLoss": "90"}):
         refused(http.post("/api/v1/positions/open", json={**body, **other}, headers=h))
     btc = open_position(http, h, asset="BTC", type="long", margin="10", leverage=5)
-    close = {"positionId": first.json()["positionId"], "clientOrderId": "c"}
-    closed = http.post("/api/v1/positions/close", json=close, headers=h)
-    assert closed.status_code == 200, closed.text
-    refused(http.post("/api/v1/positions/close", headers=h,
-                      json={**close, "positionId": btc["positionId"]}))
-    retry = http.post("/api/v1/positions/close", json=close, headers=h)
-    assert retry.status_code == 200 and retry.json() == closed.json(), retry.text
+    answered_once(http, h, "/api/v1/positions/close",
+                  {"positionId": first.json()["positionId"], "clientOrderId": "c"},
+                  {"positionId": btc["positionId"]}, 200)
     order = {"asset": "SOL", "type": "long", "orderType": "limit", "triggerPrice": "90",
              "margin": "10", "leverage": 2, "clientOrderId": "p"}
     placed = http.post("/api/v1/orders", json=order, headers=h)
@@ -255,10 +267,6 @@ def test_a_client_order_id_used_again_with_other_terms_or_after_a_refusal_is_ref
     h = signup(http)
     tick(platform, http, "SOL", "100.00", "100.01")
 
-    def refused(r: httpx.Response) -> None:
-        assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
-        assert "clientOrderId" in r.json()["error"]["message"], r.text
-
     p = open_position(http, h, asset="SOL", type="long", margin="100", leverage=10)
     assert D(p["quantity"]) == D("9.99"), p
     part = {"positionId": p["positionId"], "quantity": "1", "clientOrderId": "c"}
@@ -289,13 +297,9 @@ def test_a_client_order_id_used_again_with_other_terms_or_after_a_refusal_is_ref
     gone = http.post("/api/v1/positions/close", json={"positionId": other["positionId"]},
                      headers=h)
     assert gone.status_code == 200, gone.text
-    again = {"positionId": other["positionId"], "clientOrderId": "x"}
-    missing = http.post("/api/v1/positions/close", json=again, headers=h)
-    assert missing.status_code == 404, missing.text
-    refused(http.post("/api/v1/positions/close", headers=h,
-                      json={**again, "positionId": p["positionId"]}))
-    retry = http.post("/api/v1/positions/close", json=again, headers=h)
-    assert retry.status_code == 404 and retry.json() == missing.json(), retry.text
+    answered_once(http, h, "/api/v1/positions/close",
+                  {"positionId": other["positionId"], "clientOrderId": "x"},
+                  {"positionId": p["positionId"]}, 404)
     big = {"asset": "SOL", "type": "long", "margin": "999999", "leverage": 10,
            "clientOrderId": "o"}
     poor = http.post("/api/v1/positions/open", json=big, headers=h)
