@@ -266,7 +266,10 @@ def plan_open_arrays(asset: Asset, side: np.ndarray, margin_micros: np.ndarray,
     safe_qty = np.clip(qty, 1, None)
     ppm = np.full(n, maintenance_margin_ppm, dtype=np.int64)
     scale = 10 ** (asset.price_decimals + asset.qty_decimals)
-    ok &= margin * scale > ppm * entry * safe_qty
+    # plan_open's ``margin * scale > ppm * entry * qty`` (margin above the maintenance margin),
+    # divided by scale: for an integer margin it is exact, and it never forms
+    # ``margin * scale``, which leaves int64 far below the bound above (BTC: beyond $9.2M)
+    ok &= margin > (ppm * entry * safe_qty) // scale
     liq = liquidation_ticks_array(asset, side, entry, safe_qty, np.clip(margin, 1, None), ppm)
     mul, div = asset.notional_scale
     mm = (ppm * entry * safe_qty * mul) // (div * PPM)

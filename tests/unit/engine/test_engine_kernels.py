@@ -25,6 +25,7 @@ from engine.settlement import settle
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+from tests.unit.engine.draws import magnitudes
 
 ASSETS = [*DEFAULT_ASSETS.assets,
           Asset("FINE", "FINE_USDC", price_decimals=4, qty_decimals=4, max_leverage=100),
@@ -132,13 +133,22 @@ def test_vectorised_liquidation_equals_scalar(asset: Asset, n: int, huge: bool,
 
 @SETTINGS
 @given(st.sampled_from(ASSETS), st.integers(1, 30), st.integers(1, 10**6),
-       st.integers(0, 3), st.sampled_from([0, 5_000]), st.data())
+       st.integers(0, 3), st.sampled_from([0, 5_000]), st.booleans(), st.data())
 def test_plan_open_arrays_equals_plan_open(asset: Asset, n: int, bid: int, spread: int,
-                                           ppm: int, data: st.DataObject) -> None:
+                                           ppm: int, huge: bool, data: st.DataObject) -> None:
     draw = data.draw
     side = draw(st.lists(st.integers(0, 1), min_size=n, max_size=n))
-    margin = draw(st.lists(st.integers(-2, 10**10), min_size=n, max_size=n))
-    lev = draw(st.lists(st.integers(-1, 120), min_size=n, max_size=n))
+    lev = draw(st.lists(st.integers(-1, 3 if huge else 120), min_size=n, max_size=n))
+    margins = st.integers(-2, 10**10)
+    if huge:
+        # the four decades of margin below what buys the largest position at 1x (as far as
+        # the planner takes them): there margin * 10**(pd+qd) leaves int64
+        mul, div = asset.notional_scale
+        shift = asset.price_decimals + asset.qty_decimals - 6
+        top = min(2**61 // (3 * 10**max(0, shift) * max(1, ppm)),
+                  (asset.max_qty_steps + 1) * (bid + 50 + spread) * mul // div)
+        margins = magnitudes(max(1, top // 10**4), top)
+    margin = draw(st.lists(margins, min_size=n, max_size=n))
     level = st.one_of(st.just(0), st.integers(1, 2 * bid + 10))
     tp = draw(st.lists(level, min_size=n, max_size=n))
     sl = draw(st.lists(level, min_size=n, max_size=n))
@@ -156,3 +166,18 @@ def test_plan_open_arrays_equals_plan_open(asset: Asset, n: int, bid: int, sprea
             fields: dict[str, Any] = {f: int(v[i]) for f, v in plans.items()}
             got = OpenPlan(**{**fields, "side": Side(fields["side"])})
             assert got == want
+
+
+def test_plan_open_arrays_takes_a_margin_whose_products_leave_int64() -> None:
+    """$10,000,000 at 1x on BTC at 60000.0 (and short on it, with a maintenance margin):
+    ``margin * 10**(pd+qd)`` is 10**19, past int64, and the vectorised planner still gives
+    plan_open's answer and plan."""
+    btc = DEFAULT_ASSETS["BTC"]
+    for side, ppm in ((Side.LONG, 0), (Side.SHORT, 5_000)):
+        want = plan_open(btc, side, 10**13, 1, 600_000, 600_000, None, None, ppm)
+        assert isinstance(want, OpenPlan)
+        plans, ok = plan_open_arrays(btc, np.array([side]), np.array([10**13]), np.array([1]),
+                                     600_000, 600_000, np.array([0]), np.array([0]), ppm)
+        assert ok.tolist() == [True]
+        fields: dict[str, Any] = {f: int(v[0]) for f, v in plans.items()}
+        assert OpenPlan(**{**fields, "side": Side(fields["side"])}) == want
