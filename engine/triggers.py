@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from engine.amounts import MONEY_DECIMALS
 from engine.assets import Asset
 from engine.marking import atom_decimals, unrealized_pnl_atoms
 from engine.orders import PPM, CloseReason
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from engine.book import PositionBook
 
 _INT64_MAX = (1 << 63) - 1
+_INT64_SAFE = float(2**62)
 # A pending buffer is merged once it holds more than this many entries, or 1/2**_PENDING_SHIFT
 # of the index, whichever is larger: the per-sweep linear scan stays a small fraction of the
 # book while each O(n) merge is paid for by many opens.
@@ -269,16 +271,8 @@ def naive_sweep(book: PositionBook, bid_ticks: int, ask_ticks: int
     sides = cols["side"]
     entry = cols["entry_ticks"]
     qty = cols["qty_steps"]
-    pnl = unrealized_pnl_atoms(asset, sides, entry, qty, bid_ticks, ask_ticks)
-    atoms = atom_decimals(asset)
-    margin = cols["margin_micros"]
-    equity = pnl + (margin if atoms == 6 else margin * 10 ** (atoms - 6))
-    ppm = cols["mm_ppm"]
-    if ppm.any():
-        mm = _maintenance_atoms(asset, entry, qty, ppm)
-        liquidated = equity <= mm
-    else:
-        liquidated = equity <= 0
+    liquidated = _liquidated(asset, sides, entry, qty, cols["margin_micros"], cols["mm_ppm"],
+                             bid_ticks, ask_ticks)
     long = sides == 0
     tp = cols["tp_ticks"]
     sl = cols["sl_ticks"]
@@ -292,6 +286,36 @@ def naive_sweep(book: PositionBook, bid_ticks: int, ask_ticks: int
                                 np.int8(CloseReason.LIQUIDATION))).astype(np.int8)
     order = np.argsort(out_ids, kind="stable")
     return out_ids[order], reasons[order]
+
+
+def _liquidated(asset: Asset, sides: np.ndarray, entry: np.ndarray, qty: np.ndarray,
+                margin: np.ndarray, ppm: np.ndarray, bid_ticks: int, ask_ticks: int
+                ) -> np.ndarray:
+    """Per row (bool): equity, margin + unrealized PnL, at or below the maintenance margin,
+    all in exact atoms: on int64 when every amount provably fits, else on Python ints (in
+    atoms of ``10**-(pd+qd)`` USD a PnL, a margin or their sum can leave int64)."""
+    if entry.size == 0:
+        return np.zeros(0, dtype=bool)
+    atoms = atom_decimals(asset)
+    margin_mul = 10 ** (atoms - MONEY_DECIMALS)
+    # |PnL| <= max(entry, bid, ask) * qty in ticks * steps, and the notional (so the
+    # maintenance margin) <= entry * qty
+    pnl_mul = 10 ** (atoms - asset.price_decimals - asset.qty_decimals)
+    price = max(float(np.abs(entry).max()), float(abs(bid_ticks)), float(abs(ask_ticks)))
+    bound = (price * float(np.abs(qty).max()) * pnl_mul * 2.0
+             + float(np.abs(margin).max()) * margin_mul)
+    if bound < _INT64_SAFE:
+        pnl = unrealized_pnl_atoms(asset, sides, entry, qty, bid_ticks, ask_ticks)
+        equity = pnl + (margin if margin_mul == 1 else margin * margin_mul)
+        if ppm.any():
+            return equity <= _maintenance_atoms(asset, entry, qty, ppm)
+        return equity <= 0
+    out = []
+    for s, e, q, m, p in zip(sides.tolist(), entry.tolist(), qty.tolist(), margin.tolist(),
+                             ppm.tolist(), strict=True):
+        move = bid_ticks - e if s == 0 else e - ask_ticks
+        out.append(move * q * pnl_mul + m * margin_mul <= (p * e * q * pnl_mul) // PPM)
+    return np.array(out, dtype=bool)
 
 
 def _maintenance_atoms(asset: Asset, entry: np.ndarray, qty: np.ndarray,

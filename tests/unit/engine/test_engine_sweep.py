@@ -25,6 +25,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from tests.unit.engine.book_checks import assert_same_but_id
 from tests.unit.engine.book_checks import checked_sweep
+from tests.unit.engine.draws import magnitudes
 
 ASSETS = [*DEFAULT_ASSETS.assets,
           Asset("FINE", "FINE_USDC", price_decimals=4, qty_decimals=4, max_leverage=100)]
@@ -98,7 +99,10 @@ class Pair:
 def open_request(draw: Any, asset: Asset, mid: int) -> tuple[Any, ...]:
     side = draw(st.sampled_from([Side.LONG, Side.SHORT]))
     leverage = draw(st.integers(1, asset.max_leverage))
-    margin = draw(st.integers(1, 10**10))
+    # or within four decades of what buys the largest position at the mid (at a large mid,
+    # amounts in 10**-(pd+qd) USD leave int64 when pd+qd > 6)
+    top = max(1, asset.notional_micros(mid, asset.max_qty_steps) // leverage)
+    margin = draw(st.one_of(st.integers(1, 10**10), magnitudes(max(1, top // 10**4), top)))
     bid = max(1, mid + draw(st.integers(-mid // 5, mid // 5)))
     ask = bid + draw(st.integers(0, 3))
     ppm = draw(st.sampled_from([0, 0, 0, 1, 5_000, 20_000]))
@@ -194,12 +198,13 @@ def tick(draw: Any, mid: int, pair: Pair | None = None) -> tuple[int, int]:
 
 
 def draw_pair(draw: Any) -> tuple[Asset, int, Pair]:
-    """An asset, a mid price (ticks) and an empty pair of books with tiny merge and compaction
-    thresholds."""
+    """An asset, a mid price (ticks; up to half the asset's largest price) and an empty pair of
+    books with tiny merge and compaction thresholds."""
     asset = draw(st.sampled_from(ASSETS))
     pair = Pair(asset, draw(st.integers(0, 255)), draw(st.integers(1, 6)),
                 draw(st.integers(1, 6)))
-    return asset, draw(st.integers(50, 10**7)), pair
+    return asset, draw(st.one_of(st.integers(50, 10**7),
+                                 magnitudes(10**7, asset.max_price_ticks // 2))), pair
 
 
 @SETTINGS
@@ -229,6 +234,25 @@ def test_fast_sweep_equals_reference_and_naive(data: st.DataObject) -> None:
         want = dict(pair.ref.sweep(bid, ask))
         assert {pair.to_ref[int(i)]: CloseReason(int(r)) for i, r in zip(ids, reasons,
                                                                          strict=True)} == want
+
+
+def test_sweeps_agree_where_amounts_in_atoms_leave_int64() -> None:
+    """An asset with 4+4 decimals counts in 1e-8 USD: a $100bn margin is 10**19 atoms and the
+    PnL of a billion steps far from a 1,000,000.0000 entry is as large, both past int64. At
+    ticks around the liquidation price, the entry and far beyond, the naive sweep, the fast
+    one and the reference still agree."""
+    fine = ASSETS[-1]
+    entry = 10**10
+    for side, leverage, ppm in ((Side.LONG, 1, 0), (Side.LONG, 1, 5_000),
+                                (Side.SHORT, 1, 0), (Side.SHORT, 2, 20_000)):
+        pair = Pair(fine, 0, 1, 1)
+        plan = plan_open(fine, side, 10**17, leverage, entry, entry, None, None, ppm)
+        assert isinstance(plan, OpenPlan)
+        pair.open(1, plan)
+        liq = plan.liq_ticks
+        for bid in (1, liq - 1, liq, liq + 1, entry // 2, entry, 2 * entry, 2**61):
+            if bid >= 1:
+                pair.sweep(bid, bid)
 
 
 @SETTINGS
