@@ -307,6 +307,9 @@ def test_a_client_order_id_used_again_with_other_terms_or_after_a_refusal_is_ref
     refused(http.post("/api/v1/positions/open", json={**big, "margin": "10"}, headers=h))
     assert [x["positionId"] for x in state(http, h)["positions"]] == [p["positionId"]]
     assert platform.audit() == []
+    # closed, so the ticks of later tests on a shared platform move no account of this one
+    done = http.post("/api/v1/positions/close", json={"positionId": p["positionId"]}, headers=h)
+    assert done.status_code == 200, done.text
 
 
 def test_stale_price_refuses_opens_and_closes_with_503() -> None:
