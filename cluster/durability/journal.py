@@ -481,8 +481,13 @@ class Journal:
         left to keep, and the journal is cut at the damage as usual).
 
         Crash-safe at every step: the new segment is complete on disk before anything is
-        removed, and the old segments go oldest first, so a restart either finds the damage
-        again and resumes the same way, or a chain that reaches ``seq`` without it.
+        removed, and the damaged segment is removed last, once the removal of every other old
+        segment is durable. While it is there, a restart meets the same damage (the records
+        before it may be gone, which breaks the chain below ``seq`` just the same) and resumes
+        the same way, finding ``seq`` past it, in a later segment or in the new one; once it
+        is gone, the chain starts at the new segment. (Removed before a later old segment that
+        holds ``seq`` too, it would leave that one to start a chain that the new segment,
+        named ``seq``, no longer continues: set aside, with every record after it.)
         """
         found: tuple[int, bytes, int] | None = None
         for j in range(i, len(segments)):
@@ -506,13 +511,14 @@ class Journal:
                 os.fsync(f.fileno())
             os.replace(temp, target)
             fsync_directory(self.path)
-        for k, (_, old) in enumerate(segments[: j + 1]):
-            if old == target:
-                continue
+        olds = [(k, old) for k, (_, old) in enumerate(segments[: j + 1]) if old != target]
+        for k, old in sorted(olds, key=lambda kp: kp[0] == i):  # the damaged one last
             if k >= i:  # the damage, kept for inspection; earlier ones are intact and covered
                 aside = data if k == i else old.read_bytes()
                 self._set_aside(old, aside)
                 self.repair.covered_bytes += len(aside)
+            if k == i:
+                fsync_directory(self.path)  # the others' removal first
             old.unlink()
         fsync_directory(self.path)
         self.repair.resumed_at = seq

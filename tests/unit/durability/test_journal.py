@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -330,6 +331,74 @@ def test_a_resume_cut_short_by_a_crash_resumes_the_same_way(tmp_path: Path) -> N
         assert (j.repair.resumed_at, j.first_seq, j.durable_seq) == (5, 5, 10)
         assert list(j.replay(4)) == list(enumerate(items, start=1))[4:]
     assert sorted(p.name for p in (tmp_path / "j").glob("*.wal")) == [resumed.name]
+
+
+class _Killed(Exception):
+    """Stands for the process dying at the point it is raised (nothing after it runs)."""
+
+
+def _open_killed_after_unlinks(path: Path, n: int, **kwargs: object) -> bool:
+    """Open the journal as a writer that dies right after its ``n``-th file removal (a
+    ``kill -9`` there leaves the disk as it is); whether it died before finishing."""
+    real = Path.unlink
+    count = 0
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        nonlocal count
+        real(self, missing_ok=missing_ok)
+        count += 1
+        if count == n:
+            raise _Killed
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Path, "unlink", unlink)
+        try:
+            Journal(path, fsync=False, **kwargs).close()  # type: ignore[arg-type]
+        except _Killed:
+            return True
+    return False
+
+
+def test_a_resume_killed_after_any_removal_keeps_every_record_after_the_snapshot(
+        tmp_path: Path) -> None:
+    """The record after the snapshot lies in a later segment than the damage: resuming writes a
+    segment named after it, then removes the old ones. Killed after any one removal, the
+    restart must still reach that new segment: while the damaged segment is there it resumes
+    the same way again, so it goes last. (Removed first, the restart's chain began at the
+    later segment holding the record, ran into the new segment, which no longer continued it,
+    and set it aside with every acknowledged record after the snapshot, whose seqs it then
+    gave out again.)"""
+    items = [b"r%02d" % i + b"." * 20 for i in range(16)]
+    records = list(enumerate(items, start=1))
+    seg_bytes = 4 * (HEADER_BYTES + 23)
+    path = tmp_path / "orig"
+    with Journal(path, fsync=False, segment_bytes=seg_bytes) as j:
+        for p in items:
+            j.append(p)
+            j.commit()
+    first = sorted(path.glob("*.wal"))[0]  # records 1-4; record 7, after the snapshot, is in 5-8
+    data = bytearray(first.read_bytes())
+    data[2 * (HEADER_BYTES + 23) + HEADER_BYTES + 1] ^= 0xFF  # record 3
+    first.write_bytes(bytes(data))
+    covered = 6
+    for n in itertools.count(1):
+        case = tmp_path / f"killed-{n}"
+        shutil.copytree(path, case)
+        if not _open_killed_after_unlinks(case, n, segment_bytes=seg_bytes,
+                                          covered_seq=lambda: covered):
+            break
+        with Journal(case, fsync=False, segment_bytes=seg_bytes,
+                     covered_seq=lambda: covered) as j:
+            assert not j.repair.orphaned_segments, n
+            assert (j.first_seq, j.durable_seq) == (covered + 1, 16), n
+            assert list(j.replay(covered)) == records[covered:], n
+            assert j.append(b"next") == 17
+            j.commit()
+        with Journal(case, fsync=False, segment_bytes=seg_bytes,
+                     covered_seq=lambda: covered) as j:
+            assert j.repair.clean
+            assert list(j.replay(covered)) == [*records[covered:], (17, b"next")]
+    assert n > 2  # the removals were all reached
 
 
 def test_a_second_cut_at_the_same_offset_keeps_the_first_copy(tmp_path: Path) -> None:
