@@ -323,9 +323,10 @@ class Journal:
 
     ``covered_seq`` (a writer's): called once the lock is held, before any repair, it returns
     the seq the snapshot the journal will be replayed after covers (0: none). A damaged record
-    at or below it does not end the journal there: the records it covers are not needed, so
-    the journal resumes at the valid record ``covered_seq + 1`` found past the damage (moved
-    into a segment of its own) and keeps every record after it (:attr:`Repair.resumed_at`).
+    at or below it, or a break in the chain below it (a segment missing, or read back as
+    zeros), does not end the journal there: the records it covers are not needed, so the
+    journal resumes at the valid record ``covered_seq + 1`` found past the damage (moved into
+    a segment of its own) and keeps every record after it (:attr:`Repair.resumed_at`).
     """
 
     def __init__(self, path: str | os.PathLike[str], fsync: bool = True, *,
@@ -423,6 +424,14 @@ class Journal:
         i = 0
         while i < len(segments):
             base, p = segments[i]
+            if base != next_seq and next_seq <= covered:
+                # a break below the snapshot (a covered segment missing, or read back as zeros,
+                # a clean end): the records it lost are not needed either
+                resumed = self._resume(segments, i - 1, i, p.read_bytes(), 0, covered + 1)
+                if resumed is not None:
+                    segments, kept, next_seq, i = resumed, [], covered + 1, 0
+                    changed_dir = True
+                    continue
             if base != next_seq:
                 self._set_aside_segments(segments[i:])
                 changed_dir = True
@@ -430,7 +439,7 @@ class Journal:
             data = p.read_bytes()
             good_end, next_seq, tail, tail_end = _scan(data, base)
             if tail != "end" and next_seq <= covered:
-                resumed = self._resume(segments, i, data, good_end, covered + 1)
+                resumed = self._resume(segments, i, i, data, good_end, covered + 1)
                 if resumed is not None:  # start over from the segment it resumes with
                     segments, kept, next_seq, i = resumed, [], covered + 1, 0
                     changed_dir = True
@@ -471,23 +480,26 @@ class Journal:
         if changed_dir:
             fsync_directory(self.path)
 
-    def _resume(self, segments: list[tuple[int, Path]], i: int, data: bytes, start: int,
-                seq: int) -> list[tuple[int, Path]] | None:
+    def _resume(self, segments: list[tuple[int, Path]], damaged: int, i: int, data: bytes,
+                start: int, seq: int) -> list[tuple[int, Path]] | None:
         """Resume past damage that a snapshot covers: find the valid record ``seq`` (the first
         one the snapshot does not cover) in ``segments[i]`` (whose bytes are ``data``) from
         ``start`` on, or in a later segment; move the records from it into a segment of their
-        own and set aside the segments before it. Returns the segments from that new one on
-        (None, nothing changed, if no record ``seq`` is there: nothing after the snapshot is
-        left to keep, and the journal is cut at the damage as usual).
+        own and set aside the segments before it. ``segments[damaged]`` is the segment with
+        the damage: ``i`` itself (a damaged record), or the one before it (the chain breaks
+        after it: a segment missing, or read back as zeros). Returns the segments from that
+        new one on (None, nothing changed, if no record ``seq`` is there: nothing after the
+        snapshot is left to keep, and the journal is cut at the damage as usual).
 
         Crash-safe at every step: the new segment is complete on disk before anything is
         removed, and the damaged segment is removed last, once the removal of every other old
-        segment is durable. While it is there, a restart meets the same damage (the records
-        before it may be gone, which breaks the chain below ``seq`` just the same) and resumes
-        the same way, finding ``seq`` past it, in a later segment or in the new one; once it
-        is gone, the chain starts at the new segment. (Removed before a later old segment that
-        holds ``seq`` too, it would leave that one to start a chain that the new segment,
-        named ``seq``, no longer continues: set aside, with every record after it.)
+        segment is durable. While it is there, a restart meets the same damage (or the same
+        break after it; the records before it may be gone, which breaks the chain below
+        ``seq`` just the same) and resumes the same way, finding ``seq`` past it, in a later
+        segment or in the new one; once it is gone, the chain starts at the new segment.
+        (Removed before a later old segment that holds ``seq`` too, it would leave that one to
+        start a chain that the new segment, named ``seq``, no longer continues: set aside,
+        with every record after it.)
         """
         found: tuple[int, bytes, int] | None = None
         for j in range(i, len(segments)):
@@ -512,12 +524,12 @@ class Journal:
             os.replace(temp, target)
             fsync_directory(self.path)
         olds = [(k, old) for k, (_, old) in enumerate(segments[: j + 1]) if old != target]
-        for k, old in sorted(olds, key=lambda kp: kp[0] == i):  # the damaged one last
-            if k >= i:  # the damage, kept for inspection; earlier ones are intact and covered
+        for k, old in sorted(olds, key=lambda kp: kp[0] == damaged):  # the damaged one last
+            if k >= damaged:  # the damage, kept for inspection; earlier ones: intact, covered
                 aside = data if k == i else old.read_bytes()
                 self._set_aside(old, aside)
                 self.repair.covered_bytes += len(aside)
-            if k == i:
+            if k == damaged:
                 fsync_directory(self.path)  # the others' removal first
             old.unlink()
         fsync_directory(self.path)

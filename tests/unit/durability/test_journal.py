@@ -401,6 +401,52 @@ def test_a_resume_killed_after_any_removal_keeps_every_record_after_the_snapshot
     assert n > 2  # the removals were all reached
 
 
+@pytest.mark.parametrize("damage", ["zeroed", "missing"])
+def test_covered_damage_that_breaks_the_chain_resumes_after_the_snapshot(
+        tmp_path: Path, damage: str) -> None:
+    """Damage a snapshot covers need not leave a damaged tail: a segment whose blocks read
+    back as zeros scans as a clean end, and a missing segment leaves none at all; either way
+    the next segment no longer continues the chain below the snapshot's seq. The records it
+    covers are not needed, so the journal resumes at the record after the snapshot as for a
+    damaged tail, instead of setting aside every later segment with the acknowledged records
+    after the snapshot. Killed after any removal while it does, a restart resumes the same
+    way."""
+    items = [b"r%02d" % i + b"." * 20 for i in range(16)]
+    records = list(enumerate(items, start=1))
+    seg_bytes = 4 * (HEADER_BYTES + 23)
+    path = tmp_path / "orig"
+    with Journal(path, fsync=False, segment_bytes=seg_bytes) as j:
+        for p in items:
+            j.append(p)
+            j.commit()
+    first, second = sorted(path.glob("*.wal"))[:2]  # records 1-4, 5-8
+    if damage == "zeroed":
+        first.write_bytes(bytes(first.stat().st_size))
+    else:
+        second.unlink()
+    covered = 10
+    for n in itertools.count(0):
+        case = tmp_path / f"killed-{n}"
+        shutil.copytree(path, case)
+        if n and not _open_killed_after_unlinks(case, n, segment_bytes=seg_bytes,
+                                                covered_seq=lambda: covered):
+            break
+        with Journal(case, fsync=False, segment_bytes=seg_bytes,
+                     covered_seq=lambda: covered) as j:
+            assert not j.repair.orphaned_segments, n
+            assert (j.first_seq, j.durable_seq) == (covered + 1, 16), n
+            if n == 0:
+                assert j.repair.resumed_at == covered + 1
+            assert list(j.replay(covered)) == records[covered:], n
+            assert j.append(b"next") == 17
+            j.commit()
+        with Journal(case, fsync=False, segment_bytes=seg_bytes,
+                     covered_seq=lambda: covered) as j:
+            assert j.repair.clean
+            assert list(j.replay(covered)) == [*records[covered:], (17, b"next")]
+    assert n > 2  # the removals were all reached
+
+
 def test_a_second_cut_at_the_same_offset_keeps_the_first_copy(tmp_path: Path) -> None:
     path = tmp_path / "j"
     write(path, [b"one", b"two"])
