@@ -223,9 +223,10 @@ def _scan(data: bytes, expected_seq: int) -> tuple[int, int, str, int]:
     return good_end, next_seq, "torn", min(len(data), valid_end + HEADER_BYTES + length)
 
 
-def _find_record(data: bytes, seq: int, start: int) -> int | None:
-    """The offset of the first valid record with ``seq`` (either flag) in ``data`` from
-    ``start`` on, however the bytes before it look; None if there is none."""
+def _find_records(data: bytes, seq: int, start: int) -> list[int]:
+    """The offsets of the valid records with ``seq`` (either flag) in ``data`` from ``start``
+    on, however the bytes around them look, in order. Some may be bytes inside a payload that
+    happen to frame a valid record (client text can hold anything)."""
     found: list[int] = []
     for seq_field in (seq, seq | CONTINUED):
         needle = _pack_seq(seq_field)
@@ -237,9 +238,8 @@ def _find_record(data: bytes, seq: int, start: int) -> int | None:
             if length <= MAX_RECORD_BYTES and end <= len(data) \
                     and _crc32(memoryview(data)[pos + HEADER_BYTES:end], _crc32(needle)) == crc:
                 found.append(pos)
-                break
             at = data.find(needle, at + 1)
-    return min(found, default=None)
+    return sorted(found)
 
 
 def _write_at(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -501,18 +501,33 @@ class Journal:
         start a chain that the new segment, named ``seq``, no longer continues: set aside,
         with every record after it.)
         """
+        # A record is taken for ``seq`` if the chain of records from it ends where a segment
+        # ends: its bytes end (or only zeros follow) and the next segment starts with the seq
+        # after it. Bytes inside a payload that frame a valid record have a chain that stops
+        # inside that payload. Failing such a one, the candidate whose chain goes furthest
+        # (the journal may be damaged after ``seq`` as well), the first one of those.
         found: tuple[int, bytes, int] | None = None
+        furthest: tuple[tuple[int, int, int], tuple[int, bytes, int]] | None = None
         for j in range(i, len(segments)):
             base, p = segments[j]
             if base > seq:
                 break
             blob = data if j == i else p.read_bytes()
-            pos = _find_record(blob, seq, start if j == i else 0)
-            if pos is not None:
-                found = (j, blob, pos)
+            next_base = segments[j + 1][0] if j + 1 < len(segments) else None
+            for pos in _find_records(blob, seq, start if j == i else 0):
+                good_end, reached, tail, _ = _scan(blob[pos:], seq)
+                if tail == "end" and next_base in (None, reached):
+                    found = (j, blob, pos)
+                    break
+                reach = (reached, j, pos + good_end)
+                if furthest is None or reach > furthest[0]:
+                    furthest = (reach, (j, blob, pos))
+            if found is not None:
                 break
         if found is None:
-            return None
+            if furthest is None:
+                return None
+            found = furthest[1]
         j, blob, pos = found
         target = self.path / _segment_name(seq)
         if segments[j][1] != target:

@@ -447,6 +447,34 @@ def test_covered_damage_that_breaks_the_chain_resumes_after_the_snapshot(
     assert n > 2  # the removals were all reached
 
 
+@pytest.mark.parametrize("segment_bytes", [journal_module.DEFAULT_SEGMENT_BYTES, 132])
+def test_a_record_framed_inside_a_covered_payload_is_not_taken_for_the_resume_point(
+        tmp_path: Path, segment_bytes: int) -> None:
+    """A payload may hold client text (a clientOrderId), which may hold the bytes of a valid
+    record framed with the seq after the snapshot. Resuming past covered damage must not take
+    it for that record: its chain of records stops inside the payload it sits in, where the
+    real record's goes on to the journal's end. (Taken, the journal resumed at the planted
+    record, replayed it, and cut the acknowledged records after the snapshot.)"""
+    covered = 6
+    items = [b"ok%02d" % i for i in range(1, 11)]
+    items[4] = b"payload-with-" + frame(covered + 1, b"") + b"-inside"  # record 5, covered
+    records = list(enumerate(items, start=1))
+    path = tmp_path / "j"
+    with Journal(path, fsync=False, segment_bytes=segment_bytes) as j:
+        for p in items:
+            j.append(p)
+            j.commit()
+    # 132 bytes: records 1-5 in one segment, the record after the snapshot in the next
+    segment = sorted(path.glob("*.wal"))[0]
+    data = bytearray(segment.read_bytes())
+    data[HEADER_BYTES + 1] ^= 0xFF  # record 1
+    segment.write_bytes(bytes(data))
+    with Journal(path, fsync=False, segment_bytes=segment_bytes,
+                 covered_seq=lambda: covered) as j:
+        assert (j.repair.resumed_at, j.durable_seq) == (covered + 1, 10)
+        assert list(j.replay(covered)) == records[covered:]
+
+
 def test_a_second_cut_at_the_same_offset_keeps_the_first_copy(tmp_path: Path) -> None:
     path = tmp_path / "j"
     write(path, [b"one", b"two"])
