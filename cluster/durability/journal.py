@@ -40,7 +40,8 @@ are intact. A failed write or fsync poisons the journal: the page cache may have
 data, so retrying would be a lie; the owner must crash and recover from disk.
 
 Only one writer may hold a journal (an exclusive ``flock`` on ``LOCK``); readers open it with
-``readonly=True``, which never writes and simply stops at the first bad record. A reader that
+``readonly=True``, which never writes and stops at the first bad record (past damage a snapshot
+covers, it reads on from where a writer would resume). A reader that
 must see a journal no writer is using (an inspection of a stopped platform) also passes
 ``lock_shared=True``: it holds ``LOCK`` shared, so it is refused while a writer holds the
 journal and a writer is refused while it reads.
@@ -321,12 +322,13 @@ class Journal:
     (:class:`JournalLockedError` while a writer holds it; a missing ``LOCK`` file, which no
     writer ever made, is not created).
 
-    ``covered_seq`` (a writer's): called once the lock is held, before any repair, it returns
+    ``covered_seq``: called once the lock is held, before any repair, it returns
     the seq the snapshot the journal will be replayed after covers (0: none). A damaged record
     at or below it, or a break in the chain below it (a segment missing, or read back as
     zeros), does not end the journal there: the records it covers are not needed, so the
     journal resumes at the valid record ``covered_seq + 1`` found past the damage (moved into
-    a segment of its own) and keeps every record after it (:attr:`Repair.resumed_at`).
+    a segment of its own) and keeps every record after it (:attr:`Repair.resumed_at`). A
+    reader finds it the same way and reads from there, changing nothing.
     """
 
     def __init__(self, path: str | os.PathLike[str], fsync: bool = True, *,
@@ -360,11 +362,14 @@ class Journal:
         self._zeroed = 0  # bytes of the active segment's file (records, then zeros)
         # (first_seq, path) of every segment, oldest first; the last one is the active segment.
         self._segments: list[tuple[int, Path]] = []
+        # where the records of a segment begin, when not at its start: a reader that resumed
+        # past covered damage in the middle of it (a writer moves them to a segment instead)
+        self._offsets: dict[Path, int] = {}
         if readonly:
             if lock_shared:
                 self._lock_shared()
             try:
-                self._open_readonly()
+                self._open_readonly(0 if covered_seq is None else covered_seq())
             except BaseException:
                 self.close()
                 raise
@@ -400,19 +405,39 @@ class Journal:
                                      f"{_held_by(self.path / LOCK_NAME)}") from None
         self._lock_fd = fd
 
-    def _open_readonly(self) -> None:
+    def _open_readonly(self, covered: int) -> None:
         segments = _list_segments(self.path)
         kept: list[tuple[int, Path]] = []
         next_seq = segments[0][0] if segments else 1
-        for base, p in segments:
-            if base != next_seq:
-                break
-            data = p.read_bytes()
-            good_end, next_seq, tail, _ = _scan(data, base)
-            kept.append((base, p))
-            self._size = good_end
+        i = offset = 0  # offset: where the records of segments[i] begin
+        while i < len(segments):
+            base, p = segments[i]
+            found: tuple[int, bytes, int] | None = None
+            if not offset and base != next_seq:
+                # a break below the snapshot: read on from the record after it, as a writer
+                # resumes there (without writing anything)
+                if next_seq <= covered:
+                    found = self._resume_point(segments, i, p.read_bytes(), 0, covered + 1)
+                if found is None:
+                    break
+            else:
+                data = p.read_bytes()
+                good_end, reached, tail, _ = _scan(data[offset:], next_seq)
+                if tail != "end" and reached <= covered:  # damage below the snapshot: the same
+                    found = self._resume_point(segments, i, data, offset + good_end, covered + 1)
+            if found is not None:
+                kept, self._offsets, next_seq = [], {}, covered + 1
+                i, _, offset = found
+                self.repair.resumed_at = next_seq
+                continue
+            kept.append((next_seq if offset else base, p))
+            if offset:
+                self._offsets[p] = offset
+            self._size = offset + good_end
+            next_seq = reached
             if tail != "end":
                 break
+            i, offset = i + 1, 0
         self._segments = kept
         self._durable_seq = next_seq - 1
 
@@ -501,33 +526,9 @@ class Journal:
         start a chain that the new segment, named ``seq``, no longer continues: set aside,
         with every record after it.)
         """
-        # A record is taken for ``seq`` if the chain of records from it ends where a segment
-        # ends: its bytes end (or only zeros follow) and the next segment starts with the seq
-        # after it. Bytes inside a payload that frame a valid record have a chain that stops
-        # inside that payload. Failing such a one, the candidate whose chain goes furthest
-        # (the journal may be damaged after ``seq`` as well), the first one of those.
-        found: tuple[int, bytes, int] | None = None
-        furthest: tuple[tuple[int, int, int], tuple[int, bytes, int]] | None = None
-        for j in range(i, len(segments)):
-            base, p = segments[j]
-            if base > seq:
-                break
-            blob = data if j == i else p.read_bytes()
-            next_base = segments[j + 1][0] if j + 1 < len(segments) else None
-            for pos in _find_records(blob, seq, start if j == i else 0):
-                good_end, reached, tail, _ = _scan(blob[pos:], seq)
-                if tail == "end" and next_base in (None, reached):
-                    found = (j, blob, pos)
-                    break
-                reach = (reached, j, pos + good_end)
-                if furthest is None or reach > furthest[0]:
-                    furthest = (reach, (j, blob, pos))
-            if found is not None:
-                break
+        found = self._resume_point(segments, i, data, start, seq)
         if found is None:
-            if furthest is None:
-                return None
-            found = furthest[1]
+            return None
         j, blob, pos = found
         target = self.path / _segment_name(seq)
         if segments[j][1] != target:
@@ -551,6 +552,39 @@ class Journal:
         self.repair.resumed_at = seq
         # a segment of that name left by an earlier try is the one just rewritten
         return [(seq, target), *(s for s in segments[j + 1 :] if s[1] != target)]
+
+    @staticmethod
+    def _resume_point(segments: list[tuple[int, Path]], i: int, data: bytes, start: int,
+                      seq: int) -> tuple[int, bytes, int] | None:
+        """Where the valid record ``seq`` is past damage: in ``segments[i]`` (whose bytes are
+        ``data``) from ``start`` on, or in a later segment: ``(index, bytes, offset)``; None
+        if there is none."""
+        # A record is taken for ``seq`` if the chain of records from it ends where a segment
+        # ends: its bytes end (or only zeros follow) and the next segment starts with the seq
+        # after it. Bytes inside a payload that frame a valid record have a chain that stops
+        # inside that payload. Failing such a one, the candidate whose chain goes furthest
+        # (the journal may be damaged after ``seq`` as well), the first one of those.
+        found: tuple[int, bytes, int] | None = None
+        furthest: tuple[tuple[int, int, int], tuple[int, bytes, int]] | None = None
+        for j in range(i, len(segments)):
+            base, p = segments[j]
+            if base > seq:
+                break
+            blob = data if j == i else p.read_bytes()
+            next_base = segments[j + 1][0] if j + 1 < len(segments) else None
+            for pos in _find_records(blob, seq, start if j == i else 0):
+                good_end, reached, tail, _ = _scan(blob[pos:], seq)
+                if tail == "end" and next_base in (None, reached):
+                    found = (j, blob, pos)
+                    break
+                reach = (reached, j, pos + good_end)
+                if furthest is None or reach > furthest[0]:
+                    furthest = (reach, (j, blob, pos))
+            if found is not None:
+                break
+        if found is None and furthest is not None:
+            found = furthest[1]
+        return found
 
     def _set_aside_segments(self, segments: list[tuple[int, Path]]) -> None:
         """Set whole segments aside (they no longer continue the chain) and delete them."""
@@ -772,7 +806,7 @@ class Journal:
                 data = p.read_bytes()
             except FileNotFoundError:  # a reader raced the writer's truncate_before
                 raise JournalGapError(f"segment {p.name} was deleted during replay") from None
-            view = memoryview(data)
+            view = memoryview(data)[self._offsets.get(p, 0):]
             expected = base
             for seq, start, end in _records(view, base, end_seq):
                 if seq > after_seq:

@@ -94,7 +94,11 @@ def _report_repair(journal: Journal) -> None:
     snapshot holds cost nothing, but the medium is suspect."""
     repair = journal.repair
     where = f"journal {journal.path} (recovered to seq {journal.durable_seq})"
-    if repair.resumed_at:
+    if repair.resumed_at and journal.readonly:
+        log.warning("%s: damaged records the snapshot at seq %d already holds; read on from "
+                    "seq %d past them (read-only: nothing was changed)", where,
+                    repair.resumed_at - 1, repair.resumed_at)
+    elif repair.resumed_at:
         log.warning("%s: damaged records the snapshot at seq %d already holds; resumed at "
                     "seq %d and kept every record from it on. The %d bytes of the damaged "
                     "segment(s) are in *%s files beside the segments", where,
@@ -142,7 +146,7 @@ class JournalStore:
         self._snapshot: Snapshot | None = None  # read when the journal opens, for recover()
         self.journal = Journal(self.directory / JOURNAL_DIR, fsync=fsync, readonly=readonly,
                                lock_shared=readonly, max_record_bytes=max_record_bytes,
-                               covered_seq=None if readonly else self._load_snapshot)
+                               covered_seq=self._load_snapshot)
         # the largest encoded event a record holds: the runner rejects a command with a larger
         # one before applying it (a commit may be split between events, never inside one)
         self.max_event_bytes = batch_event_bytes(self.journal.max_record_bytes)
@@ -196,7 +200,7 @@ class JournalStore:
             self._events_since_snapshot += len(events)
 
         started = time.perf_counter()
-        snapshot = load_latest_snapshot(self.snapshot_dir) if self.readonly else self._snapshot
+        snapshot = self._snapshot
         self._snapshot = None  # the state holds what it needs of it
         recovered = recover_from(self.journal, snapshot, restore, apply_batch, decode=decode)
         self.recovery_s = time.perf_counter() - started

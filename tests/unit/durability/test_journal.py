@@ -475,6 +475,37 @@ def test_a_record_framed_inside_a_covered_payload_is_not_taken_for_the_resume_po
         assert list(j.replay(covered)) == records[covered:]
 
 
+def test_a_reader_reads_on_past_damage_a_snapshot_covers_without_writing(
+        tmp_path: Path) -> None:
+    """A reader (the offline audit) told what the snapshot covers finds the record after it
+    past covered damage as a writer does and replays from there, changing nothing; without
+    it, it stopped at the damage below the snapshot and replayed nothing after it."""
+    items = [b"r%02d" % i + b"." * 20 for i in range(16)]
+    records = list(enumerate(items, start=1))
+    seg_bytes = 4 * (HEADER_BYTES + 23)
+    path = tmp_path / "j"
+    with Journal(path, fsync=False, segment_bytes=seg_bytes) as j:
+        for p in items:
+            j.append(p)
+            j.commit()
+    first, second = sorted(path.glob("*.wal"))[:2]
+    data = bytearray(first.read_bytes())
+    data[2 * (HEADER_BYTES + 23) + HEADER_BYTES + 1] ^= 0xFF  # record 3
+    first.write_bytes(bytes(data))
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    for covered in (6, 8):  # record 7 in the middle of segment 5-8; 9 at a segment's start
+        with Journal(path, readonly=True, lock_shared=True, covered_seq=lambda c=covered: c
+                     ) as j:
+            assert (j.repair.resumed_at, j.first_seq, j.durable_seq) == (covered + 1,) * 2 + (16,)
+            assert list(j.replay(covered)) == records[covered:]
+    second.unlink()  # a covered segment missing: a break below the snapshot
+    before.pop(second.name)
+    with Journal(path, readonly=True, lock_shared=True, covered_seq=lambda: 10) as j:
+        assert (j.repair.resumed_at, j.durable_seq) == (11, 16)
+        assert list(j.replay(10)) == records[10:]
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+
+
 def test_a_second_cut_at_the_same_offset_keeps_the_first_copy(tmp_path: Path) -> None:
     path = tmp_path / "j"
     write(path, [b"one", b"two"])

@@ -519,6 +519,34 @@ def test_a_damaged_record_the_snapshot_holds_costs_no_record_after_it(
     assert open_ledger(tmp_path, Clock()).machine.check() == []
 
 
+def test_a_read_only_runner_reads_past_a_damaged_record_the_snapshot_holds(
+        tmp_path: Path) -> None:
+    """The offline audit recovers what a writer would: past a damaged record the snapshot
+    holds it reads on from the record after the snapshot, touching nothing (it stopped at the
+    damage and audited the snapshot's state, without the acknowledged records after it)."""
+    led = open_ledger(tmp_path, Clock())
+    for n in range(1, 4):
+        one(led, CreateAccount(*account(n)))  # seq 1..3
+    assert led.checkpoint() == 3
+    for n in range(4, 7):
+        one(led, CreateAccount(*account(n)))  # seq 4..6
+    assert led.checkpoint() == 6  # the journal keeps 4.. for the snapshot at 3
+    for n in range(7, 11):
+        one(led, CreateAccount(*account(n)))  # seq 7..10, acknowledged
+    live = led.machine.fingerprint()
+    crash(led)
+    damaged = bytearray(segment(tmp_path).read_bytes())
+    damaged[HEADER_BYTES + 10] ^= 0xFF  # a payload byte of seq 4, which both snapshots cover
+    segment(tmp_path).write_bytes(bytes(damaged))
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    reader = open_ledger(tmp_path, Clock(), readonly=True)
+    assert reader.store is not None and reader.store.recovered is not None
+    assert (reader.store.recovered.snapshot_seq, reader.store.recovered.last_seq) == (6, 10)
+    assert reader.machine.fingerprint() == live
+    reader.close()
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+
+
 def test_an_in_memory_runner_steps_the_same_way_without_a_disk() -> None:
     led: Runner[LedgerMachine] = Runner(LedgerMachine(SIGNUP), clock_us=Clock())
     assert led.execute([CreateAccount(*account(1)), LockMargin(MarginLock(1, USD)),
