@@ -359,73 +359,34 @@ def _open_killed_after_unlinks(path: Path, n: int, **kwargs: object) -> bool:
     return False
 
 
-def test_a_resume_killed_after_any_removal_keeps_every_record_after_the_snapshot(
-        tmp_path: Path) -> None:
-    """The record after the snapshot lies in a later segment than the damage: resuming writes a
-    segment named after it, then removes the old ones. Killed after any one removal, the
-    restart must still reach that new segment: while the damaged segment is there it resumes
-    the same way again, so it goes last. (Removed first, the restart's chain began at the
-    later segment holding the record, ran into the new segment, which no longer continued it,
-    and set it aside with every acknowledged record after the snapshot, whose seqs it then
-    gave out again.)"""
+SIXTEEN_SEGMENT_BYTES = 4 * (HEADER_BYTES + 23)  # four of _sixteen_records' records
+
+
+def _sixteen_records(path: Path, damage_record_3: bool = False) -> list[tuple[int, bytes]]:
+    """A journal at ``path`` of 16 records of 23 bytes, four per segment (1-4, 5-8, ...), with
+    one byte of record 3's payload flipped if asked; its ``(seq, payload)`` pairs."""
     items = [b"r%02d" % i + b"." * 20 for i in range(16)]
-    records = list(enumerate(items, start=1))
-    seg_bytes = 4 * (HEADER_BYTES + 23)
-    path = tmp_path / "orig"
-    with Journal(path, fsync=False, segment_bytes=seg_bytes) as j:
+    with Journal(path, fsync=False, segment_bytes=SIXTEEN_SEGMENT_BYTES) as j:
         for p in items:
             j.append(p)
             j.commit()
-    first = sorted(path.glob("*.wal"))[0]  # records 1-4; record 7, after the snapshot, is in 5-8
-    data = bytearray(first.read_bytes())
-    data[2 * (HEADER_BYTES + 23) + HEADER_BYTES + 1] ^= 0xFF  # record 3
-    first.write_bytes(bytes(data))
-    covered = 6
-    for n in itertools.count(1):
-        case = tmp_path / f"killed-{n}"
-        shutil.copytree(path, case)
-        if not _open_killed_after_unlinks(case, n, segment_bytes=seg_bytes,
-                                          covered_seq=lambda: covered):
-            break
-        with Journal(case, fsync=False, segment_bytes=seg_bytes,
-                     covered_seq=lambda: covered) as j:
-            assert not j.repair.orphaned_segments, n
-            assert (j.first_seq, j.durable_seq) == (covered + 1, 16), n
-            assert list(j.replay(covered)) == records[covered:], n
-            assert j.append(b"next") == 17
-            j.commit()
-        with Journal(case, fsync=False, segment_bytes=seg_bytes,
-                     covered_seq=lambda: covered) as j:
-            assert j.repair.clean
-            assert list(j.replay(covered)) == [*records[covered:], (17, b"next")]
-    assert n > 2  # the removals were all reached
+    if damage_record_3:
+        first = sorted(path.glob("*.wal"))[0]
+        data = bytearray(first.read_bytes())
+        data[2 * (HEADER_BYTES + 23) + HEADER_BYTES + 1] ^= 0xFF
+        first.write_bytes(bytes(data))
+    return list(enumerate(items, start=1))
 
 
-@pytest.mark.parametrize("damage", ["zeroed", "missing"])
-def test_covered_damage_that_breaks_the_chain_resumes_after_the_snapshot(
-        tmp_path: Path, damage: str) -> None:
-    """Damage a snapshot covers need not leave a damaged tail: a segment whose blocks read
-    back as zeros scans as a clean end, and a missing segment leaves none at all; either way
-    the next segment no longer continues the chain below the snapshot's seq. The records it
-    covers are not needed, so the journal resumes at the record after the snapshot as for a
-    damaged tail, instead of setting aside every later segment with the acknowledged records
-    after the snapshot. Killed after any removal while it does, a restart resumes the same
-    way."""
-    items = [b"r%02d" % i + b"." * 20 for i in range(16)]
-    records = list(enumerate(items, start=1))
-    seg_bytes = 4 * (HEADER_BYTES + 23)
-    path = tmp_path / "orig"
-    with Journal(path, fsync=False, segment_bytes=seg_bytes) as j:
-        for p in items:
-            j.append(p)
-            j.commit()
-    first, second = sorted(path.glob("*.wal"))[:2]  # records 1-4, 5-8
-    if damage == "zeroed":
-        first.write_bytes(bytes(first.stat().st_size))
-    else:
-        second.unlink()
-    covered = 10
-    for n in itertools.count(0):
+def _resume_killed_after_each_removal(tmp_path: Path, path: Path, covered: int,
+                                      first_kill: int) -> None:
+    """For every n from ``first_kill`` on (0: not killed), a copy of ``path`` (a
+    _sixteen_records journal, damaged below ``covered``) opened and killed after its n-th file
+    removal, then opened again: every record after ``covered`` is kept, nothing set aside, and
+    the next seq is 17; until an opening removes fewer than n files."""
+    records = [(seq, b"r%02d" % (seq - 1) + b"." * 20) for seq in range(1, 17)]
+    seg_bytes = SIXTEEN_SEGMENT_BYTES
+    for n in itertools.count(first_kill):
         case = tmp_path / f"killed-{n}"
         shutil.copytree(path, case)
         if n and not _open_killed_after_unlinks(case, n, segment_bytes=seg_bytes,
@@ -445,6 +406,40 @@ def test_covered_damage_that_breaks_the_chain_resumes_after_the_snapshot(
             assert j.repair.clean
             assert list(j.replay(covered)) == [*records[covered:], (17, b"next")]
     assert n > 2  # the removals were all reached
+
+
+def test_a_resume_killed_after_any_removal_keeps_every_record_after_the_snapshot(
+        tmp_path: Path) -> None:
+    """The record after the snapshot lies in a later segment than the damage: resuming writes a
+    segment named after it, then removes the old ones. Killed after any one removal, the
+    restart must still reach that new segment: while the damaged segment is there it resumes
+    the same way again, so it goes last. (Removed first, the restart's chain began at the
+    later segment holding the record, ran into the new segment, which no longer continued it,
+    and set it aside with every acknowledged record after the snapshot, whose seqs it then
+    gave out again.)"""
+    path = tmp_path / "orig"
+    _sixteen_records(path, damage_record_3=True)  # record 7, after the snapshot, is in 5-8
+    _resume_killed_after_each_removal(tmp_path, path, covered=6, first_kill=1)
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "missing"])
+def test_covered_damage_that_breaks_the_chain_resumes_after_the_snapshot(
+        tmp_path: Path, damage: str) -> None:
+    """Damage a snapshot covers need not leave a damaged tail: a segment whose blocks read
+    back as zeros scans as a clean end, and a missing segment leaves none at all; either way
+    the next segment no longer continues the chain below the snapshot's seq. The records it
+    covers are not needed, so the journal resumes at the record after the snapshot as for a
+    damaged tail, instead of setting aside every later segment with the acknowledged records
+    after the snapshot. Killed after any removal while it does, a restart resumes the same
+    way."""
+    path = tmp_path / "orig"
+    _sixteen_records(path)
+    first, second = sorted(path.glob("*.wal"))[:2]  # records 1-4, 5-8
+    if damage == "zeroed":
+        first.write_bytes(bytes(first.stat().st_size))
+    else:
+        second.unlink()
+    _resume_killed_after_each_removal(tmp_path, path, covered=10, first_kill=0)
 
 
 @pytest.mark.parametrize("segment_bytes", [journal_module.DEFAULT_SEGMENT_BYTES, 132])
@@ -480,18 +475,9 @@ def test_a_reader_reads_on_past_damage_a_snapshot_covers_without_writing(
     """A reader (the offline audit) told what the snapshot covers finds the record after it
     past covered damage as a writer does and replays from there, changing nothing; without
     it, it stopped at the damage below the snapshot and replayed nothing after it."""
-    items = [b"r%02d" % i + b"." * 20 for i in range(16)]
-    records = list(enumerate(items, start=1))
-    seg_bytes = 4 * (HEADER_BYTES + 23)
     path = tmp_path / "j"
-    with Journal(path, fsync=False, segment_bytes=seg_bytes) as j:
-        for p in items:
-            j.append(p)
-            j.commit()
-    first, second = sorted(path.glob("*.wal"))[:2]
-    data = bytearray(first.read_bytes())
-    data[2 * (HEADER_BYTES + 23) + HEADER_BYTES + 1] ^= 0xFF  # record 3
-    first.write_bytes(bytes(data))
+    records = _sixteen_records(path, damage_record_3=True)
+    second = sorted(path.glob("*.wal"))[1]
     before = {p.name: p.read_bytes() for p in path.iterdir()}
     for covered in (6, 8):  # record 7 in the middle of segment 5-8; 9 at a segment's start
         with Journal(path, readonly=True, lock_shared=True, covered_seq=lambda c=covered: c

@@ -490,10 +490,10 @@ def test_opening_a_damaged_journal_is_logged_as_a_warning(
     assert "recovered to seq 0" in record.getMessage()
 
 
-def test_a_damaged_record_the_snapshot_holds_costs_no_record_after_it(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The journal keeps the records the older of two snapshots needs; one of them damaged
-    must not end the journal before the acknowledged records after the newer snapshot."""
+def _ten_accounts_then_covered_damage(tmp_path: Path) -> dict[str, Any]:
+    """A ledger under ``tmp_path`` with snapshots at seq 3 and 6 and accounts journaled as
+    seq 1..10, crashed, then one payload byte of seq 4 (which both snapshots cover) flipped;
+    the live state's fingerprint before the crash."""
     led = open_ledger(tmp_path, Clock())
     for n in range(1, 4):
         one(led, CreateAccount(*account(n)))  # seq 1..3
@@ -506,8 +506,16 @@ def test_a_damaged_record_the_snapshot_holds_costs_no_record_after_it(
     live = led.machine.fingerprint()
     crash(led)
     damaged = bytearray(segment(tmp_path).read_bytes())
-    damaged[HEADER_BYTES + 10] ^= 0xFF  # a payload byte of seq 4, which both snapshots cover
+    damaged[HEADER_BYTES + 10] ^= 0xFF
     segment(tmp_path).write_bytes(bytes(damaged))
+    return live
+
+
+def test_a_damaged_record_the_snapshot_holds_costs_no_record_after_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The journal keeps the records the older of two snapshots needs; one of them damaged
+    must not end the journal before the acknowledged records after the newer snapshot."""
+    live = _ten_accounts_then_covered_damage(tmp_path)
     with caplog.at_level(logging.WARNING, logger="cluster.durability.store"):
         again = open_ledger(tmp_path, Clock())
     assert again.store is not None and again.store.recovered is not None
@@ -524,20 +532,7 @@ def test_a_read_only_runner_reads_past_a_damaged_record_the_snapshot_holds(
     """The offline audit recovers what a writer would: past a damaged record the snapshot
     holds it reads on from the record after the snapshot, touching nothing (it stopped at the
     damage and audited the snapshot's state, without the acknowledged records after it)."""
-    led = open_ledger(tmp_path, Clock())
-    for n in range(1, 4):
-        one(led, CreateAccount(*account(n)))  # seq 1..3
-    assert led.checkpoint() == 3
-    for n in range(4, 7):
-        one(led, CreateAccount(*account(n)))  # seq 4..6
-    assert led.checkpoint() == 6  # the journal keeps 4.. for the snapshot at 3
-    for n in range(7, 11):
-        one(led, CreateAccount(*account(n)))  # seq 7..10, acknowledged
-    live = led.machine.fingerprint()
-    crash(led)
-    damaged = bytearray(segment(tmp_path).read_bytes())
-    damaged[HEADER_BYTES + 10] ^= 0xFF  # a payload byte of seq 4, which both snapshots cover
-    segment(tmp_path).write_bytes(bytes(damaged))
+    live = _ten_accounts_then_covered_damage(tmp_path)
     files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     reader = open_ledger(tmp_path, Clock(), readonly=True)
     assert reader.store is not None and reader.store.recovered is not None
