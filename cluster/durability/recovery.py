@@ -1,7 +1,8 @@
 """Recovery of a journaled state: newest valid snapshot plus the journal records after it.
 
 :func:`recover` builds the state from the newest valid snapshot (``restore(snapshot)``, or
-``restore(None)`` for a fresh start), then decodes and applies every durable journal record
+``restore(None)`` for a fresh start; the store reads it before the journal repairs anything),
+then decodes and applies every durable journal record
 after the snapshot's seq, in order. The runner (cluster.durability.runner) passes the machine's
 own ``apply``, the one the live path runs, so a replay rebuilds exactly the state that was
 acknowledged. :func:`trim_journal` drops the journal segments that even the oldest kept snapshot
@@ -17,11 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from cluster.durability.journal import Journal, JournalError
-from cluster.durability.snapshot import (
-    Snapshot,
-    list_snapshots,
-    load_latest_snapshot,
-)
+from cluster.durability.snapshot import Snapshot, list_snapshots
 from engine.events import decode as decode_event
 
 S = TypeVar("S")
@@ -46,10 +43,11 @@ class Recovered(Generic[S]):
     last_seq: int
 
 
-def recover(journal: Journal, snapshot_dir: str | os.PathLike[str],
+def recover(journal: Journal, snapshot: Snapshot | None,
             restore: Callable[[Snapshot | None], S], apply: Callable[[S, Any], object],
             decode: Callable[[bytes], Any] = decode_event) -> Recovered[S]:
-    """Rebuild a state from ``snapshot_dir`` and ``journal`` (see the module docstring).
+    """Rebuild a state from ``snapshot`` (the newest valid one, :func:`load_latest_snapshot`;
+    None: a fresh start) and ``journal`` (see the module docstring).
 
     ``restore(snapshot_or_none) -> state``; ``apply(state, event)`` mutates it; ``decode``
     turns a journal payload into the event (default: :func:`engine.events.decode`). Raises
@@ -57,13 +55,6 @@ def recover(journal: Journal, snapshot_dir: str | os.PathLike[str],
     When the journal is behind the snapshot (it was removed, or lost records the snapshot
     already holds), a writable journal is moved forward so no seq is ever reused.
     """
-    return recover_from(journal, load_latest_snapshot(snapshot_dir), restore, apply, decode)
-
-
-def recover_from(journal: Journal, snapshot: Snapshot | None,
-                 restore: Callable[[Snapshot | None], S], apply: Callable[[S, Any], object],
-                 decode: Callable[[bytes], Any] = decode_event) -> Recovered[S]:
-    """:func:`recover` from a snapshot already loaded (the newest valid one, or None)."""
     state = restore(snapshot)
     base = snapshot.seq if snapshot is not None else 0
     if journal.durable_seq < base and not journal.readonly:

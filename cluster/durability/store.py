@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from cluster.durability.journal import CORRUPT_SUFFIX, Journal, JournalError
-from cluster.durability.recovery import Recovered, recover_from, trim_journal
+from cluster.durability.recovery import Recovered, recover, trim_journal
 from cluster.durability.snapshot import (
     DEFAULT_KEEP,
     Snapshot,
@@ -202,7 +202,7 @@ class JournalStore:
         started = time.perf_counter()
         snapshot = self._snapshot
         self._snapshot = None  # the state holds what it needs of it
-        recovered = recover_from(self.journal, snapshot, restore, apply_batch, decode=decode)
+        recovered = recover(self.journal, snapshot, restore, apply_batch, decode=decode)
         self.recovery_s = time.perf_counter() - started
         self._snapshot_seq = recovered.snapshot_seq
         self.recovered = recovered

@@ -24,6 +24,7 @@ from cluster.durability.recovery import recover
 from cluster.durability.recovery import trim_journal
 from cluster.durability.snapshot import Snapshot
 from cluster.durability.snapshot import list_snapshots
+from cluster.durability.snapshot import load_latest_snapshot
 from cluster.durability.snapshot import prune_snapshots
 from cluster.durability.snapshot import snapshot_path
 from cluster.durability.snapshot import write_snapshot
@@ -358,20 +359,20 @@ class Platform:
 
     def recover(self) -> tuple[ShardState, LedgerState]:
         with Journal(self.root / "shard" / "journal", fsync=False) as sj:
-            shard = recover(sj, self.root / "shard" / "snapshots", ShardState.restore,
-                            ShardState.apply).state
+            shard = recover(sj, load_latest_snapshot(self.root / "shard" / "snapshots"),
+                            ShardState.restore, ShardState.apply).state
         with Journal(self.root / "ledger" / "journal", fsync=False) as lj:
-            ledger = recover(lj, self.root / "ledger" / "snapshots", LedgerState.restore,
-                             LedgerState.apply).state
+            ledger = recover(lj, load_latest_snapshot(self.root / "ledger" / "snapshots"),
+                             LedgerState.restore, LedgerState.apply).state
         return shard, ledger
 
     def full_replay(self) -> tuple[ShardState, LedgerState]:
         with Journal(self.root / "twin-shard", readonly=True) as sj, \
                 Journal(self.root / "twin-ledger", readonly=True) as lj:
-            shard = recover(sj, self.root / "no-snapshots", ShardState.restore,
-                            ShardState.apply)
-            ledger = recover(lj, self.root / "no-snapshots", LedgerState.restore,
-                             LedgerState.apply)
+            shard = recover(sj, load_latest_snapshot(self.root / "no-snapshots"),
+                            ShardState.restore, ShardState.apply)
+            ledger = recover(lj, load_latest_snapshot(self.root / "no-snapshots"),
+                             LedgerState.restore, LedgerState.apply)
         assert shard.snapshot_seq == ledger.snapshot_seq == 0
         return shard.state, ledger.state
 
@@ -449,8 +450,8 @@ def test_corrupt_newest_snapshot_falls_back_to_the_previous_one(tmp_path: Path) 
     with Journal(tmp_path / "shard" / "journal", fsync=False) as sj:
         # the journal was kept back to the older snapshot, so its tail is still there
         assert sj.first_seq <= snaps[1][0] + 1
-        result = recover(sj, tmp_path / "shard" / "snapshots", ShardState.restore,
-                         ShardState.apply)
+        result = recover(sj, load_latest_snapshot(tmp_path / "shard" / "snapshots"),
+                         ShardState.restore, ShardState.apply)
     assert result.snapshot_seq == snaps[1][0]
     assert result.replayed == result.last_seq - snaps[1][0] > 0
     assert_same_shard(p.shard, result.state, p.ledger.applied.get(SHARD, 0))
@@ -464,8 +465,8 @@ def test_journal_behind_its_snapshot_moves_forward(tmp_path: Path) -> None:
     for segment in (tmp_path / "ledger" / "journal").glob("*.wal"):
         segment.unlink()  # the journal is lost, the snapshot holds everything
     with Journal(tmp_path / "ledger" / "journal", fsync=False) as lj:
-        result = recover(lj, tmp_path / "ledger" / "snapshots", LedgerState.restore,
-                         LedgerState.apply)
+        result = recover(lj, load_latest_snapshot(tmp_path / "ledger" / "snapshots"),
+                         LedgerState.restore, LedgerState.apply)
         assert (result.snapshot_seq, result.replayed, result.last_seq) == (seq, 0, seq)
         assert lj.append(b"next") == seq + 1  # never reuses a seq the snapshot covers
     assert_same_ledger(p.ledger, result.state)
@@ -480,12 +481,14 @@ def test_missing_records_after_the_snapshot_are_an_error(tmp_path: Path) -> None
     with Journal(tmp_path / "shard" / "journal", fsync=False) as sj:
         assert sj.first_seq > 1
         with pytest.raises(RecoveryError):
-            recover(sj, tmp_path / "shard" / "snapshots", ShardState.restore, ShardState.apply)
+            recover(sj, load_latest_snapshot(tmp_path / "shard" / "snapshots"),
+                    ShardState.restore, ShardState.apply)
 
 
 def test_fresh_start_without_anything(tmp_path: Path) -> None:
     with Journal(tmp_path / "j") as j:
-        result = recover(j, tmp_path / "snaps", ShardState.restore, ShardState.apply)
+        result = recover(j, load_latest_snapshot(tmp_path / "snaps"),
+                         ShardState.restore, ShardState.apply)
     assert (result.snapshot_seq, result.replayed, result.last_seq) == (0, 0, 0)
     assert len(result.state.book) == 0
     assert not snapshot_path(tmp_path / "snaps", 0).exists()
@@ -503,7 +506,8 @@ def test_a_replay_that_ends_early_is_an_error(tmp_path: Path) -> None:
     data[-3] ^= 0xFF  # damaged after the reader opened: the last record no longer checks out
     segment.write_bytes(bytes(data))
     with pytest.raises(RecoveryError, match="stopped at 4"):
-        recover(reader, tmp_path / "snaps", ShardState.restore, ShardState.apply)
+        recover(reader, load_latest_snapshot(tmp_path / "snaps"),
+                ShardState.restore, ShardState.apply)
 
 
 def test_snapshot_written_off_thread_while_the_actor_keeps_journaling(tmp_path: Path) -> None:
