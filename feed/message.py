@@ -84,7 +84,9 @@ def message_from_ticks(asset: Asset, bid_ticks: int, ask_ticks: int, ts_us: int,
 
 
 MAX_MESSAGE_BYTES = 4096  # a real message is about 200 bytes; anything far larger is dropped
-MAX_SOURCE_CHARS = 64  # ``source`` is journaled with every tick a shard applies
+# ``source`` is journaled with every tick a shard applies, behind a one-byte length: the bound
+# is on its UTF-8 bytes (64 characters of 4 bytes each would not fit that length)
+MAX_SOURCE_BYTES = 64
 
 # Drop reasons of the decoder, in the order they are checked.
 DECODE_DROP_REASONS = ("oversized", "too_deep", "not_json", "unknown_symbol", "bad_price",
@@ -102,10 +104,10 @@ class TickDecoder:
     the asset's price step; price, one decimal finer, not exactly ``(bid + ask) / 2``),
     ``crossed`` (bid > ask), ``above_bound`` (ask above the asset's
     :attr:`~engine.assets.Asset.max_price_ticks`), ``bad_field`` (``ts_us`` not an integer in
-    ``(0, 2**63)``, ``seq`` not one in ``[0, 2**63)``, ``source`` longer than
-    :data:`MAX_SOURCE_CHARS`), and, when ``now_us`` is given, ``future`` (``ts_us`` more than
-    ``bounds.max_clock_skew_us`` ahead of ``now_us``) and ``stale`` (more than
-    ``bounds.max_price_age_us`` behind). Unknown fields are ignored. ``seq`` may be absent (0);
+    ``(0, 2**63)``, ``seq`` not one in ``[0, 2**63)``, ``source`` over
+    :data:`MAX_SOURCE_BYTES` bytes of UTF-8), and, when ``now_us`` is given, ``future``
+    (``ts_us`` more than ``bounds.max_clock_skew_us`` ahead of ``now_us``) and ``stale`` (more
+    than ``bounds.max_price_age_us`` behind). Unknown fields are ignored. ``seq`` may be absent (0);
     a missing or non-text ``source`` reads ``unknown``. No input makes it raise.
     """
 
@@ -152,7 +154,7 @@ class TickDecoder:
         source = obj.get("source")
         if not (_is_int(ts_us) and 0 < ts_us < TS_US_LIMIT and _is_int(seq)
                 and 0 <= seq < SEQ_LIMIT) or (isinstance(source, str)
-                                              and len(source) > MAX_SOURCE_CHARS):
+                                              and _utf8_len(source) > MAX_SOURCE_BYTES):
             self._drop("bad_field")
             return None
         if now_us is not None:
@@ -169,6 +171,12 @@ class TickDecoder:
 
 def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _utf8_len(text: str) -> int:
+    """Bytes of ``text`` as the journal writes it (UTF-8; a lone surrogate, which a JSON
+    ``\\ud800`` escape makes, takes 3)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def _units(value: object, decimals: int) -> int | None:

@@ -8,6 +8,8 @@ import json
 import pytest
 from engine.assets import DEFAULT_ASSETS
 from engine.assets import Asset
+from engine.events import TickApplied
+from engine.events import encode
 from engine.market import Tick
 from feed.message import DECODE_DROP_REASONS
 from feed.message import MAX_MESSAGE_BYTES
@@ -199,3 +201,18 @@ def test_random_json_objects_never_raise(obj: dict[str, object]) -> None:
     tick = dec.decode(raw, now_us=NOW)
     assert (tick is None) == (sum(dec.dropped.values()) == 1)
     assert set(dec.dropped) <= set(DECODE_DROP_REASONS)
+
+
+@pytest.mark.parametrize("source", ["\U0001F600" * 16, "\u00e9" * 32, "\ud800" * 21, "x" * 64])
+def test_a_source_the_decoder_accepts_fits_the_journal(source: str) -> None:
+    """``source`` is journaled with every tick a shard applies, behind a one-byte length. Its
+    bound was 64 characters, and 64 characters of four UTF-8 bytes do not fit that length: the
+    decoder took the tick (the feed showed the price and built candles from it) and every shard
+    then refused it, unable to journal it. The bound is on the bytes now."""
+    dec = TickDecoder(DEFAULT_ASSETS)
+    tick = dec.decode(enc(source=source))
+    assert tick is not None and tick.source == source
+    encode(TickApplied(tick.bid_ticks, tick.ask_ticks, tick.ts_us, tick.seq, tick.source))
+    for longer in ("\U0001F600" * 17, "\u00e9" * 33, "\ud800" * 22, "\U0001F600" * 64):
+        assert dec.decode(enc(source=longer)) is None
+    assert dec.dropped == {"bad_field": 4}
