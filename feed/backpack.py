@@ -35,13 +35,18 @@ ERROR_LOG_EVERY_S = 60.0  # error frames after the first are logged at most this
 
 def retry_after_s(exc: BaseException) -> float | None:
     """The delay a refused handshake (429 or 503) asks for in its ``Retry-After`` header, in
-    seconds (at most :data:`MAX_RETRY_AFTER_S`); None when it asks for none (an HTTP date is
-    not followed: the backoff applies)."""
+    seconds (at most :data:`MAX_RETRY_AFTER_S`); None when it asks for none (an HTTP date, or
+    more than one ``Retry-After``, is not followed: the backoff applies)."""
     response = getattr(exc, "response", None)
     if not isinstance(exc, websockets.exceptions.InvalidStatus) or response is None \
             or response.status_code not in (429, 503):
         return None
-    value = response.headers.get("Retry-After", "").strip()
+    # get_all, not get: get raises on a repeated header, and that error escaped the source's
+    # reconnect loop (restarted every second, neither backing off nor falling back to sim)
+    values = response.headers.get_all("Retry-After")
+    if len(values) != 1:
+        return None
+    value = values[0].strip()
     if not value.isascii() or not value.isdigit():
         return None
     return min(float(value), MAX_RETRY_AFTER_S)

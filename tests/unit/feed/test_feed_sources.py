@@ -234,3 +234,16 @@ def test_retry_after_of_a_refused_handshake(status: int, header: str | None,
     headers = Headers() if header is None else Headers({"Retry-After": header})
     assert retry_after_s(InvalidStatus(Response(status, "x", headers))) == delay_s
     assert retry_after_s(OSError("refused")) is None
+
+
+def test_a_repeated_retry_after_is_not_followed_and_does_not_raise() -> None:
+    """A refusal with two ``Retry-After`` headers made ``retry_after_s`` raise (the headers'
+    ``get`` refuses a repeated name), from inside the client's reconnect loop: the source
+    failed, was started again a second later without its backoff, and ``auto`` never fell back
+    to sim. Two values say no one delay: the backoff applies."""
+    from websockets.datastructures import Headers
+    from websockets.exceptions import InvalidStatus
+    from websockets.http11 import Response
+
+    headers = Headers([("Retry-After", "5"), ("Retry-After", "7")])
+    assert retry_after_s(InvalidStatus(Response(429, "x", headers))) is None
