@@ -27,6 +27,11 @@ DROP_REASONS = ("oversized", "too_deep", "malformed", "unknown_symbol", "null_si
 MAX_FRAME_BYTES = 1 << 20  # a bookTicker frame is about 250 bytes; larger frames are dropped
 MAX_IGNORED_EVENTS = 32  # distinct event types counted by name; the rest count as "other"
 MAX_ERROR_TEXT = 200  # characters of a server error message kept
+# Frames of a symbol in a row whose update id is below the last accepted one, after which that
+# id is forgotten: a real update never trails that many newer ones, so the last accepted id was
+# the odd one (a corrupt frame, or ids the exchange restarted), and keeping it would drop every
+# frame of the symbol for as long as the connection lasts.
+MAX_STALE_RUN = 16
 
 
 def subscribe_request(assets: AssetRegistry) -> dict[str, Any]:
@@ -51,10 +56,10 @@ class FrameNormalizer:
     deeper than ``feed.payload.MAX_DEPTH``, not JSON or not of the frame shape, ``T``/``u`` not
     integers in range, an unknown symbol, a null side, a zero/negative/non-finite/unparsable/
     off-step price, bid > ask, an ask above the asset's ``max_price_ticks``, an update id older
-    than the last one seen for that symbol), ``ignored[event]`` for other event types (depth,
-    ticker, markPrice...; at most :data:`MAX_IGNORED_EVENTS` names), ``errors`` for error
-    frames, ``accepted`` for messages produced. A dropped frame never becomes a price, least of
-    all a price of 0.
+    than the last one seen for that symbol, up to :data:`MAX_STALE_RUN` in a row),
+    ``ignored[event]`` for other event types (depth, ticker, markPrice...; at most
+    :data:`MAX_IGNORED_EVENTS` names), ``errors`` for error frames, ``accepted`` for messages
+    produced. A dropped frame never becomes a price, least of all a price of 0.
     """
 
     def __init__(self, assets: AssetRegistry, source: str = "backpack") -> None:
@@ -65,10 +70,12 @@ class FrameNormalizer:
         self.errors = 0
         self.accepted = 0
         self._last_seq: dict[str, int] = {}
+        self._stale_run: dict[str, int] = {}  # frames dropped as stale_seq in a row, by symbol
 
     def reset_sequences(self) -> None:
         """Forget the last update id per symbol (on a new connection the exchange may restart)."""
         self._last_seq.clear()
+        self._stale_run.clear()
 
     def feed(self, raw: str | bytes) -> MarketDataMessage | ErrorFrame | None:
         """One raw frame in; never raises, whatever the frame holds (a frame that cannot be
@@ -144,8 +151,12 @@ class FrameNormalizer:
             return None
         last = self._last_seq.get(asset.symbol)
         if last is not None and seq < last:
-            self.dropped["stale_seq"] += 1
-            return None
+            run = self._stale_run.get(asset.symbol, 0) + 1
+            if run <= MAX_STALE_RUN:
+                self._stale_run[asset.symbol] = run
+                self.dropped["stale_seq"] += 1
+                return None
+        self._stale_run.pop(asset.symbol, None)
         self._last_seq[asset.symbol] = seq
         bid = asset.ticks_to_price(bid_ticks)
         ask = asset.ticks_to_price(ask_ticks)

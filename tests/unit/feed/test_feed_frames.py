@@ -10,6 +10,7 @@ from engine.assets import DEFAULT_ASSETS
 from feed.frames import DROP_REASONS
 from feed.frames import MAX_FRAME_BYTES
 from feed.frames import MAX_IGNORED_EVENTS
+from feed.frames import MAX_STALE_RUN
 from feed.frames import ErrorFrame
 from feed.frames import FrameNormalizer
 from feed.frames import subscribe_request
@@ -166,6 +167,25 @@ def test_older_update_id_is_dropped_equal_and_newer_pass() -> None:
     assert norm.dropped == {"stale_seq": 1}
     norm.reset_sequences()
     assert isinstance(norm.feed(json.dumps(book(u=5))), MarketDataMessage)
+
+
+def test_one_corrupt_update_id_does_not_freeze_the_symbol() -> None:
+    """One frame with an update id far ahead (2**63 - 1 is in range) made every later frame of
+    its symbol ``stale_seq`` for as long as the connection lasted: frames kept coming, so no
+    silence ended it, and the symbol's price froze until its age stopped all trading in it. A
+    run of older ids means the odd one was the last accepted: after :data:`MAX_STALE_RUN` of
+    them its id is forgotten."""
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    assert isinstance(norm.feed(json.dumps(book(u=100))), MarketDataMessage)
+    assert isinstance(norm.feed(json.dumps(book(u=2**63 - 1))), MarketDataMessage)
+    out = [norm.feed(json.dumps(book(u=101 + i))) for i in range(MAX_STALE_RUN + 10)]
+    assert out[:MAX_STALE_RUN] == [None] * MAX_STALE_RUN
+    assert all(isinstance(m, MarketDataMessage) for m in out[MAX_STALE_RUN:])
+    assert norm.dropped == {"stale_seq": MAX_STALE_RUN}
+    # a lone older id is still dropped, and the run starts again from nothing
+    assert norm.feed(json.dumps(book(u=50))) is None
+    assert isinstance(norm.feed(json.dumps(book(u=200))), MarketDataMessage)
+    assert norm.dropped == {"stale_seq": MAX_STALE_RUN + 1}
 
 
 def test_routing_uses_data_not_stream_name() -> None:
