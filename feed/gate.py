@@ -1,12 +1,12 @@
 """The last filter before the shards: per asset, updates in order and no unconfirmed jumps.
 
 A decoded tick may still be one the engine must not act on: older than the update already
-delivered for its asset (``out_of_order``), or a mid far from the last accepted one. Such a jump
-may be the market gapping or a bad print; one tick cannot tell, the next one can. So a jump is
-held back and accepted only if the next tick of the asset lies within the band around it (the
-move is confirmed: the held tick is delivered, then the confirming one, so the engine sweeps
-the price the market gapped to); otherwise the held tick is dropped as ``jump`` and the next
-tick is judged on its own.
+delivered for its asset, or that update again (``out_of_order``), or a mid far from the last
+accepted one. Such a jump may be the market gapping or a bad print; one tick cannot tell, the
+next one can. So a jump is held back and accepted only if the next tick of the asset lies
+within the band around it (the move is confirmed: the held tick is delivered, then the
+confirming one, so the engine sweeps the price the market gapped to); otherwise the held tick
+is dropped as ``jump`` and the next tick is judged on its own.
 """
 
 from __future__ import annotations
@@ -51,9 +51,11 @@ class TickGate:
 
     def is_older(self, tick: Tick) -> bool:
         """True (and counted as ``out_of_order``) when ``tick`` is older, by ``(ts_us, seq)``,
-        than the last tick delivered for its asset."""
+        than the last tick delivered for its asset, or is that tick again."""
         last = self.last.get(tick.asset)
-        if last is not None and _order(tick) < _order(last):
+        # the same tick again (a message the topic holds twice: a producer's retry, a consumer
+        # repositioned one message back) would be swept, charted and counted in a candle twice
+        if last is not None and (_order(tick) < _order(last) or tick == last):
             self.dropped["out_of_order"] += 1
             return True
         return False

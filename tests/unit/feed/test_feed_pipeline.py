@@ -106,3 +106,20 @@ def test_drops_for_operators() -> None:
     assert lines[0] == "# TYPE shardex_feed_dropped_total counter"
     assert 'shardex_feed_dropped_total{reason="jump"} 2' in lines
     assert len(lines) == 1 + len(DROP_REASONS)
+
+
+def test_a_message_read_twice_is_delivered_once() -> None:
+    """The topic can hold a message twice (a producer's retry after a lost acknowledgement),
+    and the consumer reads the last one again when it repositions a partition one message
+    back. The gate let the same tick through again: it went to the shards and to the candles a
+    second time (``tick_count`` counted it twice, the bookTicker stream sent it twice). It is
+    dropped as ``out_of_order``, the last delivered update again; an update with the same
+    ``(ts_us, seq)`` and another price still passes."""
+    p = pipeline()
+    first = p.ingest([[rec("ETH", 300_000, NOW - 5)]], NOW)
+    assert len(first) == 1
+    assert p.ingest([[rec("ETH", 300_000, NOW - 5)]], NOW) == []
+    assert p.dropped()["out_of_order"] == 1
+    assert [t for _, ticks in p.take_ready() for t in ticks] == first
+    assert [t.bid_ticks for t in p.ingest([[rec("ETH", 300_001, NOW - 5, NOW - 5)]], NOW)] \
+        == [300_001]
