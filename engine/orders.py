@@ -276,7 +276,10 @@ def plan_open_arrays(asset: Asset, side: np.ndarray, margin_micros: np.ndarray,
     long = side == 0
     tp_ok = (tp == 0) | np.where(long, tp > entry, (tp > 0) & (tp < entry))
     sl_ok = (sl == 0) | np.where(long, (sl > liq) & (sl < entry), (sl > entry) & (sl < liq))
-    ok &= tp_ok & sl_ok & (tp >= 0) & (sl >= 0)
+    # plan_open refuses a level above MAX_COLUMN_VALUE (the book could not hold it); a
+    # long's take-profit has no other upper bound, so without this it passed here
+    ok &= tp_ok & sl_ok & (tp >= 0) & (sl >= 0) & (tp <= MAX_COLUMN_VALUE) \
+        & (sl <= MAX_COLUMN_VALUE)
     ok &= np.where(long, bid > liq, ask < liq)  # not already liquidatable (WOULD_LIQUIDATE)
     plans = {
         "side": side, "entry_ticks": entry, "qty_steps": qty, "margin_micros": margin,

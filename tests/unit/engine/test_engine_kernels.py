@@ -11,6 +11,7 @@ from engine.assets import DEFAULT_ASSETS
 from engine.assets import Asset
 from engine.marking import unrealized_pnl_atoms
 from engine.marking import unrealized_pnl_micros
+from engine.orders import MAX_COLUMN_VALUE
 from engine.orders import CloseReason
 from engine.orders import OpenPlan
 from engine.orders import Side
@@ -181,3 +182,18 @@ def test_plan_open_arrays_takes_a_margin_whose_products_leave_int64() -> None:
         assert ok.tolist() == [True]
         fields: dict[str, Any] = {f: int(v[0]) for f, v in plans.items()}
         assert OpenPlan(**{**fields, "side": Side(fields["side"])}) == want
+
+
+def test_plan_open_arrays_refuses_a_level_plan_open_finds_too_large() -> None:
+    """A long's take-profit above MAX_COLUMN_VALUE (up to the int64 column's limit): plan_open
+    refuses it (INVALID_TRIGGER), so the vectorised planner must not mark it accepted (the
+    book's bulk open then refused the whole load)."""
+    sol = DEFAULT_ASSETS["SOL"]
+    tps = [MAX_COLUMN_VALUE, MAX_COLUMN_VALUE + 1, 2**63 - 1]
+    _, ok = plan_open_arrays(sol, np.zeros(3, dtype=np.int64), np.full(3, 100 * 10**6),
+                             np.full(3, 10), 10_000, 10_001, np.array(tps),
+                             np.zeros(3, dtype=np.int64))
+    want = [isinstance(plan_open(sol, Side.LONG, 100 * 10**6, 10, 10_000, 10_001, tp, None),
+                       OpenPlan) for tp in tps]
+    assert want == [True, False, False]
+    assert ok.tolist() == want
