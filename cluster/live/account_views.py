@@ -21,11 +21,13 @@ itself up to date with those events instead of asking the shards again:
 
 A view is dropped, and the next read is a full one that loads it again, when the ledger no
 longer keeps the events it needs, on a partial close (its remainder's terms are the shard's to
-compute), and for :data:`DISTRUST_S` after a write for the account failed (its outcome may be
-unknown: the reconciler settles it at the shards, and until it does a full read shows what the
-shards hold). At most :data:`MAX_VIEWS` accounts are kept (the least recently read dropped
-first), each with at most :data:`MAX_VIEW_POSITIONS` positions (a larger one is read in full).
-A full read that misses a shard (recovering) is not kept.
+compute), on an order fill whose position no ``positionOpened`` follows (the courier sends the
+positions fills opened only when the shard answers its read), and for :data:`DISTRUST_S`
+after a write for the account failed (its outcome may be unknown: the reconciler settles it
+at the shards, and until it does a full read shows what the shards hold). At most
+:data:`MAX_VIEWS` accounts are kept (the least recently read dropped first), each with at most
+:data:`MAX_VIEW_POSITIONS` positions (a larger one is read in full). A full read that misses a
+shard (recovering) is not kept.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from engine import account_events
 from engine.account_events import AccountEvent, Balance
 from engine.assets import AssetRegistry
 from engine.market import Tick
-from engine.messages import ClosedPosition, OpenPosition, Principal
+from engine.messages import ClosedPosition, EndedOrder, OpenPosition, Principal
+from engine.order_book import OrderStatus
 from engine.settlement import exit_price_ticks, pnl_micros
 
 MAX_VIEWS = 10_000
@@ -149,7 +152,9 @@ class AccountViews:
 
     def _apply(self, view: View, events: list[AccountEvent]) -> bool:
         """Apply the events after ``view.seq`` in order; False when the view cannot follow
-        them (a gap, a partial close, too many positions)."""
+        them (a gap, a partial close, a fill whose position it was not told, too many
+        positions)."""
+        filled: set[int] = set()  # positions opened by fills, until shown open or closed
         for event in events:
             if event.seq <= view.seq:
                 continue
@@ -165,8 +170,14 @@ class AccountViews:
                 if body.partial:
                     return False
                 view.positions.pop(body.position_id, None)
+                filled.discard(body.position_id)
+            elif isinstance(body, EndedOrder) and body.status == OrderStatus.FILLED:
+                filled.add(body.position_id)
             view.seq = event.seq
-        return len(view.positions) <= MAX_VIEW_POSITIONS
+        # a fill's position is told by the positionOpened the ledger records right after it,
+        # which it can only make when the courier read the position from the shard: without
+        # it, only the shard knows the position, and the view would leave it out for good
+        return len(view.positions) <= MAX_VIEW_POSITIONS and filled <= view.positions.keys()
 
     async def _load(self, who: Principal) -> AccountState:
         self.counts["view_loads"] += 1

@@ -21,7 +21,9 @@ from engine.order_book import OrderKind
 from engine.orders import Side
 from engine.results import Code
 from engine.results import Rejected
+from engine.shard_machine import PositionsOf
 from tests.unit.cluster.faulty_ports import Down
+from tests.unit.cluster.faulty_ports import FailingBatches
 from tests.unit.cluster.local_platform import USD
 from tests.unit.cluster.local_platform import Platform
 from tests.unit.cluster.local_platform import build_platform
@@ -146,6 +148,26 @@ async def test_a_partial_close_reloads_the_view_from_a_full_read(market: Market)
     assert seen == await svc._read_state(who)
     assert seen.positions[0].qty_steps == p.qty_steps - p.qty_steps // 3
     assert views.counts["view_loads"] == loads + 1
+    await market.same_as_full_read(who)  # and kept again
+
+
+async def test_a_fill_whose_position_was_not_told_reloads_the_view(market: Market) -> None:
+    svc, sol = market.service, market.p.settings.assets["SOL"]
+    who = await signup(svc)
+    await svc.place_order(who, PlaceOrder("SOL", Side.LONG, OrderKind.LIMIT,
+                                          sol.price_to_ticks("99.00"), 40 * USD, 10))
+    await market.same_as_full_read(await _loaded(svc, who))
+    # the shard does not answer the courier's read of the positions its fills opened: the
+    # fill reaches the ledger without the positionOpened that follows it
+    courier = market.p.hosts.courier
+    name = next(n for n in courier.shards if "SOL" in n)
+    courier.shards[name] = FailingBatches(courier.shards[name], PositionsOf)
+    await market.tick("SOL", "98.90", "98.95")
+    seen = await svc.state(who)
+    assert seen == await svc._read_state(who)
+    assert len(seen.positions) == 1  # and its unrealized PnL counted in the equity
+    assert seen.equity_micros == seen.free_micros + seen.margin_micros \
+        + seen.positions[0].unrealized_pnl_micros
     await market.same_as_full_read(who)  # and kept again
 
 
