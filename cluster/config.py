@@ -193,6 +193,13 @@ class Settings:
         return max(self.api_replicas, self.api_max_replicas)
 
     @property
+    def api_ports(self) -> range:
+        """The ports the API listens on: PORT; behind the front door also the replicas' above
+        it and the door's own three listeners after those."""
+        slots = self.replica_slots
+        return range(self.port, self.port + (slots + 4 if slots > 1 else 1))
+
+    @property
     def autoscaled(self) -> bool:
         """Serve scales the API between API_REPLICAS and API_MAX_REPLICAS by its load."""
         return self.api_max_replicas > self.api_replicas

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cluster.actors.names import FEED, LEDGER, NAMESPACE
-from cluster.config import MARKET_TOPIC, ConfigError, Settings
+from cluster.config import EMBEDDED_BROKER, MARKET_TOPIC, ConfigError, Settings
 from cluster.trading.placement import ShardSpec, shard_layout
 from engine.ledger import AuditDifference
 from engine.shard_machine import LastTick, Stats
@@ -138,6 +138,7 @@ class Platform:
         return self
 
     def _start(self) -> None:
+        self._refuse_a_broker_on_the_api()
         if not self.settings.ray_address and "ray" not in sys.modules:
             # A Ray started here is single-host: without this, Ray advertises the host's first
             # interface instead of the loopback address it was asked for. Read at import.
@@ -251,6 +252,20 @@ class Platform:
         if source is not None:
             self._resume_source(source)
             self._start_feed_thread(source)
+
+    def _refuse_a_broker_on_the_api(self) -> None:
+        """LaunchError when the embedded broker would listen on a port of the API: it starts
+        first and takes the port, and the API then fails to deploy after Ray has started."""
+        if self.bootstrap is not None or self.settings.kafka_brokers:
+            return  # no embedded broker
+        broker = self.broker_port or int(EMBEDDED_BROKER.rpartition(":")[2])
+        ports = self.settings.api_ports
+        if broker in ports:
+            taken = f"PORT {ports[0]}" if len(ports) == 1 else \
+                f"PORT {ports[0]} and the front door's ports up to {ports[-1]}"
+            raise LaunchError(f"the embedded broker's port {broker} is one the API listens on "
+                              f"({taken}): set another PORT, or move the broker with "
+                              "--broker-port")
 
     @property
     def address_file(self) -> Any:

@@ -24,6 +24,7 @@ from cluster.config import Settings
 from feed.broker import ProcessIdentity
 from feed.broker import check_bindable
 from feed.broker import free_port
+from feed.broker import free_ports
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -262,3 +263,24 @@ def test_a_replay_without_a_price_stops_the_feed_before_it_starts(tmp_path: Path
         f"shardex feed: replay: {recording} holds no valid bookTicker frame of SOL,BTC,ETH"), \
         done.stderr
     assert "Traceback" not in done.stderr and took_s < 30, (took_s, done.stderr)
+
+
+@pytest.mark.parametrize(("replicas", "above"), [(1, 0), (2, 0), (2, 2), (2, 5)])
+def test_an_api_port_the_embedded_broker_listens_on_is_refused_before_anything_starts(
+        replicas: int, above: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PORT (or, behind the front door, a port of the replicas or of the door's listeners
+    above it) on the embedded broker's port: the broker took it first and the API could not
+    listen there; the start ended in a traceback from Serve after Ray had started."""
+    def no_broker(_self: Platform) -> None:
+        raise AssertionError("the broker started")
+
+    monkeypatch.setattr(Platform, "_start_broker", no_broker)
+    port = free_ports(replicas + 4)
+    settings = dataclasses.replace(Settings(), data_dir=tmp_path, port=port,
+                                   api_replicas=replicas)
+    with pytest.raises(LaunchError) as refused:
+        Platform(settings, broker_port=port + above, durable=True).start()
+    assert str(refused.value).startswith(
+        f"the embedded broker's port {port + above} is one the API listens on"), refused.value
+    assert "--broker-port" in str(refused.value) and "PORT" in str(refused.value)
+    assert not (tmp_path / "layout.json").exists()
