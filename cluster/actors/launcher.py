@@ -733,10 +733,10 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
             platform.start()
         except ConfigError:
             raise
-        except (LaunchError, ValueError, OSError, TimeoutError) as exc:
+        except _start_failures() as exc:  # evaluated once it failed: Ray is imported then
             if stopping.is_set():
                 return 0  # Ctrl-C while the start waited
-            print(f"shardex: cannot start: {exc}", file=sys.stderr)
+            print(f"shardex: cannot start: {_start_failure_text(exc)}", file=sys.stderr)
             return 1
         # ray.init installs its own SIGTERM handler (exit without cleanup): take it back
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -754,6 +754,28 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
             signal.signal(sig, handler)
         if stopping.is_set():
             print("shardex: stopped", flush=True)
+
+
+def _start_failures() -> tuple[type[BaseException], ...]:
+    """What a start that failed raises: ours, the system's, and Ray's and Serve's own (a host
+    whose constructor failed, an API Serve could not deploy) once they are imported."""
+    failures: tuple[type[BaseException], ...] = (RuntimeError, ValueError, OSError,
+                                                 TimeoutError)
+    for module, name in (("ray.exceptions", "RayError"),
+                         ("ray.serve.exceptions", "RayServeException")):
+        if module in sys.modules:
+            failures += (getattr(sys.modules[module], name),)
+    return failures
+
+
+def _start_failure_text(exc: BaseException) -> str:
+    """``exc``'s message; of a Ray error only its last line: it carries the remote traceback,
+    whose last line names the exception that failed the start."""
+    text = str(exc)
+    if type(exc).__module__.startswith("ray."):
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        text = lines[-1] if lines else type(exc).__name__
+    return text
 
 
 class NotRunning(RuntimeError):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,41 @@ def test_an_api_port_the_embedded_broker_listens_on_is_refused_before_anything_s
         f"the embedded broker's port {port + above} is one the API listens on"), refused.value
     assert "--broker-port" in str(refused.value) and "PORT" in str(refused.value)
     assert not (tmp_path / "layout.json").exists()
+
+
+def _died_in_its_constructor() -> Exception:
+    """What ``ray.get`` raises for a host whose constructor failed (Ray does not restart it):
+    the message holds the constructor's whole traceback."""
+    from ray.exceptions import ActorDiedError
+    from ray.exceptions import RayTaskError
+
+    try:
+        raise NotADirectoryError(20, "Not a directory", "/data/ledger/journal")
+    except NotADirectoryError as exc:
+        import traceback
+
+        return ActorDiedError(RayTaskError("ledger:MachineHost.__init__", traceback.format_exc(),
+                                           exc, pid=1, ip="127.0.0.1"))
+
+
+@pytest.mark.parametrize(("failure", "line"), [
+    (_died_in_its_constructor, "NotADirectoryError: [Errno 20] Not a directory: "
+                               "'/data/ledger/journal'"),
+    (lambda: RuntimeError("Deploying application shardex failed: Failed to update the "
+                          "deployments ['api']."),
+     "Deploying application shardex failed: Failed to update the deployments ['api']."),
+], ids=["host", "serve"])
+def test_a_start_that_fails_inside_ray_is_one_line_not_a_traceback(
+        failure: Callable[[], Exception], line: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A host that cannot open its journal (a damaged or unwritable DATA_DIR), an API that
+    Serve could not deploy: `up` printed Ray's traceback (the host's own inside it)."""
+    from cluster.actors import launcher
+
+    def fail(_self: Platform) -> Platform:
+        raise failure()
+
+    monkeypatch.setattr(Platform, "start", fail)
+    settings = dataclasses.replace(Settings(), data_dir=tmp_path, port=free_port())
+    assert launcher.up(settings, with_feed=False) == 1
+    assert capsys.readouterr().err == f"shardex: cannot start: {line}\n"
