@@ -693,8 +693,7 @@ def check_layout(settings: Settings, record: bool = False) -> None:
         recorded = json.loads(path.read_text())["shards"]
     except FileNotFoundError:
         if record:
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"shards": wanted}))
+            _write_whole(path, json.dumps({"shards": wanted}))
         return
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LaunchError(f"cannot read {path}: {exc}") from None
@@ -708,6 +707,25 @@ def check_layout(settings: Settings, record: bool = False) -> None:
                           f"SHARDS={','.join(f'{a}={n}' for a, n in splits.items())}, and its "
                           "ids carry that layout: set those, or use a new DATA_DIR for another "
                           "layout")
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """``text`` in ``path``, whole or not at all, on disk before the ids it covers: a torn or
+    empty file (a full disk, a kill, a power cut) would refuse every later start."""
+    from cluster.durability.journal import create_directory, fsync_directory
+
+    create_directory(path.parent)
+    temp = path.with_name(path.name + ".tmp")
+    try:
+        with open(temp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+    fsync_directory(path.parent)
 
 
 def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> int:

@@ -323,3 +323,26 @@ def test_a_start_that_fails_inside_ray_is_one_line_not_a_traceback(
     settings = dataclasses.replace(Settings(), data_dir=tmp_path, port=free_port())
     assert launcher.up(settings, with_feed=False) == 1
     assert capsys.readouterr().err == f"shardex: cannot start: {line}\n"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE semantics")
+def test_a_layout_the_disk_could_not_take_does_not_refuse_the_next_start(tmp_path: Path) -> None:
+    """The first start's layout write fails (a full disk: here a file size limit of 0): the
+    next start records it. The failed write had left an empty layout.json, which refused
+    every later start ("cannot read ...layout.json") until removed by hand."""
+    code = ("import dataclasses, pathlib, resource, signal, sys; "
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)); "
+            "from cluster.actors.launcher import check_layout; "
+            "from cluster.config import Settings; "
+            "check_layout(dataclasses.replace(Settings(), data_dir=pathlib.Path(sys.argv[1])), "
+            "record=True)")
+    full = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=60)
+    assert full.returncode != 0 and "File too large" in full.stderr, full.stderr
+    settings = dataclasses.replace(Settings(), data_dir=tmp_path)
+    check_layout(settings, record=True)
+    check_layout(dataclasses.replace(settings, shards={}))
+    with pytest.raises(LaunchError, match="SHARDS=SOL=1,BTC=1,ETH=1"):
+        check_layout(dataclasses.replace(settings, shards={"SOL": 2}))
