@@ -1008,11 +1008,13 @@ def _audit_live(settings: Settings, as_json: bool) -> int:
     import ray
 
     from cluster.actors.deploy import service_from_names
+    from cluster.actors.port import Unavailable
 
     try:
         problems, totals = asyncio.run(
             service_from_names(settings, namespace=NAMESPACE).audit())
-    except (ValueError, ray.exceptions.RayError) as exc:
+    # Unavailable: the ports' one error for a host that does not answer (Ray's failures)
+    except (ValueError, Unavailable, ray.exceptions.RayError) as exc:
         print(f"shardex audit: the platform does not answer: {exc}", file=sys.stderr)
         return 2
     return _print_audit(problems, totals, as_json)

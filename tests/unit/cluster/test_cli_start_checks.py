@@ -346,3 +346,23 @@ def test_a_layout_the_disk_could_not_take_does_not_refuse_the_next_start(tmp_pat
     check_layout(dataclasses.replace(settings, shards={}))
     with pytest.raises(LaunchError, match="SHARDS=SOL=1,BTC=1,ETH=1"):
         check_layout(dataclasses.replace(settings, shards={"SOL": 2}))
+
+
+def test_a_live_audit_a_host_does_not_answer_is_one_line_and_not_a_difference(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A host Ray is restarting (or that died) answers the audit with Unavailable, the port's
+    one error for Ray's failures: `audit` printed a traceback and exited 1, the code of a
+    difference found, where a platform that does not answer exits 2."""
+    from cluster.actors import deploy
+    from cluster.actors import launcher
+    from cluster.actors.port import Unavailable
+
+    class Service:
+        async def audit(self) -> None:
+            raise Unavailable("shard-SOL-0", "ActorUnavailableError")
+
+    monkeypatch.setattr(deploy, "service_from_names", lambda *_a, **_k: Service())
+    assert launcher._audit_live(Settings(), as_json=True) == 2
+    out = capsys.readouterr()
+    assert out.err == ("shardex audit: the platform does not answer: shard-SOL-0 is "
+                       "unavailable: ActorUnavailableError\n") and out.out == ""
