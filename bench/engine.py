@@ -311,7 +311,7 @@ def main(argv: list[str]) -> int:
                         help="pending orders in the order book (0: positions only)")
     parser.add_argument("--ticks", type=positive_int, default=60,
                         help="timed ticks (>= 30 advised)")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=nonneg_int, default=1)  # numpy takes no negative one
     parser.add_argument("--asset", default="SOL", choices=list(DEFAULT_ASSETS))
     parser.add_argument("--json", action="store_true", help="(the JSON line is always last)")
     args = parser.parse_args(argv)

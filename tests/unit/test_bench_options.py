@@ -11,6 +11,7 @@ BAD = [
     ("engine", ["--positions", "-1"]),
     ("engine", ["--ticks", "0"]),
     ("engine", ["--orders", "x"]),
+    ("engine", ["--seed", "-1"]),  # numpy's generator takes no negative seed
     ("api", ["--concurrency", "abc"]),
     ("api", ["--concurrency", "1,,64"]),
     ("api", ["--concurrency", "0"]),
