@@ -210,7 +210,9 @@ class Settings:
 
     @property
     def max_price_age_us(self) -> int:
-        return int(self.max_price_age_s * 1_000_000)
+        # rounded as the feed's bound is (FeedBounds.from_seconds): a float of decimal
+        # seconds may lie just below the whole microseconds it names
+        return round(self.max_price_age_s * 1_000_000)
 
     @property
     def feed(self) -> FeedSettings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,16 @@ def test_good_values_and_defaults() -> None:
 def test_settings_built_directly_are_checked_too(field: str, value: object, var: str) -> None:
     with pytest.raises(ConfigError, match=f"^{var} must be "):
         Settings(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text", ["0.001009", "0.000498", "4.35", "15", "0.000001"])
+def test_the_shards_and_the_feed_hold_prices_equally_long(text: str) -> None:
+    """MAX_PRICE_AGE_S in whole microseconds, the same for the shards (opens and closes refused
+    on an older price) and the feed (older ticks dropped). The shards' value was cut toward
+    zero: 0.001009 s held there as 1008 us, 1009 us at the feed."""
+    settings = Settings.from_env({"MAX_PRICE_AGE_S": text})
+    exact = int(Decimal(text) * 1_000_000)
+    assert settings.max_price_age_us == settings.feed.bounds.max_price_age_us == exact
 
 
 def test_topic_lives_in_feed_and_is_re_exported() -> None:
