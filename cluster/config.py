@@ -269,6 +269,11 @@ class Settings:
         )
 
 
+def http_url(host: str, port: int) -> str:
+    """The API's base URL on ``host:port`` (an IPv6 address in brackets, as URLs write it)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _decimal_text(units: int, decimals: int) -> str:
     """``units`` steps of ``10**-decimals`` as the shortest decimal text (``1000000, 6`` -> 1)."""
     text = format(Decimal(units).scaleb(-decimals), "f")

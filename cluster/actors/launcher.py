@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cluster.actors.names import FEED, LEDGER, NAMESPACE
-from cluster.config import EMBEDDED_BROKER, MARKET_TOPIC, ConfigError, Settings
+from cluster.config import EMBEDDED_BROKER, MARKET_TOPIC, ConfigError, Settings, http_url
 from cluster.trading.placement import ShardSpec, shard_layout
 from engine.ledger import AuditDifference
 from engine.shard_machine import LastTick, Stats
@@ -322,7 +322,7 @@ class Platform:
                 "ray_address": ray.get_runtime_context().gcs_address,
                 # a new local Ray enables token auth (token in ~/.ray); joiners need the mode
                 "ray_auth_mode": os.environ.get("RAY_AUTH_MODE"),
-                "url": f"http://{self.host}:{self.settings.port}", "pid": os.getpid(),
+                "url": http_url(self.host, self.settings.port), "pid": os.getpid(),
                 "host": socket.gethostname(), "owner": owner.to_json() if owner else None}))
 
     def _take_over_data_dir(self) -> None:

@@ -40,7 +40,7 @@ from ray import serve
 
 from cluster.actors.deploy import service_from_names
 from cluster.actors.names import API_DEPLOYMENT, FEED, NAMESPACE, SERVE_APP
-from cluster.config import Settings
+from cluster.config import Settings, http_url
 from cluster.http import front_door
 from cluster.http.api import create_app
 from cluster.http.server import configure_uvicorn
@@ -409,7 +409,7 @@ def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE
     app = deployment.options(**scale, ray_actor_options=options,
                              logging_config=_LOGGING_CONFIG).bind(settings, bootstrap, namespace)
     serve.run(app, name=SERVE_APP, route_prefix="/", blocking=False)
-    url = f"http://{host}:{settings.port}"
+    url = http_url(host, settings.port)
     front = direct_ingress and settings.replica_slots > 1
     # behind the front door, every replica listens on a port of its own: wait for them all
     for port in range(settings.port, settings.port + (settings.api_replicas if front else 0) + 1):

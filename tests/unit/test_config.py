@@ -8,11 +8,13 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import pytest
 from cluster.config import MARKET_TOPIC
 from cluster.config import RULES
 from cluster.config import ConfigError
 from cluster.config import Settings
+from cluster.config import http_url
 from feed.settings import MARKET_TOPIC as FEED_TOPIC
 from feed.settings import FeedBounds
 
@@ -186,3 +188,14 @@ def test_cli_prints_the_line_and_exits_non_zero() -> None:
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "MAINTENANCE_MARGIN_RATE must be in [0, 1)" in lines[0], out.stderr
     assert "(got 1)" in lines[0] and out.stdout == ""
+
+
+@pytest.mark.parametrize(("host", "url"), [("127.0.0.1", "http://127.0.0.1:4000"),
+                                           ("localhost", "http://localhost:4000"),
+                                           ("::1", "http://[::1]:4000"),
+                                           ("2001:db8::7", "http://[2001:db8::7]:4000")])
+def test_the_api_url_names_its_host_and_port_as_urls_write_them(host: str, url: str) -> None:
+    # the banner's and the address record's URL: an IPv6 host without brackets reads as a port
+    assert http_url(host, 4000) == url
+    parsed = httpx.URL(http_url(host, 4000))
+    assert (parsed.host, parsed.port) == (host, 4000)
