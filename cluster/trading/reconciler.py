@@ -15,7 +15,9 @@ Four kinds of loose ends, each settled by asking the state machines, never by gu
   when the answer went to the client): the ``Note`` is sent again until the ledger answers,
   so the account's event (``positionOpened``, ``orderPlaced``, ``positionUpdated``) comes
   seconds after the ledger is back; the ledger notes a request once, so a resend whose first
-  send did arrive adds nothing;
+  send did arrive adds nothing; likewise the ``ReleaseMargin`` of a request its shard refused,
+  which stores the refusal the client was given as its clientOrderId's answer (abandoning
+  the lock would drop the clientOrderId instead, and a retry would run the request again);
 * **reservations and locks left in the ledger** by an API process that died: every shard
   resolves (and fences) their request ids; ``SettleRequests`` stores what happened or drops the
   reservation, a lock whose request never happened is abandoned and one whose request happened
@@ -102,7 +104,7 @@ class Reconciler:
         self.answer_ttl_s = answer_ttl_s
         self._abandoned: list[int] = []
         self._in_doubt: list[InDoubt] = []
-        self._notes: list[Note] = []
+        self._resends: list[Note | ReleaseMargin] = []  # sent again until the ledger answers
         self._lock = asyncio.Lock()  # two rounds must never settle the same request
         self._task: asyncio.Task[None] | None = None
         self._lock_rounds: dict[int, int] = {}  # open lock's request id -> sweeps seen open
@@ -122,13 +124,22 @@ class Reconciler:
 
     def note(self, note: Note) -> None:
         """``note`` (a request that happened) did not reach the ledger: send it again."""
-        self._notes.append(note)
+        self._resends.append(note)
         self.counters["notes_resent"] += 1
+        self._schedule()
+
+    def release(self, release: ReleaseMargin) -> None:
+        """``release`` (the lock of a request its shard refused, with the refusal as its
+        clientOrderId's answer) did not reach the ledger: send it again (the ledger releases
+        a lock once by its request id, and stores the answer only while that request holds
+        the clientOrderId)."""
+        self._resends.append(release)
+        self.counters["releases_resent"] += 1
         self._schedule()
 
     @property
     def outstanding(self) -> int:
-        return len(self._abandoned) + len(self._in_doubt) + len(self._notes)
+        return len(self._abandoned) + len(self._in_doubt) + len(self._resends)
 
     def _schedule(self) -> None:
         if self._task is None or self._task.done():
@@ -153,7 +164,7 @@ class Reconciler:
         async with self._lock:
             await self._resolve_in_doubt()
             await self._abandon_locks()
-            await self._send_notes()
+            await self._resend()
             return self.outstanding
 
     async def _abandon_locks(self) -> None:
@@ -168,15 +179,15 @@ class Reconciler:
         self.counters["locks_released_abandoned"] += sum(isinstance(a, tuple) for a in answers)
         self._abandoned = [r for r in self._abandoned if r not in batch]
 
-    async def _send_notes(self) -> None:
-        batch = list(self._notes)
+    async def _resend(self) -> None:
+        batch = list(self._resends)
         if not batch:
             return
         try:
             await self.ledger.call_many(batch)
         except Unavailable:
             return
-        self._notes = self._notes[len(batch):]  # what was queued meanwhile waits its round
+        self._resends = self._resends[len(batch):]  # what was queued meanwhile waits its round
 
     async def _resolve_in_doubt(self) -> None:
         batch, self._in_doubt = self._in_doubt, []

@@ -641,13 +641,19 @@ class TradingService:
         if isinstance(result, Rejected):
             self.counters[f"rejected_{result.code.value}"] += 1
             answer = None if key is None or result.code in TRANSIENT_CODES else (key, result)
+            release = ReleaseMargin(who.user, lock.margin_micros, request_id, answer,
+                                    counted=not lock.top_up)
             try:
-                await self.ledger.call(ReleaseMargin(who.user, lock.margin_micros, request_id,
-                                                     answer, counted=not lock.top_up))
+                await self.ledger.call(release)
                 if key is not None and answer is None:
                     await self.ledger.call(Forget(key, request_id))
             except Unavailable:
-                self.reconciler.abandon(request_id)  # released later, by its request id
+                # released later, by its request id; with the refusal the client is given
+                # as its key's answer, which abandoning the lock would drop
+                if answer is None:
+                    self.reconciler.abandon(request_id)
+                else:
+                    self.reconciler.release(release)
             return result
         self.counters[f"{kind}s"] += 1
         # one account event of the user's and, with a clientOrderId, its first answer; one

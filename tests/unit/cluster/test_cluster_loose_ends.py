@@ -187,7 +187,9 @@ async def test_a_release_after_a_refusal_that_fails_is_queued_and_released_once(
     order = sol_long(50, current_price_ticks=9000, client_order_id=client_order_id)
     refused = await svc.open_position(who, order)
     assert isinstance(refused, Rejected) and refused.code is Code.PRICE_MOVED
-    assert ledger.failed == 1 and svc.counters["locks_abandoned"] == 1
+    # queued once: abandoned, or (with a clientOrderId, whose answer it stores) sent again
+    queued = "locks_abandoned" if client_order_id is None else "releases_resent"
+    assert ledger.failed == 1 and svc.counters[queued] == 1
 
     async def released() -> bool:
         return balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
@@ -195,7 +197,8 @@ async def test_a_release_after_a_refusal_that_fails_is_queued_and_released_once(
     await eventually(released)
     assert await svc.reconciler.run_once() == 0
     # released once: by the reconciler when the release was lost, else by the release itself
-    assert svc.counters["locks_released_abandoned"] == (0 if deliver else 1)
+    assert svc.counters["locks_released_abandoned"] == \
+        (0 if deliver or client_order_id is not None else 1)
     await asyncio.sleep(0.3)  # no second release comes later
     assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
     state = await svc.state(who)
@@ -205,6 +208,28 @@ async def test_a_release_after_a_refusal_that_fails_is_queued_and_released_once(
         assert await svc.open_position(who, order) == refused
         assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
         assert (await svc.audit())[0] == []
+
+
+async def test_a_refusal_whose_release_was_lost_stays_the_answer_after_the_price_moved(
+        make: Make) -> None:
+    """The shard refuses an open (PRICE_MOVED) and the release that would store the refusal
+    as its clientOrderId's answer is lost on its way to the ledger. The client was answered
+    PRICE_MOVED; once the price has come to the client's, a retry must get that answer again,
+    not open the position."""
+    p = make()
+    ledger = FailingBatches(p.ledger, ReleaseMargin, failures=1)
+    svc = make.service(p, ledger=ledger)
+    who = await sol_trader(p, svc)  # SOL 100.00/100.01
+    order = sol_long(current_price_ticks=9801, max_slippage_bps=0, client_order_id="m-1")
+    refused = await svc.open_position(who, order)
+    assert isinstance(refused, Rejected) and refused.code is Code.PRICE_MOVED
+    assert ledger.failed == 1
+    await eventually(lambda: _no_doubt(svc))
+    assert balances(p, who) == (SIGNUP, 0)
+    await p.push_tick("SOL", "98.00", "98.01")  # the price the client asked for
+    assert await svc.open_position(who, order) == refused
+    assert balances(p, who) == (SIGNUP, 0) and shard_positions(p, "SOL") == 0
+    assert await p.audit() == []
 
 
 # --------------------------------------------------------------------------- 2b. lost note
