@@ -147,6 +147,11 @@ _I64_MIN, _I64_END = -(1 << 63), 1 << 63
 # what resolves a pending clientOrderId of each kind (a TP/SL or margin change: the position)
 _ANSWER_TYPES = {"open": OpenPosition, "close": ClosedPosition, "order": PendingOrder,
                  "cancel": EndedOrder, "modify": OpenPosition, "margin": OpenPosition}
+# the account event a request of each kind that made something is noted as (Note's kind)
+_NOTED_OF_KIND = {"open": account_events.POSITION_OPENED,
+                  "order": account_events.ORDER_PLACED,
+                  "modify": account_events.POSITION_UPDATED,
+                  "margin": account_events.POSITION_UPDATED}
 _SIDE_CAST = {"side": Side}
 # Stored answers are JSON lists: the kind, then the record's fields in schema order.
 _STORED_RECORDS: dict[str, tuple[type, schema.Group]] = {
@@ -476,8 +481,10 @@ class SettleRequests:
 
     ``opened``: request id -> the OpenPosition (open) / ClosedPosition (close) / PendingOrder
     (order) / EndedOrder (cancel) it made: stored as the answer of a clientOrderId of that
-    kind. ``absent``: request ids no shard has (fenced everywhere): the reservation is dropped.
-    Margins are not touched. -> how many were settled.
+    kind, and an open, placement or change of a position noted among its owner's account
+    events as its :class:`Note` would (once per request). ``absent``: request ids no shard has
+    (fenced everywhere): the reservation is dropped. Margins are not touched but for the
+    release a margin removal that happened owes. -> how many were settled.
     """
 
     opened: Mapping[int, OpenPosition | ClosedPosition | PendingOrder | EndedOrder]
@@ -1283,7 +1290,16 @@ class LedgerMachine:
                     if left >= owed.amount_micros:
                         margins[owed.user] = left - owed.amount_micros
                         events.append(owed)
+                        owed = None
                 events.append(self._stored_event(key, _stored(outcome), now_us))
+                noted = _NOTED_OF_KIND.get(key.kind)
+                # numbered among the account's events as the request's own Note would have
+                # been: storing the answer ends its lock, which the sweep of orphaned locks
+                # would otherwise have noted (a removal whose release is still owed keeps its
+                # record until a Note makes both)
+                if noted is not None and owed is None and request_id not in self._noted \
+                        and getattr(outcome, "owner", None) == key.user:
+                    events.append(AccountNoted(key.user, request_id, noted, _stored(outcome)))
                 settled += 1
             elif request_id in absent:
                 events.append(self._stored_event(key, FORGOTTEN, now_us))

@@ -22,6 +22,7 @@ from cluster.trading.courier import Courier
 from cluster.trading.courier import SettlementRefused
 from cluster.trading.reconciler import ORPHAN_ROUNDS
 from cluster.trading.service import TradingService
+from engine.account_events import ORDER_PLACED
 from engine.account_events import POSITION_OPENED
 from engine.account_events import POSITION_UPDATED
 from engine.ledger_machine import AppliedSeq
@@ -37,8 +38,11 @@ from engine.market import Tick
 from engine.messages import ClosedPosition
 from engine.messages import CloseOrder
 from engine.messages import OpenPosition
+from engine.messages import PlaceOrder
 from engine.messages import Principal
 from engine.messages import SettlementItem
+from engine.order_book import OrderKind
+from engine.orders import Side
 from engine.results import Code
 from engine.results import Rejected
 from engine.shard_machine import ApplyTick
@@ -558,6 +562,47 @@ async def test_the_locks_of_an_api_process_that_died_end_within_a_few_sweeps(
         assert await sweeper.end_orphaned_locks() == 0
     assert balances(p, who)[0] == (SIGNUP if cut_at == "open" else SIGNUP - 100 * USD)
     assert (await p.audit()) == []
+
+
+@pytest.mark.parametrize("op", ["open", "order", "top-up"])
+async def test_a_keyed_request_whose_api_process_died_before_its_note_is_noted_by_the_sweeps(
+        make: Make, op: str) -> None:
+    """An API process dies after the shard did a request with a clientOrderId (an open, a
+    placement, a top-up), its note held on the way to the ledger. Another process's sweeps
+    store what the request made as the key's answer, ending its lock, and number its account
+    event once, as they do for a request without one: the account's stream, and the read
+    models that follow it, show it."""
+    p = make()
+    who = await sol_trader(p)
+    pos = await p.service.open_position(who, sol_long())
+    assert isinstance(pos, OpenPosition)
+    since, _ = await p.service.account_events(who.user, None)
+    order = PlaceOrder("SOL", Side.LONG, OrderKind.LIMIT, 9000, 50 * USD, 10,
+                       client_order_id="d-1")
+    kind = {"open": POSITION_OPENED, "order": ORDER_PLACED, "top-up": POSITION_UPDATED}[op]
+
+    def request(svc: TradingService) -> Awaitable[object]:
+        if op == "open":
+            return svc.open_position(who, sol_long(client_order_id="d-1"))
+        if op == "order":
+            return svc.place_order(who, order)
+        return svc.change_margin(who, pos.position_id, 10 * USD, "d-1")
+
+    note_gate = Gated(p.ledger, Note)
+    dying = make.service(p, ledger=note_gate)
+    await dies_at(note_gate, dying, request(dying))
+
+    sweeper = make.service(p).reconciler
+    await sweeper.settle_pending(older_than_s=0)
+    for _ in range(ORPHAN_ROUNDS):
+        await sweeper.end_orphaned_locks()
+    [open_locks] = p.ledger.execute_blocking([OpenLocks()])
+    assert open_locks == []
+    _, events = await p.service.account_events(who.user, since)
+    assert events is not None
+    [made] = [e.body for e in events if e.kind == kind]
+    assert await request(p.service) == made  # a retry gets what it made
+    assert await p.audit() == []
 
 
 @pytest.mark.parametrize("client_order_id", [None, "less-1"])
