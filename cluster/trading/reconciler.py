@@ -230,14 +230,18 @@ class Reconciler:
         margin a removal took off it (once, by request id), store the answer, and note the
         change among the account's events."""
         key = doubt.key
-        if doubt.release is not None:
-            user, micros = doubt.release
-            await self.ledger.call(ReleaseMargin(user, micros, doubt.request_id,
-                                                 None if key is None else (key, position),
-                                                 counted=False))
-            key = None  # stored with the release
-        await self.ledger.call(Note(position.owner, doubt.request_id,
-                                    account_events.POSITION_UPDATED, position, key))
+        note = Note(position.owner, doubt.request_id, account_events.POSITION_UPDATED,
+                    position, None if doubt.release is not None else key)
+        if doubt.release is None:
+            await self.ledger.call(note)
+            return
+        user, micros = doubt.release
+        release = ReleaseMargin(user, micros, doubt.request_id,
+                                None if key is None else (key, position), counted=False)
+        # in one call: the release ends the removal's record at the ledger, so a release that
+        # arrived without its note (this process died in between) left no sweep anything to
+        # note, and the account's events kept the old margin
+        await self.ledger.call_many([release, note])
 
     async def note_rest(self, shard: str, closed: ClosedPosition | EndedOrder, request_id: int
                         ) -> None:

@@ -605,6 +605,34 @@ async def test_a_keyed_request_whose_api_process_died_before_its_note_is_noted_b
     assert await p.audit() == []
 
 
+@pytest.mark.parametrize("client_order_id", [None, "less-2"])
+async def test_a_margin_removal_whose_api_process_died_before_its_note_is_noted_by_the_sweeps(
+        make: Make, client_order_id: str | None) -> None:
+    """An API process dies during a margin removal the shard made, its note held on the way
+    to the ledger. The sweeps free the margin once and number the account's positionUpdated:
+    a release that reached the ledger without its note left nothing for them to find, and the
+    account's stream, and the read models that follow it, kept the old margin."""
+    p = make()
+    who = await sol_trader(p)
+    pos = await p.service.open_position(who, sol_long())
+    assert isinstance(pos, OpenPosition)
+    since, _ = await p.service.account_events(who.user, None)
+    note_gate = Gated(p.ledger, Note)
+    dying = make.service(p, ledger=note_gate)
+    await dies_at(note_gate, dying, dying.change_margin(who, pos.position_id, -10 * USD,
+                                                        client_order_id))
+    sweeper = make.service(p).reconciler
+    await sweeper.settle_pending(older_than_s=0)
+    for _ in range(ORPHAN_ROUNDS):
+        await sweeper.end_orphaned_locks()
+    assert balances(p, who) == (SIGNUP - 90 * USD, 90 * USD)
+    _, events = await p.service.account_events(who.user, since)
+    assert events is not None
+    [updated] = [e.body for e in events if e.kind == POSITION_UPDATED]
+    assert updated.margin_micros == 90 * USD
+    assert await p.audit() == []
+
+
 @pytest.mark.parametrize("client_order_id", [None, "less-1"])
 @pytest.mark.parametrize("cut_at", ["shard", "release"])
 async def test_a_margin_removal_whose_api_process_died_is_released_within_a_few_sweeps(
