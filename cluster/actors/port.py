@@ -147,15 +147,18 @@ class RayPort(Port):
 
 
 async def remote(component: str, ref: Any, timeout_s: float | None) -> Any:
-    """Await an ObjectRef; Ray's actor/system failures become ``Unavailable(component)``."""
+    """Await an ObjectRef; Ray's failures become ``Unavailable(component)``, an exception the
+    host's own code raised (a bug: RayTaskError) stays what it is."""
     import ray.exceptions
 
     try:
         if timeout_s is None:
             return await ref
         return await asyncio.wait_for(ref, timeout_s)
-    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-            ray.exceptions.ObjectLostError, ray.exceptions.RaySystemError,
-            ray.exceptions.WorkerCrashedError, ray.exceptions.GetTimeoutError,
-            TimeoutError) as exc:
+    except ray.exceptions.RayTaskError:
+        raise
+    except (ray.exceptions.RayError, TimeoutError) as exc:
+        # every other RayError: Ray fails the calls of a host it killed for memory with
+        # OutOfMemoryError, of one it cannot place again with ActorUnschedulableError, ...; a
+        # caller that expects only Unavailable would take such a call for one that never ran
         raise Unavailable(component, type(exc).__name__) from exc

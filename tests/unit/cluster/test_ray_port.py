@@ -1,0 +1,66 @@
+"""RayPort over a stand-in handle (no Ray started): what a call's failure becomes."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import pytest
+import ray.exceptions
+from cluster.actors.port import RayPort
+from cluster.actors.port import Unavailable
+from engine.shard_machine import Stats
+
+pytestmark = pytest.mark.asyncio
+
+
+class Method:
+    """``handle.method.remote(...)``: an awaitable that raises ``error`` (or answers)."""
+
+    def __init__(self, error: BaseException | None = None, answer: Any = None) -> None:
+        self.error, self.answer = error, answer
+
+    def remote(self, *args: Any) -> Any:
+        async def result() -> Any:
+            if self.error is not None:
+                raise self.error
+            return self.answer
+        return result()
+
+
+class Handle:
+    def __init__(self, error: BaseException | None) -> None:
+        self.execute_pickled = Method(error, pickle.dumps([None]))
+        self.ping = Method(error, True)
+
+
+# How Ray reports a host that died or cannot run the call: an actor killed by Ray's memory
+# monitor fails its calls with OutOfMemoryError, one that cannot be placed again with
+# ActorUnschedulableError, a call cut off by its node with NodeDiedError.
+RAY_FAILURES = [ray.exceptions.ActorDiedError(), ray.exceptions.OutOfMemoryError("killed"),
+                ray.exceptions.ActorUnschedulableError("no node"),
+                ray.exceptions.NodeDiedError("node gone"), ray.exceptions.TaskCancelledError(),
+                ray.exceptions.LocalRayletDiedError(), ray.exceptions.RuntimeEnvSetupError("env")]
+
+
+@pytest.mark.parametrize("error", RAY_FAILURES, ids=lambda e: type(e).__name__)
+async def test_every_failure_of_ray_reaches_the_caller_as_unavailable(
+        error: BaseException) -> None:
+    port = RayPort("shard-SOL-0", Handle(error))
+    with pytest.raises(Unavailable, match="shard-SOL-0"):
+        await port.call(Stats())
+    with pytest.raises(Unavailable):
+        await port.ping()
+
+
+async def test_a_host_that_answers_is_answered() -> None:
+    port = RayPort("shard-SOL-0", Handle(None))
+    assert await port.call(Stats()) is None
+    assert await port.ping() is True
+
+
+async def test_an_exception_the_hosts_own_code_raised_stays_what_it_is() -> None:
+    bug = ray.exceptions.RayTaskError("execute_pickled", "Traceback ...", ValueError("bug"))
+    port = RayPort("ledger", Handle(bug))
+    with pytest.raises(ray.exceptions.RayTaskError):
+        await port.call(Stats())
