@@ -20,7 +20,8 @@ class MicroBatcher(Generic[T, R]):
     """``await batcher.submit(item)`` -> the result of ``fn(batch)`` for that item.
 
     ``fn`` takes a list of items and returns one result per item, in order; an exception from
-    ``fn`` is raised in every submitter of that batch.
+    ``fn`` is raised in every submitter of that batch. A submitter cancelled before its batch
+    left takes its item back (it is never sent); once sent, it stays sent.
     """
 
     def __init__(self, fn: Callable[[list[T]], Awaitable[Sequence[R]]], *,
@@ -44,7 +45,21 @@ class MicroBatcher(Generic[T, R]):
         if not self._scheduled and self._in_flight < self._max_in_flight:
             self._scheduled = True
             loop.call_soon(self._flush)
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._withdraw(future)
+            raise
+
+    def _withdraw(self, future: asyncio.Future[R]) -> None:
+        """The item of a caller that gave up leaves with it if no batch took it yet: behind
+        a slow or stuck ``fn`` the items of callers that stop waiting (a client that went, a
+        read under its own timeout) would otherwise pile up without bound, and be sent for
+        nobody."""
+        for i, waiting in enumerate(self._futures):
+            if waiting is future:
+                del self._items[i], self._futures[i]
+                return
 
     def _flush(self) -> None:
         self._scheduled = False

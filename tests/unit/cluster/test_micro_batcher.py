@@ -1,0 +1,59 @@
+"""MicroBatcher (what every port batches its calls with) while its batches are held up."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from cluster.trading.batcher import MicroBatcher
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_a_caller_that_gives_up_takes_its_item_back_before_it_leaves() -> None:
+    # a host that does not answer (yet), and callers that stop waiting for it (a client that
+    # disconnects, a health or metrics read under its own timeout): what they leave behind
+    # would pile up here for as long as the host takes, and then be sent for nobody
+    opened = asyncio.Event()
+    batches: list[list[int]] = []
+
+    async def held(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        await opened.wait()
+        return items
+
+    batcher = MicroBatcher(held, max_in_flight=1)
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0)
+    gave_up = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 1001)]
+    await asyncio.sleep(0)
+    for call in gave_up:
+        call.cancel()
+    await asyncio.gather(*gave_up, return_exceptions=True)
+    waiting = asyncio.ensure_future(batcher.submit(-1))
+    await asyncio.sleep(0)
+    opened.set()
+    assert await first == 0 and await waiting == -1
+    assert batches == [[0], [-1]]
+    assert batcher.items == 2
+
+
+async def test_a_caller_that_gives_up_after_its_item_left_still_leaves_it_sent() -> None:
+    opened = asyncio.Event()
+    batches: list[list[int]] = []
+
+    async def held(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        await opened.wait()
+        return items
+
+    batcher = MicroBatcher(held, max_in_flight=1)
+    gone = asyncio.ensure_future(batcher.submit(1))
+    stays = asyncio.ensure_future(batcher.submit(2))
+    while not batches:
+        await asyncio.sleep(0)
+    assert batches == [[1, 2]]  # under way: the host may act on it whatever the caller does
+    gone.cancel()
+    opened.set()
+    assert await stays == 2
+    assert gone.cancelled()
