@@ -76,8 +76,10 @@ class LocalHosts:
     def close(self) -> None:
         """Final snapshots (durable runners, unless read-only) and the worker threads."""
         for port in [self.ledger, *self.shards.values()]:
-            port.runner.close()
+            # the worker first: a batch under way (or queued) on it finishes, and only then is
+            # the state snapshotted and the journal closed, not beneath the batch
             port.shutdown()
+            port.runner.close()
 
 
 def _runner(runner: Runner[Any], clock_us: Callable[[], int]) -> Runner[Any]:
