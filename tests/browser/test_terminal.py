@@ -1116,3 +1116,54 @@ def test_a_quote_that_stops_moving_is_marked_stale_until_the_next_price(
     wait_until(browser, lambda d: text_of(d, "bid") == "100.20"
                and "stale" not in (quote.get_attribute("class") or ""), "the fresh quote")
     assert text_of(browser, "quote-source") == "source: test"
+
+
+# Before the page's own scripts run: the page's first SUBSCRIBE to the account stream is not
+# sent; the server's answer to it is, as a server whose ledger is restarting gives it (the stream
+# cannot start, subscribe again). window.__accountSubscribes counts the page's SUBSCRIBEs to it.
+ACCOUNT_STREAM_ENDED_JS = """
+const RealWebSocket = window.WebSocket;
+window.__accountSubscribes = 0;
+window.WebSocket = class extends RealWebSocket {
+  send(data) {
+    const frame = JSON.parse(data);
+    if (frame.method === "SUBSCRIBE" && frame.params.includes("account")) {
+      window.__accountSubscribes += 1;
+      if (window.__accountSubscribes === 1) {
+        const error = {code: "SERVICE_UNAVAILABLE",
+                       message: "the account stream cannot start now; subscribe again"};
+        setTimeout(() => this.dispatchEvent(
+            new MessageEvent("message", {data: JSON.stringify({error})})), 0);
+        return;
+      }
+    }
+    super.send(data);
+  }
+};
+"""
+
+
+def test_an_account_stream_the_server_could_not_start_is_subscribed_again(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """The server answers the account subscription with SERVICE_UNAVAILABLE (its ledger
+    restarting: "subscribe again"): the page subscribes again on the same connection, and the
+    engine's closes are told as they happen. Before, the page polled for the rest of the
+    connection's life, and a liquidation only ever emptied the row, unannounced."""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": ACCOUNT_STREAM_ENDED_JS})
+    key, position_id = open_long_on_a_new_page(platform, browser, http, leverage="20")
+    liquidation = D(account(http, key)["positions"][0]["liquidationPrice"])
+    mark_page(browser)
+    stream = by_id(browser, "account-stream")
+    wait_until(browser, lambda d: d.execute_script("return window.__accountSubscribes;") >= 2
+               and stream.get_attribute("data-state") == "live"
+               and stream.get_attribute("data-seq"), "the account stream subscribed again")
+    assert by_id(browser, "ws-status").get_attribute("data-state") == "open"
+    assert not by_id(browser, "error-banner").is_displayed()
+
+    tick(platform, http, "SOL", str(liquidation), str(liquidation + D("0.01")))
+    wait_until(browser, lambda d: text_of(d, "notice-text").startswith(
+        f"Position {position_id} (long ") and "closed by liquidation at" in text_of(
+            d, "notice-text"), "the notice of the liquidation")
+    wait_until(browser, lambda d: position_rows(d) == [], "the liquidated row to leave the table")
+    assert_not_reloaded(browser)

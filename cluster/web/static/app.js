@@ -301,8 +301,10 @@ function onFrame(frame) {
 function onSocketError(error) {
   const code = typeof error.code === "string" ? error.code : "ERROR";
   const message = typeof error.message === "string" ? error.message : "the live stream refused a request";
-  if (app.key && (code === "UNAUTHORIZED" || /account|auth/i.test(message))) {
-    // the account panel says the page polls instead; REST answers show a bad key's error
+  if (app.key && (code === "UNAUTHORIZED" || code === "SERVICE_UNAVAILABLE"
+                  || /account|auth/i.test(message))) {
+    // the account panel says the page polls instead; REST answers show a bad key's error, and
+    // a stream the server could not start now is subscribed again (LiveSocket.retryAccount)
     setAccountStream("down");
     return;
   }

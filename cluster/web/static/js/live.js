@@ -16,6 +16,10 @@ const STABLE_MS = 10000; // a connection open this long resets the backoff
 // assets or intervals sends one UNSUBSCRIBE/SUBSCRIBE pair, not one per step (the server
 // closes a connection that sends more than 10 frames a second)
 const SETTLE_MS = 150;
+// the server ended (or could not start) the account stream and says to subscribe again
+// (SERVICE_UNAVAILABLE: its ledger restarting): AUTH and SUBSCRIBE again after this, doubling
+// up to MAX_DELAY_MS, reset by an account frame
+const ACCOUNT_RETRY_MS = 1000;
 
 export class LiveSocket {
   // handlers: onFrame(frame), onState(state, detail), onAccountSubscribed()
@@ -28,6 +32,8 @@ export class LiveSocket {
     this.settleTimer = null;
     this.key = null;
     this.accountSeq = null; // seq of the newest account event seen (for `since`)
+    this.accountRetry = 0;
+    this.accountTimer = null;
     this.attempt = 0;
     this.timer = null;
     this.openedAt = 0;
@@ -45,6 +51,9 @@ export class LiveSocket {
   connect() {
     clearTimeout(this.timer);
     this.timer = null;
+    clearTimeout(this.accountTimer); // a new connection authenticates when it opens
+    this.accountTimer = null;
+    this.accountRetry = 0;
     this.setState("connecting");
     let ws;
     try {
@@ -67,9 +76,12 @@ export class LiveSocket {
       this.attempt = 0;
       let frame;
       try { frame = JSON.parse(event.data); } catch { return; }
-      if (frame && frame.stream === "account" && frame.data && Number.isSafeInteger(frame.data.seq)) {
-        this.accountSeq = frame.data.seq;
+      if (frame && frame.stream === "account") {
+        this.accountRetry = 0;
+        if (frame.data && Number.isSafeInteger(frame.data.seq)) this.accountSeq = frame.data.seq;
       }
+      // only the account stream (or the AUTH before it) answers SERVICE_UNAVAILABLE
+      if (frame && frame.error && frame.error.code === "SERVICE_UNAVAILABLE") this.retryAccount();
       this.handlers.onFrame(frame);
     };
     ws.onclose = (event) => {
@@ -114,6 +126,17 @@ export class LiveSocket {
     const request = { method: "SUBSCRIBE", params: ["account"] };
     if (this.accountSeq !== null) request.since = this.accountSeq;
     if (this.send(request)) this.handlers.onAccountSubscribed();
+  }
+
+  retryAccount() {
+    if (!this.key || this.accountTimer) return;
+    const ws = this.ws;
+    const delay = Math.min(MAX_DELAY_MS, ACCOUNT_RETRY_MS * 2 ** this.accountRetry);
+    this.accountRetry += 1;
+    this.accountTimer = setTimeout(() => {
+      this.accountTimer = null;
+      if (ws === this.ws && this.key && this.isOpen()) this.authenticate();
+    }, delay);
   }
 
   // The public streams wanted now; the difference is subscribed and unsubscribed once they
