@@ -1167,3 +1167,77 @@ def test_an_account_stream_the_server_could_not_start_is_subscribed_again(
             d, "notice-text"), "the notice of the liquidation")
     wait_until(browser, lambda d: position_rows(d) == [], "the liquidated row to leave the table")
     assert_not_reloaded(browser)
+
+
+# Before the page's own scripts run: every candlestick series the page's chart adds is kept in
+# window.__series (its data() is what the chart draws).
+CHART_SERIES_JS = """
+window.__series = [];
+let library;
+Object.defineProperty(window, "LightweightCharts", {
+  configurable: true,
+  get() { return library; },
+  set(value) {
+    library = {...value, createChart(...args) {
+      const chart = value.createChart(...args);
+      const addSeries = chart.addSeries.bind(chart);
+      chart.addSeries = (...more) => {
+        const series = addSeries(...more);
+        window.__series.push(series);
+        return series;
+      };
+      return chart;
+    }};
+  },
+});
+"""
+
+
+def chart_bars(driver: WebDriver) -> list[int]:
+    """The times (unix s) of the candles the page's chart draws."""
+    return list(driver.execute_script(
+        "return window.__series.length ? window.__series[0].data().map(b => b.time) : [];"))
+
+
+def test_a_candle_history_that_failed_to_load_is_loaded_again(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """The first GET /klines of an asset is answered 503 (the candles' store restarting): the
+    page says so, loads the history again, and then draws every candle the API has and no
+    error is left. Before, the chart showed only the candles built live after the failure
+    until the trader switched asset or the socket reconnected, and the error stayed."""
+    last = http.get("/api/v1/prices").json().get("BTC")
+    after_us = price_ts_us(last["ts"]) if last else 0
+    now_us = time.time_ns() // 1000
+    for minutes_ago in (3, 2, 1, 0):
+        ts_us = max(now_us - minutes_ago * 60_000_000, after_us + 1)
+        after_us = ts_us
+        produce_at(platform, http, "BTC", D("60000.0") + minutes_ago, ts_us)
+    history = http.get("/api/v1/klines", params={"asset": "BTC", "interval": "1m"}).json()
+    starts = [int(D(price_ts_us(k["start"])) / 1_000_000) for k in history["klines"]]
+    assert len(starts) >= 2
+
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": CHART_SERIES_JS})
+    open_terminal(browser, platform)
+    browser.execute_script("""
+        const realFetch = window.fetch.bind(window);
+        window.__failed = 0;
+        window.fetch = async (input, init) => {
+          const url = String(input);
+          if (!window.__failed && url.includes("klines?asset=BTC&") && url.includes("limit=500")) {
+            window.__failed += 1;
+            return new Response(JSON.stringify({error: {code: "SERVICE_UNAVAILABLE",
+              message: "candles unavailable"}}), {status: 503,
+              headers: {"Content-Type": "application/json"}});
+          }
+          return realFetch(input, init);
+        };""")
+    Select(by_id(browser, "asset-select")).select_by_value("BTC")
+    banner = by_id(browser, "error-banner")
+    wait_until(browser, lambda d: banner.is_displayed()
+               and banner.get_attribute("data-code") == "SERVICE_UNAVAILABLE",
+               "the failed load's error")
+    wait_until(browser, lambda d: chart_bars(d)[:len(starts)] == starts,
+               f"the chart to draw the {len(starts)} candles of the history")
+    assert chart_bars(browser) == sorted(set(chart_bars(browser)))  # none twice
+    wait_until(browser, lambda d: not banner.is_displayed(), "the error gone after the load")

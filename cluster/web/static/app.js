@@ -63,15 +63,25 @@ function store(name, value) {
 // ------------------------------------------------------------------ banners
 let lastError = { text: "", count: 0 };
 
+function errorShown(err) {
+  const code = err instanceof ApiError ? err.code : "ERROR";
+  let message = err && err.message ? err.message : String(err);
+  if (err instanceof ApiError && err.retryAfter) message += ` (retry after ${err.retryAfter} s)`;
+  return { code, message };
+}
+
+function errorText(err) {
+  const { code, message } = errorShown(err);
+  return `${code}\n${message}`;
+}
+
 // ``background``: the error of a refresh nobody asked for. It does not replace the error of
 // something the user did (that one says what to check), and it goes once a refresh succeeds.
 function showError(err, background = false) {
   const banner = byId("error-banner");
   if (background && !banner.hidden && banner.dataset.source === "action") return;
-  const code = err instanceof ApiError ? err.code : "ERROR";
-  let message = err && err.message ? err.message : String(err);
-  if (err instanceof ApiError && err.retryAfter) message += ` (retry after ${err.retryAfter} s)`;
-  const textKey = `${code}\n${message}`;
+  const { code, message } = errorShown(err);
+  const textKey = errorText(err);
   lastError = !banner.hidden && lastError.text === textKey
     ? { text: textKey, count: lastError.count + 1 }
     : { text: textKey, count: 1 };
@@ -91,6 +101,11 @@ function localError(code, message) {
 function dismissError() {
   byId("error-banner").hidden = true;
   lastError = { text: "", count: 0 };
+}
+
+// The error ``err`` is over (what failed worked since): gone, if the banner still shows it.
+function dismissErrorOf(err) {
+  if (!byId("error-banner").hidden && lastError.text === errorText(err)) dismissError();
 }
 
 let noticeTimer = null;
@@ -177,11 +192,15 @@ function subscribeMarket() {
 }
 
 // Candles: the REST history first, then the live stream. Frames that arrive before the history
-// are kept and drawn after it; a newer selection makes older answers moot.
-const klines = { generation: 0, ready: false, pending: [] };
+// are kept and drawn after it; a newer selection makes older answers moot. A history that
+// failed to load is asked again every KLINE_RETRY_MS (the live candles drawn meanwhile).
+const klines = { generation: 0, ready: false, pending: [], retryTimer: null, error: null,
+                 drawn: null }; // drawn: the asset and interval whose candles the chart shows
+const KLINE_RETRY_MS = 3000;
 
-async function loadKlines() {
+async function loadKlines(retry = false) {
   const generation = ++klines.generation;
+  clearTimeout(klines.retryTimer);
   klines.ready = false;
   klines.pending = [];
   if (!app.chart || !app.asset) return;
@@ -190,10 +209,22 @@ async function loadKlines() {
     const data = await call("GET", "klines", { query: { asset, interval, limit: KLINE_LIMIT } });
     if (generation !== klines.generation) return;
     app.chart.setKlines(Array.isArray(data && data.klines) ? data.klines : []);
+    klines.drawn = `${asset} ${interval}`;
+    if (klines.error) dismissErrorOf(klines.error);
+    klines.error = null;
   } catch (err) {
     if (generation !== klines.generation) return;
-    app.chart.setKlines([]);
-    showError(err);
+    if (klines.drawn !== `${asset} ${interval}`) { // another selection's candles: gone
+      app.chart.setKlines([]);
+      klines.drawn = `${asset} ${interval}`;
+    }
+    if (!retry) {
+      showError(err, true);
+      klines.error = err;
+    }
+    klines.retryTimer = setTimeout(() => {
+      if (generation === klines.generation) loadKlines(true);
+    }, KLINE_RETRY_MS);
   }
   klines.ready = true;
   for (const kline of klines.pending) app.chart.update(kline);
