@@ -1241,3 +1241,29 @@ def test_a_candle_history_that_failed_to_load_is_loaded_again(
                f"the chart to draw the {len(starts)} candles of the history")
     assert chart_bars(browser) == sorted(set(chart_bars(browser)))  # none twice
     wait_until(browser, lambda d: not banner.is_displayed(), "the error gone after the load")
+
+
+def test_the_error_of_an_asset_list_that_failed_to_load_goes_once_it_loads(
+        platform: RayHttpPlatform, browser: WebDriver) -> None:
+    """The page's first GET /assets is answered 503 (the platform still starting): the banner
+    says so, the page asks again, and once the assets are listed the error goes. Before, it
+    stayed over a page that worked, saying the server did not answer."""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+        const realFetch = window.fetch.bind(window);
+        window.__failed = 0;
+        window.fetch = async (input, init) => {
+          if (!window.__failed && new URL(String(input)).pathname.endsWith("/api/v1/assets")) {
+            window.__failed += 1;
+            return new Response(JSON.stringify({error: {code: "SERVICE_UNAVAILABLE",
+              message: "the platform is starting"}}), {status: 503,
+              headers: {"Content-Type": "application/json"}});
+          }
+          return realFetch(input, init);
+        };"""})
+    browser.get(f"{platform.base_url}/")
+    banner = by_id(browser, "error-banner")
+    wait_until(browser, lambda d: banner.is_displayed()
+               and banner.get_attribute("data-code") == "SERVICE_UNAVAILABLE",
+               "the failed asset list's error")
+    wait_until(browser, lambda d: text_of(d, "ticket-asset") != "", "the asset list")
+    wait_until(browser, lambda d: not banner.is_displayed(), "the error gone once listed")

@@ -144,13 +144,19 @@ function selectedAsset() {
 }
 
 async function loadAssets() {
+  let failed = null; // the error shown: it goes once the list loads
   for (;;) {
     try {
       const data = await call("GET", "assets");
       const list = Array.isArray(data && data.assets) ? data.assets : [];
-      if (list.length) return list;
-      showError(localError("UNKNOWN_ASSET", "the server lists no tradable asset"));
+      if (list.length) {
+        if (failed) dismissErrorOf(failed);
+        return list;
+      }
+      failed = localError("UNKNOWN_ASSET", "the server lists no tradable asset");
+      showError(failed);
     } catch (err) {
+      failed = err;
       showError(err);
     }
     await new Promise((resolve) => setTimeout(resolve, 3000));
