@@ -1267,3 +1267,43 @@ def test_the_error_of_an_asset_list_that_failed_to_load_goes_once_it_loads(
                "the failed asset list's error")
     wait_until(browser, lambda d: text_of(d, "ticket-asset") != "", "the asset list")
     wait_until(browser, lambda d: not banner.is_displayed(), "the error gone once listed")
+
+
+# Before the page's own scripts run: every WebSocket the page opens is kept in window.__sockets.
+SOCKETS_KEPT_JS = """
+const RealWebSocket = window.WebSocket;
+window.__sockets = [];
+window.WebSocket = class extends RealWebSocket {
+  constructor(...args) {
+    super(...args);
+    window.__sockets.push(this);
+  }
+};
+"""
+
+
+def test_a_kept_key_the_api_refuses_is_said_to_be_refused_not_polled(
+        platform: RayHttpPlatform, browser: WebDriver) -> None:
+    """A key kept in the browser that the API no longer knows (its platform's data started
+    afresh): the account panel says the key was refused, and stays so while the live
+    connection's own refusal of it comes, after a reconnect too. Before, that refusal turned it
+    into "polling every 2 s", which the page does not do with a refused key."""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": SOCKETS_KEPT_JS})
+    open_terminal(browser, platform)
+    browser.execute_script("localStorage.setItem('shardex.apiKey', 'not-a-key-of-this-platform');"
+                           "localStorage.setItem('shardex.accountId', 'acc_gone');")
+    browser.refresh()
+    banner = by_id(browser, "error-banner")
+    wait_until(browser, lambda d: banner.is_displayed()
+               and banner.get_attribute("data-code") == "UNAUTHORIZED", "the refused key's error")
+    status = by_id(browser, "ws-status")
+    wait_until(browser, lambda d: status.get_attribute("data-state") == "open",
+               "the live connection")
+    browser.execute_script("window.__sockets.at(-1).close();")  # the connection drops
+    wait_until(browser, lambda d: d.execute_script("return window.__sockets.length;") == 2
+               and status.get_attribute("data-state") == "open", "the page connected again")
+    time.sleep(2.0)  # its AUTH answered, and a poll would have come
+    assert text_of(browser, "api-key") == "not-a-key-of-this-platform"  # to copy or log out
+    assert text_of(browser, "account-stream") == \
+        "this key was refused: log out or use another key"
+    assert by_id(browser, "account-stream").get_attribute("data-state") == "down"

@@ -395,8 +395,10 @@ function setAccountStream(state) {
   app.accountStream = app.key ? state : "off";
   const node = byId("account-stream");
   node.dataset.state = app.accountStream;
-  setText(node, app.accountStream === "live" ? "live"
-    : app.accountStream === "down" ? "polling every 2 s" : "—");
+  // a refused key is not polled: the panel says so whatever the live connection does
+  setText(node, app.key && app.keyRefused ? "this key was refused: log out or use another key"
+    : app.accountStream === "live" ? "live"
+      : app.accountStream === "down" ? "polling every 2 s" : "—");
 }
 
 // ------------------------------------------------------------------ account
@@ -531,7 +533,7 @@ async function refreshAccount(withHistory) {
   else failure = stateResult.reason;
   app.keyRefused = failure instanceof ApiError && failure.status === 401;
   if (app.keyRefused) {
-    setText(byId("account-stream"), "this key was refused: log out or use another key");
+    setAccountStream("down");
     showError(failure);
     return;
   }
