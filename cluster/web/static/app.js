@@ -138,6 +138,16 @@ async function trade(method, path, body) {
   }
 }
 
+// A trading button's click handler that ignores the further clicks of a double (or triple)
+// click: a button is disabled only while its request runs, and a platform that answers within
+// a double-click's interval had it enabled again for the second click, a second trade.
+function singleClick(handler) {
+  return (event) => {
+    if (event.detail > 1) return;
+    handler(event);
+  };
+}
+
 // ------------------------------------------------------------------ market
 function selectedAsset() {
   return app.assetByName.get(app.asset) || null;
@@ -687,9 +697,9 @@ function positionRow(id) {
     id, row, editorRow, cells, markCell, pnlCell, position: null,
     closeQuantity, close, marginInput, addMargin, removeMargin, edit, tpInput, slInput, save, cancel,
   };
-  close.addEventListener("click", () => closePosition(entry));
-  addMargin.addEventListener("click", () => changeMargin(entry, 1));
-  removeMargin.addEventListener("click", () => changeMargin(entry, -1));
+  close.addEventListener("click", singleClick(() => closePosition(entry)));
+  addMargin.addEventListener("click", singleClick(() => changeMargin(entry, 1)));
+  removeMargin.addEventListener("click", singleClick(() => changeMargin(entry, -1)));
   edit.addEventListener("click", () => setEditing(entry, entry.editorRow.hidden));
   cancel.addEventListener("click", () => setEditing(entry, false));
   editorForm.addEventListener("submit", (event) => {
@@ -819,7 +829,7 @@ function renderOrders(orders) {
       "data-order-id": id,
       text: "Cancel",
     });
-    cancel.addEventListener("click", () => cancelOrder(id, cancel));
+    cancel.addEventListener("click", singleClick(() => cancelOrder(id, cancel)));
     return h("tr", { "data-testid": "order-row", "data-order-id": id, "data-asset": o.asset, "data-side": o.type },
       ...orderTermCells(o),
       td(o.takeProfit, "num"),
@@ -1120,8 +1130,8 @@ function bindUi() {
   for (const id of ["ticket-margin", "ticket-leverage", "ticket-trigger"]) {
     byId(id).addEventListener("input", renderEstimate);
   }
-  byId("submit-long").addEventListener("click", (event) => submitTicket("long", event.currentTarget));
-  byId("submit-short").addEventListener("click", (event) => submitTicket("short", event.currentTarget));
+  byId("submit-long").addEventListener("click", singleClick((event) => submitTicket("long", event.currentTarget)));
+  byId("submit-short").addEventListener("click", singleClick((event) => submitTicket("short", event.currentTarget)));
   byId("tab-closed").addEventListener("click", () => selectTab("closed"));
   byId("tab-order-history").addEventListener("click", () => selectTab("orders"));
   byId("closed-more").addEventListener("click", () => {
