@@ -10,10 +10,8 @@ from cluster.trading.batcher import MicroBatcher
 pytestmark = pytest.mark.asyncio
 
 
-async def test_a_caller_that_gives_up_takes_its_item_back_before_it_leaves() -> None:
-    # a host that does not answer (yet), and callers that stop waiting for it (a client that
-    # disconnects, a health or metrics read under its own timeout): what they leave behind
-    # would pile up here for as long as the host takes, and then be sent for nobody
+def held_batcher() -> tuple[MicroBatcher[int, int], list[list[int]], asyncio.Event]:
+    """A batcher whose batches (recorded as they leave) are answered once the event is set."""
     opened = asyncio.Event()
     batches: list[list[int]] = []
 
@@ -22,7 +20,14 @@ async def test_a_caller_that_gives_up_takes_its_item_back_before_it_leaves() -> 
         await opened.wait()
         return items
 
-    batcher = MicroBatcher(held, max_in_flight=1)
+    return MicroBatcher(held, max_in_flight=1), batches, opened
+
+
+async def test_a_caller_that_gives_up_takes_its_item_back_before_it_leaves() -> None:
+    # a host that does not answer (yet), and callers that stop waiting for it (a client that
+    # disconnects, a health or metrics read under its own timeout): what they leave behind
+    # would pile up here for as long as the host takes, and then be sent for nobody
+    batcher, batches, opened = held_batcher()
     first = asyncio.ensure_future(batcher.submit(0))
     await asyncio.sleep(0)
     gave_up = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 1001)]
@@ -39,15 +44,7 @@ async def test_a_caller_that_gives_up_takes_its_item_back_before_it_leaves() -> 
 
 
 async def test_a_caller_that_gives_up_after_its_item_left_still_leaves_it_sent() -> None:
-    opened = asyncio.Event()
-    batches: list[list[int]] = []
-
-    async def held(items: list[int]) -> list[int]:
-        batches.append(list(items))
-        await opened.wait()
-        return items
-
-    batcher = MicroBatcher(held, max_in_flight=1)
+    batcher, batches, opened = held_batcher()
     gone = asyncio.ensure_future(batcher.submit(1))
     stays = asyncio.ensure_future(batcher.submit(2))
     while not batches:
