@@ -7,6 +7,14 @@ when the process died fails (the API answers 503) instead of being run a second 
 the reconciler settles what it did; a call made while a host restarts fails at once
 (:data:`RAY_SYSTEM_CONFIG`). Shards are spread round-robin over the nodes, workers
 first, with soft affinity (a node that is gone does not stop a restart elsewhere).
+
+A cluster whose ``DATA_DIR`` is each node's own disk pins each stateful host to the node that
+holds its directory instead: that node advertises the custom resource ``shardex-host:<name>``
+(``ray start --resources='{"shardex-host:shard-SOL-0": 1}'``), and the host asks for it, so Ray
+starts and restarts it there only (a host whose node is gone waits for a node that advertises
+it: the replacement its volume moved to). Once any node pins a host, every stateful host must
+have a node that pins it: the start is refused otherwise, before a host could open an empty
+directory on another node and serve without the state it had.
 """
 
 from __future__ import annotations
@@ -59,6 +67,32 @@ def placement_nodes() -> list[str]:
     return [n["NodeID"] for n in alive]
 
 
+PIN_PREFIX = "shardex-host:"  # a node's custom resource that pins host <name> to it
+
+
+def pinned_hosts() -> set[str]:
+    """Names of the hosts that alive nodes pin (their ``shardex-host:<name>`` resources)."""
+    import ray
+
+    return {key.removeprefix(PIN_PREFIX) for node in ray.nodes() if node.get("Alive")
+            for key in node.get("Resources", {}) if key.startswith(PIN_PREFIX)}
+
+
+def placement(name: str, pinned: set[str], node: str | None) -> dict[str, Any]:
+    """Ray options placing host ``name``: on the node that pins it (hard), else softly on
+    ``node`` (None: where Ray likes)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if name in pinned:
+        # no CPU asked: an actor given resources of its own holds the CPU it is scheduled
+        # with for as long as it runs (not only while it starts), so two hosts pinned to a
+        # node of one CPU would leave the second one waiting for good
+        return {"resources": {PIN_PREFIX + name: 1}, "num_cpus": 0}
+    if node is None:
+        return {}
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
+
+
 def start_hosts(settings: Settings, namespace: str, data_dir: str | None,
                 ready_timeout_s: float, bootstrap: str | None = None
                 ) -> tuple[Any, dict[str, Any]]:
@@ -67,18 +101,25 @@ def start_hosts(settings: Settings, namespace: str, data_dir: str | None,
     restarted (it would come back empty). With ``bootstrap`` the ledger publishes its account
     events there. Returns ``(ledger_handle, {shard name: handle})``."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     host = host_class()
     ledger_spec, shard_specs = host_specs(settings, data_dir, bootstrap=bootstrap)
+    pinned = pinned_hosts()
+    unpinned = [name for name in (LEDGER, *shard_specs) if name not in pinned]
+    if pinned and unpinned:
+        raise ValueError(f"nodes pin hosts to their disks ({PIN_PREFIX}<name> resources: "
+                         f"{', '.join(sorted(pinned))}), but none pins {', '.join(unpinned)}: "
+                         "pin every stateful host to the node that holds its directory, or "
+                         "none")
     restart = RESTART if data_dir is not None else {}
-    ledger = host.options(name=LEDGER, namespace=namespace, **restart).remote(ledger_spec)
+    ledger = host.options(name=LEDGER, namespace=namespace, **placement(LEDGER, pinned, None),
+                          **restart).remote(ledger_spec)
     nodes = placement_nodes()
     shards: dict[str, Any] = {}
     for i, (name, spec) in enumerate(shard_specs.items()):
-        strategy = NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True)
         shards[name] = host.options(name=name, namespace=namespace,
-                                    scheduling_strategy=strategy, **restart).remote(spec)
+                                    **placement(name, pinned, nodes[i % len(nodes)]),
+                                    **restart).remote(spec)
     ray.get([h.ping.remote() for h in [ledger, *shards.values()]], timeout=ready_timeout_s)
     # every shard continues the numbering the ledger knows (what Courier.resume does)
     names = list(shards)

@@ -433,7 +433,7 @@ class Platform:
     def _start_actors(self, phase: Callable[[str], None]) -> None:
         import ray
 
-        from cluster.actors.deploy import reconcile_at_start, start_hosts
+        from cluster.actors.deploy import pinned_hosts, placement, reconcile_at_start, start_hosts
         from cluster.actors.feed import FeedActor
 
         settings = self.settings
@@ -447,7 +447,8 @@ class Platform:
             phase("reconciliation")
         restart = FEED_RESTART if self.durable else {}
         self.feed = FeedActor.options(
-            name=FEED, namespace=self.namespace, **restart).remote(
+            name=FEED, namespace=self.namespace, **placement(FEED, pinned_hosts(), None),
+            **restart).remote(
             settings, self.bootstrap, namespace=self.namespace, topic=self.topic,
             candles_dir=data_dir)
         if not ray.get(self.feed.start.remote(), timeout=READY_TIMEOUT_S):

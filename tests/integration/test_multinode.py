@@ -37,28 +37,29 @@ def _run_scenario(name: str) -> None:
     assert "MULTINODE OK" in proc.stdout, output
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(330)
-def test_three_node_cluster_spreads_shards_and_serves_the_api() -> None:
-    _run_scenario("spread")
+# Each scenario, by what it shows (its id) and the function below that runs it.
+SCENARIOS = [
+    pytest.param("spread", id="three_node_cluster_spreads_shards_and_serves_the_api"),
+    pytest.param("replicas",
+                 id="two_api_replicas_behind_the_front_door_lose_nothing_when_one_is_killed"),
+    pytest.param("rejoin",
+                 id="a_joined_up_killed_with_kill_9_is_started_again_without_hand_work"),
+    pytest.param("pinned", id="hosts_pinned_to_their_nodes_run_and_restart_only_there"),
+]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(330)
-def test_two_api_replicas_behind_the_front_door_lose_nothing_when_one_is_killed() -> None:
-    _run_scenario("replicas")
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(330)
-def test_a_joined_up_killed_with_kill_9_is_started_again_without_hand_work() -> None:
-    _run_scenario("rejoin")
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_multinode(scenario: str) -> None:
+    _run_scenario(scenario)
 
 
 @contextlib.contextmanager
-def _on_three_nodes(settings: Any) -> Iterator[Any]:
+def _on_three_nodes(settings: Any, resources: list[dict[str, float]] | None = None,
+                    durable: bool = False) -> Iterator[Any]:
     """A RayHttpPlatform of ``settings`` started on a fresh 3-node cluster with its own broker;
-    everything stopped after."""
+    everything stopped after. ``resources``: each node's custom resources (head first)."""
     import dataclasses
 
     import ray
@@ -68,14 +69,16 @@ def _on_three_nodes(settings: Any) -> Iterator[Any]:
     from tests.e2e.ray_platform import RayHttpPlatform
 
     assert not ray.is_initialized()
+    resources = resources or [{}, {}, {}]
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        "num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1",
+        "resources": resources[0]})
+    for extra in resources[1:]:
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources=extra)
     cluster.wait_for_nodes()
     broker = EmbeddedBroker("127.0.0.1", free_port()).start()
     platform = RayHttpPlatform(broker.bootstrap, dataclasses.replace(
-        settings, ray_address=cluster.address))
+        settings, ray_address=cluster.address), durable=durable)
     try:
         platform.start()
         yield platform
@@ -428,6 +431,72 @@ def _rejoin_scenario() -> None:
     print("MULTINODE OK", flush=True)
 
 
+def _pinned_scenario() -> None:
+    """``DATA_DIR`` on each node's own disk: every node pins the stateful hosts whose
+    directories it holds (custom resources ``shardex-host:<name>``). Each host runs on the
+    node that pins it; a shard killed with kill -9 comes back on that node with its position;
+    a layout with a host no node pins is refused before any host of it starts."""
+    import dataclasses
+    import signal
+
+    import httpx
+    import ray
+    from cluster.actors.deploy import start_hosts
+    from cluster.config import Settings
+    from tests.e2e.api_client import open_position
+    from tests.e2e.api_client import signup
+    from tests.e2e.api_client import state
+    from tests.e2e.api_client import tick
+
+    pins = [{"shardex-host:ledger": 1, "shardex-host:shard-ETH-0": 1},
+            {"shardex-host:shard-SOL-0": 1}, {"shardex-host:shard-BTC-0": 1}]
+    settings = Settings(max_tick_jump_bps=1_000_000)
+    with _on_three_nodes(settings, pins, durable=True) as platform:
+        pinned_on = {key.removeprefix("shardex-host:"): n["NodeID"] for n in ray.nodes()
+                     if n["Alive"] for key in n["Resources"] if key.startswith("shardex-host:")}
+        print("pins:", pinned_on, flush=True)
+        assert len(set(pinned_on.values())) == 3
+        where = platform.shard_nodes()
+        assert where == {name: pinned_on[name] for name in where}, (where, pinned_on)
+        assert _node_of(platform.platform.ledger) == pinned_on["ledger"]
+        with httpx.Client(base_url=platform.base_url, timeout=20) as http:
+            h = signup(http)
+            tick(platform, http, "SOL", "100.00", "100.01")
+            sol = open_position(http, h, asset="SOL", type="long", margin="100", leverage=2)
+            shard = platform.platform.shards["shard-SOL-0"]
+            victim = ray.get(shard.info.remote(), timeout=30)["pid"]
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while True:
+                with contextlib.suppress(Exception):
+                    if ray.get(shard.info.remote(), timeout=5)["pid"] != victim:
+                        break
+                assert time.monotonic() < deadline, "shard-SOL-0 not back within 60 s"
+                time.sleep(0.3)
+            assert _node_of(shard) == pinned_on["shard-SOL-0"]  # where its directory is
+            assert [p["positionId"] for p in state(http, h)["positions"]] == \
+                [sol["positionId"]]
+        # a second SOL shard no node pins: refused before any host starts
+        split = dataclasses.replace(platform.settings, shards={"SOL": 2})
+        try:
+            start_hosts(split, "pin-refusal", None, 30)
+        except ValueError as exc:
+            assert "none pins shard-SOL-1" in str(exc), exc
+        else:
+            raise AssertionError("a layout with an unpinned host was started")
+        named = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == "pin-refusal"}
+        assert named == set(), named
+        _audit_clean(platform, 10)
+    print("MULTINODE OK", flush=True)
+
+
+def _node_of(handle: Any) -> str:
+    from cluster.actors.launcher import _actor_node
+
+    return _actor_node(handle)
+
+
 if __name__ == "__main__":
     {"spread": _spread_scenario, "replicas": _replicas_scenario,
-     "rejoin": _rejoin_scenario}[sys.argv[1]]()
+     "rejoin": _rejoin_scenario, "pinned": _pinned_scenario}[sys.argv[1]]()
