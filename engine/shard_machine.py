@@ -358,10 +358,13 @@ class Stats:
 
 class OutboxView(NamedTuple):
     """The unacknowledged settlements (oldest first) and the shard's last settlement seq (a
-    shard that restarted with an empty memory shows a ``last_seq`` below the ledger's)."""
+    shard that restarted with an empty memory shows a ``last_seq`` below the ledger's);
+    ``opened``: the positions that fills among the items opened and that are still open (the
+    owner's account events show them after the fill)."""
 
     items: list[SettlementItem]
     last_seq: int
+    opened: tuple[OpenPosition, ...] = ()
 
 
 class _Amendable(NamedTuple):
@@ -880,7 +883,19 @@ class ShardMachine:
 
     # ----------------------------------------------------------------- reads
     def _read_outbox(self, command: Outbox, now_us: int) -> tuple[Any, Sequence[Event]]:
-        return OutboxView(list(self._outbox), self._last_seq), ()
+        items = list(self._outbox)
+        return OutboxView(items, self._last_seq, self._opened_by_fills(items)), ()
+
+    def _opened_by_fills(self, items: Sequence[SettlementItem]) -> tuple[OpenPosition, ...]:
+        """The positions still open that the fills among ``items`` opened; read with the
+        items in one call, so a delivery never has the fills without their positions."""
+        fills = {item.closed.position_id: item.closed.owner for item in items
+                 if isinstance(item.closed, EndedOrder)
+                 and item.closed.status == OrderStatus.FILLED}
+        if not fills:
+            return ()
+        return tuple(p for positions in self.positions_of_many(sorted(set(fills.values())))
+                     for p in positions if fills.get(p.position_id) == p.owner)
 
     def _read_positions(self, command: PositionsOf, now_us: int
                         ) -> tuple[Any, Sequence[Event]]:

@@ -22,9 +22,9 @@ memory was lost (an in-memory host started again) then numbers its closes after 
 instead of below it where the ledger would take them for resends.
 
 An order that filled opened a position the ledger has not seen: with the items, the courier sends
-the positions that fills among them opened and that are still open (one ``PositionsOf`` read of
-the shard, only when there are fills), so the owner's account events show the position after
-the fill.
+the positions that fills among them opened and that are still open, which the shard's outbox
+answer carries (read in the same call as the items), so the owner's account events show the
+position after the fill.
 
 Deliveries to one shard are coalesced: at most one runs at a time, and every caller that asks
 while one runs is served by the next one (which reads the outbox anew), so a close waiting for
@@ -36,13 +36,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
-from cluster.actors.port import Port, Unavailable
+from cluster.actors.port import Port
 from cluster.trading.batcher import MicroBatcher
 from engine.ledger_machine import AppliedSeq, ApplySettlements
-from engine.messages import EndedOrder, IdemKey, OpenPosition, SettlementItem
-from engine.order_book import OrderStatus
+from engine.messages import IdemKey, OpenPosition, SettlementItem
 from engine.results import Rejected
-from engine.shard_machine import AckOutbox, Outbox, OutboxView, PositionsOf, ResumeSeq
+from engine.shard_machine import AckOutbox, Outbox, OutboxView, ResumeSeq
 
 Answer = tuple[IdemKey, object]
 
@@ -82,11 +81,11 @@ class Courier:
         shard = self.shards[shard_name]
         if shard_name not in self._resumed:
             await self.resume(shard_name)
-        items, last_seq = await shard.call(Outbox())
+        view: OutboxView = await shard.call(Outbox())
+        items = view.items
         stored = tuple(a for a in answers if a is not None)
-        opened = await self._opened(shard_name, items)
-        applied = await self._apply(shard_name, tuple(items), stored, opened)
-        if last_seq < applied:
+        applied = await self._apply(shard_name, tuple(items), stored, view.opened)
+        if view.last_seq < applied:
             await shard.call(ResumeSeq(applied))
         if items:
             await shard.call(AckOutbox(applied))
@@ -115,30 +114,12 @@ class Courier:
         that lost its memory) take the full path. Returns the ledger's last applied number."""
         if shard_name not in self._resumed or not view.items:
             return await self.deliver(shard_name)
-        applied = await self._apply(shard_name, tuple(view.items), (),
-                                    await self._opened(shard_name, view.items))
+        applied = await self._apply(shard_name, tuple(view.items), (), view.opened)
         last = view.items[-1].seq
         if applied < last or view.last_seq < applied:
             return await self.deliver(shard_name)
         self._post_ack(shard_name, last)
         return applied
-
-    async def _opened(self, shard_name: str, items: list[SettlementItem]
-                      ) -> tuple[OpenPosition, ...]:
-        """The positions still open that fills among ``items`` opened (none when the shard
-        does not answer: the settlements go without them)."""
-        fills = {item.closed.position_id: item.closed.owner for item in items
-                 if isinstance(item.closed, EndedOrder)
-                 and item.closed.status == OrderStatus.FILLED}
-        if not fills:
-            return ()
-        try:
-            per_owner = await self.shards[shard_name].call(PositionsOf(tuple(sorted(set(
-                fills.values())))))
-        except Unavailable:
-            return ()
-        return tuple(p for positions in per_owner for p in positions
-                     if fills.get(p.position_id) == p.owner)
 
     async def _apply(self, shard_name: str, items: tuple[SettlementItem, ...],
                      answers: tuple[Answer, ...], opened: tuple[OpenPosition, ...] = ()

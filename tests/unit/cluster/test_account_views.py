@@ -4,6 +4,8 @@ scenario, the state a view answers equals a full read of the ledger and every sh
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -21,9 +23,11 @@ from engine.order_book import OrderKind
 from engine.orders import Side
 from engine.results import Code
 from engine.results import Rejected
+from engine.shard_machine import OutboxView
 from engine.shard_machine import PositionsOf
 from tests.unit.cluster.faulty_ports import Down
 from tests.unit.cluster.faulty_ports import FailingBatches
+from tests.unit.cluster.faulty_ports import Wrapped
 from tests.unit.cluster.local_platform import USD
 from tests.unit.cluster.local_platform import Platform
 from tests.unit.cluster.local_platform import build_platform
@@ -151,18 +155,47 @@ async def test_a_partial_close_reloads_the_view_from_a_full_read(market: Market)
     await market.same_as_full_read(who)  # and kept again
 
 
-async def test_a_fill_whose_position_was_not_told_reloads_the_view(market: Market) -> None:
+class Untold(Wrapped):
+    """A shard's port whose outbox answers leave out the positions fills opened."""
+
+    async def execute(self, commands: list[Any]) -> list[Any]:
+        answers = await self.inner.execute(commands)
+        return [a._replace(opened=()) if isinstance(a, OutboxView) else a for a in answers]
+
+
+async def _filled_with(market: Market, shard_port: Callable[[Port], Port]
+                       ) -> tuple[Principal, int]:
+    """A SOL limit order filled by a tick, the courier reaching the shard through
+    ``shard_port``; -> the owner and the view loads before the fill."""
     svc, sol = market.service, market.p.settings.assets["SOL"]
     who = await signup(svc)
     await svc.place_order(who, PlaceOrder("SOL", Side.LONG, OrderKind.LIMIT,
                                           sol.price_to_ticks("99.00"), 40 * USD, 10))
     await market.same_as_full_read(await _loaded(svc, who))
-    # the shard does not answer the courier's read of the positions its fills opened: the
-    # fill reaches the ledger without the positionOpened that follows it
+    assert svc.views is not None
+    loads = svc.views.counts["view_loads"]
     courier = market.p.hosts.courier
     name = next(n for n in courier.shards if "SOL" in n)
-    courier.shards[name] = FailingBatches(courier.shards[name], PositionsOf)
+    courier.shards[name] = shard_port(courier.shards[name])
     await market.tick("SOL", "98.90", "98.95")
+    return who, loads
+
+
+async def test_a_fill_is_told_with_its_position_even_by_a_shard_that_reads_no_more(
+        market: Market) -> None:
+    # the positions fills opened come in the same answer as the fills: a separate read of
+    # them, which the shard might not answer, left the fill without its positionOpened
+    svc = market.service
+    who, loads = await _filled_with(market, lambda port: FailingBatches(port, PositionsOf))
+    seen = await market.same_as_full_read(who)
+    assert len(seen.positions) == 1
+    assert svc.views is not None and svc.views.counts["view_loads"] == loads  # followed
+
+
+async def test_a_fill_whose_position_was_not_told_reloads_the_view(market: Market) -> None:
+    # the fill reaches the ledger without the positionOpened that follows it
+    svc = market.service
+    who, _ = await _filled_with(market, Untold)
     seen = await svc.state(who)
     assert seen == await svc._read_state(who)
     assert len(seen.positions) == 1  # and its unrealized PnL counted in the equity

@@ -332,7 +332,8 @@ class Platform:
                 skip: int = 0, reverse: bool = False, lose_ack: bool = False) -> None:
         """Send the outbox (``skip``: leave out its first items, a gap unless applied), store
         ``answer`` with it, acknowledge what the ledger applied."""
-        items, last_seq = self.ask(name, Outbox())
+        view = self.ask(name, Outbox())
+        items, last_seq = view.items, view.last_seq
         sent = items[skip:][::-1] if reverse else items[skip:]
         applied = self.ask(LEDGER, ApplySettlements(name, tuple(sent),
                                                     () if answer is None else (answer,)))
