@@ -175,9 +175,9 @@ class Platform:
         if joining:
             os.environ.update(joined_env)
             # first: the API a killed joined run left on the cluster holds PORT until removed
-            ray.init(address=settings.ray_address, namespace=self.namespace,
-                     runtime_env={"env_vars": {**env, **joined_env}}, log_to_driver=False,
-                     logging_level=logging.WARNING)
+            _ray_init(address=settings.ray_address, namespace=self.namespace,
+                      runtime_env={"env_vars": {**env, **joined_env}}, log_to_driver=False,
+                      logging_level=logging.WARNING)
             self._refuse_a_second_platform()  # and remove the API a killed run left
             phase("ray")
         self._take_over_data_dir()
@@ -229,7 +229,7 @@ class Platform:
             options.setdefault("address", "local")
             # no runtime env: this Ray's raylet and workers inherit the Serve variables
             # exported above (cluster.actors.serve_app), and a worker needs no runtime env agent
-            ray.init(namespace=self.namespace, **options)
+            _ray_init(namespace=self.namespace, **options)
             self._ray_started = True
             self._write_address_file()
             phase("ray")
@@ -773,6 +773,21 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
             signal.signal(sig, handler)
         if stopping.is_set():
             print("shardex: stopped", flush=True)
+
+
+def _ray_init(**options: Any) -> None:
+    """``ray.init(**options)`` keeping this process's SIGTERM handler: ray.init installs one
+    that exits at once (``sys.exit(15)``), so a SIGTERM during the rest of a start ended
+    ``up`` with exit 15 instead of the stop its own handler makes (exit 0)."""
+    import ray
+
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        ray.init(**options)
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
 
 
 def _start_failures() -> tuple[type[BaseException], ...]:

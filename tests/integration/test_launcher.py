@@ -16,6 +16,8 @@ The module's platform is started once and restarted once; its phases run in this
 4. A third run in a session of its own is stopped as a service manager stops a unit: SIGTERM to
    its process group and to every process it started (Ray's own, its workers, the broker): it
    stops without waiting for an API that cannot answer any more, and leaves no process behind.
+5. A fourth run gets a SIGTERM while it still starts (its Ray up, its hosts and API not yet):
+   it stops as it does after the start, exit 0.
 """
 
 from __future__ import annotations
@@ -590,3 +592,40 @@ def test_up_stops_on_a_sigterm_to_every_process_it_started(up: Up) -> None:
     offline = up.cli("audit", "--offline", "--json")
     assert offline.returncode == 0, offline.stdout + offline.stderr
     assert json.loads(offline.stdout.strip().splitlines()[-1])["ok"] is True
+
+
+# ----------------------------------------------------------------- 5. SIGTERM during a start
+@pytest.mark.timeout(300)
+def test_up_stops_on_a_sigterm_during_its_start(up: Up) -> None:
+    """A SIGTERM once the run's Ray is up and before it serves (ray.init installs a handler of
+    its own that exits at once, with 15): the run stops as a SIGTERM after the start stops it,
+    exit 0, ``shardex: stopped``, its records gone, nothing it started left running."""
+    assert up.proc.poll() is not None, "the previous tests stop the platform"
+    logged = len(up.output())
+    address = up.data_dir / "ray-address.json"
+    run = up.start(new_session=True)
+    deadline = time.monotonic() + START_BUDGET_S
+    while not address.exists():  # written right after its ray.init
+        assert run.poll() is None, up.output()[logged:]
+        assert time.monotonic() < deadline, "no Ray started: " + up.output()[logged:]
+        time.sleep(0.02)
+    assert "shardex is up" not in up.output()[logged:]  # still starting
+    below = descendants(run.pid)
+    run.send_signal(signal.SIGTERM)
+    try:
+        code = run.wait(120)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        raise
+    out = up.output()[logged:]
+    assert code == 0, out
+    assert "shardex: stopped" in out, out
+    assert "Traceback" not in out, out
+    assert not address.exists()
+    assert not (up.data_dir / "embedded-broker.json").exists()
+    deadline = time.monotonic() + 30
+    while left := [p for p in below if p.alive()]:
+        if time.monotonic() > deadline:
+            up.started_below += left  # stopped by identity at the end
+            raise AssertionError(f"left running after the stop: {left}")
+        time.sleep(0.2)
