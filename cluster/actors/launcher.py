@@ -777,8 +777,8 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
 
 def _ray_init(**options: Any) -> None:
     """``ray.init(**options)`` keeping this process's SIGTERM handler: ray.init installs one
-    that exits at once (``sys.exit(15)``), so a SIGTERM during the rest of a start ended
-    ``up`` with exit 15 instead of the stop its own handler makes (exit 0)."""
+    that exits at once (``sys.exit(15)`` from wherever the start is), so a SIGTERM during the
+    rest of a start ended ``up`` there, without the stop its own handler makes (exit 0)."""
     import ray
 
     main = threading.current_thread() is threading.main_thread()
