@@ -112,6 +112,24 @@ class Up:
     def output(self) -> str:
         return self.log.read_text()
 
+    @staticmethod
+    def wait_exit(run: subprocess.Popen[str], timeout_s: float) -> int:
+        """``run``'s exit status (killed, and the test failed, after ``timeout_s``)."""
+        try:
+            return run.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            raise
+
+    def wait_gone(self, below: list[ProcessIdentity]) -> None:
+        """Every process of ``below`` (what a stopped run had started) gone within 30 s."""
+        deadline = time.monotonic() + 30
+        while left := [p for p in below if p.alive()]:
+            if time.monotonic() > deadline:
+                self.started_below += left  # stopped by identity at the end
+                raise AssertionError(f"left running after the stop: {left}")
+            time.sleep(0.2)
+
     def prices(self) -> dict[str, object]:
         """``/api/v1/prices`` (empty while it does not answer 200)."""
         try:
@@ -567,11 +585,7 @@ def test_up_stops_on_a_sigterm_to_every_process_it_started(up: Up) -> None:
         with contextlib.suppress(ProcessLookupError):
             if process.alive():
                 os.kill(process.pid, signal.SIGTERM)
-    try:
-        code = run.wait(60)
-    except subprocess.TimeoutExpired:
-        run.kill()
-        raise
+    code = up.wait_exit(run, 60)
     out = up.output().rsplit("shardex is up", 1)[-1]
     assert code == 0, out
     assert "shardex: stopped" in out, out
@@ -579,12 +593,7 @@ def test_up_stops_on_a_sigterm_to_every_process_it_started(up: Up) -> None:
     assert "Ray's own processes got the stop signal too" in out, out
     assert not (up.data_dir / "embedded-broker.json").exists()
     assert not (up.data_dir / "ray-address.json").exists()
-    deadline = time.monotonic() + 30
-    while left := [p for p in below if p.alive()]:
-        if time.monotonic() > deadline:
-            up.started_below += left  # stopped by identity at the end
-            raise AssertionError(f"left running after the stop: {left}")
-        time.sleep(0.2)
+    up.wait_gone(below)
     # nor did the stop start a Ray again (Serve's client calls ray.init when it finds none)
     started = [p for p in ray_processes() - rays_before if p.alive()]
     up.started_below += started
@@ -612,20 +621,11 @@ def test_up_stops_on_a_sigterm_during_its_start(up: Up) -> None:
     assert "shardex is up" not in up.output()[logged:]  # still starting
     below = descendants(run.pid)
     run.send_signal(signal.SIGTERM)
-    try:
-        code = run.wait(120)
-    except subprocess.TimeoutExpired:
-        run.kill()
-        raise
+    code = up.wait_exit(run, 120)
     out = up.output()[logged:]
     assert code == 0, out
     assert "shardex: stopped" in out, out
     assert "Traceback" not in out, out
     assert not address.exists()
     assert not (up.data_dir / "embedded-broker.json").exists()
-    deadline = time.monotonic() + 30
-    while left := [p for p in below if p.alive()]:
-        if time.monotonic() > deadline:
-            up.started_below += left  # stopped by identity at the end
-            raise AssertionError(f"left running after the stop: {left}")
-        time.sleep(0.2)
+    up.wait_gone(below)
