@@ -694,7 +694,12 @@ def check_layout(settings: Settings, record: bool = False) -> None:
         recorded = json.loads(path.read_text())["shards"]
     except FileNotFoundError:
         if record:
-            _write_whole(path, json.dumps({"shards": wanted}))
+            # whole or not at all: a torn or empty file (a full disk, a kill, a power cut)
+            # would refuse every later start
+            from cluster.durability.journal import create_directory, write_whole
+
+            create_directory(path.parent)
+            write_whole(path, json.dumps({"shards": wanted}).encode())
         return
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LaunchError(f"cannot read {path}: {exc}") from None
@@ -708,25 +713,6 @@ def check_layout(settings: Settings, record: bool = False) -> None:
                           f"SHARDS={','.join(f'{a}={n}' for a, n in splits.items())}, and its "
                           "ids carry that layout: set those, or use a new DATA_DIR for another "
                           "layout")
-
-
-def _write_whole(path: Path, text: str) -> None:
-    """``text`` in ``path``, whole or not at all, on disk before the ids it covers: a torn or
-    empty file (a full disk, a kill, a power cut) would refuse every later start."""
-    from cluster.durability.journal import create_directory, fsync_directory
-
-    create_directory(path.parent)
-    temp = path.with_name(path.name + ".tmp")
-    try:
-        with open(temp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-    fsync_directory(path.parent)
 
 
 def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> int:
@@ -757,7 +743,8 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
                 return 0  # Ctrl-C while the start waited
             print(f"shardex: cannot start: {_start_failure_text(exc)}", file=sys.stderr)
             return 1
-        # ray.init installs its own SIGTERM handler (exit without cleanup): take it back
+        # ours again, whatever the start installed (ray.init's own SIGTERM handler, which
+        # exits without cleanup, is kept out by _ray_init)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
         if stopping.is_set():

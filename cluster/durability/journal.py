@@ -294,6 +294,23 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def write_whole(path: Path, data: bytes | memoryview) -> None:
+    """``data`` in ``path``, whole or not at all and durable: written beside it, fsynced,
+    renamed over it, and the directory fsynced (a crash leaves the old file or the new one,
+    never a torn one)."""
+    temp = path.with_name(path.name + ".tmp")
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+    fsync_directory(path.parent)
+
+
 def create_directory(directory: str | os.PathLike[str]) -> Path:
     """``mkdir -p`` whose new entries are durable: each created level's parent is fsynced."""
     path = Path(directory)
@@ -532,13 +549,7 @@ class Journal:
         j, blob, pos = found
         target = self.path / _segment_name(seq)
         if segments[j][1] != target:
-            temp = target.with_name(target.name + ".tmp")
-            with open(temp, "wb") as f:
-                f.write(memoryview(blob)[pos:])
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp, target)
-            fsync_directory(self.path)
+            write_whole(target, memoryview(blob)[pos:])
         olds = [(k, old) for k, (_, old) in enumerate(segments[: j + 1]) if old != target]
         for k, old in sorted(olds, key=lambda kp: kp[0] == damaged):  # the damaged one last
             if k >= damaged:  # the damage, kept for inspection; earlier ones: intact, covered
