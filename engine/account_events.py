@@ -30,8 +30,12 @@ POSITION_OPENED = "positionOpened"
 POSITION_UPDATED = "positionUpdated"
 POSITION_CLOSED = "positionClosed"
 ORDER_PLACED = "orderPlaced"
-NOTED_KINDS = frozenset({POSITION_OPENED, POSITION_UPDATED, ORDER_PLACED})
-"""The kinds a request's outcome is noted as (engine.ledger_machine.Note)."""
+NOTED_OF_REQUEST = {"open": POSITION_OPENED, "order": ORDER_PLACED, "modify": POSITION_UPDATED,
+                    "margin": POSITION_UPDATED}
+"""The kind a request that happened (by its clientOrderId kind: an open, a placement, a TP/SL
+or margin change) is noted as (engine.ledger_machine.Note)."""
+NOTED_KINDS = frozenset(NOTED_OF_REQUEST.values())
+"""The kinds a request's outcome is noted as."""
 
 
 class Balance(NamedTuple):
@@ -135,5 +139,6 @@ class AccountLog:
         return out
 
 
-__all__ = ["BALANCE", "KEPT", "NOTED_KINDS", "ORDER_PLACED", "POSITION_CLOSED",
-           "POSITION_OPENED", "POSITION_UPDATED", "AccountEvent", "AccountLog", "Balance"]
+__all__ = ["BALANCE", "KEPT", "NOTED_KINDS", "NOTED_OF_REQUEST", "ORDER_PLACED",
+           "POSITION_CLOSED", "POSITION_OPENED", "POSITION_UPDATED", "AccountEvent",
+           "AccountLog", "Balance"]

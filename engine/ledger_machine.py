@@ -147,11 +147,6 @@ _I64_MIN, _I64_END = -(1 << 63), 1 << 63
 # what resolves a pending clientOrderId of each kind (a TP/SL or margin change: the position)
 _ANSWER_TYPES = {"open": OpenPosition, "close": ClosedPosition, "order": PendingOrder,
                  "cancel": EndedOrder, "modify": OpenPosition, "margin": OpenPosition}
-# the account event a request of each kind that made something is noted as (Note's kind)
-_NOTED_OF_KIND = {"open": account_events.POSITION_OPENED,
-                  "order": account_events.ORDER_PLACED,
-                  "modify": account_events.POSITION_UPDATED,
-                  "margin": account_events.POSITION_UPDATED}
 _SIDE_CAST = {"side": Side}
 # Stored answers are JSON lists: the kind, then the record's fields in schema order.
 _STORED_RECORDS: dict[str, tuple[type, schema.Group]] = {
@@ -1292,7 +1287,7 @@ class LedgerMachine:
                         events.append(owed)
                         owed = None
                 events.append(self._stored_event(key, _stored(outcome), now_us))
-                noted = _NOTED_OF_KIND.get(key.kind)
+                noted = account_events.NOTED_OF_REQUEST.get(key.kind)
                 # numbered among the account's events as the request's own Note would have
                 # been: storing the answer ends its lock, which the sweep of orphaned locks
                 # would otherwise have noted (a removal whose release is still owed keeps its

@@ -72,10 +72,6 @@ ORPHAN_ROUNDS = 4  # a lock open in this many sweeps in a row (>= 30 s) has nobo
 ORPHAN_BATCH = 1_000  # the oldest open locks a sweep looks at
 COUNT_CHUNK = 1_000  # owners per PositionsOf/OrdersOf when open positions/orders are counted
 _MADE = (OpenPosition, PendingOrder)  # what a lock pays for, once its request happened
-NOTED_KIND = {"open": account_events.POSITION_OPENED, "order": account_events.ORDER_PLACED,
-              "margin": account_events.POSITION_UPDATED}
-"""The account event a lock's request (an open, a placement, a top-up) that happened at its
-shard is noted as."""
 Made = OpenPosition | ClosedPosition | PendingOrder | EndedOrder  # what a request made
 TRANSIENT_CODES = frozenset({Code.PRICE_UNAVAILABLE})
 
@@ -206,7 +202,8 @@ class Reconciler:
         if doubt.kind in ("open", "order", "margin") and doubt.release is None:
             if isinstance(result, _MADE):
                 await self.ledger.call(Note(result.owner, doubt.request_id,
-                                            NOTED_KIND[doubt.kind], result, key))
+                                            account_events.NOTED_OF_REQUEST[doubt.kind],
+                                            result, key))
             else:  # refused or never arrived (now fenced): its lock backs nothing
                 self._abandoned.append(doubt.request_id)
             return
@@ -347,7 +344,7 @@ class Reconciler:
         and numbers the account event its API process did not. Returns the abandon answers
         that freed margin."""
         answers = await self.ledger.call_many([AbandonLock(r) for r in absent]) if absent else []
-        notes = [Note(made.owner, r, NOTED_KIND[kinds[r]], made, None)
+        notes = [Note(made.owner, r, account_events.NOTED_OF_REQUEST[kinds[r]], made, None)
                  for r, made in opened.items() if isinstance(made, _MADE)]
         if notes:
             await self.ledger.call_many(notes)

@@ -48,8 +48,8 @@ from cluster.live.market import MarketSource
 from cluster.trading.batcher import MicroBatcher
 from cluster.trading.courier import Courier
 from cluster.trading.placement import Layout
-from cluster.trading.reconciler import NOTED_KIND, TRANSIENT_CODES, InDoubt, Reconciler
-from engine.account_events import AccountEvent
+from cluster.trading.reconciler import TRANSIENT_CODES, InDoubt, Reconciler
+from engine.account_events import NOTED_OF_REQUEST, AccountEvent
 from engine.assets import Asset, AssetRegistry
 from engine.candles import Candle, CandleQuery
 from engine.ledger import AuditDifference
@@ -659,7 +659,7 @@ class TradingService:
         # one account event of the user's and, with a clientOrderId, its first answer; one
         # the ledger did not take is sent again by the reconciler (the lock it ends stays
         # open meanwhile, so a sweep notes it too should this process die first)
-        note = Note(who.user, request_id, NOTED_KIND[kind], result, key)
+        note = Note(who.user, request_id, NOTED_OF_REQUEST[kind], result, key)
         try:
             await self.ledger.call(note)
         except Unavailable:
