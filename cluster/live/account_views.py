@@ -21,8 +21,8 @@ itself up to date with those events instead of asking the shards again:
 
 A view is dropped, and the next read is a full one that loads it again, when the ledger no
 longer keeps the events it needs, on a partial close (its remainder's terms are the shard's to
-compute), on an order fill whose position no ``positionOpened`` follows (the courier sends the
-positions fills opened only when the shard answers its read), and for :data:`DISTRUST_S`
+compute), on an order fill whose position no ``positionOpened`` follows (a delivery of fills
+without the positions they opened), and for :data:`DISTRUST_S`
 after a write for the account failed (its outcome may be unknown: the reconciler settles it
 at the shards, and until it does a full read shows what the shards hold). At most
 :data:`MAX_VIEWS` accounts are kept (the least recently read dropped first), each with at most
@@ -175,8 +175,8 @@ class AccountViews:
                 filled.add(body.position_id)
             view.seq = event.seq
         # a fill's position is told by the positionOpened the ledger records right after it,
-        # which it can only make when the courier read the position from the shard: without
-        # it, only the shard knows the position, and the view would leave it out for good
+        # from the positions the shard's outbox answer carries: a fill delivered without them
+        # leaves the position to the shard alone, and the view would leave it out for good
         return len(view.positions) <= MAX_VIEW_POSITIONS and filled <= view.positions.keys()
 
     async def _load(self, who: Principal) -> AccountState:
