@@ -192,6 +192,11 @@ class Reconciler:
                 await self._resolve_one(doubt)
             except Unavailable:
                 self._in_doubt.append(doubt)
+            except Exception:  # e.g. a command that failed: retried in later (backed off)
+                # rounds, and the others still resolve; the sweeps settle it meanwhile
+                log.exception("resolving %s failed", doubt)
+                self.counters["in_doubt_errors"] += 1
+                self._in_doubt.append(doubt)
             except BaseException:  # the round was cut off: what it did not finish stays queued
                 self._in_doubt.extend(batch[i:])
                 raise

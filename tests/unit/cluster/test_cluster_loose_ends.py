@@ -18,6 +18,7 @@ from cluster.actors.host import host_specs
 from cluster.actors.port import LocalPort
 from cluster.actors.port import Port
 from cluster.actors.port import Unavailable
+from cluster.durability.runner import Failed
 from cluster.trading.courier import Courier
 from cluster.trading.courier import SettlementRefused
 from cluster.trading.reconciler import ORPHAN_ROUNDS
@@ -474,6 +475,47 @@ async def test_stopping_the_reconciler_mid_round_keeps_the_doubt_queued(make: Ma
     assert svc.reconciler.outstanding == 1
     assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
     held.opened.set()
+    assert await svc.reconciler.run_once() == 0
+    assert balances(p, who) == (SIGNUP, 0)
+    assert (await svc.audit())[0] == []
+
+
+class FailsToResolve(Wrapped):
+    """The first request id a ``Resolve`` asks about fails there (its command raised, as a
+    bug would make it), every time, until ``healed``."""
+
+    def __init__(self, inner: Port) -> None:
+        super().__init__(inner)
+        self.bad: int | None = None
+        self.healed = False
+
+    async def execute(self, commands: list[Any]) -> list[Any]:
+        answers = await self.inner.execute(commands)
+        for i, c in enumerate(commands):
+            if isinstance(c, Resolve) and not self.healed:
+                self.bad = c.request_id if self.bad is None else self.bad
+                if c.request_id == self.bad:
+                    answers[i] = Failed("test: resolving this request failed")
+        return answers
+
+
+async def test_an_in_doubt_request_whose_resolution_fails_holds_up_no_other(make: Make) -> None:
+    p = make(wrap=lambda port: FailingBatches(port, Open, failures=None))  # every open lost
+    svc = p.service
+    who = await sol_trader(p)
+    broken = FailsToResolve(svc.shards[p.shard_of("SOL").name])
+    svc.shards[broken.name] = svc.reconciler.shards[broken.name] = broken
+    for _ in range(2):
+        with pytest.raises(Unavailable):
+            await svc.open_position(who, sol_long())
+    assert balances(p, who) == (SIGNUP - 200 * USD, 200 * USD)
+
+    async def other_settled() -> bool:  # the other open never happened: its lock is freed
+        return balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+
+    await eventually(other_settled)
+    assert svc.reconciler.outstanding == 1 and svc.counters["in_doubt_errors"] >= 1
+    broken.healed = True  # the bad one is still queued: it settles once it resolves
     assert await svc.reconciler.run_once() == 0
     assert balances(p, who) == (SIGNUP, 0)
     assert (await svc.audit())[0] == []
