@@ -118,6 +118,7 @@ class Platform:
     _broker: Any = None
     _ray_started: bool = False
     _serve_started: bool = False
+    _api_deployed: bool = False  # the start got as far as deploying the API (stopped first)
     _recorded: bool = False  # this run wrote DATA_DIR's address file (removed at stop)
     _feed_thread: threading.Thread | None = None
     _feed_loop: asyncio.AbstractEventLoop | None = None
@@ -245,6 +246,7 @@ class Platform:
         finally:
             serving.shutdown(wait=True)
         phase("serve controller (the wait after the actors)")
+        self._api_deployed = True
         self.url = deploy_api(settings, self.bootstrap, namespace=self.namespace, host=self.host,
                               extra_env=joined_env, direct_ingress=self.direct_ingress,
                               timeout_s=READY_TIMEOUT_S, inherited=self._ray_started)
@@ -580,8 +582,10 @@ class Platform:
                 from cluster.actors.serve_app import shutdown_api, stop_api
 
                 # the API first, while the ledger and shards still answer it: its requests in
-                # flight finish, its WebSockets get a close frame, later ones are refused
-                stopped = stop_api(API_STOP_TIMEOUT_S, self._ray_down)
+                # flight finish, its WebSockets get a close frame, later ones are refused (a
+                # start that failed before deploying it has none to stop, nor to warn about)
+                stopped = not self._api_deployed or stop_api(API_STOP_TIMEOUT_S,
+                                                             self._ray_down)
                 if not stopped and self._ray_down():  # its WebSockets end with no close frame
                     log.warning("Ray's own processes got the stop signal too (it was sent to "
                                 "the whole process group); the API goes down with them")
@@ -592,7 +596,7 @@ class Platform:
                     # on a joined cluster also Serve's actors; a Ray we started goes down
                     # whole below (serve.shutdown can wait 30 s on the controller's drain)
                     shutdown_api()
-            self._serve_started = False
+            self._serve_started = self._api_deployed = False
             if self.feed is not None and not self._ray_down():  # else it waits 10 s for none
                 with contextlib.suppress(Exception):
                     ray.get(self.feed.stop.remote(), timeout=10.0)

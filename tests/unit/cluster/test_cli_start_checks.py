@@ -4,8 +4,10 @@ is one line, not a traceback."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -366,3 +368,41 @@ def test_a_live_audit_a_host_does_not_answer_is_one_line_and_not_a_difference(
     out = capsys.readouterr()
     assert out.err == ("shardex audit: the platform does not answer: shard-SOL-0 is "
                        "unavailable: ActorUnavailableError\n") and out.out == ""
+
+
+def test_a_start_that_failed_before_its_api_stops_no_api(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """A start whose hosts failed (on a Ray it was already connected to, here a stand-in):
+    its stop warned that the API's replicas did not close their WebSockets, of an API that
+    was never deployed. It stops what did start (Serve on that cluster), quietly."""
+    import ray
+    from cluster.actors import serve_app
+
+    def hosts_fail(_self: Platform, _phase: object) -> None:
+        raise RuntimeError("test: a host failed")
+
+    def never(*_a: object, **_k: object) -> object:
+        raise AssertionError("called")
+
+    shut: list[bool] = []
+    asked: list[bool] = []
+
+    def stop_api(*_a: object) -> bool:  # the real one, with no app, warns about WebSockets
+        asked.append(True)
+        return True
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(serve_app, "export_serve_env", lambda *_a, **_k: {})
+    monkeypatch.setattr(serve_app, "start_serve", lambda *_a, **_k: {})
+    monkeypatch.setattr(serve_app, "stop_api", stop_api)
+    monkeypatch.setattr(serve_app, "deploy_api", never)
+    monkeypatch.setattr(serve_app, "shutdown_api", lambda: shut.append(True))
+    monkeypatch.setattr(Platform, "_ensure_topic", lambda *_a: asyncio.sleep(0))
+    monkeypatch.setattr(Platform, "_start_actors", hosts_fail)
+    settings = dataclasses.replace(Settings(), data_dir=tmp_path, port=free_port())
+    platform = Platform(settings, with_feed=False, bootstrap="127.0.0.1:9")
+    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="a host failed"):
+        platform.start()
+    assert asked == [] and shut == [True]  # no API to stop; Serve, which it had started
+    assert caplog.records == [], caplog.text
