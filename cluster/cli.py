@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "feed":
         from feed.service import run_feed_service
 
-        return run_feed_service(settings)
+        return run_feed_service(settings, settings.data_dir)
     from cluster.actors import launcher
 
     if args.command in ("up", "engine"):

@@ -54,6 +54,7 @@ from feed.settings import MARKET_TOPIC
 
 log = logging.getLogger(__name__)
 
+BROKER_RECORD = "embedded-broker.json"  # in DATA_DIR while `up`, `engine` or `feed` runs one
 TOPIC_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
 UNKNOWN_TOPIC = 3  # Kafka error code UNKNOWN_TOPIC_OR_PARTITION
 # records a partition of the market topic holds at most before the embedded broker recreates the
@@ -188,6 +189,19 @@ class ProcessIdentity:
     def from_json(cls, data: dict[str, Any]) -> ProcessIdentity:
         return cls(int(data["pid"]), int(data["start_ticks"]), str(data["boot_id"]),
                    tuple(str(a) for a in data["cmdline"]))
+
+
+def recorded_broker(record_path: Path) -> str | None:
+    """The bootstrap of the embedded broker ``record_path`` records, while it and the process
+    that started it both run; else None."""
+    try:
+        record = json.loads(record_path.read_text())
+        broker = ProcessIdentity.from_json(record["broker"])
+        owner = ProcessIdentity.from_json(record["owner"])
+        bootstrap = str(record["bootstrap"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return bootstrap if broker.alive() and owner.alive(same_cmdline=False) else None
 
 
 def stop_process(identity: ProcessIdentity, timeout_s: float = 5.0) -> bool:
@@ -380,7 +394,9 @@ class EmbeddedBroker:
             return None
         if owner.pid != os.getpid() and owner.alive(same_cmdline=False):
             raise BrokerError(f"the embedded broker recorded in {path} (pid {broker.pid}) belongs "
-                              f"to a running process (pid {owner.pid}); stop that first")
+                              f"to a running process (pid {owner.pid}: "
+                              f"{' '.join(owner.cmdline)}); stop that first (a `shardex feed` "
+                              "started after the platform produces into the platform's broker)")
         stopped = None
         if broker.alive():
             if not stop_process(broker):

@@ -1,9 +1,10 @@
 """``shardex feed``: the market data service alone (source -> Kafka), no Ray.
 
-Starts the embedded broker unless ``KAFKA_BROKERS`` is set, creates the topic (one partition per
-asset), runs the FEED_SOURCE source until Ctrl-C / SIGTERM, then stops everything in order. When a
-finite source (a replay without loop) ends, an external Kafka run exits; with the embedded
-broker the process stays up (the broker holds the messages in memory) until Ctrl-C.
+Starts the embedded broker unless ``KAFKA_BROKERS`` is set or a platform running from DATA_DIR
+records one (then it produces into that one), creates the topic (one partition per asset), runs
+the FEED_SOURCE source until Ctrl-C / SIGTERM, then stops everything in order. When a finite
+source (a replay without loop) ends, a run on a broker it did not start exits; with its own
+embedded broker the process stays up (the broker holds the messages in memory) until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import contextlib
 import logging
 import signal
 import sys
+from pathlib import Path
 
-from feed.broker import BrokerError, EmbeddedBroker
+from feed.broker import BROKER_RECORD, BrokerError, EmbeddedBroker, recorded_broker
 from feed.settings import EMBEDDED_BROKER, FeedSettings, HasFeedSettings, feed_settings
 from feed.source import make_source, run_source
 
@@ -45,8 +47,13 @@ async def _serve(settings: FeedSettings, bootstrap: str, keep_broker: bool) -> N
         await stop.wait()
 
 
-def run_feed_service(settings: FeedSettings | HasFeedSettings) -> int:
-    """Run the market data service in the foreground; returns the process exit code."""
+def run_feed_service(settings: FeedSettings | HasFeedSettings,
+                     data_dir: Path | None = None) -> int:
+    """Run the market data service in the foreground; returns the process exit code.
+
+    ``data_dir``: where a platform (``shardex engine`` or ``up``) records its embedded broker;
+    while one runs there, the feed produces into it (the broker its feed actor reads) instead
+    of starting its own, and its own is recorded there otherwise."""
     settings = feed_settings(settings)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO,
@@ -57,13 +64,19 @@ def run_feed_service(settings: FeedSettings | HasFeedSettings) -> int:
         print(f"shardex feed: {exc}", file=sys.stderr)
         return 2
     broker = embedded_broker_for(settings)
+    bootstrap = settings.bootstrap_servers
+    if broker is not None and data_dir is not None:
+        broker.record_path = data_dir / BROKER_RECORD
+        if running := recorded_broker(broker.record_path):
+            log.info("feed: producing into the embedded broker on %s recorded in %s",
+                     running, broker.record_path)
+            broker, bootstrap = None, running
     try:
         if broker is not None:
-            broker.start()
+            bootstrap = broker.start().bootstrap
     except BrokerError as exc:
         print(f"shardex feed: {exc}", file=sys.stderr)
         return 1
-    bootstrap = broker.bootstrap if broker is not None else settings.bootstrap_servers
     try:
         asyncio.run(_serve(settings, bootstrap, keep_broker=broker is not None))
     except KeyboardInterrupt:

@@ -42,6 +42,7 @@ from cluster.trading.placement import ShardSpec, shard_layout
 from engine.ledger import AuditDifference
 from engine.shard_machine import LastTick, Stats
 from feed.broker import (
+    BROKER_RECORD,
     BrokerError,
     ProcessIdentity,
     accepts_connections,
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 FEED_RESTART = {"max_restarts": -1, "max_task_retries": -1}  # its calls are safe to repeat
 READY_TIMEOUT_S = 120.0  # actors and the API must be up within this
 ADDRESS_FILE = "ray-address.json"  # in DATA_DIR while `up` runs (local or joined)
-BROKER_RECORD = "embedded-broker.json"  # in DATA_DIR while `up` runs the embedded broker
 BROKER_LOG = "embedded-broker.log"  # in DATA_DIR: its output, kept across starts and crashes
 ATTACH_CHECK_TIMEOUT_S = 2.0  # status/audit: how long a recorded Ray may take to answer TCP
 CRASHED_RUN_WAIT_S = 15.0  # how long a start waits for a killed run's workers to exit

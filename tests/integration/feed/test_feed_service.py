@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
+from feed.broker import EmbeddedBroker
+from feed.broker import free_port
+from feed.broker import recorded_broker
 from feed.settings import MARKET_TOPIC
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -68,3 +71,43 @@ def test_feed_service_rejects_a_bad_source() -> None:
     lines = proc.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "FEED_SOURCE must be backpack | sim" in lines[0]
     assert lines[0].endswith("(got carrier-pigeon)")
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_feed_service_produces_into_the_broker_of_the_platform_in_its_data_dir(
+        tmp_path: Path) -> None:
+    """``shardex engine`` in one terminal, ``shardex feed`` in another (no KAFKA_BROKERS): the
+    feed started a broker of its own (or failed on the engine's port) and produced where the
+    engine's feed actor never reads. It finds the broker the platform recorded in DATA_DIR
+    (here one this process runs, as the launcher does), produces into it, and leaves it
+    running when it stops."""
+    record = tmp_path / "embedded-broker.json"
+    with EmbeddedBroker("127.0.0.1", free_port(), record_path=record) as broker:
+        consumer = AIOKafkaConsumer(MARKET_TOPIC, bootstrap_servers=broker.bootstrap,
+                                    group_id="service-test", auto_offset_reset="earliest",
+                                    metadata_max_age_ms=500)
+        await consumer.start()
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "DATA_DIR": str(tmp_path),
+               "FEED_SOURCE": f"replay:{FIXTURE}?speed=0&loop=1"}
+        env.pop("KAFKA_BROKERS", None)
+        proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "feed"], cwd=ROOT,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            values: list[dict[str, object]] = []
+            deadline = asyncio.get_running_loop().time() + 30
+            while len(values) < 30 and asyncio.get_running_loop().time() < deadline:
+                assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")
+                batch = await consumer.getmany(timeout_ms=500)
+                for records in batch.values():
+                    values.extend(json.loads(r.value) for r in records)
+            assert len(values) >= 30
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=15)
+            assert proc.returncode == 0, out.decode(errors="replace")
+            assert broker.running and recorded_broker(record) == broker.bootstrap
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            await consumer.stop()

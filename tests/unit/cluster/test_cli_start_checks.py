@@ -406,3 +406,25 @@ def test_a_start_that_failed_before_its_api_stops_no_api(
         platform.start()
     assert asked == [] and shut == [True]  # no API to stop; Serve, which it had started
     assert caplog.records == [], caplog.text
+
+
+def test_an_embedded_broker_another_running_process_owns_is_refused_naming_it(
+        tmp_path: Path) -> None:
+    """A ``shardex feed`` started first records its broker in DATA_DIR: ``engine`` (or
+    ``up``), started next, refuses it naming that process and the order that works, instead
+    of a broker of its own on another port that the feed would never produce into."""
+    owner = subprocess.Popen(["sleep", "60"])
+    try:
+        me = ProcessIdentity.of(owner.pid)
+        assert me is not None
+        (tmp_path / "embedded-broker.json").write_text(json.dumps(
+            {"bootstrap": "127.0.0.1:9", "broker": me.to_json(), "owner": me.to_json()}))
+        settings = dataclasses.replace(Settings(), data_dir=tmp_path, port=free_port())
+        with pytest.raises(LaunchError) as refused:
+            Platform(settings, with_feed=False, broker_port=free_port()).start()
+    finally:
+        owner.kill()
+        owner.wait()
+    message = str(refused.value)
+    assert f"(pid {owner.pid}: sleep 60)" in message, message
+    assert "a `shardex feed` started after the platform" in message, message
