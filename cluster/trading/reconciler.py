@@ -142,7 +142,13 @@ class Reconciler:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def _loop(self, interval_s: float = 0.2, max_interval_s: float = 10.0) -> None:
-        while await self.run_once() > 0:
+        while True:
+            try:
+                if await self.run_once() == 0:
+                    return
+            except Exception:  # e.g. a ledger command that failed: what it left stays queued
+                log.exception("a reconciliation round failed")
+                self.counters["round_errors"] += 1
             await asyncio.sleep(interval_s)
             interval_s = min(max_interval_s, interval_s * 2)  # back off while a part is down
 

@@ -7,10 +7,14 @@ and across restarts in tests/unit/durability/test_durable_machines.py.
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from cluster.actors.local import LocalHosts
+from cluster.actors.port import CommandFailed
 from cluster.actors.port import LocalPort
 from cluster.actors.port import Unavailable
 from cluster.config import Settings
@@ -124,5 +128,48 @@ async def test_a_lock_that_never_happened_is_abandoned_without_change() -> None:
     assert svc.counters["locks_released_abandoned"] == 0
     assert run(hosts.ledger.runner.machine, Balances(who.user)) == (funded, 0)
     assert await audit(svc) == []
+    await svc.aclose()
+    hosts.close()
+
+
+class AbandonFails(LedgerLosingLockAnswers):
+    """Also: every ``AbandonLock`` fails there (its command raised, as a bug would make it)
+    until ``healed``; ``failed`` counts them."""
+
+    healed = False
+    failed = 0
+
+    async def call(self, command: Any) -> Any:
+        if isinstance(command, AbandonLock) and not self.healed:
+            self.failed += 1
+            raise CommandFailed("test: abandoning this lock failed")
+        return await super().call(command)
+
+
+async def until(check: Callable[[], bool], within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, f"not within {within_s} s"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.asyncio
+async def test_a_round_that_fails_is_tried_again_later() -> None:
+    settings = Settings()
+    hosts = LocalHosts(settings, clock_us=Clock())
+    failing = AbandonFails(hosts.ledger)
+    svc = TradingService(failing, dict(hosts.shards), settings)  # type: ignore[arg-type]
+    funded = settings.signup_balance_micros
+    who = await signup(svc)
+    await push_tick(hosts, "100.00", "100.01")
+    with pytest.raises(Unavailable):  # locked, its answer lost: queued to be abandoned
+        await svc.open_position(who, OpenOrder("SOL", Side.LONG, 100 * USD, 10))
+    await until(lambda: failing.failed >= 2)  # the background rounds go on after one failed
+    assert run(hosts.ledger.runner.machine, Balances(who.user)) == \
+        (funded - 100 * USD, 100 * USD)
+    failing.healed = True
+    await until(lambda: svc.reconciler.outstanding == 0)  # the next round releases it
+    assert run(hosts.ledger.runner.machine, Balances(who.user)) == (funded, 0)
+    assert svc.counters["round_errors"] >= 2 and await audit(svc) == []
     await svc.aclose()
     hosts.close()
