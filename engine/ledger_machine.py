@@ -1912,7 +1912,7 @@ def decode_account_events(value: bytes) -> tuple[list[AccountEvent], int]:
     its items were not one (dropped); a value that is not a JSON array counts as one."""
     try:
         items = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # (nesting deeper than the parser recurses)
         return [], 1
     if not isinstance(items, list):
         return [], 1
@@ -1976,7 +1976,9 @@ def _account_event_of_row(row: Sequence[Any]) -> AccountEvent:
 def _account_body(kind: str, stored: list[Any]) -> object:
     """An account event's object from its JSON form (a balance's ``[free, margin]``, any
     other object's stored answer)."""
-    return Balance(*map(int, stored)) if kind == account_events.BALANCE else _answer_of(stored)
+    if kind == account_events.BALANCE:  # integers only (a float or text is not an amount)
+        return Balance(*map(operator.index, stored))
+    return _answer_of(stored)
 
 
 def _settlement_event(shard: str, seq: int, c: ClosedPosition) -> SettlementApplied:

@@ -1,7 +1,8 @@
 """The account events' topic on the embedded broker, kept short like the market data's: the
 publisher goes on producing across the topic's recreation, and a replica's reader of the topic
 (TopicTail) says it restarted (None: its subscriptions read what they missed from the ledger),
-then reads what comes after."""
+then reads what comes after; a message that is not account events is counted, and the events
+read with it still arrive."""
 
 from __future__ import annotations
 
@@ -75,5 +76,27 @@ async def test_a_readers_tail_restarts_at_a_recreation_and_reads_what_follows(
         assert publisher.stats()["dropped"] == 0
     finally:
         trimmer.stop()
+        publisher.close()
+        await tail.close()
+
+
+@pytest.mark.parametrize("hostile", [b"[" * 5_000 + b"]" * 5_000,
+                                     b'[{"kind":"balance","user":7,"seq":1,"version":1,'
+                                     b'"body":[1e400,0]}]'],
+                         ids=["nested past the parser's recursion", "an infinite number"])
+async def test_a_hostile_message_is_counted_and_the_events_beside_it_arrive(
+        kafka_broker: str, hostile: bytes) -> None:
+    topic = f"account-events-hostile-{free_port()}"
+    await ensure_topic(kafka_broker, 4, topic)
+    tail = TopicTail(kafka_broker, topic)
+    publisher = Publisher(kafka_broker, topic)
+    try:
+        await _read_until(tail, lambda reads: None in reads)
+        [(key, value)] = encode_account_events(_events(7, 1, 2))
+        publisher.offer([(key, hostile), (key, value)])  # one partition, one fetch
+        reads = await _read_until(tail, lambda rs: sum(len(r or ()) for r in rs) >= 2)
+        assert [e.seq for r in reads for e in r or ()] == [1, 2]
+        assert tail.malformed == 1
+    finally:
         publisher.close()
         await tail.close()

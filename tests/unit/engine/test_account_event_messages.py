@@ -71,6 +71,9 @@ def test_nothing_to_send_is_no_message() -> None:
     (b'[{"kind":"balance","user":1,"seq":1,"version":1,"body":"[5,6]"}]', 1),
     (b'[{"kind":"balance","user":1,"seq":1,"version":1,"body":["x",6]}]', 1),
     (b'[{"kind":"positionOpened","user":1,"seq":1,"version":1,"body":["open",1]}]', 1),
+    (b'[{"kind":"balance","user":1,"seq":1,"version":1,"body":[1e400,6]}, 3]', 2),
+    (b'[{"kind":"balance","user":1,"seq":1,"version":1,"body":[Infinity,6]}]', 1),
+    (b'[{"kind":"balance","user":1,"seq":1,"version":1,"body":[5.5,6]}]', 1),
 ])
 def test_what_is_not_an_account_event_is_counted_and_the_rest_kept(value: bytes,
                                                                    malformed: int) -> None:
@@ -80,3 +83,7 @@ def test_what_is_not_an_account_event_is_counted_and_the_rest_kept(value: bytes,
     assert len(decoded) == valid
     if valid:
         assert decoded == [AccountEvent(1, 1, 1, "balance", Balance(5, 6))]
+
+
+def test_nesting_deeper_than_the_parser_recurses_is_counted_not_raised() -> None:
+    assert decode_account_events(b"[" * 5_000 + b"]" * 5_000) == ([], 1)
