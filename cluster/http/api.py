@@ -606,10 +606,9 @@ class _HttpCounter:
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <apiKey>")
 
 
-def _rate_limited(buckets: TokenBuckets, key: object, what: str, spend: bool = True) -> None:
-    """Take a token from ``key``'s bucket (``spend=False``: only check there is one), or raise
-    429 RATE_LIMITED with ``Retry-After``."""
-    wait_s = buckets.take(key, spend)
+def _rate_limited(buckets: TokenBuckets, key: object, what: str) -> None:
+    """Take a token from ``key``'s bucket, or raise 429 RATE_LIMITED with ``Retry-After``."""
+    wait_s = buckets.take(key)
     if wait_s > 0:
         _refuse_rate(what, wait_s)
 
@@ -646,17 +645,23 @@ def key_checker(service: TradingService, refused: TokenBuckets
     the key's Principal; None for an unknown key (counted against the address); the seconds
     to wait when the address sent too many unknown keys. A key not seen here costs the ledger
     a lookup: an address that sent many unknown ones is answered from here until its bucket
-    fills again (keys it used before pass)."""
+    fills again (keys it used before pass). A lookup takes its token before it starts, so
+    lookups under way at once count too, and gives it back for a key that is known (or when
+    the ledger does not answer)."""
     async def check(api_key: str, address: str) -> Principal | float | None:
         who = service.known(api_key)
         if who is not None:
             return who
-        wait_s = refused.take(address, spend=False)
+        wait_s = refused.take(address)
         if wait_s > 0:
             return wait_s
-        who = await service.authenticate(api_key)
-        if who is None:
-            refused.take(address)
+        try:
+            who = await service.authenticate(api_key)
+        except BaseException:  # no answer: nothing says the key is unknown
+            refused.give_back(address)
+            raise
+        if who is not None:
+            refused.give_back(address)
         return who
     return check
 

@@ -116,9 +116,9 @@ class TokenBuckets:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def take(self, key: Hashable, spend: bool = True) -> float:
+    def take(self, key: Hashable) -> float:
         """Take a token for ``key``: 0.0 if granted, else the seconds until one is available
-        (nothing is taken then). ``spend=False``: only whether one is there, none taken."""
+        (nothing is taken then)."""
         if self.rate_per_s == 0:
             return 0.0
         now = self._clock()
@@ -138,10 +138,15 @@ class TokenBuckets:
             bucket[0] = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.rate_per_s)
             bucket[1] = now
         if bucket[0] >= 1.0:
-            if spend:
-                bucket[0] -= 1.0
+            bucket[0] -= 1.0
             return 0.0
         return (1.0 - bucket[0]) / self.rate_per_s
+
+    def give_back(self, key: Hashable) -> None:
+        """Return a token :meth:`take` granted ``key`` (what it was taken for did not count)."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket[0] = min(float(self.burst), bucket[0] + 1.0)
 
 
 def retry_after_s(wait_s: float) -> int:

@@ -437,6 +437,23 @@ def test_unknown_api_keys_per_address_are_limited() -> None:
         assert c.get("/api/v1/state", headers=guess).status_code == 429
 
 
+def test_unknown_api_keys_sent_at_once_are_limited_as_one_by_one() -> None:
+    """Many connections of one address each sending an unknown key at once: only its burst
+    of them (3) costs the ledger a lookup, the rest are 429, as when sent one after another."""
+    settings = Settings(api_key_rate_per_s=10, api_key_burst=6, signups_per_min=0)
+
+    async def guesses(base_url: str) -> list[int]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=10,
+                                     limits=httpx.Limits(max_connections=40)) as c:
+            answers = await asyncio.gather(*(
+                c.get("/api/v1/state", headers={"Authorization": f"Bearer guess-{n}"})
+                for n in range(40)))
+        return sorted(r.status_code for r in answers)
+
+    with LocalHttpPlatform(settings) as p:
+        assert asyncio.run(guesses(p.base_url)) == [401] * 3 + [429] * 37
+
+
 def test_account_creations_per_address_are_limited() -> None:
     with LocalHttpPlatform(Settings(signups_per_min=2)) as p, \
             httpx.Client(base_url=p.base_url, timeout=10) as c:
