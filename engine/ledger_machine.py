@@ -1890,21 +1890,32 @@ class LedgerMachine:
 ACCOUNT_KEYS = 16
 """Message keys of the account events: an account's events are all under the key of its user
 modulo this (``accounts-<n>``), so they stay in order on one partition."""
+MAX_MESSAGE_CHARS = 256 * 1024
+"""A message's events take at most this much JSON (or it holds one event): a Kafka broker
+refuses a record batch over its ``message.max.bytes`` (1 MiB by default)."""
 
 
 def encode_account_events(events: Iterable[AccountEvent]) -> list[tuple[bytes, bytes]]:
-    """Account events as messages, one per key (:data:`ACCOUNT_KEYS`) holding that key's
-    events in order: value = a JSON array of ``{"user","seq","version","kind","body"}``
-    (``body``: a balance's ``[free, margin]`` micros, any other object as its stored answer's
-    JSON list). One message per event would cost the ledger's process far more."""
-    groups: dict[int, list[str]] = {}
+    """Account events as messages, in order per key (:data:`ACCOUNT_KEYS`), each holding
+    that key's next events up to :data:`MAX_MESSAGE_CHARS`: value = a JSON array of
+    ``{"user","seq","version","kind","body"}`` (``body``: a balance's ``[free, margin]``
+    micros, any other object as its stored answer's JSON list). One message per event would
+    cost the ledger's process far more."""
+    groups: dict[int, list[list[str]]] = {}
+    sizes: dict[int, int] = {}
     for e in events:
         _, _, kind, body = _account_event_row(e)
-        groups.setdefault(e.user % ACCOUNT_KEYS, []).append(
-            f'{{"user":{e.user},"seq":{e.seq},"version":{e.version},"kind":"{kind}",'
-            f'"body":{body}}}')
+        item = (f'{{"user":{e.user},"seq":{e.seq},"version":{e.version},"kind":"{kind}",'
+                f'"body":{body}}}')
+        key = e.user % ACCOUNT_KEYS
+        messages = groups.setdefault(key, [[]])
+        if sizes.get(key, 0) + len(item) > MAX_MESSAGE_CHARS and messages[-1]:
+            messages.append([])
+            sizes[key] = 0
+        messages[-1].append(item)
+        sizes[key] = sizes.get(key, 0) + len(item) + 1
     return [(b"accounts-%d" % key, f"[{','.join(items)}]".encode())
-            for key, items in groups.items()]
+            for key, messages in groups.items() for items in messages]
 
 
 def decode_account_events(value: bytes) -> tuple[list[AccountEvent], int]:

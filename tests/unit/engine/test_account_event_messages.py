@@ -58,6 +58,18 @@ def test_every_kind_round_trips_exactly_under_its_accounts_key() -> None:
         assert [e for e in received if e.user == user] == [e for e in sent if e.user == user]
 
 
+def test_no_message_passes_kafkas_default_size_limit() -> None:
+    """What a restarted ledger publishes, every kept event at once, when one account made them
+    all (one key): several messages in order, each under Kafka's default message.max.bytes
+    (1 MiB; a larger one is refused by the broker, and the publisher would retry it forever)."""
+    sent = [AccountEvent(5, seq, seq, "balance", Balance(10**15 + seq, 10**12))
+            for seq in range(1, 20_001)]
+    messages = encode_account_events(sent)
+    assert all(len(value) < 1 << 20 for _, value in messages)
+    assert {key for key, _ in messages} == {b"accounts-5"}
+    assert [e for _, value in messages for e in decode_account_events(value)[0]] == sent
+
+
 def test_nothing_to_send_is_no_message() -> None:
     assert encode_account_events([]) == []
 
