@@ -3,7 +3,10 @@
 It keeps the list of every tick it was given and recomputes every candle from that list on each
 question: prices are :class:`fractions.Fraction` mids in the asset's currency, interval lengths
 are read from their names (``5m`` is five minutes), and a tick counts for an interval when it is
-not older than every tick counted before it (the book's rule for late ticks). Tests run
+not older than every tick counted before it (the book's rule for late ticks) and is not of the
+interval of the newest of those when that interval had ended by the latest time given to
+``close_ended`` before it (a closed candle never changes). A candle is closed when a later one
+exists or its interval has ended by the latest time given to ``close_ended``. Tests run
 :class:`engine.candles.CandleBook` and this reference through the same ticks and check they
 agree.
 """
@@ -64,14 +67,24 @@ class ReferenceCandles:
         self.assets = assets
         self.intervals = tuple(intervals)
         self.ticks: list[Tick] = []
+        self.ended_at: list[int] = []  # for each tick, the latest close_ended time before it
+        self.ended_us = 0  # the latest close_ended time
 
     def candles(self, asset: str, interval: str) -> list[ExactCandle]:
         """Every candle of (asset, interval) since the first tick, oldest first."""
-        counted: list[Tick] = []
-        for tick in self.ticks:
-            if tick.asset == asset and (not counted or tick.ts_us >= counted[-1].ts_us):
-                counted.append(tick)
         length_us = interval_length_us(interval)
+        counted: list[Tick] = []
+        for tick, ended_us in zip(self.ticks, self.ended_at, strict=True):
+            if tick.asset != asset:
+                continue
+            if counted:
+                newest = counted[-1]
+                start_us = newest.ts_us // length_us * length_us
+                if tick.ts_us < newest.ts_us or (
+                        tick.ts_us // length_us * length_us == start_us
+                        and start_us + length_us <= ended_us):
+                    continue
+            counted.append(tick)
         starts = sorted({t.ts_us // length_us * length_us for t in counted})
         out = []
         for start_us in starts:
@@ -79,7 +92,8 @@ class ReferenceCandles:
             mids = [mid_price(self.assets[asset], t.bid_ticks, t.ask_ticks) for t in inside]
             out.append(ExactCandle(asset, interval, start_us, mids[0], max(mids), min(mids),
                                    mids[-1], len(inside), inside[-1].ts_us,
-                                   start_us != starts[-1]))
+                                   start_us != starts[-1]
+                                   or start_us + length_us <= self.ended_us))
         return out
 
     def everything(self) -> list[ExactCandle]:
@@ -92,8 +106,16 @@ class ReferenceCandles:
         then start."""
         before = {c for interval in self.intervals for c in self.candles(tick.asset, interval)}
         self.ticks.append(tick)
+        self.ended_at.append(self.ended_us)
         return [c for interval in self.intervals for c in self.candles(tick.asset, interval)
                 if c not in before]
+
+    def close_ended(self, now_us: int) -> list[ExactCandle]:
+        """Time is ``now_us`` (unix us); the candles that differ from before, by asset, then
+        interval."""
+        before = set(self.everything())
+        self.ended_us = max(self.ended_us, now_us)
+        return [c for c in self.everything() if c not in before]
 
     def query(self, asset: str, interval: str, limit: int, start_s: int | None,
               end_s: int | None) -> list[ExactCandle]:

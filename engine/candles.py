@@ -9,7 +9,8 @@ in half price steps; :func:`half_ticks_to_price` renders it as decimal text at t
 :class:`CandleBook` is the state machine (pure: no I/O, no clock; time is the tick's
 ``ts_us``). ``apply(tick)`` returns every candle the tick changed, which is what a store
 upserts and what the ``kline`` stream sends. A candle is closed when a tick of a later interval
-arrives (nothing here reads a clock, so a quiet feed leaves the current candle open).
+arrives, or when the caller says its interval has ended (``close_ended(now_us)``: nothing here
+reads a clock, and a quiet feed would otherwise leave the current candle open for ever).
 
 The book keeps at most ``keep`` candles per (asset, interval) in memory, the current one
 included; older ones live in a store (``cluster.live.candle_store``). :class:`CandleQuery`
@@ -60,7 +61,8 @@ class Candle(NamedTuple):
     ``open/high/low/close_half_ticks``: the mid price in half price steps (int; see
     :func:`half_ticks_to_price`). ``tick_count``: ticks applied to it (the Kline's ``ticks``).
     ``close_ts_us``: ``ts_us`` of the newest of those ticks (the one that set the close).
-    ``closed``: False while it is the current candle of its (asset, interval).
+    ``closed``: False while it is the current candle of its (asset, interval) and its
+    interval has not ended (:meth:`CandleBook.close_ended`).
     """
 
     asset: str
@@ -221,6 +223,7 @@ class CandleBook:
             raise ValueError(f"intervals must be distinct names of {INTERVALS}")
         self.intervals = tuple(intervals)
         self.keep = keep
+        self.ended_us = 0  # the latest close_ended time: intervals ending by it are over
         self._series = {
             asset: tuple(_Series(asset, interval, keep) for interval in self.intervals)
             for asset in assets
@@ -264,9 +267,13 @@ class CandleBook:
         A tick at exactly an interval's boundary starts the new candle. A tick older than the
         newest tick of an interval's current candle — in particular one older than that candle
         itself — is ignored for that interval: a candle's close is its newest tick's mid, and
-        a closed candle never changes again. A tick of an unknown asset raises KeyError, a tick
-        that is not integer ticks with ``0 < bid <= ask`` (and ``bid + ask``, ``ts_us`` within
-        int64, ``ts_us >= 0``) raises ValueError; either changes nothing.
+        a closed candle never changes again, so a tick of a candle :meth:`close_ended` closed
+        is ignored too. A tick that starts a candle whose interval ended by :attr:`ended_us`
+        starts it closed (reported closed this once). A current candle closed by
+        :meth:`close_ended` is not reported again when the next one starts. A tick of an
+        unknown asset raises KeyError, a tick that is not integer ticks with
+        ``0 < bid <= ask`` (and ``bid + ask``, ``ts_us`` within int64, ``ts_us >= 0``) raises
+        ValueError; either changes nothing.
         """
         series_of = self._series[tick.asset]
         bid, ask, ts_us = tick.bid_ticks, tick.ask_ticks, tick.ts_us
@@ -280,7 +287,7 @@ class CandleBook:
             current = series.current
             start_us = ts_us - ts_us % series.length_us
             if current is not None and start_us == current.start_us:
-                if ts_us < current.close_ts_us:
+                if ts_us < current.close_ts_us or current.closed:
                     continue
                 candle = Candle(
                     series.asset, series.interval, start_us, current.open_half_ticks,
@@ -290,17 +297,41 @@ class CandleBook:
                 if current is not None:
                     if start_us < current.start_us:
                         continue
-                    ended = current._replace(closed=True)
-                    series.closed.append(ended)
-                    changed.append(ended)
+                    if current.closed:  # by close_ended, which reported it
+                        series.closed.append(current)
+                    else:
+                        ended = current._replace(closed=True)
+                        series.closed.append(ended)
+                        changed.append(ended)
+                # a late tick starting a candle of an interval already over: final at once
                 candle = Candle(series.asset, series.interval, start_us, mid, mid, mid, mid, 1,
-                                ts_us, False)
+                                ts_us, start_us + series.length_us <= self.ended_us)
             series.current = candle
             changed.append(candle)
         return changed
 
+    def close_ended(self, now_us: int) -> list[Candle]:
+        """Close every current candle whose interval has ended by ``now_us`` (unix us, the
+        caller's clock): return them with ``closed=True`` (reported closed this once), by
+        asset, then interval in the book's order. ``ended_us`` becomes ``now_us`` when later
+        (a candle a late tick starts in an interval ended by then is closed at once)."""
+        if not _is_int(now_us):
+            raise ValueError("now_us must be an integer")
+        self.ended_us = max(self.ended_us, now_us)
+        changed: list[Candle] = []
+        for series_of in self._series.values():
+            for series in series_of:
+                current = series.current
+                if current is not None and not current.closed \
+                        and current.start_us + series.length_us <= self.ended_us:
+                    series.current = current._replace(closed=True)
+                    changed.append(series.current)
+        return changed
+
     def current(self, asset: str, interval: str) -> Candle | None:
-        """The open candle of (asset, interval), None before its first tick."""
+        """The newest candle of (asset, interval), None before its first tick: open, unless
+        :meth:`close_ended` closed it (then the next tick of a later interval starts the next
+        one)."""
         return self._series_of(asset, interval).current
 
     def recent(self, asset: str, interval: str) -> list[Candle]:

@@ -157,8 +157,10 @@ class FeedActorShell:
                   for a in settings.assets.assets}
         pipeline = TickPipeline(settings.assets, routes, settings.feed.bounds,
                                 max_in_flight_per_shard)
+        # a candle is final once no tick of its interval can be accepted any more
         self.market = MarketLive(settings.assets,
-                                 None if candles_dir is None else Path(candles_dir))
+                                 None if candles_dir is None else Path(candles_dir),
+                                 late_s=settings.max_price_age_s)
         self.consumer = MarketDataConsumer(
             bootstrap or settings.bootstrap_servers, pipeline, self._call,
             reachable=self._reachable, topic=topic, client_id=group_id,

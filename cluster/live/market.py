@@ -8,6 +8,14 @@ WebSocket streams need: for each stream (``bookTicker.<ASSET>``, ``kline.<interv
 its newest value and the version (a counter of batches) it changed at, plus the candles that
 closed recently (each is sent with ``closed: true`` once, then the next one is current).
 
+A candle is closed once its interval has ended by the clock (``clock_us``), not only when a
+tick of a later interval arrives: ``klines`` says so from its end. It is final (built no more,
+written and published closed, so the stream sends it ``closed: true``) once no tick it could
+still take can be accepted: ``late_s`` after its end (the feed's oldest acceptable tick age), or
+earlier when a tick of a later interval arrives. Every read (``klines``, ``changes``, ``wait``)
+first finalises the candles due, as a batch of their own, and ``wait`` wakes when the next is
+due, so a quiet market's candle is sent closed on time.
+
 ``changes(since)`` returns what changed after version ``since``: a reader that keeps the
 version it got reads every stream's newest value and every closed candle still remembered
 (:data:`CLOSED_KEPT`), conflated: a stream that changed twice since is read once. ``wait``
@@ -23,14 +31,26 @@ import contextlib
 import logging
 import random
 import sqlite3
+import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
+from cluster.durability.runner import wall_clock_us
 from cluster.live.candle_store import CandleStore
 from engine.assets import AssetRegistry
-from engine.candles import CANDLES_KEPT, INTERVALS, Candle, CandleBook, CandleQuery, merge, select
+from engine.candles import (
+    CANDLES_KEPT,
+    INT64_MAX,
+    INTERVAL_US,
+    INTERVALS,
+    Candle,
+    CandleBook,
+    CandleQuery,
+    merge,
+    select,
+)
 from engine.market import Tick
 
 log = logging.getLogger(__name__)
@@ -85,15 +105,22 @@ class MarketSource(Protocol):
 
 class MarketLive:
     """Candles of ``assets`` for every interval, persisted under ``data_dir`` (None: in memory
-    only), and the streams' newest values."""
+    only), and the streams' newest values; ``clock_us`` (unix us) says which intervals have
+    ended, ``late_s`` how long after its end a candle may still take a tick."""
 
-    def __init__(self, assets: AssetRegistry, data_dir: Path | None) -> None:
+    def __init__(self, assets: AssetRegistry, data_dir: Path | None,
+                 clock_us: Callable[[], int] = wall_clock_us, late_s: float = 0.0) -> None:
         self.assets = assets
+        self.clock_us = clock_us
+        self.late_us = round(late_s * 1_000_000)
         names = [a.name for a in assets.assets]
         self.store = None if data_dir is None else CandleStore(data_dir)
         restored = [] if self.store is None else self.store.latest(names, INTERVALS,
                                                                  per_key=CANDLES_KEPT)
         self.book = CandleBook(names, INTERVALS, candles=restored)
+        # apply may run on another thread than the reads that close candles by the clock
+        self._lock = threading.Lock()
+        self._next_end_us = 0  # no open candle's interval ends before it (unix us)
         self.version = 0
         self.source_id = random.getrandbits(63)  # Changes.source
         self._latest: dict[str, tuple[int, Tick | Candle]] = {}
@@ -105,11 +132,17 @@ class MarketLive:
         self.store_errors = 0
         # what the store refused to write (a full disk), by candle: written with the next batch
         self._unwritten: dict[tuple[str, str, int], Candle] = {}
+        # restored candles whose time ended while nothing ran are history, not news: closed
+        # before any reader, never sent as a change
+        ended = self.book.close_ended(clock_us() - self.late_us)
+        if self.store is not None and ended:
+            self._write(self.store, ended)
         for asset in names:
             for interval in INTERVALS:
                 current = self.book.current(asset, interval)
-                if current is not None:
+                if current is not None and not current.closed:
                     self._latest[kline_stream(interval, asset)] = (1, current)
+        self._next_end_us = self._earliest_end_us()
         # restored candles are version 1, after what a reader from 0 has: a subscriber gets the
         # current candle before the first tick (the REST klines show it already)
         self.version = 1 if self._latest else 0
@@ -117,16 +150,45 @@ class MarketLive:
     def apply(self, ticks: Iterable[Tick]) -> int:
         """Build the candles of ``ticks`` (accepted, in order), write those they changed to
         the store, then publish them; the number of candles changed."""
-        changed: list[Candle] = []
-        tops: dict[str, Tick] = {}
-        for tick in ticks:
-            if tick.asset not in self.assets:
-                continue
-            changed.extend(self.book.apply(tick))
-            tops[tick.asset] = tick
-            self.ticks += 1
-        if not tops:
+        with self._lock:
+            changed: list[Candle] = []
+            tops: dict[str, Tick] = {}
+            for tick in ticks:
+                if tick.asset not in self.assets:
+                    continue
+                changed.extend(self.book.apply(tick))
+                tops[tick.asset] = tick
+                self.ticks += 1
+            if tops:
+                self._publish(changed, tops)
+        return len(changed)
+
+    def close_ended(self) -> int:
+        """Close, write and publish the candles whose interval ended ``late_s`` ago or more;
+        how many. Cheap when none has (one clock read)."""
+        if self.clock_us() - self.late_us < self._next_end_us:
             return 0
+        with self._lock:
+            ended = self.book.close_ended(self.clock_us() - self.late_us)
+            self._next_end_us = self._earliest_end_us()
+            if ended:
+                self._publish(ended, {})
+        return len(ended)
+
+    def _earliest_end_us(self) -> int:
+        """When the first current candle's interval ends (unix us; far away: none open)."""
+        ends = [c.start_us + INTERVAL_US[c.interval] for c in self._open_candles()]
+        return min(ends, default=INT64_MAX)
+
+    def _open_candles(self) -> Iterable[Candle]:
+        for asset in self.book.assets:
+            for interval in INTERVALS:
+                current = self.book.current(asset, interval)
+                if current is not None and not current.closed:
+                    yield current
+
+    def _publish(self, changed: list[Candle], tops: dict[str, Tick]) -> None:
+        """Write ``changed`` to the store, then make them and ``tops`` the next version."""
         if self.store is not None and changed:
             self._write(self.store, changed)
         self.version += 1
@@ -134,13 +196,18 @@ class MarketLive:
         for asset, tick in tops.items():
             self._latest[book_ticker_stream(asset)] = (version, tick)
         for candle in changed:
+            stream = kline_stream(candle.interval, candle.asset)
             if candle.closed:
                 self._closed.append((version, candle))
+                # no current candle until the next tick of its stream (which a batch's
+                # changes list after the one it closes)
+                self._latest.pop(stream, None)
             else:
-                self._latest[kline_stream(candle.interval, candle.asset)] = (version, candle)
+                self._latest[stream] = (version, candle)
+                self._next_end_us = min(self._next_end_us,
+                                        candle.start_us + INTERVAL_US[candle.interval])
         for loop, event in list(self._waiters):
             loop.call_soon_threadsafe(event.set)
-        return len(changed)
 
     def _write(self, store: CandleStore, changed: list[Candle]) -> None:
         """Write ``changed`` with what earlier writes left unwritten, so that once the disk
@@ -170,9 +237,17 @@ class MarketLive:
 
     def candles(self, asset: str, interval: str, query: CandleQuery) -> list[Candle]:
         """The candles of ``asset`` and ``interval`` that ``query`` selects, oldest first."""
-        recent = self.book.recent(asset, interval)
+        self.close_ended()
+        with self._lock:
+            recent = self.book.recent(asset, interval)
         stored = [] if self.store is None else self.store.read(asset, interval, query)
-        return select(merge(stored, recent), query)
+        answer = select(merge(stored, recent), query)
+        # one whose interval has ended is no longer the current candle, though a late tick
+        # may still reach it (only the newest can be open)
+        if answer and not answer[-1].closed and answer[-1].start_us + INTERVAL_US[
+                interval] <= self.clock_us():
+            answer[-1] = answer[-1]._replace(closed=True)
+        return answer
 
     def newest(self, asset: str) -> Tick | None:
         """The newest accepted tick of ``asset`` (None: none since the start)."""
@@ -181,21 +256,27 @@ class MarketLive:
 
     def changes(self, since: int) -> Changes:
         """What changed after version ``since`` (see the module docstring)."""
-        closed = [Change(kline_stream(c.interval, c.asset), c)
-                  for v, c in self._closed if v > since]
-        latest = [Change(stream, value) for stream, (v, value) in self._latest.items()
-                  if v > since]
-        return Changes(self.version, closed + latest, self.source_id)
+        self.close_ended()
+        with self._lock:
+            closed = [Change(kline_stream(c.interval, c.asset), c)
+                      for v, c in self._closed if v > since]
+            latest = [Change(stream, value) for stream, (v, value) in self._latest.items()
+                      if v > since]
+            return Changes(self.version, closed + latest, self.source_id)
 
     async def wait(self, since: int, timeout_s: float) -> Changes:
-        """:meth:`changes` once there is a version after ``since``, or after ``timeout_s``."""
+        """:meth:`changes` once there is a version after ``since``, or after ``timeout_s``
+        (sooner when a candle's interval ends: its close is a change)."""
+        self.close_ended()
         if self.version <= since:
             waiter = (asyncio.get_running_loop(), asyncio.Event())
             self._waiters.add(waiter)
             try:
                 if self.version <= since:  # again: apply may have run on another thread
+                    due_us = self._next_end_us + self.late_us - self.clock_us()
+                    until_end_s = max(0, due_us) / 1e6
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(waiter[1].wait(), timeout_s)
+                        await asyncio.wait_for(waiter[1].wait(), min(timeout_s, until_end_s))
             finally:
                 self._waiters.discard(waiter)
         return self.changes(since)

@@ -276,13 +276,14 @@ class StreamHub:
     def publish(self, changes: Iterable[Change]) -> None:
         """Hand each change, rendered once, to the connections subscribed to its stream; keep
         each stream's newest frame for those that subscribe later (a closed candle is sent
-        once, never as the newest)."""
+        once, never as the newest: until its stream's next candle there is none)."""
         for change in changes:
             frame = json.dumps({"stream": change.stream, "data": self.render(change)},
                                separators=(",", ":"))
             stream = change.stream
             if getattr(change.value, "closed", False):
                 newest_of, ends = None, stream
+                self.latest.pop(stream, None)
             else:
                 self.latest[stream] = frame
                 newest_of, ends = stream, None

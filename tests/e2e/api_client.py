@@ -52,6 +52,14 @@ def tick(platform: HttpPlatform, http: httpx.Client, asset: str, bid: str, ask: 
         time.sleep(0.02)
 
 
+def clear_of_minute_end(margin_s: float = 5.0) -> None:
+    """Sleep into the next minute when less than ``margin_s`` of this one is left: a test that
+    expects the 1m candle of its ticks to be current must read it before the clock closes it."""
+    into_minute_s = time.time() % 60
+    if into_minute_s > 60 - margin_s:
+        time.sleep(60.1 - into_minute_s)
+
+
 def open_position(http: httpx.Client, headers: dict[str, str], **body: Any) -> dict[str, Any]:
     r = http.post("/api/v1/positions/open", json=body, headers=headers)
     assert r.status_code == 201, r.text

@@ -62,7 +62,8 @@ class LocalHttpPlatform:
                  wrap_ledger: Callable[[Port], Port] | None = None) -> None:
         self.settings = settings or Settings()
         self.hosts = LocalHosts(self.settings)
-        self.market = MarketLive(self.settings.assets, None)
+        self.market = MarketLive(self.settings.assets, None,
+                                 late_s=self.settings.max_price_age_s)  # as the feed actor
         self.service = self.hosts.service(wrap_ledger=wrap_ledger, market=self.market)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"

@@ -1,16 +1,23 @@
 """Candles over real HTTP (SPEC "Live data", ``GET /api/v1/klines``): built from the ticks the
 platform accepts, mid prices as exact decimal strings, oldest first, the current candle
-included; public; bad parameters are 422."""
+included, and closed once its interval has ended, with or without a later tick; public; bad
+parameters are 422."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC
 from datetime import datetime
 from decimal import Decimal as D
 
 import httpx
+from tests.e2e.api_client import clear_of_minute_end
 from tests.e2e.api_client import tick
+from tests.e2e.http_platform import TRADING
 from tests.e2e.http_platform import HttpPlatform
+from tests.e2e.http_platform import LocalHttpPlatform
+
+INTERVAL_S = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "4h": 14_400, "1d": 86_400}
 
 
 def klines(http: httpx.Client, status: int = 200, **params: object) -> list[dict[str, object]]:
@@ -21,6 +28,7 @@ def klines(http: httpx.Client, status: int = 200, **params: object) -> list[dict
 
 def test_the_current_candle_follows_the_mid_price_of_accepted_ticks(
         platform: HttpPlatform, http: httpx.Client) -> None:
+    clear_of_minute_end()
     tick(platform, http, "ETH", "3000.00", "3000.01")
     before = klines(http, asset="ETH", interval="1m")[-1]
     tick(platform, http, "ETH", "3010.00", "3010.03")  # mid 3010.015: half a step
@@ -43,6 +51,26 @@ def test_the_current_candle_follows_the_mid_price_of_accepted_ticks(
         assert D(str(current["high"])) >= D("3010.015")
     # a range that ends before the first candle holds none
     assert klines(http, asset="ETH", interval="1d", endTime=0) == []
+
+
+def test_a_candle_whose_interval_has_ended_is_closed_without_a_later_tick() -> None:
+    """A quiet market: the last tick five minutes ago. Its 1m candle ended long since, and
+    says so; each longer one is closed exactly when its interval has ended too. (Local only:
+    a tick that old is dropped by the feed as stale.)"""
+    with LocalHttpPlatform(TRADING) as platform, httpx.Client(
+            base_url=platform.base_url, timeout=10) as http:
+        platform.push_tick("ETH", "3000.00", "3000.02", age_s=300)
+        for interval, length_s in INTERVAL_S.items():
+            before_s = time.time()
+            [candle] = klines(http, asset="ETH", interval=interval)
+            after_s = time.time()
+            start_s = datetime.fromisoformat(str(candle["start"]).replace("Z", "+00:00")
+                                             ).timestamp()
+            if before_s < start_s + length_s <= after_s:
+                continue  # its interval ended while the request ran: either answer is right
+            assert candle["closed"] is (start_s + length_s <= before_s), (interval, candle)
+            if interval == "1m":
+                assert candle["closed"] is True and candle["close"] == "3000.01"
 
 
 def test_bad_parameters_are_422_and_no_key_is_needed(http: httpx.Client) -> None:

@@ -21,6 +21,7 @@ import websockets
 from cluster.config import Settings
 from cluster.live.streams import POLL_TIMEOUT_S
 from cluster.live.streams import WS_SERVER_OPTIONS
+from tests.e2e.api_client import clear_of_minute_end
 from tests.e2e.api_client import open_position
 from tests.e2e.api_client import raw_answer
 from tests.e2e.api_client import signup
@@ -56,6 +57,7 @@ async def send(ws: Any, method: str, *params: Any) -> None:
 
 def test_book_ticker_and_kline_follow_the_accepted_ticks(platform: HttpPlatform,
                                                          http: httpx.Client) -> None:
+    clear_of_minute_end()  # the 1m candle below must still be current when it is read
     tick(platform, http, "SOL", "100.00", "100.01")
     tick(platform, http, "BTC", "60000.0", "60000.2")
 

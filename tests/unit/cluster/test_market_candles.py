@@ -1,14 +1,19 @@
-"""The market's candles against a candle store that refuses writes for a while (a full disk):
-what was served reaches the file once the disk takes writes again."""
+"""The market's candles: against a candle store that refuses writes for a while (a full disk),
+what was served reaches the file once the disk takes writes again; a candle whose interval has
+ended by the clock is closed (REST and stream, once) without waiting for a later tick, and one
+restored after its interval ended comes back closed."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from cluster.config import Settings
 from cluster.live.candle_store import CandleStore
+from cluster.live.market import Change
 from cluster.live.market import MarketLive
 from engine.candles import Candle
 from engine.candles import CandleQuery
@@ -16,6 +21,17 @@ from engine.market import Tick
 
 MINUTE_US = 60_000_000
 T0_US = 1_700_000_040 * 1_000_000  # a minute's start
+T5_US = 1_700_000_100 * 1_000_000  # a start of 5 minutes (and of a minute)
+
+
+class Clock:
+    """A settable clock (unix us)."""
+
+    def __init__(self, now_us: int) -> None:
+        self.now_us = now_us
+
+    def __call__(self) -> int:
+        return self.now_us
 
 
 class FullDisk(CandleStore):
@@ -36,12 +52,14 @@ def sol(bid: int, ts_us: int, seq: int) -> Tick:
 
 
 def test_candles_a_full_disk_refused_are_written_once_it_takes_writes(tmp_path: Path) -> None:
-    live = MarketLive(Settings().assets, tmp_path)
+    clock = Clock(T0_US + 30_000_000)
+    live = MarketLive(Settings().assets, tmp_path, clock)
     assert live.store is not None
     live.store.close()
     store = live.store = FullDisk(tmp_path)
     # minute 0 opens and closes while nothing can be written
     live.apply([sol(10_000, T0_US + 1, 1), sol(10_050, T0_US + 30_000_000, 2)])
+    clock.now_us = T0_US + MINUTE_US + 2
     live.apply([sol(9_990, T0_US + MINUTE_US + 1, 3)])
     assert store.refused == 2 and live.store_errors == 2
     store.full = False
@@ -64,10 +82,10 @@ def test_a_restored_current_candle_is_a_change_for_a_reader_from_the_start(
     """After a restart, a stream subscriber (the hub reads from version 0) gets the current
     candles the store restored, as the REST klines show them, before any new tick. Before,
     they sat at version 0 and were never sent until the next tick."""
-    live = MarketLive(Settings().assets, tmp_path)
+    live = MarketLive(Settings().assets, tmp_path, Clock(T0_US + 2))
     live.apply([sol(10_000, T0_US + 1, 1), sol(10_050, T0_US + 2, 2)])
     live.close()
-    restarted = MarketLive(Settings().assets, tmp_path)
+    restarted = MarketLive(Settings().assets, tmp_path, Clock(T0_US + 3))
     try:
         changes = restarted.changes(0)
         served = {c.stream: c.value for c in changes.items}
@@ -87,3 +105,97 @@ def test_a_restored_current_candle_is_a_change_for_a_reader_from_the_start(
     empty = MarketLive(Settings().assets, tmp_path / "new")
     assert empty.version == 0 and empty.changes(0).items == []
     empty.close()
+
+
+def klines(changes: list[Change]) -> dict[str, list[Candle]]:
+    """The candles among ``changes``, by stream."""
+    out: dict[str, list[Candle]] = {}
+    for change in changes:
+        if isinstance(change.value, Candle):
+            out.setdefault(change.stream, []).append(change.value)
+    return out
+
+
+def test_a_candle_whose_interval_ended_is_closed_without_a_later_tick_and_sent_once() -> None:
+    clock = Clock(T5_US + 2)
+    live = MarketLive(Settings().assets, None, clock)
+    live.apply([sol(10_000, T5_US + 1, 1)])
+    (minute,) = live.candles("SOL", "1m", CandleQuery())
+    assert not minute.closed
+    version = live.changes(0).version
+    clock.now_us = T5_US + MINUTE_US  # the minute is over; no tick came
+    assert live.candles("SOL", "1m", CandleQuery()) == [minute._replace(closed=True)]
+    assert [c.closed for c in live.candles("SOL", "5m", CandleQuery())] == [False]
+    changes = live.changes(version)
+    assert klines(changes.items) == {"kline.1m.SOL": [minute._replace(closed=True)]}
+    assert live.changes(changes.version).items == []  # once
+    # the next minute's first tick opens its candle and does not close the last one again
+    live.apply([sol(10_020, T5_US + MINUTE_US + 1, 2)])
+    after = live.changes(changes.version)
+    sent = klines(after.items)
+    assert [(c.start_us, c.closed) for c in sent["kline.1m.SOL"]] == [
+        (T5_US + MINUTE_US, False)]
+    assert [c.tick_count for c in sent["kline.5m.SOL"]] == [2]
+    assert [c.closed for c in live.candles("SOL", "1m", CandleQuery())] == [True, False]
+    # a reader from the start sees the closed minute once, and the new one as current
+    every = klines(live.changes(0).items)["kline.1m.SOL"]
+    assert [(c.start_us, c.closed) for c in every] == [
+        (T5_US, True), (T5_US + MINUTE_US, False)]
+
+
+def test_a_reader_waiting_for_changes_is_woken_when_a_candle_s_interval_ends() -> None:
+    async def scenario() -> None:
+        # a clock 0.2 s before the end of T0's minute, running at the real pace
+        shift_us = T5_US + MINUTE_US - 200_000 - time.time_ns() // 1000
+        live = MarketLive(Settings().assets, None, lambda: time.time_ns() // 1000 + shift_us)
+        live.apply([sol(10_000, T5_US + 1, 1)])
+        version = live.changes(0).version
+        started = time.monotonic()
+        changes = await live.wait(version, timeout_s=5.0)
+        assert time.monotonic() - started < 2.0
+        assert [(c.start_us, c.closed) for c in klines(changes.items)["kline.1m.SOL"]] == [
+            (T5_US, True)]
+
+    asyncio.run(scenario())
+
+
+def test_a_restored_candle_whose_interval_ended_comes_back_closed_and_is_not_news(
+        tmp_path: Path) -> None:
+    live = MarketLive(Settings().assets, tmp_path, Clock(T5_US + 2))
+    live.apply([sol(10_000, T5_US + 1, 1)])
+    live.close()
+    # restarted two minutes later: the minute is over, the 5m candle is not
+    restarted = MarketLive(Settings().assets, tmp_path, Clock(T5_US + 2 * MINUTE_US))
+    try:
+        assert [c.closed for c in restarted.candles("SOL", "1m", CandleQuery())] == [True]
+        assert [c.closed for c in restarted.candles("SOL", "5m", CandleQuery())] == [False]
+        assert set(klines(restarted.changes(0).items)) == {
+            "kline.5m.SOL", "kline.15m.SOL", "kline.1h.SOL", "kline.4h.SOL", "kline.1d.SOL"}
+    finally:
+        restarted.close()
+    reopened = CandleStore(tmp_path)
+    try:
+        assert [c.closed for c in reopened.read("SOL", "1m", CandleQuery())] == [True]
+    finally:
+        reopened.close()
+
+
+def test_a_candle_is_shown_closed_at_its_end_and_final_once_no_late_tick_can_come() -> None:
+    """With ticks accepted up to ``late_s`` old, a candle is closed in klines when its
+    interval ends, still takes a late tick of its interval, and is sent closed (final) once
+    ``late_s`` more have passed."""
+    clock = Clock(T5_US + 2)
+    live = MarketLive(Settings().assets, None, clock, late_s=15.0)
+    live.apply([sol(10_000, T5_US + 1, 1)])
+    version = live.changes(0).version
+    clock.now_us = T5_US + MINUTE_US + 5_000_000
+    assert [c.closed for c in live.candles("SOL", "1m", CandleQuery())] == [True]
+    assert live.changes(version).items == []  # not final yet: nothing sent
+    live.apply([sol(10_010, T5_US + MINUTE_US - 1, 2)])  # stamped in the minute, 5 s late
+    (shown,) = live.candles("SOL", "1m", CandleQuery())
+    assert shown.closed and shown.tick_count == 2
+    version = live.changes(version).version
+    clock.now_us = T5_US + MINUTE_US + 15_000_000
+    sent = klines(live.changes(version).items)
+    assert sent == {"kline.1m.SOL": [shown]}
+    assert live.changes(live.version).items == []

@@ -2,7 +2,7 @@
 cancels it, as Ray Serve does with a request whose client went away, nothing it started is
 left running, and nothing ends later as an exception no one takes (which asyncio logs as an
 error, once per such client); a SUBSCRIBE to ``account`` naming ``since`` restarts its stream
-from there."""
+from there; a candle whose interval ended without a later tick is sent ``closed: true`` once."""
 
 from __future__ import annotations
 
@@ -11,13 +11,22 @@ import gc
 import json
 from typing import Any
 
+from cluster.config import Settings
+from cluster.live.market import Change
+from cluster.live.market import MarketLive
 from cluster.live.streams import StreamHub
+from engine.candles import Candle
+from engine.market import Tick
 from engine.messages import Principal
 from starlette.websockets import WebSocketState
 from tests.unit.cluster.test_account_stream import ALICE
 from tests.unit.cluster.test_account_stream import Stream
 from tests.unit.cluster.test_account_stream import run
 from tests.unit.cluster.test_account_stream import until
+from tests.unit.cluster.test_market_candles import MINUTE_US
+from tests.unit.cluster.test_market_candles import T5_US
+from tests.unit.cluster.test_market_candles import Clock
+from tests.unit.cluster.test_market_candles import sol
 
 
 class Socket:
@@ -152,3 +161,46 @@ def test_subscribing_to_the_account_again_with_since_restarts_it_from_there() ->
         await asyncio.wait_for(poller, 3)
 
     run(scenario)
+
+
+def render(change: Change) -> dict[str, Any]:
+    value = change.value
+    if isinstance(value, Tick):
+        return {"bid": value.bid_ticks}
+    assert isinstance(value, Candle)
+    return {"start": value.start_us, "ticks": value.tick_count, "closed": value.closed}
+
+
+def test_a_candle_whose_minute_ended_without_a_tick_is_sent_closed_once() -> None:
+    async def scenario() -> None:
+        clock = Clock(T5_US + 2)
+        market = MarketLive(Settings().assets, None, clock)
+        market.apply([sol(10_000, T5_US + 1, 1)])
+        hub = StreamHub(market=lambda: market, render=render, streams=("kline.1m.SOL",),
+                        authenticate=no_key)
+        listener = ScriptedSocket()
+        handler = asyncio.create_task(hub.serve(listener))  # type: ignore[arg-type]
+        listener.say({"method": "SUBSCRIBE", "params": ["kline.1m.SOL"]})
+        await until(lambda: len(listener.sent) == 1)
+        clock.now_us = T5_US + MINUTE_US  # the minute is over; no tick came
+        await until(lambda: len(listener.sent) == 2)
+        # a later subscriber gets no current candle: the minute's is closed, the next has none
+        late = ScriptedSocket()
+        late_handler = asyncio.create_task(hub.serve(late))  # type: ignore[arg-type]
+        late.say({"method": "SUBSCRIBE", "params": ["kline.1m.SOL"]})
+        await until(lambda: any(c.streams for c in hub.connections if c.socket is late))
+        market.apply([sol(10_010, T5_US + MINUTE_US + 1, 2)])
+        await until(lambda: len(listener.sent) == 3 and len(late.sent) == 1)
+        await asyncio.sleep(0.1)
+        minute, later = T5_US, T5_US + MINUTE_US
+        assert [f["data"] for f in listener.sent] == [
+            {"start": minute, "ticks": 1, "closed": False},
+            {"start": minute, "ticks": 1, "closed": True},
+            {"start": later, "ticks": 1, "closed": False}]  # the minute not closed again
+        assert [f["data"] for f in late.sent] == [
+            {"start": later, "ticks": 1, "closed": False}]
+        listener.gone.set()
+        late.gone.set()
+        await asyncio.gather(handler, late_handler)
+
+    asyncio.run(scenario())

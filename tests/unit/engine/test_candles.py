@@ -1,6 +1,7 @@
 """Candles: worked examples at interval boundaries (a tick exactly at a boundary starts the new
 candle, one microsecond before stays in the old one), exact rendering of odd half-ticks, the
-closed-once rule, late and bad ticks, the query's range and limit rules, the memory bound and a
+closed-once rule (a tick of a later interval or the caller's clock closes a candle), late
+and bad ticks, the query's range and limit rules, the memory bound and a
 restored book; then Hypothesis: the book and the Fraction reference agree on every change and
 every answer for random tick sequences, and a book restored mid-way continues exactly."""
 
@@ -134,6 +135,32 @@ def test_a_closed_candle_is_reported_closed_once_and_never_changes_again() -> No
     assert book.apply(tick(T_DAY + 20, 1, 1)) == []
     assert book.recent("SOL", "1m") == [closed[0], book.current("SOL", "1m")]
     assert book.recent("SOL", "1m")[0].tick_count == 1
+
+
+def test_a_candle_whose_interval_ended_by_the_clock_is_reported_closed_once() -> None:
+    book = CandleBook(["SOL"], ["1m", "5m"])
+    first, _ = book.apply(tick(T_DAY + 10))
+    assert book.close_ended(T_DAY + MINUTE - 1) == []  # its minute has not ended
+    assert book.close_ended(T_DAY + MINUTE) == [first._replace(closed=True)]
+    assert book.close_ended(T_DAY + MINUTE + 1) == []  # once
+    assert book.current("SOL", "1m") == first._replace(closed=True)
+    # a tick of the closed minute arriving late changes only the 5m candle
+    (five,) = book.apply(tick(T_DAY + MINUTE - 5, 1, 1))
+    assert five.interval == "5m" and five.tick_count == 2
+    # the next minute's first tick starts its candle without closing the last one again
+    changed = book.apply(tick(T_DAY + MINUTE + 5))
+    assert [(c.interval, c.start_us, c.closed) for c in changed] == [
+        ("1m", T_DAY + MINUTE, False), ("5m", T_DAY, False)]
+    assert book.recent("SOL", "1m") == [first._replace(closed=True), changed[0]]
+    # a quiet feed: every interval that ended is closed, the 5m one too
+    assert [(c.interval, c.closed) for c in book.close_ended(T_DAY + DAY)] == [
+        ("1m", True), ("5m", True)]
+    # a late tick of an interval that ended with no candle: its candle, closed at once
+    late = book.apply(tick(T_DAY + 10 * MINUTE))
+    assert [(c.interval, c.start_us, c.closed) for c in late] == [
+        ("1m", T_DAY + 10 * MINUTE, True), ("5m", T_DAY + 10 * MINUTE, True)]
+    assert book.apply(tick(T_DAY + 10 * MINUTE + 1)) == []  # and never changes again
+    assert book.close_ended(T_DAY + DAY) == []
 
 
 def test_late_ticks_are_ignored_for_every_interval_they_are_older_than() -> None:
@@ -339,13 +366,20 @@ def tick_sequences(draw: st.DrawFn, max_size: int = 40) -> list[Tick]:
     return out
 
 
+# before the tick at an index, the clock at that tick's time plus an offset (close_ended)
+clock_reads = st.lists(st.tuples(st.integers(0, 40), st.one_of(
+    st.integers(-MINUTE, 2 * MINUTE), st.sampled_from([0, MINUTE, 5 * MINUTE, DAY]),
+    st.integers(0, 2 * DAY))), max_size=6)
+
+
 @SETTINGS
 @given(tick_sequences(), st.sampled_from([1, 2, 3, CANDLES_KEPT]), st.integers(0, 3),
        st.lists(st.tuples(st.integers(1, 5), st.one_of(st.none(), st.integers(-DAY, 3 * DAY)),
-                          st.one_of(st.none(), st.integers(0, 3 * DAY))), max_size=4))
+                          st.one_of(st.none(), st.integers(0, 3 * DAY))), max_size=4),
+       clock_reads)
 def test_the_book_equals_the_reference(ticks: list[Tick], keep: int, lag: int,
-                                       queries: list[tuple[int, int | None, int | None]]
-                                       ) -> None:
+                                       queries: list[tuple[int, int | None, int | None]],
+                                       clock: list[tuple[int, int]]) -> None:
     """Also the book's memory merged with a store that lags by ``lag`` ticks: exact as long
     as no candle leaves memory before it is stored, which ``lag < keep`` guarantees (one tick
     closes at most one candle per interval)."""
@@ -354,8 +388,16 @@ def test_the_book_equals_the_reference(ticks: list[Tick], keep: int, lag: int,
     reference = ReferenceCandles(REGISTRY)
     store: dict[tuple[str, str, int], Candle] = {}  # every version apply returned, the last wins
     for n, t in enumerate(ticks):
-        changed = book.apply(t)
-        assert [exact(REGISTRY[c.asset], c) for c in changed] == reference.apply(t)
+        changed = []
+        for at, offset_us in clock:
+            if at == n:
+                closed = book.close_ended(t.ts_us + offset_us)
+                assert [exact(REGISTRY[c.asset], c) for c in closed] == \
+                    reference.close_ended(t.ts_us + offset_us)
+                changed += closed
+        applied = book.apply(t)
+        assert [exact(REGISTRY[c.asset], c) for c in applied] == reference.apply(t)
+        changed += applied
         if n < len(ticks) - lag:
             store.update(((c.asset, c.interval, c.start_us), c) for c in changed)
     for asset in REGISTRY:
