@@ -132,11 +132,16 @@ class MarketLive:
         self.store_errors = 0
         # what the store refused to write (a full disk), by candle: written with the next batch
         self._unwritten: dict[tuple[str, str, int], Candle] = {}
-        # restored candles whose time ended while nothing ran are history, not news: closed
-        # before any reader, never sent as a change
-        ended = self.book.close_ended(clock_us() - self.late_us)
+        # restored candles whose time ended while nothing ran are closed before any reader;
+        # those stored open are a change at version 1, as the restored current ones: a reader
+        # that followed the last run was sent them open (a reader's first read leaves closed
+        # candles out, cluster.live.streams); those stored final were sent closed already
+        final = {(c.asset, c.interval, c.start_us) for c in restored if c.closed}
+        ended = [c for c in self.book.close_ended(clock_us() - self.late_us)
+                 if (c.asset, c.interval, c.start_us) not in final]
         if self.store is not None and ended:
             self._write(self.store, ended)
+        self._closed.extend((1, c) for c in ended)
         for asset in names:
             for interval in INTERVALS:
                 current = self.book.current(asset, interval)
@@ -145,7 +150,7 @@ class MarketLive:
         self._next_end_us = self._earliest_end_us()
         # restored candles are version 1, after what a reader from 0 has: a subscriber gets the
         # current candle before the first tick (the REST klines show it already)
-        self.version = 1 if self._latest else 0
+        self.version = 1 if self._latest or self._closed else 0
 
     def apply(self, ticks: Iterable[Tick]) -> int:
         """Build the candles of ``ticks`` (accepted, in order), write those they changed to

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+from pathlib import Path
 from typing import Any
 
 from cluster.config import Settings
@@ -202,5 +203,41 @@ def test_a_candle_whose_minute_ended_without_a_tick_is_sent_closed_once() -> Non
         listener.gone.set()
         late.gone.set()
         await asyncio.gather(handler, late_handler)
+
+    asyncio.run(scenario())
+
+
+def test_a_candle_that_ended_while_the_feed_was_down_is_sent_closed_to_who_saw_it_open(
+        tmp_path: Path) -> None:
+    """The feed restarts (a new market source, its candles restored from the store) after the
+    minute a subscriber was sent open has ended: that subscriber is sent it closed, and a later
+    one is not sent it at all (neither the old open frame nor, as news, the closed one)."""
+    async def scenario() -> None:
+        first = MarketLive(Settings().assets, tmp_path, Clock(T5_US + 2))
+        first.apply([sol(10_000, T5_US + 1, 1)])
+        markets = [first]
+        hub = StreamHub(market=lambda: markets[-1], render=render,
+                        streams=("kline.1m.SOL",), authenticate=no_key)
+        listener = ScriptedSocket()
+        handler = asyncio.create_task(hub.serve(listener))  # type: ignore[arg-type]
+        listener.say({"method": "SUBSCRIBE", "params": ["kline.1m.SOL"]})
+        await until(lambda: len(listener.sent) == 1)
+        first.close()
+        markets.append(MarketLive(Settings().assets, tmp_path, Clock(T5_US + 2 * MINUTE_US)))
+        await until(lambda: hub.source == markets[-1].source_id, timeout_s=5.0)
+        await until(lambda: len(listener.sent) == 2)
+        late = ScriptedSocket()
+        late_handler = asyncio.create_task(hub.serve(late))  # type: ignore[arg-type]
+        late.say({"method": "SUBSCRIBE", "params": ["kline.1m.SOL"]})
+        await until(lambda: any(c.streams for c in hub.connections if c.socket is late))
+        await asyncio.sleep(0.1)
+        assert [f["data"] for f in listener.sent] == [
+            {"start": T5_US, "ticks": 1, "closed": False},
+            {"start": T5_US, "ticks": 1, "closed": True}]
+        assert late.sent == []
+        listener.gone.set()
+        late.gone.set()
+        await asyncio.gather(handler, late_handler)
+        markets[-1].close()
 
     asyncio.run(scenario())
