@@ -12,7 +12,8 @@ A candle is closed once its interval has ended by the clock (``clock_us``), not 
 tick of a later interval arrives: ``klines`` says so from its end. It is final (built no more,
 written and published closed, so the stream sends it ``closed: true``) once no tick it could
 still take can be accepted: ``late_s`` after its end (the feed's oldest acceptable tick age), or
-earlier when a tick of a later interval arrives. Every read (``klines``, ``changes``, ``wait``)
+earlier when a tick of a later interval arrives, but not while the feed holds a tick back that it
+may still accept (``held``). Every read (``klines``, ``changes``, ``wait``)
 first finalises the candles due, as a batch of their own, and ``wait`` wakes when the next is
 due, so a quiet market's candle is sent closed on time.
 
@@ -106,13 +107,17 @@ class MarketSource(Protocol):
 class MarketLive:
     """Candles of ``assets`` for every interval, persisted under ``data_dir`` (None: in memory
     only), and the streams' newest values; ``clock_us`` (unix us) says which intervals have
-    ended, ``late_s`` how long after its end a candle may still take a tick."""
+    ended, ``late_s`` how long after its end a candle may still take a tick, ``held`` which
+    ticks the feed holds back that it may still accept, however old (a jump awaiting its
+    confirmation): their candles are not final until then."""
 
     def __init__(self, assets: AssetRegistry, data_dir: Path | None,
-                 clock_us: Callable[[], int] = wall_clock_us, late_s: float = 0.0) -> None:
+                 clock_us: Callable[[], int] = wall_clock_us, late_s: float = 0.0,
+                 held: Callable[[], Iterable[Tick]] = tuple) -> None:
         self.assets = assets
         self.clock_us = clock_us
         self.late_us = round(late_s * 1_000_000)
+        self.held = held
         names = [a.name for a in assets.assets]
         self.store = None if data_dir is None else CandleStore(data_dir)
         restored = [] if self.store is None else self.store.latest(names, INTERVALS,
@@ -174,7 +179,8 @@ class MarketLive:
         if self.clock_us() - self.late_us < self._next_end_us:
             return 0
         with self._lock:
-            ended = self.book.close_ended(self.clock_us() - self.late_us)
+            ended = self.book.close_ended(min([self.clock_us() - self.late_us,
+                                               *(t.ts_us for t in self.held())]))
             self._next_end_us = self._earliest_end_us()
             if ended:
                 self._publish(ended, {})
@@ -279,7 +285,8 @@ class MarketLive:
             try:
                 if self.version <= since:  # again: apply may have run on another thread
                     due_us = self._next_end_us + self.late_us - self.clock_us()
-                    until_end_s = max(0, due_us) / 1e6
+                    # past due: a held tick keeps it open until the next tick decides it
+                    until_end_s = due_us / 1e6 if due_us > 0 else timeout_s
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(waiter[1].wait(), min(timeout_s, until_end_s))
             finally:

@@ -18,6 +18,7 @@ from cluster.live.market import MarketLive
 from engine.candles import Candle
 from engine.candles import CandleQuery
 from engine.market import Tick
+from feed.gate import TickGate
 
 MINUTE_US = 60_000_000
 T0_US = 1_700_000_040 * 1_000_000  # a minute's start
@@ -212,3 +213,33 @@ def test_a_candle_is_shown_closed_at_its_end_and_final_once_no_late_tick_can_com
     sent = klines(live.changes(version).items)
     assert sent == {"kline.1m.SOL": [shown]}
     assert live.changes(live.version).items == []
+
+
+def test_a_jump_held_for_confirmation_past_the_late_window_still_counts_in_its_candle() -> None:
+    """The feed holds a tick that jumps until the next tick confirms it, however late that
+    comes (SPEC): its candle is not final while it is held, and once confirmed it counts in
+    its minute as in the 5m candle."""
+    gate = TickGate(1_000)
+    clock = Clock(T5_US + 2)
+    live = MarketLive(Settings().assets, None, clock, late_s=15.0,
+                      held=lambda: gate.held.values())
+    live.apply(gate.admit(sol(10_000, T5_US + 1, 1)))
+    jump = sol(12_000, T5_US + 2, 2)
+    assert gate.admit(jump) == []  # held
+    clock.now_us = T5_US + MINUTE_US + 20_000_000  # the minute's late window is over
+    version = live.changes(0).version
+    assert [c.closed for c in live.candles("SOL", "1m", CandleQuery())] == [True]
+    # a reader's long poll waits its time: the candle past due is not about to be closed
+    started = time.monotonic()
+    assert asyncio.run(live.wait(version, timeout_s=0.2)).items == []
+    assert time.monotonic() - started > 0.15
+    confirming = sol(12_010, clock.now_us - 1, 3)
+    assert gate.admit(confirming) == [jump, confirming]
+    live.apply([jump, confirming])
+    minute, five = (live.candles("SOL", i, CandleQuery()) for i in ("1m", "5m"))
+    assert [(c.tick_count, c.high_half_ticks, c.closed) for c in minute] == [
+        (2, 24_001, True), (1, 24_021, False)]
+    assert [(c.tick_count, c.high_half_ticks) for c in five] == [(3, 24_021)]
+    sent = klines(live.changes(version).items)["kline.1m.SOL"]
+    assert [(c.start_us, c.tick_count, c.closed) for c in sent] == [
+        (T5_US, 2, True), (T5_US + MINUTE_US, 1, False)]
