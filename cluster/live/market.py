@@ -147,11 +147,8 @@ class MarketLive:
         if self.store is not None and ended:
             self._write(self.store, ended)
         self._closed.extend((1, c) for c in ended)
-        for asset in names:
-            for interval in INTERVALS:
-                current = self.book.current(asset, interval)
-                if current is not None and not current.closed:
-                    self._latest[kline_stream(interval, asset)] = (1, current)
+        self._latest.update((kline_stream(c.interval, c.asset), (1, c))
+                            for c in self._open_candles())
         self._next_end_us = self._earliest_end_us()
         # restored candles are version 1, after what a reader from 0 has: a subscriber gets the
         # current candle before the first tick (the REST klines show it already)
