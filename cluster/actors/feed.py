@@ -161,7 +161,7 @@ class FeedActorShell:
         self.market = MarketLive(settings.assets,
                                  None if candles_dir is None else Path(candles_dir),
                                  late_s=settings.max_price_age_s,
-                                 held=lambda: pipeline.gate.held.values())
+                                 held=lambda: tuple(pipeline.gate.held.values()))
         self.consumer = MarketDataConsumer(
             bootstrap or settings.bootstrap_servers, pipeline, self._call,
             reachable=self._reachable, topic=topic, client_id=group_id,
