@@ -31,19 +31,22 @@ Opening the journal for writing scans it, keeps every record up to the first one
 incomplete, fails its checksum or breaks the seq chain, and truncates the segment there, so a
 torn record is dropped whole and never applied in part; so are the records before it that
 belong to its commit (a commit's pages may reach the disk in any order before its flush). The
-bytes cut off are first copied aside to a ``.corrupt`` file (a torn tail is the normal trace
-of a crash, but a damaged length field mid-file looks the same), as are later segments that no
-longer continue the chain, so nothing is silently destroyed. Damage in records a snapshot
-already holds is the exception (``covered_seq``): the journal resumes at the first record after
-the snapshot and keeps what follows, since cutting there would lose acknowledged records that
-are intact. A failed write or fsync poisons the journal: the page cache may have dropped the
-data, so retrying would be a lie; the owner must crash and recover from disk.
+bytes cut off are first copied aside to a ``.corrupt`` file, as are later segments that no
+longer continue the chain, so nothing is silently destroyed. A record that looks torn is taken
+for one only if no valid record follows it, in its segment or a later one: a crash's torn
+write is the last one, and a damaged length field mid-file also announces an end past the
+segment's records; so the journal refuses to open (:class:`JournalDamagedError`, naming the
+file and the byte) rather than cut off the acknowledged records after it. Damage in records a
+snapshot already holds is the exception (``covered_seq``): the journal resumes at the first
+record after the snapshot and keeps what follows, since cutting there would lose acknowledged
+records that are intact. A failed write or fsync poisons the journal: the page cache may have
+dropped the data, so retrying would be a lie; the owner must crash and recover from disk.
 
 Only one writer may hold a journal (an exclusive ``flock`` on ``LOCK``); readers open it with
 ``readonly=True``, which never writes and stops at the first bad record (past damage a snapshot
-covers, it reads on from where a writer would resume). A reader that
-must see a journal no writer is using (an inspection of a stopped platform) also passes
-``lock_shared=True``: it holds ``LOCK`` shared, so it is refused while a writer holds the
+covers, it reads on from where a writer would resume; damage a writer refuses, it refuses). A
+reader that must see a journal no writer is using (an inspection of a stopped platform) also
+passes ``lock_shared=True``: it holds ``LOCK`` shared, so it is refused while a writer holds the
 journal and a writer is refused while it reads.
 """
 
@@ -58,6 +61,8 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 SEGMENT_SUFFIX = ".wal"
 CORRUPT_SUFFIX = ".corrupt"
@@ -95,6 +100,11 @@ class JournalLockedError(JournalError):
 
 class JournalGapError(JournalError):
     """Records that were asked for are no longer in the journal (deleted after a snapshot)."""
+
+
+class JournalDamagedError(JournalError):
+    """Damage that valid records follow: not a crash's torn last write, and the records after
+    it were acknowledged, so the journal refuses to open rather than cut them off."""
 
 
 @dataclass(slots=True)
@@ -241,6 +251,47 @@ def _find_records(data: bytes, seq: int, start: int) -> list[int]:
                 found.append(pos)
             at = data.find(needle, at + 1)
     return sorted(found)
+
+
+FOLLOWING_SEQS = 4096
+"""How many seqs past a damaged record :func:`_followed` looks for (a stretch of damage that
+hides more records than that is taken for a torn tail)."""
+
+
+def _followed(data: bytes, start: int, seq: int, floor: int) -> bool:
+    """Whether, past the damage that ends the valid records of ``data`` from ``start`` on
+    (``seq`` the first), a valid record with a seq from ``floor`` on (up to
+    :data:`FOLLOWING_SEQS` past the damaged one) lies before the zeros ``data`` ends in."""
+    at = start
+    for last, _, end, _ in _frames(memoryview(data)[start:], seq):
+        seq, at = last + 1, start + end
+    first = max(seq, floor)
+    stop = min(len(data), at + len(data[at:].rstrip(b"\0")) + _SEQ.size)  # a seq is not 0
+    found = [np.empty(0, np.intp)]
+    for field_at in range(at + HEADER_BYTES - _SEQ.size, min(at + HEADER_BYTES, stop - 7)):
+        fields = np.frombuffer(data, "<u8", (stop - field_at) // 8, field_at)  # each alignment
+        hits = (fields & np.uint64(_SEQ_BITS)) - np.uint64(first) < FOLLOWING_SEQS
+        found.append(np.flatnonzero(hits) * 8 + field_at - (HEADER_BYTES - _SEQ.size))
+    view = memoryview(data)
+    for pos in np.sort(np.concatenate(found)).tolist():
+        length, crc, field = HEADER.unpack_from(data, pos)
+        end = pos + HEADER_BYTES + length
+        if length <= MAX_RECORD_BYTES and end <= len(data) \
+                and _crc32(view[pos + HEADER_BYTES:end], _crc32(_pack_seq(field))) == crc:
+            return True
+    return False
+
+
+def _holds_records(segments: list[tuple[int, Path]], floor: int) -> bool:
+    """Whether any of ``segments`` holds a valid record with a seq from ``floor`` on."""
+    return any(_scan(p.read_bytes(), base)[1] > max(base, floor) for base, p in segments)
+
+
+def _damaged(path: Path, at: int, seq: int) -> JournalDamagedError:
+    return JournalDamagedError(
+        f"journal {path} is damaged at byte {at} (record {seq}) and valid records follow it: "
+        f"not the torn last write of a crash, so nothing was cut off; restore the journal, or "
+        f"set aside by hand what follows byte {at} to drop the records from {seq} on")
 
 
 def _write_at(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -442,6 +493,8 @@ class Journal:
                 good_end, reached, tail, _ = _scan(data[offset:], next_seq)
                 if tail != "end" and reached <= covered:  # damage below the snapshot: the same
                     found = self._resume_point(segments, i, data, offset + good_end, covered + 1)
+                if tail == "torn" and found is None:
+                    self._check_torn(segments, i, data, offset + good_end, reached, covered)
             if found is not None:
                 kept, self._offsets, next_seq = [], {}, covered + 1
                 i, _, offset = found
@@ -486,6 +539,8 @@ class Journal:
                     segments, kept, next_seq, i = resumed, [], covered + 1, 0
                     changed_dir = True
                     continue
+            if tail == "torn":
+                self._check_torn(segments, i, data, good_end, next_seq, covered)
             kept.append((base, p))
             self._size, self._zeroed = good_end, len(data)
             if tail == "end" and good_end < len(data) and i + 1 < len(segments):
@@ -521,6 +576,20 @@ class Journal:
             _fdatasync(self._fd)
         if changed_dir:
             fsync_directory(self.path)
+
+    @staticmethod
+    def _check_torn(segments: list[tuple[int, Path]], i: int, data: bytes, start: int,
+                    seq: int, covered: int) -> None:
+        """Raise :class:`JournalDamagedError` unless the damage after the valid records that
+        end at byte ``start`` of ``segments[i]`` (whose bytes are ``data``; ``seq``: the first
+        record it lost) can be the torn last write of a crash: a valid record past the
+        snapshot (``covered``) follows it, in that segment or a later one. A crash leaves none
+        after its torn write, which is the last one; records after damage were acknowledged
+        (a torn write whose later pages reached the disk before its earlier ones, as a power
+        cut can leave, is refused too: refusing loses nothing)."""
+        floor = covered + 1
+        if _followed(data, start, seq, floor) or _holds_records(segments[i + 1 :], floor):
+            raise _damaged(segments[i][1], start, seq)
 
     def _resume(self, segments: list[tuple[int, Path]], damaged: int, i: int, data: bytes,
                 start: int, seq: int) -> list[tuple[int, Path]] | None:

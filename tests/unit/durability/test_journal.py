@@ -17,6 +17,7 @@ from cluster.durability import journal as journal_module
 from cluster.durability.journal import HEADER_BYTES
 from cluster.durability.journal import LOCK_NAME
 from cluster.durability.journal import Journal
+from cluster.durability.journal import JournalDamagedError
 from cluster.durability.journal import JournalError
 from cluster.durability.journal import JournalGapError
 from cluster.durability.journal import JournalLockedError
@@ -510,12 +511,56 @@ def test_a_second_cut_at_the_same_offset_keeps_the_first_copy(tmp_path: Path) ->
 
 
 def test_seq_chain_break_is_corruption(tmp_path: Path) -> None:
+    """Record 3 missing and record 4 valid after it: damage, not a torn write, so the journal
+    is refused rather than cut at 3 (which dropped the acknowledged record 4)."""
     seg = tmp_path / "j" / "00000000000000000001.wal"
     seg.parent.mkdir()
-    seg.write_bytes(frame(1, b"a") + frame(2, b"b") + frame(4, b"d"))  # valid crcs, seq 3 missing
-    with Journal(tmp_path / "j", fsync=False) as j:
-        assert list(j.replay()) == [(1, b"a"), (2, b"b")]
-        assert j.append(b"c") == 3
+    data = frame(1, b"a") + frame(2, b"b") + frame(4, b"d")  # valid crcs, seq 3 missing
+    seg.write_bytes(data)
+    _refused_unchanged(tmp_path / "j", f"{seg.name} is damaged at byte 34 ")
+
+
+def _kill_left(path: Path, items: list[bytes], **kwargs: object) -> Path:
+    """A copy at ``path`` of a journal of ``items``, one commit each, taken as a kill leaves
+    it (the active segment still ending in its zeros); its only segment."""
+    with Journal(path.with_name("live"), fsync=False, **kwargs) as j:  # type: ignore[arg-type]
+        for p in items:
+            j.append(p)
+            j.commit()
+        shutil.copytree(path.with_name("live"), path)
+    return only_segment(path)
+
+
+def _refused_unchanged(path: Path, match: str, **kwargs: object) -> None:
+    """Opening ``path`` for reading or writing is refused with ``match``, and nothing in it
+    changes (but for a writer's lock file)."""
+    files = {p.name: p.read_bytes() for p in path.iterdir()}
+    for readonly in (True, False):
+        with pytest.raises(JournalDamagedError, match=match):
+            Journal(path, fsync=False, readonly=readonly, **kwargs)  # type: ignore[arg-type]
+    files.setdefault(LOCK_NAME, b"")
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == files
+
+
+@pytest.mark.parametrize("zeroed_ahead", [journal_module.ZEROED_AHEAD_BYTES, 0])
+@pytest.mark.parametrize("byte, mask", [(2, 0x10), (2, 0x08), (1, 0x01)])
+def test_a_damaged_length_field_mid_segment_is_not_taken_for_a_torn_tail(
+        tmp_path: Path, zeroed_ahead: int, byte: int, mask: int) -> None:
+    """A bit flipped in the length field of a record with acknowledged records after it makes
+    it announce more bytes than the segment holds, or an end in its zeros: what a record torn
+    by a crash looks like. Taken for one, it and the five acknowledged records after it were
+    cut off with an INFO line. Valid records follow it, so it is damage: reader and writer
+    refuse it with one line naming the segment and the byte, and nothing is cut off."""
+    items = [b"record %d" % i for i in range(1, 11)]
+    segment = _kill_left(tmp_path / "j", items, zeroed_ahead_bytes=zeroed_ahead)
+    data = bytearray(segment.read_bytes())
+    fifth = 4 * (HEADER_BYTES + 8)
+    data[fifth + byte] ^= mask
+    segment.write_bytes(bytes(data))
+    _refused_unchanged(tmp_path / "j", rf"{segment.name} is damaged at byte {fifth} \(record 5\)")
+    data[fifth + byte] ^= mask  # the segment restored: every record is there
+    segment.write_bytes(bytes(data))
+    assert replayed(tmp_path / "j") == list(enumerate(items, start=1))
 
 
 def test_seq_stays_monotonic_across_reopens(tmp_path: Path) -> None:
@@ -566,7 +611,10 @@ def test_rotation_and_truncate_before(tmp_path: Path) -> None:
         assert j.append(b"z") == 101
 
 
-def test_corruption_in_an_old_segment_sets_later_segments_aside(tmp_path: Path) -> None:
+def test_damage_at_the_end_of_an_old_segment_is_refused_not_cut(tmp_path: Path) -> None:
+    """The last record of a segment rolled over damaged: it ends the file as a torn record
+    would, but later segments hold acknowledged records (a segment is only left after its
+    records were flushed). Before, it was cut off and every later segment set aside."""
     path = tmp_path / "j"
     items = [b"r%03d" % i + b"." * 40 for i in range(40)]
     with Journal(path, fsync=False, segment_bytes=300) as j:
@@ -578,15 +626,9 @@ def test_corruption_in_an_old_segment_sets_later_segments_aside(tmp_path: Path) 
     first = bytearray(segments[0].read_bytes())
     first[-1] ^= 0x55  # last record of the first segment
     segments[0].write_bytes(bytes(first))
-    with Journal(path, fsync=False) as j:
-        kept = int(segments[1].name[:20]) - 2
-        assert j.durable_seq == kept
-        assert [s.name for s in j.segments] == [segments[0].name]
-        assert sorted(j.repair.orphaned_segments) == sorted(s.name for s in segments[1:])
-        assert list(j.replay()) == list(enumerate(items[:kept], start=1))
-        assert j.append(b"x") == kept + 1
-        j.commit()
-    assert len(list(path.glob("*.corrupt"))) == len(segments)  # the cut bytes + every orphan
+    last = int(segments[1].name[:20]) - 1
+    at = len(first) - HEADER_BYTES - len(items[0])
+    _refused_unchanged(path, rf"{segments[0].name} is damaged at byte {at} \(record {last}\)")
 
 
 def test_the_active_segment_is_zeroed_ahead_and_a_crash_leaves_a_clean_end(
