@@ -31,16 +31,17 @@ Opening the journal for writing scans it, keeps every record up to the first one
 incomplete, fails its checksum or breaks the seq chain, and truncates the segment there, so a
 torn record is dropped whole and never applied in part; so are the records before it that
 belong to its commit (a commit's pages may reach the disk in any order before its flush). The
-bytes cut off are first copied aside to a ``.corrupt`` file, as are later segments that no
-longer continue the chain, so nothing is silently destroyed. A record that looks torn is taken
-for one only if no valid record follows it, in its segment or a later one: a crash's torn
-write is the last one, and a damaged length field mid-file also announces an end past the
-segment's records; so the journal refuses to open (:class:`JournalDamagedError`, naming the
-file and the byte) rather than cut off the acknowledged records after it. Damage in records a
-snapshot already holds is the exception (``covered_seq``): the journal resumes at the first
-record after the snapshot and keeps what follows, since cutting there would lose acknowledged
-records that are intact. A failed write or fsync poisons the journal: the page cache may have
-dropped the data, so retrying would be a lie; the owner must crash and recover from disk.
+bytes cut off are first copied aside to a ``.corrupt`` file, as are later segments left
+without records to keep, so nothing is silently destroyed. That is for a torn last write: the
+damage (an incomplete record, one that fails its checksum, a break in the chain) is cut only if
+no valid record follows it, in its segment or a later one. A crash tears only its last write;
+records after damage were acknowledged (a damaged length field mid-file announces an end past
+them, as a torn record does), so the journal refuses to open (:class:`JournalDamagedError`,
+naming the file and the byte) rather than cut them off. Damage in records a snapshot already
+holds is the exception (``covered_seq``): the journal resumes at the first record after the
+snapshot and keeps what follows, since cutting there would lose acknowledged records that are
+intact. A failed write or fsync poisons the journal: the page cache may have dropped the data,
+so retrying would be a lie; the owner must crash and recover from disk.
 
 Only one writer may hold a journal (an exclusive ``flock`` on ``LOCK``); readers open it with
 ``readonly=True``, which never writes and stops at the first bad record (past damage a snapshot
@@ -115,7 +116,8 @@ class Repair:
     its announced end (the segment's zeros after it are not counted).
     ``corrupt_bytes``: a complete but invalid record and everything after it.
     Both are copied aside to ``<segment>.<offset>.corrupt`` before being cut off.
-    ``orphaned_segments``: later segment files that no longer continued the chain, set aside.
+    ``orphaned_segments``: later segment files that no longer continued the chain, set aside
+    (only ones without a record past the snapshot: else the journal refuses to open).
     ``resumed_at``: the seq the journal resumed at past damage that a snapshot covers (0:
     none); ``covered_bytes``: the bytes of the segments that held the damage, set aside whole.
     """
@@ -487,14 +489,16 @@ class Journal:
                 if next_seq <= covered:
                     found = self._resume_point(segments, i, p.read_bytes(), 0, covered + 1)
                 if found is None:
+                    if _holds_records(segments[i:], covered + 1):
+                        raise _damaged(p, 0, next_seq)
                     break
             else:
                 data = p.read_bytes()
                 good_end, reached, tail, _ = _scan(data[offset:], next_seq)
                 if tail != "end" and reached <= covered:  # damage below the snapshot: the same
                     found = self._resume_point(segments, i, data, offset + good_end, covered + 1)
-                if tail == "torn" and found is None:
-                    self._check_torn(segments, i, data, offset + good_end, reached, covered)
+                if tail != "end" and found is None:
+                    self._check_damage(segments, i, data, offset + good_end, reached, covered)
             if found is not None:
                 kept, self._offsets, next_seq = [], {}, covered + 1
                 i, _, offset = found
@@ -528,6 +532,8 @@ class Journal:
                     changed_dir = True
                     continue
             if base != next_seq:
+                if _holds_records(segments[i:], covered + 1):
+                    raise _damaged(p, 0, next_seq)
                 self._set_aside_segments(segments[i:])
                 changed_dir = True
                 break
@@ -539,11 +545,12 @@ class Journal:
                     segments, kept, next_seq, i = resumed, [], covered + 1, 0
                     changed_dir = True
                     continue
-            if tail == "torn":
-                self._check_torn(segments, i, data, good_end, next_seq, covered)
+            if tail != "end":
+                self._check_damage(segments, i, data, good_end, next_seq, covered)
             kept.append((base, p))
             self._size, self._zeroed = good_end, len(data)
-            if tail == "end" and good_end < len(data) and i + 1 < len(segments):
+            if tail == "end" and good_end < len(data) and i + 1 < len(segments) \
+                    and segments[i + 1][0] == next_seq:
                 os.truncate(p, good_end)  # rolled over, but its zeros' cut was lost in a crash
             if tail != "end":
                 if tail == "torn":
@@ -578,7 +585,7 @@ class Journal:
             fsync_directory(self.path)
 
     @staticmethod
-    def _check_torn(segments: list[tuple[int, Path]], i: int, data: bytes, start: int,
+    def _check_damage(segments: list[tuple[int, Path]], i: int, data: bytes, start: int,
                     seq: int, covered: int) -> None:
         """Raise :class:`JournalDamagedError` unless the damage after the valid records that
         end at byte ``start`` of ``segments[i]`` (whose bytes are ``data``; ``seq``: the first

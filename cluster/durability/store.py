@@ -89,9 +89,9 @@ class DurabilityError(RuntimeError):
 
 def _report_repair(journal: Journal) -> None:
     """Log what opening ``journal`` cut off: a torn last record is a crash's trace and held
-    nothing acknowledged; a damaged record (and what followed it) may have held acknowledged
-    ones, which are then not recovered, so the operator hears of it; damaged records the
-    snapshot holds cost nothing, but the medium is suspect."""
+    nothing acknowledged; a damaged last record (nothing valid follows it: damage that valid
+    records follow is refused, JournalDamagedError) may have been acknowledged, so the operator
+    hears of it; damaged records the snapshot holds cost nothing, but the medium is suspect."""
     repair = journal.repair
     where = f"journal {journal.path} (recovered to seq {journal.durable_seq})"
     if repair.resumed_at and journal.readonly:

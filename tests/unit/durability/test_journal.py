@@ -203,7 +203,8 @@ def test_flipped_byte_in_last_record_drops_exactly_it(tmp_path: Path) -> None:
 
 def test_a_commit_of_several_records_is_kept_whole_or_not_at_all(tmp_path: Path) -> None:
     """Records appended with ``continued=True`` count only with the record ending their commit:
-    the file cut anywhere in the commit, or a record of it damaged, drops all of it."""
+    the file cut anywhere in the commit, or its last record damaged, drops all of it. A record
+    of it damaged with the rest of the commit whole after it is not a torn write: refused."""
     path = tmp_path / "orig"
     before = [b"one", b"two"]
     group = [b"a" * 10, b"b" * 20, b"c" * 5]
@@ -232,13 +233,17 @@ def test_a_commit_of_several_records_is_kept_whole_or_not_at_all(tmp_path: Path)
             j.commit()
         (aside,) = case.glob("*.corrupt")
         assert aside.read_bytes() == (data[:cut] + bytes(100))[start : start + torn]
-    damaged = bytearray(data)
-    damaged[start + HEADER_BYTES + 2] ^= 0xFF  # a payload byte of the commit's first record
-    (tmp_path / "flip").mkdir()
-    (tmp_path / "flip" / name).write_bytes(bytes(damaged))
-    with Journal(tmp_path / "flip", fsync=False) as j:
-        assert j.repair.corrupt_bytes == len(data) - start
+    for at in (len(data) - 1, start + HEADER_BYTES + 2):  # the last record's, the first's
+        damaged = bytearray(data)
+        damaged[at] ^= 0xFF  # a payload byte
+        (tmp_path / f"flip{at}").mkdir()
+        (tmp_path / f"flip{at}" / name).write_bytes(bytes(damaged))
+    with Journal(tmp_path / f"flip{len(data) - 1}", fsync=False) as j:
+        assert j.repair.torn_bytes == len(data) - start
         assert list(j.replay()) == list(enumerate(before, start=1))
+    # before, it was cut too, with the records of the commit after it, which was acknowledged
+    _refused_unchanged(tmp_path / f"flip{start + HEADER_BYTES + 2}",
+                       rf"{name} is damaged at byte {start} \(record 3\)")
 
 
 def test_records_over_the_writers_bound_are_refused(tmp_path: Path) -> None:
@@ -254,29 +259,25 @@ def test_records_over_the_writers_bound_are_refused(tmp_path: Path) -> None:
         Journal(tmp_path / "k", max_record_bytes=journal_module.MAX_RECORD_BYTES + 1)
 
 
-def test_crc_mismatch_mid_file_stops_replay_there_and_keeps_the_rest_aside(
-        tmp_path: Path) -> None:
+@pytest.mark.parametrize("at, mask", [(HEADER_BYTES + 2, 0xFF), (0, 0x04), (3, 0x80)])
+@pytest.mark.parametrize("covered", [0, 3])
+def test_a_damaged_record_mid_segment_is_refused_not_cut(
+        tmp_path: Path, at: int, mask: int, covered: int) -> None:
+    """A record whole but wrong (a payload byte flipped, or a length field that now ends it
+    inside the next record or is over the bound) with valid records after it, past the
+    snapshot (``covered``): they were acknowledged and a crash does not leave them after
+    damage. Before, the journal was cut there (the bytes set aside, a warning logged) and
+    the records after it were lost, their seqs given out again; now reader and writer refuse
+    it, naming the segment and the byte, and change nothing."""
     items = payloads(10)
     items[4] = b"fifth record"
-    write(tmp_path / "j", items)
-    segment = only_segment(tmp_path / "j")
+    segment = _kill_left(tmp_path / "j", items)
     data = bytearray(segment.read_bytes())
     fifth = sum(HEADER_BYTES + len(p) for p in items[:4])
-    data[fifth + HEADER_BYTES + 2] ^= 0xFF  # a payload byte of seq 5
+    data[fifth + at] ^= mask
     segment.write_bytes(bytes(data))
-
-    ro = Journal(tmp_path / "j", readonly=True)  # a reader stops there and changes nothing
-    assert list(ro.replay()) == list(enumerate(items[:4], start=1))
-    assert segment.stat().st_size == len(data)
-
-    with Journal(tmp_path / "j", fsync=False) as j:
-        assert j.repair.corrupt_bytes == len(data) - fifth
-        assert list(j.replay()) == list(enumerate(items[:4], start=1))
-        assert j.append(b"new five") == 5
-        j.commit()
-    (aside,) = (tmp_path / "j").glob("*.corrupt")
-    assert aside.read_bytes() == bytes(data[fifth:])
-    assert replayed(tmp_path / "j") == [*enumerate(items[:4], start=1), (5, b"new five")]
+    _refused_unchanged(tmp_path / "j", rf"{segment.name} is damaged at byte {fifth} \(record 5\)",
+                       covered_seq=lambda: covered)
 
 
 def test_damage_a_snapshot_covers_resumes_after_it_and_keeps_every_later_record(
@@ -300,10 +301,10 @@ def test_damage_a_snapshot_covers_resumes_after_it_and_keeps_every_later_record(
         data = bytearray(segment.read_bytes())
         data[((damaged_seq - 1) % 4) * (HEADER_BYTES + 23) + HEADER_BYTES + 1] ^= 0xFF
         segment.write_bytes(bytes(data))
+        if damaged_seq > covered:  # past the snapshot, with records after it: refused
+            _refused_unchanged(case, f"{segment.name} is damaged", covered_seq=lambda c=covered: c)
+            continue
         with Journal(case, fsync=False, covered_seq=lambda c=covered: c) as j:
-            if damaged_seq > covered:  # past the snapshot: cut there, as without one
-                assert (j.repair.resumed_at, j.durable_seq) == (0, damaged_seq - 1)
-                continue
             if covered == len(items):  # nothing after the snapshot: nothing to resume at
                 assert (j.repair.resumed_at, j.durable_seq) == (0, damaged_seq - 1)
                 continue
@@ -469,6 +470,25 @@ def test_a_record_framed_inside_a_covered_payload_is_not_taken_for_the_resume_po
                  covered_seq=lambda: covered) as j:
         assert (j.repair.resumed_at, j.durable_seq) == (covered + 1, 10)
         assert list(j.replay(covered)) == records[covered:]
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "missing"])
+def test_a_break_in_the_chain_past_the_snapshot_is_refused_not_set_aside(
+        tmp_path: Path, damage: str) -> None:
+    """A segment read back as zeros, or missing, with acknowledged records in the segments
+    after it that no snapshot holds: before, every later segment was set aside with a warning,
+    and the records in them were gone."""
+    path = tmp_path / "j"
+    _sixteen_records(path)
+    first, second = sorted(path.glob("*.wal"))[:2]  # records 1-4, 5-8
+    if damage == "zeroed":
+        first.write_bytes(bytes(first.stat().st_size))
+        broken, seq = second, 1
+    else:
+        second.unlink()
+        broken, seq = sorted(path.glob("*.wal"))[1], 5
+    _refused_unchanged(path, rf"{broken.name} is damaged at byte 0 \(record {seq}\)",
+                       covered_seq=lambda: 2)
 
 
 def test_a_reader_reads_on_past_damage_a_snapshot_covers_without_writing(

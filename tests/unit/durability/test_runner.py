@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cluster.durability.journal import HEADER
 from cluster.durability.journal import HEADER_BYTES
+from cluster.durability.journal import JournalDamagedError
 from cluster.durability.journal import JournalLockedError
 from cluster.durability.runner import MAX_PENDING_EVENTS
 from cluster.durability.runner import Failed
@@ -465,15 +467,19 @@ def test_a_read_only_runner_recovers_the_same_state_and_writes_nothing(
     led.close()
 
 
-def test_opening_a_damaged_journal_is_logged_as_a_warning(
+def test_opening_a_torn_journal_is_logged_and_a_damaged_one_refused(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A torn last record is cut with an INFO line, garbage after the last record with a
+    warning; a damaged record that acknowledged records follow is refused with one line
+    naming the file and the byte, and nothing is changed (before, it was cut off with a
+    warning, and the accounts after it were gone)."""
     def reopened(path: Path) -> list[logging.LogRecord]:
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="cluster.durability.store"):
             open_ledger(path, Clock()).close()
         return list(caplog.records)
 
-    for path in (tmp_path / "torn", tmp_path / "damaged"):
+    for path in (tmp_path / "torn", tmp_path / "garbage", tmp_path / "damaged"):
         led = open_ledger(path, Clock())
         for n in (1, 2, 3):
             one(led, CreateAccount(*account(n)))
@@ -482,18 +488,25 @@ def test_opening_a_damaged_journal_is_logged_as_a_warning(
         f.write(b"\x40\x00\x00\x00torn")  # a record a kill cut in the middle
     [record] = reopened(tmp_path / "torn")
     assert record.levelno == logging.INFO and "torn" in record.getMessage()
+    with open(segment(tmp_path / "garbage"), "ab") as f:
+        f.write(b"\xff" * 30)  # no record has such a length
+    [record] = reopened(tmp_path / "garbage")
+    assert record.levelno == logging.WARNING and "damaged" in record.getMessage()
+    assert "recovered to seq 3" in record.getMessage()
     damaged = bytearray(segment(tmp_path / "damaged").read_bytes())
     damaged[HEADER_BYTES + 2] ^= 0xFF  # a payload byte of the first of three records
     segment(tmp_path / "damaged").write_bytes(bytes(damaged))
-    [record] = reopened(tmp_path / "damaged")
-    assert record.levelno == logging.WARNING and "damaged" in record.getMessage()
-    assert "recovered to seq 0" in record.getMessage()
+    files = {p: p.read_bytes() for p in (tmp_path / "damaged").rglob("*") if p.is_file()}
+    with pytest.raises(JournalDamagedError,
+                       match=f"{segment(tmp_path / 'damaged')} is damaged at byte 0 "):
+        open_ledger(tmp_path / "damaged", Clock())
+    assert {p: p.read_bytes() for p in (tmp_path / "damaged").rglob("*") if p.is_file()} == files
 
 
-def _ten_accounts_then_covered_damage(tmp_path: Path) -> dict[str, Any]:
+def _ten_accounts_then_damage(tmp_path: Path, seq: int) -> dict[str, Any]:
     """A ledger under ``tmp_path`` with snapshots at seq 3 and 6 and accounts journaled as
-    seq 1..10, crashed, then one payload byte of seq 4 (which both snapshots cover) flipped;
-    the live state's fingerprint before the crash."""
+    seq 1..10, crashed, then one payload byte of record ``seq`` flipped (the journal keeps
+    4.. for the snapshot at 3); the live state's fingerprint before the crash."""
     led = open_ledger(tmp_path, Clock())
     for n in range(1, 4):
         one(led, CreateAccount(*account(n)))  # seq 1..3
@@ -506,9 +519,28 @@ def _ten_accounts_then_covered_damage(tmp_path: Path) -> dict[str, Any]:
     live = led.machine.fingerprint()
     crash(led)
     damaged = bytearray(segment(tmp_path).read_bytes())
-    damaged[HEADER_BYTES + 10] ^= 0xFF
+    at = 0
+    for _ in range(4, seq):  # to the record's header
+        at += HEADER_BYTES + HEADER.unpack_from(damaged, at)[0]
+    damaged[at + HEADER_BYTES + 10] ^= 0xFF
     segment(tmp_path).write_bytes(bytes(damaged))
     return live
+
+
+def _ten_accounts_then_covered_damage(tmp_path: Path) -> dict[str, Any]:
+    """:func:`_ten_accounts_then_damage` of seq 4, which both snapshots cover."""
+    return _ten_accounts_then_damage(tmp_path, 4)
+
+
+def test_damage_after_the_snapshot_with_records_after_it_is_refused(tmp_path: Path) -> None:
+    """Record 8, after the newest snapshot, damaged, and 9 and 10 acknowledged after it:
+    before, the journal was cut at 8 with a warning and the host served without them."""
+    _ten_accounts_then_damage(tmp_path, 8)
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for readonly in (False, True):
+        with pytest.raises(JournalDamagedError, match=r"is damaged at byte \d+ \(record 8\)"):
+            open_ledger(tmp_path, Clock(), readonly=readonly)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
 
 
 def test_a_damaged_record_the_snapshot_holds_costs_no_record_after_it(
