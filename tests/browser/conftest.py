@@ -21,6 +21,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
 from tests.browser.page import DESKTOP
 from tests.browser.page import set_viewport
+from tests.browser.proxy import Relay
 from tests.e2e.ray_platform import RayHttpPlatform
 
 # Console lines that are not the page's own faults: an API answer >= 400 (the tests provoke
@@ -59,6 +60,18 @@ def platform(kafka_broker: str) -> Iterator[RayHttpPlatform]:
 def http(platform: RayHttpPlatform) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=platform.base_url, timeout=10) as client:
         yield client
+
+
+@pytest.fixture
+def relay(platform: RayHttpPlatform) -> Iterator[Relay]:
+    """The platform at another port, behind a relay that fails as a network does (a test that
+    also takes ``browser`` names ``relay`` first: the browser goes before the relay)."""
+    r = Relay(platform.base_url)
+    r.start()
+    try:
+        yield r
+    finally:
+        r.stop()
 
 
 @pytest.fixture

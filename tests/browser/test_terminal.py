@@ -33,6 +33,7 @@ from tests.browser.page import DESKTOP
 from tests.browser.page import PHONE
 from tests.browser.page import set_viewport
 from tests.browser.page import wait_until
+from tests.browser.proxy import Relay
 from tests.e2e.api_client import tick
 from tests.e2e.ray_platform import RayHttpPlatform
 
@@ -50,9 +51,10 @@ def text_of(driver: WebDriver, element_id: str) -> str:
     return str(by_id(driver, element_id).text)
 
 
-def open_terminal(driver: WebDriver, platform: RayHttpPlatform) -> None:
-    """Load the page and wait until it listed the assets (the ticket names the one it trades)."""
-    driver.get(f"{platform.base_url}/")
+def open_terminal(driver: WebDriver, platform: RayHttpPlatform, via: Relay | None = None) -> None:
+    """Load the page (from the platform, or ``via`` a relay in front of it) and wait until it
+    listed the assets (the ticket names the one it trades)."""
+    driver.get(f"{(via.url if via else platform.base_url)}/")
     wait_until(driver, lambda d: text_of(d, "ticket-asset") != "", "the asset list")
 
 
@@ -1367,3 +1369,59 @@ def test_a_double_click_on_long_or_close_trades_once(
     assert [c["partial"] for c in history] == [True]
     wait_row_shows(browser, position_id, rest)
     assert not by_id(browser, "error-banner").is_displayed()
+
+
+# ------------------------------------------------------------------ a network that hangs
+# Every time the error banner is shown, its code goes to window.__banners.
+BANNERS_KEPT_JS = """
+window.__banners = [];
+const banner = document.getElementById("error-banner");
+new MutationObserver(() => {
+  if (!banner.hidden) window.__banners.push(banner.dataset.code);
+}).observe(banner, { attributes: true });
+"""
+
+
+def test_a_read_never_answered_is_given_up_and_the_refreshes_go_on(
+        platform: RayHttpPlatform, relay: Relay, browser: WebDriver, http: httpx.Client) -> None:
+    """The answer of a GET /state never comes back (the network hangs): after 10 s the page
+    gives it up and says so, as it says any failed read, and its refreshes go on: a position
+    opened meanwhile by another client of the account shows, and the error goes. Before, the
+    page waited for that answer for good, and read the account never again."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform, relay)
+    key = create_account(browser)
+    browser.execute_script(BANNERS_KEPT_JS)
+    relay.hold("GET", "/api/v1/state")
+    wait_until(browser, lambda d: relay.withheld == 1, "a GET /state whose answer is held")
+    r = http.post("/api/v1/positions/open", headers={"Authorization": f"Bearer {key}"},
+                  json={"asset": "SOL", "type": "long", "margin": "100", "leverage": 10})
+    assert r.status_code == 201, r.text
+    assert wait_position_row(browser, "SOL", "long") == r.json()["positionId"]
+    assert "TIMEOUT" in browser.execute_script("return window.__banners;")
+    wait_until(browser, lambda d: not by_id(d, "error-banner").is_displayed(),
+               "the error gone once a read is answered")
+
+
+def test_an_open_never_answered_is_not_sent_again_and_its_outcome_is_said_unknown(
+        platform: RayHttpPlatform, relay: Relay, browser: WebDriver, http: httpx.Client) -> None:
+    """The open reaches the platform and is taken, but its answer never comes back: after 20 s
+    the page gives it up without sending it again (it may have been taken, as here), says its
+    outcome is unknown and its clientOrderId, and reads the account, which shows the position.
+    Before, the Long button stayed busy for good."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform, relay)
+    key = create_account(browser)
+    relay.hold("POST", "/api/v1/positions/open")
+    open_long_from_ticket(browser, "100", "10")
+    position_id = wait_position_row(browser, "SOL", "long")
+    banner = by_id(browser, "error-banner")
+    wait_until(browser, lambda d: banner.is_displayed()
+               and banner.get_attribute("data-code") == "TIMEOUT", "the open given up",
+               timeout_s=40)
+    message = text_of(browser, "error-message")
+    assert "outcome is unknown" in message and "Not sent again (clientOrderId web-" in message
+    wait_until(browser, lambda d: by_id(d, "submit-long").is_enabled(), "the Long button")
+    assert relay.requests.count("POST /api/v1/positions/open") == 1
+    assert [p["positionId"] for p in account(http, key)["positions"]] == [position_id]
+    assert banner.get_attribute("data-code") == "TIMEOUT"  # a refresh does not hide it

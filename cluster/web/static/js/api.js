@@ -21,11 +21,20 @@ export function apiUrl(path, query) {
   return url;
 }
 
-export async function call(method, path, { key = null, body, query } = {}) {
+// A request unanswered this long is given up (aborted): a network that hangs, or a server that
+// stopped answering, must not hold the page's later requests back. A trading action is given
+// longer, as the trader waits for its answer anyway.
+export const REQUEST_TIMEOUT_MS = 10_000;
+export const TRADE_TIMEOUT_MS = 20_000;
+
+export async function call(method, path, { key = null, body, query, timeoutMs = REQUEST_TIMEOUT_MS } = {}) {
   const headers = { Accept: "application/json" };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   if (key) headers.Authorization = `Bearer ${key}`;
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), timeoutMs);
   let response;
+  let raw;
   try {
     response = await fetch(apiUrl(path, query), {
       method,
@@ -33,11 +42,17 @@ export async function call(method, path, { key = null, body, query } = {}) {
       body: body === undefined ? undefined : JSON.stringify(body),
       cache: "no-store",
       credentials: "omit",
+      signal: abort.signal,
     });
+    raw = await response.text();
   } catch (err) {
+    if (abort.signal.aborted) {
+      throw new ApiError(0, "TIMEOUT", `no answer within ${timeoutMs / 1000} s (the request was given up)`);
+    }
     throw new ApiError(0, "NETWORK_ERROR", `the server did not answer (${err && err.message ? err.message : err})`);
+  } finally {
+    clearTimeout(timer);
   }
-  const raw = await response.text().catch(() => "");
   let data = null;
   if (raw) {
     try { data = JSON.parse(raw); } catch { data = null; }
@@ -78,6 +93,8 @@ function outcomeUnknown(err) {
 // while its outcome is unknown, is sent again with that same id after Retry-After (1-5 s):
 // the API answers a repeat with the first attempt's answer, or runs it once. onRetry(err,
 // attempt, waitMs) is told before each resend. After RESEND_FOR_MS the last error is thrown.
+// An attempt that timed out is not sent again: the API may still be running it (a repeat
+// would wait for it just as long); its error says the outcome is unknown.
 export async function callOnce(method, path, { key = null, body, query, onRetry } = {}) {
   const clientOrderId = newClientOrderId();
   const request = method === "DELETE"
@@ -86,8 +103,12 @@ export async function callOnce(method, path, { key = null, body, query, onRetry 
   const until = Date.now() + RESEND_FOR_MS;
   for (let attempt = 1; ; attempt += 1) {
     try {
-      return await call(method, path, request);
+      return await call(method, path, { ...request, timeoutMs: TRADE_TIMEOUT_MS });
     } catch (err) {
+      if (err instanceof ApiError && err.code === "TIMEOUT") {
+        err.message = `no answer within ${TRADE_TIMEOUT_MS / 1000} s, so the outcome is unknown: it may have been taken. Not sent again (clientOrderId ${clientOrderId}); check your positions and orders, read again now.`;
+        throw err;
+      }
       if (!outcomeUnknown(err)) throw err;
       const waitMs = 1000 * Math.min(5, Math.max(1, Number(err.retryAfter) || 1));
       if (Date.now() + waitMs > until) {
