@@ -1425,3 +1425,34 @@ def test_an_open_never_answered_is_not_sent_again_and_its_outcome_is_said_unknow
     assert relay.requests.count("POST /api/v1/positions/open") == 1
     assert [p["positionId"] for p in account(http, key)["positions"]] == [position_id]
     assert banner.get_attribute("data-code") == "TIMEOUT"  # a refresh does not hide it
+
+
+def prices_answered(driver: WebDriver) -> int:
+    """How many answers of GET /api/v1/prices the page has had."""
+    return int(driver.execute_script(
+        "return performance.getEntriesByType('resource')"
+        ".filter(e => e.name.includes('/api/v1/prices')).length;"))
+
+
+def test_a_price_poll_answered_after_a_newer_streamed_price_does_not_replace_it(
+        platform: RayHttpPlatform, relay: Relay, browser: WebDriver, http: httpx.Client) -> None:
+    """While the WebSocket is down the page polls GET /prices; one poll's answer is held on
+    the way, the socket comes back with a newer price, and then the poll's older price arrives:
+    the quote keeps the newer one. Before, it showed the older price until the next tick."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform, relay)
+    wait_until(browser, lambda d: text_of(d, "bid") == "100.00", "the first quote")
+    relay.refuse_sockets(True)
+    relay.hold("GET", "/api/v1/prices")
+    wait_until(browser, lambda d: relay.withheld == 1, "a price poll whose answer is held")
+    tick(platform, http, "SOL", "100.20", "100.21")
+    relay.refuse_sockets(False)
+    wait_until(browser, lambda d: text_of(d, "bid") == "100.20"
+               and by_id(d, "ws-status").get_attribute("data-state") == "open",
+               "the newer price streamed once the socket is back")
+    answered = prices_answered(browser)
+    relay.release()
+    wait_until(browser, lambda d: prices_answered(d) > answered, "the held poll's answer")
+    for _ in range(10):
+        assert (text_of(browser, "bid"), text_of(browser, "ask")) == ("100.20", "100.21")
+        time.sleep(0.1)

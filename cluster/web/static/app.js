@@ -263,9 +263,18 @@ function onKline(kline) {
   else klines.pending.push(kline);
 }
 
+// Whether time ``a`` is before ``b``: the API's times (ISO 8601 UTC to the microsecond, one
+// width) sort as text, finer than Date.parse's milliseconds.
+function earlier(a, b) {
+  if (typeof a === "string" && typeof b === "string" && a.length === b.length) return a < b;
+  return Date.parse(a) < Date.parse(b);
+}
+
 function applyQuote(asset, quote) {
   if (!quote || !fmt.isDecimal(quote.bid) || !fmt.isDecimal(quote.ask)) return;
   const before = app.prices[asset];
+  // a poll answered after a newer streamed price (or a frame after a newer poll) is older news
+  if (before && earlier(quote.ts, before.ts)) return;
   // a poll of the same price is not a newer one: it keeps the time the price first came
   const receivedAt = before && before.ts === quote.ts ? before.receivedAt : Date.now();
   app.prices[asset] = { bid: quote.bid, ask: quote.ask, ts: quote.ts, source: quote.source,
