@@ -1456,3 +1456,28 @@ def test_a_price_poll_answered_after_a_newer_streamed_price_does_not_replace_it(
     for _ in range(10):
         assert (text_of(browser, "bid"), text_of(browser, "ask")) == ("100.20", "100.21")
         time.sleep(0.1)
+
+
+def test_a_live_connection_gone_silent_is_dropped_and_opened_again(
+        platform: RayHttpPlatform, relay: Relay, browser: WebDriver, http: httpx.Client) -> None:
+    """A connection quiet for 15 s (no price) is pinged, answers, and is kept (no error shown).
+    Then the network drops without a word (half-open: no close ever comes, nothing arrives):
+    the next ping gets no answer within 5 s, the page connects again and the quote moves on.
+    Before, the page stayed "live" with the last quote for good."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform, relay)
+    status = by_id(browser, "ws-status")
+    wait_until(browser, lambda d: text_of(d, "bid") == "100.00"
+               and status.get_attribute("data-state") == "open", "the first streamed quote")
+    [socket] = relay.sockets
+    wait_until(browser, lambda d: '{"method":"PING"}' in socket.texts,
+               "a ping on the quiet connection")
+    time.sleep(7)  # its answer came: no reconnect after 5 s
+    assert len(relay.sockets) == 1 and status.get_attribute("data-state") == "open"
+    assert not by_id(browser, "error-banner").is_displayed()
+
+    relay.silence_sockets()
+    tick(platform, http, "SOL", "100.30", "100.31")
+    wait_until(browser, lambda d: text_of(d, "bid") == "100.30", "the quote after a reconnect",
+               timeout_s=45)
+    assert len(relay.sockets) == 2 and status.get_attribute("data-state") == "open"

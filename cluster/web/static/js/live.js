@@ -1,7 +1,8 @@
 // The /ws connection: public streams (bookTicker, kline) and, with a key, the private
-// `account` stream. Reconnects with exponential backoff and subscribes again after every
-// (re)connect; the account stream resumes after the newest event seen (`since`), so the
-// server replays what was missed, or sends a snapshot when it no longer keeps it.
+// `account` stream. Reconnects with exponential backoff, and at once when a connection gone
+// silent does not answer a ping; subscribes again after every (re)connect; the account stream
+// resumes after the newest event seen (`since`), so the server replays what was missed, or
+// sends a snapshot when it no longer keeps it.
 
 export function socketUrl() {
   const url = new URL("ws", document.baseURI);
@@ -20,6 +21,15 @@ const SETTLE_MS = 150;
 // (SERVICE_UNAVAILABLE: its ledger restarting): AUTH and SUBSCRIBE again after this, doubling
 // up to MAX_DELAY_MS, reset by an account frame
 const ACCOUNT_RETRY_MS = 1000;
+// Nothing at all from the server for SILENT_MS: the connection may be half-open (a network that
+// dropped without a word tells neither end, and the browser keeps it open for good). The
+// server's pings are the protocol's, which a page never sees, so the page asks: it sends a
+// frame the server answers with an error frame (a frame it cannot read is answered, never
+// fatal), and when nothing at all comes within ANSWER_MS, it drops the connection and connects
+// again. The answer, an INVALID_REQUEST error, is not shown.
+const SILENT_MS = 15000;
+const ANSWER_MS = 5000;
+const PING = { method: "PING" };
 
 export class LiveSocket {
   // handlers: onFrame(frame), onState(state, detail), onAccountSubscribed()
@@ -38,10 +48,25 @@ export class LiveSocket {
     this.timer = null;
     this.openedAt = 0;
     this.state = "closed";
+    this.heardAt = 0;  // when the server last sent anything
+    this.pingedAt = 0; // when a ping went unanswered since
+    this.pings = 0;    // pings whose error answer is still to come
   }
 
   start() {
     if (!this.ws && !this.timer) this.connect();
+    if (!this.watchdog) this.watchdog = setInterval(() => this.checkSilence(), 1000);
+  }
+
+  checkSilence() {
+    if (!this.isOpen()) return;
+    const now = Date.now();
+    if (this.pingedAt && now - this.pingedAt >= ANSWER_MS) {
+      this.reconnect();
+    } else if (!this.pingedAt && now - this.heardAt >= SILENT_MS && this.send(PING)) {
+      this.pingedAt = now;
+      this.pings += 1;
+    }
   }
 
   isOpen() {
@@ -65,7 +90,9 @@ export class LiveSocket {
     this.ws = ws;
     ws.onopen = () => {
       if (ws !== this.ws) return;
-      this.openedAt = Date.now();
+      this.openedAt = this.heardAt = Date.now();
+      this.pingedAt = 0;
+      this.pings = 0;
       this.setState("open");
       this.subscribed = new Set(this.streams);
       if (this.streams.size) this.send({ method: "SUBSCRIBE", params: [...this.streams] });
@@ -74,8 +101,14 @@ export class LiveSocket {
     ws.onmessage = (event) => {
       if (ws !== this.ws) return;
       this.attempt = 0;
+      this.heardAt = Date.now();
+      this.pingedAt = 0;
       let frame;
       try { frame = JSON.parse(event.data); } catch { return; }
+      if (this.pings && frame && frame.error && frame.error.code === "INVALID_REQUEST") {
+        this.pings -= 1; // a ping's answer
+        return;
+      }
       if (frame && frame.stream === "account") {
         this.accountRetry = 0;
         if (frame.data && Number.isSafeInteger(frame.data.seq)) this.accountSeq = frame.data.seq;
