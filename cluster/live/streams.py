@@ -1,7 +1,8 @@
 """The WebSocket ``/ws`` (SPEC "Live data"): the public market streams of one API replica.
 
 Client frames: ``{"method":"SUBSCRIBE","params":[...]}``, ``{"method":"UNSUBSCRIBE",
-"params":[...]}``, ``{"method":"AUTH","params":["<apiKey>"]}``. Server frames:
+"params":[...]}``, ``{"method":"AUTH","params":["<apiKey>"]}``, ``{"method":"PING"}`` (answered
+``{"method":"PONG"}``). Server frames:
 ``{"stream":"<name>","data":{...}}``, and errors in the API's shape
 ``{"error":{"code","message"}}`` (a bad frame is answered, never fatal). Streams:
 ``bookTicker.<ASSET>`` (the newest top of book) and ``kline.<interval>.<ASSET>`` (the current
@@ -54,6 +55,7 @@ RETRY_S = 0.5  # after a failed poll (the feed restarting)
 POLICY_VIOLATION = 1008  # WebSocket close code: a limit exceeded
 GOING_AWAY = 1001  # WebSocket close code: the server is stopping
 STOPPING = "the server is stopping"  # the reason sent with GOING_AWAY
+PONG = '{"method":"PONG"}'  # the answer to a client's {"method":"PING"}
 MAX_AUTH_FAILURES = 5  # refused AUTHs a connection may send; the next one closes it (1008)
 MESSAGES_PER_S = 10.0  # client frames a connection may send a second, on average ...
 MESSAGE_BURST = 20  # ... and at once; more closes it (1008): each SUBSCRIBE answers with
@@ -411,6 +413,9 @@ class StreamHub:
             connection.reject(Code.INVALID_REQUEST, "not JSON: nested too deeply")
             return
         method = frame.get("method") if isinstance(frame, dict) else None
+        if method == "PING":  # a heartbeat a page can send: it never sees the protocol's pings
+            connection.offer(PONG)
+            return
         params = frame.get("params") if isinstance(frame, dict) else None
         if method not in ("SUBSCRIBE", "UNSUBSCRIBE", "AUTH") or not isinstance(params, list) \
                 or not params or not all(isinstance(p, str) for p in params):

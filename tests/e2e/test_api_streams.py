@@ -125,6 +125,8 @@ def test_bad_frames_get_error_frames_and_the_connection_stays(platform: HttpPlat
             assert "bookTicker.DOGE" in error["error"]["message"]
             await send(ws, "AUTH", "wrong-key")
             assert (await frame(ws))["error"]["code"] == "UNAUTHORIZED"
+            await ws.send('{"method":"PING"}')  # a heartbeat a page can see the answer to
+            assert await frame(ws) == {"method": "PONG"}
             await send(ws, "AUTH", key)  # a good key: no answer, no error
             await send(ws, "SUBSCRIBE", "bookTicker.SOL")  # the connection still serves
             assert "bid" in (await frame(ws, "bookTicker.SOL"))["data"]

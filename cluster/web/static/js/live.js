@@ -23,10 +23,9 @@ const SETTLE_MS = 150;
 const ACCOUNT_RETRY_MS = 1000;
 // Nothing at all from the server for SILENT_MS: the connection may be half-open (a network that
 // dropped without a word tells neither end, and the browser keeps it open for good). The
-// server's pings are the protocol's, which a page never sees, so the page asks: it sends a
-// frame the server answers with an error frame (a frame it cannot read is answered, never
-// fatal), and when nothing at all comes within ANSWER_MS, it drops the connection and connects
-// again. The answer, an INVALID_REQUEST error, is not shown.
+// server's pings are the protocol's, which a page never sees, so the page sends a PING, and
+// when nothing at all comes within ANSWER_MS (its PONG or any frame), it drops the connection
+// and connects again.
 const SILENT_MS = 15000;
 const ANSWER_MS = 5000;
 const PING = { method: "PING" };
@@ -50,7 +49,6 @@ export class LiveSocket {
     this.state = "closed";
     this.heardAt = 0;  // when the server last sent anything
     this.pingedAt = 0; // when a ping went unanswered since
-    this.pings = 0;    // pings whose error answer is still to come
   }
 
   start() {
@@ -65,7 +63,6 @@ export class LiveSocket {
       this.reconnect();
     } else if (!this.pingedAt && now - this.heardAt >= SILENT_MS && this.send(PING)) {
       this.pingedAt = now;
-      this.pings += 1;
     }
   }
 
@@ -92,7 +89,6 @@ export class LiveSocket {
       if (ws !== this.ws) return;
       this.openedAt = this.heardAt = Date.now();
       this.pingedAt = 0;
-      this.pings = 0;
       this.setState("open");
       this.subscribed = new Set(this.streams);
       if (this.streams.size) this.send({ method: "SUBSCRIBE", params: [...this.streams] });
@@ -105,10 +101,7 @@ export class LiveSocket {
       this.pingedAt = 0;
       let frame;
       try { frame = JSON.parse(event.data); } catch { return; }
-      if (this.pings && frame && frame.error && frame.error.code === "INVALID_REQUEST") {
-        this.pings -= 1; // a ping's answer
-        return;
-      }
+      if (frame && frame.method === "PONG") return;
       if (frame && frame.stream === "account") {
         this.accountRetry = 0;
         if (frame.data && Number.isSafeInteger(frame.data.seq)) this.accountSeq = frame.data.seq;
