@@ -786,6 +786,16 @@ def wait_holding(driver: WebDriver, sent: int) -> None:
         f"request {sent} held in the page")
 
 
+# Every time the error banner is shown, its code goes to window.__banners.
+BANNERS_KEPT_JS = """
+window.__banners = [];
+const banner = document.getElementById("error-banner");
+new MutationObserver(() => {
+  if (!banner.hidden) window.__banners.push(banner.dataset.code);
+}).observe(banner, { attributes: true });
+"""
+
+
 # GET /api/v1/orders (the background refresh's) loses its answers, as a dropped connection
 # does, until window.__answersBack(); window.__lost counts them. And every time the error
 # banner is shown, its code goes to window.__banners.
@@ -803,12 +813,7 @@ window.fetch = async (input, init) => {
   }
   return response;
 };
-window.__banners = [];
-const banner = document.getElementById("error-banner");
-new MutationObserver(() => {
-  if (!banner.hidden) window.__banners.push(banner.dataset.code);
-}).observe(banner, { attributes: true });
-"""
+""" + BANNERS_KEPT_JS
 
 
 def test_an_open_and_a_close_whose_answers_are_lost_are_sent_again_and_happen_once(
@@ -1372,14 +1377,6 @@ def test_a_double_click_on_long_or_close_trades_once(
 
 
 # ------------------------------------------------------------------ a network that hangs
-# Every time the error banner is shown, its code goes to window.__banners.
-BANNERS_KEPT_JS = """
-window.__banners = [];
-const banner = document.getElementById("error-banner");
-new MutationObserver(() => {
-  if (!banner.hidden) window.__banners.push(banner.dataset.code);
-}).observe(banner, { attributes: true });
-"""
 
 
 def test_a_read_never_answered_is_given_up_and_the_refreshes_go_on(
