@@ -54,6 +54,7 @@ POLL_S = 0.1  # how often a replica with account subscribers reads the ledger's 
 RETRY_S = 0.5  # after a failed read (the ledger restarting)
 TAIL_LIMIT = 2000  # events per read
 CHECK_S = 1.0  # how often a replica asks the ledger for the events its tail did not bring
+MAX_AHEAD = 20_000  # versions past the newest seen without a gap that a replica remembers
 
 
 class AccountTail(Protocol):
@@ -113,9 +114,13 @@ class StreamCounts:
 
 class Versions:
     """The versions of the account events a replica has handled: every one up to ``upto``
-    (None: not known yet, nothing is counted) and some above it (``above``); ``due``: the
-    ledger's newest version at the previous check (what the tail has had a check's interval to
-    bring)."""
+    (None: not known yet, nothing is counted) and some above it (``above``, at most
+    :data:`MAX_AHEAD` past ``upto``); ``due``: the ledger's newest version at the previous
+    check (what the tail has had a check's interval to bring).
+
+    A version further ahead is not remembered: the topic may carry anything, and a forged
+    far-future one would stay forever, as would the many a hostile writer can make up. An
+    event not remembered is only handed on again by a check (its subscriptions drop it by seq)."""
 
     def __init__(self) -> None:
         self.upto: int | None = None
@@ -126,14 +131,14 @@ class Versions:
         return self.upto is not None and (version <= self.upto or version in self.above)
 
     def saw(self, version: int) -> None:
-        if self.upto is not None and version > self.upto:
+        if self.upto is not None and self.upto < version <= self.upto + MAX_AHEAD:
             self.above.add(version)
             self._advance(self.upto)
 
     def start_at(self, version: int) -> None:
         """Every version up to ``version`` counts as handled, and none after it that was not
         seen (a ledger whose newest is below ``upto`` numbers the next events from there)."""
-        self.above = {v for v in self.above if v > version}
+        self.above = {v for v in self.above if version < v <= version + MAX_AHEAD}
         self._advance(version)
 
     def _advance(self, upto: int) -> None:

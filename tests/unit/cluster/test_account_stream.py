@@ -15,6 +15,7 @@ from typing import Any
 from typing import TypeVar
 
 import pytest
+from cluster.live.account_stream import MAX_AHEAD
 from cluster.live.account_stream import AccountSource
 from cluster.live.account_stream import AccountStreams
 from cluster.live.account_stream import Subscription
@@ -660,3 +661,27 @@ def test_an_event_that_cannot_be_rendered_ends_that_subscription_only() -> None:
         await until(lambda: bob.seqs == [1, 2])
 
     run_stream(scenario, render=fragile)
+
+
+# -- what the topic may carry besides the ledger's events ---------------------------------
+
+
+def test_versions_remember_at_most_max_ahead_past_the_newest_seen_without_a_gap() -> None:
+    """A hostile writer's made-up versions, far ahead or many, do not pile up (nor count as
+    seen, so the ledger's own event of that version is handed on by a check)."""
+    seen = Versions()
+    seen.start_at(10)
+    for version in range(1 << 40, (1 << 40) + 50_000):
+        seen.saw(version)
+    seen.saw((1 << 63) - 1)
+    assert (seen.upto, seen.above) == (10, set())
+    for version in range(12, 12 + 3 * MAX_AHEAD):  # 11 missing: a gap the next check fills
+        seen.saw(version)
+    assert len(seen.above) == MAX_AHEAD - 1 and seen.has(10 + MAX_AHEAD)
+    assert not seen.has(11 + MAX_AHEAD)
+    seen.saw(11)
+    assert (seen.upto, seen.above) == (10 + MAX_AHEAD, set())
+    seen.saw(1 << 40)
+    seen.start_at(5)
+    assert seen.above == set()
+
