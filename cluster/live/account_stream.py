@@ -276,7 +276,10 @@ class AccountStreams:
             else:
                 self._send(sub, events)
                 if not events and sub.wanted == seen and not sub.recheck:
-                    break  # nothing newer at the ledger, and nothing new seen meanwhile
+                    # nothing newer at the ledger, and nothing new seen meanwhile: a newer seq
+                    # seen before was not the ledger's (or every next event would read it again)
+                    sub.wanted = sub.seq
+                    break
 
     def _require_source(self) -> AccountSource:
         source = self.source()

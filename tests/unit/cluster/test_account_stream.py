@@ -685,3 +685,26 @@ def test_versions_remember_at_most_max_ahead_past_the_newest_seen_without_a_gap(
     seen.start_at(5)
     assert seen.above == set()
 
+
+def test_forged_far_future_events_on_the_topic_keep_no_genuine_event_from_a_subscription(
+        ) -> None:
+    async def scenario(s: Stream) -> None:
+        s.record(ALICE, 1)
+        alice = await s.follow(ALICE, 1)
+        forged = [AccountEvent(user, 10**12 + n, 10**15 + n, BALANCE, Balance(666, 0))
+                  for user in (ALICE.user, 99) for n in range(2_000)]
+        s.tail.push(forged)
+        sub = alice.sub
+        assert sub is not None
+        await until(lambda: s.streams.counts.refills == 1 and sub.refill.done())
+        s.record(ALICE, 1)  # the tail loses the genuine event: the check sends it
+        await until(lambda: alice.seqs == [2])
+        assert s.streams.counts.tail_missed == 1
+        refills = s.streams.counts.refills
+        for seq in (3, 4, 5):  # the forged seq does not make each later event a ledger read
+            s.tail.push(s.record(ALICE, 1))
+            await until(lambda seq=seq: alice.seqs[-1] == seq)
+        assert alice.seqs == [2, 3, 4, 5]
+        assert s.streams.counts.refills == refills
+
+    run_stream(scenario, check_s=CHECK_S)
