@@ -14,10 +14,14 @@ all the commits since the last, each at most :data:`ROUND_S` later.
 
 A failed delivery is retried (with a growing pause, the producer rebuilt, the topic created
 again: the embedded broker forgets topics when it restarts) until it succeeds; readers ignore
-what they already have, so a message produced twice does no harm. At most :data:`MAX_PENDING`
-messages wait: beyond that the oldest are dropped and counted (a reader notices the gap and
-reads what it missed from the machine itself). After a restart the host publishes everything
-the machine still keeps, so what a crash cut off before it was produced is produced then.
+what they already have, so a message produced twice does no harm. What the broker refuses for
+good (:func:`refused`: a record batch over its size limit, a topic it does not authorize or
+that is invalid) is dropped and counted as ``rejected`` instead, or it would hold up every
+later message; the rest of its round counts as delivered, so the messages of a key that are
+sent stay in order. At most :data:`MAX_PENDING` messages wait: beyond that the oldest are
+dropped and counted (a reader notices the gap, or its checks find it, and reads what it missed
+from the machine itself). After a restart the host publishes everything the machine still
+keeps, so what a crash cut off before it was produced is produced then.
 """
 
 from __future__ import annotations
@@ -30,8 +34,7 @@ import logging
 import threading
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import UnknownTopicOrPartitionError
+from aiokafka import AIOKafkaProducer, errors
 from aiokafka.partitioner import DefaultPartitioner
 
 from feed.broker import ensure_topic
@@ -53,6 +56,18 @@ MAX_KEYS = 100_000  # keys whose partition is remembered
 _PARTITIONER = DefaultPartitioner()  # Kafka's: a key's partition as any client computes it
 
 Message = tuple[bytes, bytes]
+# broker answers not marked retriable that may well pass the next time
+_PASSING = (errors.BrokerNotAvailableError, errors.CorruptRecordException,
+            errors.ReplicaNotAvailableError, errors.UnknownError)
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether ``exc`` says the broker will never take what was sent (too large, not
+    authorized, an invalid topic or request): sending it again cannot help. The client's own
+    errors (a timeout, a lost connection) and retriable answers are worth another try."""
+    return isinstance(exc, errors.RecordTooLargeError) or (
+        isinstance(exc, errors.BrokerResponseError) and not exc.retriable
+        and not isinstance(exc, _PASSING))
 
 
 class ProduceQueue:
@@ -119,6 +134,7 @@ class Publisher:
         self.sent = 0
         self.rounds = 0  # produce rounds begun (a failed one included)
         self.failures = 0
+        self.rejected = 0  # messages the broker refused for good (dropped)
         self._partitions: dict[bytes, int] = {}  # key -> partition, for _partition_count
         self._partition_count = 0
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()),
@@ -145,7 +161,7 @@ class Publisher:
     def stats(self) -> dict[str, Any]:
         return {"topic": self.topic, "sent": self.sent, "rounds": self.rounds,
                 "dropped": self._queue.dropped, "failures": self.failures,
-                "pending": len(self._queue)}
+                "rejected": self.rejected, "pending": len(self._queue)}
 
     # -- the thread ------------------------------------------------------------------------
     async def _main(self) -> None:
@@ -171,11 +187,14 @@ class Publisher:
             try:
                 if producer is None:
                     producer = await self._connect()
-                await self._produce(producer, batch)
+                rejected = await self._produce(producer, batch)
             except (Exception, asyncio.CancelledError) as exc:
                 # (nothing cancels this loop's task: a CancelledError escaped a Kafka client,
-                # and any failure is tried again rather than ending the thread unseen)
-                self.failures += 1
+                # and any other failure is tried again rather than ending the thread unseen)
+                if refused(exc):  # the whole round (the topic: not authorized, invalid)
+                    self._done(first, batch, len(batch), exc)
+                else:
+                    self.failures += 1
                 log.warning("publisher %s: %r; again in %.1f s", self.topic, exc, backoff_s)
                 if producer is not None:
                     await stop_client(producer)
@@ -186,22 +205,35 @@ class Publisher:
                 backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
                 continue
             backoff_s = 0.1
-            self._queue.remove(first, len(batch))
-            self.sent += len(batch)
+            self._done(first, batch, *rejected)
         if producer is not None:
             await stop_client(producer)
 
-    async def _produce(self, producer: AIOKafkaProducer, batch: list[Message]) -> None:
-        """``batch`` produced and acknowledged: one record batch per partition (and per
-        ``max_batch_size`` bytes) rather than one ``send`` per message, whose futures and
-        pure-Python key hashing cost more than the messages themselves."""
+    def _done(self, first: int, batch: list[Message], rejected: int = 0,
+              exc: BaseException | None = None) -> None:
+        """The round of ``batch`` (from message ``first``) is over: all of it was acknowledged
+        but ``rejected`` messages, which the broker refused with ``exc``."""
+        self._queue.remove(first, len(batch))
+        self.sent += len(batch) - rejected
+        if rejected:
+            self.failures += 1
+            self.rejected += rejected
+            log.warning("publisher %s: %d messages dropped, refused for good: %r", self.topic,
+                        rejected, exc)
+
+    async def _produce(self, producer: AIOKafkaProducer, batch: list[Message]
+                       ) -> tuple[int, BaseException | None]:
+        """``batch`` produced and acknowledged but what the broker refused for good (how many
+        messages, and its answer): one record batch per partition (and per ``max_batch_size``
+        bytes) rather than one ``send`` per message, whose futures and pure-Python key hashing
+        cost more than the messages themselves. Any other failure raises."""
         partitions = sorted(await producer.partitions_for(self.topic))
         if not partitions:  # metadata caught mid-recreation: the round is tried again
-            raise UnknownTopicOrPartitionError(self.topic)
+            raise errors.UnknownTopicOrPartitionError(self.topic)
         if len(partitions) != self._partition_count:  # the topic was created anew
             self._partition_count, self._partitions = len(partitions), {}
         builders: dict[int, Any] = {}
-        sent = []
+        sent: list[tuple[int, asyncio.Future[Any]]] = []  # (messages, acknowledgement)
         for key, value in batch:
             partition = self._partitions.get(key)
             if partition is None:
@@ -211,13 +243,20 @@ class Publisher:
             builder = builders.get(partition)
             if builder is None or builder.append(timestamp=None, key=key, value=value) is None:
                 if builder is not None:  # full: it leaves, a new one takes the message
-                    sent.append(await producer.send_batch(builder, self.topic,
-                                                          partition=partition))
+                    sent.append((builder.record_count(), await producer.send_batch(
+                        builder, self.topic, partition=partition)))
                 builder = builders[partition] = producer.create_batch()
                 builder.append(timestamp=None, key=key, value=value)  # a first always fits
         for partition, builder in builders.items():
-            sent.append(await producer.send_batch(builder, self.topic, partition=partition))
-        await asyncio.gather(*sent)
+            sent.append((builder.record_count(), await producer.send_batch(
+                builder, self.topic, partition=partition)))
+        answers = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
+        failed = [(n, a) for (n, _), a in zip(sent, answers, strict=True)
+                  if isinstance(a, BaseException)]
+        for _, exc in failed:
+            if not refused(exc):
+                raise exc  # the whole round again (readers drop what they already have)
+        return sum(n for n, _ in failed), failed[0][1] if failed else None
 
     async def _connect(self) -> AIOKafkaProducer:
         await ensure_topic(self.bootstrap, PARTITIONS, self.topic, timeout_s=5.0)

@@ -74,6 +74,7 @@ async def test_a_readers_tail_restarts_at_a_recreation_and_reads_what_follows(
         got = {e.seq: e for r in reads for e in r or () if e.seq >= 10_000}
         assert sorted(got.values()) == later
         assert publisher.stats()["dropped"] == 0
+        assert publisher.stats()["rejected"] == 0  # the recreation is no refusal
     finally:
         trimmer.stop()
         publisher.close()

@@ -12,7 +12,11 @@ from collections import defaultdict
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.errors import TopicAuthorizationFailedError
 from aiokafka.partitioner import murmur2
+from cluster.actors.publisher import BATCH
 from cluster.actors.publisher import PARTITIONS
 from cluster.actors.publisher import ROUND_S
 from cluster.actors.publisher import Publisher
@@ -71,14 +75,15 @@ async def test_each_key_arrives_in_order_on_kafkas_partition_for_it(kafka_broker
         stats = publisher.stats()
         assert 1 <= stats.pop("rounds") <= 30
         assert stats == {"topic": topic, "sent": total, "dropped": 0, "failures": 0,
-                         "pending": 0}
+                         "rejected": 0, "pending": 0}
     finally:
         publisher.close()
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("a bug in a produce round"),
-                                     asyncio.CancelledError()],
-                         ids=["unexpected error", "stray cancellation"])
+                                     asyncio.CancelledError(), KafkaTimeoutError()],
+                         ids=["unexpected error", "stray cancellation",
+                              "a timeout not marked retriable"])
 async def test_a_produce_round_that_fails_unexpectedly_is_tried_again(
         kafka_broker: str, failure: BaseException) -> None:
     """Neither an exception no one foresaw nor a CancelledError escaping the Kafka client ends
@@ -88,10 +93,10 @@ async def test_a_produce_round_that_fails_unexpectedly_is_tried_again(
     produce = publisher._produce
     failures = [failure]
 
-    async def failing_once(producer: object, batch: list[tuple[bytes, bytes]]) -> None:
+    async def failing_once(producer: object, batch: list[tuple[bytes, bytes]]) -> object:
         if failures:
             raise failures.pop()
-        await produce(producer, batch)  # type: ignore[arg-type]
+        return await produce(producer, batch)  # type: ignore[arg-type]
 
     publisher._produce = failing_once  # type: ignore[method-assign]
     try:
@@ -103,7 +108,7 @@ async def test_a_produce_round_that_fails_unexpectedly_is_tried_again(
         stats = publisher.stats()
         assert stats.pop("rounds") >= 2  # the failed round and the one that sent them
         assert stats == {"topic": topic, "sent": len(messages), "dropped": 0, "failures": 1,
-                         "pending": 0}
+                         "rejected": 0, "pending": 0}
     finally:
         publisher.close()
 
@@ -130,5 +135,93 @@ async def test_a_stream_of_offers_is_carried_by_rounds_at_least_round_s_apart(
         got = await _read_all(kafka_broker, topic, len(messages))
         assert sorted(v for records in got.values() for _, v in records) == sorted(
             v for _, v in messages)
+    finally:
+        publisher.close()
+
+
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+def refusing_record_batches_over(publisher: Publisher, limit: int) -> None:
+    """``publisher``'s producers answer a record batch over ``limit`` bytes as a Kafka broker
+    whose ``message.max.bytes`` is ``limit`` does (the embedded one takes any size)."""
+    connect = publisher._connect
+
+    async def connect_refusing() -> object:
+        producer = await connect()
+        send_batch = producer.send_batch
+
+        async def send(batch: object, topic: str, *, partition: int) -> object:
+            if batch.size() <= limit:  # type: ignore[attr-defined]
+                return await send_batch(batch, topic, partition=partition)
+            answer = asyncio.get_running_loop().create_future()
+            answer.set_exception(MessageSizeTooLargeError())
+            return answer
+
+        producer.send_batch = send  # type: ignore[method-assign]
+        return producer
+
+    publisher._connect = connect_refusing  # type: ignore[method-assign]
+
+
+async def test_a_message_the_broker_refuses_for_good_is_dropped_and_later_ones_go_out(
+        kafka_broker: str) -> None:
+    """One message over the broker's size limit neither holds up nor repeats the others (each
+    of its retries sent them again, and what came after its round waited until the queue
+    overflowed): it is dropped and counted, every other one arrives once, in order per key."""
+    topic = f"publisher-refused-{free_port()}"
+    publisher = Publisher(kafka_broker, topic)
+    refusing_record_batches_over(publisher, MAX_MESSAGE_BYTES)
+    try:
+        too_large = (KEYS[0], b"x" * (MAX_MESSAGE_BYTES + 1))
+        messages = [(KEYS[i % len(KEYS)], f"m{i}".encode()) for i in range(BATCH * 2)]
+        publisher.offer([messages[0], too_large, *messages[1:10]])
+        publisher.offer(messages[10:])  # more than the refused round carries
+        deadline = time.monotonic() + 15
+        while publisher.stats()["pending"]:
+            assert time.monotonic() < deadline, publisher.stats()
+            await asyncio.sleep(0.05)
+        got = await _read_all(kafka_broker, topic, len(messages))
+        assert sum(map(len, got.values())) == len(messages)  # nothing twice
+        for key in KEYS:
+            partition = (murmur2(key) & 0x7FFFFFFF) % PARTITIONS
+            assert [v for k, v in got[partition] if k == key] == [v for k, v in messages
+                                                                  if k == key], key
+        stats = publisher.stats()
+        del stats["rounds"]
+        assert stats == {"topic": topic, "sent": len(messages), "dropped": 0, "failures": 1,
+                         "rejected": 1, "pending": 0}
+    finally:
+        publisher.close()
+
+
+async def test_a_round_the_broker_refuses_as_a_whole_is_dropped_and_later_ones_go_out(
+        kafka_broker: str) -> None:
+    """A topic the broker does not authorize (an operator's mistake, corrected later): what it
+    refused is counted, not tried again forever ahead of everything else."""
+    topic = f"publisher-unauthorized-{free_port()}"
+    publisher = Publisher(kafka_broker, topic)
+    produce = publisher._produce
+    refusals = [TopicAuthorizationFailedError(topic)]
+
+    async def refusing_once(producer: object, batch: list[tuple[bytes, bytes]]) -> object:
+        if refusals:
+            raise refusals.pop()
+        return await produce(producer, batch)  # type: ignore[arg-type]
+
+    publisher._produce = refusing_once  # type: ignore[method-assign]
+    try:
+        publisher.offer([(KEYS[0], b"refused")])
+        deadline = time.monotonic() + 15
+        while not publisher.stats().get("rejected"):
+            assert time.monotonic() < deadline, publisher.stats()
+            await asyncio.sleep(0.01)
+        publisher.offer([(KEYS[0], b"later")])
+        got = await _read_all(kafka_broker, topic, 1)
+        assert [v for records in got.values() for _, v in records] == [b"later"]
+        stats = publisher.stats()
+        del stats["rounds"]
+        assert stats == {"topic": topic, "sent": 1, "dropped": 0, "failures": 1,
+                         "rejected": 1, "pending": 0}
     finally:
         publisher.close()

@@ -61,7 +61,7 @@ def test_every_kind_round_trips_exactly_under_its_accounts_key() -> None:
 def test_no_message_passes_kafkas_default_size_limit() -> None:
     """What a restarted ledger publishes, every kept event at once, when one account made them
     all (one key): several messages in order, each under Kafka's default message.max.bytes
-    (1 MiB; a larger one is refused by the broker, and the publisher would retry it forever)."""
+    (1 MiB; a larger one is refused by the broker, and the publisher drops it)."""
     sent = [AccountEvent(5, seq, seq, "balance", Balance(10**15 + seq, 10**12))
             for seq in range(1, 20_001)]
     messages = encode_account_events(sent)
