@@ -821,7 +821,9 @@ def _pid_running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True  # or PermissionError: it runs, as another user
+    except PermissionError:  # it runs, as another user
+        pass
+    return True
 
 
 def _recorded_state(recorded: dict[str, Any]) -> Literal["running", "gone", "elsewhere"]:

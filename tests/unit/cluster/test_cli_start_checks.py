@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from cluster.actors.launcher import LaunchError
 from cluster.actors.launcher import Platform
+from cluster.actors.launcher import _pid_running
 from cluster.actors.launcher import check_layout
 from cluster.actors.launcher import port_is_free
 from cluster.actors.names import LEDGER
@@ -415,8 +416,11 @@ def test_an_embedded_broker_another_running_process_owns_is_refused_naming_it(
     of a broker of its own on another port that the feed would never produce into."""
     owner = subprocess.Popen(["sleep", "60"])
     try:
-        me = ProcessIdentity.of(owner.pid)
-        assert me is not None
+        deadline = time.monotonic() + 10.0
+        # until it runs sleep: just after the fork it is still a copy of this process
+        while (me := ProcessIdentity.of(owner.pid)) is None or me.cmdline != ("sleep", "60"):
+            assert time.monotonic() < deadline, me
+            time.sleep(0.01)
         (tmp_path / "embedded-broker.json").write_text(json.dumps(
             {"bootstrap": "127.0.0.1:9", "broker": me.to_json(), "owner": me.to_json()}))
         settings = dataclasses.replace(Settings(), data_dir=tmp_path, port=free_port())
@@ -428,3 +432,23 @@ def test_an_embedded_broker_another_running_process_owns_is_refused_naming_it(
     message = str(refused.value)
     assert f"(pid {owner.pid}: sleep 60)" in message, message
     assert "a `shardex feed` started after the platform" in message, message
+
+
+def test_a_recorded_pid_another_user_runs_is_running() -> None:
+    """``os.kill(pid, 0)`` on another user's process raises PermissionError: it runs (a
+    status, audit or start that read such a pid ended in a traceback)."""
+    def check() -> bool:
+        return _pid_running(1)  # init: root's
+
+    if os.geteuid() != 0:
+        assert check()
+        return
+    child = os.fork()
+    if child == 0:  # as nobody, where init is another user's
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            os._exit(0 if check() else 1)
+        finally:
+            os._exit(2)
+    assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
