@@ -23,6 +23,8 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import fcntl
+import functools
 import json
 import logging
 import os
@@ -40,6 +42,7 @@ from cluster.actors.names import FEED, LEDGER, NAMESPACE
 from cluster.config import EMBEDDED_BROKER, MARKET_TOPIC, ConfigError, Settings, http_url
 from cluster.trading.placement import ShardSpec, shard_layout
 from engine.ledger import AuditDifference
+from engine.messages import ShardStats
 from engine.shard_machine import LastTick, Stats
 from feed.broker import (
     BROKER_RECORD,
@@ -63,6 +66,7 @@ TIME_WAIT_S = 65.0  # ... and for its closed connections to leave the API port (
 # a stop waits this long for the API to finish its requests and close its WebSockets (the
 # replicas' own bounds, cluster.actors.serve_app, plus Serve's control loop); then it goes on
 API_STOP_TIMEOUT_S = 15.0
+SUPERVISE_INTERVAL_S = 1.0  # how soon the supervisor notices a dead broker or feed actor
 
 
 class LaunchError(RuntimeError):
@@ -72,16 +76,11 @@ class LaunchError(RuntimeError):
 def port_is_free(host: str, port: int) -> bool:
     """Whether the API server could listen on ``host:port`` (bound the way it binds, so
     connections of a killed run left in TIME_WAIT do not count)."""
-    return bind_problem(host, port) is None
-
-
-def bind_problem(host: str, port: int) -> OSError | None:
-    """Why the API server could not listen on ``host:port`` now, or None."""
     try:
         check_bindable(host, port)
-    except OSError as exc:
-        return exc
-    return None
+    except OSError:
+        return False
+    return True
 
 
 @dataclass
@@ -106,7 +105,6 @@ class Platform:
     cancel: threading.Event | None = None  # set: a start waiting on a killed run gives up
     # journaled hosts in DATA_DIR that Ray restarts (what `up` runs); False: memory only
     durable: bool = False
-    supervise_interval_s: float = 1.0
     released_at_start: dict[int, int] = field(default_factory=dict)
 
     url: str = ""
@@ -121,8 +119,7 @@ class Platform:
     _api_deployed: bool = False  # the start got as far as deploying the API (stopped first)
     _recorded: bool = False  # this run wrote DATA_DIR's address file (removed at stop)
     _feed_thread: threading.Thread | None = None
-    _feed_loop: asyncio.AbstractEventLoop | None = None
-    _feed_stop: asyncio.Event | None = None
+    _feed_stop: Callable[[], object] | None = None  # asks the feed thread's loop to stop
     _supervisor: threading.Thread | None = None
     _supervising: threading.Event = field(default_factory=threading.Event)
     _broker_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -183,19 +180,20 @@ class Platform:
             phase("ray")
         self._take_over_data_dir()
         phase("previous run")
-        problem = bind_problem(self.host, settings.port)
-        if problem is not None and problem.errno != errno.EADDRINUSE:
-            # a name that does not resolve, an address of another machine, a privileged port
-            raise LaunchError(f"cannot listen on {self.host}:{settings.port}: "
-                              f"{problem.strerror or problem} (set HOST to a name or address "
-                              "of this machine, or PORT)")
-        if problem is not None:
+        try:
+            check_bindable(self.host, settings.port)
+        except OSError as problem:
+            if problem.errno != errno.EADDRINUSE:
+                # a name that does not resolve, an address of another machine, a privileged port
+                raise LaunchError(f"cannot listen on {self.host}:{settings.port}: "
+                                  f"{problem.strerror or problem} (set HOST to a name or "
+                                  "address of this machine, or PORT)") from None
             if accepts_connections(self.host, settings.port):
                 raise LaunchError(f"port {settings.port} on {self.host} is already in use "
-                                  "(set PORT, or stop what holds it)")
+                                  "(set PORT, or stop what holds it)") from None
             raise LaunchError(f"port {settings.port} on {self.host} is still held by closed "
                               "connections of a server that ended (TIME_WAIT, up to 60 s); "
-                              "retry in a minute, or set PORT")
+                              "retry in a minute, or set PORT") from None
         if self.durable:
             # before anything is written under DATA_DIR; a start refused above records no
             # layout, so the next try may use another SHARDS
@@ -270,7 +268,7 @@ class Platform:
                               "--broker-port")
 
     @property
-    def address_file(self) -> Any:
+    def address_file(self) -> Path:
         return self.settings.data_dir / ADDRESS_FILE
 
     def _refuse_a_second_platform(self) -> None:
@@ -340,7 +338,8 @@ class Platform:
         if recorded is None:
             # no run of ours to wait for; another process (an offline `shardex audit`...)
             # may still hold a journal, which would fail the host that opens it
-            self._refuse_held_journal(where, "is locked by", "", HELD_JOURNAL_WAIT_S)
+            self._refuse_held_journal(where, "is locked by", "another process",
+                                     HELD_JOURNAL_WAIT_S)
             return
         running = _recorded_state(recorded)
         if running == "running" and recorded.get("pid") != os.getpid():
@@ -381,13 +380,12 @@ class Platform:
             return
         from cluster.durability.journal import lock_holders
 
-        holders = ", ".join(lock_holders(held)) or unnamed or "another process"
+        holders = ", ".join(lock_holders(held)) or unnamed
         raise LaunchError(f"{held} {held_how} {holders}; stop that process (it writes or "
                           "reads the journal), then start again")
 
     def _pause(self, waiting: str) -> None:
-        """0.1 s of a wait during the start; LaunchError ("start cancelled while
-        ``waiting``") once the start is cancelled."""
+        """0.1 s of a wait during the start; LaunchError once the start is cancelled."""
         if self.cancel is None:
             time.sleep(0.1)
         elif self.cancel.wait(0.1):
@@ -463,13 +461,13 @@ class Platform:
         self._supervisor.start()
 
     def _supervise(self) -> None:
-        """Every ``supervise_interval_s``: start the embedded broker again if it died, and ping
+        """Every ``SUPERVISE_INTERVAL_S``: start the embedded broker again if it died, and ping
         the feed actor (a restarted feed actor resumes consuming on its first call), so the
         shards get prices again within seconds of either crash."""
         import ray
 
         pending: Any = None
-        while not self._supervising.wait(self.supervise_interval_s):
+        while not self._supervising.wait(SUPERVISE_INTERVAL_S):
             self._revive_broker()
             feed = self.feed
             if feed is None:
@@ -536,14 +534,10 @@ class Platform:
     def _start_feed_thread(self, source: Any) -> None:
         from feed.source import run_source
 
-        ready = threading.Event()
+        loop, stop = asyncio.new_event_loop(), asyncio.Event()
+        self._feed_stop = functools.partial(loop.call_soon_threadsafe, stop.set)
 
         def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._feed_loop = loop
-            stop = asyncio.Event()
-            self._feed_stop = stop
-            ready.set()
             try:
                 loop.run_until_complete(run_source(
                     self.settings, stop, bootstrap=self.bootstrap, topic=self.topic,
@@ -555,18 +549,15 @@ class Platform:
 
         self._feed_thread = threading.Thread(target=run, name="feed-source", daemon=True)
         self._feed_thread.start()
-        ready.wait(5.0)
 
     # ------------------------------------------------------------------ stop
     def stop_feed_source(self) -> None:
         """Stop publishing the FEED_SOURCE source (the rest keeps running)."""
-        if self._feed_thread is not None:
-            loop, stop = self._feed_loop, self._feed_stop
-            if loop is not None and stop is not None and not loop.is_closed():
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(stop.set)
+        if self._feed_thread is not None and self._feed_stop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop closed: the source ended
+                self._feed_stop()
             self._feed_thread.join(10.0)
-            self._feed_thread = None
+            self._feed_thread = self._feed_stop = None
 
     def stop(self) -> None:
         """Stop what ``start`` started, newest first; safe to call twice or after a failure."""
@@ -725,9 +716,9 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
     ``broker_port``: where the embedded broker listens (None: the configured default).
     Raises ``ConfigError`` for a setting found unusable while starting (the CLI prints it).
     """
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # a no-op where logging is configured already
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -845,10 +836,6 @@ def _recorded_state(recorded: dict[str, Any]) -> Literal["running", "gone", "els
 
 def _held_journal(data_dir: Path) -> Path | None:
     """The writer lock of a journal under ``data_dir`` some process holds, if any."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
     for lock in data_dir.glob("*/journal/LOCK"):
         try:
             fd = os.open(lock, os.O_RDWR)
@@ -863,9 +850,10 @@ def _held_journal(data_dir: Path) -> Path | None:
     return None
 
 
-def _tcp_answers(address: str, timeout_s: float) -> bool:
+def _tcp_answers(address: str) -> bool:
     host, _, port = address.rpartition(":")
-    return port.isdigit() and accepts_connections(host.strip("[]"), int(port), timeout_s)
+    return port.isdigit() and accepts_connections(host.strip("[]"), int(port),
+                                                  ATTACH_CHECK_TIMEOUT_S)
 
 
 def _recorded_address(settings: Settings) -> str:
@@ -879,8 +867,7 @@ def _recorded_address(settings: Settings) -> str:
     if settings.ray_address:
         address = settings.ray_address
         # a host:port where nothing listens would hold ray.init without a limit
-        if ":" in address and "://" not in address and not _tcp_answers(
-                address, ATTACH_CHECK_TIMEOUT_S):
+        if ":" in address and "://" not in address and not _tcp_answers(address):
             raise NotRunning(f"nothing answers at RAY_ADDRESS={address} (its Ray refuses "
                              "connections or the address is not host:port)")
         return address
@@ -897,7 +884,7 @@ def _recorded_address(settings: Settings) -> str:
         raise NotRunning(f"the platform recorded in DATA_DIR={where} is not running (its "
                          f"process {recorded.get('pid')} is gone: the record is left from a "
                          f"run that did not stop cleanly): {hint}")
-    if not _tcp_answers(address, ATTACH_CHECK_TIMEOUT_S):
+    if not _tcp_answers(address):
         raise NotRunning(f"the platform recorded in DATA_DIR={where} does not answer (its Ray "
                          f"at {address} refuses connections): {hint}")
     if recorded.get("ray_auth_mode") and "RAY_AUTH_MODE" not in os.environ:
@@ -996,13 +983,13 @@ def _problem_text(ping: object) -> str:
     return "" if ping is True else f"\n    UNHEALTHY: {ping}"
 
 
-def _stats_text(stats: Any) -> str:
+def _stats_text(stats: ShardStats) -> str:
     """One line of a shard's ShardStats: positions, tick age, counters."""
-    fields = dict(stats._asdict() if hasattr(stats, "_asdict") else stats)
-    ts_us = fields.pop("last_tick_ts_us", None)
+    fields = stats._asdict()
+    ts_us = fields.pop("last_tick_ts_us")
     age = f"{(time.time_ns() // 1000 - ts_us) / 1e6:.1f}s" if ts_us else "no tick yet"
-    head = f"positions={fields.pop('positions', '?')} tick_age={age}"
-    fields.pop("name", None)
+    head = f"positions={fields.pop('positions')} tick_age={age}"
+    del fields["name"]
     return head + " " + " ".join(f"{k}={v}" for k, v in fields.items())
 
 
@@ -1068,10 +1055,9 @@ def _audit_offline(settings: Settings, as_json: bool) -> int:
     the start releases it too; it is reported beside the audit (``released_at_start``).
     """
     from cluster.actors.local import LocalHosts
-    from cluster.actors.names import LEDGER as LEDGER_DIR
 
     root = settings.data_dir
-    if not (root / LEDGER_DIR).is_dir():
+    if not (root / LEDGER).is_dir():  # the ledger's directory
         print(f"shardex audit --offline: no recorded state in {root}", file=sys.stderr)
         return 2
     try:
