@@ -775,8 +775,7 @@ def _ray_init(**options: Any) -> None:
 def _start_failures() -> tuple[type[BaseException], ...]:
     """What a start that failed raises: ours, the system's, and Ray's and Serve's own (a host
     whose constructor failed, an API Serve could not deploy) once they are imported."""
-    failures: tuple[type[BaseException], ...] = (RuntimeError, ValueError, OSError,
-                                                 TimeoutError)
+    failures: tuple[type[BaseException], ...] = (RuntimeError, ValueError, OSError)
     for module, name in (("ray.exceptions", "RayError"),
                          ("ray.serve.exceptions", "RayServeException")):
         if module in sys.modules:
