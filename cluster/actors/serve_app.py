@@ -7,16 +7,15 @@ actors, so the replica holds no trading state and can be restarted at any time.
 Fast path: Serve's proxy adds a process hop and a handle call per request (the README's
 figures: several times slower). With ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` the ingress replica
 runs its own HTTP server ("direct ingress") on a port the controller hands out from
-``[RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT)`` (half-open);
-setting that range to ``[port, port + 1)`` makes the replica itself listen on the public port.
-These variables are read at import time
-by the Serve controller and by the replica, so they must be in those processes' environment:
-``serve_env(port)`` is exported before ``ray.init``: a local Ray's raylet and workers inherit
-it, and nothing else carries it (a worker with a runtime env waits for Ray's runtime env agent
-before it starts: each actor of the platform came up ~0.6 s later). Joining a cluster that was
-started without it, it is passed as ``runtime_env`` to the job, the controller and the
-deployment. The Serve proxy still starts (head only) on a spare
-port; nothing needs it. A stop (:func:`stop_api`) goes the way clients should see it.
+``[RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT)``; setting
+that range to ``[port, port + 1)`` makes the replica itself listen on the public port. The
+Serve controller and the replica read these variables at import, so they must be in those
+processes' environment: ``serve_env(port)`` is exported before ``ray.init``: a local Ray's
+raylet and workers inherit it, and nothing else carries it (a worker with a runtime env waits
+for Ray's runtime env agent before it starts: each actor of the platform came up ~0.6 s later).
+Joining a cluster started without it, it is passed as ``runtime_env`` to the job, the
+controller and the deployment. The Serve proxy still starts (head only) on a spare port;
+nothing needs it. A stop (:func:`stop_api`) goes the way clients should see it.
 """
 
 from __future__ import annotations
@@ -65,6 +64,17 @@ DRAIN_POLL_S = 0.25
 GRACEFUL_SHUTDOWN_S = 5.0  # then Serve kills a stopping replica, requests in flight or not
 STREAMS_CLOSE_S = 2.0  # a stopping replica's WebSockets get this long to take their queued frames
 AUTOSCALE_TARGET_ONGOING = 32  # with API_MAX_REPLICAS: requests in flight a replica aims at
+# How often Serve's controller health-checks each node's proxy, with a front door its HAProxy
+# (one ``show info`` on the admin socket); it restarts one that failed 3 checks in a row. At
+# Serve's default of 10 s, PORT refused connections for 31-32 s after HAProxy died; at 1 s,
+# for 6-8 s, for ~0.01 cores more of the controller and the proxies when idle.
+PROXY_HEALTH_CHECK_PERIOD_S = 1.0
+_LOGGING_CONFIG = {"enable_access_log": False, "log_level": "WARNING"}
+# Serve's controller reconciles every 0.1 s by default and asks the GCS for the node table each
+# time: ~0.035 cores in the controller and ~0.01 in the GCS of an idle platform. Twice a second
+# costs a deploy, and noticing a dead replica, up to ~0.5 s more (README "Processes and idle
+# cost").
+CONTROLLER_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
 
 
 def serve_env(port: int, replicas: int = 1) -> dict[str, str]:
@@ -121,13 +131,6 @@ def _front_env(port: int, replicas: int) -> dict[str, str]:
     }
 
 
-PROXY_HEALTH_CHECK_PERIOD_S = 1.0
-"""How often Serve's controller health-checks each node's proxy, with a front door its HAProxy
-(one ``show info`` on the admin socket); it restarts one that failed 3 checks in a row. At
-Serve's default of 10 s, ``PORT`` refused connections for 31-32 s after HAProxy died; at 1 s,
-for 6-8 s, for ~0.01 cores more of the controller and the proxies when idle."""
-
-
 def front_door_command() -> str:
     """The absolute path of ``shardex-haproxy`` (cluster.http.front_door), where ``pip install``
     put this Python's scripts (a virtual environment's ``bin``; ``/usr/local/bin`` for a
@@ -154,17 +157,6 @@ def export_serve_env(port: int, replicas: int = 1, direct_ingress: bool = True
         os.environ.pop(key, None)
     os.environ.update({**env, **CONTROLLER_ENV})
     return env
-
-
-async def _tcp_answers(bootstrap: str, timeout_s: float = 1.0) -> bool:
-    """True if the first ``host:port`` of a Kafka bootstrap string accepts a connection."""
-    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
-    _, writer = await asyncio.wait_for(asyncio.open_connection(host or "127.0.0.1", int(port)),
-                                       timeout_s)
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
 
 
 def _warnings_to_stderr() -> None:
@@ -213,6 +205,7 @@ def _bind_with_reuse_address() -> None:
     replica.start_asgi_http_server = start
 
 
+FEED_CALL_TIMEOUT_S = 5.0  # a call to the feed actor (a long poll: its own timeout plus this)
 MARK_POLL_S = 0.02  # the newest tops of book are read at most this often
 MARKS_IDLE_S = 60.0  # and no longer once nobody asked for this long
 
@@ -220,16 +213,15 @@ MARKS_IDLE_S = 60.0  # and no longer once nobody asked for this long
 class FeedMarket:
     """The feed actor's market data (cluster.live.market.MarketSource) through Ray: its
     handle looked up by name again after a failure (a restarted actor); calls bounded by
-    ``timeout_s`` (a long poll by its own timeout plus that).
+    :data:`FEED_CALL_TIMEOUT_S`.
 
     ``newest`` answers from the tops of book a long poll of the feed actor's changes keeps
     here: it runs while they are asked for (stopping :data:`MARKS_IDLE_S` after the last
     ask) and reads at most every :data:`MARK_POLL_S`, so the prices it knows are at most
     about that much older than the feed actor's."""
 
-    def __init__(self, namespace: str, timeout_s: float = 5.0) -> None:
+    def __init__(self, namespace: str) -> None:
         self.namespace = namespace
-        self.timeout_s = timeout_s
         self._handle: Any = None
         self._marks: dict[str, Tick] = {}
         self._marks_asked_at = 0.0
@@ -246,10 +238,11 @@ class FeedMarket:
             raise
 
     async def klines(self, asset: str, interval: str, query: CandleQuery) -> list[Candle]:
-        return await self._call("klines", self.timeout_s, asset, interval, query)
+        return await self._call("klines", FEED_CALL_TIMEOUT_S, asset, interval, query)
 
     async def wait(self, since: int, timeout_s: float) -> Changes:
-        return await self._call("live_changes", timeout_s + self.timeout_s, since, timeout_s)
+        return await self._call("live_changes", timeout_s + FEED_CALL_TIMEOUT_S, since,
+                               timeout_s)
 
     def newest(self, asset: str) -> Tick | None:
         self._marks_asked_at = time.monotonic()
@@ -309,7 +302,15 @@ class ApiIngress:
         return bool((await self._feed_stats()).get("assigned"))
 
     async def _broker_ok(self) -> bool:
-        return await _tcp_answers(self.bootstrap)
+        """Whether the first ``host:port`` of the Kafka bootstrap accepts a connection (a
+        refusal or a timeout raises)."""
+        host, _, port = self.bootstrap.split(",")[0].strip().rpartition(":")
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host or "127.0.0.1", int(port)), 1.0)
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
 
     async def __serve_build_asgi_app__(self) -> Any:
         app = create_app(self.service)
@@ -336,19 +337,10 @@ def _leads() -> bool:
     return serve.get_replica_context().rank.rank == 0
 
 
-_LOGGING_CONFIG = {"enable_access_log": False, "log_level": "WARNING"}
-# Serve's controller reconciles every 0.1 s by default and asks the GCS for the node table each
-# time: ~0.035 cores in the controller and ~0.01 in the GCS of an idle platform. Twice a second
-# costs a deploy, and noticing a dead replica, up to ~0.5 s more (README "Processes and idle
-# cost").
-CONTROL_LOOP_INTERVAL_S = 0.5
-CONTROLLER_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(CONTROL_LOOP_INTERVAL_S)}
-
-
 def start_serve(settings: Settings, *, host: str = "127.0.0.1",
                 extra_env: Mapping[str, str] | None = None,
-                direct_ingress: bool = True, inherited: bool = False) -> dict[str, str]:
-    """Start Serve's controller (a no-op when it runs); the environment the API's actors get.
+                direct_ingress: bool = True, inherited: bool = False) -> None:
+    """Start Serve's controller (a no-op when it runs).
 
     The first part of :func:`deploy_api`, which the launcher runs while the ledger and shards
     start (the controller needs none of them). ``inherited``: every worker of this Ray has
@@ -369,7 +361,6 @@ def start_serve(settings: Settings, *, host: str = "127.0.0.1",
         controller_options={} if inherited else {
             "runtime_env": {"env_vars": {**env, **CONTROLLER_ENV}}},
     )
-    return env
 
 
 def _api_env(settings: Settings, extra_env: Mapping[str, str] | None,
@@ -409,12 +400,11 @@ def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE
     app = deployment.options(**scale, ray_actor_options=options,
                              logging_config=_LOGGING_CONFIG).bind(settings, bootstrap, namespace)
     serve.run(app, name=SERVE_APP, route_prefix="/", blocking=False)
-    url = http_url(host, settings.port)
     front = direct_ingress and settings.replica_slots > 1
     # behind the front door, every replica listens on a port of its own: wait for them all
     for port in range(settings.port, settings.port + (settings.api_replicas if front else 0) + 1):
         _wait_listening(host, port, timeout_s)
-    return url
+    return http_url(host, settings.port)
 
 
 def _wait_listening(host: str, port: int, timeout_s: float) -> None:
@@ -435,7 +425,7 @@ def api_deployed() -> bool:
         return False
 
 
-def stop_api(timeout_s: float, ray_down: Callable[[], bool] = lambda: False) -> bool:
+def stop_api(timeout_s: float, ray_down: Callable[[], bool]) -> bool:
     """Stop the API app on the connected cluster (Serve itself keeps running) as its clients
     should see it: every replica closes its WebSockets with code 1001 (``going_away``), then
     Serve stops the replicas: each stops accepting connections, finishes the requests in flight
