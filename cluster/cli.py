@@ -57,9 +57,7 @@ def _run(args: argparse.Namespace) -> int:
         return launcher.up(settings, with_feed=args.command == "up", broker_port=port)
     if args.command == "status":
         return launcher.status(settings)
-    if args.command == "audit":
-        return launcher.audit(settings, as_json=args.json, offline=args.offline)
-    raise AssertionError(args.command)
+    return launcher.audit(settings, as_json=args.json, offline=args.offline)
 
 
 def main(argv: list[str] | None = None) -> int:
