@@ -155,6 +155,12 @@ OrderCursor = Annotated[str | None, Query(
 CloseCursor = Annotated[str | None, Query(
     pattern="^[0-9]{1,20}$", description="closeId of the last item of the previous page")]
 SlippageBps = Annotated[StrictInt, Field(ge=0, le=10_000)]
+AssetName = Annotated[StrictStr, Field(min_length=1, max_length=32,
+                                       description="one of the tradable assets")]
+# LEVERAGE_OUT_OF_RANGE, not a validation error, answers a leverage outside the range
+Leverage = Annotated[StrictInt, Field(description="integer in 1..maxLeverage of the asset",
+                                      json_schema_extra={"minimum": 1,
+                                                         "maximum": _MAX_LEVERAGE})]
 
 
 class RequestBody(BaseModel):
@@ -172,13 +178,10 @@ class OpenBody(RequestBody):
         "takeProfit": "120", "stopLoss": "95", "currentPrice": "100", "maxSlippageBps": 100,
         "clientOrderId": "my-order-1"}})
 
-    asset: Annotated[StrictStr, Field(min_length=1, max_length=32,
-                                      description="one of the tradable assets")]
+    asset: AssetName
     type: Literal["long", "short"]
     margin: Money
-    # LEVERAGE_OUT_OF_RANGE, not a validation error, answers a leverage outside the range
-    leverage: StrictInt = Field(description="integer in 1..maxLeverage of the asset",
-                                json_schema_extra={"minimum": 1, "maximum": _MAX_LEVERAGE})
+    leverage: Leverage
     takeProfit: Price | None = None
     stopLoss: Price | None = None
     currentPrice: Price | None = Field(
@@ -225,8 +228,7 @@ class OrderBody(RequestBody):
         "margin": "100", "leverage": 10, "takeProfit": "110", "stopLoss": "90",
         "expiresAt": "2030-01-01T00:00:00Z", "clientOrderId": "my-order-2"}})
 
-    asset: Annotated[StrictStr, Field(min_length=1, max_length=32,
-                                      description="one of the tradable assets")]
+    asset: AssetName
     type: Literal["long", "short"]
     orderType: Literal["limit", "stop"] = Field(
         description="limit: fills at the trigger or better (long: ask <= trigger; short: bid >= "
@@ -234,8 +236,7 @@ class OrderBody(RequestBody):
                     "price (long: ask >= trigger; short: bid <= trigger)")
     triggerPrice: Price
     margin: Money
-    leverage: StrictInt = Field(description="integer in 1..maxLeverage of the asset",
-                                json_schema_extra={"minimum": 1, "maximum": _MAX_LEVERAGE})
+    leverage: Leverage
     takeProfit: Price | None = None
     stopLoss: Price | None = None
     expiresAt: Annotated[StrictStr, Field(
