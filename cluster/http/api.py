@@ -419,15 +419,11 @@ def _iso_second(ts_s: int) -> str:
     return (_EPOCH + timedelta(seconds=ts_s)).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def iso_s(ts_us: int) -> str:
-    """A time on a whole second (unix us) as ISO 8601 UTC (``...T..:..:..Z``)."""
-    return f"{_iso_second(ts_us // 1_000_000)}Z"
-
-
 def kline_json(candle: Candle, asset: Asset) -> dict[str, Any]:
     """A SPEC ``Kline`` (prices of the mid, exact decimal strings)."""
     price = half_ticks_to_price
-    return {"start": iso_s(candle.start_us), "open": price(asset, candle.open_half_ticks),
+    return {"start": f"{_iso_second(candle.start_us // 1_000_000)}Z",
+            "open": price(asset, candle.open_half_ticks),
             "high": price(asset, candle.high_half_ticks),
             "low": price(asset, candle.low_half_ticks),
             "close": price(asset, candle.close_half_ticks), "ticks": candle.tick_count,
@@ -691,7 +687,6 @@ def create_app(service: TradingService) -> FastAPI:
                   redirect_slashes=False)
     app.router.route_class = ExactJsonRoute  # every body is read with exact numbers
     assets = service.assets
-    app.state.service = service
     app.state.max_json_depth = settings.max_json_depth
     state_positions = settings.state_positions
     app.state.key_buckets = TokenBuckets(settings.api_key_rate_per_s, settings.api_key_burst)
@@ -790,7 +785,7 @@ def create_app(service: TradingService) -> FastAPI:
         message = exc.detail if isinstance(exc.detail, str) else "request refused"
         if exc.status_code >= 500:
             code = Code.SERVICE_UNAVAILABLE.value
-        headers = getattr(exc, "headers", None)
+        headers = exc.headers
         if exc.status_code == 405:
             # Starlette names the methods of the first route that matched the path only; the
             # path's other routes (one per method, same template) allow theirs too
@@ -1034,11 +1029,8 @@ def create_app(service: TradingService) -> FastAPI:
         tradable(asset)
         if startTime is not None and endTime is not None and startTime > endTime:
             raise invalid("startTime must not be after endTime")
-        try:
-            query = CandleQuery(limit, startTime, endTime)
-        except ValueError as exc:
-            raise invalid(str(exc)) from None
-        candles = await service.klines(asset, interval, query)
+        # (the query's parameters are checked above: CandleQuery has nothing left to refuse)
+        candles = await service.klines(asset, interval, CandleQuery(limit, startTime, endTime))
         return _json({"klines": [kline_json(c, assets[asset]) for c in candles]})
 
     # ------------------------------------------------------------------ operations
@@ -1090,8 +1082,7 @@ def create_app(service: TradingService) -> FastAPI:
                 lines.append("# TYPE shardex_feed_ticks_refused_by_shards_total counter")
                 lines.append("shardex_feed_ticks_refused_by_shards_total "
                              f"{int(feed.get('ticks_refused_by_shards', 0))}")
-        streams: StreamHub = app.state.streams
-        for name, n in streams.stats().items():  # this replica's WebSockets
+        for name, n in hub.stats().items():  # this replica's WebSockets
             kind = "gauge" if name in ("ws_connections", "ws_account_subscriptions") \
                 else "counter"
             metric = f"shardex_{name}" + ("" if kind == "gauge" else "_total")
@@ -1182,9 +1173,6 @@ def create_app(service: TradingService) -> FastAPI:
     return app
 
 
-_ASSET_REQUEST_MODELS = ("OpenBody", "OrderBody")  # request bodies with an ``asset`` field
-
-
 def _document_auth(document: dict[str, Any], app: FastAPI) -> None:
     """Name the bearer scheme in the OpenAPI ``document``, as a declared ``HTTPBearer``
     dependency would: in its security schemes, and as the security of every operation whose
@@ -1203,5 +1191,5 @@ def _document_assets(document: dict[str, Any], assets: AssetRegistry) -> None:
     """State in the OpenAPI ``document`` which assets this app trades: the ``asset`` field of
     every request body gets their names as its enum (any other answers UNKNOWN_ASSET)."""
     schemas = document.get("components", {}).get("schemas", {})
-    for name in _ASSET_REQUEST_MODELS:
+    for name in ("OpenBody", "OrderBody"):  # the request bodies with an ``asset`` field
         schemas[name]["properties"]["asset"]["enum"] = [a.name for a in assets.assets]
