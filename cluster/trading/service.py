@@ -182,7 +182,7 @@ class TradingService:
         self._idem_wait_s = idem_wait_s
         self._principals: dict[str, Principal] = {}
         # key -> (the task answering it here, the digest of the terms it was asked with)
-        self._in_flight_idem: dict[IdemKey, tuple[asyncio.Future[object], bytes]] = {}
+        self._in_flight_idem: dict[IdemKey, tuple[asyncio.Future[Any], bytes]] = {}
         # position id -> the turn of its changes (gone once no change of it holds or waits)
         self._turns: weakref.WeakValueDictionary[int, asyncio.Lock] = \
             weakref.WeakValueDictionary()
@@ -381,11 +381,18 @@ class TradingService:
             return await asyncio.shield(self._start(self._written(who.user, work(None))))
         key = IdemKey(who.user, kind, client_order_id)
         asked = _digest({**shows, **(asks or {})})
-        running = self._in_flight_idem.get(key)
-        if running is None or running[1] == asked:
+        task, running_asked = self._in_flight_idem.get(key) or (None, asked)
+        if running_asked == asked:
+            # once per key in this process, shielded: concurrent duplicates share its task and
+            # its answer (a caller that goes away cancels neither the task nor them)
+            if task is None:
+                task = self._start(self._written(who.user, work(key)))
+                self._in_flight_idem[key] = (task, asked)
+                task.add_done_callback(lambda _: self._in_flight_idem.pop(key, None))
+            else:
+                self.counters["idempotent_replays"] += 1
             # the key names the kind of request: whichever task answers it, the answer is a T
-            answer = cast(T, await self._once(
-                key, asked, lambda: self._written(who.user, work(key))))
+            answer = cast(T, await asyncio.shield(task))
             # (the ledger refuses other terms itself; this check covers the keys it holds
             # without terms, kept by an older release)
             if isinstance(answer, Rejected) or all(
@@ -403,21 +410,6 @@ class TradingService:
             if self.views is not None:
                 self.views.distrust(user)
             raise
-
-    async def _once(self, key: IdemKey, asked: bytes,
-                    work: Callable[[], Coroutine[Any, Any, object]]) -> object:
-        """Run ``work()`` once per key in this process, shielded; concurrent duplicates share
-        its task and its answer (a caller that goes away cancels neither the task nor them).
-        ``asked``: the digest of the request's terms, held with the key at the ledger."""
-        running = self._in_flight_idem.get(key)
-        if running is not None:
-            self.counters["idempotent_replays"] += 1
-            task = running[0]
-        else:
-            task = self._start(work())
-            self._in_flight_idem[key] = (task, asked)
-            task.add_done_callback(lambda _: self._in_flight_idem.pop(key, None))
-        return await asyncio.shield(task)
 
     def _asked(self, key: IdemKey | None) -> bytes:
         """The digest of the terms of the request running with ``key`` here (b"": none)."""
