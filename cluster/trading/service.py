@@ -496,9 +496,9 @@ class TradingService:
         problem = impossible_levels(terms)  # the shard decides it too; refused before a lock
         if problem is not None:
             return Rejected(Code.INVALID_TRIGGER, problem)
-        lock = MarginLock(who.user, order.margin_micros, order=True)
         return await self._idempotent(who, "order", order.client_order_id, lambda key: self._lock(
-            who, lock._replace(idem_key=key), self._new_split(order.asset),
+            who, MarginLock(who.user, order.margin_micros, key, order=True),
+            self._new_split(order.asset),
             lambda request_id: Place(who.user, terms, request_id)),
             {"asset": order.asset, **terms._asdict()})
 
@@ -528,9 +528,7 @@ class TradingService:
             return ChangeMargin(who.user, position_id, delta_micros, request_id)
 
         if delta_micros > 0:
-            lock = MarginLock(who.user, delta_micros, top_up=True)
-
-            async def top_up(key: IdemKey | None) -> OpenPosition | Rejected:
+            async def change(key: IdemKey | None) -> OpenPosition | Rejected:
                 # the lock would refuse a short balance before the shard a missing position:
                 # a position that is not the user's is named as such, whatever the balance
                 # (the shard is asked unless this replica's view of the account holds it)
@@ -539,15 +537,15 @@ class TradingService:
                     if all(p.position_id != position_id for p in held):
                         return await self._refuse(key, Rejected(Code.NOT_FOUND,
                                                                 "no such open position"))
-                return await self._lock(who, lock._replace(idem_key=key), spec.name, command)
+                return await self._lock(who, MarginLock(who.user, delta_micros, key, top_up=True),
+                                        spec.name, command)
+        else:
+            async def change(key: IdemKey | None) -> OpenPosition | Rejected:
+                return await self._end(key, position_id, "margin", command,
+                                       release=(who.user, -delta_micros))
 
-            return await self._idempotent(who, "margin", client_order_id, lambda key: (
-                self._in_turn(position_id, top_up(key))), {"position_id": position_id},
-                {"delta_micros": delta_micros})
         return await self._idempotent(who, "margin", client_order_id, lambda key: self._in_turn(
-            position_id, self._end(key, position_id, "margin", command,
-                                   release=(who.user, -delta_micros))),
-            {"position_id": position_id}, {"delta_micros": delta_micros})
+            position_id, change(key)), {"position_id": position_id}, {"delta_micros": delta_micros})
 
     async def _in_turn(self, position_id: int, change: Awaitable[T]) -> T:
         """``change`` of position ``position_id``, once the changes of it begun before in
