@@ -111,6 +111,7 @@ from engine.shard_machine import (
 OPEN_RESENDS = 2  # resends of a request (same request id) before it is declared in doubt
 RESEND_DELAY_S = 0.05
 IDEM_POLL_S = 0.02
+HEALTH_TIMEOUT_S = 2.0  # a component that takes longer is reported unavailable
 
 T = TypeVar("T")
 
@@ -156,7 +157,7 @@ class TradingService:
                  market: MarketSource | None = None,
                  account_topic: tuple[str, str] | None = None,
                  leading: Callable[[], bool] | None = None,
-                 health_timeout_s: float = 2.0, idem_wait_s: float = 5.0) -> None:
+                 idem_wait_s: float = 5.0) -> None:
         self.settings = settings
         self.assets: AssetRegistry = settings.assets
         self.layout = Layout(settings)
@@ -178,7 +179,6 @@ class TradingService:
         self.market = market
         self.account_topic = account_topic
         self._leading = leading  # is this the replica that sweeps stale reservations?
-        self._health_timeout_s = health_timeout_s
         self._idem_wait_s = idem_wait_s
         self._principals: dict[str, Principal] = {}
         # key -> (the task answering it here, the digest of the terms it was asked with)
@@ -283,8 +283,8 @@ class TradingService:
         position closes meanwhile, or a positionId of an open position (else INVALID_REQUEST).
         A shard that does not answer makes the read Unavailable (a page must not silently skip
         positions)."""
-        names = list(self._positions)
-        per_shard = await asyncio.gather(*(self._positions[n].submit(who.user) for n in names))
+        per_shard = await asyncio.gather(*(b.submit(who.user) for b in self._positions.values()))
+
         def key(p: OpenPosition) -> PositionsCursor:
             return PositionsCursor(p.opened_ts_us, p.position_id)
 
@@ -332,8 +332,7 @@ class TradingService:
     async def prices(self) -> dict[str, Tick]:
         """The newest tick of each asset that has one (over its splits). A shard that does
         not answer only hides its own asset; Unavailable if none answers."""
-        names = list(self.shards)
-        answers = await asyncio.gather(*(self.shards[n].call(LastTick()) for n in names),
+        answers = await asyncio.gather(*(p.call(LastTick()) for p in self.shards.values()),
                                        return_exceptions=True)
         newest: dict[str, Tick] = {}
         failures = 0
@@ -750,8 +749,7 @@ class TradingService:
         """Each shard's counters, None for a shard that does not answer."""
         async def one(port: Port) -> ShardStats | None:
             try:
-                stats: ShardStats = await asyncio.wait_for(port.call(Stats()),
-                                                           self._health_timeout_s)
+                stats: ShardStats = await asyncio.wait_for(port.call(Stats()), HEALTH_TIMEOUT_S)
             except (Unavailable, TimeoutError):
                 return None
             return stats
@@ -759,10 +757,10 @@ class TradingService:
         return dict(zip(self.shards, stats, strict=True))
 
     async def health(self) -> Health:
-        """Ledger, every shard and the extra checks, each within ``health_timeout_s``."""
+        """Ledger, every shard and the extra checks, each within HEALTH_TIMEOUT_S."""
         async def check(fn: Callable[[], Awaitable[object]]) -> str:
             try:
-                ok = await asyncio.wait_for(fn(), self._health_timeout_s)
+                ok = await asyncio.wait_for(fn(), HEALTH_TIMEOUT_S)
             except (Unavailable, TimeoutError):
                 return "unavailable"
             except Exception as exc:  # a failing check reports, never crashes /healthz
