@@ -118,19 +118,13 @@ class Reconciler:
         self.counters[f"{doubt.kind}s_in_doubt"] += 1
         self._schedule()
 
-    def note(self, note: Note) -> None:
-        """``note`` (a request that happened) did not reach the ledger: send it again."""
-        self._resends.append(note)
-        self.counters["notes_resent"] += 1
-        self._schedule()
-
-    def release(self, release: ReleaseMargin) -> None:
-        """``release`` (the lock of a request its shard refused, with the refusal as its
-        clientOrderId's answer) did not reach the ledger: send it again (the ledger releases
-        a lock once by its request id, and stores the answer only while that request holds
-        the clientOrderId)."""
-        self._resends.append(release)
-        self.counters["releases_resent"] += 1
+    def resend(self, command: Note | ReleaseMargin) -> None:
+        """``command`` did not reach the ledger: send it again. A ``Note`` is of a request that
+        happened; a ``ReleaseMargin``, the lock of a request its shard refused, with the
+        refusal as its clientOrderId's answer (the ledger releases a lock once by its request
+        id, and stores the answer only while that request holds the clientOrderId)."""
+        self._resends.append(command)
+        self.counters["notes_resent" if isinstance(command, Note) else "releases_resent"] += 1
         self._schedule()
 
     @property

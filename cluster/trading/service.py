@@ -642,7 +642,7 @@ class TradingService:
                 if answer is None:
                     self.reconciler.abandon(request_id)
                 else:
-                    self.reconciler.release(release)
+                    self.reconciler.resend(release)
             return result
         self.counters[f"{kind}s"] += 1
         # one account event of the user's and, with a clientOrderId, its first answer; one
@@ -652,7 +652,7 @@ class TradingService:
         try:
             await self.ledger.call(note)
         except Unavailable:
-            self.reconciler.note(note)
+            self.reconciler.resend(note)
         return result
 
     async def _send(self, shard_name: str, command: Any) -> Any:
