@@ -477,7 +477,7 @@ class TradingService:
                                   order.current_price_ticks, order.max_slippage_bps))
 
         return await self._idempotent(who, "open", order.client_order_id, lambda key: self._lock(
-            who, MarginLock(who.user, order.margin_micros, key), self._new_split(order.asset),
+            MarginLock(who.user, order.margin_micros, key), self._new_split(order.asset),
             command), {"asset": order.asset, "side": order.side,
                        "margin_micros": order.margin_micros, "leverage": order.leverage,
                        "tp_ticks": order.tp_ticks or NO_LEVEL,
@@ -496,9 +496,8 @@ class TradingService:
         if problem is not None:
             return Rejected(Code.INVALID_TRIGGER, problem)
         return await self._idempotent(who, "order", order.client_order_id, lambda key: self._lock(
-            who, MarginLock(who.user, order.margin_micros, key, order=True),
-            self._new_split(order.asset),
-            lambda request_id: Place(who.user, terms, request_id)),
+            MarginLock(who.user, order.margin_micros, key, order=True),
+            self._new_split(order.asset), lambda request_id: Place(who.user, terms, request_id)),
             {"asset": order.asset, **terms._asdict()})
 
     def _new_split(self, asset: str) -> str:
@@ -536,7 +535,7 @@ class TradingService:
                     if all(p.position_id != position_id for p in held):
                         return await self._refuse(key, Rejected(Code.NOT_FOUND,
                                                                 "no such open position"))
-                return await self._lock(who, MarginLock(who.user, delta_micros, key, top_up=True),
+                return await self._lock(MarginLock(who.user, delta_micros, key, top_up=True),
                                         spec.name, command)
         else:
             async def change(key: IdemKey | None) -> OpenPosition | Rejected:
@@ -592,8 +591,8 @@ class TradingService:
             return Rejected(Code.INVALID_REQUEST, "margin must be greater than zero")
         return None
 
-    async def _lock(self, who: Principal, lock: MarginLock, shard_name: str,
-                    command: Callable[[int], Any]) -> Any:
+    async def _lock(self, lock: MarginLock, shard_name: str, command: Callable[[int], Any]
+                    ) -> Any:
         """Lock ``lock``'s margin, then send ``command(request_id)`` (an open, a placement or
         a top-up) to shard ``shard_name``: its answer, or why not."""
         async def reserve(request_id: int) -> object:
@@ -607,20 +606,16 @@ class TradingService:
                 self.reconciler.abandon(request_id)
                 raise
 
-        request_id, outcome = await self._claim(lock.idem_key, reserve)
+        key = lock.idem_key
+        request_id, outcome = await self._claim(key, reserve)
         if isinstance(outcome, IdemHit):  # the answer of an earlier request with this key
             return outcome.answer
         if isinstance(outcome, Rejected):
             self.counters[f"rejected_{outcome.code.value}"] += 1
             return outcome
-        return await self._send_locked(who, lock, shard_name, command(request_id), request_id)
-
-    async def _send_locked(self, who: Principal, lock: MarginLock, shard_name: str,
-                           command: Any, request_id: int) -> Any:
         kind = "margin" if lock.top_up else "order" if lock.order else "open"
-        key = lock.idem_key
         try:
-            result = await self._send(shard_name, command)
+            result = await self._send(shard_name, command(request_id))
         except Exception:
             self.reconciler.abandon(request_id)  # the request never reached a shard
             raise
@@ -630,7 +625,7 @@ class TradingService:
         if isinstance(result, Rejected):
             self.counters[f"rejected_{result.code.value}"] += 1
             answer = None if key is None or result.code in TRANSIENT_CODES else (key, result)
-            release = ReleaseMargin(who.user, lock.margin_micros, request_id, answer,
+            release = ReleaseMargin(lock.user, lock.margin_micros, request_id, answer,
                                     counted=not lock.top_up)
             try:
                 await self.ledger.call(release)
@@ -648,7 +643,7 @@ class TradingService:
         # one account event of the user's and, with a clientOrderId, its first answer; one
         # the ledger did not take is sent again by the reconciler (the lock it ends stays
         # open meanwhile, so a sweep notes it too should this process die first)
-        note = Note(who.user, request_id, NOTED_OF_REQUEST[kind], result, key)
+        note = Note(lock.user, request_id, NOTED_OF_REQUEST[kind], result, key)
         try:
             await self.ledger.call(note)
         except Unavailable:
