@@ -467,7 +467,7 @@ class TradingService:
     # ----------------------------------------------------------------- open
     async def open_position(self, who: Principal, order: OpenOrder) -> OpenPosition | Rejected:
         """Open ``order`` for ``who``: the position, or why not."""
-        refused = self._check_terms(order.asset, order.leverage, order.margin_micros)
+        refused = self._check_terms(order)
         if refused is not None:
             return refused
 
@@ -486,7 +486,7 @@ class TradingService:
     async def place_order(self, who: Principal, order: PlaceOrder) -> PendingOrder | Rejected:
         """Place a pending limit or stop order for ``who`` (its margin locked until it fills,
         is cancelled, expires or is rejected): the order, or why not."""
-        refused = self._check_terms(order.asset, order.leverage, order.margin_micros)
+        refused = self._check_terms(order)
         if refused is not None:
             return refused
         terms = OrderTerms(Side(order.side), OrderKind(order.kind), order.trigger_ticks,
@@ -579,15 +579,14 @@ class TradingService:
             return request_id, seen.answer
         return request_id, seen if isinstance(seen, Rejected) else None
 
-    def _check_terms(self, asset_name: str, leverage: int, margin_micros: int
-                     ) -> Rejected | None:
-        asset = self.assets.get(asset_name)
+    def _check_terms(self, order: OpenOrder | PlaceOrder) -> Rejected | None:
+        asset = self.assets.get(order.asset)
         if asset is None:
-            return Rejected(Code.UNKNOWN_ASSET, f"unknown asset {asset_name!r}")
-        if not 1 <= leverage <= asset.max_leverage:
+            return Rejected(Code.UNKNOWN_ASSET, f"unknown asset {order.asset!r}")
+        if not 1 <= order.leverage <= asset.max_leverage:
             return Rejected(Code.LEVERAGE_OUT_OF_RANGE,
                             f"leverage must be an integer in 1..{asset.max_leverage}")
-        if margin_micros <= 0:
+        if order.margin_micros <= 0:
             return Rejected(Code.INVALID_REQUEST, "margin must be greater than zero")
         return None
 
