@@ -261,36 +261,33 @@ class Reconciler:
                                             account_events.POSITION_UPDATED, rest, None))
 
     # ----------------------------------------------------------------- pending reservations
-    async def settle_pending(self, older_than_s: float = STALE_PENDING_S) -> int:
+    async def settle_pending(self, older_than_s: float = STALE_PENDING_S) -> None:
         """Resolve the ledger's reservations pending for ``older_than_s`` against every shard
-        (which fences them) and store what happened; returns how many were settled."""
+        (which fences them) and store what happened."""
         request_ids = await self.ledger.call(PendingRequests(int(older_than_s * 1_000_000)))
-        if not request_ids:
-            return 0
-        opened, absent = await self._resolve_everywhere(request_ids)
-        settled: int = await self.ledger.call(SettleRequests(opened, absent))
-        self.counters["pending_settled"] += settled
-        return settled
+        if request_ids:
+            opened, absent = await self._resolve_everywhere(request_ids)
+            settled: int = await self.ledger.call(SettleRequests(opened, absent))
+            self.counters["pending_settled"] += settled
 
-    async def settle_waited(self, request_id: int, kind: str) -> bool:
+    async def settle_waited(self, request_id: int, kind: str) -> None:
         """Settle now the reservation of request ``request_id`` (a ``kind`` request, IdemKey
         kinds) that a retry has waited for in vain: its API process died, or it is too slow
         to matter, since the client has gone on to retry it. Resolved at every shard (which
         fences it where it never arrived): one that never arrived is dropped and its lock
         (if any) freed, so the retry runs it; an open or a placement that happened is stored
-        as the answer, its lock ended by noting it. Returns whether it was settled; a close
-        or change that happened is left to the sweep (its settlement or release has its own
-        path). The request, should it still be under way, is refused at its shard, and its
-        own release, Forget or stored refusal then change nothing (by request id)."""
+        as the answer, its lock ended by noting it. A close or change that happened is left
+        to the sweep (its settlement or release has its own path). The request, should it
+        still be under way, is refused at its shard, and its own release, Forget or stored
+        refusal then change nothing (by request id)."""
         opened, absent = await self._resolve_everywhere([request_id])
         if not absent and not (kind in ("open", "order")
                                and isinstance(opened.get(request_id), _MADE)):
-            return False
+            return
         await self.ledger.call(SettleRequests(opened, absent))
         # (a removal's "margin" key holds no lock: abandoning its id frees nothing)
         await self._end_locks(opened, absent, {request_id: kind})
         self.counters["reservations_settled_for_retry"] += 1
-        return True
 
     async def watch_pending(self, interval_s: float = 10.0,
                             leading: Callable[[], bool] | None = None) -> None:
