@@ -25,9 +25,9 @@ Four kinds of loose ends, each settled by asking the state machines, never by gu
   (``ExpireAnswers``). With several API replicas, one of them does this.
 
 At a platform start, before the API serves, :meth:`at_start` does the last kind for every
-pending reservation, releases any margin no open position or order backs and sets each
-account's counts of open positions and orders (the SPEC limits) from the shards' books
-(``ReconcileAtStart``).
+pending reservation and every lock at once (no request is under way), then releases any
+margin no open position or order backs and sets each account's counts of open positions and
+orders (the SPEC limits) from the shards' books (``ReconcileAtStart``).
 """
 
 from __future__ import annotations
@@ -398,21 +398,32 @@ class Reconciler:
         return counts
 
     async def at_start(self) -> dict[int, int]:
-        """Before the API serves: settle every pending reservation, release the margin no
-        open position (or unsettled close) backs and count each account's open positions
-        again. Returns ``{user: released_micros}``."""
+        """Before the API serves: settle every pending reservation and end every lock as the
+        sweep does (numbering the account events of the requests an API process that died
+        did not note), release the margin no open position (or unsettled close) backs and
+        count each account's open positions again. Returns ``{user: released_micros}``."""
         for name in self.shards:  # what the shards closed while the ledger was away
             await self.courier.deliver(name)
-        request_ids = await self.ledger.call(PendingRequests(0))
-        opened, _ = await self._resolve_everywhere(list(request_ids))
+        await self.settle_pending(older_than_s=0)
+        released: collections.Counter[int] = collections.Counter()
+        tried: set[int] = set()  # a lock that does not end (refused) is left to the recount
+        while kinds := {r: k for r, k in await self.ledger.call(OpenLocks(ORPHAN_BATCH))
+                        if r not in tried}:
+            tried.update(kinds)
+            for freed in await self._end_locks(*await self._resolve_everywhere(list(kinds)),
+                                               kinds):
+                if isinstance(freed, tuple):  # (request id, user, micros) abandoned
+                    released[freed[1]] += freed[2]
         margins, unsettled = await self.shard_views()
         # nothing trades before the API serves: the books are what the views were taken of
         positions = await self.open_counts(sorted(margins))
         orders = await self.open_counts(sorted(margins), OrdersOf)
         # an open order holds a position's slot too (a fill can never exceed that limit)
         slots = {u: positions.get(u, 0) + orders.get(u, 0) for u in {*positions, *orders}}
-        released: dict[int, int] = await self.ledger.call(
-            ReconcileAtStart(margins, unsettled, opened, slots, orders))
+        excess = await self.ledger.call(ReconcileAtStart(margins, unsettled, None, slots, orders))
+        if isinstance(excess, Rejected):
+            raise RuntimeError(f"the start's reconciliation was refused: {excess.message}")
+        released.update(excess)
         if released:
-            log.warning("released margin no open position backs: %s", released)
-        return released
+            log.warning("released margin no open position backs: %s", dict(released))
+        return dict(released)

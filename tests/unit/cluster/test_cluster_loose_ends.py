@@ -11,10 +11,12 @@ import time
 from collections.abc import AsyncIterator
 from collections.abc import Awaitable
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from cluster.actors.host import host_specs
+from cluster.actors.local import LocalHosts
 from cluster.actors.port import LocalPort
 from cluster.actors.port import Port
 from cluster.actors.port import Unavailable
@@ -50,6 +52,7 @@ from engine.shard_machine import ApplyTick
 from engine.shard_machine import ChangeMargin
 from engine.shard_machine import Close
 from engine.shard_machine import Open
+from engine.shard_machine import OrdersOf
 from engine.shard_machine import Outbox
 from engine.shard_machine import OutboxView
 from engine.shard_machine import PositionsOf
@@ -645,6 +648,55 @@ async def test_a_keyed_request_whose_api_process_died_before_its_note_is_noted_b
     [made] = [e.body for e in events if e.kind == kind]
     assert await request(p.service) == made  # a retry gets what it made
     assert await p.audit() == []
+
+
+@pytest.mark.parametrize("client_order_id", [None, "s-1"])
+@pytest.mark.parametrize("op", ["open", "order"])
+async def test_a_request_whose_api_process_died_before_its_note_is_noted_once_at_the_next_start(
+        make: Make, tmp_path: Path, op: str, client_order_id: str | None) -> None:
+    """An API process dies after the shard did an open or a placement (with a clientOrderId
+    or without: its lock is all the ledger has of it), its note held on the way to the ledger,
+    and the platform stops. The next start's reconciliation numbers the account's event of
+    what the request made, as the sweeps would, once: a second start or a sweep after it adds
+    nothing. Before, the start ended the request's lock or reservation without it, and a
+    client resuming its account stream never saw the position or the order."""
+    p = make(data_dir=str(tmp_path))
+    who = await sol_trader(p)
+    since, _ = await p.service.account_events(who.user, None)
+    kind, read = (POSITION_OPENED, PositionsOf) if op == "open" else (ORDER_PLACED, OrdersOf)
+
+    def request(svc: TradingService) -> Awaitable[object]:
+        if op == "open":
+            return svc.open_position(who, sol_long(client_order_id=client_order_id))
+        return svc.place_order(who, PlaceOrder("SOL", Side.LONG, OrderKind.LIMIT, 9000,
+                                               50 * USD, 10, client_order_id=client_order_id))
+
+    note_gate = Gated(p.ledger, Note)
+    dying = make.service(p, ledger=note_gate)
+    await dies_at(note_gate, dying, request(dying))
+    p.hosts.close()  # the platform stops, and starts again from its data
+    p.hosts = LocalHosts(p.settings, str(tmp_path), clock_us=p.clock)
+    svc = make.service(p)
+    [[made]] = p.shard_of("SOL").execute_blocking([read((who.user,))])
+
+    async def noted() -> list[object]:
+        _, events = await svc.account_events(who.user, since)
+        assert events is not None
+        return [e.body for e in events if e.kind == kind]
+
+    await svc.reconciler.at_start()
+    assert await noted() == made
+    await svc.reconciler.at_start()  # a second start, and sweeps, add nothing
+    await svc.reconciler.settle_pending(older_than_s=0)
+    for _ in range(ORPHAN_ROUNDS):
+        await svc.reconciler.end_orphaned_locks()
+    assert await noted() == made
+    [open_locks] = p.ledger.execute_blocking([OpenLocks()])
+    assert open_locks == []
+    if client_order_id is not None:  # a retry gets what it made
+        assert [await request(svc)] == made
+    problems, _ = await svc.audit()
+    assert problems == []
 
 
 @pytest.mark.parametrize("client_order_id", [None, "less-2"])
