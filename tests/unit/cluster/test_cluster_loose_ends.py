@@ -651,25 +651,32 @@ async def test_a_keyed_request_whose_api_process_died_before_its_note_is_noted_b
 
 
 @pytest.mark.parametrize("client_order_id", [None, "s-1"])
-@pytest.mark.parametrize("op", ["open", "order"])
+@pytest.mark.parametrize("op", ["open", "order", "top-up", "removal"])
 async def test_a_request_whose_api_process_died_before_its_note_is_noted_once_at_the_next_start(
         make: Make, tmp_path: Path, op: str, client_order_id: str | None) -> None:
-    """An API process dies after the shard did an open or a placement (with a clientOrderId
-    or without: its lock is all the ledger has of it), its note held on the way to the ledger,
-    and the platform stops. The next start's reconciliation numbers the account's event of
-    what the request made, as the sweeps would, once: a second start or a sweep after it adds
-    nothing. Before, the start ended the request's lock or reservation without it, and a
-    client resuming its account stream never saw the position or the order."""
+    """An API process dies after the shard did an open, a placement or a margin change (with
+    a clientOrderId or without: its lock is all the ledger has of it), its note held on the
+    way to the ledger, and the platform stops. The next start's reconciliation numbers the
+    account's event of what the request made, as the sweeps would, once: a second start or a
+    sweep after it adds nothing. Before, the start ended the request's lock or reservation
+    without it, and a client resuming its account stream never saw the position, the order
+    or the margin."""
     p = make(data_dir=str(tmp_path))
     who = await sol_trader(p)
+    pos = await p.service.open_position(who, sol_long()) if op in ("top-up", "removal") else None
     since, _ = await p.service.account_events(who.user, None)
-    kind, read = (POSITION_OPENED, PositionsOf) if op == "open" else (ORDER_PLACED, OrdersOf)
+    kind, read = {"open": (POSITION_OPENED, PositionsOf), "order": (ORDER_PLACED, OrdersOf)
+                  }.get(op, (POSITION_UPDATED, PositionsOf))
 
     def request(svc: TradingService) -> Awaitable[object]:
         if op == "open":
             return svc.open_position(who, sol_long(client_order_id=client_order_id))
-        return svc.place_order(who, PlaceOrder("SOL", Side.LONG, OrderKind.LIMIT, 9000,
-                                               50 * USD, 10, client_order_id=client_order_id))
+        if op == "order":
+            return svc.place_order(who, PlaceOrder("SOL", Side.LONG, OrderKind.LIMIT, 9000,
+                                                   50 * USD, 10, client_order_id=client_order_id))
+        assert isinstance(pos, OpenPosition)
+        return svc.change_margin(who, pos.position_id, 10 * USD if op == "top-up" else -10 * USD,
+                                 client_order_id)
 
     note_gate = Gated(p.ledger, Note)
     dying = make.service(p, ledger=note_gate)
