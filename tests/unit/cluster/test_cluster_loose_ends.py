@@ -40,6 +40,7 @@ from engine.ledger_machine import Totals
 from engine.market import Tick
 from engine.messages import ClosedPosition
 from engine.messages import CloseOrder
+from engine.messages import MarginLock
 from engine.messages import OpenPosition
 from engine.messages import PlaceOrder
 from engine.messages import Principal
@@ -704,6 +705,23 @@ async def test_a_request_whose_api_process_died_before_its_note_is_noted_once_at
         assert [await request(svc)] == made
     problems, _ = await svc.audit()
     assert problems == []
+
+
+async def test_a_lock_the_start_cannot_end_is_left_to_its_recount(make: Make) -> None:
+    """A lock whose abandon the ledger refuses (less margin is locked than it holds: released
+    behind its back) stays open after the start tried it once; the start goes on, and the
+    recount ends it with the margin nothing backs."""
+    p = make()
+    who = await sol_trader(p)
+    assert p.ledger.execute_blocking([LockMargin(MarginLock(who.user, 30 * USD,
+                                                            request_id=77))]) == [None]
+    assert p.ledger.execute_blocking([ReleaseMargin(who.user, 20 * USD, counted=False)]) == \
+        [None]
+    released = await asyncio.wait_for(make.service(p).reconciler.at_start(), SETTLED_WITHIN_S)
+    assert released == {who.user: 10 * USD}
+    [open_locks] = p.ledger.execute_blocking([OpenLocks()])
+    assert open_locks == [] and balances(p, who) == (SIGNUP, 0)
+    assert await p.audit() == []
 
 
 @pytest.mark.parametrize("client_order_id", [None, "less-2"])
