@@ -72,12 +72,33 @@ async def test_each_key_arrives_in_order_on_kafkas_partition_for_it(kafka_broker
         for key, values in offered.items():
             partition = (murmur2(key) & 0x7FFFFFFF) % PARTITIONS
             assert [v for k, v in got[partition] if k == key] == values, key
-        stats = publisher.stats()
-        assert 1 <= stats.pop("rounds") <= 30
-        assert stats == {"topic": topic, "sent": total, "dropped": 0, "failures": 0,
-                         "rejected": 0, "pending": 0}
+        rounds = counted(publisher, sent=total)
+        assert 1 <= rounds <= 30
     finally:
         publisher.close()
+
+
+def counted(publisher: Publisher, sent: int, failures: int = 0, rejected: int = 0) -> int:
+    """Assert ``publisher``'s stats (nothing dropped or pending); its rounds."""
+    stats = publisher.stats()
+    rounds = int(stats.pop("rounds"))
+    assert stats == {"topic": publisher.topic, "sent": sent, "dropped": 0,
+                     "failures": failures, "rejected": rejected, "pending": 0}
+    return rounds
+
+
+def fail_first_round(publisher: Publisher, failure: BaseException) -> None:
+    """``publisher``'s first produce round raises ``failure`` before it sends anything; the
+    later ones produce as they would."""
+    produce = publisher._produce
+    failures = [failure]
+
+    async def failing_once(producer: object, batch: list[tuple[bytes, bytes]]) -> object:
+        if failures:
+            raise failures.pop()
+        return await produce(producer, batch)  # type: ignore[arg-type]
+
+    publisher._produce = failing_once  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("a bug in a produce round"),
@@ -90,25 +111,15 @@ async def test_a_produce_round_that_fails_unexpectedly_is_tried_again(
     the publisher's thread: the round is tried again and every message arrives once."""
     topic = f"publisher-retry-{free_port()}"
     publisher = Publisher(kafka_broker, topic)
-    produce = publisher._produce
-    failures = [failure]
-
-    async def failing_once(producer: object, batch: list[tuple[bytes, bytes]]) -> object:
-        if failures:
-            raise failures.pop()
-        return await produce(producer, batch)  # type: ignore[arg-type]
-
-    publisher._produce = failing_once  # type: ignore[method-assign]
+    fail_first_round(publisher, failure)
     try:
         messages = [(KEYS[i % len(KEYS)], f"m{i}".encode()) for i in range(50)]
         publisher.offer(messages)
         got = await _read_all(kafka_broker, topic, len(messages))
         assert sorted(v for records in got.values() for _, v in records) == sorted(
             v for _, v in messages)
-        stats = publisher.stats()
-        assert stats.pop("rounds") >= 2  # the failed round and the one that sent them
-        assert stats == {"topic": topic, "sent": len(messages), "dropped": 0, "failures": 1,
-                         "rejected": 0, "pending": 0}
+        # the failed round and the one that sent them
+        assert counted(publisher, sent=len(messages), failures=1) >= 2
     finally:
         publisher.close()
 
@@ -187,10 +198,7 @@ async def test_a_message_the_broker_refuses_for_good_is_dropped_and_later_ones_g
             partition = (murmur2(key) & 0x7FFFFFFF) % PARTITIONS
             assert [v for k, v in got[partition] if k == key] == [v for k, v in messages
                                                                   if k == key], key
-        stats = publisher.stats()
-        del stats["rounds"]
-        assert stats == {"topic": topic, "sent": len(messages), "dropped": 0, "failures": 1,
-                         "rejected": 1, "pending": 0}
+        counted(publisher, sent=len(messages), failures=1, rejected=1)
     finally:
         publisher.close()
 
@@ -201,15 +209,7 @@ async def test_a_round_the_broker_refuses_as_a_whole_is_dropped_and_later_ones_g
     refused is counted, not tried again forever ahead of everything else."""
     topic = f"publisher-unauthorized-{free_port()}"
     publisher = Publisher(kafka_broker, topic)
-    produce = publisher._produce
-    refusals = [TopicAuthorizationFailedError(topic)]
-
-    async def refusing_once(producer: object, batch: list[tuple[bytes, bytes]]) -> object:
-        if refusals:
-            raise refusals.pop()
-        return await produce(producer, batch)  # type: ignore[arg-type]
-
-    publisher._produce = refusing_once  # type: ignore[method-assign]
+    fail_first_round(publisher, TopicAuthorizationFailedError(topic))
     try:
         publisher.offer([(KEYS[0], b"refused")])
         deadline = time.monotonic() + 15
@@ -219,9 +219,6 @@ async def test_a_round_the_broker_refuses_as_a_whole_is_dropped_and_later_ones_g
         publisher.offer([(KEYS[0], b"later")])
         got = await _read_all(kafka_broker, topic, 1)
         assert [v for records in got.values() for _, v in records] == [b"later"]
-        stats = publisher.stats()
-        del stats["rounds"]
-        assert stats == {"topic": topic, "sent": 1, "dropped": 0, "failures": 1,
-                         "rejected": 1, "pending": 0}
+        counted(publisher, sent=1, failures=1, rejected=1)
     finally:
         publisher.close()
