@@ -644,14 +644,13 @@ def key_checker(service: TradingService, refused: TokenBuckets
     a lookup: an address that sent many unknown ones is answered from here until its bucket
     fills again (keys it used before pass). A lookup takes its token before it starts, so
     lookups under way at once count too, and gives it back for a key that is known (or when
-    the ledger does not answer)."""
-    async def check(api_key: str, address: str) -> Principal | float | None:
-        who = service.known(api_key)
-        if who is not None:
-            return who
-        wait_s = refused.take(address)
-        if wait_s > 0:
-            return wait_s
+    the ledger does not answer). A key's requests that arrive while its lookup is under way
+    wait for that lookup, which costs one token for them all: a key the replica has not seen
+    yet (restarted, or the account made on another replica) may still send its burst at once
+    (SPEC), though that is more than its address's budget of unknown keys."""
+    looking: dict[str, asyncio.Task[Principal | None]] = {}  # key -> its lookup under way
+
+    async def look_up(api_key: str, address: str) -> Principal | None:
         try:
             who = await service.authenticate(api_key)
         except BaseException:  # no answer: nothing says the key is unknown
@@ -660,6 +659,26 @@ def key_checker(service: TradingService, refused: TokenBuckets
         if who is not None:
             refused.give_back(address)
         return who
+
+    def done(api_key: str, lookup: asyncio.Task[Principal | None]) -> None:
+        if looking.get(api_key) is lookup:
+            del looking[api_key]
+        if not lookup.cancelled():
+            lookup.exception()  # its callers were given it (when none was left: dropped)
+
+    async def check(api_key: str, address: str) -> Principal | float | None:
+        who = service.known(api_key)
+        if who is not None:
+            return who
+        lookup = looking.get(api_key)
+        if lookup is None:
+            wait_s = refused.take(address)
+            if wait_s > 0:
+                return wait_s
+            lookup = looking[api_key] = asyncio.ensure_future(look_up(api_key, address))
+            lookup.add_done_callback(functools.partial(done, api_key))
+        # shielded: a caller that goes away does not cut the lookup the others wait for
+        return await asyncio.shield(lookup)
     return check
 
 

@@ -9,12 +9,14 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from cluster.http.api import key_checker
 from cluster.http.errors import ApiError
 from cluster.http.json_body import nests_deeper_than
 from cluster.http.json_body import parse_json
 from cluster.http.limits import BodySizeLimit
 from cluster.http.limits import TokenBuckets
 from cluster.http.limits import retry_after_s
+from engine.messages import Principal
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -159,3 +161,46 @@ def test_a_declared_length_over_the_limit_is_refused_before_reading() -> None:
     assert body is None and received == 0 and sent[0]["status"] == 413
     sent, body, received = _run_body_limit([], 100, [(b"content-length", b"-1")])
     assert body is None and received == 0 and sent[0]["status"] == 400
+
+
+class Lookups:
+    """A service's key lookups as the key checker sees them: ``valid`` is a key of user 1;
+    every lookup waits for ``answer`` (so that requests meet while one is under way)."""
+
+    def __init__(self, valid: str) -> None:
+        self.valid = valid
+        self.cached: dict[str, Principal] = {}
+        self.lookups = 0
+        self.answer = asyncio.Event()
+
+    def known(self, api_key: str) -> Principal | None:
+        return self.cached.get(api_key)
+
+    async def authenticate(self, api_key: str) -> Principal | None:
+        self.lookups += 1
+        await self.answer.wait()
+        if api_key != self.valid:
+            return None
+        who = self.cached[api_key] = Principal(1, "acc_1")
+        return who
+
+
+def test_a_key_not_seen_here_may_send_its_burst_at_once() -> None:
+    """SPEC: an API key may send its burst (100) at once. On a replica that has not seen the
+    key yet (restarted, or the account made on another) its requests sent at once each took a
+    token of the address's unknown-key budget (half that burst) before their lookups, so past
+    that budget they were refused 429 as unknown keys. Its lookup is made once for them all;
+    unknown keys sent at once are still limited one token each."""
+    async def scenario() -> None:
+        lookups = Lookups("valid")
+        check = key_checker(lookups, TokenBuckets(5, 3, clock=Clock()))  # type: ignore[arg-type]
+        valid = [asyncio.ensure_future(check("valid", "10.0.0.1")) for _ in range(10)]
+        unknown = [asyncio.ensure_future(check(f"guess-{n}", "10.0.0.1")) for n in range(4)]
+        await asyncio.sleep(0)
+        lookups.answer.set()
+        assert await asyncio.gather(*valid) == [Principal(1, "acc_1")] * 10
+        answers = await asyncio.gather(*unknown)
+        assert answers[:2] == [None, None] and all(isinstance(a, float) for a in answers[2:])
+        assert lookups.lookups == 3  # the valid key once, and two guesses
+
+    asyncio.run(scenario())
