@@ -24,7 +24,9 @@ When the platform stops, :meth:`StreamHub.going_away` closes every connection wi
 once: clients learn the server is going, instead of seeing their connection cut.
 
 Heartbeats are the WebSocket protocol's ping frames, sent by the HTTP server (uvicorn, with
-:data:`WS_SERVER_OPTIONS`, which also bounds a client frame's size); browsers answer them.
+:data:`WS_SERVER_OPTIONS`, which also bounds a client frame's size); browsers answer them
+without the page seeing them, so a page that checks its connection sends ``{"method":"PING"}``,
+answered ``{"method":"PONG"}`` like any frame.
 """
 
 from __future__ import annotations
