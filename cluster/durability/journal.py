@@ -557,7 +557,8 @@ class Journal:
                     self.repair.torn_bytes += tail_end - good_end
                 else:
                     self.repair.corrupt_bytes += tail_end - good_end
-                # Kept even for a torn tail: a damaged length field mid-file also looks torn.
+                # Kept even for a torn tail: a damaged length field of the last record also
+                # looks torn (one that valid records follow was refused above).
                 # The zeros past it are not kept: they are the segment's, zeroed ahead.
                 self._set_aside(p, data[good_end:tail_end], offset=good_end)
                 changed_dir = True
