@@ -21,9 +21,10 @@ Usage from any process (the launcher, a test, a benchmark)::
 The broker ends with the process that started it, whatever ends that process: on Linux the
 child asks the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``). Where that is
 not available, or when it did not fire, ``record_path`` names a file where the broker's
-identity (pid, start time, command line, boot) and its owner's are recorded while it runs; the
-next ``start`` with the same record stops a broker whose owner is gone, and only if the pid
-is still exactly that process.
+address and identity (pid, start time, command line, boot) and its owner's are recorded while
+it runs; the next ``start`` with the same record stops a broker whose owner is gone, and only
+if the pid is still exactly that process, and refuses one whose owner still runs.
+:func:`recorded_broker` reads the address while both run (``shardex feed`` produces there).
 """
 
 from __future__ import annotations
