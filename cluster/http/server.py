@@ -28,7 +28,8 @@ it runs in the replica, before its server starts.
   a body is refused (400) and one without is answered as plain HTTP; the connection closes
   after either, since what follows on it is not read as HTTP.
 - Answers of the layers under the app, in SPEC's error shape like the app's: a WebSocket
-  handshake websockets refuses (no key, an unknown version; plain text before) or the app
+  handshake websockets refuses (no key, an unknown version; plain text before; a head it
+  cannot read, such as one with a body: no answer and never closed before) or the app
   refuses (an empty 403 before), and a request target that is not a path (``OPTIONS *``,
   which Serve's router answered in plain text).
 - The client's address: ``X-Forwarded-For`` is read only from the proxies given to
@@ -316,6 +317,17 @@ class SpecWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.conn = _SpecHandshake(extensions=self.conn.available_extensions,
                                    max_size=self.config.ws_max_size, logger=self.conn.logger)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.handshake_initiated and (exc := self.conn.handshake_exc) is not None:
+            # websockets refused the head uvicorn handed over (a body, over 128 headers, a
+            # line over 8 KiB): uvicorn sees no request, so it neither wrote the answer
+            # websockets made (if any) nor closed the connection, held open for ever
+            answer = b"".join(self.conn.data_to_send()) or self.conn.reject(
+                400, f"Failed to open a WebSocket connection: {exc.__cause__ or exc}.").serialize()
+            self.transport.write(answer)
+            self.transport.close()
 
     def handle_ping(self) -> None:
         # uvicorn writes each pong straight to the socket, past the flow control the app's

@@ -247,6 +247,35 @@ def test_refused_handshakes_answer_in_the_error_shape(platform: HttpPlatform) ->
         assert json.loads(body)["error"]["code"] == code, body
 
 
+HANDSHAKE = b"GET /ws HTTP/1.1\r\n" + WS_UPGRADE + WS_KEY + b"Sec-WebSocket-Version: 13\r\n"
+UNREADABLE_HANDSHAKES = {  # heads the HTTP parser takes and the WebSocket library does not
+    "a body": (HANDSHAKE + b"Content-Length: 2\r\n\r\n{}", 400),
+    "a chunked body": (HANDSHAKE + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+                       400),
+    "130 headers": (HANDSHAKE + b"X-A: 1\r\n" * 130 + b"\r\n", 431),
+    "a 9 KiB header": (HANDSHAKE + b"X-A: " + b"a" * 9000 + b"\r\n\r\n", 431),
+    "a 9 KiB target": (HANDSHAKE.replace(b"/ws", b"/ws?" + b"a" * 9000) + b"\r\n", 414),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNREADABLE_HANDSHAKES))
+def test_a_handshake_the_websocket_library_cannot_read_is_refused_and_closed(
+        platform: HttpPlatform, case: str) -> None:
+    """Such a head was handed to the WebSocket protocol, which refused it without a word and
+    without closing: the connection stayed open, past the read deadline, for ever."""
+    request, status = UNREADABLE_HANDSHAKES[case]
+    port = int(platform.base_url.rsplit(":", 1)[1])
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(65536):
+                answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    assert json.loads(body)["error"]["code"] == "INVALID_REQUEST", body
+
+
 def test_a_connection_guessing_keys_is_closed_after_five_refusals(
         platform: HttpPlatform) -> None:
     async def scenario() -> None:
