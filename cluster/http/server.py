@@ -27,6 +27,8 @@ it runs in the replica, before its server starts.
   such as ``curl --http2``'s h2c): uvicorn's parser reads nothing after its head, so one with
   a body is refused (400) and one without is answered as plain HTTP; the connection closes
   after either, since what follows on it is not read as HTTP.
+- A chunked body's trailer fields are dropped, and bound as a head is (uvicorn added them to
+  the request's headers, without a bound).
 - Answers of the layers under the app, in SPEC's error shape like the app's: a WebSocket
   handshake websockets refuses (no key, an unknown version; plain text before; a head it
   cannot read, such as one with a body: no answer and never closed before) or the app
@@ -190,7 +192,20 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().on_headers_complete()  # served as plain HTTP (its cycle made there) ...
         self.cycle.keep_alive = False  # ... then the connection closes
 
+    def on_chunk_header(self) -> None:
+        # after a last chunk the parser reads trailer fields as headers: RFC 9110 6.5.1 forbids
+        # merging them into the request's (uvicorn did: an API key in one authenticated the
+        # request, past a proxy's view of the headers), so they go to a list nobody reads,
+        # and are bound as a head is (uvicorn kept any amount)
+        self.headers = []
+        self._head_open = True  # until this chunk's data, or its end
+        self._head_bytes = 0
+
+    def on_chunk_complete(self) -> None:
+        self._head_open = False
+
     def on_body(self, body: bytes) -> None:
+        self._head_open = False  # a chunk's data (see on_chunk_header)
         if not self.transport.is_closing():  # not the body of a request after a refused one
             super().on_body(body)
 

@@ -93,6 +93,38 @@ def test_a_chunked_body_is_refused_while_it_arrives_and_before_authentication(
     assert b'{"error":{"code":"INVALID_REQUEST","message":' in answer
 
 
+def test_a_trailer_field_is_not_read_as_a_header(unlimited_rates: LocalHttpPlatform,
+                                                  client: httpx.Client) -> None:
+    """A chunked body's trailer fields come after it: RFC 9110 6.5.1 forbids merging them into
+    the headers (a proxy in front checks the headers, not the trailers). An API key sent as
+    one authenticated the request."""
+    key = signup(client)["Authorization"].encode()
+    port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
+    answer = raw_answer(port, iter([b"GET /api/v1/state HTTP/1.1\r\nHost: x\r\nConnection: "
+                                    b"close\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+                                    b"Authorization: " + key + b"\r\n\r\n"]))
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:300]
+
+
+TRAILERS = {  # after the last chunk; the answer comes once 64 KiB have arrived
+    "many fields": [b"X-T: " + b"a" * 4000 + b"\r\n"] * 20,
+    "one field never ended": [b"X-T: "] + [b"a" * 4096] * 20,  # (the parser joins its parts
+}                                                               # in time growing as its square)
+
+
+@pytest.mark.parametrize("case", sorted(TRAILERS))
+def test_trailer_fields_over_64_kib_are_431_and_the_connection_closed(
+        unlimited_rates: LocalHttpPlatform, case: str) -> None:
+    """Trailer fields were kept with the headers, without a bound: one connection sending
+    them grew the server by 1.7 GB in 5 s. They are bound as a request head is."""
+    port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
+    answer = raw_answer(port, iter([b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\n"
+                                    b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n",
+                                    *TRAILERS[case]]))
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:300]
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+
+
 def test_a_declared_length_over_the_limit_is_refused_unread(
         unlimited_rates: LocalHttpPlatform) -> None:
     host, port = "127.0.0.1", int(unlimited_rates.base_url.rsplit(":", 1)[1])
