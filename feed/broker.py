@@ -192,15 +192,24 @@ class ProcessIdentity:
                    tuple(str(a) for a in data["cmdline"]))
 
 
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError)  # a broker record absent or damaged
+
+
+def _read_record(path: Path) -> tuple[dict[str, Any], ProcessIdentity, ProcessIdentity]:
+    """The broker record at ``path``: the record, its broker and its owner (raises one of
+    :data:`_UNREADABLE`)."""
+    record = json.loads(path.read_text())
+    return (record, ProcessIdentity.from_json(record["broker"]),
+            ProcessIdentity.from_json(record["owner"]))
+
+
 def recorded_broker(record_path: Path) -> str | None:
     """The bootstrap of the embedded broker ``record_path`` records, while it and the process
     that started it both run; else None."""
     try:
-        record = json.loads(record_path.read_text())
-        broker = ProcessIdentity.from_json(record["broker"])
-        owner = ProcessIdentity.from_json(record["owner"])
+        record, broker, owner = _read_record(record_path)
         bootstrap = str(record["bootstrap"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except _UNREADABLE:
         return None
     return bootstrap if broker.alive() and owner.alive(same_cmdline=False) else None
 
@@ -383,12 +392,10 @@ class EmbeddedBroker:
         if path is None:
             return None
         try:
-            record = json.loads(path.read_text())
-            broker = ProcessIdentity.from_json(record["broker"])
-            owner = ProcessIdentity.from_json(record["owner"])
+            record, broker, owner = _read_record(path)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except _UNREADABLE as exc:
             log.warning("ignoring the unreadable broker record %s: %s", path, exc)
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -429,7 +436,7 @@ class EmbeddedBroker:
         path = self.record_path
         if path is None:
             return
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        with contextlib.suppress(*_UNREADABLE):
             if int(json.loads(path.read_text())["broker"]["pid"]) == pid:
                 path.unlink()
 
