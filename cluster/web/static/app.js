@@ -70,8 +70,7 @@ function errorShown(err) {
   return { code, message };
 }
 
-function errorText(err) {
-  const { code, message } = errorShown(err);
+function errorText({ code, message }) {
   return `${code}\n${message}`;
 }
 
@@ -80,8 +79,9 @@ function errorText(err) {
 function showError(err, background = false) {
   const banner = byId("error-banner");
   if (background && !banner.hidden && banner.dataset.source === "action") return;
-  const { code, message } = errorShown(err);
-  const textKey = errorText(err);
+  const shown = errorShown(err);
+  const { code, message } = shown;
+  const textKey = errorText(shown);
   lastError = !banner.hidden && lastError.text === textKey
     ? { text: textKey, count: lastError.count + 1 }
     : { text: textKey, count: 1 };
@@ -105,7 +105,7 @@ function dismissError() {
 
 // The error ``err`` is over (what failed worked since): gone, if the banner still shows it.
 function dismissErrorOf(err) {
-  if (!byId("error-banner").hidden && lastError.text === errorText(err)) dismissError();
+  if (!byId("error-banner").hidden && lastError.text === errorText(errorShown(err))) dismissError();
 }
 
 let noticeTimer = null;
