@@ -61,10 +61,15 @@ up: bytecode ## install into .venv, then start the whole platform in the foregro
 # The unit tests start no process and share nothing, so they run on every core (at most 4
 # workers); the rest starts Ray, brokers and browsers that want the cores to themselves, so it
 # runs after them, one test at a time. The glob keeps pyproject's testpaths the one list (a plain
-# --ignore does not apply to the directories testpaths names).
+# --ignore does not apply to the directories testpaths names). A failing unit test does not
+# keep the rest from running: one run reports every failure, and the exit status is the first
+# failing part's.
 test: bytecode browser ## install into .venv and chromium if needed, then run the whole test suite
-	$(PY) -m pytest -q --durations=10 -n logical --maxprocesses 4 tests/unit
-	$(PY) -m pytest -q --durations=25 --ignore-glob='tests/unit/*'
+	@status=0; \
+	$(PY) -m pytest -q --durations=10 -n logical --maxprocesses 4 tests/unit || status=$$?; \
+	$(PY) -m pytest -q --durations=25 --ignore-glob='tests/unit/*' || \
+		{ rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \
+	exit $$status
 
 bench: bytecode wrk ## run the benchmarks (engine, feed, api, durability, live); each prints a table and a JSON line
 	$(VENV)/bin/shardex bench engine --positions 1000000 --json
