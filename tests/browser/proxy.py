@@ -1,7 +1,7 @@
 """A loopback relay between the browser and the platform that can fail as a network does: hold
-the answers of chosen requests (the request reaches the platform, its answer does not come
-back), cut WebSockets off without a close (a half-open connection), or refuse WebSocket
-handshakes. Everything else passes through byte for byte.
+the answers of chosen requests, WebSocket handshakes among them (the request reaches the
+platform, its answer does not come back), cut WebSockets off without a close (a half-open
+connection), or refuse WebSocket handshakes. Everything else passes through byte for byte.
 
 It reads the requests of a connection one at a time (browsers do not pipeline HTTP/1.1) and
 relays a WebSocket's bytes unread once its handshake went through.
@@ -181,18 +181,23 @@ class Relay:
                     link.abort()
                     return
                 self.sockets.append(link)
+                self._take_hold(request, link)  # a held handshake: its 101 never comes
                 link.platform.write(head + body)
                 while data := await reader.read(65536):
                     link.read_frames(data)
                     if not link.silent:
                         link.platform.write(data)
                 return
-            if self._holds.get(request):
-                self._holds[request] -= 1
-                link.holding = True
-                self._held.append(link)
+            self._take_hold(request, link)
             link.platform.write(head + body)
             await link.platform.drain()
+
+    def _take_hold(self, request: str, link: _Link) -> None:
+        """Keep the answer to ``request`` from the browser if a hold asks for it."""
+        if self._holds.get(request):
+            self._holds[request] -= 1
+            link.holding = True
+            self._held.append(link)
 
     async def _answers(self, reader: asyncio.StreamReader, link: _Link) -> None:
         while data := await reader.read(65536):

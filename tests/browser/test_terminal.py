@@ -1455,6 +1455,24 @@ def test_a_price_poll_answered_after_a_newer_streamed_price_does_not_replace_it(
         time.sleep(0.1)
 
 
+def test_a_handshake_never_answered_is_given_up_and_made_again(
+        platform: RayHttpPlatform, relay: Relay, browser: WebDriver, http: httpx.Client) -> None:
+    """The page's first WebSocket handshake reaches the platform but its answer never comes
+    back: the page polls prices meanwhile, gives the handshake up after 10 s, makes a new one,
+    and streams again. Before, it stayed connecting for good, on polled prices."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    relay.hold("GET", "/ws")
+    open_terminal(browser, platform, relay)
+    status = by_id(browser, "ws-status")
+    wait_until(browser, lambda d: text_of(d, "bid") == "100.00", "the polled quote")
+    assert len(relay.sockets) == 1 and status.get_attribute("data-state") == "connecting"
+    wait_until(browser, lambda d: status.get_attribute("data-state") == "open",
+               "a new handshake once the first is given up", timeout_s=30)
+    assert len(relay.sockets) == 2
+    tick(platform, http, "SOL", "100.30", "100.31")
+    wait_until(browser, lambda d: text_of(d, "bid") == "100.30", "the streamed quote")
+
+
 def test_a_live_connection_gone_silent_is_dropped_and_opened_again(
         platform: RayHttpPlatform, relay: Relay, browser: WebDriver, http: httpx.Client) -> None:
     """A connection quiet for 15 s (no price) is pinged, answers, and is kept (no error shown).

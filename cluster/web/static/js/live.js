@@ -28,6 +28,9 @@ const ACCOUNT_RETRY_MS = 1000;
 // and connects again.
 const SILENT_MS = 15000;
 const ANSWER_MS = 5000;
+// A handshake with no answer this long is given up and tried again (backing off): a browser
+// waits for one with no limit of its own, and the quote would stay on polling for good.
+const CONNECT_MS = 10000;
 const PING = { method: "PING" };
 
 export class LiveSocket {
@@ -49,6 +52,7 @@ export class LiveSocket {
     this.state = "closed";
     this.heardAt = 0;  // when the server last sent anything
     this.pingedAt = 0; // when a ping went unanswered since
+    this.connectingAt = 0; // when the handshake now waiting began
   }
 
   start() {
@@ -57,8 +61,15 @@ export class LiveSocket {
   }
 
   checkSilence() {
-    if (!this.isOpen()) return;
     const now = Date.now();
+    if (this.state === "connecting" && this.ws && now - this.connectingAt >= CONNECT_MS) {
+      const ws = this.ws;
+      this.ws = null; // its close event, when it comes, is of a socket given up
+      try { ws.close(); } catch { /* already closing */ }
+      this.scheduleReconnect();
+      return;
+    }
+    if (!this.isOpen()) return;
     if (this.pingedAt && now - this.pingedAt >= ANSWER_MS) {
       this.reconnect();
     } else if (!this.pingedAt && now - this.heardAt >= SILENT_MS && this.send(PING)) {
@@ -85,6 +96,7 @@ export class LiveSocket {
       return;
     }
     this.ws = ws;
+    this.connectingAt = Date.now();
     ws.onopen = () => {
       if (ws !== this.ws) return;
       this.openedAt = this.heardAt = Date.now();
