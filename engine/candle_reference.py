@@ -4,16 +4,17 @@ It keeps the list of every tick it was given and recomputes every candle from th
 question: prices are :class:`fractions.Fraction` mids in the asset's currency, interval lengths
 are read from their names (``5m`` is five minutes), and a tick counts for an interval when it is
 not older than every tick counted before it (the book's rule for late ticks) and is not of the
-interval of the newest of those when that interval had ended by the latest time given to
-``close_ended`` before it (a closed candle never changes). A candle is closed when a later one
-exists or its interval has ended by the latest time given to ``close_ended``. Tests run
+interval of the newest of those when that interval had ended by the latest time its asset was
+given to ``close_ended`` before it (a closed candle never changes). A candle is closed when a
+later one exists or its interval has ended by the latest time its asset was given to
+``close_ended``: ``now_us``, or for an asset in ``until_us`` the earlier of the two. Tests run
 :class:`engine.candles.CandleBook` and this reference through the same ticks and check they
 agree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import NamedTuple
 
@@ -67,8 +68,9 @@ class ReferenceCandles:
         self.assets = assets
         self.intervals = tuple(intervals)
         self.ticks: list[Tick] = []
-        self.ended_at: list[int] = []  # for each tick, the latest close_ended time before it
-        self.ended_us = 0  # the latest close_ended time
+        # for each tick, the latest close_ended time of its asset before it
+        self.ended_at: list[int] = []
+        self.ended_us = dict.fromkeys(assets, 0)  # asset -> its latest close_ended time
 
     def candles(self, asset: str, interval: str) -> list[ExactCandle]:
         """Every candle of (asset, interval) since the first tick, oldest first."""
@@ -93,7 +95,7 @@ class ReferenceCandles:
             out.append(ExactCandle(asset, interval, start_us, mids[0], max(mids), min(mids),
                                    mids[-1], len(inside), inside[-1].ts_us,
                                    start_us != starts[-1]
-                                   or start_us + length_us <= self.ended_us))
+                                   or start_us + length_us <= self.ended_us[asset]))
         return out
 
     def everything(self) -> list[ExactCandle]:
@@ -106,15 +108,18 @@ class ReferenceCandles:
         then start."""
         before = {c for interval in self.intervals for c in self.candles(tick.asset, interval)}
         self.ticks.append(tick)
-        self.ended_at.append(self.ended_us)
+        self.ended_at.append(self.ended_us[tick.asset])
         return [c for interval in self.intervals for c in self.candles(tick.asset, interval)
                 if c not in before]
 
-    def close_ended(self, now_us: int) -> list[ExactCandle]:
-        """Time is ``now_us`` (unix us); the candles that differ from before, by asset, then
-        interval."""
+    def close_ended(self, now_us: int,
+                    until_us: Mapping[str, int] | None = None) -> list[ExactCandle]:
+        """Time is ``now_us`` (unix us), for an asset in ``until_us`` its time there if
+        earlier; the candles that differ from before, by asset, then interval."""
         before = set(self.everything())
-        self.ended_us = max(self.ended_us, now_us)
+        for asset in self.ended_us:
+            until = min(now_us, (until_us or {}).get(asset, now_us))
+            self.ended_us[asset] = max(self.ended_us[asset], until)
         return [c for c in self.everything() if c not in before]
 
     def query(self, asset: str, interval: str, limit: int, start_s: int | None,

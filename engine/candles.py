@@ -10,7 +10,9 @@ in half price steps; :func:`half_ticks_to_price` renders it as decimal text at t
 ``ts_us``). ``apply(tick)`` returns every candle the tick changed, which is what a store
 upserts and what the ``kline`` stream sends. A candle is closed when a tick of a later interval
 arrives, or when the caller says its interval has ended (``close_ended(now_us)``: nothing here
-reads a clock, and a quiet feed would otherwise leave the current candle open for ever).
+reads a clock, and a quiet feed would otherwise leave the current candle open for ever); the
+caller may close an asset's candles by an earlier time than the others' (``until_us``: a tick of
+that asset it may still accept).
 
 The book keeps at most ``keep`` candles per (asset, interval) in memory, the current one
 included; older ones live in a store (``cluster.live.candle_store``). :class:`CandleQuery`
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import NamedTuple
@@ -223,13 +225,15 @@ class CandleBook:
             raise ValueError(f"intervals must be distinct names of {INTERVALS}")
         self.intervals = tuple(intervals)
         self.keep = keep
-        self.ended_us = 0  # the latest close_ended time: intervals ending by it are over
         self._series = {
             asset: tuple(_Series(asset, interval, keep) for interval in self.intervals)
             for asset in assets
         }
         if not self._series:
             raise ValueError("a candle book needs at least one asset")
+        # asset -> the latest time close_ended closed its candles by: intervals ending by it
+        # are over
+        self.ended_us = dict.fromkeys(self._series, 0)
         self._restore(candles)
 
     @property
@@ -268,14 +272,15 @@ class CandleBook:
         newest tick of an interval's current candle — in particular one older than that candle
         itself — is ignored for that interval: a candle's close is its newest tick's mid, and
         a closed candle never changes again, so a tick of a candle :meth:`close_ended` closed
-        is ignored too. A tick that starts a candle whose interval ended by :attr:`ended_us`
-        starts it closed (reported closed this once). A current candle closed by
+        is ignored too. A tick that starts a candle whose interval ended by its asset's
+        :attr:`ended_us` starts it closed (reported closed this once). A current candle closed by
         :meth:`close_ended` is not reported again when the next one starts. A tick of an
         unknown asset raises KeyError, a tick that is not integer ticks with
         ``0 < bid <= ask`` (and ``bid + ask``, ``ts_us`` within int64, ``ts_us >= 0``) raises
         ValueError; either changes nothing.
         """
         series_of = self._series[tick.asset]
+        ended_us = self.ended_us[tick.asset]
         bid, ask, ts_us = tick.bid_ticks, tick.ask_ticks, tick.ts_us
         if not (_is_int(bid) and _is_int(ask) and _is_int(ts_us)):
             raise ValueError("a tick's bid, ask and ts_us must be integers")
@@ -305,25 +310,30 @@ class CandleBook:
                         changed.append(ended)
                 # a late tick starting a candle of an interval already over: final at once
                 candle = Candle(series.asset, series.interval, start_us, mid, mid, mid, mid, 1,
-                                ts_us, start_us + series.length_us <= self.ended_us)
+                                ts_us, start_us + series.length_us <= ended_us)
             series.current = candle
             changed.append(candle)
         return changed
 
-    def close_ended(self, now_us: int) -> list[Candle]:
+    def close_ended(self, now_us: int,
+                    until_us: Mapping[str, int] = MappingProxyType({})) -> list[Candle]:
         """Close every current candle whose interval has ended by ``now_us`` (unix us, the
-        caller's clock): return them with ``closed=True`` (reported closed this once), by
-        asset, then interval in the book's order. ``ended_us`` becomes ``now_us`` when later
-        (a candle a late tick starts in an interval ended by then is closed at once)."""
-        if not _is_int(now_us):
-            raise ValueError("now_us must be an integer")
-        self.ended_us = max(self.ended_us, now_us)
+        caller's clock), or for an asset in ``until_us`` (asset -> unix us) by the earlier of
+        ``now_us`` and its time there (assets the book does not hold are ignored): return them
+        with ``closed=True`` (reported closed this once), by asset, then interval in the
+        book's order. An asset's :attr:`ended_us` becomes that time when later (a candle a
+        late tick starts in an interval ended by then is closed at once). A time that is not
+        an int raises ValueError and changes nothing."""
+        if not _is_int(now_us) or not all(_is_int(t) for t in until_us.values()):
+            raise ValueError("now_us and until_us's times must be integers")
         changed: list[Candle] = []
-        for series_of in self._series.values():
+        for asset, series_of in self._series.items():
+            ended_us = max(self.ended_us[asset], min(now_us, until_us.get(asset, now_us)))
+            self.ended_us[asset] = ended_us
             for series in series_of:
                 current = series.current
                 if current is not None and not current.closed \
-                        and current.start_us + series.length_us <= self.ended_us:
+                        and current.start_us + series.length_us <= ended_us:
                     series.current = current._replace(closed=True)
                     changed.append(series.current)
         return changed

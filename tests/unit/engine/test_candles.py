@@ -1,9 +1,10 @@
 """Candles: worked examples at interval boundaries (a tick exactly at a boundary starts the new
 candle, one microsecond before stays in the old one), exact rendering of odd half-ticks, the
-closed-once rule (a tick of a later interval or the caller's clock closes a candle), late
-and bad ticks, the query's range and limit rules, the memory bound and a
-restored book; then Hypothesis: the book and the Fraction reference agree on every change and
-every answer for random tick sequences, and a book restored mid-way continues exactly."""
+closed-once rule (a tick of a later interval or the caller's clock closes a candle; an asset
+may be given an earlier time than the clock), late and bad ticks, the query's range and limit
+rules, the memory bound and a restored book; then Hypothesis: the book and the Fraction
+reference agree on every change and every answer for random tick sequences, and a book
+restored mid-way continues exactly."""
 
 from __future__ import annotations
 
@@ -161,6 +162,28 @@ def test_a_candle_whose_interval_ended_by_the_clock_is_reported_closed_once() ->
         ("1m", T_DAY + 10 * MINUTE, True), ("5m", T_DAY + 10 * MINUTE, True)]
     assert book.apply(tick(T_DAY + 10 * MINUTE + 1)) == []  # and never changes again
     assert book.close_ended(T_DAY + DAY) == []
+
+
+def test_an_asset_s_own_time_bounds_only_its_candles() -> None:
+    """A caller holding back a tick of SOL stamped inside its minute closes SOL's candles by
+    that tick's time, BTC's by the clock."""
+    book = CandleBook(["SOL", "BTC"], ["1m", "5m"])
+    book.apply(tick(T_DAY + 10))
+    btc, _ = book.apply(tick(T_DAY + 10, asset="BTC"))
+    held_us = {"SOL": T_DAY + 20, "ETH": T_DAY}  # an asset the book does not hold: ignored
+    assert book.close_ended(T_DAY + 2 * MINUTE, held_us) == [btc._replace(closed=True)]
+    assert book.ended_us == {"SOL": T_DAY + 20, "BTC": T_DAY + 2 * MINUTE}
+    # a late tick starting an ended interval is closed at once for BTC only
+    assert [c.closed for c in book.apply(tick(T_DAY + MINUTE, asset="BTC"))] == [True, False]
+    assert [(c.start_us, c.closed) for c in book.apply(tick(T_DAY + MINUTE))] == [
+        (T_DAY, True), (T_DAY + MINUTE, False), (T_DAY, False)]
+    # a later time for SOL than the clock counts as the clock
+    assert [(c.asset, c.interval, c.start_us) for c in book.close_ended(
+        T_DAY + 5 * MINUTE, {"SOL": T_DAY + DAY})] == [
+        ("SOL", "1m", T_DAY + MINUTE), ("SOL", "5m", T_DAY), ("BTC", "5m", T_DAY)]
+    with pytest.raises(ValueError):
+        book.close_ended(T_DAY + DAY, {"SOL": 1.5})  # type: ignore[dict-item]
+    assert book.ended_us == {"SOL": T_DAY + 5 * MINUTE, "BTC": T_DAY + 5 * MINUTE}
 
 
 def test_late_ticks_are_ignored_for_every_interval_they_are_older_than() -> None:
@@ -366,10 +389,14 @@ def tick_sequences(draw: st.DrawFn, max_size: int = 40) -> list[Tick]:
     return out
 
 
-# before the tick at an index, the clock at that tick's time plus an offset (close_ended)
-clock_reads = st.lists(st.tuples(st.integers(0, 40), st.one_of(
+clock_offsets = st.one_of(
     st.integers(-MINUTE, 2 * MINUTE), st.sampled_from([0, MINUTE, 5 * MINUTE, DAY]),
-    st.integers(0, 2 * DAY))), max_size=6)
+    st.integers(0, 2 * DAY))
+# before the tick at an index, the clock at that tick's time plus an offset (close_ended), and
+# per asset maybe an earlier time, as offsets too (a tick of the asset held back)
+clock_reads = st.lists(st.tuples(
+    st.integers(0, 40), clock_offsets,
+    st.dictionaries(st.sampled_from(["SOL", "BTC"]), clock_offsets, max_size=2)), max_size=6)
 
 
 @SETTINGS
@@ -379,7 +406,7 @@ clock_reads = st.lists(st.tuples(st.integers(0, 40), st.one_of(
        clock_reads)
 def test_the_book_equals_the_reference(ticks: list[Tick], keep: int, lag: int,
                                        queries: list[tuple[int, int | None, int | None]],
-                                       clock: list[tuple[int, int]]) -> None:
+                                       clock: list[tuple[int, int, dict[str, int]]]) -> None:
     """Also the book's memory merged with a store that lags by ``lag`` ticks: exact as long
     as no candle leaves memory before it is stored, which ``lag < keep`` guarantees (one tick
     closes at most one candle per interval)."""
@@ -389,11 +416,12 @@ def test_the_book_equals_the_reference(ticks: list[Tick], keep: int, lag: int,
     store: dict[tuple[str, str, int], Candle] = {}  # every version apply returned, the last wins
     for n, t in enumerate(ticks):
         changed = []
-        for at, offset_us in clock:
+        for at, offset_us, until_offsets in clock:
             if at == n:
-                closed = book.close_ended(t.ts_us + offset_us)
+                until_us = {a: t.ts_us + o for a, o in until_offsets.items()}
+                closed = book.close_ended(t.ts_us + offset_us, until_us)
                 assert [exact(REGISTRY[c.asset], c) for c in closed] == \
-                    reference.close_ended(t.ts_us + offset_us)
+                    reference.close_ended(t.ts_us + offset_us, until_us)
                 changed += closed
         applied = book.apply(t)
         assert [exact(REGISTRY[c.asset], c) for c in applied] == reference.apply(t)
