@@ -12,10 +12,10 @@ A candle is closed once its interval has ended by the clock (``clock_us``), not 
 tick of a later interval arrives: ``klines`` says so from its end. It is final (built no more,
 written and published closed, so the stream sends it ``closed: true``) once no tick it could
 still take can be accepted: ``late_s`` after its end (the feed's oldest acceptable tick age), or
-earlier when a tick of a later interval arrives, but not while the feed holds a tick back that it
-may still accept (``held``). Every read (``klines``, ``changes``, ``wait``)
-first finalises the candles due, as a batch of their own, and ``wait`` wakes when the next is
-due, so a quiet market's candle is sent closed on time.
+earlier when a tick of a later interval arrives, but not while the feed holds a tick of its asset
+back that it may still accept (``held``; the other assets' candles are not held up). Every read
+(``klines``, ``changes``, ``wait``) first finalises the candles due, as a batch of their own, and
+``wait`` wakes when the next is due, so a quiet market's candle is sent closed on time.
 
 ``changes(since)`` returns what changed after version ``since``: a reader that keeps the
 version it got reads every stream's newest value and every closed candle still remembered
@@ -34,7 +34,7 @@ import random
 import sqlite3
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -109,7 +109,8 @@ class MarketLive:
     only), and the streams' newest values; ``clock_us`` (unix us) says which intervals have
     ended, ``late_s`` how long after its end a candle may still take a tick, ``held`` which
     ticks the feed holds back that it may still accept, however old (a jump awaiting its
-    confirmation): their candles are not final until then."""
+    confirmation): their asset's candles from the one each is stamped in on are not final
+    until then."""
 
     def __init__(self, assets: AssetRegistry, data_dir: Path | None,
                  clock_us: Callable[[], int] = wall_clock_us, late_s: float = 0.0,
@@ -125,7 +126,11 @@ class MarketLive:
         self.book = CandleBook(names, INTERVALS, candles=restored)
         # apply may run on another thread than the reads that close candles by the clock
         self._lock = threading.Lock()
-        self._next_end_us = 0  # no open candle's interval ends before it (unix us)
+        # no open candle's interval ends before it (unix us), those a held tick keeps open aside
+        self._next_end_us = 0
+        # a held tick keeps a candle open past its time: every read checks the hold again (the
+        # feed may drop the held tick for a newer one, with no tick to apply)
+        self._held_open = False
         self.version = 0
         self.source_id = random.getrandbits(63)  # Changes.source
         self._latest: dict[str, tuple[int, Tick | Candle]] = {}
@@ -142,14 +147,15 @@ class MarketLive:
         # that followed the last run was sent them open (a reader's first read leaves closed
         # candles out, cluster.live.streams); those stored final were sent closed already
         final = {(c.asset, c.interval, c.start_us) for c in restored if c.closed}
-        ended = [c for c in self.book.close_ended(clock_us() - self.late_us)
+        now_us = clock_us() - self.late_us
+        ended = [c for c in self.book.close_ended(now_us)
                  if (c.asset, c.interval, c.start_us) not in final]
         if self.store is not None and ended:
             self._write(self.store, ended)
         self._closed.extend((1, c) for c in ended)
         self._latest.update((kline_stream(c.interval, c.asset), (1, c))
                             for c in self._open_candles())
-        self._next_end_us = self._earliest_end_us()
+        self._next_end_us, self._held_open = self._next_end(now_us)
         # restored candles are version 1, after what a reader from 0 has: a subscriber gets the
         # current candle before the first tick (the REST klines show it already)
         self.version = 1 if self._latest or self._closed else 0
@@ -171,22 +177,33 @@ class MarketLive:
         return len(changed)
 
     def close_ended(self) -> int:
-        """Close, write and publish the candles whose interval ended ``late_s`` ago or more;
-        how many. Cheap when none has (one clock read)."""
-        if self.clock_us() - self.late_us < self._next_end_us:
+        """Close, write and publish the candles whose interval ended ``late_s`` ago or more,
+        but those of an asset with a held tick stamped inside them or before; how many. Cheap
+        when none has ended and no held tick keeps one open (one clock read)."""
+        if not self._held_open and self.clock_us() - self.late_us < self._next_end_us:
             return 0
         with self._lock:
-            ended = self.book.close_ended(min([self.clock_us() - self.late_us,
-                                               *(t.ts_us for t in self.held())]))
-            self._next_end_us = self._earliest_end_us()
+            now_us = self.clock_us() - self.late_us
+            ended = self.book.close_ended(now_us, self._held_us())
+            self._next_end_us, self._held_open = self._next_end(now_us)
             if ended:
                 self._publish(ended, {})
         return len(ended)
 
-    def _earliest_end_us(self) -> int:
-        """When the first current candle's interval ends (unix us; far away: none open)."""
+    def _held_us(self) -> Mapping[str, int]:
+        """Asset -> ``ts_us`` of its oldest held tick: its candles ending after it stay open."""
+        held_us: dict[str, int] = {}
+        for tick in self.held():
+            held_us[tick.asset] = min(tick.ts_us, held_us.get(tick.asset, tick.ts_us))
+        return held_us
+
+    def _next_end(self, now_us: int) -> tuple[int, bool]:
+        """After candles were closed by ``now_us`` (unix us): when the first open candle's
+        interval ends after it (far away: none), and whether a candle is open though its
+        interval ended by it (a held tick keeps it open)."""
         ends = [c.start_us + INTERVAL_US[c.interval] for c in self._open_candles()]
-        return min(ends, default=INT64_MAX)
+        later = [end for end in ends if end > now_us]
+        return min(later, default=INT64_MAX), len(later) < len(ends)
 
     def _open_candles(self) -> Iterable[Candle]:
         for asset in self.book.assets:
@@ -281,11 +298,12 @@ class MarketLive:
             self._waiters.add(waiter)
             try:
                 if self.version <= since:  # again: apply may have run on another thread
+                    # a candle a held tick keeps open is not counted: its hold mostly ends with
+                    # a tick applied, a new version, which wakes this reader
                     due_us = self._next_end_us + self.late_us - self.clock_us()
-                    # past due: a held tick keeps it open until the next tick decides it
-                    until_end_s = due_us / 1e6 if due_us > 0 else timeout_s
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(waiter[1].wait(), min(timeout_s, until_end_s))
+                        await asyncio.wait_for(waiter[1].wait(),
+                                               min(timeout_s, max(due_us, 0) / 1e6))
             finally:
                 self._waiters.discard(waiter)
         return self.changes(since)

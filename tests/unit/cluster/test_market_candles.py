@@ -1,7 +1,8 @@
 """The market's candles: against a candle store that refuses writes for a while (a full disk),
 what was served reaches the file once the disk takes writes again; a candle whose interval has
-ended by the clock is closed (REST and stream, once) without waiting for a later tick, and one
-restored after its interval ended comes back closed."""
+ended by the clock is closed (REST and stream, once) without waiting for a later tick, one
+restored after its interval ended comes back closed, and a tick the feed holds back keeps only
+its own asset's candles from being final."""
 
 from __future__ import annotations
 
@@ -33,6 +34,19 @@ class Clock:
 
     def __call__(self) -> int:
         return self.now_us
+
+
+class PacedClock:
+    """A clock (unix us) running at the real pace from the time it was last set to."""
+
+    def __init__(self, now_us: int) -> None:
+        self.set(now_us)
+
+    def set(self, now_us: int) -> None:
+        self.shift_us = now_us - time.time_ns() // 1000
+
+    def __call__(self) -> int:
+        return time.time_ns() // 1000 + self.shift_us
 
 
 class FullDisk(CandleStore):
@@ -243,3 +257,67 @@ def test_a_jump_held_for_confirmation_past_the_late_window_still_counts_in_its_c
     sent = klines(live.changes(version).items)["kline.1m.SOL"]
     assert [(c.start_us, c.tick_count, c.closed) for c in sent] == [
         (T5_US, 2, True), (T5_US + MINUTE_US, 1, False)]
+
+
+def btc(bid: int, ts_us: int, seq: int) -> Tick:
+    return Tick("BTC", bid, bid + 1, ts_us, seq, "test")
+
+
+def test_a_jump_held_of_one_asset_keeps_only_that_asset_s_candles_from_being_final(
+        tmp_path: Path) -> None:
+    """SOL's jump stamped inside its minute is held; BTC holds none. Once ``late_s`` has
+    passed after the minute, BTC's is final (stored and sent closed), SOL's not until its held
+    tick is settled, here by a newer jump that drops it and is held in turn (no tick is
+    accepted). Before, a held tick of any asset kept every asset's candles from being final."""
+    gate = TickGate(1_000)
+    clock = Clock(T5_US + 2)
+    live = MarketLive(Settings().assets, tmp_path, clock, late_s=15.0,
+                      held=lambda: gate.held.values())
+    store = live.store
+    assert store is not None
+    live.apply(gate.admit_all({"SOL": sol(10_000, T5_US + 1, 1),
+                               "BTC": btc(650_000, T5_US + 1, 1)}))
+    assert gate.admit(sol(12_000, T5_US + 2, 2)) == []  # held
+    version = live.changes(0).version
+    clock.now_us = T5_US + MINUTE_US + 15_000_000  # the minute's late window is over
+    # klines show both closed (their interval has ended); only BTC's is final
+    assert [c.closed for c in live.candles("SOL", "1m", CandleQuery())] == [True]
+    (btc_minute,) = live.candles("BTC", "1m", CandleQuery())
+    assert btc_minute.closed and btc_minute.tick_count == 1
+    assert store.read("BTC", "1m", CandleQuery()) == [btc_minute]
+    assert [c.closed for c in store.read("SOL", "1m", CandleQuery())] == [False]
+    changes = live.changes(version)
+    assert klines(changes.items) == {"kline.1m.BTC": [btc_minute]}
+    assert live.changes(changes.version).items == []
+    # a jump from the held one is held instead (the first is dropped): SOL's minute is final
+    assert gate.admit(sol(14_000, clock.now_us - 1, 3)) == [] and gate.dropped["jump"] == 1
+    (sol_minute,) = live.candles("SOL", "1m", CandleQuery())
+    assert sol_minute.tick_count == 1 and store.read("SOL", "1m", CandleQuery()) == [sol_minute]
+    assert klines(live.changes(changes.version).items) == {"kline.1m.SOL": [sol_minute]}
+    live.close()
+
+
+def test_a_reader_waiting_is_woken_when_a_candle_is_due_while_another_asset_s_jump_is_held(
+        ) -> None:
+    """SOL's minute is past its late window but kept open by a held jump; a long poll still
+    wakes when BTC's next minute is final, not after its whole timeout."""
+    async def scenario() -> None:
+        gate = TickGate(1_000)
+        clock = PacedClock(T5_US + 2)
+        live = MarketLive(Settings().assets, None, clock, late_s=15.0,
+                          held=lambda: gate.held.values())
+        live.apply(gate.admit(sol(10_000, T5_US + 1, 1)))
+        assert gate.admit(sol(12_000, T5_US + 2, 2)) == []  # held
+        clock.set(T5_US + MINUTE_US + 2)
+        live.apply(gate.admit(btc(650_000, T5_US + MINUTE_US + 1, 3)))
+        clock.set(T5_US + 2 * MINUTE_US + 15_000_000 - 200_000)  # 0.2 s before BTC's is final
+        version = live.changes(0).version
+        assert [c.closed for c in live.candles("SOL", "1m", CandleQuery())] == [True]
+        started = time.monotonic()
+        changes = await live.wait(version, timeout_s=5.0)
+        assert time.monotonic() - started < 2.0
+        assert {stream: [(c.start_us, c.closed) for c in candles]
+                for stream, candles in klines(changes.items).items()} == {
+            "kline.1m.BTC": [(T5_US + MINUTE_US, True)]}
+
+    asyncio.run(scenario())
