@@ -55,6 +55,8 @@ FREE_HEAD = "free_head"
 _CHECK_ROWS = 16_384
 """Rows a restore's checks take at a time (int64 temporaries of 128 KiB)."""
 _OWNED = ("owner", "margin_micros")  # columns every store has: who holds a row, what it locks
+_HALF_BITS = 31  # margins are summed in halves of this many bits (open_margin_by_owner)
+_HALF_MASK = (1 << _HALF_BITS) - 1
 
 
 def int64_columns(columns: Mapping[str, np.ndarray], *names: str) -> list[np.ndarray]:
@@ -397,9 +399,13 @@ class RowStore(ABC, Generic[RecordT]):
         order = np.argsort(owners, kind="stable")
         owners, margins = owners[order], margins[order]
         starts = np.flatnonzero(np.concatenate([[True], owners[1:] != owners[:-1]]))
-        sums = np.add.reduceat(margins, starts)
-        return {int(o): int(s) for o, s in zip(owners[starts].tolist(), sums.tolist(),
-                                                 strict=True)}
+        # A margin fits int64 but an owner's sum need not (four of 2**62 wrap to 0): sum the
+        # high and low 31 bits apart (each sum stays below 2**31 * MAX_ROWS) and join them
+        # as Python ints.
+        high = np.add.reduceat(margins >> _HALF_BITS, starts).tolist()
+        low = np.add.reduceat(margins & _HALF_MASK, starts).tolist()
+        return {int(o): (h << _HALF_BITS) + lo for o, h, lo in zip(owners[starts].tolist(), high,
+                                                                   low, strict=True)}
 
     def columns(self) -> dict[str, np.ndarray]:
         """Views (not copies; do not write) of every column over the used rows, including

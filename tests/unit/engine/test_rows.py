@@ -16,8 +16,10 @@ from engine.book import PositionBook
 from engine.order_book import OrderBook
 from engine.order_book import OrderKind
 from engine.order_book import OrderTerms
+from engine.orders import MAX_COLUMN_VALUE
 from engine.orders import OpenPlan
 from engine.orders import Side
+from engine.orders import liquidation_ticks
 from engine.orders import plan_open
 from engine.position_ids import row_of
 from engine.rows import RowStore
@@ -106,3 +108,28 @@ def test_each_book_checks_its_free_list(cls: type[PositionBook | OrderBook],
         cls.from_arrays(SOL, 3, loop)
     book.columns()[link][row_of(ids[1])] = row_of(ids[2])  # white-box: points at an open row
     assert any("free list" in p for p in book.check())
+
+
+def _topped_up_position(book: PositionBook, margin: int) -> None:
+    pid = book.open(1, _plan(), T0)
+    liq = liquidation_ticks(SOL, Side.LONG, 10_000, _plan().qty_steps, margin, 0)
+    assert book.amend(pid, margin_micros=margin, liq_ticks=liq) is not None
+
+
+def _large_order(book: OrderBook, margin: int) -> None:
+    book.place(1, _order()._replace(margin_micros=margin), T0)
+
+
+@pytest.mark.parametrize(("cls", "add_large"), [
+    pytest.param(PositionBook, _topped_up_position, id="positions"),
+    pytest.param(OrderBook, _large_order, id="orders")])
+def test_margins_per_owner_are_summed_exactly_beyond_int64(
+        cls: type[Any], add_large: Callable[[Any, int], None]) -> None:
+    # each margin fits its int64 cell (at most 2**62), their sum need not: four of them make
+    # 2**64, which an int64 sum wraps to 0, and the ledger's audit and start-time
+    # reconciliation compare margin accounts with this sum (and release what exceeds it)
+    book = cls(SOL, book_tag=3)
+    for _ in range(4):
+        add_large(book, MAX_COLUMN_VALUE)
+    add_large(book, 5)
+    assert book.open_margin_by_owner() == {1: 4 * MAX_COLUMN_VALUE + 5}
