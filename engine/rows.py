@@ -309,10 +309,12 @@ class RowStore(ABC, Generic[RecordT]):
             gen = 1
         return (gen << GEN_SHIFT) | (row << ROW_SHIFT) | self.book_tag
 
-    def next_ids(self, count: int, released: Sequence[int] = ()) -> list[int]:
+    def next_ids(self, count: int, released: Sequence[int] = (), *,
+                 fitting: bool = False) -> list[int]:
         """The ids ``count`` single inserts would issue after the live items ``released`` are
         removed in that order (a tick's closes, then its fills); changes nothing.
-        OverflowError when they do not fit."""
+        OverflowError when they do not fit; with ``fitting``, the ids of the first inserts
+        that fit instead (fewer than ``count`` when the book runs out of rows)."""
         freed: list[tuple[int, int]] = []  # (row, last id): the free list's new head last
         for item_id in released:
             if (item_id >> GEN_SHIFT) < MAX_GENERATION:
@@ -327,6 +329,8 @@ class RowStore(ABC, Generic[RecordT]):
                 row = int(self._links[row])
             else:
                 if hw >= MAX_ROWS:
+                    if fitting:
+                        break
                     raise OverflowError(f"{self._NOUN} books hold at most {MAX_ROWS} rows")
                 row_of, last, hw = hw, 0, hw + 1
             gen = (last >> GEN_SHIFT) + 1

@@ -549,17 +549,15 @@ class ShardMachine:
                 events.append(PositionClosed(position_id, reason, exit_ticks, now_us, seq))
                 closed.append(position_id)
         if len(self.orders):
-            ended = self._sweep_orders(tick, seq, closed, now_us)
-            if isinstance(ended, Rejected):
-                return ended, ()
-            events.extend(ended)
+            events.extend(self._sweep_orders(tick, seq, closed, now_us))
         return len(closed), events
 
     def _sweep_orders(self, tick: Tick, seq: int, closed: list[int], now_us: int
-                      ) -> list[Event] | Rejected:
+                      ) -> list[Event]:
         """The events of the orders ``tick`` ends (after its closes ``closed``, numbered from
         ``seq + 1``): each an ``OrderEnded``, a fill's followed by the ``PositionOpened`` of
-        the position it opens, with the ids the book will issue after those closes. Expiry is
+        the position it opens, with the ids the book will issue after those closes (a fill
+        the book has no row left for ends rejected, INVALID_REQUEST). Expiry is
         against the tick's time (SPEC); the ends are stamped ``now_us``, the engine's time, as
         placements are (a tick is a little old when it arrives: its time would put an order's
         end before its placement)."""
@@ -580,14 +578,16 @@ class ShardMachine:
                 ends.append((order, OrderStatus.REJECTED, None, plan.code.value))
             else:
                 ends.append((order, OrderStatus.FILLED, plan, ""))
-        try:
-            fills = iter(self.book.next_ids(sum(e[2] is not None for e in ends), closed))
-        except OverflowError:
-            return Rejected(Code.INVALID_REQUEST, "this shard holds no more positions")
+        # a fill the book has no row for is rejected like any fill that cannot open: refusing
+        # the tick instead would also leave its triggered positions open past their levels
+        wanted = sum(e[2] is not None for e in ends)
+        fills = iter(self.book.next_ids(wanted, closed, fitting=True))
         events: list[Event] = []
         for order, status, fill, code in ends:
             seq += 1
-            position_id = 0 if fill is None else next(fills)
+            position_id = 0 if fill is None else next(fills, 0)
+            if fill is not None and position_id == 0:
+                status, fill, code = OrderStatus.REJECTED, None, Code.INVALID_REQUEST.value
             events.append(OrderEnded(order.order_id, int(status), position_id, now_us, seq, 0,
                                      code))
             if fill is not None:

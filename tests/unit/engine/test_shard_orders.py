@@ -8,12 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from engine import rows
 from engine import shard_machine
 from engine.events import OrderEnded
 from engine.events import OrderPlaced
 from engine.events import PositionAmended
 from engine.events import PositionOpened
 from engine.market import Tick
+from engine.messages import ClosedPosition
 from engine.messages import EndedOrder
 from engine.messages import OpenPosition
 from engine.messages import PendingOrder
@@ -441,3 +443,26 @@ def test_a_restored_shard_answers_resends_and_forgets_as_the_original_did(
     refused = run(later, sent[5])  # its id is fenced now: the resend is refused as such
     assert isinstance(refused, Rejected) and refused.code is Code.PRICE_UNAVAILABLE
     assert restored(later).fingerprint() == later.fingerprint() and later.check() == []
+
+
+def test_fills_the_book_has_no_row_for_are_rejected_and_the_tick_still_liquidates(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rows, "MAX_ROWS", 4)
+    m = shard()
+    run(m, raw_tick(10000, 10001))
+    doomed = run(m, req(1, leverage=10))  # liquidated at 90.00
+    for rid in (2, 3, 4):  # the book's other rows: liquidated near 50
+        assert isinstance(run(m, req(rid, leverage=2)), OpenPosition)
+    first = place(m, terms(LONG, LIMIT, 9500, leverage=2))
+    second = place(m, terms(LONG, LIMIT, 9500, leverage=2))
+    # the tick liquidates one position and fills both orders: one row frees, two are wanted
+    assert run(m, raw_tick(8999, 9000)) == 1
+    closes = [i.closed for i in run(m, Outbox()).items if isinstance(i.closed, ClosedPosition)]
+    assert [(c.position_id, c.reason) for c in closes] == \
+        [(doomed.position_id, CloseReason.LIQUIDATION)]
+    filled, rejected = ended(m)
+    assert (filled.order_id, filled.status) == (first.order_id, OrderStatus.FILLED)
+    assert (rejected.order_id, rejected.status, rejected.position_id) == \
+        (second.order_id, OrderStatus.REJECTED, 0)
+    assert rejected.reject_code == Code.INVALID_REQUEST.value
+    assert len(m.book) == 4 and len(m.orders) == 0 and m.check() == []
