@@ -192,6 +192,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().on_headers_complete()  # served as plain HTTP (its cycle made there) ...
         self.cycle.keep_alive = False  # ... then the connection closes
 
+    def handle_websocket_upgrade(self) -> None:
+        # the parser reports the upgrade of a handshake refused as its head ended too: uvicorn
+        # handed it to the WebSocket protocol, failing on the scope it never made (logged as
+        # a fatal error of the connection)
+        if not self.transport.is_closing():
+            super().handle_websocket_upgrade()
+
     def on_chunk_header(self) -> None:
         # after a last chunk the parser reads trailer fields as headers: RFC 9110 6.5.1 forbids
         # merging them into the request's (uvicorn did: an API key in one authenticated the

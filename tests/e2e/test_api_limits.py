@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -224,6 +225,8 @@ def test_a_content_length_with_whitespace_around_it_is_read(
     assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
 
 
+WS_HANDSHAKE = (b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
 MALFORMED_HTTP = {
     "two lengths": b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
                    b"Content-Length: 5\r\n\r\n{}",
@@ -238,12 +241,14 @@ MALFORMED_HTTP = {
     "chunked twice": b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\n"
                      b"Transfer-Encoding: chunked, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
     "no request line": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS hello
+    "a WebSocket handshake with gzip": WS_HANDSHAKE + b"Host: x\r\n"
+                                       b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
 }
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED_HTTP))
 def test_a_request_the_http_parser_refuses_is_400_in_the_error_shape(
-        unlimited_rates: LocalHttpPlatform, case: str) -> None:
+        unlimited_rates: LocalHttpPlatform, case: str, caplog: pytest.LogCaptureFixture) -> None:
     port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
     users = unlimited_rates.totals()["users"]
     # a signup written after it in the same packet is neither answered nor executed
@@ -255,6 +260,8 @@ def test_a_request_the_http_parser_refuses_is_400_in_the_error_shape(
     body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
     assert body["error"]["code"] == "INVALID_REQUEST", body
     assert body["error"]["message"].startswith("malformed HTTP request: "), body
+    # (a WebSocket handshake refused as its head ended was then upgraded, and failed)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 OTHER_PROTOCOL = {
