@@ -29,6 +29,8 @@ it runs in the replica, before its server starts.
   after either, since what follows on it is not read as HTTP.
 - A chunked body's trailer fields are dropped, and bound as a head is (uvicorn added them to
   the request's headers, without a bound).
+- ``Host`` (RFC 9112 3.2): a request naming its host twice or not as a host[:port], or an
+  HTTP/1.1 one naming none, is refused (400); uvicorn served it.
 - Answers of the layers under the app, in SPEC's error shape like the app's: a WebSocket
   handshake websockets refuses (no key, an unknown version; plain text before; a head it
   cannot read, such as one with a body: no answer and never closed before) or the app
@@ -42,6 +44,7 @@ it runs in the replica, before its server starts.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,6 +72,13 @@ UNSUPPORTED_CODING = _refusal("400 Bad Request", f"{MALFORMED}: Transfer-Encodin
 UPGRADE_WITH_BODY = _refusal("400 Bad Request",
                              "a request asking for another protocol (CONNECT, or an Upgrade "
                              "other than websocket) cannot carry a body; send it without")
+
+HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+)"
+                  rb"(?::[0-9]*)?")
+"""A ``Host`` value (RFC 9110 7.2): an IPv6 literal, or a name or IPv4 address (RFC 3986's
+reg-name, never empty in an http URI), and an optional port."""
+HOST_OPTIONAL = ("0.9", "1.0")
+"""HTTP versions whose requests may name no host (HTTP/1.1 made ``Host`` required)."""
 
 
 MAX_PIPELINED = 32
@@ -170,6 +180,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_ended = True
         self._head_begun = False
         self._head_bytes = 0
+        if (fault := self._host_fault()) is not None:
+            self._refuse(_refusal("400 Bad Request", f"{MALFORMED}: {fault}"))
+            return
         codings = [c.strip().lower() for name, value in self.headers
                    if name == b"transfer-encoding" for c in value.split(b",")]
         if codings and codings != [b"chunked"]:
@@ -191,6 +204,20 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         super().on_headers_complete()  # served as plain HTTP (its cycle made there) ...
         self.cycle.keep_alive = False  # ... then the connection closes
+
+    def _host_fault(self) -> str | None:
+        """Why the request's ``Host`` headers break RFC 9112 3.2 (a server MUST answer 400:
+        which host a request is for must not depend on who reads it), or None."""
+        hosts = [value for name, value in self.headers if name == b"host"]
+        if not hosts:
+            if self.parser.get_http_version() in HOST_OPTIONAL:
+                return None
+            return "no Host header (required since HTTP/1.1)"
+        if len(hosts) > 1:
+            return "more than one Host header"
+        if not HOST.fullmatch(hosts[0].strip(b" \t")):
+            return "the Host header is not a host[:port]"
+        return None
 
     def handle_websocket_upgrade(self) -> None:
         # the parser reports the upgrade of a handshake refused as its head ended too: uvicorn

@@ -241,6 +241,15 @@ MALFORMED_HTTP = {
     "chunked twice": b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\n"
                      b"Transfer-Encoding: chunked, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
     "no request line": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS hello
+    # RFC 9112 3.2: an HTTP/1.1 request names its host, once, and any request at most once
+    "no Host": b"GET /api/v1/assets HTTP/1.1\r\n\r\n",
+    "two Hosts": b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\nHost: x\r\n\r\n",
+    "two Hosts in HTTP/1.0": b"GET /api/v1/assets HTTP/1.0\r\nHost: x\r\nHost: y\r\n\r\n",
+    "a Host with a path": b"GET /api/v1/assets HTTP/1.1\r\nHost: x/y\r\n\r\n",
+    "a Host with a space": b"GET /api/v1/assets HTTP/1.1\r\nHost: x y\r\n\r\n",
+    "an empty Host": b"GET /api/v1/assets HTTP/1.1\r\nHost: \r\n\r\n",
+    "a Host whose port is not a number": b"GET /api/v1/assets HTTP/1.1\r\nHost: x:y\r\n\r\n",
+    "a WebSocket handshake without Host": WS_HANDSHAKE + b"\r\n",
     "a WebSocket handshake with gzip": WS_HANDSHAKE + b"Host: x\r\n"
                                        b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
 }
@@ -262,6 +271,22 @@ def test_a_request_the_http_parser_refuses_is_400_in_the_error_shape(
     assert body["error"]["message"].startswith("malformed HTTP request: "), body
     # (a WebSocket handshake refused as its head ended was then upgraded, and failed)
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+HOSTS_SERVED = {
+    "a name and a port": b"GET /api/v1/assets HTTP/1.1\r\nhost: api.example-1.com:8000 \r\n",
+    "an IPv4 address": b"GET /api/v1/assets HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+    "an IPv6 address": b"GET /api/v1/assets HTTP/1.1\r\nHost: [::1]:8000\r\n",
+    "HTTP/1.0 without Host": b"GET /api/v1/assets HTTP/1.0\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTS_SERVED))
+def test_a_request_naming_its_host_once_or_an_http_1_0_one_naming_none_is_served(
+        unlimited_rates: LocalHttpPlatform, case: str) -> None:
+    port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
+    answer = raw_answer(port, iter([HOSTS_SERVED[case] + b"Connection: close\r\n\r\n"]))
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"SOL"' in answer, answer[:300]
 
 
 OTHER_PROTOCOL = {
