@@ -519,7 +519,6 @@ class Journal:
         segments = _list_segments(self.path)
         kept: list[tuple[int, Path]] = []
         next_seq = segments[0][0] if segments else 1
-        changed_dir = False
         i = 0
         while i < len(segments):
             base, p = segments[i]
@@ -529,13 +528,11 @@ class Journal:
                 resumed = self._resume(segments, i - 1, i, p.read_bytes(), 0, covered + 1)
                 if resumed is not None:
                     segments, kept, next_seq, i = resumed, [], covered + 1, 0
-                    changed_dir = True
                     continue
             if base != next_seq:
                 if _holds_records(segments[i:], covered + 1):
                     raise _damaged(p, 0, next_seq)
                 self._set_aside_segments(segments[i:])
-                changed_dir = True
                 break
             data = p.read_bytes()
             good_end, next_seq, tail, tail_end = _scan(data, base)
@@ -543,7 +540,6 @@ class Journal:
                 resumed = self._resume(segments, i, i, data, good_end, covered + 1)
                 if resumed is not None:  # start over from the segment it resumes with
                     segments, kept, next_seq, i = resumed, [], covered + 1, 0
-                    changed_dir = True
                     continue
             if tail != "end":
                 self._check_damage(segments, i, data, good_end, next_seq, covered)
@@ -561,7 +557,6 @@ class Journal:
                 # looks torn (one that valid records follow was refused above).
                 # The zeros past it are not kept: they are the segment's, zeroed ahead.
                 self._set_aside(p, data[good_end:tail_end], offset=good_end)
-                changed_dir = True
                 with open(p, "r+b") as f:
                     f.truncate(good_end)
                     f.flush()
@@ -574,7 +569,6 @@ class Journal:
         if not kept:
             kept.append((next_seq, self.path / _segment_name(next_seq)))
             self._size = self._zeroed = 0
-            changed_dir = True
         self._segments = kept
         self._fd = os.open(kept[-1][1], os.O_WRONLY | os.O_CREAT, 0o644)
         if self.fsync and self._size:
@@ -582,8 +576,10 @@ class Journal:
             # cache may hold; they are served from now on (a retry gets their answer), so they
             # must be on the disk first. Earlier segments were flushed before they were left.
             _fdatasync(self._fd)
-        if changed_dir:
-            fsync_directory(self.path)
+        # Every time, not only after a repair: a segment found here may be one a writer killed
+        # between creating it and flushing the directory left (a roll-over's new segment), and
+        # the records appended to it from now on are acknowledged.
+        fsync_directory(self.path)
 
     @staticmethod
     def _check_damage(segments: list[tuple[int, Path]], i: int, data: bytes, start: int,

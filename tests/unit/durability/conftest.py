@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cluster.durability.journal as journal_module
 import pytest
+from tests.unit.durability.power import PowerCut
 
 
 @pytest.fixture
@@ -19,3 +22,9 @@ def syncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(journal_module, "_fdatasync", counted)
     return flushed
+
+
+@pytest.fixture
+def power(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PowerCut:
+    """A power cut of ``tmp_path``: :meth:`PowerCut.cut` drops the entries never flushed."""
+    return PowerCut(tmp_path, monkeypatch)
