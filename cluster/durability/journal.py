@@ -365,16 +365,21 @@ def write_whole(path: Path, data: bytes | memoryview) -> None:
 
 
 def create_directory(directory: str | os.PathLike[str]) -> Path:
-    """``mkdir -p`` whose new entries are durable: each created level's parent is fsynced."""
+    """``mkdir -p`` whose entries are durable, the ones it finds as well as the ones it makes:
+    a process killed between a ``mkdir`` and the flush of its parent leaves an entry the disk
+    may not keep, which the next one finds and writes under. So every level's parent is
+    flushed, up to the root (one this process may not read is skipped, unless it made an
+    entry in it)."""
     path = Path(directory)
-    missing: list[Path] = []
-    probe = path
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
+    levels = [path.absolute(), *path.absolute().parents]
+    made_in = {level.parent for level in levels if not level.exists()}
     path.mkdir(parents=True, exist_ok=True)
-    for created in reversed(missing):
-        fsync_directory(created.parent)
+    for parent in levels[1:]:
+        try:
+            fsync_directory(parent)
+        except PermissionError:
+            if parent in made_in:
+                raise
     return path
 
 

@@ -9,6 +9,14 @@ from pathlib import Path
 
 from cluster.durability.journal import Journal
 from cluster.durability.journal import _segment_name
+from cluster.durability.store import JOURNAL_DIR
+from cluster.durability.store import SNAPSHOT_DIR
+from engine.ledger_machine import CreateAccount
+from tests.unit.durability.hosted import Clock
+from tests.unit.durability.hosted import account
+from tests.unit.durability.hosted import crash
+from tests.unit.durability.hosted import one
+from tests.unit.durability.hosted import open_ledger
 from tests.unit.durability.power import PowerCut
 
 
@@ -31,3 +39,41 @@ def test_a_segment_a_killed_writer_created_is_flushed_before_records_go_in_it(
     with Journal(path) as again:
         assert again.durable_seq == 4
         assert [p for _, p in again.replay()] == [b"record %d" % n for n in (1, 2, 3, 4)]
+
+
+def test_a_journal_directory_a_killed_writer_created_is_flushed_in_its_parent(
+        tmp_path: Path, power: PowerCut) -> None:
+    """A writer killed at its first start, after it made its directories and before it
+    flushed their parents: the next one found them and flushed nothing above the journal,
+    and a power cut lost the whole journal with its acknowledged record."""
+    path = tmp_path / "data" / "ledger" / JOURNAL_DIR
+    path.mkdir(parents=True)  # the kill
+    with Journal(path) as journal:
+        journal.append(b"acknowledged")
+        assert journal.commit() == 1
+    power.cut()
+    with Journal(path) as again:
+        assert [p for _, p in again.replay()] == [b"acknowledged"]
+
+
+def test_a_snapshot_directory_a_killed_writer_created_is_flushed_before_the_trim(
+        tmp_path: Path, power: PowerCut) -> None:
+    """A host killed as it made its ``snapshots`` directory, before it flushed the host's
+    directory. The next one wrote its snapshot in it and trimmed the journal the snapshot
+    covers: a power cut lost the snapshot with its directory and kept the trim, and no start
+    was possible any more (the records before the journal's first were nowhere)."""
+    led = open_ledger(tmp_path, Clock())
+    one(led, CreateAccount(*account(1)))
+    (tmp_path / SNAPSHOT_DIR).mkdir()  # the kill
+    crash(led)
+    led = open_ledger(tmp_path, Clock())
+    for n in (2, 3):
+        one(led, CreateAccount(*account(n)))
+    assert led.checkpoint() == 3  # the journal before seq 4 is deleted
+    one(led, CreateAccount(*account(4)))
+    live = led.machine.fingerprint()
+    crash(led)
+    power.cut()
+    again = open_ledger(tmp_path, Clock())
+    assert again.machine.fingerprint() == live
+    again.close()
