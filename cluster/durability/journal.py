@@ -683,8 +683,10 @@ class Journal:
             self.repair.orphaned_segments.append(orphan.name)
 
     def _set_aside(self, segment: Path, data: bytes, offset: int = 0) -> None:
-        """Copy ``data`` (cut from ``segment`` at ``offset``) to a new file beside it; a later
-        cut at the same offset gets the next free name, never overwriting an earlier copy."""
+        """Copy ``data`` (cut from ``segment`` at ``offset``) to a new file beside it, durable
+        with its directory entry before the caller cuts anything (else a power cut could keep
+        the cut and lose the copy); a later cut at the same offset gets the next free name,
+        never overwriting an earlier copy."""
         for n in itertools.count():
             again = f".{n}" if n else ""
             aside = segment.with_name(f"{segment.name}.{offset}{again}{CORRUPT_SUFFIX}")
@@ -695,6 +697,7 @@ class Journal:
                     os.fsync(f.fileno())
             except FileExistsError:
                 continue
+            fsync_directory(self.path)
             return
 
     # -- state -----------------------------------------------------------------------------------

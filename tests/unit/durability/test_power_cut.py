@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from cluster.durability.journal import Journal
 from cluster.durability.journal import _segment_name
 from cluster.durability.store import JOURNAL_DIR
@@ -77,3 +78,36 @@ def test_a_snapshot_directory_a_killed_writer_created_is_flushed_before_the_trim
     again = open_ledger(tmp_path, Clock())
     assert again.machine.fingerprint() == live
     again.close()
+
+
+class Cut(BaseException):
+    """The power fails here."""
+
+
+def test_bytes_a_repair_cuts_off_are_kept_through_a_power_cut(
+        tmp_path: Path, power: PowerCut, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening a journal whose last record is damaged copies it aside and cuts it off. The
+    cut was flushed before the copy's directory entry: a power cut right after the cut left
+    neither the record nor its copy (which may hold an acknowledged record)."""
+    path = tmp_path / "j"
+    with Journal(path) as journal:
+        for n in (1, 2):
+            journal.append(b"record %d" % n)
+            journal.commit()
+    [segment] = sorted(path.glob("*.wal"))
+    data = bytearray(segment.read_bytes())
+    data[-1] ^= 0xFF  # the last record's last payload byte
+    segment.write_bytes(bytes(data))
+    flush = os.fsync
+
+    def cut_once_cut(fd: int) -> None:
+        flush(fd)
+        if os.readlink(f"/proc/self/fd/{fd}") == str(segment.resolve()):
+            raise Cut  # the segment's cut is on the disk, and nothing after it
+
+    monkeypatch.setattr(os, "fsync", cut_once_cut)
+    with pytest.raises(Cut):
+        Journal(path)
+    power.cut()
+    [aside] = path.glob("*.corrupt")
+    assert aside.read_bytes().endswith(b"record " + bytes([ord("2") ^ 0xFF]))
