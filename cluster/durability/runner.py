@@ -116,17 +116,17 @@ class Runner(Generic[M]):
              clock_us: Callable[[], int] = wall_clock_us, **store_options: Any) -> Runner[Any]:
         """Recover the machine kept in ``directory`` (``build(snapshot)`` + journal replay);
         ``store_options`` go to the JournalStore (``readonly=True``: the module docstring)."""
-        store = JournalStore(directory, **store_options)
         restored: list[Machine] = []
 
         def restore(snapshot: Snapshot | None) -> Machine:
-            restored.append(build(snapshot))
+            restored[:] = [build(snapshot)]  # a snapshot it raises for is skipped: not kept
             return restored[0]
 
         def decode(payload: bytes) -> list[Any]:  # records are read after restore()
             return restored[0].decode_record(payload)
 
-        recovered = store.recover(restore, lambda m, items: m.apply_batch(items), decode=decode)
+        store = JournalStore(directory, restore, **store_options)
+        recovered = store.recover(lambda m, items: m.apply_batch(items), decode=decode)
         return Runner(recovered.state, store, clock_us)
 
     # ----------------------------------------------------------------- the write path

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -170,18 +170,22 @@ def list_snapshots(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
                   reverse=True)
 
 
-def load_latest_snapshot(directory: str | os.PathLike[str]) -> Snapshot | None:
-    """The newest snapshot in ``directory`` that validates, or None if there is none.
+def valid_snapshots(directory: str | os.PathLike[str]) -> Iterator[Snapshot]:
+    """The snapshots in ``directory`` that validate, newest first, each read when asked for.
 
     Corrupt or partial files are skipped (and logged), so a crash while a newer snapshot was
     being written, or a damaged newest file, falls back to the previous one.
     """
     for _, path in list_snapshots(directory):
         try:
-            return read_snapshot(path)
+            yield read_snapshot(path)
         except SnapshotError as exc:
             _log.warning("skipping snapshot %s: %s", path, exc)
-    return None
+
+
+def load_latest_snapshot(directory: str | os.PathLike[str]) -> Snapshot | None:
+    """The newest snapshot in ``directory`` that validates, or None if there is none."""
+    return next(valid_snapshots(directory), None)
 
 
 def prune_snapshots(directory: str | os.PathLike[str], keep: int = DEFAULT_KEEP) -> list[Path]:

@@ -4,11 +4,14 @@ The runner (cluster.durability.runner) steps commands through its machine and ha
 encoded events of each batch to a JournalStore. The store implements the recipe of
 cluster.durability.recovery:
 
-* ``recover`` takes the journal's exclusive lock and rebuilds the state: newest valid snapshot
-  plus every durable journal record after it (``cluster.durability.recovery.recover``). The
-  snapshot is read when the journal opens, under its lock and before the journal repairs
-  anything, so a damaged record that snapshot already covers does not cost the records after
-  it (the journal resumes past it: cluster.durability.journal, ``covered_seq``).
+* Opening the store takes the journal's exclusive lock and restores the state from the newest
+  snapshot that validates and that ``restore`` (the state's own checks) accepts; a snapshot
+  whose checksums hold but whose content it refuses is skipped as a damaged file is, since the
+  journal keeps the records the snapshot before it needs. That is done under the lock and
+  before the journal repairs anything, so a damaged record the snapshot used already covers
+  does not cost the records after it (the journal resumes past it:
+  cluster.durability.journal, ``covered_seq``). ``recover`` then applies every durable journal
+  record after that snapshot (``cluster.durability.recovery.recover``).
 * ``append_encoded(events)`` buffers encoded events; ``commit()`` writes everything buffered as
   one journal commit with one write and one fdatasync (group commit): one batch record
   (engine.events.encode_batch), or as many as it takes to keep each under the journal's
@@ -46,7 +49,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -55,8 +58,9 @@ from cluster.durability.recovery import Recovered, recover, trim_journal
 from cluster.durability.snapshot import (
     DEFAULT_KEEP,
     Snapshot,
-    load_latest_snapshot,
     prune_snapshots,
+    snapshot_path,
+    valid_snapshots,
     write_snapshot,
 )
 from engine.events import (
@@ -72,8 +76,6 @@ log = logging.getLogger(__name__)
 # the journal record codec lives with the events (engine.events); re-exported here for
 # the existing importers
 __all__ = ["BATCH_TAG", "DurabilityError", "JournalStore", "decode_batch", "encode_batch"]
-
-S = TypeVar("S")
 
 SNAPSHOT_EVERY_EVENTS = 100_000  # events journaled between snapshots (bounds replay time)
 SNAPSHOT_EVERY_S = 60.0  # and at least this often while records are written
@@ -119,6 +121,8 @@ def _report_repair(journal: Journal) -> None:
 class JournalStore:
     """Journal + snapshots of one actor state in ``directory`` (see the module docstring).
 
+    ``restore(snapshot_or_none) -> state``: the state from a snapshot (None: a fresh one),
+    raising if the snapshot's content fails the state's own checks.
     ``fsync=False`` skips the disk flush (benchmarks and tests only: survives a process kill,
     not a power loss). ``min_free_bytes``: less free space than this on the journal's disk is
     reported by :meth:`disk_problem`. ``clock`` returns seconds (monotonic); injected by tests.
@@ -126,7 +130,8 @@ class JournalStore:
     one record (a commit over it is split; None: the journal's own; tests pass a small one).
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True,
+    def __init__(self, directory: str | os.PathLike[str],
+                 restore: Callable[[Snapshot | None], Any], *, fsync: bool = True,
                  snapshot_every_events: int = SNAPSHOT_EVERY_EVENTS,
                  snapshot_every_s: float = SNAPSHOT_EVERY_S, keep: int = DEFAULT_KEEP,
                  background_snapshots: bool = True, exit_on_failure: bool = False,
@@ -143,7 +148,12 @@ class JournalStore:
         self.exit_on_failure = exit_on_failure
         self._clock = clock
         self.readonly = readonly
-        self._snapshot: Snapshot | None = None  # read when the journal opens, for recover()
+        self._restore = restore
+        # the snapshot picked when the journal opens and the state restored from it, for
+        # recover(); how long reading and restoring took (seconds)
+        self._snapshot: Snapshot | None = None
+        self._state: Any = None
+        self._restore_s = 0.0
         self.journal = Journal(self.directory / JOURNAL_DIR, fsync=fsync, readonly=readonly,
                                lock_shared=readonly, max_record_bytes=max_record_bytes,
                                covered_seq=self._load_snapshot)
@@ -160,7 +170,7 @@ class JournalStore:
         self._writer_error: BaseException | None = None
         self.snapshots_written = 0
         self.recovered: Recovered[Any] | None = None
-        self.recovery_s = 0.0  # how long recover() took
+        self.recovery_s = 0.0  # how long restoring the snapshot and recover() took
         self.opened_at_s = time.time()  # wall clock when this incarnation opened the journal
 
     def disk_problem(self) -> str | None:
@@ -182,28 +192,44 @@ class JournalStore:
 
     # ----------------------------------------------------------------- recovery
     def _load_snapshot(self) -> int:
-        """Read the newest valid snapshot (kept for :meth:`recover`); the seq it covers."""
-        self._snapshot = load_latest_snapshot(self.snapshot_dir)
+        """Restore the state from the newest snapshot that validates and that ``restore``
+        accepts (both kept for :meth:`recover`); the seq it covers (0: none)."""
+        started = time.perf_counter()
+        for snapshot in valid_snapshots(self.snapshot_dir):
+            try:
+                self._state = self._restore(snapshot)
+            except Exception as exc:  # its checksums hold, its content does not
+                log.warning("skipping snapshot %s: the state refuses it (%s: %s)",
+                            snapshot_path(self.snapshot_dir, snapshot.seq),
+                            type(exc).__name__, exc)
+                continue
+            self._snapshot = snapshot
+            break
+        self._restore_s = time.perf_counter() - started
         return 0 if self._snapshot is None else self._snapshot.seq
 
-    def recover(self, restore: Callable[[Snapshot | None], S],
-                apply_many: Callable[[S, list[Any]], object],
-                decode: Callable[[bytes], list[Any]] = decode_batch) -> Recovered[S]:
-        """Rebuild the state (cluster.durability.recovery.recover); call once, before serving.
+    def recover(self, apply_many: Callable[[Any, list[Any]], object],
+                decode: Callable[[bytes], list[Any]] = decode_batch) -> Recovered[Any]:
+        """Rebuild the state (cluster.durability.recovery.recover) from the one restored when
+        the journal opened (a fresh one without a snapshot); call once, before serving.
 
         ``apply_many(state, items)`` is called once per batch after the snapshot, with the
         batch as ``decode(payload)`` returns it (a state that replays runs of events
         vectorised can decode them into arrays).
         """
-        def apply_batch(state: S, events: list[Any]) -> None:
+        def apply_batch(state: Any, events: list[Any]) -> None:
             apply_many(state, events)
             self._events_since_snapshot += len(events)
 
         started = time.perf_counter()
-        snapshot = self._snapshot
-        self._snapshot = None  # the state holds what it needs of it
+        snapshot, state = self._snapshot, self._state
+        self._snapshot = self._state = None  # the state holds what it needs of the snapshot
+
+        def restore(given: Snapshot | None) -> Any:
+            return self._restore(None) if given is None else state
+
         recovered = recover(self.journal, snapshot, restore, apply_batch, decode=decode)
-        self.recovery_s = time.perf_counter() - started
+        self.recovery_s = self._restore_s + time.perf_counter() - started
         self._snapshot_seq = recovered.snapshot_seq
         self.recovered = recovered
         return recovered

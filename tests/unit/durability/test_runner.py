@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from cluster.durability.journal import HEADER
 from cluster.durability.journal import HEADER_BYTES
@@ -20,6 +21,9 @@ from cluster.durability.runner import Failed
 from cluster.durability.runner import Runner
 from cluster.durability.snapshot import Snapshot
 from cluster.durability.snapshot import list_snapshots
+from cluster.durability.snapshot import read_snapshot
+from cluster.durability.snapshot import snapshot_path
+from cluster.durability.snapshot import write_snapshot
 from cluster.durability.store import SNAPSHOT_DIR
 from cluster.durability.store import DurabilityError
 from engine.events import AccountCreated
@@ -582,3 +586,33 @@ def test_an_in_memory_runner_steps_the_same_way_without_a_disk() -> None:
     led.close()
     sh = Runner(shard_builder()(None), clock_us=Clock())
     assert sh.execute([ApplyTick(tick(10_000)), LastTick()]) == [0, tick(10_000)]
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_snapshot_the_state_refuses_falls_back_to_the_one_before(
+        tmp_path: Path, readonly: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """The newest snapshot's checksums hold, but the state's own checks refuse its content (a
+    free list that leaves the book's rows). Before, no start (nor offline audit) was possible
+    until it was removed by hand, though the snapshot before it and the journal kept for that
+    one hold every record."""
+    clock = Clock()
+    sh = open_shard(tmp_path, clock)
+    one(sh, ApplyTick(tick(10_000)))
+    one(sh, Open(shard_open(1)))
+    older = sh.checkpoint()
+    one(sh, Open(shard_open(2, owner=2)))
+    newest = sh.checkpoint()
+    one(sh, Open(shard_open(3, owner=3)))
+    live = sh.machine.fingerprint()
+    crash(sh)
+    snapshots = tmp_path / SNAPSHOT_DIR
+    refused = read_snapshot(snapshot_path(snapshots, newest))
+    write_snapshot(snapshots, newest, {**refused.arrays, "free_head": np.array([10**6])},
+                   refused.meta)
+    with caplog.at_level(logging.WARNING, logger="cluster.durability.store"):
+        again = open_shard(tmp_path, clock, readonly=readonly)
+    assert again.store is not None and again.store.recovered is not None
+    assert again.store.recovered.snapshot_seq == older
+    assert again.machine.fingerprint() == live
+    assert snapshot_path(snapshots, newest).name in caplog.text
+    crash(again)
