@@ -142,7 +142,7 @@ class Runner(Generic[M]):
             try:
                 stepped = step(self.machine, command, now_us, self.max_event_bytes)
             except StateCorrupted as exc:
-                self._break(exc)
+                self._break(exc, "applying an event")
                 raise
             except Exception as exc:  # a bug in decide: this command fails, nothing changed
                 log.exception("command %s failed", type(command).__name__)
@@ -166,6 +166,9 @@ class Runner(Generic[M]):
                     self._maybe_checkpoint(store)
             except DurabilityError as exc:  # memory holds what the disk may not: stop
                 self._broken = exc
+                raise
+            except Exception as exc:  # the same, failing on the way to the store
+                self._break(exc, "journaling a batch")
                 raise
         end_ns = time.time_ns()
         self._timings.append(ExecuteTiming(
@@ -208,9 +211,9 @@ class Runner(Generic[M]):
         if self.store is not None:
             self.store.check()
 
-    def _break(self, exc: BaseException) -> None:
+    def _break(self, exc: BaseException, what: str) -> None:
         self._broken = exc
-        log.critical("state machine failed while applying an event: %s", exc)
+        log.critical("state machine failed while %s: %s", what, exc)
         if self.store is not None and self.store.exit_on_failure:
             logging.shutdown()
             os._exit(70)

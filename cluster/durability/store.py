@@ -253,8 +253,8 @@ class JournalStore:
                 self.journal.append(last)
                 self._events_since_snapshot += len(events)
             return self.journal.commit()
-        except (JournalError, ValueError) as exc:  # ValueError: an event over the bound
-            # the events are applied in memory and now neither buffered nor on disk
+        except Exception as exc:  # a journal error, an event over the bound, no memory, ...
+            # the events are applied in memory and now neither buffered nor surely on disk
             self._fail(exc)
             raise DurabilityError(f"journal commit failed: {exc}") from exc
 

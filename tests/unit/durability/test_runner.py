@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cluster.durability import store as store_module
 from cluster.durability.journal import HEADER
 from cluster.durability.journal import HEADER_BYTES
 from cluster.durability.journal import JournalDamagedError
@@ -354,6 +355,30 @@ def test_a_failed_commit_answers_nothing_more_not_even_reads(tmp_path: Path) -> 
     with pytest.raises(DurabilityError):
         led.execute([CreateAccount(*account(2))])
     # memory holds an account the disk does not: nothing may be answered from it
+    with pytest.raises(DurabilityError):
+        led.execute([Totals()])
+    crash(led)
+    again = open_ledger(tmp_path)
+    assert one(again, Totals())["users"] == 1
+    again.close()
+
+
+def test_a_commit_that_fails_in_any_way_answers_nothing_more(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Encoding the batch's record runs out of memory after its events were applied and taken
+    from the store's buffer. Before, only a journal error stopped the runner: it went on
+    answering from a memory that held an account the disk did not, and journaled later events
+    on top of it, which a replay then applies to a state without it."""
+    led = open_ledger(tmp_path)
+    assert one(led, CreateAccount(*account(1))).user == 1
+
+    def no_memory(*_: object) -> list[bytes]:
+        raise MemoryError("encoding the record")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store_module, "encode_batches", no_memory)
+        with pytest.raises(DurabilityError):
+            led.execute([CreateAccount(*account(2))])
     with pytest.raises(DurabilityError):
         led.execute([Totals()])
     crash(led)
