@@ -812,8 +812,12 @@ class Journal:
             self._failed = exc
             raise JournalError(f"journal roll failed: {exc}") from exc
         fd = self._new_segment(base, "roll")
-        os.close(self._fd)
-        self._fd = fd
+        left, self._fd = self._fd, fd  # never keep a number the close below releases
+        try:
+            os.close(left)
+        except OSError as exc:
+            self._failed = exc
+            raise JournalError(f"journal roll failed: {exc}") from exc
 
     def _new_segment(self, base: int, what: str) -> int:
         """Create the empty segment whose first record is ``base``, durable in the directory,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import re
@@ -790,6 +791,35 @@ def test_failed_commit_poisons_the_journal(tmp_path: Path) -> None:
     j._fd = -1
     j.close()
     assert replayed(tmp_path / "j") == []
+
+
+def test_a_failed_close_in_a_roll_over_poisons_the_journal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux releases a descriptor even when its close fails. Before, a failed close of the
+    segment a roll-over leaves escaped as an OSError and the journal kept that number as its
+    active segment: the next commit wrote its record into whatever file took the number,
+    flushed it and returned, acknowledged and in no journal."""
+    path = tmp_path / "j"
+    j = Journal(path, segment_bytes=HEADER_BYTES + 8)  # one 8-byte record fills a segment
+    j.append(b"record 1")
+    left, real_close = j._fd, os.close
+
+    def failing_close(fd: int) -> None:
+        real_close(fd)
+        if fd == left:
+            raise OSError(errno.EIO, "close of the segment left failed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "close", failing_close)
+        with pytest.raises(JournalError):
+            j.commit()  # record 1 is on the disk; its answer is not given
+    with open(tmp_path / "other", "wb") as other:  # takes the number released
+        with pytest.raises(JournalError):
+            j.append(b"record 2")
+            j.commit()
+        assert other.tell() == 0 and os.fstat(other.fileno()).st_size == 0
+    j.close()
+    assert replayed(path) == [(1, b"record 1")]
 
 
 def test_rejects_oversized_records(tmp_path: Path) -> None:
