@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -170,22 +170,18 @@ def list_snapshots(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
                   reverse=True)
 
 
-def valid_snapshots(directory: str | os.PathLike[str]) -> Iterator[Snapshot]:
-    """The snapshots in ``directory`` that validate, newest first, each read when asked for.
+def load_latest_snapshot(directory: str | os.PathLike[str]) -> Snapshot | None:
+    """The newest snapshot in ``directory`` that validates, or None if there is none.
 
     Corrupt or partial files are skipped (and logged), so a crash while a newer snapshot was
     being written, or a damaged newest file, falls back to the previous one.
     """
     for _, path in list_snapshots(directory):
         try:
-            yield read_snapshot(path)
+            return read_snapshot(path)
         except SnapshotError as exc:
             _log.warning("skipping snapshot %s: %s", path, exc)
-
-
-def load_latest_snapshot(directory: str | os.PathLike[str]) -> Snapshot | None:
-    """The newest snapshot in ``directory`` that validates, or None if there is none."""
-    return next(valid_snapshots(directory), None)
+    return None
 
 
 def prune_snapshots(directory: str | os.PathLike[str], keep: int = DEFAULT_KEEP) -> list[Path]:

@@ -11,7 +11,8 @@ cluster.durability.recovery:
   before the journal repairs anything, so a damaged record the snapshot used already covers
   does not cost the records after it (the journal resumes past it:
   cluster.durability.journal, ``covered_seq``). ``recover`` then applies every durable journal
-  record after that snapshot (``cluster.durability.recovery.recover``).
+  record after that snapshot (``cluster.durability.recovery.recover``), and renames the newer
+  snapshots it skipped to ``*.npz.corrupt``, so they do not count among the ones kept.
 * ``append_encoded(events)`` buffers encoded events; ``commit()`` writes everything buffered as
   one journal commit with one write and one fdatasync (group commit): one batch record
   (engine.events.encode_batch), or as many as it takes to keep each under the journal's
@@ -43,6 +44,7 @@ Layout under the state's directory (``DATA_DIR/<actor name>/``)::
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -53,14 +55,15 @@ from typing import Any
 
 import numpy as np
 
-from cluster.durability.journal import CORRUPT_SUFFIX, Journal, JournalError
+from cluster.durability.journal import CORRUPT_SUFFIX, Journal, JournalError, fsync_directory
 from cluster.durability.recovery import Recovered, recover, trim_journal
 from cluster.durability.snapshot import (
     DEFAULT_KEEP,
     Snapshot,
+    SnapshotError,
+    list_snapshots,
     prune_snapshots,
-    snapshot_path,
-    valid_snapshots,
+    read_snapshot,
     write_snapshot,
 )
 from engine.events import (
@@ -154,6 +157,7 @@ class JournalStore:
         self._snapshot: Snapshot | None = None
         self._state: Any = None
         self._restore_s = 0.0
+        self._skipped: list[Path] = []  # newer snapshots than that one, damaged or refused
         self.journal = Journal(self.directory / JOURNAL_DIR, fsync=fsync, readonly=readonly,
                                lock_shared=readonly, max_record_bytes=max_record_bytes,
                                covered_seq=self._load_snapshot)
@@ -195,13 +199,19 @@ class JournalStore:
         """Restore the state from the newest snapshot that validates and that ``restore``
         accepts (both kept for :meth:`recover`); the seq it covers (0: none)."""
         started = time.perf_counter()
-        for snapshot in valid_snapshots(self.snapshot_dir):
+        for _, path in list_snapshots(self.snapshot_dir):
+            try:
+                snapshot = read_snapshot(path)
+            except SnapshotError as exc:
+                log.warning("skipping snapshot %s: %s", path, exc)
+                self._skipped.append(path)
+                continue
             try:
                 self._state = self._restore(snapshot)
             except Exception as exc:  # its checksums hold, its content does not
-                log.warning("skipping snapshot %s: the state refuses it (%s: %s)",
-                            snapshot_path(self.snapshot_dir, snapshot.seq),
+                log.warning("skipping snapshot %s: the state refuses it (%s: %s)", path,
                             type(exc).__name__, exc)
+                self._skipped.append(path)
                 continue
             self._snapshot = snapshot
             break
@@ -229,10 +239,27 @@ class JournalStore:
             return self._restore(None) if given is None else state
 
         recovered = recover(self.journal, snapshot, restore, apply_batch, decode=decode)
+        if not self.readonly:
+            self._set_aside_skipped()
         self.recovery_s = self._restore_s + time.perf_counter() - started
         self._snapshot_seq = recovered.snapshot_seq
         self.recovered = recovered
         return recovered
+
+    def _set_aside_skipped(self) -> None:
+        """Rename the snapshots recovery skipped to ``*.corrupt`` (kept for inspection), once
+        it succeeded without them. Under their names they would count among the snapshots
+        kept: the next one would delete the valid snapshot recovery used, and the journal
+        trim after it the records that one needs, leaving a single usable snapshot."""
+        skipped, self._skipped = self._skipped, []
+        for path in skipped:
+            for n in itertools.count():
+                aside = path.with_name(f"{path.name}{f'.{n}' if n else ''}{CORRUPT_SUFFIX}")
+                if not aside.exists():  # never over an earlier copy
+                    break
+            os.replace(path, aside)
+        if skipped:
+            fsync_directory(self.snapshot_dir)
 
     # ----------------------------------------------------------------- writing
     def append_encoded(self, encoded: list[bytes]) -> None:

@@ -641,3 +641,41 @@ def test_a_snapshot_the_state_refuses_falls_back_to_the_one_before(
     assert again.machine.fingerprint() == live
     assert snapshot_path(snapshots, newest).name in caplog.text
     crash(again)
+
+
+def test_a_skipped_snapshot_no_longer_counts_among_the_two_kept(tmp_path: Path) -> None:
+    """A start skipped the damaged newest snapshot, but the file kept its name and counted as
+    one of the two snapshots kept: the next snapshot deleted the valid one before it and the
+    journal it needs, so when the newest was damaged in turn no start was possible (two
+    snapshots kept are meant to survive the loss of one)."""
+    snapshots = tmp_path / SNAPSHOT_DIR
+
+    def damage(seq: int) -> None:
+        path = snapshot_path(snapshots, seq)
+        path.write_bytes(path.read_bytes()[:-7])
+
+    led = open_ledger(tmp_path, Clock())
+    for n in (1, 2, 3):
+        one(led, CreateAccount(*account(n)))
+    assert led.checkpoint() == 3
+    for n in (4, 5, 6):
+        one(led, CreateAccount(*account(n)))
+    assert led.checkpoint() == 6
+    one(led, CreateAccount(*account(7)))
+    crash(led)
+    damage(6)
+    led = open_ledger(tmp_path, Clock())
+    assert led.store is not None and led.store.recovered is not None
+    assert led.store.recovered.snapshot_seq == 3
+    assert list(snapshots.glob("*.corrupt")) == [snapshots / f"{6:020d}.npz.corrupt"]
+    one(led, CreateAccount(*account(8)))
+    assert led.checkpoint() == 8
+    one(led, CreateAccount(*account(9)))
+    live = led.machine.fingerprint()
+    crash(led)
+    damage(8)
+    again = open_ledger(tmp_path, Clock())
+    assert again.store is not None and again.store.recovered is not None
+    assert again.store.recovered.snapshot_seq == 3
+    assert again.machine.fingerprint() == live
+    again.close()
