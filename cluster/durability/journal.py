@@ -368,8 +368,8 @@ def create_directory(directory: str | os.PathLike[str]) -> Path:
     """``mkdir -p`` whose entries are durable, the ones it finds as well as the ones it makes:
     a process killed between a ``mkdir`` and the flush of its parent leaves an entry the disk
     may not keep, which the next one finds and writes under. So every level's parent is
-    flushed, up to the root (one this process may not read is skipped, unless it made an
-    entry in it)."""
+    flushed, up to the root (one this process cannot open or flush, such as an ancestor it may
+    not read or one on a read-only mount, is skipped unless it made an entry in it)."""
     path = Path(directory)
     levels = [path.absolute(), *path.absolute().parents]
     made_in = {level.parent for level in levels if not level.exists()}
@@ -377,7 +377,7 @@ def create_directory(directory: str | os.PathLike[str]) -> Path:
     for parent in levels[1:]:
         try:
             fsync_directory(parent)
-        except PermissionError:
+        except OSError:
             if parent in made_in:
                 raise
     return path
