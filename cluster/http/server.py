@@ -27,6 +27,8 @@ it runs in the replica, before its server starts.
   such as ``curl --http2``'s h2c): uvicorn's parser reads nothing after its head, so one with
   a body is refused (400) and one without is answered as plain HTTP; the connection closes
   after either, since what follows on it is not read as HTTP.
+- A refusal of a request pipelined behind others waits for their answers (written at once, it
+  took their place, and the connection closed: their requests had run, their answers were lost).
 - A chunked body's trailer fields are dropped, and bound as a head is (uvicorn added them to
   the request's headers, without a bound).
 - ``Host`` (RFC 9112 3.2): a request naming its host twice or not as a host[:port], or an
@@ -112,6 +114,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._reading_since: float | None = None  # loop time the request being read began
         self._timer: asyncio.TimerHandle | None = None  # checks _reading_since (lazily)
         self._unparsed = b""  # received behind MAX_PIPELINED waiting requests
+        # a refusal of a pipelined request, held until the requests before it are answered
+        # (written at once, it took the place of their answers, lost though they had run)
+        self._refusal: bytes | None = None
+        # the newest cycle when the request being read began: one refused before it has its own
+        self._before: RequestResponseCycle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -126,6 +133,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refusal is not None:  # nothing after a refused request is read
+            return
         if self._unparsed:  # a read that came before reading paused
             self._unparsed += data
             return
@@ -135,11 +144,15 @@ class BoundedHeadProtocol(HttpToolsProtocol):
                 self.flow.pause_reading()
                 return
             self._feed(data[start:start + FEED_SLICE_BYTES])  # (a read within one slice: itself)
-            if self.transport.is_closing() or self.transport.get_protocol() is not self:
+            if self._stopped() or self.transport.get_protocol() is not self:
                 return  # refused, or upgraded to a WebSocket (the rest is not HTTP)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # starts the next waiting request, resumes reading
+        if self._refusal is not None and not self._answering():
+            refusal, self._refusal = self._refusal, None
+            self._refuse(refusal)
+            return
         if self._unparsed and not self.transport.is_closing():
             unparsed, self._unparsed = self._unparsed, b""
             if self._reading_since is not None:  # the deadline counts from here again
@@ -149,7 +162,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def _feed(self, data: bytes) -> None:
         self._head_ended = False
         super().data_received(data)
-        if not self._head_open or self._head_ended or self.transport.is_closing():
+        if not self._head_open or self._head_ended or self._stopped():
             return
         self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
@@ -169,12 +182,15 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
 
     def on_message_begin(self) -> None:
+        if self._refusal is not None:  # a request after one refused in the same read
+            return
+        self._before = self.cycle
         super().on_message_begin()
         self._head_open = self._head_begun = True
         self._arm()
 
     def on_headers_complete(self) -> None:
-        if self.transport.is_closing():  # a request after one refused in the same read
+        if self._stopped():  # a request after one refused in the same read
             return
         self._head_open = False
         self._head_ended = True
@@ -223,7 +239,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # the parser reports the upgrade of a handshake refused as its head ended too: uvicorn
         # handed it to the WebSocket protocol, failing on the scope it never made (logged as
         # a fatal error of the connection)
-        if not self.transport.is_closing():
+        if not self._stopped():
             super().handle_websocket_upgrade()
 
     def on_chunk_header(self) -> None:
@@ -240,12 +256,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._head_open = False  # a chunk's data (see on_chunk_header)
-        if not self.transport.is_closing():  # not the body of a request after a refused one
+        if not self._stopped():  # not the body of a request after a refused one
             super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._disarm()  # also before an upgrade: the WebSocket is not bound by the deadline
-        if not self.transport.is_closing():  # not a request refused as its head ended
+        self._before = self.cycle  # what follows is another request (or bytes that are none)
+        if not self._stopped():  # not a request refused as its head ended
             super().on_message_complete()
 
     def _unsupported_upgrade_warning(self) -> None:
@@ -288,10 +305,24 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _refuse(self, answer: bytes) -> None:
+        """Answer ``answer`` and close: at once, or, for a request that was refused before it
+        had a cycle of its own, once the requests pipelined before it are answered."""
         self._head_open = False
         self._disarm()
-        self.transport.write(answer)
-        self.transport.close()
+        if self.cycle is self._before and self._answering():
+            self._refusal = answer
+            return
+        if not self.transport.is_closing():
+            self.transport.write(answer)
+            self.transport.close()
+
+    def _answering(self) -> bool:
+        """Whether an answer to a request read before is still to be written in full."""
+        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
+
+    def _stopped(self) -> bool:
+        """A request was refused: the connection reads nothing more as HTTP."""
+        return self._refusal is not None or self.transport.is_closing()
 
 
 class _HeadWithBody:

@@ -273,6 +273,24 @@ def test_a_request_the_http_parser_refuses_is_400_in_the_error_shape(
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+@pytest.mark.parametrize("case", sorted(MALFORMED_HTTP))
+def test_a_refused_request_does_not_take_the_place_of_the_answers_before_it(
+        unlimited_rates: LocalHttpPlatform, case: str) -> None:
+    """A signup and then a request the server refuses, pipelined in one packet: the signup is
+    answered (201), then the refusal (400), and the connection closes. Before, the refusal
+    was written at once and the connection closed: the signup ran, its answer never came."""
+    port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
+    users = unlimited_rates.totals()["users"]
+    signup = b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    answer = raw_answer(port, iter([signup + MALFORMED_HTTP[case] + signup]))
+    assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
+    assert answer.count(b"HTTP/1.1 ") == 2, answer
+    refusal = answer[answer.index(b"HTTP/1.1 ", 1):]
+    assert refusal.startswith(b"HTTP/1.1 400 "), refusal[:200]
+    assert b'"code":"INVALID_REQUEST"' in refusal, refusal
+    assert unlimited_rates.totals()["users"] == users + 1
+
+
 HOSTS_SERVED = {
     "a name and a port": b"GET /api/v1/assets HTTP/1.1\r\nhost: api.example-1.com:8000 \r\n",
     "an IPv4 address": b"GET /api/v1/assets HTTP/1.1\r\nHost: 127.0.0.1\r\n",
