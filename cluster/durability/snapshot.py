@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -170,17 +170,30 @@ def list_snapshots(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
                   reverse=True)
 
 
-def load_latest_snapshot(directory: str | os.PathLike[str]) -> Snapshot | None:
-    """The newest snapshot in ``directory`` that validates, or None if there is none.
+def load_latest_snapshot(directory: str | os.PathLike[str],
+                         accept: Callable[[Snapshot], object] = lambda _: None,
+                         skipped: list[Path] | None = None) -> Snapshot | None:
+    """The newest snapshot in ``directory`` that validates and that ``accept`` does not raise
+    for (the state's own checks of its content), or None if there is none.
 
-    Corrupt or partial files are skipped (and logged), so a crash while a newer snapshot was
-    being written, or a damaged newest file, falls back to the previous one.
+    Corrupt or partial files and refused ones are skipped (logged, and added to ``skipped``),
+    so a crash while a newer snapshot was being written, or a damaged newest file, falls back
+    to the previous one.
     """
     for _, path in list_snapshots(directory):
         try:
-            return read_snapshot(path)
+            snapshot = read_snapshot(path)
+            try:
+                accept(snapshot)
+            except Exception as exc:  # its checksums hold, its content does not
+                raise SnapshotError(f"the state refuses it ({type(exc).__name__}: {exc})"
+                                    ) from exc
         except SnapshotError as exc:
             _log.warning("skipping snapshot %s: %s", path, exc)
+            if skipped is not None:
+                skipped.append(path)
+            continue
+        return snapshot
     return None
 
 

@@ -60,10 +60,8 @@ from cluster.durability.recovery import Recovered, recover, trim_journal
 from cluster.durability.snapshot import (
     DEFAULT_KEEP,
     Snapshot,
-    SnapshotError,
-    list_snapshots,
+    load_latest_snapshot,
     prune_snapshots,
-    read_snapshot,
     write_snapshot,
 )
 from engine.events import (
@@ -199,22 +197,11 @@ class JournalStore:
         """Restore the state from the newest snapshot that validates and that ``restore``
         accepts (both kept for :meth:`recover`); the seq it covers (0: none)."""
         started = time.perf_counter()
-        for _, path in list_snapshots(self.snapshot_dir):
-            try:
-                snapshot = read_snapshot(path)
-            except SnapshotError as exc:
-                log.warning("skipping snapshot %s: %s", path, exc)
-                self._skipped.append(path)
-                continue
-            try:
-                self._state = self._restore(snapshot)
-            except Exception as exc:  # its checksums hold, its content does not
-                log.warning("skipping snapshot %s: the state refuses it (%s: %s)", path,
-                            type(exc).__name__, exc)
-                self._skipped.append(path)
-                continue
-            self._snapshot = snapshot
-            break
+
+        def accept(snapshot: Snapshot) -> None:
+            self._state = self._restore(snapshot)
+
+        self._snapshot = load_latest_snapshot(self.snapshot_dir, accept, self._skipped)
         self._restore_s = time.perf_counter() - started
         return 0 if self._snapshot is None else self._snapshot.seq
 
