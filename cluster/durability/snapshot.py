@@ -162,12 +162,14 @@ def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
 
 
 def list_snapshots(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """``(seq, path)`` of every snapshot-named file in ``directory``, newest first (unvalidated)."""
+    """``(seq, path)`` of every snapshot-named file in ``directory``, newest first (unvalidated;
+    anything else under such a name, a directory say, is no snapshot and is left alone: pruning
+    it would fail every time, and the journal would never be trimmed)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(((s, p) for p in directory.iterdir() if (s := _seq_of(p)) is not None),
-                  reverse=True)
+    return sorted(((s, p) for p in directory.iterdir()
+                   if (s := _seq_of(p)) is not None and p.is_file()), reverse=True)
 
 
 def load_latest_snapshot(directory: str | os.PathLike[str],

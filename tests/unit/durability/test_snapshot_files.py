@@ -163,3 +163,17 @@ def test_prune_keeps_the_newest_two_and_removes_temporaries(tmp_path: Path) -> N
     assert sorted(p.name for p in d.iterdir()) == [snapshot_path(d, 12).name,
                                                    snapshot_path(d, 30).name]
     assert load_latest_snapshot(d).meta == {"seq": 30}  # type: ignore[union-attr]
+
+
+def test_a_directory_named_like_a_snapshot_is_left_alone_and_pruning_goes_on(
+        tmp_path: Path) -> None:
+    """Before, it was listed as a snapshot: every prune raised on unlinking it, and the journal
+    trim that follows a prune never ran, so the journal grew for good."""
+    d = tmp_path / "s"
+    stray = snapshot_path(d, 1)
+    stray.mkdir(parents=True)
+    for seq in (5, 12, 30):
+        write_snapshot(d, seq, {"a": np.arange(seq)}, {"seq": seq})
+    assert [p.name for p in prune_snapshots(d)] == [snapshot_path(d, 5).name]
+    assert [s for s, _ in list_snapshots(d)] == [30, 12]
+    assert stray.is_dir()
