@@ -31,7 +31,8 @@
    is filled through its own ``Runner.execute`` (accounts, margin locks, and settlements
    from one shard in batches of 1,000), snapshotted and closed, then opened again
    ``--ledger-opens`` times, each time in a new process (as a restarted ledger host);
-   reported: each opening's rebuild (newest snapshot + journal tail), the median first. No
+   reported: each opening's rebuild (reading and restoring the newest snapshot, then the
+   journal tail; the snapshot's file read is counted too), the median first. No
    Ray: how long Ray takes to restart a process is the shard's figure above.
 5. One journal commit (``--commits 0`` skips it): a journal in a temporary directory commits
    one 300-byte record at a time (write + fdatasync), ``--commits`` times, zeroed ahead as the
