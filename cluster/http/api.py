@@ -621,7 +621,13 @@ async def _principal(request: Request) -> Principal:
 
     The bearer scheme is called here rather than declared as a dependency of its own: FastAPI
     resolves every declared dependency anew on each request, and this one sits on every
-    authenticated route. The OpenAPI document still names the scheme (:func:`_document_auth`)."""
+    authenticated route. The OpenAPI document still names the scheme (:func:`_document_auth`).
+
+    A request with more than one ``Authorization`` is refused (400, as RFC 6750 3.1 says of a
+    repeated credential): the first would act while a proxy or a log in front may read
+    another."""
+    if len(request.headers.getlist("authorization")) > 1:
+        raise invalid("more than one Authorization header", 400)
     credentials = await _bearer(request)
     if credentials is None or not credentials.credentials \
             or len(credentials.credentials) > MAX_API_KEY_CHARS:

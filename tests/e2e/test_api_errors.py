@@ -45,6 +45,24 @@ def test_missing_or_wrong_key_is_401(http: httpx.Client, method: str, path: str,
     assert error_code(r) == "UNAUTHORIZED"
 
 
+def test_two_authorization_headers_are_refused_and_act_for_nobody(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    """Two keys on one request ran as the first, while a proxy or a log may take the last."""
+    first, second = signup(http), signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+    for keys in ((first, second), (second, first), (first, first)):
+        headers = [("Authorization", k["Authorization"]) for k in keys]
+        r = http.post("/api/v1/orders", headers=headers, json={
+            "asset": "SOL", "type": "long", "orderType": "limit", "triggerPrice": "90",
+            "margin": "5", "leverage": 2})
+        assert r.status_code == 400 and error_code(r) == "INVALID_REQUEST", r.text
+        r = http.get("/api/v1/state", headers=headers)
+        assert r.status_code == 400 and error_code(r) == "INVALID_REQUEST", r.text
+    for h in (first, second):
+        assert http.get("/api/v1/orders", headers=h).json()["orders"] == []
+        assert state(http, h)["balances"]["margin"] == "0.000000"
+
+
 def test_public_routes_need_no_key(http: httpx.Client) -> None:
     assert http.get("/api/v1/assets").status_code == 200
     assert http.get("/api/v1/prices").status_code == 200
