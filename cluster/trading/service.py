@@ -36,6 +36,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import secrets
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -108,6 +109,8 @@ from engine.shard_machine import (
     Stats,
 )
 
+log = logging.getLogger(__name__)
+
 OPEN_RESENDS = 2  # resends of a request (same request id) before it is declared in doubt
 RESEND_DELAY_S = 0.05
 IDEM_POLL_S = 0.02
@@ -123,6 +126,14 @@ def _digest(terms: Mapping[str, object]) -> bytes:
     plain = sorted((name, value.value if isinstance(value, enum.Enum) else value)
                    for name, value in terms.items())
     return hashlib.blake2b(json.dumps(plain).encode(), digest_size=16).digest()
+
+
+def _read_unattended(task: asyncio.Future[Any]) -> None:
+    """The outcome of a request whose client went away: an Unavailable is the reconciler's to
+    settle, any other error a bug to report."""
+    error = None if task.cancelled() else task.exception()
+    if error is not None and not isinstance(error, Unavailable):
+        log.error("a request whose client went away failed", exc_info=error)
 
 
 class PositionsCursor(NamedTuple):
@@ -377,7 +388,7 @@ class TradingService:
         (INVALID_REQUEST) whatever the first one's answer, never answered as if run."""
         if client_order_id is None:
             # run to its end even if this caller is cancelled (a client went away)
-            return await asyncio.shield(self._start(self._written(who.user, work(None))))
+            return await self._outcome(self._start(self._written(who.user, work(None))))
         key = IdemKey(who.user, kind, client_order_id)
         asked = _digest({**shows, **(asks or {})})
         task, running_asked = self._in_flight_idem.get(key) or (None, asked)
@@ -391,7 +402,7 @@ class TradingService:
             else:
                 self.counters["idempotent_replays"] += 1
             # the key names the kind of request: whichever task answers it, the answer is a T
-            answer = cast(T, await asyncio.shield(task))
+            answer = cast(T, await self._outcome(task))
             # (the ledger refuses other terms itself; this check covers the keys it holds
             # without terms, kept by an older release)
             if isinstance(answer, Rejected) or all(
@@ -399,6 +410,18 @@ class TradingService:
                 return answer
         self.counters["client_order_id_reused"] += 1
         return Rejected(Code.INVALID_REQUEST, reused_message(client_order_id))
+
+    @staticmethod
+    async def _outcome(task: asyncio.Future[T]) -> T:
+        """``task``'s answer, shielded from its caller, who may go away meanwhile (a client
+        that disconnects). Then the task runs on and its outcome is read when it ends: unread,
+        asyncio reported it at the task's collection as an error never retrieved, with a
+        traceback, also an Unavailable whose request the reconciler settles."""
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_read_unattended)
+            raise
 
     async def _written(self, user: int, work: Coroutine[Any, Any, T]) -> T:
         """``work``, a write for ``user``; when it fails its outcome may be unknown (the

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections.abc import AsyncIterator
 from collections.abc import Awaitable
@@ -179,6 +180,43 @@ async def test_a_duplicate_of_a_request_whose_client_went_away_gets_its_answer(
     assert isinstance(answer, OpenPosition)
     assert await svc.open_position(who, order) == answer
     assert shard_positions(p, "SOL") == 1 and balances(p, who)[1] == 100 * USD
+    assert (await svc.audit())[0] == []
+
+
+@pytest.mark.parametrize("client_order_id", [None, "gone-1"])
+async def test_a_request_whose_client_went_away_leaves_no_failure_unread(
+        make: Make, client_order_id: str | None) -> None:
+    """A client goes away from an open whose every send to the shard is then lost: its
+    outcome is unknown (Unavailable) and the reconciler settles it. Nobody reads that
+    Unavailable any more, and asyncio reported each such request at collection as an error
+    never retrieved, with its traceback: an error log for what is handled."""
+    p = make(wrap=lambda port: FailingBatches(port, Open, failures=3))
+    svc = p.service
+    sol = svc.shards[p.shard_of("SOL").name]
+    assert isinstance(sol, FailingBatches)
+    who = await sol_trader(p)
+    loop = asyncio.get_running_loop()
+    unread: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: unread.append(context))
+    try:
+        client = asyncio.create_task(svc.open_position(
+            who, sol_long(client_order_id=client_order_id)))
+        while not sol.failed:  # under way: its first send to the shard lost
+            await asyncio.sleep(0)
+        client.cancel()
+        await asyncio.gather(client, return_exceptions=True)
+        del client  # its cancellation's traceback holds the request's frames
+
+        async def settled() -> bool:
+            return svc.counters["opens_in_doubt"] == 1 and not svc.reconciler.outstanding
+
+        await eventually(settled)
+        assert balances(p, who) == (SIGNUP, 0)
+        gc.collect()  # a task is reported when it is collected with its exception unread
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert unread == []
     assert (await svc.audit())[0] == []
 
 
