@@ -364,6 +364,13 @@ def write_whole(path: Path, data: bytes | memoryview) -> None:
     fsync_directory(path.parent)
 
 
+def aside_names(path: Path, tag: str = "") -> Iterator[Path]:
+    """Names beside ``path`` for a copy of it set aside, in the order to try them:
+    ``<name><tag>.corrupt``, then ``<name><tag>.1.corrupt``, ... (never over an earlier copy)."""
+    for n in itertools.count():
+        yield path.with_name(f"{path.name}{tag}{f'.{n}' if n else ''}{CORRUPT_SUFFIX}")
+
+
 def create_directory(directory: str | os.PathLike[str]) -> Path:
     """``mkdir -p`` whose entries are durable, the ones it finds as well as the ones it makes:
     a process killed between a ``mkdir`` and the flush of its parent leaves an entry the disk
@@ -687,9 +694,7 @@ class Journal:
         with its directory entry before the caller cuts anything (else a power cut could keep
         the cut and lose the copy); a later cut at the same offset gets the next free name,
         never overwriting an earlier copy."""
-        for n in itertools.count():
-            again = f".{n}" if n else ""
-            aside = segment.with_name(f"{segment.name}.{offset}{again}{CORRUPT_SUFFIX}")
+        for aside in aside_names(segment, f".{offset}"):
             try:
                 with open(aside, "xb") as f:
                     f.write(data)

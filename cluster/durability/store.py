@@ -44,7 +44,6 @@ Layout under the state's directory (``DATA_DIR/<actor name>/``)::
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import threading
@@ -55,7 +54,13 @@ from typing import Any
 
 import numpy as np
 
-from cluster.durability.journal import CORRUPT_SUFFIX, Journal, JournalError, fsync_directory
+from cluster.durability.journal import (
+    CORRUPT_SUFFIX,
+    Journal,
+    JournalError,
+    aside_names,
+    fsync_directory,
+)
 from cluster.durability.recovery import Recovered, recover, trim_journal
 from cluster.durability.snapshot import (
     DEFAULT_KEEP,
@@ -240,11 +245,7 @@ class JournalStore:
         trim after it the records that one needs, leaving a single usable snapshot."""
         skipped, self._skipped = self._skipped, []
         for path in skipped:
-            for n in itertools.count():
-                aside = path.with_name(f"{path.name}{f'.{n}' if n else ''}{CORRUPT_SUFFIX}")
-                if not aside.exists():  # never over an earlier copy
-                    break
-            os.replace(path, aside)
+            os.replace(path, next(a for a in aside_names(path) if not a.exists()))
         if skipped:
             fsync_directory(self.snapshot_dir)
 
