@@ -38,6 +38,9 @@ it runs in the replica, before its server starts.
   cannot read, such as one with a body: no answer and never closed before) or the app
   refuses (an empty 403 before), and a request target that is not a path (``OPTIONS *``,
   which Serve's router answered in plain text).
+- uvicorn logs a warning for every request its parser refuses, so any client could add log
+  lines as fast as it sends: :data:`PARSER_REFUSALS` lets one through a minute, counting the
+  others.
 - The client's address: ``X-Forwarded-For`` is read only from the proxies given to
   :func:`configure_uvicorn` (the API replica passes its node's addresses, where the front door
   of cluster.http.front_door runs).
@@ -46,7 +49,9 @@ it runs in the replica, before its server starts.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,6 +88,35 @@ HOST_OPTIONAL = ("0.9", "1.0")
 """HTTP versions whose requests may name no host (HTTP/1.1 made ``Host`` required)."""
 
 
+class SparseLog(logging.Filter):
+    """Lets through one record of ``message`` per ``every_s`` seconds; the next one let
+    through tells how many were left out since."""
+
+    def __init__(self, message: str, every_s: float) -> None:
+        super().__init__()
+        self.message = message
+        self.every_s = every_s
+        self.next_s = 0.0  # monotonic time from which one is let through again
+        self.left_out = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self.message:
+            return True
+        now_s = time.monotonic()
+        if now_s < self.next_s:
+            self.left_out += 1
+            return False
+        self.next_s = now_s + self.every_s
+        if self.left_out:
+            record.msg = f"{self.message} ({self.left_out} more left out of this log before)"
+            self.left_out = 0
+        return True
+
+
+PARSER_REFUSALS = SparseLog("Invalid HTTP request received.", every_s=60.0)
+"""uvicorn's warning for each request its parser refuses (the request is answered 400)."""
+
+
 MAX_PIPELINED = 32
 """Most requests a connection may have parsed and waiting behind the one being answered."""
 FEED_SLICE_BYTES = 4096
@@ -107,6 +141,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.logger.addFilter(PARSER_REFUSALS)  # (once: a filter is added only if absent)
         self._head_open = True  # a request's head is being read
         self._head_ended = False  # a head ended during the current read
         self._head_begun = False  # a byte of the head being read has come

@@ -273,6 +273,34 @@ def test_a_request_the_http_parser_refuses_is_400_in_the_error_shape(
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def test_requests_the_parser_refuses_are_logged_once_a_minute_with_a_count(
+        unlimited_rates: LocalHttpPlatform, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn logs a warning for each request its parser refuses: a client sending them could
+    add log lines as fast as it sends. One a minute is logged, the next telling how many were
+    left out."""
+    from cluster.http import server
+
+    port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
+    monkeypatch.setattr(server.PARSER_REFUSALS, "next_s", 0.0)  # whatever earlier tests sent
+    monkeypatch.setattr(server.PARSER_REFUSALS, "left_out", 0)
+
+    def logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith(server.PARSER_REFUSALS.message)]
+
+    with caplog.at_level(logging.WARNING):
+        for _ in range(20):
+            answer = raw_answer(port, iter([MALFORMED_HTTP["two lengths"]]))
+            assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert logged() == ["Invalid HTTP request received."]
+        monkeypatch.setattr(server.PARSER_REFUSALS, "next_s", 0.0)  # as if a minute passed
+        assert raw_answer(port, iter([MALFORMED_HTTP["folded header"]])).startswith(
+            b"HTTP/1.1 400 ")
+        assert logged()[1:] == [
+            "Invalid HTTP request received. (19 more left out of this log before)"]
+
+
 @pytest.mark.parametrize("case", sorted(MALFORMED_HTTP))
 def test_a_refused_request_does_not_take_the_place_of_the_answers_before_it(
         unlimited_rates: LocalHttpPlatform, case: str) -> None:
