@@ -36,8 +36,9 @@ it runs in the replica, before its server starts.
 - Answers of the layers under the app, in SPEC's error shape like the app's: a WebSocket
   handshake websockets refuses (no key, an unknown version; plain text before; a head it
   cannot read, such as one with a body: no answer and never closed before) or the app
-  refuses (an empty 403 before), and a request target that is not a path (``OPTIONS *``,
-  which Serve's router answered in plain text).
+  refuses (an empty 403 before), a handshake the app has not answered when the server stops
+  (503 with ``Retry-After``; uvicorn's 500 before), and a request target that is not a path
+  (``OPTIONS *``, which Serve's router answered in plain text).
 - uvicorn logs a warning for every request its parser refuses, so any client could add log
   lines as fast as it sends: :data:`PARSER_REFUSALS` lets one through a minute, counting the
   others.
@@ -409,7 +410,8 @@ class _SpecHandshake(ServerProtocol):
 
     def reject(self, status: Any, text: str) -> HandshakeResponse:
         response = super().reject(status, text)
-        code = INTERNAL_ERROR if response.status_code >= 500 else Code.INVALID_REQUEST.value
+        code = (Code.SERVICE_UNAVAILABLE.value if response.status_code == 503 else INTERNAL_ERROR
+                if response.status_code >= 500 else Code.INVALID_REQUEST.value)
         body = error_body(code, text.strip() or "the WebSocket handshake was refused")
         del response.headers["Content-Type"], response.headers["Content-Length"]
         response.headers["Content-Type"] = "application/json"
@@ -443,6 +445,21 @@ class SpecWebSocketProtocol(WebSocketsSansIOProtocol):
                 400, f"Failed to open a WebSocket connection: {exc.__cause__ or exc}.").serialize()
             self.transport.write(answer)
             self.transport.close()
+
+    def shutdown(self) -> None:
+        if self.handshake_complete or self.close_sent or self.initial_response is not None:
+            super().shutdown()
+            return
+        # the server stops while the app has not yet answered the handshake: uvicorn answered
+        # 500, as if something had failed; the client is to connect again, as after a 503
+        self.stop_keepalive()
+        response = self.conn.reject(503, "the server is shutting down; connect again")
+        response.headers["Retry-After"] = "1"
+        self.conn.send_response(response)
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": 1006})
+        self.close_sent = self.handshake_complete = True  # as after the app's own refusal
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
 
     def handle_ping(self) -> None:
         # uvicorn writes each pong straight to the socket, past the flow control the app's

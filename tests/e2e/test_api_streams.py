@@ -276,6 +276,52 @@ def test_a_handshake_the_websocket_library_cannot_read_is_refused_and_closed(
     assert json.loads(body)["error"]["code"] == "INVALID_REQUEST", body
 
 
+def test_a_handshake_unanswered_when_the_server_stops_is_503_with_retry_after() -> None:
+    """The server stops (a replica shut down) while the app has not answered a handshake:
+    uvicorn answered 500, as if something had failed. It is 503 SERVICE_UNAVAILABLE with
+    ``Retry-After``, which a client takes as "connect again"; the app sees the disconnect."""
+    import threading
+
+    import uvicorn
+    from cluster.http.server import SERVER_OPTIONS
+    from feed.broker import free_port
+
+    waiting, seen = threading.Event(), []
+
+    async def never_answers(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert scope["type"] == "websocket"
+        assert (await receive())["type"] == "websocket.connect"
+        waiting.set()
+        seen.append((await receive())["type"])  # the server stopping
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(never_answers, host="127.0.0.1", port=port,
+                                           lifespan="off", log_level="warning",
+                                           **SERVER_OPTIONS))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+            sock.sendall(HANDSHAKE + b"\r\n")
+            assert waiting.wait(WAIT_S)
+            server.should_exit = True
+            answer = b""
+            with contextlib.suppress(ConnectionResetError):
+                while data := sock.recv(65536):
+                    answer += data
+    finally:
+        server.should_exit = True
+        thread.join(WAIT_S)
+    assert not thread.is_alive()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), head
+    assert b"\r\nretry-after: 1" in head.lower(), head
+    assert json.loads(body)["error"]["code"] == "SERVICE_UNAVAILABLE", body
+    assert seen == ["websocket.disconnect"]
+
+
 def test_a_connection_guessing_keys_is_closed_after_five_refusals(
         platform: HttpPlatform) -> None:
     async def scenario() -> None:
