@@ -1,0 +1,36 @@
+"""What a message on the market topic names as its ``source`` reaches the API's answers."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from cluster.http.api import create_app
+from feed.message import TickDecoder
+from tests.unit.cluster.local_platform import Platform
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_a_source_with_a_lone_surrogate_does_not_break_prices_or_health(
+        platform: Platform) -> None:
+    """The decoder takes a ``source`` written ``"\\ud800"`` (JSON text, a lone surrogate once
+    parsed; the journal writes it), and the shards hold it with their price. The API encoded
+    its answers as strict UTF-8, which cannot carry it: one such message on the topic made
+    ``GET /api/v1/prices`` and ``GET /healthz`` answer 500 until the next tick of the asset."""
+    now_us = platform.clock.now_us
+    value = ('{"symbol":"SOL_USDC","bid":"100.00","ask":"100.01","price":"100.005",'
+             f'"ts_us":{now_us},"seq":1,"source":"x\\ud800"}}').encode()
+    tick = TickDecoder(platform.settings.assets).decode(value, now_us)
+    assert tick is not None and tick.source == "x\ud800"
+    await platform.hosts.apply_ticks([tick])
+    app = create_app(platform.service)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://api") as http:
+        prices = await http.get("/api/v1/prices")
+        assert prices.status_code == 200
+        assert json.loads(prices.content)["SOL"]["source"] == "x\ud800"
+        health = await http.get("/healthz")
+        assert health.status_code in (200, 503)
+        assert json.loads(health.content)["feedSources"] == {"SOL": "x\ud800"}
