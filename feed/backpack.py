@@ -31,6 +31,9 @@ SILENCE_S = 30.0  # no frame at all for this long: the stream is dead, whatever 
 CLOSE_TIMEOUT_S = 2.0  # a peer that does not answer our close does not hold a stop longer
 MAX_RETRY_AFTER_S = 300.0  # a server's Retry-After is followed up to this long
 ERROR_LOG_EVERY_S = 60.0  # error frames after the first are logged at most this often
+# A connection whose prices came this long resets the backoff; one that a server closes after
+# a price or two does not, or such a server would be asked again every initial delay for ever.
+STABLE_S = 10.0
 
 
 def retry_after_s(exc: BaseException) -> float | None:
@@ -76,7 +79,8 @@ class BackpackClient:
     """Stream validated bookTicker updates of ``assets`` from ``url``.
 
     ``stream(stop)`` yields :class:`MarketDataMessage` until ``stop`` is set; after any close or
-    error it waits a jittered backoff, reconnects and resubscribes. Counters: ``connects``,
+    error it waits a jittered backoff (reset by a price on a connection up for
+    :data:`STABLE_S`), reconnects and resubscribes. Counters: ``connects``,
     ``disconnects``, ``error_frames`` and the normaliser's drop counts (``stats()``);
     ``last_frame_us``: wall clock (microseconds since the epoch) when the newest frame was
     received, so the message just yielded was received then (the first hop of the latency
@@ -134,8 +138,10 @@ class BackpackClient:
                     await ws.send(json.dumps(subscribe_request(self.assets)))
                     log.info("backpack: connected to %s, subscribed %d bookTicker streams",
                              self.shown_url, len(self.assets))
+                    opened_s = time.monotonic()
                     async for msg in self._frames(ws, stop):
-                        self.backoff.reset()
+                        if time.monotonic() - opened_s >= STABLE_S:
+                            self.backoff.reset()
                         yield msg
             except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"

@@ -249,3 +249,32 @@ async def test_a_refusal_with_retry_after_is_followed_and_error_frames_do_not_fl
     assert client.stats()["error_frames"] == 40
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "error frame" in errors[0].getMessage(), errors
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_server_that_closes_after_each_price_is_backed_off() -> None:
+    """A server that accepts, sends one price and closes, again and again. Every price reset
+    the backoff, so the client came back after the first delay each time (2 to 4 handshakes a
+    second at the defaults) for as long as the server did that. A connection resets the backoff
+    only once it has stayed up a while; until then the delays keep doubling."""
+    connections: list[int] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        connections.append(len(connections) + 1)
+        await ws.recv()  # the subscribe
+        data = dict(BOOK[0], u=BOOK[0]["u"] + len(connections))
+        await ws.send(json.dumps({"data": data, "stream": f"bookTicker.{data['s']}"}))
+        await ws.close()
+
+    async with websockets.serve(handler, "127.0.0.1", 0) as server:
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        client = BackpackClient(url, Settings().assets, backoff_initial_s=0.01,
+                                backoff_max_s=1.0)
+        stop = asyncio.Event()
+        messages = client.stream(stop)
+        got = [await anext(messages) for _ in range(4)]
+        stop.set()
+        assert [m async for m in messages] == []
+    assert len(got) == 4 and connections == [1, 2, 3, 4]
+    assert client.backoff.attempt == 3  # one doubling per connection closed so far
