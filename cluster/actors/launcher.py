@@ -949,7 +949,7 @@ def _print_status(settings: Settings) -> int:
             age = ages.get(asset)
             age_text = f"{age:.1f}s" if isinstance(age, (int, float)) else "?"
             print(f"  {asset:<5} bid {price.get('bid')} ask {price.get('ask')} "
-                  f"age {age_text} source {price.get('source')}")
+                  f"age {age_text} source {_shown(price.get('source'))}")
     except (ValueError, ray.exceptions.RayError) as exc:
         print(f"feed: not available ({exc})")
         code = 1
@@ -975,6 +975,14 @@ def _print_status(settings: Settings) -> int:
               + _problem_text(problem))
         code = code or int(problem is not True)
     return code
+
+
+def _shown(text: object) -> str:
+    """``text`` as printed by ``status``, escaped when not all printable: a tick's source is
+    whatever a message on the topic said (a control character could rewrite the terminal,
+    and a lone surrogate made the print fail, reported as the feed not available)."""
+    text = str(text)
+    return text if text.isprintable() else ascii(text)[1:-1]
 
 
 def _problem_text(ping: object) -> str:

@@ -1,11 +1,14 @@
-"""What a message on the market topic names as its ``source`` reaches the API's answers."""
+"""What a message on the market topic names as its ``source`` reaches the API's answers and
+``shardex status``."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import httpx
 import pytest
+from cluster.actors.launcher import _shown
 from cluster.http.api import create_app
 from feed.message import TickDecoder
 from tests.unit.cluster.local_platform import Platform
@@ -34,3 +37,15 @@ async def test_a_source_with_a_lone_surrogate_does_not_break_prices_or_health(
         health = await http.get("/healthz")
         assert health.status_code in (200, 503)
         assert json.loads(health.content)["feedSources"] == {"SOL": "x\ud800"}
+
+
+@pytest.mark.parametrize(("source", "shown"), [
+    ("backpack", "backpack"), ("b\u00e9", "b\u00e9"), ("x\ud800", "x\\ud800"),
+    ("\x1b[2Jx", "\\x1b[2Jx"), ("a\nb", "a\\nb")])
+def test_status_shows_any_source_as_printable_text(source: str, shown: str) -> None:
+    """``shardex status`` printed the source as it came: a lone surrogate made the print raise
+    (reported as "feed: not available", exit 1), a control character reached the terminal."""
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    print(f"source {_shown(source)}", file=out)
+    out.flush()
+    assert out.buffer.getvalue().decode() == f"source {shown}\n"
