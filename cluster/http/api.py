@@ -1011,7 +1011,8 @@ def create_app(service: TradingService) -> FastAPI:
         return answer(result, orders_json)
 
     @app.delete("/api/v1/orders/{orderId}", tags=["orders"], operation_id="cancelOrder",
-                responses={200: {"model": OrderOut}, **_errors(*_AUTH_ERRORS, 404, 409, 503)})
+                responses={200: {"model": OrderOut},
+                           **_errors(*_AUTH_ERRORS, 404, 409, 422, 503)})
     async def cancel_order(orderId: Annotated[str, Path(
             max_length=32, description="the order's id")], who: Caller,
             clientOrderId: Annotated[str | None, Query(

@@ -92,6 +92,25 @@ def test_the_openapi_document_names_the_bearer_scheme_exactly_where_a_key_is_nee
         assert r.status_code == 401 and error_code(r) == "UNAUTHORIZED", (method, path, r.text)
 
 
+def test_the_openapi_document_gives_every_api_error_the_spec_shape(http: httpx.Client) -> None:
+    """Every error answer an /api/v1 operation documents is ``{"error":{"code","message"}}``:
+    FastAPI documents a 422 the route does not name as its own ``{"detail":[...]}``, which
+    this API never answers. A cancel with a clientOrderId over 64 characters is such a 422."""
+    document = http.get("/openapi.json").json()
+    for path, operations in document["paths"].items():
+        for method, op in operations.items():
+            if not path.startswith("/api/v1/"):
+                continue
+            for status, response in op["responses"].items():
+                if status[0] in "45":
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/ErrorOut"}, \
+                        (method, path, status, schema)
+    r = http.delete("/api/v1/orders/1", params={"clientOrderId": "x" * 65},
+                    headers=signup(http))
+    assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
+
+
 VALID = {"asset": "SOL", "type": "long", "margin": "10", "leverage": 5}
 BAD_OPEN_BODIES: list[tuple[str, Any, str]] = [
     ("negative margin", {**VALID, "margin": "-10"}, "INVALID_REQUEST"),
