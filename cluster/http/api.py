@@ -378,7 +378,8 @@ class HealthOut(BaseModel):
 
 
 _ERROR_DESCRIPTIONS = {
-    400: "INVALID_REQUEST: the body is not JSON, or nests deeper than the limit",
+    400: "INVALID_REQUEST: the body is not JSON, or nests deeper than the limit; more than "
+         "one Authorization header",
     401: "UNAUTHORIZED: missing or wrong API key",
     404: "NOT_FOUND",
     409: "INSUFFICIENT_BALANCE / PRICE_MOVED / TOO_MANY_POSITIONS / TOO_MANY_ORDERS / "
@@ -400,7 +401,7 @@ _ERROR_HEADERS: dict[int, dict[str, Any]] = {
                           "schema": {"type": "integer", "minimum": 1}}},
 }
 _BODY_ERRORS = (400, 413, 422)  # any route with a JSON body
-_AUTH_ERRORS = (401, 429)  # any route behind an API key
+_AUTH_ERRORS = (400, 401, 429)  # any route behind an API key (400: the key given twice)
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -90,6 +90,12 @@ def test_the_openapi_document_names_the_bearer_scheme_exactly_where_a_key_is_nee
         r = http.request(method, path.replace("{orderId}", "1"),
                          json={} if method == "POST" else None)
         assert r.status_code == 401 and error_code(r) == "UNAUTHORIZED", (method, path, r.text)
+        # and each documents the 400 its key given twice gets, a read's as a write's
+        assert "400" in operations[method, path]["responses"], (method, path)
+        r = http.request(method, path.replace("{orderId}", "1"),
+                         json={} if method == "POST" else None,
+                         headers=[("Authorization", "Bearer a"), ("Authorization", "Bearer b")])
+        assert r.status_code == 400 and error_code(r) == "INVALID_REQUEST", (method, path, r.text)
 
 
 def test_the_openapi_document_gives_every_api_error_the_spec_shape(http: httpx.Client) -> None:
