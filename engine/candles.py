@@ -213,7 +213,8 @@ class CandleBook:
 
     At most ``keep`` candles per (asset, interval) stay in memory, the current one included;
     the caller persists what ``apply`` returns. ``candles`` restores a book from stored candles
-    (such as a store's newest ones per (asset, interval)) so it continues their current ones.
+    (such as a store's newest ones per (asset, interval)) so it continues their current ones
+    (a newest one stored closed stays closed).
     """
 
     def __init__(self, assets: Iterable[str], intervals: Sequence[str] = INTERVALS, *,
@@ -241,10 +242,11 @@ class CandleBook:
         return tuple(self._series)
 
     def _restore(self, candles: Iterable[Candle]) -> None:
-        """Load stored candles: per (asset, interval) the newest becomes the current candle
-        (open again whatever its flag said: it is the one the next ticks continue), the older
-        ones are closed. Candles of assets or intervals this book does not hold are skipped;
-        an invalid candle or a start given twice raises ValueError and loads nothing."""
+        """Load stored candles: per (asset, interval) the newest becomes the current candle,
+        with its flag (one stored closed is final: reopened, a tick stamped inside it would
+        change a candle already sent closed), the older ones are closed. Candles of assets or
+        intervals this book does not hold are skipped; an invalid candle or a start given
+        twice raises ValueError and loads nothing."""
         grouped: dict[tuple[str, str], dict[int, Candle]] = {}
         for candle in candles:
             check_candle(candle)
@@ -260,7 +262,7 @@ class CandleBook:
                     continue
                 ordered = [found[s] for s in sorted(found)][-self.keep:]
                 series.closed.extend(c._replace(closed=True) for c in ordered[:-1])
-                series.current = ordered[-1]._replace(closed=False)
+                series.current = ordered[-1]
 
     def apply(self, tick: Tick) -> list[Candle]:
         """Add ``tick`` (bid/ask in integer ticks, ``0 < bid <= ask``) to the candles of its

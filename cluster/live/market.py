@@ -145,11 +145,10 @@ class MarketLive:
         # restored candles whose time ended while nothing ran are closed before any reader;
         # those stored open are a change at version 1, as the restored current ones: a reader
         # that followed the last run was sent them open (a reader's first read leaves closed
-        # candles out, cluster.live.streams); those stored final were sent closed already
-        final = {(c.asset, c.interval, c.start_us) for c in restored if c.closed}
+        # candles out, cluster.live.streams); those stored final stay closed in the book, and
+        # were sent closed already
         now_us = clock_us() - self.late_us
-        ended = [c for c in self.book.close_ended(now_us)
-                 if (c.asset, c.interval, c.start_us) not in final]
+        ended = self.book.close_ended(now_us)
         if self.store is not None and ended:
             self._write(self.store, ended)
         self._closed.extend((1, c) for c in ended)

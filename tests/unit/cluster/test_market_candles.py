@@ -229,6 +229,38 @@ def test_a_candle_is_shown_closed_at_its_end_and_final_once_no_late_tick_can_com
     assert live.changes(live.version).items == []
 
 
+def test_a_candle_final_before_a_restart_stays_final_when_the_clock_is_behind(
+        tmp_path: Path) -> None:
+    """A restart whose clock reads a little earlier (stepped back, another node) than the one
+    that made a candle final: the candle is not sent open again, and a tick stamped inside it
+    that the feed still accepts is left out. Before, a restored candle was reopened whatever
+    its stored flag, took that tick and was sent closed a second time."""
+    clock = Clock(T5_US + 2)
+    live = MarketLive(Settings().assets, tmp_path, clock, late_s=15.0)
+    live.apply([sol(10_000, T5_US + 1, 1)])
+    clock.now_us = T5_US + MINUTE_US + 15_000_000
+    assert live.close_ended() >= 1
+    (final,) = live.candles("SOL", "1m", CandleQuery())
+    assert final.closed and final.tick_count == 1
+    live.close()
+    clock.now_us -= 3_000_000
+    restarted = MarketLive(Settings().assets, tmp_path, clock, late_s=15.0)
+    try:
+        assert "kline.1m.SOL" not in klines(restarted.changes(0).items)
+        restarted.apply([sol(9_000, T5_US + MINUTE_US - 2_000_000, 2)])  # 14 s old
+        assert restarted.candles("SOL", "1m", CandleQuery()) == [final]
+        clock.now_us += 10_000_000
+        assert "kline.1m.SOL" not in klines(restarted.changes(0).items)
+        assert restarted.candles("SOL", "5m", CandleQuery())[-1].tick_count == 2
+    finally:
+        restarted.close()
+    reopened = CandleStore(tmp_path)
+    try:
+        assert reopened.read("SOL", "1m", CandleQuery()) == [final]
+    finally:
+        reopened.close()
+
+
 def test_a_jump_held_for_confirmation_past_the_late_window_still_counts_in_its_candle() -> None:
     """The feed holds a tick that jumps until the next tick confirms it, however late that
     comes (SPEC): its candle is not final while it is held, and once confirmed it counts in

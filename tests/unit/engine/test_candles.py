@@ -334,12 +334,32 @@ def test_a_restored_book_continues_the_current_candle() -> None:
                                                    T_DAY + MINUTE + 20, False)
 
 
-def test_restore_reopens_the_newest_closes_the_rest_and_keeps_the_bound() -> None:
+def test_restore_keeps_the_newest_s_flag_closes_the_rest_and_keeps_the_bound() -> None:
     candles = minutes_book(6).recent("SOL", "1m")
-    newest_closed = [*candles[:-1], candles[-1]._replace(closed=True)]
-    book = CandleBook(["SOL", "BTC"], ["1m", "5m"], keep=4, candles=reversed(newest_closed))
+    older_open = [c._replace(closed=False) for c in candles]
+    book = CandleBook(["SOL", "BTC"], ["1m", "5m"], keep=4, candles=reversed(older_open))
     assert book.recent("SOL", "1m") == candles[-4:]
     assert book.recent("SOL", "5m") == [] and book.current("BTC", "1m") is None
+    newest_closed = [*candles[:-1], candles[-1]._replace(closed=True)]
+    book = CandleBook(["SOL"], ["1m"], keep=4, candles=newest_closed)
+    assert book.recent("SOL", "1m") == newest_closed[-4:]
+
+
+def test_a_restored_final_candle_is_not_reopened_by_a_later_tick_of_its_interval() -> None:
+    """A candle stored final (closed by the clock before a restart) stays final: a tick
+    stamped inside it, newer than its close, is left out, and the next interval's first tick
+    does not report it closed a second time."""
+    book = CandleBook(["SOL"], ["1m"])
+    book.apply(tick(T_DAY + 10, 100, 100))
+    (final,) = book.close_ended(T_DAY + MINUTE)
+    restored = CandleBook(["SOL"], ["1m"], candles=[final])
+    assert restored.current("SOL", "1m") == final
+    assert restored.apply(tick(T_DAY + 20, 90, 90)) == []
+    assert restored.recent("SOL", "1m") == [final]
+    nxt = restored.apply(tick(T_DAY + MINUTE + 1, 120, 120))
+    assert nxt == book.apply(tick(T_DAY + MINUTE + 1, 120, 120))
+    assert [(c.start_us, c.closed) for c in nxt] == [(T_DAY + MINUTE, False)]
+    assert restored.recent("SOL", "1m") == [final, *nxt]
 
 
 def test_restore_skips_what_the_book_does_not_hold_and_refuses_bad_candles() -> None:
