@@ -303,14 +303,21 @@ class StreamHub:
             await refuse(socket, 429, Code.RATE_LIMITED, f"at most {self.limits.connections} "
                          "WebSocket connections per client address", {"Retry-After": "1"})
             return
-        await socket.accept()
+        # counted before the accept, which may wait (a proxy relays it): handshakes arriving
+        # together would all pass the check above before any was counted
+        self.by_address[address] = self.by_address.get(address, 0) + 1
+        try:
+            await socket.accept()
+        except BaseException:
+            _release(self.by_address, address)
+            raise
         if self.stopping:  # accepted only to say why it closes at once
+            _release(self.by_address, address)
             with contextlib.suppress(Exception):
                 await socket.close(code=GOING_AWAY, reason=STOPPING)
             return
         connection = Connection(socket, address, self.limits.unsent)
         self.connections.add(connection)
-        self.by_address[address] = self.by_address.get(address, 0) + 1
         sender = connection.sender = asyncio.get_running_loop().create_task(
             self._send(connection))
         receiving: asyncio.Future[str | bytes] | None = None

@@ -96,3 +96,37 @@ def test_connections_beyond_the_key_limit_are_refused_the_account_until_one_goes
         assert hub.by_key == {} and hub.by_address == {} and hub.connections == set()
 
     asyncio.run(scenario())
+
+
+class SlowHandshake(Client):
+    """A client whose handshake answer waits on the server (a proxy in front, such as Serve's,
+    relays the accept), and which records whether it was refused."""
+
+    refused: bool = False
+
+    async def accept(self) -> None:
+        await asyncio.sleep(0)
+
+    async def send_denial_response(self, response: Any) -> None:
+        self.refused = True
+
+
+def test_handshakes_at_once_from_one_address_are_held_to_its_limit() -> None:
+    """The address's count was taken after the accept: handshakes arriving together all
+    passed the check before any was counted, so one address could hold any number."""
+    async def scenario() -> None:
+        hub = StreamHub(market=lambda: None, render=lambda change: {},
+                        streams=("bookTicker.SOL",), authenticate=authenticate,
+                        limits=StreamLimits(connections=2))
+        clients = [SlowHandshake("10.0.0.9") for _ in range(4)]
+        handlers = [asyncio.create_task(hub.serve(c)) for c in clients]  # type: ignore[arg-type]
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert [c.refused for c in clients] == [False, False, True, True]
+        assert len(hub.connections) == 2 and hub.by_address == {"10.0.0.9": 2}
+        for client, handler in zip(clients[:2], handlers[:2], strict=True):
+            await client.leave(handler)
+        await asyncio.gather(*handlers[2:])
+        assert hub.by_address == {} and hub.connections == set()
+
+    asyncio.run(scenario())
