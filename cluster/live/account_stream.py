@@ -311,10 +311,17 @@ class AccountStreams:
             sub.refill = asyncio.get_running_loop().create_task(self._refill(sub))
 
     async def _refill(self, sub: Subscription) -> None:
-        try:
-            await self._refill_until_wanted(sub)
-        except Exception as exc:  # tried again on the next event for this account
-            log.info("account stream: refill failed: %s", exc)
+        while True:
+            try:
+                await self._refill_until_wanted(sub)
+                return
+            except Exception as exc:
+                # the ledger restarting: again shortly (the events it owes were seen, so no
+                # check hands them on, and the account's next event may never come), reading
+                # once more by the cursor whatever this read was for
+                log.info("account stream: refill failed: %s", exc)
+                sub.recheck = True
+                await asyncio.sleep(RETRY_S)
 
     # -- the ledger's new events ------------------------------------------------------------
     async def _poll(self) -> None:

@@ -624,6 +624,45 @@ def test_a_start_the_ledger_does_not_answer_is_an_error_frame_and_ends_the_subsc
     run(scenario)
 
 
+class FlakySource(LogSource):
+    """A LogSource whose next ``failures`` AccountEvents reads fail (the ledger restarting),
+    each once ``hold`` is released when it is set."""
+
+    failures = 0
+
+    async def account_events(self, user: int, since: int | None
+                             ) -> tuple[int, list[AccountEvent] | None]:
+        if not self.failures:
+            return await super().account_events(user, since)
+        self.failures -= 1
+        self.events_reads.append((user, since))
+        if self.hold is not None:
+            await self.hold.wait()
+        raise ConnectionError("ledger restarting")
+
+
+def test_a_refill_the_ledger_does_not_answer_is_tried_again_until_it_is_sent() -> None:
+    """The tail brought an event while a refill read the ledger, which failed: the event was
+    seen, so no check hands it on again. Before, the subscription waited for its account's
+    next event to try again, which may never come: the client missed the event for good."""
+    async def scenario(s: Stream) -> None:
+        s.record(ALICE, 1)
+        alice = await s.follow(ALICE, 1)
+        sub = alice.sub
+        assert sub is not None and isinstance(s.source, FlakySource)
+        s.source.failures, s.source.hold = 1, asyncio.Event()
+        reads = len(s.source.events_reads)
+        s.tail.push(None)  # a restart: every subscription reads the ledger by its cursor
+        await until(lambda: len(s.source.events_reads) == reads + 1)
+        s.tail.push(s.record(ALICE, 1))  # delivered while that read is under way
+        await until(lambda: sub.wanted == 2)
+        s.source.release()
+        await until(lambda: alice.seqs == [2])
+
+    log = AccountLog()
+    run_stream(scenario, log=log, source=FlakySource(log))
+
+
 @pytest.mark.parametrize("since", [None, 0, 4])
 def test_a_start_without_the_trading_service_is_an_error_frame(since: int | None) -> None:
     async def scenario() -> None:
