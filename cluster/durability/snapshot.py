@@ -51,7 +51,8 @@ def snapshot_path(directory: str | os.PathLike[str], seq: int) -> Path:
     return Path(directory) / f"{seq:020d}{SNAPSHOT_SUFFIX}"
 
 
-def _seq_of(path: Path) -> int | None:
+def snapshot_seq(path: Path) -> int | None:
+    """The journal seq a snapshot file's name says it covers, or None for another name."""
     stem = path.name[: -len(SNAPSHOT_SUFFIX)]
     if not path.name.endswith(SNAPSHOT_SUFFIX) or len(stem) != 20 or not stem.isdigit():
         return None
@@ -156,7 +157,7 @@ def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
     except Exception as exc:  # a truncated/garbled zip raises many kinds of errors
         raise SnapshotError(f"{path.name}: unreadable ({type(exc).__name__}: {exc})") from exc
     seq = body["seq"]
-    if _seq_of(path) not in (None, seq):
+    if snapshot_seq(path) not in (None, seq):
         raise SnapshotError(f"{path.name}: holds seq {seq}, not the one in its name")
     return Snapshot(int(seq), arrays, body["meta"])
 
@@ -169,7 +170,7 @@ def list_snapshots(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     if not directory.is_dir():
         return []
     return sorted(((s, p) for p in directory.iterdir()
-                   if (s := _seq_of(p)) is not None and p.is_file()), reverse=True)
+                   if (s := snapshot_seq(p)) is not None and p.is_file()), reverse=True)
 
 
 def load_latest_snapshot(directory: str | os.PathLike[str],

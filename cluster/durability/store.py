@@ -12,7 +12,8 @@ cluster.durability.recovery:
   does not cost the records after it (the journal resumes past it:
   cluster.durability.journal, ``covered_seq``). ``recover`` then applies every durable journal
   record after that snapshot (``cluster.durability.recovery.recover``), and renames the newer
-  snapshots it skipped to ``*.npz.corrupt``, so they do not count among the ones kept.
+  snapshots it skipped to ``*.npz.corrupt``, so they do not count among the ones kept (one
+  covering more than the journal held is logged as an error: what only it held is lost).
 * ``append_encoded(events)`` buffers encoded events; ``commit()`` writes everything buffered as
   one journal commit with one write and one fdatasync (group commit): one batch record
   (engine.events.encode_batch), or as many as it takes to keep each under the journal's
@@ -67,6 +68,7 @@ from cluster.durability.snapshot import (
     Snapshot,
     load_latest_snapshot,
     prune_snapshots,
+    snapshot_seq,
     write_snapshot,
 )
 from engine.events import (
@@ -231,12 +233,24 @@ class JournalStore:
             return self._restore(None) if given is None else state
 
         recovered = recover(self.journal, snapshot, restore, apply_batch, decode=decode)
+        self._report_lost(recovered.last_seq)
         if not self.readonly:
             self._set_aside_skipped()
         self.recovery_s = self._restore_s + time.perf_counter() - started
         self._snapshot_seq = recovered.snapshot_seq
         self.recovered = recovered
         return recovered
+
+    def _report_lost(self, last_seq: int) -> None:
+        """Log as an error each skipped snapshot that covers more than the journal held: the
+        state recovered without what it alone kept (a start is not refused for it, or a
+        stray file named like a snapshot would stop every start)."""
+        for path in self._skipped:
+            covered = snapshot_seq(path) or 0
+            if covered > last_seq:
+                log.error("%s: the snapshot %s was skipped and the journal ends at seq %d: "
+                          "what it held of seq %d..%d is lost (the file is kept as *.corrupt)",
+                          self.directory, path.name, last_seq, last_seq + 1, covered)
 
     def _set_aside_skipped(self) -> None:
         """Rename the snapshots recovery skipped to ``*.corrupt`` (kept for inspection), once

@@ -523,9 +523,26 @@ def test_opening_a_torn_journal_is_logged_and_a_damaged_one_refused(
 
 
 def _ten_accounts_then_damage(tmp_path: Path, seq: int) -> dict[str, Any]:
+    """:func:`_ten_accounts`, then one payload byte of record ``seq`` flipped."""
+    live = _ten_accounts(tmp_path)
+    damaged = bytearray(segment(tmp_path).read_bytes())
+    damaged[_record_at(damaged, seq) + HEADER_BYTES + 10] ^= 0xFF
+    segment(tmp_path).write_bytes(bytes(damaged))
+    return live
+
+
+def _record_at(journal: bytes, seq: int) -> int:
+    """The byte where record ``seq`` begins in the segment of :func:`_ten_accounts`."""
+    at = 0
+    for _ in range(4, seq):
+        at += HEADER_BYTES + HEADER.unpack_from(journal, at)[0]
+    return at
+
+
+def _ten_accounts(tmp_path: Path) -> dict[str, Any]:
     """A ledger under ``tmp_path`` with snapshots at seq 3 and 6 and accounts journaled as
-    seq 1..10, crashed, then one payload byte of record ``seq`` flipped (the journal keeps
-    4.. for the snapshot at 3); the live state's fingerprint before the crash."""
+    seq 1..10, crashed (the journal keeps 4.. for the snapshot at 3); the live state's
+    fingerprint before the crash."""
     led = open_ledger(tmp_path, Clock())
     for n in range(1, 4):
         one(led, CreateAccount(*account(n)))  # seq 1..3
@@ -537,12 +554,6 @@ def _ten_accounts_then_damage(tmp_path: Path, seq: int) -> dict[str, Any]:
         one(led, CreateAccount(*account(n)))  # seq 7..10, acknowledged
     live = led.machine.fingerprint()
     crash(led)
-    damaged = bytearray(segment(tmp_path).read_bytes())
-    at = 0
-    for _ in range(4, seq):  # to the record's header
-        at += HEADER_BYTES + HEADER.unpack_from(damaged, at)[0]
-    damaged[at + HEADER_BYTES + 10] ^= 0xFF
-    segment(tmp_path).write_bytes(bytes(damaged))
     return live
 
 
@@ -631,6 +642,33 @@ def test_a_snapshot_the_state_refuses_falls_back_to_the_one_before(
     assert again.machine.fingerprint() == live
     assert snapshot_path(snapshots, newest).name in caplog.text
     crash(again)
+
+
+def test_a_skipped_snapshot_covering_more_than_the_journal_is_logged_as_a_loss(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The newest snapshot (seq 6) damaged, and the journal torn within record 5: recovery
+    falls back to the snapshot at 3 and ends at seq 4, without what only the damaged snapshot
+    held. That was only a warning about the skipped file; it is an error saying what is lost.
+    The same damaged snapshot with the journal whole loses nothing and says nothing of it."""
+    for case, cut in (("whole", False), ("torn", True)):
+        path = tmp_path / case
+        _ten_accounts(path)
+        newest = snapshot_path(path / SNAPSHOT_DIR, 6)
+        newest.write_bytes(newest.read_bytes()[:-7])
+        if cut:
+            journal = segment(path).read_bytes()
+            segment(path).write_bytes(journal[:_record_at(journal, 5) + HEADER_BYTES + 3])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cluster.durability.store"):
+            again = open_ledger(path, Clock())
+        assert again.store is not None and again.store.recovered is not None
+        assert (again.store.recovered.snapshot_seq, again.store.recovered.last_seq) == (
+            (3, 4) if cut else (3, 10))
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == ([f"{path}: the snapshot {newest.name} was skipped and the journal "
+                           "ends at seq 4: what it held of seq 5..6 is lost (the file is kept "
+                           "as *.corrupt)"] if cut else [])
+        crash(again)
 
 
 def test_a_skipped_snapshot_no_longer_counts_among_the_two_kept(tmp_path: Path) -> None:
