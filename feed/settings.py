@@ -96,7 +96,9 @@ def _check_option(key: str, value: str) -> None:
             raise ValueError("option loop must be 0 or 1")
         return
     if key == "seed":
-        if not value.lstrip("-").isdigit() or len(value) > 19:
+        # ASCII digits only: isdigit() also passes "²", and lstrip("-") "--5", which the
+        # source then failed to read as a number once the start was under way
+        if len(value) > 19 or not re.fullmatch(r"-?[0-9]+", value):
             raise ValueError("option seed must be an integer")
         return
     try:

@@ -28,7 +28,7 @@ BAD = {
                         "ws://127.0.0.1:abc", "ws://:80", "ws://h:0", "ws://h:65536",
                         "ws://[::1", "ws://u:p@:80"],
     "FEED_SOURCE": ["kafka", "sim?rate=0", "sim?rate=nan", "sim?x=1", "replay:", "auto?wait=-1",
-                    "replay:/no/such/file.jsonl"],
+                    "replay:/no/such/file.jsonl", "sim?seed=--5", "auto?seed=\u00b2"],
     "PORT": ["0", "65536", "-1", "4000.0", "http", "", "\u0661\u0662", "\uff11\uff12", "+5"],
     "HOST": ["", "a b", "host/x"],
     "RAY_ADDRESS": ["ray:// host"],
