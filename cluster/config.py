@@ -236,12 +236,14 @@ class Settings:
         data_dir = env.get("DATA_DIR", str(base.data_dir))
         try:
             # spaces around it would name another directory (a leading one: a relative path)
-            bad = not data_dir.strip() or data_dir != data_dir.strip() or (
-                Path(data_dir).exists() and not Path(data_dir).is_dir())
+            bad = not data_dir.strip() or data_dir != data_dir.strip()
+            in_the_way = None if bad else _file_in_the_way(Path(data_dir))
         except OSError as exc:  # a name too long, ...
             _fail("DATA_DIR", data_dir[:80], exc.strerror or str(exc))
-        if bad:
+        if bad or in_the_way == Path(data_dir):
             _fail("DATA_DIR", data_dir)
+        if in_the_way is not None:
+            _fail("DATA_DIR", data_dir, f"{in_the_way} is a file")
         feed_source = env.get("FEED_SOURCE", base.feed_source)
         spec = _parse_source(feed_source)
         if spec.kind == "replay" and not Path(spec.path).is_file():
@@ -315,6 +317,15 @@ def _millionths(var: str, raw: str, high: int) -> int:
     if not 0 <= units <= high:
         _fail(var, raw)
     return units
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """What stands, not a directory, where ``path`` or the nearest of its parents that exists
+    should be one (no directory can be made there); None when nothing does."""
+    for part in (path, *path.parents):
+        if part.exists():
+            return None if part.is_dir() else part
+    return None
 
 
 def _check_brokers(text: str) -> str:

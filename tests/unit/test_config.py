@@ -109,6 +109,19 @@ def test_autoscaling_runs_between_the_replicas_and_the_most() -> None:
         Settings.from_env({"PORT": "65530", "API_MAX_REPLICAS": "3"})
 
 
+def test_a_data_dir_below_a_file_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """Nothing could be made there: status said it could not read a layout.json, and a start
+    failed on it, neither naming DATA_DIR."""
+    (tmp_path / "file").write_text("")
+    for below in ("file/data", "file/a/b"):
+        with pytest.raises(ConfigError) as info:
+            Settings.from_env({"DATA_DIR": str(tmp_path / below)})
+        text = str(info.value)
+        assert text.startswith(f"DATA_DIR must be {RULES['DATA_DIR']} (got ")
+        assert text.endswith(f": {tmp_path / 'file'} is a file)")
+    assert Settings.from_env({"DATA_DIR": str(tmp_path / "a/b")}).data_dir == tmp_path / "a/b"
+
+
 def test_every_variable_has_a_rule_and_a_refusal() -> None:
     assert set(BAD) == set(RULES)
 
