@@ -693,8 +693,12 @@ def check_layout(settings: Settings, record: bool = False) -> None:
             # would refuse every later start
             from cluster.durability.journal import create_directory, write_whole
 
-            create_directory(path.parent)
-            write_whole(path, json.dumps({"shards": wanted}).encode())
+            try:  # the start's first write under DATA_DIR: one it cannot make is named so
+                create_directory(path.parent)
+                write_whole(path, json.dumps({"shards": wanted}).encode())
+            except OSError as exc:
+                raise LaunchError(f"cannot write to DATA_DIR={settings.data_dir}: "
+                                  f"{exc.strerror or exc}") from None
         return
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LaunchError(f"cannot read {path}: {exc}") from None

@@ -351,6 +351,22 @@ def test_a_layout_the_disk_could_not_take_does_not_refuse_the_next_start(tmp_pat
         check_layout(dataclasses.replace(settings, shards={"SOL": 2}))
 
 
+def test_a_data_dir_the_start_cannot_write_is_refused_naming_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its first write (the layout) fails: the refusal names DATA_DIR, not only the errno of
+    a path ("No such file or directory" for the directory it was about to make)."""
+    import cluster.durability.journal as journal
+
+    def refused(directory: object) -> None:
+        raise PermissionError(13, "Permission denied", str(directory))
+
+    monkeypatch.setattr(journal, "create_directory", refused)
+    settings = dataclasses.replace(Settings(), data_dir=tmp_path / "data")
+    with pytest.raises(LaunchError, match=f"^cannot write to DATA_DIR={tmp_path / 'data'}: "
+                                          "Permission denied$"):
+        check_layout(settings, record=True)
+
+
 def test_a_live_audit_a_host_does_not_answer_is_one_line_and_not_a_difference(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A host Ray is restarting (or that died) answers the audit with Unavailable, the port's
