@@ -171,6 +171,8 @@ class Platform:
         # runtime env
         joined_env = ray_env() if joining else {}
         if joining:
+            if silent := _silent_ray_address(settings.ray_address or ""):
+                raise LaunchError(silent)
             os.environ.update(joined_env)
             # first: the API a killed joined run left on the cluster holds PORT until removed
             _ray_init(address=settings.ray_address, namespace=self.namespace,
@@ -859,6 +861,15 @@ def _tcp_answers(address: str) -> bool:
                                                   ATTACH_CHECK_TIMEOUT_S)
 
 
+def _silent_ray_address(address: str) -> str | None:
+    """Why RAY_ADDRESS ``address`` cannot be joined, when a TCP connection tells at once: a
+    host:port where nothing listens would hold ray.init for minutes."""
+    if ":" in address and "://" not in address and not _tcp_answers(address):
+        return (f"nothing answers at RAY_ADDRESS={address} (its Ray refuses connections or "
+                "the address is not host:port)")
+    return None
+
+
 def _recorded_address(settings: Settings) -> str:
     """``RAY_ADDRESS``, else the address a local ``up`` recorded in DATA_DIR.
 
@@ -868,12 +879,9 @@ def _recorded_address(settings: Settings) -> str:
     it once at import.
     """
     if settings.ray_address:
-        address = settings.ray_address
-        # a host:port where nothing listens would hold ray.init without a limit
-        if ":" in address and "://" not in address and not _tcp_answers(address):
-            raise NotRunning(f"nothing answers at RAY_ADDRESS={address} (its Ray refuses "
-                             "connections or the address is not host:port)")
-        return address
+        if silent := _silent_ray_address(settings.ray_address):
+            raise NotRunning(silent)
+        return settings.ray_address
     where = settings.data_dir.resolve()
     path = settings.data_dir / ADDRESS_FILE
     hint = ("start it with `shardex up`, or point at a running one with DATA_DIR=<the "

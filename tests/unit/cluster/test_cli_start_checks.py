@@ -234,6 +234,23 @@ def test_a_ray_address_where_nothing_listens_is_said_at_once(
     assert "Traceback" not in done.stderr and done.stdout == ""
 
 
+def test_a_start_joining_a_ray_address_where_nothing_listens_is_refused_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``up``/``engine`` check it as ``status`` does: ray.init retried such an address for
+    minutes, its log lines the only sign, and a SIGTERM waited for it."""
+    import cluster.actors.launcher as launcher
+
+    def joined(**options: object) -> None:
+        raise AssertionError(f"ray.init reached: {options.get('address')}")
+
+    monkeypatch.setattr(launcher, "_ray_init", joined)
+    address = f"127.0.0.1:{free_port()}"
+    settings = dataclasses.replace(Settings(), data_dir=tmp_path, ray_address=address)
+    with pytest.raises(LaunchError, match=f"^nothing answers at RAY_ADDRESS={address} "):
+        Platform(settings, bootstrap="127.0.0.1:1", with_feed=False).start()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_ray_address_that_is_no_address_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     done, _ = _cli("status", env={**_env(tmp_path), "RAY_ADDRESS": "garbage"})
     assert done.returncode != 0
