@@ -309,6 +309,15 @@ def test_api_error_is_shown_with_the_apis_code_and_message(
     fill(browser, "ticket-leverage", "1000")
     wait_until(browser, lambda d: text_of(d, "ticket-estimate") == "",
                "no estimate of an order beyond the asset's leverage")
+    # the size the engine gives at the price, floored to the step, exact: 29 USD at a limit of
+    # 100.00 is 0.29 SOL, not 0.28 (29 / 100 * 100 is 28.999... in binary floats)
+    Select(by_id(browser, "ticket-kind")).select_by_value("limit")
+    fill(browser, "ticket-trigger", "100.00")
+    fill(browser, "ticket-margin", "29")
+    fill(browser, "ticket-leverage", "1")
+    wait_until(browser, lambda d: text_of(d, "ticket-estimate")
+               == "≈ 0.29 SOL · notional ≈ 29.00 USD (estimate)", "the estimate at the limit")
+    Select(by_id(browser, "ticket-kind")).select_by_value("market")
 
     # a leverage below the range is named as such, not as a type error
     open_long_from_ticket(browser, "100", "-1")

@@ -934,21 +934,17 @@ function renderEstimate() {
   const leverage = Number(field("ticket-leverage"));
   const kind = byId("ticket-kind").value;
   const quote = app.prices[app.asset];
-  const price = kind === "market"
-    ? (quote ? (Number(quote.bid) + Number(quote.ask)) / 2 : NaN)
-    : Number(field("ticket-trigger"));
-  if (!asset || !(margin > 0) || !(leverage > 0) || !(price > 0)) {
-    setText(node, "");
-    return;
-  }
-  const notional = margin * leverage;
-  if (!(notional <= Number.MAX_SAFE_INTEGER) || leverage > (asset.maxLeverage || Infinity)) {
+  // a market order at the mid, a pending one at its trigger
+  const price = kind === "market" ? (quote ? [quote.bid, quote.ask] : null) : field("ticket-trigger");
+  const estimate = asset && price
+    ? fmt.estimate(field("ticket-margin"), field("ticket-leverage"), price, asset.quantityStep)
+    : null;
+  if (!estimate || !(margin * leverage <= Number.MAX_SAFE_INTEGER)
+      || leverage > (asset.maxLeverage || Infinity)) {
     setText(node, ""); // the API will refuse it: no estimate of an order that cannot be
     return;
   }
-  const decimals = fmt.decimalsOf(asset.quantityStep);
-  const size = Math.floor((notional / price) * 10 ** decimals) / 10 ** decimals;
-  setText(node, `≈ ${size.toFixed(decimals)} ${asset.name} · notional ≈ ${notional.toFixed(2)} USD (estimate)`);
+  setText(node, `≈ ${estimate.size} ${asset.name} · notional ≈ ${fmt.money(estimate.notional)} USD (estimate)`);
 }
 
 async function submitTicket(side, button) {
