@@ -1324,6 +1324,17 @@ def test_a_kept_key_the_api_refuses_is_said_to_be_refused_not_polled(
         "this key was refused: log out or use another key"
     assert by_id(browser, "account-stream").get_attribute("data-state") == "down"
 
+    # a pasted key with an invisible character copied along (a zero-width space) is said not
+    # to be a key; the browser cannot send it in a header, which the page took for a server
+    # that did not answer (NETWORK_ERROR)
+    by_id(browser, "logout").click()
+    fill(browser, "key-input", "not\u200ba-key")
+    by_id(browser, "use-key").click()
+    wait_until(browser, lambda d: banner.is_displayed()
+               and banner.get_attribute("data-code") == "UNAUTHORIZED"
+               and "not an API key" in text_of(d, "error-message"), "the pasted key refused")
+    assert by_id(browser, "logged-out").is_displayed()
+
 
 def double_click_answered_between(driver: WebDriver, element: WebElement,
                                   answered: Any, what: str) -> None:

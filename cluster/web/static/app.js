@@ -479,6 +479,12 @@ async function useKey(event) {
   const input = byId("key-input");
   const key = input.value.trim();
   if (!key) return;
+  // an API key is visible ASCII: a key with anything else (an invisible character copied
+  // along) cannot even be sent in a header, which would read as a server that did not answer
+  if (/[^\x21-\x7e]/.test(key)) {
+    showError(localError("UNAUTHORIZED", "not an API key: it holds a space or a character no key has (copied along with it?)"));
+    return;
+  }
   const button = byId("use-key");
   button.disabled = true;
   try {
