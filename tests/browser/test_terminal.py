@@ -233,10 +233,10 @@ def test_open_from_the_ticket_close_from_the_table_then_in_history(
     tick(platform, http, "SOL", "101.00", "101.01")  # 9.99 SOL up 0.99: +9.8901
     wait_until(browser, lambda d: d.find_element(
         By.CSS_SELECTOR, f'tr[data-position-id="{position_id}"] td[data-field="pnl"]').text
-        == "+9.89", "the live unrealized PnL (display, two decimals)")
+        == "+9.8901", "the live unrealized PnL, exact as the engine's (it showed +9.89)")
     # the equity beside it moves with the same tick: 9900 free + 100 margin + 9.8901
-    wait_until(browser, lambda d: text_of(d, "balance-equity") == "10009.89"
-               and text_of(d, "upnl-total") == "+9.89", "the equity at the live price")
+    wait_until(browser, lambda d: text_of(d, "balance-equity") == "10009.8901"
+               and text_of(d, "upnl-total") == "+9.8901", "the equity at the live price")
 
     browser.find_element(
         By.CSS_SELECTOR, f'button[data-testid="close-position"][data-position-id="{position_id}"]'

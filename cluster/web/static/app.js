@@ -759,40 +759,43 @@ function setEditing(entry, editing) {
 }
 
 function renderPnl() {
-  let total = 0;
+  let total = 0n; // micro-dollars, as the engine counts them
   let counted = 0;
   let moved = null; // how far the live PnL moved the equity from the server's
   for (const { position, markCell, pnlCell } of app.positionRows.values()) {
     const quote = app.prices[position.asset];
     const live = fmt.livePnl(position, quote);
-    if (live !== null && fmt.isDecimal(String(position.unrealizedPnl ?? ""))) {
-      moved = (moved ?? 0) + live - Number(position.unrealizedPnl);
+    const server = fmt.micros(position.unrealizedPnl);
+    if (live !== null && server !== null) {
+      moved = (moved ?? 0n) + fmt.micros(live) - server;
     }
     if (live !== null) {
       setText(markCell, position.type === "long" ? quote.bid : quote.ask);
-      setText(pnlCell, fmt.signedNumber(live));
-      pnlCell.className = fmt.pnlClass(live);
+      setText(pnlCell, fmt.signedMoney(live));
+      pnlCell.className = fmt.pnlClassOf(live);
       pnlCell.dataset.source = "live";
-      total += live;
+      total += fmt.micros(live);
       counted += 1;
     } else {
       setText(markCell, "—");
       setText(pnlCell, fmt.signedMoney(position.unrealizedPnl));
       pnlCell.className = fmt.pnlClassOf(position.unrealizedPnl);
       pnlCell.dataset.source = "server";
-      if (fmt.isDecimal(String(position.unrealizedPnl ?? ""))) {
-        total += Number(position.unrealizedPnl);
+      if (server !== null) {
+        total += server;
         counted += 1;
       }
     }
   }
   const totalNode = byId("upnl-total");
-  setText(totalNode, counted ? fmt.signedNumber(total) : "—");
-  totalNode.className = counted ? fmt.pnlClass(total) : "num";
+  const totalText = fmt.microsText(total);
+  setText(totalNode, counted ? fmt.signedMoney(totalText) : "—");
+  totalNode.className = counted ? fmt.pnlClassOf(totalText) : "num";
   // equity moves with the same prices as the PnL beside it, between reads of the state
   const equityNode = byId("balance-equity");
-  const live = moved !== null && fmt.isDecimal(String(app.equity ?? ""));
-  setText(equityNode, live ? (Number(app.equity) + moved).toFixed(2) : fmt.money(app.equity));
+  const equity = fmt.micros(app.equity);
+  const live = moved !== null && equity !== null;
+  setText(equityNode, fmt.money(live ? fmt.microsText(equity + moved) : app.equity));
   equityNode.dataset.source = live ? "live" : "server";
 }
 

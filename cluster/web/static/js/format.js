@@ -1,5 +1,6 @@
-// Display formatting. Amounts stay the decimal strings the API gives; plain numbers are used
-// only for values computed for display (live unrealized PnL, estimates).
+// Display formatting. Amounts stay the decimal strings the API gives; what the page computes
+// from them (live unrealized PnL and equity, the ticket's estimate) is exact decimal
+// arithmetic (BigInt), as the engine's.
 
 const DASH = "—";
 const DECIMAL = /^(-?)(\d+)(?:\.(\d+))?$/;
@@ -96,31 +97,53 @@ export function estimate(margin, leverage, price, quantityStep) {
   return { size: unitsText(steps * step[0], step[1]), notional: unitsText(m[0] * lev, m[1]) };
 }
 
-// Display-only unrealized PnL of a position at a quote: long (bid - entry) * quantity,
-// short (entry - ask) * quantity. null without a usable quote.
-export function livePnl(position, quote) {
-  if (!quote) return null;
-  const entry = Number(position.entryPrice);
-  const quantity = Number(position.quantity);
-  const mark = Number(position.type === "long" ? quote.bid : quote.ask);
-  if (![entry, quantity, mark].every(Number.isFinite)) return null;
-  return position.type === "long" ? (mark - entry) * quantity : (entry - mark) * quantity;
+// A decimal string as [BigInt, decimals] with its sign: "-12.50" -> [-1250n, 2]; null for
+// anything else.
+function signedUnits(value) {
+  const m = DECIMAL.exec(String(value ?? "").trim());
+  if (!m) return null;
+  const frac = m[3] || "";
+  const n = BigInt(m[2] + frac);
+  return [m[1] ? -n : n, frac.length];
 }
 
-export function signedNumber(n, decimals = 2) {
-  if (n === null || !Number.isFinite(n)) return DASH;
-  const fixed = n.toFixed(decimals);
-  if (/^-0\.0*$/.test(fixed)) return fixed.slice(1);
-  return n > 0 && !/^0\.0*$/.test(fixed) ? `+${fixed}` : fixed;
+// BigInt ``n`` at ``decimals`` as micro-dollars, rounded toward minus infinity (SPEC's
+// rounding of money).
+function toMicros(n, decimals) {
+  if (decimals <= 6) return n * 10n ** BigInt(6 - decimals);
+  const d = 10n ** BigInt(decimals - 6);
+  const q = n / d; // toward zero
+  return n < 0n && q * d !== n ? q - 1n : q;
+}
+
+// A money string as BigInt micro-dollars (rounded down); null when it is not a decimal.
+export function micros(value) {
+  const u = signedUnits(value);
+  return u && toMicros(u[0], u[1]);
+}
+
+// BigInt micro-dollars as a money string: -1234567n -> "-1.234567".
+export function microsText(n) {
+  return n < 0n ? `-${unitsText(-n, 6)}` : unitsText(n, 6);
+}
+
+// Unrealized PnL of a position at a quote, as the engine computes it: long (bid - entry) *
+// quantity, short (entry - ask) * quantity, rounded down to a micro-dollar; a money string
+// (exact: BigInt), null without a usable quote.
+export function livePnl(position, quote) {
+  if (!quote) return null;
+  const entry = signedUnits(position.entryPrice);
+  const quantity = signedUnits(position.quantity);
+  const mark = signedUnits(position.type === "long" ? quote.bid : quote.ask);
+  if (!entry || !quantity || !mark) return null;
+  const scale = Math.max(entry[1], mark[1]);
+  const at = ([n, d]) => n * 10n ** BigInt(scale - d);
+  const move = position.type === "long" ? at(mark) - at(entry) : at(entry) - at(mark);
+  return microsText(toMicros(move * quantity[0], scale + quantity[1]));
 }
 
 export function sideClass(value) {
   return value === "long" ? "side-long" : value === "short" ? "side-short" : "";
-}
-
-export function pnlClass(n) {
-  if (n === null || !Number.isFinite(n) || Math.abs(n) < 0.005) return "num"; // shows as 0.00
-  return n > 0 ? "num up" : "num down";
 }
 
 export function pnlClassOf(value) {
