@@ -263,6 +263,12 @@ def test_liquidation_by_a_produced_price_leaves_the_table_and_shows_in_history(
     wait_until(browser, lambda d: stream.get_attribute("data-state") == "live"
                and stream.get_attribute("data-seq"), "the account stream")
     seen = int(stream.get_attribute("data-seq"))
+    # the trader's own error, shown when the engine acts: it stays until dismissed or until the
+    # trader's next action succeeds (the engine's notice replaced it)
+    open_long_from_ticket(browser, "20000", "10")
+    banner = by_id(browser, "error-banner")
+    wait_until(browser, lambda d: banner.is_displayed()
+               and text_of(d, "error-code") == "INSUFFICIENT_BALANCE", "the error of the open")
 
     tick(platform, http, "SOL", str(liquidation), str(liquidation + D("0.01")))
     # the close and the balance after it arrive on the account stream
@@ -275,6 +281,9 @@ def test_liquidation_by_a_produced_price_leaves_the_table_and_shows_in_history(
     wait_until(browser, lambda d: text_of(d, "notice-text").startswith(
         f"Position {position_id} (long ") and "closed by liquidation at" in text_of(
             d, "notice-text"), "the notice of the liquidation")
+    assert banner.is_displayed() and text_of(browser, "error-code") == "INSUFFICIENT_BALANCE"
+    notice = by_id(browser, "notice")
+    assert notice.rect["y"] >= banner.rect["y"] + banner.rect["height"]  # both seen, stacked
     wait_until(browser, lambda d: position_rows(d) == [], "the liquidated row to leave the table")
     wait_until(browser, lambda d: text_of(d, "balance-margin") == "0.00"
                and text_of(d, "balance-free") == "9900.00", "the balances after the liquidation")

@@ -109,9 +109,10 @@ function dismissErrorOf(err) {
 }
 
 let noticeTimer = null;
-// What the user just did succeeded: an error still shown is about an earlier attempt.
-function showNotice(message) {
-  dismissError();
+// What the user just did succeeded: an error still shown is about an earlier attempt. What
+// the engine did on its own (``engine``) says nothing of it: the error stays, above.
+function showNotice(message, engine = false) {
+  if (!engine) dismissError();
   setText(byId("notice-text"), message);
   byId("notice").hidden = false;
   clearTimeout(noticeTimer);
@@ -389,7 +390,7 @@ function engineNotice(data) {
 function onAccountEvent(data) {
   if (!app.key) return;
   const told = engineNotice(data);
-  if (told) showNotice(told);
+  if (told) showNotice(told, true);
   setAccountStream("live");
   if (Number.isSafeInteger(data.seq)) byId("account-stream").dataset.seq = String(data.seq);
   clearTimeout(eventTimer);
