@@ -6,8 +6,7 @@ accepted one. Such a jump may be the market gapping or a bad print; one tick can
 next one can. So a jump is held back and accepted only if the next tick of the asset lies
 within the band around it (the move is confirmed: the held tick is delivered, then the
 confirming one, so the engine sweeps the price the market gapped to); otherwise the held tick
-is dropped as ``jump`` and the next tick is judged on its own. A held tick that grows older
-than the feed accepts (``expire``) is dropped as ``stale``: the next tick cannot confirm it.
+is dropped as ``jump`` and the next tick is judged on its own.
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ class TickGate:
 
     ``admit(tick)`` returns the ticks to deliver, in order: none (dropped, or held), the
     tick, or the held tick it confirms and then the tick. Counters:
-    ``dropped[reason]`` (:data:`GATE_DROP_REASONS`, and ``stale`` for held ticks
-    :meth:`expire` drops), ``held_total`` (jumps held),
+    ``dropped[reason]`` (:data:`GATE_DROP_REASONS`), ``held_total`` (jumps held),
     ``confirmed`` (held jumps a next tick confirmed). ``last`` maps an asset to its last
     delivered tick, ``held`` to its held one.
     """
@@ -61,14 +59,6 @@ class TickGate:
             self.dropped["out_of_order"] += 1
             return True
         return False
-
-    def expire(self, oldest_us: int) -> None:
-        """Drop (as ``stale``) every held tick stamped before ``oldest_us``: confirmed later,
-        it would go to the shards older than the feed accepts a price."""
-        for asset, held in list(self.held.items()):
-            if held.ts_us < oldest_us:
-                del self.held[asset]
-                self.dropped["stale"] += 1
 
     def admit(self, tick: Tick) -> list[Tick]:
         if self.is_older(tick):

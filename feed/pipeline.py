@@ -84,7 +84,6 @@ class TickPipeline:
         newest = self.conflator.newest(partitions, now_us)
         for tick in newest.values():
             self._read_age_us.append(now_us - tick.ts_us)
-        self.gate.expire(now_us - self.bounds.max_price_age_us)  # as the decoder's ``stale``
         accepted = self.gate.admit_all(newest)
         self.fanout.offer(accepted)
         return accepted

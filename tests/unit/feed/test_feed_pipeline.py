@@ -123,20 +123,3 @@ def test_a_message_read_twice_is_delivered_once() -> None:
     assert [t for _, ticks in p.take_ready() for t in ticks] == first
     assert [t.bid_ticks for t in p.ingest([[rec("ETH", 300_001, NOW - 5, NOW - 5)]], NOW)] \
         == [300_001]
-
-
-def test_a_held_jump_too_old_to_accept_is_not_confirmed() -> None:
-    """A jump is held until the next tick of its asset, however late that comes. A next tick
-    that confirmed it delivered the held one too, by then older than ``MAX_PRICE_AGE_S``: the
-    shards swept (and closed positions at) a price the feed would refuse as stale had it come
-    alone. It is dropped as ``stale``, and the next tick is judged on its own."""
-    p = pipeline()
-    age_us = FeedBounds().max_price_age_us
-    p.ingest([[rec("SOL", 10_000, NOW - 10)]], NOW)
-    assert p.ingest([[rec("SOL", 20_000, NOW - 9)]], NOW) == []  # held
-    later = NOW - 9 + age_us + 1
-    assert p.ingest([[rec("SOL", 20_100, later)]], later) == []  # held in its place
-    assert p.gate.held["SOL"].bid_ticks == 20_100 and p.last["SOL"].bid_ticks == 10_000
-    assert p.dropped()["stale"] == 1 and p.stats(later)["jumps_confirmed"] == 0
-    confirmed = p.ingest([[rec("SOL", 20_200, later + 1)]], later + 1)
-    assert [t.bid_ticks for t in confirmed] == [20_100, 20_200]
