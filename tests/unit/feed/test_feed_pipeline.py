@@ -123,3 +123,19 @@ def test_a_message_read_twice_is_delivered_once() -> None:
     assert [t for _, ticks in p.take_ready() for t in ticks] == first
     assert [t.bid_ticks for t in p.ingest([[rec("ETH", 300_001, NOW - 5, NOW - 5)]], NOW)] \
         == [300_001]
+
+
+def test_a_jump_is_confirmed_by_a_next_tick_however_late_it_comes() -> None:
+    """A market whose ticks come further apart than ``MAX_PRICE_AGE_S`` still moves after a
+    gap: the held jump and the tick that confirms it are delivered, in order. (Dropping the
+    held tick once too old to accept held each next tick in turn, dropped stale before a
+    next one came: such a market never moved again.)"""
+    p = pipeline()
+    age_us = FeedBounds().max_price_age_us
+    p.ingest([[rec("SOL", 10_000, NOW - 10)]], NOW)
+    assert p.ingest([[rec("SOL", 20_000, NOW - 9)]], NOW) == []  # held
+    later = NOW - 9 + age_us + 1
+    confirmed = p.ingest([[rec("SOL", 20_100, later)]], later)
+    assert [t.bid_ticks for t in confirmed] == [20_000, 20_100]
+    assert p.last["SOL"].bid_ticks == 20_100 and "SOL" not in p.gate.held
+    assert p.stats(later)["jumps_confirmed"] == 1
