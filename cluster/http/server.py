@@ -130,10 +130,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     :data:`MAX_HEAD_BYTES` (with a 431) or whose request does not arrive within
     :data:`READ_TIMEOUT_S` (with a 408 if its head had begun).
 
-    The parser tells when a head ends, not where, so a head is counted in whole reads: each
-    read that leaves a head unfinished adds its size, and a read in which a head ended starts
-    the count of the next (pipelined) one at zero. A valid request is never refused, and the
-    parser gathers at most ``MAX_HEAD_BYTES`` plus two reads (256 KiB each) of a head.
+    The parser tells when a head ends, not where, so a head is counted in the slices a read is
+    parsed in (:data:`FEED_SLICE_BYTES`): each slice that leaves a head unfinished adds its
+    size, and a slice in which a head ended starts the count of the next (pipelined) one at
+    zero. A valid request is never refused, and the parser gathers at most
+    ``MAX_HEAD_BYTES`` plus two slices of a head.
 
     Pipelined requests wait at most :data:`MAX_PIPELINED` (plus one slice's) at a time: what
     follows them stays unparsed (``_unparsed``, at most one read) with reading paused, and is
