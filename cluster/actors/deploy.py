@@ -13,7 +13,7 @@ holds its directory instead: that node advertises the custom resource ``shardex-
 (``ray start --resources='{"shardex-host:shard-SOL-0": 1}'``), and the host asks for it, so Ray
 starts and restarts it there only (a host whose node is gone waits for a node that advertises
 it: the replacement its volume moved to). Once any node pins a host, every stateful host must
-have a node that pins it: the start is refused otherwise, before a host could open an empty
+have one node that pins it: the start is refused otherwise, before a host could open an empty
 directory on another node and serve without the state it had.
 """
 
@@ -71,11 +71,17 @@ PIN_PREFIX = "shardex-host:"  # a node's custom resource that pins host <name> t
 
 
 def pinned_hosts() -> set[str]:
-    """Names of the hosts that alive nodes pin (their ``shardex-host:<name>`` resources)."""
+    """Names of the hosts that alive nodes pin (their ``shardex-host:<name>`` resources).
+    ValueError when two nodes pin one host: Ray would start it on either and could restart
+    it on the other, in a directory without the state it had."""
     import ray
 
-    return {key.removeprefix(PIN_PREFIX) for node in ray.nodes() if node.get("Alive")
-            for key in node.get("Resources", {}) if key.startswith(PIN_PREFIX)}
+    pins = [key.removeprefix(PIN_PREFIX) for node in ray.nodes() if node.get("Alive")
+            for key in node.get("Resources", {}) if key.startswith(PIN_PREFIX)]
+    if twice := sorted({name for name in pins if pins.count(name) > 1}):
+        raise ValueError(f"more than one node pins {', '.join(twice)} ({PIN_PREFIX}<name> "
+                         "resources): pin each host to the one node that holds its directory")
+    return set(pins)
 
 
 def placement(name: str, pinned: set[str], node: str | None) -> dict[str, Any]:
