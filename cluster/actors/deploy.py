@@ -57,13 +57,15 @@ def ray_env() -> dict[str, str]:
     return {f"RAY_{name}": str(value) for name, value in RAY_SYSTEM_CONFIG.items()}
 
 
+HEAD_RESOURCE = "node:__internal_head__"  # the resource only Ray's head node advertises
+
+
 def placement_nodes() -> list[str]:
     """Alive node ids in shard placement order: worker nodes first, then the head."""
     import ray
 
     alive = [n for n in ray.nodes() if n.get("Alive")]
-    head_key = "node:__internal_head__"
-    alive.sort(key=lambda n: (head_key in n.get("Resources", {}), n["NodeID"]))
+    alive.sort(key=lambda n: (HEAD_RESOURCE in n.get("Resources", {}), n["NodeID"]))
     return [n["NodeID"] for n in alive]
 
 

@@ -178,6 +178,7 @@ class Platform:
             _ray_init(address=settings.ray_address, namespace=self.namespace,
                       runtime_env={"env_vars": {**env, **joined_env}}, log_to_driver=False,
                       logging_level=logging.WARNING)
+            self._refuse_a_front_door_off_the_head()
             self._refuse_a_second_platform()  # and remove the API a killed run left
             phase("ray")
         self._take_over_data_dir()
@@ -268,6 +269,27 @@ class Platform:
             raise LaunchError(f"the embedded broker's port {broker} is one the API listens on "
                               f"({taken}): set another PORT, or move the broker with "
                               "--broker-port")
+
+    def _refuse_a_front_door_off_the_head(self) -> None:
+        """LaunchError when the API has HAProxy in front (more than one replica can run) and
+        this node is not the joined cluster's head: Serve runs HAProxy on the head only, the
+        replicas on this node, so nothing would answer PORT here (the start waited for it
+        until READY_TIMEOUT_S) and the replicas would not take the client addresses HAProxy
+        sends from another node."""
+        import ray
+
+        from cluster.actors.deploy import HEAD_RESOURCE
+
+        settings = self.settings
+        if not (self.direct_ingress and settings.replica_slots > 1):
+            return
+        heads = [n["NodeID"] for n in ray.nodes()
+                 if n.get("Alive") and HEAD_RESOURCE in n.get("Resources", {})]
+        if heads and ray.get_runtime_context().get_node_id() not in heads:
+            var = "API_MAX_REPLICAS" if settings.api_max_replicas else "API_REPLICAS"
+            raise LaunchError(f"{var}={settings.replica_slots} puts HAProxy on PORT, which "
+                              "Serve runs on the head node of the Ray cluster only, and this "
+                              "node is not its head: start there, or with one API replica")
 
     @property
     def address_file(self) -> Path:
