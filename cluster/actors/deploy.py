@@ -72,13 +72,16 @@ def placement_nodes() -> list[str]:
 PIN_PREFIX = "shardex-host:"  # a node's custom resource that pins host <name> to it
 
 
-def pinned_hosts() -> set[str]:
-    """Names of the hosts that alive nodes pin (their ``shardex-host:<name>`` resources).
-    ValueError when two nodes pin one host: Ray would start it on either and could restart
-    it on the other, in a directory without the state it had."""
-    import ray
+def pinned_hosts(nodes: list[dict[str, Any]] | None = None) -> set[str]:
+    """Names of the hosts that alive nodes pin (their ``shardex-host:<name>`` resources) of
+    ``nodes`` (Ray's node list; None: ``ray.nodes()``). ValueError when two nodes pin one
+    host: Ray would start it on either and could restart it on the other, in a directory
+    without the state it had."""
+    if nodes is None:
+        import ray
 
-    pins = [key.removeprefix(PIN_PREFIX) for node in ray.nodes() if node.get("Alive")
+        nodes = ray.nodes()
+    pins = [key.removeprefix(PIN_PREFIX) for node in nodes if node.get("Alive")
             for key in node.get("Resources", {}) if key.startswith(PIN_PREFIX)]
     if twice := sorted({name for name in pins if pins.count(name) > 1}):
         raise ValueError(f"more than one node pins {', '.join(twice)} ({PIN_PREFIX}<name> "

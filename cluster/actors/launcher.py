@@ -73,6 +73,27 @@ class LaunchError(RuntimeError):
     """The platform could not start (port in use, broker failed, actor failed, ...)."""
 
 
+def front_door_off_the_head(settings: Settings, nodes: list[dict[str, Any]],
+                            node_id: str) -> str | None:
+    """Why the API of ``settings`` cannot start on node ``node_id`` of ``nodes`` (Ray's node
+    list), or None: with more than one replica it has HAProxy in front, which Serve runs on the
+    head node only while the replicas go on this node, so nothing would answer PORT here (the
+    start waited for it until READY_TIMEOUT_S) and the replicas would not take the client
+    addresses HAProxy sends from another node."""
+    from cluster.actors.deploy import HEAD_RESOURCE
+
+    if settings.replica_slots <= 1:
+        return None
+    heads = [n["NodeID"] for n in nodes if n.get("Alive") and HEAD_RESOURCE in n.get(
+        "Resources", {})]
+    if not heads or node_id in heads:
+        return None
+    var = "API_MAX_REPLICAS" if settings.api_max_replicas else "API_REPLICAS"
+    return (f"{var}={settings.replica_slots} puts HAProxy on PORT, which Serve runs on the "
+            "head node of the Ray cluster only, and this node is not its head: start there, "
+            "or with one API replica")
+
+
 def port_is_free(host: str, port: int) -> bool:
     """Whether the API server could listen on ``host:port`` (bound the way it binds, so
     connections of a killed run left in TIME_WAIT do not count)."""
@@ -271,25 +292,11 @@ class Platform:
                               "--broker-port")
 
     def _refuse_a_front_door_off_the_head(self) -> None:
-        """LaunchError when the API has HAProxy in front (more than one replica can run) and
-        this node is not the joined cluster's head: Serve runs HAProxy on the head only, the
-        replicas on this node, so nothing would answer PORT here (the start waited for it
-        until READY_TIMEOUT_S) and the replicas would not take the client addresses HAProxy
-        sends from another node."""
         import ray
 
-        from cluster.actors.deploy import HEAD_RESOURCE
-
-        settings = self.settings
-        if not (self.direct_ingress and settings.replica_slots > 1):
-            return
-        heads = [n["NodeID"] for n in ray.nodes()
-                 if n.get("Alive") and HEAD_RESOURCE in n.get("Resources", {})]
-        if heads and ray.get_runtime_context().get_node_id() not in heads:
-            var = "API_MAX_REPLICAS" if settings.api_max_replicas else "API_REPLICAS"
-            raise LaunchError(f"{var}={settings.replica_slots} puts HAProxy on PORT, which "
-                              "Serve runs on the head node of the Ray cluster only, and this "
-                              "node is not its head: start there, or with one API replica")
+        if self.direct_ingress and (fault := front_door_off_the_head(
+                self.settings, ray.nodes(), ray.get_runtime_context().get_node_id())):
+            raise LaunchError(fault)
 
     @property
     def address_file(self) -> Path:

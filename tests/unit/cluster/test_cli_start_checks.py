@@ -307,52 +307,27 @@ def test_an_api_port_the_embedded_broker_listens_on_is_refused_before_anything_s
     assert not (tmp_path / "layout.json").exists()
 
 
-class _Node:
-    """What ``ray.get_runtime_context()`` says of the node this process joined."""
-
-    def __init__(self, node_id: str) -> None:
-        self.node_id = node_id
-
-    def get_node_id(self) -> str:
-        return self.node_id
-
-
 @pytest.mark.parametrize(("variable", "replicas", "max_replicas"),
                          [("API_REPLICAS", 2, 0), ("API_MAX_REPLICAS", 1, 3)])
-def test_a_front_door_joined_from_a_node_that_is_not_the_head_is_refused_at_once(
-        variable: str, replicas: int, max_replicas: int, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_front_door_joined_from_a_node_that_is_not_the_head_is_refused(
+        variable: str, replicas: int, max_replicas: int) -> None:
     """Serve runs HAProxy on the head node only, the replicas on the node ``up`` runs on: from
     a worker nothing answered PORT there, and the start ended when it gave up waiting for it
-    (two minutes), after it had removed a killed run's API from the cluster."""
-    import cluster.actors.launcher as launcher
-    import ray
-    from cluster.actors.deploy import ray_env
-    from cluster.actors.serve_app import CONTROLLER_ENV
-    from cluster.actors.serve_app import serve_env
+    (two minutes), after it had removed a killed run's API from the cluster. One replica (no
+    HAProxy) starts from any node."""
+    from cluster.actors.launcher import front_door_off_the_head
 
-    for key in {*ray_env(), *serve_env(4000, 2), *CONTROLLER_ENV}:  # the start exports these
-        monkeypatch.delenv(key, raising=False)
     nodes = [{"NodeID": "head", "Alive": True, "Resources": {"node:__internal_head__": 1.0}},
              {"NodeID": "worker", "Alive": True, "Resources": {"CPU": 1.0}}]
-    monkeypatch.setattr(ray, "nodes", lambda: nodes)
-    monkeypatch.setattr(launcher, "_ray_init", lambda **_options: None)
-
-    def reached(_self: Platform) -> None:
-        raise AssertionError("the start went on to the cluster's platform and API")
-
-    monkeypatch.setattr(Platform, "_refuse_a_second_platform", reached)
-    settings = dataclasses.replace(Settings(), data_dir=tmp_path, ray_address="auto",
-                                   api_replicas=replicas, api_max_replicas=max_replicas)
-    monkeypatch.setattr(ray, "get_runtime_context", lambda: _Node("worker"))
-    with pytest.raises(LaunchError, match=f"^{variable}=[23] puts HAProxy on PORT, which "
-                                          "Serve runs on the head node"):
-        Platform(settings, bootstrap="127.0.0.1:1", with_feed=False).start()
-    monkeypatch.setattr(ray, "get_runtime_context", lambda: _Node("head"))
-    Platform(settings, bootstrap="127.0.0.1:1")._refuse_a_front_door_off_the_head()
+    settings = dataclasses.replace(Settings(), ray_address="auto", api_replicas=replicas,
+                                   api_max_replicas=max_replicas)
+    fault = front_door_off_the_head(settings, nodes, "worker")
+    assert fault is not None and fault.startswith(
+        f"{variable}={max(replicas, max_replicas)} puts HAProxy on PORT, which Serve runs on "
+        "the head node"), fault
+    assert front_door_off_the_head(settings, nodes, "head") is None
     one = dataclasses.replace(settings, api_replicas=1, api_max_replicas=0)
-    monkeypatch.setattr(ray, "get_runtime_context", lambda: _Node("worker"))
-    Platform(one, bootstrap="127.0.0.1:1")._refuse_a_front_door_off_the_head()
+    assert front_door_off_the_head(one, nodes, "worker") is None
 
 
 def _died_in_its_constructor() -> Exception:
