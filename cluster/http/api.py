@@ -85,7 +85,7 @@ from cluster.live.account_stream import (
 from cluster.live.account_topic import TopicTail
 from cluster.live.market import Change, current_streams
 from cluster.live.streams import StreamHub, StreamLimits, refuse
-from cluster.trading.service import PositionsCursor, TradingService
+from cluster.trading.service import HEALTH_TIMEOUT_S, PositionsCursor, TradingService
 from cluster.web.terminal import add_terminal_routes
 from engine import schema
 from engine.account_events import AccountEvent, Balance
@@ -1075,7 +1075,8 @@ def create_app(service: TradingService) -> FastAPI:
         body: dict[str, Any] = {"status": "ok" if health.ok else "unavailable",
                                 "components": health.components}
         with contextlib.suppress(Exception):  # prices are informative; health decides above
-            prices = await service.prices()
+            # bound as the checks are: a shard that does not answer must not hold the answer
+            prices = await service.prices(timeout_s=HEALTH_TIMEOUT_S)
             now_us = time.time_ns() // 1000
             ages_s = {a: max(0, now_us - t.ts_us) / 1e6 for a, t in prices.items()}
             body["feedSources"] = {a: t.source for a, t in prices.items()}

@@ -340,15 +340,17 @@ class TradingService:
         (None: some are no longer kept)."""
         return await self.ledger.call(AccountTail(after, limit))
 
-    async def prices(self) -> dict[str, Tick]:
+    async def prices(self, timeout_s: float | None = None) -> dict[str, Tick]:
         """The newest tick of each asset that has one (over its splits). A shard that does
-        not answer only hides its own asset; Unavailable if none answers."""
-        answers = await asyncio.gather(*(p.call(LastTick()) for p in self.shards.values()),
-                                       return_exceptions=True)
+        not answer (within ``timeout_s``, when given) only hides its own asset; Unavailable
+        if none answers."""
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(p.call(LastTick()), timeout_s) for p in self.shards.values()),
+            return_exceptions=True)
         newest: dict[str, Tick] = {}
         failures = 0
         for answer in answers:
-            if isinstance(answer, Unavailable):
+            if isinstance(answer, (Unavailable, TimeoutError)):
                 failures += 1
                 continue
             if isinstance(answer, BaseException):

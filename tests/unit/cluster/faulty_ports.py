@@ -110,3 +110,23 @@ class HeldReplies(Wrapped):
             self.reached.set()
             await self.opened.wait()
         return answers
+
+
+class Stuck(Wrapped):
+    """Once ``stuck`` is set, batches and pings wait until ``released`` is set (a host busy
+    with a long call, or cut off: it neither answers nor fails)."""
+
+    def __init__(self, inner: Port, stuck: bool = False) -> None:
+        super().__init__(inner)
+        self.stuck = stuck
+        self.released = asyncio.Event()
+
+    async def execute(self, commands: list[Any]) -> list[Any]:
+        if self.stuck:
+            await self.released.wait()
+        return await self.inner.execute(commands)
+
+    async def ping(self) -> bool:
+        if self.stuck:
+            await self.released.wait()
+        return await self.inner.ping()

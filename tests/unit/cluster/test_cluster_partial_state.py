@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from cluster.actors.port import LocalPort
 from cluster.actors.port import Port
 from cluster.actors.port import Unavailable
+from cluster.http import api
 from cluster.http.api import create_app
 from cluster.http.bounds import RETRY_AFTER_S
+from cluster.trading import service
 from cluster.trading.service import TradingService
 from engine.ledger_machine import Balances
 from tests.unit.cluster.faulty_ports import Down
 from tests.unit.cluster.faulty_ports import FailingBatches
+from tests.unit.cluster.faulty_ports import Stuck
 from tests.unit.cluster.local_platform import SIGNUP
 from tests.unit.cluster.local_platform import USD
 from tests.unit.cluster.local_platform import build_platform
@@ -102,4 +107,38 @@ async def test_state_needs_the_ledger() -> None:
             await svc.state(who)
     finally:
         await svc.aclose()
+        p.hosts.close()
+
+
+async def test_healthz_answers_in_its_bound_while_a_shard_does_not_answer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard that neither answers nor fails (busy with a long call, cut off) is named in
+    /healthz's 503 within the health bound, its asset listed stale; the price read behind the
+    answer waited for it as long as a trading call does (30 s on the cluster)."""
+    monkeypatch.setattr(service, "HEALTH_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(api, "HEALTH_TIMEOUT_S", 0.2)
+    wrapped: dict[str, Stuck] = {}
+
+    def wrap(port: LocalPort) -> Port:
+        wrapped[port.name] = Stuck(port)
+        return wrapped[port.name]
+
+    p = build_platform(wrap=wrap)
+    try:
+        app = create_app(p.service)
+        await p.push_tick("SOL", "100.00", "100.01")
+        await p.push_tick("BTC", "50000.0", "50000.1")
+        btc_shard = next(n for n in wrapped if "BTC" in n)
+        wrapped[btc_shard].stuck = True
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+            r = await asyncio.wait_for(http.get("/healthz"), 1.0)
+        assert r.status_code == 503, r.text
+        body = r.json()
+        assert body["components"][btc_shard] == "unavailable", body
+        assert body["stalePrices"] == ["BTC", "ETH"] and "SOL" in body["priceAgesS"], body
+    finally:
+        for port in wrapped.values():
+            port.released.set()
+        await p.service.aclose()
         p.hosts.close()
