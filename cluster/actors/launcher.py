@@ -94,6 +94,23 @@ def front_door_off_the_head(settings: Settings, nodes: list[dict[str, Any]],
             "or with one API replica")
 
 
+def embedded_broker_off_this_machine(nodes: list[dict[str, Any]], node_id: str) -> str | None:
+    """Why the embedded broker cannot serve the cluster of ``nodes`` (Ray's node list) joined
+    from node ``node_id``, or None: it listens on 127.0.0.1 of this machine, and Ray may place
+    the ledger (which publishes account events) and the feed actor on any node: on another
+    machine they could not reach it (the events lost without a sign, the feed failing late)."""
+    here = next((n.get("NodeManagerAddress") for n in nodes if n.get("NodeID") == node_id),
+                None)
+    others = sorted({str(n.get("NodeManagerAddress")) for n in nodes if n.get("Alive")
+                     and n.get("NodeManagerAddress") != here})
+    if here is None or not others:
+        return None
+    return (f"KAFKA_BROKERS is unset: the embedded broker listens on 127.0.0.1 of this "
+            f"machine ({here}), which the ledger and the feed actor cannot reach from the "
+            f"cluster's other machines ({', '.join(others)}); set KAFKA_BROKERS to a Kafka "
+            "every node reaches")
+
+
 def port_is_free(host: str, port: int) -> bool:
     """Whether the API server could listen on ``host:port`` (bound the way it binds, so
     connections of a killed run left in TIME_WAIT do not count)."""
@@ -199,7 +216,7 @@ class Platform:
             _ray_init(address=settings.ray_address, namespace=self.namespace,
                       runtime_env={"env_vars": {**env, **joined_env}}, log_to_driver=False,
                       logging_level=logging.WARNING)
-            self._refuse_a_front_door_off_the_head()
+            self._refuse_what_this_machine_cannot_serve()
             self._refuse_a_second_platform()  # and remove the API a killed run left
             phase("ray")
         self._take_over_data_dir()
@@ -291,11 +308,15 @@ class Platform:
                               f"({taken}): set another PORT, or move the broker with "
                               "--broker-port")
 
-    def _refuse_a_front_door_off_the_head(self) -> None:
+    def _refuse_what_this_machine_cannot_serve(self) -> None:
         import ray
 
-        if self.direct_ingress and (fault := front_door_off_the_head(
-                self.settings, ray.nodes(), ray.get_runtime_context().get_node_id())):
+        nodes, here = ray.nodes(), ray.get_runtime_context().get_node_id()
+        if self.direct_ingress and (fault := front_door_off_the_head(self.settings, nodes,
+                                                                     here)):
+            raise LaunchError(fault)
+        if self.bootstrap is None and not self.settings.kafka_brokers and (
+                fault := embedded_broker_off_this_machine(nodes, here)):
             raise LaunchError(fault)
 
     @property

@@ -330,6 +330,25 @@ def test_a_front_door_joined_from_a_node_that_is_not_the_head_is_refused(
     assert front_door_off_the_head(one, nodes, "worker") is None
 
 
+def test_the_embedded_broker_is_refused_for_a_cluster_of_several_machines() -> None:
+    """It listens on 127.0.0.1 of the machine ``up`` runs on: a ledger or feed actor that Ray
+    places on another machine could not reach it (account events lost without a sign). Nodes
+    on one machine (``ray.cluster_utils.Cluster``) share its address and are let through."""
+    from cluster.actors.launcher import embedded_broker_off_this_machine
+
+    def node(node_id: str, address: str, alive: bool = True) -> dict[str, object]:
+        return {"NodeID": node_id, "Alive": alive, "NodeManagerAddress": address}
+
+    machines = [node("a", "10.0.0.1"), node("b", "10.0.0.2"), node("c", "10.0.0.3", False)]
+    fault = embedded_broker_off_this_machine(machines, "a")
+    assert fault is not None and fault.startswith("KAFKA_BROKERS is unset: the embedded broker "
+                                                  "listens on 127.0.0.1 of this machine "
+                                                  "(10.0.0.1)"), fault
+    assert "(10.0.0.2); set KAFKA_BROKERS" in fault  # a dead node's machine is not named
+    one_machine = [node("a", "127.0.0.1"), node("b", "127.0.0.1"), node("c", "127.0.0.1")]
+    assert embedded_broker_off_this_machine(one_machine, "b") is None
+
+
 def _died_in_its_constructor() -> Exception:
     """What ``ray.get`` raises for a host whose constructor failed (Ray does not restart it):
     the message holds the constructor's whole traceback."""
