@@ -16,9 +16,10 @@ places it or refuses and the lock is released) and cancelled by the same one as 
 shard ends it, the courier releases its margin at the ledger before the answer). Changing an
 open position follows them too: margin added is locked first like an open's; TP/SL changes and
 margin removals go to the shard first like a close, a removal's margin then released at the
-ledger under the request's id (a resend releases nothing twice). Changes of one position run
-one at a time in a replica, each to its account event: the events are numbered in the order
-the shard applied the changes, so the last one shows the position as the shard holds it.
+ledger under the request's id (a resend releases nothing twice). Changes of one position, its
+closes among them, run one at a time in a replica, each to its account event: the events are
+numbered in the order the shard applied the changes, so the last one shows the position as
+the shard holds it.
 
 Every call is one command of a state machine (engine.ledger_machine, engine.shard_machine),
 sent through a port that batches concurrent calls into one actor round trip. Everything here is
@@ -571,10 +572,11 @@ class TradingService:
             position_id, change(key)), {"position_id": position_id}, {"delta_micros": delta_micros})
 
     async def _in_turn(self, position_id: int, change: Awaitable[T]) -> T:
-        """``change`` of position ``position_id``, once the changes of it begun before in
-        this replica have ended (their account events noted): two changes sent at once were
-        applied by the shard in one order and their events numbered at the ledger in the
-        other, and the older body showed as the position's last."""
+        """``change`` of position ``position_id`` (a close too: a partial one notes what it
+        leaves open), once the changes of it begun before in this replica have ended (their
+        account events noted): two changes sent at once were applied by the shard in one
+        order and their events numbered at the ledger in the other, and the older body
+        showed as the position's last."""
         turn = self._turns.get(position_id)
         if turn is None:
             turn = self._turns[position_id] = asyncio.Lock()
@@ -696,9 +698,11 @@ class TradingService:
                                     order.current_price_ticks, order.max_slippage_bps,
                                     order.qty_steps))
 
-        return await self._idempotent(who, "close", order.client_order_id, lambda key: self._end(
-            key, order.position_id, "close", command), {"position_id": order.position_id},
-            {"qty_steps": order.qty_steps})
+        # in the position's turn: what a partial close leaves open is noted, a change of it
+        return await self._idempotent(
+            who, "close", order.client_order_id, lambda key: self._in_turn(
+                order.position_id, self._end(key, order.position_id, "close", command)),
+            {"position_id": order.position_id}, {"qty_steps": order.qty_steps})
 
     async def cancel_order(self, who: Principal, order_id: int,
                            client_order_id: str | None = None) -> EndedOrder | Rejected:

@@ -396,6 +396,44 @@ async def test_a_partial_close_settled_after_its_reply_was_lost_notes_the_rest(
     assert (await svc.audit())[0] == []
 
 
+
+@pytest.mark.parametrize("change", ["modify", "top-up"])
+async def test_a_partial_close_during_a_change_of_its_position_is_noted_after_it(
+        make: Make, change: str) -> None:
+    """A TP change (or a margin top-up) the shard made, its reply slow, and a partial close of
+    the same position sent meanwhile: the close waits for the change's turn, so the account's
+    last event shows the rest as the shard holds it, not the change's body with the quantity
+    the close took off."""
+    p = make()
+    who = await sol_trader(p)  # SOL 100.00/100.01
+    pos = await p.service.open_position(who, sol_long())
+    assert isinstance(pos, OpenPosition)
+    sol = p.shard_of("SOL")
+    held = HeldReplies(sol, SetLevels if change == "modify" else ChangeMargin)
+    svc = make.service(p, shards={**p.shards, sol.name: held})
+    since, _ = await svc.account_events(who.user, None)
+    try:
+        changing = asyncio.create_task(
+            svc.set_levels(who, pos.position_id, 10500, None) if change == "modify"
+            else svc.change_margin(who, pos.position_id, 10 * USD))
+        await asyncio.wait_for(held.reached.wait(), SETTLED_WITHIN_S)  # the shard made it
+        closing = asyncio.create_task(svc.close_position(
+            who, CloseOrder(pos.position_id, qty_steps=pos.qty_steps // 4)))
+        await asyncio.wait({closing}, timeout=0.3)
+        held.opened.set()
+        changed, closed = await changing, await closing
+    finally:
+        held.opened.set()
+    assert isinstance(changed, OpenPosition) and isinstance(closed, ClosedPosition)
+    _, events = await svc.account_events(who.user, since)
+    assert events is not None
+    page = await svc.positions(who, 10)
+    assert not isinstance(page, Rejected)
+    [rest] = page[0]
+    assert rest.qty_steps == pos.qty_steps - pos.qty_steps // 4
+    assert [e.body for e in events if e.kind == POSITION_UPDATED][-1] == rest
+    assert (await svc.audit())[0] == []
+
 # --------------------------------------------------------------------------- 4. a bad item
 def forge(item: SettlementItem, seq: int, how: str, owner: int) -> SettlementItem:
     c = item.closed
