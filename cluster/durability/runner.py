@@ -126,7 +126,11 @@ class Runner(Generic[M]):
             return restored[0].decode_record(payload)
 
         store = JournalStore(directory, restore, **store_options)
-        recovered = store.recover(lambda m, items: m.apply_batch(items), decode=decode)
+        try:
+            recovered = store.recover(lambda m, items: m.apply_batch(items), decode=decode)
+        except BaseException:
+            store.journal.close()  # its lock too: an open that fails holds nothing
+            raise
         return Runner(recovered.state, store, clock_us)
 
     # ----------------------------------------------------------------- the write path

@@ -15,6 +15,7 @@ import pytest
 from cluster.durability import store as store_module
 from cluster.durability.journal import HEADER
 from cluster.durability.journal import HEADER_BYTES
+from cluster.durability.journal import Journal
 from cluster.durability.journal import JournalDamagedError
 from cluster.durability.journal import JournalLockedError
 from cluster.durability.runner import MAX_PENDING_EVENTS
@@ -25,11 +26,14 @@ from cluster.durability.snapshot import list_snapshots
 from cluster.durability.snapshot import read_snapshot
 from cluster.durability.snapshot import snapshot_path
 from cluster.durability.snapshot import write_snapshot
+from cluster.durability.store import JOURNAL_DIR
 from cluster.durability.store import SNAPSHOT_DIR
 from cluster.durability.store import DurabilityError
+from engine.events import BATCH_TAG
 from engine.events import AccountCreated
 from engine.events import ClientOrderStoredAt
 from engine.events import Event
+from engine.events import EventError
 from engine.events import MarginLocked
 from engine.events import OpenFenced
 from engine.events import OutboxAcked
@@ -612,6 +616,23 @@ def test_an_in_memory_runner_steps_the_same_way_without_a_disk() -> None:
     led.close()
     sh = Runner(shard_builder()(None), clock_us=Clock())
     assert sh.execute([ApplyTick(tick(10_000)), LastTick()]) == [0, tick(10_000)]
+
+
+def test_an_open_that_fails_to_recover_lets_go_of_the_journal(tmp_path: Path) -> None:
+    """A record that does not decode fails the recovery; the store opened for it kept the
+    journal's lock and files open, so every later open in that process was refused as held
+    by another writer, even once the record was set aside."""
+    led = open_ledger(tmp_path, Clock())
+    one(led, CreateAccount(*account(1)))
+    crash(led)
+    with Journal(tmp_path / JOURNAL_DIR, fsync=False) as journal:
+        journal.append(bytes((BATCH_TAG,)) + (1).to_bytes(4, "little") + b"\xff")
+        journal.commit()
+    for readonly in (False, True):
+        with pytest.raises(EventError, match="unknown event type byte 0xff"):
+            open_ledger(tmp_path, Clock(), readonly=readonly)
+    with Journal(tmp_path / JOURNAL_DIR) as journal:  # the lock is free again
+        assert journal.durable_seq == 2
 
 
 @pytest.mark.parametrize("readonly", [False, True])
