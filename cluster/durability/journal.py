@@ -830,7 +830,11 @@ class Journal:
         path = self.path / _segment_name(base)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            fsync_directory(self.path)
+            try:
+                fsync_directory(self.path)
+            except BaseException:
+                os.close(fd)  # not the active segment: nothing else would close it
+                raise
         except BaseException as exc:
             self._failed = exc
             raise JournalError(f"journal {what} failed: {exc}") from exc

@@ -822,6 +822,27 @@ def test_a_failed_close_in_a_roll_over_poisons_the_journal(
     assert replayed(path) == [(1, b"record 1")]
 
 
+def test_a_new_segment_whose_entry_cannot_be_flushed_leaves_no_file_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A roll-over whose directory flush fails poisons the journal; the segment it had just
+    opened stayed open, held by nothing, after the journal closed."""
+    path = tmp_path / "j"
+    before = set(os.listdir("/proc/self/fd"))
+    j = Journal(path, segment_bytes=HEADER_BYTES + 8)  # one 8-byte record fills a segment
+    j.append(b"record 1")
+
+    def failing_flush(directory: str | os.PathLike[str]) -> None:
+        raise OSError(errno.EIO, "flush of the journal's directory failed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(journal_module, "fsync_directory", failing_flush)
+        with pytest.raises(JournalError):
+            j.commit()
+    j.close()
+    assert set(os.listdir("/proc/self/fd")) == before
+    assert replayed(path) == [(1, b"record 1")]
+
+
 def test_rejects_oversized_records(tmp_path: Path) -> None:
     with Journal(tmp_path / "j", fsync=False) as j, pytest.raises(ValueError):
         j.append(b"\0" * (journal_module.MAX_RECORD_BYTES + 1))
