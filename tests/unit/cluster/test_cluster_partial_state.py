@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -20,23 +21,34 @@ from tests.unit.cluster.faulty_ports import FailingBatches
 from tests.unit.cluster.faulty_ports import Stuck
 from tests.unit.cluster.local_platform import SIGNUP
 from tests.unit.cluster.local_platform import USD
+from tests.unit.cluster.local_platform import Platform
 from tests.unit.cluster.local_platform import build_platform
 
 pytestmark = pytest.mark.asyncio
 
 
-async def test_state_is_partial_while_a_shard_recovers_and_its_writes_are_503() -> None:
-    wrapped: dict[str, Down] = {}
+W = TypeVar("W", Down, Stuck)
+
+
+async def _priced_platform(kind: type[W]) -> tuple[Platform, dict[str, W]]:
+    """An in-process platform whose ports are each wrapped in ``kind`` (by port name), with
+    prices for SOL and BTC."""
+    wrapped: dict[str, W] = {}
 
     def wrap(port: LocalPort) -> Port:
-        wrapped[port.name] = Down(port)
+        wrapped[port.name] = kind(port)
         return wrapped[port.name]
 
     p = build_platform(wrap=wrap)
+    await p.push_tick("SOL", "100.00", "100.01")
+    await p.push_tick("BTC", "50000.0", "50000.1")
+    return p, wrapped
+
+
+async def test_state_is_partial_while_a_shard_recovers_and_its_writes_are_503() -> None:
+    p, wrapped = await _priced_platform(Down)
     try:
         app = create_app(p.service)
-        await p.push_tick("SOL", "100.00", "100.01")
-        await p.push_tick("BTC", "50000.0", "50000.1")
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
             key = (await http.post("/api/v1/accounts", json={})).json()["apiKey"]
@@ -117,17 +129,9 @@ async def test_healthz_answers_in_its_bound_while_a_shard_does_not_answer(
     answer waited for it as long as a trading call does (30 s on the cluster)."""
     monkeypatch.setattr(service, "HEALTH_TIMEOUT_S", 0.2)
     monkeypatch.setattr(api, "HEALTH_TIMEOUT_S", 0.2)
-    wrapped: dict[str, Stuck] = {}
-
-    def wrap(port: LocalPort) -> Port:
-        wrapped[port.name] = Stuck(port)
-        return wrapped[port.name]
-
-    p = build_platform(wrap=wrap)
+    p, wrapped = await _priced_platform(Stuck)
     try:
         app = create_app(p.service)
-        await p.push_tick("SOL", "100.00", "100.01")
-        await p.push_tick("BTC", "50000.0", "50000.1")
         btc_shard = next(n for n in wrapped if "BTC" in n)
         wrapped[btc_shard].stuck = True
         transport = httpx.ASGITransport(app=app)
