@@ -66,6 +66,7 @@ from cluster.http.errors import (
     ApiError,
     error_response,
     invalid,
+    json_bytes,
     rejected_response,
 )
 from cluster.http.json_body import ExactJsonRoute, parse_json
@@ -514,14 +515,7 @@ def position_json(p: OpenPosition | ClosedPosition, asset: Asset) -> dict[str, A
 
 
 def _json(content: Any, status_code: int = 200) -> Response:
-    """``content`` as a UTF-8 JSON answer (``\\u`` escapes where it holds what UTF-8 cannot:
-    a lone surrogate, which a JSON ``\\ud800`` in a market message's ``source`` makes)."""
-    text = json.dumps(content, separators=(",", ":"), ensure_ascii=False)
-    try:
-        body = text.encode()
-    except UnicodeEncodeError:
-        body = json.dumps(content, separators=(",", ":")).encode()
-    return Response(body, status_code=status_code, media_type="application/json")
+    return Response(json_bytes(content), status_code=status_code, media_type="application/json")
 
 
 def _position_id(value: int | str) -> int | None:

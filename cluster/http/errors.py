@@ -33,14 +33,19 @@ METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
 INTERNAL_ERROR = "INTERNAL_ERROR"  # a bug: never for any client input
 
 
-def error_body(code: str, message: str) -> bytes:
-    """The SPEC error shape as JSON bytes (UTF-8; ``\\u`` escapes where ``message`` holds
-    what UTF-8 cannot, e.g. a lone surrogate a client sent that the message quotes)."""
-    error = {"error": {"code": code, "message": message}}
+def json_bytes(content: object) -> bytes:
+    """``content`` as compact JSON in UTF-8, with ``\\u`` escapes where it holds what UTF-8
+    cannot: a lone surrogate (a client's text an error quotes, a market message's
+    ``source`` written ``"\\ud800"``)."""
     try:
-        return json.dumps(error, separators=(",", ":"), ensure_ascii=False).encode()
+        return json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode()
     except UnicodeEncodeError:
-        return json.dumps(error, separators=(",", ":")).encode()
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
+def error_body(code: str, message: str) -> bytes:
+    """The SPEC error shape as JSON bytes (:func:`json_bytes`)."""
+    return json_bytes({"error": {"code": code, "message": message}})
 
 
 def error_response(status_code: int, code: str, message: str,
