@@ -765,17 +765,18 @@ function renderPnl() {
   let moved = null; // how far the live PnL moved the equity from the server's
   for (const { position, markCell, pnlCell } of app.positionRows.values()) {
     const quote = app.prices[position.asset];
-    const live = fmt.livePnl(position, quote);
+    const live = fmt.livePnl(position, quote); // micro-dollars
     const server = fmt.micros(position.unrealizedPnl);
     if (live !== null && server !== null) {
-      moved = (moved ?? 0n) + fmt.micros(live) - server;
+      moved = (moved ?? 0n) + live - server;
     }
     if (live !== null) {
+      const liveText = fmt.microsText(live);
       setText(markCell, position.type === "long" ? quote.bid : quote.ask);
-      setText(pnlCell, fmt.signedMoney(live));
-      pnlCell.className = fmt.pnlClassOf(live);
+      setText(pnlCell, fmt.signedMoney(liveText));
+      pnlCell.className = fmt.pnlClassOf(liveText);
       pnlCell.dataset.source = "live";
-      total += fmt.micros(live);
+      total += live;
       counted += 1;
     } else {
       setText(markCell, "—");

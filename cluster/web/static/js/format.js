@@ -54,14 +54,21 @@ export function isDecimal(value) {
   return typeof value === "string" && DECIMAL.test(value);
 }
 
+// A decimal string as [BigInt, decimals] with its sign: "-12.50" -> [-1250n, 2]; null for
+// anything else.
+function signedUnits(value) {
+  const m = DECIMAL.exec(String(value ?? "").trim());
+  if (!m) return null;
+  const frac = m[3] || "";
+  const n = BigInt(m[2] + frac);
+  return [m[1] ? -n : n, frac.length];
+}
+
 // A positive decimal string as [units, decimals] (BigInt, Number): "12.50" -> [1250n, 2];
 // null for anything else.
 function units(value) {
-  const m = DECIMAL.exec(String(value ?? "").trim());
-  if (!m || m[1]) return null;
-  const frac = m[3] || "";
-  const n = BigInt(m[2] + frac);
-  return n > 0n ? [n, frac.length] : null;
+  const u = signedUnits(value);
+  return u && u[0] > 0n ? u : null;
 }
 
 // BigInt ``n`` at ``decimals`` as a decimal string: (1250n, 2) -> "12.50".
@@ -97,16 +104,6 @@ export function estimate(margin, leverage, price, quantityStep) {
   return { size: unitsText(steps * step[0], step[1]), notional: unitsText(m[0] * lev, m[1]) };
 }
 
-// A decimal string as [BigInt, decimals] with its sign: "-12.50" -> [-1250n, 2]; null for
-// anything else.
-function signedUnits(value) {
-  const m = DECIMAL.exec(String(value ?? "").trim());
-  if (!m) return null;
-  const frac = m[3] || "";
-  const n = BigInt(m[2] + frac);
-  return [m[1] ? -n : n, frac.length];
-}
-
 // BigInt ``n`` at ``decimals`` as micro-dollars, rounded toward minus infinity (SPEC's
 // rounding of money).
 function toMicros(n, decimals) {
@@ -128,8 +125,8 @@ export function microsText(n) {
 }
 
 // Unrealized PnL of a position at a quote, as the engine computes it: long (bid - entry) *
-// quantity, short (entry - ask) * quantity, rounded down to a micro-dollar; a money string
-// (exact: BigInt), null without a usable quote.
+// quantity, short (entry - ask) * quantity, in micro-dollars rounded down (BigInt, exact);
+// null without a usable quote.
 export function livePnl(position, quote) {
   if (!quote) return null;
   const entry = signedUnits(position.entryPrice);
@@ -139,7 +136,7 @@ export function livePnl(position, quote) {
   const scale = Math.max(entry[1], mark[1]);
   const at = ([n, d]) => n * 10n ** BigInt(scale - d);
   const move = position.type === "long" ? at(mark) - at(entry) : at(entry) - at(mark);
-  return microsText(toMicros(move * quantity[0], scale + quantity[1]));
+  return toMicros(move * quantity[0], scale + quantity[1]);
 }
 
 export function sideClass(value) {
