@@ -13,9 +13,8 @@ from cluster.http.api import create_app
 from feed.message import TickDecoder
 from tests.unit.cluster.local_platform import Platform
 
-pytestmark = pytest.mark.asyncio
 
-
+@pytest.mark.asyncio
 async def test_a_source_with_a_lone_surrogate_does_not_break_prices_or_health(
         platform: Platform) -> None:
     """The decoder takes a ``source`` written ``"\\ud800"`` (JSON text, a lone surrogate once
