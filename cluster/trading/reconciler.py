@@ -186,20 +186,20 @@ class Reconciler:
         self._resends = self._resends[len(batch):]  # what was queued meanwhile waits its round
 
     async def _resolve_in_doubt(self) -> None:
-        batch, self._in_doubt = self._in_doubt, []
-        for i, doubt in enumerate(batch):
+        # each stays queued, and counted in ``outstanding``, until it is resolved (taken off
+        # the queue first, it was counted nowhere while its shard was asked); one that fails,
+        # or a round cut off, leaves it for a later round
+        for doubt in list(self._in_doubt):
             try:
                 await self._resolve_one(doubt)
             except Unavailable:
-                self._in_doubt.append(doubt)
+                continue
             except Exception:  # e.g. a command that failed: retried in later (backed off)
                 # rounds, and the others still resolve; the sweeps settle it meanwhile
                 log.exception("resolving %s failed", doubt)
                 self.counters["in_doubt_errors"] += 1
-                self._in_doubt.append(doubt)
-            except BaseException:  # the round was cut off: what it did not finish stays queued
-                self._in_doubt.extend(batch[i:])
-                raise
+                continue
+            self._in_doubt.remove(doubt)
 
     async def _resolve_one(self, doubt: InDoubt) -> None:
         result = await self.shards[doubt.shard].call(Resolve(doubt.request_id))
