@@ -86,7 +86,9 @@ MAX_SIGNUP_BALANCE_MICROS = 10**6 * 10**6  # 1,000,000 USD: the funding account 
 
 _SECONDS = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 _HOST = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}")
-_BROKER = re.compile(r"(?P<host>[A-Za-z0-9._\[\]:-]+):(?P<port>[0-9]{1,5})")
+# A host name or IPv4 address, or an IPv6 address in brackets: a colon outside brackets would
+# make "h:1:2" a host "h:1" that no resolver knows.
+_BROKER = re.compile(r"(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
 
 
 class ConfigError(ValueError):

@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 # variable -> values it refuses
 BAD = {
-    "KAFKA_BROKERS": ["localhost", "h:0", "h:70000", "h:9092,,k:1", "h :1",
-                      "a:\u0669\u0660\u0669\u0662"],
+    "KAFKA_BROKERS": ["localhost", "h:0", "h:70000", "h:9092,,k:1", "h :1", "h:1:2", "::1:9092",
+                      "[k1]:9092", "a:\u0669\u0660\u0669\u0662"],
     "BACKPACK_WS_URL": ["https://ws.backpack.exchange", "wss://", "backpack", "wss://a b",
                         "ws://127.0.0.1:abc", "ws://:80", "ws://h:0", "ws://h:65536",
                         "ws://[::1", "ws://u:p@:80"],
