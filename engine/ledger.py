@@ -34,7 +34,8 @@ class AuditDifference(NamedTuple):
     """One way the ledger disagrees with its invariants or with the shards' books.
 
     ``subject``: what differs, the same name at every audit that finds it: an account
-    (``user:21:margin``, ``user:21:free``) or :data:`SUM`; ``text``: what is wrong, with its
+    (``user:21:margin``, ``user:21:free``), :data:`SUM`, or a shard's settlements
+    (``settlements:shard-SOL-0``, engine.ledger_machine); ``text``: what is wrong, with its
     amounts (micros), for people.
     """
 

@@ -108,7 +108,7 @@ from engine.events import (
     SettlementApplied,
     decode_batch,
 )
-from engine.ledger import FUNDING, HOUSE, INSURANCE, Ledger, LedgerError
+from engine.ledger import FUNDING, HOUSE, INSURANCE, AuditDifference, Ledger, LedgerError
 from engine.machine import SnapshotParts
 from engine.messages import (
     ClosedPosition,
@@ -326,11 +326,14 @@ class OrderHistory(History):
 @dataclass(frozen=True, slots=True)
 class Audit:
     """-> the differences ([] = consistent) between the accounts and the shards' positions:
-    a list of :class:`engine.ledger.AuditDifference` (``subject``: the account that differs, or
-    the sum over all accounts; ``text``: what differs).
+    a list of :class:`engine.ledger.AuditDifference` (``subject``: the account that differs,
+    the sum over all accounts, or ``settlements:<shard>``, a shard whose outbox would not
+    settle in full; ``text``: what differs).
 
     ``open_margins_by_user``: margins of open positions and open orders summed over all shards;
-    ``unsettled``: each shard's outbox (items already applied here are recognised by seq).
+    ``unsettled``: each shard's outbox (items already applied here are recognised by seq);
+    the items not applied yet must be the next numbers, each one :class:`ApplySettlements`
+    would take.
     """
 
     open_margins_by_user: Mapping[int, int]
@@ -998,8 +1001,29 @@ class LedgerMachine:
         return self.account_log.after(after, limit), _NO_EVENTS
 
     def _audit(self, c: Audit, now_us: int) -> _Decision:
-        expected = self._expected_margins(c.open_margins_by_user, c.unsettled or {})
-        return list(self.ledger.audit(expected)), _NO_EVENTS
+        unsettled = c.unsettled or {}
+        expected = self._expected_margins(c.open_margins_by_user, unsettled)
+        return [*self.ledger.audit(expected), *self._stalled(unsettled)], _NO_EVENTS
+
+    def _stalled(self, unsettled: Mapping[str, Sequence[SettlementItem]]
+                 ) -> list[AuditDifference]:
+        """A difference (subject ``settlements:<shard>``) for each shard whose unapplied items
+        the ledger would not take all of: one that would break an invariant (refused, with
+        every item after it), or items after a number no outbox holds. The margin audit counts
+        such items as still holding their margin, which it is, but they would never settle."""
+        problems: list[AuditDifference] = []
+        margins: dict[int, int] = {}  # every shard's run applies to the same balances
+        for shard in sorted(unsettled):
+            run, problem, beyond = self._settlement_run(shard, unsettled[shard], margins)
+            if problem is not None:
+                problems.append(AuditDifference(f"settlements:{shard}", (
+                    f"{problem}; it and {len(beyond) - 1} after it cannot settle")))
+            elif beyond:
+                due = self._applied_seq.get(shard, 0) + len(run) + 1
+                problems.append(AuditDifference(f"settlements:{shard}", (
+                    f"settlement {due} of {shard} is in no outbox; {len(beyond)} after it "
+                    f"(from {beyond[0]}) cannot settle")))
+        return problems
 
     def _expected_margins(self, open_margins_by_user: Mapping[int, int],
                           unsettled: Mapping[str, Sequence[SettlementItem]]) -> dict[int, int]:
@@ -1305,14 +1329,33 @@ class LedgerMachine:
     def _apply_settlements(self, c: ApplySettlements, now_us: int) -> _Decision:
         if not isinstance(c.shard, str) or not c.shard:
             return _invalid("a shard name is required")
-        last = self._applied_seq.get(c.shard, 0)
+        run, problem, _ = self._settlement_run(c.shard, c.items, {})
+        if problem is not None:
+            return _invalid(problem)
+        events: list[Event] = [_ORDER_SETTLED_EVENT(record, c.shard, seq)
+                               if isinstance(record, EndedOrder)
+                               else _settlement_event(c.shard, seq, record)
+                               for seq, record in run]
+        events = self._with_fill_notes(c.opened, events)
+        events.extend(self._answer_events(c.answers, now_us))
+        return self._applied_seq.get(c.shard, 0) + len(run), events
+
+    def _settlement_run(self, shard: str, items: Iterable[SettlementItem],
+                        margins: dict[int, int]
+                        ) -> tuple[list[tuple[int, _Item]], str | None, list[int]]:
+        """What applying ``items`` of ``shard`` now would apply: ``(run, problem, beyond)``,
+        ``run`` the items ``last + 1, last + 2, ...`` as ``(seq, item)`` up to the first gap,
+        ``problem`` why the run's first bad item would break an invariant (the whole run is
+        then refused; ``run`` holds the items before it), ``beyond`` the seqs after the last
+        applied one that the run does not reach (after a gap, or the bad item and after).
+        ``margins`` (owner -> margin left after the run so far) is updated."""
+        last = self._applied_seq.get(shard, 0)
         pool: dict[int, SettlementItem] = {}
-        for item in c.items:
+        for item in items:
             seq = _int(item.seq)
             if seq is not None and seq > last:
                 pool.setdefault(seq, item)
-        events: list[Event] = []
-        margins: dict[int, int] = {}  # margin left per owner after the run so far
+        run: list[tuple[int, _Item]] = []
         seq = last + 1
         while seq in pool:
             record = pool[seq].closed
@@ -1320,14 +1363,11 @@ class LedgerMachine:
                        if isinstance(record, EndedOrder)
                        else self._settlement_problem(record, margins))
             if problem is not None:
-                return _invalid(f"settlement {seq} of {c.shard}: {problem}")
-            events.append(_ORDER_SETTLED_EVENT(record, c.shard, seq)
-                          if isinstance(record, EndedOrder)
-                          else _settlement_event(c.shard, seq, record))
+                return run, f"settlement {seq} of {shard}: {problem}", sorted(
+                    s for s in pool if s >= seq)
+            run.append((seq, record))
             seq += 1
-        events = self._with_fill_notes(c.opened, events)
-        events.extend(self._answer_events(c.answers, now_us))
-        return seq - 1, events
+        return run, None, sorted(s for s in pool if s > seq)
 
     def _with_fill_notes(self, opened: Sequence[OpenPosition], events: list[Event]
                          ) -> list[Event]:

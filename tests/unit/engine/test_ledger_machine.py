@@ -198,6 +198,24 @@ def test_a_settlement_batch_with_a_bad_item_applies_nothing() -> None:
     assert led.balances(u) == (SIGNUP - 200 * USD + 105 * USD, 100 * USD)
 
 
+def test_the_audit_reports_an_outbox_the_ledger_refuses() -> None:
+    """A close the ledger refuses still holds its margin here, as the shard's outbox says,
+    but it never settles, nor does any close after it: the audit says so."""
+    led, u = one_account()
+    for _ in range(2):
+        assert led(LockMargin(MarginLock(u, 100 * USD))) is None
+    unbalanced = SettlementItem(1, closed(u, 11, 100 * USD, 0)._replace(house_micros=1))
+    after = SettlementItem(2, closed(u, 12, 100 * USD, 5 * USD))
+    assert isinstance(led(ApplySettlements(SHARD, (unbalanced, after))), Rejected)
+    problems = led.audit({}, {SHARD: [unbalanced, after]})
+    assert [p.subject for p in problems] == [f"settlements:{SHARD}"]
+    assert "settlement 1 of" in problems[0].text and "1 after it" in problems[0].text
+    # the same closes, sound: nothing differs
+    good = SettlementItem(1, closed(u, 11, 100 * USD, 0))
+    assert led.audit({}, {SHARD: [good, after]}) == []
+    assert led(ApplySettlements(SHARD, (good, after))) == 2
+
+
 def test_an_event_that_cannot_be_encoded_is_refused_with_nothing_changed() -> None:
     led, u = one_account()
     assert led(LockMargin(MarginLock(u, 100 * USD))) is None

@@ -402,6 +402,20 @@ def test_the_audit_counts_what_unapplied_ended_orders_still_hold() -> None:
     led.same_after_replay_and_snapshot()
 
 
+def test_the_audit_reports_an_outbox_that_skips_a_number() -> None:
+    """An outbox whose fill is missing (it holds no margin) and holds the close of the
+    position the fill opened: the margins agree, but the ledger waits for the fill's number
+    and takes none of the closes after it."""
+    led, user = trader()
+    order = led.place(user, 10 * USD)
+    fill, close = led.items(ended(order, FILLED, 600), closed(user, 600, 10 * USD, 2 * USD))
+    assert led.audit({}, {SHARD: [fill, close]}) == []
+    assert led(ApplySettlements(SHARD, (close,))) == 0
+    problems = led.audit({}, {SHARD: [close]})
+    assert [p.subject for p in problems] == [f"settlements:{SHARD}"]
+    assert "settlement 1 of" in problems[0].text and "(from 2)" in problems[0].text
+
+
 def test_the_start_recounts_orders_and_opens_from_the_shards_and_their_outboxes() -> None:
     led, user = trader()
     other = led.account().user
