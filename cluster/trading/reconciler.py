@@ -17,7 +17,12 @@ Four kinds of loose ends, each settled by asking the state machines, never by gu
   seconds after the ledger is back; the ledger notes a request once, so a resend whose first
   send did arrive adds nothing; likewise the ``ReleaseMargin`` of a request its shard refused,
   which stores the refusal the client was given as its clientOrderId's answer (abandoning
-  the lock would drop the clientOrderId instead, and a retry would run the request again);
+  the lock would drop the clientOrderId instead, and a retry would run the request again).
+  A note of a position (``positionOpened``, ``positionUpdated``, also what a partial close
+  left open) made this late carries the position as its shard holds it when it is sent, read
+  in the position's turn (the service's, so no change of it in this replica runs between the
+  read and the note): a change made meanwhile, and noted before it, is not shown undone by
+  the account's last event. What the request made stays its clientOrderId's answer;
 * **reservations and locks left in the ledger** by an API process that died: every shard
   resolves (and fences) their request ids; ``SettleRequests`` stores what happened or drops the
   reservation, a lock whose request never happened is abandoned and one whose request happened
@@ -87,20 +92,52 @@ class InDoubt(NamedTuple):
     release: tuple[int, int] | None = None  # (user, micros) the ledger frees once it happened
 
 
+class Renote(NamedTuple):
+    """A note of position ``position_id`` (at ``shard``) owed for request ``request_id``: sent
+    with the position as the shard holds it when it is sent (see the module docstring)."""
+
+    shard: str
+    user: int
+    position_id: int
+    request_id: int
+    kind: str  # positionOpened / positionUpdated
+    made: OpenPosition | None  # what the request made: its key's answer, and the body noted
+    # should the position no longer be open at the shard (None: what a partial close left
+    # open, noted only while it is)
+    key: IdemKey | None = None
+    release: ReleaseMargin | None = None  # a removal's, sent in the same batch as the note
+
+    @classmethod
+    def of(cls, shard: str, note: Note, release: ReleaseMargin | None = None) -> Renote:
+        assert isinstance(note.body, OpenPosition)
+        return cls(shard, note.user, note.body.position_id, note.request_id, note.kind,
+                   note.body, note.key, release)
+
+
+def _no_turn(position_id: int) -> contextlib.AbstractAsyncContextManager[object]:
+    return contextlib.nullcontext()
+
+
 class Reconciler:
-    """Settles the loose ends of one service (see the module docstring)."""
+    """Settles the loose ends of one service (see the module docstring). ``turn(position_id)``:
+    the turn of the changes of a position in this process (the service's), taken while a late
+    note of it reads the position and sends the note."""
 
     def __init__(self, ledger: Port, shards: Mapping[str, Port], courier: Courier,
                  counters: collections.Counter[str] | None = None,
-                 answer_ttl_s: int = 86_400) -> None:
+                 answer_ttl_s: int = 86_400,
+                 turn: Callable[[int], contextlib.AbstractAsyncContextManager[object]]
+                 = _no_turn) -> None:
         self.ledger = ledger
         self.shards = dict(shards)
         self.courier = courier
         self.counters = counters if counters is not None else collections.Counter()
         self.answer_ttl_s = answer_ttl_s
+        self._turn = turn
         self._abandoned: list[int] = []
         self._in_doubt: list[InDoubt] = []
         self._resends: list[Note | ReleaseMargin] = []  # sent again until the ledger answers
+        self._renotes: list[Renote] = []  # likewise, each read from its shard when sent
         self._lock = asyncio.Lock()  # two rounds must never settle the same request
         self._task: asyncio.Task[None] | None = None
         self._lock_rounds: dict[int, int] = {}  # open lock's request id -> sweeps seen open
@@ -118,18 +155,25 @@ class Reconciler:
         self.counters[f"{doubt.kind}s_in_doubt"] += 1
         self._schedule()
 
-    def resend(self, command: Note | ReleaseMargin) -> None:
+    def resend(self, command: Note | ReleaseMargin, shard: str | None = None) -> None:
         """``command`` did not reach the ledger: send it again. A ``Note`` is of a request that
-        happened; a ``ReleaseMargin``, the lock of a request its shard refused, with the
-        refusal as its clientOrderId's answer (the ledger releases a lock once by its request
-        id, and stores the answer only while that request holds the clientOrderId)."""
-        self._resends.append(command)
+        happened (a note of a position, with the ``shard`` that holds it, is sent with the
+        position as it is then); a ``ReleaseMargin``, the lock of a request its shard refused,
+        with the refusal as its clientOrderId's answer (the ledger releases a lock once by
+        its request id, and stores the answer only while that request holds the
+        clientOrderId)."""
+        if isinstance(command, Note) and shard is not None \
+                and isinstance(command.body, OpenPosition):
+            self._renotes.append(Renote.of(shard, command))
+        else:
+            self._resends.append(command)
         self.counters["notes_resent" if isinstance(command, Note) else "releases_resent"] += 1
         self._schedule()
 
     @property
     def outstanding(self) -> int:
-        return len(self._abandoned) + len(self._in_doubt) + len(self._resends)
+        return (len(self._abandoned) + len(self._in_doubt) + len(self._resends)
+                + len(self._renotes))
 
     def _schedule(self) -> None:
         if self._task is None or self._task.done():
@@ -176,6 +220,17 @@ class Reconciler:
         self._abandoned = [r for r in self._abandoned if r not in batch]
 
     async def _resend(self) -> None:
+        for renote in list(self._renotes):
+            try:
+                await self._renote(renote)
+            except Unavailable:  # its shard or the ledger: a later round
+                continue
+            except Exception:  # e.g. a command that failed: a later (backed off) round, and
+                # the others are still sent
+                log.exception("noting %s failed", renote)
+                self.counters["renote_errors"] += 1
+                continue
+            self._renotes = [r for r in self._renotes if r is not renote]
         batch = list(self._resends)
         if not batch:
             return
@@ -184,6 +239,20 @@ class Reconciler:
         except Unavailable:
             return
         self._resends = self._resends[len(batch):]  # what was queued meanwhile waits its round
+
+    async def _renote(self, r: Renote) -> None:
+        """Send ``r`` with its position as its shard holds it now, in the position's turn."""
+        async with self._turn(r.position_id):
+            [held] = await self.shards[r.shard].call(PositionsOf((r.user,)))
+            body = next((p for p in held if p.position_id == r.position_id), r.made)
+            commands: list[Note | ReleaseMargin | Remember] = [] if r.release is None \
+                else [r.release]
+            if r.key is not None and r.made is not None:
+                commands.append(Remember(r.key, r.made, r.request_id))
+            if body is not None:
+                commands.append(Note(r.user, r.request_id, r.kind, body))
+            if commands:
+                await self.ledger.call_many(commands)
 
     async def _resolve_in_doubt(self) -> None:
         # each stays queued, and counted in ``outstanding``, until it is resolved (taken off
@@ -206,18 +275,22 @@ class Reconciler:
         key = doubt.key
         if doubt.kind in ("open", "order", "margin") and doubt.release is None:
             if isinstance(result, _MADE):
-                await self.ledger.call(Note(result.owner, doubt.request_id,
-                                            account_events.NOTED_OF_REQUEST[doubt.kind],
-                                            result, key))
+                note = Note(result.owner, doubt.request_id,
+                            account_events.NOTED_OF_REQUEST[doubt.kind], result, key)
+                if isinstance(result, OpenPosition):  # noted as it is when noted
+                    self._renotes.append(Renote.of(doubt.shard, note))
+                else:
+                    await self.ledger.call(note)
             else:  # refused or never arrived (now fenced): its lock backs nothing
                 self._abandoned.append(doubt.request_id)
             return
         if isinstance(result, SettlementItem):
             await self.courier.deliver(doubt.shard, None if key is None else (key, result.closed))
-            await self.note_rest(doubt.shard, result.closed, doubt.request_id)
+            self._rest_owed(doubt.shard, result.closed, doubt.request_id)
             return
         if isinstance(result, OpenPosition):  # a change of a position that happened
-            await self.settle_change(doubt, result)
+            note, release = self._change_notes(doubt, result)
+            self._renotes.append(Renote.of(doubt.shard, note, release))
             return
         if doubt.release is not None:  # a removal that did not happen owes no release
             self._abandoned.append(doubt.request_id)
@@ -230,35 +303,53 @@ class Reconciler:
     async def settle_change(self, doubt: InDoubt, position: OpenPosition) -> None:
         """Record at the ledger what a change of ``position`` (request ``doubt``) did: free the
         margin a removal took off it (once, by request id), store the answer, and note the
-        change among the account's events."""
+        change among the account's events. (For the change's own process, in its position's
+        turn: the position is as the shard holds it.)"""
+        note, release = self._change_notes(doubt, position)
+        # in one call: the release ends the removal's record at the ledger, so a release that
+        # arrived without its note (this process died in between) left no sweep anything to
+        # note, and the account's events kept the old margin
+        await self.ledger.call_many([note] if release is None else [release, note])
+
+    @staticmethod
+    def _change_notes(doubt: InDoubt, position: OpenPosition
+                      ) -> tuple[Note, ReleaseMargin | None]:
+        """The note of a change of ``position`` (request ``doubt``), and the release of the
+        margin it took off (a removal's), which stores the answer instead."""
         key = doubt.key
         note = Note(position.owner, doubt.request_id, account_events.POSITION_UPDATED,
                     position, None if doubt.release is not None else key)
         if doubt.release is None:
-            await self.ledger.call(note)
-            return
+            return note, None
         user, micros = doubt.release
-        release = ReleaseMargin(user, micros, doubt.request_id,
-                                None if key is None else (key, position), counted=False)
-        # in one call: the release ends the removal's record at the ledger, so a release that
-        # arrived without its note (this process died in between) left no sweep anything to
-        # note, and the account's events kept the old margin
-        await self.ledger.call_many([release, note])
+        return note, ReleaseMargin(user, micros, doubt.request_id,
+                                   None if key is None else (key, position), counted=False)
 
     async def note_rest(self, shard: str, closed: ClosedPosition | EndedOrder, request_id: int
                         ) -> None:
         """After a partial close reached the ledger, note what stays open of the position
         (``positionUpdated``: its quantity, margin and liquidation price now), after the
-        close's own account events. Lost with a shard or the ledger unavailable: the state
-        still shows it."""
+        close's own account events. (For the close's own process, in its position's turn.)
+        With the shard or the ledger unavailable, the rounds note it later, read again."""
         if not isinstance(closed, ClosedPosition) or not closed.partial:
             return
-        with contextlib.suppress(Unavailable):
+        try:
             [mine] = await self.shards[shard].call(PositionsOf((closed.owner,)))
             rest = next((p for p in mine if p.position_id == closed.position_id), None)
             if rest is not None:
                 await self.ledger.call(Note(closed.owner, request_id,
                                             account_events.POSITION_UPDATED, rest, None))
+        except Unavailable:
+            self._rest_owed(shard, closed, request_id)
+            self.counters["notes_resent"] += 1
+            self._schedule()
+
+    def _rest_owed(self, shard: str, closed: ClosedPosition | EndedOrder, request_id: int
+                   ) -> None:
+        """Queue the note of what a partial close left open (none for any other end)."""
+        if isinstance(closed, ClosedPosition) and closed.partial:
+            self._renotes.append(Renote(shard, closed.owner, closed.position_id, request_id,
+                                        account_events.POSITION_UPDATED, None))
 
     # ----------------------------------------------------------------- pending reservations
     async def settle_pending(self, older_than_s: float = STALE_PENDING_S) -> None:

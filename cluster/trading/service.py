@@ -40,7 +40,7 @@ import json
 import logging
 import secrets
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, NamedTuple, TypeVar, cast
 
 from cluster.actors.port import Port, Unavailable
@@ -180,8 +180,11 @@ class TradingService:
         self.shards: dict[str, Port] = {n: shards[n] for n in self.layout.names}
         self.counters: collections.Counter[str] = collections.Counter()
         self.courier = Courier(ledger, self.shards)
+        # position id -> the turn of its changes (gone once no change of it holds or waits)
+        self._turns: weakref.WeakValueDictionary[int, asyncio.Lock] = \
+            weakref.WeakValueDictionary()
         self.reconciler = Reconciler(ledger, self.shards, self.courier, self.counters,
-                                     settings.client_order_id_ttl_s)
+                                     settings.client_order_id_ttl_s, self._turn)
         self._spread = itertools.count()
         # Request ids must not collide between API replicas: a random prefix per service.
         self._request_prefix = secrets.randbits(30) << 32
@@ -195,9 +198,6 @@ class TradingService:
         self._principals: dict[str, Principal] = {}
         # key -> (the task answering it here, the digest of the terms it was asked with)
         self._in_flight_idem: dict[IdemKey, tuple[asyncio.Future[Any], bytes]] = {}
-        # position id -> the turn of its changes (gone once no change of it holds or waits)
-        self._turns: weakref.WeakValueDictionary[int, asyncio.Lock] = \
-            weakref.WeakValueDictionary()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: asyncio.Task[None] | None = None
         # one PositionsOf per shard for all the state reads of an event-loop turn: a single
@@ -577,11 +577,18 @@ class TradingService:
         account events noted): two changes sent at once were applied by the shard in one
         order and their events numbered at the ledger in the other, and the older body
         showed as the position's last."""
+        async with self._turn(position_id):
+            return await change
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, position_id: int) -> AsyncIterator[None]:
+        """Position ``position_id``'s turn: its changes here, and the reconciler's late notes
+        of it, one at a time."""
         turn = self._turns.get(position_id)
         if turn is None:
             turn = self._turns[position_id] = asyncio.Lock()
         async with turn:
-            return await change
+            yield
 
     async def _refuse(self, key: IdemKey | None, refusal: Rejected) -> Any:
         """``refusal``, kept as the first answer of ``key``; or the answer an earlier request
@@ -668,12 +675,13 @@ class TradingService:
         self.counters[f"{kind}s"] += 1
         # one account event of the user's and, with a clientOrderId, its first answer; one
         # the ledger did not take is sent again by the reconciler (the lock it ends stays
-        # open meanwhile, so a sweep notes it too should this process die first)
+        # open meanwhile, so a sweep notes it too should this process die first), a
+        # position's as the shard holds it then
         note = Note(lock.user, request_id, NOTED_OF_REQUEST[kind], result, key)
         try:
             await self.ledger.call(note)
         except Unavailable:
-            self.reconciler.resend(note)
+            self.reconciler.resend(note, shard_name)
         return result
 
     async def _send(self, shard_name: str, command: Any) -> Any:
@@ -761,7 +769,9 @@ class TradingService:
             # It happened and sits in the shard's outbox, which every later delivery resends:
             # the ledger will apply it; the caller still gets the fact.
             self.counters["settlements_deferred"] += 1
-            if key is not None:
+            if key is not None or (isinstance(closed, ClosedPosition) and closed.partial):
+                # its answer stored, and what a partial close left open noted, once a round
+                # delivered it
                 self.reconciler.in_doubt(InDoubt(spec.name, request_id, kind, key))
         else:
             await self.reconciler.note_rest(spec.name, closed, request_id)

@@ -434,6 +434,146 @@ async def test_a_partial_close_during_a_change_of_its_position_is_noted_after_it
     assert [e.body for e in events if e.kind == POSITION_UPDATED][-1] == rest
     assert (await svc.audit())[0] == []
 
+async def position_events(svc: TradingService, who: Principal, since: int,
+                          position_id: int) -> list[OpenPosition]:
+    """The bodies of ``who``'s positionOpened/positionUpdated events of ``position_id`` after
+    ``since``, oldest first."""
+    _, events = await svc.account_events(who.user, since)
+    assert events is not None
+    return [e.body for e in events if isinstance(e.body, OpenPosition)
+            and e.kind in (POSITION_OPENED, POSITION_UPDATED)
+            and e.body.position_id == position_id]
+
+
+async def held_position(svc: TradingService, who: Principal) -> OpenPosition:
+    page = await svc.positions(who, 10)
+    assert not isinstance(page, Rejected)
+    [held] = page[0]
+    return held
+
+
+@pytest.mark.parametrize("lost", ["note", "rest", "settlement"],
+                         ids=["ledger-away", "shard-away", "settlement-deferred"])
+async def test_the_rest_of_a_partial_close_is_noted_when_its_first_note_could_not_be(
+        make: Make, lost: str) -> None:
+    """A partial close (without a clientOrderId) the shard made, and the note of what stays
+    open could not be made then: the ledger did not take it, the shard did not tell the rest,
+    or the ledger did not take the close's settlement (the client is still answered). It is
+    made by the reconciler's rounds, once, after the close's own events, with the rest as
+    the shard holds it. Before, it was lost for good, and the client's stream showed the
+    position at its size before the close."""
+    p = make()
+    sol = p.shard_of("SOL")
+    ledger = FailingBatches(p.ledger, ApplySettlements if lost == "settlement" else Note,
+                            failures=0)
+    shard = FailingBatches(sol, PositionsOf, failures=0)
+    svc = make.service(p, ledger=ledger, shards={**p.shards, sol.name: shard})
+    who = await sol_trader(p, svc)
+    pos = await svc.open_position(who, sol_long())
+    assert isinstance(pos, OpenPosition)
+    since, _ = await svc.account_events(who.user, None)
+    (ledger if lost == "note" else shard).failures = 1
+    closed = await svc.close_position(who, CloseOrder(pos.position_id,
+                                                      qty_steps=pos.qty_steps // 4))
+    assert isinstance(closed, ClosedPosition) and closed.partial
+    assert ledger.failed + shard.failed == 1
+
+    async def noted() -> bool:
+        return bool(await position_events(svc, who, since, pos.position_id))
+
+    await eventually(noted)
+    assert await svc.reconciler.run_once() == 0
+    await asyncio.sleep(0.3)  # and only once
+    rest = await held_position(svc, who)
+    assert rest.qty_steps == pos.qty_steps - pos.qty_steps // 4
+    assert await position_events(svc, who, since, pos.position_id) == [rest]
+    _, events = await svc.account_events(who.user, since)
+    assert events is not None and events[-1].kind == POSITION_UPDATED
+    assert (await svc.audit())[0] == []
+
+
+async def first_change(svc: TradingService, who: Principal, op: str, pos: OpenPosition | None,
+                       client_order_id: str | None) -> OpenPosition | Rejected:
+    if pos is None:
+        return await svc.open_position(who, sol_long(client_order_id=client_order_id))
+    if op == "modify":
+        return await svc.set_levels(who, pos.position_id, 10500, None, client_order_id)
+    delta = 10 * USD if op == "top-up" else -10 * USD
+    return await svc.change_margin(who, pos.position_id, delta, client_order_id)
+
+
+@pytest.mark.parametrize("client_order_id", [None, "late-1"])
+@pytest.mark.parametrize("op", ["open", "modify", "top-up", "removal"])
+async def test_a_note_that_waited_for_the_ledger_shows_no_older_position_than_a_later_change(
+        make: Make, op: str, client_order_id: str | None) -> None:
+    """An open or a change of a position whose note the ledger did not take (it was away),
+    then another change of the position once it is back: the first note, sent again by the
+    reconciler, comes after the second change's event, and shows the position as the shard
+    holds it then. Before, it showed what the first request made, so the account's last
+    event (and the read models that follow it) had the later change undone. A retry of the
+    first request still gets what that request made."""
+    p = make()
+    ledger = FailingBatches(p.ledger, Note, failures=0)
+    svc = make.service(p, ledger=ledger)
+    who = await sol_trader(p, svc)
+    pos = await svc.open_position(who, sol_long()) if op != "open" else None
+    assert not isinstance(pos, Rejected)
+    since, _ = await svc.account_events(who.user, None)
+    ledger.failures = None  # the ledger takes no note now
+    made = await first_change(svc, who, op, pos, client_order_id)
+    assert isinstance(made, OpenPosition), made
+    await svc.reconciler.aclose()  # its rounds wait (the ledger is away for them too)
+    ledger.failures = 0  # back
+    later = await svc.set_levels(who, made.position_id, 10800, None)
+    assert isinstance(later, OpenPosition) and later.tp_ticks == 10800
+    assert await svc.reconciler.run_once() == 0
+    held = await held_position(svc, who)
+    bodies = await position_events(svc, who, since, made.position_id)
+    assert len(bodies) == 2 and bodies[-1] == held, bodies
+    if op in ("top-up", "removal"):
+        assert held.margin_micros == (110 if op == "top-up" else 90) * USD
+        assert balances(p, who) == (SIGNUP - held.margin_micros, held.margin_micros)
+    if client_order_id is not None:  # a retry gets what the first request made
+        assert await first_change(svc, who, op, pos, client_order_id) == made
+    assert (await svc.audit())[0] == []
+
+
+async def test_a_note_sent_again_waits_for_a_change_of_its_position_under_way(
+        make: Make) -> None:
+    """The reconciler sends a change's note again (the ledger was away) while another change
+    of the same position runs in this replica: it reads the position and notes it in the
+    position's turn, so the change that ran meanwhile is not shown undone by an older read."""
+    p = make()
+    ledger = FailingBatches(p.ledger, Note, failures=0)
+    sol = p.shard_of("SOL")
+    shard = HeldReplies(sol, PositionsOf)
+    shard.opened.set()
+    svc = make.service(p, ledger=ledger, shards={**p.shards, sol.name: shard})
+    who = await sol_trader(p, svc)
+    pos = await svc.open_position(who, sol_long())
+    assert isinstance(pos, OpenPosition)
+    since, _ = await svc.account_events(who.user, None)
+    ledger.failures = None
+    assert isinstance(await svc.set_levels(who, pos.position_id, 10500, None), OpenPosition)
+    await svc.reconciler.aclose()
+    ledger.failures = 0
+    shard.opened.clear()  # the round's read of the position waits for its reply
+    shard.reached.clear()
+    rounds = asyncio.ensure_future(svc.reconciler.run_once())
+    try:
+        await asyncio.wait_for(shard.reached.wait(), SETTLED_WITHIN_S)
+        later = asyncio.ensure_future(svc.set_levels(who, pos.position_id, 10800, None))
+        await asyncio.wait({later}, timeout=0.3)
+    finally:
+        shard.opened.set()
+    assert await rounds == 0
+    assert isinstance(await later, OpenPosition)
+    held = await held_position(svc, who)
+    assert held.tp_ticks == 10800
+    assert (await position_events(svc, who, since, pos.position_id))[-1] == held
+    assert (await svc.audit())[0] == []
+
+
 # --------------------------------------------------------------------------- 4. a bad item
 def forge(item: SettlementItem, seq: int, how: str, owner: int) -> SettlementItem:
     c = item.closed
@@ -686,14 +826,15 @@ async def test_the_locks_of_an_api_process_that_died_end_within_a_few_sweeps(
     assert (await p.audit()) == []
 
 
-@pytest.mark.parametrize("op", ["open", "order", "top-up"])
+@pytest.mark.parametrize("op", ["open", "order", "top-up", "modify"])
 async def test_a_keyed_request_whose_api_process_died_before_its_note_is_noted_by_the_sweeps(
         make: Make, op: str) -> None:
     """An API process dies after the shard did a request with a clientOrderId (an open, a
-    placement, a top-up), its note held on the way to the ledger. Another process's sweeps
-    store what the request made as the key's answer, ending its lock, and number its account
-    event once, as they do for a request without one: the account's stream, and the read
-    models that follow it, show it."""
+    placement, a top-up, a TP/SL change), its note held on the way to the ledger. Another
+    process's sweeps store what the request made as the key's answer, ending its lock, and
+    number its account event once, as they do for a request without one (but a TP/SL
+    change: nothing at the ledger knows of one without a key): the account's stream, and
+    the read models that follow it, show it."""
     p = make()
     who = await sol_trader(p)
     pos = await p.service.open_position(who, sol_long())
@@ -701,13 +842,15 @@ async def test_a_keyed_request_whose_api_process_died_before_its_note_is_noted_b
     since, _ = await p.service.account_events(who.user, None)
     order = PlaceOrder("SOL", Side.LONG, OrderKind.LIMIT, 9000, 50 * USD, 10,
                        client_order_id="d-1")
-    kind = {"open": POSITION_OPENED, "order": ORDER_PLACED, "top-up": POSITION_UPDATED}[op]
+    kind = {"open": POSITION_OPENED, "order": ORDER_PLACED}.get(op, POSITION_UPDATED)
 
     def request(svc: TradingService) -> Awaitable[object]:
         if op == "open":
             return svc.open_position(who, sol_long(client_order_id="d-1"))
         if op == "order":
             return svc.place_order(who, order)
+        if op == "modify":  # (a TP/SL change without one leaves the sweeps nothing to find)
+            return svc.set_levels(who, pos.position_id, 10500, None, "d-1")
         return svc.change_margin(who, pos.position_id, 10 * USD, "d-1")
 
     note_gate = Gated(p.ledger, Note)
