@@ -127,13 +127,22 @@ async def drive(port: int, concurrency: int, duration_s: float) -> LoadResult:
 class Costs:
     """What one op cost at one concurrency: ``host_calls``, actor calls (batches) the ledger
     and shard hosts ran (the feed's tick calls meanwhile included); ``cpu_ms``, CPU of every
-    process of the platform (Ray's own, the actors, the broker; not the load generator)."""
+    process of the platform (Ray's own, the actors, the broker; not the load generator).
+    Both are read before and after the whole run (the workers' sign-ups, the warm-up, the
+    window, the operations finishing after it), so they are divided by every successful op
+    of the run (``ops_done``), not by the window's alone."""
 
     host_calls: float
     cpu_ms: float
 
 
 Probe = Callable[[], Awaitable[tuple[int, float]]]  # -> (host calls so far, platform CPU s)
+
+
+def per_op_costs(before: tuple[int, float], after: tuple[int, float], ops_done: int) -> Costs:
+    """:class:`Costs` from two probe readings (host calls, platform CPU seconds) taken around
+    a run that completed ``ops_done`` successful ops."""
+    return Costs((after[0] - before[0]) / ops_done, (after[1] - before[1]) * 1000 / ops_done)
 
 
 Result = LoadResult | WrkResult
@@ -168,9 +177,9 @@ async def drive_all(port: int, concurrencies: list[int], duration_s: float, asse
     for c in concurrencies:
         before = await probe() if probe is not None else None
         results[c] = r = await drive_with(client, port, c, duration_s)
-        if probe is not None and before is not None and r.ops:
+        if probe is not None and before is not None and r.ops_done:
             calls, cpu_s = await probe()
-            costs[c] = Costs((calls - before[0]) / r.ops, (cpu_s - before[1]) * 1000 / r.ops)
+            costs[c] = per_op_costs(before, (calls, cpu_s), r.ops_done)
     return results, costs
 
 
@@ -417,6 +426,13 @@ async def load_positions(platform: Any, positions: int, closes_per_tick: int,
                   time.perf_counter() - t0, lock_s, list(results))
 
 
+def levels_short(levels: dict[str, int], ticks: int, step: int) -> dict[str, int]:
+    """The shards (name: distinct liquidation levels) with fewer levels than ``ticks`` falling
+    ticks of ``step`` levels each cross: from one of those ticks on, that shard closes
+    nothing."""
+    return {name: n for name, n in levels.items() if n < ticks * step}
+
+
 async def tick_to_close(platform: Any, bootstrap: str, positions: int, ticks: int,
                         closes_per_tick: int = 300) -> dict[str, Any]:
     import numpy as np
@@ -442,6 +458,12 @@ async def tick_to_close(platform: Any, bootstrap: str, positions: int, ticks: in
                        for n, v in liqs_by_shard.items()}
         distinct = {n: np.unique(v)[::-1] for n, v in sorted_liqs.items()}
         step = 1
+        short = levels_short({n: len(v) for n, v in distinct.items()}, ticks, step)
+        if short:
+            # past its last level a shard's tick would close nothing more, and the tick would
+            # be timed for the other shards' closes alone (or for none)
+            raise RuntimeError(f"too few liquidation levels for {ticks} ticks: {short}; load "
+                               "more positions or time fewer ticks")
         seq = 10**12
         for j in range(ticks):
             expected = 0
@@ -571,7 +593,10 @@ def _cpu_split(platform: Any, settings: Settings, concurrency: int, duration_s: 
     after = process_table()
     # py-spy's samples give the shares; /proc gives each process's CPU itself (a thread py-spy
     # takes for busy may be waiting, for the GIL among others)
-    measured = {role: round((after[pid][2] - before[pid][2]) * 1000 / max(1, result.ops), 3)
+    # /proc is read around the whole run (sign-ups, warm-up, the operations finishing after
+    # the window): its CPU is divided by every op the run completed
+    measured = {role: round((after[pid][2] - before[pid][2]) * 1000
+                            / max(1, result.ops_done), 3)
                 for role, pid in pids.items() if pid in before and pid in after}
     return CpuSplit({role: cpu_split.per_request_ms(cpu_split.split(lines), result.ops)
                      for role, lines in stacks.items()}, measured)
@@ -659,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         (", journaled" if args.durable else ", in memory")
     rows = [(f"ray serve ({serve_path}" + (f", {r} replicas" if r > 1 else "") + ")",
              {**res, "GET /state": state}) for r, (res, _, state) in by_replicas.items()]
+    failed_timed = 0
     for name, results in (*rows, ("baseline uvicorn, no ray",
                                   {**base_results, "GET /state": base_state})):
         for c, r in results.items():
@@ -666,6 +692,10 @@ def main(argv: list[str] | None = None) -> int:
             conc = top if isinstance(c, str) else c
             print(f"{label:<52}{conc:>6}{r.ops_per_s:>10.0f}{r.percentile_ms(50):>10.2f}"
                   f"{r.percentile_ms(99):>10.2f}{r.errors:>8}")
+            failed_timed += r.errors if isinstance(r, WrkResult) else 0
+    if failed_timed:
+        print(f"  (ops/s count successful requests only; wrk's p50 and p99 time every request, "
+              f"the {failed_timed:,} failed ones included)")
     for c, cost in serve_costs.items():
         print(f"ray serve at concurrency {c}: {cost.host_calls:.2f} actor calls (ledger and "
               f"shard hosts, feed ticks included) and {cost.cpu_ms:.2f} ms of platform CPU "
@@ -709,7 +739,10 @@ def main(argv: list[str] | None = None) -> int:
         "sweep_load": BULK_LOAD if sweep else None,
         "tick_to_close_p50_ms": round(sweep["p50_ms"], 2) if sweep else None,
         "tick_to_close_p99_ms": round(sweep["p99_ms"], 2) if sweep else None,
-        "errors": s.errors + b.errors,
+        # every row of the table: each concurrency, GET /state, every replica count, baseline
+        "errors": sum(r.errors for results, _, state in by_replicas.values()
+                      for r in (*results.values(), state))
+        + sum(r.errors for r in (*base_results.values(), base_state)),
         "serve_ops_per_s_by_replicas": {str(r): round(res[top].ops_per_s, 1)
                                         for r, (res, _, _) in by_replicas.items()},
         "serve_state_per_s": round(serve_state.ops_per_s, 1),

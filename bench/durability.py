@@ -178,18 +178,28 @@ def _mode_figures(runs: list[LoadResult]) -> dict[str, Any]:
     """One mode's slices as one run: ops over measured time, latency percentiles of all."""
     whole = LoadResult(runs[0].concurrency, sum(r.ops for r in runs),
                        sum(r.errors for r in runs), sum(r.elapsed_s for r in runs),
-                       tuple(ms for r in runs for ms in r.latencies_ms))
+                       tuple(ms for r in runs for ms in r.latencies_ms),
+                       sum(r.ops_done for r in runs))
     return {"ops_per_s": whole.ops_per_s, "p50_ms": whole.percentile_ms(50),
             "p99_ms": whole.percentile_ms(99), "errors": whole.errors,
             "ops_per_s_by_slice": [r.ops_per_s for r in runs]}
 
 
 # ---------------------------------------------------------------------- 5: one commit
+def busy_ticks(cpu_line: str) -> int:
+    """The busy clock ticks of /proc/stat's ``cpu`` line: user, nice, system, irq and softirq.
+    Not idle or iowait; not steal either (time the hypervisor gave another machine while this
+    one waited, no work of its own), nor guest and guest_nice, which user and nice already
+    hold (summing every field counted them twice)."""
+    fields = [int(v) for v in cpu_line.split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq = (fields + [0] * 7)[:7]
+    return user + nice + system + irq + softirq
+
+
 def _busy_cpu_s() -> float:
-    """CPU time this machine spent busy so far (every core; not idle, not waiting on I/O)."""
+    """CPU time this machine spent busy so far (every core; :func:`busy_ticks`)."""
     with open("/proc/stat") as f:
-        ticks = [int(v) for v in f.readline().split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        return busy_ticks(f.readline()) / os.sysconf("SC_CLK_TCK")
 
 
 COMMIT_ROUNDS = 5  # of each mode, alternating

@@ -219,6 +219,14 @@ def measure(window_s: float, driver: int, broker: int | None, session_name: str 
     return rows, {"appeared": appeared, "ended": ended}
 
 
+def total_pss_mib(rows: list[Row]) -> float | None:
+    """The PSS of ``rows`` summed, or None when a process's could not be read: a total that
+    left it out (counted it as 0) would be too low, and look like a target met."""
+    if any(r.pss_mib is None for r in rows):
+        return None
+    return sum(r.pss_mib or 0.0 for r in rows)
+
+
 def _stop_leftovers(driver: int) -> list[str]:
     """What still runs below this process ``STOP_WAIT_S`` after the platform stopped: named,
     then killed by pid (SIGTERM, then SIGKILL a second later)."""
@@ -282,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
     total_cores = sum(r.cores for r in rows)
     rss_mib = sum(r.rss_mib for r in rows)
-    pss_mib = sum(r.pss_mib or 0.0 for r in rows)
+    pss_mib = total_pss_mib(rows)
     broker_cores = sum(r.cores for r in rows if r.pid == broker)
     width = max(len(r.name) for r in rows)
     what = "idle platform" if args.feed_source == "none" else "no trading, prices flowing"
@@ -295,8 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         pss = "" if r.pss_mib is None else f"{r.pss_mib:8.0f}"
         print(f"  {r.name:<{width}}  {r.pid:>7}  {r.cores:6.3f}  {r.rss_mib:8.0f}  {pss:>8}  "
               f"{r.role}")
+    pss_total = "" if pss_mib is None else f"{pss_mib:8.0f}"
     print(f"  {'total (' + str(len(rows)) + ' processes)':<{width}}  {'':>7}  "
-          f"{total_cores:6.3f}  {rss_mib:8.0f}  {pss_mib:8.0f}")
+          f"{total_cores:6.3f}  {rss_mib:8.0f}  {pss_total:>8}"
+          + ("" if pss_mib is not None else "  (no PSS: a process's smaps_rollup was unread)"))
     print(f"  targets: idle CPU <= {CPU_TARGET_CORES} cores "
           f"({'met' if total_cores <= CPU_TARGET_CORES else 'missed'}), RSS <= "
           f"{RSS_TARGET_GIB} GiB ({'met' if rss_mib / 1024 <= RSS_TARGET_GIB else 'missed'})")
@@ -312,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         "startup_s": round(startup_s, 2),
         "startup_phases_s": {name: round(s, 2) for name, s in phases_s.items()},
         "idle_cpu_cores": round(total_cores, 4), "rss_gib": round(rss_mib / 1024, 3),
-        "pss_gib": round(pss_mib / 1024, 3), "processes": len(rows),
+        "pss_gib": None if pss_mib is None else round(pss_mib / 1024, 3),
+        "processes": len(rows),
         "broker_cores": round(broker_cores, 4),
         "cpu_target_met": total_cores <= CPU_TARGET_CORES,
         "rss_target_met": rss_mib / 1024 <= RSS_TARGET_GIB,

@@ -105,11 +105,16 @@ class Producer:
             self.settings.assets[ASSET], self.bid, self.bid + 1, time.time_ns() // 1000,
             self.seq, "bench"))
 
-    async def run(self, rate: float, duration_s: float) -> int:
-        """Produce at ``rate`` per second for ``duration_s``; the ticks produced."""
+    async def run(self, rate: float, duration_s: float,
+                  until: asyncio.Event | None = None) -> int:
+        """Produce at ``rate`` per second for ``duration_s``, or with ``until`` until it is
+        set; the ticks produced."""
         start = time.perf_counter()
         sent = 0
-        while (elapsed := time.perf_counter() - start) < duration_s:
+        while True:
+            elapsed = time.perf_counter() - start
+            if until.is_set() if until is not None else elapsed >= duration_s:
+                break
             due = int(elapsed * rate) + 1
             while sent < due:
                 await self.one()
@@ -220,10 +225,14 @@ async def measure(settings: Any, bootstrap: str, topic: str, clients: int, rate:
         out["latency_p99_ms"] = quantile(timed.delays_ms, 0.99)
         # c. the REST loop while ticks flow, without and with the clients
         async def loaded() -> Any:
-            ticks = asyncio.ensure_future(producer.run(rate, duration_s + 1))
+            # the ticks flow until the loop is over: its sign-ups and warm-up come before its
+            # window, so a fixed length of ticks could end before the window does
+            done = asyncio.Event()
+            ticks = asyncio.ensure_future(producer.run(rate, 0.0, until=done))
             try:
                 return await drive(settings.port, 64, duration_s)
             finally:
+                done.set()
                 await ticks
 
         alone = await loaded()

@@ -66,19 +66,31 @@ end
 
 @dataclass(frozen=True, slots=True)
 class WrkResult:
-    """One wrk run: ``ops`` requests in ``elapsed_s`` (``errors``: non-2xx/3xx answers and
-    socket errors, counted among the requests by wrk); latency percentiles in ms."""
+    """One wrk run: ``requests`` answered in ``elapsed_s``, of which ``errors`` failed
+    (non-2xx/3xx answers; socket errors and timeouts are added in too, so ``ops`` errs low),
+    ``ops`` the successful ones (as :class:`bench.http_load.LoadResult` counts them); latency
+    percentiles in ms, of every request (wrk cannot leave the failed ones out)."""
 
     concurrency: int
-    ops: int
+    requests: int
     errors: int
     elapsed_s: float
     p50_ms: float
     p99_ms: float
 
     @property
+    def ops(self) -> int:
+        """The successful requests (never below 0)."""
+        return max(0, self.requests - self.errors)
+
+    @property
+    def ops_done(self) -> int:
+        """Every successful request of the run (wrk has no warm-up: all of them)."""
+        return self.ops
+
+    @property
     def ops_per_s(self) -> float:
-        return (self.ops - self.errors) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        return self.ops / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def percentile_ms(self, q: float) -> float:
         """The 50th or 99th latency percentile (what wrk was asked for)."""
