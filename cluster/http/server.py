@@ -39,6 +39,10 @@ it runs in the replica, before its server starts.
   refuses (an empty 403 before), a handshake the app has not answered when the server stops
   (503 with ``Retry-After``; uvicorn's 500 before), and a request target that is not a path
   (``OPTIONS *``, which Serve's router answered in plain text).
+- A WebSocket the server closes (a limit, a ping unanswered) whose client takes none of what
+  is sent to it within :data:`CLOSE_FLUSH_S` is dropped: its close frame waited, as every
+  frame, for the client to read, and a closed transport for its buffer to drain, so a client
+  that reads nothing held its connection for good.
 - uvicorn logs a warning for every request its parser refuses, so any client could add log
   lines as fast as it sends: :data:`PARSER_REFUSALS` lets one through a minute, counting the
   others.
@@ -54,7 +58,7 @@ import logging
 import re
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -424,17 +428,51 @@ class _SpecHandshake(ServerProtocol):
 MAX_UNREAD_WS_BYTES = 1 << 20
 """Most bytes a WebSocket client may leave unread when it pings (the app's own frames wait for
 the buffer to drain; a pong is written at once)."""
+CLOSE_FLUSH_S = 10.0
+"""How long a WebSocket client the server closes has to take what is still buffered for it
+(its close frame included), as long as uvicorn gives it to answer the close; then it is
+dropped."""
+
+
+class _DroppingTransport:
+    """A WebSocket's transport whose ``close`` drops the connection when what is buffered for
+    the client is not taken within ``flush_s``: asyncio's close waits for the client to read it
+    all, for ever for one that reads nothing (its connection held open, with what is queued for
+    it). Everything else is the transport's."""
+
+    def __init__(self, transport: asyncio.Transport, flush_s: float) -> None:
+        self._transport = transport
+        self._flush_s = flush_s
+        self._drop: asyncio.TimerHandle | None = None
+
+    def close(self) -> None:
+        self._transport.close()
+        if self._drop is None and self._transport.get_write_buffer_size():
+            # abort on a transport already gone does nothing
+            self._drop = asyncio.get_running_loop().call_later(self._flush_s,
+                                                               self._transport.abort)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class SpecWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol (websockets, sans-I/O) refusing handshakes with
-    :class:`_SpecHandshake`, and dropping a client that pings while it leaves more than
-    :data:`MAX_UNREAD_WS_BYTES` unread."""
+    :class:`_SpecHandshake`, dropping a client that pings while it leaves more than
+    :data:`MAX_UNREAD_WS_BYTES` unread, and one the server closes that does not take what is
+    sent to it within ``close_flush_s``."""
+
+    close_flush_s = CLOSE_FLUSH_S
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.conn = _SpecHandshake(extensions=self.conn.available_extensions,
                                    max_size=self.config.ws_max_size, logger=self.conn.logger)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.transport = cast(asyncio.Transport,
+                              _DroppingTransport(self.transport, self.close_flush_s))
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -473,6 +511,13 @@ class SpecWebSocketProtocol(WebSocketsSansIOProtocol):
         super().handle_ping()
 
     async def send(self, message: Any) -> None:
+        if message["type"] == "websocket.close" and not self.writable.is_set():
+            # the close frame waits, as every frame, for the client to read what is before it:
+            # one that reads nothing held its connection, and the app's close, for ever
+            try:
+                await asyncio.wait_for(self.writable.wait(), self.close_flush_s)
+            except TimeoutError:
+                self.transport.abort()  # the send below is then refused: the client is gone
         await super().send(message)
         if message["type"] == "websocket.http.response.body" and not message.get("more_body"):
             # the app answered the handshake over HTTP (a denial): uvicorn's sansio protocol

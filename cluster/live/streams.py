@@ -348,27 +348,34 @@ class StreamHub:
             self._forget(connection)
             self.slow_closed += connection.closing == "slow"
             self.flood_closed += connection.closing == "flood"
-            # this handler may itself be cancelled (Serve cancels a request whose client went
-            # away) while both wait: a read left behind would end in the client's disconnect
-            # with no one to take it, and asyncio logs that as an error for every such client
-            for task in (sender, receiving):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
-            if socket.application_state != WebSocketState.DISCONNECTED:
-                with contextlib.suppress(Exception):
-                    await socket.close(code=connection.close_code,
-                                       reason=connection.close_reason)
-            connection.ended.set()
+            try:
+                # this handler may itself be cancelled (Serve cancels a request whose client
+                # went away) while both wait: a read left behind would end in the client's
+                # disconnect with no one to take it, and asyncio logs that as an error for
+                # every such client
+                for task in (sender, receiving):
+                    if task is not None:
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await task
+                if socket.application_state != WebSocketState.DISCONNECTED:
+                    with contextlib.suppress(Exception):
+                        await socket.close(code=connection.close_code,
+                                           reason=connection.close_reason)
+            finally:
+                # counted until closed: the close of a client that reads slowly (or not at
+                # all) waits for it, up to the server's bound, and its address or key must
+                # not open more meanwhile
+                _release(self.by_address, connection.address)
+                if connection.key is not None:
+                    _release(self.by_key, connection.key)
+                connection.ended.set()
 
     def _forget(self, connection: Connection) -> None:
+        """Stop sending to ``connection`` (its counts are released once it is closed)."""
         if connection not in self.connections:
             return
         self.connections.discard(connection)
-        _release(self.by_address, connection.address)
-        if connection.key is not None:
-            _release(self.by_key, connection.key)
         self._end_account(connection)
 
     def _end_account(self, connection: Connection) -> None:
