@@ -136,6 +136,50 @@ def test_a_declared_length_over_the_limit_is_refused_unread(
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
 
 
+@pytest.mark.parametrize("declared", [LIMIT, LIMIT + 1])
+def test_a_declared_length_is_refused_from_one_byte_over_the_limit(
+        unlimited_rates: LocalHttpPlatform, declared: int) -> None:
+    """A ``Content-Length`` of the limit is read; one byte more is 413 at once."""
+    port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
+    answer = raw_answer(port, iter([b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\n"
+                                    b"Connection: close\r\nContent-Length: %d\r\n\r\n" % declared,
+                                    b"{}" + b" " * (LIMIT - 2)]))
+    assert answer.startswith(b"HTTP/1.1 201 " if declared == LIMIT else b"HTTP/1.1 413 "), \
+        answer[:200]
+
+
+def mixed(depth: int) -> bytes:
+    """A JSON object ``depth`` levels deep, objects and arrays in turn, with brackets in its
+    strings (which are not nesting)."""
+    text = b'"[{\\"[{"'  # a string: [{\"[{
+    for level in range(depth - 1):
+        text = b'{"a[":%s}' % text if level % 2 else b"[%s,{}]" % text if level else \
+            b"[%s]" % text  # (an empty object beside the string would be a level deeper)
+    return b'{"x":%s}' % text
+
+
+@pytest.mark.parametrize(("depth", "status"), [(32, 201), (33, 400)])
+def test_json_nesting_mixing_arrays_and_objects_is_refused_from_one_level_over(
+        client: httpx.Client, depth: int, status: int) -> None:
+    body = mixed(depth)
+    assert json.loads(body) and not _deeper(json.loads(body), depth)
+    assert _deeper(json.loads(body), depth - 1)
+    r = client.post("/api/v1/accounts", content=body,
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    if status == 400:
+        assert error_code(r) == "INVALID_REQUEST"
+        assert r.json()["error"]["message"] == "JSON nested deeper than 32 levels"
+
+
+def _deeper(value: Any, depth: int) -> bool:
+    """Whether ``value`` nests arrays and objects deeper than ``depth`` (by Python's reading)."""
+    if isinstance(value, dict | list):
+        items = value.values() if isinstance(value, dict) else value
+        return depth < 1 or any(_deeper(v, depth - 1) for v in items)
+    return False
+
+
 HEAD_CASES = {  # request heads over 64 KiB, sent in 4 KiB pieces
     "one header": b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (HEAD_LIMIT + 1),
     "many headers": b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\n"

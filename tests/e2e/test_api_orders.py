@@ -236,3 +236,26 @@ def test_open_orders_per_account_are_limited_and_reserve_a_position_slot() -> No
         assert c.post("/api/v1/orders", json=order, headers=h).status_code == 201
         assert balances(c, h)["margin"] == 30
         assert p.audit() == []
+
+
+def test_a_fill_that_makes_the_last_open_position_is_one_no_open_passes() -> None:
+    """MAX_OPEN_POSITIONS=2: one position and one order fill the slots; the order fills into
+    the second position, and neither another open nor another order passes after it (409
+    TOO_MANY_POSITIONS, nothing locked)."""
+    settings = Settings(max_open_positions=2, api_key_rate_per_s=0, signups_per_min=0)
+    with LocalHttpPlatform(settings) as p, httpx.Client(base_url=p.base_url, timeout=10) as c:
+        h = sol_trader(p, c)
+        opened = {"asset": "SOL", "type": "long", "margin": "10", "leverage": 2}
+        order = {**opened, "orderType": "limit", "triggerPrice": "90"}
+        assert c.post("/api/v1/positions/open", json=opened, headers=h).status_code == 201
+        placed = place(c, h, **order)
+        r = c.post("/api/v1/positions/open", json=opened, headers=h)
+        assert r.status_code == 409 and error_code(r) == "TOO_MANY_POSITIONS", r.text
+        tick(p, c, "SOL", "89.99", "90.00")  # the order fills
+        assert wait_ended(c, h, placed["orderId"])["status"] == "filled"
+        assert len(state(c, h)["positions"]) == 2
+        for path, body in (("/api/v1/positions/open", opened), ("/api/v1/orders", order)):
+            r = c.post(path, json=body, headers=h)
+            assert r.status_code == 409 and error_code(r) == "TOO_MANY_POSITIONS", r.text
+        assert balances(c, h)["margin"] == 20 and open_orders(c, h) == []
+        assert p.audit() == []

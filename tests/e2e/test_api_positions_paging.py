@@ -85,6 +85,13 @@ def test_an_account_within_the_bound_says_there_is_no_more(
     open_position(client, h, asset="SOL", type="long", margin="10", leverage=2)
     s = state(client, h)
     assert len(s["positions"]) == 1 and s["morePositions"] is False
+    # at the bound: all listed, none more; one past it: more
+    open_position(client, h, asset="SOL", type="long", margin="10", leverage=2)
+    s = state(client, h)
+    assert len(s["positions"]) == SHOWN and s["morePositions"] is False
+    open_position(client, h, asset="SOL", type="long", margin="10", leverage=2)
+    s = state(client, h)
+    assert len(s["positions"]) == SHOWN and s["morePositions"] is True
 
 
 @pytest.mark.parametrize(("params", "status"), [

@@ -448,6 +448,33 @@ def test_connections_subscriptions_and_unsent_frames_are_bounded(
     asyncio.run(scenario())
 
 
+def test_the_last_subscription_is_taken_and_the_next_refused_subscribing_nothing(
+        tight: LocalHttpPlatform) -> None:
+    """WS_SUBSCRIPTIONS=3: a third stream is taken, a stream followed already is not a
+    fourth, and a fourth gets an error frame and none of its values; once one goes, it fits."""
+    with httpx.Client(base_url=tight.base_url, timeout=10) as http:
+        tick(tight, http, "SOL", "100.00", "100.01")
+        tick(tight, http, "BTC", "60000.0", "60000.1")
+
+    async def scenario() -> None:
+        async with websockets.connect(ws_url(tight)) as ws:
+            for stream in ("bookTicker.SOL", "bookTicker.BTC", "kline.1m.SOL"):
+                await send(ws, "SUBSCRIBE", stream)  # one at a time: one unsent frame at most
+                assert (await frame(ws))["stream"] == stream
+            await send(ws, "SUBSCRIBE", "bookTicker.SOL", "kline.1m.SOL")  # followed already
+            await send(ws, "SUBSCRIBE", "kline.1m.BTC")
+            refused = await frame(ws)
+            assert refused == {"error": {"code": "INVALID_REQUEST",
+                                         "message": "at most 3 subscriptions per connection"}}
+            await send(ws, "UNSUBSCRIBE", "kline.1m.SOL")
+            await ws.send('{"method":"PING"}')
+            assert await frame(ws) == {"method": "PONG"}  # no value of kline.1m.BTC came
+            await send(ws, "SUBSCRIBE", "kline.1m.BTC")
+            assert (await frame(ws))["stream"] == "kline.1m.BTC"
+
+    asyncio.run(scenario())
+
+
 IDLE_TEST_S = 12  # the next test takes a few seconds: this leaves room to spare
 
 
