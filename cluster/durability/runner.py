@@ -231,11 +231,14 @@ class Runner(Generic[M]):
         return self.store.checkpoint(self.machine.snapshot, wait=True)
 
     def problem(self) -> str | None:
-        """Why this runner may not take writes (it failed and waits to be recovered, or its
-        journal's disk is nearly full), or None."""
+        """Why this runner may not take writes, or should be looked at (it failed and waits to
+        be recovered, its journal's disk is nearly full, its snapshots keep failing), or
+        None."""
         if self._broken is not None:
             return f"failed ({self._broken}); waiting to be recovered"
-        return None if self.store is None else self.store.disk_problem()
+        if self.store is None:
+            return None
+        return self.store.disk_problem() or self.store.snapshot_problem()
 
     def journal_bytes(self) -> int:
         return 0 if self.store is None else self.store.disk_bytes()

@@ -87,6 +87,10 @@ __all__ = ["BATCH_TAG", "DurabilityError", "JournalStore", "decode_batch", "enco
 
 SNAPSHOT_EVERY_EVENTS = 100_000  # events journaled between snapshots (bounds replay time)
 SNAPSHOT_EVERY_S = 60.0  # and at least this often while records are written
+SNAPSHOT_FAILURES_REPORTED = 3
+"""Snapshots failing in a row before the host reports it (its ping: ``/healthz``, ``shardex
+status``): nothing is lost, but the journal is no longer trimmed, and the replay of a restart
+grows with every event; a log line alone went unseen."""
 JOURNAL_DIR = "journal"
 SNAPSHOT_DIR = "snapshots"
 MIB = 1 << 20
@@ -178,6 +182,8 @@ class JournalStore:
         self._writer: threading.Thread | None = None
         self._writer_error: BaseException | None = None
         self.snapshots_written = 0
+        self.snapshot_failures = 0  # in a row
+        self._snapshot_error = ""
         self.recovered: Recovered[Any] | None = None
         self.recovery_s = 0.0  # how long restoring the snapshot and recover() took
         self.opened_at_s = time.time()  # wall clock when this incarnation opened the journal
@@ -339,12 +345,22 @@ class JournalStore:
         self._check_writable()
         self.wait_snapshot()
         seq = self.commit()
-        arrays, meta = snapshot_fn()
+        try:
+            arrays, meta = snapshot_fn()
+        except Exception as exc:
+            self._snapshot_failed(exc)
+            raise
         self._snapshot_seq = seq
         self._events_since_snapshot = 0
         self._snapshot_at_s = self._clock()
         if wait:
-            self._write(seq, arrays, meta)
+            try:
+                self._write(seq, arrays, meta)
+            except Exception as exc:
+                self._snapshot_seq = 0
+                self._snapshot_failed(exc)
+                raise
+            self.snapshot_failures = 0
             self._trim()
         else:
             self._writer = threading.Thread(target=self._write_bg, args=(seq, arrays, meta),
@@ -372,11 +388,26 @@ class JournalStore:
         self._writer = None
         error, self._writer_error = self._writer_error, None
         if error is not None:
-            # the journal still holds everything: nothing is lost, the next one retries
-            log.warning("snapshot of %s failed: %s", self.directory, error)
             self._snapshot_seq = 0
+            self._snapshot_failed(error)
             return
+        self.snapshot_failures = 0
         self._trim()
+
+    def _snapshot_failed(self, error: BaseException) -> None:
+        # the journal still holds everything: nothing is lost, the next one retries
+        log.warning("snapshot of %s failed: %s", self.directory, error)
+        self.snapshot_failures += 1
+        self._snapshot_error = f"{type(error).__name__}: {error}"
+
+    def snapshot_problem(self) -> str | None:
+        """Why this store's snapshots fail (:data:`SNAPSHOT_FAILURES_REPORTED` in a row or
+        more), or None."""
+        if self.snapshot_failures < SNAPSHOT_FAILURES_REPORTED:
+            return None
+        return (f"the last {self.snapshot_failures} snapshots of {self.directory} failed "
+                f"({self._snapshot_error}): the journal keeps every event, but it is no "
+                "longer trimmed and a restart replays all of it")
 
     def _trim(self) -> None:
         try:

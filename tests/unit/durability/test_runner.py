@@ -349,6 +349,34 @@ def test_a_snapshot_that_fails_after_the_commit_fails_only_itself(
     assert open_ledger(tmp_path, Clock()).machine.fingerprint() == live
 
 
+@pytest.mark.parametrize("background", [False, True])
+def test_snapshots_failing_in_a_row_are_reported_until_one_is_written(
+        tmp_path: Path, background: bool) -> None:
+    """A file where the snapshot directory belongs: every snapshot fails. Nothing is lost, but
+    the journal is no longer trimmed; from the third failure in a row the host's problem (its
+    ping: /healthz, status) says so. Before, only a log line did. One written clears it."""
+    led = open_ledger(tmp_path, Clock(), snapshot_every_events=1,
+                      background_snapshots=background)
+    assert not (tmp_path / SNAPSHOT_DIR).exists()  # made by the first snapshot
+    (tmp_path / SNAPSHOT_DIR).write_bytes(b"in the way")
+    assert led.store is not None
+    for n in range(1, 4):
+        assert led.problem() is None
+        one(led, CreateAccount(*account(n)))  # committed, then its snapshot fails
+        led.store.wait_snapshot()
+    problem = led.problem()
+    assert problem is not None and "the last 3 snapshots" in problem \
+        and "FileExistsError" in problem, problem
+    assert one(led, Totals())["users"] == 3  # trading goes on
+    (tmp_path / SNAPSHOT_DIR).unlink()
+    one(led, CreateAccount(*account(4)))
+    led.store.wait_snapshot()
+    assert led.problem() is None and list_snapshots(tmp_path / SNAPSHOT_DIR)
+    live = led.machine.fingerprint()
+    crash(led)
+    assert open_ledger(tmp_path, Clock()).machine.fingerprint() == live
+
+
 @pytest.mark.parametrize("failure", ["a dead disk", "no memory for the record"])
 def test_a_failed_commit_answers_nothing_more_not_even_reads(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
