@@ -77,6 +77,7 @@ from cluster.http.limits import (
     retry_after_s,
     too_many,
 )
+from cluster.http.server import DROPPED
 from cluster.live.account_stream import (
     AccountSource,
     AccountStreams,
@@ -1110,6 +1111,8 @@ def create_app(service: TradingService) -> FastAPI:
                 lines.append("# TYPE shardex_feed_ticks_refused_by_shards_total counter")
                 lines.append("shardex_feed_ticks_refused_by_shards_total "
                              f"{int(feed.get('ticks_refused_by_shards', 0))}")
+        lines.append("# TYPE shardex_http_unread_dropped_total counter")
+        lines.append(f"shardex_http_unread_dropped_total {DROPPED['unread']}")
         for name, n in hub.stats().items():  # this replica's WebSockets
             kind = "gauge" if name in ("ws_connections", "ws_account_subscriptions") \
                 else "counter"

@@ -23,6 +23,13 @@ it runs in the replica, before its server starts.
   sends. A read is fed to the parser in slices of :data:`FEED_SLICE_BYTES`; once
   :data:`MAX_PIPELINED` requests wait, the rest of it is kept unparsed and reading stops, and
   it is parsed as answers go out.
+- Answers not read: uvicorn writes an answer whole to the transport, then waits to write more
+  (the next answer, a streamed one's next part) and a closed transport waits to send what it
+  holds (at the keep-alive timeout, when the server stops) for as long as the client takes
+  nothing, so a client asking and never reading held its connection, its file and its answers
+  for good, and the server's stop waited for it. A connection whose client takes none of what
+  waits for it within :data:`ANSWER_STALL_S` is dropped and counted (:data:`DROPPED`); a client
+  reading however slowly is not (:class:`_UnreadWatch`).
 - A request asking for another protocol (``CONNECT``, or an ``Upgrade`` other than websocket,
   such as ``curl --http2``'s h2c): uvicorn's parser reads nothing after its head, so one with
   a body is refused (400) and one without is answered as plain HTTP; the connection closes
@@ -54,9 +61,14 @@ it runs in the replica, before its server starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import re
+import struct
+import termios
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -129,6 +141,79 @@ FEED_SLICE_BYTES = 4096
 dozen small requests to the wait)."""
 
 
+ANSWER_STALL_S = 10.0
+"""How long a client may take none of the answers waiting for it (in this process's buffer, or
+the kernel's unacknowledged) before its connection is dropped; checked every as long, so a
+connection goes 10-20 s after the client's last read."""
+DROPPED: Counter[str] = Counter()
+"""Connections this process's server dropped, by why (``unread``: answers not taken)."""
+
+
+def _kernel_unacked(transport: asyncio.BaseTransport) -> int:
+    """Bytes written to the transport's socket that the client's TCP has not acknowledged
+    (Linux's SIOCOUTQ); 0 where that cannot be asked."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    with contextlib.suppress(OSError, ValueError):
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                  bytes(4)))[0])
+    return 0
+
+
+class _UnreadWatch:
+    """A connection's transport, dropping the connection when its client takes nothing of what
+    waits for it within ``stall_s``: asyncio's write (and its close) waits for the client for
+    ever, holding the connection, its file and its answer. Everything else is the
+    transport's.
+
+    Taken is what was written less what waits in asyncio's buffer and in the kernel's: the
+    kernel takes from asyncio's buffer only once a third of its own (megabytes) is free,
+    so a client reading slowly may see asyncio's buffer unchanged for long. The watch runs
+    only while asyncio's buffer holds something.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop,
+                 stall_s: float) -> None:
+        self.transport = transport
+        self._loop = loop
+        self._stall_s = stall_s
+        self._written = 0  # bytes, since the connection began
+        self._taken = 0  # bytes taken at the last check
+        self._timer: asyncio.TimerHandle | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.transport.write(data)
+        self._written += len(data)
+        if self._timer is None and self.transport.get_write_buffer_size():
+            self._taken = self._taken_now()
+            self._timer = self._loop.call_later(self._stall_s, self._check)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _taken_now(self) -> int:
+        return (self._written - self.transport.get_write_buffer_size()
+                - _kernel_unacked(self.transport))
+
+    def _check(self) -> None:
+        self._timer = None
+        if not self.transport.get_write_buffer_size():  # all taken, or the connection gone
+            return
+        taken = self._taken_now()
+        if taken <= self._taken:
+            DROPPED["unread"] += 1
+            self.transport.abort()
+            return
+        self._taken = taken
+        self._timer = self._loop.call_later(self._stall_s, self._check)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 class BoundedHeadProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, closing a connection whose request head passes
     :data:`MAX_HEAD_BYTES` (with a 431) or whose request does not arrive within
@@ -143,7 +228,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     Pipelined requests wait at most :data:`MAX_PIPELINED` (plus one slice's) at a time: what
     follows them stays unparsed (``_unparsed``, at most one read) with reading paused, and is
     parsed as their answers complete.
+
+    Answers the client takes none of within ``answer_stall_s`` drop the connection
+    (:class:`_UnreadWatch`).
     """
+
+    answer_stall_s = ANSWER_STALL_S
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -163,9 +253,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # every write (the cycles', refusals') goes through the watch; reading, its flow
+        # control, is the transport's
+        self._watch = _UnreadWatch(transport, self.loop, self.answer_stall_s)
+        self.transport = cast(asyncio.Transport, self._watch)
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._watch.stop()
         self._disarm()
         self._unparsed = b""
         if self._timer is not None:
@@ -281,6 +376,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # handed it to the WebSocket protocol, failing on the scope it never made (logged as
         # a fatal error of the connection)
         if not self._stopped():
+            self._watch.stop()  # the WebSocket has its own bounds on what it leaves unsent
+            self.transport = self._watch.transport
             super().handle_websocket_upgrade()
 
     def on_chunk_header(self) -> None:
