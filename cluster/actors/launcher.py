@@ -33,7 +33,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -990,8 +990,6 @@ def status(settings: Settings) -> int:
 def _print_status(settings: Settings) -> int:
     import ray
 
-    from feed.pipeline import drops_text
-
     nodes = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
     print(f"ray: {len(nodes)} node(s)")
     for node_id, node in nodes.items():
@@ -1001,17 +999,9 @@ def _print_status(settings: Settings) -> int:
     try:
         feed = ray.get_actor(FEED, namespace=NAMESPACE)
         fstats: Any = ray.get(feed.stats.remote(), timeout=10)
-        ages = fstats.get("tick_age_s", {})
-        print(f"feed: node {_actor_node(feed)[:12]} assigned={fstats.get('assigned')} "
-              f"lag={fstats.get('lag')} bootstrap={fstats.get('bootstrap')}")
-        print(f"  dropped: {drops_text(fstats.get('dropped', {}))}; refused by shards: "
-              f"{fstats.get('ticks_refused_by_shards', 0)}")
-        print(f"  candle_store_errors: {fstats.get('candle_store_errors', 0)}")
-        for asset, price in sorted(fstats.get("prices", {}).items()):
-            age = ages.get(asset)
-            age_text = f"{age:.1f}s" if isinstance(age, (int, float)) else "?"
-            print(f"  {asset:<5} bid {price.get('bid')} ask {price.get('ask')} "
-                  f"age {age_text} source {_shown(price.get('source'))}")
+        lines, reading = feed_status(fstats, _actor_node(feed), MARKET_TOPIC)
+        print("\n".join(lines))
+        code = code or int(not reading)
     except (ValueError, ray.exceptions.RayError) as exc:
         print(f"feed: not available ({exc})")
         code = 1
@@ -1037,6 +1027,30 @@ def _print_status(settings: Settings) -> int:
               + _problem_text(problem))
         code = code or int(problem is not True)
     return code
+
+
+def feed_status(stats: Mapping[str, Any], node_id: str, topic: str) -> tuple[list[str], bool]:
+    """``status``'s lines of the feed actor (its ``stats()``, on node ``node_id``), and whether
+    it reads the market topic: with no partition of it assigned (the broker does not answer,
+    the topic is gone) no price comes in, which only stale ages showed, with ``status``
+    exiting 0."""
+    from feed.pipeline import drops_text
+
+    ages = stats.get("tick_age_s", {})
+    reading = bool(stats.get("assigned"))
+    lines = [f"feed: node {node_id[:12]} assigned={stats.get('assigned')} "
+             f"lag={stats.get('lag')} bootstrap={stats.get('bootstrap')}"]
+    if not reading:
+        lines.append(f"  no partition of {topic} is read: no price comes in")
+    lines.append(f"  dropped: {drops_text(stats.get('dropped', {}))}; refused by shards: "
+                 f"{stats.get('ticks_refused_by_shards', 0)}")
+    lines.append(f"  candle_store_errors: {stats.get('candle_store_errors', 0)}")
+    for asset, price in sorted(stats.get("prices", {}).items()):
+        age = ages.get(asset)
+        age_text = f"{age:.1f}s" if isinstance(age, (int, float)) else "?"
+        lines.append(f"  {asset:<5} bid {price.get('bid')} ask {price.get('ask')} "
+                     f"age {age_text} source {_shown(price.get('source'))}")
+    return lines, reading
 
 
 def _shown(text: object) -> str:

@@ -22,8 +22,10 @@ from cluster.actors.launcher import LaunchError
 from cluster.actors.launcher import Platform
 from cluster.actors.launcher import _pid_running
 from cluster.actors.launcher import check_layout
+from cluster.actors.launcher import feed_status
 from cluster.actors.launcher import port_is_free
 from cluster.actors.names import LEDGER
+from cluster.config import MARKET_TOPIC
 from cluster.config import Settings
 from feed.broker import ProcessIdentity
 from feed.broker import check_bindable
@@ -527,3 +529,19 @@ def test_a_recorded_pid_another_user_runs_is_running() -> None:
         finally:
             os._exit(2)
     assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
+
+
+def test_status_says_when_the_feed_reads_no_partition_and_fails() -> None:
+    """``status`` of a feed actor with no partition of the market topic assigned (the broker
+    does not answer, the topic is gone): a line says no price comes in, and the exit is 1;
+    before, only the stale ages showed it and ``status`` exited 0."""
+    stats = {"assigned": False, "lag": None, "bootstrap": "127.0.0.1:9092",
+             "dropped": {}, "tick_age_s": {"SOL": 42.0},
+             "prices": {"SOL": {"bid": "100.00", "ask": "100.01", "source": "sim"}}}
+    lines, reading = feed_status(stats, "abcdef0123456789", MARKET_TOPIC)
+    assert not reading
+    assert lines[1] == f"  no partition of {MARKET_TOPIC} is read: no price comes in"
+    assert lines[0].startswith("feed: node abcdef012345 assigned=False")
+    assert lines[-1] == "  SOL   bid 100.00 ask 100.01 age 42.0s source sim"
+    lines, reading = feed_status({**stats, "assigned": True}, "abcdef0123456789", MARKET_TOPIC)
+    assert reading and not any("no partition" in line for line in lines)
