@@ -28,6 +28,7 @@ from cluster.actors.names import LEDGER
 from cluster.actors.port import Port, RayPort
 from cluster.config import Settings
 from cluster.live.market import MarketSource
+from cluster.live.topic_auth import SignedTopic
 from cluster.trading.courier import Courier
 from cluster.trading.placement import shard_layout
 from cluster.trading.reconciler import Reconciler
@@ -105,16 +106,18 @@ def placement(name: str, pinned: set[str], node: str | None) -> dict[str, Any]:
 
 
 def start_hosts(settings: Settings, namespace: str, data_dir: str | None,
-                ready_timeout_s: float, bootstrap: str | None = None
-                ) -> tuple[Any, dict[str, Any]]:
+                ready_timeout_s: float, bootstrap: str | None = None,
+                secret: bytes | None = None) -> tuple[Any, dict[str, Any]]:
     """Start (named, in ``namespace``) the ledger host and every shard host; wait until each
     answers (recovered). Without ``data_dir`` the state lives in memory and a host is not
     restarted (it would come back empty). With ``bootstrap`` the ledger publishes its account
-    events there. Returns ``(ledger_handle, {shard name: handle})``."""
+    events there, signed with ``secret`` (cluster.live.topic_auth; Ray restarts the ledger with the
+    same one). Returns ``(ledger_handle, {shard name: handle})``."""
     import ray
 
     host = host_class()
-    ledger_spec, shard_specs = host_specs(settings, data_dir, bootstrap=bootstrap)
+    ledger_spec, shard_specs = host_specs(settings, data_dir, bootstrap=bootstrap,
+                                          secret=secret)
     pinned = pinned_hosts()
     unpinned = [name for name in (LEDGER, *shard_specs) if name not in pinned]
     if pinned and unpinned:
@@ -165,7 +168,7 @@ def service_from_names(settings: Settings, *, namespace: str | None = None,
                        | None = None,
                        feed_stats: Callable[[], Awaitable[dict[str, Any]]] | None = None,
                        market: MarketSource | None = None,
-                       account_topic: tuple[str, str] | None = None,
+                       account_topic: SignedTopic | None = None,
                        leading: Callable[[], bool] | None = None) -> TradingService:
     """A TradingService over the platform's named hosts in ``namespace`` (``ray.get_actor``),
     as an API replica, ``shardex audit`` and tests build it. Must run where Ray is

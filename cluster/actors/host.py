@@ -5,7 +5,7 @@ keeps its journal. It has no method per operation: ``execute(commands)`` runs a 
 its :class:`cluster.durability.runner.Runner` and answers only what is durable. A sync actor:
 its calls run one at a time, which is what a state machine needs. With ``HostSpec.publish``
 it also produces what its machine offers to others (``outbound``: the ledger's account events)
-to a Kafka topic after every batch (cluster.actors.publisher).
+to a Kafka topic after every batch, signed (cluster.actors.publisher, cluster.live.topic_auth).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from cluster.actors.names import LEDGER
 from cluster.config import Settings
 from cluster.durability.runner import ExecuteTiming, Runner
 from cluster.durability.snapshot import Snapshot
+from cluster.live.topic_auth import SECRET_BYTES, SignedTopic
 from cluster.trading.placement import shard_layout
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ class HostSpec:
     args: tuple[Any, ...]
     data_dir: str | None = None
     store_options: dict[str, Any] = field(default_factory=dict)
-    publish: tuple[str, str] | None = None  # (Kafka bootstrap, topic) of machine.outbound
+    publish: SignedTopic | None = None  # where machine.outbound goes, signed with what
 
     def build(self, snapshot: Snapshot | None) -> Any:
         cls: Any = self.machine_cls
@@ -69,7 +70,8 @@ class MachineHost:
             # without loading the Kafka client
             from cluster.actors.publisher import Publisher
 
-            self.publisher = Publisher(*spec.publish)
+            topic = spec.publish
+            self.publisher = Publisher(topic.bootstrap, topic.topic, topic.secret)
             self._publish()
 
     def execute(self, commands: list[Any]) -> list[Any]:
@@ -132,19 +134,25 @@ def host_class() -> Any:
 
 
 def host_specs(settings: Settings, data_dir: str | None = None,
-               store_options: dict[str, Any] | None = None, bootstrap: str | None = None
-               ) -> tuple[HostSpec, dict[str, HostSpec]]:
+               store_options: dict[str, Any] | None = None, bootstrap: str | None = None,
+               secret: bytes | None = None) -> tuple[HostSpec, dict[str, HostSpec]]:
     """The ledger's spec and each shard's (by ShardSpec.name) for ``settings``' layout; with
-    ``bootstrap``, the ledger publishes its account events to ``settings.account_topic``."""
+    ``bootstrap``, the ledger publishes its account events to ``settings.account_topic``,
+    signed with ``secret`` (cluster.live.topic_auth: one of its secrets, required then)."""
     from engine.ledger_machine import LedgerMachine
     from engine.shard_machine import ShardMachine
 
+    publish = None
+    if bootstrap is not None:
+        if secret is None or len(secret) < SECRET_BYTES:
+            raise ValueError("account events are published only signed: a secret is needed")
+        publish = SignedTopic(bootstrap, settings.account_topic, secret)
     # a journal's disk with less free space than this makes /healthz answer 503
     options = {"min_free_bytes": settings.min_free_disk_mb << 20, **(store_options or {})}
     ledger = HostSpec(LEDGER, LedgerMachine, (settings.signup_balance_micros,
                                               settings.max_open_positions,
                                               settings.max_open_orders), data_dir, options,
-                      None if bootstrap is None else (bootstrap, settings.account_topic))
+                      publish)
     shards = {
         spec.name: HostSpec(spec.name, ShardMachine,
                             (spec.name, spec.book_tag, settings.assets[spec.asset],

@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 from cluster.actors.names import FEED, LEDGER, NAMESPACE
 from cluster.config import EMBEDDED_BROKER, MARKET_TOPIC, ConfigError, Settings, http_url
+from cluster.live.topic_auth import new_secret
 from cluster.trading.placement import ShardSpec, shard_layout
 from engine.ledger import AuditDifference
 from engine.messages import ShardStats
@@ -144,6 +145,9 @@ class Platform:
     # journaled hosts in DATA_DIR that Ray restarts (what `up` runs); False: memory only
     durable: bool = False
     released_at_start: dict[int, int] = field(default_factory=dict)
+    # what the ledger signs its account events with and the API replicas check them by
+    # (cluster.live.topic_auth); new at each start, handed to both through Ray only
+    account_secret: bytes = field(default=b"", repr=False)
 
     url: str = ""
     layout: tuple[ShardSpec, ...] = ()
@@ -175,6 +179,7 @@ class Platform:
 
     def _start(self) -> None:
         self._refuse_a_broker_on_the_api()
+        self.account_secret = new_secret()
         if not self.settings.ray_address and "ray" not in sys.modules:
             # A Ray started here is single-host: without this, Ray advertises the host's first
             # interface instead of the loopback address it was asked for. Read at import.
@@ -286,7 +291,8 @@ class Platform:
             serving.shutdown(wait=True)
         phase("serve controller (the wait after the actors)")
         self._api_deployed = True
-        self.url = deploy_api(settings, self.bootstrap, namespace=self.namespace, host=self.host,
+        self.url = deploy_api(settings, self.bootstrap, self.account_secret,
+                              namespace=self.namespace, host=self.host,
                               extra_env=joined_env, direct_ingress=self.direct_ingress,
                               timeout_s=READY_TIMEOUT_S, inherited=self._ray_started)
         phase("api")
@@ -491,7 +497,8 @@ class Platform:
         settings = self.settings
         data_dir = str(settings.data_dir.resolve()) if self.durable else None
         self.ledger, self.shards = start_hosts(settings, self.namespace, data_dir,
-                                               READY_TIMEOUT_S, self.bootstrap)
+                                               READY_TIMEOUT_S, self.bootstrap,
+                                               self.account_secret)
         phase("ledger and shards")
         if self.durable:
             # before the API serves: settle what requests cut off by a crash left half done

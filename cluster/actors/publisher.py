@@ -4,8 +4,10 @@ A machine that offers ``outbound(after) -> (version, [(key, value), ...])`` (the
 account events, engine.ledger_machine.LedgerMachine.outbound) is read by its host after every
 batch that was journaled (so nothing unjournaled is published) and the messages are handed to a
 :class:`Publisher`, which produces them to one topic from a thread of its own (the host's calls
-never wait for Kafka). Kafka's default partitioner keeps each key on one partition, so the
-messages of a key stay in order. The thread produces in rounds: a round sends one record batch
+never wait for Kafka). Each message carries its tag (cluster.live.topic_auth: an HMAC of its key and
+value) in a record header, so readers can tell it from one anyone else produced to the topic.
+Kafka's default partitioner keeps each key on one partition, so the messages of a key stay in
+order. The thread produces in rounds: a round sends one record batch
 per partition and waits for the broker's acknowledgement. A round costs the thread about the
 same CPU whatever it carries (the Kafka client's requests, futures and event-loop
 turns), so rounds begin at least :data:`ROUND_S` apart: a message that comes after a quiet
@@ -37,6 +39,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer, errors
 from aiokafka.partitioner import DefaultPartitioner
 
+from cluster.live.topic_auth import MAC_HEADER, sign
 from feed.broker import ensure_topic
 from feed.clients import stop_client
 
@@ -120,12 +123,14 @@ class ProduceQueue:
 
 
 class Publisher:
-    """Produces ``(key, value)`` messages to ``topic`` on ``bootstrap``; ``offer`` from any
-    thread, ``close`` to stop (what is still waiting is given up to two seconds)."""
+    """Produces ``(key, value)`` messages to ``topic`` on ``bootstrap``, each signed with
+    ``secret`` (cluster.live.topic_auth); ``offer`` from any thread, ``close`` to stop (what is
+    still waiting is given up to two seconds)."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, secret: bytes) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
+        self._secret = secret
         self._queue = ProduceQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -240,13 +245,16 @@ class Publisher:
                 if len(self._partitions) >= MAX_KEYS:
                     self._partitions.clear()
                 partition = self._partitions[key] = _PARTITIONER(key, partitions, partitions)
+            headers = [(MAC_HEADER, sign(self._secret, key, value))]
             builder = builders.get(partition)
-            if builder is None or builder.append(timestamp=None, key=key, value=value) is None:
+            if builder is None or builder.append(timestamp=None, key=key, value=value,
+                                                 headers=headers) is None:
                 if builder is not None:  # full: it leaves, a new one takes the message
                     sent.append((builder.record_count(), await producer.send_batch(
                         builder, self.topic, partition=partition)))
                 builder = builders[partition] = producer.create_batch()
-                builder.append(timestamp=None, key=key, value=value)  # a first always fits
+                # a first always fits
+                builder.append(timestamp=None, key=key, value=value, headers=headers)
         for partition, builder in builders.items():
             sent.append((builder.record_count(), await producer.send_batch(
                 builder, self.topic, partition=partition)))

@@ -45,6 +45,7 @@ from cluster.http.api import create_app
 from cluster.http.server import configure_uvicorn
 from cluster.live.market import Changes
 from cluster.live.streams import StreamHub
+from cluster.live.topic_auth import SignedTopic
 from engine.candles import Candle, CandleQuery
 from engine.market import Tick
 from feed.broker import accepts_connections, free_port
@@ -277,11 +278,13 @@ class FeedMarket:
 class ApiIngress:
     """The Serve replica: a TradingService over Ray ports, served by ``create_app``.
 
-    ``bootstrap`` is the Kafka bootstrap the feed actor consumes (for /healthz); ``namespace``
+    ``bootstrap`` is the Kafka bootstrap the feed actor consumes (for /healthz) and the ledger
+    publishes the account events to, signed with ``secret`` (cluster.live.topic_auth); ``namespace``
     is where the ledger, feed and shard actors are registered.
     """
 
-    def __init__(self, settings: Settings, bootstrap: str, namespace: str = NAMESPACE) -> None:
+    def __init__(self, settings: Settings, bootstrap: str, namespace: str,
+                 secret: bytes) -> None:
         _warnings_to_stderr()
         _bind_with_reuse_address()
         configure_uvicorn(proxies=("127.0.0.1", ray.util.get_node_ip_address()))
@@ -292,7 +295,8 @@ class ApiIngress:
             settings, namespace=namespace,
             health_checks={"feed": self._feed_ok, "broker": self._broker_ok},
             feed_stats=self._feed_stats, market=FeedMarket(namespace),
-            account_topic=(bootstrap, settings.account_topic), leading=_leads)
+            account_topic=SignedTopic(bootstrap, settings.account_topic, secret),
+            leading=_leads)
         self.streams: StreamHub | None = None  # the WebSockets of the app Serve builds
 
     async def _feed_stats(self) -> dict[str, Any]:
@@ -369,12 +373,14 @@ def _api_env(settings: Settings, extra_env: Mapping[str, str] | None,
     return {**env, **(extra_env or {})}
 
 
-def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE,
+def deploy_api(settings: Settings, bootstrap: str, secret: bytes, *,
+               namespace: str = NAMESPACE,
                host: str = "127.0.0.1", extra_env: Mapping[str, str] | None = None,
                timeout_s: float = 120.0, direct_ingress: bool = True,
                inherited: bool = False) -> str:
     """Deploy the API so the replica answers ``host:settings.port``, once :func:`start_serve`
-    ran with the same arguments.
+    ran with the same arguments; ``secret`` is what the ledger signs its account events with
+    (cluster.live.topic_auth).
 
     Requires a connected Ray driver whose workers have ``serve_env`` (see the module
     docstring and ``cluster.actors.launcher``). Returns the URL. Idempotent for an already
@@ -398,7 +404,8 @@ def deploy_api(settings: Settings, bootstrap: str, *, namespace: str = NAMESPACE
             "min_replicas": settings.api_replicas, "max_replicas": settings.api_max_replicas,
             "target_ongoing_requests": AUTOSCALE_TARGET_ONGOING}}
     app = deployment.options(**scale, ray_actor_options=options,
-                             logging_config=_LOGGING_CONFIG).bind(settings, bootstrap, namespace)
+                             logging_config=_LOGGING_CONFIG).bind(settings, bootstrap, namespace,
+                                                                    secret)
     serve.run(app, name=SERVE_APP, route_prefix="/", blocking=False)
     front = direct_ingress and settings.replica_slots > 1
     # behind the front door, every replica listens on a port of its own: wait for them all

@@ -1163,7 +1163,7 @@ def create_app(service: TradingService) -> FastAPI:
 
     def account_tail(source: AccountSource) -> AccountTail:
         topic = source.account_topic
-        return LedgerTail(source) if topic is None else TopicTail(*topic)
+        return LedgerTail(source) if topic is None else TopicTail(topic)
 
     # more missed events than half of what a connection may have unsent: a snapshot instead
     accounts = AccountStreams(lambda: service, account_event_json, account_snapshot,

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cluster.http.errors import error_body
+from cluster.live.topic_auth import SignedTopic
 from engine.account_events import AccountEvent
 from engine.messages import Principal
 from engine.results import Code
@@ -59,9 +60,11 @@ MAX_AHEAD = 20_000  # versions past the newest seen without a gap that a replica
 
 class AccountTail(Protocol):
     """The account events of every account as they are journaled; ``malformed`` counts what
-    it read that was not one (and dropped)."""
+    it read that was not one, ``unauthenticated`` the messages whose tag did not verify
+    (cluster.live.topic_auth: not the ledger's), all dropped."""
 
     malformed: int
+    unauthenticated: int
 
     async def read(self) -> list[AccountEvent] | None:
         """The next events (oldest first; [] after a quiet while), or None: reading (re)started
@@ -73,9 +76,9 @@ class AccountTail(Protocol):
 
 class AccountSource(Protocol):
     """Where the account events are read (the ledger, through the trading service), and the
-    topic they are published to (``(bootstrap, topic)``; None: none)."""
+    topic they are published to (None: none)."""
 
-    account_topic: tuple[str, str] | None
+    account_topic: SignedTopic | None
 
     async def account_events(self, user: int, since: int | None
                              ) -> tuple[int, list[AccountEvent] | None]: ...
@@ -159,7 +162,7 @@ class LedgerTail:
     def __init__(self, source: AccountSource) -> None:
         self.source = source
         self.version: int | None = None  # the newest ledger version read (None: not yet)
-        self.malformed = 0  # (the ledger's own answers are never malformed)
+        self.malformed = self.unauthenticated = 0  # (never: these are the ledger's answers)
 
     async def read(self) -> list[AccountEvent] | None:
         after = -1 if self.version is None else self.version
@@ -194,7 +197,8 @@ class AccountStreams:
         self.make_tail = tail
         self.by_user: dict[int, set[Subscription]] = {}
         self.tail: AccountTail | None = None  # the one followed now
-        self.malformed_before = 0  # dropped by the tails followed before it
+        # dropped by the tails followed before it: not events, not the ledger's
+        self.malformed_before = self.unauthenticated_before = 0
         self._poller: asyncio.Task[None] | None = None
         self.counts = StreamCounts()
 
@@ -344,6 +348,7 @@ class AccountStreams:
                     await checker
                 self.tail = None
                 self.malformed_before += tail.malformed
+                self.unauthenticated_before += tail.unauthenticated
                 await tail.close()
 
     async def _follow(self, tail: AccountTail, seen: Versions) -> None:
@@ -425,10 +430,14 @@ class AccountStreams:
                     self._end(sub, "the account stream stopped; subscribe again with since")
 
     def stats(self) -> dict[str, int]:
-        malformed = self.malformed_before + (0 if self.tail is None else self.tail.malformed)
+        tail = self.tail
+        malformed = self.malformed_before + (0 if tail is None else tail.malformed)
+        unauthenticated = self.unauthenticated_before + (
+            0 if tail is None else tail.unauthenticated)
         return {"ws_account_subscriptions": sum(map(len, self.by_user.values())),
                 **{f"ws_account_{k}": v for k, v in dataclasses.asdict(self.counts).items()},
-                "ws_account_malformed": malformed}
+                "ws_account_malformed": malformed,
+                "ws_account_unauthenticated": unauthenticated}
 
 
 __all__ = ["ACCOUNT_STREAM", "AccountSource", "AccountStreams", "AccountTail", "LedgerTail",

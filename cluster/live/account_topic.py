@@ -6,7 +6,11 @@ Every replica reads every partition itself (no consumer group: each one needs al
 the newest message on: what came before is read from the ledger by each subscription's cursor
 (cluster.live.account_stream), so ``read`` answers None whenever reading (re)starts at the
 newest (the first read, a new partition, a rebuilt consumer, a partition whose topic was created
-again: the embedded broker trims it). What is not an account event is dropped and counted.
+again: the embedded broker trims it). The topic is not trusted: anyone who can produce to the
+Kafka can write to it, so a message whose tag does not verify (cluster.live.topic_auth: not
+signed by the ledger's host with this run's secret) is dropped and counted before it is read,
+and so is what is not an account event; a forged event never reaches a connection, and the
+real one with its seq then comes as the next.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from cluster.live.topic_auth import SignedTopic, authentic
 from engine.account_events import AccountEvent
 from engine.ledger_machine import decode_account_events
 from feed.clients import stop_client
@@ -36,14 +41,17 @@ MAX_RECORDS = 5000
 
 
 class TopicTail:
-    """cluster.live.account_stream.AccountTail over ``topic`` on ``bootstrap``."""
+    """cluster.live.account_stream.AccountTail over ``topic``: its messages signed with
+    ``topic.secret``."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.bootstrap = bootstrap
-        self.topic = topic
+    def __init__(self, topic: SignedTopic) -> None:
+        self.bootstrap = topic.bootstrap
+        self.topic = topic.topic
+        self._secret = topic.secret
         self._consumer: AIOKafkaConsumer | None = None
         self._check_at = 0.0
-        self.malformed = 0
+        self.malformed = 0  # items that were not account events (in signed messages)
+        self.unauthenticated = 0  # messages whose tag did not verify
 
     async def read(self) -> list[AccountEvent] | None:
         consumer = self._consumer
@@ -78,6 +86,9 @@ class TopicTail:
         events: list[AccountEvent] = []
         for records in batch.values():
             for record in records:
+                if not authentic(self._secret, record.key, record.value, record.headers):
+                    self.unauthenticated += 1
+                    continue
                 decoded, malformed = decode_account_events(record.value or b"")
                 events.extend(decoded)
                 self.malformed += malformed

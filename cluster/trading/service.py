@@ -47,6 +47,7 @@ from cluster.actors.port import Port, Unavailable
 from cluster.config import Settings
 from cluster.live.account_views import AccountState, AccountViews
 from cluster.live.market import MarketSource
+from cluster.live.topic_auth import SignedTopic
 from cluster.trading.batcher import MicroBatcher
 from cluster.trading.courier import Courier
 from cluster.trading.placement import Layout
@@ -156,8 +157,8 @@ class TradingService:
     supplied by whoever wires the platform); each returns True when healthy. ``feed_stats``:
     the feed actor's counters (drops by reason, ...) for /metrics, where there is a feed.
     ``market``: where candles and the public streams are read (None: no market data).
-    ``account_topic``: ``(bootstrap, topic)`` of the Kafka topic the ledger publishes the
-    account events to, which the account streams follow (None: they read the ledger).
+    ``account_topic``: the Kafka topic the ledger publishes the account events to, signed,
+    which the account streams follow (None: they read the ledger).
     ``leading``: with several API replicas, true in the one that sweeps stale reservations
     (None: this one always does). With ``market``, ``GET /state`` is answered from a read
     model (cluster.live.account_views): one ledger read instead of one per shard as well.
@@ -167,7 +168,7 @@ class TradingService:
                  *, health_checks: Mapping[str, Callable[[], Awaitable[bool]]] | None = None,
                  feed_stats: Callable[[], Awaitable[dict[str, Any]]] | None = None,
                  market: MarketSource | None = None,
-                 account_topic: tuple[str, str] | None = None,
+                 account_topic: SignedTopic | None = None,
                  leading: Callable[[], bool] | None = None,
                  idem_wait_s: float = 5.0) -> None:
         self.settings = settings

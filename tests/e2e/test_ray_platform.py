@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from collections.abc import Iterator
 from decimal import Decimal as D
 from typing import Any
@@ -23,6 +24,13 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka import AIOKafkaProducer
+from cluster.live.topic_auth import MAC_HEADER
+from cluster.live.topic_auth import new_secret
+from cluster.live.topic_auth import sign
+from engine.account_events import BALANCE
+from engine.account_events import AccountEvent
+from engine.account_events import Balance
+from engine.ledger_machine import encode_account_events
 from tests.e2e import test_api_errors as _errors
 from tests.e2e import test_api_klines as _klines
 from tests.e2e import test_api_limits as _limits
@@ -118,32 +126,41 @@ def test_account_events_are_published_to_their_topic_keyed_by_account(
     assert {k for k, _ in mine} == {f"accounts-{user % 16}".encode()}
 
 
-def test_malformed_messages_on_the_account_topic_are_dropped_and_counted(
-        platform: RayHttpPlatform, http: httpx.Client) -> None:
-    """Messages on the account topic that are not account events change no stream: they are
-    dropped and counted, and the account's own events still arrive, in order."""
-    h = signup(http)
-    tick(platform, http, "SOL", "200.00", "200.02")
-    garbage = [b"not json", b"{}", b'[{"kind":"balance","user":"1","seq":1,"version":1}]',
-               b'[{"kind":"positionOpened","user":1,"seq":-5,"version":1,"body":[]}]',
-               b'[{"kind":"exploded","user":1,"seq":1,"version":1,"body":[1,2]}]',
-               b'[{"kind":"balance","user":1,"seq":1,"version":1,"body":["a","b"]}]']
+def _account_counter(http: httpx.Client, name: str) -> int:
+    """``shardex_ws_account_<name>_total`` of ``/metrics``."""
+    line = f"shardex_ws_account_{name}_total "
+    text = http.get("/metrics").text
+    return int(next(x for x in text.splitlines() if x.startswith(line)).split()[-1])
 
-    def malformed() -> int:
-        text = http.get("/metrics").text
-        line = "shardex_ws_account_malformed_total "
-        return int(next(x for x in text.splitlines() if x.startswith(line)).split()[-1])
 
-    async def scenario() -> None:
+Record = tuple[bytes, bytes, list[tuple[str, bytes]]]  # key, value, headers
+
+
+def _dropped_before_the_next_events(platform: RayHttpPlatform, http: httpx.Client,
+                                    h: dict[str, str], counter: str,
+                                    records: Callable[[int, int], list[Record]]
+                                    ) -> list[dict[str, Any]]:
+    """Produce ``records(user, seq)`` (``seq``: the newest of ``h``'s stream) to the account
+    topic, then open a position: the stream's next frames are the ledger's (its ``balance``,
+    then ``positionOpened``) and ``shardex_ws_account_<counter>_total`` rises by one per
+    record. Returns those two frames' data."""
+    from cluster.actors.deploy import service_from_names
+
+    service = service_from_names(platform.settings, namespace=platform.platform.namespace)
+
+    async def scenario() -> list[dict[str, Any]]:
+        who = await service.authenticate(_streams.api_key(h))
+        assert who is not None
         async with _streams.account_stream(platform, h) as ws:
             (snap,) = await _streams.account_frames(ws, 1)
-            before = await asyncio.to_thread(malformed)
+            before = await asyncio.to_thread(_account_counter, http, counter)
+            sent = records(who.user, snap["seq"])
             producer = AIOKafkaProducer(bootstrap_servers=platform.bootstrap)
             await producer.start()
             try:
-                for value in garbage:
+                for key, value, headers in sent:
                     await producer.send_and_wait(platform.settings.account_topic, value,
-                                                 key=b"accounts-1")
+                                                 key=key, headers=headers)
             finally:
                 await producer.stop()
             opened = await asyncio.to_thread(open_position, http, h, asset="SOL",
@@ -153,11 +170,49 @@ def test_malformed_messages_on_the_account_topic_are_dropped_and_counted(
                 (snap["seq"] + 1, "balance"), (snap["seq"] + 2, "positionOpened")]
             assert got[1]["positionId"] == opened["positionId"]
             deadline = time.monotonic() + 10
-            while await asyncio.to_thread(malformed) < before + len(garbage):
-                assert time.monotonic() < deadline, "the malformed messages were not counted"
+            while await asyncio.to_thread(_account_counter, http, counter) < before + len(sent):
+                assert time.monotonic() < deadline, f"the {counter} messages were not counted"
                 await asyncio.sleep(0.1)
+            return got
 
-    asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_malformed_messages_on_the_account_topic_are_dropped_and_counted(
+        platform: RayHttpPlatform, http: httpx.Client) -> None:
+    """Messages on the account topic that are not account events (signed with the run's
+    secret, as only the ledger's host could) change no stream: they are dropped and counted,
+    and the account's own events still arrive, in order."""
+    h = signup(http)
+    tick(platform, http, "SOL", "200.00", "200.02")
+    garbage = [b"not json", b"{}", b'[{"kind":"balance","user":"1","seq":1,"version":1}]',
+               b'[{"kind":"positionOpened","user":1,"seq":-5,"version":1,"body":[]}]',
+               b'[{"kind":"exploded","user":1,"seq":1,"version":1,"body":[1,2]}]',
+               b'[{"kind":"balance","user":1,"seq":1,"version":1,"body":["a","b"]}]']
+    secret = platform.platform.account_secret
+    _dropped_before_the_next_events(platform, http, h, "malformed", lambda user, seq: [
+        (b"accounts-1", value, [(MAC_HEADER, sign(secret, b"accounts-1", value))])
+        for value in garbage])
+
+
+def test_account_events_not_signed_by_the_ledger_never_reach_a_stream(
+        platform: RayHttpPlatform, http: httpx.Client) -> None:
+    """Anyone who can produce to the Kafka can write to the account topic: well-formed events
+    with the account's next seqs, unsigned or signed with another secret, are dropped and
+    counted, and the ledger's own events with those seqs reach the stream instead."""
+    h = signup(http)
+    tick(platform, http, "SOL", "200.00", "200.02")
+
+    def forged(user: int, seq: int) -> list[Record]:
+        fake = Balance(10**15, 0)
+        [(key, value)] = encode_account_events(
+            [AccountEvent(user, seq + n, 1, BALANCE, fake) for n in (1, 2)])
+        return [(key, value, []),
+                (key, value, [(MAC_HEADER, sign(new_secret(), key, value))])]
+
+    got = _dropped_before_the_next_events(platform, http, h, "unauthenticated", forged)
+    balances = state(http, h)["balances"]
+    assert (D(got[0]["free"]), D(got[0]["margin"])) == (D(balances["free"]), 5)
 
 
 def test_metrics_count_the_feed_drops_by_reason(platform: RayHttpPlatform,

@@ -1,8 +1,8 @@
 """The account events' topic on the embedded broker, kept short like the market data's: the
 publisher goes on producing across the topic's recreation, and a replica's reader of the topic
 (TopicTail) says it restarted (None: its subscriptions read what they missed from the ledger),
-then reads what comes after; a message that is not account events is counted, and the events
-read with it still arrive."""
+then reads what comes after; a message that is not account events, or not signed with the
+run's secret, is counted, and the events read with it still arrive."""
 
 from __future__ import annotations
 
@@ -10,8 +10,13 @@ import asyncio
 import time
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from cluster.actors.publisher import Publisher
 from cluster.live.account_topic import TopicTail
+from cluster.live.topic_auth import MAC_HEADER
+from cluster.live.topic_auth import SignedTopic
+from cluster.live.topic_auth import new_secret
+from cluster.live.topic_auth import sign
 from engine.account_events import BALANCE
 from engine.account_events import AccountEvent
 from engine.account_events import Balance
@@ -23,6 +28,7 @@ from feed.broker import free_port
 pytestmark = pytest.mark.asyncio
 
 BOUND = 20  # messages a partition may hold before the trimmer recreates the topic
+SECRET = new_secret()
 
 
 def _events(user: int, first_seq: int, n: int) -> list[AccountEvent]:
@@ -45,8 +51,8 @@ async def test_a_readers_tail_restarts_at_a_recreation_and_reads_what_follows(
         kafka_broker: str) -> None:
     topic = f"account-events-trim-{free_port()}"
     await ensure_topic(kafka_broker, 4, topic)
-    tail = TopicTail(kafka_broker, topic)
-    publisher = Publisher(kafka_broker, topic)
+    tail = TopicTail(SignedTopic(kafka_broker, topic, SECRET))
+    publisher = Publisher(kafka_broker, topic, SECRET)
     trimmer = TopicTrimmer(kafka_broker, {topic: BOUND}, check_s=0.1).start()
     try:
         # the first read that finds the partitions starts at the newest: None
@@ -89,8 +95,8 @@ async def test_a_hostile_message_is_counted_and_the_events_beside_it_arrive(
         kafka_broker: str, hostile: bytes) -> None:
     topic = f"account-events-hostile-{free_port()}"
     await ensure_topic(kafka_broker, 4, topic)
-    tail = TopicTail(kafka_broker, topic)
-    publisher = Publisher(kafka_broker, topic)
+    tail = TopicTail(SignedTopic(kafka_broker, topic, SECRET))
+    publisher = Publisher(kafka_broker, topic, SECRET)
     try:
         await _read_until(tail, lambda reads: None in reads)
         [(key, value)] = encode_account_events(_events(7, 1, 2))
@@ -99,5 +105,33 @@ async def test_a_hostile_message_is_counted_and_the_events_beside_it_arrive(
         assert [e.seq for r in reads for e in r or ()] == [1, 2]
         assert tail.malformed == 1
     finally:
+        publisher.close()
+        await tail.close()
+
+
+async def test_a_message_not_signed_with_the_runs_secret_is_dropped_and_counted(
+        kafka_broker: str) -> None:
+    """Anyone may produce to the topic: an event with the account's next seq, unsigned, signed
+    with another secret, or under the tag of another value, is dropped and counted; the
+    ledger's own event with that seq arrives."""
+    topic = f"account-events-forged-{free_port()}"
+    await ensure_topic(kafka_broker, 4, topic)
+    tail = TopicTail(SignedTopic(kafka_broker, topic, SECRET))
+    publisher = Publisher(kafka_broker, topic, SECRET)
+    [(key, real)] = encode_account_events(_events(7, 1, 1))
+    [(_, forged)] = encode_account_events([AccountEvent(7, 1, 1, BALANCE, Balance(10**12, 0))])
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker)
+    await producer.start()
+    try:
+        await _read_until(tail, lambda reads: None in reads)
+        for headers in ([], [(MAC_HEADER, sign(new_secret(), key, forged))],
+                        [(MAC_HEADER, sign(SECRET, key, real))]):
+            await producer.send_and_wait(topic, forged, key=key, headers=headers)
+        publisher.offer([(key, real)])
+        reads = await _read_until(tail, lambda rs: sum(len(r or ()) for r in rs) >= 1)
+        assert [e for r in reads for e in r or ()] == _events(7, 1, 1)
+        assert (tail.unauthenticated, tail.malformed) == (3, 0)
+    finally:
+        await producer.stop()
         publisher.close()
         await tail.close()

@@ -20,12 +20,14 @@ from cluster.actors.publisher import BATCH
 from cluster.actors.publisher import PARTITIONS
 from cluster.actors.publisher import ROUND_S
 from cluster.actors.publisher import Publisher
+from cluster.live.topic_auth import new_secret
 from feed.broker import free_port
 
 pytestmark = pytest.mark.asyncio
 
 KEYS = [f"user-{n}".encode() for n in range(40)]
 VALUE_BYTES = 900  # 20 messages of a key fill a record batch (16 KiB) and more
+SECRET = new_secret()
 
 
 async def _read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 20.0
@@ -50,7 +52,7 @@ async def _read_all(bootstrap: str, topic: str, expected: int, timeout_s: float 
 
 async def test_each_key_arrives_in_order_on_kafkas_partition_for_it(kafka_broker: str) -> None:
     topic = f"publisher-order-{free_port()}"
-    publisher = Publisher(kafka_broker, topic)
+    publisher = Publisher(kafka_broker, topic, SECRET)
     try:
         offered: dict[bytes, list[bytes]] = defaultdict(list)
         for round_ in range(30):  # small offers and a large one, as a ledger's commits come
@@ -110,7 +112,7 @@ async def test_a_produce_round_that_fails_unexpectedly_is_tried_again(
     """Neither an exception no one foresaw nor a CancelledError escaping the Kafka client ends
     the publisher's thread: the round is tried again and every message arrives once."""
     topic = f"publisher-retry-{free_port()}"
-    publisher = Publisher(kafka_broker, topic)
+    publisher = Publisher(kafka_broker, topic, SECRET)
     fail_first_round(publisher, failure)
     try:
         messages = [(KEYS[i % len(KEYS)], f"m{i}".encode()) for i in range(50)]
@@ -129,7 +131,7 @@ async def test_a_stream_of_offers_is_carried_by_rounds_at_least_round_s_apart(
     """A ledger committing every few milliseconds: its messages share rounds, since a round
     costs the thread about the same whatever it carries; none is lost or waits for more."""
     topic = f"publisher-rounds-{free_port()}"
-    publisher = Publisher(kafka_broker, topic)
+    publisher = Publisher(kafka_broker, topic, SECRET)
     try:
         messages = [(KEYS[i % len(KEYS)], f"m{i}".encode()) for i in range(150)]
         started = time.monotonic()
@@ -181,7 +183,7 @@ async def test_a_message_the_broker_refuses_for_good_is_dropped_and_later_ones_g
     of its retries sent them again, and what came after its round waited until the queue
     overflowed): it is dropped and counted, every other one arrives once, in order per key."""
     topic = f"publisher-refused-{free_port()}"
-    publisher = Publisher(kafka_broker, topic)
+    publisher = Publisher(kafka_broker, topic, SECRET)
     refusing_record_batches_over(publisher, MAX_MESSAGE_BYTES)
     try:
         too_large = (KEYS[0], b"x" * (MAX_MESSAGE_BYTES + 1))
@@ -208,7 +210,7 @@ async def test_a_round_the_broker_refuses_as_a_whole_is_dropped_and_later_ones_g
     """A topic the broker does not authorize (an operator's mistake, corrected later): what it
     refused is counted, not tried again forever ahead of everything else."""
     topic = f"publisher-unauthorized-{free_port()}"
-    publisher = Publisher(kafka_broker, topic)
+    publisher = Publisher(kafka_broker, topic, SECRET)
     fail_first_round(publisher, TopicAuthorizationFailedError(topic))
     try:
         publisher.offer([(KEYS[0], b"refused")])

@@ -20,6 +20,7 @@ from cluster.live.account_stream import AccountSource
 from cluster.live.account_stream import AccountStreams
 from cluster.live.account_stream import Subscription
 from cluster.live.account_stream import Versions
+from cluster.live.topic_auth import SignedTopic
 from engine.account_events import BALANCE
 from engine.account_events import AccountEvent
 from engine.account_events import AccountLog
@@ -36,7 +37,7 @@ class LogSource:
     AccountTail reads do; while ``hold`` is set, an AccountEvents answer (made when asked)
     reaches the caller only once it is."""
 
-    account_topic: tuple[str, str] | None = None
+    account_topic: SignedTopic | None = None
 
     def __init__(self, log: AccountLog) -> None:
         self.log = log
@@ -75,7 +76,7 @@ class ScriptedTail:
     quiet while, or None for a restart from the newest)."""
 
     def __init__(self) -> None:
-        self.malformed = 0
+        self.malformed = self.unauthenticated = 0
         self.queue: asyncio.Queue[list[AccountEvent] | None] = asyncio.Queue()
         self.closed = 0
 
