@@ -104,6 +104,12 @@ def post(http: httpx.Client, h: dict[str, str], path: str, status: int,
     return dict(r.json())
 
 
+def refused(http: httpx.Client, h: dict[str, str], path: str, status: int, code: str,
+            **body: Any) -> None:
+    r = http.post(f"/api/v1/{path}", json=body, headers=h)
+    assert r.status_code == status and error_code(r) == code, r.text
+
+
 def opened(http: httpx.Client, h: dict[str, str], **body: Any) -> dict[str, Any]:
     return post(http, h, "positions/open", 201, **body)
 
@@ -124,15 +130,9 @@ def moved(platform: LocalHttpPlatform, before: dict[str, Any]) -> tuple[F, F]:
 
 @pytest.fixture(scope="module")
 def platform() -> Iterator[LocalHttpPlatform]:
+    """This module's own (the conftest's ``http`` client, and its audit, use it)."""
     with LocalHttpPlatform(TRADING) as p:
         yield p
-
-
-@pytest.fixture
-def http(platform: LocalHttpPlatform) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=platform.base_url, timeout=10) as client:
-        yield client
-    assert platform.audit() == []
 
 
 # ------------------------------------------------------------------ scenarios
@@ -186,9 +186,8 @@ def test_leverage_100_is_refused_on_its_liquidation_price_and_liquidated_there(
     liq = liquidation("SOL", "long", "100.01", qty, "10")
     assert (qty, liq) == (F("9.99"), F("99.00"))
     tick(platform, http, "SOL", "99.00", "100.01")
-    r = http.post("/api/v1/positions/open", headers=h,
-                  json={"asset": "SOL", "type": "long", "margin": "10", "leverage": 100})
-    assert r.status_code == 422 and error_code(r) == "WOULD_LIQUIDATE", r.text
+    refused(http, h, "positions/open", 422, "WOULD_LIQUIDATE", asset="SOL", type="long",
+            margin="10", leverage=100)
     tick(platform, http, "SOL", "99.01", "100.01")
     long_ = opened(http, h, asset="SOL", type="long", margin="10", leverage=100)
     assert terms(long_) == (F("100.01"), qty, F(10), liq)
@@ -200,9 +199,8 @@ def test_leverage_100_is_refused_on_its_liquidation_price_and_liquidated_there(
     liq = liquidation("SOL", "short", "50.00", qty, "7.777777")
     assert (qty, liq) == (F("15.55"), F("50.51"))  # 50 + 0.50017858...: ceiled
     tick(platform, http, "SOL", "50.00", "50.51")
-    r = http.post("/api/v1/positions/open", headers=h,
-                  json={"asset": "SOL", "type": "short", "margin": "7.777777", "leverage": 100})
-    assert r.status_code == 422 and error_code(r) == "WOULD_LIQUIDATE", r.text
+    refused(http, h, "positions/open", 422, "WOULD_LIQUIDATE", asset="SOL", type="short",
+            margin="7.777777", leverage=100)
     tick(platform, http, "SOL", "50.00", "50.50")
     short = opened(http, h, asset="SOL", type="short", margin="7.777777", leverage=100)
     assert terms(short) == (F("50.00"), qty, F("7.777777"), liq)
