@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 from engine import reference
 from engine.assets import DEFAULT_ASSETS
 from engine.assets import Asset
@@ -88,17 +89,23 @@ def test_settle_equals_reference(asset: Asset, side: Side, entry: int, qty: int,
 def test_vectorised_pnl_equals_scalar(asset: Asset, n: int, huge: bool,
                                       data: st.DataObject) -> None:
     top = 2**61 if huge else 10**7  # huge values take the exact Python-int path
-    entry = data.draw(st.lists(st.integers(1, top), min_size=n, max_size=n))
-    qty = data.draw(st.lists(st.integers(1, top), min_size=n, max_size=n))
-    side = data.draw(st.lists(sides, min_size=n, max_size=n))
     bid = data.draw(st.integers(1, top))
     ask = bid + data.draw(st.integers(0, 100))
+    entries, qtys = st.integers(1, top), st.integers(1, top)
+    if huge:  # also entries near the price and moderate sizes: PnLs that still fit int64
+        entries = st.one_of(entries, st.integers(max(1, bid - 10**6), bid + 10**6))
+        qtys = st.one_of(qtys, st.integers(1, 2**32))
+    entry = data.draw(st.lists(entries, min_size=n, max_size=n))
+    qty = data.draw(st.lists(qtys, min_size=n, max_size=n))
+    side = data.draw(st.lists(sides, min_size=n, max_size=n))
     want = [pnl_micros(asset, s, e, q, bid if s == Side.LONG else ask)
             for s, e, q in zip(side, entry, qty, strict=True)]
     arrays = (np.array(side, dtype=np.int8), np.array(entry, dtype=np.int64),
               np.array(qty, dtype=np.int64))
-    if any(abs(w) >= 2**63 for w in want):
-        return  # not representable as int64 at all
+    if not all(-(2**63) <= w < 2**63 for w in want):
+        with pytest.raises(OverflowError):  # not representable as int64: never wrapped
+            unrealized_pnl_micros(asset, *arrays, bid, ask)
+        return
     got = unrealized_pnl_micros(asset, *arrays, bid, ask)
     assert got.dtype == np.int64 and got.tolist() == want
 
@@ -150,11 +157,23 @@ def test_plan_open_arrays_equals_plan_open(asset: Asset, n: int, bid: int, sprea
                   (asset.max_qty_steps + 1) * (bid + 50 + spread) * mul // div)
         margins = magnitudes(max(1, top // 10**4), top)
     margin = draw(st.lists(margins, min_size=n, max_size=n))
-    level = st.one_of(st.just(0), st.integers(1, 2 * bid + 10))
-    tp = draw(st.lists(level, min_size=n, max_size=n))
-    sl = draw(st.lists(level, min_size=n, max_size=n))
     per_row = data.draw(st.booleans())  # one top of book, or one per request
     bids = [bid + data.draw(st.integers(0, 50)) if per_row else bid for _ in range(n)]
+    # a level anywhere, or one tick around the row's entry or liquidation price, where each
+    # side of a strict inequality is decided (drawn at random, ties are almost never hit)
+    tp, sl = [], []
+    for i in range(n):
+        entry = bids[i] + spread if side[i] == 0 else bids[i]
+        edges = [entry]
+        base = plan_open(asset, Side(side[i]), margin[i], lev[i], bids[i], bids[i] + spread,
+                         None, None, ppm)
+        if isinstance(base, OpenPlan):
+            edges.append(base.liq_ticks)
+        level = st.one_of(st.just(0), st.integers(1, 2 * bid + 10),
+                          st.sampled_from(sorted({max(1, e + d) for e in edges
+                                                  for d in (-1, 0, 1)})))
+        tp.append(draw(level))
+        sl.append(draw(level))
     plans, ok = plan_open_arrays(asset, np.array(side), np.array(margin), np.array(lev),
                                  np.array(bids) if per_row else bid,
                                  np.array(bids) + spread if per_row else bid + spread,
