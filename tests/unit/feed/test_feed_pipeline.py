@@ -74,6 +74,7 @@ def test_jump_held_across_batches_then_confirmed_or_dropped() -> None:
     stats = p.stats(NOW)
     assert stats["jumps_held"] == 2 and stats["jumps_confirmed"] == 1
     assert stats["dropped"]["jump"] == 1 and stats["held"] == {}
+    assert stats["dropped_total"] == 1  # the gate's drops count as the decoder's do
 
 
 def test_out_of_order_batch_is_dropped() -> None:
@@ -97,6 +98,9 @@ def test_failed_call_keeps_the_ticks_pending() -> None:
 def test_quantiles() -> None:
     assert quantiles_ms([]) is None
     assert quantiles_ms([1000, 3000, 2000]) == {"p50": 2.0, "p99": 3.0, "max": 3.0, "n": 3}
+    # enough samples that the 99th percentile is not the largest one, nor the median a third
+    assert quantiles_ms(range(200_000, 0, -1000)) == {"p50": 101.0, "p99": 199.0, "max": 200.0,
+                                                      "n": 200}
 
 
 def test_drops_for_operators() -> None:
