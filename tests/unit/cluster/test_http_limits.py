@@ -202,5 +202,9 @@ def test_a_key_not_seen_here_may_send_its_burst_at_once() -> None:
         answers = await asyncio.gather(*unknown)
         assert answers[:2] == [None, None] and all(isinstance(a, float) for a in answers[2:])
         assert lookups.lookups == 3  # the valid key once, and two guesses
+        # the valid key's lookup gave its token back (the clock stands still): one more guess
+        assert await check("guess-4", "10.0.0.1") is None
+        assert isinstance(await check("guess-5", "10.0.0.1"), float)
+        assert lookups.lookups == 4
 
     asyncio.run(scenario())
