@@ -545,9 +545,20 @@ class _DroppingTransport:
     def close(self) -> None:
         self._transport.close()
         if self._drop is None and self._transport.get_write_buffer_size():
-            # abort on a transport already gone does nothing
-            self._drop = asyncio.get_running_loop().call_later(self._flush_s,
-                                                               self._transport.abort)
+            self._drop = asyncio.get_running_loop().call_later(self._flush_s, self._unsent)
+
+    def _unsent(self) -> None:
+        self._drop = None
+        # a client that took it all ended the connection itself: asyncio's abort of a
+        # transport closed that way raises (its loop is gone)
+        if self._transport.get_write_buffer_size():
+            self._transport.abort()
+
+    def stop(self) -> None:
+        """The connection ended: no drop is due."""
+        if self._drop is not None:
+            self._drop.cancel()
+            self._drop = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -568,8 +579,12 @@ class SpecWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.transport = cast(asyncio.Transport,
-                              _DroppingTransport(self.transport, self.close_flush_s))
+        self._dropping = _DroppingTransport(self.transport, self.close_flush_s)
+        self.transport = cast(asyncio.Transport, self._dropping)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)  # (which closes the transport again)
+        self._dropping.stop()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
