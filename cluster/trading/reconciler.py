@@ -220,10 +220,19 @@ class Reconciler:
         self._abandoned = [r for r in self._abandoned if r not in batch]
 
     async def _resend(self) -> None:
+        # one at a time, each a call to its shard and one to the ledger: a part that does not
+        # answer is asked once a round (each ask may wait for a call's timeout), a shard for
+        # its own notes, the ledger for all of them
+        down: set[str] = set()
         for renote in list(self._renotes):
+            if renote.shard in down:
+                continue
             try:
                 await self._renote(renote)
-            except Unavailable:  # its shard or the ledger: a later round
+            except Unavailable as exc:  # a later round
+                if exc.component != renote.shard:
+                    return  # the ledger: nothing else it is sent can be taken either
+                down.add(renote.shard)
                 continue
             except Exception:  # e.g. a command that failed: a later (backed off) round, and
                 # the others are still sent

@@ -502,6 +502,31 @@ async def first_change(svc: TradingService, who: Principal, op: str, pos: OpenPo
     return await svc.change_margin(who, pos.position_id, delta, client_order_id)
 
 
+async def test_a_round_asks_a_part_that_does_not_answer_once_for_all_the_notes_it_owes(
+        make: Make) -> None:
+    """Notes of several positions owed while the ledger is away: a round sends the first,
+    and leaves the rest for a later round once the ledger does not take it, instead of
+    asking it once for each note (each ask may wait for a call's timeout, and the round
+    holds up every other loose end meanwhile). Back, the next round sends them all."""
+    p = make()
+    ledger = FailingBatches(p.ledger, Note, failures=0)
+    svc = make.service(p, ledger=ledger)
+    who = await sol_trader(p, svc)
+    since, _ = await svc.account_events(who.user, None)
+    ledger.failures = None  # the ledger takes no note now
+    opened = [await svc.open_position(who, sol_long()) for _ in range(4)]
+    assert all(isinstance(o, OpenPosition) for o in opened)
+    await svc.reconciler.aclose()  # its own rounds stop: this test runs them
+    asked = ledger.failed
+    assert await svc.reconciler.run_once() == 4
+    assert ledger.failed == asked + 1
+    ledger.failures = 0
+    assert await svc.reconciler.run_once() == 0
+    for o in opened:
+        assert isinstance(o, OpenPosition)
+        assert len(await position_events(svc, who, since, o.position_id)) == 1
+
+
 @pytest.mark.parametrize("client_order_id", [None, "late-1"])
 @pytest.mark.parametrize("op", ["open", "modify", "top-up", "removal"])
 async def test_a_note_that_waited_for_the_ledger_shows_no_older_position_than_a_later_change(
