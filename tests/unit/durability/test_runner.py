@@ -349,6 +349,25 @@ def test_a_snapshot_that_fails_after_the_commit_fails_only_itself(
     assert open_ledger(tmp_path, Clock()).machine.fingerprint() == live
 
 
+def test_a_quiet_host_snapshots_once_its_interval_has_passed(tmp_path: Path) -> None:
+    """Far fewer events than ``snapshot_every_events``: a snapshot is written by the first batch
+    once ``snapshot_every_s`` has passed since the last one, not before, and the interval then
+    starts again (so a quiet host's replay stays bounded too)."""
+    now_s = [0.0]
+    led = Runner.open(tmp_path, build_ledger, Clock(), fsync=False, background_snapshots=False,
+                      snapshot_every_events=10**9, snapshot_every_s=60.0,
+                      clock=lambda: now_s[0])
+    written = []
+    for n, at_s in enumerate((1.0, 59.9, 60.0, 61.0, 119.9, 120.0), start=1):
+        now_s[0] = at_s
+        one(led, CreateAccount(*account(n)))
+        written.append(len(list_snapshots(tmp_path / SNAPSHOT_DIR)))
+    assert written == [0, 0, 1, 1, 1, 2]
+    live = led.machine.fingerprint()
+    crash(led)
+    assert open_ledger(tmp_path, Clock()).machine.fingerprint() == live
+
+
 @pytest.mark.parametrize("background", [False, True])
 def test_snapshots_failing_in_a_row_are_reported_until_one_is_written(
         tmp_path: Path, background: bool) -> None:
