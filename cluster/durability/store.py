@@ -357,11 +357,9 @@ class JournalStore:
             try:
                 self._write(seq, arrays, meta)
             except Exception as exc:
-                self._snapshot_seq = 0
-                self._snapshot_failed(exc)
+                self._written(exc)
                 raise
-            self.snapshot_failures = 0
-            self._trim()
+            self._written(None)
         else:
             self._writer = threading.Thread(target=self._write_bg, args=(seq, arrays, meta),
                                             name="snapshot-writer", daemon=True)
@@ -387,6 +385,11 @@ class JournalStore:
             return
         self._writer = None
         error, self._writer_error = self._writer_error, None
+        self._written(error)
+
+    def _written(self, error: BaseException | None) -> None:
+        """After a snapshot file was written (``error`` None: trim the journal it covers) or
+        failed to be."""
         if error is not None:
             self._snapshot_seq = 0
             self._snapshot_failed(error)
