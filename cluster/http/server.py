@@ -29,7 +29,7 @@ it runs in the replica, before its server starts.
   nothing, so a client asking and never reading held its connection, its file and its answers
   for good, and the server's stop waited for it. A connection whose client takes none of what
   waits for it within :data:`ANSWER_STALL_S` is dropped and counted (:data:`DROPPED`); a client
-  reading however slowly is not (:class:`_UnreadWatch`).
+  reading however slowly is not (:class:`_StallWatch`).
 - A request asking for another protocol (``CONNECT``, or an ``Upgrade`` other than websocket,
   such as ``curl --http2``'s h2c): uvicorn's parser reads nothing after its head, so one with
   a body is refused (400) and one without is answered as plain HTTP; the connection closes
@@ -161,23 +161,26 @@ def _kernel_unacked(transport: asyncio.BaseTransport) -> int:
     return 0
 
 
-class _UnreadWatch:
-    """A connection's transport, dropping the connection when its client takes nothing of what
-    waits for it within ``stall_s``: asyncio's write (and its close) waits for the client for
-    ever, holding the connection, its file and its answer. Everything else is the
-    transport's.
+class _StallWatch:
+    """A connection's transport that drops the connection when its client takes nothing of
+    what waits for it within ``stall_s``: asyncio's write, and its close, wait for the client
+    for ever, holding the connection, its file and what is queued for it. Everything else is
+    the transport's.
 
-    Taken is what was written less what waits in asyncio's buffer and in the kernel's: the
-    kernel takes from asyncio's buffer only once a third of its own (megabytes) is free,
-    so a client reading slowly may see asyncio's buffer unchanged for long. The watch runs
-    only while asyncio's buffer holds something.
+    Watched while something waits in asyncio's buffer: from the first write that leaves some
+    there (``from_writes``, plain HTTP), or from the close only (a WebSocket, which bounds
+    what it queues itself). Taken is what was written less what waits in asyncio's buffer and
+    in the kernel's: the kernel takes from asyncio's buffer only once a third of its own
+    (megabytes) is free, so a client reading slowly may see asyncio's buffer unchanged for
+    long. A drop is counted in :data:`DROPPED` under ``counted`` (None: not counted).
     """
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop,
-                 stall_s: float) -> None:
+    def __init__(self, transport: asyncio.Transport, stall_s: float, from_writes: bool,
+                 counted: str | None = None) -> None:
         self.transport = transport
-        self._loop = loop
         self._stall_s = stall_s
+        self._armed = from_writes
+        self._counted = counted
         self._written = 0  # bytes, since the connection began
         self._taken = 0  # bytes taken at the last check
         self._timer: asyncio.TimerHandle | None = None
@@ -185,14 +188,23 @@ class _UnreadWatch:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.transport.write(data)
         self._written += len(data)
-        if self._timer is None and self.transport.get_write_buffer_size():
-            self._taken = self._taken_now()
-            self._timer = self._loop.call_later(self._stall_s, self._check)
+        self._watch()
+
+    def close(self) -> None:
+        self.transport.close()
+        self._armed = True
+        self._watch()
 
     def stop(self) -> None:
+        """The connection ended (or is handed on): no drop is due."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _watch(self) -> None:
+        if self._armed and self._timer is None and self.transport.get_write_buffer_size():
+            self._taken = self._taken_now()
+            self._timer = asyncio.get_running_loop().call_later(self._stall_s, self._check)
 
     def _taken_now(self) -> int:
         return (self._written - self.transport.get_write_buffer_size()
@@ -200,15 +212,18 @@ class _UnreadWatch:
 
     def _check(self) -> None:
         self._timer = None
-        if not self.transport.get_write_buffer_size():  # all taken, or the connection gone
+        # all taken, or the connection gone (asyncio's abort of a transport its client
+        # ended raises: its loop is gone)
+        if not self.transport.get_write_buffer_size():
             return
         taken = self._taken_now()
         if taken <= self._taken:
-            DROPPED["unread"] += 1
+            if self._counted is not None:
+                DROPPED[self._counted] += 1
             self.transport.abort()
             return
         self._taken = taken
-        self._timer = self._loop.call_later(self._stall_s, self._check)
+        self._timer = asyncio.get_running_loop().call_later(self._stall_s, self._check)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.transport, name)
@@ -230,7 +245,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     parsed as their answers complete.
 
     Answers the client takes none of within ``answer_stall_s`` drop the connection
-    (:class:`_UnreadWatch`).
+    (:class:`_StallWatch`).
     """
 
     answer_stall_s = ANSWER_STALL_S
@@ -255,7 +270,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         # every write (the cycles', refusals') goes through the watch; reading, its flow
         # control, is the transport's
-        self._watch = _UnreadWatch(transport, self.loop, self.answer_stall_s)
+        self._watch = _StallWatch(transport, self.answer_stall_s, from_writes=True,
+                                  counted="unread")
         self.transport = cast(asyncio.Transport, self._watch)
         self._arm()
 
@@ -526,42 +542,9 @@ MAX_UNREAD_WS_BYTES = 1 << 20
 """Most bytes a WebSocket client may leave unread when it pings (the app's own frames wait for
 the buffer to drain; a pong is written at once)."""
 CLOSE_FLUSH_S = 10.0
-"""How long a WebSocket client the server closes has to take what is still buffered for it
-(its close frame included), as long as uvicorn gives it to answer the close; then it is
+"""How long a WebSocket client the server closes may take nothing of what is still buffered
+for it (its close frame included), as long as uvicorn gives it to answer the close; then it is
 dropped."""
-
-
-class _DroppingTransport:
-    """A WebSocket's transport whose ``close`` drops the connection when what is buffered for
-    the client is not taken within ``flush_s``: asyncio's close waits for the client to read it
-    all, for ever for one that reads nothing (its connection held open, with what is queued for
-    it). Everything else is the transport's."""
-
-    def __init__(self, transport: asyncio.Transport, flush_s: float) -> None:
-        self._transport = transport
-        self._flush_s = flush_s
-        self._drop: asyncio.TimerHandle | None = None
-
-    def close(self) -> None:
-        self._transport.close()
-        if self._drop is None and self._transport.get_write_buffer_size():
-            self._drop = asyncio.get_running_loop().call_later(self._flush_s, self._unsent)
-
-    def _unsent(self) -> None:
-        self._drop = None
-        # a client that took it all ended the connection itself: asyncio's abort of a
-        # transport closed that way raises (its loop is gone)
-        if self._transport.get_write_buffer_size():
-            self._transport.abort()
-
-    def stop(self) -> None:
-        """The connection ended: no drop is due."""
-        if self._drop is not None:
-            self._drop.cancel()
-            self._drop = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
 
 
 class SpecWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -579,7 +562,9 @@ class SpecWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._dropping = _DroppingTransport(self.transport, self.close_flush_s)
+        # dropped once closed if its client takes nothing of what is still queued for it
+        self._dropping = _StallWatch(cast(asyncio.Transport, self.transport),
+                                     self.close_flush_s, from_writes=False)
         self.transport = cast(asyncio.Transport, self._dropping)
 
     def connection_lost(self, exc: Exception | None) -> None:

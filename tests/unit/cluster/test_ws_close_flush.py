@@ -8,7 +8,7 @@ import asyncio
 import socket
 from typing import Any
 
-from cluster.http.server import _DroppingTransport
+from cluster.http.server import _StallWatch
 
 FLUSH_S = 0.2
 UNSENT = b"x" * 4_000_000  # more than the socket pair's buffers hold
@@ -31,7 +31,7 @@ async def closed_with_unsent(read: bool) -> tuple[list[dict[str, Any]], bool]:
     with client:
         client.setblocking(False)
         raw, _ = await loop.connect_accepted_socket(Server, server_side)
-        transport = _DroppingTransport(raw, FLUSH_S)  # type: ignore[arg-type]
+        transport = _StallWatch(raw, FLUSH_S, from_writes=False)  # type: ignore[arg-type]
         transport.write(UNSENT)
         transport.close()
         assert not lost.is_set()  # it waits for the client
