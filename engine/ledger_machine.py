@@ -333,11 +333,16 @@ class Audit:
     ``open_margins_by_user``: margins of open positions and open orders summed over all shards;
     ``unsettled``: each shard's outbox (items already applied here are recognised by seq);
     the items not applied yet must be the next numbers, each one :class:`ApplySettlements`
-    would take.
+    would take. ``open_counts_by_user`` and ``open_order_counts_by_user`` (as
+    :class:`ReconcileAtStart` takes them; None: not compared): each user's counts the position
+    and order limits are enforced with must be those plus what the unapplied items will end
+    (subjects ``user:<id>:open_count``, ``user:<id>:order_count``).
     """
 
     open_margins_by_user: Mapping[int, int]
     unsettled: Mapping[str, Sequence[SettlementItem]] | None = None
+    open_counts_by_user: Mapping[int, int] | None = None
+    open_order_counts_by_user: Mapping[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1003,7 +1008,39 @@ class LedgerMachine:
     def _audit(self, c: Audit, now_us: int) -> _Decision:
         unsettled = c.unsettled or {}
         expected = self._expected_margins(c.open_margins_by_user, unsettled)
-        return [*self.ledger.audit(expected), *self._stalled(unsettled)], _NO_EVENTS
+        recounts = self._recounts(c.open_counts_by_user, c.open_order_counts_by_user, unsettled)
+        if recounts is None:
+            return _invalid("open counts must be ints >= 0")
+        problems = [*self.ledger.audit(expected), *self._stalled(unsettled)]
+        for counts, held, _, what in recounts:
+            for user in sorted(counts.keys() | held.keys()):
+                if counts.get(user, 0) != held.get(user, 0):
+                    problems.append(AuditDifference(f"user:{user}:{what}", (
+                        f"user {user}'s {what} (for the limits) is {held.get(user, 0)}, the "
+                        f"shards' books make it {counts.get(user, 0)}")))
+        return problems, _NO_EVENTS
+
+    def _recounts(self, open_counts_by_user: Mapping[int, int] | None,
+                  open_order_counts_by_user: Mapping[int, int] | None,
+                  unsettled: Mapping[str, Sequence[SettlementItem]]
+                  ) -> list[tuple[dict[int, int], dict[int, int], Callable[[int, int], Event],
+                                  str]] | None:
+        """For each count given: (what it must be per user, what it is here, the event that
+        sets it, its name); None if a given count is not an int >= 0."""
+        recounts: list[tuple[dict[int, int], dict[int, int], Callable[[int, int], Event],
+                             str]] = []
+        for given, counted, held, recount, what in (
+                (open_counts_by_user, _holds_slot, self._open_counts, OpenCountSet,
+                 "open_count"),
+                (open_order_counts_by_user, _is_order, self._order_counts, OrderCountSet,
+                 "order_count")):
+            if given is None:
+                continue
+            counts = self._expected_counts(given, unsettled, counted)
+            if counts is None:
+                return None
+            recounts.append((counts, held, recount, what))
+        return recounts
 
     def _stalled(self, unsettled: Mapping[str, Sequence[SettlementItem]]
                  ) -> list[AuditDifference]:
@@ -1460,17 +1497,10 @@ class LedgerMachine:
         expected = self._expected_margins(c.open_margins_by_user, c.unsettled)
         if any(m < 0 for m in expected.values()):
             return _invalid("open margins must be >= 0")
-        # (recount, what it recounts, its event) for the counts given
-        recounts: list[tuple[dict[int, int], dict[int, int], Callable[[int, int], Event]]] = []
-        for given, counted, held, recount in (
-                (c.open_counts_by_user, _holds_slot, self._open_counts, OpenCountSet),
-                (c.open_order_counts_by_user, _is_order, self._order_counts, OrderCountSet)):
-            if given is None:
-                continue
-            counts = self._expected_counts(given, c.unsettled, counted)
-            if counts is None:
-                return _invalid("open counts must be ints >= 0")
-            recounts.append((counts, held, recount))
+        recounts = self._recounts(c.open_counts_by_user, c.open_order_counts_by_user,
+                                  c.unsettled)
+        if recounts is None:
+            return _invalid("open counts must be ints >= 0")
         resolved = c.resolved or {}
         events: list[Event] = []
         for key, answer in self._answers.items():
@@ -1488,7 +1518,7 @@ class LedgerMachine:
             if excess > 0:
                 released[user] = excess
                 events.append(MarginReleased(user, excess, START_RECONCILED))
-            for counts, held, recounted in recounts:
+            for counts, held, recounted, _ in recounts:
                 count = counts.get(user, 0)
                 if count != held.get(user, 0):
                     events.append(recounted(user, count))

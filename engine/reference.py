@@ -172,6 +172,12 @@ class ReferenceRecords(Generic[RecordT]):
             out[r.owner] = out.get(r.owner, 0) + r.margin_micros
         return out
 
+    def open_count_by_owner(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for r in self.records.values():
+            out[r.owner] = out.get(r.owner, 0) + 1
+        return out
+
 
 class ReferenceBook(ReferenceRecords[PositionRecord]):
     """Open positions of one asset as a dict of the book's records

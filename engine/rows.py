@@ -411,6 +411,13 @@ class RowStore(ABC, Generic[RecordT]):
         return {int(o): (h << _HALF_BITS) + lo for o, h, lo in zip(owners[starts].tolist(), high,
                                                                    low, strict=True)}
 
+    def open_count_by_owner(self) -> dict[int, int]:
+        """How many open items each owner has; owners without open items are absent."""
+        hw = self._hw
+        owners, counts = np.unique(self._cols[self._OWNER_AT][:hw][self._ids[:hw] > 0],
+                                   return_counts=True)
+        return dict(zip(owners.tolist(), counts.tolist(), strict=True))
+
     def columns(self) -> dict[str, np.ndarray]:
         """Views (not copies; do not write) of every column over the used rows, including
         free ones (id ``<= 0``), by column name in schema order."""

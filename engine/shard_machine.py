@@ -348,12 +348,22 @@ class OpenMargins:
 
 @dataclass(frozen=True, slots=True)
 class AuditView:
-    """Read. Answer: (open margins per owner, unacknowledged settlements), taken together."""
+    """Read. Answer: :class:`BooksView`, taken together."""
 
 
 @dataclass(frozen=True, slots=True)
 class Stats:
     """Read. Answer: ShardStats."""
+
+
+class BooksView(NamedTuple):
+    """Per owner: open margin (micros, positions and orders), open positions, open orders
+    (owners with none are absent); and the unacknowledged settlements, oldest first."""
+
+    margins: dict[int, int]
+    outbox: list[SettlementItem]
+    positions: dict[int, int]
+    orders: dict[int, int]
 
 
 class OutboxView(NamedTuple):
@@ -908,7 +918,8 @@ class ShardMachine:
         return self.open_margins(), ()
 
     def _read_audit(self, command: AuditView, now_us: int) -> tuple[Any, Sequence[Event]]:
-        return (self.open_margins(), list(self._outbox)), ()
+        return BooksView(self.open_margins(), list(self._outbox), self.book.open_count_by_owner(),
+                         self.orders.open_count_by_owner()), ()
 
     def open_margins(self) -> dict[int, int]:
         """Margin (micros) per owner held by open positions and open orders."""
@@ -1562,6 +1573,7 @@ __all__ = [
     "AckOutbox",
     "ApplyTick",
     "AuditView",
+    "BooksView",
     "Cancel",
     "ChangeMargin",
     "Close",

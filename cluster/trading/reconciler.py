@@ -68,17 +68,27 @@ from engine.messages import (
     SettlementItem,
 )
 from engine.results import Code, Rejected
-from engine.shard_machine import AuditView, OrdersOf, PositionsOf, Resolve
+from engine.shard_machine import AuditView, PositionsOf, Resolve
 
 log = logging.getLogger(__name__)
 
 STALE_PENDING_S = 30.0  # a reservation pending this long belongs to a request nobody runs
 ORPHAN_ROUNDS = 4  # a lock open in this many sweeps in a row (>= 30 s) has nobody to end it
 ORPHAN_BATCH = 1_000  # the oldest open locks a sweep looks at
-COUNT_CHUNK = 1_000  # owners per PositionsOf/OrdersOf when open positions/orders are counted
 _MADE = (OpenPosition, PendingOrder)  # what a lock pays for, once its request happened
 Made = OpenPosition | ClosedPosition | PendingOrder | EndedOrder  # what a request made
 TRANSIENT_CODES = frozenset({Code.PRICE_UNAVAILABLE})
+
+
+class ShardViews(NamedTuple):
+    """All shards' books at once. Per user: open margin (micros), open positions plus open
+    orders (an open order holds a position's slot too: a fill can never exceed that limit),
+    open orders; and each shard's unacknowledged settlements."""
+
+    margins: dict[int, int]
+    unsettled: dict[str, tuple[SettlementItem, ...]]
+    slots: dict[int, int]
+    orders: dict[int, int]
 
 
 class InDoubt(NamedTuple):
@@ -466,36 +476,18 @@ class Reconciler:
                     opened[request_id] = result.closed
         return opened, tuple(r for r in request_ids if r not in opened)
 
-    async def shard_views(self) -> tuple[dict[int, int], dict[str, tuple[SettlementItem, ...]]]:
-        """Every shard's ``AuditView``, merged: open margin per user (micros, summed over the
-        shards) and each shard's unacknowledged settlements (what the ledger audit needs)."""
+    async def shard_views(self) -> ShardViews:
+        """Every shard's ``AuditView`` (engine.shard_machine.BooksView), merged (what the
+        ledger's audit and start reconciliation take)."""
         views = await asyncio.gather(*(p.call(AuditView()) for p in self.shards.values()))
-        margins: dict[int, int] = {}
-        unsettled: dict[str, tuple[SettlementItem, ...]] = {}
-        for name, (shard_margins, outbox) in zip(self.shards, views, strict=True):
-            for user, micros in shard_margins.items():
-                margins[user] = margins.get(user, 0) + int(micros)
-            unsettled[name] = tuple(outbox)
-        return margins, unsettled
-
-    async def open_counts(self, owners: Sequence[int], read: type[PositionsOf | OrdersOf]
-                          = PositionsOf) -> dict[int, int]:
-        """How many positions (or with ``read=OrdersOf``, orders) each of ``owners`` has open,
-        summed over the shards (owners with none are absent)."""
-        chunks = [tuple(owners[i:i + COUNT_CHUNK]) for i in range(0, len(owners), COUNT_CHUNK)]
-
-        async def count(port: Port) -> list[tuple[int, int]]:
-            out: list[tuple[int, int]] = []
-            for chunk in chunks:
-                lists = await port.call(read(chunk))
-                out.extend((o, len(p)) for o, p in zip(chunk, lists, strict=True) if p)
-            return out
-
-        counts: dict[int, int] = {}
-        for per_shard in await asyncio.gather(*(count(p) for p in self.shards.values())):
-            for owner, n in per_shard:
-                counts[owner] = counts.get(owner, 0) + n
-        return counts
+        merged = ShardViews({}, {}, {}, {})
+        for name, view in zip(self.shards, views, strict=True):
+            for total, part in ((merged.margins, view.margins), (merged.orders, view.orders),
+                                (merged.slots, view.positions), (merged.slots, view.orders)):
+                for user, n in part.items():
+                    total[user] = total.get(user, 0) + int(n)
+            merged.unsettled[name] = tuple(view.outbox)
+        return merged
 
     async def at_start(self) -> dict[int, int]:
         """Before the API serves: settle every pending reservation and end every lock as the
@@ -514,13 +506,9 @@ class Reconciler:
                                                kinds):
                 if isinstance(freed, tuple):  # (request id, user, micros) abandoned
                     released[freed[1]] += freed[2]
-        margins, unsettled = await self.shard_views()
-        # nothing trades before the API serves: the books are what the views were taken of
-        positions = await self.open_counts(sorted(margins))
-        orders = await self.open_counts(sorted(margins), OrdersOf)
-        # an open order holds a position's slot too (a fill can never exceed that limit)
-        slots = {u: positions.get(u, 0) + orders.get(u, 0) for u in {*positions, *orders}}
-        excess = await self.ledger.call(ReconcileAtStart(margins, unsettled, None, slots, orders))
+        v = await self.shard_views()
+        excess = await self.ledger.call(ReconcileAtStart(v.margins, v.unsettled, None, v.slots,
+                                                         v.orders))
         if isinstance(excess, Rejected):
             raise RuntimeError(f"the start's reconciliation was refused: {excess.message}")
         released.update(excess)

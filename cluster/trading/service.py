@@ -813,7 +813,7 @@ class TradingService:
 
     async def audit(self, attempts: int = 3, retry_delay_s: float = 0.2
                     ) -> tuple[list[AuditDifference], dict[str, object]]:
-        """The ledger invariant against every shard's open margins and unsettled closes.
+        """The ledger invariant against every shard's open margins, counts and unsettled closes.
 
         Exact when nothing trades meanwhile. Under traffic a difference can be transient (an
         open's margin is locked a moment before its position exists; a close can settle
@@ -827,8 +827,8 @@ class TradingService:
         for attempt in range(max(1, attempts)):
             if attempt:
                 await asyncio.sleep(retry_delay_s)
-            margins, unsettled = await self.reconciler.shard_views()
-            problems = await self.ledger.call(Audit(margins, unsettled))
+            v = await self.reconciler.shard_views()
+            problems = await self.ledger.call(Audit(v.margins, v.unsettled, v.slots, v.orders))
             subjects = {p.subject for p in problems}
             persistent = subjects if persistent is None else persistent & subjects
             if not persistent:

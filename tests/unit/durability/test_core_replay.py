@@ -237,8 +237,11 @@ class Platform:
         assert self.ask(LEDGER, Totals())["sum_micros"] == 0
         for name in NAMES:
             assert self.runners[name].machine.check() == []
-        margins, unsettled = self.views()
-        assert self.ask(LEDGER, Audit(margins, unsettled)) == []
+        margins, unsettled, slots, open_orders = self.views()
+        # the counts the shards' AuditView gives are those of their listings
+        assert (slots, open_orders) == (self.counts(PositionsOf, self.counts(OrdersOf)),
+                                        self.counts(OrdersOf))
+        assert self.ask(LEDGER, Audit(margins, unsettled, slots, open_orders)) == []
         # an account holds a slot of its open-position limit for each open position and order
         # and each close or end of an unfilled order the ledger has not applied (a fill's slot
         # is its position's now), and one of its order limit for each open order and each
@@ -264,16 +267,23 @@ class Platform:
         for name in self.runners:
             self.replays_to_live(name)
 
-    def views(self) -> tuple[dict[int, int], dict[str, list[SettlementItem]]]:
-        """The shards' ``AuditView``s merged: open margins (positions and orders) per user
-        summed over the shards, and each shard's outbox."""
+    def views(self) -> tuple[dict[int, int], dict[str, list[SettlementItem]], dict[int, int],
+                             dict[int, int]]:
+        """The shards' ``AuditView``s merged: per user summed over the shards, open margins
+        (positions and orders), open positions plus open orders, open orders; and each
+        shard's outbox (second)."""
         margins: dict[int, int] = {}
         unsettled: dict[str, list[SettlementItem]] = {}
+        slots: dict[int, int] = {}
+        orders: dict[int, int] = {}
         for name in NAMES:
-            shard_margins, unsettled[name] = self.ask(name, AuditView())
-            for user, micros in shard_margins.items():
-                margins[user] = margins.get(user, 0) + micros
-        return margins, unsettled
+            view = self.ask(name, AuditView())
+            unsettled[name] = view.outbox
+            for total, part in ((margins, view.margins), (slots, view.positions),
+                                (slots, view.orders), (orders, view.orders)):
+                for user, n in part.items():
+                    total[user] = total.get(user, 0) + n
+        return margins, unsettled, slots, orders
 
     def counts(self, read: Read, add: dict[int, int] | None = None) -> dict[int, int]:
         """Open positions (``read=PositionsOf``) or orders (``OrdersOf``) per user on all
@@ -369,10 +379,8 @@ class Platform:
                     opened[rid] = result
                 elif isinstance(result, SettlementItem):
                     opened[rid] = result.closed
-        margins, unsettled = self.views()
-        orders = self.counts(OrdersOf)
-        assert self.ask(LEDGER, ReconcileAtStart(margins, unsettled, opened,
-                                                 self.counts(PositionsOf, orders),
+        margins, unsettled, slots, orders = self.views()  # as the reconciler's start reads them
+        assert self.ask(LEDGER, ReconcileAtStart(margins, unsettled, opened, slots,
                                                  orders)) == (released or {})
         for rid, key in self.in_flight.items():
             if rid in opened:
@@ -862,8 +870,8 @@ class Platform:
         for name in NAMES:
             self.deliver(name)
             assert self.ask(name, Outbox()).items == []
-        margins, _ = self.views()
-        assert self.ask(LEDGER, Audit(margins)) == []
+        margins, _, slots, orders = self.views()
+        assert self.ask(LEDGER, Audit(margins, None, slots, orders)) == []
         totals = self.ask(LEDGER, Totals())
         assert totals["sum_micros"] == 0
         # every close once in its owner's history: a whole close named by its position, which

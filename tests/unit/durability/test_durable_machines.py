@@ -167,8 +167,8 @@ def test_settlement_is_applied_exactly_once_under_resends_across_restarts(
     for u in users:
         history = one(led, lm.History(u))
         assert len(history) == 1 and history[0].reason == CloseReason.LIQUIDATION
-    margins, unsettled = one(shard, sm.AuditView())
-    assert one(led, lm.Audit(margins, {SHARD: unsettled})) == []
+    view = one(shard, sm.AuditView())
+    assert one(led, lm.Audit(view.margins, {SHARD: view.outbox}, view.positions, {})) == []
     assert led.execute([lm.Balances(u) for u in users]) == [(SIGNUP - 100 * USD, 0)] * 3
     # a new close after the restart continues the shard's numbering
     clock.now_us = NOW + 2

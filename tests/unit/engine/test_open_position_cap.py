@@ -16,10 +16,12 @@ from engine.events import MarginReleased
 from engine.events import OpenCountSet
 from engine.events import decode
 from engine.events import encode
+from engine.ledger import AuditDifference
 from engine.ledger_machine import DEFAULT_MAX_OPEN_POSITIONS
 from engine.ledger_machine import START_RECONCILED
 from engine.ledger_machine import AbandonLock
 from engine.ledger_machine import ApplySettlements
+from engine.ledger_machine import Audit
 from engine.ledger_machine import Balances
 from engine.ledger_machine import Begin
 from engine.ledger_machine import LedgerMachine
@@ -268,6 +270,30 @@ def test_a_recount_is_its_own_event_and_request_ids_keep_their_range() -> None:
     assert led.count(user) == 0
 
 
+def test_the_audit_compares_the_counts_with_the_shards() -> None:
+    """A count the limits are enforced with that differs from the shards' books (plus what
+    their unapplied items will end) is a difference of its own, even when every margin agrees:
+    too high refuses opens the account may make, too low lets it past the limit."""
+    led, user = full(3)
+    item = SettlementItem(1, closed(user, 11, USD, 0))  # closed on the shard, not applied
+    books = ({user: 2 * USD}, {SHARD: [item]})  # margins and outboxes as the shards have them
+    assert led(Audit(*books, {user: 2}, {})) == []
+    assert led(Audit(*books)) == []  # counts not given: not compared
+    led(ReconcileAtStart(*books, None, {user: 4}, {}))  # a count set too high
+    assert led.count(user) == 5
+    assert led(Audit(*books, {user: 2}, {})) == [AuditDifference(
+        f"user:{user}:open_count",
+        f"user {user}'s open_count (for the limits) is 5, the shards' books make it 3")]
+    assert led(Audit(*books, {user: 4}, {})) == []
+    # an open order holds a slot and an order count; the order count differs
+    assert led(Audit(*books, {user: 4}, {user: 1})) == [AuditDifference(
+        f"user:{user}:order_count",
+        f"user {user}'s order_count (for the limits) is 0, the shards' books make it 1")]
+    for bad in ({user: -1}, {user: "2"}, {"u": 1}):
+        answer = led(Audit(*books, bad, {}))
+        assert isinstance(answer, Rejected) and answer.code is Code.INVALID_REQUEST
+
+
 def test_check_reports_a_count_without_margin() -> None:
     led = Journaled()
     user = led.account().user
@@ -313,6 +339,12 @@ async def test_the_service_is_refused_at_the_cap_and_the_start_counts_again() ->
         answer = await svc.open_position(who, sol_long(10))
         assert isinstance(answer, Rejected) and answer.code is Code.TOO_MANY_POSITIONS
         assert await p.audit() == []
+        # a count gone wrong (set here by a start told too few) is named though margins agree
+        v = await svc.reconciler.shard_views()
+        assert (v.slots, v.orders) == ({who.user: 3}, {})
+        assert await p.ledger.call(ReconcileAtStart(v.margins, v.unsettled, None,
+                                                    {who.user: 1}, v.orders)) == {}
+        assert [d.subject for d in await p.audit()] == [f"user:{who.user}:open_count"]
     finally:
         await p.service.aclose()
         p.hosts.close()

@@ -40,6 +40,7 @@ from engine.shard_machine import REMEMBERED
 from engine.shard_machine import AckOutbox
 from engine.shard_machine import ApplyTick
 from engine.shard_machine import AuditView
+from engine.shard_machine import BooksView
 from engine.shard_machine import Close
 from engine.shard_machine import LastTick
 from engine.shard_machine import Open
@@ -435,7 +436,7 @@ def test_reads_answer_without_events() -> None:
                     Stats()):
         assert m.decide(command, NOW)[1] == ()
     assert run(m, OpenMargins()) == {4: pos.margin_micros}
-    assert run(m, AuditView()) == ({4: pos.margin_micros}, [item])
+    assert run(m, AuditView()) == BooksView({4: pos.margin_micros}, [item], {4: 1}, {})
 
 
 @given(st.lists(st.tuples(st.integers(1, 5), st.booleans()), min_size=1, max_size=40),

@@ -30,6 +30,7 @@ from engine.results import Code
 from engine.results import Rejected
 from engine.shard_machine import ApplyTick
 from engine.shard_machine import AuditView
+from engine.shard_machine import BooksView
 from engine.shard_machine import Cancel
 from engine.shard_machine import OpenMargins
 from engine.shard_machine import OrdersOf
@@ -186,6 +187,7 @@ def test_cancel_then_cancel_again_and_cancel_after_fill() -> None:
     b = place(m, terms(LONG, LIMIT, 10400), rid=2)
     assert run(m, OrdersOf((1, 2))) == [[a, b], []]
     assert run(m, OpenMargins()) == {1: 200 * USD}
+    assert run(m, AuditView()) == BooksView({1: 200 * USD}, [], {}, {1: 2})
     assert isinstance(run(m, Cancel(2, a.order_id, 0)), Rejected)  # not the caller's
     item = run(m, Cancel(1, a.order_id, 10))
     assert isinstance(item, SettlementItem) and isinstance(item.closed, EndedOrder)
@@ -201,8 +203,9 @@ def test_cancel_then_cancel_again_and_cancel_after_fill() -> None:
     unknown = run(m, Cancel(1, 12345, 14))
     assert isinstance(unknown, Rejected) and unknown.code is Code.NOT_FOUND
     assert [i.seq for i in run(m, Outbox()).items] == [1, 2]
-    margins, items = run(m, AuditView())
-    assert margins == {1: 100 * USD} and len(items) == 2
+    view = run(m, AuditView())
+    assert view.margins == {1: 100 * USD} and len(view.outbox) == 2
+    assert (view.positions, view.orders) == ({1: 1}, {})  # b's position
 
 
 def test_a_placement_is_remembered_by_request_id_and_resolvable() -> None:
