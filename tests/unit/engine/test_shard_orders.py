@@ -1,13 +1,16 @@
 """ShardMachine's pending orders (SPEC "Pending orders"): placement, the fill conditions at the
 exact boundary tick and one tick before it, a stop filled through a gap, a fill refused as
-WOULD_LIQUIDATE, expiry, cancel, and the decide/apply contract (replay and snapshot equal the
-live state)."""
+WOULD_LIQUIDATE, a fill at a maintenance margin rate, expiry, cancel, the decide/apply contract
+(replay and snapshot equal the live state), and runs of places and ticks at the edges checked
+against a model of the SPEC's words on the slow references."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
+from engine import reference
 from engine import rows
 from engine import shard_machine
 from engine.events import OrderEnded
@@ -21,9 +24,12 @@ from engine.messages import OpenPosition
 from engine.messages import PendingOrder
 from engine.messages import SettlementItem
 from engine.order_book import OrderKind
+from engine.order_book import OrderOutcome
 from engine.order_book import OrderStatus
 from engine.order_book import OrderTerms
+from engine.order_reference import outcome
 from engine.orders import CloseReason
+from engine.orders import OpenPlan
 from engine.orders import Side
 from engine.orders import plan_open
 from engine.results import Code
@@ -151,6 +157,34 @@ def test_an_invalid_tp_at_the_fill_price_rejects_the_order() -> None:
     [rejected] = ended(m)
     assert rejected.status == OrderStatus.REJECTED
     assert rejected.reject_code == Code.INVALID_TRIGGER.value
+
+
+def test_a_fill_opens_at_the_shards_maintenance_margin_rate_like_a_market_open() -> None:
+    """At a 1% rate a 50x long of 100 USD at 100.00 holds 50 SOL with a maintenance margin of
+    50 USD: liquidated at 99.00 (98.00 at rate 0). A fill on a bid of 99.00 would be liquidated
+    at once; one on 99.01 opens, exactly as a market open on that tick; at 100x the margin
+    equals the maintenance margin, which no price can open."""
+    m = shard(ppm=10_000)
+    run(m, raw_tick(10500, 10501))
+    early = place(m, terms(LONG, LIMIT, 10000, leverage=50))
+    # at rate 0 this fill would open: the rate is what refuses it
+    assert isinstance(plan_open(SOL, LONG, 100 * USD, 50, 9900, 10000, None, None), OpenPlan)
+    run(m, raw_tick(9900, 10000))
+    [rejected] = ended(m)
+    assert (rejected.order_id, rejected.status, rejected.reject_code) == \
+        (early.order_id, OrderStatus.REJECTED, Code.WOULD_LIQUIDATE.value)
+    assert rejected.margin_micros == 100 * USD and len(m.book) == 0
+    fills = place(m, terms(LONG, LIMIT, 10000, leverage=50))
+    never = place(m, terms(LONG, LIMIT, 10000, leverage=100), owner=2)
+    run(m, raw_tick(9901, 10000, ts_us=NOW + 1))
+    ends = {o.order_id: (o.status, o.reject_code) for o in ended(m)[1:]}
+    assert ends == {fills.order_id: (OrderStatus.FILLED, ""),
+                    never.order_id: (OrderStatus.REJECTED, Code.WOULD_LIQUIDATE.value)}
+    [[position]] = run(m, PositionsOf((1,)))
+    assert (position.entry_ticks, position.qty_steps, position.liq_ticks) == (10000, 5000, 9900)
+    market = run(m, req(9, owner=1, leverage=50))  # on the fill's tick
+    assert isinstance(market, OpenPosition)
+    assert market._replace(position_id=0) == position._replace(position_id=0)
 
 
 def test_expiry_wins_over_a_fill_after_its_time_and_not_at_it() -> None:
@@ -469,3 +503,128 @@ def test_fills_the_book_has_no_row_for_are_rejected_and_the_tick_still_liquidate
         (second.order_id, OrderStatus.REJECTED, 0)
     assert rejected.reject_code == Code.INVALID_REQUEST.value
     assert len(m.book) == 4 and len(m.orders) == 0 and m.check() == []
+
+
+# ----------------------------------------------------------------------------- reference
+class SpecModel:
+    """SPEC "Pending orders" in its own words, on the slow references: a tick newer (by
+    ``(ts_us, seq)``) than the last one first closes the positions it crosses
+    (engine.reference.ReferenceBook), then ends each order placed before it
+    (engine.order_reference.outcome): expired, or opened at the tick's price exactly like a
+    market open (engine.reference.plan_open, Fractions), else rejected with the reason."""
+
+    def __init__(self, ppm: int) -> None:
+        self.ppm = ppm
+        self.positions = reference.ReferenceBook(SOL)
+        self.orders: dict[int, PendingOrder] = {}
+        self.last: Tick | None = None
+
+    def tick(self, tick: Tick) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """The closes (sorted) and order ends (ids ascending) ``tick`` makes."""
+        if self.last is not None and (tick.ts_us, tick.seq) <= (self.last.ts_us, self.last.seq):
+            return [], []
+        self.last = tick
+        bid, ask = tick.bid_ticks, tick.ask_ticks
+        closes = []
+        for position_id, reason in self.positions.sweep(bid, ask):
+            p = self.positions.close(position_id)
+            assert p is not None
+            closes.append((p.side, p.entry_ticks, p.qty_steps, int(reason),
+                           bid if p.side == LONG else ask))
+        ends = []
+        for order_id in sorted(self.orders):
+            order = self.orders[order_id]
+            what = outcome(order, bid, ask, tick.ts_us)  # type: ignore[arg-type]
+            if what is None:
+                continue
+            del self.orders[order_id]
+            if what == OrderOutcome.EXPIRED:
+                ends.append((order_id, OrderStatus.EXPIRED, "", order.margin_micros))
+                continue
+            plan = reference.plan_open(SOL, order.side, order.margin_micros, order.leverage, bid,
+                                       ask, order.tp_ticks or None, order.sl_ticks or None,
+                                       self.ppm)
+            if isinstance(plan, Rejected):
+                ends.append((order_id, OrderStatus.REJECTED, plan.code.value,
+                             order.margin_micros))
+            else:
+                ends.append((order_id, OrderStatus.FILLED, "", order.margin_micros))
+                self.positions.open(order.owner, plan, 0)
+        return sorted(closes), ends
+
+    def open_positions(self) -> list[tuple[int, ...]]:
+        return sorted((p.side, p.entry_ticks, p.qty_steps, p.margin_micros, p.leverage,
+                       p.liq_ticks, p.tp_ticks, p.sl_ticks)
+                      for p in self.positions.positions.values())
+
+
+def edge_tick(rnd: random.Random, model: SpecModel, ts_us: int, seq: int) -> Tick:
+    """A tick whose bid or ask lies on (or one step off) an order's trigger or a position's
+    TP, SL or liquidation price, at (or a microsecond off) an order's expiry; or anywhere. A
+    wide spread makes a high-leverage fill liquidatable at once."""
+    levels = [o.trigger_ticks for o in model.orders.values()]
+    levels += [level for p in model.positions.positions.values()
+               for level in (p.liq_ticks, p.tp_ticks, p.sl_ticks) if level]
+    spread = rnd.randint(0, 3) if rnd.random() < 0.5 else rnd.randint(0, 150)  # to 1.5%
+    if levels and rnd.random() < 0.8:
+        level = rnd.choice(levels) + rnd.randint(-1, 1)
+        bid = level - spread if rnd.random() < 0.5 else level
+    else:
+        bid = 10_000 + rnd.randint(-300, 300)
+    expiries = [o.expires_ts_us for o in model.orders.values() if o.expires_ts_us]
+    if expiries and rnd.random() < 0.3:
+        ts_us = rnd.choice(expiries) + rnd.randint(-1, 1)
+    return Tick("SOL", max(1, bid), max(1, bid) + spread, ts_us, seq, "test")
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_runs_of_places_and_edge_ticks_end_orders_as_the_spec_model_does(seed: int) -> None:
+    """After every place or tick the shard's closes, order ends (status, reason, the margin
+    released) and open positions (quantity, liquidation price, TP/SL) are the model's. Ticks
+    land on the edges: a level or one step off it, an expiry or one microsecond off it, the
+    last tick again, an older one or one of the same time; TP/SL near the trigger, so fills
+    are rejected as INVALID_TRIGGER and WOULD_LIQUIDATE too; at rates 0 and 0.5%."""
+    rnd = random.Random(seed)
+    ppm = (0, 5_000)[seed % 2]
+    m = shard(ppm=ppm)
+    model = SpecModel(ppm)
+    now, ts, seq = NOW, NOW, 1
+    delivered = 0
+    for _ in range(40):
+        now += 1_000
+        if rnd.random() < 0.4:
+            trigger = 10_000 + rnd.randint(-200, 200)
+            levels = [rnd.choice((0, trigger + rnd.randint(-150, 150))) for _ in range(2)]
+            expires = rnd.choice((0, 0, now + rnd.randint(1, 20_000)))
+            order = run(m, Place(rnd.randint(1, 3), terms(
+                rnd.choice((LONG, SHORT)), rnd.choice((LIMIT, STOP)), trigger,
+                rnd.randint(1, 500), rnd.randint(1, SOL.max_leverage), *levels, expires)), now)
+            if isinstance(order, PendingOrder):
+                model.orders[order.order_id] = order
+        else:
+            kind = rnd.random()
+            if kind < 0.1 and model.last is not None:
+                tick = model.last  # sent again
+            elif kind < 0.25 and model.last is not None:  # older, or as old by its time
+                tick = edge_tick(rnd, model, model.last.ts_us - rnd.randint(0, 1),
+                                 model.last.seq - 1)
+            else:  # a newer one, at times of the same microsecond
+                ts, seq = ts + rnd.choice((0, 1_000)), seq + 1
+                tick = edge_tick(rnd, model, ts, seq)
+                ts = max(ts, tick.ts_us)
+            run(m, ApplyTick(tick), now)
+            want_closes, want_ends = model.tick(tick)
+            items = run(m, Outbox()).items[delivered:]
+            delivered += len(items)
+            closes = sorted((c.side, c.entry_ticks, c.qty_steps, int(c.reason), c.exit_ticks)
+                            for c in (i.closed for i in items)
+                            if isinstance(c, ClosedPosition))
+            ends = [(c.order_id, c.status, c.reject_code, c.margin_micros)
+                    for c in (i.closed for i in items) if isinstance(c, EndedOrder)]
+            assert (closes, ends) == (want_closes, want_ends), tick
+        assert sorted(m.orders.ids().tolist()) == sorted(model.orders)
+        assert sorted((p.side, p.entry_ticks, p.qty_steps, p.margin_micros, p.leverage,
+                       p.liq_ticks, p.tp_ticks, p.sl_ticks)
+                      for p in map(m.book.get, m.book.ids().tolist()) if p is not None) \
+            == model.open_positions()
+    assert m.check() == []
