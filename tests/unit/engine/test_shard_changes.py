@@ -14,6 +14,7 @@ from engine.market import Tick
 from engine.messages import OpenPosition
 from engine.messages import ShardOpen
 from engine.orders import MAX_COLUMN_VALUE
+from engine.orders import CloseReason
 from engine.orders import Side
 from engine.orders import liquidation_ticks
 from engine.results import Code
@@ -24,6 +25,7 @@ from engine.shard_machine import Open
 from engine.shard_machine import PositionsOf
 from engine.shard_machine import SetLevels
 from engine.shard_machine import ShardMachine
+from tests.unit.engine.test_shard_machine import MAX_AGE
 from tests.unit.engine.test_shard_machine import NOW
 from tests.unit.engine.test_shard_machine import SOL
 from tests.unit.engine.test_shard_machine import USD
@@ -183,3 +185,75 @@ def test_changes_are_remembered_by_request_id_and_replay_into_an_equal_state() -
     assert host.machine.check() == []
     [[now]] = run(host.machine, PositionsOf((1,)))
     assert (now.margin_micros, now.tp_ticks, now.sl_ticks) == (105 * USD, 10500, 9800)
+
+
+def sweeps_agree(m: ShardMachine, bid_ticks: int, ask_ticks: int) -> None:
+    """The book's indexed sweep and the full one find the same positions at this price."""
+    fast, full = m.book.sweep(bid_ticks, ask_ticks), m.book.naive_sweep(bid_ticks, ask_ticks)
+    assert [a.tolist() for a in fast] == [a.tolist() for a in full]
+
+
+def test_a_short_tp_must_be_below_the_ask_and_its_sl_below_the_liquidation_price() -> None:
+    m = shard()
+    p = opened(m, Side.SHORT)  # 10.00 SOL short at the bid 100.00, ask 100.01, 100 USD
+    assert (p.qty_steps, p.liq_ticks) == (1000, 11000)  # 100.00 + 100 / 10.00
+    refused(run(m, SetLevels(1, p.position_id, 10001, None, 2)), Code.INVALID_TRIGGER)  # == ask
+    refused(run(m, SetLevels(1, p.position_id, None, 11000, 3)), Code.INVALID_TRIGGER)  # == liq
+    changed = run(m, SetLevels(1, p.position_id, 10000, 10999, 4))  # a tick inside each
+    assert isinstance(changed, OpenPosition) and (changed.tp_ticks, changed.sl_ticks) == \
+        (10000, 10999)
+    for bid, ask in ((10000, 10001), (9999, 10000), (10997, 10998), (10998, 10999)):
+        sweeps_agree(m, bid, ask)
+    assert run(m, raw_tick(10997, 10998)) == 0
+    assert run(m, raw_tick(10998, 10999)) == 1  # the ask on the new SL, short of liquidation
+    [item] = list(m._outbox)
+    assert (item.closed.reason, item.closed.exit_ticks) == (2, 10999)  # stop_loss at the ask
+
+
+def test_a_removal_to_exactly_the_maximum_leverage_is_taken_and_one_micro_more_is_not() -> None:
+    m = shard()
+    p = opened(m, leverage=10)  # 9.99 SOL at 100.01: notional 999.0999 USD
+    least = p.entry_ticks * p.qty_steps * USD // 10**4 // SOL.max_leverage
+    assert least * SOL.max_leverage == p.entry_ticks * p.qty_steps * USD // 10**4  # exact
+    down = ChangeMargin(1, p.position_id, least - p.margin_micros, 2)
+    refused(run(m, down, NOW + MAX_AGE + 1), Code.PRICE_UNAVAILABLE)  # the price is stale
+    taken = run(m, down, NOW + MAX_AGE)
+    assert isinstance(taken, OpenPosition) and taken.margin_micros == least == 9_990_999
+    assert taken.liq_ticks == 9900  # floor(100.01 - 9.990999 / 9.99) = floor(99.0099)
+    before = m.fingerprint()
+    message = refused(run(m, ChangeMargin(1, p.position_id, -1, 3)), Code.INVALID_REQUEST)
+    assert "leverage" in message and m.fingerprint() == before
+
+
+def test_a_shorts_removal_stops_at_its_sl_and_at_the_ask_to_the_micro_dollar() -> None:
+    m = shard()
+    p = opened(m, Side.SHORT)  # 10.00 SOL short at 100.00 with 100 USD: liquidation 110.00
+    run(m, raw_tick(10400, 10401))
+    run(m, SetLevels(1, p.position_id, None, 10500, 2))
+    # to 50 USD the liquidation price is 100 + 50 / 10 = 105.00, on the SL: refused; a
+    # micro-dollar more margin ceils it to 105.01, beyond the SL
+    before = m.fingerprint()
+    message = refused(run(m, ChangeMargin(1, p.position_id, -50 * USD, 3)),
+                      Code.INVALID_REQUEST)
+    assert "stop-loss" in message and m.fingerprint() == before
+    kept = run(m, ChangeMargin(1, p.position_id, -50 * USD + 1, 4))
+    assert isinstance(kept, OpenPosition) and kept.liq_ticks == 10501
+    for ask in (10499, 10500, 10501):
+        sweeps_agree(m, ask - 1, ask)
+    run(m, SetLevels(1, p.position_id, None, 0, 5))  # the SL removed: liquidation guards it
+    # to 40.10 USD the liquidation price is 104.01, the ask: refused; a micro-dollar more
+    # ceils it to 104.02
+    before = m.fingerprint()
+    message = refused(run(m, ChangeMargin(1, p.position_id, 40_100_000 - kept.margin_micros,
+                                          6)), Code.INVALID_REQUEST)
+    assert "liquidated" in message and m.fingerprint() == before
+    last = run(m, ChangeMargin(1, p.position_id, 40_100_001 - kept.margin_micros, 7))
+    assert isinstance(last, OpenPosition) and last.liq_ticks == 10402
+    for ask in (10401, 10402):
+        sweeps_agree(m, ask - 1, ask)
+    assert run(m, raw_tick(10400, 10401)) == 0
+    assert run(m, raw_tick(10401, 10402)) == 1  # the ask on the new liquidation price
+    [item] = list(m._outbox)
+    assert (item.closed.reason, item.closed.margin_micros, item.closed.payout_micros) == \
+        (int(CloseReason.LIQUIDATION), 40_100_001, 0)
+
