@@ -739,14 +739,16 @@ class ShardMachine:
 
     def _margin_problem(self, record: PositionRecord, margin: int, tick: Tick,
                         removal: bool) -> str | None:
-        """Why ``record`` cannot hold ``margin`` (SPEC "Changing an open position"), or None."""
+        """Why ``record`` cannot hold ``margin`` (SPEC "Changing an open position": only a
+        removal is refused, for one of three reasons), or None. A margin at or below the
+        maintenance margin is no reason of its own: with a rate of at least 1 / max leverage
+        it can meet the leverage bound while the price, moved in the position's favour, has
+        not reached its liquidation price (which then lies at or past the entry)."""
+        if not removal:
+            return None
         asset = self.asset
         scale = 10 ** (asset.price_decimals + asset.qty_decimals)
         notional = record.entry_ticks * record.qty_steps  # in micros: * 10**6 / scale
-        if not _above_maintenance(asset, record, margin):
-            return "the margin would not exceed the maintenance margin"
-        if not removal:
-            return None
         if notional * 10**6 > margin * asset.max_leverage * scale:
             return (f"the notional would exceed the margin times the maximum leverage "
                     f"({asset.max_leverage})")

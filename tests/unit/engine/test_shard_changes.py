@@ -12,6 +12,7 @@ from engine.assets import DEFAULT_ASSETS
 from engine.events import PositionAmended
 from engine.market import Tick
 from engine.messages import OpenPosition
+from engine.messages import ShardClose
 from engine.messages import ShardOpen
 from engine.orders import MAX_COLUMN_VALUE
 from engine.orders import CloseReason
@@ -21,6 +22,7 @@ from engine.results import Code
 from engine.results import Rejected
 from engine.shard_machine import ApplyTick
 from engine.shard_machine import ChangeMargin
+from engine.shard_machine import Close
 from engine.shard_machine import Open
 from engine.shard_machine import PositionsOf
 from engine.shard_machine import SetLevels
@@ -257,3 +259,31 @@ def test_a_shorts_removal_stops_at_its_sl_and_at_the_ask_to_the_micro_dollar() -
     assert (item.closed.reason, item.closed.margin_micros, item.closed.payout_micros) == \
         (int(CloseReason.LIQUIDATION), 40_100_001, 0)
 
+
+def test_a_maintenance_margin_is_no_removal_limit_of_its_own_but_a_partial_closes() -> None:
+    # a rate of 1 / max leverage: the margin at the leverage bound is the maintenance margin
+    m = shard(ppm=10_000)
+    p = opened(m, leverage=10)  # 9.99 SOL at 100.01: notional 999.0999 USD, mm 9.990999
+    run(m, raw_tick(10100, 10101))  # in profit: the bid above the entry
+    up = run(m, ChangeMargin(1, p.position_id, 9_991_000 - p.margin_micros, 2))  # mm + 1e-6
+    assert isinstance(up, OpenPosition)
+    # a third closed: floor(9.991 * 333 / 999) = 3.330333 USD; the rest's 6.660667 USD is a
+    # micro-dollar above its maintenance margin (0.01 * 100.01 * 6.66): taken
+    part = run(m, Close(ShardClose(3, 1, p.position_id, None, 100, 333)))
+    assert part.closed.margin_micros == 3_330_333
+    # down to the maximum leverage, 6.660666 USD, which is the maintenance margin: the
+    # liquidation price is the entry, below the bid; SPEC refuses none of it
+    at_bound = run(m, ChangeMargin(1, p.position_id, -1, 4))
+    assert isinstance(at_bound, OpenPosition), at_bound
+    assert (at_bound.margin_micros, at_bound.liq_ticks) == (6_660_666, 10001)
+    refused(run(m, ChangeMargin(1, p.position_id, -1, 5)), Code.INVALID_REQUEST)  # 1e-6 more
+    # a half closed would leave 3.330333 USD, exactly the rest's maintenance margin: refused
+    before = m.fingerprint()
+    message = refused(run(m, Close(ShardClose(6, 1, p.position_id, None, 100, 333))),
+                      Code.INVALID_REQUEST)
+    assert "maintenance" in message and m.fingerprint() == before
+    for bid in (10001, 10002):
+        sweeps_agree(m, bid, bid + 1)
+    assert run(m, raw_tick(10002, 10003)) == 0
+    assert run(m, raw_tick(10001, 10002)) == 1  # liquidated on its entry price
+    assert m.check() == []
