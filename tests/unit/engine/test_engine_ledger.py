@@ -28,6 +28,7 @@ from engine_impls import Impl
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+from tests.unit.engine.draws import buying_margins
 
 USD = 1_000_000
 
@@ -217,9 +218,13 @@ def test_any_sequence_keeps_the_ledger_exact(impl: Impl, data: st.DataObject) ->
         action = draw(st.sampled_from(["open", "open", "tick", "close"]))
         if action == "open":
             user = draw(st.sampled_from(users))
-            margin = draw(st.integers(1, 800 * USD))
-            plan = impl.plan_open(ASSET, draw(st.sampled_from([Side.LONG, Side.SHORT])), margin,
-                                  draw(st.integers(1, 100)), bid, ask, None, None,
+            side = draw(st.sampled_from([Side.LONG, Side.SHORT]))
+            leverage = draw(st.integers(1, 100))
+            # a margin (up to 800 USD) that buys a quantity: most of a plain draw bought none
+            # and was refused before the ledger saw it
+            margin = draw(buying_margins(ASSET, leverage, ask if side == Side.LONG else bid,
+                                         1, 800 * USD))
+            plan = impl.plan_open(ASSET, side, margin, leverage, bid, ask, None, None,
                                   draw(st.sampled_from([0, 10_000])))
             if not isinstance(plan, OpenPlan):
                 continue

@@ -8,17 +8,22 @@ import numpy as np
 import pytest
 from engine.assets import DEFAULT_ASSETS
 from engine.book import PositionBook
+from engine.orders import NO_LEVEL
 from engine.orders import CloseReason
 from engine.orders import OpenPlan
 from engine.orders import Side
+from engine.orders import liquidation_ticks
+from engine.orders import maintenance_margin_micros
 from engine.orders import plan_open
 from engine.orders import plan_open_arrays
+from engine.orders import quantity_steps
 from engine.results import Code
 from engine.results import Rejected
 from engine_impls import Impl
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+from tests.unit.engine.draws import buying_margins
 
 SOL = DEFAULT_ASSETS["SOL"]  # price step 0.01, quantity step 0.01
 USD = 1_000_000
@@ -80,18 +85,35 @@ def test_the_vectorised_planner_refuses_the_same_opens() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from([Side.LONG, Side.SHORT]), st.integers(1, 10**10), st.integers(1, 100),
-       st.integers(1, 10**6), st.integers(0, 5_000), st.sampled_from([0, 5_000, 100_000]))
+@given(st.sampled_from([Side.LONG, Side.SHORT]), st.integers(1, 100), st.integers(1, 10**6),
+       st.integers(0, 5_000), st.sampled_from([0, 5_000, 100_000]), st.data())
 def test_an_accepted_open_is_not_liquidated_by_the_tick_it_opened_on(
-        side: Side, margin: int, leverage: int, bid: int, spread: int, ppm: int) -> None:
+        side: Side, leverage: int, bid: int, spread: int, ppm: int,
+        data: st.DataObject) -> None:
+    """Any margin in 1..10**10 micro-dollars that buys a quantity (the others are refused
+    before the liquidation price is known, which was most of a plain draw): an accepted open is
+    not liquidated by the tick it opened on, and one refused WOULD_LIQUIDATE would be."""
     ask = bid + spread
+    entry = ask if side == Side.LONG else bid
+    margin = data.draw(buying_margins(SOL, leverage, entry, 1, 10**10), label="margin")
     result = plan_open(SOL, side, margin, leverage, bid, ask, None, None, ppm)
-    if isinstance(result, Rejected):
-        return
+    if isinstance(result, OpenPlan):
+        plan = result
+    else:
+        assert result.code == Code.WOULD_LIQUIDATE, result
+        # the same position let into the book
+        qty = quantity_steps(SOL, margin, leverage, entry)
+        plan = OpenPlan(side, entry, qty, margin, leverage,
+                        liquidation_ticks(SOL, side, entry, qty, margin, ppm), NO_LEVEL,
+                        NO_LEVEL, maintenance_margin_micros(SOL, entry, qty, ppm), ppm)
     book = PositionBook(SOL, book_tag=1)
-    book.open(7, result, 0)
+    book.open(7, plan, 0)
     _, reasons = book.sweep(bid, ask)
-    assert CloseReason.LIQUIDATION not in [CloseReason(int(r)) for r in reasons]
+    closed = [CloseReason(int(r)) for r in reasons]
+    if isinstance(result, Rejected):
+        assert closed == [CloseReason.LIQUIDATION]
+    else:
+        assert CloseReason.LIQUIDATION not in closed
 
 
 @pytest.mark.parametrize("side", [Side.LONG, Side.SHORT])
