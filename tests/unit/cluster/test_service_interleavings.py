@@ -330,6 +330,11 @@ class Interleavings(RuleBasedStateMachine):
         return [item for port in self.shards.values()
                 for item in port.read(read((self.users[user].user,)))[0]]
 
+    def any_open(self, read: type[PositionsOf | OrdersOf]) -> bool:
+        """Whether anyone has an open position (or order): the rules acting on one run only
+        then, so their steps are not spent on nothing while the first opens are under way."""
+        return any(self.open_items(read, u) for u in range(USERS))
+
     def pick(self, read: type[PositionsOf | OrdersOf], user: int, which: int
              ) -> tuple[int, Any] | None:
         """``(user, one of their open positions or orders)``; now and then someone else's
@@ -377,14 +382,14 @@ class Interleavings(RuleBasedStateMachine):
         self.send("order", lambda svc: svc.place_order(who, order),
                   keyed(client_id, user, "order", client_id, order), replica, n)
 
+    @precondition(lambda self: self.any_open(PositionsOf))
     @rule(user=users, which=picks, part=st.sampled_from([0, 0, 1, 2, 3]), seen=seen_bps,
           client_id=client_ids, replica=replicas, n=turns)
     def close_position(self, user: int, which: int, part: int, seen: int | None,
                        client_id: str | None, replica: int, n: int) -> None:
         """A whole close, or a quarter, half or three quarters of the position."""
         picked = self.pick(PositionsOf, user, which)
-        if picked is None:
-            return
+        assert picked is not None  # the rule's precondition
         user, pos = picked
         order = CloseOrder(pos.position_id, self.seen(pos.asset, seen), SLIPPAGE_BPS,
                            client_id, pos.qty_steps * part // 4)
@@ -392,6 +397,7 @@ class Interleavings(RuleBasedStateMachine):
         self.send("close", lambda svc: svc.close_position(who, order),
                   keyed(client_id, user, "close", client_id, order), replica, n)
 
+    @precondition(lambda self: self.any_open(PositionsOf))
     @rule(user=users, which=picks, tp=st.sampled_from([None, 0, 100, 400, -100]),
           sl=st.sampled_from([None, 0, 50, 400, 3_000]), client_id=client_ids,
           replica=replicas, n=turns)
@@ -399,8 +405,7 @@ class Interleavings(RuleBasedStateMachine):
                    client_id: str | None, replica: int, n: int) -> None:
         """TP/SL set (bps from the price), removed (0) or kept (None)."""
         picked = self.pick(PositionsOf, user, which)
-        if picked is None:
-            return
+        assert picked is not None  # the rule's precondition
         user, pos = picked
         tp_ticks, sl_ticks = self.levels(pos.asset, Side(pos.side), tp or None, sl or None)
         tp_ticks, sl_ticks = (0 if tp == 0 else tp_ticks), (0 if sl == 0 else sl_ticks)
@@ -408,24 +413,27 @@ class Interleavings(RuleBasedStateMachine):
         self.send("modify", lambda svc: svc.set_levels(who, pid, tp_ticks, sl_ticks, client_id),
                   keyed(client_id, user, "modify", client_id, pid, tp_ticks, sl_ticks), replica, n)
 
-    @rule(user=users, which=picks, delta=st.sampled_from([10, 100, -10, -50, -1_000]),
+    @precondition(lambda self: self.any_open(PositionsOf))
+    @rule(user=users, which=picks, percent=st.sampled_from([10, 100, 5_000, -2, -10, -50, -99]),
           client_id=client_ids, replica=replicas, n=turns)
-    def change_margin(self, user: int, which: int, delta: int, client_id: str | None,
+    def change_margin(self, user: int, which: int, percent: int, client_id: str | None,
                       replica: int, n: int) -> None:
+        """Margin added or removed, in percent of the position's (so removals are taken too,
+        not only refused past the maximum leverage; 5,000% is more than the free balance)."""
         picked = self.pick(PositionsOf, user, which)
-        if picked is None:
-            return
+        assert picked is not None  # the rule's precondition
         user, pos = picked
         who, pid = self.users[user], pos.position_id
-        self.send("margin", lambda svc: svc.change_margin(who, pid, delta * USD, client_id),
+        delta = pos.margin_micros * percent // 100
+        self.send("margin", lambda svc: svc.change_margin(who, pid, delta, client_id),
                   keyed(client_id, user, "margin", client_id, pid, delta), replica, n)
 
+    @precondition(lambda self: self.any_open(OrdersOf))
     @rule(user=users, which=picks, client_id=client_ids, replica=replicas, n=turns)
     def cancel_order(self, user: int, which: int, client_id: str | None, replica: int,
                      n: int) -> None:
         picked = self.pick(OrdersOf, user, which)
-        if picked is None:
-            return
+        assert picked is not None  # the rule's precondition
         user, order = picked
         who, oid = self.users[user], order.order_id
         self.send("cancel", lambda svc: svc.cancel_order(who, oid, client_id),
