@@ -2,7 +2,8 @@
 what was served reaches the file once the disk takes writes again; a candle whose interval has
 ended by the clock is closed (REST and stream, once) without waiting for a later tick, one
 restored after its interval ended comes back closed, and a tick the feed holds back keeps only
-its own asset's candles from being final."""
+its own asset's candles from being final; a tick applied while klines reads shows the
+candles as before it or as after it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import pytest
 from cluster.config import Settings
 from cluster.live.candle_store import CandleStore
 from cluster.live.market import Change
@@ -353,3 +355,46 @@ def test_a_reader_waiting_is_woken_when_a_candle_is_due_while_another_asset_s_ju
             "kline.1m.BTC": [(T5_US + MINUTE_US, True)]}
 
     asyncio.run(scenario())
+
+
+class TickDuringRead(CandleStore):
+    """The real store, with ``tick`` applied (by the feed's thread, say) just ``before`` or
+    after its next read."""
+
+    tick: tuple[MarketLive, Tick] | None = None
+    before = True
+
+    def read(self, asset: str, interval: str, query: CandleQuery) -> list[Candle]:
+        pending, self.tick = self.tick, None
+        if pending is not None and self.before:
+            pending[0].apply([pending[1]])
+        answer = super().read(asset, interval, query)
+        if pending is not None and not self.before:
+            pending[0].apply([pending[1]])
+        return answer
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_a_tick_applied_while_klines_reads_never_shows_a_stale_candle_before_a_newer_one(
+        tmp_path: Path, before: bool) -> None:
+    """A tick that starts minute 1 arrives while klines reads the store: the answer is the
+    candles before it or after it, never minute 0 still open (and short of that tick's
+    change) followed by minute 1. Before, the book's memory was read first and the store
+    after, so the store could hold newer versions than the memory merge preferred."""
+    live = MarketLive(Settings().assets, tmp_path, Clock(T0_US + 30_000_000))
+    assert live.store is not None
+    live.store.close()
+    store = live.store = TickDuringRead(tmp_path)
+    store.before = before
+    try:
+        live.apply([sol(10_000, T0_US + 1, 1)])
+        earlier = live.candles("SOL", "1m", CandleQuery())
+        store.tick = (live, sol(10_020, T0_US + MINUTE_US + 1, 2))
+        answer = live.candles("SOL", "1m", CandleQuery())
+        later = live.candles("SOL", "1m", CandleQuery())
+        assert [(c.start_us, c.closed) for c in earlier] == [(T0_US, False)]
+        assert [(c.start_us, c.closed) for c in later] == [(T0_US, True),
+                                                           (T0_US + MINUTE_US, False)]
+        assert answer in (earlier, later), answer
+    finally:
+        live.close()
