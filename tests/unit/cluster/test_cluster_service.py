@@ -11,6 +11,7 @@ from cluster.actors.port import LocalPort
 from cluster.actors.port import Port
 from cluster.actors.port import Unavailable
 from cluster.config import Settings
+from cluster.trading.service import PositionsCursor
 from cluster.trading.service import TradingService
 from engine.ledger import AuditDifference
 from engine.ledger import margin_account
@@ -506,3 +507,44 @@ async def test_a_client_order_id_is_forgotten_after_its_ttl(make: Make) -> None:
     assert isinstance(second, OpenPosition) and second.position_id != first.position_id
     assert len((await svc.state(who)).positions) == 2
     assert await p.audit() == []
+
+
+async def test_open_positions_page_across_shards_while_positions_close_between_pages(
+        platform: Platform) -> None:
+    """Positions of three shards, some opened at the same microsecond, paged two at a time
+    while positions close between pages (the one a cursor names, one not yet read, one already
+    listed, a partial close): every position open all along is listed once, in (openedAt,
+    positionId) order, and none is listed twice."""
+    svc = platform.service
+    who = await sol_trader(platform)
+    await platform.push_tick("BTC", "60000.0", "60000.1")
+    await platform.push_tick("ETH", "3000.00", "3000.01")
+    opened: list[OpenPosition] = []
+    for n, asset in enumerate(["SOL", "BTC", "ETH", "BTC", "SOL", "ETH", "ETH", "SOL"]):
+        platform.clock.now_us += 0 if n % 3 == 1 else 1  # ties in time across shards
+        pos = await svc.open_position(who, OpenOrder(asset, Side.LONG, 50 * USD, 5))
+        assert isinstance(pos, OpenPosition), pos
+        opened.append(pos)
+    order = sorted(opened, key=lambda p: (p.opened_ts_us, p.position_id))
+    assert len({p.opened_ts_us for p in order}) < len(order)  # ties, on different shards
+
+    async def page(after: PositionsCursor | None) -> tuple[list[int], PositionsCursor | None]:
+        answer = await svc.positions(who, 2, after)
+        assert not isinstance(answer, Rejected), answer
+        return [p.position_id for p in answer[0]], answer[1]
+
+    ids = [p.position_id for p in order]
+    listed, cursor = await page(None)
+    assert listed == ids[:2]
+    closing = [ids[1], ids[3], ids[0]]  # the cursor's own, one unread, one listed
+    for position_id in closing:
+        closed = await svc.close_position(who, CloseOrder(position_id))
+        assert not isinstance(closed, Rejected), closed
+    part = next(p for p in order[4:] if p.qty_steps > 1)
+    assert not isinstance(await svc.close_position(
+        who, CloseOrder(part.position_id, qty_steps=part.qty_steps // 2)), Rejected)
+    while cursor is not None:
+        more, cursor = await page(cursor)
+        listed += more
+    assert len(listed) == len(set(listed))
+    assert listed == [i for i in ids if i not in closing[1:2]]
