@@ -1148,6 +1148,7 @@ def create_app(service: TradingService) -> FastAPI:
             document = default_openapi()
             _document_assets(document, assets)
             _document_auth(document, app)
+            _document_validation_errors(document)
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -1187,7 +1188,8 @@ def create_app(service: TradingService) -> FastAPI:
         403)."""
         await refuse(socket, 404, Code.NOT_FOUND, "no WebSocket here: the streams are at /ws")
 
-    @app.get("/ws", tags=["market"], operation_id="liveStreams",
+    # 426 is its status: a plain HTTP request gets nothing else (FastAPI would document a 200)
+    @app.get("/ws", tags=["market"], operation_id="liveStreams", status_code=426,
              responses={101: {"description": "the WebSocket (with an Upgrade request)"},
                         426: {"model": ErrorOut, "description": "not a WebSocket request"}})
     async def websocket_over_http() -> Response:
@@ -1216,6 +1218,25 @@ def _document_auth(document: dict[str, Any], app: FastAPI) -> None:
                 d.call is _principal for d in route.dependant.dependencies):
             for method in route.methods or ():
                 document["paths"][route.path_format][method.lower()]["security"] = [{name: []}]
+
+
+def _document_validation_errors(document: dict[str, Any]) -> None:
+    """Name the SPEC error shape for a 422 FastAPI documents by itself (an operation with
+    parameters that declares none): every validation error is answered in that shape
+    (``_validation_error``), never as FastAPI's ``{"detail":[...]}``, whose schemas go."""
+    fastapi_shape = {"$ref": "#/components/schemas/HTTPValidationError"}
+    for operations in document["paths"].values():
+        for op in operations.values():
+            response = op.get("responses", {}).get("422")
+            if response is not None and response.get("content", {}).get(
+                    "application/json", {}).get("schema") == fastapi_shape:
+                op["responses"]["422"] = {
+                    "description": "INVALID_REQUEST: a parameter is not valid",
+                    "content": {"application/json": {"schema": {
+                        "$ref": "#/components/schemas/ErrorOut"}}}}
+    schemas = document.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
 
 
 def _document_assets(document: dict[str, Any], assets: AssetRegistry) -> None:

@@ -78,7 +78,8 @@ def add_terminal_routes(app: FastAPI) -> None:
     @app.get("/static/{path:path}", tags=["terminal"], operation_id="terminalFile",
              response_class=FileResponse,
              responses={200: {"description": "a file of the terminal"},
-                        404: {"description": "no such file"}})
+                        404: {"description": "no such file", "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/ErrorOut"}}}}})
     async def terminal_file(path: str) -> Response:
         """A script, style sheet or library file of the terminal."""
         target = static_file(path)

@@ -3,6 +3,7 @@ Decimal inputs are exact; an open that is already lost is refused (WOULD_LIQUIDA
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -115,6 +116,26 @@ def test_the_openapi_document_gives_every_api_error_the_spec_shape(http: httpx.C
     r = http.delete("/api/v1/orders/1", params={"clientOrderId": "x" * 65},
                     headers=signup(http))
     assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
+
+
+def test_the_openapi_document_names_only_answers_its_routes_give(http: httpx.Client) -> None:
+    """Outside /api/v1 too: no operation documents FastAPI's ``{"detail":[...]}`` (no route
+    answers it), a terminal file's 404 is the error shape it really is, and the stream's plain
+    HTTP route documents its 426 and no 200 (it never answers one)."""
+    document = http.get("/openapi.json").json()
+    text = json.dumps(document)
+    assert "HTTPValidationError" not in text and '"ValidationError"' not in text
+    error = {"$ref": "#/components/schemas/ErrorOut"}
+    operations = {(method.upper(), path): op for path, ops in document["paths"].items()
+                  for method, op in ops.items()}
+    missing = operations["GET", "/static/{path}"]["responses"]["404"]
+    assert missing["content"]["application/json"]["schema"] == error, missing
+    r = http.get("/static/nope.js")
+    assert r.status_code == 404 and error_code(r) == "NOT_FOUND", r.text
+    ws = operations["GET", "/ws"]["responses"]
+    assert "200" not in ws and ws["426"]["content"]["application/json"]["schema"] == error, ws
+    r = http.get("/ws")
+    assert r.status_code == 426 and error_code(r) == "INVALID_REQUEST", r.text
 
 
 VALID = {"asset": "SOL", "type": "long", "margin": "10", "leverage": 5}
