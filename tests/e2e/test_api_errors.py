@@ -64,6 +64,21 @@ def test_two_authorization_headers_are_refused_and_act_for_nobody(
         assert state(http, h)["balances"]["margin"] == "0.000000"
 
 
+def test_a_known_key_acts_only_in_the_bearer_frame(http: httpx.Client) -> None:
+    """The scheme's case is free and one or more spaces follow it (RFC 9110 11.1, RFC 6750
+    2.1); the key itself is exact. A real key under another scheme, alone, cut, extended or
+    upper-cased is refused as any unknown one (the other tests send keys that exist nowhere)."""
+    key = signup(http)["Authorization"].removeprefix("Bearer ")
+    for taken in (f"Bearer {key}", f"bearer {key}", f"BEARER {key}", f"Bearer  {key}"):
+        assert http.get("/api/v1/orders", headers={"Authorization": taken}).status_code == 200
+    for refused in (key, f"Basic {key}", f"Token {key}", f"Bearer{key}", f"Bearer {key[:-1]}",
+                    f"Bearer {key}x", f"Bearer x{key}", f"Bearer {key} {key}",
+                    f"Bearer {key.upper()}", f'Bearer "{key}"', f"Bearer\t{key}"):
+        r = http.get("/api/v1/orders", headers={"Authorization": refused})
+        assert r.status_code == 401 and error_code(r) == "UNAUTHORIZED", (refused, r.text)
+        assert r.headers["www-authenticate"] == "Bearer", refused
+
+
 def test_public_routes_need_no_key(http: httpx.Client) -> None:
     assert http.get("/api/v1/assets").status_code == 200
     assert http.get("/api/v1/prices").status_code == 200

@@ -386,6 +386,48 @@ def test_another_users_position_is_404_like_a_missing_one(
     assert http.get("/api/v1/positions/history", headers=bob).json() == {"positions": []}
 
 
+def test_another_accounts_ids_are_answered_as_ids_never_issued(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    """Every request naming an id (close, modify, margin, cancel, the paging cursors) answers
+    byte for byte as for an id of the same shard that was never issued, whether the other
+    account's position or order is open or has ended; and changes nothing of it."""
+    alice, bob = signup(http), signup(http)
+    tick(platform, http, "SOL", "100.00", "100.01")
+    live = open_position(http, alice, asset="SOL", type="long", margin="100", leverage=10,
+                         stopLoss="95")["positionId"]
+    ended = open_position(http, alice, asset="SOL", type="long", margin="10",
+                          leverage=2)["positionId"]
+    assert http.post("/api/v1/positions/close", headers=alice,
+                     json={"positionId": ended}).status_code == 200
+    order = {"asset": "SOL", "type": "long", "orderType": "limit", "triggerPrice": "90",
+             "margin": "5", "leverage": 2}
+    waiting = http.post("/api/v1/orders", headers=alice, json=order).json()["orderId"]
+    cancelled = http.post("/api/v1/orders", headers=alice, json=order).json()["orderId"]
+    assert http.delete(f"/api/v1/orders/{cancelled}", headers=alice).status_code == 200
+    before = state(http, alice), http.get("/api/v1/orders", headers=alice).json()
+
+    def answers(item_id: str) -> list[tuple[int, str]]:
+        out = []
+        for method, path, body in (
+                ("POST", "/api/v1/positions/close", {"positionId": item_id}),
+                ("POST", "/api/v1/positions/close", {"positionId": item_id, "quantity": "1"}),
+                ("POST", "/api/v1/positions/modify", {"positionId": item_id, "stopLoss": "50"}),
+                ("POST", "/api/v1/positions/margin", {"positionId": item_id, "amount": "-90"}),
+                ("POST", "/api/v1/positions/margin", {"positionId": item_id, "amount": "99999"}),
+                ("DELETE", f"/api/v1/orders/{item_id}", None),
+                ("GET", f"/api/v1/positions?cursor={item_id}", None),
+                ("GET", f"/api/v1/positions/history?before={item_id}", None),
+                ("GET", f"/api/v1/orders/history?before={item_id}", None)):
+            r = http.request(method, path, json=body, headers=bob)
+            out.append((r.status_code, r.text))
+        return out
+
+    for theirs in (live, ended, waiting, cancelled):
+        never = str(int(theirs) + (1 << 50))  # same shard and row, a generation not reached
+        assert answers(theirs) == answers(never), theirs
+    assert (state(http, alice), http.get("/api/v1/orders", headers=alice).json()) == before
+
+
 def test_history_is_newest_first_with_limit_and_before(
         platform: HttpPlatform, http: httpx.Client) -> None:
     h = sol_trader(platform, http)
