@@ -72,6 +72,10 @@ SOURCE_FORMS = ("backpack | sim[?seed=N&rate=HZ] | replay:PATH[?speed=X&loop=1] 
 _SOURCE_OPTIONS = {"backpack": (), "none": (), "sim": ("seed", "rate"),
                    "replay": ("speed", "loop"), "auto": ("wait", "seed", "rate")}
 _LOOP_VALUES = ("", "0", "1", "false", "true")
+LOOP_OFF = ("", "0", "false")  # loop=VALUE (any case) that plays the file once
+# A number option (rate, speed, wait): plain ASCII decimal text, as the config's own numbers;
+# float() also takes "1_000", "1e3" and other scripts' digits
+_DECIMAL = re.compile(r"[0-9]{1,16}(\.[0-9]{0,16})?|\.[0-9]{1,16}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,11 @@ class SourceSpec:
     kind: str
     path: str = ""
     options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int:
+        """The ``seed`` option, exactly (through a float, seeds past 2**53 would share walks)."""
+        return int(self.options.get("seed", "0"))
 
     def number(self, key: str, default: float) -> float:
         try:
@@ -101,10 +110,7 @@ def _check_option(key: str, value: str) -> None:
         if len(value) > 19 or not re.fullmatch(r"-?[0-9]+", value):
             raise ValueError("option seed must be an integer")
         return
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
+    number = float(value) if _DECIMAL.fullmatch(value) else math.nan
     low_ok = number >= 0 if key == "speed" else number > 0
     if not (math.isfinite(number) and low_ok and number <= 1e6):
         floor = ">= 0" if key == "speed" else "> 0"
@@ -118,7 +124,12 @@ def parse_source(text: str) -> SourceSpec:
     body, options = text, {}
     head, sep, query = text.rpartition("?")
     if sep and "=" in query:
-        body, options = head, dict(parse_qsl(query, keep_blank_values=True))
+        pairs = parse_qsl(query, keep_blank_values=True)
+        body, options = head, dict(pairs)
+        if len(options) < len(pairs):  # which one would count: the first, the last?
+            keys = [key for key, _ in pairs]
+            raise ValueError(f"option {next(k for k in keys if keys.count(k) > 1)} is given "
+                             "twice")
     kind, colon, path = body.partition(":")
     kind = kind.strip().lower()
     if kind == "replay":

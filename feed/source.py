@@ -30,6 +30,7 @@ from feed.message import MarketDataMessage
 from feed.producer import LINGER_MS, MarketDataProducer, ProducerStopped
 from feed.replay import ReplaySource
 from feed.settings import (
+    LOOP_OFF,
     MARKET_TOPIC,
     FeedSettings,
     HasFeedSettings,
@@ -114,14 +115,14 @@ def make_source(settings: FeedSettings | HasFeedSettings,
     if spec.kind == "none":
         return None
     if spec.kind == "sim":
-        return SimSource(assets, seed=int(spec.number("seed", 0)), rate_hz=spec.number("rate", 4))
+        return SimSource(assets, seed=spec.seed, rate_hz=spec.number("rate", 4))
     if spec.kind == "replay":
         return ReplaySource(spec.path, assets, speed=spec.number("speed", 1.0),
-                            loop=spec.options.get("loop", "0") not in ("", "0", "false"))
+                            loop=spec.options.get("loop", "0").lower() not in LOOP_OFF)
     backpack = BackpackClient(settings.backpack_ws_url, assets)
     if spec.kind == "backpack":
         return backpack
-    sim = SimSource(assets, seed=int(spec.number("seed", 0)), rate_hz=spec.number("rate", 4))
+    sim = SimSource(assets, seed=spec.seed, rate_hz=spec.number("rate", 4))
     return AutoSource(backpack, sim, wait_s=spec.number("wait", AUTO_WAIT_S))
 
 

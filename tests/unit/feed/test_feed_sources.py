@@ -152,6 +152,22 @@ def test_a_recording_of_other_assets_only_is_refused() -> None:
         make_source(settings, f"replay:{FIXTURE}")
 
 
+def test_the_source_reads_its_options_as_given() -> None:
+    """``loop`` in any case the check takes (``FALSE`` played the file in a loop), and a seed
+    exactly (read through a float, seeds 2**53 and 2**53 + 1 walked alike)."""
+    settings = Settings.from_env({"ASSETS": "SOL"})
+    for value, loops in [("FALSE", False), ("False", False), ("0", False), ("", False),
+                         ("TRUE", True), ("1", True)]:
+        replay = make_source(settings, f"replay:{FIXTURE}?loop={value}")
+        assert isinstance(replay, ReplaySource) and replay.loop is loops, value
+    sol = settings.assets["SOL"]
+    for seed in (2**53 + 1, -(2**53) - 1, 10**19 - 1):
+        sim = make_source(settings, f"sim?seed={seed}")
+        assert isinstance(sim, SimSource)
+        exact = SimWalk(settings.assets, seed)
+        assert [sim.walk.next(sol) for _ in range(5)] == [exact.next(sol) for _ in range(5)]
+
+
 def test_parse_source() -> None:
     assert parse_source("sim").kind == "sim"
     spec = parse_source("sim?seed=7&rate=50")
