@@ -363,8 +363,16 @@ def _parse_source(text: str) -> SourceSpec:
         _fail("FEED_SOURCE", text, detail)
 
 
+def _asset_name(text: str) -> str:
+    """``text`` as an asset's name, any case; "" when it cannot be one: upper() turns some
+    other letters into ASCII ones ("\u017fol" would read as SOL), and "*" stands for every
+    asset only where a lone N puts it."""
+    name = text.strip()
+    return name.upper() if name.isascii() and name != "*" else ""
+
+
 def _parse_assets(text: str) -> AssetRegistry:
-    names = [n.strip().upper() for n in text.split(",")]
+    names = [_asset_name(n) for n in text.split(",")]
     if not all(n in DEFAULT_ASSETS for n in names) or len(set(names)) != len(names):
         _fail("ASSETS", text)
     return DEFAULT_ASSETS.subset(names)
@@ -376,10 +384,11 @@ def _parse_shards(text: str, assets: AssetRegistry) -> dict[str, int]:
     if not text:
         return {}
     out: dict[str, int] = {}
-    parts = [("*", text)] if "=" not in text else [p.partition("=")[::2] for p in text.split(",")]
+    pairs = (part.partition("=") for part in text.split(","))
+    parts = [("*", text)] if "=" not in text else [(_asset_name(n), c) for n, _, c in pairs]
     for name, count in parts:
-        name, count = name.strip().upper(), count.strip()
-        if not re.fullmatch(r"[0-9]{1,4}", count) or name in out:
+        count = count.strip()
+        if not name or not re.fullmatch(r"[0-9]{1,4}", count) or name in out:
             _fail("SHARDS", text)
         out[name] = int(count)
     try:
