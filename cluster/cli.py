@@ -9,10 +9,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import signal
 import sys
 
 BENCHES = ("engine", "feed", "api", "durability", "live", "chaos", "footprint", "latency")
+
+
+def _port(text: str) -> int:
+    """A TCP port, 1..65535, in ASCII digits (int() also takes "9_092" and other scripts'
+    digits); argparse prints the usage and exits 2 for anything else."""
+    if not (re.fullmatch(r"[0-9]{1,5}", text) and 1 <= int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port in 1..65535")
+    return int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the whole platform in the foreground (Ctrl-C stops it)")
     engine = sub.add_parser("engine", help="start everything but the feed source")
     for command in (up, engine):
-        command.add_argument("--broker-port", type=int, metavar="PORT",
+        command.add_argument("--broker-port", type=_port, metavar="PORT",
                              help="port of the embedded broker (default 9092; not used with "
                                   "KAFKA_BROKERS)")
     sub.add_parser("feed", help="run the market data service alone (source -> Kafka)")
@@ -50,11 +59,7 @@ def _run(args: argparse.Namespace) -> int:
     from cluster.actors import launcher
 
     if args.command in ("up", "engine"):
-        port = args.broker_port
-        if port is not None and not 1 <= port <= 65535:
-            print(f"shardex: --broker-port must be in 1..65535, got {port}", file=sys.stderr)
-            return 2
-        return launcher.up(settings, with_feed=args.command == "up", broker_port=port)
+        return launcher.up(settings, with_feed=args.command == "up", broker_port=args.broker_port)
     if args.command == "status":
         return launcher.status(settings)
     return launcher.audit(settings, as_json=args.json, offline=args.offline)

@@ -142,6 +142,25 @@ def test_a_bad_setting_is_one_line_and_a_non_zero_exit(command: list[str], varia
     assert f"{variable} must be " in lines[0], lines[0]  # the line names what to fix
 
 
+@pytest.mark.parametrize("argv", [
+    [], ["frobnicate"], ["status", "--bogus"], ["bench"], ["bench", "nope"],
+    ["up", "--broker-port", "70000"], ["engine", "--broker-port", "0"],
+    ["up", "--broker-port", "x"], ["up", "--broker-port", "9_092"],
+    ["up", "--broker-port", "\u0669\u0660\u0669\u0662"], ["engine", "--broker-port", "+9092"]])
+def test_a_bad_command_line_is_a_usage_error_before_anything_starts(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse's usage line and exit 2, read from no setting. A --broker-port out of range was
+    refused only after the settings were read and Ray imported, without the usage, and int()
+    took 9_092 and other scripts' digits as 9092."""
+    from cluster import cli
+
+    with pytest.raises(SystemExit) as ended:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and err.startswith("usage: shardex"), err
+    assert "Traceback" not in err and ": error: " in err.splitlines()[-1], err
+
+
 @pytest.mark.parametrize("command", [["up"], ["status"], ["audit"], ["audit", "--offline"]])
 def test_a_layout_other_than_the_data_dirs_is_one_line_naming_it(command: list[str],
                                                                  tmp_path: Path) -> None:
