@@ -54,7 +54,7 @@ from typing import Any
 
 import httpx
 
-from bench.options import duration, duration_or_zero, nonneg_int, positive_int
+from bench.options import duration, duration_or_zero, integer, nonneg_int, positive_int
 from cluster.actors.launcher import Platform
 from cluster.actors.names import FEED, LEDGER
 from cluster.config import MARKET_TOPIC, Settings
@@ -599,7 +599,7 @@ def main(argv: list[str]) -> int:
                         help="single-process kills (plus one whole-platform kill)")
     parser.add_argument("--interval", type=duration, default=2.0, help="seconds between kills")
     parser.add_argument("--clients", type=positive_int, default=4)
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=integer, default=1)
     parser.add_argument("--bootstrap", default=None,
                         help="Kafka to use (default: start an embedded broker)")
     parser.add_argument("--assets", default="SOL,BTC", help="assets traded (one shard each)")

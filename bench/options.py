@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
+
+# plain ASCII decimal text: int() and float() also take "1_000", "+5", other scripts' digits
+# (and float() "1e3", "inf")
+_WHOLE = re.compile(r"-?[0-9]{1,18}")
+_DECIMAL = re.compile(r"-?([0-9]{1,18}(\.[0-9]{0,18})?|\.[0-9]{1,18})")
 
 
 def _number(convert: Callable[[str], float], low: float, low_open: bool,
             what: str) -> Callable[[str], float]:
+    grammar = _WHOLE if convert is int else _DECIMAL
+
     def parse(text: str) -> float:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not grammar.fullmatch(text.strip()):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        value = convert(text.strip())
         if not math.isfinite(value) or value < low or (low_open and value == low):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return value
@@ -22,6 +29,7 @@ def _number(convert: Callable[[str], float], low: float, low_open: bool,
     return parse
 
 
+integer = _number(int, -math.inf, False, "a whole number")
 positive_int = _number(int, 0, True, "a whole number > 0")
 nonneg_int = _number(int, 0, False, "a whole number >= 0")
 duration = _number(float, 0, True, "a number of seconds > 0")

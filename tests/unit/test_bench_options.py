@@ -14,7 +14,7 @@ BAD_BY_KIND = {
             ["--replicas", "-2"], ["--duration-s", "nan"]],
     "durability": [["--slices", "0"], ["--slice-s", "inf"]],
     "feed": [["--rate", "-5"]], "latency": [["--liquidating-share", "1.5"]],
-    "live": [["--clients", "1e3"]], "chaos": [["--interval", "0"]],
+    "live": [["--clients", "1e3"]], "chaos": [["--interval", "0"], ["--seed", "\u0661"]],
     "footprint": [["--window-s", "-1"]], "serve_paths": [["--duration-s", "0"]],
 }
 BAD = [(kind, argv) for kind, options in BAD_BY_KIND.items() for argv in options]
@@ -38,6 +38,21 @@ def test_good_values_parse_as_numbers() -> None:
     assert options.int_list("1, 64") == [1, 64]
     assert options.nonneg_int("0") == 0 and options.positive_int("7") == 7
     assert options.duration("0.5") == 0.5 and options.share("1") == 1.0
+    assert options.integer("-3") == -3 and options.positive_int(" 5 ") == 5
+
+
+@pytest.mark.parametrize(("kind", "text"), [
+    ("positive_int", "\u0665"), ("nonneg_int", "1_000"), ("positive_int", "+8"),
+    ("int_list", "1,\uff18"), ("integer", "\u0661"), ("duration", "1_0"), ("duration", "1e1"),
+    ("duration_or_zero", "\u0660"), ("rate", "\u0665"), ("share", "0.5_0")])
+def test_a_number_is_plain_ascii_decimal_text(kind: str, text: str) -> None:
+    """int() and float() took these as 5, 1000, 8, 10, ...: the run went ahead with them."""
+    import argparse
+
+    from bench import options
+
+    with pytest.raises(argparse.ArgumentTypeError, match=" is not "):
+        getattr(options, kind)(text)
 
 
 class _Parsed(Exception):
