@@ -313,7 +313,7 @@ def _millionths(var: str, raw: str, high: int) -> int:
     """``raw``, a decimal of at most 6 places, in millionths (a rate in ppm, money in micros)
     from 0 to ``high``; ConfigError naming ``var`` otherwise."""
     try:
-        units = to_units(raw, 6)
+        units = to_units(raw.strip(), 6)  # spaces around it, as every number setting
     except AmountError:
         _fail(var, raw)
     if not 0 <= units <= high:

@@ -128,6 +128,18 @@ def test_every_variable_has_a_rule_and_a_refusal() -> None:
     assert set(BAD) == set(RULES)
 
 
+@pytest.mark.parametrize(("var", "field", "text", "value"), [
+    ("PORT", "port", "4001", 4001), ("MAX_PRICE_AGE_S", "max_price_age_us", "2.5", 2_500_000),
+    ("MAINTENANCE_MARGIN_RATE", "maintenance_margin_ppm", "0.1", 100_000),
+    ("SIGNUP_BALANCE", "signup_balance_micros", "10.000001", 10_000_001)])
+def test_a_number_with_spaces_or_a_line_end_around_it_is_that_number(
+        var: str, field: str, text: str, value: int) -> None:
+    """As an env file with CRLF line ends gives it; the two decimals were refused, while the
+    integers and seconds took it."""
+    for raw in (f" {text} ", f"{text}\r", f"\t{text}\n"):
+        assert getattr(Settings.from_env({var: raw}), field) == value, raw
+
+
 def test_brokers_of_spaces_only_are_unset_and_spaces_around_them_go() -> None:
     assert Settings.from_env({"KAFKA_BROKERS": " "}).kafka_brokers is None
     assert Settings.from_env({"KAFKA_BROKERS": " a:9092 "}).kafka_brokers == "a:9092"
