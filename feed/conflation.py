@@ -38,9 +38,11 @@ class BatchConflator:
     Each partition's records are scanned newest first and only decoded until every asset the
     partition carries has a valid tick; older records of an asset already found are counted as
     ``conflated`` without being decoded (their key, the symbol, tells their asset). A newest
-    record that is malformed, out of bounds (counted by the decoder) or older than the last tick
-    delivered for its asset (counted by ``gate``) is dropped and the scan falls back to the one
-    before it. Across partitions the tick with the larger ``(ts_us, seq)`` wins.
+    record that is malformed, out of bounds (counted by the decoder), older than the last tick
+    delivered for its asset or not newer than the one held for it (counted by ``gate``) is
+    dropped and the scan falls back to the one before it: a tick that may confirm the held one
+    is not hidden by an older one read after it. Across partitions the tick with the larger
+    ``(ts_us, seq)`` wins.
     """
 
     def __init__(self, assets: AssetRegistry, decoder: TickDecoder | None = None,

@@ -51,11 +51,16 @@ class TickGate:
 
     def is_older(self, tick: Tick) -> bool:
         """True (and counted as ``out_of_order``) when ``tick`` is older, by ``(ts_us, seq)``,
-        than the last tick delivered for its asset, or is that tick again."""
+        than the last tick delivered for its asset, or is that tick again, or is not newer
+        than the tick held for its asset."""
         last = self.last.get(tick.asset)
+        held = self.held.get(tick.asset)
         # the same tick again (a message the topic holds twice: a producer's retry, a consumer
-        # repositioned one message back) would be swept, charted and counted in a candle twice
-        if last is not None and (_order(tick) < _order(last) or tick == last):
+        # repositioned one message back) would be swept, charted and counted in a candle twice;
+        # one older than (or the same as) the update held can neither confirm the move nor be
+        # delivered before it, which comes first should it be confirmed
+        if (last is not None and (_order(tick) < _order(last) or tick == last)) or (
+                held is not None and _order(tick) <= _order(held)):
             self.dropped["out_of_order"] += 1
             return True
         return False
@@ -65,13 +70,7 @@ class TickGate:
             return []
         asset = tick.asset
         last = self.last.get(asset)
-        held = self.held.get(asset)
-        if held is not None and _order(tick) <= _order(held):
-            # older than (or the same as) the update held: it can neither confirm the move
-            # nor be delivered before it, which comes first should it be confirmed
-            self.dropped["out_of_order"] += 1
-            return []
-        self.held.pop(asset, None)
+        held = self.held.pop(asset, None)
         if last is None or within_band(tick, last, self.band_bps):
             if held is not None:
                 self.dropped["jump"] += 1  # the next tick did not confirm the held one

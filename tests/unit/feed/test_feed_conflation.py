@@ -60,6 +60,23 @@ def test_newest_older_than_delivered_falls_back() -> None:
     assert gate.dropped == {"out_of_order": 1}
 
 
+def test_newest_not_newer_than_the_held_jump_falls_back() -> None:
+    """A jump is held; the batch holds a tick that confirms it and, read after it, an older
+    update. The newest offset was taken as the asset's tick (it is not older than the last
+    delivered one), the gate dropped it as out of order, and the confirming tick had been
+    skipped as conflated: the held price stayed held, while the same records read one a poll
+    confirmed it. The scan falls back past a tick not newer than the held one too."""
+    gate = TickGate(1000)
+    gate.admit(Tick("SOL", 100, 101, 5, 5, "sim"))
+    assert gate.admit(Tick("SOL", 150, 151, 10, 10, "sim")) == []  # +50%: held
+    c = BatchConflator(DEFAULT_ASSETS, gate=gate)
+    newest = c.newest([[rec("SOL", 151, 11), rec("SOL", 152, 9)]])
+    assert newest == {"SOL": Tick("SOL", 151, 152, 11, 11, "sim")}
+    assert gate.dropped == {"out_of_order": 1}
+    assert gate.admit_all(newest) == [Tick("SOL", 150, 151, 10, 10, "sim"), newest["SOL"]]
+    assert gate.confirmed == 1 and not gate.held
+
+
 def test_several_assets_and_partitions() -> None:
     c = BatchConflator(DEFAULT_ASSETS)
     p0 = [rec("SOL", 1, 1), rec("BTC", 5, 2), rec("SOL", 2, 3)]
