@@ -37,7 +37,8 @@ class BatchConflator:
 
     Each partition's records are scanned newest first and only decoded until every asset the
     partition carries has a valid tick; older records of an asset already found are counted as
-    ``conflated`` without being decoded (their key, the symbol, tells their asset). A newest
+    ``conflated`` without being decoded (their key, the symbol, tells their asset; a record
+    whose key is another asset's symbol than its own is dropped as ``unknown_symbol``). A newest
     record that is malformed, out of bounds (counted by the decoder), older than the last tick
     delivered for its asset or not newer than the one held for it (counted by ``gate``) is
     dropped and the scan falls back to the one before it: a tick that may confirm the held one
@@ -75,7 +76,7 @@ class BatchConflator:
                 if hinted is not None and hinted in found:
                     self.conflated += 1
                     continue
-                tick = decode(rec.value, now_us)
+                tick = decode(rec.value, now_us, hinted)
                 if tick is None or (is_older is not None and is_older(tick)):
                     continue
                 if tick.asset in found:

@@ -99,7 +99,8 @@ class TickDecoder:
     ``decode(value, now_us)`` returns a Tick or None; every None is counted in :attr:`dropped`
     under one reason (:data:`DECODE_DROP_REASONS`): ``oversized`` (more than
     :data:`MAX_MESSAGE_BYTES`), ``too_deep`` (nested deeper than ``feed.payload.MAX_DEPTH``),
-    ``not_json`` (not UTF-8 JSON, or not an object), ``unknown_symbol``, ``bad_price`` (bid,
+    ``not_json`` (not UTF-8 JSON, or not an object), ``unknown_symbol`` (not a symbol of the
+    registry, or not the one the record's key names), ``bad_price`` (bid,
     ask or price missing, not decimal text or a JSON number, zero, negative, non-finite or off
     the asset's price step; price, one decimal finer, not exactly ``(bid + ask) / 2``),
     ``crossed`` (bid > ask), ``above_bound`` (ask above the asset's
@@ -120,7 +121,9 @@ class TickDecoder:
     def _drop(self, reason: str) -> None:
         self.dropped[reason] += 1
 
-    def decode(self, value: bytes | str | None, now_us: int | None = None) -> Tick | None:
+    def decode(self, value: bytes | str | None, now_us: int | None = None,
+               key_asset: str | None = None) -> Tick | None:
+        """``key_asset``: the asset whose symbol the record's Kafka key is, if any."""
         try:
             obj = load_json(value, max_bytes=MAX_MESSAGE_BYTES)
         except PayloadError as exc:
@@ -131,7 +134,9 @@ class TickDecoder:
             return None
         symbol = obj.get("symbol")
         asset = self.assets.by_symbol(symbol) if isinstance(symbol, str) else None
-        if asset is None:
+        if asset is None or (key_asset is not None and key_asset != asset.name):
+            # a record keyed with another asset's symbol: the conflator skips the older records
+            # of a key unread, so such a record would be read or not depending on the poll
             self._drop("unknown_symbol")
             return None
         bid_ticks = _ticks(asset, obj.get("bid"))

@@ -77,6 +77,23 @@ def test_newest_not_newer_than_the_held_jump_falls_back() -> None:
     assert gate.confirmed == 1 and not gate.held
 
 
+def test_a_record_keyed_with_another_assets_symbol_is_dropped_in_any_poll() -> None:
+    """A BTC message under the key SOL_USDC, then a SOL one: read in one poll the BTC tick was
+    skipped unread as an older SOL record (counted conflated), read alone it was BTC's price.
+    Whether it counted depended on the poll; it is dropped either way now, and a key that is no
+    symbol of ``ASSETS`` (none, junk) still leaves the value to tell the asset."""
+    miskeyed = Rec(b"SOL_USDC", rec("BTC", 600_000, 3).value)
+    together = BatchConflator(DEFAULT_ASSETS)
+    assert together.newest([[miskeyed, rec("SOL", 100, 5)]]).keys() == {"SOL"}
+    alone = BatchConflator(DEFAULT_ASSETS)
+    assert alone.newest([[miskeyed]]) == {} and alone.newest([[rec("SOL", 100, 5)]]).keys() == {
+        "SOL"}
+    assert alone.decoder.dropped == {"unknown_symbol": 1}
+    for key in (None, b"", b"DOGE_USDC", b"\xff"):
+        assert BatchConflator(DEFAULT_ASSETS).newest([[Rec(key, miskeyed.value)]]).keys() == {
+            "BTC"}
+
+
 def test_several_assets_and_partitions() -> None:
     c = BatchConflator(DEFAULT_ASSETS)
     p0 = [rec("SOL", 1, 1), rec("BTC", 5, 2), rec("SOL", 2, 3)]
