@@ -100,7 +100,8 @@ class TickDecoder:
     under one reason (:data:`DECODE_DROP_REASONS`): ``oversized`` (more than
     :data:`MAX_MESSAGE_BYTES`), ``too_deep`` (nested deeper than ``feed.payload.MAX_DEPTH``),
     ``not_json`` (not UTF-8 JSON, or not an object), ``unknown_symbol`` (not a symbol of the
-    registry, or not the one the record's key names), ``bad_price`` (bid,
+    registry, or not the one the record's key names, or ``asset``, when given, not its asset),
+    ``bad_price`` (bid,
     ask or price missing, not decimal text or a JSON number, zero, negative, non-finite or off
     the asset's price step; price, one decimal finer, not exactly ``(bid + ask) / 2``),
     ``crossed`` (bid > ask), ``above_bound`` (ask above the asset's
@@ -134,9 +135,11 @@ class TickDecoder:
             return None
         symbol = obj.get("symbol")
         asset = self.assets.by_symbol(symbol) if isinstance(symbol, str) else None
-        if asset is None or (key_asset is not None and key_asset != asset.name):
-            # a record keyed with another asset's symbol: the conflator skips the older records
-            # of a key unread, so such a record would be read or not depending on the poll
+        # a record keyed with another asset's symbol: the conflator skips the older records of
+        # a key unread, so such a record would be read or not depending on the poll; an
+        # ``asset`` other than the symbol's: the message contradicts itself about what it prices
+        if asset is None or (key_asset is not None and key_asset != asset.name) or obj.get(
+                "asset", asset.name) != asset.name:
             self._drop("unknown_symbol")
             return None
         bid_ticks = _ticks(asset, obj.get("bid"))

@@ -43,6 +43,12 @@ def test_decode_spec_example() -> None:
     assert dec.decoded == 1 and not dec.dropped
 
 
+def test_asset_may_be_left_out() -> None:
+    dec = TickDecoder(DEFAULT_ASSETS)
+    assert dec.decode(enc(asset=...)) == dec.decode(enc())
+    assert dec.decoded == 2 and not dec.dropped
+
+
 def test_unknown_fields_are_ignored_and_numbers_accepted() -> None:
     dec = TickDecoder(DEFAULT_ASSETS)
     tick = dec.decode(enc(extra={"x": 1}, v=7, bid=98.96, ask=99, price=98.98))
@@ -59,6 +65,11 @@ def test_unknown_fields_are_ignored_and_numbers_accepted() -> None:
         (None, "not_json"),
         (enc(symbol="DOGE_USDC"), "unknown_symbol"),
         (enc(symbol=...), "unknown_symbol"),
+        # the asset contradicts the symbol: which market does the price belong to?
+        (enc(asset="BTC"), "unknown_symbol"),
+        (enc(asset="sol"), "unknown_symbol"),
+        (enc(asset=None), "unknown_symbol"),
+        (enc(symbol="BTC_USDC"), "unknown_symbol"),
         (enc(bid=...), "bad_price"),
         (enc(ask=None), "bad_price"),
         (enc(price=...), "bad_price"),
