@@ -100,3 +100,29 @@ def test_a_tick_not_newer_than_the_held_one_neither_confirms_nor_passes_it() -> 
     assert gate.last["SOL"] == tick(100, 5)
     assert gate.admit(tick(152, 11)) == [tick(150, 10), tick(152, 11)]
     assert gate.last["SOL"] == tick(152, 11) and gate.confirmed == 1
+
+
+@pytest.mark.parametrize(("mid", "delivered"), [(11_000, True), (11_001, False),
+                                                (9_000, True), (8_999, False)])
+def test_a_move_of_exactly_the_band_passes_one_step_more_is_held(mid: int,
+                                                                 delivered: bool) -> None:
+    gate = TickGate(1000)
+    gate.admit(tick(10_000, 1))
+    assert gate.admit(tick(mid, 2)) == ([tick(mid, 2)] if delivered else [])
+    assert gate.held == ({} if delivered else {"SOL": tick(mid, 2)})
+
+
+@pytest.mark.parametrize(("mid", "confirms"), [(22_000, True), (22_001, False),
+                                               (18_000, True), (17_999, False)])
+def test_the_next_tick_confirms_a_jump_up_to_the_held_ones_band_edge(mid: int,
+                                                                     confirms: bool) -> None:
+    gate = TickGate(1000)
+    gate.admit(tick(10_000, 1))
+    assert gate.admit(tick(20_000, 2)) == []  # held
+    if confirms:
+        assert gate.admit(tick(mid, 3)) == [tick(20_000, 2), tick(mid, 3)]
+        assert gate.last["SOL"] == tick(mid, 3) and not gate.held and not gate.dropped
+    else:  # a second jump: the first is dropped, the second held in its place
+        assert gate.admit(tick(mid, 3)) == []
+        assert gate.held == {"SOL": tick(mid, 3)} and gate.dropped == {"jump": 1}
+        assert gate.last["SOL"] == tick(10_000, 1)

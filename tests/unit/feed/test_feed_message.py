@@ -76,6 +76,9 @@ def test_unknown_fields_are_ignored_and_numbers_accepted() -> None:
         *[(enc(**{side: text}), "bad_price") for text in strategies.INVALID_PRICE_TEXTS
           for side in ("bid", "ask")],
         (enc(price="0"), "bad_price"),
+        # bid and ask in the strict decimal grammar too
+        *[(enc(bid=text), "bad_price") for text in (" 98.96", "98.96 ", "+98.96", "9.896e1",
+                                                   "98,96", "98.96.0", ".96", "98.")],
         # the mid has one decimal more than the step, in the strict decimal grammar
         *[(enc(price=text), "bad_price")
           for text in ("98.9651", "0.0001", "+98.965", " 98.965", "9_8.965",
