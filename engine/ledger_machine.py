@@ -384,11 +384,12 @@ class LockMargin:
     -> None: locked (the clientOrderId, if any, reserved as pending with ``lock.request_id``);
     Rejected: not locked (INSUFFICIENT_BALANCE, TOO_MANY_POSITIONS, TOO_MANY_ORDERS, NOT_FOUND,
     INVALID_REQUEST; stored as the clientOrderId's first answer); IdemHit: the clientOrderId was
-    seen before, nothing locked. ``asked``: as :class:`Begin`'s.
+    seen before, nothing locked. ``asked``, ``ttl_us``: as :class:`Begin`'s.
     """
 
     lock: MarginLock
     asked: bytes = b""
+    ttl_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,11 +436,13 @@ class Begin:
     """Reserve ``key`` for request ``request_id`` (0 = none): None = reserved now, IdemHit =
     seen before (its answer, None while pending), Rejected(INVALID_REQUEST) = ``key`` was
     first used for a request other than ``asked`` (the digest of this one's terms; ``b""``:
-    not checked)."""
+    not checked). ``ttl_us`` > 0: an answer given more than that long ago is forgotten now
+    (as :class:`ExpireAnswers` would), and ``key`` is free again; 0: it is kept until then."""
 
     key: IdemKey
     request_id: int = 0
     asked: bytes = b""
+    ttl_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -1096,6 +1099,23 @@ class LedgerMachine:
             "applied_seq": dict(self._applied_seq),
         }, _NO_EVENTS
 
+    def _expired(self, key: IdemKey, ttl_us: int, now_us: int) -> tuple[Event, ...]:
+        """``(AnswersExpired,)`` when ``key``'s answer is older than ``ttl_us`` (> 0) and that
+        event drops it (every answer given before it is as old: after a step back of the wall
+        clock one may not be, and ``key`` then stays remembered, as with
+        :class:`ExpireAnswers`); else ``()``. Between two sweeps an id past the TTL is thus
+        free to a request at once (SPEC: after the TTL the id may be reused)."""
+        ttl = _int(ttl_us)
+        if not ttl or ttl < 0 or key not in self._answered_us:
+            return ()
+        before_us = now_us - ttl
+        for held, ts_us in self._answered_us.items():  # oldest first: stop at the first kept
+            if ts_us >= before_us:
+                return ()
+            if held == key:
+                return (AnswersExpired(before_us),)
+        return ()
+
     def _expire_answers(self, c: ExpireAnswers, now_us: int) -> _Decision:
         before_us = now_us - c.ttl_us
         expired = 0
@@ -1144,8 +1164,11 @@ class LedgerMachine:
     def _lock(self, c: LockMargin, now_us: int) -> _Decision:
         lock = c.lock
         key = lock.idem_key
+        expired: tuple[Event, ...] = ()
         if key is not None and key in self._answers:
-            return self._seen(key, c.asked), _NO_EVENTS
+            expired = self._expired(key, c.ttl_us, now_us)
+            if not expired:
+                return self._seen(key, c.asked), _NO_EVENTS
         request_id = _request_id(lock.request_id)
         if request_id is None:
             return _invalid("request id out of range")
@@ -1165,7 +1188,7 @@ class LedgerMachine:
                               "(each pending order holds one)")
         elif self.ledger.free_micros(lock.user) < margin:
             result = Rejected(Code.INSUFFICIENT_BALANCE, "insufficient free balance")
-        events: list[Event] = []
+        events: list[Event] = [*expired]
         if result is None:
             assert margin is not None
             locked = MarginAdded if lock.top_up else OrderLocked if lock.order else MarginLocked
@@ -1239,13 +1262,17 @@ class LedgerMachine:
     # ----------------------------------------------------------------- clientOrderIds
     def _begin(self, c: Begin, now_us: int) -> _Decision:
         key = c.key
+        expired: tuple[Event, ...] = ()
         if key in self._answers:
-            return self._seen(key, c.asked), _NO_EVENTS
+            expired = self._expired(key, c.ttl_us, now_us)
+            if not expired:
+                return self._seen(key, c.asked), _NO_EVENTS
         request_id = _request_id(c.request_id)
         if request_id is None:
             return _invalid("request id out of range")
-        return None, [ClientOrderStoredAt(key.user, key.kind, key.client_order_id, request_id,
-                                          now_us, PENDING), *_asked_events(key, c.asked)]
+        return None, [*expired, ClientOrderStoredAt(key.user, key.kind, key.client_order_id,
+                                                    request_id, now_us, PENDING),
+                      *_asked_events(key, c.asked)]
 
     def _remember(self, c: Remember, now_us: int) -> _Decision:
         request_id = _request_id(c.request_id)

@@ -186,6 +186,9 @@ class TradingService:
             weakref.WeakValueDictionary()
         self.reconciler = Reconciler(ledger, self.shards, self.courier, self.counters,
                                      settings.client_order_id_ttl_s, self._turn)
+        # a clientOrderId answered longer ago is free to a request at once, not only once the
+        # reconciler's sweep has forgotten it (SPEC: after the TTL the id may be reused)
+        self._answer_ttl_us = settings.client_order_id_ttl_s * 1_000_000
         self._spread = itertools.count()
         # Request ids must not collide between API replicas: a random prefix per service.
         self._request_prefix = secrets.randbits(30) << 32
@@ -464,7 +467,8 @@ class TradingService:
                     raise Unavailable("ledger", message="the first request with this "
                                       "clientOrderId is still in progress: retry it shortly")
             await asyncio.sleep(IDEM_POLL_S)
-            seen = await self.ledger.call(Begin(key, request_id, self._asked(key)))
+            seen = await self.ledger.call(Begin(key, request_id, self._asked(key),
+                                                self._answer_ttl_us))
             if isinstance(seen, Rejected):  # another request has taken the key since
                 return seen
             if seen is None:  # the first attempt gave up; we now hold the reservation
@@ -609,7 +613,8 @@ class TradingService:
         if key is None:
             return self._request_id(), None
         request_id, seen = await self._claim(
-            key, lambda request_id: self.ledger.call(Begin(key, request_id, self._asked(key))))
+            key, lambda request_id: self.ledger.call(Begin(key, request_id, self._asked(key),
+                                                           self._answer_ttl_us)))
         if isinstance(seen, IdemHit):
             return request_id, seen.answer
         return request_id, seen if isinstance(seen, Rejected) else None
@@ -634,7 +639,8 @@ class TradingService:
             # settled by this id (abandoned, or resolved against the shards), never guessed.
             try:
                 return await self.ledger.call(LockMargin(lock._replace(request_id=request_id),
-                                                         self._asked(lock.idem_key)))
+                                                         self._asked(lock.idem_key),
+                                                         self._answer_ttl_us))
             except Unavailable:
                 # The lock may have been made and its answer lost: the request is never sent.
                 self.reconciler.abandon(request_id)

@@ -509,6 +509,26 @@ async def test_a_client_order_id_is_forgotten_after_its_ttl(make: Make) -> None:
     assert await p.audit() == []
 
 
+async def test_a_client_order_id_is_free_past_its_ttl_before_any_sweep(make: Make) -> None:
+    from cluster.config import Settings
+
+    p = make(settings=Settings(client_order_id_ttl_s=60))
+    svc = p.service
+    who = await sol_trader(p)
+    first = await svc.open_position(who, sol_long(client_order_id="o-ttl"))
+    assert isinstance(first, OpenPosition)
+    p.clock.now_us += 60_000_000  # exactly the TTL: remembered
+    await p.push_tick("SOL", "100.00", "100.01")
+    assert await svc.open_position(who, sol_long(client_order_id="o-ttl")) == first
+    p.clock.now_us += 1  # past it, no sweep yet: the id is a new request, other terms too
+    await p.push_tick("SOL", "100.00", "100.01")
+    second = await svc.open_position(who, sol_long(margin_usd=50, client_order_id="o-ttl"))
+    assert isinstance(second, OpenPosition) and second.margin_micros == 50 * USD
+    assert await svc.open_position(who, sol_long(margin_usd=50, client_order_id="o-ttl")) == \
+        second
+    assert balances(p, who)[1] == 150 * USD and await p.audit() == []
+
+
 async def test_open_positions_page_across_shards_while_positions_close_between_pages(
         platform: Platform) -> None:
     """Positions of three shards, some opened at the same microsecond, paged two at a time

@@ -381,6 +381,55 @@ def test_answers_expire_after_the_ttl_and_pending_reservations_do_not() -> None:
     assert led(Begin(new, 5)) is None
 
 
+def test_an_answer_past_the_ttl_frees_its_id_to_the_next_request_without_a_sweep() -> None:
+    # SPEC: after the TTL the id may be reused; the sweep that forgets answers runs every few
+    # seconds (or not at all while a shard is away), so the request itself looks at the age
+    led, u = one_account()
+    ttl = 100
+    old, new, opened_ = (IdemKey(u, kind, "id") for kind in ("close", "order", "open"))
+    assert led(Begin(old, 1, b"qty=1")) is None
+    led(Remember(old, Rejected(Code.NOT_FOUND, "no such position"), 1))  # a refusal, remembered
+    assert led(LockMargin(MarginLock(u, USD, opened_, 2), b"long")) is None
+    led(Remember(opened_, opened(u, 1, USD), 2))
+    led.now_us += 10
+    assert led(Begin(new, 3, b"limit")) is None
+    led(Remember(new, opened(u, 2, USD), 3))
+    led.now_us += ttl - 10  # "old" and the open are exactly ttl old: still remembered
+    refused = Rejected(Code.NOT_FOUND, "no such position")
+    assert led(Begin(old, 4, b"qty=1", ttl)) == IdemHit(refused)
+    assert led(Begin(old, 4, b"qty=2", ttl)).code is Code.INVALID_REQUEST
+    assert led(LockMargin(MarginLock(u, USD, opened_, 4), b"long", ttl)) == \
+        IdemHit(opened(u, 1, USD))
+    led.now_us += 1  # one microsecond past the TTL: the id is free, for other terms too
+    before = led.m.fingerprint()
+    assert led(Begin(old, 5, b"qty=2", ttl)) is None
+    assert led(Begin(old, 6, b"qty=2", ttl)) == IdemHit(None, 5)  # held by the new request
+    assert led(LockMargin(MarginLock(u, 2 * USD, opened_, 7), b"short", ttl)) is None
+    assert led.balances(u) == (SIGNUP - 3 * USD, 3 * USD)  # the new open's lock is made
+    assert led(Begin(new, 8, b"other", ttl)).code is Code.INVALID_REQUEST  # "new" is young
+    assert led.m.fingerprint() != before
+    # journaled: a restart, and a snapshot, hold what the requests did
+    again = led.restarted()
+    assert snapshot_round_trip(again).fingerprint() == again.fingerprint()
+    assert led(ExpireAnswers(ttl)) == 0  # nothing left for the sweep
+
+
+def test_an_answer_past_the_ttl_behind_a_younger_one_stays_until_the_sweep_takes_it() -> None:
+    # after a step back of the wall clock an older answer may follow a younger one; the sweep
+    # stops at the younger, and a request does too (the id is remembered a little longer)
+    led, u = one_account()
+    first, second = (IdemKey(u, "close", name) for name in ("first", "second"))
+    assert led(Begin(first, 1)) is None
+    led(Remember(first, opened(u, 1, USD), 1))
+    led.now_us -= 1_000  # the clock stepped back
+    assert led(Begin(second, 2)) is None
+    led(Remember(second, opened(u, 2, USD), 2))
+    led.now_us += 600  # "second" is 600 us old, "first" 600 us younger than that
+    assert led(Begin(second, 3, b"", 500)) == IdemHit(opened(u, 2, USD))
+    led.now_us += 1_000
+    assert led(Begin(second, 4, b"", 500)) is None and led(Begin(first, 5, b"", 500)) is None
+
+
 def test_answers_expire_in_the_order_given_after_a_snapshot_too() -> None:
     # the wall clock may step back (NTP); expiry walks the answers in the order they were given
     # and stops at the first one still young, so a restored state must keep that order
