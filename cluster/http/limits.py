@@ -17,6 +17,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 AsgiApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
+WHOLE_TOKEN = 1.0 - 1e-9
+"""What counts as a whole token: a bucket refilled for exactly ``1 / rate_per_s`` s after its
+last token holds 1.0 less the rounding of the clock's subtraction (a monotonic clock reads
+~1e3..1e6 s, so 1e-14..1e-10), which must not make that request wait a whole ``Retry-After``."""
+
 MAX_TRACKED_KEYS = 100_000
 """Most buckets one limiter keeps; past it the least recently used one is forgotten (it
 comes back full, which only ever lets that client through sooner)."""
@@ -137,8 +142,8 @@ class TokenBuckets:
             buckets.move_to_end(key)
             bucket[0] = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.rate_per_s)
             bucket[1] = now
-        if bucket[0] >= 1.0:
-            bucket[0] -= 1.0
+        if bucket[0] >= WHOLE_TOKEN:
+            bucket[0] = max(0.0, bucket[0] - 1.0)
             return 0.0
         return (1.0 - bucket[0]) / self.rate_per_s
 

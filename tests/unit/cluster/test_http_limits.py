@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from decimal import Decimal
 from typing import Any
 
@@ -42,6 +43,26 @@ def test_a_bucket_grants_its_burst_then_one_request_per_interval() -> None:
     assert buckets.take("k") == 0.0
     clock.now += 100
     assert [buckets.take("k") for _ in range(4)][-1] > 0  # refills up to the burst, no more
+
+
+@pytest.mark.parametrize("start", [1_000.0, 123_456.789, 800_000.1])
+@pytest.mark.parametrize(("rate", "burst"), [(50, 100), (10 / 60, 10), (5, 50)])
+def test_the_spec_limits_at_their_edges_on_a_clock_far_from_zero(
+        start: float, rate: float, burst: int) -> None:
+    # the defaults: requests per key (50/s, burst 100), account creations per address
+    # (10/min, burst 10), unknown keys per address (a tenth of the rate, half the burst)
+    clock = Clock()
+    clock.now = start
+    buckets = TokenBuckets(rate, burst, clock=clock)
+    assert [buckets.take("k") for _ in range(burst)] == [0.0] * burst
+    wait_s = buckets.take("k")  # one more than the burst
+    assert wait_s == pytest.approx(1 / rate)
+    clock.now += 1 / rate  # exactly one interval: a token, whatever the clock's rounding
+    assert buckets.take("k") == 0.0
+    wait_s = buckets.take("k")
+    assert retry_after_s(wait_s) == math.ceil(round(1 / rate, 9))  # 1 s, or 6 s at 10/min
+    clock.now += retry_after_s(wait_s)  # Retry-After is honest: a request sent then passes
+    assert buckets.take("k") == 0.0
 
 
 def test_rate_zero_is_unlimited_and_bad_limits_are_refused() -> None:
