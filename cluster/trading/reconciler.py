@@ -420,11 +420,11 @@ class Reconciler:
     async def sweep(self) -> None:
         """Settle the reservations pending longer than STALE_PENDING_S, end the locks an API
         process left behind, and forget the clientOrderIds answered longer than the TTL
-        ago."""
-        await self.settle_pending()
-        await self.end_orphaned_locks()
+        ago (first: it needs the ledger alone, and a shard away stops the rest)."""
         expired: int = await self.ledger.call(ExpireAnswers(self.answer_ttl_s * 1_000_000))
         self.counters["client_order_ids_expired"] += expired
+        await self.settle_pending()
+        await self.end_orphaned_locks()
 
     async def end_orphaned_locks(self) -> int:
         """End the locks whose request has been open at the ledger for ORPHAN_ROUNDS sweeps

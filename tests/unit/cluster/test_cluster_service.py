@@ -19,10 +19,13 @@ from engine.ledger_machine import AbandonLock
 from engine.ledger_machine import AppliedSeq
 from engine.ledger_machine import ApplySettlements
 from engine.ledger_machine import Audit
+from engine.ledger_machine import Begin
 from engine.ledger_machine import LockMargin
+from engine.ledger_machine import PendingRequests
 from engine.ledger_machine import Totals
 from engine.market import Tick
 from engine.messages import CloseOrder
+from engine.messages import IdemKey
 from engine.messages import MarginLock
 from engine.messages import OpenOrder
 from engine.messages import OpenPosition
@@ -507,6 +510,30 @@ async def test_a_client_order_id_is_forgotten_after_its_ttl(make: Make) -> None:
     assert isinstance(second, OpenPosition) and second.position_id != first.position_id
     assert len((await svc.state(who)).positions) == 2
     assert await p.audit() == []
+
+
+async def test_the_sweep_forgets_expired_client_order_ids_while_a_shard_is_away(
+        make: Make) -> None:
+    """A reservation left pending (its API process died) is settled against every shard; with
+    BTC's away that part of the sweep fails until it is back, and the ids past their TTL are
+    forgotten all the same (each one's answer otherwise held in the ledger's memory and
+    snapshots for as long as the shard is away)."""
+    p = make(settings=Settings(client_order_id_ttl_s=60),
+             wrap=lambda port: Down(port) if "BTC" in port.name else port)
+    svc = p.service
+    who = await sol_trader(p)
+    assert isinstance(await svc.open_position(who, sol_long(client_order_id="o-1")), OpenPosition)
+    assert await p.ledger.call(Begin(IdemKey(who.user, "close", "c-dead"), 77)) is None
+    p.clock.now_us += 61_000_000
+    btc = svc.shards["shard-BTC-0"]
+    assert isinstance(btc, Down)
+    btc.down = True
+    with pytest.raises(Unavailable):
+        await svc.reconciler.sweep()
+    assert svc.counters["client_order_ids_expired"] == 1
+    btc.down = False
+    await svc.reconciler.sweep()
+    assert await p.ledger.call(PendingRequests()) == []
 
 
 async def test_a_client_order_id_is_free_past_its_ttl_before_any_sweep(make: Make) -> None:
