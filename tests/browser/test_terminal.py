@@ -334,6 +334,17 @@ def test_api_error_is_shown_with_the_apis_code_and_message(
                                    {"asset": "SOL", "type": "long", "margin": "100",
                                     "leverage": -1})
     assert account(http, key)["positions"] == []
+    # so is a slippage bound below zero
+    fill(browser, "ticket-slippage", "-1")
+    open_long_from_ticket(browser, "100", "10")
+    wait_until(browser, lambda d: "greater than or equal to 0" in text_of(d, "error-message"),
+               "the range of maxSlippageBps")
+    wait_banner_answers_as_the_api(browser, http, key, "INVALID_REQUEST", 422, "open",
+                                   {"asset": "SOL", "type": "long", "margin": "100",
+                                    "leverage": 10, "currentPrice": "100.01",
+                                    "maxSlippageBps": -1})
+    fill(browser, "ticket-slippage", "")
+    assert account(http, key)["positions"] == []
 
     by_id(browser, "error-dismiss").click()
     wait_until(browser, lambda d: not banner.is_displayed(), "the dismissed banner")

@@ -928,7 +928,8 @@ function leverageValue() {
 function slippage() {
   const bps = field("ticket-slippage");
   if (!bps) return null;
-  return /^\d+$/.test(bps) ? Number(bps) : bps;
+  // a whole number goes as a number (a negative one too), so the API names its range
+  return /^-?\d+$/.test(bps) ? Number(bps) : bps;
 }
 
 function renderTicketKind() {
