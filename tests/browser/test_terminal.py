@@ -457,6 +457,14 @@ def test_screenshots_show_an_open_position_over_a_chart_of_candles(
     open_long_from_ticket(browser, "250", "20")
     wait_position_row(browser, "ETH", "long")
     wait_chart_drawn(browser, "ETH")
+    # the newest candle's close, a mid half a step above the bid, is labelled as the API gives
+    # it, not rounded to the step (where it read as the ask or the bid)
+    newest = http.get("/api/v1/klines", params={"asset": "ETH", "interval": "1m",
+                                                "limit": 1}).json()["klines"][-1]["close"]
+    assert newest.endswith("5") and len(newest.split(".")[1]) == 3
+    step = platform.settings.assets["ETH"].price_step
+    assert chart_price_text(browser, step, newest) == newest
+    assert chart_price_text(browser, step, "3000.1") == "3000.10"
     for banner in ("notice", "error-banner"):  # messages of the moment, not the terminal
         browser.execute_script("document.getElementById(arguments[0]).hidden = true;", banner)
 
@@ -526,6 +534,22 @@ def wait_chart_drawn(driver: WebDriver, asset: str) -> None:
         "e => e.name.includes('klines?asset=' + arguments[0] + '&') && e.responseEnd > 0);",
         asset), f"the {asset} candles")
     wait_next_frames(driver)
+
+
+def chart_price_text(driver: WebDriver, step: str, price: str) -> str:
+    """``price`` as the page's candle chart labels it for an asset of price step ``step``."""
+    return str(driver.execute_async_script(
+        "const [step, price, done] = arguments;"
+        "import('./static/js/chart.js').then((m) => {"
+        "  const box = document.createElement('div');"
+        "  box.style.cssText = 'width: 300px; height: 200px';"
+        "  document.body.append(box);"
+        "  const chart = m.createCandleChart(box);"
+        "  chart.setPriceStep(step);"
+        "  const text = chart.priceText(Number(price));"
+        "  box.remove();"
+        "  done(text);"
+        "});", step, price))
 
 
 def wait_next_frames(driver: WebDriver) -> None:

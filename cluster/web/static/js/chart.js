@@ -1,6 +1,6 @@
 // The candlestick chart (TradingView Lightweight Charts, vendored under static/vendor).
 
-import { decimalsOf, isoToSeconds } from "./format.js";
+import { chartPrice, decimalsOf, isoToSeconds } from "./format.js";
 
 function toBar(kline) {
   if (!kline || typeof kline !== "object") return null;
@@ -68,8 +68,17 @@ export function createCandleChart(container) {
       const precision = decimalsOf(step);
       const minMove = Number(step);
       series.applyOptions({
-        priceFormat: { type: "price", precision, minMove: Number.isFinite(minMove) && minMove > 0 ? minMove : 10 ** -precision },
+        priceFormat: {
+          type: "custom",
+          formatter: (price) => chartPrice(price, step),
+          minMove: Number.isFinite(minMove) && minMove > 0 ? minMove : 10 ** -precision,
+        },
       });
+    },
+
+    // A price as the chart's axis and labels write it.
+    priceText(price) {
+      return series.priceFormatter().format(price);
     },
 
     // Klines oldest first (sorted and deduplicated here anyway: the chart requires it).
