@@ -225,7 +225,7 @@ class Platform:
             self._refuse_a_second_platform()  # and remove the API a killed run left
             phase("ray")
         self._take_over_data_dir()
-        phase("previous run")
+        phase("data dir")  # refused if in use, or waited for after a crashed run
         try:
             check_bindable(self.host, settings.port)
         except OSError as problem:
