@@ -189,7 +189,10 @@ class TradingService:
         # a clientOrderId answered longer ago is free to a request at once, not only once the
         # reconciler's sweep has forgotten it (SPEC: after the TTL the id may be reused)
         self._answer_ttl_us = settings.client_order_id_ttl_s * 1_000_000
-        self._spread = itertools.count()
+        # (asset, "open" or "order") -> its count: one count for every asset and kind made a
+        # client that alternates SOL and BTC put every SOL position on the same split
+        self._spread: collections.defaultdict[tuple[str, str], itertools.count[int]] = \
+            collections.defaultdict(itertools.count)
         # Request ids must not collide between API replicas: a random prefix per service.
         self._request_prefix = secrets.randbits(30) << 32
         self._request_counter = itertools.count(1)
@@ -508,7 +511,7 @@ class TradingService:
                                   order.current_price_ticks, order.max_slippage_bps))
 
         return await self._idempotent(who, "open", order.client_order_id, lambda key: self._lock(
-            MarginLock(who.user, order.margin_micros, key), self._new_split(order.asset),
+            MarginLock(who.user, order.margin_micros, key), self._new_split(order.asset, "open"),
             command), {"asset": order.asset, "side": order.side,
                        "margin_micros": order.margin_micros, "leverage": order.leverage,
                        "tp_ticks": order.tp_ticks or NO_LEVEL,
@@ -528,12 +531,15 @@ class TradingService:
             return Rejected(Code.INVALID_TRIGGER, problem)
         return await self._idempotent(who, "order", order.client_order_id, lambda key: self._lock(
             MarginLock(who.user, order.margin_micros, key, order=True),
-            self._new_split(order.asset), lambda request_id: Place(who.user, terms, request_id)),
+            self._new_split(order.asset, "order"),
+            lambda request_id: Place(who.user, terms, request_id)),
             {"asset": order.asset, **terms._asdict()})
 
-    def _new_split(self, asset: str) -> str:
-        """The split of ``asset`` that takes a new position or order (spread over them)."""
-        return self.layout.for_new_position(asset, next(self._spread)).name
+    def _new_split(self, asset: str, kind: str) -> str:
+        """The split of ``asset`` that takes a new position (``kind`` "open") or order
+        ("order"): round-robin over its splits, the asset's opens and its orders each on
+        their own, whatever else is opened or placed in between."""
+        return self.layout.for_new_position(asset, next(self._spread[asset, kind])).name
 
     # ----------------------------------------------------------------- changing a position
     async def set_levels(self, who: Principal, position_id: int, tp_ticks: int | None,

@@ -29,8 +29,11 @@ from engine.messages import IdemKey
 from engine.messages import MarginLock
 from engine.messages import OpenOrder
 from engine.messages import OpenPosition
+from engine.messages import PendingOrder
+from engine.messages import PlaceOrder
 from engine.messages import Principal
 from engine.messages import SettlementItem
+from engine.order_book import OrderKind
 from engine.orders import CloseReason
 from engine.orders import Side
 from engine.position_ids import MAX_BOOK_TAG
@@ -595,3 +598,28 @@ async def test_open_positions_page_across_shards_while_positions_close_between_p
         listed += more
     assert len(listed) == len(set(listed))
     assert listed == [i for i in ids if i not in closing[1:2]]
+
+
+async def test_each_assets_opens_and_orders_go_round_robin_over_its_splits(make: Make) -> None:
+    """SHARDS=SOL=2,BTC=2 and a client that alternates the assets and opens with orders: the
+    opens of each asset take its splits in turn (0, 1, 0, 1), and so do its orders."""
+    p = make(settings=Settings(shards={"SOL": 2, "BTC": 2}))
+    svc = p.service
+    who = await sol_trader(p)
+    await p.push_tick("BTC", "60000.0", "60000.1")
+    below = {"SOL": 9_000, "BTC": 500_000}  # 90.00 and 50000.0: the orders wait
+    splits: dict[tuple[str, str], list[int]] = {}
+    for _ in range(4):
+        for asset in ("SOL", "BTC"):
+            pos = await svc.open_position(who, OpenOrder(asset, Side.LONG, 10 * USD, 10))
+            assert isinstance(pos, OpenPosition), pos
+            order = await svc.place_order(who, PlaceOrder(
+                asset, Side.LONG, OrderKind.LIMIT, below[asset], 10 * USD, 10))
+            assert isinstance(order, PendingOrder), order
+            for kind, item_id in (("open", pos.position_id), ("order", order.order_id)):
+                spec = svc.layout.of_position(item_id)
+                assert spec is not None and spec.asset == asset
+                splits.setdefault((asset, kind), []).append(spec.split)
+    assert splits == {(asset, kind): [0, 1, 0, 1]
+                      for asset in ("SOL", "BTC") for kind in ("open", "order")}
+    assert await p.audit() == []
