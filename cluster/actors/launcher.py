@@ -33,7 +33,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +43,7 @@ from cluster.config import EMBEDDED_BROKER, MARKET_TOPIC, ConfigError, Settings,
 from cluster.live.topic_auth import new_secret
 from cluster.trading.placement import ShardSpec, shard_layout
 from engine.ledger import AuditDifference
+from engine.market import Tick
 from engine.messages import ShardStats
 from engine.shard_machine import LastTick, Stats
 from feed.broker import (
@@ -572,19 +573,15 @@ class Platform:
         if not isinstance(source, SimSource):
             return
 
-        tops: dict[str, tuple[int, int]] = {}
+        ticks: list[Tick | None] = []
         for spec in self.layout:
-            if spec.asset in tops:
-                continue
             try:
-                tick = ray.get(self.shards[spec.name].execute.remote([LastTick()]),
-                               timeout=10)[0]
-            except Exception:  # a shard still recovering: that asset starts where the walk does
-                log.warning("no last price of %s to continue the simulation from", spec.asset)
-                continue
-            if tick is not None:
-                tops[spec.asset] = (tick.bid_ticks, tick.ask_ticks)
-        taken = source.walk.resume_from(tops)
+                ticks.append(ray.get(self.shards[spec.name].execute.remote([LastTick()]),
+                                     timeout=10)[0])
+            except Exception:  # a shard still recovering: its asset's other splits may tell
+                log.warning("no last price of %s from %s to continue the simulation from",
+                            spec.asset, spec.name)
+        taken = source.walk.resume_from(newest_tops(ticks))
         if taken:
             assets = source.assets
             self.source_name += " (continuing from " + ", ".join(
@@ -721,6 +718,20 @@ class Platform:
             lines.append(f"    {spec.name:<16} {spec.asset}{split}  node "
                          f"{where.get(spec.name, '?')[:12]} {node.get('NodeManagerAddress', '')}")
         return "\n".join(lines)
+
+
+def newest_tops(ticks: Iterable[Tick | None]) -> dict[str, tuple[int, int]]:
+    """``asset -> (bid, ask)`` ticks of the newest (by ``ts_us``, then ``seq``) of ``ticks``,
+    the shards' last ones (None: a shard without a price): the price an asset split over
+    several shards was last given, which a split that missed the last ticks (down, or its
+    journal's tail lost) does not hold."""
+    newest: dict[str, Tick] = {}
+    for tick in ticks:
+        held = None if tick is None else newest.get(tick.asset)
+        if tick is not None and (held is None
+                                 or (tick.ts_us, tick.seq) > (held.ts_us, held.seq)):
+            newest[tick.asset] = tick
+    return {asset: (t.bid_ticks, t.ask_ticks) for asset, t in newest.items()}
 
 
 def _actor_node(handle: Any) -> str:

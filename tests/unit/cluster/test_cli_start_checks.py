@@ -23,14 +23,19 @@ from cluster.actors.launcher import Platform
 from cluster.actors.launcher import _pid_running
 from cluster.actors.launcher import check_layout
 from cluster.actors.launcher import feed_status
+from cluster.actors.launcher import newest_tops
 from cluster.actors.launcher import port_is_free
 from cluster.actors.names import LEDGER
 from cluster.config import MARKET_TOPIC
 from cluster.config import Settings
+from engine.market import Tick
+from engine.shard_machine import ApplyTick
+from engine.shard_machine import LastTick
 from feed.broker import ProcessIdentity
 from feed.broker import check_bindable
 from feed.broker import free_port
 from feed.broker import free_ports
+from tests.unit.cluster.local_platform import build_platform
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -563,3 +568,23 @@ def test_status_says_when_the_feed_reads_no_partition_and_fails() -> None:
     assert lines[-1] == "  SOL   bid 100.00 ask 100.01 age 42.0s source sim"
     lines, reading = feed_status({**stats, "assigned": True}, "abcdef0123456789", MARKET_TOPIC)
     assert reading and not any("no partition" in line for line in lines)
+
+
+def test_a_simulation_continues_from_the_newest_price_of_an_asset_split_over_shards() -> None:
+    """SHARDS=SOL=3, split 0 missed the last SOL tick (down, or its journal's tail lost): the
+    sim continues SOL from the tick splits 1 and 2 hold, not from split 0's older one (a jump
+    back on the other splits); an asset no shard has a price of is left to the walk."""
+    p = build_platform(Settings(shards={"SOL": 3}))
+    try:
+        older = Tick("SOL", 10_000, 10_001, 1_000, 1, "test")
+        newer = Tick("SOL", 10_500, 10_501, 2_000, 2, "test")
+        for name, port in p.shards.items():
+            if name.startswith("shard-SOL-"):
+                ticks = [older] if name == "shard-SOL-0" else [older, newer]
+                port.execute_blocking([ApplyTick(t) for t in ticks])
+        last = [p.shards[spec.name].execute_blocking([LastTick()])[0]
+                for spec in p.hosts.layout.shards]
+        assert last[0] == older and newer in last
+        assert newest_tops(last) == {"SOL": (10_500, 10_501)}
+    finally:
+        p.hosts.close()
