@@ -587,6 +587,11 @@ class Journal:
             # A writer killed between its write and its flush left records that only the page
             # cache may hold; they are served from now on (a retry gets their answer), so they
             # must be on the disk first. Earlier segments were flushed before they were left.
+            # Written again, not only flushed: after a failed fdatasync (the writer that saw
+            # it ended) Linux may keep the pages as clean though the disk never got them, and
+            # a flush writes only dirty pages. Writing what was read back changes no byte.
+            with open(kept[-1][1], "rb") as f:
+                _write_at(self._fd, f.read(self._size), 0)
             _fdatasync(self._fd)
         # Every time, not only after a repair: a segment found here may be one a writer killed
         # between creating it and flushing the directory left (a roll-over's new segment), and

@@ -126,6 +126,41 @@ def test_opening_flushes_the_records_it_finds(tmp_path: Path, syncs: list[int]) 
         assert len(syncs) == 1  # a journal with no records has nothing to flush
 
 
+def test_records_a_failed_flush_left_are_written_again_before_they_are_flushed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed fdatasync may leave the pages it failed to write marked clean (Linux), so the
+    failed commit's record reads back from the page cache while the disk lacks it. The next
+    writer serves it and appends after it; a flush alone wrote nothing, and a power cut then
+    left a hole before acknowledged records (the journal refused to open)."""
+    j = Journal(tmp_path / "j")
+    j.append(b"acknowledged")
+    j.commit()
+
+    def dead_disk(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(journal_module, "_fdatasync", dead_disk)
+    j.append(b"failed")
+    with pytest.raises(JournalError):
+        j.commit()
+    monkeypatch.undo()
+    j.close()
+    segment = only_segment(tmp_path / "j")
+    os.utime(segment, ns=(0, 0))  # when last written: long ago
+    written_at: list[int] = []
+    real = journal_module._fdatasync
+
+    def flush(fd: int) -> None:
+        written_at.append(os.fstat(fd).st_mtime_ns)
+        real(fd)
+
+    monkeypatch.setattr(journal_module, "_fdatasync", flush)
+    with Journal(tmp_path / "j") as again:
+        assert again.durable_seq == 2  # served from now on
+        assert len(written_at) == 1 and written_at[0] > 0  # written again before the flush
+    assert segment.read_bytes() == frame(1, b"acknowledged") + frame(2, b"failed")
+
+
 @pytest.mark.parametrize("last_size", [0, 1, 40])
 def test_torn_last_record_at_every_byte_offset(tmp_path: Path, last_size: int) -> None:
     items = [*payloads(5), b"L" * last_size]
