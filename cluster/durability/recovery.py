@@ -51,7 +51,8 @@ def recover(journal: Journal, snapshot: Snapshot | None,
 
     ``restore(snapshot_or_none) -> state``; ``apply(state, event)`` mutates it; ``decode``
     turns a journal payload into the event (default: :func:`engine.events.decode`). Raises
-    :class:`RecoveryError` when records after the snapshot are missing from the journal.
+    :class:`RecoveryError` when records after the snapshot are missing from the journal, or
+    one of them fails to decode or apply (naming the journal and the record's seq).
     When the journal is behind the snapshot (it was removed, or lost records the snapshot
     already holds), a writable journal is moved forward so no seq is ever reused.
     """
@@ -64,7 +65,13 @@ def recover(journal: Journal, snapshot: Snapshot | None,
         for seq, payload in journal.replay(after_seq=base):
             if seq != expected:
                 raise RecoveryError(f"journal jumps from {expected - 1} to {seq}")
-            apply(state, decode(payload))
+            try:
+                apply(state, decode(payload))
+            except Exception as exc:  # a valid record this state cannot take: name it
+                raise RecoveryError(
+                    f"journal {journal.path}: record {seq} does not replay "
+                    f"({type(exc).__name__}: {exc}); a record of another host's journal, or "
+                    f"one written by a version that no longer reads it") from exc
             expected += 1
     except RecoveryError:
         raise

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from cluster.durability.journal import HEADER_BYTES
 from cluster.durability.journal import Journal
 from cluster.durability.journal import JournalDamagedError
 from cluster.durability.journal import JournalLockedError
+from cluster.durability.recovery import RecoveryError
 from cluster.durability.runner import MAX_PENDING_EVENTS
 from cluster.durability.runner import Failed
 from cluster.durability.runner import Runner
@@ -676,10 +678,32 @@ def test_an_open_that_fails_to_recover_lets_go_of_the_journal(tmp_path: Path) ->
         journal.append(bytes((BATCH_TAG,)) + (1).to_bytes(4, "little") + b"\xff")
         journal.commit()
     for readonly in (False, True):
-        with pytest.raises(EventError, match="unknown event type byte 0xff"):
+        with pytest.raises(RecoveryError, match=r"record 2 .*unknown event type byte 0xff") \
+                as refused:
             open_ledger(tmp_path, Clock(), readonly=readonly)
+        assert isinstance(refused.value.__cause__, EventError)
     with Journal(tmp_path / JOURNAL_DIR) as journal:  # the lock is free again
         assert journal.durable_seq == 2
+
+
+def test_a_segment_of_another_hosts_journal_is_refused_naming_it(tmp_path: Path) -> None:
+    """Records carry no owner: a ledger's segment copied over a shard's frames and checks
+    out. Its first record stops the start with one line naming the journal and the record;
+    before, the shard's own error escaped without either (``not a shard event: ...``)."""
+    led = open_ledger(tmp_path / "ledger", Clock())
+    one(led, CreateAccount(*account(1)))
+    crash(led)
+    crash(open_shard(tmp_path / "shard", Clock()))
+    shard_journal = tmp_path / "shard" / JOURNAL_DIR
+    shutil.copy(segment(tmp_path / "ledger"), shard_journal)
+    files = {p: p.read_bytes() for p in shard_journal.iterdir()}
+    for readonly in (False, True):
+        with pytest.raises(RecoveryError) as refused:
+            open_shard(tmp_path / "shard", Clock(), readonly=readonly)
+        assert str(refused.value).startswith(f"journal {shard_journal}: record 1 does not "
+                                             "replay (ShardStateError: not a shard event")
+        assert "\n" not in str(refused.value)
+    assert {p: p.read_bytes() for p in shard_journal.iterdir()} == files
 
 
 @pytest.mark.parametrize("readonly", [False, True])
