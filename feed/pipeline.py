@@ -43,13 +43,19 @@ def drops_text(dropped: Mapping[str, int]) -> str:
     return " ".join(f"{r}={dropped[r]}" for r in order) or "none"
 
 
+def drop_counts(dropped: Mapping[str, int]) -> list[tuple[str, int]]:
+    """``(reason, count)`` of every reason of :data:`DROP_REASONS` (zeros included), in
+    that order, then any other reason ``dropped`` names."""
+    reasons = list(DROP_REASONS) + sorted(set(dropped) - set(DROP_REASONS))
+    return [(r, int(dropped.get(r, 0))) for r in reasons]
+
+
 def drops_metrics(dropped: Mapping[str, int],
                   name: str = "shardex_feed_dropped_total") -> list[str]:
-    """Drop counts as Prometheus text lines: the TYPE line, then one counter per reason (every
-    reason of :data:`DROP_REASONS`, zeros included)."""
+    """Drop counts as Prometheus text lines: the TYPE line, then one counter per reason (see
+    :func:`drop_counts`)."""
     lines = [f"# TYPE {name} counter"]
-    reasons = list(DROP_REASONS) + sorted(set(dropped) - set(DROP_REASONS))
-    lines += [f'{name}{{reason="{r}"}} {int(dropped.get(r, 0))}' for r in reasons]
+    lines += [f'{name}{{reason="{r}"}} {n}' for r, n in drop_counts(dropped)]
     return lines
 
 

@@ -69,6 +69,8 @@ from cluster.http.errors import (
     json_bytes,
     rejected_response,
 )
+from cluster.http.exposition import CONTENT_TYPE as EXPOSITION_TYPE
+from cluster.http.exposition import Exposition
 from cluster.http.json_body import ExactJsonRoute, parse_json
 from cluster.http.limits import (
     UNKNOWN_KEYS,
@@ -115,7 +117,7 @@ from engine.messages import (
 from engine.order_book import OrderKind, OrderStatus
 from engine.orders import Side
 from engine.results import Code, Rejected
-from feed.pipeline import drops_metrics
+from feed.pipeline import drop_counts
 
 log = logging.getLogger("shardex.api")
 R = TypeVar("R")  # what a handler renders when the service did not refuse
@@ -1091,55 +1093,63 @@ def create_app(service: TradingService) -> FastAPI:
              response_class=PlainTextResponse)
     async def metrics() -> Response:
         """Prometheus text exposition."""
-        lines = ["# TYPE shardex_http_responses_total counter"]
+        out = Exposition()
+        out.family("shardex_http_responses_total", "counter",
+                   "HTTP responses of this replica by method, route and status")
         for (method, path, status), n in sorted(http_counts.items()):
-            lines.append(f'shardex_http_responses_total{{method="{method}",path="{path}",'
-                         f'status="{status}"}} {n}')
-        lines.append("# TYPE shardex_service_events_total counter")
+            out.add("shardex_http_responses_total", n, method=method, path=path, status=status)
+        out.family("shardex_service_events_total", "counter",
+                   "events of this replica's trading service by kind")
         for name, n in sorted(service.counters.items()):
-            lines.append(f'shardex_service_events_total{{event="{name}"}} {n}')
-        lines.append("# TYPE shardex_batches_total counter")
-        lines.append("# TYPE shardex_batched_items_total counter")
+            out.add("shardex_service_events_total", n, event=name)
+        out.family("shardex_batches_total", "counter", "batched calls by batching point")
+        out.family("shardex_batched_items_total", "counter",
+                   "items carried by the batched calls, by batching point")
         for name, (batches, items) in sorted(service.batch_stats().items()):
-            lines.append(f'shardex_batches_total{{call="{name}"}} {batches}')
-            lines.append(f'shardex_batched_items_total{{call="{name}"}} {items}')
+            out.add("shardex_batches_total", batches, call=name)
+            out.add("shardex_batched_items_total", items, call=name)
         feed_stats = service.feed_stats
         if feed_stats is not None:
             with contextlib.suppress(Exception):  # a feed that does not answer shows in healthz
                 feed = await asyncio.wait_for(feed_stats(), 2.0)
-                lines.extend(drops_metrics(feed.get("dropped", {})))
-                lines.append("# TYPE shardex_feed_ticks_refused_by_shards_total counter")
-                lines.append("shardex_feed_ticks_refused_by_shards_total "
-                             f"{int(feed.get('ticks_refused_by_shards', 0))}")
-        lines.append("# TYPE shardex_http_unread_dropped_total counter")
-        lines.append(f"shardex_http_unread_dropped_total {DROPPED['unread']}")
+                dropped = drop_counts(feed.get("dropped", {}))
+                refused = int(feed.get("ticks_refused_by_shards", 0))
+                out.family("shardex_feed_dropped_total", "counter",
+                           "ticks the feed dropped, by reason")
+                for reason, n in dropped:
+                    out.add("shardex_feed_dropped_total", n, reason=reason)
+                out.family("shardex_feed_ticks_refused_by_shards_total", "counter",
+                           "ticks the feed sent that a shard refused")
+                out.add("shardex_feed_ticks_refused_by_shards_total", refused)
+        out.family("shardex_http_unread_dropped_total", "counter",
+                   "connections dropped for leaving their answers unread")
+        out.add("shardex_http_unread_dropped_total", DROPPED["unread"])
         for name, n in hub.stats().items():  # this replica's WebSockets
-            kind = "gauge" if name in ("ws_connections", "ws_account_subscriptions") \
-                else "counter"
-            metric = f"shardex_{name}" + ("" if kind == "gauge" else "_total")
-            lines.append(f"# TYPE {metric} {kind}")
-            lines.append(f"{metric} {n}")
+            if name in ("ws_connections", "ws_account_subscriptions"):
+                out.family(f"shardex_{name}", "gauge", f"this replica's {name}")
+                out.add(f"shardex_{name}", n)
+            else:
+                out.family(f"shardex_{name}_total", "counter", f"this replica's {name}")
+                out.add(f"shardex_{name}_total", n)
         stats = await service.shard_stats()
-        lines.append("# TYPE shardex_shard_up gauge")
-        lines.append("# TYPE shardex_open_positions gauge")
-        lines.append("# TYPE shardex_open_orders gauge")
-        lines.append("# TYPE shardex_ticks_applied_total counter")
-        lines.append("# TYPE shardex_closes_total counter")
+        out.family("shardex_shard_up", "gauge", "1 when the shard answered this scrape")
+        out.family("shardex_open_positions", "gauge", "open positions by shard")
+        out.family("shardex_open_orders", "gauge", "open pending orders by shard")
+        out.family("shardex_ticks_applied_total", "counter", "ticks a shard applied")
+        out.family("shardex_closes_total", "counter",
+                   "whole closes of positions by shard and reason")
         for name, s in stats.items():
-            lines.append(f'shardex_shard_up{{shard="{name}"}} {0 if s is None else 1}')
+            out.add("shardex_shard_up", 0 if s is None else 1, shard=name)
             if s is None:
                 continue
-            lines.append(f'shardex_open_positions{{shard="{name}",asset="{s.asset}"}} '
-                         f'{s.positions}')
-            lines.append(f'shardex_open_orders{{shard="{name}",asset="{s.asset}"}} '
-                         f'{s.orders}')
-            lines.append(f'shardex_ticks_applied_total{{shard="{name}"}} {s.ticks_applied}')
+            out.add("shardex_open_positions", s.positions, shard=name, asset=s.asset)
+            out.add("shardex_open_orders", s.orders, shard=name, asset=s.asset)
+            out.add("shardex_ticks_applied_total", s.ticks_applied, shard=name)
             for reason, n in (("manual", s.closes_manual), ("take_profit", s.closes_take_profit),
                               ("stop_loss", s.closes_stop_loss),
                               ("liquidation", s.closes_liquidation)):
-                lines.append(f'shardex_closes_total{{shard="{name}",reason="{reason}"}} {n}')
-        return PlainTextResponse("\n".join(lines) + "\n",
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+                out.add("shardex_closes_total", n, shard=name, reason=reason)
+        return PlainTextResponse(out.text(), media_type=EXPOSITION_TYPE)
 
     default_openapi = app.openapi
 

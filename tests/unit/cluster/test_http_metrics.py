@@ -1,0 +1,124 @@
+"""``GET /metrics`` as Prometheus reads it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from cluster.http.api import create_app
+from engine.messages import CloseOrder
+from engine.messages import OpenPosition
+from prometheus_client.parser import text_string_to_metric_families
+from tests.unit.cluster.local_platform import Platform
+from tests.unit.cluster.local_platform import build_platform
+from tests.unit.cluster.local_platform import sol_long
+from tests.unit.cluster.local_platform import sol_trader
+
+pytestmark = pytest.mark.asyncio
+
+NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+# the names README gives
+DOCUMENTED = ("shardex_closes_total", "shardex_http_unread_dropped_total",
+              "shardex_service_events_total", "shardex_ws_account_malformed_total",
+              "shardex_ws_account_tail_missed_total", "shardex_ws_account_unauthenticated_total")
+ODD_REASON = 'a "quoted"\\ reason\non two lines'  # a drop reason the feed names oddly
+
+
+async def _feed_stats() -> dict[str, Any]:
+    return {"dropped": {"stale": 2, ODD_REASON: 1}, "ticks_refused_by_shards": 3}
+
+
+@pytest_asyncio.fixture
+async def platform() -> AsyncIterator[tuple[Platform, httpx.AsyncClient]]:
+    p = build_platform()
+    svc = p.hosts.service(feed_stats=_feed_stats)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(svc)),
+                                 base_url="http://api") as http:
+        try:
+            yield p, http
+        finally:
+            await svc.aclose()
+            await p.service.aclose()
+            p.hosts.close()
+
+
+def _families(text: str) -> dict[str, tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]],
+                                                   float]]]:
+    """family name -> (type, {(sample name, labels): value}), checked line by line first:
+    each family's HELP and TYPE once, before its samples, and its samples in one group."""
+    seen: dict[str, dict[str, int]] = {}
+    order: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            kind, name = line.split(" ", 3)[1:3]
+            assert kind in ("HELP", "TYPE") and NAME.fullmatch(name), line
+            counts = seen.setdefault(name, {"HELP": 0, "TYPE": 0, "samples": 0})
+            assert counts["samples"] == 0, f"{kind} of {name} after its samples"
+            counts[kind] += 1
+            order.append(name)
+            continue
+        name = re.split(r"[{ ]", line, maxsplit=1)[0]
+        assert NAME.fullmatch(name), line
+        assert name in seen, f"a sample of {name} with no TYPE before it"
+        seen[name]["samples"] += 1
+        order.append(name)
+    for name, counts in seen.items():
+        assert counts["HELP"] == counts["TYPE"] == 1, (name, counts)
+    grouped = [name for i, name in enumerate(order) if i == 0 or order[i - 1] != name]
+    assert len(grouped) == len(set(grouped)), f"a family in two groups: {grouped}"
+    out: dict[str, tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        assert family.type in ("counter", "gauge"), (family.name, family.type)
+        assert family.documentation, family.name
+        assert family.name not in out, family.name
+        samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for s in family.samples:
+            key = (s.name, tuple(sorted(s.labels.items())))
+            assert key not in samples, f"series twice: {key}"
+            if family.type == "counter":
+                assert s.name.endswith("_total"), s.name
+            samples[key] = s.value
+        out[family.name] = (family.type, samples)
+    return out
+
+
+def _value(families: dict[str, Any], name: str, **labels: str) -> float:
+    family = name.removesuffix("_total")
+    return float(families[family][1][(name, tuple(sorted(labels.items())))])
+
+
+async def _scrape(http: httpx.AsyncClient) -> dict[str, Any]:
+    r = await http.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return _families(r.text)
+
+
+async def test_metrics_are_prometheus_text_and_count_what_happened(
+        platform: tuple[Platform, httpx.AsyncClient]) -> None:
+    """Every family with its HELP and TYPE, its samples in one group (the samples of the batch
+    counters and of the shards came interleaved, family after family per shard: a parser takes
+    each later group as a family of unknown type), label values escaped; the counters only go
+    up, and a manual close counts in ``shardex_closes_total``'s ``manual``."""
+    p, http = platform
+    before = await _scrape(http)
+    for name in DOCUMENTED:
+        assert name.removesuffix("_total") in before, name
+    assert _value(before, "shardex_feed_dropped_total", reason=ODD_REASON) == 1
+    assert _value(before, "shardex_feed_ticks_refused_by_shards_total") == 3
+    who = await sol_trader(p)
+    pos = await p.service.open_position(who, sol_long())
+    assert isinstance(pos, OpenPosition)
+    await p.service.close_position(who, CloseOrder(pos.position_id))
+    after = await _scrape(http)
+    manual = {"shard": "shard-SOL-0", "reason": "manual"}
+    assert _value(after, "shardex_closes_total", **manual) \
+        == _value(before, "shardex_closes_total", **manual) + 1
+    for name, (kind, samples) in before.items():
+        if kind == "counter":
+            for key, value in samples.items():
+                assert after[name][1].get(key, value) >= value, (key, value)
