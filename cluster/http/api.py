@@ -571,6 +571,12 @@ def _did_you_mean(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- metrics
+# the methods counted under their own name; any other a client sends counts as "other" (one
+# series per made-up method would grow for as long as clients make them up)
+_COUNTED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS",
+                              "TRACE", "CONNECT"})
+
+
 class _HttpCounter:
     """Pure-ASGI counter of responses by route and status (a few us per request). It also
     serves ``HEAD`` as the same route's ``GET`` (RFC 9110 9.3.2): the app answers a GET and
@@ -586,7 +592,7 @@ class _HttpCounter:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        method = scope["method"]
+        method = scope["method"] if scope["method"] in _COUNTED_METHODS else "other"
         if method == "HEAD":
             scope = {**scope, "method": "GET"}
 

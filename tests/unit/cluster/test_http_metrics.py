@@ -122,3 +122,16 @@ async def test_metrics_are_prometheus_text_and_count_what_happened(
         if kind == "counter":
             for key, value in samples.items():
                 assert after[name][1].get(key, value) >= value, (key, value)
+
+
+async def test_a_method_http_does_not_define_is_counted_as_other(
+        platform: tuple[Platform, httpx.AsyncClient]) -> None:
+    """Each method a client made up was a series of its own, kept for good: one label value
+    per request a client sends with a new method is a replica's memory and every scrape's
+    size, unbounded."""
+    _, http = platform
+    for method in ("FOO", "BAR", "GET"):
+        await http.request(method, "/healthz")
+    families = await _scrape(http)
+    methods = {dict(labels)["method"] for _, labels in families["shardex_http_responses"][1]}
+    assert methods == {"GET", "other"}, methods
