@@ -1,7 +1,8 @@
-"""``GET /metrics`` as Prometheus reads it."""
+"""``GET /metrics`` as Prometheus reads it, and ``GET /healthz`` naming what failed."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -9,10 +10,15 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from cluster.actors.port import LocalPort
+from cluster.actors.port import Port
+from cluster.http import api
 from cluster.http.api import create_app
+from cluster.trading import service
 from engine.messages import CloseOrder
 from engine.messages import OpenPosition
 from prometheus_client.parser import text_string_to_metric_families
+from tests.unit.cluster.faulty_ports import Down
 from tests.unit.cluster.local_platform import Platform
 from tests.unit.cluster.local_platform import build_platform
 from tests.unit.cluster.local_platform import sol_long
@@ -135,3 +141,41 @@ async def test_a_method_http_does_not_define_is_counted_as_other(
     families = await _scrape(http)
     methods = {dict(labels)["method"] for _, labels in families["shardex_http_responses"][1]}
     assert methods == {"GET", "other"}, methods
+
+
+async def test_healthz_names_exactly_the_components_that_failed_within_its_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger and a shard down, the feed hanging, the broker failing: a 503 in the error
+    shape naming those four and no other, in about the health bound; HEAD answers the same."""
+    monkeypatch.setattr(service, "HEALTH_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(api, "HEALTH_TIMEOUT_S", 0.1)
+    p = build_platform()
+
+    async def hangs() -> bool:
+        await asyncio.sleep(60)
+        return True
+
+    async def fails() -> bool:
+        raise ConnectionError("refused")
+
+    def down(port: LocalPort) -> Port:
+        return Down(port, down=True)
+
+    svc = p.hosts.service(wrap=lambda port: Down(port, down="BTC" in port.name),
+                          wrap_ledger=down, health_checks={"feed": hangs, "broker": fails})
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(svc)),
+                                     base_url="http://api") as http:
+            r = await asyncio.wait_for(http.get("/healthz"), 1.0)
+            head = await asyncio.wait_for(http.head("/healthz"), 1.0)
+        assert r.status_code == head.status_code == 503 and head.content == b""
+        body = r.json()
+        assert body["status"] == "unavailable" and body["error"]["code"] == "SERVICE_UNAVAILABLE"
+        assert {k for k, v in body["components"].items() if v != "ok"} \
+            == {"ledger", "shard-BTC-0", "feed", "broker"}, body
+        assert body["error"]["message"] == ("ledger: unavailable; shard-BTC-0: unavailable; "
+                                            "feed: unavailable; broker: error: ConnectionError")
+    finally:
+        await svc.aclose()
+        await p.service.aclose()
+        p.hosts.close()
