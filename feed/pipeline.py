@@ -50,15 +50,6 @@ def drop_counts(dropped: Mapping[str, int]) -> list[tuple[str, int]]:
     return [(r, int(dropped.get(r, 0))) for r in reasons]
 
 
-def drops_metrics(dropped: Mapping[str, int],
-                  name: str = "shardex_feed_dropped_total") -> list[str]:
-    """Drop counts as Prometheus text lines: the TYPE line, then one counter per reason (see
-    :func:`drop_counts`)."""
-    lines = [f"# TYPE {name} counter"]
-    lines += [f'{name}{{reason="{r}"}} {n}' for r, n in drop_counts(dropped)]
-    return lines
-
-
 class TickPipeline:
     """Records -> the newest acceptable tick per asset of each batch -> pending calls per shard
     (each accepted tick reaches its shards, in order).
