@@ -226,6 +226,7 @@ def test_fast_sweep_equals_reference_and_naive(data: st.DataObject) -> None:
                     pair.close(fid)
     assert pair.fast.check() == []
     assert pair.fast.open_margin_by_owner() == pair.ref.open_margin_by_owner()
+    assert pair.fast.open_count_by_owner() == pair.ref.open_count_by_owner()
     restored = PositionBook.from_arrays(asset, pair.fast.book_tag, pair.fast.to_arrays())
     assert restored.check() == []
     bid, ask = tick(draw, mid, pair)

@@ -384,6 +384,7 @@ class Trio:
             mapped = [self.to_ref[int(i)] for i in self.fast.ids_of_owner(owner)]
             assert sorted(mapped) == self.ref.ids_of_owner(owner)
         assert self.fast.open_margin_by_owner() == self.ref.open_margin_by_owner()
+        assert self.fast.open_count_by_owner() == self.ref.open_count_by_owner()
         assert self.fast.check() == []
 
     def restore(self) -> None:
