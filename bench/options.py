@@ -8,20 +8,20 @@ import math
 import re
 from collections.abc import Callable
 
-# plain ASCII decimal text: int() and float() also take "1_000", "+5", other scripts' digits
-# (and float() "1e3", "inf")
+from feed.settings import plain_decimal
+
+# a whole number in plain ASCII digits: int() also takes "1_000", "+5", other scripts' digits
 _WHOLE = re.compile(r"-?[0-9]{1,18}")
-_DECIMAL = re.compile(r"-?([0-9]{1,18}(\.[0-9]{0,18})?|\.[0-9]{1,18})")
 
 
 def _number(convert: Callable[[str], float], low: float, low_open: bool,
             what: str) -> Callable[[str], float]:
-    grammar = _WHOLE if convert is int else _DECIMAL
-
     def parse(text: str) -> float:
-        if not grammar.fullmatch(text.strip()):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        value = convert(text.strip())
+        plain = text.strip()
+        if convert is int:
+            value: float = int(plain) if _WHOLE.fullmatch(plain) else math.nan
+        else:
+            value = plain_decimal(plain)
         if not math.isfinite(value) or value < low or (low_open and value == low):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return value

@@ -29,6 +29,7 @@ from feed.settings import (
     FeedSettings,
     SourceSpec,
     parse_source,
+    plain_decimal,
     redacted_url,
 )
 
@@ -84,7 +85,6 @@ PPM = 1_000_000  # MAINTENANCE_MARGIN_RATE is held in parts per million
 MAX_SIGNUP_BALANCE_MICROS = 10**6 * 10**6  # 1,000,000 USD: the funding account stays far
 # from int64 over millions of accounts
 
-_SECONDS = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 _HOST = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}")
 # A host name or IPv4 address, or an IPv6 address in brackets: a colon outside brackets would
 # make "h:1:2" a host "h:1" that no resolver knows.
@@ -297,12 +297,7 @@ def _seconds(var: str, raw: str | None, default: float, low: float, high: float,
              low_open: bool = False) -> float:
     if raw is None:
         return default
-    try:
-        # plain decimal text only: float() also takes "1_000" and other scripts' digits
-        text = raw.strip()
-        value = float(text) if len(text) <= 64 and _SECONDS.fullmatch(text) else math.nan
-    except ValueError:
-        _fail(var, raw)
+    value = plain_decimal(raw.strip())
     above = value > low if low_open else value >= low
     if not (math.isfinite(value) and above and value <= high):
         _fail(var, raw)

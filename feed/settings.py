@@ -21,6 +21,14 @@ EMBEDDED_BROKER = "127.0.0.1:9092"  # where the embedded Tansu broker listens by
 BACKPACK_WS_URL = "wss://ws.backpack.exchange"  # the live market data source
 
 _USERINFO = re.compile(r"^([^:/?#]*://)[^/?#]*@")
+_PLAIN_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+
+
+def plain_decimal(text: str) -> float:
+    """``text`` as a float when it is plain ASCII decimal text of at most 64 characters, as
+    every number setting and option is written; NaN otherwise (float() also takes a sign,
+    spaces, "1_000", "1e3", "inf" and other scripts' digits)."""
+    return float(text) if len(text) <= 64 and _PLAIN_DECIMAL.fullmatch(text) else math.nan
 
 
 def redacted_url(url: str) -> str:
@@ -71,11 +79,8 @@ SOURCE_FORMS = ("backpack | sim[?seed=N&rate=HZ] | replay:PATH[?speed=X&loop=1] 
 # Options each FEED_SOURCE kind takes, and what each must be.
 _SOURCE_OPTIONS = {"backpack": (), "none": (), "sim": ("seed", "rate"),
                    "replay": ("speed", "loop"), "auto": ("wait", "seed", "rate")}
-_LOOP_VALUES = ("", "0", "1", "false", "true")
 LOOP_OFF = ("", "0", "false")  # loop=VALUE (any case) that plays the file once
-# A number option (rate, speed, wait): plain ASCII decimal text, as the config's own numbers;
-# float() also takes "1_000", "1e3" and other scripts' digits
-_DECIMAL = re.compile(r"[0-9]{1,16}(\.[0-9]{0,16})?|\.[0-9]{1,16}")
+_LOOP_VALUES = (*LOOP_OFF, "1", "true")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +115,7 @@ def _check_option(key: str, value: str) -> None:
         if len(value) > 19 or not re.fullmatch(r"-?[0-9]+", value):
             raise ValueError("option seed must be an integer")
         return
-    number = float(value) if _DECIMAL.fullmatch(value) else math.nan
+    number = plain_decimal(value)  # a number option (rate, speed, wait)
     low_ok = number >= 0 if key == "speed" else number > 0
     if not (math.isfinite(number) and low_ok and number <= 1e6):
         floor = ">= 0" if key == "speed" else "> 0"
