@@ -1109,6 +1109,8 @@ class LedgerMachine:
         if not ttl or ttl < 0 or key not in self._answered_us:
             return ()
         before_us = now_us - ttl
+        if self._answered_us[key] >= before_us:  # the usual retry: no walk of the old ones
+            return ()
         for held, ts_us in self._answered_us.items():  # oldest first: stop at the first kept
             if ts_us >= before_us:
                 return ()
