@@ -465,6 +465,9 @@ def test_screenshots_show_an_open_position_over_a_chart_of_candles(
     step = platform.settings.assets["ETH"].price_step
     assert chart_price_text(browser, step, newest) == newest
     assert chart_price_text(browser, step, "3000.1") == "3000.10"
+    # a price between steps that is no mid (the crosshair's, an axis label's) is at the step
+    assert chart_price_text(browser, step, "3000.104") == "3000.10"
+    assert chart_price_text(browser, step, "3000.107") == "3000.11"
     for banner in ("notice", "error-banner"):  # messages of the moment, not the terminal
         browser.execute_script("document.getElementById(arguments[0]).hidden = true;", banner)
 

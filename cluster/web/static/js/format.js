@@ -51,13 +51,13 @@ export function decimalsOf(step) {
 }
 
 // A price as the chart labels it: at the step's decimals, or one decimal more for a candle's
-// mid between two steps (SOL 141.405 for bid 141.40, ask 141.41), as the API gives it; at the
-// step alone the newest candle's close read as the ask, or the bid.
+// mid half way between two steps (SOL 141.405 for bid 141.40, ask 141.41), as the API gives
+// it; at the step alone the newest candle's close read as the ask, or the bid. Any other price
+// between steps (the crosshair's) is shown at the step, a price the asset can have.
 export function chartPrice(price, step) {
   const decimals = decimalsOf(step);
   const fine = Number(price).toFixed(decimals + 1);
-  if (!fine.endsWith("0")) return fine;
-  return fine.slice(0, decimals ? -1 : -2); // "141.4050" -> "141.405", "100.0" -> "100"
+  return fine.endsWith("5") ? fine : Number(price).toFixed(decimals);
 }
 
 export function isDecimal(value) {
