@@ -100,8 +100,8 @@ class FrameNormalizer:
         if not isinstance(frame, dict):
             self.dropped["malformed"] += 1
             return None
-        if "error" in frame:
-            err = frame.get("error")
+        err = frame.get("error")
+        if err is not None:  # "error": null is an answer that reports none
             err = err if isinstance(err, dict) else {}
             code = err.get("code")
             message = err.get("message", "")

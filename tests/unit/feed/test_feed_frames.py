@@ -210,3 +210,13 @@ def test_subscribe_request_names_every_asset() -> None:
     assert subscribe_request(DEFAULT_ASSETS) == {
         "method": "SUBSCRIBE",
         "params": ["bookTicker.SOL_USDC", "bookTicker.BTC_USDC", "bookTicker.ETH_USDC"]}
+
+
+def test_an_error_member_of_null_is_no_error_frame() -> None:
+    """An answer saying ``"error": null`` (a JSON-RPC style success) was taken for an error
+    frame: counted in ``error_frames`` and logged as ``error frame None``. It is no price either:
+    dropped as ``malformed``; a data frame carrying it is read as any other."""
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    assert norm.feed(json.dumps({"id": 1, "error": None, "result": None})) is None
+    assert isinstance(norm.feed(json.dumps({**book(), "error": None})), MarketDataMessage)
+    assert norm.errors == 0 and norm.dropped == {"malformed": 1} and norm.accepted == 1
