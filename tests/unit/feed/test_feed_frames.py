@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,65 @@ def test_an_error_member_of_null_is_no_error_frame() -> None:
     assert norm.feed(json.dumps({"id": 1, "error": None, "result": None})) is None
     assert isinstance(norm.feed(json.dumps({**book(), "error": None})), MarketDataMessage)
     assert norm.errors == 0 and norm.dropped == {"malformed": 1} and norm.accepted == 1
+
+
+def test_every_recorded_bookticker_is_the_spec_message() -> None:
+    """Each bookTicker of the recording, not only the first: ``T`` (engine time, microseconds)
+    is ``ts_us``, ``u`` is ``seq``, bid and ask are the frame's text and ``price`` their exact
+    mid; the record's key is the symbol."""
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    for line in (FIXTURES / "recorded_ws_frames.jsonl").read_text().splitlines():
+        data = json.loads(line)["data"]
+        msg = norm.feed(line)
+        if data["e"] != "bookTicker":
+            assert msg is None
+            continue
+        assert isinstance(msg, MarketDataMessage)
+        mid = (Decimal(data["b"]) + Decimal(data["a"])) / 2
+        assert json.loads(msg.to_json_bytes()) == {
+            "v": 1, "symbol": data["s"], "asset": "SOL", "bid": data["b"], "ask": data["a"],
+            "price": str(mid), "ts_us": data["T"], "seq": data["u"], "source": "backpack"}
+        assert msg.key == data["s"].encode()
+
+
+@pytest.mark.parametrize("name", ["SOL", "BTC", "ETH"])
+def test_only_the_configured_assets_are_subscribed_and_priced(name: str) -> None:
+    frames = {"SOL": book(), "BTC": book(s="BTC_USDC", a="95000.1", b="95000.0"),
+              "ETH": book(s="ETH_USDC", a="3000.01", b="3000.00")}
+    assets = DEFAULT_ASSETS.subset([name])
+    symbol = DEFAULT_ASSETS[name].symbol
+    assert subscribe_request(assets) == {"method": "SUBSCRIBE", "params": [f"bookTicker.{symbol}"]}
+    norm = FrameNormalizer(assets)
+    out = {other: norm.feed(json.dumps(frame)) for other, frame in frames.items()}
+    msg = out.pop(name)
+    assert isinstance(msg, MarketDataMessage) and (msg.symbol, msg.asset) == (symbol, name)
+    assert out == dict.fromkeys(out) and norm.dropped == {"unknown_symbol": 2}
+
+
+@pytest.mark.parametrize(("absent", "reason"), [
+    ("b", "null_side"), ("a", "null_side"), ("T", "malformed"), ("u", "malformed"),
+    ("s", "unknown_symbol"),
+])
+def test_a_bookticker_lacking_a_field_is_dropped_by_reason(absent: str, reason: str) -> None:
+    frame = book()
+    del frame["data"][absent]  # type: ignore[attr-defined]
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    assert norm.feed(json.dumps(frame)) is None and norm.dropped == {reason: 1}
+
+
+def test_fields_a_bookticker_does_not_need_change_nothing() -> None:
+    """``E`` (event time) is not read, nor are sizes or any field Backpack may add."""
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    expected = norm.feed(json.dumps(book()))
+    frame = book(A=None, B="x", extra={"nested": [1, 2]}, E=1)
+    del frame["data"]["E"]  # type: ignore[attr-defined]
+    norm.reset_sequences()
+    assert norm.feed(json.dumps(frame)) == expected
+
+
+def test_control_frames_are_dropped_not_errors_and_the_next_price_passes() -> None:
+    norm = FrameNormalizer(DEFAULT_ASSETS)
+    for frame in ({"id": 1, "result": None}, {"method": "PING"}, {"data": {"E": 1}}):
+        assert norm.feed(json.dumps(frame)) is None
+    assert isinstance(norm.feed(json.dumps(book())), MarketDataMessage)
+    assert norm.errors == 0 and norm.dropped == {"malformed": 2} and norm.ignored == {"other": 1}

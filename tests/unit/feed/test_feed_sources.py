@@ -263,3 +263,18 @@ def test_a_repeated_retry_after_is_not_followed_and_does_not_raise() -> None:
 
     headers = Headers([("Retry-After", "5"), ("Retry-After", "7")])
     assert retry_after_s(InvalidStatus(Response(429, "x", headers))) is None
+
+
+def test_the_backpack_source_keeps_the_documented_timings() -> None:
+    """As FEED_SOURCE=backpack builds it: 0.5 s doubling to 30 s (jittered down to half), a
+    connection silent for 30 s made again, a peer's close awaited 2 s, the backoff reset by
+    prices after 10 s, a Retry-After followed up to 300 s."""
+    from feed import backpack
+
+    client = make_source(Settings(), "backpack")
+    assert isinstance(client, BackpackClient)
+    assert (client.silence_s, backpack.CLOSE_TIMEOUT_S, backpack.STABLE_S,
+            backpack.MAX_RETRY_AFTER_S) == (30.0, 2.0, 10.0, 300.0)
+    caps = [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
+    delays = [client.backoff.next_delay_s() for _ in caps]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, caps, strict=True)), delays
