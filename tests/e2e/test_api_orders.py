@@ -181,6 +181,9 @@ def test_bad_orders_are_refused_and_lock_nothing(platform: HttpPlatform,
             ({"expiresAt": "2030-01-01T00:00:00\nZ"}, 422, "INVALID_REQUEST"),
             ({"expiresAt": "2030-W01-3T00:00:00"}, 422, "INVALID_REQUEST"),
             ({"expiresAt": "20300101T000000Z"}, 422, "INVALID_REQUEST"),
+            # an offset's minutes are 00-59: fromisoformat reads +00:99 as 1 h 39 min
+            ({"expiresAt": "2030-01-01T00:00:00+00:60"}, 422, "INVALID_REQUEST"),
+            ({"expiresAt": "2030-01-01T00:00:00-00:99"}, 422, "INVALID_REQUEST"),
             # take-profit and stop-loss that no fill price could accept: refused up front
             # (a limit long fills at 99 or below; a stop long at 101 or above)
             ({"stopLoss": "99"}, 422, "INVALID_TRIGGER"),
@@ -199,6 +202,7 @@ def test_bad_orders_are_refused_and_lock_nothing(platform: HttpPlatform,
     assert http.get("/api/v1/orders").status_code == 401
     for text, shown in (("2030-01-01T00:00Z", "2030-01-01T00:00:00.000000Z"),  # no seconds
                         ("2030-01-01T01:30+01:00", "2030-01-01T00:30:00.000000Z"),
+                        ("2030-01-01T05:44:59.5+05:45", "2029-12-31T23:59:59.500000Z"),
                         ("2030-01-01T00:00:07.5", "2030-01-01T00:00:07.500000Z")):  # UTC
         placed = place(http, h, **good, expiresAt=text)
         assert placed["expiresAt"] == shown, (text, placed)
