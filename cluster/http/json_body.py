@@ -1,21 +1,25 @@
 """Reading a JSON request body: nesting depth bounded before parsing, numbers kept exact, a
-key given twice refused.
+key given twice refused (in the body, and a parameter the route reads in the query string).
 
 A JSON number with a fraction or an exponent becomes a :class:`~decimal.Decimal` of its text
 (never a float), an integer an int (a :class:`~decimal.Decimal` past 40 digits, so no huge int
 is ever built); ``NaN`` and ``Infinity`` are refused. An object naming a key twice is refused
 too: JSON leaves its meaning open (Python keeps the last value, other parsers the first), so a
-proxy or log reading the body could see another order than the platform executes.
-:class:`ExactJsonRoute` makes FastAPI read every body this way.
+proxy or log reading the body could see another order than the platform executes. For the
+same reason a query parameter the route reads is refused when given twice (FastAPI took the
+last value); one it does not read is ignored.
+:class:`ExactJsonRoute` makes FastAPI read every request this way.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine, Iterator
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import parse_qsl
 
+from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
@@ -103,6 +107,27 @@ def parse_json(raw: bytes, max_depth: int) -> Any:
         raise invalid(f"malformed JSON: {exc}"[:200], 400) from None
 
 
+def repeated_query_key(query_string: bytes, names: Collection[str]) -> str | None:
+    """The first of ``names`` given twice in ``query_string`` (compared once decoded, as the
+    routes read them), or None."""
+    if not names or b"&" not in query_string:  # the common case: at most one parameter
+        return None
+    seen: set[str] = set()
+    for key, _ in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if key in seen:
+            return key
+        if key in names:
+            seen.add(key)
+    return None
+
+
+def _query_names(dependant: Dependant) -> Iterator[str]:
+    """The query parameters a route (or a dependency of it) reads."""
+    yield from (param.alias for param in dependant.query_params)
+    for sub in dependant.dependencies:
+        yield from _query_names(sub)
+
+
 class ExactJsonRequest(Request):
     """A request whose ``json()`` is :func:`parse_json` with the app's nesting limit
     (``app.state.max_json_depth``)."""
@@ -114,12 +139,17 @@ class ExactJsonRequest(Request):
 
 
 class ExactJsonRoute(APIRoute):
-    """An APIRoute whose handler reads the body through :class:`ExactJsonRequest`."""
+    """An APIRoute whose handler reads the body through :class:`ExactJsonRequest`, and which
+    refuses (422 INVALID_REQUEST) a query parameter it reads given twice."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        names = frozenset(_query_names(self.dependant))
 
         async def exact_json_handler(request: Request) -> Response:
+            repeated = repeated_query_key(request.scope.get("query_string", b""), names)
+            if repeated is not None:
+                raise invalid(f"query.{repeated}: given more than once")
             return await handler(ExactJsonRequest(request.scope, request.receive))
 
         return exact_json_handler

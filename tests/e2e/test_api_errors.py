@@ -355,6 +355,43 @@ def test_bad_history_queries_are_422(http: httpx.Client, params: dict[str, Any])
     assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST"
 
 
+@pytest.mark.parametrize("path,query,name,single", [
+    ("/api/v1/positions", "limit=1&limit=2", "limit", "limit=1"),
+    ("/api/v1/positions/history", "lim%69t=1&limit=2", "limit", "limit=1"),  # encoded
+    ("/api/v1/orders/history", "before=1&limit=5&before=2", "before", "limit=5"),
+    ("/api/v1/klines", "asset=SOL&interval=1m&asset=BTC", "asset", "asset=SOL&interval=1m"),
+    ("/api/v1/state", "", "", ""),  # no parameter to read
+])
+def test_a_query_parameter_given_twice_is_refused_naming_it(
+        http: httpx.Client, path: str, query: str, name: str, single: str) -> None:
+    """A parameter given twice has no one meaning (the last value was taken, where a proxy or
+    a log may read the first): refused like a JSON key given twice."""
+    if query:
+        r = http.get(f"{path}?{query}", headers=signup(http))
+        assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
+        assert r.json()["error"]["message"] == f"query.{name}: given more than once", r.text
+    # one the route does not read is ignored, however often it is given (README)
+    r = http.get(f"{path}?x=1&{single}&x=2&x", headers=signup(http))
+    assert r.status_code == 200, r.text
+
+
+def test_a_cancel_naming_its_client_order_id_twice_changes_nothing(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    h = sol_trader(platform, http)
+    order = http.post("/api/v1/orders", headers=h, json={
+        "asset": "SOL", "type": "long", "orderType": "limit", "triggerPrice": "90",
+        "margin": "10", "leverage": 2}).json()
+    path = f"/api/v1/orders/{order['orderId']}"
+    r = http.delete(f"{path}?clientOrderId=a&clientOrderId=b", headers=h)
+    assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
+    assert [o["orderId"] for o in http.get("/api/v1/orders", headers=h).json()["orders"]] == [
+        order["orderId"]]
+    # a parameter the route does not read is ignored (README), a single one is taken
+    r = http.delete(f"{path}?clientOrderId=b&note=x", headers=h)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    assert http.delete(f"{path}?clientOrderId=b", headers=h).json() == r.json()
+
+
 def test_unknown_routes_and_wrong_methods(http: httpx.Client) -> None:
     r = http.get("/api/v1/nope")
     assert r.status_code == 404 and error_code(r) == "NOT_FOUND"
