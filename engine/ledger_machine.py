@@ -144,6 +144,7 @@ DEFAULT_MAX_OPEN_POSITIONS = 200  # SPEC "Limits": open positions per account
 DEFAULT_MAX_OPEN_ORDERS = 200  # SPEC "Limits": open orders per account
 
 _I64_MIN, _I64_END = -(1 << 63), 1 << 63
+_I64_MAX = _I64_END - 1
 # what resolves a pending clientOrderId of each kind (a TP/SL or margin change: the position)
 _ANSWER_TYPES = {"open": OpenPosition, "close": ClosedPosition, "order": PendingOrder,
                  "cancel": EndedOrder, "modify": OpenPosition, "margin": OpenPosition}
@@ -1546,7 +1547,9 @@ class LedgerMachine:
             excess = self.ledger.margin_micros(user) - expected.get(user, 0)
             if excess > 0:
                 released[user] = excess
-                events.append(MarginReleased(user, excess, START_RECONCILED))
+                # an event moves at most an int64 (each lock fits one, their sum need not)
+                for part in range(excess, 0, -_I64_MAX):
+                    events.append(MarginReleased(user, min(part, _I64_MAX), START_RECONCILED))
             for counts, held, recounted, _ in recounts:
                 count = counts.get(user, 0)
                 if count != held.get(user, 0):

@@ -660,6 +660,24 @@ def test_reconcile_at_start_ends_locks_even_when_nothing_is_in_excess() -> None:
     assert isinstance(led(ReconcileAtStart({user: -1}, {})), Rejected)
 
 
+def test_reconcile_at_start_releases_a_margin_wider_than_one_event_can_carry() -> None:
+    """Each lock fits an int64, their sum need not: the start still releases all of it."""
+    led, user = one_account()
+    arrays, meta = led.m.snapshot()
+    meta = json.loads(json.dumps(meta))
+    rich = 2**63 + 7  # a user who won more than an int64 of micros (the house paid it)
+    meta["ledger"]["accounts"].update({f"user:{user}:free": rich, "house": SIGNUP - rich})
+    base = LedgerMachine.from_snapshot(SIGNUP, arrays, meta)
+    led.m, start = LedgerMachine.from_snapshot(SIGNUP, arrays, meta), len(led.records)
+    for request_id in (1, 2):
+        assert led(LockMargin(MarginLock(user, 2**62 + 3, None, request_id))) is None
+    assert led.balances(user) == (rich - 2**63 - 6, 2**63 + 6)
+    assert led(ReconcileAtStart({}, {})) == {user: 2**63 + 6}
+    assert led.balances(user) == (rich, 0)
+    assert led(AbandonLock(1)) is None and led(AbandonLock(2)) is None
+    assert led.replayed(base, start).fingerprint() == led.m.fingerprint()
+
+
 def test_pending_opens_are_resolved_by_their_request_id_at_start() -> None:
     led, user = one_account()
     opened_key, lost_key = IdemKey(user, "open", "opened"), IdemKey(user, "open", "lost")
