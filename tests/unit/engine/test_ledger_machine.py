@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import cluster.durability.snapshot
 import cluster.durability.store
 import pytest
 from engine import events as ev
 from engine.account_events import POSITION_OPENED
+from engine.account_events import Balance
 from engine.events import AccountCreated
 from engine.events import ClientOrderStored
 from engine.events import ClientOrderStoredAt
@@ -47,7 +50,9 @@ from engine.ledger_machine import ReleaseMargin
 from engine.ledger_machine import Remember
 from engine.ledger_machine import SettleRequests
 from engine.ledger_machine import Totals
+from engine.ledger_machine import decode_account_events
 from engine.ledger_machine import decode_answer
+from engine.ledger_machine import encode_account_events
 from engine.ledger_machine import encode_answer
 from engine.ledger_machine import hash_api_key
 from engine.machine import run
@@ -675,6 +680,37 @@ def test_reconcile_at_start_releases_a_margin_wider_than_one_event_can_carry() -
     assert led(ReconcileAtStart({}, {})) == {user: 2**63 + 6}
     assert led.balances(user) == (rich, 0)
     assert led(AbandonLock(1)) is None and led(AbandonLock(2)) is None
+    assert led.replayed(base, start).fingerprint() == led.m.fingerprint()
+
+
+def test_balances_past_an_int64_stay_exact_through_a_snapshot_file(tmp_path: Path) -> None:
+    """No account is a fixed-width field: funding below -2**63 (another signup), a free
+    balance above 2**63 - 1 and the house below -2**63 (a payout) are exact ints, in the
+    account events, a snapshot file and a replay alike."""
+    led, user = one_account()
+    assert led(LockMargin(MarginLock(user, 100 * USD))) is None
+    arrays, meta = led.m.snapshot()
+    meta = json.loads(json.dumps(meta))
+    accounts = meta["ledger"]["accounts"]
+    near = 2**63 - 10 * USD  # moved to the user from the house, to sum to 0
+    accounts.update({"funding": -(2**63) + 1, "insurance": 2**63 - 1 - SIGNUP,
+                     f"user:{user}:free": accounts[f"user:{user}:free"] + near,
+                     "house": -near})
+    base = LedgerMachine.from_snapshot(SIGNUP, arrays, meta)
+    led.m, start = LedgerMachine.from_snapshot(SIGNUP, arrays, meta), len(led.records)
+    led.account()
+    win = closed(user, 11, 100 * USD, 20 * SIGNUP)
+    assert led(ApplySettlements(SHARD, (SettlementItem(1, win),))) == 1
+    totals = led(Totals())
+    assert totals["funding_micros"] == -(2**63) + 1 - SIGNUP
+    assert totals["house_micros"] == -near - 20 * SIGNUP < -(2**63)
+    free = led.balances(user)[0]
+    assert free == near + 21 * SIGNUP > 2**63
+    ((_, message),) = encode_account_events(e for e in led.m.account_log.kept() if e.user == user)
+    assert decode_account_events(message)[0][-1].body == Balance(free, 0)
+    written = cluster.durability.snapshot.write_snapshot(tmp_path, 1, *led.m.snapshot())
+    loaded = cluster.durability.snapshot.read_snapshot(written)
+    assert LedgerMachine.restore(SIGNUP, loaded).fingerprint() == led.m.fingerprint()
     assert led.replayed(base, start).fingerprint() == led.m.fingerprint()
 
 
