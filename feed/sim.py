@@ -13,41 +13,71 @@ from collections.abc import AsyncIterator, Mapping
 
 from engine.assets import Asset, AssetRegistry
 from feed.message import MarketDataMessage, message_from_ticks
+from feed.settings import FeedBounds
 
 # Realistic starting mids and spreads (in price units) for the default assets; others start at
 # 100 with a one-step spread.
 START_PRICES = {"SOL": "140.00", "BTC": "95000.0", "ETH": "3200.00"}
 MAX_SPREAD_STEPS = {"SOL": 2, "BTC": 10, "ETH": 5}
 VOLATILITY_PER_TICK = 0.0002  # relative standard deviation of the mid per update (~2 bp)
+MIN_MID_TICKS = 1_000  # the walk's floor: one tick is at most 10 bp of the price above it
+DEFAULT_MAX_MOVE_BPS = FeedBounds().max_tick_jump_bps  # largest move of the mid per update
 
 
 class SimWalk:
-    """Per-asset random walks in integer ticks; ``next(asset)`` gives the next (bid, ask) ticks."""
+    """Per-asset random walks in integer ticks; ``next(asset)`` gives the next (bid, ask) ticks.
 
-    def __init__(self, assets: AssetRegistry, seed: int = 0) -> None:
+    Every top it makes is on the step, ``0 < bid < ask <= asset.max_price_ticks``, with its
+    mid within ``max_move_bps`` (the consumers' ``MAX_TICK_JUMP_BPS``) of the previous one:
+    the platform's jump gate does not hold its own sim ticks. The walk does not go below
+    :data:`MIN_MID_TICKS` (where a one-tick step is over 10 bp of the price), or below a lower
+    price it was resumed from; a step that would break one of these is not taken (the mid
+    stays; at a price so low that no step fits the band, it stays there).
+    """
+
+    def __init__(self, assets: AssetRegistry, seed: int = 0,
+                 max_move_bps: int = DEFAULT_MAX_MOVE_BPS) -> None:
+        if max_move_bps <= 0:
+            raise ValueError("sim max_move_bps must be > 0")
         self.assets = assets
+        self.max_move_bps = max_move_bps
         self._rng = {a.name: random.Random(f"{seed}:{a.name}") for a in assets.assets}
         self._mid_ticks = {a.name: a.price_to_ticks(START_PRICES.get(a.name, "100"))
                            for a in assets.assets}
+        self._floor = dict.fromkeys(self._mid_ticks, MIN_MID_TICKS)
+        # the last top given (its bid + ask is the reference of the next move)
+        self._top = {name: (mid, mid + 1) for name, mid in self._mid_ticks.items()}
 
     def resume_from(self, tops: Mapping[str, tuple[int, int]]) -> dict[str, int]:
         """Continue each asset of ``tops`` (name -> (bid, ask) ticks, the last prices the
-        platform saw) from its mid instead of its starting price; returns the mids taken."""
+        platform saw) from exactly that top instead of its starting price; returns the mids
+        taken. A crossed top, or one outside ``(0, max_price_ticks]``, is ignored."""
         taken = {}
         for name, (bid, ask) in tops.items():
-            if name in self._mid_ticks and 0 < bid <= ask:
-                self._mid_ticks[name] = taken[name] = max(10, (bid + ask) // 2)
+            if name in self._mid_ticks and 0 < bid <= ask <= self.assets[name].max_price_ticks:
+                mid = self._mid_ticks[name] = taken[name] = (bid + ask) // 2
+                self._floor[name] = min(MIN_MID_TICKS, mid)
+                self._top[name] = (bid, ask)
         return taken
 
     def next(self, asset: Asset) -> tuple[int, int]:
-        rng = self._rng[asset.name]
-        mid = self._mid_ticks[asset.name]
+        name = asset.name
+        rng = self._rng[name]
+        mid = self._mid_ticks[name]
         sigma = max(1.0, mid * VOLATILITY_PER_TICK)
-        mid = max(10, mid + round(rng.gauss(0.0, sigma)))
-        self._mid_ticks[asset.name] = mid
-        spread = rng.randint(1, MAX_SPREAD_STEPS.get(asset.name, 1))
-        bid = max(1, mid - spread // 2)
-        return bid, bid + spread
+        moved = mid + round(rng.gauss(0.0, sigma))
+        spread = rng.randint(1, MAX_SPREAD_STEPS.get(name, 1))
+        last_bid, last_ask = self._top[name]
+        last2 = last_bid + last_ask
+        for candidate in (moved if moved >= self._floor[name] else mid, mid):
+            bid = max(1, candidate - spread // 2)
+            ask = bid + spread
+            if ask <= asset.max_price_ticks and (
+                    abs(bid + ask - last2) * 10_000 <= self.max_move_bps * last2):
+                self._mid_ticks[name] = candidate
+                self._top[name] = (bid, ask)
+                return bid, ask
+        return last_bid, last_ask
 
 
 class SimSource:
@@ -59,11 +89,12 @@ class SimSource:
 
     name = "sim"
 
-    def __init__(self, assets: AssetRegistry, seed: int = 0, rate_hz: float = 4.0) -> None:
+    def __init__(self, assets: AssetRegistry, seed: int = 0, rate_hz: float = 4.0,
+                 max_move_bps: int = DEFAULT_MAX_MOVE_BPS) -> None:
         if rate_hz <= 0:
             raise ValueError("sim rate must be > 0")
         self.assets = assets
-        self.walk = SimWalk(assets, seed)
+        self.walk = SimWalk(assets, seed, max_move_bps)
         self.rate_hz = rate_hz
         self.emitted = 0
 

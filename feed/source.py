@@ -115,14 +115,16 @@ def make_source(settings: FeedSettings | HasFeedSettings,
     if spec.kind == "none":
         return None
     if spec.kind == "sim":
-        return SimSource(assets, seed=spec.seed, rate_hz=spec.number("rate", 4))
+        return SimSource(assets, seed=spec.seed, rate_hz=spec.number("rate", 4),
+                         max_move_bps=settings.bounds.max_tick_jump_bps)
     if spec.kind == "replay":
         return ReplaySource(spec.path, assets, speed=spec.number("speed", 1.0),
                             loop=spec.options.get("loop", "0").lower() not in LOOP_OFF)
     backpack = BackpackClient(settings.backpack_ws_url, assets)
     if spec.kind == "backpack":
         return backpack
-    sim = SimSource(assets, seed=spec.seed, rate_hz=spec.number("rate", 4))
+    sim = SimSource(assets, seed=spec.seed, rate_hz=spec.number("rate", 4),
+                    max_move_bps=settings.bounds.max_tick_jump_bps)
     return AutoSource(backpack, sim, wait_s=spec.number("wait", AUTO_WAIT_S))
 
 

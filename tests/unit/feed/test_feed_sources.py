@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import re
 import time
@@ -64,6 +65,8 @@ def test_sim_prices_are_valid_with_realistic_spread() -> None:
         asset = DEFAULT_ASSETS[name]
         spreads = [ask - bid for bid, ask in path]
         assert all(bid > 0 and ask > bid for bid, ask in path)
+        assert all(ask <= asset.max_price_ticks for _, ask in path)
+        assert moves_beyond(path, 1_000) == 0  # the platform's gate holds none of them
         assert max(spreads) <= 10
         mids = [(bid + ask) / 2 for bid, ask in path]
         # a random walk moves, but not absurdly (well within 2x over 10k updates at ~2 bp)
@@ -278,3 +281,50 @@ def test_the_backpack_source_keeps_the_documented_timings() -> None:
     caps = [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
     delays = [client.backoff.next_delay_s() for _ in caps]
     assert all(c / 2 <= d <= c for d, c in zip(delays, caps, strict=True)), delays
+
+
+def moves_beyond(path: list[tuple[int, int]], band_bps: int) -> int:
+    """Ticks of ``path`` whose mid lies further than ``band_bps`` from the one before (as the
+    feed's jump gate measures it, on ``bid + ask``)."""
+    return sum(abs((b + a) - (pb + pa)) * 10_000 > band_bps * (pb + pa)
+               for (pb, pa), (b, a) in itertools.pairwise(path))
+
+
+def test_a_walk_at_the_bound_stays_below_it_and_keeps_moving() -> None:
+    """A walk resumed just under an asset's bound went over it: every consumer dropped the
+    sim's ticks as ``above_bound``."""
+    w = SimWalk(DEFAULT_ASSETS, 5)
+    assert w.resume_from({a.name: (a.max_price_ticks - 1, a.max_price_ticks)
+                          for a in DEFAULT_ASSETS.assets})
+    for asset in DEFAULT_ASSETS.assets:
+        path = [w.next(asset) for _ in range(3000)]
+        assert all(0 < bid < ask <= asset.max_price_ticks for bid, ask in path), asset.name
+        assert len({bid + ask for bid, ask in path}) > 100, asset.name  # not stuck there
+        assert moves_beyond(path, 1_000) == 0
+
+
+@pytest.mark.parametrize("band_bps", [1_000, 200])
+def test_a_walk_at_low_prices_never_moves_beyond_the_jump_band(band_bps: int) -> None:
+    """Near its floor (10 ticks) a one-tick step is 10% of the price: the walk moved its mid
+    by more than MAX_TICK_JUMP_BPS again and again, and the platform's own gate held its own
+    sim ticks as jumps. A walk resumed at a low price now continues from exactly there, moves
+    within the band and keeps moving where a step allows it."""
+    w = SimWalk(DEFAULT_ASSETS, 2, max_move_bps=band_bps)
+    tops = {"SOL": (1_000, 1_001), "BTC": (60, 61), "ETH": (7, 9)}
+    assert w.resume_from(tops) == {"SOL": 1_000, "BTC": 60, "ETH": 8}
+    for asset in DEFAULT_ASSETS.assets:
+        path = [tops[asset.name], *(w.next(asset) for _ in range(3000))]
+        assert all(0 < bid < ask <= asset.max_price_ticks for bid, ask in path[1:])
+        assert moves_beyond(path, band_bps) == 0, asset.name
+    sol = [w.next(DEFAULT_ASSETS["SOL"]) for _ in range(3000)]
+    assert len({bid + ask for bid, ask in sol}) > 20  # a price a step allows to move, moves
+
+
+def test_the_sim_source_walks_within_the_configured_jump_band() -> None:
+    settings = Settings.from_env({"MAX_TICK_JUMP_BPS": "50"})
+    sim = make_source(settings, "sim?seed=4")
+    assert isinstance(sim, SimSource) and sim.walk.max_move_bps == 50
+    auto = make_source(settings, "auto")
+    assert isinstance(auto, AutoSource) and isinstance(auto.fallback, SimSource)
+    assert auto.fallback.walk.max_move_bps == 50
+
