@@ -75,7 +75,10 @@ class ReplaySource:
 
     async def stream(self, stop: asyncio.Event) -> AsyncIterator[MarketDataMessage]:
         first_us = self.items[0].at_us
-        span_us = max(1, self.items[-1].at_us - first_us + 1)
+        # a round lasts the recording's range of times: its last frame may be older than its
+        # first (recordings joined), and a round from first to last would then last nothing
+        times = [i.at_us for i in self.items]
+        span_us = max(times) - min(times) + 1
         seq_span = max(i.message.seq for i in self.items) - min(i.message.seq for i in self.items)
         start_mono = time.monotonic()
         rounds = 0

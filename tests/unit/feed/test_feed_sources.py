@@ -328,3 +328,24 @@ def test_the_sim_source_walks_within_the_configured_jump_band() -> None:
     assert isinstance(auto, AutoSource) and isinstance(auto.fallback, SimSource)
     assert auto.fallback.walk.max_move_bps == 50
 
+
+@pytest.mark.asyncio
+async def test_a_looped_recording_whose_times_go_backwards_keeps_its_pace(
+        tmp_path: Path) -> None:
+    """A round lasted from the first frame's recorded time to the last one's: a recording whose
+    last frame is older than its first (two recordings joined) has no such span, and its
+    loop then ran without a pause, flooding the topic at any speed. A round now lasts the
+    recording's whole range of times."""
+    frames = [(2_000_000, 10), (1_000_000, 11), (1_500_000, 12)]
+    path = tmp_path / "joined.jsonl"
+    path.write_text("".join(
+        f'{{"data":{{"T":{t},"a":"98.97","b":"98.96","e":"bookTicker","s":"SOL_USDC",'
+        f'"u":{u}}},"stream":"bookTicker.SOL_USDC"}}\n' for t, u in frames))
+    src = ReplaySource(path, DEFAULT_ASSETS, speed=20, loop=True)  # 1 s recorded = 50 ms
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    got = await first(src, 7)  # two rounds and the first frame of a third
+    elapsed = loop.time() - t0
+    assert [m.seq for m in got] == [10, 11, 12, 13, 14, 15, 16]
+    assert 0.09 <= elapsed <= 0.5, elapsed
+
