@@ -31,8 +31,8 @@ class SimWalk:
     mid within ``max_move_bps`` (the consumers' ``MAX_TICK_JUMP_BPS``) of the previous one:
     the platform's jump gate does not hold its own sim ticks. The walk does not go below
     :data:`MIN_MID_TICKS` (where a one-tick step is over 10 bp of the price), or below a lower
-    price it was resumed from; a step that would break one of these is not taken (the mid
-    stays; at a price so low that no step fits the band, it stays there).
+    price it started or was resumed from; a step that would break one of these is not taken
+    (the mid stays; at a price so low that no step fits the band, it stays there).
     """
 
     def __init__(self, assets: AssetRegistry, seed: int = 0,
@@ -44,7 +44,8 @@ class SimWalk:
         self._rng = {a.name: random.Random(f"{seed}:{a.name}") for a in assets.assets}
         self._mid_ticks = {a.name: a.price_to_ticks(START_PRICES.get(a.name, "100"))
                            for a in assets.assets}
-        self._floor = dict.fromkeys(self._mid_ticks, MIN_MID_TICKS)
+        # a start below the floor (an asset of no START_PRICES with a coarse step) is its floor
+        self._floor = {name: min(MIN_MID_TICKS, mid) for name, mid in self._mid_ticks.items()}
         # the last top given (its bid + ask is the reference of the next move)
         self._top = {name: (mid, mid + 1) for name, mid in self._mid_ticks.items()}
 

@@ -379,3 +379,19 @@ async def test_the_sources_messages_have_the_spec_shape_and_pass_the_consumer(
         tick = decoder.decode(msg.to_json_bytes(), now_us, asset.name if asset else None)
         assert tick is not None, decoder.dropped
         assert gate.admit(tick) == [tick], gate.dropped
+
+
+def test_an_asset_starting_below_the_floor_walks_from_its_start() -> None:
+    """An asset of no START_PRICES starts at 100: with a whole-unit step that is 100 ticks,
+    below the walk's floor of 1,000, and every step down to anything under 1,000 was refused,
+    so its price never moved. Its start is its floor, as a lower resumed price is."""
+    from engine.assets import Asset
+    from engine.assets import AssetRegistry
+
+    assets = AssetRegistry([Asset("XYZ", "XYZ_USDC", price_decimals=0, qty_decimals=2,
+                                  max_leverage=10)])
+    w = SimWalk(assets, 3)
+    path = [w.next(assets["XYZ"]) for _ in range(3000)]
+    assert all(100 <= bid < ask for bid, ask in path)
+    assert len({bid + ask for bid, ask in path}) > 20
+    assert moves_beyond(path, 1_000) == 0
