@@ -1,7 +1,9 @@
 """The simulated source: a seeded random walk of the top of book per asset.
 
-Deterministic by seed: the price path of an asset depends only on the seed and the asset, not on
-how the assets' updates interleave or on the clock (the clock only stamps ``ts_us``).
+Deterministic by seed: the price path of an asset depends only on the seed, the asset, the
+band of its moves (``MAX_TICK_JUMP_BPS``; at the default 1,000 bp no move of a normal price
+reaches it) and a top it was resumed from, not on how the assets' updates interleave or on the
+clock (the clock only stamps ``ts_us``).
 """
 
 from __future__ import annotations
