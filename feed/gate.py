@@ -22,11 +22,17 @@ def _order(tick: Tick) -> tuple[int, int]:
     return tick.ts_us, tick.seq
 
 
+def mid2_within_band(mid2: int, ref2: int, band_bps: int) -> bool:
+    """True when twice a mid (``bid + ask`` in ticks), ``mid2``, lies within ``band_bps``
+    basis points of ``ref2``, twice the reference's (exact integer arithmetic)."""
+    return abs(mid2 - ref2) * 10_000 <= band_bps * ref2
+
+
 def within_band(tick: Tick, reference: Tick, band_bps: int) -> bool:
     """True when the mid of ``tick`` lies within ``band_bps`` basis points of the mid of
-    ``reference`` (exact integer arithmetic on ``bid + ask``, twice the mid)."""
-    mid2, ref2 = tick.bid_ticks + tick.ask_ticks, reference.bid_ticks + reference.ask_ticks
-    return abs(mid2 - ref2) * 10_000 <= band_bps * ref2
+    ``reference`` (see :func:`mid2_within_band`)."""
+    return mid2_within_band(tick.bid_ticks + tick.ask_ticks,
+                            reference.bid_ticks + reference.ask_ticks, band_bps)
 
 
 class TickGate:

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 
 from engine.assets import Asset, AssetRegistry
+from feed.gate import mid2_within_band
 from feed.message import MarketDataMessage, message_from_ticks
 from feed.settings import FeedBounds
 
@@ -75,8 +76,8 @@ class SimWalk:
         for candidate in (moved if moved >= self._floor[name] else mid, mid):
             bid = max(1, candidate - spread // 2)
             ask = bid + spread
-            if ask <= asset.max_price_ticks and (
-                    abs(bid + ask - last2) * 10_000 <= self.max_move_bps * last2):
+            if ask <= asset.max_price_ticks and mid2_within_band(bid + ask, last2,
+                                                                 self.max_move_bps):
                 self._mid_ticks[name] = candidate
                 self._top[name] = (bid, ask)
                 return bid, ask
