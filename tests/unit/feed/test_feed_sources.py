@@ -347,7 +347,8 @@ async def test_a_looped_recording_whose_times_go_backwards_keeps_its_pace(
     got = await first(src, 7)  # two rounds and the first frame of a third
     elapsed = loop.time() - t0
     assert [m.seq for m in got] == [10, 11, 12, 13, 14, 15, 16]
-    assert 0.09 <= elapsed <= 0.5, elapsed
+    # two whole rounds of 50 ms passed (a wait never ends early; before, about 0 s)
+    assert elapsed >= 0.09, elapsed
 
 
 @pytest.mark.asyncio
