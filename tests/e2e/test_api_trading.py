@@ -426,6 +426,11 @@ def test_another_accounts_ids_are_answered_as_ids_never_issued(
         never = str(int(theirs) + (1 << 50))  # same shard and row, a generation not reached
         assert answers(theirs) == answers(never), theirs
     assert (state(http, alice), http.get("/api/v1/orders", headers=alice).json()) == before
+    # nothing left open for the scenarios after it on the same platform (a later tick would
+    # close or fill these, and their money would show in another scenario's totals)
+    assert http.post("/api/v1/positions/close", headers=alice,
+                     json={"positionId": live}).status_code == 200
+    assert http.delete(f"/api/v1/orders/{waiting}", headers=alice).status_code == 200
 
 
 def test_history_is_newest_first_with_limit_and_before(
