@@ -268,6 +268,16 @@ async def test_a_shard_restarted_by_ray_recovers_its_positions_and_numbering(
     assert await audit(svc) == []
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine runs (a zombie, killed but not yet reaped by
+    its parent, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 @pytest.mark.asyncio
 async def test_calls_to_a_host_ray_is_restarting_fail_at_once_not_held(start: Any) -> None:
     """With the platform's Ray settings (cluster.actors.deploy.RAY_SYSTEM_CONFIG) a call made
@@ -278,8 +288,13 @@ async def test_calls_to_a_host_ray_is_restarting_fail_at_once_not_held(start: An
     port = RayPort(BTC, rp.shards[BTC])
     pid = (await port.info())["pid"]
     ray.kill(rp.shards[BTC], no_restart=False)  # the process dies; Ray starts it again
-    failed_s: list[float] = []
     deadline = time.monotonic() + READY_S
+    # ray.kill returns before the process is gone: a call sent meanwhile reaches the old
+    # process and fails only when its death is known, which may take as long as the restart
+    while _alive(pid):
+        assert time.monotonic() < deadline, "the shard's process was not killed"
+        await asyncio.sleep(0.01)
+    failed_s: list[float] = []
     while True:
         sent = time.monotonic()
         try:
