@@ -1649,6 +1649,8 @@ class LedgerMachine:
         if e.request_id == START_RECONCILED:  # the start-time reconciliation: every lock ended
             self._recent_locks.clear()
             self._add_counts(e.user, 0, 0)
+            if not e.amount_micros:  # only the marker: no balance moved
+                return
         else:  # one lock ended (released by its request, or abandoned): an order's too
             lock = self._recent_locks.pop(e.request_id, None) if e.request_id else None
             self._add_counts(e.user, -1, -(lock is not None and lock.kind == _ORDER))

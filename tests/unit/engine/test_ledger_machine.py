@@ -654,7 +654,10 @@ def test_reconcile_at_start_releases_orphaned_locks_and_drops_pending_reservatio
 def test_reconcile_at_start_ends_locks_even_when_nothing_is_in_excess() -> None:
     led, user = one_account()
     assert led(LockMargin(MarginLock(user, 25 * USD, None, 9))) is None
+    kept = len(led.m.account_log.kept())
     assert led(ReconcileAtStart({user: 25 * USD}, {})) == {}
+    # no balance moved: the user's stream is told nothing
+    assert len(led.m.account_log.kept()) == kept
     assert led(AbandonLock(9)) is None
     led.restarted()
     assert led(AbandonLock(9)) is None
