@@ -20,6 +20,7 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
 from tests.browser.page import DESKTOP
+from tests.browser.page import PageClock
 from tests.browser.page import set_viewport
 from tests.browser.proxy import Relay
 from tests.e2e.ray_platform import RayHttpPlatform
@@ -27,6 +28,10 @@ from tests.e2e.ray_platform import RayHttpPlatform
 # Console lines that are not the page's own faults: an API answer >= 400 (the tests provoke
 # some) and a WebSocket that cannot connect (the page falls back to polling).
 _EXPECTED_CONSOLE = ("Failed to load resource", "WebSocket connection to")
+
+
+PAGE_CLOCK_K = 4
+"""How many times faster than the real one the clock of a ``page_clock`` test's page runs."""
 
 
 def _executable(name: str) -> str:
@@ -102,3 +107,12 @@ def browser(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[WebDrive
     finally:
         driver.quit()
         shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+@pytest.fixture
+def page_clock(browser: WebDriver) -> PageClock:
+    """The pages ``browser`` loads run their clock and timers ``PAGE_CLOCK_K`` times faster,
+    for a test whose time goes in waiting out the page's own timers: the seconds its docstring
+    and comments give are page seconds, and it sleeps them with ``page_clock.sleep``. Waits
+    for the server stay real."""
+    return PageClock(browser, PAGE_CLOCK_K)

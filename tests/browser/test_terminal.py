@@ -31,6 +31,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select
 from tests.browser.page import DESKTOP
 from tests.browser.page import PHONE
+from tests.browser.page import PageClock
 from tests.browser.page import set_viewport
 from tests.browser.page import wait_until
 from tests.browser.proxy import Relay
@@ -1027,7 +1028,8 @@ def test_a_limit_order_from_the_ticket_then_cancelled_from_its_row(
 
 
 def test_a_refresh_error_goes_when_the_page_reads_again_and_never_hides_an_actions_error(
-        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client,
+        page_clock: PageClock) -> None:
     """A background refresh that fails shows its error until a refresh succeeds, then the
     banner goes by itself (it stayed for good after an outage). An error of something the
     trader did stays while refreshes fail: it says what to check, they only repeat the
@@ -1158,7 +1160,8 @@ def test_the_api_docs_page_lists_the_operations_from_the_platform_alone(
 
 
 def test_a_quote_that_stops_moving_is_marked_stale_until_the_next_price(
-        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client,
+        page_clock: PageClock) -> None:
     """No newer price for 10 s (on the page's own clock, from the price's arrival): the
     quote is dimmed and says for how long, where it named its source; the next price clears
     it. Before, a quote from a feed that had stopped looked as live as any."""
@@ -1169,7 +1172,7 @@ def test_a_quote_that_stops_moving_is_marked_stale_until_the_next_price(
     assert "stale" not in (quote.get_attribute("class") or "")
     assert text_of(browser, "quote-source") == "source: test"
     wait_until(browser, lambda d: "stale" in (quote.get_attribute("class") or ""),
-               "the stale mark", timeout_s=30)
+               "the stale mark")
     label = text_of(browser, "quote-source")
     assert label.startswith("no price for ") and label.endswith(" s"), label
     assert int(label.split()[3]) >= 10, label
@@ -1447,7 +1450,8 @@ def test_a_double_click_on_long_or_close_trades_once(
 
 
 def test_a_read_never_answered_is_given_up_and_the_refreshes_go_on(
-        platform: RayHttpPlatform, relay: Relay, browser: WebDriver, http: httpx.Client) -> None:
+        platform: RayHttpPlatform, relay: Relay, browser: WebDriver, http: httpx.Client,
+        page_clock: PageClock) -> None:
     """The answer of a GET /state never comes back (the network hangs): after 10 s the page
     gives it up and says so, as it says any failed read, and its refreshes go on: a position
     opened meanwhile by another client of the account shows, and the error goes. Before, the
@@ -1468,7 +1472,8 @@ def test_a_read_never_answered_is_given_up_and_the_refreshes_go_on(
 
 
 def test_an_open_never_answered_is_not_sent_again_and_its_outcome_is_said_unknown(
-        platform: RayHttpPlatform, relay: Relay, browser: WebDriver, http: httpx.Client) -> None:
+        platform: RayHttpPlatform, relay: Relay, browser: WebDriver, http: httpx.Client,
+        page_clock: PageClock) -> None:
     """The open reaches the platform and is taken, but its answer never comes back: after 20 s
     the page gives it up without sending it again (it may have been taken, as here), says its
     outcome is unknown and its clientOrderId, and reads the account, which shows the position.
@@ -1481,8 +1486,7 @@ def test_an_open_never_answered_is_not_sent_again_and_its_outcome_is_said_unknow
     position_id = wait_position_row(browser, "SOL", "long")
     banner = by_id(browser, "error-banner")
     wait_until(browser, lambda d: banner.is_displayed()
-               and banner.get_attribute("data-code") == "TIMEOUT", "the open given up",
-               timeout_s=40)
+               and banner.get_attribute("data-code") == "TIMEOUT", "the open given up")
     message = text_of(browser, "error-message")
     assert "outcome is unknown" in message and "Not sent again (clientOrderId web-" in message
     wait_until(browser, lambda d: by_id(d, "submit-long").is_enabled(), "the Long button")
@@ -1523,7 +1527,8 @@ def test_a_price_poll_answered_after_a_newer_streamed_price_does_not_replace_it(
 
 
 def test_a_handshake_never_answered_is_given_up_and_made_again(
-        platform: RayHttpPlatform, relay: Relay, browser: WebDriver, http: httpx.Client) -> None:
+        platform: RayHttpPlatform, relay: Relay, browser: WebDriver, http: httpx.Client,
+        page_clock: PageClock) -> None:
     """The page's first WebSocket handshake reaches the platform but its answer never comes
     back: the page polls prices meanwhile, gives the handshake up after 10 s, makes a new one,
     and streams again. Before, it stayed connecting for good, on polled prices."""
@@ -1534,14 +1539,15 @@ def test_a_handshake_never_answered_is_given_up_and_made_again(
     wait_until(browser, lambda d: text_of(d, "bid") == "100.00", "the polled quote")
     assert len(relay.sockets) == 1 and status.get_attribute("data-state") == "connecting"
     wait_until(browser, lambda d: status.get_attribute("data-state") == "open",
-               "a new handshake once the first is given up", timeout_s=30)
+               "a new handshake once the first is given up")
     assert len(relay.sockets) == 2
     tick(platform, http, "SOL", "100.30", "100.31")
     wait_until(browser, lambda d: text_of(d, "bid") == "100.30", "the streamed quote")
 
 
 def test_a_live_connection_gone_silent_is_dropped_and_opened_again(
-        platform: RayHttpPlatform, relay: Relay, browser: WebDriver, http: httpx.Client) -> None:
+        platform: RayHttpPlatform, relay: Relay, browser: WebDriver, http: httpx.Client,
+        page_clock: PageClock) -> None:
     """A connection quiet for 15 s (no price) is pinged, answers, and is kept (no error shown).
     Then the network drops without a word (half-open: no close ever comes, nothing arrives):
     the next ping gets no answer within 5 s, the page connects again and the quote moves on.
@@ -1554,12 +1560,11 @@ def test_a_live_connection_gone_silent_is_dropped_and_opened_again(
     [socket] = relay.sockets
     wait_until(browser, lambda d: '{"method":"PING"}' in socket.texts,
                "a ping on the quiet connection")
-    time.sleep(7)  # its answer came: no reconnect after 5 s
+    page_clock.sleep(7)  # its answer came: no reconnect after 5 s
     assert len(relay.sockets) == 1 and status.get_attribute("data-state") == "open"
     assert not by_id(browser, "error-banner").is_displayed()
 
     relay.silence_sockets()
     tick(platform, http, "SOL", "100.30", "100.31")
-    wait_until(browser, lambda d: text_of(d, "bid") == "100.30", "the quote after a reconnect",
-               timeout_s=45)
+    wait_until(browser, lambda d: text_of(d, "bid") == "100.30", "the quote after a reconnect")
     assert len(relay.sockets) == 2 and status.get_attribute("data-state") == "open"
