@@ -76,6 +76,7 @@ from cluster.http.limits import (
     UNKNOWN_KEYS,
     BodySizeLimit,
     TokenBuckets,
+    client_of,
     retry_after_s,
     too_many,
 )
@@ -689,10 +690,11 @@ def key_checker(service: TradingService, refused: TokenBuckets
             return who
         lookup = looking.get(api_key)
         if lookup is None:
-            wait_s = refused.take(address)
+            client = client_of(address)
+            wait_s = refused.take(client)
             if wait_s > 0:
                 return wait_s
-            lookup = looking[api_key] = asyncio.ensure_future(look_up(api_key, address))
+            lookup = looking[api_key] = asyncio.ensure_future(look_up(api_key, client))
             lookup.add_done_callback(functools.partial(done, api_key))
         # shielded: a caller that goes away does not cut the lookup the others wait for
         return await asyncio.shield(lookup)
@@ -862,7 +864,7 @@ def create_app(service: TradingService) -> FastAPI:
         # (API_REPLICAS > 1: HAProxy) appended to X-Forwarded-For (cluster.http.server); behind
         # a proxy elsewhere every client shares its address (and limit): it should limit itself
         address = request.client.host if request.client is not None else ""
-        _rate_limited(signup_buckets, address, "account creations from this address")
+        _rate_limited(signup_buckets, client_of(address), "account creations from this address")
         account = await service.create_account()
         return _json({"accountId": account.account_id, "apiKey": account.api_key,
                       "balance": micros_to_money(account.balance_micros)}, 201)

@@ -3,6 +3,7 @@ encoding, and token-bucket rate limits with bounded memory."""
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from collections import OrderedDict
@@ -25,6 +26,22 @@ last token holds 1.0 less the rounding of the clock's subtraction (a monotonic c
 MAX_TRACKED_KEYS = 100_000
 """Most buckets one limiter keeps; past it the least recently used one is forgotten (it
 comes back full, which only ever lets that client through sooner)."""
+
+
+def client_of(address: str) -> str:
+    """The client a limit per client address counts ``address`` (a peer's address as text) as:
+    an IPv4 address itself; an IPv6 address its /64 network, since one subscriber is given a
+    whole /64 (or more) and may send from any of its 2**64 addresses; an IPv4-mapped IPv6
+    address its IPv4 address. Any other text (no address known: "") is itself."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
 
 
 class BodySizeLimit:

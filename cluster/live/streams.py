@@ -44,7 +44,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from cluster.http.errors import error_body, error_response
 from cluster.http.json_body import unique_keys
-from cluster.http.limits import UNKNOWN_KEYS, TokenBuckets, too_many
+from cluster.http.limits import UNKNOWN_KEYS, TokenBuckets, client_of, too_many
 from cluster.live.account_stream import ACCOUNT_STREAM, AccountStreams, Subscription
 from cluster.live.market import Change, MarketSource
 from engine.results import Code
@@ -298,7 +298,7 @@ class StreamHub:
     # -- a connection ----------------------------------------------------------------------
     async def serve(self, socket: WebSocket) -> None:
         """Run one client's connection until it closes."""
-        address = socket.client.host if socket.client is not None else ""
+        address = client_of(socket.client.host if socket.client is not None else "")
         if self.by_address.get(address, 0) >= self.limits.connections:
             await refuse(socket, 429, Code.RATE_LIMITED, f"at most {self.limits.connections} "
                          "WebSocket connections per client address", {"Retry-After": "1"})

@@ -9,18 +9,23 @@ import math
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import pytest
+from cluster.config import Settings
+from cluster.http.api import create_app
 from cluster.http.api import key_checker
 from cluster.http.errors import ApiError
 from cluster.http.json_body import nests_deeper_than
 from cluster.http.json_body import parse_json
 from cluster.http.limits import BodySizeLimit
 from cluster.http.limits import TokenBuckets
+from cluster.http.limits import client_of
 from cluster.http.limits import retry_after_s
 from engine.messages import Principal
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+from tests.unit.cluster.local_platform import build_platform
 
 
 class Clock:
@@ -227,5 +232,103 @@ def test_a_key_not_seen_here_may_send_its_burst_at_once() -> None:
         assert await check("guess-4", "10.0.0.1") is None
         assert isinstance(await check("guess-5", "10.0.0.1"), float)
         assert lookups.lookups == 4
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("address", "client"), [
+    ("10.0.0.1", "10.0.0.1"),
+    ("2001:db8::1", "2001:db8::/64"),
+    ("2001:db8::ffff:ffff:ffff:ffff", "2001:db8::/64"),
+    ("2001:DB8:0:0:1::", "2001:db8::/64"),
+    ("2001:db8:0:1::1", "2001:db8:0:1::/64"),
+    ("::ffff:10.0.0.1", "10.0.0.1"),  # an IPv4 client of a dual-stack socket
+    ("fe80::1%eth0", "fe80::/64"),
+    ("", ""),  # no address known
+    ("testclient", "testclient"),
+])
+def test_a_limit_per_address_counts_an_ipv6_client_by_its_64(address: str, client: str) -> None:
+    assert client_of(address) == client
+    assert client_of(client) == client  # what the limits keep is its own client
+
+
+def test_unknown_keys_from_one_ipv6_64_share_one_budget() -> None:
+    """Before, each IPv6 address had a budget of its own: a client holding a /64 (every
+    subscriber does) sent unlimited guesses by changing the address of each."""
+    async def scenario() -> None:
+        lookups = Lookups("valid")
+        lookups.answer.set()
+        check = key_checker(lookups, TokenBuckets(5, 3, clock=Clock()))  # type: ignore[arg-type]
+        answers = [await check(f"guess-{n}", f"2001:db8::{n + 1:x}") for n in range(4)]
+        assert answers[:3] == [None] * 3 and isinstance(answers[3], float)
+        assert await check("guess-4", "2001:db8:0:1::1") is None  # another /64
+        assert await check("guess-5", "::ffff:10.0.0.1") is None
+        assert isinstance(await check("guess-6", "2001:db8::ffff"), float)
+        assert lookups.lookups == 5
+
+    asyncio.run(scenario())
+
+
+def test_signups_from_one_ipv6_64_share_the_addresses_limit() -> None:
+    """SIGNUPS_PER_MIN counts a client of an IPv6 /64 as one address, through the app."""
+    async def scenario() -> None:
+        p = build_platform(Settings(signups_per_min=2))
+        svc = p.hosts.service()
+        app = create_app(svc)
+
+        async def signup(address: str) -> int:
+            transport = httpx.ASGITransport(app=app, client=(address, 40000))
+            async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+                return (await http.post("/api/v1/accounts")).status_code
+
+        try:
+            assert [await signup(f"2001:db8::{n}") for n in (1, 2, 3)] == [201, 201, 429]
+            assert await signup("2001:db8:0:1::3") == 201
+            assert await signup("10.0.0.1") == 201
+        finally:
+            await svc.aclose()
+            await p.service.aclose()
+            p.hosts.close()
+
+    asyncio.run(scenario())
+
+
+def test_websockets_from_one_ipv6_64_share_the_addresses_limit() -> None:
+    """WS_CONNECTIONS counts a client of an IPv6 /64 as one address: the app's ASGI WebSocket
+    handshakes, each from its own address, the first two kept open."""
+    async def scenario() -> None:
+        p = build_platform(Settings(ws_connections=2))
+        svc = p.hosts.service()
+        app = create_app(svc)
+        open_sockets: list[tuple[asyncio.Task[None], asyncio.Queue[dict[str, Any]]]] = []
+
+        async def handshake(address: str) -> str:
+            """The app's first answer to a handshake from ``address``: accept or a status."""
+            incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+            answers: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+            scope = {"type": "websocket", "asgi": {"version": "3.0"}, "scheme": "ws",
+                     "path": "/ws", "raw_path": b"/ws", "root_path": "", "query_string": b"",
+                     "headers": [], "client": (address, 40000), "server": ("api", 80),
+                     "subprotocols": [], "extensions": {"websocket.http.response": {}}}
+            await incoming.put({"type": "websocket.connect"})
+            task = asyncio.ensure_future(app(scope, incoming.get, answers.put))
+            first = await asyncio.wait_for(answers.get(), 5)
+            if first["type"] == "websocket.accept":
+                open_sockets.append((task, incoming))
+                return "accept"
+            await asyncio.wait_for(task, 5)
+            return str(first.get("status"))
+
+        try:
+            assert [await handshake(f"2001:db8::{n}") for n in (1, 2, 3)] == \
+                ["accept", "accept", "429"]
+            assert await handshake("2001:db8:0:1::1") == "accept"
+        finally:
+            for task, incoming in open_sockets:
+                await incoming.put({"type": "websocket.disconnect", "code": 1000})
+                await asyncio.wait_for(task, 5)
+            await svc.aclose()
+            await p.service.aclose()
+            p.hosts.close()
 
     asyncio.run(scenario())
