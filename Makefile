@@ -58,16 +58,20 @@ wrk: ## install wrk (Debian package) if it is missing, for the benchmarks
 up: bytecode ## install into .venv, then start the whole platform in the foreground (Ctrl-C stops it)
 	$(VENV)/bin/shardex up
 
-# The unit tests start no process and share nothing, so they run on every core (at most 4
-# workers); the rest starts Ray, brokers and browsers that want the cores to themselves, so it
-# runs after them, one test at a time. The glob keeps pyproject's testpaths the one list (a plain
-# --ignore does not apply to the directories testpaths names). A failing unit test does not
-# keep the rest from running: one run reports every failure, and the exit status is the first
-# failing part's.
+# Three runs, so that what wants the cores to itself has them. The unit tests start no process
+# and share nothing: on every core (at most 4 workers). The rest but the `slow` tests (each of
+# those starts a whole platform, a chaos run or a Ray cluster of three nodes, busy on every
+# core): two workers, a file each at a time, so that the browser tests, which mostly wait on
+# the page's timers and the network, go on beside the others. Then the `slow` tests, one at a
+# time. The glob keeps pyproject's testpaths the one list (a plain --ignore does not apply to
+# the directories testpaths names). A failing part does not keep the rest from running: one
+# run reports every failure, and the exit status is the first failing part's.
 test: bytecode browser ## install into .venv and chromium if needed, then run the whole test suite
 	@status=0; \
 	$(PY) -m pytest -q --durations=10 -n logical --maxprocesses 4 tests/unit || status=$$?; \
-	$(PY) -m pytest -q --durations=25 --ignore-glob='tests/unit/*' || \
+	$(PY) -m pytest -q --durations=15 -n 2 --dist loadfile -m 'not slow' \
+		--ignore-glob='tests/unit/*' || { rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \
+	$(PY) -m pytest -q --durations=15 -m slow --ignore-glob='tests/unit/*' || \
 		{ rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \
 	exit $$status
 

@@ -16,6 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 KILLS = 11  # single-process kills; the whole-platform kill comes on top
 CLIENTS = 3
