@@ -6,6 +6,9 @@ One interface, two implementations, no method per operation:
   ``execute(commands)`` per event-loop turn (cluster.trading.batcher.MicroBatcher), so N
   requests cost one actor round trip, and at most :data:`BATCHES_IN_FLIGHT` batches are under
   way at once. A command whose ``decide`` raised answers :class:`CommandFailed`.
+* ``port.listen(listener)``: ``listener(answered)`` after every batch, True when the host
+  answered it, False when it raised :class:`Unavailable` (the service steers new positions
+  away from a split that does not answer).
 * ``port.post(command)``: no call of its own; ``command`` rides at the head of the next batch
   that goes to the host anyway, and its answer is dropped (an outbox acknowledgement, whose
   loss only means a resend the ledger ignores).
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -56,6 +59,7 @@ class Port:
         self.batcher: MicroBatcher[Any, Any] = MicroBatcher(self.send,
                                                             max_in_flight=BATCHES_IN_FLIGHT)
         self._riders: dict[type, Any] = {}
+        self._listeners: list[Callable[[bool], None]] = []
 
     async def call(self, command: Any) -> Any:
         """The answer to ``command`` (batched with concurrent calls)."""
@@ -64,6 +68,11 @@ class Port:
     async def call_many(self, commands: Sequence[Any]) -> list[Any]:
         """The answers to ``commands``, sent together in one batch (in order)."""
         return [_checked(a) for a in await self.send(list(commands))]
+
+    def listen(self, listener: Callable[[bool], None]) -> None:
+        """Call ``listener(answered)`` after every batch (calls, posts and ``call_many``; not
+        ``ping``): True when the host answered, False when the batch raised Unavailable."""
+        self._listeners.append(listener)
 
     def post(self, command: Any) -> None:
         """Send ``command`` with the next batch that goes to the host, ahead of that batch's
@@ -75,17 +84,22 @@ class Port:
         """``execute(commands)`` with the posted commands ahead of them; the answers to
         ``commands`` (a Failed one as it is). Posted commands whose batch failed are posted
         again unless newer ones replaced them."""
-        if not self._riders:
-            return await self.execute(commands)
         riders = list(self._riders.values())
         self._riders.clear()
         try:
-            answers = await self.execute([*riders, *commands])
-        except BaseException:
+            answers = await self.execute([*riders, *commands] if riders else commands)
+        except BaseException as exc:
             for rider in riders:
                 self._riders.setdefault(type(rider), rider)
+            if isinstance(exc, Unavailable):
+                self._tell(False)
             raise
-        return answers[len(riders):]
+        self._tell(True)
+        return answers[len(riders):] if riders else answers
+
+    def _tell(self, answered: bool) -> None:
+        for listener in self._listeners:
+            listener(answered)
 
     async def execute(self, commands: list[Any]) -> list[Any]:
         raise NotImplementedError

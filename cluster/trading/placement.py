@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cluster.config import Settings
@@ -50,10 +51,13 @@ class Layout:
         """The shards that hold ``asset`` (all its splits; every one receives its ticks)."""
         return self._splits.get(asset, ())
 
-    def for_new_position(self, asset: str, key: int) -> ShardSpec:
-        """The split of ``asset`` that takes a new position; ``key`` spreads opens."""
+    def for_new_position(self, asset: str, key: int,
+                         down: Callable[[str], bool] = lambda name: False) -> ShardSpec:
+        """The split of ``asset`` that takes a new position; ``key`` spreads opens over its
+        splits that are not ``down`` (by name), or over all of them when every one is."""
         splits = self._splits[asset]
-        return splits[key % len(splits)]
+        up = [s for s in splits if not down(s.name)] or splits
+        return up[key % len(up)]
 
     def of_position(self, position_id: object) -> ShardSpec | None:
         """The shard that issued ``position_id`` (None for anything that is not one)."""

@@ -39,6 +39,7 @@ import itertools
 import json
 import logging
 import secrets
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, NamedTuple, TypeVar, cast
@@ -117,6 +118,9 @@ OPEN_RESENDS = 2  # resends of a request (same request id) before it is declared
 RESEND_DELAY_S = 0.05
 IDEM_POLL_S = 0.02
 HEALTH_TIMEOUT_S = 2.0  # a component that takes longer is reported unavailable
+# A split whose port raised Unavailable takes no new positions or orders for this long, unless
+# a call to it succeeds first; then a new one probes it again (it may be back, or down for good)
+SPLIT_DOWN_S = 3.0
 
 T = TypeVar("T")
 
@@ -162,6 +166,7 @@ class TradingService:
     ``leading``: with several API replicas, true in the one that sweeps stale reservations
     (None: this one always does). With ``market``, ``GET /state`` is answered from a read
     model (cluster.live.account_views): one ledger read instead of one per shard as well.
+    ``clock``: monotonic seconds, which time how long a split found down is passed over.
     """
 
     def __init__(self, ledger: Port, shards: Mapping[str, Port], settings: Settings,
@@ -170,7 +175,8 @@ class TradingService:
                  market: MarketSource | None = None,
                  account_topic: SignedTopic | None = None,
                  leading: Callable[[], bool] | None = None,
-                 idem_wait_s: float = 5.0) -> None:
+                 idem_wait_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.assets: AssetRegistry = settings.assets
         self.layout = Layout(settings)
@@ -193,6 +199,12 @@ class TradingService:
         # client that alternates SOL and BTC put every SOL position on the same split
         self._spread: collections.defaultdict[tuple[str, str], itertools.count[int]] = \
             collections.defaultdict(itertools.count)
+        # shard -> when a call to it last raised Unavailable (gone once one succeeds): a split
+        # that does not answer (restarting, or its node gone) is passed over by new positions
+        self._clock = clock
+        self._failed_at: dict[str, float] = {}
+        for name, port in self.shards.items():
+            port.listen(functools.partial(self._answered, name))
         # Request ids must not collide between API replicas: a random prefix per service.
         self._request_prefix = secrets.randbits(30) << 32
         self._request_counter = itertools.count(1)
@@ -538,8 +550,25 @@ class TradingService:
     def _new_split(self, asset: str, kind: str) -> str:
         """The split of ``asset`` that takes a new position (``kind`` "open") or order
         ("order"): round-robin over its splits, the asset's opens and its orders each on
-        their own, whatever else is opened or placed in between."""
-        return self.layout.for_new_position(asset, next(self._spread[asset, kind])).name
+        their own, whatever else is opened or placed in between; a split found down in the
+        last SPLIT_DOWN_S is passed over unless every one is (then the open fails there, 503).
+        A request sent is never sent to another split: the one that did not answer may hold
+        it (the reconciler resolves it there)."""
+        return self.layout.for_new_position(asset, next(self._spread[asset, kind]),
+                                            self._down).name
+
+    def _answered(self, shard_name: str, answered: bool) -> None:
+        """What a batch to ``shard_name`` showed: it answers, or it raised Unavailable."""
+        if answered:
+            self._failed_at.pop(shard_name, None)
+        else:
+            self._failed_at[shard_name] = self._clock()
+
+    def _down(self, shard_name: str) -> bool:
+        """Did a call to ``shard_name`` raise Unavailable in the last SPLIT_DOWN_S, none
+        succeeding since?"""
+        failed_at = self._failed_at.get(shard_name)
+        return failed_at is not None and self._clock() - failed_at < SPLIT_DOWN_S
 
     # ----------------------------------------------------------------- changing a position
     async def set_levels(self, who: Principal, position_id: int, tp_ticks: int | None,
