@@ -112,10 +112,13 @@ class LocalHttpPlatform:
     def deliver(self, ticks: list[Tick]) -> None:
         """Hand ``ticks`` to the candles and the shards, as the feed actor does."""
         self.market.apply(ticks)
-        asyncio.run(self.hosts.apply_ticks(ticks))  # from a thread that runs no event loop
+        # on the server's loop: the ports' batchers and futures belong to one loop, and a
+        # delivery on a loop of its own, while the server's loop was calling the same port
+        # (a background sweep), waited on a future that loop never woke
+        self._on_loop(self.hosts.apply_ticks(ticks), timeout_s=60)
 
-    def _on_loop(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+    def _on_loop(self, coro: Any, timeout_s: float = 10) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
     def audit(self) -> list[AuditDifference]:
         problems, _ = self._on_loop(self.service.audit())
