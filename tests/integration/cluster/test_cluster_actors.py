@@ -4,6 +4,7 @@ ledger exactly once by the courier, a restarted shard's numbering, a dead shard.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 import uuid
@@ -57,6 +58,7 @@ class RayPlatform:
     namespace: str
     ledger: Any
     shards: dict[str, Any]
+    settings: Settings = SETTINGS
     seq: int = 0
     services: list[TradingService] = field(default_factory=list)
 
@@ -65,7 +67,7 @@ class RayPlatform:
 
     def service(self) -> TradingService:
         ledger, shards = self.ports()
-        self.services.append(TradingService(ledger, shards, SETTINGS))
+        self.services.append(TradingService(ledger, shards, self.settings))
         return self.services[-1]
 
     async def trader(self) -> tuple[TradingService, Principal]:
@@ -77,14 +79,14 @@ class RayPlatform:
         """A tick to every shard of ``asset``, as the feed actor sends it: the settlements go
         to the ledger (through the courier) after a tick that closed something. Returns
         closes."""
-        a = SETTINGS.assets[asset]
+        a = self.settings.assets[asset]
         self.seq += 1
         tick = Tick(asset, a.price_to_ticks(bid), a.price_to_ticks(ask),
                     time.time_ns() // 1000, self.seq, "test")
         ledger, shards = self.ports()
         courier = Courier(ledger, shards)
         closed = 0
-        for spec in shard_layout(SETTINGS):
+        for spec in shard_layout(self.settings):
             if spec.asset == asset:
                 [count] = await shards[spec.name].call_many([ApplyTick(tick)])
                 closed += count
@@ -112,7 +114,7 @@ async def start(ray_local: None, tmp_path: Path) -> AsyncIterator[Any]:
         namespace = f"test-{uuid.uuid4().hex[:8]}"
         data_dir = str(tmp_path / namespace) if durable else None
         ledger, shards = start_hosts(settings, namespace, data_dir, READY_S)
-        started.append(RayPlatform(namespace, ledger, shards))
+        started.append(RayPlatform(namespace, ledger, shards, settings))
         return started[-1]
 
     yield start
@@ -360,3 +362,27 @@ async def test_hosts_on_a_nearly_full_disk_say_so_in_health(start: Any, tmp_path
     for name, text in health.components.items():
         assert text.startswith("unhealthy: ") and name in text, text
         assert f"below MIN_FREE_DISK_MB ({floor})" in text, text
+
+
+@pytest.mark.asyncio
+async def test_opens_of_a_split_asset_pass_over_a_split_that_is_gone(start: Any) -> None:
+    """BTC split in two, one split gone for good (as a host whose node is gone waits for it):
+    the open sent to it answers Unavailable, and every later open of the asset goes to the
+    split that answers. Before, every second open went to the gone split, 503 each."""
+    rp = start(settings=dataclasses.replace(SETTINGS, shards={"BTC": 2}))
+    svc, who = await rp.trader()
+    await rp.tick("BTC", "50000.0", "50000.1")
+    gone = next(s.name for s in shard_layout(rp.settings) if s.asset == "BTC" and s.split == 1)
+    ray.kill(rp.shards[gone], no_restart=True)
+    splits: list[int | str] = []
+    for _ in range(8):
+        try:
+            pos = await svc.open_position(who, OpenOrder("BTC", Side.LONG, 100 * USD, 10))
+        except Unavailable:
+            splits.append("503")
+            continue
+        assert isinstance(pos, OpenPosition), pos
+        spec = svc.layout.of_position(pos.position_id)
+        assert spec is not None
+        splits.append(spec.split)
+    assert splits.count("503") <= 1 and splits.count(0) >= 7, splits
