@@ -1649,12 +1649,11 @@ class LedgerMachine:
         if e.request_id == START_RECONCILED:  # the start-time reconciliation: every lock ended
             self._recent_locks.clear()
             self._add_counts(e.user, 0, 0)
-            if not e.amount_micros:  # only the marker: no balance moved
-                return
         else:  # one lock ended (released by its request, or abandoned): an order's too
             lock = self._recent_locks.pop(e.request_id, None) if e.request_id else None
             self._add_counts(e.user, -1, -(lock is not None and lock.kind == _ORDER))
-        self._record_balance(e.user)
+        if e.amount_micros:  # (none: the start's marker alone; no balance moved)
+            self._record_balance(e.user)
 
     def _on_open_count_set(self, e: OpenCountSet) -> None:
         self._set_counts(e.user, opens=e.open_count)
