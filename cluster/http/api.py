@@ -1134,12 +1134,10 @@ def create_app(service: TradingService) -> FastAPI:
                    "connections dropped for leaving their answers unread")
         out.add("shardex_http_unread_dropped_total", DROPPED["unread"])
         for name, n in hub.stats().items():  # this replica's WebSockets
-            if name in ("ws_connections", "ws_account_subscriptions"):
-                out.family(f"shardex_{name}", "gauge", f"this replica's {name}")
-                out.add(f"shardex_{name}", n)
-            else:
-                out.family(f"shardex_{name}_total", "counter", f"this replica's {name}")
-                out.add(f"shardex_{name}_total", n)
+            gauge = name in ("ws_connections", "ws_account_subscriptions")
+            metric = f"shardex_{name}" + ("" if gauge else "_total")
+            out.family(metric, "gauge" if gauge else "counter", f"this replica's {name}")
+            out.add(metric, n)
         stats = await service.shard_stats()
         out.family("shardex_shard_up", "gauge", "1 when the shard answered this scrape")
         out.family("shardex_open_positions", "gauge", "open positions by shard")

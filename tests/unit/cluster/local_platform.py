@@ -35,6 +35,17 @@ class Clock:
 
 
 @dataclass
+class Seconds:
+    """A settable monotonic clock (seconds), for what times itself in seconds (a service, a
+    rate limit)."""
+
+    now: float = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
 class Platform:
     settings: Settings
     clock: Clock

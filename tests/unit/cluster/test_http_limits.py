@@ -25,19 +25,12 @@ from engine.messages import Principal
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+from tests.unit.cluster.local_platform import Seconds
 from tests.unit.cluster.local_platform import build_platform
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_bucket_grants_its_burst_then_one_request_per_interval() -> None:
-    clock = Clock()
+    clock = Seconds()
     buckets = TokenBuckets(2, 3, clock=clock)  # 2/s, burst 3
     assert [buckets.take("k") for _ in range(3)] == [0.0, 0.0, 0.0]
     assert buckets.take("k") == pytest.approx(0.5)
@@ -56,7 +49,7 @@ def test_the_spec_limits_at_their_edges_on_a_clock_far_from_zero(
         start: float, rate: float, burst: int) -> None:
     # the defaults: requests per key (50/s, burst 100), account creations per address
     # (10/min, burst 10), unknown keys per address (a tenth of the rate, half the burst)
-    clock = Clock()
+    clock = Seconds()
     clock.now = start
     buckets = TokenBuckets(rate, burst, clock=clock)
     assert [buckets.take("k") for _ in range(burst)] == [0.0] * burst
@@ -79,7 +72,7 @@ def test_rate_zero_is_unlimited_and_bad_limits_are_refused() -> None:
 
 
 def test_idle_buckets_are_forgotten_and_memory_is_bounded() -> None:
-    clock = Clock()
+    clock = Seconds()
     buckets = TokenBuckets(10 / 60, 10, clock=clock, max_keys=100)  # 10/min: full after 60 s
     for address in range(50):
         buckets.take(address)
@@ -219,7 +212,7 @@ def test_a_key_not_seen_here_may_send_its_burst_at_once() -> None:
     unknown keys sent at once are still limited one token each."""
     async def scenario() -> None:
         lookups = Lookups("valid")
-        check = key_checker(lookups, TokenBuckets(5, 3, clock=Clock()))  # type: ignore[arg-type]
+        check = key_checker(lookups, TokenBuckets(5, 3, clock=Seconds()))  # type: ignore[arg-type]
         valid = [asyncio.ensure_future(check("valid", "10.0.0.1")) for _ in range(10)]
         unknown = [asyncio.ensure_future(check(f"guess-{n}", "10.0.0.1")) for n in range(4)]
         await asyncio.sleep(0)
@@ -258,7 +251,7 @@ def test_unknown_keys_from_one_ipv6_64_share_one_budget() -> None:
     async def scenario() -> None:
         lookups = Lookups("valid")
         lookups.answer.set()
-        check = key_checker(lookups, TokenBuckets(5, 3, clock=Clock()))  # type: ignore[arg-type]
+        check = key_checker(lookups, TokenBuckets(5, 3, clock=Seconds()))  # type: ignore[arg-type]
         answers = [await check(f"guess-{n}", f"2001:db8::{n + 1:x}") for n in range(4)]
         assert answers[:3] == [None] * 3 and isinstance(answers[3], float)
         assert await check("guess-4", "2001:db8:0:1::1") is None  # another /64

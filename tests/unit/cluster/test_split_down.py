@@ -4,7 +4,6 @@ answer: they go to the splits that do, until it answers again or SPLIT_DOWN_S pa
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
 
 import pytest
 from cluster.actors.port import Port
@@ -21,20 +20,11 @@ from engine.orders import Side
 from tests.unit.cluster.faulty_ports import Down
 from tests.unit.cluster.local_platform import USD
 from tests.unit.cluster.local_platform import Make
+from tests.unit.cluster.local_platform import Seconds
 from tests.unit.cluster.local_platform import sol_long
 from tests.unit.cluster.local_platform import sol_trader
 
 pytestmark = pytest.mark.asyncio
-
-
-@dataclass
-class Seconds:
-    """A settable monotonic clock (seconds) for the service."""
-
-    now: float = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def split_platform(make: Make) -> tuple[TradingService, list[Down], Seconds, Principal]:
