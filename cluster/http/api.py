@@ -40,6 +40,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     RootModel,
@@ -48,6 +49,7 @@ from pydantic import (
     WithJsonSchema,
     create_model,
 )
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.actors.port import Unavailable
@@ -154,6 +156,20 @@ PositionId = Annotated[StrictInt | Annotated[StrictStr, Field(min_length=1, max_
                            "description": "the position's id (a decimal string; an integer "
                                           "is accepted too)"})]
 ClientOrderId = Annotated[StrictStr, Field(min_length=1, max_length=64)]
+_DIGITS = re.compile("[0-9]{1,19}")
+
+
+def _digits(value: object) -> object:
+    """A query integer as its decimal digits alone: pydantic's lax int also reads a sign,
+    spaces, a ``.0`` and underscores (``limit=1_0`` was 10)."""
+    if isinstance(value, str) and not _DIGITS.fullmatch(value):
+        raise PydanticCustomError("int_digits", "Input should be an integer in decimal digits")
+    return value
+
+
+QueryInt = BeforeValidator(_digits)
+"""Metadata for an ``int`` query parameter: ``Annotated[int, Query(...), QueryInt]``."""
+PageLimit = Annotated[int, Query(ge=1, le=500), QueryInt]
 NextCursor = Annotated[str | None, Query(pattern="^[0-9]{1,19}(-[0-9]{1,19})?$",
                                          description="'next' of the previous page")]
 OrderCursor = Annotated[str | None, Query(
@@ -953,7 +969,7 @@ def create_app(service: TradingService) -> FastAPI:
 
     @app.get("/api/v1/positions", tags=["positions"], operation_id="listPositions",
              responses={200: {"model": PositionsOut}, **_errors(*_AUTH_ERRORS, 422, 503)})
-    async def list_positions(who: Caller, limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    async def list_positions(who: Caller, limit: PageLimit = 100,
                              cursor: NextCursor = None
                              ) -> Response:
         """Your open positions, oldest first, paged: ``next`` names where a page ended, and
@@ -970,7 +986,7 @@ def create_app(service: TradingService) -> FastAPI:
 
     @app.get("/api/v1/positions/history", tags=["positions"], operation_id="positionHistory",
              responses={200: {"model": HistoryOut}, **_errors(*_AUTH_ERRORS, 422, 503)})
-    async def history(who: Caller, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    async def history(who: Caller, limit: PageLimit = 50,
                       before: CloseCursor = None
                       ) -> Response:
         """Your closed positions (whole and partial closes), newest first."""
@@ -1010,7 +1026,7 @@ def create_app(service: TradingService) -> FastAPI:
 
     @app.get("/api/v1/orders/history", tags=["orders"], operation_id="orderHistory",
              responses={200: {"model": OrdersOut}, **_errors(*_AUTH_ERRORS, 422, 503)})
-    async def order_history(who: Caller, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    async def order_history(who: Caller, limit: PageLimit = 50,
                             before: OrderCursor = None) -> Response:
         """Your ended orders (filled, cancelled, expired, rejected), newest first."""
         result = await service.order_history(who, limit,
@@ -1058,11 +1074,11 @@ def create_app(service: TradingService) -> FastAPI:
             interval: Annotated[Literal["1m", "5m", "15m", "1h", "4h", "1d"], Query()],
             startTime: Annotated[int | None, Query(
                 ge=0, le=MAX_QUERY_S, description="unix seconds: candles starting at or after "
-                                                  "it, the oldest first")] = None,
+                                                  "it, the oldest first"), QueryInt] = None,
             endTime: Annotated[int | None, Query(
                 ge=0, le=MAX_QUERY_S, description="unix seconds: candles starting at or before "
-                                                  "it")] = None,
-            limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT) -> Response:
+                                                  "it"), QueryInt] = None,
+            limit: Annotated[int, Query(ge=1, le=MAX_LIMIT), QueryInt] = DEFAULT_LIMIT) -> Response:
         """Candles of the mid price, oldest first: the newest ``limit`` (the current one
         included), or from ``startTime`` on."""
         tradable(asset)

@@ -355,6 +355,27 @@ def test_bad_history_queries_are_422(http: httpx.Client, params: dict[str, Any])
     assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST"
 
 
+@pytest.mark.parametrize("path,query,name", [
+    ("/api/v1/positions", "limit=1_0", "limit"),  # read as 10 before
+    ("/api/v1/positions/history", "limit=1.0", "limit"),
+    ("/api/v1/orders/history", "limit=%2B5", "limit"),  # "+5"
+    ("/api/v1/klines", "asset=SOL&interval=1m&limit=%201", "limit"),  # " 1"
+    ("/api/v1/klines", "asset=SOL&interval=1m&startTime=1_700_000_000", "startTime"),
+    ("/api/v1/klines", "asset=SOL&interval=1m&endTime=17e8", "endTime"),
+])
+def test_a_query_integer_is_decimal_digits_alone(http: httpx.Client, path: str, query: str,
+                                                 name: str) -> None:
+    """An integer in a query is its digits: a sign, a space, a fraction or an underscore
+    (which Python's int() reads as a separator) is refused, naming the parameter, not read as
+    another number."""
+    r = http.get(f"{path}?{query}", headers=signup(http))
+    assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
+    assert r.json()["error"]["message"] == (
+        f"query.{name}: Input should be an integer in decimal digits"), r.text
+    digits = query.rsplit("=", 1)[0] + "=10"
+    assert http.get(f"{path}?{digits}", headers=signup(http)).status_code == 200
+
+
 @pytest.mark.parametrize("path,query,name,single", [
     ("/api/v1/positions", "limit=1&limit=2", "limit", "limit=1"),
     ("/api/v1/positions/history", "lim%69t=1&limit=2", "limit", "limit=1"),  # encoded
