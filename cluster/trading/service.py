@@ -39,7 +39,6 @@ import itertools
 import json
 import logging
 import secrets
-import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, NamedTuple, TypeVar, cast
@@ -118,9 +117,10 @@ OPEN_RESENDS = 2  # resends of a request (same request id) before it is declared
 RESEND_DELAY_S = 0.05
 IDEM_POLL_S = 0.02
 HEALTH_TIMEOUT_S = 2.0  # a component that takes longer is reported unavailable
-# A split whose port raised Unavailable takes no new positions or orders for this long, unless
-# a call to it succeeds first; then a new one probes it again (it may be back, or down for good)
-SPLIT_DOWN_S = 3.0
+# A split whose port raised Unavailable takes no new positions or orders until it answers: a
+# call to it that succeeds, or a ping, sent this often while it does not (a user's open would
+# find out at the cost of an answer in doubt)
+SPLIT_PROBE_S = 0.5
 
 T = TypeVar("T")
 
@@ -166,7 +166,6 @@ class TradingService:
     ``leading``: with several API replicas, true in the one that sweeps stale reservations
     (None: this one always does). With ``market``, ``GET /state`` is answered from a read
     model (cluster.live.account_views): one ledger read instead of one per shard as well.
-    ``clock``: monotonic seconds, which time how long a split found down is passed over.
     """
 
     def __init__(self, ledger: Port, shards: Mapping[str, Port], settings: Settings,
@@ -175,8 +174,7 @@ class TradingService:
                  market: MarketSource | None = None,
                  account_topic: SignedTopic | None = None,
                  leading: Callable[[], bool] | None = None,
-                 idem_wait_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 idem_wait_s: float = 5.0) -> None:
         self.settings = settings
         self.assets: AssetRegistry = settings.assets
         self.layout = Layout(settings)
@@ -199,12 +197,13 @@ class TradingService:
         # client that alternates SOL and BTC put every SOL position on the same split
         self._spread: collections.defaultdict[tuple[str, str], itertools.count[int]] = \
             collections.defaultdict(itertools.count)
-        # shard -> when a call to it last raised Unavailable (gone once one succeeds): a split
-        # that does not answer (restarting, or its node gone) is passed over by new positions
-        self._clock = clock
-        self._failed_at: dict[str, float] = {}
-        for name, port in self.shards.items():
-            port.listen(functools.partial(self._answered, name))
+        # the splits (of assets split in several) whose last call raised Unavailable, each
+        # with the task pinging it: one that does not answer (restarting, or its node gone)
+        # is passed over by new positions until it does
+        self._probes: dict[str, asyncio.Task[None]] = {}
+        for spec in self.layout.shards:
+            if spec.split_count > 1:
+                self.shards[spec.name].listen(functools.partial(self._answered, spec.name))
         # Request ids must not collide between API replicas: a random prefix per service.
         self._request_prefix = secrets.randbits(30) << 32
         self._request_counter = itertools.count(1)
@@ -550,25 +549,41 @@ class TradingService:
     def _new_split(self, asset: str, kind: str) -> str:
         """The split of ``asset`` that takes a new position (``kind`` "open") or order
         ("order"): round-robin over its splits, the asset's opens and its orders each on
-        their own, whatever else is opened or placed in between; a split found down in the
-        last SPLIT_DOWN_S is passed over unless every one is (then the open fails there, 503).
-        A request sent is never sent to another split: the one that did not answer may hold
-        it (the reconciler resolves it there)."""
+        their own, whatever else is opened or placed in between; a split found down is passed
+        over until it answers, unless every one is (then the open fails there, 503). A request
+        sent is never sent to another split: the one that did not answer may hold it (the
+        reconciler resolves it there)."""
         return self.layout.for_new_position(asset, next(self._spread[asset, kind]),
-                                            self._down).name
+                                            self.split_down).name
+
+    def split_down(self, shard_name: str) -> bool:
+        """Is ``shard_name`` a split passed over by new positions (its last call raised
+        Unavailable, and neither a call nor a ping has been answered since)?"""
+        return shard_name in self._probes
 
     def _answered(self, shard_name: str, answered: bool) -> None:
-        """What a batch to ``shard_name`` showed: it answers, or it raised Unavailable."""
+        """What a batch to the split ``shard_name`` showed: it answers, or it raised
+        Unavailable (then it is pinged until it answers)."""
+        probe = self._probes.pop(shard_name, None)
         if answered:
-            self._failed_at.pop(shard_name, None)
+            if probe is not None:
+                probe.cancel()
         else:
-            self._failed_at[shard_name] = self._clock()
+            self._probes[shard_name] = probe or asyncio.get_running_loop().create_task(
+                self._probe(shard_name))
 
-    def _down(self, shard_name: str) -> bool:
-        """Did a call to ``shard_name`` raise Unavailable in the last SPLIT_DOWN_S, none
-        succeeding since?"""
-        failed_at = self._failed_at.get(shard_name)
-        return failed_at is not None and self._clock() - failed_at < SPLIT_DOWN_S
+    async def _probe(self, shard_name: str) -> None:
+        """Ping a split found down every SPLIT_PROBE_S until it answers and takes writes."""
+        port = self.shards[shard_name]
+        while True:
+            await asyncio.sleep(SPLIT_PROBE_S)
+            try:
+                answer = await asyncio.wait_for(port.ping(), HEALTH_TIMEOUT_S)
+            except Exception:  # Unavailable, no answer in time, or the host's own failure
+                continue
+            if answer is True:
+                self._probes.pop(shard_name, None)
+                return
 
     # ----------------------------------------------------------------- changing a position
     async def set_levels(self, who: Principal, position_id: int, tp_ticks: int | None,
@@ -888,6 +903,11 @@ class TradingService:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
         await self.reconciler.aclose()
+        probes = list(self._probes.values())
+        self._probes.clear()
+        for probe in probes:
+            probe.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
 
     def batch_stats(self) -> dict[str, tuple[int, int]]:
         """``name -> (batches, items)`` of every batching point (items/batches = gain)."""

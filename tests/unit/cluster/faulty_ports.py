@@ -61,6 +61,7 @@ class Down(Wrapped):
     def __init__(self, inner: Port, down: bool = False) -> None:
         super().__init__(inner)
         self.down = down
+        self.pings = 0  # pings asked, answered or not
 
     async def execute(self, commands: list[Any]) -> list[Any]:
         if self.down:
@@ -68,6 +69,7 @@ class Down(Wrapped):
         return await self.inner.execute(commands)
 
     async def ping(self) -> bool:
+        self.pings += 1
         if self.down:
             raise Unavailable(self.name, "test: down")
         return await self.inner.ping()

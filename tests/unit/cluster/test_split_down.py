@@ -1,15 +1,19 @@
 """New positions and orders of a split asset (SHARDS=SOL=4) while one of its splits does not
-answer: they go to the splits that do, until it answers again or SPLIT_DOWN_S passes."""
+answer: they go to the splits that do, until it answers again (a call to it succeeds, or the
+service's ping of it every SPLIT_PROBE_S)."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import time
+from collections.abc import Callable
 
 import pytest
 from cluster.actors.port import Port
 from cluster.actors.port import Unavailable
 from cluster.config import Settings
-from cluster.trading.service import SPLIT_DOWN_S
+from cluster.trading.service import SPLIT_PROBE_S
 from cluster.trading.service import TradingService
 from engine.messages import OpenPosition
 from engine.messages import PendingOrder
@@ -20,23 +24,29 @@ from engine.orders import Side
 from tests.unit.cluster.faulty_ports import Down
 from tests.unit.cluster.local_platform import USD
 from tests.unit.cluster.local_platform import Make
-from tests.unit.cluster.local_platform import Seconds
 from tests.unit.cluster.local_platform import sol_long
 from tests.unit.cluster.local_platform import sol_trader
 
 pytestmark = pytest.mark.asyncio
 
 
-async def split_platform(make: Make) -> tuple[TradingService, list[Down], Seconds, Principal]:
+async def split_platform(make: Make) -> tuple[TradingService, list[Down], Principal]:
     """A service over SOL split four ways whose port of each split can be taken down (by
-    split), its clock, and a SOL trader."""
+    split), and a SOL trader."""
     p = make(settings=Settings(shards={"SOL": 4}))
     sol = p.hosts.layout.of_asset("SOL")
     downs = [Down(p.shards[s.name]) for s in sol]
-    clock = Seconds()
     ports: dict[str, Port] = {**p.shards, **{d.name: d for d in downs}}
-    svc = make.service(p, shards=ports, clock=clock)
-    return svc, downs, clock, await sol_trader(p, svc)
+    svc = make.service(p, shards=ports)
+    return svc, downs, await sol_trader(p, svc)
+
+
+async def until(done: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    """Wait (on this event loop, where the service's probes run) until ``done()``."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "not within the timeout"
+        await asyncio.sleep(SPLIT_PROBE_S / 10)
 
 
 async def split_of_open(svc: TradingService, who: Principal) -> int:
@@ -62,7 +72,7 @@ async def test_opens_and_orders_pass_over_a_split_that_does_not_answer(make: Mak
     """After the one open that finds split 1 down (in doubt: it is not sent elsewhere), every
     open and order goes to the other three, evenly; once a call to split 1 succeeds (a read of
     the account), it takes opens again. Before, every fourth open was answered 503."""
-    svc, downs, _, who = await split_platform(make)
+    svc, downs, who = await split_platform(make)
     assert [await split_of_open(svc, who) for _ in range(4)] == [0, 1, 2, 3]
     downs[1].down = True
     assert await split_of_open(svc, who) == 0
@@ -83,34 +93,51 @@ async def test_opens_and_orders_pass_over_a_split_that_does_not_answer(make: Mak
     assert problems == []
 
 
-async def test_a_split_found_down_gets_opens_again_after_split_down_s(make: Make) -> None:
-    """A split found down by a read (no open in doubt) is passed over for SPLIT_DOWN_S, then
-    a new open probes it: taken when it answers, and passed over again when it does not."""
-    svc, downs, clock, who = await split_platform(make)
+async def test_a_split_found_down_is_probed_not_spent_on_opens(make: Make) -> None:
+    """A split found down (here by a read: no open in doubt) is pinged every SPLIT_PROBE_S
+    while it stays down: no open is sent there to find out, however long that is, and once a
+    ping is answered it takes opens again without one being asked of it first. Before, each
+    3 s down cost an open (in doubt, answered 503), and a split back waited out the 3 s."""
+    svc, downs, who = await split_platform(make)
     downs[2].down = True
     assert (await svc.state(who)).unavailable == (downs[2].name,)
-    downs[2].down = False  # back, but nothing has asked it since
-    assert [await split_of_open(svc, who) for _ in range(3)] == [0, 1, 3]
-    clock.now += SPLIT_DOWN_S
-    assert sorted([await split_of_open(svc, who) for _ in range(4)]) == [0, 1, 2, 3]
-
-    downs[2].down = True
-    assert (await svc.state(who)).unavailable == (downs[2].name,)
-    clock.now += SPLIT_DOWN_S  # still down: the probing open fails, the rest go elsewhere
+    assert svc.split_down(downs[2].name)
+    pinged = downs[2].pings
+    await until(lambda: downs[2].pings >= pinged + 3)  # three probes, none answered
     outcomes = []
-    for _ in range(8):
+    for _ in range(9):
         try:
             outcomes.append(await split_of_open(svc, who))
         except Unavailable:
             outcomes.append(-1)
-    assert outcomes.count(-1) == 1 and 2 not in outcomes
-    assert svc.counters["opens_in_doubt"] == 1
+    assert collections.Counter(outcomes) == {0: 3, 1: 3, 3: 3}
+    assert svc.counters["opens_in_doubt"] == 0
+
+    downs[2].down = False  # back: the next probe finds it
+    await until(lambda: not svc.split_down(downs[2].name))
+    assert sorted([await split_of_open(svc, who) for _ in range(4)]) == [0, 1, 2, 3]
+    pinged = downs[2].pings
+    await asyncio.sleep(3 * SPLIT_PROBE_S)
+    assert downs[2].pings == pinged  # a split that answers is not probed
+
+
+async def test_a_probe_does_not_hold_the_service_from_stopping(make: Make) -> None:
+    """A split down for good: the service still stops at once (its probe is cancelled, not
+    waited for like a request)."""
+    svc, downs, who = await split_platform(make)
+    downs[0].down = True
+    await svc.state(who)
+    await until(lambda: downs[0].pings >= 1)
+    await asyncio.wait_for(svc.aclose(), 5 * SPLIT_PROBE_S)
+    pinged = downs[0].pings
+    await asyncio.sleep(3 * SPLIT_PROBE_S)
+    assert downs[0].pings == pinged
 
 
 async def test_every_split_down_answers_unavailable(make: Make) -> None:
     """With every split of SOL down an open goes round-robin as before and is refused
     (Unavailable: 503 at the API), each in doubt on the split it went to."""
-    svc, downs, _, who = await split_platform(make)
+    svc, downs, who = await split_platform(make)
     for down in downs:
         down.down = True
     for _ in range(5):
