@@ -263,6 +263,8 @@ class OrderBody(RequestBody):
     stopLoss: Price | None = None
     expiresAt: Annotated[StrictStr, Field(
         min_length=10, max_length=40,
+        # documented only: the route refuses a mismatch with its own message (expires_us)
+        json_schema_extra={"pattern": f"^{_ISO_TIME.pattern}$"},
         description="ISO-8601 time (UTC unless it names an offset); none: good till "
                     "cancelled")] | None = None
     clientOrderId: ClientOrderId | None = None

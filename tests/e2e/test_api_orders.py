@@ -9,6 +9,7 @@ waits until the order's end has reached the history.
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC
 from datetime import datetime
@@ -212,6 +213,17 @@ def test_bad_orders_are_refused_and_lock_nothing(platform: HttpPlatform,
     for text in ("2030-01-01", "2030-01-01T00Z", "2030-01-01T00:00:7Z"):
         r = http.post("/api/v1/orders", json={**good, "expiresAt": text}, headers=h)
         assert r.status_code == 422 and "expiresAt" in r.json()["error"]["message"], r.text
+    # the OpenAPI document's pattern says which texts those are, for a client to check first
+    schema = http.get("/openapi.json").json()["components"]["schemas"]["OrderBody"]
+    pattern = re.compile(next(s["pattern"] for s in schema["properties"]["expiresAt"]["anyOf"]
+                              if "pattern" in s))
+    for text in ("2030-01-01T00:00Z", "2030-01-01T01:30+01:00", "2030-01-01T00:00:07.5",
+                 "9999-12-31T23:59:59.999999Z"):
+        assert pattern.search(text), text
+    for text in ("tomorrow", "0000000000", "2030-01-01", "2030-01-01T00Z",
+                 "2030-01-01T00:00:7Z", "20300101T000000Z", "2030-W01-3T00:00:00",
+                 "2030-01-01T00:00:00\nZ", "2030-01-01T00:00:00+00:60"):
+        assert not pattern.search(text), text
     last = place(http, h, **good, expiresAt="9999-12-31T23:59:59.999999Z")  # the last one
     assert last["expiresAt"] == "9999-12-31T23:59:59.999999Z"
     assert [o["orderId"] for o in open_orders(http, h)] == [last["orderId"]]
