@@ -1093,6 +1093,33 @@ def test_a_row_close_ignores_the_slippage_bound_the_ticket_hides(
     assert not by_id(browser, "error-banner").is_displayed()
 
 
+def test_a_row_close_with_a_slippage_bound_and_no_price_yet_closes_nothing(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """A bound in the market ticket and no price on the page yet: a row's Close is refused in
+    the page, as the ticket's open is, and the position stays open; with the bound cleared it
+    closes. Before, it closed at the engine's price with the bound left out."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": PRICES_HELD_JS})
+    open_terminal(browser, platform)
+    key = create_account(browser)
+    r = http.post("/api/v1/positions/open", headers={"Authorization": f"Bearer {key}"},
+                  json={"asset": "SOL", "type": "long", "margin": "100", "leverage": 10})
+    assert r.status_code == 201, r.text
+    position_id = wait_position_row(browser, "SOL", "long")  # the page polls the account
+    assert position_id == r.json()["positionId"] and text_of(browser, "bid") == "—"
+    fill(browser, "ticket-slippage", "50")
+    row_control(browser, "close-position", position_id).click()
+    banner = by_id(browser, "error-banner")
+    wait_until(browser, lambda d: banner.is_displayed()
+               and banner.get_attribute("data-code") == "PRICE_UNAVAILABLE",
+               "the PRICE_UNAVAILABLE banner")
+    assert [p["positionId"] for p in account(http, key)["positions"]] == [position_id]
+    fill(browser, "ticket-slippage", "")
+    row_control(browser, "close-position", position_id).click()
+    closed_row(browser, position_id)
+    assert account(http, key)["positions"] == []
+
+
 def test_a_wheel_over_the_focused_leverage_scrolls_the_page_and_keeps_the_value(
         platform: RayHttpPlatform, browser: WebDriver) -> None:
     """A browser turns a wheel over a focused number field into a new value: scrolling past

@@ -1030,8 +1030,12 @@ async function closePosition(entry) {
   if (quantity) body.quantity = quantity;
   // the ticket's bound, while the ticket shows it (a limit or stop ticket hides the field)
   const bps = byId("ticket-kind").value === "market" ? slippage() : null;
-  const quote = app.prices[position.asset];
-  if (bps !== null && quote) {
+  if (bps !== null) {
+    const quote = app.prices[position.asset];
+    if (!quote) { // as the ticket's open: a bound is kept, or nothing is sent
+      showError(localError("PRICE_UNAVAILABLE", "no live price to check the slippage against yet"));
+      return;
+    }
     body.currentPrice = position.type === "long" ? quote.bid : quote.ask;
     body.maxSlippageBps = bps;
   }
