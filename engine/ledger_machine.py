@@ -58,7 +58,8 @@ abandoned top-up likewise. A removal is announced first (:class:`ExpectRelease`,
 ``ReleaseExpected``: nothing moves) and remembered like a lock, by its request id: should the
 API process die after the shard took the margin off, the sweep of orphaned locks resolves the
 request at the shards and its note releases the margin; one that never happened is abandoned,
-releasing nothing.
+releasing nothing. A TP/SL change is announced the same way with nothing to release, so the
+sweep numbers its ``positionUpdated`` should its API process die after the shard made it.
 
 Pending orders (SPEC "Pending orders"): a placement locks the order's margin with
 ``MarginLock(order=True)``, which also needs room under ``max_open_orders``
@@ -411,9 +412,11 @@ class ReleaseMargin:
 @dataclass(frozen=True, slots=True)
 class ExpectRelease:
     """Request ``request_id`` of ``user`` is about to take ``margin_micros`` off an open
-    position at its shard: remember the release it will owe (nothing moves now; the
-    request's ``ReleaseMargin(counted=False)`` makes it, or, should that never come, its
-    ``Note`` or the start-time reconciliation). -> None, or Rejected(INVALID_REQUEST)."""
+    position at its shard (0: to change its TP/SL, which owes nothing): remember the release
+    it will owe (nothing moves now; the request's ``ReleaseMargin(counted=False)`` makes it,
+    or, should that never come, its ``Note`` or the start-time reconciliation), and that the
+    request is under way, for the sweep of orphaned locks to resolve should its API process
+    die. -> None, or Rejected(INVALID_REQUEST)."""
 
     user: int
     margin_micros: int
@@ -1227,8 +1230,8 @@ class LedgerMachine:
         request_id, amount = _int(c.request_id), _int(c.margin_micros)
         if request_id is None or not 0 < request_id < START_RECONCILED:
             return _invalid("request id out of range")
-        if amount is None or amount <= 0:
-            return _invalid("margin must be an int > 0")
+        if amount is None or amount < 0:
+            return _invalid("margin must be an int >= 0")
         if not self.ledger.has_user(c.user):
             return _invalid(f"no user {c.user}")
         if request_id in self._recent_locks or request_id in self._returned:

@@ -589,10 +589,12 @@ class TradingService:
     async def set_levels(self, who: Principal, position_id: int, tp_ticks: int | None,
                          sl_ticks: int | None, client_order_id: str | None = None
                          ) -> OpenPosition | Rejected:
-        """Set, replace or remove (0) the TP/SL of one of ``who``'s positions (None: keep)."""
+        """Set, replace or remove (0) the TP/SL of one of ``who``'s positions (None: keep).
+        Announced at the ledger first, as a margin removal is, releasing nothing: should this
+        process die after the shard made it, the sweeps find it and note it."""
         return await self._idempotent(who, "modify", client_order_id, lambda key: self._in_turn(
             position_id, self._end(key, position_id, "modify", lambda request_id: SetLevels(
-                who.user, position_id, tp_ticks, sl_ticks, request_id))),
+                who.user, position_id, tp_ticks, sl_ticks, request_id), release=(who.user, 0))),
             {"position_id": position_id}, {"tp_ticks": tp_ticks, "sl_ticks": sl_ticks})
 
     async def change_margin(self, who: Principal, position_id: int, delta_micros: int,
@@ -781,7 +783,8 @@ class TradingService:
                    command: Callable[[int], Any], release: tuple[int, int] | None = None) -> Any:
         """Send ``command(request_id)`` (a close, a cancel, a TP/SL change or a margin removal)
         to the shard that issued ``item_id``; a settlement it makes reaches the ledger before
-        the answer, and so does ``release`` ``(user, micros)``, margin a removal frees."""
+        the answer, and so does ``release`` ``(user, micros)``, margin a removal frees (0: a
+        TP/SL change, announced like one)."""
         spec = self.layout.of_position(item_id)  # order ids carry their shard's tag too
         if spec is None:
             return Rejected(Code.NOT_FOUND, "no such open order" if kind == "cancel"
@@ -790,8 +793,9 @@ class TradingService:
         if earlier is not None:  # the answer of an earlier request with this key
             return earlier
         if release is not None:
-            # the release the removal will owe, remembered at the ledger before the shard
-            # acts: made by the sweep should this process die before it makes it itself
+            # the release the change will owe (if any), remembered at the ledger before the
+            # shard acts: made, and the change noted, by the sweep should this process die
+            # before it does so itself
             refused = await self.ledger.call(ExpectRelease(*release, request_id))
             if refused is not None:
                 return refused

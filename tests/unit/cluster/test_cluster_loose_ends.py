@@ -1050,6 +1050,56 @@ async def test_a_margin_removal_whose_api_process_died_is_released_within_a_few_
     assert await p.audit() == []
 
 
+@pytest.mark.parametrize("client_order_id", [None, "levels-1"])
+@pytest.mark.parametrize("cut_at", ["shard", "note"])
+async def test_a_tp_sl_change_whose_api_process_died_is_noted_by_the_sweeps(
+        make: Make, cut_at: str, client_order_id: str | None) -> None:
+    """An API process dies during a TP/SL change: held on its way to the shard (it never
+    happens, and arrives fenced), or made there with its note held on the way to the ledger.
+    The sweeps number the account's positionUpdated with the new levels once for one that
+    happened, and nothing for one that did not. Before, a change sent without a clientOrderId
+    left the ledger nothing to find: the account's stream, and the read models that follow
+    it, kept the old TP/SL until the position's next event."""
+    p = make()
+    who = await sol_trader(p)
+    pos = await p.service.open_position(who, sol_long())
+    assert isinstance(pos, OpenPosition)
+    since, _ = await p.service.account_events(who.user, None)
+    shard = p.shard_of("SOL")
+    shard_gate = Gated(shard, SetLevels)
+    note_gate = Gated(p.ledger, Note)
+    dying = make.service(p, ledger=note_gate, shards={**p.shards, shard.name: shard_gate})
+    if cut_at == "note":
+        shard_gate.opened.set()
+    gate = note_gate if cut_at == "note" else shard_gate
+    await dies_at(gate, dying, dying.set_levels(who, pos.position_id, 12_000, None,
+                                                client_order_id))
+
+    async def updated() -> list[object]:
+        _, events = await p.service.account_events(who.user, since)
+        assert events is not None
+        return [e.body for e in events if e.kind == POSITION_UPDATED]
+
+    sweeper = make.service(p).reconciler
+    await sweeper.settle_pending(older_than_s=0)
+    for _ in range(ORPHAN_ROUNDS):
+        await sweeper.end_orphaned_locks()
+    [open_locks] = p.ledger.execute_blocking([OpenLocks()])
+    assert open_locks == []
+    if cut_at == "shard":
+        shard_gate.opened.set()  # the change arrives after all: fenced, refused
+        await asyncio.sleep(0.05)
+    [[mine]] = shard.execute_blocking([PositionsOf((who.user,))])
+    made = cut_at == "note"
+    assert [q.tp_ticks for q in mine] == [12_000 if made else pos.tp_ticks]
+    assert await updated() == (mine if made else [])
+    for _ in range(ORPHAN_ROUNDS + 1):  # nothing more happens
+        await sweeper.end_orphaned_locks()
+    assert await updated() == (mine if made else [])
+    assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+    assert await p.audit() == []
+
+
 # ----------------------------------------------------------------------------- waited retries
 # A retry of a request whose API process died or stalled mid-way (another replica's, here
 # another service over the same hosts): after its idempotency wait the retry settles the first
