@@ -25,6 +25,7 @@ from cluster.durability.runner import Failed
 from cluster.trading.courier import Courier
 from cluster.trading.courier import SettlementRefused
 from cluster.trading.reconciler import ORPHAN_ROUNDS
+from cluster.trading.reconciler import Reconciler
 from cluster.trading.service import TradingService
 from engine.account_events import ORDER_PLACED
 from engine.account_events import POSITION_OPENED
@@ -810,6 +811,35 @@ async def dies_at(gate: Gated, dying: TradingService, request: Awaitable[object]
         await client
 
 
+async def swept(make: Make, p: Platform) -> Reconciler:
+    """Another process's sweeps over ``p``, as many as end every orphaned lock; no lock is
+    left open at the ledger after them. Returns that process's reconciler."""
+    sweeper = make.service(p).reconciler
+    await sweeper.settle_pending(older_than_s=0)
+    for _ in range(ORPHAN_ROUNDS):
+        await sweeper.end_orphaned_locks()
+    [open_locks] = p.ledger.execute_blocking([OpenLocks()])
+    assert open_locks == []
+    return sweeper
+
+
+async def dies_changing(make: Make, p: Platform, shard_kind: type, ledger_kind: type,
+                        cut_at_shard: bool, change: Callable[[TradingService], Awaitable[object]]
+                        ) -> Gated:
+    """``change`` sent through a service over ``p`` whose batches to the SOL shard carrying
+    ``shard_kind``, and to the ledger carrying ``ledger_kind``, wait at gates; the process
+    dies once it reached the shard's gate (``cut_at_shard``: it never arrives) or the
+    ledger's (the shard made it). Returns the shard's gate."""
+    shard = p.shard_of("SOL")
+    shard_gate = Gated(shard, shard_kind)
+    ledger_gate = Gated(p.ledger, ledger_kind)
+    dying = make.service(p, ledger=ledger_gate, shards={**p.shards, shard.name: shard_gate})
+    if not cut_at_shard:
+        shard_gate.opened.set()
+    await dies_at(shard_gate if cut_at_shard else ledger_gate, dying, change(dying))
+    return shard_gate
+
+
 @pytest.mark.parametrize("cut_at", ["open", "note"])
 async def test_the_locks_of_an_api_process_that_died_end_within_a_few_sweeps(
         make: Make, cut_at: str) -> None:
@@ -882,12 +912,7 @@ async def test_a_keyed_request_whose_api_process_died_before_its_note_is_noted_b
     dying = make.service(p, ledger=note_gate)
     await dies_at(note_gate, dying, request(dying))
 
-    sweeper = make.service(p).reconciler
-    await sweeper.settle_pending(older_than_s=0)
-    for _ in range(ORPHAN_ROUNDS):
-        await sweeper.end_orphaned_locks()
-    [open_locks] = p.ledger.execute_blocking([OpenLocks()])
-    assert open_locks == []
+    await swept(make, p)
     _, events = await p.service.account_events(who.user, since)
     assert events is not None
     [made] = [e.body for e in events if e.kind == kind]
@@ -1011,14 +1036,9 @@ async def test_a_margin_removal_whose_api_process_died_is_released_within_a_few_
     pos = await p.service.open_position(who, sol_long())
     assert isinstance(pos, OpenPosition)
     shard = p.shard_of("SOL")
-    shard_gate = Gated(shard, ChangeMargin)
-    release_gate = Gated(p.ledger, ReleaseMargin)
-    dying = make.service(p, ledger=release_gate, shards={**p.shards, shard.name: shard_gate})
-    if cut_at == "release":
-        shard_gate.opened.set()
-    gate = release_gate if cut_at == "release" else shard_gate
-    await dies_at(gate, dying, dying.change_margin(who, pos.position_id, -10 * USD,
-                                                   client_order_id))
+    shard_gate = await dies_changing(make, p, ChangeMargin, ReleaseMargin, cut_at == "shard",
+                                     lambda svc: svc.change_margin(who, pos.position_id,
+                                                                   -10 * USD, client_order_id))
     assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)  # nothing freed yet
     taken = 10 * USD if cut_at == "release" else 0  # what the shard took off the position
 
@@ -1066,26 +1086,16 @@ async def test_a_tp_sl_change_whose_api_process_died_is_noted_by_the_sweeps(
     assert isinstance(pos, OpenPosition)
     since, _ = await p.service.account_events(who.user, None)
     shard = p.shard_of("SOL")
-    shard_gate = Gated(shard, SetLevels)
-    note_gate = Gated(p.ledger, Note)
-    dying = make.service(p, ledger=note_gate, shards={**p.shards, shard.name: shard_gate})
-    if cut_at == "note":
-        shard_gate.opened.set()
-    gate = note_gate if cut_at == "note" else shard_gate
-    await dies_at(gate, dying, dying.set_levels(who, pos.position_id, 12_000, None,
-                                                client_order_id))
+    shard_gate = await dies_changing(make, p, SetLevels, Note, cut_at == "shard",
+                                     lambda svc: svc.set_levels(who, pos.position_id, 12_000,
+                                                                None, client_order_id))
 
     async def updated() -> list[object]:
         _, events = await p.service.account_events(who.user, since)
         assert events is not None
         return [e.body for e in events if e.kind == POSITION_UPDATED]
 
-    sweeper = make.service(p).reconciler
-    await sweeper.settle_pending(older_than_s=0)
-    for _ in range(ORPHAN_ROUNDS):
-        await sweeper.end_orphaned_locks()
-    [open_locks] = p.ledger.execute_blocking([OpenLocks()])
-    assert open_locks == []
+    sweeper = await swept(make, p)
     if cut_at == "shard":
         shard_gate.opened.set()  # the change arrives after all: fenced, refused
         await asyncio.sleep(0.05)
