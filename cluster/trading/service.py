@@ -564,12 +564,12 @@ class TradingService:
     def _answered(self, shard_name: str, answered: bool) -> None:
         """What a batch to the split ``shard_name`` showed: it answers, or it raised
         Unavailable (then it is pinged until it answers)."""
-        probe = self._probes.pop(shard_name, None)
         if answered:
+            probe = self._probes.pop(shard_name, None)
             if probe is not None:
                 probe.cancel()
-        else:
-            self._probes[shard_name] = probe or asyncio.get_running_loop().create_task(
+        elif shard_name not in self._probes:
+            self._probes[shard_name] = asyncio.get_running_loop().create_task(
                 self._probe(shard_name))
 
     async def _probe(self, shard_name: str) -> None:
