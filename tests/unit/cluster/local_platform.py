@@ -3,6 +3,8 @@ and what the service tests do on it (sign up, open SOL longs, read balances)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +45,15 @@ class Seconds:
 
     def __call__(self) -> float:
         return self.now
+
+
+async def until(check: Callable[[], bool], within_s: float = 5.0) -> None:
+    """Wait on this event loop (where the service's background tasks run) until ``check()``;
+    fails the test after ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, f"not within {within_s} s"
+        await asyncio.sleep(0.05)
 
 
 @dataclass

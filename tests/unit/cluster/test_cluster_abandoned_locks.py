@@ -7,9 +7,6 @@ and across restarts in tests/unit/durability/test_durable_machines.py.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -30,6 +27,7 @@ from engine.messages import OpenPosition
 from engine.orders import Side
 from tests.unit.cluster.local_platform import USD
 from tests.unit.cluster.local_platform import signup
+from tests.unit.cluster.local_platform import until
 
 NOW_US = 1_800_000_000_000_000
 
@@ -144,13 +142,6 @@ class AbandonFails(LedgerLosingLockAnswers):
             self.failed += 1
             raise CommandFailed("test: abandoning this lock failed")
         return await super().call(command)
-
-
-async def until(check: Callable[[], bool], within_s: float = 5.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not check():
-        assert time.monotonic() < deadline, f"not within {within_s} s"
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.asyncio

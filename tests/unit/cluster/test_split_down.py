@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import time
-from collections.abc import Callable
 
 import pytest
 from cluster.actors.port import Port
@@ -26,6 +24,7 @@ from tests.unit.cluster.local_platform import USD
 from tests.unit.cluster.local_platform import Make
 from tests.unit.cluster.local_platform import sol_long
 from tests.unit.cluster.local_platform import sol_trader
+from tests.unit.cluster.local_platform import until
 
 pytestmark = pytest.mark.asyncio
 
@@ -39,14 +38,6 @@ async def split_platform(make: Make) -> tuple[TradingService, list[Down], Princi
     ports: dict[str, Port] = {**p.shards, **{d.name: d for d in downs}}
     svc = make.service(p, shards=ports)
     return svc, downs, await sol_trader(p, svc)
-
-
-async def until(done: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    """Wait (on this event loop, where the service's probes run) until ``done()``."""
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        assert time.monotonic() < deadline, "not within the timeout"
-        await asyncio.sleep(SPLIT_PROBE_S / 10)
 
 
 async def split_of_open(svc: TradingService, who: Principal) -> int:
@@ -103,7 +94,7 @@ async def test_a_split_found_down_is_probed_not_spent_on_opens(make: Make) -> No
     assert (await svc.state(who)).unavailable == (downs[2].name,)
     assert svc.split_down(downs[2].name)
     pinged = downs[2].pings
-    await until(lambda: downs[2].pings >= pinged + 3)  # three probes, none answered
+    await until(lambda: downs[2].pings >= pinged + 3, 20)  # three probes, none answered
     outcomes = []
     for _ in range(9):
         try:
@@ -114,7 +105,7 @@ async def test_a_split_found_down_is_probed_not_spent_on_opens(make: Make) -> No
     assert svc.counters["opens_in_doubt"] == 0
 
     downs[2].down = False  # back: the next probe finds it
-    await until(lambda: not svc.split_down(downs[2].name))
+    await until(lambda: not svc.split_down(downs[2].name), 20)
     assert sorted([await split_of_open(svc, who) for _ in range(4)]) == [0, 1, 2, 3]
     pinged = downs[2].pings
     await asyncio.sleep(3 * SPLIT_PROBE_S)
@@ -127,7 +118,7 @@ async def test_a_probe_does_not_hold_the_service_from_stopping(make: Make) -> No
     svc, downs, who = await split_platform(make)
     downs[0].down = True
     await svc.state(who)
-    await until(lambda: downs[0].pings >= 1)
+    await until(lambda: downs[0].pings >= 1, 20)
     await asyncio.wait_for(svc.aclose(), 5 * SPLIT_PROBE_S)
     pinged = downs[0].pings
     await asyncio.sleep(3 * SPLIT_PROBE_S)
