@@ -41,11 +41,11 @@ it runs in the replica, before its server starts.
 - ``Host`` (RFC 9112 3.2): a request naming its host twice or not as a host[:port], or an
   HTTP/1.1 one naming none, is refused (400); uvicorn served it.
 - Answers of the layers under the app, in SPEC's error shape like the app's: a WebSocket
-  handshake websockets refuses (no key, an unknown version; plain text before; a head it
-  cannot read, such as one with a body: no answer and never closed before) or the app
-  refuses (an empty 403 before), a handshake the app has not answered when the server stops
-  (503 with ``Retry-After``; uvicorn's 500 before), and a request target that is not a path
-  (``OPTIONS *``, which Serve's router answered in plain text).
+  handshake websockets refuses (no key, an unknown version: its answer is plain text; a head
+  it cannot read, such as one with a body: it neither answers nor closes) or the app refuses
+  (uvicorn's is an empty 403), a handshake the app has not answered when the server stops
+  (503 with ``Retry-After``, where uvicorn's is a 500), and a request target that is not a
+  path (``OPTIONS *``, which Serve's router answers in plain text).
 - A WebSocket the server closes (a limit, a ping unanswered) whose client takes none of what
   is sent to it within :data:`CLOSE_FLUSH_S` is dropped: its close frame waited, as every
   frame, for the client to read, and a closed transport for its buffer to drain, so a client
