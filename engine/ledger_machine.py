@@ -10,7 +10,7 @@ Commands (one class per operation, one item each) and their answers:
 
 * :class:`CreateAccount` -> :class:`CreatedAccount` | Rejected
 * :class:`LockMargin` -> None (locked) | Rejected | IdemHit
-* :class:`ReleaseMargin` -> None | Rejected;  :class:`ExpectRelease` -> None | Rejected
+* :class:`ReleaseMargin` -> None | Rejected;  :class:`ExpectRelease` -> None | Rejected | IdemHit
 * :class:`AbandonLock` -> ``(request_id, user, margin_micros)`` released | None | Rejected
 * :class:`Begin` -> None (reserved now) | IdemHit;  :class:`Remember`, :class:`Forget` -> None
 * :class:`ApplySettlements` -> the shard's last applied seq | Rejected (nothing applied)
@@ -416,11 +416,16 @@ class ExpectRelease:
     it will owe (nothing moves now; the request's ``ReleaseMargin(counted=False)`` makes it,
     or, should that never come, its ``Note`` or the start-time reconciliation), and that the
     request is under way, for the sweep of orphaned locks to resolve should its API process
-    die. -> None, or Rejected(INVALID_REQUEST)."""
+    die. With ``key``, the request's clientOrderId, reserved first as :class:`Begin` would
+    (``asked``, ``ttl_us`` as its): then an IdemHit, or Rejected, instead, nothing remembered.
+    -> None, or Rejected(INVALID_REQUEST)."""
 
     user: int
     margin_micros: int
     request_id: int
+    key: IdemKey | None = None
+    asked: bytes = b""
+    ttl_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -1236,7 +1241,12 @@ class LedgerMachine:
             return _invalid(f"no user {c.user}")
         if request_id in self._recent_locks or request_id in self._returned:
             return None, _NO_EVENTS  # announced (or released) already: a resend
-        return None, [ReleaseExpected(c.user, amount, request_id)]
+        begun: Sequence[Event] = ()
+        if c.key is not None:
+            seen, begun = self._begin(Begin(c.key, request_id, c.asked, c.ttl_us), now_us)
+            if seen is not None:  # held by an earlier request, or first asked for another
+                return seen, _NO_EVENTS
+        return None, [*begun, ReleaseExpected(c.user, amount, request_id)]
 
     def _owed_release(self, request_id: int) -> MarginReturned | None:
         """The release a margin removal announced under ``request_id`` still owes (None: it

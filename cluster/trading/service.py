@@ -789,16 +789,19 @@ class TradingService:
         if spec is None:
             return Rejected(Code.NOT_FOUND, "no such open order" if kind == "cancel"
                             else "no such open position")
-        request_id, earlier = await self._begin(key)
-        if earlier is not None:  # the answer of an earlier request with this key
-            return earlier
-        if release is not None:
+        if release is None:
+            request_id, earlier = await self._begin(key)
+        else:
             # the release the change will owe (if any), remembered at the ledger before the
-            # shard acts: made, and the change noted, by the sweep should this process die
-            # before it does so itself
-            refused = await self.ledger.call(ExpectRelease(*release, request_id))
-            if refused is not None:
-                return refused
+            # shard acts, with the key's reservation: made, and the change noted, by the
+            # sweep should this process die before it does so itself
+            request_id, earlier = await self._claim(key, lambda request_id: self.ledger.call(
+                ExpectRelease(*release, request_id, key, self._asked(key),
+                              self._answer_ttl_us)))
+            if isinstance(earlier, IdemHit):
+                earlier = earlier.answer
+        if earlier is not None:  # the answer of an earlier request with this key, or a refusal
+            return earlier
         result = await self._send(spec.name, command(request_id))
         doubt = InDoubt(spec.name, request_id, kind, key, release)
         if result is None:

@@ -700,13 +700,13 @@ class Platform:
         what it did to the ledger, as the service does: a settlement through the courier, a
         change's answer and ``release`` ``(user, micros)``, the margin a removal frees
         (:meth:`settle_change`); ``stage`` says where it is cut off."""
-        if key is not None:
-            seen = self.ask(LEDGER, Begin(key, rid))
-            if seen is not None:
-                self.seen_before(key, seen)
-                return
-        if release is not None:  # the release a removal will owe, remembered first
-            assert self.ask(LEDGER, ExpectRelease(*release, rid)) is None
+        # the key reserved, with the release a removal will owe (if any) remembered first
+        seen = (self.ask(LEDGER, ExpectRelease(*release, rid, key)) if release is not None
+                else None if key is None else self.ask(LEDGER, Begin(key, rid)))
+        if seen is not None:
+            assert key is not None, seen
+            self.seen_before(key, seen)
+            return
         result = self.ask(name, request)
         if stage == "resent":  # the answer was lost: sent again, the same request id
             assert self.ask(name, request) == result

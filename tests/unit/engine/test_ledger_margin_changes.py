@@ -8,8 +8,10 @@ from engine.events import MarginReturned
 from engine.events import decode_batch
 from engine.ledger_machine import AbandonLock
 from engine.ledger_machine import Begin
+from engine.ledger_machine import ExpectRelease
 from engine.ledger_machine import LockMargin
 from engine.ledger_machine import OpenCount
+from engine.ledger_machine import OpenLocks
 from engine.ledger_machine import ReleaseMargin
 from engine.messages import IdemHit
 from engine.messages import IdemKey
@@ -63,6 +65,34 @@ def test_margin_removed_from_a_position_is_released_once_per_request_id() -> Non
     # first answer, and nothing moves
     assert led(ReleaseMargin(user, 30 * USD, 7, (key, position), counted=False)) is None
     assert led.balances(user) == (SIGNUP, 0)
+
+
+def test_a_removal_announced_with_its_key_reserves_the_key_in_the_same_batch() -> None:
+    """``ExpectRelease`` with the request's clientOrderId: the key is reserved and the release
+    remembered in one journal record; a key held or answered gets that answer, and a refused
+    announcement reserves nothing."""
+    led, user = one_account()
+    led(LockMargin(MarginLock(user, 100 * USD, request_id=1)))
+    key = IdemKey(user, "margin", "less-2")
+    records = len(led.records)
+    assert led(ExpectRelease(user, 30 * USD, 7, key)) is None
+    assert len(led.records) == records + 1
+    assert [type(e).__name__ for e in decode_batch(led.records[-1])] == [
+        "ClientOrderStoredAt", "ReleaseExpected"]
+    assert (7, "margin") in led(OpenLocks())
+    assert led(Begin(key, 8)) == IdemHit(None, 7)  # pending, held by request 7
+    # a second request with the key: its answer (pending), nothing remembered for it
+    assert led(ExpectRelease(user, 30 * USD, 9, key)) == IdemHit(None, 7)
+    assert (9, "margin") not in led(OpenLocks()) and len(led.records) == records + 1
+    position = opened(user, 5, 70 * USD)
+    assert led(ReleaseMargin(user, 30 * USD, 7, (key, position), counted=False)) is None
+    assert led(ExpectRelease(user, 30 * USD, 10, key)) == IdemHit(position)
+    # refused (no such account): the key is not reserved
+    other = IdemKey(user, "margin", "less-3")
+    refused = led(ExpectRelease(user + 1000, 30 * USD, 11, other))
+    assert isinstance(refused, Rejected) and refused.code is Code.INVALID_REQUEST
+    assert led(Begin(other, 12)) is None
+    assert led.replayed().fingerprint() == led.m.fingerprint()
 
 
 def test_replay_and_snapshots_keep_the_lock_kinds_and_the_released_ids() -> None:
