@@ -201,9 +201,9 @@ class TradingService:
         # with the task pinging it: one that does not answer (restarting, or its node gone)
         # is passed over by new positions until it does
         self._probes: dict[str, asyncio.Task[None]] = {}
-        for spec in self.layout.shards:
-            if spec.split_count > 1:
-                self.shards[spec.name].listen(functools.partial(self._answered, spec.name))
+        self._split_names = {spec.name for spec in self.layout.shards if spec.split_count > 1}
+        for name in self._split_names:
+            self.shards[name].listen(functools.partial(self._answered, name))
         # Request ids must not collide between API replicas: a random prefix per service.
         self._request_prefix = secrets.randbits(30) << 32
         self._request_counter = itertools.count(1)
@@ -872,6 +872,11 @@ class TradingService:
         checks.update(self._health_checks)
         results = await asyncio.gather(*(check(fn) for fn in checks.values()))
         components = dict(zip(checks, results, strict=True))
+        for name in self._split_names:
+            # what a check found of a split is what a call would have: new positions pass
+            # over one that does not answer, and go to one that does, from now on
+            if components[name] in ("ok", "unavailable"):
+                self._answered(name, components[name] == "ok")
         return Health(all(r == "ok" for r in results), components)
 
     async def audit(self, attempts: int = 3, retry_delay_s: float = 0.2

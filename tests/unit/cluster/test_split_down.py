@@ -1,6 +1,7 @@
 """New positions and orders of a split asset (SHARDS=SOL=4) while one of its splits does not
-answer: they go to the splits that do, until it answers again (a call to it succeeds, or the
-service's ping of it every SPLIT_PROBE_S)."""
+answer (a call, or a health check, found it down): they go to the splits that do, until it
+answers again (a call to it succeeds, or a health check or the service's ping of it every
+SPLIT_PROBE_S finds it taking writes)."""
 
 from __future__ import annotations
 
@@ -139,3 +140,20 @@ async def test_every_split_down_answers_unavailable(make: Make) -> None:
         down.down = False
     assert await svc.reconciler.run_once() == 0
     assert (await svc.state(who)).positions == []
+
+
+async def test_a_health_check_finds_a_split_down_and_back_as_a_call_would(make: Make) -> None:
+    """A split that does not answer /healthz's ping is passed over from then on: no open is
+    spent finding it down; once a check finds it answering, it takes opens at once."""
+    svc, downs, who = await split_platform(make)
+    downs[3].down = True
+    health = await svc.health()
+    assert health.components[downs[3].name] == "unavailable"
+    assert svc.split_down(downs[3].name)
+    opened = collections.Counter([await split_of_open(svc, who) for _ in range(9)])
+    assert opened == {0: 3, 1: 3, 2: 3} and svc.counters["opens_in_doubt"] == 0
+
+    downs[3].down = False
+    assert (await svc.health()).components[downs[3].name] == "ok"
+    assert not svc.split_down(downs[3].name)  # at once, not at the probe's next ping
+    assert sorted([await split_of_open(svc, who) for _ in range(4)]) == [0, 1, 2, 3]
