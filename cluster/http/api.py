@@ -92,7 +92,8 @@ from cluster.live.account_stream import (
 from cluster.live.account_topic import TopicTail
 from cluster.live.market import Change, current_streams
 from cluster.live.streams import StreamHub, StreamLimits, refuse
-from cluster.trading.service import HEALTH_TIMEOUT_S, PositionsCursor, TradingService
+from cluster.trading.batcher import Reused
+from cluster.trading.service import HEALTH_TIMEOUT_S, Health, PositionsCursor, TradingService
 from cluster.web.terminal import add_terminal_routes
 from engine import schema
 from engine.account_events import AccountEvent, Balance
@@ -116,6 +117,7 @@ from engine.messages import (
     PendingOrder,
     PlaceOrder,
     Principal,
+    ShardStats,
 )
 from engine.order_book import OrderKind, OrderStatus
 from engine.orders import Side
@@ -126,6 +128,9 @@ log = logging.getLogger("shardex.api")
 R = TypeVar("R")  # what a handler renders when the service did not refuse
 
 MAX_API_KEY_CHARS = 256
+ACTORS_READ_REUSE_S = 1.0
+"""How long an answer of ``/healthz``, and the actors' counters in ``/metrics``, also answer
+the requests that follow (monitors ask every few seconds)."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # the one form of a time read (ISO 8601's extended calendar form, RFC 3339's profile with the
 # seconds optional): datetime.fromisoformat alone also takes week dates, a time without a
@@ -1095,12 +1100,10 @@ def create_app(service: TradingService) -> FastAPI:
              responses={200: {"model": HealthOut}, 503: {"model": HealthOut}})
     async def healthz() -> Response:
         """200 when the ledger, every shard and the extra checks answer; 503 names the failures."""
-        health = await service.health()
+        health, prices = await health_checks()
         body: dict[str, Any] = {"status": "ok" if health.ok else "unavailable",
                                 "components": health.components}
-        with contextlib.suppress(Exception):  # prices are informative; health decides above
-            # bound as the checks are: a shard that does not answer must not hold the answer
-            prices = await service.prices(timeout_s=HEALTH_TIMEOUT_S)
+        if prices is not None:
             now_us = time.time_ns() // 1000
             ages_s = {a: max(0, now_us - t.ts_us) / 1e6 for a, t in prices.items()}
             body["feedSources"] = {a: t.source for a, t in prices.items()}
@@ -1113,6 +1116,18 @@ def create_app(service: TradingService) -> FastAPI:
             body["error"] = {"code": Code.SERVICE_UNAVAILABLE.value,
                              "message": "; ".join(failed)}
         return _json(body, 200 if health.ok else 503)
+
+    async def check_health() -> tuple[Health, dict[str, Tick] | None]:
+        """The checks, and the newest prices (None: no shard answered in time)."""
+        health = await service.health()
+        with contextlib.suppress(Exception):  # prices are informative; health decides above
+            # bound as the checks are: a shard that does not answer must not hold the answer
+            return health, await service.prices(timeout_s=HEALTH_TIMEOUT_S)
+        return health, None
+
+    # the checks ask every actor (a ping each, and their prices): any client may ask, so a
+    # flood of /healthz (or /metrics) must not be a flood of calls to the ledger and shards
+    health_checks = Reused(check_health, ACTORS_READ_REUSE_S)
 
     http_counts: dict[tuple[str, str, int], int] = {}
 
@@ -1135,10 +1150,9 @@ def create_app(service: TradingService) -> FastAPI:
         for name, (batches, items) in sorted(service.batch_stats().items()):
             out.add("shardex_batches_total", batches, call=name)
             out.add("shardex_batched_items_total", items, call=name)
-        feed_stats = service.feed_stats
-        if feed_stats is not None:
-            with contextlib.suppress(Exception):  # a feed that does not answer shows in healthz
-                feed = await asyncio.wait_for(feed_stats(), 2.0)
+        feed, stats = await actor_counters()
+        if feed is not None:
+            with contextlib.suppress(Exception):  # a feed's odd counters show in healthz
                 dropped = drop_counts(feed.get("dropped", {}))
                 refused = int(feed.get("ticks_refused_by_shards", 0))
                 out.family("shardex_feed_dropped_total", "counter",
@@ -1159,7 +1173,6 @@ def create_app(service: TradingService) -> FastAPI:
             metric = f"shardex_{name}" + ("" if gauge else "_total")
             out.family(metric, "gauge" if gauge else "counter", f"this replica's {name}")
             out.add(metric, n)
-        stats = await service.shard_stats()
         out.family("shardex_shard_up", "gauge", "1 when the shard answered this scrape")
         out.family("shardex_open_positions", "gauge", "open positions by shard")
         out.family("shardex_open_orders", "gauge", "open pending orders by shard")
@@ -1178,6 +1191,17 @@ def create_app(service: TradingService) -> FastAPI:
                               ("liquidation", s.closes_liquidation)):
                 out.add("shardex_closes_total", n, shard=name, reason=reason)
         return PlainTextResponse(out.text(), media_type=EXPOSITION_TYPE)
+
+    async def read_actor_counters() -> tuple[dict[str, Any] | None,
+                                             dict[str, ShardStats | None]]:
+        """The feed's counters (None: no feed here, or it did not answer) and each shard's."""
+        feed: dict[str, Any] | None = None
+        if service.feed_stats is not None:
+            with contextlib.suppress(Exception):  # a feed that does not answer shows in healthz
+                feed = await asyncio.wait_for(service.feed_stats(), 2.0)
+        return feed, await service.shard_stats()
+
+    actor_counters = Reused(read_actor_counters, ACTORS_READ_REUSE_S)
 
     default_openapi = app.openapi
 

@@ -1,4 +1,5 @@
-"""MicroBatcher: coalesce concurrent single-item calls into one batched call.
+"""MicroBatcher: coalesce concurrent single-item calls into one batched call; Reused: share one
+call's answer among the callers of a moment.
 
 Every request that submits while no batch is due joins the batch flushed on the next event-loop
 turn; while ``max_in_flight`` batches are already under way, new items wait and leave together
@@ -9,6 +10,8 @@ round trips into one, which is what keeps the API's per-request cost low.
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -94,3 +97,38 @@ class MicroBatcher(Generic[T, R]):
             if self._items and not self._scheduled:
                 self._scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
+
+
+class Reused(Generic[R]):
+    """``await reused()`` -> the answer of ``fn()``, shared by every caller that asks while it
+    runs or within ``reuse_s`` s after it ended: a read answered from several actors (health
+    checks, counters) costs them one call per ``reuse_s`` however many clients ask. A failure
+    is shared by those waiting for it, never kept; a caller that gives up leaves the call
+    running for the others."""
+
+    def __init__(self, fn: Callable[[], Awaitable[R]], reuse_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._fn = fn
+        self._reuse_s = reuse_s
+        self._clock = clock
+        self._task: asyncio.Task[R] | None = None
+        self._ended_s = -math.inf
+        self.calls = 0
+
+    async def __call__(self) -> R:
+        task = self._task
+        if task is None or (task.done() and not self._keeps(task)):
+            task = self._task = asyncio.get_running_loop().create_task(self._run())
+        return await asyncio.shield(task)
+
+    def _keeps(self, ended: asyncio.Task[R]) -> bool:
+        """Whether the call that ended still answers: it succeeded within ``reuse_s``."""
+        return (not ended.cancelled() and ended.exception() is None
+                and self._clock() - self._ended_s <= self._reuse_s)
+
+    async def _run(self) -> R:
+        self.calls += 1
+        try:
+            return await self._fn()
+        finally:
+            self._ended_s = self._clock()

@@ -17,6 +17,7 @@ from cluster.http.api import create_app
 from cluster.trading import service
 from engine.messages import CloseOrder
 from engine.messages import OpenPosition
+from engine.shard_machine import Stats
 from prometheus_client.parser import text_string_to_metric_families
 from tests.unit.cluster.faulty_ports import Down
 from tests.unit.cluster.local_platform import Platform
@@ -121,6 +122,7 @@ async def test_metrics_are_prometheus_text_and_count_what_happened(
     pos = await p.service.open_position(who, sol_long())
     assert isinstance(pos, OpenPosition)
     await p.service.close_position(who, CloseOrder(pos.position_id))
+    await asyncio.sleep(api.ACTORS_READ_REUSE_S)  # the shards' counters are read again
     after = await _scrape(http)
     manual = {"shard": "shard-SOL-0", "reason": "manual"}
     assert _value(after, "shardex_closes_total", **manual) \
@@ -176,6 +178,58 @@ async def test_healthz_names_exactly_the_components_that_failed_within_its_bound
             == {"ledger", "shard-BTC-0", "feed", "broker"}, body
         assert body["error"]["message"] == ("ledger: unavailable; shard-BTC-0: unavailable; "
                                             "feed: unavailable; broker: error: ConnectionError")
+    finally:
+        await svc.aclose()
+        await p.service.aclose()
+        p.hosts.close()
+
+
+class Counted(Down):
+    """Counts the pings (as Down does) and the reads of the shard's counters."""
+
+    def __init__(self, inner: Port) -> None:
+        super().__init__(inner)
+        self.stats_reads = 0
+
+    async def execute(self, commands: list[Any]) -> list[Any]:
+        self.stats_reads += sum(isinstance(c, Stats) for c in commands)
+        return await super().execute(commands)
+
+
+async def test_a_flood_of_health_and_metrics_reads_asks_the_actors_once_a_moment() -> None:
+    """/healthz and /metrics ask every actor (a ping, the prices, the counters), and any
+    client may ask: 20 of each at once, and every one in the ACTORS_READ_REUSE_S after, cost
+    each actor one ping and each shard and the feed one read of their counters; the next ones
+    ask again."""
+    p = build_platform()
+    ports: dict[str, Counted] = {}
+    feed_reads = 0
+
+    def counted(port: LocalPort) -> Port:
+        ports[port.name] = Counted(port)
+        return ports[port.name]
+
+    async def feed_stats() -> dict[str, Any]:
+        nonlocal feed_reads
+        feed_reads += 1
+        return await _feed_stats()
+
+    svc = p.hosts.service(wrap=counted, wrap_ledger=counted, feed_stats=feed_stats)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(svc)),
+                                     base_url="http://api") as http:
+            answers = await asyncio.gather(*(http.get(path)
+                                             for path in ("/healthz", "/metrics") * 20))
+            assert all(r.status_code == 200 for r in answers), answers
+            assert (await http.get("/healthz")).json()["components"]["ledger"] == "ok"
+            shards = [port for name, port in ports.items() if name != "ledger"]
+            assert {port.pings for port in ports.values()} == {1} and len(ports) == 4
+            assert {port.stats_reads for port in shards} == {1} and feed_reads == 1
+            await asyncio.sleep(api.ACTORS_READ_REUSE_S)
+            assert (await http.get("/healthz")).status_code == 200
+            assert (await http.get("/metrics")).status_code == 200
+            assert {port.pings for port in ports.values()} == {2}
+            assert {port.stats_reads for port in shards} == {2} and feed_reads == 2
     finally:
         await svc.aclose()
         await p.service.aclose()

@@ -1,4 +1,5 @@
-"""MicroBatcher (what every port batches its calls with) while its batches are held up."""
+"""MicroBatcher (what every port batches its calls with) while its batches are held up, and
+Reused (what /healthz and /metrics read the actors through)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 
 import pytest
 from cluster.trading.batcher import MicroBatcher
+from cluster.trading.batcher import Reused
 
 pytestmark = pytest.mark.asyncio
 
@@ -54,3 +56,36 @@ async def test_a_caller_that_gives_up_after_its_item_left_still_leaves_it_sent()
     opened.set()
     assert await stays == 2
     assert gone.cancelled()
+
+
+async def test_a_reused_answer_is_shared_for_its_time_and_a_failure_is_not_kept() -> None:
+    """Callers while the call runs and within ``reuse_s`` after share its answer; one that
+    gives up leaves it running for the others; a failure reaches those waiting for it, and
+    the next caller calls again."""
+    now_s = 0.0
+    opened = asyncio.Event()
+    answers = iter([1, ValueError("refused"), 3])
+
+    async def read() -> int:
+        await opened.wait()
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    reused = Reused(read, reuse_s=1.0, clock=lambda: now_s)
+    first, second = asyncio.ensure_future(reused()), asyncio.ensure_future(reused())
+    quitter = asyncio.ensure_future(reused())
+    await asyncio.sleep(0)
+    quitter.cancel()
+    opened.set()
+    assert await asyncio.gather(first, second) == [1, 1] and reused.calls == 1
+    now_s = 1.0
+    assert await reused() == 1 and reused.calls == 1  # within its time
+    now_s = 1.5
+    failing = [asyncio.ensure_future(reused()) for _ in range(2)]
+    for call in failing:
+        with pytest.raises(ValueError, match="refused"):
+            await call
+    assert reused.calls == 2
+    assert await reused() == 3 and reused.calls == 3  # the failure was not kept
