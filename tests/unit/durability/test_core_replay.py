@@ -593,7 +593,9 @@ class Platform:
         target = self.target(pick, among, "modify", k)
         if target is not None:
             name, position, rid, key = target
-            self.send_end(name, self.levels(position, moves, rid), rid, key, stage)
+            # announced at the ledger first, as a removal is, with nothing to release
+            self.send_end(name, self.levels(position, moves, rid), rid, key, stage,
+                          (position.owner, 0))
 
     def levels(self, position: PositionRecord | OpenPosition, moves: Moves,
                rid: int) -> SetLevels:
@@ -727,7 +729,7 @@ class Platform:
             if key is not None:
                 self.in_flight[rid] = key
             # the start-time reconciliation releases the margin a removal freed
-            self.restart_platform(dict([release]) if release is not None
+            self.restart_platform(dict([release]) if release is not None and release[1]
                                   and isinstance(result, OpenPosition) else None)
             return
         if stage == "lost":  # in doubt: resolve it on the shard
@@ -753,11 +755,11 @@ class Platform:
 
     def swept_removal(self, name: str, request: Ending, result: object,
                       release: tuple[int, int]) -> None:
-        """The API process died after the shard answered a removal, before the ledger freed
-        its margin: another process's sweep of orphaned locks resolves the request at the
-        shard and notes the change, which frees the margin (a refused removal was abandoned
-        above and frees nothing); the dead process's release, should it come after all,
-        frees nothing twice."""
+        """The API process died after the shard answered a removal (or a TP/SL change, which
+        frees nothing), before the ledger freed its margin: another process's sweep of
+        orphaned locks resolves the request at the shard and notes the change, which frees
+        the margin (a refused removal was abandoned above and frees nothing); the dead
+        process's release, should it come after all, frees nothing twice."""
         user, micros = release
         free, margin = self.ask(LEDGER, Balances(user))
         freed = 0
@@ -766,7 +768,7 @@ class Platform:
             assert self.ask(LEDGER, Note(user, request.request_id, POSITION_UPDATED, result,
                                          None)) is None
             freed = micros
-            assert isinstance(request, ChangeMargin)
+            assert isinstance(request, ChangeMargin | SetLevels)
             self.changes.append((name, request, result, None, release))
         assert self.ask(LEDGER, Balances(user)) == (free + freed, margin - freed)
         assert self.ask(LEDGER, ReleaseMargin(user, micros, request.request_id,
