@@ -855,7 +855,17 @@ class TradingService:
 
     async def health(self) -> Health:
         """Ledger, every shard and the extra checks, each within HEALTH_TIMEOUT_S."""
-        async def check(fn: Callable[[], Awaitable[object]]) -> str:
+        async def check(name: str, fn: Callable[[], Awaitable[object]]) -> str:
+            result = await one(fn)
+            if name in self._split_names and result in ("ok", "unavailable"):
+                # what a check found of a split is what a call would have: new positions pass
+                # over one that does not answer, and go to one that does, from now on. Told
+                # as its ping ends, not once every check has: a call that found it down
+                # while a slower part was still asked is newer than this ping's "ok"
+                self._answered(name, result == "ok")
+            return result
+
+        async def one(fn: Callable[[], Awaitable[object]]) -> str:
             try:
                 ok = await asyncio.wait_for(fn(), HEALTH_TIMEOUT_S)
             except (Unavailable, TimeoutError):
@@ -870,14 +880,8 @@ class TradingService:
         for name, port in self.shards.items():
             checks[name] = port.ping
         checks.update(self._health_checks)
-        results = await asyncio.gather(*(check(fn) for fn in checks.values()))
-        components = dict(zip(checks, results, strict=True))
-        for name in self._split_names:
-            # what a check found of a split is what a call would have: new positions pass
-            # over one that does not answer, and go to one that does, from now on
-            if components[name] in ("ok", "unavailable"):
-                self._answered(name, components[name] == "ok")
-        return Health(all(r == "ok" for r in results), components)
+        results = await asyncio.gather(*(check(n, fn) for n, fn in checks.items()))
+        return Health(all(r == "ok" for r in results), dict(zip(checks, results, strict=True)))
 
     async def audit(self, attempts: int = 3, retry_delay_s: float = 0.2
                     ) -> tuple[list[AuditDifference], dict[str, object]]:

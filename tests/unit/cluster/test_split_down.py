@@ -157,3 +157,32 @@ async def test_a_health_check_finds_a_split_down_and_back_as_a_call_would(make: 
     assert (await svc.health()).components[downs[3].name] == "ok"
     assert not svc.split_down(downs[3].name)  # at once, not at the probe's next ping
     assert sorted([await split_of_open(svc, who) for _ in range(4)]) == [0, 1, 2, 3]
+
+
+async def test_a_health_check_slowed_by_another_part_keeps_what_a_later_call_found(
+        make: Make) -> None:
+    """A split's ping answered, then a call finds the split down while another part of the
+    check (here an extra one) has still not answered: the split stays passed over when the
+    check ends. Before, the check's older "ok" marked it back up and the next open sent
+    there was lost in doubt."""
+    slow = asyncio.Event()
+
+    async def waits() -> bool:
+        await slow.wait()
+        return True
+
+    p = make(settings=Settings(shards={"SOL": 4}))
+    downs = [Down(p.shards[s.name]) for s in p.hosts.layout.of_asset("SOL")]
+    svc = make.service(p, shards={**p.shards, **{d.name: d for d in downs}},
+                       health_checks={"slow": waits})
+    who = await sol_trader(p, svc)
+    checking = asyncio.ensure_future(svc.health())
+    await until(lambda: all(d.pings for d in downs), 5)  # every split answered its ping
+    downs[1].down = True
+    assert (await svc.state(who)).unavailable == (downs[1].name,)
+    assert svc.split_down(downs[1].name)
+    slow.set()
+    assert (await checking).components[downs[1].name] == "ok"
+    assert svc.split_down(downs[1].name)
+    opened = collections.Counter([await split_of_open(svc, who) for _ in range(6)])
+    assert opened == {0: 2, 2: 2, 3: 2} and svc.counters["opens_in_doubt"] == 0
