@@ -201,6 +201,7 @@ class TradingService:
         # with the task pinging it: one that does not answer (restarting, or its node gone)
         # is passed over by new positions until it does
         self._probes: dict[str, asyncio.Task[None]] = {}
+        self._closed = False  # (a split found down once closed is not probed: none would stop)
         self._split_names = {spec.name for spec in self.layout.shards if spec.split_count > 1}
         for name in self._split_names:
             self.shards[name].listen(functools.partial(self._answered, name))
@@ -568,7 +569,7 @@ class TradingService:
             probe = self._probes.pop(shard_name, None)
             if probe is not None:
                 probe.cancel()
-        elif shard_name not in self._probes:
+        elif shard_name not in self._probes and not self._closed:
             self._probes[shard_name] = asyncio.get_running_loop().create_task(
                 self._probe(shard_name))
 
@@ -911,6 +912,7 @@ class TradingService:
 
     async def aclose(self) -> None:
         """Let shielded requests finish, then stop the background reconciliation."""
+        self._closed = True
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         watcher, self._watcher = self._watcher, None

@@ -186,3 +186,34 @@ async def test_a_health_check_slowed_by_another_part_keeps_what_a_later_call_fou
     assert svc.split_down(downs[1].name)
     opened = collections.Counter([await split_of_open(svc, who) for _ in range(6)])
     assert opened == {0: 2, 2: 2, 3: 2} and svc.counters["opens_in_doubt"] == 0
+
+
+class SlowPing(Down):
+    """Down, and its ping answers (or fails) only once ``answer`` is set."""
+
+    def __init__(self, inner: Port) -> None:
+        super().__init__(inner)
+        self.answer = asyncio.Event()
+
+    async def ping(self) -> bool:
+        self.pings += 1
+        await self.answer.wait()
+        self.pings -= 1  # counted by Down's own, below
+        return await super().ping()
+
+
+async def test_a_health_check_that_ends_after_the_service_stopped_starts_no_probe(
+        make: Make) -> None:
+    """A split whose ping fails only after the service stopped: the check under way then
+    starts no probe, which would ping it on, forever. Before, it did."""
+    p = make(settings=Settings(shards={"SOL": 4}))
+    slow = SlowPing(p.shards[p.hosts.layout.of_asset("SOL")[2].name])
+    slow.down = True
+    svc = make.service(p, shards={**p.shards, slow.name: slow})
+    checking = asyncio.ensure_future(svc.health())
+    await until(lambda: slow.pings == 1, 5)  # asked
+    await svc.aclose()
+    slow.answer.set()
+    assert (await checking).components[slow.name] == "unavailable"
+    await asyncio.sleep(3 * SPLIT_PROBE_S)
+    assert slow.pings == 1  # nothing pings it any more
