@@ -93,7 +93,7 @@ from cluster.live.account_topic import TopicTail
 from cluster.live.market import Change, current_streams
 from cluster.live.streams import StreamHub, StreamLimits, refuse
 from cluster.trading.batcher import Reused
-from cluster.trading.service import HEALTH_TIMEOUT_S, Health, PositionsCursor, TradingService
+from cluster.trading.service import HEALTH_TIMEOUT_S, PositionsCursor, TradingService
 from cluster.web.terminal import add_terminal_routes
 from engine import schema
 from engine.account_events import AccountEvent, Balance
@@ -129,7 +129,7 @@ R = TypeVar("R")  # what a handler renders when the service did not refuse
 
 MAX_API_KEY_CHARS = 256
 ACTORS_READ_REUSE_S = 1.0
-"""How long an answer of ``/healthz``, and the actors' counters in ``/metrics``, also answer
+"""How long the checks of ``/healthz``, and the actors' counters in ``/metrics``, also answer
 the requests that follow (monitors ask every few seconds)."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # the one form of a time read (ISO 8601's extended calendar form, RFC 3339's profile with the
@@ -1100,10 +1100,12 @@ def create_app(service: TradingService) -> FastAPI:
              responses={200: {"model": HealthOut}, 503: {"model": HealthOut}})
     async def healthz() -> Response:
         """200 when the ledger, every shard and the extra checks answer; 503 names the failures."""
-        health, prices = await health_checks()
+        health = await health_checks()
         body: dict[str, Any] = {"status": "ok" if health.ok else "unavailable",
                                 "components": health.components}
-        if prices is not None:
+        with contextlib.suppress(Exception):  # prices are informative; health decides above
+            # bound as the checks are: a shard that does not answer must not hold the answer
+            prices = await service.prices(timeout_s=HEALTH_TIMEOUT_S)
             now_us = time.time_ns() // 1000
             ages_s = {a: max(0, now_us - t.ts_us) / 1e6 for a, t in prices.items()}
             body["feedSources"] = {a: t.source for a, t in prices.items()}
@@ -1117,17 +1119,10 @@ def create_app(service: TradingService) -> FastAPI:
                              "message": "; ".join(failed)}
         return _json(body, 200 if health.ok else 503)
 
-    async def check_health() -> tuple[Health, dict[str, Tick] | None]:
-        """The checks, and the newest prices (None: no shard answered in time)."""
-        health = await service.health()
-        with contextlib.suppress(Exception):  # prices are informative; health decides above
-            # bound as the checks are: a shard that does not answer must not hold the answer
-            return health, await service.prices(timeout_s=HEALTH_TIMEOUT_S)
-        return health, None
-
-    # the checks ask every actor (a ping each, and their prices): any client may ask, so a
-    # flood of /healthz (or /metrics) must not be a flood of calls to the ledger and shards
-    health_checks = Reused(check_health, ACTORS_READ_REUSE_S)
+    # the checks ping every actor, outside the batching of calls, and any client may ask: a
+    # flood of /healthz (or /metrics) must not be a flood of calls to the ledger and shards.
+    # The prices are read per request (the newest, batched as every read of them is).
+    health_checks = Reused(service.health, ACTORS_READ_REUSE_S)
 
     http_counts: dict[tuple[str, str, int], int] = {}
 

@@ -197,10 +197,10 @@ class Counted(Down):
 
 
 async def test_a_flood_of_health_and_metrics_reads_asks_the_actors_once_a_moment() -> None:
-    """/healthz and /metrics ask every actor (a ping, the prices, the counters), and any
-    client may ask: 20 of each at once, and every one in the ACTORS_READ_REUSE_S after, cost
-    each actor one ping and each shard and the feed one read of their counters; the next ones
-    ask again."""
+    """/healthz and /metrics ask every actor (a ping, the counters), and any client may ask:
+    20 of each at once, and every one in the ACTORS_READ_REUSE_S after, cost each actor one
+    ping and each shard and the feed one read of their counters; the next ones ask again.
+    The prices /healthz shows are read per request: a tick within that time shows."""
     p = build_platform()
     ports: dict[str, Counted] = {}
     feed_reads = 0
@@ -222,6 +222,8 @@ async def test_a_flood_of_health_and_metrics_reads_asks_the_actors_once_a_moment
                                              for path in ("/healthz", "/metrics") * 20))
             assert all(r.status_code == 200 for r in answers), answers
             assert (await http.get("/healthz")).json()["components"]["ledger"] == "ok"
+            await p.push_tick("SOL", "100.00", "100.01")
+            assert "SOL" in (await http.get("/healthz")).json()["feedSources"]
             shards = [port for name, port in ports.items() if name != "ledger"]
             assert {port.pings for port in ports.values()} == {1} and len(ports) == 4
             assert {port.stats_reads for port in shards} == {1} and feed_reads == 1
