@@ -659,15 +659,23 @@ class TradingService:
             await self.ledger.call(Remember(key, refusal, request_id))
         return refusal
 
-    async def _begin(self, key: IdemKey | None) -> tuple[int, object | None]:
-        """A new request id, holding ``key`` (if any) at the ledger; and the answer to give
-        instead of running the request (an earlier one's with ``key``, or why ``key`` could
-        not be held), else None."""
-        if key is None:
+    async def _begin(self, key: IdemKey | None, release: tuple[int, int] | None = None
+                     ) -> tuple[int, object | None]:
+        """A new request id, holding ``key`` (if any) at the ledger, and announcing there
+        ``release`` ``(user, micros)``, what the request will owe (if any), in the same call;
+        and the answer to give instead of running the request (an earlier one's with ``key``,
+        or why it could not be held or announced), else None."""
+        if key is None and release is None:
             return self._request_id(), None
-        request_id, seen = await self._claim(
-            key, lambda request_id: self.ledger.call(Begin(key, request_id, self._asked(key),
-                                                           self._answer_ttl_us)))
+
+        def reserve(request_id: int) -> Awaitable[object]:
+            asked, ttl_us = self._asked(key), self._answer_ttl_us
+            if release is None:
+                assert key is not None
+                return self.ledger.call(Begin(key, request_id, asked, ttl_us))
+            return self.ledger.call(ExpectRelease(*release, request_id, key, asked, ttl_us))
+
+        request_id, seen = await self._claim(key, reserve)
         if isinstance(seen, IdemHit):
             return request_id, seen.answer
         return request_id, seen if isinstance(seen, Rejected) else None
@@ -790,17 +798,10 @@ class TradingService:
         if spec is None:
             return Rejected(Code.NOT_FOUND, "no such open order" if kind == "cancel"
                             else "no such open position")
-        if release is None:
-            request_id, earlier = await self._begin(key)
-        else:
-            # the release the change will owe (if any), remembered at the ledger before the
-            # shard acts, with the key's reservation: made, and the change noted, by the
-            # sweep should this process die before it does so itself
-            request_id, earlier = await self._claim(key, lambda request_id: self.ledger.call(
-                ExpectRelease(*release, request_id, key, self._asked(key),
-                              self._answer_ttl_us)))
-            if isinstance(earlier, IdemHit):
-                earlier = earlier.answer
+        # the release the change will owe (if any) is remembered at the ledger before the
+        # shard acts: made, and the change noted, by the sweep should this process die
+        # before it does so itself
+        request_id, earlier = await self._begin(key, release)
         if earlier is not None:  # the answer of an earlier request with this key, or a refusal
             return earlier
         result = await self._send(spec.name, command(request_id))
