@@ -68,6 +68,8 @@ _INTEGER_LIMITS = {
     "api_key_rate_per_s": ("API_KEY_RATE_PER_S", 0, 1_000_000),
     "api_key_burst": ("API_KEY_BURST", 1, 1_000_000),
     "signups_per_min": ("SIGNUPS_PER_MIN", 0, 1_000_000),
+    "public_rate_per_s": ("PUBLIC_RATE_PER_S", 0, 1_000_000),
+    "public_burst": ("PUBLIC_BURST", 1, 1_000_000),
     "state_positions": ("STATE_POSITIONS", 1, 10_000),
     "max_open_positions": ("MAX_OPEN_POSITIONS", 1, 100_000),
     "max_open_orders": ("MAX_OPEN_ORDERS", 1, 100_000),
@@ -132,6 +134,8 @@ class Settings:
     api_key_rate_per_s: int = 50  # API_KEY_RATE_PER_S: requests per API key (0 = unlimited)
     api_key_burst: int = 100  # API_KEY_BURST: requests an idle API key may send at once
     signups_per_min: int = 10  # SIGNUPS_PER_MIN: accounts per client address (0 = unlimited)
+    public_rate_per_s: int = 20  # PUBLIC_RATE_PER_S: market/operations reads per client address
+    public_burst: int = 100  # PUBLIC_BURST: such reads an idle client address may send at once
     state_positions: int = 200  # STATE_POSITIONS: positions in GET /state (the rest: paged)
     max_open_positions: int = 200  # MAX_OPEN_POSITIONS: per account; one more answers 409
     max_open_orders: int = 200  # MAX_OPEN_ORDERS: pending orders per account; then 409

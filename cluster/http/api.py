@@ -15,7 +15,9 @@ Hostile input (SPEC "Limits"): bodies are capped while they arrive, whatever the
 encoding (cluster.http.limits.BodySizeLimit); JSON is read with its nesting bounded and its
 numbers exact (cluster.http.json_body); decimal fields never see a float
 (cluster.http.decimals); every authenticated request takes a token from its account's bucket,
-every account creation one from its client address's bucket (429 with ``Retry-After``).
+every account creation one from its client address's bucket, every read of a public route
+(market data, health, metrics, the OpenAPI document) one from another bucket of that address
+(429 with ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ from cluster.http.json_body import ExactJsonRoute, parse_json
 from cluster.http.limits import (
     UNKNOWN_KEYS,
     BodySizeLimit,
+    PublicRateLimit,
     TokenBuckets,
     client_of,
     retry_after_s,
@@ -416,8 +419,8 @@ _ERROR_DESCRIPTIONS = {
     413: "INVALID_REQUEST: the body is larger than the limit",
     422: "INVALID_REQUEST / UNKNOWN_ASSET / LEVERAGE_OUT_OF_RANGE / INVALID_TRIGGER / "
          "WOULD_LIQUIDATE",
-    429: "RATE_LIMITED: too many requests for this API key (or account creations from this "
-         "address); retry after Retry-After seconds",
+    429: "RATE_LIMITED: too many requests for this API key (or account creations, or reads of "
+         "the public routes, from this address); retry after Retry-After seconds",
     503: "PRICE_UNAVAILABLE / SERVICE_UNAVAILABLE (a component did not answer: retry after "
          "Retry-After seconds, with the same clientOrderId)",
 }
@@ -1061,20 +1064,20 @@ def create_app(service: TradingService) -> FastAPI:
         separators=(",", ":")).encode()
 
     @app.get("/api/v1/assets", tags=["market"], operation_id="getAssets",
-             responses={200: {"model": AssetsOut}})
+             responses={200: {"model": AssetsOut}, **_errors(429)})
     async def get_assets() -> Response:
         """The tradable assets, their steps and leverage limits."""
         return Response(assets_body, media_type="application/json")
 
     @app.get("/api/v1/prices", tags=["market"], operation_id="getPrices",
-             responses={200: {"model": PricesOut}, **_errors(503)})
+             responses={200: {"model": PricesOut}, **_errors(429, 503)})
     async def get_prices() -> Response:
         """The newest bid/ask of each asset that has one."""
         ticks: dict[str, Tick] = await service.prices()
         return _json({name: book_ticker_json(t, assets[name]) for name, t in ticks.items()})
 
     @app.get("/api/v1/klines", tags=["market"], operation_id="getKlines",
-             responses={200: {"model": KlinesOut}, **_errors(422, 503)})
+             responses={200: {"model": KlinesOut}, **_errors(422, 429, 503)})
     async def get_klines(
             asset: Annotated[str, Query(min_length=1, max_length=32,
                                         description="one of the tradable assets")],
@@ -1097,7 +1100,8 @@ def create_app(service: TradingService) -> FastAPI:
 
     # ------------------------------------------------------------------ operations
     @app.get("/healthz", tags=["operations"], operation_id="health",
-             responses={200: {"model": HealthOut}, 503: {"model": HealthOut}})
+             responses={200: {"model": HealthOut}, 503: {"model": HealthOut},
+                        **_errors(429)})
     async def healthz() -> Response:
         """200 when the ledger, every shard and the extra checks answer; 503 names the failures."""
         health = await health_checks()
@@ -1127,7 +1131,11 @@ def create_app(service: TradingService) -> FastAPI:
     http_counts: dict[tuple[str, str, int], int] = {}
 
     @app.get("/metrics", tags=["operations"], operation_id="metrics",
-             response_class=PlainTextResponse)
+             response_class=PlainTextResponse, responses={429: {
+                 "description": _ERROR_DESCRIPTIONS[429], "headers": _ERROR_HEADERS[429],
+                 # JSON, as every error: the route's own answer is text
+                 "content": {"application/json": {
+                     "schema": {"$ref": "#/components/schemas/ErrorOut"}}}}})
     async def metrics() -> Response:
         """Prometheus text exposition."""
         out = Exposition()
@@ -1210,7 +1218,13 @@ def create_app(service: TradingService) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     routes = {getattr(r, "path", "") for r in app.routes}
-    # the body limit is inside the counter, so its 413s are counted too
+    # the routes any client may read without a key, bounded per client address
+    public = frozenset({app.openapi_url or ""} | {
+        getattr(r, "path", "") for r in app.routes
+        if {"market", "operations"} & set(getattr(r, "tags", ()))})
+    app.add_middleware(PublicRateLimit, paths=public, buckets=TokenBuckets(
+        settings.public_rate_per_s, settings.public_burst))
+    # the limits are inside the counter, so their 413s and 429s are counted too
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(_HttpCounter, routes=routes, counts=http_counts)
     def render(change: Change) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Abuse limits of the HTTP API (SPEC "Limits"): the request body size, whatever the transfer
-encoding, and token-bucket rate limits with bounded memory."""
+encoding, token-bucket rate limits with bounded memory, and the rate of the public routes per
+client address."""
 
 from __future__ import annotations
 
@@ -106,12 +107,13 @@ class BodySizeLimit:
         await _refuse(send, 413, f"request body larger than {self.max_body_bytes} bytes")
 
 
-async def _refuse(send: Send, status: int, message: str) -> None:
-    body = error_body(Code.INVALID_REQUEST.value, message)
+async def _refuse(send: Send, status: int, message: str, code: Code = Code.INVALID_REQUEST,
+                  headers: tuple[tuple[bytes, bytes], ...] = ((b"connection", b"close"),)
+                  ) -> None:
+    body = error_body(code.value, message)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+                            (b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -169,6 +171,32 @@ class TokenBuckets:
         bucket = self._buckets.get(key)
         if bucket is not None:
             bucket[0] = min(float(self.burst), bucket[0] + 1.0)
+
+
+class PublicRateLimit:
+    """Pure-ASGI middleware: a request to one of ``paths`` (the routes any client may read
+    without a key) takes a token of its client address's bucket in ``buckets`` (the address
+    as :func:`client_of` counts it: the peer, or the client a trusted proxy named); with none
+    left it answers 429 RATE_LIMITED with ``Retry-After`` before the app parses anything.
+    A route's cost (a thousand candles, the metrics' text) is then bounded per address, as
+    the API key's bucket bounds the authenticated routes."""
+
+    def __init__(self, app: AsgiApp, buckets: TokenBuckets, paths: frozenset[str]) -> None:
+        self.app = app
+        self.buckets = buckets
+        self.paths = paths
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive,
+                       send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            client = scope.get("client")
+            wait_s = self.buckets.take(client_of(client[0] if client else ""))
+            if wait_s > 0:
+                await _refuse(send, 429, too_many("public requests from this address", wait_s),
+                              Code.RATE_LIMITED,
+                              ((b"retry-after", str(retry_after_s(wait_s)).encode()),))
+                return
+        await self.app(scope, receive, send)
 
 
 def retry_after_s(wait_s: float) -> int:

@@ -29,7 +29,7 @@ from feed.broker import free_port
 
 # the trading scenarios sign up many accounts from one address; the limits have their own tests
 # (test_api_limits.py)
-TRADING = Settings(api_key_rate_per_s=0, signups_per_min=0)
+TRADING = Settings(api_key_rate_per_s=0, signups_per_min=0, public_rate_per_s=0)
 
 
 class HttpPlatform(Protocol):

@@ -42,7 +42,7 @@ class RayHttpPlatform:
         # the scenarios jump prices at will (liquidations) and sign up many accounts from one
         # address: the jump band and the limits have their own tests
         base = settings or Settings(max_tick_jump_bps=1_000_000, api_key_rate_per_s=0,
-                                    signups_per_min=0)
+                                    signups_per_min=0, public_rate_per_s=0)
         data_dir = Path(tempfile.mkdtemp(prefix="shardex-e2e-"))
         # a topic of account events per platform: platforms sharing a broker number their
         # accounts alike

@@ -18,7 +18,8 @@ from tests.e2e.api_client import tick
 from tests.e2e.http_platform import HttpPlatform
 from tests.e2e.http_platform import LocalHttpPlatform
 
-UNLIMITED = Settings(api_key_rate_per_s=0, signups_per_min=0)  # limits: test_api_limits.py
+UNLIMITED = Settings(api_key_rate_per_s=0, signups_per_min=0,  # limits: test_api_limits.py
+                     public_rate_per_s=0)
 
 
 @pytest.fixture(scope="module")

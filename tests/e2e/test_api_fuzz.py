@@ -736,7 +736,8 @@ class World:
 @pytest.fixture(scope="module")
 def platform() -> Iterator[LocalHttpPlatform]:
     """Rates unlimited: the fuzz sends thousands of requests from one address."""
-    with LocalHttpPlatform(Settings(api_key_rate_per_s=0, signups_per_min=0)) as p:
+    with LocalHttpPlatform(Settings(api_key_rate_per_s=0, signups_per_min=0,
+                                    public_rate_per_s=0)) as p:
         yield p
 
 

@@ -33,7 +33,8 @@ OPEN = b'{"asset":"SOL","type":"long","margin":"10","leverage":2}'
 @pytest.fixture(scope="module")
 def unlimited_rates() -> Iterator[LocalHttpPlatform]:
     """Default body and depth limits; rates unlimited (their tests have their own platform)."""
-    with LocalHttpPlatform(Settings(api_key_rate_per_s=0, signups_per_min=0)) as p:
+    with LocalHttpPlatform(Settings(api_key_rate_per_s=0, signups_per_min=0,
+                                    public_rate_per_s=0)) as p:
         yield p
 
 
@@ -616,6 +617,52 @@ def test_account_creations_per_address_are_limited() -> None:
         r = c.post("/api/v1/accounts", json={})
         assert 25 <= retry_after(r) <= 30  # one creation every 30 s
         assert c.get("/api/v1/prices").status_code == 200  # only creations are limited here
+
+
+def _responses(c: httpx.Client, path: str, status: int) -> int:
+    """shardex_http_responses_total of GET ``path`` with ``status`` (0: none yet)."""
+    label = f'{{method="GET",path="{path}",status="{status}"}} '
+    line = next((x for x in c.get("/metrics").text.splitlines()
+                 if x.startswith("shardex_http_responses_total" + label)), None)
+    return 0 if line is None else int(float(line.split()[1]))
+
+
+def test_public_reads_per_client_address_are_limited() -> None:
+    """``PUBLIC_RATE_PER_S`` 1, ``PUBLIC_BURST`` 3: three reads of public routes from
+    127.0.0.3 pass, the fourth (any public route) is 429 with ``Retry-After`` and counted in
+    /metrics; that address's authenticated requests, another address, and a client a trusted
+    proxy names (127.0.0.1 with X-Forwarded-For) each keep their own budget; a second later
+    one more read passes."""
+    settings = Settings(public_rate_per_s=1, public_burst=3, api_key_rate_per_s=0,
+                        signups_per_min=0)
+    with LocalHttpPlatform(settings) as p, \
+            httpx.Client(base_url=p.base_url, timeout=10,
+                         transport=httpx.HTTPTransport(local_address="127.0.0.3")) as c, \
+            httpx.Client(base_url=p.base_url, timeout=10,
+                         transport=httpx.HTTPTransport(local_address="127.0.0.4")) as other:
+        h = signup(c)
+        tick(p, other, "SOL", "100.00", "100.01")  # its reads of the price: 127.0.0.4's budget
+        assert c.get("/api/v1/assets").status_code == 200
+        assert c.get("/api/v1/prices").status_code == 200
+        assert c.get("/api/v1/klines", params={"asset": "SOL", "interval": "1m"}).status_code \
+            == 200
+        for path in ("/api/v1/klines", "/healthz", "/metrics", "/openapi.json"):
+            r = c.get(path, params={"asset": "SOL", "interval": "1m"})
+            assert retry_after(r) == 1, path
+            assert r.json()["error"]["message"] == \
+                "too many public requests from this address; retry in 1 s"
+        assert c.get("/api/v1/state", headers=h).status_code == 200
+        for forwarded in ("10.0.0.1", "10.0.0.2"):
+            with httpx.Client(base_url=p.base_url, timeout=10,
+                              headers={"X-Forwarded-For": forwarded}) as proxied:
+                assert [proxied.get("/api/v1/assets").status_code for _ in range(4)] == \
+                    [200, 200, 200, 429]
+        with httpx.Client(base_url=p.base_url, timeout=10,
+                          transport=httpx.HTTPTransport(local_address="127.0.0.5")) as third:
+            assert _responses(third, "/api/v1/klines", 429) == 1
+        time.sleep(1.1)
+        assert c.get("/api/v1/prices").status_code == 200
+        assert c.get("/api/v1/prices").status_code == 429
 
 
 def test_open_positions_per_account_are_limited() -> None:

@@ -200,7 +200,7 @@ def _replicas_scenario() -> None:
     from tests.e2e.api_client import tick
 
     settings = Settings(max_tick_jump_bps=1_000_000, api_key_rate_per_s=0, signups_per_min=2,
-                        max_open_positions=100_000, api_replicas=2)
+                        public_rate_per_s=0, max_open_positions=100_000, api_replicas=2)
     with _on_three_nodes(settings) as platform:
         port = platform.settings.port
         direct = [f"http://127.0.0.1:{port + i}" for i in (1, 2)]
@@ -376,7 +376,8 @@ def _rejoin_scenario() -> None:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": cluster.address,
            "PORT": str(port), "FEED_SOURCE": "sim", "DATA_DIR": str(root / "data"),
-           "ASSETS": "SOL", "SIGNUPS_PER_MIN": "0", "API_KEY_RATE_PER_S": "0"}
+           "ASSETS": "SOL", "SIGNUPS_PER_MIN": "0", "API_KEY_RATE_PER_S": "0",
+           "PUBLIC_RATE_PER_S": "0"}
     command = [sys.executable, "-m", "cluster.cli", "up", "--broker-port", str(free_port())]
     log = root / "up.log"
     runs: list[subprocess.Popen[bytes]] = []

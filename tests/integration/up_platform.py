@@ -138,7 +138,8 @@ class UpPlatform:
         self.env = {**os.environ, "PYTHONPATH": str(REPO), "PORT": str(self.port),
                     "FEED_SOURCE": "none", "DATA_DIR": str(self.data_dir),
                     "ASSETS": ",".join(self.prices),
-                    "SIGNUPS_PER_MIN": "0", "API_KEY_RATE_PER_S": "0", **(env or {})}
+                    "SIGNUPS_PER_MIN": "0", "API_KEY_RATE_PER_S": "0", "PUBLIC_RATE_PER_S": "0",
+                    **(env or {})}
         for name in ("RAY_ADDRESS", "KAFKA_BROKERS"):
             self.env.pop(name, None)
         self.own_process_group = own_process_group

@@ -49,6 +49,8 @@ BAD = {
     "API_KEY_RATE_PER_S": ["-1"],
     "API_KEY_BURST": ["0"],
     "SIGNUPS_PER_MIN": ["-1"],
+    "PUBLIC_RATE_PER_S": ["-1", "1000001", "2.5", "x"],
+    "PUBLIC_BURST": ["0", "1000001", "x"],
     "STATE_POSITIONS": ["0", "10001", "x"],
     "MAX_OPEN_POSITIONS": ["0", "100001", "x"],
     "MAX_OPEN_ORDERS": ["0", "100001", "-1"],
