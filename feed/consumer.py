@@ -30,9 +30,12 @@ are read from fresh metadata every ``partition_check_s``: a topic that does not 
 created (after :data:`CREATE_TOPIC_AFTER_S` without partitions), new partitions are assigned,
 and a partition whose end offset fell below the read position (the embedded broker forgets
 every topic on restart, and trims the market topic by creating it again: the recreated topic
-starts again at 0) is positioned again as soon as a fetch reports the new end. Any other
-consumer failure rebuilds the consumer after a backoff (:data:`REBUILD_BACKOFF_S`,
-doubling up to :data:`MAX_REBUILD_BACKOFF_S`).
+starts again at 0) is positioned again as soon as a fetch reports the new end. A record
+batch the Kafka client cannot decode (compressed with a codec it lacks, corrupt) is stepped
+over and counted (``dropped["undecodable"]``): the client stays at it, so every poll, and a
+rebuilt consumer's, would fail on it for ever. Any other consumer failure rebuilds the
+consumer after a backoff (:data:`REBUILD_BACKOFF_S`, doubling up to
+:data:`MAX_REBUILD_BACKOFF_S`).
 
 The default ``fetch_max_wait_ms`` holds while records flow. The embedded broker answers a
 fetch that finds nothing when its wait is over, so that wait sets how many fetches a second a
@@ -54,7 +57,7 @@ from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import CorruptRecordException, KafkaError, UnsupportedCodecError
 
 from engine.market import Tick
 from feed.broker import ensure_topic
@@ -70,6 +73,9 @@ MAX_REBUILD_BACKOFF_S = 5.0  # the longest wait between rebuilds of a consumer t
 IDLE_SLEEP_S = 0.1  # the pause between rounds while no partition is assigned
 POLL_TIMEOUT_MS = 100  # the longest a poll waits for records
 POSITION_WAIT_S = 0.01  # a partition's position is known at once unless it is being reset
+# How long a partition is read on its own to find the one a poll could not decode: its
+# records are on the broker, so a fetch answers at once; one that comes later is tried again
+PROBE_TIMEOUT_MS = 1000
 
 ShardCall = Callable[[str, list[Tick]], Awaitable[None]]
 
@@ -107,6 +113,23 @@ def _always(shard: str) -> bool:
     return True
 
 
+def undecodable(exc: BaseException) -> bool:
+    """True when ``exc``, raised by a poll, is a record batch the client cannot read: corrupt,
+    compressed with a codec it lacks, or one whose decompression failed (gzip, ...: not a
+    KafkaError; the client's own failures are)."""
+    return isinstance(exc, CorruptRecordException | UnsupportedCodecError) or (
+        isinstance(exc, Exception) and not isinstance(exc, KafkaError))
+
+
+async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """``tp``'s position, or None while it is being reset."""
+    try:
+        async with asyncio.timeout(POSITION_WAIT_S):
+            return await consumer.position(tp)
+    except (TimeoutError, KafkaError):
+        return None
+
+
 async def recreated_partitions(consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
     """The assigned partitions whose end fell below ``consumer``'s position (their topic was
     created again), with that end: the high watermark of the last fetch response (ListOffsets
@@ -119,10 +142,8 @@ async def recreated_partitions(consumer: AIOKafkaConsumer) -> dict[TopicPartitio
         # The consumer's own position, not the last offset read: a seek made while the topic
         # was being recreated was seen undone (a reassignment positioned from a stale
         # ListOffsets answer), leaving the partition waiting past its new end.
-        try:
-            async with asyncio.timeout(POSITION_WAIT_S):
-                position = await consumer.position(tp)
-        except (TimeoutError, KafkaError):  # being reset: its next fetch tells
+        position = await _position(consumer, tp)
+        if position is None:  # being reset: its next fetch tells
             continue
         if hw < position:
             behind[tp] = hw
@@ -144,7 +165,8 @@ class MarketDataConsumer:
     Counters (read by :meth:`stats`): ``polls`` (polls made), ``batches`` (polls that returned
     records), ``consumer_restarts``, ``topic_recreations``, ``assignments`` (the first
     assignment, then one per change of the partition set), ``repositions`` (partitions
-    positioned again because their end fell below the read position), ``last_error`` (text,
+    positioned again because their end fell below the read position), ``undecodable`` (record
+    batches stepped over, also ``dropped["undecodable"]`` once there is one), ``last_error`` (text,
     also set by the caller for its own failures), ``first_record_s`` / ``last_record_s``
     (wall-clock seconds of the first and last poll that returned records).
     """
@@ -184,6 +206,8 @@ class MarketDataConsumer:
         self.topic_recreations = 0
         self.assignments = 0
         self.repositions = 0
+        self.undecodable = 0
+        self._undecodable_end: dict[TopicPartition, int] = {}  # the end when last skipped
         self.last_error: str | None = None
         self._failing: set[str] = set()  # shards whose last call failed
         self.first_record_s: float | None = None
@@ -306,6 +330,7 @@ class MarketDataConsumer:
             # it raced the topic's recreation.
             self.repositions += 1
             self._next_offset.pop(tp, None)
+            self._undecodable_end.pop(tp, None)
             consumer.seek(tp, 0 if self.start_from == "earliest" else max(0, hw - 1))
         return len(behind)
 
@@ -376,7 +401,16 @@ class MarketDataConsumer:
 
     async def poll(self, consumer: AIOKafkaConsumer) -> int:
         """Read one batch into the pipeline and start the calls it allows; the records read."""
-        batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=self.max_batch)
+        try:
+            batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS,
+                                           max_records=self.max_batch)
+        except Exception as exc:
+            if not undecodable(exc):
+                raise
+            # the client keeps its position at the batch it cannot read: polled again (or by a
+            # rebuilt consumer, from the same offset) it fails again, and no record of any
+            # partition is read any more
+            batch = await self.skip_undecodable(consumer)
         self.polls += 1
         read = 0
         if batch:
@@ -398,6 +432,40 @@ class MarketDataConsumer:
         # error: without this, reading it would resume only at the next partition check
         await self.reposition_recreated(consumer)
         return read
+
+    async def skip_undecodable(self, consumer: AIOKafkaConsumer
+                               ) -> dict[TopicPartition, list[Any]]:
+        """After a poll failed on records it could not decode (:func:`undecodable`): read
+        each partition with records left on its own, and move one that fails so to its newest
+        record, past the batch it cannot read (to its end if that batch holds the newest),
+        counting the batch in ``undecodable``; returns the records the others gave."""
+        batch: dict[TopicPartition, list[Any]] = {}
+        for tp in sorted(consumer.assignment()):
+            hw = consumer.highwater(tp)
+            position = await _position(consumer, tp)
+            if hw is None or position is None or position >= hw:
+                continue
+            try:
+                batch.update(await consumer.getmany(tp, timeout_ms=PROBE_TIMEOUT_MS,
+                                                    max_records=self.max_batch))
+            except Exception as exc:
+                if not undecodable(exc):
+                    raise
+                # where the client stopped: the bad batch's first offset
+                position = await _position(consumer, tp)
+                hw = consumer.highwater(tp)
+                if position is None or hw is None:
+                    continue
+                # a batch holding the newest record fails again at hw - 1: counted once
+                if position >= self._undecodable_end.get(tp, 0):
+                    self.undecodable += 1
+                self._undecodable_end[tp] = hw
+                self.last_error = f"undecodable records at {tp.topic}[{tp.partition}] " \
+                    f"offset {position}: {exc!r}"
+                log.warning("feed consumer: %s; skipped", self.last_error)
+                self._next_offset[tp] = max(position + 1, hw - 1)  # where a rebuild resumes
+                consumer.seek(tp, self._next_offset[tp])
+        return batch
 
     # -- the shard calls -------------------------------------------------------------------
     def pump(self) -> None:
@@ -456,8 +524,12 @@ class MarketDataConsumer:
 
     def stats(self) -> dict[str, Any]:
         """The pipeline's counters (``dropped`` by reason, ...) and the consumer's."""
+        stats = self.pipeline.stats(_now_us())
+        if self.undecodable:  # a reason of the consumer's, shown once it happened
+            stats["dropped"]["undecodable"] = self.undecodable
+            stats["dropped_total"] += self.undecodable
         return {
-            **self.pipeline.stats(_now_us()),
+            **stats,
             "polls": self.polls,
             "batches": self.batches,
             "lag": self.lag(),

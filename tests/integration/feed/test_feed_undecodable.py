@@ -1,0 +1,113 @@
+"""A record batch the consumer's Kafka client cannot decode (real embedded broker, real
+aiokafka, no Ray): compressed with a codec the client lacks, or corrupt. Any producer may
+write one (Kafka clients compress on request, some by default); the feed consumer steps past
+it, counts it, and reads on."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka import TopicPartition
+from aiokafka.protocol.produce import ProduceRequest
+from aiokafka.record._crc32c import crc as crc32c
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from engine.assets import DEFAULT_ASSETS
+from engine.market import Tick
+from feed.broker import ensure_topic
+from feed.broker import free_port
+from feed.consumer import MarketDataConsumer
+from feed.message import MarketDataMessage
+from feed.message import message_from_ticks
+from feed.pipeline import TickPipeline
+from feed.settings import FeedBounds
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+
+SOL, BTC = DEFAULT_ASSETS["SOL"], DEFAULT_ASSETS["BTC"]
+LZ4, GZIP = 3, 1  # the compression codec ids of a record batch's attributes
+
+
+def tick_message(asset_name: str, bid: int) -> MarketDataMessage:
+    now = time.time_ns() // 1000
+    return message_from_ticks(DEFAULT_ASSETS[asset_name], bid, bid + 1, now, now, "test")
+
+
+def batch_flagged(codec: int, messages: list[MarketDataMessage]) -> bytes:
+    """A v2 record batch of ``messages`` whose attributes name ``codec`` though its records
+    are not compressed with it (valid CRC): undecodable whether the client has the codec
+    or not."""
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=False,
+                                        producer_id=-1, producer_epoch=-1, base_sequence=-1,
+                                        batch_size=1 << 20)
+    for i, msg in enumerate(messages):
+        builder.append(i, timestamp=None, key=msg.key, value=msg.to_json_bytes(), headers=[])
+    buf = bytearray(builder.build())
+    # attributes at byte 21 (after base offset, length, leader epoch, magic, CRC); the CRC-32C
+    # at byte 17 covers everything from the attributes on
+    struct.pack_into(">h", buf, 21, struct.unpack_from(">h", buf, 21)[0] | codec)
+    struct.pack_into(">I", buf, 17, crc32c(bytes(buf[21:])))
+    return bytes(buf)
+
+
+@pytest.mark.parametrize("codec", [LZ4, GZIP], ids=["lz4", "gzip"])
+@pytest.mark.parametrize("records", [1, 3])
+@pytest.mark.parametrize("read_alone", [False, True], ids=["followed", "newest"])
+async def test_an_undecodable_batch_is_stepped_past_and_counted(
+        kafka_broker: str, codec: int, records: int, read_alone: bool) -> None:
+    """``read_alone``: the bad batch is read while it holds the partition's newest record."""
+    topic = f"undecodable-{free_port()}"
+    await ensure_topic(kafka_broker, 3, topic)
+    delivered: list[Tick] = []
+
+    async def call(shard: str, ticks: list[Tick]) -> None:
+        delivered.extend(ticks)
+
+    pipeline = TickPipeline(DEFAULT_ASSETS, {"SOL": ["s0"], "BTC": ["s1"]}, FeedBounds(), 1)
+    consumer = MarketDataConsumer(kafka_broker, pipeline, call, topic=topic)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker, linger_ms=0)
+    await producer.start()
+
+    async def produce(msg: MarketDataMessage) -> None:
+        asset = DEFAULT_ASSETS[msg.asset]
+        await (await producer.send(topic, msg.to_json_bytes(), key=msg.key,
+                                   partition=asset.index % 3))
+
+    def bids(asset: str) -> list[int]:
+        return [t.bid_ticks for t in delivered if t.asset == asset]
+
+    async def until(condition: object, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():  # type: ignore[operator]
+            assert time.monotonic() < deadline, (bids("SOL"), bids("BTC"), consumer.stats())
+            await asyncio.sleep(0.02)
+
+    try:
+        assert await consumer.start(timeout_s=10.0)
+        await produce(tick_message("SOL", 10_000))
+        await until(lambda: bids("SOL") == [10_000])
+        partition = SOL.index % 3
+        leader = producer.client.cluster.leader_for_partition(TopicPartition(topic, partition))
+        bad = batch_flagged(codec, [tick_message("SOL", 10_001 + i) for i in range(records)])
+        request = ProduceRequest(transactional_id=None, required_acks=1, timeout=5000,
+                                 topics=[(topic, [(partition, bad)])])
+        await producer.client.send(leader, request)
+        if read_alone:
+            await until(lambda: consumer.undecodable)
+            await asyncio.sleep(0.5)  # polls on: it is not read, nor counted, again
+        for bid in (10_005, 10_006):
+            await produce(tick_message("SOL", bid))
+            await produce(tick_message("BTC", 500_000 + bid))
+            await asyncio.sleep(0.2)
+        # the records after the bad batch are read on; the newest of each asset at least
+        await until(lambda: bids("SOL")[-1:] == [10_006] and bids("BTC")[-1:] == [510_006])
+        assert all(bid not in bids("SOL") for bid in range(10_001, 10_001 + records))
+        stats = consumer.stats()
+        assert stats["dropped"]["undecodable"] == consumer.undecodable == 1
+        assert stats["consumer_restarts"] == 0
+    finally:
+        await consumer.stop()
+        await producer.stop()
