@@ -31,7 +31,7 @@ created (after :data:`CREATE_TOPIC_AFTER_S` without partitions), new partitions 
 and a partition whose end offset fell below the read position (the embedded broker forgets
 every topic on restart, and trims the market topic by creating it again: the recreated topic
 starts again at 0) is positioned again as soon as a fetch reports the new end. A record
-batch the Kafka client cannot decode (compressed with a codec it lacks, corrupt) is stepped
+batch the Kafka client cannot decode (corrupt, or not in the codec it names) is stepped
 over and counted (``dropped["undecodable"]``): the client stays at it, so every poll, and a
 rebuilt consumer's, would fail on it for ever. Any other consumer failure rebuilds the
 consumer after a backoff (:data:`REBUILD_BACKOFF_S`, doubling up to

@@ -1,7 +1,7 @@
-"""A record batch the consumer's Kafka client cannot decode (real embedded broker, real
-aiokafka, no Ray): compressed with a codec the client lacks, or corrupt. Any producer may
-write one (Kafka clients compress on request, some by default); the feed consumer steps past
-it, counts it, and reads on."""
+"""Compressed and undecodable record batches (real embedded broker, real aiokafka, no Ray).
+Kafka producers compress on request, some by default: a batch in any of Kafka's codecs is
+read. One the client cannot decode (corrupt, or naming a codec its records are not in) the
+feed consumer steps past, counts, and reads on."""
 
 from __future__ import annotations
 
@@ -51,6 +51,38 @@ def batch_flagged(codec: int, messages: list[MarketDataMessage]) -> bytes:
     struct.pack_into(">h", buf, 21, struct.unpack_from(">h", buf, 21)[0] | codec)
     struct.pack_into(">I", buf, 17, crc32c(bytes(buf[21:])))
     return bytes(buf)
+
+
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+async def test_compressed_batches_are_read(kafka_broker: str, codec: str) -> None:
+    """A producer compressing with ``codec``: every tick of its batches is read, none
+    skipped."""
+    topic = f"compressed-{free_port()}"
+    await ensure_topic(kafka_broker, 1, topic)
+    delivered: list[Tick] = []
+
+    async def call(shard: str, ticks: list[Tick]) -> None:
+        delivered.extend(ticks)
+
+    pipeline = TickPipeline(DEFAULT_ASSETS, {"SOL": ["s0"], "BTC": ["s1"]}, FeedBounds(), 1)
+    consumer = MarketDataConsumer(kafka_broker, pipeline, call, topic=topic)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker, compression_type=codec)
+    await producer.start()
+    try:
+        assert await consumer.start(timeout_s=10.0)
+        for bid in range(10_000, 10_005):
+            sent = [await producer.send(topic, tick_message(name, bid).to_json_bytes(),
+                                        partition=0) for name in ("SOL", "BTC")]
+            await asyncio.gather(*sent)
+            deadline = time.monotonic() + 10
+            while not any(t.asset == "BTC" and t.bid_ticks == bid for t in delivered):
+                assert time.monotonic() < deadline, consumer.stats()
+                await asyncio.sleep(0.02)
+        assert [t.bid_ticks for t in delivered if t.asset == "SOL"] == list(range(10_000, 10_005))
+        assert consumer.undecodable == 0 and "undecodable" not in consumer.stats()["dropped"]
+    finally:
+        await consumer.stop()
+        await producer.stop()
 
 
 @pytest.mark.parametrize("codec", [LZ4, GZIP], ids=["lz4", "gzip"])
