@@ -16,7 +16,8 @@ that asset it may still accept).
 
 The book keeps at most ``keep`` candles per (asset, interval) in memory, the current one
 included; older ones live in a store (``cluster.live.candle_store``). :class:`CandleQuery`
-says which candles an answer holds, :func:`select` answers it from an oldest-first list, and
+says which candles an answer holds, :func:`select` answers it from an oldest-first list,
+:func:`select_recent` from the book's memory alone when that holds all of it, and
 :func:`merge` joins a store's answer with the book's memory.
 """
 
@@ -172,6 +173,19 @@ def select(candles: Sequence[Candle], query: CandleQuery) -> list[Candle]:
     else:
         lo = max(lo, hi - query.limit)
     return list(candles[lo:hi])
+
+
+def select_recent(recent: Sequence[Candle], query: CandleQuery) -> list[Candle] | None:
+    """The answer to ``query`` from a book's memory alone (``recent``: its candles of one
+    (asset, interval), oldest first), or None when a store may hold some of it. A candle only
+    the store holds is older than every one in memory (memory keeps the newest of each
+    series), so memory answers alone when its oldest candle starts at or before the range, or
+    when its newest ``limit`` in range are ``limit`` long."""
+    answer = select(recent, query)
+    if recent and (recent[0].start_us <= query.first_start_us or (
+            query.start_s is None and len(answer) == query.limit)):
+        return answer
+    return None
 
 
 def merge(stored: Iterable[Candle], recent: Iterable[Candle]) -> list[Candle]:

@@ -51,6 +51,7 @@ from engine.candles import (
     CandleQuery,
     merge,
     select,
+    select_recent,
 )
 from engine.market import Tick
 
@@ -262,14 +263,18 @@ class MarketLive:
     def candles(self, asset: str, interval: str, query: CandleQuery) -> list[Candle]:
         """The candles of ``asset`` and ``interval`` that ``query`` selects, oldest first."""
         self.close_ended()
-        # the store first: apply (maybe on another thread) changes memory and store under the
-        # lock, so memory read after the store is never behind it, as merge needs; the other
-        # way round, a tick applied between the two reads left memory's stale version of a
-        # candle (still open) before the newer candle the store already held
-        stored = [] if self.store is None else self.store.read(asset, interval, query)
         with self._lock:
             recent = self.book.recent(asset, interval)
-        answer = select(merge(stored, recent), query)
+        answer = select_recent(recent, query)  # a chart's newest candles: memory holds them
+        if answer is None:
+            # the store first: apply (maybe on another thread) changes memory and store under
+            # the lock, so memory read after the store is never behind it, as merge needs; the
+            # other way round, a tick applied between the two reads left memory's stale
+            # version of a candle (still open) before the newer candle the store already held
+            stored = [] if self.store is None else self.store.read(asset, interval, query)
+            with self._lock:
+                recent = self.book.recent(asset, interval)
+            answer = select(merge(stored, recent), query)
         # one whose interval has ended is no longer the current candle, though a late tick
         # may still reach it (only the newest can be open)
         if answer and not answer[-1].closed and answer[-1].start_us + INTERVAL_US[

@@ -31,6 +31,7 @@ from engine.candles import half_ticks_to_price
 from engine.candles import interval_start_us
 from engine.candles import merge
 from engine.candles import select
+from engine.candles import select_recent
 from engine.market import Tick
 from hypothesis import HealthCheck
 from hypothesis import given
@@ -320,6 +321,24 @@ def test_merge_prefers_the_books_memory_and_answers_beyond_it() -> None:
     assert select(merged, CandleQuery(limit=4)) == full.recent("SOL", "1m")[-4:]
 
 
+def test_memory_alone_answers_a_range_it_holds_whole() -> None:
+    """Memory keeps minutes 7-9 of 10: the newest 3 (or fewer), or a range starting at minute
+    7 or later, come from it alone; the newest 4, or a range from minute 6 on, need the
+    store (None)."""
+    recent = minutes_book(10, keep=3).recent("SOL", "1m")
+    full = minutes_book(10).recent("SOL", "1m")
+    assert select_recent(recent, CandleQuery(limit=3)) == full[-3:]
+    assert select_recent(recent, CandleQuery(limit=2)) == full[-2:]
+    assert select_recent(recent, CandleQuery(limit=4)) is None
+    from_7 = CandleQuery(limit=5, start_s=full[7].start_us // 10**6)
+    assert select_recent(recent, from_7) == full[7:]
+    assert select_recent(recent, CandleQuery(limit=5, start_s=full[6].start_us // 10**6)) is None
+    until_8 = CandleQuery(limit=2, end_s=full[8].start_us // 10**6)
+    assert select_recent(recent, until_8) == full[7:9]
+    assert select_recent(recent, CandleQuery(limit=3, end_s=full[8].start_us // 10**6)) is None
+    assert select_recent([], CandleQuery(limit=1)) is None
+
+
 # ------------------------------------------------------------------ restore
 def test_a_restored_book_continues_the_current_candle() -> None:
     book = CandleBook(["SOL"])
@@ -463,6 +482,9 @@ def test_the_book_equals_the_reference(ticks: list[Tick], keep: int, lag: int,
                 expected = reference.query(asset, interval, limit, start_s, end_s)
                 answer = select(merge(select(stored, query), recent), query)
                 assert [exact(REGISTRY[asset], c) for c in answer] == expected
+                alone = select_recent(recent, query)  # None: the store must be read
+                if alone is not None:
+                    assert [exact(REGISTRY[asset], c) for c in alone] == expected
                 if len(everything) <= keep:
                     assert [exact(REGISTRY[asset], c)
                             for c in book.query(asset, interval, query)] == expected
