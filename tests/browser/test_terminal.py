@@ -1336,6 +1336,60 @@ def test_a_candle_history_that_failed_to_load_is_loaded_again(
     wait_until(browser, lambda d: not banner.is_displayed(), "the error gone after the load")
 
 
+# GET /api/v1/klines answers 503 until window.__candlesBack(); window.__stateReads counts the
+# GET /api/v1/state reads answered 200, window.__shownAt is that count when the banner first
+# showed the candles' error.
+FAILING_CANDLES_JS = """
+const innerFetch = window.fetch;
+let failing = true;
+window.__stateReads = 0;
+window.__candlesBack = () => { failing = false; };
+window.fetch = async (input, init) => {
+  const path = new URL(String(input)).pathname;
+  if (failing && path.endsWith("/api/v1/klines")) {
+    return new Response(JSON.stringify({error: {code: "SERVICE_UNAVAILABLE",
+      message: "candles unavailable"}}), {status: 503,
+      headers: {"Content-Type": "application/json"}});
+  }
+  const response = await innerFetch(input, init);
+  if (path.endsWith("/api/v1/state") && response.ok) window.__stateReads += 1;
+  return response;
+};
+window.__shownAt = null;
+const banner = document.getElementById("error-banner");
+new MutationObserver(() => {
+  const candles = document.getElementById("error-message").textContent === "candles unavailable";
+  if (!banner.hidden && candles && window.__shownAt === null) {
+    window.__shownAt = window.__stateReads;
+  }
+}).observe(banner, { attributes: true, childList: true, subtree: true });
+"""
+
+
+def test_a_candle_history_error_stays_while_the_account_reads_well(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client,
+        page_clock: PageClock) -> None:
+    """Logged in, the candles of the asset chosen cannot be loaded (503) while the account's
+    reads succeed: the candles' error stays over the empty chart until they load, then goes.
+    Before, the next account refresh took it away (within 5 s), and the chart stayed empty
+    with nothing said."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform)
+    create_account(browser)
+    browser.execute_script(FAILING_CANDLES_JS)
+    wait_until(browser, lambda d: d.execute_script("return window.__stateReads;") >= 1,
+               "an account read")  # so that the count is not 0 when the error shows
+    Select(by_id(browser, "asset-select")).select_by_value("BTC")
+    banner = by_id(browser, "error-banner")
+    reads = wait_until(browser, lambda d: d.execute_script("return window.__shownAt;"),
+                       "the candles' error")
+    wait_until(browser, lambda d: d.execute_script("return window.__stateReads;") >= reads + 2,
+               "two account refreshes answered")
+    assert banner.is_displayed() and text_of(browser, "error-message") == "candles unavailable"
+    browser.execute_script("window.__candlesBack();")
+    wait_until(browser, lambda d: not banner.is_displayed(), "the error gone once they load")
+
+
 def test_the_error_of_an_asset_list_that_failed_to_load_goes_once_it_loads(
         platform: RayHttpPlatform, browser: WebDriver) -> None:
     """The page's first GET /assets is answered 503 (the platform still starting): the banner

@@ -74,9 +74,11 @@ function errorText({ code, message }) {
   return `${code}\n${message}`;
 }
 
-// ``background``: the error of a refresh nobody asked for. It does not replace the error of
-// something the user did (that one says what to check), and it goes once a refresh succeeds.
-function showError(err, background = false) {
+// ``background``: the error of a refresh nobody asked for, named by what it reads ("account",
+// "candles"). It does not replace the error of something the user did (that one says what to
+// check), and it goes once that same refresh succeeds (dismissBackground): another one's
+// success says nothing of it.
+function showError(err, background = null) {
   const banner = byId("error-banner");
   if (background && !banner.hidden && banner.dataset.source === "action") return;
   const shown = errorShown(err);
@@ -89,7 +91,7 @@ function showError(err, background = false) {
   setText(byId("error-message"), message);
   setText(byId("error-count"), lastError.count > 1 ? `×${lastError.count}` : "");
   banner.dataset.code = code;
-  banner.dataset.source = background ? "background" : "action";
+  banner.dataset.source = background || "action";
   banner.hidden = false;
   byId("notice").hidden = true;  // one message at a time: the newest
 }
@@ -101,6 +103,12 @@ function localError(code, message) {
 function dismissError() {
   byId("error-banner").hidden = true;
   lastError = { text: "", count: 0 };
+}
+
+// The background refresh ``source`` worked: its error, if the banner still shows it, is over.
+function dismissBackground(source) {
+  const banner = byId("error-banner");
+  if (!banner.hidden && banner.dataset.source === source) dismissError();
 }
 
 // The error ``err`` is over (what failed worked since): gone, if the banner still shows it.
@@ -227,7 +235,7 @@ async function loadKlines(retry = false) {
     if (generation !== klines.generation) return;
     app.chart.setKlines(Array.isArray(data && data.klines) ? data.klines : []);
     klines.drawn = `${asset} ${interval}`;
-    if (klines.error) dismissErrorOf(klines.error);
+    if (klines.error) dismissBackground("candles");
     klines.error = null;
   } catch (err) {
     if (generation !== klines.generation) return;
@@ -236,7 +244,7 @@ async function loadKlines(retry = false) {
       klines.drawn = `${asset} ${interval}`;
     }
     if (!retry) {
-      showError(err, true);
+      showError(err, "candles");
       klines.error = err;
     }
     klines.retryTimer = setTimeout(() => {
@@ -571,8 +579,8 @@ async function refreshAccount(withHistory) {
   const changed = signature !== app.idsSignature;
   app.idsSignature = signature;
   if (withHistory || changed) failure = (await refreshHistory(key)) || failure;
-  if (failure && !resending) showError(failure, true);
-  else if (!failure && byId("error-banner").dataset.source === "background") dismissError();
+  if (failure && !resending) showError(failure, "account");
+  else if (!failure) dismissBackground("account");
 }
 
 async function refreshHistory(key) {
