@@ -1292,6 +1292,26 @@ def chart_bars(driver: WebDriver) -> list[int]:
         "return window.__series.length ? window.__series[0].data().map(b => b.time) : [];"))
 
 
+def test_a_refresh_error_leaves_the_notice_of_what_the_trader_just_did(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """An open succeeds and the refresh after it fails (its GET /orders lost): the refresh's
+    error shows, and the notice of the open stays beside it. Before, the error hid the notice,
+    and once a refresh worked and the error went, nothing said the position had opened."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform)
+    create_account(browser)
+    browser.execute_script(LOST_REFRESH_JS)
+    open_long_from_ticket(browser, "100", "10")
+    banner = by_id(browser, "error-banner")
+    notice = by_id(browser, "notice-text")
+    wait_until(browser, lambda d: str(notice.get_attribute("textContent")).startswith(
+        "Opened long") and banner.is_displayed()
+        and banner.get_attribute("data-code") == "NETWORK_ERROR",
+        "the open's notice, then the error of the refresh after it")
+    assert by_id(browser, "notice").is_displayed()
+    browser.execute_script("window.__answersBack();")
+
+
 def test_a_candle_history_that_failed_to_load_is_loaded_again(
         platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
     """The first GET /klines of an asset is answered 503 (the candles' store restarting): the

@@ -93,7 +93,9 @@ function showError(err, background = null) {
   banner.dataset.code = code;
   banner.dataset.source = background || "action";
   banner.hidden = false;
-  byId("notice").hidden = true;  // one message at a time: the newest
+  // what the trader did next failed: the notice of what came before is no longer the news; a
+  // refresh failing says nothing of it (and goes by itself), so the notice stays beside it
+  if (!background) byId("notice").hidden = true;
 }
 
 function localError(code, message) {
