@@ -853,24 +853,32 @@ new MutationObserver(() => {
 """
 
 
+def fetch_until_back(back: str, counter: str, body: str) -> str:
+    """A page script putting a wrapper around ``window.fetch``: ``body`` (JS, with ``input``,
+    ``init``, ``innerFetch`` and ``active`` in scope) is the wrapper's; ``active`` is true until
+    the page calls ``window.<back>()``; ``window.<counter>`` starts at 0."""
+    return f"""
+const innerFetch = window.fetch;
+let active = true;
+window.{counter} = 0;
+window.{back} = () => {{ active = false; }};
+window.fetch = async (input, init) => {{
+{body}
+}};
+"""
+
+
 # GET /api/v1/orders (the background refresh's) loses its answers, as a dropped connection
 # does, until window.__answersBack(); window.__lost counts them. And every time the error
 # banner is shown, its code goes to window.__banners.
-LOST_REFRESH_JS = """
-const innerFetch = window.fetch;
-let losing = true;
-window.__lost = 0;
-window.__answersBack = () => { losing = false; };
-window.fetch = async (input, init) => {
+LOST_REFRESH_JS = fetch_until_back("__answersBack", "__lost", """
   const response = await innerFetch(input, init);
   const get = !(init && init.method) || init.method === "GET";
-  if (losing && get && new URL(String(input)).pathname.endsWith("/api/v1/orders")) {
+  if (active && get && new URL(String(input)).pathname.endsWith("/api/v1/orders")) {
     window.__lost += 1;
     throw new TypeError("Failed to fetch");
   }
-  return response;
-};
-""" + BANNERS_KEPT_JS
+  return response;""") + BANNERS_KEPT_JS
 
 
 def test_an_open_and_a_close_whose_answers_are_lost_are_sent_again_and_happen_once(
@@ -1359,22 +1367,16 @@ def test_a_candle_history_that_failed_to_load_is_loaded_again(
 # GET /api/v1/klines answers 503 until window.__candlesBack(); window.__stateReads counts the
 # GET /api/v1/state reads answered 200, window.__shownAt is that count when the banner first
 # showed the candles' error.
-FAILING_CANDLES_JS = """
-const innerFetch = window.fetch;
-let failing = true;
-window.__stateReads = 0;
-window.__candlesBack = () => { failing = false; };
-window.fetch = async (input, init) => {
+FAILING_CANDLES_JS = fetch_until_back("__candlesBack", "__stateReads", """
   const path = new URL(String(input)).pathname;
-  if (failing && path.endsWith("/api/v1/klines")) {
+  if (active && path.endsWith("/api/v1/klines")) {
     return new Response(JSON.stringify({error: {code: "SERVICE_UNAVAILABLE",
       message: "candles unavailable"}}), {status: 503,
       headers: {"Content-Type": "application/json"}});
   }
   const response = await innerFetch(input, init);
   if (path.endsWith("/api/v1/state") && response.ok) window.__stateReads += 1;
-  return response;
-};
+  return response;""") + """
 window.__shownAt = null;
 const banner = document.getElementById("error-banner");
 new MutationObserver(() => {

@@ -6,8 +6,12 @@ feed consumer steps past, counts, and reads on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import time
+from collections.abc import AsyncIterator
+from typing import Any
+from typing import NamedTuple
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -53,23 +57,43 @@ def batch_flagged(codec: int, messages: list[MarketDataMessage]) -> bytes:
     return bytes(buf)
 
 
-@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
-async def test_compressed_batches_are_read(kafka_broker: str, codec: str) -> None:
-    """A producer compressing with ``codec``: every tick of its batches is read, none
-    skipped."""
-    topic = f"compressed-{free_port()}"
-    await ensure_topic(kafka_broker, 1, topic)
+class Reading(NamedTuple):
+    topic: str
+    consumer: MarketDataConsumer
+    producer: AIOKafkaProducer
+    delivered: list[Tick]  # what the consumer handed to the shards, in order
+
+
+@contextlib.asynccontextmanager
+async def reading(broker: str, partitions: int, **producer_options: Any
+                  ) -> AsyncIterator[Reading]:
+    """A new topic of ``partitions``, a started consumer of it (SOL to one shard, BTC to
+    another) and a producer to it."""
+    topic = f"batches-{free_port()}"
+    await ensure_topic(broker, partitions, topic)
     delivered: list[Tick] = []
 
     async def call(shard: str, ticks: list[Tick]) -> None:
         delivered.extend(ticks)
 
     pipeline = TickPipeline(DEFAULT_ASSETS, {"SOL": ["s0"], "BTC": ["s1"]}, FeedBounds(), 1)
-    consumer = MarketDataConsumer(kafka_broker, pipeline, call, topic=topic)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker, compression_type=codec)
+    consumer = MarketDataConsumer(broker, pipeline, call, topic=topic)
+    producer = AIOKafkaProducer(bootstrap_servers=broker, **producer_options)
     await producer.start()
     try:
         assert await consumer.start(timeout_s=10.0)
+        yield Reading(topic, consumer, producer, delivered)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+async def test_compressed_batches_are_read(kafka_broker: str, codec: str) -> None:
+    """A producer compressing with ``codec``: every tick of its batches is read, none
+    skipped."""
+    async with reading(kafka_broker, 1, compression_type=codec) as (
+            topic, consumer, producer, delivered):
         for bid in range(10_000, 10_005):
             sent = [await producer.send(topic, tick_message(name, bid).to_json_bytes(),
                                         partition=0) for name in ("SOL", "BTC")]
@@ -80,9 +104,6 @@ async def test_compressed_batches_are_read(kafka_broker: str, codec: str) -> Non
                 await asyncio.sleep(0.02)
         assert [t.bid_ticks for t in delivered if t.asset == "SOL"] == list(range(10_000, 10_005))
         assert consumer.undecodable == 0 and "undecodable" not in consumer.stats()["dropped"]
-    finally:
-        await consumer.stop()
-        await producer.stop()
 
 
 @pytest.mark.parametrize("codec", [LZ4, GZIP], ids=["lz4", "gzip"])
@@ -91,34 +112,22 @@ async def test_compressed_batches_are_read(kafka_broker: str, codec: str) -> Non
 async def test_an_undecodable_batch_is_stepped_past_and_counted(
         kafka_broker: str, codec: int, records: int, read_alone: bool) -> None:
     """``read_alone``: the bad batch is read while it holds the partition's newest record."""
-    topic = f"undecodable-{free_port()}"
-    await ensure_topic(kafka_broker, 3, topic)
-    delivered: list[Tick] = []
+    async with reading(kafka_broker, 3, linger_ms=0) as (topic, consumer, producer, delivered):
 
-    async def call(shard: str, ticks: list[Tick]) -> None:
-        delivered.extend(ticks)
+        async def produce(msg: MarketDataMessage) -> None:
+            asset = DEFAULT_ASSETS[msg.asset]
+            await (await producer.send(topic, msg.to_json_bytes(), key=msg.key,
+                                       partition=asset.index % 3))
 
-    pipeline = TickPipeline(DEFAULT_ASSETS, {"SOL": ["s0"], "BTC": ["s1"]}, FeedBounds(), 1)
-    consumer = MarketDataConsumer(kafka_broker, pipeline, call, topic=topic)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker, linger_ms=0)
-    await producer.start()
+        def bids(asset: str) -> list[int]:
+            return [t.bid_ticks for t in delivered if t.asset == asset]
 
-    async def produce(msg: MarketDataMessage) -> None:
-        asset = DEFAULT_ASSETS[msg.asset]
-        await (await producer.send(topic, msg.to_json_bytes(), key=msg.key,
-                                   partition=asset.index % 3))
+        async def until(condition: object, timeout_s: float = 10.0) -> None:
+            deadline = time.monotonic() + timeout_s
+            while not condition():  # type: ignore[operator]
+                assert time.monotonic() < deadline, (bids("SOL"), bids("BTC"), consumer.stats())
+                await asyncio.sleep(0.02)
 
-    def bids(asset: str) -> list[int]:
-        return [t.bid_ticks for t in delivered if t.asset == asset]
-
-    async def until(condition: object, timeout_s: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not condition():  # type: ignore[operator]
-            assert time.monotonic() < deadline, (bids("SOL"), bids("BTC"), consumer.stats())
-            await asyncio.sleep(0.02)
-
-    try:
-        assert await consumer.start(timeout_s=10.0)
         await produce(tick_message("SOL", 10_000))
         await until(lambda: bids("SOL") == [10_000])
         partition = SOL.index % 3
@@ -140,6 +149,3 @@ async def test_an_undecodable_batch_is_stepped_past_and_counted(
         stats = consumer.stats()
         assert stats["dropped"]["undecodable"] == consumer.undecodable == 1
         assert stats["consumer_restarts"] == 0
-    finally:
-        await consumer.stop()
-        await producer.stop()
