@@ -47,9 +47,10 @@ def platform(kafka_broker: str) -> Iterator[RayHttpPlatform]:
     """One platform for the module, durable as ``shardex up`` runs it (a killed ledger or shard
     comes back from its journal). Prices may be up to four hours old, so that ticks produced
     with timestamps of the last hours draw a chart history; the jump band and the signup and
-    request limits are off (their own tests are elsewhere)."""
+    request limits are off (their own tests are elsewhere): the tests read prices and candles
+    from the page's address as fast as they wait for them."""
     settings = Settings(max_price_age_s=4 * 3600, max_tick_jump_bps=1_000_000,
-                        api_key_rate_per_s=0, signups_per_min=0)
+                        api_key_rate_per_s=0, signups_per_min=0, public_rate_per_s=0)
     p = RayHttpPlatform(kafka_broker, settings, topic=f"browser-{os.getpid()}",
                         ray_init={"_node_ip_address": "127.0.0.1"}, durable=True)
     p.start()
