@@ -932,8 +932,13 @@ def _tcp_answers(address: str) -> bool:
 
 def _silent_ray_address(address: str) -> str | None:
     """Why RAY_ADDRESS ``address`` cannot be joined, when a TCP connection tells at once: a
-    host:port where nothing listens would hold ray.init for minutes."""
-    if ":" in address and "://" not in address and not _tcp_answers(address):
+    host:port where nothing listens would hold ray.init for minutes, and a Ray Client's
+    ray://host:port for 30 s."""
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme != "ray":
+        return None  # another kind of address: Ray's own error says what it wants instead
+    target = rest.partition("/")[0] if sep else address
+    if ":" in target and not _tcp_answers(target):
         return (f"nothing answers at RAY_ADDRESS={address} (its Ray refuses connections or "
                 "the address is not host:port)")
     return None
