@@ -1165,7 +1165,9 @@ def _audit_offline(settings: Settings, as_json: bool) -> int:
 
     root = settings.data_dir
     if not (root / LEDGER).is_dir():  # the ledger's directory
-        print(f"shardex audit --offline: no recorded state in {root}", file=sys.stderr)
+        print(f"shardex audit --offline: no recorded state in DATA_DIR={root.resolve()} (no "
+              f"{LEDGER} directory in it): set DATA_DIR to the directory the platform was "
+              "started with", file=sys.stderr)
         return 2
     try:
         check_layout(settings)

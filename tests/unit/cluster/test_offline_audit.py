@@ -210,3 +210,18 @@ def test_offline_audit_is_refused_while_a_platform_holds_the_journals(tmp_path: 
         assert _files(root) == before
     finally:
         running.close()
+
+
+def test_offline_audit_of_a_data_dir_without_state_names_the_variable_and_the_directory(
+        tmp_path: Path) -> None:
+    """A missing or empty DATA_DIR: the line says which directory was read and how to point
+    at another. It named the path as given ("data", relative to nothing it said), not
+    DATA_DIR."""
+    (tmp_path / "empty").mkdir()
+    for root in (tmp_path / "empty", tmp_path / "missing"):
+        done = _cli(root, "audit", "--offline")
+        assert done.returncode == 2 and done.stdout == "", done
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert f"no recorded state in DATA_DIR={root.resolve()} " in done.stderr, done.stderr
+        assert "set DATA_DIR" in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # nothing made
