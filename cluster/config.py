@@ -46,7 +46,7 @@ RULES = {
     "BACKPACK_WS_URL": "a ws:// or wss:// URL with a host and, if it names one, a port 1-65535",
     "FEED_SOURCE": SOURCE_FORMS,
     "HOST": "a host name or IP address",
-    "RAY_ADDRESS": "a Ray address without spaces (auto, host:port, ray://host:port)",
+    "RAY_ADDRESS": "auto, host:port or ray://host[:port] with a port in [1, 65535]",
     "ASSETS": f"a comma-separated list of {', '.join(DEFAULT_ASSETS)} without repeats",
     "SHARDS": f"N or ASSET=N,... with N in [1, {MAX_SHARDS}], assets of ASSETS and at most "
               f"{MAX_SHARDS} shards in all",
@@ -92,6 +92,7 @@ _HOST = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}")
 # A host name or IPv4 address, or an IPv6 address in brackets: a colon outside brackets would
 # make "h:1:2" a host "h:1" that no resolver knows.
 _BROKER = re.compile(r"(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
+_HOST_ONLY = re.compile(r"(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])")
 
 
 class ConfigError(ValueError):
@@ -158,9 +159,8 @@ class Settings:
         _parse_source(self.feed_source)
         if not _HOST.fullmatch(self.host):
             _fail("HOST", self.host)
-        if self.ray_address is not None and (not self.ray_address
-                                             or any(c.isspace() for c in self.ray_address)):
-            _fail("RAY_ADDRESS", self.ray_address)
+        if self.ray_address is not None:
+            _check_ray_address(self.ray_address)
         _check_shards(self.shards, self.assets)
         if not str(self.data_dir):
             _fail("DATA_DIR", str(self.data_dir))
@@ -340,6 +340,19 @@ def _check_brokers(text: str) -> str:
         if match is None or not 1 <= int(match["port"]) <= 65535:
             _fail("KAFKA_BROKERS", text)
     return text
+
+
+def _check_ray_address(text: str) -> None:
+    """ConfigError unless ``text`` is ``auto``, ``host:port`` or ``ray://host[:port]``, with a
+    port in 1..65535: Ray started a new Ray of its own for "local", as if joined, and failed
+    on other text ("garbage") with its own message, which named no setting."""
+    if text == "auto":
+        return
+    rest = text.removeprefix("ray://")
+    match = _BROKER.fullmatch(rest) or (rest != text and _HOST_ONLY.fullmatch(rest))
+    port = match.groupdict().get("port") if match else None
+    if not match or (port is not None and not 1 <= int(port) <= 65535):
+        _fail("RAY_ADDRESS", text)
 
 
 def _check_ws_url(url: str) -> str:

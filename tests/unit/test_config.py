@@ -33,7 +33,8 @@ BAD = {
                     "sim?seed=x&seed=1", "sim?rate=2&rate=3"],
     "PORT": ["0", "65536", "-1", "4000.0", "http", "", "\u0661\u0662", "\uff11\uff12", "+5"],
     "HOST": ["", "a b", "host/x"],
-    "RAY_ADDRESS": ["ray:// host"],
+    "RAY_ADDRESS": ["ray:// host", "garbage", "local", "h:0", "h:65536", "ray://", "h:",
+                    "http://127.0.0.1:8265", "ray://h:99999", "h:6379 ", "\u0663", "/"],
     "ASSETS": ["DOGE", "SOL,SOL", "SOL,,BTC", ",", "\u017fol"],
     "SHARDS": ["0", "-1", "x", "SOL=0", "SOL=2,SOL=3", "DOGE=1", "257", "SOL=1,BTC", "1.5",
                "\u0663", "SOL=\u0661", "\u017fol=2", "*=2", "SOL=3,*=2"],
@@ -141,6 +142,12 @@ def test_a_number_with_spaces_or_a_line_end_around_it_is_that_number(
     integers and seconds took it."""
     for raw in (f" {text} ", f"{text}\r", f"\t{text}\n"):
         assert getattr(Settings.from_env({var: raw}), field) == value, raw
+
+
+@pytest.mark.parametrize("address", ["auto", "10.0.0.2:6379", "head.example:6379",
+                                     "[::1]:6379", "ray://head:10001", "ray://head"])
+def test_a_ray_address_of_each_form_ray_joins_is_taken(address: str) -> None:
+    assert Settings.from_env({"RAY_ADDRESS": address}).ray_address == address
 
 
 def test_brokers_of_spaces_only_are_unset_and_spaces_around_them_go() -> None:

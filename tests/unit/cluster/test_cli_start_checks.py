@@ -281,7 +281,8 @@ def test_a_start_joining_a_ray_address_where_nothing_listens_is_refused_at_once(
 def test_a_ray_address_that_is_no_address_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     done, _ = _cli("status", env={**_env(tmp_path), "RAY_ADDRESS": "garbage"})
     assert done.returncode != 0
-    assert done.stderr.startswith("shardex status: no running cluster (")
+    assert done.stderr.startswith("shardex: configuration error: RAY_ADDRESS must be ")
+    assert done.stderr.count("\n") == 1, done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
 
 
