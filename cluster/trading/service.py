@@ -523,11 +523,11 @@ class TradingService:
                                   order.current_price_ticks, order.max_slippage_bps))
 
         return await self._idempotent(who, "open", order.client_order_id, lambda key: self._lock(
-            MarginLock(who.user, order.margin_micros, key), self._new_split(order.asset, "open"),
-            command), {"asset": order.asset, "side": order.side,
-                       "margin_micros": order.margin_micros, "leverage": order.leverage,
-                       "tp_ticks": order.tp_ticks or NO_LEVEL,
-                       "sl_ticks": order.sl_ticks or NO_LEVEL})
+            MarginLock(who.user, order.margin_micros, key),
+            functools.partial(self._new_split, order.asset, "open"), command),
+            {"asset": order.asset, "side": order.side, "margin_micros": order.margin_micros,
+             "leverage": order.leverage, "tp_ticks": order.tp_ticks or NO_LEVEL,
+             "sl_ticks": order.sl_ticks or NO_LEVEL})
 
     async def place_order(self, who: Principal, order: PlaceOrder) -> PendingOrder | Rejected:
         """Place a pending limit or stop order for ``who`` (its margin locked until it fills,
@@ -543,7 +543,7 @@ class TradingService:
             return Rejected(Code.INVALID_TRIGGER, problem)
         return await self._idempotent(who, "order", order.client_order_id, lambda key: self._lock(
             MarginLock(who.user, order.margin_micros, key, order=True),
-            self._new_split(order.asset, "order"),
+            functools.partial(self._new_split, order.asset, "order"),
             lambda request_id: Place(who.user, terms, request_id)),
             {"asset": order.asset, **terms._asdict()})
 
@@ -551,9 +551,10 @@ class TradingService:
         """The split of ``asset`` that takes a new position (``kind`` "open") or order
         ("order"): round-robin over its splits, the asset's opens and its orders each on
         their own, whatever else is opened or placed in between; a split found down is passed
-        over until it answers, unless every one is (then the open fails there, 503). A request
-        sent is never sent to another split: the one that did not answer may hold it (the
-        reconciler resolves it there)."""
+        over until it answers, unless every one is (then the open fails there, 503). Chosen
+        once the margin is locked, right before the request is sent: a split found down while
+        the ledger locked it is passed over. A request sent is never sent to another split:
+        the one that did not answer may hold it (the reconciler resolves it there)."""
         return self.layout.for_new_position(asset, next(self._spread[asset, kind]),
                                             self.split_down).name
 
@@ -620,7 +621,7 @@ class TradingService:
                         return await self._refuse(key, Rejected(Code.NOT_FOUND,
                                                                 "no such open position"))
                 return await self._lock(MarginLock(who.user, delta_micros, key, top_up=True),
-                                        spec.name, command)
+                                        lambda: spec.name, command)
         else:
             async def change(key: IdemKey | None) -> OpenPosition | Rejected:
                 return await self._end(key, position_id, "margin", command,
@@ -691,10 +692,11 @@ class TradingService:
             return Rejected(Code.INVALID_REQUEST, "margin must be greater than zero")
         return None
 
-    async def _lock(self, lock: MarginLock, shard_name: str, command: Callable[[int], Any]
-                    ) -> Any:
+    async def _lock(self, lock: MarginLock, shard: Callable[[], str],
+                    command: Callable[[int], Any]) -> Any:
         """Lock ``lock``'s margin, then send ``command(request_id)`` (an open, a placement or
-        a top-up) to shard ``shard_name``: its answer, or why not."""
+        a top-up) to the shard ``shard()`` names once the margin is locked (a split found down
+        meanwhile is passed over): its answer, or why not."""
         async def reserve(request_id: int) -> object:
             # The request id travels with the lock: a lock whose request was cut off is
             # settled by this id (abandoned, or resolved against the shards), never guessed.
@@ -715,6 +717,7 @@ class TradingService:
             self.counters[f"rejected_{outcome.code.value}"] += 1
             return outcome
         kind = "margin" if lock.top_up else "order" if lock.order else "open"
+        shard_name = shard()
         try:
             result = await self._send(shard_name, command(request_id))
         except Exception:

@@ -14,6 +14,7 @@ from cluster.actors.port import Unavailable
 from cluster.config import Settings
 from cluster.trading.service import SPLIT_PROBE_S
 from cluster.trading.service import TradingService
+from engine.ledger_machine import LockMargin
 from engine.messages import OpenPosition
 from engine.messages import PendingOrder
 from engine.messages import PlaceOrder
@@ -21,6 +22,7 @@ from engine.messages import Principal
 from engine.order_book import OrderKind
 from engine.orders import Side
 from tests.unit.cluster.faulty_ports import Down
+from tests.unit.cluster.faulty_ports import Gated
 from tests.unit.cluster.local_platform import USD
 from tests.unit.cluster.local_platform import Make
 from tests.unit.cluster.local_platform import sol_long
@@ -217,3 +219,26 @@ async def test_a_health_check_that_ends_after_the_service_stopped_starts_no_prob
     assert (await checking).components[slow.name] == "unavailable"
     await asyncio.sleep(3 * SPLIT_PROBE_S)
     assert slow.pings == 1  # nothing pings it any more
+
+
+async def test_a_split_found_down_while_an_open_locks_its_margin_is_passed_over(
+        make: Make) -> None:
+    """The split an open goes to is chosen once its margin is locked: split 0, whose turn it
+    was when the open arrived, is found down while the ledger locks the margin, and the open
+    goes to split 1 and succeeds. Before, the split was chosen before the lock, the open was
+    sent to split 0 all the same and answered 503, in doubt."""
+    p = make(settings=Settings(shards={"SOL": 4}))
+    downs = [Down(p.shards[s.name]) for s in p.hosts.layout.of_asset("SOL")]
+    locking = Gated(p.ledger, LockMargin)
+    svc = make.service(p, ledger=locking, shards={**p.shards, **{d.name: d for d in downs}})
+    who = await sol_trader(p, svc)
+    opening = asyncio.ensure_future(svc.open_position(who, sol_long(10)))
+    await asyncio.wait_for(locking.reached.wait(), 5)
+    downs[0].down = True
+    assert (await svc.state(who)).unavailable == (downs[0].name,)
+    locking.opened.set()
+    pos = await opening
+    assert isinstance(pos, OpenPosition), pos
+    spec = svc.layout.of_position(pos.position_id)
+    assert spec is not None and spec.split == 1
+    assert svc.counters["opens_in_doubt"] == 0
