@@ -408,7 +408,13 @@ class Reconciler:
         settles what is still pending."""
         while True:
             await asyncio.sleep(interval_s)
-            if leading is not None and not leading():
+            try:
+                # (Serve's rank, where a replica may have none: a failure skips one round,
+                # and must not end the task, unread, with every later sweep of this process)
+                if leading is not None and not leading():
+                    continue
+            except Exception:
+                log.exception("asking which replica sweeps failed")
                 continue
             try:
                 await self.sweep()

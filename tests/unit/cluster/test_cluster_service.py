@@ -53,6 +53,7 @@ from tests.unit.cluster.local_platform import balances
 from tests.unit.cluster.local_platform import signup
 from tests.unit.cluster.local_platform import sol_long
 from tests.unit.cluster.local_platform import sol_trader
+from tests.unit.cluster.local_platform import until
 
 pytestmark = pytest.mark.asyncio
 
@@ -623,3 +624,28 @@ async def test_each_assets_opens_and_orders_go_round_robin_over_its_splits(make:
     assert splits == {(asset, kind): [0, 1, 0, 1]
                       for asset in ("SOL", "BTC") for kind in ("open", "order")}
     assert await p.audit() == []
+
+
+async def test_the_sweeps_go_on_after_asking_who_leads_failed(
+        platform: Platform, caplog: pytest.LogCaptureFixture) -> None:
+    """The question of which replica sweeps (Serve's rank, which a replica may not have) fails
+    once: that round is skipped and reported, and the next ones sweep. Before, the failure
+    ended the sweeps of that process for good, with nothing said (the task held it unread)."""
+    asked = 0
+
+    def leading() -> bool:
+        nonlocal asked
+        asked += 1
+        if asked == 1:
+            raise AttributeError("'NoneType' object has no attribute 'rank'")
+        return True
+
+    reconciler = platform.service.reconciler
+    watching = asyncio.ensure_future(reconciler.watch_pending(0.01, leading))
+    try:
+        await until(lambda: "client_order_ids_expired" in reconciler.counters, 5)
+        assert not watching.done()
+        assert "asking which replica sweeps failed" in caplog.text
+    finally:
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
