@@ -150,6 +150,7 @@ class Reconciler:
         self._renotes: list[Renote] = []  # likewise, each read from its shard when sent
         self._lock = asyncio.Lock()  # two rounds must never settle the same request
         self._task: asyncio.Task[None] | None = None
+        self._closed = False  # (rounds started once closed would run with nobody to stop them)
         self._lock_rounds: dict[int, int] = {}  # open lock's request id -> sweeps seen open
 
     # ----------------------------------------------------------------- queueing
@@ -186,7 +187,7 @@ class Reconciler:
                 + len(self._renotes))
 
     def _schedule(self) -> None:
-        if self._task is None or self._task.done():
+        if not self._closed and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def _loop(self, interval_s: float = 0.2, max_interval_s: float = 10.0) -> None:
@@ -201,7 +202,9 @@ class Reconciler:
             interval_s = min(max_interval_s, interval_s * 2)  # back off while a part is down
 
     async def aclose(self) -> None:
-        """Stop the background rounds (what is queued stays queued)."""
+        """Stop the background rounds for good (what is queued stays queued, and what is
+        queued from now on too; :meth:`run_once` still runs them)."""
+        self._closed = True
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()

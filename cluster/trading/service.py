@@ -201,7 +201,7 @@ class TradingService:
         # with the task pinging it: one that does not answer (restarting, or its node gone)
         # is passed over by new positions until it does
         self._probes: dict[str, asyncio.Task[None]] = {}
-        self._closed = False  # (a split found down once closed is not probed: none would stop)
+        self._closed = False  # (once closed, no probe or sweep starts: none would stop)
         self._split_names = {spec.name for spec in self.layout.shards if spec.split_count > 1}
         for name in self._split_names:
             self.shards[name].listen(functools.partial(self._answered, name))
@@ -234,9 +234,9 @@ class TradingService:
         return self._request_prefix | next(self._request_counter)
 
     def watch(self) -> None:
-        """Start the sweeps over what dead API processes left (a no-op once started); the
-        first write starts them too. Needs a running event loop."""
-        if self._watcher is None:
+        """Start the sweeps over what dead API processes left (a no-op once started, or once
+        the service stopped); the first write starts them too. Needs a running event loop."""
+        if self._watcher is None and not self._closed:
             self._watcher = asyncio.get_running_loop().create_task(
                 self.reconciler.watch_pending(leading=self._leading))
 

@@ -242,3 +242,21 @@ async def test_a_split_found_down_while_an_open_locks_its_margin_is_passed_over(
     spec = svc.layout.of_position(pos.position_id)
     assert spec is not None and spec.split == 1
     assert svc.counters["opens_in_doubt"] == 0
+
+
+async def test_a_request_after_the_service_stopped_starts_no_background_task(
+        make: Make) -> None:
+    """Once the service stopped, a request still served (or Serve's health check, which
+    starts the sweeps) leaves no task behind: its split down starts no probe, and neither
+    the sweeps nor the reconciler's rounds start again. Before, the sweeps did, every 10 s,
+    forever, and so did the rounds over a request in doubt while its split stayed down."""
+    svc, downs, who = await split_platform(make)
+    await svc.aclose()
+    before = asyncio.all_tasks()
+    svc.watch()
+    for down in downs:
+        down.down = True
+    with pytest.raises(Unavailable):  # in doubt: the reconciler's work, were it running
+        await svc.open_position(who, sol_long(10))
+    await asyncio.sleep(0)
+    assert asyncio.all_tasks() == before
