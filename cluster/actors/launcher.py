@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 FEED_RESTART = {"max_restarts": -1, "max_task_retries": -1}  # its calls are safe to repeat
 READY_TIMEOUT_S = 120.0  # actors and the API must be up within this
 ADDRESS_FILE = "ray-address.json"  # in DATA_DIR while `up` runs (local or joined)
+# in DATA_DIR: flock'd by the run using it, from before its first write there to its stop
+# (the kernel lets go when that process dies, however it dies: a kill -9 leaves nothing held)
+RUN_LOCK = "platform.lock"
 BROKER_LOG = "embedded-broker.log"  # in DATA_DIR: its output, kept across starts and crashes
 ATTACH_CHECK_TIMEOUT_S = 2.0  # status/audit: how long a recorded Ray may take to answer TCP
 CRASHED_RUN_WAIT_S = 15.0  # how long a start waits for a killed run's workers to exit
@@ -161,6 +164,7 @@ class Platform:
     _serve_started: bool = False
     _api_deployed: bool = False  # the start got as far as deploying the API (stopped first)
     _recorded: bool = False  # this run wrote DATA_DIR's address file (removed at stop)
+    _run_lock: int | None = None  # the descriptor holding DATA_DIR's RUN_LOCK
     _feed_thread: threading.Thread | None = None
     _feed_stop: Callable[[], object] | None = None  # asks the feed thread's loop to stop
     _supervisor: threading.Thread | None = None
@@ -393,8 +397,17 @@ class Platform:
         A killed ``up`` takes its local Ray with it, but Ray's workers (the API replica on
         the port, the actors holding their journal's lock) notice only a moment later.
         """
-        recorded = _read_record(self.address_file)
         where = self.settings.data_dir.resolve()
+        self._hold_data_dir(where)
+        try:
+            self._wait_for_a_killed_run(where)
+        except BaseException:  # refused: this start holds nothing
+            self._release_data_dir()
+            raise
+
+    def _wait_for_a_killed_run(self, where: Path) -> None:
+        """(:meth:`_take_over_data_dir` once DATA_DIR is this run's)"""
+        recorded = _read_record(self.address_file)
         if recorded is None:
             # no run of ours to wait for; another process (an offline `shardex audit`...)
             # may still hold a journal, which would fail the host that opens it
@@ -427,6 +440,35 @@ class Platform:
                                   0.0)
         with contextlib.suppress(OSError):
             self.address_file.unlink()
+
+    def _hold_data_dir(self, where: Path) -> None:
+        """Take DATA_DIR's :data:`RUN_LOCK` until :meth:`stop`; LaunchError naming the process
+        that holds it. The address record alone could not refuse a second start while the
+        first was still starting: it is written seconds into a start (once Ray runs)."""
+        if self._run_lock is not None:
+            return
+        path = self.settings.data_dir / RUN_LOCK
+        try:
+            self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LaunchError(f"cannot write to DATA_DIR={self.settings.data_dir}: "
+                              f"{exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            from cluster.durability.journal import lock_holders
+
+            holders = ", ".join(lock_holders(path)) or "another process"
+            raise LaunchError(f"a platform already runs from DATA_DIR={where} ({holders}); "
+                              "stop it first, or use another DATA_DIR") from None
+        self._run_lock = fd
+
+    def _release_data_dir(self) -> None:
+        if self._run_lock is not None:
+            os.close(self._run_lock)
+            self._run_lock = None
 
     def _refuse_held_journal(self, data_dir: Path, held_how: str, unnamed: str,
                              wait_s: float) -> None:
@@ -668,6 +710,7 @@ class Platform:
             if self._broker is not None:
                 self._broker.stop()
                 self._broker = None
+        self._release_data_dir()  # last: the next start may take DATA_DIR from here
 
     def _ray_down(self) -> bool:
         """Whether a local Ray this platform started is going: its GCS or raylet has exited, or

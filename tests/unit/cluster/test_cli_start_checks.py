@@ -208,6 +208,41 @@ def test_up_refuses_a_data_dir_a_live_platform_runs_from(tmp_path: Path) -> None
         other.wait()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock and /proc/locks")
+def test_a_second_start_is_refused_while_the_first_still_starts_and_not_after_its_kill(
+        tmp_path: Path) -> None:
+    """Two starts on one DATA_DIR: the first has not recorded its Ray yet (it records it once
+    its broker and Ray run, seconds into its start). The second went ahead, overwrote the
+    first's record and removed it when its hosts failed on the first's journals (with
+    KAFKA_BROKERS; else it failed on the first's broker, blaming a `shardex feed`), leaving
+    the first unrecorded for `status`, `audit` and the next start. The first's kill -9
+    leaves nothing that refuses the next start."""
+    first = subprocess.Popen([sys.executable, "-c", (
+        "import dataclasses, pathlib, sys, time; "
+        "from cluster.actors.launcher import Platform; from cluster.config import Settings; "
+        "Platform(dataclasses.replace(Settings(), data_dir=pathlib.Path(sys.argv[1])))"
+        "._take_over_data_dir(); print('started', flush=True); time.sleep(60)"),
+        str(tmp_path)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout is not None and first.stdout.readline().strip() == "started"
+        assert not (tmp_path / "ray-address.json").exists()
+        with pytest.raises(LaunchError, match=rf"^a platform already runs from DATA_DIR="
+                                              rf"{tmp_path.resolve()} \(pid {first.pid} \("):
+            _platform(tmp_path)._take_over_data_dir()
+    finally:
+        first.kill()
+        first.wait()
+    second = _platform(tmp_path)
+    started = time.monotonic()
+    second._take_over_data_dir()
+    assert time.monotonic() - started < 2.0
+    with pytest.raises(LaunchError, match="already runs"):  # held until it stops
+        _platform(tmp_path)._take_over_data_dir()
+    second.stop()
+    _platform(tmp_path)._take_over_data_dir()
+
+
 def test_the_record_of_a_killed_run_is_taken_over(tmp_path: Path) -> None:
     _record_owner(tmp_path, 2**22 + 7)  # no such process
     started = time.monotonic()
