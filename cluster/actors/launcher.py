@@ -599,7 +599,9 @@ class Platform:
             try:
                 broker.restart()
                 asyncio.run(self._ensure_topic(broker.bootstrap))
-            except (BrokerError, LaunchError) as exc:  # tried again on the next round
+            # OSError: its log under DATA_DIR (a full or failing disk); the round must not
+            # raise, which would end the supervisor's thread and every later restart
+            except (BrokerError, LaunchError, OSError) as exc:  # tried again on the next round
                 log.warning("cannot start the embedded broker again yet: %s", exc)
                 return
             log.warning("the embedded broker runs again on %s (pid %s)", broker.bootstrap,

@@ -572,6 +572,28 @@ def test_an_embedded_broker_another_running_process_owns_is_refused_naming_it(
     assert "a `shardex feed` started after the platform" in message, message
 
 
+def test_a_broker_restart_the_disk_refuses_is_tried_again_next_round(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The supervisor starts a dead embedded broker again each round. A restart that failed
+    on DATA_DIR's disk (its log's directory could not be made: a full or failing disk, a
+    DATA_DIR removed) raised OSError out of the round and ended the supervisor's thread: the
+    broker was never started again, nor the feed actor pinged, until `up` was restarted."""
+    from feed.broker import EmbeddedBroker
+
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    broker = EmbeddedBroker(port=free_port(), binary="/bin/true",
+                            log_path=blocked / "embedded-broker.log", trim={})
+    platform = _platform(tmp_path)
+    platform._broker = broker  # as a start leaves it; its process has ended (never ran)
+    with caplog.at_level(logging.WARNING):
+        platform._revive_broker()
+    assert "cannot start the embedded broker again yet" in caplog.text, caplog.text
+    broker.log_path = tmp_path / "embedded-broker.log"  # the disk takes writes again
+    platform._revive_broker()  # the next round tries again (this binary exits at once)
+    assert broker.log_path.exists() and not broker.running
+
+
 def test_a_recorded_pid_another_user_runs_is_running() -> None:
     """``os.kill(pid, 0)`` on another user's process raises PermissionError: it runs (a
     status, audit or start that read such a pid ended in a traceback)."""
