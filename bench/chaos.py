@@ -229,6 +229,9 @@ class ChaosRun:
         started = time.monotonic()
         with contextlib.suppress(Exception):
             ray.shutdown()
+        # this process stands for the killed run's driver too: the DATA_DIR lock its end
+        # would have let go of is let go of here
+        self.platform._release_data_dir()
         self.platform = None
         self.timings["ray_shutdown_s"] = time.monotonic() - started
         self._start_platform()
