@@ -39,10 +39,27 @@ def _direct_env(port: int) -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1)}
 
 
+def ray_environment(mode: str, port: int) -> dict[str, str]:
+    """What the child exports before it imports Ray: a Ray on the loopback address alone (as
+    the platform's launcher starts it; without it Ray advertises the host's first interface),
+    and for ``direct`` the direct-ingress variables."""
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            **(_direct_env(port) if mode == "direct" else {})}
+
+
+def ray_init_options(mode: str, port: int) -> dict[str, Any]:
+    """``ray.init``'s arguments for ``mode``: always a new Ray of its own (``address="local"``:
+    never one found on the machine, whose Serve the mode's ``serve.shutdown()`` would end) on
+    127.0.0.1 only."""
+    runtime_env = {"env_vars": _direct_env(port)} if mode == "direct_runtime_env" else None
+    return {"address": "local", "_node_ip_address": HOST, "include_dashboard": False,
+            "num_cpus": 2, "namespace": "serve-paths", "runtime_env": runtime_env,
+            "log_to_driver": False, "logging_level": logging.WARNING}
+
+
 def _run_mode(mode: str, port: int, duration_s: float) -> list[dict[str, Any]]:
     """Child process: start Ray and the app the ``mode`` way, measure, return the rows."""
-    if mode == "direct":
-        os.environ.update(_direct_env(port))
+    os.environ.update(ray_environment(mode, port))  # read when Ray is imported
     import ray
     from fastapi import FastAPI
     from ray import serve
@@ -50,9 +67,7 @@ def _run_mode(mode: str, port: int, duration_s: float) -> list[dict[str, Any]]:
     from bench.http_load import Connection, closed_loop
     from feed.broker import free_port
 
-    runtime_env = {"env_vars": _direct_env(port)} if mode == "direct_runtime_env" else None
-    ray.init(include_dashboard=False, num_cpus=2, namespace="serve-paths",
-             runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(**ray_init_options(mode, port))
 
     @ray.remote(num_cpus=0)
     class Counter:

@@ -178,3 +178,23 @@ def test_a_chaos_run_whose_histories_miss_a_close_the_ledger_counted_fails() -> 
     assert passed(report)
     assert not passed({**report, "ledger_closed_positions": 121})
     assert not passed({**report, "lost": 1})
+
+
+# ---------------------------------------------------------------------- bench serve_paths
+@pytest.mark.parametrize("mode", ["proxy", "direct", "direct_runtime_env", "own_server",
+                                  "no_serve"])
+def test_each_serve_path_starts_a_ray_of_its_own_on_loopback(mode: str) -> None:
+    from bench.serve_paths import HOST
+    from bench.serve_paths import ray_environment
+    from bench.serve_paths import ray_init_options
+
+    options = ray_init_options(mode, 8000)
+    # a Ray found on the machine would be joined, and its Serve shut down at the mode's end
+    assert options["address"] == "local"
+    assert options["_node_ip_address"] == HOST == "127.0.0.1"
+    # without it Ray advertises the host's first interface (read when Ray is imported)
+    assert ray_environment(mode, 8000)["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    direct = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
+    assert (direct in ray_environment(mode, 8000)) == (mode == "direct")
+    runtime_env = options["runtime_env"] or {}
+    assert (direct in runtime_env.get("env_vars", {})) == (mode == "direct_runtime_env")
