@@ -138,6 +138,16 @@ def test_the_feed_bench_counts_the_ticks_it_lost_track_of() -> None:
     assert unaccounted(100, 90, 20, 0) == 0  # a warm-up tick delivered late
 
 
+def test_an_ingest_burst_not_read_whole_misses_the_target() -> None:
+    from bench.feed import ingest_verdict
+
+    # a feed that read half the burst fast, then stalled: the rate of the half is no pass
+    assert ingest_verdict(150_000, 300_000, 1.0) == (150_000.0, False)
+    assert ingest_verdict(300_000, 300_000, 2.0) == (150_000.0, True)
+    assert ingest_verdict(300_000, 300_000, 6.0) == (50_000.0, False)
+    assert ingest_verdict(3_000, 3_000, 0.001) == (None, None)  # too short to time
+
+
 def test_a_footprint_missing_a_pss_has_no_pss_total() -> None:
     from bench.footprint import Row
     from bench.footprint import total_pss_mib
