@@ -128,9 +128,10 @@ from engine.results import Code, Rejected
 from engine.settlement import Settlement
 
 HISTORY_MAX_LIMIT = 500
-# Locks remembered by request id for AbandonLock: an API process abandons a lock within seconds
-# of losing its answer, so the newest ones are enough (older ones stay locked until the next
-# platform start's reconciliation releases them).
+# Locks (and announced removals) remembered by request id, the most under way at once: what
+# ends one (its release, abandon, note or answer) finds it by that id, so a new one is refused
+# (SERVICE_UNAVAILABLE) rather than one under way forgotten; its request's own release would
+# then free nothing and its margin stay locked, counted and unswept until the next start.
 RECENT_LOCKS_MAX = 1 << 16
 
 PENDING = b""  # stored response of a reservation whose answer is not known yet
@@ -385,8 +386,9 @@ class LockMargin:
 
     -> None: locked (the clientOrderId, if any, reserved as pending with ``lock.request_id``);
     Rejected: not locked (INSUFFICIENT_BALANCE, TOO_MANY_POSITIONS, TOO_MANY_ORDERS, NOT_FOUND,
-    INVALID_REQUEST; stored as the clientOrderId's first answer); IdemHit: the clientOrderId was
-    seen before, nothing locked. ``asked``, ``ttl_us``: as :class:`Begin`'s.
+    INVALID_REQUEST; stored as the clientOrderId's first answer; SERVICE_UNAVAILABLE, not
+    stored: ``max_recent_locks`` locks are under way); IdemHit: the clientOrderId was seen
+    before, nothing locked. ``asked``, ``ttl_us``: as :class:`Begin`'s.
     """
 
     lock: MarginLock
@@ -418,7 +420,8 @@ class ExpectRelease:
     request is under way, for the sweep of orphaned locks to resolve should its API process
     die. With ``key``, the request's clientOrderId, reserved first as :class:`Begin` would
     (``asked``, ``ttl_us`` as its): then an IdemHit, or Rejected, instead, nothing remembered.
-    -> None, or Rejected(INVALID_REQUEST)."""
+    -> None, or Rejected(INVALID_REQUEST; SERVICE_UNAVAILABLE: ``max_recent_locks`` locks and
+    announcements are under way, nothing reserved)."""
 
     user: int
     margin_micros: int
@@ -878,23 +881,27 @@ class _History:
 class LedgerMachine:
     """The ledger's whole state (see the module docstring); ``signup_balance_micros`` is the
     deposit of every new account, ``max_open_positions`` the most opens (positions and pending
-    orders) an account may hold margin for, ``max_open_orders`` the most pending orders."""
+    orders) an account may hold margin for, ``max_open_orders`` the most pending orders,
+    ``max_recent_locks`` the most locks (and announced removals) under way at once, remembered
+    by request id (:data:`RECENT_LOCKS_MAX`)."""
 
     def __init__(self, signup_balance_micros: int,
                  max_open_positions: int = DEFAULT_MAX_OPEN_POSITIONS,
-                 max_open_orders: int = DEFAULT_MAX_OPEN_ORDERS) -> None:
+                 max_open_orders: int = DEFAULT_MAX_OPEN_ORDERS, *,
+                 max_recent_locks: int = RECENT_LOCKS_MAX) -> None:
         signup = _int(signup_balance_micros)
         if signup is None or not 0 <= signup < _I64_END:
             raise ValueError("signup_balance_micros must be an int in 0..2**63-1")
         caps = []
         for name, value in (("max_open_positions", max_open_positions),
-                            ("max_open_orders", max_open_orders)):
+                            ("max_open_orders", max_open_orders),
+                            ("max_recent_locks", max_recent_locks)):
             cap = _int(value)
             if cap is None or cap < 1:
                 raise ValueError(f"{name} must be an int >= 1")
             caps.append(cap)
         self.signup_balance_micros = signup
-        self.max_open_positions, self.max_open_orders = caps
+        self.max_open_positions, self.max_open_orders, self.max_recent_locks = caps
         self.ledger = Ledger()
         self._users_by_key_hash: dict[str, int] = {}
         self._account_ids: dict[int, str] = {}
@@ -909,8 +916,9 @@ class LedgerMachine:
         self._pending: dict[IdemKey, tuple[int, int]] = {}
         # the digest of the terms each held clientOrderId was first used for (where given)
         self._asked: dict[IdemKey, bytes] = {}
-        # request id -> lock of the newest locks that carried one, oldest first; an entry
-        # leaves when released by that id, abandoned, answered, or evicted past the maximum
+        # request id -> lock of the locks that carried one, oldest first; an entry leaves
+        # when released by that id, abandoned, noted or answered (at most max_recent_locks:
+        # a new one past that is refused)
         self._recent_locks: collections.OrderedDict[int, _Lock] = collections.OrderedDict()
         self._closed_count = 0
         # user -> opens holding margin (> 0; see the module docstring), derived by apply
@@ -1183,6 +1191,9 @@ class LedgerMachine:
         request_id = _request_id(lock.request_id)
         if request_id is None:
             return _invalid("request id out of range")
+        busy = self._no_room(request_id)
+        if busy is not None:
+            return busy, _NO_EVENTS
         margin = _int(lock.margin_micros)
         result: Rejected | None = None
         if margin is None or margin <= 0:
@@ -1241,12 +1252,27 @@ class LedgerMachine:
             return _invalid(f"no user {c.user}")
         if request_id in self._recent_locks or request_id in self._returned:
             return None, _NO_EVENTS  # announced (or released) already: a resend
+        busy = self._no_room(request_id)
+        if busy is not None:
+            return busy, _NO_EVENTS
         begun: Sequence[Event] = ()
         if c.key is not None:
             seen, begun = self._begin(Begin(c.key, request_id, c.asked, c.ttl_us), now_us)
             if seen is not None:  # held by an earlier request, or first asked for another
                 return seen, _NO_EVENTS
         return None, [*begun, ReleaseExpected(c.user, amount, request_id)]
+
+    def _no_room(self, request_id: int) -> Rejected | None:
+        """Rejected(SERVICE_UNAVAILABLE) when remembering a lock under ``request_id`` would
+        pass ``max_recent_locks`` (nothing is reserved, so a retry runs once locks under way
+        end: released, noted, or swept); else None. Evicting the oldest instead left its
+        margin locked with nothing to free it (its request's release found no lock)."""
+        locks = self._recent_locks
+        if not request_id or request_id in locks or len(locks) < self.max_recent_locks:
+            return None
+        return Rejected(Code.SERVICE_UNAVAILABLE,
+                        f"{len(locks)} margin changes are under way, the most the ledger "
+                        "tracks; retry shortly with the same clientOrderId")
 
     def _owed_release(self, request_id: int) -> MarginReturned | None:
         """The release a margin removal announced under ``request_id`` still owes (None: it
@@ -1636,14 +1662,14 @@ class LedgerMachine:
         kind = _LOCK_KINDS[type(e)]
         if e.request_id:
             self._recent_locks[e.request_id] = _Lock(e.user, e.amount_micros, None, kind)
-            while len(self._recent_locks) > RECENT_LOCKS_MAX:
+            while len(self._recent_locks) > self.max_recent_locks:  # older journals only
                 self._recent_locks.popitem(last=False)
         self._add_counts(e.user, kind != _TOP_UP, kind == _ORDER)
         self._record_balance(e.user)
 
     def _on_release_expected(self, e: ReleaseExpected) -> None:
         self._recent_locks[e.request_id] = _Lock(e.user, e.amount_micros, None, _REMOVE)
-        while len(self._recent_locks) > RECENT_LOCKS_MAX:
+        while len(self._recent_locks) > self.max_recent_locks:  # older journals only
             self._recent_locks.popitem(last=False)
 
     def _on_margin_returned(self, e: MarginReturned) -> None:
@@ -1954,7 +1980,7 @@ class LedgerMachine:
                 problems.append(f"{key} is listed as pending but is not")
         problems.extend(f"{key} keeps the terms of a request it does not hold"
                         for key in self._asked if key not in self._answers)
-        if len(self._recent_locks) > RECENT_LOCKS_MAX:
+        if len(self._recent_locks) > self.max_recent_locks:
             problems.append("more recent locks than remembered at most")
         for what, counts in (("open positions", self._open_counts),
                              ("open orders", self._order_counts)):

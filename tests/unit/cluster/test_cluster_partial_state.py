@@ -15,7 +15,10 @@ from cluster.http.api import create_app
 from cluster.http.bounds import RETRY_AFTER_S
 from cluster.trading import service
 from cluster.trading.service import TradingService
+from engine.ledger_machine import AbandonLock
 from engine.ledger_machine import Balances
+from engine.ledger_machine import LockMargin
+from engine.messages import MarginLock
 from tests.unit.cluster.faulty_ports import Down
 from tests.unit.cluster.faulty_ports import FailingBatches
 from tests.unit.cluster.faulty_ports import Stuck
@@ -101,6 +104,43 @@ async def test_state_is_partial_while_a_shard_recovers_and_its_writes_are_503() 
             assert sol.json()["positionId"] in [q["positionId"]
                                                 for q in again.json()["positions"]]
         await p.service.aclose()
+        assert await p.audit() == []
+    finally:
+        await p.service.aclose()
+        p.hosts.close()
+
+
+async def test_an_open_past_the_ledgers_locks_under_way_is_503_and_keeps_nothing() -> None:
+    """The ledger tracks a bounded number of locks under way (by request id): an open past
+    that bound answers 503 SERVICE_UNAVAILABLE with Retry-After, locks nothing and keeps no
+    answer for its clientOrderId, so its retry opens once a lock under way ended."""
+    p = build_platform()
+    try:
+        await p.push_tick("SOL", "100.00", "100.01")
+        p.hosts.ledger.runner.machine.max_recent_locks = 1  # (the default is 65,536)
+        transport = httpx.ASGITransport(app=create_app(p.service))
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+            key = (await http.post("/api/v1/accounts", json={})).json()["apiKey"]
+            auth = {"Authorization": f"Bearer {key}"}
+            who = await p.service.authenticate(key)
+            assert who is not None
+            # the one lock under way: a request whose API process died after its lock
+            assert await p.ledger.call(LockMargin(MarginLock(who.user, 5 * USD, None, 77))) \
+                is None
+
+            async def open_() -> httpx.Response:
+                return await http.post("/api/v1/positions/open", headers=auth, json={
+                    "asset": "SOL", "type": "long", "margin": "100", "leverage": 10,
+                    "clientOrderId": "past-the-bound"})
+
+            refused = await open_()
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+            assert refused.headers["retry-after"] == str(RETRY_AFTER_S)
+            assert await p.ledger.call(Balances(who.user)) == (SIGNUP - 5 * USD, 5 * USD)
+            assert await p.ledger.call(AbandonLock(77)) == (77, who.user, 5 * USD)
+            assert (await open_()).status_code == 201
+            assert await p.ledger.call(Balances(who.user)) == (SIGNUP - 100 * USD, 100 * USD)
         assert await p.audit() == []
     finally:
         await p.service.aclose()

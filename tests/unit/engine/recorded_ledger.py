@@ -46,8 +46,10 @@ class Recorded:
     """A LedgerMachine stepped like the durable runner does it: every command's events are
     one journal record (``records``); ``check()`` holds after every step."""
 
-    def __init__(self, max_open_positions: int = DEFAULT_MAX_OPEN_POSITIONS) -> None:
-        self.m = LedgerMachine(SIGNUP, max_open_positions)
+    def __init__(self, max_open_positions: int = DEFAULT_MAX_OPEN_POSITIONS,
+                 **config: int) -> None:
+        self.config = config  # LedgerMachine's keyword arguments
+        self.m = LedgerMachine(SIGNUP, max_open_positions, **config)
         self.records: list[bytes] = []
         self.now_us = NOW
         self.accounts = 0
@@ -79,7 +81,8 @@ class Recorded:
 
     def replayed(self, base: LedgerMachine | None = None, start: int = 0) -> LedgerMachine:
         """A machine rebuilt from ``base`` (fresh when None) plus ``records[start:]``."""
-        again = base if base is not None else LedgerMachine(SIGNUP, self.m.max_open_positions)
+        again = base if base is not None else LedgerMachine(SIGNUP, self.m.max_open_positions,
+                                                            **self.config)
         for record in self.records[start:]:
             again.apply_batch(again.decode_record(record))
         return again
