@@ -74,6 +74,7 @@ _INTEGER_LIMITS = {
     "max_open_positions": ("MAX_OPEN_POSITIONS", 1, 100_000),
     "max_open_orders": ("MAX_OPEN_ORDERS", 1, 100_000),
     "client_order_id_ttl_s": ("CLIENT_ORDER_ID_TTL_S", 60, 30 * 86_400),
+    "max_client_order_ids": ("MAX_CLIENT_ORDER_IDS", 1, 10_000_000),
     "http_connections": ("HTTP_CONNECTIONS", 0, 100_000),
     "ws_connections": ("WS_CONNECTIONS", 1, 100_000),
     "ws_subscriptions": ("WS_SUBSCRIPTIONS", 1, 10_000),
@@ -141,6 +142,7 @@ class Settings:
     max_open_positions: int = 200  # MAX_OPEN_POSITIONS: per account; one more answers 409
     max_open_orders: int = 200  # MAX_OPEN_ORDERS: pending orders per account; then 409
     client_order_id_ttl_s: int = 86_400  # CLIENT_ORDER_ID_TTL_S: then the id may be reused
+    max_client_order_ids: int = 100_000  # MAX_CLIENT_ORDER_IDS: held per account; then 429
     http_connections: int = 256  # HTTP_CONNECTIONS: open per client address (0 = any number)
     ws_connections: int = 10  # WS_CONNECTIONS: WebSockets per client address and per API key
     ws_subscriptions: int = 50  # WS_SUBSCRIPTIONS: streams per WebSocket

@@ -144,6 +144,9 @@ PENDING_OPEN = b"\x01"
 START_RECONCILED = (1 << 64) - 1
 DEFAULT_MAX_OPEN_POSITIONS = 200  # SPEC "Limits": open positions per account
 DEFAULT_MAX_OPEN_ORDERS = 200  # SPEC "Limits": open orders per account
+# clientOrderIds an account holds at once (reserved or answered, not expired): each answer is
+# kept for the TTL (a day by default), about 1 KB of memory, journal and snapshot apiece
+DEFAULT_MAX_CLIENT_ORDER_IDS = 100_000
 
 _I64_MIN, _I64_END = -(1 << 63), 1 << 63
 _I64_MAX = _I64_END - 1
@@ -387,8 +390,9 @@ class LockMargin:
     -> None: locked (the clientOrderId, if any, reserved as pending with ``lock.request_id``);
     Rejected: not locked (INSUFFICIENT_BALANCE, TOO_MANY_POSITIONS, TOO_MANY_ORDERS, NOT_FOUND,
     INVALID_REQUEST; stored as the clientOrderId's first answer; SERVICE_UNAVAILABLE, not
-    stored: ``max_recent_locks`` locks are under way); IdemHit: the clientOrderId was seen
-    before, nothing locked. ``asked``, ``ttl_us``: as :class:`Begin`'s.
+    stored: ``max_recent_locks`` locks are under way; RATE_LIMITED, not stored: the account
+    holds ``max_client_order_ids`` clientOrderIds, this one new); IdemHit: the clientOrderId
+    was seen before, nothing locked. ``asked``, ``ttl_us``: as :class:`Begin`'s.
     """
 
     lock: MarginLock
@@ -421,7 +425,7 @@ class ExpectRelease:
     die. With ``key``, the request's clientOrderId, reserved first as :class:`Begin` would
     (``asked``, ``ttl_us`` as its): then an IdemHit, or Rejected, instead, nothing remembered.
     -> None, or Rejected(INVALID_REQUEST; SERVICE_UNAVAILABLE: ``max_recent_locks`` locks and
-    announcements are under way, nothing reserved)."""
+    announcements are under way, nothing reserved; RATE_LIMITED as :class:`Begin`'s)."""
 
     user: int
     margin_micros: int
@@ -449,7 +453,9 @@ class Begin:
     seen before (its answer, None while pending), Rejected(INVALID_REQUEST) = ``key`` was
     first used for a request other than ``asked`` (the digest of this one's terms; ``b""``:
     not checked). ``ttl_us`` > 0: an answer given more than that long ago is forgotten now
-    (as :class:`ExpireAnswers` would), and ``key`` is free again; 0: it is kept until then."""
+    (as :class:`ExpireAnswers` would), and ``key`` is free again; 0: it is kept until then.
+    Rejected(RATE_LIMITED, with ``retry_after_s``) = ``key`` is new and its account already
+    holds ``max_client_order_ids`` (nothing reserved)."""
 
     key: IdemKey
     request_id: int = 0
@@ -883,25 +889,30 @@ class LedgerMachine:
     deposit of every new account, ``max_open_positions`` the most opens (positions and pending
     orders) an account may hold margin for, ``max_open_orders`` the most pending orders,
     ``max_recent_locks`` the most locks (and announced removals) under way at once, remembered
-    by request id (:data:`RECENT_LOCKS_MAX`)."""
+    by request id (:data:`RECENT_LOCKS_MAX`), ``max_client_order_ids`` the most clientOrderIds
+    an account holds at once (reserved or answered, not expired; a late answer of a request
+    whose reservation was dropped is still kept, so a count may pass it by those)."""
 
     def __init__(self, signup_balance_micros: int,
                  max_open_positions: int = DEFAULT_MAX_OPEN_POSITIONS,
                  max_open_orders: int = DEFAULT_MAX_OPEN_ORDERS, *,
-                 max_recent_locks: int = RECENT_LOCKS_MAX) -> None:
+                 max_recent_locks: int = RECENT_LOCKS_MAX,
+                 max_client_order_ids: int = DEFAULT_MAX_CLIENT_ORDER_IDS) -> None:
         signup = _int(signup_balance_micros)
         if signup is None or not 0 <= signup < _I64_END:
             raise ValueError("signup_balance_micros must be an int in 0..2**63-1")
         caps = []
         for name, value in (("max_open_positions", max_open_positions),
                             ("max_open_orders", max_open_orders),
-                            ("max_recent_locks", max_recent_locks)):
+                            ("max_recent_locks", max_recent_locks),
+                            ("max_client_order_ids", max_client_order_ids)):
             cap = _int(value)
             if cap is None or cap < 1:
                 raise ValueError(f"{name} must be an int >= 1")
             caps.append(cap)
         self.signup_balance_micros = signup
-        self.max_open_positions, self.max_open_orders, self.max_recent_locks = caps
+        (self.max_open_positions, self.max_open_orders, self.max_recent_locks,
+         self.max_client_order_ids) = caps
         self.ledger = Ledger()
         self._users_by_key_hash: dict[str, int] = {}
         self._account_ids: dict[int, str] = {}
@@ -916,6 +927,10 @@ class LedgerMachine:
         self._pending: dict[IdemKey, tuple[int, int]] = {}
         # the digest of the terms each held clientOrderId was first used for (where given)
         self._asked: dict[IdemKey, bytes] = {}
+        # user -> clientOrderIds held (> 0: keys of _answers), derived by apply
+        self._held: dict[int, int] = {}
+        # user -> the answered of them, in _answered_us's order (its oldest expires first)
+        self._answered_of: dict[int, collections.deque[IdemKey]] = {}
         # request id -> lock of the locks that carried one, oldest first; an entry leaves
         # when released by that id, abandoned, noted or answered (at most max_recent_locks:
         # a new one past that is refused)
@@ -1155,6 +1170,11 @@ class LedgerMachine:
             del answered[key]
             self._answers.pop(key, None)
             self._asked.pop(key, None)
+            self._unheld(key)
+            mine = self._answered_of[key.user]
+            mine.popleft()  # (the oldest of its user's: they are in this order)
+            if not mine:
+                del self._answered_of[key.user]
 
     def _pending_requests(self, c: PendingRequests, now_us: int) -> _Decision:
         return sorted(request_id for request_id, since_us in self._pending.values()
@@ -1191,6 +1211,10 @@ class LedgerMachine:
         request_id = _request_id(lock.request_id)
         if request_id is None:
             return _invalid("request id out of range")
+        if key is not None and not expired:
+            full, expired = self._no_key_room(key, c.ttl_us, now_us)
+            if full is not None:
+                return full, _NO_EVENTS
         busy = self._no_room(request_id)
         if busy is not None:
             return busy, _NO_EVENTS
@@ -1312,9 +1336,38 @@ class LedgerMachine:
         request_id = _request_id(c.request_id)
         if request_id is None:
             return _invalid("request id out of range")
+        if not expired:
+            full, expired = self._no_key_room(key, c.ttl_us, now_us)
+            if full is not None:
+                return full, _NO_EVENTS
         return None, [*expired, ClientOrderStoredAt(key.user, key.kind, key.client_order_id,
                                                     request_id, now_us, PENDING),
                       *_asked_events(key, c.asked)]
+
+    def _no_key_room(self, key: IdemKey, ttl_us: int, now_us: int
+                     ) -> tuple[Rejected | None, tuple[Event, ...]]:
+        """Whether the new ``key`` may be held: ``(None, events)``, with the AnswersExpired
+        that frees its account's oldest answer past ``ttl_us`` when the account is at
+        ``max_client_order_ids``; else ``(Rejected(RATE_LIMITED), ())``, ``retry_after_s``
+        until that answer expires (1 when none will: all are pending, or no TTL). Without
+        the bound one account could make the ledger keep ~1 KB per request for the TTL."""
+        held = self._held.get(key.user, 0)
+        if held < self.max_client_order_ids:
+            return None, ()
+        answered = self._answered_of.get(key.user)
+        wait_s = 1
+        if answered:
+            expired = self._expired(answered[0], ttl_us, now_us)
+            if expired:
+                return None, expired
+            ttl = _int(ttl_us)
+            if ttl and ttl > 0:
+                wait_us = self._answered_us[answered[0]] + ttl - now_us
+                wait_s = max(1, -(-wait_us // 1_000_000))
+        return Rejected(Code.RATE_LIMITED,
+                        f"this account holds {held} clientOrderIds, the most kept at once; "
+                        f"a new one may be used in {wait_s} s, as the oldest is released (or "
+                        "send the request without one)", wait_s), ()
 
     def _remember(self, c: Remember, now_us: int) -> _Decision:
         request_id = _request_id(c.request_id)
@@ -1800,9 +1853,12 @@ class LedgerMachine:
                 del answers[key]
                 self._pending.pop(key, None)
                 self._asked.pop(key, None)
+                self._unheld(key)
             return
         if answers.get(key) is not None:
             return  # the first answer stays
+        if key not in answers:
+            self._held[key.user] = self._held.get(key.user, 0) + 1
         if response == PENDING:
             answers[key] = None
             if request_id:
@@ -1815,6 +1871,7 @@ class LedgerMachine:
         # kept in answer order; a replayed older record (ts 0) expires first
         self._answered_us.pop(key, None)
         self._answered_us[key] = ts_us
+        self._answered_of.setdefault(key.user, collections.deque()).append(key)
         pending = self._pending.pop(key, None)
         if pending is not None:
             lock = self._recent_locks.get(pending[0])
@@ -1822,6 +1879,23 @@ class LedgerMachine:
                 # the request completed: its lock backs its answer and is never orphaned (a
                 # removal's owed release stays until its note or release makes it)
                 del self._recent_locks[pending[0]]
+
+    def _unheld(self, key: IdemKey) -> None:
+        """``key`` is no longer held (dropped or expired): its account's count goes down."""
+        left = self._held[key.user] - 1
+        if left:
+            self._held[key.user] = left
+        else:
+            del self._held[key.user]
+
+    def _count_held(self) -> tuple[dict[int, int], dict[int, collections.deque[IdemKey]]]:
+        """The per-account counts and answered keys :meth:`_store` derives, from
+        ``_answers`` and ``_answered_us`` alone (a snapshot's; what check() compares)."""
+        held = collections.Counter(key.user for key in self._answers)
+        answered: dict[int, collections.deque[IdemKey]] = {}
+        for key in self._answered_us:
+            answered.setdefault(key.user, collections.deque()).append(key)
+        return dict(held), answered
 
     # ================================================================= state
     def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -1862,30 +1936,31 @@ class LedgerMachine:
     @overload
     @classmethod
     def from_snapshot(cls, signup_balance_micros: int, arrays: Mapping[str, np.ndarray],
-                      meta: Mapping[str, Any], /) -> LedgerMachine: ...
+                      meta: Mapping[str, Any], /, **options: int) -> LedgerMachine: ...
 
     @overload
     @classmethod
     def from_snapshot(cls, signup_balance_micros: int, max_open_positions: int,
-                      arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], /
-                      ) -> LedgerMachine: ...
+                      arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], /,
+                      **options: int) -> LedgerMachine: ...
 
     @overload
     @classmethod
     def from_snapshot(cls, signup_balance_micros: int, max_open_positions: int,
                       max_open_orders: int, arrays: Mapping[str, np.ndarray],
-                      meta: Mapping[str, Any], /) -> LedgerMachine: ...
+                      meta: Mapping[str, Any], /, **options: int) -> LedgerMachine: ...
 
     @classmethod
-    def from_snapshot(cls, signup_balance_micros: int, *parts: Any) -> LedgerMachine:
+    def from_snapshot(cls, signup_balance_micros: int, /, *parts: Any,
+                      **options: int) -> LedgerMachine:
         """The machine :meth:`snapshot` gave ``(arrays, meta)`` of: ``parts`` are the
-        constructor's other arguments (if any), then ``arrays, meta`` (how
-        cluster.actors.host.HostSpec builds it). Also reads the snapshots of the older durable
-        ledger: ``pending_opens``, locks without their clientOrderId or order flag (not an
-        order's), no open or order counts (they start at 0; the start-time reconciliation sets
-        them), no order history."""
+        constructor's other positional arguments (if any), then ``arrays, meta``, and
+        ``options`` its keyword ones (how cluster.actors.host.HostSpec builds it). Also reads
+        the snapshots of the older durable ledger: ``pending_opens``, locks without their
+        clientOrderId or order flag (not an order's), no open or order counts (they start at
+        0; the start-time reconciliation sets them), no order history."""
         *config, arrays, meta = parts
-        m = cls(signup_balance_micros, *config)
+        m = cls(signup_balance_micros, *config, **options)
         m.ledger = Ledger.from_state(meta["ledger"])
         m._next_user = int(meta["next_user"])
         for user, account_id, key_hash in meta["accounts"]:
@@ -1901,6 +1976,7 @@ class LedgerMachine:
                 m._answered_us[key] = int(rest[0]) if rest else 0
             if len(rest) > 1 and rest[1]:  # older snapshots kept no terms
                 m._asked[key] = bytes.fromhex(rest[1])
+        m._held, m._answered_of = m._count_held()
         for request_id, user, margin, *rest in meta.get("recent_locks", []):
             lock_key = IdemKey(*rest[0]) if rest and rest[0] is not None else None
             m._recent_locks[int(request_id)] = _Lock(int(user), int(margin), lock_key,
@@ -1944,12 +2020,14 @@ class LedgerMachine:
     @classmethod
     def restore(cls, signup_balance_micros: int, snapshot: SnapshotParts | None,
                 max_open_positions: int = DEFAULT_MAX_OPEN_POSITIONS,
-                max_open_orders: int = DEFAULT_MAX_OPEN_ORDERS) -> LedgerMachine:
-        """From a loaded snapshot (``.arrays``, ``.meta``), or fresh when None."""
+                max_open_orders: int = DEFAULT_MAX_OPEN_ORDERS, **options: int
+                ) -> LedgerMachine:
+        """From a loaded snapshot (``.arrays``, ``.meta``), or fresh when None; ``options``:
+        the constructor's keyword arguments."""
         if snapshot is None:
-            return cls(signup_balance_micros, max_open_positions, max_open_orders)
+            return cls(signup_balance_micros, max_open_positions, max_open_orders, **options)
         return cls.from_snapshot(signup_balance_micros, max_open_positions, max_open_orders,
-                                 snapshot.arrays, snapshot.meta)
+                                 snapshot.arrays, snapshot.meta, **options)
 
     def check(self) -> list[str]:
         """The invariants that need nothing outside the ledger ([] = they hold): accounts sum
@@ -1980,6 +2058,8 @@ class LedgerMachine:
                 problems.append(f"{key} is listed as pending but is not")
         problems.extend(f"{key} keeps the terms of a request it does not hold"
                         for key in self._asked if key not in self._answers)
+        if (self._held, self._answered_of) != self._count_held():
+            problems.append("the clientOrderIds counted per account differ from those held")
         if len(self._recent_locks) > self.max_recent_locks:
             problems.append("more recent locks than remembered at most")
         for what, counts in (("open positions", self._open_counts),
@@ -2016,6 +2096,7 @@ class LedgerMachine:
             "answered_us": list(self._answered_us.items()),
             "pending": sorted((tuple(k), v) for k, v in self._pending.items()),
             "asked": sorted((tuple(k), v) for k, v in self._asked.items()),
+            "held": sorted(self._held.items()),
             "recent_locks": [(r, u, m, None if k is None else tuple(k), kind)
                              for r, (u, m, k, kind) in self._recent_locks.items()],
             "history": history,

@@ -32,10 +32,13 @@ class Code(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    """A refused request: machine-readable ``code`` and a human ``message`` (no internals)."""
+    """A refused request: machine-readable ``code`` and a human ``message`` (no internals);
+    ``retry_after_s``: with RATE_LIMITED, seconds until a retry may be taken (0: not said;
+    never stored with a clientOrderId's answer)."""
 
     code: Code
     message: str
+    retry_after_s: int = 0
 
 
 __all__ = ["Code", "Rejected"]

@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class HostSpec:
-    """A machine to host: ``machine_cls(*args)`` fresh, or ``machine_cls.from_snapshot(*args,
-    arrays, meta)`` from a snapshot; journaled in ``data_dir/name`` when ``data_dir`` is set.
+    """A machine to host: ``machine_cls(*args, **keywords)`` fresh, or
+    ``machine_cls.from_snapshot(*args, arrays, meta, **keywords)`` from a snapshot; journaled
+    in ``data_dir/name`` when ``data_dir`` is set.
 
     Only plain values: a restarted actor rebuilds itself from the spec alone.
     """
@@ -41,12 +42,13 @@ class HostSpec:
     data_dir: str | None = None
     store_options: dict[str, Any] = field(default_factory=dict)
     publish: SignedTopic | None = None  # where machine.outbound goes, signed with what
+    keywords: dict[str, Any] = field(default_factory=dict)  # the machine's keyword arguments
 
     def build(self, snapshot: Snapshot | None) -> Any:
         cls: Any = self.machine_cls
         if snapshot is None:
-            return cls(*self.args)
-        return cls.from_snapshot(*self.args, snapshot.arrays, snapshot.meta)
+            return cls(*self.args, **self.keywords)
+        return cls.from_snapshot(*self.args, snapshot.arrays, snapshot.meta, **self.keywords)
 
     def runner(self, *, exit_on_failure: bool = False) -> Runner[Any]:
         """The machine with its journal recovered (or in memory without ``data_dir``)."""
@@ -152,7 +154,7 @@ def host_specs(settings: Settings, data_dir: str | None = None,
     ledger = HostSpec(LEDGER, LedgerMachine, (settings.signup_balance_micros,
                                               settings.max_open_positions,
                                               settings.max_open_orders), data_dir, options,
-                      publish)
+                      publish, {"max_client_order_ids": settings.max_client_order_ids})
     shards = {
         spec.name: HostSpec(spec.name, ShardMachine,
                             (spec.name, spec.book_tag, settings.assets[spec.asset],

@@ -420,7 +420,8 @@ _ERROR_DESCRIPTIONS = {
     422: "INVALID_REQUEST / UNKNOWN_ASSET / LEVERAGE_OUT_OF_RANGE / INVALID_TRIGGER / "
          "WOULD_LIQUIDATE",
     429: "RATE_LIMITED: too many requests for this API key (or account creations, or reads of "
-         "the public routes, from this address); retry after Retry-After seconds",
+         "the public routes, from this address; or a new clientOrderId past the account's "
+         "MAX_CLIENT_ORDER_IDS); retry after Retry-After seconds",
     503: "PRICE_UNAVAILABLE / SERVICE_UNAVAILABLE (a component did not answer: retry after "
          "Retry-After seconds, with the same clientOrderId)",
 }

@@ -55,7 +55,13 @@ def error_response(status_code: int, code: str, message: str,
 
 
 def rejected_response(rejected: Rejected) -> Response:
-    return error_response(STATUS_OF_CODE[rejected.code], rejected.code.value, rejected.message)
+    """The error answer of ``rejected``; a 429 RATE_LIMITED (the ledger's bound on the
+    clientOrderIds an account holds) says when to retry, as every 429 does."""
+    headers = None
+    if rejected.code is Code.RATE_LIMITED:
+        headers = {"Retry-After": str(max(1, rejected.retry_after_s))}
+    return error_response(STATUS_OF_CODE[rejected.code], rejected.code.value, rejected.message,
+                          headers)
 
 
 class ApiError(HTTPException):

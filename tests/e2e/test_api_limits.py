@@ -706,6 +706,32 @@ def test_open_positions_per_account_are_limited() -> None:
         assert p.audit() == []
 
 
+def test_client_order_ids_held_per_account_are_limited() -> None:
+    """MAX_CLIENT_ORDER_IDS=2: with two clientOrderIds held, an open with a third answers 429
+    RATE_LIMITED with Retry-After (until the oldest expires: the TTL, a day) and locks nothing;
+    a retry of a held one gets its first answer, an open without one is served, and another
+    account has its own bound. Before, every new clientOrderId was kept for the TTL."""
+    settings = Settings(max_client_order_ids=2, api_key_rate_per_s=0, signups_per_min=0,
+                        public_rate_per_s=0)
+    with LocalHttpPlatform(settings) as p, httpx.Client(base_url=p.base_url, timeout=10) as c:
+        h, other = signup(c), signup(c)
+        tick(p, c, "SOL", "100.00", "100.01")
+        order = {"asset": "SOL", "type": "long", "margin": "10", "leverage": 2}
+        first = open_position(c, h, **order, clientOrderId="a")
+        open_position(c, h, **order, clientOrderId="b")
+        r = c.post("/api/v1/positions/open", json={**order, "clientOrderId": "c"}, headers=h)
+        assert 86_000 <= retry_after(r) <= 86_400, r.headers
+        assert "clientOrderIds" in r.json()["error"]["message"]
+        assert state(c, h)["balances"]["margin"] == "20.000000"
+        assert len(open_ids(c, h)) == 2
+        r = c.post("/api/v1/positions/open", json={**order, "clientOrderId": "a"}, headers=h)
+        assert r.is_success and r.json() == first, r.text  # its first answer
+        open_position(c, h, **order)
+        open_position(c, other, **order, clientOrderId="c")
+        assert state(c, h)["balances"]["margin"] == "30.000000"
+        assert p.audit() == []
+
+
 
 GET_ASSETS = b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\n\r\n"
 

@@ -56,6 +56,7 @@ BAD = {
     "MAX_OPEN_POSITIONS": ["0", "100001", "x"],
     "MAX_OPEN_ORDERS": ["0", "100001", "-1"],
     "CLIENT_ORDER_ID_TTL_S": ["59", "2592001", "1.5"],
+    "MAX_CLIENT_ORDER_IDS": ["0", "10000001", "-1", "1e5"],
     "HTTP_CONNECTIONS": ["-1", "100001", "many", "1.5"],
     "WS_CONNECTIONS": ["0", "100001", "ten"],
     "WS_SUBSCRIPTIONS": ["0", "10001", "-5"],
