@@ -797,11 +797,7 @@ def create_app(service: TradingService) -> FastAPI:
         """``render(result)``, or the refusal. The asset of a position or an order is its
         own: a retry's answer is the first request's, which may name another one."""
         if isinstance(result, Rejected):
-            response = rejected_response(result)
-            if result.code is Code.SERVICE_UNAVAILABLE:  # (the ledger's locks under way at
-                # their bound) as every 503 SERVICE_UNAVAILABLE: when to try again
-                response.headers["Retry-After"] = str(RETRY_AFTER_S)
-            return response
+            return rejected_response(result)
         return _json(render(result), status_code)
 
     def position_of(value: int | str, missing: str = "no such open position"

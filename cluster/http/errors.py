@@ -56,9 +56,11 @@ def error_response(status_code: int, code: str, message: str,
 
 def rejected_response(rejected: Rejected) -> Response:
     """The error answer of ``rejected``; a 429 RATE_LIMITED (the ledger's bound on the
-    clientOrderIds an account holds) says when to retry, as every 429 does."""
+    clientOrderIds an account holds) or a 503 SERVICE_UNAVAILABLE (its locks under way at
+    their bound) says when to retry, as every 429 and 503 SERVICE_UNAVAILABLE does: its
+    ``retry_after_s``, at least 1 s."""
     headers = None
-    if rejected.code is Code.RATE_LIMITED:
+    if rejected.code in (Code.RATE_LIMITED, Code.SERVICE_UNAVAILABLE):
         headers = {"Retry-After": str(max(1, rejected.retry_after_s))}
     return error_response(STATUS_OF_CODE[rejected.code], rejected.code.value, rejected.message,
                           headers)
