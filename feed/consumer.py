@@ -329,9 +329,8 @@ class MarketDataConsumer:
             # as out of order. A seek, not seek_to_beginning: that lazy reset was seen lost when
             # it raced the topic's recreation.
             self.repositions += 1
-            self._next_offset.pop(tp, None)
             self._undecodable_end.pop(tp, None)
-            consumer.seek(tp, 0 if self.start_from == "earliest" else max(0, hw - 1))
+            self._seek(consumer, tp, 0 if self.start_from == "earliest" else max(0, hw - 1))
         return len(behind)
 
     async def position(self, partitions: list[TopicPartition]) -> None:
@@ -339,14 +338,16 @@ class MarketDataConsumer:
         consumer = self.consumer
         if consumer is None or not partitions:
             return
-        if self.start_from == "earliest":
-            await consumer.seek_to_beginning(*partitions)
-        else:
-            ends = await consumer.end_offsets(partitions)
-            begins = await consumer.beginning_offsets(partitions)
-            for tp in partitions:
-                consumer.seek(tp, max(begins.get(tp, 0), ends.get(tp, 0) - 1))
+        begins = await consumer.beginning_offsets(partitions)
+        ends = {} if self.start_from == "earliest" else await consumer.end_offsets(partitions)
+        for tp in partitions:
+            self._seek(consumer, tp, max(begins.get(tp, 0), ends.get(tp, 0) - 1))
         self._assigned.set()
+
+    def _seek(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
+        """Read ``tp`` on from ``offset``, also after a rebuild or a failed poll."""
+        self._next_offset[tp] = offset
+        consumer.seek(tp, offset)
 
     # -- the consume loop ------------------------------------------------------------------
     async def _run(self) -> None:
@@ -409,7 +410,11 @@ class MarketDataConsumer:
                 raise
             # the client keeps its position at the batch it cannot read: polled again (or by a
             # rebuilt consumer, from the same offset) it fails again, and no record of any
-            # partition is read any more
+            # partition is read any more. The records the failed poll had already taken from
+            # other partitions are gone with it: those are read again from the last delivered.
+            for tp in consumer.assignment():
+                if tp in self._next_offset:
+                    consumer.seek(tp, self._next_offset[tp])
             batch = await self.skip_undecodable(consumer)
         self.polls += 1
         read = 0
@@ -463,8 +468,7 @@ class MarketDataConsumer:
                 self.last_error = f"undecodable records at {tp.topic}[{tp.partition}] " \
                     f"offset {position}: {exc!r}"
                 log.warning("feed consumer: %s; skipped", self.last_error)
-                self._next_offset[tp] = max(position + 1, hw - 1)  # where a rebuild resumes
-                consumer.seek(tp, self._next_offset[tp])
+                self._seek(consumer, tp, max(position + 1, hw - 1))  # where a rebuild resumes
         return batch
 
     # -- the shard calls -------------------------------------------------------------------

@@ -40,16 +40,21 @@ def tick_message(asset_name: str, bid: int) -> MarketDataMessage:
     return message_from_ticks(DEFAULT_ASSETS[asset_name], bid, bid + 1, now, now, "test")
 
 
-def batch_flagged(codec: int, messages: list[MarketDataMessage]) -> bytes:
-    """A v2 record batch of ``messages`` whose attributes name ``codec`` though its records
-    are not compressed with it (valid CRC): undecodable whether the client has the codec
-    or not."""
+def batch_of(messages: list[MarketDataMessage]) -> bytes:
+    """A plain v2 record batch of ``messages``."""
     builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=False,
                                         producer_id=-1, producer_epoch=-1, base_sequence=-1,
                                         batch_size=1 << 20)
     for i, msg in enumerate(messages):
         builder.append(i, timestamp=None, key=msg.key, value=msg.to_json_bytes(), headers=[])
-    buf = bytearray(builder.build())
+    return bytes(builder.build())
+
+
+def batch_flagged(codec: int, messages: list[MarketDataMessage]) -> bytes:
+    """A v2 record batch of ``messages`` whose attributes name ``codec`` though its records
+    are not compressed with it (valid CRC): undecodable whether the client has the codec
+    or not."""
+    buf = bytearray(batch_of(messages))
     # attributes at byte 21 (after base offset, length, leader epoch, magic, CRC); the CRC-32C
     # at byte 17 covers everything from the attributes on
     struct.pack_into(">h", buf, 21, struct.unpack_from(">h", buf, 21)[0] | codec)
@@ -149,3 +154,25 @@ async def test_an_undecodable_batch_is_stepped_past_and_counted(
         stats = consumer.stats()
         assert stats["dropped"]["undecodable"] == consumer.undecodable == 1
         assert stats["consumer_restarts"] == 0
+
+
+async def test_records_of_other_partitions_in_a_failing_poll_are_read(kafka_broker: str) -> None:
+    """A poll that fails on one partition's batch may already hold another partition's
+    records: those are still delivered."""
+    async with reading(kafka_broker, 3, linger_ms=0) as (topic, consumer, producer, delivered):
+        sol, btc = SOL.index % 3, BTC.index % 3
+        leader = producer.client.cluster.leader_for_partition(TopicPartition(topic, sol))
+        for round_ in range(10):
+            good = batch_of([tick_message("SOL", 10_000 + round_)])
+            bad = batch_flagged(LZ4, [tick_message("BTC", 500_000 + round_)])
+            # one request, so that one fetch sees both
+            request = ProduceRequest(transactional_id=None, required_acks=1, timeout=5000,
+                                     topics=[(topic, [(sol, good), (btc, bad)])])
+            await producer.client.send(leader, request)
+            deadline = time.monotonic() + 5
+            while consumer.undecodable <= round_:
+                assert time.monotonic() < deadline, consumer.stats()
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)
+        assert [t.bid_ticks for t in delivered if t.asset == "SOL"] == \
+            [10_000 + round_ for round_ in range(10)], consumer.stats()
