@@ -610,6 +610,13 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _is_json(content_type: str | None) -> bool:
+    """Whether ``content_type`` is one FastAPI reads a body of as JSON."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/")
+                                           and media.endswith("+json"))
+
+
 def _did_you_mean(name: str) -> str:
     """`` (did you mean stopLoss?)`` for a name close to a field of a request body, else ``""``."""
     known = {f for body in RequestBody.__subclasses__() for f in body.model_fields}
@@ -859,8 +866,13 @@ def create_app(service: TradingService) -> FastAPI:
         return error_response(exc.status_code, exc.code.value, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
-        return error_response(422, Code.INVALID_REQUEST.value, _validation_message(exc))
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        message = _validation_message(exc)
+        if message.startswith("body: ") and not _is_json(request.headers.get("content-type")):
+            # FastAPI reads a body as JSON only when its Content-Type says so (``curl -d``
+            # says a form): the whole body then fails, as if it were no object at all
+            message = "body: send a JSON object with Content-Type: application/json"
+        return error_response(422, Code.INVALID_REQUEST.value, message)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -566,3 +566,17 @@ def test_an_open_already_past_its_liquidation_price_is_refused(
     r = http.post("/api/v1/positions/open", headers=h,
                   json={"asset": "SOL", "type": side, "margin": "100", "leverage": 10})
     assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_json_body_sent_as_another_type_is_refused_naming_the_content_type(
+        http: httpx.Client, content_type: str | None) -> None:
+    """``curl -d`` sends a form type unless told otherwise: the refusal says what to send."""
+    h = signup(http)
+    headers = dict(h) | ({} if content_type is None else {"Content-Type": content_type})
+    r = http.post("/api/v1/positions/open", headers=headers,
+                  content=b'{"asset":"SOL","type":"long","margin":"10","leverage":5}')
+    assert r.status_code == 422, r.text
+    assert error_code(r) == "INVALID_REQUEST"
+    assert "Content-Type: application/json" in r.json()["error"]["message"], r.text
+    assert http.get("/api/v1/state", headers=h).json()["positions"] == []
