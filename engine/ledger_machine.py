@@ -405,8 +405,9 @@ class ReleaseMargin:
     """Undo a lock (margin -> free) of an open that did not happen; ``request_id``: the lock's
     (0 = not given), so it can no longer be abandoned; ``answer``: a clientOrderId answer to
     store with it. ``counted=False``: margin that ends no open (a top-up that did not happen,
-    margin removed from an open position). -> None, or Rejected(INVALID_REQUEST) if less
-    margin is locked."""
+    margin removed from an open position). With ``request_id``, only while that request's
+    lock (or announced removal, :class:`ExpectRelease`) is under way: once. -> None, or
+    Rejected(INVALID_REQUEST) if less margin is locked."""
 
     user: int
     margin_micros: int
@@ -1252,10 +1253,12 @@ class LedgerMachine:
         amount = _int(c.margin_micros)
         if amount is None or amount < 0:
             return _invalid("margin must be an int >= 0")
-        if request_id and (request_id in self._returned if not c.counted
-                           else request_id not in self._recent_locks):
+        if request_id and request_id not in self._recent_locks:
             # released before (its answer was lost), or abandoned as an API process's that
-            # died while the request was slow to arrive: the first answer, nothing released
+            # died while the request was slow to arrive: the first answer, nothing released.
+            # Judged by the lock or announcement under way, which stays until its request
+            # ends, not by the newest returned ids, which a resend delayed past 65,536
+            # others (its shard away while it was resolved) left, and freed it twice
             return None, self._answer_events([c.answer] if c.answer else [], now_us, request_id)
         locked = self.ledger.margin_micros(c.user)
         if not self.ledger.has_user(c.user) or locked < amount:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from engine.events import MarginAdded
 from engine.events import MarginReturned
 from engine.events import decode_batch
+from engine.ledger_machine import RECENT_LOCKS_MAX
 from engine.ledger_machine import AbandonLock
 from engine.ledger_machine import Begin
 from engine.ledger_machine import ExpectRelease
@@ -13,11 +14,13 @@ from engine.ledger_machine import LockMargin
 from engine.ledger_machine import OpenCount
 from engine.ledger_machine import OpenLocks
 from engine.ledger_machine import ReleaseMargin
+from engine.machine import run
 from engine.messages import IdemHit
 from engine.messages import IdemKey
 from engine.messages import MarginLock
 from engine.results import Code
 from engine.results import Rejected
+from tests.unit.engine.recorded_ledger import NOW
 from tests.unit.engine.recorded_ledger import SIGNUP
 from tests.unit.engine.recorded_ledger import USD
 from tests.unit.engine.recorded_ledger import one_account
@@ -47,7 +50,8 @@ def test_margin_removed_from_a_position_is_released_once_per_request_id() -> Non
     led, user = one_account()
     led(LockMargin(MarginLock(user, 100 * USD, request_id=1)))
     key = IdemKey(user, "margin", "less-1")
-    assert led(Begin(key, 7)) is None  # the removal's clientOrderId, reserved
+    # the removal announced (as the service does before the shard acts), its key reserved
+    assert led(ExpectRelease(user, 30 * USD, 7, key)) is None
     position = opened(user, 5, 70 * USD)  # the position as the shard left it
     assert led(ReleaseMargin(user, 30 * USD, 7, (key, position), counted=False)) is None
     assert led.balances(user) == (SIGNUP - 70 * USD, 70 * USD)
@@ -99,6 +103,7 @@ def test_replay_and_snapshots_keep_the_lock_kinds_and_the_released_ids() -> None
     led, user = one_account()
     led(LockMargin(MarginLock(user, 100 * USD, request_id=1)))
     led(LockMargin(MarginLock(user, 20 * USD, request_id=2, top_up=True)))
+    led(ExpectRelease(user, 5 * USD, 3))
     led(ReleaseMargin(user, 5 * USD, 3, None, counted=False))
     live = led.m.fingerprint()
     again = snapshot_round_trip(led.m)
@@ -110,3 +115,24 @@ def test_replay_and_snapshots_keep_the_lock_kinds_and_the_released_ids() -> None
     assert led.balances(user) == (SIGNUP - 115 * USD, 115 * USD)
     assert led(AbandonLock(2)) == (2, user, 20 * USD)
     assert led(OpenCount(user)) == 1
+
+
+def test_a_removal_resent_after_many_other_returns_frees_nothing_twice() -> None:
+    """A removal's release resent late (its first send was taken, its reply lost, and the
+    resend waited for the shard to resolve it) frees nothing again, however many requests
+    returned margin meanwhile: the release is owed while the announcement is under way, not
+    while its id is among the newest returned."""
+    led, user = one_account()
+    led(LockMargin(MarginLock(user, 100 * USD, request_id=1)))  # the position's margin
+    assert led(ExpectRelease(user, 30 * USD, 7)) is None
+    release = ReleaseMargin(user, 30 * USD, 7, None, counted=False)
+    assert led(release) is None
+    assert led.balances(user) == (SIGNUP - 70 * USD, 70 * USD)
+    # TP/SL changes elsewhere meanwhile, each announced and ended (a return of 0)
+    m = led.m
+    for rid in range(100, 100 + RECENT_LOCKS_MAX):
+        run(m, ExpectRelease(user, 0, rid), NOW)
+        run(m, ReleaseMargin(user, 0, rid, None, counted=False), NOW)
+    assert led(release) is None
+    assert led.balances(user) == (SIGNUP - 70 * USD, 70 * USD)
+    assert led.audit({user: 70 * USD}) == []
