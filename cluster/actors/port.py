@@ -149,23 +149,27 @@ class RayPort(Port):
 
     async def execute(self, commands: list[Any]) -> list[Any]:
         payload = pickle.dumps(commands, protocol=pickle.HIGHEST_PROTOCOL)
-        answers: bytes = await remote(self.name, self.handle.execute_pickled.remote(payload),
-                                      self.timeout_s)
+        answers: bytes = await remote(self.name, self.handle.execute_pickled, self.timeout_s,
+                                      payload)
         return pickle.loads(answers)
 
     async def ping(self) -> bool | str:
-        return await remote(self.name, self.handle.ping.remote(), 5.0)
+        return await remote(self.name, self.handle.ping, 5.0)
 
     async def info(self) -> dict[str, Any]:
-        return await remote(self.name, self.handle.info.remote(), 5.0)
+        return await remote(self.name, self.handle.info, 5.0)
 
 
-async def remote(component: str, ref: Any, timeout_s: float | None) -> Any:
-    """Await an ObjectRef; Ray's failures become ``Unavailable(component)``, an exception the
-    host's own code raised (a bug: RayTaskError) stays what it is."""
+async def remote(component: str, method: Any, timeout_s: float | None, *args: Any) -> Any:
+    """``method.remote(*args)`` (an actor method) awaited; Ray's failures become
+    ``Unavailable(component)``, an exception the host's own code raised (a bug: RayTaskError)
+    stays what it is. The call is made in here too: Ray refuses some as they are made (a
+    batch over its inline size is stored as an object first, which a full object store or
+    spill disk fails)."""
     import ray.exceptions
 
     try:
+        ref = method.remote(*args)
         if timeout_s is None:
             return await ref
         return await asyncio.wait_for(ref, timeout_s)

@@ -17,10 +17,14 @@ pytestmark = pytest.mark.asyncio
 class Method:
     """``handle.method.remote(...)``: an awaitable that raises ``error`` (or answers)."""
 
-    def __init__(self, error: BaseException | None = None, answer: Any = None) -> None:
-        self.error, self.answer = error, answer
+    def __init__(self, error: BaseException | None = None, answer: Any = None,
+                 submit_error: BaseException | None = None) -> None:
+        self.error, self.answer, self.submit_error = error, answer, submit_error
 
     def remote(self, *args: Any) -> Any:
+        if self.submit_error is not None:  # Ray refused to submit the call at all
+            raise self.submit_error
+
         async def result() -> Any:
             if self.error is not None:
                 raise self.error
@@ -29,9 +33,10 @@ class Method:
 
 
 class Handle:
-    def __init__(self, error: BaseException | None) -> None:
-        self.execute_pickled = Method(error, pickle.dumps([None]))
-        self.ping = Method(error, True)
+    def __init__(self, error: BaseException | None,
+                 submit_error: BaseException | None = None) -> None:
+        self.execute_pickled = Method(error, pickle.dumps([None]), submit_error)
+        self.ping = Method(error, True, submit_error)
 
 
 # How Ray reports a host that died or cannot run the call: an actor killed by Ray's memory
@@ -49,6 +54,26 @@ async def test_every_failure_of_ray_reaches_the_caller_as_unavailable(
     port = RayPort("shard-SOL-0", Handle(error))
     with pytest.raises(Unavailable, match="shard-SOL-0"):
         await port.call(Stats())
+    with pytest.raises(Unavailable):
+        await port.ping()
+
+
+# How Ray refuses a call as it is submitted (``.remote()`` raises): a batch over Ray's inline
+# size is stored as an object first, which fails on a full object store or spill disk.
+SUBMIT_FAILURES = [ray.exceptions.ObjectStoreFullError("full"),
+                   ray.exceptions.OutOfDiskError("disk full"),
+                   ray.exceptions.PendingCallsLimitExceeded("too many")]
+
+
+@pytest.mark.parametrize("error", SUBMIT_FAILURES, ids=lambda e: type(e).__name__)
+async def test_a_call_ray_refuses_to_submit_is_unavailable_and_told(
+        error: BaseException) -> None:
+    port = RayPort("shard-SOL-0", Handle(None, submit_error=error))
+    heard: list[bool] = []
+    port.listen(heard.append)
+    with pytest.raises(Unavailable, match="shard-SOL-0"):
+        await port.call(Stats())
+    assert heard == [False]  # a split passed over by new positions until it answers
     with pytest.raises(Unavailable):
         await port.ping()
 
