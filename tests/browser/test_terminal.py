@@ -37,6 +37,7 @@ from tests.browser.page import wait_until
 from tests.browser.proxy import Relay
 from tests.e2e.api_client import tick
 from tests.e2e.ray_platform import RayHttpPlatform
+from websockets.sync.client import connect as ws_connect
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -1671,3 +1672,35 @@ def test_a_live_connection_gone_silent_is_dropped_and_opened_again(
     tick(platform, http, "SOL", "100.30", "100.31")
     wait_until(browser, lambda d: text_of(d, "bid") == "100.30", "the quote after a reconnect")
     assert len(relay.sockets) == 2 and status.get_attribute("data-state") == "open"
+
+
+def test_a_tab_past_the_keys_live_connections_polls_without_an_error(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """Every live connection a key may hold is taken (other tabs, other devices): one more
+    tab's account panel polls, says so, and shows no error; its positions are listed. Before,
+    the server's refusal stayed on the page as an error banner."""
+    key, position_id = open_long_on_a_new_page(platform, browser, http)
+    url = platform.base_url.replace("http://", "ws://") + "/ws"
+    others = []
+    try:
+        # the page holds one; the rest from another address (each address has a limit too)
+        for _ in range(platform.settings.ws_connections - 1):
+            ws = ws_connect(url, open_timeout=10, source_address=("127.0.0.2", 0))
+            others.append(ws)
+            ws.send(json.dumps({"method": "AUTH", "params": [key]}))
+            ws.send(json.dumps({"method": "MARK"}))  # answered with an error: AUTH was read
+            assert "error" in json.loads(ws.recv(timeout=10))
+        browser.switch_to.new_window("tab")
+        open_terminal(browser, platform)  # the key is kept in the browser: logged in
+        stream = by_id(browser, "account-stream")
+        wait_until(browser, lambda d: stream.get_attribute("data-state") == "down",
+                   "the account panel polling")
+        wait_position_row(browser, "SOL", "long")
+        time.sleep(2.0)  # a poll came
+        assert text_of(browser, "account-stream") == "polling every 2 s"
+        assert not by_id(browser, "error-banner").is_displayed()
+        assert [r.get_attribute("data-position-id") for r in position_rows(browser)] == \
+            [position_id]
+    finally:
+        for ws in others:
+            ws.close()

@@ -369,10 +369,12 @@ function onSocketError(error) {
   const code = typeof error.code === "string" ? error.code : "ERROR";
   const message = typeof error.message === "string" ? error.message : "the live stream refused a request";
   if (app.key && (code === "UNAUTHORIZED" || code === "SERVICE_UNAVAILABLE"
-                  || /account|auth/i.test(message))) {
-    // the account panel says the page polls instead; REST answers show a bad key's error, and
-    // a stream the server could not start now is subscribed again (LiveSocket.retryAccount)
+                  || code === "RATE_LIMITED" || /account|auth/i.test(message))) {
+    // the account panel says the page polls instead; REST answers show a bad key's error, a
+    // stream the server could not start now is subscribed again (LiveSocket.retryAccount),
+    // and a key whose every live connection is taken (other tabs) is polled as well
     setAccountStream("down");
+    byId("account-stream").title = message;
     return;
   }
   showError(new ApiError(0, code, message));
@@ -425,6 +427,7 @@ function setAccountStream(state) {
   app.accountStream = app.key ? state : "off";
   const node = byId("account-stream");
   node.dataset.state = app.accountStream;
+  if (app.accountStream !== "down") node.title = "";
   // a refused key is not polled: the panel says so whatever the live connection does
   setText(node, app.key && app.keyRefused ? "this key was refused: log out or use another key"
     : app.accountStream === "live" ? "live"
