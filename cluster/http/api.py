@@ -922,8 +922,15 @@ def create_app(service: TradingService) -> FastAPI:
         # (API_REPLICAS > 1: HAProxy) appended to X-Forwarded-For (cluster.http.server); behind
         # a proxy elsewhere every client shares its address (and limit): it should limit itself
         address = request.client.host if request.client is not None else ""
-        _rate_limited(signup_buckets, client_of(address), "account creations from this address")
-        account = await service.create_account()
+        client = client_of(address)
+        _rate_limited(signup_buckets, client, "account creations from this address")
+        try:
+            account = await service.create_account()
+        except Unavailable:
+            # answered 503 with Retry-After: the retry it asks for must not find the token gone
+            # (an account the ledger made meanwhile has a key nobody was told: unusable)
+            signup_buckets.give_back(client)
+            raise
         return _json({"accountId": account.account_id, "apiKey": account.api_key,
                       "balance": micros_to_money(account.balance_micros)}, 201)
 

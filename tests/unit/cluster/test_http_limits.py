@@ -25,6 +25,7 @@ from engine.messages import Principal
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+from tests.unit.cluster.faulty_ports import Down
 from tests.unit.cluster.local_platform import Seconds
 from tests.unit.cluster.local_platform import build_platform
 
@@ -320,6 +321,31 @@ def test_websockets_from_one_ipv6_64_share_the_addresses_limit() -> None:
             for task, incoming in open_sockets:
                 await incoming.put({"type": "websocket.disconnect", "code": 1000})
                 await asyncio.wait_for(task, 5)
+            await svc.aclose()
+            await p.service.aclose()
+            p.hosts.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_signup_the_ledger_could_not_answer_takes_no_signup() -> None:
+    """A 503 (the ledger restarting) gives the address's token back: a client that retries
+    after Retry-After is not refused 429 for account creations it never got."""
+    async def scenario() -> None:
+        p = build_platform(Settings(signups_per_min=2))
+        ledger = Down(p.hosts.ledger)
+        svc = p.hosts.service(wrap_ledger=lambda port: ledger)
+        app = create_app(svc)
+        transport = httpx.ASGITransport(app=app, client=("10.0.0.1", 40000))
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+                ledger.down = True
+                assert [(await http.post("/api/v1/accounts")).status_code
+                        for _ in range(3)] == [503] * 3
+                ledger.down = False
+                assert [(await http.post("/api/v1/accounts")).status_code
+                        for _ in range(3)] == [201, 201, 429]
+        finally:
             await svc.aclose()
             await p.service.aclose()
             p.hosts.close()
