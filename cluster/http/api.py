@@ -599,6 +599,10 @@ def _cursor_id(name: str, value: str | None, what: str = "a position id") -> int
     return position_id
 
 
+MAX_NAME_SHOWN = 64
+"""A field name longer than this is shown by its start in a refusal."""
+
+
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:3]:
@@ -606,6 +610,8 @@ def _validation_message(exc: RequestValidationError) -> str:
         message = err.get("msg", "invalid")
         if err.get("type") == "extra_forbidden":
             message = "unknown field" + _did_you_mean(loc)
+        if len(loc) > MAX_NAME_SHOWN:  # a name the client made up, as long as its body
+            loc = loc[:MAX_NAME_SHOWN] + "..."
         parts.append(f"{loc}: {message}")
     return "; ".join(parts) or "invalid request"
 
@@ -621,7 +627,8 @@ def _did_you_mean(name: str) -> str:
     """`` (did you mean stopLoss?)`` for a name close to a field of a request body, else ``""``."""
     known = {f for body in RequestBody.__subclasses__() for f in body.model_fields}
     by_case = [f for f in known if f.lower() == name.lower()]
-    close = by_case or difflib.get_close_matches(name[:64], sorted(known), n=1, cutoff=0.75)
+    close = by_case or difflib.get_close_matches(name[:MAX_NAME_SHOWN], sorted(known), n=1,
+                                                 cutoff=0.75)
     return f" (did you mean {close[0]}?)" if close else ""
 
 

@@ -580,3 +580,14 @@ def test_a_json_body_sent_as_another_type_is_refused_naming_the_content_type(
     assert error_code(r) == "INVALID_REQUEST"
     assert "Content-Type: application/json" in r.json()["error"]["message"], r.text
     assert http.get("/api/v1/state", headers=h).json()["positions"] == []
+
+
+def test_a_long_unknown_field_name_is_not_echoed_whole(http: httpx.Client) -> None:
+    """The refusal names a field the body invented by its start: a 10,000-character name
+    would otherwise come back whole, in every log line of the answer."""
+    h = signup(http)
+    name = "x" * 10_000
+    r = http.post("/api/v1/positions/open", headers=h, json={**VALID, name: 1})
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]["message"]
+    assert message.startswith("x" * 64) and "unknown field" in message and len(message) < 200
