@@ -8,7 +8,8 @@ Accounts (all int micro-dollars)::
     house            the counterparty of every trade (gets -pnl)
     insurance        leftover equity of liquidations, minus shortfalls of gapped prices
 
-Invariants: the sum over all accounts is exactly 0, and no free balance is ever negative.
+Invariants: the sum over all accounts is exactly 0, and no free or margin balance is ever
+negative.
 A refused operation (overdraft) returns :class:`~engine.results.Rejected` and changes nothing;
 an operation that would break an invariant raises :class:`LedgerError` before changing anything.
 """
@@ -199,7 +200,8 @@ class Ledger:
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> Ledger:
-        """Rebuild from :meth:`to_state`; LedgerError if malformed or not summing to 0."""
+        """Rebuild from :meth:`to_state`; LedgerError if malformed, not summing to 0, or holding
+        a negative balance (which no operation makes)."""
         if state.get("version") != STATE_VERSION:
             raise LedgerError(f"unsupported ledger state version {state.get('version')!r}")
         ledger = cls()
@@ -223,6 +225,8 @@ class Ledger:
             raise LedgerError("ledger state does not sum to 0")
         if any(free < 0 for free in ledger._free.values()):
             raise LedgerError("ledger state has a negative free balance")
+        if any(margin < 0 for margin in ledger._margin.values()):
+            raise LedgerError("ledger state has a negative margin balance")
         return ledger
 
 

@@ -152,6 +152,17 @@ def test_state_round_trip() -> None:
         Ledger.from_state({"version": 1, "accounts": {"user:x:free": 0}})
 
 
+def test_a_state_with_a_negative_margin_balance_is_refused() -> None:
+    """No operation leaves a margin account below 0 (a release or settlement of more than is
+    locked raises first), so a state holding one, though it sums to 0, is not a ledger's."""
+    ledger = funded(1)
+    state = ledger.to_state()
+    state["accounts"][free_account(1)] += 5
+    state["accounts"][margin_account(1)] = -5
+    with pytest.raises(LedgerError, match="negative margin"):
+        Ledger.from_state(state)
+
+
 BAD_ACCOUNT_NAMES = ("user:1:other", "bank", "user::free", "user:-1:free", "user:1:free:x",
                      "user:1", "user:x:margin", "User:1:free", "")
 
