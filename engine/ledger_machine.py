@@ -1965,7 +1965,9 @@ class LedgerMachine:
         *config, arrays, meta = parts
         m = cls(signup_balance_micros, *config, **options)
         m.ledger = Ledger.from_state(meta["ledger"])
-        m._next_user = int(meta["next_user"])
+        # past every user held, as replaying their creations makes it: a taken id given to a
+        # new account would hand it that user's balance and positions
+        m._next_user = max([int(meta["next_user"]), *(u + 1 for u in m.ledger.users()[-1:])])
         for user, account_id, key_hash in meta["accounts"]:
             m._users_by_key_hash[key_hash] = int(user)
             m._account_ids[int(user)] = account_id

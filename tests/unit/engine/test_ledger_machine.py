@@ -997,3 +997,17 @@ def test_start_reconciled_marker_is_reserved() -> None:
     assert led(ReleaseMargin(u, 0)) is None  # a zero release is a valid transfer
     assert decode(encode(MarginReleased(u, 0, START_RECONCILED))) == \
         MarginReleased(u, 0, START_RECONCILED)
+
+
+def test_a_snapshot_whose_next_user_is_taken_gives_a_new_account_a_new_id() -> None:
+    """A restored ledger numbers new accounts past every user it holds, as replaying their
+    creations does: a snapshot whose next user id is already taken (check() refuses it) gave
+    the next signup that user's id, its balance and positions, under a second API key."""
+    led, first = one_account()
+    arrays, meta = led.m.snapshot()
+    meta = json.loads(json.dumps(meta))
+    meta["next_user"] = first
+    led.m = LedgerMachine.from_snapshot(SIGNUP, arrays, meta)
+    assert led.m.check() == []
+    assert led.account().user == first + 1
+    assert led.balances(first) == (SIGNUP, 0)
