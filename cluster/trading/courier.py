@@ -86,7 +86,14 @@ class Courier:
         stored = tuple(a for a in answers if a is not None)
         applied = await self._apply(shard_name, tuple(items), stored, view.opened)
         if view.last_seq < applied:
+            # numbered below the ledger (a shard that lost its memory): the ledger took them
+            # for resends; renumbered after its number, they go again in this delivery, so a
+            # close waiting for its settlement is settled when this returns
             await shard.call(ResumeSeq(applied))
+            view = await shard.call(Outbox())
+            items = view.items
+            if items:
+                applied = await self._apply(shard_name, tuple(items), (), view.opened)
         if items:
             await shard.call(AckOutbox(applied))
         return [applied] * len(answers)
@@ -96,12 +103,14 @@ class Courier:
         """Settle one close the caller holds (a manual close's answer) with one ledger call:
         ``ApplySettlements`` of that item alone, its acknowledgement posted to ride with the
         shard's next call. When the ledger still waits for earlier numbers (tick closes on
-        their way), the whole outbox is delivered instead. Returns the ledger's last applied
+        their way), or has applied numbers past it (later closes delivered first, or a shard
+        that lost its memory numbering below the ledger, whose item the ledger took for a
+        resend), the whole outbox is delivered instead. Returns the ledger's last applied
         number."""
         if shard_name not in self._resumed:  # numbering not confirmed yet: the full path
             return await self.deliver(shard_name, answer)
         applied = await self._apply(shard_name, (item,), () if answer is None else (answer,))
-        if applied < item.seq:
+        if applied != item.seq:  # acknowledging item.seq could drop one never applied
             return await self.deliver(shard_name)
         self._post_ack(shard_name, item.seq)
         return applied

@@ -18,9 +18,11 @@ from engine.ledger_machine import ApplySettlements
 from engine.ledger_machine import History
 from engine.ledger_machine import Totals
 from engine.market import Tick
+from engine.messages import ClosedPosition
 from engine.messages import CloseOrder
 from engine.messages import OpenPosition
 from engine.messages import Principal
+from engine.results import Rejected
 from engine.shard_machine import AckOutbox
 from engine.shard_machine import ApplyTick
 from engine.shard_machine import Close
@@ -208,11 +210,40 @@ async def test_an_outbox_numbered_below_the_ledger_continues_after_it(make: Make
     assert isinstance(pos, OpenPosition)
     closed, view = await port.call_many([tick(p, "101.00", "101.01", 20_001), Outbox()])
     assert closed == 1 and view.last_seq == 1 < await p.ledger.call(AppliedSeq(name))
-    await courier.forward(name, view)  # not taken for a resend: renumbered after the ledger
-    assert [i.seq for i in (await port.call(Outbox())).items] == [3]
+    # not taken for a resend: renumbered after the ledger, and delivered as such
+    assert await courier.forward(name, view) == 3
+    assert await port.call(Outbox()) == OutboxView([], 3)
     _, view = await port.call_many([tick(p, "101.00", "101.01", 20_002), Outbox()])
     assert await courier.forward(name, view) == 3
     history = await p.ledger.call(History(who.user))
     assert history[0].position_id == pos.position_id and len(history) == 3
+    assert balances(p, who)[1] == 0
+    assert await p.audit() == []
+
+
+async def test_a_manual_close_numbered_below_the_ledger_is_settled_not_acknowledged(
+        make: Make) -> None:
+    p = make()
+    who = await sol_trader(p)
+    name = p.shard_of("SOL").name
+    for _ in range(2):  # the service's courier resumes the shard on the first
+        position = await p.service.open_position(who, sol_long())
+        assert isinstance(position, OpenPosition)
+        closed = await p.service.close_position(who, CloseOrder(position.position_id))
+        assert not isinstance(closed, Rejected)
+    assert await p.ledger.call(AppliedSeq(name)) == 2
+    # the shard restarts empty and closes a position by hand before anyone resumes it: its
+    # close is number 1 again, below the 2 the ledger applied from its earlier life
+    port = p.shards[name]
+    port.runner = host_specs(p.settings)[1][name].runner()
+    port.runner.clock_us = p.clock
+    await port.call(tick(p, "100.00", "100.01", 20_000))
+    pos = await p.service.open_position(who, sol_long())
+    assert isinstance(pos, OpenPosition)
+    closed = await p.service.close_position(who, CloseOrder(pos.position_id))
+    assert isinstance(closed, ClosedPosition)
+    # settled (renumbered after the ledger's) before the answer, never dropped as a resend
+    assert await p.ledger.call(AppliedSeq(name)) == 3
+    assert (await p.ledger.call(History(who.user)))[0] == closed
     assert balances(p, who)[1] == 0
     assert await p.audit() == []
