@@ -857,7 +857,7 @@ class ShardMachine:
         if command.applied_seq > self._last_seq:
             if command.applied_seq + len(self._outbox) >= _U64:
                 return Rejected(Code.INVALID_REQUEST, f"applied seq: {_OUT_OF_RANGE}"), ()
-            return 0, (SeqResumed(command.applied_seq),)
+            return len(self._outbox), (SeqResumed(command.applied_seq),)  # renumbered after it
         return self._decide_ack(command, now_us)
 
     def _settles_in_range(self, record: PositionRecord, exit_ticks: int,

@@ -324,6 +324,12 @@ def test_a_shard_that_lost_its_memory_resumes_after_the_ledger_applied_seq() -> 
     assert item.seq == 42
     # at a later start the ledger has applied 42 already: it leaves the outbox
     assert run(m, ResumeSeq(42)) == 0 and run(m, Outbox()) == OutboxView([], 42)
+    # a close numbered below a ledger that applied more (a shard that lost its memory again):
+    # renumbered after it, and still to be delivered
+    pos = run(m, req(3))
+    assert run(m, close(4, 1, pos.position_id)).seq == 43
+    assert run(m, ResumeSeq(50)) == 1
+    assert [i.seq for i in run(m, Outbox()).items] == [51]
     assert m.check() == []
 
 
