@@ -848,11 +848,15 @@ class TradingService:
 
     # ----------------------------------------------------------------- operations
     async def shard_stats(self) -> dict[str, ShardStats | None]:
-        """Each shard's counters, None for a shard that does not answer."""
+        """Each shard's counters, None for a shard that does not answer (or answers with an
+        error of its own: one shard's bug must not cost /metrics every other figure)."""
         async def one(port: Port) -> ShardStats | None:
             try:
                 stats: ShardStats = await asyncio.wait_for(port.call(Stats()), HEALTH_TIMEOUT_S)
             except (Unavailable, TimeoutError):
+                return None
+            except Exception:
+                log.exception("%s: reading its counters failed", port.name)
                 return None
             return stats
         stats = await asyncio.gather(*(one(p) for p in self.shards.values()))

@@ -20,6 +20,7 @@ from engine.messages import OpenPosition
 from engine.shard_machine import Stats
 from prometheus_client.parser import text_string_to_metric_families
 from tests.unit.cluster.faulty_ports import Down
+from tests.unit.cluster.faulty_ports import Wrapped
 from tests.unit.cluster.local_platform import Platform
 from tests.unit.cluster.local_platform import build_platform
 from tests.unit.cluster.local_platform import sol_long
@@ -236,3 +237,45 @@ async def test_a_flood_of_health_and_metrics_reads_asks_the_actors_once_a_moment
         await svc.aclose()
         await p.service.aclose()
         p.hosts.close()
+
+
+class Faulty(Wrapped):
+    """While ``faulty`` is set, every batch raises an error of the host's own (a bug: Ray
+    passes it on as a RayTaskError, which is no Unavailable)."""
+
+    def __init__(self, inner: Port) -> None:
+        super().__init__(inner)
+        self.faulty = True
+
+    async def execute(self, commands: list[Any]) -> list[Any]:
+        if self.faulty:
+            raise RuntimeError("a bug in the host")
+        return await self.inner.execute(commands)
+
+
+async def test_a_shard_failing_with_its_own_error_is_down_in_metrics_not_a_500() -> None:
+    """The SOL shard's every call raising: /metrics answers, the shard's ``shardex_shard_up``
+    0 and the others' 1. Its counters' read raised through the route, so one shard with a
+    bug was a 500 and every other figure of the replica went unscraped."""
+    p = build_platform()
+    ports: dict[str, Faulty] = {}
+
+    def faulty(port: LocalPort) -> Port:
+        if "SOL" not in port.name:
+            return port
+        ports[port.name] = Faulty(port)
+        return ports[port.name]
+
+    svc = p.hosts.service(wrap=faulty)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(svc)),
+                                     base_url="http://api") as http:
+            families = await _scrape(http)
+        up = {dict(labels)["shard"]: value
+              for (_, labels), value in families["shardex_shard_up"][1].items()}
+        assert up == {"shard-SOL-0": 0, "shard-BTC-0": 1, "shard-ETH-0": 1}, up
+    finally:
+        await svc.aclose()
+        await p.service.aclose()
+        p.hosts.close()
+
