@@ -658,17 +658,30 @@ class _HttpCounter:
         if method == "HEAD":
             scope = {**scope, "method": "GET"}
 
+        started = False
+
+        def count(status: int) -> None:
+            # the route's template ("/api/v1/orders/{order_id}"), set by the router as it
+            # matched: one label per route, whatever the path's parameters
+            path = getattr(scope.get("route"), "path", scope["path"])
+            key = (method, path if path in self.routes else "other", status)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
         async def counting_send(message: MutableMapping[str, Any]) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                # the route's template ("/api/v1/orders/{order_id}"), set by the router as
-                # it matched: one label per route, whatever the path's parameters
-                path = getattr(scope.get("route"), "path", scope["path"])
-                key = (method, path if path in self.routes else "other",
-                       int(message["status"]))
-                self.counts[key] = self.counts.get(key, 0) + 1
+                started = True
+                count(int(message["status"]))
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            # nothing handled it: Starlette's outermost middleware answers 500 (the app's
+            # handler for Exception runs there), outside this counter
+            if not started:
+                count(500)
+            raise
 
 
 # --------------------------------------------------------------------------- auth

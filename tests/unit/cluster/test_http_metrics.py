@@ -279,3 +279,29 @@ async def test_a_shard_failing_with_its_own_error_is_down_in_metrics_not_a_500()
         await p.service.aclose()
         p.hosts.close()
 
+
+async def test_an_internal_error_is_counted_as_a_500_response() -> None:
+    """A request that ends in an error nothing handles (a shard's bug under
+    ``/api/v1/prices``) is answered 500 and counted under its route with status 500; the 500
+    was sent outside the counter, so the responses operators alert on were never counted."""
+    p = build_platform()
+    ports: list[Faulty] = []
+
+    def faulty(port: LocalPort) -> Port:
+        ports.append(Faulty(port))
+        return ports[-1]
+
+    svc = p.hosts.service(wrap=faulty)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(
+                app=create_app(svc), raise_app_exceptions=False), base_url="http://api") as http:
+            assert (await http.get("/api/v1/prices")).status_code == 500
+            for port in ports:
+                port.faulty = False
+            families = await _scrape(http)
+        assert _value(families, "shardex_http_responses_total", method="GET",
+                      path="/api/v1/prices", status="500") == 1
+    finally:
+        await svc.aclose()
+        await p.service.aclose()
+        p.hosts.close()
