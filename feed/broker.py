@@ -106,6 +106,43 @@ def free_ports(count: int, host: str = "127.0.0.1") -> int:
     raise BrokerError(f"no {count} consecutive free ports found on {host}")
 
 
+def bootstrap_addresses(bootstrap: str) -> list[tuple[str, int]]:
+    """``(host, port)`` of each ``host:port`` of a bootstrap list (KAFKA_BROKERS' form), an
+    IPv6 host without its brackets (``[::1]:9092`` -> ``("::1", 9092)``)."""
+    out: list[tuple[str, int]] = []
+    for part in bootstrap.split(","):
+        host, _, port = part.strip().rpartition(":")
+        out.append((host.removeprefix("[").removesuffix("]") or "127.0.0.1", int(port)))
+    return out
+
+
+async def broker_answers(bootstrap: str, timeout_s: float = 1.0) -> bool:
+    """True once a broker of ``bootstrap`` accepts a TCP connection, all of them tried at
+    once, each within ``timeout_s``; when none does, the first failure is raised (a refusal,
+    TimeoutError). A client of the list works while any of its brokers answers."""
+    async def one(host: str, port: int) -> None:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+    tasks = [asyncio.ensure_future(one(h, p)) for h, p in bootstrap_addresses(bootstrap)]
+    failure: BaseException | None = None
+    try:
+        for attempt in asyncio.as_completed(tasks):
+            try:
+                await attempt
+            except (OSError, TimeoutError) as exc:
+                failure = failure or exc
+            else:
+                return True
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    raise failure or OSError(f"no broker in {bootstrap!r}")
+
+
 def accepts_connections(host: str, port: int, timeout_s: float = 0.2) -> bool:
     """Whether something accepts TCP connections on ``host:port``."""
     try:

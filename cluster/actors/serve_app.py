@@ -48,7 +48,7 @@ from cluster.live.streams import StreamHub
 from cluster.live.topic_auth import SignedTopic
 from engine.candles import Candle, CandleQuery
 from engine.market import Tick
-from feed.broker import accepts_connections, free_port
+from feed.broker import accepts_connections, broker_answers, free_port
 
 log = logging.getLogger(__name__)
 
@@ -309,15 +309,9 @@ class ApiIngress:
         return bool((await self._feed_stats()).get("assigned"))
 
     async def _broker_ok(self) -> bool:
-        """Whether the first ``host:port`` of the Kafka bootstrap accepts a connection (a
+        """Whether a broker of the Kafka bootstrap accepts a connection (when none does, a
         refusal or a timeout raises)."""
-        host, _, port = self.bootstrap.split(",")[0].strip().rpartition(":")
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(host or "127.0.0.1", int(port)), 1.0)
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return True
+        return await broker_answers(self.bootstrap, 1.0)
 
     async def __serve_build_asgi_app__(self) -> Any:
         app = create_app(self.service)
