@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from cluster.actors.host import host_specs
+from cluster.actors.local import LocalPort
 from cluster.actors.port import BATCHES_IN_FLIGHT
 from cluster.actors.port import Port
 from cluster.actors.port import Unavailable
@@ -197,15 +198,22 @@ async def test_a_gap_before_the_outbox_read_is_delivered_the_whole_way(make: Mak
     assert await p.audit() == []
 
 
+async def restarted_empty(p: Platform, name: str) -> LocalPort:
+    """Shard ``name``'s port over a new, empty host (one that lost its memory), priced again
+    at 100.00/100.01."""
+    port = p.shards[name]
+    port.runner = host_specs(p.settings)[1][name].runner()
+    port.runner.clock_us = p.clock
+    await port.call(tick(p, "100.00", "100.01", 20_000))
+    return port
+
+
 async def test_an_outbox_numbered_below_the_ledger_continues_after_it(make: Make) -> None:
     p, who, name, view, courier = await resumed_with_two_closes(make)
     assert await courier.forward(name, view) == 2
     # the shard restarts empty and closes one position before anyone resumes it: its
     # numbering starts again at 1, below the 2 the ledger applied
-    port = p.shards[name]
-    port.runner = host_specs(p.settings)[1][name].runner()
-    port.runner.clock_us = p.clock
-    await port.call(tick(p, "100.00", "100.01", 20_000))
+    port = await restarted_empty(p, name)
     pos = await p.service.open_position(who, sol_long(tp_ticks=10100))
     assert isinstance(pos, OpenPosition)
     closed, view = await port.call_many([tick(p, "101.00", "101.01", 20_001), Outbox()])
@@ -225,19 +233,16 @@ async def test_a_manual_close_numbered_below_the_ledger_is_settled_not_acknowled
         make: Make) -> None:
     p = make()
     who = await sol_trader(p)
-    name = p.shard_of("SOL").name
     for _ in range(2):  # the service's courier resumes the shard on the first
         position = await p.service.open_position(who, sol_long())
         assert isinstance(position, OpenPosition)
         closed = await p.service.close_position(who, CloseOrder(position.position_id))
         assert not isinstance(closed, Rejected)
+    name = p.shard_of("SOL").name
     assert await p.ledger.call(AppliedSeq(name)) == 2
     # the shard restarts empty and closes a position by hand before anyone resumes it: its
     # close is number 1 again, below the 2 the ledger applied from its earlier life
-    port = p.shards[name]
-    port.runner = host_specs(p.settings)[1][name].runner()
-    port.runner.clock_us = p.clock
-    await port.call(tick(p, "100.00", "100.01", 20_000))
+    await restarted_empty(p, name)
     pos = await p.service.open_position(who, sol_long())
     assert isinstance(pos, OpenPosition)
     closed = await p.service.close_position(who, CloseOrder(pos.position_id))
