@@ -25,6 +25,10 @@ an fsync per batch, which candles (market history, not money) do not need.
 
 Readers in other processes may open the same file while one writer writes (WAL readers do not
 block the writer); a writer waits up to :data:`BUSY_TIMEOUT_S` for another's transaction.
+
+A file SQLite finds damaged (:func:`is_damage`: not a database, a malformed page; a disk fault,
+never a kill) is refused as it is opened or read; its owner may move it aside with
+:func:`set_aside` and begin a new one.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ from engine.candles import INTERVAL_US, INTERVALS, Candle, CandleQuery, check_ca
 FILE_NAME = "candles.sqlite3"
 BUSY_TIMEOUT_S = 5.0
 SCHEMA_VERSION = 1  # PRAGMA user_version of a file this module wrote
+CORRUPT_SUFFIX = ".corrupt"
+# SQLite's primary result codes for a damaged file: SQLITE_CORRUPT, SQLITE_NOTADB
+_DAMAGE_CODES = frozenset({11, 26})
 
 _COLUMNS = Candle._fields  # a row is a Candle, field for field (closed as 0/1)
 
@@ -76,6 +83,31 @@ class CandleStoreError(RuntimeError):
     """The file is not a candle store this module can use (another schema version)."""
 
 
+def is_damage(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite finding the file itself damaged (SQLITE_CORRUPT,
+    SQLITE_NOTADB), not a passing condition (locked, busy, a full or failing disk)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and isinstance(code, int) \
+        and code & 0xFF in _DAMAGE_CODES
+
+
+def set_aside(data_dir: str | os.PathLike[str]) -> Path:
+    """Move ``<data_dir>/`` :data:`FILE_NAME` with its ``-wal`` and ``-shm`` to
+    ``FILE_NAME.<n>.corrupt`` (and its ``-wal``, ``-shm``: SQLite opens it with its WAL), ``n``
+    the first number no earlier one took; the new path. Nothing is deleted."""
+    directory = Path(data_dir)
+    n = 1
+    while any((directory / f"{FILE_NAME}.{n}{CORRUPT_SUFFIX}{s}").exists()
+              for s in ("", "-wal", "-shm")):
+        n += 1
+    aside = directory / f"{FILE_NAME}.{n}{CORRUPT_SUFFIX}"
+    # the WAL first: a main file moved without it would leave its frames to the new file
+    for suffix in ("-wal", "-shm", ""):
+        with contextlib.suppress(FileNotFoundError):
+            (directory / f"{FILE_NAME}{suffix}").rename(f"{aside}{suffix}")
+    return aside
+
+
 def _candle(row: tuple[str, str, int, int, int, int, int, int, int, int]) -> Candle:
     return Candle(*row[:-1], bool(row[-1]))  # the columns are Candle's fields, in order
 
@@ -107,9 +139,10 @@ class CandleStore:
         if mode != "wal":
             raise CandleStoreError(f"{self.path}: cannot use WAL mode (got {mode})")
         self._conn.execute("PRAGMA synchronous = NORMAL")
-        with self._write() as conn:
-            conn.execute(_SCHEMA)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version == 0:  # a file of ours is left as it is: one found damaged is kept whole
+            with self._write() as conn:
+                conn.execute(_SCHEMA)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

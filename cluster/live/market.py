@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from cluster.durability.runner import wall_clock_us
-from cluster.live.candle_store import CandleStore
+from cluster.live.candle_store import FILE_NAME, CandleStore, is_damage, set_aside
 from engine.assets import AssetRegistry
 from engine.candles import (
     CANDLES_KEPT,
@@ -121,9 +121,11 @@ class MarketLive:
         self.late_us = round(late_s * 1_000_000)
         self.held = held
         names = [a.name for a in assets.assets]
-        self.store = None if data_dir is None else CandleStore(data_dir)
-        restored = [] if self.store is None else self.store.latest(names, INTERVALS,
-                                                                 per_key=CANDLES_KEPT)
+        self.store_errors = 0
+        self.store: CandleStore | None = None
+        restored: list[Candle] = []
+        if data_dir is not None:
+            self.store, restored = self._open_store(data_dir, names)
         self.book = CandleBook(names, INTERVALS, candles=restored)
         # apply may run on another thread than the reads that close candles by the clock
         self._lock = threading.Lock()
@@ -140,7 +142,6 @@ class MarketLive:
         # another thread than a reader, as in the in-process platform)
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
         self.ticks = 0
-        self.store_errors = 0
         # what the store refused to write (a full disk), by candle: written with the next batch
         self._unwritten: dict[tuple[str, str, int], Candle] = {}
         # restored candles whose time ended while nothing ran are closed before any reader;
@@ -159,6 +160,32 @@ class MarketLive:
         # restored candles are version 1, after what a reader from 0 has: a subscriber gets the
         # current candle before the first tick (the REST klines show it already)
         self.version = 1 if self._latest or self._closed else 0
+
+    def _open_store(self, data_dir: Path, names: Sequence[str]) -> tuple[CandleStore,
+                                                                          list[Candle]]:
+        """The store under ``data_dir`` and its newest candles per (asset, interval). A file
+        SQLite finds damaged is moved aside (counted in ``store_errors``) and a new one
+        begun: the chart history is not worth the feed actor, which prices every shard, and
+        which would otherwise not start until someone removed the file by hand."""
+        try:
+            return self._read_store(data_dir, names)
+        except sqlite3.DatabaseError as exc:
+            if not is_damage(exc):
+                raise
+            aside = set_aside(data_dir)
+            self.store_errors += 1
+            log.error("candle store: %s is damaged (%s); moved to %s, new candles begin",
+                      aside.with_name(FILE_NAME), exc, aside)
+        return self._read_store(data_dir, names)
+
+    @staticmethod
+    def _read_store(data_dir: Path, names: Sequence[str]) -> tuple[CandleStore, list[Candle]]:
+        store = CandleStore(data_dir)
+        try:
+            return store, store.latest(names, INTERVALS, per_key=CANDLES_KEPT)
+        except BaseException:
+            store.close()
+            raise
 
     def apply(self, ticks: Iterable[Tick]) -> int:
         """Build the candles of ``ticks`` (accepted, in order), write those they changed to

@@ -3,7 +3,7 @@ what was served reaches the file once the disk takes writes again; a candle whos
 ended by the clock is closed (REST and stream, once) without waiting for a later tick, one
 restored after its interval ended comes back closed, and a tick the feed holds back keeps only
 its own asset's candles from being final; a tick applied while klines reads shows the
-candles as before it or as after it."""
+candles as before it or as after it; a damaged candles file is set aside at a start."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 from cluster.config import Settings
+from cluster.live.candle_store import FILE_NAME
 from cluster.live.candle_store import CandleStore
+from cluster.live.candle_store import CandleStoreError
 from cluster.live.market import Change
 from cluster.live.market import MarketLive
 from engine.candles import Candle
@@ -398,3 +400,54 @@ def test_a_tick_applied_while_klines_reads_never_shows_a_stale_candle_before_a_n
         assert answer in (earlier, later), answer
     finally:
         live.close()
+
+
+@pytest.mark.parametrize("damage", ["junk", "page"])
+def test_a_damaged_candle_file_is_set_aside_and_new_candles_begin(tmp_path: Path,
+                                                                  damage: str) -> None:
+    """A candles file SQLite finds damaged (not a database, a malformed page) no longer keeps
+    the market from starting, and with it the feed actor that prices every shard: the file is
+    moved aside whole for inspection, counted, and new candles begin. Before, MarketLive
+    raised, so a damaged chart history stopped trading until someone deleted it by hand."""
+    live = MarketLive(Settings().assets, tmp_path, Clock(T0_US + 2))
+    for n in range(300):  # enough rows for pages past SQLite's first few
+        live.apply([sol(10_000 + n % 5, T0_US + n * MINUTE_US, n + 1)])
+    live.close()
+    path = tmp_path / FILE_NAME
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    data = bytearray(path.read_bytes())
+    if damage == "junk":
+        data[:100] = b"not a database, " * 6 + b"junk"
+    else:
+        data[3 * 4096:6 * 4096] = b"\x5a" * (3 * 4096)
+    path.write_bytes(bytes(data))
+    clock = Clock(T0_US + 400 * MINUTE_US)
+    restarted = MarketLive(Settings().assets, tmp_path, clock)
+    try:
+        assert restarted.store_errors == 1
+        assert (tmp_path / f"{FILE_NAME}.1.corrupt").read_bytes() == bytes(data)
+        assert restarted.candles("SOL", "1m", CandleQuery()) == []
+        restarted.apply([sol(10_000, T0_US + 400 * MINUTE_US, 1)])
+        assert [c.tick_count for c in restarted.candles("SOL", "1m", CandleQuery())] == [1]
+    finally:
+        restarted.close()
+    with CandleStore(tmp_path) as store:  # the new file holds the new candles
+        assert [c.start_us for c in store.read("SOL", "1m", CandleQuery())] == [
+            T0_US + 400 * MINUTE_US]
+    # a second damaged file is set aside beside the first, which stays as it was
+    path.write_bytes(b"junk" * 2048)
+    MarketLive(Settings().assets, tmp_path, clock).close()
+    assert (tmp_path / f"{FILE_NAME}.2.corrupt").read_bytes() == b"junk" * 2048
+    assert (tmp_path / f"{FILE_NAME}.1.corrupt").read_bytes() == bytes(data)
+
+
+def test_a_candle_file_of_another_schema_version_is_still_refused(tmp_path: Path) -> None:
+    """A file a newer version wrote is not damage: it is refused and left where it is."""
+    con = sqlite3.connect(tmp_path / FILE_NAME)
+    con.execute("PRAGMA user_version = 7")
+    con.close()
+    with pytest.raises(CandleStoreError, match="schema version 7"):
+        MarketLive(Settings().assets, tmp_path, Clock(T0_US))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FILE_NAME]
