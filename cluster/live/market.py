@@ -127,6 +127,16 @@ class MarketLive:
         if data_dir is not None:
             self.store, restored = self._open_store(data_dir, names)
         self.book = CandleBook(names, INTERVALS, candles=restored)
+        # asset -> (ts_us, mid in half steps) of the newest tick its restored candles hold: a
+        # feed starting again reads each partition's newest message again, and its new gate
+        # lets it through, so that tick, the asset's first after the start, is not counted
+        # twice. (A candle keeps no seq: a new tick of that microsecond and mid is left out too.)
+        self._resumed: dict[str, tuple[int, int]] = {}
+        for name in names:
+            currents = [c for i in INTERVALS if (c := self.book.current(name, i)) is not None]
+            if currents:
+                newest = max(currents, key=lambda c: c.close_ts_us)
+                self._resumed[name] = (newest.close_ts_us, newest.close_half_ticks)
         # apply may run on another thread than the reads that close candles by the clock
         self._lock = threading.Lock()
         # no open candle's interval ends before it (unix us), those a held tick keeps open aside
@@ -189,15 +199,19 @@ class MarketLive:
 
     def apply(self, ticks: Iterable[Tick]) -> int:
         """Build the candles of ``ticks`` (accepted, in order), write those they changed to
-        the store, then publish them; the number of candles changed."""
+        the store, then publish them; the number of candles changed. An asset's first tick
+        after a restart that is the newest its restored candles hold is its top of book only."""
         with self._lock:
             changed: list[Candle] = []
             tops: dict[str, Tick] = {}
             for tick in ticks:
                 if tick.asset not in self.assets:
                     continue
-                changed.extend(self.book.apply(tick))
                 tops[tick.asset] = tick
+                if self._resumed and self._resumed.pop(tick.asset, None) == (
+                        tick.ts_us, tick.bid_ticks + tick.ask_ticks):
+                    continue  # read again at the start: the restored candles hold it
+                changed.extend(self.book.apply(tick))
                 self.ticks += 1
             if tops:
                 self._publish(changed, tops)

@@ -20,6 +20,7 @@ from cluster.live.candle_store import CandleStore
 from cluster.live.candle_store import CandleStoreError
 from cluster.live.market import Change
 from cluster.live.market import MarketLive
+from engine.candles import INTERVALS
 from engine.candles import Candle
 from engine.candles import CandleQuery
 from engine.market import Tick
@@ -451,3 +452,31 @@ def test_a_candle_file_of_another_schema_version_is_still_refused(tmp_path: Path
     with pytest.raises(CandleStoreError, match="schema version 7"):
         MarketLive(Settings().assets, tmp_path, Clock(T0_US))
     assert sorted(p.name for p in tmp_path.iterdir()) == [FILE_NAME]
+
+
+def test_the_newest_tick_read_again_after_a_restart_is_not_counted_twice(
+        tmp_path: Path) -> None:
+    """A feed starting again reads each partition's newest message again (the shards get a
+    price at once), and its gate, new, lets it through: the restored candles already hold
+    it, so they stay as they were and go on as a market that never stopped. Before, every
+    candle of its asset counted that tick twice. It is still the asset's top of book."""
+    assets = Settings().assets
+    ticks = [sol(10_000, T0_US + 1, 1), sol(10_050, T0_US + 2, 2)]
+    later = [sol(10_020, T0_US + 3, 3), sol(10_020, T0_US + 3, 4)]  # same time and price
+    uninterrupted = MarketLive(assets, None, Clock(T0_US + 4))
+    uninterrupted.apply(ticks + later)
+    live = MarketLive(assets, tmp_path, Clock(T0_US + 3))
+    live.apply(ticks)
+    before = {i: live.candles("SOL", i, CandleQuery()) for i in INTERVALS}
+    live.close()
+    restarted = MarketLive(assets, tmp_path, Clock(T0_US + 4))
+    try:
+        restarted.apply([ticks[-1]])  # the newest message, read again
+        assert {i: restarted.candles("SOL", i, CandleQuery()) for i in INTERVALS} == before
+        assert restarted.newest("SOL") == ticks[-1]
+        restarted.apply(later)
+        for interval in INTERVALS:
+            assert restarted.candles("SOL", interval, CandleQuery()) == \
+                uninterrupted.candles("SOL", interval, CandleQuery()), interval
+    finally:
+        restarted.close()
