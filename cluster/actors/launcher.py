@@ -28,6 +28,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -804,6 +805,7 @@ def check_layout(settings: Settings, record: bool = False) -> None:
     try:
         recorded = json.loads(path.read_text())["shards"]
     except FileNotFoundError:
+        _refuse_unread_shards(settings, layout)
         if record:
             # whole or not at all: a torn or empty file (a full disk, a kill, a power cut)
             # would refuse every later start
@@ -825,9 +827,50 @@ def check_layout(settings: Settings, record: bool = False) -> None:
         except TypeError:
             raise LaunchError(f"cannot read {path}: not a shard layout") from None
         raise LaunchError(f"DATA_DIR {settings.data_dir} was made with ASSETS={','.join(splits)} "
-                          f"SHARDS={','.join(f'{a}={n}' for a, n in splits.items())}, and its "
+                          f"SHARDS={_shards_text(splits)}, and its "
                           "ids carry that layout: set those, or use a new DATA_DIR for another "
                           "layout")
+
+
+def _refuse_unread_shards(settings: Settings, layout: Iterable[ShardSpec]) -> None:
+    """LaunchError when DATA_DIR, which records no layout, holds a shard ``layout`` lacks
+    (made before layouts were recorded, or its actor directories restored alone): that shard
+    would go unread, and the start's reconciliation would release its positions' margin."""
+    specs = list(layout)
+    held = _shard_directories(settings.data_dir)
+    unread = [name for name in held if name not in {spec.name for spec in specs}]
+    if not unread:
+        return
+    made: dict[str, int] = {}  # what the directories show of the layout they were made with
+    for name in held:
+        asset, split = name.removeprefix("shard-").rsplit("-", 1)
+        made[asset] = max(made.get(asset, 0), int(split) + 1)
+    order = [a.name for a in settings.assets.assets]  # ASSETS' order, then the others
+    made = dict(sorted(made.items(), key=lambda item: (
+        order.index(item[0]) if item[0] in order else len(order), item[0])))
+    raise LaunchError(
+        f"DATA_DIR {settings.data_dir} holds {', '.join(unread)}, which SHARDS="
+        f"{_shards_text({spec.asset: spec.split_count for spec in specs})} does not have, and "
+        f"no {LAYOUT_FILE} naming the layout its ids were issued under: its shard directories "
+        f"were made with SHARDS={_shards_text(made)}: set that (and the ASSETS it was made "
+        "with), or use a new DATA_DIR for another layout")
+
+
+def _shards_text(splits: Mapping[str, int]) -> str:
+    """``asset -> split count`` as SHARDS names every asset: ``SOL=2,BTC=1``."""
+    return ",".join(f"{asset}={count}" for asset, count in splits.items())
+
+
+def _shard_directories(data_dir: Path) -> list[str]:
+    """The names of ``data_dir``'s directories named as a shard actor's (``shard-SOL-0``)."""
+    try:
+        entries = list(data_dir.iterdir())
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise LaunchError(f"cannot read DATA_DIR={data_dir}: {exc.strerror or exc}") from None
+    return sorted(p.name for p in entries
+                  if re.fullmatch(r"shard-[A-Za-z0-9]+-[0-9]+", p.name) and p.is_dir())
 
 
 def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> int:

@@ -29,6 +29,7 @@ from cluster.actors.names import LEDGER
 from cluster.config import MARKET_TOPIC
 from cluster.config import Settings
 from engine.market import Tick
+from engine.messages import OpenPosition
 from engine.shard_machine import ApplyTick
 from engine.shard_machine import LastTick
 from feed.broker import ProcessIdentity
@@ -36,6 +37,8 @@ from feed.broker import check_bindable
 from feed.broker import free_port
 from feed.broker import free_ports
 from tests.unit.cluster.local_platform import build_platform
+from tests.unit.cluster.local_platform import signup
+from tests.unit.cluster.local_platform import sol_long
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -182,6 +185,45 @@ def test_a_layout_other_than_the_data_dirs_is_one_line_naming_it(command: list[s
     assert "Traceback" not in done.stderr, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     check_layout(first)  # the layout it was made with still passes
+
+
+async def _positions_on_two_splits(data_dir: Path) -> Settings:
+    """A DATA_DIR whose SOL positions sit on two splits, written without a layout.json (one
+    made before the layout was recorded, or the ledger's and shards' directories restored
+    alone); its settings."""
+    settings = dataclasses.replace(Settings(), data_dir=data_dir, shards={"SOL": 2})
+    p = build_platform(settings, data_dir=str(data_dir))
+    try:
+        who = await signup(p.service)
+        await p.push_tick("SOL", "100.00", "100.01")
+        splits = set()
+        for _ in range(2):
+            opened = await p.service.open_position(who, sol_long())
+            assert isinstance(opened, OpenPosition), opened
+            splits.add(p.service.layout.of_position(opened.position_id))
+        assert {s.name for s in splits if s is not None} == {"shard-SOL-0", "shard-SOL-1"}
+    finally:
+        await p.service.aclose()
+        p.hosts.close()
+    assert not (data_dir / "layout.json").exists()
+    return settings
+
+
+def test_a_data_dir_without_its_layout_holding_a_split_the_layout_lacks_is_refused(
+        tmp_path: Path) -> None:
+    """No layout.json, and SHARDS leaves out a split whose directory holds positions: the
+    start is refused naming it. It recorded the new layout and started, and its reconciliation
+    released the margin of the positions it no longer read (a warning in the log)."""
+    made = asyncio.run(_positions_on_two_splits(tmp_path))
+    one = dataclasses.replace(made, shards={})
+    with pytest.raises(LaunchError, match="shard-SOL-1") as refused:
+        check_layout(one, record=True)
+    assert "SHARDS=SOL=2,BTC=1,ETH=1" in str(refused.value), refused.value
+    assert not (tmp_path / "layout.json").exists()
+    with pytest.raises(LaunchError, match="shard-SOL-1"):
+        check_layout(one)  # status, audit
+    check_layout(made, record=True)  # the layout it was made with is recorded
+    check_layout(made)
 
 
 def _platform(data_dir: Path) -> Platform:
