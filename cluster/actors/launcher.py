@@ -214,7 +214,7 @@ class Platform:
             mark = now
 
         env = export_serve_env(settings.port, settings.replica_slots, self.direct_ingress,
-                               settings.http_connections)
+                               settings.http_connections, self.host)
         joining = bool(settings.ray_address) and not ray.is_initialized()
         # a cluster someone else started has its own system config: this process reads the
         # platform's Ray settings from its environment, the actors it starts from their

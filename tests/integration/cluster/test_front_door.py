@@ -29,10 +29,10 @@ SERVE_PAGE = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r
               b"Content-Length: 21\r\n\r\nInternal Server Error")  # what Serve 2.60 writes
 
 
-def _config(directory: Path, port: int, backend_port: int) -> Path:
+def _config(directory: Path, port: int, backend_port: int, bind: str = "127.0.0.1") -> Path:
     """A config with what Serve 2.60's has of the settings at stake (its client timeout, for
-    WebSockets; its buffer size; splicing, which costs HAProxy files), fewer connections at
-    most (64, not 4,096)."""
+    WebSockets; its buffer size; splicing, which costs HAProxy files; ``bind`` its address
+    for the clients, its replicas at 127.0.0.1), fewer connections at most (64, not 4,096)."""
     page = directory / front_door.ERROR_PAGE
     page.write_bytes(SERVE_PAGE)
     config = directory / "haproxy.cfg"
@@ -50,7 +50,7 @@ defaults
     errorfile 503 {page}
     errorfile 504 {page}
 frontend http_frontend
-    bind 127.0.0.1:{port}
+    bind {bind}:{port}
     default_backend replicas
 backend replicas
     server replica1 127.0.0.1:{backend_port}
@@ -59,10 +59,13 @@ backend replicas
 
 
 @contextlib.contextmanager
-def _loopback_server(handle: Callable[[socket.socket], None]) -> Iterator[int]:
-    """A loopback TCP server calling ``handle`` on each connection (then closing it), in a
-    thread; yields its port."""
-    server = socket.create_server(("127.0.0.1", 0))
+def _loopback_server(handle: Callable[[socket.socket], None], host: str = "127.0.0.1"
+                     ) -> Iterator[int]:
+    """A TCP server on ``host`` (``::``: both families) calling ``handle`` on each connection
+    (then closing it), in a thread; yields its port."""
+    server = (socket.create_server((host, 0), family=socket.AF_INET6, dualstack_ipv6=True)
+              if host == "::" else socket.create_server(
+                  (host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET))
     server.settimeout(0.2)
     stop = threading.Event()
 
@@ -96,9 +99,10 @@ def hang_up_server() -> Iterator[int]:
         yield port
 
 
-def _haproxy(config: Path, port: int, command: str | None = None) -> subprocess.Popen[bytes]:
+def _haproxy(config: Path, port: int, command: str | None = None, host: str = "127.0.0.1"
+             ) -> subprocess.Popen[bytes]:
     """``command`` (by default ``shardex-haproxy``, as Serve runs it) on ``config``, listening
-    on ``port``."""
+    on ``port`` (of ``host``)."""
     env = {**os.environ, front_door.BINARY_VAR: front_door_command()}
     proc = subprocess.Popen([command or front_door_command(), "-db", "-f", str(config)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -106,7 +110,7 @@ def _haproxy(config: Path, port: int, command: str | None = None) -> subprocess.
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            socket.create_connection((host, port), timeout=0.2).close()
             return proc
         except OSError:
             time.sleep(0.05)
@@ -337,3 +341,46 @@ def test_connections_per_client_address_are_bounded(
         for s in held:
             s.close()
         stop_child(proc)
+
+
+@pytest.mark.parametrize("host", ["::", "::1"])
+def test_the_front_door_listens_and_forwards_on_the_hosts_addresses(
+        tmp_path: Path, host: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``HOST=::`` HAProxy answers IPv4 and IPv6 clients, as one replica does (Serve's
+    config binds ``*``: IPv4 only, so PORT refused every IPv6 client); with ``HOST=::1`` it
+    reaches the replicas on ``::1``, where they listen (Serve's config connects to 127.0.0.1,
+    and every request was a 503), from an address the replicas take X-Forwarded-For from."""
+    from cluster.actors.serve_app import front_door_sources
+    from cluster.http.limits import client_of
+
+    peers: list[str] = []
+    heads: list[bytes] = []
+
+    def answer(conn: socket.socket) -> None:
+        peers.append(conn.getpeername()[0])
+        conn.settimeout(5)
+        head = b""
+        while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
+            head += data
+        heads.append(head)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+
+    monkeypatch.setenv(front_door.HOST_VAR, host)
+    with _loopback_server(answer, host) as backend_port:
+        port = free_port()
+        serve_bind = "*" if host == "::" else host  # what Serve's template writes for HOST
+        proc = _haproxy(_config(tmp_path, port, backend_port, bind=serve_bind), port,
+                        host="::1")
+        try:
+            for client in (["127.0.0.1", "::1"] if host == "::" else ["::1"]):
+                url = f"http://[{client}]:{port}" if ":" in client else f"http://{client}:{port}"
+                with httpx.Client(base_url=url, timeout=10) as http:
+                    r = http.get("/api/v1/assets")
+                assert r.status_code == 200, (client, r.status_code, r.text)
+                forwarded = [line.split(b":", 1)[1].strip().decode() for line in
+                             heads[-1].lower().split(b"\r\n")
+                             if line.startswith(b"x-forwarded-for:")]
+                assert client_of(forwarded[-1]) == client_of(client), heads[-1]
+                assert peers[-1] in front_door_sources(host, "10.0.0.5"), peers
+        finally:
+            stop_child(proc)
