@@ -19,7 +19,7 @@ and ``positionUpdated`` (engine.messages.OpenPosition), ``positionClosed``
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 KEPT = 20_000
@@ -94,6 +94,10 @@ class AccountLog:
         if seq > last or seq < 0 or not mine or mine[0].seq > seq + 1:
             return None
         return [e for e in mine if e.seq > seq]
+
+    def newest_first(self, user: int) -> Iterator[AccountEvent]:
+        """``user``'s kept events, newest first."""
+        return reversed(self._by_user.get(user, ()))
 
     def after(self, version: int, limit: int) -> tuple[int, list[AccountEvent] | None]:
         """``(version now, up to limit events of all accounts after version)``; None instead of

@@ -490,9 +490,9 @@ class Forget:
 class ApplySettlements:
     """Apply ``shard``'s settlements exactly once, in seq order (see the module docstring),
     and store ``answers`` (clientOrderIds of the closes). ``opened``: positions that orders
-    filled among the items opened (those still open), each noted as its owner's
-    ``positionOpened`` after the fill when the fill is applied here. -> the last applied
-    seq."""
+    filled among the items opened, or that partial closes among them left open (those still
+    open), each noted as its owner's ``positionOpened`` after the fill, or ``positionUpdated``
+    after the partial close, when that item is applied here. -> the last applied seq."""
 
     shard: str
     items: tuple[SettlementItem, ...]
@@ -1399,9 +1399,35 @@ class LedgerMachine:
             events.insert(0, owed)
         # noted once per request (a resend after a lost answer notes nothing again); what it
         # made may have ended meanwhile, which apply looks at (the request completed anyway)
-        if request_id not in self._noted:
+        if request_id not in self._noted and not self._shown(c, request_id):
             events.append(AccountNoted(c.user, request_id, c.kind, _stored(c.body)))
         return None, events
+
+    def _shown(self, c: Note, request_id: int) -> bool:
+        """Whether ``c`` is what a partial close left open, noted already with the close's
+        delivery (and again by the close's own process): a ``positionUpdated``, of a request
+        holding nothing here (a lock or a removal's record, which only its note ends), whose
+        position's newest events are that partial close, then a ``positionUpdated`` with the
+        same terms (the PnL is marked at each read)."""
+        body = c.body
+        if c.kind != account_events.POSITION_UPDATED or not isinstance(body, OpenPosition) \
+                or request_id in self._recent_locks:
+            return False
+        newest: OpenPosition | None = None
+        for e in self.account_log.newest_first(c.user):
+            if not isinstance(e.body, OpenPosition | ClosedPosition) \
+                    or e.body.position_id != body.position_id:
+                continue
+            if newest is None:
+                if e.kind != account_events.POSITION_UPDATED or \
+                        not isinstance(e.body, OpenPosition):
+                    return False
+                newest = e.body
+                continue
+            return isinstance(e.body, ClosedPosition) and bool(e.body.partial) and \
+                newest._replace(unrealized_pnl_micros=0) == \
+                body._replace(unrealized_pnl_micros=0)
+        return False
 
     def _ended(self, user: int, body: OpenPosition | PendingOrder) -> bool:
         """Whether ``body``'s position closed whole (its close id is its id) or its order
@@ -1498,7 +1524,7 @@ class LedgerMachine:
                                if isinstance(record, EndedOrder)
                                else _settlement_event(c.shard, seq, record)
                                for seq, record in run]
-        events = self._with_fill_notes(c.opened, events)
+        events = self._with_position_notes(c.opened, events)
         events.extend(self._answer_events(c.answers, now_us))
         return self._applied_seq.get(c.shard, 0) + len(run), events
 
@@ -1531,39 +1557,54 @@ class LedgerMachine:
             seq += 1
         return run, None, sorted(s for s in pool if s > seq)
 
-    def _with_fill_notes(self, opened: Sequence[OpenPosition], events: list[Event]
-                         ) -> list[Event]:
+    def _with_position_notes(self, opened: Sequence[OpenPosition], events: list[Event]
+                             ) -> list[Event]:
         """``events`` with, right after each fill, the ``positionOpened`` note of the position
         it opened (request id 0: a fill is applied once, by its seq): as ``opened`` lists it,
         or, when a close among ``events`` ended it (a later tick of the same shard call), with
         the terms it closed with and an unrealized PnL of 0. Each order's ``orderFilled`` is
-        followed by its position's ``positionOpened``, also when one tick filled several."""
+        followed by its position's ``positionOpened``, also when one tick filled several. And
+        right after the last partial close of a position that ``opened`` lists (no close among
+        ``events`` ended it), the ``positionUpdated`` note of what stays open of it, so the
+        rest is told whoever delivers the close (the process that closed it may have died
+        before noting it, and nothing else at the ledger knows of a close)."""
         filled = {(e.owner, e.position_id) for e in events
                   if isinstance(e, OrderSettled) and e.status == OrderStatus.FILLED}
-        if not filled:  # most batches: closes only
+        partial = {(e.owner, e.position_id): at for at, e in enumerate(events)
+                   if isinstance(e, SettlementApplied) and e.partial}  # -> the last one's place
+        if not filled and not partial:  # most batches: whole closes only
             return events
         closed = {(e.owner, e.close_id): e for e in events
                   if isinstance(e, SettlementApplied) and not e.partial}
         notes: dict[tuple[int, int], Event] = {}
+        rests: dict[int, Event] = {}  # place of a position's last partial close -> its rest
         for position in opened:
             key = (position.owner, position.position_id)
-            if type(position) is OpenPosition and key in filled and key not in closed \
-                    and key not in notes and not self._history.has(*key):
+            if type(position) is not OpenPosition or key in closed:
+                continue
+            if key in filled and key not in notes and not self._history.has(*key):
                 notes[key] = AccountNoted(position.owner, 0, account_events.POSITION_OPENED,
                                           _stored(position))
+            at = partial.get(key)
+            if at is not None and at not in rests:
+                rests[at] = AccountNoted(position.owner, 0, account_events.POSITION_UPDATED,
+                                         _stored(position))
         for key in filled & closed.keys():
             if not self._history.has(*key):
                 notes[key] = AccountNoted(key[0], 0, account_events.POSITION_OPENED,
                                           _stored(_OPENED_FROM_CLOSE(closed[key], 0)))
-        if not notes:
+        if not notes and not rests:
             return events
         out: list[Event] = []
-        for e in events:
+        for at, e in enumerate(events):
             out.append(e)
             if isinstance(e, OrderSettled) and e.status == OrderStatus.FILLED:
                 note = notes.pop((e.owner, e.position_id), None)
                 if note is not None:
                     out.append(note)
+            rest = rests.get(at)
+            if rest is not None:
+                out.append(rest)
         return out
 
     def _settlement_problem(self, c: ClosedPosition, margins: dict[int, int]) -> str | None:

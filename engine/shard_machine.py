@@ -369,8 +369,9 @@ class BooksView(NamedTuple):
 class OutboxView(NamedTuple):
     """The unacknowledged settlements (oldest first) and the shard's last settlement seq (a
     shard that restarted with an empty memory shows a ``last_seq`` below the ledger's);
-    ``opened``: the positions that fills among the items opened and that are still open (the
-    owner's account events show them after the fill)."""
+    ``opened``: the positions that fills among the items opened, or that partial closes among
+    them left open, and that are still open (the owner's account events show them after the
+    fill, or the partial close)."""
 
     items: list[SettlementItem]
     last_seq: int
@@ -896,18 +897,20 @@ class ShardMachine:
     # ----------------------------------------------------------------- reads
     def _read_outbox(self, command: Outbox, now_us: int) -> tuple[Any, Sequence[Event]]:
         items = list(self._outbox)
-        return OutboxView(items, self._last_seq, self._opened_by_fills(items)), ()
+        return OutboxView(items, self._last_seq, self._still_open(items)), ()
 
-    def _opened_by_fills(self, items: Sequence[SettlementItem]) -> tuple[OpenPosition, ...]:
-        """The positions still open that the fills among ``items`` opened; read with the
-        items in one call, so a delivery never has the fills without their positions."""
-        fills = {item.closed.position_id: item.closed.owner for item in items
-                 if isinstance(item.closed, EndedOrder)
-                 and item.closed.status == OrderStatus.FILLED}
-        if not fills:
+    def _still_open(self, items: Sequence[SettlementItem]) -> tuple[OpenPosition, ...]:
+        """The positions still open that the fills among ``items`` opened or their partial
+        closes left open; read with the items in one call, so a delivery never has a fill
+        without its position, nor a partial close without what stays open of it."""
+        wanted = {item.closed.position_id: item.closed.owner for item in items
+                  if (isinstance(item.closed, EndedOrder)
+                      and item.closed.status == OrderStatus.FILLED)
+                  or (isinstance(item.closed, ClosedPosition) and item.closed.partial)}
+        if not wanted:
             return ()
-        return tuple(p for positions in self.positions_of_many(sorted(set(fills.values())))
-                     for p in positions if fills.get(p.position_id) == p.owner)
+        return tuple(p for positions in self.positions_of_many(sorted(set(wanted.values())))
+                     for p in positions if wanted.get(p.position_id) == p.owner)
 
     def _read_positions(self, command: PositionsOf, now_us: int
                         ) -> tuple[Any, Sequence[Event]]:

@@ -21,10 +21,11 @@ serves, and a courier resumes each shard once more on its first delivery to it. 
 memory was lost (an in-memory host started again) then numbers its closes after the ledger's,
 instead of below it where the ledger would take them for resends.
 
-An order that filled opened a position the ledger has not seen: with the items, the courier sends
-the positions that fills among them opened and that are still open, which the shard's outbox
-answer carries (read in the same call as the items), so the owner's account events show the
-position after the fill.
+An order that filled opened a position the ledger has not seen, and a partial close left a
+position the ledger has no terms of: with the items, the courier sends the positions that fills
+among them opened, or partial closes among them left open, and that are still open, which the
+shard's outbox answer carries (read in the same call as the items), so the owner's account
+events show the position after the fill, or the partial close, whoever delivers it.
 
 Deliveries to one shard are coalesced: at most one runs at a time, and every caller that asks
 while one runs is served by the next one (which reads the outbox anew), so a close waiting for
@@ -39,7 +40,7 @@ from collections.abc import Mapping
 from cluster.actors.port import Port
 from cluster.trading.batcher import MicroBatcher
 from engine.ledger_machine import AppliedSeq, ApplySettlements
-from engine.messages import IdemKey, OpenPosition, SettlementItem
+from engine.messages import ClosedPosition, IdemKey, OpenPosition, SettlementItem
 from engine.results import Rejected
 from engine.shard_machine import AckOutbox, Outbox, OutboxView, ResumeSeq
 
@@ -105,9 +106,12 @@ class Courier:
         shard's next call. When the ledger still waits for earlier numbers (tick closes on
         their way), or has applied numbers past it (later closes delivered first, or a shard
         that lost its memory numbering below the ledger, whose item the ledger took for a
-        resend), the whole outbox is delivered instead. Returns the ledger's last applied
-        number."""
-        if shard_name not in self._resumed:  # numbering not confirmed yet: the full path
+        resend), the whole outbox is delivered instead; so is a partial close's, whose
+        outbox read carries what stays open of the position (the ledger numbers it among the
+        owner's events with the close, should this process die before noting it). Returns
+        the ledger's last applied number."""
+        if shard_name not in self._resumed or (
+                isinstance(item.closed, ClosedPosition) and item.closed.partial):
             return await self.deliver(shard_name, answer)
         applied = await self._apply(shard_name, (item,), () if answer is None else (answer,))
         if applied != item.seq:  # acknowledging item.seq could drop one never applied

@@ -1253,3 +1253,46 @@ async def test_a_retry_waits_while_the_shard_that_would_settle_it_is_down(make: 
     assert isinstance(pos, OpenPosition)
     assert await p.service.open_position(who, RETRIED) == pos
     assert await p.audit() == []
+
+
+@pytest.mark.parametrize("client_order_id", [None, "part-1"])
+@pytest.mark.parametrize("cut_at", ["settlement", "note"])
+async def test_the_rest_of_a_partial_close_whose_api_process_died_is_noted_with_its_close(
+        make: Make, cut_at: str, client_order_id: str | None) -> None:
+    """An API process dies during a partial close the shard made: with its settlement held on
+    the way to the ledger (the feed's delivery settles it), or settled, with the note of what
+    stays open held. The account's events show the rest, as the shard holds it, right after
+    the close's own events, once. Before, only the close's process noted it: the stream (and a
+    client following it) kept the position at its size, margin and liquidation price before
+    the close."""
+    p = make()
+    who = await sol_trader(p)
+    first = await p.service.open_position(who, sol_long())
+    pos = await p.service.open_position(who, sol_long())
+    assert isinstance(first, OpenPosition) and isinstance(pos, OpenPosition)
+    gate = Gated(p.ledger, ApplySettlements if cut_at == "settlement" else Note)
+    dying = make.service(p, ledger=gate)
+    if cut_at == "note":  # a courier that delivered before settles a close by itself
+        gate.opened.set()
+        assert isinstance(await dying.close_position(who, CloseOrder(first.position_id)),
+                          ClosedPosition)
+        gate.opened.clear()
+    since, _ = await p.service.account_events(who.user, None)
+    await dies_at(gate, dying, dying.close_position(
+        who, CloseOrder(pos.position_id, qty_steps=pos.qty_steps // 4,
+                        client_order_id=client_order_id)))
+    await p.push_tick("SOL", "100.00", "100.01")  # the feed delivers the shard's outbox
+    await swept(make, p)
+    rest = next(q for q in await positions_held(p, who) if q.position_id == pos.position_id)
+    assert rest.qty_steps == pos.qty_steps - pos.qty_steps // 4
+    _, events = await p.service.account_events(who.user, since)
+    assert events is not None
+    mine = [e for e in events if getattr(e.body, "position_id", None) == pos.position_id]
+    assert [e.kind for e in mine] == ["positionClosed", POSITION_UPDATED]
+    assert mine[-1].body == rest and mine[-1].seq == mine[0].seq + 2  # after close, balance
+    assert await p.audit() == []
+
+
+async def positions_held(p: Platform, who: Principal) -> list[OpenPosition]:
+    [[held]] = p.shard_of("SOL").execute_blocking([PositionsOf((who.user,))])
+    return list(held)
