@@ -161,8 +161,17 @@ def header_echo() -> Iterator[tuple[int, list[bytes]]]:
     """A loopback HTTP server answering 200 and keeping each request's head; yields its port
     and the heads."""
     heads: list[bytes] = []
+    with _loopback_server(_answer_keeping(heads)) as port:
+        yield port, heads
 
+
+def _answer_keeping(heads: list[bytes], peers: list[str] | None = None
+                    ) -> Callable[[socket.socket], None]:
+    """A connection's handler that answers 200 and keeps its request's head in ``heads``
+    (and the peer's address in ``peers``)."""
     def answer(conn: socket.socket) -> None:
+        if peers is not None:
+            peers.append(conn.getpeername()[0])
         conn.settimeout(5)
         head = b""
         while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
@@ -170,8 +179,7 @@ def header_echo() -> Iterator[tuple[int, list[bytes]]]:
         heads.append(head)
         conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
 
-    with _loopback_server(answer) as port:
-        yield port, heads
+    return answer
 
 
 def test_haproxy_appends_the_clients_address_to_x_forwarded_for(
@@ -355,18 +363,8 @@ def test_the_front_door_listens_and_forwards_on_the_hosts_addresses(
 
     peers: list[str] = []
     heads: list[bytes] = []
-
-    def answer(conn: socket.socket) -> None:
-        peers.append(conn.getpeername()[0])
-        conn.settimeout(5)
-        head = b""
-        while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
-            head += data
-        heads.append(head)
-        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
-
     monkeypatch.setenv(front_door.HOST_VAR, host)
-    with _loopback_server(answer, host) as backend_port:
+    with _loopback_server(_answer_keeping(heads, peers), host) as backend_port:
         port = free_port()
         serve_bind = "*" if host == "::" else host  # what Serve's template writes for HOST
         proc = _haproxy(_config(tmp_path, port, backend_port, bind=serve_bind), port,
