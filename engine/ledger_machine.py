@@ -596,6 +596,10 @@ class _Lock(NamedTuple):
     # (ReleaseExpected: margin_micros is what the removal will release)
 
 
+SHOWN_SCAN = 256
+"""How many of an account's newest events a note looks through for the same news told by a
+partial close's delivery (LedgerMachine._shown)."""
+
 _Decision = tuple[Any, Sequence[Event]]
 _NO_EVENTS: tuple[Event, ...] = ()
 
@@ -1408,13 +1412,16 @@ class LedgerMachine:
         delivery (and again by the close's own process): a ``positionUpdated``, of a request
         holding nothing here (a lock or a removal's record, which only its note ends), whose
         position's newest events are that partial close, then a ``positionUpdated`` with the
-        same terms (the PnL is marked at each read)."""
+        same terms (the PnL is marked at each read). Only the account's newest
+        :data:`SHOWN_SCAN` events are looked at: a TP/SL change of a position the account last
+        touched long ago is noted without scanning its whole kept log on the ledger's thread
+        (past them, a partial close's rest may be told twice, with the same terms)."""
         body = c.body
         if c.kind != account_events.POSITION_UPDATED or not isinstance(body, OpenPosition) \
                 or request_id in self._recent_locks:
             return False
         newest: OpenPosition | None = None
-        for e in self.account_log.newest_first(c.user):
+        for e in itertools.islice(self.account_log.newest_first(c.user), SHOWN_SCAN):
             if not isinstance(e.body, OpenPosition | ClosedPosition) \
                     or e.body.position_id != body.position_id:
                 continue
