@@ -55,6 +55,17 @@ def retry_after_s(exc: BaseException) -> float | None:
     return min(float(value), MAX_RETRY_AFTER_S)
 
 
+async def _discard(opening: asyncio.Future[ClientConnection]) -> None:
+    """Cancel a connection still opening (the library aborts a handshake cancelled midway) or
+    abort the one it opened."""
+    opening.cancel()  # a no-op once done
+    try:
+        ws = await opening
+    except (asyncio.CancelledError, Exception):
+        return
+    ws.transport.abort()
+
+
 class Backoff:
     """Jittered exponential backoff: ``initial_s * 2**attempt`` capped at ``max_s``, "full jitter"
     in ``[delay/2, delay]`` so many clients do not reconnect in lockstep."""
@@ -125,13 +136,10 @@ class BackpackClient:
         while not stop.is_set():
             asked_s: float | None = None
             try:
-                async with websockets.connect(
-                    self.url,
-                    open_timeout=self.open_timeout_s,
-                    ping_interval=self.ping_interval_s,
-                    close_timeout=CLOSE_TIMEOUT_S,
-                    max_size=2**22,
-                ) as ws:
+                opened = await self._open(stop)
+                if opened is None:  # stopped during the handshake
+                    return
+                async with opened as ws:
                     self.connects += 1
                     self.connected = True
                     self.normalizer.reset_sequences()
@@ -160,6 +168,29 @@ class BackpackClient:
             log.info("backpack: reconnecting in %.2f s", delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
+
+    async def _open(self, stop: asyncio.Event) -> ClientConnection | None:
+        """A new connection (its handshake bounded by ``open_timeout_s``), or None when ``stop``
+        is set first: a stop does not wait for a server that does not answer the upgrade."""
+        opening = asyncio.ensure_future(websockets.connect(
+            self.url,
+            open_timeout=self.open_timeout_s,
+            ping_interval=self.ping_interval_s,
+            close_timeout=CLOSE_TIMEOUT_S,
+            max_size=2**22,
+        ))
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({opening, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled: nothing is left open behind
+            await _discard(opening)
+            raise
+        finally:
+            stopper.cancel()
+        if opening.done():
+            return opening.result()
+        await _discard(opening)
+        return None
 
     async def _frames(self, ws: ClientConnection,
                       stop: asyncio.Event) -> AsyncIterator[MarketDataMessage]:

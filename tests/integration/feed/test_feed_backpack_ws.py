@@ -278,3 +278,43 @@ async def test_a_server_that_closes_after_each_price_is_backed_off() -> None:
         assert [m async for m in messages] == []
     assert len(got) == 4 and connections == [1, 2, 3, 4]
     assert client.backoff.attempt == 3  # one doubling per connection closed so far
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_stop_during_a_handshake_the_server_never_answers_ends_the_source_at_once(
+        ) -> None:
+    """A server that takes the connection but never answers the upgrade (a stalled proxy or
+    load balancer): a stop set meanwhile waited for the whole handshake timeout (10 s, what the
+    launcher allows the feed's thread to stop in), the source deaf to it."""
+    asked = asyncio.Event()
+    never = asyncio.Event()
+
+    async def process_request(conn: ServerConnection, request: Any) -> Any:
+        asked.set()
+        await never.wait()
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.wait_closed()
+
+    async with websockets.serve(handler, "127.0.0.1", 0, process_request=process_request) \
+            as server:
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        client = BackpackClient(url, Settings().assets)  # the default 10 s handshake timeout
+        assert client.open_timeout_s == 10.0
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        async def consume() -> list[object]:
+            return [m async for m in client.stream(stop)]
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(asked.wait(), 10)
+        stopped = loop.time()
+        stop.set()
+        got = await asyncio.wait_for(task, 5)
+        elapsed = loop.time() - stopped
+        never.set()
+    assert got == [] and client.connects == 0
+    assert elapsed < 1.0, elapsed
+
