@@ -34,6 +34,8 @@ ERROR_LOG_EVERY_S = 60.0  # error frames after the first are logged at most this
 # A connection whose prices came this long resets the backoff; one that a server closes after
 # a price or two does not, or such a server would be asked again every initial delay for ever.
 STABLE_S = 10.0
+# What a lost or refused connection raises; anything else is logged with its traceback too.
+NETWORK_ERRORS = (OSError, TimeoutError, websockets.exceptions.WebSocketException)
 
 
 def retry_after_s(exc: BaseException) -> float | None:
@@ -151,10 +153,14 @@ class BackpackClient:
                         if time.monotonic() - opened_s >= STABLE_S:
                             self.backoff.reset()
                         yield msg
-            except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
+            except Exception as exc:
+                # Whatever a connection fails with is a failed connection, backed off: the
+                # library also raises ValueError (a redirect to an address it cannot parse),
+                # which ended the source, so a restart every second skipped the backoff and
+                # ``auto`` never fell back to sim.
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("backpack: connection to %s lost: %s", self.shown_url,
-                            self.last_error)
+                            self.last_error, exc_info=not isinstance(exc, NETWORK_ERRORS))
                 asked_s = retry_after_s(exc)
             finally:
                 if self.connected:

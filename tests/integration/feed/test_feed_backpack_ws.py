@@ -21,6 +21,8 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka import TopicPartition
 from cluster.config import Settings
 from feed.backpack import BackpackClient
+from feed.source import AutoSource
+from feed.source import make_source
 from feed.source import run_source
 from websockets.asyncio.server import ServerConnection
 
@@ -318,3 +320,48 @@ async def test_a_stop_during_a_handshake_the_server_never_answers_ends_the_sourc
     assert got == [] and client.connects == 0
     assert elapsed < 1.0, elapsed
 
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_redirect_to_an_address_that_cannot_be_parsed_is_backed_off_and_auto_falls_back(
+        ) -> None:
+    """A handshake answered with a redirect to ``ws://127.0.0.1:99999/`` (a port no address
+    has): the WebSocket library raises ValueError, which no reconnect caught. The Backpack
+    source ended with it: run alone it was started again every second without its backoff,
+    and under ``auto`` it ended the auto source before its wait was over, so the fallback to
+    the simulated prices never came (the platform had no price at all)."""
+    attempts: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    def process_request(conn: ServerConnection, request: Any) -> Any:
+        attempts.append(loop.time())
+        response = conn.respond(302, "moved\n")
+        response.headers["Location"] = "ws://127.0.0.1:99999/"
+        return response
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.wait_closed()
+
+    async with websockets.serve(handler, "127.0.0.1", 0, process_request=process_request) \
+            as server:
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        client = BackpackClient(url, Settings().assets, backoff_initial_s=0.2,
+                                backoff_max_s=10.0)
+        stop = asyncio.Event()
+        loop.call_later(1.5, stop.set)
+        assert [m async for m in client.stream(stop)] == []
+        # attempts at 0, then after 0.1-0.2, 0.2-0.4 and 0.4-0.8 s more: at most four
+        assert 2 <= len(attempts) <= 4, attempts
+        assert "ValueError" in (client.last_error or "") and client.connects == 0
+
+        attempts.clear()
+        source = make_source(Settings(backpack_ws_url=url), "auto?wait=1&rate=20")
+        assert isinstance(source, AutoSource)
+        stop = asyncio.Event()
+        got = []
+        async for msg in source.stream(stop):
+            got.append(msg)
+            if len(got) == 5:
+                stop.set()
+    assert source.name == "sim" and {m.source for m in got} == {"sim"}
+    assert attempts  # the Backpack server was asked first
