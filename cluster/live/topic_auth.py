@@ -27,11 +27,17 @@ TAG_BYTES = 32  # an HMAC-SHA256
 @dataclass(frozen=True, slots=True)
 class SignedTopic:
     """Where signed messages go: Kafka ``bootstrap``, ``topic``, and the ``secret`` their tags
-    are keyed with (left out of the repr: it must not reach a log)."""
+    are keyed with (left out of the repr: it must not reach a log). A secret shorter than
+    :data:`SECRET_BYTES` is refused: a reader keyed with none (b"") would verify any tag that
+    anyone made with the same empty key."""
 
     bootstrap: str
     topic: str
     secret: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.secret, bytes) or len(self.secret) < SECRET_BYTES:
+            raise ValueError(f"a signed topic needs a secret of at least {SECRET_BYTES} bytes")
 
 
 def new_secret() -> bytes:

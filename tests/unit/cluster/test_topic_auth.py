@@ -78,3 +78,15 @@ def test_the_ledger_publishes_only_signed_and_its_spec_shows_no_secret() -> None
     assert ledger.publish == SignedTopic("127.0.0.1:9092", settings.account_topic, SECRET)
     assert all(spec.publish is None for spec in shards.values())
     assert repr(SECRET) not in repr(ledger) and "secret" not in repr(ledger)
+
+
+@pytest.mark.parametrize("secret", [b"", bytes(SECRET_BYTES - 1)], ids=["empty", "a byte short"])
+def test_a_topic_without_a_whole_secret_is_refused(secret: bytes) -> None:
+    """A reader given no secret (the launcher's default before its start makes one) would take
+    as the ledger's whatever anyone tagged with that same empty key: no reader or writer of a
+    signed topic is built without a secret of SECRET_BYTES."""
+    [(_, forged)] = encode_account_events([AccountEvent(17, 3, 40, BALANCE, Balance(10**12, 0))])
+    assert authentic(b"", KEY, forged, [(MAC_HEADER, sign(b"", KEY, forged))])
+    with pytest.raises(ValueError, match="secret"):
+        SignedTopic("127.0.0.1:9092", "shardex-account-events", secret)
+    assert SignedTopic("127.0.0.1:9092", "shardex-account-events", SECRET).secret == SECRET
