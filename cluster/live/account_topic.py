@@ -10,7 +10,12 @@ again: the embedded broker trims it). The topic is not trusted: anyone who can p
 Kafka can write to it, so a message whose tag does not verify (cluster.live.topic_auth: not
 signed by the ledger's host with this run's secret) is dropped and counted before it is read,
 and so is what is not an account event; a forged event never reaches a connection, and the
-real one with its seq then comes as the next.
+real one with its seq then comes as the next. A record batch the Kafka client cannot decode
+(corrupt, or not in the codec it names: anyone can produce one) counts as one message whose tag
+did not verify, and its partition is read on from its end: the client stays at such a batch,
+so every read would fail on it, and starting over at the newest would have every subscription
+read its account from the ledger again. What the partition held after it is brought by the
+checks of cluster.live.account_stream, as any event the topic lost.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ import logging
 import time
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
 
 from cluster.live.topic_auth import SignedTopic, authentic
 from engine.account_events import AccountEvent
 from engine.ledger_machine import decode_account_events
 from feed.clients import stop_client
-from feed.consumer import recreated_partitions
+from feed.consumer import recreated_partitions, undecodable
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,7 @@ FETCH_WAIT_MS = 250
 READ_TIMEOUT_MS = 1000
 PARTITION_CHECK_S = 5.0  # how often the topic's partitions are looked up again
 MAX_RECORDS = 5000
+POSITION_WAIT_S = 0.01  # a partition's position is known at once unless it is being reset
 
 
 class TopicTail:
@@ -51,7 +59,8 @@ class TopicTail:
         self._consumer: AIOKafkaConsumer | None = None
         self._check_at = 0.0
         self.malformed = 0  # items that were not account events (in signed messages)
-        self.unauthenticated = 0  # messages whose tag did not verify
+        self.unauthenticated = 0  # messages whose tag did not verify (or batches unread)
+        self._next: dict[TopicPartition, int] = {}  # after the newest record read
 
     async def read(self) -> list[AccountEvent] | None:
         consumer = self._consumer
@@ -76,15 +85,22 @@ class TopicTail:
             if not consumer.assignment():
                 await asyncio.sleep(READ_TIMEOUT_MS / 1000)
                 return []
-            batch = await consumer.getmany(timeout_ms=READ_TIMEOUT_MS,
-                                           max_records=MAX_RECORDS)
+            try:
+                batch = await consumer.getmany(timeout_ms=READ_TIMEOUT_MS,
+                                               max_records=MAX_RECORDS)
+            except Exception as exc:
+                if not undecodable(exc):
+                    raise
+                batch = await self._step_past_undecodable(consumer)
         except BaseException:
             await self.close()  # rebuilt by the next read, which starts at the newest again
             raise
         if await self._recreated(consumer):
             return None  # the topic was created again (trimmed): what it had is gone
         events: list[AccountEvent] = []
-        for records in batch.values():
+        for tp, records in batch.items():
+            if records:
+                self._next[tp] = records[-1].offset + 1
             for record in records:
                 if not authentic(self._secret, record.key, record.value, record.headers):
                     self.unauthenticated += 1
@@ -93,6 +109,36 @@ class TopicTail:
                 events.extend(decoded)
                 self.malformed += malformed
         return events
+
+    async def _step_past_undecodable(self, consumer: AIOKafkaConsumer
+                                     ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        """After a read failed on a record batch the client cannot decode: each partition with
+        records left read on its own, one that fails so moved to its end and counted in
+        ``unauthenticated``; the records the others gave. (The failed read may have taken
+        other partitions' records and lost them: those are read again from the last read.)"""
+        for tp in consumer.assignment():
+            if tp in self._next:
+                consumer.seek(tp, self._next[tp])
+        batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
+        for tp in sorted(consumer.assignment()):
+            hw = consumer.highwater(tp)
+            position = await _position(consumer, tp)
+            if hw is None or position is None or position >= hw:
+                continue
+            try:
+                batch.update(await consumer.getmany(tp, timeout_ms=READ_TIMEOUT_MS,
+                                                    max_records=MAX_RECORDS))
+            except Exception as exc:
+                if not undecodable(exc):
+                    raise
+                end = consumer.highwater(tp)  # (the failed fetch's: past the batch)
+                self.unauthenticated += 1
+                log.warning("account topic: an undecodable record batch at %s[%d] offset %s "
+                            "skipped: %r", tp.topic, tp.partition, position, exc)
+                if end is not None:
+                    consumer.seek(tp, end)
+                    self._next[tp] = end
+        return batch
 
     async def _assign(self, consumer: AIOKafkaConsumer) -> bool:
         """Assign the topic's partitions if they changed (new ones read from their end);
@@ -104,7 +150,12 @@ class TopicTail:
         if not partitions or partitions == current:
             return False
         consumer.assign(sorted(partitions))
-        await consumer.seek_to_end(*partitions)
+        await consumer.seek_to_end(*partitions)  # (returns once the positions are known)
+        self._next.clear()
+        for tp in partitions:
+            position = await _position(consumer, tp)
+            if position is not None:
+                self._next[tp] = position
         return True
 
     async def _recreated(self, consumer: AIOKafkaConsumer) -> bool:
@@ -113,13 +164,24 @@ class TopicTail:
         behind = await recreated_partitions(consumer)
         for tp, end in behind.items():
             consumer.seek(tp, end)  # (not seek_to_end: a lazy reset can race the recreation)
+            self._next[tp] = end
         return bool(behind)
 
     async def close(self) -> None:
         consumer, self._consumer = self._consumer, None
         self._check_at = 0.0
+        self._next.clear()
         if consumer is not None:
             await stop_client(consumer)
+
+
+async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """``tp``'s position, or None while it is being reset."""
+    try:
+        async with asyncio.timeout(POSITION_WAIT_S):
+            return await consumer.position(tp)
+    except (TimeoutError, KafkaError):
+        return None
 
 
 __all__ = ["TopicTail"]

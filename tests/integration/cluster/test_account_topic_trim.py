@@ -1,16 +1,22 @@
 """The account events' topic on the embedded broker, kept short like the market data's: the
 publisher goes on producing across the topic's recreation, and a replica's reader of the topic
 (TopicTail) says it restarted (None: its subscriptions read what they missed from the ledger),
-then reads what comes after; a message that is not account events, or not signed with the
-run's secret, is counted, and the events read with it still arrive."""
+then reads what comes after; a message that is not account events, not signed with the run's
+secret, or in a record batch the client cannot decode, is counted, and the events read with it
+still arrive."""
 
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka import TopicPartition
+from aiokafka.protocol.produce import ProduceRequest
+from aiokafka.record._crc32c import crc as crc32c
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from cluster.actors.publisher import Publisher
 from cluster.live.account_topic import TopicTail
 from cluster.live.topic_auth import MAC_HEADER
@@ -130,6 +136,63 @@ async def test_a_message_not_signed_with_the_runs_secret_is_dropped_and_counted(
         publisher.offer([(key, real)])
         reads = await _read_until(tail, lambda rs: sum(len(r or ()) for r in rs) >= 1)
         assert [e for r in reads for e in r or ()] == _events(7, 1, 1)
+        assert (tail.unauthenticated, tail.malformed) == (3, 0)
+    finally:
+        await producer.stop()
+        publisher.close()
+        await tail.close()
+
+
+def _signed_batch(events: list[AccountEvent], codec: int = 0) -> bytes:
+    """A v2 record batch of ``events``' messages, signed with the run's secret; with ``codec``
+    (a compression codec id) its attributes name that codec though its records are not
+    compressed with it (a valid CRC): no client can decode it."""
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=False,
+                                        producer_id=-1, producer_epoch=-1, base_sequence=-1,
+                                        batch_size=1 << 20)
+    for i, (key, value) in enumerate(encode_account_events(events)):
+        builder.append(i, timestamp=None, key=key, value=value,
+                       headers=[(MAC_HEADER, sign(SECRET, key, value))])
+    buf = bytearray(builder.build())
+    if codec:
+        # attributes at byte 21; the CRC-32C at byte 17 covers everything from them on
+        struct.pack_into(">h", buf, 21, struct.unpack_from(">h", buf, 21)[0] | codec)
+        struct.pack_into(">I", buf, 17, crc32c(bytes(buf[21:])))
+    return bytes(buf)
+
+
+async def test_a_record_batch_no_client_can_decode_is_stepped_past_and_counted(
+        kafka_broker: str) -> None:
+    """Anyone may produce to the topic, also a record batch the Kafka client cannot decode: the
+    reader counts it and reads on, the records fetched with it from another partition included,
+    rather than failing and starting over at the newest (every subscription then reads its
+    account from the ledger again: a ledger read per connection per such batch)."""
+    topic = f"account-events-undecodable-{free_port()}"
+    await ensure_topic(kafka_broker, 2, topic)
+    tail = TopicTail(SignedTopic(kafka_broker, topic, SECRET))
+    publisher = Publisher(kafka_broker, topic, SECRET)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker)
+    await producer.start()
+    try:
+        await _read_until(tail, lambda reads: None in reads)
+        await producer.client.force_metadata_update()
+        leader = producer.client.cluster.leader_for_partition(TopicPartition(topic, 0))
+        lz4 = 3
+        for round_ in range(3):
+            good = _signed_batch(_events(7, 1 + round_, 1))
+            bad = _signed_batch(_events(8, 1 + round_, 1), codec=lz4)
+            # one request, so that one fetch is likely to see both
+            await producer.client.send(leader, ProduceRequest(
+                transactional_id=None, required_acks=1, timeout=5000,
+                topics=[(topic, [(round_ % 2, good), (1 - round_ % 2, bad)])]))
+            reads = await _read_until(
+                tail, lambda rs, n=round_: any(e.seq == n + 1 for r in rs for e in r or ()))
+            assert None not in reads
+            assert [e.user for r in reads for e in r or ()] == [7]
+        await _read_until(tail, lambda rs: tail.unauthenticated >= 3)
+        publisher.offer(encode_account_events(_events(7, 4, 1)))
+        reads = await _read_until(tail, lambda rs: any(e.seq == 4 for r in rs for e in r or ()))
+        assert None not in reads
         assert (tail.unauthenticated, tail.malformed) == (3, 0)
     finally:
         await producer.stop()
