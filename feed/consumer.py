@@ -50,9 +50,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
@@ -121,13 +122,42 @@ def undecodable(exc: BaseException) -> bool:
         isinstance(exc, Exception) and not isinstance(exc, KafkaError))
 
 
-async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+async def position_of(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
     """``tp``'s position, or None while it is being reset."""
     try:
         async with asyncio.timeout(POSITION_WAIT_S):
             return await consumer.position(tp)
     except (TimeoutError, KafkaError):
         return None
+
+
+async def read_past_undecodable(
+        consumer: AIOKafkaConsumer, delivered: Mapping[TopicPartition, int], max_records: int,
+        step_past: Callable[[TopicPartition, int | None, int | None, BaseException], None],
+) -> dict[TopicPartition, list[Any]]:
+    """After a read of ``consumer`` failed on a record batch the client cannot decode
+    (:func:`undecodable`): every partition goes back to its ``delivered`` offset (the failed
+    read may have taken other partitions' records, which went with it), then each with
+    records left is read on its own; for one that fails so, ``step_past(tp, stopped, end,
+    exc)`` (where the client stopped: the bad batch's first offset, and the partition's end,
+    either None when unknown) moves it past the batch. Returns the records the others gave."""
+    for tp in consumer.assignment():
+        if tp in delivered:
+            consumer.seek(tp, delivered[tp])
+    batch: dict[TopicPartition, list[Any]] = {}
+    for tp in sorted(consumer.assignment()):
+        hw = consumer.highwater(tp)
+        position = await position_of(consumer, tp)
+        if hw is None or position is None or position >= hw:
+            continue
+        try:
+            batch.update(await consumer.getmany(tp, timeout_ms=PROBE_TIMEOUT_MS,
+                                                max_records=max_records))
+        except Exception as exc:
+            if not undecodable(exc):
+                raise
+            step_past(tp, await position_of(consumer, tp), consumer.highwater(tp), exc)
+    return batch
 
 
 async def recreated_partitions(consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
@@ -142,7 +172,7 @@ async def recreated_partitions(consumer: AIOKafkaConsumer) -> dict[TopicPartitio
         # The consumer's own position, not the last offset read: a seek made while the topic
         # was being recreated was seen undone (a reassignment positioned from a stale
         # ListOffsets answer), leaving the partition waiting past its new end.
-        position = await _position(consumer, tp)
+        position = await position_of(consumer, tp)
         if position is None:  # being reset: its next fetch tells
             continue
         if hw < position:
@@ -410,12 +440,9 @@ class MarketDataConsumer:
                 raise
             # the client keeps its position at the batch it cannot read: polled again (or by a
             # rebuilt consumer, from the same offset) it fails again, and no record of any
-            # partition is read any more. The records the failed poll had already taken from
-            # other partitions are gone with it: those are read again from the last delivered.
-            for tp in consumer.assignment():
-                if tp in self._next_offset:
-                    consumer.seek(tp, self._next_offset[tp])
-            batch = await self.skip_undecodable(consumer)
+            # partition is read any more
+            batch = await read_past_undecodable(consumer, self._next_offset, self.max_batch,
+                                                functools.partial(self._step_past, consumer))
         self.polls += 1
         read = 0
         if batch:
@@ -438,38 +465,21 @@ class MarketDataConsumer:
         await self.reposition_recreated(consumer)
         return read
 
-    async def skip_undecodable(self, consumer: AIOKafkaConsumer
-                               ) -> dict[TopicPartition, list[Any]]:
-        """After a poll failed on records it could not decode (:func:`undecodable`): read
-        each partition with records left on its own, and move one that fails so to its newest
-        record, past the batch it cannot read (to its end if that batch holds the newest),
-        counting the batch in ``undecodable``; returns the records the others gave."""
-        batch: dict[TopicPartition, list[Any]] = {}
-        for tp in sorted(consumer.assignment()):
-            hw = consumer.highwater(tp)
-            position = await _position(consumer, tp)
-            if hw is None or position is None or position >= hw:
-                continue
-            try:
-                batch.update(await consumer.getmany(tp, timeout_ms=PROBE_TIMEOUT_MS,
-                                                    max_records=self.max_batch))
-            except Exception as exc:
-                if not undecodable(exc):
-                    raise
-                # where the client stopped: the bad batch's first offset
-                position = await _position(consumer, tp)
-                hw = consumer.highwater(tp)
-                if position is None or hw is None:
-                    continue
-                # a batch holding the newest record fails again at hw - 1: counted once
-                if position >= self._undecodable_end.get(tp, 0):
-                    self.undecodable += 1
-                self._undecodable_end[tp] = hw
-                self.last_error = f"undecodable records at {tp.topic}[{tp.partition}] " \
-                    f"offset {position}: {exc!r}"
-                log.warning("feed consumer: %s; skipped", self.last_error)
-                self._seek(consumer, tp, max(position + 1, hw - 1))  # where a rebuild resumes
-        return batch
+    def _step_past(self, consumer: AIOKafkaConsumer, tp: TopicPartition, stopped: int | None,
+                   hw: int | None, exc: BaseException) -> None:
+        """Move ``tp`` past the batch it cannot read at ``stopped`` to its newest record
+        (:func:`read_past_undecodable`; to its end if that batch holds the newest), counting
+        the batch in ``undecodable``."""
+        if stopped is None or hw is None:
+            return
+        # a batch holding the newest record fails again at hw - 1: counted once
+        if stopped >= self._undecodable_end.get(tp, 0):
+            self.undecodable += 1
+        self._undecodable_end[tp] = hw
+        self.last_error = f"undecodable records at {tp.topic}[{tp.partition}] " \
+            f"offset {stopped}: {exc!r}"
+        log.warning("feed consumer: %s; skipped", self.last_error)
+        self._seek(consumer, tp, max(stopped + 1, hw - 1))  # where a rebuild resumes
 
     # -- the shard calls -------------------------------------------------------------------
     def pump(self) -> None:

@@ -21,18 +21,17 @@ checks of cluster.live.account_stream, as any event the topic lost.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
-from aiokafka.structs import ConsumerRecord
 
 from cluster.live.topic_auth import SignedTopic, authentic
 from engine.account_events import AccountEvent
 from engine.ledger_machine import decode_account_events
 from feed.clients import stop_client
-from feed.consumer import recreated_partitions, undecodable
+from feed.consumer import position_of, read_past_undecodable, recreated_partitions, undecodable
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,6 @@ FETCH_WAIT_MS = 250
 READ_TIMEOUT_MS = 1000
 PARTITION_CHECK_S = 5.0  # how often the topic's partitions are looked up again
 MAX_RECORDS = 5000
-POSITION_WAIT_S = 0.01  # a partition's position is known at once unless it is being reset
 
 
 class TopicTail:
@@ -91,7 +89,8 @@ class TopicTail:
             except Exception as exc:
                 if not undecodable(exc):
                     raise
-                batch = await self._step_past_undecodable(consumer)
+                batch = await read_past_undecodable(consumer, self._next, MAX_RECORDS,
+                                                    functools.partial(self._step_past, consumer))
         except BaseException:
             await self.close()  # rebuilt by the next read, which starts at the newest again
             raise
@@ -110,35 +109,16 @@ class TopicTail:
                 self.malformed += malformed
         return events
 
-    async def _step_past_undecodable(self, consumer: AIOKafkaConsumer
-                                     ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
-        """After a read failed on a record batch the client cannot decode: each partition with
-        records left read on its own, one that fails so moved to its end and counted in
-        ``unauthenticated``; the records the others gave. (The failed read may have taken
-        other partitions' records and lost them: those are read again from the last read.)"""
-        for tp in consumer.assignment():
-            if tp in self._next:
-                consumer.seek(tp, self._next[tp])
-        batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
-        for tp in sorted(consumer.assignment()):
-            hw = consumer.highwater(tp)
-            position = await _position(consumer, tp)
-            if hw is None or position is None or position >= hw:
-                continue
-            try:
-                batch.update(await consumer.getmany(tp, timeout_ms=READ_TIMEOUT_MS,
-                                                    max_records=MAX_RECORDS))
-            except Exception as exc:
-                if not undecodable(exc):
-                    raise
-                end = consumer.highwater(tp)  # (the failed fetch's: past the batch)
-                self.unauthenticated += 1
-                log.warning("account topic: an undecodable record batch at %s[%d] offset %s "
-                            "skipped: %r", tp.topic, tp.partition, position, exc)
-                if end is not None:
-                    consumer.seek(tp, end)
-                    self._next[tp] = end
-        return batch
+    def _step_past(self, consumer: AIOKafkaConsumer, tp: TopicPartition, stopped: int | None,
+                   end: int | None, exc: BaseException) -> None:
+        """Move ``tp`` past a record batch the client cannot decode, to its end (the failed
+        fetch's), counting it in ``unauthenticated`` (feed.consumer.read_past_undecodable)."""
+        self.unauthenticated += 1
+        log.warning("account topic: an undecodable record batch at %s[%d] offset %s skipped: "
+                    "%r", tp.topic, tp.partition, stopped, exc)
+        if end is not None:
+            consumer.seek(tp, end)
+            self._next[tp] = end
 
     async def _assign(self, consumer: AIOKafkaConsumer) -> bool:
         """Assign the topic's partitions if they changed (new ones read from their end);
@@ -153,7 +133,7 @@ class TopicTail:
         await consumer.seek_to_end(*partitions)  # (returns once the positions are known)
         self._next.clear()
         for tp in partitions:
-            position = await _position(consumer, tp)
+            position = await position_of(consumer, tp)
             if position is not None:
                 self._next[tp] = position
         return True
@@ -173,15 +153,6 @@ class TopicTail:
         self._next.clear()
         if consumer is not None:
             await stop_client(consumer)
-
-
-async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
-    """``tp``'s position, or None while it is being reset."""
-    try:
-        async with asyncio.timeout(POSITION_WAIT_S):
-            return await consumer.position(tp)
-    except (TimeoutError, KafkaError):
-        return None
 
 
 __all__ = ["TopicTail"]
