@@ -84,6 +84,13 @@ class FakeBackpack:
         await ws.wait_closed()
 
 
+def served_client(server: Any, **options: float) -> BackpackClient:
+    """A client of ``server`` (a loopback websockets server; ``options``: its backoff and
+    timings)."""
+    return BackpackClient(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}",
+                          Settings().assets, **options)
+
+
 @pytest.mark.asyncio
 @pytest.mark.timeout(60)
 async def test_client_publishes_exactly_the_valid_prices_in_order(kafka_broker: str) -> None:
@@ -155,9 +162,8 @@ async def test_a_stream_that_answers_pings_but_sends_nothing_is_made_again() -> 
         await ws.wait_closed()
 
     async with websockets.serve(handler, "127.0.0.1", 0) as server:
-        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        client = BackpackClient(url, Settings().assets, backoff_initial_s=0.05,
-                                backoff_max_s=0.2, ping_interval_s=0.2, silence_s=1.0)
+        client = served_client(server, backoff_initial_s=0.05, backoff_max_s=0.2,
+                               ping_interval_s=0.2, silence_s=1.0)
         stop = asyncio.Event()
         started = asyncio.get_running_loop().time()
         messages = client.stream(stop)
@@ -237,9 +243,7 @@ async def test_a_refusal_with_retry_after_is_followed_and_error_frames_do_not_fl
     caplog.set_level("INFO", logger="feed.backpack")
     async with websockets.serve(handler, "127.0.0.1", 0, process_request=process_request) \
             as server:
-        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        client = BackpackClient(url, Settings().assets, backoff_initial_s=0.05,
-                                backoff_max_s=0.1)
+        client = served_client(server, backoff_initial_s=0.05, backoff_max_s=0.1)
         stop = asyncio.Event()
         messages = client.stream(stop)
         got = await anext(messages)
@@ -270,9 +274,7 @@ async def test_a_server_that_closes_after_each_price_is_backed_off() -> None:
         await ws.close()
 
     async with websockets.serve(handler, "127.0.0.1", 0) as server:
-        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        client = BackpackClient(url, Settings().assets, backoff_initial_s=0.01,
-                                backoff_max_s=1.0)
+        client = served_client(server, backoff_initial_s=0.01, backoff_max_s=1.0)
         stop = asyncio.Event()
         messages = client.stream(stop)
         got = [await anext(messages) for _ in range(4)]
@@ -301,8 +303,7 @@ async def test_a_stop_during_a_handshake_the_server_never_answers_ends_the_sourc
 
     async with websockets.serve(handler, "127.0.0.1", 0, process_request=process_request) \
             as server:
-        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        client = BackpackClient(url, Settings().assets)  # the default 10 s handshake timeout
+        client = served_client(server)  # the default 10 s handshake timeout
         assert client.open_timeout_s == 10.0
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -344,9 +345,8 @@ async def test_a_redirect_to_an_address_that_cannot_be_parsed_is_backed_off_and_
 
     async with websockets.serve(handler, "127.0.0.1", 0, process_request=process_request) \
             as server:
-        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        client = BackpackClient(url, Settings().assets, backoff_initial_s=0.2,
-                                backoff_max_s=10.0)
+        client = served_client(server, backoff_initial_s=0.2, backoff_max_s=10.0)
+        url = client.url
         stop = asyncio.Event()
         loop.call_later(1.5, stop.set)
         assert [m async for m in client.stream(stop)] == []
