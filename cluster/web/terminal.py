@@ -21,6 +21,19 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 _TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html",
           ".md": "text/plain", "": "text/plain"}
 _HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+_NOT_FRAMED = {"X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+# the <style> the chart library adds for its attribution link (the link its license asks for):
+# its hash, as the page allows no other inline style
+_CHART_STYLE = "'sha256-3pRED1tOXas1FXFoPb9TGCjmYe9XQsmO9OV23khV2nY='"
+_PAGE_HEADERS = {
+    **_HEADERS, **_NOT_FRAMED,
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; "
+                               f"style-src 'self' {_CHART_STYLE}; img-src 'self' data:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'"}
+# Swagger UI's page starts itself with an inline script: only its framing is bound
+_DOCS_HEADERS = {**_NOT_FRAMED, "X-Content-Type-Options": "nosniff",
+                 "Content-Security-Policy": "frame-ancestors 'none'"}
 
 
 class _File(FileResponse):
@@ -62,18 +75,20 @@ def add_terminal_routes(app: FastAPI) -> None:
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
         # data:, as the icon: the page asks no other host for anything
-        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json",
+        page = get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json",
                                    title=f"{app.title} API",
                                    swagger_js_url="/static/vendor/swagger-ui-bundle.js",
                                    swagger_css_url="/static/vendor/swagger-ui.css",
                                    swagger_favicon_url="data:,")
+        page.headers.update(_DOCS_HEADERS)
+        return page
 
     @app.get("/", tags=["terminal"], operation_id="terminal", response_class=FileResponse,
              responses={200: {"content": {"text/html": {}},
                               "description": "the web trading terminal"}})
     async def terminal() -> Response:
         """The web trading terminal (public, static)."""
-        return _File(STATIC_DIR / "index.html", media_type="text/html", headers=_HEADERS)
+        return _File(STATIC_DIR / "index.html", media_type="text/html", headers=_PAGE_HEADERS)
 
     @app.get("/static/{path:path}", tags=["terminal"], operation_id="terminalFile",
              response_class=FileResponse,
