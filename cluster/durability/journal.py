@@ -23,7 +23,9 @@ and records overwrite them. A flush of an append that grows a file must also com
 system's metadata (its size, its new blocks); an overwrite of written blocks flushes only the
 data, which takes less time and less CPU (the README has the figures). So the active segment
 ends in zeros after its last record: a clean end, which a reader stops at as it does at the end
-of a file (no record has an all-zero header: seqs start at 1). A segment rolled over, or the
+of a file (no record has an all-zero header: seqs start at 1). A commit that reaches past the
+zeros writes the next zeros first, over its records' place as well, so a full disk refuses
+zeros (a clean end) and never leaves a part of a record. A segment rolled over, or the
 active one when the journal closes, is cut to its records.
 
 Crash model: a process killed at any instant leaves at most one torn (partially written) tail.
@@ -793,12 +795,16 @@ class Journal:
         self._buf = bytearray()
         end = self._size + len(data)
         try:
-            _write_at(self._fd, data, self._size)
-            if end > self._zeroed:  # the records reached the zeros' end: zero further ahead
+            if end > self._zeroed:  # the records reach past the zeros' end: zero further ahead
                 zeroed = max(end, min(end + self.zeroed_ahead_bytes, self.segment_bytes))
-                for at in range(end, zeroed, len(_ZEROS)):
+                # before the records, over their overhang too (appending has none to put
+                # first): a full disk then refuses zeros, a clean end, and never tears a
+                # record whose cut at the next start needs space for its copy
+                for at in range(self._zeroed if self.zeroed_ahead_bytes else end, zeroed,
+                                len(_ZEROS)):
                     _write_at(self._fd, _ZEROS[:zeroed - at], at)
                 self._zeroed = zeroed
+            _write_at(self._fd, data, self._size)
             if self.fsync:
                 _fdatasync(self._fd)
         except BaseException as exc:

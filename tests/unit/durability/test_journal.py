@@ -744,6 +744,36 @@ def test_how_far_a_segment_is_zeroed_ahead(tmp_path: Path, ahead: int) -> None:
         Journal(tmp_path / "k", zeroed_ahead_bytes=-1)
 
 
+def test_a_full_disk_leaves_no_torn_record_for_the_next_start_to_set_aside(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit past the zeros on a full disk: the records' write reached the blocks the
+    file had, came back short, and the rest failed (ENOSPC), leaving a torn record. The next
+    start, the disk still full, had to copy it to a ``.corrupt`` file before cutting it, so
+    it failed too, every time Ray started it again. The zeros go first now: the disk refuses
+    them before any byte of the records is written, and the segment ends clean."""
+    path = tmp_path / "j"
+    j = Journal(path, zeroed_ahead_bytes=64)
+    j.append(b"acknowledged")
+    j.commit()
+    capacity = os.path.getsize(only_segment(path))  # no block free past what the file has
+    real_pwrite = os.pwrite
+
+    def full_disk(fd: int, data: bytes, offset: int) -> int:
+        if offset >= capacity:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, memoryview(data)[: capacity - offset], offset)
+
+    j.append(b"x" * 100)  # reaches past the zeros
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "pwrite", full_disk)
+        with pytest.raises(JournalError, match="No space left"):
+            j.commit()
+    j.close()
+    with Journal(path) as again:
+        assert again.repair.clean and not list(path.glob("*.corrupt"))
+        assert list(again.replay()) == [(1, b"acknowledged")]
+
+
 def test_a_rolled_segment_is_cut_to_its_records(tmp_path: Path) -> None:
     path = tmp_path / "j"
     with Journal(path, fsync=False, segment_bytes=4096) as j:
