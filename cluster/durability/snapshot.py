@@ -213,11 +213,23 @@ def prune_snapshots(directory: str | os.PathLike[str], keep: int = DEFAULT_KEEP)
     for _, path in list_snapshots(directory)[keep:]:
         path.unlink(missing_ok=True)
         removed.append(path)
-    if directory.is_dir():
-        for path in directory.iterdir():
-            if path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX):
-                path.unlink(missing_ok=True)
-                removed.append(path)
+    removed += remove_temporaries(directory, flush=False)
     if removed:
+        fsync_directory(directory)
+    return removed
+
+
+def remove_temporaries(directory: str | os.PathLike[str], flush: bool = True) -> list[Path]:
+    """Delete the temporary files of snapshots never finished (a writer that ended while it
+    wrote one); only the single writer may call it, when none of its own is being written.
+    ``flush``: make the removal durable. Returns the deleted paths."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = [path for path in directory.iterdir()
+               if path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    if removed and flush:
         fsync_directory(directory)
     return removed

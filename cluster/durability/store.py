@@ -13,7 +13,8 @@ cluster.durability.recovery:
   cluster.durability.journal, ``covered_seq``). ``recover`` then applies every durable journal
   record after that snapshot (``cluster.durability.recovery.recover``), and renames the newer
   snapshots it skipped to ``*.npz.corrupt``, so they do not count among the ones kept (one
-  covering more than the journal held is logged as an error: what only it held is lost).
+  covering more than the journal held is logged as an error: what only it held is lost),
+  and deletes the temporary file of a snapshot the process before it did not finish.
 * ``append_encoded(events)`` buffers encoded events; ``commit()`` writes everything buffered as
   one journal commit with one write and one fdatasync (group commit): one batch record
   (engine.events.encode_batch), or as many as it takes to keep each under the journal's
@@ -68,6 +69,7 @@ from cluster.durability.snapshot import (
     Snapshot,
     load_latest_snapshot,
     prune_snapshots,
+    remove_temporaries,
     snapshot_seq,
     write_snapshot,
 )
@@ -242,6 +244,9 @@ class JournalStore:
         self._report_lost(recovered.last_seq)
         if not self.readonly:
             self._set_aside_skipped()
+            # a snapshot half written by a writer that ended (the lock says none is alive):
+            # else only the next snapshot written removes it, and on a disk it filled none is
+            remove_temporaries(self.snapshot_dir)
         self.recovery_s = self._restore_s + time.perf_counter() - started
         self._snapshot_seq = recovered.snapshot_seq
         self.recovered = recovered

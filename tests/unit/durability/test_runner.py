@@ -799,3 +799,25 @@ def test_a_skipped_snapshot_no_longer_counts_among_the_two_kept(tmp_path: Path) 
     assert again.store.recovered.snapshot_seq == 3
     assert again.machine.fingerprint() == live
     again.close()
+
+
+def test_a_start_removes_the_snapshot_file_a_dead_writer_left_half_written(
+        tmp_path: Path) -> None:
+    """A host that ends while its snapshot is written (its journal's disk full, the copy
+    itself filling it) leaves the temporary file under its own process id. Before, only the
+    next snapshot written removed it: on a disk it had filled, every later one failed, and the
+    file kept its space for good. A start removes it (it holds the journal's lock: no writer
+    of the directory is alive); an inspection, which writes nothing, leaves it."""
+    led = open_ledger(tmp_path, Clock())
+    one(led, CreateAccount(*account(1)))
+    live = led.machine.fingerprint()
+    crash(led)
+    (tmp_path / SNAPSHOT_DIR).mkdir()
+    left = tmp_path / SNAPSHOT_DIR / f".{snapshot_path(tmp_path, 1).name}.99999.tmp"
+    left.write_bytes(b"\0" * 4096)
+    inspected = open_ledger(tmp_path, Clock(), readonly=True)
+    inspected.close()
+    assert left.exists()
+    again = open_ledger(tmp_path, Clock())
+    assert not left.exists() and again.machine.fingerprint() == live
+    again.close()
