@@ -14,7 +14,8 @@ holds its directory instead: that node advertises the custom resource ``shardex-
 starts and restarts it there only (a host whose node is gone waits for a node that advertises
 it: the replacement its volume moved to). Once any node pins a host, every stateful host must
 have one node that pins it: the start is refused otherwise, before a host could open an empty
-directory on another node and serve without the state it had.
+directory on another node and serve without the state it had. A host Ray starts again on a node
+without its journal refuses and ends for good (cluster.actors.host.HostSpec.runner).
 """
 
 from __future__ import annotations

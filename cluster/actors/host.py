@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,11 +21,16 @@ from cluster.actors.names import LEDGER
 from cluster.config import Settings
 from cluster.durability.runner import ExecuteTiming, Runner
 from cluster.durability.snapshot import Snapshot
+from cluster.durability.store import JOURNAL_DIR
 from cluster.live.topic_auth import SECRET_BYTES, SignedTopic
 from cluster.trading.placement import shard_layout
 
 if TYPE_CHECKING:
     from cluster.actors.publisher import Publisher
+
+
+class JournalMissing(RuntimeError):
+    """A host started again finds no journal where its first start made one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +56,26 @@ class HostSpec:
             return cls(*self.args, **self.keywords)
         return cls.from_snapshot(*self.args, snapshot.arrays, snapshot.meta, **self.keywords)
 
-    def runner(self, *, exit_on_failure: bool = False) -> Runner[Any]:
-        """The machine with its journal recovered (or in memory without ``data_dir``)."""
+    def runner(self, *, exit_on_failure: bool = False, restarted: bool = False) -> Runner[Any]:
+        """The machine with its journal recovered (or in memory without ``data_dir``).
+
+        ``restarted``: this host ran before (Ray starts it again), so its first start made
+        its journal; :class:`JournalMissing`, creating nothing, when it is not there: the
+        host runs on a node that does not hold its directory (``DATA_DIR`` is that node's
+        own disk), where it would begin empty and serve without every change it had
+        acknowledged."""
         if self.data_dir is None:
             return Runner(self.build(None))
-        return Runner.open(os.path.join(self.data_dir, self.name), self.build,
-                           exit_on_failure=exit_on_failure, **self.store_options)
+        directory = os.path.join(self.data_dir, self.name)
+        journal = os.path.join(directory, JOURNAL_DIR)
+        if restarted and not os.path.isdir(journal):
+            raise JournalMissing(
+                f"{self.name} was started again without its journal ({journal} is not "
+                "on this node): refused rather than begin empty. Give this node the "
+                "directory (one filesystem mounted at DATA_DIR on every node, or the host "
+                "pinned to the node that holds it), then start the platform again")
+        return Runner.open(directory, self.build, exit_on_failure=exit_on_failure,
+                           **self.store_options)
 
 
 class MachineHost:
@@ -63,8 +83,9 @@ class MachineHost:
 
     def __init__(self, spec: HostSpec) -> None:
         self.spec = spec
-        # a failed commit or apply ends the process: Ray restarts it, recovery reads the disk
-        self.runner = spec.runner(exit_on_failure=True)
+        # a failed commit or apply ends the process: Ray restarts it, recovery reads the disk;
+        # a restart that finds no journal raises, which ends the actor for good
+        self.runner = spec.runner(exit_on_failure=True, restarted=restarted_by_ray())
         self.publisher: Publisher | None = None
         self._published = -1  # what outbound gave up to (-1: everything still kept, first)
         if spec.publish is not None:
@@ -121,6 +142,16 @@ class MachineHost:
         self.runner.close()
         if self.publisher is not None:
             self.publisher.close()
+
+
+def restarted_by_ray() -> bool:
+    """Whether this process is a Ray actor started again (not its first start); False
+    outside an actor, such as a host built in-process."""
+    ray: Any = sys.modules.get("ray")  # an actor's process has it; nothing else needs it
+    if ray is None or not ray.is_initialized():
+        return False
+    context = ray.get_runtime_context()
+    return context.get_actor_id() is not None and bool(context.was_current_actor_reconstructed)
 
 
 def host_class() -> Any:

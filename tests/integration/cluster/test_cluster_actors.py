@@ -281,6 +281,32 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.asyncio
+async def test_a_shard_ray_restarts_without_its_journal_refuses_to_start_empty(
+        start: Any, tmp_path: Path) -> None:
+    rp = start(durable=True)
+    svc, who = await rp.trader()
+    await rp.tick("BTC", "60000.0", "60000.1")
+    await btc_longs(svc, who, [None])
+    # the node Ray starts the shard on again does not hold its directory
+    directory = tmp_path / rp.namespace / BTC
+    directory.rename(directory.with_name("on-another-node"))
+    ray.kill(rp.shards[BTC], no_restart=False)  # the process dies; Ray starts it again
+    deadline = time.monotonic() + READY_S
+    while True:
+        try:
+            await asyncio.wait_for(rp.shards[BTC].info.remote(), 5)
+        except ray.exceptions.ActorDiedError as exc:
+            if "without its journal" in str(exc):
+                break  # refused for good: Ray starts it no more
+        except (ray.exceptions.RayActorError, TimeoutError):
+            pass
+        assert time.monotonic() < deadline, "the shard was not refused (started empty?)"
+        await asyncio.sleep(0.2)
+    assert not directory.exists()  # nothing made that a later restart would open empty
+    health = await svc.health()
+    assert not health.ok and health.components[BTC] == "unavailable"
+
+
 async def test_calls_to_a_host_ray_is_restarting_fail_at_once_not_held(start: Any) -> None:
     """With the platform's Ray settings (cluster.actors.deploy.RAY_SYSTEM_CONFIG) a call made
     while a host restarts fails at once (Unavailable), so a caller that tries again reaches
