@@ -15,16 +15,19 @@ starts and restarts it there only (a host whose node is gone waits for a node th
 it: the replacement its volume moved to). Once any node pins a host, every stateful host must
 have one node that pins it: the start is refused otherwise, before a host could open an empty
 directory on another node and serve without the state it had. A host Ray starts again on a node
-without its journal refuses and ends for good (cluster.actors.host.HostSpec.runner).
+without its journal refuses and ends for good (cluster.actors.host.HostSpec.runner), and so
+does a host no node pins that runs where ``DATA_DIR`` is not the start's (:func:`marked`): a
+node's own disk, which needs the pins.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from cluster.actors.host import host_class, host_specs
+from cluster.actors.host import HostSpec, host_class, host_specs
 from cluster.actors.names import LEDGER
 from cluster.actors.port import Port, RayPort
 from cluster.config import Settings
@@ -106,20 +109,34 @@ def placement(name: str, pinned: set[str], node: str | None) -> dict[str, Any]:
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
 
 
+def marked(spec: HostSpec, pinned: set[str], shared_mark: str | None) -> HostSpec:
+    """``spec`` as started among the hosts ``pinned`` to their nodes: a host Ray may start
+    on any node needs ``DATA_DIR`` to be one filesystem, so it checks that ``shared_mark``
+    (a file the start wrote there) is under it on its node; a pinned one has its own disk."""
+    if shared_mark is None or spec.name in pinned:
+        return spec
+    return dataclasses.replace(spec, shared_mark=shared_mark)
+
+
 def start_hosts(settings: Settings, namespace: str, data_dir: str | None,
                 ready_timeout_s: float, bootstrap: str | None = None,
-                secret: bytes | None = None) -> tuple[Any, dict[str, Any]]:
+                secret: bytes | None = None,
+                shared_mark: str | None = None) -> tuple[Any, dict[str, Any]]:
     """Start (named, in ``namespace``) the ledger host and every shard host; wait until each
     answers (recovered). Without ``data_dir`` the state lives in memory and a host is not
     restarted (it would come back empty). With ``bootstrap`` the ledger publishes its account
     events there, signed with ``secret`` (cluster.live.topic_auth; Ray restarts the ledger with the
-    same one). Returns ``(ledger_handle, {shard name: handle})``."""
+    same one). ``shared_mark``: a file under ``data_dir`` that every host no node pins must
+    find on its node (:func:`marked`). Returns ``(ledger_handle, {shard name: handle})``."""
     import ray
 
     host = host_class()
+    pinned = pinned_hosts()
     ledger_spec, shard_specs = host_specs(settings, data_dir, bootstrap=bootstrap,
                                           secret=secret)
-    pinned = pinned_hosts()
+    ledger_spec = marked(ledger_spec, pinned, shared_mark)
+    shard_specs = {name: marked(spec, pinned, shared_mark)
+                   for name, spec in shard_specs.items()}
     unpinned = [name for name in (LEDGER, *shard_specs) if name not in pinned]
     if pinned and unpinned:
         raise ValueError(f"nodes pin hosts to their disks ({PIN_PREFIX}<name> resources: "

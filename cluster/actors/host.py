@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 
 class JournalMissing(RuntimeError):
-    """A host started again finds no journal where its first start made one."""
+    """A host finds no journal where it must have one, or runs where ``DATA_DIR`` is not
+    the platform's: it would begin empty."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,9 @@ class HostSpec:
     store_options: dict[str, Any] = field(default_factory=dict)
     publish: SignedTopic | None = None  # where machine.outbound goes, signed with what
     keywords: dict[str, Any] = field(default_factory=dict)  # the machine's keyword arguments
+    # a file the start wrote under data_dir on its own node: a host that does not find it
+    # runs where DATA_DIR is another disk than the start's (None: not checked; a pinned host)
+    shared_mark: str | None = None
 
     def build(self, snapshot: Snapshot | None) -> Any:
         cls: Any = self.machine_cls
@@ -59,6 +63,7 @@ class HostSpec:
     def runner(self, *, exit_on_failure: bool = False, restarted: bool = False) -> Runner[Any]:
         """The machine with its journal recovered (or in memory without ``data_dir``).
 
+        :class:`JournalMissing` when ``shared_mark`` is not under ``data_dir`` here;
         ``restarted``: this host ran before (Ray starts it again), so its first start made
         its journal; :class:`JournalMissing`, creating nothing, when it is not there: the
         host runs on a node that does not hold its directory (``DATA_DIR`` is that node's
@@ -68,6 +73,14 @@ class HostSpec:
             return Runner(self.build(None))
         directory = os.path.join(self.data_dir, self.name)
         journal = os.path.join(directory, JOURNAL_DIR)
+        mark = None if self.shared_mark is None else os.path.join(self.data_dir,
+                                                                   self.shared_mark)
+        if mark is not None and not os.path.exists(mark):
+            raise JournalMissing(
+                f"{self.name} runs on a node whose DATA_DIR is not the platform's ({mark} "
+                "is not on this node): refused rather than begin empty. Mount one "
+                "filesystem at DATA_DIR on every node, or pin each host to the node that "
+                "holds its directory")
         if restarted and not os.path.isdir(journal):
             raise JournalMissing(
                 f"{self.name} was started again without its journal ({journal} is not "

@@ -541,9 +541,12 @@ class Platform:
 
         settings = self.settings
         data_dir = str(settings.data_dir.resolve()) if self.durable else None
+        # a durable start recorded the layout under DATA_DIR on this node before it came here:
+        # a host that does not see it has another DATA_DIR (DATA_DIR is not shared)
         self.ledger, self.shards = start_hosts(settings, self.namespace, data_dir,
                                                READY_TIMEOUT_S, self.bootstrap,
-                                               self.account_secret)
+                                               self.account_secret,
+                                               LAYOUT_FILE if self.durable else None)
         phase("ledger and shards")
         if self.durable:
             # before the API serves: settle what requests cut off by a crash left half done
