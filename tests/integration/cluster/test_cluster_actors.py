@@ -307,6 +307,7 @@ async def test_a_shard_ray_restarts_without_its_journal_refuses_to_start_empty(
     assert not health.ok and health.components[BTC] == "unavailable"
 
 
+@pytest.mark.asyncio
 async def test_calls_to_a_host_ray_is_restarting_fail_at_once_not_held(start: Any) -> None:
     """With the platform's Ray settings (cluster.actors.deploy.RAY_SYSTEM_CONFIG) a call made
     while a host restarts fails at once (Unavailable), so a caller that tries again reaches
