@@ -166,6 +166,10 @@ class TokenBuckets:
             return 0.0
         return (1.0 - bucket[0]) / self.rate_per_s
 
+    def forget(self, key: Hashable) -> None:
+        """Drop ``key``'s bucket (the key is gone: a bucket kept would keep the key too)."""
+        self._buckets.pop(key, None)
+
     def give_back(self, key: Hashable) -> None:
         """Return a token :meth:`take` granted ``key`` (what it was taken for did not count)."""
         bucket = self._buckets.get(key)

@@ -346,6 +346,9 @@ class StreamHub:
             pass  # the client went away
         finally:
             self._forget(connection)
+            # its bucket held the connection, its socket and its queue until another client's
+            # frame came after the bucket was full again: a quiet replica kept every one
+            self.frames.forget(connection)
             self.slow_closed += connection.closing == "slow"
             self.flood_closed += connection.closing == "flood"
             try:
