@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -108,6 +109,14 @@ class _Slot:
     frame: str
 
 
+@dataclass(eq=False, slots=True)
+class _AccountFrame:
+    """A place in a connection's queue holding a frame of its account stream (None: dropped,
+    the stream it belonged to ended unsent)."""
+
+    frame: str | None
+
+
 @dataclass(eq=False)
 class Connection:
     """One client: its subscriptions and its queue of frames to send (None: the end)."""
@@ -126,9 +135,11 @@ class Connection:
         return self.account is not None and self.account.active
     # frames to send, in order: a frame, or a stream's slot holding its newest unsent value;
     # None ends the sending (the connection closes once what is before it is sent)
-    queue: asyncio.Queue[str | _Slot | None] = field(
+    queue: asyncio.Queue[str | _Slot | _AccountFrame | None] = field(
         default_factory=asyncio.Queue)  # bounded by offer
     slots: dict[str, _Slot] = field(default_factory=dict)  # each stream's unsent slot
+    # its account stream's unsent frames, oldest first (dropped when the stream ends)
+    account_unsent: deque[_AccountFrame] = field(default_factory=deque)
     # why the server closes it: "slow", "auth", "flood" (code 1008), "stopping" (1001)
     closing: str | None = None
     auth_failures: int = 0
@@ -163,14 +174,40 @@ class Connection:
             self.slots.pop(ends, None)
         self.queue.put_nowait(frame)
 
+    def offer_account(self, frame: str) -> None:
+        """Queue a frame of its account stream, as :meth:`offer` does; it is dropped unsent
+        if that stream ends first (:meth:`drop_account`)."""
+        if self.closing is not None:
+            return
+        if self.queue.qsize() >= self.limit:
+            self.close("slow")
+            return
+        self.queue.put_nowait(item := _AccountFrame(frame))
+        self.account_unsent.append(item)
+
+    def drop_account(self) -> None:
+        """Its account stream ended: what it left unsent is not sent (a stream started again
+        sends it again, or a snapshot in its place), so a client that restarts the stream
+        without reading holds no more than one stream's frames (each start may queue a
+        snapshot: the account's whole state). Each keeps its place, empty, in the count."""
+        for item in self.account_unsent:
+            item.frame = None
+        self.account_unsent.clear()
+
     async def next_frame(self) -> str | None:
         """The next frame to send (waits for one); None: nothing more is sent."""
-        item = await self.queue.get()
-        if item is None or isinstance(item, str):
-            return item
-        if self.slots.get(item.stream) is item:
-            del self.slots[item.stream]
-        return item.frame
+        while True:
+            item = await self.queue.get()
+            if item is None or isinstance(item, str):
+                return item
+            if isinstance(item, _Slot):
+                if self.slots.get(item.stream) is item:
+                    del self.slots[item.stream]
+                return item.frame
+            if self.account_unsent and self.account_unsent[0] is item:
+                self.account_unsent.popleft()
+            if item.frame is not None:
+                return item.frame
 
     def close(self, why: str) -> None:
         """Close it now, what is queued dropped (code 1008); ``why`` names the limit."""
@@ -385,6 +422,7 @@ class StreamHub:
         account = connection.account
         if account is not None and account.active and self.accounts is not None:
             self.accounts.unsubscribe(account)
+            connection.drop_account()
         connection.account = None
 
     async def _send(self, connection: Connection) -> None:
@@ -517,7 +555,7 @@ class StreamHub:
             self._end_account(connection)
             start = since if isinstance(since, int) else None  # (an int when given: above)
             connection.account = self.accounts.subscribe(connection.principal, start,
-                                                         connection.offer)
+                                                         connection.offer_account)
         for stream in markets:
             if stream not in connection.streams:
                 connection.streams.add(stream)

@@ -41,3 +41,56 @@ def test_an_ended_connection_is_not_kept() -> None:
         assert ended() is None
 
     run(scenario)
+
+
+class StalledSocket(ScriptedSocket):
+    """A ScriptedSocket whose client reads nothing until ``reading`` is set: the frame being
+    sent waits, and what follows waits in the connection's queue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = asyncio.Event()
+
+    async def send_text(self, text: str) -> None:
+        await self.reading.wait()
+        await super().send_text(text)
+
+
+def test_a_restarted_account_stream_drops_what_the_one_before_left_unsent() -> None:
+    """Each SUBSCRIBE naming a ``since`` the account never reached queues a snapshot (the
+    account's state: up to 200 positions and orders), and an UNSUBSCRIBE then SUBSCRIBE one
+    too: a client reading nothing held every one of them queued, WS_UNSENT snapshots, megabytes
+    per connection. The stream that replaces one sends what its unsent frames said."""
+    async def scenario() -> None:
+        s = Stream()
+        s.record(ALICE, 5)
+        hub = StreamHub(market=lambda: None, render=lambda change: {}, streams=(),
+                        authenticate=alice, accounts=s.streams)
+        socket = StalledSocket()
+        handler = asyncio.create_task(hub.serve(socket))  # type: ignore[arg-type]
+        socket.say({"method": "AUTH", "params": ["alice-key"]})
+        socket.say({"method": "PING"})  # the frame in flight when the client stops reading
+        for _ in range(4):
+            socket.say({"method": "SUBSCRIBE", "params": ["account"], "since": 10**6})
+        socket.say({"method": "UNSUBSCRIBE", "params": ["account"]})
+        socket.say({"method": "SUBSCRIBE", "params": ["account"]})
+        await until(lambda: s.streams.counts.snapshots == 5)
+        (connection,) = hub.connections
+        sub = connection.account
+        assert sub is not None
+        await until(lambda: sub.started and sub.refill is not None and sub.refill.done())
+        s.tail.push(s.record(ALICE, 1))
+        await until(lambda: sub.seq == 6)
+        socket.reading.set()
+        await until(lambda: len(socket.sent) >= 3)
+        await asyncio.sleep(0.05)
+        pong, *account = socket.sent
+        assert pong == {"method": "PONG"}
+        # the newest stream's frames alone: its snapshot (at seq 5), then the new event
+        assert [(f["data"]["event"], f["data"]["seq"]) for f in account] == [
+            ("snapshot", 5), ("balance", 6)], account
+        socket.gone.set()
+        await handler
+        await s.close()
+
+    run(scenario)
