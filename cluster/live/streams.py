@@ -262,6 +262,9 @@ class StreamHub:
         self.limits = limits
         self.accounts = accounts
         self.connections: set[Connection] = set()
+        # stream -> the connections subscribed to it: a change is handed to those alone, so a
+        # tick costs its subscribers, not every connection of the replica
+        self.subscribers: dict[str, set[Connection]] = {}
         self.by_address: dict[str, int] = {}
         self.by_key: dict[str, int] = {}
         self.version = 0
@@ -328,9 +331,8 @@ class StreamHub:
             else:
                 self.latest[stream] = frame
                 newest_of, ends = stream, None
-            for connection in self.connections:
-                if stream in connection.streams:
-                    connection.offer(frame, newest_of, ends)
+            for connection in self.subscribers.get(stream, ()):
+                connection.offer(frame, newest_of, ends)
 
     # -- a connection ----------------------------------------------------------------------
     async def serve(self, socket: WebSocket) -> None:
@@ -416,7 +418,18 @@ class StreamHub:
         if connection not in self.connections:
             return
         self.connections.discard(connection)
+        self._unsubscribe(connection, connection.streams)
         self._end_account(connection)
+
+    def _unsubscribe(self, connection: Connection, streams: Iterable[str]) -> None:
+        """Stop handing ``connection`` the changes of ``streams``."""
+        for stream in tuple(streams):
+            connection.streams.discard(stream)
+            subscribed = self.subscribers.get(stream)
+            if subscribed is not None:
+                subscribed.discard(connection)
+                if not subscribed:
+                    del self.subscribers[stream]
 
     def _end_account(self, connection: Connection) -> None:
         account = connection.account
@@ -492,7 +505,7 @@ class StreamHub:
         else:
             if ACCOUNT_STREAM in params:
                 self._end_account(connection)
-            connection.streams.difference_update(params)
+            self._unsubscribe(connection, params)
 
     async def _auth(self, connection: Connection, params: list[str]) -> None:
         if len(params) != 1 or not params[0] or len(params[0]) > 256:
@@ -559,6 +572,7 @@ class StreamHub:
         for stream in markets:
             if stream not in connection.streams:
                 connection.streams.add(stream)
+                self.subscribers.setdefault(stream, set()).add(connection)
                 frame = self.latest.get(stream)
                 if frame is not None:  # the stream's current value at once
                     connection.offer(frame, newest_of=stream)

@@ -8,6 +8,7 @@ import asyncio
 import gc
 import weakref
 
+import pytest
 from cluster.live.streams import StreamHub
 from engine.messages import Principal
 from tests.unit.cluster.test_account_stream import ALICE
@@ -21,24 +22,29 @@ async def alice(key: str, address: str) -> Principal | None:
     return ALICE if key == "alice-key" else None
 
 
-def test_an_ended_connection_is_not_kept() -> None:
+@pytest.mark.parametrize("streams", [[], ["bookTicker.SOL"], ["bookTicker.SOL", "kline.1m.SOL"]])
+def test_an_ended_connection_is_not_kept(streams: list[str]) -> None:
     """The frame rate's bucket of a connection held the connection itself (its socket, and
     its queue of up to WS_UNSENT frames) after it ended, until another client's frame came
-    2 s later: after a burst of connections, a quiet replica kept them all."""
+    2 s later: after a burst of connections, a quiet replica kept them all. Nor do the
+    streams it subscribed to keep it."""
     async def scenario() -> None:
-        hub = StreamHub(market=lambda: None, render=lambda change: {}, streams=(),
-                        authenticate=alice)
+        hub = StreamHub(market=lambda: None, render=lambda change: {},
+                        streams=("bookTicker.SOL", "kline.1m.SOL"), authenticate=alice)
         socket = ScriptedSocket()
         handler = asyncio.create_task(hub.serve(socket))  # type: ignore[arg-type]
+        if streams:
+            socket.say({"method": "SUBSCRIBE", "params": streams})
         socket.say({"method": "PING"})
-        await until(lambda: socket.sent == [{"method": "PONG"}])
+        await until(lambda: {"method": "PONG"} in socket.sent)
         (connection,) = hub.connections
+        assert all(hub.subscribers[s] == {connection} for s in streams)
         ended = weakref.ref(connection)
         del connection
         socket.gone.set()
         await handler
         gc.collect()
-        assert ended() is None
+        assert ended() is None and hub.subscribers == {}
 
     run(scenario)
 
