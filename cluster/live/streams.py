@@ -490,7 +490,8 @@ class StreamHub:
         if method not in ("SUBSCRIBE", "UNSUBSCRIBE", "AUTH") or not isinstance(params, list) \
                 or not params or not all(isinstance(p, str) for p in params):
             connection.reject(Code.INVALID_REQUEST, 'expected {"method": "SUBSCRIBE" | '
-                              '"UNSUBSCRIBE" | "AUTH", "params": [text]}')
+                              '"UNSUBSCRIBE" | "AUTH", "params": [text]} or '
+                              '{"method": "PING"}')
             return
         if method == "AUTH":
             await self._auth(connection, params)

@@ -121,3 +121,20 @@ def test_an_auth_after_the_connections_changes_neither_its_account_nor_its_strea
         await end_tail(s)
 
     run(scenario)
+
+
+def test_a_frame_of_no_method_it_knows_is_told_every_method_ping_included() -> None:
+    async def scenario() -> None:
+        hub = StreamHub(market=lambda: None, render=lambda change: {}, streams=STREAMS,
+                        authenticate=authenticate)
+        socket = ScriptedSocket()
+        handler = asyncio.create_task(hub.serve(socket))  # type: ignore[arg-type]
+        (refused,) = await answer(socket, {"method": "FOO"})
+        assert refused["error"]["code"] == "INVALID_REQUEST"
+        message = refused["error"]["message"]
+        for method in ("SUBSCRIBE", "UNSUBSCRIBE", "AUTH", "PING"):
+            assert f'"{method}"' in message, message
+        socket.gone.set()
+        await handler
+
+    run(scenario)
