@@ -131,16 +131,24 @@ async def position_of(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | N
         return None
 
 
-async def read_past_undecodable(
-        consumer: AIOKafkaConsumer, delivered: Mapping[TopicPartition, int], max_records: int,
+async def read_records(
+        consumer: AIOKafkaConsumer, timeout_ms: int, max_records: int,
+        delivered: Mapping[TopicPartition, int],
         step_past: Callable[[TopicPartition, int | None, int | None, BaseException], None],
 ) -> dict[TopicPartition, list[Any]]:
-    """After a read of ``consumer`` failed on a record batch the client cannot decode
-    (:func:`undecodable`): every partition goes back to its ``delivered`` offset (the failed
-    read may have taken other partitions' records, which went with it), then each with
-    records left is read on its own; for one that fails so, ``step_past(tp, stopped, end,
-    exc)`` (where the client stopped: the bad batch's first offset, and the partition's end,
-    either None when unknown) moves it past the batch. Returns the records the others gave."""
+    """``consumer.getmany(timeout_ms=..., max_records=...)``, also when it fails on a record
+    batch the client cannot decode (:func:`undecodable`). The client stays at such a batch, so
+    every read (and a rebuilt consumer's, from the same offset) would fail on it for ever:
+    every partition goes back to its ``delivered`` offset (the failed read may have taken
+    other partitions' records, which went with it), then each with records left is read on
+    its own; for one that fails so, ``step_past(tp, stopped, end, exc)`` (where the client
+    stopped: the bad batch's first offset, and the partition's end, either None when
+    unknown) moves it past the batch. Returns the records read."""
+    try:
+        return await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+    except Exception as exc:
+        if not undecodable(exc):
+            raise
     for tp in consumer.assignment():
         if tp in delivered:
             consumer.seek(tp, delivered[tp])
@@ -432,17 +440,8 @@ class MarketDataConsumer:
 
     async def poll(self, consumer: AIOKafkaConsumer) -> int:
         """Read one batch into the pipeline and start the calls it allows; the records read."""
-        try:
-            batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS,
-                                           max_records=self.max_batch)
-        except Exception as exc:
-            if not undecodable(exc):
-                raise
-            # the client keeps its position at the batch it cannot read: polled again (or by a
-            # rebuilt consumer, from the same offset) it fails again, and no record of any
-            # partition is read any more
-            batch = await read_past_undecodable(consumer, self._next_offset, self.max_batch,
-                                                functools.partial(self._step_past, consumer))
+        batch = await read_records(consumer, POLL_TIMEOUT_MS, self.max_batch, self._next_offset,
+                                   functools.partial(self._step_past, consumer))
         self.polls += 1
         read = 0
         if batch:
@@ -468,7 +467,7 @@ class MarketDataConsumer:
     def _step_past(self, consumer: AIOKafkaConsumer, tp: TopicPartition, stopped: int | None,
                    hw: int | None, exc: BaseException) -> None:
         """Move ``tp`` past the batch it cannot read at ``stopped`` to its newest record
-        (:func:`read_past_undecodable`; to its end if that batch holds the newest), counting
+        (:func:`read_records`; to its end if that batch holds the newest), counting
         the batch in ``undecodable``."""
         if stopped is None or hw is None:
             return

@@ -31,7 +31,7 @@ from cluster.live.topic_auth import SignedTopic, authentic
 from engine.account_events import AccountEvent
 from engine.ledger_machine import decode_account_events
 from feed.clients import stop_client
-from feed.consumer import position_of, read_past_undecodable, recreated_partitions, undecodable
+from feed.consumer import position_of, read_records, recreated_partitions
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +83,8 @@ class TopicTail:
             if not consumer.assignment():
                 await asyncio.sleep(READ_TIMEOUT_MS / 1000)
                 return []
-            try:
-                batch = await consumer.getmany(timeout_ms=READ_TIMEOUT_MS,
-                                               max_records=MAX_RECORDS)
-            except Exception as exc:
-                if not undecodable(exc):
-                    raise
-                batch = await read_past_undecodable(consumer, self._next, MAX_RECORDS,
-                                                    functools.partial(self._step_past, consumer))
+            batch = await read_records(consumer, READ_TIMEOUT_MS, MAX_RECORDS, self._next,
+                                       functools.partial(self._step_past, consumer))
         except BaseException:
             await self.close()  # rebuilt by the next read, which starts at the newest again
             raise
@@ -112,7 +106,7 @@ class TopicTail:
     def _step_past(self, consumer: AIOKafkaConsumer, tp: TopicPartition, stopped: int | None,
                    end: int | None, exc: BaseException) -> None:
         """Move ``tp`` past a record batch the client cannot decode, to its end (the failed
-        fetch's), counting it in ``unauthenticated`` (feed.consumer.read_past_undecodable)."""
+        fetch's), counting it in ``unauthenticated`` (feed.consumer.read_records)."""
         self.unauthenticated += 1
         log.warning("account topic: an undecodable record batch at %s[%d] offset %s skipped: "
                     "%r", tp.topic, tp.partition, stopped, exc)
