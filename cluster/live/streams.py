@@ -163,8 +163,7 @@ class Connection:
         if slot is not None:
             slot.frame = frame
             return
-        if self.queue.qsize() >= self.limit:
-            self.close("slow")
+        if not self._room():
             return
         if newest_of is not None:
             self.queue.put_nowait(slot := _Slot(newest_of, frame))
@@ -177,13 +176,17 @@ class Connection:
     def offer_account(self, frame: str) -> None:
         """Queue a frame of its account stream, as :meth:`offer` does; it is dropped unsent
         if that stream ends first (:meth:`drop_account`)."""
-        if self.closing is not None:
-            return
+        if self.closing is None and self._room():
+            self.queue.put_nowait(item := _AccountFrame(frame))
+            self.account_unsent.append(item)
+
+    def _room(self) -> bool:
+        """Whether the queue takes one more frame; a full one closes the connection (the
+        client is too slow)."""
         if self.queue.qsize() >= self.limit:
             self.close("slow")
-            return
-        self.queue.put_nowait(item := _AccountFrame(frame))
-        self.account_unsent.append(item)
+            return False
+        return True
 
     def drop_account(self) -> None:
         """Its account stream ended: what it left unsent is not sent (a stream started again
