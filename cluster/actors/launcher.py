@@ -28,7 +28,6 @@ import functools
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -42,7 +41,7 @@ from typing import Any, Literal
 from cluster.actors.names import FEED, LEDGER, NAMESPACE
 from cluster.config import EMBEDDED_BROKER, MARKET_TOPIC, ConfigError, Settings, http_url
 from cluster.live.topic_auth import new_secret
-from cluster.trading.placement import ShardSpec, shard_layout
+from cluster.trading.placement import ShardSpec, shard_layout, split_of_name
 from engine.ledger import AuditDifference
 from engine.market import Tick
 from engine.messages import ShardStats
@@ -845,9 +844,8 @@ def _refuse_unread_shards(settings: Settings, layout: Iterable[ShardSpec]) -> No
     if not unread:
         return
     made: dict[str, int] = {}  # what the directories show of the layout they were made with
-    for name in held:
-        asset, split = name.removeprefix("shard-").rsplit("-", 1)
-        made[asset] = max(made.get(asset, 0), int(split) + 1)
+    for asset, split in filter(None, map(split_of_name, held)):
+        made[asset] = max(made.get(asset, 0), split + 1)
     order = [a.name for a in settings.assets.assets]  # ASSETS' order, then the others
     made = dict(sorted(made.items(), key=lambda item: (
         order.index(item[0]) if item[0] in order else len(order), item[0])))
@@ -872,8 +870,7 @@ def _shard_directories(data_dir: Path) -> list[str]:
         return []
     except OSError as exc:
         raise LaunchError(f"cannot read DATA_DIR={data_dir}: {exc.strerror or exc}") from None
-    return sorted(p.name for p in entries
-                  if re.fullmatch(r"shard-[A-Za-z0-9]+-[0-9]+", p.name) and p.is_dir())
+    return sorted(p.name for p in entries if split_of_name(p.name) and p.is_dir())
 
 
 def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,13 +25,24 @@ class ShardSpec:
     book_tag: int
 
 
+def shard_name(asset: str, split: int) -> str:
+    """The name of ``asset``'s shard ``split`` (its actor's, and its directory's in DATA_DIR)."""
+    return f"shard-{asset}-{split}"
+
+
+def split_of_name(name: str) -> tuple[str, int] | None:
+    """``(asset, split)`` of a name :func:`shard_name` makes; None for any other."""
+    match = re.fullmatch(r"shard-([A-Za-z0-9]+)-([0-9]+)", name)
+    return None if match is None else (match[1], int(match[2]))
+
+
 def shard_layout(settings: Settings) -> tuple[ShardSpec, ...]:
     """Every shard of the platform, in a stable order (asset registry order, then split)."""
     specs: list[ShardSpec] = []
     for asset in settings.assets.assets:
         count = settings.shards_of(asset.name)
         for split in range(count):
-            specs.append(ShardSpec(f"shard-{asset.name}-{split}", asset.name, split, count,
+            specs.append(ShardSpec(shard_name(asset.name, split), asset.name, split, count,
                                    book_tag=len(specs)))
     if len(specs) > 256:
         raise ValueError("at most 256 shards are supported")
