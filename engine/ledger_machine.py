@@ -124,7 +124,7 @@ from engine.messages import (
 )
 from engine.order_book import OrderKind, OrderStatus
 from engine.orders import Side
-from engine.results import Code, Rejected
+from engine.results import OUTCOME_UNKNOWN, Code, Forgotten, Rejected
 from engine.settlement import Settlement
 
 HISTORY_MAX_LIMIT = 500
@@ -507,12 +507,15 @@ class SettleRequests:
     ``opened``: request id -> the OpenPosition (open) / ClosedPosition (close) / PendingOrder
     (order) / EndedOrder (cancel) it made: stored as the answer of a clientOrderId of that
     kind, and an open, placement or change of a position noted among its owner's account
-    events as its :class:`Note` would (once per request). ``absent``: request ids no shard has
-    (fenced everywhere): the reservation is dropped. Margins are not touched but for the
-    release a margin removal that happened owes. -> how many were settled.
+    events as its :class:`Note` would (once per request); or Forgotten (a shard no longer
+    knows whether it ran): answered :data:`~engine.results.OUTCOME_UNKNOWN`, which ends its
+    lock's record but frees nothing (the next start's reconciliation does, if no book holds
+    it). ``absent``: request ids no shard has (fenced everywhere): the reservation is dropped.
+    Margins are not touched but for the release a margin removal that happened owes. -> how
+    many were settled.
     """
 
-    opened: Mapping[int, OpenPosition | ClosedPosition | PendingOrder | EndedOrder]
+    opened: Mapping[int, OpenPosition | ClosedPosition | PendingOrder | EndedOrder | Forgotten]
     absent: tuple[int, ...] = ()
 
 
@@ -1514,6 +1517,9 @@ class LedgerMachine:
                 if noted is not None and owed is None and request_id not in self._noted \
                         and getattr(outcome, "owner", None) == key.user:
                     events.append(AccountNoted(key.user, request_id, noted, _stored(outcome)))
+                settled += 1
+            elif isinstance(outcome, Forgotten):
+                events.append(self._stored_event(key, _stored(OUTCOME_UNKNOWN), now_us))
                 settled += 1
             elif request_id in absent:
                 events.append(self._stored_event(key, FORGOTTEN, now_us))

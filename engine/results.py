@@ -41,4 +41,20 @@ class Rejected:
     retry_after_s: int = 0
 
 
-__all__ = ["Code", "Rejected"]
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    """A shard's answer to request ``request_id`` when it no longer remembers that request's
+    answer (engine.shard_machine.REMEMBERED newer ones came since): whether it ran there is
+    not known any more, so it is neither run now nor fenced. Whoever waits on it settles
+    nothing by it: the lock it may have made stays locked, and a clientOrderId waiting on it
+    is answered :data:`OUTCOME_UNKNOWN` (the next start reconciles the margin with the
+    books)."""
+
+    request_id: int
+
+
+OUTCOME_UNKNOWN = Rejected(Code.SERVICE_UNAVAILABLE,
+                           "this request's outcome is no longer known; check your account")
+"""The stored answer of a clientOrderId whose request a shard answered :class:`Forgotten`."""
+
+__all__ = ["OUTCOME_UNKNOWN", "Code", "Forgotten", "Rejected"]

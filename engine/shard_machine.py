@@ -6,6 +6,12 @@ an outbox of settlements numbered 1, 2, 3... that the ledger applies exactly onc
 the last number it applied). It remembers the answer of every open and close request by request
 id (the newest :data:`REMEMBERED`), so a resend after a lost reply gets the first answer, and a
 request its caller gave up on (:class:`Resolve`) is fenced: if it arrives later it is refused.
+A request id is its API process's prefix (the bits above the low 32) and a counter that process
+counts up (cluster.trading.service); for each prefix the shard keeps the highest counter whose
+answer it forgot, so a request at or below it, remembered no more, is answered
+:class:`~engine.results.Forgotten`: neither run again (a resend delayed past that many answers
+would repeat it) nor fenced (it may have run: fencing it freed the margin of a position that
+exists).
 
 It follows engine.machine: :meth:`ShardMachine.decide` answers a command and returns the events
 that carry it out without changing anything; :meth:`ShardMachine.apply` is the only code that
@@ -110,12 +116,18 @@ from engine.orders import (
     plan_open,
 )
 from engine.position_ids import MAX_CLOSE_SEQ, partial_close_id
-from engine.results import Code, Rejected
+from engine.results import Code, Forgotten, Rejected
 from engine.settlement import exit_price_ticks, pnl_micros, settle
 
 REMEMBERED = 65_536
 """How many request answers (opens, closes, fences, orders) a shard remembers by request id;
 also how many ended orders it remembers (a cancel of one answers ORDER_NOT_OPEN)."""
+COUNTER_BITS = 32
+"""A request id's low bits: its API process's counter; the bits above them name the process."""
+_COUNTER_MASK = (1 << COUNTER_BITS) - 1
+FORGOTTEN_DTYPE = np.dtype([("prefix", "<u8"), ("counter", "<u8")])
+"""A snapshot's ``forgotten`` table: per request id prefix, the highest counter forgotten."""
+_FEW = 64  # fewer forgotten ids than this are recorded one by one, more with numpy
 BPS = 10_000
 MIN_VECTOR_RUN = 64
 """Shorter runs of ``PositionOpened`` in a journal record are decoded and applied one by one."""
@@ -297,7 +309,8 @@ _ANSWERED_ONCE = frozenset({Open, Close, SetLevels, ChangeMargin, Place, Cancel}
 @dataclass(frozen=True, slots=True)
 class Resolve:
     """What became of request ``request_id`` (open or close). Answer: its remembered
-    OpenPosition / SettlementItem, or None: it never arrived and is now fenced."""
+    OpenPosition / SettlementItem, or None: it never arrived (or was refused) and is now
+    fenced, or Forgotten: its answer, if it had one, is no longer remembered."""
 
     request_id: int
 
@@ -466,6 +479,8 @@ class ShardMachine:
         # (run rows, marks or None); see _apply_open_run
         self._unbuilt: list[tuple[np.ndarray, np.ndarray | None]] = []
         self._unbuilt_rows = 0
+        # request id prefix -> the highest counter of that prefix whose answer was forgotten
+        self._forgotten: dict[int, int] = {}
         self._ticks_applied = 0
         self._opens = 0
         self._closes = [0, 0, 0, 0]  # by CloseReason value
@@ -521,6 +536,8 @@ class ShardMachine:
             previous = self._previous(command.request_id)
             if previous is not None:
                 return previous, ()
+            if self._is_forgotten(command.request_id):
+                return Forgotten(command.request_id), ()
         return decider(command, now_us)
 
     def _decide_tick(self, command: ApplyTick, now_us: int) -> tuple[Any, Sequence[Event]]:
@@ -843,6 +860,8 @@ class ShardMachine:
             return None, ()  # 0 names no request; nothing is remembered under it
         previous = self._answer_of(request_id)
         if previous is None:
+            if self._is_forgotten(request_id):
+                return Forgotten(request_id), ()  # (refused when it arrives all the same)
             return None, (OpenFenced(request_id),)
         return (None if isinstance(previous, Rejected) else previous), ()
 
@@ -1009,6 +1028,37 @@ class ShardMachine:
             answer = self._restored.get(request_id)
         return answer
 
+    def _is_forgotten(self, request_id: int) -> bool:
+        """Whether ``request_id`` (not remembered) may have been answered and forgotten: its
+        counter is at or below the highest forgotten one of its prefix."""
+        return bool(request_id) and \
+            request_id & _COUNTER_MASK <= self._forgotten.get(request_id >> COUNTER_BITS, -1)
+
+    def _forgot(self, request_ids: Sequence[int] | np.ndarray) -> None:
+        """The answers of ``request_ids`` (0: none given, skipped) are forgotten: raise each
+        prefix's highest forgotten counter."""
+        marks = self._forgotten
+        if len(request_ids) < _FEW:
+            for rid in (request_ids.tolist() if isinstance(request_ids, np.ndarray)
+                        else request_ids):
+                prefix, counter = rid >> COUNTER_BITS, rid & _COUNTER_MASK
+                if rid and counter > marks.get(prefix, -1):
+                    marks[prefix] = counter
+            return
+        ids = np.asarray(request_ids, dtype=np.uint64)
+        ids = ids[ids != 0]
+        prefixes, counters = ids >> np.uint64(COUNTER_BITS), ids & np.uint64(_COUNTER_MASK)
+        # a prefix at a time: a journal's runs come from a few API processes (np.unique
+        # sorted a replay's every forgotten id, a tenth of a 1M-position recovery)
+        while prefixes.size:
+            prefix = prefixes[0]
+            mine = prefixes == prefix
+            counter = int(counters[mine].max())
+            if counter > marks.get(int(prefix), -1):
+                marks[int(prefix)] = counter
+            others = ~mine
+            prefixes, counters = prefixes[others], counters[others]
+
     def _remembered(self) -> int:
         return (len(self._results) + self._unbuilt_rows
                 + (0 if self._restored is None else len(self._restored)))
@@ -1017,15 +1067,17 @@ class ShardMachine:
         """Forget the ``count`` oldest answers of the snapshot's and of ``_results``."""
         restored = self._restored
         if restored is not None:
-            count -= restored.forget_oldest(count)
+            forgotten = restored.forget_oldest(count)
+            self._forgot(forgotten)
+            count -= len(forgotten)
             if not len(restored):
                 self._restored = None
         results = self._results
         if count >= len(results):
+            self._forgot(list(results))
             results.clear()
         else:
-            for _ in range(count):
-                results.popitem(last=False)
+            self._forgot([results.popitem(last=False)[0] for _ in range(count)])
 
     def _results_built(self) -> OrderedDict[int, Answer]:
         """``_results`` with the replayed runs of opens built into it."""
@@ -1208,7 +1260,9 @@ class ShardMachine:
         self._opens += int(run.size)
         # The answers are built only when asked for (most of a long replay's are forgotten
         # before then): keep the newest REMEMBERED rows, marked to the tick of this moment.
-        tail = run[max(0, run.size - REMEMBERED):]
+        cut = max(0, run.size - REMEMBERED)
+        self._forgot(run["request_id"][:cut])  # (remembered and forgotten in this run)
+        tail = run[cut:]
         tail = tail[tail["request_id"] != 0]
         if not tail.size:
             return
@@ -1226,6 +1280,7 @@ class ShardMachine:
         while excess > 0:
             oldest, oldest_marks = self._unbuilt[0]
             cut = min(excess, int(oldest.size))
+            self._forgot(oldest["request_id"][:cut])
             if cut == oldest.size:
                 self._unbuilt.pop(0)
             else:
@@ -1250,6 +1305,7 @@ class ShardMachine:
                                                                     order_results)
         arrays["ended_orders"] = np.array([(oid, owner, status) for oid, (owner, status)
                                            in self._ended.items()], dtype=_ENDED_DTYPE)
+        arrays["forgotten"] = np.array(sorted(self._forgotten.items()), dtype=FORGOTTEN_DTYPE)
         tick = self._last_tick
         meta = {
             # ended orders waiting for the ledger, and remembered order answers (by their row
@@ -1313,6 +1369,10 @@ class ShardMachine:
         if len(results):
             machine._restored = _SnapshotAnswers(asset.name, results,
                                                  meta.get("order_results", ()))
+        if "forgotten" in arrays:  # (older snapshots: none recorded)
+            forgotten = arrays["forgotten"]
+            machine._forgotten = dict(zip(forgotten["prefix"].tolist(),
+                                          forgotten["counter"].tolist(), strict=True))
         machine._last_seq = int(meta["last_seq"])
         machine._acked_seq = int(meta["acked_seq"])
         tick = meta["last_tick"]
@@ -1373,6 +1433,7 @@ class ShardMachine:
             "last_tick": None if tick is None else tuple(tick),
             "outbox": [_plain(item) for item in self._outbox],
             "results": [(rid, _plain(answer)) for rid, answer in self._all_answers()],
+            "forgotten": sorted(self._forgotten.items()),
             "last_seq": self._last_seq,
             "acked_seq": self._acked_seq,
             "ticks_applied": self._ticks_applied,
@@ -1513,15 +1574,15 @@ class _SnapshotAnswers:
     def __contains__(self, request_id: int) -> bool:
         return request_id in self.row_of
 
-    def forget_oldest(self, count: int) -> int:
-        """Forget up to ``count`` of the oldest; returns how many were."""
-        forgotten = 0
+    def forget_oldest(self, count: int) -> list[int]:
+        """Forget up to ``count`` of the oldest; returns their request ids."""
+        forgotten: list[int] = []
         ids, row_of = self.ids, self.row_of
-        while forgotten < count and row_of:
+        while len(forgotten) < count and row_of:
             rid = ids[self.start]
             if row_of.get(rid) == self.start:
                 del row_of[rid]
-                forgotten += 1
+                forgotten.append(rid)
             self.start += 1
         return forgotten
 
@@ -1572,6 +1633,8 @@ class _SnapshotAnswers:
 
 __all__ = [
     "BPS",
+    "COUNTER_BITS",
+    "FORGOTTEN_DTYPE",
     "MIN_VECTOR_RUN",
     "OPENED_RECORD",
     "REMEMBERED",

@@ -67,7 +67,7 @@ from engine.messages import (
     PendingOrder,
     SettlementItem,
 )
-from engine.results import Code, Rejected
+from engine.results import OUTCOME_UNKNOWN, Code, Forgotten, Rejected
 from engine.shard_machine import AuditView, PositionsOf, Resolve
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ ORPHAN_ROUNDS = 4  # a lock open in this many sweeps in a row (>= 30 s) has nobo
 ORPHAN_BATCH = 1_000  # the oldest open locks a sweep looks at
 _MADE = (OpenPosition, PendingOrder)  # what a lock pays for, once its request happened
 Made = OpenPosition | ClosedPosition | PendingOrder | EndedOrder  # what a request made
+Outcome = Made | Forgotten  # or a shard can no longer tell whether it ran
 TRANSIENT_CODES = frozenset({Code.PRICE_UNAVAILABLE})
 
 
@@ -295,6 +296,13 @@ class Reconciler:
     async def _resolve_one(self, doubt: InDoubt) -> None:
         result = await self.shards[doubt.shard].call(Resolve(doubt.request_id))
         key = doubt.key
+        if isinstance(result, Forgotten):
+            # it may have run: its lock (or a removal's owed release) stays for the next
+            # start's reconciliation with the books; its clientOrderId gets that answer
+            self._forgotten(doubt.request_id)
+            if key is not None:
+                await self.ledger.call(Remember(key, OUTCOME_UNKNOWN, doubt.request_id))
+            return
         if doubt.kind in ("open", "order", "margin") and doubt.release is None:
             if isinstance(result, _MADE):
                 note = Note(result.owner, doubt.request_id,
@@ -394,8 +402,9 @@ class Reconciler:
         still be under way, is refused at its shard, and its own release, Forget or stored
         refusal then change nothing (by request id)."""
         opened, absent = await self._resolve_everywhere([request_id])
-        if not absent and not (kind in ("open", "order")
-                               and isinstance(opened.get(request_id), _MADE)):
+        outcome = opened.get(request_id)
+        if not absent and not isinstance(outcome, Forgotten) \
+                and not (kind in ("open", "order") and isinstance(outcome, _MADE)):
             return
         await self.ledger.call(SettleRequests(opened, absent))
         # (a removal's "margin" key holds no lock: abandoning its id frees nothing)
@@ -457,7 +466,7 @@ class Reconciler:
             log.warning("released the margin of locks an API process left: %s", abandoned)
         return len(abandoned)
 
-    async def _end_locks(self, opened: Mapping[int, Made], absent: Sequence[int],
+    async def _end_locks(self, opened: Mapping[int, Outcome], absent: Sequence[int],
                          kinds: Mapping[int, str]) -> list[object]:
         """End the locks of requests resolved at every shard: one that never arrived (now
         fenced) is abandoned, its margin freed; one that made a position or an order (its
@@ -472,18 +481,32 @@ class Reconciler:
         return [a for a in answers if a is not None]
 
     async def _resolve_everywhere(self, request_ids: list[int]
-                                  ) -> tuple[dict[int, Made], tuple[int, ...]]:
-        """Ask every shard about each request id (fencing it where it never arrived)."""
+                                  ) -> tuple[dict[int, Outcome], tuple[int, ...]]:
+        """Ask every shard about each request id (fencing it where it never arrived):
+        ``(outcomes, absent)``, ``outcomes`` what each request made, or Forgotten where a
+        shard that may have run it no longer knows (and none says it did); ``absent`` the
+        requests no shard ran."""
         answers = await asyncio.gather(*(
             shard.call_many([Resolve(r) for r in request_ids]) for shard in self.shards.values()))
-        opened: dict[int, Made] = {}
+        opened: dict[int, Outcome] = {}
         for per_shard in answers:
             for request_id, result in zip(request_ids, per_shard, strict=True):
                 if isinstance(result, _MADE):
                     opened[request_id] = result
                 elif isinstance(result, SettlementItem):
                     opened[request_id] = result.closed
+                elif isinstance(result, Forgotten):
+                    opened.setdefault(request_id, result)
+        for request_id, outcome in opened.items():
+            if isinstance(outcome, Forgotten):
+                self._forgotten(request_id)
         return opened, tuple(r for r in request_ids if r not in opened)
+
+    def _forgotten(self, request_id: int) -> None:
+        """Count (and log) a request a shard answered Forgotten."""
+        self.counters["outcomes_forgotten"] += 1
+        log.warning("request %s is older than its shard's remembered answers: whether it ran "
+                    "is not known, so its lock stays until the next start", request_id)
 
     async def shard_views(self) -> ShardViews:
         """Every shard's ``AuditView`` (engine.shard_machine.BooksView), merged (what the

@@ -97,8 +97,9 @@ from engine.messages import (
 )
 from engine.order_book import OrderKind, OrderTerms, impossible_levels
 from engine.orders import NO_LEVEL, Side
-from engine.results import Code, Rejected
+from engine.results import Code, Forgotten, Rejected
 from engine.shard_machine import (
+    COUNTER_BITS,
     Cancel,
     ChangeMargin,
     Close,
@@ -112,6 +113,27 @@ from engine.shard_machine import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class RequestIds:
+    """A service's request ids: a random prefix (30 bits: replicas' ids never collide) above
+    COUNTER_BITS, and a counter that counts up from ``first`` (a shard judges a request whose
+    answer it forgot by the two: engine.shard_machine); a new prefix when it is used up."""
+
+    def __init__(self, first: int = 1) -> None:
+        self._next = self._end = 0
+        self._first = first
+
+    def __call__(self) -> int:
+        if self._next == self._end:
+            prefix = secrets.randbits(30)
+            self._next = prefix << COUNTER_BITS | self._first
+            self._end = (prefix + 1) << COUNTER_BITS
+            self._first = 1
+        request_id = self._next
+        self._next += 1
+        return request_id
+
 
 OPEN_RESENDS = 2  # resends of a request (same request id) before it is declared in doubt
 RESEND_DELAY_S = 0.05
@@ -205,9 +227,7 @@ class TradingService:
         self._split_names = {spec.name for spec in self.layout.shards if spec.split_count > 1}
         for name in self._split_names:
             self.shards[name].listen(functools.partial(self._answered, name))
-        # Request ids must not collide between API replicas: a random prefix per service.
-        self._request_prefix = secrets.randbits(30) << 32
-        self._request_counter = itertools.count(1)
+        self._request_id = RequestIds()
         self._health_checks = dict(health_checks or {})
         self.feed_stats = feed_stats
         self.market = market
@@ -229,9 +249,6 @@ class TradingService:
     async def _positions_of(self, shard_name: str, owners: list[int]
                             ) -> list[list[OpenPosition]]:
         return await self.shards[shard_name].call(PositionsOf(tuple(owners)))
-
-    def _request_id(self) -> int:
-        return self._request_prefix | next(self._request_counter)
 
     def watch(self) -> None:
         """Start the sweeps over what dead API processes left (a no-op once started, or once
@@ -760,7 +777,9 @@ class TradingService:
         when it never answered."""
         for attempt in range(OPEN_RESENDS + 1):
             try:
-                return await self.shards[shard_name].call(command)
+                answer = await self.shards[shard_name].call(command)
+                # (a request too late for its shard to know whether it ran: in doubt)
+                return None if isinstance(answer, Forgotten) else answer
             except Unavailable:
                 self.counters["resends"] += 1
                 if attempt < OPEN_RESENDS:

@@ -15,6 +15,7 @@ from cluster.actors.port import CommandFailed
 from cluster.actors.port import LocalPort
 from cluster.actors.port import Unavailable
 from cluster.config import Settings
+from cluster.trading.service import RequestIds
 from cluster.trading.service import TradingService
 from engine.ledger import AuditDifference
 from engine.ledger_machine import AbandonLock
@@ -25,6 +26,7 @@ from engine.market import Tick
 from engine.messages import OpenOrder
 from engine.messages import OpenPosition
 from engine.orders import Side
+from engine.shard_machine import COUNTER_BITS
 from tests.unit.cluster.local_platform import USD
 from tests.unit.cluster.local_platform import signup
 from tests.unit.cluster.local_platform import until
@@ -164,3 +166,14 @@ async def test_a_round_that_fails_is_tried_again_later() -> None:
     assert svc.counters["round_errors"] >= 2 and await audit(svc) == []
     await svc.aclose()
     hosts.close()
+
+
+def test_request_ids_count_up_under_a_prefix_and_take_a_new_one_when_used_up() -> None:
+    """A shard judges a forgotten answer by the counter under its prefix: the counter must
+    never wrap into the prefix, nor start over under it."""
+    last = (1 << COUNTER_BITS) - 1
+    ids = RequestIds(first=last - 1)
+    first, second, third, fourth = (ids() for _ in range(4))
+    assert [first & last, second & last, third & last, fourth & last] == [last - 1, last, 1, 2]
+    assert first >> COUNTER_BITS == second >> COUNTER_BITS
+    assert third >> COUNTER_BITS == fourth >> COUNTER_BITS < 1 << 30

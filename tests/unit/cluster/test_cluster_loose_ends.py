@@ -49,8 +49,11 @@ from engine.messages import Principal
 from engine.messages import SettlementItem
 from engine.order_book import OrderKind
 from engine.orders import Side
+from engine.results import OUTCOME_UNKNOWN
 from engine.results import Code
 from engine.results import Rejected
+from engine.shard_machine import COUNTER_BITS
+from engine.shard_machine import REMEMBERED
 from engine.shard_machine import ApplyTick
 from engine.shard_machine import ChangeMargin
 from engine.shard_machine import Close
@@ -879,6 +882,45 @@ async def test_the_locks_of_an_api_process_that_died_end_within_a_few_sweeps(
         assert await sweeper.end_orphaned_locks() == 0
     assert balances(p, who)[0] == (SIGNUP if cut_at == "open" else SIGNUP - 100 * USD)
     assert (await p.audit()) == []
+
+
+@pytest.mark.parametrize("client_order_id", [None, "f-1"])
+async def test_an_open_whose_answer_its_shard_forgot_keeps_its_margin_through_the_sweeps(
+        make: Make, client_order_id: str | None) -> None:
+    """An API process dies with an open made and its note on the way; before the sweeps
+    resolve it, its shard answers REMEMBERED newer requests (here the fences of another
+    process's) and forgets its answer. The sweeps must not take that for an open that never
+    arrived: the margin stays with the position (before, it was freed: the position's margin
+    a second time, and the audit failed). With a clientOrderId, the key is answered that the
+    outcome is unknown; a retry gets that, and opens nothing."""
+    p, gates = with_gated_opens(make)
+    sol = p.shard_of("SOL")
+    gates[sol.name].opened.set()
+    note_gate = Gated(p.ledger, Note)
+    dying = make.service(p, ledger=note_gate, shards=dict(gates))
+    who = await sol_trader(p, dying)
+    order = sol_long(client_order_id=client_order_id)
+    await dies_at(note_gate, dying, dying.open_position(who, order))
+    assert shard_positions(p, "SOL") == 1
+    other = 3 << COUNTER_BITS
+    sol.execute_blocking([Resolve(other | n) for n in range(1, REMEMBERED + 1)])
+
+    sweeper = make.service(p).reconciler
+    await sweeper.settle_pending(older_than_s=0)
+    for _ in range(ORPHAN_ROUNDS + 1):
+        assert await sweeper.end_orphaned_locks() == 0
+    assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+    assert shard_positions(p, "SOL") == 1
+    assert sweeper.counters["outcomes_forgotten"] >= 1
+    [open_locks] = p.ledger.execute_blocking([OpenLocks()])
+    assert len(open_locks) == (client_order_id is None)  # (left for the next start)
+    if client_order_id is not None:
+        assert await p.service.open_position(who, order) == OUTCOME_UNKNOWN
+        assert shard_positions(p, "SOL") == 1
+    assert await p.audit() == []
+    await p.service.reconciler.at_start()  # the next start keeps it too
+    assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
+    assert await p.audit() == []
 
 
 @pytest.mark.parametrize("op", ["open", "order", "top-up", "modify"])

@@ -33,7 +33,9 @@ from engine.messages import ShardOpen
 from engine.orders import CloseReason
 from engine.orders import Side
 from engine.results import Code
+from engine.results import Forgotten
 from engine.results import Rejected
+from engine.shard_machine import COUNTER_BITS
 from engine.shard_machine import MIN_VECTOR_RUN
 from engine.shard_machine import OPENED_RECORD
 from engine.shard_machine import REMEMBERED
@@ -236,6 +238,32 @@ def test_resolve_fences_requests_that_never_arrived() -> None:
     # resolving a fenced id again journals nothing more; 0 names no request
     assert step(m, Resolve(2), NOW).encoded == []
     assert step(m, Resolve(0), NOW) == (None, [], False)
+
+
+def test_a_request_whose_answer_was_forgotten_is_neither_fenced_nor_run_again() -> None:
+    """An open whose answer left the window (REMEMBERED newer answers: here the fences of
+    another API process's requests) may have run: resolving it must not report it absent,
+    which freed the margin of a position that exists, and a late resend must not open it
+    twice. A request of the same process newer than every forgotten one still fences."""
+    host = Host()
+    host.one(raw_tick(10_000))
+    mine, other = 7 << COUNTER_BITS, 9 << COUNTER_BITS
+    pos = host.one(req(mine | 5))
+    assert isinstance(pos, OpenPosition)
+    host.call([Resolve(other | n) for n in range(1, REMEMBERED + 1)])
+    m = host.machine
+    assert step(m, Resolve(mine | 5), NOW) == (Forgotten(mine | 5), [], False)
+    assert step(m, req(mine | 5), NOW) == (Forgotten(mine | 5), [], False)
+    assert step(m, req(mine | 4), NOW).answer == Forgotten(mine | 4)  # slower still
+    assert len(m.book) == 1 and m.check() == []
+    assert host.one(Resolve(mine | 6)) is None  # never seen, newer: fenced as before
+    late = host.one(req(mine | 6))
+    assert isinstance(late, Rejected) and late.code is Code.PRICE_UNAVAILABLE
+    # replay and a snapshot know the same
+    again = replay(host.records)
+    for machine in (again, restored(again)):
+        assert machine.fingerprint()["forgotten"] == [(7, 5), (9, 1)]
+        assert machine.decide(Resolve(mine | 5), NOW) == (Forgotten(mine | 5), ())
 
 
 # ----------------------------------------------------------------------------- closes
@@ -572,7 +600,9 @@ def test_a_long_replay_remembers_only_the_newest_answers() -> None:
             one_by_one.apply(event)
     assert vector.fingerprint() == one_by_one.fingerprint()
     assert vector.check() == [] and len(vector.fingerprint()["results"]) == REMEMBERED
-    assert run(vector, Resolve(1)) is None  # forgotten, and now fenced
+    # forgotten: whether request 1 ran is no longer known, so it is neither fenced nor run
+    assert vector.decide(Resolve(1), NOW) == (Forgotten(1), ())
+    assert vector.fingerprint()["forgotten"] == [(0, 10**9)]
     newest = run(vector, Resolve(len(opens)))
     assert isinstance(newest, OpenPosition) and newest.owner == len(opens)
 

@@ -33,6 +33,7 @@ from engine.orders import OpenPlan
 from engine.orders import Side
 from engine.orders import plan_open
 from engine.results import Code
+from engine.results import Forgotten
 from engine.results import Rejected
 from engine.shard_machine import ApplyTick
 from engine.shard_machine import AuditView
@@ -454,7 +455,9 @@ def test_a_restored_shard_answers_resends_and_forgets_as_the_original_did(
     for rid, command in sent.items():
         assert run(again, command) == answers[rid]
     assert run(again, Resolve(6)) is None
-    assert run(again, Resolve(1)) is None and run(original, Resolve(1)) is None
+    # forgotten by both: not known to be absent, so neither fences it
+    assert run(again, Resolve(1)) == Forgotten(1) == run(original, Resolve(1))
+    assert run(again, req(1, owner=1)) == Forgotten(1)  # nor runs it again
     assert again.fingerprint() == original.fingerprint()
 
     later = restored(original)  # nothing asked of it yet
@@ -474,11 +477,11 @@ def test_a_restored_shard_answers_resends_and_forgets_as_the_original_did(
         machine.apply(again_7)
     assert later.fingerprint() == original.fingerprint()
     answers[7] = run(original, sent[7])
-    # remembered now: 6 (fenced), 7, 1 (fenced above), 8, 9, 10
+    # remembered now: 5, 6 (fenced), 7, 8, 9, 10; request 11 pushes 5's answer out
     assert run(later, sent[7]) == answers[7]
-    assert run(later, Resolve(5)) is None  # forgotten, so fenced now
-    refused = run(later, sent[5])  # its id is fenced now: the resend is refused as such
-    assert isinstance(refused, Rejected) and refused.code is Code.PRICE_UNAVAILABLE
+    assert isinstance(run(later, req(11, owner=4)), OpenPosition)
+    assert run(later, Resolve(5)) == Forgotten(5)  # it ran: never reported absent
+    assert run(later, sent[5]) == Forgotten(5)  # nor is a resend run again
     assert restored(later).fingerprint() == later.fingerprint() and later.check() == []
 
 
