@@ -27,7 +27,9 @@ Readers in other processes may open the same file while one writer writes (WAL r
 block the writer); a writer waits up to :data:`BUSY_TIMEOUT_S` for another's transaction.
 
 A file SQLite finds damaged (:func:`is_damage`: not a database, a malformed page; a disk fault,
-never a kill) is refused as it is opened or read; its owner may move it aside with
+never a kill) is refused as it is opened or read, and so is one whose ``latest`` rows hold a
+candle ``check_candle`` refuses (:class:`DamagedRow`: SQLite's pages carry no checksum, so a
+flipped bit in a value is no damage to it); its owner may move it aside with
 :func:`set_aside` and begin a new one.
 """
 
@@ -83,9 +85,16 @@ class CandleStoreError(RuntimeError):
     """The file is not a candle store this module can use (another schema version)."""
 
 
+class DamagedRow(ValueError):
+    """A stored row is not a candle a ``CandleBook`` could have built: the file is damaged."""
+
+
 def is_damage(exc: BaseException) -> bool:
     """Whether ``exc`` is SQLite finding the file itself damaged (SQLITE_CORRUPT,
-    SQLITE_NOTADB), not a passing condition (locked, busy, a full or failing disk)."""
+    SQLITE_NOTADB) or a :class:`DamagedRow`, not a passing condition (locked, busy, a full or
+    failing disk)."""
+    if isinstance(exc, DamagedRow):
+        return True
     code = getattr(exc, "sqlite_errorcode", None)
     return isinstance(exc, sqlite3.DatabaseError) and isinstance(code, int) \
         and code & 0xFF in _DAMAGE_CODES
@@ -193,7 +202,8 @@ class CandleStore:
                per_key: int = 1) -> list[Candle]:
         """The newest ``per_key`` stored candles of every (asset, interval) given, oldest first
         within each; what a restarted ``CandleBook`` takes to continue its current candles
-        (``per_key`` up to its ``keep`` also fills its memory)."""
+        (``per_key`` up to its ``keep`` also fills its memory). A row that is no valid candle
+        raises :class:`DamagedRow`: the book would refuse it, and every start with it."""
         if isinstance(per_key, bool) or not isinstance(per_key, int) or per_key < 1:
             raise ValueError("per_key must be a positive integer")
         sql = (f"{_SELECT} WHERE asset = ? AND interval = ? "
@@ -205,6 +215,11 @@ class CandleStore:
                 for interval in interval_names:
                     rows = self._conn.execute(sql, (asset, interval, per_key)).fetchall()
                     out.extend(_candle(row) for row in reversed(rows))
+        for candle in out:
+            try:
+                check_candle(candle)
+            except ValueError as exc:
+                raise DamagedRow(f"{self.path}: {exc}: {candle}") from exc
         return out
 
     def close(self) -> None:

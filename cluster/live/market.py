@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from cluster.durability.runner import wall_clock_us
-from cluster.live.candle_store import FILE_NAME, CandleStore, is_damage, set_aside
+from cluster.live.candle_store import FILE_NAME, CandleStore, DamagedRow, is_damage, set_aside
 from engine.assets import AssetRegistry
 from engine.candles import (
     CANDLES_KEPT,
@@ -174,12 +174,13 @@ class MarketLive:
     def _open_store(self, data_dir: Path, names: Sequence[str]) -> tuple[CandleStore,
                                                                           list[Candle]]:
         """The store under ``data_dir`` and its newest candles per (asset, interval). A file
-        SQLite finds damaged is moved aside (counted in ``store_errors``) and a new one
-        begun: the chart history is not worth the feed actor, which prices every shard, and
-        which would otherwise not start until someone removed the file by hand."""
+        SQLite finds damaged, or whose newest rows hold one that is no candle, is moved aside
+        (counted in ``store_errors``) and a new one begun: the chart history is not worth the
+        feed actor, which prices every shard, and which would otherwise not start until someone
+        removed the file by hand."""
         try:
             return self._read_store(data_dir, names)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, DamagedRow) as exc:
             if not is_damage(exc):
                 raise
             aside = set_aside(data_dir)

@@ -444,6 +444,32 @@ def test_a_damaged_candle_file_is_set_aside_and_new_candles_begin(tmp_path: Path
     assert (tmp_path / f"{FILE_NAME}.1.corrupt").read_bytes() == bytes(data)
 
 
+@pytest.mark.parametrize("change", [
+    "start_us = start_us + 1",  # no longer aligned to its interval
+    "close_ts_us = close_ts_us + 3600000000",  # its newest tick past its interval's end
+])
+def test_a_candles_file_holding_a_row_no_book_could_build_is_set_aside(tmp_path: Path,
+                                                                       change: str) -> None:
+    """SQLite's pages carry no checksum: a flipped bit in a row's value is no damage it sees,
+    and its table's checks do not say everything a candle is. A stored candle the book
+    refuses is damage too: the file is moved aside whole, counted, and new candles begin.
+    Before, the book's ValueError ended every start of the market, and of the feed actor."""
+    live = MarketLive(Settings().assets, tmp_path, Clock(T0_US + 2))
+    live.apply([sol(10_000, T0_US + 1, 1)])
+    live.close()
+    con = sqlite3.connect(tmp_path / FILE_NAME)
+    with con:
+        con.execute(f"UPDATE candles SET {change} WHERE interval = '1m'")
+    con.close()
+    restarted = MarketLive(Settings().assets, tmp_path, Clock(T0_US + 3))
+    try:
+        assert restarted.store_errors == 1
+        assert (tmp_path / f"{FILE_NAME}.1.corrupt").exists()
+        assert restarted.candles("SOL", "1h", CandleQuery()) == []
+    finally:
+        restarted.close()
+
+
 def test_a_candle_file_of_another_schema_version_is_still_refused(tmp_path: Path) -> None:
     """A file a newer version wrote is not damage: it is refused and left where it is."""
     con = sqlite3.connect(tmp_path / FILE_NAME)
