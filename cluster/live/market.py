@@ -129,8 +129,9 @@ class MarketLive:
         self.book = CandleBook(names, INTERVALS, candles=restored)
         # asset -> (ts_us, mid in half steps) of the newest tick its restored candles hold: a
         # feed starting again reads each partition's newest message again, and its new gate
-        # lets it through, so that tick, the asset's first after the start, is not counted
-        # twice. (A candle keeps no seq: a new tick of that microsecond and mid is left out too.)
+        # lets it through, so that tick is not counted twice; kept until a newer tick of the
+        # asset comes (a feed reading from further back meets older ones first). (A candle keeps
+        # no seq: a new tick of that microsecond and mid is left out too.)
         self._resumed: dict[str, tuple[int, int]] = {}
         for name in names:
             currents = [c for i in INTERVALS if (c := self.book.current(name, i)) is not None]
@@ -200,8 +201,9 @@ class MarketLive:
 
     def apply(self, ticks: Iterable[Tick]) -> int:
         """Build the candles of ``ticks`` (accepted, in order), write those they changed to
-        the store, then publish them; the number of candles changed. An asset's first tick
-        after a restart that is the newest its restored candles hold is its top of book only."""
+        the store, then publish them; the number of candles changed. The newest tick an
+        asset's restored candles hold, read again after a restart before any newer one, is its
+        top of book only."""
         with self._lock:
             changed: list[Candle] = []
             tops: dict[str, Tick] = {}
@@ -209,9 +211,14 @@ class MarketLive:
                 if tick.asset not in self.assets:
                     continue
                 tops[tick.asset] = tick
-                if self._resumed and self._resumed.pop(tick.asset, None) == (
-                        tick.ts_us, tick.bid_ticks + tick.ask_ticks):
-                    continue  # read again at the start: the restored candles hold it
+                resumed = self._resumed.get(tick.asset) if self._resumed else None
+                if resumed is not None:
+                    if (tick.ts_us, tick.bid_ticks + tick.ask_ticks) == resumed:
+                        del self._resumed[tick.asset]
+                        continue  # read again at the start: the restored candles hold it
+                    if tick.ts_us > resumed[0]:  # past it: it was not read again
+                        del self._resumed[tick.asset]
+                    # an older one (read from further back) the book leaves out itself
                 changed.extend(self.book.apply(tick))
                 self.ticks += 1
             if tops:

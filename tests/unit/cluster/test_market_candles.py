@@ -506,3 +506,23 @@ def test_the_newest_tick_read_again_after_a_restart_is_not_counted_twice(
                 uninterrupted.candles("SOL", interval, CandleQuery()), interval
     finally:
         restarted.close()
+
+
+def test_ticks_read_again_before_the_newest_do_not_let_the_newest_count_twice(
+        tmp_path: Path) -> None:
+    """A feed that reads a partition from further back than its newest message (from its
+    beginning, ``start_from="earliest"``) meets older ticks first; the restored candles
+    ignore those as older, and still hold the newest when it comes. Before, the first tick
+    read after the start, older, used up the check, and the newest counted twice."""
+    assets = Settings().assets
+    ticks = [sol(10_000, T0_US + 1, 1), sol(10_050, T0_US + 2, 2)]
+    live = MarketLive(assets, tmp_path, Clock(T0_US + 3))
+    live.apply(ticks)
+    before = {i: live.candles("SOL", i, CandleQuery()) for i in INTERVALS}
+    live.close()
+    restarted = MarketLive(assets, tmp_path, Clock(T0_US + 4))
+    try:
+        restarted.apply(ticks)  # the partition read again from its beginning
+        assert {i: restarted.candles("SOL", i, CandleQuery()) for i in INTERVALS} == before
+    finally:
+        restarted.close()
