@@ -54,7 +54,7 @@ from typing import Any
 
 import httpx
 
-from bench.options import duration, duration_or_zero, integer, nonneg_int, positive_int
+from bench.options import asset_list, duration, duration_or_zero, integer, nonneg_int, positive_int
 from cluster.actors.launcher import Platform
 from cluster.actors.names import FEED, LEDGER
 from cluster.config import MARKET_TOPIC, Settings
@@ -605,7 +605,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=integer, default=1)
     parser.add_argument("--bootstrap", default=None,
                         help="Kafka to use (default: start an embedded broker)")
-    parser.add_argument("--assets", default="SOL,BTC", help="assets traded (one shard each)")
+    parser.add_argument("--assets", type=asset_list, default="SOL,BTC",
+                        help="assets traded (one shard each)")
     parser.add_argument("--settle", type=duration_or_zero, default=4.0,
                         help="seconds of trading after the last kill")
     parser.add_argument("--no-platform-kill", action="store_true",
@@ -616,7 +617,7 @@ def main(argv: list[str]) -> int:
     report = ChaosRun(ChaosConfig(
         kills=args.kills, interval_s=args.interval, clients=args.clients, seed=args.seed,
         whole_platform_kill=not args.no_platform_kill, bootstrap=args.bootstrap,
-        assets=tuple(a.strip().upper() for a in args.assets.split(",") if a.strip()),
+        assets=args.assets,
         settle_s=args.settle)).run()
     rows = [("kills (single process + whole platform)", report["kills"]),
             ("  by target", report["kills_by_target"]),

@@ -8,6 +8,7 @@ import math
 import re
 from collections.abc import Callable
 
+from engine.assets import DEFAULT_ASSETS
 from feed.settings import plain_decimal
 
 # a whole number in plain ASCII digits: int() also takes "1_000", "+5", other scripts' digits
@@ -52,3 +53,13 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole "
                                          "numbers > 0")
     return [int(positive_int(p)) for p in parts]
+
+
+def asset_list(text: str) -> tuple[str, ...]:
+    """Names of the registry's assets, comma-separated, any case, each once (``"SOL,btc"``);
+    as ASSETS reads them, so "\u017fol" (upper() makes it SOL) and an empty name are refused."""
+    names = [n.strip().upper() if n.strip().isascii() else "" for n in text.split(",")]
+    if not all(n in DEFAULT_ASSETS for n in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                         f"{', '.join(DEFAULT_ASSETS)} without repeats")
+    return tuple(names)

@@ -14,7 +14,10 @@ BAD_BY_KIND = {
             ["--replicas", "-2"], ["--duration-s", "nan"]],
     "durability": [["--slices", "0"], ["--slice-s", "inf"]],
     "feed": [["--rate", "-5"]], "latency": [["--liquidating-share", "1.5"]],
-    "live": [["--clients", "1e3"]], "chaos": [["--interval", "0"], ["--seed", "\u0661"]],
+    "live": [["--clients", "1e3"]],
+    "chaos": [["--interval", "0"], ["--seed", "\u0661"], ["--assets", "DOGE"],
+              ["--assets", "SOL,sol"], ["--assets", ""], ["--assets", "SOL,,BTC"],
+              ["--assets", "\u017fol"]],
     "footprint": [["--window-s", "-1"]], "serve_paths": [["--duration-s", "0"]],
 }
 BAD = [(kind, argv) for kind, options in BAD_BY_KIND.items() for argv in options]
@@ -39,6 +42,7 @@ def test_good_values_parse_as_numbers() -> None:
     assert options.nonneg_int("0") == 0 and options.positive_int("7") == 7
     assert options.duration("0.5") == 0.5 and options.share("1") == 1.0
     assert options.integer("-3") == -3 and options.positive_int(" 5 ") == 5
+    assert options.asset_list(" sol, BTC") == ("SOL", "BTC")
 
 
 @pytest.mark.parametrize(("kind", "text"), [
