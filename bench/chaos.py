@@ -542,13 +542,14 @@ class ChaosRun:
                 for task in self._tasks:
                     task.result(timeout=10.0)
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(5.0)
+            if self._thread.ident is not None:  # started: a start that failed never did
+                self._thread.join(5.0)
             if self.platform is not None:
                 self.platform.stop()
             if self._broker is not None:
                 self._broker.stop()
-            if self._remove_data_dir and self._clean:
-                shutil.rmtree(self.data_dir, ignore_errors=True)
+            if self._remove_data_dir and (self._clean or not any(self.data_dir.iterdir())):
+                shutil.rmtree(self.data_dir, ignore_errors=True)  # nothing to look at
             elif self._remove_data_dir:
                 print(f"the run's DATA_DIR is kept: {self.data_dir}", flush=True)
 

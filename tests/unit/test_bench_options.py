@@ -83,3 +83,16 @@ def test_an_option_whose_zero_skips_a_part_accepts_zero(
         module.main([option, "0"])
     [namespace] = parsed.value.args
     assert getattr(namespace, option[2:].replace("-", "_")) == 0
+
+
+def test_a_chaos_run_whose_start_fails_ends_with_why(capsys: pytest.CaptureFixture[str]) -> None:
+    """A Kafka the settings refuse stops the run before the platform starts: the CLI prints
+    the one line naming it. Its cleanup joined the client thread it never started, and that
+    RuntimeError hid the cause under a traceback; the empty DATA_DIR it made stayed behind."""
+    from cluster.cli import main
+
+    assert main(["bench", "chaos", "--bootstrap", "localhost"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("shardex: configuration error: KAFKA_BROKERS must be "), err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "DATA_DIR is kept" not in out, out
