@@ -63,7 +63,7 @@ import numpy as np
 # bench.api's bulk loader, shared so both benches load positions the same way: _load_shard
 # runs inside a shard host, _one sends one command to a host; and its reading of /proc
 from bench.api import _one, descendants, load_positions, process_table
-from bench.options import duration_or_zero, nonneg_int, positive_int, share
+from bench.options import duration_or_zero, existing_file, new_file, nonneg_int, positive_int, share
 from cluster.config import Settings
 from cluster.trading.placement import ShardSpec
 from feed.broker import MARKET_TOPIC_MAX_RECORDS
@@ -753,14 +753,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="records a partition of the market topic may hold before the "
                              "embedded broker recreates it empty (0: every record is kept, "
                              "as Tansu itself does)")
-    parser.add_argument("--dump", metavar="PATH",
+    parser.add_argument("--dump", metavar="PATH", type=new_file,
                         help="also write what was recorded (the rings, the ticks) as JSON")
-    parser.add_argument("--report", metavar="PATH",
+    parser.add_argument("--report", metavar="PATH", type=existing_file,
                         help="print the report of a run --dump wrote, without running")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     args = parser.parse_args(argv or [])
     if args.report:
-        print(json.dumps(report(json.loads(Path(args.report).read_text()))))
+        try:
+            recorded = json.loads(Path(args.report).read_text())
+            if not isinstance(recorded, dict) or not isinstance(recorded.get("args"), dict):
+                raise ValueError("no args recorded")
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError too
+            parser.error(f"--report {args.report}: not a run --dump wrote ({exc})")
+        print(json.dumps(report(recorded)))
         return 0
     if not 0 < args.liquidating_share <= 1 or args.rate <= 0 or args.positions <= 0:
         parser.error("--liquidating-share must be in (0, 1], --rate and --positions > 0")

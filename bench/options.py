@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 from engine.assets import DEFAULT_ASSETS
 from feed.settings import plain_decimal
@@ -63,3 +65,21 @@ def asset_list(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
                                          f"{', '.join(DEFAULT_ASSETS)} without repeats")
     return tuple(names)
+
+
+def new_file(text: str) -> str:
+    """A path to write a file to once a run is done: checked before the run (which takes
+    minutes), so its directory exists and may be written, and it is no directory itself."""
+    path = Path(text)
+    if not text or path.is_dir() or not path.parent.is_dir() or not os.access(path.parent,
+                                                                              os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file path in an existing, "
+                                         "writable directory")
+    return text
+
+
+def existing_file(text: str) -> str:
+    """A path of a file that exists."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing file")
+    return text

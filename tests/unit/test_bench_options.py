@@ -4,6 +4,7 @@ anything starts, not a traceback from inside the run."""
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,9 @@ BAD_BY_KIND = {
     "api": [["--concurrency", "abc"], ["--concurrency", "1,,64"], ["--concurrency", "0"],
             ["--replicas", "-2"], ["--duration-s", "nan"]],
     "durability": [["--slices", "0"], ["--slice-s", "inf"]],
-    "feed": [["--rate", "-5"]], "latency": [["--liquidating-share", "1.5"]],
+    "feed": [["--rate", "-5"]],
+    "latency": [["--liquidating-share", "1.5"], ["--report", "/no/such/run.json"],
+                ["--report", "/"]],
     "live": [["--clients", "1e3"]],
     "chaos": [["--interval", "0"], ["--seed", "\u0661"], ["--assets", "DOGE"],
               ["--assets", "SOL,sol"], ["--assets", ""], ["--assets", "SOL,,BTC"],
@@ -43,6 +46,35 @@ def test_good_values_parse_as_numbers() -> None:
     assert options.duration("0.5") == 0.5 and options.share("1") == 1.0
     assert options.integer("-3") == -3 and options.positive_int(" 5 ") == 5
     assert options.asset_list(" sol, BTC") == ("SOL", "BTC")
+
+
+def test_a_file_to_write_after_the_run_is_checked_before_it(tmp_path: Path) -> None:
+    """``bench latency --dump PATH`` wrote PATH after its run of minutes: a directory that
+    did not exist failed it then, with a traceback and neither the dump nor the report."""
+    import argparse
+
+    from bench import options
+
+    assert options.new_file(str(tmp_path / "run.json")) == str(tmp_path / "run.json")
+    for bad in (str(tmp_path / "no" / "run.json"), str(tmp_path), ""):
+        with pytest.raises(argparse.ArgumentTypeError, match=" is not a file path in an "):
+            options.new_file(bad)
+
+
+@pytest.mark.parametrize("text", ["not json", "{}", "[1]", "\udcff"])
+def test_a_report_of_no_dump_is_a_usage_error(
+        text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It ended in a JSONDecodeError or KeyError traceback."""
+    from bench import latency
+
+    path = tmp_path / "run.json"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(SystemExit) as ended:
+        latency.main(["--report", str(path)])
+    assert ended.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --report {path}: not a run --dump wrote" in err, err
+    assert "Traceback" not in err, err
 
 
 @pytest.mark.parametrize(("kind", "text"), [
