@@ -184,6 +184,11 @@ class Settings:
         if self.account_topic == MARKET_TOPIC:  # account events would go to the price feed
             _fail("ACCOUNT_EVENTS_TOPIC", self.account_topic,
                   "that is the market data topic")
+        if self.account_topic.startswith("__"):
+            # Kafka keeps the prefix for its own topics; a broker refuses every produce to
+            # __consumer_offsets or __transaction_state: no account event would reach a stream
+            _fail("ACCOUNT_EVENTS_TOPIC", self.account_topic,
+                  "a name starting with __ is Kafka's own")
         for name, (var, low, high) in _INTEGER_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
