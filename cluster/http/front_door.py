@@ -34,6 +34,12 @@ config, so Serve's reloads (``-sf``) and signals reach HAProxy itself.
   binds ``::`` with ``v4v6``. And Serve reaches the replicas of its node at 127.0.0.1, which
   a replica bound to another address (``HOST=::1``, the node's own IP) does not answer, so
   every request was a 503: the config reaches them at :func:`replica_address`.
+- Who may administer it: Serve's config opens HAProxy's admin socket to every local user
+  (``mode 666``, in a directory anyone may enter), and binds its stats page and Prometheus
+  listener on every interface: anyone on the machine could point a backend at a server of
+  their own and read the API keys sent through it; anyone on the network could read the
+  backends' state. This config makes the socket its owner's only (``mode 600``; Serve's
+  process, HAProxy's owner, still uses it) and binds the two listeners on 127.0.0.1.
 - Connections per client address (``HTTP_CONNECTIONS``, passed in :data:`CONNECTIONS_VAR`):
   one more is closed as HAProxy accepts it, before reading anything (an answer would wait
   for its request, holding the connection until the request deadline); the replicas answer
@@ -61,6 +67,7 @@ CONFIG = "haproxy.shardex.cfg"  # the config HAProxy loads, beside Serve's
 CONNECTIONS_VAR = "SHARDEX_HTTP_CONNECTIONS"  # HTTP_CONNECTIONS, set by cluster.actors.serve_app
 HOST_VAR = "SHARDEX_HTTP_HOST"  # HOST, set by cluster.actors.serve_app
 FRONTEND = "frontend http_frontend"  # the section of Serve's config that takes the clients
+LISTENERS = ("listen stats", "frontend prometheus")  # Serve's sections bound on every interface
 MAX_REWRITE_BYTES = 1024  # HAProxy's tune.maxrewrite: a buffer's room kept for header rewrites
 FDS_KEPT = 1000  # of the file limit, for what is not a client connection (listeners, logs...)
 FDS_PER_CONNECTION = 3
@@ -144,6 +151,9 @@ def write_config(config_path: str, read_timeout_s: float = READ_TIMEOUT_S,
     _set(lines, "global", "tune.bufsize", str(MAX_HEAD_BYTES + MAX_REWRITE_BYTES))
     _set(lines, "global", "tune.maxrewrite", str(MAX_REWRITE_BYTES))
     _set(lines, "defaults", "option forwardfor", "")
+    _admin_by_owner_only(lines)
+    for section in LISTENERS:
+        _bind_loopback(lines, section)
     _set(lines, "defaults", "timeout http-request", f"{read_timeout_s:g}s")
     # a failure of HAProxy's own while forwarding: the outcome is unknown, as for a 502
     _set(lines, "defaults", "errorfile 500", write_error_page(config_path))
@@ -156,6 +166,29 @@ def _bind_both_families(lines: list[str]) -> None:
         words = lines[i].split()
         if words[:1] == ["bind"] and len(words) > 1 and words[1].startswith("*:"):
             lines[i] = " ".join(["    bind", f"::{words[1][1:]}", "v4v6", *words[2:]])
+
+
+def _admin_by_owner_only(lines: list[str]) -> None:
+    """The ``global`` section's ``stats socket PATH ...`` with ``mode 600``."""
+    for i in _section(lines, "global"):
+        words = lines[i].split()
+        if words[:2] == ["stats", "socket"] and len(words) > 2:
+            if "mode" in words[3:-1]:
+                words[words.index("mode", 3) + 1] = "600"
+            else:
+                words[3:3] = ["mode", "600"]
+            lines[i] = "    " + " ".join(words)
+
+
+def _bind_loopback(lines: list[str], section: str) -> None:
+    """Every ``bind [ADDRESS]:PORT`` of ``section`` (if the config has it) on 127.0.0.1."""
+    if not any(line.strip() == section for line in lines):
+        return
+    for i in _section(lines, section):
+        words = lines[i].split()
+        if words[:1] == ["bind"] and len(words) > 1:
+            words[1] = "127.0.0.1:" + words[1].rpartition(":")[2]
+            lines[i] = "    " + " ".join(words)
 
 
 def _reach_replicas_at(lines: list[str], address: str) -> None:

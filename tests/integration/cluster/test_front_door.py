@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -29,16 +30,33 @@ SERVE_PAGE = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r
               b"Content-Length: 21\r\n\r\nInternal Server Error")  # what Serve 2.60 writes
 
 
-def _config(directory: Path, port: int, backend_port: int, bind: str = "127.0.0.1") -> Path:
+def _config(directory: Path, port: int, backend_port: int, bind: str = "127.0.0.1",
+            listeners: tuple[int, int] | None = None) -> Path:
     """A config with what Serve 2.60's has of the settings at stake (its client timeout, for
     WebSockets; its buffer size; splicing, which costs HAProxy files; ``bind`` its address
-    for the clients, its replicas at 127.0.0.1), fewer connections at most (64, not 4,096)."""
+    for the clients, its replicas at 127.0.0.1), fewer connections at most (64, not 4,096);
+    with ``listeners`` (stats port, metrics port) also its admin socket ``admin.sock`` in
+    ``directory`` and its stats and Prometheus listeners, as Serve writes them."""
     page = directory / front_door.ERROR_PAGE
     page.write_bytes(SERVE_PAGE)
     config = directory / "haproxy.cfg"
+    admin = "" if listeners is None else f"""
+    stats socket {directory / "admin.sock"} mode 666 level admin expose-fd listeners
+    stats timeout 30s"""
+    served = "" if listeners is None else f"""
+frontend prometheus
+    bind :{listeners[1]}
+    mode http
+    http-request use-service prometheus-exporter if {{ path /metrics }}
+    no log
+listen stats
+  bind *:{listeners[0]}
+  stats enable
+  stats uri /stats
+  stats refresh 1s"""
     config.write_text(f"""global
     maxconn 64
-    tune.bufsize 16384
+    tune.bufsize 16384{admin}
 defaults
     mode http
     timeout connect 1s
@@ -53,7 +71,7 @@ frontend http_frontend
     bind {bind}:{port}
     default_backend replicas
 backend replicas
-    server replica1 127.0.0.1:{backend_port}
+    server replica1 127.0.0.1:{backend_port}{served}
 """)
     return config
 
@@ -228,6 +246,31 @@ def test_the_config_bounds_requests_as_a_replica_does(
     pages = {int(words[1]): Path(words[2]) for words in settings if words[:1] == ["errorfile"]}
     assert set(pages) == {500, 502, 503, 504}  # HAProxy's failures while forwarding
     assert {page.read_bytes() for page in pages.values()} == {front_door.error_page()}
+
+
+def test_only_its_owner_administers_it_and_its_stats_answer_on_loopback_only(
+        tmp_path: Path, hang_up_server: int) -> None:
+    """Serve's config opens HAProxy's admin socket to every local user (who could point a
+    backend at a server of theirs and read the API keys sent to it) and its stats and metrics
+    listeners to every interface: what ``shardex-haproxy`` loads keeps the socket its owner's
+    (who still administers it, as Serve does) and the listeners on 127.0.0.1."""
+    port, stats_port, metrics_port = free_port(), free_port(), free_port()
+    proc = _haproxy(_config(tmp_path, port, hang_up_server, listeners=(stats_port, metrics_port)),
+                    port)
+    try:
+        admin = tmp_path / "admin.sock"
+        assert stat.S_IMODE(admin.stat().st_mode) == 0o600
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(str(admin))
+            sock.sendall(b"show info\n")
+            assert b"Name: HAProxy" in _answer(sock)
+        for listener in (stats_port, metrics_port):
+            socket.create_connection(("127.0.0.1", listener), timeout=2).close()
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.2", listener), timeout=2).close()
+    finally:
+        stop_child(proc)
 
 
 @pytest.fixture
