@@ -784,20 +784,28 @@ class _History:
             index = self._index[user] = {rid: i for i, rid in enumerate(self._ids(user))}
         return index
 
-    def _record(self, user: int, at: int) -> Any:
-        """``user``'s ``at``-th record (built from the table if it is a loaded one)."""
+    def _records(self, user: int, start: int, stop: int) -> list[Any]:
+        """``user``'s records ``start`` to ``stop`` (exclusive), in order; the loaded ones are
+        built from the table a column at a time (one numpy read per column, not per value)."""
         rows = self._rows(user)
         loaded = 0 if rows is None else int(rows.size)
-        if at >= loaded:
-            return self.by_user[user][at - loaded]
-        assert self._loaded is not None and rows is not None
-        row = int(rows[at])
-        ints, codes, texts, _, build = self._loaded
-        return build(tuple(column[row].item() for column in ints.values()),
-                     *(texts[name][int(code[row])] for name, code in codes.items()))
+        out: list[Any] = []
+        if start < min(stop, loaded):
+            assert self._loaded is not None and rows is not None
+            ints, codes, texts, _, build = self._loaded
+            picked = rows[start:min(stop, loaded)]
+            values = zip(*(column[picked].tolist() for column in ints.values()), strict=True)
+            strings = [[texts[name][code] for code in codes[name][picked].tolist()]
+                       for name in codes]
+            out = [build(row, *given)
+                   for row, *given in zip(values, *strings, strict=True)] if strings \
+                else [build(row) for row in values]
+        added = self.by_user.get(user, [])
+        out.extend(added[max(start, loaded) - loaded:max(stop, loaded) - loaded])
+        return out
 
     def _all(self, user: int) -> list[Any]:
-        return [self._record(user, at) for at in range(sum(self._count(user)))]
+        return self._records(user, 0, sum(self._count(user)))
 
     def _users(self) -> list[int]:
         loaded = [] if self._loaded is None else list(self._loaded.rows_of)
@@ -822,7 +830,7 @@ class _History:
             if index is None:
                 return None
             end = index
-        return [self._record(user, at) for at in range(end - 1, max(0, end - limit) - 1, -1)]
+        return self._records(user, max(0, end - limit), end)[::-1]
 
     def has(self, user: int, record_id: int) -> bool:
         return sum(self._count(user)) > 0 and record_id in self._index_of(user)
