@@ -153,6 +153,9 @@ class Reconciler:
         self._task: asyncio.Task[None] | None = None
         self._closed = False  # (rounds started once closed would run with nobody to stop them)
         self._lock_rounds: dict[int, int] = {}  # open lock's request id -> sweeps seen open
+        # request ids a shard answered Forgotten: their locks stay until the next start, and
+        # the sweeps look past them (else, once a batch of them, at nothing else)
+        self._unknown: set[int] = set()
 
     # ----------------------------------------------------------------- queueing
     def abandon(self, request_id: int) -> None:
@@ -449,11 +452,16 @@ class Reconciler:
         in a row (an API process died between the lock and its end, e.g. a replica killed):
         each is resolved at every shard (which fences it); one whose request never happened
         is abandoned (its margin freed), one that happened is noted (ending the lock, and
-        numbering the account event the dead process did not). Returns how many were
-        abandoned. A request this slow that arrives at a shard after all is refused there,
+        numbering the account event the dead process did not); one a shard answered
+        Forgotten stays until the next start, and later sweeps look past it. Returns how many
+        were abandoned. A request this slow that arrives at a shard after all is refused there,
         and its own release then frees nothing twice."""
-        open_locks = dict(await self.ledger.call(OpenLocks(ORPHAN_BATCH)))
-        self._lock_rounds = {r: self._lock_rounds.get(r, 0) + 1 for r in open_locks}
+        limit = ORPHAN_BATCH + len(self._unknown)
+        open_locks = dict(await self.ledger.call(OpenLocks(limit)))
+        if len(open_locks) < limit:  # every open lock seen: forget the unknown ones ended
+            self._unknown.intersection_update(open_locks)
+        self._lock_rounds = {r: self._lock_rounds.get(r, 0) + 1 for r in open_locks
+                             if r not in self._unknown}
         stale = sorted(r for r, rounds in self._lock_rounds.items() if rounds >= ORPHAN_ROUNDS)
         if not stale:
             return 0
@@ -503,7 +511,10 @@ class Reconciler:
         return opened, tuple(r for r in request_ids if r not in opened)
 
     def _forgotten(self, request_id: int) -> None:
-        """Count (and log) a request a shard answered Forgotten."""
+        """Count (and log) a request a shard answered Forgotten, once."""
+        if request_id in self._unknown:
+            return
+        self._unknown.add(request_id)
         self.counters["outcomes_forgotten"] += 1
         log.warning("request %s is older than its shard's remembered answers: whether it ran "
                     "is not known, so its lock stays until the next start", request_id)

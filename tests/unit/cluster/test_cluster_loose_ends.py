@@ -24,6 +24,7 @@ from cluster.actors.port import Unavailable
 from cluster.durability.runner import Failed
 from cluster.trading.courier import Courier
 from cluster.trading.courier import SettlementRefused
+from cluster.trading.reconciler import ORPHAN_BATCH
 from cluster.trading.reconciler import ORPHAN_ROUNDS
 from cluster.trading.reconciler import Reconciler
 from cluster.trading.service import TradingService
@@ -921,6 +922,33 @@ async def test_an_open_whose_answer_its_shard_forgot_keeps_its_margin_through_th
     await p.service.reconciler.at_start()  # the next start keeps it too
     assert balances(p, who) == (SIGNUP - 100 * USD, 100 * USD)
     assert await p.audit() == []
+
+
+async def test_locks_whose_outcome_is_forgotten_do_not_keep_the_sweeps_from_newer_ones(
+        make: Make) -> None:
+    """More than a sweep's batch of locks whose requests their shards answer Forgotten stay
+    open until the next start: the sweeps must still reach a newer orphaned lock behind
+    them and free its margin (before, they looked at those oldest locks alone, every time,
+    and counted each as forgotten again)."""
+    p = make()
+    who = await sol_trader(p)
+    dead = 5 << COUNTER_BITS  # an API process that died with its top-ups under way
+    p.ledger.execute_blocking([LockMargin(MarginLock(who.user, USD, request_id=dead | n,
+                                                     top_up=True))
+                               for n in range(1, ORPHAN_BATCH + 2)])
+    for shard in p.shards.values():  # each forgot a later answer of that process's
+        shard.execute_blocking([Resolve(dead | ORPHAN_BATCH + 10)])
+        shard.execute_blocking([Resolve(3 << COUNTER_BITS | n) for n in range(1, REMEMBERED + 1)])
+    orphan = 9 << COUNTER_BITS | 1  # another process's, cut off before its request went out
+    p.ledger.execute_blocking([LockMargin(MarginLock(who.user, 7 * USD, request_id=orphan,
+                                                     top_up=True))])
+    sweeper = make.service(p).reconciler
+    for _ in range(2 * ORPHAN_ROUNDS):
+        await sweeper.end_orphaned_locks()
+    [open_locks] = p.ledger.execute_blocking([OpenLocks(2 * ORPHAN_BATCH)])
+    assert orphan not in dict(open_locks) and len(open_locks) == ORPHAN_BATCH + 1
+    assert balances(p, who) == (SIGNUP - (ORPHAN_BATCH + 1) * USD, (ORPHAN_BATCH + 1) * USD)
+    assert sweeper.counters["outcomes_forgotten"] == ORPHAN_BATCH + 1
 
 
 @pytest.mark.parametrize("op", ["open", "order", "top-up", "modify"])
