@@ -61,6 +61,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import numpy as np
 
 from engine import schema
+from engine.amounts import micros_to_money
 from engine.assets import Asset
 from engine.book import COLUMN_NAMES, PositionBook, PositionRecord
 from engine.events import (
@@ -740,9 +741,14 @@ class ShardMachine:
             return found, ()
         record, tick = found
         margin = record.margin_micros + command.delta_micros
-        if command.delta_micros == 0 or not 0 < margin <= MAX_COLUMN_VALUE:
-            return Rejected(Code.INVALID_REQUEST, "the margin change must leave a margin "
-                                                  "above zero and in range"), ()
+        if command.delta_micros == 0:
+            return Rejected(Code.INVALID_REQUEST, "the margin change must not be zero"), ()
+        if margin <= 0:
+            return Rejected(Code.INVALID_REQUEST, "a removal must leave some margin: the "
+                            f"position holds {micros_to_money(record.margin_micros)}"), ()
+        if margin > MAX_COLUMN_VALUE:
+            return Rejected(Code.INVALID_REQUEST, "the margin would exceed the most a position "
+                            f"may hold ({micros_to_money(MAX_COLUMN_VALUE)})"), ()
         problem = self._margin_problem(record, margin, tick, command.delta_micros < 0)
         if problem is not None:
             return Rejected(Code.INVALID_REQUEST, problem), ()

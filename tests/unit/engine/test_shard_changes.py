@@ -141,6 +141,21 @@ def test_a_margin_removal_is_refused_by_each_of_its_three_conditions() -> None:
                       OpenPosition)
 
 
+def test_a_margin_change_that_leaves_no_margin_says_why() -> None:
+    m = shard()
+    p = opened(m, leverage=10)  # 100 USD margin
+    before = m.fingerprint()
+    assert refused(run(m, ChangeMargin(1, p.position_id, 0, 2)), Code.INVALID_REQUEST) == \
+        "the margin change must not be zero"
+    for delta in (-p.margin_micros, -p.margin_micros - 1):
+        assert refused(run(m, ChangeMargin(1, p.position_id, delta, 3)), Code.INVALID_REQUEST) \
+            == "a removal must leave some margin: the position holds 100.000000"
+    message = refused(run(m, ChangeMargin(1, p.position_id, MAX_COLUMN_VALUE, 4)),
+                      Code.INVALID_REQUEST)
+    assert message.startswith("the margin would exceed the most a position may hold (")
+    assert m.fingerprint() == before
+
+
 def test_a_margin_that_would_move_a_liquidation_price_out_of_range_is_refused() -> None:
     # a short's liquidation price lies above its entry by margin / quantity: a BTC short of one
     # quantity step (0.00001) given the largest margin would liquidate above the book's range
