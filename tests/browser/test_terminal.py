@@ -175,6 +175,38 @@ def test_create_account_shows_the_key_and_keeps_it_across_a_reload(
     assert by_id(browser, "submit-long").is_enabled()
 
 
+def test_another_tab_logging_out_or_in_with_another_key_is_followed(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """The key is kept once per browser: a log out in a second tab logs the first one out (its
+    account gone from the page, nothing to trade with), and another key there is the first
+    tab's too. Before, the first tab kept trading with the key its trader had logged out of."""
+    key, position_id = open_long_on_a_new_page(platform, browser, http)
+    first = browser.current_window_handle
+    browser.switch_to.new_window("tab")
+    open_terminal(browser, platform)  # logged in with the kept key
+    wait_position_row(browser, "SOL", "long")
+    by_id(browser, "logout").click()
+
+    browser.switch_to.window(first)
+    wait_until(browser, lambda d: by_id(d, "logged-out").is_displayed(), "the first tab logged out")
+    assert not by_id(browser, "submit-long").is_enabled()
+    assert position_rows(browser) == []
+    assert text_of(browser, "api-key") == ""
+    assert "another tab" in text_of(browser, "notice-text")
+
+    second = next(h for h in browser.window_handles if h != first)
+    browser.switch_to.window(second)
+    other_key = create_account(browser)
+    other_id = text_of(browser, "account-id")
+    browser.switch_to.window(first)
+    wait_until(browser, lambda d: by_id(d, "logged-in").is_displayed()
+               and text_of(d, "api-key") == other_key, "the other key in the first tab")
+    wait_until(browser, lambda d: text_of(d, "account-id") == other_id
+               and text_of(d, "balance-free") == "10000.00", "the other account's balances")
+    assert position_rows(browser) == []  # the first account's position is not this one's
+    assert account(http, key)["positions"][0]["positionId"] == position_id
+
+
 def test_quote_follows_ticks_produced_to_the_topic_without_a_reload(
         platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
     """A tick produced to the topic shows as the selected asset's bid, ask and spread, and the

@@ -435,12 +435,15 @@ function setAccountStream(state) {
 }
 
 // ------------------------------------------------------------------ account
-function setKey(key, accountId) {
+// ``kept``: the key is stored already (another tab of this browser stored it).
+function setKey(key, accountId, kept = false) {
   app.key = key;
   app.accountId = accountId || null;
   app.keyRefused = false;
-  store(STORE.key, key);
-  store(STORE.accountId, app.accountId);
+  if (!kept) {
+    store(STORE.key, key);
+    store(STORE.accountId, app.accountId);
+  }
   app.closedLimit = HISTORY_PAGE;
   app.orderHistoryLimit = HISTORY_PAGE;
   app.idsSignature = "";
@@ -512,6 +515,25 @@ async function useKey(event) {
     showError(err);
   } finally {
     button.disabled = false;
+  }
+}
+
+// Another tab of this browser logged out, or in with another key: this one follows. The key
+// is kept once per browser (a reload here would read the other tab's); a tab left trading with
+// a key its trader logged out of elsewhere kept the account open on a shared machine.
+function followOtherTab(event) {
+  if (event.storageArea !== window.localStorage) return;
+  if (event.key !== STORE.key && event.key !== null) return; // null: the storage was cleared
+  const key = stored(STORE.key);
+  if (key === app.key) return;
+  // the account id stored with it may not have reached this tab yet: the state read says it
+  setKey(key, key ? stored(STORE.accountId) : null, true);
+  clearAccountData(); // the other account's, until the state read of this one
+  if (key) {
+    requestRefresh(true);
+    showNotice("Another tab of this browser logged in with another key: this tab uses it too.");
+  } else {
+    showNotice("Logged out in another tab of this browser: the API key is no longer kept in it.");
   }
 }
 
@@ -1147,6 +1169,7 @@ function bindUi() {
   byId("create-account").addEventListener("click", createAccount);
   byId("key-form").addEventListener("submit", useKey);
   byId("logout").addEventListener("click", logout);
+  window.addEventListener("storage", followOtherTab);
   byId("copy-key").addEventListener("click", copyKey);
   byId("asset-select").addEventListener("change", (event) => {
     app.asset = event.target.value;
