@@ -1638,6 +1638,35 @@ def prices_answered(driver: WebDriver) -> int:
         ".filter(e => e.name.includes('/api/v1/prices')).length;"))
 
 
+def test_a_partial_close_made_elsewhere_is_listed_while_the_page_polls_the_account(
+        platform: RayHttpPlatform, relay: Relay, browser: WebDriver, http: httpx.Client) -> None:
+    """Without the WebSocket the page polls the account. A partial close made elsewhere (another
+    device, the API) leaves the same positions open, yet the part shows in the closed positions
+    beside the rest's quantity. Before, the poll read the history again only when a position or
+    order came or went, and the part stayed missing from it."""
+    relay.refuse_sockets(True)
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform, via=relay)
+    key = create_account(browser)
+    assert by_id(browser, "account-stream").get_attribute("data-state") == "down"
+    open_long_from_ticket(browser, "100", "10")
+    position_id = wait_position_row(browser, "SOL", "long")
+    time.sleep(2.5)  # a poll that found the position, and nothing new, came
+
+    r = http.post("/api/v1/positions/close", headers={"Authorization": f"Bearer {key}"},
+                  json={"positionId": position_id, "quantity": "1"})
+    assert r.status_code == 200, r.text
+    assert r.json()["partial"] is True
+    row = wait_until(browser, lambda d: next(iter(d.find_elements(
+        By.CSS_SELECTOR, f'tr[data-testid="closed-row"][data-close-id="{r.json()["closeId"]}"]')),
+        None), "the partial close in the closed positions")
+    assert row.get_attribute("data-partial") == "true"
+    assert row.find_element(By.CSS_SELECTOR, 'td[data-field="quantity"]').text == "1.00partial"
+    quantity = browser.find_element(
+        By.CSS_SELECTOR, f'tr[data-position-id="{position_id}"] td[data-field="quantity"]')
+    assert quantity.text == "8.99"
+
+
 def test_a_price_poll_answered_after_a_newer_streamed_price_does_not_replace_it(
         platform: RayHttpPlatform, relay: Relay, browser: WebDriver, http: httpx.Client) -> None:
     """While the WebSocket is down the page polls GET /prices; one poll's answer is held on

@@ -601,8 +601,9 @@ async function refreshAccount(withHistory) {
   if (ordersResult.status === "fulfilled") renderOrders(listOf(ordersResult.value, "orders"));
   else failure = failure || ordersResult.reason;
 
-  // Positions or orders that came or went mean history to show, whoever ended them.
-  const signature = `${app.positions.map((p) => p.positionId).join(",")}|${app.orders.map((o) => o.orderId).join(",")}`;
+  // Positions or orders that came or went mean history to show, whoever ended them, and so
+  // does a position whose quantity went down (a partial close, from another tab or device).
+  const signature = `${app.positions.map((p) => `${p.positionId}:${p.quantity}`).join(",")}|${app.orders.map((o) => o.orderId).join(",")}`;
   const changed = signature !== app.idsSignature;
   app.idsSignature = signature;
   if (withHistory || changed) failure = (await refreshHistory(key)) || failure;
