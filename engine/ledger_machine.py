@@ -900,6 +900,7 @@ class _History:
             rows_of[user] = new if old is None else np.concatenate([old, new])
             at += len(records)
         if len(table):
+            table.flags.writeable = False  # the snapshot's writer reads it meanwhile
             self._loaded = _Loaded({f.name: table[f.name] for f in ints},
                                    {name: table[name] for name in texts},
                                    dict(zip(texts, strings, strict=True)), rows_of, build, table)
@@ -914,6 +915,9 @@ class _History:
         columns = {f.name: np.asarray(table[f.name]) for f in ints}
         codes = {name: np.asarray(table[name]).astype(np.int64) for name in texts}
         strings = {name: list(values) for name, values in texts.items()}
+        for name, values in strings.items():
+            if len(set(values)) != len(values):  # (a later table would index them otherwise)
+                raise ValueError(f"{self.what}: a {name} string listed twice")
         for name, code in codes.items():
             if code.size and (code.min() < 0 or code.max() >= len(strings[name])):
                 raise ValueError(f"{self.what}: a {name} index outside its strings")
@@ -1991,7 +1995,8 @@ class LedgerMachine:
 
     # ================================================================= state
     def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Copies of the whole state: ``{"history": HISTORY_DTYPE[n], "order_history":
+        """The whole state, as nothing changes it later (the history tables are read-only
+        and kept: see ``_History.table``): ``{"history": HISTORY_DTYPE[n], "order_history":
         ORDER_HISTORY_DTYPE[n]}`` (named columns, one row per closed position / ended order,
         text as indexes into lists of ``meta``) and JSON-able ``meta``."""
         history, (assets,) = self._history.table(HISTORY_DTYPE, _INTEGERS, ("asset",),

@@ -24,8 +24,9 @@ cluster.durability.recovery:
   batch's changes or none of them, never a part. Recovery applies the records in order.
 * ``maybe_checkpoint(snapshot_fn)`` runs after a commit: every ``snapshot_every_events``
   events journaled (or replayed) or ``snapshot_every_s`` seconds (whichever first; only if
-  something was journaled) it snapshots the state. ``snapshot_fn()`` must return *copies*
-  (arrays, meta) taken now; the file is written on a background thread (a 1M-position book is
+  something was journaled) it snapshots the state. ``snapshot_fn()`` must return the
+  state (arrays, meta) as it is now, in objects nothing changes later (copies, or arrays never
+  written again); the file is written on a background thread (a 1M-position book is
   ~100 MB) while the actor keeps serving, and the journal segments the snapshot covers are
   trimmed on the actor's thread once it is on disk (a Journal is not thread-safe).
 * A commit that fails poisons the journal: the store raises :class:`DurabilityError` for every

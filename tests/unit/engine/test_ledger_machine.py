@@ -312,6 +312,19 @@ def test_a_snapshot_keeps_the_history_as_its_table_and_the_next_reads_no_record_
     for machine in (snapshot_round_trip(led.m), snapshot_round_trip(never)):
         assert machine.fingerprint() == never.fingerprint()
     assert led.m.snapshot()[0]["history"] is again["history"]  # nothing added: no copy
+    with pytest.raises(ValueError, match="read-only"):
+        again["history"]["pnl_micros"][0] = 1
+
+
+def test_a_snapshot_listing_a_text_twice_is_refused() -> None:
+    led, u = one_account()
+    led(LockMargin(MarginLock(u, 1_000_000)))
+    assert led(ApplySettlements("s", (SettlementItem(1, closed(u, 101, 1_000_000, 0)),))) == 1
+    arrays, meta = led.m.snapshot()
+    assert meta["history_assets"] == ["SOL"]
+    meta = {**meta, "history_assets": ["SOL", "SOL"]}
+    with pytest.raises(ValueError, match="asset string listed twice"):
+        LedgerMachine.from_snapshot(SIGNUP, led.m.max_open_positions, arrays, meta)
 
 
 # ----------------------------------------------------------------------------- clientOrderIds
