@@ -887,7 +887,8 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
     def on_signal(signum: int, _frame: object) -> None:
         stopping.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signals = stop_signals()
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
     # the platform users run keeps its state in DATA_DIR (journaled hosts Ray restarts)
     platform = Platform(settings, with_feed=with_feed, host=settings.host,
                         broker_port=broker_port, durable=True, cancel=stopping)
@@ -903,21 +904,42 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
             return 1
         # ours again, whatever the start installed (ray.init's own SIGTERM handler, which
         # exits without cleanup, is kept out by _ray_init)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in signals:
             signal.signal(sig, on_signal)
         if stopping.is_set():
             return 0
         print(platform.banner(), flush=True)
         while not stopping.wait(0.5):
             pass
-        print("shardex: stopping ...", flush=True)
+        _say("shardex: stopping ...")
         return 0
     finally:
         platform.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if stopping.is_set():
-            print("shardex: stopped", flush=True)
+            _say("shardex: stopped")
+
+
+def stop_signals() -> list[signal.Signals]:
+    """The signals that stop ``up`` cleanly: Ctrl-C, SIGTERM, and SIGHUP (its terminal closed,
+    its ssh session dropped) unless it was started ignoring it (``nohup``, which asks it to
+    outlive the terminal). Python's default for SIGHUP ended the process at once: the
+    platform went down as after a ``kill -9``, its records left in DATA_DIR."""
+    signals = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signals.append(signal.SIGHUP)
+    return signals
+
+
+def _say(line: str) -> None:
+    """Print ``line`` if stdout still takes it: after a hang-up the terminal is gone (EIO),
+    and the stop must not end in a traceback for it (nor the exit in a failed last flush:
+    what is left goes to /dev/null)."""
+    try:
+        print(line, flush=True)
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _ray_init(**options: Any) -> None:
