@@ -73,6 +73,11 @@ class BrokerError(RuntimeError):
     """The embedded broker could not be started (port in use, binary missing, crashed)."""
 
 
+class BrokerPortInUse(BrokerError):
+    """The embedded broker's port already accepts connections (another broker, another
+    platform's)."""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` nobody listens on right now, outside the kernel's ephemeral
     range (see :func:`free_ports`): not one that ``bind(host, 0)`` hands out, since Ray
@@ -412,8 +417,9 @@ class EmbeddedBroker:
 
     def _check_port_free(self) -> None:
         if accepts_connections(self.host, self.port):
-            raise BrokerError(f"cannot start the embedded broker: {self.bootstrap} is already in "
-                              "use (set KAFKA_BROKERS to use a running Kafka, or free the port)")
+            raise BrokerPortInUse(f"cannot start the embedded broker: {self.bootstrap} is "
+                                  "already in use (set KAFKA_BROKERS to use a running Kafka, "
+                                  "or free the port)")
         try:
             check_bindable(self.host, self.port)
         except OSError as exc:

@@ -49,6 +49,7 @@ from engine.shard_machine import LastTick, Stats
 from feed.broker import (
     BROKER_RECORD,
     BrokerError,
+    BrokerPortInUse,
     ProcessIdentity,
     accepts_connections,
     check_bindable,
@@ -515,6 +516,11 @@ class Platform:
         broker.log_path = self.settings.data_dir / BROKER_LOG
         try:
             broker.start()
+        except BrokerPortInUse as exc:
+            # most often the broker of another platform on this machine: both run with
+            # another port for this one's
+            raise LaunchError(f"{exc}; or start this platform's broker on a free port with "
+                              "--broker-port") from exc
         except BrokerError as exc:
             raise LaunchError(str(exc)) from exc
         self._broker = broker

@@ -614,6 +614,24 @@ def test_an_embedded_broker_another_running_process_owns_is_refused_naming_it(
     assert "a `shardex feed` started after the platform" in message, message
 
 
+def test_a_broker_port_another_program_listens_on_names_the_option_that_moves_it(
+        tmp_path: Path) -> None:
+    """A second platform on the machine (another DATA_DIR and PORT) finds the first one's
+    broker on the default port: the refusal names ``--broker-port``, the one setting that
+    lets both run; it said only to set KAFKA_BROKERS or free the port."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        taken = int(listener.getsockname()[1])
+        settings = dataclasses.replace(Settings(), data_dir=tmp_path, port=free_port())
+        with pytest.raises(LaunchError) as refused:
+            Platform(settings, with_feed=False, broker_port=taken).start()
+    message = str(refused.value)
+    assert f"127.0.0.1:{taken} is already in use" in message, message
+    assert "--broker-port" in message, message
+    assert not (tmp_path / "ray-address.json").exists()
+
+
 def test_a_broker_restart_the_disk_refuses_is_tried_again_next_round(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The supervisor starts a dead embedded broker again each round. A restart that failed
