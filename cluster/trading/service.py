@@ -915,12 +915,12 @@ class TradingService:
                     ) -> tuple[list[AuditDifference], dict[str, object]]:
         """The ledger invariant against every shard's open margins, counts and unsettled closes.
 
-        Exact when nothing trades meanwhile. Under traffic a difference can be transient (an
-        open's margin is locked a moment before its position exists; a close can settle
-        between reading a shard and reading the ledger), so a difference is only reported if
-        its subject (the account that differs, or the sum) differs at each of ``attempts``
-        reads; under traffic another account may be caught mid-open at each read. Returns
-        ``(differences, totals)`` (the last read's of each).
+        What requests under way hold is no difference (the ledger knows them: a lock whose
+        request has not reached its shard, a removal whose release has not reached the
+        ledger). The shards are read before the ledger, so a change between the two reads
+        (a close settled, an open made and noted) shows as a difference once: one is only
+        reported if its subject (the account that differs, or the sum) differs at each of
+        ``attempts`` reads. Returns ``(differences, totals)`` (the last read's of each).
         """
         problems: list[AuditDifference] = []
         persistent: set[str] | None = None

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from engine.account_events import ORDER_PLACED
 from engine.events import MarginReleased
 from engine.events import OrderCountSet
 from engine.events import OrderLocked
@@ -24,6 +25,7 @@ from engine.ledger_machine import Begin
 from engine.ledger_machine import History
 from engine.ledger_machine import LedgerMachine
 from engine.ledger_machine import LockMargin
+from engine.ledger_machine import Note
 from engine.ledger_machine import OpenCount
 from engine.ledger_machine import OrderCount
 from engine.ledger_machine import OrderHistory
@@ -389,6 +391,8 @@ def test_the_audit_counts_what_unapplied_ended_orders_still_hold() -> None:
     led, user = trader()
     fill, cancel, still_open = led.place(user, 10 * USD), led.place(user, 20 * USD), \
         led.place(user, 40 * USD)
+    for order in (fill, cancel, still_open):  # each placed at the shard: its lock ended
+        led(Note(user, order.order_id, ORDER_PLACED, order, None))
     outbox = list(led.items(ended(fill, FILLED, 600), ended(cancel, CANCELLED)))
     shards = {user: 10 * USD + 40 * USD}  # the filled position and the open order
     assert led.audit(shards, {SHARD: outbox}) == []
