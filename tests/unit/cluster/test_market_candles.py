@@ -480,6 +480,17 @@ def test_a_candle_file_of_another_schema_version_is_still_refused(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == [FILE_NAME]
 
 
+def restarted_after(data_dir: Path, ticks: list[Tick]) -> tuple[MarketLive,
+                                                               dict[str, list[Candle]]]:
+    """A market that applied ``ticks`` under ``data_dir``, closed and started again (at the
+    clock after them), and the SOL candles per interval it held as it closed."""
+    live = MarketLive(Settings().assets, data_dir, Clock(T0_US + 3))
+    live.apply(ticks)
+    before = {i: live.candles("SOL", i, CandleQuery()) for i in INTERVALS}
+    live.close()
+    return MarketLive(Settings().assets, data_dir, Clock(T0_US + 4)), before
+
+
 def test_the_newest_tick_read_again_after_a_restart_is_not_counted_twice(
         tmp_path: Path) -> None:
     """A feed starting again reads each partition's newest message again (the shards get a
@@ -491,11 +502,7 @@ def test_the_newest_tick_read_again_after_a_restart_is_not_counted_twice(
     later = [sol(10_020, T0_US + 3, 3), sol(10_020, T0_US + 3, 4)]  # same time and price
     uninterrupted = MarketLive(assets, None, Clock(T0_US + 4))
     uninterrupted.apply(ticks + later)
-    live = MarketLive(assets, tmp_path, Clock(T0_US + 3))
-    live.apply(ticks)
-    before = {i: live.candles("SOL", i, CandleQuery()) for i in INTERVALS}
-    live.close()
-    restarted = MarketLive(assets, tmp_path, Clock(T0_US + 4))
+    restarted, before = restarted_after(tmp_path, ticks)
     try:
         restarted.apply([ticks[-1]])  # the newest message, read again
         assert {i: restarted.candles("SOL", i, CandleQuery()) for i in INTERVALS} == before
@@ -514,13 +521,8 @@ def test_ticks_read_again_before_the_newest_do_not_let_the_newest_count_twice(
     beginning, ``start_from="earliest"``) meets older ticks first; the restored candles
     ignore those as older, and still hold the newest when it comes. Before, the first tick
     read after the start, older, used up the check, and the newest counted twice."""
-    assets = Settings().assets
     ticks = [sol(10_000, T0_US + 1, 1), sol(10_050, T0_US + 2, 2)]
-    live = MarketLive(assets, tmp_path, Clock(T0_US + 3))
-    live.apply(ticks)
-    before = {i: live.candles("SOL", i, CandleQuery()) for i in INTERVALS}
-    live.close()
-    restarted = MarketLive(assets, tmp_path, Clock(T0_US + 4))
+    restarted, before = restarted_after(tmp_path, ticks)
     try:
         restarted.apply(ticks)  # the partition read again from its beginning
         assert {i: restarted.candles("SOL", i, CandleQuery()) for i in INTERVALS} == before
