@@ -11,8 +11,11 @@ ticks it makes ready to the shards through a callback; free of Ray.
 ``await call(shard, ticks)`` hands ``ticks`` (``engine.market.Tick``: every accepted tick of
 the assets routed to ``shard`` not sent yet, in order, at most
 ``feed.conflation.MAX_PENDING_PER_ASSET`` of an asset) to one shard; an exception means the
-shard did not take them: the newest of each asset goes back to pending (unless a newer one
-already waits there) and is sent again on a later round.
+shard did not take them: they go back to pending, before the newer ticks of their assets
+waiting there, and are sent again on a later round: every ``retry_s`` until the shard
+takes them, whatever the Kafka consumer is doing (a broker that is away, a consumer being
+rebuilt), so a shard back from a restart gets the prices it missed without waiting for the
+broker.
 ``reachable(shard) -> bool`` says whether a shard can be called now (the caller may look it up
 there). At most ``pipeline.fanout.max_in_flight`` calls are outstanding per shard.
 ``cluster.actors.feed`` provides both with Ray actor handles.
@@ -222,6 +225,7 @@ class MarketDataConsumer:
     idle_fetch_max_wait_ms: int = 100
     idle_after_s: float = 5.0  # shorter pauses (between bursts of a source) keep the short wait
     partition_check_s: float = 1.0
+    retry_s: float = 0.1  # how often the ticks of failed calls are offered again
     on_accepted: Callable[[list[Tick]], object] | None = None
 
     def __post_init__(self) -> None:
@@ -235,6 +239,7 @@ class MarketDataConsumer:
         self.consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[None]] = set()
+        self._retry: asyncio.Task[None] | None = None
         self._assigned = asyncio.Event()
         self._stopping = False
         self._next_offset: dict[TopicPartition, int] = {}
@@ -275,11 +280,13 @@ class MarketDataConsumer:
     async def stop(self) -> None:
         """Stop consuming and close the Kafka consumer (calls already made run to their end)."""
         self._stopping = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        tasks = (self._task, self._retry)
+        self._task = self._retry = None
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         await self._close_consumer()
 
     async def _close_consumer(self) -> None:
@@ -503,12 +510,23 @@ class MarketDataConsumer:
             if shard not in self._failing:  # once per outage: a restart fails ~10 rounds
                 self._failing.add(shard)
                 log.warning("feed consumer: %s (its ticks wait)", self.last_error)
+            if self._retry is None or self._retry.done():
+                self._retry = asyncio.get_running_loop().create_task(self._retry_failed())
         finally:
             self.pipeline.done(shard, ticks, ok)
         if ok:  # after a failure the next round retries, not this call at once
             if shard in self._failing:
                 self._failing.discard(shard)
                 log.warning("feed consumer: shard %s takes ticks again", shard)
+            self.pump()
+
+    async def _retry_failed(self) -> None:
+        """Offer pending ticks again every ``retry_s`` while a shard's last call failed. The
+        consume loop pumps only between polls, and a broker that is away keeps it in failing
+        polls and consumer rebuilds (backing off up to :data:`MAX_REBUILD_BACKOFF_S`), where
+        the tick that crossed a liquidation would wait for the broker to reach its shard."""
+        while self._failing and not self._stopping:
+            await asyncio.sleep(self.retry_s)
             self.pump()
 
     # -- what others read ------------------------------------------------------------------

@@ -18,9 +18,10 @@ Every shard host receives one ``execute`` call of ``ApplyTick`` commands (engine
 carrying every accepted tick of its assets it has not been sent yet, in order, followed by an
 ``Outbox`` read; at most ``max_in_flight_per_shard`` calls are outstanding per shard, and while
 they are, newer ticks wait (up to ``feed.conflation.MAX_PENDING_PER_ASSET`` an asset: a slow
-shard costs bounded memory). A shard that is missing or dead keeps its pending ticks and is
-looked up again every ``lookup_retry_s``. A tick a shard refuses (out of its bounds) is dropped and
-counted (``ticks_refused_by_shards``). Settlements the call's answer holds go to the ledger
+shard costs bounded memory). A shard that is missing or dead keeps its pending ticks, which
+are offered again (and the shard looked up again) every ``lookup_retry_s``, also while the
+broker is away. A tick a shard refuses (out of its bounds) is dropped and counted
+(``ticks_refused_by_shards``). Settlements the call's answer holds go to the ledger
 through the courier (cluster.trading.courier) with one ledger call, their acknowledgement riding
 with the shard's next call; a shard whose delivery failed is delivered in full (outbox read,
 ledger, acknowledgement) every ``lookup_retry_s`` until it succeeds.
@@ -165,7 +166,7 @@ class FeedActorShell:
         self.consumer = MarketDataConsumer(
             bootstrap or settings.bootstrap_servers, pipeline, self._call,
             reachable=self._reachable, topic=topic, client_id=group_id,
-            on_accepted=self._accepted, **consumer_options)
+            on_accepted=self._accepted, **{"retry_s": lookup_retry_s, **consumer_options})
 
     # -- the actor's methods ---------------------------------------------------------------
     async def start(self, timeout_s: float = 30.0) -> bool:

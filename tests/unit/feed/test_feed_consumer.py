@@ -471,6 +471,44 @@ async def test_the_loop_creates_a_missing_topic_and_rebuilds_a_failed_consumer(
 
 
 @pytest.mark.asyncio
+async def test_a_failed_call_goes_again_while_the_broker_is_away(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ticks of a failed call are offered again every 0.1 s by themselves: a shard back
+    from a restart gets the tick that crossed its liquidations while the Kafka consumer fails
+    and is rebuilt (backing off 0.2, 0.4, 0.8 s ...), not once the broker answers again."""
+    topic = Topic()
+    monkeypatch.setattr(consumer_module, "AIOKafkaConsumer", topic.consumer)
+    monkeypatch.setattr(consumer_module, "ensure_topic", topic.ensure_topic)
+    monkeypatch.setattr(consumer_module, "CREATE_TOPIC_AFTER_S", 0.05)
+    shards = Shards()
+    c = make(shards, partition_check_s=0.01)
+    try:
+        assert await c.start(5)
+        shards.fail.add("s0")
+        topic.produce("SOL", B)
+        for _ in range(200):
+            if shards.bids("s0") and shards.bids("s1"):
+                break
+            await asyncio.sleep(0.01)
+        assert shards.bids("s0") == [[B]] and shards.bids("s1") == [[B]]
+        topic.poll_failures = 10**6  # the broker is away: every poll fails from now on
+        for _ in range(100):
+            if c.consumer_restarts:
+                break
+            await asyncio.sleep(0.01)
+        assert c.consumer_restarts
+        shards.fail.clear()
+        shards.unreachable.clear()  # the shard is back
+        for _ in range(60):
+            if len(shards.bids("s0")) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert shards.bids("s0") == [[B], [B]] and c.stats()["pending"] == 0
+    finally:
+        await c.stop()
+
+
+@pytest.mark.asyncio
 async def test_stopping_a_client_lets_only_a_cancellation_of_the_caller_through() -> None:
     stopped = asyncio.Event()
 
