@@ -50,6 +50,8 @@ it runs in the replica, before its server starts.
   is sent to it within :data:`CLOSE_FLUSH_S` is dropped: its close frame waited, as every
   frame, for the client to read, and a closed transport for its buffer to drain, so a client
   that reads nothing held its connection for good.
+- A WebSocket text message that is not UTF-8 fails the connection with 1007 and a reason;
+  uvicorn logged it as an error, with its traceback, for every client sending one.
 - uvicorn logs a warning for every request its parser refuses, so any client could add log
   lines as fast as it sends: :data:`PARSER_REFUSALS` lets one through a minute, counting the
   others.
@@ -667,6 +669,20 @@ class SpecWebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.abort()
             return
         super().handle_ping()
+
+    def send_receive_event_to_app(self) -> None:
+        # a text message that is not UTF-8 is the client's fault (RFC 6455 8.1: fail with
+        # 1007), but uvicorn logged it as an error with its traceback and closed without a
+        # reason: a client opening connections one after another added 400 KB of log a second
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            try:
+                b"".join(self.frames).decode()
+            except UnicodeDecodeError as exc:
+                self.frames = []
+                self.conn.fail(1007, f"invalid UTF-8 in a text message at byte {exc.start}")
+                self.handle_parser_exception()
+                return
+        super().send_receive_event_to_app()
 
     async def send(self, message: Any) -> None:
         if message["type"] == "websocket.close" and not self.writable.is_set():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -394,6 +395,32 @@ def test_a_client_pinging_without_reading_the_pongs_is_dropped(platform: HttpPla
                 sock.sendall(burst)
                 sent += len(burst)
     assert sent < 64_000_000, sent
+
+
+def test_a_text_message_that_is_not_utf8_is_closed_1007_without_an_error_logged(
+        platform: HttpPlatform, caplog: pytest.LogCaptureFixture) -> None:
+    """RFC 6455 8.1: the connection fails with 1007, saying why. It is the client's fault, not
+    the server's: uvicorn logged an error with its traceback for each, 400 KB of log a second
+    from one client opening connections one after another."""
+    port = int(platform.base_url.rsplit(":", 1)[1])
+    for message in (b"\x81\x82\x00\x00\x00\x00{\xff",  # one frame, masked (key 0)
+                    # a character split over two fragments and left unfinished
+                    b"\x01\x82\x00\x00\x00\x00{\xe2" + b"\x80\x81\x00\x00\x00\x00\x82"):
+        answer = b""
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+            sock.sendall(b"GET /ws HTTP/1.1\r\n" + WS_UPGRADE + WS_KEY
+                         + b"Sec-WebSocket-Version: 13\r\n\r\n")
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(4096)
+            head, _, answer = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            sock.sendall(message)
+            while data := sock.recv(4096):  # the close frame, then the end
+                answer += data
+        assert answer[0] == 0x88 and answer[1] == len(answer) - 2, answer  # a close frame
+        assert int.from_bytes(answer[2:4], "big") == 1007, answer
+        assert answer[4:].startswith(b"invalid UTF-8"), answer
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 @pytest.fixture(scope="module")
