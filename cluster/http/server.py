@@ -34,6 +34,8 @@ it runs in the replica, before its server starts.
   such as ``curl --http2``'s h2c): uvicorn's parser reads nothing after its head, so one with
   a body is refused (400) and one without is answered as plain HTTP; the connection closes
   after either, since what follows on it is not read as HTTP.
+- A WebSocket handshake pipelined behind requests not yet answered is refused (400) after
+  their answers (upgraded at once, its 101 came first and their answers inside the WebSocket).
 - A refusal of a request pipelined behind others waits for their answers (written at once, it
   took their place, and the connection closed: their requests had run, their answers were lost).
 - A chunked body's trailer fields are dropped, and bound as a head is (uvicorn added them to
@@ -103,6 +105,9 @@ TOO_LARGE = _refusal("431 Request Header Fields Too Large",
                      f"request line and headers over {MAX_HEAD_BYTES} bytes")
 UNSUPPORTED_CODING = _refusal("400 Bad Request", f"{MALFORMED}: Transfer-Encoding other than "
                               "chunked (no other coding is applied)")
+PIPELINED_HANDSHAKE = _refusal("400 Bad Request",
+                               "a WebSocket handshake sent behind requests not yet answered: "
+                               "send it after their answers, or on a connection of its own")
 UPGRADE_WITH_BODY = _refusal("400 Bad Request",
                              "a request asking for another protocol (CONNECT, or an Upgrade "
                              "other than websocket) cannot carry a body; send it without")
@@ -453,11 +458,18 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # the parser reports the upgrade of a handshake refused as its head ended too: uvicorn
         # handed it to the WebSocket protocol, failing on the scope it never made (logged as
         # a fatal error of the connection)
-        if not self._stopped():
-            self._watch.stop()  # the WebSocket has its own bounds on what it leaves unsent
-            self.transport = self._watch.transport
-            self._release_address()  # WebSockets are counted by the app (WS_CONNECTIONS)
-            super().handle_websocket_upgrade()
+        if self._stopped():
+            return
+        if self._answering():
+            # behind requests still being answered: upgraded at once, its 101 and its frames
+            # went out before their answers, which then came inside the WebSocket's stream
+            # (RFC 9112 9.3.2: answers go in the order of the requests)
+            self._refuse(PIPELINED_HANDSHAKE)
+            return
+        self._watch.stop()  # the WebSocket has its own bounds on what it leaves unsent
+        self.transport = self._watch.transport
+        self._release_address()  # WebSockets are counted by the app (WS_CONNECTIONS)
+        super().handle_websocket_upgrade()
 
     def on_chunk_header(self) -> None:
         # after a last chunk the parser reads trailer fields as headers: RFC 9110 6.5.1 forbids

@@ -364,6 +364,34 @@ def test_a_refused_request_does_not_take_the_place_of_the_answers_before_it(
     assert unlimited_rates.totals()["users"] == users + 1
 
 
+def test_a_websocket_handshake_behind_unanswered_requests_is_400_after_their_answers(
+        unlimited_rates: LocalHttpPlatform) -> None:
+    """A signup and a WebSocket handshake in one packet: the signup is answered (201), then the
+    handshake refused (400), and the connection closes. Before, the connection became a
+    WebSocket at once: its 101 went out first and the signup's answer, API key and all, came
+    after it inside the WebSocket's stream, where the client reads it as broken frames."""
+    port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
+    users = unlimited_rates.totals()["users"]
+    signup = b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+        sock.sendall(signup + WS_HANDSHAKE + b"Host: x\r\n\r\n")
+        with contextlib.suppress(TimeoutError):  # (a WebSocket stays open)
+            while data := sock.recv(65536):
+                answer += data
+    assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
+    assert answer.count(b"HTTP/1.1 ") == 2, answer
+    refusal = answer[answer.index(b"HTTP/1.1 ", 1):]
+    assert refusal.startswith(b"HTTP/1.1 400 "), refusal[:200]
+    assert json.loads(refusal.partition(b"\r\n\r\n")[2])["error"]["code"] == "INVALID_REQUEST"
+    assert unlimited_rates.totals()["users"] == users + 1
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:  # sent after it:
+        sock.sendall(signup)                                                # taken
+        assert sock.recv(65536).startswith(b"HTTP/1.1 201 ")
+        sock.sendall(WS_HANDSHAKE + b"Host: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 101 ")
+
+
 HOSTS_SERVED = {
     "a name and a port": b"GET /api/v1/assets HTTP/1.1\r\nhost: api.example-1.com:8000 \r\n",
     "an IPv4 address": b"GET /api/v1/assets HTTP/1.1\r\nHost: 127.0.0.1\r\n",
