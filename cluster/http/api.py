@@ -1276,7 +1276,8 @@ def create_app(service: TradingService) -> FastAPI:
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
-    routes = {getattr(r, "path", "") for r in app.routes}
+    # the counter's routes: filled once every route is added (the terminal's and /ws's below)
+    routes: set[str] = set()
     # the routes any client may read without a key, bounded per client address
     public = frozenset({app.openapi_url or ""} | {
         getattr(r, "path", "") for r in app.routes
@@ -1333,6 +1334,7 @@ def create_app(service: TradingService) -> FastAPI:
                               headers={"Upgrade": "websocket"})
 
     add_terminal_routes(app)
+    routes.update(getattr(r, "path", "") for r in app.routes)
     return app
 
 

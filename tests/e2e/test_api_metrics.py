@@ -1,0 +1,105 @@
+"""``GET /metrics`` over a real socket, as a Prometheus server scrapes it: the text its parser
+reads, one series per route (whatever paths and methods clients make up), counters that only
+go up."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from tests.e2e.http_platform import TRADING
+from tests.e2e.http_platform import LocalHttpPlatform
+
+Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[LocalHttpPlatform]:
+    with LocalHttpPlatform(TRADING) as p:
+        yield p
+
+
+@pytest.fixture
+def http(served: LocalHttpPlatform) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=served.base_url, timeout=10) as client:
+        yield client
+
+
+def scrape(http: httpx.Client) -> Series:
+    """Every sample of /metrics, ``(name, sorted labels) -> value``, as Prometheus parses it."""
+    r = http.get("/metrics")
+    assert r.status_code == 200, r.text
+    out: Series = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            key = (s.name, tuple(sorted(s.labels.items())))
+            assert key not in out, f"series twice: {key}"
+            out[key] = s.value
+    return out
+
+
+def responses(series: Series) -> dict[tuple[str, str, str], float]:
+    """``shardex_http_responses_total`` by (method, path, status)."""
+    out = {}
+    for (name, labels), value in series.items():
+        if name == "shardex_http_responses_total":
+            shown = dict(labels)
+            out[(shown["method"], shown["path"], shown["status"])] = value
+    return out
+
+
+def ask(port: int, method: str, target: str) -> bytes:
+    """The status line of ``method target`` sent as written (no client reshapes it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                     .encode())
+        answer = b""
+        while b"\r\n" not in answer and (chunk := sock.recv(4096)):
+            answer += chunk
+    return answer.split(b"\r\n", 1)[0]
+
+
+def test_every_route_is_counted_under_its_own_template(served: LocalHttpPlatform,
+                                                       http: httpx.Client) -> None:
+    """The terminal's page and files, ``/docs`` and ``/ws`` asked without an upgrade each
+    count under their route. The routes were taken for the counter before these were added,
+    so all of them counted as ``other``, among the 404s of paths no route serves."""
+    before = responses(scrape(http))
+    asked = {("GET", "/", "200"): http.get("/"),
+             ("GET", "/docs", "200"): http.get("/docs"),
+             ("GET", "/static/{path:path}", "200"): http.get("/static/app.js"),
+             ("GET", "/static/{path:path}", "404"): http.get("/static/no-such-file.js"),
+             ("GET", "/ws", "426"): http.get("/ws")}
+    after = responses(scrape(http))
+    for key, r in asked.items():
+        assert str(r.status_code) == key[2], (key, r.status_code)
+        assert after.get(key, 0) == before.get(key, 0) + 1, (key, after)
+    assert after.get(("GET", "other", "200"), 0) == before.get(("GET", "other", "200"), 0)
+
+
+def test_paths_and_methods_clients_make_up_add_no_series(served: LocalHttpPlatform,
+                                                         http: httpx.Client) -> None:
+    """Hundreds of distinct paths (quotes, backslashes and newlines among them, escaped in the
+    target) and every method the parser takes add at most one series per status under
+    ``other``; the text stays one Prometheus parses, and no counter goes down."""
+    http.get("/healthz")
+    before = scrape(http)
+    for i in range(300):
+        http.get(f"/made-up/{i}")
+        http.get(f"/api/v1/orders/{i}")  # one route: its template, whatever the id
+    for target in ('/%22%0A%5C"', "/a%0d%0ashardex_fake 1", '/x"}', "/metrics%0A"):
+        ask(served.port, "GET", target)
+    for method in ("PROPFIND", "MKCOL", "PURGE", "SEARCH", "LOCK", "REPORT"):
+        ask(served.port, method, "/healthz")
+    after = scrape(http)
+    new = set(responses(after)) - set(responses(before))
+    assert {path for _, path, _ in new} <= {"other", "/healthz", "/api/v1/orders/{orderId}"}, new
+    assert {method for method, _, _ in new} <= {"GET", "other"}, new
+    assert len(new) <= 5, new
+    assert not [key for key in after if key[0].startswith("shardex_fake")], after
+    for key, value in before.items():
+        if key[0].endswith("_total"):
+            assert after.get(key, value) >= value, (key, value, after.get(key))
