@@ -230,6 +230,10 @@ class Settings:
         return round(self.max_price_age_s * 1_000_000)
 
     @property
+    def max_clock_skew_us(self) -> int:
+        return self.feed.bounds.max_clock_skew_us  # the feed's bound, the shards' as well
+
+    @property
     def feed(self) -> FeedSettings:
         """What ``feed/`` is configured with (it never reads these settings itself)."""
         return FeedSettings(

@@ -130,6 +130,9 @@ FORGOTTEN_DTYPE = np.dtype([("prefix", "<u8"), ("counter", "<u8")])
 """A snapshot's ``forgotten`` table: per request id prefix, the highest counter forgotten."""
 _FEW = 64  # fewer forgotten ids than this are recorded one by one, more with numpy
 BPS = 10_000
+DEFAULT_MAX_CLOCK_SKEW_US = 5_000_000
+"""A last tick stamped further than this ahead of the shard's clock refuses opens and closes
+(MAX_CLOCK_SKEW_S' default)."""
 MIN_VECTOR_RUN = 64
 """Shorter runs of ``PositionOpened`` in a journal record are decoded and applied one by one."""
 OPENED_RECORD = record_dtype(PositionOpened)
@@ -451,19 +454,24 @@ class ShardMachine:
     Config (plain values, validated here): ``name`` (the shard's name, which the ledger keys
     its applied seq by), ``book_tag`` (0..255, in every position id), ``asset``,
     ``maintenance_margin_ppm`` (0..999999), ``max_price_age_us`` (an older last tick refuses
-    opens and closes). ``capacity``: book rows allocated up front.
+    opens and closes), ``max_clock_skew_us`` (so does a last tick stamped further ahead of
+    the shard's clock: MAX_CLOCK_SKEW_S). ``capacity``: book rows allocated up front.
     """
 
     def __init__(self, name: str, book_tag: int, asset: Asset, maintenance_margin_ppm: int,
-                 max_price_age_us: int, *, capacity: int = 1024) -> None:
+                 max_price_age_us: int, *, max_clock_skew_us: int = DEFAULT_MAX_CLOCK_SKEW_US,
+                 capacity: int = 1024) -> None:
         if not 0 <= maintenance_margin_ppm < PPM:
             raise ValueError("maintenance_margin_ppm must be in 0..999999")
         if max_price_age_us < 0:
             raise ValueError("max_price_age_us must be >= 0")
+        if max_clock_skew_us < 0:
+            raise ValueError("max_clock_skew_us must be >= 0")
         self.name = name
         self.asset = asset
         self.maintenance_margin_ppm = maintenance_margin_ppm
         self.max_price_age_us = max_price_age_us
+        self.max_clock_skew_us = max_clock_skew_us
         self.book = PositionBook(asset, book_tag, capacity=capacity)
         self.orders = OrderBook(asset, book_tag, capacity=16)
         # the newest ended orders: order id -> (owner, OrderStatus), oldest first
@@ -631,6 +639,15 @@ class ShardMachine:
             age_s = (now_us - tick.ts_us) / 1e6
             return Rejected(Code.PRICE_UNAVAILABLE,
                             f"the last {self.asset.name} price is {age_s:.1f} s old")
+        if tick.ts_us - now_us > self.max_clock_skew_us:
+            # the clock stepped back past the price (or runs behind the feed's): its age is
+            # unknown, and the feed drops every newer tick as from the future (or, stamped by
+            # this clock, as older) until the clock is past it again; counted as fresh, the
+            # price stood frozen for as long as the step, and opens and closes took it
+            ahead_s = (tick.ts_us - now_us) / 1e6
+            return Rejected(Code.PRICE_UNAVAILABLE,
+                            f"the last {self.asset.name} price is stamped {ahead_s:.1f} s "
+                            "ahead of this shard's clock")
         return tick
 
     def _decide_open(self, command: Open, now_us: int) -> tuple[Any, Sequence[Event]]:
@@ -1333,17 +1350,21 @@ class ShardMachine:
 
     @classmethod
     def restore(cls, name: str, book_tag: int, asset: Asset, maintenance_margin_ppm: int,
-                max_price_age_us: int, snapshot: SnapshotParts | None) -> ShardMachine:
+                max_price_age_us: int, snapshot: SnapshotParts | None, *,
+                max_clock_skew_us: int = DEFAULT_MAX_CLOCK_SKEW_US) -> ShardMachine:
         """The machine from a loaded snapshot, or a fresh one when None."""
         if snapshot is None:
-            return cls(name, book_tag, asset, maintenance_margin_ppm, max_price_age_us)
+            return cls(name, book_tag, asset, maintenance_margin_ppm, max_price_age_us,
+                       max_clock_skew_us=max_clock_skew_us)
         return cls.from_snapshot(name, book_tag, asset, maintenance_margin_ppm,
-                                 max_price_age_us, snapshot.arrays, snapshot.meta)
+                                 max_price_age_us, snapshot.arrays, snapshot.meta,
+                                 max_clock_skew_us=max_clock_skew_us)
 
     @classmethod
     def from_snapshot(cls, name: str, book_tag: int, asset: Asset, maintenance_margin_ppm: int,
                       max_price_age_us: int, arrays: Mapping[str, np.ndarray],
-                      meta: Mapping[str, Any]) -> ShardMachine:
+                      meta: Mapping[str, Any], *,
+                      max_clock_skew_us: int = DEFAULT_MAX_CLOCK_SKEW_US) -> ShardMachine:
         """The machine from :meth:`snapshot`'s ``(arrays, meta)``; also reads the older
         snapshots (int64 tables: ``outbox``, ``results`` with ``result_ids``; and those of
         cluster.shard_store, remembered opens in ``open_results``). ValueError if they do not
@@ -1351,7 +1372,8 @@ class ShardMachine:
         read for the machine): a caller that keeps using them passes copies."""
         if meta["asset"] != asset.name:
             raise ValueError(f"snapshot holds {meta['asset']}, shard trades {asset.name}")
-        machine = cls(name, book_tag, asset, maintenance_margin_ppm, max_price_age_us)
+        machine = cls(name, book_tag, asset, maintenance_margin_ppm, max_price_age_us,
+                      max_clock_skew_us=max_clock_skew_us)
         book_arrays = {k: arrays[k] for k in (*COLUMN_NAMES, "free_head")}
         machine.book = PositionBook.from_arrays(asset, book_tag, book_arrays, copy=False)
         if _ORDER_PREFIX + "free_head" in arrays:

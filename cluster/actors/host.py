@@ -203,6 +203,7 @@ def host_specs(settings: Settings, data_dir: str | None = None,
         spec.name: HostSpec(spec.name, ShardMachine,
                             (spec.name, spec.book_tag, settings.assets[spec.asset],
                              settings.maintenance_margin_ppm, settings.max_price_age_us),
-                            data_dir, options)
+                            data_dir, options,
+                            keywords={"max_clock_skew_us": settings.max_clock_skew_us})
         for spec in shard_layout(settings)}
     return ledger, shards

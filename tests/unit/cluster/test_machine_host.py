@@ -9,14 +9,22 @@ from cluster.actors.host import MachineHost
 from cluster.actors.host import host_specs
 from cluster.config import Settings
 from cluster.durability.runner import Failed
+from cluster.durability.snapshot import Snapshot
 from engine.ledger_machine import Balances
 from engine.ledger_machine import CreateAccount
 from engine.ledger_machine import LockMargin
 from engine.ledger_machine import Totals
 from engine.ledger_machine import hash_api_key
+from engine.machine import run
+from engine.market import Tick
 from engine.messages import MarginLock
+from engine.messages import OpenPosition
+from engine.messages import ShardOpen
+from engine.orders import Side
 from engine.results import Code
 from engine.results import Rejected
+from engine.shard_machine import ApplyTick
+from engine.shard_machine import Open
 
 USD = 10**6
 
@@ -44,3 +52,23 @@ def test_a_pickled_batch_answers_and_changes_what_execute_does() -> None:
     assert pickled(host, [LockMargin(MarginLock(user, 5 * USD, request_id=7))]) == [None]
     assert host.execute([Balances(user)]) == [(signup - 5 * USD, 5 * USD)]
     assert host.runner.commands == 1 + 4 + 4 + 1 + 1
+
+
+def test_a_shard_takes_the_configured_clock_skew_for_its_price() -> None:
+    """MAX_CLOCK_SKEW_S bounds how far ahead of a shard's clock its last price may be stamped
+    (the clock stepped back), as it bounds the feed's ticks; a spec without it left every
+    shard at the default 5 s."""
+    ts_us = 1_800_000_000_000_000
+    answers = {}
+    for skew_s in (1.0, 60.0):
+        shards = host_specs(Settings(max_clock_skew_s=skew_s))[1]
+        spec = next(s for s in shards.values() if s.args[2].name == "SOL")
+        built = [spec.build(None)]
+        built.append(spec.build(Snapshot(0, *built[0].snapshot())))
+        for shard in built:
+            assert run(shard, ApplyTick(Tick("SOL", 10_000, 10_001, ts_us, 1, "t")), ts_us) == 0
+            answers[skew_s, len(answers)] = run(
+                shard, Open(ShardOpen(1, 1, Side.LONG, 100 * USD, 10, None, None, None, 100)),
+                ts_us - 30_000_000)
+    assert [type(a) for a in answers.values()] == [Rejected, Rejected, OpenPosition,
+                                                  OpenPosition]

@@ -200,6 +200,35 @@ def test_no_price_or_stale_price_refuses_opens_and_closes() -> None:
     assert isinstance(run(m, req(3), NOW), OpenPosition)
 
 
+def test_a_price_stamped_ahead_of_a_clock_stepped_back_refuses_opens_and_closes() -> None:
+    """A wall clock stepped back (NTP, a VM's clock) leaves the last tick stamped ahead of the
+    shard's clock, and the feed drops every newer tick until the clock passes it again. Counted
+    as fresh, that frozen price took opens and closes for the whole step and MAX_PRICE_AGE_S
+    after it; past the clock skew the feed allows, it is refused as no price is."""
+    m = ShardMachine(NAME, 0, SOL, 0, MAX_AGE, max_clock_skew_us=5_000_000)
+    run(m, tick("100.00", "100.01", ts_us=NOW), NOW)
+    pos = run(m, req(1), NOW - 5_000_000)  # exactly the skew: still taken
+    assert isinstance(pos, OpenPosition)
+    stepped = NOW - 10 * 60_000_000  # ten minutes back
+    for command in (req(2), close(3, 1, pos.position_id)):
+        refused = run(m, command, stepped)
+        assert isinstance(refused, Rejected) and refused.code is Code.PRICE_UNAVAILABLE
+        assert "600.0 s ahead" in refused.message
+    assert len(m.book) == 1 and run(m, Outbox()) == OutboxView([], 0)
+    # a newer tick stamped by the stepped clock is older than the price: the shard keeps it
+    assert run(m, tick("99.00", "99.01", ts_us=stepped + 1), stepped + 1) == 0
+    refused = run(m, req(4), stepped + 1)
+    assert isinstance(refused, Rejected) and refused.code is Code.PRICE_UNAVAILABLE
+    # the default is MAX_CLOCK_SKEW_S' own (5 s)
+    m = shard()
+    run(m, tick("100.00", "100.01", ts_us=NOW), NOW)
+    assert isinstance(run(m, req(1), NOW - 5_000_000), OpenPosition)
+    refused = run(m, req(2), NOW - 5_000_001)
+    assert isinstance(refused, Rejected) and refused.code is Code.PRICE_UNAVAILABLE
+    with pytest.raises(ValueError, match="max_clock_skew_us"):
+        ShardMachine(NAME, 0, SOL, 0, MAX_AGE, max_clock_skew_us=-1)
+
+
 def test_slippage_is_checked_against_the_client_price_but_never_used_as_price() -> None:
     assert not slippage_exceeded(10100, 10000, 100)
     assert slippage_exceeded(10101, 10000, 100)
