@@ -5,27 +5,13 @@ go up."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+import urllib.parse
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tests.e2e.http_platform import TRADING
-from tests.e2e.http_platform import LocalHttpPlatform
+from tests.e2e.http_platform import HttpPlatform
 
 Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-@pytest.fixture(scope="module")
-def served() -> Iterator[LocalHttpPlatform]:
-    with LocalHttpPlatform(TRADING) as p:
-        yield p
-
-
-@pytest.fixture
-def http(served: LocalHttpPlatform) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=served.base_url, timeout=10) as client:
-        yield client
 
 
 def scrape(http: httpx.Client) -> Series:
@@ -51,6 +37,13 @@ def responses(series: Series) -> dict[tuple[str, str, str], float]:
     return out
 
 
+def port_of(platform: HttpPlatform) -> int:
+    """The loopback port ``platform`` serves on."""
+    port = urllib.parse.urlsplit(platform.base_url).port
+    assert port is not None
+    return port
+
+
 def ask(port: int, method: str, target: str) -> bytes:
     """The status line of ``method target`` sent as written (no client reshapes it)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -62,8 +55,7 @@ def ask(port: int, method: str, target: str) -> bytes:
     return answer.split(b"\r\n", 1)[0]
 
 
-def test_every_route_is_counted_under_its_own_template(served: LocalHttpPlatform,
-                                                       http: httpx.Client) -> None:
+def test_every_route_is_counted_under_its_own_template(http: httpx.Client) -> None:
     """The terminal's page and files, ``/docs`` and ``/ws`` asked without an upgrade each
     count under their route. The routes were taken for the counter before these were added,
     so all of them counted as ``other``, among the 404s of paths no route serves."""
@@ -80,7 +72,7 @@ def test_every_route_is_counted_under_its_own_template(served: LocalHttpPlatform
     assert after.get(("GET", "other", "200"), 0) == before.get(("GET", "other", "200"), 0)
 
 
-def test_paths_and_methods_clients_make_up_add_no_series(served: LocalHttpPlatform,
+def test_paths_and_methods_clients_make_up_add_no_series(platform: HttpPlatform,
                                                          http: httpx.Client) -> None:
     """Hundreds of distinct paths (quotes, backslashes and newlines among them, escaped in the
     target) and every method the parser takes add at most one series per status under
@@ -91,9 +83,9 @@ def test_paths_and_methods_clients_make_up_add_no_series(served: LocalHttpPlatfo
         http.get(f"/made-up/{i}")
         http.get(f"/api/v1/orders/{i}")  # one route: its template, whatever the id
     for target in ('/%22%0A%5C"', "/a%0d%0ashardex_fake 1", '/x"}', "/metrics%0A"):
-        ask(served.port, "GET", target)
+        ask(port_of(platform), "GET", target)
     for method in ("PROPFIND", "MKCOL", "PURGE", "SEARCH", "LOCK", "REPORT"):
-        ask(served.port, method, "/healthz")
+        ask(port_of(platform), method, "/healthz")
     after = scrape(http)
     new = set(responses(after)) - set(responses(before))
     assert {path for _, path, _ in new} <= {"other", "/healthz", "/api/v1/orders/{orderId}"}, new
