@@ -77,12 +77,14 @@ from cluster.http.exposition import CONTENT_TYPE as EXPOSITION_TYPE
 from cluster.http.exposition import Exposition
 from cluster.http.json_body import ExactJsonRoute, parse_json
 from cluster.http.limits import (
+    SITE_SIGNUPS_FACTOR,
     UNKNOWN_KEYS,
     BodySizeLimit,
     PublicRateLimit,
     TokenBuckets,
     client_of,
     retry_after_s,
+    site_of,
     too_many,
 )
 from cluster.http.server import DROPPED
@@ -805,6 +807,8 @@ def create_app(service: TradingService) -> FastAPI:
     app.state.check_key = key_checker(service, TokenBuckets(
         settings.api_key_rate_per_s / 10, max(1.0, settings.api_key_burst / 2)))
     signup_buckets = TokenBuckets(settings.signups_per_min / 60, settings.signups_per_min)
+    site_signups = SITE_SIGNUPS_FACTOR * settings.signups_per_min
+    site_buckets = TokenBuckets(site_signups / 60, site_signups)
 
     def tradable(name: str) -> Asset:
         """The asset a request names; 422 UNKNOWN_ASSET for any other (case counts)."""
@@ -942,14 +946,25 @@ def create_app(service: TradingService) -> FastAPI:
         # (API_REPLICAS > 1: HAProxy) appended to X-Forwarded-For (cluster.http.server); behind
         # a proxy elsewhere every client shares its address (and limit): it should limit itself
         address = request.client.host if request.client is not None else ""
-        client = client_of(address)
-        _rate_limited(signup_buckets, client, "account creations from this address")
+        client, site = client_of(address), site_of(address)
+        # and per IPv6 /48: its holder has 65,536 /64s, each an address of its own above, and
+        # every account is kept for good
+        taken = [(signup_buckets, client, "account creations from this address")]
+        if site is not None:
+            taken.append((site_buckets, site, "account creations from this network (/48)"))
+        for at, (buckets, key, what) in enumerate(taken):
+            wait_s = buckets.take(key)
+            if wait_s > 0:
+                for earlier, earlier_key, _ in taken[:at]:
+                    earlier.give_back(earlier_key)
+                _refuse_rate(what, wait_s)
         try:
             account = await service.create_account()
         except Unavailable:
             # answered 503 with Retry-After: the retry it asks for must not find the token gone
             # (an account the ledger made meanwhile has a key nobody was told: unusable)
-            signup_buckets.give_back(client)
+            for buckets, key, _ in taken:
+                buckets.give_back(key)
             raise
         return _json({"accountId": account.account_id, "apiKey": account.api_key,
                       "balance": micros_to_money(account.balance_micros)}, 201)

@@ -45,6 +45,24 @@ def client_of(address: str) -> str:
     return str(ip)
 
 
+SITE_SIGNUPS_FACTOR = 10
+"""An IPv6 /48 network (:func:`site_of`) may create this many times the accounts one client
+address may (``SIGNUPS_PER_MIN``)."""
+
+
+def site_of(address: str) -> str | None:
+    """The IPv6 /48 network of ``address`` (a site's: one holder is given a /48 and can send
+    from any of its 65,536 /64s, each a client of its own for :func:`client_of`); None for an
+    IPv4 address (an IPv4-mapped one too) or text that is no address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if not isinstance(ip, ipaddress.IPv6Address) or ip.ipv4_mapped is not None:
+        return None
+    return str(ipaddress.IPv6Network((int(ip) >> 80 << 80, 48)))
+
+
 class BodySizeLimit:
     """Pure-ASGI middleware: a request body larger than ``max_body_bytes`` answers 413
     INVALID_REQUEST before the app sees the request.

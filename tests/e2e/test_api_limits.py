@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from cluster.config import Settings
+from cluster.http.limits import SITE_SIGNUPS_FACTOR
 from tests.e2e.api_client import error_code
 from tests.e2e.api_client import open_ids
 from tests.e2e.api_client import open_position
@@ -645,6 +646,29 @@ def test_account_creations_per_address_are_limited() -> None:
         r = c.post("/api/v1/accounts", json={})
         assert 25 <= retry_after(r) <= 30  # one creation every 30 s
         assert c.get("/api/v1/prices").status_code == 200  # only creations are limited here
+
+
+def test_account_creations_per_ipv6_network_are_limited_too() -> None:
+    """An IPv6 /48's holder has 65,536 /64s, each a client address of its own: ten times the
+    per-address budget, over all of them, then 429 naming the network; a /64 of another /48
+    still creates (the addresses as the trusted proxy on this node names them). Before, every
+    /64 had the whole budget: accounts without end, each kept by the ledger for good."""
+    with LocalHttpPlatform(Settings(signups_per_min=1, api_key_rate_per_s=0)) as p:
+        def create(forwarded: str) -> httpx.Response:
+            with httpx.Client(base_url=p.base_url, timeout=10,
+                              headers={"X-Forwarded-For": forwarded}) as c:
+                return c.post("/api/v1/accounts", json={})
+
+        made = [create(f"2001:db8:7:{n:x}::1").status_code for n in range(SITE_SIGNUPS_FACTOR)]
+        assert made == [201] * SITE_SIGNUPS_FACTOR
+        refused = create(f"2001:db8:7:{SITE_SIGNUPS_FACTOR:x}::1")
+        assert retry_after(refused) > 0
+        assert refused.json()["error"]["message"].startswith(
+            "too many account creations from this network (/48)")
+        assert create("2001:db8:8::1").status_code == 201  # another /48
+        again = create("2001:db8:7::2")  # the first /64: its own budget is used up too
+        assert again.json()["error"]["message"].startswith(
+            "too many account creations from this address")
 
 
 def _responses(c: httpx.Client, path: str, status: int) -> int:
