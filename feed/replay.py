@@ -12,16 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import stat
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 from engine.assets import AssetRegistry
-from feed.frames import ErrorFrame, FrameNormalizer
+from feed.frames import MAX_FRAME_BYTES, ErrorFrame, FrameNormalizer
 from feed.message import MarketDataMessage
 
 log = logging.getLogger(__name__)
+
+_SKIP_CHUNK = 1 << 16  # bytes read at a time while skipping the rest of an overlong line
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +37,7 @@ class ReplayItem:
     message: MarketDataMessage
 
 
-def parse_replay(lines: Iterable[str], normalizer: FrameNormalizer) -> list[ReplayItem]:
+def parse_replay(lines: Iterable[str | bytes], normalizer: FrameNormalizer) -> list[ReplayItem]:
     """The valid bookTicker updates of a jsonl recording, in file order (blank lines skipped)."""
     items: list[ReplayItem] = []
     for line in lines:
@@ -46,9 +51,21 @@ def parse_replay(lines: Iterable[str], normalizer: FrameNormalizer) -> list[Repl
     return items
 
 
+def bounded_lines(fh: BinaryIO, max_bytes: int = MAX_FRAME_BYTES) -> Iterator[bytes]:
+    """The lines of ``fh``, each read in at most ``max_bytes + 1`` bytes: of a longer line only
+    that much is yielded (the normalizer drops it as ``oversized``) and the rest is skipped
+    unkept, so memory never holds more of a line than a frame may be."""
+    while line := fh.readline(max_bytes + 1):
+        if len(line) > max_bytes and not line.endswith(b"\n"):
+            while (rest := fh.readline(_SKIP_CHUNK)) and not rest.endswith(b"\n"):
+                pass
+        yield line
+
+
 class ReplaySource:
     """Play ``path`` at ``speed`` x the recorded pace; ``loop`` starts over at the end.
-    ValueError when the file is not UTF-8 text or holds no valid update of ``assets``."""
+    ValueError when the path is not a regular file, is not UTF-8 text, or holds no valid update
+    of ``assets``."""
 
     name = "replay"
 
@@ -58,17 +75,34 @@ class ReplaySource:
             raise ValueError("replay speed must be >= 0")
         self.path = Path(path)
         self.normalizer = FrameNormalizer(assets, source="replay")
-        try:
-            with self.path.open(encoding="utf-8") as fh:
-                self.items = parse_replay(fh, self.normalizer)
-        except UnicodeDecodeError:
-            raise ValueError(f"replay: {self.path} is not UTF-8 text") from None
+        self.items = self._load()
         if not self.items:  # refused at start: a platform with no price would trade nothing
             raise ValueError(f"replay: {self.path} holds no valid bookTicker frame of "
                              f"{','.join(assets)}")
         self.speed = speed
         self.loop = loop
         self.emitted = 0
+
+    def _load(self) -> list[ReplayItem]:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer
+        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ValueError(f"replay: {self.path} is not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as fh:
+            return parse_replay(self._text_lines(fh), self.normalizer)
+
+    def _text_lines(self, fh: BinaryIO) -> Iterator[str]:
+        for number, line in enumerate(bounded_lines(fh), 1):
+            try:
+                yield line.decode("utf-8")
+            except UnicodeDecodeError:
+                if len(line) > MAX_FRAME_BYTES:  # cut mid-character: dropped as oversized
+                    yield line.decode("utf-8", "replace")
+                    continue
+                raise ValueError(f"replay: {self.path} is not UTF-8 text (line {number})")\
+                    from None
 
     def stats(self) -> dict[str, object]:
         return {"emitted": self.emitted, "frames": self.normalizer.stats()}

@@ -396,3 +396,49 @@ def test_an_asset_starting_below_the_floor_walks_from_its_start() -> None:
     assert all(100 <= bid < ask for bid, ask in path)
     assert len({bid + ask for bid, ask in path}) > 20
     assert moves_beyond(path, 1_000) == 0
+
+
+def book_ticker_line(t_us: int, seq: int, bid: str = "98.96", ask: str = "98.97") -> str:
+    """One recorded SOL_USDC bookTicker frame (jsonl line) at engine time ``t_us``."""
+    return (f'{{"data":{{"T":{t_us},"a":"{ask}","b":"{bid}","e":"bookTicker","s":"SOL_USDC",'
+            f'"u":{seq}}},"stream":"bookTicker.SOL_USDC"}}\n')
+
+
+def test_an_overlong_line_is_dropped_without_being_read_into_memory(tmp_path: Path) -> None:
+    """Each line was read whole before its size was checked: a recording with one 64 MiB line
+    (or a file with no newline at all) took that much memory and more to load. A line longer
+    than a frame may be is skipped as it is read, and counted ``oversized``."""
+    import tracemalloc
+
+    path = tmp_path / "rec.jsonl"
+    with path.open("w") as fh:
+        fh.write(book_ticker_line(1_000_000, 1))
+        fh.write('{"x":"' + "a" * (64 << 20) + '"}\n')
+        fh.write(book_ticker_line(2_000_000, 2, bid="98.95"))
+    tracemalloc.start()
+    try:
+        src = ReplaySource(path, DEFAULT_ASSETS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [i.message.bid for i in src.items] == ["98.96", "98.95"]
+    assert src.normalizer.dropped["oversized"] == 1
+    assert peak < 8 << 20, peak  # about two frames' bound (1 MiB each), not the line's 64 MiB
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+@pytest.mark.timeout(10)
+def test_a_recording_that_is_not_a_regular_file_is_refused_at_once(
+        tmp_path: Path, kind: str) -> None:
+    """Opening a FIFO for reading waited for a writer: a start on one hung (the check at start
+    refuses it, but not a path that became one after). Refused in one line, as a directory."""
+    import os
+
+    path = tmp_path / "rec.jsonl"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    with pytest.raises(ValueError, match=f"^replay: {re.escape(str(path))} is not a regular "
+                                         "file$"):
+        make_source(Settings(), f"replay:{path}")
