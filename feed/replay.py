@@ -1,10 +1,13 @@
 """The replay source: a jsonl file of raw Backpack frames (e.g. a recording), played back.
 
 Frames go through the same :class:`feed.frames.FrameNormalizer` as live ones. Timing follows the
-recorded engine time ``T`` divided by ``speed`` (``0`` = as fast as possible). ``ts_us`` is
-re-stamped with the wall-clock time of playback: a recording from last month would otherwise be
-refused by the engine as stale. ``seq`` keeps the recorded update id (shifted up on each loop so
-it never goes backwards).
+recorded engine time ``T`` divided by ``speed`` (``0`` = as fast as possible), except that two
+consecutive frames more than :data:`MAX_REPLAY_GAP_US` apart (either way) are played one after
+the other: one frame stamped years off would otherwise hold every later price back that long.
+A looped round lasts the recording's range of (played) times, at least
+:data:`MIN_ROUND_US`. ``ts_us`` is re-stamped with the wall-clock time of playback: a recording
+from last month would otherwise be refused by the engine as stale. ``seq`` keeps the recorded
+update id (shifted up on each loop so it never goes backwards).
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ from feed.message import MarketDataMessage
 
 log = logging.getLogger(__name__)
 
+# Recorded time between two consecutive frames beyond which they are played without a pause
+# (a gap in the recording, or a corrupt ``T``): longer than any quiet spell of a bookTicker
+# stream, and over MAX_PRICE_AGE_S, so a real pause still shows as stale prices.
+MAX_REPLAY_GAP_US = 60_000_000
+# Shortest looped round (recorded time): a recording of one moment repeats once a second at
+# speed 1, not as fast as the loop can go.
+MIN_ROUND_US = 1_000_000
 _SKIP_CHUNK = 1 << 16  # bytes read at a time while skipping the rest of an overlong line
 
 
@@ -62,6 +72,22 @@ def bounded_lines(fh: BinaryIO, max_bytes: int = MAX_FRAME_BYTES) -> Iterator[by
         yield line
 
 
+def play_times(recorded_us: list[int]) -> list[int]:
+    """When each frame plays (µs of recorded time from the first frame): the recorded offsets,
+    except that a step of more than :data:`MAX_REPLAY_GAP_US` between consecutive frames
+    starts a new stretch right after the latest time played so far."""
+    out: list[int] = []
+    base_rec, base_play, top, prev = recorded_us[0], 0, 0, recorded_us[0]
+    for rec in recorded_us:
+        if abs(rec - prev) > MAX_REPLAY_GAP_US:
+            base_rec, base_play = rec, top
+        played = base_play + rec - base_rec
+        out.append(played)
+        top = max(top, played)
+        prev = rec
+    return out
+
+
 class ReplaySource:
     """Play ``path`` at ``speed`` x the recorded pace; ``loop`` starts over at the end.
     ValueError when the path is not a regular file, is not UTF-8 text, or holds no valid update
@@ -79,6 +105,10 @@ class ReplaySource:
         if not self.items:  # refused at start: a platform with no price would trade nothing
             raise ValueError(f"replay: {self.path} holds no valid bookTicker frame of "
                              f"{','.join(assets)}")
+        self.play_us = play_times([i.at_us for i in self.items])
+        # a round lasts the recording's range of times: its last frame may be older than its
+        # first (recordings joined), and a round from first to last would then last nothing
+        self.round_us = max(max(self.play_us) - min(self.play_us) + 1, MIN_ROUND_US)
         self.speed = speed
         self.loop = loop
         self.emitted = 0
@@ -108,17 +138,12 @@ class ReplaySource:
         return {"emitted": self.emitted, "frames": self.normalizer.stats()}
 
     async def stream(self, stop: asyncio.Event) -> AsyncIterator[MarketDataMessage]:
-        first_us = self.items[0].at_us
-        # a round lasts the recording's range of times: its last frame may be older than its
-        # first (recordings joined), and a round from first to last would then last nothing
-        times = [i.at_us for i in self.items]
-        span_us = max(times) - min(times) + 1
         seq_span = max(i.message.seq for i in self.items) - min(i.message.seq for i in self.items)
         start_mono = time.monotonic()
         rounds = 0
         while not stop.is_set():
-            for item in self.items:
-                offset_us = item.at_us - first_us + rounds * span_us
+            for item, played_us in zip(self.items, self.play_us, strict=True):
+                offset_us = played_us + rounds * self.round_us
                 if self.speed > 0:
                     delay = start_mono + offset_us / 1e6 / self.speed - time.monotonic()
                     if delay > 0:

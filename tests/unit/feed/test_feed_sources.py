@@ -426,6 +426,43 @@ def test_an_overlong_line_is_dropped_without_being_read_into_memory(tmp_path: Pa
     assert peak < 8 << 20, peak  # about two frames' bound (1 MiB each), not the line's 64 MiB
 
 
+@pytest.mark.asyncio
+@pytest.mark.timeout(10)
+async def test_a_looped_recording_of_one_moment_repeats_once_a_second(tmp_path: Path) -> None:
+    """A round lasted the recording's range of times plus 1 µs: a recording whose frames share
+    one time (a single frame, say) looped a million times a second at speed 1, flooding the
+    topic. A round lasts at least one recorded second."""
+    path = tmp_path / "one.jsonl"
+    path.write_text(book_ticker_line(1_788_367_430_246_081, 7))
+    src = ReplaySource(path, DEFAULT_ASSETS, speed=10, loop=True)  # a round: 0.1 s
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.35, stop.set)
+    got = [m async for m in src.stream(stop)]
+    assert [m.seq for m in got] == [7, 8, 9, 10]  # at 0, 0.1, 0.2 and 0.3 s
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("jump_us", [365 * 86_400 * 10**6, -365 * 86_400 * 10**6])
+async def test_a_frame_whose_time_jumps_years_does_not_stall_the_replay(
+        tmp_path: Path, jump_us: int) -> None:
+    """Playback waited for each frame's recorded time: one frame stamped a year ahead held
+    every later price back for a year (at speed 1), and one a year behind made the frames after
+    it wait a year once the times went on. Consecutive frames more than
+    ``MAX_REPLAY_GAP_US`` apart either way are played one after the other."""
+    t0 = 1_788_367_430_000_000
+    path = tmp_path / "jump.jsonl"
+    path.write_text(book_ticker_line(t0, 1) + book_ticker_line(t0 + jump_us, 2, bid="98.95")
+                    + book_ticker_line(t0 + 100_000, 3, bid="98.94")
+                    + book_ticker_line(t0 + 200_000, 4, bid="98.93"))
+    src = ReplaySource(path, DEFAULT_ASSETS, speed=1)
+    loop = asyncio.get_running_loop()
+    t_start = loop.time()
+    got = [m async for m in src.stream(asyncio.Event())]
+    assert [m.seq for m in got] == [1, 2, 3, 4]
+    assert loop.time() - t_start < 1.0  # the frames' own 0.1 s steps, no year
+
+
 @pytest.mark.parametrize("kind", ["fifo", "directory"])
 @pytest.mark.timeout(10)
 def test_a_recording_that_is_not_a_regular_file_is_refused_at_once(
