@@ -197,6 +197,7 @@ def check_plan(asset: Asset, plan: OpenPlan) -> None:
 
 
 _INT64_SAFE = float(2**62)
+_INT64_MAX = (1 << 63) - 1
 
 
 def liquidation_ticks_array(asset: Asset, side: np.ndarray, entry_ticks: np.ndarray,
@@ -223,6 +224,15 @@ def liquidation_ticks_array(asset: Asset, side: np.ndarray, entry_ticks: np.ndar
              zip(side.tolist(), entry.tolist(), qty.tolist(), margin.tolist(), ppm.tolist(),
                  strict=True)]
     return np.array(exact, dtype=np.int64)
+
+
+def _floor_div(values: np.ndarray, divisor: int) -> np.ndarray:
+    """``values // divisor`` (int64 array, ``divisor > 0``) for a divisor past int64 as well
+    (``10**(pd+qd)`` of steps with 19 or more decimals in all): numpy cannot take it, and every
+    int64 lies within one such divisor of 0, so the floor is 0 or -1."""
+    if divisor <= _INT64_MAX:
+        return values // divisor
+    return np.where(values < 0, -1, 0).astype(np.int64)
 
 
 def plan_open_arrays(asset: Asset, side: np.ndarray, margin_micros: np.ndarray,
@@ -269,10 +279,10 @@ def plan_open_arrays(asset: Asset, side: np.ndarray, margin_micros: np.ndarray,
     # plan_open's ``margin * scale > ppm * entry * qty`` (margin above the maintenance margin),
     # divided by scale: for an integer margin it is exact, and it never forms
     # ``margin * scale``, which leaves int64 far below the bound above (BTC: beyond $9.2M)
-    ok &= margin > (ppm * entry * safe_qty) // scale
+    ok &= margin > _floor_div(ppm * entry * safe_qty, scale)
     liq = liquidation_ticks_array(asset, side, entry, safe_qty, np.clip(margin, 1, None), ppm)
     mul, div = asset.notional_scale
-    mm = (ppm * entry * safe_qty * mul) // (div * PPM)
+    mm = _floor_div(ppm * entry * safe_qty * mul, div * PPM)
     long = side == 0
     tp_ok = (tp == 0) | np.where(long, tp > entry, (tp > 0) & (tp < entry))
     sl_ok = (sl == 0) | np.where(long, (sl > liq) & (sl < entry), (sl > entry) & (sl < liq))

@@ -223,3 +223,34 @@ def test_plan_open_arrays_refuses_a_level_plan_open_finds_too_large() -> None:
                        OpenPlan) for tp in tps]
     assert want == [True, False, False]
     assert ok.tolist() == want
+
+
+@SETTINGS
+@given(st.integers(0, 12), st.integers(0, 12), sides, st.integers(1, 4), magnitudes(1, 10**6),
+       st.integers(0, 1), st.sampled_from([0, 1]), st.data())
+def test_plan_open_arrays_takes_every_step_a_registry_allows(
+        price_decimals: int, qty_decimals: int, side: Side, margin: int, bid: int,
+        spread: int, ppm: int, data: st.DataObject) -> None:
+    """Steps of up to 12 decimals each (what engine.assets.AssetRegistry allows), with
+    ``margin * leverage`` within the planner's bound (at most 4 micro-dollars at 12 + 12
+    decimals): where ``10**(pd+qd)``, the maintenance margin's divisor, is past int64 the
+    answer is still plan_open's, with levels one tick around the entry and the liquidation
+    price."""
+    asset = Asset("STEP", "STEP_USDC", price_decimals, qty_decimals, max_leverage=4)
+    leverage = data.draw(st.integers(1, 4 // margin), label="leverage")
+    ask = bid + spread
+    base = plan_open(asset, side, margin, leverage, bid, ask, None, None, ppm)
+    edges = {ask if side == Side.LONG else bid}
+    if isinstance(base, OpenPlan):
+        edges.add(base.liq_ticks)
+    level = st.one_of(st.just(0), st.sampled_from(sorted({max(1, e + d) for e in edges
+                                                          for d in (-1, 0, 1)})))
+    tp, sl = data.draw(level, label="tp"), data.draw(level, label="sl")
+    want = plan_open(asset, side, margin, leverage, bid, ask, tp or None, sl or None, ppm)
+    plans, ok = plan_open_arrays(asset, np.array([side]), np.array([margin]),
+                                 np.array([leverage]), bid, ask, np.array([tp]),
+                                 np.array([sl]), ppm)
+    assert ok.tolist() == [isinstance(want, OpenPlan)]
+    if isinstance(want, OpenPlan):
+        fields: dict[str, Any] = {f: int(v[0]) for f, v in plans.items()}
+        assert OpenPlan(**{**fields, "side": Side(fields["side"])}) == want
