@@ -270,7 +270,9 @@ def plan_open_arrays(asset: Asset, side: np.ndarray, margin_micros: np.ndarray,
     if shift >= 0:
         qty = (margin * safe_lev * 10**shift) // entry
     else:
-        qty = (margin * safe_lev) // (entry * 10**-shift)
+        # floor(floor(x / a) / b) == floor(x / (a * b)): ``entry * 10**-shift`` would leave
+        # int64 (wrapping to any divisor) at a price above 2**63 / 10**-shift ticks
+        qty = (margin * safe_lev) // 10**-shift // entry
     ok = (lev >= 1) & (lev <= asset.max_leverage) & (margin > 0) & (qty >= 1) \
         & (qty <= asset.max_qty_steps) & ((side == 0) | (side == 1))
     safe_qty = np.clip(qty, 1, None)

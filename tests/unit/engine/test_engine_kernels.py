@@ -254,3 +254,27 @@ def test_plan_open_arrays_takes_every_step_a_registry_allows(
     if isinstance(want, OpenPlan):
         fields: dict[str, Any] = {f: int(v[0]) for f, v in plans.items()}
         assert OpenPlan(**{**fields, "side": Side(fields["side"])}) == want
+
+
+@SETTINGS
+@given(st.sampled_from([a for a in ASSETS if a.price_decimals + a.qty_decimals < 6]), sides,
+       st.data())
+def test_plan_open_arrays_equals_plan_open_where_the_quantity_divisor_leaves_int64(
+        asset: Asset, side: Side, data: st.DataObject) -> None:
+    """Below 6 decimals in all a quantity is ``margin * leverage // (entry * 10**(6-pd-qd))``,
+    and that divisor leaves int64 at a price the planner takes (up to 2**60 ticks). Prices
+    are drawn where it wraps past a multiple of 2**64 to a small number (a plain draw of a
+    price almost never lands there), so a wrapped divisor would buy a quantity."""
+    unit = 10 ** (6 - asset.price_decimals - asset.qty_decimals)
+    laps = data.draw(st.integers(1, (2**60 * unit) >> 64), label="laps")
+    price = min(2**60, -(-(laps << 64) // unit) + data.draw(st.integers(0, 3), label="past"))
+    leverage = data.draw(st.integers(1, asset.max_leverage), label="leverage")
+    margin = data.draw(magnitudes(1, 10**13), label="margin")
+    want = plan_open(asset, side, margin, leverage, price, price, None, None)
+    plans, ok = plan_open_arrays(asset, np.array([side]), np.array([margin]),
+                                 np.array([leverage]), price, price, np.array([0]),
+                                 np.array([0]))
+    assert ok.tolist() == [isinstance(want, OpenPlan)]
+    if isinstance(want, OpenPlan):
+        fields: dict[str, Any] = {f: int(v[0]) for f, v in plans.items()}
+        assert OpenPlan(**{**fields, "side": Side(fields["side"])}) == want
