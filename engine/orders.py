@@ -204,7 +204,8 @@ def liquidation_ticks_array(asset: Asset, side: np.ndarray, entry_ticks: np.ndar
                             qty_steps: np.ndarray, margin_micros: np.ndarray,
                             maintenance_margin_ppm: np.ndarray) -> np.ndarray:
     """Vectorised :func:`liquidation_ticks` (int64 arrays in, int64 out, bit-for-bit equal);
-    computes on Python ints where int64 could overflow."""
+    computes on Python ints where int64 could overflow. OverflowError when a price lies past
+    int64 (a margin far above its notional with many decimals)."""
     side = np.asarray(side, dtype=np.int64)
     entry = np.asarray(entry_ticks, dtype=np.int64)
     qty = np.asarray(qty_steps, dtype=np.int64)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from engine import reference
 from engine.assets import DEFAULT_ASSETS
+from engine.assets import Asset
 from engine.book import PositionBook
+from engine.orders import MAX_COLUMN_VALUE
 from engine.orders import NO_LEVEL
 from engine.orders import CloseReason
 from engine.orders import OpenPlan
@@ -16,8 +18,13 @@ from engine.orders import Side
 from engine.orders import liquidation_ticks
 from engine.orders import plan_open
 from engine.triggers import naive_sweep
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 from tests.unit.engine.book_checks import assert_same_but_id
 from tests.unit.engine.book_checks import checked_sweep
+from tests.unit.engine.draws import buying_margins
+from tests.unit.engine.draws import magnitudes
 
 SOL = DEFAULT_ASSETS["SOL"]  # price in cents (ticks), quantity in 0.01 SOL (steps)
 USD = 1_000_000
@@ -197,6 +204,42 @@ def test_a_refused_amend_changes_nothing() -> None:
     assert book.amend(pid) == book.get(pid)  # nothing asked, nothing changed
     book.close(pid)
     assert book.amend(pid, tp_ticks=12_000) is None and book.amend(12345, sl_ticks=1) is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 12), st.integers(0, 12), st.data())
+def test_a_margin_far_past_the_notional_is_refused_by_both_books(
+        price_decimals: int, qty_decimals: int, data: st.DataObject) -> None:
+    """A short's margin amended up to MAX_COLUMN_VALUE, its quantity down to a few steps, its
+    stored liquidation price kept or one in range: with 9 or more decimals in all its true
+    liquidation price then lies past int64. Both books refuse such an amend (ValueError,
+    nothing changed) or make the same row."""
+    asset = Asset("STEP", "STEP_USDC", price_decimals, qty_decimals, max_leverage=10)
+    entry = max(1, asset.max_price_ticks // 4)
+    opened = data.draw(buying_margins(asset, 10, entry, 1, MAX_COLUMN_VALUE >> 10),
+                       label="margin opened")
+    short = plan_open(asset, Side.SHORT, opened, 10, entry, entry, None, None)
+    assert isinstance(short, OpenPlan)
+    fast, ref = PositionBook(asset, min_pending=1, min_dead=1), reference.ReferenceBook(asset)
+    fid, rid = fast.open(1, short, 0), ref.open(1, short, 0)
+    qty = data.draw(st.integers(1, min(3, short.qty_steps)), label="qty")
+    margin = data.draw(magnitudes(MAX_COLUMN_VALUE >> 8, MAX_COLUMN_VALUE), label="margin")
+    liq = liquidation_ticks(asset, Side.SHORT, short.entry_ticks, qty, margin, 0)
+    changes = {"qty_steps": qty, "margin_micros": margin}
+    if data.draw(st.booleans(), label="liquidation price given"):
+        changes["liq_ticks"] = data.draw(st.sampled_from(
+            [short.liq_ticks, MAX_COLUMN_VALUE, *([liq] if liq <= MAX_COLUMN_VALUE else [])]))
+    before = fast.to_arrays()
+    try:
+        want = ref.amend(rid, **changes)
+    except ValueError:
+        with pytest.raises(ValueError):
+            fast.amend(fid, **changes)
+        after = fast.to_arrays()
+        assert all(np.array_equal(after[name], a) for name, a in before.items())
+        assert fast.check() == []
+    else:
+        assert_same_but_id(fast.amend(fid, **changes), want, "position_id")
 
 
 def test_the_reference_book_amends_like_the_fast_one() -> None:

@@ -8,10 +8,12 @@ from typing import Any
 import numpy as np
 import pytest
 from engine.assets import DEFAULT_ASSETS
+from engine.assets import Asset
 from engine.book import COLUMN_NAMES
 from engine.book import PositionBook
 from engine.book import PositionRecord
 from engine.book import book_tag_of
+from engine.orders import MAX_COLUMN_VALUE
 from engine.orders import OpenPlan
 from engine.orders import Side
 from engine.orders import plan_open
@@ -117,6 +119,23 @@ def test_open_rejects_an_inconsistent_plan() -> None:
             book.open(1, bad, 0)
     with pytest.raises(ValueError):
         book.open(-1, good, 0)
+    assert len(book) == 0 and book.check() == []
+
+
+def test_open_many_refuses_a_row_whose_liquidation_price_lies_past_int64() -> None:
+    """A short of one step at 1.0000 holding MAX_COLUMN_VALUE of margin, with 4 + 4 decimals:
+    its liquidation price is about 4.6e20 ticks, so no stored one matches it. The load is
+    refused as inconsistent (ValueError, nothing opened), as a single open of it is."""
+    fine = Asset("FINE", "FINE_USDC", price_decimals=4, qty_decimals=4, max_leverage=100)
+    row = OpenPlan(Side.SHORT, 10_000, 1, MAX_COLUMN_VALUE, 1, MAX_COLUMN_VALUE, 0, 0, 0)
+    book = PositionBook(fine)
+    with pytest.raises(ValueError):
+        book.open(1, row, 0)
+    columns = {f: np.array([getattr(row, f)]) for f in ("side", "entry_ticks", "qty_steps",
+                                                        "margin_micros", "leverage",
+                                                        "liq_ticks", "tp_ticks", "sl_ticks")}
+    with pytest.raises(ValueError):
+        book.open_many(np.array([1]), columns, 0)
     assert len(book) == 0 and book.check() == []
 
 
