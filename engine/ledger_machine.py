@@ -872,16 +872,16 @@ class _History:
         at every snapshot), and a record in the table takes a third of the memory. Nothing
         changes a table once made: the snapshot's writer reads it while this goes on."""
         loaded = self._loaded
-        if not self.by_user and loaded is not None and loaded.table is not None \
-                and loaded.table.dtype == dtype:
-            return loaded.table, [loaded.texts[name] for name in texts]
+        kept = None if loaded is None else loaded.table  # (one of this dtype: made here)
+        if kept is not None and not self.by_user:
+            assert loaded is not None
+            return kept, [loaded.texts[name] for name in texts]
         added = [r for records in self.by_user.values() for r in records]
         first = 0 if loaded is None else loaded.size
         table = np.zeros(first + len(added), dtype=dtype)
-        whole = loaded is not None and loaded.table is not None and loaded.table.dtype == dtype
-        if whole:  # one copy of the rows' bytes (numpy copies a structured array by field)
-            assert loaded is not None and loaded.table is not None
-            table.view(np.uint8)[:loaded.table.nbytes] = loaded.table.view(np.uint8)
+        whole = kept is not None
+        if kept is not None:  # one copy of its bytes (numpy copies structured rows by field)
+            table.view(np.uint8)[:kept.nbytes] = kept.view(np.uint8)
         for f in ints:
             if loaded is not None and not whole:
                 table[f.name][:first] = loaded.ints[f.name]

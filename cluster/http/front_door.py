@@ -182,9 +182,11 @@ def _admin_by_owner_only(lines: list[str]) -> None:
 
 def _bind_loopback(lines: list[str], section: str) -> None:
     """Every ``bind [ADDRESS]:PORT`` of ``section`` (if the config has it) on 127.0.0.1."""
-    if not any(line.strip() == section for line in lines):
+    try:
+        where = _section(lines, section)
+    except ValueError:  # not in this config
         return
-    for i in _section(lines, section):
+    for i in where:
         words = lines[i].split()
         if words[:1] == ["bind"] and len(words) > 1:
             words[1] = "127.0.0.1:" + words[1].rpartition(":")[2]

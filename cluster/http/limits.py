@@ -29,20 +29,32 @@ MAX_TRACKED_KEYS = 100_000
 comes back full, which only ever lets that client through sooner)."""
 
 
+def _ip_of(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``address`` (a peer's address as text) parsed, an IPv4-mapped IPv6 address as its IPv4
+    address; None for text that is no address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _network(ip: ipaddress.IPv6Address, bits: int) -> str:
+    """The /``bits`` network ``ip`` lies in, as text."""
+    return str(ipaddress.IPv6Network((int(ip) >> (128 - bits) << (128 - bits), bits)))
+
+
 def client_of(address: str) -> str:
     """The client a limit per client address counts ``address`` (a peer's address as text) as:
     an IPv4 address itself; an IPv6 address its /64 network, since one subscriber is given a
     whole /64 (or more) and may send from any of its 2**64 addresses; an IPv4-mapped IPv6
     address its IPv4 address. Any other text (no address known: "") is itself."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    ip = _ip_of(address)
+    if ip is None:
         return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
-    return str(ip)
+    return _network(ip, 64) if isinstance(ip, ipaddress.IPv6Address) else str(ip)
 
 
 SITE_SIGNUPS_FACTOR = 10
@@ -54,13 +66,8 @@ def site_of(address: str) -> str | None:
     """The IPv6 /48 network of ``address`` (a site's: one holder is given a /48 and can send
     from any of its 65,536 /64s, each a client of its own for :func:`client_of`); None for an
     IPv4 address (an IPv4-mapped one too) or text that is no address."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return None
-    if not isinstance(ip, ipaddress.IPv6Address) or ip.ipv4_mapped is not None:
-        return None
-    return str(ipaddress.IPv6Network((int(ip) >> 80 << 80, 48)))
+    ip = _ip_of(address)
+    return _network(ip, 48) if isinstance(ip, ipaddress.IPv6Address) else None
 
 
 class BodySizeLimit:
