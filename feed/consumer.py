@@ -278,7 +278,8 @@ class MarketDataConsumer:
         return True
 
     async def stop(self) -> None:
-        """Stop consuming and close the Kafka consumer (calls already made run to their end)."""
+        """Stop consuming and close the Kafka consumer. Calls already made run to their end,
+        and it returns after them; none starts after (an owner may then close the shards)."""
         self._stopping = True
         tasks = (self._task, self._retry)
         self._task = self._retry = None
@@ -287,6 +288,8 @@ class MarketDataConsumer:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        if self._calls:  # a call is not cancelled: its shard may already have taken it
+            await asyncio.gather(*self._calls, return_exceptions=True)
         await self._close_consumer()
 
     async def _close_consumer(self) -> None:
@@ -491,7 +494,7 @@ class MarketDataConsumer:
     def pump(self) -> None:
         """Start every call the in-flight bound allows, for the shards ``reachable`` accepts."""
         fanout = self.pipeline.fanout
-        if not fanout.pending_count():
+        if self._stopping or not fanout.pending_count():
             return
         reachable = [name for name in fanout.shards
                      if fanout.pending[name] and self.reachable(name)]

@@ -39,6 +39,7 @@ public WebSocket streams, ``live_changes`` (a long poll).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -220,7 +221,18 @@ class FeedActorShell:
         return os.getpid()
 
     async def stop(self) -> None:
+        """Stop consuming: the shard calls under way end first, and no shard or ledger call
+        follows (the settlement retries end too), so the shards may be closed after it; then
+        close the candle store. Another method's call consumes again (a restarted actor's
+        resumption), with the candles in memory only."""
         await self.consumer.stop()
+        # not cancelled (a call it made may already be on its way): it ends by itself once
+        # the consumer is not running
+        retry, self._retry = self._retry, None
+        if retry is not None:
+            with contextlib.suppress(Exception):
+                await retry
+        self.market.close()
 
     # -- the Ray calls ---------------------------------------------------------------------
     def _accepted(self, ticks: list[Tick]) -> None:
@@ -315,7 +327,7 @@ class FeedActorShell:
         while self._undelivered and self.consumer.running:
             await asyncio.sleep(self.lookup_retry_s)
             for name in list(self._undelivered):
-                if name in self.handles:
+                if name in self.handles and self.consumer.running:  # none after a stop
                     await self._settle(name)
 
 

@@ -370,8 +370,12 @@ class MarketLive:
                 "live_version": self.version}
 
     def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
+        """Close the store (SQLite checkpoints its WAL into the file and removes it); candles
+        built after are kept in memory only. Safe to call twice."""
+        with self._lock:
+            store, self.store = self.store, None
+            if store is not None:
+                store.close()
 
 
 def current_streams(assets: Sequence[str]) -> list[str]:
