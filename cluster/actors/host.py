@@ -34,6 +34,10 @@ class JournalMissing(RuntimeError):
     the platform's: it would begin empty."""
 
 
+class HostClosed(RuntimeError):
+    """A command reached a host after its :meth:`MachineHost.close` (a clean stop)."""
+
+
 @dataclass(frozen=True, slots=True)
 class HostSpec:
     """A machine to host: ``machine_cls(*args, **keywords)`` fresh, or
@@ -100,6 +104,7 @@ class MachineHost:
         # a restart that finds no journal raises, which ends the actor for good
         self.runner = spec.runner(exit_on_failure=True, restarted=restarted_by_ray())
         self.publisher: Publisher | None = None
+        self._closed = False
         self._published = -1  # what outbound gave up to (-1: everything still kept, first)
         if spec.publish is not None:
             # imported here: a host that publishes nothing (a shard) starts, and restarts,
@@ -111,6 +116,7 @@ class MachineHost:
             self._publish()
 
     def execute(self, commands: list[Any]) -> list[Any]:
+        self._refuse_closed()
         answers = self.runner.execute(commands)
         if self.publisher is not None:
             started_ns = time.time_ns()
@@ -133,6 +139,8 @@ class MachineHost:
 
     def ping(self) -> bool | str:
         """True, or why this host may not take writes (cluster.durability.runner.Runner.problem)."""
+        if self._closed:
+            return "closed: the platform stops"
         return self.runner.problem() or True
 
     def info(self) -> dict[str, Any]:
@@ -148,13 +156,27 @@ class MachineHost:
         return self.runner.timings_since(since)
 
     def checkpoint(self) -> int:
+        self._refuse_closed()
         return self.runner.checkpoint()
 
     def close(self) -> None:
-        """Final snapshot and journal release (a clean stop)."""
-        self.runner.close()
-        if self.publisher is not None:
-            self.publisher.close()
+        """A clean stop: final snapshot (none when the runner failed or is read-only: see
+        Runner.close) and journal release, then the publisher's end. The host takes no command
+        after it (:class:`HostClosed`): a late tick was answered from memory and never journaled,
+        and the next commit met the released journal, which ends the process (Ray starts it
+        again mid-stop). Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.runner.close()
+        finally:  # a final snapshot that fails (a full disk) still ends the publisher
+            if self.publisher is not None:
+                self.publisher.close()
+
+    def _refuse_closed(self) -> None:
+        if self._closed:
+            raise HostClosed(f"{self.spec.name} is closed: the platform stops")
 
 
 def restarted_by_ray() -> bool:

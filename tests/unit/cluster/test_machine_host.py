@@ -4,7 +4,11 @@ process: the same answers, the same changes."""
 from __future__ import annotations
 
 import pickle
+import time
+from pathlib import Path
 
+import pytest
+from cluster.actors.host import HostClosed
 from cluster.actors.host import MachineHost
 from cluster.actors.host import host_specs
 from cluster.config import Settings
@@ -24,6 +28,7 @@ from engine.orders import Side
 from engine.results import Code
 from engine.results import Rejected
 from engine.shard_machine import ApplyTick
+from engine.shard_machine import LastTick
 from engine.shard_machine import Open
 
 USD = 10**6
@@ -72,3 +77,29 @@ def test_a_shard_takes_the_configured_clock_skew_for_its_price() -> None:
                 ts_us - 30_000_000)
     assert [type(a) for a in answers.values()] == [Rejected, Rejected, OpenPosition,
                                                   OpenPosition]
+
+
+def test_a_closed_host_keeps_its_last_price_and_refuses_what_comes_after(tmp_path: Path) -> None:
+    """A clean stop closes each host once the feed and the API have stopped: the close
+    journals the price-only ticks still in memory (with the final snapshot), and a command
+    that comes after it anyway is refused as such (a late tick was answered from memory, never
+    journaled, and a later commit met the released journal, which ended the process); a second
+    close does nothing."""
+    settings = Settings()
+    _, shards = host_specs(settings, str(tmp_path))
+    spec = shards["shard-SOL-0"]
+    host = MachineHost(spec)
+    tick = Tick("SOL", 10_000, 10_001, time.time_ns() // 1000, 1, "test")
+    assert host.execute([ApplyTick(tick)]) == [0]
+    host.close()
+    host.close()
+    assert host.ping() != True  # noqa: E712 - the answer is True or a reason
+    with pytest.raises(HostClosed):
+        host.execute([LastTick()])
+    with pytest.raises(HostClosed):
+        host.checkpoint()
+    again = MachineHost(spec)  # the journal was released, and holds the last price
+    try:
+        assert again.execute([LastTick()]) == [tick]
+    finally:
+        again.close()
