@@ -6,8 +6,10 @@ cluster's nodes (cluster.actors.deploy), the feed actor (Kafka -> shards), the f
 (unless ``engine``), and the Serve API on ``PORT``; prints one banner and runs in the
 foreground. Ctrl-C / SIGTERM stops, in reverse order, exactly what it started: the API
 first, while the actors behind it still answer (its requests in flight finish, its WebSocket
-clients get a close frame 1001), then the feed actor, the shards and the ledger, Ray and the
-broker. ``Platform`` is the same thing as an object, for tests and benchmarks.
+clients get a close frame 1001), then the feed actor (its shard calls end, its candle store
+closes), then the shards and the ledger are closed (final snapshots, at once, bounded) and
+killed, then Ray and the broker. ``Platform`` is the same thing as an object, for tests and
+benchmarks.
 
 Actors are named (``cluster.actors.names``) in the ``shardex`` namespace and owned by the ``up``
 process (not detached): ``status`` and ``audit`` find them by name while it runs, and a killed
@@ -72,6 +74,10 @@ TIME_WAIT_S = 65.0  # ... and for its closed connections to leave the API port (
 # a stop waits this long for the API to finish its requests and close its WebSockets (the
 # replicas' own bounds, cluster.actors.serve_app, plus Serve's control loop); then it goes on
 API_STOP_TIMEOUT_S = 15.0
+FEED_STOP_TIMEOUT_S = 10.0  # ... for the feed actor's calls to the shards to end
+# ... and this long in all for the shards' and the ledger's final snapshots (a few ms to a
+# second each, all at once); a host that has not closed by then is killed without one
+HOST_CLOSE_TIMEOUT_S = 10.0
 SUPERVISE_INTERVAL_S = 1.0  # how soon the supervisor notices a dead broker or feed actor
 
 
@@ -698,9 +704,11 @@ class Platform:
                     # whole below (serve.shutdown can wait 30 s on the controller's drain)
                     shutdown_api()
             self._serve_started = self._api_deployed = False
-            if self.feed is not None and not self._ray_down():  # else it waits 10 s for none
-                with contextlib.suppress(Exception):
-                    ray.get(self.feed.stop.remote(), timeout=10.0)
+            # else the feed's stop waits 10 s and the hosts' closes HOST_CLOSE_TIMEOUT_S for
+            # actors that cannot answer: they go down with Ray, as after a kill -9 of `up`
+            if not self._ray_down():
+                self._stop_feed()
+                self._close_hosts()
             for handle in [self.feed, *self.shards.values(), self.ledger]:
                 if handle is not None:
                     with contextlib.suppress(Exception):
@@ -722,6 +730,55 @@ class Platform:
                 self._broker.stop()
                 self._broker = None
         self._release_data_dir()  # last: the next start may take DATA_DIR from here
+
+    def _stop_feed(self) -> None:
+        """Stop the feed actor (its calls to the shards end first, its candle store closes);
+        one that does not stop in time is killed now: the hosts are closed next, and nothing
+        may send to them any more (a host refuses what comes after its close anyway)."""
+        import ray
+
+        if self.feed is None:
+            return
+        try:
+            ray.get(self.feed.stop.remote(), timeout=FEED_STOP_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("the feed actor did not stop within %.0f s (%s); killed, its candle "
+                        "store not closed", FEED_STOP_TIMEOUT_S, type(exc).__name__)
+            with contextlib.suppress(Exception):
+                ray.kill(self.feed)
+
+    def _close_hosts(self) -> None:
+        """Close the shards and the ledger (final snapshot, journal released: a shard's last
+        prices, journaled only with its next change, are kept; the next start replays less),
+        all at once, waiting HOST_CLOSE_TIMEOUT_S in all. Those that do not answer in time
+        or fail are named in one warning and killed after as the others: their journals hold
+        everything acknowledged."""
+        import ray
+
+        hosts = {**self.shards, LEDGER: self.ledger}
+        calls: dict[Any, str] = {}
+        missed: list[str] = []
+        for name, handle in hosts.items():
+            if handle is None:
+                continue
+            try:
+                calls[handle.close.remote()] = name
+            except Exception as exc:
+                missed.append(f"{name} ({type(exc).__name__})")
+        if not calls:
+            return
+        done, late = ray.wait(list(calls), num_returns=len(calls),
+                              timeout=HOST_CLOSE_TIMEOUT_S)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as exc:
+                missed.append(f"{calls[ref]} ({type(exc).__name__})")
+        missed += [f"{calls[ref]} (no answer)" for ref in late]
+        if missed:
+            log.warning("not closed within %.0f s, killed without a final snapshot (their "
+                        "journals keep everything acknowledged): %s", HOST_CLOSE_TIMEOUT_S,
+                        ", ".join(sorted(missed)))
 
     def _ray_down(self) -> bool:
         """Whether a local Ray this platform started is going: its GCS or raylet has exited, or
