@@ -18,7 +18,7 @@ from pathlib import Path
 
 from feed.broker import BROKER_RECORD, BrokerError, EmbeddedBroker, recorded_broker
 from feed.settings import EMBEDDED_BROKER, FeedSettings, HasFeedSettings, feed_settings
-from feed.source import make_source, run_source
+from feed.source import Source, make_source, run_source
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,13 @@ def embedded_broker_for(settings: FeedSettings | HasFeedSettings) -> EmbeddedBro
     return EmbeddedBroker(host, int(port))
 
 
-async def _serve(settings: FeedSettings, bootstrap: str, keep_broker: bool) -> None:
+async def _serve(settings: FeedSettings, source: Source | None, bootstrap: str,
+                 keep_broker: bool) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    source = make_source(settings)
     stats = await run_source(settings, stop, bootstrap=bootstrap, source=source)
     log.info("feed: source finished: %s", stats)
     if keep_broker and not stop.is_set():
@@ -59,7 +59,9 @@ def run_feed_service(settings: FeedSettings | HasFeedSettings,
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        make_source(settings)  # fail on a bad FEED_SOURCE before starting anything
+        # fails on a bad FEED_SOURCE before anything starts; the source checked is the one
+        # played (a replay made again would read its recording again, changed or gone by then)
+        source = make_source(settings)
     except (ValueError, OSError) as exc:
         print(f"shardex feed: {exc}", file=sys.stderr)
         return 2
@@ -78,7 +80,7 @@ def run_feed_service(settings: FeedSettings | HasFeedSettings,
         print(f"shardex feed: {exc}", file=sys.stderr)
         return 1
     try:
-        asyncio.run(_serve(settings, bootstrap, keep_broker=broker is not None))
+        asyncio.run(_serve(settings, source, bootstrap, keep_broker=broker is not None))
     except KeyboardInterrupt:
         pass
     finally:

@@ -116,3 +116,41 @@ async def test_feed_service_produces_into_the_broker_of_the_platform_in_its_data
                 proc.kill()
                 proc.wait()
             await consumer.stop()
+
+
+# ``shardex feed`` with the recording rewritten (no valid frame left) the moment anything opens
+# it a second time: another writer changing the file between two reads of it
+_REWRITTEN_ON_A_SECOND_OPEN = """
+import sys
+path = sys.argv[1]
+opened = []
+def hook(event, args):
+    if event == "open" and args and str(args[0]) == path:
+        opened.append(1)
+        if len(opened) == 2:
+            with open(path, "w") as fh:
+                fh.write("not a frame\\n")
+sys.addaudithook(hook)
+from cluster.cli import main
+sys.exit(main(["feed"]))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_feed_service_reads_the_recording_once(tmp_path: Path) -> None:
+    """``shardex feed`` made its source twice: once to check FEED_SOURCE, once to play it, each
+    reading the whole recording. A recording changed in between (here: no valid frame left)
+    ended the run in a traceback. The source checked is the one played, from one open of the
+    file: every frame of the recording as it was is published and the run ends cleanly."""
+    recording = tmp_path / "rec.jsonl"
+    recording.write_bytes(FIXTURE.read_bytes())
+    with EmbeddedBroker("127.0.0.1", free_port(), trim={}) as broker:
+        env = {**os.environ, "KAFKA_BROKERS": broker.bootstrap, "PYTHONPATH": str(ROOT),
+               "FEED_SOURCE": f"replay:{recording}?speed=0", "DATA_DIR": str(tmp_path)}
+        done = subprocess.run([sys.executable, "-c", _REWRITTEN_ON_A_SECOND_OPEN,
+                               str(recording)], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=45)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "'published': 13," in done.stderr, done.stderr
+    assert recording.read_bytes() == FIXTURE.read_bytes()  # opened once: never rewritten
