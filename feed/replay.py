@@ -1,23 +1,30 @@
 """The replay source: a jsonl file of raw Backpack frames (e.g. a recording), played back.
 
+The file is read, parsed and published as it goes (a day of frames is gigabytes held whole):
+what playback holds does not grow with the recording, and a looped round reads the file again
+from its start. The file is opened once, when the source is made, and that open file is played
+(a recording replaced or changed on disk later is not read from its path again).
+
 Frames go through the same :class:`feed.frames.FrameNormalizer` as live ones. Timing follows the
 recorded engine time ``T`` divided by ``speed`` (``0`` = as fast as possible), except that two
 consecutive frames more than :data:`MAX_REPLAY_GAP_US` apart (either way) are played one after
 the other: one frame stamped years off would otherwise hold every later price back that long.
-A looped round lasts the recording's range of (played) times, at least
-:data:`MIN_ROUND_US`. ``ts_us`` is re-stamped with the wall-clock time of playback: a recording
-from last month would otherwise be refused by the engine as stale. ``seq`` keeps the recorded
-update id (shifted up on each loop so it never goes backwards).
+A looped round lasts the round's range of (played) times, at least :data:`MIN_ROUND_US`.
+``ts_us`` is re-stamped with the wall-clock time of playback: a recording from last month would
+otherwise be refused by the engine as stale. ``seq`` keeps the recorded update id (shifted up
+on each loop, by the first round's range of ids + 1, so it never goes backwards).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import stat
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,18 +54,23 @@ class ReplayItem:
     message: MarketDataMessage
 
 
-def parse_replay(lines: Iterable[str | bytes], normalizer: FrameNormalizer) -> list[ReplayItem]:
-    """The valid bookTicker updates of a jsonl recording, in file order (blank lines skipped)."""
-    items: list[ReplayItem] = []
+def replay_items(lines: Iterable[str | bytes], normalizer: FrameNormalizer, *,
+                 log_errors: bool = True) -> Iterator[ReplayItem]:
+    """The valid bookTicker updates of jsonl ``lines``, in order, as they are read (blank lines
+    skipped; the others counted by ``normalizer``). ``log_errors``: log each error frame."""
     for line in lines:
         if not line.strip():
             continue
         out = normalizer.feed(line)
         if isinstance(out, MarketDataMessage):
-            items.append(ReplayItem(out.ts_us, out))
-        elif isinstance(out, ErrorFrame):
+            yield ReplayItem(out.ts_us, out)
+        elif isinstance(out, ErrorFrame) and log_errors:
             log.warning("replay: error frame in recording: %s %s", out.code, out.message)
-    return items
+
+
+def parse_replay(lines: Iterable[str | bytes], normalizer: FrameNormalizer) -> list[ReplayItem]:
+    """The valid bookTicker updates of a jsonl recording, in file order, all at once."""
+    return list(replay_items(lines, normalizer))
 
 
 def bounded_lines(fh: BinaryIO, max_bytes: int = MAX_FRAME_BYTES) -> Iterator[bytes]:
@@ -72,26 +84,52 @@ def bounded_lines(fh: BinaryIO, max_bytes: int = MAX_FRAME_BYTES) -> Iterator[by
         yield line
 
 
+class PlayClock:
+    """When each frame of a round plays, one frame at a time (state: a few integers).
+
+    ``next(recorded_us)`` -> µs of recorded time from the round's first frame: the recorded
+    offset, except that a step of more than :data:`MAX_REPLAY_GAP_US` between consecutive frames
+    starts a new stretch right after the latest time played so far. ``range_us``: from the
+    earliest to the latest time played, + 1 (0 before a frame).
+    """
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self._base_rec = self._base_play = self._prev = 0
+        self._top = self._bottom = 0
+
+    def next(self, recorded_us: int) -> int:
+        if self.frames == 0:
+            self._base_rec = self._prev = recorded_us
+        elif abs(recorded_us - self._prev) > MAX_REPLAY_GAP_US:
+            self._base_rec, self._base_play = recorded_us, self._top
+        played = self._base_play + recorded_us - self._base_rec
+        self._top = max(self._top, played)
+        self._bottom = min(self._bottom, played)
+        self._prev = recorded_us
+        self.frames += 1
+        return played
+
+    @property
+    def range_us(self) -> int:
+        return self._top - self._bottom + 1 if self.frames else 0
+
+
 def play_times(recorded_us: list[int]) -> list[int]:
-    """When each frame plays (µs of recorded time from the first frame): the recorded offsets,
-    except that a step of more than :data:`MAX_REPLAY_GAP_US` between consecutive frames
-    starts a new stretch right after the latest time played so far."""
-    out: list[int] = []
-    base_rec, base_play, top, prev = recorded_us[0], 0, 0, recorded_us[0]
-    for rec in recorded_us:
-        if abs(rec - prev) > MAX_REPLAY_GAP_US:
-            base_rec, base_play = rec, top
-        played = base_play + rec - base_rec
-        out.append(played)
-        top = max(top, played)
-        prev = rec
-    return out
+    """When each frame plays (see :class:`PlayClock`), for a whole list of recorded times."""
+    clock = PlayClock()
+    return [clock.next(rec) for rec in recorded_us]
 
 
 class ReplaySource:
     """Play ``path`` at ``speed`` x the recorded pace; ``loop`` starts over at the end.
-    ValueError when the path is not a regular file, is not UTF-8 text, or holds no valid update
-    of ``assets``."""
+
+    The file is opened here and read up to its first valid update: ValueError when the path is
+    not a regular file, holds no valid update of ``assets``, or a line before that one is not
+    UTF-8 text (a later such line is dropped as ``malformed``). Playback reads on from there,
+    holding one line at a time. ``close()`` closes the file (also done when the source is
+    collected).
+    """
 
     name = "replay"
 
@@ -100,50 +138,75 @@ class ReplaySource:
         if speed < 0:
             raise ValueError("replay speed must be >= 0")
         self.path = Path(path)
+        self.assets = assets
         self.normalizer = FrameNormalizer(assets, source="replay")
-        self.items = self._load()
-        if not self.items:  # refused at start: a platform with no price would trade nothing
-            raise ValueError(f"replay: {self.path} holds no valid bookTicker frame of "
-                             f"{','.join(assets)}")
-        self.play_us = play_times([i.at_us for i in self.items])
-        # a round lasts the recording's range of times: its last frame may be older than its
-        # first (recordings joined), and a round from first to last would then last nothing
-        self.round_us = max(max(self.play_us) - min(self.play_us) + 1, MIN_ROUND_US)
         self.speed = speed
         self.loop = loop
         self.emitted = 0
+        self._fh = self._open()
+        self._closer = weakref.finalize(self, self._fh.close)
+        try:
+            first = self._first_item()
+        except BaseException:
+            self.close()
+            raise
+        if first is None:  # refused at start: a platform with no price would trade nothing
+            self.close()
+            raise ValueError(f"replay: {self.path} holds no valid bookTicker frame of "
+                             f"{','.join(assets)}")
+        # played first by the next stream, which reads on after it (the file is read once)
+        self._first: ReplayItem | None = first
 
-    def _load(self) -> list[ReplayItem]:
+    def _open(self) -> BinaryIO:
         # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer
         fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise ValueError(f"replay: {self.path} is not a regular file")
         os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb") as fh:
-            return parse_replay(self._text_lines(fh), self.normalizer)
+        return os.fdopen(fd, "rb")
 
-    def _text_lines(self, fh: BinaryIO) -> Iterator[str]:
-        for number, line in enumerate(bounded_lines(fh), 1):
-            try:
-                yield line.decode("utf-8")
-            except UnicodeDecodeError:
-                if len(line) > MAX_FRAME_BYTES:  # cut mid-character: dropped as oversized
-                    yield line.decode("utf-8", "replace")
-                    continue
-                raise ValueError(f"replay: {self.path} is not UTF-8 text (line {number})")\
-                    from None
+    def _first_item(self) -> ReplayItem | None:
+        for number, line in enumerate(bounded_lines(self._fh), 1):
+            if len(line) <= MAX_FRAME_BYTES:  # one cut mid-character is dropped as oversized
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError(f"replay: {self.path} is not UTF-8 text (line {number})")\
+                        from None
+            for item in replay_items((line,), self.normalizer):
+                return item
+        return None
+
+    def close(self) -> None:
+        """Close the recording (a stream started later fails)."""
+        self._closer()
 
     def stats(self) -> dict[str, object]:
         return {"emitted": self.emitted, "frames": self.normalizer.stats()}
 
+    def _round(self) -> Iterator[ReplayItem]:
+        """The updates of one round, read as they are played. The first round after the
+        source is made reads on after the update read when it was made, counted in
+        ``normalizer``; a later one reads the file again from its start with a normalizer of its
+        own, so each line is counted once, however many rounds play it."""
+        if self._first is not None:
+            first, self._first = self._first, None
+            return itertools.chain((first,), replay_items(bounded_lines(self._fh),
+                                                          self.normalizer))
+        self._fh.seek(0)
+        again = FrameNormalizer(self.assets, source="replay")
+        return replay_items(bounded_lines(self._fh), again, log_errors=False)
+
     async def stream(self, stop: asyncio.Event) -> AsyncIterator[MarketDataMessage]:
-        seq_span = max(i.message.seq for i in self.items) - min(i.message.seq for i in self.items)
         start_mono = time.monotonic()
-        rounds = 0
+        round_start_us = 0  # recorded time from the first frame played to this round's start
+        seq_shift: int | None = None  # in a later round: added to the recorded ids
+        top_seq, bottom_seq = -1, -1
         while not stop.is_set():
-            for item, played_us in zip(self.items, self.play_us, strict=True):
-                offset_us = played_us + rounds * self.round_us
+            clock = PlayClock()
+            for item in self._round():
+                offset_us = round_start_us + clock.next(item.at_us)
                 if self.speed > 0:
                     delay = start_mono + offset_us / 1e6 / self.speed - time.monotonic()
                     if delay > 0:
@@ -151,10 +214,19 @@ class ReplaySource:
                             await asyncio.wait_for(stop.wait(), delay)
                 if stop.is_set():
                     return
-                msg = item.message
+                seq = item.message.seq
+                if seq_shift is None:
+                    top_seq = max(top_seq, seq)
+                    bottom_seq = seq if bottom_seq < 0 else min(bottom_seq, seq)
+                else:
+                    seq += seq_shift
                 self.emitted += 1
-                yield replace(msg, ts_us=time.time_ns() // 1000,
-                              seq=msg.seq + rounds * (seq_span + 1))
+                yield replace(item.message, ts_us=time.time_ns() // 1000, seq=seq)
             if not self.loop:
                 return
-            rounds += 1
+            if clock.frames == 0:  # the file changed since: a loop of nothing would spin
+                log.error("replay: %s holds no valid bookTicker frame any more; replay ends",
+                          self.path)
+                return
+            round_start_us += max(clock.range_us, MIN_ROUND_US)
+            seq_shift = (seq_shift or 0) + top_seq - bottom_seq + 1

@@ -404,7 +404,9 @@ def book_ticker_line(t_us: int, seq: int, bid: str = "98.96", ask: str = "98.97"
             f'"u":{seq}}},"stream":"bookTicker.SOL_USDC"}}\n')
 
 
-def test_an_overlong_line_is_dropped_without_being_read_into_memory(tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_an_overlong_line_is_dropped_without_being_read_into_memory(
+        tmp_path: Path) -> None:
     """Each line was read whole before its size was checked: a recording with one 64 MiB line
     (or a file with no newline at all) took that much memory and more to load. A line longer
     than a frame may be is skipped as it is read, and counted ``oversized``."""
@@ -417,11 +419,12 @@ def test_an_overlong_line_is_dropped_without_being_read_into_memory(tmp_path: Pa
         fh.write(book_ticker_line(2_000_000, 2, bid="98.95"))
     tracemalloc.start()
     try:
-        src = ReplaySource(path, DEFAULT_ASSETS)
+        src = ReplaySource(path, DEFAULT_ASSETS, speed=0)  # made, then played to its end
+        got = [m async for m in src.stream(asyncio.Event())]
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert [i.message.bid for i in src.items] == ["98.96", "98.95"]
+    assert [m.bid for m in got] == ["98.96", "98.95"]
     assert src.normalizer.dropped["oversized"] == 1
     assert peak < 8 << 20, peak  # about two frames' bound (1 MiB each), not the line's 64 MiB
 
@@ -479,3 +482,65 @@ def test_a_recording_that_is_not_a_regular_file_is_refused_at_once(
     with pytest.raises(ValueError, match=f"^replay: {re.escape(str(path))} is not a regular "
                                          "file$"):
         make_source(Settings(), f"replay:{path}")
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_a_long_recording_is_played_without_being_held_in_memory(tmp_path: Path) -> None:
+    """The whole recording was parsed into memory before its first frame played, about 420
+    bytes a frame (gigabytes for a day of frames). It is read, parsed and published as it goes:
+    what playback holds does not grow with the recording."""
+    import tracemalloc
+
+    frames = 20_000  # held whole: ~8 MB
+    path = tmp_path / "long.jsonl"
+    t0 = 1_788_367_430_000_000
+    path.write_text("".join(book_ticker_line(t0 + 10 * i, i) for i in range(frames)))
+    tracemalloc.start()
+    try:
+        src = ReplaySource(path, DEFAULT_ASSETS, speed=0)
+        played, last_seq, in_order = 0, -1, True
+        async for msg in src.stream(asyncio.Event()):
+            in_order = in_order and msg.seq == last_seq + 1
+            last_seq = msg.seq
+            played += 1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert played == frames and in_order and last_seq == frames - 1
+    assert peak < 1 << 20, peak  # an eighth of holding them
+
+
+@pytest.mark.asyncio
+async def test_a_line_not_utf8_after_the_first_frame_is_dropped_and_counted(
+        tmp_path: Path) -> None:
+    """The recording is read as it plays, so only the lines up to its first valid frame are
+    read when the source is made (one there that is not UTF-8 is refused at start); a later one
+    is a bad line like any other: dropped, counted ``malformed``, and the frames after it
+    play."""
+    path = tmp_path / "rec.jsonl"
+    path.write_bytes(book_ticker_line(1_000_000, 1).encode() + b"\xff\xfe{}\n"
+                     + book_ticker_line(1_000_100, 2, bid="98.95").encode())
+    src = ReplaySource(path, DEFAULT_ASSETS, speed=0)
+    got = [m async for m in src.stream(asyncio.Event())]
+    assert [(m.bid, m.seq) for m in got] == [("98.96", 1), ("98.95", 2)]
+    assert src.normalizer.dropped == {"malformed": 1}
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(10)
+async def test_a_looped_recording_emptied_while_it_plays_ends_the_replay(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each round reads the file again: one left without a valid frame would loop over nothing
+    without a pause. The replay ends, saying so in one line."""
+    path = tmp_path / "rec.jsonl"
+    path.write_text(book_ticker_line(1_000_000, 1) + book_ticker_line(1_000_100, 2))
+    src = ReplaySource(path, DEFAULT_ASSETS, speed=0, loop=True)
+    got = []
+    async for msg in src.stream(asyncio.Event()):
+        got.append(msg.seq)
+        if len(got) == 3:  # in the second round
+            path.write_text("")
+    assert got == [1, 2, 3, 4]  # the second round was read before it was emptied
+    assert f"replay: {path} holds no valid bookTicker frame any more; replay ends" \
+        in caplog.messages
