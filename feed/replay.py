@@ -11,8 +11,10 @@ consecutive frames more than :data:`MAX_REPLAY_GAP_US` apart (either way) are pl
 the other: one frame stamped years off would otherwise hold every later price back that long.
 A looped round lasts the round's range of (played) times, at least :data:`MIN_ROUND_US`.
 ``ts_us`` is re-stamped with the wall-clock time of playback: a recording from last month would
-otherwise be refused by the engine as stale. ``seq`` keeps the recorded update id (shifted up
-on each loop, by the first round's range of ids + 1, so it never goes backwards).
+otherwise be refused by the engine as stale. ``seq``: the first round keeps the recorded update
+ids; each later round numbers its frames one by one on from the highest ``seq`` sent, so a loop
+never goes backwards and never passes ``SEQ_LIMIT - 1`` (the numbering starts over at 0 there:
+only a recording whose own ids reach that far gets there in a lifetime).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import BinaryIO
 from engine.assets import AssetRegistry
 from feed.frames import MAX_FRAME_BYTES, ErrorFrame, FrameNormalizer
 from feed.message import MarketDataMessage
+from feed.settings import SEQ_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +204,8 @@ class ReplaySource:
     async def stream(self, stop: asyncio.Event) -> AsyncIterator[MarketDataMessage]:
         start_mono = time.monotonic()
         round_start_us = 0  # recorded time from the first frame played to this round's start
-        seq_shift: int | None = None  # in a later round: added to the recorded ids
-        top_seq, bottom_seq = -1, -1
+        next_seq: int | None = None  # in a later round: the seq of its next frame
+        top_seq = -1
         while not stop.is_set():
             clock = PlayClock()
             for item in self._round():
@@ -214,12 +217,11 @@ class ReplaySource:
                             await asyncio.wait_for(stop.wait(), delay)
                 if stop.is_set():
                     return
-                seq = item.message.seq
-                if seq_shift is None:
+                if next_seq is None:
+                    seq = item.message.seq
                     top_seq = max(top_seq, seq)
-                    bottom_seq = seq if bottom_seq < 0 else min(bottom_seq, seq)
                 else:
-                    seq += seq_shift
+                    seq, next_seq = next_seq, (next_seq + 1) % SEQ_LIMIT
                 self.emitted += 1
                 yield replace(item.message, ts_us=time.time_ns() // 1000, seq=seq)
             if not self.loop:
@@ -229,4 +231,5 @@ class ReplaySource:
                           self.path)
                 return
             round_start_us += max(clock.range_us, MIN_ROUND_US)
-            seq_shift = (seq_shift or 0) + top_seq - bottom_seq + 1
+            if next_seq is None:
+                next_seq = (top_seq + 1) % SEQ_LIMIT

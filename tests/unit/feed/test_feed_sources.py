@@ -512,6 +512,32 @@ async def test_a_long_recording_is_played_without_being_held_in_memory(tmp_path:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(("ids", "seqs"), [
+    ([1, 2**62 + 1], [1, 2**62 + 1, 2**62 + 2, 2**62 + 3, 2**62 + 4, 2**62 + 5]),
+    ([0, 2**63 - 1], [0, 2**63 - 1, 0, 1, 2, 3]),
+])
+async def test_a_looped_recording_of_ids_far_apart_keeps_seq_in_range(
+        tmp_path: Path, ids: list[int], seqs: list[int]) -> None:
+    """Each round shifted the recorded ids up by their span plus one: with ids 2**62 or more
+    apart a later round's ``seq`` passed 2**63 - 1, the most a message may carry (the consumer
+    dropped every one of them). The first round keeps the recorded ids; each later round
+    numbers its frames on from the highest ``seq`` sent, one by one, starting over at 0 past
+    2**63 - 1."""
+    from feed.message import TickDecoder
+
+    path = tmp_path / "far.jsonl"
+    t0 = 1_788_367_430_000_000
+    path.write_text("".join(book_ticker_line(t0 + 1_000 * i, u) for i, u in enumerate(ids)))
+    got = await first(ReplaySource(path, DEFAULT_ASSETS, speed=0, loop=True), len(seqs))
+    assert [m.seq for m in got] == seqs
+    settings = Settings()
+    decoder = TickDecoder(settings.assets, settings.feed.bounds)
+    now_us = time.time_ns() // 1000
+    assert all(decoder.decode(m.to_json_bytes(), now_us, "SOL") is not None for m in got), \
+        decoder.dropped
+
+
+@pytest.mark.asyncio
 async def test_a_line_not_utf8_after_the_first_frame_is_dropped_and_counted(
         tmp_path: Path) -> None:
     """The recording is read as it plays, so only the lines up to its first valid frame are
