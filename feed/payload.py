@@ -69,7 +69,10 @@ def load_json(raw: bytes | bytearray | str | None, *, max_bytes: int,
         raise PayloadError("not_json", f"a {type(raw).__name__}, not text")
     if len(data) > max_bytes:
         raise PayloadError("oversized", f"{len(data)} bytes")
-    if nesting_depth(data) > max_depth:
+    # no deeper than the brackets it opens (those in strings too): most payloads open fewer
+    # than max_depth and are answered by two counts, a frame's full scan cost 8x its parse
+    if (data.count(b"[") + data.count(b"{") > max_depth
+            and nesting_depth(data) > max_depth):
         raise PayloadError("too_deep", f"nested deeper than {max_depth}")
     try:
         # UTF-8 only, as the API's bodies: json.loads on bytes would also read UTF-16 and

@@ -109,3 +109,24 @@ def test_json_within_bounds_round_trips(value: object) -> None:
     raw = json.dumps(value).encode()
     if nesting_depth(raw) <= MAX_DEPTH:
         assert load_json(raw, max_bytes=len(raw)) == value
+
+
+@given(st.lists(st.sampled_from([b"[", b"]", b"{", b"}", b'"', b'"[', b"\\", b"1", b",",
+                                 b":"]), max_size=40),
+       st.integers(min_value=0, max_value=8))
+def test_too_deep_exactly_when_the_nesting_passes_the_bound(parts: list[bytes],
+                                                           max_depth: int) -> None:
+    # load_json skips the scan when it opens too few brackets to pass the bound: its refusal
+    # must still be exactly nesting_depth's verdict
+    raw = b"".join(parts)
+    try:
+        load_json(raw, max_bytes=1000, max_depth=max_depth)
+        reason = None
+    except PayloadError as exc:
+        reason = exc.reason
+    assert (reason == "too_deep") == (nesting_depth(raw) > max_depth)
+
+
+def test_many_shallow_brackets_parse() -> None:
+    raw = b"[" + b",".join([b"[]"] * (MAX_DEPTH * 4)) + b"]"
+    assert load_json(raw, max_bytes=len(raw)) == [[]] * (MAX_DEPTH * 4)
