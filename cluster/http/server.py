@@ -40,6 +40,9 @@ it runs in the replica, before its server starts.
   took their place, and the connection closed: their requests had run, their answers were lost).
 - A chunked body's trailer fields are dropped, and bound as a head is (uvicorn added them to
   the request's headers, without a bound).
+- The HTTP version: a request line of any version but 1.0 and 1.1 is refused (505) and the
+  connection closed; uvicorn served an HTTP/2.0 (or 0.9) one as 1.1, and refused others as
+  malformed (400), as it still does a version that is no ``HTTP/<digit>.<digit>``.
 - ``Host`` (RFC 9112 3.2): a request naming its host twice or not as a host[:port], or an
   HTTP/1.1 one naming none, is refused (400); uvicorn served it.
 - Answers of the layers under the app, in SPEC's error shape like the app's: a WebSocket
@@ -76,6 +79,7 @@ import fcntl
 import logging
 import re
 import struct
+import sys
 import termios
 import time
 import weakref
@@ -112,11 +116,25 @@ UPGRADE_WITH_BODY = _refusal("400 Bad Request",
                              "a request asking for another protocol (CONNECT, or an Upgrade "
                              "other than websocket) cannot carry a body; send it without")
 
+SPOKEN_VERSIONS = ("1.0", "1.1")
+"""The HTTP versions served; a request of another is answered 505 (:func:`_unspoken`)."""
+BAD_VERSION = "Invalid HTTP version"
+"""The parser's error for a version it read as two digits and does not take (llhttp's
+``HPE_INVALID_VERSION``; a version that is no ``<digit>.<digit>`` is another error)."""
+
+
+def _unspoken(version: str) -> bytes:
+    """The refusal of a request of HTTP ``version`` (``"2.0"``), one not in
+    :data:`SPOKEN_VERSIONS`."""
+    return _refusal("505 HTTP Version Not Supported",
+                    f"HTTP version {version} not supported (HTTP/1.0 and 1.1 are)")
+
+
 HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+)"
                   rb"(?::[0-9]*)?")
 """A ``Host`` value (RFC 9110 7.2): an IPv6 literal, or a name or IPv4 address (RFC 3986's
 reg-name, never empty in an http URI), and an optional port."""
-HOST_OPTIONAL = ("0.9", "1.0")
+HOST_OPTIONAL = ("1.0",)
 """HTTP versions whose requests may name no host (HTTP/1.1 made ``Host`` required)."""
 
 
@@ -389,7 +407,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """A request the parser refuses (two Content-Lengths, both Content-Length and chunked,
-        a folded header...): uvicorn's plain-text 400, in SPEC's error shape."""
+        a folded header...): uvicorn's plain-text 400, in SPEC's error shape; a 505 for a
+        version the parser does not take (uvicorn calls this while handling its error)."""
+        error = sys.exc_info()[1]
+        if error is not None and str(error) == BAD_VERSION:
+            self._refuse(_unspoken(self.parser.get_http_version()))
+            return
         self._refuse(_refusal("400 Bad Request", f"{MALFORMED}: {msg}"))
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
@@ -415,6 +438,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_ended = True
         self._head_begun = False
         self._head_bytes = 0
+        # the parser takes 0.9 and 2.0 too, read then as 1.1 (a version before Host's rules)
+        if (version := self.parser.get_http_version()) not in SPOKEN_VERSIONS:
+            self._refuse(_unspoken(version))
+            return
         if (fault := self._host_fault()) is not None:
             self._refuse(_refusal("400 Bad Request", f"{MALFORMED}: {fault}"))
             return

@@ -287,6 +287,7 @@ MALFORMED_HTTP = {
     "chunked twice": b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\n"
                      b"Transfer-Encoding: chunked, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
     "no request line": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS hello
+    "a version that is no number": b"GET /api/v1/assets HTTP/x\r\nHost: x\r\n\r\n",
     # RFC 9112 3.2: an HTTP/1.1 request names its host, once, and any request at most once
     "no Host": b"GET /api/v1/assets HTTP/1.1\r\n\r\n",
     "two Hosts": b"GET /api/v1/assets HTTP/1.1\r\nHost: x\r\nHost: x\r\n\r\n",
@@ -317,6 +318,25 @@ def test_a_request_the_http_parser_refuses_is_400_in_the_error_shape(
     assert body["error"]["message"].startswith("malformed HTTP request: "), body
     # (a WebSocket handshake refused as its head ended was then upgraded, and failed)
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/3.0", b"HTTP/1.2", b"HTTP/0.9"])
+def test_a_request_of_another_http_version_is_505_and_the_connection_closed(
+        unlimited_rates: LocalHttpPlatform, version: bytes) -> None:
+    """Only HTTP/1.0 and 1.1 are spoken here. Before, an HTTP/2.0 (or 0.9) request line was
+    served as if it were 1.1, and HTTP/3.0 or 1.2 were 400 as malformed."""
+    port = int(unlimited_rates.base_url.rsplit(":", 1)[1])
+    users = unlimited_rates.totals()["users"]
+    signup_after = b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    answer = raw_answer(port, iter([b"GET /api/v1/assets " + version + b"\r\nHost: x\r\n\r\n"
+                                    + signup_after]))
+    assert answer.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n"), answer[:200]
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert b"\r\nconnection: close\r\n" in answer, answer
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body == {"error": {"code": "INVALID_REQUEST", "message": f"HTTP version "
+                              f"{version.decode()[5:]} not supported (HTTP/1.0 and 1.1 are)"}}
+    assert unlimited_rates.totals()["users"] == users
 
 
 def test_requests_the_parser_refuses_are_logged_once_a_minute_with_a_count(
