@@ -31,7 +31,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
@@ -53,6 +53,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 
 from cluster.actors.port import Unavailable
 from cluster.http.bounds import RETRY_AFTER_S
@@ -641,14 +642,39 @@ _COUNTED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "
                               "TRACE", "CONNECT"})
 
 
+def _route_of(routes: Sequence[BaseRoute], scope: MutableMapping[str, Any]) -> BaseRoute | None:
+    """The route the router hands ``scope`` to: its first full match, else its first partial
+    one (the path's route asked with a method it does not take); None for neither."""
+    partial = None
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return route
+        if match is Match.PARTIAL and partial is None:
+            partial = route
+    return partial
+
+
+def _route_label(scope: MutableMapping[str, Any], routes: Sequence[BaseRoute],
+                 templates: set[str]) -> str:
+    """The template (``"/api/v1/orders/{order_id}"``) of the route taking ``scope``, or
+    ``other``: one label per route, whatever the path's parameters. The router sets the
+    route as it matches; one refused before it did (a 413) is matched here as it would be."""
+    route = scope.get("route") or _route_of(routes, scope)
+    path = getattr(route, "path", "other")
+    return path if path in templates else "other"
+
+
 class _HttpCounter:
     """Pure-ASGI counter of responses by route and status (a few us per request). It also
     serves ``HEAD`` as the same route's ``GET`` (RFC 9110 9.3.2): the app answers a GET and
-    the HTTP server, whose scope still says HEAD, sends its status and headers only."""
+    the HTTP server, whose scope still says HEAD, sends its status and headers only.
+    ``app_routes``: the router's (:func:`_route_label`); ``routes``: their templates."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], routes: set[str],
-                 counts: dict[tuple[str, str, int], int]) -> None:
+    def __init__(self, app: Callable[..., Awaitable[None]], app_routes: Sequence[BaseRoute],
+                 routes: set[str], counts: dict[tuple[str, str, int], int]) -> None:
         self.app = app
+        self.app_routes = app_routes
         self.routes = routes
         self.counts = counts
 
@@ -663,10 +689,7 @@ class _HttpCounter:
         started = False
 
         def count(status: int) -> None:
-            # the route's template ("/api/v1/orders/{order_id}"), set by the router as it
-            # matched: one label per route, whatever the path's parameters
-            path = getattr(scope.get("route"), "path", scope["path"])
-            key = (method, path if path in self.routes else "other", status)
+            key = (method, _route_label(scope, self.app_routes, self.routes), status)
             self.counts[key] = self.counts.get(key, 0) + 1
 
         async def counting_send(message: MutableMapping[str, Any]) -> None:
@@ -1301,7 +1324,8 @@ def create_app(service: TradingService) -> FastAPI:
         settings.public_rate_per_s, settings.public_burst))
     # the limits are inside the counter, so their 413s and 429s are counted too
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(_HttpCounter, routes=routes, counts=http_counts)
+    app.add_middleware(_HttpCounter, app_routes=app.router.routes, routes=routes,
+                       counts=http_counts)
     def render(change: Change) -> dict[str, Any]:
         value = change.value
         if isinstance(value, Tick):

@@ -4,6 +4,7 @@ go up."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import urllib.parse
 
@@ -95,3 +96,30 @@ def test_paths_and_methods_clients_make_up_add_no_series(platform: HttpPlatform,
     for key, value in before.items():
         if key[0].endswith("_total"):
             assert after.get(key, value) >= value, (key, value, after.get(key))
+
+
+def answer_to(port: int, request: bytes) -> bytes:
+    """The status line of the answer to ``request``, sent as written on a connection of its
+    own, read until the server closes it."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(request)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    return answer.split(b"\r\n", 1)[0]
+
+
+def test_a_body_too_large_is_counted_under_its_route(platform: HttpPlatform,
+                                                     http: httpx.Client) -> None:
+    """The 413 comes before the router matches the path, so a route with an id in its path
+    was counted under ``other``."""
+    before = responses(scrape(http))
+    status = answer_to(port_of(platform), b"DELETE /api/v1/orders/7 HTTP/1.1\r\nHost: x\r\n"
+                                          b"Content-Length: 100000\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 413 "), status
+    after = responses(scrape(http))
+    key = ("DELETE", "/api/v1/orders/{orderId}", "413")
+    assert after.get(key, 0) == before.get(key, 0) + 1, after
+    assert after.get(("DELETE", "other", "413"), 0) == before.get(("DELETE", "other", "413"), 0)
