@@ -31,6 +31,7 @@ import logging
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, NoReturn, TypeVar
@@ -56,6 +57,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
 from cluster.actors.port import Unavailable
+from cluster.http import server as http_server
 from cluster.http.bounds import RETRY_AFTER_S
 from cluster.http.decimals import (
     EXACT_DECIMAL,
@@ -88,7 +90,7 @@ from cluster.http.limits import (
     site_of,
     too_many,
 )
-from cluster.http.server import DROPPED
+from cluster.http.server import DROPPED, REFUSED
 from cluster.live.account_stream import (
     AccountSource,
     AccountStreams,
@@ -1233,12 +1235,16 @@ def create_app(service: TradingService) -> FastAPI:
                  # JSON, as every error: the route's own answer is text
                  "content": {"application/json": {
                      "schema": {"$ref": "#/components/schemas/ErrorOut"}}}}})
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
         """Prometheus text exposition."""
         out = Exposition()
         out.family("shardex_http_responses_total", "counter",
                    "HTTP responses of this replica by method, route and status")
-        for (method, path, status), n in sorted(http_counts.items()):
+        # with those the HTTP server (asked through) refused itself, counted as the app counts
+        # its own
+        server = request.scope.get("server") or ("", None)
+        by_server = REFUSED.get(server[1], Counter())
+        for (method, path, status), n in sorted((by_server + Counter(http_counts)).items()):
             out.add("shardex_http_responses_total", n, method=method, path=path, status=status)
         out.family("shardex_service_events_total", "counter",
                    "events of this replica's trading service by kind")
@@ -1374,6 +1380,13 @@ def create_app(service: TradingService) -> FastAPI:
 
     add_terminal_routes(app)
     routes.update(getattr(r, "path", "") for r in app.routes)
+
+    def refusal_labels(method: str, path: str) -> tuple[str, str]:
+        scope = {"type": "http", "method": method, "path": path, "root_path": ""}
+        return (method if method in _COUNTED_METHODS else "other",
+                _route_label(scope, app.router.routes, routes) if path else "other")
+
+    http_server.refusal_labels = refusal_labels
     return app
 
 

@@ -57,6 +57,8 @@ it runs in the replica, before its server starts.
   that reads nothing held its connection for good.
 - A WebSocket text message that is not UTF-8 fails the connection with 1007 and a reason;
   uvicorn logged it as an error, with its traceback, for every client sending one.
+- Its own refusals (the 400s, 408s, 431s and 505s above) are counted (:data:`REFUSED`) by
+  method, route and status as the app counts its answers; uvicorn's went uncounted.
 - uvicorn logs a warning for every request its parser refuses, so any client could add log
   lines as fast as it sends: :data:`PARSER_REFUSALS` lets one through a minute, counting the
   others.
@@ -82,11 +84,13 @@ import struct
 import sys
 import termios
 import time
+import urllib.parse
 import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Response as HandshakeResponse
@@ -181,6 +185,22 @@ connection goes 10-20 s after the client's last read."""
 DROPPED: Counter[str] = Counter()
 """Connections this process's server dropped, by why (``unread``: answers not taken;
 ``per_address``: over the connections a client address may hold)."""
+
+REFUSED: dict[int | None, Counter[tuple[str, str, int]]] = {}
+"""Requests this process's servers refused themselves, before any app saw them (400, 408, 431,
+505): per server, by the port it serves (an app shows those of the server it is asked through,
+not another's in the process), then by method, route and status as :data:`refusal_labels`
+names them."""
+
+
+def _unnamed(method: str, path: str) -> tuple[str, str]:
+    return "other", "other"
+
+
+refusal_labels: Callable[[str, str], tuple[str, str]] = _unnamed
+"""``(method, path) -> (method, route)``: the labels of a refused request, as the app served in
+this process labels its own answers (cluster.http.api.create_app sets them), from a bounded
+set: a client makes up as many methods and paths as it likes. ``""``: not read (or no path)."""
 
 REFUSED_LINGER_S = 1.0
 """How long a connection refused for its address waits for its client to close after the
@@ -569,8 +589,24 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._refusal = answer
             return
         if not self.transport.is_closing():
+            port = self.server[1] if self.server else None
+            REFUSED.setdefault(port, Counter())[(*self._refused_labels(), int(answer[9:12]))] += 1
             self.transport.write(answer)
             self.transport.close()
+
+    def _refused_labels(self) -> tuple[str, str]:
+        """:data:`refusal_labels` of the request being refused: its method and path as far as
+        the parser read them (as uvicorn reads a path; a target cut by the head's bound is
+        what came of it)."""
+        url = getattr(self, "url", b"")  # (set as a request begins, its target as it comes)
+        if not url:  # no target read: the method may not be either (the parser's is stale)
+            return refusal_labels("", "")
+        try:
+            path = (httptools.parse_url(url).path or b"").decode("ascii")
+        except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+            path = ""
+        return refusal_labels(self.parser.get_method().decode("ascii"),
+                              urllib.parse.unquote(path) if "%" in path else path)
 
     def _answering(self) -> bool:
         """Whether an answer to a request read before is still to be written in full."""

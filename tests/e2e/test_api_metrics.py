@@ -123,3 +123,34 @@ def test_a_body_too_large_is_counted_under_its_route(platform: HttpPlatform,
     key = ("DELETE", "/api/v1/orders/{orderId}", "413")
     assert after.get(key, 0) == before.get(key, 0) + 1, after
     assert after.get(("DELETE", "other", "413"), 0) == before.get(("DELETE", "other", "413"), 0)
+
+
+def test_the_servers_own_refusals_are_counted_under_their_route(platform: HttpPlatform,
+                                                                http: httpx.Client) -> None:
+    """What the HTTP server refuses before the app sees it (a request line or head it cannot
+    read, a head over 64 KiB, another HTTP version) counts under its route and status, or under
+    ``other``; hundreds of made-up paths and methods add a few series at most. None of these
+    was counted."""
+    port = port_of(platform)
+    before = responses(scrape(http))
+    asked = {("GET", "/api/v1/orders/{orderId}", "505"): b"GET /api/v1/orders/5 HTTP/2.0\r\n"
+                                                         b"Host: x\r\n\r\n",
+             ("GET", "/api/v1/assets", "505"): b"GET /api/v1/assets HTTP/3.0\r\nHost: x\r\n\r\n",
+             ("POST", "/api/v1/accounts", "400"): b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\n"
+                                                 b"Content-Length: 2\r\nContent-Length: 5\r\n\r\n",
+             ("GET", "/healthz", "400"): b"GET /healthz HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+             ("GET", "/api/v1/prices", "431"): b"GET /api/v1/prices HTTP/1.1\r\nHost: x\r\n"
+                                               b"X-Big: " + b"a" * (70 * 1024),
+             ("other", "other", "400"): b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n"}
+    for key, request in asked.items():
+        status = answer_to(port, request)
+        assert status.startswith(f"HTTP/1.1 {key[2]} ".encode()), (key, status)
+    after = responses(scrape(http))
+    for key in asked:
+        assert after.get(key, 0) == before.get(key, 0) + 1, (key, after)
+    for i in range(200):
+        answer_to(port, f"GET /made-up/{i} HTTP/2.0\r\nHost: x\r\n\r\n".encode())
+        answer_to(port, f"MKCOL /made-up/{i}\"x\" HTTP/1.1\r\n\r\n".encode())
+        answer_to(port, f"FOO{i} /made-up/{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    new = set(responses(scrape(http))) - set(after)
+    assert new <= {("GET", "other", "505"), ("other", "other", "400")}, new
