@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from cluster.actors.host import HostClosed
 from cluster.durability.runner import Failed, Runner
 from cluster.trading.batcher import MicroBatcher
 
@@ -162,10 +163,10 @@ class RayPort(Port):
 
 async def remote(component: str, method: Any, timeout_s: float | None, *args: Any) -> Any:
     """``method.remote(*args)`` (an actor method) awaited; Ray's failures become
-    ``Unavailable(component)``, an exception the host's own code raised (a bug: RayTaskError)
-    stays what it is. The call is made in here too: Ray refuses some as they are made (a
-    batch over its inline size is stored as an object first, which a full object store or
-    spill disk fails)."""
+    ``Unavailable(component)``, as does a host's refusal after its close (HostClosed); an
+    exception the host's own code raised (a bug: RayTaskError) stays what it is. The call is
+    made in here too: Ray refuses some as they are made (a batch over its inline size is stored
+    as an object first, which a full object store or spill disk fails)."""
     import ray.exceptions
 
     try:
@@ -173,7 +174,11 @@ async def remote(component: str, method: Any, timeout_s: float | None, *args: An
         if timeout_s is None:
             return await ref
         return await asyncio.wait_for(ref, timeout_s)
-    except ray.exceptions.RayTaskError:
+    except ray.exceptions.RayTaskError as exc:
+        # a host a clean stop closed refuses what still comes (an API past its stop bound, its
+        # reconciler): the command never ran, as with a host that is down
+        if isinstance(exc.cause, HostClosed):
+            raise Unavailable(component, "closed") from exc
         raise
     except (ray.exceptions.RayError, TimeoutError) as exc:
         # every other RayError: Ray fails the calls of a host it killed for memory with

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 from typing import Any
 
 import pytest
 import ray.exceptions
+from cluster.actors.host import MachineHost
+from cluster.actors.host import host_specs
 from cluster.actors.port import RayPort
 from cluster.actors.port import Unavailable
+from cluster.config import Settings
+from engine.shard_machine import LastTick
 from engine.shard_machine import Stats
 
 pytestmark = pytest.mark.asyncio
@@ -89,3 +94,41 @@ async def test_an_exception_the_hosts_own_code_raised_stays_what_it_is() -> None
     port = RayPort("ledger", Handle(bug))
     with pytest.raises(ray.exceptions.RayTaskError):
         await port.call(Stats())
+
+
+class ClosedHostHandle:
+    """A real MachineHost, closed by a clean stop, behind its Ray calls: a refusal comes back
+    as Ray delivers an exception the actor raised (a RayTaskError that is also the cause)."""
+
+    def __init__(self, host: Any) -> None:
+        self.execute_pickled = Relay(host.execute_pickled)
+
+
+class Relay:
+    def __init__(self, method: Any) -> None:
+        self.method = method
+
+    def remote(self, *args: Any) -> Any:
+        async def result() -> Any:
+            try:
+                return self.method(*args)
+            except Exception as exc:
+                raise ray.exceptions.RayTaskError(
+                    "execute_pickled", "Traceback ...", exc).as_instanceof_cause() from None
+        return result()
+
+
+async def test_a_call_to_a_closed_host_is_unavailable(tmp_path: Path) -> None:
+    """A host closed by a clean stop refuses what still comes (the API not stopped within its
+    bound, its reconciler's next round, a feed call): the caller gets Unavailable, a 503 with
+    Retry-After at the API and a later round for the reconciler; it got the RayTaskError of a
+    bug, a 500 and a logged traceback."""
+    _, shards = host_specs(Settings(), str(tmp_path))
+    host = MachineHost(shards["shard-SOL-0"])
+    host.close()
+    port = RayPort("shard-SOL-0", ClosedHostHandle(host))
+    heard: list[bool] = []
+    port.listen(heard.append)
+    with pytest.raises(Unavailable, match="shard-SOL-0"):
+        await port.call(LastTick())
+    assert heard == [False]
