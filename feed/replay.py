@@ -13,8 +13,9 @@ A looped round lasts the round's range of (played) times, at least :data:`MIN_RO
 ``ts_us`` is re-stamped with the wall-clock time of playback: a recording from last month would
 otherwise be refused by the engine as stale. ``seq``: the first round keeps the recorded update
 ids; each later round numbers its frames one by one on from the highest ``seq`` sent, so a loop
-never goes backwards and never passes ``SEQ_LIMIT - 1`` (the numbering starts over at 0 there:
-only a recording whose own ids reach that far gets there in a lifetime).
+never passes ``SEQ_LIMIT - 1`` and goes backwards only where the numbering starts over at 0
+past it (only a recording whose own ids reach that far gets there; each tick's fresh ``ts_us``
+still orders it).
 """
 
 from __future__ import annotations
