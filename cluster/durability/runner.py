@@ -101,6 +101,8 @@ class Runner(Generic[M]):
                  clock_us: Callable[[], int] = wall_clock_us) -> None:
         self.machine = machine
         self.store = store
+        if store is not None:  # the snapshot arrays it only appends rows to (JournalStore)
+            store.append_only = tuple(getattr(machine, "APPEND_ONLY", ()))
         self.clock_us = clock_us
         # in memory as well: the platform without a disk refuses what the durable one would
         self.max_event_bytes = batch_event_bytes(MAX_RECORD_BYTES) if store is None \

@@ -10,6 +10,16 @@ itself. A snapshot is accepted only if all of that checks out.
 Writing is crash-atomic: the file is written under a temporary name, fsynced, renamed into
 place, and the directory is fsynced, so a reader only ever sees a complete snapshot or none,
 and the newest one that validates is the one :func:`load_latest_snapshot` returns.
+
+An array whose rows are only ever appended to (a history since the start) is not in the
+``.npz``: :func:`append_rows` keeps it in a file of raw rows next to the snapshots
+(``<name>.<n>.rows``, one per name and dtype), writing only the rows past the ones the file
+holds, and the snapshot names, in its ``__rows__`` entry, that file with the dtype, the count
+and the crc32 of the rows it covers (``__rows__`` is checksummed by ``__meta__``). Snapshots
+share such a file, each covering a prefix of it: a snapshot costs its new rows, not all of
+them. Those rows are on disk (fsynced) before the snapshot that names them is renamed into
+place; bytes past the count of the newest snapshot known good (a crash mid-append) are cut by
+the next append.
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ SNAPSHOT_FORMAT = 1
 SNAPSHOT_SUFFIX = ".npz"
 TEMP_SUFFIX = ".tmp"
 META_KEY = "__meta__"
+ROWS_KEY = "__rows__"
+ROWS_SUFFIX = ".rows"
 DEFAULT_KEEP = 2
 
 _log = logging.getLogger(__name__)
@@ -45,6 +57,89 @@ class Snapshot(NamedTuple):
     seq: int
     arrays: dict[str, np.ndarray]
     meta: dict[str, Any]
+
+
+class Rows(NamedTuple):
+    """The rows of an append-only array a snapshot covers: the first ``row_count`` rows of
+    ``file`` (a name in the snapshot directory), of dtype ``descr``
+    (``numpy.lib.format.dtype_to_descr``, as JSON gives it back), whose bytes have ``crc32``."""
+
+    file: str
+    descr: Any
+    row_count: int
+    crc32: int
+
+
+def _descr(dtype: np.dtype) -> Any:
+    """``dtype`` as JSON stores it (tuples become lists), to compare with a stored one."""
+    return json.loads(json.dumps(np.lib.format.dtype_to_descr(dtype)))
+
+
+def _dtype(descr: Any) -> np.dtype:
+    return np.dtype(np.lib.format.descr_to_dtype(descr))
+
+
+def append_rows(directory: str | os.PathLike[str], name: str, array: np.ndarray,
+                base: Rows | None) -> Rows:
+    """Make the rows of ``array`` (1-d, any non-object dtype) durable in a rows file of
+    ``directory``; the :class:`Rows` a snapshot names them by.
+
+    ``base``: what the newest snapshot known good holds of this array (None: none). When
+    ``array`` extends it (its dtype, at least its rows), the file is cut back to ``base.row_count``
+    rows (anything past them is a torn append, or rows of a snapshot never published) and
+    only ``array[base.row_count:]`` is appended, its crc32 extending ``base.crc32``; else a new
+    file is started (``<name>.<n>.rows``, ``n`` past every one there). Returns once the rows
+    are fsynced (and a new file's directory entry too).
+    """
+    directory = create_directory(directory)
+    array = np.asarray(array)
+    if array.ndim != 1 or array.dtype.hasobject:
+        raise ValueError(f"append-only array {name!r} must be 1-d and without objects")
+    descr = _descr(array.dtype)
+    itemsize = array.dtype.itemsize
+    path = None if base is None else directory / base.file
+    if (base is None or base.descr != descr or len(array) < base.row_count
+            or path is None or not path.is_file()
+            or path.stat().st_size < base.row_count * itemsize):
+        taken = [int(p.name[len(name) + 1:-len(ROWS_SUFFIX)]) for p in directory.iterdir()
+                 if p.name.startswith(f"{name}.") and p.name.endswith(ROWS_SUFFIX)
+                 and p.name[len(name) + 1:-len(ROWS_SUFFIX)].isdigit()]
+        base = Rows(f"{name}.{max(taken, default=0) + 1}{ROWS_SUFFIX}", descr, 0, 0)
+        path = directory / base.file
+    new = np.ascontiguousarray(array[base.row_count:]).view(np.uint8).reshape(-1)
+    created = not path.exists()
+    with open(path, "r+b" if not created else "wb") as f:
+        f.truncate(base.row_count * itemsize)
+        f.seek(base.row_count * itemsize)
+        f.write(new.data)
+        f.flush()
+        os.fsync(f.fileno())
+    if created:
+        fsync_directory(directory)
+    return Rows(base.file, descr, len(array), zlib.crc32(new.data, base.crc32))
+
+
+def _read_rows(directory: Path, name: str, rows: Rows, snapshot: str) -> np.ndarray:
+    """The ``rows.row_count`` rows a snapshot names; SnapshotError unless they are all there, of
+    their dtype, with their crc32."""
+    try:
+        dtype = _dtype(rows.descr)
+    except Exception as exc:
+        raise SnapshotError(f"{snapshot}: rows of {name!r} of an unknown dtype") from exc
+    path = directory / rows.file
+    if not rows.file.endswith(ROWS_SUFFIX) or "/" in rows.file or rows.file.startswith("."):
+        raise SnapshotError(f"{snapshot}: rows of {name!r} in a file named {rows.file!r}")
+    try:
+        with open(path, "rb") as f:
+            array = np.fromfile(f, dtype=dtype, count=rows.row_count)
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"{snapshot}: rows of {name!r} unreadable ({exc})") from exc
+    if len(array) != rows.row_count:
+        raise SnapshotError(f"{snapshot}: rows file {rows.file} holds {len(array)} rows of "
+                            f"{name!r}, not {rows.row_count}")
+    if zlib.crc32(array.view(np.uint8).data) != rows.crc32:
+        raise SnapshotError(f"{snapshot}: rows of {name!r} fail their checksum")
+    return array
 
 
 def snapshot_path(directory: str | os.PathLike[str], seq: int) -> Path:
@@ -90,12 +185,15 @@ def _checked_body(header: bytes, name: str) -> Any:
 
 
 def write_snapshot(directory: str | os.PathLike[str], seq: int,
-                   arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
+                   arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any],
+                   rows: Mapping[str, Rows] | None = None) -> Path:
     """Durably write the snapshot covering journal records ``<= seq``; return its path.
 
     ``arrays``: name -> any non-object numpy array (names are zip entries: no ``/``, not
-    ``__meta__``). ``meta``: a JSON-serialisable dict (ints of any size, no NaN). Returns only
-    after the file and its directory entry are on disk.
+    ``__meta__`` or ``__rows__``). ``meta``: a JSON-serialisable dict (ints of any size, no
+    NaN). ``rows``: name -> the rows :func:`append_rows` made durable for each append-only
+    array (read back among ``arrays``). Returns only after the file and its directory entry
+    are on disk.
     """
     if seq < 0:
         raise ValueError("seq must be >= 0")
@@ -104,7 +202,8 @@ def write_snapshot(directory: str | os.PathLike[str], seq: int,
     prepared: dict[str, np.ndarray] = {}
     for name, value in arrays.items():
         array = np.asarray(value)
-        if name == META_KEY or not name or "/" in name or name.startswith("."):
+        if name in (META_KEY, ROWS_KEY) or not name or "/" in name or name.startswith(".") \
+                or name in (rows or {}):
             raise ValueError(f"invalid snapshot array name {name!r}")
         if array.dtype.hasobject:
             raise ValueError(f"array {name!r} has an object dtype (would need pickle)")
@@ -112,6 +211,12 @@ def write_snapshot(directory: str | os.PathLike[str], seq: int,
         described[name] = {"dtype": array.dtype.str, "shape": list(array.shape),
                            "crc32": _array_crc32(array)}
     body = {"format": SNAPSHOT_FORMAT, "seq": int(seq), "meta": dict(meta), "arrays": described}
+    if rows:
+        # apart from __meta__ (checksummed by it), so that pruning and the next append read
+        # only this entry, not a meta that can take a third of a second to parse
+        named = _canonical({name: r._asdict() for name, r in rows.items()})
+        prepared[ROWS_KEY] = np.frombuffer(named, dtype=np.uint8)
+        body["rows_crc32"] = zlib.crc32(named)
     canonical = _canonical(body)
     header = json.dumps({"crc32": zlib.crc32(canonical), "body": body}, sort_keys=True,
                         separators=(",", ":")).encode()
@@ -143,8 +248,14 @@ def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
             if body["format"] != SNAPSHOT_FORMAT:
                 raise SnapshotError(f"{path.name}: unknown format {body['format']!r}")
             described = body["arrays"]
-            if set(described) != set(z.files) - {META_KEY}:
+            if set(described) != set(z.files) - {META_KEY, ROWS_KEY}:
                 raise SnapshotError(f"{path.name}: array set differs from its metadata")
+            rows: dict[str, Rows] = {}
+            if "rows_crc32" in body or ROWS_KEY in z.files:
+                named = bytes(z[ROWS_KEY]) if ROWS_KEY in z.files else b""
+                if zlib.crc32(named) != body.get("rows_crc32"):
+                    raise SnapshotError(f"{path.name}: {ROWS_KEY} fails its checksum")
+                rows = {name: Rows(**r) for name, r in json.loads(named).items()}
             arrays: dict[str, np.ndarray] = {}
             for name, d in described.items():
                 array = z[name]
@@ -152,6 +263,8 @@ def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
                         or _array_crc32(array) != d["crc32"]):
                     raise SnapshotError(f"{path.name}: array {name!r} fails its checksum")
                 arrays[name] = array
+            for name, r in rows.items():
+                arrays[name] = _read_rows(path.parent, name, r, path.name)
     except SnapshotError:
         raise
     except Exception as exc:  # a truncated/garbled zip raises many kinds of errors
@@ -160,6 +273,18 @@ def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
     if snapshot_seq(path) not in (None, seq):
         raise SnapshotError(f"{path.name}: holds seq {seq}, not the one in its name")
     return Snapshot(int(seq), arrays, body["meta"])
+
+
+def snapshot_rows(path: str | os.PathLike[str]) -> dict[str, Rows]:
+    """The rows files a snapshot names, read from its ``__rows__`` entry alone (unvalidated:
+    :func:`read_snapshot` checks them); SnapshotError if that cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if ROWS_KEY not in z.files:
+                return {}
+            return {name: Rows(**r) for name, r in json.loads(bytes(z[ROWS_KEY])).items()}
+    except Exception as exc:
+        raise SnapshotError(f"{Path(path).name}: {ROWS_KEY} unreadable ({exc})") from exc
 
 
 def list_snapshots(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
@@ -201,7 +326,8 @@ def load_latest_snapshot(directory: str | os.PathLike[str],
 
 
 def prune_snapshots(directory: str | os.PathLike[str], keep: int = DEFAULT_KEEP) -> list[Path]:
-    """Delete all but the ``keep`` newest snapshots and any leftover temporary files.
+    """Delete all but the ``keep`` newest snapshots, the rows files none of them names (none,
+    if one of them cannot be read) and any leftover temporary files.
 
     Call it from the single writer right after :func:`write_snapshot` returned (so the newest
     snapshot is known good). Returns the deleted paths.
@@ -210,9 +336,20 @@ def prune_snapshots(directory: str | os.PathLike[str], keep: int = DEFAULT_KEEP)
         raise ValueError("keep at least one snapshot")
     directory = Path(directory)
     removed: list[Path] = []
-    for _, path in list_snapshots(directory)[keep:]:
+    listed = list_snapshots(directory)
+    for _, path in listed[keep:]:
         path.unlink(missing_ok=True)
         removed.append(path)
+    try:
+        named = {r.file for _, path in listed[:keep] for r in snapshot_rows(path).values()}
+        unnamed = [path for path in (directory.iterdir() if directory.is_dir() else ())
+                   if path.name.endswith(ROWS_SUFFIX) and path.name not in named
+                   and path.is_file()]
+        for path in unnamed:
+            path.unlink(missing_ok=True)
+        removed += unnamed
+    except SnapshotError as exc:  # a kept one may need any of them: keep them all
+        _log.warning("keeping every rows file of %s: %s", directory, exc)
     removed += remove_temporaries(directory, flush=False)
     if removed:
         fsync_directory(directory)

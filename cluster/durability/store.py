@@ -29,6 +29,12 @@ cluster.durability.recovery:
   written again); the file is written on a background thread (a 1M-position book is
   ~100 MB) while the actor keeps serving, and the journal segments the snapshot covers are
   trimmed on the actor's thread once it is on disk (a Journal is not thread-safe).
+* ``append_only``: names of snapshot arrays the state only ever appends rows to (a history
+  since the start; the runner takes them from the machine's ``APPEND_ONLY``). Each is kept in
+  a rows file next to the snapshots (cluster.durability.snapshot, ``append_rows``), and a
+  snapshot writes only the rows added since the one before: a history of gigabytes would
+  otherwise be written again, whole, every minute. Such an array must extend the one the
+  snapshot before gave (rows given once never change); one that does not starts a new file.
 * A commit that fails poisons the journal: the store raises :class:`DurabilityError` for every
   later call, and the process must exit so Ray restarts it and it recovers from disk; with
   ``exit_on_failure=True`` (what an actor passes) the store ends the process itself.
@@ -43,6 +49,7 @@ Layout under the state's directory (``DATA_DIR/<actor name>/``)::
     journal/00000000000000000001.wal ...   checksummed records (cluster.durability.journal)
     journal/LOCK                           flock of the one writer (or of readers, shared)
     snapshots/00000000000000004242.npz     state after record 4242 (cluster.durability.snapshot)
+    snapshots/history.1.rows               rows of an append-only array the snapshots share
 """
 
 from __future__ import annotations
@@ -67,10 +74,15 @@ from cluster.durability.journal import (
 from cluster.durability.recovery import Recovered, recover, trim_journal
 from cluster.durability.snapshot import (
     DEFAULT_KEEP,
+    Rows,
     Snapshot,
+    SnapshotError,
+    append_rows,
+    list_snapshots,
     load_latest_snapshot,
     prune_snapshots,
     remove_temporaries,
+    snapshot_rows,
     snapshot_seq,
     write_snapshot,
 )
@@ -152,8 +164,13 @@ class JournalStore:
                  background_snapshots: bool = True, exit_on_failure: bool = False,
                  min_free_bytes: int = 0,
                  clock: Callable[[], float] = time.monotonic, readonly: bool = False,
-                 max_record_bytes: int | None = None) -> None:
+                 max_record_bytes: int | None = None,
+                 append_only: tuple[str, ...] = ()) -> None:
         self.directory = Path(directory)
+        self.append_only = append_only
+        # the rows files of the newest snapshot known good, for the next append to extend
+        # (None: not read yet, or a write failed where its snapshot may have been published)
+        self._rows: dict[str, Rows] | None = None
         self.min_free_bytes = min_free_bytes
         self.snapshot_dir = self.directory / SNAPSHOT_DIR
         self.snapshot_every_events = snapshot_every_events
@@ -374,9 +391,25 @@ class JournalStore:
 
     def _write(self, seq: int, arrays: Mapping[str, np.ndarray],
                meta: Mapping[str, Any]) -> None:
-        write_snapshot(self.snapshot_dir, seq, arrays, meta)
+        base, self._rows = self._rows, None
+        if base is None:
+            base = self._newest_rows()
+        inline = dict(arrays)
+        rows = {name: append_rows(self.snapshot_dir, name, inline.pop(name), base.get(name))
+                for name in self.append_only if name in inline}
+        write_snapshot(self.snapshot_dir, seq, inline, meta, rows)
+        self._rows = rows
         prune_snapshots(self.snapshot_dir, self.keep)
         self.snapshots_written += 1
+
+    def _newest_rows(self) -> dict[str, Rows]:
+        """The rows files the newest snapshot names: the one recovery used (it set the newer
+        ones aside) or the last one written ({}: none, or unreadable: new files)."""
+        listed = list_snapshots(self.snapshot_dir)
+        try:
+            return snapshot_rows(listed[0][1]) if listed else {}
+        except SnapshotError:
+            return {}
 
     def _write_bg(self, seq: int, arrays: Mapping[str, np.ndarray],
                   meta: Mapping[str, Any]) -> None:

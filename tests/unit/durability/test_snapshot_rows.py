@@ -1,0 +1,165 @@
+"""Append-only snapshot arrays: kept in a file of raw rows next to the snapshots, each snapshot
+appending only the rows past the ones the file holds, and naming how many of them it covers
+(with their crc32); a torn append is cut, a damaged row refuses the snapshots that cover it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cluster.durability.snapshot import SnapshotError
+from cluster.durability.snapshot import list_snapshots
+from cluster.durability.snapshot import read_snapshot
+from cluster.durability.snapshot import write_snapshot
+from cluster.durability.store import SNAPSHOT_DIR
+from cluster.durability.store import JournalStore
+
+ROW = np.dtype([("id", "<i8"), ("owner", "<u4"), ("pnl_micros", "<i8"), ("side", "u1")])
+
+
+def rows(count: int, dtype: np.dtype = ROW) -> np.ndarray:
+    table = np.zeros(count, dtype=dtype)
+    table["id"] = np.arange(count) + 1
+    table["owner"] = np.arange(count) % 7
+    return table
+
+
+def open_store(directory: Path) -> JournalStore:
+    store = JournalStore(directory, lambda snapshot: snapshot, fsync=False)
+    store.recover(lambda state, items: None, decode=lambda payload: [payload])
+    store.append_only = ("rows",)
+    return store
+
+
+def checkpoint(store: JournalStore, table: np.ndarray, tag: int = 0) -> int:
+    store.append_encoded([b"event"])
+    return store.checkpoint(lambda: ({"rows": table, "small": np.arange(3) + tag},
+                                     {"count": len(table)}))
+
+
+def sizes(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in (directory / SNAPSHOT_DIR).iterdir()}
+
+
+def written(before: dict[str, int], after: dict[str, int]) -> int:
+    """Bytes the files of ``after`` hold past what the same files held ``before`` (a file
+    written again counts whole: a new snapshot)."""
+    return sum(size - before.get(name, 0) if name.endswith(".rows") else size
+               for name, size in after.items() if name not in before or name.endswith(".rows"))
+
+
+def loaded(directory: Path) -> Any:
+    store = JournalStore(directory, lambda snapshot: snapshot, fsync=False)
+    try:
+        return store.recover(lambda state, items: None, decode=lambda payload: [payload])
+    finally:
+        store.close()
+
+
+def test_bytes_written_per_snapshot_follow_the_new_rows_not_the_total(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    table = rows(100_000)
+    checkpoint(store, table[:50_000])
+    for count in range(50_100, 51_000, 100):
+        before = sizes(tmp_path)
+        checkpoint(store, table[:count])
+        # 100 new rows are 2,100 bytes; the snapshot file itself is small
+        assert written(before, sizes(tmp_path)) < 100 * ROW.itemsize + 4096
+    store.close()
+    recovered = loaded(tmp_path)
+    assert recovered.state.meta == {"count": 50_900}
+    assert np.array_equal(recovered.state.arrays["rows"], table[:50_900])
+    assert recovered.state.arrays["rows"].dtype == ROW
+    [rows_file] = [n for n in sizes(tmp_path) if n.endswith(".rows")]
+    assert sizes(tmp_path)[rows_file] == 50_900 * ROW.itemsize
+
+
+def test_a_torn_append_past_the_newest_snapshot_loads_and_is_cut_by_the_next_write(
+        tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    table = rows(1_300)
+    checkpoint(store, table[:1_000])
+    checkpoint(store, table[:1_100])
+    store.close()
+    [rows_file] = (tmp_path / SNAPSHOT_DIR).glob("*.rows")
+    with open(rows_file, "ab") as f:  # a crash while the next snapshot appended its rows
+        f.write(b"\xff" * (ROW.itemsize * 50 + 7))
+    recovered = loaded(tmp_path)
+    assert np.array_equal(recovered.state.arrays["rows"], table[:1_100])
+    store = open_store(tmp_path)
+    checkpoint(store, table[:1_200])
+    assert rows_file.stat().st_size == 1_200 * ROW.itemsize
+    store.close()
+    assert np.array_equal(loaded(tmp_path).state.arrays["rows"], table[:1_200])
+
+
+def test_a_damaged_row_refuses_the_snapshots_that_cover_it(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    table = rows(1_200)
+    older = checkpoint(store, table[:1_000], tag=1)
+    newest = checkpoint(store, table[:1_100], tag=2)
+    store.close()
+    [rows_file] = (tmp_path / SNAPSHOT_DIR).glob("*.rows")
+    with open(rows_file, "r+b") as f:  # a row only the newest covers
+        f.seek(1_050 * ROW.itemsize + 3)
+        f.write(b"\x55")
+    paths = dict(list_snapshots(tmp_path / SNAPSHOT_DIR))
+    with pytest.raises(SnapshotError, match="rows"):
+        read_snapshot(paths[newest])
+    recovered = loaded(tmp_path)  # the older one, and the journal after it
+    assert recovered.snapshot_seq == older and recovered.replayed == newest - older
+    assert np.array_equal(recovered.state.arrays["rows"], table[:1_000])
+    assert list(recovered.state.arrays["small"]) == [1, 2, 3]
+    # the next snapshot writes the rows past the older one again, over the damaged ones
+    store = open_store(tmp_path)
+    checkpoint(store, table[:1_200])
+    store.close()
+    assert np.array_equal(loaded(tmp_path).state.arrays["rows"], table[:1_200])
+
+
+def test_a_short_rows_file_or_another_dtype_refuses_the_snapshot(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    seq = checkpoint(store, rows(500))
+    store.close()
+    [rows_file] = (tmp_path / SNAPSHOT_DIR).glob("*.rows")
+    path = dict(list_snapshots(tmp_path / SNAPSHOT_DIR))[seq]
+    os_size = rows_file.stat().st_size
+    with open(rows_file, "r+b") as f:
+        f.truncate(os_size - 1)
+    with pytest.raises(SnapshotError, match="rows"):
+        read_snapshot(path)
+    rows_file.unlink()
+    with pytest.raises(SnapshotError, match="rows"):
+        read_snapshot(path)
+
+
+def test_a_dtype_change_starts_a_new_file_and_pruning_removes_the_unnamed_ones(
+        tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    checkpoint(store, rows(300))
+    wider = np.dtype([*((n, ROW[n]) for n in ROW.names), ("fee_micros", "<i8")])
+    checkpoint(store, rows(400, wider))
+    assert len(list((tmp_path / SNAPSHOT_DIR).glob("*.rows"))) == 2  # the older names one
+    checkpoint(store, rows(500, wider))
+    assert len(list((tmp_path / SNAPSHOT_DIR).glob("*.rows"))) == 1
+    store.close()
+    got = loaded(tmp_path).state.arrays["rows"]
+    assert got.dtype == wider and np.array_equal(got, rows(500, wider))
+
+
+def test_snapshots_holding_the_array_inside_still_load_and_the_next_one_moves_it_out(
+        tmp_path: Path) -> None:
+    table = rows(2_000)
+    write_snapshot(tmp_path / SNAPSHOT_DIR, 0, {"rows": table[:1_000], "small": np.arange(3)},
+                   {"count": 1_000})
+    recovered = loaded(tmp_path)
+    assert np.array_equal(recovered.state.arrays["rows"], table[:1_000])
+    store = open_store(tmp_path)
+    checkpoint(store, table[:1_500])
+    checkpoint(store, table)
+    store.close()
+    assert np.array_equal(loaded(tmp_path).state.arrays["rows"], table)
+    assert not [n for n in sizes(tmp_path) if n.endswith(".npz")
+                and n.startswith("0" * 20)]  # the old one was pruned
