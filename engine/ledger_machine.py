@@ -198,6 +198,8 @@ _V1_HISTORY = ("position_id", "owner", "asset", "side", "entry_ticks", "qty_step
                "margin_micros", "leverage", "liq_ticks", "tp_ticks", "sl_ticks", "opened_ts_us",
                "exit_ticks", "pnl_micros", "payout_micros", "house_micros", "insurance_micros",
                "reason", "closed_ts_us")
+# the rows a history's first snapshot buffer holds at least (it doubles from there)
+_HISTORY_MIN_ROWS = 1024
 _HISTORY_ROW = schema.builder(ClosedPosition, _INTEGERS, given=("asset",), casts=_SIDE_CAST)
 # Order history in a snapshot: one row per ended order (engine.schema.ENDED_ORDER at wire
 # widths), ``asset`` and ``reject_code`` as indexes into ``meta["order_history_assets"]`` and
@@ -765,6 +767,9 @@ class _History:
         self._id_name = id_name
         self._id = operator.attrgetter(id_name)
         self._loaded: _Loaded | None = None
+        # the rows of the tables made here, with room for more: the loaded table is a view of
+        # its first rows (None: the loaded records are in none, a fresh or restored history)
+        self._buffer: np.ndarray | None = None
         self.by_user: dict[int, list[Any]] = {}  # records added since the load
         self._index: dict[int, dict[int, int]] = {}  # user -> id -> index
 
@@ -867,10 +872,13 @@ class _History:
         loaded records come first, copied from their table; each user's stay in order.
 
         The history then holds that table as its loaded records (``build`` makes a record of
-        a row, as after a restart) and none added: the next snapshot copies the table rather
+        a row, as after a restart) and none added: the next snapshot extends the table rather
         than reading every record since the start again (2 us each on the machine's thread,
-        at every snapshot), and a record in the table takes a third of the memory. Nothing
-        changes a table once made: the snapshot's writer reads it while this goes on."""
+        at every snapshot), and a record in the table takes a third of the memory. The table
+        is the first rows of a buffer with room for more, so the next one writes only the rows
+        added since (the buffer doubles when full: each row is copied O(1) times in all).
+        Nothing changes the rows of a table once made (the snapshot's writer reads them while
+        this goes on): later rows go past them, or into a new buffer."""
         loaded = self._loaded
         kept = None if loaded is None else loaded.table  # (one of this dtype: made here)
         if kept is not None and not self.by_user:
@@ -878,10 +886,15 @@ class _History:
             return kept, [loaded.texts[name] for name in texts]
         added = [r for records in self.by_user.values() for r in records]
         first = 0 if loaded is None else loaded.size
-        table = np.zeros(first + len(added), dtype=dtype)
-        whole = kept is not None
-        if kept is not None:  # one copy of its bytes (numpy copies structured rows by field)
-            table.view(np.uint8)[:kept.nbytes] = kept.view(np.uint8)
+        whole = kept is not None  # the loaded rows are the buffer's first ones
+        buffer = self._buffer if whole else None
+        if buffer is None or len(buffer) < first + len(added):
+            # zeros: the pages of the room left are not touched (nor resident) until written
+            grown = np.zeros(max(2 * (first + len(added)), _HISTORY_MIN_ROWS), dtype=dtype)
+            if kept is not None:  # one copy of its bytes (numpy copies structured rows by field)
+                grown.view(np.uint8)[:kept.nbytes] = kept.view(np.uint8)
+            buffer = grown
+        table = buffer[:first + len(added)]
         for f in ints:
             if loaded is not None and not whole:
                 table[f.name][:first] = loaded.ints[f.name]
@@ -904,6 +917,7 @@ class _History:
             at += len(records)
         if len(table):
             table.flags.writeable = False  # the snapshot's writer reads it meanwhile
+            self._buffer = buffer
             self._loaded = _Loaded({f.name: table[f.name] for f in ints},
                                    {name: table[name] for name in texts},
                                    dict(zip(texts, strings, strict=True)), rows_of, build, table)
@@ -914,7 +928,7 @@ class _History:
              build: Callable[..., Any], texts: Mapping[str, Sequence[str]]) -> None:
         """Take the records of a :meth:`table` (``texts``: each text column's strings) into a
         history that holds none yet; ValueError for a text index outside its strings."""
-        assert self._loaded is None and not self.by_user
+        assert self._loaded is None and not self.by_user and self._buffer is None
         columns = {f.name: np.asarray(table[f.name]) for f in ints}
         codes = {name: np.asarray(table[name]).astype(np.int64) for name in texts}
         strings = {name: list(values) for name, values in texts.items()}
@@ -942,6 +956,11 @@ class LedgerMachine:
     by request id (:data:`RECENT_LOCKS_MAX`), ``max_client_order_ids`` the most clientOrderIds
     an account holds at once (reserved or answered, not expired; a late answer of a request
     whose reservation was dropped is still kept, so a count may pass it by those)."""
+
+    # the snapshot arrays that only grow, by rows appended: a snapshot's table is the one
+    # before with the records added since after it (``_History.table``), so the durable
+    # store writes only those rows (cluster.durability.store, ``append_only``)
+    APPEND_ONLY = ("history", "order_history")
 
     def __init__(self, signup_balance_micros: int,
                  max_open_positions: int = DEFAULT_MAX_OPEN_POSITIONS,

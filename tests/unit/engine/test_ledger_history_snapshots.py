@@ -6,6 +6,7 @@ changes."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -140,3 +141,20 @@ def test_snapshots_at_any_point_leave_the_histories_as_never_snapshotted(
     assert meta == meta_again
     assert all(first[name].tobytes() == second[name].tobytes() for name in first)
     assert led.m.fingerprint() == want
+
+
+def test_a_snapshot_writes_only_the_closes_added_since_the_one_before() -> None:
+    led = Orders(200, 100)
+    user = led.account().user
+    tables = []
+    for _ in range(5):
+        led.lock(user, 3 * USD)
+        led.deliver(closed(user, led.rid << 8 | 3, 3 * USD, 0))
+        arrays, _ = led.m.snapshot()
+        tables.append(arrays["history"])
+    # each table is the one before with the new close after it, in the same memory: the
+    # rows already handed to the writer are neither copied nor changed
+    assert [len(t) for t in tables] == [1, 2, 3, 4, 5]
+    assert all(np.shares_memory(a, b) for a, b in itertools.pairwise(tables))
+    assert all(b[:len(a)].tobytes() == a.tobytes() for a, b in itertools.pairwise(tables))
+    assert LedgerMachine.APPEND_ONLY == ("history", "order_history")
