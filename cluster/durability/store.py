@@ -32,9 +32,11 @@ cluster.durability.recovery:
 * ``append_only``: names of snapshot arrays the state only ever appends rows to (a history
   since the start; the runner takes them from the machine's ``APPEND_ONLY``). Each is kept in
   a rows file next to the snapshots (cluster.durability.snapshot, ``append_rows``), and a
-  snapshot writes only the rows added since the one before: a history of gigabytes would
-  otherwise be written again, whole, every minute. Such an array must extend the one the
-  snapshot before gave (rows given once never change); one that does not starts a new file.
+  snapshot writes only the rows added since the snapshot it pushes out of the kept ones, into
+  that one's file: a history of gigabytes would otherwise be written again, whole, every
+  minute, and no two kept snapshots share a file (a damaged row costs one of them). Such an
+  array must extend the one the snapshot before gave (rows given once never change); one that
+  does not starts a new file.
 * A commit that fails poisons the journal: the store raises :class:`DurabilityError` for every
   later call, and the process must exit so Ray restarts it and it recovers from disk; with
   ``exit_on_failure=True`` (what an actor passes) the store ends the process itself.
@@ -49,7 +51,7 @@ Layout under the state's directory (``DATA_DIR/<actor name>/``)::
     journal/00000000000000000001.wal ...   checksummed records (cluster.durability.journal)
     journal/LOCK                           flock of the one writer (or of readers, shared)
     snapshots/00000000000000004242.npz     state after record 4242 (cluster.durability.snapshot)
-    snapshots/history.1.rows               rows of an append-only array the snapshots share
+    snapshots/history.1.rows               rows of an append-only array (one file per kept snapshot)
 """
 
 from __future__ import annotations
@@ -168,9 +170,6 @@ class JournalStore:
                  append_only: tuple[str, ...] = ()) -> None:
         self.directory = Path(directory)
         self.append_only = append_only
-        # the rows files of the newest snapshot known good, for the next append to extend
-        # (None: not read yet, or a write failed where its snapshot may have been published)
-        self._rows: dict[str, Rows] | None = None
         self.min_free_bytes = min_free_bytes
         self.snapshot_dir = self.directory / SNAPSHOT_DIR
         self.snapshot_every_events = snapshot_every_events
@@ -391,23 +390,28 @@ class JournalStore:
 
     def _write(self, seq: int, arrays: Mapping[str, np.ndarray],
                meta: Mapping[str, Any]) -> None:
-        base, self._rows = self._rows, None
-        if base is None:
-            base = self._newest_rows()
+        base = self._evicted_rows()
         inline = dict(arrays)
         rows = {name: append_rows(self.snapshot_dir, name, inline.pop(name), base.get(name))
                 for name in self.append_only if name in inline}
         write_snapshot(self.snapshot_dir, seq, inline, meta, rows)
-        self._rows = rows
         prune_snapshots(self.snapshot_dir, self.keep)
         self.snapshots_written += 1
 
-    def _newest_rows(self) -> dict[str, Rows]:
-        """The rows files the newest snapshot names: the one recovery used (it set the newer
-        ones aside) or the last one written ({}: none, or unreadable: new files)."""
+    def _evicted_rows(self) -> dict[str, Rows]:
+        """The rows files of the snapshot the next one pushes out of the ``keep`` kept, which
+        the next one extends ({}: fewer are kept, or its entry is unreadable: new files).
+
+        So no two kept snapshots share a rows file (each kept one names its own, from the
+        first one written on): a damaged row refuses only the snapshot whose file holds it,
+        and recovery takes the one before, as when each held its own copy in its ``.npz``.
+        Each snapshot then writes the rows added since the one it pushes out (``keep``
+        snapshots' worth), not all of them; the first ``keep`` write theirs whole."""
         listed = list_snapshots(self.snapshot_dir)
+        if len(listed) < self.keep:
+            return {}
         try:
-            return snapshot_rows(listed[0][1]) if listed else {}
+            return snapshot_rows(listed[self.keep - 1][1])
         except SnapshotError:
             return {}
 

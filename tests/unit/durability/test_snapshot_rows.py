@@ -1,6 +1,7 @@
-"""Append-only snapshot arrays: kept in a file of raw rows next to the snapshots, each snapshot
-appending only the rows past the ones the file holds, and naming how many of them it covers
-(with their crc32); a torn append is cut, a damaged row refuses the snapshots that cover it."""
+"""Append-only snapshot arrays: kept in files of raw rows next to the snapshots, one per kept
+snapshot, each snapshot appending only the rows past the ones the file it takes over holds (the
+one of the snapshot it pushes out), and naming how many of them it covers (with their crc32);
+a torn append is cut, a damaged row refuses only the snapshot whose file holds it."""
 
 from __future__ import annotations
 
@@ -61,19 +62,22 @@ def loaded(directory: Path) -> Any:
 def test_bytes_written_per_snapshot_follow_the_new_rows_not_the_total(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     table = rows(100_000)
-    checkpoint(store, table[:50_000])
+    checkpoint(store, table[:50_000])  # the first two kept write their files whole
+    checkpoint(store, table[:50_050])
     for count in range(50_100, 51_000, 100):
         before = sizes(tmp_path)
         checkpoint(store, table[:count])
-        # 100 new rows are 2,100 bytes; the snapshot file itself is small
-        assert written(before, sizes(tmp_path)) < 100 * ROW.itemsize + 4096
+        # the rows since the snapshot it pushes out, two back: 200 rows are 4,200 bytes; the
+        # snapshot file itself is small
+        assert written(before, sizes(tmp_path)) < 200 * ROW.itemsize + 4096
     store.close()
     recovered = loaded(tmp_path)
     assert recovered.state.meta == {"count": 50_900}
     assert np.array_equal(recovered.state.arrays["rows"], table[:50_900])
     assert recovered.state.arrays["rows"].dtype == ROW
-    [rows_file] = [n for n in sizes(tmp_path) if n.endswith(".rows")]
-    assert sizes(tmp_path)[rows_file] == 50_900 * ROW.itemsize
+    # one file per kept snapshot, each its own copy
+    assert sorted(size for n, size in sizes(tmp_path).items() if n.endswith(".rows")) == [
+        50_800 * ROW.itemsize, 50_900 * ROW.itemsize]
 
 
 def test_a_torn_append_past_the_newest_snapshot_loads_and_is_cut_by_the_next_write(
@@ -83,7 +87,9 @@ def test_a_torn_append_past_the_newest_snapshot_loads_and_is_cut_by_the_next_wri
     checkpoint(store, table[:1_000])
     checkpoint(store, table[:1_100])
     store.close()
-    [rows_file] = (tmp_path / SNAPSHOT_DIR).glob("*.rows")
+    # the older snapshot's file, which the next snapshot takes over
+    [rows_file] = [p for p in (tmp_path / SNAPSHOT_DIR).glob("*.rows")
+                   if p.stat().st_size == 1_000 * ROW.itemsize]
     with open(rows_file, "ab") as f:  # a crash while the next snapshot appended its rows
         f.write(b"\xff" * (ROW.itemsize * 50 + 7))
     recovered = loaded(tmp_path)
@@ -95,15 +101,22 @@ def test_a_torn_append_past_the_newest_snapshot_loads_and_is_cut_by_the_next_wri
     assert np.array_equal(loaded(tmp_path).state.arrays["rows"], table[:1_200])
 
 
-def test_a_damaged_row_refuses_the_snapshots_that_cover_it(tmp_path: Path) -> None:
+def _files_by_rows(directory: Path) -> dict[int, Path]:
+    return {p.stat().st_size // ROW.itemsize: p for p in (directory / SNAPSHOT_DIR).glob("*.rows")}
+
+
+@pytest.mark.parametrize("row", [10, 1_050])
+def test_a_damaged_row_refuses_only_the_snapshot_whose_file_holds_it(tmp_path: Path,
+                                                                      row: int) -> None:
+    # a row both snapshots cover (10) as well: each kept snapshot has its own file, so the
+    # older one is whole, as when each held its copy inside its .npz
     store = open_store(tmp_path)
     table = rows(1_200)
     older = checkpoint(store, table[:1_000], tag=1)
     newest = checkpoint(store, table[:1_100], tag=2)
     store.close()
-    [rows_file] = (tmp_path / SNAPSHOT_DIR).glob("*.rows")
-    with open(rows_file, "r+b") as f:  # a row only the newest covers
-        f.seek(1_050 * ROW.itemsize + 3)
+    with open(_files_by_rows(tmp_path)[1_100], "r+b") as f:
+        f.seek(row * ROW.itemsize + 3)
         f.write(b"\x55")
     paths = dict(list_snapshots(tmp_path / SNAPSHOT_DIR))
     with pytest.raises(SnapshotError, match="rows"):
@@ -135,6 +148,21 @@ def test_a_short_rows_file_or_another_dtype_refuses_the_snapshot(tmp_path: Path)
         read_snapshot(path)
 
 
+def test_a_damaged_row_of_the_older_snapshots_file_leaves_the_newest_whole(
+        tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    table = rows(1_100)
+    checkpoint(store, table[:1_000])
+    newest = checkpoint(store, table)
+    store.close()
+    with open(_files_by_rows(tmp_path)[1_000], "r+b") as f:
+        f.seek(10 * ROW.itemsize)
+        f.write(b"\x55")
+    recovered = loaded(tmp_path)
+    assert recovered.snapshot_seq == newest
+    assert np.array_equal(recovered.state.arrays["rows"], table)
+
+
 def test_a_dtype_change_starts_a_new_file_and_pruning_removes_the_unnamed_ones(
         tmp_path: Path) -> None:
     store = open_store(tmp_path)
@@ -143,7 +171,9 @@ def test_a_dtype_change_starts_a_new_file_and_pruning_removes_the_unnamed_ones(
     checkpoint(store, rows(400, wider))
     assert len(list((tmp_path / SNAPSHOT_DIR).glob("*.rows"))) == 2  # the older names one
     checkpoint(store, rows(500, wider))
-    assert len(list((tmp_path / SNAPSHOT_DIR).glob("*.rows"))) == 1
+    # the first one's file (the narrower rows) went with it; the two kept have one each
+    assert sorted(p.stat().st_size for p in (tmp_path / SNAPSHOT_DIR).glob("*.rows")) == [
+        400 * wider.itemsize, 500 * wider.itemsize]
     store.close()
     got = loaded(tmp_path).state.arrays["rows"]
     assert got.dtype == wider and np.array_equal(got, rows(500, wider))
