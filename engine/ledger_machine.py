@@ -956,7 +956,7 @@ def _as_made(table: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
     no close id left to fill: see schema.fill_close_ids), else None."""
     if table.dtype != dtype or not table.flags.c_contiguous:
         return None
-    if "close_id" in dtype.names and table.size and not table["close_id"].all():
+    if "close_id" in (dtype.names or ()) and table.size and not table["close_id"].all():
         return None
     return table
 
