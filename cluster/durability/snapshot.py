@@ -85,7 +85,8 @@ def append_rows(directory: str | os.PathLike[str], name: str, array: np.ndarray,
     ``directory``; the :class:`Rows` a snapshot names them by.
 
     ``base``: what the newest snapshot known good holds of this array (None: none). When
-    ``array`` extends it (its dtype, at least its rows), the file is cut back to ``base.row_count``
+    ``array`` extends it (its dtype, at least its rows) and the file holds those rows (their
+    crc32: a file with a damaged one is not extended), the file is cut back to ``base.row_count``
     rows (anything past them is a torn append, or rows of a snapshot never published) and
     only ``array[base.row_count:]`` is appended, its crc32 extending ``base.crc32``; else a new
     file is started (``<name>.<n>.rows``, ``n`` past every one there). Returns once the rows
@@ -97,13 +98,19 @@ def append_rows(directory: str | os.PathLike[str], name: str, array: np.ndarray,
         raise ValueError(f"append-only array {name!r} must be 1-d and without objects")
     descr = _descr(array.dtype)
     itemsize = array.dtype.itemsize
+    # ``base`` comes from a snapshot's entry read unvalidated: a file elsewhere, counts that
+    # are no counts or rows that fail their crc32 (a damaged row, which extending the file
+    # would carry into this snapshot and every one extending it after) start a new file
+    if base is not None and not (_rows_file_of(name, base.file) and all(
+            type(v) is int and v >= 0 for v in (base.row_count, base.crc32))):
+        base = None
     path = None if base is None else directory / base.file
     if (base is None or base.descr != descr or len(array) < base.row_count
             or path is None or not path.is_file()
-            or path.stat().st_size < base.row_count * itemsize):
+            or path.stat().st_size < base.row_count * itemsize
+            or _file_crc32(path, base.row_count * itemsize) != base.crc32):
         taken = [int(p.name[len(name) + 1:-len(ROWS_SUFFIX)]) for p in directory.iterdir()
-                 if p.name.startswith(f"{name}.") and p.name.endswith(ROWS_SUFFIX)
-                 and p.name[len(name) + 1:-len(ROWS_SUFFIX)].isdigit()]
+                 if _rows_file_of(name, p.name)]
         base = Rows(f"{name}.{max(taken, default=0) + 1}{ROWS_SUFFIX}", descr, 0, 0)
         path = directory / base.file
     new = np.ascontiguousarray(array[base.row_count:]).view(np.uint8).reshape(-1)
@@ -117,6 +124,29 @@ def append_rows(directory: str | os.PathLike[str], name: str, array: np.ndarray,
     if created:
         fsync_directory(directory)
     return Rows(base.file, descr, len(array), zlib.crc32(new.data, base.crc32))
+
+
+def _rows_file_of(name: str, file: str) -> bool:
+    """Whether ``file`` is a name :func:`append_rows` gives a rows file of ``name``
+    (``<name>.<n>.rows``), not a path elsewhere or another file of the directory."""
+    if not isinstance(file, str):
+        return False
+    number = file[len(name) + 1:-len(ROWS_SUFFIX)]
+    return (file.startswith(f"{name}.") and file.endswith(ROWS_SUFFIX) and number.isdigit()
+            and "/" not in name and not name.startswith("."))
+
+
+def _file_crc32(path: Path, size_bytes: int, chunk_bytes: int = 1 << 24) -> int:
+    """The crc32 of the first ``size_bytes`` of ``path`` (-1 if it holds fewer)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while size_bytes > 0:
+            chunk = f.read(min(chunk_bytes, size_bytes))
+            if not chunk:
+                return -1
+            crc = zlib.crc32(chunk, crc)
+            size_bytes -= len(chunk)
+    return crc
 
 
 def _read_rows(directory: Path, name: str, rows: Rows, snapshot: str) -> np.ndarray:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cluster.durability.snapshot import Rows
 from cluster.durability.snapshot import SnapshotError
 from cluster.durability.snapshot import list_snapshots
 from cluster.durability.snapshot import read_snapshot
@@ -193,3 +194,51 @@ def test_snapshots_holding_the_array_inside_still_load_and_the_next_one_moves_it
     assert np.array_equal(loaded(tmp_path).state.arrays["rows"], table)
     assert not [n for n in sizes(tmp_path) if n.endswith(".npz")
                 and n.startswith("0" * 20)]  # the old one was pruned
+
+
+def test_a_damaged_row_is_not_carried_into_the_snapshots_that_follow(tmp_path: Path) -> None:
+    # the next snapshot takes over the damaged file of the one it pushes out: extending it
+    # would make it, and every other one after it, refuse itself, leaving one usable snapshot
+    # of the two kept for good, with the journal trimmed to the older, unusable one
+    store = open_store(tmp_path)
+    table = rows(1_500)
+    checkpoint(store, table[:1_000])
+    checkpoint(store, table[:1_100])
+    with open(_files_by_rows(tmp_path)[1_000], "r+b") as f:
+        f.seek(10 * ROW.itemsize)
+        f.write(b"\x55")
+    for count in (1_200, 1_300, 1_400):
+        checkpoint(store, table[:count])
+        for _, path in list_snapshots(tmp_path / SNAPSHOT_DIR):
+            assert np.array_equal(read_snapshot(path).arrays["rows"],
+                                  table[:read_snapshot(path).meta["count"]])
+    store.close()
+
+
+@pytest.mark.parametrize("entry", [
+    {"file": "../outside.rows", "row_count": 0, "crc32": 0},
+    {"file": "00000000000000000001.npz", "row_count": 0, "crc32": 0},
+    {"file": "rows.1.rows", "row_count": "5", "crc32": 0},
+])
+def test_an_entry_naming_another_file_or_no_count_is_not_extended(
+        tmp_path: Path, entry: dict[str, Any]) -> None:
+    # the entry of the snapshot pushed out is read unvalidated: the writer must neither write
+    # outside the directory nor over a kept snapshot, nor fail at every snapshot after
+    store = open_store(tmp_path)
+    table = rows(300)
+    newest = checkpoint(store, table[:100])
+    store.close()
+    (tmp_path / "outside.rows").write_bytes(b"")
+    descr = np.lib.format.dtype_to_descr(ROW)
+    write_snapshot(tmp_path / SNAPSHOT_DIR, 0, {"small": np.arange(3)}, {"count": 0},
+                   {"rows": Rows(descr=descr, **entry)})
+    store = open_store(tmp_path)
+    assert store.recovered is not None and store.recovered.snapshot_seq == newest
+    latest = checkpoint(store, table[:200])
+    store.close()
+    assert (tmp_path / "outside.rows").stat().st_size == 0
+    for seq, path in list_snapshots(tmp_path / SNAPSHOT_DIR):
+        if seq:
+            assert np.array_equal(read_snapshot(path).arrays["rows"],
+                                  table[:read_snapshot(path).meta["count"]])
+    assert [s for s, _ in list_snapshots(tmp_path / SNAPSHOT_DIR)] == [latest, newest]
