@@ -390,7 +390,7 @@ class JournalStore:
 
     def _write(self, seq: int, arrays: Mapping[str, np.ndarray],
                meta: Mapping[str, Any]) -> None:
-        base = self._evicted_rows()
+        base = self._evicted_rows(seq)
         inline = dict(arrays)
         rows = {name: append_rows(self.snapshot_dir, name, inline.pop(name), base.get(name))
                 for name in self.append_only if name in inline}
@@ -398,9 +398,12 @@ class JournalStore:
         prune_snapshots(self.snapshot_dir, self.keep)
         self.snapshots_written += 1
 
-    def _evicted_rows(self) -> dict[str, Rows]:
-        """The rows files of the snapshot the next one pushes out of the ``keep`` kept, which
-        the next one extends ({}: fewer are kept, or its entry is unreadable: new files).
+    def _evicted_rows(self, seq: int) -> dict[str, Rows]:
+        """The rows files of the snapshot the next one (covering ``seq``) pushes out of the
+        ``keep`` kept, which the next one extends ({}: fewer are kept, or its entry is
+        unreadable: new files). A snapshot of ``seq`` already there is the one pushed out: the
+        new one replaces it under its name (a checkpoint with nothing journaled since), and
+        taking over another's file would leave two kept ones sharing it.
 
         So no two kept snapshots share a rows file (each kept one names its own, from the
         first one written on): a damaged row refuses only the snapshot whose file holds it,
@@ -408,10 +411,11 @@ class JournalStore:
         Each snapshot then writes the rows added since the one it pushes out (``keep``
         snapshots' worth), not all of them; the first ``keep`` write theirs whole."""
         listed = list_snapshots(self.snapshot_dir)
-        if len(listed) < self.keep:
+        replaced = [path for covered, path in listed if covered == seq]
+        if not replaced and len(listed) < self.keep:
             return {}
         try:
-            return snapshot_rows(listed[self.keep - 1][1])
+            return snapshot_rows(replaced[0] if replaced else listed[self.keep - 1][1])
         except SnapshotError:
             return {}
 

@@ -14,6 +14,7 @@ from cluster.durability.snapshot import Rows
 from cluster.durability.snapshot import SnapshotError
 from cluster.durability.snapshot import list_snapshots
 from cluster.durability.snapshot import read_snapshot
+from cluster.durability.snapshot import snapshot_rows
 from cluster.durability.snapshot import write_snapshot
 from cluster.durability.store import SNAPSHOT_DIR
 from cluster.durability.store import JournalStore
@@ -242,3 +243,30 @@ def test_an_entry_naming_another_file_or_no_count_is_not_extended(
             assert np.array_equal(read_snapshot(path).arrays["rows"],
                                   table[:read_snapshot(path).meta["count"]])
     assert [s for s, _ in list_snapshots(tmp_path / SNAPSHOT_DIR)] == [latest, newest]
+
+
+def test_a_snapshot_written_again_at_its_seq_leaves_the_kept_ones_a_file_each(
+        tmp_path: Path) -> None:
+    # a checkpoint with nothing journaled since replaces the newest snapshot under its name:
+    # had it taken over the older one's file, the two kept would share it from then on, and a
+    # damaged row both cover would refuse both
+    store = open_store(tmp_path)
+    table = rows(1_500)
+    checkpoint(store, table[:1_000])
+    checkpoint(store, table[:1_100])
+    again = store.checkpoint(lambda: ({"rows": table[:1_100], "small": np.arange(3)},
+                                      {"count": 1_100}))
+    older = checkpoint(store, table[:1_200])
+    newest = checkpoint(store, table[:1_300])
+    store.close()
+    assert [s for s, _ in list_snapshots(tmp_path / SNAPSHOT_DIR)] == [newest, older] \
+        and older > again
+    files = [r.file for _, path in list_snapshots(tmp_path / SNAPSHOT_DIR)
+             for r in snapshot_rows(path).values()]
+    assert len(set(files)) == 2
+    with open(_files_by_rows(tmp_path)[1_300], "r+b") as f:
+        f.seek(10 * ROW.itemsize + 3)
+        f.write(b"\x55")
+    recovered = loaded(tmp_path)
+    assert recovered.snapshot_seq == older
+    assert np.array_equal(recovered.state.arrays["rows"], table[:1_200])
