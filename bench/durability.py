@@ -385,14 +385,16 @@ def recovery_phase(positions: int, kills: int = 3) -> dict[str, Any]:
 def ledger_phase(accounts: int, closes: int, opens: int) -> dict[str, Any]:
     """Fill a journaled ledger (module docstring, 4), then time ``opens`` rebuilds of it."""
     from cluster.actors.host import host_specs
+    from engine.account_events import POSITION_OPENED
     from engine.ledger_machine import (
         ApplySettlements,
         CreateAccount,
         CreatedAccount,
         LockMargin,
+        Note,
         hash_api_key,
     )
-    from engine.messages import ClosedPosition, MarginLock, SettlementItem
+    from engine.messages import ClosedPosition, MarginLock, OpenPosition, SettlementItem
     from engine.orders import CloseReason, Side
     from engine.position_ids import ROW_SHIFT
 
@@ -412,14 +414,20 @@ def ledger_phase(accounts: int, closes: int, opens: int) -> dict[str, Any]:
             batch = range(first, min(closes, first + 1000))
             runner.execute([LockMargin(MarginLock(users[n % len(users)], margin, None, n + 1))
                             for n in batch])
-            items = []
+            items, notes = [], []
             for n in batch:
                 seq += 1
                 position_id = (1 << 34) | (seq << ROW_SHIFT)
+                # each open noted, as the API notes it: that ends its lock, of which the
+                # ledger tracks at most 65,536 under way (it refuses more)
+                notes.append(Note(users[n % len(users)], n + 1, POSITION_OPENED, OpenPosition(
+                    position_id, users[n % len(users)], "SOL", Side.LONG, 10_000, 100, margin,
+                    10, 9_000, 0, 0, 1, None)))
                 items.append(SettlementItem(seq, ClosedPosition(
                     position_id, users[n % len(users)], "SOL", Side.LONG, 10_000, 100, margin,
                     10, 9_000, 0, 0, 1, 10_000, 0, margin, 0, 0, int(CloseReason.MANUAL), 2,
                     position_id, 0)))
+            runner.execute(notes)
             runner.execute([ApplySettlements("shard-SOL-0", tuple(items))])
         fill_s = time.perf_counter() - started
         runner.checkpoint()

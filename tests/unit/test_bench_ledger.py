@@ -1,0 +1,15 @@
+"""``shardex bench durability``'s ledger phase over more closes than the ledger tracks locks
+under way (it refuses a lock past 65,536): each open is noted, as the API notes it, so every
+close is settled and the rebuilt ledger holds them all (it raises otherwise)."""
+
+from __future__ import annotations
+
+from bench.durability import ledger_phase
+from engine.ledger_machine import RECENT_LOCKS_MAX
+
+
+def test_the_ledger_phase_fills_and_rebuilds_past_the_locks_under_way() -> None:
+    closes = RECENT_LOCKS_MAX + 2_000
+    figures = ledger_phase(accounts=10, closes=closes, opens=1)
+    assert figures["closes"] == closes and figures["accounts"] == 10
+    assert len(figures["rebuilds_s"]) == 1 and figures["rebuild_s"] > 0
