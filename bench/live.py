@@ -6,16 +6,20 @@
    100 ticks.
 2. The platform (local Ray, its own embedded broker, no feed source, Serve on a free port,
    WebSocket connection limits lifted); this process produces the ticks to the topic and runs
-   every client (so the clients share the machine's cores with the platform):
+   the REST load, the WebSocket clients run in a process of their own (spawned per phase;
+   all of them share the machine's cores with the platform):
    a. ``fanout``: ``--clients`` WebSocket clients subscribed to ``bookTicker.SOL`` while SOL
       ticks are produced at ``--rate`` per second for ``--duration-s``: frames received per
       client per second and in total (the stream is conflated: a client gets the newest price
-      at most once per poll of the feed actor, never a backlog).
+      at most once per poll of the feed actor, never a backlog). The platform's CPU seconds per
+      second (its processes' user + system time, from /proc) with the same ticks and no
+      clients, then with them: the difference is what the fan-out costs it.
    b. ``latency``: 100 clients, 20 ticks per second: each frame's receipt time minus its
       tick's production time (the tick's ``ts``), p50/p99.
    c. ``rest``: the open/close closed loop of ``shardex bench api`` at concurrency 64 for
       ``--duration-s`` while ticks flow at ``--rate``, without WebSocket clients, then with the
-      ``--clients`` connected: API ops/s of each and their ratio.
+      ``--clients`` connected: API ops/s of each and their ratio, and the CPU seconds per
+      second of the platform, this process and the client process.
 
 Prints a table, then one JSON line.
 """
@@ -135,6 +139,7 @@ class Clients:
     frames: int = 0
     delays_ms: list[float] = dataclasses.field(default_factory=list)
     counting: bool = False
+    failed: int = 0
 
     async def run(self, ready: asyncio.Event, stop: asyncio.Event) -> None:
         import websockets
@@ -148,13 +153,23 @@ class Clients:
                 await ws.send(json.dumps({"method": "SUBSCRIBE",
                                           "params": [f"bookTicker.{ASSET}"]}))
                 connected += 1
-                if connected == self.count:
+                if connected + self.failed == self.count:
                     ready.set()
                 reader = asyncio.ensure_future(self._read(ws))
                 await stop.wait()
                 reader.cancel()
 
-        results = await asyncio.gather(*(one() for _ in range(self.count)),
+        async def counted() -> None:
+            try:
+                await one()
+            except Exception:
+                # a client that never connects must not keep the others from being ready
+                self.failed += 1
+                if connected + self.failed == self.count:
+                    ready.set()
+                raise
+
+        results = await asyncio.gather(*(counted() for _ in range(self.count)),
                                        return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)
                   and not isinstance(r, asyncio.CancelledError)]
@@ -173,22 +188,141 @@ class Clients:
                     self.delays_ms.append(time.time() * 1e3 - sent.timestamp() * 1e3)
 
 
-async def with_clients(url: str, count: int, work: Any, timed: bool = False
-                       ) -> tuple[Clients, Any]:
-    """Connect ``count`` clients, run ``work()`` while they count frames, disconnect."""
+# the client process: its own interpreter and event loop, so the frames it parses take no time
+# from the bench's REST load generator (in one loop, 1,000 clients starved it)
+def client_process(url: str, count: int, timed: bool, conn: Any) -> None:
+    """Entry of the client process: connect ``count`` clients, send ``("ready", failed)``;
+    count from a ``"count"`` message until a ``"stop"`` one, then send ``("done", frames,
+    delays_ms, cpu_s)`` (``cpu_s``: this process's CPU seconds while counting) and disconnect.
+    ``conn``: one end of a ``multiprocessing.Pipe``."""
+    asyncio.run(_client_main(url, count, timed, conn))
+
+
+async def _client_main(url: str, count: int, timed: bool, conn: Any) -> None:
     clients = Clients(url, count, timed)
     ready, stop = asyncio.Event(), asyncio.Event()
     task = asyncio.ensure_future(clients.run(ready, stop))
-    await asyncio.wait_for(ready.wait(), 120)
-    await asyncio.sleep(0.5)
-    clients.counting = True
     try:
-        result = await work()
+        await asyncio.wait_for(ready.wait(), 120)
+        await asyncio.sleep(0.5)  # the subscriptions' first frames are not the stream's
+        conn.send(("ready", clients.failed))
+        message = await asyncio.to_thread(conn.recv)
+        if message == "count":
+            cpu0 = time.process_time()
+            clients.counting = True
+            message = await asyncio.to_thread(conn.recv)
+            clients.counting = False
+            cpu_s = time.process_time() - cpu0
+        else:
+            cpu_s = 0.0
+        conn.send(("done", clients.frames, clients.delays_ms, cpu_s))
     finally:
-        clients.counting = False
         stop.set()
         await asyncio.wait_for(task, 60)
-    return clients, result
+
+
+@dataclasses.dataclass
+class ClientCounts:
+    """What the client process counted: frames, delays (with ``timed``), its CPU seconds
+    while counting, and the clients that failed to connect."""
+
+    frames: int
+    delays_ms: list[float]
+    cpu_s: float
+    failed: int
+
+
+@dataclasses.dataclass
+class Cpu:
+    """CPU seconds over a window of ``wall_s`` seconds: the platform's processes, and this (the
+    bench's) one."""
+
+    platform_s: float
+    bench_s: float
+    wall_s: float
+
+
+async def cpu_during(work: Any, exclude: frozenset[int] = frozenset()) -> tuple[Cpu, Any]:
+    """``work()``'s result and the CPU seconds spent while it ran."""
+    platform0, bench0, wall0 = platform_cpu_s(exclude), time.process_time(), time.monotonic()
+    result = await work()
+    return Cpu(platform_cpu_s(exclude) - platform0, time.process_time() - bench0,
+               time.monotonic() - wall0), result
+
+
+async def with_clients(url: str, count: int, work: Any, timed: bool = False
+                       ) -> tuple[ClientCounts, Cpu, Any]:
+    """Connect ``count`` clients in a process of their own, run ``work()`` while they count
+    frames, stop them; their counts, the CPU spent by the rest meanwhile, ``work()``'s
+    result."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=client_process, args=(url, count, timed, theirs),
+                       name="shardex-bench-clients", daemon=True)
+    proc.start()
+    theirs.close()
+    try:
+        if not await asyncio.to_thread(ours.poll, 180):
+            raise TimeoutError(f"{count} WebSocket clients not connected within 180 s")
+        _, failed = ours.recv()
+        ours.send("count")
+        try:
+            cpu, result = await cpu_during(work, frozenset({proc.pid or 0}))
+        finally:
+            ours.send("stop")
+        if not await asyncio.to_thread(ours.poll, 60):
+            raise TimeoutError("the client process did not report its counts within 60 s")
+        _, frames, delays_ms, cpu_s = ours.recv()
+        await asyncio.to_thread(proc.join, 60)
+        return ClientCounts(frames, delays_ms, cpu_s, failed), cpu, result
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+        ours.close()
+
+
+# ---------------------------------------------------------------------- CPU time from /proc
+def _cpu_s_by_pid() -> dict[int, tuple[int, float]]:
+    """Every process's parent pid and CPU seconds (user + system), from /proc (Linux)."""
+    import os
+
+    tick_hz = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2:].split()  # the name may hold spaces and parentheses
+        out[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick_hz)
+    return out
+
+
+def platform_cpu_s(exclude: frozenset[int] = frozenset()) -> float:
+    """CPU seconds so far of this process's descendants (Ray's processes, the broker), less
+    ``exclude`` and theirs; 0.0 without /proc."""
+    import os
+
+    if not Path("/proc/self/stat").exists():
+        return 0.0
+    procs = _cpu_s_by_pid()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    total = 0.0
+    todo = list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        if pid in exclude:
+            continue
+        total += procs[pid][1]
+        todo.extend(children.get(pid, []))
+    return total
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -209,17 +343,23 @@ async def measure(settings: Any, bootstrap: str, topic: str, clients: int, rate:
         await producer.run(50, 1.0)
         await _wait_prices(settings.port, [ASSET])
         out: dict[str, Any] = {}
-        # a. fan-out to the clients
-        fan, produced = await with_clients(url, clients,
-                                           lambda: producer.run(rate, duration_s))
+        # a. fan-out to the clients; the platform's CPU with the same ticks and no clients
+        # first, so the difference is what the fan-out costs it
+        idle_cpu, _ = await cpu_during(lambda: producer.run(rate, duration_s))
+        fan, fan_cpu, produced = await with_clients(url, clients,
+                                                    lambda: producer.run(rate, duration_s))
         out["fanout_clients"] = clients
         out["fanout_produced_per_s"] = produced / duration_s
         out["fanout_frames_per_s"] = fan.frames / duration_s
         out["fanout_frames_per_client_per_s"] = fan.frames / duration_s / clients
+        out["fanout_failed_clients"] = fan.failed
+        out["ticks_platform_cpu_s_per_s"] = idle_cpu.platform_s / idle_cpu.wall_s
+        out["fanout_platform_cpu_s_per_s"] = fan_cpu.platform_s / fan_cpu.wall_s
+        out["fanout_clients_cpu_s_per_s"] = fan.cpu_s / fan_cpu.wall_s
         # b. latency at 100 clients
-        timed, _ = await with_clients(url, LATENCY_CLIENTS,
-                                      lambda: producer.run(LATENCY_RATE, duration_s),
-                                      timed=True)
+        timed, _, _ = await with_clients(url, LATENCY_CLIENTS,
+                                         lambda: producer.run(LATENCY_RATE, duration_s),
+                                         timed=True)
         out["latency_samples"] = len(timed.delays_ms)
         out["latency_p50_ms"] = quantile(timed.delays_ms, 0.5)
         out["latency_p99_ms"] = quantile(timed.delays_ms, 0.99)
@@ -235,12 +375,20 @@ async def measure(settings: Any, bootstrap: str, topic: str, clients: int, rate:
                 done.set()
                 await ticks
 
-        alone = await loaded()
-        _, busy = await with_clients(url, clients, loaded)
+        alone_cpu, alone = await cpu_during(loaded)
+        busy_clients, busy_cpu, busy = await with_clients(url, clients, loaded)
         out["rest_ops_per_s"] = alone.ops_per_s
         out["rest_with_ws_ops_per_s"] = busy.ops_per_s
         out["rest_ratio"] = busy.ops_per_s / alone.ops_per_s if alone.ops_per_s else None
         out["rest_errors"] = alone.errors + busy.errors
+        out["rest_with_ws_frames"] = busy_clients.frames
+        # CPU seconds per second of each window (sign-ups and warm-up included): the
+        # platform's processes, the bench's (REST generator and producer), the clients'
+        out["rest_platform_cpu_s_per_s"] = alone_cpu.platform_s / alone_cpu.wall_s
+        out["rest_bench_cpu_s_per_s"] = alone_cpu.bench_s / alone_cpu.wall_s
+        out["rest_with_ws_platform_cpu_s_per_s"] = busy_cpu.platform_s / busy_cpu.wall_s
+        out["rest_with_ws_bench_cpu_s_per_s"] = busy_cpu.bench_s / busy_cpu.wall_s
+        out["rest_with_ws_clients_cpu_s_per_s"] = busy_clients.cpu_s / busy_cpu.wall_s
         return out
     finally:
         await producer.stop()
@@ -288,7 +436,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"REST open/close at concurrency 64 with {args.rate:.0f} ticks/s: "
           f"{live['rest_ops_per_s']:.0f} ops/s without WebSocket clients, "
           f"{live['rest_with_ws_ops_per_s']:.0f} ops/s with {args.clients} "
-          f"(ratio {live['rest_ratio']:.2f})")
+          f"(ratio {live['rest_ratio']:.2f}; the clients in a process of their own)")
+    fanout_us = ((live["fanout_platform_cpu_s_per_s"] - live["ticks_platform_cpu_s_per_s"])
+                 / max(live["fanout_frames_per_s"], 1) * 1e6)
+    print(f"CPU s/s: fan-out, platform {live['fanout_platform_cpu_s_per_s']:.2f} with "
+          f"{args.clients} clients vs {live['ticks_platform_cpu_s_per_s']:.2f} without "
+          f"({fanout_us:.0f} us per frame delivered), client process "
+          f"{live['fanout_clients_cpu_s_per_s']:.2f}; REST, platform "
+          f"{live['rest_platform_cpu_s_per_s']:.2f} and bench "
+          f"{live['rest_bench_cpu_s_per_s']:.2f} without clients, platform "
+          f"{live['rest_with_ws_platform_cpu_s_per_s']:.2f}, bench "
+          f"{live['rest_with_ws_bench_cpu_s_per_s']:.2f} and client process "
+          f"{live['rest_with_ws_clients_cpu_s_per_s']:.2f} with them")
+    live["fanout_platform_us_per_frame"] = fanout_us
     out = {"bench": "live", **{k: round(v, 2) for k, v in candles.items()},
            **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in live.items()}}
     print(json.dumps(out))
