@@ -79,6 +79,7 @@ _INTEGER_LIMITS = {
     "ws_connections": ("WS_CONNECTIONS", 1, 100_000),
     "ws_subscriptions": ("WS_SUBSCRIPTIONS", 1, 10_000),
     "ws_unsent": ("WS_UNSENT", 1, 1_000_000),
+    "ws_market_interval_ms": ("WS_MARKET_INTERVAL_MS", 0, 60_000),
     "api_replicas": ("API_REPLICAS", 1, 64),
     "api_max_replicas": ("API_MAX_REPLICAS", 0, 64),
     "min_free_disk_mb": ("MIN_FREE_DISK_MB", 0, 10**7),
@@ -147,6 +148,8 @@ class Settings:
     ws_connections: int = 10  # WS_CONNECTIONS: WebSockets per client address and per API key
     ws_subscriptions: int = 50  # WS_SUBSCRIPTIONS: streams per WebSocket
     ws_unsent: int = 1_000  # WS_UNSENT: frames a WebSocket may fall behind; then closed (1008)
+    # WS_MARKET_INTERVAL_MS: the least time between two rounds of price and candle frames
+    ws_market_interval_ms: int = 100
     max_clock_skew_s: float = 5.0  # MAX_CLOCK_SKEW_S: ticks further in the future are dropped
     max_tick_jump_bps: int = 1_000  # MAX_TICK_JUMP_BPS: a larger mid move waits for confirmation
     account_topic: str = ACCOUNT_TOPIC  # ACCOUNT_EVENTS_TOPIC: where account events go

@@ -1348,7 +1348,8 @@ def create_app(service: TradingService) -> FastAPI:
     hub = StreamHub(lambda: service.market, render,
                     current_streams([a.name for a in assets.assets]),
                     app.state.check_key, StreamLimits(settings.ws_connections,
-                                               settings.ws_subscriptions, settings.ws_unsent),
+                                               settings.ws_subscriptions, settings.ws_unsent,
+                                               settings.ws_market_interval_ms / 1000),
                     accounts)
     app.state.streams = hub
 

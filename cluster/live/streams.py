@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -74,11 +75,13 @@ WS_SERVER_OPTIONS: Mapping[str, float] = MappingProxyType({
 @dataclass(frozen=True, slots=True)
 class StreamLimits:
     """SPEC "Limits": connections per API key or client address, subscriptions per
-    connection, unsent frames per connection."""
+    connection, unsent frames per connection; ``interval_s``: the least time between two
+    rounds of market frames (WS_MARKET_INTERVAL_MS; 0: a round as each poll returns)."""
 
     connections: int = 10
     subscriptions: int = 50
     unsent: int = 1000
+    interval_s: float = 0.0
 
 
 async def _receive(socket: WebSocket) -> str | bytes:
@@ -292,8 +295,17 @@ class StreamHub:
         (``GET /api/v1/klines``), not news. When the last connection goes, what the hub holds
         goes stale, so it is dropped: the next subscriber gets the values of its own time."""
         fresh = True
+        loop = asyncio.get_running_loop()
+        published = -math.inf  # loop time of the last round's frames
         try:
             while self.connections:
+                # each frame of a round is a send per subscriber (a system call each, most of
+                # a replica's cost at 1,000 clients): rounds at most every interval_s bound
+                # it, the newest values still going out at the next round
+                wait_s = published + self.limits.interval_s - loop.time()
+                if wait_s > 0:
+                    await asyncio.sleep(wait_s)
+                    continue  # (everyone may have gone meanwhile)
                 market = self.market()
                 if market is None:
                     return
@@ -315,6 +327,7 @@ class StreamHub:
                     items = [c for c in items if not getattr(c.value, "closed", False)]
                     fresh = False
                 self.publish(items)
+                published = loop.time()
         finally:
             if not self.connections:
                 self.latest.clear()

@@ -82,7 +82,10 @@ def unread(request: pytest.FixtureRequest
            ) -> Iterator[tuple[LocalHttpPlatform, httpx.Client, str]]:
     """One WebSocket per address, each falling at most 30 frames behind."""
     why: str = request.param
-    settings = Settings(ws_connections=1, ws_unsent=30, api_key_rate_per_s=0, signups_per_min=0)
+    # market frames as fast as the ticks come (no WS_MARKET_INTERVAL_MS): the pipe fills in
+    # seconds
+    settings = Settings(ws_connections=1, ws_unsent=30, api_key_rate_per_s=0, signups_per_min=0,
+                        ws_market_interval_ms=0)
     options = {**SERVER_OPTIONS, "ws": QuickDrop, **PINGS[why]}
     with LocalHttpPlatform(settings, server_options=options) as p, \
             httpx.Client(base_url=p.base_url, timeout=10) as http:

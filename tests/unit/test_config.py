@@ -61,6 +61,7 @@ BAD = {
     "WS_CONNECTIONS": ["0", "100001", "ten"],
     "WS_SUBSCRIPTIONS": ["0", "10001", "-5"],
     "WS_UNSENT": ["0", "1000001", "1e3"],
+    "WS_MARKET_INTERVAL_MS": ["-1", "60001", "0.5", "x"],
     "ACCOUNT_EVENTS_TOPIC": ["", "has space", "a/b", "..", "x" * 250, "backpack-market-updates",
                              "__consumer_offsets", "__transaction_state"],
     "API_REPLICAS": ["0", "65", "two"],
