@@ -42,6 +42,16 @@ def checkpoint(store: JournalStore, table: np.ndarray, tag: int = 0) -> int:
                                      {"count": len(table)}))
 
 
+def two_kept(directory: Path, total: int) -> tuple[JournalStore, np.ndarray, int, int]:
+    """A store holding two snapshots, of the first 1,000 and 1,100 of ``total`` rows (each
+    with its own rows file): ``(store, table, older seq, newest seq)``."""
+    store = open_store(directory)
+    table = rows(total)
+    older = checkpoint(store, table[:1_000], tag=1)
+    newest = checkpoint(store, table[:1_100], tag=2)
+    return store, table, older, newest
+
+
 def sizes(directory: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in (directory / SNAPSHOT_DIR).iterdir()}
 
@@ -84,10 +94,7 @@ def test_bytes_written_per_snapshot_follow_the_new_rows_not_the_total(tmp_path: 
 
 def test_a_torn_append_past_the_newest_snapshot_loads_and_is_cut_by_the_next_write(
         tmp_path: Path) -> None:
-    store = open_store(tmp_path)
-    table = rows(1_300)
-    checkpoint(store, table[:1_000])
-    checkpoint(store, table[:1_100])
+    store, table, _, _ = two_kept(tmp_path, 1_300)
     store.close()
     # the older snapshot's file, which the next snapshot takes over
     [rows_file] = [p for p in (tmp_path / SNAPSHOT_DIR).glob("*.rows")
@@ -112,10 +119,7 @@ def test_a_damaged_row_refuses_only_the_snapshot_whose_file_holds_it(tmp_path: P
                                                                       row: int) -> None:
     # a row both snapshots cover (10) as well: each kept snapshot has its own file, so the
     # older one is whole, as when each held its copy inside its .npz
-    store = open_store(tmp_path)
-    table = rows(1_200)
-    older = checkpoint(store, table[:1_000], tag=1)
-    newest = checkpoint(store, table[:1_100], tag=2)
+    store, table, older, newest = two_kept(tmp_path, 1_200)
     store.close()
     with open(_files_by_rows(tmp_path)[1_100], "r+b") as f:
         f.seek(row * ROW.itemsize + 3)
@@ -201,10 +205,7 @@ def test_a_damaged_row_is_not_carried_into_the_snapshots_that_follow(tmp_path: P
     # the next snapshot takes over the damaged file of the one it pushes out: extending it
     # would make it, and every other one after it, refuse itself, leaving one usable snapshot
     # of the two kept for good, with the journal trimmed to the older, unusable one
-    store = open_store(tmp_path)
-    table = rows(1_500)
-    checkpoint(store, table[:1_000])
-    checkpoint(store, table[:1_100])
+    store, table, _, _ = two_kept(tmp_path, 1_500)
     with open(_files_by_rows(tmp_path)[1_000], "r+b") as f:
         f.seek(10 * ROW.itemsize)
         f.write(b"\x55")
@@ -250,10 +251,7 @@ def test_a_snapshot_written_again_at_its_seq_leaves_the_kept_ones_a_file_each(
     # a checkpoint with nothing journaled since replaces the newest snapshot under its name:
     # had it taken over the older one's file, the two kept would share it from then on, and a
     # damaged row both cover would refuse both
-    store = open_store(tmp_path)
-    table = rows(1_500)
-    checkpoint(store, table[:1_000])
-    checkpoint(store, table[:1_100])
+    store, table, _, _ = two_kept(tmp_path, 1_500)
     again = store.checkpoint(lambda: ({"rows": table[:1_100], "small": np.arange(3)},
                                       {"count": 1_100}))
     older = checkpoint(store, table[:1_200])
