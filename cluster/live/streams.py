@@ -296,7 +296,7 @@ class StreamHub:
         goes stale, so it is dropped: the next subscriber gets the values of its own time."""
         fresh = True
         loop = asyncio.get_running_loop()
-        published = -math.inf  # loop time of the last round's frames
+        published = -math.inf  # loop time of the last round that had frames
         try:
             while self.connections:
                 # each frame of a round is a send per subscriber (a system call each, most of
@@ -327,7 +327,8 @@ class StreamHub:
                     items = [c for c in items if not getattr(c.value, "closed", False)]
                     fresh = False
                 self.publish(items)
-                published = loop.time()
+                if items:  # a poll that brought nothing sent nothing: the next change goes at once
+                    published = loop.time()
         finally:
             if not self.connections:
                 self.latest.clear()
