@@ -263,13 +263,15 @@ class MarketDataConsumer:
         return self._task is not None and not self._task.done()
 
     def ensure_started(self) -> None:
-        """Start consuming in the background unless it is running (needs a running loop)."""
-        if not self.running:
-            self._stopping = False
+        """Start consuming in the background unless it is running, or :meth:`stop` stopped it
+        (also one under way: an owner may close the shards after it); needs a running loop."""
+        if not self.running and not self._stopping:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def start(self, timeout_s: float = 30.0) -> bool:
-        """Start consuming; True once partitions are assigned (False after ``timeout_s``)."""
+        """Start consuming, also after :meth:`stop`; True once partitions are assigned (False
+        after ``timeout_s``)."""
+        self._stopping = False
         self.ensure_started()
         try:
             await asyncio.wait_for(self._assigned.wait(), timeout_s)

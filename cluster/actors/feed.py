@@ -148,9 +148,6 @@ class FeedActorShell:
         self._courier: Courier | None = None
         self._undelivered: set[str] = set()
         self._retry: asyncio.Task[None] | None = None
-        # set by stop: the other calls consume no more (a restarted actor, a new process,
-        # resumes on its first call); only start consumes again
-        self._stopped = False
         self.ticks_refused = 0  # ticks a shard refused (out of its bounds): dropped, counted
         self.deliveries_failed = 0
         self._timings: deque[CallTiming] = deque(maxlen=CALLS_KEPT)
@@ -175,12 +172,11 @@ class FeedActorShell:
     # -- the actor's methods ---------------------------------------------------------------
     async def start(self, timeout_s: float = 30.0) -> bool:
         """Start consuming; True once partitions are assigned (False after ``timeout_s``)."""
-        self._stopped = False
         return await self.consumer.start(timeout_s)
 
     async def stats(self) -> dict[str, Any]:
         """The consumer's and the pipeline's counters, and the shard calls' own."""
-        self._resume()
+        self.consumer.ensure_started()
         return {
             **self.consumer.stats(),
             **self.market.stats(),
@@ -193,19 +189,19 @@ class FeedActorShell:
 
     async def prices(self) -> dict[str, dict[str, Any]]:
         """``{asset: {"bid", "ask", "ts_us", "seq", "source"}}`` of the last delivered ticks."""
-        self._resume()
+        self.consumer.ensure_started()
         return self.consumer.prices()
 
     async def klines(self, asset: str, interval: str, query: CandleQuery) -> list[Candle]:
         """The candles ``query`` selects (cluster.live.market.MarketLive.candles)."""
-        self._resume()
+        self.consumer.ensure_started()
         return self.market.candles(asset, interval, query)
 
     async def live_changes(self, since: int, timeout_s: float) -> Changes:
         """What changed after version ``since``, once something did or after ``timeout_s``
         (cluster.live.market.MarketLive.wait). A restarted actor counts versions from 0 again:
         a reader that is ahead gets everything."""
-        self._resume()
+        self.consumer.ensure_started()
         if since > self.market.version:
             since = 0
         return await self.market.wait(since, timeout_s)
@@ -214,14 +210,14 @@ class FeedActorShell:
         """``(count, timings)``: how many shard calls were timed so far, and the timings of
         those after the first ``since`` (a count an earlier call returned), oldest first; only
         the newest :data:`CALLS_KEPT` are kept."""
-        self._resume()
+        self.consumer.ensure_started()
         count, kept = self._timed, len(self._timings)
         newer = min(kept, max(0, count - since))
         return count, list(itertools.islice(self._timings, kept - newer, kept))
 
     async def pid(self) -> int:
         """The actor's process id (tests kill it to exercise a Ray restart)."""
-        self._resume()
+        self.consumer.ensure_started()
         return os.getpid()
 
     async def stop(self) -> None:
@@ -229,7 +225,6 @@ class FeedActorShell:
         follows (the settlement retries end too), so the shards may be closed after it; then
         close the candle store. No other method's call consumes again, also one that came
         while it ran (Ray runs them concurrently); :meth:`start` does."""
-        self._stopped = True
         await self.consumer.stop()
         # not cancelled (a call it made may already be on its way): it ends by itself once
         # the consumer is not running
@@ -238,11 +233,6 @@ class FeedActorShell:
             with contextlib.suppress(Exception):
                 await retry
         self.market.close()
-
-    def _resume(self) -> None:
-        """Consume unless stopped: a restarted actor resumes on its first call."""
-        if not self._stopped:
-            self.consumer.ensure_started()
 
     # -- the Ray calls ---------------------------------------------------------------------
     def _accepted(self, ticks: list[Tick]) -> None:
