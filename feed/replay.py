@@ -72,11 +72,6 @@ def replay_items(lines: Iterable[str | bytes], normalizer: FrameNormalizer, *,
             log.warning("replay: error frame in recording: %s %s", out.code, out.message)
 
 
-def parse_replay(lines: Iterable[str | bytes], normalizer: FrameNormalizer) -> list[ReplayItem]:
-    """The valid bookTicker updates of a jsonl recording, in file order, all at once."""
-    return list(replay_items(lines, normalizer))
-
-
 def bounded_lines(fh: BinaryIO, max_bytes: int = MAX_FRAME_BYTES) -> Iterator[bytes]:
     """The lines of ``fh``, each read in at most ``max_bytes + 1`` bytes: of a longer line only
     that much is yielded (the normalizer drops it as ``oversized``) and the rest is skipped
@@ -117,12 +112,6 @@ class PlayClock:
     @property
     def range_us(self) -> int:
         return self._top - self._bottom + 1 if self.frames else 0
-
-
-def play_times(recorded_us: list[int]) -> list[int]:
-    """When each frame plays (see :class:`PlayClock`), for a whole list of recorded times."""
-    clock = PlayClock()
-    return [clock.next(rec) for rec in recorded_us]
 
 
 class ReplaySource:

@@ -19,7 +19,7 @@ from feed.broker import free_port
 from feed.frames import FrameNormalizer
 from feed.message import MarketDataMessage
 from feed.replay import ReplaySource
-from feed.replay import parse_replay
+from feed.replay import replay_items
 from feed.sim import SimSource
 from feed.sim import SimWalk
 from feed.source import AutoSource
@@ -104,7 +104,7 @@ async def test_sim_source_rate_and_shape() -> None:
 
 def test_replay_parses_fixture() -> None:
     norm = FrameNormalizer(DEFAULT_ASSETS, source="replay")
-    items = parse_replay(FIXTURE.read_text().splitlines(), norm)
+    items = list(replay_items(FIXTURE.read_text().splitlines(), norm))
     assert len(items) == 13
     assert items[0].at_us == 1788367430246081 and items[0].message.source == "replay"
     assert [i.message.seq for i in items] == sorted(i.message.seq for i in items)
