@@ -285,44 +285,16 @@ async def with_clients(url: str, count: int, work: Any, timed: bool = False
 
 
 # ---------------------------------------------------------------------- CPU time from /proc
-def _cpu_s_by_pid() -> dict[int, tuple[int, float]]:
-    """Every process's parent pid and CPU seconds (user + system), from /proc (Linux)."""
-    import os
-
-    tick_hz = os.sysconf("SC_CLK_TCK")
-    out: dict[int, tuple[int, float]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2:].split()  # the name may hold spaces and parentheses
-        out[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick_hz)
-    return out
-
-
 def platform_cpu_s(exclude: frozenset[int] = frozenset()) -> float:
     """CPU seconds so far of this process's descendants (Ray's processes, the broker), less
     ``exclude`` and theirs; 0.0 without /proc."""
     import os
 
-    if not Path("/proc/self/stat").exists():
-        return 0.0
-    procs = _cpu_s_by_pid()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in procs.items():
-        children.setdefault(ppid, []).append(pid)
-    total = 0.0
-    todo = list(children.get(os.getpid(), []))
-    while todo:
-        pid = todo.pop()
-        if pid in exclude:
-            continue
-        total += procs[pid][1]
-        todo.extend(children.get(pid, []))
-    return total
+    from bench.api import descendants, process_table
+
+    table = process_table()
+    skipped = set(exclude).union(*(descendants(table, pid) for pid in exclude))
+    return sum(table[pid][2] for pid in descendants(table, os.getpid()) if pid not in skipped)
 
 
 def quantile(values: list[float], q: float) -> float:
