@@ -13,13 +13,13 @@ and the newest one that validates is the one :func:`load_latest_snapshot` return
 
 An array whose rows are only ever appended to (a history since the start) is not in the
 ``.npz``: :func:`append_rows` keeps it in a file of raw rows next to the snapshots
-(``<name>.<n>.rows``, one per name and dtype), writing only the rows past the ones the file
-holds, and the snapshot names, in its ``__rows__`` entry, that file with the dtype, the count
-and the crc32 of the rows it covers (``__rows__`` is checksummed by ``__meta__``). Snapshots
-share such a file, each covering a prefix of it: a snapshot costs its new rows, not all of
-them. Those rows are on disk (fsynced) before the snapshot that names them is renamed into
-place; bytes past the count of the newest snapshot known good (a crash mid-append) are cut by
-the next append.
+(``<name>.<n>.rows``), writing only the rows past the ones the file holds, and the snapshot
+names, in its ``__rows__`` entry, that file with the dtype, the count and the crc32 of the rows
+it covers (``__rows__`` is checksummed by ``__meta__``). Each kept snapshot names a file of its
+own, which the snapshot pushing it out extends (cluster.durability.store): a snapshot costs
+its new rows, not all of them. Those rows are on disk (fsynced) before the snapshot that names
+them is renamed into place; bytes past the rows a file's snapshot covers (a crash mid-append)
+are cut by the next append.
 """
 
 from __future__ import annotations
@@ -156,11 +156,10 @@ def _read_rows(directory: Path, name: str, rows: Rows, snapshot: str) -> np.ndar
         dtype = _dtype(rows.descr)
     except Exception as exc:
         raise SnapshotError(f"{snapshot}: rows of {name!r} of an unknown dtype") from exc
-    path = directory / rows.file
-    if not rows.file.endswith(ROWS_SUFFIX) or "/" in rows.file or rows.file.startswith("."):
+    if not _rows_file_of(name, rows.file):
         raise SnapshotError(f"{snapshot}: rows of {name!r} in a file named {rows.file!r}")
     try:
-        with open(path, "rb") as f:
+        with open(directory / rows.file, "rb") as f:
             array = np.fromfile(f, dtype=dtype, count=rows.row_count)
     except (OSError, ValueError) as exc:
         raise SnapshotError(f"{snapshot}: rows of {name!r} unreadable ({exc})") from exc
