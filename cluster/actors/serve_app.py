@@ -212,6 +212,35 @@ def _bind_with_reuse_address() -> None:
     replica.start_asgi_http_server = start
 
 
+def _bind_internal_grpc_to(node_ip: str) -> None:
+    """Make this replica's inter-deployment gRPC listener bind ``node_ip`` (this node's Ray
+    address), where Ray binds every other listener of the node, not every interface.
+
+    Serve 2.60 starts that server in every replica on ``[::]:0`` (``replica.py``,
+    ``_on_initialized``; no option), and it unpickles what a request sends it. Token
+    authentication guards it when Ray's is on (a local ``ray.init`` turns it on); with
+    ``RAY_AUTH_MODE=disabled``, or a cluster started without a token, any host that reaches
+    one of the machine's interfaces could run code in the replica, though the API listens
+    on ``HOST`` (127.0.0.1 by default). The platform calls its replicas over HTTP, never
+    this server, and Serve reaches it at the node's address. No public way exists: the
+    replica's reference to the function is wrapped. Runs in the replica, before the server
+    starts."""
+    from ray.serve._private import replica
+
+    original = replica.add_port_to_grpc_server
+    if getattr(original, "bound_to", None) is not None:
+        return
+    host = f"[{node_ip}]" if ":" in node_ip else node_ip
+
+    def add_port(server: Any, address: str) -> int:
+        if address.startswith("[::]:"):
+            address = f"{host}:{address.rsplit(':', 1)[1]}"
+        return int(original(server, address))
+
+    add_port.bound_to = host  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = add_port
+
+
 FEED_CALL_TIMEOUT_S = 5.0  # a call to the feed actor (a long poll: its own timeout plus this)
 MARK_POLL_S = 0.02  # the newest tops of book are read at most this often
 MARKS_IDLE_S = 60.0  # and no longer once nobody asked for this long
@@ -292,10 +321,11 @@ class ApiIngress:
     def __init__(self, settings: Settings, bootstrap: str, namespace: str,
                  secret: bytes) -> None:
         _warnings_to_stderr()
+        node_ip = ray.util.get_node_ip_address()
         _bind_with_reuse_address()
+        _bind_internal_grpc_to(node_ip)
         configure_uvicorn(settings.http_connections,
-                          proxies=front_door_sources(settings.host,
-                                                     ray.util.get_node_ip_address()))
+                          proxies=front_door_sources(settings.host, node_ip))
         self.settings = settings
         self.bootstrap = bootstrap
         self.namespace = namespace

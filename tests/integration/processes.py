@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -56,3 +58,42 @@ def ray_processes() -> set[ProcessIdentity]:
                 or any("/site-packages/ray/" in arg for arg in identity.cmdline[:3]):
             found.add(identity)
     return found
+
+
+def listening_addresses(pids: list[int]) -> dict[tuple[str, int], int]:
+    """The address and port of every TCP socket of ``pids`` listening, each with a pid that
+    holds it (Linux: the sockets' inodes in ``/proc/<pid>/fd``, their rows in
+    ``/proc/net/tcp`` and ``tcp6``, state 0A)."""
+    owner: dict[str, int] = {}
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owner[target[8:-1]] = pid
+    found: dict[tuple[str, int], int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in owner:
+                continue
+            hex_address, hex_port = local.split(":")
+            raw = bytes.fromhex(hex_address)
+            # the kernel prints each 32-bit word of the address in host (little-endian) order
+            packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found[(str(ipaddress.ip_address(packed)), int(hex_port, 16))] = owner[inode]
+    return found
+
+
+def loopback(address: str) -> bool:
+    """Whether ``address`` is a loopback one (an IPv4-mapped IPv6 one too)."""
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback

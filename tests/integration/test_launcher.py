@@ -44,6 +44,8 @@ from feed.broker import ProcessIdentity
 from feed.broker import free_port
 from feed.broker import stop_process
 from tests.integration.processes import descendants
+from tests.integration.processes import listening_addresses
+from tests.integration.processes import loopback
 from tests.integration.processes import ray_processes
 from tests.integration.processes import stop_child
 from websockets.sync.client import connect as ws_connect
@@ -188,6 +190,15 @@ def test_up_serves_prices_reports_status_and_audit(up: Up) -> None:
     out = up.output()
     assert out.count("shardex is up") == 1 and up.url in out
     assert "feed source: sim" in out and "shard-SOL-0" in out
+
+    # HOST is 127.0.0.1: nothing the platform started listens on another interface (Serve's
+    # replica started its inter-deployment gRPC server, which unpickles requests, on [::])
+    listening = listening_addresses([up.proc.pid, *(p.pid for p in descendants(up.proc.pid))])
+    assert (("127.0.0.1", up.port) in listening
+            or ("::ffff:127.0.0.1", up.port) in listening), listening
+    exposed = {address: Path(f"/proc/{pid}/comm").read_text().strip()
+               for address, pid in listening.items() if not loopback(address[0])}
+    assert not exposed, exposed
 
     status = up.cli("status")
     assert status.returncode == 0, status.stdout + status.stderr
