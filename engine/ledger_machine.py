@@ -777,8 +777,10 @@ class _IdIndex:
         self.newer: dict[int, int] = {}
 
     def place(self, rid: Any) -> int | None:
-        """``rid``'s place (None: no record of the user has that id)."""
-        if type(rid) is not int or not 0 <= rid < _U64_END:  # (no id a record can have)
+        """``rid``'s place (None: no record of the user has that id); a numpy int is the int
+        it is, a bool no id."""
+        rid = _int(rid)
+        if rid is None or not 0 <= rid < _U64_END:  # (no id a record can have)
             return None
         place = self.newer.get(rid)
         if place is not None:

@@ -109,3 +109,18 @@ def test_ids_above_2_to_the_53_are_told_apart() -> None:
     page = history.page(1, 10, big + 1)
     assert page is not None and [r.close_id for r in page] == [big]
     assert history.page(1, 10, big + 2) is None
+
+
+@pytest.mark.parametrize("kind", [np.int64, np.uint64, np.int32])
+def test_a_numpy_int_id_is_the_int_it_is(kind: type) -> None:
+    # (as the machine takes numpy ints in commands, and as a dict of the ids found them)
+    history = _History("history", "close_id")
+    for rid in (5, 7, 9):
+        history.add(_close(1, rid))
+    history.table(HISTORY_DTYPE, _INTEGERS, ("asset",), _HISTORY_ROW)
+    history.add(_close(1, 11))
+    for rid, older in ((7, [5]), (11, [9, 7, 5])):  # in the sorted ids, among the newer ones
+        assert history.has(1, kind(rid))
+        page = history.page(1, 10, kind(rid))
+        assert page is not None and [r.close_id for r in page] == older
+    assert not history.has(1, kind(8)) and history.page(1, 10, kind(8)) is None
