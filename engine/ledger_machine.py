@@ -910,7 +910,8 @@ class _History:
         for user, index in self._index.items():
             ids = self._ids(user)
             covered = index.ids.size
-            if not (np.array_equal(np.sort(index.places), np.arange(covered))
+            if not (covered <= ids.size  # (more ids than records: places no record has)
+                    and np.array_equal(np.sort(index.places), np.arange(covered))
                     and np.array_equal(index.ids, ids[index.places])
                     and all(covered <= place < ids.size and ids[place] == rid
                             for rid, place in index.newer.items())

@@ -124,3 +124,11 @@ def test_a_numpy_int_id_is_the_int_it_is(kind: type) -> None:
         page = history.page(1, 10, kind(rid))
         assert page is not None and [r.close_id for r in page] == older
     assert not history.has(1, kind(8)) and history.page(1, 10, kind(8)) is None
+
+
+def test_the_check_reports_an_index_of_more_ids_than_the_user_has_records() -> None:
+    history = _History("history", "close_id")
+    for rid in (11, 22, 33):
+        history.add(_close(1, rid))
+    history._index[1] = _IdIndex(np.array([11, 22, 33, 44], dtype=np.uint64))
+    assert history.problems() == ["history index of user 1 is inconsistent"]
