@@ -6,6 +6,7 @@ import ipaddress
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,15 +80,20 @@ def listening_addresses(pids: list[int]) -> dict[tuple[str, int], int]:
                 owner[target[8:-1]] = pid
     found: dict[tuple[str, int], int] = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for row in Path(table).read_text().splitlines()[1:]:
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:  # (no IPv6 in this kernel)
+            continue
+        for row in rows:
             fields = row.split()
             local, state, inode = fields[1], fields[3], fields[9]
             if state != "0A" or inode not in owner:
                 continue
             hex_address, hex_port = local.split(":")
             raw = bytes.fromhex(hex_address)
-            # the kernel prints each 32-bit word of the address in host (little-endian) order
-            packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            # the kernel prints each 32-bit word of the address in host order
+            packed = raw if sys.byteorder == "big" \
+                else b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
             found[(str(ipaddress.ip_address(packed)), int(hex_port, 16))] = owner[inode]
     return found
 

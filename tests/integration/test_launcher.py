@@ -194,8 +194,7 @@ def test_up_serves_prices_reports_status_and_audit(up: Up) -> None:
     # HOST is 127.0.0.1: nothing the platform started listens on another interface (Serve's
     # replica started its inter-deployment gRPC server, which unpickles requests, on [::])
     listening = listening_addresses([up.proc.pid, *(p.pid for p in descendants(up.proc.pid))])
-    assert (("127.0.0.1", up.port) in listening
-            or ("::ffff:127.0.0.1", up.port) in listening), listening
+    assert any(port == up.port and loopback(address) for address, port in listening), listening
     exposed = {address: Path(f"/proc/{pid}/comm").read_text().strip()
                for address, pid in listening.items() if not loopback(address[0])}
     assert not exposed, exposed
