@@ -259,6 +259,36 @@ def _answer_of(stored: list[Any]) -> object:
     raise ValueError(f"unknown stored answer kind {kind!r}")
 
 
+_PENDING_OPEN_TEXT = PENDING_OPEN.decode()
+
+
+def _check_stored_answers(texts: list[str]) -> None:
+    """ValueError unless each of ``texts`` is a stored answer (:func:`encode_answer`'s text)
+    of a known kind and length, or a pending one. One JSON parse for all and no answer built:
+    building each took 10 us, 1.7 s of a ledger's restart with 300,000 answers held (a
+    retry's answer is built when it asks)."""
+    stored = [t for t in texts if t and not t.startswith(_PENDING_OPEN_TEXT)]
+    if not stored:
+        return
+    parsed = json.loads("[" + ",".join(stored) + "]")
+    if len(parsed) != len(stored):
+        raise ValueError("a stored answer is not one JSON value")
+    for answer in parsed:
+        if not isinstance(answer, list) or not answer:
+            raise ValueError("a stored answer is not a list")
+        kind, *fields = answer
+        if kind == "rejected":
+            if len(fields) != 2 or not isinstance(fields[1], str):
+                raise ValueError("a stored refusal is not [code, message]")
+            Code(fields[0])
+        elif kind in _STORED_BUILD:
+            names = _STORED_BUILD[kind][0]
+            if not (kind == "closed" and len(fields) == len(names) - 2):  # (before partials)
+                _check_length(kind, fields, names)
+        else:
+            raise ValueError(f"unknown stored answer kind {kind!r}")
+
+
 def _check_length(kind: str, fields: list[Any], names: tuple[str, ...]) -> None:
     if len(fields) != len(names):
         raise ValueError(f"a stored {kind} answer has {len(fields)} fields, not {len(names)}")
@@ -2190,10 +2220,11 @@ class LedgerMachine:
             m._users_by_key_hash[key_hash] = int(user)
             m._account_ids[int(user)] = account_id
         m._applied_seq = {k: int(v) for k, v in meta["applied_seq"].items()}
+        _check_stored_answers([row[3] for row in meta["answers"]])
         for user, kind, client_order_id, answer, *rest in meta["answers"]:
             key = IdemKey(int(user), kind, client_order_id)
-            # (built once, to refuse a snapshot holding an answer that is none)
-            m._answers[key] = None if decode_answer(answer.encode()) is None else answer
+            m._answers[key] = None if not answer or answer.startswith(_PENDING_OPEN_TEXT) \
+                else answer
             if m._answers[key] is not None:
                 # in the order given, as live (expiry stops at the first one still young,
                 # which is not the oldest by the clock after the clock stepped back)

@@ -857,6 +857,34 @@ def test_older_snapshots_still_restore() -> None:
     assert run(old, Begin(key)) is None  # dropped with its abandoned lock
 
 
+def test_a_snapshot_holding_a_stored_answer_that_is_none_is_refused() -> None:
+    """A restore checks every stored answer (kind, length, code) without building it; a retry
+    after it gets the answer built, as before the snapshot."""
+    led, user = one_account()
+    keys = [IdemKey(user, "open", f"k{n}") for n in range(3)]
+    position = opened(user, 1 << 34 | 3, 30 * USD)
+    for n, key in enumerate(keys[:2]):
+        assert led(LockMargin(MarginLock(user, 30 * USD, key, 21 + n))) is None
+    led(Remember(keys[0], position))
+    refused = led(LockMargin(MarginLock(user, SIGNUP, keys[2], 23)))
+    assert isinstance(refused, Rejected)
+    arrays, meta = led.m.snapshot()
+    meta = json.loads(json.dumps(meta))
+    again = LedgerMachine.from_snapshot(SIGNUP, led.m.max_open_positions, arrays, meta)
+    assert again.fingerprint() == led.m.fingerprint()
+    assert run(again, LockMargin(MarginLock(user, 30 * USD, keys[0], 30))) == IdemHit(position)
+    assert run(again, LockMargin(MarginLock(user, SIGNUP, keys[2], 31))) == IdemHit(refused)
+    assert run(again, LockMargin(MarginLock(user, 30 * USD, keys[1], 32))) == IdemHit(None, 22)
+    at = next(i for i, row in enumerate(meta["answers"]) if row[2] == "k0")
+    stored = meta["answers"][at][3]
+    for bad in ("{", '["opened"]', '["nothing",1]', '["rejected","NO_SUCH_CODE","x"]',
+                '["rejected","INSUFFICIENT_BALANCE",1]', "1,2", "7", stored[:-1]):
+        broken = json.loads(json.dumps(meta))
+        broken["answers"][at][3] = bad
+        with pytest.raises(ValueError):
+            LedgerMachine.from_snapshot(SIGNUP, led.m.max_open_positions, arrays, broken)
+
+
 # ----------------------------------------------------------------------------- property
 KEYS = 4
 ASKED = st.sampled_from([b"", b"a", b"b"])  # the terms a clientOrderId is used with
