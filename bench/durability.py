@@ -34,7 +34,12 @@
    reported: each opening's rebuild (reading and restoring the newest snapshot, then the
    journal tail; the snapshot's file read is counted too), the median first. No
    Ray: how long Ray takes to restart a process is the shard's figure above.
-5. One journal commit (``--commits 0`` skips it): a journal in a temporary directory commits
+5. A ledger holding ``--ledger-answers`` clientOrderId answers (``0`` skips it), 100 accounts'
+   opens, each answered with its position, built in this process through the machine's own
+   commands: its ``snapshot()`` (the part on the ledger's thread), the snapshot meta's JSON
+   (the writer's part), and a restore from that JSON (``from_snapshot``, as a restart reads
+   it), each the median of three.
+6. One journal commit (``--commits 0`` skips it): a journal in a temporary directory commits
    one 300-byte record at a time (write + fdatasync), ``--commits`` times, zeroed ahead as the
    hosts run it and appending (``zeroed_ahead_bytes=0``: every flush also commits the file's
    new size), in alternating rounds; reported per commit: the median round's time and the
@@ -448,6 +453,57 @@ def ledger_phase(accounts: int, closes: int, opens: int) -> dict[str, Any]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+def answers_phase(answers: int, rounds: int = 3) -> dict[str, Any]:
+    """A ledger machine holding ``answers`` clientOrderId answers (module docstring, 5):
+    medians of ``rounds`` snapshots, JSON encodings and restores, in seconds."""
+    from engine.ledger_machine import (
+        CreateAccount,
+        LedgerMachine,
+        LockMargin,
+        Remember,
+        hash_api_key,
+    )
+    from engine.machine import run
+    from engine.messages import IdemHit, IdemKey, MarginLock, OpenPosition
+    from engine.orders import Side
+
+    settings = Settings()
+    m = LedgerMachine(settings.signup_balance_micros, max_client_order_ids=answers,
+                      max_open_positions=answers)
+    now_us = time.time_ns() // 1000
+    users = [run(m, CreateAccount(f"acc_{n:024x}", hash_api_key(f"key-{n}")), now_us).user
+             for n in range(100)]
+    margin = 1_000
+    for n in range(answers):
+        user = users[n % len(users)]
+        key = IdemKey(user, "open", f"order-{n}")
+        run(m, LockMargin(MarginLock(user, margin, key, n + 1), asked=bytes(32)), now_us)
+        run(m, Remember(key, OpenPosition(n + 1, user, "SOL", Side.LONG, 10_000, 100, margin, 10,
+                                          9_000, 0, 0, now_us, None)), now_us)
+    snapshot_s, json_s, restore_s = [], [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        arrays, meta = m.snapshot()
+        snapshot_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        text = json.dumps(meta, sort_keys=True, separators=(",", ":"))
+        json_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        restored = LedgerMachine.from_snapshot(settings.signup_balance_micros,
+                                               m.max_open_positions, m.max_open_orders,
+                                               arrays, json.loads(text),
+                                               max_client_order_ids=answers)
+        restore_s.append(time.perf_counter() - started)
+    key = IdemKey(users[0], "open", "order-0")
+    hit = run(restored, LockMargin(MarginLock(users[0], margin, key, answers + 1),
+                                   asked=bytes(32)), now_us)
+    if not isinstance(hit, IdemHit) or hit.answer is None:
+        raise RuntimeError(f"the restored ledger answered {hit!r} for a held clientOrderId")
+    return {"answers": answers, "snapshot_s": statistics.median(snapshot_s),
+            "json_s": statistics.median(json_s), "json_mb": len(text) / 1e6,
+            "restore_s": statistics.median(restore_s)}
+
+
 def _ledger_rebuild(data_dir: str) -> tuple[float, int]:
     """In a new process: open the ledger kept in ``data_dir``; ``(rebuild s, closes held)``."""
     from cluster.actors.host import host_specs
@@ -480,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="closes in that ledger's history (0 skips the ledger figure)")
     parser.add_argument("--ledger-opens", type=positive_int, default=3,
                         help="rebuilds of that ledger timed (the median is reported)")
+    parser.add_argument("--ledger-answers", type=nonneg_int, default=300_000,
+                        help="clientOrderId answers in the ledger snapshotted and restored "
+                             "(0 skips it)")
     parser.add_argument("--commits", type=nonneg_int, default=3_000,
                         help="journal commits timed per round of each mode (0 skips it)")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
@@ -491,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     recovery = recovery_phase(args.positions, args.kills) if args.positions else None
     ledger = ledger_phase(max(1, args.ledger_accounts), args.ledger_closes,
                           max(1, args.ledger_opens)) if args.ledger_closes else None
+    answers = answers_phase(args.ledger_answers) if args.ledger_answers else None
     commit = commit_phase(args.commits) if args.commits > 0 else None
     memory, durable = modes[False], modes[True]
     ratio = _ratio(durable, memory)
@@ -553,6 +613,15 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{s:.2f}" for s in ledger["rebuilds_s"]) + " s)")
         out.update({"ledger_accounts": ledger["accounts"], "ledger_closes": ledger["closes"],
                     "ledger_rebuild_s": round(ledger["rebuild_s"], 3)})
+    if answers is not None:
+        print(f"ledger holding {answers['answers']:,} clientOrderId answers: snapshot() "
+              f"{answers['snapshot_s']:.2f} s on its thread, its meta's JSON "
+              f"{answers['json_s']:.2f} s ({answers['json_mb']:.0f} MB), restored in "
+              f"{answers['restore_s']:.2f} s")
+        out.update({"answers": answers["answers"],
+                    "answers_snapshot_s": round(answers["snapshot_s"], 3),
+                    "answers_json_s": round(answers["json_s"], 3),
+                    "answers_restore_s": round(answers["restore_s"], 3)})
     if commit is not None:
         (zeroed_us, zeroed_cpu_us), (append_us, append_cpu_us) = (
             commit["zeroed"], commit["appending"])

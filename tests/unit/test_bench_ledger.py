@@ -4,6 +4,7 @@ close is settled and the rebuilt ledger holds them all (it raises otherwise)."""
 
 from __future__ import annotations
 
+from bench.durability import answers_phase
 from bench.durability import ledger_phase
 from engine.ledger_machine import RECENT_LOCKS_MAX
 
@@ -13,3 +14,9 @@ def test_the_ledger_phase_fills_and_rebuilds_past_the_locks_under_way() -> None:
     figures = ledger_phase(accounts=10, closes=closes, opens=1)
     assert figures["closes"] == closes and figures["accounts"] == 10
     assert len(figures["rebuilds_s"]) == 1 and figures["rebuild_s"] > 0
+
+
+def test_the_answers_phase_restores_a_ledger_that_answers_a_held_client_order_id() -> None:
+    figures = answers_phase(answers=50, rounds=1)
+    assert figures["answers"] == 50 and figures["json_mb"] > 0
+    assert figures["snapshot_s"] > 0 and figures["restore_s"] > 0
