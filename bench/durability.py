@@ -536,11 +536,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="closes in that ledger's history (0 skips the ledger figure)")
     parser.add_argument("--ledger-opens", type=positive_int, default=3,
                         help="rebuilds of that ledger timed (the median is reported)")
-    parser.add_argument("--ledger-answers", type=nonneg_int, default=300_000,
-                        help="clientOrderId answers in the ledger snapshotted and restored "
-                             "(0 skips it)")
     parser.add_argument("--commits", type=nonneg_int, default=3_000,
                         help="journal commits timed per round of each mode (0 skips it)")
+    answers_help = "clientOrderId answers held by the ledger snapshotted (0 skips it)"
+    parser.add_argument("--ledger-answers", type=nonneg_int, default=300_000, help=answers_help)
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed)")
     args = parser.parse_args(argv)
     if args.slices < 1 or args.slice_s <= 0:
