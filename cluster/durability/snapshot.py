@@ -316,6 +316,19 @@ def snapshot_rows(path: str | os.PathLike[str]) -> dict[str, Rows]:
         raise SnapshotError(f"{Path(path).name}: {ROWS_KEY} unreadable ({exc})") from exc
 
 
+def rows_files_of_only(path: Path, others: list[Path]) -> list[Path]:
+    """The rows files snapshot ``path`` names that exist and none of the snapshots ``others``
+    names (none when an entry cannot be read: a file another may need is left in place)."""
+    try:
+        named = {r.file for other in others for r in snapshot_rows(other).values()}
+        own = snapshot_rows(path)
+    except SnapshotError:
+        return []
+    return [path.parent / r.file for name, r in own.items()
+            if _rows_file_of(name, r.file) and r.file not in named
+            and (path.parent / r.file).is_file()]
+
+
 def list_snapshots(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     """``(seq, path)`` of every snapshot-named file in ``directory``, newest first (unvalidated;
     anything else under such a name, a directory say, is no snapshot and is left alone: pruning

@@ -84,6 +84,7 @@ from cluster.durability.snapshot import (
     load_latest_snapshot,
     prune_snapshots,
     remove_temporaries,
+    rows_files_of_only,
     snapshot_rows,
     snapshot_seq,
     write_snapshot,
@@ -282,12 +283,16 @@ class JournalStore:
 
     def _set_aside_skipped(self) -> None:
         """Rename the snapshots recovery skipped to ``*.corrupt`` (kept for inspection), once
-        it succeeded without them. Under their names they would count among the snapshots
-        kept: the next one would delete the valid snapshot recovery used, and the journal
-        trim after it the records that one needs, leaving a single usable snapshot."""
+        it succeeded without them, and the rows files only they name (``<file>.corrupt``:
+        the rows a damaged one names, whole; left under their names, the next pruning deleted
+        them as named by no snapshot). Under their names the snapshots would count among the
+        ones kept: the next one would delete the valid snapshot recovery used, and the
+        journal trim after it the records that one needs, leaving a single usable one."""
         skipped, self._skipped = self._skipped, []
+        others = [p for _, p in list_snapshots(self.snapshot_dir) if p not in skipped]
         for path in skipped:
-            os.replace(path, next(a for a in aside_names(path) if not a.exists()))
+            for aside in [*rows_files_of_only(path, others), path]:
+                os.replace(aside, next(a for a in aside_names(aside) if not a.exists()))
         if skipped:
             fsync_directory(self.snapshot_dir)
 

@@ -138,6 +138,29 @@ def test_a_damaged_row_refuses_only_the_snapshot_whose_file_holds_it(tmp_path: P
     assert np.array_equal(loaded(tmp_path).state.arrays["rows"], table[:1_200])
 
 
+def test_a_snapshot_set_aside_keeps_the_rows_file_only_it_names(tmp_path: Path) -> None:
+    """A snapshot recovery skipped goes to ``*.corrupt`` with the rows file only it names,
+    whole, damaged row included: later snapshots and their pruning leave both in place."""
+    store, table, _, newest = two_kept(tmp_path, 1_300)
+    store.close()
+    damaged = _files_by_rows(tmp_path)[1_100]
+    with open(damaged, "r+b") as f:
+        f.seek(5 * ROW.itemsize + 3)
+        f.write(b"\x55")
+    held = damaged.read_bytes()
+    store = open_store(tmp_path)  # recovers from the older snapshot and sets the newest aside
+    for count in (1_200, 1_300):
+        checkpoint(store, table[:count])
+    store.close()
+    directory = tmp_path / SNAPSHOT_DIR
+    aside = directory / f"{damaged.name}.corrupt"
+    assert aside.read_bytes() == held
+    assert (directory / f"{newest:020d}.npz.corrupt").is_file()
+    assert [r.file for r in snapshot_rows(directory / f"{newest:020d}.npz.corrupt").values()
+            ] == [damaged.name]
+    assert np.array_equal(loaded(tmp_path).state.arrays["rows"], table[:1_300])
+
+
 def test_a_short_rows_file_or_another_dtype_refuses_the_snapshot(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     seq = checkpoint(store, rows(500))
