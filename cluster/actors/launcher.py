@@ -628,9 +628,7 @@ class Platform:
         could liquidate positions opened at high leverage)."""
         import ray
 
-        from feed.sim import SimSource
-
-        if not isinstance(source, SimSource):
+        if simulation_of(source) is None:
             return
 
         ticks: list[Tick | None] = []
@@ -641,11 +639,7 @@ class Platform:
             except Exception:  # a shard still recovering: its asset's other splits may tell
                 log.warning("no last price of %s from %s to continue the simulation from",
                             spec.asset, spec.name)
-        taken = source.walk.resume_from(newest_tops(ticks))
-        if taken:
-            assets = source.assets
-            self.source_name += " (continuing from " + ", ".join(
-                f"{name} {assets[name].ticks_to_price(mid)}" for name, mid in taken.items()) + ")"
+        self.source_name += resume_simulation(source, ticks)
 
     def _start_feed_thread(self, source: Any) -> None:
         from feed.source import run_source
@@ -844,6 +838,25 @@ def newest_tops(ticks: Iterable[Tick | None]) -> dict[str, tuple[int, int]]:
                                  or (tick.ts_us, tick.seq) > (held.ts_us, held.seq)):
             newest[tick.asset] = tick
     return {asset: (t.bid_ticks, t.ask_ticks) for asset, t in newest.items()}
+
+
+def simulation_of(source: Any) -> Any:
+    """The SimSource ``source`` runs, or None."""
+    from feed.sim import SimSource
+
+    return source if isinstance(source, SimSource) else None
+
+
+def resume_simulation(source: Any, ticks: Iterable[Tick | None]) -> str:
+    """Continue the simulation of ``source`` from ``ticks`` (the shards' last ones, None: a
+    shard without a price); returns what the banner adds to the source's name ("" when
+    nothing was taken)."""
+    sim = simulation_of(source)
+    taken = {} if sim is None else sim.walk.resume_from(newest_tops(ticks))
+    if not taken:
+        return ""
+    return " (continuing from " + ", ".join(
+        f"{name} {sim.assets[name].ticks_to_price(mid)}" for name, mid in taken.items()) + ")"
 
 
 def _actor_node(handle: Any) -> str:
