@@ -841,9 +841,12 @@ def newest_tops(ticks: Iterable[Tick | None]) -> dict[str, tuple[int, int]]:
 
 
 def simulation_of(source: Any) -> Any:
-    """The SimSource ``source`` runs, or None."""
+    """The SimSource ``source`` runs, or falls back to (``auto``), or None."""
     from feed.sim import SimSource
+    from feed.source import AutoSource
 
+    if isinstance(source, AutoSource):  # offline, the default source is the sim
+        source = source.fallback
     return source if isinstance(source, SimSource) else None
 
 
@@ -855,7 +858,9 @@ def resume_simulation(source: Any, ticks: Iterable[Tick | None]) -> str:
     taken = {} if sim is None else sim.walk.resume_from(newest_tops(ticks))
     if not taken:
         return ""
-    return " (continuing from " + ", ".join(
+    # auto runs the sim only when Backpack gives no price in time
+    lead = " (continuing from " if sim is source else " (its sim fallback continuing from "
+    return lead + ", ".join(
         f"{name} {sim.assets[name].ticks_to_price(mid)}" for name, mid in taken.items()) + ")"
 
 

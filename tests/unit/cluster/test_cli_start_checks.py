@@ -25,6 +25,7 @@ from cluster.actors.launcher import check_layout
 from cluster.actors.launcher import feed_status
 from cluster.actors.launcher import newest_tops
 from cluster.actors.launcher import port_is_free
+from cluster.actors.launcher import resume_simulation
 from cluster.actors.names import LEDGER
 from cluster.config import MARKET_TOPIC
 from cluster.config import Settings
@@ -36,6 +37,8 @@ from feed.broker import ProcessIdentity
 from feed.broker import check_bindable
 from feed.broker import free_port
 from feed.broker import free_ports
+from feed.source import AutoSource
+from feed.source import make_source
 from tests.unit.cluster.local_platform import build_platform
 from tests.unit.cluster.local_platform import signup
 from tests.unit.cluster.local_platform import sol_long
@@ -708,3 +711,20 @@ def test_a_simulation_continues_from_the_newest_price_of_an_asset_split_over_sha
         assert newest_tops(last) == {"SOL": (10_500, 10_501)}
     finally:
         p.hosts.close()
+
+
+def test_the_sim_fallback_of_auto_continues_from_the_shards_last_prices() -> None:
+    """FEED_SOURCE=auto (the default) on a machine that cannot reach Backpack runs the sim
+    source: it continues from the shards' last prices, as FEED_SOURCE=sim does. Before, only
+    an explicit sim did; auto's fallback restarted every asset at the walk's start (SOL
+    140.00), a jump no market made, on every restart of an offline platform."""
+    settings = Settings()
+    source = make_source(settings, "auto")
+    assert isinstance(source, AutoSource)
+    sol = settings.assets["SOL"]
+    last = Tick("SOL", sol.price_to_ticks("181.20"), sol.price_to_ticks("181.22"), 1_000, 1,
+                "sim")
+    suffix = resume_simulation(source, [last, None])
+    assert suffix == " (its sim fallback continuing from SOL 181.21)"
+    bid, ask = source.fallback.walk.next(sol)
+    assert abs(bid - last.bid_ticks) < 100, (bid, ask)  # within a dollar, not back at 140
