@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+from concurrent import futures
 
 import pytest
 from cluster.actors.serve_app import serve_env
@@ -70,3 +72,28 @@ def test_the_front_door_is_given_the_host() -> None:
     assert serve_env(4000, 2, 0, "::1")[front_door.HOST_VAR] == "::1"
     assert serve_env(4000, 2)[front_door.HOST_VAR] == "127.0.0.1"
     assert front_door.HOST_VAR not in serve_env(4000, 1, 0, "::1")
+
+
+@pytest.mark.parametrize("node_ip", ["127.0.0.1", "::1"])
+def test_the_inter_deployment_grpc_server_binds_the_node_address(
+        node_ip: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serve binds each replica's inter-deployment gRPC server on ``[::]:0``; wrapped, a real
+    server listens on the node's address only (an IPv6 one in brackets)."""
+    import grpc
+    from cluster.actors.serve_app import _bind_internal_grpc_to
+    from ray.serve._private import replica
+    from tests.integration.processes import listening_addresses
+
+    monkeypatch.setattr(replica, "add_port_to_grpc_server", replica.add_port_to_grpc_server)
+    _bind_internal_grpc_to(node_ip)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    try:
+        port = replica.add_port_to_grpc_server(server, "[::]:0")
+        server.start()
+        mine = {ipaddress.ip_address(address) for (address, p)
+                in listening_addresses([os.getpid()]) if p == port}
+        # (gRPC listens on an IPv6 socket: an IPv4 address as its IPv4-mapped form)
+        assert {getattr(ip, "ipv4_mapped", None) or ip for ip in mine} == {
+            ipaddress.ip_address(node_ip)}
+    finally:
+        server.stop(None)
