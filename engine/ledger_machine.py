@@ -238,60 +238,58 @@ def encode_answer(answer: object) -> bytes:
 
 def decode_answer(data: bytes) -> object:
     """Inverse of :func:`encode_answer` (an old pending open reservation decodes to None)."""
-    if data == PENDING or data.startswith(PENDING_OPEN):
-        return None
-    return _answer_of(json.loads(data))
+    return None if _is_pending(data) else _answer_of(json.loads(data))
+
+
+def _is_pending(data: bytes) -> bool:
+    """Whether a stored answer is none yet: pending, or an old pending open reservation."""
+    return data == PENDING or data.startswith(PENDING_OPEN)
 
 
 def _answer_of(stored: list[Any]) -> object:
     """The answer of a stored answer's JSON list (``[kind, *fields]``)."""
-    kind, *fields = stored
+    kind, fields = _stored_fields(stored)
     if kind == "rejected":
         code, message = fields
         return Rejected(Code(code), message)
-    if kind in _STORED_BUILD:
-        names, build = _STORED_BUILD[kind]
-        if kind == "closed" and len(fields) == len(names) - 2:
-            # stored before partial closes: a whole close, named by its position's id
-            fields = [*fields, fields[0], 0]
-        _check_length(kind, fields, names)
-        return build(fields)
-    raise ValueError(f"unknown stored answer kind {kind!r}")
+    return _STORED_BUILD[kind][1](fields)
 
 
-_PENDING_OPEN_TEXT = PENDING_OPEN.decode()
+def _stored_fields(stored: Any) -> tuple[str, list[Any]]:
+    """``(kind, fields)`` of a stored answer's JSON list, checked as far as it can be without
+    building the answer (a known kind, its length, a refusal's code and message); ValueError
+    otherwise."""
+    if not isinstance(stored, list) or not stored:
+        raise ValueError("a stored answer is not a list")
+    kind, *fields = stored
+    if kind == "rejected":
+        if len(fields) != 2 or not isinstance(fields[1], str):
+            raise ValueError("a stored refusal is not [code, message]")
+        Code(fields[0])
+        return kind, fields
+    if kind not in _STORED_BUILD:
+        raise ValueError(f"unknown stored answer kind {kind!r}")
+    names = _STORED_BUILD[kind][0]
+    if kind == "closed" and len(fields) == len(names) - 2:
+        # stored before partial closes: a whole close, named by its position's id
+        fields = [*fields, fields[0], 0]
+    if len(fields) != len(names):
+        raise ValueError(f"a stored {kind} answer has {len(fields)} fields, not {len(names)}")
+    return kind, fields
 
 
 def _check_stored_answers(texts: list[str]) -> None:
     """ValueError unless each of ``texts`` is a stored answer (:func:`encode_answer`'s text)
-    of a known kind and length, or a pending one. One JSON parse for all and no answer built:
-    building each took 10 us, 1.7 s of a ledger's restart with 300,000 answers held (a
-    retry's answer is built when it asks)."""
-    stored = [t for t in texts if t and not t.startswith(_PENDING_OPEN_TEXT)]
-    if not stored:
+    as :func:`_stored_fields` checks it. One JSON parse for all and no answer built: building
+    each took 10 us, 1.7 s of a ledger's restart with 300,000 answers held (a retry's answer
+    is built when it asks)."""
+    if not texts:
         return
-    parsed = json.loads("[" + ",".join(stored) + "]")
-    if len(parsed) != len(stored):
+    parsed = json.loads("[" + ",".join(texts) + "]")
+    if len(parsed) != len(texts):
         raise ValueError("a stored answer is not one JSON value")
-    for answer in parsed:
-        if not isinstance(answer, list) or not answer:
-            raise ValueError("a stored answer is not a list")
-        kind, *fields = answer
-        if kind == "rejected":
-            if len(fields) != 2 or not isinstance(fields[1], str):
-                raise ValueError("a stored refusal is not [code, message]")
-            Code(fields[0])
-        elif kind in _STORED_BUILD:
-            names = _STORED_BUILD[kind][0]
-            if not (kind == "closed" and len(fields) == len(names) - 2):  # (before partials)
-                _check_length(kind, fields, names)
-        else:
-            raise ValueError(f"unknown stored answer kind {kind!r}")
-
-
-def _check_length(kind: str, fields: list[Any], names: tuple[str, ...]) -> None:
-    if len(fields) != len(names):
-        raise ValueError(f"a stored {kind} answer has {len(fields)} fields, not {len(names)}")
+    for stored in parsed:
+        _stored_fields(stored)
 
 
 def decode_pending_open(data: bytes) -> tuple[int, int] | None:
@@ -2114,8 +2112,7 @@ class LedgerMachine:
                 if lock is not None and lock.key is None:
                     self._recent_locks[request_id] = lock._replace(key=key)
             return
-        # (an old pending open reservation's response is no answer, as decode_answer reads it)
-        answers[key] = None if response.startswith(PENDING_OPEN) else response.decode()
+        answers[key] = None if _is_pending(response) else response.decode()
         # kept in answer order; a replayed older record (ts 0) expires first
         self._answered_us.pop(key, None)
         self._answered_us[key] = ts_us
@@ -2220,17 +2217,16 @@ class LedgerMachine:
             m._users_by_key_hash[key_hash] = int(user)
             m._account_ids[int(user)] = account_id
         m._applied_seq = {k: int(v) for k, v in meta["applied_seq"].items()}
-        _check_stored_answers([row[3] for row in meta["answers"]])
         for user, kind, client_order_id, answer, *rest in meta["answers"]:
             key = IdemKey(int(user), kind, client_order_id)
-            m._answers[key] = None if not answer or answer.startswith(_PENDING_OPEN_TEXT) \
-                else answer
+            m._answers[key] = None if _is_pending(answer.encode()) else answer
             if m._answers[key] is not None:
                 # in the order given, as live (expiry stops at the first one still young,
                 # which is not the oldest by the clock after the clock stepped back)
                 m._answered_us[key] = int(rest[0]) if rest else 0
             if len(rest) > 1 and rest[1]:  # older snapshots kept no terms
                 m._asked[key] = bytes.fromhex(rest[1])
+        _check_stored_answers([a for a in m._answers.values() if a is not None])
         m._held, m._answered_of = m._count_held()
         for request_id, user, margin, *rest in meta.get("recent_locks", []):
             lock_key = IdemKey(*rest[0]) if rest and rest[0] is not None else None
