@@ -254,7 +254,9 @@ class Settings:
         """Settings from ``env`` (default ``os.environ``); ConfigError names the first bad one."""
         env = os.environ if env is None else env
         base = cls()
-        assets = _parse_assets(env["ASSETS"]) if env.get("ASSETS", "").strip() else base.assets
+        # set but empty is refused, as every setting with a default value (HOST, PORT, ...):
+        # only settings whose default is "unset" (KAFKA_BROKERS, SHARDS) take empty as unset
+        assets = _parse_assets(env["ASSETS"]) if "ASSETS" in env else base.assets
         data_dir = env.get("DATA_DIR", str(base.data_dir))
         try:
             # spaces around it would name another directory (a leading one: a relative path)

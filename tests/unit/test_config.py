@@ -35,7 +35,7 @@ BAD = {
     "HOST": ["", "a b", "host/x"],
     "RAY_ADDRESS": ["ray:// host", "garbage", "local", "h:0", "h:65536", "ray://", "h:",
                     "http://127.0.0.1:8265", "ray://h:99999", "h:6379 ", "\u0663", "/"],
-    "ASSETS": ["DOGE", "SOL,SOL", "SOL,,BTC", ",", "\u017fol"],
+    "ASSETS": ["DOGE", "SOL,SOL", "SOL,,BTC", ",", "\u017fol", "", "  "],
     "SHARDS": ["0", "-1", "x", "SOL=0", "SOL=2,SOL=3", "DOGE=1", "257", "SOL=1,BTC", "1.5",
                "\u0663", "SOL=\u0661", "\u017fol=2", "*=2", "SOL=3,*=2"],
     "DATA_DIR": ["", "/dev/null", " /tmp/x", "/tmp/x ", "/tmp/" + "a" * 300],
