@@ -15,9 +15,9 @@ The durable runner (cluster.durability.runner) journals the encoded events of a 
 commands and commits them once before it answers; recovery applies the same events through the
 same ``apply``. A read is a command that decides no events.
 
-A machine may declare ``APPEND_ONLY``: the names of its snapshot arrays that only ever grow by
-rows appended (each snapshot's array is the one before with rows after it); the durable store
-then writes only the new rows of each (cluster.durability.store).
+A machine may declare ``APPEND_ONLY``: the names of its snapshot arrays that mostly grow by
+rows appended (a snapshot's array is the one before with rows after it, or one written anew);
+the durable store then writes only the new rows of each (cluster.durability.store).
 """
 
 from __future__ import annotations

@@ -85,12 +85,13 @@ def append_rows(directory: str | os.PathLike[str], name: str, array: np.ndarray,
     ``directory``; the :class:`Rows` a snapshot names them by.
 
     ``base``: what the newest snapshot known good holds of this array (None: none). When
-    ``array`` extends it (its dtype, at least its rows) and the file holds those rows (their
-    crc32: a file with a damaged one is not extended), the file is cut back to ``base.row_count``
-    rows (anything past them is a torn append, or rows of a snapshot never published) and
-    only ``array[base.row_count:]`` is appended, its crc32 extending ``base.crc32``; else a new
-    file is started (``<name>.<n>.rows``, ``n`` past every one there). Returns once the rows
-    are fsynced (and a new file's directory entry too).
+    ``array`` extends it (its dtype, at least its rows, its first rows theirs: their crc32)
+    and the file holds those rows (their crc32: a file with a damaged one is not extended),
+    the file is cut back to ``base.row_count`` rows (anything past them is a torn append, or
+    rows of a snapshot never published) and only ``array[base.row_count:]`` is appended, its
+    crc32 extending ``base.crc32``; else a new file is started (``<name>.<n>.rows``, ``n``
+    past every one there). Returns once the rows are fsynced (and a new file's directory
+    entry too).
     """
     directory = create_directory(directory)
     array = np.asarray(array)
@@ -106,6 +107,7 @@ def append_rows(directory: str | os.PathLike[str], name: str, array: np.ndarray,
         base = None
     path = None if base is None else directory / base.file
     if (base is None or base.descr != descr or len(array) < base.row_count
+            or _array_crc32(array[:base.row_count]) != base.crc32  # (another array's rows)
             or path is None or not path.is_file()
             or path.stat().st_size < base.row_count * itemsize
             or _file_crc32(path, base.row_count * itemsize) != base.crc32):

@@ -34,9 +34,9 @@ cluster.durability.recovery:
   a rows file next to the snapshots (cluster.durability.snapshot, ``append_rows``), and a
   snapshot writes only the rows added since the snapshot it pushes out of the kept ones, into
   that one's file: a history of gigabytes would otherwise be written again, whole, every
-  minute, and no two kept snapshots share a file (a damaged row costs one of them). Such an
-  array must extend the one the snapshot before gave (rows given once never change); one that
-  does not starts a new file.
+  minute, and no two kept snapshots share a file (a damaged row costs one of them). An array
+  that does not extend the one that file holds (another dtype, fewer rows, other first rows:
+  a table the state wrote anew) starts a new file.
 * A commit that fails poisons the journal: the store raises :class:`DurabilityError` for every
   later call, and the process must exit so Ray restarts it and it recovers from disk; with
   ``exit_on_failure=True`` (what an actor passes) the store ends the process itself.

@@ -208,6 +208,24 @@ def test_a_dtype_change_starts_a_new_file_and_pruning_removes_the_unnamed_ones(
     assert got.dtype == wider and np.array_equal(got, rows(500, wider))
 
 
+def test_an_array_whose_first_rows_are_not_the_files_starts_a_new_file(tmp_path: Path) -> None:
+    """A state may give an append-only array written anew (its answers table, once half of it
+    expired): shorter, then past the rows the file of the snapshot it pushes out holds. Those
+    rows are not its first ones, so that file is not extended."""
+    store = open_store(tmp_path)
+    checkpoint(store, rows(1_000))
+    checkpoint(store, rows(1_100))
+    anew = rows(1_300)
+    anew["owner"] += 1  # same dtype, more rows, other first ones
+    checkpoint(store, anew[:400])
+    checkpoint(store, anew)  # pushes out the 1,100 rows' snapshot, whose file it would extend
+    store.close()
+    got = loaded(tmp_path).state.arrays["rows"]
+    assert np.array_equal(got, anew)
+    assert sorted(p.stat().st_size for p in (tmp_path / SNAPSHOT_DIR).glob("*.rows")) == [
+        400 * ROW.itemsize, 1_300 * ROW.itemsize]
+
+
 def test_snapshots_holding_the_array_inside_still_load_and_the_next_one_moves_it_out(
         tmp_path: Path) -> None:
     table = rows(2_000)
