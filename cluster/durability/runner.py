@@ -36,12 +36,14 @@ command.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from cluster.durability.journal import MAX_RECORD_BYTES
@@ -94,6 +96,21 @@ def wall_clock_us() -> int:
     return time.time_ns() // 1000
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cycle collector paused for the block (a recovery). A recovery makes millions
+    of objects that all stay, and the collector, started again and again by so many new ones,
+    walked them each time: 2.5 s of the 3.9 s a ledger took to restore 300,000 answers. What
+    is freed meanwhile is freed as usual (reference counts); cycles wait for the end."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class Runner(Generic[M]):
     """Steps batches of commands through one machine; journals them when ``store`` is given."""
 
@@ -129,7 +146,8 @@ class Runner(Generic[M]):
 
         store = JournalStore(directory, restore, **store_options)
         try:
-            recovered = store.recover(lambda m, items: m.apply_batch(items), decode=decode)
+            with collector_paused():
+                recovered = store.recover(lambda m, items: m.apply_batch(items), decode=decode)
         except BaseException:
             store.journal.close()  # its lock too: an open that fails holds nothing
             raise

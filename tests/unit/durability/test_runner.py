@@ -5,6 +5,7 @@ same state after a clean stop and after a crash."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -23,6 +24,7 @@ from cluster.durability.recovery import RecoveryError
 from cluster.durability.runner import MAX_PENDING_EVENTS
 from cluster.durability.runner import Failed
 from cluster.durability.runner import Runner
+from cluster.durability.runner import collector_paused
 from cluster.durability.snapshot import Snapshot
 from cluster.durability.snapshot import list_snapshots
 from cluster.durability.snapshot import read_snapshot
@@ -821,3 +823,27 @@ def test_a_start_removes_the_snapshot_file_a_dead_writer_left_half_written(
     again = open_ledger(tmp_path, Clock())
     assert not left.exists() and again.machine.fingerprint() == live
     again.close()
+
+
+# ----------------------------------------------------------------------------- recovery
+def test_a_recovery_runs_with_the_cycle_collector_paused(tmp_path: Path) -> None:
+    seen: list[bool] = []
+
+    def build(snapshot: Snapshot | None) -> LedgerMachine:
+        seen.append(gc.isenabled())
+        return build_ledger(snapshot)
+
+    assert gc.isenabled()
+    led = Runner.open(tmp_path, build, Clock(), fsync=False, background_snapshots=False)
+    led.close()
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError), collector_paused():
+        raise RuntimeError("a failed recovery")
+    assert gc.isenabled()
