@@ -36,9 +36,11 @@
    Ray: how long Ray takes to restart a process is the shard's figure above.
 5. A ledger holding ``--ledger-answers`` clientOrderId answers (``0`` skips it), 100 accounts'
    opens, each answered with its position, built in this process through the machine's own
-   commands: its ``snapshot()`` (the part on the ledger's thread), the snapshot meta's JSON
-   (the writer's part), and a restore from that JSON (``from_snapshot``, as a restart reads
-   it), each the median of three.
+   commands, then snapshotted once; then three times 1,000 more answers (a minute of 16 a
+   second) and a snapshot: its ``snapshot()`` (the part on the ledger's thread), the snapshot
+   meta's JSON (the writer's part), the bytes it writes for them (that JSON and the answers
+   table's new bytes) and a restore (``from_snapshot``, as a restart reads it), each the
+   median of the three.
 6. One journal commit (``--commits 0`` skips it): a journal in a temporary directory commits
    one 300-byte record at a time (write + fdatasync), ``--commits`` times, zeroed ahead as the
    hosts run it and appending (``zeroed_ahead_bytes=0``: every flush also commits the file's
@@ -53,6 +55,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import multiprocessing
@@ -453,9 +456,11 @@ def ledger_phase(accounts: int, closes: int, opens: int) -> dict[str, Any]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def answers_phase(answers: int, rounds: int = 3) -> dict[str, Any]:
+def answers_phase(answers: int, rounds: int = 3, new: int = 1_000) -> dict[str, Any]:
     """A ledger machine holding ``answers`` clientOrderId answers (module docstring, 5):
-    medians of ``rounds`` snapshots, JSON encodings and restores, in seconds."""
+    medians of ``rounds`` snapshots taken after ``new`` more answers each, of the JSON
+    encodings of their meta and of restores; the first snapshot; in seconds, bytes in MB."""
+    from cluster.durability.runner import collector_paused
     from engine.ledger_machine import (
         CreateAccount,
         LedgerMachine,
@@ -468,39 +473,60 @@ def answers_phase(answers: int, rounds: int = 3) -> dict[str, Any]:
     from engine.orders import Side
 
     settings = Settings()
-    m = LedgerMachine(settings.signup_balance_micros, max_client_order_ids=answers,
-                      max_open_positions=answers)
+    held = answers + rounds * new
+    m = LedgerMachine(settings.signup_balance_micros, max_client_order_ids=held,
+                      max_open_positions=held)
     now_us = time.time_ns() // 1000
     users = [run(m, CreateAccount(f"acc_{n:024x}", hash_api_key(f"key-{n}")), now_us).user
              for n in range(100)]
     margin = 1_000
-    for n in range(answers):
-        user = users[n % len(users)]
-        key = IdemKey(user, "open", f"order-{n}")
-        run(m, LockMargin(MarginLock(user, margin, key, n + 1), asked=bytes(32)), now_us)
-        run(m, Remember(key, OpenPosition(n + 1, user, "SOL", Side.LONG, 10_000, 100, margin, 10,
-                                          9_000, 0, 0, now_us, None)), now_us)
-    snapshot_s, json_s, restore_s = [], [], []
+
+    given = itertools.count()
+
+    def answer(count: int) -> None:
+        for n in itertools.islice(given, count):
+            user = users[n % len(users)]
+            key = IdemKey(user, "open", f"order-{n}")
+            run(m, LockMargin(MarginLock(user, margin, key, n + 1), asked=bytes(32)), now_us)
+            run(m, Remember(key, OpenPosition(n + 1, user, "SOL", Side.LONG, 10_000, 100,
+                                              margin, 10, 9_000, 0, 0, now_us, None)), now_us)
+
+    answer(answers)
+    def table_bytes(arrays: dict[str, Any]) -> int:  # (none before the answers table)
+        return int(arrays["answers"].nbytes) if "answers" in arrays else 0
+
+    started = time.perf_counter()
+    previous = table_bytes(m.snapshot()[0])
+    first_s = time.perf_counter() - started
+    snapshot_s, json_s, restore_s, written_mb = [], [], [], []
     for _ in range(rounds):
+        answer(new)
         started = time.perf_counter()
         arrays, meta = m.snapshot()
         snapshot_s.append(time.perf_counter() - started)
         started = time.perf_counter()
         text = json.dumps(meta, sort_keys=True, separators=(",", ":"))
         json_s.append(time.perf_counter() - started)
+        # what the snapshot writes for them: its meta, and the table's bytes past the last
+        # snapshot's (the store appends only those)
+        written_mb.append((len(text) + table_bytes(arrays) - previous) / 1e6)
+        previous = table_bytes(arrays)
         started = time.perf_counter()
-        restored = LedgerMachine.from_snapshot(settings.signup_balance_micros,
-                                               m.max_open_positions, m.max_open_orders,
-                                               arrays, json.loads(text),
-                                               max_client_order_ids=answers)
+        with collector_paused():  # (as a restart's recovery)
+            restored = LedgerMachine.from_snapshot(settings.signup_balance_micros,
+                                                   m.max_open_positions, m.max_open_orders,
+                                                   arrays, json.loads(text),
+                                                   max_client_order_ids=held)
         restore_s.append(time.perf_counter() - started)
     key = IdemKey(users[0], "open", "order-0")
-    hit = run(restored, LockMargin(MarginLock(users[0], margin, key, answers + 1),
+    hit = run(restored, LockMargin(MarginLock(users[0], margin, key, held + 1),
                                    asked=bytes(32)), now_us)
     if not isinstance(hit, IdemHit) or hit.answer is None:
         raise RuntimeError(f"the restored ledger answered {hit!r} for a held clientOrderId")
-    return {"answers": answers, "snapshot_s": statistics.median(snapshot_s),
+    return {"answers": answers, "new": new, "first_snapshot_s": first_s,
+            "snapshot_s": statistics.median(snapshot_s),
             "json_s": statistics.median(json_s), "json_mb": len(text) / 1e6,
+            "written_mb": statistics.median(written_mb),
             "restore_s": statistics.median(restore_s)}
 
 
@@ -613,13 +639,17 @@ def main(argv: list[str] | None = None) -> int:
         out.update({"ledger_accounts": ledger["accounts"], "ledger_closes": ledger["closes"],
                     "ledger_rebuild_s": round(ledger["rebuild_s"], 3)})
     if answers is not None:
-        print(f"ledger holding {answers['answers']:,} clientOrderId answers: snapshot() "
-              f"{answers['snapshot_s']:.2f} s on its thread, its meta's JSON "
-              f"{answers['json_s']:.2f} s ({answers['json_mb']:.0f} MB), restored in "
-              f"{answers['restore_s']:.2f} s")
+        print(f"ledger holding {answers['answers']:,} clientOrderId answers, "
+              f"{answers['new']:,} new since the last snapshot: snapshot() "
+              f"{answers['snapshot_s']:.3f} s on its thread (the first "
+              f"{answers['first_snapshot_s']:.2f} s), its meta's JSON "
+              f"{answers['json_s']:.3f} s, {answers['written_mb']:.2f} MB written for them; "
+              f"restored in {answers['restore_s']:.2f} s")
         out.update({"answers": answers["answers"],
-                    "answers_snapshot_s": round(answers["snapshot_s"], 3),
-                    "answers_json_s": round(answers["json_s"], 3),
+                    "answers_snapshot_s": round(answers["snapshot_s"], 4),
+                    "answers_first_snapshot_s": round(answers["first_snapshot_s"], 3),
+                    "answers_json_s": round(answers["json_s"], 4),
+                    "answers_written_mb": round(answers["written_mb"], 3),
                     "answers_restore_s": round(answers["restore_s"], 3)})
     if commit is not None:
         (zeroed_us, zeroed_cpu_us), (append_us, append_cpu_us) = (

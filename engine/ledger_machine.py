@@ -89,6 +89,7 @@ import numpy as np
 
 from engine import account_events, schema
 from engine.account_events import AccountEvent, AccountLog, Balance
+from engine.answer_log import AnswerLog, Stored
 from engine.events import (
     AccountCreated,
     AccountNoted,
@@ -1062,7 +1063,7 @@ class LedgerMachine:
     # the snapshot arrays that only grow, by rows appended: a snapshot's table is the one
     # before with the records added since after it (``_History.table``), so the durable
     # store writes only those rows (cluster.durability.store, ``append_only``)
-    APPEND_ONLY = ("history", "order_history")
+    APPEND_ONLY = ("history", "order_history", "answers")
 
     def __init__(self, signup_balance_micros: int,
                  max_open_positions: int = DEFAULT_MAX_OPEN_POSITIONS,
@@ -1091,10 +1092,11 @@ class LedgerMachine:
         self._applied_seq: dict[str, int] = {}
         self._history = _History("history", "close_id")  # closed positions
         self._order_history = _History("order history", "order_id")  # ended orders
-        # each clientOrderId's first answer as stored (encode_answer's text; None while the
-        # first request is pending), built into the answer when a retry asks for it: a
-        # snapshot writes every one, and encoding each anew took 6 us of the ledger's thread
-        self._answers: dict[IdemKey, str | None] = {}
+        # each clientOrderId's first answer as stored (encode_answer's text, or its place in
+        # the answers table once a snapshot wrote it; None while the first request is
+        # pending), built into the answer when a retry asks for it
+        self._answers: dict[IdemKey, Stored] = {}
+        self._answer_log = AnswerLog()  # the answered ones as a snapshot table
         # when each answered clientOrderId got its answer (us), oldest first: what expires
         self._answered_us: dict[IdemKey, int] = {}
         # pending clientOrderIds reserved with a request id: key -> (request_id, since ts_us)
@@ -1365,6 +1367,7 @@ class LedgerMachine:
             self._answers.pop(key, None)
             self._asked.pop(key, None)
             self._unheld(key)
+            self._answer_log.expired()
             mine = self._answered_of[key.user]
             mine.popleft()  # (the oldest of its user's: they are in this order)
             if not mine:
@@ -1644,7 +1647,7 @@ class LedgerMachine:
         stored = self._answers[key]
         if stored is None:
             return IdemHit(None, self._holder(key))
-        return IdemHit(decode_answer(stored.encode()), 0)
+        return IdemHit(decode_answer(self._answer_log.text(stored).encode()), 0)
 
     def _holder(self, key: IdemKey) -> int:
         """The request id holding ``key``'s pending reservation (0: none, or none named)."""
@@ -2090,11 +2093,15 @@ class LedgerMachine:
         key = IdemKey(e.user, e.kind, e.client_order_id)
         if key in self._answers:
             self._asked[key] = e.asked
+            if key in self._answered_us and not isinstance(self._answers[key], str):
+                self._answer_log.changed()  # (terms recorded after the table holds the answer)
 
     def _store(self, key: IdemKey, response: bytes, request_id: int, ts_us: int) -> None:
         answers = self._answers
         if response == FORGOTTEN:
             if key in answers and answers[key] is None:
+                if key in self._answered_us:
+                    self._answer_log.changed()
                 del answers[key]
                 self._pending.pop(key, None)
                 self._asked.pop(key, None)
@@ -2114,7 +2121,10 @@ class LedgerMachine:
             return
         answers[key] = None if _is_pending(response) else response.decode()
         # kept in answer order; a replayed older record (ts 0) expires first
-        self._answered_us.pop(key, None)
+        if self._answered_us.pop(key, None) is None:
+            self._answer_log.answered()
+        else:  # (answered again: moved to the newest, out of the table's order)
+            self._answer_log.changed()
         self._answered_us[key] = ts_us
         self._answered_of.setdefault(key.user, collections.deque()).append(key)
         pending = self._pending.pop(key, None)
@@ -2153,6 +2163,7 @@ class LedgerMachine:
         orders, (order_assets, reject_codes) = self._order_history.table(
             ORDER_HISTORY_DTYPE, _ORDER_INTEGERS, _ORDER_TEXTS, _ORDER_HISTORY_ROW)
         answers, answered_us, asked = self._answers, self._answered_us, self._asked
+        answered, answer_log = self._answer_log.table(answered_us, answers, asked)
         meta = {
             "ledger": self.ledger.to_state(),
             "signup_balance_micros": self.signup_balance_micros,
@@ -2160,11 +2171,13 @@ class LedgerMachine:
             "accounts": [[u, self._account_ids[u], h]
                          for h, u in self._users_by_key_hash.items()],
             "applied_seq": dict(self._applied_seq),
-            # pending first, then the answered in answer order (the order expiry follows)
-            "answers": [*([*k, "", 0, asked.get(k, b"").hex()]
-                          for k, a in answers.items() if a is None),
-                        *([*k, answers[k], ts_us, asked[k].hex() if k in asked else ""]
-                          for k, ts_us in answered_us.items())],
+            # the pending (the answered are in the table "answers", in answer order; a new
+            # key, so that a release before the table refuses the snapshot, rather than read
+            # it as holding no answer)
+            "pending_answers": [[*k, "", 0, asked.get(k, b"").hex()]
+                                for k, a in answers.items()
+                                if a is None and k not in answered_us],
+            "answer_log": answer_log,
             "pending_requests": [[k.user, k.kind, k.client_order_id, r, since_us]
                                  for k, (r, since_us) in self._pending.items()],
             "recent_locks": [[r, u, m, None if k is None else list(k), kind]
@@ -2179,7 +2192,7 @@ class LedgerMachine:
             "noted": list(self._noted),
             "placed_orders": sorted(self._placed),
         }
-        return {"history": history, "order_history": orders}, meta
+        return {"history": history, "order_history": orders, "answers": answered}, meta
 
     @overload
     @classmethod
@@ -2217,16 +2230,20 @@ class LedgerMachine:
             m._users_by_key_hash[key_hash] = int(user)
             m._account_ids[int(user)] = account_id
         m._applied_seq = {k: int(v) for k, v in meta["applied_seq"].items()}
-        for user, kind, client_order_id, answer, *rest in meta["answers"]:
+        for user, kind, client_order_id, answer, *rest in meta.get("pending_answers",
+                                                                   meta.get("answers", [])):
             key = IdemKey(int(user), kind, client_order_id)
             m._answers[key] = None if _is_pending(answer.encode()) else answer
             if m._answers[key] is not None:
-                # in the order given, as live (expiry stops at the first one still young,
-                # which is not the oldest by the clock after the clock stepped back)
+                # (older snapshots list the answered here too, in answer order)
                 m._answered_us[key] = int(rest[0]) if rest else 0
             if len(rest) > 1 and rest[1]:  # older snapshots kept no terms
                 m._asked[key] = bytes.fromhex(rest[1])
-        _check_stored_answers([a for a in m._answers.values() if a is not None])
+        _check_stored_answers([a for a in m._answers.values() if isinstance(a, str)])
+        if "answers" in arrays:
+            m._load_answers(arrays["answers"], meta["answer_log"])
+        else:  # (older snapshots: the next table writes them all)
+            m._answer_log.unwritten = len(m._answered_us)
         m._held, m._answered_of = m._count_held()
         for request_id, user, margin, *rest in meta.get("recent_locks", []):
             lock_key = IdemKey(*rest[0]) if rest and rest[0] is not None else None
@@ -2271,6 +2288,16 @@ class LedgerMachine:
                          and not m._order_history.has(e.user, e.body.order_id)}
         return m
 
+    def _load_answers(self, table: np.ndarray, meta: Mapping[str, Any]) -> None:
+        """Take the answered of a snapshot's answers table, in the order given, as live
+        (expiry stops at the first one still young, which is not the oldest by the clock
+        after the clock stepped back); ValueError for a table that is not one, an answer
+        that is not one (:func:`_stored_fields`) or one listed among the pending too."""
+        if self._answered_us:
+            raise ValueError("answered clientOrderIds both in the meta and in the table")
+        self._answer_log = AnswerLog.load(table, meta, self._answers, self._answered_us,
+                                          self._asked, _stored_fields)
+
     @classmethod
     def restore(cls, signup_balance_micros: int, snapshot: SnapshotParts | None,
                 max_open_positions: int = DEFAULT_MAX_OPEN_POSITIONS,
@@ -2314,6 +2341,11 @@ class LedgerMachine:
                         for key in self._asked if key not in self._answers)
         if (self._held, self._answered_of) != self._count_held():
             problems.append("the clientOrderIds counted per account differ from those held")
+        if not self._answer_log.consistent(len(self._answered_us)):
+            problems.append("the answers table counts differ from the answers held")
+        if not all(self._answer_log.place_valid(a) for a in self._answers.values()
+                   if type(a) is int):
+            problems.append("an answer held by its place is not in the answers table")
         if len(self._recent_locks) > self.max_recent_locks:
             problems.append("more recent locks than remembered at most")
         for what, counts in (("open positions", self._open_counts),
@@ -2346,8 +2378,8 @@ class LedgerMachine:
             "account_ids": sorted(self._account_ids.items()),
             "next_user": self._next_user,
             "applied_seq": sorted(self._applied_seq.items()),
-            "answers": sorted((tuple(k), PENDING if a is None
-                               else encode_answer(decode_answer(a.encode())))
+            "answers": sorted((tuple(k), PENDING if a is None else encode_answer(
+                                   decode_answer(self._answer_log.text(a).encode())))
                               for k, a in self._answers.items()),
             "answered_us": list(self._answered_us.items()),
             "pending": sorted((tuple(k), v) for k, v in self._pending.items()),

@@ -17,6 +17,9 @@ def test_the_ledger_phase_fills_and_rebuilds_past_the_locks_under_way() -> None:
 
 
 def test_the_answers_phase_restores_a_ledger_that_answers_a_held_client_order_id() -> None:
-    figures = answers_phase(answers=50, rounds=1)
-    assert figures["answers"] == 50 and figures["json_mb"] > 0
+    figures = answers_phase(answers=50, rounds=1, new=5)
+    assert figures["answers"] == 50 and figures["new"] == 5 and figures["json_mb"] > 0
     assert figures["snapshot_s"] > 0 and figures["restore_s"] > 0
+    assert figures["first_snapshot_s"] > 0
+    # five answers' entries (two lines of about 70 and 110 bytes) and the meta
+    assert 5 * 150 / 1e6 < figures["written_mb"] < figures["json_mb"] + 5 * 250 / 1e6

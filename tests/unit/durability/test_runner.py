@@ -50,12 +50,14 @@ from engine.ledger_machine import Balances
 from engine.ledger_machine import Begin
 from engine.ledger_machine import CreateAccount
 from engine.ledger_machine import CreatedAccount
+from engine.ledger_machine import ExpireAnswers
 from engine.ledger_machine import LedgerMachine
 from engine.ledger_machine import LockMargin
 from engine.ledger_machine import Remember
 from engine.ledger_machine import Totals
 from engine.machine import StateCorrupted
 from engine.market import Tick
+from engine.messages import IdemHit
 from engine.messages import IdemKey
 from engine.messages import MarginLock
 from engine.messages import OpenPosition
@@ -825,7 +827,57 @@ def test_a_start_removes_the_snapshot_file_a_dead_writer_left_half_written(
     again.close()
 
 
-# ----------------------------------------------------------------------------- recovery
+# ----------------------------------------------------------------------------- answers table
+def test_held_answers_survive_restarts_from_an_answers_rows_file_written_by_its_new_bytes(
+        tmp_path: Path) -> None:
+    """A ledger's answered clientOrderIds go to the snapshots' answers rows file, each
+    snapshot appending the answers given since; expired ones are skipped, and a restart from
+    the snapshot and the journal after it answers every retry as first answered."""
+    clock = Clock()
+    led = open_ledger(tmp_path, clock)
+    one(led, CreateAccount(*account(1)))
+    first: dict[IdemKey, Any] = {}
+
+    def answer(name: str) -> None:
+        key = IdemKey(1, "open", name)
+        margin = 2 * SIGNUP if name.endswith("!") else USD  # (refused: more than it holds)
+        locked = one(led, LockMargin(MarginLock(1, margin, key, 0), b"terms-" + name.encode()))
+        if locked is None:
+            position = OpenPosition(len(first) + 1, 1, "SOL", Side.LONG, 10_000, 100, USD, 10,
+                                    9_000, 0, 0, NOW, None)
+            one(led, Remember(key, position))
+            locked = position
+        first[key] = locked
+
+    def rows_bytes() -> int:
+        return sum(p.stat().st_size for p in (tmp_path / SNAPSHOT_DIR).glob("answers.*.rows"))
+
+    for n in range(40):
+        answer(f"a{n}" + "!" * (n % 5 == 0))
+        clock.now_us += 1_000
+    led.checkpoint()
+    answer("b0")
+    led.checkpoint()  # the two kept snapshots, a rows file each
+    whole = rows_bytes()
+    answer("b1")
+    led.checkpoint()  # extends the file of the one it pushes out: by b0's and b1's entries
+    assert 0 < rows_bytes() - whole < 2 * 250
+    clock.now_us += 10**6
+    assert one(led, ExpireAnswers(10**6 + 35_000)) == 5  # the five oldest
+    expired = list(first)[:5]
+    first = {k: v for k, v in first.items() if k not in expired}
+    led.checkpoint()
+    answer("b2")  # in the journal only
+    crash(led)
+    led = open_ledger(tmp_path, clock)
+    for key, answered in first.items():
+        retry = LockMargin(MarginLock(1, USD, key, 0), b"terms-" + key.client_order_id.encode())
+        assert one(led, retry) == IdemHit(answered)
+    assert expired[0].client_order_id == "a0!"  # expired: the id runs anew
+    assert one(led, LockMargin(MarginLock(1, USD, expired[0], 0))) is None
+    led.close()
+
+
 def test_a_recovery_runs_with_the_cycle_collector_paused(tmp_path: Path) -> None:
     seen: list[bool] = []
 

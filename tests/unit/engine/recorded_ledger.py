@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 from engine.events import encode_batch
 from engine.ledger import AuditDifference
 from engine.ledger_machine import DEFAULT_MAX_OPEN_POSITIONS
@@ -107,3 +108,16 @@ def snapshot_round_trip(m: LedgerMachine) -> LedgerMachine:
     meta = json.loads(json.dumps(meta))
     return LedgerMachine.from_snapshot(SIGNUP, m.max_open_positions,
                                        {k: v.copy() for k, v in arrays.items()}, meta)
+
+
+def older_answers_layout(arrays: dict[str, np.ndarray], meta: dict[str, Any]
+                         ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A snapshot as releases before the answers table wrote it: every answer in the meta's
+    ``answers`` (the pending, then the answered in answer order, each with its text)."""
+    lines = bytes(arrays["answers"]).decode().split("\n")[:-1]
+    entries = [json.loads(line) for line in lines[0::2]]
+    answered = [[u, kind, c, text, ts_us, asked] for (u, kind, c, ts_us, asked), text
+                in zip(entries, lines[1::2], strict=True)][meta["answer_log"]["dropped"]:]
+    older = {k: v for k, v in meta.items() if k not in ("answer_log", "pending_answers")}
+    older["answers"] = [*meta["pending_answers"], *answered]
+    return {k: v for k, v in arrays.items() if k != "answers"}, json.loads(json.dumps(older))

@@ -157,4 +157,4 @@ def test_a_snapshot_writes_only_the_closes_added_since_the_one_before() -> None:
     assert [len(t) for t in tables] == [1, 2, 3, 4, 5]
     assert all(np.shares_memory(a, b) for a, b in itertools.pairwise(tables))
     assert all(b[:len(a)].tobytes() == a.tobytes() for a, b in itertools.pairwise(tables))
-    assert LedgerMachine.APPEND_ONLY == ("history", "order_history")
+    assert LedgerMachine.APPEND_ONLY == ("history", "order_history", "answers")

@@ -78,6 +78,7 @@ from tests.unit.engine.recorded_ledger import SIGNUP
 from tests.unit.engine.recorded_ledger import USD
 from tests.unit.engine.recorded_ledger import Recorded
 from tests.unit.engine.recorded_ledger import closed
+from tests.unit.engine.recorded_ledger import older_answers_layout
 from tests.unit.engine.recorded_ledger import one_account
 from tests.unit.engine.recorded_ledger import opened
 from tests.unit.engine.recorded_ledger import snapshot_round_trip
@@ -875,14 +876,24 @@ def test_a_snapshot_holding_a_stored_answer_that_is_none_is_refused() -> None:
     assert run(again, LockMargin(MarginLock(user, 30 * USD, keys[0], 30))) == IdemHit(position)
     assert run(again, LockMargin(MarginLock(user, SIGNUP, keys[2], 31))) == IdemHit(refused)
     assert run(again, LockMargin(MarginLock(user, 30 * USD, keys[1], 32))) == IdemHit(None, 22)
-    at = next(i for i, row in enumerate(meta["answers"]) if row[2] == "k0")
-    stored = meta["answers"][at][3]
+    lines = bytes(arrays["answers"]).decode().split("\n")
+    at = next(i for i, line in enumerate(lines[:-1:2])
+              if json.loads(line)[:3] == [user, "open", "k0"]) * 2 + 1
+    stored = lines[at]
+    older = older_answers_layout(arrays, meta)
+    older_at = next(i for i, row in enumerate(older[1]["answers"]) if row[2] == "k0")
+    assert older[1]["answers"][older_at][3] == stored
     for bad in ("{", '["opened"]', '["nothing",1]', '["rejected","NO_SUCH_CODE","x"]',
                 '["rejected","INSUFFICIENT_BALANCE",1]', "1,2", "7", stored[:-1]):
-        broken = json.loads(json.dumps(meta))
-        broken["answers"][at][3] = bad
+        broken = [*lines[:at], bad, *lines[at + 1:]]
+        table = np.frombuffer("\n".join(broken).encode(), dtype=np.uint8)
         with pytest.raises(ValueError):
-            LedgerMachine.from_snapshot(SIGNUP, led.m.max_open_positions, arrays, broken)
+            LedgerMachine.from_snapshot(SIGNUP, led.m.max_open_positions,
+                                        {**arrays, "answers": table}, meta)
+        broken_meta = json.loads(json.dumps(older[1]))
+        broken_meta["answers"][older_at][3] = bad
+        with pytest.raises(ValueError):
+            LedgerMachine.from_snapshot(SIGNUP, led.m.max_open_positions, older[0], broken_meta)
 
 
 # ----------------------------------------------------------------------------- property
@@ -1038,6 +1049,8 @@ class Model:
             restored = snapshot_round_trip(self.led.m)
             assert restored.fingerprint() == self.led.m.fingerprint()
             assert restored.check() == []
+            # a restored state's own snapshots (its tables extend the ones it loaded) too
+            assert snapshot_round_trip(self.replica).fingerprint() == restored.fingerprint()
             self.replica = restored  # the journal tail now replays onto the snapshot
         elif kind == "wait":
             self.led.now_us += op[1]
