@@ -33,6 +33,8 @@ from engine.messages import IdemKey
 _LENGTH_BITS = 32
 _LENGTH_MASK = (1 << _LENGTH_BITS) - 1
 _NEWLINE = ord("\n")
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
+_OPENS, _CLOSES = b"[{", b"]}"
 _MIN_BYTES = 1 << 16  # a buffer's least size (doubling from there)
 _quote = json.encoder.encode_basestring_ascii
 _HEAD_TYPES = [int, str, str, int, str]  # user, kind, clientOrderId, answered_us, asked
@@ -198,7 +200,7 @@ class AnswerLog:
             raise ValueError("the answers table is not ASCII")
         parsed = json.loads("[" + data.decode("ascii").replace("\n", ",")[:-1] + "]") \
             if entries else []
-        if len(parsed) != 2 * entries:
+        if len(parsed) != 2 * entries or not _one_value_per_line(table, ends):
             raise ValueError("a line of the answers table is not one JSON value")
         places = ((ends[0::2] + 1) << _LENGTH_BITS | (ends[1::2] - ends[0::2] - 1)).tolist()
         held = len(answers)
@@ -220,3 +222,33 @@ class AnswerLog:
         log._buffer, log._size = table, int(table.size)
         log.entries, log.dropped = entries, dropped
         return log
+
+
+def _one_value_per_line(table: np.ndarray, ends: np.ndarray) -> bool:
+    """Whether each line of ``table`` (uint8, lines ending at ``ends``, that read as JSON
+    values with a comma for each newline) holds one value: whether no newline is inside a
+    string or a bracket. As many values as lines is not enough: a line holding two and
+    another's value split over two lines count as many, and each answer's place would be
+    another line's bytes."""
+    quotes = np.flatnonzero(table == _QUOTE)
+    slashes = np.flatnonzero(table == _BACKSLASH)  # (only in strings: the table read as JSON)
+    if slashes.size and quotes.size:  # a quote after an odd run of backslashes is escaped
+        starts = np.flatnonzero(np.diff(slashes, prepend=-2) != 1)
+        stops = np.append(starts[1:], slashes.size)
+        last, odd = slashes[stops - 1], (stops - starts) % 2 == 1
+        run = np.minimum(np.searchsorted(last, quotes - 1), last.size - 1)
+        quotes = quotes[~((last[run] == quotes - 1) & odd[run])]
+    if (np.searchsorted(quotes, ends) % 2).any():  # (an odd count of quotes before: inside)
+        return False
+    brackets = np.flatnonzero(_any_of(table, _OPENS + _CLOSES))
+    brackets = brackets[np.searchsorted(quotes, brackets) % 2 == 0]  # those not in strings
+    depth = np.cumsum(np.where(_any_of(table[brackets], _OPENS), 1, -1))
+    return not np.concatenate(([0], depth))[np.searchsorted(brackets, ends)].any()
+
+
+def _any_of(array: np.ndarray, values: bytes) -> np.ndarray:
+    """Where ``array`` (uint8) holds one of ``values`` (bool; np.isin took 12 times as long)."""
+    found = array == values[0]
+    for value in values[1:]:
+        found |= array == value
+    return found

@@ -122,8 +122,8 @@ def test_terms_recorded_after_an_answer_write_the_table_anew() -> None:
     assert snapshot_round_trip(led.m).fingerprint() == led.m.fingerprint()
 
 
-@pytest.mark.parametrize("damage", ["line", "not one value", "head", "twice", "ascii",
-                                    "counts", "pending too"])
+@pytest.mark.parametrize("damage", ["line", "not one value", "values across lines", "head",
+                                    "twice", "ascii", "counts", "pending too"])
 def test_a_table_that_is_not_one_is_refused(damage: str) -> None:
     led, user = one_account()
     for name in ("a", "b", "c!"):
@@ -136,6 +136,10 @@ def test_a_table_that_is_not_one_is_refused(damage: str) -> None:
         text = text[:-1]
     elif damage == "not one value":
         text[1] = "1,2"
+    elif damage == "values across lines":
+        # as many values as lines, but a's answer and b's key on one line and b's answer on
+        # two: each answer's place would be another line's bytes
+        text[1:4] = [f"{text[1]},{text[2]}", *text[3].split(",", 1)]
     elif damage == "head":
         text[2] = json.dumps(json.loads(text[2])[:4])
     elif damage == "twice":
