@@ -202,7 +202,7 @@ class AnswerLog:
             if entries else []
         if len(parsed) != 2 * entries or not _one_value_per_line(table, ends):
             raise ValueError("a line of the answers table is not one JSON value")
-        places = ((ends[0::2] + 1) << _LENGTH_BITS | (ends[1::2] - ends[0::2] - 1)).tolist()
+        places = _places(ends)
         held = len(answers)
         for head, text, place in zip(parsed[2 * dropped::2], parsed[2 * dropped + 1::2],
                                      places[dropped:], strict=True):
@@ -222,6 +222,17 @@ class AnswerLog:
         log._buffer, log._size = table, int(table.size)
         log.entries, log.dropped = entries, dropped
         return log
+
+
+def _places(ends: np.ndarray) -> list[int]:
+    """The place of each entry's answer line (``start << 32 | length``) in a table whose lines
+    end at ``ends`` (intp[2n], the newlines); as Python ints past 2**31 bytes, where int64
+    would overflow."""
+    starts, lengths = ends[0::2] + 1, ends[1::2] - ends[0::2] - 1
+    if not ends.size or int(ends[-1]) < 1 << (63 - _LENGTH_BITS):
+        return list((starts << _LENGTH_BITS | lengths).tolist())
+    return [start << _LENGTH_BITS | length
+            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True)]
 
 
 def _one_value_per_line(table: np.ndarray, ends: np.ndarray) -> bool:

@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+from engine.answer_log import _places
 from engine.events import ClientOrderAsked
 from engine.ledger_machine import Begin
 from engine.ledger_machine import ExpireAnswers
@@ -181,3 +182,10 @@ def test_a_snapshot_of_a_release_before_the_table_restores_and_the_next_writes_t
     assert meta["answer_log"] == {"entries": 3, "dropped": 0}
     assert len(meta["pending_answers"]) == 1
     assert arrays["answers"].tobytes() == led.m.snapshot()[0]["answers"].tobytes()
+
+
+def test_the_places_of_a_table_past_2_gib_are_its_lines() -> None:
+    # (11 million answers held): a place is an int of 64 bits or more past 2**31 bytes
+    ends = np.array([10, 20, 2**31 + 5, 2**31 + 100, 2**32 + 7, 2**32 + 50], dtype=np.intp)
+    assert _places(ends) == [11 << 32 | 9, (2**31 + 6) << 32 | 94, (2**32 + 8) << 32 | 42]
+    assert _places(ends[:2]) == [11 << 32 | 9] and _places(ends[:0]) == []
