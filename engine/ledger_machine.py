@@ -2240,6 +2240,8 @@ class LedgerMachine:
             if len(rest) > 1 and rest[1]:  # older snapshots kept no terms
                 m._asked[key] = bytes.fromhex(rest[1])
         _check_stored_answers([a for a in m._answers.values() if isinstance(a, str)])
+        if "answer_log" in meta and "answers" not in arrays:
+            raise ValueError("the snapshot's answers table is missing")
         if "answers" in arrays:
             m._load_answers(arrays["answers"], meta["answer_log"])
         else:  # (older snapshots: the next table writes them all)

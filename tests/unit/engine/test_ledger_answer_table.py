@@ -124,7 +124,7 @@ def test_terms_recorded_after_an_answer_write_the_table_anew() -> None:
 
 
 @pytest.mark.parametrize("damage", ["line", "not one value", "values across lines", "head",
-                                    "twice", "ascii", "counts", "pending too"])
+                                    "twice", "ascii", "counts", "pending too", "no table"])
 def test_a_table_that_is_not_one_is_refused(damage: str) -> None:
     led, user = one_account()
     for name in ("a", "b", "c!"):
@@ -152,9 +152,11 @@ def test_a_table_that_is_not_one_is_refused(damage: str) -> None:
     else:
         meta["pending_answers"].append([user, "open", "a", "", 0, ""])
     table = np.frombuffer("".join(f"{line}\n" for line in text).encode(), dtype=np.uint8)
+    given = {**arrays, "answers": table}
+    if damage == "no table":  # (its meta says it has one)
+        del given["answers"]
     with pytest.raises(ValueError):
-        LedgerMachine.from_snapshot(SIGNUP, led.m.max_open_positions,
-                                    {**arrays, "answers": table}, meta)
+        LedgerMachine.from_snapshot(SIGNUP, led.m.max_open_positions, given, meta)
 
 
 def test_a_held_answer_costs_its_place_not_its_text_once_written() -> None:
