@@ -720,10 +720,32 @@ class Platform:
                     self.address_file.unlink()
                 self._recorded = False
         with self._broker_lock:
-            if self._broker is not None:
-                self._broker.stop()
-                self._broker = None
+            self._stop_broker()
         self._release_data_dir()  # last: the next start may take DATA_DIR from here
+
+    def _stop_broker(self) -> None:
+        """Stop the embedded broker this platform started, if any (``_broker_lock`` held)."""
+        if self._broker is not None:
+            self._broker.stop()
+            self._broker = None
+
+    def give_up_start(self, started: threading.Event) -> bool:
+        """What :meth:`stop` does without Ray, from another thread while the start waits on a
+        Ray that is going (a stop signal sent to the whole process group): the feed source,
+        the records, the broker, DATA_DIR. False, doing nothing, once ``started`` is set (the
+        start ended: the stop after it does it all); under ``_broker_lock``, which the start's
+        end takes to set it."""
+        with self._broker_lock:
+            if started.is_set():
+                return False
+            with contextlib.suppress(Exception):
+                self.stop_feed_source()
+            if self._recorded:
+                with contextlib.suppress(OSError):
+                    self.address_file.unlink()
+            self._stop_broker()
+            self._release_data_dir()
+            return True
 
     def _stop_feed(self) -> None:
         """Stop the feed actor (its calls to the shards end first, its candle store closes);
@@ -964,6 +986,7 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stopping = threading.Event()
+    started = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         stopping.set()
@@ -973,6 +996,8 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
     # the platform users run keeps its state in DATA_DIR (journaled hosts Ray restarts)
     platform = Platform(settings, with_feed=with_feed, host=settings.host,
                         broker_port=broker_port, durable=True, cancel=stopping)
+    threading.Thread(target=_give_up_a_start_whose_ray_goes, name="start-watch", daemon=True,
+                     args=(platform, stopping, started)).start()
     try:
         try:
             platform.start()
@@ -983,6 +1008,9 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
                 return 0  # Ctrl-C while the start waited
             print(f"shardex: cannot start: {_start_failure_text(exc)}", file=sys.stderr)
             return 1
+        finally:
+            with platform._broker_lock:  # (what give_up_start holds)
+                started.set()
         # ours again, whatever the start installed (ray.init's own SIGTERM handler, which
         # exits without cleanup, is kept out by _ray_init)
         for sig in signals:
@@ -1000,6 +1028,26 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
             signal.signal(sig, handler)
         if stopping.is_set():
             _say("shardex: stopped")
+
+
+def _give_up_a_start_whose_ray_goes(platform: Platform, stopping: threading.Event,
+                                    started: threading.Event) -> None:
+    """Once a stop signal came while ``platform`` starts and its Ray is going (the signal went
+    to the whole process group: :meth:`Platform._ray_down`), end the process here, exit 0,
+    after what a stop does without Ray: the Ray call the start waits in (with a timeout: it
+    takes no signal) would wait 60 s for the GCS, then end the process with exit 1, its
+    records left. As after a stop that finds Ray going, the hosts are not closed: they go
+    down with Ray, their journals holding everything acknowledged."""
+    stopping.wait()
+    while not started.is_set():
+        if platform._ray_down():
+            log.warning("Ray's own processes got the stop signal too (it was sent to the whole "
+                        "process group) while the platform started; giving up the start")
+            if platform.give_up_start(started):
+                _say("shardex: stopped")
+                os._exit(0)
+            return
+        time.sleep(0.2)
 
 
 def stop_signals() -> list[signal.Signals]:

@@ -642,3 +642,39 @@ def test_up_stops_on_a_sigterm_during_its_start(up: Up) -> None:
     assert not address.exists()
     assert not (up.data_dir / "embedded-broker.json").exists()
     up.wait_gone(below)
+
+
+# ---------------------------------------------------- 6. SIGTERM to the group during a start
+@pytest.mark.timeout(300)
+def test_up_stops_on_a_sigterm_to_its_group_during_its_start(up: Up) -> None:
+    """A SIGTERM to the process group while the run starts reaches Ray's own processes too:
+    the Ray call the start waits in then waited 60 s for the GCS and ended the process with
+    exit 1, its records left. The start is given up where it is, as a stop after the start
+    gives up Ray's actors: exit 0, ``shardex: stopped``, its records gone, what it started
+    gone, and the next start needs no hand work."""
+    assert up.proc.poll() is not None, "the previous tests stop the platform"
+    logged = len(up.output())
+    address = up.data_dir / "ray-address.json"
+    run = up.start(new_session=True)
+    deadline = time.monotonic() + START_BUDGET_S
+    while not address.exists():  # written right after its ray.init
+        assert run.poll() is None, up.output()[logged:]
+        assert time.monotonic() < deadline, "no Ray started: " + up.output()[logged:]
+        time.sleep(0.02)
+    time.sleep(1.0)  # (into the start of its hosts)
+    assert "shardex is up" not in up.output()[logged:]  # still starting
+    below = descendants(run.pid)
+    os.killpg(run.pid, signal.SIGTERM)
+    code = up.wait_exit(run, 120)
+    out = up.output()[logged:]
+    assert code == 0, out
+    assert "shardex: stopped" in out, out
+    assert "Failed to connect to GCS" not in out, out
+    assert "Traceback" not in out, out
+    assert not address.exists()
+    assert not (up.data_dir / "embedded-broker.json").exists()
+    up.wait_gone(below)
+    again = up.start()
+    up.wait_prices(START_BUDGET_S)
+    again.send_signal(signal.SIGINT)
+    assert up.wait_exit(again, 60) == 0, up.output()[logged:]
