@@ -616,21 +616,28 @@ def test_up_stops_on_a_sigterm_to_every_process_it_started(up: Up) -> None:
     assert json.loads(offline.stdout.strip().splitlines()[-1])["ok"] is True
 
 
+def started_to_ray(up: Up) -> tuple[subprocess.Popen[str], int, Path]:
+    """A new run of ``up``, in a session of its own, once its Ray is up (its record written,
+    right after its ray.init): ``(run, where its output starts in the log, that record)``."""
+    assert up.proc.poll() is not None, "the previous tests stop the platform"
+    logged = len(up.output())
+    address = up.data_dir / "ray-address.json"
+    run = up.start(new_session=True)
+    deadline = time.monotonic() + START_BUDGET_S
+    while not address.exists():
+        assert run.poll() is None, up.output()[logged:]
+        assert time.monotonic() < deadline, "no Ray started: " + up.output()[logged:]
+        time.sleep(0.02)
+    return run, logged, address
+
+
 # ----------------------------------------------------------------- 5. SIGTERM during a start
 @pytest.mark.timeout(300)
 def test_up_stops_on_a_sigterm_during_its_start(up: Up) -> None:
     """A SIGTERM once the run's Ray is up and before it serves (ray.init installs a handler of
     its own that exits at once, with 15): the run stops as a SIGTERM after the start stops it,
     exit 0, ``shardex: stopped``, its records gone, nothing it started left running."""
-    assert up.proc.poll() is not None, "the previous tests stop the platform"
-    logged = len(up.output())
-    address = up.data_dir / "ray-address.json"
-    run = up.start(new_session=True)
-    deadline = time.monotonic() + START_BUDGET_S
-    while not address.exists():  # written right after its ray.init
-        assert run.poll() is None, up.output()[logged:]
-        assert time.monotonic() < deadline, "no Ray started: " + up.output()[logged:]
-        time.sleep(0.02)
+    run, logged, address = started_to_ray(up)
     assert "shardex is up" not in up.output()[logged:]  # still starting
     below = descendants(run.pid)
     run.send_signal(signal.SIGTERM)
@@ -652,15 +659,7 @@ def test_up_stops_on_a_sigterm_to_its_group_during_its_start(up: Up) -> None:
     exit 1, its records left. The start is given up where it is, as a stop after the start
     gives up Ray's actors: exit 0, ``shardex: stopped``, its records gone, what it started
     gone, and the next start needs no hand work."""
-    assert up.proc.poll() is not None, "the previous tests stop the platform"
-    logged = len(up.output())
-    address = up.data_dir / "ray-address.json"
-    run = up.start(new_session=True)
-    deadline = time.monotonic() + START_BUDGET_S
-    while not address.exists():  # written right after its ray.init
-        assert run.poll() is None, up.output()[logged:]
-        assert time.monotonic() < deadline, "no Ray started: " + up.output()[logged:]
-        time.sleep(0.02)
+    run, logged, address = started_to_ray(up)
     time.sleep(1.0)  # (into the start of its hosts)
     assert "shardex is up" not in up.output()[logged:]  # still starting
     below = descendants(run.pid)
