@@ -53,6 +53,7 @@ from tests.unit.engine.recorded_ledger import SIGNUP
 from tests.unit.engine.recorded_ledger import USD
 from tests.unit.engine.recorded_ledger import Recorded
 from tests.unit.engine.recorded_ledger import closed
+from tests.unit.engine.recorded_ledger import older_answers_layout
 
 ORDERS = DEFAULT_MAX_OPEN_ORDERS
 FILLED, CANCELLED, EXPIRED, REJECTED = (OrderStatus.FILLED, OrderStatus.CANCELLED,
@@ -516,7 +517,7 @@ def test_restore_takes_both_caps_and_older_snapshots_read_no_orders() -> None:
     assert LedgerMachine.from_snapshot(SIGNUP, arrays, meta).max_open_orders == ORDERS
     # an older snapshot: locks without the order flag (not an order's), no order counts or
     # order history
-    old_meta = json.loads(json.dumps(meta))
+    old_meta = older_answers_layout(arrays, meta)[1]  # (its answers in the meta too)
     old_meta["recent_locks"] = [row[:4] for row in old_meta["recent_locks"]]
     for name in ("order_counts", "order_history_assets", "order_history_reject_codes"):
         del old_meta[name]

@@ -57,6 +57,7 @@ from engine.shard_machine import Close
 from engine.shard_machine import Open
 from engine.shard_machine import Resolve
 from engine.shard_machine import ShardMachine
+from tests.unit.engine.recorded_ledger import older_answers_layout
 
 SOL = DEFAULT_ASSETS["SOL"]
 NOW = 1_800_000_000_000_000
@@ -404,7 +405,9 @@ def test_ledger_history_has_named_columns_and_old_tables_still_restore() -> None
              "exit_ticks", "pnl_micros", "payout_micros", "house_micros", "insurance_micros",
              "reason", "closed_ts_us")
     old = np.array([[int(row[n]) for n in names] for row in history], dtype=np.int64)
-    again = LedgerMachine.from_snapshot(m.signup_balance_micros, {"history": old}, meta)
+    # (and its answers in the meta, as that version wrote them)
+    again = LedgerMachine.from_snapshot(m.signup_balance_micros, {"history": old},
+                                        older_answers_layout(arrays, meta)[1])
     assert again.fingerprint() == m.fingerprint()
 
 
