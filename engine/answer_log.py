@@ -226,13 +226,11 @@ class AnswerLog:
 
 def _places(ends: np.ndarray) -> list[int]:
     """The place of each entry's answer line (``start << 32 | length``) in a table whose lines
-    end at ``ends`` (intp[2n], the newlines); as Python ints past 2**31 bytes, where int64
-    would overflow."""
-    starts, lengths = ends[0::2] + 1, ends[1::2] - ends[0::2] - 1
-    if not ends.size or int(ends[-1]) < 1 << (63 - _LENGTH_BITS):
-        return list((starts << _LENGTH_BITS | lengths).tolist())
+    end at ``ends`` (intp[2n], the newlines), packed as Python ints: in int64 they overflowed
+    past 2**31 bytes."""
+    starts, lengths = (ends[0::2] + 1).tolist(), (ends[1::2] - ends[0::2] - 1).tolist()
     return [start << _LENGTH_BITS | length
-            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True)]
+            for start, length in zip(starts, lengths, strict=True)]
 
 
 def _one_value_per_line(table: np.ndarray, ends: np.ndarray) -> bool:
