@@ -177,17 +177,28 @@ class Platform:
     _supervisor: threading.Thread | None = None
     _supervising: threading.Event = field(default_factory=threading.Event)
     _broker_lock: threading.Lock = field(default_factory=threading.Lock)
+    _starting: bool = False  # a start is under way (set and cleared under _broker_lock)
     # seconds each step of the last start took, in order (printed in the banner)
     phases_s: dict[str, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ start
     def start(self) -> Platform:
+        with self._broker_lock:
+            self._starting = True
         try:
             self._start()
         except BaseException:
             self.stop()
             raise
+        finally:
+            with self._broker_lock:  # (what give_up_start holds)
+                self._starting = False
         return self
+
+    @property
+    def starting(self) -> bool:
+        """Whether a start is under way (its failure's stop included)."""
+        return self._starting
 
     def _start(self) -> None:
         self._refuse_a_broker_on_the_api()
@@ -715,13 +726,17 @@ class Platform:
                 from cluster.actors.serve_app import remove_front_files
 
                 remove_front_files(self.settings.port)  # its HAProxy went with Serve above
-            if self._recorded:
-                with contextlib.suppress(OSError):
-                    self.address_file.unlink()
-                self._recorded = False
+            self._forget_address()
         with self._broker_lock:
             self._stop_broker()
         self._release_data_dir()  # last: the next start may take DATA_DIR from here
+
+    def _forget_address(self) -> None:
+        """Remove DATA_DIR's address file, if this run wrote it."""
+        if self._recorded:
+            with contextlib.suppress(OSError):
+                self.address_file.unlink()
+            self._recorded = False
 
     def _stop_broker(self) -> None:
         """Stop the embedded broker this platform started, if any (``_broker_lock`` held)."""
@@ -729,20 +744,17 @@ class Platform:
             self._broker.stop()
             self._broker = None
 
-    def give_up_start(self, started: threading.Event) -> bool:
+    def give_up_start(self) -> bool:
         """What :meth:`stop` does without Ray, from another thread while the start waits on a
         Ray that is going (a stop signal sent to the whole process group): the feed source,
-        the records, the broker, DATA_DIR. False, doing nothing, once ``started`` is set (the
-        start ended: the stop after it does it all); under ``_broker_lock``, which the start's
-        end takes to set it."""
+        the records, the broker, DATA_DIR. False, doing nothing, once the start has ended (the
+        stop after it does it all); under ``_broker_lock``, which the start's end takes."""
         with self._broker_lock:
-            if started.is_set():
+            if not self._starting:
                 return False
             with contextlib.suppress(Exception):
                 self.stop_feed_source()
-            if self._recorded:
-                with contextlib.suppress(OSError):
-                    self.address_file.unlink()
+            self._forget_address()
             self._stop_broker()
             self._release_data_dir()
             return True
@@ -986,7 +998,6 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stopping = threading.Event()
-    started = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         stopping.set()
@@ -997,7 +1008,7 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
     platform = Platform(settings, with_feed=with_feed, host=settings.host,
                         broker_port=broker_port, durable=True, cancel=stopping)
     threading.Thread(target=_give_up_a_start_whose_ray_goes, name="start-watch", daemon=True,
-                     args=(platform, stopping, started)).start()
+                     args=(platform, stopping)).start()
     try:
         try:
             platform.start()
@@ -1008,9 +1019,6 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
                 return 0  # Ctrl-C while the start waited
             print(f"shardex: cannot start: {_start_failure_text(exc)}", file=sys.stderr)
             return 1
-        finally:
-            with platform._broker_lock:  # (what give_up_start holds)
-                started.set()
         # ours again, whatever the start installed (ray.init's own SIGTERM handler, which
         # exits without cleanup, is kept out by _ray_init)
         for sig in signals:
@@ -1030,8 +1038,7 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
             _say("shardex: stopped")
 
 
-def _give_up_a_start_whose_ray_goes(platform: Platform, stopping: threading.Event,
-                                    started: threading.Event) -> None:
+def _give_up_a_start_whose_ray_goes(platform: Platform, stopping: threading.Event) -> None:
     """Once a stop signal came while ``platform`` starts and its Ray is going (the signal went
     to the whole process group: :meth:`Platform._ray_down`), end the process here, exit 0,
     after what a stop does without Ray: the Ray call the start waits in (with a timeout: it
@@ -1039,11 +1046,11 @@ def _give_up_a_start_whose_ray_goes(platform: Platform, stopping: threading.Even
     records left. As after a stop that finds Ray going, the hosts are not closed: they go
     down with Ray, their journals holding everything acknowledged."""
     stopping.wait()
-    while not started.is_set():
+    while platform.starting:
         if platform._ray_down():
             log.warning("Ray's own processes got the stop signal too (it was sent to the whole "
                         "process group) while the platform started; giving up the start")
-            if platform.give_up_start(started):
+            if platform.give_up_start():
                 _say("shardex: stopped")
                 os._exit(0)
             return
