@@ -720,6 +720,8 @@ class Platform:
                         ray.kill(handle)
             self.feed, self.ledger, self.shards = None, None, {}
             if self._ray_started:
+                if self._ray_down():
+                    self._end_ray_workers()
                 ray.shutdown()
                 self._ray_started = False
             if self.direct_ingress and self.settings.replica_slots > 1:
@@ -754,6 +756,7 @@ class Platform:
                 return False
             with contextlib.suppress(Exception):
                 self.stop_feed_source()
+            self._end_ray_workers()
             self._forget_address()
             self._stop_broker()
             self._release_data_dir()
@@ -825,6 +828,25 @@ class Platform:
                   for info in infos if info.process.poll() is not None}
         essential = {ray_constants.PROCESS_TYPE_GCS_SERVER, ray_constants.PROCESS_TYPE_RAYLET}
         return len(exited) >= 2 or bool(exited & essential)
+
+    def _end_ray_workers(self) -> None:
+        """SIGKILL what the raylet of a local Ray this platform started has started (workers
+        and agents: their environment carries its RAY_RAYLET_PID), once that Ray is going. A
+        worker has a process group of its own, which a signal to the whole group of ``up``
+        misses, and one still starting when the raylet went was seen alive 30 s later. Their
+        hosts' journals hold everything acknowledged, as after a kill -9."""
+        import ray
+        from ray._private import ray_constants
+
+        node = ray._private.worker._global_node
+        if not self._ray_started or node is None:
+            return
+        raylets = node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, [])
+        marks = {f"RAY_RAYLET_PID={info.process.pid}".encode() for info in raylets}
+        for entry in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError, ValueError):  # gone, or not ours to read
+                if marks.intersection((entry / "environ").read_bytes().split(b"\0")):
+                    os.kill(int(entry.name), signal.SIGKILL)
 
     def __enter__(self) -> Platform:
         return self.start()
