@@ -42,15 +42,26 @@ def _events(user: int, first_seq: int, n: int) -> list[AccountEvent]:
             for seq in range(first_seq, first_seq + n)]
 
 
-async def _read_until(tail: TopicTail, done: object, timeout_s: float = 20.0
-                      ) -> list[list[AccountEvent] | None]:
-    """Reads of ``tail`` until ``done(reads)`` holds."""
+async def _read_until(tail: TopicTail, done: object, timeout_s: float = 20.0,
+                      about: object = None) -> list[list[AccountEvent] | None]:
+    """Reads of ``tail`` until ``done(reads)`` holds; ``about()`` (optional) adds to the
+    message of a timeout."""
     reads: list[list[AccountEvent] | None] = []
     deadline = time.monotonic() + timeout_s
     while not done(reads):  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out after {reads[-5:]}"
+        assert time.monotonic() < deadline, (
+            f"timed out after {reads[-5:]}; {about() if about else ''}")  # type: ignore[operator]
         reads.append(await tail.read())
     return reads
+
+
+def _state(tail: TopicTail, publisher: Publisher, trimmer: TopicTrimmer) -> str:
+    """What a timeout says of the reader's partitions, the publisher and the trimmer."""
+    consumer = tail._consumer
+    parts = {tp.partition: (consumer.highwater(tp), tail._next.get(tp))
+             for tp in (consumer.assignment() if consumer else ())}
+    return (f"partitions (highwater, next) {parts}; publisher {publisher.stats()}; "
+            f"trims {trimmer.trims}, trimmer error {trimmer.last_error}")
 
 
 async def test_a_readers_tail_restarts_at_a_recreation_and_reads_what_follows(
@@ -74,13 +85,15 @@ async def test_a_readers_tail_restarts_at_a_recreation_and_reads_what_follows(
             seq += 1
             await asyncio.sleep(0.01)
             assert seq < 2_000, f"never trimmed: {trimmer.last_error}"
-        reads = await _read_until(tail, lambda rs: None in rs)  # the reader restarted
+        about = lambda: _state(tail, publisher, trimmer)  # noqa: E731
+        # the reader restarted
+        reads = await _read_until(tail, lambda rs: None in rs, about=about)
 
         # what is published after the recreation reaches the reader
         later = _events(7, 10_000, 3)
         publisher.offer(encode_account_events(later))
         reads = await _read_until(
-            tail, lambda rs: any(e.seq == 10_002 for r in rs for e in r or ()))
+            tail, lambda rs: any(e.seq == 10_002 for r in rs for e in r or ()), about=about)
         # (a batch the publisher sent again after a failed delivery comes twice: readers keep
         # each seq once)
         got = {e.seq: e for r in reads for e in r or () if e.seq >= 10_000}
