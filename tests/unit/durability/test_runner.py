@@ -899,3 +899,30 @@ def test_a_recovery_runs_with_the_cycle_collector_paused(tmp_path: Path) -> None
     with pytest.raises(RuntimeError), collector_paused():
         raise RuntimeError("a failed recovery")
     assert gc.isenabled()
+
+
+def test_an_actors_recovered_state_is_out_of_the_collectors_generations(
+        tmp_path: Path) -> None:
+    """A full collection walks every object in its generations: the restored state of a
+    process that is its machine's (an actor's store ends the process on a failure), millions
+    of objects kept for its life, is frozen out of them once it is built; a runner opened in
+    a process that may open it again is not."""
+    def generations() -> set[int]:
+        return {id(o) for generation in range(3) for o in gc.get_objects(generation)}
+
+    led = Runner.open(tmp_path / "a", build_ledger, Clock(), fsync=False,
+                      background_snapshots=False)
+    try:
+        assert gc.is_tracked(led.machine) and id(led.machine) in generations()
+    finally:
+        led.close()
+    frozen = gc.get_freeze_count()
+    led = Runner.open(tmp_path / "b", build_ledger, Clock(), fsync=False,
+                      background_snapshots=False, exit_on_failure=True)
+    try:
+        assert gc.get_freeze_count() > frozen
+        assert gc.is_tracked(led.machine) and id(led.machine) not in generations()
+        assert gc.isenabled()
+    finally:
+        led.close()
+        gc.unfreeze()  # (this process opens more)
