@@ -219,7 +219,12 @@ class Platform:
             check_layout(settings)  # recorded once the start is sure to go ahead (below)
         source = None
         if self.with_feed:
-            source = make_source(settings)  # a bad FEED_SOURCE fails before anything starts
+            try:  # a bad FEED_SOURCE fails before anything starts
+                source = make_source(settings)
+            except ConfigError:
+                raise
+            except (ValueError, OSError) as exc:  # a recording it cannot play: a setting too
+                raise ConfigError(str(exc)) from exc
             self.source_name = parse_source(settings.feed_source).kind if source else "none"
         self.phases_s.clear()
         mark = time.monotonic()

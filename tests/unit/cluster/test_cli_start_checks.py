@@ -394,6 +394,22 @@ def test_a_replay_without_a_price_stops_the_feed_before_it_starts(tmp_path: Path
     assert "Traceback" not in done.stderr and took_s < 30, (took_s, done.stderr)
 
 
+def test_a_replay_without_a_price_is_a_setting_refused_by_up_as_by_the_feed(
+        tmp_path: Path) -> None:
+    """A recording with no price stops `up` as it stops `shardex feed`, before anything
+    starts: a setting refused, exit 2. `up` called it a start refused, exit 1."""
+    recording = tmp_path / "empty.jsonl"
+    recording.write_text('{"id":null,"error":{"code":400,"message":"Invalid"}}\n')
+    done, took_s = _cli("up", env=_env(tmp_path, FEED_SOURCE=f"replay:{recording}",
+                                       KAFKA_BROKERS=f"127.0.0.1:{free_port()}"))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"shardex: configuration error: replay: {recording} holds no valid bookTicker frame "
+        "of SOL,BTC,ETH"), done.stderr
+    assert "Traceback" not in done.stderr and took_s < 30, (took_s, done.stderr)
+    assert not (tmp_path / "ray-address.json").exists()
+
+
 @pytest.mark.parametrize(("replicas", "above"), [(1, 0), (2, 0), (2, 2), (2, 5)])
 def test_an_api_port_the_embedded_broker_listens_on_is_refused_before_anything_starts(
         replicas: int, above: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
