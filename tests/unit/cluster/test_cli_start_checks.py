@@ -382,30 +382,19 @@ def test_a_start_refused_for_its_port_records_no_layout(tmp_path: Path) -> None:
     check_layout(dataclasses.replace(busy, shards={}), record=False)  # another SHARDS: fine
 
 
-def test_a_replay_without_a_price_stops_the_feed_before_it_starts(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("command", "said"), [("feed", "shardex feed"),
+                                               ("up", "shardex: configuration error")])
+def test_a_replay_without_a_price_is_a_setting_refused_before_anything_starts(
+        command: str, said: str, tmp_path: Path) -> None:
+    """Exit 2, for `up` as for `shardex feed`: `up` called it a start refused, exit 1."""
     recording = tmp_path / "empty.jsonl"
     recording.write_text('{"id":null,"error":{"code":400,"message":"Invalid"}}\n')
-    done, took_s = _cli("feed", env=_env(tmp_path, FEED_SOURCE=f"replay:{recording}",
-                                         KAFKA_BROKERS=f"127.0.0.1:{free_port()}"))
+    done, took_s = _cli(command, env=_env(tmp_path, FEED_SOURCE=f"replay:{recording}",
+                                          KAFKA_BROKERS=f"127.0.0.1:{free_port()}"))
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
-        f"shardex feed: replay: {recording} holds no valid bookTicker frame of SOL,BTC,ETH"), \
+        f"{said}: replay: {recording} holds no valid bookTicker frame of SOL,BTC,ETH"), \
         done.stderr
-    assert "Traceback" not in done.stderr and took_s < 30, (took_s, done.stderr)
-
-
-def test_a_replay_without_a_price_is_a_setting_refused_by_up_as_by_the_feed(
-        tmp_path: Path) -> None:
-    """A recording with no price stops `up` as it stops `shardex feed`, before anything
-    starts: a setting refused, exit 2. `up` called it a start refused, exit 1."""
-    recording = tmp_path / "empty.jsonl"
-    recording.write_text('{"id":null,"error":{"code":400,"message":"Invalid"}}\n')
-    done, took_s = _cli("up", env=_env(tmp_path, FEED_SOURCE=f"replay:{recording}",
-                                       KAFKA_BROKERS=f"127.0.0.1:{free_port()}"))
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == (
-        f"shardex: configuration error: replay: {recording} holds no valid bookTicker frame "
-        "of SOL,BTC,ETH"), done.stderr
     assert "Traceback" not in done.stderr and took_s < 30, (took_s, done.stderr)
     assert not (tmp_path / "ray-address.json").exists()
 
