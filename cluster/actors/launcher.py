@@ -816,6 +816,13 @@ class Platform:
                         "journals keep everything acknowledged): %s", HOST_CLOSE_TIMEOUT_S,
                         ", ".join(sorted(missed)))
 
+    def _own_node(self) -> Any:
+        """Ray's node object of a local Ray this platform started (its processes' handles),
+        None otherwise."""
+        import ray
+
+        return ray._private.worker._global_node if self._ray_started else None
+
     def _ray_down(self) -> bool:
         """Whether a local Ray this platform started is going: its GCS or raylet has exited, or
         two of its own processes have. A SIGTERM to the whole process group, or to every
@@ -823,11 +830,10 @@ class Platform:
         ones (dashboard, monitors) exit at once, the GCS and raylet up to 10 s later, and
         nothing on that Ray answers a stop meanwhile. One process alone exiting (a dashboard
         that crashed) leaves Ray serving. A joined cluster's processes are not ours."""
-        import ray
         from ray._private import ray_constants
 
-        node = ray._private.worker._global_node
-        if not self._ray_started or node is None:
+        node = self._own_node()
+        if node is None:
             return False
         exited = {kind for kind, infos in node.all_processes.items()
                   for info in infos if info.process.poll() is not None}
@@ -840,11 +846,10 @@ class Platform:
         worker has a process group of its own, which a signal to the whole group of ``up``
         misses, and one still starting when the raylet went was seen alive 30 s later. Their
         hosts' journals hold everything acknowledged, as after a kill -9."""
-        import ray
         from ray._private import ray_constants
 
-        node = ray._private.worker._global_node
-        if not self._ray_started or node is None:
+        node = self._own_node()
+        if node is None:
             return
         raylets = node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, [])
         marks = {f"RAY_RAYLET_PID={info.process.pid}".encode() for info in raylets}
