@@ -1113,9 +1113,16 @@ def _say(line: str) -> None:
 def _ray_init(**options: Any) -> None:
     """``ray.init(**options)`` keeping this process's SIGTERM handler: ray.init installs one
     that exits at once (``sys.exit(15)`` from wherever the start is), so a SIGTERM during the
-    rest of a start ended ``up`` there, without the stop its own handler makes (exit 0)."""
-    import ray
+    rest of a start ended ``up`` there, without the stop its own handler makes (exit 0).
 
+    From then on this process connects to a Ray only through here: a Ray call made after its
+    stop shut Ray down (a Serve handle's router polls Serve's controller from a thread of its
+    own until then, and goes on) would otherwise start a new local Ray, with Ray's defaults,
+    that nobody stops (RAY_ENABLE_AUTO_CONNECT=0, which Ray reads only as it is imported)."""
+    import ray
+    from ray._private import auto_init_hook
+
+    auto_init_hook.enable_auto_connect = False
     main = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGTERM) if main else None
     try:

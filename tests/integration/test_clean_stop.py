@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -79,3 +80,33 @@ def test_a_clean_stop_keeps_the_shards_last_price_and_closes_the_candle_store(
             f"recovered {recovered}, the shard held {PRICES[-1]}"
     finally:
         ray_platform.stop()
+
+
+@pytest.mark.timeout(180)
+def test_a_stop_that_gives_up_on_the_api_starts_no_ray(
+        kafka_broker: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A stop waits API_STOP_TIMEOUT_S for the API to go, then gives up and shuts its Ray down.
+    Its thread stopping the API makes no Serve call after that: Serve's client, finding no Ray,
+    would start a new local one with Ray's defaults, which nobody stops (and which a later test
+    in this process would take for its own). Here the stop gives up after 1 s, while Serve is
+    still deleting the API."""
+    import ray
+    from cluster.actors import launcher
+
+    ray_platform = RayHttpPlatform(kafka_broker, Settings(assets=DEFAULT_ASSETS.subset(["SOL"])))
+    try:
+        ray_platform.start()
+        assert ray_platform.platform._ray_started  # its own Ray, which its stop shuts down
+        monkeypatch.setattr(launcher, "API_STOP_TIMEOUT_S", 1.0)
+        with caplog.at_level(logging.WARNING, logger=launcher.__name__):
+            ray_platform.stop()
+        assert "the API did not stop within" in caplog.text  # the stop gave up on it
+        deadline = time.monotonic() + 8  # such a Ray was connected 2-3 s after the stop
+        while time.monotonic() < deadline:
+            assert not ray.is_initialized(), "a Ray was started after the stop"
+            time.sleep(0.05)
+    finally:
+        ray_platform.stop()
+        if ray.is_initialized():
+            ray.shutdown()
