@@ -64,6 +64,7 @@ DRAIN_S = 1.0  # direct ingress holds a stopping replica open this long (default
 # with none in flight was held 2 s, where DRAIN_S is the hold wanted)
 DRAIN_POLL_S = 0.25
 GRACEFUL_SHUTDOWN_S = 5.0  # then Serve kills a stopping replica, requests in flight or not
+CALL_END_WAIT_S = 2.0  # a given-up API stop waits this long for its Serve call under way
 STREAMS_CLOSE_S = 2.0  # a stopping replica's WebSockets get this long to take their queued frames
 AUTOSCALE_TARGET_ONGOING = 32  # with API_MAX_REPLICAS: requests in flight a replica aims at
 # How often Serve's controller health-checks each node's proxy, with a front door its HAProxy
@@ -496,29 +497,38 @@ def stop_api(timeout_s: float, ray_down: Callable[[], bool]) -> bool:
     says the cluster itself is going (a Serve that does not answer must not hold up a stop:
     the caller goes on, and Ray's end takes the replicas)."""
     done, given_up = threading.Event(), threading.Event()
+    # Serve's client connects with ray.init when it finds no Ray: a Serve call begun after the
+    # caller gave up (and went on to shut Ray down) would start a new local Ray from this
+    # thread, one nobody stops. So each call is made holding `calling`, only while the stop is
+    # not given up, and the caller takes `calling` as it gives up: no call begins after that.
+    calling = threading.Lock()
 
-    def going_on() -> bool:
-        # once the caller gave up, it goes on to shut Ray down: a Serve call after that would
-        # start a new local Ray from this thread (Serve's client connects with ray.init)
-        return not given_up.is_set() and ray.is_initialized()
+    def while_going_on(call: Callable[[], Any]) -> Any:
+        with calling:
+            if given_up.is_set() or not ray.is_initialized():
+                raise _GivenUp
+            return call()
 
     def stop() -> None:
         try:
             try:
-                answers = asyncio.run(_going_away())
+                answers = while_going_on(lambda: asyncio.run(_going_away()))
                 failed = [a for a in answers if isinstance(a, BaseException)]
                 if failed:
                     log.warning("%d API replica(s) did not close their WebSockets: %s",
                                 len(failed), failed[0])
+            except _GivenUp:
+                raise
             except Exception as exc:  # no app (a start that failed before it), or Serve's
-                if going_on():
+                if not given_up.is_set():
                     log.warning("could not tell the API replicas to close their WebSockets: "
                                 "%r", exc)
-            if going_on():
-                with contextlib.suppress(Exception):
-                    serve.delete(SERVE_APP, _blocking=False)
-            while going_on() and api_deployed():
+            with contextlib.suppress(Exception):  # _GivenUp too: the loop below ends on it
+                while_going_on(lambda: serve.delete(SERVE_APP, _blocking=False))
+            while while_going_on(api_deployed):
                 time.sleep(0.1)
+        except _GivenUp:
+            pass
         finally:
             done.set()
 
@@ -528,8 +538,17 @@ def stop_api(timeout_s: float, ray_down: Callable[[], bool]) -> bool:
     while not done.wait(0.1):
         if time.monotonic() >= deadline or ray_down():
             given_up.set()
+            # the caller shuts Ray down next: not under a call under way, unless that call
+            # does not end within CALL_END_WAIT_S (a Serve that does not answer must not hold
+            # up the stop)
+            if calling.acquire(timeout=CALL_END_WAIT_S):
+                calling.release()
             return False
     return True
+
+
+class _GivenUp(Exception):
+    """The caller of :func:`stop_api` gave up on it: its thread makes no more Serve calls."""
 
 
 async def _going_away() -> list[Any]:
