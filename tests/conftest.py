@@ -51,13 +51,15 @@ def ray_local() -> Iterator[None]:
     import ray
     from cluster.actors.deploy import RAY_SYSTEM_CONFIG
 
-    started = not ray.is_initialized()
-    if started:
-        # address="local": always a new local Ray, never attach to a cluster someone else runs
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1", _system_config=dict(RAY_SYSTEM_CONFIG))
+    if ray.is_initialized():
+        # a Ray an earlier test left connected: its settings are not the platform's (Ray's
+        # defaults, when something called ray.init with none), which the tests here rely on
+        address = ray.get_runtime_context().gcs_address
+        pytest.fail(f"a Ray this fixture did not start is connected ({address})", pytrace=False)
+    # address="local": always a new local Ray, never attach to a cluster someone else runs
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1", _system_config=dict(RAY_SYSTEM_CONFIG))
     try:
         yield None
     finally:
-        if started:
-            ray.shutdown()
+        ray.shutdown()
