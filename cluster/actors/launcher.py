@@ -1127,6 +1127,13 @@ def _ray_init(**options: Any) -> None:
     handler = signal.getsignal(signal.SIGTERM) if main else None
     try:
         ray.init(**options)
+    except Exception as exc:
+        # a node that never registered (its raylet ended as it started: "The current node
+        # timed out during startup") is a bare Exception, after Ray's fixed 30 s: a start
+        # that failed like the others, one line, not a traceback
+        if type(exc) is Exception:
+            raise LaunchError(f"Ray did not start: {exc}") from exc
+        raise
     finally:
         if handler is not None:
             signal.signal(signal.SIGTERM, handler)

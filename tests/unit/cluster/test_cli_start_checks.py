@@ -358,6 +358,34 @@ def test_a_start_joining_a_ray_address_where_nothing_listens_is_refused_at_once(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_ray_whose_node_never_registers_is_a_start_that_failed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ray.init raises a bare Exception when the node it started never registers with its GCS
+    (its raylet ended as it started), after a fixed 30 s: ``up`` showed a traceback. It is now
+    a LaunchError, which ``up`` says in one line (``shardex: cannot start: Ray did not start:
+    ...``, exit 1); Ray's typed errors pass as they were."""
+    import cluster.actors.launcher as launcher
+    import ray
+    from ray._private import auto_init_hook
+
+    monkeypatch.setattr(auto_init_hook, "enable_auto_connect", True)  # _ray_init turns it off
+    raised: list[Exception] = []
+
+    def init(**options: object) -> None:
+        raise raised[-1]
+
+    monkeypatch.setattr(ray, "init", init)
+    raised.append(Exception("The current node timed out during startup. This could happen "
+                            "because some of the raylet failed to startup"))
+    with pytest.raises(LaunchError, match=r"^Ray did not start: The current node timed out "):
+        launcher._ray_init(address="local")
+    assert issubclass(LaunchError, launcher._start_failures())
+    assert not auto_init_hook.enable_auto_connect
+    raised.append(ConnectionError("no GCS"))
+    with pytest.raises(ConnectionError, match=r"^no GCS$"):
+        launcher._ray_init(address="local")
+
+
 def test_a_ray_address_that_is_no_address_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     done, _ = _cli("status", env={**_env(tmp_path), "RAY_ADDRESS": "garbage"})
     assert done.returncode != 0
