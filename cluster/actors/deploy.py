@@ -121,21 +121,22 @@ def marked(spec: HostSpec, pinned: set[str], shared_mark: str | None) -> HostSpe
 def start_hosts(settings: Settings, namespace: str, data_dir: str | None,
                 ready_timeout_s: float, bootstrap: str | None = None,
                 secret: bytes | None = None,
-                shared_mark: str | None = None) -> tuple[Any, dict[str, Any]]:
+                shared_mark: str | None = None, made: bool = False) -> tuple[Any, dict[str, Any]]:
     """Start (named, in ``namespace``) the ledger host and every shard host; wait until each
     answers (recovered). Without ``data_dir`` the state lives in memory and a host is not
     restarted (it would come back empty). With ``bootstrap`` the ledger publishes its account
     events there, signed with ``secret`` (cluster.live.topic_auth; Ray restarts the ledger with the
     same one). ``shared_mark``: a file under ``data_dir`` that every host no node pins must
-    find on its node (:func:`marked`). Returns ``(ledger_handle, {shard name: handle})``."""
+    find on its node (:func:`marked`). ``made``: an earlier start's hosts made their journals
+    (HostSpec.made). Returns ``(ledger_handle, {shard name: handle})``."""
     import ray
 
     host = host_class()
     pinned = pinned_hosts()
     ledger_spec, shard_specs = host_specs(settings, data_dir, bootstrap=bootstrap,
                                           secret=secret)
-    ledger_spec = marked(ledger_spec, pinned, shared_mark)
-    shard_specs = {name: marked(spec, pinned, shared_mark)
+    ledger_spec = dataclasses.replace(marked(ledger_spec, pinned, shared_mark), made=made)
+    shard_specs = {name: dataclasses.replace(marked(spec, pinned, shared_mark), made=made)
                    for name, spec in shard_specs.items()}
     unpinned = [name for name in (LEDGER, *shard_specs) if name not in pinned]
     if pinned and unpinned:

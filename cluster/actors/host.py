@@ -57,6 +57,9 @@ class HostSpec:
     # a file the start wrote under data_dir on its own node: a host that does not find it
     # runs where DATA_DIR is another disk than the start's (None: not checked; a pinned host)
     shared_mark: str | None = None
+    # DATA_DIR's layout record says an earlier start's hosts made their journals: this host
+    # is refused without one, as after a restart (False: a first start, which makes it)
+    made: bool = False
 
     def build(self, snapshot: Snapshot | None) -> Any:
         cls: Any = self.machine_cls
@@ -91,6 +94,12 @@ class HostSpec:
                 "on this node): refused rather than begin empty. Give this node the "
                 "directory (one filesystem mounted at DATA_DIR on every node, or the host "
                 "pinned to the node that holds it), then start the platform again")
+        if self.made and not os.path.isdir(journal):
+            raise JournalMissing(
+                f"{self.name} has no journal ({journal}), which an earlier start of this "
+                "DATA_DIR made: refused rather than begin empty, without what it acknowledged "
+                "(and release the margin of its positions). Restore the directory from the "
+                "backup that holds it, or start with a new DATA_DIR")
         return Runner.open(directory, self.build, exit_on_failure=exit_on_failure,
                            **self.store_options)
 

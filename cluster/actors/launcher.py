@@ -570,10 +570,13 @@ class Platform:
         data_dir = str(settings.data_dir.resolve()) if self.durable else None
         # a durable start recorded the layout under DATA_DIR on this node before it came here:
         # a host that does not see it has another DATA_DIR (DATA_DIR is not shared)
+        made = self.durable and hosts_made(settings)
         self.ledger, self.shards = start_hosts(settings, self.namespace, data_dir,
                                                READY_TIMEOUT_S, self.bootstrap,
                                                self.account_secret,
-                                               LAYOUT_FILE if self.durable else None)
+                                               LAYOUT_FILE if self.durable else None, made)
+        if self.durable and not made:
+            record_hosts_made(settings)  # before anything is acknowledged
         phase("ledger and shards")
         if self.durable:
             # before the API serves: settle what requests cut off by a crash left half done
@@ -979,6 +982,29 @@ def check_layout(settings: Settings, record: bool = False) -> None:
                           f"SHARDS={_shards_text(splits)}, and its "
                           "ids carry that layout: set those, or use a new DATA_DIR for another "
                           "layout")
+
+
+HOSTS_MADE = "hosts_made"  # in LAYOUT_FILE once a start's hosts have made their journals
+
+
+def hosts_made(settings: Settings) -> bool:
+    """Whether DATA_DIR's layout record says an earlier start's hosts made their journals
+    (:func:`record_hosts_made`); a host then refuses to begin without its own."""
+    try:
+        return json.loads((settings.data_dir / LAYOUT_FILE).read_text()).get(HOSTS_MADE) is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def record_hosts_made(settings: Settings) -> None:
+    """Note in DATA_DIR's layout record that every host has made its journal: from the next
+    start on, a host whose journal is gone (a directory deleted, a backup restored in part)
+    is refused instead of beginning empty, where the start's reconciliation released the
+    margin of every position the ledger held on it."""
+    from cluster.durability.journal import write_whole
+
+    path = settings.data_dir / LAYOUT_FILE
+    write_whole(path, json.dumps({**json.loads(path.read_text()), HOSTS_MADE: True}).encode())
 
 
 def _refuse_unread_shards(settings: Settings, layout: Iterable[ShardSpec]) -> None:

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import pytest
+from cluster.actors.launcher import hosts_made
 from cluster.actors.local import LocalHosts
 from cluster.config import Settings
 from cluster.live.candle_store import FILE_NAME
@@ -63,6 +64,8 @@ def test_a_clean_stop_keeps_the_shards_last_price_and_closes_the_candle_store(
         stop_s = time.monotonic() - started
         print(f"\nclean stop took {stop_s:.2f} s")
         assert stop_s < STOP_BUDGET_S
+        # the start noted that its hosts made their journals: a later start refuses one gone
+        assert hosts_made(ray_platform.settings)
 
         # (a) the candle store was closed: its WAL checkpointed into the database, then removed
         assert not wal.exists() or wal.stat().st_size == 0, \

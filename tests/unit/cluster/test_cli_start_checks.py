@@ -386,6 +386,26 @@ def test_a_ray_whose_node_never_registers_is_a_start_that_failed(
         launcher._ray_init(address="local")
 
 
+def test_the_layout_record_notes_once_the_hosts_made_their_journals(tmp_path: Path) -> None:
+    """What a start reads to tell its hosts that they made their journals before
+    (cluster.actors.host.HostSpec.made); the layout it records is kept as it was."""
+    from cluster.actors.launcher import LAYOUT_FILE
+    from cluster.actors.launcher import hosts_made
+    from cluster.actors.launcher import record_hosts_made
+
+    settings = dataclasses.replace(Settings(), data_dir=tmp_path)
+    assert not hosts_made(settings)  # no record: a first start
+    check_layout(settings, record=True)
+    layout = json.loads((tmp_path / LAYOUT_FILE).read_text())
+    assert not hosts_made(settings)  # recorded, the hosts not started yet
+    record_hosts_made(settings)
+    assert hosts_made(settings)
+    assert json.loads((tmp_path / LAYOUT_FILE).read_text()) == {**layout, "hosts_made": True}
+    check_layout(settings)  # the same layout still
+    (tmp_path / LAYOUT_FILE).write_text("[]")  # not a record: as a first start, and refused
+    assert not hosts_made(settings)
+
+
 def test_a_ray_address_that_is_no_address_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     done, _ = _cli("status", env={**_env(tmp_path), "RAY_ADDRESS": "garbage"})
     assert done.returncode != 0

@@ -1,9 +1,12 @@
 """A host Ray starts again opens the journal its first start made, or refuses: on a node
-that does not hold its directory it would otherwise begin empty. A host Ray may place on any
-node refuses a DATA_DIR that is not the start's. No Ray runs."""
+that does not hold its directory it would otherwise begin empty. So does a host a later start
+makes, once DATA_DIR's layout record says the hosts made their journals. A host Ray may place
+on any node refuses a DATA_DIR that is not the start's. No Ray runs."""
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,24 @@ def test_a_restarted_host_without_its_journal_refuses_and_creates_nothing(
             spec.runner(restarted=True)
     # nothing made: a second restart there must refuse as well
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_start_after_the_hosts_made_their_journals_refuses_one_gone_and_creates_nothing(
+        tmp_path: Path) -> None:
+    """A shard directory deleted, or a backup restored without it: the start made that host
+    empty, and its reconciliation released the margin of every position the ledger held on it
+    (``audit`` found nothing wrong). Once the hosts have made their journals, each is refused
+    without its own; the others open theirs."""
+    ledger, shards = host_specs(Settings(), str(tmp_path), store_options={"fsync": False})
+    for spec in (ledger, *shards.values()):
+        spec.runner().close()  # the first start: each makes its journal
+    gone = next(iter(shards.values()))
+    shutil.rmtree(tmp_path / gone.name)
+    with pytest.raises(JournalMissing, match=f"{gone.name} has no journal .*an earlier start"):
+        dataclasses.replace(gone, made=True).runner()
+    assert not (tmp_path / gone.name).exists()  # nothing made: the next start refuses too
+    dataclasses.replace(ledger, made=True).runner().close()
+    gone.runner().close()  # a first start (made=False) makes it, as before
 
 
 def test_a_restarted_host_recovers_the_journal_its_first_start_made(tmp_path: Path) -> None:
