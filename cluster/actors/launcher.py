@@ -1493,8 +1493,8 @@ def _audit_offline(settings: Settings, as_json: bool) -> int:
         print(f"shardex audit --offline: {exc}", file=sys.stderr)
         return 2
     try:
-        hosts = LocalHosts(settings, str(root), readonly=True)
-    except Exception as exc:  # a held lock (platform running) or an unreadable store
+        hosts = LocalHosts(settings, str(root), readonly=True, made=hosts_made(settings))
+    except Exception as exc:  # a held lock (platform running), an unreadable store, a journal gone
         print(f"shardex audit --offline: cannot recover {root}: {exc}", file=sys.stderr)
         return 2
     try:

@@ -9,6 +9,7 @@ durable (journals under ``data_dir/<name>``), as the actors are under ``shardex 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,13 +29,17 @@ class LocalHosts:
     """Ports over in-process runners; ``clock_us`` is the runners' clock (tests set it)."""
 
     def __init__(self, settings: Settings, data_dir: str | None = None, *,
-                 clock_us: Callable[[], int] = wall_clock_us, **store_options: Any) -> None:
+                 clock_us: Callable[[], int] = wall_clock_us, made: bool = False,
+                 **store_options: Any) -> None:
         self.settings = settings
         self.layout = Layout(settings)
         ledger_spec, shard_specs = host_specs(settings, data_dir, store_options)
-        self.ledger = LocalPort(ledger_spec.name, _runner(ledger_spec.runner(), clock_us))
-        self.shards = {name: LocalPort(name, _runner(spec.runner(), clock_us))
-                       for name, spec in shard_specs.items()}
+        # made: the hosts made their journals before (HostSpec.made)
+        self.ledger = LocalPort(ledger_spec.name, _runner(
+            dataclasses.replace(ledger_spec, made=made).runner(), clock_us))
+        self.shards = {name: LocalPort(name, _runner(
+            dataclasses.replace(spec, made=made).runner(), clock_us))
+            for name, spec in shard_specs.items()}
         self.courier = Courier(self.ledger, self.shards)
         for name in self.shards:  # a shard continues the numbering the ledger knows
             self.resume_blocking(name)

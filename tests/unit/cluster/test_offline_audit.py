@@ -15,12 +15,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from cluster.actors.launcher import check_layout
+from cluster.actors.launcher import record_hosts_made
 from cluster.actors.local import LocalHosts
 from cluster.actors.names import LEDGER
 from cluster.config import Settings
@@ -195,6 +197,22 @@ def test_offline_audit_reports_a_difference_a_start_keeps(tmp_path: Path) -> Non
     assert text.returncode == 1
     assert f"DIFFERENCE: {difference}\n" in text.stdout
     assert f"audit (offline, {root}): 1 difference(s)" in text.stdout
+    assert _files(root) == before
+
+
+def test_offline_audit_refuses_a_data_dir_whose_hosts_made_a_journal_now_gone(
+        tmp_path: Path) -> None:
+    """Once the hosts made their journals (the start notes it in layout.json), a shard whose
+    directory is gone is what a start refuses; the audit read that shard as empty and said OK
+    (the start's reconciliation released the margin of its positions, counted as released)."""
+    root = tmp_path / "data"
+    asyncio.run(_leave_crashed_state(root))
+    record_hosts_made(_settings(root))
+    shutil.rmtree(root / "shard-SOL-0")
+    before = _files(root)
+    done = _cli(root, "audit", "--offline")
+    assert done.returncode == 2 and done.stdout == "", done
+    assert f"cannot recover {root}: shard-SOL-0 has no journal" in done.stderr, done.stderr
     assert _files(root) == before
 
 
