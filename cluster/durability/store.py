@@ -460,6 +460,9 @@ class JournalStore:
         more), or None."""
         if self.snapshot_failures < SNAPSHOT_FAILURES_REPORTED:
             return None
+        writer = self._writer
+        if writer is not None and not writer.is_alive() and self._writer_error is None:
+            return None  # one written since; the count is reset as the next commit reaps it
         return (f"the last {self.snapshot_failures} snapshots of {self.directory} failed "
                 f"({self._snapshot_error}): the journal keeps every event, but it is no "
                 "longer trimmed and a restart replays all of it")
