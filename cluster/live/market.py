@@ -179,24 +179,40 @@ class MarketLive:
         (counted in ``store_errors``) and a new one begun: the chart history is not worth the
         feed actor, which prices every shard, and which would otherwise not start until someone
         removed the file by hand."""
+        aside: list[Path] = []
+
+        def set_damaged_aside(exc: BaseException) -> None:
+            if is_damage(exc):
+                aside.append(set_aside(data_dir))
+
         try:
-            return self._read_store(data_dir, names)
+            return self._read_store(data_dir, names, set_damaged_aside)
         except (sqlite3.DatabaseError, DamagedRow) as exc:
             if not is_damage(exc):
                 raise
-            aside = set_aside(data_dir)
+            if not aside:  # found as the store opened it (it is closed, its WAL untouched)
+                aside.append(set_aside(data_dir))
             self.store_errors += 1
             log.error("candle store: %s is damaged (%s); moved to %s, new candles begin",
-                      aside.with_name(FILE_NAME), exc, aside)
+                      aside[0].with_name(FILE_NAME), exc, aside[0])
         return self._read_store(data_dir, names)
 
     @staticmethod
-    def _read_store(data_dir: Path, names: Sequence[str]) -> tuple[CandleStore, list[Candle]]:
+    def _read_store(data_dir: Path, names: Sequence[str],
+                    on_failure: Callable[[BaseException], None] | None = None
+                    ) -> tuple[CandleStore, list[Candle]]:
+        """The store and its newest candles; ``on_failure(exc)`` runs while the store is
+        still open: SQLite's close of a store it read checkpoints its WAL into the file and
+        deletes it, so a damaged file moved aside then keeps its WAL (``<aside>-wal``)."""
         store = CandleStore(data_dir)
         try:
             return store, store.latest(names, INTERVALS, per_key=CANDLES_KEPT)
-        except BaseException:
-            store.close()
+        except BaseException as exc:
+            try:
+                if on_failure is not None:
+                    on_failure(exc)
+            finally:
+                store.close()
             raise
 
     def apply(self, ticks: Iterable[Tick]) -> int:

@@ -444,6 +444,37 @@ def test_a_damaged_candle_file_is_set_aside_and_new_candles_begin(tmp_path: Path
     assert (tmp_path / f"{FILE_NAME}.1.corrupt").read_bytes() == bytes(data)
 
 
+def test_a_damaged_candle_file_is_set_aside_with_its_wal(tmp_path: Path) -> None:
+    """A feed actor killed leaves its newest candles in the ``-wal``, not yet in the file. A
+    file then found damaged is set aside with it, both as they were (``<aside>-wal``: SQLite
+    opens the file set aside with it). Before, the store's close after the failed read
+    deleted the WAL, and only the file was set aside."""
+    live = MarketLive(Settings().assets, tmp_path, Clock(T0_US + 2))
+    for n in range(300):
+        live.apply([sol(10_000 + n % 5, T0_US + n * MINUTE_US, n + 1)])
+    live.close()
+    path, wal_path = tmp_path / FILE_NAME, tmp_path / f"{FILE_NAME}-wal"
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA wal_autocheckpoint = 0")
+    with con:  # the newest candle changed in the WAL only, as when its writer was killed
+        con.execute("UPDATE candles SET tick_count = tick_count + 1 "
+                    "WHERE start_us = (SELECT max(start_us) FROM candles)")
+    data, wal = bytearray(path.read_bytes()), wal_path.read_bytes()
+    con.close()  # (a close checkpoints the WAL and deletes it: it is written back below)
+    assert wal and not wal_path.exists()
+    data[3 * 4096:6 * 4096] = b"\x5a" * (3 * 4096)  # pages the WAL does not hold
+    path.write_bytes(bytes(data))
+    wal_path.write_bytes(wal)
+    restarted = MarketLive(Settings().assets, tmp_path, Clock(T0_US + 400 * MINUTE_US))
+    try:
+        assert restarted.store_errors == 1
+        assert restarted.candles("SOL", "1m", CandleQuery()) == []
+    finally:
+        restarted.close()
+    assert (tmp_path / f"{FILE_NAME}.1.corrupt").read_bytes() == bytes(data)
+    assert (tmp_path / f"{FILE_NAME}.1.corrupt-wal").read_bytes() == wal
+
+
 @pytest.mark.parametrize("change", [
     "start_us = start_us + 1",  # no longer aligned to its interval
     "close_ts_us = close_ts_us + 3600000000",  # its newest tick past its interval's end
