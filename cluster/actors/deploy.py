@@ -134,9 +134,9 @@ def start_hosts(settings: Settings, namespace: str, data_dir: str | None,
     host = host_class()
     pinned = pinned_hosts()
     ledger_spec, shard_specs = host_specs(settings, data_dir, bootstrap=bootstrap,
-                                          secret=secret)
-    ledger_spec = dataclasses.replace(marked(ledger_spec, pinned, shared_mark), made=made)
-    shard_specs = {name: dataclasses.replace(marked(spec, pinned, shared_mark), made=made)
+                                          secret=secret, made=made)
+    ledger_spec = marked(ledger_spec, pinned, shared_mark)
+    shard_specs = {name: marked(spec, pinned, shared_mark)
                    for name, spec in shard_specs.items()}
     unpinned = [name for name in (LEDGER, *shard_specs) if name not in pinned]
     if pinned and unpinned:

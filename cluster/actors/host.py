@@ -212,10 +212,12 @@ def host_class() -> Any:
 
 def host_specs(settings: Settings, data_dir: str | None = None,
                store_options: dict[str, Any] | None = None, bootstrap: str | None = None,
-               secret: bytes | None = None) -> tuple[HostSpec, dict[str, HostSpec]]:
+               secret: bytes | None = None,
+               made: bool = False) -> tuple[HostSpec, dict[str, HostSpec]]:
     """The ledger's spec and each shard's (by ShardSpec.name) for ``settings``' layout; with
     ``bootstrap``, the ledger publishes its account events to ``settings.account_topic``,
-    signed with ``secret`` (cluster.live.topic_auth: one of its secrets, required then)."""
+    signed with ``secret`` (cluster.live.topic_auth: one of its secrets, required then).
+    ``made``: an earlier start's hosts made their journals (:attr:`HostSpec.made`)."""
     from engine.ledger_machine import LedgerMachine
     from engine.shard_machine import ShardMachine
 
@@ -229,12 +231,14 @@ def host_specs(settings: Settings, data_dir: str | None = None,
     ledger = HostSpec(LEDGER, LedgerMachine, (settings.signup_balance_micros,
                                               settings.max_open_positions,
                                               settings.max_open_orders), data_dir, options,
-                      publish, {"max_client_order_ids": settings.max_client_order_ids})
+                      publish, {"max_client_order_ids": settings.max_client_order_ids},
+                      made=made)
     shards = {
         spec.name: HostSpec(spec.name, ShardMachine,
                             (spec.name, spec.book_tag, settings.assets[spec.asset],
                              settings.maintenance_margin_ppm, settings.max_price_age_us),
                             data_dir, options,
-                            keywords={"max_clock_skew_us": settings.max_clock_skew_us})
+                            keywords={"max_clock_skew_us": settings.max_clock_skew_us},
+                            made=made)
         for spec in shard_layout(settings)}
     return ledger, shards

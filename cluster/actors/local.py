@@ -9,7 +9,6 @@ durable (journals under ``data_dir/<name>``), as the actors are under ``shardex 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -33,13 +32,10 @@ class LocalHosts:
                  **store_options: Any) -> None:
         self.settings = settings
         self.layout = Layout(settings)
-        ledger_spec, shard_specs = host_specs(settings, data_dir, store_options)
-        # made: the hosts made their journals before (HostSpec.made)
-        self.ledger = LocalPort(ledger_spec.name, _runner(
-            dataclasses.replace(ledger_spec, made=made).runner(), clock_us))
-        self.shards = {name: LocalPort(name, _runner(
-            dataclasses.replace(spec, made=made).runner(), clock_us))
-            for name, spec in shard_specs.items()}
+        ledger_spec, shard_specs = host_specs(settings, data_dir, store_options, made=made)
+        self.ledger = LocalPort(ledger_spec.name, _runner(ledger_spec.runner(), clock_us))
+        self.shards = {name: LocalPort(name, _runner(spec.runner(), clock_us))
+                       for name, spec in shard_specs.items()}
         self.courier = Courier(self.ledger, self.shards)
         for name in self.shards:  # a shard continues the numbering the ledger knows
             self.resume_blocking(name)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from cluster.durability.runner import wall_clock_us
-from cluster.live.candle_store import FILE_NAME, CandleStore, DamagedRow, is_damage, set_aside
+from cluster.live.candle_store import FILE_NAME, CandleStore, is_damage, set_aside
 from engine.assets import AssetRegistry
 from engine.candles import (
     CANDLES_KEPT,
@@ -172,48 +172,32 @@ class MarketLive:
         # current candle before the first tick (the REST klines show it already)
         self.version = 1 if self._latest or self._closed else 0
 
-    def _open_store(self, data_dir: Path, names: Sequence[str]) -> tuple[CandleStore,
-                                                                          list[Candle]]:
+    def _open_store(self, data_dir: Path, names: Sequence[str],
+                    set_aside_damage: bool = True) -> tuple[CandleStore, list[Candle]]:
         """The store under ``data_dir`` and its newest candles per (asset, interval). A file
         SQLite finds damaged, or whose newest rows hold one that is no candle, is moved aside
         (counted in ``store_errors``) and a new one begun: the chart history is not worth the
         feed actor, which prices every shard, and which would otherwise not start until someone
         removed the file by hand."""
-        aside: list[Path] = []
-
-        def set_damaged_aside(exc: BaseException) -> None:
-            if is_damage(exc):
-                aside.append(set_aside(data_dir))
-
+        store: CandleStore | None = None
         try:
-            return self._read_store(data_dir, names, set_damaged_aside)
-        except (sqlite3.DatabaseError, DamagedRow) as exc:
-            if not is_damage(exc):
-                raise
-            if not aside:  # found as the store opened it (it is closed, its WAL untouched)
-                aside.append(set_aside(data_dir))
-            self.store_errors += 1
-            log.error("candle store: %s is damaged (%s); moved to %s, new candles begin",
-                      aside[0].with_name(FILE_NAME), exc, aside[0])
-        return self._read_store(data_dir, names)
-
-    @staticmethod
-    def _read_store(data_dir: Path, names: Sequence[str],
-                    on_failure: Callable[[BaseException], None] | None = None
-                    ) -> tuple[CandleStore, list[Candle]]:
-        """The store and its newest candles; ``on_failure(exc)`` runs while the store is
-        still open: SQLite's close of a store it read checkpoints its WAL into the file and
-        deletes it, so a damaged file moved aside then keeps its WAL (``<aside>-wal``)."""
-        store = CandleStore(data_dir)
-        try:
+            store = CandleStore(data_dir)
             return store, store.latest(names, INTERVALS, per_key=CANDLES_KEPT)
         except BaseException as exc:
             try:
-                if on_failure is not None:
-                    on_failure(exc)
+                if not (set_aside_damage and is_damage(exc)):
+                    raise
+                # moved while the store that read it is open: SQLite's close of it checkpoints
+                # its WAL into the file and deletes it, so the file set aside keeps its WAL
+                # (<aside>-wal). One the store found damaged as it opened is closed already.
+                aside = set_aside(data_dir)
             finally:
-                store.close()
-            raise
+                if store is not None:
+                    store.close()
+            self.store_errors += 1
+            log.error("candle store: %s is damaged (%s); moved to %s, new candles begin",
+                      aside.with_name(FILE_NAME), exc, aside)
+        return self._open_store(data_dir, names, set_aside_damage=False)  # a new file
 
     def apply(self, ticks: Iterable[Tick]) -> int:
         """Build the candles of ``ticks`` (accepted, in order), write those they changed to
