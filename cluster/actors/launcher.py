@@ -957,7 +957,7 @@ def check_layout(settings: Settings, record: bool = False) -> None:
     try:
         recorded = json.loads(path.read_text())["shards"]
     except FileNotFoundError:
-        _refuse_unread_shards(settings, layout)
+        _refuse_other_shards(settings, layout)
         if record:
             # whole or not at all: a torn or empty file (a full disk, a kill, a power cut)
             # would refuse every later start
@@ -1007,15 +1007,19 @@ def record_hosts_made(settings: Settings) -> None:
     write_whole(path, json.dumps({**json.loads(path.read_text()), HOSTS_MADE: True}).encode())
 
 
-def _refuse_unread_shards(settings: Settings, layout: Iterable[ShardSpec]) -> None:
-    """LaunchError when DATA_DIR, which records no layout, holds a shard ``layout`` lacks
-    (made before layouts were recorded, or its actor directories restored alone): that shard
-    would go unread, and the start's reconciliation would release its positions' margin."""
+def _refuse_other_shards(settings: Settings, layout: Iterable[ShardSpec]) -> None:
+    """LaunchError when DATA_DIR, which records no layout, holds shards other than ``layout``'s
+    (made before layouts were recorded, or its actor directories restored alone): a shard
+    ``layout`` lacks would go unread, and the start's reconciliation would release its
+    positions' margin; one it adds moves the book tags (in every id) of the shards after it,
+    and the start failed to recover them only after recording the new layout as DATA_DIR's."""
     specs = list(layout)
     held = _shard_directories(settings.data_dir)
-    unread = [name for name in held if name not in {spec.name for spec in specs}]
-    if not unread:
+    names = [spec.name for spec in specs]
+    if not held or set(held) == set(names):
         return
+    differ = [name for name in held if name not in names] + \
+        [f"no {name}" for name in names if name not in held]
     made: dict[str, int] = {}  # what the directories show of the layout they were made with
     for asset, split in filter(None, map(split_of_name, held)):
         made[asset] = max(made.get(asset, 0), split + 1)
@@ -1023,8 +1027,8 @@ def _refuse_unread_shards(settings: Settings, layout: Iterable[ShardSpec]) -> No
     made = dict(sorted(made.items(), key=lambda item: (
         order.index(item[0]) if item[0] in order else len(order), item[0])))
     raise LaunchError(
-        f"DATA_DIR {settings.data_dir} holds {', '.join(unread)}, which SHARDS="
-        f"{_shards_text({spec.asset: spec.split_count for spec in specs})} does not have, and "
+        f"DATA_DIR {settings.data_dir} holds {', '.join(differ)}, unlike SHARDS="
+        f"{_shards_text({spec.asset: spec.split_count for spec in specs})}, and "
         f"no {LAYOUT_FILE} naming the layout its ids were issued under: its shard directories "
         f"were made with SHARDS={_shards_text(made)}: set that (and the ASSETS it was made "
         "with), or use a new DATA_DIR for another layout")

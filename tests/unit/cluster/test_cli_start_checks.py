@@ -781,3 +781,19 @@ def test_the_sim_fallback_of_auto_continues_from_the_shards_last_prices() -> Non
     assert suffix == " (its sim fallback continuing from SOL 181.21)"
     bid, ask = source.fallback.walk.next(sol)
     assert abs(bid - last.bid_ticks) < 100, (bid, ask)  # within a dollar, not back at 140
+
+
+def test_a_data_dir_without_its_layout_given_a_split_more_is_refused(tmp_path: Path) -> None:
+    """No layout.json, and SHARDS splits an asset in more shards than its directories show: the
+    start is refused naming the shard it lacks, and writes nothing. It recorded the new layout,
+    in which the shards after the new one have other book tags, and then failed to recover
+    such a shard with positions (a RecoveryError: its ids carry the old tag); every later
+    start with the layout DATA_DIR was made with was refused as not the one recorded."""
+    made = asyncio.run(_positions_on_two_splits(tmp_path))
+    three = dataclasses.replace(made, shards={"SOL": 3})
+    with pytest.raises(LaunchError, match="no shard-SOL-2") as refused:
+        check_layout(three, record=True)
+    assert "SHARDS=SOL=2,BTC=1,ETH=1" in str(refused.value), refused.value
+    assert not (tmp_path / "layout.json").exists()
+    check_layout(made, record=True)
+    check_layout(made)
