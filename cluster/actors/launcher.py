@@ -813,11 +813,11 @@ class Platform:
                 ray.get(ref)
             except Exception as exc:
                 missed.append(f"{calls[ref]} ({type(exc).__name__})")
-        missed += [f"{calls[ref]} (no answer)" for ref in late]
+        missed += [f"{calls[ref]} (no answer within {HOST_CLOSE_TIMEOUT_S:.0f} s)"
+                   for ref in late]
         if missed:
-            log.warning("not closed within %.0f s, killed without a final snapshot (their "
-                        "journals keep everything acknowledged): %s", HOST_CLOSE_TIMEOUT_S,
-                        ", ".join(sorted(missed)))
+            log.warning("not closed, killed without a final snapshot (their journals keep "
+                        "everything acknowledged): %s", ", ".join(sorted(missed)))
 
     def _own_node(self) -> Any:
         """Ray's node object of a local Ray this platform started (its processes' handles),
