@@ -14,6 +14,7 @@ import os
 import pickle
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -124,6 +125,11 @@ class MachineHost:
             self.publisher = Publisher(topic.bootstrap, topic.topic, topic.secret)
             self._publish()
 
+    def __repr__(self) -> str:
+        # Ray heads the actor's log files with it (":actor_name:MachineHost(shard-SOL-0)"),
+        # so that a host's worker-*.err is found by its name
+        return f"MachineHost({self.spec.name})"
+
     def execute(self, commands: list[Any]) -> list[Any]:
         self._refuse_closed()
         answers = self.runner.execute(commands)
@@ -195,7 +201,11 @@ def restarted_by_ray() -> bool:
     if ray is None or not ray.is_initialized():
         return False
     context = ray.get_runtime_context()
-    return context.get_actor_id() is not None and bool(context.was_current_actor_reconstructed)
+    if context.get_actor_id() is None:
+        return False
+    with warnings.catch_warnings():  # the property reads Ray's own deprecated actor_id
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bool(context.was_current_actor_reconstructed)
 
 
 def host_class() -> Any:

@@ -22,6 +22,7 @@ from cluster.actors.deploy import service_from_names
 from cluster.actors.deploy import start_hosts
 from cluster.actors.host import host_class
 from cluster.actors.host import host_specs
+from cluster.actors.names import LEDGER
 from cluster.actors.port import Port
 from cluster.actors.port import RayPort
 from cluster.actors.port import Unavailable
@@ -268,6 +269,39 @@ async def test_a_shard_restarted_by_ray_recovers_its_positions_and_numbering(
     assert isinstance(history, list) and len(history) == 3
     await rp.flush()
     assert await audit(svc) == []
+
+
+@pytest.mark.asyncio
+async def test_a_hosts_log_files_are_headed_with_its_name_also_after_a_restart(
+        start: Any) -> None:
+    """Ray heads an actor's worker-*.err with its class name, the same for every host; a
+    host's own name now follows it, in the file of each of its processes. Their start also
+    printed Ray's own deprecation warning (Ray's restart check reads its deprecated
+    actor_id), which read as the host's."""
+    rp = start(durable=True)
+    pids = {name: ray.get(handle.info.remote(), timeout=READY_S)["pid"]
+            for name, handle in {LEDGER: rp.ledger, **rp.shards}.items()}
+    ray.kill(rp.shards[BTC], no_restart=False)  # the process dies; Ray starts it again
+    deadline = time.monotonic() + READY_S
+    while True:
+        try:
+            restarted = (await asyncio.wait_for(rp.shards[BTC].info.remote(), 5))["pid"]
+            if restarted != pids[BTC]:
+                break
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                TimeoutError):
+            pass
+        assert time.monotonic() < deadline, "the shard was not restarted"
+        await asyncio.sleep(0.2)
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    names = {pid: name for name, pid in pids.items()} | {restarted: BTC}
+    for pid, name in names.items():
+        [err] = logs.glob(f"worker-*-{pid}.err")
+        deadline = time.monotonic() + 10  # Ray writes the header once the host is made
+        while f":actor_name:MachineHost({name})\n" not in err.read_text():
+            assert time.monotonic() < deadline, (name, err.read_text()[:2000])
+            time.sleep(0.1)
+        assert "DeprecationWarning" not in err.read_text(), err.read_text()[:2000]
 
 
 def _alive(pid: int) -> bool:
