@@ -246,18 +246,7 @@ async def test_a_shard_restarted_by_ray_recovers_its_positions_and_numbering(
     assert await rp.tick("BTC", "61000.0", "61000.1") == 2
     assert await svc.ledger.call(AppliedSeq(BTC)) == 2
     pid = ray.get(rp.shards[BTC].info.remote(), timeout=READY_S)["pid"]
-    ray.kill(rp.shards[BTC], no_restart=False)  # the process dies; Ray starts it again
-    deadline = time.monotonic() + READY_S
-    while True:
-        try:
-            info = await asyncio.wait_for(rp.shards[BTC].info.remote(), 5)
-            if info["pid"] != pid:
-                break
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-                TimeoutError):
-            pass
-        assert time.monotonic() < deadline, "the shard was not restarted"
-        await asyncio.sleep(0.2)
+    await _killed_and_restarted(rp.shards[BTC], pid)
     state = await svc.state(who)  # the same handle, the same port: the recovered book
     assert [p.position_id for p in state.positions] == [kept[2].position_id]
     closed = await svc.close_position(who, CloseOrder(kept[2].position_id))
@@ -271,6 +260,22 @@ async def test_a_shard_restarted_by_ray_recovers_its_positions_and_numbering(
     assert await audit(svc) == []
 
 
+async def _killed_and_restarted(host: Any, pid: int) -> int:
+    """Kill the process ``pid`` of ``host`` and wait until Ray runs it again; the new pid."""
+    ray.kill(host, no_restart=False)  # the process dies; Ray starts it again
+    deadline = time.monotonic() + READY_S
+    while True:
+        try:
+            restarted: int = (await asyncio.wait_for(host.info.remote(), 5))["pid"]
+            if restarted != pid:
+                return restarted
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                TimeoutError):
+            pass
+        assert time.monotonic() < deadline, "the host was not restarted"
+        await asyncio.sleep(0.2)
+
+
 @pytest.mark.asyncio
 async def test_a_hosts_log_files_are_headed_with_its_name_also_after_a_restart(
         start: Any) -> None:
@@ -281,18 +286,7 @@ async def test_a_hosts_log_files_are_headed_with_its_name_also_after_a_restart(
     rp = start(durable=True)
     pids = {name: ray.get(handle.info.remote(), timeout=READY_S)["pid"]
             for name, handle in {LEDGER: rp.ledger, **rp.shards}.items()}
-    ray.kill(rp.shards[BTC], no_restart=False)  # the process dies; Ray starts it again
-    deadline = time.monotonic() + READY_S
-    while True:
-        try:
-            restarted = (await asyncio.wait_for(rp.shards[BTC].info.remote(), 5))["pid"]
-            if restarted != pids[BTC]:
-                break
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-                TimeoutError):
-            pass
-        assert time.monotonic() < deadline, "the shard was not restarted"
-        await asyncio.sleep(0.2)
+    restarted = await _killed_and_restarted(rp.shards[BTC], pids[BTC])
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     names = {pid: name for name, pid in pids.items()} | {restarted: BTC}
     for pid, name in names.items():
