@@ -52,8 +52,9 @@ import numpy as np
 
 from engine import schema
 from engine.assets import Asset
-from engine.orders import MAX_COLUMN_VALUE, NO_LEVEL, Side
+from engine.orders import MAX_COLUMN_VALUE, NO_LEVEL, Side, quantity_steps
 from engine.position_ids import ROW_MASK, ROW_SHIFT
+from engine.results import Code, Rejected
 from engine.rows import RowStore, int64_columns
 
 _INT64_MAX = (1 << 63) - 1
@@ -178,6 +179,36 @@ def impossible_levels(terms: OrderTerms) -> str | None:
                 f" its trigger: its take-profit must lie {'above' if long else 'below'} the "
                 "trigger")
     return None
+
+
+def impossible_size(asset: Asset, terms: OrderTerms) -> str | None:
+    """Why the position ``terms`` open is out of bounds at every price the order can fill at
+    (so it could only end rejected), or None. Fills lie within ``1..asset.max_price_ticks``
+    (a tick above it is dropped), at or below the trigger for a limit long and a stop short,
+    at or above it otherwise; the quantity margin * leverage buys falls as the price rises,
+    and an open takes ``1..asset.max_qty_steps`` of it (engine.orders.plan_open)."""
+    top = asset.max_price_ticks
+    at_or_below = (terms.side == Side.LONG) == (terms.kind == OrderKind.LIMIT)
+    low, high = (1, min(terms.trigger_ticks, top)) if at_or_below else (terms.trigger_ticks, top)
+    if low > high:
+        return f"it fills at or above its trigger, above the largest price " \
+            f"{asset.ticks_to_price(top)}"
+    if quantity_steps(asset, terms.margin_micros, terms.leverage, high) > asset.max_qty_steps:
+        return "position too large at every price the order can fill at"
+    if quantity_steps(asset, terms.margin_micros, terms.leverage, low) < 1:
+        return f"margin * leverage buys less than one step ({asset.qty_step}) at every " \
+            "price the order can fill at"
+    return None
+
+
+def placement_refusal(asset: Asset, terms: OrderTerms) -> Rejected | None:
+    """Why an order of ``terms`` (checked with :func:`check_terms`) is refused at placement,
+    could it only end rejected (:func:`impossible_levels`, :func:`impossible_size`), or None."""
+    problem = impossible_levels(terms)
+    if problem is not None:
+        return Rejected(Code.INVALID_TRIGGER, problem)
+    problem = impossible_size(asset, terms)
+    return None if problem is None else Rejected(Code.INVALID_REQUEST, problem)
 
 
 class OrderBook(RowStore[OrderRecord], columns=_COLUMNS, attributes=_ATTR_OF,
@@ -369,6 +400,8 @@ __all__ = [
     "check_terms",
     "fill_price",
     "impossible_levels",
+    "impossible_size",
     "naive_sweep",
+    "placement_refusal",
     "record_of_terms",
 ]

@@ -105,7 +105,7 @@ from engine.order_book import (
     OrderStatus,
     OrderTerms,
     check_terms,
-    impossible_levels,
+    placement_refusal,
 )
 from engine.orders import (
     MAX_COLUMN_VALUE,
@@ -824,9 +824,9 @@ class ShardMachine:
             return Rejected(Code.INVALID_REQUEST, f"order: {exc}"), ()
         if terms.expires_ts_us and terms.expires_ts_us <= now_us:
             return Rejected(Code.INVALID_REQUEST, "expiresAt is not in the future"), ()
-        problem = impossible_levels(terms)
-        if problem is not None:
-            return Rejected(Code.INVALID_TRIGGER, problem), ()
+        refused = placement_refusal(self.asset, terms)
+        if refused is not None:
+            return refused, ()
         if not (0 <= command.owner <= _INT64_MAX and 0 <= command.request_id < _U64
                 and _fits_i64(now_us)):
             return Rejected(Code.INVALID_REQUEST, f"owner, request id or time: {_OUT_OF_RANGE}"), ()

@@ -95,7 +95,7 @@ from engine.messages import (
     ShardOpen,
     ShardStats,
 )
-from engine.order_book import OrderKind, OrderTerms, impossible_levels
+from engine.order_book import OrderKind, OrderTerms, placement_refusal
 from engine.orders import NO_LEVEL, Side
 from engine.results import Code, Forgotten, Rejected
 from engine.shard_machine import (
@@ -555,9 +555,9 @@ class TradingService:
         terms = OrderTerms(Side(order.side), OrderKind(order.kind), order.trigger_ticks,
                            order.margin_micros, order.leverage, order.tp_ticks, order.sl_ticks,
                            order.expires_ts_us)
-        problem = impossible_levels(terms)  # the shard decides it too; refused before a lock
-        if problem is not None:
-            return Rejected(Code.INVALID_TRIGGER, problem)
+        refused = placement_refusal(self.assets[order.asset], terms)
+        if refused is not None:  # the shard decides it too; refused before a lock
+            return refused
         return await self._idempotent(who, "order", order.client_order_id, lambda key: self._lock(
             MarginLock(who.user, order.margin_micros, key, order=True),
             functools.partial(self._new_split, order.asset, "order"),

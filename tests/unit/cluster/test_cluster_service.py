@@ -138,6 +138,29 @@ async def test_lock_is_released_when_the_shard_refuses(platform: Platform, case:
     assert await platform.audit() == []
 
 
+@pytest.mark.parametrize("case", ["levels", "size"])
+async def test_an_order_no_fill_price_accepts_is_refused_before_a_lock(
+        platform: Platform, case: str) -> None:
+    """Its levels or its size out of bounds at every price it can fill at: refused with the
+    code a fill would end it with, and nothing stays locked. An order too large at every fill
+    price was placed and held its margin until a fill tick rejected it."""
+    svc = platform.service
+    who = await signup(svc)
+    await platform.push_tick("SOL", "100.00", "100.01")
+    if case == "levels":  # a limit long fills at or below 90.00, under its stop-loss
+        order = PlaceOrder("SOL", Side.LONG, OrderKind.LIMIT, 9000, 100 * USD, 10, sl_ticks=9500)
+        code = Code.INVALID_TRIGGER
+    else:  # 5,000 USD at 100x buys 5 * 10^7 SOL at 0.01, its highest fill price
+        order = PlaceOrder("SOL", Side.LONG, OrderKind.LIMIT, 1, 5_000 * USD, 100)
+        code = Code.INVALID_REQUEST
+    refused = await svc.place_order(who, order)
+    assert isinstance(refused, Rejected) and refused.code is code, refused
+    state = await svc.state(who)
+    assert (state.free_micros, state.margin_micros) == (SIGNUP, 0)
+    assert await svc.orders(who) == []
+    assert await platform.audit() == []
+
+
 async def test_users_are_isolated(platform: Platform) -> None:
     svc = platform.service
     alice, bob = await signup(svc), await signup(svc)

@@ -212,6 +212,11 @@ def test_an_expiry_in_the_past_or_bad_terms_are_refused() -> None:
     # a stop-loss no fill price can accept: a limit long fills at or below its trigger
     refused = run(m, Place(1, terms(LONG, LIMIT, 10000, sl=10000), 0))
     assert isinstance(refused, Rejected) and refused.code is Code.INVALID_TRIGGER
+    # a position too large at every fill price (it was placed, its margin held until a fill
+    # tick rejected it)
+    refused = run(m, Place(1, terms(LONG, LIMIT, 50, margin_usd=500_000, leverage=100), 0))
+    assert isinstance(refused, Rejected) and refused.code is Code.INVALID_REQUEST
+    assert "too large" in refused.message
     assert len(m.orders) == 0 and run(m, Outbox()).items == []
 
 
