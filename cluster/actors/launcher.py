@@ -1163,6 +1163,12 @@ def _ray_init(**options: Any) -> None:
         # that failed like the others, one line, not a traceback
         if type(exc) is Exception:
             raise LaunchError(f"Ray did not start: {exc}") from exc
+        if isinstance(exc, ConnectionError) and options.get("address") not in (None, "local") \
+                and os.environ.get("RAY_AUTH_MODE", "").strip().lower() != "token":
+            # a cluster with token authentication refuses a join without the token after
+            # about 20 s, only Ray's warnings naming why (InvalidAuthToken)
+            raise LaunchError(f"{exc} (if its Ray enables token authentication, set "
+                              "RAY_AUTH_MODE=token: see README, Scaling out)") from exc
         raise
     finally:
         if handler is not None:

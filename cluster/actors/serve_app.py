@@ -40,6 +40,7 @@ from ray import serve
 
 from cluster.actors.deploy import service_from_names
 from cluster.actors.names import API_DEPLOYMENT, FEED, NAMESPACE, SERVE_APP
+from cluster.actors.port import Unavailable
 from cluster.config import Settings, http_url
 from cluster.http import front_door
 from cluster.http.api import create_app
@@ -339,7 +340,13 @@ class ApiIngress:
         self.streams: StreamHub | None = None  # the WebSockets of the app Serve builds
 
     async def _feed_stats(self) -> dict[str, Any]:
-        return await ray.get_actor(FEED, namespace=self.namespace).stats.remote()
+        """The feed actor's counters; Unavailable when it is not there or not answering (a
+        platform killed with its actors leaves this API behind it: ``get_actor`` raises
+        ValueError, which /healthz showed as the feed's "error: ValueError")."""
+        try:
+            return await ray.get_actor(FEED, namespace=self.namespace).stats.remote()
+        except (ValueError, ray.exceptions.RayActorError) as exc:
+            raise Unavailable(FEED, type(exc).__name__) from exc
 
     async def _feed_ok(self) -> bool:
         return bool((await self._feed_stats()).get("assigned"))

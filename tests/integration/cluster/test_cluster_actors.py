@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import os
 import time
+import types
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -441,3 +442,15 @@ async def test_opens_of_a_split_asset_pass_over_a_split_that_is_gone(start: Any)
         assert spec is not None
         splits.append(spec.split)
     assert splits.count("503") <= 1 and splits.count(0) >= 7, splits
+
+
+@pytest.mark.asyncio
+async def test_an_api_whose_feed_actor_is_gone_reports_it_unavailable(ray_local: None) -> None:
+    """The feed actor's counters asked where it is not (its platform was killed, leaving the
+    API on the cluster): Unavailable, which /healthz reports as "unavailable" like the ledger
+    and the shards; it was get_actor's ValueError, reported as "error: ValueError"."""
+    from cluster.actors.serve_app import ApiIngress
+
+    replica = types.SimpleNamespace(namespace=f"gone-{uuid.uuid4().hex[:8]}")  # what it reads
+    with pytest.raises(Unavailable):
+        await ApiIngress.func_or_class._feed_stats(replica)

@@ -386,6 +386,37 @@ def test_a_ray_whose_node_never_registers_is_a_start_that_failed(
         launcher._ray_init(address="local")
 
 
+@pytest.mark.parametrize("mode", [None, "disabled", "token"])
+def test_a_join_refused_names_the_token_a_cluster_may_want(
+        monkeypatch: pytest.MonkeyPatch, mode: str | None) -> None:
+    """A cluster with token authentication refuses a join without RAY_AUTH_MODE=token: Ray
+    names the cause (InvalidAuthToken) only in its warnings, and ``up``'s line said only
+    "Failed to connect to Ray cluster at ...". That line now names the setting, unless it
+    is set."""
+    import cluster.actors.launcher as launcher
+    import ray
+    from ray._private import auto_init_hook
+
+    monkeypatch.setattr(auto_init_hook, "enable_auto_connect", True)  # _ray_init turns it off
+    if mode is None:
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    else:
+        monkeypatch.setenv("RAY_AUTH_MODE", mode)
+
+    def init(**options: object) -> None:
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379")
+
+    monkeypatch.setattr(ray, "init", init)
+    if mode == "token":
+        with pytest.raises(ConnectionError, match=r"^Failed to connect to Ray cluster at "):
+            launcher._ray_init(address="127.0.0.1:6379")
+    else:
+        with pytest.raises(LaunchError, match=r"^Failed to connect .* set RAY_AUTH_MODE=token"):
+            launcher._ray_init(address="127.0.0.1:6379")
+    with pytest.raises(ConnectionError):  # a local start joins nothing
+        launcher._ray_init(address="local")
+
+
 def test_the_layout_record_notes_once_the_hosts_made_their_journals(tmp_path: Path) -> None:
     """What a start reads to tell its hosts that they made their journals before
     (cluster.actors.host.HostSpec.made); the layout it records is kept as it was."""
