@@ -326,8 +326,8 @@ class ApiIngress:
         node_ip = ray.util.get_node_ip_address()
         _bind_with_reuse_address()
         _bind_internal_grpc_to(node_ip)
-        configure_uvicorn(settings.http_connections,
-                          proxies=front_door_sources(settings.host, node_ip))
+        configure_uvicorn(settings.http_connections, proxies=front_door_sources(
+            settings.host, node_ip, settings.replica_slots))
         self.settings = settings
         self.bootstrap = bootstrap
         self.namespace = namespace
@@ -376,13 +376,18 @@ class ApiIngress:
         self.service.watch()
 
 
-def front_door_sources(host: str, node_ip: str) -> tuple[str, ...]:
+def front_door_sources(host: str, node_ip: str, replica_slots: int) -> tuple[str, ...]:
     """The addresses the front door of this node (HAProxy with ``HOST=host``) connects to the
     replicas from, whose ``X-Forwarded-For`` a replica reads: the loopback address, the
     node's ``node_ip`` and the address the replicas listen on, each IPv4 one also as a
     replica on ``::`` (both families) sees it, IPv4-mapped. Any other, and every client's
     requests were HAProxy's: a replica on ``::1`` is reached from ``::1``, one on ``::`` from
-    ``::ffff:127.0.0.1``."""
+    ``::ffff:127.0.0.1``. None where there is no front door (``replica_slots`` 1: the
+    replica's clients reach it directly): any client on this node, which connects from those
+    addresses, could otherwise name the address of its choice and pass every limit per
+    client address."""
+    if replica_slots <= 1:
+        return ()
     address = front_door.replica_address(host)
     sources = ["127.0.0.1", node_ip, *([address] if address else [])]
     mapped = [f"::ffff:{a}" for a in sources if isinstance(_ip(a), ipaddress.IPv4Address)]

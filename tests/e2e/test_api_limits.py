@@ -668,6 +668,27 @@ def test_account_creations_per_address_are_limited() -> None:
         assert c.get("/api/v1/prices").status_code == 200  # only creations are limited here
 
 
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_only_a_front_door_names_the_client_with_x_forwarded_for(replicas: int) -> None:
+    """A replica behind the front door (``API_REPLICAS`` 2) takes the client's address from
+    X-Forwarded-For when the request comes from this node; a single replica, which its
+    clients reach directly, from no one: a client on this node sending the header with
+    another address each time passed every limit per address (here account creations)."""
+    from cluster.actors.serve_app import front_door_sources
+    from cluster.http.server import server_options
+
+    settings = Settings(signups_per_min=1, api_key_rate_per_s=0, api_replicas=replicas)
+    proxies = front_door_sources(settings.host, "10.0.0.5", settings.replica_slots)
+    with LocalHttpPlatform(settings, server_options=server_options(
+            settings.http_connections, proxies)) as p:
+        made = []
+        for n in range(3):
+            with httpx.Client(base_url=p.base_url, timeout=10,
+                              headers={"X-Forwarded-For": f"10.9.0.{n}"}) as c:
+                made.append(c.post("/api/v1/accounts", json={}).status_code)
+    assert made == ([201, 429, 429] if replicas == 1 else [201, 201, 201])
+
+
 def test_account_creations_per_ipv6_network_are_limited_too() -> None:
     """An IPv6 /48's holder has 65,536 /64s, each a client address of its own: ten times the
     per-address budget, over all of them, then 429 naming the network; a /64 of another /48

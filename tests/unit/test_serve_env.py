@@ -97,3 +97,14 @@ def test_the_inter_deployment_grpc_server_binds_the_node_address(
             ipaddress.ip_address(node_ip)}
     finally:
         server.stop(None)
+
+
+def test_a_single_replica_takes_the_clients_address_from_no_proxy() -> None:
+    """X-Forwarded-For is read from the addresses the front door connects from, which runs
+    where more than one replica can; a single replica has none to trust."""
+    from cluster.actors.serve_app import front_door_sources
+
+    assert front_door_sources("127.0.0.1", "10.0.0.5", 1) == ()
+    assert front_door_sources("0.0.0.0", "10.0.0.5", 1) == ()
+    assert {"127.0.0.1", "10.0.0.5", "::ffff:127.0.0.1"} <= set(
+        front_door_sources("127.0.0.1", "10.0.0.5", 2))

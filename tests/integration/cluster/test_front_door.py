@@ -481,6 +481,6 @@ def test_the_front_door_listens_and_forwards_on_the_hosts_addresses(
                              heads[-1].lower().split(b"\r\n")
                              if line.startswith(b"x-forwarded-for:")]
                 assert client_of(forwarded[-1]) == client_of(client), heads[-1]
-                assert peers[-1] in front_door_sources(host, "10.0.0.5"), peers
+                assert peers[-1] in front_door_sources(host, "10.0.0.5", 2), peers
         finally:
             stop_child(proc)
