@@ -1268,6 +1268,18 @@ def create_app(service: TradingService) -> FastAPI:
                 out.family("shardex_feed_ticks_refused_by_shards_total", "counter",
                            "ticks the feed sent that a shard refused")
                 out.add("shardex_feed_ticks_refused_by_shards_total", refused)
+                # with the drops, what became of every record read: the older records of an
+                # asset in one read are passed over undecoded (malformed or not) for its newest
+                out.family("shardex_feed_records_total", "counter",
+                           "records the feed read from the market data topic")
+                out.add("shardex_feed_records_total", int(feed.get("consumed", 0)))
+                out.family("shardex_feed_conflated_total", "counter",
+                           "records passed over undecoded for a newer one of their asset in "
+                           "the same read (batch), ticks a shard that far behind lost (pending)")
+                out.add("shardex_feed_conflated_total", int(feed.get("conflated_batch", 0)),
+                        stage="batch")
+                out.add("shardex_feed_conflated_total", int(feed.get("conflated_pending", 0)),
+                        stage="pending")
         out.family("shardex_http_unread_dropped_total", "counter",
                    "connections dropped for leaving their answers unread")
         out.add("shardex_http_unread_dropped_total", DROPPED["unread"])

@@ -38,7 +38,8 @@ ODD_REASON = 'a "quoted"\\ reason\non two lines'  # a drop reason the feed names
 
 
 async def _feed_stats() -> dict[str, Any]:
-    return {"dropped": {"stale": 2, ODD_REASON: 1}, "ticks_refused_by_shards": 3}
+    return {"dropped": {"stale": 2, ODD_REASON: 1}, "ticks_refused_by_shards": 3,
+            "consumed": 40, "conflated_batch": 30, "conflated_pending": 4}
 
 
 @pytest_asyncio.fixture
@@ -119,6 +120,10 @@ async def test_metrics_are_prometheus_text_and_count_what_happened(
         assert name.removesuffix("_total") in before, name
     assert _value(before, "shardex_feed_dropped_total", reason=ODD_REASON) == 1
     assert _value(before, "shardex_feed_ticks_refused_by_shards_total") == 3
+    # every record read is accounted for: those passed over undecoded are not dropped ones
+    assert _value(before, "shardex_feed_records_total") == 40
+    assert _value(before, "shardex_feed_conflated_total", stage="batch") == 30
+    assert _value(before, "shardex_feed_conflated_total", stage="pending") == 4
     who = await sol_trader(p)
     pos = await p.service.open_position(who, sol_long())
     assert isinstance(pos, OpenPosition)
