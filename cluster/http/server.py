@@ -97,7 +97,7 @@ from websockets.http11 import Response as HandshakeResponse
 from websockets.server import ServerProtocol
 
 from cluster.http.bounds import MAX_HEAD_BYTES, READ_TIMEOUT_S, raw_error
-from cluster.http.errors import INTERNAL_ERROR, error_body, error_response
+from cluster.http.errors import INTERNAL_ERROR, METHOD_NOT_ALLOWED, error_body, error_response
 from cluster.http.limits import client_of
 from cluster.live.streams import WS_SERVER_OPTIONS
 from engine.results import Code
@@ -666,8 +666,10 @@ class _SpecHandshake(ServerProtocol):
 
     def reject(self, status: Any, text: str) -> HandshakeResponse:
         response = super().reject(status, text)
-        code = (Code.SERVICE_UNAVAILABLE.value if response.status_code == 503 else INTERNAL_ERROR
-                if response.status_code >= 500 else Code.INVALID_REQUEST.value)
+        status = response.status_code
+        code = (Code.SERVICE_UNAVAILABLE.value if status == 503 else INTERNAL_ERROR
+                if status >= 500 else METHOD_NOT_ALLOWED if status == 405
+                else Code.INVALID_REQUEST.value)
         body = error_body(code, text.strip() or "the WebSocket handshake was refused")
         del response.headers["Content-Type"], response.headers["Content-Length"]
         response.headers["Content-Type"] = "application/json"

@@ -229,8 +229,9 @@ def test_a_plain_http_request_to_the_stream_is_426_and_documented(http: httpx.Cl
 
 def test_refused_handshakes_answer_in_the_error_shape(platform: HttpPlatform) -> None:
     """A WebSocket handshake the server cannot take (no key, an unknown version, a path with
-    no stream) or a request target that is not a path is answered in SPEC's error shape, not
-    in the plain text (or the empty 403) of the servers underneath."""
+    no stream, a method other than GET) or a request target that is not a path is answered
+    in SPEC's error shape, not in the plain text (or the empty 403) of the servers
+    underneath; a 405 with METHOD_NOT_ALLOWED, as any route's (it said INVALID_REQUEST)."""
     port = int(platform.base_url.rsplit(":", 1)[1])
     upgrade, key = WS_UPGRADE, WS_KEY
     for request, status, code in (
@@ -240,6 +241,9 @@ def test_refused_handshakes_answer_in_the_error_shape(platform: HttpPlatform) ->
              400, "INVALID_REQUEST"),
             (b"GET /api/v1/state HTTP/1.1\r\n" + upgrade + key
              + b"Sec-WebSocket-Version: 13\r\n\r\n", 404, "NOT_FOUND"),
+            (b"POST /ws HTTP/1.1\r\n" + upgrade + key
+             + b"Sec-WebSocket-Version: 13\r\nContent-Length: 0\r\n\r\n", 405,
+             "METHOD_NOT_ALLOWED"),
             (b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 400,
              "INVALID_REQUEST")):
         head, _, body = raw_answer(port, iter([request])).partition(b"\r\n\r\n")
