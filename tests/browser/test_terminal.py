@@ -28,7 +28,9 @@ from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select
+from selenium.webdriver.support.ui import WebDriverWait
 from tests.browser.page import DESKTOP
 from tests.browser.page import PHONE
 from tests.browser.page import PageClock
@@ -175,6 +177,16 @@ def test_create_account_shows_the_key_and_keeps_it_across_a_reload(
     assert by_id(browser, "submit-long").is_enabled()
 
 
+def answer_logout(driver: WebDriver, accept: bool) -> None:
+    """Answer the page's question before it logs out (it names the key to keep)."""
+    alert = WebDriverWait(driver, 5).until(EC.alert_is_present())
+    assert "API key" in alert.text and "only way back" in alert.text, alert.text
+    if accept:
+        alert.accept()
+    else:
+        alert.dismiss()
+
+
 def test_another_tab_logging_out_or_in_with_another_key_is_followed(
         platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
     """The key is kept once per browser: a log out in a second tab logs the first one out (its
@@ -185,7 +197,12 @@ def test_another_tab_logging_out_or_in_with_another_key_is_followed(
     browser.switch_to.new_window("tab")
     open_terminal(browser, platform)  # logged in with the kept key
     wait_position_row(browser, "SOL", "long")
+    # asked first: the key is the only way back into the account, and one click forgot it
     by_id(browser, "logout").click()
+    answer_logout(browser, accept=False)
+    assert by_id(browser, "logged-in").is_displayed() and text_of(browser, "api-key") == key
+    by_id(browser, "logout").click()
+    answer_logout(browser, accept=True)
 
     browser.switch_to.window(first)
     wait_until(browser, lambda d: by_id(d, "logged-out").is_displayed(), "the first tab logged out")
@@ -1333,6 +1350,35 @@ def chart_bars(driver: WebDriver) -> list[int]:
         "return window.__series.length ? window.__series[0].data().map(b => b.time) : [];"))
 
 
+def test_what_one_tick_does_is_told_each_and_a_refused_fill_in_words(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """One tick fills two orders and refuses a third at its fill: the notice tells all three,
+    newest first, the refusal in words and in the warning's colour. Before, each notice
+    replaced the one before (only the last was seen), and a refused fill read as a plain
+    notice naming only its code."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform)
+    key = create_account(browser)
+    ids = []
+    # limit longs at 99.00; the third's take-profit, 95.00, lies below the fill at 98.01
+    for take_profit in (None, None, "95.00"):
+        body = {"asset": "SOL", "type": "long", "orderType": "limit", "triggerPrice": "99.00",
+                "margin": "10", "leverage": 2, **({"takeProfit": take_profit} if take_profit
+                                                 else {})}
+        r = http.post("/api/v1/orders", headers={"Authorization": f"Bearer {key}"}, json=body)
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["orderId"])
+    tick(platform, http, "SOL", "98.00", "98.01")
+    wait_until(browser, lambda d: all(f"Order {i} " in text_of(d, "notice-text") for i in ids),
+               "a notice of each order the tick ended")
+    lines = text_of(browser, "notice-text").splitlines()
+    [refused] = [line for line in lines if f"Order {ids[2]} " in line]
+    assert "was not filled: its take-profit or stop-loss lay on the wrong side of the fill " \
+        "price (INVALID_TRIGGER)" in refused, refused
+    assert all("filled" in line for line in lines if any(f"Order {i} " in line for i in ids))
+    assert by_id(browser, "notice").get_attribute("data-tone") == "warning"
+
+
 def test_a_refresh_error_leaves_the_notice_of_what_the_trader_just_did(
         platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
     """An open succeeds and the refresh after it fails (its GET /orders lost): the refresh's
@@ -1514,6 +1560,7 @@ def test_a_kept_key_the_api_refuses_is_said_to_be_refused_not_polled(
     # to be a key; the browser cannot send it in a header, which the page took for a server
     # that did not answer (NETWORK_ERROR)
     by_id(browser, "logout").click()
+    answer_logout(browser, accept=True)
     fill(browser, "key-input", "not\u200ba-key")
     by_id(browser, "use-key").click()
     wait_until(browser, lambda d: banner.is_displayed()

@@ -119,11 +119,20 @@ function dismissErrorOf(err) {
 }
 
 let noticeTimer = null;
+const NOTICE_LINES = 4;
+let noticeLines = []; // what the notice shows, newest first: {message, warning}
 // What the user just did succeeded: an error still shown is about an earlier attempt. What
-// the engine did on its own (``engine``) says nothing of it: the error stays, above.
-function showNotice(message, engine = false) {
+// the engine did on its own (``engine``) says nothing of it: the error stays, above, and the
+// notice still shown stays below it (one tick can fill, expire or close several at once: each
+// is news, where the last replaced the others). ``warning``: a refusal or a loss the trader
+// did not ask for, shown in the warning's colour.
+function showNotice(message, engine = false, warning = false) {
   if (!engine) dismissError();
-  setText(byId("notice-text"), message);
+  const shown = !byId("notice").hidden;
+  const line = { message, warning };
+  noticeLines = engine && shown ? [line, ...noticeLines].slice(0, NOTICE_LINES) : [line];
+  setText(byId("notice-text"), noticeLines.map((l) => l.message).join("\n"));
+  byId("notice").dataset.tone = noticeLines.some((l) => l.warning) ? "warning" : "";
   byId("notice").hidden = false;
   clearTimeout(noticeTimer);
   noticeTimer = setTimeout(() => { byId("notice").hidden = true; }, 8000);
@@ -388,7 +397,7 @@ function engineNotice(data) {
     case "orderFilled":
       return `Order ${data.orderId} filled: ${data.orderType} ${data.type} ${data.asset} (position ${data.positionId}).`;
     case "orderRejected":
-      return `Order ${data.orderId} (${data.orderType} ${data.type} ${data.asset}) was not filled: ${data.rejectReason || "refused"}; its margin is free again.`;
+      return `Order ${data.orderId} (${data.orderType} ${data.type} ${data.asset}) was not filled: ${rejectedBecause(data.rejectReason)}; its margin is free again.`;
     case "orderExpired":
       return `Order ${data.orderId} (${data.orderType} ${data.type} ${data.asset}) expired.`;
     case "positionClosed":
@@ -399,10 +408,26 @@ function engineNotice(data) {
   }
 }
 
+// Why a fill was refused, in words (the code after them): the fill is a market open at the
+// tick's price, with every rule of one (README, Trading rules).
+const REJECTED_BECAUSE = {
+  INVALID_TRIGGER: "its take-profit or stop-loss lay on the wrong side of the fill price",
+  WOULD_LIQUIDATE: "its liquidation price was already crossed at the fill price",
+  INVALID_REQUEST: "the position was out of bounds at the fill price",
+};
+
+function rejectedBecause(code) {
+  const words = REJECTED_BECAUSE[code];
+  return words ? `${words} (${code})` : code || "refused";
+}
+
 function onAccountEvent(data) {
   if (!app.key) return;
   const told = engineNotice(data);
-  if (told) showNotice(told, true);
+  if (told) {
+    showNotice(told, true, data.event === "orderRejected"
+               || (data.event === "positionClosed" && data.closeReason === "liquidation"));
+  }
   setAccountStream("live");
   if (Number.isSafeInteger(data.seq)) byId("account-stream").dataset.seq = String(data.seq);
   clearTimeout(eventTimer);
@@ -537,7 +562,13 @@ function followOtherTab(event) {
   }
 }
 
+// The key is the only way back into the account (nothing else names it), and logging out
+// forgets it in every tab of this browser: asked first, not done on one click.
+const LOGOUT_QUESTION = "Log out? This browser forgets the API key, in every tab: keep a copy "
+  + "first, as it is the only way back into this account and its positions.";
+
 function logout() {
+  if (!window.confirm(LOGOUT_QUESTION)) return;
   setKey(null, null);
   showNotice("Logged out: the API key is no longer kept in this browser.");
 }
