@@ -44,6 +44,11 @@ config, so Serve's reloads (``-sf``) and signals reach HAProxy itself.
   alive connection may still be closed so, as a replica's own server would close it) and
   answers a request its replica has not answered within :data:`REPLY_TIMEOUT_S` (a 504, the
   page above), WebSockets keeping Serve's hour once upgraded (``timeout tunnel``).
+- Before it knows a replica. Serve starts HAProxy with a config that routes every request
+  to its ``default_backend``, which answers a plain-text 404 ("Path ... not found"), and
+  reloads it with the replicas about 0.6 s later: a client's retry of a request in doubt
+  (HAProxy had died under it) got that 404, a definite answer, though the request may have
+  run. The config HAProxy loads answers there as when no replica is up: the 503 page above.
 - Who may administer it: Serve's config opens HAProxy's admin socket to every local user
   (``mode 666``, in a directory anyone may enter), and binds its stats page and Prometheus
   listener on every interface: anyone on the machine could point a backend at a server of
@@ -77,6 +82,7 @@ CONFIG = "haproxy.shardex.cfg"  # the config HAProxy loads, beside Serve's
 CONNECTIONS_VAR = "SHARDEX_HTTP_CONNECTIONS"  # HTTP_CONNECTIONS, set by cluster.actors.serve_app
 HOST_VAR = "SHARDEX_HTTP_HOST"  # HOST, set by cluster.actors.serve_app
 FRONTEND = "frontend http_frontend"  # the section of Serve's config that takes the clients
+NO_ROUTE = "backend default_backend"  # where Serve's config sends a request no app's route takes
 LISTENERS = ("listen stats", "frontend prometheus")  # Serve's sections bound on every interface
 MAX_REWRITE_BYTES = 1024  # HAProxy's tune.maxrewrite: a buffer's room kept for header rewrites
 FDS_KEPT = 1000  # of the file limit, for what is not a client connection (listeners, logs...)
@@ -173,6 +179,7 @@ def write_config(config_path: str, read_timeout_s: float = READ_TIMEOUT_S,
                 for line in lines]
     # a failure of HAProxy's own while forwarding: the outcome is unknown, as for a 502
     _set(lines, "defaults", "errorfile 500", write_error_page(config_path))
+    _no_route_is_unavailable(lines)
     return _write_beside(config_path, CONFIG, ("\n".join(lines) + "\n").encode())
 
 
@@ -194,6 +201,19 @@ def _admin_by_owner_only(lines: list[str]) -> None:
             else:
                 words[3:3] = ["mode", "600"]
             lines[i] = "    " + " ".join(words)
+
+
+def _no_route_is_unavailable(lines: list[str]) -> None:
+    """:data:`NO_ROUTE`'s answer (a text 404), if the config has that section, replaced by
+    the 503 of the ``errorfile 503`` page: the platform's app takes every path (route
+    ``/``), so a request reaches it only while HAProxy knows no replica yet."""
+    try:
+        where = _section(lines, NO_ROUTE)
+    except ValueError:
+        return
+    lines[where.start:where.stop] = [
+        "    http-request deny deny_status 503",
+        *(lines[i] for i in where if lines[i].split()[:2] != ["http-request", "return"])]
 
 
 def _bind_loopback(lines: list[str], section: str) -> None:

@@ -329,6 +329,27 @@ def test_a_first_request_is_never_sent_over_an_idle_connection_a_replica_may_clo
             stop_child(proc)
 
 
+def test_before_it_knows_a_replica_every_request_is_the_specs_503(tmp_path: Path) -> None:
+    """Serve starts HAProxy on a config whose frontend has no backend for the app yet, only its
+    ``default_backend``, and reloads it with the replicas about 0.6 s later: every request
+    in between got that backend's plain-text 404 ("Path ... not found"), a definite answer to
+    a client retrying a request in doubt. Now the SPEC's 503, retried as any."""
+    port = free_port()
+    config = _config(tmp_path, port, free_port())
+    text = config.read_text().replace("    default_backend replicas\n", "    default_backend "
+                                      "default_backend\n")
+    serve_404 = ("http-request return status 404 content-type text/plain lf-string \"Path "
+                 "\\'%[path]\\' not found. Ping http://.../-/routes for available routes.\"")
+    config.write_text(f"{text}backend default_backend\n    {serve_404}\n")
+    proc = _haproxy(config, port)  # through shardex-haproxy, as Serve runs it
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            _assert_spec_503(http.post("/api/v1/orders", json={"asset": "SOL"}))
+            _assert_spec_503(http.get("/api/v1/assets"))
+    finally:
+        stop_child(proc)
+
+
 def test_a_replica_that_stops_answering_is_answered_for_in_time(tmp_path: Path) -> None:
     """A replica that takes a request and never answers (stopped, or stuck): HAProxy answers
     503 in the SPEC's shape once the reply deadline passed. Serve's config has none: the
