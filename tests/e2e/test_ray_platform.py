@@ -285,12 +285,15 @@ def test_requests_stalled_in_their_bodies_hold_no_other_request_back(
         platform: RayHttpPlatform, http: httpx.Client) -> None:
     """4,200 requests whose bodies never come (each counts as a request in flight from the end
     of its head until the read deadline, 30 s, closes it) are more than Serve's default
-    bound on requests in flight of 4,096; another client is still answered at once."""
+    bound on requests in flight of 4,096; another client is still answered at once. They come
+    from 21 loopback addresses, 200 each: a client address holds at most HTTP_CONNECTIONS
+    (256), and a single replica counts 127.0.0.1's too (no front door in front of it)."""
     port = int(platform.base_url.rsplit(":", 1)[1])
     stalled: list[socket.socket] = []
     try:
-        for _ in range(4200):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        for n in range(4200):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10,
+                                            source_address=(f"127.0.1.{n // 200 + 1}", 0))
             stalled.append(sock)
             sock.sendall(b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\nContent-Type: "
                          b"application/json\r\nContent-Length: 100\r\n\r\n{")
