@@ -509,9 +509,8 @@ def unthrottled(settings: Settings) -> Settings:
     """``settings`` without the limits per client address (every client of a benchmark
     connects from 127.0.0.1: its signups, and its HTTP connections, which a single replica
     counts) and, unless ``--default-limits``, without the per-key request limit."""
-    if os.environ.get(DEFAULT_LIMITS_ENV) == "1":
-        return dataclasses.replace(settings, signups_per_min=0, http_connections=0)
-    return dataclasses.replace(settings, api_key_rate_per_s=0, signups_per_min=0,
+    per_key = settings.api_key_rate_per_s if os.environ.get(DEFAULT_LIMITS_ENV) == "1" else 0
+    return dataclasses.replace(settings, api_key_rate_per_s=per_key, signups_per_min=0,
                                http_connections=0)
 
 
