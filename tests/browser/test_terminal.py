@@ -492,22 +492,51 @@ def test_screenshots_show_an_open_position_over_a_chart_of_candles(
         platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client,
         tmp_path: Path) -> None:
     """An ETH history of one-minute candles produced to the topic is drawn from
-    GET /api/v1/klines; with a long open, the terminal is photographed at desktop and phone
-    size (into docs/ when SHARDEX_SCREENSHOTS=docs)."""
+    GET /api/v1/klines; with a long open (its take-profit and stop-loss set) and a limit order
+    pending, the chart draws their levels, and the terminal is photographed at desktop and
+    phone size (into docs/ when SHARDEX_SCREENSHOTS=docs)."""
     minutes = 150
     produce_history(platform, http, "ETH", minutes)
     r = http.get("/api/v1/klines", params={"asset": "ETH", "interval": "1m"})
     assert r.status_code == 200, r.text
     assert len(r.json()["klines"]) >= minutes
 
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": CHART_SERIES_JS})
     open_terminal(browser, platform)
     Select(by_id(browser, "asset-select")).select_by_visible_text("ETH")
     wait_until(browser, lambda d: text_of(d, "ticket-asset") == "ETH"
                and text_of(d, "bid") != "—", "the ETH quote")
-    create_account(browser)
+    key = create_account(browser)
+    quote = http.get("/api/v1/prices").json()["ETH"]
+    take_profit, stop_loss = D(quote["ask"]) + 60, D(quote["ask"]) - 40
+    fill(browser, "ticket-tp", str(take_profit))
+    fill(browser, "ticket-sl", str(stop_loss))
     open_long_from_ticket(browser, "250", "20")
     wait_position_row(browser, "ETH", "long")
+    trigger = D(quote["bid"]) - 80
+    r = http.post("/api/v1/orders", headers={"Authorization": f"Bearer {key}"},
+                  json={"asset": "ETH", "type": "long", "orderType": "limit",
+                        "triggerPrice": str(trigger), "margin": "100", "leverage": 10})
+    assert r.status_code == 201, r.text
+    [position] = http.get("/api/v1/state", headers={"Authorization": f"Bearer {key}"}
+                          ).json()["positions"]
+    # every level that would act on the next ticks is drawn at its price, named
+    wanted = sorted([[f"long {position['quantity']}", D(position["entryPrice"])],
+                     ["liq.", D(position["liquidationPrice"])], ["TP", take_profit],
+                     ["SL", stop_loss], ["limit long", trigger]])
+    wait_until(browser, lambda d: sorted([title, D(str(price))] for title, price in chart_lines(d))
+               == wanted, f"the chart's lines {wanted}")
     wait_chart_drawn(browser, "ETH")
+    wait_next_frames(browser)
+    # the price scale takes them in: each is drawn inside the chart, none above or below it
+    heights = browser.execute_script(
+        "const height = document.getElementById('chart').clientHeight;"
+        "return window.__series[0].priceLines().map("
+        "  l => [window.__series[0].priceToCoordinate(l.options().price), height]);")
+    assert all(0 <= y <= height for y, height in heights), heights
+    # a level more than twice the candles' height away is left off the scale
+    assert levels_range(browser, [100, 110], [85, 125, 131, 50]) == [85, 125]
     # the newest candle's close, a mid half a step above the bid, is labelled as the API gives
     # it, not rounded to the step (where it read as the ask or the bid)
     newest = http.get("/api/v1/klines", params={"asset": "ETH", "interval": "1m",
@@ -604,6 +633,18 @@ def chart_price_text(driver: WebDriver, step: str, price: str) -> str:
         "  box.remove();"
         "  done(text);"
         "});", step, price))
+
+
+def levels_range(driver: WebDriver, candles: list[float], levels: list[float]) -> list[float]:
+    """[min, max] the chart scales to for ``candles`` ([min, max]) with lines at ``levels``."""
+    return list(driver.execute_async_script(
+        "const [candles, levels, done] = arguments;"
+        "import('./static/js/chart.js').then((m) => {"
+        "  const lines = levels.map((price) => ({options: () => ({price})}));"
+        "  const range = m.withLevels({priceRange: {minValue: candles[0], maxValue: candles[1]}},"
+        "                             lines).priceRange;"
+        "  done([range.minValue, range.maxValue]);"
+        "});", candles, levels))
 
 
 def wait_next_frames(driver: WebDriver) -> None:
@@ -1342,6 +1383,13 @@ Object.defineProperty(window, "LightweightCharts", {
   },
 });
 """
+
+
+def chart_lines(driver: WebDriver) -> list[list[Any]]:
+    """[title, price] of each horizontal line of the page's chart (prices as numbers)."""
+    return list(driver.execute_script(
+        "return window.__series.length ? window.__series[0].priceLines().map("
+        "l => [l.options().title, l.options().price]) : [];"))
 
 
 def chart_bars(driver: WebDriver) -> list[int]:

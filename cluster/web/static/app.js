@@ -868,15 +868,22 @@ function renderPnl() {
   equityNode.dataset.source = live ? "live" : "server";
 }
 
+// The levels of the chart's asset: each position's entry, liquidation, take-profit and
+// stop-loss, and each pending order's trigger (what would act on the next ticks).
 function renderChartLines() {
   if (!app.chart) return;
   const lines = [];
+  const set = (value) => value !== null && value !== undefined;
   for (const p of app.positions) {
     if (p.asset !== app.asset) continue;
     lines.push({ price: p.entryPrice, title: `${p.type} ${p.quantity}`, kind: "entry" });
-    if (p.liquidationPrice !== null && p.liquidationPrice !== undefined) {
-      lines.push({ price: p.liquidationPrice, title: "liq.", kind: "liquidation" });
-    }
+    if (set(p.liquidationPrice)) lines.push({ price: p.liquidationPrice, title: "liq.", kind: "liquidation" });
+    if (set(p.takeProfit)) lines.push({ price: p.takeProfit, title: "TP", kind: "takeProfit" });
+    if (set(p.stopLoss)) lines.push({ price: p.stopLoss, title: "SL", kind: "stopLoss" });
+  }
+  for (const o of app.orders) {
+    if (o.asset !== app.asset) continue;
+    lines.push({ price: o.triggerPrice, title: `${o.orderType} ${o.type}`, kind: "order" });
   }
   app.chart.setLines(lines);
 }
@@ -907,6 +914,7 @@ function renderOrders(orders) {
   app.orders = orders;
   setText(byId("orders-count"), orders.length);
   if (!changed("orders", orders)) return;
+  renderChartLines();
   const rows = orders.map((o) => {
     const id = String(o.orderId);
     const cancel = h("button", {

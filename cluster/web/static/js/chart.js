@@ -2,6 +2,16 @@
 
 import { chartPrice, decimalsOf, isoToSeconds } from "./format.js";
 
+// How each kind of horizontal line is drawn: a CSS colour (with its fallback) and Lightweight
+// Charts' LineStyle (0 solid, 1 dotted, 2 dashed, 3 large dashed).
+const LINE_STYLES = {
+  entry: { color: "--accent", fallback: "#4c8dff", lineStyle: 0 },
+  liquidation: { color: "--down", fallback: "#ef5350", lineStyle: 2 },
+  takeProfit: { color: "--up", fallback: "#26a69a", lineStyle: 3 },
+  stopLoss: { color: "--down", fallback: "#ef5350", lineStyle: 3 },
+  order: { color: "--accent", fallback: "#4c8dff", lineStyle: 1 },
+};
+
 function toBar(kline) {
   if (!kline || typeof kline !== "object") return null;
   const time = isoToSeconds(kline.start);
@@ -15,6 +25,23 @@ function toBar(kline) {
   if (time === null) return null;
   if (![bar.open, bar.high, bar.low, bar.close].every(Number.isFinite)) return null;
   return bar;
+}
+
+// The price range the chart scales to: the visible candles', widened to take in each level
+// (a line) lying within twice their height of them. A level farther off (the liquidation of
+// a 2x position, half the price away) would flatten the candles into a line; it stays off the
+// chart until the price comes near.
+export function withLevels(autoscale, levels) {
+  const range = autoscale && autoscale.priceRange;
+  if (!range) return autoscale;
+  const reach = 2 * (range.maxValue - range.minValue);
+  let { minValue, maxValue } = range;
+  for (const line of levels) {
+    const price = line.options().price;
+    if (price < minValue && range.minValue - price <= reach) minValue = price;
+    if (price > maxValue && price - range.maxValue <= reach) maxValue = price;
+  }
+  return { ...autoscale, priceRange: { minValue, maxValue } };
 }
 
 export function createCandleChart(container) {
@@ -59,6 +86,7 @@ export function createCandleChart(container) {
     borderDownColor: down,
     wickUpColor: up,
     wickDownColor: down,
+    autoscaleInfoProvider: (candles) => withLevels(candles(), lines),
   });
   let lastTime = null;
   let lines = [];
@@ -106,19 +134,21 @@ export function createCandleChart(container) {
       }
     },
 
-    // Horizontal lines: [{price: "98.5", title: "long entry", kind: "entry"|"liquidation"}].
+    // Horizontal lines: [{price: "98.5", title: "long 0.1", kind}], kind one of LINE_STYLES'
+    // keys: a position's entry, liquidation, take-profit and stop-loss; a pending order's trigger.
     setLines(wanted) {
       for (const line of lines) series.removePriceLine(line);
       lines = [];
       for (const item of wanted) {
         const price = Number(item.price);
-        if (!Number.isFinite(price)) continue;
+        const look = LINE_STYLES[item.kind];
+        if (!Number.isFinite(price) || !look) continue;
         lines.push(series.createPriceLine({
           price,
           title: item.title,
-          color: item.kind === "liquidation" ? down : color("--accent", "#4c8dff"),
+          color: color(look.color, look.fallback),
           lineWidth: 1,
-          lineStyle: item.kind === "liquidation" ? 2 : 0,
+          lineStyle: look.lineStyle,
           axisLabelVisible: true,
         }));
       }
