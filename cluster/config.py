@@ -227,6 +227,11 @@ class Settings:
         return self.kafka_brokers or EMBEDDED_BROKER
 
     @property
+    def maintenance_margin_rate(self) -> str:
+        """MAINTENANCE_MARGIN_RATE as its shortest decimal text (``5000`` ppm -> ``0.005``)."""
+        return _decimal_text(self.maintenance_margin_ppm, 6)
+
+    @property
     def max_price_age_us(self) -> int:
         # rounded as the feed's bound is (FeedBounds.from_seconds): a float of decimal
         # seconds may lie just below the whole microseconds it names

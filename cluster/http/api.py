@@ -369,6 +369,10 @@ class AssetOut(BaseModel):
     priceStep: str
     quantityStep: str
     maxLeverage: int
+    maintenanceMarginRate: str = Field(
+        description="the rate of the maintenance margin of a position opened now (rate x "
+                    "entry price x quantity), a decimal; 0 liquidates when the loss reaches "
+                    "the margin")
 
 
 class AssetsOut(BaseModel):
@@ -1159,13 +1163,14 @@ def create_app(service: TradingService) -> FastAPI:
     # ------------------------------------------------------------------ market
     assets_body = json.dumps({"assets": [
         {"name": a.name, "symbol": a.symbol, "priceStep": a.price_step,
-         "quantityStep": a.qty_step, "maxLeverage": a.max_leverage} for a in assets.assets]},
+         "quantityStep": a.qty_step, "maxLeverage": a.max_leverage,
+         "maintenanceMarginRate": settings.maintenance_margin_rate} for a in assets.assets]},
         separators=(",", ":")).encode()
 
     @app.get("/api/v1/assets", tags=["market"], operation_id="getAssets",
              responses={200: {"model": AssetsOut}, **_errors(429)})
     async def get_assets() -> Response:
-        """The tradable assets, their steps and leverage limits."""
+        """The tradable assets: their steps, leverage limits and maintenance margin rate."""
         return Response(assets_body, media_type="application/json")
 
     @app.get("/api/v1/prices", tags=["market"], operation_id="getPrices",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import time
 from decimal import Decimal as D
 from pathlib import Path
@@ -512,8 +513,20 @@ def test_screenshots_show_an_open_position_over_a_chart_of_candles(
     take_profit, stop_loss = D(quote["ask"]) + 60, D(quote["ask"]) - 40
     fill(browser, "ticket-tp", str(take_profit))
     fill(browser, "ticket-sl", str(stop_loss))
+    # the ticket tells each side's liquidation price at its fill before the order is sent
+    fill(browser, "ticket-margin", "250")
+    fill(browser, "ticket-leverage", "20")
+    told = wait_until(browser, lambda d: re.fullmatch(
+        r"liq\. price ≈ ([\d.]+) long · ([\d.]+) short", text_of(d, "ticket-liquidation")),
+        "the ticket's liquidation prices")
     open_long_from_ticket(browser, "250", "20")
     wait_position_row(browser, "ETH", "long")
+    r = http.post("/api/v1/positions/open", headers={
+        "Authorization": f"Bearer {http.post('/api/v1/accounts', json={}).json()['apiKey']}"},
+        json={"asset": "ETH", "type": "short", "margin": "250", "leverage": 20})
+    assert r.status_code == 201, r.text
+    assert text_of(browser, "ticket-liquidation") == told.group(0)  # the same prices since
+    assert told.group(2) == r.json()["liquidationPrice"]
     trigger = D(quote["bid"]) - 80
     r = http.post("/api/v1/orders", headers={"Authorization": f"Bearer {key}"},
                   json={"asset": "ETH", "type": "long", "orderType": "limit",
@@ -521,6 +534,7 @@ def test_screenshots_show_an_open_position_over_a_chart_of_candles(
     assert r.status_code == 201, r.text
     [position] = http.get("/api/v1/state", headers={"Authorization": f"Bearer {key}"}
                           ).json()["positions"]
+    assert told.group(1) == position["liquidationPrice"]
     # every level that would act on the next ticks is drawn at its price, named
     wanted = sorted([[f"long {position['quantity']}", D(position["entryPrice"])],
                      ["liq.", D(position["liquidationPrice"])], ["TP", take_profit],
@@ -564,6 +578,43 @@ def test_screenshots_show_an_open_position_over_a_chart_of_candles(
         wait_next_frames(browser)
         assert browser.save_screenshot(str(target / name))
         assert png_size(target / name) == (width, height)
+
+
+def test_the_tickets_liquidation_price_is_the_engines(
+        platform: RayHttpPlatform, browser: WebDriver) -> None:
+    """The ticket's liquidation price (cluster/web/static/js/format.js) equals the engine's
+    (engine.orders: the quantity floored to the step, the maintenance margin at its rate, the
+    price floored for a long, ceiled for a short) over 600 drawn orders of every asset, rate
+    and side, and is told for no order the engine would not open (under one step; a margin
+    not above the maintenance margin)."""
+    from engine.amounts import from_units
+    from engine.orders import PPM, Side, liquidation_ticks, quantity_steps
+
+    draw = random.Random(20261206)
+    cases, wanted = [], []
+    for _ in range(600):
+        asset = draw.choice(list(platform.settings.assets.assets))
+        entry = draw.choice([1, 7, 99, 10_000, 3_000_00, 65_000_0, draw.randrange(1, 10**8)])
+        margin = draw.choice([1, 999, 10**6, 250 * 10**6, draw.randrange(1, 10**11)])
+        leverage = draw.randint(1, asset.max_leverage)
+        ppm = draw.choice([0, 0, 1, 5_000, 10_000, 500_000, PPM - 1, draw.randrange(PPM)])
+        side = draw.choice([Side.LONG, Side.SHORT])
+        qty = quantity_steps(asset, margin, leverage, entry)
+        scale = 10 ** (asset.price_decimals + asset.qty_decimals)
+        opens = qty >= 1 and margin * scale > ppm * entry * qty
+        wanted.append(asset.ticks_to_price(liquidation_ticks(
+            asset, side, entry, qty, margin, ppm)) if opens else None)
+        cases.append([from_units(margin, 6), leverage, asset.ticks_to_price(entry),
+                      "long" if side is Side.LONG else "short",
+                      {"priceStep": asset.price_step, "quantityStep": asset.qty_step,
+                       "maintenanceMarginRate": from_units(ppm, 6)}])
+    assert 100 < sum(w is not None for w in wanted) < 600  # both kinds drawn
+    open_terminal(browser, platform)
+    told = browser.execute_async_script(
+        "const [cases, done] = arguments;"
+        "import('./static/js/format.js').then((fmt) => done(cases.map("
+        "  (c) => fmt.liquidationEstimate(...c))));", cases)
+    assert told == wanted
 
 
 def produce_history(platform: RayHttpPlatform, http: httpx.Client, asset: str,

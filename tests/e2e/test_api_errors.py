@@ -491,9 +491,10 @@ def test_operations_endpoints(platform: HttpPlatform, http: httpx.Client) -> Non
         assert path in spec["paths"], path
     assert http.get("/docs").status_code == 200
     assets = http.get("/api/v1/assets").json()["assets"]
-    assert {a["name"]: (a["priceStep"], a["quantityStep"], a["maxLeverage"]) for a in assets} \
-        == {"SOL": ("0.01", "0.01", 100), "BTC": ("0.1", "0.00001", 100),
-            "ETH": ("0.01", "0.0001", 100)}
+    assert {a["name"]: (a["priceStep"], a["quantityStep"], a["maxLeverage"],
+                        a["maintenanceMarginRate"]) for a in assets} \
+        == {"SOL": ("0.01", "0.01", 100, "0"), "BTC": ("0.1", "0.00001", 100, "0"),
+            "ETH": ("0.01", "0.0001", 100, "0")}
 
 
 def _open_raw(http: httpx.Client, headers: dict[str, str], fields: bytes) -> httpx.Response:

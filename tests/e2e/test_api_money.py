@@ -454,6 +454,9 @@ def test_a_maintenance_margin_rate_moves_the_levels_and_leaves_equity_to_the_fun
     with LocalHttpPlatform(settings) as platform, \
             httpx.Client(base_url=platform.base_url, timeout=10) as http:
         h = signup(http)
+        # the rate is told with the assets (the terminal's ticket estimates by it)
+        assert {a["maintenanceMarginRate"] for a in
+                http.get("/api/v1/assets").json()["assets"]} == {"0.01"}
         tick(platform, http, "SOL", "100.01", "100.01")
         tick(platform, http, "ETH", "3000.00", "3000.02")
         # qty floor(1000.1 / 100.01) = 10.00, mm = 1% of 1000.1 = 10.001 = the margin

@@ -1026,12 +1026,23 @@ function renderEstimate() {
   const estimate = asset && price
     ? fmt.estimate(field("ticket-margin"), field("ticket-leverage"), price, asset.quantityStep)
     : null;
+  const liquidation = byId("ticket-liquidation");
   if (!estimate || !(margin * leverage <= Number.MAX_SAFE_INTEGER)
       || leverage > (asset.maxLeverage || Infinity)) {
     setText(node, ""); // the API will refuse it: no estimate of an order that cannot be
+    setText(liquidation, "");
     return;
   }
   setText(node, `≈ ${estimate.size} ${asset.name} · notional ≈ ${fmt.money(estimate.notional)} USD (estimate)`);
+  // each side's liquidation price at its fill: a market long at the ask, a short at the bid,
+  // a pending order at its trigger
+  const at = (side) => fmt.liquidationEstimate(
+    field("ticket-margin"), field("ticket-leverage"),
+    kind === "market" ? (side === "long" ? quote.ask : quote.bid) : field("ticket-trigger"),
+    side, asset);
+  const long = at("long");
+  const short = at("short");
+  setText(liquidation, long && short ? `liq. price ≈ ${long} long · ${short} short` : "");
 }
 
 async function submitTicket(side, button) {

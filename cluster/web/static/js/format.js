@@ -114,6 +114,35 @@ export function estimate(margin, leverage, price, quantityStep) {
   return { size: unitsText(steps * step[0], step[1]), notional: unitsText(m[0] * lev, m[1]) };
 }
 
+// The liquidation price an open of ``margin`` at ``leverage`` filled at ``price`` (a decimal
+// string) would get, as the engine computes it: quantity floored to the step, maintenance
+// margin at ``asset.maintenanceMarginRate``, the price (long entry - (margin - mm) / quantity,
+// short entry + ...) floored (long, at least 0) or ceiled (short) to the price step. Exact
+// (BigInt). null when no such position opens: a price off the step, a margin with more than 6
+// decimals, under one quantity step, or a margin not above the maintenance margin.
+export function liquidationEstimate(margin, leverage, price, side, asset) {
+  const m = units(margin);
+  const p = units(price);
+  const rate = signedUnits(asset.maintenanceMarginRate ?? "0");
+  const pd = decimalsOf(asset.priceStep);
+  const qd = decimalsOf(asset.quantityStep);
+  if (!m || !p || !rate || rate[0] < 0n || rate[1] > 6 || m[1] > 6 || p[1] > pd
+      || !/^\d+$/.test(String(leverage).trim())) return null;
+  const lev = BigInt(String(leverage).trim());
+  const million = 1000000n;
+  const marginMicros = m[0] * 10n ** BigInt(6 - m[1]);
+  const entry = p[0] * 10n ** BigInt(pd - p[1]); // in price steps
+  const ppm = rate[0] * 10n ** BigInt(6 - rate[1]);
+  const scale = 10n ** BigInt(pd + qd);
+  const qty = (marginMicros * lev * scale) / (million * entry); // in quantity steps
+  const numerator = marginMicros * scale - ppm * entry * qty;
+  if (qty < 1n || numerator <= 0n) return null;
+  const divisor = million * qty;
+  const distance = numerator / divisor + (numerator % divisor ? 1n : 0n); // ceil, both > 0
+  const ticks = side === "long" ? (entry > distance ? entry - distance : 0n) : entry + distance;
+  return unitsText(ticks, pd);
+}
+
 // BigInt ``n`` at ``decimals`` as micro-dollars, rounded toward minus infinity (SPEC's
 // rounding of money).
 function toMicros(n, decimals) {
