@@ -22,7 +22,12 @@ from typing import Any
 
 import httpx
 import pytest
+from engine.amounts import from_units
 from engine.market import Tick
+from engine.orders import PPM
+from engine.orders import Side
+from engine.orders import liquidation_ticks
+from engine.orders import quantity_steps
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
@@ -587,9 +592,6 @@ def test_the_tickets_liquidation_price_is_the_engines(
     price floored for a long, ceiled for a short) over 600 drawn orders of every asset, rate
     and side, and is told for no order the engine would not open (under one step; a margin
     not above the maintenance margin)."""
-    from engine.amounts import from_units
-    from engine.orders import PPM, Side, liquidation_ticks, quantity_steps
-
     draw = random.Random(20261206)
     cases, wanted = [], []
     for _ in range(600):
