@@ -36,7 +36,9 @@ every topic on restart, and trims the market topic by creating it again: the rec
 starts again at 0) is positioned again as soon as a fetch reports the new end. A record
 batch the Kafka client cannot decode (corrupt, or not in the codec it names) is stepped
 over and counted (``dropped["undecodable"]``): the client stays at it, so every poll, and a
-rebuilt consumer's, would fail on it for ever. Any other consumer failure rebuilds the
+rebuilt consumer's, would fail on it for ever. So is a batch of no records, which the client
+reads nothing of without failing (:class:`StallWatch`, within :data:`STALL_AFTER_S`, to the
+partition's newest record). Any other consumer failure rebuilds the
 consumer after a backoff (:data:`REBUILD_BACKOFF_S`, doubling up to
 :data:`MAX_REBUILD_BACKOFF_S`).
 
@@ -80,6 +82,10 @@ POSITION_WAIT_S = 0.01  # a partition's position is known at once unless it is b
 # How long a partition is read on its own to find the one a poll could not decode: its
 # records are on the broker, so a fetch answers at once; one that comes later is tried again
 PROBE_TIMEOUT_MS = 1000
+
+# How long a partition may stay at one position, its end beyond it, before it is taken for
+# one the client reads no further (:class:`StallWatch`); the fetches in between are many
+STALL_AFTER_S = 2.0
 
 ShardCall = Callable[[str, list[Tick]], Awaitable[None]]
 
@@ -134,10 +140,58 @@ async def position_of(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | N
         return None
 
 
+class UnreadableBatch(Exception):
+    """A partition's client reads nothing at its position though the partition's end lies
+    beyond it, and raises nothing (:class:`StallWatch`)."""
+
+
+@dataclass(eq=False)
+class StallWatch:
+    """Finds the partitions a client reads no further without failing: a record batch of no
+    records (anyone can produce one) is stored by the embedded broker, which answers a fetch
+    at its offset with nothing, so the client stays there, and every record after it (the
+    newest prices of the partition's assets) would be read only after a restart.
+
+    A partition is stalled once it stayed at one position for ``after_s`` while its end (the
+    high watermark of the client's last fetch) lay beyond it and no poll read from it."""
+
+    after_s: float = STALL_AFTER_S
+
+    def __post_init__(self) -> None:
+        self._since: dict[TopicPartition, tuple[int, float]] = {}  # position, first seen
+        self._check_at = 0.0
+
+    async def stalled(self, consumer: AIOKafkaConsumer, read: Mapping[TopicPartition, Any]
+                      ) -> list[tuple[TopicPartition, int, int]]:
+        """(partition, position, end) of each stalled one, after a poll that read ``read``;
+        looks at most twice per ``after_s``."""
+        now = time.monotonic()
+        if now < self._check_at:
+            for tp in read:
+                self._since.pop(tp, None)
+            return []
+        self._check_at = now + self.after_s / 2
+        found = []
+        for tp in consumer.assignment():
+            end = consumer.highwater(tp)
+            at = None if tp in read or end is None else await position_of(consumer, tp)
+            if at is None or end is None or at >= end:
+                self._since.pop(tp, None)
+                continue
+            seen = self._since.get(tp)
+            if seen is None or seen[0] != at:
+                self._since[tp] = (at, now)
+            elif now - seen[1] >= self.after_s:
+                del self._since[tp]
+                found.append((tp, at, end))
+        return found
+
+
 async def read_records(
         consumer: AIOKafkaConsumer, timeout_ms: int, max_records: int,
         delivered: Mapping[TopicPartition, int],
         step_past: Callable[[TopicPartition, int | None, int | None, BaseException], None],
+        stalls: StallWatch,
 ) -> dict[TopicPartition, list[Any]]:
     """``consumer.getmany(timeout_ms=..., max_records=...)``, also when it fails on a record
     batch the client cannot decode (:func:`undecodable`). The client stays at such a batch, so
@@ -146,12 +200,18 @@ async def read_records(
     other partitions' records, which went with it), then each with records left is read on
     its own; for one that fails so, ``step_past(tp, stopped, end, exc)`` (where the client
     stopped: the bad batch's first offset, and the partition's end, either None when
-    unknown) moves it past the batch. Returns the records read."""
+    unknown) moves it past the batch. So does a partition ``stalls`` finds read no further
+    (``exc`` an :class:`UnreadableBatch`). Returns the records read."""
     try:
-        return await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        read = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
     except Exception as exc:
         if not undecodable(exc):
             raise
+    else:
+        for tp, at, end in await stalls.stalled(consumer, read):
+            step_past(tp, at, end, UnreadableBatch(
+                f"no record read at offset {at} for {stalls.after_s:g} s, the end at {end}"))
+        return read
     for tp in consumer.assignment():
         if tp in delivered:
             consumer.seek(tp, delivered[tp])
@@ -251,6 +311,7 @@ class MarketDataConsumer:
         self.repositions = 0
         self.undecodable = 0
         self._undecodable_end: dict[TopicPartition, int] = {}  # the end when last skipped
+        self._stalls = StallWatch()
         self.last_error: str | None = None
         self._failing: set[str] = set()  # shards whose last call failed
         self.first_record_s: float | None = None
@@ -453,7 +514,7 @@ class MarketDataConsumer:
     async def poll(self, consumer: AIOKafkaConsumer) -> int:
         """Read one batch into the pipeline and start the calls it allows; the records read."""
         batch = await read_records(consumer, POLL_TIMEOUT_MS, self.max_batch, self._next_offset,
-                                   functools.partial(self._step_past, consumer))
+                                   functools.partial(self._step_past, consumer), self._stalls)
         self.polls += 1
         read = 0
         if batch:

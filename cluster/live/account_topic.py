@@ -31,7 +31,13 @@ from cluster.live.topic_auth import SignedTopic, authentic
 from engine.account_events import AccountEvent
 from engine.ledger_machine import decode_account_events
 from feed.clients import stop_client
-from feed.consumer import position_of, read_records, recreated_partitions
+from feed.consumer import (
+    StallWatch,
+    UnreadableBatch,
+    position_of,
+    read_records,
+    recreated_partitions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,8 @@ class TopicTail:
         self.malformed = 0  # items that were not account events (in signed messages)
         self.unauthenticated = 0  # messages whose tag did not verify (or batches unread)
         self._next: dict[TopicPartition, int] = {}  # after the newest record read
+        self._stalls = StallWatch()
+        self._stalled_end: dict[TopicPartition, int] = {}  # the end when last stalled
 
     async def read(self) -> list[AccountEvent] | None:
         consumer = self._consumer
@@ -84,7 +92,8 @@ class TopicTail:
                 await asyncio.sleep(READ_TIMEOUT_MS / 1000)
                 return []
             batch = await read_records(consumer, READ_TIMEOUT_MS, MAX_RECORDS, self._next,
-                                       functools.partial(self._step_past, consumer))
+                                       functools.partial(self._step_past, consumer),
+                                       self._stalls)
         except BaseException:
             await self.close()  # rebuilt by the next read, which starts at the newest again
             raise
@@ -105,10 +114,19 @@ class TopicTail:
 
     def _step_past(self, consumer: AIOKafkaConsumer, tp: TopicPartition, stopped: int | None,
                    end: int | None, exc: BaseException) -> None:
-        """Move ``tp`` past a record batch the client cannot decode, to its end (the failed
-        fetch's), counting it in ``unauthenticated`` (feed.consumer.read_records)."""
-        self.unauthenticated += 1
-        log.warning("account topic: an undecodable record batch at %s[%d] offset %s skipped: "
+        """Move ``tp`` past a record batch the client cannot read (feed.consumer.read_records),
+        counting it in ``unauthenticated``: past one it cannot decode to its end (the failed
+        fetch's); past one it reads nothing of (``UnreadableBatch``: no records) to its newest
+        record, the events between brought by cluster.live.account_stream's checks. Such a
+        batch holding the newest record stalls again there, and is counted once."""
+        if isinstance(exc, UnreadableBatch) and stopped is not None and end is not None:
+            if stopped >= self._stalled_end.get(tp, 0):
+                self.unauthenticated += 1
+            self._stalled_end[tp] = end
+            end = max(stopped + 1, end - 1)
+        else:
+            self.unauthenticated += 1
+        log.warning("account topic: an unreadable record batch at %s[%d] offset %s skipped: "
                     "%r", tp.topic, tp.partition, stopped, exc)
         if end is not None:
             consumer.seek(tp, end)

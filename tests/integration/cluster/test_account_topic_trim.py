@@ -211,3 +211,34 @@ async def test_a_record_batch_no_client_can_decode_is_stepped_past_and_counted(
         await producer.stop()
         publisher.close()
         await tail.close()
+
+
+async def test_a_record_batch_of_no_records_is_stepped_past_and_counted(
+        kafka_broker: str) -> None:
+    """A record batch of no records, which the client neither reads nor fails on: the reader
+    read its partition no further (every event after it came only from the ledger's checks,
+    seconds late). It is counted and stepped past, and the events after it are read."""
+    topic = f"account-events-empty-{free_port()}"
+    await ensure_topic(kafka_broker, 1, topic)
+    tail = TopicTail(SignedTopic(kafka_broker, topic, SECRET))
+    publisher = Publisher(kafka_broker, topic, SECRET)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker)
+    await producer.start()
+    try:
+        await _read_until(tail, lambda reads: None in reads)
+        await producer.client.force_metadata_update()
+        leader = producer.client.cluster.leader_for_partition(TopicPartition(topic, 0))
+        publisher.offer(encode_account_events(_events(7, 1, 1)))
+        await _read_until(tail, lambda rs: any(e.seq == 1 for r in rs for e in r or ()))
+        await producer.client.send(leader, ProduceRequest(
+            transactional_id=None, required_acks=1, timeout=5000,
+            topics=[(topic, [(0, _signed_batch([]))])]))
+        await asyncio.sleep(0.5)
+        publisher.offer(encode_account_events(_events(7, 2, 1)))
+        reads = await _read_until(tail, lambda rs: any(e.seq == 2 for r in rs for e in r or ()))
+        assert None not in reads
+        assert (tail.unauthenticated, tail.malformed) == (1, 0)
+    finally:
+        await producer.stop()
+        publisher.close()
+        await tail.close()
