@@ -39,11 +39,12 @@ class BatchConflator:
     partition carries has a valid tick; older records of an asset already found are counted as
     ``conflated`` without being decoded (their key, the symbol, tells their asset; a record
     whose key is another asset's symbol than its own is dropped as ``unknown_symbol``). A newest
-    record that is malformed, out of bounds (counted by the decoder), older than the last tick
-    delivered for its asset or not newer than the one held for it (counted by ``gate``) is
-    dropped and the scan falls back to the one before it: a tick that may confirm the held one
-    is not hidden by an older one read after it. Across partitions the tick with the larger
-    ``(ts_us, seq)`` wins.
+    record that is malformed, out of bounds (counted by the decoder) or older than the last
+    tick delivered for its asset (counted by ``gate``) is dropped and the scan falls back to
+    the one before it. So does one not newer than the tick held for its asset, which cannot
+    confirm that one: it is taken only if the partition holds no newer tick of its asset, so a
+    tick that may confirm the held one is not hidden by an older one read after it. Across
+    partitions the tick with the larger ``(ts_us, seq)`` wins.
     """
 
     def __init__(self, assets: AssetRegistry, decoder: TickDecoder | None = None,
@@ -64,9 +65,11 @@ class BatchConflator:
         asset_of_key = self._asset_of_key
         decode = self.decoder.decode
         is_older = self.gate.is_older if self.gate is not None else None
+        behind_held = self.gate.behind_held if self.gate is not None else None
         for records in partitions:
             self.consumed += len(records)
             found: set[str] = set()
+            behind: dict[str, Tick] = {}  # the newest tick of an asset not newer than its held
             i = len(records) - 1
             while i >= 0:
                 rec = records[i]
@@ -82,16 +85,32 @@ class BatchConflator:
                 if tick.asset in found:
                     self.conflated += 1
                     continue
-                found.add(tick.asset)
-                prev = out.get(tick.asset)
-                if prev is None or (tick.ts_us, tick.seq) > (prev.ts_us, prev.seq):
-                    out[tick.asset] = tick
-                if prev is not None:
-                    self.conflated += 1
+                if behind_held is not None and behind_held(tick):
+                    if tick.asset in behind:
+                        self.conflated += 1
+                    else:
+                        behind[tick.asset] = tick
+                    continue
+                self._take(out, found, tick)
                 if len(found) == n_assets:
                     self.conflated += i + 1  # everything older in this partition is superseded
                     break
+            for tick in behind.values():
+                if tick.asset in found:
+                    self.conflated += 1  # a newer tick of its asset came before it
+                else:
+                    self._take(out, found, tick)
         return out
+
+    def _take(self, out: dict[str, Tick], found: set[str], tick: Tick) -> None:
+        """``tick`` as its partition's for its asset; the newer of it and another partition's
+        as the batch's."""
+        found.add(tick.asset)
+        prev = out.get(tick.asset)
+        if prev is None or (tick.ts_us, tick.seq) > (prev.ts_us, prev.seq):
+            out[tick.asset] = tick
+        if prev is not None:
+            self.conflated += 1
 
 
 MAX_PENDING_PER_ASSET = 256

@@ -6,7 +6,12 @@ accepted one. Such a jump may be the market gapping or a bad print; one tick can
 next one can. So a jump is held back and accepted only if the next tick of the asset lies
 within the band around it (the move is confirmed: the held tick is delivered, then the
 confirming one, so the engine sweeps the price the market gapped to); otherwise the held tick
-is dropped as ``jump`` and the next tick is judged on its own.
+is dropped as ``jump`` and the next tick is judged on its own. A next tick stamped before the
+held one cannot confirm it either (it would be delivered after a newer one): the held tick
+is dropped, and the next is judged on its own. Were such ticks dropped instead, one bad print
+stamped a few seconds ahead (within the clock skew allowed) would have every update of its
+asset dropped until that time, every two seconds another one freezing the asset's price for
+good, though every one of them ended dropped.
 """
 
 from __future__ import annotations
@@ -57,25 +62,31 @@ class TickGate:
 
     def is_older(self, tick: Tick) -> bool:
         """True (and counted as ``out_of_order``) when ``tick`` is older, by ``(ts_us, seq)``,
-        than the last tick delivered for its asset, or is that tick again, or is not newer
-        than the tick held for its asset."""
+        than the last tick delivered for its asset, or is that tick again, or the tick held
+        for its asset again."""
         last = self.last.get(tick.asset)
-        held = self.held.get(tick.asset)
         # the same tick again (a message the topic holds twice: a producer's retry, a consumer
-        # repositioned one message back) would be swept, charted and counted in a candle twice;
-        # one older than (or the same as) the update held can neither confirm the move nor be
-        # delivered before it, which comes first should it be confirmed
+        # repositioned one message back) would be swept, charted and counted in a candle twice
         if (last is not None and (_order(tick) < _order(last) or tick == last)) or (
-                held is not None and _order(tick) <= _order(held)):
+                tick == self.held.get(tick.asset)):
             self.dropped["out_of_order"] += 1
             return True
         return False
+
+    def behind_held(self, tick: Tick) -> bool:
+        """True when ``tick`` is not newer, by ``(ts_us, seq)``, than the tick held for its
+        asset: it cannot confirm that one (:meth:`admit` drops it and judges ``tick`` alone)."""
+        held = self.held.get(tick.asset)
+        return held is not None and _order(tick) <= _order(held)
 
     def admit(self, tick: Tick) -> list[Tick]:
         if self.is_older(tick):
             return []
         asset = tick.asset
         last = self.last.get(asset)
+        if self.behind_held(tick):
+            del self.held[asset]
+            self.dropped["jump"] += 1  # stamped ahead of the update after it: not confirmed
         held = self.held.pop(asset, None)
         if last is None or within_band(tick, last, self.band_bps):
             if held is not None:

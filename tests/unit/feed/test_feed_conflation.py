@@ -65,16 +65,32 @@ def test_newest_not_newer_than_the_held_jump_falls_back() -> None:
     update. The newest offset was taken as the asset's tick (it is not older than the last
     delivered one), the gate dropped it as out of order, and the confirming tick had been
     skipped as conflated: the held price stayed held, while the same records read one a poll
-    confirmed it. The scan falls back past a tick not newer than the held one too."""
+    confirmed it. The scan falls back past a tick not newer than the held one too (passed
+    over for the newer one, counted as conflated)."""
     gate = TickGate(1000)
     gate.admit(Tick("SOL", 100, 101, 5, 5, "sim"))
     assert gate.admit(Tick("SOL", 150, 151, 10, 10, "sim")) == []  # +50%: held
     c = BatchConflator(DEFAULT_ASSETS, gate=gate)
     newest = c.newest([[rec("SOL", 151, 11), rec("SOL", 152, 9)]])
     assert newest == {"SOL": Tick("SOL", 151, 152, 11, 11, "sim")}
-    assert gate.dropped == {"out_of_order": 1}
+    assert gate.dropped == {} and c.conflated == 1
     assert gate.admit_all(newest) == [Tick("SOL", 150, 151, 10, 10, "sim"), newest["SOL"]]
     assert gate.confirmed == 1 and not gate.held
+
+
+def test_a_batch_with_no_tick_newer_than_the_held_one_delivers_its_newest() -> None:
+    """A jump stamped ahead is held; a batch of the market's updates, all stamped before it:
+    its newest is the asset's tick (it drops the held one, which it cannot confirm, and
+    passes), where every one was dropped as out of order until the held one's time."""
+    gate = TickGate(1000)
+    gate.admit(Tick("SOL", 100, 101, 5, 5, "sim"))
+    assert gate.admit(Tick("SOL", 50, 51, 4_500, 4_500, "sim")) == []  # -50%: held
+    c = BatchConflator(DEFAULT_ASSETS, gate=gate)
+    newest = c.newest([[rec("SOL", 99, 6), rec("SOL", 98, 7)], [rec("SOL", 97, 3)]])
+    assert newest == {"SOL": Tick("SOL", 98, 99, 7, 7, "sim")}
+    assert c.conflated == 1 and gate.dropped == {"out_of_order": 1}  # 97: older than 100
+    assert gate.admit_all(newest) == [newest["SOL"]]
+    assert gate.dropped == {"out_of_order": 1, "jump": 1} and not gate.held
 
 
 def test_a_record_keyed_with_another_assets_symbol_is_dropped_in_any_poll() -> None:

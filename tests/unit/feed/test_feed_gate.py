@@ -87,19 +87,36 @@ def test_band_must_be_positive(band: int) -> None:
 
 
 def test_a_tick_not_newer_than_the_held_one_neither_confirms_nor_passes_it() -> None:
-    """An update older than the held jump, or the held one sent again, would have confirmed
-    it and gone out after it: older after newer (the shards drop it, the quote shows it), or
-    the same tick twice. It is dropped as out of order; the held one still awaits a newer
-    tick."""
+    """An update older than the held jump would, confirming it, go out after it: older after
+    newer (the shards drop it, the quote shows it). It does not confirm it: the held one is
+    dropped as a jump, and the update is judged on its own (here a jump from the last
+    delivered one too: held in its place). The held one sent again is out of order."""
     gate = TickGate(1000)
     gate.admit(tick(100, 5))
     assert gate.admit(tick(150, 10)) == []  # held
-    assert gate.admit(tick(151, 9)) == []  # older than the held one, near it
     assert gate.admit(tick(150, 10)) == []  # the held one again
-    assert gate.dropped == {"out_of_order": 2} and gate.held["SOL"] == tick(150, 10)
-    assert gate.last["SOL"] == tick(100, 5)
-    assert gate.admit(tick(152, 11)) == [tick(150, 10), tick(152, 11)]
+    assert gate.dropped == {"out_of_order": 1} and gate.held["SOL"] == tick(150, 10)
+    assert gate.admit(tick(151, 9)) == []  # older than the held one, near it
+    assert gate.dropped == {"out_of_order": 1, "jump": 1} and gate.held["SOL"] == tick(151, 9)
+    assert gate.last["SOL"] == tick(100, 5) and gate.confirmed == 0
+    assert gate.admit(tick(152, 11)) == [tick(151, 9), tick(152, 11)]
     assert gate.last["SOL"] == tick(152, 11) and gate.confirmed == 1
+
+
+def test_a_jump_stamped_ahead_holds_back_no_update_after_it() -> None:
+    """A bad print stamped seconds ahead (within the clock skew the feed allows) is held as a
+    jump. The market's next updates, stamped before it, were dropped as out of order until its
+    time came, one such print every two seconds freezing the asset's price for good though
+    each ended dropped. The next update drops it and passes; so do the ones after it."""
+    gate = TickGate(1000)
+    assert gate.admit(tick(100, 5)) == [tick(100, 5)]
+    assert gate.admit(tick(50, 4_500)) == []  # held
+    assert gate.admit(tick(99, 6)) == [tick(99, 6)]
+    assert gate.held == {} and gate.dropped == {"jump": 1}
+    assert gate.admit(tick(200, 4_600)) == []  # the next such print
+    assert gate.admit(tick(98, 7)) == [tick(98, 7)]
+    assert gate.admit(tick(97, 8)) == [tick(97, 8)]
+    assert gate.dropped == {"jump": 2} and gate.last["SOL"] == tick(97, 8)
 
 
 def test_a_move_of_exactly_the_band_passes_one_step_more_is_held() -> None:
