@@ -8,8 +8,13 @@ still arrive."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import time
+from collections.abc import AsyncIterator
+from collections.abc import Awaitable
+from collections.abc import Callable
+from typing import NamedTuple
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -174,14 +179,20 @@ def _signed_batch(events: list[AccountEvent], codec: int = 0) -> bytes:
     return bytes(buf)
 
 
-async def test_a_record_batch_no_client_can_decode_is_stepped_past_and_counted(
-        kafka_broker: str) -> None:
-    """Anyone may produce to the topic, also a record batch the Kafka client cannot decode: the
-    reader counts it and reads on, the records fetched with it from another partition included,
-    rather than failing and starting over at the newest (every subscription then reads its
-    account from the ledger again: a ledger read per connection per such batch)."""
-    topic = f"account-events-undecodable-{free_port()}"
-    await ensure_topic(kafka_broker, 2, topic)
+class RawTopic(NamedTuple):
+    topic: str
+    tail: TopicTail
+    publisher: Publisher
+    send: Callable[[list[tuple[int, bytes]]], Awaitable[object]]  # raw batches by partition
+
+
+@contextlib.asynccontextmanager
+async def raw_topic(kafka_broker: str, name: str, partitions: int) -> AsyncIterator[RawTopic]:
+    """A new account topic of ``partitions``, a reader of it that has started (read from its
+    end), the run's publisher, and a sender of raw record batches (ProduceRequest: one
+    request, so that one fetch is likely to see them all)."""
+    topic = f"{name}-{free_port()}"
+    await ensure_topic(kafka_broker, partitions, topic)
     tail = TopicTail(SignedTopic(kafka_broker, topic, SECRET))
     publisher = Publisher(kafka_broker, topic, SECRET)
     producer = AIOKafkaProducer(bootstrap_servers=kafka_broker)
@@ -190,27 +201,43 @@ async def test_a_record_batch_no_client_can_decode_is_stepped_past_and_counted(
         await _read_until(tail, lambda reads: None in reads)
         await producer.client.force_metadata_update()
         leader = producer.client.cluster.leader_for_partition(TopicPartition(topic, 0))
-        lz4 = 3
-        for round_ in range(3):
-            good = _signed_batch(_events(7, 1 + round_, 1))
-            bad = _signed_batch(_events(8, 1 + round_, 1), codec=lz4)
-            # one request, so that one fetch is likely to see both
-            await producer.client.send(leader, ProduceRequest(
-                transactional_id=None, required_acks=1, timeout=5000,
-                topics=[(topic, [(round_ % 2, good), (1 - round_ % 2, bad)])]))
-            reads = await _read_until(
-                tail, lambda rs, n=round_: any(e.seq == n + 1 for r in rs for e in r or ()))
-            assert None not in reads
-            assert [e.user for r in reads for e in r or ()] == [7]
-        await _read_until(tail, lambda rs: tail.unauthenticated >= 3)
-        publisher.offer(encode_account_events(_events(7, 4, 1)))
-        reads = await _read_until(tail, lambda rs: any(e.seq == 4 for r in rs for e in r or ()))
-        assert None not in reads
-        assert (tail.unauthenticated, tail.malformed) == (3, 0)
+
+        async def send(batches: list[tuple[int, bytes]]) -> object:
+            return await producer.client.send(leader, ProduceRequest(
+                transactional_id=None, required_acks=1, timeout=5000, topics=[(topic, batches)]))
+
+        yield RawTopic(topic, tail, publisher, send)
     finally:
         await producer.stop()
         publisher.close()
         await tail.close()
+
+
+def _has_seq(seq: int) -> Callable[[list[list[AccountEvent] | None]], bool]:
+    return lambda reads: any(e.seq == seq for r in reads for e in r or ())
+
+
+async def test_a_record_batch_no_client_can_decode_is_stepped_past_and_counted(
+        kafka_broker: str) -> None:
+    """Anyone may produce to the topic, also a record batch the Kafka client cannot decode: the
+    reader counts it and reads on, the records fetched with it from another partition included,
+    rather than failing and starting over at the newest (every subscription then reads its
+    account from the ledger again: a ledger read per connection per such batch)."""
+    async with raw_topic(kafka_broker, "account-events-undecodable", 2) as (
+            _, tail, publisher, send):
+        lz4 = 3
+        for round_ in range(3):
+            good = _signed_batch(_events(7, 1 + round_, 1))
+            bad = _signed_batch(_events(8, 1 + round_, 1), codec=lz4)
+            await send([(round_ % 2, good), (1 - round_ % 2, bad)])
+            reads = await _read_until(tail, _has_seq(round_ + 1))
+            assert None not in reads
+            assert [e.user for r in reads for e in r or ()] == [7]
+        await _read_until(tail, lambda rs: tail.unauthenticated >= 3)
+        publisher.offer(encode_account_events(_events(7, 4, 1)))
+        reads = await _read_until(tail, _has_seq(4))
+        assert None not in reads
+        assert (tail.unauthenticated, tail.malformed) == (3, 0)
 
 
 async def test_a_record_batch_of_no_records_is_stepped_past_and_counted(
@@ -218,27 +245,12 @@ async def test_a_record_batch_of_no_records_is_stepped_past_and_counted(
     """A record batch of no records, which the client neither reads nor fails on: the reader
     read its partition no further (every event after it came only from the ledger's checks,
     seconds late). It is counted and stepped past, and the events after it are read."""
-    topic = f"account-events-empty-{free_port()}"
-    await ensure_topic(kafka_broker, 1, topic)
-    tail = TopicTail(SignedTopic(kafka_broker, topic, SECRET))
-    publisher = Publisher(kafka_broker, topic, SECRET)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker)
-    await producer.start()
-    try:
-        await _read_until(tail, lambda reads: None in reads)
-        await producer.client.force_metadata_update()
-        leader = producer.client.cluster.leader_for_partition(TopicPartition(topic, 0))
+    async with raw_topic(kafka_broker, "account-events-empty", 1) as (_, tail, publisher, send):
         publisher.offer(encode_account_events(_events(7, 1, 1)))
-        await _read_until(tail, lambda rs: any(e.seq == 1 for r in rs for e in r or ()))
-        await producer.client.send(leader, ProduceRequest(
-            transactional_id=None, required_acks=1, timeout=5000,
-            topics=[(topic, [(0, _signed_batch([]))])]))
+        await _read_until(tail, _has_seq(1))
+        await send([(0, _signed_batch([]))])
         await asyncio.sleep(0.5)
         publisher.offer(encode_account_events(_events(7, 2, 1)))
-        reads = await _read_until(tail, lambda rs: any(e.seq == 2 for r in rs for e in r or ()))
+        reads = await _read_until(tail, _has_seq(2))
         assert None not in reads
         assert (tail.unauthenticated, tail.malformed) == (1, 0)
-    finally:
-        await producer.stop()
-        publisher.close()
-        await tail.close()
