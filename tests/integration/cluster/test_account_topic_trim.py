@@ -179,6 +179,10 @@ def _signed_batch(events: list[AccountEvent], codec: int = 0) -> bytes:
     return bytes(buf)
 
 
+def _has_seq(seq: int) -> Callable[[list[list[AccountEvent] | None]], bool]:
+    return lambda reads: any(e.seq == seq for r in reads for e in r or ())
+
+
 class RawTopic(NamedTuple):
     topic: str
     tail: TopicTail
@@ -211,10 +215,6 @@ async def raw_topic(kafka_broker: str, name: str, partitions: int) -> AsyncItera
         await producer.stop()
         publisher.close()
         await tail.close()
-
-
-def _has_seq(seq: int) -> Callable[[list[list[AccountEvent] | None]], bool]:
-    return lambda reads: any(e.seq == seq for r in reads for e in r or ())
 
 
 async def test_a_record_batch_no_client_can_decode_is_stepped_past_and_counted(
