@@ -37,8 +37,8 @@ starts again at 0) is positioned again as soon as a fetch reports the new end. A
 batch the Kafka client cannot decode (corrupt, or not in the codec it names) is stepped
 over and counted (``dropped["undecodable"]``): the client stays at it, so every poll, and a
 rebuilt consumer's, would fail on it for ever. So is a batch of no records, which the client
-reads nothing of without failing (:class:`StallWatch`, within :data:`STALL_AFTER_S`, to the
-partition's newest record). Any other consumer failure rebuilds the
+reads nothing of without failing (:class:`StallWatch`, within :data:`MARKET_STALL_AFTER_S`,
+to the partition's newest record). Any other consumer failure rebuilds the
 consumer after a backoff (:data:`REBUILD_BACKOFF_S`, doubling up to
 :data:`MAX_REBUILD_BACKOFF_S`).
 
@@ -84,8 +84,11 @@ POSITION_WAIT_S = 0.01  # a partition's position is known at once unless it is b
 PROBE_TIMEOUT_MS = 1000
 
 # How long a partition may stay at one position, its end beyond it, before it is taken for
-# one the client reads no further (:class:`StallWatch`); the fetches in between are many
+# one the client reads no further (:class:`StallWatch`); the fetches in between are many.
+# The account stream's reader waits longer: the events it passes over come from the ledger's
+# checks instead, seconds late.
 STALL_AFTER_S = 2.0
+MARKET_STALL_AFTER_S = 0.5  # each empty batch holds its partition's prices back this long
 
 ShardCall = Callable[[str, list[Tick]], Awaitable[None]]
 
@@ -311,7 +314,7 @@ class MarketDataConsumer:
         self.repositions = 0
         self.undecodable = 0
         self._undecodable_end: dict[TopicPartition, int] = {}  # the end when last skipped
-        self._stalls = StallWatch()
+        self._stalls = StallWatch(MARKET_STALL_AFTER_S)
         self.last_error: str | None = None
         self._failing: set[str] = set()  # shards whose last call failed
         self.first_record_s: float | None = None
