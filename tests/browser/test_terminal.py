@@ -522,7 +522,7 @@ def test_screenshots_show_an_open_position_over_a_chart_of_candles(
     fill(browser, "ticket-margin", "250")
     fill(browser, "ticket-leverage", "20")
     told = wait_until(browser, lambda d: re.fullmatch(
-        r"liq\. price ≈ ([\d.]+) long · ([\d.]+) short", text_of(d, "ticket-liquidation")),
+        r"liq\. price ≈ ([\d.]+) long · ≈ ([\d.]+) short", text_of(d, "ticket-liquidation")),
         "the ticket's liquidation prices")
     open_long_from_ticket(browser, "250", "20")
     wait_position_row(browser, "ETH", "long")
@@ -584,6 +584,21 @@ def test_screenshots_show_an_open_position_over_a_chart_of_candles(
         assert browser.save_screenshot(str(target / name))
         assert png_size(target / name) == (width, height)
 
+    # with a second position on the asset each level names whose it is
+    r = http.post("/api/v1/positions/open", headers={"Authorization": f"Bearer {key}"},
+                  json={"asset": "ETH", "type": "short", "margin": "100", "leverage": 10})
+    assert r.status_code == 201, r.text
+    short = r.json()
+    long_name, short_name = f"long {position['quantity']}", f"short {short['quantity']}"
+    wanted = sorted([[long_name, D(position["entryPrice"])],
+                     [f"liq. {long_name}", D(position["liquidationPrice"])],
+                     [f"TP {long_name}", take_profit], [f"SL {long_name}", stop_loss],
+                     [short_name, D(short["entryPrice"])],
+                     [f"liq. {short_name}", D(short["liquidationPrice"])],
+                     ["limit long", trigger]])
+    wait_until(browser, lambda d: sorted([title, D(str(price))] for title, price in chart_lines(d))
+               == wanted, f"the chart's lines {wanted}")
+
 
 def test_the_tickets_liquidation_price_is_the_engines(
         platform: RayHttpPlatform, browser: WebDriver) -> None:
@@ -591,32 +606,49 @@ def test_the_tickets_liquidation_price_is_the_engines(
     (engine.orders: the quantity floored to the step, the maintenance margin at its rate, the
     price floored for a long, ceiled for a short) over 600 drawn orders of every asset, rate
     and side, and is told for no order the engine would not open (under one step; a margin
-    not above the maintenance margin)."""
+    not above the maintenance margin); a long no positive price liquidates (the API's null) is
+    told "none"."""
     draw = random.Random(20261206)
     cases, wanted = [], []
     for _ in range(600):
         asset = draw.choice(list(platform.settings.assets.assets))
         entry = draw.choice([1, 7, 99, 10_000, 3_000_00, 65_000_0, draw.randrange(1, 10**8)])
         margin = draw.choice([1, 999, 10**6, 250 * 10**6, draw.randrange(1, 10**11)])
-        leverage = draw.randint(1, asset.max_leverage)
+        leverage = draw.choice([1, 2, draw.randint(1, asset.max_leverage)])
         ppm = draw.choice([0, 0, 1, 5_000, 10_000, 500_000, PPM - 1, draw.randrange(PPM)])
         side = draw.choice([Side.LONG, Side.SHORT])
         qty = quantity_steps(asset, margin, leverage, entry)
         scale = 10 ** (asset.price_decimals + asset.qty_decimals)
         opens = qty >= 1 and margin * scale > ppm * entry * qty
-        wanted.append(asset.ticks_to_price(liquidation_ticks(
-            asset, side, entry, qty, margin, ppm)) if opens else None)
+        liq = liquidation_ticks(asset, side, entry, qty, margin, ppm) if opens else None
+        wanted.append(None if liq is None else "none" if liq == 0
+                      else asset.ticks_to_price(liq))
         cases.append([from_units(margin, 6), leverage, asset.ticks_to_price(entry),
                       "long" if side is Side.LONG else "short",
                       {"priceStep": asset.price_step, "quantityStep": asset.qty_step,
                        "maintenanceMarginRate": from_units(ppm, 6)}])
     assert 100 < sum(w is not None for w in wanted) < 600  # both kinds drawn
+    assert "none" in wanted
     open_terminal(browser, platform)
     told = browser.execute_async_script(
         "const [cases, done] = arguments;"
         "import('./static/js/format.js').then((fmt) => done(cases.map("
         "  (c) => fmt.liquidationEstimate(...c))));", cases)
     assert told == wanted
+    # the price it is computed at: where the order would fill now; a pending order at its
+    # trigger unless the quote already crosses it (then at the quote, as the engine fills it)
+    quote = {"bid": "150.00", "ask": "150.02"}
+    fills = {("market", "long", ""): "150.02", ("market", "short", ""): "150.00",
+             ("limit", "long", "149.00"): "149.00", ("limit", "long", "151.00"): "150.02",
+             ("limit", "long", "150.02"): "150.02", ("limit", "short", "151.00"): "151.00",
+             ("limit", "short", "149.00"): "150.00", ("stop", "long", "151.00"): "151.00",
+             ("stop", "long", "149.00"): "150.02", ("stop", "short", "149.00"): "149.00",
+             ("stop", "short", "151.00"): "150.00", ("stop", "short", "150.00"): "150.00"}
+    assert browser.execute_async_script(
+        "const [cases, quote, done] = arguments;"
+        "import('./static/js/format.js').then((fmt) => done(cases.map("
+        "  ([kind, side, trigger]) => fmt.fillPrice(kind, side, trigger, quote))));",
+        list(fills), quote) == list(fills.values())
 
 
 def produce_history(platform: RayHttpPlatform, http: httpx.Client, asset: str,

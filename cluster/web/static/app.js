@@ -874,12 +874,15 @@ function renderChartLines() {
   if (!app.chart) return;
   const lines = [];
   const set = (value) => value !== null && value !== undefined;
-  for (const p of app.positions) {
-    if (p.asset !== app.asset) continue;
-    lines.push({ price: p.entryPrice, title: `${p.type} ${p.quantity}`, kind: "entry" });
-    if (set(p.liquidationPrice)) lines.push({ price: p.liquidationPrice, title: "liq.", kind: "liquidation" });
-    if (set(p.takeProfit)) lines.push({ price: p.takeProfit, title: "TP", kind: "takeProfit" });
-    if (set(p.stopLoss)) lines.push({ price: p.stopLoss, title: "SL", kind: "stopLoss" });
+  const positions = app.positions.filter((p) => p.asset === app.asset);
+  for (const p of positions) {
+    const name = `${p.type} ${p.quantity}`;
+    // with several positions each level names its own (their levels may lie side by side)
+    const of = positions.length > 1 ? ` ${name}` : "";
+    lines.push({ price: p.entryPrice, title: name, kind: "entry" });
+    if (set(p.liquidationPrice)) lines.push({ price: p.liquidationPrice, title: `liq.${of}`, kind: "liquidation" });
+    if (set(p.takeProfit)) lines.push({ price: p.takeProfit, title: `TP${of}`, kind: "takeProfit" });
+    if (set(p.stopLoss)) lines.push({ price: p.stopLoss, title: `SL${of}`, kind: "stopLoss" });
   }
   for (const o of app.orders) {
     if (o.asset !== app.asset) continue;
@@ -1034,15 +1037,14 @@ function renderEstimate() {
     return;
   }
   setText(node, `≈ ${estimate.size} ${asset.name} · notional ≈ ${fmt.money(estimate.notional)} USD (estimate)`);
-  // each side's liquidation price at its fill: a market long at the ask, a short at the bid,
-  // a pending order at its trigger
+  // each side's liquidation price at the price it would fill at now (fmt.fillPrice)
   const at = (side) => fmt.liquidationEstimate(
     field("ticket-margin"), field("ticket-leverage"),
-    kind === "market" ? (side === "long" ? quote.ask : quote.bid) : field("ticket-trigger"),
-    side, asset);
+    fmt.fillPrice(kind, side, field("ticket-trigger"), quote), side, asset);
   const long = at("long");
   const short = at("short");
-  setText(liquidation, long && short ? `liq. price ≈ ${long} long · ${short} short` : "");
+  const told = (price) => (price === "none" ? "none" : `≈ ${price}`);
+  setText(liquidation, long && short ? `liq. price ${told(long)} long · ${told(short)} short` : "");
 }
 
 async function submitTicket(side, button) {

@@ -118,8 +118,9 @@ export function estimate(margin, leverage, price, quantityStep) {
 // string) would get, as the engine computes it: quantity floored to the step, maintenance
 // margin at ``asset.maintenanceMarginRate``, the price (long entry - (margin - mm) / quantity,
 // short entry + ...) floored (long, at least 0) or ceiled (short) to the price step. Exact
-// (BigInt). null when no such position opens: a price off the step, a margin with more than 6
-// decimals, under one quantity step, or a margin not above the maintenance margin.
+// (BigInt). "none" for a long no positive price liquidates (the API's null); null when no
+// such position opens: a price off the step, a margin with more than 6 decimals, under one
+// quantity step, or a margin not above the maintenance margin.
 export function liquidationEstimate(margin, leverage, price, side, asset) {
   const m = units(margin);
   const p = units(price);
@@ -139,8 +140,28 @@ export function liquidationEstimate(margin, leverage, price, side, asset) {
   if (qty < 1n || numerator <= 0n) return null;
   const divisor = million * qty;
   const distance = numerator / divisor + (numerator % divisor ? 1n : 0n); // ceil, both > 0
-  const ticks = side === "long" ? (entry > distance ? entry - distance : 0n) : entry + distance;
-  return unitsText(ticks, pd);
+  if (side === "long" && entry <= distance) return "none";
+  return unitsText(side === "long" ? entry - distance : entry + distance, pd);
+}
+
+// The price an order of ``kind`` ("market", "limit", "stop") on ``side`` would fill at on a
+// tick of ``quote`` ({bid, ask}, decimal strings): a long at the ask, a short at the bid; a
+// pending order at its ``trigger`` unless that quote already crosses it (a limit long with
+// its trigger at or above the ask, a stop long at or below it, and the mirror for shorts),
+// when it fills at the quote. null without the prices it needs.
+export function fillPrice(kind, side, trigger, quote) {
+  const at = quote ? (side === "long" ? quote.ask : quote.bid) : null;
+  if (kind === "market") return at;
+  const t = signedUnits(trigger);
+  if (!t || t[0] <= 0n) return null;
+  const q = signedUnits(at);
+  if (!q) return trigger;
+  const scale = Math.max(t[1], q[1]);
+  const tn = t[0] * 10n ** BigInt(scale - t[1]);
+  const qn = q[0] * 10n ** BigInt(scale - q[1]);
+  // the limit of a long and the stop of a short are crossed by a quote at or below them
+  const crossed = (kind === "limit") === (side === "long") ? qn <= tn : qn >= tn;
+  return crossed ? at : trigger;
 }
 
 // BigInt ``n`` at ``decimals`` as micro-dollars, rounded toward minus infinity (SPEC's
