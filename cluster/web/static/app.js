@@ -413,7 +413,7 @@ function engineNotice(data) {
 const REJECTED_BECAUSE = {
   INVALID_TRIGGER: "its take-profit or stop-loss lay on the wrong side of the fill price",
   WOULD_LIQUIDATE: "its liquidation price was already crossed at the fill price",
-  INVALID_REQUEST: "the position was out of bounds at the fill price",
+  INVALID_REQUEST: "at the fill price its size was under one quantity step or above the largest position",
 };
 
 function rejectedBecause(code) {
