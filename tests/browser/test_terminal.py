@@ -383,6 +383,11 @@ def test_api_error_is_shown_with_the_apis_code_and_message(
     fill(browser, "ticket-leverage", "1")
     wait_until(browser, lambda d: text_of(d, "ticket-estimate")
                == "≈ 0.29 SOL · notional ≈ 29.00 USD (estimate)", "the estimate at the limit")
+    # one that buys less than a step says so (it read "≈ 0.00 SOL")
+    fill(browser, "ticket-margin", "0.99")
+    wait_until(browser, lambda d: text_of(d, "ticket-estimate")
+               == "buys less than one step (0.01 SOL) at this price", "the step not bought")
+    assert text_of(browser, "ticket-liquidation") == ""
     Select(by_id(browser, "ticket-kind")).select_by_value("market")
 
     # a leverage below the range is named as such, not as a type error

@@ -1036,6 +1036,12 @@ function renderEstimate() {
     setText(liquidation, "");
     return;
   }
+  if (!/[1-9]/.test(estimate.size)) {
+    // the API refuses a market order of it; a pending one fills only at a lower price
+    setText(node, `buys less than one step (${asset.quantityStep} ${asset.name}) at this price`);
+    setText(liquidation, "");
+    return;
+  }
   setText(node, `≈ ${estimate.size} ${asset.name} · notional ≈ ${fmt.money(estimate.notional)} USD (estimate)`);
   // each side's liquidation price at the price it would fill at now (fmt.fillPrice)
   const at = (side) => fmt.liquidationEstimate(
