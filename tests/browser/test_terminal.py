@@ -529,6 +529,9 @@ def test_screenshots_show_an_open_position_over_a_chart_of_candles(
     told = wait_until(browser, lambda d: re.fullmatch(
         r"liq\. price ≈ ([\d.]+) long · ≈ ([\d.]+) short", text_of(d, "ticket-liquidation")),
         "the ticket's liquidation prices")
+    sizes = re.match(r"≈ ([\d.]+) ETH(?: long · ([\d.]+) short)? · notional ≈ 5000\.00 USD",
+                     text_of(browser, "ticket-estimate"))
+    assert sizes, text_of(browser, "ticket-estimate")
     open_long_from_ticket(browser, "250", "20")
     wait_position_row(browser, "ETH", "long")
     r = http.post("/api/v1/positions/open", headers={
@@ -537,6 +540,7 @@ def test_screenshots_show_an_open_position_over_a_chart_of_candles(
     assert r.status_code == 201, r.text
     assert text_of(browser, "ticket-liquidation") == told.group(0)  # the same prices since
     assert told.group(2) == r.json()["liquidationPrice"]
+    assert (sizes.group(2) or sizes.group(1)) == r.json()["quantity"]  # each side at its fill
     trigger = D(quote["bid"]) - 80
     r = http.post("/api/v1/orders", headers={"Authorization": f"Bearer {key}"},
                   json={"asset": "ETH", "type": "long", "orderType": "limit",
@@ -545,6 +549,7 @@ def test_screenshots_show_an_open_position_over_a_chart_of_candles(
     [position] = http.get("/api/v1/state", headers={"Authorization": f"Bearer {key}"}
                           ).json()["positions"]
     assert told.group(1) == position["liquidationPrice"]
+    assert sizes.group(1) == position["quantity"]
     # every level that would act on the next ticks is drawn at its price, named
     wanted = sorted([[f"long {position['quantity']}", D(position["entryPrice"])],
                      ["liq.", D(position["liquidationPrice"])], ["TP", take_profit],

@@ -1017,40 +1017,44 @@ function renderTicketKind() {
   renderEstimate();
 }
 
+// The ticket's estimate, each side at the price it would fill at now (fmt.fillPrice): its
+// size and notional, and its liquidation price.
 function renderEstimate() {
   const node = byId("ticket-estimate");
+  const liquidation = byId("ticket-liquidation");
   const asset = selectedAsset();
   const margin = Number(field("ticket-margin"));
   const leverage = Number(field("ticket-leverage"));
   const kind = byId("ticket-kind").value;
   const quote = app.prices[app.asset];
-  // a market order at the mid, a pending one at its trigger
-  const price = kind === "market" ? (quote ? [quote.bid, quote.ask] : null) : field("ticket-trigger");
-  const estimate = asset && price
-    ? fmt.estimate(field("ticket-margin"), field("ticket-leverage"), price, asset.quantityStep)
-    : null;
-  const liquidation = byId("ticket-liquidation");
-  if (!estimate || !(margin * leverage <= Number.MAX_SAFE_INTEGER)
+  const fill = (side) => fmt.fillPrice(kind, side, field("ticket-trigger"), quote);
+  const sized = (side) => (asset && fill(side)
+    ? fmt.estimate(field("ticket-margin"), field("ticket-leverage"), fill(side), asset.quantityStep)
+    : null);
+  const long = sized("long");
+  const short = sized("short");
+  if (!long || !short || !(margin * leverage <= Number.MAX_SAFE_INTEGER)
       || leverage > (asset.maxLeverage || Infinity)) {
     setText(node, ""); // the API will refuse it: no estimate of an order that cannot be
     setText(liquidation, "");
     return;
   }
-  if (!/[1-9]/.test(estimate.size)) {
+  if (![long, short].some((e) => /[1-9]/.test(e.size))) {
     // the API refuses a market order of it; a pending one fills only at a lower price
     setText(node, `buys less than one step (${asset.quantityStep} ${asset.name}) at this price`);
     setText(liquidation, "");
     return;
   }
-  setText(node, `≈ ${estimate.size} ${asset.name} · notional ≈ ${fmt.money(estimate.notional)} USD (estimate)`);
-  // each side's liquidation price at the price it would fill at now (fmt.fillPrice)
+  const size = long.size === short.size
+    ? `≈ ${long.size} ${asset.name}` : `≈ ${long.size} ${asset.name} long · ${short.size} short`;
+  setText(node, `${size} · notional ≈ ${fmt.money(long.notional)} USD (estimate)`);
   const at = (side) => fmt.liquidationEstimate(
-    field("ticket-margin"), field("ticket-leverage"),
-    fmt.fillPrice(kind, side, field("ticket-trigger"), quote), side, asset);
-  const long = at("long");
-  const short = at("short");
+    field("ticket-margin"), field("ticket-leverage"), fill(side), side, asset);
+  const longLiq = at("long");
+  const shortLiq = at("short");
   const told = (price) => (price === "none" ? "none" : `≈ ${price}`);
-  setText(liquidation, long && short ? `liq. price ${told(long)} long · ${told(short)} short` : "");
+  setText(liquidation, longLiq && shortLiq
+    ? `liq. price ${told(longLiq)} long · ${told(shortLiq)} short` : "");
 }
 
 async function submitTicket(side, button) {

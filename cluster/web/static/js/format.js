@@ -88,29 +88,19 @@ function unitsText(n, decimals) {
 }
 
 // The ticket's estimate of an order of ``margin`` at ``leverage`` filled at ``price`` (a
-// decimal string, or [bid, ask] for their mid): {size, notional} as decimal strings, size
-// = floor(margin * leverage / price) on the quantity step, as the engine computes it. Exact
-// (BigInt): in binary floats 29 / 100 * 100 is 28.999..., a step short. null unless margin,
-// price and step are positive decimals and leverage a positive whole number.
+// decimal string): {size, notional} as decimal strings, size = floor(margin * leverage /
+// price) on the quantity step, as the engine computes it. Exact (BigInt): in binary floats
+// 29 / 100 * 100 is 28.999..., a step short. null unless margin, price and step are positive
+// decimals and leverage a positive whole number.
 export function estimate(margin, leverage, price, quantityStep) {
   const m = units(margin);
   const step = units(quantityStep);
-  const [bid, ask] = Array.isArray(price) ? price.map(units) : [units(price), null];
-  if (!m || !step || !bid || (Array.isArray(price) && !ask) || !/^\d+$/.test(String(leverage).trim())) return null;
+  const p = units(price);
+  if (!m || !step || !p || !/^\d+$/.test(String(leverage).trim())) return null;
   const lev = BigInt(String(leverage).trim());
   if (lev === 0n) return null;
-  // the price as a fraction num / den (the mid of bid and ask: their sum over 2)
-  let num = bid[0];
-  let scale = bid[1];
-  let den = 1n;
-  if (ask) {
-    scale = Math.max(bid[1], ask[1]);
-    num = bid[0] * 10n ** BigInt(scale - bid[1]) + ask[0] * 10n ** BigInt(scale - ask[1]);
-    den = 2n;
-  }
-  // steps = floor((m / 10^md) * lev / ((num / (den * 10^scale)) * (step / 10^sd)))
-  const steps = (m[0] * lev * den * 10n ** BigInt(scale + step[1]))
-    / (10n ** BigInt(m[1]) * num * step[0]);
+  // steps = floor((m / 10^md) * lev / ((p / 10^pd) * (step / 10^sd)))
+  const steps = (m[0] * lev * 10n ** BigInt(p[1] + step[1])) / (10n ** BigInt(m[1]) * p[0] * step[0]);
   return { size: unitsText(steps * step[0], step[1]), notional: unitsText(m[0] * lev, m[1]) };
 }
 
