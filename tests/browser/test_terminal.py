@@ -608,6 +608,21 @@ def test_screenshots_show_an_open_position_over_a_chart_of_candles(
                      ["limit long", trigger]])
     wait_until(browser, lambda d: sorted([title, D(str(price))] for title, price in chart_lines(d))
                == wanted, f"the chart's lines {wanted}")
+    # a level the scale leaves out (farther than twice the candles' height) is named at the
+    # edge it lies past, with its price
+    far = f"▲ liq. {short_name} {short['liquidationPrice']}"
+    wait_until(browser, lambda d: far in text_of(d, "chart-above").splitlines(),
+               f"{far} at the chart's top edge")
+    # and only such levels, each at its own edge
+    outside = browser.execute_script(
+        "const s = window.__series[0];"
+        "const h = document.querySelector('#chart table td:nth-child(2)').clientHeight;"
+        "return s.priceLines().map((l) => [l.options().title, s.priceToCoordinate("
+        "  l.options().price), h]).filter(([t, y, h]) => y < 0 || y > h)"
+        "  .map(([t, y]) => (y < 0 ? '▲ ' : '▼ ') + t);")
+    named = [" ".join(line.split(" ")[:-1]) for edge in ("chart-above", "chart-below")
+             for line in text_of(browser, edge).splitlines()]
+    assert sorted(named) == sorted(outside), (named, outside)
 
 
 def test_the_tickets_liquidation_price_is_the_engines(

@@ -90,6 +90,41 @@ export function createCandleChart(container) {
   });
   let lastTime = null;
   let lines = [];
+  // The levels the scale leaves out, named at the chart's top (above it) and bottom edge
+  // (below it): a far stop-loss or liquidation price would otherwise not be seen at all.
+  const edges = {};
+  for (const side of ["above", "below"]) {
+    edges[side] = document.createElement("div");
+    edges[side].className = `chart-offscale ${side}`;
+    edges[side].id = `chart-${side}`;
+    edges[side].dataset.testid = `chart-${side}`;
+    edges[side].hidden = true;
+    container.append(edges[side]);
+  }
+  let edgesDue = false;
+  const markEdges = () => {
+    edgesDue = false;
+    const height = chart.paneSize().height;
+    const out = { above: [], below: [] };
+    for (const line of lines) {
+      const { price, title } = line.options();
+      const y = series.priceToCoordinate(price);
+      if (y === null) continue;
+      const side = y < 0 ? "above" : y > height ? "below" : null;
+      if (side) out[side].push(`${side === "above" ? "▲" : "▼"} ${title} ${series.priceFormatter().format(price)}`);
+    }
+    for (const side of ["above", "below"]) {
+      edges[side].textContent = out[side].join("\n");
+      edges[side].hidden = !out[side].length;
+    }
+  };
+  // after the chart has drawn the change (its scale is set when it draws)
+  const markEdgesSoon = () => {
+    if (edgesDue) return;
+    edgesDue = true;
+    requestAnimationFrame(() => requestAnimationFrame(markEdges));
+  };
+  chart.timeScale().subscribeVisibleLogicalRangeChange(markEdgesSoon);
 
   return {
     setPriceStep(step) {
@@ -120,6 +155,7 @@ export function createCandleChart(container) {
       series.setData(bars);
       lastTime = bars.length ? bars[bars.length - 1].time : null;
       chart.timeScale().scrollToRealTime();
+      markEdgesSoon();
     },
 
     // The current candle (or a newer one); an older candle than the last drawn is ignored.
@@ -129,6 +165,7 @@ export function createCandleChart(container) {
       try {
         series.update(bar);
         lastTime = bar.time;
+        markEdgesSoon();
       } catch {
         /* the chart refuses out-of-order bars; the next load redraws */
       }
@@ -152,6 +189,7 @@ export function createCandleChart(container) {
           axisLabelVisible: true,
         }));
       }
+      markEdgesSoon();
     },
   };
 }
