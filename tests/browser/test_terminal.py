@@ -389,6 +389,11 @@ def test_api_error_is_shown_with_the_apis_code_and_message(
                == "buys less than one step (0.01 SOL) at this price", "the step not bought")
     assert text_of(browser, "ticket-liquidation") == ""
     Select(by_id(browser, "ticket-kind")).select_by_value("market")
+    # at 100.00 / 100.01 a 1 USD market short buys one step, a long none: each is told so
+    fill(browser, "ticket-margin", "1")
+    wait_until(browser, lambda d: text_of(d, "ticket-estimate") == "≈ 0.01 SOL short (a long "
+               "buys less than one step) · notional ≈ 1.00 USD (estimate)", "the short's size")
+    assert text_of(browser, "ticket-liquidation") == "liq. price — long · ≈ 200.00 short"
 
     # a leverage below the range is named as such, not as a type error
     open_long_from_ticket(browser, "100", "-1")

@@ -1045,15 +1045,19 @@ function renderEstimate() {
     setText(liquidation, "");
     return;
   }
-  const size = long.size === short.size
-    ? `≈ ${long.size} ${asset.name}` : `≈ ${long.size} ${asset.name} long · ${short.size} short`;
+  const bought = (e) => /[1-9]/.test(e.size);
+  let size = `≈ ${long.size} ${asset.name}`;
+  if (!bought(long)) size = `≈ ${short.size} ${asset.name} short (a long buys less than one step)`;
+  else if (!bought(short)) size = `≈ ${long.size} ${asset.name} long (a short buys less than one step)`;
+  else if (long.size !== short.size) size = `≈ ${long.size} ${asset.name} long · ${short.size} short`;
   setText(node, `${size} · notional ≈ ${fmt.money(long.notional)} USD (estimate)`);
   const at = (side) => fmt.liquidationEstimate(
     field("ticket-margin"), field("ticket-leverage"), fill(side), side, asset);
   const longLiq = at("long");
   const shortLiq = at("short");
-  const told = (price) => (price === "none" ? "none" : `≈ ${price}`);
-  setText(liquidation, longLiq && shortLiq
+  // a side no position comes of has none ("—")
+  const told = (price) => (price === "none" ? "none" : price ? `≈ ${price}` : "—");
+  setText(liquidation, longLiq || shortLiq
     ? `liq. price ${told(longLiq)} long · ${told(shortLiq)} short` : "");
 }
 

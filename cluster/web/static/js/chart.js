@@ -125,6 +125,7 @@ export function createCandleChart(container) {
     requestAnimationFrame(() => requestAnimationFrame(markEdges));
   };
   chart.timeScale().subscribeVisibleLogicalRangeChange(markEdgesSoon);
+  new ResizeObserver(markEdgesSoon).observe(container); // a taller chart scales anew
 
   return {
     setPriceStep(step) {
