@@ -169,9 +169,7 @@ class StallWatch:
         """(partition, position, end) of each stalled one, after a poll that read ``read``;
         looks at most twice per ``after_s``."""
         now = time.monotonic()
-        if now < self._check_at:
-            for tp in read:
-                self._since.pop(tp, None)
+        if now < self._check_at:  # (a partition read from since moved: seen anew at a check)
             return []
         self._check_at = now + self.after_s / 2
         found = []

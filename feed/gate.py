@@ -75,7 +75,8 @@ class TickGate:
 
     def behind_held(self, tick: Tick) -> bool:
         """True when ``tick`` is not newer, by ``(ts_us, seq)``, than the tick held for its
-        asset: it cannot confirm that one (:meth:`admit` drops it and judges ``tick`` alone)."""
+        asset: it cannot confirm that one (:meth:`admit` drops that one and judges ``tick``
+        alone; ``feed.conflation`` takes it only if no newer tick of its asset came)."""
         held = self.held.get(tick.asset)
         return held is not None and _order(tick) <= _order(held)
 
@@ -84,10 +85,10 @@ class TickGate:
             return []
         asset = tick.asset
         last = self.last.get(asset)
-        if self.behind_held(tick):
-            del self.held[asset]
-            self.dropped["jump"] += 1  # stamped ahead of the update after it: not confirmed
         held = self.held.pop(asset, None)
+        if held is not None and _order(tick) <= _order(held):
+            self.dropped["jump"] += 1  # stamped ahead of the update after it: not confirmed
+            held = None
         if last is None or within_band(tick, last, self.band_bps):
             if held is not None:
                 self.dropped["jump"] += 1  # the next tick did not confirm the held one

@@ -1027,9 +1027,11 @@ function renderEstimate() {
   const leverage = Number(field("ticket-leverage"));
   const kind = byId("ticket-kind").value;
   const quote = app.prices[app.asset];
-  const fill = (side) => fmt.fillPrice(kind, side, field("ticket-trigger"), quote);
-  const sized = (side) => (asset && fill(side)
-    ? fmt.estimate(field("ticket-margin"), field("ticket-leverage"), fill(side), asset.quantityStep)
+  const trigger = field("ticket-trigger");
+  const fills = { long: fmt.fillPrice(kind, "long", trigger, quote),
+                  short: fmt.fillPrice(kind, "short", trigger, quote) };
+  const sized = (side) => (asset && fills[side]
+    ? fmt.estimate(field("ticket-margin"), field("ticket-leverage"), fills[side], asset.quantityStep)
     : null);
   const long = sized("long");
   const short = sized("short");
@@ -1039,20 +1041,20 @@ function renderEstimate() {
     setText(liquidation, "");
     return;
   }
-  if (![long, short].some((e) => /[1-9]/.test(e.size))) {
+  const bought = (e) => /[1-9]/.test(e.size);
+  if (!bought(long) && !bought(short)) {
     // the API refuses a market order of it; a pending one fills only at a lower price
     setText(node, `buys less than one step (${asset.quantityStep} ${asset.name}) at this price`);
     setText(liquidation, "");
     return;
   }
-  const bought = (e) => /[1-9]/.test(e.size);
   let size = `≈ ${long.size} ${asset.name}`;
   if (!bought(long)) size = `≈ ${short.size} ${asset.name} short (a long buys less than one step)`;
   else if (!bought(short)) size = `≈ ${long.size} ${asset.name} long (a short buys less than one step)`;
   else if (long.size !== short.size) size = `≈ ${long.size} ${asset.name} long · ${short.size} short`;
   setText(node, `${size} · notional ≈ ${fmt.money(long.notional)} USD (estimate)`);
   const at = (side) => fmt.liquidationEstimate(
-    field("ticket-margin"), field("ticket-leverage"), fill(side), side, asset);
+    field("ticket-margin"), field("ticket-leverage"), fills[side], side, asset);
   const longLiq = at("long");
   const shortLiq = at("short");
   // a side no position comes of has none ("—")

@@ -87,6 +87,12 @@ function unitsText(n, decimals) {
   return decimals ? `${digits.slice(0, -decimals)}.${digits.slice(-decimals)}` : digits;
 }
 
+// A whole number above zero written in decimal digits (a leverage) as a BigInt; else null.
+function positiveWhole(value) {
+  const text = String(value ?? "").trim();
+  return /^\d+$/.test(text) && BigInt(text) > 0n ? BigInt(text) : null;
+}
+
 // The ticket's estimate of an order of ``margin`` at ``leverage`` filled at ``price`` (a
 // decimal string): {size, notional} as decimal strings, size = floor(margin * leverage /
 // price) on the quantity step, as the engine computes it. Exact (BigInt): in binary floats
@@ -96,9 +102,8 @@ export function estimate(margin, leverage, price, quantityStep) {
   const m = units(margin);
   const step = units(quantityStep);
   const p = units(price);
-  if (!m || !step || !p || !/^\d+$/.test(String(leverage).trim())) return null;
-  const lev = BigInt(String(leverage).trim());
-  if (lev === 0n) return null;
+  const lev = positiveWhole(leverage);
+  if (!m || !step || !p || !lev) return null;
   // steps = floor((m / 10^md) * lev / ((p / 10^pd) * (step / 10^sd)))
   const steps = (m[0] * lev * 10n ** BigInt(p[1] + step[1])) / (10n ** BigInt(m[1]) * p[0] * step[0]);
   return { size: unitsText(steps * step[0], step[1]), notional: unitsText(m[0] * lev, m[1]) };
@@ -117,13 +122,14 @@ export function liquidationEstimate(margin, leverage, price, side, asset) {
   const rate = signedUnits(asset.maintenanceMarginRate ?? "0");
   const pd = decimalsOf(asset.priceStep);
   const qd = decimalsOf(asset.quantityStep);
-  if (!m || !p || !rate || rate[0] < 0n || rate[1] > 6 || m[1] > 6 || p[1] > pd
-      || !/^\d+$/.test(String(leverage).trim())) return null;
-  const lev = BigInt(String(leverage).trim());
+  const lev = positiveWhole(leverage);
+  if (!m || !p || !lev || !rate || rate[0] < 0n || rate[1] > 6 || m[1] > 6 || p[1] > pd) {
+    return null;
+  }
   const million = 1000000n;
-  const marginMicros = m[0] * 10n ** BigInt(6 - m[1]);
+  const marginMicros = toMicros(m[0], m[1]); // exact: at most 6 decimals
   const entry = p[0] * 10n ** BigInt(pd - p[1]); // in price steps
-  const ppm = rate[0] * 10n ** BigInt(6 - rate[1]);
+  const ppm = toMicros(rate[0], rate[1]); // the rate in millionths, exact as well
   const scale = 10n ** BigInt(pd + qd);
   const qty = (marginMicros * lev * scale) / (million * entry); // in quantity steps
   const numerator = marginMicros * scale - ppm * entry * qty;
