@@ -30,6 +30,7 @@ import functools
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -168,6 +169,9 @@ class Platform:
     source_name: str = "none"
     _broker: Any = None
     _ray_started: bool = False
+    _ray_starting: bool = False  # ray.init of a local Ray is under way
+    # the children seen by _ray_down while ray.init runs (Ray's processes among them)
+    _init_children: dict[tuple[int, int], tuple[str, str]] = field(default_factory=dict)
     _serve_started: bool = False
     _api_deployed: bool = False  # the start got as far as deploying the API (stopped first)
     _recorded: bool = False  # this run wrote DATA_DIR's address file (removed at stop)
@@ -234,6 +238,10 @@ class Platform:
             now = time.monotonic()
             self.phases_s[name] = now - mark
             mark = now
+            if self.cancel is not None and self.cancel.is_set():
+                # a stop signal during the start: what was started is stopped now, not after
+                # the rest of the start (about 10 s)
+                raise LaunchError(f"start cancelled after {name}")
 
         env = export_serve_env(settings.port, settings.replica_slots, self.direct_ingress,
                                settings.http_connections, self.host)
@@ -303,7 +311,11 @@ class Platform:
             options.setdefault("address", "local")
             # no runtime env: this Ray's raylet and workers inherit the Serve variables
             # exported above (cluster.actors.serve_app), and a worker needs no runtime env agent
-            _ray_init(namespace=self.namespace, **options)
+            self._ray_starting = True
+            try:
+                _ray_init(namespace=self.namespace, **options)
+            finally:
+                self._ray_starting = False
             self._ray_started = True
             self._write_address_file()
             phase("ray")
@@ -835,12 +847,20 @@ class Platform:
         that crashed) leaves Ray serving. A joined cluster's processes are not ours."""
         from ray._private import ray_constants
 
+        essential = {ray_constants.PROCESS_TYPE_GCS_SERVER, ray_constants.PROCESS_TYPE_RAYLET}
         node = self._own_node()
         if node is None:
-            return False
+            if not self._ray_starting:
+                return False
+            # within ray.init Ray's node object is not there yet; its processes are this
+            # one's children: one seen before that is gone now, or a zombie, has exited
+            now = _children()
+            self._init_children.update(now)
+            names = [name for key, (name, state) in self._init_children.items()
+                     if state == "Z" or key not in now]
+            return len(names) >= 2 or bool(essential.intersection(names))
         exited = {kind for kind, infos in node.all_processes.items()
                   for info in infos if info.process.poll() is not None}
-        essential = {ray_constants.PROCESS_TYPE_GCS_SERVER, ray_constants.PROCESS_TYPE_RAYLET}
         return len(exited) >= 2 or bool(exited & essential)
 
     def _end_ray_workers(self) -> None:
@@ -1069,8 +1089,17 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
     # the platform users run keeps its state in DATA_DIR (journaled hosts Ray restarts)
     platform = Platform(settings, with_feed=with_feed, host=settings.host,
                         broker_port=broker_port, durable=True, cancel=stopping)
-    threading.Thread(target=_give_up_a_start_whose_ray_goes, name="start-watch", daemon=True,
-                     args=(platform, stopping)).start()
+    # A signal's Python handler runs only once the main thread runs Python again, which a
+    # call of Ray's start may not do for 30 s; the signal's number is written to this pipe at
+    # once, for the start's watch
+    signalled, wake = os.pipe()
+    os.set_blocking(wake, False)
+    previous_wakeup = signal.set_wakeup_fd(wake, warn_on_full_buffer=False)
+    started = threading.Event()
+    watch = threading.Thread(target=_give_up_a_start_whose_ray_goes, name="start-watch",
+                             daemon=True, args=(platform, stopping, started, signalled,
+                                                {int(sig) for sig in signals}))
+    watch.start()
     try:
         try:
             platform.start()
@@ -1081,6 +1110,12 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
                 return 0  # Ctrl-C while the start waited
             print(f"shardex: cannot start: {_start_failure_text(exc)}", file=sys.stderr)
             return 1
+        finally:
+            started.set()
+            watch.join()
+            signal.set_wakeup_fd(previous_wakeup)
+            os.close(signalled)
+            os.close(wake)
         # ours again, whatever the start installed (ray.init's own SIGTERM handler, which
         # exits without cleanup, is kept out by _ray_init)
         for sig in signals:
@@ -1100,15 +1135,29 @@ def up(settings: Settings, with_feed: bool, broker_port: int | None = None) -> i
             _say("shardex: stopped")
 
 
-def _give_up_a_start_whose_ray_goes(platform: Platform, stopping: threading.Event) -> None:
+def _give_up_a_start_whose_ray_goes(platform: Platform, stopping: threading.Event,
+                                    started: threading.Event, signalled: int,
+                                    stops: set[int]) -> None:
     """Once a stop signal came while ``platform`` starts and its Ray is going (the signal went
     to the whole process group: :meth:`Platform._ray_down`), end the process here, exit 0,
     after what a stop does without Ray: the Ray call the start waits in (with a timeout: it
-    takes no signal) would wait 60 s for the GCS, then end the process with exit 1, its
-    records left. As after a stop that finds Ray going, the hosts are not closed: they go
-    down with Ray, their journals holding everything acknowledged."""
-    stopping.wait()
-    while platform.starting:
+    takes no signal) would wait 30-60 s for Ray's processes, then end the process with exit 1,
+    its records left. As after a stop that finds Ray going, the hosts are not closed: they go
+    down with Ray, their journals holding everything acknowledged.
+
+    ``started``: set once the start ended (this returns); ``signalled``: the read end of the
+    process's signal wakeup pipe; ``stops``: the numbers of the stop signals."""
+    while not stopping.is_set():
+        if started.is_set():
+            return
+        ready, _, _ = select.select([signalled], [], [], 0.2)
+        if ready and stops.intersection(os.read(signalled, 64)):
+            stopping.set()  # what the handler does once the main thread gets to it
+        elif platform._ray_starting:
+            # Ray's processes as ray.init starts them: one the signal ends may be reaped by
+            # ray.init before a first look after it
+            platform._ray_down()
+    while platform.starting and not started.is_set():
         if platform._ray_down():
             log.warning("Ray's own processes got the stop signal too (it was sent to the whole "
                         "process group) while the platform started; giving up the start")
@@ -1117,6 +1166,21 @@ def _give_up_a_start_whose_ray_goes(platform: Platform, stopping: threading.Even
                 os._exit(0)
             return
         time.sleep(0.2)
+
+
+def _children() -> dict[tuple[int, int], tuple[str, str]]:
+    """This process's children, exited ones not yet reaped included: ``{(pid, start time in
+    clock ticks): (name, state)}`` (``comm`` and ``/proc`` state: ``Z`` once exited)."""
+    me = str(os.getpid())
+    found: dict[tuple[int, int], tuple[str, str]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError):  # gone meanwhile
+            stat = (entry / "stat").read_text()
+            name, _, rest = stat[stat.index("(") + 1:].rpartition(")")
+            fields = rest.split()
+            if fields[1] == me:
+                found[int(entry.name), int(fields[19])] = (name, fields[0])
+    return found
 
 
 def stop_signals() -> list[signal.Signals]:
@@ -1142,8 +1206,10 @@ def _say(line: str) -> None:
 
 def _ray_init(**options: Any) -> None:
     """``ray.init(**options)`` keeping this process's SIGTERM handler: ray.init installs one
-    that exits at once (``sys.exit(15)`` from wherever the start is), so a SIGTERM during the
-    rest of a start ended ``up`` there, without the stop its own handler makes (exit 0).
+    that exits at once (``sys.exit(15)`` from wherever the start is, once the call it waits in
+    returns: up to 30 s when Ray's processes got the signal too), so a SIGTERM during a start
+    ended ``up`` there with exit 15, without the stop its own handler makes (exit 0). It is
+    not installed: ray.init runs with the handler this process has.
 
     From then on this process connects to a Ray only through here: a Ray call made after its
     stop shut Ray down (a Serve handle's router polls Serve's controller from a thread of its
@@ -1151,11 +1217,15 @@ def _ray_init(**options: Any) -> None:
     that nobody stops (RAY_ENABLE_AUTO_CONNECT=0, which Ray reads only as it is imported)."""
     import ray
     from ray._private import auto_init_hook
+    from ray._private import utils as ray_utils
 
     auto_init_hook.enable_auto_connect = False
     main = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGTERM) if main else None
+    install = ray_utils.set_sigterm_handler
     try:
+        if main:
+            ray_utils.set_sigterm_handler = lambda _handler: None
         ray.init(**options)
     except Exception as exc:
         # a node that never registered (its raylet ended as it started: "The current node
@@ -1171,6 +1241,7 @@ def _ray_init(**options: Any) -> None:
                               "RAY_AUTH_MODE=token: see README, Scaling out)") from exc
         raise
     finally:
+        ray_utils.set_sigterm_handler = install
         if handler is not None:
             signal.signal(signal.SIGTERM, handler)
 

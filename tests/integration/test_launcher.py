@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from collections.abc import Iterator
 from datetime import UTC
 from datetime import datetime
@@ -616,19 +617,41 @@ def test_up_stops_on_a_sigterm_to_every_process_it_started(up: Up) -> None:
     assert json.loads(offline.stdout.strip().splitlines()[-1])["ok"] is True
 
 
-def started_to_ray(up: Up) -> tuple[subprocess.Popen[str], int, Path]:
-    """A new run of ``up``, in a session of its own, once its Ray is up (its record written,
-    right after its ray.init): ``(run, where its output starts in the log, that record)``."""
+def run_until(up: Up, reached: Callable[[subprocess.Popen[str], Path], bool],
+              what: str) -> tuple[subprocess.Popen[str], int, Path]:
+    """A new run of ``up``, in a session of its own, once ``reached(run, its record of its
+    Ray)``: ``(run, where its output starts in the log, that record)``."""
     assert up.proc.poll() is not None, "the previous tests stop the platform"
     logged = len(up.output())
     address = up.data_dir / "ray-address.json"
     run = up.start(new_session=True)
     deadline = time.monotonic() + START_BUDGET_S
-    while not address.exists():
+    while not reached(run, address):
         assert run.poll() is None, up.output()[logged:]
-        assert time.monotonic() < deadline, "no Ray started: " + up.output()[logged:]
+        assert time.monotonic() < deadline, f"no {what}: " + up.output()[logged:]
         time.sleep(0.02)
     return run, logged, address
+
+
+def started_to_ray(up: Up) -> tuple[subprocess.Popen[str], int, Path]:
+    """A new run once its Ray is up (its record written, right after its ray.init)."""
+    return run_until(up, lambda _run, address: address.exists(), "Ray started")
+
+
+def stopped_cleanly(up: Up, run: subprocess.Popen[str], logged: int, address: Path,
+                    below: list[ProcessIdentity]) -> str:
+    """``run``, sent a stop signal, exits 0 with ``shardex: stopped`` and no traceback, its
+    records (``address``, the broker's) gone, and every process of ``below`` gone; its output
+    (from ``logged`` on)."""
+    code = up.wait_exit(run, 120)
+    out = up.output()[logged:]
+    assert code == 0, out
+    assert "shardex: stopped" in out, out
+    assert "Traceback" not in out, out
+    assert not address.exists()
+    assert not (up.data_dir / "embedded-broker.json").exists()
+    up.wait_gone(below)
+    return out
 
 
 # ----------------------------------------------------------------- 5. SIGTERM during a start
@@ -641,14 +664,7 @@ def test_up_stops_on_a_sigterm_during_its_start(up: Up) -> None:
     assert "shardex is up" not in up.output()[logged:]  # still starting
     below = descendants(run.pid)
     run.send_signal(signal.SIGTERM)
-    code = up.wait_exit(run, 120)
-    out = up.output()[logged:]
-    assert code == 0, out
-    assert "shardex: stopped" in out, out
-    assert "Traceback" not in out, out
-    assert not address.exists()
-    assert not (up.data_dir / "embedded-broker.json").exists()
-    up.wait_gone(below)
+    stopped_cleanly(up, run, logged, address, below)
 
 
 # ---------------------------------------------------- 6. SIGTERM to the group during a start
@@ -664,16 +680,39 @@ def test_up_stops_on_a_sigterm_to_its_group_during_its_start(up: Up) -> None:
     assert "shardex is up" not in up.output()[logged:]  # still starting
     below = descendants(run.pid)
     os.killpg(run.pid, signal.SIGTERM)
-    code = up.wait_exit(run, 120)
-    out = up.output()[logged:]
-    assert code == 0, out
-    assert "shardex: stopped" in out, out
+    out = stopped_cleanly(up, run, logged, address, below)
     assert "Failed to connect to GCS" not in out, out
-    assert "Traceback" not in out, out
-    assert not address.exists()
-    assert not (up.data_dir / "embedded-broker.json").exists()
-    up.wait_gone(below)
     again = up.start()
     up.wait_prices(START_BUDGET_S)
     again.send_signal(signal.SIGINT)
     assert up.wait_exit(again, 60) == 0, up.output()[logged:]
+
+
+# ------------------------------------------------ 7. a stop signal within the start's ray.init
+def within_ray_init(up: Up) -> tuple[subprocess.Popen[str], int, Path]:
+    """A new run while its ray.init runs: Ray's raylet, a child of the run started once Ray's
+    GCS listens, is up; the run's record of its Ray, written after ray.init, is not."""
+
+    def reached(run: subprocess.Popen[str], address: Path) -> bool:
+        assert not address.exists(), "the run's ray.init ended first"
+        return any(p.cmdline and Path(p.cmdline[0]).name == "raylet"
+                   for p in descendants(run.pid))
+
+    return run_until(up, reached, "raylet started")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("to_group", [False, True], ids=["to_it", "to_its_group"])
+def test_up_stops_on_a_sigterm_within_its_ray_init(up: Up, to_group: bool) -> None:
+    """ray.init installed a SIGTERM handler of its own for its whole call, which ended the
+    run with exit 15 and no stop (to the run alone: once ray.init's call returned; to its
+    group, which Ray's processes share: up to 30 s later, once the call ray.init waited in gave
+    up). The run now stops as after any stop signal during its start: exit 0, ``shardex:
+    stopped``, its records gone, nothing it started left running."""
+    run, logged, address = within_ray_init(up)
+    below = descendants(run.pid)
+    if to_group:
+        os.killpg(run.pid, signal.SIGTERM)
+    else:
+        run.send_signal(signal.SIGTERM)
+    stopped_cleanly(up, run, logged, address, below)
