@@ -422,7 +422,9 @@ class Platform:
                 # a new local Ray enables token auth (token in ~/.ray); joiners need the mode
                 "ray_auth_mode": os.environ.get("RAY_AUTH_MODE"),
                 "url": http_url(self.host, self.settings.port), "pid": os.getpid(),
-                "host": socket.gethostname(), "owner": owner.to_json() if owner else None}))
+                "host": socket.gethostname(), "owner": owner.to_json() if owner else None,
+                # a copy of DATA_DIR (a backup restored elsewhere) is told by it
+                "data_dir": str(self.settings.data_dir.resolve())}))
 
     def _take_over_data_dir(self) -> None:
         """Refuse a DATA_DIR a running platform uses; after a crashed run, wait for its
@@ -443,6 +445,12 @@ class Platform:
     def _wait_for_a_killed_run(self, where: Path) -> None:
         """(:meth:`_take_over_data_dir` once DATA_DIR is this run's)"""
         recorded = _read_record(self.address_file)
+        if recorded is not None and (copied := _copied_from(recorded, where)) is not None:
+            log.warning("%s was written by the platform of DATA_DIR=%s (this directory is a "
+                        "copy of it); removed", self.address_file, copied)
+            with contextlib.suppress(OSError):
+                self.address_file.unlink()
+            recorded = None
         if recorded is None:
             # no run of ours to wait for; another process (an offline `shardex audit`...)
             # may still hold a journal, which would fail the host that opens it
@@ -1307,6 +1315,19 @@ def _recorded_state(recorded: dict[str, Any]) -> Literal["running", "gone", "els
     return "running" if alive else "gone"
 
 
+def _copied_from(recorded: dict[str, Any], where: Path) -> str | None:
+    """The DATA_DIR an address record names when it is not ``where`` (the record came with a
+    copy of that directory: a backup restored elsewhere while its platform ran); None for
+    ``where``'s own (and a record that names none)."""
+    named = recorded.get("data_dir")
+    if not isinstance(named, str) or named == str(where):
+        return None
+    with contextlib.suppress(OSError):  # the same directory by another path (a mount)
+        if os.path.samefile(named, where):
+            return None
+    return named
+
+
 def _held_journal(data_dir: Path) -> Path | None:
     """The writer lock of a journal under ``data_dir`` some process holds, if any."""
     for lock in data_dir.glob("*/journal/LOCK"):
@@ -1364,6 +1385,10 @@ def _recorded_address(settings: Settings) -> str:
         what = f"no {ADDRESS_FILE}" if not path.exists() else f"{ADDRESS_FILE} is unreadable"
         raise NotRunning(f"no platform is recorded in DATA_DIR={where} ({what}): {hint}")
     address = str(recorded["ray_address"])
+    if (copied := _copied_from(recorded, where)) is not None:
+        raise NotRunning(f"no platform runs from DATA_DIR={where}: its {ADDRESS_FILE} was "
+                         f"written by the platform of DATA_DIR={copied}, of which this "
+                         f"directory is a copy: {hint}")
     if _recorded_state(recorded) == "gone":
         raise NotRunning(f"the platform recorded in DATA_DIR={where} is not running (its "
                          f"process {recorded.get('pid')} is gone: the record is left from a "

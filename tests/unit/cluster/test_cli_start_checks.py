@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -234,23 +235,54 @@ def _platform(data_dir: Path) -> Platform:
     return Platform(settings)
 
 
-def _record_owner(data_dir: Path, pid: int) -> None:
+def _record_owner(directory: Path, pid: int, **fields: str) -> None:
     owner = ProcessIdentity.of(pid)
-    (data_dir / "ray-address.json").write_text(json.dumps(
+    (directory / "ray-address.json").write_text(json.dumps(
         {"ray_address": "127.0.0.1:1", "pid": pid, "host": socket.gethostname(),
-         "owner": owner.to_json() if owner else None}))
+         "owner": owner.to_json() if owner else None, **fields}))
 
 
-def test_up_refuses_a_data_dir_a_live_platform_runs_from(tmp_path: Path) -> None:
-    other = subprocess.Popen(["sleep", "30"])
-    try:
-        _record_owner(tmp_path, other.pid)
+@pytest.fixture
+def other() -> Iterator[subprocess.Popen[bytes]]:
+    """A live process, not this one, to record as a platform's ``up``."""
+    process = subprocess.Popen(["sleep", "30"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def test_up_refuses_a_data_dir_a_live_platform_runs_from(
+        tmp_path: Path, other: subprocess.Popen[bytes]) -> None:
+    _record_owner(tmp_path, other.pid)
+    with pytest.raises(LaunchError, match=f"already runs from DATA_DIR.*pid {other.pid}"):
+        _platform(tmp_path)._take_over_data_dir()
+    assert (tmp_path / "ray-address.json").exists()
+
+
+def test_a_copy_of_a_running_platforms_data_dir_is_not_taken_for_it(
+        tmp_path: Path, other: subprocess.Popen[bytes]) -> None:
+    """A copy of DATA_DIR made while its platform ran (a hot backup restored elsewhere) holds
+    that platform's record: a start from the copy was refused as if that platform ran from it,
+    and ``status`` reported that platform. The record names its directory; from another one it
+    is a copy's, removed by a start, and ``status`` says no platform runs there."""
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    original.mkdir()
+    copy.mkdir()
+    (tmp_path / "by-another-path").symlink_to(original)
+    _record_owner(copy, other.pid, data_dir=str(original.resolve()))
+    done, took_s = _cli("status", env=_env(copy))
+    assert done.returncode == 1 and took_s < 5.0, (took_s, done.stderr)
+    assert f"no platform runs from DATA_DIR={copy.resolve()}" in done.stderr, done.stderr
+    assert f"DATA_DIR={original.resolve()}, of which this directory is a copy" \
+        in done.stderr, done.stderr
+    _platform(copy)._take_over_data_dir()
+    assert not (copy / "ray-address.json").exists()
+    # the original's own record, by any path to it, still says its platform runs there
+    _record_owner(original, other.pid, data_dir=str(original.resolve()))
+    for path in (original, tmp_path / "by-another-path"):
         with pytest.raises(LaunchError, match=f"already runs from DATA_DIR.*pid {other.pid}"):
-            _platform(tmp_path)._take_over_data_dir()
-        assert (tmp_path / "ray-address.json").exists()
-    finally:
-        other.kill()
-        other.wait()
+            _platform(path)._take_over_data_dir()
+    assert (original / "ray-address.json").exists()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock and /proc/locks")
