@@ -19,7 +19,9 @@ config, so Serve's reloads (``-sf``) and signals reach HAProxy itself.
   connections) were shared by every client of the platform. The config HAProxy loads is
   Serve's with ``option forwardfor``: HAProxy appends the client's address to
   ``X-Forwarded-For``, which the replicas read from this node's addresses only
-  (cluster.http.server).
+  (cluster.http.server). It first removes the header a client sent: the replicas skip an
+  address of this node as a proxy's, so a client on this node that named another address
+  there was taken for it, and passed every limit per client address.
 - What a request may be, as the replica's own server bounds it (cluster.http.bounds). Serve's
   config gives HAProxy no time limit for a request head (``timeout client`` is an hour, for
   WebSockets), so 4,096 connections (its ``maxconn``) sending nothing shut every other client
@@ -169,6 +171,9 @@ def write_config(config_path: str, read_timeout_s: float = READ_TIMEOUT_S,
     _set(lines, "global", "tune.bufsize", str(MAX_HEAD_BYTES + MAX_REWRITE_BYTES))
     _set(lines, "global", "tune.maxrewrite", str(MAX_REWRITE_BYTES))
     _set(lines, "defaults", "option forwardfor", "")
+    # what a client wrote there itself goes: a client on this node, whose own address the
+    # replicas skip as a proxy's, would otherwise be taken for the address it named
+    _set(lines, FRONTEND, "http-request del-header", "X-Forwarded-For")
     _admin_by_owner_only(lines)
     for section in LISTENERS:
         _bind_loopback(lines, section)
