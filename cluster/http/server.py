@@ -10,7 +10,9 @@ it runs in the replica, before its server starts.
 - The request head: uvicorn's httptools protocol reads a request line and headers of any size,
   and parsing a header takes time growing with the square of its length, all of it on the
   replica's event loop, where every other request waits (figures in the README). A head larger
-  than :data:`MAX_HEAD_BYTES` is answered 431 with SPEC's error shape and the connection closed.
+  than :data:`MAX_HEAD_BYTES` is answered 431 with SPEC's error shape and the connection closed;
+  one whose query has more than :data:`MAX_QUERY_PARAMETERS` parameters, 400 (parsed by the
+  app a few times over, thousands of them took tens of ms of the loop per request).
 - Time to send a request: uvicorn waits for a request's head and body as long as a client
   likes, and for the first request of a new connection with no limit at all, so a client
   dribbling heads could hold connections open until the replica runs out of files. A
@@ -96,7 +98,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.http11 import Response as HandshakeResponse
 from websockets.server import ServerProtocol
 
-from cluster.http.bounds import MAX_HEAD_BYTES, READ_TIMEOUT_S, raw_error
+from cluster.http.bounds import MAX_HEAD_BYTES, MAX_QUERY_PARAMETERS, READ_TIMEOUT_S, raw_error
 from cluster.http.errors import INTERNAL_ERROR, METHOD_NOT_ALLOWED, error_body, error_response
 from cluster.http.limits import client_of
 from cluster.live.streams import WS_SERVER_OPTIONS
@@ -111,6 +113,8 @@ def _refusal(status: str, message: str) -> bytes:
 MALFORMED = "malformed HTTP request"
 TOO_LARGE = _refusal("431 Request Header Fields Too Large",
                      f"request line and headers over {MAX_HEAD_BYTES} bytes")
+MANY_PARAMETERS = _refusal("400 Bad Request", "a query of more than "
+                           f"{MAX_QUERY_PARAMETERS} parameters")
 UNSUPPORTED_CODING = _refusal("400 Bad Request", f"{MALFORMED}: Transfer-Encoding other than "
                               "chunked (no other coding is applied)")
 PIPELINED_HANDSHAKE = _refusal("400 Bad Request",
@@ -248,7 +252,16 @@ class _StallWatch:
         self._timer: asyncio.TimerHandle | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.transport.write(data)
+        try:
+            self.transport.write(data)
+        except RuntimeError:
+            if not self.transport.is_closing():
+                raise
+            # closed (dropped here, or its client gone) while an answer was still being
+            # made: uvloop refuses the write, which asyncio drops; the answer has nowhere to
+            # go, and its request must not fail for it (an error and a traceback logged for
+            # every connection a client left unread)
+            return
         self._written += len(data)
         self._watch()
 
@@ -464,6 +477,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         if (fault := self._host_fault()) is not None:
             self._refuse(_refusal("400 Bad Request", f"{MALFORMED}: {fault}"))
+            return
+        if self.url.partition(b"?")[2].count(b"&") >= MAX_QUERY_PARAMETERS:
+            self._refuse(MANY_PARAMETERS)  # before anything parses them
             return
         codings = [c.strip().lower() for name, value in self.headers
                    if name == b"transfer-encoding" for c in value.split(b",")]

@@ -56,11 +56,14 @@ def make_tick(settings: Settings, asset: str, bid: str, ask: str, age_s: float,
 class LocalHttpPlatform:
     """``with LocalHttpPlatform(settings) as p``: started, and stopped afterwards.
     ``server_options`` replace some of the replica's uvicorn settings
-    (cluster.http.server.server_options, with 127.0.0.1 as the proxy)."""
+    (cluster.http.server.server_options, with 127.0.0.1 as the proxy); ``new_loop`` makes the
+    server's event loop (a Serve replica's is uvloop's)."""
 
     def __init__(self, settings: Settings | None = None,
                  server_options: dict[str, Any] | None = None,
-                 wrap_ledger: Callable[[Port], Port] | None = None) -> None:
+                 wrap_ledger: Callable[[Port], Port] | None = None,
+                 new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+                 ) -> None:
         self.settings = settings or Settings()
         self.hosts = LocalHosts(self.settings)
         self.market = MarketLive(self.settings.assets, None,
@@ -76,7 +79,7 @@ class LocalHttpPlatform:
                                                     ("127.0.0.1",)),
                                    **(server_options or {})})
         self.server = uvicorn.Server(config)
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_loop()
         self.thread = threading.Thread(target=self._run, name="uvicorn", daemon=True)
         self._seq = 0
 

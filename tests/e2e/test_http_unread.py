@@ -4,12 +4,14 @@ the bound is dropped, also while the server stops; a client reading slowly is se
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+import uvloop
 from cluster.http.server import SERVER_OPTIONS
 from cluster.http.server import BoundedHeadProtocol
 from tests.e2e.http_platform import TRADING
@@ -75,6 +77,26 @@ def test_a_client_that_reads_nothing_is_dropped(served: LocalHttpPlatform) -> No
         assert dropped(served) == before + 1
         sock.settimeout(2)  # dropped: what the kernel holds comes, then the end
         assert read_to_end(sock) < total
+
+
+def test_answers_to_a_dropped_connection_go_nowhere_without_an_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """On uvloop, a Serve replica's loop, the transport of a dropped connection refuses the
+    writes of the answers still being made for it (asyncio's drops them): each connection
+    dropped so failed a request, its error logged with its traceback (about 6 kB), as fast as
+    clients left their answers unread."""
+    caplog.set_level(logging.WARNING)
+    with LocalHttpPlatform(TRADING, server_options={**SERVER_OPTIONS, "http": QuickStall},
+                           new_loop=uvloop.new_event_loop) as p:
+        before = dropped(p)
+        socks = [asking(p)[0] for _ in range(8)]
+        time.sleep(1.5)  # the buffers fill, then each connection is dropped
+        for sock in socks:
+            sock.close()
+        assert dropped(p) == before + len(socks)
+        time.sleep(0.5)  # (what the app still answered for them)
+    failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not failures, [r.getMessage() for r in failures]
 
 
 def test_the_server_stops_with_a_client_that_reads_nothing() -> None:
