@@ -327,7 +327,8 @@ class ApiIngress:
         _bind_with_reuse_address()
         _bind_internal_grpc_to(node_ip)
         configure_uvicorn(settings.http_connections, proxies=front_door_sources(
-            settings.host, node_ip, settings.replica_slots))
+            settings.host, node_ip, settings.replica_slots),
+            max_body_bytes=settings.max_body_bytes)
         self.settings = settings
         self.bootstrap = bootstrap
         self.namespace = namespace

@@ -329,6 +329,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     :func:`server_options`."""
     proxies: frozenset[str] = frozenset()
     """Addresses whose connections are not counted: proxies, carrying other clients'."""
+    max_body_bytes: int | None = None
+    """A request declaring a longer body is answered 413 as its head ends (None: the app's
+    limit alone)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -438,6 +441,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._head_bytes > MAX_HEAD_BYTES:
             self._refuse(TOO_LARGE)
 
+    def _declared_body(self) -> int:
+        """The request's ``Content-Length`` (0 without one: a chunked body is counted as it
+        comes, by the app's limit; one the parser took is digits alone)."""
+        for name, value in self.headers:
+            if name == b"content-length" and value.strip().isdigit():
+                return int(value)
+        return 0
+
     def send_400_response(self, msg: str) -> None:
         """A request the parser refuses (two Content-Lengths, both Content-Length and chunked,
         a folded header...): uvicorn's plain-text 400, in SPEC's error shape; a 505 for a
@@ -480,6 +491,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         if self.url.partition(b"?")[2].count(b"&") >= MAX_QUERY_PARAMETERS:
             self._refuse(MANY_PARAMETERS)  # before anything parses them
+            return
+        if self.max_body_bytes is not None and self._declared_body() > self.max_body_bytes:
+            # here, not only in the app: Serve's ingress reads a body before the app sees
+            # it, which tells a client that sent `Expect: 100-continue` to go on (100
+            # Continue) and the 413 came once it had begun to send what is refused
+            self._refuse(_refusal("413 Request Entity Too Large",
+                                  f"request body larger than {self.max_body_bytes} bytes"))
             return
         codings = [c.strip().lower() for name, value in self.headers
                    if name == b"transfer-encoding" for c in value.split(b",")]
@@ -800,21 +818,25 @@ SERVER_OPTIONS: dict[str, Any] = {
 }
 
 
-def server_options(per_address: int, proxies: Sequence[str]) -> dict[str, Any]:
-    """:data:`SERVER_OPTIONS` with ``X-Forwarded-For`` read from ``proxies`` only, and at most
-    ``per_address`` HTTP connections open per client address other than those (0: any)."""
+def server_options(per_address: int, proxies: Sequence[str],
+                   max_body_bytes: int | None = None) -> dict[str, Any]:
+    """:data:`SERVER_OPTIONS` with ``X-Forwarded-For`` read from ``proxies`` only, at most
+    ``per_address`` HTTP connections open per client address other than those (0: any), and
+    a declared body over ``max_body_bytes`` (None: any) refused as its head ends."""
     http = type(BoundedHeadProtocol.__name__, (BoundedHeadProtocol,),
-                {"per_address": per_address, "proxies": frozenset(proxies)})
+                {"per_address": per_address, "proxies": frozenset(proxies),
+                 "max_body_bytes": max_body_bytes})
     return {**SERVER_OPTIONS, "http": http, "forwarded_allow_ips": ",".join(dict.fromkeys(proxies))}
 
 
-def configure_uvicorn(per_address: int, proxies: Sequence[str] = ("127.0.0.1",)) -> None:
+def configure_uvicorn(per_address: int, proxies: Sequence[str] = ("127.0.0.1",),
+                      max_body_bytes: int | None = None) -> None:
     """Make :func:`server_options` the defaults of this process's ``uvicorn.Config``
     (``proxies``: the addresses of this node, where the front door of
     cluster.http.front_door runs; uvicorn's own default is 127.0.0.1)."""
     import uvicorn
 
-    options = server_options(per_address, proxies)
+    options = server_options(per_address, proxies, max_body_bytes)
     base: Any = uvicorn.Config
     if getattr(base, "server_options", None) is not None:  # configured before in this process
         base = base.__mro__[1]

@@ -76,7 +76,8 @@ class LocalHttpPlatform:
                                 log_level="warning", lifespan="off", access_log=False,
                                 # the replica's (cluster.http.server)
                                 **{**replica_options(self.settings.http_connections,
-                                                    ("127.0.0.1",)),
+                                                    ("127.0.0.1",),
+                                                    self.settings.max_body_bytes),
                                    **(server_options or {})})
         self.server = uvicorn.Server(config)
         self.loop = new_loop()

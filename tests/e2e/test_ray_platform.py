@@ -276,6 +276,21 @@ def test_the_replicas_http_server_refuses_a_request_head_over_64_kib(
     assert http.get("/api/v1/assets").status_code == 200
 
 
+def test_a_declared_body_over_the_limit_is_refused_before_the_client_is_told_to_send_it(
+        platform: RayHttpPlatform) -> None:
+    """Serve's ingress reads a body before the app sees it, so a client that sent `Expect:
+    100-continue` with a length over the limit was told to go on (100 Continue), and the 413
+    came once it had begun to send what is refused; the replica's server now answers it as
+    the head ends."""
+    port = int(platform.base_url.rsplit(":", 1)[1])
+    answer = raw_answer(port, iter([
+        b"POST /api/v1/accounts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Expect: 100-continue\r\nContent-Length: 100000000\r\n\r\n"]))
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert answer.endswith(b'{"error":{"code":"INVALID_REQUEST","message":"request body '
+                           b'larger than 16384 bytes"}}'), answer[-200:]
+
+
 # Serve's replica server, not the app, decides that a HEAD answer has no body
 test_head_answers_what_get_would_without_a_body_on_ray = \
     _errors.test_head_answers_what_get_would_without_a_body
