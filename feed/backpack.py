@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import websockets
@@ -23,6 +24,7 @@ from websockets.asyncio.client import ClientConnection
 from engine.assets import AssetRegistry
 from feed.frames import ErrorFrame, FrameNormalizer, subscribe_request
 from feed.message import MarketDataMessage
+from feed.pipeline import drops_text
 from feed.settings import redacted_url
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,8 @@ class BackpackClient:
         self.last_frame_us = 0
         self._errors_logged_at = -ERROR_LOG_EVERY_S  # monotonic; error frames since then:
         self._errors_unlogged = 0
+        self._drops_logged_at = -ERROR_LOG_EVERY_S  # monotonic; the drops counted then:
+        self._drops_logged: Counter[str] = Counter()
 
     def stats(self) -> dict[str, object]:
         return {
@@ -223,12 +227,28 @@ class BackpackClient:
                     yield out
                 elif isinstance(out, ErrorFrame):
                     self._log_error_frame(out)
+                elif time.monotonic() - self._drops_logged_at >= ERROR_LOG_EVERY_S:
+                    self._log_drops()
         finally:
             stopper.cancel()
             if recv is not None:  # collected, so that its end is never reported as lost
                 recv.cancel()  # (a no-op once it is done)
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await recv
+
+    def _log_drops(self) -> None:
+        """Log the frames dropped (by reason) since the last such line, if any: a server
+        sending what cannot be a price is otherwise seen only as stale prices. Called at most
+        every :data:`ERROR_LOG_EVERY_S`, on a frame that was not a price."""
+        new = self.normalizer.dropped - self._drops_logged
+        if not new:
+            return
+        count = new.total()
+        log.warning("backpack: dropped %d %s from %s that are not prices (%s)%s", count,
+                    "frame" if count == 1 else "frames", self.shown_url, drops_text(new),
+                    "" if self._drops_logged else "; logged at most once a minute")
+        self._drops_logged_at = time.monotonic()
+        self._drops_logged = Counter(self.normalizer.dropped)
 
     def _log_error_frame(self, frame: ErrorFrame) -> None:
         """Log an error frame; a server sending many is logged at most every

@@ -259,6 +259,40 @@ async def test_a_refusal_with_retry_after_is_followed_and_error_frames_do_not_fl
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(60)
+async def test_frames_that_are_not_prices_are_logged_by_reason_at_most_once_a_minute(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A server sending what cannot be a price had it counted in the source's stats alone,
+    which nothing showed while the source ran: an operator saw only stale prices. The drops
+    are logged by reason, the first at once, then at most once a minute."""
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()  # the subscribe
+        for _ in range(2):
+            for _ in range(10):
+                await ws.send("}{ not json")
+                await ws.send(bad_book(a="99.98", b="99.99", u=BOOK[0]["u"] + 1))  # crossed
+            data = BOOK[0]
+            await ws.send(json.dumps({"data": data, "stream": f"bookTicker.{data['s']}"}))
+        await ws.wait_closed()
+
+    caplog.set_level("INFO", logger="feed.backpack")
+    async with websockets.serve(handler, "127.0.0.1", 0) as server:
+        client = served_client(server)
+        stop = asyncio.Event()
+        messages = client.stream(stop)
+        await anext(messages)
+        await anext(messages)  # (the second price comes after the second round of drops)
+        stop.set()
+        assert [m async for m in messages] == []
+    assert client.stats()["dropped"] == {"malformed": 20, "crossed": 20}
+    lines = [r.getMessage() for r in caplog.records if "not prices" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("backpack: dropped 1 frame from ws://127.0.0.1:"), lines
+    assert "(malformed=1)" in lines[0], lines
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
 async def test_a_server_that_closes_after_each_price_is_backed_off() -> None:
     """A server that accepts, sends one price and closes, again and again. Every price reset
     the backoff, so the client came back after the first delay each time (2 to 4 handshakes a
