@@ -21,6 +21,7 @@ EMBEDDED_BROKER = "127.0.0.1:9092"  # where the embedded Tansu broker listens by
 BACKPACK_WS_URL = "wss://ws.backpack.exchange"  # the live market data source
 
 _USERINFO = re.compile(r"^([^:/?#]*://)[^/?#]*@")
+_QUERY_VALUE = re.compile(r"=[^&]*")
 _PLAIN_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 
 
@@ -32,9 +33,15 @@ def plain_decimal(text: str) -> float:
 
 
 def redacted_url(url: str) -> str:
-    """``url`` with its user and password, if it has any, shown as ``***`` (logs and errors
-    never carry credentials)."""
-    return _USERINFO.sub(r"\1***@", url)
+    """``url`` with its user and password, if it has any, and the value of each field of its
+    query shown as ``***`` (logs and errors never carry credentials: a token is often a query
+    field)."""
+    shown = _USERINFO.sub(r"\1***@", url)
+    base, asked, rest = shown.partition("?")
+    if not asked:
+        return shown
+    query, hashed, fragment = rest.partition("#")
+    return f"{base}?{_QUERY_VALUE.sub('=***', query)}{hashed}{fragment}"
 
 
 TS_US_LIMIT = 2**63  # every ts_us is in (0, TS_US_LIMIT): journals store it as int64

@@ -59,10 +59,12 @@ def test_feed_settings_from_a_carrier() -> None:
 
 @pytest.mark.parametrize(("url", "shown"), [
     ("wss://ws.backpack.exchange", "wss://ws.backpack.exchange"),
-    ("wss://u:p@h:1/x?y=1", "wss://***@h:1/x?y=1"),
+    ("wss://u:p@h:1/x?y=1", "wss://***@h:1/x?y=***"),
     ("ws://a@b@h/p@q", "ws://***@h/p@q"),  # only the authority's user part goes
     ("ws://h/path@x", "ws://h/path@x"),
-    ("ws://h?x=@y", "ws://h?x=@y"),
+    ("ws://h?x=@y", "ws://h?x=***"),
+    # a token in the query was shown in every log line naming the source
+    ("wss://h/stream?token=s3cret&v=1&flag#part", "wss://h/stream?token=***&v=***&flag#part"),
 ])
 def test_a_url_is_shown_without_its_credentials(url: str, shown: str) -> None:
     assert redacted_url(url) == shown
