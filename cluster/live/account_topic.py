@@ -6,16 +6,20 @@ Every replica reads every partition itself (no consumer group: each one needs al
 the newest message on: what came before is read from the ledger by each subscription's cursor
 (cluster.live.account_stream), so ``read`` answers None whenever reading (re)starts at the
 newest (the first read, a new partition, a rebuilt consumer, a partition whose topic was created
-again: the embedded broker trims it). The topic is not trusted: anyone who can produce to the
-Kafka can write to it, so a message whose tag does not verify (cluster.live.topic_auth: not
-signed by the ledger's host with this run's secret) is dropped and counted before it is read,
-and so is what is not an account event; a forged event never reaches a connection, and the
-real one with its seq then comes as the next. A record batch the Kafka client cannot decode
-(corrupt, or not in the codec it names: anyone can produce one) counts as one message whose tag
-did not verify, and its partition is read on from its end: the client stays at such a batch,
-so every read would fail on it, and starting over at the newest would have every subscription
-read its account from the ledger again. What the partition held after it is brought by the
-checks of cluster.live.account_stream, as any event the topic lost.
+again: the embedded broker trims it, seen as the partition's end falling below the reader's
+position, or as records read from before it, where the client moved itself to the new end). A
+reader that lay idle until the new topic held as many messages as it had read cannot tell, and
+reads on from there; the checks of cluster.live.account_stream bring what it missed. The topic
+is not trusted: anyone who can produce to the Kafka can write to it, so a message whose tag does
+not verify (cluster.live.topic_auth: not signed by the ledger's host with this run's secret) is
+dropped and counted before it is read, and so is what is not an account event; a forged event
+never reaches a connection, and the real one with its seq then comes as the next. A record
+batch the Kafka client cannot decode (corrupt, or not in the codec it names: anyone can produce
+one) counts as one message whose tag did not verify, and its partition is read on from its end:
+the client stays at such a batch, so every read would fail on it, and starting over at the
+newest would have every subscription read its account from the ledger again. What the
+partition held after it is brought by the checks of cluster.live.account_stream, as any event
+the topic lost.
 """
 
 from __future__ import annotations
@@ -99,10 +103,17 @@ class TopicTail:
             raise
         if await self._recreated(consumer):
             return None  # the topic was created again (trimmed): what it had is gone
-        events: list[AccountEvent] = []
+        restarted = False
         for tp, records in batch.items():
             if records:
+                # before what was read: the client met the recreated topic's partition and
+                # moved itself to its end, past what the new topic already held
+                restarted |= records[0].offset < self._next.get(tp, 0)
                 self._next[tp] = records[-1].offset + 1
+        if restarted:
+            return None
+        events: list[AccountEvent] = []
+        for records in batch.values():
             for record in records:
                 if not authentic(self._secret, record.key, record.value, record.headers):
                     self.unauthenticated += 1
