@@ -3,8 +3,8 @@
 Protocol pings from the server are answered by the ``websockets`` library itself (it replies to
 every Ping with a Pong while the connection is read), so the 120 s pong deadline is met as long
 as the read loop runs; we also send our own pings so a silently dead socket is noticed, and a
-connection that answers pings but sends no frame for ``silence_s`` (a stream the server stopped
-feeding) is closed and made again.
+connection that answers pings but gives no price for ``silence_s`` (a stream the server stopped
+feeding, or feeds with error frames or what cannot be a price) is closed and made again.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from feed.settings import redacted_url
 
 log = logging.getLogger(__name__)
 
-SILENCE_S = 30.0  # no frame at all for this long: the stream is dead, whatever pings say
+SILENCE_S = 30.0  # no price for this long: the stream is dead, whatever pings or frames say
 CLOSE_TIMEOUT_S = 2.0  # a peer that does not answer our close does not hold a stop longer
 MAX_RETRY_AFTER_S = 300.0  # a server's Retry-After is followed up to this long
 ERROR_LOG_EVERY_S = 60.0  # error frames after the first are logged at most this often
@@ -116,7 +116,7 @@ class BackpackClient:
         self.open_timeout_s = open_timeout_s
         self.ping_interval_s = ping_interval_s
         self.silence_s = silence_s
-        self.silences = 0  # connections closed for sending nothing for silence_s
+        self.silences = 0  # connections closed for giving no price for silence_s
         self.connects = 0
         self.disconnects = 0
         self.connected = False
@@ -207,14 +207,18 @@ class BackpackClient:
         """Messages of one connection; returns when the server closes or ``stop`` is set."""
         stopper = asyncio.create_task(stop.wait())
         recv: asyncio.Task[str | bytes] | None = None
+        # a price is due by then (monotonic s): frames that are not prices do not keep a
+        # connection, or a server sending only those would hold every price stale for ever
+        price_by = time.monotonic() + self.silence_s
         try:
             while True:
                 recv = asyncio.create_task(ws.recv())
-                done, _ = await asyncio.wait({recv, stopper}, timeout=self.silence_s,
+                done, _ = await asyncio.wait({recv, stopper},
+                                             timeout=max(0.0, price_by - time.monotonic()),
                                              return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     self.silences += 1
-                    self.last_error = f"no frame in {self.silence_s:g} s"
+                    self.last_error = f"no price in {self.silence_s:g} s"
                     log.warning("backpack: %s from %s: connecting again", self.last_error,
                                 self.shown_url)
                     return
@@ -225,6 +229,8 @@ class BackpackClient:
                 out = self.normalizer.feed(raw)
                 if isinstance(out, MarketDataMessage):
                     yield out
+                    # (from when the next is asked for: the time the caller took is not ours)
+                    price_by = time.monotonic() + self.silence_s
                 elif isinstance(out, ErrorFrame):
                     self._log_error_frame(out)
                 elif time.monotonic() - self._drops_logged_at >= ERROR_LOG_EVERY_S:

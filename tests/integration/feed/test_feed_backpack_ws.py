@@ -10,6 +10,7 @@ each time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from pathlib import Path
@@ -144,18 +145,28 @@ async def test_client_publishes_exactly_the_valid_prices_in_order(kafka_broker: 
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(60)
-async def test_a_stream_that_answers_pings_but_sends_nothing_is_made_again() -> None:
-    """A server that keeps the connection alive (it answers pings) but stops feeding it: the
-    client closes it after ``silence_s`` with no frame and subscribes on a new one. Before,
-    it waited for ever with no price and no word. Its close is not held by a peer that never
-    answers it either."""
+@pytest.mark.parametrize("first", ["silent", "frames that are not prices"])
+async def test_a_stream_that_answers_pings_but_gives_no_price_is_made_again(first: str) -> None:
+    """A server that keeps the connection alive (it answers pings) but stops feeding it prices,
+    sending nothing or only error frames and garbage: the client closes it after
+    ``silence_s`` with no price and subscribes on a new one. Before, it waited for ever with
+    no price and no word; a server sending a frame a second that was not a price kept it so.
+    Its close is not held by a peer that never answers it either."""
     connections: list[int] = []
 
     async def handler(ws: ServerConnection) -> None:
         connections.append(len(connections) + 1)
         await ws.recv()  # the subscribe
         if len(connections) == 1:
-            await ws.wait_closed()  # silent: pings are answered by the library meanwhile
+            # pings are answered by the library meanwhile
+            if first == "silent":
+                await ws.wait_closed()
+                return
+            with contextlib.suppress(websockets.exceptions.ConnectionClosed):
+                while True:
+                    for frame in (ERRORS[1], "}{ not json", bad_book(b="-1")):
+                        await ws.send(frame)
+                        await asyncio.sleep(0.05)
             return
         for data in BOOK[:3]:
             await ws.send(json.dumps({"data": data, "stream": f"bookTicker.{data['s']}"}))
@@ -172,7 +183,7 @@ async def test_a_stream_that_answers_pings_but_sends_nothing_is_made_again() -> 
         stop.set()
         assert [m async for m in messages] == []  # it ends once stopped
     assert connections == [1, 2] and client.connects == 2
-    assert client.stats()["silences"] == 1 and client.last_error == "no frame in 1 s"
+    assert client.stats()["silences"] == 1 and client.last_error == "no price in 1 s"
     assert [m.seq for m in got] == [d["u"] for d in BOOK[:3]]
     assert 1.0 <= elapsed < 10, elapsed
 
