@@ -1251,6 +1251,9 @@ def _ray_init(**options: Any) -> None:
     finally:
         ray_utils.set_sigterm_handler = install
         if handler is not None:
+            # Ray's core puts a native SIGTERM handler of its own (a stack dump, then the
+            # process ends) as it connects, whatever the line above kept out: this one
+            # goes back over it
             signal.signal(signal.SIGTERM, handler)
 
 
