@@ -30,6 +30,12 @@ checks take a dead API replica out of the rotation, and Ray restarts a dead host
 a second."""
 
 
+def body_too_large(max_body_bytes: int) -> str:
+    """The message of the 413 for a body over ``max_body_bytes``, whichever layer refuses it
+    (the replica's server on a declared length, the app's limit on what arrives)."""
+    return f"request body larger than {max_body_bytes} bytes"
+
+
 def raw_error(status: str, code: str, message: str, *, close: bool = True,
               headers: Mapping[str, str] | None = None) -> bytes:
     """A whole HTTP/1.1 response (``status``: e.g. ``"408 Request Timeout"``) whose body is

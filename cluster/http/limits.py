@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, MutableMapping
 from typing import Any
 
+from cluster.http.bounds import body_too_large
 from cluster.http.errors import error_body
 from engine.results import Code
 
@@ -129,7 +130,7 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _too_large(self, send: Send) -> None:
-        await _refuse(send, 413, f"request body larger than {self.max_body_bytes} bytes")
+        await _refuse(send, 413, body_too_large(self.max_body_bytes))
 
 
 async def _refuse(send: Send, status: int, message: str, code: Code = Code.INVALID_REQUEST,

@@ -98,7 +98,13 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.http11 import Response as HandshakeResponse
 from websockets.server import ServerProtocol
 
-from cluster.http.bounds import MAX_HEAD_BYTES, MAX_QUERY_PARAMETERS, READ_TIMEOUT_S, raw_error
+from cluster.http.bounds import (
+    MAX_HEAD_BYTES,
+    MAX_QUERY_PARAMETERS,
+    READ_TIMEOUT_S,
+    body_too_large,
+    raw_error,
+)
 from cluster.http.errors import INTERNAL_ERROR, METHOD_NOT_ALLOWED, error_body, error_response
 from cluster.http.limits import client_of
 from cluster.live.streams import WS_SERVER_OPTIONS
@@ -497,7 +503,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             # it, which tells a client that sent `Expect: 100-continue` to go on (100
             # Continue) and the 413 came once it had begun to send what is refused
             self._refuse(_refusal("413 Request Entity Too Large",
-                                  f"request body larger than {self.max_body_bytes} bytes"))
+                                  body_too_large(self.max_body_bytes)))
             return
         codings = [c.strip().lower() for name, value in self.headers
                    if name == b"transfer-encoding" for c in value.split(b",")]
