@@ -482,14 +482,23 @@ def test_connections_subscriptions_and_unsent_frames_are_bounded(
 def test_the_last_subscription_is_taken_and_the_next_refused_subscribing_nothing(
         tight: LocalHttpPlatform) -> None:
     """WS_SUBSCRIPTIONS=3: a third stream is taken, a stream followed already is not a
-    fourth, and a fourth gets an error frame and none of its values; once one goes, it fits."""
+    fourth, and a fourth gets an error frame and none of its values; once one goes, it fits.
+    With one unsent frame allowed, no two frames may be due at once: no candle closes while it
+    runs, and every tick is read by the streams before the next stream is subscribed."""
+    clear_of_minute_end()  # a 1m candle closed by the clock is a frame no request asked for
     with httpx.Client(base_url=tight.base_url, timeout=10) as http:
-        tick(tight, http, "SOL", "100.00", "100.01")
-        tick(tight, http, "BTC", "60000.0", "60000.1")
+        tick(tight, http, "SOL", "100.02", "100.03")  # prices no other test of `tight` sends
+        tick(tight, http, "BTC", "60000.2", "60000.3")
 
     async def scenario() -> None:
         async with websockets.connect(ws_url(tight)) as ws:
-            for stream in ("bookTicker.SOL", "bookTicker.BTC", "kline.1m.SOL"):
+            # the streams read ticks a round at a time: a round holding both ticks, read after
+            # the three subscriptions below, would be three frames at once; the BTC tick came
+            # last, so once its value is here the streams have read both
+            await send(ws, "SUBSCRIBE", "bookTicker.BTC")
+            while (await frame(ws, "bookTicker.BTC"))["data"]["bid"] != "60000.2":
+                pass  # a value held from an earlier test (one unsent value replaces the next)
+            for stream in ("bookTicker.SOL", "kline.1m.SOL"):
                 await send(ws, "SUBSCRIBE", stream)  # one at a time: one unsent frame at most
                 assert (await frame(ws))["stream"] == stream
             await send(ws, "SUBSCRIBE", "bookTicker.SOL", "kline.1m.SOL")  # followed already
