@@ -126,6 +126,8 @@ UNSUPPORTED_CODING = _refusal("400 Bad Request", f"{MALFORMED}: Transfer-Encodin
 PIPELINED_HANDSHAKE = _refusal("400 Bad Request",
                                "a WebSocket handshake sent behind requests not yet answered: "
                                "send it after their answers, or on a connection of its own")
+HANDSHAKE_OF_1_0 = _refusal("400 Bad Request",
+                            f"{MALFORMED}: a WebSocket handshake is an HTTP/1.1 request")
 UPGRADE_WITH_BODY = _refusal("400 Bad Request",
                              "a request asking for another protocol (CONNECT, or an Upgrade "
                              "other than websocket) cannot carry a body; send it without")
@@ -491,6 +493,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # the parser takes 0.9 and 2.0 too, read then as 1.1 (a version before Host's rules)
         if (version := self.parser.get_http_version()) not in SPOKEN_VERSIONS:
             self._refuse(_unspoken(version))
+            return
+        if version == "1.0" and self.parser.should_upgrade() and self._should_upgrade():
+            self._refuse(HANDSHAKE_OF_1_0)  # RFC 6455 4.1 (one was upgraded, 101)
             return
         if (fault := self._host_fault()) is not None:
             self._refuse(_refusal("400 Bad Request", f"{MALFORMED}: {fault}"))

@@ -401,6 +401,20 @@ def test_a_client_pinging_without_reading_the_pongs_is_dropped(platform: HttpPla
     assert sent < 64_000_000, sent
 
 
+def test_a_handshake_of_http_1_0_is_refused_400_in_the_error_shape(
+        platform: HttpPlatform) -> None:
+    """RFC 6455 4.1: the opening handshake is an HTTP/1.1 request. One of HTTP/1.0 was
+    upgraded (101) before; it is refused as malformed, and the connection closed."""
+    port = int(platform.base_url.rsplit(":", 1)[1])
+    answer = raw_answer(port, iter([b"GET /ws HTTP/1.0\r\n" + WS_UPGRADE + WS_KEY
+                                    + b"Sec-WebSocket-Version: 13\r\n\r\n"]))
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:200]
+    assert b"\r\nconnection: close\r\n" in answer, answer
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"error": {
+        "code": "INVALID_REQUEST",
+        "message": "malformed HTTP request: a WebSocket handshake is an HTTP/1.1 request"}}
+
+
 def test_a_text_message_that_is_not_utf8_is_closed_1007_without_an_error_logged(
         platform: HttpPlatform, caplog: pytest.LogCaptureFixture) -> None:
     """RFC 6455 8.1: the connection fails with 1007, saying why. It is the client's fault, not
