@@ -44,10 +44,13 @@ def stop_child(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM,
         proc.wait(30)
 
 
-def ray_processes() -> set[ProcessIdentity]:
-    """Every live process of a Ray on this machine: its own (GCS, raylet, dashboard, monitors)
-    and its workers and agents (``ray::...``)."""
+def ray_processes(environ_entry: str) -> set[ProcessIdentity]:
+    """Every live process of a Ray on this machine, its own (GCS, raylet, dashboard, monitors)
+    and its workers and agents (``ray::...``), whose environment holds ``environ_entry``
+    (``NAME=value``): a Ray started by a process with that entry passes it to every process
+    it starts, and a Ray another test runs beside this one on the machine does not have it."""
     found: set[ProcessIdentity] = set()
+    entry_bytes = environ_entry.encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -55,8 +58,14 @@ def ray_processes() -> set[ProcessIdentity]:
         if identity is None or not identity.cmdline:
             continue
         program = identity.cmdline[0]
-        if program.startswith("ray::") or Path(program).name in ("gcs_server", "raylet") \
-                or any("/site-packages/ray/" in arg for arg in identity.cmdline[:3]):
+        if not (program.startswith("ray::") or Path(program).name in ("gcs_server", "raylet")
+                or any("/site-packages/ray/" in arg for arg in identity.cmdline[:3])):
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone since
+            continue
+        if entry_bytes in environ:
             found.add(identity)
     return found
 

@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from collections.abc import Iterator
 from datetime import UTC
@@ -91,8 +92,12 @@ class Up:
         self.data_dir = root / "data"
         self.port, self.broker_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # what marks every process the module's runs start, a Ray they start included
+        run_mark = uuid.uuid4().hex
+        self.mark = f"SHARDEX_TEST_RUN={run_mark}"
         self.env = {**os.environ, "PYTHONPATH": str(REPO), "PORT": str(self.port),
-                    "FEED_SOURCE": "sim", "DATA_DIR": str(self.data_dir)}
+                    "FEED_SOURCE": "sim", "DATA_DIR": str(self.data_dir),
+                    "SHARDEX_TEST_RUN": run_mark}
         for name in ("RAY_ADDRESS", "KAFKA_BROKERS"):
             self.env.pop(name, None)
         self.log = root / "up.log"
@@ -302,7 +307,7 @@ def test_a_killed_embedded_broker_is_started_again_and_trading_resumes(up: Up) -
     # broker's address ("Connection at 127.0.0.1:PORT closed"), an idle connection only the
     # refused reconnect ("Unable connect to node with id N"); either is stamped after the kill.
     deadline = time.monotonic() + ACCOUNT_EVENT_BUDGET_S
-    while not (lines := _replica_kafka_lines_since(before_kill)):
+    while not (lines := _replica_kafka_lines_since(before_kill, up.mark)):
         assert time.monotonic() < deadline, "no API replica log has a Kafka line after the kill"
         time.sleep(0.2)
     assert any(f"127.0.0.1:{up.broker_port}" in line or "Unable connect to node" in line
@@ -312,12 +317,17 @@ def test_a_killed_embedded_broker_is_started_again_and_trading_resumes(up: Up) -
 LOG_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ aiokafka")
 
 
-def _replica_kafka_lines_since(since: datetime) -> list[str]:
-    """The ``aiokafka`` lines stamped at or after ``since`` (local, naive) in the API replica
-    ``.err`` logs under Ray's session directories."""
+def _replica_kafka_lines_since(since: datetime, mark: str) -> list[str]:
+    """The ``aiokafka`` lines stamped at or after ``since`` (local, naive) in the ``.err`` logs
+    under Ray's session directories of the API replicas whose environment holds ``mark`` (a
+    worker's log is named ``worker-<id>-<job>-<pid>.err``): a replica of another test's Ray
+    logs its own Kafka client's losses."""
     floor = since.replace(microsecond=since.microsecond // 1000 * 1000)
+    pids = {str(process.pid) for process in ray_processes(mark)}
     found = []
     for path in Path("/tmp/ray").glob("session_*/logs/worker-*.err"):
+        if path.stem.rsplit("-", 1)[-1] not in pids:
+            continue
         with contextlib.suppress(OSError):
             content = path.read_text(errors="replace")
             if ":actor_name:ServeReplica:" not in content[:300]:
@@ -593,7 +603,7 @@ def test_up_stops_on_a_sigterm_to_every_process_it_started(up: Up) -> None:
         time.sleep(0.1)
     below = descendants(run.pid)
     assert below, "shardex up started no process"
-    rays_before = ray_processes()
+    rays_before = ray_processes(up.mark)
     os.killpg(run.pid, signal.SIGTERM)
     for process in below:  # the workers and the broker, in groups of their own
         with contextlib.suppress(ProcessLookupError):
@@ -609,7 +619,7 @@ def test_up_stops_on_a_sigterm_to_every_process_it_started(up: Up) -> None:
     assert not (up.data_dir / "ray-address.json").exists()
     up.wait_gone(below)
     # nor did the stop start a Ray again (Serve's client calls ray.init when it finds none)
-    started = [p for p in ray_processes() - rays_before if p.alive()]
+    started = [p for p in ray_processes(up.mark) - rays_before if p.alive()]
     up.started_below += started
     assert not started, f"Ray processes started during the stop: {started}"
     offline = up.cli("audit", "--offline", "--json")
