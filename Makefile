@@ -58,30 +58,21 @@ wrk: ## install wrk (Debian package) if it is missing, for the benchmarks
 up: bytecode ## install into .venv, then start the whole platform in the foreground (Ctrl-C stops it)
 	$(VENV)/bin/shardex up
 
-# The unit tests first: they start no process and share nothing, so they run on every core (at
-# most 4 workers). Then two runs side by side. The `slow` tests (each starts a whole platform,
-# a chaos run or a Ray cluster of three nodes) one at a time in a run of their own, as each
-# counts on being the only one of its kind on the machine; their output is printed when they
-# are done. Beside them the rest, a file at a time on REST_WORKERS workers (one on 2 cores:
-# the `slow` run takes the other's share). The two runs are separate pytest processes, so
-# nothing a test leaves in its process (a Ray it connected, a session's platform) meets the
-# other run's tests. The glob keeps pyproject's testpaths the one list (a plain --ignore does
-# not apply to the directories testpaths names). A failing part does not keep the rest from
-# running: one run reports every failure, and the exit status is the first failing part's.
-REST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); n=$$((n - 1)); \
-	[ $$n -lt 1 ] && n=1; [ $$n -gt 3 ] && n=3; echo $$n)
-
+# Three runs, so that what wants the cores to itself has them. The unit tests start no process
+# and share nothing: on every core (at most 4 workers). The rest but the `slow` tests (each of
+# those starts a whole platform, a chaos run or a Ray cluster of three nodes, busy on every
+# core): two workers, a file each at a time, so that the browser tests, which mostly wait on
+# the page's timers and the network, go on beside the others. Then the `slow` tests, one at a
+# time. The glob keeps pyproject's testpaths the one list (a plain --ignore does not apply to
+# the directories testpaths names). A failing part does not keep the rest from running: one
+# run reports every failure, and the exit status is the first failing part's.
 test: bytecode browser ## install into .venv and chromium if needed, then run the whole test suite
 	@status=0; \
 	$(PY) -m pytest -q --durations=10 -n logical --maxprocesses 4 tests/unit || status=$$?; \
-	slow_log=$$(mktemp); \
-	$(PY) -m pytest -q --durations=15 -m slow --ignore-glob='tests/unit/*' \
-		> "$$slow_log" 2>&1 & slow=$$!; \
-	$(PY) -m pytest -q --durations=15 -n $(REST_WORKERS) --dist loadfile -m 'not slow' \
+	$(PY) -m pytest -q --durations=15 -n 2 --dist loadfile -m 'not slow' \
 		--ignore-glob='tests/unit/*' || { rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \
-	wait $$slow || { rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \
-	echo "---- the slow tests (run beside the others above):"; \
-	cat "$$slow_log"; rm -f "$$slow_log"; \
+	$(PY) -m pytest -q --durations=15 -m slow --ignore-glob='tests/unit/*' || \
+		{ rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \
 	exit $$status
 
 bench: bytecode wrk ## run the benchmarks (engine, feed, api, durability, live); each prints a table and a JSON line
