@@ -1464,6 +1464,11 @@ def _print_status(settings: Settings) -> int:
     except (ValueError, ray.exceptions.RayError) as exc:
         print(f"ledger: not available ({type(exc).__name__})")
         code = 1
+    from cluster.actors.serve_app import api_replicas
+
+    line, serving = api_status(api_replicas())
+    print(line)
+    code = code or int(not serving)
     print("shards:")
     for spec in shard_layout(settings):
         try:
@@ -1478,6 +1483,18 @@ def _print_status(settings: Settings) -> int:
               + _problem_text(problem))
         code = code or int(problem is not True)
     return code
+
+
+def api_status(found: tuple[str, Mapping[str, int]] | None) -> tuple[str, bool]:
+    """``status``'s line of the API from its app's state and its replicas counted by state
+    (:func:`cluster.actors.serve_app.api_replicas`; None: no API app), and whether a replica
+    runs: with none, no request is answered, so ``status`` exits 1."""
+    if found is None:
+        return "api: not deployed", False
+    state, replicas = found
+    counts = " ".join(f"{name.lower()}={count}" for name, count in sorted(replicas.items()))
+    return (f"api: {state.lower()}, replicas {counts or 'none'}",
+            replicas.get("RUNNING", 0) > 0)
 
 
 def feed_status(stats: Mapping[str, Any], node_id: str, topic: str) -> tuple[list[str], bool]:

@@ -499,6 +499,21 @@ def api_deployed() -> bool:
         return False
 
 
+def api_replicas() -> tuple[str, dict[str, int]] | None:
+    """The API app's state on the connected cluster's Serve (``"RUNNING"``, ``"DEPLOYING"``,
+    ...) and its replicas counted by state (``{"RUNNING": 2}``); None when Serve has no such
+    app or does not answer."""
+    try:
+        app = serve.status().applications.get(SERVE_APP)
+    except Exception:  # no Serve on the cluster (RayServeException), or it does not answer
+        return None
+    if app is None or API_DEPLOYMENT not in app.deployments:
+        return None
+    states = app.deployments[API_DEPLOYMENT].replica_states
+    return (str(getattr(app.status, "value", app.status)),
+            {str(getattr(state, "value", state)): count for state, count in states.items()})
+
+
 def stop_api(timeout_s: float, ray_down: Callable[[], bool]) -> bool:
     """Stop the API app on the connected cluster (Serve itself keeps running) as its clients
     should see it: every replica closes its WebSockets with code 1001 (``going_away``), then

@@ -210,6 +210,7 @@ def test_up_serves_prices_reports_status_and_audit(up: Up) -> None:
     for name in ("shard-SOL-0", "shard-BTC-0", "shard-ETH-0"):
         assert name in status.stdout
     assert "tick_age=" in status.stdout and "feed: node" in status.stdout
+    assert "\napi: running, replicas running=1\n" in status.stdout, status.stdout
     # the feed's drops by reason (the sim source sends none: "none" until one is dropped)
     assert re.search(r"dropped: (none|[a-z_]+=\d+)", status.stdout), status.stdout
     # a reader that went away (`shardex status | head -1`): a quiet exit, no stack trace

@@ -191,6 +191,7 @@ def _replicas_scenario() -> None:
 
     import httpx
     from bench.cpu_split import listener_pid
+    from cluster.actors.serve_app import api_replicas
     from cluster.actors.serve_app import front_files
     from cluster.config import Settings
     from tests.e2e.api_client import open_position
@@ -225,6 +226,8 @@ def _replicas_scenario() -> None:
                          json={"positionId": opened["positionId"]})
             assert r.status_code == 200, r.text
             assert state(two, h)["positions"] == []
+
+            assert api_replicas() == ("RUNNING", {"RUNNING": 2})  # what `status` prints
 
             victim = listener_pid(port + 1)  # the replica on the first replica port
             # the limits per client address count each client behind the front door, not

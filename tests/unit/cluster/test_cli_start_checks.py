@@ -22,6 +22,7 @@ import pytest
 from cluster.actors.launcher import LaunchError
 from cluster.actors.launcher import Platform
 from cluster.actors.launcher import _pid_running
+from cluster.actors.launcher import api_status
 from cluster.actors.launcher import check_layout
 from cluster.actors.launcher import feed_status
 from cluster.actors.launcher import newest_tops
@@ -807,6 +808,19 @@ def test_status_says_when_the_feed_reads_no_partition_and_fails() -> None:
     assert lines[-1] == "  SOL   bid 100.00 ask 100.01 age 42.0s source sim"
     lines, reading = feed_status({**stats, "assigned": True}, "abcdef0123456789", MARKET_TOPIC)
     assert reading and not any("no partition" in line for line in lines)
+
+
+def test_status_names_the_api_replicas_by_state_and_fails_with_none_running() -> None:
+    """``status``'s API line: the app's state and its replicas by state; the exit is 1 when no
+    replica runs (none answers a request) or Serve has no API app, 0 while one of two is
+    being replaced."""
+    assert api_status(("RUNNING", {"RUNNING": 1})) == ("api: running, replicas running=1", True)
+    assert api_status(("UNHEALTHY", {"STARTING": 1})) == (
+        "api: unhealthy, replicas starting=1", False)
+    assert api_status(("DEPLOYING", {"STARTING": 1, "RUNNING": 1})) == (
+        "api: deploying, replicas running=1 starting=1", True)
+    assert api_status(("DEPLOYING", {})) == ("api: deploying, replicas none", False)
+    assert api_status(None) == ("api: not deployed", False)
 
 
 def test_a_simulation_continues_from_the_newest_price_of_an_asset_split_over_shards() -> None:
