@@ -490,23 +490,26 @@ def _wait_listening(host: str, port: int, timeout_s: float) -> None:
     raise TimeoutError(f"the API did not start listening on {host}:{port} in {timeout_s} s")
 
 
+def _api_app() -> Any:
+    """The API app's status overview on the connected cluster's Serve; None when Serve has no
+    such app or does not answer."""
+    try:
+        return serve.status().applications.get(SERVE_APP)
+    except Exception:  # no Serve on the cluster (RayServeException), or it does not answer
+        return None
+
+
 def api_deployed() -> bool:
     """Whether the connected cluster's Serve has the API app (deployed, or left there by a
     platform that ended without stopping)."""
-    try:
-        return SERVE_APP in serve.status().applications
-    except Exception:  # no Serve on the cluster (RayServeException), or it does not answer
-        return False
+    return _api_app() is not None
 
 
 def api_replicas() -> tuple[str, dict[str, int]] | None:
     """The API app's state on the connected cluster's Serve (``"RUNNING"``, ``"DEPLOYING"``,
     ...) and its replicas counted by state (``{"RUNNING": 2}``); None when Serve has no such
     app or does not answer."""
-    try:
-        app = serve.status().applications.get(SERVE_APP)
-    except Exception:  # no Serve on the cluster (RayServeException), or it does not answer
-        return None
+    app = _api_app()
     if app is None or API_DEPLOYMENT not in app.deployments:
         return None
     states = app.deployments[API_DEPLOYMENT].replica_states
