@@ -50,6 +50,7 @@ def ray_local() -> Iterator[None]:
     that need a running Ray; shut down at session end."""
     import ray
     from cluster.actors.deploy import RAY_SYSTEM_CONFIG
+    from cluster.actors.deploy import shutdown_ray
 
     if ray.is_initialized():
         # a Ray an earlier test left connected: its settings are not the platform's (Ray's
@@ -62,4 +63,4 @@ def ray_local() -> Iterator[None]:
     try:
         yield None
     finally:
-        ray.shutdown()
+        shutdown_ray()

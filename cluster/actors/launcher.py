@@ -717,6 +717,8 @@ class Platform:
         self.stop_feed_source()
         import ray
 
+        from cluster.actors.deploy import shutdown_ray
+
         if ray.is_initialized():
             if self._serve_started:
                 from cluster.actors.serve_app import shutdown_api, stop_api
@@ -750,7 +752,7 @@ class Platform:
             if self._ray_started:
                 if self._ray_down():
                     self._end_ray_workers()
-                ray.shutdown()
+                shutdown_ray()
                 self._ray_started = False
             if self.direct_ingress and self.settings.replica_slots > 1:
                 from cluster.actors.serve_app import remove_front_files

@@ -60,7 +60,10 @@ log = logging.getLogger(__name__)
 # bound a client can reach lets it hold every other request back. Above the connections a
 # replica can hold (its open files), no request waits for a slot.
 MAX_ONGOING_REQUESTS = 1 << 20
-DRAIN_S = 1.0  # direct ingress holds a stopping replica open this long (default 30 s, for LBs)
+# Behind the front door a stopping replica stays open this long, while HAProxy takes it out
+# of its backends (Serve's default, 30 s, is for external load balancers). A lone replica
+# answers PORT itself: no one else would take its clients, and a hold only delayed its stop.
+DRAIN_S = 1.0
 # how often a stopping replica looks whether its requests are done (default 2 s: a replica
 # with none in flight was held 2 s, where DRAIN_S is the hold wanted)
 DRAIN_POLL_S = 0.25
@@ -95,7 +98,7 @@ def serve_env(port: int, replicas: int = 1, http_connections: int = 0,
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + replicas),  # exclusive bound
         "RAY_SERVE_PORT_QUARANTINE_S": "0",  # a restarted replica gets the port back at once
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAIN_S),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAIN_S if replicas > 1 else 0.0),
         **(_front_env(port, replicas, http_connections, host) if replicas > 1 else {}),
     }
 
