@@ -326,7 +326,7 @@ class Platform:
                                     extra_env=joined_env, direct_ingress=self.direct_ingress,
                                     inherited=self._ray_started)
         try:
-            self._start_actors(phase)
+            consuming = self._start_actors(phase)
             controller.result(READY_TIMEOUT_S)
         finally:
             serving.shutdown(wait=True)
@@ -337,6 +337,14 @@ class Platform:
                               extra_env=joined_env, direct_ingress=self.direct_ingress,
                               timeout_s=READY_TIMEOUT_S, inherited=self._ray_started)
         phase("api")
+        if not ray.get(consuming, timeout=READY_TIMEOUT_S):
+            raise LaunchError(f"the feed actor could not consume {self.topic} on "
+                              f"{self.bootstrap}")
+        phase("feed actor (the wait after the api)")
+        self._supervising.clear()
+        self._supervisor = threading.Thread(target=self._supervise, name="feed-supervisor",
+                                            daemon=True)
+        self._supervisor.start()
         if source is not None:
             self._resume_source(source)
             self._start_feed_thread(source)
@@ -580,14 +588,23 @@ class Platform:
                                       f"{exc}") from exc
                 await asyncio.sleep(0.2)
 
-    def _start_actors(self, phase: Callable[[str], None]) -> None:
-        import ray
-
+    def _start_actors(self, phase: Callable[[str], None]) -> Any:
+        """Start the ledger and shard hosts and reconcile what a crash left half done; the
+        feed actor's process starts beside the hosts', its consuming once they are
+        reconciled. Returns the ref of that ``FeedActor.start`` call (True once consuming)."""
         from cluster.actors.deploy import pinned_hosts, placement, reconcile_at_start, start_hosts
         from cluster.actors.feed import FeedActor
 
         settings = self.settings
         data_dir = str(settings.data_dir.resolve()) if self.durable else None
+        # created first, called last: its worker starts (a second or so of imports) while
+        # the hosts recover, and nothing reaches the shards before they are reconciled
+        restart = FEED_RESTART if self.durable else {}
+        self.feed = FeedActor.options(
+            name=FEED, namespace=self.namespace, **placement(FEED, pinned_hosts(), None),
+            **restart).remote(
+            settings, self.bootstrap, namespace=self.namespace, topic=self.topic,
+            candles_dir=data_dir)
         # a durable start recorded the layout under DATA_DIR on this node before it came here:
         # a host that does not see it has another DATA_DIR (DATA_DIR is not shared)
         made = self.durable and hosts_made(settings)
@@ -602,20 +619,8 @@ class Platform:
             # before the API serves: settle what requests cut off by a crash left half done
             self.released_at_start = reconcile_at_start(self.ledger, self.shards)
             phase("reconciliation")
-        restart = FEED_RESTART if self.durable else {}
-        self.feed = FeedActor.options(
-            name=FEED, namespace=self.namespace, **placement(FEED, pinned_hosts(), None),
-            **restart).remote(
-            settings, self.bootstrap, namespace=self.namespace, topic=self.topic,
-            candles_dir=data_dir)
-        if not ray.get(self.feed.start.remote(), timeout=READY_TIMEOUT_S):
-            raise LaunchError(f"the feed actor could not consume {self.topic} on "
-                              f"{self.bootstrap}")
-        phase("feed actor")
-        self._supervising.clear()
-        self._supervisor = threading.Thread(target=self._supervise, name="feed-supervisor",
-                                            daemon=True)
-        self._supervisor.start()
+        # the API deploys while the feed actor joins its consumer group (the caller waits)
+        return self.feed.start.remote()
 
     def _supervise(self) -> None:
         """Every ``SUPERVISE_INTERVAL_S``: start the embedded broker again if it died, and ping
