@@ -11,6 +11,7 @@ and ``docs/terminal-phone.png`` (for the README) instead of into its temporary d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -1952,12 +1953,11 @@ def test_a_tab_past_the_keys_live_connections_polls_without_an_error(
     the server's refusal stayed on the page as an error banner."""
     key, position_id = open_long_on_a_new_page(platform, browser, http)
     url = platform.base_url.replace("http://", "ws://") + "/ws"
-    others = []
-    try:
+    with contextlib.ExitStack() as others:
         # the page holds one; the rest from another address (each address has a limit too)
         for _ in range(platform.settings.ws_connections - 1):
-            ws = ws_connect(url, open_timeout=10, source_address=("127.0.0.2", 0))
-            others.append(ws)
+            ws = others.enter_context(
+                ws_connect(url, open_timeout=10, source_address=("127.0.0.2", 0)))
             ws.send(json.dumps({"method": "AUTH", "params": [key]}))
             ws.send(json.dumps({"method": "MARK"}))  # answered with an error: AUTH was read
             assert "error" in json.loads(ws.recv(timeout=10))
@@ -1972,6 +1972,3 @@ def test_a_tab_past_the_keys_live_connections_polls_without_an_error(
         assert not by_id(browser, "error-banner").is_displayed()
         assert [r.get_attribute("data-position-id") for r in position_rows(browser)] == \
             [position_id]
-    finally:
-        for ws in others:
-            ws.close()
