@@ -432,7 +432,10 @@ class Platform:
                 "url": http_url(self.host, self.settings.port), "pid": os.getpid(),
                 "host": socket.gethostname(), "owner": owner.to_json() if owner else None,
                 # a copy of DATA_DIR (a backup restored elsewhere) is told by it
-                "data_dir": str(self.settings.data_dir.resolve())}))
+                "data_dir": str(self.settings.data_dir.resolve()),
+                # what a start after a kill -9 of this run ends of its Ray (a local one only)
+                "ray_session_dir": (node.get_session_dir_path()
+                                    if (node := self._own_node()) is not None else None)}))
 
     def _take_over_data_dir(self) -> None:
         """Refuse a DATA_DIR a running platform uses; after a crashed run, wait for its
@@ -474,6 +477,9 @@ class Platform:
             return  # another host's record: its processes are not ours to wait for
         log.warning("the platform last started from %s (pid %s) did not stop cleanly; "
                     "waiting for its processes to exit", where, recorded.get("pid"))
+        if running == "gone" and (ended := _end_killed_ray(recorded.get("ray_session_dir"))):
+            log.warning("ended %d processes the killed run's Ray left running (pids %s)",
+                        len(ended), " ".join(map(str, ended)))
         host, port = self.host, self.settings.port
         started, limit_s = time.monotonic(), CRASHED_RUN_WAIT_S
         while not (port_free := port_is_free(host, port)) or _held_journal(where) is not None:
@@ -1323,6 +1329,47 @@ def _recorded_state(recorded: dict[str, Any]) -> Literal["running", "gone", "els
     except (KeyError, ValueError, TypeError):
         return "gone"
     return "running" if alive else "gone"
+
+
+def _end_killed_ray(session_dir: object) -> list[int]:
+    """SIGKILL what a killed run's local Ray left running: every process writing to a file
+    of that Ray session's ``logs`` directory, which each of Ray's own does (GCS, raylet,
+    agents, workers); a reader of those logs opens them read-only. Its workers hold journal
+    locks and the API port until they notice their raylet has gone, its dashboard agent Ray's
+    fixed agent port for about two minutes (the next Ray's agent spent 3-4 s retrying it, then
+    ran without it). Nothing of it holds anything its journals lack, as after the kill.
+    Returns the pids ended."""
+    if not isinstance(session_dir, str) or not os.path.isabs(session_dir) or \
+            not os.path.basename(session_dir).startswith("session_"):
+        return []
+    import ray
+
+    if ray.is_initialized():  # never this process's own Ray
+        node = ray._private.worker._global_node
+        if node is not None and node.get_session_dir_path() == session_dir:
+            return []
+    logs = os.path.join(session_dir, "logs") + os.sep
+    ended = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        if int(entry.name) != os.getpid() and _writes_under(entry, logs):
+            with contextlib.suppress(OSError):  # exited meanwhile
+                os.kill(int(entry.name), signal.SIGKILL)
+                ended.append(int(entry.name))
+    return ended
+
+
+def _writes_under(process: Path, directory: str) -> bool:
+    """Whether the process ``/proc/PID`` has a file under ``directory`` open for writing."""
+    with contextlib.suppress(OSError):  # gone, or not ours to read
+        for fd in (process / "fd").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):  # closed meanwhile
+                if not os.readlink(fd).startswith(directory):
+                    continue
+                info = (process / "fdinfo" / fd.name).read_text()
+                flags = int(info.split("flags:", 1)[1].split()[0], 8)
+                if flags & os.O_ACCMODE != os.O_RDONLY:
+                    return True
+    return False
 
 
 def _copied_from(recorded: dict[str, Any], where: Path) -> str | None:
