@@ -885,22 +885,18 @@ class Platform:
         return len(exited) >= 2 or bool(exited & essential)
 
     def _end_ray_workers(self) -> None:
-        """SIGKILL what the raylet of a local Ray this platform started has started (workers
-        and agents: their environment carries its RAY_RAYLET_PID), once that Ray is going. A
-        worker has a process group of its own, which a signal to the whole group of ``up``
-        misses, and one still starting when the raylet went was seen alive 30 s later. Their
-        hosts' journals hold everything acknowledged, as after a kill -9."""
+        """SIGKILL the processes of a local Ray this platform started, once it is going (see
+        :func:`_end_ray_processes`). A worker has a process group of its own, which a signal
+        to the whole group of ``up`` misses, and one still starting when the raylet went was
+        seen alive 30 s later. Their hosts' journals hold everything acknowledged, as after a
+        kill -9."""
         from ray._private import ray_constants
 
         node = self._own_node()
         if node is None:
             return
         raylets = node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, [])
-        marks = {f"RAY_RAYLET_PID={info.process.pid}".encode() for info in raylets}
-        for entry in Path("/proc").glob("[0-9]*"):
-            with contextlib.suppress(OSError, ValueError):  # gone, or not ours to read
-                if marks.intersection((entry / "environ").read_bytes().split(b"\0")):
-                    os.kill(int(entry.name), signal.SIGKILL)
+        _end_ray_processes(node.get_session_dir_path(), [info.process.pid for info in raylets])
 
     def __enter__(self) -> Platform:
         return self.start()
@@ -1332,27 +1328,39 @@ def _recorded_state(recorded: dict[str, Any]) -> Literal["running", "gone", "els
 
 
 def _end_killed_ray(session_dir: object) -> list[int]:
-    """SIGKILL what a killed run's local Ray left running: every process writing to a file
-    of that Ray session's ``logs`` directory, which each of Ray's own does (GCS, raylet,
-    agents, workers); a reader of those logs opens them read-only. Its workers hold journal
-    locks and the API port until they notice their raylet has gone, its dashboard agent Ray's
-    fixed agent port for about two minutes (the next Ray's agent spent 3-4 s retrying it, then
-    ran without it). Nothing of it holds anything its journals lack, as after the kill.
-    Returns the pids ended."""
+    """SIGKILL what a killed run's local Ray left running (see :func:`_end_ray_processes`):
+    its workers hold journal locks and the API port until they notice their raylet has gone,
+    its dashboard agent Ray's fixed agent port for about two minutes (the next Ray's agent
+    spent 3-4 s retrying it, then ran without it). Nothing of it holds anything its journals
+    lack, as after the kill. Never this process's own Ray. Returns the pids ended."""
     if not isinstance(session_dir, str) or not os.path.isabs(session_dir) or \
             not os.path.basename(session_dir).startswith("session_"):
         return []
     import ray
 
-    if ray.is_initialized():  # never this process's own Ray
+    if ray.is_initialized():
         node = ray._private.worker._global_node
         if node is not None and node.get_session_dir_path() == session_dir:
             return []
+    return _end_ray_processes(session_dir)
+
+
+def _end_ray_processes(session_dir: str, raylet_pids: Iterable[int] = ()) -> list[int]:
+    """SIGKILL a local Ray's processes but this one: each writing to a file of the session's
+    ``logs`` directory, as each of Ray's own does (GCS, raylet, agents, workers; a reader of
+    those logs opens them read-only), and each whose environment names one of ``raylet_pids``
+    as its RAY_RAYLET_PID (a worker still starting has opened no log yet; only a running
+    Ray's raylet pids are certain: a killed run's may name another Ray's since). Returns the
+    pids ended."""
     logs = os.path.join(session_dir, "logs") + os.sep
+    marks = {f"RAY_RAYLET_PID={pid}".encode() for pid in raylet_pids}
     ended = []
     for entry in Path("/proc").glob("[0-9]*"):
-        if int(entry.name) != os.getpid() and _writes_under(entry, logs):
-            with contextlib.suppress(OSError):  # exited meanwhile
+        if int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):  # gone, or not ours to read
+            if (_writes_under(entry, logs)
+                    or marks.intersection((entry / "environ").read_bytes().split(b"\0"))):
                 os.kill(int(entry.name), signal.SIGKILL)
                 ended.append(int(entry.name))
     return ended

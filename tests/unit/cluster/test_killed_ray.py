@@ -1,9 +1,12 @@
 """What a start ends of the local Ray a killed run left (``_end_killed_ray``): the processes
 writing to that Ray session's logs, as each of Ray's own does, and nothing else: not a reader
-of those logs, not a writer to another session's, not a session named by a damaged record."""
+of those logs, not a writer to another session's, not a session named by a damaged record.
+A stop whose own Ray is going ends those too, and those its raylets started
+(``_end_ray_processes``)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from cluster.actors.launcher import _end_killed_ray
+from cluster.actors.launcher import _end_ray_processes
 
 # writes its line, then waits: as a Ray process holds its log open for writing
 WRITER = "import sys, time; f = open(sys.argv[1], 'a'); f.write('up\\n'); f.flush(); time.sleep(60)"
@@ -29,9 +33,10 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
         process.wait(10)
 
 
-def _start(started: list[subprocess.Popen[str]], code: str, path: Path) -> subprocess.Popen[str]:
+def _start(started: list[subprocess.Popen[str]], code: str, path: Path,
+           env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     process = subprocess.Popen([sys.executable, "-c", code, str(path)], text=True,
-                               stdout=subprocess.PIPE)
+                               stdout=subprocess.PIPE, env=env)
     started.append(process)
     return process
 
@@ -82,3 +87,27 @@ def test_a_record_with_no_usable_session_dir_ends_nothing(
     assert _end_killed_ray(recorded) == []
     assert _end_killed_ray(str(tmp_path)) == []  # the directory is not named as Ray names one
     assert writer.poll() is None
+
+
+def test_a_stop_also_ends_what_its_raylets_started_before_it_wrote_a_log(
+        tmp_path: Path, processes: list[subprocess.Popen[str]]) -> None:
+    session = _session(tmp_path, "session_2026-12-07_07-40-02_311802_30117")
+    elsewhere = tmp_path / "elsewhere.txt"
+    raylet_pid = 2**22 + 17  # past any pid_max (2**22 at most): no process's
+    elsewhere.write_text("")
+    starting = _start(processes, READER, elsewhere,
+                      env={**os.environ, "RAY_RAYLET_PID": str(raylet_pid)})
+    others = _start(processes, READER, elsewhere,
+                    env={**os.environ, "RAY_RAYLET_PID": str(raylet_pid + 1)})
+    (session / "logs" / "worker.out").write_text("")
+    writer = _start(processes, WRITER, session / "logs" / "worker.out")
+    while "up" not in (session / "logs" / "worker.out").read_text():
+        time.sleep(0.05)
+    for reader in (starting, others):
+        assert reader.stdout is not None and reader.stdout.readline() == "read\n"
+
+    ended = _end_ray_processes(str(session), [raylet_pid])
+
+    assert sorted(ended) == sorted([starting.pid, writer.pid])
+    assert [_wait_exit(starting), _wait_exit(writer)] == [-9, -9]
+    assert others.poll() is None
