@@ -50,6 +50,11 @@ RAY_SYSTEM_CONFIG: dict[str, int] = {
     # could be held for another round. At 0 the call fails at once (Unavailable, the API's
     # 503) and the next one reaches the new process as soon as it is up.
     "timeout_ms_task_wait_for_death_info": 0,
+    # A process's shutdown first sends Ray's GCS its last task events (what `ray list tasks`
+    # shows), waiting up to 5 s by default: all of it when the GCS has gone (a stop signal to
+    # the whole process group of `up`, a head node that went). A GCS that is there takes
+    # them in milliseconds.
+    "task_events_shutdown_flush_timeout_ms": 1000,
 }
 """Ray settings of every Ray the platform starts (``ray.init(_system_config=...)``: Ray hands
 them to every process of that cluster); see :func:`ray_env` for a cluster it joins."""
