@@ -1348,10 +1348,10 @@ def _end_killed_ray(session_dir: object) -> list[int]:
 def _end_ray_processes(session_dir: str, raylet_pids: Iterable[int] = ()) -> list[int]:
     """SIGKILL a local Ray's processes but this one: each writing to a file of the session's
     ``logs`` directory, as each of Ray's own does (GCS, raylet, agents, workers; a reader of
-    those logs opens them read-only), and each whose environment names one of ``raylet_pids``
-    as its RAY_RAYLET_PID (a worker still starting has opened no log yet; only a running
-    Ray's raylet pids are certain: a killed run's may name another Ray's since). Returns the
-    pids ended."""
+    those logs opens them read-only, a driver connected to it is spared), and each whose
+    environment names one of ``raylet_pids`` as its RAY_RAYLET_PID (a worker still starting
+    has opened no log yet; only a running Ray's raylet pids are certain: a killed run's may
+    name another Ray's since). Returns the pids ended."""
     logs = os.path.join(session_dir, "logs") + os.sep
     marks = {f"RAY_RAYLET_PID={pid}".encode() for pid in raylet_pids}
     ended = []
@@ -1367,17 +1367,22 @@ def _end_ray_processes(session_dir: str, raylet_pids: Iterable[int] = ()) -> lis
 
 
 def _writes_under(process: Path, directory: str) -> bool:
-    """Whether the process ``/proc/PID`` has a file under ``directory`` open for writing."""
+    """Whether the process ``/proc/PID`` has a file under ``directory`` open for writing, and
+    none of them a driver's log: a program connected to that Ray (``shardex status``, a
+    user's script) writes one, and is not one of its processes."""
+    writes = False
     with contextlib.suppress(OSError):  # gone, or not ours to read
         for fd in (process / "fd").iterdir():
             with contextlib.suppress(OSError, ValueError, IndexError):  # closed meanwhile
-                if not os.readlink(fd).startswith(directory):
+                target = os.readlink(fd)
+                if not target.startswith(directory):
                     continue
+                if os.path.basename(target).startswith("python-core-driver-"):
+                    return False
                 info = (process / "fdinfo" / fd.name).read_text()
                 flags = int(info.split("flags:", 1)[1].split()[0], 8)
-                if flags & os.O_ACCMODE != os.O_RDONLY:
-                    return True
-    return False
+                writes = writes or flags & os.O_ACCMODE != os.O_RDONLY
+    return writes
 
 
 def _copied_from(recorded: dict[str, Any], where: Path) -> str | None:

@@ -1,6 +1,7 @@
 """What a start ends of the local Ray a killed run left (``_end_killed_ray``): the processes
 writing to that Ray session's logs, as each of Ray's own does, and nothing else: not a reader
-of those logs, not a writer to another session's, not a session named by a damaged record.
+of those logs, not a driver connected to that Ray, not a writer to another session's, not a
+session named by a damaged record.
 A stop whose own Ray is going ends those too, and those its raylets started
 (``_end_ray_processes``)."""
 
@@ -19,6 +20,10 @@ from cluster.actors.launcher import _end_ray_processes
 
 # writes its line, then waits: as a Ray process holds its log open for writing
 WRITER = "import sys, time; f = open(sys.argv[1], 'a'); f.write('up\\n'); f.flush(); time.sleep(60)"
+# writes a driver's log and an event log beside it, then waits: a program connected to a Ray
+DRIVER = ("import os, sys, time; f = open(sys.argv[1], 'a'); "
+          "g = open(os.path.join(os.path.dirname(sys.argv[1]), 'event_CORE_WORKER_1.log'), 'a'); "
+          "f.write('up\\n'); f.flush(); time.sleep(60)")
 # reads the file, then waits with it open: as `tail -f` or `less` does
 READER = ("import sys, time; f = open(sys.argv[1]); f.read(); print('read', flush=True); "
           "time.sleep(60)")
@@ -63,7 +68,12 @@ def test_ends_the_writers_of_the_killed_sessions_logs_and_no_other_process(
                _start(processes, WRITER, killed / "logs" / "dashboard_agent.log")]
     reader = _start(processes, READER, log)
     elsewhere = _start(processes, WRITER, other / "logs" / "raylet.out")
-    for path in (log, killed / "logs" / "dashboard_agent.log", other / "logs" / "raylet.out"):
+    # a program connected to that Ray (`shardex status`): its driver's log and an event log
+    # of the kind the workers write too
+    driver_log = killed / "logs" / "python-core-driver-01000000ffff_4779.log"
+    driver = _start(processes, DRIVER, driver_log)
+    for path in (log, killed / "logs" / "dashboard_agent.log", other / "logs" / "raylet.out",
+                 driver_log):
         while "up" not in path.read_text():  # each writer has its file open
             time.sleep(0.05)
     assert reader.stdout is not None and reader.stdout.readline() == "read\n"
@@ -72,7 +82,7 @@ def test_ends_the_writers_of_the_killed_sessions_logs_and_no_other_process(
 
     assert sorted(ended) == sorted(w.pid for w in writers)
     assert [_wait_exit(w) for w in writers] == [-9, -9]
-    assert reader.poll() is None and elsewhere.poll() is None
+    assert reader.poll() is None and elsewhere.poll() is None and driver.poll() is None
 
 
 @pytest.mark.parametrize("recorded", [None, 7, "", "relative/session_x",
