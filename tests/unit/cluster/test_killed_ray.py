@@ -51,6 +51,12 @@ def _session(root: Path, name: str) -> Path:
     return root / name
 
 
+def _wait_written(path: Path) -> None:
+    """Until a process started with WRITER or DRIVER has written its line to ``path``."""
+    while not path.exists() or "up" not in path.read_text():
+        time.sleep(0.05)
+
+
 def _wait_exit(process: subprocess.Popen[str]) -> int | None:
     try:
         return process.wait(10)
@@ -74,8 +80,7 @@ def test_ends_the_writers_of_the_killed_sessions_logs_and_no_other_process(
     driver = _start(processes, DRIVER, driver_log)
     for path in (log, killed / "logs" / "dashboard_agent.log", other / "logs" / "raylet.out",
                  driver_log):
-        while "up" not in path.read_text():  # each writer has its file open
-            time.sleep(0.05)
+        _wait_written(path)  # each writer has its file open
     assert reader.stdout is not None and reader.stdout.readline() == "read\n"
 
     ended = _end_killed_ray(str(killed))
@@ -92,8 +97,7 @@ def test_a_record_with_no_usable_session_dir_ends_nothing(
     logs = tmp_path / "logs"
     logs.mkdir()
     writer = _start(processes, WRITER, logs / "raylet.out")
-    while not (logs / "raylet.out").exists() or "up" not in (logs / "raylet.out").read_text():
-        time.sleep(0.05)
+    _wait_written(logs / "raylet.out")
     assert _end_killed_ray(recorded) == []
     assert _end_killed_ray(str(tmp_path)) == []  # the directory is not named as Ray names one
     assert writer.poll() is None
@@ -111,8 +115,7 @@ def test_a_stop_also_ends_what_its_raylets_started_before_it_wrote_a_log(
                     env={**os.environ, "RAY_RAYLET_PID": str(raylet_pid + 1)})
     (session / "logs" / "worker.out").write_text("")
     writer = _start(processes, WRITER, session / "logs" / "worker.out")
-    while "up" not in (session / "logs" / "worker.out").read_text():
-        time.sleep(0.05)
+    _wait_written(session / "logs" / "worker.out")
     for reader in (starting, others):
         assert reader.stdout is not None and reader.stdout.readline() == "read\n"
 
