@@ -212,10 +212,12 @@ class ChaosRun:
         """SIGKILL every process of the Ray session at once, then start again."""
         import ray
 
+        from cluster.actors.deploy import ray_node
+
         assert self.platform is not None
         self.platform._supervising.set()
         roots: list[int] = []
-        node: Any = ray._private.worker._global_node
+        node: Any = ray_node()
         for infos in node.all_processes.values():
             roots.extend(info.process.pid for info in infos)
         victims = set(roots)

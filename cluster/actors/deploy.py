@@ -71,6 +71,15 @@ def ray_env() -> dict[str, str]:
 HEAD_RESOURCE = "node:__internal_head__"  # the resource only Ray's head node advertises
 
 
+def ray_node() -> Any:
+    """Ray's node object of this process (the handles of the processes a local Ray it started
+    runs, its session directory), None before it connects (a driver that joined a cluster
+    has one with no processes). Ray has no public call for it."""
+    import ray
+
+    return ray._private.worker._global_node
+
+
 def shutdown_ray() -> None:
     """``ray.shutdown()``, a second sooner for a local Ray this process started: its
     autoscaler monitor is SIGKILLed first. Ray's shutdown ends the GCS before it, and the
@@ -82,7 +91,7 @@ def shutdown_ray() -> None:
     import ray
     from ray._private import ray_constants
 
-    node = ray._private.worker._global_node
+    node = ray_node()
     processes: dict[str, list[Any]] = node.all_processes if node is not None else {}
     for info in processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):

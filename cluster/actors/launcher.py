@@ -855,9 +855,9 @@ class Platform:
     def _own_node(self) -> Any:
         """Ray's node object of a local Ray this platform started (its processes' handles),
         None otherwise."""
-        import ray
+        from cluster.actors.deploy import ray_node
 
-        return ray._private.worker._global_node if self._ray_started else None
+        return ray_node() if self._ray_started else None
 
     def _ray_down(self) -> bool:
         """Whether a local Ray this platform started is going: its GCS or raylet has exited, or
@@ -1338,10 +1338,11 @@ def _end_killed_ray(session_dir: object) -> list[int]:
         return []
     import ray
 
-    if ray.is_initialized():
-        node = ray._private.worker._global_node
-        if node is not None and node.get_session_dir_path() == session_dir:
-            return []
+    from cluster.actors.deploy import ray_node
+
+    if ray.is_initialized() and (node := ray_node()) is not None \
+            and node.get_session_dir_path() == session_dir:
+        return []
     return _end_ray_processes(session_dir)
 
 
