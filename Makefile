@@ -58,20 +58,24 @@ wrk: ## install wrk (Debian package) if it is missing, for the benchmarks
 up: bytecode ## install into .venv, then start the whole platform in the foreground (Ctrl-C stops it)
 	$(VENV)/bin/shardex up
 
-# Three runs, so that what wants the cores to itself has them. The unit tests start no process
-# and share nothing: on every core (at most 4 workers). The rest but the `slow` tests (each of
-# those starts a whole platform, a chaos run or a Ray cluster of three nodes, busy on every
-# core): two workers, a file each at a time, so that the browser tests, which mostly wait on
-# the page's timers and the network, go on beside the others. Then the `slow` tests, one at a
-# time. The glob keeps pyproject's testpaths the one list (a plain --ignore does not apply to
-# the directories testpaths names). A failing part does not keep the rest from running: one
-# run reports every failure, and the exit status is the first failing part's.
+# Four runs, so that what wants the cores to itself has them. The unit tests start no process
+# and share nothing: on every core (at most 4 workers). The rest but the `slow` tests: two
+# workers, a file each at a time, so that the browser tests, which mostly wait on the page's
+# timers and the network, go on beside the others. Then the `slow` tests (each starts a whole
+# platform, a chaos run or a Ray cluster of three nodes, about half of two cores on average):
+# two files at a time, but those marked `alone`, which hold a start or a restart to a time
+# measured on an idle machine: they come last, one at a time. The glob keeps pyproject's
+# testpaths the one list (a plain --ignore does not apply to the directories testpaths names).
+# A failing part does not keep the rest from running: one run reports every failure, and the
+# exit status is the first failing part's.
 test: bytecode browser ## install into .venv and chromium if needed, then run the whole test suite
 	@status=0; \
 	$(PY) -m pytest -q --durations=10 -n logical --maxprocesses 4 tests/unit || status=$$?; \
 	$(PY) -m pytest -q --durations=15 -n 2 --dist loadfile -m 'not slow' \
 		--ignore-glob='tests/unit/*' || { rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \
-	$(PY) -m pytest -q --durations=15 -m slow --ignore-glob='tests/unit/*' || \
+	$(PY) -m pytest -q --durations=10 -n 2 --dist loadfile -m 'slow and not alone' \
+		--ignore-glob='tests/unit/*' || { rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \
+	$(PY) -m pytest -q --durations=10 -m 'slow and alone' --ignore-glob='tests/unit/*' || \
 		{ rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \
 	exit $$status
 

@@ -86,7 +86,7 @@ CASE_ASSETS = ("SOL", "BTC")  # what case 5's clients trade
 START_BUDGET_S = 150.0
 RESTART_BUDGET_S = 30.0
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600),
+pytestmark = [pytest.mark.slow, pytest.mark.alone, pytest.mark.timeout(600),
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
 
 

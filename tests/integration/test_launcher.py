@@ -60,7 +60,8 @@ ACCOUNT_EVENT_BUDGET_S = 10.0  # an account event's frame after the broker's res
 GIVE_UP_S = 150.0  # the start waits out TIME_WAIT leftovers (~60 s) if it must
 TCP_TIME_WAIT = "06"  # a socket's state in /proc/net/tcp
 
-pytestmark = pytest.mark.slow
+# starts and restarts held to budgets measured with the machine to itself
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 
 def tcp_sockets_on(port: int) -> list[tuple[str, int]]:
