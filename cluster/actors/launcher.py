@@ -1357,13 +1357,14 @@ def _end_ray_processes(session_dir: str, raylet_pids: Iterable[int] = ()) -> lis
     marks = {f"RAY_RAYLET_PID={pid}".encode() for pid in raylet_pids}
     ended = []
     for entry in Path("/proc").glob("[0-9]*"):
-        if int(entry.name) == os.getpid():
+        if (pid := int(entry.name)) == os.getpid():
             continue
         with contextlib.suppress(OSError):  # gone, or not ours to read
-            if (_writes_under(entry, logs)
-                    or marks.intersection((entry / "environ").read_bytes().split(b"\0"))):
-                os.kill(int(entry.name), signal.SIGKILL)
-                ended.append(int(entry.name))
+            # a start after a crash passes no raylet pid: no process's environment is read
+            if _writes_under(entry, logs) or (marks and marks.intersection(
+                    (entry / "environ").read_bytes().split(b"\0"))):
+                os.kill(pid, signal.SIGKILL)
+                ended.append(pid)
     return ended
 
 
