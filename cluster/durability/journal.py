@@ -147,23 +147,24 @@ def _segment_name(first_seq: int) -> str:
     return f"{first_seq:020d}{SEGMENT_SUFFIX}"
 
 
-def _segment_base(path: Path) -> int | None:
-    stem = path.name[: -len(SEGMENT_SUFFIX)]
-    if not path.name.endswith(SEGMENT_SUFFIX) or not stem.isdigit() or len(stem) != 20:
+def file_number(path: Path, suffix: str) -> int | None:
+    """The number a file named ``<20 digits><suffix>`` (a segment, a snapshot) carries, or
+    None for another name."""
+    stem = path.name[: -len(suffix)]
+    if not path.name.endswith(suffix) or len(stem) != 20 or not stem.isdigit():
         return None
     return int(stem)
 
 
-def _list_segments(directory: Path) -> list[tuple[int, Path]]:
+def numbered_files(directory: str | os.PathLike[str], suffix: str) -> list[tuple[int, Path]]:
+    """``(number, path)`` of every file of ``directory`` that :func:`file_number` names, by
+    number ([] when there is no such directory). Anything else under such a name (a
+    directory, say) is left out."""
+    directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = []
-    for p in directory.iterdir():
-        base = _segment_base(p)
-        if base is not None and p.is_file():
-            found.append((base, p))
-    found.sort()
-    return found
+    return sorted((n, p) for p in directory.iterdir()
+                  if (n := file_number(p, suffix)) is not None and p.is_file())
 
 
 def _frames(view: memoryview, expected_seq: int, end_seq: int | None = None
@@ -192,13 +193,10 @@ def _records(view: memoryview, expected_seq: int, end_seq: int | None = None
     commit is valid (:func:`_frames`), in order, from the start."""
     commit: list[tuple[int, int, int]] = []
     for seq, start, end, continued in _frames(view, expected_seq, end_seq):
-        if continued:
-            commit.append((seq, start, end))
-            continue
-        if commit:
+        commit.append((seq, start, end))
+        if not continued:
             yield from commit
             commit.clear()
-        yield seq, start, end
 
 
 def _zeros(data: bytes, start: int) -> bool:
@@ -238,6 +236,15 @@ def _scan(data: bytes, expected_seq: int) -> tuple[int, int, str, int]:
     return good_end, next_seq, "torn", min(len(data), valid_end + HEADER_BYTES + length)
 
 
+def _valid_at(data: bytes, pos: int) -> bool:
+    """Whether a whole record that passes its checksum starts at byte ``pos`` of ``data``
+    (whatever its seq)."""
+    length, crc, field = HEADER.unpack_from(data, pos)
+    end = pos + HEADER_BYTES + length
+    return length <= MAX_RECORD_BYTES and end <= len(data) \
+        and _crc32(memoryview(data)[pos + HEADER_BYTES:end], _crc32(_pack_seq(field))) == crc
+
+
 def _find_records(data: bytes, seq: int, start: int) -> list[int]:
     """The offsets of the valid records with ``seq`` (either flag) in ``data`` from ``start``
     on, however the bytes around them look, in order. Some may be bytes inside a payload that
@@ -248,10 +255,7 @@ def _find_records(data: bytes, seq: int, start: int) -> list[int]:
         at = data.find(needle, start + HEADER_BYTES - _SEQ.size)
         while at >= 0:
             pos = at - (HEADER_BYTES - _SEQ.size)
-            length, crc, _ = HEADER.unpack_from(data, pos)
-            end = pos + HEADER_BYTES + length
-            if length <= MAX_RECORD_BYTES and end <= len(data) \
-                    and _crc32(memoryview(data)[pos + HEADER_BYTES:end], _crc32(needle)) == crc:
+            if _valid_at(data, pos):
                 found.append(pos)
             at = data.find(needle, at + 1)
     return sorted(found)
@@ -276,14 +280,7 @@ def _followed(data: bytes, start: int, seq: int, floor: int) -> bool:
         fields = np.frombuffer(data, "<u8", (stop - field_at) // 8, field_at)  # each alignment
         hits = (fields & np.uint64(_SEQ_BITS)) - np.uint64(first) < FOLLOWING_SEQS
         found.append(np.flatnonzero(hits) * 8 + field_at - (HEADER_BYTES - _SEQ.size))
-    view = memoryview(data)
-    for pos in np.sort(np.concatenate(found)).tolist():
-        length, crc, field = HEADER.unpack_from(data, pos)
-        end = pos + HEADER_BYTES + length
-        if length <= MAX_RECORD_BYTES and end <= len(data) \
-                and _crc32(view[pos + HEADER_BYTES:end], _crc32(_pack_seq(field))) == crc:
-            return True
-    return False
+    return any(_valid_at(data, pos) for pos in np.sort(np.concatenate(found)).tolist())
 
 
 def _holds_records(segments: list[tuple[int, Path]], floor: int) -> bool:
@@ -317,13 +314,8 @@ def lock_holders(path: str | os.PathLike[str]) -> list[str]:
         return []
     # a lock line: "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF" (device in hex)
     device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    holders: list[str] = []
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 6 or fields[1] != "FLOCK" or fields[5] != device:
-            continue
-        holders.append(f"pid {fields[4]}{_command_of(fields[4])}")
-    return holders
+    return [f"pid {fields[4]}{_command_of(fields[4])}" for fields in map(str.split, lines)
+            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device]
 
 
 def _command_of(pid: str) -> str:
@@ -452,19 +444,18 @@ class Journal:
         if readonly:
             if lock_shared:
                 self._lock_shared()
-            try:
-                self._open_readonly(0 if covered_seq is None else covered_seq())
-            except BaseException:
-                self.close()
-                raise
         else:
             create_directory(self.path)
             self._lock()
-            try:
-                self._open_for_writing(0 if covered_seq is None else covered_seq())
-            except BaseException:
-                self.close()
-                raise
+        try:
+            covered = 0 if covered_seq is None else covered_seq()
+            if readonly:
+                self._open_readonly(covered)
+            else:
+                self._open_for_writing(covered)
+        except BaseException:
+            self.close()
+            raise
         self._last_seq = self._durable_seq
 
     # -- opening -------------------------------------------------------------------------------
@@ -490,7 +481,7 @@ class Journal:
         self._lock_fd = fd
 
     def _open_readonly(self, covered: int) -> None:
-        segments = _list_segments(self.path)
+        segments = numbered_files(self.path, SEGMENT_SUFFIX)
         kept: list[tuple[int, Path]] = []
         next_seq = segments[0][0] if segments else 1
         i = offset = 0  # offset: where the records of segments[i] begin
@@ -530,7 +521,7 @@ class Journal:
         self._durable_seq = next_seq - 1
 
     def _open_for_writing(self, covered: int) -> None:
-        segments = _list_segments(self.path)
+        segments = numbered_files(self.path, SEGMENT_SUFFIX)
         kept: list[tuple[int, Path]] = []
         next_seq = segments[0][0] if segments else 1
         i = 0
@@ -824,12 +815,8 @@ class Journal:
             return
         try:
             os.ftruncate(self._fd, self._size)  # its zeros: a reader stops at its end
-        except OSError as exc:
-            self._failed = exc
-            raise JournalError(f"journal roll failed: {exc}") from exc
-        fd = self._new_segment(base, "roll")
-        left, self._fd = self._fd, fd  # never keep a number the close below releases
-        try:
+            fd = self._new_segment(base, "roll")  # (poisons the journal itself on a failure)
+            left, self._fd = self._fd, fd  # never keep a number the close below releases
             os.close(left)
         except OSError as exc:
             self._failed = exc

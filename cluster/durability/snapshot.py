@@ -34,7 +34,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from cluster.durability.journal import create_directory, fsync_directory
+from cluster.durability.journal import (
+    create_directory,
+    file_number,
+    fsync_directory,
+    numbered_files,
+)
 
 SNAPSHOT_FORMAT = 1
 SNAPSHOT_SUFFIX = ".npz"
@@ -73,10 +78,6 @@ class Rows(NamedTuple):
 def _descr(dtype: np.dtype) -> Any:
     """``dtype`` as JSON stores it (tuples become lists), to compare with a stored one."""
     return json.loads(json.dumps(np.lib.format.dtype_to_descr(dtype)))
-
-
-def _dtype(descr: Any) -> np.dtype:
-    return np.dtype(np.lib.format.descr_to_dtype(descr))
 
 
 def append_rows(directory: str | os.PathLike[str], name: str, array: np.ndarray,
@@ -155,7 +156,7 @@ def _read_rows(directory: Path, name: str, rows: Rows, snapshot: str) -> np.ndar
     """The ``rows.row_count`` rows a snapshot names; SnapshotError unless they are all there, of
     their dtype, with their crc32."""
     try:
-        dtype = _dtype(rows.descr)
+        dtype = np.dtype(np.lib.format.descr_to_dtype(rows.descr))
     except Exception as exc:
         raise SnapshotError(f"{snapshot}: rows of {name!r} of an unknown dtype") from exc
     if not _rows_file_of(name, rows.file):
@@ -179,10 +180,7 @@ def snapshot_path(directory: str | os.PathLike[str], seq: int) -> Path:
 
 def snapshot_seq(path: Path) -> int | None:
     """The journal seq a snapshot file's name says it covers, or None for another name."""
-    stem = path.name[: -len(SNAPSHOT_SUFFIX)]
-    if not path.name.endswith(SNAPSHOT_SUFFIX) or len(stem) != 20 or not stem.isdigit():
-        return None
-    return int(stem)
+    return file_number(path, SNAPSHOT_SUFFIX)
 
 
 def _array_crc32(array: np.ndarray) -> int:
@@ -335,11 +333,7 @@ def list_snapshots(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     """``(seq, path)`` of every snapshot-named file in ``directory``, newest first (unvalidated;
     anything else under such a name, a directory say, is no snapshot and is left alone: pruning
     it would fail every time, and the journal would never be trimmed)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(((s, p) for p in directory.iterdir()
-                   if (s := snapshot_seq(p)) is not None and p.is_file()), reverse=True)
+    return numbered_files(directory, SNAPSHOT_SUFFIX)[::-1]
 
 
 def load_latest_snapshot(directory: str | os.PathLike[str],

@@ -136,11 +136,10 @@ def _report_repair(journal: Journal) -> None:
                     "segment(s) are in *%s files beside the segments", where,
                     repair.resumed_at - 1, repair.resumed_at, repair.covered_bytes,
                     CORRUPT_SUFFIX)
-    if not repair.torn_bytes and not repair.corrupt_bytes and not repair.orphaned_segments:
-        return
     if not repair.corrupt_bytes and not repair.orphaned_segments:
-        log.info("%s: cut off a torn last record of %d bytes, written by a process that "
-                 "stopped mid-write", where, repair.torn_bytes)
+        if repair.torn_bytes:
+            log.info("%s: cut off a torn last record of %d bytes, written by a process that "
+                     "stopped mid-write", where, repair.torn_bytes)
         return
     log.warning("%s: a damaged record; cut off %d bytes from it on and set aside %d later "
                 "segment(s) %s. The records in them are not recovered; copies are in the "
