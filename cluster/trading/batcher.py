@@ -18,6 +18,8 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
+MAX_BATCH = 2048  # items one call of ``fn`` takes at most
+
 
 class MicroBatcher(Generic[T, R]):
     """``await batcher.submit(item)`` -> the result of ``fn(batch)`` for that item.
@@ -28,9 +30,8 @@ class MicroBatcher(Generic[T, R]):
     """
 
     def __init__(self, fn: Callable[[list[T]], Awaitable[Sequence[R]]], *,
-                 max_batch: int = 2048, max_in_flight: int = 4) -> None:
+                 max_in_flight: int = 4) -> None:
         self._fn = fn
-        self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._items: list[T] = []
         self._futures: list[asyncio.Future[R]] = []
@@ -67,8 +68,8 @@ class MicroBatcher(Generic[T, R]):
     def _flush(self) -> None:
         self._scheduled = False
         while self._items and self._in_flight < self._max_in_flight:
-            items, futures = self._items[:self._max_batch], self._futures[:self._max_batch]
-            del self._items[:self._max_batch], self._futures[:self._max_batch]
+            items, futures = self._items[:MAX_BATCH], self._futures[:MAX_BATCH]
+            del self._items[:MAX_BATCH], self._futures[:MAX_BATCH]
             self._in_flight += 1
             self.batches += 1
             self.items += len(items)

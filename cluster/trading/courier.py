@@ -61,13 +61,12 @@ class Courier:
         self._resumed: set[str] = set()
         self._acked: dict[str, int] = {}  # the highest acknowledgement posted, per shard
 
-    async def resume(self, shard_name: str) -> int:
+    async def resume(self, shard_name: str) -> None:
         """Continue ``shard_name``'s numbering after what the ledger applied from it (and drop
-        from its outbox what the ledger already has); returns that applied number."""
+        from its outbox what the ledger already has)."""
         applied: int = await self.ledger.call(AppliedSeq(shard_name))
         await self.shards[shard_name].call(ResumeSeq(applied))
         self._resumed.add(shard_name)
-        return applied
 
     async def deliver(self, shard_name: str, answer: Answer | None = None) -> int:
         """Deliver ``shard_name``'s outbox (storing ``answer`` with it); returns the last
@@ -83,19 +82,17 @@ class Courier:
         if shard_name not in self._resumed:
             await self.resume(shard_name)
         view: OutboxView = await shard.call(Outbox())
-        items = view.items
         stored = tuple(a for a in answers if a is not None)
-        applied = await self._apply(shard_name, tuple(items), stored, view.opened)
+        applied = await self._apply(shard_name, tuple(view.items), stored, view.opened)
         if view.last_seq < applied:
             # numbered below the ledger (a shard that lost its memory): the ledger took them
             # for resends; renumbered after its number, they go again in this delivery, so a
             # close waiting for its settlement is settled when this returns
             await shard.call(ResumeSeq(applied))
             view = await shard.call(Outbox())
-            items = view.items
-            if items:
-                applied = await self._apply(shard_name, tuple(items), (), view.opened)
-        if items:
+            if view.items:
+                applied = await self._apply(shard_name, tuple(view.items), (), view.opened)
+        if view.items:
             await shard.call(AckOutbox(applied))
         return [applied] * len(answers)
 

@@ -125,6 +125,15 @@ class Renote(NamedTuple):
                    note.body, note.key, release)
 
 
+def remember_or_forget(key: IdemKey, result: object, request_id: int) -> Remember | Forget:
+    """What the ledger is told of ``key`` once its request ``request_id`` ended without making
+    anything: a refusal to give every retry again, or (a transient refusal, or no answer) the
+    key dropped so that a retry runs the request again."""
+    if isinstance(result, Rejected) and result.code not in TRANSIENT_CODES:
+        return Remember(key, result, request_id)
+    return Forget(key, request_id)
+
+
 def _no_turn(position_id: int) -> contextlib.AbstractAsyncContextManager[object]:
     return contextlib.nullcontext()
 
@@ -328,10 +337,7 @@ class Reconciler:
         if doubt.release is not None:  # a removal that did not happen owes no release
             self._abandoned.append(doubt.request_id)
         if key is not None:
-            if isinstance(result, Rejected) and result.code not in TRANSIENT_CODES:
-                await self.ledger.call(Remember(key, result, doubt.request_id))
-            else:
-                await self.ledger.call(Forget(key, doubt.request_id))
+            await self.ledger.call(remember_or_forget(key, result, doubt.request_id))
 
     async def settle_change(self, doubt: InDoubt, position: OpenPosition) -> None:
         """Record at the ledger what a change of ``position`` (request ``doubt``) did: free the

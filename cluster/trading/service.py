@@ -51,7 +51,12 @@ from cluster.live.topic_auth import SignedTopic
 from cluster.trading.batcher import MicroBatcher
 from cluster.trading.courier import Courier
 from cluster.trading.placement import Layout
-from cluster.trading.reconciler import TRANSIENT_CODES, InDoubt, Reconciler
+from cluster.trading.reconciler import (
+    TRANSIENT_CODES,
+    InDoubt,
+    Reconciler,
+    remember_or_forget,
+)
 from engine.account_events import NOTED_OF_REQUEST, AccountEvent
 from engine.assets import Asset, AssetRegistry
 from engine.candles import Candle, CandleQuery
@@ -660,10 +665,7 @@ class TradingService:
     async def _turn(self, position_id: int) -> AsyncIterator[None]:
         """Position ``position_id``'s turn: its changes here, and the reconciler's late notes
         of it, one at a time."""
-        turn = self._turns.get(position_id)
-        if turn is None:
-            turn = self._turns[position_id] = asyncio.Lock()
-        async with turn:
+        async with self._turns.setdefault(position_id, asyncio.Lock()):
             yield
 
     async def _refuse(self, key: IdemKey | None, refusal: Rejected) -> Any:
@@ -838,10 +840,7 @@ class TradingService:
             if release is not None:
                 self.reconciler.abandon(request_id)  # nothing is owed: the record ends
             if key is not None:
-                if result.code in TRANSIENT_CODES:
-                    await self.ledger.call(Forget(key, request_id))
-                else:
-                    await self.ledger.call(Remember(key, result, request_id))
+                await self.ledger.call(remember_or_forget(key, result, request_id))
             return result
         self.counters[f"{kind}s"] += 1
         if not isinstance(result, SettlementItem):  # the position, changed
@@ -904,10 +903,11 @@ class TradingService:
                 return f"unhealthy: {ok}"
             return "ok" if ok is not False else "unhealthy"
 
-        checks: dict[str, Callable[[], Awaitable[object]]] = {"ledger": self.ledger.ping}
-        for name, port in self.shards.items():
-            checks[name] = port.ping
-        checks.update(self._health_checks)
+        checks: dict[str, Callable[[], Awaitable[object]]] = {
+            "ledger": self.ledger.ping,
+            **{name: port.ping for name, port in self.shards.items()},
+            **self._health_checks,
+        }
         results = await asyncio.gather(*(check(n, fn) for n, fn in checks.items()))
         return Health(all(r == "ok" for r in results), dict(zip(checks, results, strict=True)))
 
