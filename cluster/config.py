@@ -12,12 +12,11 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlsplit
 
-from engine.amounts import AmountError, to_units
+from engine.amounts import AmountError, from_units, to_units
 from engine.assets import DEFAULT_ASSETS, AssetRegistry
 from engine.position_ids import MAX_BOOK_TAG
 from feed.settings import (
@@ -223,10 +222,6 @@ class Settings:
         return self.api_max_replicas > self.api_replicas
 
     @property
-    def bootstrap_servers(self) -> str:
-        return self.kafka_brokers or EMBEDDED_BROKER
-
-    @property
     def maintenance_margin_rate(self) -> str:
         """MAINTENANCE_MARGIN_RATE as its shortest decimal text (``5000`` ppm -> ``0.005``)."""
         return _decimal_text(self.maintenance_margin_ppm, 6)
@@ -307,7 +302,7 @@ def http_url(host: str, port: int) -> str:
 
 def _decimal_text(units: int, decimals: int) -> str:
     """``units`` steps of ``10**-decimals`` as the shortest decimal text (``1000000, 6`` -> 1)."""
-    text = format(Decimal(units).scaleb(-decimals), "f")
+    text = from_units(units, decimals)
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 

@@ -183,11 +183,11 @@ def start_hosts(settings: Settings, namespace: str, data_dir: str | None,
     ledger = host.options(name=LEDGER, namespace=namespace, **placement(LEDGER, pinned, None),
                           **restart).remote(ledger_spec)
     nodes = placement_nodes()
-    shards: dict[str, Any] = {}
-    for i, (name, spec) in enumerate(shard_specs.items()):
-        shards[name] = host.options(name=name, namespace=namespace,
-                                    **placement(name, pinned, nodes[i % len(nodes)]),
-                                    **restart).remote(spec)
+    shards: dict[str, Any] = {
+        name: host.options(name=name, namespace=namespace,
+                           **placement(name, pinned, nodes[i % len(nodes)]),
+                           **restart).remote(spec)
+        for i, (name, spec) in enumerate(shard_specs.items())}
     ray.get([h.ping.remote() for h in [ledger, *shards.values()]], timeout=ready_timeout_s)
     # every shard continues the numbering the ledger knows (what Courier.resume does)
     names = list(shards)

@@ -112,7 +112,7 @@ class FeedActorShell:
     """Ray shell of :class:`feed.consumer.MarketDataConsumer`; use :data:`FeedActor`.
 
     Arguments: ``settings`` (assets, shard layout, feed bounds); ``bootstrap`` (default
-    ``settings.bootstrap_servers``); ``namespace``, the Ray namespace the shards and the ledger
+    ``settings.feed.bootstrap_servers``); ``namespace``, the Ray namespace the shards and the ledger
     are looked up in; ``topic``; ``group_id``, the Kafka ``client_id`` (identification only: no
     group is joined); ``max_in_flight_per_shard``; ``lookup_retry_s``; ``nice``, applied to the
     actor's process, best effort (see :func:`_renice`; ``None`` keeps Ray's nice 15);
@@ -165,7 +165,7 @@ class FeedActorShell:
                                  late_s=settings.max_price_age_s,
                                  held=lambda: tuple(pipeline.gate.held.values()))
         self.consumer = MarketDataConsumer(
-            bootstrap or settings.bootstrap_servers, pipeline, self._call,
+            bootstrap or settings.feed.bootstrap_servers, pipeline, self._call,
             reachable=self._reachable, topic=topic, client_id=group_id,
             on_accepted=self._accepted, **{"retry_s": lookup_retry_s, **consumer_options})
 

@@ -558,7 +558,7 @@ class Platform:
             return
         broker = embedded_broker_for(self.settings)
         if broker is None:
-            self.bootstrap = self.settings.bootstrap_servers
+            self.bootstrap = self.settings.feed.bootstrap_servers
             return
         if self.broker_port is not None:
             broker.port = self.broker_port
@@ -938,10 +938,9 @@ def newest_tops(ticks: Iterable[Tick | None]) -> dict[str, tuple[int, int]]:
     several shards was last given, which a split that missed the last ticks (down, or its
     journal's tail lost) does not hold."""
     newest: dict[str, Tick] = {}
-    for tick in ticks:
-        held = None if tick is None else newest.get(tick.asset)
-        if tick is not None and (held is None
-                                 or (tick.ts_us, tick.seq) > (held.ts_us, held.seq)):
+    for tick in (t for t in ticks if t is not None):
+        held = newest.setdefault(tick.asset, tick)
+        if (tick.ts_us, tick.seq) > (held.ts_us, held.seq):
             newest[tick.asset] = tick
     return {asset: (t.bid_ticks, t.ask_ticks) for asset, t in newest.items()}
 
@@ -1027,10 +1026,7 @@ HOSTS_MADE = "hosts_made"  # in LAYOUT_FILE once a start's hosts have made their
 def hosts_made(settings: Settings) -> bool:
     """Whether DATA_DIR's layout record says an earlier start's hosts made their journals
     (:func:`record_hosts_made`); a host then refuses to begin without its own."""
-    try:
-        return json.loads((settings.data_dir / LAYOUT_FILE).read_text()).get(HOSTS_MADE) is True
-    except (OSError, ValueError, AttributeError):
-        return False
+    return (_read_record(settings.data_dir / LAYOUT_FILE) or {}).get(HOSTS_MADE) is True
 
 
 def record_hosts_made(settings: Settings) -> None:

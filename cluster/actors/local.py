@@ -15,7 +15,7 @@ from typing import Any
 from cluster.actors.host import host_specs
 from cluster.actors.port import LocalPort, Port
 from cluster.config import Settings
-from cluster.durability.runner import Runner, wall_clock_us
+from cluster.durability.runner import wall_clock_us
 from cluster.trading.courier import Courier
 from cluster.trading.placement import Layout
 from cluster.trading.service import TradingService
@@ -33,27 +33,24 @@ class LocalHosts:
         self.settings = settings
         self.layout = Layout(settings)
         ledger_spec, shard_specs = host_specs(settings, data_dir, store_options, made=made)
-        self.ledger = LocalPort(ledger_spec.name, _runner(ledger_spec.runner(), clock_us))
-        self.shards = {name: LocalPort(name, _runner(spec.runner(), clock_us))
-                       for name, spec in shard_specs.items()}
+        self.ledger = LocalPort(ledger_spec.name, ledger_spec.runner())
+        self.shards = {name: LocalPort(name, spec.runner()) for name, spec in shard_specs.items()}
+        for port in [self.ledger, *self.shards.values()]:
+            port.runner.clock_us = clock_us
         self.courier = Courier(self.ledger, self.shards)
-        for name in self.shards:  # a shard continues the numbering the ledger knows
-            self.resume_blocking(name)
-
-    def resume_blocking(self, shard_name: str) -> int:
-        """What Courier.resume does, without an event loop (a host that starts)."""
-        [applied] = self.ledger.execute_blocking([AppliedSeq(shard_name)])
-        self.shards[shard_name].execute_blocking([ResumeSeq(applied)])
-        return int(applied)
+        for name, shard in self.shards.items():
+            # what Courier.resume does, without an event loop: a shard continues the numbering
+            # the ledger knows
+            [applied] = self.ledger.execute_blocking([AppliedSeq(name)])
+            shard.execute_blocking([ResumeSeq(applied)])
 
     def service(self, wrap: Callable[[LocalPort], Port] | None = None,
                 wrap_ledger: Callable[[LocalPort], Port] | None = None,
                 **options: Any) -> TradingService:
         """A TradingService over these ports (``wrap`` may stand in front of each shard,
         ``wrap_ledger`` in front of the ledger, as the service sees them)."""
-        shards: dict[str, Port] = dict(self.shards)
-        if wrap is not None:
-            shards = {name: wrap(port) for name, port in self.shards.items()}
+        shards: dict[str, Port] = {name: port if wrap is None else wrap(port)
+                                   for name, port in self.shards.items()}
         ledger = self.ledger if wrap_ledger is None else wrap_ledger(self.ledger)
         return TradingService(ledger, shards, self.settings, **options)
 
@@ -81,8 +78,3 @@ class LocalHosts:
             # the state snapshotted and the journal closed, not beneath the batch
             port.shutdown()
             port.runner.close()
-
-
-def _runner(runner: Runner[Any], clock_us: Callable[[], int]) -> Runner[Any]:
-    runner.clock_us = clock_us
-    return runner

@@ -170,10 +170,7 @@ async def remote(component: str, method: Any, timeout_s: float | None, *args: An
     import ray.exceptions
 
     try:
-        ref = method.remote(*args)
-        if timeout_s is None:
-            return await ref
-        return await asyncio.wait_for(ref, timeout_s)
+        return await asyncio.wait_for(method.remote(*args), timeout_s)
     except ray.exceptions.RayTaskError as exc:
         # a host a clean stop closed refuses what still comes (an API past its stop bound, its
         # reconciler): the command never ran, as with a host that is down

@@ -84,7 +84,7 @@ class ProduceQueue:
 
     def __init__(self, limit: int = MAX_PENDING) -> None:
         self.limit = limit
-        self._messages: collections.deque[Message] = collections.deque()
+        self._messages: collections.deque[Message] = collections.deque(maxlen=limit)
         self._first = 0  # the number of _messages[0]
         self._lock = threading.Lock()
         self.dropped = 0
@@ -96,13 +96,11 @@ class ProduceQueue:
         """Queue ``messages`` (in order); True when nothing was waiting before them."""
         with self._lock:
             idle = not self._messages
+            # the deque drops these from its head itself as the new ones arrive
+            excess = max(0, len(self._messages) + len(messages) - self.limit)
             self._messages.extend(messages)
-            excess = len(self._messages) - self.limit
-            if excess > 0:
-                for _ in range(excess):
-                    self._messages.popleft()
-                self._first += excess
-                self.dropped += excess
+            self._first += excess
+            self.dropped += excess
         return idle
 
     def take(self, count: int) -> tuple[int, list[Message]]:

@@ -332,7 +332,6 @@ class ApiIngress:
         configure_uvicorn(settings.http_connections, proxies=front_door_sources(
             settings.host, node_ip, settings.replica_slots),
             max_body_bytes=settings.max_body_bytes)
-        self.settings = settings
         self.bootstrap = bootstrap
         self.namespace = namespace
         self.service = service_from_names(
