@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cluster.http.errors import error_body
+from cluster.live.account_views import ViewSource
 from cluster.live.topic_auth import SignedTopic
 from engine.account_events import AccountEvent
 from engine.messages import Principal
@@ -74,14 +75,11 @@ class AccountTail(Protocol):
     async def close(self) -> None: ...
 
 
-class AccountSource(Protocol):
+class AccountSource(ViewSource, Protocol):
     """Where the account events are read (the ledger, through the trading service), and the
     topic they are published to (None: none)."""
 
     account_topic: SignedTopic | None
-
-    async def account_events(self, user: int, since: int | None
-                             ) -> tuple[int, list[AccountEvent] | None]: ...
 
     async def account_tail(self, after: int, limit: int
                            ) -> tuple[int, list[AccountEvent] | None]: ...
@@ -151,8 +149,9 @@ class Versions:
         self.upto = upto
 
 
-def _frame(data: dict[str, Any]) -> str:
-    return json.dumps({"stream": ACCOUNT_STREAM, "data": data}, separators=(",", ":"))
+def stream_frame(stream: str, data: dict[str, Any]) -> str:
+    """The server frame carrying ``data`` on ``stream`` (cluster.live.streams)."""
+    return json.dumps({"stream": stream, "data": data}, separators=(",", ":"))
 
 
 class LedgerTail:
@@ -263,7 +262,7 @@ class AccountStreams:
     async def _send_snapshot(self, sub: Subscription, seq: int) -> None:
         data = await self.snapshot(sub.principal)
         sub.seq = seq
-        sub.offer(_frame({"event": "snapshot", "seq": seq, **data}))
+        sub.offer(stream_frame(ACCOUNT_STREAM, {"event": "snapshot", "seq": seq, **data}))
         self.counts.snapshots += 1
 
     async def _refill_until_wanted(self, sub: Subscription) -> None:
@@ -296,15 +295,15 @@ class AccountStreams:
         for event in events:
             sub.wanted = max(sub.wanted, event.seq)
             if event.seq == sub.seq + 1:
-                sub.offer(_frame(self.render(event)))
+                sub.offer(stream_frame(ACCOUNT_STREAM, self.render(event)))
                 sub.seq = event.seq
                 self.counts.frames += 1
 
     def _deliver(self, sub: Subscription, events: list[AccountEvent]) -> None:
         """Events read from the tail: sent in order, or a refill started for a gap."""
         if not sub.started or (sub.refill is not None and not sub.refill.done()):
-            for event in events:  # the running start or refill sends them
-                sub.wanted = max(sub.wanted, event.seq)
+            # the running start or refill sends them
+            sub.wanted = max([sub.wanted, *(event.seq for event in events)])
             return
         self._send(sub, events)
         self._refill_if_behind(sub)
@@ -397,9 +396,8 @@ class AccountStreams:
                 missed = [e for e in events if e.version <= seen.due and not seen.has(e.version)]
                 for event in missed:
                     seen.saw(event.version)
-                if missed:
-                    self.counts.tail_missed += len(missed)
-                    self._dispatch(missed)
+                self.counts.tail_missed += len(missed)
+                self._dispatch(missed)
                 if len(events) < TAIL_LIMIT or events[-1].version > seen.due:
                     break
             seen.due = version
@@ -441,4 +439,4 @@ class AccountStreams:
 
 
 __all__ = ["ACCOUNT_STREAM", "AccountSource", "AccountStreams", "AccountTail", "LedgerTail",
-           "StreamCounts", "Subscription", "Versions"]
+           "StreamCounts", "Subscription", "Versions", "stream_frame"]

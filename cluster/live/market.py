@@ -34,7 +34,7 @@ import random
 import sqlite3
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -140,12 +140,6 @@ class MarketLive:
                 self._resumed[name] = (newest.close_ts_us, newest.close_half_ticks)
         # apply may run on another thread than the reads that close candles by the clock
         self._lock = threading.Lock()
-        # no open candle's interval ends before it (unix us), those a held tick keeps open aside
-        self._next_end_us = 0
-        # a held tick keeps a candle open past its time: every read checks the hold again (the
-        # feed may drop the held tick for a newer one, with no tick to apply)
-        self._held_open = False
-        self.version = 0
         self.source_id = random.getrandbits(63)  # Changes.source
         self._latest: dict[str, tuple[int, Tick | Candle]] = {}
         self._closed: deque[tuple[int, Candle]] = deque(maxlen=CLOSED_KEPT)
@@ -167,6 +161,10 @@ class MarketLive:
         self._closed.extend((1, c) for c in ended)
         self._latest.update((kline_stream(c.interval, c.asset), (1, c))
                             for c in self._open_candles())
+        # _next_end_us: no open candle's interval ends before it (unix us), those a held tick
+        # keeps open aside; _held_open: a held tick keeps a candle open past its time, so every
+        # read checks the hold again (the feed may drop the held tick for a newer one, with no
+        # tick to apply)
         self._next_end_us, self._held_open = self._next_end(now_us)
         # restored candles are version 1, after what a reader from 0 has: a subscriber gets the
         # current candle before the first tick (the REST klines show it already)
@@ -254,12 +252,10 @@ class MarketLive:
         later = [end for end in ends if end > now_us]
         return min(later, default=INT64_MAX), len(later) < len(ends)
 
-    def _open_candles(self) -> Iterable[Candle]:
-        for asset in self.book.assets:
-            for interval in INTERVALS:
-                current = self.book.current(asset, interval)
-                if current is not None and not current.closed:
-                    yield current
+    def _open_candles(self) -> Iterator[Candle]:
+        """The current candle of every asset and interval that is not closed yet."""
+        return (c for asset in self.book.assets for interval in INTERVALS
+                if (c := self.book.current(asset, interval)) is not None and not c.closed)
 
     def _publish(self, changed: list[Candle], tops: dict[str, Tick]) -> None:
         """Write ``changed`` to the store, then make them and ``tops`` the next version."""

@@ -36,7 +36,7 @@ import contextlib
 import json
 import logging
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -47,7 +47,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from cluster.http.errors import error_body, error_response
 from cluster.http.json_body import unique_keys
 from cluster.http.limits import UNKNOWN_KEYS, TokenBuckets, client_of, too_many
-from cluster.live.account_stream import ACCOUNT_STREAM, AccountStreams, Subscription
+from cluster.live.account_stream import ACCOUNT_STREAM, AccountStreams, Subscription, stream_frame
 from cluster.live.market import Change, MarketSource
 from engine.results import Code
 
@@ -162,19 +162,16 @@ class Connection:
         stream's unsent value was (a closed candle): later values come after it."""
         if self.closing is not None:
             return
-        slot = self.slots.get(newest_of) if newest_of is not None else None
-        if slot is not None:
+        if newest_of is None:
+            if self._room():
+                if ends is not None:
+                    self.slots.pop(ends, None)
+                self.queue.put_nowait(frame)
+        elif (slot := self.slots.get(newest_of)) is not None:
             slot.frame = frame
-            return
-        if not self._room():
-            return
-        if newest_of is not None:
+        elif self._room():
             self.queue.put_nowait(slot := _Slot(newest_of, frame))
             self.slots[newest_of] = slot
-            return
-        if ends is not None:
-            self.slots.pop(ends, None)
-        self.queue.put_nowait(frame)
 
     def offer_account(self, frame: str) -> None:
         """Queue a frame of its account stream, as :meth:`offer` does; it is dropped unsent
@@ -271,8 +268,8 @@ class StreamHub:
         # stream -> the connections subscribed to it: a change is handed to those alone, so a
         # tick costs its subscribers, not every connection of the replica
         self.subscribers: dict[str, set[Connection]] = {}
-        self.by_address: dict[str, int] = {}
-        self.by_key: dict[str, int] = {}
+        self.by_address: Counter[str] = Counter()
+        self.by_key: Counter[str] = Counter()
         self.version = 0
         self.source: int | None = None  # the market source self.version counts in
         self.latest: dict[str, str] = {}  # stream -> its newest frame (sent on subscribe)
@@ -339,9 +336,8 @@ class StreamHub:
         each stream's newest frame for those that subscribe later (a closed candle is sent
         once, never as the newest: until its stream's next candle there is none)."""
         for change in changes:
-            frame = json.dumps({"stream": change.stream, "data": self.render(change)},
-                               separators=(",", ":"))
             stream = change.stream
+            frame = stream_frame(stream, self.render(change))
             if getattr(change.value, "closed", False):
                 newest_of, ends = None, stream
                 self.latest.pop(stream, None)
@@ -355,13 +351,13 @@ class StreamHub:
     async def serve(self, socket: WebSocket) -> None:
         """Run one client's connection until it closes."""
         address = client_of(socket.client.host if socket.client is not None else "")
-        if self.by_address.get(address, 0) >= self.limits.connections:
+        if self.by_address[address] >= self.limits.connections:
             await refuse(socket, 429, Code.RATE_LIMITED, f"at most {self.limits.connections} "
                          "WebSocket connections per client address", {"Retry-After": "1"})
             return
         # counted before the accept, which may wait (a proxy relays it): handshakes arriving
         # together would all pass the check above before any was counted
-        self.by_address[address] = self.by_address.get(address, 0) + 1
+        self.by_address[address] += 1
         try:
             await socket.accept()
         except BaseException:
@@ -553,12 +549,12 @@ class StreamHub:
             connection.reject(Code.INVALID_REQUEST, "this connection is "
                               "authenticated already: open another for another key")
             return
-        if self.by_key.get(key, 0) >= self.limits.connections:
+        if self.by_key[key] >= self.limits.connections:
             connection.reject(Code.RATE_LIMITED, "too many connections for this key")
             return
         connection.key = key
         connection.principal = principal
-        self.by_key[key] = self.by_key.get(key, 0) + 1
+        self.by_key[key] += 1
 
     def _subscribe(self, connection: Connection, params: list[str], since: object) -> None:
         """Subscribe ``connection`` to ``params`` (known streams), the account stream among
@@ -603,13 +599,11 @@ class StreamHub:
                 **(self.accounts.stats() if self.accounts is not None else {})}
 
 
-def _release(counts: dict[str, int], name: str) -> None:
+def _release(counts: Counter[str], name: str) -> None:
     """One connection fewer for ``name`` (an address or a key); none left: forgotten."""
-    left = counts.get(name, 1) - 1
-    if left > 0:
-        counts[name] = left
-    else:
-        counts.pop(name, None)
+    counts[name] -= 1
+    if counts[name] <= 0:
+        del counts[name]
 
 
 __all__ = ["MAX_FRAME_BYTES", "WS_SERVER_OPTIONS", "Connection",
