@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import difflib
 import functools
-import json
 import logging
 import math
 import re
@@ -587,25 +586,16 @@ def _position_id(value: int | str) -> int | None:
     return value if 0 < value < 2**63 else None
 
 
-def _close_cursor(value: str | None) -> int | None:
-    """The close id a history cursor names (None: from the newest); 422 if none can exist."""
+def _cursor_id(name: str, value: str | None, what: str = "a position id",
+               below: int = 1 << 63) -> int | None:
+    """The id a paging cursor names (None: from the start): a position's, one laid out like it
+    (an order's), or a close's (``below=1 << 64``); 422 if none can exist."""
     if value is None:
         return None
-    close_id = int(value)
-    if not 0 < close_id < 1 << 64:
-        raise invalid("before: not a close id")
-    return close_id
-
-
-def _cursor_id(name: str, value: str | None, what: str = "a position id") -> int | None:
-    """The id (a position's, or laid out like one: an order's) a paging cursor names (None:
-    from the start); 422 if none can exist."""
-    if value is None:
-        return None
-    position_id = _position_id(value)
-    if position_id is None:
+    item_id = int(value)  # ASCII digits: the parameter's pattern lets nothing else through
+    if not 0 < item_id < below:
         raise invalid(f"{name}: not {what}")
-    return position_id
+    return item_id
 
 
 MAX_NAME_SHOWN = 64
@@ -678,7 +668,7 @@ class _HttpCounter:
     ``app_routes``: the router's (:func:`_route_label`); ``routes``: their templates."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], app_routes: Sequence[BaseRoute],
-                 routes: set[str], counts: dict[tuple[str, str, int], int]) -> None:
+                 routes: set[str], counts: Counter[tuple[str, str, int]]) -> None:
         self.app = app
         self.app_routes = app_routes
         self.routes = routes
@@ -696,7 +686,7 @@ class _HttpCounter:
 
         def count(status: int) -> None:
             key = (method, _route_label(scope, self.app_routes, self.routes), status)
-            self.counts[key] = self.counts.get(key, 0) + 1
+            self.counts[key] += 1
 
         async def counting_send(message: MutableMapping[str, Any]) -> None:
             nonlocal started
@@ -717,13 +707,6 @@ class _HttpCounter:
 
 # --------------------------------------------------------------------------- auth
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <apiKey>")
-
-
-def _rate_limited(buckets: TokenBuckets, key: object, what: str) -> None:
-    """Take a token from ``key``'s bucket, or raise 429 RATE_LIMITED with ``Retry-After``."""
-    wait_s = buckets.take(key)
-    if wait_s > 0:
-        _refuse_rate(what, wait_s)
 
 
 def _refuse_rate(what: str, wait_s: float) -> NoReturn:
@@ -754,7 +737,9 @@ async def _principal(request: Request) -> Principal:
         _refuse_rate(UNKNOWN_KEYS, who)
     if who is None:
         raise ApiError(Code.UNAUTHORIZED, "unknown API key")
-    _rate_limited(request.app.state.key_buckets, who.user, "requests for this API key")
+    wait_s = request.app.state.key_buckets.take(who.user)
+    if wait_s > 0:
+        _refuse_rate("requests for this API key", wait_s)
     return who
 
 
@@ -1103,7 +1088,8 @@ def create_app(service: TradingService) -> FastAPI:
                       before: CloseCursor = None
                       ) -> Response:
         """Your closed positions (whole and partial closes), newest first."""
-        result = await service.history(who, limit, _close_cursor(before))
+        result = await service.history(who, limit,
+                                       _cursor_id("before", before, "a close id", 1 << 64))
         return answer(result, lambda closed: {"positions": positions_json(closed)})
 
     # ------------------------------------------------------------------ orders
@@ -1161,11 +1147,10 @@ def create_app(service: TradingService) -> FastAPI:
         return answer(await service.cancel_order(who, order_id, clientOrderId), as_order)
 
     # ------------------------------------------------------------------ market
-    assets_body = json.dumps({"assets": [
+    assets_body = json_bytes({"assets": [
         {"name": a.name, "symbol": a.symbol, "priceStep": a.price_step,
          "quantityStep": a.qty_step, "maxLeverage": a.max_leverage,
-         "maintenanceMarginRate": settings.maintenance_margin_rate} for a in assets.assets]},
-        separators=(",", ":")).encode()
+         "maintenanceMarginRate": settings.maintenance_margin_rate} for a in assets.assets]})
 
     @app.get("/api/v1/assets", tags=["market"], operation_id="getAssets",
              responses={200: {"model": AssetsOut}, **_errors(429)})
@@ -1232,7 +1217,7 @@ def create_app(service: TradingService) -> FastAPI:
     # The prices are read per request (the newest, batched as every read of them is).
     health_checks = Reused(service.health, ACTORS_READ_REUSE_S)
 
-    http_counts: dict[tuple[str, str, int], int] = {}
+    http_counts: Counter[tuple[str, str, int]] = Counter()
 
     @app.get("/metrics", tags=["operations"], operation_id="metrics",
              response_class=PlainTextResponse, responses={429: {
@@ -1249,7 +1234,7 @@ def create_app(service: TradingService) -> FastAPI:
         # its own
         server = request.scope.get("server") or ("", None)
         by_server = REFUSED.get(server[1], Counter())
-        for (method, path, status), n in sorted((by_server + Counter(http_counts)).items()):
+        for (method, path, status), n in sorted((by_server + http_counts).items()):
             out.add("shardex_http_responses_total", n, method=method, path=path, status=status)
         out.family("shardex_service_events_total", "counter",
                    "events of this replica's trading service by kind")

@@ -111,11 +111,6 @@ def _write_beside(config_path: str, name: str, data: bytes) -> str:
     return path
 
 
-def write_error_page(config_path: str) -> str:
-    """Replace the error page beside HAProxy's config ``config_path``; returns its path."""
-    return _write_beside(config_path, ERROR_PAGE, error_page())
-
-
 def node_max_connections() -> int:
     """Client connections this node's file limit allows HAProxy: three files each (the
     client's, the replica's, and half a pipe: with Serve's ``option splice-*`` HAProxy keeps
@@ -183,7 +178,7 @@ def write_config(config_path: str, read_timeout_s: float = READ_TIMEOUT_S,
     lines[:] = ["    http-reuse safe" if line.split() == ["http-reuse", "always"] else line
                 for line in lines]
     # a failure of HAProxy's own while forwarding: the outcome is unknown, as for a 502
-    _set(lines, "defaults", "errorfile 500", write_error_page(config_path))
+    _set(lines, "defaults", "errorfile 500", _write_beside(config_path, ERROR_PAGE, error_page()))
     _no_route_is_unavailable(lines)
     return _write_beside(config_path, CONFIG, ("\n".join(lines) + "\n").encode())
 

@@ -8,17 +8,19 @@ import ipaddress
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, MutableMapping
-from typing import Any
+from collections.abc import Callable, Hashable
+
+from starlette.types import (
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+)
 
 from cluster.http.bounds import body_too_large
 from cluster.http.errors import error_body
 from engine.results import Code
-
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-AsgiApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
 WHOLE_TOKEN = 1.0 - 1e-9
 """What counts as a whole token: a bucket refilled for exactly ``1 / rate_per_s`` s after its
@@ -82,14 +84,13 @@ class BodySizeLimit:
     body it was allowed as one message.
     """
 
-    def __init__(self, app: AsgiApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         if max_body_bytes < 0:
             raise ValueError("max_body_bytes must be >= 0")
         self.app = app
         self.max_body_bytes = max_body_bytes
 
-    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive,
-                       send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -211,13 +212,12 @@ class PublicRateLimit:
     A route's cost (a thousand candles, the metrics' text) is then bounded per address, as
     the API key's bucket bounds the authenticated routes."""
 
-    def __init__(self, app: AsgiApp, buckets: TokenBuckets, paths: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, buckets: TokenBuckets, paths: frozenset[str]) -> None:
         self.app = app
         self.buckets = buckets
         self.paths = paths
 
-    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive,
-                       send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in self.paths:
             client = scope.get("client")
             wait_s = self.buckets.take(client_of(client[0] if client else ""))

@@ -367,7 +367,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self.transport = cast(asyncio.Transport, self._watch)
         if not self._count_address():
             DROPPED["per_address"] += 1
-            self._refusal = self._over_address()  # nothing the client sends is read
+            # nothing the client sends is read
+            self._refusal = raw_error(
+                "429 Too Many Requests", Code.RATE_LIMITED.value,
+                f"at most {self.per_address} HTTP connections per client address; "
+                "send requests over the ones open", headers={"retry-after": "1"})
             self.transport.write(self._refusal)
             self.transport.write_eof()
             self.loop.call_later(REFUSED_LINGER_S, self.transport.abort)
@@ -397,11 +401,6 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             if not held[self._address]:
                 del held[self._address]
             self._address = None
-
-    def _over_address(self) -> bytes:
-        return raw_error("429 Too Many Requests", Code.RATE_LIMITED.value,
-                         f"at most {self.per_address} HTTP connections per client address; "
-                         "send requests over the ones open", headers={"retry-after": "1"})
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._release_address()

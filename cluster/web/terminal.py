@@ -14,8 +14,10 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
+
+from cluster.http.errors import error_response
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 _TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html",
@@ -47,11 +49,6 @@ class _File(FileResponse):
             return super()._parse_range_header(http_range, file_size)
         except (MalformedRangeHeader, RangeNotSatisfiable):
             return []  # no range: the whole file
-
-
-def _not_found() -> Response:
-    return JSONResponse({"error": {"code": "NOT_FOUND", "message": "no such file"}},
-                        status_code=404)
 
 
 def static_file(path: str) -> Path | None:
@@ -99,7 +96,7 @@ def add_terminal_routes(app: FastAPI) -> None:
         """A script, style sheet or library file of the terminal."""
         target = static_file(path)
         if target is None:
-            return _not_found()
+            return error_response(404, "NOT_FOUND", "no such file")
         media_type = _TYPES.get(target.suffix, "application/octet-stream")
         return _File(target, media_type=media_type, headers=_HEADERS)
 
