@@ -70,12 +70,19 @@ def open_terminal(driver: WebDriver, platform: RayHttpPlatform, via: Relay | Non
 
 
 def create_account(driver: WebDriver) -> str:
-    """Press `Create demo account`; the API key the page shows once logged in."""
+    """Press `Create demo account`; the API key the page shows once logged in (whole: a new
+    key is shown to be copied)."""
     by_id(driver, "create-account").click()
     wait_until(driver, lambda d: by_id(d, "logged-in").is_displayed()
                and text_of(d, "api-key") != "", "the logged-in account")
     wait_until(driver, lambda d: text_of(d, "balance-free") == "10000.00", "the balances")
     return text_of(driver, "api-key")
+
+
+def masked(key: str) -> str:
+    """How the page shows a kept key until asked to show it whole: its first and last four
+    characters (eight dots for a key too short to show any)."""
+    return f"{key[:4]}\u2026{key[-4:]}" if len(key) >= 12 else "\u2022" * 8
 
 
 def mark_page(driver: WebDriver) -> None:
@@ -172,10 +179,29 @@ def test_create_account_shows_the_key_and_keeps_it_across_a_reload(
     assert browser.execute_script("return localStorage.getItem('shardex.accountId');") == \
         account_id
     assert "Copy your API key" in text_of(browser, "notice-text")
+    assert text_of(browser, "show-key") == "Hide key"
 
     browser.refresh()
+    # a kept key is shown by its ends alone, until asked: a shared screen does not give it away
     wait_until(browser, lambda d: by_id(d, "logged-in").is_displayed()
-               and text_of(d, "api-key") == key, "the kept key after the reload")
+               and text_of(d, "api-key") == masked(key), "the kept key after the reload")
+    assert key[4:-4] not in by_id(browser, "logged-in").text
+    show = by_id(browser, "show-key")
+    assert show.text == "Show key" and show.get_attribute("aria-pressed") == "false"
+    show.click()
+    assert text_of(browser, "api-key") == key
+    assert show.text == "Hide key" and show.get_attribute("aria-pressed") == "true"
+    show.click()
+    assert text_of(browser, "api-key") == masked(key)
+    # the copy is of the whole key, shown or not
+    browser.execute_cdp_cmd("Browser.grantPermissions", {
+        "origin": platform.base_url, "permissions": ["clipboardReadWrite",
+                                                     "clipboardSanitizedWrite"]})
+    by_id(browser, "copy-key").click()
+    wait_until(browser, lambda d: text_of(d, "notice-text") == "API key copied.",
+               "the key copied")
+    assert browser.execute_async_script(
+        "navigator.clipboard.readText().then(arguments[0]);") == key
     assert text_of(browser, "account-id") == account_id
     # the reloaded page reads the account with the kept key
     wait_until(browser, lambda d: text_of(d, "balance-free") == "10000.00"
@@ -207,7 +233,8 @@ def test_another_tab_logging_out_or_in_with_another_key_is_followed(
     # asked first: the key is the only way back into the account, and one click forgot it
     by_id(browser, "logout").click()
     answer_logout(browser, accept=False)
-    assert by_id(browser, "logged-in").is_displayed() and text_of(browser, "api-key") == key
+    assert by_id(browser, "logged-in").is_displayed() and \
+        text_of(browser, "api-key") == masked(key)
     by_id(browser, "logout").click()
     answer_logout(browser, accept=True)
 
@@ -224,7 +251,7 @@ def test_another_tab_logging_out_or_in_with_another_key_is_followed(
     other_id = text_of(browser, "account-id")
     browser.switch_to.window(first)
     wait_until(browser, lambda d: by_id(d, "logged-in").is_displayed()
-               and text_of(d, "api-key") == other_key, "the other key in the first tab")
+               and text_of(d, "api-key") == masked(other_key), "the other key in the first tab")
     wait_until(browser, lambda d: text_of(d, "account-id") == other_id
                and text_of(d, "balance-free") == "10000.00", "the other account's balances")
     assert position_rows(browser) == []  # the first account's position is not this one's
@@ -1715,7 +1742,8 @@ def test_a_kept_key_the_api_refuses_is_said_to_be_refused_not_polled(
     wait_until(browser, lambda d: d.execute_script("return window.__sockets.length;") == 2
                and status.get_attribute("data-state") == "open", "the page connected again")
     time.sleep(2.0)  # its AUTH answered, and a poll would have come
-    assert text_of(browser, "api-key") == "not-a-key-of-this-platform"  # to copy or log out
+    # to copy or log out
+    assert text_of(browser, "api-key") == masked("not-a-key-of-this-platform")
     assert text_of(browser, "account-stream") == \
         "this key was refused: log out or use another key"
     assert by_id(browser, "account-stream").get_attribute("data-state") == "down"

@@ -28,6 +28,7 @@ const EVENT_DEBOUNCE_MS = 150;
 
 const app = {
   key: null,
+  keyShown: false, // the key whole, not its ends
   accountId: null,
   assets: [],
   assetByName: new Map(),
@@ -465,6 +466,7 @@ function setKey(key, accountId, kept = false) {
   app.key = key;
   app.accountId = accountId || null;
   app.keyRefused = false;
+  app.keyShown = false;
   if (!kept) {
     store(STORE.key, key);
     store(STORE.accountId, app.accountId);
@@ -482,10 +484,24 @@ function renderAccount() {
   const loggedIn = Boolean(app.key);
   byId("logged-out").hidden = loggedIn;
   byId("logged-in").hidden = !loggedIn;
-  setText(byId("api-key"), app.key || "");
+  setText(byId("api-key"), !app.key ? "" : app.keyShown ? app.key : maskedKey(app.key));
+  const toggle = byId("show-key");
+  setText(toggle, app.keyShown ? "Hide key" : "Show key");
+  toggle.setAttribute("aria-pressed", String(Boolean(app.keyShown)));
   setText(byId("account-id"), app.accountId || "");
   for (const id of ["submit-long", "submit-short"]) byId(id).disabled = !loggedIn;
   setText(byId("ticket-hint"), loggedIn ? "" : "Create an account or use an API key to trade.");
+}
+
+// The key is shown whole only when asked (or just made): a screen shared, or seen over a
+// shoulder, would otherwise give away the account. Its ends tell which key is kept.
+function maskedKey(key) {
+  return key.length >= 12 ? `${key.slice(0, 4)}…${key.slice(-4)}` : "•".repeat(8);
+}
+
+function showKey(shown) {
+  app.keyShown = shown;
+  renderAccount();
 }
 
 function clearAccountData() {
@@ -505,6 +521,7 @@ async function createAccount() {
     const account = await call("POST", "accounts", { body: {} });
     if (!account || typeof account.apiKey !== "string") throw localError("ERROR", "the server answered without an API key");
     setKey(account.apiKey, account.accountId);
+    showKey(true); // a new key is shown once, to be copied
     const balance = typeof account.balance === "string" || typeof account.balance === "number"
       ? ` with ${fmt.money(account.balance)} USD` : "";
     showNotice(`Account ${account.accountId} created${balance}. Copy your API key: it is the only way back into this account.`);
@@ -579,6 +596,7 @@ async function copyKey() {
     await navigator.clipboard.writeText(app.key);
     showNotice("API key copied.");
   } catch {
+    showKey(true); // the whole key, to be selected
     const range = document.createRange();
     range.selectNodeContents(byId("api-key"));
     const selection = window.getSelection();
@@ -1240,6 +1258,7 @@ function bindUi() {
   byId("logout").addEventListener("click", logout);
   window.addEventListener("storage", followOtherTab);
   byId("copy-key").addEventListener("click", copyKey);
+  byId("show-key").addEventListener("click", () => showKey(!app.keyShown));
   byId("asset-select").addEventListener("change", (event) => {
     app.asset = event.target.value;
     store(STORE.asset, app.asset);
