@@ -12,6 +12,7 @@ and ``docs/terminal-phone.png`` (for the README) instead of into its temporary d
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -51,6 +52,7 @@ from websockets.sync.client import connect as ws_connect
 pytestmark = pytest.mark.timeout(300)
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
+LABEL_PADDING_PX = 8  # a line label's box beyond its text (both sides)
 
 
 # ------------------------------------------------------------------ page helpers
@@ -597,6 +599,10 @@ def test_screenshots_show_an_open_position_over_a_chart_of_candles(
         "return window.__series[0].priceLines().map("
         "  l => [window.__series[0].priceToCoordinate(l.options().price), height]);")
     assert all(0 <= y <= height for y, height in heights), heights
+    # the newest candle stands clear of the lines' labels (drawn over the candles at the
+    # pane's right edge), with room for the label's padding
+    candle_right, labels_left = newest_candle_and_labels(browser)
+    assert candle_right + LABEL_PADDING_PX <= labels_left, (candle_right, labels_left)
     # a level more than twice the candles' height away is left off the scale
     assert levels_range(browser, [100, 110], [85, 125, 131, 50]) == [85, 125]
     # the newest candle's close, a mid half a step above the bid, is labelled as the API gives
@@ -627,7 +633,13 @@ def test_screenshots_show_an_open_position_over_a_chart_of_candles(
         assert browser.save_screenshot(str(target / name))
         assert png_size(target / name) == (width, height)
 
-    # with a second position on the asset each level names whose it is
+    # with a second position on the asset each level names whose it is; its wider labels
+    # take more room right of the newest candle, which leaves a trader reading older candles
+    # where they were
+    time_scale = "window.__charts[0].timeScale()"
+    browser.execute_script(f"{time_scale}.scrollToPosition(-40, false);")
+    wait_next_frames(browser)
+    reading = browser.execute_script(f"return {time_scale}.getVisibleLogicalRange();")
     r = http.post("/api/v1/positions/open", headers={"Authorization": f"Bearer {key}"},
                   json={"asset": "ETH", "type": "short", "margin": "100", "leverage": 10})
     assert r.status_code == 201, r.text
@@ -641,6 +653,20 @@ def test_screenshots_show_an_open_position_over_a_chart_of_candles(
                      ["limit long", trigger]])
     wait_until(browser, lambda d: sorted([title, D(str(price))] for title, price in chart_lines(d))
                == wanted, f"the chart's lines {wanted}")
+    wait_next_frames(browser)
+    assert browser.execute_script(f"return {time_scale}.getVisibleLogicalRange();") == \
+        pytest.approx(reading)
+    browser.execute_script(f"{time_scale}.scrollToRealTime();")  # (animated)
+    wait_until(browser, lambda d: (lambda right, left: right + LABEL_PADDING_PX <= left)(
+        *newest_candle_and_labels(d)), "the newest candle clear of the wider labels")
+    # and so it stays when the candles load again (another interval and back)
+    for interval, step_s in (("5m", 300), ("1m", 60)):
+        Select(by_id(browser, "interval-select")).select_by_value(interval)
+        wait_until(browser, lambda d, step_s=step_s: bars_apart_s(d) == step_s,
+                   f"the {interval} candles drawn")
+    wait_next_frames(browser)
+    candle_right, labels_left = newest_candle_and_labels(browser)
+    assert candle_right + LABEL_PADDING_PX <= labels_left, (candle_right, labels_left)
     # a level the scale leaves out (farther than twice the candles' height) is named at the
     # edge it lies past, with its price
     far = f"▲ liq. {short_name} {short['liquidationPrice']}"
@@ -1505,9 +1531,10 @@ def test_an_account_stream_the_server_could_not_start_is_subscribed_again(
 
 
 # Before the page's own scripts run: every candlestick series the page's chart adds is kept in
-# window.__series (its data() is what the chart draws).
+# window.__series (its data() is what the chart draws), the chart in window.__charts.
 CHART_SERIES_JS = """
 window.__series = [];
+window.__charts = [];
 let library;
 Object.defineProperty(window, "LightweightCharts", {
   configurable: true,
@@ -1515,6 +1542,7 @@ Object.defineProperty(window, "LightweightCharts", {
   set(value) {
     library = {...value, createChart(...args) {
       const chart = value.createChart(...args);
+      window.__charts.push(chart);
       const addSeries = chart.addSeries.bind(chart);
       chart.addSeries = (...more) => {
         const series = addSeries(...more);
@@ -1535,10 +1563,31 @@ def chart_lines(driver: WebDriver) -> list[list[Any]]:
         "l => [l.options().title, l.options().price]) : [];"))
 
 
+def newest_candle_and_labels(driver: WebDriver) -> list[float]:
+    """[the right edge of the newest candle, the left edge of the widest line label's text] in
+    the chart's pane (px from its left); the labels are drawn at the pane's right edge."""
+    return list(driver.execute_script(
+        "const chart = window.__charts[0], s = window.__series[0], ts = chart.timeScale();"
+        "const bars = s.data();"
+        "const x = ts.timeToCoordinate(bars[bars.length - 1].time);"
+        "const ctx = document.createElement('canvas').getContext('2d');"
+        "const {fontSize, fontFamily} = chart.options().layout;"
+        "ctx.font = `${fontSize}px ${fontFamily}`;"
+        "const widest = Math.max(...s.priceLines().map("
+        "  (l) => ctx.measureText(l.options().title).width));"
+        "return [x + ts.options().barSpacing / 2, chart.paneSize().width - widest];"))
+
+
 def chart_bars(driver: WebDriver) -> list[int]:
     """The times (unix s) of the candles the page's chart draws."""
     return list(driver.execute_script(
         "return window.__series.length ? window.__series[0].data().map(b => b.time) : [];"))
+
+
+def bars_apart_s(driver: WebDriver) -> int | None:
+    """The least time between two candles the page's chart draws (its interval, s)."""
+    bars = chart_bars(driver)
+    return min((b - a for a, b in itertools.pairwise(bars)), default=None)
 
 
 def test_what_one_tick_does_is_told_each_and_a_refused_fill_in_words(

@@ -12,6 +12,13 @@ const LINE_STYLES = {
   order: { color: "--accent", fallback: "#4c8dff", lineStyle: 1 },
 };
 
+// Room right of the newest candle, in pixels: at least this (six candles at the start's
+// spacing), and more when a line's label, which the chart draws over the candles at the pane's
+// right edge, is wider: the newest candle stays in view beside the labels.
+const MIN_RIGHT_OFFSET_PX = 48;
+const LABEL_ROOM_PX = 24; // the label's own padding and a gap before it
+const BAR_SPACING_PX = 8; // a candle's width with its gap, until the trader zooms
+
 function toBar(kline) {
   if (!kline || typeof kline !== "object") return null;
   const time = isoToSeconds(kline.start);
@@ -70,13 +77,14 @@ export function createCandleChart(container) {
     },
     rightPriceScale: { borderColor: color("--line", "#242e48") },
     // room right of the newest candle, as trading charts keep it: the candle being built
-    // (and its time label) stays clear of the price axis
+    // (and its time label) stays clear of the price axis and of the lines' labels
     timeScale: {
       borderColor: color("--line", "#242e48"),
       timeVisible: true,
       secondsVisible: false,
-      rightOffset: 6,
-      barSpacing: 8,
+      rightOffsetPixels: MIN_RIGHT_OFFSET_PX,
+      rightOffset: MIN_RIGHT_OFFSET_PX / BAR_SPACING_PX, // (the library's scrollToRealTime's)
+      barSpacing: BAR_SPACING_PX,
     },
   });
   const series = chart.addSeries(LC.CandlestickSeries, {
@@ -90,6 +98,32 @@ export function createCandleChart(container) {
   });
   let lastTime = null;
   let lines = [];
+  let rightOffsetPx = MIN_RIGHT_OFFSET_PX;
+  const measure = document.createElement("canvas").getContext("2d");
+  // The newest candle in view, ``rightOffsetPx`` left of the right edge at the spacing of the
+  // moment (the library's scrollToRealTime goes by the offset in candles alone).
+  const toNewest = () => {
+    const timeScale = chart.timeScale();
+    timeScale.scrollToPosition(rightOffsetPx / timeScale.options().barSpacing, false);
+  };
+  // The room the labels of ``titles`` need right of the newest candle. Changing it moves the
+  // view to the newest candle, so a trader reading older candles is left where they were.
+  const makeRoomFor = (titles) => {
+    const { fontSize, fontFamily } = chart.options().layout;
+    measure.font = `${fontSize}px ${fontFamily}`;
+    const widest = Math.max(0, ...titles.map((title) => measure.measureText(title).width));
+    const wanted = Math.max(MIN_RIGHT_OFFSET_PX, Math.ceil(widest) + LABEL_ROOM_PX);
+    if (wanted === rightOffsetPx) return;
+    rightOffsetPx = wanted;
+    const timeScale = chart.timeScale();
+    const away = timeScale.scrollPosition() < 0; // the newest candle out of view, right
+    const range = timeScale.getVisibleLogicalRange();
+    timeScale.applyOptions({
+      rightOffsetPixels: wanted,
+      rightOffset: wanted / timeScale.options().barSpacing,
+    });
+    if (away && range) timeScale.setVisibleLogicalRange(range);
+  };
   // The levels the scale leaves out, named at the chart's top (above it) and bottom edge
   // (below it): a far stop-loss or liquidation price would otherwise not be seen at all.
   const edges = {};
@@ -155,7 +189,7 @@ export function createCandleChart(container) {
       const bars = [...byTime.values()].sort((a, b) => a.time - b.time);
       series.setData(bars);
       lastTime = bars.length ? bars[bars.length - 1].time : null;
-      chart.timeScale().scrollToRealTime();
+      toNewest();
       markEdgesSoon();
     },
 
@@ -190,6 +224,7 @@ export function createCandleChart(container) {
           axisLabelVisible: true,
         }));
       }
+      makeRoomFor(lines.map((line) => line.options().title));
       markEdgesSoon();
     },
   };
