@@ -67,15 +67,18 @@ up: bytecode ## install into .venv, then start the whole platform in the foregro
 # measured on an idle machine: they come last, one at a time. The glob keeps pyproject's
 # testpaths the one list (a plain --ignore does not apply to the directories testpaths names).
 # A failing part does not keep the rest from running: one run reports every failure, and the
-# exit status is the first failing part's.
+# exit status is the first failing part's. pytest keeps the assertion-rewritten form of a test
+# module (and of its plugins' modules) only where bytecode may be written: with
+# PYTHONDONTWRITEBYTECODE set, every worker of each of the four runs rewrote them all anew.
+PYTEST := PYTHONDONTWRITEBYTECODE= $(PY) -m pytest
 test: bytecode browser ## install into .venv and chromium if needed, then run the whole test suite
 	@status=0; \
-	$(PY) -m pytest -q --durations=10 -n logical --maxprocesses 4 tests/unit || status=$$?; \
-	$(PY) -m pytest -q --durations=15 -n 2 --dist loadfile -m 'not slow' \
+	$(PYTEST) -q --durations=10 -n logical --maxprocesses 4 tests/unit || status=$$?; \
+	$(PYTEST) -q --durations=15 -n 2 --dist loadfile -m 'not slow' \
 		--ignore-glob='tests/unit/*' || { rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \
-	$(PY) -m pytest -q --durations=10 -n 2 --dist loadfile -m 'slow and not alone' \
+	$(PYTEST) -q --durations=10 -n 2 --dist loadfile -m 'slow and not alone' \
 		--ignore-glob='tests/unit/*' || { rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \
-	$(PY) -m pytest -q --durations=10 -m 'slow and alone' --ignore-glob='tests/unit/*' || \
+	$(PYTEST) -q --durations=10 -m 'slow and alone' --ignore-glob='tests/unit/*' || \
 		{ rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \
 	exit $$status
 
