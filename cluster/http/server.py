@@ -63,7 +63,9 @@ it runs in the replica, before its server starts.
   method, route and status as the app counts its answers; uvicorn's went uncounted.
 - uvicorn logs a warning for every request its parser refuses, so any client could add log
   lines as fast as it sends: :data:`PARSER_REFUSALS` lets one through a minute, counting the
-  others.
+  others. Serve sets uvicorn's logger to CRITICAL (so that uvicorn adds no per-message logging
+  middleware, which it does at TRACE), which silenced these warnings and uvicorn's errors:
+  once uvicorn has built the app, its logger is at WARNING again.
 - The client's address: ``X-Forwarded-For`` is read only from the proxies given to
   :func:`configure_uvicorn` (the API replica passes its node's addresses, where the front door
   of cluster.http.front_door runs).
@@ -858,5 +860,9 @@ def configure_uvicorn(per_address: int, proxies: Sequence[str] = ("127.0.0.1",),
             for name, value in options.items():
                 kwargs.setdefault(name, value)
             super().__init__(*args, **kwargs)
+
+        def load(self) -> None:
+            super().load()
+            logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
 
     uvicorn.Config = Config  # type: ignore[misc]

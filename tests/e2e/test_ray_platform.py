@@ -18,10 +18,12 @@ import time
 from collections.abc import Callable
 from collections.abc import Iterator
 from decimal import Decimal as D
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import ray
 from aiokafka import AIOKafkaConsumer
 from aiokafka import AIOKafkaProducer
 from cluster.live.topic_auth import MAC_HEADER
@@ -274,6 +276,26 @@ def test_the_replicas_http_server_refuses_a_request_head_over_64_kib(
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert b'{"error":{"code":"INVALID_REQUEST"' in answer, answer[-200:]
     assert http.get("/api/v1/assets").status_code == 200
+
+
+def test_the_replicas_server_logs_a_request_its_parser_refuses(platform: RayHttpPlatform) -> None:
+    """Serve sets uvicorn's logger to CRITICAL before it builds the replica's server, which
+    silenced the warning for a request the parser refuses (and uvicorn's errors): the log had
+    none of the one a minute cluster.http.server lets through. It is in the replica's
+    ``.err`` file among the Ray session's logs."""
+    port = int(platform.base_url.rsplit(":", 1)[1])
+    answer = raw_answer(port, iter([_limits.MALFORMED_HTTP["two lengths"]]))
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+
+    def logged() -> bool:
+        return any("Invalid HTTP request received." in err.read_text(errors="replace")
+                   for err in logs.glob("worker-*.err"))
+
+    deadline = time.monotonic() + 10  # Ray's log files are written by the process itself
+    while not logged():
+        assert time.monotonic() < deadline, sorted(p.name for p in logs.glob("worker-*.err"))
+        time.sleep(0.2)
 
 
 def test_a_declared_body_over_the_limit_is_refused_before_the_client_is_told_to_send_it(
