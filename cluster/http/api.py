@@ -168,12 +168,13 @@ PositionId = Annotated[StrictInt | Annotated[StrictStr, Field(min_length=1, max_
                            "description": "the position's id (a decimal string; an integer "
                                           "is accepted too)"})]
 ClientOrderId = Annotated[StrictStr, Field(min_length=1, max_length=64)]
-_DIGITS = re.compile("[0-9]{1,19}")
+_DIGITS = re.compile("[0-9]+")
 
 
 def _digits(value: object) -> object:
     """A query integer as its decimal digits alone: pydantic's lax int also reads a sign,
-    spaces, a ``.0`` and underscores (``limit=1_0`` was 10)."""
+    spaces, a ``.0`` and underscores (``limit=1_0`` was 10). Digits of any number (pydantic
+    reads up to 4,300, in microseconds) go on to the parameter's bounds, which name them."""
     if isinstance(value, str) and not _DIGITS.fullmatch(value):
         raise PydanticCustomError("int_digits", "Input should be an integer in decimal digits")
     return value

@@ -377,6 +377,25 @@ def test_a_query_integer_is_decimal_digits_alone(http: httpx.Client, path: str, 
     assert http.get(f"{path}?{digits}", headers=signup(http)).status_code == 200
 
 
+@pytest.mark.parametrize("path,query,message", [
+    ("/api/v1/positions/history", "limit=" + "9" * 23, "less than or equal to 500"),
+    ("/api/v1/klines", "asset=SOL&interval=1m&endTime=" + "1" * 40, "less than or equal to"),
+    ("/api/v1/orders/history", "limit=" + "0" * 30 + "7", None),  # leading zeros: 7
+    ("/api/v1/positions", "limit=" + "9" * 5000, "exceeded maximum size"),
+])
+def test_a_query_integer_of_many_digits_is_refused_by_its_bound(
+        http: httpx.Client, path: str, query: str, message: str | None) -> None:
+    """Digits past 19 were refused as not being "an integer in decimal digits", which they
+    are: the parameter's bound refuses them, saying which it is."""
+    r = http.get(f"{path}?{query}", headers=signup(http))
+    if message is None:
+        assert r.status_code == 200, r.text
+        return
+    assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
+    assert message in r.json()["error"]["message"], r.text
+    assert len(r.text) < 300, r.text[:300]  # the digits are not sent back
+
+
 @pytest.mark.parametrize("path,query,name,single", [
     ("/api/v1/positions", "limit=1&limit=2", "limit", "limit=1"),
     ("/api/v1/positions/history", "lim%69t=1&limit=2", "limit", "limit=1"),  # encoded
