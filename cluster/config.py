@@ -7,6 +7,7 @@ with one line naming the variable and what it must be, e.g.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -89,7 +90,21 @@ PPM = 1_000_000  # MAINTENANCE_MARGIN_RATE is held in parts per million
 MAX_SIGNUP_BALANCE_MICROS = 10**6 * 10**6  # 1,000,000 USD: the funding account stays far
 # from int64 over millions of accounts
 
-_HOST = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _is_host(host: str) -> bool:
+    """Whether ``host`` is an IP address or a host name of RFC 1123 labels whose last is not
+    all digits (``999.999.999.999`` is no address, and no name a resolver would look up)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        labels = host.split(".")
+        return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels) \
+            and not labels[-1].isdigit()
+
+
 # A host name or IPv4 address, or an IPv6 address in brackets: a colon outside brackets would
 # make "h:1:2" a host "h:1" that no resolver knows.
 _BROKER = re.compile(r"(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
@@ -161,7 +176,7 @@ class Settings:
             _check_brokers(self.kafka_brokers)
         _check_ws_url(self.backpack_ws_url)
         _parse_source(self.feed_source)
-        if not _HOST.fullmatch(self.host):
+        if not _is_host(self.host):
             _fail("HOST", self.host)
         if self.ray_address is not None:
             _check_ray_address(self.ray_address)
@@ -271,7 +286,8 @@ class Settings:
         feed_source = env.get("FEED_SOURCE", base.feed_source)
         spec = _parse_source(feed_source)
         if spec.kind == "replay" and not Path(spec.path).is_file():
-            _fail("FEED_SOURCE", feed_source, f"no file {spec.path}")
+            _fail("FEED_SOURCE", feed_source, f"{spec.path} is not a regular file"
+                  if Path(spec.path).exists() else f"no file {spec.path}")
         return cls(
             kafka_brokers=_check_brokers(env.get("KAFKA_BROKERS", "")) or None,
             backpack_ws_url=_check_ws_url(env.get("BACKPACK_WS_URL", base.backpack_ws_url)),

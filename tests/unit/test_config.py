@@ -32,7 +32,8 @@ BAD = {
                     "sim?rate=1_000", "sim?rate=\u0665", "auto?wait=1e3", "sim?rate=+5",
                     "sim?seed=x&seed=1", "sim?rate=2&rate=3"],
     "PORT": ["0", "65536", "-1", "4000.0", "http", "", "\u0661\u0662", "\uff11\uff12", "+5"],
-    "HOST": ["", "a b", "host/x"],
+    "HOST": ["", "a b", "host/x", "999.999.999.999", "[[[", "-", ":::", "[::1]", "a..b", "1.2.3",
+             "-a.b", "a-.b", "x" * 64 + ".b", "h\u0131"],
     "RAY_ADDRESS": ["ray:// host", "garbage", "local", "h:0", "h:65536", "ray://", "h:",
                     "http://127.0.0.1:8265", "ray://h:99999", "h:6379 ", "\u0663", "/"],
     "ASSETS": ["DOGE", "SOL,SOL", "SOL,,BTC", ",", "\u017fol", "", "  "],
@@ -176,6 +177,23 @@ def test_good_values_and_defaults() -> None:
     assert s.maintenance_margin_ppm == 5000 and s.signup_balance_micros == 0
     assert s.feed.bounds == FeedBounds(86_400_000_000, 0, 1_000_000)
     assert s.feed.assets is s.assets and s.feed.bootstrap_servers == "k1:9092,[::1]:9093"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1", "::", "::1", "fe80::1",
+                                  "::ffff:127.0.0.1", "localhost", "api-1.example.com",
+                                  "a1.b2", "1.2.3.example", "x" * 63 + ".b"])
+def test_a_host_is_an_ip_address_or_a_host_name(host: str) -> None:
+    assert Settings.from_env({"HOST": host}).host == host
+
+
+def test_a_replay_source_says_whether_its_path_is_missing_or_not_a_file(tmp_path: Path) -> None:
+    """A path that is there but not a regular file (a device, a directory) is not "no file"."""
+    for path, why in [(tmp_path / "missing.jsonl", f"no file {tmp_path / 'missing.jsonl'}"),
+                      (Path("/dev/zero"), "/dev/zero is not a regular file"),
+                      (tmp_path, f"{tmp_path} is not a regular file")]:
+        with pytest.raises(ConfigError) as info:
+            Settings.from_env({"FEED_SOURCE": f"replay:{path}"})
+        assert str(info.value).endswith(f": {why})"), str(info.value)
 
 
 @pytest.mark.parametrize(
