@@ -30,6 +30,7 @@ import functools
 import json
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -1275,12 +1276,16 @@ def _start_failures() -> tuple[type[BaseException], ...]:
 
 def _start_failure_text(exc: BaseException) -> str:
     """``exc``'s message; of a Ray error only its last line: it carries the remote traceback,
-    whose last line names the exception that failed the start."""
+    whose last line names the exception that failed the start (by its class name alone, as
+    a builtin's is: ``JournalDamagedError: ...``, not its module's path)."""
     text = str(exc)
     if type(exc).__module__.startswith("ray."):
         lines = [line.strip() for line in text.splitlines() if line.strip()]
-        text = lines[-1] if lines else type(exc).__name__
+        text = _MODULE_PATH.sub("", lines[-1]) if lines else type(exc).__name__
     return text
+
+
+_MODULE_PATH = re.compile(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*: )")
 
 
 class NotRunning(RuntimeError):

@@ -31,6 +31,7 @@ from cluster.actors.launcher import resume_simulation
 from cluster.actors.names import LEDGER
 from cluster.config import MARKET_TOPIC
 from cluster.config import Settings
+from cluster.durability.journal import JournalDamagedError
 from engine.market import Tick
 from engine.messages import OpenPosition
 from engine.shard_machine import ApplyTick
@@ -574,28 +575,38 @@ def test_the_embedded_broker_is_refused_for_a_cluster_of_several_machines() -> N
     assert embedded_broker_off_this_machine(one_machine, "b") is None
 
 
-def _died_in_its_constructor() -> Exception:
-    """What ``ray.get`` raises for a host whose constructor failed (Ray does not restart it):
-    the message holds the constructor's whole traceback."""
-    from ray.exceptions import ActorDiedError
-    from ray.exceptions import RayTaskError
+def _died_in_its_constructor(error: Exception) -> Callable[[], Exception]:
+    """What ``ray.get`` raises for a host whose constructor failed with ``error`` (Ray does not
+    restart it): the message holds the constructor's whole traceback."""
 
-    try:
-        raise NotADirectoryError(20, "Not a directory", "/data/ledger/journal")
-    except NotADirectoryError as exc:
-        import traceback
+    def died() -> Exception:
+        from ray.exceptions import ActorDiedError
+        from ray.exceptions import RayTaskError
 
-        return ActorDiedError(RayTaskError("ledger:MachineHost.__init__", traceback.format_exc(),
-                                           exc, pid=1, ip="127.0.0.1"))
+        try:
+            raise error
+        except Exception as exc:
+            import traceback
+
+            return ActorDiedError(RayTaskError("ledger:MachineHost.__init__",
+                                               traceback.format_exc(), exc, pid=1,
+                                               ip="127.0.0.1"))
+
+    return died
 
 
 @pytest.mark.parametrize(("failure", "line"), [
-    (_died_in_its_constructor, "NotADirectoryError: [Errno 20] Not a directory: "
-                               "'/data/ledger/journal'"),
+    (_died_in_its_constructor(NotADirectoryError(20, "Not a directory", "/data/ledger/journal")),
+     "NotADirectoryError: [Errno 20] Not a directory: '/data/ledger/journal'"),
+    # the platform's own exception by its name, as a builtin's, not its module's path
+    (_died_in_its_constructor(JournalDamagedError("00000000000000000008.wal: a damaged record "
+                                                  "at byte 3300, valid ones after it")),
+     "JournalDamagedError: 00000000000000000008.wal: a damaged record at byte 3300, valid ones "
+     "after it"),
     (lambda: RuntimeError("Deploying application shardex failed: Failed to update the "
                           "deployments ['api']."),
      "Deploying application shardex failed: Failed to update the deployments ['api']."),
-], ids=["host", "serve"])
+], ids=["host", "journal", "serve"])
 def test_a_start_that_fails_inside_ray_is_one_line_not_a_traceback(
         failure: Callable[[], Exception], line: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
