@@ -394,7 +394,8 @@ class Journal:
     ``max_record_bytes``: the largest payload :meth:`append` takes (at most, and by default,
     :data:`MAX_RECORD_BYTES`, the largest a reader trusts).
     ``readonly=True`` opens without the lock, never repairs or writes, and replays only the
-    valid prefix; with ``lock_shared=True`` as well, it holds the lock shared while open
+    valid prefix (its :attr:`repair` says what a writer opening it would cut off); with
+    ``lock_shared=True`` as well, it holds the lock shared while open
     (:class:`JournalLockedError` while a writer holds it; a missing ``LOCK`` file, which no
     writer ever made, is not created).
 
@@ -496,10 +497,11 @@ class Journal:
                 if found is None:
                     if _holds_records(segments[i:], covered + 1):
                         raise _damaged(p, 0, next_seq)
+                    self.repair.orphaned_segments += [q.name for _, q in segments[i:]]
                     break
             else:
                 data = p.read_bytes()
-                good_end, reached, tail, _ = _scan(data[offset:], next_seq)
+                good_end, reached, tail, tail_end = _scan(data[offset:], next_seq)
                 if tail != "end" and reached <= covered:  # damage below the snapshot: the same
                     found = self._resume_point(segments, i, data, offset + good_end, covered + 1)
                 if tail != "end" and found is None:
@@ -514,7 +516,12 @@ class Journal:
                 self._offsets[p] = offset
             self._size = offset + good_end
             next_seq = reached
-            if tail != "end":
+            if tail != "end":  # what a writer cuts off and sets aside (nothing is, here)
+                if tail == "torn":
+                    self.repair.torn_bytes += tail_end - good_end
+                else:
+                    self.repair.corrupt_bytes += tail_end - good_end
+                self.repair.orphaned_segments += [q.name for _, q in segments[i + 1:]]
                 break
             i, offset = i + 1, 0
         self._segments = kept

@@ -136,6 +136,15 @@ def _report_repair(journal: Journal) -> None:
                     "segment(s) are in *%s files beside the segments", where,
                     repair.resumed_at - 1, repair.resumed_at, repair.covered_bytes,
                     CORRUPT_SUFFIX)
+    if journal.readonly:  # an inspection (audit --offline): what a start will do, and why
+        if repair.torn_bytes or repair.corrupt_bytes or repair.orphaned_segments:
+            log.warning("%s: a start will cut off %d bytes from a torn or damaged last record "
+                        "on and set aside %d later segment(s) %s (read-only: nothing was "
+                        "changed). A process stopped mid-write leaves a torn last record, which "
+                        "held nothing acknowledged; other damage loses the records it holds",
+                        where, repair.corrupt_bytes + repair.torn_bytes,
+                        len(repair.orphaned_segments), repair.orphaned_segments)
+        return
     if not repair.corrupt_bytes and not repair.orphaned_segments:
         if repair.torn_bytes:
             log.info("%s: cut off a torn last record of %d bytes, written by a process that "

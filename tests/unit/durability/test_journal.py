@@ -237,6 +237,35 @@ def test_flipped_byte_in_last_record_drops_exactly_it(tmp_path: Path) -> None:
             assert len(replayed(case)) == len(items)
 
 
+@pytest.mark.parametrize("damage", ["torn", "flipped", "garbage after", "orphan"])
+def test_a_reader_says_what_a_writer_opening_it_would_cut_and_changes_nothing(
+        tmp_path: Path, damage: str) -> None:
+    """``audit --offline`` opens the journals read-only: its repair is what the next start's
+    writer cuts off and sets aside (a torn or damaged last record, later segments that no
+    longer continue the chain), so the audit can say so; it was all zeros, and the audit said
+    OK of a journal the start then cut. Nothing is written by the reader."""
+    path = tmp_path / "j"
+    write(path, [b"one", b"two", b"three" * 10])
+    segment = only_segment(path)
+    data = segment.read_bytes()
+    if damage == "torn":
+        segment.write_bytes(data[:-7])
+    elif damage == "flipped":
+        segment.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    elif damage == "garbage after":
+        segment.write_bytes(data + bytes(range(7, 250)))
+    else:
+        (path / f"{10:020d}.wal").write_bytes(bytes(64))
+    files = {p.name: p.read_bytes() for p in path.iterdir()}
+    with Journal(path, readonly=True, lock_shared=True) as reader:
+        seen = reader.repair
+        assert not seen.clean, seen
+        assert list(reader.replay())[:2] == [(1, b"one"), (2, b"two")]
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == files
+    with Journal(path, fsync=False) as writer:
+        assert writer.repair == seen
+
+
 def test_a_commit_of_several_records_is_kept_whole_or_not_at_all(tmp_path: Path) -> None:
     """Records appended with ``continued=True`` count only with the record ending their commit:
     the file cut anywhere in the commit, or its last record damaged, drops all of it. A record
