@@ -81,6 +81,8 @@ FEED_STOP_TIMEOUT_S = 10.0  # ... for the feed actor's calls to the shards to en
 # second each, all at once); a host that has not closed by then is killed without one
 HOST_CLOSE_TIMEOUT_S = 10.0
 SUPERVISE_INTERVAL_S = 1.0  # how soon the supervisor notices a dead broker or feed actor
+TOPIC_WAIT_S = 30.0  # how long a start waits for the broker to create the market topic
+TOPIC_QUIET_S = 2.0  # ... before it says what it waits for (an embedded one elects itself)
 
 
 class LaunchError(RuntimeError):
@@ -584,16 +586,33 @@ class Platform:
         self.bootstrap = broker.bootstrap
 
     async def _ensure_topic(self, bootstrap: str) -> None:
-        deadline = time.monotonic() + 30.0
-        while True:
-            try:
-                await ensure_topic(bootstrap, len(self.settings.assets.assets), topic=self.topic)
-                return
-            except Exception as exc:  # the broker may still be electing itself
-                if time.monotonic() > deadline:
-                    raise LaunchError(f"cannot create topic {self.topic} on {bootstrap}: "
-                                      f"{exc}") from exc
-                await asyncio.sleep(0.2)
+        """Create the market topic on ``bootstrap``, trying for up to :data:`TOPIC_WAIT_S` (an
+        embedded broker may still be electing itself, an external one starting). aiokafka
+        logs an error for every connection refused, five a second: while this tries, they are
+        held back, and one warning says what it waits for."""
+        began = time.monotonic()
+        said = False
+        aiokafka_log = logging.getLogger("aiokafka")
+        level = aiokafka_log.level
+        aiokafka_log.setLevel(logging.CRITICAL)
+        try:
+            while True:
+                try:
+                    await ensure_topic(bootstrap, len(self.settings.assets.assets),
+                                       topic=self.topic)
+                    return
+                except Exception as exc:
+                    waited_s = time.monotonic() - began
+                    if waited_s > TOPIC_WAIT_S:
+                        raise LaunchError(f"cannot create topic {self.topic} on {bootstrap}: "
+                                          f"{exc}") from exc
+                    if waited_s > TOPIC_QUIET_S and not said:
+                        log.warning("waiting up to %.0f s for the Kafka broker at %s: %s",
+                                    TOPIC_WAIT_S, bootstrap, exc)
+                        said = True
+                    await asyncio.sleep(0.2)
+        finally:
+            aiokafka_log.setLevel(level)
 
     def _start_actors(self, phase: Callable[[str], None]) -> Any:
         """Start the ledger and shard hosts and reconcile what a crash left half done; the

@@ -885,3 +885,25 @@ def test_a_data_dir_without_its_layout_given_a_split_more_is_refused(tmp_path: P
     assert not (tmp_path / "layout.json").exists()
     check_layout(made, record=True)
     check_layout(made)
+
+
+def test_a_broker_that_cannot_be_reached_is_waited_for_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An unreachable KAFKA_BROKERS took 30 s and about 150 lines of aiokafka's errors, one
+    per connection refused, before the line that names it: one warning now says what the
+    start waits for, and the refusal follows it."""
+    from cluster.actors import launcher
+
+    monkeypatch.setattr(launcher, "TOPIC_WAIT_S", 3.0)
+    monkeypatch.setattr(launcher, "TOPIC_QUIET_S", 0.5)
+    aiokafka_level = logging.getLogger("aiokafka").level
+    platform = Platform(dataclasses.replace(Settings(), data_dir=tmp_path))
+    with caplog.at_level(logging.INFO), pytest.raises(
+            LaunchError, match=r"^cannot create topic backpack-market-updates on 127\.0\.0\.1:1: "):
+        asyncio.run(platform._ensure_topic("127.0.0.1:1"))
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("aiokafka")] == []
+    said = "waiting up to 3 s for the Kafka broker at 127.0.0.1:1: "
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith(said)]
+    assert len(waits) == 1, caplog.text
+    assert logging.getLogger("aiokafka").level == aiokafka_level  # its errors log again after
