@@ -59,8 +59,9 @@ up: bytecode ## install into .venv, then start the whole platform in the foregro
 	$(VENV)/bin/shardex up
 
 # Four runs, so that what wants the cores to itself has them. The unit tests start no process
-# and share nothing: four workers, even on two cores (some unit tests wait on timers: one
-# worker per core left about a quarter of two cores idle). The rest but the `slow` tests: two
+# and share nothing: on every core (at most 4 workers; four on two cores filled the quarter of
+# the CPU that waits on timers leave idle, but in a fresh clone each worker first rewrites every
+# test module, and the run took longer). The rest but the `slow` tests: two
 # workers, a file each at a time, so that the browser tests, which mostly wait on the page's
 # timers and the network, go on beside the others. Then the `slow` tests (each starts a whole
 # platform, a chaos run or a Ray cluster of three nodes, about half of two cores on average):
@@ -74,7 +75,7 @@ up: bytecode ## install into .venv, then start the whole platform in the foregro
 PYTEST := PYTHONDONTWRITEBYTECODE= $(PY) -m pytest
 test: bytecode browser ## install into .venv and chromium if needed, then run the whole test suite
 	@status=0; \
-	$(PYTEST) -q --durations=10 -n 4 tests/unit || status=$$?; \
+	$(PYTEST) -q --durations=10 -n logical --maxprocesses 4 tests/unit || status=$$?; \
 	$(PYTEST) -q --durations=15 -n 2 --dist loadfile -m 'not slow' \
 		--ignore-glob='tests/unit/*' || { rc=$$?; [ $$status -ne 0 ] || status=$$rc; }; \
 	$(PYTEST) -q --durations=10 -n 2 --dist loadfile -m 'slow and not alone' \
