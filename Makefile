@@ -60,8 +60,8 @@ up: bytecode ## install into .venv, then start the whole platform in the foregro
 
 # Four runs, so that what wants the cores to itself has them. The unit tests start no process
 # and share nothing: on every core (at most 4 workers; four on two cores filled the quarter of
-# the CPU that waits on timers leave idle, but in a fresh clone each worker first rewrites every
-# test module, and the run took longer). The rest but the `slow` tests: two
+# the CPU that tests waiting on timers leave idle, but in a fresh clone each worker first
+# rewrites every test module, and the run took longer). The rest but the `slow` tests: two
 # workers, a file each at a time, so that the browser tests, which mostly wait on the page's
 # timers and the network, go on beside the others. Then the `slow` tests (each starts a whole
 # platform, a chaos run or a Ray cluster of three nodes, about half of two cores on average):

@@ -130,6 +130,14 @@ class Repair:
     resumed_at: int = 0
     covered_bytes: int = 0
 
+    def count_cut(self, tail: str, cut_bytes: int) -> None:
+        """Count ``cut_bytes`` of a last record that ``_scan`` found ``tail`` (``torn`` or
+        damaged)."""
+        if tail == "torn":
+            self.torn_bytes += cut_bytes
+        else:
+            self.corrupt_bytes += cut_bytes
+
     @property
     def clean(self) -> bool:
         return self.torn_bytes == 0 and self.corrupt_bytes == 0 and not self.orphaned_segments \
@@ -517,10 +525,7 @@ class Journal:
             self._size = offset + good_end
             next_seq = reached
             if tail != "end":  # what a writer cuts off and sets aside (nothing is, here)
-                if tail == "torn":
-                    self.repair.torn_bytes += tail_end - good_end
-                else:
-                    self.repair.corrupt_bytes += tail_end - good_end
+                self.repair.count_cut(tail, tail_end - good_end)
                 self.repair.orphaned_segments += [q.name for _, q in segments[i + 1:]]
                 break
             i, offset = i + 1, 0
@@ -561,10 +566,7 @@ class Journal:
                     and segments[i + 1][0] == next_seq:
                 os.truncate(p, good_end)  # rolled over, but its zeros' cut was lost in a crash
             if tail != "end":
-                if tail == "torn":
-                    self.repair.torn_bytes += tail_end - good_end
-                else:
-                    self.repair.corrupt_bytes += tail_end - good_end
+                self.repair.count_cut(tail, tail_end - good_end)
                 # Kept even for a torn tail: a damaged length field of the last record also
                 # looks torn (one that valid records follow was refused above).
                 # The zeros past it are not kept: they are the segment's, zeroed ahead.

@@ -126,17 +126,11 @@ def _report_repair(journal: Journal) -> None:
     hears of it; damaged records the snapshot holds cost nothing, but the medium is suspect."""
     repair = journal.repair
     where = f"journal {journal.path} (recovered to seq {journal.durable_seq})"
-    if repair.resumed_at and journal.readonly:
-        log.warning("%s: damaged records the snapshot at seq %d already holds; read on from "
-                    "seq %d past them (read-only: nothing was changed)", where,
-                    repair.resumed_at - 1, repair.resumed_at)
-    elif repair.resumed_at:
-        log.warning("%s: damaged records the snapshot at seq %d already holds; resumed at "
-                    "seq %d and kept every record from it on. The %d bytes of the damaged "
-                    "segment(s) are in *%s files beside the segments", where,
-                    repair.resumed_at - 1, repair.resumed_at, repair.covered_bytes,
-                    CORRUPT_SUFFIX)
     if journal.readonly:  # an inspection (audit --offline): what a start will do, and why
+        if repair.resumed_at:
+            log.warning("%s: damaged records the snapshot at seq %d already holds; read on "
+                        "from seq %d past them (read-only: nothing was changed)", where,
+                        repair.resumed_at - 1, repair.resumed_at)
         if repair.torn_bytes or repair.corrupt_bytes or repair.orphaned_segments:
             log.warning("%s: a start will cut off %d bytes from a torn or damaged last record "
                         "on and set aside %d later segment(s) %s (read-only: nothing was "
@@ -145,6 +139,12 @@ def _report_repair(journal: Journal) -> None:
                         where, repair.corrupt_bytes + repair.torn_bytes,
                         len(repair.orphaned_segments), repair.orphaned_segments)
         return
+    if repair.resumed_at:
+        log.warning("%s: damaged records the snapshot at seq %d already holds; resumed at "
+                    "seq %d and kept every record from it on. The %d bytes of the damaged "
+                    "segment(s) are in *%s files beside the segments", where,
+                    repair.resumed_at - 1, repair.resumed_at, repair.covered_bytes,
+                    CORRUPT_SUFFIX)
     if not repair.corrupt_bytes and not repair.orphaned_segments:
         if repair.torn_bytes:
             log.info("%s: cut off a torn last record of %d bytes, written by a process that "
