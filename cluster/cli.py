@@ -42,14 +42,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="audit the state recovered from DATA_DIR instead of a live cluster")
     bench = sub.add_parser("bench", help="run a benchmark; prints a JSON line last")
     bench.add_argument("kind", choices=BENCHES)
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
+    bench.add_argument("options", nargs=argparse.REMAINDER, metavar="OPTION",
+                       help="options of that benchmark (shardex bench KIND --help lists them)")
+    for command in sub.choices.values():
+        command.set_defaults(usage_of=command)  # whose usage a mistake in its arguments shows
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "bench":
         module = importlib.import_module(f"bench.{args.kind}")
-        return int(module.main(args.rest) or 0)
+        return int(module.main(args.options) or 0)
     from cluster.config import Settings
 
     settings = Settings.from_env()
@@ -71,7 +74,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse would print the top level's usage: `up --bogus` is a mistake about `up`
+        args.usage_of.error(f"unrecognized arguments: {' '.join(unknown)}")
     from cluster.config import ConfigError
 
     try:

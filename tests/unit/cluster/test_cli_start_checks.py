@@ -175,6 +175,23 @@ def test_a_bad_command_line_is_a_usage_error_before_anything_starts(
     assert "Traceback" not in err and ": error: " in err.splitlines()[-1], err
 
 
+@pytest.mark.parametrize("argv,stray", [
+    (["up", "--bogus"], "--bogus"), (["engine", "x"], "x"), (["status", "--json"], "--json"),
+    (["audit", "--offline", "now"], "now"), (["feed", "-v", "1"], "-v 1")])
+def test_an_argument_a_subcommand_does_not_take_shows_that_subcommands_usage(
+        argv: list[str], stray: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`shardex up --bogus` printed the top level's usage (`shardex [-h] {up,engine,...}`),
+    which does not list what `up` takes."""
+    from cluster import cli
+
+    with pytest.raises(SystemExit) as ended:
+        cli.main(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert ended.value.code == 2
+    assert err[0].startswith(f"usage: shardex {argv[0]} [-h]"), err
+    assert err[-1] == f"shardex {argv[0]}: error: unrecognized arguments: {stray}"
+
+
 @pytest.mark.parametrize("command", [["up"], ["status"], ["audit"], ["audit", "--offline"]])
 def test_a_layout_other_than_the_data_dirs_is_one_line_naming_it(command: list[str],
                                                                  tmp_path: Path) -> None:
