@@ -49,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from feed.settings import MARKET_TOPIC
 
@@ -245,15 +245,25 @@ def _read_record(path: Path) -> tuple[dict[str, Any], ProcessIdentity, ProcessId
             ProcessIdentity.from_json(record["owner"]))
 
 
-def recorded_broker(record_path: Path) -> str | None:
-    """The bootstrap of the embedded broker ``record_path`` records, while it and the process
-    that started it both run; else None."""
+class RecordedBroker(NamedTuple):
+    """A running embedded broker as its record says."""
+
+    bootstrap: str
+    owner: ProcessIdentity  # the process that started it
+    source: str | None  # the market data source its owner plays into it; None: none
+
+
+def recorded_broker(record_path: Path) -> RecordedBroker | None:
+    """The embedded broker ``record_path`` records, while it and the process that started it
+    both run; else None."""
     try:
         record, broker, owner = _read_record(record_path)
-        bootstrap = str(record["bootstrap"])
+        source = record.get("source")
+        found = RecordedBroker(str(record["bootstrap"]), owner,
+                               None if source is None else str(source))
     except _UNREADABLE:
         return None
-    return bootstrap if broker.alive() and owner.alive(same_cmdline=False) else None
+    return found if broker.alive() and owner.alive(same_cmdline=False) else None
 
 
 def stop_process(identity: ProcessIdentity, timeout_s: float = 5.0) -> bool:
@@ -380,6 +390,9 @@ class EmbeddedBroker:
         self.log_path = Path(log_path) if log_path else None
         self.record_path = Path(record_path) if record_path else None
         self.trim = {MARKET_TOPIC: MARKET_TOPIC_MAX_RECORDS} if trim is None else dict(trim)
+        # the market data source its owner plays into it (FEED_SOURCE's kind), recorded so that
+        # a `shardex feed` does not play a second one there; None: none
+        self.source: str | None = None
         self.trimmer: TopicTrimmer | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._own_log = False
@@ -472,7 +485,7 @@ class EmbeddedBroker:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps({"bootstrap": self.bootstrap, "broker": broker.to_json(),
-                                   "owner": owner.to_json()}))
+                                   "owner": owner.to_json(), "source": self.source}))
         os.replace(tmp, path)
 
     def _remove_record(self, pid: int) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from feed.broker import BROKER_RECORD, BrokerError, EmbeddedBroker, recorded_broker
 from feed.settings import EMBEDDED_BROKER, FeedSettings, HasFeedSettings, feed_settings
-from feed.source import Source, make_source, run_source
+from feed.source import Source, make_source, parse_source, run_source
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,20 @@ def run_feed_service(settings: FeedSettings | HasFeedSettings,
     bootstrap = settings.bootstrap_servers
     if broker is not None and data_dir is not None:
         broker.record_path = data_dir / BROKER_RECORD
+        broker.source = parse_source(settings.feed_source).kind if source else None
         if running := recorded_broker(broker.record_path):
+            if running.source is not None:
+                # two sources on one topic: the shards would take each one's prices in turn
+                print(f"shardex feed: pid {running.owner.pid} "
+                      f"({' '.join(running.owner.cmdline)}) plays market data "
+                      f"({running.source}) into the embedded broker recorded in "
+                      f"{broker.record_path}; a second source there would mix two sources' "
+                      "prices: run `shardex engine` (or FEED_SOURCE=none) beside a feed",
+                      file=sys.stderr)
+                return 1
             log.info("feed: producing into the embedded broker on %s recorded in %s",
-                     running, broker.record_path)
-            broker, bootstrap = None, running
+                     running.bootstrap, broker.record_path)
+            broker, bootstrap = None, running.bootstrap
     try:
         if broker is not None:
             bootstrap = broker.start().bootstrap

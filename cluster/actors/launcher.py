@@ -570,6 +570,7 @@ class Platform:
         broker.trim[self.settings.account_topic] = TRIMMED_AT
         # a broker a killed run left behind is found (and stopped) through this record
         broker.record_path = self.settings.data_dir / BROKER_RECORD
+        broker.source = None if self.source_name == "none" else self.source_name
         # beside it, not in a temp file: a run killed with kill -9 leaves its log where the
         # next start appends to it, instead of one more file in /tmp per crash
         broker.log_path = self.settings.data_dir / BROKER_LOG

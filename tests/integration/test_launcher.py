@@ -223,6 +223,10 @@ def test_up_serves_prices_reports_status_and_audit(up: Up) -> None:
     finally:
         os.close(write_end)
     assert cut.returncode == 128 + signal.SIGPIPE and cut.stderr == "", cut.stderr
+    # `up` plays its own source into its broker: a `shardex feed` beside it would be a second
+    second = up.cli("feed", timeout_s=30)
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert f"pid {up.proc.pid} " in second.stderr and "(sim)" in second.stderr, second.stderr
 
     base = f"{up.url}/api/v1"
     key = httpx.post(f"{base}/accounts", json={}, timeout=10).json()["apiKey"]
@@ -284,8 +288,10 @@ def test_a_killed_embedded_broker_is_started_again_and_trading_resumes(up: Up) -
         resumed_s = time.monotonic() - killed
         print(f"\nprices again {resumed_s:.1f} s after the broker's kill -9")
 
-        again = ProcessIdentity.from_json(json.loads(record_path.read_text())["broker"])
+        rewritten = json.loads(record_path.read_text())
+        again = ProcessIdentity.from_json(rewritten["broker"])
         assert again.pid != broker.pid and again.alive() and not broker.alive()
+        assert rewritten["source"] == record["source"] == "sim"  # a feed beside it is refused
         assert again.cmdline == broker.cmdline  # the same port, the same memory-only broker
         assert f"exited (code -{int(signal.SIGKILL)}): starting it again" in up.output()
         opened = httpx.post(f"{up.url}/api/v1/positions/open", timeout=10,

@@ -14,6 +14,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from feed.broker import EmbeddedBroker
+from feed.broker import ProcessIdentity
 from feed.broker import free_port
 from feed.broker import recorded_broker
 from feed.settings import MARKET_TOPIC
@@ -119,12 +120,49 @@ async def test_feed_service_produces_into_the_broker_of_the_platform_in_its_data
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=15)
             assert proc.returncode == 0, out.decode(errors="replace")
-            assert broker.running and recorded_broker(record) == broker.bootstrap
+            assert broker.running
+            assert recorded_broker(record) == (broker.bootstrap, ProcessIdentity.of(os.getpid()),
+                                               None)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
             await consumer.stop()
+
+
+@pytest.mark.timeout(60)
+def test_feed_service_refuses_to_be_a_second_source_in_a_platforms_broker(
+        tmp_path: Path) -> None:
+    """Beside ``shardex up``, which plays a source of its own (or another ``shardex feed``),
+    the feed produced its prices into the same broker: the shards took the two sources'
+    prices in turn (two simulated walks: jumps no market made). The broker's record says
+    what its owner plays; the feed then stops before it publishes anything."""
+    record = tmp_path / "embedded-broker.json"
+    broker = EmbeddedBroker("127.0.0.1", free_port(), record_path=record)
+    broker.source = "sim"  # as the launcher of `up` records it
+    with broker:
+        before = record.read_bytes()
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "DATA_DIR": str(tmp_path),
+               "FEED_SOURCE": f"replay:{FIXTURE}?speed=0&loop=1"}
+        env.pop("KAFKA_BROKERS", None)
+        done = subprocess.run([sys.executable, "-m", "cluster.cli", "feed"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 1, done.stderr
+        assert f"pid {os.getpid()} " in done.stderr and "(sim)" in done.stderr, done.stderr
+        assert "shardex engine" in done.stderr and "Traceback" not in done.stderr
+        assert broker.running and record.read_bytes() == before
+        assert recorded_broker(record) == (broker.bootstrap, ProcessIdentity.of(os.getpid()),
+                                           "sim")
+
+        async def topics() -> set[str]:
+            admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+            await admin.start()
+            try:
+                return set(await admin.list_topics())
+            finally:
+                await admin.close()
+
+        assert MARKET_TOPIC not in asyncio.run(topics())  # nothing was published
 
 
 # ``shardex feed`` with the recording rewritten (no valid frame left) the moment anything opens
