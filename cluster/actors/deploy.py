@@ -207,11 +207,11 @@ def ray_ports(ledger: Any, shards: Mapping[str, Any],
 
 
 def reconcile_at_start(ledger: Any, shards: Mapping[str, Any]) -> dict[int, int]:
-    """Before the API serves: the reconciler's start round (see Reconciler.at_start)."""
+    """Before the API serves: the reconciler's start round (see Reconciler.start_round)."""
     async def run() -> dict[int, int]:
         ledger_port, shard_ports = ray_ports(ledger, shards)
         return await Reconciler(ledger_port, shard_ports,
-                                Courier(ledger_port, shard_ports)).at_start()
+                                Courier(ledger_port, shard_ports)).start_round()
 
     return asyncio.run(run())
 

@@ -47,8 +47,10 @@ from typing import NamedTuple
 from cluster.actors.port import Port, Unavailable
 from cluster.trading.courier import Courier
 from engine import account_events
+from engine.ledger import AuditDifference
 from engine.ledger_machine import (
     AbandonLock,
+    Audit,
     ExpireAnswers,
     Forget,
     Note,
@@ -90,6 +92,24 @@ class ShardViews(NamedTuple):
     unsettled: dict[str, tuple[SettlementItem, ...]]
     slots: dict[int, int]
     orders: dict[int, int]
+
+
+class BooksDisagree(RuntimeError):
+    """What a start refuses to serve: the ledger's and the shards' books differ once the
+    start's round has reconciled them (:meth:`Reconciler.at_start`). No crash leaves that:
+    what a crash cuts off, the round ends. A journal lacks records the others hold: damaged,
+    or the hosts' directories restored from different moments."""
+
+    def __init__(self, problems: Sequence[AuditDifference]) -> None:
+        shown = "; ".join(p.text for p in problems[:3])
+        more = f"; {len(problems) - 3} more" if len(problems) > 3 else ""
+        super().__init__(
+            f"the ledger's and the shards' books differ after recovery ({shown}{more}), which "
+            "no crash leaves: a journal lacks records the others hold (damaged, or the hosts' "
+            "directories restored from different moments); refused rather than trade on them: "
+            "restore DATA_DIR whole from one backup (`shardex audit --offline` lists the "
+            "differences)")
+        self.problems = list(problems)
 
 
 class InDoubt(NamedTuple):
@@ -537,6 +557,22 @@ class Reconciler:
                     total[user] = total.get(user, 0) + int(n)
             merged.unsettled[name] = tuple(view.outbox)
         return merged
+
+    async def differences(self) -> list[AuditDifference]:
+        """The ledger invariant against every shard's books, read once ([]: none; see
+        engine.ledger_machine.Audit): the shards are read first, so a change between the two
+        reads shows as a difference (a live audit reads again)."""
+        v = await self.shard_views()
+        return await self.ledger.call(Audit(v.margins, v.unsettled, v.slots, v.orders))
+
+    async def start_round(self) -> dict[int, int]:
+        """A platform start's round before the API serves: :meth:`at_start`, then the audit of
+        what it left, which must find no difference (nothing else runs meanwhile): else
+        :class:`BooksDisagree`. Returns ``{user: released_micros}``."""
+        released = await self.at_start()
+        if problems := await self.differences():
+            raise BooksDisagree(problems)
+        return released
 
     async def at_start(self) -> dict[int, int]:
         """Before the API serves: settle every pending reservation and end every lock as the

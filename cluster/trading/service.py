@@ -64,7 +64,6 @@ from engine.ledger import AuditDifference
 from engine.ledger_machine import (
     AccountEvents,
     AccountTail,
-    Audit,
     Authenticate,
     Balances,
     Begin,
@@ -927,8 +926,7 @@ class TradingService:
         for attempt in range(max(1, attempts)):
             if attempt:
                 await asyncio.sleep(retry_delay_s)
-            v = await self.reconciler.shard_views()
-            problems = await self.ledger.call(Audit(v.margins, v.unsettled, v.slots, v.orders))
+            problems = await self.reconciler.differences()
             subjects = {p.subject for p in problems}
             persistent = subjects if persistent is None else persistent & subjects
             if not persistent:

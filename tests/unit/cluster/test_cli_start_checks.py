@@ -32,6 +32,8 @@ from cluster.actors.names import LEDGER
 from cluster.config import MARKET_TOPIC
 from cluster.config import Settings
 from cluster.durability.journal import JournalDamagedError
+from cluster.trading.reconciler import BooksDisagree
+from engine.ledger import AuditDifference
 from engine.market import Tick
 from engine.messages import OpenPosition
 from engine.shard_machine import ApplyTick
@@ -623,7 +625,14 @@ def _died_in_its_constructor(error: Exception) -> Callable[[], Exception]:
     (lambda: RuntimeError("Deploying application shardex failed: Failed to update the "
                           "deployments ['api']."),
      "Deploying application shardex failed: Failed to update the deployments ['api']."),
-], ids=["host", "journal", "serve"])
+    (lambda: BooksDisagree([AuditDifference("user:2:margin", "user 2 has open positions but "
+                                            "no account")]),
+     "the ledger's and the shards' books differ after recovery (user 2 has open positions but "
+     "no account), which no crash leaves: a journal lacks records the others hold (damaged, or "
+     "the hosts' directories restored from different moments); refused rather than trade on "
+     "them: restore DATA_DIR whole from one backup (`shardex audit --offline` lists the "
+     "differences)"),
+], ids=["host", "journal", "serve", "books"])
 def test_a_start_that_fails_inside_ray_is_one_line_not_a_traceback(
         failure: Callable[[], Exception], line: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

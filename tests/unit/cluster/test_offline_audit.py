@@ -22,12 +22,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cluster.actors.launcher import check_layout
 from cluster.actors.launcher import record_hosts_made
 from cluster.actors.local import LocalHosts
 from cluster.actors.names import LEDGER
 from cluster.config import Settings
 from cluster.durability.journal import HEADER
+from cluster.trading.reconciler import BooksDisagree
 from engine.ledger import AuditDifference
 from engine.ledger_machine import LockMargin
 from engine.ledger_machine import ReleaseMargin
@@ -133,7 +135,7 @@ async def _start_and_audit(root: Path
     hosts = LocalHosts(_settings(root), str(root))
     try:
         svc = hosts.service()
-        released = await svc.reconciler.at_start()
+        released = await svc.reconciler.start_round()  # a crash's state is not refused
         problems, totals = await svc.audit(attempts=1)
         await svc.aclose()
     finally:
@@ -204,6 +206,74 @@ def test_offline_audit_reports_a_difference_a_start_keeps(tmp_path: Path) -> Non
     assert f"DIFFERENCE: {difference}\n" in text.stdout
     assert f"audit (offline, {root}): 1 difference(s)" in text.stdout
     assert _files(root) == before
+
+
+async def _ledger_from_an_earlier_moment(root: Path) -> tuple[int, int]:
+    """A platform whose ledger directory was copied while it ran (a backup made one directory
+    at a time), traded on after the copy, then killed; the copy then replaces the ledger's
+    directory. Returns the user whose account came after the copy, and the user whose
+    position did."""
+    check_layout(_settings(root), record=True)
+    p = build_platform(_settings(root), data_dir=str(root))
+    alice = await signup(p.service)
+    await p.push_tick("SOL", "100.00", "100.01")
+    assert isinstance(await p.service.open_position(alice, sol_long(100, 10)), OpenPosition)
+    store = p.ledger.runner.store
+    assert store is not None
+    p.ledger.runner.checkpoint()
+    store.wait_snapshot()
+    shutil.copytree(root / LEDGER, root.parent / "ledger-copy")
+    bob = await signup(p.service)
+    assert isinstance(await p.service.open_position(bob, sol_long(50, 5)), OpenPosition)
+    assert isinstance(await p.service.open_position(alice, sol_long(30, 3)), OpenPosition)
+    await p.service.aclose()
+    for port in [p.ledger, *p.shards.values()]:  # kill -9: no final snapshot
+        port_store = port.runner.store
+        assert port_store is not None
+        port_store.wait_snapshot()
+        port_store.journal.close()
+        port.shutdown()
+    shutil.rmtree(root / LEDGER)
+    shutil.copytree(root.parent / "ledger-copy", root / LEDGER)
+    return bob.user, alice.user
+
+
+async def _start_round(root: Path) -> dict[int, int]:
+    """A start's round over ``root``'s hosts (what `up` runs before its API serves)."""
+    hosts = LocalHosts(_settings(root), str(root))
+    try:
+        svc = hosts.service()
+        try:
+            return await svc.reconciler.start_round()
+        finally:
+            await svc.aclose()
+    finally:
+        hosts.close()
+
+
+def test_a_start_refuses_books_its_round_leaves_differing(tmp_path: Path) -> None:
+    """A ledger journal that lacks what the shards' hold (restored from an earlier moment than
+    theirs, or margin released behind the service's back): the start served it, with audit
+    differences (a position of an account the ledger does not know, margin the ledger does
+    not hold) that every later settlement of those positions would meet. No crash leaves
+    this (the crashed state above starts); the start now refuses, naming them."""
+    earlier = tmp_path / "earlier"
+    later_user, traded_on = asyncio.run(_ledger_from_an_earlier_moment(earlier))
+    with pytest.raises(BooksDisagree) as refused:
+        asyncio.run(_start_round(earlier))
+    texts = [p.text for p in refused.value.problems]
+    assert f"user {later_user} has open positions but no account" in texts, texts
+    assert any(t.startswith(f"user:{traded_on}:margin is 100000000, open margins sum to "
+                            "130000000") for t in texts), texts
+    assert "restore DATA_DIR whole from one backup" in str(refused.value)
+    assert texts[0] in str(refused.value)
+
+    released = tmp_path / "released"
+    user, margin_micros = asyncio.run(_leave_margin_deficit(released))
+    with pytest.raises(BooksDisagree) as refused:
+        asyncio.run(_start_round(released))
+    assert [p.text for p in refused.value.problems] == [
+        f"user:{user}:margin is {margin_micros - 5 * USD}, open margins sum to {margin_micros}"]
 
 
 def test_offline_audit_refuses_a_data_dir_whose_hosts_made_a_journal_now_gone(
