@@ -5,22 +5,36 @@ records one (then it produces into that one), creates the topic (one partition p
 the FEED_SOURCE source until Ctrl-C / SIGTERM, then stops everything in order. When a finite
 source (a replay without loop) ends, a run on a broker it did not start exits; with its own
 embedded broker the process stays up (the broker holds the messages in memory) until Ctrl-C.
+One feed plays a source into a DATA_DIR's embedded broker at a time (:data:`FEED_LOCK`), and
+none into the broker of an ``up``, which plays its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
-from feed.broker import BROKER_RECORD, BrokerError, EmbeddedBroker, recorded_broker
+from feed.broker import (
+    BROKER_RECORD,
+    BrokerError,
+    EmbeddedBroker,
+    ProcessIdentity,
+    RecordedBroker,
+    recorded_broker,
+)
 from feed.settings import EMBEDDED_BROKER, FeedSettings, HasFeedSettings, feed_settings
 from feed.source import Source, make_source, parse_source, run_source
 
 log = logging.getLogger(__name__)
+
+FEED_LOCK = "feed.lock"  # in DATA_DIR: held by the `shardex feed` that plays a source there
 
 
 def embedded_broker_for(settings: FeedSettings | HasFeedSettings) -> EmbeddedBroker | None:
@@ -67,33 +81,67 @@ def run_feed_service(settings: FeedSettings | HasFeedSettings,
         return 2
     broker = embedded_broker_for(settings)
     bootstrap = settings.bootstrap_servers
+    held: int | None = None  # DATA_DIR's FEED_LOCK, while this feed plays a source there
     if broker is not None and data_dir is not None:
         broker.record_path = data_dir / BROKER_RECORD
-        broker.source = parse_source(settings.feed_source).kind if source else None
-        if running := recorded_broker(broker.record_path):
-            if running.source is not None:
-                # two sources on one topic: the shards would take each one's prices in turn
-                print(f"shardex feed: pid {running.owner.pid} "
-                      f"({' '.join(running.owner.cmdline)}) plays market data "
-                      f"({running.source}) into the embedded broker recorded in "
-                      f"{broker.record_path}; a second source there would mix two sources' "
-                      "prices: run `shardex engine` (or FEED_SOURCE=none) beside a feed",
-                      file=sys.stderr)
+        running = recorded_broker(broker.record_path)
+        if source is not None:
+            broker.source = parse_source(settings.feed_source).kind
+            alone = _play_alone(data_dir, broker.source, running)
+            if isinstance(alone, str):
+                print(f"shardex feed: {alone}", file=sys.stderr)
                 return 1
+            held = alone
+        if running:
             log.info("feed: producing into the embedded broker on %s recorded in %s",
                      running.bootstrap, broker.record_path)
             broker, bootstrap = None, running.bootstrap
     try:
         if broker is not None:
             bootstrap = broker.start().bootstrap
+        asyncio.run(_serve(settings, source, bootstrap, keep_broker=broker is not None))
     except BrokerError as exc:
         print(f"shardex feed: {exc}", file=sys.stderr)
         return 1
-    try:
-        asyncio.run(_serve(settings, source, bootstrap, keep_broker=broker is not None))
     except KeyboardInterrupt:
         pass
     finally:
         if broker is not None:
             broker.stop()
+        if held is not None:
+            os.close(held)
     return 0
+
+
+def _play_alone(data_dir: Path, kind: str, running: RecordedBroker | None) -> int | str:
+    """Take DATA_DIR's :data:`FEED_LOCK` for this process's life (the descriptor), after
+    checking that the broker recorded there (``running``) has no source of its own (``up``'s);
+    else why not. Two sources on one topic: the shards would take each one's prices in turn
+    (two simulated walks: jumps no market made)."""
+    def refused(who: ProcessIdentity, played: str) -> str:
+        return (f"pid {who.pid} ({' '.join(who.cmdline)}) already plays market data "
+                f"({played}) into the embedded broker of DATA_DIR={data_dir}; a second source "
+                "there would mix two sources' prices: one source per platform (README, "
+                "`engine` and `feed` in two terminals)")
+
+    if running is not None and running.source is not None:
+        return refused(running.owner, running.source)
+    path = data_dir / FEED_LOCK
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        return f"cannot write to DATA_DIR={data_dir}: {exc.strerror or exc}"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        try:
+            record = json.loads(path.read_text())
+            return refused(ProcessIdentity.from_json(record["owner"]), str(record["source"]))
+        except (OSError, ValueError, KeyError, TypeError):  # taken a moment ago, not written yet
+            return refused(ProcessIdentity(0, 0, "", ("another feed",)), kind)
+    me = ProcessIdentity.of(os.getpid())
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"owner": me.to_json() if me else None, "source": kind}).encode())
+    return fd

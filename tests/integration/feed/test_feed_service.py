@@ -96,7 +96,7 @@ async def test_feed_service_produces_into_the_broker_of_the_platform_in_its_data
     feed started a broker of its own (or failed on the engine's port) and produced where the
     engine's feed actor never reads. It finds the broker the platform recorded in DATA_DIR
     (here one this process runs, as the launcher does), produces into it, and leaves it
-    running when it stops."""
+    running when it stops. A second feed beside it is refused: it produced there too."""
     record = tmp_path / "embedded-broker.json"
     with EmbeddedBroker("127.0.0.1", free_port(), record_path=record) as broker:
         consumer = AIOKafkaConsumer(MARKET_TOPIC, bootstrap_servers=broker.bootstrap,
@@ -117,6 +117,13 @@ async def test_feed_service_produces_into_the_broker_of_the_platform_in_its_data
                 for records in batch.values():
                     values.extend(json.loads(r.value) for r in records)
             assert len(values) >= 30
+            # a second feed there would mix its prices with the first's: refused, naming it
+            second = subprocess.run([sys.executable, "-m", "cluster.cli", "feed"], cwd=ROOT,
+                                    env=env, capture_output=True, text=True, timeout=30)
+            assert second.returncode == 1, second.stderr
+            assert f"pid {proc.pid} " in second.stderr and "(replay)" in second.stderr, \
+                second.stderr
+            assert proc.poll() is None
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=15)
             assert proc.returncode == 0, out.decode(errors="replace")
@@ -149,7 +156,7 @@ def test_feed_service_refuses_to_be_a_second_source_in_a_platforms_broker(
                               capture_output=True, text=True, timeout=30)
         assert done.returncode == 1, done.stderr
         assert f"pid {os.getpid()} " in done.stderr and "(sim)" in done.stderr, done.stderr
-        assert "shardex engine" in done.stderr and "Traceback" not in done.stderr
+        assert "one source per platform" in done.stderr and "Traceback" not in done.stderr
         assert broker.running and record.read_bytes() == before
         assert recorded_broker(record) == (broker.bootstrap, ProcessIdentity.of(os.getpid()),
                                            "sim")
