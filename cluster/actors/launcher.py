@@ -280,10 +280,6 @@ class Platform:
             raise LaunchError(f"port {settings.port} on {self.host} is still held by closed "
                               "connections of a server that ended (TIME_WAIT, up to 60 s); "
                               "retry in a minute, or set PORT") from None
-        if self.durable:
-            # before anything is written under DATA_DIR; a start refused above records no
-            # layout, so the next try may use another SHARDS
-            check_layout(settings, record=True)
         self._start_broker()
         assert self.bootstrap is not None
         asyncio.run(self._ensure_topic(self.bootstrap))
@@ -322,6 +318,10 @@ class Platform:
             self._ray_started = True
             self._write_address_file()
             phase("ray")
+        if self.durable:
+            # before the hosts write anything; a start refused before here (its port, its
+            # broker, its Ray) records no layout, so the next try may use another SHARDS
+            check_layout(settings, record=True)
         # Serve's controller needs none of the actors: it starts while they recover
         serving = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="serve-start")
         self._serve_started = True

@@ -782,11 +782,13 @@ def test_a_broker_port_another_program_listens_on_names_the_option_that_moves_it
         taken = int(listener.getsockname()[1])
         settings = dataclasses.replace(Settings(), data_dir=tmp_path, port=free_port())
         with pytest.raises(LaunchError) as refused:
-            Platform(settings, with_feed=False, broker_port=taken).start()
+            Platform(settings, with_feed=False, broker_port=taken, durable=True).start()
     message = str(refused.value)
     assert f"127.0.0.1:{taken} is already in use" in message, message
     assert "--broker-port" in message, message
     assert not (tmp_path / "ray-address.json").exists()
+    # nor a layout: a retry (with the port moved) may use other SHARDS
+    assert not (tmp_path / "layout.json").exists()
 
 
 def test_a_broker_restart_the_disk_refuses_is_tried_again_next_round(
