@@ -1506,21 +1506,38 @@ def _on_cluster(settings: Settings, command: str, unreachable: int,
         check_layout(settings)  # another SHARDS would read the shards under wrong names
         if connect:
             address = _recorded_address(settings)  # sets what Ray reads as it is imported
-            import ray
-
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
-                     logging_level=logging.WARNING)
+            # (the hint for a cluster with token authentication joined without its mode)
+            _ray_init(address=address, namespace=NAMESPACE, log_to_driver=False,
+                      logging_level=logging.WARNING)
     except (LaunchError, NotRunning) as exc:
         print(f"shardex {command}: {exc}", file=sys.stderr)
         return unreachable
     except (ConnectionError, RuntimeError, ValueError) as exc:  # ValueError: a bad address
         print(f"shardex {command}: no running cluster ({exc})", file=sys.stderr)
         return unreachable
+    import ray
+
     try:
+        if not _platform_named(settings):
+            # every actor's lookup would print Ray's "Failed to look up actor ..." instead
+            where = ray.get_runtime_context().gcs_address
+            print(f"shardex {command}: no platform runs on the Ray cluster at {where} "
+                  f"(namespace {NAMESPACE}): start one there with RAY_ADDRESS={where} "
+                  "shardex up", file=sys.stderr)
+            return unreachable
         return report()
     finally:
         if connect:
             ray.shutdown()
+
+
+def _platform_named(settings: Settings) -> bool:
+    """Whether the connected cluster names any of the platform's actors (one Ray is
+    restarting still is)."""
+    import ray
+
+    names = {FEED, LEDGER, *(spec.name for spec in shard_layout(settings))}
+    return not names.isdisjoint(ray.util.list_named_actors())
 
 
 def status(settings: Settings) -> int:

@@ -422,6 +422,16 @@ def _rejoin_scenario() -> None:
         runs[-1].send_signal(signal.SIGINT)
         assert runs[-1].wait(90) == 0, log.read_text()[-4000:]
         assert not accepts_connections("127.0.0.1", port), "the stopped run left the port held"
+        # the cluster runs on without a platform: one line each, where `status` printed Ray's
+        # "Failed to look up actor" for every actor and `audit` for the ledger
+        for cli, code in (("status", 1), ("audit", 2)):
+            done = subprocess.run([sys.executable, "-m", "cluster.cli", cli], cwd=REPO,
+                                  env=env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == code and done.stdout == "", (cli, done)
+            assert done.stderr.strip().splitlines()[-1] == (
+                f"shardex {cli}: no platform runs on the Ray cluster at {cluster.address} "
+                f"(namespace shardex): start one there with RAY_ADDRESS={cluster.address} "
+                "shardex up"), done.stderr
     finally:
         for run in runs:
             if run.poll() is None:
