@@ -1560,6 +1560,10 @@ def _print_status(settings: Settings) -> int:
         lines, reading = feed_status(fstats, _actor_node(feed), MARKET_TOPIC)
         print("\n".join(lines))
         code = code or int(not reading)
+        if stale := stale_prices(fstats.get("tick_age_s", {}), settings.assets,
+                                 settings.max_price_age_s):
+            print(stale)
+            code = 1
     except (ValueError, ray.exceptions.RayError) as exc:
         print(f"feed: not available ({exc})")
         code = 1
@@ -1626,6 +1630,26 @@ def feed_status(stats: Mapping[str, Any], node_id: str, topic: str) -> tuple[lis
         lines.append(f"  {asset:<5} bid {price.get('bid')} ask {price.get('ask')} "
                      f"age {age_text} source {_shown(price.get('source'))}")
     return lines, reading
+
+
+def stale_prices(ages_s: Mapping[str, object], assets: Iterable[str],
+                 max_age_s: float) -> str | None:
+    """``status``'s line of the assets whose newest price the feed saw (``ages_s``, seconds)
+    is older than ``max_age_s`` (MAX_PRICE_AGE_S), or that have none: opens and closes of them
+    are refused, so ``status`` exits 1; None when every asset's price is fresh. A feed reading
+    its topic with nothing on it (a `shardex feed` stopped, a replay of one asset) showed
+    only the ages, and ``status`` exited 0."""
+    stale = []
+    for asset in assets:
+        age = ages_s.get(asset)
+        if not isinstance(age, int | float):
+            stale.append(f"{asset} (no price)")
+        elif age > max_age_s:
+            stale.append(f"{asset} ({age:.1f}s)")
+    if not stale:
+        return None
+    return (f"  stale prices: {', '.join(stale)}: older than MAX_PRICE_AGE_S={max_age_s:g}s, "
+            "opens and closes of them are refused")
 
 
 def _shown(text: object) -> str:

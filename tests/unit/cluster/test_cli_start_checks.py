@@ -28,6 +28,7 @@ from cluster.actors.launcher import feed_status
 from cluster.actors.launcher import newest_tops
 from cluster.actors.launcher import port_is_free
 from cluster.actors.launcher import resume_simulation
+from cluster.actors.launcher import stale_prices
 from cluster.actors.names import LEDGER
 from cluster.config import MARKET_TOPIC
 from cluster.config import Settings
@@ -847,6 +848,20 @@ def test_status_says_when_the_feed_reads_no_partition_and_fails() -> None:
     assert lines[-1] == "  SOL   bid 100.00 ask 100.01 age 42.0s source sim"
     lines, reading = feed_status({**stats, "assigned": True}, "abcdef0123456789", MARKET_TOPIC)
     assert reading and not any("no partition" in line for line in lines)
+
+
+def test_status_names_stale_prices_and_fails() -> None:
+    """A feed that reads its topic with nothing coming (`shardex feed` stopped beside an
+    `engine`, a replay of one asset): ``status`` showed the ages and exited 0 while every
+    open and close of those assets was refused."""
+    ages = {"SOL": 3.0, "BTC": 15.5}
+    assert stale_prices(ages, ["SOL", "BTC", "ETH"], 15.0) == (
+        "  stale prices: BTC (15.5s), ETH (no price): older than MAX_PRICE_AGE_S=15s, opens "
+        "and closes of them are refused")
+    assert stale_prices(ages, ["SOL", "BTC"], 15.5) is None  # at the bound: still taken
+    assert stale_prices({"SOL": None}, ["SOL"], 15.0) == (
+        "  stale prices: SOL (no price): older than MAX_PRICE_AGE_S=15s, opens and closes "
+        "of them are refused")
 
 
 def test_status_names_the_api_replicas_by_state_and_fails_with_none_running() -> None:
