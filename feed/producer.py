@@ -73,13 +73,18 @@ class MarketDataProducer:
         """Connect (retrying until the broker answers) and make sure the topic exists;
         :class:`ProducerStopped` once ``stop_event`` is set (a stop must not wait for a broker)."""
         delay = 0.1
+        tries = 0
         while True:
             if self.stop_event.is_set():
                 raise ProducerStopped(f"stopped while reaching {self.bootstrap}")
             try:
                 await self._connect()
+                if tries:  # the last line was the warning: say that it is over
+                    log.warning("producer: %s reached after %d failed tries; publishing",
+                                self.bootstrap, tries)
                 return
             except (KafkaError, OSError) as exc:
+                tries += 1
                 log.warning("producer: cannot reach %s (%s); retrying in %.1f s", self.bootstrap,
                             exc, delay)
                 with contextlib.suppress(TimeoutError):

@@ -68,3 +68,32 @@ async def test_ensure_topic_one_partition_per_asset_idempotent(kafka_broker: str
         assert await producer.partitions_for(topic) == {0, 1, 2}
     finally:
         await producer.stop()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_producer_that_reaches_its_broker_late_says_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`shardex feed` started before its broker (an engine stopped, or started after it)
+    logs a warning per failed try; the one that succeeds said nothing, so the last line left
+    in its terminal was "cannot reach ..." while prices flowed."""
+    from engine.assets import DEFAULT_ASSETS
+    from feed.producer import MarketDataProducer
+
+    port = free_port()
+    producer = MarketDataProducer(f"127.0.0.1:{port}", DEFAULT_ASSETS)
+    caplog.set_level("WARNING", logger="feed.producer")
+    starting = asyncio.create_task(producer.start())
+    deadline = time.monotonic() + 20
+    while not any("cannot reach" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline and not starting.done()
+        await asyncio.sleep(0.05)
+    with EmbeddedBroker("127.0.0.1", port):
+        try:
+            await asyncio.wait_for(starting, 30)
+        finally:
+            await producer.stop()
+    said = [r.getMessage() for r in caplog.records if r.name == "feed.producer"]
+    tries = sum("cannot reach" in line for line in said)
+    assert said[-1] == (f"producer: 127.0.0.1:{port} reached after {tries} failed tries; "
+                        "publishing"), said
