@@ -30,11 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the whole platform in the foreground (Ctrl-C stops it)")
     engine = sub.add_parser("engine", help="start everything but the feed source")
-    for command in (up, engine):
+    feed = sub.add_parser("feed", help="run the market data service alone (source -> Kafka)")
+    for command in (up, engine, feed):
         command.add_argument("--broker-port", type=_port, metavar="PORT",
                              help="port of the embedded broker (default 9092; not used with "
-                                  "KAFKA_BROKERS)")
-    sub.add_parser("feed", help="run the market data service alone (source -> Kafka)")
+                                  "KAFKA_BROKERS, nor by a feed that finds a platform's "
+                                  "broker recorded in DATA_DIR)")
     sub.add_parser("status", help="print the live layout: actors, nodes, tick ages, positions")
     audit = sub.add_parser("audit", help="check the ledger invariant; exit 1 on a difference")
     audit.add_argument("--json", action="store_true", help="print the totals as JSON")
@@ -59,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "feed":
         from feed.service import run_feed_service
 
-        return run_feed_service(settings, settings.data_dir)
+        return run_feed_service(settings, settings.data_dir, broker_port=args.broker_port)
     from cluster.actors import launcher
 
     if args.command in ("up", "engine"):

@@ -62,12 +62,13 @@ async def _serve(settings: FeedSettings, source: Source | None, bootstrap: str,
 
 
 def run_feed_service(settings: FeedSettings | HasFeedSettings,
-                     data_dir: Path | None = None) -> int:
+                     data_dir: Path | None = None, broker_port: int | None = None) -> int:
     """Run the market data service in the foreground; returns the process exit code.
 
     ``data_dir``: where a platform (``shardex engine`` or ``up``) records its embedded broker;
     while one runs there, the feed produces into it (the broker its feed actor reads) instead
-    of starting its own, and its own is recorded there otherwise."""
+    of starting its own, and its own is recorded there otherwise, on ``broker_port`` (None:
+    the default)."""
     settings = feed_settings(settings)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO,
@@ -80,6 +81,8 @@ def run_feed_service(settings: FeedSettings | HasFeedSettings,
         print(f"shardex feed: {exc}", file=sys.stderr)
         return 2
     broker = embedded_broker_for(settings)
+    if broker is not None and broker_port is not None:
+        broker.port = broker_port
     bootstrap = settings.bootstrap_servers
     held: int | None = None  # DATA_DIR's FEED_LOCK, while this feed plays a source there
     if broker is not None and data_dir is not None:

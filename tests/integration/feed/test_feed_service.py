@@ -172,6 +172,50 @@ def test_feed_service_refuses_to_be_a_second_source_in_a_platforms_broker(
         assert MARKET_TOPIC not in asyncio.run(topics())  # nothing was published
 
 
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_feed_service_starts_its_own_broker_on_the_port_given(tmp_path: Path) -> None:
+    """``shardex feed --broker-port P`` with no platform in DATA_DIR: its own broker listens on
+    P and is recorded there (a feed started first always took 9092), and its prices are
+    on it; the broker stops with the feed."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DATA_DIR": str(tmp_path),
+           "FEED_SOURCE": f"replay:{FIXTURE}?speed=0&loop=1"}
+    env.pop("KAFKA_BROKERS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "feed", "--broker-port",
+                             str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    record = tmp_path / "embedded-broker.json"
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while (found := recorded_broker(record)) is None:
+            assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")
+            assert asyncio.get_running_loop().time() < deadline, "no broker recorded"
+            await asyncio.sleep(0.2)
+        assert found.bootstrap == f"127.0.0.1:{port}" and found.owner.pid == proc.pid
+        assert found.source == "replay"
+        consumer = AIOKafkaConsumer(MARKET_TOPIC, bootstrap_servers=found.bootstrap,
+                                    group_id=None, auto_offset_reset="earliest",
+                                    metadata_max_age_ms=500)
+        await consumer.start()
+        try:
+            values = 0
+            while values < 10:
+                assert asyncio.get_running_loop().time() < deadline, values
+                batch = await consumer.getmany(timeout_ms=500)
+                values += sum(len(records) for records in batch.values())
+        finally:
+            await consumer.stop()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=15)
+        assert proc.returncode == 0, out.decode(errors="replace")
+        assert not record.exists() and recorded_broker(record) is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # ``shardex feed`` with the recording rewritten (no valid frame left) the moment anything opens
 # it a second time: another writer changing the file between two reads of it
 _REWRITTEN_ON_A_SECOND_OPEN = """

@@ -163,7 +163,8 @@ def test_a_bad_setting_is_one_line_and_a_non_zero_exit(command: list[str], varia
     [], ["frobnicate"], ["status", "--bogus"], ["bench"], ["bench", "nope"],
     ["up", "--broker-port", "70000"], ["engine", "--broker-port", "0"],
     ["up", "--broker-port", "x"], ["up", "--broker-port", "9_092"],
-    ["up", "--broker-port", "\u0669\u0660\u0669\u0662"], ["engine", "--broker-port", "+9092"]])
+    ["up", "--broker-port", "\u0669\u0660\u0669\u0662"], ["engine", "--broker-port", "+9092"],
+    ["feed", "--broker-port", "0"]])
 def test_a_bad_command_line_is_a_usage_error_before_anything_starts(
         argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """argparse's usage line and exit 2, read from no setting. A --broker-port out of range was
