@@ -53,7 +53,8 @@ async def _serve(settings: FeedSettings, source: Source | None, bootstrap: str,
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     stats = await run_source(settings, stop, bootstrap=bootstrap, source=source)
-    log.info("feed: source finished: %s", stats)
+    # a stop (Ctrl-C, SIGTERM) or the end of a finite source (a replay without loop)
+    log.info("feed: %s: %s", "stopped" if stop.is_set() else "source finished", stats)
     if keep_broker and not stop.is_set():
         # The embedded broker keeps messages in memory only: stopping it when a finite source
         # (a replay) ends would take the published prices away from the consumers.

@@ -127,6 +127,7 @@ async def test_feed_service_produces_into_the_broker_of_the_platform_in_its_data
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=15)
             assert proc.returncode == 0, out.decode(errors="replace")
+            assert b"feed: stopped: {" in out, out.decode(errors="replace")  # not "finished"
             assert broker.running
             assert recorded_broker(record) == (broker.bootstrap, ProcessIdentity.of(os.getpid()),
                                                None)
