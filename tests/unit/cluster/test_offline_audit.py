@@ -68,6 +68,17 @@ def _settings(root: Path) -> Settings:
     return dataclasses.replace(Settings(), data_dir=root)
 
 
+async def _kill(p: Any) -> None:
+    """End ``p`` (a build_platform) the way a kill -9 does: no final snapshot."""
+    await p.service.aclose()
+    for port in [p.ledger, *p.shards.values()]:
+        store = port.runner.store
+        assert store is not None
+        store.wait_snapshot()
+        store.journal.close()
+        port.shutdown()
+
+
 async def _leave_crashed_state(root: Path) -> tuple[int, dict[str, Any]]:
     """Trade on a durable platform in ``root``, then end it the way a kill -9 does; returns
     the user whose lock the crash cut off and the ledger's totals just before."""
@@ -99,13 +110,7 @@ async def _leave_crashed_state(root: Path) -> tuple[int, dict[str, Any]]:
     assert p.ledger.execute_blocking([LockMargin(MarginLock(
         alice.user, CUT_LOCK_USD * USD, IdemKey(alice.user, "open", "cut-off"), 4242))]) == [None]
     [totals] = p.ledger.execute_blocking([Totals()])
-    await svc.aclose()
-    for port in [p.ledger, *p.shards.values()]:  # kill -9: no final snapshot
-        store = port.runner.store
-        assert store is not None
-        store.wait_snapshot()
-        store.journal.close()
-        port.shutdown()
+    await _kill(p)
     # a write the kill cut in the middle: a record's header announcing more than is there
     wal = sorted((root / LEDGER / "journal").glob("*.wal"))[-1]
     with open(wal, "ab") as f:
@@ -226,13 +231,7 @@ async def _ledger_from_an_earlier_moment(root: Path) -> tuple[int, int]:
     bob = await signup(p.service)
     assert isinstance(await p.service.open_position(bob, sol_long(50, 5)), OpenPosition)
     assert isinstance(await p.service.open_position(alice, sol_long(30, 3)), OpenPosition)
-    await p.service.aclose()
-    for port in [p.ledger, *p.shards.values()]:  # kill -9: no final snapshot
-        port_store = port.runner.store
-        assert port_store is not None
-        port_store.wait_snapshot()
-        port_store.journal.close()
-        port.shutdown()
+    await _kill(p)
     shutil.rmtree(root / LEDGER)
     shutil.copytree(root.parent / "ledger-copy", root / LEDGER)
     return bob.user, alice.user
