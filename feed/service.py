@@ -122,14 +122,16 @@ def _play_alone(data_dir: Path, kind: str, running: RecordedBroker | None) -> in
     checking that the broker recorded there (``running``) has no source of its own (``up``'s);
     else why not. Two sources on one topic: the shards would take each one's prices in turn
     (two simulated walks: jumps no market made)."""
-    def refused(who: ProcessIdentity, played: str) -> str:
-        return (f"pid {who.pid} ({' '.join(who.cmdline)}) already plays market data "
-                f"({played}) into the embedded broker of DATA_DIR={data_dir}; a second source "
-                "there would mix two sources' prices: one source per platform (README, "
-                "`engine` and `feed` in two terminals)")
+    def refused(who: str, played: str) -> str:
+        return (f"{who} already plays market data ({played}) into the embedded broker of "
+                f"DATA_DIR={data_dir}; a second source there would mix two sources' prices: "
+                "one source per platform (README, `engine` and `feed` in two terminals)")
+
+    def named(who: ProcessIdentity) -> str:
+        return f"pid {who.pid} ({' '.join(who.cmdline)})"
 
     if running is not None and running.source is not None:
-        return refused(running.owner, running.source)
+        return refused(named(running.owner), running.source)
     path = data_dir / FEED_LOCK
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -142,9 +144,10 @@ def _play_alone(data_dir: Path, kind: str, running: RecordedBroker | None) -> in
         os.close(fd)
         try:
             record = json.loads(path.read_text())
-            return refused(ProcessIdentity.from_json(record["owner"]), str(record["source"]))
+            return refused(named(ProcessIdentity.from_json(record["owner"])),
+                           str(record["source"]))
         except (OSError, ValueError, KeyError, TypeError):  # taken a moment ago, not written yet
-            return refused(ProcessIdentity(0, 0, "", ("another feed",)), kind)
+            return refused(f"the feed holding {path}", "its FEED_SOURCE")
     me = ProcessIdentity.of(os.getpid())
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps({"owner": me.to_json() if me else None, "source": kind}).encode())

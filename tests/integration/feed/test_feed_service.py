@@ -173,6 +173,31 @@ def test_feed_service_refuses_to_be_a_second_source_in_a_platforms_broker(
         assert MARKET_TOPIC not in asyncio.run(topics())  # nothing was published
 
 
+@pytest.mark.timeout(60)
+def test_a_feed_lock_taken_before_its_record_was_written_is_named_by_its_file(
+        tmp_path: Path) -> None:
+    """Two feeds started together: the second may find the lock held before the first wrote
+    who it is; the refusal names the lock's file (it named "pid 0")."""
+    import fcntl
+
+    lock = tmp_path / "feed.lock"
+    with lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "DATA_DIR": str(tmp_path),
+               "FEED_SOURCE": f"replay:{FIXTURE}?speed=0"}
+        env.pop("KAFKA_BROKERS", None)
+        done = subprocess.run([sys.executable, "-m", "cluster.cli", "feed", "--broker-port",
+                               str(free_port())], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=30)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (
+        f"shardex feed: the feed holding {lock} already plays market data (its FEED_SOURCE) "
+        f"into the embedded broker of DATA_DIR={tmp_path}; a second source there would mix "
+        "two sources' prices: one source per platform (README, `engine` and `feed` in two "
+        "terminals)\n"), done.stderr
+    assert not (tmp_path / "embedded-broker.json").exists()  # it started nothing
+
+
 @pytest.mark.asyncio
 @pytest.mark.timeout(60)
 async def test_feed_service_starts_its_own_broker_on_the_port_given(tmp_path: Path) -> None:
