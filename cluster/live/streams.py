@@ -334,7 +334,9 @@ class StreamHub:
     def publish(self, changes: Iterable[Change]) -> None:
         """Hand each change, rendered once, to the connections subscribed to its stream; keep
         each stream's newest frame for those that subscribe later (a closed candle is sent
-        once, never as the newest: until its stream's next candle there is none)."""
+        once, never as the newest: until its stream's next candle there is none). A frame
+        equal to its stream's newest is not sent again: a restarted source's first read gives
+        every current value anew, most of them what each subscriber already has."""
         for change in changes:
             stream = change.stream
             frame = stream_frame(stream, self.render(change))
@@ -342,6 +344,8 @@ class StreamHub:
                 newest_of, ends = None, stream
                 self.latest.pop(stream, None)
             else:
+                if self.latest.get(stream) == frame:
+                    continue
                 self.latest[stream] = frame
                 newest_of, ends = stream, None
             for connection in self.subscribers.get(stream, ()):

@@ -60,3 +60,34 @@ def test_a_hub_reads_a_restarted_source_from_its_start() -> None:
         await asyncio.wait_for(handler, 5)
 
     asyncio.run(scenario())
+
+
+def test_a_restarted_source_sends_no_subscriber_a_value_it_already_has() -> None:
+    """A restarted feed actor's market gives every current value anew at its first read (it
+    reads the newest record of each partition again): the hub sent each subscriber the
+    bookTicker it had just been sent, the same frame twice (a flaky failure of an e2e test,
+    where a PING's answer came after that second copy). A value that did change still goes."""
+    async def scenario() -> None:
+        first = MarketLive(Settings().assets, None)
+        current = [first]
+        hub = StreamHub(market=lambda: current[0], render=render,
+                        streams=("bookTicker.SOL", "bookTicker.BTC"), authenticate=authenticate)
+        client = Client("10.0.0.1")
+        handler = asyncio.create_task(hub.serve(client))  # type: ignore[arg-type]
+        first.apply([tick("SOL", 10_001, 1), tick("BTC", 600_001, 2)])
+        answer = await client.say("SUBSCRIBE", "bookTicker.SOL", "bookTicker.BTC")
+        assert sorted(f["stream"] for f in answer) == ["bookTicker.BTC", "bookTicker.SOL"]
+        restarted = MarketLive(Settings().assets, None)  # the same ticks, read again
+        restarted.apply([tick("SOL", 10_001, 1), tick("BTC", 600_001, 2)])
+        restarted.apply([tick("BTC", 600_002, 3)])  # and one that moves
+        current[0] = restarted
+        frames = []
+        while not frames or frames[-1] != {"stream": "bookTicker.BTC", "data": {"bid": 600_002}}:
+            frames.append(await asyncio.wait_for(client.frames.get(), 5))
+        assert frames == [{"stream": "bookTicker.BTC", "data": {"bid": 600_002}}], frames
+        assert hub.source == restarted.source_id
+        assert await client.say("PING") == [{"method": "PONG"}]
+        await client.inbox.put({"type": "websocket.disconnect", "code": 1000})
+        await asyncio.wait_for(handler, 5)
+
+    asyncio.run(scenario())
