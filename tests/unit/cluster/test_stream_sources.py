@@ -35,14 +35,20 @@ async def next_of(client: Client, stream: str) -> dict[str, Any]:
             return frame
 
 
+def _serving(current: list[MarketLive]) -> tuple[StreamHub, Client, asyncio.Task[None]]:
+    """A hub over ``current[0]`` (a test swaps it for a restarted source) and a connection
+    it serves: ``(hub, client, its handler's task)``."""
+    hub = StreamHub(market=lambda: current[0], render=render,
+                    streams=("bookTicker.SOL", "bookTicker.BTC"), authenticate=authenticate)
+    client = Client("10.0.0.1")
+    return hub, client, asyncio.create_task(hub.serve(client))  # type: ignore[arg-type]
+
+
 def test_a_hub_reads_a_restarted_source_from_its_start() -> None:
     async def scenario() -> None:
         first = MarketLive(Settings().assets, None)
         current = [first]
-        hub = StreamHub(market=lambda: current[0], render=render,
-                        streams=("bookTicker.SOL", "bookTicker.BTC"), authenticate=authenticate)
-        client = Client("10.0.0.1")
-        handler = asyncio.create_task(hub.serve(client))  # type: ignore[arg-type]
+        hub, client, handler = _serving(current)
         for seq in (1, 2, 3):
             first.apply([tick("SOL", 10_000 + seq, seq)])
         answer = await client.say("SUBSCRIBE", "bookTicker.SOL", "bookTicker.BTC")
@@ -70,10 +76,7 @@ def test_a_restarted_source_sends_no_subscriber_a_value_it_already_has() -> None
     async def scenario() -> None:
         first = MarketLive(Settings().assets, None)
         current = [first]
-        hub = StreamHub(market=lambda: current[0], render=render,
-                        streams=("bookTicker.SOL", "bookTicker.BTC"), authenticate=authenticate)
-        client = Client("10.0.0.1")
-        handler = asyncio.create_task(hub.serve(client))  # type: ignore[arg-type]
+        hub, client, handler = _serving(current)
         first.apply([tick("SOL", 10_001, 1), tick("BTC", 600_001, 2)])
         answer = await client.say("SUBSCRIBE", "bookTicker.SOL", "bookTicker.BTC")
         assert sorted(f["stream"] for f in answer) == ["bookTicker.BTC", "bookTicker.SOL"]
