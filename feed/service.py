@@ -37,12 +37,14 @@ log = logging.getLogger(__name__)
 FEED_LOCK = "feed.lock"  # in DATA_DIR: held by the `shardex feed` that plays a source there
 
 
-def embedded_broker_for(settings: FeedSettings | HasFeedSettings) -> EmbeddedBroker | None:
-    """The broker to start for ``settings``: None when ``KAFKA_BROKERS`` names an external one."""
+def embedded_broker_for(settings: FeedSettings | HasFeedSettings,
+                        port: int | None = None) -> EmbeddedBroker | None:
+    """The broker to start for ``settings``, on ``port`` (None: the default's, ``--broker-port``
+    unset): None when ``KAFKA_BROKERS`` names an external one."""
     if feed_settings(settings).kafka_brokers:
         return None
-    host, _, port = EMBEDDED_BROKER.rpartition(":")
-    return EmbeddedBroker(host, int(port))
+    host, _, default = EMBEDDED_BROKER.rpartition(":")
+    return EmbeddedBroker(host, int(default) if port is None else port)
 
 
 async def _serve(settings: FeedSettings, source: Source | None, bootstrap: str,
@@ -81,9 +83,7 @@ def run_feed_service(settings: FeedSettings | HasFeedSettings,
     except (ValueError, OSError) as exc:
         print(f"shardex feed: {exc}", file=sys.stderr)
         return 2
-    broker = embedded_broker_for(settings)
-    if broker is not None and broker_port is not None:
-        broker.port = broker_port
+    broker = embedded_broker_for(settings, broker_port)
     bootstrap = settings.bootstrap_servers
     held: int | None = None  # DATA_DIR's FEED_LOCK, while this feed plays a source there
     if broker is not None and data_dir is not None:

@@ -559,12 +559,10 @@ class Platform:
 
         if self.bootstrap is not None:
             return
-        broker = embedded_broker_for(self.settings)
+        broker = embedded_broker_for(self.settings, self.broker_port)
         if broker is None:
             self.bootstrap = self.settings.feed.bootstrap_servers
             return
-        if self.broker_port is not None:
-            broker.port = self.broker_port
         # the account events are kept short like the market data: a reader that misses some
         # reads them from the ledger by its cursor
         broker.trim[self.settings.account_topic] = TRIMMED_AT
