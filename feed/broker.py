@@ -45,7 +45,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -595,6 +595,20 @@ class EmbeddedBroker:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def aiokafka_quiet() -> Iterator[None]:
+    """aiokafka's log held back (to CRITICAL) while the caller tries a broker that may not
+    answer: it logs an error for every connection refused, where the caller tells once per
+    try, or once in all, what it waits for."""
+    logger = logging.getLogger("aiokafka")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 async def ensure_topic(bootstrap: str, partitions: int, topic: str = MARKET_TOPIC,

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from engine.assets import AssetRegistry
-from feed.broker import ensure_topic
+from feed.broker import aiokafka_quiet, ensure_topic
 from feed.message import MarketDataMessage
 from feed.settings import MARKET_TOPIC
 
@@ -78,7 +78,8 @@ class MarketDataProducer:
             if self.stop_event.is_set():
                 raise ProducerStopped(f"stopped while reaching {self.bootstrap}")
             try:
-                await self._connect()
+                with aiokafka_quiet():
+                    await self._connect()
                 if tries:  # the last line was the warning: say that it is over
                     log.warning("producer: %s reached after %d failed tries; publishing",
                                 self.bootstrap, tries)

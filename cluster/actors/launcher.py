@@ -56,6 +56,7 @@ from feed.broker import (
     BrokerPortInUse,
     ProcessIdentity,
     accepts_connections,
+    aiokafka_quiet,
     check_bindable,
     ensure_topic,
 )
@@ -591,10 +592,7 @@ class Platform:
         held back, and one warning says what it waits for."""
         began = time.monotonic()
         said = False
-        aiokafka_log = logging.getLogger("aiokafka")
-        level = aiokafka_log.level
-        aiokafka_log.setLevel(logging.CRITICAL)
-        try:
+        with aiokafka_quiet():
             while True:
                 try:
                     await ensure_topic(bootstrap, len(self.settings.assets.assets),
@@ -610,8 +608,6 @@ class Platform:
                                     TOPIC_WAIT_S, bootstrap, exc)
                         said = True
                     await asyncio.sleep(0.2)
-        finally:
-            aiokafka_log.setLevel(level)
 
     def _start_actors(self, phase: Callable[[str], None]) -> Any:
         """Start the ledger and shard hosts and reconcile what a crash left half done; the
