@@ -135,9 +135,30 @@ export function createCandleChart(container) {
     edges[side].hidden = true;
     container.append(edges[side]);
   }
+  // Back to the newest candle, shown while it is out of its place: a trader reading older
+  // candles (or whose fling stopped short) comes back with one click, not a long drag.
+  const back = document.createElement("button");
+  back.type = "button";
+  back.className = "btn btn-small chart-newest";
+  back.id = "chart-newest";
+  back.dataset.testid = "chart-newest";
+  back.title = "Scroll to the newest candle";
+  back.setAttribute("aria-label", back.title);
+  back.textContent = "»";
+  back.hidden = true;
+  back.addEventListener("click", () => {
+    toNewest();
+    back.hidden = true;
+  });
+  container.append(back);
   let edgesDue = false;
   const markEdges = () => {
     edgesDue = false;
+    const timeScale = chart.timeScale();
+    // more than a candle left of where toNewest puts it (a zoom keeps that in pixels)
+    back.hidden = lastTime === null ||
+      timeScale.scrollPosition() > rightOffsetPx / timeScale.options().barSpacing - 1;
+    back.style.right = `${chart.priceScale("right").width() + 8}px`;
     const height = chart.paneSize().height;
     const out = { above: [], below: [] };
     for (const line of lines) {
