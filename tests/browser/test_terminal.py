@@ -1624,7 +1624,16 @@ def test_what_one_tick_does_is_told_each_and_a_refused_fill_in_words(
     [refused] = [line for line in lines if f"Order {ids[2]} " in line]
     assert "was not filled: its take-profit or stop-loss lay on the wrong side of the fill " \
         "price (INVALID_TRIGGER)" in refused, refused
-    assert all("filled" in line for line in lines if any(f"Order {i} " in line for i in ids))
+    # each fill with its price and size, from its position (told right after the fill)
+    positions = {p["positionId"]: p for p in http.get(
+        "/api/v1/state", headers={"Authorization": f"Bearer {key}"}).json()["positions"]}
+    filled = [line for line in lines if any(f"Order {i} " in line for i in ids[:2])]
+    assert len(filled) == 2 == len(positions), (lines, positions)
+    assert sorted(filled) == sorted(
+        f"Order {o['orderId']} filled at 98.01: limit long {positions[o['positionId']]['quantity']}"
+        f" SOL (position {o['positionId']})." for o in http.get(
+            "/api/v1/orders/history", headers={"Authorization": f"Bearer {key}"}
+        ).json()["orders"] if o["status"] == "filled"), lines
     assert by_id(browser, "notice").get_attribute("data-tone") == "warning"
 
 

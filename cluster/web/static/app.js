@@ -393,10 +393,13 @@ function onSocketError(error) {
 let eventTimer = null;
 // What the engine did on its own (a tick filled, expired or refused an order, or closed a
 // position at its TP, SL or liquidation): told as it happens, not only drawn in a table.
-function engineNotice(data) {
+// ``opened``: for an orderFilled, its position's positionOpened (the fill's price and size).
+function engineNotice(data, opened = null) {
   switch (data.event) {
     case "orderFilled":
-      return `Order ${data.orderId} filled: ${data.orderType} ${data.type} ${data.asset} (position ${data.positionId}).`;
+      return opened
+        ? `Order ${data.orderId} filled at ${opened.entryPrice}: ${data.orderType} ${data.type} ${opened.quantity} ${data.asset} (position ${data.positionId}).`
+        : `Order ${data.orderId} filled: ${data.orderType} ${data.type} ${data.asset} (position ${data.positionId}).`;
     case "orderRejected":
       return `Order ${data.orderId} (${data.orderType} ${data.type} ${data.asset}) was not filled: ${rejectedBecause(data.rejectReason)}; its margin is free again.`;
     case "orderExpired":
@@ -422,12 +425,38 @@ function rejectedBecause(code) {
   return words ? `${words} (${code})` : code || "refused";
 }
 
-function onAccountEvent(data) {
-  if (!app.key) return;
-  const told = engineNotice(data);
+// A fill is told with its price and size, which its position's positionOpened carries (the
+// engine sends it right after the orderFilled): the fill waits for it, at most FILL_WAIT_MS (a
+// fill sent again, whose position was told before, comes without one).
+const FILL_WAIT_MS = 1000;
+const fillsWaiting = new Map(); // positionId -> {fill, timer}
+
+function tellEngine(data, opened = null) {
+  const told = engineNotice(data, opened);
   if (told) {
     showNotice(told, true, data.event === "orderRejected"
                || (data.event === "positionClosed" && data.closeReason === "liquidation"));
+  }
+}
+
+function onAccountEvent(data) {
+  if (!app.key) return;
+  const position = data.positionId === undefined || data.positionId === null ? null
+    : String(data.positionId);
+  if (data.event === "orderFilled" && position !== null) {
+    const key = app.key;
+    const timer = setTimeout(() => {
+      fillsWaiting.delete(position);
+      if (app.key === key) tellEngine(data);
+    }, FILL_WAIT_MS);
+    fillsWaiting.set(position, { fill: data, timer });
+  } else if (data.event === "positionOpened" && fillsWaiting.has(position)) {
+    const { fill, timer } = fillsWaiting.get(position);
+    clearTimeout(timer);
+    fillsWaiting.delete(position);
+    tellEngine(fill, data);
+  } else {
+    tellEngine(data);
   }
   setAccountStream("live");
   if (Number.isSafeInteger(data.seq)) byId("account-stream").dataset.seq = String(data.seq);
