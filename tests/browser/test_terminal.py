@@ -1370,6 +1370,66 @@ def test_a_row_close_ignores_the_slippage_bound_the_ticket_hides(
     assert not by_id(browser, "error-banner").is_displayed()
 
 
+FIRST_PRICES_ONLY_JS = """
+window.WebSocket = class { constructor() { throw new Error("no WebSocket in this test"); } };
+const realFetch = window.fetch.bind(window);
+let pricesRead = false;
+window.fetch = async (input, init) => {
+  if (String(input).includes("/prices")) {
+    if (pricesRead) await new Promise(() => {});
+    pricesRead = true;
+  }
+  return realFetch(input, init);
+};
+"""
+
+
+def test_a_row_close_refused_by_the_tickets_slippage_bound_says_where_the_bound_is(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """The market ticket's bound applies to a row's close, which does not show it: a close it
+    refuses (mistyped, or by a price moved since the page's) names the ticket's field, and the
+    position stays open. Before, the banner said only "maxSlippageBps: Input should be a valid
+    integer" or "exit price 101.00 is more than 0 bps from 100.00"."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": FIRST_PRICES_ONLY_JS})  # the page keeps 100.00
+    open_terminal(browser, platform)
+    key = create_account(browser)
+    wait_until(browser, lambda d: text_of(d, "bid") == "100.00", "the page's price")
+    open_long_from_ticket(browser, "100", "10")
+    position_id = wait_position_row(browser, "SOL", "long")
+    tick(platform, http, "SOL", "101.00", "101.01")
+    banner = by_id(browser, "error-banner")
+    for bound, code, said in (("5x", "INVALID_REQUEST", "maxSlippageBps"),
+                              ("0", "PRICE_MOVED", "exit price 101.00 is more than 0 bps from "
+                                                   "100.00")):
+        fill(browser, "ticket-slippage", bound)
+        row_control(browser, "close-position", position_id).click()
+        wait_until(browser, lambda d, code=code: banner.is_displayed()
+                   and banner.get_attribute("data-code") == code, f"the {code} banner")
+        message = text_of(browser, "error-message")
+        assert said in message and message.endswith(
+            f"(the ticket's Max slippage, {bound} bps, bounds a close too: clear it to close at "
+            "any price)"), message
+        assert [p["positionId"] for p in account(http, key)["positions"]] == [position_id]
+        by_id(browser, "error-dismiss").click()
+
+
+def test_a_leverage_the_browser_cannot_read_is_named_so(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """Leverage is a number field: of "e" the browser gives the page an empty value, and the
+    open was refused as "leverage: Field required". The page names what was typed wrong."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    open_terminal(browser, platform)
+    key = create_account(browser)
+    open_long_from_ticket(browser, "100", "e")
+    banner = by_id(browser, "error-banner")
+    wait_until(browser, lambda d: banner.is_displayed(), "the banner")
+    assert (banner.get_attribute("data-code"), text_of(browser, "error-message")) == \
+        ("INVALID_REQUEST", "Leverage: not a whole number")
+    assert account(http, key)["positions"] == []
+
+
 def test_a_row_close_with_a_slippage_bound_and_no_price_yet_closes_nothing(
         platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
     """A bound in the market ticket and no price on the page yet: a row's Close is refused in

@@ -1116,6 +1116,10 @@ async function submitTicket(side, button) {
     return;
   }
   if (!app.asset) return;
+  if (byId("ticket-leverage").validity.badInput) { // the browser reads it as empty
+    showError(localError("INVALID_REQUEST", "Leverage: not a whole number"));
+    return;
+  }
   const kind = byId("ticket-kind").value;
   const body = { asset: app.asset, type: side };
   const margin = field("ticket-margin");
@@ -1197,7 +1201,11 @@ async function closePosition(entry) {
     showNotice(`${what} ${closed.type} ${closed.quantity} ${closed.asset} at ${closed.exitPrice}: PnL ${fmt.signedMoney(closed.realizedPnl)} USD, paid out ${fmt.money(closed.payout)} USD.`);
     entry.closeQuantity.value = "";
   } catch (err) {
-    showError(err);
+    // the bound came from the ticket's field, which the row does not show
+    const bound = bps !== null && err instanceof ApiError
+      && (err.code === "PRICE_MOVED" || /maxSlippageBps/.test(err.message));
+    showError(bound ? new ApiError(err.status, err.code, `${err.message} (the ticket's Max `
+      + `slippage, ${bps} bps, bounds a close too: clear it to close at any price)`) : err);
   } finally {
     button.disabled = false;
   }
