@@ -1415,6 +1415,45 @@ def test_a_row_close_refused_by_the_tickets_slippage_bound_says_where_the_bound_
         by_id(browser, "error-dismiss").click()
 
 
+def test_the_ticket_says_when_a_pending_orders_trigger_is_crossed_already(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """A limit long above the ask (or a stop long below it) fills at the next price, as a market
+    order would: the ticket says so of each side (it cannot know which the trader means), below
+    its buttons (a line above them, coming and going as prices move, would move them). Before,
+    nothing told it until the fill's notice."""
+    tick(platform, http, "SOL", "100.00", "100.10")
+    open_terminal(browser, platform)
+    wait_until(browser, lambda d: text_of(d, "bid") == "100.00", "the price")
+    Select(by_id(browser, "ticket-kind")).select_by_value("limit")
+    crossed = by_id(browser, "ticket-crossed")
+    long_button = by_id(browser, "submit-long")
+    fill(browser, "ticket-trigger", "100.05")  # inside the spread: neither side crosses it
+    assert not crossed.is_displayed()
+    then = "fills at the next price, as a market order would."
+    told = {("limit", "101.00"): f"The ask 100.10 is at or below the trigger already: a limit "
+                                 f"long {then}",
+            ("limit", "99.00"): f"The bid 100.00 is at or above the trigger already: a limit "
+                                f"short {then}",
+            ("stop", "100.50"): f"The bid 100.00 is at or below the trigger already: a stop "
+                                f"short {then}",
+            ("stop", "99.00"): f"The ask 100.10 is at or above the trigger already: a stop long "
+                               f"{then}"}
+    for (kind, trigger), words in told.items():
+        Select(by_id(browser, "ticket-kind")).select_by_value(kind)
+        fill(browser, "ticket-trigger", trigger)
+        wait_until(browser, lambda d, words=words: crossed.is_displayed()
+                   and text_of(d, "ticket-crossed") == words, words)
+        # below the buttons: a line coming and going as prices move moves nothing to click
+        assert crossed.location["y"] >= long_button.location["y"] + long_button.size["height"]
+    Select(by_id(browser, "ticket-kind")).select_by_value("limit")
+    fill(browser, "ticket-trigger", "100.05")
+    wait_until(browser, lambda d: not crossed.is_displayed(), "no word of a crossed trigger")
+    tick(platform, http, "SOL", "100.20", "100.30")  # the price crosses it now
+    wait_until(browser, lambda d: crossed.is_displayed() and text_of(d, "ticket-crossed")
+               == f"The bid 100.20 is at or above the trigger already: a limit short {then}",
+               "the word of the new price")
+
+
 def test_a_leverage_the_browser_cannot_read_is_named_so(
         platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
     """Leverage is a number field: of "e" the browser gives the page an empty value, and the

@@ -1066,7 +1066,23 @@ function renderTicketKind() {
 
 // The ticket's estimate, each side at the price it would fill at now (fmt.fillPrice): its
 // size and notional, and its liquidation price.
+// A pending order whose trigger the quote crosses already fills at the next price, as a market
+// order would: said below the buttons (a line above them would move them as prices move).
+function renderCrossed() {
+  const kind = byId("ticket-kind").value;
+  const trigger = field("ticket-trigger");
+  const quote = app.prices[app.asset];
+  const sides = ["long", "short"].filter((side) => fmt.crossed(kind, side, trigger, quote));
+  const node = byId("ticket-crossed");
+  setText(node, sides.map((side) => `The ${side === "long" ? "ask" : "bid"} `
+    + `${side === "long" ? quote.ask : quote.bid} is ${(kind === "limit") === (side === "long")
+      ? "at or below" : "at or above"} the trigger already: a ${kind} ${side} fills at the next `
+    + "price, as a market order would.").join(" "));
+  node.hidden = sides.length === 0;
+}
+
 function renderEstimate() {
+  renderCrossed();
   const node = byId("ticket-estimate");
   const liquidation = byId("ticket-liquidation");
   const asset = selectedAsset();

@@ -150,14 +150,22 @@ export function fillPrice(kind, side, trigger, quote) {
   if (kind === "market") return at;
   const t = signedUnits(trigger);
   if (!t || t[0] <= 0n) return null;
-  const q = signedUnits(at);
-  if (!q) return trigger;
+  if (!signedUnits(at)) return trigger;
+  return crossed(kind, side, trigger, quote) ? at : trigger;
+}
+
+// Whether a pending order's ``trigger`` is crossed by ``quote`` already (it fills at the next
+// price): the limit of a long and the stop of a short by an ask / bid at or below it, the
+// others at or above it. False for a market order, or without a trigger or a quote.
+export function crossed(kind, side, trigger, quote) {
+  if (kind === "market" || !quote) return false;
+  const t = signedUnits(trigger);
+  const q = signedUnits(side === "long" ? quote.ask : quote.bid);
+  if (!t || t[0] <= 0n || !q) return false;
   const scale = Math.max(t[1], q[1]);
   const tn = t[0] * 10n ** BigInt(scale - t[1]);
   const qn = q[0] * 10n ** BigInt(scale - q[1]);
-  // the limit of a long and the stop of a short are crossed by a quote at or below them
-  const crossed = (kind === "limit") === (side === "long") ? qn <= tn : qn >= tn;
-  return crossed ? at : trigger;
+  return (kind === "limit") === (side === "long") ? qn <= tn : qn >= tn;
 }
 
 // BigInt ``n`` at ``decimals`` as micro-dollars, rounded toward minus infinity (SPEC's
