@@ -20,6 +20,7 @@ import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+from engine.amounts import micros_to_money
 from engine.results import Code, Rejected
 from engine.settlement import Settlement
 
@@ -43,6 +44,14 @@ class AuditDifference(NamedTuple):
     subject: str
     text: str
 
+
+
+def insufficient_balance(free_micros: int, asked_micros: int) -> Rejected:
+    """INSUFFICIENT_BALANCE naming both amounts (USD, as the API writes them): a trader told
+    only "insufficient" guesses how much would do."""
+    return Rejected(Code.INSUFFICIENT_BALANCE,
+                    f"insufficient free balance: {micros_to_money(asked_micros)} USD asked, "
+                    f"{micros_to_money(free_micros)} USD free")
 
 class LedgerError(AssertionError):
     """A ledger invariant would break: a bug in the caller, never a client error."""
@@ -138,7 +147,7 @@ class Ledger:
         if free is None:
             return Rejected(Code.NOT_FOUND, "account not found")
         if free < amount:
-            return Rejected(Code.INSUFFICIENT_BALANCE, "insufficient free balance")
+            return insufficient_balance(free, amount)
         self._free[user] = free - amount
         self._margin[user] += amount
         return None

@@ -110,7 +110,15 @@ from engine.events import (
     SettlementApplied,
     decode_batch,
 )
-from engine.ledger import FUNDING, HOUSE, INSURANCE, AuditDifference, Ledger, LedgerError
+from engine.ledger import (
+    FUNDING,
+    HOUSE,
+    INSURANCE,
+    AuditDifference,
+    Ledger,
+    LedgerError,
+    insufficient_balance,
+)
 from engine.machine import SnapshotParts
 from engine.messages import (
     ClosedPosition,
@@ -1429,8 +1437,8 @@ class LedgerMachine:
             result = Rejected(Code.TOO_MANY_POSITIONS,
                               f"at most {self.max_open_positions} open positions per account "
                               "(each pending order holds one)")
-        elif self.ledger.free_micros(lock.user) < margin:
-            result = Rejected(Code.INSUFFICIENT_BALANCE, "insufficient free balance")
+        elif (free := self.ledger.free_micros(lock.user)) < margin:
+            result = insufficient_balance(free, margin)
         events: list[Event] = [*expired]
         if result is None:
             assert margin is not None

@@ -61,7 +61,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import numpy as np
 
 from engine import schema
-from engine.amounts import micros_to_money
+from engine.amounts import ceil_div, from_units, micros_to_money
 from engine.assets import Asset
 from engine.book import COLUMN_NAMES, PositionBook, PositionRecord
 from engine.events import (
@@ -414,24 +414,34 @@ def slippage_exceeded(exec_ticks: int, client_ticks: int, max_slippage_bps: int)
     return abs(exec_ticks - client_ticks) * BPS > max_slippage_bps * client_ticks
 
 
-def _levels_problem(record: PositionRecord, tp: int, sl: int, tick: Tick) -> str | None:
+def _levels_problem(asset: Asset, record: PositionRecord, tp: int, sl: int, tick: Tick
+                    ) -> str | None:
     """Why TP ``tp`` / SL ``sl`` (0: none) cannot be set on ``record`` at ``tick`` (SPEC: a
     long's TP above the bid, its SL between the liquidation price and the bid; a short's TP
-    below the ask, its SL between the ask and the liquidation price), or None."""
+    below the ask, its SL between the ask and the liquidation price), or None. The bounds are
+    named with their prices: the trader sees neither the liquidation price's exact value in
+    every view nor the price the engine met."""
     if not (0 <= tp <= MAX_COLUMN_VALUE and 0 <= sl <= MAX_COLUMN_VALUE):
         return "take-profit and stop-loss must be positive prices in range"
+
+    def price(ticks: int) -> str:
+        return from_units(ticks, asset.price_decimals)
+
+    liq = price(record.liq_ticks)
     if record.side == Side.LONG:
         bid = tick.bid_ticks
         if tp and tp <= bid:
-            return "take-profit of a long must be above the current bid"
+            return f"take-profit of a long must be above the current bid ({price(bid)})"
         if sl and not record.liq_ticks < sl < bid:
-            return "stop-loss of a long must lie between the liquidation price and the bid"
+            return (f"stop-loss of a long must lie between the liquidation price ({liq}) and "
+                    f"the bid ({price(bid)})")
     else:
         ask = tick.ask_ticks
         if tp and tp >= ask:
-            return "take-profit of a short must be below the current ask"
+            return f"take-profit of a short must be below the current ask ({price(ask)})"
         if sl and not ask < sl < record.liq_ticks:
-            return "stop-loss of a short must lie between the ask and the liquidation price"
+            return (f"stop-loss of a short must lie between the ask ({price(ask)}) and the "
+                    f"liquidation price ({liq})")
     return None
 
 
@@ -713,7 +723,8 @@ class ShardMachine:
         the rest in ``liq_ticks``; or why the close is refused."""
         if not 0 < qty_steps < record.qty_steps:
             return Rejected(Code.INVALID_REQUEST,
-                            "quantity must be above zero and at most the position's")
+                            "quantity must be above zero and at most the position's "
+                            f"({from_units(record.qty_steps, self.asset.qty_decimals)})")
         margin = record.margin_micros * qty_steps // record.qty_steps
         rest = record._replace(qty_steps=record.qty_steps - qty_steps,
                                margin_micros=record.margin_micros - margin)
@@ -745,7 +756,7 @@ class ShardMachine:
         record, tick = found
         tp = record.tp_ticks if command.tp_ticks is None else command.tp_ticks
         sl = record.sl_ticks if command.sl_ticks is None else command.sl_ticks
-        problem = _levels_problem(record, tp, sl, tick)
+        problem = _levels_problem(self.asset, record, tp, sl, tick)
         if problem is not None:
             return Rejected(Code.INVALID_TRIGGER, problem), ()
         event = PositionAmended(record.position_id, record.qty_steps, record.margin_micros,
@@ -791,8 +802,10 @@ class ShardMachine:
         scale = 10 ** (asset.price_decimals + asset.qty_decimals)
         notional = record.entry_ticks * record.qty_steps  # in micros: * 10**6 / scale
         if notional * 10**6 > margin * asset.max_leverage * scale:
+            least = ceil_div(notional * 10**6, asset.max_leverage * scale)
             return (f"the notional would exceed the margin times the maximum leverage "
-                    f"({asset.max_leverage})")
+                    f"({asset.max_leverage}): the margin must stay at least "
+                    f"{micros_to_money(least)} USD")
         liq = liquidation_ticks(asset, record.side, record.entry_ticks, record.qty_steps, margin,
                                 record.maintenance_margin_ppm)
         long = record.side == Side.LONG

@@ -978,6 +978,10 @@ def test_take_profit_and_stop_loss_edited_from_the_row(
     assert (D(modified["takeProfit"]), D(modified["stopLoss"])) == (D("110.5"), D("95.25"))
     wait_row_shows(browser, position_id, modified)
     wait_until(browser, lambda d: not editor.is_displayed(), "the editor to close")
+    # the notice names the position as its row shows it, not by its id alone
+    assert text_of(browser, "notice-text") == (
+        f"Position {position_id} (long {modified['quantity']} SOL): take-profit "
+        f"{modified['takeProfit']}, stop-loss {modified['stopLoss']}.")
 
     # an SL under the liquidation price: refused, the banner shows the API's answer
     below = "50.00"
@@ -1027,6 +1031,9 @@ def test_margin_added_and_removed_from_the_row_at_phone_width(
     assert D(added["margin"]) == D(before["margin"]) + 50
     assert D(added["liquidationPrice"]) < D(before["liquidationPrice"])  # a long: further away
     wait_row_shows(browser, position_id, added)
+    assert text_of(browser, "notice-text") == (
+        f"Position {position_id} (long {added['quantity']} SOL): margin "
+        f"{money(added['margin'])} USD, liquidation price {added['liquidationPrice']}.")
     wait_until(browser, lambda d: text_of(d, "balance-margin") == money(added["margin"])
                and text_of(d, "balance-free") == money(str(D("10000") - D(added["margin"]))),
                "the balances after adding margin")
@@ -1294,7 +1301,8 @@ def test_a_limit_order_from_the_ticket_then_cancelled_from_its_row(
         None), "the cancelled order in the order history")
     assert ended.get_attribute("data-status") == "cancelled"
     wait_until(browser, lambda d: text_of(d, "notice-text").startswith(
-        f"Cancelled order {order_id}"), "the notice of the cancel")
+        f"Cancelled order {order_id} (limit long SOL at 95.00): its margin 100.00 USD is free "
+        "again"), "the notice of the cancel")
     sent = sent_requests(browser)
     assert [status for *_, status in sent] == [0, 200], sent
     assert sent[0][0] == sent[1][0] and "clientOrderId=web-" in sent[0][0]

@@ -1240,7 +1240,7 @@ async function saveTriggers(entry) {
   entry.save.disabled = true;
   try {
     const p = await trade("POST", "positions/modify", body);
-    showNotice(`Position ${p.positionId}: take-profit ${fmt.text(p.takeProfit)}, stop-loss ${fmt.text(p.stopLoss)}.`);
+    showNotice(`Position ${p.positionId} (${p.type} ${p.quantity} ${p.asset}): take-profit ${fmt.text(p.takeProfit)}, stop-loss ${fmt.text(p.stopLoss)}.`);
     entry.position = p;
     updatePositionRow(entry);
     setEditing(entry, false);
@@ -1264,7 +1264,7 @@ async function changeMargin(entry, sign) {
   for (const b of buttons) b.disabled = true;
   try {
     const p = await trade("POST", "positions/margin", body);
-    showNotice(`Position ${p.positionId}: margin ${fmt.money(p.margin)} USD, liquidation price ${fmt.text(p.liquidationPrice)}.`);
+    showNotice(`Position ${p.positionId} (${p.type} ${p.quantity} ${p.asset}): margin ${fmt.money(p.margin)} USD, liquidation price ${fmt.text(p.liquidationPrice)}.`);
     entry.marginInput.value = "";
     entry.position = p;
     updatePositionRow(entry);
@@ -1281,7 +1281,7 @@ async function cancelOrder(orderId, button) {
   button.disabled = true;
   try {
     const order = await trade("DELETE", `orders/${encodeURIComponent(orderId)}`);
-    showNotice(`Cancelled order ${order.orderId}: its margin ${fmt.money(order.margin)} USD is free again.`);
+    showNotice(`Cancelled order ${order.orderId} (${order.orderType} ${order.type} ${order.asset} at ${order.triggerPrice}): its margin ${fmt.money(order.margin)} USD is free again.`);
   } catch (err) {
     showError(err);
     button.disabled = false;

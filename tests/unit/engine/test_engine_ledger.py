@@ -56,7 +56,8 @@ def test_overdraft_is_refused_and_changes_nothing() -> None:
     ledger = funded(1, usd=100)
     before = ledger.accounts()
     result = ledger.lock_margin(1, 100 * USD + 1)
-    assert isinstance(result, Rejected) and result.code == Code.INSUFFICIENT_BALANCE
+    assert result == Rejected(Code.INSUFFICIENT_BALANCE, "insufficient free balance: "
+                              "100.000001 USD asked, 100.000000 USD free")  # what would do
     assert ledger.accounts() == before
     assert ledger.lock_margin(1, 100 * USD) is None
     assert (ledger.free_micros(1), ledger.margin_micros(1)) == (0, 100 * USD)

@@ -120,7 +120,8 @@ def test_lock_and_release_margins() -> None:
            led(LockMargin(MarginLock(u, 6_000_000_000))),
            led(LockMargin(MarginLock(u, 4_000_000_000)))]
     assert out[0] is None and out[2] is None
-    assert isinstance(out[1], Rejected) and out[1].code is Code.INSUFFICIENT_BALANCE
+    assert out[1] == Rejected(Code.INSUFFICIENT_BALANCE, "insufficient free balance: "
+                              "6000.000000 USD asked, 4000.000000 USD free")
     assert led.balances(u) == (0, SIGNUP)
     assert led(ReleaseMargin(u, 4_000_000_000)) is None
     assert led.balances(u) == (4_000_000_000, 6_000_000_000)

@@ -70,10 +70,16 @@ def refused(answer: object, code: Code) -> str:
 def test_a_long_tp_must_be_above_the_bid_and_its_sl_between_liquidation_and_bid() -> None:
     m = shard()
     p = opened(m)  # long at 100.01, bid 100.00
-    refused(run(m, SetLevels(1, p.position_id, 10000, None, 2)), Code.INVALID_TRIGGER)
+    # each refusal names its bounds' prices (a trader sees neither the price the engine met
+    # nor, in every view, the exact liquidation price)
+    assert refused(run(m, SetLevels(1, p.position_id, 10000, None, 2)), Code.INVALID_TRIGGER) \
+        == "take-profit of a long must be above the current bid (100.00)"
     changed = run(m, SetLevels(1, p.position_id, 10001, None, 3))  # one tick above the bid
     assert isinstance(changed, OpenPosition) and changed.tp_ticks == 10001
-    refused(run(m, SetLevels(1, p.position_id, None, 10000, 4)), Code.INVALID_TRIGGER)
+    liq = f"{p.liq_ticks // 100}.{p.liq_ticks % 100:02d}"
+    assert refused(run(m, SetLevels(1, p.position_id, None, 10000, 4)), Code.INVALID_TRIGGER) \
+        == f"stop-loss of a long must lie between the liquidation price ({liq}) and the bid " \
+        "(100.00)"
     refused(run(m, SetLevels(1, p.position_id, None, p.liq_ticks, 5)), Code.INVALID_TRIGGER)
     changed = run(m, SetLevels(1, p.position_id, None, p.liq_ticks + 1, 6))
     assert changed.sl_ticks == p.liq_ticks + 1 and changed.tp_ticks == 10001
@@ -87,10 +93,15 @@ def test_a_long_tp_must_be_above_the_bid_and_its_sl_between_liquidation_and_bid(
 def test_a_short_sl_may_lock_in_profit_and_removing_a_level_disarms_it() -> None:
     m = shard()
     p = opened(m, Side.SHORT, tp="95")  # short at the bid 100.00, ask 100.01
-    refused(run(m, SetLevels(1, p.position_id, None, 10001, 2)), Code.INVALID_TRIGGER)  # == ask
+    liq = f"{p.liq_ticks // 100}.{p.liq_ticks % 100:02d}"
+    assert refused(run(m, SetLevels(1, p.position_id, None, 10001, 2)), Code.INVALID_TRIGGER) \
+        == f"stop-loss of a short must lie between the ask (100.01) and the liquidation price " \
+        f"({liq})"  # == ask
+    assert refused(run(m, SetLevels(1, p.position_id, 10001, None, 3)), Code.INVALID_TRIGGER) \
+        == "take-profit of a short must be below the current ask (100.01)"
     # price fell: an SL below the entry (locks in profit) is valid above the ask
     run(m, raw_tick(9800, 9801))
-    locked = run(m, SetLevels(1, p.position_id, 0, 9900, 3))  # TP removed, SL 99.00
+    locked = run(m, SetLevels(1, p.position_id, 0, 9900, 4))  # TP removed, SL 99.00
     assert locked.tp_ticks == 0 and locked.sl_ticks == 9900
     assert run(m, raw_tick(9400, 9401)) == 0  # the removed TP (95.00) no longer fires
     assert run(m, raw_tick(9899, 9900)) == 1  # ask == SL
@@ -119,7 +130,8 @@ def test_a_margin_removal_is_refused_by_each_of_its_three_conditions() -> None:
     floor = -(-notional_micros // SOL.max_leverage)  # the least margin that passes
     message = refused(run(m, ChangeMargin(1, p.position_id, floor - 1 - p.margin_micros, 2)),
                       Code.INVALID_REQUEST)
-    assert "leverage" in message
+    assert message == "the notional would exceed the margin times the maximum leverage (100): " \
+        f"the margin must stay at least {floor // USD}.{floor % USD:06d} USD"
     # 2. not liquidatable at the current price: after the bid fell, a removal that leaves
     # the liquidation price at the bid is refused, one tick below it is accepted
     run(m, raw_tick(9500, 9501))

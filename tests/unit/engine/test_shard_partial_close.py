@@ -129,9 +129,13 @@ def test_the_quantity_must_be_a_part_and_all_of_it_is_a_whole_close() -> None:
     m = shard()
     run(m, raw_tick(10000, 10001))
     p = run(m, req(1))
+    held = f"{p.qty_steps // 100}.{p.qty_steps % 100:02d}"  # SOL: 2 quantity decimals
     for rid, qty in ((2, p.qty_steps + 1), (3, -1), (4, 2**70)):
         refused = run(m, part(rid, p.position_id, qty))
         assert isinstance(refused, Rejected) and refused.code is Code.INVALID_REQUEST, refused
+        if rid == 2:  # what may be closed is named
+            assert refused.message == \
+                f"quantity must be above zero and at most the position's ({held})", refused
     assert rest_of(m).qty_steps == p.qty_steps
     assert isinstance(run(m, part(5, p.position_id, 1, owner=2)), Rejected)  # not the owner's
     whole = closed_of(run(m, part(6, p.position_id, p.qty_steps)))
