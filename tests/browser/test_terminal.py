@@ -1031,6 +1031,9 @@ def test_margin_added_and_removed_from_the_row_at_phone_width(
     assert D(added["margin"]) == D(before["margin"]) + 50
     assert D(added["liquidationPrice"]) < D(before["liquidationPrice"])  # a long: further away
     wait_row_shows(browser, position_id, added)
+    # the leverage it has now beside the one it opened with
+    now = float(D(added["entryPrice"]) * D(added["quantity"]) / D(added["margin"]))
+    assert row_cell(browser, position_id, "leverage") == f"{now:.1f}x (opened 10x)"
     assert text_of(browser, "notice-text") == (
         f"Position {position_id} (long {added['quantity']} SOL): margin "
         f"{money(added['margin'])} USD, liquidation price {added['liquidationPrice']}.")

@@ -772,6 +772,15 @@ function renderPositions(positions) {
 
 const POSITION_COLUMNS = 14;
 
+// The leverage a position is opened with, and once margin was added or removed the one it has
+// now (its entry notional over its margin, to a tenth: shown, never settled with).
+function leverageText(p) {
+  if (p.leverage === undefined) return "—";
+  const now = Number(p.entryPrice) * Number(p.quantity) / Number(p.margin);
+  if (!Number.isFinite(now) || Math.abs(now - p.leverage) < 0.05) return `${p.leverage}x`;
+  return `${now.toFixed(1)}x (opened ${p.leverage}x)`;
+}
+
 function positionRow(id) {
   const cell = (field, className = "num") => h("td", { class: className, "data-field": field, text: "—" });
   const cells = {
@@ -853,7 +862,7 @@ function updatePositionRow(entry) {
   setText(cells.takeProfit, fmt.text(p.takeProfit));
   setText(cells.stopLoss, fmt.text(p.stopLoss));
   setText(cells.margin, fmt.money(p.margin));
-  setText(cells.leverage, p.leverage === undefined ? "—" : `${p.leverage}x`);
+  setText(cells.leverage, leverageText(p));
   setText(cells.opened, fmt.time(p.openedAt));
   cells.opened.title = fmt.text(p.openedAt);
   const asset = app.assetByName.get(p.asset);
