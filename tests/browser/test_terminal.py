@@ -1293,6 +1293,7 @@ def test_a_limit_order_from_the_ticket_then_cancelled_from_its_row(
     orders = http.get("/api/v1/orders", headers={"Authorization": f"Bearer {key}"}).json()
     assert [o["orderId"] for o in orders["orders"]] == [order_id]
     wait_until(browser, lambda d: text_of(d, "balance-margin") == "100.00", "the order's margin")
+    assert text_of(browser, "balance-orders") == "100.00"  # the margin's part that is orders'
     assert account(http, key)["positions"] == []
 
     flaky_network(browser, f"orders/{order_id}", "lose")  # and its answer is lost once
@@ -1312,6 +1313,7 @@ def test_a_limit_order_from_the_ticket_then_cancelled_from_its_row(
     wait_until(browser, lambda d: d.find_elements(
         By.CSS_SELECTOR, 'tr[data-testid="order-row"]') == [], "the empty open orders table")
     wait_until(browser, lambda d: text_of(d, "balance-free") == "10000.00", "the freed margin")
+    assert text_of(browser, "balance-orders") == "0.00"
     assert not by_id(browser, "error-banner").is_displayed()
 
 

@@ -972,6 +972,10 @@ function orderTermCells(o) {
 function renderOrders(orders) {
   app.orders = orders;
   setText(byId("orders-count"), orders.length);
+  // the account's margin holds each pending order's too: that part is told apart (a row always
+  // there, so nothing below it moves when an order comes or goes)
+  const held = orders.reduce((sum, o) => sum + (fmt.micros(o.margin) ?? 0n), 0n);
+  setText(byId("balance-orders"), app.key ? fmt.money(fmt.microsText(held)) : "—");
   if (!changed("orders", orders)) return;
   renderChartLines();
   const rows = orders.map((o) => {
