@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from feed.broker import EmbeddedBroker
 from feed.broker import ProcessIdentity
+from feed.broker import accepts_connections
 from feed.broker import free_port
 from feed.broker import recorded_broker
 from feed.settings import MARKET_TOPIC
@@ -221,6 +222,12 @@ async def test_feed_service_starts_its_own_broker_on_the_port_given(tmp_path: Pa
             await asyncio.sleep(0.2)
         assert found.bootstrap == f"127.0.0.1:{port}" and found.owner.pid == proc.pid
         assert found.source == "replay"
+        # the record is written as the broker is spawned (a start cut short leaves it for the
+        # next one to stop), before it listens
+        while not accepts_connections("127.0.0.1", port):
+            assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")
+            assert asyncio.get_running_loop().time() < deadline, "the broker never listened"
+            await asyncio.sleep(0.05)
         consumer = AIOKafkaConsumer(MARKET_TOPIC, bootstrap_servers=found.bootstrap,
                                     group_id=None, auto_offset_reset="earliest",
                                     metadata_max_age_ms=500)
