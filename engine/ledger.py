@@ -45,13 +45,13 @@ class AuditDifference(NamedTuple):
     text: str
 
 
-
 def insufficient_balance(free_micros: int, asked_micros: int) -> Rejected:
     """INSUFFICIENT_BALANCE naming both amounts (USD, as the API writes them): a trader told
     only "insufficient" guesses how much would do."""
     return Rejected(Code.INSUFFICIENT_BALANCE,
                     f"insufficient free balance: {micros_to_money(asked_micros)} USD asked, "
                     f"{micros_to_money(free_micros)} USD free")
+
 
 class LedgerError(AssertionError):
     """A ledger invariant would break: a bug in the caller, never a client error."""

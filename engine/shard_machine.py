@@ -427,21 +427,20 @@ def _levels_problem(asset: Asset, record: PositionRecord, tp: int, sl: int, tick
     def price(ticks: int) -> str:
         return from_units(ticks, asset.price_decimals)
 
-    liq = price(record.liq_ticks)
     if record.side == Side.LONG:
         bid = tick.bid_ticks
         if tp and tp <= bid:
             return f"take-profit of a long must be above the current bid ({price(bid)})"
         if sl and not record.liq_ticks < sl < bid:
-            return (f"stop-loss of a long must lie between the liquidation price ({liq}) and "
-                    f"the bid ({price(bid)})")
+            return (f"stop-loss of a long must lie between the liquidation price "
+                    f"({price(record.liq_ticks)}) and the bid ({price(bid)})")
     else:
         ask = tick.ask_ticks
         if tp and tp >= ask:
             return f"take-profit of a short must be below the current ask ({price(ask)})"
         if sl and not ask < sl < record.liq_ticks:
             return (f"stop-loss of a short must lie between the ask ({price(ask)}) and the "
-                    f"liquidation price ({liq})")
+                    f"liquidation price ({price(record.liq_ticks)})")
     return None
 
 

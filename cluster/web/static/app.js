@@ -1077,8 +1077,6 @@ function renderTicketKind() {
   renderEstimate();
 }
 
-// The ticket's estimate, each side at the price it would fill at now (fmt.fillPrice): its
-// size and notional, and its liquidation price.
 // A pending order whose trigger the quote crosses already fills at the next price, as a market
 // order would: said below the buttons (a line above them would move them as prices move).
 function renderCrossed() {
@@ -1087,13 +1085,17 @@ function renderCrossed() {
   const quote = app.prices[app.asset];
   const sides = ["long", "short"].filter((side) => fmt.crossed(kind, side, trigger, quote));
   const node = byId("ticket-crossed");
-  setText(node, sides.map((side) => `The ${side === "long" ? "ask" : "bid"} `
-    + `${side === "long" ? quote.ask : quote.bid} is ${(kind === "limit") === (side === "long")
-      ? "at or below" : "at or above"} the trigger already: a ${kind} ${side} fills at the next `
-    + "price, as a market order would.").join(" "));
+  setText(node, sides.map((side) => {
+    const [name, price] = side === "long" ? ["ask", quote.ask] : ["bid", quote.bid];
+    const where = (kind === "limit") === (side === "long") ? "at or below" : "at or above";
+    return `The ${name} ${price} is ${where} the trigger already: a ${kind} ${side} fills at `
+      + "the next price, as a market order would.";
+  }).join(" "));
   node.hidden = sides.length === 0;
 }
 
+// The ticket's estimate, each side at the price it would fill at now (fmt.fillPrice): its
+// size and notional, and its liquidation price.
 function renderEstimate() {
   renderCrossed();
   const node = byId("ticket-estimate");

@@ -147,7 +147,8 @@ def test_feed_service_refuses_to_be_a_second_source_in_a_platforms_broker(
     prices in turn (two simulated walks: jumps no market made). The broker's record says
     what its owner plays; the feed then stops before it publishes anything."""
     record = tmp_path / "embedded-broker.json"
-    # no trimmer: it makes the market topic of its own accord, which would hide a feed's
+    # no trimmer: its metadata reads make the market topic of their own accord, which would
+    # hide a feed's publishing into it
     broker = EmbeddedBroker("127.0.0.1", free_port(), record_path=record, trim={})
     broker.source = "sim"  # as the launcher of `up` records it
     with broker:

@@ -150,8 +150,7 @@ export function fillPrice(kind, side, trigger, quote) {
   if (kind === "market") return at;
   const t = signedUnits(trigger);
   if (!t || t[0] <= 0n) return null;
-  if (!signedUnits(at)) return trigger;
-  return crossed(kind, side, trigger, quote) ? at : trigger;
+  return crossed(kind, side, trigger, quote) ? at : trigger; // (not without a usable quote)
 }
 
 // Whether a pending order's ``trigger`` is crossed by ``quote`` already (it fills at the next
