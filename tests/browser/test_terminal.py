@@ -1813,6 +1813,122 @@ def test_a_candle_history_that_failed_to_load_is_loaded_again(
     wait_until(browser, lambda d: not banner.is_displayed(), "the error gone after the load")
 
 
+def test_older_candles_are_loaded_a_page_at_a_time_back_to_the_first(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """The chart draws the newest page of candles, then, while its view is near the oldest
+    drawn, asks for the page before it (GET /api/v1/klines with ``endTime`` one second before
+    that candle's start) until an answer brings none older: every candle the API has is drawn
+    once, oldest first, and the view stays at the newest meanwhile; read back to the first, the
+    page asks once more and then no more; a page that failed is asked again. The page's fetch
+    cuts each answer to a quarter of the history here, as a server answering fewer than asked
+    would. Before, the chart held the newest 500 candles and nothing older."""
+    last = http.get("/api/v1/prices").json().get("ETH")
+    after_us = price_ts_us(last["ts"]) if last else 0
+    now_us = time.time_ns() // 1000
+    for minutes_ago in (7, 6, 5, 4, 3, 2, 1, 0):
+        ts_us = max(now_us - minutes_ago * 60_000_000, after_us + 1)
+        after_us = ts_us
+        produce_at(platform, http, "ETH", D("3000.00") + minutes_ago, ts_us)
+    history = http.get("/api/v1/klines", params={"asset": "ETH", "interval": "1m",
+                                                 "limit": 1000}).json()["klines"]
+    starts = [price_ts_us(k["start"]) // 1_000_000 for k in history]
+    assert len(starts) >= 4
+    page = max(2, len(starts) // 4)
+
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": CHART_SERIES_JS})
+    open_terminal(browser, platform)
+    browser.execute_script("""
+        const [page] = arguments;
+        const realFetch = window.fetch.bind(window);
+        window.__older = [];  // [endTime asked, candles answered, 503 or null] of each older page
+        window.fetch = async (input, init) => {
+          const url = new URL(String(input));
+          if (!url.pathname.endsWith("/api/v1/klines") || url.searchParams.get("asset") !== "ETH"
+              || url.searchParams.get("limit") !== "500") return realFetch(input, init);
+          url.searchParams.set("limit", String(page));
+          const asked = [Number(url.searchParams.get("endTime")), null];  // as it is sent
+          if (url.searchParams.has("endTime")) window.__older.push(asked);
+          if (url.searchParams.has("endTime") && !window.__refused) {
+            window.__refused = asked[1] = 503;  // the first older page fails once
+            return new Response(JSON.stringify({error: {code: "SERVICE_UNAVAILABLE",
+              message: "candles unavailable"}}), {status: 503,
+              headers: {"Content-Type": "application/json"}});
+          }
+          const response = await realFetch(url.href, init);
+          asked[1] = (await response.clone().json()).klines.length;
+          return response;
+        };""", page)
+    Select(by_id(browser, "asset-select")).select_by_visible_text("ETH")
+    # the pages before the first, while the view has room left of the oldest candle drawn
+    wait_until(browser, lambda d: d.execute_script(
+        "return window.__older.length && window.__older.every(([, n]) => n !== null);")
+        and set(chart_bars(d)) <= set(starts) and len(chart_bars(d)) > page,
+        "an older page drawn")
+    assert not by_id(browser, "chart-newest").is_displayed()  # the view still at the newest
+    # read back to the first candle (each time to the oldest drawn): the page before it is
+    # asked for, and answered with none
+    scroll_to_oldest = ("window.__charts[0].timeScale().scrollToPosition("
+                        "-window.__series[0].data().length, false);")
+    older = wait_until(browser, lambda d: d.execute_script(
+        scroll_to_oldest + "const asked = window.__older;"
+        "return asked.length && asked[asked.length - 1][1] === 0 ? asked : null;"),
+        "an older page answered with no candle")
+    bars = chart_bars(browser)
+    assert bars[:len(starts)] == starts
+    assert bars == sorted(set(bars))  # none twice
+    # each page asked for the candles before the oldest drawn, the last one before the first
+    expected, oldest = [], max(0, len(starts) - page)
+    while not expected or expected[-1][1]:
+        expected.append([starts[oldest] - 1, min(page, oldest)])
+        oldest -= min(page, oldest)
+    assert older == [[expected[0][0], 503], *expected]  # the one that failed, asked again
+    browser.execute_script(scroll_to_oldest)
+    wait_next_frames(browser)
+    assert browser.execute_script("return window.__older.length;") == len(older)  # no more
+
+
+def test_older_candles_put_before_the_oldest_leave_the_view_on_the_candles_it_shows(
+        platform: RayHttpPlatform, browser: WebDriver) -> None:
+    """A trader reading the oldest candles drawn keeps reading the same candles when the page
+    before them is put in (chart.js's prependKlines): the view does not jump by the page's
+    length; a candle not older than the oldest drawn is not put in."""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": CHART_SERIES_JS})
+    open_terminal(browser, platform)
+    shown = browser.execute_async_script("""
+        const done = arguments[0];
+        import('./static/js/chart.js').then(async (m) => {
+          const frames = () => new Promise((r) => requestAnimationFrame(() =>
+                                                   requestAnimationFrame(r)));
+          const box = document.createElement('div');
+          box.style.cssText = 'width: 600px; height: 300px';
+          document.body.append(box);
+          const chart = m.createCandleChart(box);
+          const handle = window.__charts[window.__charts.length - 1];
+          const kline = (minute) => ({start: new Date(minute * 60000).toISOString(),
+                                      open: '10', high: '12', low: '9', close: '11'});
+          const minutes = (from, to) => Array.from({length: to - from}, (_, i) => kline(from + i));
+          chart.setKlines(minutes(29000000, 29000100));
+          await frames();
+          handle.timeScale().scrollToPosition(-80, false);  // the oldest candles in view
+          await frames();
+          const at = (minute) => handle.timeScale().timeToCoordinate(minute * 60);
+          const before = [at(29000000), at(29000010)];
+          const added = chart.prependKlines([...minutes(28999950, 29000000), kline(29000010)]);
+          await frames();
+          const after = [at(29000000), at(29000010)];
+          const times = window.__series[window.__series.length - 1].data().map((b) => b.time);
+          box.remove();
+          done([added, before, after, times.length, times[0], times[times.length - 1]]);
+        });""")
+    added, before, after, count, first, last = shown
+    assert added == 50
+    assert all(x is not None and 0 <= x <= 600 for x in before), before  # both in view
+    assert after == before  # at the same places
+    assert (count, first, last) == (150, 28999950 * 60, 29000099 * 60)
+
+
 # GET /api/v1/klines answers 503 until window.__candlesBack(); window.__stateReads counts the
 # GET /api/v1/state reads answered 200, window.__shownAt is that count when the banner first
 # showed the candles' error.

@@ -268,6 +268,41 @@ async function loadKlines(retry = false) {
   klines.pending = [];
 }
 
+// Older candles, a page (KLINE_LIMIT) at a time, while the view comes near the oldest drawn: the
+// page before it, until an answer brings none older. A page that failed is asked again after
+// KLINE_RETRY_MS. ``generation`` is the loadKlines whose candles they extend.
+const olderKlines = { generation: null, loading: false, done: false };
+
+async function loadOlderKlines(oldestS) {
+  const generation = klines.generation;
+  if (!klines.ready || !app.asset) return;
+  if (olderKlines.generation !== generation) {
+    Object.assign(olderKlines, { generation, loading: false, done: false });
+  }
+  if (olderKlines.loading || olderKlines.done) return;
+  if (!(oldestS > 0)) {
+    olderKlines.done = true;
+    return;
+  }
+  olderKlines.loading = true;
+  const { asset, interval } = app;
+  try {
+    const data = await call("GET", "klines", {
+      query: { asset, interval, endTime: oldestS - 1, limit: KLINE_LIMIT } });
+    if (generation !== klines.generation) return;
+    olderKlines.loading = false;
+    const older = Array.isArray(data && data.klines) ? data.klines : [];
+    if (!app.chart.prependKlines(older)) olderKlines.done = true;
+  } catch {
+    if (generation !== klines.generation) return;
+    setTimeout(() => {
+      if (generation !== klines.generation) return;
+      olderKlines.loading = false;
+      loadOlderKlines(oldestS);
+    }, KLINE_RETRY_MS);
+  }
+}
+
 async function pollNewestKlines() {
   if (!app.chart || !app.asset || !klines.ready) return;
   const generation = klines.generation;
@@ -1375,6 +1410,7 @@ async function start() {
 
   try {
     app.chart = createCandleChart(byId("chart"));
+    if (app.chart) app.chart.onOlderWanted(loadOlderKlines);
   } catch (err) {
     showError(localError("ERROR", `the chart could not start: ${err && err.message ? err.message : err}`));
   }

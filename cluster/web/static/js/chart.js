@@ -18,6 +18,8 @@ const LINE_STYLES = {
 const MIN_RIGHT_OFFSET_PX = 48;
 const LABEL_ROOM_PX = 24; // the label's own padding and a gap before it
 const BAR_SPACING_PX = 8; // a candle's width with its gap, until the trader zooms
+// Older candles are asked for while the view comes within this many candles of the oldest drawn.
+const OLDER_MARGIN_BARS = 20;
 
 function toBar(kline) {
   if (!kline || typeof kline !== "object") return null;
@@ -179,7 +181,23 @@ export function createCandleChart(container) {
     edgesDue = true;
     requestAnimationFrame(() => requestAnimationFrame(markEdges));
   };
+  // Older candles: ``wantOlder(oldestS)`` is told the oldest candle's time (unix s) while the
+  // view is near it, at most once a frame; whoever loads them gives them to prependKlines.
+  let wantOlder = null;
+  let olderDue = false;
+  const askOlder = () => {
+    olderDue = false;
+    const range = chart.timeScale().getVisibleLogicalRange();
+    const bars = series.data();
+    if (wantOlder && range && bars.length && range.from < OLDER_MARGIN_BARS) wantOlder(bars[0].time);
+  };
+  const askOlderSoon = () => {
+    if (olderDue) return;
+    olderDue = true;
+    requestAnimationFrame(askOlder);
+  };
   chart.timeScale().subscribeVisibleLogicalRangeChange(markEdgesSoon);
+  chart.timeScale().subscribeVisibleLogicalRangeChange(askOlderSoon);
   new ResizeObserver(markEdgesSoon).observe(container); // a taller chart scales anew
 
   return {
@@ -212,6 +230,30 @@ export function createCandleChart(container) {
       lastTime = bars.length ? bars[bars.length - 1].time : null;
       toNewest();
       markEdgesSoon();
+      askOlderSoon();
+    },
+
+    // Calls ``listener(oldestS)`` while the view is near the oldest candle drawn (above).
+    onOlderWanted(listener) {
+      wantOlder = listener;
+      askOlderSoon();
+    },
+
+    // Candles older than the oldest drawn, put before it (any other is ignored): the view stays
+    // on the candles it shows. Returns how many were added.
+    prependKlines(klines) {
+      const drawn = series.data();
+      if (!drawn.length) return 0;
+      const byTime = new Map();
+      for (const kline of klines || []) {
+        const bar = toBar(kline);
+        if (bar && bar.time < drawn[0].time) byTime.set(bar.time, bar);
+      }
+      if (!byTime.size) return 0;
+      const bars = [...byTime.values()].sort((a, b) => a.time - b.time);
+      series.setData([...bars, ...drawn]);
+      askOlderSoon(); // the view may still reach past them
+      return bars.length;
     },
 
     // The current candle (or a newer one); an older candle than the last drawn is ignored.
