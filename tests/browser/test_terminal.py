@@ -1747,6 +1747,17 @@ def test_what_one_tick_does_is_told_each_and_a_refused_fill_in_words(
             "/api/v1/orders/history", headers={"Authorization": f"Bearer {key}"}
         ).json()["orders"] if o["status"] == "filled"), lines
     assert by_id(browser, "notice").get_attribute("data-tone") == "warning"
+    # the order history lists the refused order with its take-profit, and why, in words
+    by_id(browser, "tab-order-history").click()
+    row = f'tr[data-testid="order-history-row"][data-order-id="{ids[2]}"]'
+    wait_until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, row), "the refused order")
+    header = [th.text for th in browser.find_elements(By.CSS_SELECTOR,
+                                                      "#order-history-table th")]
+    cells = dict(zip(header, [td.text for td in browser.find_elements(
+        By.CSS_SELECTOR, f"{row} > td")], strict=True))
+    assert (cells["TP"], cells["SL"], cells["Status"]) == ("95.00", "—", "rejected"), cells
+    assert cells["Reason"] == "its take-profit or stop-loss lay on the wrong side of the fill " \
+        "price (INVALID_TRIGGER)", cells
 
 
 def test_a_refresh_error_leaves_the_notice_of_what_the_trader_just_did(

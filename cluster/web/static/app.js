@@ -441,7 +441,7 @@ function engineNotice(data, opened = null) {
       return `Order ${data.orderId} (${data.orderType} ${data.type} ${data.asset}) expired.`;
     case "positionClosed":
       if (data.closeReason === "manual") return null; // the user's own close says so itself
-      return `Position ${data.positionId} (${data.type} ${data.quantity} ${data.asset}) closed by ${String(data.closeReason).replace("_", "-")} at ${data.exitPrice}: PnL ${fmt.signedMoney(data.realizedPnl)} USD, paid out ${fmt.money(data.payout)} USD.`;
+      return `Position ${data.positionId} (${data.type} ${data.quantity} ${data.asset}) closed by ${closeReasonText(data.closeReason)} at ${data.exitPrice}: PnL ${fmt.signedMoney(data.realizedPnl)} USD, paid out ${fmt.money(data.payout)} USD.`;
     default:
       return null;
   }
@@ -458,6 +458,11 @@ const REJECTED_BECAUSE = {
 function rejectedBecause(code) {
   const words = REJECTED_BECAUSE[code];
   return words ? `${words} (${code})` : code || "refused";
+}
+
+// A close reason as a trader writes it: take-profit, stop-loss, liquidation, manual.
+function closeReasonText(reason) {
+  return String(reason).replace("_", "-");
 }
 
 // A fill is told with its price and size, which its position's positionOpened carries (the
@@ -1055,7 +1060,7 @@ function renderClosed(closed) {
     td(fmt.money(c.payout), "num"),
     td(fmt.money(c.margin), "num"),
     td(c.leverage === undefined ? null : `${c.leverage}x`, "num"),
-    td(c.closeReason),
+    td(closeReasonText(c.closeReason)),
     h("td", { text: fmt.time(c.openedAt), title: fmt.text(c.openedAt) })));
   byId("closed-body").replaceChildren(...(rows.length ? rows : [emptyRow(12, "No closed positions yet")]));
   byId("closed-more").hidden = closed.length < app.closedLimit || app.closedLimit >= HISTORY_MAX;
@@ -1070,11 +1075,13 @@ function renderOrderHistory(orders) {
   },
     h("td", { text: fmt.time(o.updatedAt), title: fmt.text(o.updatedAt) }),
     ...orderTermCells(o),
+    td(o.takeProfit, "num"),
+    td(o.stopLoss, "num"),
     td(o.status),
     td(o.positionId),
-    td(o.rejectReason),
+    td(o.rejectReason ? rejectedBecause(o.rejectReason) : null, "reason"),
     h("td", { text: fmt.time(o.createdAt), title: fmt.text(o.createdAt) })));
-  byId("order-history-body").replaceChildren(...(rows.length ? rows : [emptyRow(11, "No ended orders yet")]));
+  byId("order-history-body").replaceChildren(...(rows.length ? rows : [emptyRow(13, "No ended orders yet")]));
   byId("order-history-more").hidden = orders.length < app.orderHistoryLimit || app.orderHistoryLimit >= HISTORY_MAX;
 }
 
