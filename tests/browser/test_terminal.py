@@ -387,8 +387,18 @@ def test_api_error_is_shown_with_the_apis_code_and_message(
     key = create_account(browser)
     banner = by_id(browser, "error-banner")
     assert banner.get_attribute("data-code") != "INSUFFICIENT_BALANCE"
+    # a margin above the free balance is said before the click, one equal to it is not
+    funds = by_id(browser, "ticket-funds")
+    fill(browser, "ticket-margin", "10000.00")
+    wait_until(browser, lambda d: text_of(d, "balance-free") == "10000.00", "the free balance")
+    assert not funds.is_displayed()
+    fill(browser, "ticket-margin", "10000.01")
+    wait_until(browser, lambda d: funds.is_displayed(), "the line of a margin above the balance")
+    assert funds.text == ("The margin is more than the free balance, 10000.00 USD: the "
+                          "platform refuses it.")
 
     open_long_from_ticket(browser, "20000", "10")
+    assert funds.is_displayed()
     wait_banner_answers_as_the_api(browser, http, key, "INSUFFICIENT_BALANCE", 409, "open",
                                    {"asset": "SOL", "type": "long", "margin": "20000",
                                     "leverage": 10})
@@ -402,6 +412,7 @@ def test_api_error_is_shown_with_the_apis_code_and_message(
     fill(browser, "ticket-leverage", "10")
     wait_until(browser, lambda d: "notional ≈ 1000.00 USD" in text_of(d, "ticket-estimate"),
                "the estimate of a 1000 USD order")
+    assert not funds.is_displayed()
     fill(browser, "ticket-leverage", "1000")
     wait_until(browser, lambda d: text_of(d, "ticket-estimate") == "",
                "no estimate of an order beyond the asset's leverage")

@@ -36,6 +36,7 @@ const app = {
   interval: "1m",
   prices: {},                // asset -> {bid, ask, ts, source}
   equity: null,              // the server's equity (decimal string) of the last state read
+  free: null,                // the free balance (decimal string) of the last state read
   positions: [],
   positionRows: new Map(),   // positionId -> {position, markCell, pnlCell}
   orders: [],
@@ -576,6 +577,8 @@ function showKey(shown) {
 function clearAccountData() {
   for (const id of ["balance-free", "balance-margin", "balance-equity", "upnl-total"]) setText(byId(id), "—");
   app.equity = null;
+  app.free = null;
+  renderFunds();
   renderPositions([]);
   renderOrders([]);
   renderClosed([]);
@@ -755,6 +758,8 @@ function renderState(state) {
   setText(byId("balance-free"), fmt.money(balances.free));
   setText(byId("balance-margin"), fmt.money(balances.margin));
   app.equity = balances.equity ?? null;
+  app.free = balances.free ?? null;
+  renderFunds();
   renderPositions(Array.isArray(state.positions) ? state.positions : []);
   const notes = [];
   if (state.morePositions) notes.push("Showing the oldest positions only: the account has more.");
@@ -1136,10 +1141,24 @@ function renderCrossed() {
   node.hidden = sides.length === 0;
 }
 
+// A margin above the free balance, which the API refuses (INSUFFICIENT_BALANCE), is said
+// before the click, below the buttons as a crossed trigger is. The engine decides: the balance
+// shown may be a moment old.
+function renderFunds() {
+  const node = byId("ticket-funds");
+  const margin = fmt.micros(field("ticket-margin"));
+  const free = app.key ? fmt.micros(app.free) : null;
+  const over = typeof margin === "bigint" && typeof free === "bigint" && margin > free;
+  setText(node, over ? `The margin is more than the free balance, ${fmt.money(app.free)} USD: `
+    + "the platform refuses it." : "");
+  node.hidden = !over;
+}
+
 // The ticket's estimate, each side at the price it would fill at now (fmt.fillPrice): its
 // size and notional, and its liquidation price.
 function renderEstimate() {
   renderCrossed();
+  renderFunds();
   const node = byId("ticket-estimate");
   const liquidation = byId("ticket-liquidation");
   const asset = selectedAsset();
