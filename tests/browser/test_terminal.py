@@ -1073,6 +1073,12 @@ def test_margin_added_and_removed_from_the_row_at_phone_width(
     assert levels(api_position(http, key, position_id)) == levels(removed)
     wait_row_shows(browser, position_id, removed)
 
+    # the row's TP/SL editor, wrapped onto two lines, has its boxes one above the other
+    row_control(browser, "edit-triggers", position_id).click()
+    tp_box, sl_box = (row_control(browser, testid, position_id).rect
+                      for testid in ("edit-take-profit", "edit-stop-loss"))
+    assert sl_box["y"] >= tp_box["y"] + tp_box["height"], (tp_box, sl_box)
+    assert sl_box["x"] == tp_box["x"], (tp_box, sl_box)
     assert max(browser.execute_script(
         "return [document.documentElement.scrollWidth, document.body.scrollWidth];")) \
         <= PHONE[0]
