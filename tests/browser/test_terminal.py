@@ -166,6 +166,14 @@ def account(http: httpx.Client, key: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ tests
+def on_first_screen(driver: WebDriver, element_id: str) -> bool:
+    """Whether the element ``element_id`` lies whole inside the window scrolled to the top."""
+    return bool(driver.execute_script(
+        "const r = document.getElementById(arguments[0]).getBoundingClientRect();"
+        "return window.scrollY === 0 && r.height > 0 && r.top >= 0"
+        "  && r.bottom <= window.innerHeight && r.right <= window.innerWidth;", element_id))
+
+
 def test_create_account_shows_the_key_and_keeps_it_across_a_reload(
         platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
     """`Create demo account` shows a key the API accepts, keeps it in localStorage, and a
@@ -173,8 +181,13 @@ def test_create_account_shows_the_key_and_keeps_it_across_a_reload(
     open_terminal(browser, platform)
     assert by_id(browser, "logged-out").is_displayed()
     assert not by_id(browser, "submit-long").is_enabled()  # nothing to trade with yet
+    assert on_first_screen(browser, "create-account")
 
     key = create_account(browser)
+    # at 1366x800 the ticket's buttons, the balances and the new key are seen without a scroll
+    browser.execute_script("window.scrollTo(0, 0);")
+    assert all(on_first_screen(browser, element_id) for element_id in (
+        "submit-long", "submit-short", "balance-free", "balance-equity", "api-key"))
     account_id = text_of(browser, "account-id")
     assert account(http, key)["accountId"] == account_id
     assert browser.execute_script("return localStorage.getItem('shardex.apiKey');") == key
