@@ -1575,20 +1575,22 @@ def test_the_first_price_moves_nothing_below_the_quote(
         platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client,
         viewport: tuple[int, int]) -> None:
     """The quote line (bid, ask, spread, source) fills in when the first price arrives: what
-    is below it must not move then, or a tap on `Create demo account` that lands as the price
-    arrives misses the button (at phone width the source wraps to a line of its own)."""
+    is below it must not move then, or a tap on `Create demo account` or `Long` that lands as
+    the price arrives misses the button (at phone width the source wraps to a line of its own;
+    the ticket's estimate, filled in by the price, keeps its room while empty)."""
     tick(platform, http, "SOL", "100.00", "100.01")
     set_viewport(browser, *viewport)
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": PRICES_HELD_JS})
     open_terminal(browser, platform)
     assert text_of(browser, "bid") == "—"
-    button = by_id(browser, "create-account")
-    top = browser.execute_script("return arguments[0].getBoundingClientRect().top;", button)
+    buttons = [by_id(browser, button) for button in ("create-account", "submit-long")]
+    tops = "return arguments[0].map((b) => b.getBoundingClientRect().top);"
+    before = browser.execute_script(tops, buttons)
     browser.execute_script("window.__releasePrices();")
     wait_until(browser, lambda d: text_of(d, "bid") == "100.00"
-               and text_of(d, "quote-source") == "source: test", "the first price")
-    assert browser.execute_script(
-        "return arguments[0].getBoundingClientRect().top;", button) == top
+               and text_of(d, "quote-source") == "source: test"
+               and text_of(d, "ticket-liquidation"), "the first price and the ticket's estimate")
+    assert browser.execute_script(tops, buttons) == before
 
 
 def test_the_api_docs_page_lists_the_operations_from_the_platform_alone(
