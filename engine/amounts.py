@@ -79,7 +79,9 @@ def to_units(value: str | int | float | Decimal, decimals: int, *, allow_zero: b
             raise AmountError("amount out of range")
         negative, digits, exponent = value < 0, str(abs(value)), 0
     elif isinstance(value, str):
-        match = DECIMAL_TEXT.fullmatch(value) if len(value) <= MAX_DECIMAL_CHARS else None
+        if len(value) > MAX_DECIMAL_CHARS:  # before the grammar: digits alone may be this long
+            raise AmountError(f"decimal text longer than {MAX_DECIMAL_CHARS} characters")
+        match = DECIMAL_TEXT.fullmatch(value)
         if match is None:
             raise AmountError("not a decimal number: expected digits 0-9 with one optional "
                               "point, like 12.5")

@@ -45,6 +45,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     RootModel,
     StrictInt,
     StrictStr,
@@ -160,8 +161,23 @@ Quantity = Annotated[DecimalValue, EXACT_DECIMAL, WithJsonSchema(decimal_schema(
     max(a.qty_decimals for a in DEFAULT_ASSETS.assets),
     description="> 0, on the asset's quantity step, at most the position's quantity (all of "
                 "it: a whole close); none: close all"))]
+MAX_ID_CHARS = 32
+"""The longest position or order id a request may give as text."""
+
+
+def _position_id_value(value: object) -> int | str:
+    """A position id as given: an int, or text of at most MAX_ID_CHARS (one message for any
+    other, where pydantic's union named its branches: ``positionId.int: ...``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS:
+        return value
+    raise PydanticCustomError("position_id", "expected the position's id: a string of its "
+                              "digits (an integer is accepted too)")
+
+
 # A position id that cannot exist (not 1..2**63-1) answers 404 like an unknown one.
-PositionId = Annotated[StrictInt | Annotated[StrictStr, Field(min_length=1, max_length=32)],
+PositionId = Annotated[int | str, PlainValidator(_position_id_value),
                        WithJsonSchema({"anyOf": [
                            {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
                            {"type": "string", "pattern": "^[0-9]{1,19}$"}],
@@ -171,12 +187,21 @@ ClientOrderId = Annotated[StrictStr, Field(min_length=1, max_length=64)]
 _DIGITS = re.compile("[0-9]+")
 
 
+_PAST_EVERY_BOUND = "9" * 20
+"""A query integer above every parameter's bound (2**64 < it)."""
+
+
 def _digits(value: object) -> object:
     """A query integer as its decimal digits alone: pydantic's lax int also reads a sign,
-    spaces, a ``.0`` and underscores (``limit=1_0`` was 10). Digits of any number (pydantic
-    reads up to 4,300, in microseconds) go on to the parameter's bounds, which name them."""
-    if isinstance(value, str) and not _DIGITS.fullmatch(value):
-        raise PydanticCustomError("int_digits", "Input should be an integer in decimal digits")
+    spaces, a ``.0`` and underscores (``limit=1_0`` was 10). Digits of any number go on to
+    the parameter's bounds, which name them: past 20 digits (leading zeros aside) as
+    _PAST_EVERY_BOUND, since pydantic reads no more than 4,300."""
+    if isinstance(value, str):
+        if not _DIGITS.fullmatch(value):
+            raise PydanticCustomError("int_digits",
+                                      "Input should be an integer in decimal digits")
+        if len(value.lstrip("0")) > len(_PAST_EVERY_BOUND):
+            return _PAST_EVERY_BOUND
     return value
 
 
@@ -604,10 +629,13 @@ MAX_NAME_SHOWN = 64
 
 
 def _validation_message(exc: RequestValidationError) -> str:
+    """The first three of ``exc``'s errors as ``field: message; ...``, unknown fields first
+    (a misspelt field explains the required one said missing)."""
     parts = []
-    for err in exc.errors()[:3]:
+    errors = sorted(exc.errors(), key=lambda err: err.get("type") != "extra_forbidden")
+    for err in errors[:3]:
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-        message = err.get("msg", "invalid")
+        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             message = "unknown field" + _did_you_mean(loc)
         if len(loc) > MAX_NAME_SHOWN:  # a name the client made up, as long as its body
@@ -624,8 +652,11 @@ def _is_json(content_type: str | None) -> bool:
 
 
 def _did_you_mean(name: str) -> str:
-    """`` (did you mean stopLoss?)`` for a name close to a field of a request body, else ``""``."""
+    """`` (did you mean stopLoss?)`` for a name close to a field of a request body, `` of this
+    request`` for the very field of another body, else ``""``."""
     known = {f for body in RequestBody.__subclasses__() for f in body.model_fields}
+    if name in known:
+        return " of this request"
     by_case = [f for f in known if f.lower() == name.lower()]
     close = by_case or difflib.get_close_matches(name[:MAX_NAME_SHOWN], sorted(known), n=1,
                                                  cutoff=0.75)
@@ -1137,13 +1168,16 @@ def create_app(service: TradingService) -> FastAPI:
                 responses={200: {"model": OrderOut},
                            **_errors(*_AUTH_ERRORS, 404, 409, 422, 503)})
     async def cancel_order(orderId: Annotated[str, Path(
-            max_length=32, description="the order's id")], who: Caller,
+            max_length=MAX_ID_CHARS, description="the order's id")], who: Caller,
+            request: Request,
             clientOrderId: Annotated[str | None, Query(
                 min_length=1, max_length=64,
                 description="makes the cancel idempotent: a retry gets the first answer")]
             = None) -> Response:
         """Cancel one of your open orders: its margin is released. 409 ORDER_NOT_OPEN when it
         has already filled, expired, been rejected or cancelled."""
+        if await request.body():  # its clientOrderId would be dropped: a retry cancels again
+            raise invalid("a cancel takes no body: give clientOrderId as ?clientOrderId=")
         order_id, _ = position_of(orderId, "no such open order")
         return answer(await service.cancel_order(who, order_id, clientOrderId), as_order)
 

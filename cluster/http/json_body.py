@@ -140,7 +140,8 @@ class ExactJsonRequest(Request):
 
 class ExactJsonRoute(APIRoute):
     """An APIRoute whose handler reads the body through :class:`ExactJsonRequest`, and which
-    refuses (422 INVALID_REQUEST) a query parameter it reads given twice."""
+    refuses (422 INVALID_REQUEST) a query parameter it reads given twice and (400) a body
+    under a Content-Encoding, which it does not decode."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -150,6 +151,11 @@ class ExactJsonRoute(APIRoute):
             repeated = repeated_query_key(request.scope.get("query_string", b""), names)
             if repeated is not None:
                 raise invalid(f"query.{repeated}: given more than once")
+            # a compressed body read as JSON fails as "not UTF-8", and one that was never
+            # compressed would be acted on under a header that says otherwise
+            if any(value.strip().lower() not in ("", "identity")
+                   for value in request.headers.getlist("content-encoding")):
+                raise invalid("Content-Encoding is not read: send the body uncompressed", 400)
             return await handler(ExactJsonRequest(request.scope, request.receive))
 
         return exact_json_handler

@@ -530,6 +530,14 @@ class StreamHub:
             connection.reject(Code.UNAUTHORIZED, "AUTH takes one API key")
             return
         key = params[0]
+        if connection.key == key:
+            return
+        if connection.key is not None:
+            # one connection, one account: its account stream must not change owner unseen
+            # (said of any other key, known or not: an unknown one logs nobody out)
+            connection.reject(Code.INVALID_REQUEST, "this connection is "
+                              "authenticated already: open another for another key")
+            return
         try:
             principal = await self.authenticate(key, connection.address)
         except Exception:
@@ -545,13 +553,6 @@ class StreamHub:
                 connection.close("auth")
                 return
             connection.reject(Code.UNAUTHORIZED, "unknown API key")
-            return
-        if connection.key == key:
-            return
-        if connection.key is not None:
-            # one connection, one account: its account stream must not change owner unseen
-            connection.reject(Code.INVALID_REQUEST, "this connection is "
-                              "authenticated already: open another for another key")
             return
         if self.by_key[key] >= self.limits.connections:
             connection.reject(Code.RATE_LIMITED, "too many connections for this key")

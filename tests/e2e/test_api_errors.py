@@ -3,6 +3,7 @@ Decimal inputs are exact; an open that is already lost is refused (WOULD_LIQUIDA
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -232,6 +233,10 @@ def test_bad_open_bodies_are_4xx_with_the_error_shape(
     ("/api/v1/positions/close", {"positionId": "1", "qty": "0.5"}, "qty", None),
     ("/api/v1/positions/modify", {"positionId": "1", "StopLoss": "9"}, "StopLoss", "stopLoss"),
     ("/api/v1/positions/margin", {"positionId": "1", "amount": "5", "x": 1}, "x", None),
+    # another request's field: said to be none of this one's, not "did you mean" itself
+    ("/api/v1/orders", {**VALID, "orderType": "limit", "triggerPrice": "95",
+                        "maxSlippageBps": 50}, "maxSlippageBps", None),
+    ("/api/v1/positions/close", {"positionId": "1", "amount": "5"}, "amount", None),
 ])
 def test_a_field_a_request_does_not_know_is_refused_by_name(
         platform: HttpPlatform, http: httpx.Client, path: str, body: dict[str, Any],
@@ -245,9 +250,72 @@ def test_a_field_a_request_does_not_know_is_refused_by_name(
     message = r.json()["error"]["message"]
     assert message.startswith(f"{field}: unknown field"), message
     assert (f"did you mean {hint}?" in message) if hint else ("did you mean" not in message)
+    known_elsewhere = field in {"maxSlippageBps", "amount"}
+    assert message.startswith(f"{field}: unknown field of this request") == known_elsewhere
     s = http.get("/api/v1/state", headers=h).json()
     assert s["positions"] == [] and s["balances"]["margin"] == "0.000000"
     assert http.get("/api/v1/orders", headers=h).json()["orders"] == []
+
+
+def test_unknown_fields_are_named_before_the_fields_they_leave_missing(
+        http: httpx.Client) -> None:
+    """Every key capitalised: the message's three errors were the missing fields, and the
+    hint of the misspelling was cut off."""
+    r = http.post("/api/v1/positions/open", headers=signup(http),
+                  json={"Asset": "SOL", "Type": "long", "Margin": "10", "Leverage": 2})
+    assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
+    assert r.json()["error"]["message"].split("; ") == [
+        "Asset: unknown field (did you mean asset?)", "Type: unknown field (did you mean type?)",
+        "Margin: unknown field (did you mean margin?)"]
+
+
+@pytest.mark.parametrize("position_id", [None, True, 1.5, [1], {}, "", "1" * 40])
+@pytest.mark.parametrize("path", ["/api/v1/positions/close", "/api/v1/positions/modify",
+                                  "/api/v1/positions/margin"])
+def test_a_position_id_of_another_type_is_refused_in_one_message(
+        http: httpx.Client, path: str, position_id: Any) -> None:
+    """It read ``positionId.int: Input should be a valid integer; positionId.constrained-str:
+    ...``: the names of the parser's two tries."""
+    body = {"positionId": position_id, **({"amount": "5"} if path.endswith("margin") else {})}
+    r = http.post(path, json=body, headers=signup(http))
+    assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
+    assert r.json()["error"]["message"] == ("positionId: expected the position's id: a string "
+                                            "of its digits (an integer is accepted too)")
+
+
+def test_a_cancel_with_a_body_is_refused_and_cancels_nothing(
+        platform: HttpPlatform, http: httpx.Client) -> None:
+    """A clientOrderId in a cancel's body was dropped: the cancel went through, and its retry
+    was answered ORDER_NOT_OPEN, not the first answer."""
+    h = sol_trader(platform, http)
+    order = http.post("/api/v1/orders", headers=h, json={
+        "asset": "SOL", "type": "long", "orderType": "limit", "triggerPrice": "90",
+        "margin": "10", "leverage": 2}).json()
+    r = http.request("DELETE", f"/api/v1/orders/{order['orderId']}", headers=h,
+                     json={"clientOrderId": "del-1"})
+    assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
+    assert r.json()["error"]["message"] == \
+        "a cancel takes no body: give clientOrderId as ?clientOrderId="
+    assert [o["orderId"] for o in http.get("/api/v1/orders", headers=h).json()["orders"]] == [
+        order["orderId"]]
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_a_body_under_a_content_encoding_is_refused_and_opens_nothing(
+        platform: HttpPlatform, http: httpx.Client, compressed: bool) -> None:
+    """A gzip body was refused as "malformed JSON: not UTF-8", and a plain one labelled gzip
+    opened a position."""
+    h = sol_trader(platform, http)
+    raw = json.dumps(VALID).encode()
+    r = http.post("/api/v1/positions/open", content=gzip.compress(raw) if compressed else raw,
+                  headers={**h, "Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert r.status_code == 400 and error_code(r) == "INVALID_REQUEST", r.text
+    assert r.json()["error"]["message"] == \
+        "Content-Encoding is not read: send the body uncompressed"
+    assert state(http, h)["positions"] == []
+    r = http.post("/api/v1/positions/open", content=raw, headers={
+        **h, "Content-Type": "application/json", "Content-Encoding": "identity"})
+    assert r.status_code == 201, r.text
 
 
 RAW_BODIES: list[tuple[str, bytes, str | None]] = [
@@ -381,12 +449,15 @@ def test_a_query_integer_is_decimal_digits_alone(http: httpx.Client, path: str, 
     ("/api/v1/positions/history", "limit=" + "9" * 23, "less than or equal to 500"),
     ("/api/v1/klines", "asset=SOL&interval=1m&endTime=" + "1" * 40, "less than or equal to"),
     ("/api/v1/orders/history", "limit=" + "0" * 30 + "7", None),  # leading zeros: 7
-    ("/api/v1/positions", "limit=" + "9" * 5000, "exceeded maximum size"),
+    ("/api/v1/positions", "limit=" + "9" * 5000, "less than or equal to 500"),
+    ("/api/v1/klines", "asset=SOL&interval=1m&startTime=" + "1" * 4301, "less than or equal to"),
+    ("/api/v1/orders/history", "limit=" + "0" * 5000 + "7", None),
 ])
 def test_a_query_integer_of_many_digits_is_refused_by_its_bound(
         http: httpx.Client, path: str, query: str, message: str | None) -> None:
     """Digits past 19 were refused as not being "an integer in decimal digits", which they
-    are: the parameter's bound refuses them, saying which it is."""
+    are, and past 4,300 as "exceeded maximum size": the parameter's bound refuses them,
+    saying which it is."""
     r = http.get(f"{path}?{query}", headers=signup(http))
     if message is None:
         assert r.status_code == 200, r.text

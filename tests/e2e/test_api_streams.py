@@ -722,6 +722,12 @@ def test_the_account_stream_needs_auth_and_shows_only_its_own_account(
             refused = await frame(ws)
             assert refused["error"]["code"] == "INVALID_REQUEST", refused
             assert "authenticated already" in refused["error"]["message"]
+            # and so is a key that opens no account: it read UNAUTHORIZED, as if it had logged
+            # this connection out, which it had not
+            await send(ws, "AUTH", "not-a-key")
+            refused = await frame(ws)
+            assert refused["error"]["code"] == "INVALID_REQUEST", refused
+            assert "authenticated already" in refused["error"]["message"]
             await asyncio.to_thread(open_position, http, other, asset="SOL", type="long",
                                     margin="4", leverage=2)
             await asyncio.to_thread(open_position, http, mine, asset="SOL", type="long",

@@ -106,8 +106,10 @@ def test_an_auth_after_the_connections_changes_neither_its_account_nor_its_strea
         assert hub.by_key == {"alice-key": 1}
         assert codes(await answer(socket, {"method": "AUTH", "params": ["bob-key"]})) == [
             "INVALID_REQUEST"]
+        # a key that opens no account is refused as any other key is (not UNAUTHORIZED, which
+        # told the client the connection was logged out)
         assert codes(await answer(socket, {"method": "AUTH", "params": ["nobody"]})) == [
-            "UNAUTHORIZED"]
+            "INVALID_REQUEST"]
         assert connection.principal == ALICE and connection.account is sub
         assert hub.by_key == {"alice-key": 1}
         s.tail.push([*s.record(BOB, 2), *s.record(ALICE, 1)])

@@ -75,6 +75,21 @@ def test_invalid_amounts(value: object, decimals: int) -> None:
         to_units(value, decimals)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("value", "message"), [
+    ("1" * 65, "decimal text longer than 64 characters"),  # digits alone, yet not read
+    ("1." + "0" * 100, "decimal text longer than 64 characters"),
+    ("1" * 64, "amount out of range"),
+    ("1." + "0" * 58 + "1", "too many decimals: at most 6 allowed"),
+    ("1,5", "not a decimal number: expected digits 0-9 with one optional point, like 12.5"),
+])
+def test_a_refused_amount_says_why(value: str, message: str) -> None:
+    """Digits past the length read were refused as not being a decimal number, which they
+    are."""
+    with pytest.raises(AmountError) as refused:
+        to_units(value, 6)
+    assert str(refused.value) == message
+
+
 def test_sign_and_zero_options() -> None:
     assert to_units("-1.5", 1, allow_negative=True) == -15
     assert to_units(Decimal("-2E+1"), 0, allow_negative=True) == -20
