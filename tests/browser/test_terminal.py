@@ -1743,6 +1743,34 @@ def bars_apart_s(driver: WebDriver) -> int | None:
     return min((b - a for a, b in itertools.pairwise(bars)), default=None)
 
 
+def test_the_charts_levels_can_be_hidden_and_stay_so_after_a_reload(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """A trader reading the candles of a busy asset hides the levels of its positions and
+    orders (and shows them again) with the box under the chart; the choice outlives a reload.
+    Before, every position drew four lines over the candles, always."""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": CHART_SERIES_JS})
+    key, position_id = open_long_on_a_new_page(platform, browser, http)
+    [position] = account(http, key)["positions"]
+    drawn = sorted([f"long {position['quantity']}", "liq."])
+    wait_until(browser, lambda d: sorted(t for t, _ in chart_lines(d)) == drawn,
+               "the position's levels")
+    levels_box = by_id(browser, "chart-levels")
+    assert levels_box.is_selected()
+    levels_box.click()
+    wait_until(browser, lambda d: chart_lines(d) == [], "no level drawn")
+    wait_until(browser, lambda d: not by_id(d, "chart-below").is_displayed(),
+               "the liquidation level no longer named at the chart's bottom edge")
+    browser.refresh()
+    wait_position_row(browser, "SOL", "long")
+    assert not by_id(browser, "chart-levels").is_selected()
+    wait_next_frames(browser)
+    assert chart_lines(browser) == []
+    by_id(browser, "chart-levels").click()
+    wait_until(browser, lambda d: sorted(t for t, _ in chart_lines(d)) == drawn,
+               "the levels drawn again")
+
+
 def test_what_one_tick_does_is_told_each_and_a_refused_fill_in_words(
         platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
     """One tick fills two orders and refuses a third at its fill: the notice tells all three,

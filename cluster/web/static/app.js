@@ -13,6 +13,7 @@ const STORE = {
   accountId: "shardex.accountId",
   asset: "shardex.asset",
   interval: "shardex.interval",
+  levels: "shardex.levels",   // "hidden" when the trader hid the chart's levels
 };
 const KLINE_LIMIT = 500;
 const HISTORY_PAGE = 50;
@@ -974,6 +975,10 @@ function renderPnl() {
 function renderChartLines() {
   if (!app.chart) return;
   const lines = [];
+  if (!byId("chart-levels").checked) { // hidden by the trader: the candles alone
+    app.chart.setLines(lines);
+    return;
+  }
   const set = (value) => value !== null && value !== undefined;
   const positions = app.positions.filter((p) => p.asset === app.asset);
   for (const p of positions) {
@@ -1399,6 +1404,10 @@ function bindUi() {
     subscribeMarket();
     loadKlines();
   });
+  byId("chart-levels").addEventListener("change", (event) => {
+    store(STORE.levels, event.target.checked ? null : "hidden");
+    renderChartLines();
+  });
   byId("ticket").addEventListener("submit", (event) => event.preventDefault());
   byId("ticket-kind").addEventListener("change", renderTicketKind);
   for (const id of ["ticket-margin", "ticket-leverage", "ticket-trigger"]) {
@@ -1424,6 +1433,7 @@ async function start() {
   const savedInterval = stored(STORE.interval);
   app.interval = INTERVALS.includes(savedInterval) ? savedInterval : "1m";
   byId("interval-select").value = app.interval;
+  byId("chart-levels").checked = stored(STORE.levels) !== "hidden";
 
   app.live = new LiveSocket(socketUrl(), { onFrame, onState: onSocketState, onAccountSubscribed });
   setKey(stored(STORE.key), stored(STORE.accountId));
