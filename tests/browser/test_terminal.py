@@ -1750,7 +1750,7 @@ def test_the_charts_levels_can_be_hidden_and_stay_so_after_a_reload(
     Before, every position drew four lines over the candles, always."""
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
                             {"source": CHART_SERIES_JS})
-    key, position_id = open_long_on_a_new_page(platform, browser, http)
+    key, _ = open_long_on_a_new_page(platform, browser, http)
     [position] = account(http, key)["positions"]
     drawn = sorted([f"long {position['quantity']}", "liq."])
     wait_until(browser, lambda d: sorted(t for t, _ in chart_lines(d)) == drawn,

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from feed.broker import free_port
+from feed.broker import free_ports
 from tests.integration.processes import descendants
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,13 +35,14 @@ def test_up_stops_cleanly_when_its_terminal_hangs_up(tmp_path: Path) -> None:
     audits clean offline. Python's default for SIGHUP ended ``up`` at once, as a ``kill -9``
     does: the records stayed, and the next start took it for a crash."""
     data_dir = tmp_path / "data"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PORT": str(free_port()),
+    port = free_ports(2)  # the API's and the broker's, never one port twice
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PORT": str(port),
            "FEED_SOURCE": "sim", "DATA_DIR": str(data_dir)}
     for name in ("RAY_ADDRESS", "KAFKA_BROKERS"):
         env.pop(name, None)
     master, slave = pty.openpty()
     run = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "up", "--broker-port", str(free_port())],
+        [sys.executable, "-m", "cluster.cli", "up", "--broker-port", str(port + 1)],
         cwd=REPO, env=env, stdin=slave, stdout=slave, stderr=slave,
         preexec_fn=_own_terminal)
     os.close(slave)

@@ -162,14 +162,15 @@ def _a_second_platform_is_refused_and_the_first_serves_on(platform: Any, http: A
     cluster's Serve app: the first platform's port refused every connection)."""
     import tempfile
 
-    from feed.broker import free_port
+    from feed.broker import free_ports
 
+    port = free_ports(2)  # the API's and the broker's, never one port twice
     with tempfile.TemporaryDirectory(prefix="shardex-second-") as data_dir:
         env = {**os.environ, "PYTHONPATH": str(REPO),
-               "RAY_ADDRESS": platform.settings.ray_address, "PORT": str(free_port()),
+               "RAY_ADDRESS": platform.settings.ray_address, "PORT": str(port),
                "FEED_SOURCE": "none", "DATA_DIR": data_dir}
         second = subprocess.run(
-            [sys.executable, "-m", "cluster.cli", "up", "--broker-port", str(free_port())],
+            [sys.executable, "-m", "cluster.cli", "up", "--broker-port", str(port + 1)],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode != 0, second.stdout + second.stderr
     assert "a platform already runs on the Ray cluster" in second.stderr, second.stderr[-3000:]
@@ -369,19 +370,19 @@ def _rejoin_scenario() -> None:
     import httpx
     from feed.broker import ProcessIdentity
     from feed.broker import accepts_connections
-    from feed.broker import free_port
+    from feed.broker import free_ports
     from feed.broker import stop_process
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
     root = Path(tempfile.mkdtemp(prefix="shardex-rejoin-"))
-    port = free_port()
+    port = free_ports(2)  # the API's and the broker's, never one port twice
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": cluster.address,
            "PORT": str(port), "FEED_SOURCE": "sim", "DATA_DIR": str(root / "data"),
            "ASSETS": "SOL", "SIGNUPS_PER_MIN": "0", "API_KEY_RATE_PER_S": "0",
            "PUBLIC_RATE_PER_S": "0"}
-    command = [sys.executable, "-m", "cluster.cli", "up", "--broker-port", str(free_port())]
+    command = [sys.executable, "-m", "cluster.cli", "up", "--broker-port", str(port + 1)]
     log = root / "up.log"
     runs: list[subprocess.Popen[bytes]] = []
 

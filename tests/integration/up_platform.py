@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 from engine.assets import AssetRegistry
 from feed.broker import ProcessIdentity
-from feed.broker import free_port
+from feed.broker import free_ports
 from feed.broker import stop_process
 from feed.message import MarketDataMessage
 from feed.message import message_from_ticks
@@ -132,7 +132,9 @@ class UpPlatform:
         self.assets = assets
         self.prices = dict(prices)
         self.data_dir = root / "data"
-        self.port, self.broker_port = free_port(), free_port()
+        # two ports picked apart could be the same one (1 in 10,000: it happened)
+        self.port = free_ports(2)
+        self.broker_port = self.port + 1
         self.url = f"http://127.0.0.1:{self.port}"
         self.bootstrap = f"127.0.0.1:{self.broker_port}"
         self.env = {**os.environ, "PYTHONPATH": str(REPO), "PORT": str(self.port),
