@@ -94,20 +94,27 @@ def liquidation_ticks(asset: Asset, side: Side, entry_ticks: int, qty_steps: int
     return entry_ticks + distance
 
 
-def _trigger_problem(side: Side, entry_ticks: int, liq_ticks: int, tp_ticks: int,
-                     sl_ticks: int) -> str | None:
-    """Why a TP/SL pair is invalid for this position, or None when valid (or not set)."""
-    if side == Side.LONG:
-        if tp_ticks != NO_LEVEL and tp_ticks <= entry_ticks:
-            return "take-profit of a long must be above the entry price"
-        if sl_ticks != NO_LEVEL and not liq_ticks < sl_ticks < entry_ticks:
-            return "stop-loss of a long must lie between the liquidation price and the entry"
-    else:
-        if tp_ticks != NO_LEVEL and not 0 < tp_ticks < entry_ticks:
-            return "take-profit of a short must be below the entry price"
-        if sl_ticks != NO_LEVEL and not entry_ticks < sl_ticks < liq_ticks:
-            return "stop-loss of a short must lie between the entry and the liquidation price"
-    return None
+def _trigger_problem(asset: Asset, side: Side, entry_ticks: int, liq_ticks: int,
+                     tp_ticks: int, sl_ticks: int) -> str | None:
+    """Why a TP/SL pair is invalid for this position, naming the prices it must lie beyond
+    (the entry is the fill's price, which the client did not know), or None when valid (or
+    not set)."""
+    long = side == Side.LONG
+    tp_wrong = tp_ticks != NO_LEVEL and not (
+        tp_ticks > entry_ticks if long else 0 < tp_ticks < entry_ticks)
+    sl_wrong = sl_ticks != NO_LEVEL and not (
+        liq_ticks < sl_ticks < entry_ticks if long else entry_ticks < sl_ticks < liq_ticks)
+    if not (tp_wrong or sl_wrong):
+        return None  # (the book checks every open: the prices are written only for a refusal)
+    entry, liq = asset.ticks_to_price(entry_ticks), asset.ticks_to_price(liq_ticks)
+    if tp_wrong:
+        return (f"take-profit of a {'long must be above' if long else 'short must be below'} "
+                f"the entry price ({entry})")
+    if long:
+        return (f"stop-loss of a long must lie between the liquidation price ({liq}) and the "
+                f"entry ({entry})")
+    return (f"stop-loss of a short must lie between the entry ({entry}) and the liquidation "
+            f"price ({liq})")
 
 
 def plan_open(asset: Asset, side: Side, margin_micros: int, leverage: int, bid_ticks: int,
@@ -162,7 +169,7 @@ def plan_open(asset: Asset, side: Side, margin_micros: int, leverage: int, bid_t
         return Rejected(Code.INVALID_TRIGGER, "take-profit and stop-loss must be positive prices")
     if tp > MAX_COLUMN_VALUE or sl > MAX_COLUMN_VALUE:
         return Rejected(Code.INVALID_TRIGGER, "take-profit or stop-loss too large")
-    problem = _trigger_problem(side, entry, liq, tp, sl)
+    problem = _trigger_problem(asset, side, entry, liq, tp, sl)
     if problem is not None:
         return Rejected(Code.INVALID_TRIGGER, problem)
     return OpenPlan(side, entry, qty, margin_micros, leverage, liq, tp, sl, mm,
@@ -191,7 +198,8 @@ def check_plan(asset: Asset, plan: OpenPlan) -> None:
     if plan.tp_ticks < 0 or plan.sl_ticks < 0 or max(plan.tp_ticks, plan.sl_ticks) \
             > MAX_COLUMN_VALUE:
         raise ValueError("trigger levels out of range")
-    problem = _trigger_problem(plan.side, plan.entry_ticks, liq, plan.tp_ticks, plan.sl_ticks)
+    problem = _trigger_problem(asset, plan.side, plan.entry_ticks, liq, plan.tp_ticks,
+                               plan.sl_ticks)
     if problem is not None:
         raise ValueError(problem)
 

@@ -128,3 +128,23 @@ def test_an_open_whose_margin_does_not_exceed_the_maintenance_margin_would_liqui
     assert isinstance(result, Rejected) and result.code == Code.WOULD_LIQUIDATE, result
     at_ten = _plan(impl, side, 10, "100.00", "100.01", ppm=100_000)
     assert isinstance(at_ten, Rejected) and at_ten.code == Code.WOULD_LIQUIDATE, at_ten
+
+
+@pytest.mark.parametrize(("side", "tp", "sl", "message"), [
+    (Side.LONG, "100.01", None, "take-profit of a long must be above the entry price (100.01)"),
+    (Side.LONG, None, "100.01", "stop-loss of a long must lie between the liquidation price "
+                                "(89.99) and the entry (100.01)"),
+    (Side.SHORT, "100.00", None, "take-profit of a short must be below the entry price "
+                                 "(100.00)"),
+    (Side.SHORT, None, "110.00", "stop-loss of a short must lie between the entry (100.00) "
+                                 "and the liquidation price (110.00)"),
+])
+def test_a_refused_take_profit_or_stop_loss_names_the_prices_it_must_lie_beyond(
+        side: Side, tp: str | None, sl: str | None, message: str) -> None:
+    """The entry is the fill's price, which the client did not know: the refusal read "must be
+    above the entry price" and named none."""
+    result = plan_open(SOL, side, 100 * USD, 10, SOL.price_to_ticks("100.00"),
+                       SOL.price_to_ticks("100.01"),
+                       None if tp is None else SOL.price_to_ticks(tp),
+                       None if sl is None else SOL.price_to_ticks(sl))
+    assert result == Rejected(Code.INVALID_TRIGGER, message)
