@@ -532,6 +532,52 @@ def test_phone_width_keeps_the_ticket_and_the_positions_reachable(
         <= PHONE[0]
 
 
+def swipe(driver: WebDriver, x: float, y: float, dx: float, dy: float) -> None:
+    """A finger's swipe from (x, y) by (dx, dy) CSS px, in ten moves, through the browser's
+    touch input (the page emulates a touch screen)."""
+    def touch(kind: str, points: list[dict[str, float]]) -> None:
+        driver.execute_cdp_cmd("Input.dispatchTouchEvent", {"type": kind, "touchPoints": points})
+
+    touch("touchStart", [{"x": x, "y": y}])
+    for step in range(1, 11):
+        touch("touchMove", [{"x": x + dx * step / 10, "y": y + dy * step / 10}])
+        time.sleep(0.02)
+    touch("touchEnd", [])
+
+
+def test_a_vertical_swipe_over_the_chart_scrolls_the_page_on_a_phone(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """At 390x844 the chart is a third of the first screen: a vertical swipe over it scrolls
+    the page, a horizontal one pans the candles. Before, the chart took the vertical swipe (the
+    library's default) and the page stood still under the finger."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    set_viewport(browser, *PHONE)
+    browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled",
+                            {"enabled": True, "maxTouchPoints": 5})
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": CHART_SERIES_JS})
+    open_terminal(browser, platform)
+    wait_chart_drawn(browser, "SOL")
+    box = browser.execute_script(
+        "return document.getElementById('chart').getBoundingClientRect().toJSON();")
+    x, y = box["left"] + box["width"] / 3, box["top"] + box["height"] / 2
+    assert browser.execute_script("return window.scrollY;") == 0
+    swipe(browser, x, y + 60, 0, -150)
+    wait_until(browser, lambda d: d.execute_script("return window.scrollY;") > 50,
+               "the page scrolled by the swipe")
+    settled = []  # the swipe's fling goes on a while: back to the top once it has stopped
+    wait_until(browser, lambda d: settled.append(d.execute_script("return window.scrollY;"))
+               or settled[-3:] == [settled[-1]] * 3, "the page's scroll to stop")
+    browser.execute_script("window.scrollTo(0, 0);")
+    wait_next_frames(browser)
+    position = "return window.__charts[0].timeScale().scrollPosition();"
+    before = browser.execute_script(position)
+    swipe(browser, x, y, 150, 0)
+    wait_until(browser, lambda d: d.execute_script(position) != before,
+               "the candles panned by the sideways swipe")
+    assert browser.execute_script("return window.scrollY;") == 0
+
+
 def empty_message_shown(driver: WebDriver, body_id: str) -> str | None:
     """The text of the empty row of table body ``body_id`` if all of it lies in the visible part
     of the table's scroll container, else None."""

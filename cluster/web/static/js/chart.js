@@ -78,6 +78,9 @@ export function createCandleChart(container) {
       horzLines: { color: color("--line", "#242e48") },
     },
     rightPriceScale: { borderColor: color("--line", "#242e48") },
+    // a vertical swipe over the chart scrolls the page (on a phone the chart is most of the
+    // first screen); a horizontal one still pans the candles
+    handleScroll: { vertTouchDrag: false },
     // room right of the newest candle, as trading charts keep it: the candle being built
     // (and its time label) stays clear of the price axis and of the lines' labels
     timeScale: {
