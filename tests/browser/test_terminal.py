@@ -1138,6 +1138,18 @@ def test_margin_added_and_removed_from_the_row_at_phone_width(
                       for testid in ("edit-take-profit", "edit-stop-loss"))
     assert sl_box["y"] >= tp_box["y"] + tp_box["height"], (tp_box, sl_box)
     assert sl_box["x"] == tp_box["x"], (tp_box, sl_box)
+    # a part closed after the margin changed is listed with the leverage it had, as its row
+    leverage = row_cell(browser, position_id, "leverage")
+    assert leverage.endswith("(opened 10x)"), leverage
+    type_into(row_control(browser, "close-quantity", position_id), "1.00")
+    row_control(browser, "close-position", position_id).click()
+    part = wait_until(browser, lambda d: next(iter(d.find_elements(
+        By.CSS_SELECTOR, f'tr[data-testid="closed-row"][data-position-id="{position_id}"]')),
+        None), "the part closed in the history")
+    header = [th.get_attribute("textContent") for th in browser.find_elements(
+        By.CSS_SELECTOR, "#closed-table th")]
+    cells = [td.get_attribute("textContent") for td in part.find_elements(By.CSS_SELECTOR, "td")]
+    assert dict(zip(header, cells, strict=True))["Lev."] == leverage
     assert max(browser.execute_script(
         "return [document.documentElement.scrollWidth, document.body.scrollWidth];")) \
         <= PHONE[0]

@@ -1069,7 +1069,7 @@ function renderClosed(closed) {
     h("td", { class: fmt.pnlClassOf(c.realizedPnl), "data-field": "realized-pnl", text: fmt.signedMoney(c.realizedPnl) }),
     td(fmt.money(c.payout), "num"),
     td(fmt.money(c.margin), "num"),
-    td(c.leverage === undefined ? null : `${c.leverage}x`, "num"),
+    td(leverageText(c), "num"),
     td(closeReasonText(c.closeReason)),
     h("td", { text: fmt.time(c.openedAt), title: fmt.text(c.openedAt) })));
   byId("closed-body").replaceChildren(...(rows.length ? rows : [emptyRow(12, "No closed positions yet")]));
