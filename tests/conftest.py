@@ -43,6 +43,19 @@ def kafka_broker_process(kafka_broker: str) -> object:
 _BROKERS: dict[str, object] = {}
 
 
+def _end_sessions_of_this_process() -> None:
+    """SIGKILL the processes of every local Ray session this process started (Ray names a
+    session ``session_<time>_<pid>`` after its driver)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from cluster.actors.launcher import _end_ray_processes
+
+    for session in (Path(tempfile.gettempdir()) / "ray").glob(f"session_*_{os.getpid()}"):
+        _end_ray_processes(str(session))
+
+
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
     """A fresh local Ray (2 CPUs, no dashboard, loopback only, the Ray settings the platform
@@ -57,9 +70,20 @@ def ray_local() -> Iterator[None]:
         # defaults, when something called ray.init with none), which the tests here rely on
         address = ray.get_runtime_context().gcs_address
         pytest.fail(f"a Ray this fixture did not start is connected ({address})", pytrace=False)
-    # address="local": always a new local Ray, never attach to a cluster someone else runs
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1", _system_config=dict(RAY_SYSTEM_CONFIG))
+    for attempt in range(2):
+        try:
+            # address="local": always a new local Ray, never attach to a cluster someone else
+            # runs
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     _node_ip_address="127.0.0.1", _system_config=dict(RAY_SYSTEM_CONFIG))
+            break
+        except Exception as exc:
+            # Ray gives its raylet a fixed 30 s to register; beside another test's Rays on two
+            # busy cores it missed them once. The half-started Ray's processes (its session is
+            # named after this process) are ended, and it starts once more
+            if attempt or "timed out during startup" not in str(exc):
+                raise
+            _end_sessions_of_this_process()
     try:
         yield None
     finally:
