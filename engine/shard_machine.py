@@ -61,7 +61,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import numpy as np
 
 from engine import schema
-from engine.amounts import ceil_div, from_units, micros_to_money
+from engine.amounts import ceil_div, micros_to_money
 from engine.assets import Asset
 from engine.book import COLUMN_NAMES, PositionBook, PositionRecord
 from engine.events import (
@@ -423,10 +423,7 @@ def _levels_problem(asset: Asset, record: PositionRecord, tp: int, sl: int, tick
     every view nor the price the engine met."""
     if not (0 <= tp <= MAX_COLUMN_VALUE and 0 <= sl <= MAX_COLUMN_VALUE):
         return "take-profit and stop-loss must be positive prices in range"
-
-    def price(ticks: int) -> str:
-        return from_units(ticks, asset.price_decimals)
-
+    price = asset.ticks_to_price
     if record.side == Side.LONG:
         bid = tick.bid_ticks
         if tp and tp <= bid:
@@ -723,7 +720,7 @@ class ShardMachine:
         if not 0 < qty_steps < record.qty_steps:
             return Rejected(Code.INVALID_REQUEST,
                             "quantity must be above zero and at most the position's "
-                            f"({from_units(record.qty_steps, self.asset.qty_decimals)})")
+                            f"({self.asset.steps_to_qty(record.qty_steps)})")
         margin = record.margin_micros * qty_steps // record.qty_steps
         rest = record._replace(qty_steps=record.qty_steps - qty_steps,
                                margin_micros=record.margin_micros - margin)
