@@ -1651,6 +1651,52 @@ def test_the_first_price_moves_nothing_below_the_quote(
     assert browser.execute_script(tops, buttons) == before
 
 
+@pytest.mark.parametrize("viewport", [PHONE, DESKTOP], ids=["phone", "desktop"])
+def test_a_notice_or_an_error_coming_and_going_moves_nothing_on_the_page(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client,
+        viewport: tuple[int, int]) -> None:
+    """A notice goes by itself after 8 s and an error when the next action works: a banner
+    in the page's flow pushed the buttons down by its height as it came and pulled them back
+    as it went, under a pointer about to click. The banners lie over the page, in the window
+    at any scroll, and the buttons, the balances and the tables stay where they were."""
+    tick(platform, http, "SOL", "100.00", "100.01")
+    set_viewport(browser, *viewport)
+    open_terminal(browser, platform)
+    create_account(browser)
+    notice = by_id(browser, "notice")
+    error = by_id(browser, "error-banner")
+    watched = [by_id(browser, element_id) for element_id in (
+        "submit-long", "submit-short", "ticket-margin", "balance-free", "api-key",
+        "positions-count")]
+    # where each lies on the page (not in the window: a click may scroll it into view)
+    tops = "return arguments[0].map((e) => e.getBoundingClientRect().top + window.scrollY);"
+    in_window = ("const r = arguments[0].getBoundingClientRect();"
+                 "return r.height > 0 && r.top >= 0 && r.bottom <= window.innerHeight;")
+
+    for scroll_y in (0, 400):
+        browser.execute_script("window.scrollTo(0, arguments[0]);", scroll_y)
+        wait_until(browser, lambda d: notice.is_displayed(), "the notice")  # 8 s not out yet
+        shown = browser.execute_script(tops, watched)
+        by_id(browser, "notice-dismiss").click()
+        wait_until(browser, lambda d: not notice.is_displayed(), "the notice dismissed")
+        assert browser.execute_script(tops, watched) == shown
+        # an error (leverage out of range: no line of the ticket comes with it), then a notice
+        open_long_from_ticket(browser, "100", "-1")
+        wait_until(browser, lambda d: error.is_displayed(), "the error banner")
+        assert browser.execute_script(in_window, error)
+        assert browser.execute_script(tops, watched) == shown
+        fill(browser, "ticket-leverage", "10")
+        browser.execute_script("window.scrollTo(0, arguments[0]);", scroll_y)
+        by_id(browser, "submit-long").click()
+        wait_until(browser, lambda d: not error.is_displayed() and notice.is_displayed()
+                   and text_of(d, "notice-text").startswith("Opened long"),
+                   "the open's notice in the error's place")
+        assert browser.execute_script(in_window, notice)
+        assert browser.execute_script(tops, watched) == shown, "the open's notice moved them"
+        if scroll_y:  # seen scrolled down as well
+            assert browser.execute_script("return window.scrollY;") > 0
+
+
 def test_the_api_docs_page_lists_the_operations_from_the_platform_alone(
         platform: RayHttpPlatform, browser: WebDriver) -> None:
     """``GET /docs`` (the banner's docs link): Swagger UI, served by the platform itself, draws
