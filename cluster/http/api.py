@@ -33,6 +33,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
 from fastapi import Depends, FastAPI, Path, Query, Request, WebSocket
@@ -78,7 +79,7 @@ from cluster.http.errors import (
 )
 from cluster.http.exposition import CONTENT_TYPE as EXPOSITION_TYPE
 from cluster.http.exposition import Exposition
-from cluster.http.json_body import ExactJsonRoute, parse_json
+from cluster.http.json_body import MAX_INT_DIGITS, ExactJsonRoute, parse_json
 from cluster.http.limits import (
     SITE_SIGNUPS_FACTOR,
     UNKNOWN_KEYS,
@@ -214,11 +215,24 @@ OrderCursor = Annotated[str | None, Query(
     pattern="^[0-9]{1,19}$", description="orderId of the last item of the previous page")]
 CloseCursor = Annotated[str | None, Query(
     pattern="^[0-9]{1,20}$", description="closeId of the last item of the previous page")]
-SlippageBps = Annotated[StrictInt, Field(ge=0, le=10_000)]
+def _long_int(value: object) -> object:
+    """A body integer past MAX_INT_DIGITS digits (parse_json keeps it a Decimal, so no huge
+    int is built) as one beyond every bound, of its sign: the field's range names it, where it
+    read ``Input should be a valid integer``. A number with a fraction or an exponent of other
+    digits stays refused as no integer."""
+    if (isinstance(value, Decimal) and value.is_finite() and value.as_tuple().exponent == 0
+            and len(value.as_tuple().digits) > MAX_INT_DIGITS):
+        return 10 ** MAX_INT_DIGITS if value > 0 else -(10 ** MAX_INT_DIGITS)
+    return value
+
+
+BodyInt = Annotated[StrictInt, BeforeValidator(_long_int)]
+"""An ``int`` body field: pydantic's strict int (no text, no bool, no fraction)."""
+SlippageBps = Annotated[BodyInt, Field(ge=0, le=10_000)]
 AssetName = Annotated[StrictStr, Field(min_length=1, max_length=32,
                                        description="one of the tradable assets")]
 # LEVERAGE_OUT_OF_RANGE, not a validation error, answers a leverage outside the range
-Leverage = Annotated[StrictInt, Field(description="integer in 1..maxLeverage of the asset",
+Leverage = Annotated[BodyInt, Field(description="integer in 1..maxLeverage of the asset",
                                       json_schema_extra={"minimum": 1,
                                                          "maximum": _MAX_LEVERAGE})]
 

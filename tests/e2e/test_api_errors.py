@@ -225,6 +225,33 @@ def test_bad_open_bodies_are_4xx_with_the_error_shape(
     assert s["positions"] == [] and s["balances"]["margin"] == "0.000000"
 
 
+@pytest.mark.parametrize("field,text,code,message", [
+    ("leverage", "1" + "0" * 40, "LEVERAGE_OUT_OF_RANGE", "1..10"),
+    ("leverage", "9" * 5000, "LEVERAGE_OUT_OF_RANGE", "1..10"),
+    ("leverage", "-" + "9" * 5000, "LEVERAGE_OUT_OF_RANGE", "1..10"),
+    ("maxSlippageBps", "9" * 5000, "INVALID_REQUEST", "less than or equal to 10000"),
+    ("maxSlippageBps", "-" + "9" * 45, "INVALID_REQUEST", "greater than or equal to 0"),
+    # an integer's digits with a fraction, or an exponent, are still no integer
+    ("leverage", "9" * 45 + ".5", "INVALID_REQUEST", "valid integer"),
+    ("leverage", "1" * 45 + "e-3", "INVALID_REQUEST", "valid integer"),
+])
+def test_a_body_integer_of_many_digits_is_refused_by_its_range(
+        platform: HttpPlatform, http: httpx.Client, field: str, text: str, code: str,
+        message: str) -> None:
+    """Past 40 digits an integer of the body read ``Input should be a valid integer``, which
+    it is: the field's range refuses it, as it does 1000, and nothing opens."""
+    h = sol_trader(platform, http)
+    fields = {**VALID, field: "@"}
+    raw = json.dumps(fields).replace('"@"', text).encode()
+    r = http.post("/api/v1/positions/open", content=raw,
+                  headers={**h, "Content-Type": "application/json"})
+    assert r.status_code == 422 and error_code(r) == code, r.text
+    assert message in r.json()["error"]["message"], r.text
+    assert len(r.text) < 400, r.text[:400]  # the digits are not sent back
+    s = http.get("/api/v1/state", headers=h).json()
+    assert s["positions"] == [] and s["balances"]["margin"] == "0.000000"
+
+
 @pytest.mark.parametrize("path,body,field,hint", [
     ("/api/v1/positions/open", {**VALID, "stoploss": "9"}, "stoploss", "stopLoss"),
     ("/api/v1/positions/open", {**VALID, "take_profit": "12"}, "take_profit", "takeProfit"),
