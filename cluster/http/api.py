@@ -595,8 +595,8 @@ def expires_us(text: str | None) -> int:
                       "or +HH:MM, or nothing for UTC)")
     try:
         when = datetime.fromisoformat(text)
-    except ValueError:
-        raise invalid("expiresAt: not an ISO-8601 time") from None
+    except ValueError as exc:  # of the form (ASCII, short), a field past its range: named
+        raise invalid(f"expiresAt {text}: {exc}") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     us = (when - _EPOCH) // timedelta(microseconds=1)

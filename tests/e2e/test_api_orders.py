@@ -209,6 +209,15 @@ def test_bad_orders_are_refused_and_lock_nothing(platform: HttpPlatform,
         assert placed["expiresAt"] == shown, (text, placed)
         r = http.delete(f"/api/v1/orders/{placed['orderId']}", headers=h)
         assert r.status_code == 200, r.text
+    # of the form, a field past its range: said which (it read "not an ISO-8601 time")
+    for text, said in (("2030-13-01T00:00:00Z", "month must be in 1..12"),
+                       ("2030-02-30T00:00:00Z", "day is out of range for month"),
+                       ("2030-01-01T24:00:00Z", "hour must be in 0..23"),
+                       ("2030-01-01T00:60Z", "minute must be in 0..59"),
+                       ("2030-06-30T23:59:60Z", "second must be in 0..59")):
+        r = http.post("/api/v1/orders", json={**good, "expiresAt": text}, headers=h)
+        assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
+        assert said in r.json()["error"]["message"], r.text
     # no time, no minutes, a one-digit second
     for text in ("2030-01-01", "2030-01-01T00Z", "2030-01-01T00:00:7Z"):
         r = http.post("/api/v1/orders", json={**good, "expiresAt": text}, headers=h)
