@@ -184,10 +184,12 @@ def test_create_account_shows_the_key_and_keeps_it_across_a_reload(
     assert on_first_screen(browser, "create-account")
 
     key = create_account(browser)
-    # at 1366x800 the ticket's buttons, the balances and the new key are seen without a scroll
+    # at 1366x800 the ticket's buttons, the balances, the new key and its Copy button are seen
+    # without a scroll (Copy, Show and Log out lay just below the first screen, after the note)
     browser.execute_script("window.scrollTo(0, 0);")
     assert all(on_first_screen(browser, element_id) for element_id in (
-        "submit-long", "submit-short", "balance-free", "balance-equity", "api-key"))
+        "submit-long", "submit-short", "balance-free", "balance-equity", "api-key",
+        "copy-key", "show-key", "logout"))
     account_id = text_of(browser, "account-id")
     assert account(http, key)["accountId"] == account_id
     assert browser.execute_script("return localStorage.getItem('shardex.apiKey');") == key
