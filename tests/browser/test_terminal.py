@@ -816,6 +816,65 @@ def test_the_tickets_liquidation_price_is_the_engines(
         list(fills), quote) == list(fills.values())
 
 
+def test_a_leverage_is_told_changed_only_for_a_margin_that_changed(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """The leverage a row shows beside the one opened with (``4.9x (opened 5x)``) is for a
+    margin added to or removed from: an open's quantity floored to the step leaves its
+    notional a little under margin x leverage (0.70 SOL of 0.707), which read as a changed
+    margin. fmt.marginChanged against the engine's own arithmetic (engine.orders'
+    quantity, the shard's share of the margin a part closes) over drawn positions of every
+    asset: an open as opened, its rest and its part after a partial close are unchanged; a
+    margin added by more than one step's notional / leverage, or one removed below the
+    notional / leverage, is changed."""
+    draw = random.Random(20261208)
+    cases, wanted = [], []
+
+    def case(asset: Any, entry: int, margin: int, leverage: int, qty: int, changed: bool
+             ) -> None:
+        cases.append([{"margin": from_units(margin, 6), "entryPrice": asset.ticks_to_price(entry),
+                       "quantity": asset.steps_to_qty(qty), "leverage": leverage},
+                      asset.qty_step])
+        wanted.append(changed)
+
+    while len(cases) < 1000:
+        asset = draw.choice(list(platform.settings.assets.assets))
+        entry = draw.choice([1, 99, 10_000, 3_000_00, draw.randrange(1, 10**8)])
+        margin = draw.choice([1, 999, 20 * 10**6, draw.randrange(1, 10**11)])
+        leverage = draw.randint(1, asset.max_leverage)
+        qty = quantity_steps(asset, margin, leverage, entry)
+        if qty < 1:
+            continue
+        case(asset, entry, margin, leverage, qty, False)
+        if qty > 1:
+            part_qty = draw.randrange(1, qty)
+            part = margin * part_qty // qty  # the shard's share of the margin a part takes
+            case(asset, entry, margin - part, leverage, qty - part_qty, False)
+            if part:
+                case(asset, entry, part, leverage, part_qty, False)
+        step_notional = asset.notional_micros(entry, 1)
+        gap = margin * leverage - asset.notional_micros(entry, qty)
+        added = -(-(step_notional - gap + 2 * leverage) // leverage) + draw.randrange(100)
+        case(asset, entry, margin + added, leverage, qty, True)
+        removed = (gap + 2 * leverage) // leverage + 1 + draw.randrange(100)
+        if removed < margin:
+            case(asset, entry, margin - removed, leverage, qty, True)
+    assert 300 < sum(wanted) < 700  # both kinds drawn
+    open_terminal(browser, platform)
+    told = browser.execute_async_script(
+        "const [cases, done] = arguments;"
+        "import('./static/js/format.js').then((fmt) => done(cases.map("
+        "  ([p, step]) => fmt.marginChanged(p, step))));", cases)
+    assert told == wanted
+    # 10 USD at 3x buys 0.29 SOL of 0.2999 at 100.01: 2.9x by its notional, opened at 3x
+    _, position_id = open_long_on_a_new_page(platform, browser, http, margin="10",
+                                             leverage="3")
+    wait_until(browser, lambda d: row_cell(d, position_id, "leverage") == "3x",
+               "the leverage opened with (it read 2.9x (opened 3x))")
+    row_control(browser, "close-position", position_id).click()
+    closed = closed_row(browser, position_id)
+    assert "3x" in closed.text.split() and "(opened" not in closed.text, closed.text
+
+
 def produce_history(platform: RayHttpPlatform, http: httpx.Client, asset: str,
                     minutes: int) -> None:
     """Produce ``minutes`` one-minute candles of ``asset`` ending now (four ticks each: open,

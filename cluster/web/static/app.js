@@ -820,10 +820,15 @@ const POSITION_COLUMNS = 14;
 
 // The leverage a position is opened with, and once margin was added or removed the one it has
 // now (its entry notional over its margin, to a tenth: shown, never settled with).
+// The leverage opened with; once the margin changed, the one it has now beside it (floats:
+// shown, never settled).
 function leverageText(p) {
   if (p.leverage === undefined) return "—";
+  const asset = app.assetByName.get(p.asset);
   const now = Number(p.entryPrice) * Number(p.quantity) / Number(p.margin);
-  if (!Number.isFinite(now) || Math.abs(now - p.leverage) < 0.05) return `${p.leverage}x`;
+  if (!asset || !fmt.marginChanged(p, String(asset.quantityStep)) || !Number.isFinite(now)) {
+    return `${p.leverage}x`;
+  }
   return `${now.toFixed(1)}x (opened ${p.leverage}x)`;
 }
 

@@ -109,6 +109,27 @@ export function estimate(margin, leverage, price, quantityStep) {
   return { size: unitsText(steps * step[0], step[1]), notional: unitsText(m[0] * lev, m[1]) };
 }
 
+// Whether a position's margin is other than the margin it opened with (added to, or some
+// removed), from its own fields: an open's quantity is floor(margin * leverage / entry) on the
+// quantity step, so until the margin changes margin * leverage - entry * quantity lies in
+// [0, entry * step) (a part closed releases its share of the margin, rounded to a micro-dollar:
+// leverage micro-dollars either way). The leverage entry * quantity / margin alone is below the
+// one opened with by that rounding: 4.95 for 5x when 0.70 SOL of 0.707 is bought. null when a
+// field is missing or not a decimal.
+export function marginChanged(position, quantityStep) {
+  const m = units(position.margin);
+  const e = units(position.entryPrice);
+  const q = units(position.quantity);
+  const step = units(quantityStep);
+  const lev = positiveWhole(position.leverage);
+  if (!m || !e || !q || !step || !lev) return null;
+  const scale = Math.max(m[1], e[1] + q[1], e[1] + step[1]);
+  const at = (n, d) => n * 10n ** BigInt(scale - d);
+  const gap = at(m[0] * lev, m[1]) - at(e[0] * q[0], e[1] + q[1]);
+  const slack = at(lev, 6);
+  return gap < -slack || gap >= at(e[0] * step[0], e[1] + step[1]) + slack;
+}
+
 // The liquidation price an open of ``margin`` at ``leverage`` filled at ``price`` (a decimal
 // string) would get, as the engine computes it: quantity floored to the step, maintenance
 // margin at ``asset.maintenanceMarginRate``, the price (long entry - (margin - mm) / quantity,
