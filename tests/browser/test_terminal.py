@@ -340,9 +340,7 @@ def test_open_from_the_ticket_close_from_the_table_then_in_history(
     wait_until(browser, lambda d: text_of(d, "balance-equity") == "10009.8901"
                and text_of(d, "upnl-total") == "+9.8901", "the equity at the live price")
 
-    browser.find_element(
-        By.CSS_SELECTOR, f'button[data-testid="close-position"][data-position-id="{position_id}"]'
-    ).click()
+    row_control(browser, "close-position", position_id).click()
     closed = closed_row(browser, position_id)
     assert closed.get_attribute("data-close-reason") == "manual"
     assert "101.00" in closed.text  # the exit at the bid
@@ -504,8 +502,7 @@ def test_phone_width_keeps_the_ticket_and_the_positions_reachable(
         assert box["left"] >= 0 and box["right"] <= PHONE[0], (element_id, box)
         assert element.is_displayed(), element_id
 
-    close = browser.find_element(
-        By.CSS_SELECTOR, f'button[data-testid="close-position"][data-position-id="{position_id}"]')
+    close = row_control(browser, "close-position", position_id)
     # scrolled sideways to the row's buttons, the row still says which position they act on
     browser.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'end'});",
                            close)
@@ -981,9 +978,26 @@ def signed_money(value: str) -> str:
     return shown if shown.startswith("-") or D(shown) == 0 else f"+{shown}"
 
 
+def row_settled(driver: WebDriver, row_css: str) -> None:
+    """Until the row ``row_css`` stays where it is (``data-moved`` gone): a row that just
+    came or moved refuses its buttons for a moment (ROW_MOVED_GUARD_MS in app.js)."""
+    wait_until(driver, lambda d: any(
+        r.get_attribute("data-moved") is None for r in d.find_elements(By.CSS_SELECTOR, row_css)),
+        f"the row {row_css} settled in its place")
+
+
 def row_control(driver: WebDriver, testid: str, position_id: str) -> WebElement:
+    """A control of the position's row (or its editor), once the row settled in its place."""
+    row_settled(driver, f'tr[data-testid="position-row"][data-position-id="{position_id}"]')
     return driver.find_element(
         By.CSS_SELECTOR, f'[data-testid="{testid}"][data-position-id="{position_id}"]')
+
+
+def order_cancel(driver: WebDriver, order_id: str) -> WebElement:
+    """The Cancel button of the open order's row, once the row settled in its place."""
+    row_settled(driver, f'tr[data-testid="order-row"][data-order-id="{order_id}"]')
+    return driver.find_element(
+        By.CSS_SELECTOR, f'button[data-testid="cancel-order"][data-order-id="{order_id}"]')
 
 
 def row_cell(driver: WebDriver, position_id: str, field: str) -> str:
@@ -1446,9 +1460,7 @@ def test_a_limit_order_from_the_ticket_then_cancelled_from_its_row(
     assert account(http, key)["positions"] == []
 
     flaky_network(browser, f"orders/{order_id}", "lose")  # and its answer is lost once
-    browser.find_element(
-        By.CSS_SELECTOR, f'button[data-testid="cancel-order"][data-order-id="{order_id}"]'
-    ).click()
+    order_cancel(browser, order_id).click()
     ended = wait_until(browser, lambda d: next(iter(d.find_elements(
         By.CSS_SELECTOR, f'tr[data-testid="order-history-row"][data-order-id="{order_id}"]')),
         None), "the cancelled order in the order history")
@@ -1756,6 +1768,51 @@ def test_a_notice_or_an_error_coming_and_going_moves_nothing_on_the_page(
         assert browser.execute_script(tops, watched) == shown, "the open's notice moved them"
         if scroll_y:  # seen scrolled down as well
             assert browser.execute_script("return window.scrollY;") > 0
+
+
+def test_a_rows_buttons_wait_a_moment_after_the_row_moved(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """A position closed by the engine (here by the API, as a TP/SL or liquidation does)
+    takes its row away and the rows below move up: a click aimed at its Close landed on the
+    Close of the row that took its place, and closed that position. A row that just came or
+    moved refuses its buttons for a moment, saying so, and closes nothing; then it works."""
+    key, first = open_long_on_a_new_page(platform, browser, http)
+    open_long_from_ticket(browser, "50", "5")
+    wait_until(browser, lambda d: len(position_rows(d)) == 2, "the second position's row")
+    upper, lower = (r.get_attribute("data-position-id") for r in position_rows(browser))
+    row_settled(browser, f'tr[data-testid="position-row"][data-position-id="{lower}"]')
+    lower_top = row_control(browser, "close-position", lower).rect["y"]
+    # the click comes the moment the upper row goes: where the upper row's Close was
+    clicked = browser.execute_async_script("""
+        const [upperId, lowerId, done] = arguments;
+        const body = document.getElementById("positions-body");
+        const watch = new MutationObserver(() => {
+          if (body.querySelector(`tr[data-position-id="${upperId}"]`)) return;
+          watch.disconnect();
+          const close = body.querySelector(
+            `button[data-testid="close-position"][data-position-id="${lowerId}"]`);
+          const top = close.getBoundingClientRect().top + window.scrollY;
+          close.click();
+          done(top);
+        });
+        watch.observe(body, {childList: true});
+        """ + f"""
+        fetch("/api/v1/positions/close", {{method: "POST", headers: {{
+          "Authorization": "Bearer {key}", "Content-Type": "application/json"}},
+          body: JSON.stringify({{positionId: upperId}})}});
+        """, upper, lower)
+    assert clicked < lower_top  # moved up (both from the page's top)
+    wait_until(browser, lambda d: text_of(d, "error-code") == "ROW_MOVED",
+               "the refusal of the click on the row that moved")
+    assert "nothing was sent" in text_of(browser, "error-message")
+    assert [p["positionId"] for p in account(http, key)["positions"]] == [lower]
+    time.sleep(0.5)  # what a close the page sent would have needed to land
+    assert [p["positionId"] for p in account(http, key)["positions"]] == [lower]
+    # settled, the same button closes its position
+    row_control(browser, "close-position", lower).click()
+    closed_row(browser, lower)
+    wait_until(browser, lambda d: position_rows(d) == [], "no open position")
+    assert first in (upper, lower)
 
 
 def test_the_api_docs_page_lists_the_operations_from_the_platform_alone(

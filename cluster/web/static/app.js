@@ -772,6 +772,57 @@ function renderState(state) {
   note.hidden = notes.length === 0;
 }
 
+// ------------------------------------------------------------------ rows that moved
+// A row's Close, Cancel, margin and TP/SL buttons are refused for a moment after the row came
+// or moved on the page (a row above it came or went: a close by TP/SL or liquidation, a fill,
+// an editor opened): a click aimed at one row's Close would otherwise land on the row that
+// took its place. The row is marked (data-moved) meanwhile.
+const ROW_MOVED_GUARD_MS = 700;
+const rowPlaces = new Map(); // "position 7" / "order 9" -> {row, top (px from the page's top), movedAt (ms), timer}
+const ROWS = 'tr[data-testid="position-row"], tr[data-testid="order-row"]';
+
+// A row by what it shows (an order's row is made anew when the orders change).
+function rowKey(row) {
+  return row.dataset.positionId !== undefined ? `position ${row.dataset.positionId}` : `order ${row.dataset.orderId}`;
+}
+
+function noteRowPlaces() {
+  const now = performance.now();
+  const seen = new Set();
+  for (const row of document.querySelectorAll(ROWS)) {
+    const key = rowKey(row);
+    seen.add(key);
+    const top = row.getBoundingClientRect().top + window.scrollY;
+    let place = rowPlaces.get(key);
+    if (place && Math.abs(place.top - top) < 1) {
+      if (place.row !== row && row.dataset.moved === undefined && place.timer !== null) row.dataset.moved = "";
+      place.row = row;
+      continue;
+    }
+    if (!place) rowPlaces.set(key, place = { row, top, movedAt: now, timer: null });
+    Object.assign(place, { row, top, movedAt: now });
+    row.dataset.moved = "";
+    clearTimeout(place.timer);
+    place.timer = setTimeout(() => { delete place.row.dataset.moved; place.timer = null; }, ROW_MOVED_GUARD_MS);
+  }
+  for (const [key, place] of rowPlaces) {
+    if (!seen.has(key)) { clearTimeout(place.timer); rowPlaces.delete(key); }
+  }
+}
+
+// ``handler`` of a button of ``row``, unless the row came or moved within the guard's time.
+function unlessMoved(row, handler) {
+  return (event) => {
+    const place = rowPlaces.get(rowKey(row));
+    if (place && performance.now() - place.movedAt < ROW_MOVED_GUARD_MS) {
+      showError(localError("ROW_MOVED", "the row moved just before the click (a row above it "
+        + "came or went): nothing was sent. Check it is the one meant and click again."));
+      return;
+    }
+    handler(event);
+  };
+}
+
 // ------------------------------------------------------------------ tables
 function td(value, className) {
   return h("td", { class: className, text: fmt.text(value) });
@@ -814,14 +865,13 @@ function renderPositions(positions) {
   setText(byId("positions-count"), positions.length);
   renderPnl();
   renderChartLines();
+  noteRowPlaces();
 }
 
 const POSITION_COLUMNS = 14;
 
 // The leverage a position is opened with, and once margin was added or removed the one it has
-// now (its entry notional over its margin, to a tenth: shown, never settled with).
-// The leverage opened with; once the margin changed, the one it has now beside it (floats:
-// shown, never settled).
+// now beside it (its entry notional over its margin, to a tenth: shown, never settled with).
 function leverageText(p) {
   if (p.leverage === undefined) return "—";
   const asset = app.assetByName.get(p.asset);
@@ -887,14 +937,14 @@ function positionRow(id) {
     id, row, editorRow, cells, markCell, pnlCell, position: null,
     closeQuantity, close, marginInput, addMargin, removeMargin, edit, tpInput, slInput, save, cancel,
   };
-  close.addEventListener("click", singleClick(() => closePosition(entry)));
-  addMargin.addEventListener("click", singleClick(() => changeMargin(entry, 1)));
-  removeMargin.addEventListener("click", singleClick(() => changeMargin(entry, -1)));
+  close.addEventListener("click", singleClick(unlessMoved(row, () => closePosition(entry))));
+  addMargin.addEventListener("click", singleClick(unlessMoved(row, () => changeMargin(entry, 1))));
+  removeMargin.addEventListener("click", singleClick(unlessMoved(row, () => changeMargin(entry, -1))));
   edit.addEventListener("click", () => setEditing(entry, entry.editorRow.hidden));
   cancel.addEventListener("click", () => setEditing(entry, false));
   editorForm.addEventListener("submit", (event) => {
     event.preventDefault();
-    saveTriggers(entry);
+    unlessMoved(row, () => saveTriggers(entry))(event);
   });
   return entry;
 }
@@ -1042,16 +1092,18 @@ function renderOrders(orders) {
       "data-order-id": id,
       text: "Cancel",
     });
-    cancel.addEventListener("click", singleClick(() => cancelOrder(id, cancel)));
-    return h("tr", { "data-testid": "order-row", "data-order-id": id, "data-asset": o.asset, "data-side": o.type },
+    const row = h("tr", { "data-testid": "order-row", "data-order-id": id, "data-asset": o.asset, "data-side": o.type },
       ...orderTermCells(o),
       td(o.takeProfit, "num"),
       td(o.stopLoss, "num"),
       h("td", { text: o.expiresAt ? fmt.time(o.expiresAt) : "good till cancelled", title: fmt.text(o.expiresAt) }),
       h("td", { text: fmt.time(o.createdAt), title: fmt.text(o.createdAt) }),
       h("td", {}, cancel));
+    cancel.addEventListener("click", singleClick(unlessMoved(row, () => cancelOrder(id, cancel))));
+    return row;
   });
   byId("orders-body").replaceChildren(...(rows.length ? rows : [emptyRow(11, "No open orders")]));
+  noteRowPlaces();
 }
 
 function renderClosed(closed) {
@@ -1430,6 +1482,10 @@ function bindUi() {
     app.orderHistoryLimit = Math.min(HISTORY_MAX, app.orderHistoryLimit + HISTORY_PAGE);
     requestRefresh(true);
   });
+  // a panel whose size changes (a ticket's line, a row's editor, the window) moves the rows
+  // below it
+  const resized = new ResizeObserver(noteRowPlaces);
+  for (const panel of document.querySelectorAll("main.layout > *")) resized.observe(panel);
 }
 
 async function start() {
