@@ -1587,6 +1587,14 @@ def test_a_row_close_refused_by_the_tickets_slippage_bound_says_where_the_bound_
             "any price)"), message
         assert [p["positionId"] for p in account(http, key)["positions"]] == [position_id]
         by_id(browser, "error-dismiss").click()
+    # the bound is of the ticket's asset: the BTC ticket's leaves a SOL row's close alone (it
+    # refused it, a bound typed for BTC prices)
+    Select(by_id(browser, "asset-select")).select_by_value("BTC")
+    wait_until(browser, lambda d: text_of(d, "ticket-asset") == "BTC", "the BTC ticket")
+    assert by_id(browser, "ticket-slippage").get_attribute("value") == "0"
+    row_control(browser, "close-position", position_id).click()
+    assert "101.00" in closed_row(browser, position_id).text  # at the bid, whatever the page's
+    assert account(http, key)["positions"] == []
 
 
 def test_the_ticket_says_when_a_pending_orders_trigger_is_crossed_already(

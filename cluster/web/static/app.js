@@ -1337,8 +1337,10 @@ async function closePosition(entry) {
   const quantity = entry.closeQuantity.value.trim();
   const body = { positionId: String(position.positionId) };
   if (quantity) body.quantity = quantity;
-  // the ticket's bound, while the ticket shows it (a limit or stop ticket hides the field)
-  const bps = byId("ticket-kind").value === "market" ? slippage() : null;
+  // the ticket's bound, while the ticket shows it (a limit or stop ticket hides the field) for
+  // the row's asset (a bound in basis points was typed with that asset's prices in view)
+  const bps = byId("ticket-kind").value === "market" && position.asset === app.asset
+    ? slippage() : null;
   if (bps !== null) {
     const quote = app.prices[position.asset];
     if (!quote) { // as the ticket's open: a bound is kept, or nothing is sent
