@@ -1447,6 +1447,10 @@ def test_a_limit_order_from_the_ticket_then_cancelled_from_its_row(
     key = create_account(browser)
     Select(by_id(browser, "ticket-kind")).select_by_value("limit")
     fill(browser, "ticket-trigger", "95.00")
+    fill(browser, "ticket-tp", "110.00")
+    fill(browser, "ticket-sl", "90.00")
+    browser.execute_script("document.getElementById('ticket-expiry').value = arguments[0];",
+                           "2030-01-01T00:00")
     open_long_from_ticket(browser, "100", "10")
     row = wait_until(browser, lambda d: next(iter(d.find_elements(
         By.CSS_SELECTOR, 'tr[data-testid="order-row"]')), None), "the open order's row")
@@ -1455,6 +1459,13 @@ def test_a_limit_order_from_the_ticket_then_cancelled_from_its_row(
     assert text_of(browser, "notice-text").startswith("Placed limit long SOL at 95.00")
     orders = http.get("/api/v1/orders", headers={"Authorization": f"Bearer {key}"}).json()
     assert [o["orderId"] for o in orders["orders"]] == [order_id]
+    placed = orders["orders"][0]
+    assert (placed["takeProfit"], placed["stopLoss"]) == ("110.00", "90.00")
+    assert placed["expiresAt"] is not None
+    # the ticket's prices and expiry were that order's: emptied; its margin and leverage stay
+    assert [by_id(browser, element_id).get_attribute("value") for element_id in (
+        "ticket-trigger", "ticket-tp", "ticket-sl", "ticket-expiry", "ticket-margin",
+        "ticket-leverage")] == ["", "", "", "", "100", "10"]
     wait_until(browser, lambda d: text_of(d, "balance-margin") == "100.00", "the order's margin")
     assert text_of(browser, "balance-orders") == "100.00"  # the margin's part that is orders'
     assert account(http, key)["positions"] == []

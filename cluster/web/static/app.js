@@ -1316,6 +1316,12 @@ async function submitTicket(side, button) {
   button.setAttribute("aria-busy", "true");
   try {
     const result = await trade("POST", path, body);
+    // the prices and the expiry were this order's: the next starts from none (a long's TP
+    // left in the ticket refused the short that followed; an expiry went on to the next order)
+    for (const id of ["ticket-trigger", "ticket-tp", "ticket-sl", "ticket-expiry"]) {
+      byId(id).value = "";
+      byId(id).dispatchEvent(new Event("input"));
+    }
     if (kind === "market") {
       showNotice(`Opened ${result.type} ${result.quantity} ${result.asset} at ${result.entryPrice} (position ${result.positionId}).`);
     } else {
