@@ -1776,6 +1776,10 @@ def test_a_notice_or_an_error_coming_and_going_moves_nothing_on_the_page(
         open_long_from_ticket(browser, "100", "-1")
         wait_until(browser, lambda d: error.is_displayed(), "the error banner")
         assert browser.execute_script(in_window, error)
+        if viewport == PHONE:  # the message under the code, the banner's width: not a column
+            code, message = (by_id(browser, i).rect for i in ("error-code", "error-message"))
+            assert message["y"] >= code["y"] + code["height"], (code, message)
+            assert message["width"] >= 0.8 * error.rect["width"], (message, error.rect)
         assert browser.execute_script(tops, watched) == shown
         fill(browser, "ticket-leverage", "10")
         browser.execute_script("window.scrollTo(0, arguments[0]);", scroll_y)
