@@ -488,7 +488,7 @@ def test_phone_width_keeps_the_ticket_and_the_positions_reachable(
     open_terminal(browser, platform)
     assert browser.execute_script("return [window.innerWidth, window.innerHeight];") == \
         list(PHONE)
-    create_account(browser)
+    key = create_account(browser)
     assert empty_message_shown(browser, "positions-body") == "No open positions"
     open_long_from_ticket(browser, "50", "5")
     position_id = wait_position_row(browser, "SOL", "long")
@@ -521,6 +521,12 @@ def test_phone_width_keeps_the_ticket_and_the_positions_reachable(
             "const r = arguments[0].getBoundingClientRect();"
             "return document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2)"
             " === arguments[0];", cell), text
+    # and of two alike, which: its size under its side
+    size = browser.find_element(By.CSS_SELECTOR, f'{row} > td[data-field="quantity"]').text
+    assert size == account(http, key)["positions"][0]["quantity"]
+    side = browser.find_element(By.CSS_SELECTOR, f"{row} > td:nth-child(2)")
+    assert browser.execute_script(
+        "return getComputedStyle(arguments[0], '::after').content;", side) == f'"{size}"'
     close.click()
     assert closed_row(browser, position_id).get_attribute("data-close-reason") == "manual"
     wait_until(browser, lambda d: position_rows(d) == [], "the closed row to leave the table")

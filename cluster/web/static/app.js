@@ -957,6 +957,7 @@ function updatePositionRow(entry) {
   setText(cells.asset, fmt.text(p.asset));
   setText(cells.side, fmt.text(p.type));
   cells.side.className = fmt.sideClass(p.type);
+  cells.side.dataset.what = fmt.text(p.quantity);  // under the side on a narrow screen
   setText(cells.quantity, fmt.text(p.quantity));
   setText(cells.entry, fmt.text(p.entryPrice));
   setText(cells.liquidation, fmt.text(p.liquidationPrice));
@@ -1092,8 +1093,10 @@ function renderOrders(orders) {
       "data-order-id": id,
       text: "Cancel",
     });
+    const terms = orderTermCells(o);
+    terms[1].dataset.what = `${o.orderType} ${o.triggerPrice}`;  // under the side on a narrow screen
     const row = h("tr", { "data-testid": "order-row", "data-order-id": id, "data-asset": o.asset, "data-side": o.type },
-      ...orderTermCells(o),
+      ...terms,
       td(o.takeProfit, "num"),
       td(o.stopLoss, "num"),
       h("td", { text: o.expiresAt ? fmt.time(o.expiresAt) : "good till cancelled", title: fmt.text(o.expiresAt) }),
