@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from decimal import Decimal
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +50,11 @@ def nesting_depth(raw: bytes) -> int:
     return int(np.cumsum(steps).max(initial=0))
 
 
+def _refuse_constant(name: str) -> Any:
+    """``NaN``, ``Infinity``, ``-Infinity``: Python's json reads them, JSON has none."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def load_json(raw: bytes | bytearray | str | None, *, max_bytes: int,
               max_depth: int = MAX_DEPTH) -> object:
     """Parse ``raw`` (UTF-8 bytes or text) as JSON within the size and nesting bounds.
@@ -56,8 +62,8 @@ def load_json(raw: bytes | bytearray | str | None, *, max_bytes: int,
     Raises :class:`PayloadError`: ``oversized`` (longer than ``max_bytes``), ``too_deep``
     (nested deeper than ``max_depth``), ``not_json`` (anything the parser refuses, invalid
     UTF-8, a non-text value). A number with a fraction or an exponent parses as the exact
-    :class:`~decimal.Decimal` of its text, never a float; ``NaN``/``Infinity`` parse as floats
-    (callers check numbers).
+    :class:`~decimal.Decimal` of its text, never a float; ``NaN``/``Infinity``, which are not
+    JSON, are ``not_json`` wherever they stand (the API refuses them too).
     """
     if isinstance(raw, str):
         if len(raw) > max_bytes:
@@ -78,7 +84,8 @@ def load_json(raw: bytes | bytearray | str | None, *, max_bytes: int,
         # UTF-8 only, as the API's bodies: json.loads on bytes would also read UTF-16 and
         # UTF-32, which no Backpack frame or producer of the topic sends (and text with a lone
         # surrogate is not UTF-8 either)
-        return json.loads(data.decode("utf-8"), parse_float=Decimal)
+        return json.loads(data.decode("utf-8"), parse_float=Decimal,
+                          parse_constant=_refuse_constant)
     except RecursionError:
         raise PayloadError("too_deep", "parser recursion limit") from None
     except Exception as exc:  # ValueError, UnicodeDecodeError, MemoryError...: never escapes

@@ -144,9 +144,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # the one form of a time read (ISO 8601's extended calendar form, RFC 3339's profile with the
 # seconds optional): datetime.fromisoformat alone also takes week dates, a time without a
 # date's separators, a NUL or a newline inside and an offset's minutes past 59 (+00:99 as
-# 1 h 39 min)
+# 1 h 39 min); an offset's hours are 00-23 (fromisoformat's refusal of +25:00 is in its own
+# terms, timedelta's)
 _ISO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?"
-                       r"(Z|[+-]\d{2}:[0-5]\d)?", re.ASCII)
+                       r"(Z|[+-]([01]\d|2[0-3]):[0-5]\d)?", re.ASCII)
 
 # --------------------------------------------------------------------------- request models
 # Every registry the platform can run is a subset of DEFAULT_ASSETS (config.ASSETS), so its

@@ -70,7 +70,9 @@ def _exact_int(text: str) -> int | Decimal:
     return int(text) if len(text) <= MAX_INT_DIGITS else Decimal(text)
 
 
-def _refuse_constant(name: str) -> Any:
+def refuse_constant(name: str) -> Any:
+    """``json.loads(..., parse_constant=refuse_constant)``: ``NaN``, ``Infinity`` and
+    ``-Infinity``, which Python reads and JSON (RFC 8259) has not, are refused."""
     raise ValueError(f"{name} is not a JSON number")
 
 
@@ -100,7 +102,7 @@ def parse_json(raw: bytes, max_depth: int) -> Any:
         raise invalid("malformed JSON: not UTF-8", 400) from None
     try:
         return json.loads(text, parse_float=_exact_number, parse_int=_exact_int,
-                          parse_constant=_refuse_constant, object_pairs_hook=unique_keys)
+                          parse_constant=refuse_constant, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as exc:
         raise invalid(f"malformed JSON: {exc.msg} at position {exc.pos}", 400) from None
     except (ValueError, RecursionError) as exc:  # bad UTF-8, NaN, an absurd exponent, a key twice

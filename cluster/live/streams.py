@@ -45,7 +45,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from cluster.http.errors import error_body, error_response
-from cluster.http.json_body import unique_keys
+from cluster.http.json_body import refuse_constant, unique_keys
 from cluster.http.limits import UNKNOWN_KEYS, TokenBuckets, client_of, too_many
 from cluster.live.account_stream import ACCOUNT_STREAM, AccountStreams, Subscription, stream_frame
 from cluster.live.market import Change, MarketSource
@@ -492,7 +492,8 @@ class StreamHub:
             connection.reject(Code.INVALID_REQUEST, f"frame over {MAX_FRAME_BYTES} bytes")
             return
         try:
-            frame = json.loads(text, object_pairs_hook=unique_keys)
+            frame = json.loads(text, object_pairs_hook=unique_keys,
+                               parse_constant=refuse_constant)
         except ValueError as exc:
             connection.reject(Code.INVALID_REQUEST, f"not JSON: {exc}"[:200])
             return
@@ -526,8 +527,11 @@ class StreamHub:
             self._unsubscribe(connection, params)
 
     async def _auth(self, connection: Connection, params: list[str]) -> None:
-        if len(params) != 1 or not params[0] or len(params[0]) > 256:
+        if len(params) != 1:
             connection.reject(Code.UNAUTHORIZED, "AUTH takes one API key")
+            return
+        if not params[0] or len(params[0]) > 256:
+            connection.reject(Code.UNAUTHORIZED, "not an API key: empty or over 256 characters")
             return
         key = params[0]
         if connection.key == key:

@@ -185,6 +185,7 @@ def test_bad_orders_are_refused_and_lock_nothing(platform: HttpPlatform,
             # an offset's minutes are 00-59: fromisoformat reads +00:99 as 1 h 39 min
             ({"expiresAt": "2030-01-01T00:00:00+00:60"}, 422, "INVALID_REQUEST"),
             ({"expiresAt": "2030-01-01T00:00:00-00:99"}, 422, "INVALID_REQUEST"),
+            ({"expiresAt": "2030-01-01T00:00:00+24:00"}, 422, "INVALID_REQUEST"),
             # take-profit and stop-loss that no fill price could accept: refused up front
             # (a limit long fills at 99 or below; a stop long at 101 or above)
             ({"stopLoss": "99"}, 422, "INVALID_TRIGGER"),
@@ -214,7 +215,11 @@ def test_bad_orders_are_refused_and_lock_nothing(platform: HttpPlatform,
                        ("2030-02-30T00:00:00Z", "day is out of range for month"),
                        ("2030-01-01T24:00:00Z", "hour must be in 0..23"),
                        ("2030-01-01T00:60Z", "minute must be in 0..59"),
-                       ("2030-06-30T23:59:60Z", "second must be in 0..59")):
+                       ("2030-06-30T23:59:60Z", "second must be in 0..59"),
+                       # an offset of 24 h or more is out of the form, its hint given (it
+                       # read "offset must be a timedelta strictly between -timedelta(...")
+                       ("2030-01-01T00:00:00+25:00", "then Z or +HH:MM"),
+                       ("2030-01-01T00:00:00-24:00", "then Z or +HH:MM")):
         r = http.post("/api/v1/orders", json={**good, "expiresAt": text}, headers=h)
         assert r.status_code == 422 and error_code(r) == "INVALID_REQUEST", r.text
         assert said in r.json()["error"]["message"], r.text

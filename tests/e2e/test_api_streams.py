@@ -117,6 +117,13 @@ def test_bad_frames_get_error_frames_and_the_connection_stays(platform: HttpPlat
                 error = await frame(ws)
                 assert error["error"]["code"] == "INVALID_REQUEST", (bad, error)
             assert error["error"]["message"] == "not JSON: key 'method' given twice", error
+            # NaN and Infinity are no JSON, as in a request's body (a PING carrying one was
+            # answered PONG)
+            for bad in ('{"method":"PING","x":NaN}', '{"method":"PING","x":[-Infinity]}'):
+                await ws.send(bad)
+                error = await frame(ws)
+                assert error["error"]["code"] == "INVALID_REQUEST", (bad, error)
+                assert "is not a JSON number" in error["error"]["message"], error
             await ws.send(b'{"method":"SUBSCRIBE","params":["bookTicker.SOL"]}')  # binary
             error = await frame(ws)
             assert error["error"] == {"code": "INVALID_REQUEST",
@@ -126,6 +133,10 @@ def test_bad_frames_get_error_frames_and_the_connection_stays(platform: HttpPlat
             assert "bookTicker.DOGE" in error["error"]["message"]
             await send(ws, "AUTH", "wrong-key")
             assert (await frame(ws))["error"]["code"] == "UNAUTHORIZED"
+            # one key too long to be one is named so (it read "AUTH takes one API key")
+            await send(ws, "AUTH", "k" * 3000)
+            assert (await frame(ws))["error"] == {
+                "code": "UNAUTHORIZED", "message": "not an API key: empty or over 256 characters"}
             await ws.send('{"method":"PING"}')  # a heartbeat a page can see the answer to
             assert await frame(ws) == {"method": "PONG"}
             await send(ws, "AUTH", key)  # a good key: no answer, no error
