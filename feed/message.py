@@ -106,11 +106,12 @@ class TickDecoder:
     the asset's price step; price, one decimal finer, not exactly ``(bid + ask) / 2``),
     ``crossed`` (bid > ask), ``above_bound`` (ask above the asset's
     :attr:`~engine.assets.Asset.max_price_ticks`), ``bad_field`` (``ts_us`` not an integer in
-    ``(0, 2**63)``, ``seq`` not one in ``[0, 2**63)``, ``source`` over
-    :data:`MAX_SOURCE_BYTES` bytes of UTF-8), and, when ``now_us`` is given, ``future``
+    ``(0, 2**63)``, ``seq`` not one in ``[0, 2**63)``, ``source`` not text, empty, over
+    :data:`MAX_SOURCE_BYTES` bytes of UTF-8 or with a character that is not printable: the API
+    and the terminal show it), and, when ``now_us`` is given, ``future``
     (``ts_us`` more than ``bounds.max_clock_skew_us`` ahead of ``now_us``) and ``stale`` (more
     than ``bounds.max_price_age_us`` behind). Unknown fields are ignored. ``seq`` may be absent (0);
-    a missing or non-text ``source`` reads ``unknown``. No input makes it raise.
+    a missing ``source`` reads ``unknown``. No input makes it raise.
     """
 
     def __init__(self, assets: AssetRegistry, bounds: FeedBounds | None = None) -> None:
@@ -159,10 +160,9 @@ class TickDecoder:
             return None
         ts_us = obj.get("ts_us")
         seq = obj.get("seq", 0)
-        source = obj.get("source")
+        source = obj.get("source", "unknown")
         if not (_is_int(ts_us) and 0 < ts_us < TS_US_LIMIT and _is_int(seq)
-                and 0 <= seq < SEQ_LIMIT) or (isinstance(source, str)
-                                              and _utf8_len(source) > MAX_SOURCE_BYTES):
+                and 0 <= seq < SEQ_LIMIT and _shown_label(source)):
             self._drop("bad_field")
             return None
         if now_us is not None:
@@ -173,12 +173,19 @@ class TickDecoder:
                 self._drop("stale")
                 return None
         self.decoded += 1
-        return Tick(asset.name, bid_ticks, ask_ticks, ts_us, seq,
-                    source if isinstance(source, str) else "unknown")
+        return Tick(asset.name, bid_ticks, ask_ticks, ts_us, seq, source)
 
 
 def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown_label(source: object) -> TypeGuard[str]:
+    """Whether ``source`` is a label the API and the terminal may show as it is: text of 1 to
+    MAX_SOURCE_BYTES bytes of UTF-8, every character printable (no control character, line
+    break, direction override or lone surrogate)."""
+    return (isinstance(source, str) and source.isprintable() and len(source) > 0
+            and _utf8_len(source) <= MAX_SOURCE_BYTES)
 
 
 def _utf8_len(text: str) -> int:

@@ -221,7 +221,23 @@ def test_random_json_objects_never_raise(obj: dict[str, object]) -> None:
     assert set(dec.dropped) <= set(DECODE_DROP_REASONS)
 
 
-@pytest.mark.parametrize("source", ["\U0001F600" * 16, "\u00e9" * 32, "\ud800" * 21, "x" * 64])
+@pytest.mark.parametrize("source", [
+    "", "a\u0000", "a\n", "\u202egnp", "a\u200bb", "\ud800", "\t", "a\u2028b", 5, None, True,
+    {}, ["backpack"], 1.5])
+def test_a_source_the_api_could_not_show_as_it_is_is_dropped(source: object) -> None:
+    """``source`` goes on to ``/prices``, the ``bookTicker`` stream and the terminal's label as
+    it is: a NUL, a line break, a direction override or a lone surrogate there, or an empty
+    label, was accepted and shown; a value that is not text read ``unknown``. Each is dropped
+    as ``bad_field``; a source not given still reads ``unknown``."""
+    dec = TickDecoder(DEFAULT_ASSETS)
+    assert dec.decode(enc(source=source)) is None
+    assert dec.dropped == {"bad_field": 1}
+    tick = dec.decode(enc(source=...))
+    assert tick is not None and tick.source == "unknown"
+    assert dec.decode(enc(source="sim 2 (é)")) is not None
+
+
+@pytest.mark.parametrize("source", ["\U0001F600" * 16, "\u00e9" * 32, "\u20ac" * 21, "x" * 64])
 def test_a_source_the_decoder_accepts_fits_the_journal(source: str) -> None:
     """``source`` is journaled with every tick a shard applies, behind a one-byte length. Its
     bound was 64 characters, and 64 characters of four UTF-8 bytes do not fit that length: the
@@ -231,6 +247,6 @@ def test_a_source_the_decoder_accepts_fits_the_journal(source: str) -> None:
     tick = dec.decode(enc(source=source))
     assert tick is not None and tick.source == source
     encode(TickApplied(tick.bid_ticks, tick.ask_ticks, tick.ts_us, tick.seq, tick.source))
-    for longer in ("\U0001F600" * 17, "\u00e9" * 33, "\ud800" * 22, "\U0001F600" * 64):
+    for longer in ("\U0001F600" * 17, "\u00e9" * 33, "\u20ac" * 22, "\U0001F600" * 64):
         assert dec.decode(enc(source=longer)) is None
     assert dec.dropped == {"bad_field": 4}
