@@ -151,7 +151,9 @@ def plan_open(asset: Asset, side: Side, margin_micros: int, leverage: int, bid_t
         return Rejected(Code.INVALID_REQUEST,
                         f"margin * leverage buys less than one step ({asset.qty_step})")
     if qty > asset.max_qty_steps:  # every amount of a larger one may not fit int64
-        return Rejected(Code.INVALID_REQUEST, "position too large")
+        return Rejected(Code.INVALID_REQUEST, (
+            f"position too large: {asset.steps_to_qty(qty)} {asset.name} at this price, at "
+            f"most {asset.steps_to_qty(asset.max_qty_steps)}"))
     mm = maintenance_margin_micros(asset, entry, qty, maintenance_margin_ppm)
     scale = 10 ** (asset.price_decimals + asset.qty_decimals)
     if margin_micros * scale <= maintenance_margin_ppm * entry * qty:

@@ -148,6 +148,10 @@ def test_size_worked_examples() -> None:
     assert placement_refusal(SOL, huge) == Rejected(
         Code.INVALID_REQUEST, "position too large at every price the order can fill at")
     assert placement_refusal(SOL, huge._replace(leverage=1)) is None
+    # an open of that size names it and the bound (it read "position too large" alone)
+    assert plan_open(SOL, Side.LONG, 500_000 * 10**6, 100, 50, 50, None, None) == Rejected(
+        Code.INVALID_REQUEST, "position too large: 100000000.00 SOL at this price, at most "
+        f"{SOL.steps_to_qty(SOL.max_qty_steps)}")
     # a stop long fills at or above its trigger: above the largest price, never
     above = huge._replace(kind=OrderKind.STOP, trigger_ticks=SOL.max_price_ticks + 1,
                           margin_micros=100_000 * 10**6)
