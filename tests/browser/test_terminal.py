@@ -2069,6 +2069,22 @@ def test_what_one_tick_does_is_told_each_and_a_refused_fill_in_words(
     assert (cells["TP"], cells["SL"], cells["Status"]) == ("95.00", "—", "rejected"), cells
     assert cells["Reason"] == "its take-profit or stop-loss lay on the wrong side of the fill " \
         "price (INVALID_TRIGGER)", cells
+    assert cells["Filled at"] == "—", cells
+    # a filled one the price it filled at, 98.01, beside its trigger, 99.00 (only the notice
+    # told it); its position's entry, once that position closed too
+    for order_id in ids[:2]:
+        filled_row = f'tr[data-testid="order-history-row"][data-order-id="{order_id}"]'
+        fill_cell = f'{filled_row} > td[data-field="fill-price"]'
+        wait_until(browser, lambda d, c=fill_cell: d.find_element(By.CSS_SELECTOR, c).text
+                   == "98.01", f"order {order_id}'s fill price")
+        assert "99.00" in browser.find_element(By.CSS_SELECTOR, filled_row).text
+    r = http.post("/api/v1/positions/close", headers={"Authorization": f"Bearer {key}"},
+                  json={"positionId": next(iter(positions))})
+    assert r.status_code == 200, r.text
+    closed_row(browser, next(iter(positions)))
+    assert [browser.find_element(By.CSS_SELECTOR, f'tr[data-testid="order-history-row"]'
+                                 f'[data-order-id="{order_id}"] > td[data-field="fill-price"]'
+                                 ).text for order_id in ids[:2]] == ["98.01", "98.01"]
 
 
 def test_a_refresh_error_leaves_the_notice_of_what_the_trader_just_did(

@@ -1110,6 +1110,7 @@ function renderOrders(orders) {
 }
 
 function renderClosed(closed) {
+  app.closedShown = closed;
   if (!changed("closed", [closed, app.closedLimit])) return;
   const rows = closed.map((c) => h("tr", {
     "data-testid": "closed-row",
@@ -1136,9 +1137,21 @@ function renderClosed(closed) {
   byId("closed-more").hidden = closed.length < app.closedLimit || app.closedLimit >= HISTORY_MAX;
 }
 
+// The price a filled order's fill opened its position at (the order tells its trigger, not
+// its fill): the position's entry, from the open positions or the closed ones shown; null for
+// one closed past those.
+function fillPriceOf(o) {
+  if (o.status !== "filled" || o.positionId === null || o.positionId === undefined) return null;
+  const id = String(o.positionId);
+  const position = app.positions.find((p) => String(p.positionId) === id)
+    || (app.closedShown || []).find((c) => String(c.positionId) === id);
+  return position ? position.entryPrice : null;
+}
+
 function renderOrderHistory(orders) {
-  if (!changed("order-history", [orders, app.orderHistoryLimit])) return;
-  const rows = orders.map((o) => h("tr", {
+  const fills = orders.map(fillPriceOf);
+  if (!changed("order-history", [orders, app.orderHistoryLimit, fills])) return;
+  const rows = orders.map((o, i) => h("tr", {
     "data-testid": "order-history-row",
     "data-order-id": String(o.orderId),
     "data-status": o.status,
@@ -1148,10 +1161,14 @@ function renderOrderHistory(orders) {
     td(o.takeProfit, "num"),
     td(o.stopLoss, "num"),
     td(o.status),
+    h("td", {
+      class: "num", "data-field": "fill-price", text: fmt.text(fills[i]),
+      title: o.status === "filled" && fills[i] === null ? "its position closed before the closed positions shown" : null,
+    }),
     td(o.positionId),
     td(o.rejectReason ? rejectedBecause(o.rejectReason) : null, "reason"),
     h("td", { text: fmt.time(o.createdAt), title: fmt.text(o.createdAt) })));
-  byId("order-history-body").replaceChildren(...(rows.length ? rows : [emptyRow(13, "No ended orders yet")]));
+  byId("order-history-body").replaceChildren(...(rows.length ? rows : [emptyRow(14, "No ended orders yet")]));
   byId("order-history-more").hidden = orders.length < app.orderHistoryLimit || app.orderHistoryLimit >= HISTORY_MAX;
 }
 
