@@ -1320,6 +1320,14 @@ def create_app(service: TradingService) -> FastAPI:
                         stage="batch")
                 out.add("shardex_feed_conflated_total", int(feed.get("conflated_pending", 0)),
                         stage="pending")
+                # the records a trim of the topic (or a broker restart) took before the feed
+                # read them are not among those: each such start over of a partition is
+                out.family("shardex_feed_partitions_restarted_total", "counter",
+                           "partitions the feed found created again (trimmed or the broker "
+                           "restarted) and read again from their newest record; records "
+                           "produced after its last read and before that were never read")
+                out.add("shardex_feed_partitions_restarted_total",
+                        int(feed.get("repositions", 0)))
         out.family("shardex_http_unread_dropped_total", "counter",
                    "connections dropped for leaving their answers unread")
         out.add("shardex_http_unread_dropped_total", DROPPED["unread"])

@@ -39,7 +39,7 @@ ODD_REASON = 'a "quoted"\\ reason\non two lines'  # a drop reason the feed names
 
 async def _feed_stats() -> dict[str, Any]:
     return {"dropped": {"stale": 2, ODD_REASON: 1}, "ticks_refused_by_shards": 3,
-            "consumed": 40, "conflated_batch": 30, "conflated_pending": 4}
+            "consumed": 40, "conflated_batch": 30, "conflated_pending": 4, "repositions": 2}
 
 
 @pytest_asyncio.fixture
@@ -124,6 +124,8 @@ async def test_metrics_are_prometheus_text_and_count_what_happened(
     assert _value(before, "shardex_feed_records_total") == 40
     assert _value(before, "shardex_feed_conflated_total", stage="batch") == 30
     assert _value(before, "shardex_feed_conflated_total", stage="pending") == 4
+    # and what was never read: a partition created again (a trim) is read from its newest
+    assert _value(before, "shardex_feed_partitions_restarted_total") == 2
     who = await sol_trader(p)
     pos = await p.service.open_position(who, sol_long())
     assert isinstance(pos, OpenPosition)
