@@ -1799,49 +1799,140 @@ def test_a_notice_or_an_error_coming_and_going_moves_nothing_on_the_page(
             assert browser.execute_script("return window.scrollY;") > 0
 
 
+def at_the_moment_a_row_goes(driver: WebDriver, key: str, gone: str, act: str) -> Any:
+    """Closes the position ``gone`` by the API (as a TP/SL or liquidation closes one: not the
+    page's doing) and runs the JavaScript function body ``act`` the moment its row leaves the
+    table, before the page paints; returns what ``act`` returns."""
+    return driver.execute_async_script("""
+        const [goneId, key, done] = arguments;
+        const act = () => {""" + act + """};
+        const body = document.getElementById("positions-body");
+        const watch = new MutationObserver(() => {
+          if (body.querySelector(`tr[data-position-id="${goneId}"]`)) return;
+          watch.disconnect();
+          done(act());
+        });
+        watch.observe(body, {childList: true});
+        fetch("/api/v1/positions/close", {method: "POST", headers: {
+          "Authorization": `Bearer ${key}`, "Content-Type": "application/json"},
+          body: JSON.stringify({positionId: goneId})});
+        """, gone, key)
+
+
 def test_a_rows_buttons_wait_a_moment_after_the_row_moved(
         platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
     """A position closed by the engine (here by the API, as a TP/SL or liquidation does)
     takes its row away and the rows below move up: a click aimed at its Close landed on the
     Close of the row that took its place, and closed that position. A row that just came or
-    moved refuses its buttons for a moment, saying so, and closes nothing; then it works."""
+    moved refuses its buttons for a moment (Edit's too: its editor would have been another
+    position's), saying so, and closes nothing; then it works, and its editor names it."""
     key, first = open_long_on_a_new_page(platform, browser, http)
     open_long_from_ticket(browser, "50", "5")
     wait_until(browser, lambda d: len(position_rows(d)) == 2, "the second position's row")
     upper, lower = (r.get_attribute("data-position-id") for r in position_rows(browser))
     row_settled(browser, f'tr[data-testid="position-row"][data-position-id="{lower}"]')
     lower_top = row_control(browser, "close-position", lower).rect["y"]
-    # the click comes the moment the upper row goes: where the upper row's Close was
-    clicked = browser.execute_async_script("""
-        const [upperId, lowerId, done] = arguments;
-        const body = document.getElementById("positions-body");
-        const watch = new MutationObserver(() => {
-          if (body.querySelector(`tr[data-position-id="${upperId}"]`)) return;
-          watch.disconnect();
-          const close = body.querySelector(
-            `button[data-testid="close-position"][data-position-id="${lowerId}"]`);
-          const top = close.getBoundingClientRect().top + window.scrollY;
-          close.click();
-          done(top);
-        });
-        watch.observe(body, {childList: true});
-        """ + f"""
-        fetch("/api/v1/positions/close", {{method: "POST", headers: {{
-          "Authorization": "Bearer {key}", "Content-Type": "application/json"}},
-          body: JSON.stringify({{positionId: upperId}})}});
-        """, upper, lower)
+    # the clicks come the moment the upper row goes: where the upper row's Edit and Close were
+    clicked = at_the_moment_a_row_goes(browser, key, upper, f"""
+        const button = (testid) => document.querySelector(
+          `button[data-testid="${{testid}}"][data-position-id="{lower}"]`);
+        const top = button("close-position").getBoundingClientRect().top + window.scrollY;
+        button("edit-triggers").click();
+        button("close-position").click();
+        return top;""")
     assert clicked < lower_top  # moved up (both from the page's top)
     wait_until(browser, lambda d: text_of(d, "error-code") == "ROW_MOVED",
                "the refusal of the click on the row that moved")
     assert "nothing was sent" in text_of(browser, "error-message")
+    assert not browser.find_element(
+        By.CSS_SELECTOR, f'tr[data-testid="position-editor"][data-position-id="{lower}"]'
+    ).is_displayed()
     assert [p["positionId"] for p in account(http, key)["positions"]] == [lower]
     time.sleep(0.5)  # what a close the page sent would have needed to land
     assert [p["positionId"] for p in account(http, key)["positions"]] == [lower]
-    # settled, the same button closes its position
+    # settled, the same buttons work: the editor names its position
+    row_control(browser, "edit-triggers", lower).click()
+    [position] = account(http, key)["positions"]
+    assert row_control(browser, "editor-position", lower).text == \
+        f"Position {lower}: long {position['quantity']} SOL"
+    row_control(browser, "cancel-edit", lower).click()
     row_control(browser, "close-position", lower).click()
     closed_row(browser, lower)
     wait_until(browser, lambda d: position_rows(d) == [], "no open position")
     assert first in (upper, lower)
+
+
+def test_a_row_the_window_scrolled_under_the_pointer_waits_a_moment_too(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """Scrolled to the page's end, a position closed by the engine makes the page shorter and
+    the browser pulls the scroll back: the rows above it move down on the screen, none on the
+    page. A click where the last row's Close was closed the row above it, with no refusal
+    (the rows' places were compared on the page). They are compared in the window now."""
+    key, _ = open_long_on_a_new_page(platform, browser, http)
+    for _ in range(2):
+        r = http.post("/api/v1/positions/open", headers={"Authorization": f"Bearer {key}"},
+                      json={"asset": "SOL", "type": "long", "margin": "20", "leverage": 5})
+        assert r.status_code == 201, r.text
+    wait_until(browser, lambda d: len(position_rows(d)) == 3, "three rows")
+    ids = [r.get_attribute("data-position-id") for r in position_rows(browser)]
+    by_id(browser, "tab-order-history").click()  # the closed one adds no row below
+    browser.execute_script("window.scrollTo(0, document.documentElement.scrollHeight);")
+    for position_id in ids:
+        row_settled(browser, f'tr[data-testid="position-row"][data-position-id="{position_id}"]')
+    scroll_before, point = browser.execute_script(
+        "const r = arguments[0].getBoundingClientRect();"
+        "return [window.scrollY, [r.left + r.width / 2, r.top + r.height / 2]];",
+        row_control(browser, "close-position", ids[-1]))
+    assert scroll_before > 0
+    scroll_after, hit = at_the_moment_a_row_goes(browser, key, ids[-1], f"""
+        const target = document.elementFromPoint({point[0]}, {point[1]});
+        target.click();
+        return [window.scrollY, target.dataset.positionId ?? null];""")
+    assert scroll_after < scroll_before, "the page did not pull its scroll back"
+    assert hit == ids[-2], (hit, ids)  # the row above, moved down into the gone one's place
+    wait_until(browser, lambda d: text_of(d, "error-code") == "ROW_MOVED",
+               "the refusal of the click on the row the window moved")
+    time.sleep(0.5)  # what a close the page sent would have needed to land
+    assert [p["positionId"] for p in account(http, key)["positions"]] == ids[:-1]
+
+
+def test_a_row_whose_buttons_moved_sideways_waits_a_moment_too(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """A position of a longer size (or any wider figure) widens its column: the buttons of
+    every row move sideways, "+" toward where "−" was, with no row above them changing. The
+    rows whose buttons moved wait a moment too."""
+    key, sol = open_long_on_a_new_page(platform, browser, http)
+    row = f'tr[data-testid="position-row"][data-position-id="{sol}"]'
+    row_settled(browser, row)
+    buttons = "return arguments[0].map((b) => [b.getBoundingClientRect().left, " \
+        "b.getBoundingClientRect().top]);"
+    controls = [row_control(browser, testid, sol) for testid in ("add-margin", "remove-margin",
+                                                                 "close-position")]
+    before = browser.execute_script(buttons, controls)
+    # the moment the second row comes (its size 98.99 and margin 990.00 wider than 9.99 and
+    # 100.00), "+" of the first row is clicked where it is then
+    after, quantity = browser.execute_async_script("""
+        const [key, controls, done] = arguments;
+        const body = document.getElementById("positions-body");
+        const watch = new MutationObserver(() => {
+          if (body.querySelectorAll('tr[data-testid="position-row"]').length < 2) return;
+          watch.disconnect();
+          const places = controls.map((b) => [b.getBoundingClientRect().left,
+                                              b.getBoundingClientRect().top]);
+          controls[0].click();
+          opened.then((p) => done([places, p.quantity]));
+        });
+        watch.observe(body, {childList: true});
+        const opened = fetch("/api/v1/positions/open", {method: "POST", headers: {
+          "Authorization": `Bearer ${key}`, "Content-Type": "application/json"},
+          body: JSON.stringify({asset: "SOL", type: "long", margin: "990", leverage: 10})}
+        ).then((r) => r.json());
+        """, key, controls)
+    assert len(quantity) > len("9.99"), quantity
+    assert [top for _, top in after] == [top for _, top in before]  # no row came above it
+    assert all(a > b for (a, _), (b, _) in zip(after, before, strict=True)), (before, after)
+    wait_until(browser, lambda d: text_of(d, "error-code") == "ROW_MOVED",
+               "the refusal of the click on the button that moved sideways")
 
 
 def test_the_api_docs_page_lists_the_operations_from_the_platform_alone(

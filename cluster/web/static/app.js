@@ -778,29 +778,41 @@ function renderState(state) {
 // an editor opened): a click aimed at one row's Close would otherwise land on the row that
 // took its place. The row is marked (data-moved) meanwhile.
 const ROW_MOVED_GUARD_MS = 700;
-const rowPlaces = new Map(); // "position 7" / "order 9" -> {row, top (px from the page's top), movedAt (ms), timer}
+const rowPlaces = new Map(); // "position 7" / "order 9" -> {row, top, scrollY, lefts, movedAt (ms), timer}
 const ROWS = 'tr[data-testid="position-row"], tr[data-testid="order-row"]';
+let seenScrollY = 0; // the window's scroll as its scroll events told it (px)
 
 // A row by what it shows (an order's row is made anew when the orders change).
 function rowKey(row) {
   return row.dataset.positionId !== undefined ? `position ${row.dataset.positionId}` : `order ${row.dataset.orderId}`;
 }
 
+// Where a pointer finds a row: its top in the window (px), and where its buttons' cells start
+// in its table (a wider column elsewhere moves them sideways: "+" to where "−" was).
+function rowPlace(row) {
+  const cells = [...row.cells].slice(-2);
+  return { top: row.getBoundingClientRect().top, scrollY: window.scrollY, lefts: cells.map((c) => c.offsetLeft).join(" ") };
+}
+
+// Marks every row whose place changed since it was last seen: in the window, less what the
+// trader scrolled meanwhile (a page grown shorter pulls the scroll back: every row moves on
+// screen and none on the page), or sideways.
 function noteRowPlaces() {
   const now = performance.now();
   const seen = new Set();
   for (const row of document.querySelectorAll(ROWS)) {
     const key = rowKey(row);
     seen.add(key);
-    const top = row.getBoundingClientRect().top + window.scrollY;
+    const found = rowPlace(row);
     let place = rowPlaces.get(key);
-    if (place && Math.abs(place.top - top) < 1) {
+    const scrolled = place ? seenScrollY - place.scrollY : 0; // by the trader, since
+    if (place && Math.abs(place.top - scrolled - found.top) < 1 && place.lefts === found.lefts) {
       if (place.row !== row && row.dataset.moved === undefined && place.timer !== null) row.dataset.moved = "";
-      place.row = row;
+      Object.assign(place, { row, top: found.top, scrollY: found.scrollY });
       continue;
     }
-    if (!place) rowPlaces.set(key, place = { row, top, movedAt: now, timer: null });
-    Object.assign(place, { row, top, movedAt: now });
+    if (!place) rowPlaces.set(key, place = { timer: null });
+    Object.assign(place, found, { row, movedAt: now });
     row.dataset.moved = "";
     clearTimeout(place.timer);
     place.timer = setTimeout(() => { delete place.row.dataset.moved; place.timer = null; }, ROW_MOVED_GUARD_MS);
@@ -808,6 +820,7 @@ function noteRowPlaces() {
   for (const [key, place] of rowPlaces) {
     if (!seen.has(key)) { clearTimeout(place.timer); rowPlaces.delete(key); }
   }
+  seenScrollY = window.scrollY;
 }
 
 // ``handler`` of a button of ``row``, unless the row came or moved within the guard's time.
@@ -920,7 +933,11 @@ function positionRow(id) {
   const save = button("save-triggers", "Save", "Save take-profit and stop-loss");
   save.type = "submit";  // Enter in either field saves too (a form submits on Enter only with one)
   const cancel = button("cancel-edit", "Cancel", "Cancel the edit");
+  // the editor names its position: a row that moved under the pointer as Edit was clicked
+  // would otherwise leave the TP/SL of another position being typed
+  const editorWhat = h("span", { class: "editor-what", "data-testid": "editor-position", ...idAttr });
   const editorForm = h("form", { class: "row-editor", autocomplete: "off", novalidate: true },
+    editorWhat,
     h("label", {}, h("span", { text: "Take profit" }), tpInput),
     h("label", {}, h("span", { text: "Stop loss" }), slInput),
     save, cancel);
@@ -934,13 +951,13 @@ function positionRow(id) {
     h("td", {}, h("div", { class: "row-actions" }, closeQuantity, close, edit)));
 
   const entry = {
-    id, row, editorRow, cells, markCell, pnlCell, position: null,
+    id, row, editorRow, editorWhat, cells, markCell, pnlCell, position: null,
     closeQuantity, close, marginInput, addMargin, removeMargin, edit, tpInput, slInput, save, cancel,
   };
   close.addEventListener("click", singleClick(unlessMoved(row, () => closePosition(entry))));
   addMargin.addEventListener("click", singleClick(unlessMoved(row, () => changeMargin(entry, 1))));
   removeMargin.addEventListener("click", singleClick(unlessMoved(row, () => changeMargin(entry, -1))));
-  edit.addEventListener("click", () => setEditing(entry, entry.editorRow.hidden));
+  edit.addEventListener("click", unlessMoved(row, () => setEditing(entry, entry.editorRow.hidden)));
   cancel.addEventListener("click", () => setEditing(entry, false));
   editorForm.addEventListener("submit", (event) => {
     event.preventDefault();
@@ -958,6 +975,7 @@ function updatePositionRow(entry) {
   setText(cells.side, fmt.text(p.type));
   cells.side.className = fmt.sideClass(p.type);
   cells.side.dataset.what = fmt.text(p.quantity);  // under the side on a narrow screen
+  setText(entry.editorWhat, `Position ${entry.id}: ${fmt.text(p.type)} ${fmt.text(p.quantity)} ${fmt.text(p.asset)}`);
   setText(cells.quantity, fmt.text(p.quantity));
   setText(cells.entry, fmt.text(p.entryPrice));
   setText(cells.liquidation, fmt.text(p.liquidationPrice));
@@ -1512,6 +1530,8 @@ function bindUi() {
   });
   // a panel whose size changes (a ticket's line, a row's editor, the window) moves the rows
   // below it
+  seenScrollY = window.scrollY;
+  window.addEventListener("scroll", () => { seenScrollY = window.scrollY; }, { passive: true });
   const resized = new ResizeObserver(noteRowPlaces);
   for (const panel of document.querySelectorAll("main.layout > *")) resized.observe(panel);
 }
