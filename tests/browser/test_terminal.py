@@ -1935,6 +1935,41 @@ def test_a_row_whose_buttons_moved_sideways_waits_a_moment_too(
                "the refusal of the click on the button that moved sideways")
 
 
+def test_the_tables_stay_put_as_the_tickets_lines_come_and_go(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """At 1366x800 the ticket and the account, beside the chart, are the taller column: the
+    ticket's line of a crossed trigger, coming and going with the price, moved the tables
+    below (every row, 63 px) each time, under a pointer. The column keeps the tallest height
+    it had: the tables move when it first grows, then no more."""
+    tick(platform, http, "SOL", "100.00", "100.10")
+    open_terminal(browser, platform)
+    create_account(browser)
+    wait_until(browser, lambda d: text_of(d, "bid") == "100.00", "the price")
+    Select(by_id(browser, "ticket-kind")).select_by_value("limit")
+    crossed = by_id(browser, "ticket-crossed")
+    tables = [by_id(browser, element_id) for element_id in ("positions-table", "orders-table")]
+    tops = "return arguments[0].map((e) => e.getBoundingClientRect().top + window.scrollY);"
+    fill(browser, "ticket-trigger", "101.00")  # the ask crosses it
+    wait_until(browser, lambda d: crossed.is_displayed(), "the crossed line")
+    shown = browser.execute_script(tops, tables)
+    for trigger, seen in (("100.05", False), ("101.00", True), ("", False)):
+        field = by_id(browser, "ticket-trigger")  # emptied as a trader does: keys, not clear()
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(Keys.BACKSPACE, *trigger)
+        wait_until(browser, lambda d, seen=seen: crossed.is_displayed() == seen,
+                   f"the crossed line {'shown' if seen else 'gone'} at {trigger!r}")
+        wait_next_frames(browser)
+        assert browser.execute_script(tops, tables) == shown, trigger
+    # so with the price: the trigger stays, the quote crosses it and leaves it
+    fill(browser, "ticket-trigger", "100.05")
+    for bid, ask, seen in (("100.06", "100.07", True), ("100.00", "100.10", False)):
+        tick(platform, http, "SOL", bid, ask)
+        wait_until(browser, lambda d, seen=seen: crossed.is_displayed() == seen,
+                   f"the crossed line at {bid}/{ask}")
+        wait_next_frames(browser)
+        assert browser.execute_script(tops, tables) == shown, (bid, ask)
+
+
 def test_the_api_docs_page_lists_the_operations_from_the_platform_alone(
         platform: RayHttpPlatform, browser: WebDriver) -> None:
     """``GET /docs`` (the banner's docs link): Swagger UI, served by the platform itself, draws

@@ -823,6 +823,29 @@ function noteRowPlaces() {
   seenScrollY = window.scrollY;
 }
 
+// The ticket's lines (a trigger the quote crosses, a margin above the balance) come and go with
+// the price and what is typed, and its fields with the order type: ``column`` (the ticket and
+// the account, above the tables on a phone, beside them where the tallest sets the tables'
+// top) keeps the tallest height it had at this window's width, so the tables move when it
+// first grows that tall, not each time a line comes and goes (63 px, every row at once).
+function keepTallest(column) {
+  let tallest = 0;
+  new ResizeObserver(() => {
+    const height = column.getBoundingClientRect().height;
+    if (height > tallest) {
+      tallest = height;
+      column.style.minHeight = `${tallest}px`;
+    }
+  }).observe(column);
+  let width = window.innerWidth;
+  window.addEventListener("resize", () => {
+    if (window.innerWidth === width) return;  // a phone's bar coming and going: the same lines
+    width = window.innerWidth;
+    tallest = 0;
+    column.style.minHeight = "";
+  });
+}
+
 // ``handler`` of a button of ``row``, unless the row came or moved within the guard's time.
 function unlessMoved(row, handler) {
   return (event) => {
@@ -1530,6 +1553,7 @@ function bindUi() {
   });
   // a panel whose size changes (a ticket's line, a row's editor, the window) moves the rows
   // below it
+  keepTallest(document.querySelector("aside.side"));
   seenScrollY = window.scrollY;
   window.addEventListener("scroll", () => { seenScrollY = window.scrollY; }, { passive: true });
   const resized = new ResizeObserver(noteRowPlaces);
