@@ -390,6 +390,26 @@ def test_liquidation_by_a_produced_price_leaves_the_table_and_shows_in_history(
     assert_not_reloaded(browser)
 
 
+def test_a_liquidation_past_the_margin_says_the_insurance_took_the_rest(
+        platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
+    """A price that gaps past a long's liquidation price closes it with a PnL beyond its margin
+    (paid out 0): the account lost its margin, the platform's insurance the rest. The row and
+    the notice showed the PnL alone, a loss larger than the trader's."""
+    key, position_id = open_long_on_a_new_page(platform, browser, http, leverage="20")
+    liquidation = D(account(http, key)["positions"][0]["liquidationPrice"])
+    tick(platform, http, "SOL", str(liquidation - 2), str(liquidation - D("1.99")))
+    closed = closed_row(browser, position_id)
+    [part] = http.get("/api/v1/positions/history",
+                      headers={"Authorization": f"Bearer {key}"}).json()["positions"]
+    past = -D(part["realizedPnl"]) - D(part["margin"])
+    assert past > 0 and D(part["payout"]) == 0, part
+    tag = closed.find_element(By.CSS_SELECTOR, '[data-testid="insured"]')
+    assert tag.text == f"insured {money(str(past))}"
+    said = (f"(the loss past the margin, {money(str(past))} USD, is the platform's "
+            f"insurance's: this account lost its margin, {money(part['margin'])} USD)")
+    wait_until(browser, lambda d: said in text_of(d, "notice-text"), "the liquidation's notice")
+
+
 def test_api_error_is_shown_with_the_apis_code_and_message(
         platform: RayHttpPlatform, browser: WebDriver, http: httpx.Client) -> None:
     """A margin above the free balance, then a leverage below the range: the error banner

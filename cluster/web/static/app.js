@@ -443,7 +443,7 @@ function engineNotice(data, opened = null) {
       return `Order ${data.orderId} (${data.orderType} ${data.type} ${data.asset}) expired.`;
     case "positionClosed":
       if (data.closeReason === "manual") return null; // the user's own close says so itself
-      return `Position ${data.positionId} (${data.type} ${data.quantity} ${data.asset}) closed by ${closeReasonText(data.closeReason)} at ${data.exitPrice}: PnL ${fmt.signedMoney(data.realizedPnl)} USD, paid out ${fmt.money(data.payout)} USD.`;
+      return `Position ${data.positionId} (${data.type} ${data.quantity} ${data.asset}) closed by ${closeReasonText(data.closeReason)} at ${data.exitPrice}: PnL ${fmt.signedMoney(data.realizedPnl)} USD, paid out ${fmt.money(data.payout)} USD${insuredText(data)}.`;
     default:
       return null;
   }
@@ -906,6 +906,20 @@ function renderPositions(positions) {
 
 const POSITION_COLUMNS = 14;
 
+// The part of a close's loss past its margin, which the platform's insurance account takes
+// (a price that gapped past the liquidation price): the trader lost the margin, not the PnL.
+// BigInt micro-dollars; 0n when none.
+function insured(c) {
+  const pnl = fmt.micros(c.realizedPnl);
+  const margin = fmt.micros(c.margin);
+  return pnl === null || margin === null || -pnl <= margin ? 0n : -pnl - margin;
+}
+
+function insuredText(c) {
+  const past = insured(c);
+  return past > 0n ? ` (the loss past the margin, ${fmt.money(fmt.microsText(past))} USD, is the platform's insurance's: this account lost its margin, ${fmt.money(c.margin)} USD)` : "";
+}
+
 // The leverage a position is opened with, and once margin was added or removed the one it has
 // now beside it (its entry notional over its margin, to a tenth: shown, never settled with).
 function leverageText(p) {
@@ -1168,7 +1182,11 @@ function renderClosed(closed) {
       c.partial === true ? h("span", { class: "tag", "data-testid": "partial-close", text: "partial" }) : null),
     td(c.entryPrice, "num"),
     td(c.exitPrice, "num"),
-    h("td", { class: fmt.pnlClassOf(c.realizedPnl), "data-field": "realized-pnl", text: fmt.signedMoney(c.realizedPnl) }),
+    h("td", { class: fmt.pnlClassOf(c.realizedPnl), "data-field": "realized-pnl", text: fmt.signedMoney(c.realizedPnl) },
+      insured(c) > 0n ? h("span", {
+        class: "tag", "data-testid": "insured", text: `insured ${fmt.money(fmt.microsText(insured(c)))}`,
+        title: insuredText(c).trim().slice(1, -1),
+      }) : null),
     td(fmt.money(c.payout), "num"),
     td(fmt.money(c.margin), "num"),
     td(leverageText(c), "num"),
