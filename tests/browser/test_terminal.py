@@ -1482,6 +1482,8 @@ def test_a_limit_order_from_the_ticket_then_cancelled_from_its_row(
         By.CSS_SELECTOR, 'tr[data-testid="order-row"]')), None), "the open order's row")
     order_id = row.get_attribute("data-order-id")
     assert "95.00" in row.text and "limit" in row.text
+    # the size it buys at its trigger, floored to the step as the engine does: 1000 / 95
+    assert row.find_element(By.CSS_SELECTOR, 'td[data-field="size"]').text == "10.52"
     assert text_of(browser, "notice-text").startswith("Placed limit long SOL at 95.00")
     orders = http.get("/api/v1/orders", headers={"Authorization": f"Bearer {key}"}).json()
     assert [o["orderId"] for o in orders["orders"]] == [order_id]

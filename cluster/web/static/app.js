@@ -1150,6 +1150,11 @@ function renderOrders(orders) {
     });
     const terms = orderTermCells(o);
     terms[1].dataset.what = `${o.orderType} ${o.triggerPrice}`;  // under the side on a narrow screen
+    // the size it buys filled at its trigger, as the engine computes it (a limit filled at a
+    // better price, or an order the quote already crossed, buys another)
+    const asset = app.assetByName.get(o.asset);
+    const size = asset ? fmt.estimate(o.margin, o.leverage, o.triggerPrice, String(asset.quantityStep)) : null;
+    terms.splice(4, 0, h("td", { class: "num", "data-field": "size", text: size ? size.size : "—" }));
     const row = h("tr", { "data-testid": "order-row", "data-order-id": id, "data-asset": o.asset, "data-side": o.type },
       ...terms,
       td(o.takeProfit, "num"),
@@ -1160,7 +1165,7 @@ function renderOrders(orders) {
     cancel.addEventListener("click", singleClick(unlessMoved(row, () => cancelOrder(id, cancel))));
     return row;
   });
-  byId("orders-body").replaceChildren(...(rows.length ? rows : [emptyRow(11, "No open orders")]));
+  byId("orders-body").replaceChildren(...(rows.length ? rows : [emptyRow(12, "No open orders")]));
   noteRowPlaces();
 }
 
