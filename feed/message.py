@@ -184,8 +184,8 @@ def _shown_label(source: object) -> TypeGuard[str]:
     """Whether ``source`` is a label the API and the terminal may show as it is: text of 1 to
     MAX_SOURCE_BYTES bytes of UTF-8, every character printable (no control character, line
     break, direction override or lone surrogate)."""
-    return (isinstance(source, str) and source.isprintable() and len(source) > 0
-            and _utf8_len(source) <= MAX_SOURCE_BYTES)
+    return (isinstance(source, str) and 0 < _utf8_len(source) <= MAX_SOURCE_BYTES
+            and source.isprintable())
 
 
 def _utf8_len(text: str) -> int:

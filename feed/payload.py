@@ -50,8 +50,10 @@ def nesting_depth(raw: bytes) -> int:
     return int(np.cumsum(steps).max(initial=0))
 
 
-def _refuse_constant(name: str) -> Any:
-    """``NaN``, ``Infinity``, ``-Infinity``: Python's json reads them, JSON has none."""
+def refuse_constant(name: str) -> Any:
+    """``json.loads(..., parse_constant=refuse_constant)``: ``NaN``, ``Infinity`` and
+    ``-Infinity``, which Python reads and JSON (RFC 8259) has not, are refused (the topic's
+    payloads here, the API's bodies and WebSocket frames in cluster.http)."""
     raise ValueError(f"{name} is not a JSON number")
 
 
@@ -85,7 +87,7 @@ def load_json(raw: bytes | bytearray | str | None, *, max_bytes: int,
         # UTF-32, which no Backpack frame or producer of the topic sends (and text with a lone
         # surrogate is not UTF-8 either)
         return json.loads(data.decode("utf-8"), parse_float=Decimal,
-                          parse_constant=_refuse_constant)
+                          parse_constant=refuse_constant)
     except RecursionError:
         raise PayloadError("too_deep", "parser recursion limit") from None
     except Exception as exc:  # ValueError, UnicodeDecodeError, MemoryError...: never escapes

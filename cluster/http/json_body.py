@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from cluster.http.errors import invalid
+from feed.payload import refuse_constant
 
 MAX_INT_DIGITS = 40
 """Integers longer than this stay Decimals (no int field takes one; amounts refuse them)."""
@@ -68,12 +69,6 @@ def _exact_number(text: str) -> Decimal:
 
 def _exact_int(text: str) -> int | Decimal:
     return int(text) if len(text) <= MAX_INT_DIGITS else Decimal(text)
-
-
-def refuse_constant(name: str) -> Any:
-    """``json.loads(..., parse_constant=refuse_constant)``: ``NaN``, ``Infinity`` and
-    ``-Infinity``, which Python reads and JSON (RFC 8259) has not, are refused."""
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

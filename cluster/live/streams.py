@@ -45,11 +45,12 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from cluster.http.errors import error_body, error_response
-from cluster.http.json_body import refuse_constant, unique_keys
+from cluster.http.json_body import unique_keys
 from cluster.http.limits import UNKNOWN_KEYS, TokenBuckets, client_of, too_many
 from cluster.live.account_stream import ACCOUNT_STREAM, AccountStreams, Subscription, stream_frame
 from cluster.live.market import Change, MarketSource
 from engine.results import Code
+from feed.payload import refuse_constant
 
 log = logging.getLogger(__name__)
 

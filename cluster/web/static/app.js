@@ -441,9 +441,11 @@ function engineNotice(data, opened = null) {
       return `Order ${data.orderId} (${data.orderType} ${data.type} ${data.asset}) was not filled: ${rejectedBecause(data.rejectReason)}; its margin is free again.`;
     case "orderExpired":
       return `Order ${data.orderId} (${data.orderType} ${data.type} ${data.asset}) expired.`;
-    case "positionClosed":
+    case "positionClosed": {
       if (data.closeReason === "manual") return null; // the user's own close says so itself
-      return `Position ${data.positionId} (${data.type} ${data.quantity} ${data.asset}) closed by ${closeReasonText(data.closeReason)} at ${data.exitPrice}: PnL ${fmt.signedMoney(data.realizedPnl)} USD, paid out ${fmt.money(data.payout)} USD${insuredText(data)}.`;
+      const insuredNote = insuredWords(data);
+      return `Position ${data.positionId} (${data.type} ${data.quantity} ${data.asset}) closed by ${closeReasonText(data.closeReason)} at ${data.exitPrice}: PnL ${fmt.signedMoney(data.realizedPnl)} USD, paid out ${fmt.money(data.payout)} USD${insuredNote ? ` (${insuredNote})` : ""}.`;
+    }
     default:
       return null;
   }
@@ -915,9 +917,18 @@ function insured(c) {
   return pnl === null || margin === null || -pnl <= margin ? 0n : -pnl - margin;
 }
 
-function insuredText(c) {
+// What ``insured`` means for the trader, in words; null when none.
+function insuredWords(c, past = insured(c)) {
+  return past > 0n ? `the loss past the margin, ${fmt.money(fmt.microsText(past))} USD, is the platform's insurance's: this account lost its margin, ${fmt.money(c.margin)} USD` : null;
+}
+
+// A closed row's tag of ``insured`` (the words on hover); null when none.
+function insuredTag(c) {
   const past = insured(c);
-  return past > 0n ? ` (the loss past the margin, ${fmt.money(fmt.microsText(past))} USD, is the platform's insurance's: this account lost its margin, ${fmt.money(c.margin)} USD)` : "";
+  return past > 0n ? h("span", {
+    class: "tag", "data-testid": "insured", text: `insured ${fmt.money(fmt.microsText(past))}`,
+    title: insuredWords(c, past),
+  }) : null;
 }
 
 // The leverage a position is opened with, and once margin was added or removed the one it has
@@ -1188,10 +1199,7 @@ function renderClosed(closed) {
     td(c.entryPrice, "num"),
     td(c.exitPrice, "num"),
     h("td", { class: fmt.pnlClassOf(c.realizedPnl), "data-field": "realized-pnl", text: fmt.signedMoney(c.realizedPnl) },
-      insured(c) > 0n ? h("span", {
-        class: "tag", "data-testid": "insured", text: `insured ${fmt.money(fmt.microsText(insured(c)))}`,
-        title: insuredText(c).trim().slice(1, -1),
-      }) : null),
+      insuredTag(c)),
     td(fmt.money(c.payout), "num"),
     td(fmt.money(c.margin), "num"),
     td(leverageText(c), "num"),
@@ -1201,19 +1209,17 @@ function renderClosed(closed) {
   byId("closed-more").hidden = closed.length < app.closedLimit || app.closedLimit >= HISTORY_MAX;
 }
 
-// The price a filled order's fill opened its position at (the order tells its trigger, not
-// its fill): the position's entry, from the open positions or the closed ones shown; null for
-// one closed past those.
-function fillPriceOf(o) {
-  if (o.status !== "filled" || o.positionId === null || o.positionId === undefined) return null;
-  const id = String(o.positionId);
-  const position = app.positions.find((p) => String(p.positionId) === id)
-    || (app.closedShown || []).find((c) => String(c.positionId) === id);
-  return position ? position.entryPrice : null;
+// The price each filled order's fill opened its position at (the order tells its trigger,
+// not its fill): the position's entry, from the open positions or the closed ones shown; null
+// for one closed past those, and for an order not filled.
+function fillPrices(orders) {
+  const entries = new Map();
+  for (const p of [...(app.closedShown || []), ...app.positions]) entries.set(String(p.positionId), p.entryPrice);
+  return orders.map((o) => (o.status === "filled" && entries.get(String(o.positionId))) || null);
 }
 
 function renderOrderHistory(orders) {
-  const fills = orders.map(fillPriceOf);
+  const fills = fillPrices(orders);
   if (!changed("order-history", [orders, app.orderHistoryLimit, fills])) return;
   const rows = orders.map((o, i) => h("tr", {
     "data-testid": "order-history-row",
@@ -1574,11 +1580,11 @@ function bindUi() {
     app.orderHistoryLimit = Math.min(HISTORY_MAX, app.orderHistoryLimit + HISTORY_PAGE);
     requestRefresh(true);
   });
-  // a panel whose size changes (a ticket's line, a row's editor, the window) moves the rows
-  // below it
   keepTallest(document.querySelector("aside.side"));
   seenScrollY = window.scrollY;
   window.addEventListener("scroll", () => { seenScrollY = window.scrollY; }, { passive: true });
+  // a panel whose size changes (a ticket's line, a row's editor, the window) moves the rows
+  // below it
   const resized = new ResizeObserver(noteRowPlaces);
   for (const panel of document.querySelectorAll("main.layout > *")) resized.observe(panel);
 }
